@@ -1,0 +1,1 @@
+"""svid-agent: the node agent — attestation, pushed sync, SVID cache and rotation, Workload API."""

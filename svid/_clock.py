@@ -1,0 +1,66 @@
+"""Time as a dependency: nothing in svidd reads the wall clock except SystemClock."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds since the Unix epoch."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back; for intervals and deadlines."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class FakeClock:
+    """A clock tests move by hand. Thread-safe; time only moves when told."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self._lock = threading.Lock()
+        self._now = float(start)
+        self._mono = 0.0
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self._mono
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a FakeClock cannot go back in time")
+        with self._lock:
+            self._now += seconds
+            self._mono += seconds
+
+    def set(self, when: float) -> None:
+        """Jump wall time to `when` (monotonic time moves by the same amount, never back)."""
+        with self._lock:
+            delta = when - self._now
+            if delta < 0:
+                raise ValueError("a FakeClock cannot go back in time")
+            self._now = when
+            self._mono += delta
+
+
+def to_datetime(ts: float) -> datetime:
+    """Unix seconds to an aware UTC datetime, as cryptography's X.509 API wants."""
+    return datetime.fromtimestamp(ts, tz=UTC)

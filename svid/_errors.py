@@ -1,0 +1,39 @@
+"""The one exception tree of svidd. Every error the library raises is an SvidError."""
+
+from __future__ import annotations
+
+
+class SvidError(Exception):
+    """Root of every error raised by svidd."""
+
+
+class SpiffeIdError(SvidError, ValueError):
+    """A SPIFFE ID or trust domain does not follow the grammar; the message names the rule."""
+
+
+class SvidParseError(SvidError, ValueError):
+    """Bytes that should hold a certificate, key, token or bundle could not be read."""
+
+
+class X509SvidError(SvidError, ValueError):
+    """An X.509-SVID or signing certificate breaks a SPIFFE profile rule."""
+
+
+class JwtSvidError(SvidError, ValueError):
+    """A JWT-SVID is malformed or breaks a SPIFFE rule."""
+
+
+class BundleError(SvidError, ValueError):
+    """A trust bundle is malformed, or no bundle exists for a trust domain."""
+
+
+class VerificationError(SvidError):
+    """A credential failed verification; the message says which check."""
+
+
+class RevokedError(VerificationError):
+    """A credential is on the revocation list."""
+
+
+class ExpiredError(VerificationError):
+    """A credential is outside its validity window."""
