@@ -1,1 +1,1 @@
-"""svid-server: the trust domain's issuer — CA and key rotation, datastore, node attestation, APIs."""
+"""svid-server: the issuer — CA and key rotation, datastore, node attestation, APIs."""

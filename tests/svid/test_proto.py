@@ -94,11 +94,15 @@ def test_workload_message_fields_match_the_standard(message: str) -> None:
 
 @pytest.mark.parametrize(
     ("message", "field"),
-    [("X509SVIDResponse", "federated_bundles"), ("X509BundlesResponse", "bundles"),
-     ("JWTBundlesResponse", "bundles")],
+    [
+        ("X509SVIDResponse", "federated_bundles"),
+        ("X509BundlesResponse", "bundles"),
+        ("JWTBundlesResponse", "bundles"),
+    ],
 )
 def test_bundle_maps_are_string_to_bytes(message: str, field: str) -> None:
-    entry = workload_pb2.DESCRIPTOR.message_types_by_name[message].fields_by_name[field].message_type
+    holder = workload_pb2.DESCRIPTOR.message_types_by_name[message]
+    entry = holder.fields_by_name[field].message_type
     assert entry.GetOptions().map_entry
     assert entry.fields_by_name["key"].type == _T.TYPE_STRING
     assert entry.fields_by_name["value"].type == _T.TYPE_BYTES
