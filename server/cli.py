@@ -1,13 +1,364 @@
-"""The svid-server command line."""
+"""The svid-server command line: `run`, and admin commands over the admin Unix socket.
+
+Every admin command prints human-readable text, or JSON with `--output json`. Errors are one
+line on stderr and exit code 1, never a traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import os
+import signal
 import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+
+from server import cli_output as out
+from server.config import CONFIG_KEYS, DEFAULT_ADMIN_SOCKET, ServerConfig, load_config, read_toml
+from server.errors import ConfigError, ServerError
+from svid._errors import SvidError
+from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
+
+ADMIN_SOCKET_ENV = "SVID_SERVER_ADMIN_SOCKET"
+RPC_TIMEOUT = 15.0
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("svid-server: not built yet (see issue 3)", file=sys.stderr)
-    return 2
+class CliError(ServerError):
+    """A usage or connection problem, reported as one line."""
+
+
+# -- argument parsing ------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    """Global flags; accepted before or after the subcommand."""
+    default = argparse.SUPPRESS
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--admin-socket",
+        type=Path,
+        default=default,
+        help=f"admin API socket (default: from --config, ${ADMIN_SOCKET_ENV}, "
+        f"or {DEFAULT_ADMIN_SOCKET})",
+    )
+    parser.add_argument("--config", type=Path, default=default, help="server TOML config file")
+    parser.add_argument(
+        "--output", choices=("text", "json"), default=default, help="output format (default text)"
+    )
+    return parser
+
+
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    for key in CONFIG_KEYS:
+        if key == "admin_socket":
+            continue  # a global flag
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=f"cfg_{key}", default=None)
+
+
+def _entry_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
+    parser.add_argument("--spiffe-id", required=not update)
+    parser.add_argument("--parent-id", required=not update)
+    parser.add_argument(
+        "--selector",
+        action="append",
+        default=None,
+        help="TYPE:VALUE, e.g. unix:uid:1000 "
+        "(repeatable" + ("; replaces all selectors)" if update else ")"),
+    )
+    parser.add_argument("--x509-ttl", "--x509-svid-ttl", type=int, default=None)
+    parser.add_argument("--jwt-ttl", "--jwt-svid-ttl", type=int, default=None)
+    parser.add_argument("--dns", action="append", default=None, help="DNS SAN (repeatable)")
+    parser.add_argument("--hint", default=None)
+    admin = parser.add_mutually_exclusive_group()
+    admin.add_argument("--admin", dest="admin", action="store_true", default=None)
+    if update:
+        admin.add_argument("--no-admin", dest="admin", action="store_false")
+    parser.add_argument(
+        "--expires-at", default=None, help="unix seconds or ISO 8601 time; 0 = never"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="svid-server", description="SPIFFE identity issuer", parents=[_common()]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the server")
+    _run_flags(run)
+    sub.add_parser("healthcheck", parents=[common], help="check that the server is serving")
+
+    token = sub.add_parser("token", help="join tokens").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    gen = token.add_parser("generate", parents=[common], help="create a join token")
+    gen.add_argument("--ttl", type=int, default=0, help="seconds (default: join_token_ttl)")
+    gen.add_argument("--agent-id", default="", help="token id to use (default: random)")
+
+    entry = sub.add_parser("entry", help="registration entries").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = entry.add_parser("create", parents=[common], help="create an entry")
+    _entry_flags(create, update=False)
+    show = entry.add_parser("show", parents=[common], help="show entries")
+    show.add_argument("--id")
+    show.add_argument("--spiffe-id")
+    show.add_argument("--parent-id")
+    update = entry.add_parser("update", parents=[common], help="change an entry")
+    update.add_argument("--id", required=True)
+    _entry_flags(update, update=True)
+    delete = entry.add_parser("delete", parents=[common], help="delete an entry")
+    delete.add_argument("--id", required=True)
+
+    agent = sub.add_parser("agent", help="attested agents").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    agent.add_parser("list", parents=[common], help="list attested agents")
+    for name, text in (("show", "show"), ("evict", "evict (must re-attest)"), ("ban", "ban")):
+        p = agent.add_parser(name, parents=[common], help=f"{text} an agent")
+        p.add_argument("--spiffe-id", required=True)
+
+    bundle = sub.add_parser("bundle", help="the trust bundle").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    bshow = bundle.add_parser("show", parents=[common], help="print the bundle")
+    bshow.add_argument("--format", choices=("pem", "spiffe"), default="pem")
+    return parser
+
+
+# -- admin client ----------------------------------------------------------------------------
+
+
+def _admin_socket(args: argparse.Namespace) -> Path:
+    if getattr(args, "admin_socket", None):
+        return Path(args.admin_socket)
+    config = getattr(args, "config", None)
+    if config is not None:
+        raw = read_toml(config)
+        if "admin_socket" in raw:
+            return Path(str(raw["admin_socket"]))
+    env = os.environ.get(ADMIN_SOCKET_ENV)
+    return Path(env) if env else DEFAULT_ADMIN_SOCKET
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    path = _admin_socket(args)
+    if not path.exists():
+        raise CliError(f"admin socket {path} does not exist: is the server running?")
+    return grpc.insecure_channel(f"unix:{path}")
+
+
+def _rpc_error(exc: grpc.RpcError, path: Path) -> CliError:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return CliError(f"cannot reach the server at {path}: {details}")
+    name = code.name if code is not None else "UNKNOWN"
+    return CliError(f"{name}: {details}")
+
+
+def _emit(args: argparse.Namespace, text: str, json_text: str) -> None:
+    print(json_text if getattr(args, "output", "text") == "json" else text)
+
+
+def _parse_time(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        raise CliError(
+            f"--expires-at: {text!r} is neither unix seconds nor an ISO 8601 time"
+        ) from None
+
+
+def _selector(text: str) -> common_pb2.Selector:
+    kind, sep, value = text.partition(":")
+    if not sep or not kind or not value:
+        raise CliError(f"--selector: {text!r} must be TYPE:VALUE, e.g. unix:uid:1000")
+    return common_pb2.Selector(type=kind, value=value)
+
+
+def _apply_entry_flags(entry: common_pb2.Entry, args: argparse.Namespace) -> None:
+    if args.spiffe_id is not None:
+        entry.spiffe_id = args.spiffe_id
+    if args.parent_id is not None:
+        entry.parent_id = args.parent_id
+    if args.selector is not None:
+        del entry.selectors[:]
+        entry.selectors.extend(_selector(s) for s in args.selector)
+    if args.x509_ttl is not None:
+        entry.x509_svid_ttl = args.x509_ttl
+    if args.jwt_ttl is not None:
+        entry.jwt_svid_ttl = args.jwt_ttl
+    if args.dns is not None:
+        del entry.dns_names[:]
+        entry.dns_names.extend(args.dns)
+    if args.hint is not None:
+        entry.hint = args.hint
+    if args.admin is not None:
+        entry.admin = args.admin
+    if args.expires_at is not None:
+        entry.expires_at = _parse_time(args.expires_at)
+
+
+def _for_int32(name: str, value: int | None) -> None:
+    if value is not None and not 0 <= value < 2**31:
+        raise CliError(f"{name}: must be between 0 and {2**31 - 1}")
+
+
+def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> None:
+    t = RPC_TIMEOUT
+    cmd = (args.command, getattr(args, "action", None))
+    if cmd == ("token", "generate"):
+        _for_int32("--ttl", args.ttl)
+        token = stub.CreateJoinToken(
+            admin_pb2.CreateJoinTokenRequest(ttl=args.ttl, agent_id=args.agent_id), timeout=t
+        )
+        _emit(args, out.token_text(token), out.to_json(token))
+    elif cmd == ("entry", "create"):
+        _for_int32("--x509-ttl", args.x509_ttl)
+        _for_int32("--jwt-ttl", args.jwt_ttl)
+        entry = common_pb2.Entry()
+        _apply_entry_flags(entry, args)
+        created = stub.CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=t).entry
+        _emit(args, out.entry_text(created), out.to_json(created))
+    elif cmd == ("entry", "show"):
+        if args.id:
+            entries = [stub.GetEntry(admin_pb2.GetEntryRequest(id=args.id), timeout=t)]
+        else:
+            entries = list(
+                stub.ListEntries(
+                    admin_pb2.ListEntriesRequest(
+                        spiffe_id=args.spiffe_id or "", parent_id=args.parent_id or ""
+                    ),
+                    timeout=t,
+                ).entries
+            )
+        _emit(args, out.entries_text(entries), out.to_json(entries, key="entries"))
+    elif cmd == ("entry", "update"):
+        _for_int32("--x509-ttl", args.x509_ttl)
+        _for_int32("--jwt-ttl", args.jwt_ttl)
+        entry = stub.GetEntry(admin_pb2.GetEntryRequest(id=args.id), timeout=t)
+        _apply_entry_flags(entry, args)
+        updated = stub.UpdateEntry(admin_pb2.UpdateEntryRequest(entry=entry), timeout=t).entry
+        _emit(args, out.entry_text(updated), out.to_json(updated))
+    elif cmd == ("entry", "delete"):
+        stub.DeleteEntry(admin_pb2.DeleteEntryRequest(id=args.id), timeout=t)
+        _emit(args, f"Deleted entry {args.id}", out.to_json(admin_pb2.GetEntryRequest(id=args.id)))
+    elif cmd == ("agent", "list"):
+        agents = list(stub.ListAgents(admin_pb2.ListAgentsRequest(), timeout=t).agents)
+        _emit(args, out.agents_text(agents), out.to_json(agents, key="agents"))
+    elif cmd == ("agent", "show"):
+        agent = stub.GetAgent(admin_pb2.GetAgentRequest(spiffe_id=args.spiffe_id), timeout=t)
+        _emit(args, out.agent_text(agent), out.to_json(agent))
+    elif cmd == ("agent", "evict"):
+        stub.EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=args.spiffe_id), timeout=t)
+        _emit(
+            args,
+            f"Evicted agent {args.spiffe_id}",
+            out.to_json(admin_pb2.GetAgentRequest(spiffe_id=args.spiffe_id)),
+        )
+    elif cmd == ("agent", "ban"):
+        stub.BanAgent(admin_pb2.BanAgentRequest(spiffe_id=args.spiffe_id), timeout=t)
+        _emit(
+            args,
+            f"Banned agent {args.spiffe_id}",
+            out.to_json(admin_pb2.GetAgentRequest(spiffe_id=args.spiffe_id)),
+        )
+    elif cmd == ("bundle", "show"):
+        bundle = stub.GetBundle(admin_pb2.GetBundleRequest(), timeout=t)
+        if getattr(args, "output", "text") == "json" and args.format == "pem":
+            print(out.to_json(bundle))
+        elif args.format == "spiffe":
+            print(out.bundle_spiffe(bundle))
+        else:
+            sys.stdout.write(out.bundle_pem(bundle))
+    else:  # pragma: no cover - argparse only offers the commands above
+        raise CliError(f"unknown command {' '.join(c for c in cmd if c)}")
+
+
+def _healthcheck(args: argparse.Namespace) -> None:
+    path = _admin_socket(args)
+    with _channel(args) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5.0
+            )
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, path) from None
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise CliError(f"server is not serving (status {reply.status})")
+    if getattr(args, "output", "text") == "json":
+        print('{"status": "SERVING"}')
+    else:
+        print("Server is healthy.")
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+def _run_config(args: argparse.Namespace) -> ServerConfig:
+    flags: dict[str, Any] = {
+        key: getattr(args, f"cfg_{key}", None) for key in CONFIG_KEYS if key != "admin_socket"
+    }
+    if getattr(args, "admin_socket", None):
+        flags["admin_socket"] = str(args.admin_socket)
+    return load_config(getattr(args, "config", None), flags)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from server import logs  # noqa: PLC0415 - admin commands must not load the CA and datastore
+    from server.app import Server  # noqa: PLC0415
+
+    config = _run_config(args)
+    logs.configure(config.log_format, config.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Server(config).run(stop)
+
+    asyncio.run(main())
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            _run(args)
+        elif args.command == "healthcheck":
+            _healthcheck(args)
+        else:
+            path = _admin_socket(args)
+            with _channel(args) as channel:
+                try:
+                    _admin_command(args, admin_pb2_grpc.AdminStub(channel))
+                except grpc.RpcError as exc:
+                    raise _rpc_error(exc, path) from None
+    except (ServerError, SvidError) as exc:
+        prefix = "config error" if isinstance(exc, ConfigError) else "error"
+        print(f"svid-server: {prefix}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"svid-server: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

@@ -144,3 +144,23 @@ class NewJWTSVIDResponse(_message.Message):
     issued_at: int
     expires_at: int
     def __init__(self, token: _Optional[str] = ..., issued_at: _Optional[int] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
+class BatchNewJWTSVIDRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[NewJWTSVIDRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[NewJWTSVIDRequest, _Mapping]]] = ...) -> None: ...
+
+class JWTSVIDResult(_message.Message):
+    __slots__ = ("svid", "error")
+    SVID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    svid: NewJWTSVIDResponse
+    error: _common_pb2.Status
+    def __init__(self, svid: _Optional[_Union[NewJWTSVIDResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class BatchNewJWTSVIDResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[JWTSVIDResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[JWTSVIDResult, _Mapping]]] = ...) -> None: ...

@@ -60,6 +60,11 @@ class NodeStub:
                 request_serializer=node__pb2.NewJWTSVIDRequest.SerializeToString,
                 response_deserializer=node__pb2.NewJWTSVIDResponse.FromString,
                 _registered_method=True)
+        self.BatchNewJWTSVID = channel.unary_unary(
+                '/svid.node.v1.Node/BatchNewJWTSVID',
+                request_serializer=node__pb2.BatchNewJWTSVIDRequest.SerializeToString,
+                response_deserializer=node__pb2.BatchNewJWTSVIDResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -95,6 +100,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchNewJWTSVID(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +133,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.NewJWTSVID,
                     request_deserializer=node__pb2.NewJWTSVIDRequest.FromString,
                     response_serializer=node__pb2.NewJWTSVIDResponse.SerializeToString,
+            ),
+            'BatchNewJWTSVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchNewJWTSVID,
+                    request_deserializer=node__pb2.BatchNewJWTSVIDRequest.FromString,
+                    response_serializer=node__pb2.BatchNewJWTSVIDResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +275,33 @@ class Node:
             '/svid.node.v1.Node/NewJWTSVID',
             node__pb2.NewJWTSVIDRequest.SerializeToString,
             node__pb2.NewJWTSVIDResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchNewJWTSVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.node.v1.Node/BatchNewJWTSVID',
+            node__pb2.BatchNewJWTSVIDRequest.SerializeToString,
+            node__pb2.BatchNewJWTSVIDResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,79 @@
+"""The Workload API endpoint: the internal gRPC server in a private directory, behind the relay."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from agent_attestor.errors import ConfigError
+from agent_attestor.peer import CallerRegistry
+from agent_attestor.relay import WorkloadRelay
+from agent_attestor.workload_attestor import WorkloadAttestor
+from svid._proto import workload_pb2_grpc
+
+MAX_MESSAGE = 4 * 1024 * 1024
+
+
+def prepare_private_dir(path: Path) -> None:
+    """Create (or check) a directory only the agent's user can enter."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"private_dir: {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"private_dir: {path} is owned by uid {st.st_uid}, not the agent's")
+    os.chmod(path, 0o700)
+
+
+class WorkloadEndpoint:
+    def __init__(
+        self,
+        *,
+        socket_path: Path,
+        private_dir: Path,
+        servicer: workload_pb2_grpc.SpiffeWorkloadAPIServicer,
+        registry: CallerRegistry,
+        attestors: Sequence[WorkloadAttestor],
+        extra_handlers: Sequence[Any] = (),
+    ) -> None:
+        self.socket_path = socket_path
+        self.private_dir = private_dir
+        self.internal_path = private_dir / "api.sock"
+        self._servicer = servicer
+        self._extra = list(extra_handlers)
+        self.registry = registry
+        self.relay = WorkloadRelay(
+            socket_path, self.internal_path, private_dir / "c", registry, attestors
+        )
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        prepare_private_dir(self.private_dir)
+        with contextlib.suppress(FileNotFoundError):
+            self.internal_path.unlink()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self._servicer, server)
+        for handler in self._extra:
+            server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"unix:{self.internal_path}")
+        await server.start()
+        self._server = server
+        os.chmod(self.internal_path, 0o600)
+        await self.relay.start()
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.relay.close()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None

@@ -1,0 +1,33 @@
+"""The agent's exception tree, rooted in svid's SvidError."""
+
+from __future__ import annotations
+
+from svid._errors import SvidError
+
+
+class AgentError(SvidError):
+    """Root of every error the node agent raises."""
+
+
+class ConfigError(AgentError, ValueError):
+    """A configuration key is missing or has a bad value; the message names the key."""
+
+
+class AttestationError(AgentError):
+    """Node attestation with the server failed."""
+
+
+class ProcessGoneError(AgentError):
+    """The calling process exited, or its pid now names another process."""
+
+
+class NoIdentityError(AgentError):
+    """The caller is entitled to no identity (or not to the one it asked for)."""
+
+
+class NotReadyError(AgentError):
+    """The agent has no SVIDs or bundle from the server yet."""
+
+
+class JwtValidationError(AgentError):
+    """A JWT-SVID failed validation; the message says which check (never the token)."""

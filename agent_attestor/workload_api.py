@@ -1,0 +1,226 @@
+"""The SPIFFE Workload API servicer (SPIFFE.md §1), fed only by the in-memory cache.
+
+This is the one place where the agent's domain errors become gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import struct_pb2
+
+from agent_attestor import _crypto
+from agent_attestor.cache import Cache, Identity, Snapshot
+from agent_attestor.errors import JwtValidationError
+from agent_attestor.jwt_cache import JwtCache
+from agent_attestor.jwt_validate import validate_jwt
+from agent_attestor.model import Entry
+from agent_attestor.peer import Caller, CallerRegistry
+from svid._clock import Clock
+from svid._proto import workload_pb2, workload_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+HEADER_KEY = "workload.spiffe.io"
+HEADER_VALUE = "true"
+
+
+def _td_key(name: str) -> str:
+    return f"spiffe://{name}"
+
+
+class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
+    def __init__(
+        self, cache: Cache, registry: CallerRegistry, jwts: JwtCache, clock: Clock
+    ) -> None:
+        self._cache = cache
+        self._registry = registry
+        self._jwts = jwts
+        self._clock = clock
+
+    # ---- shared checks -------------------------------------------------------------------
+
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        metadata = context.invocation_metadata() or ()
+        if not any(k == HEADER_KEY and v == HEADER_VALUE for k, v in metadata):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request"
+            )
+        caller = self._registry.lookup(context.peer())
+        if caller is None:
+            log.warning("refused a connection that did not come through the relay")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "caller could not be identified")
+        assert caller is not None
+        return caller
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> Snapshot:
+        snap = self._cache.snapshot()
+        if not snap.synced or snap.bundle is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "agent is not ready yet")
+        return snap
+
+    async def _entitled(
+        self, context: grpc.aio.ServicerContext, snap: Snapshot, caller: Caller
+    ) -> list[Entry]:
+        entries = snap.entries_for(caller.selectors)
+        if not entries:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+        return entries
+
+    # ---- X.509 -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _x509_response(snap: Snapshot, ids: list[Identity]) -> workload_pb2.X509SVIDResponse:
+        bundles = snap.all_bundles()
+        svids = []
+        for ident in ids:
+            td = ident.svid.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+            bundle = bundles.get(td)
+            svids.append(
+                workload_pb2.X509SVID(
+                    spiffe_id=ident.svid.spiffe_id,
+                    x509_svid=ident.svid.chain_der,
+                    x509_svid_key=ident.svid.key_der,
+                    bundle=bundle.x509_der if bundle is not None else b"",
+                    hint=ident.entry.hint,
+                )
+            )
+        return workload_pb2.X509SVIDResponse(
+            svids=svids,
+            crl=list(snap.crl),
+            federated_bundles={_td_key(td): b.x509_der for td, b in snap.federated.items()},
+        )
+
+    async def FetchX509SVID(  # noqa: N802 - gRPC method name
+        self, request: workload_pb2.X509SVIDRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[workload_pb2.X509SVIDResponse]:
+        caller = await self._caller(context)
+        await self._ready(context)
+        sent: workload_pb2.X509SVIDResponse | None = None
+        while True:
+            snap = self._cache.snapshot()
+            ids = snap.identities_for(caller.selectors, self._clock.now())
+            if not ids:
+                entries = snap.entries_for(caller.selectors)
+                pending = any(e.id not in snap.svids for e in entries)
+                if sent is None:
+                    if pending:
+                        await context.abort(
+                            grpc.StatusCode.UNAVAILABLE, "SVIDs are being issued; retry"
+                        )
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+                elif not pending:
+                    # Revoked or removed: say so, never send an empty list (clients choke on it).
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED, "no identity issued any more"
+                    )
+            else:
+                msg = self._x509_response(snap, ids)
+                if msg != sent:
+                    yield msg
+                    sent = msg
+            await self._cache.wait_change(snap.version)
+
+    async def FetchX509Bundles(  # noqa: N802 - gRPC method name
+        self, request: workload_pb2.X509BundlesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
+        caller = await self._caller(context)
+        snap = await self._ready(context)
+        await self._entitled(context, snap, caller)
+        sent: workload_pb2.X509BundlesResponse | None = None
+        while True:
+            snap = self._cache.snapshot()
+            if not snap.entries_for(caller.selectors):
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+            msg = workload_pb2.X509BundlesResponse(
+                crl=list(snap.crl),
+                bundles={_td_key(td): b.x509_der for td, b in snap.all_bundles().items()},
+            )
+            if msg != sent:
+                yield msg
+                sent = msg
+            await self._cache.wait_change(snap.version)
+
+    # ---- JWT -------------------------------------------------------------------------------
+
+    async def FetchJWTSVID(  # noqa: N802 - gRPC method name
+        self, request: workload_pb2.JWTSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> workload_pb2.JWTSVIDResponse:
+        caller = await self._caller(context)
+        audience = [a for a in request.audience if a]
+        if not audience:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        snap = await self._ready(context)
+        entries = await self._entitled(context, snap, caller)
+        if request.spiffe_id:
+            chosen = [e for e in entries if e.spiffe_id == request.spiffe_id][:1]
+            if not chosen:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"caller is not entitled to {request.spiffe_id!r}",
+                )
+        else:
+            hints: set[str] = set()
+            chosen = []
+            for entry in entries:
+                if entry.hint and entry.hint in hints:
+                    continue
+                hints.add(entry.hint)
+                chosen.append(entry)
+        out = []
+        for entry in chosen:
+            try:
+                jwt = await self._jwts.get(entry.spiffe_id, audience, entry.id)
+            except Exception as exc:
+                log.warning("could not mint a JWT-SVID", extra={"error": str(exc)})
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "could not mint a JWT-SVID")
+            out.append(
+                workload_pb2.JWTSVID(spiffe_id=entry.spiffe_id, svid=jwt.token, hint=entry.hint)
+            )
+        return workload_pb2.JWTSVIDResponse(svids=out)
+
+    async def FetchJWTBundles(  # noqa: N802 - gRPC method name
+        self, request: workload_pb2.JWTBundlesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[workload_pb2.JWTBundlesResponse]:
+        caller = await self._caller(context)
+        snap = await self._ready(context)
+        await self._entitled(context, snap, caller)
+        sent: workload_pb2.JWTBundlesResponse | None = None
+        while True:
+            snap = self._cache.snapshot()
+            if not snap.entries_for(caller.selectors):
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+            msg = workload_pb2.JWTBundlesResponse(
+                bundles={
+                    _td_key(td): _crypto.jwt_jwks(b.jwt_keys)
+                    for td, b in snap.all_bundles().items()
+                }
+            )
+            if msg != sent:
+                yield msg
+                sent = msg
+            await self._cache.wait_change(snap.version)
+
+    async def ValidateJWTSVID(  # noqa: N802 - gRPC method name
+        self, request: workload_pb2.ValidateJWTSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> workload_pb2.ValidateJWTSVIDResponse:
+        await self._caller(context)
+        if not request.audience:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        if not request.svid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
+        snap = await self._ready(context)
+        try:
+            result = validate_jwt(
+                request.svid, request.audience, snap.all_bundles(), self._clock.now()
+            )
+            jti = result.claims.get("jti")
+            if isinstance(jti, str) and jti in snap.revoked_jtis:
+                raise JwtValidationError("token has been revoked")
+        except JwtValidationError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token is invalid: {exc}")
+        claims = struct_pb2.Struct()
+        claims.update(dict(result.claims))
+        return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=result.spiffe_id, claims=claims)

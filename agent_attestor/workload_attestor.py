@@ -1,0 +1,89 @@
+"""Workload attestation: from a caller's kernel credentials to selectors."""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import hashlib
+import logging
+import os
+import pwd
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent_attestor.model import Selector
+
+log = logging.getLogger(__name__)
+
+_HASH_CHUNK = 1 << 20
+
+
+class WorkloadAttestor(Protocol):
+    """Derives selectors for a process; may read /proc/<pid> (the caller brackets it)."""
+
+    def attest(self, pid: int, uid: int, gid: int) -> list[Selector]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _FileId:
+    dev: int
+    ino: int
+    mtime_ns: int
+    size: int
+
+
+class ExeHashCache:
+    """sha256 of executables keyed by (dev, inode, mtime, size): a binary is hashed once."""
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        self._lock = threading.Lock()
+        self._hashes: dict[_FileId, str] = {}
+        self._max = max_entries
+        self.misses = 0
+
+    def sha256(self, path: str) -> str:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            key = _FileId(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            with self._lock:
+                cached = self._hashes.get(key)
+            if cached is not None:
+                return cached
+            digest = hashlib.sha256()
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+        value = digest.hexdigest()
+        with self._lock:
+            self.misses += 1
+            if len(self._hashes) >= self._max:
+                self._hashes.pop(next(iter(self._hashes)))
+            self._hashes[key] = value
+        return value
+
+
+class UnixAttestor:
+    """`unix:uid`, `unix:user`, `unix:gid`, `unix:group`, `unix:path`, `unix:sha256`."""
+
+    def __init__(self, proc_root: str = "/proc", hashes: ExeHashCache | None = None) -> None:
+        self._proc_root = proc_root
+        self._hashes = hashes or ExeHashCache()
+
+    def attest(self, pid: int, uid: int, gid: int) -> list[Selector]:
+        out = [Selector("unix", f"uid:{uid}"), Selector("unix", f"gid:{gid}")]
+        with contextlib.suppress(KeyError):
+            out.append(Selector("unix", f"user:{pwd.getpwuid(uid).pw_name}"))
+        with contextlib.suppress(KeyError):
+            out.append(Selector("unix", f"group:{grp.getgrgid(gid).gr_name}"))
+        if pid > 0:
+            exe_link = f"{self._proc_root}/{pid}/exe"
+            try:
+                path = os.readlink(exe_link)
+                # Opening the /proc link reads the very file the process runs, even if replaced.
+                digest = self._hashes.sha256(exe_link)
+            except OSError as exc:
+                log.debug("no executable selectors", extra={"pid": pid, "reason": exc.strerror})
+            else:
+                out.append(Selector("unix", f"path:{path}"))
+                out.append(Selector("unix", f"sha256:{digest}"))
+        return out

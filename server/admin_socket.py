@@ -1,0 +1,42 @@
+"""The admin socket's file-system guard.
+
+grpc does not expose the peer's SO_PEERCRED, so access control is the file mode: the socket
+lives in a 0700 directory owned by the server's user and is itself 0600. Only that user (and
+root) can connect.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+from server.errors import ConfigError
+
+
+def prepare(path: Path) -> None:
+    """Create the private directory and clear a stale socket; refuse if another server is live."""
+    directory = path.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.geteuid():
+        raise ConfigError(f"admin_socket: directory {directory} belongs to another user")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(directory, 0o700)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ConfigError(f"admin_socket: {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: left by a server that did not stop cleanly
+        else:
+            raise ConfigError(f"admin_socket: another server is listening on {path}")
+        finally:
+            probe.close()
+
+
+def lock_down(path: Path) -> None:
+    os.chmod(path, 0o600)

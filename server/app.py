@@ -1,0 +1,290 @@
+"""The one place that builds the server: datastore, keys, CA, rotator, attestors, APIs, gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+
+from server import admin_socket
+from server.admin_api import AdminServicer
+from server.attestation.base import NodeAttestor
+from server.attestation.join_token import JoinTokenAttestor
+from server.attestation.x509pop import X509PopAttestor
+from server.ca.keys import KeyStore
+from server.ca.manager import CaConfig, CaManager
+from server.ca.rotator import Rotator
+from server.config import ServerConfig
+from server.datastore.sqlite import SqliteDataStore
+from server.errors import ConfigError
+from server.events import ChangeNotifier
+from server.ids import ServerIds
+from server.metrics import Metrics, MetricsHttpServer
+from server.node_api import Limiters, NodeServicer, NodeSettings
+from server.ratelimit import KeyedLimiter
+from server.runtime import RuntimeInfo, host_port
+from server.state import ServerState
+from server.tls import ServerTls
+from svid._clock import Clock, SystemClock
+from svid._proto import admin_pb2_grpc, node_pb2_grpc
+
+_log = logging.getLogger("svid.server")
+NODE_SERVICE = "svid.node.v1.Node"
+ADMIN_SERVICE = "svid.admin.v1.Admin"
+HOUSEKEEPING_INTERVAL = 60.0
+MAX_TIMER = 10.0
+
+
+def _load_ca_file(path: Path) -> tuple[x509.Certificate, ...]:
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"x509pop_ca_bundle: cannot read {path}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"x509pop_ca_bundle: {path} holds no PEM certificates") from None
+    return tuple(certs)
+
+
+class Server:
+    """svid-server: `await start()`, then `await stop()` (or `run(stop_event)`)."""
+
+    def __init__(self, config: ServerConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.ids = ServerIds(config.trust_domain)
+        self.metrics = Metrics()
+        self.notifier = ChangeNotifier()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+        self._node_server: grpc.aio.Server | None = None
+        self._admin_server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._admin_health = health.aio.HealthServicer()
+        self._metrics_http: MetricsHttpServer | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._serving = False
+        self.runtime: RuntimeInfo | None = None
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _build_core(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.datastore = SqliteDataStore(cfg.datastore_path, self.clock)
+        self.keystore = KeyStore(cfg.keys_dir)
+        self.ca = CaManager(
+            CaConfig(
+                trust_domain=cfg.trust_domain,
+                ca_ttl=cfg.ca_ttl,
+                jwt_key_ttl=cfg.jwt_key_ttl,
+                key_type=cfg.key_type,
+                upstream_cert=cfg.upstream_ca_cert,
+                upstream_key=cfg.upstream_ca_key,
+            ),
+            self.datastore,
+            self.keystore,
+            self.clock,
+        )
+        self.ca.initialize()
+        self.rotator = Rotator(self.ca, self.clock)
+        self.state = ServerState(self.datastore, self.clock, self.notifier)
+        self.state.load()
+        self.tls = ServerTls(self.ca, self.ids, self.clock, cfg.server_svid_ttl)
+        self._apply_bundle()
+        self.tls.renew()
+
+    def _attestors(self) -> dict[str, NodeAttestor]:
+        attestors: dict[str, NodeAttestor] = {
+            "join_token": JoinTokenAttestor(self.datastore, self.ids, self.clock)
+        }
+        if self.config.x509pop_ca_bundle is not None:
+            attestors["x509pop"] = X509PopAttestor(
+                _load_ca_file(self.config.x509pop_ca_bundle), self.ids, self.clock
+            )
+        return attestors
+
+    def _apply_bundle(self) -> None:
+        bundle = self.ca.bundle()
+        expiry = {s.kid: s.not_after for s in self.ca.key_slots("jwt")}
+        self.tls.set_roots(tuple(bundle.x509_authorities))
+        self.state.set_bundle(bundle, expiry)
+
+    def _on_bundle_changed(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        def changed() -> None:
+            def apply() -> None:
+                self._apply_bundle()
+                self.metrics.rotations.labels(kind="bundle").inc()
+                _log.info("bundle changed", extra={"sequence": self.state.bundle.sequence})
+
+            loop.call_soon_threadsafe(apply)
+
+        return changed
+
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        size = self.config.max_message_bytes
+        return [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            # Two servers must never share a port silently.
+            ("grpc.so_reuseport", 0),
+        ]
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> RuntimeInfo:
+        cfg = self.config
+        await asyncio.to_thread(self._build_core)
+        loop = asyncio.get_running_loop()
+        self.ca.subscribe(self._on_bundle_changed(loop))
+        self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
+        limiters = Limiters(
+            x509=KeyedLimiter(cfg.x509_rate_per_agent, cfg.x509_burst_per_agent, self.clock),
+            jwt=KeyedLimiter(cfg.jwt_rate_per_agent, cfg.jwt_burst_per_agent, self.clock),
+            attest=KeyedLimiter(cfg.attest_rate_per_host, cfg.attest_burst_per_host, self.clock),
+        )
+        node = NodeServicer(
+            state=self.state,
+            ca=self.ca,
+            ids=self.ids,
+            attestors=self._attestors(),
+            settings=NodeSettings(
+                default_x509_svid_ttl=cfg.default_x509_svid_ttl,
+                default_jwt_svid_ttl=cfg.default_jwt_svid_ttl,
+                agent_svid_ttl=cfg.agent_svid_ttl,
+            ),
+            limiters=limiters,
+            clock=self.clock,
+            metrics=self.metrics,
+            executor=self._executor,
+        )
+        admin = AdminServicer(
+            state=self.state,
+            datastore=self.datastore,
+            ids=self.ids,
+            clock=self.clock,
+            metrics=self.metrics,
+            join_token_ttl=cfg.join_token_ttl,
+        )
+        # Two gRPC servers: the admin service must never be reachable over the network ports.
+        self._node_server = grpc.aio.server(options=self._grpc_options())
+        node_pb2_grpc.add_NodeServicer_to_server(node, self._node_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._node_server)
+        node_port = self._node_server.add_secure_port(
+            cfg.bind_address, self.tls.credentials(require_client_auth=True)
+        )
+        attest_port = self._node_server.add_secure_port(
+            cfg.attest_bind_address, self.tls.credentials(require_client_auth=False)
+        )
+        self._admin_server = grpc.aio.server(options=self._grpc_options())
+        admin_pb2_grpc.add_AdminServicer_to_server(admin, self._admin_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._admin_health, self._admin_server)
+        admin_socket.prepare(cfg.admin_socket)
+        self._admin_server.add_insecure_port(f"unix:{cfg.admin_socket}")
+        await self._node_server.start()
+        await self._admin_server.start()
+        admin_socket.lock_down(cfg.admin_socket)
+
+        metrics_address = ""
+        if cfg.metrics_address:
+            self._metrics_http = MetricsHttpServer(self.metrics, lambda: self._serving)
+            metrics_address = self._metrics_http.start(cfg.metrics_address)
+
+        self._tasks = [
+            asyncio.create_task(self.rotator.run(self._stop), name="ca-rotator"),
+            asyncio.create_task(self._tls_loop(), name="server-svid"),
+            asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
+        ]
+        for service in ("", NODE_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        for service in ("", ADMIN_SERVICE):
+            await self._admin_health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
+        self.runtime = RuntimeInfo(
+            trust_domain=cfg.trust_domain.name,
+            node_address=host_port(cfg.bind_address, node_port),
+            attest_address=host_port(cfg.attest_bind_address, attest_port),
+            admin_socket=str(cfg.admin_socket),
+            metrics_address=metrics_address,
+            pid=os.getpid(),
+        )
+        self.runtime.write(cfg.runtime_file)
+        _log.info(
+            "server started",
+            extra={
+                "trust_domain": cfg.trust_domain.name,
+                "node_address": self.runtime.node_address,
+                "attest_address": self.runtime.attest_address,
+                "admin_socket": self.runtime.admin_socket,
+                "metrics_address": metrics_address,
+            },
+        )
+        return self.runtime
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True when the server is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=max(0.05, seconds))
+        return self._stop.is_set()
+
+    async def _tls_loop(self) -> None:
+        while not await self._sleep(min(MAX_TIMER, self.tls.renew_at - self.clock.now())):
+            await self._guarded(self._renew_tls)
+
+    async def _renew_tls(self) -> None:
+        if await asyncio.to_thread(self.tls.maybe_renew):
+            self.metrics.rotations.labels(kind="server_svid").inc()
+            _log.info("server SVID renewed")
+
+    async def _housekeeping_loop(self) -> None:
+        while not await self._sleep(HOUSEKEEPING_INTERVAL):
+            await self._guarded(self.state.prune)
+
+    async def _guarded(self, job: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await job()
+        except Exception:
+            _log.exception("background job failed; retrying later")
+
+    async def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        _log.info("server stopping")
+        self._serving = False
+        self._stop.set()
+        self.state.shutting_down = True
+        self.notifier.notify()
+        await self._health.enter_graceful_shutdown()
+        await self._admin_health.enter_graceful_shutdown()
+        grace = self.config.shutdown_grace
+        for server in (self._node_server, self._admin_server):
+            if server is not None:
+                await server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self.datastore.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.runtime_file.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.admin_socket.unlink()
+        _log.info("server stopped")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, serve until `stop` is set, then shut down cleanly."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

@@ -1,0 +1,33 @@
+"""The node attestor plugin interface."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.datastore.records import Selector
+from svid._spiffe_id import SpiffeId
+
+# Sends a challenge to the agent and returns its answer (x509pop's proof of possession).
+Challenge = Callable[[bytes], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class AttestationResult:
+    agent_id: SpiffeId
+    attestation_type: str
+    selectors: tuple[Selector, ...] = ()
+    # Join tokens are single use; x509pop may attest the same node again while it is not banned.
+    can_reattest: bool = False
+
+
+class NodeAttestor(Protocol):
+    @property
+    def type_name(self) -> str:
+        """The AttestationData.type this attestor handles."""
+        ...
+
+    async def attest(self, payload: bytes, challenge: Challenge) -> AttestationResult:
+        """Check the evidence; raise PermissionDeniedError (or InvalidRequestError) if it fails."""
+        ...

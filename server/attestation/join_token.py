@@ -1,0 +1,71 @@
+"""join_token attestation: a single-use, expiring secret handed to the agent out of band.
+
+Token format ``<token_id>.<secret>``. Only sha256(secret) is stored; the comparison is
+constant-time; `take_join_token` deletes the row atomically, so a token works once even when two
+agents race with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+
+from server.attestation.base import AttestationResult, Challenge
+from server.datastore.base import DataStore
+from server.datastore.records import JoinToken
+from server.errors import InvalidRequestError, PermissionDeniedError
+from server.ids import ServerIds
+from svid._clock import Clock
+
+TYPE_NAME = "join_token"
+REFUSED = "join token is invalid, expired or already used"
+_TOKEN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def new_join_token(now: int, ttl: int, token_id: str = "") -> tuple[str, JoinToken]:
+    """A fresh token: the string for the operator and the record to store (hash only)."""
+    if token_id and not _TOKEN_ID.match(token_id):
+        raise InvalidRequestError(
+            f"agent_id: {token_id!r} must be 1-64 characters of A-Z a-z 0-9 _ -"
+        )
+    token_id = token_id or secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    return f"{token_id}.{secret}", JoinToken(token_id, _hash(secret), now + ttl)
+
+
+class JoinTokenAttestor:
+    type_name = TYPE_NAME
+
+    def __init__(self, datastore: DataStore, ids: ServerIds, clock: Clock) -> None:
+        self._datastore = datastore
+        self._ids = ids
+        self._clock = clock
+
+    async def attest(self, payload: bytes, challenge: Challenge) -> AttestationResult:
+        try:
+            token_id, dot, secret = payload.decode().partition(".")
+        except UnicodeDecodeError:
+            raise PermissionDeniedError(REFUSED) from None
+        if not dot or not secret or not _TOKEN_ID.match(token_id):
+            raise PermissionDeniedError(REFUSED)
+        stored = await asyncio.to_thread(self._datastore.take_join_token, token_id)
+        if stored is None:
+            raise PermissionDeniedError(REFUSED)
+        if not hmac.compare_digest(stored.secret_hash, _hash(secret)):
+            # A wrong guess must not burn the real agent's token.
+            if stored.expires_at > self._clock.now():
+                await asyncio.to_thread(self._datastore.create_join_token, stored)
+            raise PermissionDeniedError(REFUSED)
+        if stored.expires_at <= self._clock.now():
+            raise PermissionDeniedError(REFUSED)
+        return AttestationResult(
+            agent_id=self._ids.agent(TYPE_NAME, token_id),
+            attestation_type=TYPE_NAME,
+        )

@@ -1,0 +1,130 @@
+"""x509pop attestation: the agent proves possession of a key whose certificate chains to a CA.
+
+Flow: the agent sends its DER chain (leaf first); the server verifies it against the configured
+CA bundle and sends a 32-byte nonce; the agent signs the nonce with the node key (ECDSA/SHA-256
+DER signature, RSA-PSS/SHA-256 with a 32-byte salt, or Ed25519); the server checks the signature
+with the leaf's public key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+from cryptography.x509.verification import (
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+from svid._x509 import parse_der_certs
+
+from server.attestation.base import AttestationResult, Challenge
+from server.datastore.records import Selector
+from server.errors import InvalidRequestError, PermissionDeniedError
+from server.ids import ServerIds
+from svid._clock import Clock
+from svid._errors import SvidError
+
+TYPE_NAME = "x509pop"
+NONCE_BYTES = 32
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha1(cert.public_bytes(Encoding.DER), usedforsecurity=False).hexdigest()
+
+
+def sign_challenge(key: object, nonce: bytes) -> bytes:
+    """What an agent sends back: the nonce signed with its node key (used by tests and agents)."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(nonce, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(nonce, _PSS, hashes.SHA256())
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(nonce)
+    raise TypeError(f"unsupported node key type {type(key).__name__}")
+
+
+def _check_signature(public_key: object, nonce: bytes, signature: bytes) -> bool:
+    try:
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, nonce, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, nonce, _PSS, hashes.SHA256())
+        elif isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(signature, nonce)
+        else:
+            return False
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+class X509PopAttestor:
+    type_name = TYPE_NAME
+
+    def __init__(
+        self, ca_certs: tuple[x509.Certificate, ...], ids: ServerIds, clock: Clock
+    ) -> None:
+        if not ca_certs:
+            raise ValueError("x509pop needs at least one CA certificate")
+        self._store = Store(list(ca_certs))
+        self._ids = ids
+        self._clock = clock
+
+    def _verify_chain(self, chain: list[x509.Certificate]) -> list[x509.Certificate]:
+        when = datetime.fromtimestamp(self._clock.now(), tz=UTC)
+        verifier = (
+            PolicyBuilder()
+            .store(self._store)
+            .time(when)
+            # Node certificates come from whatever PKI the operator runs: only the CA side
+            # is held to the Web PKI profile.
+            .extension_policies(
+                ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+                ee_policy=ExtensionPolicy.permit_all(),
+            )
+            .build_client_verifier()
+        )
+        try:
+            verified = verifier.verify(chain[0], chain[1:])
+        except VerificationError as exc:
+            raise PermissionDeniedError(
+                f"x509pop: certificate does not chain to a trusted CA: {exc}"
+            ) from None
+        return list(verified.chain)
+
+    async def attest(self, payload: bytes, challenge: Challenge) -> AttestationResult:
+        try:
+            chain = parse_der_certs(payload)
+        except SvidError as exc:
+            raise InvalidRequestError(
+                f"x509pop: payload is not a DER certificate chain: {exc}"
+            ) from None
+        verified = self._verify_chain(chain)
+        leaf = chain[0]
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        answer = await challenge(nonce)
+        if not _check_signature(leaf.public_key(), nonce, answer):
+            raise PermissionDeniedError(
+                "x509pop: challenge signature does not match the certificate key"
+            )
+        selectors = [Selector(TYPE_NAME, f"serialnumber:{leaf.serial_number:x}")]
+        for attr in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+            selectors.append(Selector(TYPE_NAME, f"subject:cn:{attr.value!s}"))
+        for ca in verified[1:]:
+            selectors.append(Selector(TYPE_NAME, f"ca:fingerprint:{_fingerprint(ca)}"))
+        return AttestationResult(
+            agent_id=self._ids.agent(TYPE_NAME, _fingerprint(leaf)),
+            attestation_type=TYPE_NAME,
+            selectors=tuple(selectors),
+            can_reattest=True,
+        )

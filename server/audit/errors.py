@@ -1,0 +1,13 @@
+"""Errors of the audit log, rooted in the svidd exception tree."""
+
+from __future__ import annotations
+
+from svid._errors import SvidError
+
+
+class AuditError(SvidError):
+    """The audit log could not record or read an event; the message names the field or file."""
+
+
+class SecretInAuditError(AuditError, ValueError):
+    """A field value looks like a token or a key; audit events carry serials and jtis only."""

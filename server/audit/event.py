@@ -1,0 +1,150 @@
+"""One audit event, its canonical encoding and its place in the hash chain.
+
+Canonical encoding (what the hash covers): every field of the event except `hash`, as a JSON object
+with keys sorted, no insignificant whitespace (separators "," and ":"), non-ASCII characters kept
+as UTF-8 (ensure_ascii off), floats in Python's shortest round-trip form, absent values as null,
+`policy_ids` as a list and `extra` as an object; then encoded as UTF-8.
+
+    hash = sha256(bytes.fromhex(prev_hash) || canonical(event without hash)).hexdigest()
+
+The first event chains from GENESIS_HASH. Because `seq` and `prev_hash` are inside the hashed
+encoding, an edited, reordered or deleted event breaks the chain at or right after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Any
+
+from server.audit.errors import AuditError, SecretInAuditError
+
+GENESIS_HASH = "0" * 64
+MAX_EXTRA_BYTES = 4096
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# Three base64url segments with a JSON header ("eyJ" = '{"'): a compact JWS/JWE.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.")
+_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----")
+
+
+class EventKind(StrEnum):
+    NODE_ATTESTATION = "node_attestation"
+    X509_ISSUED = "x509_issued"
+    JWT_MINTED = "jwt_minted"
+    JWT_VALIDATED = "jwt_validated"
+    TASK_BEGIN = "task_begin"
+    TASK_END = "task_end"
+    DENIAL = "denial"
+    REVOCATION = "revocation"
+    POLICY_RELOAD = "policy_reload"
+    AGENT_EVICTED = "agent_evicted"
+    AGENT_BANNED = "agent_banned"
+
+
+@dataclass(frozen=True)
+class EventDraft:
+    """What a caller knows about an event; the log adds id, seq, time and chain hashes."""
+
+    kind: str
+    agent_id: str | None = None
+    node_id: str | None = None
+    on_behalf_of: str | None = None
+    resource: str | None = None
+    action: str | None = None
+    decision: str | None = None
+    reason: str | None = None
+    task_id: str | None = None
+    risk: int | None = None
+    # A certificate serial (hex) or a JWT's jti: never the credential itself.
+    credential_id: str | None = None
+    policy_ids: tuple[str, ...] = ()
+    policy_set_hash: str | None = None
+    ttl: int | None = None
+    latency_us: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        kind = str(self.kind)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "policy_ids", tuple(self.policy_ids))
+        if not _KIND.match(kind):
+            raise AuditError(f"kind {kind!r} is not a lowercase identifier")
+        for name in DRAFT_FIELDS:
+            check_no_secret(name, getattr(self, name))
+        try:
+            size = len(canonical_json(dict(self.extra)))
+        except (TypeError, ValueError) as e:
+            raise AuditError(f"extra is not JSON-encodable: {e}") from e
+        if size > MAX_EXTRA_BYTES:
+            raise AuditError(f"extra is {size} bytes encoded; at most {MAX_EXTRA_BYTES}")
+
+
+DRAFT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EventDraft))
+
+
+@dataclass(frozen=True)
+class AuditEvent(EventDraft):
+    """A recorded event. Not re-validated on construction: its draft was, and a row read back is
+    judged by its hash, not by the rules of today's code."""
+
+    event_id: str = ""
+    seq: int = 0
+    ts: float = 0.0
+    prev_hash: str = GENESIS_HASH
+    hash: str = ""
+
+    def __post_init__(self) -> None:
+        pass
+
+    def canonical(self) -> bytes:
+        """The hashed encoding: every field but `hash` (see the module docstring)."""
+        body = self.to_dict()
+        del body["hash"]
+        return canonical_json(body)
+
+    def compute_hash(self) -> str:
+        return chain_hash(self.prev_hash, self.canonical())
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in EVENT_FIELDS}
+        out["policy_ids"] = list(self.policy_ids)
+        out["extra"] = dict(self.extra)
+        return out
+
+
+EVENT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AuditEvent))
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def chain_hash(prev_hash: str, canonical: bytes) -> str:
+    return hashlib.sha256(bytes.fromhex(prev_hash) + canonical).hexdigest()
+
+
+def check_no_secret(name: str, value: Any) -> None:
+    """Refuse values that look like a JWT or a PEM block, anywhere inside `value`."""
+    if value is None or isinstance(value, int | float):
+        return
+    if isinstance(value, str):
+        # Substring tests first: the regexes run only on values that could match.
+        if "eyJ" in value and _JWT.search(value):
+            raise SecretInAuditError(f"{name} looks like a JWT; record its jti instead")
+        if "-----BEGIN" in value and _PEM.search(value):
+            raise SecretInAuditError(f"{name} looks like a PEM key or certificate")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            check_no_secret(f"{name}.{k}", k)
+            check_no_secret(f"{name}.{k}", v)
+    elif isinstance(value, list | tuple | set | frozenset):
+        for i, v in enumerate(value):
+            check_no_secret(f"{name}[{i}]", v)
+    elif isinstance(value, bytes | bytearray):
+        raise SecretInAuditError(f"{name} is raw bytes; audit fields are text")

@@ -1,0 +1,218 @@
+"""Where audit events are kept: a protocol and its SQLite implementation.
+
+The audit database is its own file (e.g. `<data_dir>/audit.db`) so it can be shipped and retained
+apart from the datastore. WAL with synchronous=FULL: a committed event survives power loss. The
+`audit_head` row holds the last (seq, hash) and is written in the same transaction as the events,
+so a truncated tail is visible as long as the head row is intact; only an anchor kept elsewhere
+(see AuditLog.verify) also survives someone who rewrites the head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from server.audit.errors import AuditError
+from server.audit.event import AuditEvent
+
+
+@dataclass(frozen=True)
+class Head:
+    """The newest event of a log: publish it elsewhere to anchor the chain against truncation."""
+
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    agent_id: str | None = None
+    task_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+    decision: str | None = None
+    kind: str | None = None
+
+
+class AuditStore(Protocol):
+    def head(self) -> Head | None:
+        """The recorded head, or None for an empty log."""
+        ...
+
+    def append(self, events: Sequence[AuditEvent]) -> None:
+        """Store `events` (consecutive seqs) and the new head in one durable transaction."""
+        ...
+
+    def rows(self, where: EventFilter | None = None) -> Iterator[dict[str, Any]]:
+        """Raw rows in seq order, as stored (not validated); `where` narrows them."""
+        ...
+
+    def close(self) -> None: ...
+
+
+_PAGE = 1000
+_COLUMNS = (
+    "seq",
+    "event_id",
+    "ts",
+    "kind",
+    "agent_id",
+    "node_id",
+    "on_behalf_of",
+    "resource",
+    "action",
+    "decision",
+    "reason",
+    "task_id",
+    "risk",
+    "credential_id",
+    "policy_ids",
+    "policy_set_hash",
+    "ttl",
+    "latency_us",
+    "extra",
+    "prev_hash",
+    "hash",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_events (
+    seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    agent_id TEXT,
+    node_id TEXT,
+    on_behalf_of TEXT,
+    resource TEXT,
+    action TEXT,
+    decision TEXT,
+    reason TEXT,
+    task_id TEXT,
+    risk INTEGER,
+    credential_id TEXT,
+    policy_ids TEXT NOT NULL,
+    policy_set_hash TEXT,
+    ttl INTEGER,
+    latency_us REAL,
+    extra TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_events_agent ON audit_events (agent_id, seq);
+CREATE INDEX IF NOT EXISTS audit_events_task ON audit_events (task_id, seq);
+CREATE INDEX IF NOT EXISTS audit_events_ts ON audit_events (ts);
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+
+
+def _row(event: AuditEvent) -> tuple[Any, ...]:
+    d = event.to_dict()
+    d["policy_ids"] = json.dumps(d["policy_ids"], separators=(",", ":"))
+    d["extra"] = json.dumps(d["extra"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return tuple(d[c] for c in _COLUMNS)
+
+
+class SqliteAuditStore:
+    """AuditStore on one SQLite file, created 0600. Thread-safe."""
+
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        """Open (and with `create`, make) the database; tools that only read pass create=False."""
+        self._path = path
+        if not create and not path.is_file():
+            raise AuditError(f"no audit database at {path}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Create the file ourselves so it is never world-readable, not even for an instant;
+            # SQLite gives its -wal and -shm files the same mode.
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+            os.chmod(path, 0o600)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise AuditError(f"cannot open audit database {path}: {e}") from e
+        self._lock = threading.Lock()
+        self._insert = (
+            f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) "  # noqa: S608 - fixed names only
+            f"VALUES ({', '.join('?' * len(_COLUMNS))})"
+        )
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def head(self) -> Head | None:
+        with self._lock:
+            row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        return None if row is None else Head(int(row[0]), str(row[1]))
+
+    def append(self, events: Sequence[AuditEvent]) -> None:
+        if not events:
+            return
+        rows = [_row(e) for e in events]
+        last = events[-1]
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(self._insert, rows)
+                self._db.execute(
+                    "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                    (last.seq, last.hash),
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise AuditError(f"cannot append to audit database {self._path}: {e}") from e
+
+    def rows(self, where: EventFilter | None = None) -> Iterator[dict[str, Any]]:
+        w = where or EventFilter()
+        clauses = ["seq > ?"]
+        args: list[Any] = []
+        for column, value in (
+            ("agent_id", w.agent_id),
+            ("task_id", w.task_id),
+            ("decision", w.decision),
+            ("kind", w.kind),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        if w.since is not None:
+            clauses.append("ts >= ?")
+            args.append(w.since)
+        if w.until is not None:
+            clauses.append("ts < ?")
+            args.append(w.until)
+        sql = (
+            f"SELECT {', '.join(_COLUMNS)} FROM audit_events "  # noqa: S608 - fixed names only
+            f"WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT {_PAGE}"
+        )
+        # Page by seq so a large log streams, and the lock is not held while the caller works.
+        after = -(2**63)
+        while True:
+            with self._lock:
+                page = self._db.execute(sql, [after, *args]).fetchall()
+            for row in page:
+                yield dict(zip(_COLUMNS, row, strict=True))
+            if len(page) < _PAGE:
+                return
+            after = page[-1][0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

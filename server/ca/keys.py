@@ -1,0 +1,117 @@
+"""Private keys: generation by configured type, and owner-only PKCS#8 files on disk."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from server.ca.errors import CaConfigError, KeyStoreError
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+EC_P256 = "ec-p256"
+EC_P384 = "ec-p384"
+RSA_2048 = "rsa-2048"
+KEY_TYPES = (EC_P256, EC_P384, RSA_2048)
+DEFAULT_KEY_TYPE = EC_P256
+
+_SLOT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def generate_key(key_type: str = DEFAULT_KEY_TYPE) -> PrivateKey:
+    if key_type == EC_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == EC_P384:
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type == RSA_2048:
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise CaConfigError(f"key_type: must be one of {', '.join(KEY_TYPES)}, got {key_type!r}")
+
+
+def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
+    """SHA-384 for P-384 (matching strength), SHA-256 otherwise."""
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def spki_der(key: PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+class KeyStore:
+    """One PKCS#8 PEM file per key slot, `<directory>/<slot_id>.pem`, mode 0600, dir 0700.
+
+    Files are written to a temporary name, fsynced and renamed, so a crash leaves either the
+    whole key or none; the manager saves the key before journaling its slot.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = Path(directory)
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self._dir, 0o700)
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    def path(self, slot_id: str) -> Path:
+        if not _SLOT_ID.match(slot_id):
+            raise KeyStoreError(f"slot id {slot_id!r} is not a plain name ([A-Za-z0-9_-])")
+        return self._dir / f"{slot_id}.pem"
+
+    def save(self, slot_id: str, key: PrivateKey) -> Path:
+        target = self.path(slot_id)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        tmp = target.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, pem)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        self._sync_dir()
+        return target
+
+    def load(self, slot_id: str) -> PrivateKey:
+        path = self.path(slot_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise KeyStoreError(f"no key file for slot {slot_id} in {self._dir}") from None
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError):
+            raise KeyStoreError(f"key file {path} is not an unencrypted PKCS#8 PEM key") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise KeyStoreError(f"key file {path} holds a {type(key).__name__}, not EC or RSA")
+        return key
+
+    def exists(self, slot_id: str) -> bool:
+        return self.path(slot_id).exists()
+
+    def delete(self, slot_id: str) -> None:
+        self.path(slot_id).unlink(missing_ok=True)
+
+    def slot_ids(self) -> list[str]:
+        return sorted(p.stem for p in self._dir.glob("*.pem"))
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self._dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

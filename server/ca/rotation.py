@@ -1,0 +1,103 @@
+"""When to prepare, activate and drop signing keys: pure functions of `now` and slot times.
+
+SPIRE's schedule: the next key is prepared (and published) at 1/2 of the active key's life,
+activated at 5/6, and a retired key stays published until it expires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from server.datastore.records import ACTIVE, PREPARED, RETIRED
+
+PREPARE_FRACTION = 1 / 2
+ACTIVATE_FRACTION = 5 / 6
+
+
+@dataclass(frozen=True, slots=True)
+class SlotTimes:
+    slot_id: str
+    status: str
+    not_before: int
+    not_after: int
+
+
+def prepare_at(not_before: float, not_after: float) -> float:
+    return not_before + (not_after - not_before) * PREPARE_FRACTION
+
+
+def activate_at(not_before: float, not_after: float) -> float:
+    return not_before + (not_after - not_before) * ACTIVATE_FRACTION
+
+
+@dataclass(frozen=True, slots=True)
+class RotationPlan:
+    """What one tick must do, in this order: drop, retire, activate, create active, prepare."""
+
+    drop: tuple[str, ...] = ()
+    retire: tuple[str, ...] = ()
+    activate: str | None = None
+    create_active: bool = False
+    prepare: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.drop or self.retire or self.activate or self.create_active or self.prepare)
+
+
+def plan_rotation(now: float, slots: Sequence[SlotTimes]) -> RotationPlan:
+    """The changes that bring one key kind's slots in line with the schedule at `now`.
+
+    Handles a server that was down for a while: expired keys are dropped, a waiting prepared
+    key is activated when the active one is gone, and a new active key is made when nothing
+    usable is left.
+    """
+    live = [s for s in slots if now < s.not_after]
+    drop = [s.slot_id for s in slots if now >= s.not_after]
+    by_start = sorted(live, key=lambda s: (s.not_before, s.slot_id))
+    actives = [s for s in by_start if s.status == ACTIVE]
+    prepared = [s for s in by_start if s.status == PREPARED]
+    retire = [s.slot_id for s in actives[:-1]]  # at most one active: keep the newest
+    drop.extend(s.slot_id for s in prepared[:-1])  # at most one waiting: keep the newest
+    active = actives[-1] if actives else None
+    waiting = prepared[-1] if prepared else None
+
+    activate: str | None = None
+    create_active = False
+    if active is None:
+        if waiting is not None:
+            activate, active, waiting = waiting.slot_id, waiting, None
+        else:
+            create_active = True
+    elif waiting is not None and now >= activate_at(active.not_before, active.not_after):
+        retire.append(active.slot_id)
+        activate, active, waiting = waiting.slot_id, waiting, None
+
+    prepare = (
+        active is not None
+        and waiting is None
+        and now >= prepare_at(active.not_before, active.not_after)
+    )
+    return RotationPlan(
+        drop=tuple(drop),
+        retire=tuple(retire),
+        activate=activate,
+        create_active=create_active,
+        prepare=prepare,
+    )
+
+
+def next_event(now: float, slots: Sequence[SlotTimes]) -> float | None:
+    """The earliest future time at which `plan_rotation` would decide something new."""
+    times: list[float] = []
+    active = [s for s in slots if s.status == ACTIVE]
+    waiting = [s for s in slots if s.status == PREPARED]
+    for slot in active:
+        if waiting:
+            times.append(activate_at(slot.not_before, slot.not_after))
+        else:
+            times.append(prepare_at(slot.not_before, slot.not_after))
+    times.extend(s.not_after for s in slots if s.status in (ACTIVE, PREPARED, RETIRED))
+    future = [t for t in times if t > now]
+    return min(future) if future else None

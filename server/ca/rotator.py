@@ -1,0 +1,48 @@
+"""The rotator: nothing but a ticker that calls `CaManager.rotate()` when the schedule says so."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from server.ca.manager import CaManager
+from svid._clock import Clock
+
+_log = logging.getLogger("svid.server.ca")
+
+MAX_SLEEP_SECONDS = 10.0
+MIN_SLEEP_SECONDS = 0.05
+
+
+class Rotator:
+    def __init__(
+        self, manager: CaManager, clock: Clock, max_sleep: float = MAX_SLEEP_SECONDS
+    ) -> None:
+        self._manager = manager
+        self._clock = clock
+        self._max_sleep = max_sleep
+
+    def tick(self) -> bool:
+        """Rotate if due; True when the bundle changed."""
+        if self._clock.now() < self._manager.next_rotation_check():
+            return False
+        return self._manager.rotate()
+
+    def delay(self) -> float:
+        """Seconds until the next tick; capped so a jumped wall clock is noticed soon."""
+        wait = self._manager.next_rotation_check() - self._clock.now()
+        return max(MIN_SLEEP_SECONDS, min(self._max_sleep, wait))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick until `stop` is set. Key generation and fsyncs run in a worker thread."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.delay())
+            if stop.is_set():
+                return
+            try:
+                await asyncio.to_thread(self.tick)
+            except Exception:
+                # Keep serving with the current keys; the next tick retries.
+                _log.exception("CA rotation failed; retrying")

@@ -1,0 +1,47 @@
+"""The server's own TLS identity: an X.509-SVID for spiffe://<td>/svid/server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.ca.signer import X509Signer
+from svid._spiffe_id import SpiffeId, TrustDomain
+
+SERVER_PATH = ("svid", "server")
+SERVER_DNS_NAME = "svid-server"  # agents dial with ssl_target_name_override="svid-server"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSvid:
+    chain: tuple[x509.Certificate, ...]
+    key: ec.EllipticCurvePrivateKey
+
+    def __repr__(self) -> str:
+        return f"ServerSvid(serial={self.chain[0].serial_number})"
+
+    def chain_pem(self) -> bytes:
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
+
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+def server_spiffe_id(trust_domain: TrustDomain) -> SpiffeId:
+    return SpiffeId.from_segments(trust_domain, *SERVER_PATH)
+
+
+def server_svid(signer: X509Signer, ttl: int) -> ServerSvid:
+    """A fresh key and SVID for the server, with DNS SAN `svid-server`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain = signer.sign_svid(
+        key.public_key(), server_spiffe_id(signer.trust_domain), ttl, (SERVER_DNS_NAME,)
+    )
+    return ServerSvid(chain=chain, key=key)

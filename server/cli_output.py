@@ -1,0 +1,119 @@
+"""Human-readable and JSON renderings of admin API messages for the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from svid._bundle import SpiffeBundle
+
+from svid._proto import admin_pb2, common_pb2
+from svid._spiffe_id import TrustDomain
+
+
+def to_json(message: Message | Sequence[Message], key: str | None = None) -> str:
+    def one(m: Message) -> dict[str, object]:
+        return json_format.MessageToDict(
+            m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+
+    if isinstance(message, Message):
+        data: object = one(message)
+    else:
+        data = [one(m) for m in message]
+    if key is not None:
+        data = {key: data}
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def _when(ts: int) -> str:
+    if not ts:
+        return "never"
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _ttl(seconds: int) -> str:
+    return f"{seconds}" if seconds else "default"
+
+
+def _row(label: str, value: object) -> str:
+    return f"{label:<17}: {value}"
+
+
+def entry_text(entry: common_pb2.Entry) -> str:
+    lines = [
+        _row("Entry ID", entry.id),
+        _row("SPIFFE ID", entry.spiffe_id),
+        _row("Parent ID", entry.parent_id),
+        _row("Revision", entry.revision),
+        _row("X509-SVID TTL", _ttl(entry.x509_svid_ttl)),
+        _row("JWT-SVID TTL", _ttl(entry.jwt_svid_ttl)),
+    ]
+    lines += [_row("Selector", f"{s.type}:{s.value}") for s in entry.selectors]
+    lines += [_row("DNS name", d) for d in entry.dns_names]
+    if entry.hint:
+        lines.append(_row("Hint", entry.hint))
+    if entry.admin:
+        lines.append(_row("Admin", "true"))
+    if entry.expires_at:
+        lines.append(_row("Expires at", _when(entry.expires_at)))
+    return "\n".join(lines)
+
+
+def entries_text(entries: Sequence[common_pb2.Entry]) -> str:
+    head = f"Found {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+    return "\n\n".join([head, *(entry_text(e) for e in entries)])
+
+
+def agent_text(agent: admin_pb2.Agent) -> str:
+    lines = [
+        _row("SPIFFE ID", agent.spiffe_id),
+        _row("Attestation type", agent.attestation_type),
+        _row("Serial", agent.serial),
+        _row("Expires at", _when(agent.expires_at)),
+        _row("Attested at", _when(agent.attested_at)),
+        _row("Banned", "true" if agent.banned else "false"),
+    ]
+    lines += [_row("Selector", f"{s.type}:{s.value}") for s in agent.selectors]
+    return "\n".join(lines)
+
+
+def agents_text(agents: Sequence[admin_pb2.Agent]) -> str:
+    head = f"Found {len(agents)} attested agent{'' if len(agents) == 1 else 's'}"
+    return "\n\n".join([head, *(agent_text(a) for a in agents)])
+
+
+def bundle_pem(bundle: common_pb2.Bundle) -> str:
+    return "".join(
+        x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
+        for der in bundle.x509_authorities
+    )
+
+
+def bundle_spiffe(bundle: common_pb2.Bundle) -> str:
+    spiffe = SpiffeBundle(
+        trust_domain=TrustDomain(bundle.trust_domain),
+        x509_authorities=tuple(x509.load_der_x509_certificate(d) for d in bundle.x509_authorities),
+        jwt_authorities={
+            k.kid: serialization.load_der_public_key(k.public_key)  # type: ignore[misc]
+            for k in bundle.jwt_keys
+        },
+        sequence=bundle.sequence,
+        refresh_hint=bundle.refresh_hint,
+    )
+    return spiffe.to_json().decode()
+
+
+def token_text(response: admin_pb2.CreateJoinTokenResponse) -> str:
+    return "\n".join(
+        [
+            _row("Token", response.token),
+            _row("Agent SPIFFE ID", response.agent_spiffe_id),
+            _row("Expires at", _when(response.expires_at)),
+        ]
+    )

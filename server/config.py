@@ -1,0 +1,233 @@
+"""Server configuration: a TOML file plus command-line flags (flags win), validated once.
+
+Every key of the TOML file is also a flag (``data_dir`` -> ``--data-dir``). Validation happens in
+one place, `build_config`, and each error names the key it is about.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from server.errors import ConfigError
+from svid._errors import SpiffeIdError
+from svid._spiffe_id import TrustDomain
+
+KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_ADMIN_SOCKET = Path("/tmp/svid-server/private/admin.sock")  # noqa: S108 - SPIRE's layout
+MAX_UNIX_PATH = 107
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    trust_domain: TrustDomain
+    data_dir: Path = Path(".svid-server")
+    bind_address: str = "127.0.0.1:8081"
+    attest_bind_address: str = "127.0.0.1:8082"
+    admin_socket: Path = DEFAULT_ADMIN_SOCKET
+    metrics_address: str = ""
+    default_x509_svid_ttl: int = 300
+    default_jwt_svid_ttl: int = 300
+    agent_svid_ttl: int = 3600
+    server_svid_ttl: int = 3600
+    ca_ttl: int = 86400
+    jwt_key_ttl: int = 86400
+    join_token_ttl: int = 600
+    key_type: str = "ec-p256"
+    upstream_ca_cert: Path | None = None
+    upstream_ca_key: Path | None = None
+    x509pop_ca_bundle: Path | None = None
+    log_format: str = "json"
+    log_level: str = "info"
+    max_message_bytes: int = 4 * 1024 * 1024
+    shutdown_grace: float = 5.0
+    # Token buckets; 0 disables a limit. Signing counts CSRs, not requests, so that
+    # batching cannot dodge the limit.
+    x509_rate_per_agent: float = 1000.0
+    x509_burst_per_agent: int = 2000
+    jwt_rate_per_agent: float = 500.0
+    jwt_burst_per_agent: int = 1000
+    attest_rate_per_host: float = 10.0
+    attest_burst_per_host: int = 50
+    signing_threads: int = 2
+
+    @property
+    def datastore_path(self) -> Path:
+        return self.data_dir / "datastore.sqlite3"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def runtime_file(self) -> Path:
+        """Where a running server writes its bound addresses (for port 0, tests and the demo)."""
+        return self.data_dir / "server.json"
+
+
+def _as_int(key: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if isinstance(value, float) and number != value:
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if number < minimum:
+        raise ConfigError(f"{key}: must be at least {minimum}, got {number}")
+    return number
+
+
+def _as_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{key}: must not be negative, got {number}")
+    return number
+
+
+def _as_str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _as_path(key: str, value: Any) -> Path:
+    text = _as_str(key, value)
+    if not text:
+        raise ConfigError(f"{key}: must not be empty")
+    return Path(text)
+
+
+def _as_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        text = _as_str(key, value).lower()
+        if text not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return check
+
+
+def _as_address(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT (port 0 picks a free one), got {text!r}")
+    return text
+
+
+def _as_optional_address(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    return _as_address(key, text) if text else ""
+
+
+def _as_trust_domain(key: str, value: Any) -> TrustDomain:
+    try:
+        return TrustDomain.parse(_as_str(key, value))
+    except SpiffeIdError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _positive(key: str, value: Any) -> int:
+    return _as_int(key, value, minimum=1)
+
+
+_CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
+    "trust_domain": _as_trust_domain,
+    "data_dir": _as_path,
+    "bind_address": _as_address,
+    "attest_bind_address": _as_address,
+    "admin_socket": _as_path,
+    "metrics_address": _as_optional_address,
+    "default_x509_svid_ttl": _positive,
+    "default_jwt_svid_ttl": _positive,
+    "agent_svid_ttl": _positive,
+    "server_svid_ttl": _positive,
+    "ca_ttl": _positive,
+    "jwt_key_ttl": _positive,
+    "join_token_ttl": _positive,
+    "key_type": _as_choice(KEY_TYPES),
+    "upstream_ca_cert": _as_path,
+    "upstream_ca_key": _as_path,
+    "x509pop_ca_bundle": _as_path,
+    "log_format": _as_choice(LOG_FORMATS),
+    "log_level": _as_choice(LOG_LEVELS),
+    "max_message_bytes": _positive,
+    "shutdown_grace": _as_float,
+    "x509_rate_per_agent": _as_float,
+    "x509_burst_per_agent": _as_int,
+    "jwt_rate_per_agent": _as_float,
+    "jwt_burst_per_agent": _as_int,
+    "attest_rate_per_host": _as_float,
+    "attest_burst_per_host": _as_int,
+    "signing_threads": _positive,
+}
+
+CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))
+assert set(CONFIG_KEYS) == set(_CONVERTERS), "every config key needs a converter"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The raw table of a TOML config file (top level, or a ``[server]`` table)."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    if isinstance(data.get("server"), dict):
+        return dict(data["server"])
+    return data
+
+
+def build_config(
+    file_values: Mapping[str, Any], flag_values: Mapping[str, Any] | None = None
+) -> ServerConfig:
+    """Merge file values and flags (flags win, None means 'not given'), validate, freeze."""
+    merged: dict[str, Any] = dict(file_values)
+    for key, value in (flag_values or {}).items():
+        if value is not None:
+            merged[key] = value
+    unknown = sorted(set(merged) - set(CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown configuration key")
+    if "trust_domain" not in merged:
+        raise ConfigError('trust_domain: required (e.g. trust_domain = "example.org")')
+    values = {key: _CONVERTERS[key](key, value) for key, value in merged.items()}
+    config = ServerConfig(**values)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: ServerConfig) -> None:
+    if (config.upstream_ca_cert is None) != (config.upstream_ca_key is None):
+        missing = "upstream_ca_key" if config.upstream_ca_key is None else "upstream_ca_cert"
+        raise ConfigError(f"{missing}: required when the other upstream_ca_* key is set")
+    if len(str(config.admin_socket)) > MAX_UNIX_PATH:
+        raise ConfigError(
+            f"admin_socket: path is {len(str(config.admin_socket))} bytes, a Unix socket path "
+            f"may have at most {MAX_UNIX_PATH}"
+        )
+    for key in ("default_x509_svid_ttl", "agent_svid_ttl", "server_svid_ttl"):
+        if getattr(config, key) > config.ca_ttl:
+            raise ConfigError(f"{key}: {getattr(config, key)} s exceeds ca_ttl ({config.ca_ttl} s)")
+    if config.default_jwt_svid_ttl > config.jwt_key_ttl:
+        raise ConfigError(
+            f"default_jwt_svid_ttl: {config.default_jwt_svid_ttl} s exceeds jwt_key_ttl "
+            f"({config.jwt_key_ttl} s)"
+        )
+
+
+def load_config(path: Path | None, flag_values: Mapping[str, Any] | None = None) -> ServerConfig:
+    return build_config(read_toml(path) if path is not None else {}, flag_values)

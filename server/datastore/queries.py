@@ -1,0 +1,87 @@
+# ruff: noqa: S608, S105 - column lists are constants; every value is a bound parameter
+"""Every DML statement of the datastore, in SQL that SQLite (>= 3.24) and PostgreSQL both run.
+
+Parameters use the `:name` style; a PostgreSQL driver wants `%(name)s`, a mechanical rewrite.
+Upserts use `INSERT ... ON CONFLICT ... DO UPDATE`, never SQLite's `INSERT OR REPLACE`.
+"""
+
+from __future__ import annotations
+
+MIGRATION_VERSIONS = "SELECT version FROM schema_migrations"
+RECORD_MIGRATION = (
+    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (:version, :name, :now)"
+)
+
+_ENTRY_COLUMNS = (
+    "id, spiffe_id, parent_id, identity_hash, selectors, x509_svid_ttl, jwt_svid_ttl, "
+    "dns_names, hint, admin, expires_at, revision, created_at"
+)
+INSERT_ENTRY = (
+    f"INSERT INTO entries ({_ENTRY_COLUMNS}) VALUES (:id, :spiffe_id, :parent_id, "
+    ":identity_hash, :selectors, :x509_svid_ttl, :jwt_svid_ttl, :dns_names, :hint, :admin, "
+    ":expires_at, :revision, :created_at)"
+)
+UPDATE_ENTRY = (
+    "UPDATE entries SET spiffe_id = :spiffe_id, parent_id = :parent_id, "
+    "identity_hash = :identity_hash, selectors = :selectors, x509_svid_ttl = :x509_svid_ttl, "
+    "jwt_svid_ttl = :jwt_svid_ttl, dns_names = :dns_names, hint = :hint, admin = :admin, "
+    "expires_at = :expires_at, revision = :revision WHERE id = :id"
+)
+DELETE_ENTRY = "DELETE FROM entries WHERE id = :id"
+SELECT_ENTRY = f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = :id"
+ENTRY_BY_IDENTITY = "SELECT id FROM entries WHERE identity_hash = :identity_hash"
+# A NULL filter matches everything, so one statement serves every filter combination.
+LIST_ENTRIES = (
+    f"SELECT {_ENTRY_COLUMNS} FROM entries "
+    "WHERE (:spiffe_id IS NULL OR spiffe_id = :spiffe_id) "
+    "AND (:parent_id IS NULL OR parent_id = :parent_id) ORDER BY id"
+)
+
+INSERT_JOIN_TOKEN = (
+    "INSERT INTO join_tokens (token_id, secret_hash, expires_at) "
+    "VALUES (:token_id, :secret_hash, :expires_at)"
+)
+SELECT_JOIN_TOKEN = (
+    "SELECT token_id, secret_hash, expires_at FROM join_tokens WHERE token_id = :token_id"
+)
+DELETE_JOIN_TOKEN = "DELETE FROM join_tokens WHERE token_id = :token_id"
+PRUNE_JOIN_TOKENS = "DELETE FROM join_tokens WHERE expires_at <= :now"
+
+_AGENT_COLUMNS = "spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors"
+# A ban is sticky: re-attestation racing a ban must not lift it.
+UPSERT_AGENT = (
+    f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (:spiffe_id, :attestation_type, :serial, "
+    ":expires_at, :banned, :attested_at, :selectors) ON CONFLICT (spiffe_id) DO UPDATE SET "
+    "attestation_type = excluded.attestation_type, serial = excluded.serial, "
+    "expires_at = excluded.expires_at, "
+    "banned = CASE WHEN agents.banned = 1 THEN 1 ELSE excluded.banned END, "
+    "attested_at = excluded.attested_at, selectors = excluded.selectors"
+)
+SELECT_AGENT = f"SELECT {_AGENT_COLUMNS} FROM agents WHERE spiffe_id = :spiffe_id"
+LIST_AGENTS = f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY spiffe_id"
+DELETE_AGENT = "DELETE FROM agents WHERE spiffe_id = :spiffe_id"
+SET_AGENT_BANNED = "UPDATE agents SET banned = :banned WHERE spiffe_id = :spiffe_id"
+
+_SLOT_COLUMNS = "slot_id, kind, status, public_der, kid, not_before, not_after, created_at"
+UPSERT_KEY_SLOT = (
+    f"INSERT INTO key_slots ({_SLOT_COLUMNS}) VALUES (:slot_id, :kind, :status, :public_der, "
+    ":kid, :not_before, :not_after, :created_at) ON CONFLICT (slot_id) DO UPDATE SET "
+    "kind = excluded.kind, status = excluded.status, public_der = excluded.public_der, "
+    "kid = excluded.kid, not_before = excluded.not_before, not_after = excluded.not_after, "
+    "created_at = excluded.created_at"
+)
+LIST_KEY_SLOTS = (
+    f"SELECT {_SLOT_COLUMNS} FROM key_slots WHERE kind = :kind ORDER BY not_before, slot_id"
+)
+DELETE_KEY_SLOT = "DELETE FROM key_slots WHERE slot_id = :slot_id"
+
+_REVOCATION_COLUMNS = "kind, value, spiffe_id, expires_at, reason, revoked_at"
+INSERT_REVOCATION = (
+    f"INSERT INTO revocations ({_REVOCATION_COLUMNS}) VALUES (:kind, :value, :spiffe_id, "
+    ":expires_at, :reason, :revoked_at) ON CONFLICT (kind, value) DO NOTHING"
+)
+LIST_REVOCATIONS = f"SELECT {_REVOCATION_COLUMNS} FROM revocations ORDER BY kind, value"
+PRUNE_REVOCATIONS = "DELETE FROM revocations WHERE expires_at <= :now"
+
+BUMP_COUNTER = "UPDATE counters SET value = value + 1 WHERE name = :name"
+SELECT_COUNTER = "SELECT value FROM counters WHERE name = :name"

@@ -1,0 +1,434 @@
+"""The SQLite datastore (through sqlite-utils): WAL, synchronous=FULL, one writer, migrations.
+
+Thread safety: one connection guarded by one re-entrant lock. SQLite admits a single writer at a
+time anyway, every write fsyncs (synchronous=FULL) so the lock is held about as long as SQLite
+would hold its own, and reads are a few microseconds (the server keeps its hot state in memory
+and reads the datastore only at start-up and after writes). A connection per thread would buy
+concurrent reads we do not need and leak connections from thread pools that come and go.
+`BEGIN IMMEDIATE` takes SQLite's write lock up front, so a second process on the same file
+(the crash test's reopen, an operator's sqlite3 shell) waits on the busy timeout instead of
+failing a transaction half-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from server.datastore import queries as q
+from server.datastore.errors import AlreadyExistsError, ConflictError, NotFoundError
+from server.datastore.migrations import CREATE_MIGRATIONS_TABLE, MIGRATIONS, Migration
+from server.datastore.records import (
+    KEY_KINDS,
+    REVOCATION_KINDS,
+    AttestedAgent,
+    Entry,
+    JoinToken,
+    KeySlot,
+    Revocation,
+    Selector,
+)
+from svid._clock import Clock
+
+BUSY_TIMEOUT_MS = 10_000
+_REVISION = "revision"
+_BUNDLE_SEQUENCE = "bundle_sequence"
+Row = Mapping[str, Any]
+
+
+def _selectors_json(selectors: Sequence[Selector]) -> str:
+    return json.dumps([[s.type, s.value] for s in selectors])
+
+
+def _selectors_from(text: str) -> tuple[Selector, ...]:
+    return tuple(Selector(t, v) for t, v in json.loads(text))
+
+
+def identity_hash(entry: Entry) -> str:
+    """What makes two entries the same: SPIFFE ID, parent and the *set* of selectors."""
+    canonical = json.dumps(
+        [entry.spiffe_id, entry.parent_id, sorted({(s.type, s.value) for s in entry.selectors})]
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _entry_params(entry: Entry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "spiffe_id": entry.spiffe_id,
+        "parent_id": entry.parent_id,
+        "identity_hash": identity_hash(entry),
+        "selectors": _selectors_json(entry.selectors),
+        "x509_svid_ttl": entry.x509_svid_ttl,
+        "jwt_svid_ttl": entry.jwt_svid_ttl,
+        "dns_names": json.dumps(list(entry.dns_names)),
+        "hint": entry.hint,
+        "admin": int(entry.admin),
+        "expires_at": entry.expires_at,
+        "revision": entry.revision,
+        "created_at": entry.created_at,
+    }
+
+
+def _entry_from(row: Row) -> Entry:
+    return Entry(
+        id=row["id"],
+        spiffe_id=row["spiffe_id"],
+        parent_id=row["parent_id"],
+        selectors=_selectors_from(row["selectors"]),
+        x509_svid_ttl=row["x509_svid_ttl"],
+        jwt_svid_ttl=row["jwt_svid_ttl"],
+        dns_names=tuple(json.loads(row["dns_names"])),
+        hint=row["hint"],
+        admin=bool(row["admin"]),
+        expires_at=row["expires_at"],
+        revision=row["revision"],
+        created_at=row["created_at"],
+    )
+
+
+def _agent_from(row: Row) -> AttestedAgent:
+    return AttestedAgent(
+        spiffe_id=row["spiffe_id"],
+        attestation_type=row["attestation_type"],
+        serial=row["serial"],
+        expires_at=row["expires_at"],
+        banned=bool(row["banned"]),
+        attested_at=row["attested_at"],
+        selectors=_selectors_from(row["selectors"]),
+    )
+
+
+def _slot_from(row: Row) -> KeySlot:
+    return KeySlot(
+        slot_id=row["slot_id"],
+        kind=row["kind"],
+        status=row["status"],
+        public_der=bytes(row["public_der"]),
+        kid=row["kid"],
+        not_before=row["not_before"],
+        not_after=row["not_after"],
+        created_at=row["created_at"],
+    )
+
+
+def _revocation_from(row: Row) -> Revocation:
+    return Revocation(
+        kind=row["kind"],
+        value=row["value"],
+        spiffe_id=row["spiffe_id"],
+        expires_at=row["expires_at"],
+        reason=row["reason"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _create_private_file(path: Path) -> None:
+    """The database holds token hashes and the CA journal: owner-only from the first byte."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+class SqliteDataStore:
+    """`DataStore` on one SQLite file. Build once per process; `close()` at shutdown."""
+
+    def __init__(self, path: Path, clock: Clock) -> None:
+        self._path = Path(path)
+        self._clock = clock
+        self._lock = threading.RLock()
+        _create_private_file(self._path)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly
+        # what the code says (the sqlite3 module's implicit transactions skip DDL).
+        conn = sqlite3.connect(
+            str(self._path),
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+        )
+        self._db = sqlite_utils.Database(conn, execute_plugins=False)
+        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._db.enable_wal()
+        # FULL: in WAL mode every commit fsyncs the log, so an acknowledged write survives
+        # kill -9 and power loss (NORMAL would only survive a process crash).
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._closed = False
+        self.migrate()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite_utils.Database]:
+        with self._lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the datastore is closed")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the datastore is closed")
+            return list(self._db.query(sql, dict(params or {})))
+
+    def _now(self) -> int:
+        return int(self._clock.now())
+
+    @staticmethod
+    def _bump(db: sqlite_utils.Database, counter: str) -> int:
+        db.execute(q.BUMP_COUNTER, {"name": counter})
+        row = db.execute(q.SELECT_COUNTER, {"name": counter}).fetchone()
+        return int(row[0])
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied now (empty when up to date)."""
+        applied: list[int] = []
+        with self._lock:
+            self._db.execute(CREATE_MIGRATIONS_TABLE)
+            for migration in MIGRATIONS:
+                if self._apply(migration):
+                    applied.append(migration.version)
+        return applied
+
+    def _apply(self, migration: Migration) -> bool:
+        with self._transaction() as db:
+            done = {row[0] for row in db.execute(q.MIGRATION_VERSIONS).fetchall()}
+            if migration.version in done:
+                return False
+            migration.apply(db.execute)
+            db.execute(
+                q.RECORD_MIGRATION,
+                {"version": migration.version, "name": migration.name, "now": self._now()},
+            )
+            return True
+
+    def schema_versions(self) -> list[int]:
+        return sorted(int(r["version"]) for r in self._rows(q.MIGRATION_VERSIONS))
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.conn.close()
+
+    # -- entries --------------------------------------------------------------------------------
+
+    def create_entry(self, entry: Entry) -> Entry:
+        stored = replace(
+            entry,
+            id=entry.id or uuid.uuid4().hex,
+            revision=1,
+            created_at=self._now(),
+        )
+        params = _entry_params(stored)
+        with self._transaction() as db:
+            if db.execute(q.SELECT_ENTRY, {"id": stored.id}).fetchone() is not None:
+                raise AlreadyExistsError(f"entry id {stored.id} already exists")
+            clash = db.execute(q.ENTRY_BY_IDENTITY, params).fetchone()
+            if clash is not None:
+                raise AlreadyExistsError(
+                    f"an entry for {entry.spiffe_id} under {entry.parent_id} with the same "
+                    f"selectors already exists (id {clash[0]})"
+                )
+            db.execute(q.INSERT_ENTRY, params)
+            self._bump(db, _REVISION)
+        return stored
+
+    def update_entry(self, entry: Entry) -> Entry:
+        with self._transaction() as db:
+            rows = list(db.query(q.SELECT_ENTRY, {"id": entry.id}))
+            if not rows:
+                raise NotFoundError(f"entry {entry.id} not found")
+            current = _entry_from(rows[0])
+            if entry.revision and entry.revision != current.revision:
+                raise ConflictError(
+                    f"entry {entry.id} changed meanwhile: revision {current.revision}, "
+                    f"update was based on {entry.revision}"
+                )
+            stored = replace(entry, revision=current.revision + 1, created_at=current.created_at)
+            params = _entry_params(stored)
+            clash = db.execute(q.ENTRY_BY_IDENTITY, params).fetchone()
+            if clash is not None and clash[0] != entry.id:
+                raise AlreadyExistsError(
+                    f"an entry for {entry.spiffe_id} under {entry.parent_id} with the same "
+                    f"selectors already exists (id {clash[0]})"
+                )
+            db.execute(q.UPDATE_ENTRY, params)
+            self._bump(db, _REVISION)
+        return stored
+
+    def delete_entry(self, entry_id: str) -> None:
+        with self._transaction() as db:
+            if db.execute(q.DELETE_ENTRY, {"id": entry_id}).rowcount != 1:
+                raise NotFoundError(f"entry {entry_id} not found")
+            self._bump(db, _REVISION)
+
+    def get_entry(self, entry_id: str) -> Entry:
+        rows = self._rows(q.SELECT_ENTRY, {"id": entry_id})
+        if not rows:
+            raise NotFoundError(f"entry {entry_id} not found")
+        return _entry_from(rows[0])
+
+    def list_entries(
+        self, spiffe_id: str | None = None, parent_id: str | None = None
+    ) -> list[Entry]:
+        rows = self._rows(q.LIST_ENTRIES, {"spiffe_id": spiffe_id, "parent_id": parent_id})
+        return [_entry_from(r) for r in rows]
+
+    # -- join tokens ----------------------------------------------------------------------------
+
+    def create_join_token(self, token: JoinToken) -> None:
+        params = {
+            "token_id": token.token_id,
+            "secret_hash": token.secret_hash,
+            "expires_at": token.expires_at,
+        }
+        with self._transaction() as db:
+            if db.execute(q.SELECT_JOIN_TOKEN, params).fetchone() is not None:
+                raise AlreadyExistsError(f"join token {token.token_id} already exists")
+            db.execute(q.INSERT_JOIN_TOKEN, params)
+
+    def take_join_token(self, token_id: str) -> JoinToken | None:
+        with self._transaction() as db:
+            row = db.execute(q.SELECT_JOIN_TOKEN, {"token_id": token_id}).fetchone()
+            if row is None:
+                return None
+            # rowcount guards single use even against another process on the same file.
+            if db.execute(q.DELETE_JOIN_TOKEN, {"token_id": token_id}).rowcount != 1:
+                return None
+            return JoinToken(token_id=row[0], secret_hash=bytes(row[1]), expires_at=row[2])
+
+    def prune_join_tokens(self, now: int) -> int:
+        with self._transaction() as db:
+            return int(db.execute(q.PRUNE_JOIN_TOKENS, {"now": now}).rowcount)
+
+    # -- agents ---------------------------------------------------------------------------------
+
+    def upsert_agent(self, agent: AttestedAgent) -> None:
+        params = {
+            "spiffe_id": agent.spiffe_id,
+            "attestation_type": agent.attestation_type,
+            "serial": agent.serial,
+            "expires_at": agent.expires_at,
+            "banned": int(agent.banned),
+            "attested_at": agent.attested_at,
+            "selectors": _selectors_json(agent.selectors),
+        }
+        with self._transaction() as db:
+            db.execute(q.UPSERT_AGENT, params)
+            self._bump(db, _REVISION)
+
+    def get_agent(self, spiffe_id: str) -> AttestedAgent:
+        rows = self._rows(q.SELECT_AGENT, {"spiffe_id": spiffe_id})
+        if not rows:
+            raise NotFoundError(f"agent {spiffe_id} not found")
+        return _agent_from(rows[0])
+
+    def list_agents(self) -> list[AttestedAgent]:
+        return [_agent_from(r) for r in self._rows(q.LIST_AGENTS)]
+
+    def delete_agent(self, spiffe_id: str) -> None:
+        with self._transaction() as db:
+            if db.execute(q.DELETE_AGENT, {"spiffe_id": spiffe_id}).rowcount != 1:
+                raise NotFoundError(f"agent {spiffe_id} not found")
+            self._bump(db, _REVISION)
+
+    def set_agent_banned(self, spiffe_id: str, banned: bool) -> None:
+        params = {"spiffe_id": spiffe_id, "banned": int(banned)}
+        with self._transaction() as db:
+            if db.execute(q.SET_AGENT_BANNED, params).rowcount != 1:
+                raise NotFoundError(f"agent {spiffe_id} not found")
+            self._bump(db, _REVISION)
+
+    # -- key slots ------------------------------------------------------------------------------
+
+    def save_key_slot(self, slot: KeySlot) -> None:
+        if slot.kind not in KEY_KINDS:
+            raise ValueError(f"key slot kind must be one of {KEY_KINDS}, got {slot.kind!r}")
+        params = {
+            "slot_id": slot.slot_id,
+            "kind": slot.kind,
+            "status": slot.status,
+            "public_der": slot.public_der,
+            "kid": slot.kid,
+            "not_before": slot.not_before,
+            "not_after": slot.not_after,
+            "created_at": slot.created_at,
+        }
+        with self._transaction() as db:
+            db.execute(q.UPSERT_KEY_SLOT, params)
+
+    def list_key_slots(self, kind: str) -> list[KeySlot]:
+        return [_slot_from(r) for r in self._rows(q.LIST_KEY_SLOTS, {"kind": kind})]
+
+    def delete_key_slot(self, slot_id: str) -> None:
+        with self._transaction() as db:
+            db.execute(q.DELETE_KEY_SLOT, {"slot_id": slot_id})
+
+    # -- bundle ---------------------------------------------------------------------------------
+
+    def next_bundle_sequence(self) -> int:
+        with self._transaction() as db:
+            self._bump(db, _REVISION)
+            return self._bump(db, _BUNDLE_SEQUENCE)
+
+    def bundle_sequence(self) -> int:
+        return int(self._rows(q.SELECT_COUNTER, {"name": _BUNDLE_SEQUENCE})[0]["value"])
+
+    # -- revocations ----------------------------------------------------------------------------
+
+    def add_revocations(self, items: Sequence[Revocation]) -> None:
+        for item in items:
+            if item.kind not in REVOCATION_KINDS:
+                raise ValueError(
+                    f"revocation kind must be one of {REVOCATION_KINDS}, got {item.kind!r}"
+                )
+        if not items:
+            return
+        with self._transaction() as db:
+            for item in items:
+                db.execute(
+                    q.INSERT_REVOCATION,
+                    {
+                        "kind": item.kind,
+                        "value": item.value,
+                        "spiffe_id": item.spiffe_id,
+                        "expires_at": item.expires_at,
+                        "reason": item.reason,
+                        "revoked_at": item.revoked_at,
+                    },
+                )
+            self._bump(db, _REVISION)
+
+    def list_revocations(self) -> list[Revocation]:
+        return [_revocation_from(r) for r in self._rows(q.LIST_REVOCATIONS)]
+
+    def prune_revocations(self, now: int) -> int:
+        with self._transaction() as db:
+            removed = int(db.execute(q.PRUNE_REVOCATIONS, {"now": now}).rowcount)
+            if removed:
+                self._bump(db, _REVISION)
+            return removed
+
+    # -- change tracking ------------------------------------------------------------------------
+
+    def revision(self) -> int:
+        return int(self._rows(q.SELECT_COUNTER, {"name": _REVISION})[0]["value"])

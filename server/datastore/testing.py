@@ -1,0 +1,147 @@
+"""A test double that wraps a real datastore and fails on demand (like SPIRE's fakedatastore).
+
+    store = FaultInjectingDataStore(SqliteDataStore(tmp_path / "db", clock))
+    store.inject(sqlite3.OperationalError("disk I/O error"), method="create_entry")
+
+Queued errors are raised in order by the next calls that match; the real store underneath is
+never touched by a failed call, so tests see exactly what survived.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from server.datastore.base import DataStore
+from server.datastore.records import AttestedAgent, Entry, JoinToken, KeySlot, Revocation
+
+
+@dataclass(frozen=True, slots=True)
+class _Fault:
+    error: BaseException
+    method: str | None
+
+
+class FaultInjectingDataStore:
+    def __init__(self, inner: DataStore) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+        self._faults: deque[_Fault] = deque()
+        self.calls: list[str] = []
+
+    def inject(self, error: BaseException, method: str | None = None, count: int = 1) -> None:
+        """Make the next `count` calls of `method` (any method when None) raise `error`."""
+        with self._lock:
+            self._faults.extend(_Fault(error, method) for _ in range(count))
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._faults)
+
+    def _enter(self, method: str) -> None:
+        with self._lock:
+            self.calls.append(method)
+            for fault in self._faults:
+                if fault.method in (None, method):
+                    self._faults.remove(fault)
+                    raise fault.error
+
+    def create_entry(self, entry: Entry) -> Entry:
+        self._enter("create_entry")
+        return self.inner.create_entry(entry)
+
+    def update_entry(self, entry: Entry) -> Entry:
+        self._enter("update_entry")
+        return self.inner.update_entry(entry)
+
+    def delete_entry(self, entry_id: str) -> None:
+        self._enter("delete_entry")
+        self.inner.delete_entry(entry_id)
+
+    def get_entry(self, entry_id: str) -> Entry:
+        self._enter("get_entry")
+        return self.inner.get_entry(entry_id)
+
+    def list_entries(
+        self, spiffe_id: str | None = None, parent_id: str | None = None
+    ) -> list[Entry]:
+        self._enter("list_entries")
+        return self.inner.list_entries(spiffe_id, parent_id)
+
+    def create_join_token(self, token: JoinToken) -> None:
+        self._enter("create_join_token")
+        self.inner.create_join_token(token)
+
+    def take_join_token(self, token_id: str) -> JoinToken | None:
+        self._enter("take_join_token")
+        return self.inner.take_join_token(token_id)
+
+    def prune_join_tokens(self, now: int) -> int:
+        self._enter("prune_join_tokens")
+        return self.inner.prune_join_tokens(now)
+
+    def upsert_agent(self, agent: AttestedAgent) -> None:
+        self._enter("upsert_agent")
+        self.inner.upsert_agent(agent)
+
+    def get_agent(self, spiffe_id: str) -> AttestedAgent:
+        self._enter("get_agent")
+        return self.inner.get_agent(spiffe_id)
+
+    def list_agents(self) -> list[AttestedAgent]:
+        self._enter("list_agents")
+        return self.inner.list_agents()
+
+    def delete_agent(self, spiffe_id: str) -> None:
+        self._enter("delete_agent")
+        self.inner.delete_agent(spiffe_id)
+
+    def set_agent_banned(self, spiffe_id: str, banned: bool) -> None:
+        self._enter("set_agent_banned")
+        self.inner.set_agent_banned(spiffe_id, banned)
+
+    def save_key_slot(self, slot: KeySlot) -> None:
+        self._enter("save_key_slot")
+        self.inner.save_key_slot(slot)
+
+    def list_key_slots(self, kind: str) -> list[KeySlot]:
+        self._enter("list_key_slots")
+        return self.inner.list_key_slots(kind)
+
+    def delete_key_slot(self, slot_id: str) -> None:
+        self._enter("delete_key_slot")
+        self.inner.delete_key_slot(slot_id)
+
+    def next_bundle_sequence(self) -> int:
+        self._enter("next_bundle_sequence")
+        return self.inner.next_bundle_sequence()
+
+    def bundle_sequence(self) -> int:
+        self._enter("bundle_sequence")
+        return self.inner.bundle_sequence()
+
+    def add_revocations(self, items: Sequence[Revocation]) -> None:
+        self._enter("add_revocations")
+        self.inner.add_revocations(items)
+
+    def list_revocations(self) -> list[Revocation]:
+        self._enter("list_revocations")
+        return self.inner.list_revocations()
+
+    def prune_revocations(self, now: int) -> int:
+        self._enter("prune_revocations")
+        return self.inner.prune_revocations(now)
+
+    def revision(self) -> int:
+        self._enter("revision")
+        return self.inner.revision()
+
+    def close(self) -> None:
+        self._enter("close")
+        self.inner.close()
+
+
+def _conforms(store: FaultInjectingDataStore) -> DataStore:
+    return store  # mypy checks the wrapper still implements the whole interface

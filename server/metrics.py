@@ -1,0 +1,109 @@
+"""Prometheus metrics on a registry the server owns (no process-global registry)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.svids_issued = Counter(
+            "svid_server_svids_issued",
+            "SVIDs issued, by kind (x509, jwt, agent, server)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.signing_seconds = Histogram(
+            "svid_server_signing_seconds",
+            "Time to verify a CSR and sign one SVID",
+            ["kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.attestations = Counter(
+            "svid_server_attestations",
+            "Node attestation attempts, by type and result",
+            ["type", "result"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "svid_server_rpc_errors",
+            "RPCs that ended with an error status, by code",
+            ["code"],
+            registry=self.registry,
+        )
+        self.rotations = Counter(
+            "svid_server_rotation_events",
+            "Key and certificate rotation events (bundle changes, server SVID renewals)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.sync_streams = Gauge(
+            "svid_server_sync_streams", "Open agent Sync streams", registry=self.registry
+        )
+
+    def record_error(self, code: grpc.StatusCode) -> None:
+        self.errors.labels(code=code.name).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsHttpServer:
+    """Serves /metrics (Prometheus text) and /healthz on a small threaded HTTP server."""
+
+    def __init__(self, metrics: Metrics, healthy: Callable[[], bool]) -> None:
+        self._metrics = metrics
+        self._healthy = healthy
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, address: str) -> str:
+        host, _, port = address.rpartition(":")
+        metrics, healthy = self._metrics, self._healthy
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    body, ctype, code = metrics.render(), CONTENT_TYPE_LATEST, 200
+                elif self.path == "/healthz":
+                    ok = healthy()
+                    body, ctype, code = (
+                        (b"ok\n" if ok else b"unhealthy\n"),
+                        "text/plain",
+                        (200 if ok else 503),
+                    )
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self._httpd = ThreadingHTTPServer((host, int(port)), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="svid-metrics", daemon=True
+        )
+        self._thread.start()
+        bound_host, bound_port = self._httpd.server_address[:2]
+        return f"{bound_host!s}:{bound_port}"
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None

@@ -1,0 +1,441 @@
+"""The node API servicer: attestation, agent SVID renewal, the Sync push stream, SVID signing.
+
+Transport only: identity comes from server.peer, entitlement from server.entitlement, errors
+become status codes in server.status. Signing runs in a thread pool so Sync streams and
+attestations stay responsive while a large batch is signed.
+"""
+
+# ruff: noqa: N802 - gRPC method names are fixed by the proto
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from server import status
+from server.attestation.base import AttestationResult, NodeAttestor
+from server.ca.manager import CaManager
+from server.ca.signer import X509Signer, verify_csr
+from server.convert import bundle_to_proto, entry_to_proto, revocation_to_proto
+from server.datastore.records import AttestedAgent, Entry
+from server.entitlement import entitled_entries
+from server.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitedError,
+    UnavailableError,
+)
+from server.events import ChangeNotifier
+from server.ids import ServerIds
+from server.metrics import Metrics
+from server.peer import PeerCache, peer_host
+from server.ratelimit import KeyedLimiter
+from server.state import ServerState
+from svid._clock import Clock
+from svid._errors import SvidError
+from svid._proto import common_pb2, node_pb2, node_pb2_grpc
+from svid._spiffe_id import SpiffeId
+
+_log = logging.getLogger("svid.server.node")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+MAX_BATCH = 1000
+MAX_AUDIENCES = 32
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    default_x509_svid_ttl: int = 300
+    default_jwt_svid_ttl: int = 300
+    agent_svid_ttl: int = 3600
+
+
+@dataclass(frozen=True)
+class Limiters:
+    x509: KeyedLimiter
+    jwt: KeyedLimiter
+    attest: KeyedLimiter
+
+
+Chain = tuple[x509.Certificate, ...]
+
+
+def _chain_der(chain: Chain) -> bytes:
+    return b"".join(c.public_bytes(Encoding.DER) for c in chain)
+
+
+def _serial_hex(chain: Chain) -> str:
+    return format(chain[0].serial_number, "x")
+
+
+def _expires(chain: Chain) -> int:
+    return int(chain[0].not_valid_after_utc.timestamp())
+
+
+class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        *,
+        state: ServerState,
+        ca: CaManager,
+        ids: ServerIds,
+        attestors: Mapping[str, NodeAttestor],
+        settings: NodeSettings,
+        limiters: Limiters,
+        clock: Clock,
+        metrics: Metrics,
+        executor: Executor,
+    ) -> None:
+        self._state = state
+        self._ca = ca
+        self._ids = ids
+        self._attestors = dict(attestors)
+        self._settings = settings
+        self._limits = limiters
+        self._clock = clock
+        self._metrics = metrics
+        self._executor = executor
+        self._peers = PeerCache(ids)
+        self._entitled_cache: dict[tuple[str, tuple[object, ...], int], tuple[Entry, ...]] = {}
+        self._entitled_index: object = None
+
+    def on_error(self, code: grpc.StatusCode) -> None:
+        self._metrics.record_error(code)
+
+    async def _run(self, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        """Run CPU-bound signing in the pool: Sync streams stay responsive meanwhile."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _bundle_proto(self) -> common_pb2.Bundle:
+        return bundle_to_proto(self._state.bundle, self._state.jwt_expiry)
+
+    def _sign_agent_svid(self, csr: x509.CertificateSigningRequest, agent_id: SpiffeId) -> Chain:
+        started = time.perf_counter()
+        chain = tuple(
+            self._ca.x509_signer().sign_svid(csr, agent_id, self._settings.agent_svid_ttl)
+        )
+        self._metrics.signing_seconds.labels(kind="agent").observe(time.perf_counter() - started)
+        self._metrics.svids_issued.labels(kind="agent").inc()
+        return chain
+
+    def _agent_svid(self, agent_id: SpiffeId, chain: Chain) -> node_pb2.AgentSVID:
+        return node_pb2.AgentSVID(
+            spiffe_id=str(agent_id),
+            cert_chain=_chain_der(chain),
+            expires_at=_expires(chain),
+            bundle=self._bundle_proto(),
+        )
+
+    # -- Attest -------------------------------------------------------------------------------
+
+    @status.unary
+    async def Attest(  # type: ignore[override]
+        self, request_iterator: object, context: grpc.aio.ServicerContext
+    ) -> None:
+        if not self._limits.attest.try_take(peer_host(context)):
+            raise RateLimitedError("attestation rate limit exceeded for this host; retry later")
+        first = await context.read()
+        if first is grpc.aio.EOF or first.WhichOneof("step") != "params":
+            raise InvalidRequestError("attest: the first message must carry params")
+        params = first.params
+        kind = params.data.type
+        attestor = self._attestors.get(kind)
+        if attestor is None:
+            enabled = ", ".join(sorted(self._attestors)) or "none"
+            raise InvalidRequestError(
+                f"attest: attestation type {kind!r} is not enabled (enabled: {enabled})"
+            )
+        csr = verify_csr(params.csr)
+
+        async def challenge(nonce: bytes) -> bytes:
+            await context.write(node_pb2.AttestResponse(challenge=nonce))
+            answer = await context.read()
+            if answer is grpc.aio.EOF or answer.WhichOneof("step") != "challenge_response":
+                raise InvalidRequestError("attest: expected a challenge_response")
+            return bytes(answer.challenge_response)
+
+        try:
+            result = await attestor.attest(bytes(params.data.payload), challenge)
+            previous = self._admit(result)
+        except Exception:
+            self._metrics.attestations.labels(type=kind, result="refused").inc()
+            raise
+        chain = await self._run(self._sign_agent_svid, csr, result.agent_id)
+        agent = AttestedAgent(
+            spiffe_id=str(result.agent_id),
+            attestation_type=result.attestation_type,
+            serial=_serial_hex(chain),
+            expires_at=_expires(chain),
+            banned=False,
+            attested_at=int(self._clock.now()),
+            selectors=result.selectors,
+        )
+        await self._state.save_agent(agent, previous)
+        self._metrics.attestations.labels(type=kind, result="ok").inc()
+        _log.info("agent attested", extra={"agent_id": agent.spiffe_id, "type": kind})
+        await context.write(
+            node_pb2.AttestResponse(result=self._agent_svid(result.agent_id, chain))
+        )
+
+    def _admit(self, result: AttestationResult) -> AttestedAgent | None:
+        existing = self._state.agents.get(str(result.agent_id))
+        if existing is None:
+            return None
+        if existing.banned:
+            raise PermissionDeniedError(f"agent {result.agent_id} is banned")
+        if not result.can_reattest:
+            raise PermissionDeniedError(
+                f"agent {result.agent_id} is already attested; evict it before attesting again"
+            )
+        return existing
+
+    # -- RenewAgent ---------------------------------------------------------------------------
+
+    @status.unary
+    async def RenewAgent(  # type: ignore[override]
+        self, request: node_pb2.RenewAgentRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.RenewAgentResponse:
+        peer = self._peers.agent_peer(context)
+        agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        if not self._limits.x509.try_take(peer.spiffe_id):
+            raise RateLimitedError(f"X.509 signing rate limit exceeded for {peer.spiffe_id}")
+        csr = verify_csr(request.csr)
+        agent_id = SpiffeId.parse(agent.spiffe_id)
+        chain = await self._run(self._sign_agent_svid, csr, agent_id)
+        renewed = AttestedAgent(
+            spiffe_id=agent.spiffe_id,
+            attestation_type=agent.attestation_type,
+            serial=_serial_hex(chain),
+            expires_at=_expires(chain),
+            banned=False,
+            attested_at=agent.attested_at,
+            selectors=agent.selectors,
+        )
+        await self._state.save_agent(renewed, agent)
+        _log.info("agent SVID renewed", extra={"agent_id": agent.spiffe_id})
+        return node_pb2.RenewAgentResponse(svid=self._agent_svid(agent_id, chain))
+
+    # -- Sync ---------------------------------------------------------------------------------
+
+    def _entitled(self, agent: AttestedAgent) -> tuple[Entry, ...]:
+        # Memoised per entry snapshot (replaced on every write) and per second (expiry).
+        index = self._state.entries
+        if index is not self._entitled_index:
+            self._entitled_cache = {}
+            self._entitled_index = index
+        now = int(self._clock.now())
+        key = (agent.spiffe_id, agent.selectors, now)
+        found = self._entitled_cache.get(key)
+        if found is None:
+            if len(self._entitled_cache) > 10_000:
+                self._entitled_cache = {}
+            found = entitled_entries(
+                index, agent.spiffe_id, agent.selectors, str(self._ids.server), now
+            )
+            self._entitled_cache[key] = found
+        return found
+
+    async def _next_change(
+        self, notifier: ChangeNotifier, seen: int, entitled: tuple[Entry, ...]
+    ) -> int:
+        """Wait for a committed change, or for the next entry of this agent to expire."""
+        expiries = [e.expires_at for e in entitled if e.expires_at]
+        if not expiries:
+            return await notifier.wait_beyond(seen)
+        delay = max(0.05, min(expiries) - self._clock.now())
+        try:
+            return await asyncio.wait_for(notifier.wait_beyond(seen), timeout=delay)
+        except TimeoutError:
+            return seen
+
+    def _sync_update(self, entitled: tuple[Entry, ...]) -> node_pb2.SyncUpdate:
+        return node_pb2.SyncUpdate(
+            entries=[entry_to_proto(e) for e in entitled],
+            bundle=self._bundle_proto(),
+            revocations=[revocation_to_proto(r) for r in self._state.revocations],
+        )
+
+    @status.stream
+    async def Sync(  # type: ignore[override]
+        self, request: node_pb2.SyncRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[node_pb2.SyncUpdate]:
+        peer = self._peers.agent_peer(context)
+        notifier = self._state.notifier
+        seen = notifier.version
+        last: node_pb2.SyncUpdate | None = None
+        self._metrics.sync_streams.inc()
+        try:
+            while True:
+                if self._state.shutting_down:
+                    raise UnavailableError("server is shutting down; reconnect")
+                # Eviction and bans end the stream with PERMISSION_DENIED right here.
+                agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+                entitled = self._entitled(agent)
+                update = self._sync_update(entitled)
+                if update != last:
+                    last = update
+                    sent = node_pb2.SyncUpdate()
+                    sent.CopyFrom(update)
+                    sent.revision = self._state.revision
+                    yield sent
+                seen = await self._next_change(notifier, seen, entitled)
+        finally:
+            self._metrics.sync_streams.dec()
+
+    # -- BatchNewX509SVID ---------------------------------------------------------------------
+
+    def _entitled_entry(self, agent_id: str, entitled: Mapping[str, Entry], entry_id: str) -> Entry:
+        entry = entitled.get(entry_id)
+        if entry is not None:
+            return entry
+        if entry_id in self._state.entries.by_id:
+            raise PermissionDeniedError(f"entry {entry_id} is not entitled to agent {agent_id}")
+        raise NotFoundError(f"entry {entry_id[:80]!r} not found")
+
+    def _sign_x509(self, signer: X509Signer, entry: Entry, csr: bytes) -> node_pb2.X509SVIDResult:
+        started = time.perf_counter()
+        request = verify_csr(csr)
+        chain = tuple(
+            signer.sign_svid(
+                request,
+                SpiffeId.parse(entry.spiffe_id),
+                entry.x509_svid_ttl or self._settings.default_x509_svid_ttl,
+                entry.dns_names,
+            )
+        )
+        self._metrics.signing_seconds.labels(kind="x509").observe(time.perf_counter() - started)
+        return node_pb2.X509SVIDResult(
+            entry_id=entry.id,
+            spiffe_id=entry.spiffe_id,
+            cert_chain=_chain_der(chain),
+            expires_at=_expires(chain),
+        )
+
+    def _sign_x509_batch(
+        self, params: list[node_pb2.X509SVIDParams], entitled: Mapping[str, Entry], agent_id: str
+    ) -> list[node_pb2.X509SVIDResult]:
+        signer = self._ca.x509_signer()
+        results = []
+        for item in params:
+            try:
+                entry = self._entitled_entry(agent_id, entitled, item.entry_id)
+                results.append(self._sign_x509(signer, entry, item.csr))
+            except SvidError as exc:
+                results.append(
+                    node_pb2.X509SVIDResult(entry_id=item.entry_id, error=_item_status(exc))
+                )
+        self._metrics.svids_issued.labels(kind="x509").inc(sum(1 for r in results if r.cert_chain))
+        return results
+
+    @status.unary
+    async def BatchNewX509SVID(  # type: ignore[override]
+        self, request: node_pb2.BatchNewX509SVIDRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.BatchNewX509SVIDResponse:
+        peer = self._peers.agent_peer(context)
+        agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        params = list(request.params)
+        _check_batch_size("params", len(params))
+        if not self._limits.x509.try_take(agent.spiffe_id, len(params)):
+            raise RateLimitedError(f"X.509 signing rate limit exceeded for {agent.spiffe_id}")
+        entitled = {e.id: e for e in self._entitled(agent)}
+        results = await self._run(self._sign_x509_batch, params, entitled, agent.spiffe_id)
+        return node_pb2.BatchNewX509SVIDResponse(results=results)
+
+    # -- NewJWTSVID ---------------------------------------------------------------------------
+
+    def _jwt_entry(
+        self, agent_id: str, entitled: tuple[Entry, ...], request: node_pb2.NewJWTSVIDRequest
+    ) -> tuple[Entry, list[str]]:
+        audience = list(request.audience)
+        if not audience or any(not a for a in audience):
+            raise InvalidRequestError("audience: at least one non-empty audience is required")
+        if len(audience) > MAX_AUDIENCES:
+            raise InvalidRequestError(f"audience: at most {MAX_AUDIENCES} values")
+        if request.entry_id:
+            return self._entitled_entry(
+                agent_id, {e.id: e for e in entitled}, request.entry_id
+            ), audience
+        if not request.spiffe_id:
+            raise InvalidRequestError("spiffe_id: required (or entry_id)")
+        wanted = str(SpiffeId.parse(request.spiffe_id))
+        for entry in entitled:
+            if entry.spiffe_id == wanted:
+                return entry, audience
+        raise PermissionDeniedError(f"{wanted} is not an identity agent {agent_id} may serve")
+
+    def _sign_jwt(self, entry: Entry, audience: list[str]) -> node_pb2.NewJWTSVIDResponse:
+        started = time.perf_counter()
+        issued = self._ca.jwt_signer().sign(
+            SpiffeId.parse(entry.spiffe_id),
+            audience,
+            entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl,
+        )
+        self._metrics.signing_seconds.labels(kind="jwt").observe(time.perf_counter() - started)
+        self._metrics.svids_issued.labels(kind="jwt").inc()
+        return node_pb2.NewJWTSVIDResponse(
+            token=issued.token, issued_at=int(issued.issued_at), expires_at=int(issued.expires_at)
+        )
+
+    @status.unary
+    async def NewJWTSVID(  # type: ignore[override]
+        self, request: node_pb2.NewJWTSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.NewJWTSVIDResponse:
+        peer = self._peers.agent_peer(context)
+        agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        entry, audience = self._jwt_entry(agent.spiffe_id, self._entitled(agent), request)
+        if not self._limits.jwt.try_take(agent.spiffe_id):
+            raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
+        # One ES256 signature is cheaper than a hop to the thread pool: sign on the loop.
+        return self._sign_jwt(entry, audience)
+
+    def _sign_jwt_batch(
+        self, requests: list[node_pb2.NewJWTSVIDRequest], entitled: tuple[Entry, ...], agent_id: str
+    ) -> list[node_pb2.JWTSVIDResult]:
+        results = []
+        for item in requests:
+            try:
+                entry, audience = self._jwt_entry(agent_id, entitled, item)
+                results.append(node_pb2.JWTSVIDResult(svid=self._sign_jwt(entry, audience)))
+            except SvidError as exc:  # the server's own errors are SvidErrors too
+                results.append(node_pb2.JWTSVIDResult(error=_item_status(exc)))
+        return results
+
+    @status.unary
+    async def BatchNewJWTSVID(  # type: ignore[override]
+        self, request: node_pb2.BatchNewJWTSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.BatchNewJWTSVIDResponse:
+        peer = self._peers.agent_peer(context)
+        agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        requests = list(request.requests)
+        _check_batch_size("requests", len(requests))
+        if not self._limits.jwt.try_take(agent.spiffe_id, len(requests)):
+            raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
+        results = await self._run(
+            self._sign_jwt_batch, requests, self._entitled(agent), agent.spiffe_id
+        )
+        return node_pb2.BatchNewJWTSVIDResponse(results=results)
+
+
+def _check_batch_size(field: str, size: int) -> None:
+    if not size:
+        raise InvalidRequestError(f"{field}: at least one item is required")
+    if size > MAX_BATCH:
+        raise InvalidRequestError(f"{field}: {size} items, at most {MAX_BATCH} per batch")
+
+
+def _item_status(exc: BaseException) -> common_pb2.Status:
+    """A refused batch item: same code and message a unary call would have got."""
+    code, message = status.status_for(exc)
+    return common_pb2.Status(code=code.value[0], message=message)

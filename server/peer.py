@@ -1,0 +1,69 @@
+"""Who is calling on the mTLS port: the agent SPIFFE ID and certificate serial from the TLS peer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from cryptography import x509
+from svid._x509 import spiffe_id_from_cert
+
+from server.errors import PermissionDeniedError, UnauthenticatedError
+from server.ids import ServerIds
+from svid._errors import SvidError
+
+
+@dataclass(frozen=True)
+class AgentPeer:
+    spiffe_id: str
+    serial: str  # lowercase hex
+
+
+def _parse_peer(pem: bytes, ids: ServerIds) -> AgentPeer:
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        spiffe_id = spiffe_id_from_cert(cert)
+    except (ValueError, SvidError) as exc:
+        raise UnauthenticatedError(f"client certificate is not an X.509-SVID: {exc}") from None
+    if not ids.is_agent(spiffe_id):
+        raise PermissionDeniedError(
+            f"{spiffe_id} is not an agent ID of trust domain {ids.trust_domain}"
+        )
+    return AgentPeer(str(spiffe_id), format(cert.serial_number, "x"))
+
+
+class PeerCache:
+    """Remembers parsed client certificates: every call on a connection presents the same one,
+    and parsing it again would cost more than the JWT signature the call asks for."""
+
+    def __init__(self, ids: ServerIds, max_size: int = 4096) -> None:
+        self._ids = ids
+        self._max = max_size
+        self._known: dict[bytes, AgentPeer] = {}
+
+    def agent_peer(self, context: grpc.aio.ServicerContext) -> AgentPeer:
+        auth = context.auth_context() or {}
+        pems = auth.get("x509_pem_cert")
+        if not pems:
+            raise UnauthenticatedError(
+                "this call needs an agent SVID: use the node API's mTLS address with the "
+                "agent's certificate (the attestation address only serves Attest)"
+            )
+        pem = pems[0]
+        peer = self._known.get(pem)
+        if peer is None:
+            peer = _parse_peer(pem, self._ids)
+            if len(self._known) >= self._max:
+                self._known.clear()
+            self._known[pem] = peer
+        return peer
+
+
+def peer_host(context: grpc.aio.ServicerContext) -> str:
+    """The caller's address without the port ('ipv4:1.2.3.4:5' -> '1.2.3.4'), for limits."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, _, _ = rest.rpartition(":")
+        return host or rest
+    return peer

@@ -1,0 +1,42 @@
+"""Policy as code for task identities: Cedar decisions plus the intent rules always enforced."""
+
+from server.policy.decision import Decision, DecisionRequest, Outcome, PairResult
+from server.policy.engine import (
+    DEFAULT_HIGH_RISK_TTL_CAP,
+    PolicyEngine,
+    PolicySetInfo,
+    validate_policy_dir,
+)
+from server.policy.errors import PolicyError, Problem, RequestError
+from server.policy.intent import (
+    CLASSIFICATIONS,
+    DEFAULT_MAX_DELEGATION_DEPTH,
+    Flag,
+    Intent,
+    Verdict,
+    check_depth,
+    check_in_intent,
+    narrow,
+)
+
+__all__ = [
+    "CLASSIFICATIONS",
+    "DEFAULT_HIGH_RISK_TTL_CAP",
+    "DEFAULT_MAX_DELEGATION_DEPTH",
+    "Decision",
+    "DecisionRequest",
+    "Flag",
+    "Intent",
+    "Outcome",
+    "PairResult",
+    "PolicyEngine",
+    "PolicyError",
+    "PolicySetInfo",
+    "Problem",
+    "RequestError",
+    "Verdict",
+    "check_depth",
+    "check_in_intent",
+    "narrow",
+    "validate_policy_dir",
+]

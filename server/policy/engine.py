@@ -1,0 +1,283 @@
+"""The policy engine: a warm, parsed Cedar policy set, swapped atomically on reload."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cedarpy
+
+from server.policy import cedar_request, loader
+from server.policy.decision import Decision, DecisionRequest, Outcome, PairResult
+from server.policy.errors import PolicyError, Problem
+from server.policy.intent import Intent
+from server.policy.loader import LoadedSet
+from svid._clock import Clock
+
+DEFAULT_HIGH_RISK_TTL_CAP = 60
+_ENTITY_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class PolicySetInfo:
+    """What is serving: for `policy reload` output and the policy_reload audit event."""
+
+    hash: str
+    source: str
+    files: tuple[str, ...]
+    policy_ids: tuple[str, ...]
+    actions: tuple[str, ...]
+    high_risk_actions: tuple[str, ...]
+    loaded_at: float
+
+
+class PolicyEngine:
+    """Decides task requests with Cedar.
+
+    Policies come from `*.cedar` files in `policy_dir` (the shipped default.cedar when there are
+    none) and an optional `*.cedarschema.json` (else the shipped schema). Construction loads and
+    raises PolicyError when the set is invalid. `trust_domain` is the server's own; policies see
+    it as `context.trust_domain`.
+    """
+
+    def __init__(
+        self,
+        policy_dir: Path | None,
+        clock: Clock,
+        *,
+        trust_domain: str,
+        high_risk_ttl_cap: int = DEFAULT_HIGH_RISK_TTL_CAP,
+    ) -> None:
+        self._dir = policy_dir
+        self._clock = clock
+        self._trust_domain = trust_domain
+        self._high_risk_ttl_cap = high_risk_ttl_cap
+        self._reload_lock = threading.Lock()
+        self._entities: dict[tuple[str, str, int, Intent], cedarpy.Entities] = {}
+        self._state = self._load(policy_dir)
+
+    @property
+    def _loaded(self) -> LoadedSet:
+        return self._state[0]
+
+    @property
+    def policy_set_hash(self) -> str:
+        return self._state[0].hash
+
+    @property
+    def info(self) -> PolicySetInfo:
+        return self._state[1]
+
+    @property
+    def actions(self) -> frozenset[str]:
+        return self._state[0].schema.actions
+
+    @property
+    def high_risk_actions(self) -> frozenset[str]:
+        return self._state[0].schema.high_risk
+
+    def reload(self) -> PolicySetInfo:
+        """Load the directory again and swap it in; on any error the old set keeps serving."""
+        with self._reload_lock:
+            state = self._load(self._dir)
+            # One attribute holds both, so a concurrent decide() sees the old or the new set whole.
+            self._state = state
+            return state[1]
+
+    def validate(self, path: Path | None = None) -> list[Problem]:
+        """Problems of the policy directory at `path` (default: the engine's), without swapping."""
+        try:
+            self._load(self._dir if path is None else path)
+        except PolicyError as e:
+            return list(e.problems)
+        return []
+
+    def _load(self, policy_dir: Path | None) -> tuple[LoadedSet, PolicySetInfo]:
+        loaded = loader.load(policy_dir)
+        self._probe(loaded)
+        info = PolicySetInfo(
+            hash=loaded.hash,
+            source=loaded.source,
+            files=loaded.files,
+            policy_ids=tuple(sorted(loaded.meta)),
+            actions=tuple(sorted(loaded.schema.actions)),
+            high_risk_actions=tuple(sorted(loaded.schema.high_risk)),
+            loaded_at=self._clock.now(),
+        )
+        return loaded, info
+
+    def _probe(self, loaded: LoadedSet) -> None:
+        """Check that the requests svidd builds fit the schema, so decide() can skip re-checking."""
+        action = min(loaded.schema.actions)
+        req = DecisionRequest(
+            agent_id=f"spiffe://{self._trust_domain}/probe",
+            node_id=f"spiffe://{self._trust_domain}/probe-node",
+            intent=Intent(actions=frozenset({action}), resources=frozenset({"probe"})),
+            requested_ttl=60,
+        )
+        try:
+            entities = cedarpy.Entities.from_json_str(
+                cedar_request.entities_json(req.agent_id, req.node_id, 0, req.intent),
+                loaded.schema.handle,
+            )
+            ctx = cedar_request.context_json(req, self._trust_domain, self._clock.now())
+            (result,) = cedarpy.is_authorized_batch(
+                cedar_request.cedar_requests(req, [(action, "probe")], ctx),
+                loaded.policy_set,
+                entities,
+                schema=loaded.schema.handle,
+            )
+        except ValueError as e:
+            raise PolicyError(
+                [Problem(loaded.schema.name, f"schema rejects svidd's entity: {e}")]
+            ) from e
+        bad = [e for e in result.diagnostics.errors if "failed to build request" in e]
+        if bad:
+            raise PolicyError(
+                [Problem(loaded.schema.name, f"schema rejects svidd's request: {bad[0]}")]
+            )
+
+    def _agent_entities(self, request: DecisionRequest) -> cedarpy.Entities:
+        # One parsed handle per (agent, intent): a task's mints all reuse the same one.
+        key = (request.agent_id, request.node_id, request.risk, request.intent)
+        handle = self._entities.get(key)
+        if handle is None:
+            if len(self._entities) >= _ENTITY_CACHE_SIZE:
+                self._entities.clear()
+            handle = cedarpy.Entities.from_json_str(
+                cedar_request.entities_json(
+                    request.agent_id, request.node_id, request.risk, request.intent
+                )
+            )
+            self._entities[key] = handle
+        return handle
+
+    def decide(self, request: DecisionRequest) -> Decision:
+        """Evaluate each (action, resource) pair of the request; a policy outcome never raises."""
+        # perf_counter measures our own latency; it is never a decision input, so no Clock here.
+        started = time.perf_counter_ns()
+        loaded = self._loaded
+        schema = loaded.schema
+        if request.pairs is not None:
+            pairs = sorted(set(request.pairs))
+        else:
+            pairs = sorted((a, r) for a in request.intent.actions for r in request.intent.resources)
+        known = [p for p in pairs if p[0] in schema.actions]
+        results: list[PairResult] = [
+            PairResult(a, r, False, (), f"{a} is not an action of the policy schema")
+            for a, r in pairs
+            if a not in schema.actions
+        ]
+        if known:
+            ctx = cedar_request.context_json(request, self._trust_domain, self._clock.now())
+            answers = cedarpy.is_authorized_batch(
+                cedar_request.cedar_requests(request, known, ctx),
+                loaded.policy_set,
+                self._agent_entities(request),
+            )
+            results.extend(
+                self._pair(loaded, a, r, ans) for (a, r), ans in zip(known, answers, strict=True)
+            )
+        return self._combine(loaded, request, results, started)
+
+    def _pair(
+        self, loaded: LoadedSet, action: str, resource: str, answer: cedarpy.AuthzResult
+    ) -> PairResult:
+        ids = tuple(sorted(answer.diagnostics.reasons))
+        if answer.allowed:
+            if action not in loaded.schema.high_risk:
+                return PairResult(action, resource, True, ids, "permitted")
+            explicit = tuple(i for i in ids if action in loaded.meta[i].named_actions)
+            if explicit:
+                return PairResult(action, resource, True, explicit, "permitted explicitly")
+            return PairResult(
+                action,
+                resource,
+                False,
+                (),
+                f"{action} is high-risk and no permit names it explicitly "
+                f"(broad permit {', '.join(ids)} does not count)",
+            )
+        if ids:
+            why = [r for i in ids if (r := loaded.meta[i].reason)]
+            text = f"forbidden by {', '.join(ids)}" + (f" ({'; '.join(why)})" if why else "")
+            return PairResult(action, resource, False, ids, text)
+        text = f"no policy permits {action} on {resource} (default deny)"
+        if answer.diagnostics.errors:
+            text += f"; evaluation errors: {answer.diagnostics.errors[0]}"
+        return PairResult(action, resource, False, (), text)
+
+    def _combine(
+        self,
+        loaded: LoadedSet,
+        request: DecisionRequest,
+        results: list[PairResult],
+        started: int,
+    ) -> Decision:
+        results.sort(key=lambda p: (p.action, p.resource))
+        granted = [p for p in results if p.allowed]
+        denied = [p for p in results if not p.allowed]
+        policy_ids = tuple(sorted({i for p in results for i in p.policy_ids}))
+        ttl = request.requested_ttl
+        capped_by: list[str] = []
+        for p in granted:
+            for pid in p.policy_ids:
+                cap = loaded.meta[pid].ttl_cap
+                if cap is not None and cap < ttl:
+                    ttl, capped_by = cap, [pid]
+        if any(p.action in loaded.schema.high_risk for p in granted) and (
+            self._high_risk_ttl_cap < ttl
+        ):
+            ttl, capped_by = self._high_risk_ttl_cap, ["high-risk default cap"]
+        if not granted:
+            outcome, ttl = Outcome.DENY, 0
+            reason = "denied: " + _summarize(denied)
+        elif denied or ttl < request.requested_ttl:
+            outcome = Outcome.ALLOW_CONSTRAINED
+            parts = [f"granted {_scope(granted)}"]
+            if denied:
+                parts.append("refused " + _summarize(denied))
+            if ttl < request.requested_ttl:
+                parts.append(f"TTL capped to {ttl}s by {capped_by[0]}")
+            reason = "allowed constrained: " + "; ".join(parts)
+        else:
+            outcome = Outcome.ALLOW
+            reason = f"allowed by {', '.join(policy_ids)}"
+        return Decision(
+            outcome=outcome,
+            reason=reason,
+            policy_ids=policy_ids,
+            policy_set_hash=loaded.hash,
+            granted_actions=tuple(sorted({p.action for p in granted})),
+            granted_resources=tuple(sorted({p.resource for p in granted})),
+            ttl=ttl,
+            requested_ttl=request.requested_ttl,
+            latency_us=(time.perf_counter_ns() - started) / 1000,
+            pairs=tuple(results),
+        )
+
+
+def _scope(pairs: list[PairResult]) -> str:
+    return ", ".join(f"{p.action} on {p.resource}" for p in pairs)
+
+
+def _summarize(denied: list[PairResult], limit: int = 3) -> str:
+    """One clause per distinct reason, naming the pairs it refused; long lists are cut."""
+    by_reason: dict[str, list[PairResult]] = {}
+    for p in denied:
+        by_reason.setdefault(p.reason, []).append(p)
+    clauses = [f"{_scope(ps)}: {why}" for why, ps in list(by_reason.items())[:limit]]
+    if len(by_reason) > limit:
+        clauses.append(f"and {len(by_reason) - limit} more")
+    return "; ".join(clauses)
+
+
+def validate_policy_dir(policy_dir: Path, *, trust_domain: str, clock: Clock) -> list[Problem]:
+    """Problems of a policy directory, with no engine running (`svid-server policy validate`)."""
+    try:
+        PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
+    except PolicyError as e:
+        return list(e.problems)
+    return []

@@ -1,0 +1,168 @@
+"""Declared intent and the pure checks made against it, outside Cedar.
+
+These rules hold whatever the operator's policies say, so they live in plain Python: a sub-task may
+only narrow its parent (privilege chaining), delegation depth is capped, and a per-request mint must
+stay inside the task's declared intent (lateral movement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from server.policy.errors import RequestError
+
+# Ordered from least to most sensitive: a sub-task may touch the same or a less sensitive class.
+CLASSIFICATIONS: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
+DEFAULT_MAX_DELEGATION_DEPTH = 3
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What a task declares it will do. Empty strings mean "none" (Cedar attrs stay required)."""
+
+    actions: frozenset[str]
+    resources: frozenset[str]
+    classification: str = "internal"
+    environment: str = ""
+    on_behalf_of: str = ""
+    delegation_depth: int = 0
+    parent_task: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "actions", frozenset(self.actions))
+        object.__setattr__(self, "resources", frozenset(self.resources))
+        if not self.actions:
+            raise RequestError("intent.actions: a task must declare at least one action")
+        if not self.resources:
+            raise RequestError("intent.resources: a task must declare at least one resource")
+        for name in (*self.actions, *self.resources):
+            if not name or not isinstance(name, str):
+                raise RequestError(f"intent: empty or non-string action/resource {name!r}")
+        if self.classification not in CLASSIFICATIONS:
+            raise RequestError(
+                f"intent.classification: {self.classification!r} is not one of "
+                f"{', '.join(CLASSIFICATIONS)}"
+            )
+        if self.delegation_depth < 0:
+            raise RequestError(f"intent.delegation_depth: {self.delegation_depth} is negative")
+
+
+class Flag(StrEnum):
+    """Why a request was refused before policy: the audit log and risk signal use this."""
+
+    LATERAL_MOVEMENT = "lateral_movement"
+    PRIVILEGE_CHAINING = "privilege_chaining"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of a pure intent check. `max_ttl` is set when a sub-task's TTL had to be clamped."""
+
+    ok: bool
+    reason: str
+    flag: Flag | None = None
+    max_ttl: int | None = None
+
+
+_OK = Verdict(ok=True, reason="within intent")
+
+
+def _deny(flag: Flag, reason: str) -> Verdict:
+    return Verdict(ok=False, reason=f"{flag.value.replace('_', ' ')}: {reason}", flag=flag)
+
+
+def check_depth(depth: int, cap: int = DEFAULT_MAX_DELEGATION_DEPTH) -> Verdict:
+    """A delegation chain deeper than `cap` is refused, however narrow each hop is."""
+    if depth > cap:
+        return _deny(Flag.PRIVILEGE_CHAINING, f"delegation depth {depth} exceeds the cap of {cap}")
+    return _OK
+
+
+def narrow(
+    parent: Intent,
+    child: Intent,
+    *,
+    parent_remaining_ttl: int | None = None,
+    requested_ttl: int | None = None,
+    max_depth: int = DEFAULT_MAX_DELEGATION_DEPTH,
+) -> Verdict:
+    """Check that `child` (a sub-task's intent) only narrows `parent`; any widening is refused.
+
+    The child's depth must be the parent's plus one. A TTL beyond the parent's remaining lifetime is
+    not a widening of authority but of time, so it is clamped (`max_ttl`) rather than refused.
+    """
+    extra_actions = sorted(child.actions - parent.actions)
+    if extra_actions:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"sub-task adds actions {', '.join(extra_actions)} not in its parent's scope",
+        )
+    extra_resources = sorted(child.resources - parent.resources)
+    if extra_resources:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"sub-task adds resources {', '.join(extra_resources)} not in its parent's scope",
+        )
+    if CLASSIFICATIONS.index(child.classification) > CLASSIFICATIONS.index(parent.classification):
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"sub-task classification {child.classification!r} is more sensitive than its "
+            f"parent's {parent.classification!r}",
+        )
+    if child.environment != parent.environment:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"sub-task environment {child.environment!r} differs from its parent's "
+            f"{parent.environment!r}",
+        )
+    if child.on_behalf_of != parent.on_behalf_of:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"sub-task acts on behalf of {child.on_behalf_of!r}, its parent for "
+            f"{parent.on_behalf_of!r}",
+        )
+    if child.delegation_depth != parent.delegation_depth + 1:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"sub-task delegation depth {child.delegation_depth} is not its parent's "
+            f"{parent.delegation_depth} plus one",
+        )
+    depth = check_depth(child.delegation_depth, max_depth)
+    if not depth.ok:
+        return depth
+    if parent_remaining_ttl is not None:
+        if parent_remaining_ttl <= 0:
+            return _deny(Flag.PRIVILEGE_CHAINING, "parent task has expired")
+        if requested_ttl is None or requested_ttl > parent_remaining_ttl:
+            return Verdict(
+                ok=True,
+                reason=f"within parent scope; TTL clamped to the parent's remaining "
+                f"{parent_remaining_ttl}s",
+                max_ttl=parent_remaining_ttl,
+            )
+    return Verdict(ok=True, reason="within parent scope")
+
+
+def check_in_intent(
+    granted_actions: frozenset[str] | set[str],
+    granted_resources: frozenset[str] | set[str],
+    action: str,
+    audience: str | tuple[str, ...] | list[str],
+) -> Verdict:
+    """A per-request mint must name an audience and an action the task was granted.
+
+    Pass the task's *granted* scope (after policy narrowing), not what it declared.
+    """
+    audiences = (audience,) if isinstance(audience, str) else tuple(audience)
+    if not audiences:
+        return _deny(Flag.LATERAL_MOVEMENT, "no audience requested")
+    outside = [a for a in audiences if a not in granted_resources]
+    if outside:
+        return _deny(
+            Flag.LATERAL_MOVEMENT,
+            f"audience {', '.join(sorted(outside))} is not among the task's resources",
+        )
+    if action not in granted_actions:
+        return _deny(Flag.LATERAL_MOVEMENT, f"action {action!r} is not in the task's scope")
+    return _OK

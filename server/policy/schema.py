@@ -1,0 +1,60 @@
+"""Cedar schema, loaded per policy set; the action list and high-risk group come from it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import cedarpy
+
+from server.policy.errors import Problem
+
+SCHEMA_SUFFIX = ".cedarschema.json"
+BUILTIN_SCHEMA_NAME = "svid" + SCHEMA_SUFFIX
+# Actions that are members of this action group are high-risk: denied unless a permit names them.
+HIGH_RISK_GROUP = "high_risk"
+PRINCIPAL_TYPE = "Agent"
+RESOURCE_TYPE = "Resource"
+INTENT_TYPE = "Intent"
+
+
+@dataclass(frozen=True)
+class SchemaInfo:
+    name: str
+    text: str
+    handle: cedarpy.Schema
+    actions: frozenset[str]
+    high_risk: frozenset[str]
+
+
+def builtin_schema_text() -> str:
+    return resources.files("server.policy").joinpath(BUILTIN_SCHEMA_NAME).read_text("utf-8")
+
+
+def load_schema(name: str, text: str) -> SchemaInfo | Problem:
+    """Parse a Cedar JSON schema (empty namespace) and derive the action list from it."""
+    try:
+        doc: Any = json.loads(text)
+    except ValueError as e:
+        return Problem(name, f"not JSON: {e}")
+    if not isinstance(doc, dict) or set(doc) != {""}:
+        return Problem(name, 'the schema must declare exactly the empty namespace ""')
+    try:
+        handle = cedarpy.Schema.from_json_str(text)
+    except ValueError as e:
+        return Problem(name, f"invalid Cedar schema: {e}")
+    actions: set[str] = set()
+    high_risk: set[str] = set()
+    for action, decl in (doc[""].get("actions") or {}).items():
+        applies = (decl or {}).get("appliesTo") or {}
+        if PRINCIPAL_TYPE not in applies.get("principalTypes", ()):
+            continue  # an action group such as high_risk: not requestable on its own
+        actions.add(action)
+        groups = {m.get("id") for m in (decl.get("memberOf") or ())}
+        if HIGH_RISK_GROUP in groups:
+            high_risk.add(action)
+    if not actions:
+        return Problem(name, f"no action applies to principal type {PRINCIPAL_TYPE}")
+    return SchemaInfo(name, text, handle, frozenset(actions), frozenset(high_risk))

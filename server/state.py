@@ -1,0 +1,177 @@
+"""The server's in-memory view of what agents care about, kept in step with the datastore.
+
+Every write goes through here: datastore first (in a worker thread: SQLite fsyncs), then the
+in-memory snapshot, then the change notifier. Readers (entitlement checks, Sync streams) only
+touch the immutable snapshots, never the datastore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import replace
+from types import MappingProxyType
+
+from server.datastore.base import DataStore
+from server.datastore.records import AttestedAgent, Entry, Revocation
+from server.entitlement import EntryIndex
+from server.errors import NotFoundError, PermissionDeniedError
+from server.events import ChangeNotifier
+from svid._bundle import SpiffeBundle
+from svid._clock import Clock
+
+_log = logging.getLogger("svid.server.state")
+
+
+class ServerState:
+    def __init__(self, datastore: DataStore, clock: Clock, notifier: ChangeNotifier) -> None:
+        self._datastore = datastore
+        self._clock = clock
+        self.notifier = notifier
+        self._lock = threading.Lock()
+        self._entries = EntryIndex()
+        self._agents: Mapping[str, AttestedAgent] = MappingProxyType({})
+        # An agent keeps using its previous certificate on open connections for a while after
+        # renewing; that serial stays acceptable until the certificate expires.
+        self._previous_serials: dict[str, tuple[str, int]] = {}
+        self._revocations: tuple[Revocation, ...] = ()
+        self._bundle: SpiffeBundle | None = None
+        self._jwt_expiry: Mapping[str, int] = MappingProxyType({})
+        self._revision = 0
+        # Set on shutdown so Sync streams end promptly instead of waiting out the grace period.
+        self.shutting_down = False
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read everything from the datastore (start-up; synchronous)."""
+        self._entries = EntryIndex.build(self._datastore.list_entries())
+        self._agents = MappingProxyType({a.spiffe_id: a for a in self._datastore.list_agents()})
+        self._revocations = tuple(self._datastore.list_revocations())
+        self._revision = self._datastore.revision()
+
+    def set_bundle(self, bundle: SpiffeBundle, jwt_expiry: Mapping[str, int]) -> None:
+        with self._lock:
+            changed = self._bundle != bundle
+            self._bundle = bundle
+            self._jwt_expiry = MappingProxyType(dict(jwt_expiry))
+        if changed:
+            self.notifier.notify()
+
+    # -- reads --------------------------------------------------------------------------------
+
+    @property
+    def entries(self) -> EntryIndex:
+        return self._entries
+
+    @property
+    def agents(self) -> Mapping[str, AttestedAgent]:
+        return self._agents
+
+    @property
+    def revocations(self) -> tuple[Revocation, ...]:
+        return self._revocations
+
+    @property
+    def bundle(self) -> SpiffeBundle:
+        if self._bundle is None:
+            raise RuntimeError("bundle not loaded")
+        return self._bundle
+
+    @property
+    def jwt_expiry(self) -> Mapping[str, int]:
+        return self._jwt_expiry
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def authorize_agent(self, spiffe_id: str, serial: str) -> AttestedAgent:
+        """The attested, unbanned agent presenting a current certificate, or PermissionDenied."""
+        agent = self._agents.get(spiffe_id)
+        if agent is None:
+            raise PermissionDeniedError(
+                f"agent {spiffe_id} is not attested (evicted or unknown): attest again"
+            )
+        if agent.banned:
+            raise PermissionDeniedError(f"agent {spiffe_id} is banned")
+        if serial == agent.serial and 0 < agent.expires_at <= self._clock.now():
+            raise PermissionDeniedError(f"agent {spiffe_id} has an expired SVID: attest again")
+        if serial != agent.serial:
+            previous = self._previous_serials.get(spiffe_id)
+            if previous is None or previous[0] != serial or previous[1] <= self._clock.now():
+                raise PermissionDeniedError(
+                    f"agent {spiffe_id} presented a superseded certificate (serial {serial}): "
+                    "reconnect with the latest agent SVID"
+                )
+        return agent
+
+    # -- writes -------------------------------------------------------------------------------
+
+    async def _after_write(self) -> None:
+        self._revision = await asyncio.to_thread(self._datastore.revision)
+        self.notifier.notify()
+
+    async def create_entry(self, entry: Entry) -> Entry:
+        created = await asyncio.to_thread(self._datastore.create_entry, entry)
+        self._entries = self._entries.with_entry(created)
+        await self._after_write()
+        return created
+
+    async def update_entry(self, entry: Entry) -> Entry:
+        updated = await asyncio.to_thread(self._datastore.update_entry, entry)
+        self._entries = self._entries.with_entry(updated)
+        await self._after_write()
+        return updated
+
+    async def delete_entry(self, entry_id: str) -> None:
+        await asyncio.to_thread(self._datastore.delete_entry, entry_id)
+        self._entries = self._entries.without(entry_id)
+        await self._after_write()
+
+    async def save_agent(self, agent: AttestedAgent, previous: AttestedAgent | None) -> None:
+        await asyncio.to_thread(self._datastore.upsert_agent, agent)
+        if previous is not None and previous.serial != agent.serial:
+            self._previous_serials[agent.spiffe_id] = (previous.serial, previous.expires_at)
+        self._put_agent(agent)
+        await self._after_write()
+
+    async def evict_agent(self, spiffe_id: str) -> None:
+        if spiffe_id not in self._agents:
+            raise NotFoundError(f"agent {spiffe_id} not found")
+        await asyncio.to_thread(self._datastore.delete_agent, spiffe_id)
+        agents = dict(self._agents)
+        agents.pop(spiffe_id, None)
+        self._agents = MappingProxyType(agents)
+        self._previous_serials.pop(spiffe_id, None)
+        await self._after_write()
+
+    async def ban_agent(self, spiffe_id: str) -> None:
+        agent = self._agents.get(spiffe_id)
+        if agent is None:
+            raise NotFoundError(f"agent {spiffe_id} not found")
+        await asyncio.to_thread(self._datastore.set_agent_banned, spiffe_id, True)
+        self._put_agent(replace(agent, banned=True))
+        await self._after_write()
+
+    async def add_revocations(self, items: tuple[Revocation, ...]) -> None:
+        await asyncio.to_thread(self._datastore.add_revocations, items)
+        self._revocations = tuple(await asyncio.to_thread(self._datastore.list_revocations))
+        await self._after_write()
+
+    async def prune(self) -> None:
+        """Drop expired join tokens and revocations (housekeeping)."""
+        now = int(self._clock.now())
+        await asyncio.to_thread(self._datastore.prune_join_tokens, now)
+        removed = await asyncio.to_thread(self._datastore.prune_revocations, now)
+        self._previous_serials = {k: v for k, v in self._previous_serials.items() if v[1] > now}
+        if removed:
+            self._revocations = tuple(await asyncio.to_thread(self._datastore.list_revocations))
+            await self._after_write()
+
+    def _put_agent(self, agent: AttestedAgent) -> None:
+        agents = dict(self._agents)
+        agents[agent.spiffe_id] = agent
+        self._agents = MappingProxyType(agents)

@@ -1,0 +1,107 @@
+"""The server's own TLS identity on the node API, rotated without restarting the gRPC server.
+
+grpc's dynamic SSL credentials call a fetcher on every new handshake; it returns a new
+certificate configuration only when ours changed (server SVID renewed at half life, or the
+bundle that client certificates are checked against changed).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.ca.manager import CaManager
+from server.ids import SERVER_DNS_NAME, ServerIds
+from svid._clock import Clock
+
+_PEM = serialization.Encoding.PEM
+
+
+def certs_pem(certs: tuple[x509.Certificate, ...] | list[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(_PEM) for c in certs)
+
+
+class ServerTls:
+    def __init__(self, ca: CaManager, ids: ServerIds, clock: Clock, ttl: int) -> None:
+        self._ca = ca
+        self._ids = ids
+        self._clock = clock
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._version = 0
+        self._config: object | None = None
+        self._chain: tuple[x509.Certificate, ...] = ()
+        self._key_pem = b""
+        self._roots_pem = b""
+        self._renew_at = 0.0
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        return self._chain
+
+    @property
+    def renew_at(self) -> float:
+        return self._renew_at
+
+    def renew(self) -> None:
+        """Issue a fresh server SVID (new key) from the active CA."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        chain = self._ca.x509_signer().sign_svid(
+            key.public_key(), self._ids.server, self._ttl, (SERVER_DNS_NAME,)
+        )
+        leaf = chain[0]
+        start = leaf.not_valid_before_utc.timestamp()
+        end = leaf.not_valid_after_utc.timestamp()
+        key_pem = key.private_bytes(
+            _PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        with self._lock:
+            self._chain = tuple(chain)
+            self._key_pem = key_pem
+            self._renew_at = start + (end - start) / 2
+            self._rebuild()
+
+    def set_roots(self, authorities: tuple[x509.Certificate, ...]) -> None:
+        """Client certificates are verified against these (the trust domain's X.509 bundle)."""
+        roots = certs_pem(authorities)
+        with self._lock:
+            if roots == self._roots_pem:
+                return
+            self._roots_pem = roots
+            if self._chain:
+                self._rebuild()
+
+    def maybe_renew(self) -> bool:
+        if not self._chain or self._clock.now() >= self._renew_at:
+            self.renew()
+            return True
+        return False
+
+    def _rebuild(self) -> None:
+        self._config = grpc.ssl_server_certificate_configuration(
+            [(self._key_pem, certs_pem(self._chain))], self._roots_pem or None
+        )
+        self._version += 1
+
+    def credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
+        with self._lock:
+            if self._config is None:
+                raise RuntimeError("server SVID not issued yet")
+            initial, seen = self._config, self._version
+        state = {"seen": seen}
+
+        def fetch() -> object | None:
+            # Called by grpc on each handshake: hand over a new configuration only on change.
+            with self._lock:
+                if self._version == state["seen"]:
+                    return None
+                state["seen"] = self._version
+                return self._config
+
+        fetcher: Callable[[], object | None] = fetch
+        return grpc.dynamic_ssl_server_credentials(initial, fetcher, require_client_auth)

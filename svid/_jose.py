@@ -1,0 +1,166 @@
+"""The slice of JOSE (RFC 7515/7518) JWT-SVIDs need: base64url, compact JWS, the SPIFFE algs.
+
+Only asymmetric algorithms exist here. There is deliberately no code path for ``none`` or HMAC, so
+no header can talk a verifier into using a public key as a shared secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from svid._errors import JwtSvidError
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+ALLOWED_ALGS: frozenset[str] = frozenset(
+    {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
+)
+
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256,
+    "384": hashes.SHA384,
+    "512": hashes.SHA512,
+}
+# RFC 7518 §3.4 ties each ES alg to one curve; the value is the byte size of r (and of s).
+_EC_ALGS: dict[str, tuple[str, int]] = {
+    "ES256": ("secp256r1", 32),
+    "ES384": ("secp384r1", 48),
+    "ES512": ("secp521r1", 66),
+}
+_CURVE_ALG: dict[str, str] = {curve: alg for alg, (curve, _) in _EC_ALGS.items()}
+# RSA keys below 2048 bits are refused on both sides (RFC 7518 §3.3).
+MIN_RSA_BITS = 2048
+
+
+def b64url_encode(data: bytes) -> str:
+    """Unpadded base64url, as JOSE writes it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode base64url with or without padding; anything else is a JwtSvidError."""
+    try:
+        raw = text.encode("ascii")
+    except UnicodeEncodeError:
+        raise JwtSvidError("base64url text has non-ASCII characters") from None
+    if b"+" in raw or b"/" in raw:
+        raise JwtSvidError("base64url text uses '+' or '/' (standard base64, not base64url)")
+    raw = raw.rstrip(b"=")
+    if len(raw) % 4 == 1:
+        raise JwtSvidError(f"base64url text has an impossible length {len(raw)}")
+    try:
+        return base64.b64decode(raw + b"=" * (-len(raw) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        raise JwtSvidError("base64url text has characters outside the alphabet") from None
+
+
+def alg_for_key(key: PrivateKey | PublicKey) -> str:
+    """The JWS alg a key signs with: ES256/384/512 by curve, RS256 for RSA."""
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        alg = _CURVE_ALG.get(key.curve.name)
+        if alg is None:
+            raise JwtSvidError(f"EC curve {key.curve.name} has no JWS alg (P-256/384/521 only)")
+        return alg
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return "RS256"
+    raise JwtSvidError(f"key type {type(key).__name__} cannot sign JWT-SVIDs (EC or RSA only)")
+
+
+def _json_segment(obj: Mapping[str, Any]) -> str:
+    return b64url_encode(json.dumps(obj, separators=(",", ":"), sort_keys=False).encode())
+
+
+def sign_jws(header: Mapping[str, Any], claims: Mapping[str, Any], key: PrivateKey) -> str:
+    """Compact JWS of ``claims``; ``header['alg']`` defaults to the key's alg and must fit it."""
+    alg = str(header.get("alg") or alg_for_key(key))
+    if alg not in ALLOWED_ALGS:
+        raise JwtSvidError(f"alg {alg!r} is not allowed for JWT-SVIDs")
+    full_header = {"alg": alg, **{k: v for k, v in header.items() if k != "alg"}}
+    signing_input = f"{_json_segment(full_header)}.{_json_segment(claims)}".encode("ascii")
+    return f"{signing_input.decode('ascii')}.{b64url_encode(sign_raw(alg, signing_input, key))}"
+
+
+def sign_raw(alg: str, signing_input: bytes, key: PrivateKey) -> bytes:
+    """The JWS signature bytes of ``signing_input`` (ES* as raw r||s)."""
+    hash_alg = _HASHES[alg[2:]]()
+    family = alg[:2]
+    if family == "ES":
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise JwtSvidError(f"alg {alg} needs an EC key, got {type(key).__name__}")
+        curve, size = _EC_ALGS[alg]
+        if key.curve.name != curve:
+            raise JwtSvidError(f"alg {alg} needs curve {curve}, key is on {key.curve.name}")
+        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hash_alg)))
+        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise JwtSvidError(f"alg {alg} needs an RSA key, got {type(key).__name__}")
+    if key.key_size < MIN_RSA_BITS:
+        raise JwtSvidError(f"RSA key has {key.key_size} bits, at least {MIN_RSA_BITS} needed")
+    if family == "RS":
+        return key.sign(signing_input, padding.PKCS1v15(), hash_alg)
+    return key.sign(
+        signing_input,
+        padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size),
+        hash_alg,
+    )
+
+
+def verify_jws_signature(
+    alg: str, signing_input: bytes, signature: bytes, public_key: object
+) -> bool:
+    """True only if ``signature`` is valid for ``alg`` under ``public_key``.
+
+    A wrong alg for the key's type or curve is a False, never a cross-family attempt.
+    """
+    if alg not in ALLOWED_ALGS:
+        return False
+    hash_alg = _HASHES[alg[2:]]()
+    family = alg[:2]
+    try:
+        if family == "ES":
+            if not isinstance(public_key, ec.EllipticCurvePublicKey):
+                return False
+            curve, size = _EC_ALGS[alg]
+            if public_key.curve.name != curve or len(signature) != 2 * size:
+                return False
+            der = encode_dss_signature(
+                int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+            )
+            public_key.verify(der, signing_input, ec.ECDSA(hash_alg))
+            return True
+        if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < MIN_RSA_BITS:
+            return False
+        if family == "RS":
+            public_key.verify(signature, signing_input, padding.PKCS1v15(), hash_alg)
+        else:
+            public_key.verify(
+                signature,
+                signing_input,
+                padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size),
+                hash_alg,
+            )
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+def public_key_thumbprint_kid(public_key: PublicKey) -> str:
+    """A stable key id: base64url SHA-256 of the SPKI DER, first 32 characters."""
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return b64url_encode(hashlib.sha256(spki).digest())[:32]

@@ -1,0 +1,230 @@
+"""X.509-SVIDs: the SPIFFE profile rules for leaves and signing certs, and the SVID value type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from svid._der import certs_to_pem, der_concat, load_pem_certs, parse_der_certs
+from svid._errors import SpiffeIdError, SvidParseError, X509SvidError
+from svid._spiffe_id import SpiffeId
+
+__all__ = [
+    "X509Svid",
+    "certs_to_pem",
+    "check_leaf_profile",
+    "check_signing_profile",
+    "der_concat",
+    "load_pem_certs",
+    "parse_der_certs",
+    "spiffe_id_from_cert",
+]
+
+SvidPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _serial(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
+
+
+def _uri_sans(
+    cert: x509.Certificate,
+) -> tuple[list[str], x509.Extension[x509.SubjectAlternativeName] | None]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return [], None
+    return ext.value.get_values_for_type(x509.UniformResourceIdentifier), ext
+
+
+def spiffe_id_from_cert(cert: x509.Certificate) -> SpiffeId:
+    """The SPIFFE ID in the certificate's only URI SAN."""
+    uris, _ = _uri_sans(cert)
+    if len(uris) != 1:
+        raise X509SvidError(
+            f"certificate serial {_serial(cert)} must have exactly one URI SAN, has {len(uris)}"
+        )
+    try:
+        return SpiffeId.parse(uris[0])
+    except SpiffeIdError as exc:
+        raise X509SvidError(
+            f"certificate serial {_serial(cert)} URI SAN is not a SPIFFE ID: {exc}"
+        ) from None
+
+
+def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _key_usage(cert: x509.Certificate, what: str) -> x509.KeyUsage:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    except x509.ExtensionNotFound:
+        raise X509SvidError(f"{what} serial {_serial(cert)} has no key usage extension") from None
+    if not ext.critical:
+        raise X509SvidError(f"{what} serial {_serial(cert)} key usage extension is not critical")
+    return ext.value
+
+
+def check_leaf_profile(cert: x509.Certificate) -> SpiffeId:
+    """Apply every leaf rule of the X.509-SVID standard; returns the SPIFFE ID."""
+    sid = spiffe_id_from_cert(cert)
+    serial = _serial(cert)
+    if not sid.path:
+        raise X509SvidError(f"leaf serial {serial} SPIFFE ID {sid} has no path (root ID)")
+    bc = _basic_constraints(cert)
+    if bc is None:
+        raise X509SvidError(f"leaf serial {serial} has no basic constraints extension")
+    if bc.ca:
+        raise X509SvidError(f"leaf serial {serial} has cA=true")
+    ku = _key_usage(cert, "leaf")
+    if not ku.digital_signature:
+        raise X509SvidError(f"leaf serial {serial} key usage lacks digitalSignature")
+    if ku.key_cert_sign:
+        raise X509SvidError(f"leaf serial {serial} key usage has keyCertSign")
+    if ku.crl_sign:
+        raise X509SvidError(f"leaf serial {serial} key usage has cRLSign")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is not None and not (
+        ExtendedKeyUsageOID.SERVER_AUTH in eku and ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    ):
+        raise X509SvidError(
+            f"leaf serial {serial} extended key usage lacks serverAuth and/or clientAuth"
+        )
+    _, san = _uri_sans(cert)
+    if len(cert.subject) == 0 and san is not None and not san.critical:
+        raise X509SvidError(
+            f"leaf serial {serial} has an empty subject but a non-critical SAN extension"
+        )
+    return sid
+
+
+def check_signing_profile(cert: x509.Certificate) -> None:
+    """Apply the signing-certificate rules: cA, critical keyCertSign, a path-less SPIFFE ID."""
+    serial = _serial(cert)
+    bc = _basic_constraints(cert)
+    if bc is None or not bc.ca:
+        raise X509SvidError(f"signing certificate serial {serial} does not have cA=true")
+    ku = _key_usage(cert, "signing certificate")
+    if not ku.key_cert_sign:
+        raise X509SvidError(f"signing certificate serial {serial} key usage lacks keyCertSign")
+    uris, _ = _uri_sans(cert)
+    for uri in uris:
+        if not uri.startswith("spiffe://"):
+            continue
+        try:
+            sid = SpiffeId.parse(uri)
+        except SpiffeIdError as exc:
+            raise X509SvidError(
+                f"signing certificate serial {serial} URI SAN is not a SPIFFE ID: {exc}"
+            ) from None
+        if sid.path:
+            raise X509SvidError(
+                f"signing certificate serial {serial} SPIFFE ID {sid} has a path; "
+                "signing certificates carry only a trust domain ID"
+            )
+
+
+def _spki(key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | object) -> bytes:
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise X509SvidError(f"unsupported public key type {type(key).__name__} (EC or RSA only)")
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@dataclass(frozen=True)
+class X509Svid:
+    """An X.509-SVID with its private key: chain is leaf first, then intermediates."""
+
+    spiffe_id: SpiffeId
+    cert_chain: tuple[x509.Certificate, ...]
+    private_key: SvidPrivateKey
+    hint: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.cert_chain:
+            raise X509SvidError("an X.509-SVID needs at least one certificate")
+
+    def __repr__(self) -> str:
+        # The private key never reaches a log line.
+        return (
+            f"X509Svid(spiffe_id={self.spiffe_id}, serial={_serial(self.leaf)}, hint={self.hint!r})"
+        )
+
+    @classmethod
+    def _build(cls, certs: list[x509.Certificate], key: object, hint: str) -> X509Svid:
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise X509SvidError(
+                f"unsupported private key type {type(key).__name__} (EC or RSA only)"
+            )
+        leaf = certs[0]
+        sid = check_leaf_profile(leaf)
+        for signer in certs[1:]:
+            check_signing_profile(signer)
+        if _spki(key.public_key()) != _spki(leaf.public_key()):
+            raise X509SvidError(
+                f"private key does not match the public key of leaf serial {_serial(leaf)}"
+            )
+        return cls(sid, tuple(certs), key, hint)
+
+    @classmethod
+    def parse(cls, chain_der: bytes, key_der: bytes, hint: str = "") -> X509Svid:
+        """From concatenated DER certs and an unencrypted PKCS#8 DER key (the Workload API form)."""
+        certs = parse_der_certs(chain_der)
+        try:
+            key = serialization.load_der_private_key(key_der, password=None)
+        except (ValueError, TypeError) as exc:
+            raise SvidParseError(f"private key is not unencrypted PKCS#8 DER: {exc}") from None
+        return cls._build(certs, key, hint)
+
+    @classmethod
+    def load_pem(cls, chain_pem: bytes, key_pem: bytes, hint: str = "") -> X509Svid:
+        certs = load_pem_certs(chain_pem)
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise SvidParseError(f"private key is not an unencrypted PEM key: {exc}") from None
+        return cls._build(certs, key, hint)
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.cert_chain[0]
+
+    @property
+    def expires_at(self) -> float:
+        return self.leaf.not_valid_after_utc.timestamp()
+
+    @property
+    def issued_at(self) -> float:
+        return self.leaf.not_valid_before_utc.timestamp()
+
+    def chain_der(self) -> bytes:
+        return der_concat(self.cert_chain)
+
+    def chain_pem(self) -> bytes:
+        return certs_to_pem(self.cert_chain)
+
+    def key_der(self) -> bytes:
+        return self.private_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def key_pem(self) -> bytes:
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )

@@ -1,0 +1,151 @@
+"""A real Workload API endpoint on a temp socket, run on an event loop in a background thread,
+fed by a test cache and a FakeSigner over a real test CA."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from agent_attestor.cache import Cache, SyncState
+from agent_attestor.endpoint import WorkloadEndpoint
+from agent_attestor.jwt_cache import JwtCache
+from agent_attestor.model import Entry, Selector
+from agent_attestor.peer import CallerRegistry
+from agent_attestor.rotation import Rotator
+from agent_attestor.workload_api import WorkloadApi
+from agent_attestor.workload_attestor import UnixAttestor
+from svid._clock import FakeClock
+from svid._proto import workload_pb2, workload_pb2_grpc
+from tests.agent_attestor.pki import FakeSigner, LocalCa
+
+T = TypeVar("T")
+HEADER = (("workload.spiffe.io", "true"),)
+
+
+def short_tmpdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="h4-", dir="/tmp"))
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        async def wrapper() -> T:
+            return fn()
+
+        return self.run(wrapper())
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def me() -> frozenset[Selector]:
+    return frozenset({Selector("unix", f"uid:{os.getuid()}")})
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.root = short_tmpdir()
+        self.socket_path = self.root / "public" / "agent.sock"
+        self.clock = FakeClock(start=time.time())
+        self.ca = LocalCa(self.clock)
+        self.signer = FakeSigner(self.ca)
+        self.cache = Cache()
+        self.registry = CallerRegistry()
+        self.jwts = JwtCache(self.signer, self.clock)
+        self.rotator = Rotator(self.cache, self.signer, self.clock)
+        self.api = WorkloadApi(self.cache, self.registry, self.jwts, self.clock)
+        self.endpoint = WorkloadEndpoint(
+            socket_path=self.socket_path,
+            private_dir=self.root / "private",
+            servicer=self.api,
+            registry=self.registry,
+            attestors=[UnixAttestor()],
+        )
+        self.entries: dict[str, Entry] = {}
+        self.revoked: frozenset[str] = frozenset()
+        self.crl: tuple[bytes, ...] = ()
+        self.lt = LoopThread()
+        self.lt.run(self.endpoint.start())
+        self.channels: list[grpc.Channel] = []
+
+    # ---- feeding the cache ----------------------------------------------------------------
+
+    def sync(self, issue: bool = True) -> None:
+        state = SyncState(
+            entries=tuple(self.entries.values()),
+            bundle=self.ca.bundle(),
+            revoked_serials=self.revoked,
+            crl=self.crl,
+        )
+        self.lt.call(lambda: self.cache.apply_sync(state))
+        if issue:
+            self.lt.run(self.rotator.tick())
+
+    def add_entry(
+        self,
+        path: str,
+        selectors: frozenset[Selector] | None = None,
+        hint: str = "",
+        created_at: int | None = None,
+        issue: bool = True,
+    ) -> Entry:
+        entry_id = f"e-{len(self.entries) + 1}"
+        sid = f"spiffe://{self.ca.trust_domain}{path}"
+        entry = Entry(
+            id=entry_id,
+            spiffe_id=sid,
+            selectors=selectors if selectors is not None else me(),
+            hint=hint,
+            created_at=created_at if created_at is not None else len(self.entries) + 1,
+        )
+        self.entries[entry_id] = entry
+        self.signer.spiffe_ids[entry_id] = sid
+        self.sync(issue)
+        return entry
+
+    def remove_entry(self, entry_id: str) -> None:
+        del self.entries[entry_id]
+        self.sync()
+
+    # ---- clients --------------------------------------------------------------------------
+
+    def channel(self) -> grpc.Channel:
+        ch = grpc.insecure_channel(f"unix:{self.socket_path}")
+        self.channels.append(ch)
+        return ch
+
+    def stub(self) -> workload_pb2_grpc.SpiffeWorkloadAPIStub:
+        return workload_pb2_grpc.SpiffeWorkloadAPIStub(self.channel())
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+        self.lt.run(self.endpoint.stop(0))
+        self.lt.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def x509_request() -> workload_pb2.X509SVIDRequest:
+    return workload_pb2.X509SVIDRequest()

@@ -1,0 +1,158 @@
+"""A real, small PKI for agent tests: a CA that signs CSRs into SVIDs and an ES256 JWT key."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent_attestor._crypto import b64url
+from agent_attestor.model import JwtKey, TrustBundle
+from agent_attestor.signer import MintedJwt, X509Result
+from svid._clock import Clock, to_datetime
+
+
+def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@dataclass
+class LocalCa:
+    clock: Clock
+    trust_domain: str = "example.org"
+    ttl: int = 300
+    jwt_ttl: int = 300
+    key: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
+    jwt_key: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
+    jwt_kid: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def __post_init__(self) -> None:
+        now = self.clock.now()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(to_datetime(now - 3600))
+            .not_valid_after(to_datetime(now + 86400 * 10))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"spiffe://{self.trust_domain}")]
+                ),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def bundle(self) -> TrustBundle:
+        return TrustBundle(
+            trust_domain=self.trust_domain,
+            x509_authorities=(self.cert.public_bytes(serialization.Encoding.DER),),
+            jwt_keys=(JwtKey(self.jwt_kid, _spki(self.jwt_key.public_key())),),
+            sequence=1,
+        )
+
+    def sign_leaf(
+        self, public_key: ec.EllipticCurvePublicKey, spiffe_id: str, ttl: int | None = None
+    ) -> x509.Certificate:
+        now = self.clock.now()
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE")]))
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(to_datetime(now - 10))
+            .not_valid_after(to_datetime(now + (ttl or self.ttl)))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, True, False, True, False, False, False, False),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def mint_jwt(self, spiffe_id: str, audience: list[str], ttl: int | None = None) -> MintedJwt:
+        now = int(self.clock.now())
+        exp = now + (ttl or self.jwt_ttl)
+        header = {"alg": "ES256", "kid": self.jwt_kid, "typ": "JWT"}
+        claims = {
+            "sub": spiffe_id,
+            "aud": audience,
+            "exp": exp,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+        }
+        signing_input = (
+            b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
+        )
+        r, s = decode_dss_signature(
+            self.jwt_key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+        )
+        sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return MintedJwt(token=f"{signing_input}.{b64url(sig)}", issued_at=now, expires_at=exp)
+
+
+class FakeSigner:
+    """The server side of SvidSigner, signing with a LocalCa; `fail` makes every call raise."""
+
+    def __init__(self, ca: LocalCa, spiffe_ids: dict[str, str] | None = None) -> None:
+        self.ca = ca
+        self.spiffe_ids = spiffe_ids if spiffe_ids is not None else {}
+        self.fail = False
+        self.batches: list[int] = []
+        self.jwt_calls = 0
+
+    async def batch_new_x509(self, params: list[tuple[str, bytes]]) -> list[X509Result]:
+        if self.fail:
+            raise ConnectionError("server unreachable")
+        self.batches.append(len(params))
+        out = []
+        for entry_id, csr_der in params:
+            sid = self.spiffe_ids.get(entry_id)
+            if sid is None:
+                out.append(X509Result(entry_id, error="not entitled"))
+                continue
+            csr = x509.load_der_x509_csr(csr_der)
+            assert csr.is_signature_valid
+            pub = csr.public_key()
+            assert isinstance(pub, ec.EllipticCurvePublicKey)
+            leaf = self.ca.sign_leaf(pub, sid)
+            out.append(X509Result(entry_id, leaf.public_bytes(serialization.Encoding.DER)))
+        return out
+
+    async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        if self.fail:
+            raise ConnectionError("server unreachable")
+        self.jwt_calls += 1
+        return self.ca.mint_jwt(spiffe_id, audience)

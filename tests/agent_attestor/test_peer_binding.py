@@ -1,0 +1,228 @@
+"""Binding each RPC to the connecting process, and the ways a local process might forge it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent_attestor.identify import identify
+from agent_attestor.model import Selector
+from agent_attestor.peer import Caller, CallerRegistry, peer_path
+from agent_attestor.workload_attestor import UnixAttestor
+from svid._proto import workload_pb2, workload_pb2_grpc
+from tests.agent_attestor.harness import HEADER, Harness
+
+NOBODY = 65534
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+
+
+@pytest.mark.parametrize(
+    ("peer", "path"),
+    [
+        ("unix:/tmp/x/c/abc", "/tmp/x/c/abc"),
+        ("unix:///tmp/x/c/abc", "/tmp/x/c/abc"),
+        ("unix:", None),
+        ("unix:relative", None),
+        ("ipv4:127.0.0.1:5", None),
+        ("", None),
+    ],
+)
+def test_peer_path_parsing(peer: str, path: str | None) -> None:
+    assert peer_path(peer) == path
+
+
+def test_registry_maps_only_what_was_added() -> None:
+    reg = CallerRegistry()
+    caller = Caller("c1", 1, 2, 3, frozenset())
+    reg.add("/p/c1", caller)
+    assert reg.lookup("unix:/p/c1") is caller
+    assert reg.lookup("unix:/p/c2") is None
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add("/p/c1", caller)
+    reg.remove("/p/c1")
+    assert reg.lookup("unix:/p/c1") is None
+
+
+def _direct_stub(target: str) -> workload_pb2_grpc.SpiffeWorkloadAPIStub:
+    return workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel(target))
+
+
+def test_each_connection_is_seen_under_its_own_registered_name(agent: Harness) -> None:
+    agent.add_entry("/w")
+    stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+    next(stream)
+    callers = agent.lt.call(lambda: list(agent.registry._callers.items()))
+    assert len(callers) == 1
+    path, caller = callers[0]
+    assert Path(path).parent == agent.root / "private" / "c"
+    assert Path(path).exists()  # the name stays taken while the connection lives
+    assert caller.pid == os.getpid()
+    assert caller.uid == os.getuid()
+    assert Selector("unix", f"uid:{os.getuid()}") in caller.selectors
+    stream.cancel()
+
+
+def test_connecting_straight_to_the_internal_socket_is_denied(agent: Harness) -> None:
+    agent.add_entry("/w")
+    stub = _direct_stub(f"unix:{agent.endpoint.internal_path}")
+    with pytest.raises(grpc.RpcError) as exc:
+        next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+
+
+def _forwarder(listen: Path, target: Path, bind_as: Path) -> socket.socket:
+    """A hand-made relay: accept on `listen`, connect to `target` from a socket bound to
+    `bind_as` — what a same-user process would do to pose as a relayed connection."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(listen))
+    server.listen(4)
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                b.shutdown(socket.SHUT_WR)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            out.bind(str(bind_as))
+            out.connect(str(target))
+            threading.Thread(target=pipe, args=(conn, out), daemon=True).start()
+            threading.Thread(target=pipe, args=(out, conn), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server
+
+
+def test_a_self_chosen_name_in_the_private_dir_is_denied(agent: Harness) -> None:
+    """Even the agent's own user, binding a name the relay did not write, gets nothing."""
+    agent.add_entry("/w")
+    fwd = agent.root / "fwd.sock"
+    server = _forwarder(fwd, agent.endpoint.internal_path, agent.root / "private" / "c" / "forged")
+    try:
+        stub = _direct_stub(f"unix:{fwd}")
+        with pytest.raises(grpc.RpcError) as exc:
+            next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    finally:
+        server.close()
+
+
+def test_the_name_of_a_live_connection_cannot_be_taken(agent: Harness) -> None:
+    agent.add_entry("/w")
+    stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+    next(stream)
+    path = agent.lt.call(lambda: next(iter(agent.registry._callers)))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, pytest.raises(OSError):
+        s.bind(path)
+    stream.cancel()
+
+
+def _run_as_nobody(code: str) -> dict[str, object]:
+    # Everything is imported before dropping privileges: the interpreter may live under /root.
+    script = (
+        "import os, json, sys, socket, grpc\n"
+        "from svid._proto import workload_pb2, workload_pb2_grpc\n"
+        f"os.setgroups([])\nos.setgid({NOBODY})\nos.setuid({NOBODY})\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(Path(__file__).resolve().parents[2]),
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@as_root
+def test_another_user_cannot_reach_the_internal_socket_or_bind_a_name(agent: Harness) -> None:
+    agent.add_entry("/w")
+    os.chmod(agent.root, 0o755)
+    internal = agent.endpoint.internal_path
+    result = _run_as_nobody(
+        f"""
+        import socket
+        out = {{}}
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect({str(internal)!r}); out["connect"] = "ok"
+        except OSError as e:
+            out["connect"] = type(e).__name__
+        s2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s2.bind({str(internal.parent / "c" / "forged")!r}); out["bind"] = "ok"
+        except OSError as e:
+            out["bind"] = type(e).__name__
+        print(json.dumps(out))
+        """
+    )
+    assert result == {"connect": "PermissionError", "bind": "PermissionError"}
+
+
+@as_root
+def test_another_user_gets_its_own_identity_not_ours(agent: Harness) -> None:
+    agent.add_entry("/root-only")  # uid 0
+    agent.add_entry("/nobody", frozenset({Selector("unix", f"uid:{NOBODY}")}))
+    os.chmod(agent.root, 0o755)
+    os.chmod(agent.socket_path.parent, 0o755)
+    result = _run_as_nobody(
+        f"""
+        import grpc
+        from svid._proto import workload_pb2, workload_pb2_grpc
+        ch = grpc.insecure_channel("unix:{agent.socket_path}")
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(ch)
+        msg = next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(),
+                                      metadata=(("workload.spiffe.io", "true"),)))
+        print(json.dumps({{"ids": [s.spiffe_id for s in msg.svids]}}))
+        """
+    )
+    assert result == {"ids": ["spiffe://example.org/nobody"]}
+
+
+def test_a_caller_that_exited_before_attestation_gets_no_selectors(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import socket; socket.socket(socket.AF_UNIX).connect({path!r})",
+            ]
+        )
+        conn, _ = listener.accept()
+        child.wait(30)
+        with conn:
+            caller = identify(conn, "c1", [UnixAttestor()])
+    assert caller.pid == child.pid
+    assert caller.selectors == frozenset()
+
+
+def test_a_live_caller_gets_uid_gid_path_and_sha256(tmp_path: Path) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        caller = identify(a, "c1", [UnixAttestor()])
+    values = {s.value.split(":", 1)[0] for s in caller.selectors}
+    assert {"uid", "gid", "path", "sha256", "user", "group"} <= values
+    assert Selector("unix", f"path:{os.path.realpath(sys.executable)}") in caller.selectors

@@ -1,0 +1,342 @@
+"""The Workload API over a real socket and relay, fed by a test cache (SPIFFE.md §1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent_attestor import _crypto
+from agent_attestor.model import Selector
+from svid._proto import workload_pb2
+from tests.agent_attestor.harness import HEADER, Harness
+
+BAD_HEADERS = [(), (("workload.spiffe.io", "false"),), (("other", "true"),)]
+
+
+def _code(exc: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    return exc.value.code()  # type: ignore[attr-defined]
+
+
+# ---- the header rule ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metadata", BAD_HEADERS)
+def test_every_rpc_requires_the_security_header(agent: Harness, metadata: tuple) -> None:
+    agent.add_entry("/w")
+    stub = agent.stub()
+    calls = [
+        lambda: next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=metadata)),
+        lambda: next(stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=metadata)),
+        lambda: next(stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=metadata)),
+        lambda: stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=metadata),
+        lambda: stub.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="a", svid="x.y.z"), metadata=metadata
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as exc:
+            call()
+        assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+        assert "security header" in exc.value.details()  # type: ignore[attr-defined]
+
+
+# ---- readiness and identity -----------------------------------------------------------------
+
+
+def test_not_ready_before_first_sync_is_unavailable(agent: Harness) -> None:
+    stub = agent.stub()
+    with pytest.raises(grpc.RpcError) as exc:
+        next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    assert _code(exc) == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_entry_without_svid_yet_is_unavailable(agent: Harness) -> None:
+    agent.add_entry("/w", issue=False)
+    with pytest.raises(grpc.RpcError) as exc:
+        next(agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    assert _code(exc) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_caller_with_no_identity_is_denied_everywhere(agent: Harness) -> None:
+    agent.add_entry("/other", frozenset({Selector("unix", "uid:999999")}))
+    stub = agent.stub()
+    for call in (
+        lambda: next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)),
+        lambda: next(stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER)),
+        lambda: next(stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=HEADER)),
+        lambda: stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER),
+    ):
+        with pytest.raises(grpc.RpcError) as exc:
+            call()
+        assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_entry_needs_all_its_selectors(agent: Harness) -> None:
+    mine = Selector("unix", f"uid:{os.getuid()}")
+    agent.add_entry("/both", frozenset({mine, Selector("unix", "gid:424242")}))
+    with pytest.raises(grpc.RpcError) as exc:
+        next(agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+    agent.add_entry("/exe", frozenset({mine, Selector("unix", f"gid:{os.getgid()}")}))
+    msg = next(agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    assert [s.spiffe_id for s in msg.svids] == ["spiffe://example.org/exe"]
+
+
+# ---- FetchX509SVID --------------------------------------------------------------------------
+
+
+def test_first_message_carries_a_usable_svid_and_bundle(agent: Harness) -> None:
+    agent.add_entry("/w")
+    msg = next(agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    assert len(msg.svids) == 1
+    svid = msg.svids[0]
+    assert svid.spiffe_id == "spiffe://example.org/w"
+    leaf = _crypto.parse_der_certs(svid.x509_svid)[0]
+    assert _crypto.uri_san(leaf) == svid.spiffe_id
+    key = serialization.load_der_private_key(svid.x509_svid_key, None)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    assert key.public_key().public_bytes(der, spki) == leaf.public_key().public_bytes(der, spki)
+    assert svid.bundle == agent.ca.cert.public_bytes(der)
+    leaf.verify_directly_issued_by(agent.ca.cert)
+
+
+def test_stream_sends_full_state_on_change_default_first(agent: Harness) -> None:
+    agent.add_entry("/first", created_at=1)
+    stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+    assert [s.spiffe_id for s in next(stream).svids] == ["spiffe://example.org/first"]
+    agent.add_entry("/second", created_at=2)
+    msg = next(stream)
+    assert [s.spiffe_id for s in msg.svids] == [
+        "spiffe://example.org/first",
+        "spiffe://example.org/second",
+    ]
+    stream.cancel()
+
+
+def test_rotation_pushes_a_new_svid_on_the_open_stream(agent: Harness) -> None:
+    agent.add_entry("/w")
+    stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+    first = next(stream).svids[0].x509_svid
+    agent.clock.advance(agent.ca.ttl * 0.61)  # past half life plus the largest jitter
+    agent.lt.run(agent.rotator.tick())
+    second = next(stream).svids[0].x509_svid
+    assert second != first
+    stream.cancel()
+
+
+def test_hints_are_unique_the_oldest_entry_wins(agent: Harness) -> None:
+    agent.add_entry("/a", hint="db", created_at=1)
+    agent.add_entry("/b", hint="db", created_at=2)
+    agent.add_entry("/c", hint="cache", created_at=3)
+    msg = next(agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    assert [(s.spiffe_id, s.hint) for s in msg.svids] == [
+        ("spiffe://example.org/a", "db"),
+        ("spiffe://example.org/c", "cache"),
+    ]
+
+
+def test_crl_is_sent(agent: Harness) -> None:
+    agent.crl = (b"crl-bytes",)
+    agent.add_entry("/w")
+    msg = next(agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    assert list(msg.crl) == [b"crl-bytes"]
+
+
+def test_stream_ends_with_permission_denied_when_identity_removed(agent: Harness) -> None:
+    entry = agent.add_entry("/w")
+    stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+    next(stream)
+    agent.remove_entry(entry.id)
+    with pytest.raises(grpc.RpcError) as exc:
+        next(stream)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_stream_ends_with_permission_denied_when_every_svid_is_revoked(agent: Harness) -> None:
+    entry = agent.add_entry("/w")
+    stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+    next(stream)
+    serial = agent.lt.call(lambda: agent.cache.svids()[entry.id].serial_hex)
+    agent.revoked = frozenset({serial})
+    agent.sync()
+    with pytest.raises(grpc.RpcError) as exc:
+        next(stream)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+
+
+# ---- bundles --------------------------------------------------------------------------------
+
+
+def test_x509_bundles_stream(agent: Harness) -> None:
+    agent.add_entry("/w")
+    stream = agent.stub().FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER)
+    msg = next(stream)
+    der = serialization.Encoding.DER
+    assert dict(msg.bundles) == {"spiffe://example.org": agent.ca.cert.public_bytes(der)}
+    stream.cancel()
+
+
+def test_jwt_bundles_hold_only_jwt_keys_with_kid(agent: Harness) -> None:
+    agent.add_entry("/w")
+    msg = next(agent.stub().FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=HEADER))
+    jwks = json.loads(msg.bundles["spiffe://example.org"])
+    assert [k["kid"] for k in jwks["keys"]] == [agent.ca.jwt_kid]
+    assert all(k["use"] == "jwt-svid" and "x5c" not in k for k in jwks["keys"])
+
+
+# ---- JWT ------------------------------------------------------------------------------------
+
+
+def test_fetch_jwt_requires_audience(agent: Harness) -> None:
+    agent.add_entry("/w")
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().FetchJWTSVID(workload_pb2.JWTSVIDRequest(), metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_fetch_jwt_for_an_id_not_entitled_is_denied(agent: Harness) -> None:
+    agent.add_entry("/w")
+    req = workload_pb2.JWTSVIDRequest(audience=["a"], spiffe_id="spiffe://example.org/nope")
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().FetchJWTSVID(req, metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_fetch_jwt_one_per_identity_or_the_named_one(agent: Harness) -> None:
+    agent.add_entry("/a", created_at=1)
+    agent.add_entry("/b", created_at=2)
+    stub = agent.stub()
+    resp = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["x"]), metadata=HEADER)
+    assert [s.spiffe_id for s in resp.svids] == ["spiffe://example.org/a", "spiffe://example.org/b"]
+    req = workload_pb2.JWTSVIDRequest(audience=["x"], spiffe_id="spiffe://example.org/b")
+    resp = stub.FetchJWTSVID(req, metadata=HEADER)
+    assert [s.spiffe_id for s in resp.svids] == ["spiffe://example.org/b"]
+
+
+def test_jwt_cached_per_id_and_sorted_audiences_until_half_life(agent: Harness) -> None:
+    agent.add_entry("/w")
+    stub = agent.stub()
+
+    def fetch(*aud: str) -> str:
+        resp = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=aud), metadata=HEADER)
+        return resp.svids[0].svid
+
+    first = fetch("a", "b")
+    assert fetch("b", "a") == first
+    assert agent.signer.jwt_calls == 1
+    assert fetch("c") != first
+    agent.clock.advance(agent.ca.jwt_ttl / 2 - 1)
+    assert fetch("a", "b") == first
+    agent.clock.advance(2)
+    assert fetch("a", "b") != first
+
+
+def test_fetch_jwt_with_server_down_and_nothing_cached_is_unavailable(agent: Harness) -> None:
+    agent.add_entry("/w")
+    agent.signer.fail = True
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_validate_jwt_accepts_a_good_token_and_returns_claims(agent: Harness) -> None:
+    agent.add_entry("/w")
+    stub = agent.stub()
+    token = (
+        stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["svc"]), metadata=HEADER)
+        .svids[0]
+        .svid
+    )
+    resp = stub.ValidateJWTSVID(
+        workload_pb2.ValidateJWTSVIDRequest(audience="svc", svid=token), metadata=HEADER
+    )
+    assert resp.spiffe_id == "spiffe://example.org/w"
+    assert resp.claims["sub"] == "spiffe://example.org/w"
+    assert list(resp.claims["aud"]) == ["svc"]
+
+
+@pytest.mark.parametrize("case", ["wrong-audience", "garbage", "expired", "tampered", "no-aud"])
+def test_validate_jwt_rejects_bad_tokens(agent: Harness, case: str) -> None:
+    agent.add_entry("/w")
+    stub = agent.stub()
+    token = agent.ca.mint_jwt("spiffe://example.org/w", ["svc"]).token
+    audience = "svc"
+    if case == "wrong-audience":
+        audience = "other"
+    elif case == "garbage":
+        token = "not-a-token"
+    elif case == "expired":
+        agent.clock.advance(agent.ca.jwt_ttl + 1)
+    elif case == "tampered":
+        head, body, sig = token.split(".")
+        claims = json.loads(_crypto.b64url_decode(body))
+        claims["sub"] = "spiffe://example.org/admin"
+        token = ".".join([head, _crypto.b64url(json.dumps(claims).encode()), sig])
+    elif case == "no-aud":
+        audience = ""
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=token), metadata=HEADER
+        )
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---- WIT and garbage ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["FetchWITSVID", "FetchWITBundles"])
+def test_wit_rpcs_are_unimplemented(agent: Harness, method: str) -> None:
+    agent.add_entry("/w")
+    call = agent.channel().unary_unary(f"/SpiffeWorkloadAPI/{method}")
+    with pytest.raises(grpc.RpcError) as exc:
+        call(b"", metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_garbage_on_the_socket_does_not_stop_the_agent(agent: Harness) -> None:
+    agent.add_entry("/w")
+    for junk in (b"\x00" * 10, os.urandom(4096), b"GET / HTTP/1.1\r\n\r\n", b"PRI * HTTP/2.0\r\n"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(agent.socket_path))
+            s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(4096):
+                pass
+    msg = next(agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    assert msg.svids[0].spiffe_id == "spiffe://example.org/w"
+    # every relayed connection has been released
+    agent.lt.run(_settle())
+    assert len(agent.registry) == len([c for c in agent.channels])
+
+
+async def _settle() -> None:
+    import asyncio
+
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+
+
+def test_socket_file_is_world_connectable_and_private_dir_is_closed(agent: Harness) -> None:
+    assert agent.socket_path.stat().st_mode & 0o777 == 0o777
+    assert (agent.root / "private").stat().st_mode & 0o777 == 0o700
+    assert (agent.root / "private" / "c").stat().st_mode & 0o777 == 0o700
+
+
+def test_leaf_from_stream_is_signed_by_the_bundle(agent: Harness) -> None:
+    agent.add_entry("/w")
+    msg = next(agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    ca = x509.load_der_x509_certificate(msg.svids[0].bundle)
+    _crypto.parse_der_certs(msg.svids[0].x509_svid)[0].verify_directly_issued_by(ca)
+    threading.Event().wait(0)

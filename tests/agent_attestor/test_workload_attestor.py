@@ -1,0 +1,97 @@
+"""Unix workload attestation and the pid-reuse guard."""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent_attestor import proc
+from agent_attestor.errors import ProcessGoneError
+from agent_attestor.model import Selector
+from agent_attestor.workload_attestor import ExeHashCache, UnixAttestor
+
+
+def test_selectors_for_this_process() -> None:
+    sels = set(UnixAttestor().attest(os.getpid(), os.getuid(), os.getgid()))
+    exe = os.path.realpath(sys.executable)
+    digest = hashlib.sha256(Path(exe).read_bytes()).hexdigest()
+    assert {
+        Selector("unix", f"uid:{os.getuid()}"),
+        Selector("unix", f"gid:{os.getgid()}"),
+        Selector("unix", f"user:{pwd.getpwuid(os.getuid()).pw_name}"),
+        Selector("unix", f"group:{grp.getgrgid(os.getgid()).gr_name}"),
+        Selector("unix", f"path:{exe}"),
+        Selector("unix", f"sha256:{digest}"),
+    } == sels
+
+
+def test_unknown_uid_and_gid_get_numeric_selectors_only() -> None:
+    sels = UnixAttestor().attest(0, 4_000_000, 4_000_001)
+    assert sels == [Selector("unix", "uid:4000000"), Selector("unix", "gid:4000001")]
+
+
+def test_exe_hash_is_cached_by_inode_and_mtime(tmp_path: Path) -> None:
+    f = tmp_path / "bin"
+    f.write_bytes(b"one")
+    cache = ExeHashCache()
+    first = cache.sha256(str(f))
+    assert cache.sha256(str(f)) == first
+    assert cache.misses == 1
+    f.write_bytes(b"two!")  # size and mtime change
+    assert cache.sha256(str(f)) == hashlib.sha256(b"two!").hexdigest()
+    assert cache.misses == 2
+
+
+def test_a_copied_binary_has_another_path_but_the_same_sha256(tmp_path: Path) -> None:
+    exe = tmp_path / "sleeper"
+    shutil.copy("/bin/sleep", exe)
+    child = subprocess.Popen([str(exe), "30"])
+    try:
+        sels = UnixAttestor().attest(child.pid, os.getuid(), os.getgid())
+    finally:
+        child.kill()
+        child.wait()
+    assert Selector("unix", f"path:{exe}") in sels
+    assert Selector("unix", f"sha256:{hashlib.sha256(exe.read_bytes()).hexdigest()}") in sels
+
+
+def test_read_stable_refuses_a_process_that_exits_while_read() -> None:
+    child = subprocess.Popen(["/bin/sleep", "30"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+
+        def read() -> str:
+            child.kill()
+            child.wait()
+            return "read from a process that is gone"
+
+        with pytest.raises(ProcessGoneError):
+            proc.read_stable(child.pid, pidfd, read)
+    finally:
+        os.close(pidfd)
+
+
+def test_read_stable_passes_for_a_live_process_and_start_time_parses_odd_names(
+    tmp_path: Path,
+) -> None:
+    exe = tmp_path / "a b) (c"
+    shutil.copy("/bin/sleep", exe)
+    child = subprocess.Popen([str(exe), "30"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        assert proc.read_stable(child.pid, pidfd, lambda: 42) == 42
+        assert proc.start_time(child.pid) > 0
+    finally:
+        child.kill()
+        child.wait()
+        os.close(pidfd)
+    with pytest.raises(ProcessGoneError):
+        proc.start_time(child.pid)

@@ -1,0 +1,161 @@
+"""Process helpers for end-to-end tests: real `svid-server run` processes on temp sockets/ports.
+
+`start_server_process(root)` writes a config, spawns the server (logs to a file), waits for its
+runtime file and health, and returns a handle with `cli(...)`, `stop()` (SIGTERM) and `kill9()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TRUST_DOMAIN = "example.org"
+START_TIMEOUT = 30.0
+
+
+def short_tmpdir(prefix: str = "sve") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def server_command() -> list[str]:
+    return [sys.executable, "-m", "server.cli"]
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `predicate` until it returns a truthy value (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class ServerProcess:
+    root: Path
+    config_path: Path
+    data_dir: Path
+    admin_socket: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> ServerProcess:
+        runtime_file = self.data_dir / "server.json"
+        runtime_file.unlink(missing_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [*server_command(), "run", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+            cwd=str(self.root),
+        )
+        log.close()
+
+        def ready() -> dict[str, Any] | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}"
+                )
+            if not runtime_file.exists():
+                return None
+            info: dict[str, Any] = json.loads(runtime_file.read_text())
+            return info if info.get("pid") == self.proc.pid else None
+
+        self.runtime = wait_for(ready, START_TIMEOUT, "the server's runtime file")
+        return self
+
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [*server_command(), *args, "--admin-socket", str(self.admin_socket)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"svid-server {' '.join(args)} failed: {done.stderr}")
+        return done
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--output", "json").stdout)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+
+def make_server(root: Path, **overrides: Any) -> ServerProcess:
+    data_dir = root / "data"
+    admin_socket = root / "priv" / "admin.sock"
+    values: dict[str, Any] = {
+        "trust_domain": TRUST_DOMAIN,
+        "data_dir": str(data_dir),
+        "bind_address": "127.0.0.1:0",
+        "attest_bind_address": "127.0.0.1:0",
+        "admin_socket": str(admin_socket),
+        "log_format": "json",
+        "log_level": "info",
+        "shutdown_grace": 1.0,
+    }
+    values.update(overrides)
+    config = root / "server.toml"
+    config.write_text(
+        "".join(
+            f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n"
+            for k, v in values.items()
+        )
+    )
+    return ServerProcess(root, config, data_dir, admin_socket, root / "server.log")
+
+
+@pytest.fixture
+def server_process() -> Iterator[ServerProcess]:
+    root = short_tmpdir()
+    server = make_server(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)

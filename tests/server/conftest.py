@@ -1,0 +1,66 @@
+"""Shared server fixtures: a fake clock, a real SQLite datastore in tmp_path, a key store, a CA."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from server.ca.keys import KeyStore
+from server.ca.manager import CaConfig, CaManager
+from server.datastore.sqlite import SqliteDataStore
+from svid._clock import FakeClock
+from svid._spiffe_id import TrustDomain
+
+TRUST_DOMAIN = TrustDomain("example.org")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_700_000_000)
+
+
+@pytest.fixture
+def datastore(tmp_path: Path, clock: FakeClock) -> Iterator[SqliteDataStore]:
+    store = SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def keystore(tmp_path: Path) -> KeyStore:
+    return KeyStore(tmp_path / "keys")
+
+
+@pytest.fixture
+def ca_manager(datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock) -> CaManager:
+    manager = CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock)
+    manager.initialize()
+    return manager
+
+
+def openssl_verify(
+    tmp_path: Path,
+    leaf: x509.Certificate,
+    authorities: Sequence[x509.Certificate],
+    intermediates: Sequence[x509.Certificate] = (),
+    at: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`openssl verify -x509_strict` of `leaf` against `authorities`: an independent verifier."""
+    pem = serialization.Encoding.PEM
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(b"".join(c.public_bytes(pem) for c in authorities))
+    leaf_file = tmp_path / "leaf.pem"
+    leaf_file.write_bytes(leaf.public_bytes(pem))
+    argv = ["openssl", "verify", "-x509_strict", "-purpose", "sslclient", "-CAfile", str(bundle)]
+    if intermediates:
+        untrusted = tmp_path / "untrusted.pem"
+        untrusted.write_bytes(b"".join(c.public_bytes(pem) for c in intermediates))
+        argv += ["-untrusted", str(untrusted)]
+    if at is not None:
+        argv += ["-attime", str(int(at))]
+    return subprocess.run([*argv, str(leaf_file)], capture_output=True, text=True, check=False)

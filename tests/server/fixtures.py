@@ -1,0 +1,208 @@
+"""Test helpers for the server: an in-process server on temp sockets, agent-side credentials.
+
+The server runs on its own asyncio loop in a background thread, so tests talk to it with plain
+synchronous gRPC clients over real TLS / Unix sockets. Its clock is a FakeClock started at the
+real time (less CLOCK_LAG), so TLS peers (which check validity with the wall clock) accept
+its certificates while tests can still move time forward by a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.app import Server
+from server.config import ServerConfig, build_config
+from server.runtime import RuntimeInfo
+from svid._clock import FakeClock
+from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2, node_pb2_grpc
+
+TRUST_DOMAIN = "example.org"
+PEM = serialization.Encoding.PEM
+DER = serialization.Encoding.DER
+TLS_NAME = (("grpc.ssl_target_name_override", "svid-server"),)
+CLOCK_LAG = 30.0
+
+
+def short_tmpdir(prefix: str = "svs") -> Path:
+    """A short directory under /tmp: Unix socket paths must stay under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey | None = None) -> tuple[Any, bytes]:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(DER)
+
+
+def key_pem(key: Any) -> bytes:
+    return key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def der_chain(data: bytes) -> list[x509.Certificate]:
+    """Split concatenated DER certificates (test-side, independent of svid._x509)."""
+    certs = []
+    while data:
+        # DER SEQUENCE with a long-form length: 0x30 0x82 <len16>.
+        assert data[0] == 0x30, "not a DER SEQUENCE"
+        if data[1] & 0x80:
+            n = data[1] & 0x7F
+            length = int.from_bytes(data[2 : 2 + n], "big") + 2 + n
+        else:
+            length = data[1] + 2
+        certs.append(x509.load_der_x509_certificate(data[:length]))
+        data = data[length:]
+    return certs
+
+
+def bundle_pem(bundle: common_pb2.Bundle) -> bytes:
+    return b"".join(
+        x509.load_der_x509_certificate(d).public_bytes(PEM) for d in bundle.x509_authorities
+    )
+
+
+@dataclass
+class Agent:
+    spiffe_id: str
+    key: Any
+    chain: list[x509.Certificate]
+    bundle: common_pb2.Bundle
+
+    @property
+    def serial(self) -> str:
+        return format(self.chain[0].serial_number, "x")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            bundle_pem(self.bundle),
+            key_pem(self.key),
+            b"".join(c.public_bytes(PEM) for c in self.chain),
+        )
+
+
+class RunningServer:
+    """A real Server on a background loop; `stop()` shuts it down cleanly."""
+
+    def __init__(self, config: ServerConfig, clock: FakeClock) -> None:
+        self.config = config
+        self.clock = clock
+        self.server = Server(config, clock)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.runtime: RuntimeInfo = self.call(self.server.start())
+        self._channels: list[grpc.Channel] = []
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        try:
+            self.call(self.server.stop())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+    # -- clients ------------------------------------------------------------------------------
+
+    def _keep(self, channel: grpc.Channel) -> grpc.Channel:
+        self._channels.append(channel)
+        return channel
+
+    def admin(self) -> admin_pb2_grpc.AdminStub:
+        channel = self._keep(grpc.insecure_channel(f"unix:{self.runtime.admin_socket}"))
+        return admin_pb2_grpc.AdminStub(channel)
+
+    def bundle(self) -> common_pb2.Bundle:
+        return self.admin().GetBundle(admin_pb2.GetBundleRequest(), timeout=10)
+
+    def attest_stub(self) -> node_pb2_grpc.NodeStub:
+        creds = grpc.ssl_channel_credentials(bundle_pem(self.bundle()))
+        channel = self._keep(
+            grpc.secure_channel(self.runtime.attest_address, creds, options=TLS_NAME)
+        )
+        return node_pb2_grpc.NodeStub(channel)
+
+    def node_stub(self, agent: Agent, **options: Any) -> node_pb2_grpc.NodeStub:
+        opts = list(TLS_NAME) + list(options.items())
+        channel = self._keep(
+            grpc.secure_channel(self.runtime.node_address, agent.credentials(), options=opts)
+        )
+        return node_pb2_grpc.NodeStub(channel)
+
+    def join_token(self, **kwargs: Any) -> str:
+        return (
+            self.admin()
+            .CreateJoinToken(admin_pb2.CreateJoinTokenRequest(**kwargs), timeout=10)
+            .token
+        )
+
+    def attest(self, token: str | None = None) -> Agent:
+        token = token or self.join_token()
+        key, csr = make_csr()
+        params = node_pb2.AttestParams(
+            data=node_pb2.AttestationData(type="join_token", payload=token.encode()), csr=csr
+        )
+        replies = list(
+            self.attest_stub().Attest(iter([node_pb2.AttestRequest(params=params)]), timeout=10)
+        )
+        result = replies[-1].result
+        return Agent(result.spiffe_id, key, der_chain(result.cert_chain), result.bundle)
+
+    def create_entry(self, spiffe_path: str, parent_id: str, **kwargs: Any) -> common_pb2.Entry:
+        selectors = kwargs.pop("selectors", [common_pb2.Selector(type="unix", value="uid:1000")])
+        entry = common_pb2.Entry(
+            spiffe_id=f"spiffe://{TRUST_DOMAIN}{spiffe_path}",
+            parent_id=parent_id,
+            selectors=selectors,
+            **kwargs,
+        )
+        return self.admin().CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=10).entry
+
+
+def start_server(root: Path | None = None, **overrides: Any) -> RunningServer:
+    root = root or short_tmpdir()
+    values: dict[str, Any] = {
+        "trust_domain": TRUST_DOMAIN,
+        "data_dir": str(root / "data"),
+        "bind_address": "127.0.0.1:0",
+        "attest_bind_address": "127.0.0.1:0",
+        "admin_socket": str(root / "priv" / "admin.sock"),
+        "log_level": "warning",
+        "shutdown_grace": 0.5,
+    }
+    values.update(overrides)
+    # A little behind the wall clock: tests may advance it by a few seconds and TLS peers,
+    # which check validity against the real time, still accept the certificates.
+    clock = FakeClock(start=time.time() - CLOCK_LAG)
+    return RunningServer(build_config(values), clock)
+
+
+def running_server(**overrides: Any) -> Iterator[RunningServer]:
+    """Generator for a pytest fixture: yields a started server, stops it, removes its files."""
+    root = short_tmpdir()
+    server = start_server(root, **overrides)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

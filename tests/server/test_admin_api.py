@@ -1,0 +1,191 @@
+"""Admin API over its Unix socket: CRUD, bad input table, socket permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
+from tests.server.fixtures import TLS_NAME, TRUST_DOMAIN, RunningServer, bundle_pem, running_server
+
+TD = f"spiffe://{TRUST_DOMAIN}"
+AGENT = f"{TD}/svid/agent/join_token/a1"
+UID = common_pb2.Selector(type="unix", value="uid:1000")
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[RunningServer]:
+    yield from running_server()
+
+
+def _entry(**kwargs: object) -> common_pb2.Entry:
+    values: dict[str, object] = {
+        "spiffe_id": f"{TD}/admin/web",
+        "parent_id": AGENT,
+        "selectors": [UID],
+    }
+    values.update(kwargs)
+    return common_pb2.Entry(**values)  # type: ignore[arg-type]
+
+
+def test_socket_is_private(srv: RunningServer) -> None:
+    path = Path(srv.runtime.admin_socket)
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert path.stat().st_uid == os.geteuid()
+
+
+def test_entry_crud(srv: RunningServer) -> None:
+    admin = srv.admin()
+    created = admin.CreateEntry(
+        admin_pb2.CreateEntryRequest(entry=_entry(spiffe_id=f"{TD}/admin/crud", hint="h1"))
+    ).entry
+    assert created.id
+    assert created.revision == 1
+    assert created.created_at > 0
+    fetched = admin.GetEntry(admin_pb2.GetEntryRequest(id=created.id))
+    assert fetched == created
+    changed = common_pb2.Entry()
+    changed.CopyFrom(created)
+    changed.x509_svid_ttl = 90
+    updated = admin.UpdateEntry(admin_pb2.UpdateEntryRequest(entry=changed)).entry
+    assert updated.x509_svid_ttl == 90
+    assert updated.revision == 2
+    assert updated.created_at == created.created_at
+    listed = admin.ListEntries(admin_pb2.ListEntriesRequest(spiffe_id=f"{TD}/admin/crud")).entries
+    assert [e.id for e in listed] == [created.id]
+    by_parent = admin.ListEntries(admin_pb2.ListEntriesRequest(parent_id=AGENT)).entries
+    assert created.id in [e.id for e in by_parent]
+    admin.DeleteEntry(admin_pb2.DeleteEntryRequest(id=created.id))
+    with pytest.raises(grpc.RpcError) as exc:
+        admin.GetEntry(admin_pb2.GetEntryRequest(id=created.id))
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+def test_duplicate_entry_is_already_exists(srv: RunningServer) -> None:
+    admin = srv.admin()
+    entry = _entry(spiffe_id=f"{TD}/admin/dup")
+    admin.CreateEntry(admin_pb2.CreateEntryRequest(entry=entry))
+    with pytest.raises(grpc.RpcError) as exc:
+        admin.CreateEntry(admin_pb2.CreateEntryRequest(entry=entry))
+    assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]
+    listed = admin.ListEntries(admin_pb2.ListEntriesRequest(spiffe_id=f"{TD}/admin/dup")).entries
+    assert len(listed) == 1
+
+
+BAD_CREATES = [
+    (_entry(spiffe_id="spiffe://Example.org/x"), "spiffe_id: trust domain character"),
+    (_entry(spiffe_id=f"{TD}/a/../b"), "spiffe_id: path has a dot segment"),
+    (_entry(spiffe_id=f"{TD}/x/"), "spiffe_id: path has a trailing slash"),
+    (_entry(spiffe_id=""), "spiffe_id: required"),
+    (_entry(spiffe_id="spiffe://other.org/x"), "not in trust domain"),
+    (_entry(spiffe_id=f"{TD}/svid/server"), "reserved"),
+    (_entry(spiffe_id=f"{TD}/svid/agent/join_token/x"), "reserved"),
+    (_entry(parent_id=f"{TD}/nobody"), "parent_id: unknown parent"),
+    (_entry(parent_id="spiffe://"), "parent_id: trust domain is missing"),
+    (_entry(selectors=[]), "selectors: at least one"),
+    (_entry(dns_names=["svid-server"]), "reserved for the server"),
+    (_entry(dns_names=["-bad-.example"]), "not a valid DNS name"),
+    (_entry(x509_svid_ttl=-1), "x509_svid_ttl"),
+    (_entry(expires_at=-1), "expires_at"),
+    (_entry(id="bad id!"), "id:"),
+]
+
+
+@pytest.mark.parametrize(("entry", "message"), BAD_CREATES)
+def test_bad_creates_are_invalid_argument(
+    srv: RunningServer, entry: common_pb2.Entry, message: str
+) -> None:
+    admin = srv.admin()
+    before = len(admin.ListEntries(admin_pb2.ListEntriesRequest()).entries)
+    with pytest.raises(grpc.RpcError) as exc:
+        admin.CreateEntry(admin_pb2.CreateEntryRequest(entry=entry))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert message in exc.value.details()  # type: ignore[attr-defined]
+    assert len(admin.ListEntries(admin_pb2.ListEntriesRequest()).entries) == before
+
+
+@pytest.mark.parametrize(
+    ("call", "request_message", "code"),
+    [
+        ("GetEntry", admin_pb2.GetEntryRequest(id="nosuch"), grpc.StatusCode.NOT_FOUND),
+        ("GetEntry", admin_pb2.GetEntryRequest(id=""), grpc.StatusCode.INVALID_ARGUMENT),
+        ("DeleteEntry", admin_pb2.DeleteEntryRequest(id="nosuch"), grpc.StatusCode.NOT_FOUND),
+        (
+            "UpdateEntry",
+            admin_pb2.UpdateEntryRequest(entry=_entry(id="nosuch")),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        ("GetAgent", admin_pb2.GetAgentRequest(spiffe_id=AGENT), grpc.StatusCode.NOT_FOUND),
+        ("GetAgent", admin_pb2.GetAgentRequest(spiffe_id="x"), grpc.StatusCode.INVALID_ARGUMENT),
+        ("EvictAgent", admin_pb2.EvictAgentRequest(spiffe_id=AGENT), grpc.StatusCode.NOT_FOUND),
+        ("BanAgent", admin_pb2.BanAgentRequest(spiffe_id=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "CreateJoinToken",
+            admin_pb2.CreateJoinTokenRequest(ttl=-5),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "CreateJoinToken",
+            admin_pb2.CreateJoinTokenRequest(agent_id="no/slash"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ],
+)
+def test_admin_errors(
+    srv: RunningServer, call: str, request_message: object, code: grpc.StatusCode
+) -> None:
+    with pytest.raises(grpc.RpcError) as exc:
+        getattr(srv.admin(), call)(request_message, timeout=10)
+    assert exc.value.code() == code  # type: ignore[attr-defined]
+
+
+def test_join_token_response_never_repeats_and_names_agent(srv: RunningServer) -> None:
+    admin = srv.admin()
+    a = admin.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(ttl=30))
+    b = admin.CreateJoinToken(admin_pb2.CreateJoinTokenRequest())
+    assert a.token != b.token
+    token_id = a.token.split(".")[0]
+    assert a.agent_spiffe_id == f"{TD}/svid/agent/join_token/{token_id}"
+    assert a.expires_at == int(srv.clock.now()) + 30
+    fixed = admin.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(agent_id="node-7"))
+    assert fixed.token.startswith("node-7.")
+    with pytest.raises(grpc.RpcError) as exc:
+        admin.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(agent_id="node-7"))
+    assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]
+
+
+def test_agents_list_evict_ban(srv: RunningServer) -> None:
+    admin = srv.admin()
+    one, two = srv.attest(), srv.attest()
+    listed = {a.spiffe_id for a in admin.ListAgents(admin_pb2.ListAgentsRequest()).agents}
+    assert {one.spiffe_id, two.spiffe_id} <= listed
+    admin.EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=one.spiffe_id))
+    admin.BanAgent(admin_pb2.BanAgentRequest(spiffe_id=two.spiffe_id))
+    listed_after = {a.spiffe_id: a for a in admin.ListAgents(admin_pb2.ListAgentsRequest()).agents}
+    assert one.spiffe_id not in listed_after
+    assert listed_after[two.spiffe_id].banned
+
+
+def test_bundle(srv: RunningServer) -> None:
+    bundle = srv.bundle()
+    assert bundle.trust_domain == TRUST_DOMAIN
+    assert bundle.x509_authorities
+    assert all(k.kid and k.public_key for k in bundle.jwt_keys)
+    assert bundle.sequence >= 1
+
+
+def test_admin_service_is_not_on_the_network_ports(srv: RunningServer) -> None:
+    creds = grpc.ssl_channel_credentials(bundle_pem(srv.bundle()))
+    channel = grpc.secure_channel(srv.runtime.attest_address, creds, options=TLS_NAME)
+    stub = admin_pb2_grpc.AdminStub(channel)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(), timeout=5)
+    channel.close()
+    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]

@@ -1,0 +1,358 @@
+"""The hash-chained audit log: appends, tamper detection, export filters, secrets refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from server.audit import (
+    GENESIS_HASH,
+    AuditError,
+    AuditLog,
+    Break,
+    EventDraft,
+    EventKind,
+    Head,
+    SecretInAuditError,
+    SqliteAuditStore,
+)
+from server.audit.event import canonical_json, chain_hash
+from server.audit.log import event_from_row
+from svid._clock import FakeClock
+
+AGENT = "spiffe://example.org/agents/research-bot"
+OTHER = "spiffe://example.org/agents/billing-bot"
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
+
+
+@pytest.fixture
+def log(db: Path, clock: FakeClock) -> AuditLog:
+    return AuditLog(SqliteAuditStore(db), clock)
+
+
+def fill(log: AuditLog, clock: FakeClock, n: int = 5) -> None:
+    for i in range(n):
+        log.append(
+            EventKind.JWT_MINTED,
+            agent_id=AGENT if i % 2 == 0 else OTHER,
+            task_id=f"task-{i % 3}",
+            resource="docs",
+            action="read",
+            decision="allow" if i != 3 else "deny",
+            credential_id=f"jti-{i}",
+            policy_ids=("default.cedar:work_within_intent",),
+            policy_set_hash="ab" * 32,
+            ttl=300,
+            latency_us=42.5,
+            risk=i,
+            extra={"n": i, "note": "ünïcode"},
+        )
+        clock.advance(10)
+
+
+def sql(db: Path, statement: str, *args: object) -> None:
+    con = sqlite3.connect(db)
+    with con:
+        con.execute(statement, args)
+    con.close()
+
+
+def test_events_chain_from_genesis_and_verify(log: AuditLog, clock: FakeClock) -> None:
+    first = log.append("task_begin", agent_id=AGENT, task_id="t1")
+    assert first.seq == 1
+    assert first.prev_hash == GENESIS_HASH
+    assert first.ts == clock.now()
+    assert first.hash == chain_hash(GENESIS_HASH, first.canonical())
+    second = log.append("task_end", agent_id=AGENT, task_id="t1")
+    assert second.seq == 2
+    assert second.prev_hash == first.hash
+    result = log.verify()
+    assert result.ok, str(result)
+    assert result.checked == 2
+    assert result.head == Head(2, second.hash)
+    assert "OK" in str(result)
+
+
+def test_canonical_encoding_is_sorted_compact_utf8(log: AuditLog) -> None:
+    e = log.append("denial", agent_id=AGENT, reason="naïve", extra={"b": 1, "a": [1, 2]})
+    text = e.canonical().decode("utf-8")
+    body = json.loads(text)
+    assert "hash" not in body
+    assert list(body) == sorted(body)
+    assert ", " not in text
+    assert ": " not in text
+    assert "naïve" in text
+    assert text == canonical_json(body).decode("utf-8")
+
+
+def test_chain_survives_reopening(db: Path, clock: FakeClock) -> None:
+    log = AuditLog(SqliteAuditStore(db), clock)
+    fill(log, clock, 3)
+    log.store.close()
+    reopened = AuditLog(SqliteAuditStore(db), clock)
+    e = reopened.append("task_end", agent_id=AGENT)
+    assert e.seq == 4
+    assert reopened.verify().ok
+
+
+def test_database_file_is_private(db: Path, log: AuditLog) -> None:
+    log.append("task_begin", agent_id=AGENT)
+    assert os.stat(db).st_mode & 0o777 == 0o600
+
+
+def test_an_edited_row_is_named(db: Path, log: AuditLog, clock: FakeClock) -> None:
+    fill(log, clock)
+    row = sqlite3.connect(db).execute("SELECT event_id FROM audit_events WHERE seq = 3").fetchone()
+    sql(db, "UPDATE audit_events SET decision = 'deny' WHERE seq = 3")  # it was "allow"
+    result = log.verify()
+    assert not result.ok
+    assert result.problem is Break.EDITED
+    assert result.broken_seq == 3
+    assert result.broken_event_id == row[0]
+    assert "seq 3" in str(result)
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("ttl", 86400), ("reason", "nothing to see"), ("ts", 1.0), ("extra", '{"n":2}')],
+)
+def test_editing_any_field_is_caught(
+    db: Path, log: AuditLog, clock: FakeClock, column: str, value: object
+) -> None:
+    fill(log, clock)
+    sql(db, f"UPDATE audit_events SET {column} = ? WHERE seq = 2", value)
+    result = log.verify()
+    assert (result.ok, result.problem, result.broken_seq) == (False, Break.EDITED, 2)
+
+
+def test_a_rehashed_edit_breaks_the_next_link(db: Path, log: AuditLog, clock: FakeClock) -> None:
+    fill(log, clock)
+    store = SqliteAuditStore(db)
+    row = next(r for r in store.rows() if r["seq"] == 2)
+    forged = event_from_row({**row, "decision": "deny"})
+    sql(
+        db,
+        "UPDATE audit_events SET decision = 'deny', hash = ? WHERE seq = 2",
+        forged.compute_hash(),
+    )
+    result = log.verify()
+    assert (result.ok, result.problem, result.broken_seq) == (False, Break.RELINKED, 3)
+
+
+def test_a_deleted_middle_row_is_named_as_a_gap(db: Path, log: AuditLog, clock: FakeClock) -> None:
+    fill(log, clock)
+    sql(db, "DELETE FROM audit_events WHERE seq = 3")
+    result = log.verify()
+    assert not result.ok
+    assert result.problem is Break.DELETED
+    assert result.broken_seq == 4
+    assert "events 3..3 are missing" in result.detail
+
+
+def test_reordered_rows_are_caught(db: Path, log: AuditLog, clock: FakeClock) -> None:
+    fill(log, clock)
+    sql(db, "UPDATE audit_events SET seq = 100 WHERE seq = 2")
+    sql(db, "UPDATE audit_events SET seq = 2 WHERE seq = 3")
+    sql(db, "UPDATE audit_events SET seq = 3 WHERE seq = 100")
+    result = log.verify()
+    assert not result.ok
+    assert result.broken_seq == 2
+
+
+def test_deleting_the_tail_is_caught_by_the_head_row(
+    db: Path, log: AuditLog, clock: FakeClock
+) -> None:
+    fill(log, clock)
+    sql(db, "DELETE FROM audit_events WHERE seq = 5")
+    result = log.verify()
+    assert not result.ok
+    assert result.problem is Break.TRUNCATED
+    assert "head records seq 5 but the log ends at seq 4" in result.detail
+
+
+def test_tail_deletion_with_a_rewritten_head_needs_an_external_anchor(
+    db: Path, log: AuditLog, clock: FakeClock
+) -> None:
+    fill(log, clock)
+    anchor = log.head()
+    assert anchor is not None
+    row = sqlite3.connect(db).execute("SELECT hash FROM audit_events WHERE seq = 4").fetchone()
+    sql(db, "DELETE FROM audit_events WHERE seq = 5")
+    sql(db, "UPDATE audit_head SET seq = 4, hash = ?", row[0])
+    assert log.verify().ok  # undetectable from inside the database alone
+    result = log.verify(anchor=anchor)
+    assert not result.ok
+    assert result.problem is Break.TRUNCATED
+    assert "anchor names seq 5" in result.detail
+
+
+def test_a_wrong_anchor_is_reported(log: AuditLog, clock: FakeClock) -> None:
+    fill(log, clock)
+    result = log.verify(anchor=Head(2, "00" * 32))
+    assert (result.ok, result.problem, result.broken_seq) == (False, Break.HEAD_MISMATCH, 2)
+
+
+def test_a_row_inserted_behind_the_log_is_caught(db: Path, log: AuditLog, clock: FakeClock) -> None:
+    fill(log, clock, 2)
+    con = sqlite3.connect(db)
+    cols = [r[1] for r in con.execute("PRAGMA table_info(audit_events)")]
+    row = list(con.execute("SELECT * FROM audit_events WHERE seq = 2").fetchone())
+    con.close()
+    row[cols.index("seq")] = 3
+    row[cols.index("event_id")] = "forged"
+    sql(db, f"INSERT INTO audit_events VALUES ({', '.join('?' * len(row))})", *row)
+    result = log.verify()
+    assert not result.ok
+    assert result.broken_seq == 3
+
+
+def test_empty_log_verifies(log: AuditLog) -> None:
+    result = log.verify()
+    assert result.ok
+    assert result.checked == 0
+    assert log.head() is None
+
+
+def test_export_filters(log: AuditLog, clock: FakeClock) -> None:
+    start = clock.now()
+    fill(log, clock, 6)
+
+    def export(**kw: object) -> list[dict[str, object]]:
+        out = io.StringIO()
+        n = log.export(out, **kw)  # type: ignore[arg-type]
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert n == len(lines)
+        return lines
+
+    everything = export()
+    assert [e["seq"] for e in everything] == [1, 2, 3, 4, 5, 6]
+    assert everything[0]["hash"]
+    assert everything[0]["prev_hash"] == GENESIS_HASH
+    assert {e["agent_id"] for e in export(agent=OTHER)} == {OTHER}
+    assert [e["seq"] for e in export(task="task-1")] == [2, 5]
+    assert [e["seq"] for e in export(decision="deny")] == [4]
+    assert [e["seq"] for e in export(since=start + 10, until=start + 30)] == [2, 3]
+    assert export(kind="task_end") == []
+    assert [e["seq"] for e in export(agent=AGENT, task="task-0")] == [1]
+
+
+def test_exported_lines_rehash_to_the_chain(log: AuditLog, clock: FakeClock) -> None:
+    fill(log, clock, 3)
+    out = io.StringIO()
+    log.export(out)
+    prev = GENESIS_HASH
+    for line in out.getvalue().splitlines():
+        event = json.loads(line)
+        stored = event.pop("hash")
+        assert chain_hash(prev, canonical_json(event)) == stored
+        prev = stored
+
+
+JWT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJzcGlmZmU6Ly90ZC9hIn0.c2lnbmF0dXJl"
+PEM = "-----BEGIN PRIVATE KEY-----\nMIGHAgEA\n-----END PRIVATE KEY-----"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"credential_id": JWT},
+        {"reason": f"token was {JWT}"},
+        {"extra": {"token": JWT}},
+        {"extra": {"chain": [PEM]}},
+        {"resource": PEM},
+    ],
+)
+def test_tokens_and_keys_are_refused(log: AuditLog, fields: dict[str, object]) -> None:
+    with pytest.raises(SecretInAuditError) as exc:
+        log.append("jwt_minted", agent_id=AGENT, **fields)
+    assert JWT not in str(exc.value)
+    assert "BEGIN" not in str(exc.value)
+    assert log.head() is None  # nothing was chained
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "needle"),
+    [
+        ("Not A Kind", {}, "kind"),
+        ("denial", {"secret_sauce": 1}, "unknown audit field"),
+        ("denial", {"extra": {"blob": "x" * 5000}}, "at most"),
+        ("denial", {"extra": {"f": object()}}, "JSON"),
+    ],
+)
+def test_malformed_events_are_refused(
+    log: AuditLog, kind: str, fields: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(AuditError, match=needle):
+        log.append(kind, **fields)
+
+
+def test_append_many_is_one_consecutive_batch(log: AuditLog) -> None:
+    events = log.append_many(
+        [EventDraft("revocation", credential_id=f"serial-{i}", task_id="t") for i in range(4)]
+    )
+    assert [e.seq for e in events] == [1, 2, 3, 4]
+    assert log.verify().ok
+
+
+def test_concurrent_appends_keep_one_chain(log: AuditLog) -> None:
+    def worker(k: int) -> None:
+        for i in range(25):
+            log.append("jwt_minted", agent_id=AGENT, credential_id=f"{k}-{i}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result = log.verify()
+    assert result.ok, str(result)
+    assert result.checked == 100
+
+
+class FailingStore(SqliteAuditStore):
+    fail = False
+
+    def append(self, events):  # type: ignore[no-untyped-def]
+        if self.fail:
+            raise AuditError("disk full")
+        super().append(events)
+
+
+def test_a_failed_commit_leaves_no_hole(db: Path, clock: FakeClock) -> None:
+    store = FailingStore(db)
+    log = AuditLog(store, clock)
+    log.append("task_begin", agent_id=AGENT)
+    store.fail = True
+    with pytest.raises(AuditError, match="disk full"):
+        log.append("task_end", agent_id=AGENT)
+    store.fail = False
+    e = log.append("task_end", agent_id=AGENT)
+    assert e.seq == 2
+    assert log.verify().ok
+
+
+def test_unopenable_database_is_an_audit_error(tmp_path: Path) -> None:
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(AuditError, match=r"dir\.db"):
+        SqliteAuditStore(tmp_path / "dir.db")
+
+
+def test_read_only_open_refuses_a_missing_database(tmp_path: Path) -> None:
+    with pytest.raises(AuditError, match=r"no audit database at .*missing\.db"):
+        SqliteAuditStore(tmp_path / "missing.db", create=False)
+    assert not (tmp_path / "missing.db").exists()

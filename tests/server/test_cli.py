@@ -1,0 +1,233 @@
+"""The svid-server CLI's admin commands, in-process against a real server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+from tests.server.fixtures import TRUST_DOMAIN, RunningServer, running_server
+
+TD = f"spiffe://{TRUST_DOMAIN}"
+PARENT = f"{TD}/svid/agent/join_token/cli"
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[RunningServer]:
+    yield from running_server()
+
+
+def _run(
+    capsys: pytest.CaptureFixture[str], srv: RunningServer, *argv: str
+) -> tuple[int, str, str]:
+    code = main([*argv, "--admin-socket", srv.runtime.admin_socket])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_entry_lifecycle_text_and_json(
+    capsys: pytest.CaptureFixture[str], srv: RunningServer
+) -> None:
+    code, out, err = _run(
+        capsys,
+        srv,
+        "entry",
+        "create",
+        "--spiffe-id",
+        f"{TD}/cli/web",
+        "--parent-id",
+        PARENT,
+        "--selector",
+        "unix:uid:1000",
+        "--selector",
+        "unix:gid:50",
+        "--x509-ttl",
+        "120",
+        "--dns",
+        "web.example.org",
+        "--hint",
+        "web",
+        "--output",
+        "json",
+    )
+    assert (code, err) == (0, "")
+    created = json.loads(out)
+    assert created["spiffe_id"] == f"{TD}/cli/web"
+    assert created["x509_svid_ttl"] == 120
+    assert {f"{s['type']}:{s['value']}" for s in created["selectors"]} == {
+        "unix:uid:1000",
+        "unix:gid:50",
+    }
+    entry_id = created["id"]
+
+    code, out, _ = _run(capsys, srv, "entry", "show", "--id", entry_id)
+    assert code == 0
+    assert f"Entry ID         : {entry_id}" in out
+    assert "Selector         : unix:uid:1000" in out
+    assert "DNS name         : web.example.org" in out
+
+    code, out, _ = _run(
+        capsys, srv, "entry", "update", "--id", entry_id, "--jwt-ttl", "60", "--output", "json"
+    )
+    updated = json.loads(out)
+    assert updated["jwt_svid_ttl"] == 60
+    assert updated["x509_svid_ttl"] == 120  # untouched fields survive an update
+    assert int(updated["revision"]) == 2
+
+    code, out, _ = _run(capsys, srv, "entry", "show", "--parent-id", PARENT, "--output", "json")
+    assert [e["id"] for e in json.loads(out)["entries"]] == [entry_id]
+
+    code, out, _ = _run(capsys, srv, "entry", "delete", "--id", entry_id)
+    assert (code, out.strip()) == (0, f"Deleted entry {entry_id}")
+    code, _, err = _run(capsys, srv, "entry", "show", "--id", entry_id)
+    assert code == 1
+    assert "NOT_FOUND" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            [
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://bad/x/",
+                "--parent-id",
+                PARENT,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "INVALID_ARGUMENT: spiffe_id: path has a trailing slash",
+        ),
+        (
+            [
+                "entry",
+                "create",
+                "--spiffe-id",
+                f"{TD}/x",
+                "--parent-id",
+                PARENT,
+                "--selector",
+                "nocolon",
+            ],
+            "--selector: 'nocolon' must be TYPE:VALUE",
+        ),
+        (
+            [
+                "entry",
+                "create",
+                "--spiffe-id",
+                f"{TD}/x",
+                "--parent-id",
+                f"{TD}/ghost",
+                "--selector",
+                "unix:uid:1",
+            ],
+            "INVALID_ARGUMENT: parent_id: unknown parent",
+        ),
+        (
+            [
+                "entry",
+                "create",
+                "--spiffe-id",
+                f"{TD}/x",
+                "--parent-id",
+                PARENT,
+                "--selector",
+                "unix:uid:1",
+                "--x509-ttl",
+                "-4",
+            ],
+            "--x509-ttl",
+        ),
+        (["entry", "delete", "--id", "nosuch"], "NOT_FOUND: entry nosuch not found"),
+        (["agent", "show", "--spiffe-id", f"{TD}/svid/agent/x/y"], "NOT_FOUND"),
+        (["agent", "evict", "--spiffe-id", "nonsense"], "INVALID_ARGUMENT: spiffe_id"),
+        (
+            [
+                "entry",
+                "create",
+                "--spiffe-id",
+                f"{TD}/x",
+                "--parent-id",
+                PARENT,
+                "--selector",
+                "unix:uid:1",
+                "--expires-at",
+                "tomorrow",
+            ],
+            "--expires-at",
+        ),
+    ],
+)
+def test_errors_are_one_line_exit_1(
+    capsys: pytest.CaptureFixture[str], srv: RunningServer, argv: list[str], message: str
+) -> None:
+    code, out, err = _run(capsys, srv, *argv)
+    assert code == 1
+    assert out == ""
+    assert message in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_missing_socket(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["agent", "list", "--admin-socket", str(tmp_path / "none.sock")])
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert "does not exist" in err
+
+
+def test_token_and_agents(capsys: pytest.CaptureFixture[str], srv: RunningServer) -> None:
+    code, out, _ = _run(capsys, srv, "token", "generate", "--ttl", "120", "--output", "json")
+    token = json.loads(out)
+    assert code == 0
+    assert token["agent_spiffe_id"].startswith(f"{TD}/svid/agent/join_token/")
+    agent = srv.attest(token["token"])
+    code, out, _ = _run(capsys, srv, "agent", "list")
+    assert agent.spiffe_id in out
+    code, out, _ = _run(
+        capsys, srv, "agent", "show", "--spiffe-id", agent.spiffe_id, "--output", "json"
+    )
+    assert json.loads(out)["serial"] == agent.serial
+    code, out, _ = _run(capsys, srv, "agent", "ban", "--spiffe-id", agent.spiffe_id)
+    assert code == 0
+    code, out, _ = _run(capsys, srv, "agent", "list", "--output", "json")
+    banned = [a for a in json.loads(out)["agents"] if a["spiffe_id"] == agent.spiffe_id]
+    assert banned[0]["banned"] is True
+    code, out, _ = _run(capsys, srv, "agent", "evict", "--spiffe-id", agent.spiffe_id)
+    assert code == 0
+    code, out, _ = _run(capsys, srv, "agent", "list", "--output", "json")
+    assert agent.spiffe_id not in out
+
+
+def test_bundle_formats(capsys: pytest.CaptureFixture[str], srv: RunningServer) -> None:
+    code, pem, _ = _run(capsys, srv, "bundle", "show")
+    assert code == 0
+    assert pem.startswith("-----BEGIN CERTIFICATE-----")
+    code, out, _ = _run(capsys, srv, "bundle", "show", "--format", "spiffe")
+    doc = json.loads(out)
+    uses = {k["use"] for k in doc["keys"]}
+    assert uses == {"x509-svid", "jwt-svid"}
+    assert doc["spiffe_sequence"] >= 1
+
+
+def test_healthcheck(capsys: pytest.CaptureFixture[str], srv: RunningServer) -> None:
+    code, out, _ = _run(capsys, srv, "healthcheck")
+    assert (code, out.strip()) == (0, "Server is healthy.")
+
+
+def test_admin_socket_from_config_file(
+    capsys: pytest.CaptureFixture[str], srv: RunningServer, tmp_path: Path
+) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'trust_domain = "{TRUST_DOMAIN}"\nadmin_socket = "{srv.runtime.admin_socket}"\n'
+    )
+    code = main(["healthcheck", "--config", str(config)])
+    assert code == 0
+    capsys.readouterr()

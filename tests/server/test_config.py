@@ -1,0 +1,77 @@
+"""Config: TOML + flags (flags win), validated once, errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import ServerConfig, build_config, load_config
+from server.errors import ConfigError
+from svid._spiffe_id import TrustDomain
+
+
+def test_defaults_from_minimal_file(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text('trust_domain = "example.org"\n')
+    config = load_config(path)
+    assert config.trust_domain == TrustDomain("example.org")
+    assert config.default_x509_svid_ttl == 300
+    assert config.agent_svid_ttl == 3600
+    assert config.join_token_ttl == 600
+    assert config.key_type == "ec-p256"
+    assert config.metrics_address == ""
+
+
+def test_server_table_and_flags_win(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(
+        '[server]\ntrust_domain = "example.org"\ndata_dir = "/var/a"\nlog_format = "text"\n'
+    )
+    config = load_config(path, {"data_dir": "/var/b", "log_format": None, "ca_ttl": "7200"})
+    assert config.data_dir == Path("/var/b")
+    assert config.log_format == "text"
+    assert config.ca_ttl == 7200
+
+
+def test_config_is_frozen() -> None:
+    config = build_config({"trust_domain": "example.org"})
+    with pytest.raises(AttributeError):
+        config.ca_ttl = 1  # type: ignore[misc]
+    assert isinstance(config, ServerConfig)
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({}, "trust_domain"),
+        ({"trust_domain": "Example.org"}, "trust_domain"),
+        ({"trust_domain": "example.org", "ca_ttl": 0}, "ca_ttl"),
+        ({"trust_domain": "example.org", "ca_ttl": "soon"}, "ca_ttl"),
+        ({"trust_domain": "example.org", "ca_ttl": True}, "ca_ttl"),
+        ({"trust_domain": "example.org", "agent_svid_ttl": 1.5}, "agent_svid_ttl"),
+        ({"trust_domain": "example.org", "key_type": "dsa"}, "key_type"),
+        ({"trust_domain": "example.org", "log_format": "xml"}, "log_format"),
+        ({"trust_domain": "example.org", "bind_address": "localhost"}, "bind_address"),
+        ({"trust_domain": "example.org", "bind_address": "h:99999"}, "bind_address"),
+        ({"trust_domain": "example.org", "metrics_address": "nope"}, "metrics_address"),
+        ({"trust_domain": "example.org", "upstream_ca_cert": "/a.pem"}, "upstream_ca_key"),
+        ({"trust_domain": "example.org", "color": "blue"}, "color"),
+        ({"trust_domain": "example.org", "admin_socket": "/" + "a" * 120}, "admin_socket"),
+        ({"trust_domain": "example.org", "ca_ttl": 100}, "default_x509_svid_ttl"),
+        ({"trust_domain": "example.org", "jwt_key_ttl": 100}, "default_jwt_svid_ttl"),
+        ({"trust_domain": "example.org", "shutdown_grace": -1}, "shutdown_grace"),
+    ],
+)
+def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        build_config(values)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("trust_domain = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)

@@ -1,0 +1,400 @@
+"""The SQLite datastore on a real file: CRUD, identity rules, single use, restarts, migrations."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from server.datastore import (
+    AlreadyExistsError,
+    AttestedAgent,
+    ConflictError,
+    Entry,
+    JoinToken,
+    KeySlot,
+    NotFoundError,
+    Revocation,
+    Selector,
+)
+from server.datastore.migrations import MIGRATIONS
+from server.datastore.sqlite import SqliteDataStore
+from server.datastore.testing import FaultInjectingDataStore
+from svid._clock import FakeClock
+
+AGENT = "spiffe://example.org/svid/agent/join_token/t1"
+
+
+def entry(path: str = "/web", parent: str = AGENT, *selectors: str, **kw: object) -> Entry:
+    sels = tuple(Selector.parse(s) for s in (selectors or ("unix:uid:1000",)))
+    return Entry("", f"spiffe://example.org{path}", parent, sels, **kw)  # type: ignore[arg-type]
+
+
+def agent(spiffe_id: str = AGENT, serial: str = "1", **kw: object) -> AttestedAgent:
+    return AttestedAgent(spiffe_id, "join_token", serial, 1_700_003_600, **kw)  # type: ignore[arg-type]
+
+
+# -- records -------------------------------------------------------------------------------------
+
+
+def test_selector_parse_splits_on_first_colon() -> None:
+    sel = Selector.parse("unix:uid:1000")
+    assert sel == Selector("unix", "uid:1000")
+    assert str(sel) == "unix:uid:1000"
+
+
+@pytest.mark.parametrize("text", ["", "unix", "unix:", ":uid"])
+def test_selector_parse_rejects_malformed(text: str) -> None:
+    with pytest.raises(ValueError, match="type:value"):
+        Selector.parse(text)
+
+
+def test_join_token_repr_hides_the_hash() -> None:
+    token = JoinToken("t1", b"\x01" * 32, 5)
+    assert "secret" not in repr(token)
+    assert repr(b"\x01" * 32) not in repr(token)
+
+
+# -- entries -------------------------------------------------------------------------------------
+
+
+def test_create_entry_assigns_id_revision_and_time(datastore: SqliteDataStore) -> None:
+    created = datastore.create_entry(entry(dns_names=("a.example",), hint="h", admin=True))
+    assert len(created.id) == 32
+    assert created.revision == 1
+    assert created.created_at == 1_700_000_000
+    assert datastore.get_entry(created.id) == created
+
+
+def test_create_entry_keeps_a_given_id(datastore: SqliteDataStore) -> None:
+    created = datastore.create_entry(Entry("my-id", "spiffe://example.org/a", AGENT, ()))
+    assert created.id == "my-id"
+    with pytest.raises(AlreadyExistsError, match="my-id"):
+        datastore.create_entry(Entry("my-id", "spiffe://example.org/b", AGENT, ()))
+
+
+def test_duplicate_entry_is_the_same_selector_set_in_any_order(datastore: SqliteDataStore) -> None:
+    datastore.create_entry(entry("/web", AGENT, "unix:uid:1000", "unix:gid:5"))
+    with pytest.raises(AlreadyExistsError, match="same selectors"):
+        datastore.create_entry(entry("/web", AGENT, "unix:gid:5", "unix:uid:1000"))
+    # A different selector set, parent or ID is a different entry.
+    datastore.create_entry(entry("/web", AGENT, "unix:uid:1000"))
+    datastore.create_entry(entry("/web", "spiffe://example.org/other", "unix:uid:1000", "unix:gid:5"))
+    datastore.create_entry(entry("/api", AGENT, "unix:uid:1000", "unix:gid:5"))
+    assert len(datastore.list_entries()) == 4
+
+
+def test_list_entries_filters(datastore: SqliteDataStore) -> None:
+    a = datastore.create_entry(entry("/a", AGENT))
+    b = datastore.create_entry(entry("/b", AGENT))
+    c = datastore.create_entry(entry("/a", "spiffe://example.org/other"))
+    assert {e.id for e in datastore.list_entries()} == {a.id, b.id, c.id}
+    assert {e.id for e in datastore.list_entries(spiffe_id=a.spiffe_id)} == {a.id, c.id}
+    assert {e.id for e in datastore.list_entries(parent_id=AGENT)} == {a.id, b.id}
+    assert [e.id for e in datastore.list_entries(a.spiffe_id, AGENT)] == [a.id]
+    assert datastore.list_entries(spiffe_id="spiffe://example.org/none") == []
+
+
+def test_update_entry_bumps_revision_and_keeps_created_at(
+    datastore: SqliteDataStore, clock: FakeClock
+) -> None:
+    created = datastore.create_entry(entry())
+    clock.advance(100)
+    changed = Entry(created.id, created.spiffe_id, AGENT, created.selectors, x509_svid_ttl=60)
+    updated = datastore.update_entry(changed)
+    assert updated.revision == 2
+    assert updated.created_at == created.created_at
+    assert datastore.get_entry(created.id) == updated
+
+
+def test_update_entry_with_a_stale_revision_conflicts(datastore: SqliteDataStore) -> None:
+    created = datastore.create_entry(entry())
+    datastore.update_entry(created)  # now revision 2
+    with pytest.raises(ConflictError, match="revision 2"):
+        datastore.update_entry(created)  # still says revision 1
+    assert datastore.get_entry(created.id).revision == 2
+
+
+def test_update_entry_may_not_clash_with_another(datastore: SqliteDataStore) -> None:
+    a = datastore.create_entry(entry("/a"))
+    b = datastore.create_entry(entry("/b"))
+    with pytest.raises(AlreadyExistsError, match=a.id):
+        datastore.update_entry(Entry(b.id, a.spiffe_id, a.parent_id, a.selectors))
+    assert datastore.get_entry(b.id) == b
+
+
+def test_unknown_entry_is_not_found(datastore: SqliteDataStore) -> None:
+    with pytest.raises(NotFoundError, match="nope"):
+        datastore.get_entry("nope")
+    with pytest.raises(NotFoundError, match="nope"):
+        datastore.update_entry(Entry("nope", "spiffe://example.org/a", AGENT, ()))
+    with pytest.raises(NotFoundError, match="nope"):
+        datastore.delete_entry("nope")
+
+
+def test_delete_entry(datastore: SqliteDataStore) -> None:
+    created = datastore.create_entry(entry())
+    datastore.delete_entry(created.id)
+    assert datastore.list_entries() == []
+    datastore.create_entry(entry())  # the identity is free again
+
+
+# -- join tokens ---------------------------------------------------------------------------------
+
+
+def test_join_token_is_taken_once(datastore: SqliteDataStore) -> None:
+    token = JoinToken("t1", b"h" * 32, 1_700_000_600)
+    datastore.create_join_token(token)
+    with pytest.raises(AlreadyExistsError, match="t1"):
+        datastore.create_join_token(token)
+    assert datastore.take_join_token("t1") == token
+    assert datastore.take_join_token("t1") is None
+    assert datastore.take_join_token("never") is None
+
+
+def test_join_token_single_use_under_concurrent_takers(datastore: SqliteDataStore) -> None:
+    datastore.create_join_token(JoinToken("race", b"h" * 32, 1_700_000_600))
+    barrier = threading.Barrier(8)
+    results: list[JoinToken | None] = []
+    lock = threading.Lock()
+
+    def take() -> None:
+        barrier.wait()
+        got = datastore.take_join_token("race")
+        with lock:
+            results.append(got)
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8
+    assert sum(r is not None for r in results) == 1
+
+
+def test_join_token_single_use_across_two_connections(tmp_path: Path, clock: FakeClock) -> None:
+    first = SqliteDataStore(tmp_path / "db", clock)
+    second = SqliteDataStore(tmp_path / "db", clock)
+    first.create_join_token(JoinToken("t", b"h", 1_700_000_600))
+    assert second.take_join_token("t") is not None
+    assert first.take_join_token("t") is None
+    first.close()
+    second.close()
+
+
+def test_prune_join_tokens(datastore: SqliteDataStore) -> None:
+    datastore.create_join_token(JoinToken("old", b"h", 100))
+    datastore.create_join_token(JoinToken("new", b"h", 200))
+    assert datastore.prune_join_tokens(100) == 1
+    assert datastore.take_join_token("old") is None
+    assert datastore.take_join_token("new") is not None
+
+
+# -- agents --------------------------------------------------------------------------------------
+
+
+def test_agent_upsert_get_list_delete(datastore: SqliteDataStore) -> None:
+    first = agent(selectors=(Selector("join_token", "t1"),), attested_at=5)
+    datastore.upsert_agent(first)
+    assert datastore.get_agent(AGENT) == first
+    renewed = agent(serial="2")
+    datastore.upsert_agent(renewed)
+    assert datastore.get_agent(AGENT) == renewed
+    other = agent("spiffe://example.org/svid/agent/x509pop/abc")
+    datastore.upsert_agent(other)
+    assert [a.spiffe_id for a in datastore.list_agents()] == [AGENT, other.spiffe_id]
+    datastore.delete_agent(AGENT)
+    with pytest.raises(NotFoundError, match="t1"):
+        datastore.get_agent(AGENT)
+    with pytest.raises(NotFoundError):
+        datastore.delete_agent(AGENT)
+
+
+def test_ban_is_sticky_across_upserts(datastore: SqliteDataStore) -> None:
+    datastore.upsert_agent(agent())
+    datastore.set_agent_banned(AGENT, True)
+    datastore.upsert_agent(agent(serial="2"))  # a renewal racing the ban
+    assert datastore.get_agent(AGENT).banned
+    assert datastore.get_agent(AGENT).serial == "2"
+    datastore.set_agent_banned(AGENT, False)
+    assert not datastore.get_agent(AGENT).banned
+    with pytest.raises(NotFoundError):
+        datastore.set_agent_banned("spiffe://example.org/nobody", True)
+
+
+# -- key slots and bundle sequence ---------------------------------------------------------------
+
+
+def test_key_slots_insert_replace_delete(datastore: SqliteDataStore) -> None:
+    slot = KeySlot("s1", "x509", "prepared", b"\x30\x00", "k", 10, 20, 5)
+    datastore.save_key_slot(slot)
+    datastore.save_key_slot(KeySlot("s0", "x509", "active", b"\x30", "k0", 1, 20, 1))
+    datastore.save_key_slot(KeySlot("j1", "jwt", "active", b"\x30", "j", 1, 20, 1))
+    active = KeySlot("s1", "x509", "active", b"\x30\x00", "k", 10, 20, 5)
+    datastore.save_key_slot(active)
+    assert [s.slot_id for s in datastore.list_key_slots("x509")] == ["s0", "s1"]
+    assert datastore.list_key_slots("x509")[1] == active
+    datastore.delete_key_slot("s1")
+    datastore.delete_key_slot("s1")  # replaying a journal step is harmless
+    assert [s.slot_id for s in datastore.list_key_slots("x509")] == ["s0"]
+    with pytest.raises(ValueError, match="kind"):
+        datastore.save_key_slot(KeySlot("x", "pgp", "active", b"", "", 0, 0, 0))
+
+
+def test_bundle_sequence_is_monotonic_across_restarts(tmp_path: Path, clock: FakeClock) -> None:
+    store = SqliteDataStore(tmp_path / "db", clock)
+    assert store.bundle_sequence() == 0
+    assert [store.next_bundle_sequence() for _ in range(3)] == [1, 2, 3]
+    store.close()
+    store = SqliteDataStore(tmp_path / "db", clock)
+    assert store.bundle_sequence() == 3
+    assert store.next_bundle_sequence() == 4
+    store.close()
+
+
+# -- revocations ---------------------------------------------------------------------------------
+
+
+def test_revocations_add_list_prune(datastore: SqliteDataStore) -> None:
+    a = Revocation("x509_serial", "123", "spiffe://example.org/a", 100, "task ended", 50)
+    b = Revocation("jwt_id", "abc", "spiffe://example.org/b", 200, "leaked", 50)
+    datastore.add_revocations([a, b])
+    datastore.add_revocations([Revocation("x509_serial", "123", "x", 999, "again", 60)])
+    assert datastore.list_revocations() == [b, a]
+    assert datastore.prune_revocations(100) == 1
+    assert datastore.list_revocations() == [b]
+    with pytest.raises(ValueError, match="kind"):
+        datastore.add_revocations([Revocation("crl", "1", "x", 1, "", 1)])
+    assert datastore.list_revocations() == [b]
+
+
+# -- change tracking -----------------------------------------------------------------------------
+
+
+def test_revision_moves_on_every_write_agents_care_about(datastore: SqliteDataStore) -> None:
+    seen = [datastore.revision()]
+
+    def moved() -> bool:
+        now = datastore.revision()
+        moved = now > seen[-1]
+        seen.append(now)
+        return moved
+
+    created = datastore.create_entry(entry())
+    assert moved()
+    datastore.update_entry(created)
+    assert moved()
+    datastore.upsert_agent(agent())
+    assert moved()
+    datastore.set_agent_banned(AGENT, True)
+    assert moved()
+    datastore.add_revocations([Revocation("jwt_id", "j", "s", 10, "", 1)])
+    assert moved()
+    datastore.prune_revocations(10)
+    assert moved()
+    datastore.next_bundle_sequence()
+    assert moved()
+    datastore.delete_agent(AGENT)
+    assert moved()
+    datastore.delete_entry(created.id)
+    assert moved()
+    datastore.create_join_token(JoinToken("t", b"h", 5))
+    datastore.prune_revocations(10)  # nothing to prune
+    assert not moved()
+
+
+def test_failed_write_changes_nothing(datastore: SqliteDataStore) -> None:
+    datastore.create_entry(entry())
+    before = datastore.revision()
+    with pytest.raises(AlreadyExistsError):
+        datastore.create_entry(entry())
+    assert datastore.revision() == before
+    assert len(datastore.list_entries()) == 1
+
+
+# -- the file ------------------------------------------------------------------------------------
+
+
+def test_restart_keeps_everything(tmp_path: Path, clock: FakeClock) -> None:
+    store = SqliteDataStore(tmp_path / "db", clock)
+    created = store.create_entry(entry())
+    store.upsert_agent(agent())
+    store.create_join_token(JoinToken("t", b"h", 5))
+    store.add_revocations([Revocation("jwt_id", "j", "s", 10, "", 1)])
+    revision = store.revision()
+    store.close()
+    again = SqliteDataStore(tmp_path / "db", clock)
+    assert again.list_entries() == [created]
+    assert again.get_agent(AGENT) == agent()
+    assert again.take_join_token("t") == JoinToken("t", b"h", 5)
+    assert len(again.list_revocations()) == 1
+    assert again.revision() == revision
+    again.close()
+
+
+def test_migrations_are_recorded_and_idempotent(tmp_path: Path, clock: FakeClock) -> None:
+    store = SqliteDataStore(tmp_path / "db", clock)
+    versions = [m.version for m in MIGRATIONS]
+    assert store.schema_versions() == versions
+    assert store.migrate() == []
+    store.create_entry(entry())
+    store.close()
+    again = SqliteDataStore(tmp_path / "db", clock)
+    assert again.migrate() == []
+    assert again.schema_versions() == versions
+    assert len(again.list_entries()) == 1
+    again.close()
+
+
+def test_database_is_wal_fully_synced_and_owner_only(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "db"
+    store = SqliteDataStore(path, clock)
+    store.create_entry(entry())
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    for name in ("db", "db-wal", "db-shm"):
+        mode = stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+        assert mode == 0o600, f"{name} has mode {oct(mode)}"
+    store.close()
+
+
+def test_existing_file_is_made_owner_only(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "db"
+    path.touch(mode=0o644)
+    os.chmod(path, 0o644)
+    SqliteDataStore(path, clock).close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_closed_store_refuses_calls(tmp_path: Path, clock: FakeClock) -> None:
+    store = SqliteDataStore(tmp_path / "db", clock)
+    store.close()
+    store.close()  # twice is fine
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        store.list_entries()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        store.create_entry(entry())
+
+
+# -- the fault-injecting wrapper -----------------------------------------------------------------
+
+
+def test_fault_injection_fails_matching_calls_in_order(datastore: SqliteDataStore) -> None:
+    store = FaultInjectingDataStore(datastore)
+    store.inject(sqlite3.OperationalError("disk I/O error"), method="create_entry")
+    store.inject(RuntimeError("any method"))
+    with pytest.raises(RuntimeError, match="any method"):
+        store.list_entries()  # skips the create_entry fault, takes the catch-all
+    with pytest.raises(sqlite3.OperationalError, match="disk"):
+        store.create_entry(entry())
+    assert datastore.list_entries() == []  # the failed call never reached the real store
+    assert store.pending() == 0
+    created = store.create_entry(entry())
+    assert store.get_entry(created.id) == created
+    assert store.calls == ["list_entries", "create_entry", "create_entry", "get_entry"]

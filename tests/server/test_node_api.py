@@ -1,0 +1,628 @@
+"""Node API handler tests on a real server over real TLS sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from svid._proto import admin_pb2, common_pb2, node_pb2, node_pb2_grpc
+from svid._x509 import check_leaf_profile
+from tests.server.fixtures import (
+    PEM,
+    TLS_NAME,
+    TRUST_DOMAIN,
+    Agent,
+    RunningServer,
+    bundle_pem,
+    der_chain,
+    make_csr,
+    running_server,
+    short_tmpdir,
+    start_server,
+)
+
+REFUSED = "join token is invalid, expired or already used"
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[RunningServer]:
+    yield from running_server()
+
+
+def _attest_rpc(
+    srv: RunningServer, *requests: node_pb2.AttestRequest
+) -> list[node_pb2.AttestResponse]:
+    return list(srv.attest_stub().Attest(iter(requests), timeout=10))
+
+
+def _params(kind: str, payload: bytes, csr: bytes | None = None) -> node_pb2.AttestRequest:
+    if csr is None:
+        _, csr = make_csr()
+    return node_pb2.AttestRequest(
+        params=node_pb2.AttestParams(
+            data=node_pb2.AttestationData(type=kind, payload=payload), csr=csr
+        )
+    )
+
+
+def _code(exc: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    return exc.value.code()  # type: ignore[attr-defined,no-any-return]
+
+
+# -- attestation -------------------------------------------------------------------------------
+
+
+def test_join_token_attestation_issues_agent_svid(srv: RunningServer) -> None:
+    token = srv.join_token()
+    agent = srv.attest(token)
+    token_id = token.split(".")[0]
+    assert agent.spiffe_id == f"spiffe://{TRUST_DOMAIN}/svid/agent/join_token/{token_id}"
+    leaf = agent.chain[0]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [agent.spiffe_id]
+    assert leaf.public_key() == agent.key.public_key()
+    listed = srv.admin().GetAgent(admin_pb2.GetAgentRequest(spiffe_id=agent.spiffe_id))
+    assert listed.serial == agent.serial
+    assert listed.attestation_type == "join_token"
+    assert agent.bundle.trust_domain == TRUST_DOMAIN
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "message"),
+    [
+        (b"garbage", grpc.StatusCode.PERMISSION_DENIED, REFUSED),
+        (b"\xff\xfe.x", grpc.StatusCode.PERMISSION_DENIED, REFUSED),
+        (b"nosuchid.secret", grpc.StatusCode.PERMISSION_DENIED, REFUSED),
+        (b"", grpc.StatusCode.PERMISSION_DENIED, REFUSED),
+    ],
+)
+def test_bad_join_tokens(
+    srv: RunningServer, payload: bytes, code: grpc.StatusCode, message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as exc:
+        _attest_rpc(srv, _params("join_token", payload))
+    assert _code(exc) == code
+    assert exc.value.details() == message  # type: ignore[attr-defined]
+
+
+def test_join_token_is_single_use(srv: RunningServer) -> None:
+    token = srv.join_token()
+    srv.attest(token)
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.attest(token)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+    assert exc.value.details() == REFUSED  # type: ignore[attr-defined]
+
+
+def test_join_token_used_concurrently_attests_once(srv: RunningServer) -> None:
+    token = srv.join_token()
+    outcomes: list[str] = []
+
+    def attempt() -> None:
+        try:
+            srv.attest(token)
+            outcomes.append("ok")
+        except grpc.RpcError as exc:
+            outcomes.append(exc.code().name)  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=attempt) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["PERMISSION_DENIED"] * 3 + ["ok"]
+
+
+def test_wrong_secret_does_not_burn_the_token(srv: RunningServer) -> None:
+    token = srv.join_token()
+    token_id = token.split(".")[0]
+    with pytest.raises(grpc.RpcError) as exc:
+        _attest_rpc(srv, _params("join_token", f"{token_id}.wrong-secret".encode()))
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+    assert exc.value.details() == REFUSED  # type: ignore[attr-defined]
+    srv.attest(token)
+
+
+def test_expired_join_token_is_refused(srv: RunningServer) -> None:
+    token = srv.join_token(ttl=1)
+    srv.clock.advance(1)
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.attest(token)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+    assert exc.value.details() == REFUSED  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("requests", "message"),
+    [
+        ([node_pb2.AttestRequest(challenge_response=b"x")], "first message must carry params"),
+        ([], "first message must carry params"),
+        ([_params("tpm", b"x")], "attestation type 'tpm' is not enabled"),
+        ([_params("join_token", b"a.b", csr=b"\x30\x03\x02\x01\x00")], "csr is not a DER"),
+        ([_params("join_token", b"a.b", csr=b"")], "csr is empty"),
+    ],
+)
+def test_malformed_attestation(
+    srv: RunningServer, requests: list[node_pb2.AttestRequest], message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as exc:
+        _attest_rpc(srv, *requests)
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in exc.value.details()  # type: ignore[attr-defined]
+
+
+def _tampered_csr() -> bytes:
+    _, der = make_csr()
+    # Flip a bit in the signature (the last bytes of the DER): structure stays valid.
+    return der[:-3] + bytes([der[-3] ^ 0x01]) + der[-2:]
+
+
+def test_mis_signed_csr_is_refused_and_token_survives(srv: RunningServer) -> None:
+    token = srv.join_token()
+    with pytest.raises(grpc.RpcError) as exc:
+        _attest_rpc(srv, _params("join_token", token.encode(), csr=_tampered_csr()))
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "signature" in exc.value.details()  # type: ignore[attr-defined]
+    srv.attest(token)
+
+
+def test_banned_agent_cannot_reattest(srv: RunningServer) -> None:
+    agent = srv.attest(srv.join_token(agent_id="banme"))
+    srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent.spiffe_id))
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.attest(srv.join_token(agent_id="banme"))
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+    assert "banned" in exc.value.details()  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_node_calls_on_the_attest_port_are_unauthenticated(srv: RunningServer) -> None:
+    stub = srv.attest_stub()
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10)
+    assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as exc:
+        next(iter(stub.Sync(node_pb2.SyncRequest(), timeout=10)))
+    assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_mtls_port_refuses_clients_without_a_certificate(srv: RunningServer) -> None:
+    creds = grpc.ssl_channel_credentials(bundle_pem(srv.bundle()))
+    channel = grpc.secure_channel(srv.runtime.node_address, creds, options=TLS_NAME)
+    stub = node_pb2_grpc.NodeStub(channel)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=5)
+    channel.close()
+    assert _code(exc) == grpc.StatusCode.UNAVAILABLE
+
+
+# -- renewal ---------------------------------------------------------------------------------
+
+
+def test_renew_agent_rotates_serial_and_keeps_previous_usable(srv: RunningServer) -> None:
+    agent = srv.attest()
+    key, csr = make_csr()
+    renewed = srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=csr), timeout=10).svid
+    chain = der_chain(renewed.cert_chain)
+    assert renewed.spiffe_id == agent.spiffe_id
+    assert chain[0].public_key() == key.public_key()
+    new_agent = Agent(agent.spiffe_id, key, chain, renewed.bundle)
+    assert new_agent.serial != agent.serial
+    stored = srv.admin().GetAgent(admin_pb2.GetAgentRequest(spiffe_id=agent.spiffe_id))
+    assert stored.serial == new_agent.serial
+    # The previous certificate still works (open connections), two generations back does not.
+    srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10)
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+    assert "superseded" in exc.value.details()  # type: ignore[attr-defined]
+
+
+def test_renew_with_bad_csr(srv: RunningServer) -> None:
+    agent = srv.attest()
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=b"junk"), timeout=10)
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- Sync ------------------------------------------------------------------------------------
+
+
+def test_sync_sends_full_state_then_pushes_changes(srv: RunningServer) -> None:
+    agent = srv.attest()
+    mine = srv.create_entry("/sync/first", agent.spiffe_id)
+    other = srv.attest()
+    srv.create_entry("/sync/not-mine", other.spiffe_id)
+    stream = srv.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
+    first = next(stream)
+    assert [e.id for e in first.entries] == [mine.id]
+    assert first.bundle.x509_authorities
+    assert first.revision > 0
+    started = time.monotonic()
+    added = srv.create_entry("/sync/second", agent.spiffe_id)
+    second = next(stream)
+    assert time.monotonic() - started < 1.0
+    assert {e.id for e in second.entries} == {mine.id, added.id}
+    srv.admin().DeleteEntry(admin_pb2.DeleteEntryRequest(id=mine.id))
+    third = next(stream)
+    assert [e.id for e in third.entries] == [added.id]
+    stream.cancel()
+
+
+def test_sync_ends_with_permission_denied_on_eviction(srv: RunningServer) -> None:
+    agent = srv.attest()
+    stream = srv.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
+    next(stream)
+    srv.admin().EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id))
+    with pytest.raises(grpc.RpcError) as exc:
+        next(stream)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+    assert "not attested" in exc.value.details()  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.node_stub(agent).NewJWTSVID(
+            node_pb2.NewJWTSVIDRequest(spiffe_id="spiffe://example.org/x", audience=["a"]),
+            timeout=10,
+        )
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_sync_drops_an_entry_when_it_expires(srv: RunningServer) -> None:
+    agent = srv.attest()
+    expiring = srv.create_entry(
+        "/sync/expiring", agent.spiffe_id, expires_at=int(srv.clock.now()) + 1
+    )
+    stream = srv.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
+    assert [e.id for e in next(stream).entries] == [expiring.id]
+    srv.clock.advance(1)
+    assert list(next(stream).entries) == []
+    stream.cancel()
+
+
+def test_agent_with_an_expired_svid_must_reattest() -> None:
+    for server in running_server(agent_svid_ttl=60):
+        agent = server.attest()
+        server.clock.advance(61)
+        with pytest.raises(grpc.RpcError) as exc:
+            server.node_stub(agent).RenewAgent(
+                node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10
+            )
+        assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+        assert "expired" in exc.value.details()  # type: ignore[attr-defined]
+
+
+def test_shutdown_ends_sync_streams_promptly() -> None:
+    root = short_tmpdir()
+    server = start_server(root, shutdown_grace=30)
+    try:
+        agent = server.attest()
+        stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
+        next(stream)
+        started = time.monotonic()
+        stopper = threading.Thread(target=lambda: server.call(server.server.stop()))
+        stopper.start()
+        with pytest.raises(grpc.RpcError) as exc:
+            next(stream)
+        assert _code(exc) == grpc.StatusCode.UNAVAILABLE
+        stopper.join(30)
+        # Far below the 30 s grace: streams are ended, not waited out.
+        assert time.monotonic() - started < 10
+        assert not Path(server.runtime.admin_socket).exists()
+        assert not (root / "data" / "server.json").exists()
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- BatchNewX509SVID ------------------------------------------------------------------------
+
+
+def _openssl_verify(tmp: Path, bundle: common_pb2.Bundle, chain: list[x509.Certificate]) -> str:
+    ca = tmp / "bundle.pem"
+    ca.write_bytes(bundle_pem(bundle))
+    leaf = tmp / "leaf.pem"
+    leaf.write_bytes(chain[0].public_bytes(PEM))
+    args = ["openssl", "verify", "-CAfile", str(ca)]
+    if len(chain) > 1:
+        inter = tmp / "inter.pem"
+        inter.write_bytes(b"".join(c.public_bytes(PEM) for c in chain[1:]))
+        args += ["-untrusted", str(inter)]
+    done = subprocess.run([*args, str(leaf)], capture_output=True, text=True, check=False)
+    return done.stdout + done.stderr
+
+
+def test_batch_signs_entitled_and_refuses_the_rest_per_item(
+    srv: RunningServer, tmp_path: Path
+) -> None:
+    agent = srv.attest()
+    other = srv.attest()
+    mine = srv.create_entry("/batch/web", agent.spiffe_id, dns_names=["web.example.org"])
+    theirs = srv.create_entry("/batch/db", other.spiffe_id)
+    key, csr = make_csr()
+    request = node_pb2.BatchNewX509SVIDRequest(
+        params=[
+            node_pb2.X509SVIDParams(entry_id=mine.id, csr=csr),
+            node_pb2.X509SVIDParams(entry_id=theirs.id, csr=make_csr()[1]),
+            node_pb2.X509SVIDParams(entry_id="nosuchentry", csr=make_csr()[1]),
+            node_pb2.X509SVIDParams(entry_id=mine.id, csr=_tampered_csr()),
+            node_pb2.X509SVIDParams(entry_id=mine.id, csr=b"garbage"),
+        ]
+    )
+    results = srv.node_stub(agent).BatchNewX509SVID(request, timeout=10).results
+    assert [r.error.code for r in results] == [
+        0,
+        grpc.StatusCode.PERMISSION_DENIED.value[0],
+        grpc.StatusCode.NOT_FOUND.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+    ]
+    assert "not entitled" in results[1].error.message
+    assert "signature" in results[3].error.message
+    chain = der_chain(results[0].cert_chain)
+    leaf = chain[0]
+    assert leaf.public_key() == key.public_key()
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [mine.spiffe_id]
+    assert san.get_values_for_type(x509.DNSName) == ["web.example.org"]
+    assert results[0].expires_at == int(leaf.not_valid_after_utc.timestamp())
+    assert str(check_leaf_profile(leaf)) == mine.spiffe_id
+    assert "OK" in _openssl_verify(tmp_path, srv.bundle(), chain)
+
+
+def test_batch_uses_entry_ttl_or_default(srv: RunningServer) -> None:
+    agent = srv.attest()
+    short = srv.create_entry("/batch/short", agent.spiffe_id, x509_svid_ttl=120)
+    default = srv.create_entry("/batch/default", agent.spiffe_id)
+    results = (
+        srv.node_stub(agent)
+        .BatchNewX509SVID(
+            node_pb2.BatchNewX509SVIDRequest(
+                params=[
+                    node_pb2.X509SVIDParams(entry_id=short.id, csr=make_csr()[1]),
+                    node_pb2.X509SVIDParams(entry_id=default.id, csr=make_csr()[1]),
+                ]
+            ),
+            timeout=10,
+        )
+        .results
+    )
+    lives = []
+    for r in results:
+        leaf = der_chain(r.cert_chain)[0]
+        lives.append(round((leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds()))
+    # NotBefore is backdated a few seconds.
+    assert 120 <= lives[0] <= 150
+    assert 300 <= lives[1] <= 330
+
+
+@pytest.mark.parametrize(("count", "message"), [(0, "at least one"), (1001, "at most 1000")])
+def test_batch_size_limits(srv: RunningServer, count: int, message: str) -> None:
+    agent = srv.attest()
+    request = node_pb2.BatchNewX509SVIDRequest(
+        params=[node_pb2.X509SVIDParams(entry_id="x", csr=b"x")] * count
+    )
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.node_stub(agent).BatchNewX509SVID(request, timeout=10)
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in exc.value.details()  # type: ignore[attr-defined]
+
+
+def test_oversized_message_is_resource_exhausted_and_server_keeps_serving(
+    srv: RunningServer,
+) -> None:
+    agent = srv.attest()
+    huge = node_pb2.BatchNewX509SVIDRequest(
+        params=[node_pb2.X509SVIDParams(entry_id="x", csr=b"\0" * (5 * 1024 * 1024))]
+    )
+    stub = srv.node_stub(agent, **{"grpc.max_send_message_length": 64 * 1024 * 1024})
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.BatchNewX509SVID(huge, timeout=10)
+    assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    srv.attest()
+
+
+# -- NewJWTSVID ------------------------------------------------------------------------------
+
+
+def test_jwt_svid_for_entitled_id(srv: RunningServer) -> None:
+    import jwt as pyjwt
+
+    agent = srv.attest()
+    entry = srv.create_entry("/jwt/api", agent.spiffe_id, jwt_svid_ttl=120)
+    reply = srv.node_stub(agent).NewJWTSVID(
+        node_pb2.NewJWTSVIDRequest(spiffe_id=entry.spiffe_id, audience=["svc-a"]), timeout=10
+    )
+    header = pyjwt.get_unverified_header(reply.token)
+    keys = {k.kid: k.public_key for k in srv.bundle().jwt_keys}
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    claims = pyjwt.decode(
+        reply.token,
+        load_der_public_key(keys[header["kid"]]),
+        algorithms=["ES256"],
+        audience="svc-a",
+    )
+    assert claims["sub"] == entry.spiffe_id
+    assert reply.expires_at - reply.issued_at == 120
+    by_entry = srv.node_stub(agent).NewJWTSVID(
+        node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["a", "b"]), timeout=10
+    )
+    assert by_entry.token
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "code", "message"),
+    [
+        (
+            {"spiffe_id": "spiffe://example.org/jwt/bad", "audience": []},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "audience",
+        ),
+        (
+            {"spiffe_id": "spiffe://example.org/jwt/bad", "audience": [""]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "audience",
+        ),
+        (
+            {"spiffe_id": "spiffe://Example.org/x", "audience": ["a"]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "trust domain character",
+        ),
+        ({"audience": ["a"]}, grpc.StatusCode.INVALID_ARGUMENT, "spiffe_id: required"),
+        (
+            {"spiffe_id": "spiffe://example.org/not/mine", "audience": ["a"]},
+            grpc.StatusCode.PERMISSION_DENIED,
+            "not an identity",
+        ),
+        ({"entry_id": "nosuch", "audience": ["a"]}, grpc.StatusCode.NOT_FOUND, "not found"),
+    ],
+)
+def test_jwt_bad_requests(
+    srv: RunningServer, request_kwargs: dict[str, object], code: grpc.StatusCode, message: str
+) -> None:
+    agent = srv.attest()
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.node_stub(agent).NewJWTSVID(node_pb2.NewJWTSVIDRequest(**request_kwargs), timeout=10)
+    assert _code(exc) == code
+    assert message in exc.value.details()  # type: ignore[attr-defined]
+
+
+def test_batch_jwt_svids_with_per_item_errors(srv: RunningServer) -> None:
+    agent = srv.attest()
+    entry = srv.create_entry("/jwt/batch", agent.spiffe_id)
+    other = srv.create_entry("/jwt/other", srv.attest().spiffe_id)
+    reply = srv.node_stub(agent).BatchNewJWTSVID(
+        node_pb2.BatchNewJWTSVIDRequest(
+            requests=[
+                node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["a"]),
+                node_pb2.NewJWTSVIDRequest(spiffe_id=entry.spiffe_id, audience=["b", "c"]),
+                node_pb2.NewJWTSVIDRequest(entry_id=other.id, audience=["a"]),
+                node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=[]),
+                node_pb2.NewJWTSVIDRequest(spiffe_id="spiffe://x/../y", audience=["a"]),
+            ]
+        ),
+        timeout=10,
+    )
+    codes = [r.error.code for r in reply.results]
+    assert codes == [
+        0,
+        0,
+        grpc.StatusCode.PERMISSION_DENIED.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+    ]
+    assert reply.results[0].svid.token.count(".") == 2
+    assert "not entitled" in reply.results[2].error.message
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.node_stub(agent).BatchNewJWTSVID(node_pb2.BatchNewJWTSVIDRequest(), timeout=10)
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- garbage on the wire ---------------------------------------------------------------------
+
+
+def _garbage(address: str | None = None, unix: str | None = None) -> None:
+    if unix:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(unix)
+    else:
+        assert address is not None
+        host, _, port = address.rpartition(":")
+        sock = socket.create_connection((host, int(port)), timeout=5)
+    try:
+        sock.sendall(os.urandom(4096) + b"GET / HTTP/1.1\r\n\r\n" + b"\x16\x03\x01\xff\xff" * 100)
+        sock.settimeout(2)
+        with contextlib.suppress(OSError):
+            sock.recv(1024)
+    finally:
+        sock.close()
+
+
+def test_garbage_bytes_on_every_socket_leave_the_server_serving(srv: RunningServer) -> None:
+    for _ in range(3):
+        _garbage(srv.runtime.node_address)
+        _garbage(srv.runtime.attest_address)
+        _garbage(unix=srv.runtime.admin_socket)
+    agent = srv.attest()
+    entry = srv.create_entry("/garbage/after", agent.spiffe_id)
+    results = (
+        srv.node_stub(agent)
+        .BatchNewX509SVID(
+            node_pb2.BatchNewX509SVIDRequest(
+                params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])]
+            ),
+            timeout=10,
+        )
+        .results
+    )
+    assert results[0].cert_chain
+
+
+# -- rate limits -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def limited() -> Iterator[RunningServer]:
+    yield from running_server(
+        x509_rate_per_agent=1,
+        x509_burst_per_agent=3,
+        jwt_rate_per_agent=1,
+        jwt_burst_per_agent=1,
+        attest_rate_per_host=1,
+        attest_burst_per_host=3,
+    )
+
+
+def test_per_agent_signing_rate_limit(limited: RunningServer) -> None:
+    agent = limited.attest()
+    entry = limited.create_entry("/rl/x", agent.spiffe_id)
+    stub = limited.node_stub(agent)
+
+    def batch(n: int) -> node_pb2.BatchNewX509SVIDRequest:
+        return node_pb2.BatchNewX509SVIDRequest(
+            params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])] * n
+        )
+
+    stub.BatchNewX509SVID(batch(3), timeout=10)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.BatchNewX509SVID(batch(1), timeout=10)
+    assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert agent.spiffe_id in exc.value.details()  # type: ignore[attr-defined]
+    limited.clock.advance(2)
+    stub.BatchNewX509SVID(batch(1), timeout=10)
+    # Another agent has its own bucket.
+    other = limited.attest()
+    limited.node_stub(other).RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10)
+
+
+def test_per_host_attestation_rate_limit(limited: RunningServer) -> None:
+    limited.clock.advance(10)
+    for _ in range(3):
+        limited.attest()
+    with pytest.raises(grpc.RpcError) as exc:
+        limited.attest()
+    assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    limited.clock.advance(1)
+    limited.attest()
+
+
+def test_jwt_rate_limit(limited: RunningServer) -> None:
+    agent = limited.attest()
+    entry = limited.create_entry("/rl/jwt", agent.spiffe_id)
+    request = node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["a"])
+    limited.node_stub(agent).NewJWTSVID(request, timeout=10)
+    with pytest.raises(grpc.RpcError) as exc:
+        limited.node_stub(agent).NewJWTSVID(request, timeout=10)
+    assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED

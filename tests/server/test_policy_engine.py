@@ -1,0 +1,426 @@
+"""The Cedar policy engine: outcomes, the high-risk rule, TTL caps, reload and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cedarpy
+import pytest
+
+from server.policy import (
+    Decision,
+    DecisionRequest,
+    Intent,
+    Outcome,
+    PolicyEngine,
+    PolicyError,
+    validate_policy_dir,
+)
+from server.policy.cedar_request import cedar_requests, context_json, entities_json
+from svid._clock import FakeClock
+
+TD = "example.org"
+NODE = "spiffe://example.org/svid/agent/join_token/n1"
+RESEARCH = "spiffe://example.org/agents/research-bot"
+BILLING = "spiffe://example.org/agents/billing-bot"
+
+
+def ask(
+    engine: PolicyEngine,
+    actions: set[str],
+    resources: set[str],
+    *,
+    agent: str = RESEARCH,
+    ttl: int = 300,
+    risk: int = 0,
+    violations: int = 0,
+    **intent: object,
+) -> Decision:
+    return engine.decide(
+        DecisionRequest(
+            agent_id=agent,
+            node_id=NODE,
+            intent=Intent(frozenset(actions), frozenset(resources), **intent),  # type: ignore[arg-type]
+            requested_ttl=ttl,
+            risk=risk,
+            violations=violations,
+        )
+    )
+
+
+@pytest.fixture
+def engine() -> PolicyEngine:
+    return PolicyEngine(None, FakeClock(), trust_domain=TD)
+
+
+def write(d: Path, name: str, text: str) -> Path:
+    d.mkdir(exist_ok=True)
+    p = d / name
+    p.write_text(text)
+    return p
+
+
+READ_ONLY = """
+@id("read_docs")
+@ttl_cap("600")
+permit (principal is Agent, action == Action::"read", resource);
+"""
+
+
+def test_default_policy_allows_reading_declared_resources(engine: PolicyEngine) -> None:
+    d = ask(engine, {"read", "write"}, {"docs"})
+    assert d.outcome is Outcome.ALLOW
+    assert d.granted_actions == ("read", "write")
+    assert d.granted_resources == ("docs",)
+    assert d.policy_ids == ("default.cedar:work_within_intent",)
+    assert "work_within_intent" in d.reason
+    assert d.ttl == 300
+    assert d.policy_set_hash == engine.policy_set_hash
+    assert d.latency_us > 0
+
+
+def test_an_agent_of_another_trust_domain_is_denied(engine: PolicyEngine) -> None:
+    d = ask(engine, {"read"}, {"docs"}, agent="spiffe://evil.org/agents/x")
+    assert d.outcome is Outcome.DENY
+    assert d.ttl == 0
+    assert "default deny" in d.reason
+
+
+def test_ttl_above_a_cap_is_constrained(engine: PolicyEngine) -> None:
+    d = ask(engine, {"read"}, {"docs"}, ttl=3600)
+    assert d.outcome is Outcome.ALLOW_CONSTRAINED
+    assert d.ttl == 900
+    assert "TTL capped to 900s by default.cedar:work_within_intent" in d.reason
+
+
+@pytest.mark.parametrize("action", ["fetch_secret", "export_data", "change_infra"])
+def test_high_risk_actions_are_denied_by_default(engine: PolicyEngine, action: str) -> None:
+    d = ask(engine, {action}, {"vault"})
+    assert d.outcome is Outcome.DENY
+    assert f"no policy permits {action} on vault" in d.reason
+
+
+def test_mixed_intent_is_narrowed_to_the_permitted_actions(engine: PolicyEngine) -> None:
+    d = ask(engine, {"read", "fetch_secret"}, {"docs"})
+    assert d.outcome is Outcome.ALLOW_CONSTRAINED
+    assert d.granted_actions == ("read",)
+    assert d.granted == (("read", "docs"),)
+    assert "refused fetch_secret on docs" in d.reason
+
+
+def test_explicit_permit_grants_a_secret_with_its_ttl_cap(engine: PolicyEngine) -> None:
+    d = ask(
+        engine,
+        {"fetch_secret"},
+        {"vault:billing/db-password"},
+        agent=BILLING,
+        ttl=600,
+        environment="prod",
+        on_behalf_of="alice",
+    )
+    assert d.outcome is Outcome.ALLOW_CONSTRAINED
+    assert d.granted_actions == ("fetch_secret",)
+    assert d.ttl == 60
+    assert d.policy_ids == ("default.cedar:billing_bot_reads_db_password",)
+    # The same agent outside the permit's conditions gets nothing.
+    d = ask(engine, {"fetch_secret"}, {"vault:billing/db-password"}, agent=BILLING, ttl=600)
+    assert d.outcome is Outcome.DENY
+
+
+def test_a_broad_permit_does_not_grant_high_risk_actions(tmp_path: Path) -> None:
+    write(tmp_path, "broad.cedar", "permit (principal, action, resource);\n")
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    d = ask(engine, {"read", "export_data", "change_infra"}, {"db"})
+    assert d.outcome is Outcome.ALLOW_CONSTRAINED
+    assert d.granted_actions == ("read",)
+    assert "change_infra is high-risk and no permit names it explicitly" in d.reason
+    assert "broad.cedar:policy0" in d.reason
+
+
+def test_a_permit_on_the_high_risk_group_is_not_explicit(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "group.cedar",
+        'permit (principal, action in Action::"high_risk", resource);\n',
+    )
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    assert ask(engine, {"fetch_secret"}, {"vault"}).outcome is Outcome.DENY
+
+
+def test_a_permit_naming_the_action_grants_it_with_the_high_risk_cap(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "ops.cedar",
+        'permit (principal, action in [Action::"change_infra", Action::"read"], resource);\n',
+    )
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    d = ask(engine, {"change_infra"}, {"k8s"}, ttl=3600)
+    assert d.outcome is Outcome.ALLOW_CONSTRAINED
+    assert d.ttl == 60
+    assert "high-risk default cap" in d.reason
+
+
+def test_restricted_export_is_forbidden_even_with_a_permit(tmp_path: Path) -> None:
+    default = Path(__file__).parents[2] / "server" / "policy" / "default.cedar"
+    write(tmp_path, "default.cedar", default.read_text())
+    write(
+        tmp_path,
+        "export.cedar",
+        '@id("exports")\npermit (principal, action == Action::"export_data", resource);\n',
+    )
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    d = ask(engine, {"export_data"}, {"bucket"}, classification="restricted")
+    assert d.outcome is Outcome.DENY
+    assert "forbidden by default.cedar:no_restricted_export" in d.reason
+    assert "needs an explicit exception" in d.reason
+    assert d.policy_ids == ("default.cedar:no_restricted_export",)
+    # Non-restricted data goes out under the explicit permit.
+    d = ask(engine, {"export_data"}, {"bucket"}, classification="internal")
+    assert d.outcome is Outcome.ALLOW_CONSTRAINED
+    assert d.policy_ids == ("export.cedar:exports",)
+
+
+@pytest.mark.parametrize(("risk", "violations"), [(80, 0), (0, 3)])
+def test_risk_signal_stops_issuance(engine: PolicyEngine, risk: int, violations: int) -> None:
+    d = ask(engine, {"read"}, {"docs"}, risk=risk, violations=violations)
+    assert d.outcome is Outcome.DENY
+    assert "default.cedar:stop_risky_agents" in d.reason
+    assert ask(engine, {"read"}, {"docs"}, risk=79, violations=2).outcome is Outcome.ALLOW
+
+
+def test_delegation_depth_cap_in_policy(engine: PolicyEngine) -> None:
+    assert ask(engine, {"read"}, {"docs"}, delegation_depth=3).outcome is Outcome.ALLOW
+    d = ask(engine, {"read"}, {"docs"}, delegation_depth=4)
+    assert d.outcome is Outcome.DENY
+    assert "delegation_depth_cap" in d.reason
+
+
+def test_an_action_unknown_to_the_schema_is_denied(engine: PolicyEngine) -> None:
+    d = ask(engine, {"teleport", "read"}, {"docs"})
+    assert d.outcome is Outcome.ALLOW_CONSTRAINED
+    assert "teleport is not an action of the policy schema" in d.reason
+
+
+def test_pairs_restrict_evaluation_to_one_mint(engine: PolicyEngine) -> None:
+    req = DecisionRequest(
+        agent_id=RESEARCH,
+        node_id=NODE,
+        intent=Intent(frozenset({"read", "write"}), frozenset({"docs", "search"})),
+        requested_ttl=60,
+        pairs=(("read", "search"),),
+    )
+    d = engine.decide(req)
+    assert d.outcome is Outcome.ALLOW
+    assert d.granted == (("read", "search"),)
+
+
+def test_action_list_comes_from_the_schema(engine: PolicyEngine) -> None:
+    assert engine.actions == {
+        "read",
+        "write",
+        "invoke_tool",
+        "fetch_secret",
+        "export_data",
+        "change_infra",
+    }
+    assert engine.high_risk_actions == {"fetch_secret", "export_data", "change_infra"}
+
+
+def test_the_request_svidd_builds_fits_the_schema() -> None:
+    engine = PolicyEngine(None, FakeClock(), trust_domain=TD)
+    schema = cedarpy.Schema.from_json_str(
+        (Path(__file__).parents[2] / "server/policy/svid.cedarschema.json").read_text()
+    )
+    req = DecisionRequest(
+        RESEARCH,
+        NODE,
+        Intent(frozenset({"read"}), frozenset({"docs"}), on_behalf_of="alice", parent_task="t"),
+        60,
+    )
+    ents = cedarpy.Entities.from_json_str(entities_json(RESEARCH, NODE, 5, req.intent), schema)
+    ctx = context_json(req, TD, 1_700_000_000)
+    (r,) = cedarpy.is_authorized_batch(
+        cedar_requests(req, [("read", "docs")], ctx),
+        engine._loaded.policy_set,
+        ents,
+        schema=schema,
+    )
+    assert r.diagnostics.errors == []
+    assert r.allowed
+
+
+# --- loading, validation, reload ---
+
+
+def test_syntax_error_is_refused_naming_file_and_line(tmp_path: Path) -> None:
+    write(tmp_path, "a.cedar", READ_ONLY)
+    write(
+        tmp_path,
+        "b.cedar",
+        '// header\n@id("ok")\npermit (principal, action == Action::"read", resource);\n\n'
+        '@id("broken")\npermit (principal, action, resource) when { principal.risk >>= 3 };\n',
+    )
+    with pytest.raises(PolicyError) as exc:
+        PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    (problem,) = exc.value.problems
+    assert problem.file == "b.cedar"
+    assert problem.line == 5
+    assert "syntax error" in problem.message
+    assert "b.cedar:5" in str(exc.value)
+
+
+def test_schema_invalid_policy_is_refused(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "p.cedar",
+        READ_ONLY + '\n@id("typo")\nforbid (principal, action, resource)\n'
+        "  when { principal.rsk > 3 };\n",
+    )
+    with pytest.raises(PolicyError) as exc:
+        PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    (problem,) = exc.value.problems
+    assert problem.policy_id == "p.cedar:typo"
+    assert problem.line == 6
+    assert "rsk" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('@ttl_cap("soon")\npermit (principal, action, resource);', "not a positive number"),
+        ('@ttl_cap("0")\npermit (principal, action, resource);', "not a positive number"),
+        ('@ttl_cap("5")\nforbid (principal, action, resource);', "no effect"),
+        (
+            '@id("x")\npermit (principal, action, resource);\n'
+            '@id("x")\nforbid (principal, action, resource);',
+            "duplicate @id",
+        ),
+        ("permit (principal == ?principal, action, resource);", "templates"),
+        ('permit (principal, action == Action::"fly", resource);', "schema"),
+    ],
+)
+def test_bad_annotations_and_unknown_actions_are_refused(
+    tmp_path: Path, text: str, needle: str
+) -> None:
+    write(tmp_path, "p.cedar", READ_ONLY + "\n" + text)
+    with pytest.raises(PolicyError, match=needle) as exc:
+        PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    # READ_ONLY takes lines 1-5; the offending policy starts on line 6 or later.
+    assert all(p.line is None or p.line >= 6 for p in exc.value.problems)
+    if needle != "templates":
+        assert any(p.line is not None for p in exc.value.problems)
+
+
+def test_failed_reload_keeps_the_old_set_serving(tmp_path: Path) -> None:
+    write(tmp_path, "p.cedar", READ_ONLY)
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    old_hash = engine.policy_set_hash
+    assert ask(engine, {"read"}, {"docs"}).outcome is Outcome.ALLOW
+    write(tmp_path, "p.cedar", READ_ONLY + "permit (principal, action, resource")
+    with pytest.raises(PolicyError, match=r"p\.cedar"):
+        engine.reload()
+    assert engine.policy_set_hash == old_hash
+    d = ask(engine, {"read"}, {"docs"})
+    assert d.outcome is Outcome.ALLOW
+    assert d.policy_set_hash == old_hash
+
+
+def test_reload_swaps_in_new_policies_and_hash(tmp_path: Path) -> None:
+    clock = FakeClock()
+    write(tmp_path, "p.cedar", READ_ONLY)
+    engine = PolicyEngine(tmp_path, clock, trust_domain=TD)
+    old = engine.info
+    assert ask(engine, {"write"}, {"docs"}).outcome is Outcome.DENY
+    write(
+        tmp_path,
+        "p.cedar",
+        READ_ONLY.replace('== Action::"read"', 'in [Action::"read", Action::"write"]'),
+    )
+    clock.advance(5)
+    info = engine.reload()
+    assert info.hash != old.hash
+    assert info.loaded_at == old.loaded_at + 5
+    assert info.policy_ids == ("p.cedar:read_docs",)
+    d = ask(engine, {"write"}, {"docs"})
+    assert d.outcome is Outcome.ALLOW
+    assert d.policy_set_hash == info.hash
+
+
+def test_hash_depends_on_content_only(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a, "p.cedar", READ_ONLY)
+    write(b, "p.cedar", READ_ONLY)
+    ha = PolicyEngine(a, FakeClock(), trust_domain=TD).policy_set_hash
+    assert ha == PolicyEngine(b, FakeClock(), trust_domain=TD).policy_set_hash
+    write(b, "p.cedar", READ_ONLY + "\n// a comment is content too\n")
+    assert ha != PolicyEngine(b, FakeClock(), trust_domain=TD).policy_set_hash
+
+
+def test_validate_reports_problems_without_swapping(tmp_path: Path) -> None:
+    live, candidate = tmp_path / "live", tmp_path / "candidate"
+    write(live, "p.cedar", READ_ONLY)
+    engine = PolicyEngine(live, FakeClock(), trust_domain=TD)
+    write(candidate, "p.cedar", "permit (principal, action, resource) when { nope };")
+    problems = engine.validate(candidate)
+    assert len(problems) == 1
+    assert problems[0].file == "p.cedar"
+    assert engine.validate() == []
+    write(candidate, "p.cedar", "permit (principal, action, resource);")
+    assert engine.validate(candidate) == []
+    assert engine.info.policy_ids == ("p.cedar:read_docs",)
+
+
+def test_empty_or_missing_dir_serves_the_shipped_default(tmp_path: Path) -> None:
+    for d in (tmp_path / "missing", tmp_path):
+        engine = PolicyEngine(d, FakeClock(), trust_domain=TD)
+        assert engine.info.source == "builtin default"
+        assert "default.cedar:work_within_intent" in engine.info.policy_ids
+
+
+def test_an_operator_schema_can_add_actions(tmp_path: Path) -> None:
+    import json
+
+    doc = json.loads(
+        (Path(__file__).parents[2] / "server/policy/svid.cedarschema.json").read_text()
+    )
+    actions = doc[""]["actions"]
+    actions["deploy"] = {
+        "memberOf": [{"id": "high_risk"}],
+        "appliesTo": actions["read"]["appliesTo"],
+    }
+    write(tmp_path, "site.cedarschema.json", json.dumps(doc))
+    write(tmp_path, "p.cedar", 'permit (principal, action == Action::"deploy", resource);')
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    assert "deploy" in engine.high_risk_actions
+    assert ask(engine, {"deploy"}, {"k8s"}).granted_actions == ("deploy",)
+
+
+def test_a_schema_that_does_not_fit_svidd_requests_is_refused(tmp_path: Path) -> None:
+    import json
+
+    doc = json.loads(
+        (Path(__file__).parents[2] / "server/policy/svid.cedarschema.json").read_text()
+    )
+    doc[""]["entityTypes"]["Agent"]["shape"]["attributes"]["team"] = {"type": "String"}
+    write(tmp_path, "site.cedarschema.json", json.dumps(doc))
+    write(tmp_path, "p.cedar", READ_ONLY)
+    with pytest.raises(PolicyError, match="schema rejects"):
+        PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+
+
+def test_validate_policy_dir_without_an_engine(tmp_path: Path) -> None:
+    write(tmp_path, "p.cedar", READ_ONLY)
+    assert validate_policy_dir(tmp_path, trust_domain=TD, clock=FakeClock()) == []
+    write(tmp_path, "q.cedar", "forbid (principal, action, resource) when { principal.nope };")
+    (problem,) = validate_policy_dir(tmp_path, trust_domain=TD, clock=FakeClock())
+    assert problem.file == "q.cedar"
+    assert problem.line == 1
+
+
+def test_decision_audit_fields(engine: PolicyEngine) -> None:
+    d = ask(engine, {"read"}, {"docs"})
+    fields = d.audit_fields()
+    assert fields["decision"] == "allow"
+    assert fields["policy_ids"] == ("default.cedar:work_within_intent",)
+    assert fields["policy_set_hash"] == engine.policy_set_hash
+    assert fields["ttl"] == 300

@@ -1,0 +1,42 @@
+"""Token buckets on a fake clock."""
+
+from __future__ import annotations
+
+from server.ratelimit import KeyedLimiter, TokenBucket
+from svid._clock import FakeClock
+
+
+def test_bucket_refills_at_rate() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=2, burst=4, clock=clock)
+    assert all(bucket.try_take() for _ in range(4))
+    assert not bucket.try_take()
+    clock.advance(0.5)
+    assert bucket.try_take()
+    assert not bucket.try_take()
+    clock.advance(10)
+    assert sum(bucket.try_take() for _ in range(10)) == 4
+
+
+def test_cost_larger_than_burst_passes_only_on_full_bucket() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=10, burst=5, clock=clock)
+    assert bucket.try_take(50)
+    assert not bucket.try_take(50)
+    clock.advance(0.5)
+    assert bucket.try_take(50)
+
+
+def test_zero_rate_is_unlimited() -> None:
+    limiter = KeyedLimiter(0, 1, FakeClock())
+    assert all(limiter.try_take("a", 1000) for _ in range(100))
+
+
+def test_keys_are_independent_and_bounded() -> None:
+    clock = FakeClock()
+    limiter = KeyedLimiter(1, 1, clock, max_keys=2)
+    assert limiter.try_take("a")
+    assert not limiter.try_take("a")
+    assert limiter.try_take("b")
+    assert limiter.try_take("c")  # evicts "a", the least recently used
+    assert limiter.try_take("a")

@@ -1,0 +1,213 @@
+"""x509pop attestation end to end: chain check, nonce challenge, selectors, re-attestation."""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from server.attestation.x509pop import sign_challenge
+from svid._proto import common_pb2, node_pb2
+from tests.server.fixtures import (
+    DER,
+    PEM,
+    TRUST_DOMAIN,
+    Agent,
+    RunningServer,
+    der_chain,
+    make_csr,
+    running_server,
+    short_tmpdir,
+)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _ca(cn: str) -> tuple[x509.Certificate, Any]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _node(
+    ca: x509.Certificate, ca_key: Any, cn: str, key: Any = None
+) -> tuple[x509.Certificate, Any]:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(hours=2))
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def pki() -> tuple[x509.Certificate, Any]:
+    return _ca("node-ca")
+
+
+@pytest.fixture(scope="module")
+def srv(pki: tuple[x509.Certificate, Any]) -> Iterator[RunningServer]:
+    root = short_tmpdir()
+    ca_file = root / "node-ca.pem"
+    ca_file.write_bytes(pki[0].public_bytes(PEM))
+    yield from running_server(x509pop_ca_bundle=str(ca_file))
+
+
+def _pop_exchange(
+    srv: RunningServer, payload: bytes, csr: bytes, signer: Any
+) -> node_pb2.AgentSVID:
+    """Drive the bidi Attest call: params, then the signed nonce once the challenge arrives."""
+    nonces: queue.Queue[bytes | None] = queue.Queue()
+
+    def requests() -> Iterator[node_pb2.AttestRequest]:
+        yield node_pb2.AttestRequest(
+            params=node_pb2.AttestParams(
+                data=node_pb2.AttestationData(type="x509pop", payload=payload), csr=csr
+            )
+        )
+        nonce = nonces.get(timeout=10)
+        if nonce is not None:
+            yield node_pb2.AttestRequest(challenge_response=signer(nonce))
+
+    responses = srv.attest_stub().Attest(requests(), timeout=10)
+    try:
+        reply = next(responses)
+        assert reply.WhichOneof("step") == "challenge"
+        assert len(reply.challenge) == 32
+        nonces.put(reply.challenge)
+        return next(responses).result  # type: ignore[no-any-return]
+    finally:
+        nonces.put(None)
+
+
+def _attest(srv: RunningServer, chain: list[x509.Certificate], signer: Any) -> node_pb2.AgentSVID:
+    payload = b"".join(c.public_bytes(DER) for c in chain)
+    return _pop_exchange(srv, payload, make_csr()[1], signer)
+
+
+def test_x509pop_attests_and_sets_selectors(srv: RunningServer, pki: Any) -> None:
+    cert, key = _node(*pki, "node1")
+    result = _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
+    fp = hashlib.sha1(cert.public_bytes(DER), usedforsecurity=False).hexdigest()
+    assert result.spiffe_id == f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/{fp}"
+    from svid._proto import admin_pb2
+
+    agent = srv.admin().GetAgent(admin_pb2.GetAgentRequest(spiffe_id=result.spiffe_id))
+    selectors = {f"{s.type}:{s.value}" for s in agent.selectors}
+    ca_fp = hashlib.sha1(pki[0].public_bytes(DER), usedforsecurity=False).hexdigest()
+    assert "x509pop:subject:cn:node1" in selectors
+    assert f"x509pop:ca:fingerprint:{ca_fp}" in selectors
+    # Re-attestation of a non-banned x509pop node is allowed.
+    again = _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
+    assert again.spiffe_id == result.spiffe_id
+
+
+def test_node_alias_entitles_x509pop_agents(srv: RunningServer, pki: Any) -> None:
+    cert, key = _node(*pki, "rack7")
+    agent = _agent_from(srv, cert, key)
+    alias = srv.create_entry(
+        "/nodes/rack7",
+        f"spiffe://{TRUST_DOMAIN}/svid/server",
+        selectors=[common_pb2.Selector(type="x509pop", value="subject:cn:rack7")],
+    )
+    workload = srv.create_entry("/rack7/web", alias.spiffe_id)
+    first = next(iter(srv.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=10)))
+    assert [e.id for e in first.entries] == [workload.id]
+
+
+def _agent_from(srv: RunningServer, cert: x509.Certificate, key: Any) -> Agent:
+    agent_key, csr = make_csr()
+    result = _pop_exchange(
+        srv, cert.public_bytes(DER), csr, lambda nonce: sign_challenge(key, nonce)
+    )
+    return Agent(result.spiffe_id, agent_key, der_chain(result.cert_chain), result.bundle)
+
+
+def test_wrong_key_fails_the_challenge(srv: RunningServer, pki: Any) -> None:
+    cert, _ = _node(*pki, "node2")
+    impostor = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(grpc.RpcError) as exc:
+        _attest(srv, [cert], lambda nonce: sign_challenge(impostor, nonce))
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "challenge signature" in exc.value.details()  # type: ignore[attr-defined]
+
+
+def test_signature_over_other_bytes_fails(srv: RunningServer, pki: Any) -> None:
+    cert, key = _node(*pki, "node3")
+    with pytest.raises(grpc.RpcError) as exc:
+        _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce + b"x"))
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+
+
+def test_untrusted_chain_is_refused_before_the_challenge(srv: RunningServer) -> None:
+    other_ca = _ca("evil-ca")
+    cert, key = _node(*other_ca, "node4")
+    _, csr = make_csr()
+    params = node_pb2.AttestRequest(
+        params=node_pb2.AttestParams(
+            data=node_pb2.AttestationData(type="x509pop", payload=cert.public_bytes(DER)),
+            csr=csr,
+        )
+    )
+    with pytest.raises(grpc.RpcError) as exc:
+        list(srv.attest_stub().Attest(iter([params]), timeout=10))
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "does not chain" in exc.value.details()  # type: ignore[attr-defined]
+    del key
+
+
+def test_garbage_chain_is_invalid_argument(srv: RunningServer) -> None:
+    _, csr = make_csr()
+    params = node_pb2.AttestRequest(
+        params=node_pb2.AttestParams(
+            data=node_pb2.AttestationData(type="x509pop", payload=b"\x30\x82garbage"), csr=csr
+        )
+    )
+    with pytest.raises(grpc.RpcError) as exc:
+        list(srv.attest_stub().Attest(iter([params]), timeout=10))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+
+
+def test_rsa_node_keys_work(srv: RunningServer, pki: Any) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert, _ = _node(*pki, "rsa-node", key=key)
+    result = _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
+    assert "/svid/agent/x509pop/" in result.spiffe_id

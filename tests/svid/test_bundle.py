@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+import spiffe
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from svid import (
+    BundleError,
+    BundleSet,
+    JwtBundle,
+    SpiffeBundle,
+    SpiffeId,
+    TrustDomain,
+    X509Bundle,
+    der_concat,
+)
+from tests.svid.certs import ec_key, make_ca, rsa_key
+
+TD = TrustDomain("example.org")
+
+
+def _spki(key: Any) -> bytes:
+    return key.public_bytes(  # type: ignore[no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.fixture(scope="module")
+def full_bundle() -> SpiffeBundle:
+    cas = (make_ca().cert, make_ca(key=rsa_key()).cert)
+    keys: dict[str, Any] = {
+        "k256": ec_key().public_key(),
+        "k384": ec_key(ec.SECP384R1()).public_key(),
+        "k521": ec_key(ec.SECP521R1()).public_key(),
+        "krsa": rsa_key().public_key(),
+    }
+    return SpiffeBundle(TD, cas, keys, sequence=7, refresh_hint=300)
+
+
+def test_spiffe_bundle_json_round_trip(full_bundle: SpiffeBundle) -> None:
+    data = full_bundle.to_json()
+    doc = json.loads(data)
+    assert doc["spiffe_sequence"] == 7
+    assert doc["spiffe_refresh_hint"] == 300
+    x509_keys = [k for k in doc["keys"] if k["use"] == "x509-svid"]
+    jwt_keys = [k for k in doc["keys"] if k["use"] == "jwt-svid"]
+    assert len(x509_keys) == 2
+    assert all("kid" not in k and len(k["x5c"]) == 1 for k in x509_keys)
+    assert sorted(k["kid"] for k in jwt_keys) == ["k256", "k384", "k521", "krsa"]
+    assert {k["kty"] for k in doc["keys"]} == {"EC", "RSA"}
+    again = SpiffeBundle.parse(TD, data)
+    assert again == full_bundle
+    assert again.to_json() == data
+    assert again.x509_bundle() == X509Bundle(TD, full_bundle.x509_authorities)
+    assert again.jwt_bundle() == JwtBundle(TD, full_bundle.jwt_authorities)
+
+
+def test_spiffe_bundle_values_are_immutable(full_bundle: SpiffeBundle) -> None:
+    with pytest.raises(TypeError):
+        full_bundle.jwt_authorities["new"] = ec_key().public_key()  # type: ignore[index]
+    src = {"a": ec_key().public_key()}
+    b = JwtBundle(TD, src)
+    src["b"] = ec_key().public_key()
+    assert list(b.keys) == ["a"]
+
+
+def test_empty_keys_is_a_valid_bundle() -> None:
+    b = SpiffeBundle.parse(TD, b'{"keys": []}')
+    assert b.x509_authorities == ()
+    assert dict(b.jwt_authorities) == {}
+    assert b.sequence == 0
+
+
+def test_unknown_use_and_kty_are_ignored(full_bundle: SpiffeBundle) -> None:
+    doc = json.loads(full_bundle.to_json())
+    doc["keys"].append(
+        {"kty": "OKP", "crv": "Ed25519", "x": "AAAA", "use": "jwt-svid", "kid": "ed"}
+    )
+    doc["keys"].append({**doc["keys"][-2], "use": "wit-svid", "kid": "other"})
+    doc["keys"].append({"kty": "EC", "use": "something", "crv": "P-999"})
+    doc["keys"].append({"kty": "oct", "k": "c2VjcmV0", "use": "jwt-svid", "kid": "hmac"})
+    parsed = SpiffeBundle.parse(TD, json.dumps(doc).encode())
+    assert parsed == full_bundle
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"{", "not valid JSON"),
+        (b"\xff", "not valid JSON"),
+        (b"[]", "not a JSON object"),
+        (b"{}", "no 'keys' array"),
+        (b'{"keys": {}}', "no 'keys' array"),
+        (b'{"keys": [1]}', "key #0 is not a JSON object"),
+        (b'{"keys": [], "spiffe_sequence": -1}', "spiffe_sequence"),
+        (b'{"keys": [], "spiffe_sequence": "1"}', "spiffe_sequence"),
+        (b'{"keys": [], "spiffe_refresh_hint": true}', "spiffe_refresh_hint"),
+        (
+            b'{"keys": [{"kty": "EC", "use": "jwt-svid", "crv": "P-256"}]}',
+            "needs a non-empty 'kid'",
+        ),
+        (
+            b'{"keys": [{"kty": "EC", "use": "jwt-svid", "kid": "a", "crv": "P-256"}]}',
+            "member 'x' is missing",
+        ),
+        (
+            b'{"keys": [{"kty": "EC", "use": "jwt-svid", "kid": "a", "crv": "P-192", "x": "AA"}]}',
+            "unsupported EC curve",
+        ),
+        (b'{"keys": [{"kty": "EC", "use": "x509-svid"}]}', "exactly one certificate"),
+        (
+            b'{"keys": [{"kty": "EC", "use": "x509-svid", "x5c": ["!!!"]}]}',
+            "not a base64 DER certificate",
+        ),
+    ],
+)
+def test_malformed_bundles_raise_naming_the_problem(data: bytes, message: str) -> None:
+    with pytest.raises(BundleError, match=message):
+        SpiffeBundle.parse(TD, data)
+
+
+def test_ec_point_off_curve_is_refused(full_bundle: SpiffeBundle) -> None:
+    doc = json.loads(full_bundle.to_json())
+    k = next(k for k in doc["keys"] if k.get("kid") == "k256")
+    k["y"] = k["x"]
+    with pytest.raises(BundleError, match="not on curve"):
+        SpiffeBundle.parse(TD, json.dumps(doc).encode())
+
+
+def test_x5c_key_mismatch_is_refused(full_bundle: SpiffeBundle) -> None:
+    doc = json.loads(full_bundle.to_json())
+    k = next(k for k in doc["keys"] if k["use"] == "x509-svid" and k["kty"] == "EC")
+    other = make_ca().cert.public_bytes(serialization.Encoding.DER)
+    k["x5c"] = [base64.b64encode(other).decode()]
+    with pytest.raises(BundleError, match="do not match"):
+        SpiffeBundle.parse(TD, json.dumps(doc).encode())
+
+
+def test_duplicate_kid_is_refused(full_bundle: SpiffeBundle) -> None:
+    doc = json.loads(full_bundle.to_json())
+    doc["keys"].append(next(k for k in doc["keys"] if k.get("kid") == "k256"))
+    with pytest.raises(BundleError, match="duplicate kid"):
+        SpiffeBundle.parse(TD, json.dumps(doc).encode())
+
+
+def test_jwks_round_trip_has_only_jwt_keys(full_bundle: SpiffeBundle) -> None:
+    # Parsing the full SPIFFE bundle as a JWKS keeps only the JWT keys.
+    jb = JwtBundle.parse_jwks(TD, full_bundle.to_json())
+    assert jb == full_bundle.jwt_bundle()
+    doc = json.loads(jb.to_jwks())
+    assert set(doc) == {"keys"}
+    assert all(k["use"] == "jwt-svid" and k["kid"] for k in doc["keys"])
+    assert JwtBundle.parse_jwks(TD, jb.to_jwks()) == jb
+    assert jb.get("k256") is not None
+    assert jb.get("nope") is None
+
+
+def test_jwks_key_without_kid_is_an_error() -> None:
+    with pytest.raises(BundleError, match="kid"):
+        JwtBundle.parse_jwks(TD, b'{"keys": [{"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}]}')
+
+
+def test_py_spiffe_accepts_our_jwks(full_bundle: SpiffeBundle) -> None:
+    ours = full_bundle.jwt_bundle()
+    theirs = spiffe.JwtBundle.parse(spiffe.TrustDomain("example.org"), ours.to_jwks())
+    got = theirs.jwt_authorities
+    assert set(got) == set(ours.keys)
+    for kid, key in ours.keys.items():
+        assert _spki(got[kid]) == _spki(key)
+    empty = spiffe.JwtBundle.parse(spiffe.TrustDomain("example.org"), JwtBundle(TD).to_jwks())
+    assert empty.jwt_authorities == {}
+
+
+def test_py_spiffe_accepts_our_x509_der(full_bundle: SpiffeBundle) -> None:
+    xb = full_bundle.x509_bundle()
+    theirs = spiffe.X509Bundle.parse_raw(spiffe.TrustDomain("example.org"), xb.to_der())
+    assert set(theirs.x509_authorities) == set(xb.authorities)
+    assert X509Bundle.parse_pem(TD, xb.to_pem()) == xb
+    assert X509Bundle.parse_der(TD, xb.to_der()) == xb
+
+
+def test_x509_bundle_errors() -> None:
+    assert X509Bundle.parse_der(TD, b"").authorities == ()
+    with pytest.raises(BundleError, match=r"example\.org.*offset 0"):
+        X509Bundle.parse_der(TD, b"junk")
+    with pytest.raises(BundleError, match=r"example\.org"):
+        X509Bundle.parse_pem(TD, b"junk")
+
+
+def test_bundle_set() -> None:
+    other = TrustDomain("other.org")
+    a = X509Bundle(TD, (make_ca().cert,))
+    b = X509Bundle(other, (make_ca("other.org").cert,))
+    bs = BundleSet.of(a, b)
+    assert bs.get(TD) is a
+    assert bs.for_id(SpiffeId.parse("spiffe://other.org/w")) is b
+    assert len(bs) == 2
+    assert set(bs) == {TD, other}
+    with pytest.raises(BundleError, match=r"no bundle for trust domain third\.org"):
+        bs.for_id(SpiffeId.parse("spiffe://third.org/w"))
+    with pytest.raises(BundleError, match="filed under"):
+        BundleSet({other: a})
+    a2 = X509Bundle(TD, ())
+    bs2 = bs.with_bundle(a2)
+    assert bs2[TD] is a2
+    assert bs[TD] is a
+    with pytest.raises(TypeError):
+        bs[TD] = a2  # type: ignore[index]
+    assert der_concat(bs2[other].authorities)
