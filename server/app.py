@@ -135,6 +135,11 @@ class Server:
             ("grpc.max_send_message_length", size),
             # Two servers must never share a port silently.
             ("grpc.so_reuseport", 0),
+            # Sync streams live for hours: ping idle connections, accept agent pings >= 10 s.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ]
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -159,6 +164,7 @@ class Server:
                 default_x509_svid_ttl=cfg.default_x509_svid_ttl,
                 default_jwt_svid_ttl=cfg.default_jwt_svid_ttl,
                 agent_svid_ttl=cfg.agent_svid_ttl,
+                attest_timeout=cfg.attest_timeout,
             ),
             limiters=limiters,
             clock=self.clock,

@@ -46,6 +46,8 @@ class ServerConfig:
     log_level: str = "info"
     max_message_bytes: int = 4 * 1024 * 1024
     shutdown_grace: float = 5.0
+    # How long Attest waits for each agent message (first params, x509pop answer).
+    attest_timeout: float = 30.0
     # Token buckets; 0 disables a limit. Signing counts CSRs, not requests, so that
     # batching cannot dodge the limit.
     x509_rate_per_agent: float = 1000.0
@@ -54,7 +56,8 @@ class ServerConfig:
     jwt_burst_per_agent: int = 1000
     attest_rate_per_host: float = 10.0
     attest_burst_per_host: int = 50
-    signing_threads: int = 2
+    # One thread: cryptography holds the GIL while signing, so more threads only contend.
+    signing_threads: int = 1
 
     @property
     def datastore_path(self) -> Path:
@@ -165,6 +168,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "log_level": _as_choice(LOG_LEVELS),
     "max_message_bytes": _positive,
     "shutdown_grace": _as_float,
+    "attest_timeout": _as_float,
     "x509_rate_per_agent": _as_float,
     "x509_burst_per_agent": _as_int,
     "jwt_rate_per_agent": _as_float,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from server.datastore.records import Entry, Selector
+from svid._spiffe_id import SpiffeId
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,26 @@ def entitled_entries(
             if _live(entry, now):
                 chosen.setdefault(entry.id, entry)
     return tuple(sorted(chosen.values(), key=lambda e: (e.spiffe_id, e.id)))
+
+
+@dataclass(frozen=True)
+class Entitlement:
+    """What one agent may serve right now, indexed for per-request lookups."""
+
+    entries: tuple[Entry, ...]
+    by_id: Mapping[str, Entry]
+    by_spiffe_id: Mapping[str, Entry]
+    # Entries' IDs parsed once: parsing on every signature would cost a quarter of a JWT.
+    parsed_ids: Mapping[str, SpiffeId]
+
+    @classmethod
+    def of(cls, entries: tuple[Entry, ...]) -> Entitlement:
+        by_spiffe_id: dict[str, Entry] = {}
+        for entry in entries:
+            by_spiffe_id.setdefault(entry.spiffe_id, entry)
+        return cls(
+            entries,
+            MappingProxyType({e.id: e for e in entries}),
+            MappingProxyType(by_spiffe_id),
+            MappingProxyType({e.id: SpiffeId.parse(e.spiffe_id) for e in entries}),
+        )

@@ -28,7 +28,7 @@ from server.ca.manager import CaManager
 from server.ca.signer import X509Signer, verify_csr
 from server.convert import bundle_to_proto, entry_to_proto, revocation_to_proto
 from server.datastore.records import AttestedAgent, Entry
-from server.entitlement import entitled_entries
+from server.entitlement import Entitlement, entitled_entries
 from server.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -59,6 +59,7 @@ class NodeSettings:
     default_x509_svid_ttl: int = 300
     default_jwt_svid_ttl: int = 300
     agent_svid_ttl: int = 3600
+    attest_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,13 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._metrics = metrics
         self._executor = executor
         self._peers = PeerCache(ids)
-        self._entitled_cache: dict[tuple[str, tuple[object, ...], int], tuple[Entry, ...]] = {}
+        # Label lookups cost as much as the rest of a JWT's bookkeeping: bind them once.
+        self._x509_seconds = metrics.signing_seconds.labels(kind="x509")
+        self._jwt_seconds = metrics.signing_seconds.labels(kind="jwt")
+        self._x509_issued = metrics.svids_issued.labels(kind="x509")
+        self._jwt_issued = metrics.svids_issued.labels(kind="jwt")
+        self._server_id = str(ids.server)
+        self._entitled_cache: dict[tuple[str, tuple[object, ...], int], Entitlement] = {}
         self._entitled_index: object = None
 
     def on_error(self, code: grpc.StatusCode) -> None:
@@ -146,7 +153,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     ) -> None:
         if not self._limits.attest.try_take(peer_host(context)):
             raise RateLimitedError("attestation rate limit exceeded for this host; retry later")
-        first = await context.read()
+        first = await _read_step(context, self._settings.attest_timeout)
         if first is grpc.aio.EOF or first.WhichOneof("step") != "params":
             raise InvalidRequestError("attest: the first message must carry params")
         params = first.params
@@ -161,7 +168,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
         async def challenge(nonce: bytes) -> bytes:
             await context.write(node_pb2.AttestResponse(challenge=nonce))
-            answer = await context.read()
+            answer = await _read_step(context, self._settings.attest_timeout)
             if answer is grpc.aio.EOF or answer.WhichOneof("step") != "challenge_response":
                 raise InvalidRequestError("attest: expected a challenge_response")
             return bytes(answer.challenge_response)
@@ -229,7 +236,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # -- Sync ---------------------------------------------------------------------------------
 
-    def _entitled(self, agent: AttestedAgent) -> tuple[Entry, ...]:
+    def _entitled(self, agent: AttestedAgent) -> Entitlement:
         # Memoised per entry snapshot (replaced on every write) and per second (expiry).
         index = self._state.entries
         if index is not self._entitled_index:
@@ -241,17 +248,15 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if found is None:
             if len(self._entitled_cache) > 10_000:
                 self._entitled_cache = {}
-            found = entitled_entries(
-                index, agent.spiffe_id, agent.selectors, str(self._ids.server), now
+            found = Entitlement.of(
+                entitled_entries(index, agent.spiffe_id, agent.selectors, self._server_id, now)
             )
             self._entitled_cache[key] = found
         return found
 
-    async def _next_change(
-        self, notifier: ChangeNotifier, seen: int, entitled: tuple[Entry, ...]
-    ) -> int:
+    async def _next_change(self, notifier: ChangeNotifier, seen: int, entitled: Entitlement) -> int:
         """Wait for a committed change, or for the next entry of this agent to expire."""
-        expiries = [e.expires_at for e in entitled if e.expires_at]
+        expiries = [e.expires_at for e in entitled.entries if e.expires_at]
         if not expiries:
             return await notifier.wait_beyond(seen)
         delay = max(0.05, min(expiries) - self._clock.now())
@@ -260,9 +265,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         except TimeoutError:
             return seen
 
-    def _sync_update(self, entitled: tuple[Entry, ...]) -> node_pb2.SyncUpdate:
+    def _sync_update(self, entitled: Entitlement) -> node_pb2.SyncUpdate:
         return node_pb2.SyncUpdate(
-            entries=[entry_to_proto(e) for e in entitled],
+            entries=[entry_to_proto(e) for e in entitled.entries],
             bundle=self._bundle_proto(),
             revocations=[revocation_to_proto(r) for r in self._state.revocations],
         )
@@ -296,26 +301,28 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # -- BatchNewX509SVID ---------------------------------------------------------------------
 
-    def _entitled_entry(self, agent_id: str, entitled: Mapping[str, Entry], entry_id: str) -> Entry:
-        entry = entitled.get(entry_id)
+    def _entitled_entry(self, agent_id: str, entitled: Entitlement, entry_id: str) -> Entry:
+        entry = entitled.by_id.get(entry_id)
         if entry is not None:
             return entry
         if entry_id in self._state.entries.by_id:
             raise PermissionDeniedError(f"entry {entry_id} is not entitled to agent {agent_id}")
         raise NotFoundError(f"entry {entry_id[:80]!r} not found")
 
-    def _sign_x509(self, signer: X509Signer, entry: Entry, csr: bytes) -> node_pb2.X509SVIDResult:
+    def _sign_x509(
+        self, signer: X509Signer, entitled: Entitlement, entry: Entry, csr: bytes
+    ) -> node_pb2.X509SVIDResult:
         started = time.perf_counter()
-        request = verify_csr(csr)
+        public_key = verify_csr(csr).public_key()
         chain = tuple(
             signer.sign_svid(
-                request,
-                SpiffeId.parse(entry.spiffe_id),
+                public_key,  # type: ignore[arg-type]  # verify_csr checked the key type
+                entitled.parsed_ids[entry.id],
                 entry.x509_svid_ttl or self._settings.default_x509_svid_ttl,
                 entry.dns_names,
             )
         )
-        self._metrics.signing_seconds.labels(kind="x509").observe(time.perf_counter() - started)
+        self._x509_seconds.observe(time.perf_counter() - started)
         return node_pb2.X509SVIDResult(
             entry_id=entry.id,
             spiffe_id=entry.spiffe_id,
@@ -324,19 +331,21 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         )
 
     def _sign_x509_batch(
-        self, params: list[node_pb2.X509SVIDParams], entitled: Mapping[str, Entry], agent_id: str
+        self, params: list[node_pb2.X509SVIDParams], entitled: Entitlement, agent_id: str
     ) -> list[node_pb2.X509SVIDResult]:
         signer = self._ca.x509_signer()
         results = []
+        issued = 0
         for item in params:
             try:
                 entry = self._entitled_entry(agent_id, entitled, item.entry_id)
-                results.append(self._sign_x509(signer, entry, item.csr))
-            except SvidError as exc:
+                results.append(self._sign_x509(signer, entitled, entry, item.csr))
+                issued += 1
+            except SvidError as exc:  # the server's own errors are SvidErrors too
                 results.append(
                     node_pb2.X509SVIDResult(entry_id=item.entry_id, error=_item_status(exc))
                 )
-        self._metrics.svids_issued.labels(kind="x509").inc(sum(1 for r in results if r.cert_chain))
+        self._x509_issued.inc(issued)
         return results
 
     @status.unary
@@ -349,14 +358,15 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         _check_batch_size("params", len(params))
         if not self._limits.x509.try_take(agent.spiffe_id, len(params)):
             raise RateLimitedError(f"X.509 signing rate limit exceeded for {agent.spiffe_id}")
-        entitled = {e.id: e for e in self._entitled(agent)}
-        results = await self._run(self._sign_x509_batch, params, entitled, agent.spiffe_id)
+        results = await self._run(
+            self._sign_x509_batch, params, self._entitled(agent), agent.spiffe_id
+        )
         return node_pb2.BatchNewX509SVIDResponse(results=results)
 
     # -- NewJWTSVID ---------------------------------------------------------------------------
 
     def _jwt_entry(
-        self, agent_id: str, entitled: tuple[Entry, ...], request: node_pb2.NewJWTSVIDRequest
+        self, agent_id: str, entitled: Entitlement, request: node_pb2.NewJWTSVIDRequest
     ) -> tuple[Entry, list[str]]:
         audience = list(request.audience)
         if not audience or any(not a for a in audience):
@@ -364,26 +374,25 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if len(audience) > MAX_AUDIENCES:
             raise InvalidRequestError(f"audience: at most {MAX_AUDIENCES} values")
         if request.entry_id:
-            return self._entitled_entry(
-                agent_id, {e.id: e for e in entitled}, request.entry_id
-            ), audience
+            return self._entitled_entry(agent_id, entitled, request.entry_id), audience
         if not request.spiffe_id:
             raise InvalidRequestError("spiffe_id: required (or entry_id)")
-        wanted = str(SpiffeId.parse(request.spiffe_id))
-        for entry in entitled:
-            if entry.spiffe_id == wanted:
-                return entry, audience
-        raise PermissionDeniedError(f"{wanted} is not an identity agent {agent_id} may serve")
+        entry = entitled.by_spiffe_id.get(request.spiffe_id)
+        if entry is None:
+            wanted = SpiffeId.parse(request.spiffe_id)  # a malformed ID is INVALID_ARGUMENT
+            raise PermissionDeniedError(f"{wanted} is not an identity agent {agent_id} may serve")
+        return entry, audience
 
-    def _sign_jwt(self, entry: Entry, audience: list[str]) -> node_pb2.NewJWTSVIDResponse:
+    def _sign_jwt(
+        self, entitled: Entitlement, entry: Entry, audience: list[str]
+    ) -> node_pb2.NewJWTSVIDResponse:
         started = time.perf_counter()
         issued = self._ca.jwt_signer().sign(
-            SpiffeId.parse(entry.spiffe_id),
+            entitled.parsed_ids[entry.id],
             audience,
             entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl,
         )
-        self._metrics.signing_seconds.labels(kind="jwt").observe(time.perf_counter() - started)
-        self._metrics.svids_issued.labels(kind="jwt").inc()
+        self._jwt_seconds.observe(time.perf_counter() - started)
         return node_pb2.NewJWTSVIDResponse(
             token=issued.token, issued_at=int(issued.issued_at), expires_at=int(issued.expires_at)
         )
@@ -394,22 +403,29 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     ) -> node_pb2.NewJWTSVIDResponse:
         peer = self._peers.agent_peer(context)
         agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
-        entry, audience = self._jwt_entry(agent.spiffe_id, self._entitled(agent), request)
+        entitled = self._entitled(agent)
+        entry, audience = self._jwt_entry(agent.spiffe_id, entitled, request)
         if not self._limits.jwt.try_take(agent.spiffe_id):
             raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
         # One ES256 signature is cheaper than a hop to the thread pool: sign on the loop.
-        return self._sign_jwt(entry, audience)
+        reply = self._sign_jwt(entitled, entry, audience)
+        self._jwt_issued.inc()
+        return reply
 
     def _sign_jwt_batch(
-        self, requests: list[node_pb2.NewJWTSVIDRequest], entitled: tuple[Entry, ...], agent_id: str
+        self, requests: list[node_pb2.NewJWTSVIDRequest], entitled: Entitlement, agent_id: str
     ) -> list[node_pb2.JWTSVIDResult]:
         results = []
+        issued = 0
         for item in requests:
             try:
                 entry, audience = self._jwt_entry(agent_id, entitled, item)
-                results.append(node_pb2.JWTSVIDResult(svid=self._sign_jwt(entry, audience)))
+                svid = self._sign_jwt(entitled, entry, audience)
+                results.append(node_pb2.JWTSVIDResult(svid=svid))
+                issued += 1
             except SvidError as exc:  # the server's own errors are SvidErrors too
                 results.append(node_pb2.JWTSVIDResult(error=_item_status(exc)))
+        self._jwt_issued.inc(issued)
         return results
 
     @status.unary
@@ -426,6 +442,16 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             self._sign_jwt_batch, requests, self._entitled(agent), agent.spiffe_id
         )
         return node_pb2.BatchNewJWTSVIDResponse(results=results)
+
+
+async def _read_step(context: grpc.aio.ServicerContext, timeout: float) -> node_pb2.AttestRequest:
+    """The agent's next Attest message; a silent peer does not hold the handler forever."""
+    try:
+        return await asyncio.wait_for(context.read(), timeout=timeout)
+    except TimeoutError:
+        raise InvalidRequestError(
+            f"attest: no message from the agent within {timeout:g} s"
+        ) from None
 
 
 def _check_batch_size(field: str, size: int) -> None:

@@ -44,7 +44,6 @@ _log = logging.getLogger("svid.server.ca")
 
 MIN_KEY_TTL = 60
 DEFAULT_REFRESH_HINT = 300
-IDLE_CHECK_SECONDS = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +93,7 @@ class CaManager:
         self._x509_signer: X509Signer | None = None
         self._jwt_signer: JwtSigner | None = None
         self._bundle: SpiffeBundle | None = None
+        self._published: tuple[tuple[bytes, ...], tuple[tuple[str, bytes], ...]] = ((), ())
         self._subscribers: list[Callable[[], None]] = []
 
     @property
@@ -117,9 +117,10 @@ class CaManager:
         with self._lock:
             if self._bundle is None:
                 raise CaUnavailableError("the CA manager is not initialised")
-            before = self._fingerprint()
             self._apply_schedule()
-            changed = self._fingerprint() != before
+            # Compared with what was last *published*, so a tick that failed half-way (slots
+            # journaled, sequence not bumped) is published by the next one.
+            changed = self._fingerprint() != self._published
             if changed:
                 self._publish(self._ds.next_bundle_sequence())
             else:
@@ -172,19 +173,17 @@ class CaManager:
         """Unix time at which `rotate()` has something to do next."""
         now = self._clock.now()
         with self._lock:
-            events = [rotation.next_event(now, _times(s)) for s in self._slots.values()]
-        due = [t for t in events if t is not None]
-        return min(due) if due else now + IDLE_CHECK_SECONDS
+            return min(rotation.next_event(now, _times(s)) for s in self._slots.values())
 
     # -- schedule -------------------------------------------------------------------------------
 
     def _apply_schedule(self) -> None:
-        now = int(self._clock.now())
+        now = self._clock.now()
         for kind in (X509_KIND, JWT_KIND):
             slots = self._ds.list_key_slots(kind)
             plan = rotation.plan_rotation(now, _times(slots))
             if not plan.empty:
-                self._apply_plan(kind, slots, plan, now)
+                self._apply_plan(kind, slots, plan, int(now))
                 slots = self._ds.list_key_slots(kind)
             self._slots[kind] = slots
 
@@ -253,7 +252,11 @@ class CaManager:
                 created_at=now,
             )
         self._keys.save(slot_id, key)
-        self._ds.save_key_slot(slot)
+        try:
+            self._ds.save_key_slot(slot)
+        except BaseException:
+            self._keys.delete(slot_id)  # never journaled: the file would be an orphan
+            raise
         _log.info(
             "key created",
             extra={"kind": kind, "slot_id": slot_id, "status": status, "not_after": slot.not_after},
@@ -337,6 +340,7 @@ class CaManager:
 
     def _publish(self, sequence: int) -> None:
         self._refresh_signers()
+        self._published = self._fingerprint()
         self._bundle = SpiffeBundle(
             trust_domain=self._config.trust_domain,
             x509_authorities=self._authorities(),

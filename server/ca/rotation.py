@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from server.datastore.records import ACTIVE, PREPARED, RETIRED
+from server.datastore.records import ACTIVE, PREPARED
 
 PREPARE_FRACTION = 1 / 2
 ACTIVATE_FRACTION = 5 / 6
@@ -88,16 +88,16 @@ def plan_rotation(now: float, slots: Sequence[SlotTimes]) -> RotationPlan:
     )
 
 
-def next_event(now: float, slots: Sequence[SlotTimes]) -> float | None:
-    """The earliest future time at which `plan_rotation` would decide something new."""
-    times: list[float] = []
+def next_event(now: float, slots: Sequence[SlotTimes]) -> float:
+    """When `plan_rotation` has something to do next: the earliest pending event, which is
+    `now` or earlier when a tick is overdue (a pending event stays pending until applied)."""
     active = [s for s in slots if s.status == ACTIVE]
-    waiting = [s for s in slots if s.status == PREPARED]
-    for slot in active:
-        if waiting:
-            times.append(activate_at(slot.not_before, slot.not_after))
-        else:
-            times.append(prepare_at(slot.not_before, slot.not_after))
-    times.extend(s.not_after for s in slots if s.status in (ACTIVE, PREPARED, RETIRED))
-    future = [t for t in times if t > now]
-    return min(future) if future else None
+    if not active:
+        return now
+    waiting = any(s.status == PREPARED for s in slots)
+    times = [
+        activate_at(s.not_before, s.not_after) if waiting else prepare_at(s.not_before, s.not_after)
+        for s in active
+    ]
+    times.extend(s.not_after for s in slots)
+    return min(times)

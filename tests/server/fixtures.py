@@ -9,6 +9,7 @@ its certificates while tests can still move time forward by a few seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import threading
@@ -206,3 +207,7 @@ def running_server(**overrides: Any) -> Iterator[RunningServer]:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# `with managed_server(**overrides) as server:` for a test that needs its own configuration.
+managed_server = contextlib.contextmanager(running_server)

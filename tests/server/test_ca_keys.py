@@ -30,7 +30,7 @@ def test_signature_hash_matches_key_strength() -> None:
 
 
 def test_unknown_key_type_names_the_setting() -> None:
-    with pytest.raises(CaConfigError, match="key_type: must be one of .* got 'dsa'"):
+    with pytest.raises(CaConfigError, match=r"key_type: must be one of .* got 'dsa'"):
         generate_key("dsa")
 
 

@@ -1,4 +1,4 @@
-"""X.509- and JWT-SVID signing: SPIFFE profile, an independent verifier (openssl, PyJWT), bad input."""
+"""X.509- and JWT-SVID signing: SPIFFE profile, independent verifiers (openssl, PyJWT)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ DER = serialization.Encoding.DER
 
 def csr_der(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None) -> bytes:
     key = key or ec.generate_private_key(ec.SECP256R1())
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
-        key, hashes.SHA256()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(DER)
 
@@ -56,10 +58,13 @@ def test_leaf_profile_details(ca_manager: CaManager, clock: FakeClock) -> None:
     leaf = signer.sign_svid(key.public_key(), WORKLOAD, 300, ("a.example", "*.b.example"))[0]
     ext = leaf.extensions
     basic = ext.get_extension_for_class(x509.BasicConstraints)
-    assert basic.critical and not basic.value.ca
+    assert basic.critical
+    assert not basic.value.ca
     usage = ext.get_extension_for_class(x509.KeyUsage)
-    assert usage.critical and usage.value.digital_signature
-    assert not usage.value.key_cert_sign and not usage.value.crl_sign
+    assert usage.critical
+    assert usage.value.digital_signature
+    assert not usage.value.key_cert_sign
+    assert not usage.value.crl_sign
     assert list(ext.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
         ExtendedKeyUsageOID.SERVER_AUTH,
         ExtendedKeyUsageOID.CLIENT_AUTH,
@@ -83,7 +88,9 @@ def test_leaf_profile_details(ca_manager: CaManager, clock: FakeClock) -> None:
 
 def test_serials_are_random_and_distinct(ca_manager: CaManager) -> None:
     key = ec.generate_private_key(ec.SECP256R1()).public_key()
-    serials = {ca_manager.x509_signer().sign_svid(key, WORKLOAD, 60)[0].serial_number for _ in range(50)}
+    serials = {
+        ca_manager.x509_signer().sign_svid(key, WORKLOAD, 60)[0].serial_number for _ in range(50)
+    }
     assert len(serials) == 50
 
 

@@ -83,7 +83,9 @@ def test_duplicate_entry_is_the_same_selector_set_in_any_order(datastore: Sqlite
         datastore.create_entry(entry("/web", AGENT, "unix:gid:5", "unix:uid:1000"))
     # A different selector set, parent or ID is a different entry.
     datastore.create_entry(entry("/web", AGENT, "unix:uid:1000"))
-    datastore.create_entry(entry("/web", "spiffe://example.org/other", "unix:uid:1000", "unix:gid:5"))
+    datastore.create_entry(
+        entry("/web", "spiffe://example.org/other", "unix:uid:1000", "unix:gid:5")
+    )
     datastore.create_entry(entry("/api", AGENT, "unix:uid:1000", "unix:gid:5"))
     assert len(datastore.list_entries()) == 4
 

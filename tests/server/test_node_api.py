@@ -27,6 +27,7 @@ from tests.server.fixtures import (
     bundle_pem,
     der_chain,
     make_csr,
+    managed_server,
     running_server,
     short_tmpdir,
     start_server,
@@ -292,7 +293,7 @@ def test_sync_drops_an_entry_when_it_expires(srv: RunningServer) -> None:
 
 
 def test_agent_with_an_expired_svid_must_reattest() -> None:
-    for server in running_server(agent_svid_ttl=60):
+    with managed_server(agent_svid_ttl=60) as server:
         agent = server.attest()
         server.clock.advance(61)
         with pytest.raises(grpc.RpcError) as exc:

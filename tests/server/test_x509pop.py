@@ -25,6 +25,7 @@ from tests.server.fixtures import (
     RunningServer,
     der_chain,
     make_csr,
+    managed_server,
     running_server,
     short_tmpdir,
 )
@@ -211,3 +212,21 @@ def test_rsa_node_keys_work(srv: RunningServer, pki: Any) -> None:
     cert, _ = _node(*pki, "rsa-node", key=key)
     result = _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
     assert "/svid/agent/x509pop/" in result.spiffe_id
+
+
+def test_silent_agent_times_out() -> None:
+    root = short_tmpdir()
+    ca_file = root / "ca.pem"
+    ca_file.write_bytes(_ca("t-ca")[0].public_bytes(PEM))
+    with managed_server(x509pop_ca_bundle=str(ca_file), attest_timeout=0.3) as server:
+        nonces: queue.Queue[None] = queue.Queue()
+
+        def silent() -> Iterator[node_pb2.AttestRequest]:
+            nonces.get(timeout=10)  # never sends params
+            yield node_pb2.AttestRequest()
+
+        with pytest.raises(grpc.RpcError) as exc:
+            list(server.attest_stub().Attest(silent(), timeout=10))
+        nonces.put(None)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert "no message from the agent within 0.3 s" in exc.value.details()  # type: ignore[attr-defined]

@@ -1,0 +1,119 @@
+"""The revocation set verifiers consult: X.509 serials and JWT ids, each kept until it expires.
+
+Reads happen on every verification, so they take no lock: writers build a new dict and swap the
+reference (copy-on-write), and a reader always sees one whole version.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from svid._errors import SvidError
+
+KIND_X509_SERIAL = "x509_serial"
+KIND_JWT_ID = "jwt_id"
+
+
+def normalize_serial(serial: str | int) -> str:
+    """Lowercase hex without leading zeros or separators, the form ``format(n, 'x')`` gives."""
+    if isinstance(serial, int):
+        if serial < 0:
+            raise SvidError(f"certificate serial {serial} is negative")
+        return format(serial, "x")
+    text = serial.strip().replace(":", "").lower()
+    text = text.removeprefix("0x")
+    try:
+        return format(int(text, 16), "x")
+    except ValueError:
+        raise SvidError(f"certificate serial {serial!r} is not hexadecimal") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """One revoked credential: its kind, its serial (hex) or jti, and when it lapses anyway."""
+
+    kind: str
+    value: str
+    expires_at: float
+
+
+class RevocationSet:
+    """Thread-safe set of revoked serials and jtis. ``version`` bumps on every change."""
+
+    def __init__(self, items: Iterable[Revoked] = ()) -> None:
+        self._lock = threading.Lock()
+        self._serials: Mapping[str, float] = MappingProxyType({})
+        self._jtis: Mapping[str, float] = MappingProxyType({})
+        self.version = 0
+        self.replace(items)
+
+    @staticmethod
+    def _split(items: Iterable[Revoked]) -> tuple[dict[str, float], dict[str, float]]:
+        serials: dict[str, float] = {}
+        jtis: dict[str, float] = {}
+        for item in items:
+            if item.kind == KIND_X509_SERIAL:
+                key = normalize_serial(item.value)
+                serials[key] = max(item.expires_at, serials.get(key, item.expires_at))
+            elif item.kind == KIND_JWT_ID:
+                jtis[item.value] = max(item.expires_at, jtis.get(item.value, item.expires_at))
+            else:
+                raise SvidError(f"unknown revocation kind {item.kind!r}")
+        return serials, jtis
+
+    def replace(self, items: Iterable[Revoked]) -> None:
+        """Make the set exactly ``items`` (a full-state update from the agent or server)."""
+        serials, jtis = self._split(items)
+        with self._lock:
+            self._serials, self._jtis = MappingProxyType(serials), MappingProxyType(jtis)
+            self.version += 1
+
+    def add(self, items: Iterable[Revoked]) -> None:
+        serials, jtis = self._split(items)
+        if not serials and not jtis:
+            return
+        with self._lock:
+            merged_s = dict(self._serials)
+            for k, v in serials.items():
+                merged_s[k] = max(v, merged_s.get(k, v))
+            merged_j = dict(self._jtis)
+            for k, v in jtis.items():
+                merged_j[k] = max(v, merged_j.get(k, v))
+            self._serials, self._jtis = MappingProxyType(merged_s), MappingProxyType(merged_j)
+            self.version += 1
+
+    def revoke_serial(self, serial: str | int, expires_at: float) -> None:
+        self.add([Revoked(KIND_X509_SERIAL, normalize_serial(serial), expires_at)])
+
+    def revoke_jti(self, jti: str, expires_at: float) -> None:
+        self.add([Revoked(KIND_JWT_ID, jti, expires_at)])
+
+    def is_serial_revoked(self, serial: str) -> bool:
+        """``serial`` must already be normalized (``format(cert.serial_number, 'x')``)."""
+        return serial in self._serials
+
+    def is_jti_revoked(self, jti: str) -> bool:
+        return jti in self._jtis
+
+    def prune(self, now: float) -> int:
+        """Forget entries whose credential has expired anyway; returns how many went."""
+        with self._lock:
+            serials = {k: v for k, v in self._serials.items() if v > now}
+            jtis = {k: v for k, v in self._jtis.items() if v > now}
+            gone = len(self._serials) - len(serials) + len(self._jtis) - len(jtis)
+            if gone:
+                self._serials, self._jtis = MappingProxyType(serials), MappingProxyType(jtis)
+                self.version += 1
+            return gone
+
+    def items(self) -> list[Revoked]:
+        serials, jtis = self._serials, self._jtis
+        return [Revoked(KIND_X509_SERIAL, k, v) for k, v in serials.items()] + [
+            Revoked(KIND_JWT_ID, k, v) for k, v in jtis.items()
+        ]
+
+    def __len__(self) -> int:
+        return len(self._serials) + len(self._jtis)

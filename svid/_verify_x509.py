@@ -1,0 +1,322 @@
+"""X.509-SVID verification: path validation against the leaf's own trust domain, SPIFFE leaf rules,
+validity times from an injectable clock, revocation by serial, and a result cache.
+
+Path validation is done here rather than by a general-purpose verifier because SPIFFE needs what
+those don't offer cheaply: the anchor set chosen per trust domain, URI-SAN identities, and a cost
+close to one signature check. It covers what SPIFFE chains use (RFC 5280 §6 basics: issuer/subject
+chaining, signatures, validity, cA, keyCertSign, pathLenConstraint, critical extensions); a name-
+constrained CA is refused rather than half-supported.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtensionOID
+
+from svid._bundle import X509Bundle
+from svid._cache import LruCache
+from svid._clock import Clock, SystemClock
+from svid._der import parse_der_certs
+from svid._errors import (
+    ExpiredError,
+    RevokedError,
+    SvidParseError,
+    VerificationError,
+    X509SvidError,
+)
+from svid._revocation import RevocationSet
+from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._x509 import check_leaf_profile, check_signing_profile
+
+X509BundleGetter = Callable[[TrustDomain], X509Bundle | None]
+
+DEFAULT_CACHE_SIZE = 10_000
+DEFAULT_MAX_CHAIN_DEPTH = 8
+
+_UNDERSTOOD_CRITICAL = frozenset(
+    {
+        ExtensionOID.BASIC_CONSTRAINTS,
+        ExtensionOID.KEY_USAGE,
+        ExtensionOID.EXTENDED_KEY_USAGE,
+        ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedX509:
+    """The outcome of a successful X.509-SVID verification."""
+
+    spiffe_id: SpiffeId
+    chain: tuple[x509.Certificate, ...]
+    serial: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Anchor:
+    cert: x509.Certificate
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+    not_before: float
+    not_after: float
+    path_length: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    result: VerifiedX509
+    trust_domain: TrustDomain
+    bundle: X509Bundle
+    not_before: float
+    not_after: float
+    serials: tuple[str, ...]
+
+
+def _serial(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
+
+
+def _times(cert: x509.Certificate) -> tuple[float, float]:
+    return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+
+
+def _check_critical(cert: x509.Certificate, what: str) -> None:
+    for ext in cert.extensions:
+        if ext.oid == ExtensionOID.NAME_CONSTRAINTS:
+            raise VerificationError(
+                f"{what} serial {_serial(cert)} has name constraints, which are not supported"
+            )
+        if ext.critical and ext.oid not in _UNDERSTOOD_CRITICAL:
+            raise VerificationError(
+                f"{what} serial {_serial(cert)} has an unsupported critical extension "
+                f"{ext.oid.dotted_string}"
+            )
+
+
+def _signature_ok(cert: x509.Certificate, key: object) -> bool:
+    params = cert.signature_algorithm_parameters
+    hash_alg = cert.signature_hash_algorithm
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if not isinstance(params, ec.ECDSA):
+                return False
+            key.verify(cert.signature, cert.tbs_certificate_bytes, params)
+            return True
+        if isinstance(key, rsa.RSAPublicKey):
+            if not isinstance(params, padding.PKCS1v15 | padding.PSS) or hash_alg is None:
+                return False
+            key.verify(cert.signature, cert.tbs_certificate_bytes, params, hash_alg)
+            return True
+    except InvalidSignature:
+        return False
+    return False
+
+
+def _make_anchor(cert: x509.Certificate) -> _Anchor | None:
+    """An authority usable as a trust anchor, or None if it cannot sign (then it's skipped)."""
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        return None
+    path_length = None
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if not bc.ca:
+            return None
+        path_length = bc.path_length
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.key_cert_sign:
+            return None
+    except x509.ExtensionNotFound:
+        pass
+    nb, na = _times(cert)
+    return _Anchor(cert, key, nb, na, path_length)
+
+
+class _AnchorIndex:
+    """A bundle's authorities by subject name, with their keys decoded once."""
+
+    __slots__ = ("by_subject",)
+
+    def __init__(self, bundle: X509Bundle) -> None:
+        self.by_subject: dict[x509.Name, list[_Anchor]] = {}
+        for cert in bundle.authorities:
+            anchor = _make_anchor(cert)
+            if anchor is not None:
+                self.by_subject.setdefault(cert.subject, []).append(anchor)
+
+    def issuer_of(self, cert: x509.Certificate) -> _Anchor | None:
+        for anchor in self.by_subject.get(cert.issuer, ()):
+            if _signature_ok(cert, anchor.public_key):
+                return anchor
+        return None
+
+
+class X509Verifier:
+    """Verifies X.509-SVID chains (leaf first) against the bundle of the leaf's trust domain."""
+
+    def __init__(
+        self,
+        bundles: X509BundleGetter,
+        *,
+        clock: Clock | None = None,
+        revocations: RevocationSet | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
+    ) -> None:
+        self._bundles = bundles
+        self._clock: Clock = clock or SystemClock()
+        self._revocations = revocations if revocations is not None else RevocationSet()
+        self._cache: LruCache[bytes, _Entry] = LruCache(cache_size)
+        self._max_depth = max_chain_depth
+        # One decoded anchor index per trust domain, rebuilt when its bundle object changes.
+        self._indexes: dict[TrustDomain, tuple[X509Bundle, _AnchorIndex]] = {}
+
+    @property
+    def cache(self) -> LruCache[bytes, _Entry]:
+        return self._cache
+
+    def verify_der(self, chain_der: bytes) -> VerifiedX509:
+        """Verify concatenated DER certificates, leaf first (the Workload API / TLS form)."""
+        now = self._clock.now()
+        entry = self._cache.get(chain_der)
+        if entry is not None:
+            if self._still_valid(entry, now):
+                return entry.result
+            self._cache.discard(chain_der)
+        try:
+            certs = parse_der_certs(chain_der)
+        except SvidParseError as exc:
+            raise VerificationError(f"X.509-SVID chain is unreadable: {exc}") from exc
+        entry = self._verify(certs, now)
+        self._cache.put(chain_der, entry)
+        return entry.result
+
+    def verify(self, chain: Sequence[x509.Certificate]) -> VerifiedX509:
+        """Verify parsed certificates, leaf first; cached by their DER like ``verify_der``."""
+        if not chain:
+            raise VerificationError("X.509-SVID chain is empty")
+        key = b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain)
+        now = self._clock.now()
+        entry = self._cache.get(key)
+        if entry is not None:
+            if self._still_valid(entry, now):
+                return entry.result
+            self._cache.discard(key)
+        entry = self._verify(list(chain), now)
+        self._cache.put(key, entry)
+        return entry.result
+
+    def verify_ssl_peer(self, conn: ssl.SSLSocket | ssl.SSLObject) -> VerifiedX509:
+        """Verify the peer of an established TLS connection; call it right after the handshake.
+
+        The ``ssl`` context should require a peer certificate (CERT_REQUIRED) and trust the CAs
+        of the accepted trust domains; this check then pins the chain to the peer's own trust
+        domain and applies the SPIFFE rules, times and revocations that OpenSSL does not know.
+        """
+        get_chain = getattr(conn, "get_unverified_chain", None)  # Python 3.13+
+        if get_chain is not None:
+            ders = [bytes(d) for d in (get_chain() or [])]
+        else:
+            leaf = conn.getpeercert(binary_form=True)
+            ders = [leaf] if leaf else []
+        if not ders:
+            raise VerificationError("TLS peer presented no certificate")
+        return self.verify_der(b"".join(ders))
+
+    def _still_valid(self, entry: _Entry, now: float) -> bool:
+        if not entry.not_before <= now <= entry.not_after:
+            return False
+        if self._bundles(entry.trust_domain) is not entry.bundle:
+            return False
+        is_revoked = self._revocations.is_serial_revoked
+        return not any(is_revoked(s) for s in entry.serials)
+
+    def _index(self, bundle: X509Bundle) -> _AnchorIndex:
+        memo = self._indexes.get(bundle.trust_domain)
+        if memo is not None and memo[0] is bundle:
+            return memo[1]
+        index = _AnchorIndex(bundle)
+        self._indexes[bundle.trust_domain] = (bundle, index)
+        return index
+
+    def _verify(self, certs: list[x509.Certificate], now: float) -> _Entry:
+        leaf = certs[0]
+        try:
+            sid = check_leaf_profile(leaf)
+        except X509SvidError as exc:
+            raise VerificationError(f"leaf breaks the X.509-SVID profile: {exc}") from exc
+        td = sid.trust_domain
+        bundle = self._bundles(td)
+        if bundle is None:
+            raise VerificationError(f"no X.509 bundle for trust domain {td}")
+        index = self._index(bundle)
+
+        path = [leaf]
+        _check_critical(leaf, "leaf")
+        rest = certs[1:]
+        anchor = index.issuer_of(leaf)
+        while anchor is None:
+            if not rest:
+                raise VerificationError(
+                    f"chain of leaf serial {_serial(leaf)} does not lead to an authority of "
+                    f"trust domain {td}"
+                )
+            if len(path) >= self._max_depth:
+                raise VerificationError(f"chain is longer than {self._max_depth} certificates")
+            current, nxt = path[-1], rest[0]
+            rest = rest[1:]
+            if nxt.subject != current.issuer or not _signature_ok(current, nxt.public_key()):
+                raise VerificationError(
+                    f"certificate serial {_serial(current)} is not signed by the next "
+                    f"certificate in the chain (serial {_serial(nxt)})"
+                )
+            try:
+                check_signing_profile(nxt)
+            except X509SvidError as exc:
+                raise VerificationError(f"intermediate breaks the profile: {exc}") from exc
+            bc = nxt.extensions.get_extension_for_class(x509.BasicConstraints).value
+            below = len(path) - 1
+            if bc.path_length is not None and below > bc.path_length:
+                raise VerificationError(
+                    f"intermediate serial {_serial(nxt)} allows {bc.path_length} CAs below it"
+                )
+            _check_critical(nxt, "intermediate")
+            path.append(nxt)
+            anchor = index.issuer_of(nxt)
+
+        if anchor.path_length is not None and len(path) - 1 > anchor.path_length:
+            raise VerificationError(
+                f"authority serial {_serial(anchor.cert)} allows {anchor.path_length} CAs below it"
+            )
+        not_before, not_after = anchor.not_before, anchor.not_after
+        for i, cert in enumerate(path):
+            nb, na = _times(cert)
+            what = "leaf" if i == 0 else "intermediate"
+            if now < nb:
+                raise ExpiredError(f"{what} serial {_serial(cert)} is not valid before {nb:.0f}")
+            if now > na:
+                raise ExpiredError(f"{what} serial {_serial(cert)} expired at {na:.0f}")
+            not_before, not_after = max(not_before, nb), min(not_after, na)
+        if now < anchor.not_before or now > anchor.not_after:
+            raise ExpiredError(
+                f"authority serial {_serial(anchor.cert)} of trust domain {td} is outside its "
+                "validity period"
+            )
+        serials = tuple(_serial(c) for c in path)
+        for serial in serials:
+            if self._revocations.is_serial_revoked(serial):
+                raise RevokedError(f"certificate serial {serial} of {sid} is revoked")
+        result = VerifiedX509(sid, tuple(path), serials[0], _times(leaf)[1])
+        return _Entry(result, td, bundle, not_before, not_after, serials)

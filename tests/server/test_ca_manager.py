@@ -1,0 +1,317 @@
+"""The CA manager: first start, bundle contents, upstream CA mode, key files, configuration."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from server.ca.errors import CaConfigError, CaUnavailableError
+from server.ca.keys import KeyStore
+from server.ca.manager import CaConfig, CaManager
+from server.datastore.records import ACTIVE, JWT_KIND, X509_KIND
+from server.datastore.sqlite import SqliteDataStore
+from svid._clock import FakeClock, to_datetime
+from svid._spiffe_id import SpiffeId
+from svid._x509 import check_leaf_profile
+from tests.server.conftest import TRUST_DOMAIN, openssl_verify
+
+WORKLOAD = SpiffeId.parse("spiffe://example.org/web")
+PEM = serialization.Encoding.PEM
+
+
+def leaf_for(manager: CaManager, ttl: int = 300) -> tuple[x509.Certificate, ...]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return manager.x509_signer().sign_svid(key.public_key(), WORKLOAD, ttl)
+
+
+# -- first start ---------------------------------------------------------------------------------
+
+
+def test_first_start_creates_one_active_key_of_each_kind(
+    ca_manager: CaManager, keystore: KeyStore, datastore: SqliteDataStore
+) -> None:
+    for kind in (X509_KIND, JWT_KIND):
+        slots = datastore.list_key_slots(kind)
+        assert [s.status for s in slots] == [ACTIVE]
+        path = keystore.path(slots[0].slot_id)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    bundle = ca_manager.bundle()
+    assert bundle.sequence == 1
+    assert bundle.refresh_hint == 300
+    assert bundle.x509_authorities == (ca_manager.x509_signer().ca_certificate,)
+    assert list(bundle.jwt_authorities) == [ca_manager.jwt_signer().kid]
+
+
+def test_ca_certificate_profile(ca_manager: CaManager, clock: FakeClock) -> None:
+    ca = ca_manager.x509_signer().ca_certificate
+    assert ca.issuer == ca.subject
+    basic = ca.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert basic.critical
+    assert basic.value.ca
+    usage = ca.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical
+    assert usage.value.key_cert_sign
+    assert usage.value.crl_sign
+    san = ca.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://example.org"]
+    assert ca.not_valid_after_utc.timestamp() == clock.now() + 86400
+
+
+def test_bundle_json_carries_the_keys(ca_manager: CaManager) -> None:
+    doc = ca_manager.bundle().to_json()
+    assert b'"use":"x509-svid"' in doc
+    assert b'"use":"jwt-svid"' in doc
+    assert b'"spiffe_sequence":1' in doc
+
+
+def test_uninitialised_manager_is_unavailable(
+    datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
+) -> None:
+    manager = CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock)
+    for call in (manager.x509_signer, manager.jwt_signer, manager.bundle, manager.rotate):
+        with pytest.raises(CaUnavailableError, match="not initialised"):
+            call()
+
+
+def test_subscribers_hear_bundle_changes_only(ca_manager: CaManager, clock: FakeClock) -> None:
+    heard: list[int] = []
+    unsubscribe = ca_manager.subscribe(lambda: heard.append(ca_manager.bundle().sequence))
+
+    def broken() -> None:
+        raise RuntimeError("subscriber bug")
+
+    ca_manager.subscribe(broken)  # a failing subscriber does not stop the others
+    assert not ca_manager.rotate()
+    assert heard == []
+    clock.set(ca_manager.next_rotation_check())
+    assert ca_manager.rotate()
+    assert heard == [2]
+    unsubscribe()
+    clock.set(ca_manager.next_rotation_check())
+    ca_manager.rotate()
+    assert heard == [2]
+
+
+# -- restart hygiene -----------------------------------------------------------------------------
+
+
+def test_lost_key_file_drops_its_slot_and_a_new_key_takes_over(
+    ca_manager: CaManager,
+    datastore: SqliteDataStore,
+    keystore: KeyStore,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    old = ca_manager.x509_signer().ca_certificate
+    keystore.delete(datastore.list_key_slots(X509_KIND)[0].slot_id)
+    again = CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock)
+    again.initialize()
+    assert again.x509_signer().ca_certificate != old
+    assert again.bundle().x509_authorities == (again.x509_signer().ca_certificate,)
+    result = openssl_verify(
+        tmp_path, leaf_for(again)[0], again.bundle().x509_authorities, at=clock.now()
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_orphan_key_files_are_removed(
+    ca_manager: CaManager, datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
+) -> None:
+    keystore.save("orphan", ec.generate_private_key(ec.SECP256R1()))
+    CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock).initialize()
+    assert "orphan" not in keystore.slot_ids()
+    assert len(keystore.slot_ids()) == 2
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ca_ttl": 10}, "ca_ttl: must be at least 60"),
+        ({"jwt_key_ttl": 0}, "jwt_key_ttl: must be at least 60"),
+        ({"key_type": "dsa"}, "key_type: must be one of"),
+        ({"jwt_key_type": "ed25519"}, "jwt_key_type: must be one of"),
+        ({"upstream_cert": Path("/x")}, "upstream_cert and upstream_key must be set together"),
+        ({"refresh_hint": -1}, "refresh_hint"),
+    ],
+)
+def test_bad_config_names_the_key(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(CaConfigError, match=message):
+        CaConfig(TRUST_DOMAIN, **kwargs)  # type: ignore[arg-type]
+
+
+def test_config_accepts_a_trust_domain_string() -> None:
+    assert CaConfig("example.org").trust_domain == TRUST_DOMAIN  # type: ignore[arg-type]
+
+
+# -- upstream CA ---------------------------------------------------------------------------------
+
+
+def _ca_cert(
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    *,
+    start: float,
+    days: int,
+    ca: bool = True,
+) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_name, signing_key = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(to_datetime(start - 60))
+        .not_valid_after(to_datetime(start + days * 86400))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()),
+            critical=False,
+        )
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def _write(
+    tmp_path: Path, certs: list[x509.Certificate], key: ec.EllipticCurvePrivateKey
+) -> tuple[Path, Path]:
+    cert_path, key_path = tmp_path / "upstream.pem", tmp_path / "upstream.key"
+    cert_path.write_bytes(b"".join(c.public_bytes(PEM) for c in certs))
+    key_path.write_bytes(
+        key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def _upstream_manager(
+    tmp_path: Path, clock: FakeClock, cert_path: Path, key_path: Path, **kw: int
+) -> tuple[CaManager, SqliteDataStore]:
+    store = SqliteDataStore(tmp_path / "up.db", clock)
+    config = CaConfig(TRUST_DOMAIN, upstream_cert=cert_path, upstream_key=key_path, **kw)  # type: ignore[arg-type]
+    manager = CaManager(config, store, KeyStore(tmp_path / "upkeys"), clock)
+    manager.initialize()
+    return manager, store
+
+
+def test_upstream_root_signs_our_intermediate(tmp_path: Path, clock: FakeClock) -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("Upstream Root", root_key, None, start=clock.now(), days=365)
+    manager, store = _upstream_manager(tmp_path, clock, *_write(tmp_path, [root], root_key))
+    chain = leaf_for(manager)
+    leaf, intermediate = chain
+    assert intermediate == manager.x509_signer().ca_certificate
+    assert intermediate.issuer == root.subject
+    assert check_leaf_profile(leaf) == WORKLOAD
+    assert manager.bundle().x509_authorities == (root,)
+    result = openssl_verify(tmp_path, leaf, [root], [intermediate], at=clock.now())
+    assert result.returncode == 0, result.stderr
+    # Without the intermediate the leaf does not chain: the chain really goes through it.
+    assert openssl_verify(tmp_path, leaf, [root], at=clock.now()).returncode != 0
+    store.close()
+
+
+def test_upstream_intermediate_travels_with_every_svid(tmp_path: Path, clock: FakeClock) -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("Upstream Root", root_key, None, start=clock.now(), days=365)
+    mid_key = ec.generate_private_key(ec.SECP256R1())
+    mid = _ca_cert("Upstream Intermediate", mid_key, (root, root_key), start=clock.now(), days=30)
+    manager, store = _upstream_manager(tmp_path, clock, *_write(tmp_path, [mid, root], mid_key))
+    leaf, ours, theirs = leaf_for(manager)
+    assert ours.issuer == mid.subject
+    assert theirs == mid
+    assert manager.bundle().x509_authorities == (root,)
+    result = openssl_verify(tmp_path, leaf, [root], [ours, theirs], at=clock.now())
+    assert result.returncode == 0, result.stderr
+    store.close()
+
+
+def test_upstream_caps_our_ca_lifetime(tmp_path: Path, clock: FakeClock) -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("Short Root", root_key, None, start=clock.now(), days=1)
+    manager, store = _upstream_manager(
+        tmp_path, clock, *_write(tmp_path, [root], root_key), ca_ttl=7 * 86400
+    )
+    assert manager.x509_signer().ca_certificate.not_valid_after_utc == root.not_valid_after_utc
+    store.close()
+
+
+def test_upstream_mode_rotation_keeps_the_x509_bundle(tmp_path: Path, clock: FakeClock) -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("Upstream Root", root_key, None, start=clock.now(), days=365)
+    manager, store = _upstream_manager(tmp_path, clock, *_write(tmp_path, [root], root_key))
+    first = manager.x509_signer().ca_certificate
+    for _ in range(8):
+        clock.set(manager.next_rotation_check())
+        manager.rotate()
+        assert manager.bundle().x509_authorities == (root,)
+        leaf, intermediate = leaf_for(manager)
+        assert (
+            openssl_verify(tmp_path, leaf, [root], [intermediate], at=clock.now()).returncode == 0
+        )
+    assert manager.x509_signer().ca_certificate != first
+    store.close()
+
+
+def test_upstream_key_must_match_the_certificate(tmp_path: Path, clock: FakeClock) -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("Upstream Root", root_key, None, start=clock.now(), days=365)
+    cert_path, key_path = _write(tmp_path, [root], ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(CaConfigError, match="does not match the certificate"):
+        _upstream_manager(tmp_path, clock, cert_path, key_path)
+
+
+def test_upstream_must_be_a_ca(tmp_path: Path, clock: FakeClock) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _ca_cert("Not A CA", key, None, start=clock.now(), days=365, ca=False)
+    with pytest.raises(CaConfigError, match="not a CA certificate"):
+        _upstream_manager(tmp_path, clock, *_write(tmp_path, [leaf], key))
+
+
+def test_expired_upstream_is_refused(tmp_path: Path, clock: FakeClock) -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("Old Root", root_key, None, start=clock.now() - 10 * 86400, days=1)
+    with pytest.raises(CaConfigError, match="expired"):
+        _upstream_manager(tmp_path, clock, *_write(tmp_path, [root], root_key))
+
+
+@pytest.mark.parametrize(
+    ("cert_bytes", "key_bytes", "message"),
+    [
+        (None, b"", "upstream_cert: cannot read"),
+        (b"not pem", b"", "upstream_cert: .* holds no PEM certificate"),
+        (b"CERT", b"garbage", "upstream_key: .* not an unencrypted PEM private key"),
+    ],
+)
+def test_unreadable_upstream_files(
+    tmp_path: Path, clock: FakeClock, cert_bytes: bytes | None, key_bytes: bytes, message: str
+) -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    cert_path, key_path = _write(
+        tmp_path, [_ca_cert("Root", root_key, None, start=clock.now(), days=365)], root_key
+    )
+    if cert_bytes is None:
+        cert_path.unlink()
+    elif cert_bytes != b"CERT":
+        cert_path.write_bytes(cert_bytes)
+    if key_bytes:
+        key_path.write_bytes(key_bytes)
+    with pytest.raises(CaConfigError, match=message):
+        _upstream_manager(tmp_path, clock, cert_path, key_path)

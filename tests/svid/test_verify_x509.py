@@ -1,0 +1,371 @@
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from svid import (
+    BundleSet,
+    ExpiredError,
+    FakeClock,
+    MemoryBundleSource,
+    RevocationSet,
+    RevokedError,
+    SpiffeBundle,
+    TrustDomain,
+    VerificationError,
+    X509Bundle,
+    X509Verifier,
+    der_concat,
+)
+from tests.svid.certs import T0, Issued, make_ca, make_leaf, rsa_key, ts
+
+TD = TrustDomain("example.org")
+OTHER = TrustDomain("other.org")
+
+
+@pytest.fixture
+def ca() -> Issued:
+    return make_ca()
+
+
+@pytest.fixture
+def other_ca() -> Issued:
+    return make_ca("other.org")
+
+
+@pytest.fixture
+def source(ca: Issued, other_ca: Issued) -> MemoryBundleSource:
+    return MemoryBundleSource.of(
+        SpiffeBundle(TD, (ca.cert,)), SpiffeBundle(OTHER, (other_ca.cert,))
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T0)
+
+
+@pytest.fixture
+def revocations() -> RevocationSet:
+    return RevocationSet()
+
+
+@pytest.fixture
+def verifier(
+    source: MemoryBundleSource, clock: FakeClock, revocations: RevocationSet
+) -> X509Verifier:
+    return X509Verifier(source.x509_bundle_for, clock=clock, revocations=revocations)
+
+
+def test_valid_leaf_verifies(verifier: X509Verifier, ca: Issued) -> None:
+    leaf = make_leaf(ca)
+    got = verifier.verify_der(der_concat([leaf.cert]))
+    assert str(got.spiffe_id) == "spiffe://example.org/workload"
+    assert got.serial == format(leaf.cert.serial_number, "x")
+    assert got.expires_at == T0 + 3600
+    assert got.chain == (leaf.cert,)
+    assert verifier.verify([leaf.cert]) == got
+
+
+def test_chain_with_root_appended_verifies(verifier: X509Verifier, ca: Issued) -> None:
+    leaf = make_leaf(ca)
+    assert verifier.verify_der(der_concat([leaf.cert, ca.cert])).chain == (leaf.cert,)
+
+
+def test_intermediate_chain(verifier: X509Verifier, ca: Issued) -> None:
+    inter = make_ca(parent=ca)
+    leaf = make_leaf(inter)
+    got = verifier.verify_der(der_concat([leaf.cert, inter.cert]))
+    assert got.chain == (leaf.cert, inter.cert)
+    with pytest.raises(VerificationError, match="does not lead to an authority"):
+        verifier.verify_der(der_concat([leaf.cert]))
+
+
+def test_rsa_authority(clock: FakeClock) -> None:
+    ca = make_ca(key=rsa_key())
+    v = X509Verifier(MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,))).x509_bundle_for, clock=clock)
+    assert v.verify([make_leaf(ca).cert]).spiffe_id.trust_domain == TD
+
+
+def test_wrong_trust_domain_is_refused(verifier: X509Verifier, other_ca: Issued) -> None:
+    # Signed by other.org's CA but claiming example.org: bundles are never merged.
+    leaf = make_leaf(other_ca, uris=["spiffe://example.org/evil"])
+    with pytest.raises(VerificationError, match="does not lead to an authority of trust domain example.org"):
+        verifier.verify([leaf.cert])
+    ok = make_leaf(other_ca, uris=["spiffe://other.org/w"])
+    assert str(verifier.verify([ok.cert]).spiffe_id) == "spiffe://other.org/w"
+
+
+def test_unknown_trust_domain(verifier: X509Verifier) -> None:
+    ca3 = make_ca("third.org")
+    with pytest.raises(VerificationError, match="no X.509 bundle for trust domain third.org"):
+        verifier.verify([make_leaf(ca3, uris=["spiffe://third.org/w"]).cert])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"ca": True}, "cA=true"),
+        ({"key_cert_sign": True}, "keyCertSign"),
+        ({"crl_sign": True}, "cRLSign"),
+        ({"uris": ["spiffe://example.org/a", "spiffe://example.org/b"]}, "exactly one URI SAN"),
+        ({"uris": []}, "exactly one URI SAN"),
+        ({"digital_signature": False}, "digitalSignature"),
+    ],
+)
+def test_profile_violations_are_refused(
+    verifier: X509Verifier, ca: Issued, overrides: dict[str, object], message: str
+) -> None:
+    leaf = make_leaf(ca, **overrides)  # type: ignore[arg-type]
+    with pytest.raises(VerificationError, match=message):
+        verifier.verify([leaf.cert])
+
+
+def test_validity_times_one_second_either_side(
+    verifier: X509Verifier, ca: Issued, clock: FakeClock
+) -> None:
+    leaf = make_leaf(ca, not_before=T0 + 10, not_after=T0 + 20)
+    with pytest.raises(ExpiredError, match="not valid before"):
+        verifier.verify([leaf.cert])
+    clock.set(T0 + 10)
+    assert verifier.verify([leaf.cert])
+    clock.set(T0 + 20)
+    assert verifier.verify([leaf.cert])  # cached, still inside
+    clock.set(T0 + 21)
+    with pytest.raises(ExpiredError, match="expired at"):
+        verifier.verify([leaf.cert])
+
+
+def test_expired_authority_is_refused(clock: FakeClock) -> None:
+    ca = make_ca(not_after=T0 - 1)
+    v = X509Verifier(MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,))).x509_bundle_for, clock=clock)
+    with pytest.raises(ExpiredError, match="authority"):
+        v.verify([make_leaf(ca).cert])
+
+
+def test_tampered_signature_is_refused(verifier: X509Verifier, ca: Issued) -> None:
+    der = bytearray(der_concat([make_leaf(ca).cert]))
+    der[-5] ^= 0x01
+    with pytest.raises(VerificationError):
+        verifier.verify_der(bytes(der))
+
+
+def test_garbage_is_a_verification_error(verifier: X509Verifier) -> None:
+    with pytest.raises(VerificationError, match="unreadable"):
+        verifier.verify_der(b"nonsense")
+    with pytest.raises(VerificationError, match="empty"):
+        verifier.verify([])
+
+
+def test_path_length_constraint(verifier: X509Verifier, ca: Issued, clock: FakeClock) -> None:
+    root = make_ca(path_length=0)
+    v = X509Verifier(MemoryBundleSource.of(SpiffeBundle(TD, (root.cert,))).x509_bundle_for, clock=clock)
+    inter = make_ca(parent=root)
+    leaf = make_leaf(inter)
+    with pytest.raises(VerificationError, match="allows 0 CAs below it"):
+        v.verify([leaf.cert, inter.cert])
+    assert v.verify([make_leaf(root).cert])
+
+
+def test_intermediate_must_be_a_ca(verifier: X509Verifier, ca: Issued) -> None:
+    fake = make_ca(parent=ca, ca=False)
+    leaf = make_leaf(fake)
+    with pytest.raises(VerificationError, match="cA=true"):
+        verifier.verify([leaf.cert, fake.cert])
+
+
+def test_unknown_critical_extension_is_refused(verifier: X509Verifier, ca: Issued) -> None:
+    leaf = make_leaf(ca)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(leaf.cert.subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(leaf.key.public_key())
+        .serial_number(7)
+        .not_valid_before(ts(T0 - 10))
+        .not_valid_after(ts(T0 + 10))
+    )
+    for ext in leaf.cert.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    builder = builder.add_extension(
+        x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00"), critical=True
+    )
+    cert = builder.sign(ca.key, hashes.SHA256())
+    with pytest.raises(VerificationError, match="unsupported critical extension 1.2.3.4"):
+        verifier.verify([cert])
+
+
+def test_revoked_serial(verifier: X509Verifier, ca: Issued, revocations: RevocationSet) -> None:
+    leaf = make_leaf(ca)
+    revocations.revoke_serial(leaf.cert.serial_number, T0 + 3600)
+    with pytest.raises(RevokedError, match="revoked"):
+        verifier.verify([leaf.cert])
+
+
+def test_revoked_intermediate(verifier: X509Verifier, ca: Issued, revocations: RevocationSet) -> None:
+    inter = make_ca(parent=ca)
+    leaf = make_leaf(inter)
+    revocations.revoke_serial(format(inter.cert.serial_number, "X"), T0 + 3600)
+    with pytest.raises(RevokedError):
+        verifier.verify([leaf.cert, inter.cert])
+
+
+# --- the cache is never more permissive than a fresh check -------------------------------------
+
+
+def test_cache_hit_returns_same_result(verifier: X509Verifier, ca: Issued) -> None:
+    der = der_concat([make_leaf(ca).cert])
+    first = verifier.verify_der(der)
+    assert verifier.verify_der(der) is first
+    assert verifier.cache.hits == 1
+
+
+def test_cache_respects_revocation(
+    verifier: X509Verifier, ca: Issued, revocations: RevocationSet
+) -> None:
+    leaf = make_leaf(ca)
+    der = der_concat([leaf.cert])
+    verifier.verify_der(der)
+    revocations.revoke_serial(leaf.cert.serial_number, T0 + 3600)
+    with pytest.raises(RevokedError):
+        verifier.verify_der(der)
+    assert len(verifier.cache) == 0
+
+
+def test_cache_respects_ca_removal_and_rotation(
+    verifier: X509Verifier, ca: Issued, source: MemoryBundleSource
+) -> None:
+    leaf = make_leaf(ca)
+    der = der_concat([leaf.cert])
+    verifier.verify_der(der)
+    new_ca = make_ca()
+    # Rotation: the new CA is added, the old one kept -> still valid (re-verified once).
+    source.update(SpiffeBundle(TD, (ca.cert, new_ca.cert)))
+    assert verifier.verify_der(der)
+    # The old CA is dropped -> the cached result must not survive.
+    source.update(SpiffeBundle(TD, (new_ca.cert,)))
+    with pytest.raises(VerificationError, match="does not lead to an authority"):
+        verifier.verify_der(der)
+    assert verifier.verify_der(der_concat([make_leaf(new_ca).cert]))
+
+
+def test_cache_respects_trust_domain_removal(
+    verifier: X509Verifier, ca: Issued, source: MemoryBundleSource
+) -> None:
+    der = der_concat([make_leaf(ca).cert])
+    verifier.verify_der(der)
+    source.remove(TD)
+    with pytest.raises(VerificationError, match="no X.509 bundle"):
+        verifier.verify_der(der)
+
+
+def test_cache_respects_expiry(verifier: X509Verifier, ca: Issued, clock: FakeClock) -> None:
+    der = der_concat([make_leaf(ca, not_after=T0 + 5).cert])
+    verifier.verify_der(der)
+    clock.advance(6)
+    with pytest.raises(ExpiredError):
+        verifier.verify_der(der)
+
+
+def test_cache_survives_unchanged_bundle_update(
+    verifier: X509Verifier, ca: Issued, source: MemoryBundleSource, other_ca: Issued
+) -> None:
+    der = der_concat([make_leaf(ca).cert])
+    verifier.verify_der(der)
+    source.set_x509_bundles(
+        BundleSet.of(X509Bundle(TD, (ca.cert,)), X509Bundle(OTHER, (make_ca("other.org").cert,)))
+    )
+    verifier.verify_der(der)
+    assert verifier.cache.hits == 1
+
+
+def test_cache_is_bounded(source: MemoryBundleSource, ca: Issued, clock: FakeClock) -> None:
+    v = X509Verifier(source.x509_bundle_for, clock=clock, cache_size=3)
+    leaves = [der_concat([make_leaf(ca).cert]) for _ in range(5)]
+    for der in leaves:
+        v.verify_der(der)
+    assert len(v.cache) == 3
+
+
+def test_concurrent_verification(verifier: X509Verifier, ca: Issued) -> None:
+    ders = [der_concat([make_leaf(ca, uris=[f"spiffe://example.org/w{i}"]).cert]) for i in range(8)]
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                for i, der in enumerate(ders):
+                    assert str(verifier.verify_der(der).spiffe_id).endswith(f"/w{i}")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+# --- as the peer check of a real mutual-TLS connection -----------------------------------------
+
+
+def _write(tmp: Path, name: str, issued: Issued, ca: Issued) -> tuple[str, str]:
+    cert = tmp / f"{name}.pem"
+    key = tmp / f"{name}.key"
+    cert.write_bytes(issued.cert.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        issued.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert), str(key)
+
+
+def test_ssl_peer_check(tmp_path: Path, ca: Issued, verifier: X509Verifier) -> None:
+    import time
+
+    now = time.time()
+    real_ca = make_ca(not_before=now - 60, not_after=now + 3600)
+    server = make_leaf(real_ca, uris=["spiffe://example.org/server"], not_before=now - 60, not_after=now + 600)
+    client = make_leaf(real_ca, uris=["spiffe://example.org/client"], not_before=now - 60, not_after=now + 600)
+    ca_pem = real_ca.cert.public_bytes(serialization.Encoding.PEM).decode()
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(*_write(tmp_path, "server", server, real_ca))
+    sctx.load_verify_locations(cadata=ca_pem)
+    sctx.verify_mode = ssl.CERT_REQUIRED
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.check_hostname = False  # SPIFFE identities live in the URI SAN, checked below
+    cctx.load_cert_chain(*_write(tmp_path, "client", client, real_ca))
+    cctx.load_verify_locations(cadata=ca_pem)
+
+    fake_now = FakeClock(now)
+    src = MemoryBundleSource.of(SpiffeBundle(TD, (real_ca.cert,)))
+    v = X509Verifier(src.x509_bundle_for, clock=fake_now)
+    a, b = socket.socketpair()
+    seen: dict[str, str] = {}
+
+    def serve() -> None:
+        with sctx.wrap_socket(a, server_side=True) as s:
+            seen["client"] = str(v.verify_ssl_peer(s).spiffe_id)
+            s.sendall(b"ok")
+
+    t = threading.Thread(target=serve)
+    t.start()
+    with cctx.wrap_socket(b, server_hostname="x") as c:
+        assert str(v.verify_ssl_peer(c).spiffe_id) == "spiffe://example.org/server"
+        assert c.recv(2) == b"ok"
+    t.join(timeout=10)
+    assert seen["client"] == "spiffe://example.org/client"
+    # The same peer from a trust domain we don't accept: refused by our check.
+    src.remove(TD)
+    with pytest.raises(VerificationError, match="no X.509 bundle"):
+        v.verify_der(der_concat([server.cert]))
