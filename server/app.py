@@ -53,6 +53,15 @@ def _load_ca_file(path: Path) -> tuple[x509.Certificate, ...]:
     return tuple(certs)
 
 
+def _bind(key: str, address: str, add: Callable[[], int]) -> int:
+    try:
+        return add()
+    except RuntimeError:
+        raise ConfigError(
+            f"{key}: cannot listen on {address} (in use, or no such address/directory)"
+        ) from None
+
+
 class Server:
     """svid-server: `await start()`, then `await stop()` (or `run(stop_event)`)."""
 
@@ -183,17 +192,26 @@ class Server:
         self._node_server = grpc.aio.server(options=self._grpc_options())
         node_pb2_grpc.add_NodeServicer_to_server(node, self._node_server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._node_server)
-        node_port = self._node_server.add_secure_port(
-            cfg.bind_address, self.tls.credentials(require_client_auth=True)
+        node_port = _bind(
+            "bind_address",
+            cfg.bind_address,
+            lambda: self._node_server_add(cfg.bind_address, require_client_auth=True),
         )
-        attest_port = self._node_server.add_secure_port(
-            cfg.attest_bind_address, self.tls.credentials(require_client_auth=False)
+        attest_port = _bind(
+            "attest_bind_address",
+            cfg.attest_bind_address,
+            lambda: self._node_server_add(cfg.attest_bind_address, require_client_auth=False),
         )
         self._admin_server = grpc.aio.server(options=self._grpc_options())
         admin_pb2_grpc.add_AdminServicer_to_server(admin, self._admin_server)
         health_pb2_grpc.add_HealthServicer_to_server(self._admin_health, self._admin_server)
         admin_socket.prepare(cfg.admin_socket)
-        self._admin_server.add_insecure_port(f"unix:{cfg.admin_socket}")
+        admin_server = self._admin_server
+        _bind(
+            "admin_socket",
+            str(cfg.admin_socket),
+            lambda: admin_server.add_insecure_port(f"unix:{cfg.admin_socket}"),
+        )
         await self._node_server.start()
         await self._admin_server.start()
         admin_socket.lock_down(cfg.admin_socket)
@@ -233,6 +251,13 @@ class Server:
             },
         )
         return self.runtime
+
+    def _node_server_add(self, address: str, *, require_client_auth: bool) -> int:
+        assert self._node_server is not None
+        port: int = self._node_server.add_secure_port(
+            address, self.tls.credentials(require_client_auth=require_client_auth)
+        )
+        return port
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds`; True when the server is stopping."""

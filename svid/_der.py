@@ -21,6 +21,11 @@ def _element_end(data: bytes, offset: int) -> int:
             f"certificate at byte offset {offset} does not start with a DER SEQUENCE "
             f"(tag 0x{data[offset]:02x})"
         )
+    return _tlv_end(data, offset)
+
+
+def _tlv_end(data: bytes, offset: int) -> int:
+    """End offset of the DER element (any tag) starting at ``offset``."""
     if offset + 1 >= len(data):
         raise SvidParseError(f"certificate at byte offset {offset} is truncated in its length")
     first = data[offset + 1]
@@ -44,6 +49,29 @@ def _element_end(data: bytes, offset: int) -> int:
             f"{len(data) - offset} left"
         )
     return end
+
+
+_VERSION_TAG = 0xA0
+
+
+def tbs_names(tbs: bytes) -> tuple[bytes, bytes]:
+    """The raw DER (issuer, subject) Names of a TBSCertificate.
+
+    Comparing encoded names byte for byte is stricter than RFC 5280's name matching and much
+    cheaper than building Name objects; SPIFFE CAs copy the issuer's subject bytes verbatim.
+    """
+    _tlv_end(tbs, 0)  # the outer SEQUENCE must fit
+    first = tbs[1]
+    pos = 2 + (first & 0x7F if first >= 0x80 else 0)
+    if tbs[pos] == _VERSION_TAG:
+        pos = _tlv_end(tbs, pos)
+    pos = _tlv_end(tbs, pos)  # serialNumber
+    pos = _tlv_end(tbs, pos)  # signature AlgorithmIdentifier
+    issuer_end = _tlv_end(tbs, pos)
+    issuer = tbs[pos:issuer_end]
+    pos = _tlv_end(tbs, issuer_end)  # validity
+    subject = tbs[pos : _tlv_end(tbs, pos)]
+    return issuer, subject
 
 
 def parse_der_certs(data: bytes) -> list[x509.Certificate]:

@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtensionOID
 from svid._bundle import X509Bundle
 from svid._cache import LruCache
 from svid._clock import Clock, SystemClock
-from svid._der import parse_der_certs
+from svid._der import parse_der_certs, tbs_names
 from svid._errors import (
     ExpiredError,
     RevokedError,
@@ -102,19 +102,19 @@ def _check_critical(cert: x509.Certificate, what: str) -> None:
             )
 
 
-def _signature_ok(cert: x509.Certificate, key: object) -> bool:
+def _signature_ok(cert: x509.Certificate, tbs: bytes, key: object) -> bool:
     params = cert.signature_algorithm_parameters
-    hash_alg = cert.signature_hash_algorithm
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
             if not isinstance(params, ec.ECDSA):
                 return False
-            key.verify(cert.signature, cert.tbs_certificate_bytes, params)
+            key.verify(cert.signature, tbs, params)
             return True
         if isinstance(key, rsa.RSAPublicKey):
+            hash_alg = cert.signature_hash_algorithm
             if not isinstance(params, padding.PKCS1v15 | padding.PSS) or hash_alg is None:
                 return False
-            key.verify(cert.signature, cert.tbs_certificate_bytes, params, hash_alg)
+            key.verify(cert.signature, tbs, params, hash_alg)
             return True
     except InvalidSignature:
         return False
@@ -150,15 +150,17 @@ class _AnchorIndex:
     __slots__ = ("by_subject",)
 
     def __init__(self, bundle: X509Bundle) -> None:
-        self.by_subject: dict[x509.Name, list[_Anchor]] = {}
+        # Keyed by the subject's DER bytes (see tbs_names).
+        self.by_subject: dict[bytes, list[_Anchor]] = {}
         for cert in bundle.authorities:
             anchor = _make_anchor(cert)
             if anchor is not None:
-                self.by_subject.setdefault(cert.subject, []).append(anchor)
+                subject = tbs_names(cert.tbs_certificate_bytes)[1]
+                self.by_subject.setdefault(subject, []).append(anchor)
 
-    def issuer_of(self, cert: x509.Certificate) -> _Anchor | None:
-        for anchor in self.by_subject.get(cert.issuer, ()):
-            if _signature_ok(cert, anchor.public_key):
+    def issuer_of(self, cert: x509.Certificate, tbs: bytes, issuer: bytes) -> _Anchor | None:
+        for anchor in self.by_subject.get(issuer, ()):
+            if _signature_ok(cert, tbs, anchor.public_key):
                 return anchor
         return None
 
@@ -266,7 +268,9 @@ class X509Verifier:
         path = [leaf]
         _check_critical(leaf, "leaf")
         rest = certs[1:]
-        anchor = index.issuer_of(leaf)
+        tbs = leaf.tbs_certificate_bytes
+        issuer = tbs_names(tbs)[0]
+        anchor = index.issuer_of(leaf, tbs, issuer)
         while anchor is None:
             if not rest:
                 raise VerificationError(
@@ -277,7 +281,9 @@ class X509Verifier:
                 raise VerificationError(f"chain is longer than {self._max_depth} certificates")
             current, nxt = path[-1], rest[0]
             rest = rest[1:]
-            if nxt.subject != current.issuer or not _signature_ok(current, nxt.public_key()):
+            nxt_tbs = nxt.tbs_certificate_bytes
+            nxt_issuer, nxt_subject = tbs_names(nxt_tbs)
+            if nxt_subject != issuer or not _signature_ok(current, tbs, nxt.public_key()):
                 raise VerificationError(
                     f"certificate serial {_serial(current)} is not signed by the next "
                     f"certificate in the chain (serial {_serial(nxt)})"
@@ -294,15 +300,19 @@ class X509Verifier:
                 )
             _check_critical(nxt, "intermediate")
             path.append(nxt)
-            anchor = index.issuer_of(nxt)
+            tbs, issuer = nxt_tbs, nxt_issuer
+            anchor = index.issuer_of(nxt, tbs, issuer)
 
         if anchor.path_length is not None and len(path) - 1 > anchor.path_length:
             raise VerificationError(
                 f"authority serial {_serial(anchor.cert)} allows {anchor.path_length} CAs below it"
             )
         not_before, not_after = anchor.not_before, anchor.not_after
+        leaf_not_after = 0.0
         for i, cert in enumerate(path):
             nb, na = _times(cert)
+            if i == 0:
+                leaf_not_after = na
             what = "leaf" if i == 0 else "intermediate"
             if now < nb:
                 raise ExpiredError(f"{what} serial {_serial(cert)} is not valid before {nb:.0f}")
@@ -318,5 +328,5 @@ class X509Verifier:
         for serial in serials:
             if self._revocations.is_serial_revoked(serial):
                 raise RevokedError(f"certificate serial {serial} of {sid} is revoked")
-        result = VerifiedX509(sid, tuple(path), serials[0], _times(leaf)[1])
+        result = VerifiedX509(sid, tuple(path), serials[0], leaf_not_after)
         return _Entry(result, td, bundle, not_before, not_after, serials)

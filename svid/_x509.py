@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -41,19 +42,26 @@ def _uri_sans(
     return ext.value.get_values_for_type(x509.UniformResourceIdentifier), ext
 
 
-def spiffe_id_from_cert(cert: x509.Certificate) -> SpiffeId:
-    """The SPIFFE ID in the certificate's only URI SAN."""
-    uris, _ = _uri_sans(cert)
+# Parsing the same few IDs over and over is the common case for a verifier; the parse is pure.
+_parse_id = functools.lru_cache(maxsize=4096)(SpiffeId.parse)
+
+
+def _id_from_uris(uris: list[str], cert: x509.Certificate) -> SpiffeId:
     if len(uris) != 1:
         raise X509SvidError(
             f"certificate serial {_serial(cert)} must have exactly one URI SAN, has {len(uris)}"
         )
     try:
-        return SpiffeId.parse(uris[0])
+        return _parse_id(uris[0])
     except SpiffeIdError as exc:
         raise X509SvidError(
             f"certificate serial {_serial(cert)} URI SAN is not a SPIFFE ID: {exc}"
         ) from None
+
+
+def spiffe_id_from_cert(cert: x509.Certificate) -> SpiffeId:
+    """The SPIFFE ID in the certificate's only URI SAN."""
+    return _id_from_uris(_uri_sans(cert)[0], cert)
 
 
 def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
@@ -75,36 +83,46 @@ def _key_usage(cert: x509.Certificate, what: str) -> x509.KeyUsage:
 
 def check_leaf_profile(cert: x509.Certificate) -> SpiffeId:
     """Apply every leaf rule of the X.509-SVID standard; returns the SPIFFE ID."""
-    sid = spiffe_id_from_cert(cert)
-    serial = _serial(cert)
+    # One pass over the extensions: this runs on every uncached verification.
+    san = bc = ku = eku = None
+    for ext in cert.extensions:
+        value = ext.value
+        if isinstance(value, x509.SubjectAlternativeName):
+            san = ext
+        elif isinstance(value, x509.BasicConstraints):
+            bc = value
+        elif isinstance(value, x509.KeyUsage):
+            ku = ext
+        elif isinstance(value, x509.ExtendedKeyUsage):
+            eku = value
+    uris = [] if san is None else san.value.get_values_for_type(x509.UniformResourceIdentifier)
+    sid = _id_from_uris(uris, cert)
     if not sid.path:
-        raise X509SvidError(f"leaf serial {serial} SPIFFE ID {sid} has no path (root ID)")
-    bc = _basic_constraints(cert)
+        raise X509SvidError(f"leaf serial {_serial(cert)} SPIFFE ID {sid} has no path (root ID)")
     if bc is None:
-        raise X509SvidError(f"leaf serial {serial} has no basic constraints extension")
+        raise X509SvidError(f"leaf serial {_serial(cert)} has no basic constraints extension")
     if bc.ca:
-        raise X509SvidError(f"leaf serial {serial} has cA=true")
-    ku = _key_usage(cert, "leaf")
-    if not ku.digital_signature:
-        raise X509SvidError(f"leaf serial {serial} key usage lacks digitalSignature")
-    if ku.key_cert_sign:
-        raise X509SvidError(f"leaf serial {serial} key usage has keyCertSign")
-    if ku.crl_sign:
-        raise X509SvidError(f"leaf serial {serial} key usage has cRLSign")
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        eku = None
+        raise X509SvidError(f"leaf serial {_serial(cert)} has cA=true")
+    if ku is None:
+        raise X509SvidError(f"leaf serial {_serial(cert)} has no key usage extension")
+    if not ku.critical:
+        raise X509SvidError(f"leaf serial {_serial(cert)} key usage extension is not critical")
+    usage: x509.KeyUsage = ku.value
+    if not usage.digital_signature:
+        raise X509SvidError(f"leaf serial {_serial(cert)} key usage lacks digitalSignature")
+    if usage.key_cert_sign:
+        raise X509SvidError(f"leaf serial {_serial(cert)} key usage has keyCertSign")
+    if usage.crl_sign:
+        raise X509SvidError(f"leaf serial {_serial(cert)} key usage has cRLSign")
     if eku is not None and not (
         ExtendedKeyUsageOID.SERVER_AUTH in eku and ExtendedKeyUsageOID.CLIENT_AUTH in eku
     ):
         raise X509SvidError(
-            f"leaf serial {serial} extended key usage lacks serverAuth and/or clientAuth"
+            f"leaf serial {_serial(cert)} extended key usage lacks serverAuth and/or clientAuth"
         )
-    _, san = _uri_sans(cert)
-    if len(cert.subject) == 0 and san is not None and not san.critical:
+    if san is not None and not san.critical and len(cert.subject) == 0:
         raise X509SvidError(
-            f"leaf serial {serial} has an empty subject but a non-critical SAN extension"
+            f"leaf serial {_serial(cert)} has an empty subject but a non-critical SAN extension"
         )
     return sid
 
@@ -123,7 +141,7 @@ def check_signing_profile(cert: x509.Certificate) -> None:
         if not uri.startswith("spiffe://"):
             continue
         try:
-            sid = SpiffeId.parse(uri)
+            sid = _parse_id(uri)
         except SpiffeIdError as exc:
             raise X509SvidError(
                 f"signing certificate serial {serial} URI SAN is not a SPIFFE ID: {exc}"

@@ -46,6 +46,11 @@ CREATE INDEX IF NOT EXISTS violations_agent ON violations (agent_id, at);
 """
 
 
+_CRED_SELECT = (
+    "SELECT kind, value, agent_id, spiffe_id, task_id, expires_at FROM credentials WHERE "
+)
+
+
 def _task_from(body: str) -> Task:
     data = json.loads(body)
     data["state"] = TaskState(data["state"])
@@ -100,7 +105,9 @@ class TaskStore:
 
     def get_task(self, task_id: str) -> Task | None:
         with self._lock:
-            row = self._db.execute("SELECT body FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT body FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
         return None if row is None else _task_from(row[0])
 
     def list_tasks(
@@ -160,12 +167,10 @@ class TaskStore:
                 raise
 
     def _creds(self, where: str, args: tuple[object, ...]) -> list[Credential]:
+        # `where` is one of this module's constants, never caller text.
+        sql = _CRED_SELECT + where + " ORDER BY kind, value"
         with self._lock:
-            rows = self._db.execute(
-                "SELECT kind, value, agent_id, spiffe_id, task_id, expires_at FROM credentials"
-                f" WHERE {where} ORDER BY kind, value",
-                args,
-            ).fetchall()
+            rows = self._db.execute(sql, args).fetchall()
         return [Credential(*r) for r in rows]
 
     def task_credentials(self, task_id: str, now: int) -> list[Credential]:

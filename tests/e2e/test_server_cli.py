@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import threading
 import time
@@ -192,7 +193,8 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
 
     from tests.e2e.conftest import make_server, short_tmpdir
 
-    server = make_server(short_tmpdir(), metrics_address="127.0.0.1:0")
+    root = short_tmpdir()
+    server = make_server(root, metrics_address="127.0.0.1:0")
     server.start()
     try:
         base = f"http://{server.runtime['metrics_address']}"
@@ -206,6 +208,7 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
             assert reply.status == 200
     finally:
         server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_bad_config_fails_fast_with_one_line(tmp_path: Path) -> None:
@@ -222,4 +225,35 @@ def test_bad_config_fails_fast_with_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert done.stderr.startswith("svid-server: config error: trust_domain:")
+    assert "Traceback" not in done.stderr
+
+
+def test_port_in_use_fails_with_the_key_named(tmp_path: Path) -> None:
+    import socket
+
+    from tests.e2e.conftest import make_server, server_command, short_tmpdir
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    root = short_tmpdir()
+    try:
+        server = make_server(root, bind_address=f"127.0.0.1:{port}")
+        done = subprocess.run(
+            [*server_command(), "run", "--config", str(server.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        busy.close()
+        shutil.rmtree(root, ignore_errors=True)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"svid-server: config error: bind_address: cannot listen on 127.0.0.1:{port} "
+        "(in use, or no such address/directory)"
+    )
     assert "Traceback" not in done.stderr

@@ -19,7 +19,6 @@ from server.errors import ConfigError
 from server.logs import JsonFormatter, configure
 from server.metrics import Metrics
 from server.runtime import RuntimeInfo, host_port
-from tests.server.fixtures import short_tmpdir
 
 
 def test_json_logs_carry_extra_fields() -> None:
@@ -62,8 +61,8 @@ def test_metrics_render() -> None:
     assert 'kind="x509"} 3.0' not in Metrics().render().decode()
 
 
-def test_admin_socket_directory_is_made_private() -> None:
-    root = short_tmpdir()
+def test_admin_socket_directory_is_made_private(tmp_path: Path) -> None:
+    root = tmp_path
     directory = root / "priv"
     directory.mkdir(mode=0o755)
     os.chmod(directory, 0o755)
@@ -71,8 +70,8 @@ def test_admin_socket_directory_is_made_private() -> None:
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
 
 
-def test_stale_socket_is_removed_live_one_refused() -> None:
-    root = short_tmpdir()
+def test_stale_socket_is_removed_live_one_refused(tmp_path: Path) -> None:
+    root = tmp_path
     path = root / "priv" / "admin.sock"
     path.parent.mkdir(mode=0o700)
     live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -89,7 +91,10 @@ def srv(pki: tuple[x509.Certificate, Any]) -> Iterator[RunningServer]:
     root = short_tmpdir()
     ca_file = root / "node-ca.pem"
     ca_file.write_bytes(pki[0].public_bytes(PEM))
-    yield from running_server(x509pop_ca_bundle=str(ca_file))
+    try:
+        yield from running_server(x509pop_ca_bundle=str(ca_file))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _pop_exchange(
@@ -214,9 +219,8 @@ def test_rsa_node_keys_work(srv: RunningServer, pki: Any) -> None:
     assert "/svid/agent/x509pop/" in result.spiffe_id
 
 
-def test_silent_agent_times_out() -> None:
-    root = short_tmpdir()
-    ca_file = root / "ca.pem"
+def test_silent_agent_times_out(tmp_path: Path) -> None:
+    ca_file = tmp_path / "ca.pem"
     ca_file.write_bytes(_ca("t-ca")[0].public_bytes(PEM))
     with managed_server(x509pop_ca_bundle=str(ca_file), attest_timeout=0.3) as server:
         nonces: queue.Queue[None] = queue.Queue()

@@ -1,0 +1,87 @@
+"""The agent's own SVID, key and trust bundle on disk, so a restart needs no new join token."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from agent_attestor import _crypto
+from svid._errors import SvidParseError
+
+
+@dataclass(frozen=True)
+class AgentSvid:
+    spiffe_id: str
+    chain: tuple[x509.Certificate, ...]
+    key: PrivateKeyTypes = field(repr=False)
+
+    @property
+    def not_before(self) -> float:
+        return self.chain[0].not_valid_before_utc.timestamp()
+
+    @property
+    def not_after(self) -> float:
+        return self.chain[0].not_valid_after_utc.timestamp()
+
+    @property
+    def chain_pem(self) -> bytes:
+        return _crypto.pem(self.chain)
+
+    @property
+    def key_pem(self) -> bytes:
+        return _crypto.key_pem(self.key)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write via a 0600 temp file and rename, so a crash never leaves a half-written key."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class AgentStore:
+    def __init__(self, svid_path: Path, key_path: Path, bundle_path: Path) -> None:
+        self.svid_path = svid_path
+        self.key_path = key_path
+        self.bundle_path = bundle_path
+
+    def save_svid(self, svid: AgentSvid) -> None:
+        # Key first: a chain on disk always has its key.
+        _write_private(self.key_path, _crypto.key_der(svid.key))
+        _write_private(self.svid_path, _crypto.der(svid.chain))
+
+    def load_svid(self) -> AgentSvid | None:
+        try:
+            chain_der = self.svid_path.read_bytes()
+            key_der = self.key_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            chain = tuple(_crypto.parse_der_certs(chain_der))
+            key = serialization.load_der_private_key(key_der, None)
+            svid = _crypto.issued_svid("agent", chain_der, key)
+        except (ValueError, SvidParseError):
+            return None  # unusable state on disk: attest again
+        return AgentSvid(spiffe_id=svid.spiffe_id, chain=chain, key=key)
+
+    def save_bundle(self, authorities: tuple[bytes, ...]) -> None:
+        _write_private(self.bundle_path, b"".join(authorities))
+
+    def load_bundle(self) -> list[x509.Certificate] | None:
+        try:
+            return _crypto.parse_der_certs(self.bundle_path.read_bytes())
+        except (FileNotFoundError, SvidParseError):
+            return None

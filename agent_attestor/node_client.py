@@ -1,0 +1,204 @@
+"""The node API client: attestation, agent SVID renewal, the Sync stream and SVID signing.
+
+gRPC errors are translated here, at the edge; callers see AgentError subclasses.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from agent_attestor import _crypto
+from agent_attestor.agent_store import AgentSvid
+from agent_attestor.cache import SyncState
+from agent_attestor.errors import AttestationError, ConfigError
+from agent_attestor.model import Entry, TrustBundle
+from agent_attestor.signer import MintedJwt, X509Result
+from svid._proto import common_pb2, node_pb2, node_pb2_grpc
+
+SERVER_NAME = "svid-server"
+_OPTIONS = (
+    ("grpc.ssl_target_name_override", SERVER_NAME),
+    ("grpc.default_authority", SERVER_NAME),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+)
+_X509_SERIAL = common_pb2.Revocation.X509_SERIAL
+_JWT_ID = common_pb2.Revocation.JWT_ID
+
+
+def sync_state(update: node_pb2.SyncUpdate) -> SyncState:
+    return SyncState(
+        entries=tuple(Entry.from_proto(e) for e in update.entries),
+        bundle=TrustBundle.from_proto(update.bundle),
+        federated={
+            td.removeprefix("spiffe://"): TrustBundle.from_proto(b)
+            for td, b in update.federated_bundles.items()
+        },
+        revoked_serials=frozenset(
+            r.value.lower() for r in update.revocations if r.kind == _X509_SERIAL
+        ),
+        revoked_jtis=frozenset(r.value for r in update.revocations if r.kind == _JWT_ID),
+        crl=tuple(update.crl),
+        revision=update.revision,
+    )
+
+
+def insecure_fetch_server_root(address: str) -> bytes:
+    """Demo only: the PEM of whatever certificate the server presents (no verification)."""
+    host, _, port = address.rpartition(":")
+    pem = ssl.get_server_certificate((host, int(port)))
+    return pem.encode()
+
+
+def sign_challenge(key: PrivateKeyTypes, nonce: bytes) -> bytes:
+    """x509pop proof of possession, in the form the server checks."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(nonce, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(
+            nonce, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256()
+        )
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(nonce)
+    raise ConfigError(f"x509pop_key: unsupported key type {type(key).__name__}")
+
+
+class NodeClient:
+    """One connection set to the server; rebuilt when the agent SVID or the bundle changes."""
+
+    def __init__(
+        self,
+        server_address: str,
+        attest_address: str,
+        root_pem: bytes,
+        svid: AgentSvid | None = None,
+    ) -> None:
+        self._server_address = server_address
+        self._attest_address = attest_address
+        self._root_pem = root_pem
+        self._svid = svid
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: node_pb2_grpc.NodeStub | None = None
+
+    @property
+    def root_pem(self) -> bytes:
+        return self._root_pem
+
+    def _mtls(self) -> node_pb2_grpc.NodeStub:
+        if self._svid is None:
+            raise AttestationError("the agent has no SVID yet: attest first")
+        if self._stub is None:
+            creds = grpc.ssl_channel_credentials(
+                self._root_pem, self._svid.key_pem, self._svid.chain_pem
+            )
+            self._channel = grpc.aio.secure_channel(self._server_address, creds, _OPTIONS)
+            self._stub = node_pb2_grpc.NodeStub(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    # ---- attestation ------------------------------------------------------------------------
+
+    async def attest(
+        self,
+        *,
+        join_token: str = "",
+        x509pop: tuple[Sequence[x509.Certificate], PrivateKeyTypes] | None = None,
+        timeout: float = 30.0,
+    ) -> tuple[AgentSvid, TrustBundle]:
+        key = _crypto.new_key()
+        csr = _crypto.make_csr(key)
+        if join_token:
+            data = node_pb2.AttestationData(type="join_token", payload=join_token.encode())
+        elif x509pop is not None:
+            data = node_pb2.AttestationData(type="x509pop", payload=_crypto.der(x509pop[0]))
+        else:
+            raise AttestationError(
+                "no way to attest: give a join token (--join-token) or x509pop_cert/x509pop_key"
+            )
+        creds = grpc.ssl_channel_credentials(self._root_pem)
+        async with grpc.aio.secure_channel(self._attest_address, creds, _OPTIONS) as channel:
+            call = node_pb2_grpc.NodeStub(channel).Attest(timeout=timeout)
+            try:
+                await call.write(
+                    node_pb2.AttestRequest(params=node_pb2.AttestParams(data=data, csr=csr))
+                )
+                while True:
+                    reply = await call.read()
+                    if reply is grpc.aio.EOF:
+                        raise AttestationError("server closed attestation without a result")
+                    if reply.WhichOneof("step") == "challenge":
+                        if x509pop is None:
+                            raise AttestationError("server sent a challenge to a join token")
+                        proof = sign_challenge(x509pop[1], reply.challenge)
+                        await call.write(node_pb2.AttestRequest(challenge_response=proof))
+                        continue
+                    result = reply.result
+                    break
+                await call.done_writing()
+            except grpc.RpcError as exc:
+                raise AttestationError(
+                    f"attestation refused: {exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+                ) from exc
+        return self._agent_svid(result, key), TrustBundle.from_proto(result.bundle)
+
+    @staticmethod
+    def _agent_svid(result: node_pb2.AgentSVID, key: ec.EllipticCurvePrivateKey) -> AgentSvid:
+        issued = _crypto.issued_svid("agent", result.cert_chain, key)
+        return AgentSvid(spiffe_id=issued.spiffe_id, chain=issued.chain, key=key)
+
+    async def renew(self, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
+        key = _crypto.new_key()
+        reply = await self._mtls().RenewAgent(
+            node_pb2.RenewAgentRequest(csr=_crypto.make_csr(key)), timeout=timeout
+        )
+        return self._agent_svid(reply.svid, key), TrustBundle.from_proto(reply.svid.bundle)
+
+    # ---- sync and signing -------------------------------------------------------------------
+
+    async def sync(self) -> AsyncIterator[SyncState]:
+        async for update in self._mtls().Sync(node_pb2.SyncRequest()):
+            yield sync_state(update)
+
+    async def batch_new_x509(self, params: list[tuple[str, bytes]]) -> list[X509Result]:
+        request = node_pb2.BatchNewX509SVIDRequest(
+            params=[node_pb2.X509SVIDParams(entry_id=e, csr=c) for e, c in params]
+        )
+        reply = await self._mtls().BatchNewX509SVID(request, timeout=30)
+        return [
+            X509Result(
+                entry_id=r.entry_id,
+                chain_der=r.cert_chain,
+                error=f"{r.error.code}: {r.error.message}" if r.HasField("error") else "",
+            )
+            for r in reply.results
+        ]
+
+    async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        reply = await self._mtls().NewJWTSVID(
+            node_pb2.NewJWTSVIDRequest(spiffe_id=spiffe_id, audience=audience, entry_id=entry_id),
+            timeout=10,
+        )
+        return MintedJwt(
+            token=reply.token, issued_at=float(reply.issued_at), expires_at=float(reply.expires_at)
+        )
+
+
+def load_x509pop(cert_path: Path, key_path: Path) -> tuple[list[x509.Certificate], PrivateKeyTypes]:
+    try:
+        certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"x509pop_cert: cannot load node certificate or key: {exc}") from exc
+    return certs, key

@@ -1,0 +1,1 @@
+"""The agent's task layer: the Tasks and Revocations services on the Workload API socket."""

@@ -1,0 +1,146 @@
+"""The Tasks service on the Workload API socket: a workload begins, ends and lists its tasks.
+
+The caller is identified exactly as for the Workload API (the relay's registry) and may begin a
+task only under an identity it holds now. The agent forwards the request to the server, which
+decides; the goal text is hashed here and never leaves the node.
+"""
+
+# ruff: noqa: N802 - gRPC method names are fixed by the proto
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import grpc
+
+from agent_attestor.cache import Cache
+from agent_attestor.jwt_cache import JwtCache
+from agent_attestor.peer import Caller, CallerRegistry
+from agent_attestor.tasks.client import TaskClient
+from svid._proto import task_pb2, task_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+HEADER_KEY = "workload.spiffe.io"
+HEADER_VALUE = "true"
+TASK_PATH = "/task/"
+MAX_GOAL = 64 * 1024
+# Server answers a workload may see as they are; anything else is the agent's problem.
+_PASS_THROUGH = frozenset(
+    {
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+def goal_hash(goal: str) -> str:
+    return hashlib.sha256(goal.encode("utf-8")).hexdigest() if goal else ""
+
+
+class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
+    def __init__(
+        self, cache: Cache, registry: CallerRegistry, client: TaskClient, jwts: JwtCache
+    ) -> None:
+        self._cache = cache
+        self._registry = registry
+        self._client = client
+        self._jwts = jwts
+
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        metadata = context.invocation_metadata() or ()
+        if not any(k == HEADER_KEY and v == HEADER_VALUE for k, v in metadata):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request"
+            )
+        caller = self._registry.lookup(context.peer())
+        if caller is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "caller could not be identified")
+        assert caller is not None
+        return caller
+
+    def _runtime_ids(self, caller: Caller) -> list[str]:
+        """The caller's own identities (not task identities), default first."""
+        snap = self._cache.snapshot()
+        return [
+            e.spiffe_id for e in snap.entries_for(caller.selectors) if TASK_PATH not in e.spiffe_id
+        ]
+
+    async def _forward(self, context: grpc.aio.ServicerContext, call: object) -> task_pb2.Task:
+        try:
+            return await call  # type: ignore[misc, no-any-return]
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _PASS_THROUGH:
+                await context.abort(exc.code(), exc.details() or "refused by the server")
+            log.warning("task request to the server failed", extra={"code": exc.code().name})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "cannot reach the server; retry")
+        raise AssertionError("unreachable")  # pragma: no cover - abort() raises
+
+    async def BeginTask(
+        self, request: task_pb2.BeginTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.BeginTaskResponse:
+        caller = await self._caller(context)
+        held = self._runtime_ids(caller)
+        if not held:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+        runtime_id = request.spiffe_id or held[0]
+        if runtime_id not in held:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"caller does not hold {runtime_id[:200]!r}; a task runs under one of its own "
+                "identities (a task identity begins sub-tasks with parent_task_id)",
+            )
+        if len(request.intent.goal) > MAX_GOAL:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "intent.goal: too long")
+        intent = task_pb2.Intent()
+        intent.CopyFrom(request.intent)
+        intent.goal = ""
+        task = await self._forward(
+            context,
+            self._client.begin(
+                task_pb2.NodeBeginTaskRequest(
+                    runtime_id=runtime_id,
+                    intent=intent,
+                    ttl=request.ttl,
+                    parent_task_id=request.parent_task_id,
+                    goal_sha256=goal_hash(request.intent.goal),
+                )
+            ),
+        )
+        return task_pb2.BeginTaskResponse(task=task)
+
+    async def EndTask(
+        self, request: task_pb2.EndTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.EndTaskResponse:
+        caller = await self._caller(context)
+        held = self._runtime_ids(caller)
+        if not held:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+        if not request.task_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "task_id: required")
+        task = await self._forward(
+            context,
+            self._client.end(
+                task_pb2.NodeEndTaskRequest(task_id=request.task_id, runtime_ids=held)
+            ),
+        )
+        # Do not wait for the server's revocation push: no cached token of it is served again.
+        self._jwts.forget({task.spiffe_id})
+        return task_pb2.EndTaskResponse(task=task)
+
+    async def ListTasks(
+        self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.ListTasksResponse:
+        caller = await self._caller(context)
+        held = self._runtime_ids(caller)
+        if not held:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+        try:
+            tasks = await self._client.list(task_pb2.NodeListTasksRequest(runtime_ids=held))
+        except grpc.aio.AioRpcError as exc:
+            log.warning("task list from the server failed", extra={"code": exc.code().name})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "cannot reach the server; retry")
+        return task_pb2.ListTasksResponse(tasks=tasks)

@@ -1,0 +1,72 @@
+"""`svid.revocation.v1.Revocations/Watch`: the revocation list for verifiers in workloads.
+
+Full state on every message, sent at once and again whenever the cache's revocations or CRL
+change: the same push the Workload API streams get, so a verifier fed from here refuses a
+revoked credential as soon as the agent knows of it.
+"""
+
+# ruff: noqa: N802 - gRPC method names are fixed by the proto
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import grpc
+
+from agent_attestor.cache import Cache, Snapshot
+from agent_attestor.peer import CallerRegistry
+from svid._proto import revocation_pb2, revocation_pb2_grpc
+
+KIND_X509_SERIAL = "x509_serial"
+KIND_JWT_ID = "jwt_id"
+HEADER = ("workload.spiffe.io", "true")
+
+# (kind, value) -> the credential's expiry; 0 when the agent was not told (keep it listed).
+Expiries = Callable[[], Mapping[tuple[str, str], int]]
+
+
+def revocation_list(
+    snap: Snapshot, expiries: Mapping[tuple[str, str], int]
+) -> revocation_pb2.RevocationList:
+    items = [
+        revocation_pb2.Revoked(
+            kind=KIND_X509_SERIAL, value=s, expires_at=expiries.get((KIND_X509_SERIAL, s), 0)
+        )
+        for s in sorted(snap.revoked_serials)
+    ]
+    items.extend(
+        revocation_pb2.Revoked(
+            kind=KIND_JWT_ID, value=j, expires_at=expiries.get((KIND_JWT_ID, j), 0)
+        )
+        for j in sorted(snap.revoked_jtis)
+    )
+    return revocation_pb2.RevocationList(items=items, crl=list(snap.crl))
+
+
+class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[misc]
+    def __init__(
+        self, cache: Cache, registry: CallerRegistry, expiries: Expiries | None = None
+    ) -> None:
+        self._cache = cache
+        self._registry = registry
+        self._expiries = expiries or dict
+
+    async def Watch(
+        self, request: revocation_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[revocation_pb2.RevocationList]:
+        if HEADER not in tuple(context.invocation_metadata() or ()):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request"
+            )
+        if self._registry.lookup(context.peer()) is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "caller could not be identified")
+        sent: revocation_pb2.RevocationList | None = None
+        while True:
+            snap = self._cache.snapshot()
+            msg = revocation_list(snap, self._expiries())
+            if msg != sent:
+                sent = revocation_pb2.RevocationList()
+                sent.CopyFrom(msg)
+                msg.version = snap.version
+                yield msg
+            await self._cache.wait_change(snap.version)

@@ -1,0 +1,644 @@
+"""The task service: begin and end tasks, decide every task mint, revoke, audit.
+
+Every decision goes through the PolicyEngine (Cedar) and the pure intent checks; every outcome is
+one audit event. A granted task becomes a registration entry `<runtime ID>/task/<id>` parented to
+the agent with the runtime's selectors, so it reaches the agent over Sync like any entry, and the
+agent pre-issues its X.509-SVID. Ending a task revokes every serial and jti issued for it and
+deletes the entry; the revocation list (and a CRL built from it) reaches agents over Sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any
+
+from server.audit import AuditLog, EventDraft, EventKind
+from server.ca.manager import CaManager
+from server.ca.signer import IssuedJwt
+from server.datastore.records import (
+    REVOKED_JWT_ID,
+    REVOKED_X509_SERIAL,
+    AttestedAgent,
+    Entry,
+    Revocation,
+)
+from server.entitlement import entitled_entries
+from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from server.policy import (
+    Decision,
+    DecisionRequest,
+    Flag,
+    Intent,
+    PolicyEngine,
+    check_in_intent,
+    narrow,
+)
+from server.state import ServerState
+from server.tasks.crl import CrlCache
+from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id
+from server.tasks.store import TaskStore
+from svid._clock import Clock
+from svid._spiffe_id import SpiffeId
+
+_log = logging.getLogger("svid.server.tasks")
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    max_ttl: int = 3600
+    default_ttl: int = 300
+    max_depth: int = 3
+    # JWT-SVIDs of a task live at most this long (and never past the task).
+    jwt_ttl: int = 300
+    # Out-of-intent requests within this window count as the agent's violations.
+    violation_window: int = 3600
+
+
+@dataclass(frozen=True)
+class BeginRequest:
+    runtime_id: str
+    actions: tuple[str, ...]
+    resources: tuple[str, ...]
+    classification: str = ""
+    environment: str = ""
+    on_behalf_of: str = ""
+    ttl: int = 0
+    parent_task_id: str = ""
+    goal_sha256: str = ""
+
+
+class TaskService:
+    def __init__(
+        self,
+        *,
+        state: ServerState,
+        store: TaskStore,
+        policy: PolicyEngine,
+        audit: AuditLog,
+        ca: CaManager,
+        server_id: str,
+        clock: Clock,
+        settings: TaskSettings | None = None,
+    ) -> None:
+        self._state = state
+        self._store = store
+        self._policy = policy
+        self._audit = audit
+        self._ca = ca
+        self._server_id = server_id
+        self._clock = clock
+        self.settings = settings or TaskSettings()
+        self._lock = threading.Lock()
+        # Active tasks by task SPIFFE ID: the per-mint lookup never touches SQLite.
+        self._active: Mapping[str, Task] = MappingProxyType({})
+        self._crl = CrlCache()
+
+    @property
+    def policy(self) -> PolicyEngine:
+        return self._policy
+
+    @property
+    def audit(self) -> AuditLog:
+        return self._audit
+
+    @property
+    def store(self) -> TaskStore:
+        return self._store
+
+    def load(self) -> None:
+        """Start-up: active tasks from the store into memory."""
+        tasks = self._store.list_tasks(state=TaskState.ACTIVE.value)
+        self._active = MappingProxyType({t.spiffe_id: t for t in tasks})
+
+    def _now(self) -> int:
+        return int(self._clock.now())
+
+    def _set_active(self, task: Task, active: bool) -> None:
+        with self._lock:
+            tasks = dict(self._active)
+            if active:
+                tasks[task.spiffe_id] = task
+            else:
+                tasks.pop(task.spiffe_id, None)
+            self._active = MappingProxyType(tasks)
+
+    def active_task(self, spiffe_id: str) -> Task | None:
+        return self._active.get(spiffe_id)
+
+    def violations(self, runtime_id: str) -> int:
+        return self._store.violations(runtime_id, self._now() - self.settings.violation_window)
+
+    # -- begin --------------------------------------------------------------------------------
+
+    def _runtime_entry(self, agent: AttestedAgent, runtime_id: str) -> Entry:
+        try:
+            wanted = str(SpiffeId.parse(runtime_id))
+        except Exception:
+            raise InvalidRequestError(
+                f"runtime_id: {runtime_id[:200]!r} is not a SPIFFE ID"
+            ) from None
+        if is_task_id(wanted):
+            raise InvalidRequestError(
+                f"runtime_id: {wanted} is a task identity; begin a sub-task with parent_task_id"
+            )
+        for entry in entitled_entries(
+            self._state.entries, agent.spiffe_id, agent.selectors, self._server_id, self._now()
+        ):
+            if entry.spiffe_id == wanted:
+                return entry
+        raise PermissionDeniedError(
+            f"{wanted} is not an identity agent {agent.spiffe_id} may serve"
+        )
+
+    def _child_intent(self, req: BeginRequest, parent: Task | None) -> Intent:
+        def pick(value: str, inherited: str, default: str) -> str:
+            return value or (inherited if parent is not None else default)
+
+        return Intent(
+            actions=frozenset(req.actions),
+            resources=frozenset(req.resources),
+            classification=pick(
+                req.classification, parent.classification if parent else "", "internal"
+            ),
+            environment=pick(req.environment, parent.environment if parent else "", ""),
+            on_behalf_of=pick(req.on_behalf_of, parent.on_behalf_of if parent else "", ""),
+            delegation_depth=parent.depth + 1 if parent is not None else 0,
+            parent_task=parent.task_id if parent is not None else "",
+        )
+
+    def _parent(self, agent: AttestedAgent, req: BeginRequest) -> Task | None:
+        if not req.parent_task_id:
+            return None
+        parent = self._store.get_task(req.parent_task_id)
+        if parent is None or parent.agent_id != agent.spiffe_id:
+            raise NotFoundError(f"parent task {req.parent_task_id[:80]!r} not found")
+        if parent.runtime_id != req.runtime_id:
+            raise PermissionDeniedError(
+                f"parent task {parent.task_id} belongs to {parent.runtime_id}, not {req.runtime_id}"
+            )
+        if not parent.active:
+            raise PermissionDeniedError(f"parent task {parent.task_id} is {parent.state.value}")
+        return parent
+
+    def _deny(
+        self,
+        *,
+        agent: AttestedAgent,
+        runtime_id: str,
+        intent: Intent,
+        reason: str,
+        flag: Flag | None,
+        task_id: str = "",
+        decision: Decision | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> PermissionDeniedError:
+        """Audit a refusal (and count it against the agent when flagged); return the error."""
+        if flag is not None:
+            self._store.add_violation(runtime_id, self._now())
+        fields: dict[str, Any] = {"decision": "deny", "reason": reason}
+        if decision is not None:
+            fields.update(decision.audit_fields())
+        self._audit.append(
+            EventKind.DENIAL,
+            agent_id=runtime_id,
+            node_id=agent.spiffe_id,
+            on_behalf_of=intent.on_behalf_of or None,
+            resource=",".join(sorted(intent.resources)),
+            action=",".join(sorted(intent.actions)),
+            task_id=task_id or None,
+            risk=self.violations(runtime_id),
+            extra={**(extra or {}), **({"flag": flag.value} if flag else {})},
+            **fields,
+        )
+        _log.info(
+            "task request denied",
+            extra={"agent_id": runtime_id, "flag": flag.value if flag else "", "reason": reason},
+        )
+        return PermissionDeniedError(reason)
+
+    def _decide_begin(self, agent: AttestedAgent, req: BeginRequest) -> tuple[Task, Entry]:
+        """Everything of `begin` that is synchronous: checks, decision, the records to write."""
+        for name in (*req.actions, *req.resources):
+            if not name or len(name) > 256:
+                raise InvalidRequestError(
+                    f"intent: action/resource {name[:80]!r} is empty or too long"
+                )
+        if req.goal_sha256 and (len(req.goal_sha256) != 64 or set(req.goal_sha256) - _HEX):
+            raise InvalidRequestError("goal_sha256: must be 64 lowercase hex digits")
+        runtime = self._runtime_entry(agent, req.runtime_id)
+        parent = self._parent(agent, req)
+        intent = self._child_intent(req, parent)  # RequestError -> INVALID_ARGUMENT
+        ttl = req.ttl or self.settings.default_ttl
+        if ttl < 0:
+            raise InvalidRequestError(f"ttl: {ttl} is negative")
+        ttl = min(ttl, self.settings.max_ttl)
+        now = self._now()
+        if parent is not None:
+            verdict = narrow(
+                parent.intent(),
+                intent,
+                parent_remaining_ttl=parent.remaining(now),
+                requested_ttl=ttl,
+                max_depth=self.settings.max_depth,
+            )
+            if not verdict.ok:
+                raise self._deny(
+                    agent=agent,
+                    runtime_id=req.runtime_id,
+                    intent=intent,
+                    reason=verdict.reason,
+                    flag=verdict.flag,
+                    extra={"parent_task": parent.task_id},
+                )
+            if verdict.max_ttl is not None:
+                ttl = min(ttl, verdict.max_ttl)
+        decision = self._policy.decide(
+            DecisionRequest(
+                agent_id=req.runtime_id,
+                node_id=agent.spiffe_id,
+                intent=intent,
+                requested_ttl=ttl,
+                violations=self.violations(req.runtime_id),
+            )
+        )
+        if not decision.allowed:
+            raise self._deny(
+                agent=agent,
+                runtime_id=req.runtime_id,
+                intent=intent,
+                reason=decision.reason,
+                flag=None,
+                decision=decision,
+            )
+        granted = decision.granted
+        task_id = secrets.token_hex(8)
+        spiffe_id = f"{req.runtime_id.rstrip('/')}{TASK_PATH}{task_id}"
+        ttl = max(1, min(decision.ttl, ttl))
+        if parent is not None:
+            act: dict[str, Any] = {"sub": parent.spiffe_id}
+            if parent.act:
+                act["act"] = parent.act
+        else:
+            act = {"sub": intent.on_behalf_of} if intent.on_behalf_of else {}
+        task = Task(
+            task_id=task_id,
+            spiffe_id=spiffe_id,
+            runtime_id=req.runtime_id,
+            agent_id=agent.spiffe_id,
+            entry_id="",
+            actions=tuple(sorted({a for a, _ in granted})),
+            resources=tuple(sorted({r for _, r in granted})),
+            classification=intent.classification,
+            environment=intent.environment,
+            on_behalf_of=intent.on_behalf_of,
+            goal_sha256=req.goal_sha256,
+            parent_task_id=intent.parent_task,
+            depth=intent.delegation_depth,
+            ttl=ttl,
+            created_at=now,
+            expires_at=now + ttl,
+            decision=decision.outcome.value,
+            reason=decision.reason,
+            policy_ids=decision.policy_ids,
+            policy_set_hash=decision.policy_set_hash,
+            act=act,
+        )
+        entry = Entry(
+            id="",
+            spiffe_id=spiffe_id,
+            parent_id=agent.spiffe_id,
+            selectors=runtime.selectors,
+            x509_svid_ttl=ttl,
+            jwt_svid_ttl=min(ttl, self.settings.jwt_ttl),
+            hint=f"task-{task_id}",
+            expires_at=now + ttl,
+        )
+        self._audit.append(
+            EventKind.TASK_BEGIN,
+            agent_id=req.runtime_id,
+            node_id=agent.spiffe_id,
+            on_behalf_of=intent.on_behalf_of or None,
+            resource=",".join(task.resources),
+            action=",".join(task.actions),
+            task_id=task_id,
+            risk=self.violations(req.runtime_id),
+            extra={
+                "spiffe_id": spiffe_id,
+                "parent_task": task.parent_task_id,
+                "depth": task.depth,
+                "goal_sha256": req.goal_sha256,
+                "declared_actions": sorted(intent.actions),
+                "declared_resources": sorted(intent.resources),
+                "classification": intent.classification,
+                "environment": intent.environment,
+            },
+            **decision.audit_fields(),
+        )
+        return task, entry
+
+    async def begin(self, agent: AttestedAgent, req: BeginRequest) -> Task:
+        task, entry = await asyncio.to_thread(self._decide_begin, agent, req)
+        created = await self._state.create_entry(entry)
+        task = replace(task, entry_id=created.id)
+        await asyncio.to_thread(self._store.put_task, task)
+        self._set_active(task, True)
+        _log.info("task begun", extra={"task_id": task.task_id, "agent_id": task.runtime_id})
+        return task
+
+    # -- per-mint decisions ---------------------------------------------------------------------
+
+    def _mint_decision(self, agent_id: str, task: Task, audience: Sequence[str]) -> tuple[str, ...]:
+        """The actions this mint may carry, or PermissionDeniedError (audited, maybe flagged)."""
+        agent = self._state.agents.get(agent_id) or AttestedAgent(agent_id, "", "", 0)
+        intent = task.intent()
+        for aud in audience:
+            verdict = check_in_intent(intent.actions, intent.resources, min(task.actions), aud)
+            if not verdict.ok:
+                raise self._deny(
+                    agent=agent,
+                    runtime_id=task.runtime_id,
+                    intent=replace(intent, resources=frozenset(audience)),
+                    reason=verdict.reason,
+                    flag=verdict.flag,
+                    task_id=task.task_id,
+                    extra={"audience": list(audience)},
+                )
+        remaining = task.remaining(self._clock.now())
+        if remaining <= 0:
+            raise PermissionDeniedError(f"task {task.task_id} has expired")
+        decision = self._policy.decide(
+            DecisionRequest(
+                agent_id=task.runtime_id,
+                node_id=task.agent_id,
+                intent=intent,
+                requested_ttl=remaining,
+                violations=self.violations(task.runtime_id),
+                pairs=tuple((a, aud) for a in task.actions for aud in audience),
+            )
+        )
+        # The token names every audience, so it may carry only actions granted on all of them.
+        allowed = {a for a in task.actions if all((a, aud) in decision.granted for aud in audience)}
+        if not allowed:
+            raise self._deny(
+                agent=agent,
+                runtime_id=task.runtime_id,
+                intent=replace(intent, resources=frozenset(audience)),
+                reason=f"context no longer valid: {decision.reason}",
+                flag=None,
+                task_id=task.task_id,
+                decision=decision,
+            )
+        return tuple(sorted(allowed))
+
+    def mint_jwt(self, agent_id: str, entry: Entry, audience: Sequence[str]) -> IssuedJwt:
+        """A task JWT-SVID: decided again, with txn/scope/tctx/act claims; recorded and audited."""
+        task = self._active.get(entry.spiffe_id)
+        if task is None or task.agent_id != agent_id:
+            raise PermissionDeniedError(f"task identity {entry.spiffe_id} is not active")
+        scope = self._mint_decision(agent_id, task, audience)
+        claims: dict[str, Any] = {
+            "txn": task.task_id,
+            "scope": " ".join(scope),
+            "tctx": {
+                "classification": task.classification,
+                "environment": task.environment,
+                "resources": list(task.resources),
+            },
+        }
+        if task.act:
+            claims["act"] = task.act
+        ttl = max(
+            1, min(entry.jwt_svid_ttl or self.settings.jwt_ttl, task.remaining(self._clock.now()))
+        )
+        issued = self._ca.jwt_signer().sign(
+            SpiffeId.parse(task.spiffe_id), list(audience), ttl, claims
+        )
+        self._store.record(
+            [
+                Credential(
+                    REVOKED_JWT_ID,
+                    issued.jti,
+                    agent_id,
+                    task.spiffe_id,
+                    task.task_id,
+                    issued.expires_at,
+                )
+            ]
+        )
+        self._audit.append(
+            EventKind.JWT_MINTED,
+            agent_id=task.runtime_id,
+            node_id=agent_id,
+            on_behalf_of=task.on_behalf_of or None,
+            resource=",".join(audience),
+            action=" ".join(scope),
+            decision="allow",
+            task_id=task.task_id,
+            credential_id=issued.jti,
+            ttl=ttl,
+            policy_set_hash=self._policy.policy_set_hash,
+        )
+        return issued
+
+    # -- issuance records (every SVID, so eviction and task end can revoke them) -----------------
+
+    def _owner_task(self, spiffe_id: str) -> Task | None:
+        return self._active.get(spiffe_id) if is_task_id(spiffe_id) else None
+
+    def record_x509(self, agent_id: str, issued: Iterable[tuple[str, str, int]]) -> None:
+        """(spiffe_id, serial hex, expires_at) of X.509-SVIDs just signed for `agent_id`."""
+        creds = []
+        events = []
+        for spiffe_id, serial, expires_at in issued:
+            task = self._owner_task(spiffe_id)
+            task_id = task.task_id if task is not None else ""
+            creds.append(
+                Credential(REVOKED_X509_SERIAL, serial, agent_id, spiffe_id, task_id, expires_at)
+            )
+            events.append(
+                EventDraft(
+                    kind=EventKind.X509_ISSUED,
+                    agent_id=task.runtime_id if task is not None else spiffe_id,
+                    node_id=agent_id,
+                    decision="allow",
+                    task_id=task_id or None,
+                    credential_id=serial,
+                    ttl=max(0, expires_at - self._now()),
+                    extra={"spiffe_id": spiffe_id},
+                )
+            )
+        self._store.record(creds)
+        if events:
+            self._audit.append_many(events)
+
+    def record_jwt(
+        self, agent_id: str, spiffe_id: str, issued: IssuedJwt, audience: Sequence[str]
+    ) -> None:
+        """A workload (non-task) JWT-SVID just minted for `agent_id`."""
+        self._store.record(
+            [Credential(REVOKED_JWT_ID, issued.jti, agent_id, spiffe_id, "", issued.expires_at)]
+        )
+        self._audit.append(
+            EventKind.JWT_MINTED,
+            agent_id=spiffe_id,
+            node_id=agent_id,
+            resource=",".join(audience),
+            decision="allow",
+            credential_id=issued.jti,
+            ttl=issued.expires_at - issued.issued_at,
+        )
+
+    def record_attestation(
+        self, agent_id: str, attestation_type: str, serial: str, ok: bool, reason: str = ""
+    ) -> None:
+        self._audit.append(
+            EventKind.NODE_ATTESTATION,
+            agent_id=agent_id or None,
+            node_id=agent_id or None,
+            decision="allow" if ok else "deny",
+            reason=reason or None,
+            credential_id=serial or None,
+            extra={"type": attestation_type},
+        )
+
+    # -- end and revocation ---------------------------------------------------------------------
+
+    async def end(self, agent: AttestedAgent, task_id: str, runtime_ids: Sequence[str]) -> Task:
+        task = await asyncio.to_thread(self._store.get_task, task_id)
+        if task is None or task.agent_id != agent.spiffe_id:
+            raise NotFoundError(f"task {task_id[:80]!r} not found")
+        if runtime_ids and task.runtime_id not in runtime_ids:
+            raise PermissionDeniedError(f"task {task_id} belongs to another workload")
+        if not task.active:
+            return task
+        return await self._finish(task, TaskState.ENDED, "ended by its runtime")
+
+    async def revoke(self, task_id: str, reason: str) -> Task:
+        task = await asyncio.to_thread(self._store.get_task, task_id)
+        if task is None:
+            raise NotFoundError(f"task {task_id[:80]!r} not found")
+        if not task.active:
+            return task
+        return await self._finish(task, TaskState.REVOKED, reason or "revoked by an operator")
+
+    async def expire_due(self) -> int:
+        due = await asyncio.to_thread(self._store.due, self._now())
+        for task in due:
+            current = await asyncio.to_thread(self._store.get_task, task.task_id)
+            if current is not None and current.active:
+                await self._finish(current, TaskState.EXPIRED, "task TTL ran out")
+        return len(due)
+
+    async def revoke_agent(self, agent_id: str, reason: str) -> int:
+        """Eviction or ban: end the agent's tasks, revoke every credential it still holds."""
+        tasks = await asyncio.to_thread(
+            self._store.list_tasks, agent_id=agent_id, state=TaskState.ACTIVE.value
+        )
+        for task in tasks:
+            await self._finish(task, TaskState.REVOKED, reason)
+        creds = await asyncio.to_thread(self._store.agent_credentials, agent_id, self._now())
+        already = {(r.kind, r.value) for r in self._state.revocations}
+        await self._revoke(
+            [c for c in creds if (c.kind, c.value) not in already],
+            reason,
+            agent_id=agent_id,
+            task=None,
+        )
+        return len(creds)
+
+    async def _revoke(
+        self, creds: Sequence[Credential], reason: str, *, agent_id: str, task: Task | None
+    ) -> None:
+        if not creds:
+            return
+        now = self._now()
+        await self._state.add_revocations(
+            tuple(
+                Revocation(c.kind, c.value, c.spiffe_id, c.expires_at, reason, now) for c in creds
+            )
+        )
+        await asyncio.to_thread(
+            self._audit.append_many,
+            [
+                EventDraft(
+                    kind=EventKind.REVOCATION,
+                    agent_id=task.runtime_id if task is not None else c.spiffe_id,
+                    node_id=agent_id,
+                    decision="revoked",
+                    reason=reason,
+                    task_id=task.task_id if task is not None else (c.task_id or None),
+                    credential_id=c.value,
+                    extra={"kind": c.kind, "spiffe_id": c.spiffe_id, "expires_at": c.expires_at},
+                )
+                for c in creds
+            ],
+        )
+
+    async def _finish(self, task: Task, state: TaskState, reason: str) -> Task:
+        # Sub-tasks live inside their parent: they end with it.
+        children = await asyncio.to_thread(
+            self._store.list_tasks, agent_id=task.agent_id, state=TaskState.ACTIVE.value
+        )
+        for child in children:
+            if child.parent_task_id == task.task_id:
+                await self._finish(child, state, f"parent task {task.task_id} ended")
+        self._set_active(task, False)
+        now = self._now()
+        done = await asyncio.to_thread(self._store.finish, task, state, now, reason)
+        creds = await asyncio.to_thread(self._store.task_credentials, task.task_id, now)
+        await self._revoke(creds, reason, agent_id=task.agent_id, task=task)
+        if task.entry_id and task.entry_id in self._state.entries.by_id:
+            # LookupError: deleted meanwhile (an operator's `entry delete`).
+            with contextlib.suppress(LookupError):
+                await self._state.delete_entry(task.entry_id)
+        await asyncio.to_thread(
+            self._audit.append,
+            EventKind.TASK_END,
+            agent_id=task.runtime_id,
+            node_id=task.agent_id,
+            on_behalf_of=task.on_behalf_of or None,
+            task_id=task.task_id,
+            decision=state.value,
+            reason=reason,
+            extra={"spiffe_id": task.spiffe_id, "revoked": len(creds)},
+        )
+        _log.info(
+            "task finished",
+            extra={"task_id": task.task_id, "state": state.value, "revoked": len(creds)},
+        )
+        return done
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task:
+        task = self._store.get_task(task_id)
+        if task is None:
+            raise NotFoundError(f"task {task_id[:80]!r} not found")
+        return task
+
+    def list(
+        self, *, agent_id: str = "", state: str = "", runtime_ids: Sequence[str] | None = None
+    ) -> list[Task]:
+        return self._store.list_tasks(agent_id=agent_id, state=state, runtime_ids=runtime_ids)
+
+    def crl(self) -> bytes:
+        """The CA-signed CRL of every revoked X.509 serial; b"" while none is revoked."""
+        revocations = self._state.revocations
+        if not any(r.kind == REVOKED_X509_SERIAL for r in revocations):
+            return b""
+        signer = self._ca.x509_signer()
+        # X509Signer keeps its key private; the CRL must be signed by the same CA key.
+        key = signer._key
+        return self._crl.get(signer.ca_certificate, key, revocations, self._clock.now())
+
+    async def housekeeping(self) -> None:
+        await self.expire_due()
+        await asyncio.to_thread(self._store.prune, self._now(), self.settings.violation_window)

@@ -1,0 +1,187 @@
+"""The agent's Tasks and Revocations services over the real relay, with a fake server client."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from agent_attestor.endpoint import WorkloadEndpoint
+from agent_attestor.tasks.api import TasksApi
+from agent_attestor.tasks.handlers import generic_handlers
+from agent_attestor.tasks.revocations import RevocationsApi
+from agent_attestor.workload_attestor import UnixAttestor
+from svid._proto import revocation_pb2, revocation_pb2_grpc, task_pb2, task_pb2_grpc
+from tests.agent_attestor.harness import HEADER, Harness
+
+TD = "spiffe://example.org"
+
+
+def _denied(message: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.PERMISSION_DENIED, grpc.aio.Metadata(), grpc.aio.Metadata(), message
+    )
+
+
+@dataclass
+class FakeClient:
+    begun: list[task_pb2.NodeBeginTaskRequest] = field(default_factory=list)
+    ended: list[task_pb2.NodeEndTaskRequest] = field(default_factory=list)
+    refuse: str = ""
+    down: bool = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
+            )
+        if self.refuse:
+            raise _denied(self.refuse)
+
+    async def begin(self, request: task_pb2.NodeBeginTaskRequest) -> task_pb2.Task:
+        self._check()
+        self.begun.append(request)
+        return task_pb2.Task(
+            task_id="t1", spiffe_id=f"{request.runtime_id}/task/t1", runtime_id=request.runtime_id
+        )
+
+    async def end(self, request: task_pb2.NodeEndTaskRequest) -> task_pb2.Task:
+        self._check()
+        self.ended.append(request)
+        return task_pb2.Task(task_id=request.task_id, spiffe_id=f"{TD}/bot/task/t1", state="ended")
+
+    async def list(self, request: task_pb2.NodeListTasksRequest) -> list[task_pb2.Task]:
+        self._check()
+        return [task_pb2.Task(task_id="t1", runtime_id=request.runtime_ids[0])]
+
+
+@dataclass
+class TaskAgent:
+    h: Harness
+    client: FakeClient
+    endpoint: WorkloadEndpoint
+
+    def channel(self) -> grpc.Channel:
+        ch = grpc.insecure_channel(f"unix:{self.endpoint.socket_path}")
+        self.h.channels.append(ch)
+        return ch
+
+    def tasks(self) -> task_pb2_grpc.TasksStub:
+        return task_pb2_grpc.TasksStub(self.channel())
+
+
+@pytest.fixture
+def ta() -> Iterator[TaskAgent]:
+    h = Harness()
+    client = FakeClient()
+    tasks = TasksApi(h.cache, h.registry, client, h.jwts)
+    revs = RevocationsApi(h.cache, h.registry)
+    endpoint = WorkloadEndpoint(
+        socket_path=h.root / "public" / "tasks.sock",
+        private_dir=h.root / "private2",
+        servicer=h.api,
+        registry=h.registry,
+        attestors=[UnixAttestor()],
+        extra_handlers=[
+            *generic_handlers(task_pb2_grpc.add_TasksServicer_to_server, tasks),
+            *generic_handlers(revocation_pb2_grpc.add_RevocationsServicer_to_server, revs),
+        ],
+    )
+    h.lt.run(endpoint.start())
+    try:
+        yield TaskAgent(h, client, endpoint)
+    finally:
+        h.lt.run(endpoint.stop(0))
+        h.close()
+
+
+def begin(ta: TaskAgent, **kw: object) -> task_pb2.BeginTaskResponse:
+    request = task_pb2.BeginTaskRequest(
+        intent=task_pb2.Intent(actions=["read"], resources=["docs"], goal="summarise Q3"),
+        ttl=60,
+        **kw,  # type: ignore[arg-type]
+    )
+    return ta.tasks().BeginTask(request, metadata=HEADER, timeout=10)  # type: ignore[no-any-return]
+
+
+def test_begin_forwards_the_default_identity_and_only_the_goal_hash(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    ta.h.add_entry("/bot-other")
+    reply = begin(ta)
+    assert reply.task.spiffe_id == f"{TD}/bot/task/t1"
+    (sent,) = ta.client.begun
+    assert sent.runtime_id == f"{TD}/bot"
+    assert sent.intent.goal == ""
+    assert sent.goal_sha256 == hashlib.sha256(b"summarise Q3").hexdigest()
+    assert list(sent.intent.actions) == ["read"]
+    begin(ta, spiffe_id=f"{TD}/bot-other")
+    assert ta.client.begun[1].runtime_id == f"{TD}/bot-other"
+
+
+def test_begin_under_an_identity_not_held_is_refused_locally(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    ta.h.add_entry("/bot/task/abc")
+    for sid in (f"{TD}/someone-else", f"{TD}/bot/task/abc"):
+        with pytest.raises(grpc.RpcError) as err:
+            begin(ta, spiffe_id=sid)
+        assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert ta.client.begun == []
+
+
+def test_caller_without_identity_or_header_is_refused(ta: TaskAgent) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        begin(ta)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    ta.h.add_entry("/bot")
+    with pytest.raises(grpc.RpcError) as err:
+        ta.tasks().ListTasks(task_pb2.ListTasksRequest(), timeout=10)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_server_denial_reaches_the_workload_with_its_reason(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    ta.client.refuse = "denied: export_data on s3: forbidden by no_restricted_export"
+    with pytest.raises(grpc.RpcError) as err:
+        begin(ta)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "no_restricted_export" in (err.value.details() or "")
+    ta.client.refuse, ta.client.down = "", True
+    with pytest.raises(grpc.RpcError) as err:
+        begin(ta)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_end_sends_the_callers_identities_and_forgets_cached_task_jwts(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    task_entry = ta.h.add_entry("/bot/task/t1")
+
+    async def mint() -> None:
+        await ta.h.jwts.get(task_entry.spiffe_id, ["docs"], task_entry.id)
+
+    ta.h.lt.run(mint())
+    assert ta.h.jwts.cached(task_entry.spiffe_id, ["docs"]) is not None
+    ta.tasks().EndTask(task_pb2.EndTaskRequest(task_id="t1"), metadata=HEADER, timeout=10)
+    (sent,) = ta.client.ended
+    assert list(sent.runtime_ids) == [f"{TD}/bot"]
+    assert ta.h.jwts.cached(task_entry.spiffe_id, ["docs"]) is None
+    listed = ta.tasks().ListTasks(task_pb2.ListTasksRequest(), metadata=HEADER, timeout=10)
+    assert [t.task_id for t in listed.tasks] == ["t1"]
+
+
+def test_revocation_watch_pushes_full_state_on_change(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    stub = revocation_pb2_grpc.RevocationsStub(ta.channel())
+    stream = stub.Watch(revocation_pb2.WatchRequest(), metadata=HEADER, timeout=10)
+    first = next(stream)
+    assert list(first.items) == []
+    ta.h.revoked = frozenset({"abc123"})
+    ta.h.crl = (b"crl-der",)
+    ta.h.sync(issue=False)
+    second = next(stream)
+    assert [(i.kind, i.value) for i in second.items] == [("x509_serial", "abc123")]
+    assert list(second.crl) == [b"crl-der"]
+    assert second.version > first.version
+    stream.cancel()

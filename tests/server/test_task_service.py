@@ -1,0 +1,310 @@
+"""The task service on real parts: SQLite datastore, task store and audit log files, the CA,
+the default Cedar policy set. Only the clock is fake."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt as pyjwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from server.audit import AuditLog, SqliteAuditStore
+from server.ca.manager import CaManager
+from server.datastore.records import AttestedAgent, Entry, Selector
+from server.datastore.sqlite import SqliteDataStore
+from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from server.events import ChangeNotifier
+from server.policy import PolicyEngine
+from server.state import ServerState
+from server.tasks import TaskService, TaskState, TaskStore
+from server.tasks.service import BeginRequest
+from svid._clock import FakeClock
+from svid._spiffe_id import SpiffeId
+
+AGENT = "spiffe://example.org/svid/agent/join_token/t1"
+RUNTIME = "spiffe://example.org/agents/research-bot"
+SELECTORS = (Selector("unix", "uid:1000"),)
+
+
+@dataclass
+class World:
+    service: TaskService
+    state: ServerState
+    audit: AuditLog
+    store: TaskStore
+    ca: CaManager
+    clock: FakeClock
+    agent: AttestedAgent
+    tmp: Path
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run(coro)
+
+    def begin(self, **kw: Any) -> Any:
+        values: dict[str, Any] = {
+            "runtime_id": RUNTIME,
+            "actions": ("read",),
+            "resources": ("docs",),
+            "on_behalf_of": "user:alice",
+            "ttl": 600,
+        }
+        values.update(kw)
+        return self.run(self.service.begin(self.agent, BeginRequest(**values)))
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.audit.store.rows() if r["kind"] == kind]
+
+
+@pytest.fixture
+def world(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> Iterator[World]:
+    state = ServerState(datastore, clock, ChangeNotifier())
+    state.load()
+    state.set_bundle(ca_manager.bundle(), {})
+    agent = AttestedAgent(AGENT, "join_token", "abc", int(clock.now()) + 3600, selectors=())
+    audit = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), clock)
+    store = TaskStore(tmp_path / "tasks.db")
+    policy = PolicyEngine(None, clock, trust_domain="example.org")
+    service = TaskService(
+        state=state,
+        store=store,
+        policy=policy,
+        audit=audit,
+        ca=ca_manager,
+        server_id="spiffe://example.org/svid/server",
+        clock=clock,
+    )
+
+    async def setup() -> None:
+        await state.save_agent(agent, None)
+        await state.create_entry(Entry("", RUNTIME, AGENT, SELECTORS))
+
+    asyncio.run(setup())
+    yield World(service, state, audit, store, ca_manager, clock, agent, tmp_path)
+    store.close()
+
+
+def decode(world: World, token: str, audience: str) -> dict[str, Any]:
+    header = pyjwt.get_unverified_header(token)
+    key = world.ca.bundle().jwt_authorities[header["kid"]]
+    return pyjwt.decode(
+        token,
+        key,  # type: ignore[arg-type]
+        algorithms=[header["alg"]],
+        audience=audience,
+        options={"verify_exp": False, "verify_iat": False},
+    )
+
+
+def issue_x509(world: World, spiffe_id: str) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = world.ca.x509_signer().sign_svid(key.public_key(), SpiffeId.parse(spiffe_id), 300)[0]
+    world.service.record_x509(AGENT, [(spiffe_id, format(leaf.serial_number, "x"), 2**40)])
+    return leaf
+
+
+def test_begin_grants_a_task_identity_with_an_entry(world: World) -> None:
+    task = world.begin(goal_sha256="ab" * 32)
+    assert task.spiffe_id == f"{RUNTIME}/task/{task.task_id}"
+    assert task.actions == ("read",)
+    assert task.resources == ("docs",)
+    assert task.decision == "allow"
+    entry = world.state.entries.by_id[task.entry_id]
+    assert entry.spiffe_id == task.spiffe_id
+    assert entry.parent_id == AGENT
+    assert entry.selectors == SELECTORS
+    assert entry.expires_at == task.expires_at == int(world.clock.now()) + 600
+    assert world.store.get_task(task.task_id) == task
+    (event,) = world.events("task_begin")
+    assert event["task_id"] == task.task_id
+    assert event["agent_id"] == RUNTIME
+    assert event["decision"] == "allow"
+    assert event["policy_set_hash"]
+    assert "goal" not in event["extra"].replace("goal_sha256", "")
+
+
+def test_task_jwt_carries_task_claims_and_is_recorded(world: World) -> None:
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    issued = world.service.mint_jwt(AGENT, entry, ["docs"])
+    claims = decode(world, issued.token, "docs")
+    assert claims["sub"] == task.spiffe_id
+    assert claims["jti"] == issued.jti
+    assert claims["txn"] == task.task_id
+    assert claims["scope"] == "read"
+    assert claims["tctx"] == {
+        "classification": "internal",
+        "environment": "",
+        "resources": ["docs"],
+    }
+    assert claims["act"] == {"sub": "user:alice"}
+    assert claims["exp"] - claims["iat"] <= 300
+    assert [c.value for c in world.store.task_credentials(task.task_id, 0)] == [issued.jti]
+    (event,) = world.events("jwt_minted")
+    assert event["credential_id"] == issued.jti
+    assert issued.token not in str(event)
+
+
+def test_undeclared_audience_is_denied_flagged_and_counted(world: World) -> None:
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    with pytest.raises(PermissionDeniedError, match="lateral movement: audience payroll"):
+        world.service.mint_jwt(AGENT, entry, ["payroll"])
+    (event,) = world.events("denial")
+    assert event["task_id"] == task.task_id
+    assert '"flag":"lateral_movement"' in event["extra"]
+    assert world.service.violations(RUNTIME) == 1
+
+
+def test_repeated_violations_stop_issuance(world: World) -> None:
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    for _ in range(3):
+        with pytest.raises(PermissionDeniedError):
+            world.service.mint_jwt(AGENT, entry, ["elsewhere"])
+    with pytest.raises(PermissionDeniedError, match="stop_risky_agents"):
+        world.service.mint_jwt(AGENT, entry, ["docs"])
+    with pytest.raises(PermissionDeniedError, match="stop_risky_agents"):
+        world.begin()
+
+
+def test_restricted_export_without_a_policy_is_denied(world: World) -> None:
+    with pytest.raises(PermissionDeniedError, match="export_data"):
+        world.begin(
+            actions=("export_data",), resources=("s3:reports",), classification="restricted"
+        )
+    (event,) = world.events("denial")
+    assert event["decision"] == "deny"
+    assert event["action"] == "export_data"
+    assert world.store.list_tasks() == []
+
+
+def test_sub_task_may_narrow_but_never_widen(world: World) -> None:
+    parent = world.begin(actions=("read", "write"), resources=("docs", "wiki"))
+    with pytest.raises(PermissionDeniedError, match="privilege chaining: sub-task adds resources"):
+        world.begin(actions=("read",), resources=("docs", "payroll"), parent_task_id=parent.task_id)
+    child = world.begin(actions=("read",), resources=("docs",), parent_task_id=parent.task_id)
+    assert child.depth == 1
+    assert child.parent_task_id == parent.task_id
+    assert child.expires_at <= parent.expires_at
+    entry = world.state.entries.by_id[child.entry_id]
+    claims = decode(world, world.service.mint_jwt(AGENT, entry, ["docs"]).token, "docs")
+    assert claims["act"] == {"sub": parent.spiffe_id, "act": {"sub": "user:alice"}}
+    assert world.service.violations(RUNTIME) == 1
+
+
+def test_delegation_depth_is_capped(world: World) -> None:
+    task = world.begin()
+    for _ in range(3):
+        task = world.begin(parent_task_id=task.task_id)
+    with pytest.raises(PermissionDeniedError, match="delegation depth 4 exceeds the cap of 3"):
+        world.begin(parent_task_id=task.task_id)
+
+
+def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    issued = world.service.mint_jwt(AGENT, entry, ["docs"])
+    leaf = issue_x509(world, task.spiffe_id)
+    assert world.service.crl() == b""
+    done = world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
+    assert done.state is TaskState.ENDED
+    revoked = {(r.kind, r.value) for r in world.state.revocations}
+    assert revoked == {("jwt_id", issued.jti), ("x509_serial", format(leaf.serial_number, "x"))}
+    assert task.entry_id not in world.state.entries.by_id
+    with pytest.raises(PermissionDeniedError, match="not active"):
+        world.service.mint_jwt(AGENT, entry, ["docs"])
+    crl = x509.load_der_x509_crl(world.service.crl())
+    ca_cert = world.ca.x509_signer().ca_certificate
+    assert crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
+    assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
+    assert [e["decision"] for e in world.events("revocation")] == ["revoked", "revoked"]
+    assert world.events("task_end")[0]["decision"] == "ended"
+    assert world.audit.verify().ok
+
+
+def test_only_the_owning_runtime_may_end_a_task(world: World) -> None:
+    task = world.begin()
+    with pytest.raises(PermissionDeniedError, match="another workload"):
+        world.run(world.service.end(world.agent, task.task_id, ["spiffe://example.org/other"]))
+    other = AttestedAgent("spiffe://example.org/svid/agent/join_token/t2", "join_token", "x", 0)
+    with pytest.raises(NotFoundError):
+        world.run(world.service.end(other, task.task_id, [RUNTIME]))
+
+
+def test_ending_a_parent_ends_its_sub_tasks(world: World) -> None:
+    parent = world.begin(actions=("read", "write"))
+    child = world.begin(actions=("read",), parent_task_id=parent.task_id)
+    world.run(world.service.revoke(parent.task_id, "operator says so"))
+    assert world.store.get_task(child.task_id).state is TaskState.REVOKED  # type: ignore[union-attr]
+    assert world.service.active_task(child.spiffe_id) is None
+
+
+def test_ttl_expiry_revokes(world: World) -> None:
+    task = world.begin(ttl=60)
+    issue_x509(world, task.spiffe_id)
+    world.clock.advance(61)
+    assert world.run(world.service.expire_due()) == 1
+    assert world.store.get_task(task.task_id).state is TaskState.EXPIRED  # type: ignore[union-attr]
+    assert len(world.state.revocations) == 1
+
+
+def test_evicting_an_agent_revokes_its_outstanding_credentials(world: World) -> None:
+    task = world.begin()
+    plain = issue_x509(world, RUNTIME)
+    issue_x509(world, task.spiffe_id)
+    assert world.run(world.service.revoke_agent(AGENT, "agent evicted")) == 2
+    serials = {r.value for r in world.state.revocations}
+    assert format(plain.serial_number, "x") in serials
+    assert len(serials) == 2
+    assert world.store.get_task(task.task_id).state is TaskState.REVOKED  # type: ignore[union-attr]
+
+
+def test_runtime_must_be_entitled_and_not_a_task(world: World) -> None:
+    with pytest.raises(PermissionDeniedError, match="may serve"):
+        world.begin(runtime_id="spiffe://example.org/agents/someone-else")
+    task = world.begin()
+    with pytest.raises(InvalidRequestError, match="task identity"):
+        world.begin(runtime_id=task.spiffe_id)
+    with pytest.raises(InvalidRequestError, match="goal_sha256"):
+        world.begin(goal_sha256="the raw goal text")
+    with pytest.raises(NotFoundError, match="parent task"):
+        world.begin(parent_task_id="nope")
+
+
+def test_policy_ttl_cap_constrains_the_grant(world: World) -> None:
+    task = world.begin(ttl=3600)
+    assert task.ttl == 900
+    assert task.decision == "allow_constrained"
+
+
+def test_active_tasks_survive_a_restart(world: World) -> None:
+    task = world.begin()
+    again = TaskService(
+        state=world.state,
+        store=TaskStore(world.tmp / "tasks.db"),
+        policy=world.service.policy,
+        audit=world.audit,
+        ca=world.ca,
+        server_id="spiffe://example.org/svid/server",
+        clock=world.clock,
+    )
+    again.load()
+    assert again.active_task(task.spiffe_id) == task
+
+
+def test_crl_der_is_stable_until_the_list_changes(world: World) -> None:
+    task = world.begin()
+    issue_x509(world, task.spiffe_id)
+    world.run(world.service.end(world.agent, task.task_id, []))
+    first = world.service.crl()
+    assert world.service.crl() == first
+    assert x509.load_der_x509_crl(first).public_bytes(Encoding.DER) == first
