@@ -121,7 +121,9 @@ def jwt_setup() -> dict[str, Any]:
     }
 
 
-def test_x509_verify_vs_raw(benchmark: Any, x509_setup: tuple[X509Verifier, X509Verifier, bytes]) -> None:
+def test_x509_verify_vs_raw(
+    benchmark: Any, x509_setup: tuple[X509Verifier, X509Verifier, bytes]
+) -> None:
     uncached, cached, der = x509_setup
     cached.verify_der(der)
     rates = _interleaved(
@@ -134,7 +136,7 @@ def test_x509_verify_vs_raw(benchmark: Any, x509_setup: tuple[X509Verifier, X509
     benchmark.pedantic(lambda: uncached.verify_der(der), rounds=200, iterations=1)
     raw = rates[RAW]
     benchmark.extra_info["rows"] = [
-        _row(RAW, raw, RAW, raw, None),
+        _row(f"{RAW} (X.509 run)", raw, RAW, raw, None),
         _row("X.509-SVID verify, uncached", rates["uncached"], RAW, raw, 0.8),
         _row("X.509-SVID verify, cached", rates["cached"], RAW, raw, 25.0),
     ]
@@ -164,6 +166,7 @@ def test_jwt_verify_vs_raw_pyjwt_and_py_spiffe(benchmark: Any, jwt_setup: dict[s
     benchmark.pedantic(lambda: uncached.verify(token, "svc"), rounds=200, iterations=1)
     raw = rates[RAW]
     benchmark.extra_info["rows"] = [
+        _row(f"{RAW} (JWT run)", raw, RAW, raw, None),
         _row("JWT-SVID verify, uncached", rates["uncached"], RAW, raw, 0.8),
         _row("JWT-SVID verify, uncached", rates["uncached"], "PyJWT decode", rates["pyjwt"], 1.3),
         _row(

@@ -1,4 +1,31 @@
-"""svid: SPIFFE identities for services and AI agents — IDs, SVIDs, bundles, verification."""
+"""svid: SPIFFE identities for services and AI agents — IDs, SVIDs, bundles, verification.
+
+Verify an incoming JWT-SVID in a web handler::
+
+    source = svid.MemoryBundleSource.of(svid.load_bundle_file(td, "bundle.json"))
+    jwt_verifier = svid.JwtVerifier(source.jwt_bundle_for, revocations=svid.RevocationSet())
+
+    def handler(request):
+        token = request.headers["Authorization"].removeprefix("Bearer ")
+        try:
+            caller = jwt_verifier.verify(token, audience="orders-api")
+        except svid.VerificationError as exc:  # ExpiredError, RevokedError are subclasses
+            return 401, str(exc)  # messages never contain the token
+        return 200, f"hello {caller.spiffe_id}"
+
+Check the peer of a mutual-TLS connection (the ``ssl`` context requires a client certificate and
+trusts the CAs of the accepted trust domains; the verifier pins the chain to the peer's own trust
+domain and applies the SPIFFE leaf rules, validity times and revocations)::
+
+    x509_verifier = svid.X509Verifier(source.x509_bundle_for)
+    with ctx.wrap_socket(sock, server_side=True) as tls:
+        peer = x509_verifier.verify_ssl_peer(tls)  # raises VerificationError
+        if peer.spiffe_id != allowed:
+            ...
+
+Results are cached by the exact credential bytes until the earliest of expiry, a bundle change for
+the trust domain, or a revocation; a cached answer is never more permissive than a fresh one.
+"""
 
 from svid._bundle import BundleSet, JwtBundle, SpiffeBundle, X509Bundle
 from svid._clock import Clock, FakeClock, SystemClock

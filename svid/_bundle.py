@@ -103,7 +103,7 @@ class JwtBundle:
         for i, jwk in enumerate(doc["keys"]):
             where = f"JWT bundle for {trust_domain}, key #{i}"
             use = jwk.get("use", USE_JWT)
-            if use != USE_JWT or jwk.get("kty") not in KNOWN_KTY:
+            if use != USE_JWT or not _known_kty(jwk):
                 continue
             kid, key = _jwt_key(jwk, where)
             keys[kid] = key
@@ -112,6 +112,11 @@ class JwtBundle:
     def to_jwks(self) -> bytes:
         """A JWKS holding only JWT keys, each with kid and ``use: jwt-svid``."""
         return json.dumps({"keys": _jwt_jwks(self.keys)}, separators=(",", ":")).encode()
+
+
+def _known_kty(jwk: Mapping[str, Any]) -> bool:
+    kty = jwk.get("kty")
+    return isinstance(kty, str) and kty in KNOWN_KTY
 
 
 def _jwt_jwks(keys: Mapping[str, PublicKey]) -> list[dict[str, str]]:
@@ -200,7 +205,7 @@ class SpiffeBundle:
         for i, jwk in enumerate(doc["keys"]):
             where = f"bundle for {trust_domain}, key #{i}"
             use = jwk.get("use")
-            if jwk.get("kty") not in KNOWN_KTY:
+            if not _known_kty(jwk):
                 continue
             if use == USE_X509:
                 cas.append(_x509_key(jwk, where))

@@ -42,6 +42,8 @@ _EC_ALGS: dict[str, tuple[str, int]] = {
     "ES512": ("secp521r1", 66),
 }
 _CURVE_ALG: dict[str, str] = {curve: alg for alg, (curve, _) in _EC_ALGS.items()}
+# Signature-algorithm objects are immutable; build them once instead of per verification.
+_ECDSA: dict[str, ec.ECDSA] = {alg: ec.ECDSA(_HASHES[alg[2:]]()) for alg in _EC_ALGS}
 # RSA keys below 2048 bits are refused on both sides (RFC 7518 §3.3).
 MIN_RSA_BITS = 2048
 
@@ -49,6 +51,9 @@ MIN_RSA_BITS = 2048
 def b64url_encode(data: bytes) -> str:
     """Unpadded base64url, as JOSE writes it."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+_URL_TO_STD = bytes.maketrans(b"-_", b"+/")
 
 
 def b64url_decode(text: str) -> bytes:
@@ -63,7 +68,9 @@ def b64url_decode(text: str) -> bytes:
     if len(raw) % 4 == 1:
         raise JwtSvidError(f"base64url text has an impossible length {len(raw)}")
     try:
-        return base64.b64decode(raw + b"=" * (-len(raw) % 4), altchars=b"-_", validate=True)
+        return binascii.a2b_base64(
+            raw.translate(_URL_TO_STD) + b"=" * (-len(raw) % 4), strict_mode=True
+        )
     except (binascii.Error, ValueError):
         raise JwtSvidError("base64url text has characters outside the alphabet") from None
 
@@ -128,20 +135,20 @@ def verify_jws_signature(
     """
     if alg not in ALLOWED_ALGS:
         return False
-    hash_alg = _HASHES[alg[2:]]()
     family = alg[:2]
     try:
         if family == "ES":
             if not isinstance(public_key, ec.EllipticCurvePublicKey):
                 return False
             curve, size = _EC_ALGS[alg]
-            if public_key.curve.name != curve or len(signature) != 2 * size:
+            if len(signature) != 2 * size or public_key.curve.name != curve:
                 return False
             der = encode_dss_signature(
                 int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
             )
-            public_key.verify(der, signing_input, ec.ECDSA(hash_alg))
+            public_key.verify(der, signing_input, _ECDSA[alg])
             return True
+        hash_alg = _HASHES[alg[2:]]()
         if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < MIN_RSA_BITS:
             return False
         if family == "RS":

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple, TypeGuard
 
 from svid._errors import JwtSvidError, SpiffeIdError
 from svid._jose import ALLOWED_ALGS, b64url_decode
 from svid._spiffe_id import SpiffeId
 
+# The same few subjects come back again and again; the parse is pure, so memoize it.
+_parse_id = functools.lru_cache(maxsize=4096)(SpiffeId.parse)
 ALLOWED_TYP = frozenset({"JWT", "JOSE"})
 # A token is a bearer secret read from the network; bound its size before decoding anything.
 MAX_TOKEN_BYTES = 64 * 1024
@@ -20,7 +24,7 @@ MAX_TOKEN_BYTES = 64 * 1024
 def _json_object(segment: str, what: str) -> dict[str, Any]:
     raw = b64url_decode(segment)
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise JwtSvidError(f"token {what} is not valid JSON") from None
     if not isinstance(obj, dict):
@@ -28,12 +32,11 @@ def _json_object(segment: str, what: str) -> dict[str, Any]:
     return obj
 
 
-@dataclass(frozen=True)
-class ParsedToken:
+class ParsedToken(NamedTuple):
     """The pieces of a compact JWS that a verifier needs; never printed."""
 
-    header: Mapping[str, Any]
-    claims: Mapping[str, Any]
+    header: dict[str, Any]
+    claims: dict[str, Any]
     signing_input: bytes
     signature: bytes
 
@@ -60,12 +63,20 @@ def check_header(header: Mapping[str, Any]) -> tuple[str, str]:
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise JwtSvidError("token header has no 'kid'")
-    if "typ" in header and header["typ"] not in ALLOWED_TYP:
+    typ = header.get("typ", "JWT")
+    if not isinstance(typ, str) or typ not in ALLOWED_TYP:
         raise JwtSvidError(f"token typ {header['typ']!r} is not allowed (JWT or JOSE)")
     if "crit" in header:
         # No extension is understood here, so a critical one must fail (RFC 7515 §4.1.11).
         raise JwtSvidError("token header has 'crit' extensions this verifier does not support")
     return alg, kid
+
+
+def _is_time(value: object) -> TypeGuard[int | float]:
+    # JSON allows NaN and Infinity; a NaN exp would compare as never expired.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and abs(value) < 2**53
 
 
 def check_claims(claims: Mapping[str, Any]) -> tuple[SpiffeId, tuple[str, ...], int]:
@@ -74,7 +85,7 @@ def check_claims(claims: Mapping[str, Any]) -> tuple[SpiffeId, tuple[str, ...], 
     if not isinstance(sub, str):
         raise JwtSvidError("token has no 'sub' claim")
     try:
-        sid = SpiffeId.parse(sub)
+        sid = _parse_id(sub)
     except SpiffeIdError as exc:
         raise JwtSvidError(f"token 'sub' is not a SPIFFE ID: {exc}") from None
     if not sid.path:
@@ -89,12 +100,12 @@ def check_claims(claims: Mapping[str, Any]) -> tuple[SpiffeId, tuple[str, ...], 
     if not all(audience):
         raise JwtSvidError("token 'aud' claim has an empty audience")
     exp = claims.get("exp")
-    if isinstance(exp, bool) or not isinstance(exp, int | float):
-        raise JwtSvidError("token 'exp' claim is missing or not a number")
+    if not _is_time(exp):
+        raise JwtSvidError("token 'exp' claim is missing or not a finite number")
     for name in ("nbf", "iat"):
         value = claims.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise JwtSvidError(f"token {name!r} claim is not a number")
+        if value is not None and not _is_time(value):
+            raise JwtSvidError(f"token {name!r} claim is not a finite number")
     return sid, audience, int(exp)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from svid._bundle import JwtBundle
 from svid._cache import LruCache
@@ -35,8 +35,7 @@ class VerifiedJwt:
     kid: str
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
+class _Entry(NamedTuple):
     result: VerifiedJwt
     trust_domain: TrustDomain
     bundle: JwtBundle
@@ -132,5 +131,5 @@ class JwtVerifier:
         jti = jti if isinstance(jti, str) else None
         if jti is not None and self._revocations.is_jti_revoked(jti):
             raise RevokedError(f"token jti {jti!r} of {sid} is revoked")
-        result = VerifiedJwt(sid, MappingProxyType(dict(claims)), audience, exp, kid)
+        result = VerifiedJwt(sid, MappingProxyType(claims), audience, exp, kid)
         return _Entry(result, td, bundle, not_before, exp + leeway, jti)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtensionOID
@@ -27,6 +28,7 @@ from svid._der import parse_der_certs, tbs_names
 from svid._errors import (
     ExpiredError,
     RevokedError,
+    SvidError,
     SvidParseError,
     VerificationError,
     X509SvidError,
@@ -71,8 +73,7 @@ class _Anchor:
     path_length: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
+class _Entry(NamedTuple):
     result: VerifiedX509
     trust_domain: TrustDomain
     bundle: X509Bundle
@@ -89,9 +90,9 @@ def _times(cert: x509.Certificate) -> tuple[float, float]:
     return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
 
 
-def _check_critical(cert: x509.Certificate, what: str) -> None:
+def _check_critical(cert: x509.Certificate, what: str, is_ca: bool) -> None:
     for ext in cert.extensions:
-        if ext.oid == ExtensionOID.NAME_CONSTRAINTS:
+        if is_ca and type(ext.value) is x509.NameConstraints:
             raise VerificationError(
                 f"{what} serial {_serial(cert)} has name constraints, which are not supported"
             )
@@ -123,6 +124,13 @@ def _signature_ok(cert: x509.Certificate, tbs: bytes, key: object) -> bool:
 
 def _make_anchor(cert: x509.Certificate) -> _Anchor | None:
     """An authority usable as a trust anchor, or None if it cannot sign (then it's skipped)."""
+    try:
+        return _anchor_or_none(cert)
+    except (ValueError, UnsupportedAlgorithm):
+        return None  # a malformed authority anchors nothing
+
+
+def _anchor_or_none(cert: x509.Certificate) -> _Anchor | None:
     key = cert.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         return None
@@ -138,6 +146,11 @@ def _make_anchor(cert: x509.Certificate) -> _Anchor | None:
         ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
         if not ku.key_cert_sign:
             return None
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        cert.extensions.get_extension_for_class(x509.NameConstraints)
+        return None  # name constraints are not supported: such a CA anchors nothing
     except x509.ExtensionNotFound:
         pass
     nb, na = _times(cert)
@@ -191,6 +204,8 @@ class X509Verifier:
 
     def verify_der(self, chain_der: bytes) -> VerifiedX509:
         """Verify concatenated DER certificates, leaf first (the Workload API / TLS form)."""
+        if type(chain_der) is not bytes:
+            chain_der = bytes(chain_der)  # a hashable, immutable cache key
         now = self._clock.now()
         entry = self._cache.get(chain_der)
         if entry is not None:
@@ -201,7 +216,7 @@ class X509Verifier:
             certs = parse_der_certs(chain_der)
         except SvidParseError as exc:
             raise VerificationError(f"X.509-SVID chain is unreadable: {exc}") from exc
-        entry = self._verify(certs, now)
+        entry = self._verify_guarded(certs, now)
         self._cache.put(chain_der, entry)
         return entry.result
 
@@ -216,7 +231,7 @@ class X509Verifier:
             if self._still_valid(entry, now):
                 return entry.result
             self._cache.discard(key)
-        entry = self._verify(list(chain), now)
+        entry = self._verify_guarded(list(chain), now)
         self._cache.put(key, entry)
         return entry.result
 
@@ -253,6 +268,15 @@ class X509Verifier:
         self._indexes[bundle.trust_domain] = (bundle, index)
         return index
 
+    def _verify_guarded(self, certs: list[x509.Certificate], now: float) -> _Entry:
+        # cryptography parses lazily: a malformed extension or key surfaces only when read.
+        try:
+            return self._verify(certs, now)
+        except SvidError:
+            raise
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise VerificationError(f"a certificate in the chain is malformed: {exc}") from exc
+
     def _verify(self, certs: list[x509.Certificate], now: float) -> _Entry:
         leaf = certs[0]
         try:
@@ -266,7 +290,7 @@ class X509Verifier:
         index = self._index(bundle)
 
         path = [leaf]
-        _check_critical(leaf, "leaf")
+        _check_critical(leaf, "leaf", is_ca=False)
         rest = certs[1:]
         tbs = leaf.tbs_certificate_bytes
         issuer = tbs_names(tbs)[0]
@@ -298,7 +322,7 @@ class X509Verifier:
                 raise VerificationError(
                     f"intermediate serial {_serial(nxt)} allows {bc.path_length} CAs below it"
                 )
-            _check_critical(nxt, "intermediate")
+            _check_critical(nxt, "intermediate", is_ca=True)
             path.append(nxt)
             tbs, issuer = nxt_tbs, nxt_issuer
             anchor = index.issuer_of(nxt, tbs, issuer)

@@ -32,11 +32,21 @@ def _serial(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
 
 
+def extensions_of(cert: x509.Certificate) -> x509.Extensions:
+    """The certificate's extensions; a malformed or duplicated one is an X509SvidError."""
+    try:
+        return cert.extensions
+    except ValueError as exc:
+        raise X509SvidError(
+            f"certificate serial {_serial(cert)} has malformed extensions: {exc}"
+        ) from None
+
+
 def _uri_sans(
     cert: x509.Certificate,
 ) -> tuple[list[str], x509.Extension[x509.SubjectAlternativeName] | None]:
     try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        ext = extensions_of(cert).get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return [], None
     return ext.value.get_values_for_type(x509.UniformResourceIdentifier), ext
@@ -66,14 +76,14 @@ def spiffe_id_from_cert(cert: x509.Certificate) -> SpiffeId:
 
 def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
     try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        return extensions_of(cert).get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         return None
 
 
 def _key_usage(cert: x509.Certificate, what: str) -> x509.KeyUsage:
     try:
-        ext = cert.extensions.get_extension_for_class(x509.KeyUsage)
+        ext = extensions_of(cert).get_extension_for_class(x509.KeyUsage)
     except x509.ExtensionNotFound:
         raise X509SvidError(f"{what} serial {_serial(cert)} has no key usage extension") from None
     if not ext.critical:
@@ -85,15 +95,17 @@ def check_leaf_profile(cert: x509.Certificate) -> SpiffeId:
     """Apply every leaf rule of the X.509-SVID standard; returns the SPIFFE ID."""
     # One pass over the extensions: this runs on every uncached verification.
     san = bc = ku = eku = None
-    for ext in cert.extensions:
+    for ext in extensions_of(cert):
         value = ext.value
-        if isinstance(value, x509.SubjectAlternativeName):
+        # Exact type checks: isinstance against cryptography's ABCs costs more than the rest.
+        kind = type(value)
+        if kind is x509.SubjectAlternativeName:
             san = ext
-        elif isinstance(value, x509.BasicConstraints):
+        elif kind is x509.BasicConstraints:
             bc = value
-        elif isinstance(value, x509.KeyUsage):
+        elif kind is x509.KeyUsage:
             ku = ext
-        elif isinstance(value, x509.ExtendedKeyUsage):
+        elif kind is x509.ExtendedKeyUsage:
             eku = value
     uris = [] if san is None else san.value.get_values_for_type(x509.UniformResourceIdentifier)
     sid = _id_from_uris(uris, cert)

@@ -141,6 +141,36 @@ class NodeListTasksRequest(_message.Message):
     runtime_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, runtime_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class Validation(_message.Message):
+    __slots__ = ("subject", "audience", "ok", "reason", "jti", "txn", "at", "caller_id")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    JTI_FIELD_NUMBER: _ClassVar[int]
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    CALLER_ID_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    audience: _containers.RepeatedScalarFieldContainer[str]
+    ok: bool
+    reason: str
+    jti: str
+    txn: str
+    at: int
+    caller_id: str
+    def __init__(self, subject: _Optional[str] = ..., audience: _Optional[_Iterable[str]] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., jti: _Optional[str] = ..., txn: _Optional[str] = ..., at: _Optional[int] = ..., caller_id: _Optional[str] = ...) -> None: ...
+
+class ReportValidationsRequest(_message.Message):
+    __slots__ = ("validations",)
+    VALIDATIONS_FIELD_NUMBER: _ClassVar[int]
+    validations: _containers.RepeatedCompositeFieldContainer[Validation]
+    def __init__(self, validations: _Optional[_Iterable[_Union[Validation, _Mapping]]] = ...) -> None: ...
+
+class ReportValidationsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class AdminListTasksRequest(_message.Message):
     __slots__ = ("agent_id", "state")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]

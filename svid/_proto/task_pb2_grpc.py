@@ -208,6 +208,11 @@ class NodeTasksStub:
                 request_serializer=task__pb2.NodeListTasksRequest.SerializeToString,
                 response_deserializer=task__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.ReportValidations = channel.unary_unary(
+                '/svid.task.v1.NodeTasks/ReportValidations',
+                request_serializer=task__pb2.ReportValidationsRequest.SerializeToString,
+                response_deserializer=task__pb2.ReportValidationsResponse.FromString,
+                _registered_method=True)
 
 
 class NodeTasksServicer:
@@ -231,6 +236,13 @@ class NodeTasksServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportValidations(self, request, context):
+        """Batched, best effort: the agent queues validations and reports them every half second.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeTasksServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +260,11 @@ def add_NodeTasksServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=task__pb2.NodeListTasksRequest.FromString,
                     response_serializer=task__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'ReportValidations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportValidations,
+                    request_deserializer=task__pb2.ReportValidationsRequest.FromString,
+                    response_serializer=task__pb2.ReportValidationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -331,6 +348,33 @@ class NodeTasks:
             '/svid.task.v1.NodeTasks/ListTasks',
             task__pb2.NodeListTasksRequest.SerializeToString,
             task__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportValidations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.task.v1.NodeTasks/ReportValidations',
+            task__pb2.ReportValidationsRequest.SerializeToString,
+            task__pb2.ReportValidationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from typing import Any
 
@@ -8,6 +9,8 @@ import pytest
 import spiffe
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given
+from hypothesis import strategies as st
 
 from svid import (
     BundleError,
@@ -212,3 +215,64 @@ def test_bundle_set() -> None:
     with pytest.raises(TypeError):
         bs[TD] = a2  # type: ignore[index]
     assert der_concat(bs2[other].authorities)
+
+
+_CA_POOL = [make_ca().cert for _ in range(3)]
+_KEY_POOL = [ec_key().public_key() for _ in range(2)] + [ec_key(ec.SECP384R1()).public_key()]
+
+
+@given(
+    cas=st.lists(st.sampled_from(_CA_POOL), max_size=3, unique=True),
+    kids=st.dictionaries(
+        st.text(alphabet="abcdefghijklmnop0123456789-_", min_size=1, max_size=12),
+        st.sampled_from(_KEY_POOL),
+        max_size=3,
+    ),
+    sequence=st.integers(0, 2**53),
+    refresh=st.integers(0, 86400),
+)
+def test_bundle_json_round_trip_property(
+    cas: list[Any], kids: dict[str, Any], sequence: int, refresh: int
+) -> None:
+    b = SpiffeBundle(TD, tuple(cas), kids, sequence=sequence, refresh_hint=refresh)
+    again = SpiffeBundle.parse(TD, b.to_json())
+    assert again == b
+    assert JwtBundle.parse_jwks(TD, b.jwt_bundle().to_jwks()) == b.jwt_bundle()
+    assert X509Bundle.parse_der(TD, b.x509_bundle().to_der()) == b.x509_bundle()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_jwk_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "kty": st.sampled_from(["EC", "RSA", "OKP"]) | _json,
+        "use": st.sampled_from(["x509-svid", "jwt-svid"]) | _json,
+        "kid": _json,
+        "crv": st.sampled_from(["P-256", "P-384"]) | _json,
+        "x": _json,
+        "y": _json,
+        "n": _json,
+        "e": _json,
+        "x5c": _json,
+    },
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {"keys": st.lists(_jwk_like, max_size=3) | _json},
+        optional={"spiffe_sequence": _json, "spiffe_refresh_hint": _json},
+    )
+    | _json
+)
+def test_parsers_raise_only_bundle_error_on_arbitrary_json(doc: object) -> None:
+    data = json.dumps(doc).encode()
+    for parse in (SpiffeBundle.parse, JwtBundle.parse_jwks):
+        with contextlib.suppress(BundleError):
+            parse(TD, data)

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jwt as pyjwt
 import pytest
-import spiffe
 from cryptography.hazmat.primitives import serialization
 
 from svid import (
@@ -38,6 +36,10 @@ from svid import (
     sign_jws,
 )
 from tests.svid.certs import T0, Issued, ec_key, make_ca, make_leaf
+
+# Reference implementations are dev dependencies; without them the comparison is skipped, not faked.
+pyjwt = pytest.importorskip("jwt")
+spiffe = pytest.importorskip("spiffe")
 
 TD = TrustDomain("example.org")
 
@@ -126,7 +128,7 @@ def _pyspiffe_x509(case: X509Case) -> bool:
     )
     try:
         spiffe.X509Svid.parse_raw(der_concat([i.cert for i in case.chain]), key_der)
-    except Exception:  # noqa: BLE001 - any refusal counts
+    except Exception:
         return False
     return True
 
@@ -245,7 +247,7 @@ def _pyjwt(token: str, audience: str) -> bool:
             audience=audience,
             options={"require": ["exp", "aud", "sub"]},
         )
-    except Exception:  # noqa: BLE001 - any refusal counts
+    except Exception:
         return False
     return True
 
@@ -256,7 +258,7 @@ def _pyspiffe_jwt(token: str, audience: str) -> bool:
     )
     try:
         spiffe.JwtSvid.parse_and_validate(token, bundle, {audience})
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
     return True
 

@@ -4,6 +4,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from svid import JwtSvid, JwtSvidError, b64url_encode, sign_jws
 from tests.svid.certs import ec_key
@@ -79,6 +81,10 @@ def test_repr_and_str_never_show_the_token() -> None:
         (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "exp": "1"}), "'exp'"),
         (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "exp": True}), "'exp'"),
         (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "nbf": "x"}), "'nbf'"),
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "exp": float("nan")}), "'exp'"),
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "exp": float("inf")}), "'exp'"),
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "iat": float("-inf")}), "'iat'"),
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "exp": 10**30}), "'exp'"),
         ("a" * 70000, "too long"),
     ],
 )
@@ -97,3 +103,40 @@ def test_error_messages_do_not_leak_the_token() -> None:
     with pytest.raises(JwtSvidError) as info:
         JwtSvid.parse_insecure(tok)
     assert tok not in str(info.value)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_header = st.fixed_dictionaries(
+    {},
+    optional={
+        "alg": st.sampled_from(["ES256", "none"]) | _json,
+        "kid": _json,
+        "typ": _json,
+        "crit": _json,
+    },
+)
+_claims = st.fixed_dictionaries(
+    {},
+    optional={
+        "sub": st.sampled_from(["spiffe://example.org/w", "spiffe://e.org"]) | _json,
+        "aud": _json,
+        "exp": _json,
+        "nbf": _json,
+        "iat": _json,
+    },
+)
+
+
+@given(_header | _json, _claims | _json)
+def test_parse_insecure_raises_only_jwt_svid_error(header: object, claims: object) -> None:
+    try:
+        svid = JwtSvid.parse_insecure(_raw(header, claims))
+    except JwtSvidError:
+        return
+    assert svid.audience

@@ -64,7 +64,9 @@ def revocations() -> RevocationSet:
 
 
 @pytest.fixture
-def verifier(source: MemoryBundleSource, clock: FakeClock, revocations: RevocationSet) -> JwtVerifier:
+def verifier(
+    source: MemoryBundleSource, clock: FakeClock, revocations: RevocationSet
+) -> JwtVerifier:
     return JwtVerifier(source.jwt_bundle_for, clock=clock, revocations=revocations, leeway=5)
 
 
@@ -133,7 +135,7 @@ def test_alg_swapped_to_other_family_is_refused(verifier: JwtVerifier) -> None:
 
 def test_tampered_token(verifier: JwtVerifier) -> None:
     tok = token()
-    h, c, s = tok.split(".")
+    h, _, s = tok.split(".")
     forged = b64url_encode(json.dumps(claims(sub="spiffe://example.org/admin")).encode())
     with pytest.raises(VerificationError, match="signature is invalid"):
         verifier.verify(f"{h}.{forged}.{s}", "svc")
@@ -143,11 +145,11 @@ def test_unknown_kid_and_wrong_trust_domain(verifier: JwtVerifier) -> None:
     with pytest.raises(VerificationError, match="no JWT authority with kid 'nope'"):
         verifier.verify(token(kid="nope"), "svc")
     # other.org's key, claiming example.org: kid looked up in example.org's bundle only
-    with pytest.raises(VerificationError, match="kid 'o1' in trust domain example.org"):
+    with pytest.raises(VerificationError, match=r"kid\ 'o1'\ in\ trust\ domain\ example\.org"):
         verifier.verify(token(key=OTHER_KEY, kid="o1"), "svc")
     ok = token(key=OTHER_KEY, kid="o1", sub="spiffe://other.org/w")
     assert verifier.verify(ok, "svc").spiffe_id.trust_domain == OTHER
-    with pytest.raises(VerificationError, match="no JWT bundle for trust domain third.org"):
+    with pytest.raises(VerificationError, match=r"no\ JWT\ bundle\ for\ trust\ domain\ third\.org"):
         verifier.verify(token(sub="spiffe://third.org/w"), "svc")
 
 
@@ -191,7 +193,9 @@ def test_zero_leeway(source: MemoryBundleSource) -> None:
 
 
 @pytest.mark.parametrize("name", ["nbf", "iat"])
-def test_not_before_and_issued_in_future(verifier: JwtVerifier, clock: FakeClock, name: str) -> None:
+def test_not_before_and_issued_in_future(
+    verifier: JwtVerifier, clock: FakeClock, name: str
+) -> None:
     tok = token(**{name: int(T0) + 6})
     with pytest.raises(ExpiredError, match=f"{name} .* in the future"):
         verifier.verify(tok, "svc")
@@ -263,7 +267,7 @@ def test_cache_bounded_and_thread_safe(source: MemoryBundleSource) -> None:
             for _ in range(10):
                 for i, t in enumerate(toks):
                     assert str(v.verify(t, "svc").spiffe_id).endswith(f"/w{i}")
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work) for _ in range(4)]

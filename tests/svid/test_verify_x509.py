@@ -89,14 +89,19 @@ def test_intermediate_chain(verifier: X509Verifier, ca: Issued) -> None:
 
 def test_rsa_authority(clock: FakeClock) -> None:
     ca = make_ca(key=rsa_key())
-    v = X509Verifier(MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,))).x509_bundle_for, clock=clock)
+    v = X509Verifier(
+        MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,))).x509_bundle_for, clock=clock
+    )
     assert v.verify([make_leaf(ca).cert]).spiffe_id.trust_domain == TD
 
 
 def test_wrong_trust_domain_is_refused(verifier: X509Verifier, other_ca: Issued) -> None:
     # Signed by other.org's CA but claiming example.org: bundles are never merged.
     leaf = make_leaf(other_ca, uris=["spiffe://example.org/evil"])
-    with pytest.raises(VerificationError, match="does not lead to an authority of trust domain example.org"):
+    with pytest.raises(
+        VerificationError,
+        match=r"does\ not\ lead\ to\ an\ authority\ of\ trust\ domain\ example\.org",
+    ):
         verifier.verify([leaf.cert])
     ok = make_leaf(other_ca, uris=["spiffe://other.org/w"])
     assert str(verifier.verify([ok.cert]).spiffe_id) == "spiffe://other.org/w"
@@ -104,7 +109,9 @@ def test_wrong_trust_domain_is_refused(verifier: X509Verifier, other_ca: Issued)
 
 def test_unknown_trust_domain(verifier: X509Verifier) -> None:
     ca3 = make_ca("third.org")
-    with pytest.raises(VerificationError, match="no X.509 bundle for trust domain third.org"):
+    with pytest.raises(
+        VerificationError, match=r"no\ X\.509\ bundle\ for\ trust\ domain\ third\.org"
+    ):
         verifier.verify([make_leaf(ca3, uris=["spiffe://third.org/w"]).cert])
 
 
@@ -144,7 +151,9 @@ def test_validity_times_one_second_either_side(
 
 def test_expired_authority_is_refused(clock: FakeClock) -> None:
     ca = make_ca(not_after=T0 - 1)
-    v = X509Verifier(MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,))).x509_bundle_for, clock=clock)
+    v = X509Verifier(
+        MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,))).x509_bundle_for, clock=clock
+    )
     with pytest.raises(ExpiredError, match="authority"):
         v.verify([make_leaf(ca).cert])
 
@@ -165,7 +174,9 @@ def test_garbage_is_a_verification_error(verifier: X509Verifier) -> None:
 
 def test_path_length_constraint(verifier: X509Verifier, ca: Issued, clock: FakeClock) -> None:
     root = make_ca(path_length=0)
-    v = X509Verifier(MemoryBundleSource.of(SpiffeBundle(TD, (root.cert,))).x509_bundle_for, clock=clock)
+    v = X509Verifier(
+        MemoryBundleSource.of(SpiffeBundle(TD, (root.cert,))).x509_bundle_for, clock=clock
+    )
     inter = make_ca(parent=root)
     leaf = make_leaf(inter)
     with pytest.raises(VerificationError, match="allows 0 CAs below it"):
@@ -197,7 +208,7 @@ def test_unknown_critical_extension_is_refused(verifier: X509Verifier, ca: Issue
         x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00"), critical=True
     )
     cert = builder.sign(ca.key, hashes.SHA256())
-    with pytest.raises(VerificationError, match="unsupported critical extension 1.2.3.4"):
+    with pytest.raises(VerificationError, match=r"unsupported\ critical\ extension\ 1\.2\.3\.4"):
         verifier.verify([cert])
 
 
@@ -208,7 +219,9 @@ def test_revoked_serial(verifier: X509Verifier, ca: Issued, revocations: Revocat
         verifier.verify([leaf.cert])
 
 
-def test_revoked_intermediate(verifier: X509Verifier, ca: Issued, revocations: RevocationSet) -> None:
+def test_revoked_intermediate(
+    verifier: X509Verifier, ca: Issued, revocations: RevocationSet
+) -> None:
     inter = make_ca(parent=ca)
     leaf = make_leaf(inter)
     revocations.revoke_serial(format(inter.cert.serial_number, "X"), T0 + 3600)
@@ -261,7 +274,7 @@ def test_cache_respects_trust_domain_removal(
     der = der_concat([make_leaf(ca).cert])
     verifier.verify_der(der)
     source.remove(TD)
-    with pytest.raises(VerificationError, match="no X.509 bundle"):
+    with pytest.raises(VerificationError, match=r"no\ X\.509\ bundle"):
         verifier.verify_der(der)
 
 
@@ -302,7 +315,7 @@ def test_concurrent_verification(verifier: X509Verifier, ca: Issued) -> None:
             for _ in range(20):
                 for i, der in enumerate(ders):
                     assert str(verifier.verify_der(der).spiffe_id).endswith(f"/w{i}")
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work) for _ in range(4)]
@@ -335,8 +348,12 @@ def test_ssl_peer_check(tmp_path: Path, ca: Issued, verifier: X509Verifier) -> N
 
     now = time.time()
     real_ca = make_ca(not_before=now - 60, not_after=now + 3600)
-    server = make_leaf(real_ca, uris=["spiffe://example.org/server"], not_before=now - 60, not_after=now + 600)
-    client = make_leaf(real_ca, uris=["spiffe://example.org/client"], not_before=now - 60, not_after=now + 600)
+    server = make_leaf(
+        real_ca, uris=["spiffe://example.org/server"], not_before=now - 60, not_after=now + 600
+    )
+    client = make_leaf(
+        real_ca, uris=["spiffe://example.org/client"], not_before=now - 60, not_after=now + 600
+    )
     ca_pem = real_ca.cert.public_bytes(serialization.Encoding.PEM).decode()
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.load_cert_chain(*_write(tmp_path, "server", server, real_ca))
@@ -367,5 +384,71 @@ def test_ssl_peer_check(tmp_path: Path, ca: Issued, verifier: X509Verifier) -> N
     assert seen["client"] == "spiffe://example.org/client"
     # The same peer from a trust domain we don't accept: refused by our check.
     src.remove(TD)
-    with pytest.raises(VerificationError, match="no X.509 bundle"):
+    with pytest.raises(VerificationError, match=r"no\ X\.509\ bundle"):
         v.verify_der(der_concat([server.cert]))
+
+
+def test_name_constrained_intermediate_is_refused(verifier: X509Verifier, ca: Issued) -> None:
+    inter = make_ca(parent=ca)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(inter.cert.subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(inter.key.public_key())
+        .serial_number(99)
+        .not_valid_before(ts(T0 - 10))
+        .not_valid_after(ts(T0 + 1000))
+    )
+    for ext in inter.cert.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    builder = builder.add_extension(
+        x509.NameConstraints(
+            permitted_subtrees=[x509.UniformResourceIdentifier("example.org")],
+            excluded_subtrees=None,
+        ),
+        critical=True,
+    )
+    constrained = builder.sign(ca.key, hashes.SHA256())
+    leaf = make_leaf(inter)
+    with pytest.raises(VerificationError, match="name constraints"):
+        verifier.verify([leaf.cert, constrained])
+
+
+def test_issuer_name_must_match_even_with_the_right_key(verifier: X509Verifier, ca: Issued) -> None:
+    # Signed by the CA's key but naming another issuer: OpenSSL would not chain it either.
+    leaf = make_leaf(ca)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(leaf.cert.subject)
+        .issuer_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "someone else")]))
+        .public_key(leaf.key.public_key())
+        .serial_number(5)
+        .not_valid_before(ts(T0 - 10))
+        .not_valid_after(ts(T0 + 10))
+    )
+    for ext in leaf.cert.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    with pytest.raises(VerificationError, match="does not lead to an authority"):
+        verifier.verify([builder.sign(ca.key, hashes.SHA256())])
+
+
+def test_malformed_extension_is_a_verification_error(verifier: X509Verifier, ca: Issued) -> None:
+    leaf = make_leaf(ca, basic_constraints=False)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(leaf.cert.subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(leaf.key.public_key())
+        .serial_number(11)
+        .not_valid_before(ts(T0 - 10))
+        .not_valid_after(ts(T0 + 10))
+    )
+    for ext in leaf.cert.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    builder = builder.add_extension(
+        x509.UnrecognizedExtension(x509.oid.ExtensionOID.BASIC_CONSTRAINTS, b"\x01\x02\x03"),
+        critical=True,
+    )
+    cert = builder.sign(ca.key, hashes.SHA256())
+    with pytest.raises(VerificationError, match="malformed extensions"):
+        verifier.verify([cert])

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from hypothesis import given
+from hypothesis import strategies as st
 
 from svid import (
     SpiffeId,
@@ -174,3 +177,22 @@ def test_x509_svid_with_intermediate(ca) -> None:  # type: ignore[no-untyped-def
     leaf = make_leaf(inter, opts=LeafOptions(uris=["spiffe://example.org/deep/one"]))
     svid = X509Svid.parse(der_concat([leaf.cert, inter.cert]), _key_der(leaf.key))
     assert svid.cert_chain == (leaf.cert, inter.cert)
+
+
+def test_tbs_names_match_cryptography(ca) -> None:  # type: ignore[no-untyped-def]
+    from svid._der import tbs_names
+
+    inter = make_ca(parent=ca)
+    for issued in (ca, inter, make_leaf(inter), make_ca(key=rsa_key())):
+        issuer, subject = tbs_names(issued.cert.tbs_certificate_bytes)
+        assert issuer == issued.cert.issuer.public_bytes()
+        assert subject == issued.cert.subject.public_bytes()
+    with pytest.raises(SvidParseError):
+        tbs_names(b"\x30\x05\x02\x01")
+
+
+@given(st.binary(max_size=64))
+def test_parse_der_certs_raises_only_parse_error(data: bytes) -> None:
+    for blob in (data, b"\x30\x82" + data, b"\x30" + bytes([len(data)]) + data):
+        with contextlib.suppress(SvidParseError):
+            parse_der_certs(blob)
