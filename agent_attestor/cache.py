@@ -45,9 +45,18 @@ class Snapshot:
     revoked_serials: frozenset[str]
     revoked_jtis: frozenset[str]
     crl: tuple[bytes, ...]
+    # Per-snapshot memo: callers with the same selectors (every call of one process) share it.
+    _matches: dict[frozenset[Selector], tuple[Entry, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def entries_for(self, selectors: frozenset[Selector]) -> list[Entry]:
-        return entries_for(self.entries, selectors)
+        found = self._matches.get(selectors)
+        if found is None:
+            found = tuple(entries_for(self.entries, selectors))
+            if len(self._matches) < 4096:
+                self._matches[selectors] = found
+        return list(found)
 
     def identities_for(self, selectors: frozenset[Selector], now: float) -> list[Identity]:
         """The caller's usable X.509 identities, default first, with unique non-empty hints.
@@ -67,6 +76,17 @@ class Snapshot:
                 hints.add(entry.hint)
             out.append(Identity(entry, svid))
         return out
+
+    def awaiting(self, selectors: frozenset[Selector], now: float) -> bool:
+        """Whether some entry of the caller is waiting for a (new) SVID: none yet, or expired
+        before renewal. A revoked SVID is not awaited: revocation is final."""
+        for entry in self.entries_for(selectors):
+            svid = self.svids.get(entry.id)
+            if svid is None or (
+                svid.not_after <= now and svid.serial_hex not in self.revoked_serials
+            ):
+                return True
+        return False
 
     def all_bundles(self) -> dict[str, TrustBundle]:
         """Trust domain name -> bundle: ours plus federated ones."""

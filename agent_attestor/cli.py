@@ -1,13 +1,206 @@
-"""The svid-agent command line."""
+"""The svid-agent command line: run the agent, check its health, and talk to its Workload API."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import os
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+
+from agent_attestor import _crypto
+from agent_attestor.app import AgentApp
+from agent_attestor.config import KEYS, build_config, load_toml
+from agent_attestor.errors import AgentError, ConfigError
+from agent_attestor.logs import configure
+from agent_attestor.workload_client import WorkloadClient, endpoint_address, socket_uri
+from svid._errors import SvidError
+
+_BOOL_FLAGS = {"insecure_bootstrap"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("svid-agent: not built yet (see issue 4)", file=sys.stderr)
-    return 2
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svid-agent", description="svidd node agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("--config", type=Path, help="agent TOML config file")
+    for key in KEYS:
+        flag = f"--{key.replace('_', '-')}"
+        if key in _BOOL_FLAGS:
+            run.add_argument(flag, dest=f"cfg_{key}", action="store_const", const=True)
+        else:
+            run.add_argument(flag, dest=f"cfg_{key}", default=None)
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--socket-path", type=Path, help="Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET)"
+    )
+    client.add_argument("--timeout", type=float, default=10.0)
+    client.add_argument("--output", choices=("text", "json"), default="text")
+
+    sub.add_parser("healthcheck", parents=[client], help="exit 0 when the agent is serving")
+
+    api = sub.add_parser("api", help="Workload API client").add_subparsers(
+        dest="api", required=True
+    )
+    fetch = api.add_parser("fetch", help="fetch an SVID").add_subparsers(dest="kind", required=True)
+    x509 = fetch.add_parser("x509", parents=[client], help="fetch X.509-SVIDs")
+    x509.add_argument("--write", type=Path, help="write svid.N.pem, svid.N.key, bundle.N.pem here")
+    jwt = fetch.add_parser("jwt", parents=[client], help="fetch JWT-SVIDs")
+    jwt.add_argument("--audience", action="append", required=True)
+    jwt.add_argument("--spiffe-id", default="")
+    validate = api.add_parser("validate", help="validate an SVID").add_subparsers(
+        dest="kind", required=True
+    )
+    vjwt = validate.add_parser("jwt", parents=[client], help="validate a JWT-SVID")
+    vjwt.add_argument("--audience", required=True)
+    vjwt.add_argument("--svid", required=True)
+    api.add_parser("watch", parents=[client], help="print every X.509-SVID update")
+    return parser
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _x509_summary(msg: Any) -> list[dict[str, Any]]:
+    out = []
+    for svid in msg.svids:
+        chain = _crypto.parse_der_certs(svid.x509_svid)
+        out.append(
+            {
+                "spiffe_id": svid.spiffe_id,
+                "hint": svid.hint,
+                "not_after": chain[0].not_valid_after_utc.isoformat(),
+                "serial": format(chain[0].serial_number, "x"),
+                "chain_length": len(chain),
+            }
+        )
+    return out
+
+
+def _cmd_fetch_x509(args: argparse.Namespace, client: WorkloadClient) -> int:
+    msg = client.fetch_x509()
+    if args.write is not None:
+        args.write.mkdir(parents=True, exist_ok=True)
+        for i, svid in enumerate(msg.svids):
+            (args.write / f"svid.{i}.pem").write_bytes(
+                _crypto.pem(_crypto.parse_der_certs(svid.x509_svid))
+            )
+            key = _crypto.key_pem(serialization.load_der_private_key(svid.x509_svid_key, None))
+            _write_private(args.write / f"svid.{i}.key", key)
+            (args.write / f"bundle.{i}.pem").write_bytes(
+                _crypto.pem(_crypto.parse_der_certs(svid.bundle))
+            )
+    summary = _x509_summary(msg)
+    if args.output == "json":
+        print(json.dumps({"svids": summary}, indent=2))
+    else:
+        for item in summary:
+            print(f"SPIFFE ID:\t{item['spiffe_id']}")
+            print(f"Expires:\t{item['not_after']}")
+            if item["hint"]:
+                print(f"Hint:\t\t{item['hint']}")
+        if args.write is not None:
+            print(f"Written to {args.write}")
+    return 0
+
+
+def _cmd_fetch_jwt(args: argparse.Namespace, client: WorkloadClient) -> int:
+    resp = client.fetch_jwt(args.audience, args.spiffe_id)
+    if args.output == "json":
+        svids = [{"spiffe_id": s.spiffe_id, "svid": s.svid, "hint": s.hint} for s in resp.svids]
+        print(json.dumps({"svids": svids}, indent=2))
+    else:
+        for s in resp.svids:
+            print(f"token({s.spiffe_id}):\n\t{s.svid}")
+    return 0
+
+
+def _cmd_validate_jwt(args: argparse.Namespace, client: WorkloadClient) -> int:
+    resp = client.validate_jwt(args.audience, args.svid)
+    claims = json_format.MessageToDict(resp.claims)
+    if args.output == "json":
+        print(json.dumps({"spiffe_id": resp.spiffe_id, "claims": claims}, indent=2))
+    else:
+        print("SVID is valid.")
+        print(f"SPIFFE ID : {resp.spiffe_id}")
+        print(f"Claims    : {json.dumps(claims)}")
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace, client: WorkloadClient) -> int:
+    for msg in client.watch_x509():
+        summary = _x509_summary(msg)
+        if args.output == "json":
+            print(json.dumps({"svids": summary}), flush=True)
+        else:
+            ids = ", ".join(f"{s['spiffe_id']} (until {s['not_after']})" for s in summary)
+            print(f"Received {len(summary)} svid(s): {ids}", flush=True)
+    return 0
+
+
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(endpoint_address(args.socket_path)) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"agent is unhealthy: {exc.code().name}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    if resp.status != health_pb2.HealthCheckResponse.SERVING:
+        print("agent is not ready", file=sys.stderr)
+        return 1
+    print("Agent is healthy.")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    flags = {key: getattr(args, f"cfg_{key}") for key in KEYS}
+    file_values = load_toml(args.config) if args.config is not None else {}
+    config = build_config(file_values, flags)
+    configure(config.log_format, config.log_level)
+    print(f"SPIFFE_ENDPOINT_SOCKET={socket_uri(config.socket_path)}", flush=True)
+    asyncio.run(AgentApp(config).run_until_signalled())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "healthcheck":
+            return _cmd_healthcheck(args)
+        with WorkloadClient(endpoint_address(args.socket_path), args.timeout) as client:
+            if args.api == "fetch" and args.kind == "x509":
+                return _cmd_fetch_x509(args, client)
+            if args.api == "fetch":
+                return _cmd_fetch_jwt(args, client)
+            if args.api == "validate":
+                return _cmd_validate_jwt(args, client)
+            return _cmd_watch(args, client)
+    except ConfigError as exc:
+        print(f"svid-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (AgentError, SvidError) as exc:
+        print(f"svid-agent: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

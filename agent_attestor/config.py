@@ -91,11 +91,12 @@ def _convert(key: str, value: Any) -> Any:
     return value
 
 
-def _check_address(key: str, value: str, *, optional: bool = False) -> None:
+def _check_address(key: str, value: str, *, optional: bool = False, listen: bool = False) -> None:
     if optional and not value:
         return
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    lowest = 0 if listen else 1  # a listener may ask for any free port
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
         raise ConfigError(f"{key}: expected host:port, got {value!r}")
 
 
@@ -129,7 +130,7 @@ def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Ag
     config = AgentConfig(**values)
     _check_address("server_address", config.server_address)
     _check_address("server_attest_address", config.server_attest_address)
-    _check_address("metrics_address", config.metrics_address, optional=True)
+    _check_address("metrics_address", config.metrics_address, optional=True, listen=True)
     if config.log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format: expected one of {LOG_FORMATS}, got {config.log_format!r}")
     if config.log_level not in LOG_LEVELS:

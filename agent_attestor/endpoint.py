@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -40,13 +39,13 @@ class WorkloadEndpoint:
         servicer: workload_pb2_grpc.SpiffeWorkloadAPIServicer,
         registry: CallerRegistry,
         attestors: Sequence[WorkloadAttestor],
-        extra_handlers: Sequence[Any] = (),
+        extra_servicers: Sequence[Callable[[grpc.aio.Server], None]] = (),
     ) -> None:
         self.socket_path = socket_path
         self.private_dir = private_dir
         self.internal_path = private_dir / "api.sock"
         self._servicer = servicer
-        self._extra = list(extra_handlers)
+        self._extra = list(extra_servicers)
         self.registry = registry
         self.relay = WorkloadRelay(
             socket_path, self.internal_path, private_dir / "c", registry, attestors
@@ -64,8 +63,8 @@ class WorkloadEndpoint:
             ]
         )
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self._servicer, server)
-        for handler in self._extra:
-            server.add_generic_rpc_handlers((handler,))
+        for add in self._extra:  # other services on the same socket (health, tasks, ...)
+            add(server)
         server.add_insecure_port(f"unix:{self.internal_path}")
         await server.start()
         self._server = server

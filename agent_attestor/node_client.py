@@ -102,6 +102,12 @@ class NodeClient:
             self._stub = node_pb2_grpc.NodeStub(self._channel)
         return self._stub
 
+    def channel(self) -> grpc.aio.Channel:
+        """The mTLS channel (with the agent SVID), for other node-side services."""
+        self._mtls()
+        assert self._channel is not None
+        return self._channel
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Sequence
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor import _crypto
 from agent_attestor.cache import Cache
@@ -41,11 +43,13 @@ def jitter_for(svid: IssuedSvid) -> float:
 def _needs_svid(entry: Entry, svid: IssuedSvid | None, now: float) -> bool:
     if svid is None or svid.issuance_key != entry.issuance_key:
         return True
-    return should_rotate(now, svid.not_before, svid.not_after, jitter_for(svid))
+    return should_rotate(now, svid.life_start, svid.not_after, jitter_for(svid))
 
 
-def _make_requests(entries: Sequence[Entry]) -> list[tuple[Entry, object, bytes]]:
-    out: list[tuple[Entry, object, bytes]] = []
+def _make_requests(
+    entries: Sequence[Entry],
+) -> list[tuple[Entry, ec.EllipticCurvePrivateKey, bytes]]:
+    out: list[tuple[Entry, ec.EllipticCurvePrivateKey, bytes]] = []
     for entry in entries:
         key = _crypto.new_key()
         out.append((entry, key, _crypto.make_csr(key, entry.spiffe_id)))
@@ -69,7 +73,13 @@ class Rotator:
         self._retry_min = retry_min
         self._retry_max = retry_max
         self._failures = 0
+        self._wake = asyncio.Event()
         self.issued_total = 0
+
+    def nudge(self) -> None:
+        """The server is back (or something changed): retry now instead of after the backoff."""
+        self._failures = 0
+        self._wake.set()
 
     def due(self) -> list[Entry]:
         now = self._clock.now()
@@ -80,14 +90,16 @@ class Rotator:
         """Seconds until the next renewal is due (None when nothing is held)."""
         now = self._clock.now()
         points = [
-            rotation_point(s.not_before, s.not_after, jitter_for(s))
+            rotation_point(s.life_start, s.not_after, jitter_for(s))
             for s in self._cache.svids().values()
         ]
         return max(0.0, min(points) - now) if points else None
 
     async def tick(self) -> float | None:
         """Do the work that is due now; return how long until more is due (None: unknown)."""
-        self._cache.drop_expired(self._clock.now())
+        expired = self._cache.drop_expired(self._clock.now())
+        if expired:
+            log.warning("X.509-SVIDs expired before renewal", extra={"entries": len(expired)})
         due = self.due()
         if not due:
             return self.next_due_in()
@@ -111,6 +123,7 @@ class Rotator:
         results = await self._signer.batch_new_x509([(e.id, csr) for e, _, csr in requests])
         by_id = {r.entry_id: r for r in results}
         issued: list[IssuedSvid] = []
+        received = self._clock.now()
         for entry, key, _ in requests:
             result = by_id.get(entry.id)
             if result is None or result.error or not result.chain_der:
@@ -120,14 +133,17 @@ class Rotator:
                 )
                 continue
             try:
-                issued.append(
-                    _crypto.issued_svid(entry.id, result.chain_der, key, entry.issuance_key)  # type: ignore[arg-type]
-                )
+                svid = _crypto.issued_svid(entry.id, result.chain_der, key, entry.issuance_key)
+                issued.append(dataclasses.replace(svid, received_at=received))
             except Exception as exc:
                 log.warning(
                     "server sent an unusable SVID", extra={"entry_id": entry.id, "error": str(exc)}
                 )
         self.issued_total += self._cache.put_svids(issued)
+        log.info(
+            "issued X.509-SVIDs",
+            extra={"count": len(issued), "next_due_in": self.next_due_in()},
+        )
 
     async def run(self, idle: float = 30.0) -> None:
         """Tick forever: wake when work is due or the cache changed (new entries)."""
@@ -136,7 +152,16 @@ class Rotator:
             seen = self._cache.version
             delay = await self.tick()
             wait = idle if delay is None else min(idle, max(delay, 0.01))
-            if self._cache.version != seen:
+            if self._cache.version != seen or self._wake.is_set():
+                self._wake.clear()
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._cache.wait_change(seen), wait)
+            change = asyncio.ensure_future(self._cache.wait_change(seen))
+            wake = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait(
+                    {change, wake}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                change.cancel()
+                wake.cancel()
+            self._wake.clear()

@@ -6,7 +6,7 @@ This is the one place where the agent's domain errors become gRPC status codes.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf import struct_pb2
@@ -33,8 +33,14 @@ def _td_key(name: str) -> str:
 
 class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
     def __init__(
-        self, cache: Cache, registry: CallerRegistry, jwts: JwtCache, clock: Clock
+        self,
+        cache: Cache,
+        registry: CallerRegistry,
+        jwts: JwtCache,
+        clock: Clock,
+        on_call: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_call = on_call or (lambda _method: None)
         self._cache = cache
         self._registry = registry
         self._jwts = jwts
@@ -42,7 +48,8 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
 
     # ---- shared checks -------------------------------------------------------------------
 
-    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+    async def _caller(self, context: grpc.aio.ServicerContext, method: str) -> Caller:
+        self._on_call(method)
         metadata = context.invocation_metadata() or ()
         if not any(k == HEADER_KEY and v == HEADER_VALUE for k, v in metadata):
             await context.abort(
@@ -96,15 +103,14 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     async def FetchX509SVID(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.X509SVIDRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[workload_pb2.X509SVIDResponse]:
-        caller = await self._caller(context)
+        caller = await self._caller(context, "FetchX509SVID")
         await self._ready(context)
         sent: workload_pb2.X509SVIDResponse | None = None
         while True:
             snap = self._cache.snapshot()
             ids = snap.identities_for(caller.selectors, self._clock.now())
             if not ids:
-                entries = snap.entries_for(caller.selectors)
-                pending = any(e.id not in snap.svids for e in entries)
+                pending = snap.awaiting(caller.selectors, self._clock.now())
                 if sent is None:
                     if pending:
                         await context.abort(
@@ -126,7 +132,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     async def FetchX509Bundles(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.X509BundlesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
-        caller = await self._caller(context)
+        caller = await self._caller(context, "FetchX509Bundles")
         snap = await self._ready(context)
         await self._entitled(context, snap, caller)
         sent: workload_pb2.X509BundlesResponse | None = None
@@ -148,7 +154,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     async def FetchJWTSVID(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.JWTSVIDRequest, context: grpc.aio.ServicerContext
     ) -> workload_pb2.JWTSVIDResponse:
-        caller = await self._caller(context)
+        caller = await self._caller(context, "FetchJWTSVID")
         audience = [a for a in request.audience if a]
         if not audience:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
@@ -184,7 +190,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     async def FetchJWTBundles(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.JWTBundlesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[workload_pb2.JWTBundlesResponse]:
-        caller = await self._caller(context)
+        caller = await self._caller(context, "FetchJWTBundles")
         snap = await self._ready(context)
         await self._entitled(context, snap, caller)
         sent: workload_pb2.JWTBundlesResponse | None = None
@@ -206,7 +212,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     async def ValidateJWTSVID(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.ValidateJWTSVIDRequest, context: grpc.aio.ServicerContext
     ) -> workload_pb2.ValidateJWTSVIDResponse:
-        await self._caller(context)
+        await self._caller(context, "ValidateJWTSVID")
         if not request.audience:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:

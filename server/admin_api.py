@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import grpc
@@ -58,6 +59,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         clock: Clock,
         metrics: Metrics,
         join_token_ttl: int,
+        on_agent_removed: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self._state = state
         self._datastore = datastore
@@ -65,6 +67,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self._clock = clock
         self._metrics = metrics
         self._join_token_ttl = join_token_ttl
+        self._on_agent_removed = on_agent_removed
 
     def on_error(self, code: grpc.StatusCode) -> None:
         self._metrics.record_error(code)
@@ -183,6 +186,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     ) -> admin_pb2.EvictAgentResponse:
         spiffe_id = _agent_id(request.spiffe_id)
         await self._state.evict_agent(spiffe_id)
+        if self._on_agent_removed is not None:
+            await self._on_agent_removed(spiffe_id, "agent evicted")
         _log.info("agent evicted", extra={"agent_id": spiffe_id})
         return admin_pb2.EvictAgentResponse()
 
@@ -192,6 +197,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     ) -> admin_pb2.BanAgentResponse:
         spiffe_id = _agent_id(request.spiffe_id)
         await self._state.ban_agent(spiffe_id)
+        if self._on_agent_removed is not None:
+            await self._on_agent_removed(spiffe_id, "agent banned")
         _log.info("agent banned", extra={"agent_id": spiffe_id})
         return admin_pb2.BanAgentResponse()
 

@@ -29,9 +29,11 @@ from server.events import ChangeNotifier
 from server.ids import ServerIds
 from server.metrics import Metrics, MetricsHttpServer
 from server.node_api import Limiters, NodeServicer, NodeSettings
+from server.peer import PeerCache
 from server.ratelimit import KeyedLimiter
 from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
+from server.tasks.wiring import TaskLayer, build_task_layer
 from server.tls import ServerTls
 from svid._clock import Clock, SystemClock
 from svid._proto import admin_pb2_grpc, node_pb2_grpc
@@ -106,6 +108,15 @@ class Server:
         self.rotator = Rotator(self.ca, self.clock)
         self.state = ServerState(self.datastore, self.clock, self.notifier)
         self.state.load()
+        self.tasks: TaskLayer = build_task_layer(
+            data_dir=cfg.data_dir,
+            policy_dir=cfg.policy_dir,
+            trust_domain=cfg.trust_domain.name,
+            state=self.state,
+            ca=self.ca,
+            server_id=str(self.ids.server),
+            clock=self.clock,
+        )
         self.tls = ServerTls(self.ca, self.ids, self.clock, cfg.server_svid_ttl)
         self._apply_bundle()
         self.tls.renew()
@@ -165,6 +176,7 @@ class Server:
             attest=KeyedLimiter(cfg.attest_rate_per_host, cfg.attest_burst_per_host, self.clock),
         )
         node = NodeServicer(
+            hooks=self.tasks.hooks,
             state=self.state,
             ca=self.ca,
             ids=self.ids,
@@ -181,6 +193,7 @@ class Server:
             executor=self._executor,
         )
         admin = AdminServicer(
+            on_agent_removed=self.tasks.hooks.agent_removed,
             state=self.state,
             datastore=self.datastore,
             ids=self.ids,
@@ -191,6 +204,9 @@ class Server:
         # Two gRPC servers: the admin service must never be reachable over the network ports.
         self._node_server = grpc.aio.server(options=self._grpc_options())
         node_pb2_grpc.add_NodeServicer_to_server(node, self._node_server)
+        self._node_server.add_generic_rpc_handlers(
+            self.tasks.node_handlers(self.state, PeerCache(self.ids))
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._node_server)
         node_port = _bind(
             "bind_address",
@@ -204,6 +220,7 @@ class Server:
         )
         self._admin_server = grpc.aio.server(options=self._grpc_options())
         admin_pb2_grpc.add_AdminServicer_to_server(admin, self._admin_server)
+        self._admin_server.add_generic_rpc_handlers(self.tasks.admin_handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self._admin_health, self._admin_server)
         admin_socket.prepare(cfg.admin_socket)
         admin_server = self._admin_server
@@ -225,6 +242,7 @@ class Server:
             asyncio.create_task(self.rotator.run(self._stop), name="ca-rotator"),
             asyncio.create_task(self._tls_loop(), name="server-svid"),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
+            asyncio.create_task(self.tasks.run(self._stop, self.clock), name="tasks"),
         ]
         for service in ("", NODE_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -305,6 +323,7 @@ class Server:
             self._metrics_http.stop()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        self.tasks.close()
         self.datastore.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.runtime_file.unlink()

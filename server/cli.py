@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 from server import cli_output as out
 from server.config import CONFIG_KEYS, DEFAULT_ADMIN_SOCKET, ServerConfig, load_config, read_toml
 from server.errors import ConfigError, ServerError
+from server.tasks import cli as task_cli
 from svid._errors import SvidError
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
 
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bshow = bundle.add_parser("show", parents=[common], help="print the bundle")
     bshow.add_argument("--format", choices=("pem", "spiffe"), default="pem")
+    task_cli.add_commands(sub, common)
     return parser
 
 
@@ -342,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run(args)
         elif args.command == "healthcheck":
             _healthcheck(args)
+        elif args.command in task_cli.COMMANDS:
+            task_cli.run_command(args, _channel)
         else:
             path = _admin_socket(args)
             with _channel(args) as channel:

@@ -58,6 +58,8 @@ class ServerConfig:
     attest_burst_per_host: int = 50
     # One thread: cryptography holds the GIL while signing, so more threads only contend.
     signing_threads: int = 1
+    # Task policies (*.cedar + optional schema); None = the shipped default policy.
+    policy_dir: Path | None = None
 
     @property
     def datastore_path(self) -> Path:
@@ -176,6 +178,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "attest_rate_per_host": _as_float,
     "attest_burst_per_host": _as_int,
     "signing_threads": _positive,
+    "policy_dir": _as_path,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))

@@ -42,6 +42,7 @@ from server.metrics import Metrics
 from server.peer import PeerCache, peer_host
 from server.ratelimit import KeyedLimiter
 from server.state import ServerState
+from server.tasks.wiring import NodeHooks
 from svid._clock import Clock
 from svid._errors import SvidError
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
@@ -97,6 +98,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         clock: Clock,
         metrics: Metrics,
         executor: Executor,
+        hooks: NodeHooks | None = None,
     ) -> None:
         self._state = state
         self._ca = ca
@@ -107,6 +109,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._clock = clock
         self._metrics = metrics
         self._executor = executor
+        # The task layer: audit, issuance records, task JWT decisions, the CRL.
+        self._hooks = hooks
         self._peers = PeerCache(ids)
         # Label lookups cost as much as the rest of a JWT's bookkeeping: bind them once.
         self._x509_seconds = metrics.signing_seconds.labels(kind="x509")
@@ -176,8 +180,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         try:
             result = await attestor.attest(bytes(params.data.payload), challenge)
             previous = self._admit(result)
-        except Exception:
+        except Exception as exc:
             self._metrics.attestations.labels(type=kind, result="refused").inc()
+            if self._hooks is not None:
+                self._hooks.attestation_refused(kind, str(exc)[:500])
             raise
         chain = await self._run(self._sign_agent_svid, csr, result.agent_id)
         agent = AttestedAgent(
@@ -190,6 +196,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             selectors=result.selectors,
         )
         await self._state.save_agent(agent, previous)
+        if self._hooks is not None:
+            self._hooks.attested(agent.spiffe_id, kind, agent.serial)
         self._metrics.attestations.labels(type=kind, result="ok").inc()
         _log.info("agent attested", extra={"agent_id": agent.spiffe_id, "type": kind})
         await context.write(
@@ -270,6 +278,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             entries=[entry_to_proto(e) for e in entitled.entries],
             bundle=self._bundle_proto(),
             revocations=[revocation_to_proto(r) for r in self._state.revocations],
+            crl=self._hooks.crl() if self._hooks is not None else [],
         )
 
     @status.stream
@@ -310,7 +319,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         raise NotFoundError(f"entry {entry_id[:80]!r} not found")
 
     def _sign_x509(
-        self, signer: X509Signer, entitled: Entitlement, entry: Entry, csr: bytes
+        self, signer: X509Signer, entitled: Entitlement, entry: Entry, csr: bytes, agent_id: str
     ) -> node_pb2.X509SVIDResult:
         started = time.perf_counter()
         public_key = verify_csr(csr).public_key()
@@ -323,6 +332,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             )
         )
         self._x509_seconds.observe(time.perf_counter() - started)
+        if self._hooks is not None:
+            self._hooks.x509_issued(
+                agent_id, [(entry.spiffe_id, _serial_hex(chain), _expires(chain))]
+            )
         return node_pb2.X509SVIDResult(
             entry_id=entry.id,
             spiffe_id=entry.spiffe_id,
@@ -339,7 +352,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         for item in params:
             try:
                 entry = self._entitled_entry(agent_id, entitled, item.entry_id)
-                results.append(self._sign_x509(signer, entitled, entry, item.csr))
+                results.append(self._sign_x509(signer, entitled, entry, item.csr, agent_id))
                 issued += 1
             except SvidError as exc:  # the server's own errors are SvidErrors too
                 results.append(
@@ -383,15 +396,24 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise PermissionDeniedError(f"{wanted} is not an identity agent {agent_id} may serve")
         return entry, audience
 
+    def _is_task(self, entry: Entry) -> bool:
+        return self._hooks is not None and self._hooks.is_task(entry)
+
     def _sign_jwt(
-        self, entitled: Entitlement, entry: Entry, audience: list[str]
+        self, entitled: Entitlement, entry: Entry, audience: list[str], agent_id: str
     ) -> node_pb2.NewJWTSVIDResponse:
         started = time.perf_counter()
-        issued = self._ca.jwt_signer().sign(
-            entitled.parsed_ids[entry.id],
-            audience,
-            entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl,
-        )
+        if self._hooks is not None and self._hooks.is_task(entry):
+            # A task identity: policy decides this mint again and adds the task claims.
+            issued = self._hooks.mint_task_jwt(agent_id, entry, audience)
+        else:
+            issued = self._ca.jwt_signer().sign(
+                entitled.parsed_ids[entry.id],
+                audience,
+                entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl,
+            )
+            if self._hooks is not None:
+                self._hooks.jwt_issued(agent_id, entry.spiffe_id, issued, audience)
         self._jwt_seconds.observe(time.perf_counter() - started)
         return node_pb2.NewJWTSVIDResponse(
             token=issued.token, issued_at=int(issued.issued_at), expires_at=int(issued.expires_at)
@@ -407,8 +429,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         entry, audience = self._jwt_entry(agent.spiffe_id, entitled, request)
         if not self._limits.jwt.try_take(agent.spiffe_id):
             raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
-        # One ES256 signature is cheaper than a hop to the thread pool: sign on the loop.
-        reply = self._sign_jwt(entitled, entry, audience)
+        if self._is_task(entry):
+            # A policy decision and a durable record: off the event loop.
+            reply = await self._run(self._sign_jwt, entitled, entry, audience, agent.spiffe_id)
+        else:
+            # One ES256 signature is cheaper than a hop to the thread pool: sign on the loop.
+            reply = self._sign_jwt(entitled, entry, audience, agent.spiffe_id)
         self._jwt_issued.inc()
         return reply
 
@@ -420,7 +446,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         for item in requests:
             try:
                 entry, audience = self._jwt_entry(agent_id, entitled, item)
-                svid = self._sign_jwt(entitled, entry, audience)
+                svid = self._sign_jwt(entitled, entry, audience, agent_id)
                 results.append(node_pb2.JWTSVIDResult(svid=svid))
                 issued += 1
             except SvidError as exc:  # the server's own errors are SvidErrors too

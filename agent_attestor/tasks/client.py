@@ -42,3 +42,6 @@ class GrpcTaskClient:
     async def list(self, request: task_pb2.NodeListTasksRequest) -> list[task_pb2.Task]:
         reply = await self._stub().ListTasks(request, timeout=TIMEOUT)
         return list(reply.tasks)
+
+    async def report(self, request: task_pb2.ReportValidationsRequest) -> None:
+        await self._stub().ReportValidations(request, timeout=TIMEOUT)

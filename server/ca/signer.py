@@ -150,6 +150,12 @@ class X509Signer:
     def not_after(self) -> int:
         return self._ca_not_after
 
+    def sign_crl(
+        self, builder: x509.CertificateRevocationListBuilder
+    ) -> x509.CertificateRevocationList:
+        """Sign a CRL with this CA's key; the builder's issuer must be this CA's subject."""
+        return builder.sign(self._key, self._hash)
+
     def sign_svid(
         self,
         csr_or_public_key: x509.CertificateSigningRequest | PublicKey,

@@ -1,7 +1,5 @@
-"""Task-scoped just-in-time identities: begin/end, per-mint decisions, revocation, CRLs."""
+"""Task-scoped just-in-time identities: begin/end, per-mint decisions, revocation, CRLs.
 
-from server.tasks.model import Credential, Task, TaskState
-from server.tasks.service import TaskService, TaskSettings
-from server.tasks.store import TaskStore
-
-__all__ = ["Credential", "Task", "TaskService", "TaskSettings", "TaskState", "TaskStore"]
+Import the submodules (service, store, wiring, cli); this package file stays empty so the CLI's
+admin commands do not load the CA and datastore code.
+"""

@@ -8,17 +8,16 @@ the CA changes.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from server.datastore.records import REVOKED_X509_SERIAL, Revocation
 
-CrlKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+# Signs a CRL with the CA key (server.ca.signer.X509Signer.sign_crl): the key never leaves the CA.
+SignCrl = Callable[[x509.CertificateRevocationListBuilder], x509.CertificateRevocationList]
 # How long a CRL stays authoritative when nothing changes; agents get a new one on every change.
 CRL_VALIDITY = 3600
 
@@ -29,7 +28,7 @@ def _utc(ts: float) -> datetime.datetime:
 
 def build_crl(
     issuer: x509.Certificate,
-    key: CrlKey,
+    sign: SignCrl,
     revocations: Iterable[Revocation],
     now: float,
     number: int,
@@ -58,8 +57,7 @@ def build_crl(
             .revocation_date(_utc(item.revoked_at or now))
             .build()
         )
-    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    return builder.sign(key, algorithm).public_bytes(Encoding.DER)
+    return sign(builder).public_bytes(Encoding.DER)
 
 
 @dataclass
@@ -73,7 +71,7 @@ class CrlCache:
     def get(
         self,
         issuer: x509.Certificate,
-        key: CrlKey,
+        sign: SignCrl,
         revocations: tuple[Revocation, ...],
         now: float,
     ) -> bytes:
@@ -81,6 +79,6 @@ class CrlCache:
         if cache_key != self._key:
             # Monotonic across restarts too: a relying party keeps the highest number it saw.
             self.number = max(self.number + 1, int(now))
-            self._der = build_crl(issuer, key, revocations, now, self.number)
+            self._der = build_crl(issuer, sign, revocations, now, self.number)
             self._key = cache_key
         return self._der

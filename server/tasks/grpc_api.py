@@ -21,6 +21,7 @@ from svid._proto import task_pb2, task_pb2_grpc
 
 _log = logging.getLogger("svid.server.tasks")
 MAX_RUNTIME_IDS = 256
+MAX_VALIDATIONS = 1000
 
 
 def task_to_proto(task: Task, credentials: int = 0) -> task_pb2.Task:
@@ -111,6 +112,18 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
             self._service.list, agent_id=agent.spiffe_id, runtime_ids=runtime_ids
         )
         return task_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+
+    @status.unary
+    async def ReportValidations(
+        self, request: task_pb2.ReportValidationsRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.ReportValidationsResponse:
+        agent = self._agent(context)
+        if len(request.validations) > MAX_VALIDATIONS:
+            raise InvalidRequestError(f"validations: at most {MAX_VALIDATIONS} per report")
+        await asyncio.to_thread(
+            self._service.record_validations, agent.spiffe_id, list(request.validations)
+        )
+        return task_pb2.ReportValidationsResponse()
 
 
 class TaskAdminServicer(task_pb2_grpc.TaskAdminServicer):  # type: ignore[misc]

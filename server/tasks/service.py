@@ -43,6 +43,7 @@ from server.policy import (
 from server.state import ServerState
 from server.tasks.crl import CrlCache
 from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id
+from server.tasks.recorder import IssuanceRecorder
 from server.tasks.store import TaskStore
 from svid._clock import Clock
 from svid._spiffe_id import SpiffeId
@@ -100,6 +101,7 @@ class TaskService:
         # Active tasks by task SPIFFE ID: the per-mint lookup never touches SQLite.
         self._active: Mapping[str, Task] = MappingProxyType({})
         self._crl = CrlCache()
+        self.recorder = IssuanceRecorder(store, audit)
 
     @property
     def policy(self) -> PolicyEngine:
@@ -112,6 +114,10 @@ class TaskService:
     @property
     def store(self) -> TaskStore:
         return self._store
+
+    def close(self) -> None:
+        """Write what the recorder still holds; call before closing the stores."""
+        self.recorder.close()
 
     def load(self) -> None:
         """Start-up: active tasks from the store into memory."""
@@ -129,6 +135,10 @@ class TaskService:
             else:
                 tasks.pop(task.spiffe_id, None)
             self._active = MappingProxyType(tasks)
+
+    def next_expiry(self) -> float:
+        """When the next active task runs out (infinity when none is active)."""
+        return min((t.expires_at for t in self._active.values()), default=float("inf"))
 
     def active_task(self, spiffe_id: str) -> Task | None:
         return self._active.get(spiffe_id)
@@ -312,7 +322,9 @@ class TaskService:
             act=act,
         )
         entry = Entry(
-            id="",
+            # Agents order a workload's identities by (created_at, id): "task-" sorts after any
+            # hex id, so the runtime's own SVID stays the default even within the same second.
+            id=f"task-{task_id}",
             spiffe_id=spiffe_id,
             parent_id=agent.spiffe_id,
             selectors=runtime.selectors,
@@ -475,26 +487,49 @@ class TaskService:
                     extra={"spiffe_id": spiffe_id},
                 )
             )
-        self._store.record(creds)
-        if events:
-            self._audit.append_many(events)
+        self.recorder.add(creds, events)
 
     def record_jwt(
         self, agent_id: str, spiffe_id: str, issued: IssuedJwt, audience: Sequence[str]
     ) -> None:
         """A workload (non-task) JWT-SVID just minted for `agent_id`."""
-        self._store.record(
-            [Credential(REVOKED_JWT_ID, issued.jti, agent_id, spiffe_id, "", issued.expires_at)]
+        self.recorder.add(
+            [Credential(REVOKED_JWT_ID, issued.jti, agent_id, spiffe_id, "", issued.expires_at)],
+            [
+                EventDraft(
+                    kind=EventKind.JWT_MINTED,
+                    agent_id=spiffe_id,
+                    node_id=agent_id,
+                    resource=",".join(audience),
+                    decision="allow",
+                    credential_id=issued.jti,
+                    ttl=issued.expires_at - issued.issued_at,
+                )
+            ],
         )
-        self._audit.append(
-            EventKind.JWT_MINTED,
-            agent_id=spiffe_id,
-            node_id=agent_id,
-            resource=",".join(audience),
-            decision="allow",
-            credential_id=issued.jti,
-            ttl=issued.expires_at - issued.issued_at,
-        )
+
+    def record_validations(self, agent_id: str, validations: Sequence[Any]) -> None:
+        """ValidateJWTSVID answers an agent reports (task_pb2.Validation): one event each."""
+
+        def text(value: str, limit: int = 512) -> str | None:
+            return value[:limit] or None
+
+        events = [
+            EventDraft(
+                kind=EventKind.JWT_VALIDATED,
+                agent_id=text(v.subject),
+                node_id=agent_id,
+                resource=text(",".join(v.audience)),
+                decision="allow" if v.ok else "deny",
+                reason=text(v.reason),
+                task_id=text(v.txn),
+                credential_id=text(v.jti),
+                extra={"validated_at": int(v.at), "caller_id": v.caller_id[:512]},
+            )
+            for v in validations
+        ]
+        if events:
+            self._audit.append_many(events)
 
     def record_attestation(
         self, agent_id: str, attestation_type: str, serial: str, ok: bool, reason: str = ""
@@ -537,13 +572,22 @@ class TaskService:
                 await self._finish(current, TaskState.EXPIRED, "task TTL ran out")
         return len(due)
 
-    async def revoke_agent(self, agent_id: str, reason: str) -> int:
+    async def revoke_agent(self, agent_id: str, reason: str, *, banned: bool = False) -> int:
         """Eviction or ban: end the agent's tasks, revoke every credential it still holds."""
+        await asyncio.to_thread(
+            self._audit.append,
+            EventKind.AGENT_BANNED if banned else EventKind.AGENT_EVICTED,
+            agent_id=agent_id,
+            node_id=agent_id,
+            decision="revoked",
+            reason=reason,
+        )
         tasks = await asyncio.to_thread(
             self._store.list_tasks, agent_id=agent_id, state=TaskState.ACTIVE.value
         )
         for task in tasks:
             await self._finish(task, TaskState.REVOKED, reason)
+        await asyncio.to_thread(self.recorder.flush)
         creds = await asyncio.to_thread(self._store.agent_credentials, agent_id, self._now())
         already = {(r.kind, r.value) for r in self._state.revocations}
         await self._revoke(
@@ -593,6 +637,7 @@ class TaskService:
         self._set_active(task, False)
         now = self._now()
         done = await asyncio.to_thread(self._store.finish, task, state, now, reason)
+        await asyncio.to_thread(self.recorder.flush)
         creds = await asyncio.to_thread(self._store.task_credentials, task.task_id, now)
         await self._revoke(creds, reason, agent_id=task.agent_id, task=task)
         if task.entry_id and task.entry_id in self._state.entries.by_id:
@@ -635,9 +680,7 @@ class TaskService:
         if not any(r.kind == REVOKED_X509_SERIAL for r in revocations):
             return b""
         signer = self._ca.x509_signer()
-        # X509Signer keeps its key private; the CRL must be signed by the same CA key.
-        key = signer._key
-        return self._crl.get(signer.ca_certificate, key, revocations, self._clock.now())
+        return self._crl.get(signer.ca_certificate, signer.sign_crl, revocations, self._clock.now())
 
     async def housekeeping(self) -> None:
         await self.expire_due()

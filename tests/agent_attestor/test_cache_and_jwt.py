@@ -147,9 +147,10 @@ def test_validator_accepts_a_string_aud_and_rejects_exp_equal_to_now() -> None:
 
 
 def test_jwks_leaves_out_keys_it_cannot_express() -> None:
-    from agent_attestor.model import JwtKey
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from agent_attestor.model import JwtKey
 
     ed = (
         ed25519.Ed25519PrivateKey.generate()

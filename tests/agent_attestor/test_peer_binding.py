@@ -129,7 +129,10 @@ def test_the_name_of_a_live_connection_cannot_be_taken(agent: Harness) -> None:
     stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
     next(stream)
     path = agent.lt.call(lambda: next(iter(agent.registry._callers)))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, pytest.raises(OSError):
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
+        pytest.raises(OSError, match="in use"),
+    ):
         s.bind(path)
     stream.cancel()
 

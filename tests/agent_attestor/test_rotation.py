@@ -102,7 +102,7 @@ def test_changed_entry_gets_a_new_svid_and_refused_entries_are_skipped() -> None
 
 
 def test_run_loop_issues_when_an_entry_appears() -> None:
-    clock, cache, signer, rot = _setup(0)
+    _clock, cache, signer, rot = _setup(0)
 
     async def scenario() -> None:
         task = asyncio.create_task(rot.run())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -11,9 +12,10 @@ import pytest
 
 from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.tasks.api import TasksApi
-from agent_attestor.tasks.handlers import generic_handlers
+from agent_attestor.tasks.reporter import ValidationReporter
 from agent_attestor.tasks.revocations import RevocationsApi
 from agent_attestor.workload_attestor import UnixAttestor
+from svid._clock import FakeClock
 from svid._proto import revocation_pb2, revocation_pb2_grpc, task_pb2, task_pb2_grpc
 from tests.agent_attestor.harness import HEADER, Harness
 
@@ -85,9 +87,9 @@ def ta() -> Iterator[TaskAgent]:
         servicer=h.api,
         registry=h.registry,
         attestors=[UnixAttestor()],
-        extra_handlers=[
-            *generic_handlers(task_pb2_grpc.add_TasksServicer_to_server, tasks),
-            *generic_handlers(revocation_pb2_grpc.add_RevocationsServicer_to_server, revs),
+        extra_servicers=[
+            lambda server: task_pb2_grpc.add_TasksServicer_to_server(tasks, server),
+            lambda server: revocation_pb2_grpc.add_RevocationsServicer_to_server(revs, server),
         ],
     )
     h.lt.run(endpoint.start())
@@ -185,3 +187,25 @@ def test_revocation_watch_pushes_full_state_on_change(ta: TaskAgent) -> None:
     assert list(second.crl) == [b"crl-der"]
     assert second.version > first.version
     stream.cancel()
+
+
+def test_validation_reporter_batches_and_retries_after_a_failure() -> None:
+    sent: list[task_pb2.ReportValidationsRequest] = []
+    fail = [True]
+
+    async def send(request: task_pb2.ReportValidationsRequest) -> None:
+        if fail[0]:
+            fail[0] = False
+            raise ConnectionError("server away")
+        sent.append(request)
+
+    reporter = ValidationReporter(send, FakeClock(1000))
+    reporter.report(subject=f"{TD}/bot/task/t1", audience=["docs"], ok=True, jti="j1", txn="t1")
+    reporter.report(subject="", audience=["docs"], ok=False, reason="signature")
+    asyncio.run(reporter.flush())
+    assert sent == []
+    asyncio.run(reporter.flush())
+    (batch,) = sent
+    got = [(v.jti, v.ok, v.at) for v in batch.validations]
+    assert got == [("j1", True, 1000), ("", False, 1000)]
+    assert reporter.sent == 2

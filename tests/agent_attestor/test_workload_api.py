@@ -318,7 +318,7 @@ def test_garbage_on_the_socket_does_not_stop_the_agent(agent: Harness) -> None:
     assert msg.svids[0].spiffe_id == "spiffe://example.org/w"
     # every relayed connection has been released
     agent.lt.run(_settle())
-    assert len(agent.registry) == len([c for c in agent.channels])
+    assert len(agent.registry) == len(list(agent.channels))
 
 
 async def _settle() -> None:

@@ -23,8 +23,9 @@ from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedEr
 from server.events import ChangeNotifier
 from server.policy import PolicyEngine
 from server.state import ServerState
-from server.tasks import TaskService, TaskState, TaskStore
-from server.tasks.service import BeginRequest
+from server.tasks.model import TaskState
+from server.tasks.service import BeginRequest, TaskService
+from server.tasks.store import TaskStore
 from svid._clock import FakeClock
 from svid._spiffe_id import SpiffeId
 
@@ -89,6 +90,7 @@ def world(
 
     asyncio.run(setup())
     yield World(service, state, audit, store, ca_manager, clock, agent, tmp_path)
+    service.close()
     store.close()
 
 
@@ -119,6 +121,7 @@ def test_begin_grants_a_task_identity_with_an_entry(world: World) -> None:
     assert task.decision == "allow"
     entry = world.state.entries.by_id[task.entry_id]
     assert entry.spiffe_id == task.spiffe_id
+    assert entry.id == f"task-{task.task_id}"
     assert entry.parent_id == AGENT
     assert entry.selectors == SELECTORS
     assert entry.expires_at == task.expires_at == int(world.clock.now()) + 600
@@ -299,6 +302,7 @@ def test_active_tasks_survive_a_restart(world: World) -> None:
     )
     again.load()
     assert again.active_task(task.spiffe_id) == task
+    again.close()
 
 
 def test_crl_der_is_stable_until_the_list_changes(world: World) -> None:
@@ -308,3 +312,30 @@ def test_crl_der_is_stable_until_the_list_changes(world: World) -> None:
     first = world.service.crl()
     assert world.service.crl() == first
     assert x509.load_der_x509_crl(first).public_bytes(Encoding.DER) == first
+
+
+def test_workload_issuance_is_recorded_and_audited_in_batches(world: World) -> None:
+    leaf = issue_x509(world, RUNTIME)
+    world.service.recorder.flush()
+    (cred,) = world.store.agent_credentials(AGENT, 0)
+    assert cred.value == format(leaf.serial_number, "x")
+    assert cred.task_id == ""
+    (event,) = world.events("x509_issued")
+    assert event["credential_id"] == cred.value
+    assert event["node_id"] == AGENT
+
+
+def test_reported_validations_become_audit_events(world: World) -> None:
+    from svid._proto import task_pb2
+
+    world.service.record_validations(
+        AGENT,
+        [
+            task_pb2.Validation(subject=RUNTIME, audience=["docs"], ok=True, jti="j1", txn="t1"),
+            task_pb2.Validation(audience=["docs"], ok=False, reason="token has been revoked"),
+        ],
+    )
+    ok, refused = world.events("jwt_validated")
+    assert (ok["decision"], ok["credential_id"], ok["task_id"]) == ("allow", "j1", "t1")
+    assert (refused["decision"], refused["reason"]) == ("deny", "token has been revoked")
+    assert refused["node_id"] == AGENT

@@ -1,0 +1,216 @@
+"""The one place the agent's components are built and wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+
+from agent_attestor.agent_store import AgentStore
+from agent_attestor.cache import Cache
+from agent_attestor.config import AgentConfig
+from agent_attestor.endpoint import WorkloadEndpoint
+from agent_attestor.errors import ConfigError
+from agent_attestor.jwt_cache import JwtCache
+from agent_attestor.metrics import Metrics, MetricsHttpServer
+from agent_attestor.node_client import insecure_fetch_server_root, load_x509pop
+from agent_attestor.peer import CallerRegistry
+from agent_attestor.relay import MAX_UNIX_PATH
+from agent_attestor.rotation import Rotator
+from agent_attestor.sync import Syncer, SyncSettings
+from agent_attestor.tasks.wiring import build_task_layer
+from agent_attestor.workload_api import WorkloadApi
+from agent_attestor.workload_attestor import UnixAttestor
+from svid._clock import Clock, SystemClock
+
+log = logging.getLogger(__name__)
+HEALTH_SERVICE = "svid.agent"
+
+
+def resolve_private_dir(config: AgentConfig) -> Path:
+    if config.private_dir is not None:
+        return config.private_dir.resolve()
+    candidate = (config.data_dir / "private").resolve()
+    if len(str(candidate / "c" / ("x" * 24)).encode()) <= MAX_UNIX_PATH:
+        return candidate
+    # Unix socket paths are short; a deep data_dir gets a private dir under /tmp instead.
+    return Path(tempfile.mkdtemp(prefix="svid-agent-"))
+
+
+def bootstrap_roots(config: AgentConfig) -> bytes:
+    if config.trust_bundle is not None:
+        try:
+            return config.trust_bundle.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"trust_bundle: cannot read {config.trust_bundle}: {exc}") from exc
+    if config.insecure_bootstrap:
+        log.warning(
+            "INSECURE BOOTSTRAP: trusting whatever server answers at first contact; "
+            "use --trust-bundle outside a local demo"
+        )
+        return insecure_fetch_server_root(config.server_attest_address)
+    return b""
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    socket_path: str
+    metrics_address: str
+    pid: int
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+class AgentApp:
+    def __init__(self, config: AgentConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.metrics = Metrics()
+        self.cache = Cache()
+        self.registry = CallerRegistry()
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.store = AgentStore(config.agent_svid_path, config.agent_key_path, config.bundle_path)
+        x509pop = (
+            load_x509pop(config.x509pop_cert, config.x509pop_key)
+            if config.x509pop_cert is not None and config.x509pop_key is not None
+            else None
+        )
+        self.syncer = Syncer(
+            SyncSettings(
+                server_address=config.server_address,
+                attest_address=config.server_attest_address,
+                join_token=config.join_token,
+                x509pop=x509pop,
+                bootstrap_root_pem=b"",
+                reconnect_min=config.reconnect_min,
+                reconnect_max=config.reconnect_max,
+            ),
+            self.store,
+            self.cache,
+            self.clock,
+            on_change=self._on_sync_event,
+        )
+        self.rotator = Rotator(self.cache, self.syncer, self.clock)
+        self.jwts = JwtCache(self.syncer, self.clock, config.jwt_cache_size)
+        self.api = WorkloadApi(
+            self.cache, self.registry, self.jwts, self.clock, on_call=self._on_call
+        )
+        self.health = health.aio.HealthServicer()
+        # The task layer (issue 6): Tasks and Revocations services on the same socket.
+        self.task_layer = build_task_layer(
+            cache=self.cache,
+            registry=self.registry,
+            jwts=self.jwts,
+            clock=self.clock,
+            channel=self.syncer.channel,
+        )
+        self.endpoint = WorkloadEndpoint(
+            socket_path=config.socket_path,
+            private_dir=resolve_private_dir(config),
+            servicer=self.api,
+            registry=self.registry,
+            attestors=[UnixAttestor()],
+            extra_servicers=[
+                lambda server: health_pb2_grpc.add_HealthServicer_to_server(self.health, server),
+                *self.task_layer.extra_servicers,
+            ],
+        )
+        self.http = MetricsHttpServer(self.metrics, self.ready)
+        self.metrics.svids.set_function(lambda: len(self.cache.svids()))
+        self.metrics.entries.set_function(lambda: len(self.cache.entries()))
+        self.metrics.connections.set_function(lambda: len(self.registry))
+        self.metrics.server_connected.set_function(lambda: int(self.syncer.connected))
+        self._tasks: list[asyncio.Task[None]] = []
+        self._was_disconnected = False
+        self._call_counters: dict[str, Any] = {}
+        self.metrics_address = ""
+
+    @property
+    def runtime_file(self) -> Path:
+        return self.config.data_dir / "agent.json"
+
+    def ready(self) -> bool:
+        return self.cache.snapshot().synced
+
+    def _on_call(self, method: str) -> None:
+        counter = self._call_counters.get(method)
+        if counter is None:  # a label lookup costs as much as the rest of a cached JWT call
+            counter = self._call_counters[method] = self.metrics.workload_calls.labels(
+                method=method
+            )
+        counter.inc()
+
+    def _on_sync_event(self, event: str) -> None:
+        if event == "sync":
+            self.metrics.syncs.inc()
+            if self._was_disconnected:
+                self.rotator.nudge()  # renewals that failed while away are due now
+            self._was_disconnected = False
+        elif event == "disconnected":
+            self._was_disconnected = True
+
+    async def _health_loop(self) -> None:
+        """Health follows readiness: SERVING once the first full state has arrived."""
+        seen = -1
+        while not self.ready():
+            seen = await self.cache.wait_change(seen)
+        for service in ("", HEALTH_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def start(self) -> None:
+        self.syncer._s.bootstrap_root_pem = await asyncio.to_thread(bootstrap_roots, self.config)
+        for service in ("", HEALTH_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # The socket exists before anything announces readiness (py-spiffe needs the file).
+        await self.endpoint.start()
+        if self.config.metrics_address:
+            self.metrics_address = self.http.start(self.config.metrics_address)
+        RuntimeInfo(str(self.config.socket_path), self.metrics_address, os.getpid()).write(
+            self.runtime_file
+        )
+        self._tasks = [
+            asyncio.create_task(self.syncer.run(), name="sync"),
+            asyncio.create_task(self.rotator.run(), name="rotation"),
+            asyncio.create_task(self._health_loop(), name="health"),
+            *(asyncio.create_task(job) for job in self.task_layer.background()),
+        ]
+        log.info(
+            "agent started",
+            extra={"socket": str(self.config.socket_path), "metrics": self.metrics_address},
+        )
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.endpoint.stop(1.0)
+        await self.syncer.close()
+        self.http.stop()
+        self.runtime_file.unlink(missing_ok=True)
+        log.info("agent stopped")
+
+    async def run_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

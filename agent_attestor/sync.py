@@ -1,0 +1,242 @@
+"""The agent's link to the server: identity (attest / load / renew), the Sync stream, reconnects.
+
+Also the SvidSigner the rotator and JWT cache use: it forwards to whichever connection is
+current, so renewing the agent SVID never disturbs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from agent_attestor import _crypto
+from agent_attestor.agent_store import AgentStore, AgentSvid
+from agent_attestor.cache import Cache
+from agent_attestor.errors import AttestationError, NotReadyError
+from agent_attestor.model import TrustBundle
+from agent_attestor.node_client import NodeClient
+from agent_attestor.rotation import rotation_point
+from agent_attestor.signer import MintedJwt, X509Result
+from svid._clock import Clock
+
+log = logging.getLogger(__name__)
+
+
+def backoff_delay(attempt: int, low: float, high: float, rand: random.Random) -> float:
+    """Exponential backoff with full jitter, capped: attempt 0 waits about `low`."""
+    ceiling = min(high, low * 2.0**attempt)
+    return max(low, rand.uniform(ceiling / 2, ceiling))
+
+
+@dataclass
+class SyncSettings:
+    server_address: str
+    attest_address: str
+    join_token: str = ""
+    x509pop: tuple[list[x509.Certificate], PrivateKeyTypes] | None = None
+    bootstrap_root_pem: bytes = b""
+    reconnect_min: float = 0.2
+    reconnect_max: float = 10.0
+    rand: random.Random = field(default_factory=random.Random)
+
+
+class Syncer:
+    def __init__(
+        self,
+        settings: SyncSettings,
+        store: AgentStore,
+        cache: Cache,
+        clock: Clock,
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
+        self._s = settings
+        self._store = store
+        self._cache = cache
+        self._clock = clock
+        self._on_change = on_change or (lambda _event: None)
+        self._client: NodeClient | None = None
+        self._svid: AgentSvid | None = None
+        self._reconnect = asyncio.Event()
+        self._token_used = False
+        self.connected = False
+        self.syncs = 0
+
+    @property
+    def agent_id(self) -> str:
+        return self._svid.spiffe_id if self._svid is not None else ""
+
+    @property
+    def agent_svid(self) -> AgentSvid | None:
+        return self._svid
+
+    # ---- identity ---------------------------------------------------------------------------
+
+    def _root_pem(self) -> bytes:
+        stored = self._store.load_bundle()
+        if stored:
+            return _crypto.pem(stored)
+        if self._s.bootstrap_root_pem:
+            return self._s.bootstrap_root_pem
+        raise AttestationError(
+            "no trust bundle to verify the server: give --trust-bundle (or --insecure-bootstrap)"
+        )
+
+    def _install(self, svid: AgentSvid, bundle: TrustBundle | None) -> None:
+        if bundle is not None and bundle.x509_authorities:
+            self._store.save_bundle(bundle.x509_authorities)
+            self._cache.set_bundle(bundle)
+        self._svid = svid
+        old = self._client
+        self._client = NodeClient(
+            self._s.server_address, self._s.attest_address, self._root_pem(), svid
+        )
+        if old is not None:
+            # Streams on the old channel may still be closing: let them, then close it.
+            asyncio.get_running_loop().call_later(5, lambda: asyncio.ensure_future(old.close()))
+
+    async def ensure_identity(self) -> AgentSvid:
+        """The agent SVID: the current one, the one on disk, or a fresh attestation."""
+        now = self._clock.now()
+        if self._svid is not None and self._svid.not_after > now:
+            return self._svid
+        stored = self._store.load_svid()
+        if stored is not None and stored.not_after > now + 1:
+            log.info("loaded agent SVID from disk", extra={"agent_id": stored.spiffe_id})
+            self._install(stored, None)
+            return stored
+        if self._s.join_token and self._token_used:
+            raise AttestationError(
+                "agent SVID expired or was refused and the join token was already used: "
+                "give a new --join-token"
+            )
+        client = NodeClient(self._s.server_address, self._s.attest_address, self._root_pem())
+        svid, bundle = await client.attest(join_token=self._s.join_token, x509pop=self._s.x509pop)
+        self._token_used = bool(self._s.join_token)
+        self._store.save_svid(svid)
+        log.info("agent attested", extra={"agent_id": svid.spiffe_id})
+        self._install(svid, bundle)
+        self._on_change("attested")
+        return svid
+
+    async def renew_once(self) -> None:
+        if self._client is None:
+            return
+        svid, bundle = await self._client.renew()
+        self._store.save_svid(svid)
+        log.info("agent SVID renewed", extra={"agent_id": svid.spiffe_id})
+        self._install(svid, bundle)
+        self._on_change("renewed")
+        self._reconnect.set()  # move the Sync stream to the new certificate
+
+    async def _renew_loop(self, svid: AgentSvid) -> None:
+        attempt = 0
+        while True:
+            due = rotation_point(svid.not_before, svid.not_after) - self._clock.now()
+            if due > 0:
+                await asyncio.sleep(due)
+            try:
+                await self.renew_once()
+                return
+            except (grpc.RpcError, AttestationError) as exc:
+                delay = backoff_delay(
+                    attempt, self._s.reconnect_min, self._s.reconnect_max, self._s.rand
+                )
+                attempt += 1
+                log.warning(
+                    "agent SVID renewal failed", extra={"error": str(exc), "retry_in": delay}
+                )
+                if svid.not_after <= self._clock.now():
+                    self._reconnect.set()
+                    return
+                await asyncio.sleep(delay)
+
+    # ---- the stream -------------------------------------------------------------------------
+
+    async def _sync_once(self) -> None:
+        svid = await self.ensure_identity()
+        assert self._client is not None
+        self._reconnect.clear()
+        renew = asyncio.create_task(self._renew_loop(svid))
+        reconnect = asyncio.create_task(self._reconnect.wait())
+        stream = asyncio.create_task(self._consume(self._client))
+        try:
+            done, _ = await asyncio.wait({stream, reconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if stream in done:
+                stream.result()  # raise what ended it
+        finally:
+            for task in (renew, reconnect, stream):
+                task.cancel()
+            for task in (renew, reconnect, stream):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self.connected = False
+
+    async def _consume(self, client: NodeClient) -> None:
+        async for state in client.sync():
+            self.connected = True
+            self.syncs += 1
+            if state.bundle.x509_authorities:
+                self._store.save_bundle(state.bundle.x509_authorities)
+            self._cache.apply_sync(state)
+            self._on_change("sync")
+        raise ConnectionError("server ended the Sync stream")
+
+    async def run(self) -> None:
+        """Hold the Sync stream forever, reconnecting with jittered, capped backoff."""
+        attempt = 0
+        while True:
+            started = self._clock.monotonic()
+            try:
+                await self._sync_once()
+                attempt = 0
+                continue
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    log.warning(
+                        "server refused the agent; attesting again",
+                        extra={"code": code.name, "error": exc.details()},  # type: ignore[attr-defined]
+                    )
+                    self._svid = None
+                    self._store.svid_path.unlink(missing_ok=True)
+                else:
+                    log.warning("lost the server", extra={"code": code.name})
+            except (AttestationError, ConnectionError, OSError) as exc:
+                log.warning("cannot reach or attest to the server", extra={"error": str(exc)})
+            self._on_change("disconnected")
+            if self._clock.monotonic() - started > 30:
+                attempt = 0  # it was a long healthy connection: start backing off afresh
+            delay = backoff_delay(
+                attempt, self._s.reconnect_min, self._s.reconnect_max, self._s.rand
+            )
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    # ---- SvidSigner -------------------------------------------------------------------------
+
+    def _current(self) -> NodeClient:
+        if self._client is None:
+            raise NotReadyError("not connected to the server yet")
+        return self._client
+
+    def channel(self) -> grpc.aio.Channel:
+        """The current mTLS channel to the server (follows agent SVID renewals)."""
+        return self._current().channel()
+
+    async def batch_new_x509(self, params: list[tuple[str, bytes]]) -> list[X509Result]:
+        return await self._current().batch_new_x509(params)
+
+    async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        return await self._current().new_jwt(spiffe_id, audience, entry_id)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()

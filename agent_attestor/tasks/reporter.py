@@ -1,0 +1,80 @@
+"""ValidateJWTSVID answers, reported to the server's audit log in batches.
+
+Why forward rather than keep a local log: the server's hash-chained log is the one an operator
+verifies and exports (`svid-server audit export --task ID` must show who validated a task's
+tokens), and one place is what makes the chain meaningful. Validation is a hot path, so the
+Workload API only enqueues; a background task sends what gathered every FLUSH_INTERVAL. Best
+effort: if the server is unreachable the batch is kept (bounded) and retried; an agent crash
+loses at most one interval of validation events, never a credential decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from svid._clock import Clock
+from svid._proto import task_pb2
+
+log = logging.getLogger(__name__)
+FLUSH_INTERVAL = 0.5
+MAX_QUEUED = 10_000
+MAX_BATCH = 1000
+
+Send = Callable[[task_pb2.ReportValidationsRequest], Awaitable[object]]
+
+
+class ValidationReporter:
+    def __init__(self, send: Send, clock: Clock) -> None:
+        self._send = send
+        self._clock = clock
+        self._queue: deque[task_pb2.Validation] = deque(maxlen=MAX_QUEUED)
+        self.dropped = 0
+        self.sent = 0
+
+    def report(
+        self,
+        *,
+        subject: str,
+        audience: list[str],
+        ok: bool,
+        reason: str = "",
+        jti: str = "",
+        txn: str = "",
+        caller_id: str = "",
+    ) -> None:
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+        self._queue.append(
+            task_pb2.Validation(
+                subject=subject,
+                audience=audience,
+                ok=ok,
+                reason=reason,
+                jti=jti,
+                txn=txn,
+                at=int(self._clock.now()),
+                caller_id=caller_id,
+            )
+        )
+
+    async def flush(self) -> None:
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            try:
+                await self._send(task_pb2.ReportValidationsRequest(validations=batch))
+            except Exception as exc:
+                # Put them back (oldest first) and try again next round.
+                self._queue.extendleft(reversed(batch))
+                log.warning("cannot report validations to the server", extra={"error": str(exc)})
+                return
+            self.sent += len(batch)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            with contextlib.suppress(Exception):
+                await self.flush()

@@ -1,0 +1,120 @@
+"""A small Workload API client for the CLI's `api` commands (synchronous grpc)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from agent_attestor.config import DEFAULT_SOCKET
+from agent_attestor.errors import AgentError, ConfigError
+from svid._proto import workload_pb2, workload_pb2_grpc
+
+HEADER = (("workload.spiffe.io", "true"),)
+ENV = "SPIFFE_ENDPOINT_SOCKET"
+
+
+class WorkloadApiError(AgentError):
+    """The agent answered with an error status; the message carries code and details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
+
+def endpoint_address(socket_path: Path | None) -> str:
+    """A grpc target from --socket-path, else SPIFFE_ENDPOINT_SOCKET, else the default path."""
+    if socket_path is not None:
+        return f"unix:{socket_path.resolve()}"
+    value = os.environ.get(ENV, "")
+    if not value:
+        return f"unix:{DEFAULT_SOCKET}"
+    if value.startswith("unix://"):
+        path = value[len("unix://") :]
+        if not path.startswith("/"):
+            raise ConfigError(f"{ENV}: {value!r} must be unix:///absolute/path")
+        return f"unix:{path}"
+    if value.startswith("tcp://"):
+        return value[len("tcp://") :]
+    raise ConfigError(f"{ENV}: {value!r} must be unix:///path or tcp://ip:port")
+
+
+def socket_uri(path: Path) -> str:
+    return f"unix://{path.resolve()}"
+
+
+class WorkloadClient:
+    def __init__(self, target: str, timeout: float = 10.0) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> WorkloadClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _error(exc: grpc.RpcError) -> WorkloadApiError:
+        return WorkloadApiError(exc.code(), exc.details())  # type: ignore[attr-defined]
+
+    def fetch_x509(self) -> workload_pb2.X509SVIDResponse:
+        stream = self._stub.FetchX509SVID(
+            workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=self._timeout
+        )
+        try:
+            msg: workload_pb2.X509SVIDResponse = next(stream)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        finally:
+            stream.cancel()
+        return msg
+
+    def fetch_x509_bundles(self) -> workload_pb2.X509BundlesResponse:
+        stream = self._stub.FetchX509Bundles(
+            workload_pb2.X509BundlesRequest(), metadata=HEADER, timeout=self._timeout
+        )
+        try:
+            msg: workload_pb2.X509BundlesResponse = next(stream)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        finally:
+            stream.cancel()
+        return msg
+
+    def watch_x509(self) -> Iterator[workload_pb2.X509SVIDResponse]:
+        stream = self._stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+        try:
+            yield from stream
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        finally:
+            stream.cancel()
+
+    def fetch_jwt(self, audience: list[str], spiffe_id: str = "") -> workload_pb2.JWTSVIDResponse:
+        try:
+            resp: workload_pb2.JWTSVIDResponse = self._stub.FetchJWTSVID(
+                workload_pb2.JWTSVIDRequest(audience=audience, spiffe_id=spiffe_id),
+                metadata=HEADER,
+                timeout=self._timeout,
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        return resp
+
+    def validate_jwt(self, audience: str, token: str) -> workload_pb2.ValidateJWTSVIDResponse:
+        try:
+            valid: workload_pb2.ValidateJWTSVIDResponse = self._stub.ValidateJWTSVID(
+                workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=token),
+                metadata=HEADER,
+                timeout=self._timeout,
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        return valid

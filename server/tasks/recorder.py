@@ -1,0 +1,72 @@
+"""Batched, off-the-hot-path recording of issued credentials and their audit events.
+
+Every X.509-SVID and JWT-SVID the server signs is recorded (so eviction and task end can revoke
+it) and audited. Doing that with an fsync per signature would cost more than the signature, so
+issuance only enqueues; a writer thread commits what has queued up in one transaction each (and
+one audit append_many). Anything that revokes calls `flush()` first, so nothing issued before a
+revocation is missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from server.audit import AuditLog, EventDraft
+from server.tasks.model import Credential
+from server.tasks.store import TaskStore
+
+_log = logging.getLogger("svid.server.tasks")
+MAX_DELAY = 0.02  # seconds a record may wait for company before it is written
+
+
+class IssuanceRecorder:
+    def __init__(self, store: TaskStore, audit: AuditLog) -> None:
+        self._store = store
+        self._audit = audit
+        self._cond = threading.Condition()
+        self._creds: list[Credential] = []
+        self._events: list[EventDraft] = []
+        self._write_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="svid-recorder", daemon=True)
+        self._thread.start()
+
+    def add(self, creds: Sequence[Credential], events: Sequence[EventDraft]) -> None:
+        with self._cond:
+            self._creds.extend(creds)
+            self._events.extend(events)
+            self._cond.notify()
+
+    def flush(self) -> None:
+        """Write everything queued so far (the caller waits for it)."""
+        with self._write_lock:
+            with self._cond:
+                creds, self._creds = self._creds, []
+                events, self._events = self._events, []
+            if creds:
+                self._store.record(creds)
+            if events:
+                self._audit.append_many(events)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._creds or self._events or self._closed):
+                    self._cond.wait()
+                if self._closed and not (self._creds or self._events):
+                    return
+                # Let a burst (a batch of signatures) gather into one transaction.
+                self._cond.wait(MAX_DELAY)
+            try:
+                self.flush()
+            except Exception:
+                _log.exception("recording issued credentials failed")
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(10)
+        self.flush()

@@ -1,0 +1,154 @@
+"""Builds the task layer for the server and gives app.py / node_api.py their few hook points.
+
+app.py: `layer = build_task_layer(...)`, register `layer.node_handlers(...)` on the node server
+and `layer.admin_handlers()` on the admin server, run `layer.run(stop)`, `layer.close()`.
+node_api.py calls the `NodeHooks` methods at attestation, X.509 and JWT issuance and Sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.audit import AuditLog, SqliteAuditStore
+from server.ca.manager import CaManager
+from server.ca.signer import IssuedJwt
+from server.datastore.records import Entry
+from server.peer import PeerCache
+from server.policy import PolicyEngine
+from server.state import ServerState
+from server.tasks.grpc_api import NodeTasksServicer, TaskAdminServicer
+from server.tasks.model import is_task_id
+from server.tasks.service import TaskService, TaskSettings
+from server.tasks.store import TaskStore
+from svid._clock import Clock
+from svid._proto import task_pb2_grpc
+
+_log = logging.getLogger("svid.server.tasks")
+HOUSEKEEPING_INTERVAL = 60.0
+# Expiry is checked at least this often (and exactly at the next known expiry).
+MAX_EXPIRY_WAIT = 1.0
+
+
+def _handlers(add: Callable[[Any, Any], None], servicer: Any) -> list[Any]:
+    class _Collector:
+        def __init__(self) -> None:
+            self.handlers: list[Any] = []
+
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            self.handlers.extend(handlers)
+
+        def add_registered_method_handlers(self, *_args: Any) -> None:
+            pass  # a lookup optimisation; the generic handler serves the same methods
+
+    collector = _Collector()
+    add(servicer, collector)
+    return collector.handlers
+
+
+class NodeHooks:
+    """What node_api.py tells the task layer. Failures to audit must not fail issuance silently:
+    they raise, and the call fails (an identity event that cannot be recorded is not issued)."""
+
+    def __init__(self, service: TaskService) -> None:
+        self._service = service
+
+    def attested(self, agent_id: str, attestation_type: str, serial: str) -> None:
+        self._service.record_attestation(agent_id, attestation_type, serial, ok=True)
+
+    def attestation_refused(self, attestation_type: str, reason: str) -> None:
+        self._service.record_attestation("", attestation_type, "", ok=False, reason=reason)
+
+    def x509_issued(self, agent_id: str, issued: Iterable[tuple[str, str, int]]) -> None:
+        """(SPIFFE ID, serial hex, expires_at) of each X.509-SVID just signed."""
+        self._service.record_x509(agent_id, issued)
+
+    def is_task(self, entry: Entry) -> bool:
+        return is_task_id(entry.spiffe_id)
+
+    def mint_task_jwt(self, agent_id: str, entry: Entry, audience: Sequence[str]) -> IssuedJwt:
+        return self._service.mint_jwt(agent_id, entry, audience)
+
+    def jwt_issued(
+        self, agent_id: str, spiffe_id: str, issued: IssuedJwt, audience: Sequence[str]
+    ) -> None:
+        self._service.record_jwt(agent_id, spiffe_id, issued, audience)
+
+    def crl(self) -> list[bytes]:
+        der = self._service.crl()
+        return [der] if der else []
+
+    async def agent_removed(self, agent_id: str, why: str) -> None:
+        # admin_api passes "agent evicted" or "agent banned".
+        await self._service.revoke_agent(agent_id, why, banned=why == "agent banned")
+
+
+@dataclass
+class TaskLayer:
+    policy: PolicyEngine
+    audit: AuditLog
+    store: TaskStore
+    service: TaskService
+    hooks: NodeHooks
+
+    def node_handlers(self, state: ServerState, peers: PeerCache) -> list[Any]:
+        servicer = NodeTasksServicer(self.service, state, peers)
+        return _handlers(task_pb2_grpc.add_NodeTasksServicer_to_server, servicer)
+
+    def admin_handlers(self) -> list[Any]:
+        servicer = TaskAdminServicer(self.service, self.policy)
+        return _handlers(task_pb2_grpc.add_TaskAdminServicer_to_server, servicer)
+
+    async def run(self, stop: asyncio.Event, clock: Clock) -> None:
+        """Expire tasks on time; prune old records now and then."""
+        last_prune = clock.monotonic()
+        while not stop.is_set():
+            try:
+                await self.service.expire_due()
+                if clock.monotonic() - last_prune >= HOUSEKEEPING_INTERVAL:
+                    last_prune = clock.monotonic()
+                    await self.service.housekeeping()
+            except Exception:
+                _log.exception("task housekeeping failed; retrying")
+            wait = min(MAX_EXPIRY_WAIT, max(0.05, self.service.next_expiry() - clock.now()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait)
+
+    def close(self) -> None:
+        self.service.close()
+        self.store.close()
+        self.audit.store.close()
+
+
+def build_task_layer(
+    *,
+    data_dir: Path,
+    policy_dir: Path | None,
+    trust_domain: str,
+    state: ServerState,
+    ca: CaManager,
+    server_id: str,
+    clock: Clock,
+    settings: TaskSettings | None = None,
+) -> TaskLayer:
+    """Raises PolicyError (an invalid policy set) or AuditError before anything is served."""
+    policy = PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
+    audit = AuditLog(SqliteAuditStore(data_dir / "audit.db"), clock)
+    store = TaskStore(data_dir / "tasks.db")
+    service = TaskService(
+        state=state,
+        store=store,
+        policy=policy,
+        audit=audit,
+        ca=ca,
+        server_id=server_id,
+        clock=clock,
+        settings=settings,
+    )
+    service.load()
+    return TaskLayer(policy, audit, store, service, NodeHooks(service))

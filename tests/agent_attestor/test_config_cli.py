@@ -1,0 +1,112 @@
+"""Configuration (TOML + flags, errors name the key) and the CLI's client commands."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from agent_attestor import cli
+from agent_attestor.config import build_config, load_toml
+from agent_attestor.errors import ConfigError
+from agent_attestor.workload_client import endpoint_address
+from tests.agent_attestor.harness import Harness
+
+
+def test_flags_win_over_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text('server_address = "10.0.0.1:8081"\nlog_format = "text"\n')
+    config = build_config(load_toml(f), {"server_address": "10.0.0.2:9000"})
+    assert config.server_address == "10.0.0.2:9000"
+    assert config.log_format == "text"
+
+
+def test_an_agent_table_is_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text('[agent]\ndata_dir = "/var/lib/x"\n')
+    assert build_config(load_toml(f), {}).data_dir == Path("/var/lib/x")
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"server_address": "nohost"}, "server_address"),
+        ({"server_attest_address": "h:99999"}, "server_attest_address"),
+        ({"metrics_address": "x"}, "metrics_address"),
+        ({"log_format": "xml"}, "log_format"),
+        ({"log_level": "loud"}, "log_level"),
+        ({"reconnect_max": "-1"}, "reconnect_max"),
+        ({"reconnect_min": "5", "reconnect_max": "1"}, "reconnect_min"),
+        ({"insecure_bootstrap": "maybe"}, "insecure_bootstrap"),
+        ({"insecure_bootstrap": True, "trust_bundle": "/b.pem"}, "insecure_bootstrap"),
+        ({"x509pop_cert": "/c.pem"}, "x509pop_key"),
+        ({"bogus": "1"}, "bogus"),
+        ({"jwt_cache_size": "many"}, "jwt_cache_size"),
+    ],
+)
+def test_bad_values_name_their_key(values: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        build_config(values, {})
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("x = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(bad)
+
+
+def test_endpoint_address_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix:///run/a.sock")
+    assert endpoint_address(None) == "unix:/run/a.sock"
+    monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "tcp://127.0.0.1:5")
+    assert endpoint_address(None) == "127.0.0.1:5"
+    monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix://relative")
+    with pytest.raises(ConfigError, match="SPIFFE_ENDPOINT_SOCKET"):
+        endpoint_address(None)
+    assert endpoint_address(Path("/x/y.sock")) == "unix:/x/y.sock"
+
+
+def test_run_with_a_bad_config_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "--log-format", "xml"]) == 2
+    assert "log_format" in capsys.readouterr().err
+
+
+def test_cli_fetch_x509_write_and_json(
+    agent: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.add_entry("/w")
+    out = tmp_path / "out"
+    args = ["--socket-path", str(agent.socket_path)]
+    assert cli.main(["api", "fetch", "x509", *args, "--write", str(out), "--output", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["svids"][0]["spiffe_id"] == "spiffe://example.org/w"
+    assert stat.S_IMODE((out / "svid.0.key").stat().st_mode) == 0o600
+    assert (out / "bundle.0.pem").read_bytes().count(b"BEGIN CERTIFICATE") == 1
+
+
+def test_cli_jwt_fetch_validate_and_errors(
+    agent: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.add_entry("/w")
+    args = ["--socket-path", str(agent.socket_path)]
+    assert cli.main(["api", "fetch", "jwt", "--audience", "a", "--output", "json", *args]) == 0
+    token = json.loads(capsys.readouterr().out)["svids"][0]["svid"]
+    assert cli.main(["api", "validate", "jwt", "--audience", "a", "--svid", token, *args]) == 0
+    assert "spiffe://example.org/w" in capsys.readouterr().out
+    assert cli.main(["api", "validate", "jwt", "--audience", "b", "--svid", token, *args]) == 1
+    err = capsys.readouterr().err
+    assert "INVALID_ARGUMENT" in err
+    assert token not in err
+    missing = ["--socket-path", str(agent.root / "nope.sock"), "--timeout", "1"]
+    assert cli.main(["api", "fetch", "x509", *missing]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_healthcheck_needs_the_health_service(agent: Harness) -> None:
+    # The test harness endpoint has no health service: the check must fail, not pass.
+    assert cli.main(["healthcheck", "--socket-path", str(agent.socket_path), "--timeout", "2"]) == 1

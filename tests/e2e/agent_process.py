@@ -1,0 +1,162 @@
+"""Process helpers for agent end-to-end tests: a real `svid-agent run` next to a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from svid._proto import workload_pb2, workload_pb2_grpc
+from tests.e2e.conftest import START_TIMEOUT, ServerProcess, wait_for
+
+HEADER = (("workload.spiffe.io", "true"),)
+
+
+def agent_command() -> list[str]:
+    return [sys.executable, "-m", "agent_attestor.cli"]
+
+
+@dataclass
+class AgentProcess:
+    root: Path
+    server: ServerProcess
+    join_token: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    use_trust_bundle: bool = True
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "agent"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.root / "ws" / "api.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "agent.log"
+
+    def bundle_file(self) -> Path:
+        path = self.root / "bundle.pem"
+        if not path.exists():
+            path.write_text(self.server.cli("bundle", "show", "--format", "pem").stdout)
+        return path
+
+    def start(self, *extra: str) -> AgentProcess:
+        rt = self.server.runtime
+        args = [
+            *agent_command(),
+            "run",
+            "--server-address",
+            rt["node_address"],
+            "--server-attest-address",
+            rt["attest_address"],
+            *(["--trust-bundle", str(self.bundle_file())] if self.use_trust_bundle else []),
+            "--data-dir",
+            str(self.data_dir),
+            "--socket-path",
+            str(self.socket_path),
+            "--reconnect-max",
+            "1",
+            *extra,
+        ]
+        if self.join_token:
+            args += ["--join-token", self.join_token]
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=str(self.root))
+        log.close()
+        wait_for(self._socket_ready, START_TIMEOUT, "the agent's socket")
+        return self
+
+    def _socket_ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
+        return self.socket_path.exists()
+
+    def agent_id(self, timeout: float = START_TIMEOUT) -> str:
+        """The agent's SPIFFE ID, from the server's agent list (attestation done)."""
+
+        def find() -> str | None:
+            agents = self.server.cli_json("agent", "list")
+            items = agents.get("agents", agents) if isinstance(agents, dict) else agents
+            for item in items:
+                if self.join_token and self.join_token.split(".")[0] in item["spiffe_id"]:
+                    return str(item["spiffe_id"])
+            return None
+
+        return str(wait_for(find, timeout, "the agent to attest"))
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*agent_command(), *args, "--socket-path", str(self.socket_path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def stub(self) -> workload_pb2_grpc.SpiffeWorkloadAPIStub:
+        return workload_pb2_grpc.SpiffeWorkloadAPIStub(
+            grpc.insecure_channel(f"unix:{self.socket_path}")
+        )
+
+    def wait_svid(self, spiffe_id: str, timeout: float = START_TIMEOUT) -> Any:
+        stub = self.stub()
+
+        def fetch() -> Any:
+            try:
+                msg = next(
+                    stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=5)
+                )
+            except grpc.RpcError:
+                return None
+            return msg if any(s.spiffe_id == spiffe_id for s in msg.svids) else None
+
+        return wait_for(fetch, timeout, f"an SVID for {spiffe_id}", interval=0.1)
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+
+def new_token(server: ServerProcess) -> str:
+    out = server.cli_json("token", "generate")
+    return str(out["token"])
+
+
+def create_entry(
+    server: ServerProcess, spiffe_id: str, parent_id: str, *selectors: str, **kw: Any
+) -> str:
+    args = ["entry", "create", "--spiffe-id", spiffe_id, "--parent-id", parent_id]
+    for sel in selectors or (f"unix:uid:{os.getuid()}",):
+        args += ["--selector", sel]
+    for key, value in kw.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    out = server.cli_json(*args)
+    return str(out.get("id") or out.get("entry", {}).get("id"))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())

@@ -1,0 +1,86 @@
+"""`make run` (agent_attestor.demo) and the agent's insecure bootstrap, as real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.agent_process import AgentProcess, new_token
+from tests.e2e.conftest import make_server, short_tmpdir, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def test_make_run_demo_serves_the_printed_identity_and_stops_cleanly() -> None:
+    root = short_tmpdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent_attestor.demo"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("Press Ctrl-C" in x for x in lines), 60, "the demo to be ready")
+        text = "".join(lines)
+        socket_uri = re.search(r"SPIFFE_ENDPOINT_SOCKET=(unix://\S+)", text)
+        workload = re.search(r"workload:\s+(spiffe://\S+)", text)
+        assert socket_uri is not None
+        assert workload is not None
+        fetched = subprocess.run(
+            [sys.executable, "-m", "agent_attestor.cli", "api", "fetch", "x509"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "SPIFFE_ENDPOINT_SOCKET": socket_uri.group(1)},
+            check=False,
+        )
+        assert fetched.returncode == 0, fetched.stderr
+        assert workload.group(1) in fetched.stdout
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        reader.join(5)
+        children = subprocess.run(
+            ["pgrep", "-f", str(root / ".run")], capture_output=True, text=True, check=False
+        )
+        assert children.stdout.strip() == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_insecure_bootstrap_attests_then_trusts_the_served_bundle() -> None:
+    root = short_tmpdir()
+    server = make_server(root).start()
+    agent = AgentProcess(root, server, new_token(server))
+    try:
+        agent.use_trust_bundle = False
+        agent.start("--insecure-bootstrap")
+        agent.agent_id()
+        assert "INSECURE BOOTSTRAP" in agent.logs()
+        wait_for(lambda: agent.cli("healthcheck").returncode == 0, 30, "agent health")
+        assert (agent.data_dir / "bundle.der").exists()
+    finally:
+        agent.stop()
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,283 @@
+"""Real `svid-server` and `svid-agent` processes: attestation, push, CLI, faults and restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from spiffe import X509Source
+
+from svid._proto import workload_pb2
+from tests.e2e.agent_process import HEADER, AgentProcess, create_entry, new_token
+from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
+
+pytestmark = pytest.mark.e2e
+UID_SELECTOR = f"unix:uid:{os.getuid()}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
+    root = short_tmpdir()
+    # Fixed ports, so a restarted server is found where the agent expects it.
+    server = make_server(
+        root,
+        bind_address=f"127.0.0.1:{_free_port()}",
+        attest_bind_address=f"127.0.0.1:{_free_port()}",
+    ).start()
+    agent = AgentProcess(root, server, new_token(server))
+    try:
+        agent.start()
+        yield server, agent
+    finally:
+        agent.stop()
+        print("---- agent log ----\n" + agent.logs()[-6000:])  # shown when a test fails
+        if server.proc is not None:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_entry_reaches_an_open_stream_within_a_second(
+    stack: tuple[ServerProcess, AgentProcess],
+) -> None:
+    server, agent = stack
+    agent_id = agent.agent_id()
+    create_entry(server, "spiffe://example.org/first", agent_id, UID_SELECTOR)
+    agent.wait_svid("spiffe://example.org/first")
+    stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+    assert [s.spiffe_id for s in next(stream).svids] == ["spiffe://example.org/first"]
+    create_entry(server, "spiffe://example.org/second", agent_id, UID_SELECTOR)
+    created = time.monotonic()
+    ids: list[str] = []
+    while "spiffe://example.org/second" not in ids:  # other changes may come first
+        ids = [s.spiffe_id for s in next(stream).svids]
+    elapsed = time.monotonic() - created
+    stream.cancel()
+    assert ids == ["spiffe://example.org/first", "spiffe://example.org/second"]
+    assert elapsed <= 1.0
+
+
+def test_cli_fetch_write_jwt_validate_and_health(
+    stack: tuple[ServerProcess, AgentProcess], tmp_path: Path
+) -> None:
+    server, agent = stack
+    create_entry(server, "spiffe://example.org/cli", agent.agent_id(), UID_SELECTOR)
+    agent.wait_svid("spiffe://example.org/cli")
+    assert agent.cli("healthcheck").returncode == 0
+    out = agent.cli("api", "fetch", "x509", "--write", str(tmp_path), "--output", "json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["svids"][0]["spiffe_id"] == "spiffe://example.org/cli"
+    assert stat.S_IMODE((tmp_path / "svid.0.key").stat().st_mode) == 0o600
+    assert (tmp_path / "svid.0.pem").read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    assert (tmp_path / "bundle.0.pem").read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    jwt = agent.cli("api", "fetch", "jwt", "--audience", "svc", "--output", "json")
+    assert jwt.returncode == 0, jwt.stderr
+    token = json.loads(jwt.stdout)["svids"][0]["svid"]
+    ok = agent.cli("api", "validate", "jwt", "--audience", "svc", "--svid", token)
+    assert ok.returncode == 0
+    assert "spiffe://example.org/cli" in ok.stdout
+    bad = agent.cli("api", "validate", "jwt", "--audience", "other", "--svid", token)
+    assert bad.returncode == 1
+    assert "INVALID_ARGUMENT" in bad.stderr
+    assert token not in bad.stderr
+    denied = agent.cli(
+        "api", "fetch", "jwt", "--audience", "svc", "--spiffe-id", "spiffe://example.org/x"
+    )
+    assert denied.returncode == 1
+    assert "PERMISSION_DENIED" in denied.stderr
+
+
+def test_py_spiffe_against_the_real_agent(stack: tuple[ServerProcess, AgentProcess]) -> None:
+    server, agent = stack
+    create_entry(server, "spiffe://example.org/py", agent.agent_id(), UID_SELECTOR)
+    agent.wait_svid("spiffe://example.org/py")
+    source = X509Source(socket_path=f"unix://{agent.socket_path}", timeout_in_seconds=15)
+    try:
+        assert str(source.get_x509_context().default_svid.spiffe_id) == "spiffe://example.org/py"
+    finally:
+        source.close()
+
+
+def test_server_outage_keeps_svids_and_rotation_resumes(
+    stack: tuple[ServerProcess, AgentProcess],
+) -> None:
+    server, agent = stack
+    create_entry(server, "spiffe://example.org/short", agent.agent_id(), UID_SELECTOR, x509_ttl=16)
+    agent.wait_svid("spiffe://example.org/short")
+    stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=60)
+    first = next(stream).svids[0].x509_svid
+    while next(stream).svids[0].x509_svid == first:  # wait for a renewal: a known start
+        pass
+    renewed_at = time.monotonic()
+    server.stop()
+
+    def fetch_now() -> bytes:
+        msg = next(
+            agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=5)
+        )
+        return bytes(msg.svids[0].x509_svid)
+
+    during = fetch_now()
+    # Past the 16 s SVID's rotation point (≤ 9.6 s): renewal is due but cannot happen.
+    time.sleep(max(0.0, renewed_at + 10 - time.monotonic()))
+    # Workloads keep what they have: still answered from the cache, same SVID.
+    assert fetch_now() == during
+    server.start()
+    # Rotation resumes by itself: a new SVID arrives on the stream that stayed open.
+    deadline = time.monotonic() + 30
+    renewed = during
+    while renewed == during and time.monotonic() < deadline:
+        msg = next(stream)
+        if msg.svids:
+            renewed = bytes(msg.svids[0].x509_svid)
+    stream.cancel()
+    assert renewed != during
+
+
+def test_restarted_agent_keeps_its_identity_without_a_token(
+    stack: tuple[ServerProcess, AgentProcess],
+) -> None:
+    server, agent = stack
+    token = agent.join_token
+    agent_id = agent.agent_id()
+    create_entry(server, "spiffe://example.org/again", agent_id, UID_SELECTOR)
+    agent.wait_svid("spiffe://example.org/again")
+    assert stat.S_IMODE((agent.data_dir / "agent_key.der").stat().st_mode) == 0o600
+    assert agent.stop() == 0
+    assert not agent.socket_path.exists()
+    agent.join_token = ""  # the token was single-use; the agent must not need it again
+    agent.start()
+    agent.wait_svid("spiffe://example.org/again")
+    agents = server.cli_json("agent", "list")
+    items = agents.get("agents", agents) if isinstance(agents, dict) else agents
+    assert [a["spiffe_id"] for a in items] == [agent_id]
+    assert "attested" not in agent.logs().split("agent started")[-1]
+    secret = token.split(".", 1)[1]
+    assert secret not in agent.logs()  # never a secret in a log line
+
+
+def test_workload_api_refuses_without_header_on_the_real_agent(
+    stack: tuple[ServerProcess, AgentProcess],
+) -> None:
+    _, agent = stack
+    with pytest.raises(grpc.RpcError) as exc:
+        next(agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), timeout=5))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    wait_for(lambda: agent.cli("healthcheck").returncode == 0, 15, "agent health")
+
+
+def _node_pki(root: Path) -> tuple[Path, Path, Path]:
+    """A node CA (given to the server) and a node certificate + key (given to the agent)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    node_key = ec.generate_private_key(ec.SECP256R1())
+    node = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node-1")]))
+        .issuer_name(ca_name)
+        .public_key(node_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (root / "node-ca.pem", root / "node.pem", root / "node.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(node.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        node_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def test_x509pop_attestation_serves_workloads() -> None:
+    root = short_tmpdir()
+    ca_path, cert_path, key_path = _node_pki(root)
+    server = make_server(root, x509pop_ca_bundle=str(ca_path)).start()
+    agent = AgentProcess(root, server)
+    try:
+        agent.start("--x509pop-cert", str(cert_path), "--x509pop-key", str(key_path))
+
+        def agent_id() -> str | None:
+            listed = server.cli_json("agent", "list")
+            items = listed.get("agents", listed) if isinstance(listed, dict) else listed
+            ids = [a["spiffe_id"] for a in items if "/x509pop/" in a["spiffe_id"]]
+            return ids[0] if ids else None
+
+        parent = wait_for(agent_id, 30, "x509pop attestation")
+        create_entry(server, "spiffe://example.org/pop", parent, UID_SELECTOR)
+        agent.wait_svid("spiffe://example.org/pop")
+    finally:
+        agent.stop()
+        print("---- agent log ----\n" + agent.logs()[-4000:])
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_metrics_and_health_endpoint(stack: tuple[ServerProcess, AgentProcess]) -> None:
+    import urllib.error
+    import urllib.request
+
+    _server, agent = stack
+    agent.stop()
+    agent.start("--metrics-address", "127.0.0.1:0")
+    info = json.loads((agent.data_dir / "agent.json").read_text())
+    base = f"http://{info['metrics_address']}"
+
+    def healthy() -> bool:
+        try:
+            return bool(urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503:  # 503 = not ready yet; anything else is a failure
+                raise
+            return False
+
+    wait_for(healthy, 30, "healthz")
+    body = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    assert "svid_agent_server_connected 1.0" in body
+    assert "svid_agent_workload_connections" in body

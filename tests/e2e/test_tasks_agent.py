@@ -1,0 +1,295 @@
+"""End to end through the whole path: a workload (this test) on the agent's socket, a real
+`svid-agent run` process, a real `svid-server run` process. The six scenarios of issue 6 that
+involve a running agent, plus the verifier fed from the agent after a task ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+
+import svid
+from svid._proto import (
+    revocation_pb2,
+    revocation_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+    workload_pb2,
+    workload_pb2_grpc,
+)
+from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
+
+pytestmark = pytest.mark.e2e
+TD = f"spiffe://{TRUST_DOMAIN}"
+RUNTIME = f"{TD}/agents/research-bot"
+HEADER = (("workload.spiffe.io", "true"),)
+
+
+@dataclass
+class AgentProcess:
+    root: Path
+    proc: subprocess.Popen[bytes]
+    socket_path: Path
+
+    def logs(self) -> str:
+        path = self.root / "agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_agent(root: Path, server: ServerProcess, token: str) -> AgentProcess:
+    bundle = root / "bundle.pem"
+    bundle.write_text(server.cli("bundle", "show").stdout)
+    socket_path = root / "public" / "api.sock"
+    config = root / "agent.toml"
+    values = {
+        "server_address": server.runtime["node_address"],
+        "server_attest_address": server.runtime["attest_address"],
+        "trust_bundle": str(bundle),
+        "join_token": token,
+        "data_dir": str(root / "agent"),
+        "socket_path": str(socket_path),
+        "log_level": "info",
+    }
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    with (root / "agent.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent_attestor.cli", "run", "--config", str(config)],
+            stdout=log,
+            stderr=log,
+        )
+    return AgentProcess(root, proc, socket_path)
+
+
+@dataclass
+class Path3:
+    server: ServerProcess
+    agent: AgentProcess
+    channel: grpc.Channel
+
+    @property
+    def tasks(self) -> task_pb2_grpc.TasksStub:
+        return task_pb2_grpc.TasksStub(self.channel)
+
+    @property
+    def workload(self) -> workload_pb2_grpc.SpiffeWorkloadAPIStub:
+        return workload_pb2_grpc.SpiffeWorkloadAPIStub(self.channel)
+
+    def begin(self, **kw: Any) -> task_pb2.Task:
+        intent = task_pb2.Intent(
+            actions=kw.pop("actions", ["read"]),
+            resources=kw.pop("resources", ["docs"]),
+            classification=kw.pop("classification", ""),
+            on_behalf_of=kw.pop("on_behalf_of", "user:alice"),
+            goal=kw.pop("goal", "summarise the Q3 reports"),
+        )
+        request = task_pb2.BeginTaskRequest(intent=intent, ttl=kw.pop("ttl", 300), **kw)
+        task: task_pb2.Task = self.tasks.BeginTask(request, metadata=HEADER, timeout=10).task
+        return task
+
+    def jwt(self, spiffe_id: str, audience: str) -> str:
+        reply = self.workload.FetchJWTSVID(
+            workload_pb2.JWTSVIDRequest(spiffe_id=spiffe_id, audience=[audience]),
+            metadata=HEADER,
+            timeout=10,
+        )
+        return str(reply.svids[0].svid)
+
+    def jwt_eventually(self, spiffe_id: str, audience: str) -> str:
+        """The task entry reaches the agent over Sync a moment after BeginTask returns."""
+
+        def attempt() -> str | None:
+            try:
+                return self.jwt(spiffe_id, audience)
+            except grpc.RpcError as exc:
+                if exc.code() is grpc.StatusCode.PERMISSION_DENIED and "entitled" in (
+                    exc.details() or ""
+                ):
+                    return None
+                raise
+
+        return str(wait_for(attempt, 10, f"a JWT-SVID for {spiffe_id}"))
+
+
+@pytest.fixture
+def path3() -> Iterator[Path3]:
+    root = short_tmpdir("sva")
+    server = make_server(root)
+    server.start()
+    agent: AgentProcess | None = None
+    channel: grpc.Channel | None = None
+    try:
+        token = server.cli_json("token", "generate")["token"]
+        agent = start_agent(root, server, token)
+
+        def attested() -> str | None:
+            listed = server.cli_json("agent", "list").get("agents", [])
+            return listed[0]["spiffe_id"] if listed else None
+
+        agent_id = wait_for(attested, 20, "the agent to attest")
+        server.cli(
+            "entry", "create", "--spiffe-id", RUNTIME, "--parent-id", agent_id,
+            "--selector", f"unix:uid:{os.getuid()}",
+        )  # fmt: skip
+        channel = grpc.insecure_channel(f"unix:{agent.socket_path}")
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+
+        def has_svid() -> bool:
+            try:
+                stream = stub.FetchX509SVID(
+                    workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=5
+                )
+                first = next(stream)
+                stream.cancel()
+                return bool(first.svids)
+            except grpc.RpcError:
+                return False
+
+        wait_for(has_svid, 20, "the runtime's X.509-SVID at the agent", interval=0.1)
+        yield Path3(server, agent, channel)
+    except BaseException:
+        if agent is not None:
+            print(agent.logs()[-4000:])
+        print(server.logs()[-4000:])
+        raise
+    finally:
+        if channel is not None:
+            channel.close()
+        if agent is not None:
+            agent.stop()
+        if server.proc is not None:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_research_task_reads_documents_then_ends_and_is_revoked_everywhere(
+    path3: Path3,
+) -> None:
+    x509_stream = path3.workload.FetchX509SVID(
+        workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=60
+    )
+    assert [s.spiffe_id for s in next(x509_stream).svids] == [RUNTIME]
+    task = path3.begin()
+    assert task.spiffe_id == f"{RUNTIME}/task/{task.task_id}"
+
+    # The task X.509-SVID joins the open stream, after the runtime's own (still the default).
+    def with_task() -> workload_pb2.X509SVIDResponse | None:
+        msg = next(x509_stream)
+        return msg if len(msg.svids) == 2 else None
+
+    msg = wait_for(with_task, 10, "the task X.509-SVID on the open stream")
+    assert [s.spiffe_id for s in msg.svids] == [RUNTIME, task.spiffe_id]
+    serial = svid.parse_der_certs(msg.svids[1].x509_svid)[0].serial_number
+
+    # In intent: a JWT-SVID with the task claims, accepted by a svid verifier fed from the agent.
+    token = path3.jwt_eventually(task.spiffe_id, "docs")
+    bundles = path3.workload.FetchJWTBundles(
+        workload_pb2.JWTBundlesRequest(), metadata=HEADER, timeout=10
+    )
+    jwks = next(bundles).bundles[TD]
+    bundles.cancel()
+    jwt_bundle = svid.JwtBundle.parse_jwks(svid.TrustDomain(TRUST_DOMAIN), jwks)
+    revocations = svid.RevocationSet()
+    verifier = svid.JwtVerifier(lambda _td: jwt_bundle, revocations=revocations)
+    verified = verifier.verify(token, "docs")
+    assert str(verified.spiffe_id) == task.spiffe_id
+    assert verified.claims["txn"] == task.task_id
+    assert verified.claims["scope"] == "read"
+    assert verified.claims["act"] == {"sub": "user:alice"}
+    watch = revocation_pb2_grpc.RevocationsStub(path3.channel).Watch(
+        revocation_pb2.WatchRequest(), metadata=HEADER, timeout=60
+    )
+    next(watch)
+
+    # End: the verifier fed from the agent refuses the JWT, the stream drops the X.509-SVID and
+    # the CRL lists its serial.
+    path3.tasks.EndTask(task_pb2.EndTaskRequest(task_id=task.task_id), metadata=HEADER, timeout=10)
+
+    def fed() -> bool:
+        items = next(watch).items
+        revocations.replace(svid.Revoked(i.kind, i.value, i.expires_at) for i in items)
+        return revocations.is_jti_revoked(str(verified.claims["jti"]))
+
+    wait_for(fed, 5, "the revocation list from the agent")
+    with pytest.raises(svid.RevokedError):
+        verifier.verify(token, "docs")
+    watch.cancel()
+
+    def without_task() -> workload_pb2.X509SVIDResponse | None:
+        msg = next(x509_stream)
+        return msg if len(msg.svids) == 1 and msg.crl else None
+
+    msg = wait_for(without_task, 10, "the stream without the task SVID, with a CRL")
+    assert [s.spiffe_id for s in msg.svids] == [RUNTIME]
+    crl = x509.load_der_x509_crl(msg.crl[0])
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    x509_stream.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        path3.workload.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="docs", svid=token),
+            metadata=HEADER,
+            timeout=10,
+        )
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        path3.jwt(task.spiffe_id, "docs")
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+    # The audit log has the whole story, validation at the agent included.
+    def validated() -> list[dict[str, Any]] | None:
+        out = path3.server.cli(
+            "audit", "export", "--data-dir", str(path3.server.data_dir), "--kind", "jwt_validated"
+        ).stdout
+        events = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return events or None
+
+    (event,) = wait_for(validated, 5, "the agent's validation report")
+    assert event["decision"] == "deny"
+    assert event["task_id"] == task.task_id
+
+
+def test_out_of_intent_audience_is_denied_and_flagged(path3: Path3) -> None:
+    task = path3.begin()
+    path3.jwt_eventually(task.spiffe_id, "docs")
+    with pytest.raises(grpc.RpcError) as err:
+        path3.jwt(task.spiffe_id, "payroll")
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "lateral movement" in (err.value.details() or "")
+    out = path3.server.cli(
+        "audit", "export", "--data-dir", str(path3.server.data_dir), "--decision", "deny"
+    ).stdout
+    (denial,) = [json.loads(line) for line in out.splitlines()]
+    assert denial["task_id"] == task.task_id
+    assert denial["extra"]["flag"] == "lateral_movement"
+
+
+def test_restricted_export_and_widening_sub_task_are_denied(path3: Path3) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        path3.begin(actions=["export_data"], resources=["s3:reports"], classification="restricted")
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    parent = path3.begin()
+    with pytest.raises(grpc.RpcError) as err:
+        path3.begin(resources=["docs", "payroll"], parent_task_id=parent.task_id)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "privilege chaining" in (err.value.details() or "")
+    listed = path3.tasks.ListTasks(task_pb2.ListTasksRequest(), metadata=HEADER, timeout=10)
+    assert [t.task_id for t in listed.tasks] == [parent.task_id]
