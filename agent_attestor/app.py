@@ -104,10 +104,6 @@ class AgentApp:
         )
         self.rotator = Rotator(self.cache, self.syncer, self.clock)
         self.jwts = JwtCache(self.syncer, self.clock, config.jwt_cache_size)
-        self.api = WorkloadApi(
-            self.cache, self.registry, self.jwts, self.clock, on_call=self._on_call
-        )
-        self.health = health.aio.HealthServicer()
         # The task layer (issue 6): Tasks and Revocations services on the same socket.
         self.task_layer = build_task_layer(
             cache=self.cache,
@@ -116,6 +112,15 @@ class AgentApp:
             clock=self.clock,
             channel=self.syncer.channel,
         )
+        self.api = WorkloadApi(
+            self.cache,
+            self.registry,
+            self.jwts,
+            self.clock,
+            on_call=self._on_call,
+            on_validate=self.task_layer.reporter.report,
+        )
+        self.health = health.aio.HealthServicer()
         self.endpoint = WorkloadEndpoint(
             socket_path=config.socket_path,
             private_dir=resolve_private_dir(config),

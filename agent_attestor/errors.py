@@ -31,3 +31,7 @@ class NotReadyError(AgentError):
 
 class JwtValidationError(AgentError):
     """A JWT-SVID failed validation; the message says which check (never the token)."""
+
+
+class BadRequestError(AgentError, ValueError):
+    """The server refused a request as malformed (INVALID_ARGUMENT)."""

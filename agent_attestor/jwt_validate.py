@@ -73,6 +73,17 @@ def _verify_signature(alg: str, public_der: bytes, signing_input: bytes, sig: by
     return True
 
 
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The claims of a token without any check: for audit records only, never for decisions."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        return _segment_json(parts[1], "claims")
+    except JwtValidationError:
+        return {}
+
+
 def validate_jwt(
     token: str, audience: str, bundles: Mapping[str, TrustBundle], now: float
 ) -> ValidatedJwt:

@@ -18,7 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from agent_attestor import _crypto
 from agent_attestor.agent_store import AgentSvid
 from agent_attestor.cache import SyncState
-from agent_attestor.errors import AttestationError, ConfigError
+from agent_attestor.errors import (
+    AttestationError,
+    BadRequestError,
+    ConfigError,
+    NoIdentityError,
+)
 from agent_attestor.model import Entry, TrustBundle
 from agent_attestor.signer import MintedJwt, X509Result
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
@@ -192,10 +197,22 @@ class NodeClient:
         ]
 
     async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
-        reply = await self._mtls().NewJWTSVID(
-            node_pb2.NewJWTSVIDRequest(spiffe_id=spiffe_id, audience=audience, entry_id=entry_id),
-            timeout=10,
-        )
+        try:
+            reply = await self._mtls().NewJWTSVID(
+                node_pb2.NewJWTSVIDRequest(
+                    spiffe_id=spiffe_id, audience=audience, entry_id=entry_id
+                ),
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+            # A decision of the server (policy, entitlement) reaches the workload as such;
+            # anything else means "not now".
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                raise NoIdentityError(details) from exc
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise BadRequestError(details) from exc
+            raise
         return MintedJwt(
             token=reply.token, issued_at=float(reply.issued_at), expires_at=float(reply.expires_at)
         )

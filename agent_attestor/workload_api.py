@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import struct_pb2
 
 from agent_attestor import _crypto
 from agent_attestor.cache import Cache, Identity, Snapshot
-from agent_attestor.errors import JwtValidationError
+from agent_attestor.errors import BadRequestError, JwtValidationError, NoIdentityError
 from agent_attestor.jwt_cache import JwtCache
-from agent_attestor.jwt_validate import validate_jwt
+from agent_attestor.jwt_validate import unverified_claims, validate_jwt
 from agent_attestor.model import Entry
 from agent_attestor.peer import Caller, CallerRegistry
 from svid._clock import Clock
@@ -31,6 +32,22 @@ def _td_key(name: str) -> str:
     return f"spiffe://{name}"
 
 
+class ValidationHook(Protocol):
+    """Told about every ValidateJWTSVID answer (the task layer reports them for audit)."""
+
+    def __call__(
+        self,
+        *,
+        subject: str,
+        audience: list[str],
+        ok: bool,
+        reason: str = "",
+        jti: str = "",
+        txn: str = "",
+        caller_id: str = "",
+    ) -> None: ...
+
+
 class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
     def __init__(
         self,
@@ -38,9 +55,12 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         registry: CallerRegistry,
         jwts: JwtCache,
         clock: Clock,
+        *,
         on_call: Callable[[str], None] | None = None,
+        on_validate: ValidationHook | None = None,
     ) -> None:
         self._on_call = on_call or (lambda _method: None)
+        self._on_validate = on_validate
         self._cache = cache
         self._registry = registry
         self._jwts = jwts
@@ -179,6 +199,10 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         for entry in chosen:
             try:
                 jwt = await self._jwts.get(entry.spiffe_id, audience, entry.id)
+            except NoIdentityError as exc:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            except BadRequestError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except Exception as exc:
                 log.warning("could not mint a JWT-SVID", extra={"error": str(exc)})
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "could not mint a JWT-SVID")
@@ -209,10 +233,39 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 sent = msg
             await self._cache.wait_change(snap.version)
 
+    def _report(
+        self,
+        snap: Snapshot,
+        caller: Caller,
+        request: workload_pb2.ValidateJWTSVIDRequest,
+        claims: dict[str, Any],
+        failure: str,
+    ) -> None:
+        if self._on_validate is None:
+            return
+        entries = snap.entries_for(caller.selectors)
+
+        def text(name: str) -> str:
+            value = claims.get(name)
+            return value if isinstance(value, str) else ""
+
+        try:
+            self._on_validate(
+                subject=text("sub"),
+                audience=[request.audience],
+                ok=not failure,
+                reason=failure,
+                jti=text("jti"),
+                txn=text("txn"),
+                caller_id=entries[0].spiffe_id if entries else "",
+            )
+        except Exception as exc:  # auditing must never change the answer
+            log.warning("validation hook failed", extra={"error": str(exc)})
+
     async def ValidateJWTSVID(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.ValidateJWTSVIDRequest, context: grpc.aio.ServicerContext
     ) -> workload_pb2.ValidateJWTSVIDResponse:
-        await self._caller(context, "ValidateJWTSVID")
+        caller = await self._caller(context, "ValidateJWTSVID")
         if not request.audience:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
@@ -226,7 +279,9 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
             if isinstance(jti, str) and jti in snap.revoked_jtis:
                 raise JwtValidationError("token has been revoked")
         except JwtValidationError as exc:
+            self._report(snap, caller, request, unverified_claims(request.svid), str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token is invalid: {exc}")
+        self._report(snap, caller, request, dict(result.claims), "")
         claims = struct_pb2.Struct()
         claims.update(dict(result.claims))
         return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=result.spiffe_id, claims=claims)

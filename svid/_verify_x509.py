@@ -17,14 +17,15 @@ from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtensionOID
 
+from svid import _cert_der as der
 from svid._bundle import X509Bundle
 from svid._cache import LruCache
 from svid._clock import Clock, SystemClock
-from svid._der import parse_der_certs, tbs_names
+from svid._der import tbs_names
 from svid._errors import (
     ExpiredError,
     RevokedError,
@@ -35,7 +36,7 @@ from svid._errors import (
 )
 from svid._revocation import RevocationSet
 from svid._spiffe_id import SpiffeId, TrustDomain
-from svid._x509 import check_leaf_profile, check_signing_profile
+from svid._x509 import check_leaf_facts, check_signing_profile
 
 X509BundleGetter = Callable[[TrustDomain], X509Bundle | None]
 
@@ -52,6 +53,32 @@ _UNDERSTOOD_CRITICAL = frozenset(
         ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
     }
 )
+
+_UNDERSTOOD_CRITICAL_DER = frozenset(
+    {
+        der.OID_BASIC_CONSTRAINTS,
+        der.OID_KEY_USAGE,
+        der.OID_EXT_KEY_USAGE,
+        der.OID_SAN,
+        der.OID_SUBJECT_KEY_ID,
+        der.OID_AUTHORITY_KEY_ID,
+    }
+)
+_ECDSA_OID = b"\x06\x08\x2a\x86\x48\xce\x3d\x04\x03"
+_RSA_OID = b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01"
+# Signature AlgorithmIdentifiers (full DER) read without cryptography's help; anything else
+# (RSA-PSS, unusual encodings) takes the slower path through the Certificate object.
+_EC_SIGS: dict[bytes, ec.ECDSA] = {
+    b"\x30\x0a" + _ECDSA_OID + b"\x02": ec.ECDSA(hashes.SHA256()),
+    b"\x30\x0a" + _ECDSA_OID + b"\x03": ec.ECDSA(hashes.SHA384()),
+    b"\x30\x0a" + _ECDSA_OID + b"\x04": ec.ECDSA(hashes.SHA512()),
+}
+_RSA_SIGS: dict[bytes, hashes.HashAlgorithm] = {
+    b"\x30\x0d" + _RSA_OID + b"\x0b\x05\x00": hashes.SHA256(),
+    b"\x30\x0d" + _RSA_OID + b"\x0c\x05\x00": hashes.SHA384(),
+    b"\x30\x0d" + _RSA_OID + b"\x0d\x05\x00": hashes.SHA512(),
+}
+_PKCS1 = padding.PKCS1v15()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +149,50 @@ def _signature_ok(cert: x509.Certificate, tbs: bytes, key: object) -> bool:
     return False
 
 
+def _facts_signature_ok(cert: x509.Certificate, facts: der.CertFacts, key: object) -> bool:
+    """Is ``facts`` (the DER of ``cert``) signed by ``key``?"""
+    algorithm = facts.signature_algorithm
+    ecdsa = _EC_SIGS.get(algorithm)
+    try:
+        if ecdsa is not None:
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                return False
+            key.verify(facts.signature, facts.tbs, ecdsa)
+            return True
+        hash_alg = _RSA_SIGS.get(algorithm)
+        if hash_alg is not None:
+            if not isinstance(key, rsa.RSAPublicKey):
+                return False
+            key.verify(facts.signature, facts.tbs, _PKCS1, hash_alg)
+            return True
+    except InvalidSignature:
+        return False
+    return _signature_ok(cert, facts.tbs, key)
+
+
+def _check_critical_facts(facts: der.CertFacts) -> None:
+    for oid, ext in facts.extensions.items():
+        if ext.critical and oid not in _UNDERSTOOD_CRITICAL_DER:
+            raise VerificationError(
+                f"leaf serial {facts.serial:x} has an unsupported critical extension {_dotted(oid)}"
+            )
+
+
+def _dotted(oid: bytes) -> str:
+    """Dotted form of a DER OID body, for messages."""
+    arcs: list[int] = []
+    value = 0
+    for byte in oid:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    if not arcs:
+        return oid.hex()
+    first = min(arcs[0] // 40, 2)
+    return ".".join(str(a) for a in [first, arcs[0] - 40 * first, *arcs[1:]])
+
+
 def _make_anchor(cert: x509.Certificate) -> _Anchor | None:
     """An authority usable as a trust anchor, or None if it cannot sign (then it's skipped)."""
     try:
@@ -171,9 +242,9 @@ class _AnchorIndex:
                 subject = tbs_names(cert.tbs_certificate_bytes)[1]
                 self.by_subject.setdefault(subject, []).append(anchor)
 
-    def issuer_of(self, cert: x509.Certificate, tbs: bytes, issuer: bytes) -> _Anchor | None:
-        for anchor in self.by_subject.get(issuer, ()):
-            if _signature_ok(cert, tbs, anchor.public_key):
+    def issuer_of(self, cert: x509.Certificate, facts: der.CertFacts) -> _Anchor | None:
+        for anchor in self.by_subject.get(facts.issuer, ()):
+            if _facts_signature_ok(cert, facts, anchor.public_key):
                 return anchor
         return None
 
@@ -212,11 +283,13 @@ class X509Verifier:
             if self._still_valid(entry, now):
                 return entry.result
             self._cache.discard(chain_der)
+        if not chain_der:
+            raise VerificationError("X.509-SVID chain is unreadable: the DER data is empty")
         try:
-            certs = parse_der_certs(chain_der)
+            ders = der.split_certs(chain_der)
         except SvidParseError as exc:
             raise VerificationError(f"X.509-SVID chain is unreadable: {exc}") from exc
-        entry = self._verify_guarded(certs, now)
+        entry = self._verify_guarded(ders, None, now)
         self._cache.put(chain_der, entry)
         return entry.result
 
@@ -231,7 +304,8 @@ class X509Verifier:
             if self._still_valid(entry, now):
                 return entry.result
             self._cache.discard(key)
-        entry = self._verify_guarded(list(chain), now)
+        ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
+        entry = self._verify_guarded(ders, list(chain), now)
         self._cache.put(key, entry)
         return entry.result
 
@@ -268,19 +342,39 @@ class X509Verifier:
         self._indexes[bundle.trust_domain] = (bundle, index)
         return index
 
-    def _verify_guarded(self, certs: list[x509.Certificate], now: float) -> _Entry:
-        # cryptography parses lazily: a malformed extension or key surfaces only when read.
+    def _verify_guarded(
+        self, ders: list[bytes], certs: list[x509.Certificate] | None, now: float
+    ) -> _Entry:
+        # Both readers must accept every certificate: our strict DER one for the facts, and
+        # cryptography for keys and intermediates. cryptography parses lazily, so a malformed
+        # extension or key surfaces only when read: that is guarded too.
         try:
-            return self._verify(certs, now)
+            facts = [der.parse_cert(d) for d in ders]
+        except SvidParseError as exc:
+            raise VerificationError(f"X.509-SVID chain is unreadable: {exc}") from exc
+        try:
+            if certs is None:
+                certs = []
+                for offset, d in enumerate(ders):
+                    try:
+                        certs.append(x509.load_der_x509_certificate(d))
+                    except ValueError as exc:
+                        raise VerificationError(
+                            f"X.509-SVID chain is unreadable: certificate {offset} is not a "
+                            f"valid X.509 certificate: {exc}"
+                        ) from exc
+            return self._verify(certs, facts, now)
         except SvidError:
             raise
         except (ValueError, UnsupportedAlgorithm) as exc:
             raise VerificationError(f"a certificate in the chain is malformed: {exc}") from exc
 
-    def _verify(self, certs: list[x509.Certificate], now: float) -> _Entry:
-        leaf = certs[0]
+    def _verify(
+        self, certs: list[x509.Certificate], facts: list[der.CertFacts], now: float
+    ) -> _Entry:
+        leaf, leaf_facts = certs[0], facts[0]
         try:
-            sid = check_leaf_profile(leaf)
+            sid = check_leaf_facts(leaf_facts)
         except X509SvidError as exc:
             raise VerificationError(f"leaf breaks the X.509-SVID profile: {exc}") from exc
         td = sid.trust_domain
@@ -289,28 +383,27 @@ class X509Verifier:
             raise VerificationError(f"no X.509 bundle for trust domain {td}")
         index = self._index(bundle)
 
-        path = [leaf]
-        _check_critical(leaf, "leaf", is_ca=False)
-        rest = certs[1:]
-        tbs = leaf.tbs_certificate_bytes
-        issuer = tbs_names(tbs)[0]
-        anchor = index.issuer_of(leaf, tbs, issuer)
+        _check_critical_facts(leaf_facts)
+        path, path_facts = [leaf], [leaf_facts]
+        current = leaf_facts
+        anchor = index.issuer_of(leaf, current)
+        i = 1
         while anchor is None:
-            if not rest:
+            if i >= len(certs):
                 raise VerificationError(
                     f"chain of leaf serial {_serial(leaf)} does not lead to an authority of "
                     f"trust domain {td}"
                 )
             if len(path) >= self._max_depth:
                 raise VerificationError(f"chain is longer than {self._max_depth} certificates")
-            current, nxt = path[-1], rest[0]
-            rest = rest[1:]
-            nxt_tbs = nxt.tbs_certificate_bytes
-            nxt_issuer, nxt_subject = tbs_names(nxt_tbs)
-            if nxt_subject != issuer or not _signature_ok(current, tbs, nxt.public_key()):
+            nxt, nxt_facts = certs[i], facts[i]
+            i += 1
+            if nxt_facts.subject != current.issuer or not _facts_signature_ok(
+                path[-1], current, nxt.public_key()
+            ):
                 raise VerificationError(
-                    f"certificate serial {_serial(current)} is not signed by the next "
-                    f"certificate in the chain (serial {_serial(nxt)})"
+                    f"certificate serial {current.serial:x} is not signed by the next "
+                    f"certificate in the chain (serial {nxt_facts.serial:x})"
                 )
             try:
                 check_signing_profile(nxt)
@@ -324,33 +417,32 @@ class X509Verifier:
                 )
             _check_critical(nxt, "intermediate", is_ca=True)
             path.append(nxt)
-            tbs, issuer = nxt_tbs, nxt_issuer
-            anchor = index.issuer_of(nxt, tbs, issuer)
+            path_facts.append(nxt_facts)
+            current = nxt_facts
+            anchor = index.issuer_of(nxt, current)
 
         if anchor.path_length is not None and len(path) - 1 > anchor.path_length:
             raise VerificationError(
                 f"authority serial {_serial(anchor.cert)} allows {anchor.path_length} CAs below it"
             )
         not_before, not_after = anchor.not_before, anchor.not_after
-        leaf_not_after = 0.0
-        for i, cert in enumerate(path):
-            nb, na = _times(cert)
-            if i == 0:
-                leaf_not_after = na
-            what = "leaf" if i == 0 else "intermediate"
-            if now < nb:
-                raise ExpiredError(f"{what} serial {_serial(cert)} is not valid before {nb:.0f}")
-            if now > na:
-                raise ExpiredError(f"{what} serial {_serial(cert)} expired at {na:.0f}")
-            not_before, not_after = max(not_before, nb), min(not_after, na)
+        for n, f in enumerate(path_facts):
+            what = "leaf" if n == 0 else "intermediate"
+            if now < f.not_before:
+                raise ExpiredError(
+                    f"{what} serial {f.serial:x} is not valid before {f.not_before:.0f}"
+                )
+            if now > f.not_after:
+                raise ExpiredError(f"{what} serial {f.serial:x} expired at {f.not_after:.0f}")
+            not_before, not_after = max(not_before, f.not_before), min(not_after, f.not_after)
         if now < anchor.not_before or now > anchor.not_after:
             raise ExpiredError(
                 f"authority serial {_serial(anchor.cert)} of trust domain {td} is outside its "
                 "validity period"
             )
-        serials = tuple(_serial(c) for c in path)
+        serials = tuple(format(f.serial, "x") for f in path_facts)
         for serial in serials:
             if self._revocations.is_serial_revoked(serial):
                 raise RevokedError(f"certificate serial {serial} of {sid} is revoked")
-        result = VerifiedX509(sid, tuple(path), serials[0], leaf_not_after)
+        result = VerifiedX509(sid, tuple(path), serials[0], leaf_facts.not_after)
         return _Entry(result, td, bundle, not_before, not_after, serials)

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from svid import _cert_der as der
 from svid._der import certs_to_pem, der_concat, load_pem_certs, parse_der_certs
 from svid._errors import SpiffeIdError, SvidParseError, X509SvidError
 from svid._spiffe_id import SpiffeId
@@ -17,6 +18,7 @@ from svid._spiffe_id import SpiffeId
 __all__ = [
     "X509Svid",
     "certs_to_pem",
+    "check_leaf_facts",
     "check_leaf_profile",
     "check_signing_profile",
     "der_concat",
@@ -135,6 +137,62 @@ def check_leaf_profile(cert: x509.Certificate) -> SpiffeId:
     if san is not None and not san.critical and len(cert.subject) == 0:
         raise X509SvidError(
             f"leaf serial {_serial(cert)} has an empty subject but a non-critical SAN extension"
+        )
+    return sid
+
+
+def check_leaf_facts(facts: der.CertFacts) -> SpiffeId:
+    """``check_leaf_profile`` on a certificate's raw DER facts: the same rules, read directly.
+
+    The verifier's uncached path uses this; cryptography's extension objects cost more than the
+    rest of the check. Malformed extension values are X509SvidErrors, as there.
+    """
+    serial = format(facts.serial, "x")
+    exts = facts.extensions
+    try:
+        san = exts.get(der.OID_SAN)
+        uris = der.san_uris(san.value) if san is not None else []
+        if len(uris) != 1:
+            raise X509SvidError(
+                f"certificate serial {serial} must have exactly one URI SAN, has {len(uris)}"
+            )
+        try:
+            sid = _parse_id(uris[0])
+        except SpiffeIdError as exc:
+            raise X509SvidError(
+                f"certificate serial {serial} URI SAN is not a SPIFFE ID: {exc}"
+            ) from None
+        if not sid.path:
+            raise X509SvidError(f"leaf serial {serial} SPIFFE ID {sid} has no path (root ID)")
+        bc = exts.get(der.OID_BASIC_CONSTRAINTS)
+        if bc is None:
+            raise X509SvidError(f"leaf serial {serial} has no basic constraints extension")
+        if der.basic_constraints(bc.value)[0]:
+            raise X509SvidError(f"leaf serial {serial} has cA=true")
+        ku = exts.get(der.OID_KEY_USAGE)
+        if ku is None:
+            raise X509SvidError(f"leaf serial {serial} has no key usage extension")
+        if not ku.critical:
+            raise X509SvidError(f"leaf serial {serial} key usage extension is not critical")
+        bits = der.key_usage_bits(ku.value)
+        if not bits & (1 << der.DIGITAL_SIGNATURE):
+            raise X509SvidError(f"leaf serial {serial} key usage lacks digitalSignature")
+        if bits & (1 << der.KEY_CERT_SIGN):
+            raise X509SvidError(f"leaf serial {serial} key usage has keyCertSign")
+        if bits & (1 << der.CRL_SIGN):
+            raise X509SvidError(f"leaf serial {serial} key usage has cRLSign")
+        eku = exts.get(der.OID_EXT_KEY_USAGE)
+        if eku is not None:
+            purposes = der.ext_key_usages(eku.value)
+            if der.OID_SERVER_AUTH not in purposes or der.OID_CLIENT_AUTH not in purposes:
+                raise X509SvidError(
+                    f"leaf serial {serial} extended key usage lacks serverAuth and/or clientAuth"
+                )
+    except SvidParseError as exc:
+        raise X509SvidError(f"leaf serial {serial} has malformed extensions: {exc}") from None
+    if san is not None and not san.critical and facts.subject == der.EMPTY_NAME:
+        raise X509SvidError(
+            f"leaf serial {serial} has an empty subject but a non-critical SAN extension"
         )
     return sid
 

@@ -130,6 +130,7 @@ class FakeSigner:
         self.ca = ca
         self.spiffe_ids = spiffe_ids if spiffe_ids is not None else {}
         self.fail = False
+        self.refuse_jwt: Exception | None = None  # a server decision, e.g. NoIdentityError
         self.batches: list[int] = []
         self.jwt_calls = 0
 
@@ -154,5 +155,7 @@ class FakeSigner:
     async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
         if self.fail:
             raise ConnectionError("server unreachable")
+        if self.refuse_jwt is not None:
+            raise self.refuse_jwt
         self.jwt_calls += 1
         return self.ca.mint_jwt(spiffe_id, audience)

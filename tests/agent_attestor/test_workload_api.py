@@ -340,3 +340,45 @@ def test_leaf_from_stream_is_signed_by_the_bundle(agent: Harness) -> None:
     ca = x509.load_der_x509_certificate(msg.svids[0].bundle)
     _crypto.parse_der_certs(msg.svids[0].x509_svid)[0].verify_directly_issued_by(ca)
     threading.Event().wait(0)
+
+
+def test_validation_answers_are_reported_to_the_hook(agent: Harness) -> None:
+    seen: list[dict[str, object]] = []
+    agent.api._on_validate = lambda **kw: seen.append(kw)
+    agent.add_entry("/w")
+    stub = agent.stub()
+    token = agent.ca.mint_jwt("spiffe://example.org/w", ["svc"]).token
+    stub.ValidateJWTSVID(
+        workload_pb2.ValidateJWTSVIDRequest(audience="svc", svid=token), metadata=HEADER
+    )
+    with pytest.raises(grpc.RpcError):
+        stub.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="x", svid=token), metadata=HEADER
+        )
+    assert [(s["ok"], s["subject"], s["caller_id"]) for s in seen] == [
+        (True, "spiffe://example.org/w", "spiffe://example.org/w"),
+        (False, "spiffe://example.org/w", "spiffe://example.org/w"),
+    ]
+    assert "audience" in str(seen[1]["reason"])
+    assert all(token not in str(s) for s in seen)
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        ("deny", grpc.StatusCode.PERMISSION_DENIED),
+        ("bad", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_server_decisions_on_jwt_minting_reach_the_workload(
+    agent: Harness, refusal: str, code: grpc.StatusCode
+) -> None:
+    from agent_attestor.errors import BadRequestError, NoIdentityError
+
+    agent.add_entry("/w")
+    agent.signer.refuse_jwt = (
+        NoIdentityError("policy: lateral movement") if refusal == "deny" else BadRequestError("x")
+    )
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
+    assert _code(exc) == code
