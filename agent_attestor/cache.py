@@ -26,6 +26,8 @@ class SyncState:
     revoked_jtis: frozenset[str] = frozenset()
     crl: tuple[bytes, ...] = ()
     revision: int = 0
+    # (kind, value) -> the revoked credential's expiry, for the Revocations service.
+    revocation_expiry: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,7 @@ class Snapshot:
     revoked_serials: frozenset[str]
     revoked_jtis: frozenset[str]
     crl: tuple[bytes, ...]
+    revocation_expiry: Mapping[tuple[str, str], int] = field(default_factory=dict)
     # Per-snapshot memo: callers with the same selectors (every call of one process) share it.
     _matches: dict[frozenset[Selector], tuple[Entry, ...]] = field(
         default_factory=dict, compare=False, repr=False
@@ -107,6 +110,7 @@ class Cache:
         self._revoked_serials: frozenset[str] = frozenset()
         self._revoked_jtis: frozenset[str] = frozenset()
         self._crl: tuple[bytes, ...] = ()
+        self._revocation_expiry: Mapping[tuple[str, str], int] = {}
         self._waiters: set[asyncio.Future[int]] = set()
         self._snapshot: Snapshot | None = None
 
@@ -127,6 +131,7 @@ class Cache:
                 revoked_serials=self._revoked_serials,
                 revoked_jtis=self._revoked_jtis,
                 crl=self._crl,
+                revocation_expiry=self._revocation_expiry,
             )
             self._snapshot = snap
         return snap
@@ -168,6 +173,7 @@ class Cache:
             and state.revoked_serials == self._revoked_serials
             and state.revoked_jtis == self._revoked_jtis
             and state.crl == self._crl
+            and state.revocation_expiry == self._revocation_expiry
         ):
             return
         self._synced = True
@@ -178,6 +184,7 @@ class Cache:
         self._revoked_serials = state.revoked_serials
         self._revoked_jtis = state.revoked_jtis
         self._crl = state.crl
+        self._revocation_expiry = dict(state.revocation_expiry)
         self._changed()
 
     def put_svids(self, svids: Iterable[IssuedSvid]) -> int:

@@ -51,6 +51,14 @@ def sync_state(update: node_pb2.SyncUpdate) -> SyncState:
         ),
         revoked_jtis=frozenset(r.value for r in update.revocations if r.kind == _JWT_ID),
         crl=tuple(update.crl),
+        revocation_expiry={
+            (
+                "x509_serial" if r.kind == _X509_SERIAL else "jwt_id",
+                r.value.lower() if r.kind == _X509_SERIAL else r.value,
+            ): int(r.expires_at)
+            for r in update.revocations
+            if r.kind in (_X509_SERIAL, _JWT_ID)
+        },
         revision=update.revision,
     )
 

@@ -121,7 +121,14 @@ _DIGITS = frozenset(b"0123456789")
 
 
 def _time(data: bytes, pos: int, end: int) -> tuple[float, int]:
-    tag, start, stop = read_tlv(data, pos, end)
+    tag = data[pos] if pos < end else -1
+    start, stop = _expect(
+        data,
+        pos,
+        end,
+        _GENERALIZED_TIME if tag == _GENERALIZED_TIME else _UTC_TIME,
+        "validity time",
+    )
     text = data[start:stop]
     # Digits first: int() alone would also take signs, spaces and underscores.
     if text[-1:] != b"Z" or not _DIGITS.issuperset(text[:-1]):
@@ -293,12 +300,13 @@ def basic_constraints(value: bytes) -> tuple[bool, int | None]:
     return ca, path_len
 
 
-# KeyUsage bit numbers (RFC 5280 §4.2.1.3).
-DIGITAL_SIGNATURE, KEY_CERT_SIGN, CRL_SIGN = 0, 5, 6
+# KeyUsage bits as masks over the first two bytes of the BIT STRING (RFC 5280 §4.2.1.3 numbers
+# bit 0 as the most significant bit of the first byte).
+DIGITAL_SIGNATURE, KEY_CERT_SIGN, CRL_SIGN = 0x8000, 0x0400, 0x0200
 
 
 def key_usage_bits(value: bytes) -> int:
-    """The KeyUsage bits as an int where bit n of the ASN.1 BIT STRING is ``1 << n``."""
+    """The KeyUsage BIT STRING as a 16-bit big-endian int; test it with the masks above."""
     start, end = _expect(value, 0, len(value), _BIT_STRING, "key usage")
     if end != len(value) or start == end:
         raise _fail("key usage is empty or has trailing bytes")
@@ -307,12 +315,7 @@ def key_usage_bits(value: bytes) -> int:
         raise _fail("key usage BIT STRING is malformed")
     if body and body[-1] & ((1 << unused) - 1):
         raise _fail("key usage BIT STRING has set padding bits")
-    bits = 0
-    for i, byte in enumerate(body):
-        for j in range(8):
-            if byte & (0x80 >> j):
-                bits |= 1 << (8 * i + j)
-    return bits
+    return int.from_bytes(body.ljust(2, b"\0"), "big")
 
 
 def ext_key_usages(value: bytes) -> set[bytes]:

@@ -14,7 +14,7 @@ from svid._cache import LruCache
 from svid._clock import Clock, SystemClock
 from svid._errors import ExpiredError, JwtSvidError, RevokedError, VerificationError
 from svid._jose import verify_jws_signature
-from svid._jwt import check_claims, check_header, split_token
+from svid._jwt import check_claims, split_and_check_header
 from svid._revocation import RevocationSet
 from svid._spiffe_id import SpiffeId, TrustDomain
 
@@ -102,8 +102,8 @@ class JwtVerifier:
 
     def _verify(self, token: str, now: float) -> _Entry:
         try:
-            parsed = split_token(token)
-            alg, kid = check_header(parsed.header)
+            parsed = split_and_check_header(token)
+            alg, kid = parsed.alg, parsed.kid
             sid, audience, exp = check_claims(parsed.claims)
         except JwtSvidError as exc:
             raise VerificationError(f"malformed JWT-SVID: {exc}") from exc

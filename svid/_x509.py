@@ -175,11 +175,11 @@ def check_leaf_facts(facts: der.CertFacts) -> SpiffeId:
         if not ku.critical:
             raise X509SvidError(f"leaf serial {serial} key usage extension is not critical")
         bits = der.key_usage_bits(ku.value)
-        if not bits & (1 << der.DIGITAL_SIGNATURE):
+        if not bits & der.DIGITAL_SIGNATURE:
             raise X509SvidError(f"leaf serial {serial} key usage lacks digitalSignature")
-        if bits & (1 << der.KEY_CERT_SIGN):
+        if bits & der.KEY_CERT_SIGN:
             raise X509SvidError(f"leaf serial {serial} key usage has keyCertSign")
-        if bits & (1 << der.CRL_SIGN):
+        if bits & der.CRL_SIGN:
             raise X509SvidError(f"leaf serial {serial} key usage has cRLSign")
         eku = exts.get(der.OID_EXT_KEY_USAGE)
         if eku is not None:

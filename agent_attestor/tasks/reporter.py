@@ -16,6 +16,8 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+import grpc
+
 from svid._clock import Clock
 from svid._proto import task_pb2
 
@@ -66,6 +68,17 @@ class ValidationReporter:
             batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
             try:
                 await self._send(task_pb2.ReportValidationsRequest(validations=batch))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                    # The server will never take this batch: retrying would block the queue.
+                    self.dropped += len(batch)
+                    log.warning("server refused a validation report; dropped it")
+                    continue
+                self._queue.extendleft(reversed(batch))
+                log.warning(
+                    "cannot report validations to the server", extra={"error": exc.code().name}
+                )
+                return
             except Exception as exc:
                 # Put them back (oldest first) and try again next round.
                 self._queue.extendleft(reversed(batch))

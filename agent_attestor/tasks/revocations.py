@@ -49,7 +49,8 @@ class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[m
     ) -> None:
         self._cache = cache
         self._registry = registry
-        self._expiries = expiries or dict
+        # Default: the expiries the server sent with the list (kept in the cache).
+        self._expiries = expiries
 
     async def Watch(
         self, request: revocation_pb2.WatchRequest, context: grpc.aio.ServicerContext
@@ -63,7 +64,9 @@ class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[m
         sent: revocation_pb2.RevocationList | None = None
         while True:
             snap = self._cache.snapshot()
-            msg = revocation_list(snap, self._expiries())
+            msg = revocation_list(
+                snap, self._expiries() if self._expiries else snap.revocation_expiry
+            )
             if msg != sent:
                 sent = revocation_pb2.RevocationList()
                 sent.CopyFrom(msg)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
-from server.audit import AuditLog, EventDraft, EventKind
+from server.audit import AuditError, AuditLog, EventDraft, EventKind
 from server.ca.manager import CaManager
 from server.ca.signer import IssuedJwt
 from server.datastore.records import (
@@ -509,25 +509,37 @@ class TaskService:
         )
 
     def record_validations(self, agent_id: str, validations: Sequence[Any]) -> None:
-        """ValidateJWTSVID answers an agent reports (task_pb2.Validation): one event each."""
+        """ValidateJWTSVID answers an agent reports (task_pb2.Validation): one event each.
+
+        The claims of a refused token are unverified: a value that looks like a credential is
+        not recorded (the event keeps the decision and the reason it was dropped).
+        """
 
         def text(value: str, limit: int = 512) -> str | None:
             return value[:limit] or None
 
-        events = [
-            EventDraft(
-                kind=EventKind.JWT_VALIDATED,
-                agent_id=text(v.subject),
-                node_id=agent_id,
-                resource=text(",".join(v.audience)),
-                decision="allow" if v.ok else "deny",
-                reason=text(v.reason),
-                task_id=text(v.txn),
-                credential_id=text(v.jti),
-                extra={"validated_at": int(v.at), "caller_id": v.caller_id[:512]},
-            )
-            for v in validations
-        ]
+        events = []
+        for v in validations:
+            try:
+                event = EventDraft(
+                    kind=EventKind.JWT_VALIDATED,
+                    agent_id=text(v.subject),
+                    node_id=agent_id,
+                    resource=text(",".join(v.audience)),
+                    decision="allow" if v.ok else "deny",
+                    reason=text(v.reason),
+                    task_id=text(v.txn),
+                    credential_id=text(v.jti),
+                    extra={"validated_at": int(v.at), "caller_id": v.caller_id[:512]},
+                )
+            except AuditError:
+                event = EventDraft(
+                    kind=EventKind.JWT_VALIDATED,
+                    node_id=agent_id,
+                    decision="allow" if v.ok else "deny",
+                    reason="report dropped: a field looked like a credential",
+                )
+            events.append(event)
         if events:
             self._audit.append_many(events)
 

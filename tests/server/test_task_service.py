@@ -339,3 +339,16 @@ def test_reported_validations_become_audit_events(world: World) -> None:
     assert (ok["decision"], ok["credential_id"], ok["task_id"]) == ("allow", "j1", "t1")
     assert (refused["decision"], refused["reason"]) == ("deny", "token has been revoked")
     assert refused["node_id"] == AGENT
+
+
+def test_a_reported_claim_that_looks_like_a_token_is_not_recorded(world: World) -> None:
+    from svid._proto import task_pb2
+
+    forged = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+    world.service.record_validations(
+        AGENT, [task_pb2.Validation(subject=forged, audience=["docs"], ok=False, reason="bad")]
+    )
+    (event,) = world.events("jwt_validated")
+    assert event["decision"] == "deny"
+    assert forged not in str(event)
+    assert world.audit.verify().ok
