@@ -23,6 +23,7 @@ from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
 from agent_attestor.workload_client import WorkloadClient, endpoint_address, socket_uri
 from svid._errors import SvidError
+from svid._proto import task_pb2
 
 _BOOL_FLAGS = {"insecure_bootstrap"}
 
@@ -65,6 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     vjwt.add_argument("--audience", required=True)
     vjwt.add_argument("--svid", required=True)
     api.add_parser("watch", parents=[client], help="print every X.509-SVID update")
+
+    task = sub.add_parser("task", help="task-scoped identities for the calling workload")
+    tasks = task.add_subparsers(dest="task", required=True)
+    begin = tasks.add_parser("begin", parents=[client], help="begin a task with a declared intent")
+    begin.add_argument("--action", action="append", required=True, help="repeatable, e.g. read")
+    begin.add_argument("--resource", action="append", required=True, help="audience or tool")
+    begin.add_argument(
+        "--classification", default="", help="public|internal|confidential|restricted"
+    )
+    begin.add_argument("--environment", default="")
+    begin.add_argument("--on-behalf-of", default="")
+    begin.add_argument("--goal", default="", help="free text; only its sha256 leaves this node")
+    begin.add_argument("--ttl", type=int, default=300, help="requested seconds")
+    begin.add_argument("--parent-task", default="")
+    begin.add_argument("--spiffe-id", default="", help="identity to act under (default: first)")
+    end = tasks.add_parser("end", parents=[client], help="end a task and revoke its SVIDs")
+    end.add_argument("--id", required=True)
+    tasks.add_parser("list", parents=[client], help="the calling workload's tasks")
     return parser
 
 
@@ -152,6 +171,45 @@ def _cmd_watch(args: argparse.Namespace, client: WorkloadClient) -> int:
     return 0
 
 
+def _task_summary(task: task_pb2.Task) -> dict[str, Any]:
+    return json_format.MessageToDict(task, preserving_proto_field_name=True)
+
+
+def _print_tasks(args: argparse.Namespace, tasks: list[task_pb2.Task]) -> None:
+    if args.output == "json":
+        print(json.dumps({"tasks": [_task_summary(t) for t in tasks]}, indent=2))
+        return
+    for t in tasks:
+        print(f"Task ID   : {t.task_id}")
+        print(f"SPIFFE ID : {t.spiffe_id}")
+        print(f"State     : {t.state} ({t.decision}{': ' + t.reason if t.reason else ''})")
+        print(f"Actions   : {', '.join(t.actions)}")
+        print(f"Resources : {', '.join(t.resources)}")
+        print(f"Expires   : {t.expires_at}")
+        print()
+
+
+def _cmd_task(args: argparse.Namespace, client: WorkloadClient) -> int:
+    if args.task == "begin":
+        intent = task_pb2.Intent(
+            actions=args.action,
+            resources=args.resource,
+            classification=args.classification,
+            environment=args.environment,
+            on_behalf_of=args.on_behalf_of,
+            goal=args.goal,
+        )
+        request = task_pb2.BeginTaskRequest(
+            spiffe_id=args.spiffe_id, intent=intent, ttl=args.ttl, parent_task_id=args.parent_task
+        )
+        _print_tasks(args, [client.begin_task(request)])
+    elif args.task == "end":
+        _print_tasks(args, [client.end_task(args.id)])
+    else:
+        _print_tasks(args, client.list_tasks())
+    return 0
+
+
 def _cmd_healthcheck(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(endpoint_address(args.socket_path)) as channel:
         try:
@@ -186,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "healthcheck":
             return _cmd_healthcheck(args)
         with WorkloadClient(endpoint_address(args.socket_path), args.timeout) as client:
+            if args.command == "task":
+                return _cmd_task(args, client)
             if args.api == "fetch" and args.kind == "x509":
                 return _cmd_fetch_x509(args, client)
             if args.api == "fetch":

@@ -10,7 +10,7 @@ import grpc
 
 from agent_attestor.config import DEFAULT_SOCKET
 from agent_attestor.errors import AgentError, ConfigError
-from svid._proto import workload_pb2, workload_pb2_grpc
+from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
 
 HEADER = (("workload.spiffe.io", "true"),)
 ENV = "SPIFFE_ENDPOINT_SOCKET"
@@ -49,6 +49,7 @@ class WorkloadClient:
     def __init__(self, target: str, timeout: float = 10.0) -> None:
         self._channel = grpc.insecure_channel(target)
         self._stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
+        self._tasks = task_pb2_grpc.TasksStub(self._channel)
         self._timeout = timeout
 
     def close(self) -> None:
@@ -118,3 +119,30 @@ class WorkloadClient:
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
         return valid
+
+    def begin_task(self, request: task_pb2.BeginTaskRequest) -> task_pb2.Task:
+        try:
+            resp: task_pb2.BeginTaskResponse = self._tasks.BeginTask(
+                request, metadata=HEADER, timeout=self._timeout
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        return resp.task
+
+    def end_task(self, task_id: str) -> task_pb2.Task:
+        try:
+            resp: task_pb2.EndTaskResponse = self._tasks.EndTask(
+                task_pb2.EndTaskRequest(task_id=task_id), metadata=HEADER, timeout=self._timeout
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        return resp.task
+
+    def list_tasks(self) -> list[task_pb2.Task]:
+        try:
+            resp: task_pb2.ListTasksResponse = self._tasks.ListTasks(
+                task_pb2.ListTasksRequest(), metadata=HEADER, timeout=self._timeout
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        return list(resp.tasks)

@@ -293,3 +293,43 @@ def test_restricted_export_and_widening_sub_task_are_denied(path3: Path3) -> Non
     assert "privilege chaining" in (err.value.details() or "")
     listed = path3.tasks.ListTasks(task_pb2.ListTasksRequest(), metadata=HEADER, timeout=10)
     assert [t.task_id for t in listed.tasks] == [parent.task_id]
+
+
+def _agent_cli(path3: Path3, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent_attestor.cli", *args, "--socket-path",
+         str(path3.agent.socket_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_task_commands_of_the_agent_cli(path3: Path3) -> None:
+    begun = _agent_cli(
+        path3, "task", "begin", "--action", "read", "--resource", "docs",
+        "--on-behalf-of", "user:alice", "--goal", "secret plan", "--output", "json",
+    )  # fmt: skip
+    assert begun.returncode == 0, begun.stderr
+    task = json.loads(begun.stdout)["tasks"][0]
+    assert task["spiffe_id"] == f"{RUNTIME}/task/{task['task_id']}"
+    assert task["actions"] == ["read"]
+    assert task["state"] == "active"
+    assert "secret plan" not in begun.stdout  # only the goal's hash leaves the node
+
+    listed = _agent_cli(path3, "task", "list", "--output", "json")
+    assert [t["task_id"] for t in json.loads(listed.stdout)["tasks"]] == [task["task_id"]]
+
+    path3.jwt_eventually(task["spiffe_id"], "docs")
+    denied = _agent_cli(
+        path3, "api", "fetch", "jwt", "--audience", "payroll", "--spiffe-id", task["spiffe_id"]
+    )
+    assert denied.returncode == 1
+    assert "PERMISSION_DENIED" in denied.stderr
+    assert "lateral movement" in denied.stderr
+
+    ended = _agent_cli(path3, "task", "end", "--id", task["task_id"], "--output", "json")
+    assert ended.returncode == 0, ended.stderr
+    assert json.loads(ended.stdout)["tasks"][0]["state"] == "ended"
+
+    unknown = _agent_cli(path3, "task", "end", "--id", "0000000000000000")
+    assert unknown.returncode == 1
+    assert "svid-agent:" in unknown.stderr
