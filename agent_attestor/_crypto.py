@@ -1,13 +1,10 @@
-"""Small crypto helpers the agent needs: keys, CSRs, DER chains, JWKS.
+"""The agent's thin layer over the `svid` library: what only an agent does (new keys, CSRs), and
+conversions between the agent's wire-shaped values and the library's types.
 
-The shared `svid` library will grow richer versions of these; the agent keeps only what it uses.
+Certificate lists, SPIFFE IDs, JWKS and JOSE all come from `svid`; nothing here re-implements them.
 """
 
 from __future__ import annotations
-
-import base64
-import json
-from collections.abc import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -15,21 +12,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from agent_attestor.model import IssuedSvid, JwtKey
-from svid._errors import SvidParseError
-
-_CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (ValueError, TypeError) as exc:
-        raise SvidParseError("base64url segment is malformed") from exc
+from agent_attestor.model import IssuedSvid, TrustBundle
+from svid._bundle import JwtBundle
+from svid._der import parse_der_certs
+from svid._errors import BundleError, SvidParseError
+from svid._jose import PublicKey
+from svid._jwk import public_key_members
+from svid._spiffe_id import TrustDomain
+from svid._x509 import spiffe_id_from_cert
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -49,49 +39,14 @@ def make_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: str = "") -> bytes:
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
+# The library encodes private keys only as methods of X509Svid; the agent also needs them for
+# keys that are not (yet) part of a checked SVID: its own key on disk and the CLI's --write.
 def key_der(key: PrivateKeyTypes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def parse_der_certs(data: bytes) -> list[x509.Certificate]:
-    """Concatenated DER certificates, walked by their ASN.1 SEQUENCE lengths."""
-    certs: list[x509.Certificate] = []
-    offset = 0
-    while offset < len(data):
-        if data[offset] != 0x30 or offset + 2 > len(data):
-            raise SvidParseError(f"DER certificate chain is malformed at offset {offset}")
-        first = data[offset + 1]
-        if first < 0x80:
-            length, header = first, 2
-        else:
-            count = first & 0x7F
-            if count == 0 or count > 4 or offset + 2 + count > len(data):
-                raise SvidParseError(f"DER certificate chain has a bad length at offset {offset}")
-            length = int.from_bytes(data[offset + 2 : offset + 2 + count], "big")
-            header = 2 + count
-        end = offset + header + length
-        if end > len(data):
-            raise SvidParseError(f"DER certificate chain is truncated at offset {offset}")
-        try:
-            certs.append(x509.load_der_x509_certificate(data[offset:end]))
-        except ValueError as exc:
-            raise SvidParseError(f"DER certificate at offset {offset} is malformed") from exc
-        offset = end
-    if not certs:
-        raise SvidParseError("DER certificate chain is empty")
-    return certs
-
-
-def der(certs: Iterable[x509.Certificate]) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
-
-
-def pem(certs: Iterable[x509.Certificate]) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
 def key_pem(key: PrivateKeyTypes) -> bytes:
@@ -102,15 +57,10 @@ def key_pem(key: PrivateKeyTypes) -> bytes:
     )
 
 
-def uri_san(cert: x509.Certificate) -> str:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound as exc:
-        raise SvidParseError("certificate has no URI SAN") from exc
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise SvidParseError(f"certificate has {len(uris)} URI SANs, expected exactly one")
-    return str(uris[0])
+def _spki(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def issued_svid(
@@ -122,15 +72,11 @@ def issued_svid(
     """Check that a chain from the server fits our key, and package it for the cache."""
     chain = tuple(parse_der_certs(chain_der))
     leaf = chain[0]
-    if leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
+    if _spki(leaf.public_key()) != _spki(key.public_key()):
         raise SvidParseError(f"SVID for entry {entry_id!r} does not match the agent's key")
     return IssuedSvid(
         entry_id=entry_id,
-        spiffe_id=uri_san(leaf),
+        spiffe_id=str(spiffe_id_from_cert(leaf)),
         chain=chain,
         private_key=key,
         chain_der=chain_der,
@@ -141,38 +87,26 @@ def issued_svid(
     )
 
 
-def public_jwk(public_key: PublicKeyTypes) -> dict[str, str]:
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        nums = public_key.public_numbers()
-        size = (public_key.curve.key_size + 7) // 8
-        crv = _CURVE_NAMES.get(public_key.curve.name)
-        if crv is None:
-            raise SvidParseError(f"unsupported curve {public_key.curve.name!r}")
-        return {
-            "kty": "EC",
-            "crv": crv,
-            "x": b64url(nums.x.to_bytes(size, "big")),
-            "y": b64url(nums.y.to_bytes(size, "big")),
-        }
-    if isinstance(public_key, rsa.RSAPublicKey):
-        rn = public_key.public_numbers()
-        return {
-            "kty": "RSA",
-            "n": b64url(rn.n.to_bytes((rn.n.bit_length() + 7) // 8, "big")),
-            "e": b64url(rn.e.to_bytes((rn.e.bit_length() + 7) // 8, "big")),
-        }
-    raise SvidParseError(f"unsupported JWT key type {type(public_key).__name__}")
+def jwt_bundle(bundle: TrustBundle) -> JwtBundle:
+    """The bundle's JWT keys as the library's JwtBundle.
 
-
-def jwt_jwks(keys: Iterable[JwtKey]) -> bytes:
-    """A JWKS with only JWT keys, each with its kid: what FetchJWTBundles must send."""
-    out = []
-    for key in keys:
+    A key a JWK cannot express (Ed25519, an unusual curve, unreadable DER) is left out: in a JWKS
+    it would break every client, and no JWT-SVID alg could be checked against it anyway. The first
+    key wins when a kid repeats.
+    """
+    keys: dict[str, PublicKey] = {}
+    for jwt_key in bundle.jwt_keys:
+        if jwt_key.kid in keys:
+            continue
         try:
-            public = serialization.load_der_public_key(key.public_key_der)
-            jwk = public_jwk(public)
-        except (ValueError, SvidParseError):
-            continue  # a key we cannot express would break clients; leave it out
-        jwk.update({"use": "jwt-svid", "kid": key.kid})
-        out.append(jwk)
-    return json.dumps({"keys": out}, separators=(",", ":")).encode()
+            public = serialization.load_der_public_key(jwt_key.public_key_der)
+        except ValueError:
+            continue
+        if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+            continue
+        try:
+            public_key_members(public)
+        except BundleError:
+            continue
+        keys[jwt_key.kid] = public
+    return JwtBundle(TrustDomain(bundle.trust_domain), keys)

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor import _crypto
+from svid._der import certs_to_pem, der_concat, parse_der_certs
 from svid._errors import SvidParseError
 
 
@@ -31,7 +32,7 @@ class AgentSvid:
 
     @property
     def chain_pem(self) -> bytes:
-        return _crypto.pem(self.chain)
+        return certs_to_pem(self.chain)
 
     @property
     def key_pem(self) -> bytes:
@@ -61,7 +62,7 @@ class AgentStore:
     def save_svid(self, svid: AgentSvid) -> None:
         # Key first: a chain on disk always has its key.
         _write_private(self.key_path, _crypto.key_der(svid.key))
-        _write_private(self.svid_path, _crypto.der(svid.chain))
+        _write_private(self.svid_path, der_concat(svid.chain))
 
     def load_svid(self) -> AgentSvid | None:
         try:
@@ -70,7 +71,7 @@ class AgentStore:
         except FileNotFoundError:
             return None
         try:
-            chain = tuple(_crypto.parse_der_certs(chain_der))
+            chain = tuple(parse_der_certs(chain_der))
             key = serialization.load_der_private_key(key_der, None)
             svid = _crypto.issued_svid("agent", chain_der, key)
         except (ValueError, SvidParseError):
@@ -82,6 +83,6 @@ class AgentStore:
 
     def load_bundle(self) -> list[x509.Certificate] | None:
         try:
-            return _crypto.parse_der_certs(self.bundle_path.read_bytes())
+            return parse_der_certs(self.bundle_path.read_bytes())
         except (FileNotFoundError, SvidParseError):
             return None

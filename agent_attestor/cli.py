@@ -22,6 +22,7 @@ from agent_attestor.config import KEYS, build_config, load_toml
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
 from agent_attestor.workload_client import WorkloadClient, endpoint_address, socket_uri
+from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
 from svid._proto import task_pb2
 
@@ -97,7 +98,7 @@ def _write_private(path: Path, data: bytes) -> None:
 def _x509_summary(msg: Any) -> list[dict[str, Any]]:
     out = []
     for svid in msg.svids:
-        chain = _crypto.parse_der_certs(svid.x509_svid)
+        chain = parse_der_certs(svid.x509_svid)
         out.append(
             {
                 "spiffe_id": svid.spiffe_id,
@@ -116,13 +117,11 @@ def _cmd_fetch_x509(args: argparse.Namespace, client: WorkloadClient) -> int:
         args.write.mkdir(parents=True, exist_ok=True)
         for i, svid in enumerate(msg.svids):
             (args.write / f"svid.{i}.pem").write_bytes(
-                _crypto.pem(_crypto.parse_der_certs(svid.x509_svid))
+                certs_to_pem(parse_der_certs(svid.x509_svid))
             )
             key = _crypto.key_pem(serialization.load_der_private_key(svid.x509_svid_key, None))
             _write_private(args.write / f"svid.{i}.key", key)
-            (args.write / f"bundle.{i}.pem").write_bytes(
-                _crypto.pem(_crypto.parse_der_certs(svid.bundle))
-            )
+            (args.write / f"bundle.{i}.pem").write_bytes(certs_to_pem(parse_der_certs(svid.bundle)))
     summary = _x509_summary(msg)
     if args.output == "json":
         print(json.dumps({"svids": summary}, indent=2))

@@ -29,9 +29,5 @@ class NotReadyError(AgentError):
     """The agent has no SVIDs or bundle from the server yet."""
 
 
-class JwtValidationError(AgentError):
-    """A JWT-SVID failed validation; the message says which check (never the token)."""
-
-
 class BadRequestError(AgentError, ValueError):
     """The server refused a request as malformed (INVALID_ARGUMENT)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from agent_attestor.signer import MintedJwt, SvidSigner
 from svid._clock import Clock
@@ -11,36 +12,47 @@ from svid._clock import Clock
 Key = tuple[str, tuple[str, ...]]
 
 
+def audience_key(audience: Sequence[str]) -> tuple[str, ...]:
+    """The audiences as a set, in a canonical order: ["b", "a"] and ["a", "b", "a"] are one."""
+    if len(audience) == 1:  # nearly every request: nothing to sort or deduplicate
+        return (audience[0],)
+    return tuple(sorted(set(audience)))
+
+
 class JwtCache:
+    """Tokens are served from here until half their lifetime has passed, then minted anew."""
+
     def __init__(self, signer: SvidSigner, clock: Clock, max_entries: int = 4096) -> None:
         self._signer = signer
         self._clock = clock
         self._max = max_entries
-        self._tokens: OrderedDict[Key, MintedJwt] = OrderedDict()
+        # key -> (token, the moment it stops being handed out): the refresh point is computed
+        # once at insertion, so a hit costs one clock read and one comparison.
+        self._tokens: OrderedDict[Key, tuple[MintedJwt, float]] = OrderedDict()
         self._pending: dict[Key, asyncio.Future[MintedJwt]] = {}
         self.mints = 0
 
     @staticmethod
-    def key(spiffe_id: str, audience: list[str] | tuple[str, ...]) -> Key:
-        return (spiffe_id, tuple(sorted(set(audience))))
+    def key(spiffe_id: str, audience: Sequence[str]) -> Key:
+        return (spiffe_id, audience_key(audience))
 
-    def _fresh(self, jwt: MintedJwt) -> bool:
-        return self._clock.now() < jwt.issued_at + (jwt.expires_at - jwt.issued_at) / 2
+    def cached(self, spiffe_id: str, audience: Sequence[str]) -> MintedJwt | None:
+        """A fresh token for (ID, audiences) if one is held; never mints."""
+        return self._hit((spiffe_id, audience_key(audience)))
 
-    def cached(self, spiffe_id: str, audience: list[str] | tuple[str, ...]) -> MintedJwt | None:
-        key = self.key(spiffe_id, audience)
-        jwt = self._tokens.get(key)
-        if jwt is not None and self._fresh(jwt):
+    def _hit(self, key: Key) -> MintedJwt | None:
+        held = self._tokens.get(key)
+        if held is not None and self._clock.now() < held[1]:
             self._tokens.move_to_end(key)
-            return jwt
+            return held[0]
         return None
 
-    async def get(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+    async def get(self, spiffe_id: str, audience: Sequence[str], entry_id: str) -> MintedJwt:
         """A token for (ID, audiences): from the cache, or minted once even under concurrency."""
-        hit = self.cached(spiffe_id, audience)
+        key = (spiffe_id, audience_key(audience))
+        hit = self._hit(key)
         if hit is not None:
             return hit
-        key = self.key(spiffe_id, audience)
         pending = self._pending.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -59,7 +71,7 @@ class JwtCache:
             self._pending.pop(key, None)
         fut.set_result(jwt)
         self.mints += 1
-        self._tokens[key] = jwt
+        self._tokens[key] = (jwt, jwt.issued_at + (jwt.expires_at - jwt.issued_at) / 2)
         self._tokens.move_to_end(key)
         while len(self._tokens) > self._max:
             self._tokens.popitem(last=False)

@@ -1,134 +1,100 @@
-"""ValidateJWTSVID's checks (SPIFFE.md §3), against the bundles the agent holds.
+"""ValidateJWTSVID's checks: the `svid` library's JwtVerifier, fed from the agent's cache.
 
-A small internal validator: the `svid` library's verifier can replace it once it exists.
+The cache holds bundles as the server sends them (keys as SPKI DER) and revoked JWT ids as strings.
+This module shows them to the verifier as JwtBundles and a RevocationSet. A bundle is converted
+once per change and the same JwtBundle object handed out while it stays unchanged, because the
+verifier's result cache is keyed on that object's identity.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
-from agent_attestor._crypto import b64url_decode
-from agent_attestor.errors import JwtValidationError
+from agent_attestor._crypto import jwt_bundle
+from agent_attestor.cache import Cache, Snapshot
 from agent_attestor.model import TrustBundle
-from svid._errors import SpiffeIdError, SvidParseError
-from svid._spiffe_id import SpiffeId
+from svid._bundle import JwtBundle
+from svid._clock import Clock
+from svid._errors import JwtSvidError
+from svid._jwt import split_token
+from svid._revocation import KIND_JWT_ID, RevocationSet, Revoked
+from svid._spiffe_id import TrustDomain
+from svid._verify_jwt import DEFAULT_CACHE_SIZE, DEFAULT_LEEWAY, JwtVerifier, VerifiedJwt
 
-_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "256": hashes.SHA256,
-    "384": hashes.SHA384,
-    "512": hashes.SHA512,
-}
-ALLOWED_ALGS = frozenset(f"{f}{n}" for f in ("RS", "ES", "PS") for n in _HASHES)
-
-
-@dataclass(frozen=True)
-class ValidatedJwt:
-    spiffe_id: str
-    claims: Mapping[str, Any]
+# Trust domains come and go with federation; past this many remembered ones, start afresh.
+_MAX_REMEMBERED_DOMAINS = 256
 
 
-def _segment_json(text: str, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(b64url_decode(text))
-    except (SvidParseError, ValueError) as exc:
-        raise JwtValidationError(f"token {what} is not base64url JSON") from exc
-    if not isinstance(value, dict):
-        raise JwtValidationError(f"token {what} is not a JSON object")
-    return value
+class CacheJwtBundles:
+    """Trust domain -> the cache's current JWT bundle for it, as a library JwtBundle."""
 
+    def __init__(self, cache: Cache) -> None:
+        self._cache = cache
+        self._converted: dict[str, tuple[TrustBundle, JwtBundle]] = {}
 
-def _verify_signature(alg: str, public_der: bytes, signing_input: bytes, sig: bytes) -> bool:
-    public = serialization.load_der_public_key(public_der)
-    digest = _HASHES[alg[2:]]()
-    try:
-        if alg.startswith("ES"):
-            if not isinstance(public, ec.EllipticCurvePublicKey):
-                return False
-            size = (public.curve.key_size + 7) // 8
-            if len(sig) != 2 * size:
-                return False
-            der_sig = encode_dss_signature(
-                int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big")
-            )
-            public.verify(der_sig, signing_input, ec.ECDSA(digest))
-        elif isinstance(public, rsa.RSAPublicKey):
-            pad: padding.AsymmetricPadding = (
-                padding.PKCS1v15()
-                if alg.startswith("RS")
-                else padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size)
-            )
-            public.verify(sig, signing_input, pad, digest)
+    def __call__(self, trust_domain: TrustDomain) -> JwtBundle | None:
+        snap = self._cache.snapshot()
+        own = snap.bundle
+        if own is not None and own.trust_domain == trust_domain.name:
+            return self.convert(own)
+        federated = snap.federated.get(trust_domain.name)
+        return self.convert(federated) if federated is not None else None
+
+    def convert(self, bundle: TrustBundle) -> JwtBundle:
+        """``bundle`` as a JwtBundle: the same object as last time if its keys did not change."""
+        known = self._converted.get(bundle.trust_domain)
+        if known is not None and (known[0] is bundle or known[0].jwt_keys == bundle.jwt_keys):
+            converted = known[1]
         else:
-            return False
-    except InvalidSignature:
-        return False
-    return True
+            converted = jwt_bundle(bundle)
+            if len(self._converted) >= _MAX_REMEMBERED_DOMAINS:
+                self._converted.clear()
+        self._converted[bundle.trust_domain] = (bundle, converted)
+        return converted
+
+
+class CacheJwtValidator:
+    """Checks JWT-SVIDs against the cache's bundles and revocation list (SPIFFE.md §3)."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        clock: Clock,
+        *,
+        leeway: float = DEFAULT_LEEWAY,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> None:
+        self._cache = cache
+        self.bundles = CacheJwtBundles(cache)
+        self._revocations = RevocationSet()
+        self._revoked_jtis: frozenset[str] = frozenset()
+        self._verifier = JwtVerifier(
+            self.bundles,
+            clock=clock,
+            revocations=self._revocations,
+            leeway=leeway,
+            cache_size=cache_size,
+        )
+
+    def validate(self, token: str, audience: str) -> VerifiedJwt:
+        """Raise svid's VerificationError (ExpiredError, RevokedError) naming the failed check."""
+        self._follow_revocations(self._cache.snapshot())
+        return self._verifier.verify(token, audience)
+
+    def _follow_revocations(self, snap: Snapshot) -> None:
+        jtis = snap.revoked_jtis
+        if jtis is self._revoked_jtis or jtis == self._revoked_jtis:
+            return
+        expiry = snap.revocation_expiry
+        self._revocations.replace(
+            Revoked(KIND_JWT_ID, jti, expiry.get((KIND_JWT_ID, jti), 0)) for jti in jtis
+        )
+        self._revoked_jtis = jtis
 
 
 def unverified_claims(token: str) -> dict[str, Any]:
     """The claims of a token without any check: for audit records only, never for decisions."""
-    parts = token.split(".")
-    if len(parts) != 3:
+    try:
+        return split_token(token).claims
+    except JwtSvidError:
         return {}
-    try:
-        return _segment_json(parts[1], "claims")
-    except JwtValidationError:
-        return {}
-
-
-def validate_jwt(
-    token: str, audience: str, bundles: Mapping[str, TrustBundle], now: float
-) -> ValidatedJwt:
-    """Check a JWT-SVID for `audience`; raise JwtValidationError naming the failed check."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise JwtValidationError("token is not a JWS compact serialization (three parts)")
-    header = _segment_json(parts[0], "header")
-    claims = _segment_json(parts[1], "claims")
-    alg = header.get("alg")
-    if alg not in ALLOWED_ALGS:
-        raise JwtValidationError(f"token algorithm {alg!r} is not allowed")
-    kid = header.get("kid")
-    if not isinstance(kid, str) or not kid:
-        raise JwtValidationError("token header has no kid")
-    if "typ" in header and header["typ"] not in ("JWT", "JOSE"):
-        raise JwtValidationError(f"token typ {header['typ']!r} is not JWT or JOSE")
-    sub = claims.get("sub")
-    if not isinstance(sub, str):
-        raise JwtValidationError("token has no sub claim")
-    try:
-        sid = SpiffeId.parse(sub)
-    except SpiffeIdError as exc:
-        raise JwtValidationError(f"token sub is not a SPIFFE ID: {exc}") from exc
-    aud = claims.get("aud")
-    auds = [aud] if isinstance(aud, str) else aud
-    if not isinstance(auds, list) or not auds or not all(isinstance(a, str) for a in auds):
-        raise JwtValidationError("token has no aud claim")
-    if audience not in auds:
-        raise JwtValidationError(f"audience {audience!r} is not in the token's aud")
-    exp = claims.get("exp")
-    if not isinstance(exp, int | float) or isinstance(exp, bool):
-        raise JwtValidationError("token has no numeric exp claim")
-    if exp <= now:
-        raise JwtValidationError("token has expired")
-    bundle = bundles.get(sid.trust_domain.name)
-    if bundle is None:
-        raise JwtValidationError(f"no bundle for trust domain {sid.trust_domain.name!r}")
-    key = next((k for k in bundle.jwt_keys if k.kid == kid), None)
-    if key is None:
-        raise JwtValidationError(f"no JWT key {kid!r} in the bundle of {sid.trust_domain.name!r}")
-    try:
-        signature = b64url_decode(parts[2])
-    except SvidParseError as exc:
-        raise JwtValidationError("token signature is not base64url") from exc
-    if not _verify_signature(alg, key.public_key_der, f"{parts[0]}.{parts[1]}".encode(), signature):
-        raise JwtValidationError("token signature does not verify")
-    return ValidatedJwt(spiffe_id=str(sid), claims=claims)

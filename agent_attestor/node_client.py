@@ -26,6 +26,7 @@ from agent_attestor.errors import (
 )
 from agent_attestor.model import Entry, TrustBundle
 from agent_attestor.signer import MintedJwt, X509Result
+from svid._der import der_concat
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
 
 SERVER_NAME = "svid-server"
@@ -141,7 +142,7 @@ class NodeClient:
         if join_token:
             data = node_pb2.AttestationData(type="join_token", payload=join_token.encode())
         elif x509pop is not None:
-            data = node_pb2.AttestationData(type="x509pop", payload=_crypto.der(x509pop[0]))
+            data = node_pb2.AttestationData(type="x509pop", payload=der_concat(x509pop[0]))
         else:
             raise AttestationError(
                 "no way to attest: give a join token (--join-token) or x509pop_cert/x509pop_key"

@@ -4,6 +4,10 @@ Each accepted connection is identified at once (SO_PEERCRED + attestors), record
 CallerRegistry under a fresh path in the private directory, and forwarded to the internal gRPC
 server from a socket bound to that path, so the server sees that path as the peer. Forwarding uses
 asyncio protocols with back-pressure (pause the reader while the other side's buffer is full).
+
+Reads go into one buffer the relay owns (`asyncio.BufferedProtocol`): a plain `Protocol` makes
+the transport allocate a fresh 256 KiB object for every chunk, which cost more than the rest of
+the hop for the small frames of a unary call.
 """
 
 from __future__ import annotations
@@ -27,23 +31,32 @@ log = logging.getLogger(__name__)
 
 MAX_UNIX_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
 _ID_BYTES = 12
+READ_BUFFER = 256 * 1024  # asyncio's own read size
 
 
-class _Pipe(asyncio.Protocol):
+class _Pipe(asyncio.BufferedProtocol):
     """One direction's reader; writes into its partner's transport."""
 
     def __init__(self, link: _Link) -> None:
         self.link = link
         self.transport: asyncio.Transport | None = None
         self.partner: _Pipe | None = None
+        self._buffer = link.relay.read_buffer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
-    def data_received(self, data: bytes) -> None:
-        if self.partner is not None and self.partner.transport is not None:
-            self.partner.transport.write(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Shared by every pipe of the relay: the transport fills it and calls buffer_updated
+        # before the loop runs anything else, and buffer_updated copies out what it read.
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        partner = self.partner
+        if partner is not None and partner.transport is not None:
+            # A copy, because a transport may keep (not copy) what it could not send at once.
+            partner.transport.write(self._buffer[:nbytes].tobytes())
 
     def eof_received(self) -> bool:
         partner = self.partner.transport if self.partner is not None else None
@@ -114,6 +127,7 @@ class WorkloadRelay:
         self.registry = registry
         self.attestors = list(attestors)
         self.links: set[_Link] = set()
+        self.read_buffer = memoryview(bytearray(READ_BUFFER))
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         for key, path in (("socket_path", public_path), ("private_dir", internal_path)):
@@ -141,7 +155,7 @@ class WorkloadRelay:
         sock.setblocking(False)
         self._server = await loop.create_unix_server(self._accepted, sock=sock)
 
-    def _accepted(self) -> asyncio.Protocol:
+    def _accepted(self) -> asyncio.BaseProtocol:
         link = _Link(self)
         self.links.add(link)
         task = asyncio.get_running_loop().create_task(self._connect_inner(link))

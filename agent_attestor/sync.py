@@ -17,7 +17,6 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from agent_attestor import _crypto
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache
 from agent_attestor.errors import AttestationError, NotReadyError
@@ -26,6 +25,7 @@ from agent_attestor.node_client import NodeClient
 from agent_attestor.rotation import rotation_point
 from agent_attestor.signer import MintedJwt, X509Result
 from svid._clock import Clock
+from svid._der import certs_to_pem
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Syncer:
     def _root_pem(self) -> bytes:
         stored = self._store.load_bundle()
         if stored:
-            return _crypto.pem(stored)
+            return certs_to_pem(stored)
         if self._s.bootstrap_root_pem:
             return self._s.bootstrap_root_pem
         raise AttestationError(

@@ -12,14 +12,14 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf import struct_pb2
 
-from agent_attestor import _crypto
 from agent_attestor.cache import Cache, Identity, Snapshot
-from agent_attestor.errors import BadRequestError, JwtValidationError, NoIdentityError
+from agent_attestor.errors import BadRequestError, NoIdentityError
 from agent_attestor.jwt_cache import JwtCache
-from agent_attestor.jwt_validate import unverified_claims, validate_jwt
+from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
 from agent_attestor.model import Entry
 from agent_attestor.peer import Caller, CallerRegistry
 from svid._clock import Clock
+from svid._errors import VerificationError
 from svid._proto import workload_pb2, workload_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         self._registry = registry
         self._jwts = jwts
         self._clock = clock
+        self._validator = CacheJwtValidator(cache, clock)
 
     # ---- shared checks -------------------------------------------------------------------
 
@@ -224,7 +225,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
             msg = workload_pb2.JWTBundlesResponse(
                 bundles={
-                    _td_key(td): _crypto.jwt_jwks(b.jwt_keys)
+                    _td_key(td): self._validator.bundles.convert(b).to_jwks()
                     for td, b in snap.all_bundles().items()
                 }
             )
@@ -272,16 +273,11 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
         snap = await self._ready(context)
         try:
-            result = validate_jwt(
-                request.svid, request.audience, snap.all_bundles(), self._clock.now()
-            )
-            jti = result.claims.get("jti")
-            if isinstance(jti, str) and jti in snap.revoked_jtis:
-                raise JwtValidationError("token has been revoked")
-        except JwtValidationError as exc:
+            result = self._validator.validate(request.svid, request.audience)
+        except VerificationError as exc:  # ExpiredError and RevokedError included
             self._report(snap, caller, request, unverified_claims(request.svid), str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token is invalid: {exc}")
         self._report(snap, caller, request, dict(result.claims), "")
         claims = struct_pb2.Struct()
         claims.update(dict(result.claims))
-        return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=result.spiffe_id, claims=claims)
+        return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(result.spiffe_id), claims=claims)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 
 from agent_attestor.config import DEFAULT_SOCKET
 from agent_attestor.errors import AgentError, ConfigError
 from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
+from svid._workload_address import ENV_SOCKET, WorkloadApiAddressError, grpc_target
 
 HEADER = (("workload.spiffe.io", "true"),)
-ENV = "SPIFFE_ENDPOINT_SOCKET"
+M = TypeVar("M")
 
 
 class WorkloadApiError(AgentError):
@@ -28,17 +30,13 @@ def endpoint_address(socket_path: Path | None) -> str:
     """A grpc target from --socket-path, else SPIFFE_ENDPOINT_SOCKET, else the default path."""
     if socket_path is not None:
         return f"unix:{socket_path.resolve()}"
-    value = os.environ.get(ENV, "")
+    value = os.environ.get(ENV_SOCKET, "")
     if not value:
         return f"unix:{DEFAULT_SOCKET}"
-    if value.startswith("unix://"):
-        path = value[len("unix://") :]
-        if not path.startswith("/"):
-            raise ConfigError(f"{ENV}: {value!r} must be unix:///absolute/path")
-        return f"unix:{path}"
-    if value.startswith("tcp://"):
-        return value[len("tcp://") :]
-    raise ConfigError(f"{ENV}: {value!r} must be unix:///path or tcp://ip:port")
+    try:
+        return grpc_target(value)
+    except WorkloadApiAddressError as exc:
+        raise ConfigError(f"{ENV_SOCKET}: {exc}") from None
 
 
 def socket_uri(path: Path) -> str:
@@ -65,29 +63,31 @@ class WorkloadClient:
     def _error(exc: grpc.RpcError) -> WorkloadApiError:
         return WorkloadApiError(exc.code(), exc.details())  # type: ignore[attr-defined]
 
-    def fetch_x509(self) -> workload_pb2.X509SVIDResponse:
-        stream = self._stub.FetchX509SVID(
-            workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=self._timeout
-        )
+    def _first(self, stream: Any, kind: type[M]) -> M:
+        """The first message of a full-state stream (it is the whole state), then hang up."""
         try:
-            msg: workload_pb2.X509SVIDResponse = next(stream)
+            msg: M = next(stream)
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
         finally:
             stream.cancel()
         return msg
 
-    def fetch_x509_bundles(self) -> workload_pb2.X509BundlesResponse:
-        stream = self._stub.FetchX509Bundles(
-            workload_pb2.X509BundlesRequest(), metadata=HEADER, timeout=self._timeout
+    def fetch_x509(self) -> workload_pb2.X509SVIDResponse:
+        return self._first(
+            self._stub.FetchX509SVID(
+                workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=self._timeout
+            ),
+            workload_pb2.X509SVIDResponse,
         )
-        try:
-            msg: workload_pb2.X509BundlesResponse = next(stream)
-        except grpc.RpcError as exc:
-            raise self._error(exc) from exc
-        finally:
-            stream.cancel()
-        return msg
+
+    def fetch_x509_bundles(self) -> workload_pb2.X509BundlesResponse:
+        return self._first(
+            self._stub.FetchX509Bundles(
+                workload_pb2.X509BundlesRequest(), metadata=HEADER, timeout=self._timeout
+            ),
+            workload_pb2.X509BundlesResponse,
+        )
 
     def watch_x509(self) -> Iterator[workload_pb2.X509SVIDResponse]:
         stream = self._stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)

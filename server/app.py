@@ -117,7 +117,7 @@ class Server:
             server_id=str(self.ids.server),
             clock=self.clock,
         )
-        self.tls = ServerTls(self.ca, self.ids, self.clock, cfg.server_svid_ttl)
+        self.tls = ServerTls(self.ca, self.clock, cfg.server_svid_ttl)
         self._apply_bundle()
         self.tls.renew()
 

@@ -10,8 +10,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from svid._bundle import SpiffeBundle
 
+from svid._bundle import SpiffeBundle
+from svid._der import certs_to_pem
 from svid._proto import admin_pb2, common_pb2
 from svid._spiffe_id import TrustDomain
 
@@ -89,10 +90,9 @@ def agents_text(agents: Sequence[admin_pb2.Agent]) -> str:
 
 
 def bundle_pem(bundle: common_pb2.Bundle) -> str:
-    return "".join(
-        x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
-        for der in bundle.x509_authorities
-    )
+    return certs_to_pem(
+        x509.load_der_x509_certificate(der) for der in bundle.x509_authorities
+    ).decode()
 
 
 def bundle_spiffe(bundle: common_pb2.Bundle) -> str:

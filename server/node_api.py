@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from server import status
 from server.attestation.base import AttestationResult, NodeAttestor
 from server.ca.manager import CaManager
-from server.ca.signer import X509Signer, verify_csr
+from server.ca.signer import IssuedSvid, X509Signer, csr_public_key, verify_csr
 from server.convert import bundle_to_proto, entry_to_proto, revocation_to_proto
 from server.datastore.records import AttestedAgent, Entry
 from server.entitlement import Entitlement, entitled_entries
@@ -319,46 +319,47 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         raise NotFoundError(f"entry {entry_id[:80]!r} not found")
 
     def _sign_x509(
-        self, signer: X509Signer, entitled: Entitlement, entry: Entry, csr: bytes, agent_id: str
-    ) -> node_pb2.X509SVIDResult:
+        self, signer: X509Signer, entitled: Entitlement, entry: Entry, csr: bytes
+    ) -> IssuedSvid:
         started = time.perf_counter()
-        public_key = verify_csr(csr).public_key()
-        chain = tuple(
-            signer.sign_svid(
-                public_key,  # type: ignore[arg-type]  # verify_csr checked the key type
-                entitled.parsed_ids[entry.id],
-                entry.x509_svid_ttl or self._settings.default_x509_svid_ttl,
-                entry.dns_names,
-            )
+        issued = signer.issue(
+            csr_public_key(csr),
+            entitled.parsed_ids[entry.id],
+            entry.x509_svid_ttl or self._settings.default_x509_svid_ttl,
+            entry.dns_names,
         )
         self._x509_seconds.observe(time.perf_counter() - started)
-        if self._hooks is not None:
-            self._hooks.x509_issued(
-                agent_id, [(entry.spiffe_id, _serial_hex(chain), _expires(chain))]
-            )
-        return node_pb2.X509SVIDResult(
-            entry_id=entry.id,
-            spiffe_id=entry.spiffe_id,
-            cert_chain=_chain_der(chain),
-            expires_at=_expires(chain),
-        )
+        return issued
 
     def _sign_x509_batch(
         self, params: list[node_pb2.X509SVIDParams], entitled: Entitlement, agent_id: str
     ) -> list[node_pb2.X509SVIDResult]:
         signer = self._ca.x509_signer()
         results = []
-        issued = 0
+        records = []
         for item in params:
             try:
                 entry = self._entitled_entry(agent_id, entitled, item.entry_id)
-                results.append(self._sign_x509(signer, entitled, entry, item.csr, agent_id))
-                issued += 1
+                svid = self._sign_x509(signer, entitled, entry, item.csr)
             except SvidError as exc:  # the server's own errors are SvidErrors too
                 results.append(
                     node_pb2.X509SVIDResult(entry_id=item.entry_id, error=_item_status(exc))
                 )
-        self._x509_issued.inc(issued)
+                continue
+            records.append((entry.spiffe_id, svid.serial_hex, svid.expires_at))
+            results.append(
+                node_pb2.X509SVIDResult(
+                    entry_id=entry.id,
+                    spiffe_id=entry.spiffe_id,
+                    cert_chain=svid.chain_der,
+                    expires_at=svid.expires_at,
+                )
+            )
+        if records and self._hooks is not None:
+            # Recorded once per batch, before any of it is sent: if recording fails, the call
+            # fails and none of these SVIDs leaves the server.
+            self._hooks.x509_issued(agent_id, records)
+        self._x509_issued.inc(len(records))
         return results
 
     @status.unary

@@ -12,24 +12,16 @@ from collections.abc import Callable
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.ca.manager import CaManager
-from server.ids import SERVER_DNS_NAME, ServerIds
+from server.ca.server_svid import server_svid
 from svid._clock import Clock
-
-_PEM = serialization.Encoding.PEM
-
-
-def certs_pem(certs: tuple[x509.Certificate, ...] | list[x509.Certificate]) -> bytes:
-    return b"".join(c.public_bytes(_PEM) for c in certs)
+from svid._der import certs_to_pem
 
 
 class ServerTls:
-    def __init__(self, ca: CaManager, ids: ServerIds, clock: Clock, ttl: int) -> None:
+    def __init__(self, ca: CaManager, clock: Clock, ttl: int) -> None:
         self._ca = ca
-        self._ids = ids
         self._clock = clock
         self._ttl = ttl
         self._lock = threading.Lock()
@@ -50,25 +42,20 @@ class ServerTls:
 
     def renew(self) -> None:
         """Issue a fresh server SVID (new key) from the active CA."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        chain = self._ca.x509_signer().sign_svid(
-            key.public_key(), self._ids.server, self._ttl, (SERVER_DNS_NAME,)
-        )
-        leaf = chain[0]
+        svid = server_svid(self._ca.x509_signer(), self._ttl)
+        leaf = svid.chain[0]
         start = leaf.not_valid_before_utc.timestamp()
         end = leaf.not_valid_after_utc.timestamp()
-        key_pem = key.private_bytes(
-            _PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key_pem = svid.key_pem()
         with self._lock:
-            self._chain = tuple(chain)
+            self._chain = svid.chain
             self._key_pem = key_pem
             self._renew_at = start + (end - start) / 2
             self._rebuild()
 
     def set_roots(self, authorities: tuple[x509.Certificate, ...]) -> None:
         """Client certificates are verified against these (the trust domain's X.509 bundle)."""
-        roots = certs_pem(authorities)
+        roots = certs_to_pem(authorities)
         with self._lock:
             if roots == self._roots_pem:
                 return
@@ -84,7 +71,7 @@ class ServerTls:
 
     def _rebuild(self) -> None:
         self._config = grpc.ssl_server_certificate_configuration(
-            [(self._key_pem, certs_pem(self._chain))], self._roots_pem or None
+            [(self._key_pem, certs_to_pem(self._chain))], self._roots_pem or None
         )
         self._version += 1
 

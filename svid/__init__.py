@@ -23,6 +23,13 @@ domain and applies the SPIFFE leaf rules, validity times and revocations)::
         if peer.spiffe_id != allowed:
             ...
 
+Keep bundles and revocations current from the local agent (SPIFFE_ENDPOINT_SOCKET)::
+
+    with svid.WorkloadApiSource() as source:
+        source.wait_ready(timeout=10)
+        jwt_verifier = source.jwt_verifier()
+        x509_verifier = source.x509_verifier()
+
 Results are cached by the exact credential bytes until the earliest of expiry, a bundle change for
 the trust domain, or a revocation; a cached answer is never more permissive than a fresh one.
 """
@@ -57,6 +64,12 @@ from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._verify_jwt import JwtVerifier, VerifiedJwt
 from svid._verify_x509 import VerifiedX509, X509Verifier
 from svid._x509 import X509Svid, check_leaf_profile, check_signing_profile, spiffe_id_from_cert
+from svid.workloadapi import (
+    WorkloadApiClient,
+    WorkloadApiError,
+    WorkloadApiSource,
+    revoked_from_crls,
+)
 
 __all__ = [
     "ALLOWED_ALGS",
@@ -84,6 +97,9 @@ __all__ = [
     "VerificationError",
     "VerifiedJwt",
     "VerifiedX509",
+    "WorkloadApiClient",
+    "WorkloadApiError",
+    "WorkloadApiSource",
     "X509Bundle",
     "X509Svid",
     "X509SvidError",
@@ -100,6 +116,7 @@ __all__ = [
     "normalize_serial",
     "parse_der_certs",
     "public_key_thumbprint_kid",
+    "revoked_from_crls",
     "sign_jws",
     "spiffe_id_from_cert",
     "verify_jws_signature",

@@ -38,7 +38,22 @@ OID_EXT_KEY_USAGE = b"\x55\x1d\x25"
 OID_SERVER_AUTH = b"\x2b\x06\x01\x05\x05\x07\x03\x01"
 OID_CLIENT_AUTH = b"\x2b\x06\x01\x05\x05\x07\x03\x02"
 _URI_NAME = 0x86  # GeneralName uniformResourceIdentifier [6] IMPLICIT IA5String
+# The extensions this reader checks completely; any other makes the verifier ask cryptography.
+FULLY_READ = frozenset(
+    {
+        OID_SUBJECT_KEY_ID,
+        OID_KEY_USAGE,
+        OID_SAN,
+        OID_BASIC_CONSTRAINTS,
+        OID_AUTHORITY_KEY_ID,
+        OID_EXT_KEY_USAGE,
+    }
+)
 EMPTY_NAME = b"\x30\x00"
+
+
+class NotOnlyUris(SvidParseError):
+    """A SubjectAltName holds names other than URIs: read it with the full parser instead."""
 
 
 class Extension(NamedTuple):
@@ -117,9 +132,6 @@ def _expect(data: bytes, pos: int, end: int, tag: int, what: str) -> tuple[int, 
     return start, stop
 
 
-_DIGITS = frozenset(b"0123456789")
-
-
 def _time(data: bytes, pos: int, end: int) -> tuple[float, int]:
     tag = data[pos] if pos < end else -1
     start, stop = _expect(
@@ -129,21 +141,21 @@ def _time(data: bytes, pos: int, end: int) -> tuple[float, int]:
         _GENERALIZED_TIME if tag == _GENERALIZED_TIME else _UTC_TIME,
         "validity time",
     )
-    text = data[start:stop]
-    # Digits first: int() alone would also take signs, spaces and underscores.
-    if text[-1:] != b"Z" or not _DIGITS.issuperset(text[:-1]):
+    digits = data[start : stop - 1]
+    # Digits first (bytes.isdigit is ASCII-only): int() alone would also take signs and spaces.
+    if data[stop - 1 : stop] != b"Z" or not digits.isdigit():
         raise _fail("validity time is not all digits ending in Z")
-    if tag == _UTC_TIME and len(text) == 13:
-        year = int(text[0:2])
+    if tag == _UTC_TIME and len(digits) == 12:
+        year, rest = divmod(int(digits), 10**10)
         year += 2000 if year < 50 else 1900  # RFC 5280 §4.1.2.5.1
-        rest = text[2:12]
-    elif tag == _GENERALIZED_TIME and len(text) == 15:
-        year = int(text[0:4])
-        rest = text[4:14]
+    elif tag == _GENERALIZED_TIME and len(digits) == 14:
+        year, rest = divmod(int(digits), 10**10)
     else:
         raise _fail("validity time is not a UTCTime or GeneralizedTime in Z form")
-    month, day = int(rest[0:2]), int(rest[2:4])
-    hour, minute, second = int(rest[4:6]), int(rest[6:8]), int(rest[8:10])
+    month, rest = divmod(rest, 10**8)
+    day, rest = divmod(rest, 10**6)
+    hour, rest = divmod(rest, 10**4)
+    minute, second = divmod(rest, 100)
     if not (1 <= month <= 12 and 1 <= day <= _month_days(year, month)):
         raise _fail("validity time has an impossible date")
     if hour > 23 or minute > 59 or second > 59:
@@ -172,14 +184,35 @@ def _days_from_civil(year: int, month: int, day: int) -> int:
 
 
 def _extensions(data: bytes, start: int, end: int) -> dict[bytes, Extension]:
+    try:
+        return _extensions_unguarded(data, start, end)
+    except IndexError:
+        raise _fail("extensions are truncated") from None
+
+
+def _extensions_unguarded(data: bytes, start: int, end: int) -> dict[bytes, Extension]:
     seq_start, seq_end = _expect(data, start, end, _SEQUENCE, "extensions")
     if seq_end != end:
         raise _fail("extensions have trailing bytes")
     found: dict[bytes, Extension] = {}
     pos = seq_start
+    # Headers with one-byte lengths (nearly every extension) are read inline: this loop runs for
+    # every extension of every uncached leaf. Anything else takes the general reader.
     while pos < seq_end:
-        ext_start, ext_end = _expect(data, pos, seq_end, _SEQUENCE, "extension")
-        oid_start, oid_end = _expect(data, ext_start, ext_end, _OID, "extension id")
+        if data[pos] == _SEQUENCE and data[pos + 1] < 0x80:
+            ext_start = pos + 2
+            ext_end = ext_start + data[pos + 1]
+            if ext_end > seq_end:
+                raise _fail(f"extension at offset {pos} overruns the extensions")
+        else:
+            ext_start, ext_end = _expect(data, pos, seq_end, _SEQUENCE, "extension")
+        if data[ext_start] == _OID and data[ext_start + 1] < 0x80:
+            oid_start = ext_start + 2
+            oid_end = oid_start + data[ext_start + 1]
+            if oid_end > ext_end:
+                raise _fail(f"extension id at offset {ext_start} overruns its extension")
+        else:
+            oid_start, oid_end = _expect(data, ext_start, ext_end, _OID, "extension id")
         oid = data[oid_start:oid_end]
         if not oid:
             raise _fail("extension id is empty")
@@ -188,15 +221,18 @@ def _extensions(data: bytes, start: int, end: int) -> dict[bytes, Extension]:
         pos = oid_end
         critical = False
         if pos < ext_end and data[pos] == _BOOLEAN:
-            b_start, b_end = _expect(data, pos, ext_end, _BOOLEAN, "critical flag")
             # DER: only TRUE is written (FALSE is the default) and TRUE is 0xff.
-            if data[b_start:b_end] != b"\xff":
+            if data[pos : pos + 3] != b"\x01\x01\xff" or pos + 3 > ext_end:
                 raise _fail(f"extension {oid.hex()} has a non-DER critical flag")
             critical = True
-            pos = b_end
-        value_start, value_end = _expect(data, pos, ext_end, _OCTET_STRING, "extension value")
+            pos += 3
+        if data[pos] == _OCTET_STRING and data[pos + 1] < 0x80:
+            value_start = pos + 2
+            value_end = value_start + data[pos + 1]
+        else:
+            value_start, value_end = _expect(data, pos, ext_end, _OCTET_STRING, "extension value")
         if value_end != ext_end:
-            raise _fail(f"extension {oid.hex()} has trailing bytes")
+            raise _fail(f"extension {oid.hex()} value does not end the extension")
         found[oid] = Extension(critical, data[value_start:value_end])
         pos = ext_end
     return found
@@ -204,6 +240,13 @@ def _extensions(data: bytes, start: int, end: int) -> dict[bytes, Extension]:
 
 def parse_cert(der: bytes) -> CertFacts:
     """The verification facts of one DER certificate; SvidParseError if it isn't strict DER."""
+    try:
+        return _parse_cert_unguarded(der)
+    except IndexError:  # the inline header reads index past a truncated end
+        raise _fail("certificate is truncated") from None
+
+
+def _parse_cert_unguarded(der: bytes) -> CertFacts:
     end = len(der)
     c_start, c_end = _expect(der, 0, end, _SEQUENCE, "certificate")
     if c_end != end:
@@ -220,9 +263,8 @@ def parse_cert(der: bytes) -> CertFacts:
     signature = der[bits_start + 1 : bits_end]
 
     pos = t_start
-    tag, _, stop = read_tlv(der, pos, t_end)
-    if tag == _VERSION:
-        pos = stop
+    if der[pos] == _VERSION:
+        _, pos = _expect(der, pos, t_end, _VERSION, "version")
     s_start, s_end = _expect(der, pos, t_end, _INTEGER, "serial number")
     if s_start == s_end:
         raise _fail("serial number is empty")
@@ -243,7 +285,8 @@ def parse_cert(der: bytes) -> CertFacts:
     extensions: dict[bytes, Extension] = {}
     last = 0
     while pos < t_end:
-        tag, x_start, x_end = read_tlv(der, pos, t_end)
+        tag = der[pos]
+        x_start, x_end = _expect(der, pos, t_end, tag, "TBSCertificate field")
         order = {_ISSUER_UID: 1, _SUBJECT_UID: 2, _EXTENSIONS: 3}.get(tag, 0)
         if order <= last:
             raise _fail(f"unexpected element 0x{tag:02x} at the end of the TBSCertificate")
@@ -275,7 +318,7 @@ def split_certs(data: bytes) -> list[bytes]:
     return out
 
 
-# --- extension values ---------------------------------------------------------------------------
+# --- extension values ---
 
 
 def basic_constraints(value: bytes) -> tuple[bool, int | None]:
@@ -327,15 +370,59 @@ def ext_key_usages(value: bytes) -> set[bytes]:
     pos = start
     while pos < end:
         o_start, o_end = _expect(value, pos, end, _OID, "key purpose")
-        if o_start == o_end:
-            raise _fail("extended key usage has an empty OID")
-        out.add(value[o_start:o_end])
+        oid = value[o_start:o_end]
+        if not valid_oid(oid):
+            raise _fail("extended key usage has a malformed OID")
+        out.add(oid)
         pos = o_end
     return out
 
 
+def valid_oid(body: bytes) -> bool:
+    """Is ``body`` a well-formed OID encoding (non-empty, minimal base-128 arcs)?"""
+    if not body or body[-1] & 0x80 or body[0] == 0x80:
+        return False
+    return all(not (prev & 0x80 == 0 and cur == 0x80) for prev, cur in zip(body, body[1:]))
+
+
+def key_identifiers_ok(extensions: dict[bytes, Extension]) -> bool:
+    """Are the SubjectKeyIdentifier and AuthorityKeyIdentifier values (if any) well-formed?
+
+    The profile does not read them, but a certificate with a malformed one is malformed.
+    """
+    try:
+        ski = extensions.get(OID_SUBJECT_KEY_ID)
+        if ski is not None:
+            _, stop = _expect(ski.value, 0, len(ski.value), _OCTET_STRING, "key identifier")
+            if stop != len(ski.value):
+                return False
+        aki = extensions.get(OID_AUTHORITY_KEY_ID)
+        if aki is not None:
+            value = aki.value
+            start, end = _expect(value, 0, len(value), _SEQUENCE, "authority key identifier")
+            if end != len(value):
+                return False
+            pos, last = start, -1
+            while pos < end:
+                tag = value[pos]
+                order = {0x80: 0, 0xA1: 1, 0x82: 2}.get(tag)
+                if order is None or order <= last:
+                    return False
+                last = order
+                if tag == 0xA1:  # authorityCertIssuer: GeneralNames, left to cryptography
+                    return False
+                _, pos = _expect(value, pos, end, tag, "authority key identifier field")
+    except (SvidParseError, IndexError):
+        return False
+    return True
+
+
 def san_uris(value: bytes) -> list[str]:
-    """The uniformResourceIdentifier entries of a SubjectAltName value, in order."""
+    """The uniformResourceIdentifier entries of a SubjectAltName value, in order.
+
+    Other GeneralName kinds are refused here (SvidParseError): their syntax is cryptography's
+    to check, so callers fall back to it for such certificates.
+    """
     start, end = _expect(value, 0, len(value), _SEQUENCE, "subject alternative name")
     if end != len(value) or start == end:
         raise _fail("subject alternative name is empty or has trailing bytes")
@@ -348,7 +435,7 @@ def san_uris(value: bytes) -> list[str]:
                 uris.append(value[g_start:g_end].decode("ascii"))
             except UnicodeDecodeError:
                 raise _fail("URI SAN is not IA5 (ASCII)") from None
-        elif tag & 0xC0 != 0x80:  # GeneralName entries are all context-specific
-            raise _fail(f"subject alternative name entry has tag 0x{tag:02x}")
+        else:
+            raise NotOnlyUris(f"subject alternative name has a GeneralName of tag 0x{tag:02x}")
         pos = g_end
     return uris

@@ -84,7 +84,7 @@ def parse_der_certs(data: bytes) -> list[x509.Certificate]:
         end = _element_end(data, offset)
         try:
             certs.append(x509.load_der_x509_certificate(data[offset:end]))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise SvidParseError(
                 f"certificate at byte offset {offset} is not a valid X.509 certificate: {exc}"
             ) from None

@@ -10,7 +10,7 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -163,6 +163,56 @@ def verify_jws_signature(
         return True
     except (InvalidSignature, ValueError):
         return False
+
+
+SignatureCheck = Callable[[bytes, bytes], bool]
+
+
+def signature_check(alg: str, public_key: object) -> SignatureCheck | None:
+    """``verify_jws_signature`` with ``alg`` and ``public_key`` fixed and their fit checked once.
+
+    None when ``alg`` does not fit the key (family, curve, RSA size): such a token never verifies.
+    Verifiers keep one per (kid, alg) of a bundle, so the per-token work is the signature alone.
+    """
+    if alg not in ALLOWED_ALGS:
+        return None
+    family = alg[:2]
+    if family == "ES":
+        curve, size = _EC_ALGS[alg]
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != curve:
+            return None
+        ec_key, ecdsa = public_key, _ECDSA[alg]
+
+        def check_ec(signing_input: bytes, signature: bytes) -> bool:
+            if len(signature) != 2 * size:
+                return False
+            der = encode_dss_signature(
+                int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+            )
+            try:
+                ec_key.verify(der, signing_input, ecdsa)
+            except (InvalidSignature, ValueError):
+                return False
+            return True
+
+        return check_ec
+    if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < MIN_RSA_BITS:
+        return None
+    rsa_key, hash_alg = public_key, _HASHES[alg[2:]]()
+    pad: padding.AsymmetricPadding = (
+        padding.PKCS1v15()
+        if family == "RS"
+        else padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
+    )
+
+    def check_rsa(signing_input: bytes, signature: bytes) -> bool:
+        try:
+            rsa_key.verify(signature, signing_input, pad, hash_alg)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+    return check_rsa
 
 
 def public_key_thumbprint_kid(public_key: PublicKey) -> str:

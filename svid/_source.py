@@ -39,6 +39,13 @@ class MemoryBundleSource:
         self._lock = threading.Lock()
         self._x509: BundleSet[X509Bundle] = x509 if x509 is not None else BundleSet()
         self._jwt: BundleSet[JwtBundle] = jwt if jwt is not None else BundleSet()
+        self._publish()
+
+    def _publish(self) -> None:
+        # Plain dicts for the per-verification lookups: Mapping.get on a BundleSet goes through
+        # two Python-level calls. Each update builds new dicts and swaps the references.
+        self._x509_get = dict(self._x509).get
+        self._jwt_get = dict(self._jwt).get
 
     @classmethod
     def of(cls, *bundles: SpiffeBundle) -> MemoryBundleSource:
@@ -48,10 +55,10 @@ class MemoryBundleSource:
         )
 
     def x509_bundle_for(self, trust_domain: TrustDomain) -> X509Bundle | None:
-        return self._x509.get(trust_domain)
+        return self._x509_get(trust_domain)
 
     def jwt_bundle_for(self, trust_domain: TrustDomain) -> JwtBundle | None:
-        return self._jwt.get(trust_domain)
+        return self._jwt_get(trust_domain)
 
     @property
     def x509_bundles(self) -> BundleSet[X509Bundle]:
@@ -68,10 +75,12 @@ class MemoryBundleSource:
         """
         with self._lock:
             self._x509 = BundleSet(_keep_unchanged(self._x509, bundles))
+            self._publish()
 
     def set_jwt_bundles(self, bundles: BundleSet[JwtBundle]) -> None:
         with self._lock:
             self._jwt = BundleSet(_keep_unchanged(self._jwt, bundles))
+            self._publish()
 
     def update(self, bundle: SpiffeBundle) -> None:
         """Set one trust domain's X.509 and JWT bundles from a SPIFFE bundle."""
@@ -83,11 +92,13 @@ class MemoryBundleSource:
             self._jwt = BundleSet(
                 _keep_unchanged(self._jwt, {**self._jwt, td: bundle.jwt_bundle()})
             )
+            self._publish()
 
     def remove(self, trust_domain: TrustDomain) -> None:
         with self._lock:
             self._x509 = BundleSet({td: b for td, b in self._x509.items() if td != trust_domain})
             self._jwt = BundleSet({td: b for td, b in self._jwt.items() if td != trust_domain})
+            self._publish()
 
 
 B = TypeVar("B", X509Bundle, JwtBundle)

@@ -4,6 +4,7 @@ audience, times with a small leeway, jti revocation, and a result cache keyed by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -13,7 +14,7 @@ from svid._bundle import JwtBundle
 from svid._cache import LruCache
 from svid._clock import Clock, SystemClock
 from svid._errors import ExpiredError, JwtSvidError, RevokedError, VerificationError
-from svid._jose import verify_jws_signature
+from svid._jose import SignatureCheck, signature_check
 from svid._jwt import check_claims, split_and_check_header
 from svid._revocation import RevocationSet
 from svid._spiffe_id import SpiffeId, TrustDomain
@@ -22,6 +23,7 @@ JwtBundleGetter = Callable[[TrustDomain], JwtBundle | None]
 
 DEFAULT_LEEWAY = 5.0
 DEFAULT_CACHE_SIZE = 10_000
+_MAX_CHECKS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +46,6 @@ class _Entry(NamedTuple):
     jti: str | None
 
 
-def _num(claims: Mapping[str, Any], name: str) -> float | None:
-    value = claims.get(name)
-    return float(value) if value is not None else None
-
-
 class JwtVerifier:
     """Verifies JWT-SVIDs for one or more audiences of this service."""
 
@@ -68,6 +65,11 @@ class JwtVerifier:
         self._revocations = revocations if revocations is not None else RevocationSet()
         self._leeway = leeway
         self._cache: LruCache[str, _Entry] = LruCache(cache_size)
+        # Per trust domain: the bundle object they were made from, and one signature check per
+        # (kid, alg) seen, so a token costs one signature and no key or alg bookkeeping.
+        self._checks: dict[
+            TrustDomain, tuple[JwtBundle, dict[tuple[str, str], SignatureCheck | None]]
+        ] = {}
 
     @property
     def cache(self) -> LruCache[str, _Entry]:
@@ -100,6 +102,26 @@ class JwtVerifier:
             return False
         return entry.jti is None or not self._revocations.is_jti_revoked(entry.jti)
 
+    def _signature_check(
+        self, td: TrustDomain, bundle: JwtBundle, kid: str, alg: str
+    ) -> SignatureCheck | None:
+        memo = self._checks.get(td)
+        if memo is None or memo[0] is not bundle:
+            memo = (bundle, {})
+            self._checks[td] = memo
+        checks = memo[1]
+        try:
+            return checks[(kid, alg)]
+        except KeyError:
+            pass
+        key = bundle.get(kid)
+        if key is None:
+            raise VerificationError(f"no JWT authority with kid {kid!r} in trust domain {td}")
+        if len(checks) >= _MAX_CHECKS:  # kids come from tokens: bound what they can make us keep
+            checks.clear()
+        check = checks[(kid, alg)] = signature_check(alg, key)
+        return check
+
     def _verify(self, token: str, now: float) -> _Entry:
         try:
             parsed = split_and_check_header(token)
@@ -111,24 +133,29 @@ class JwtVerifier:
         bundle = self._bundles(td)
         if bundle is None:
             raise VerificationError(f"no JWT bundle for trust domain {td}")
-        key = bundle.get(kid)
-        if key is None:
-            raise VerificationError(f"no JWT authority with kid {kid!r} in trust domain {td}")
-        if not verify_jws_signature(alg, parsed.signing_input, parsed.signature, key):
+        check = self._signature_check(td, bundle, kid, alg)
+        if check is None or not check(parsed.signing_input, parsed.signature):
             raise VerificationError(f"token signature is invalid (kid {kid!r}, sub {sid})")
         claims = parsed.claims
         leeway = self._leeway
         if now > exp + leeway:
             raise ExpiredError(f"token for {sid} expired at {exp}")
-        not_before = float("-inf")
-        for name in ("nbf", "iat"):
-            when = _num(claims, name)
-            if when is not None:
-                if when > now + leeway:
-                    raise ExpiredError(f"token for {sid} has {name} {when:.0f} in the future")
-                not_before = max(not_before, when - leeway)
+        not_before = -math.inf
+        latest = now + leeway
+        # check_claims has made sure nbf/iat, when present, are finite numbers.
+        nbf = claims.get("nbf")
+        if nbf is not None:
+            if nbf > latest:
+                raise ExpiredError(f"token for {sid} has nbf {nbf:.0f} in the future")
+            not_before = nbf - leeway
+        iat = claims.get("iat")
+        if iat is not None:
+            if iat > latest:
+                raise ExpiredError(f"token for {sid} has iat {iat:.0f} in the future")
+            not_before = max(not_before, iat - leeway)
         jti = claims.get("jti")
-        jti = jti if isinstance(jti, str) else None
+        if type(jti) is not str:
+            jti = None
         if jti is not None and self._revocations.is_jti_revoked(jti):
             raise RevokedError(f"token jti {jti!r} of {sid} is revoked")
         result = VerifiedJwt(sid, MappingProxyType(claims), audience, exp, kid)

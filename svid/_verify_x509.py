@@ -358,7 +358,7 @@ class X509Verifier:
                 for offset, d in enumerate(ders):
                     try:
                         certs.append(x509.load_der_x509_certificate(d))
-                    except ValueError as exc:
+                    except (ValueError, x509.InvalidVersion) as exc:
                         raise VerificationError(
                             f"X.509-SVID chain is unreadable: certificate {offset} is not a "
                             f"valid X.509 certificate: {exc}"
@@ -374,7 +374,7 @@ class X509Verifier:
     ) -> _Entry:
         leaf, leaf_facts = certs[0], facts[0]
         try:
-            sid = check_leaf_facts(leaf_facts)
+            sid = check_leaf_facts(leaf_facts, leaf)
         except X509SvidError as exc:
             raise VerificationError(f"leaf breaks the X.509-SVID profile: {exc}") from exc
         td = sid.trust_domain

@@ -141,59 +141,80 @@ def check_leaf_profile(cert: x509.Certificate) -> SpiffeId:
     return sid
 
 
-def check_leaf_facts(facts: der.CertFacts) -> SpiffeId:
+def check_leaf_facts(facts: der.CertFacts, cert: x509.Certificate | None = None) -> SpiffeId:
     """``check_leaf_profile`` on a certificate's raw DER facts: the same rules, read directly.
 
     The verifier's uncached path uses this; cryptography's extension objects cost more than the
-    rest of the check. Malformed extension values are X509SvidErrors, as there.
+    rest of the check. Malformed extension values are X509SvidErrors, as there. With ``cert``
+    (the same certificate), anything this reader does not check completely (other extensions,
+    non-URI SANs) is checked by cryptography as well, so the result is never more lenient.
     """
-    serial = format(facts.serial, "x")
     exts = facts.extensions
+    if cert is not None and (not exts.keys() <= der.FULLY_READ or not der.key_identifiers_ok(exts)):
+        extensions_of(cert)  # raises X509SvidError for anything malformed
     try:
-        san = exts.get(der.OID_SAN)
+        return _leaf_rules(
+            exts.get(der.OID_SAN),
+            exts.get(der.OID_BASIC_CONSTRAINTS),
+            exts.get(der.OID_KEY_USAGE),
+            exts.get(der.OID_EXT_KEY_USAGE),
+            facts.subject == der.EMPTY_NAME,
+        )
+    except X509SvidError as exc:
+        raise X509SvidError(f"leaf serial {facts.serial:x} {exc}") from None
+    except der.NotOnlyUris:
+        if cert is None:
+            raise X509SvidError(
+                f"leaf serial {facts.serial:x} has non-URI SANs; pass the certificate"
+            ) from None
+        return check_leaf_profile(cert)
+
+
+@functools.lru_cache(maxsize=1024)
+def _leaf_rules(
+    san: der.Extension | None,
+    bc: der.Extension | None,
+    ku: der.Extension | None,
+    eku: der.Extension | None,
+    empty_subject: bool,
+) -> SpiffeId:
+    # A pure function of the extension bytes, which every SVID of one workload shares (keys and
+    # serials differ, these don't): memoized like the SPIFFE ID parse. Failures are not stored.
+    try:
         uris = der.san_uris(san.value) if san is not None else []
         if len(uris) != 1:
-            raise X509SvidError(
-                f"certificate serial {serial} must have exactly one URI SAN, has {len(uris)}"
-            )
+            raise X509SvidError(f"must have exactly one URI SAN, has {len(uris)}")
         try:
             sid = _parse_id(uris[0])
         except SpiffeIdError as exc:
-            raise X509SvidError(
-                f"certificate serial {serial} URI SAN is not a SPIFFE ID: {exc}"
-            ) from None
+            raise X509SvidError(f"URI SAN is not a SPIFFE ID: {exc}") from None
         if not sid.path:
-            raise X509SvidError(f"leaf serial {serial} SPIFFE ID {sid} has no path (root ID)")
-        bc = exts.get(der.OID_BASIC_CONSTRAINTS)
+            raise X509SvidError(f"SPIFFE ID {sid} has no path (root ID)")
         if bc is None:
-            raise X509SvidError(f"leaf serial {serial} has no basic constraints extension")
+            raise X509SvidError("has no basic constraints extension")
         if der.basic_constraints(bc.value)[0]:
-            raise X509SvidError(f"leaf serial {serial} has cA=true")
-        ku = exts.get(der.OID_KEY_USAGE)
+            raise X509SvidError("has cA=true")
         if ku is None:
-            raise X509SvidError(f"leaf serial {serial} has no key usage extension")
+            raise X509SvidError("has no key usage extension")
         if not ku.critical:
-            raise X509SvidError(f"leaf serial {serial} key usage extension is not critical")
+            raise X509SvidError("key usage extension is not critical")
         bits = der.key_usage_bits(ku.value)
         if not bits & der.DIGITAL_SIGNATURE:
-            raise X509SvidError(f"leaf serial {serial} key usage lacks digitalSignature")
+            raise X509SvidError("key usage lacks digitalSignature")
         if bits & der.KEY_CERT_SIGN:
-            raise X509SvidError(f"leaf serial {serial} key usage has keyCertSign")
+            raise X509SvidError("key usage has keyCertSign")
         if bits & der.CRL_SIGN:
-            raise X509SvidError(f"leaf serial {serial} key usage has cRLSign")
-        eku = exts.get(der.OID_EXT_KEY_USAGE)
+            raise X509SvidError("key usage has cRLSign")
         if eku is not None:
             purposes = der.ext_key_usages(eku.value)
             if der.OID_SERVER_AUTH not in purposes or der.OID_CLIENT_AUTH not in purposes:
-                raise X509SvidError(
-                    f"leaf serial {serial} extended key usage lacks serverAuth and/or clientAuth"
-                )
+                raise X509SvidError("extended key usage lacks serverAuth and/or clientAuth")
+    except der.NotOnlyUris:
+        raise
     except SvidParseError as exc:
-        raise X509SvidError(f"leaf serial {serial} has malformed extensions: {exc}") from None
-    if san is not None and not san.critical and facts.subject == der.EMPTY_NAME:
-        raise X509SvidError(
-            f"leaf serial {serial} has an empty subject but a non-critical SAN extension"
-        )
+        raise X509SvidError(f"has malformed extensions: {exc}") from None
+    if san is not None and not san.critical and empty_subject:
+        raise X509SvidError("has an empty subject but a non-critical SAN extension")
     return sid
 
 

@@ -15,15 +15,14 @@ import logging
 import grpc
 
 from agent_attestor.cache import Cache
+from agent_attestor.caller_check import checked_caller
 from agent_attestor.jwt_cache import JwtCache
-from agent_attestor.peer import Caller, CallerRegistry
+from agent_attestor.peer import CallerRegistry
 from agent_attestor.tasks.client import TaskClient
 from svid._proto import task_pb2, task_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-HEADER_KEY = "workload.spiffe.io"
-HEADER_VALUE = "true"
 TASK_PATH = "/task/"
 MAX_GOAL = 64 * 1024
 # Server answers a workload may see as they are; anything else is the agent's problem.
@@ -50,24 +49,16 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         self._client = client
         self._jwts = jwts
 
-    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
-        metadata = context.invocation_metadata() or ()
-        if not any(k == HEADER_KEY and v == HEADER_VALUE for k, v in metadata):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request"
-            )
-        caller = self._registry.lookup(context.peer())
-        if caller is None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "caller could not be identified")
-        assert caller is not None
-        return caller
-
-    def _runtime_ids(self, caller: Caller) -> list[str]:
-        """The caller's own identities (not task identities), default first."""
+    async def _held(self, context: grpc.aio.ServicerContext) -> list[str]:
+        """The caller's own identities (not task identities), default first; aborts if none."""
+        caller = await checked_caller(context, self._registry)
         snap = self._cache.snapshot()
-        return [
+        held = [
             e.spiffe_id for e in snap.entries_for(caller.selectors) if TASK_PATH not in e.spiffe_id
         ]
+        if not held:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+        return held
 
     async def _forward(self, context: grpc.aio.ServicerContext, call: object) -> task_pb2.Task:
         try:
@@ -82,10 +73,7 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
     async def BeginTask(
         self, request: task_pb2.BeginTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.BeginTaskResponse:
-        caller = await self._caller(context)
-        held = self._runtime_ids(caller)
-        if not held:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+        held = await self._held(context)
         runtime_id = request.spiffe_id or held[0]
         if runtime_id not in held:
             await context.abort(
@@ -115,10 +103,7 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
     async def EndTask(
         self, request: task_pb2.EndTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.EndTaskResponse:
-        caller = await self._caller(context)
-        held = self._runtime_ids(caller)
-        if not held:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+        held = await self._held(context)
         if not request.task_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "task_id: required")
         task = await self._forward(
@@ -134,10 +119,7 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
     async def ListTasks(
         self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
-        caller = await self._caller(context)
-        held = self._runtime_ids(caller)
-        if not held:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+        held = await self._held(context)
         try:
             tasks = await self._client.list(task_pb2.NodeListTasksRequest(runtime_ids=held))
         except grpc.aio.AioRpcError as exc:

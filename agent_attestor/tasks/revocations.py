@@ -14,12 +14,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import grpc
 
 from agent_attestor.cache import Cache, Snapshot
+from agent_attestor.caller_check import checked_caller
 from agent_attestor.peer import CallerRegistry
 from svid._proto import revocation_pb2, revocation_pb2_grpc
-
-KIND_X509_SERIAL = "x509_serial"
-KIND_JWT_ID = "jwt_id"
-HEADER = ("workload.spiffe.io", "true")
+from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL
 
 # (kind, value) -> the credential's expiry; 0 when the agent was not told (keep it listed).
 Expiries = Callable[[], Mapping[tuple[str, str], int]]
@@ -55,12 +53,7 @@ class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[m
     async def Watch(
         self, request: revocation_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[revocation_pb2.RevocationList]:
-        if HEADER not in tuple(context.invocation_metadata() or ()):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request"
-            )
-        if self._registry.lookup(context.peer()) is None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "caller could not be identified")
+        await checked_caller(context, self._registry)
         sent: revocation_pb2.RevocationList | None = None
         while True:
             snap = self._cache.snapshot()

@@ -9,10 +9,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.ca.signer import X509Signer
+from server.ids import SERVER_DNS_NAME, SERVER_PATH
+from svid._der import certs_to_pem
 from svid._spiffe_id import SpiffeId, TrustDomain
 
-SERVER_PATH = ("svid", "server")
-SERVER_DNS_NAME = "svid-server"  # agents dial with ssl_target_name_override="svid-server"
+__all__ = ["SERVER_DNS_NAME", "ServerSvid", "server_spiffe_id", "server_svid"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +25,7 @@ class ServerSvid:
         return f"ServerSvid(serial={self.chain[0].serial_number})"
 
     def chain_pem(self) -> bytes:
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
+        return certs_to_pem(self.chain)
 
     def key_pem(self) -> bytes:
         return self.key.private_bytes(
@@ -39,9 +40,9 @@ def server_spiffe_id(trust_domain: TrustDomain) -> SpiffeId:
 
 
 def server_svid(signer: X509Signer, ttl: int) -> ServerSvid:
-    """A fresh key and SVID for the server, with DNS SAN `svid-server`."""
+    """A fresh key and SVID for the server, with DNS SAN `svid-server` (agents dial that name)."""
     key = ec.generate_private_key(ec.SECP256R1())
     chain = signer.sign_svid(
         key.public_key(), server_spiffe_id(signer.trust_domain), ttl, (SERVER_DNS_NAME,)
     )
-    return ServerSvid(chain=chain, key=key)
+    return ServerSvid(chain=tuple(chain), key=key)

@@ -6,19 +6,22 @@ NotBefore backdated 10 s (clock skew between machines), NotAfter capped at the C
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from server.ca.errors import CaUnavailableError, CsrError, SigningRequestError
 from server.ca.keys import PrivateKey, PublicKey, signature_hash
-from svid._clock import Clock, to_datetime
+from svid._clock import Clock
 from svid._jose import alg_for_key, b64url_encode, sign_jws
 from svid._spiffe_id import SpiffeId, TrustDomain
 
@@ -45,6 +48,43 @@ _LEAF_EKU = x509.ExtendedKeyUsage(
     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
 )
 _LEAF_BASIC = x509.BasicConstraints(ca=False, path_length=None)
+# cryptography's X.509 times are naive UTC datetimes; building them from the epoch skips the
+# aware-to-naive conversion its setters would do for every certificate.
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _pre_encoded(value: x509.ExtensionType, critical: bool) -> x509.Extension[x509.ExtensionType]:
+    """`value` as an extension whose DER is encoded once, here, instead of per certificate.
+
+    The bytes written are the same: an unrecognised extension is copied verbatim, and readers
+    parse it back by its OID as the real type.
+    """
+    return x509.Extension(
+        value.oid, critical, x509.UnrecognizedExtension(value.oid, value.public_bytes())
+    )
+
+
+def _subject_key_id(key: PublicKey) -> x509.Extension[x509.ExtensionType]:
+    """RFC 5280 §4.2.1.2 method 1 (SHA-1 of the subjectPublicKey bits), as SPIRE and
+    cryptography's SubjectKeyIdentifier.from_public_key compute it, without a DER round trip."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        bits = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    else:
+        bits = key.public_bytes(Encoding.DER, PublicFormat.PKCS1)
+    digest = hashlib.sha1(bits).digest()  # noqa: S324 - an identifier, not a security hash
+    # DER OCTET STRING of the 20-byte digest: tag 0x04, length 0x14.
+    return x509.Extension(
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        False,
+        x509.UnrecognizedExtension(ExtensionOID.SUBJECT_KEY_IDENTIFIER, b"\x04\x14" + digest),
+    )
+
+
+_LEAF_HEAD = (
+    _pre_encoded(_LEAF_BASIC, critical=True),
+    _pre_encoded(_LEAF_KEY_USAGE, critical=True),
+    _pre_encoded(_LEAF_EKU, critical=False),
+)
 
 
 def check_public_key(key: object, what: str = "public key") -> PublicKey:
@@ -62,6 +102,15 @@ def check_public_key(key: object, what: str = "public key") -> PublicKey:
 
 def verify_csr(csr_der: bytes) -> x509.CertificateSigningRequest:
     """Parse a DER PKCS#10 request and check its self-signature and key type."""
+    return _checked_csr(csr_der)[0]
+
+
+def csr_public_key(csr_der: bytes) -> PublicKey:
+    """verify_csr, returning the checked public key: what signing needs from a CSR."""
+    return _checked_csr(csr_der)[1]
+
+
+def _checked_csr(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey]:
     if not csr_der:
         raise CsrError("csr is empty")
     if len(csr_der) > MAX_CSR_BYTES:
@@ -80,8 +129,7 @@ def verify_csr(csr_der: bytes) -> x509.CertificateSigningRequest:
         key = csr.public_key()
     except ValueError:
         raise CsrError("csr public key cannot be read") from None
-    check_public_key(key, "csr public key")
-    return csr
+    return csr, check_public_key(key, "csr public key")
 
 
 def _check_leaf_request(
@@ -102,6 +150,20 @@ def _check_leaf_request(
 
 def _is_self_signed(cert: x509.Certificate) -> bool:
     return cert.issuer == cert.subject
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSvid:
+    """One X.509-SVID as the node API sends it: the leaf and its chain as concatenated DER."""
+
+    certificate: x509.Certificate
+    chain_der: bytes
+    serial: int
+    expires_at: int
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.serial, "x")
 
 
 class X509Signer:
@@ -128,10 +190,13 @@ class X509Signer:
         self._ca_not_before = int(ca_cert.not_valid_before_utc.timestamp())
         self._ca_not_after = int(ca_cert.not_valid_after_utc.timestamp())
         ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        self._akid = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        akid = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        # Everything but key, serial, validity, SKID and SAN is the same in every leaf.
+        self._akid = _pre_encoded(akid, critical=False)
         # A self-signed CA is the root: peers have it from the bundle, so it is not sent.
         own = () if _is_self_signed(ca_cert) else (ca_cert,)
         self._chain: tuple[x509.Certificate, ...] = own + tuple(chain_above)
+        self._chain_der = b"".join(c.public_bytes(Encoding.DER) for c in self._chain)
 
     @property
     def ca_certificate(self) -> x509.Certificate:
@@ -164,11 +229,32 @@ class X509Signer:
         dns_names: Sequence[str] = (),
     ) -> tuple[x509.Certificate, ...]:
         """The leaf followed by `chain`. A CSR's signature must already be checked (verify_csr)."""
-        _check_leaf_request(spiffe_id, self._trust_domain, ttl, dns_names)
         if isinstance(csr_or_public_key, x509.CertificateSigningRequest):
-            public_key = check_public_key(csr_or_public_key.public_key(), "csr public key")
+            key, what = csr_or_public_key.public_key(), "csr public key"
         else:
-            public_key = check_public_key(csr_or_public_key)
+            key, what = csr_or_public_key, "public key"
+        leaf, _serial, _not_after = self._sign_leaf(key, spiffe_id, ttl, dns_names, what)
+        return (leaf, *self._chain)
+
+    def issue(
+        self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: int, dns_names: Sequence[str] = ()
+    ) -> IssuedSvid:
+        """sign_svid for the wire: the chain as DER, plus what issuance records need."""
+        leaf, serial, not_after = self._sign_leaf(
+            public_key, spiffe_id, ttl, dns_names, "public key"
+        )
+        return IssuedSvid(
+            certificate=leaf,
+            chain_der=leaf.public_bytes(Encoding.DER) + self._chain_der,
+            serial=serial,
+            expires_at=not_after,
+        )
+
+    def _sign_leaf(
+        self, key: object, spiffe_id: SpiffeId, ttl: int, dns_names: Sequence[str], what: str
+    ) -> tuple[x509.Certificate, int, int]:
+        _check_leaf_request(spiffe_id, self._trust_domain, ttl, dns_names)
+        public_key = check_public_key(key, what)
         now = int(self._clock.now())
         if now >= self._ca_not_after:
             raise CaUnavailableError("the active CA certificate has expired")
@@ -176,23 +262,26 @@ class X509Signer:
         not_after = min(now + ttl, self._ca_not_after)
         san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
         san.extend(x509.DNSName(name) for name in dns_names)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_LEAF_SUBJECT)
-            .issuer_name(self._issuer)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(to_datetime(not_before))
-            .not_valid_after(to_datetime(not_after))
-            .add_extension(_LEAF_BASIC, critical=True)
-            .add_extension(_LEAF_KEY_USAGE, critical=True)
-            .add_extension(_LEAF_EKU, critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(self._akid, critical=False)
-            .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .sign(self._key, self._hash)
+        san_value = x509.SubjectAlternativeName(san)
+        serial = x509.random_serial_number()
+        # The builder's constructor takes every field at once: the per-field setters would
+        # copy the builder a dozen times per certificate. Every value here is checked above
+        # or built by this class, and sign() refuses a builder with a field missing.
+        builder = x509.CertificateBuilder(
+            issuer_name=self._issuer,
+            subject_name=_LEAF_SUBJECT,
+            public_key=public_key,
+            serial_number=serial,
+            not_valid_before=_EPOCH + timedelta(seconds=not_before),
+            not_valid_after=_EPOCH + timedelta(seconds=not_after),
+            extensions=[
+                *_LEAF_HEAD,
+                _subject_key_id(public_key),
+                self._akid,
+                x509.Extension(san_value.oid, False, san_value),
+            ],
         )
-        return (cert, *self._chain)
+        return builder.sign(self._key, self._hash), serial, not_after
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,7 @@ class Harness:
         )
         self.entries: dict[str, Entry] = {}
         self.revoked: frozenset[str] = frozenset()
+        self.revoked_jtis: frozenset[str] = frozenset()
         self.crl: tuple[bytes, ...] = ()
         self.lt = LoopThread()
         self.lt.run(self.endpoint.start())
@@ -97,6 +98,7 @@ class Harness:
             entries=tuple(self.entries.values()),
             bundle=self.ca.bundle(),
             revoked_serials=self.revoked,
+            revoked_jtis=self.revoked_jtis,
             crl=self.crl,
         )
         self.lt.call(lambda: self.cache.apply_sync(state))

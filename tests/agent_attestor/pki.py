@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -10,13 +9,12 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent_attestor._crypto import b64url
 from agent_attestor.model import JwtKey, TrustBundle
 from agent_attestor.signer import MintedJwt, X509Result
 from svid._clock import Clock, to_datetime
+from svid._jose import sign_jws
 
 
 def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
@@ -113,14 +111,8 @@ class LocalCa:
             "iat": now,
             "jti": uuid.uuid4().hex,
         }
-        signing_input = (
-            b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
-        )
-        r, s = decode_dss_signature(
-            self.jwt_key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
-        )
-        sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-        return MintedJwt(token=f"{signing_input}.{b64url(sig)}", issued_at=now, expires_at=exp)
+        token = sign_jws(header, claims, self.jwt_key)
+        return MintedJwt(token=token, issued_at=now, expires_at=exp)
 
 
 class FakeSigner:

@@ -1,4 +1,4 @@
-"""Cache fan-out, JWT cache and the internal JWT validator."""
+"""Cache fan-out, JWT cache, and ValidateJWTSVID's verifier fed from the cache."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent_attestor import _crypto
 from agent_attestor.cache import Cache, SyncState
-from agent_attestor.errors import JwtValidationError
 from agent_attestor.jwt_cache import JwtCache
-from agent_attestor.jwt_validate import validate_jwt
-from agent_attestor.model import Entry, Selector
+from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
+from agent_attestor.model import Entry, JwtKey, Selector
 from svid._clock import FakeClock
-from svid._errors import SvidParseError
+from svid._errors import ExpiredError, RevokedError, VerificationError
+from svid._jose import b64url_encode
+from svid._spiffe_id import TrustDomain
+from svid._verify_jwt import DEFAULT_LEEWAY
 from tests.agent_attestor.pki import FakeSigner, LocalCa
 
 SEL = frozenset({Selector("unix", "uid:1")})
@@ -77,8 +79,10 @@ def test_jwt_cache_evicts_least_recently_used() -> None:
     assert jwts.cached("spiffe://example.org/w", ["c"]) is not None
 
 
-def _bundles(ca: LocalCa) -> dict[str, object]:
-    return {"example.org": ca.bundle()}
+def _validator(ca: LocalCa, clock: FakeClock) -> tuple[Cache, CacheJwtValidator]:
+    cache = Cache()
+    cache.apply_sync(SyncState(entries=(), bundle=ca.bundle()))
+    return cache, CacheJwtValidator(cache, clock)
 
 
 def _token(
@@ -87,20 +91,20 @@ def _token(
     from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
     si = (
-        _crypto.b64url(json.dumps(header).encode())
+        b64url_encode(json.dumps(header).encode())
         + "."
-        + _crypto.b64url(json.dumps(claims).encode())
+        + b64url_encode(json.dumps(claims).encode())
     )
     r, s = decode_dss_signature(key.sign(si.encode(), ec.ECDSA(hashes.SHA256())))
-    return si + "." + _crypto.b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+    return si + "." + b64url_encode(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
 
 
 @pytest.mark.parametrize(
     ("header", "claims", "message"),
     [
-        ({"alg": "none"}, {}, "algorithm"),
-        ({"alg": "HS256"}, {}, "algorithm"),
-        ({"alg": "EdDSA"}, {}, "algorithm"),
+        ({"alg": "none"}, {}, "alg"),
+        ({"alg": "HS256"}, {}, "alg"),
+        ({"alg": "EdDSA"}, {}, "alg"),
         ({"alg": "ES256"}, {}, "kid"),
         ({"alg": "ES256", "kid": "K", "typ": "JWS"}, {}, "typ"),
         ({"alg": "ES256", "kid": "K"}, {"sub": "not-an-id"}, "SPIFFE ID"),
@@ -110,12 +114,12 @@ def _token(
         (
             {"alg": "ES256", "kid": "unknown"},
             {"sub": "spiffe://example.org/w", "aud": "svc", "exp": 1 << 40},
-            "no JWT key",
+            "no JWT authority with kid 'unknown'",
         ),
         (
             {"alg": "ES256", "kid": "K"},
             {"sub": "spiffe://other.org/w", "aud": "svc", "exp": 1 << 40},
-            "no bundle",
+            "no JWT bundle for trust domain other.org",
         ),
         (
             {"alg": "RS256", "kid": "K"},
@@ -127,46 +131,104 @@ def _token(
 def test_validator_rejects_with_a_named_reason(header: dict, claims: dict, message: str) -> None:
     clock = FakeClock(start=time.time())
     ca = LocalCa(clock, jwt_kid="K")
+    _, validator = _validator(ca, clock)
     token = _token(header, claims, ca.jwt_key)
-    with pytest.raises(JwtValidationError, match=message):
-        validate_jwt(token, "svc", _bundles(ca), clock.now())  # type: ignore[arg-type]
+    with pytest.raises(VerificationError, match=message) as err:
+        validator.validate(token, "svc")
+    assert token not in str(err.value)
 
 
-def test_validator_accepts_a_string_aud_and_rejects_exp_equal_to_now() -> None:
+def test_validator_accepts_a_string_aud_until_exp_plus_leeway() -> None:
     clock = FakeClock(start=time.time())
     ca = LocalCa(clock, jwt_kid="K")
+    _, validator = _validator(ca, clock)
     exp = int(clock.now()) + 10
     token = _token(
         {"alg": "ES256", "kid": "K"},
         {"sub": "spiffe://example.org/w", "aud": "svc", "exp": exp},
         ca.jwt_key,
     )
-    assert validate_jwt(token, "svc", _bundles(ca), exp - 1).spiffe_id == "spiffe://example.org/w"  # type: ignore[arg-type]
-    with pytest.raises(JwtValidationError, match="expired"):
-        validate_jwt(token, "svc", _bundles(ca), exp)  # type: ignore[arg-type]
+    result = validator.validate(token, "svc")
+    assert (str(result.spiffe_id), result.audience) == ("spiffe://example.org/w", ("svc",))
+    clock.set(exp + DEFAULT_LEEWAY)
+    assert validator.validate(token, "svc").expires_at == exp
+    clock.set(exp + DEFAULT_LEEWAY + 1)
+    with pytest.raises(ExpiredError, match="expired"):
+        validator.validate(token, "svc")
+
+
+def test_validator_refuses_a_jti_once_the_cache_lists_it_revoked() -> None:
+    clock = FakeClock(start=time.time())
+    ca = LocalCa(clock)
+    cache, validator = _validator(ca, clock)
+    minted = ca.mint_jwt("spiffe://example.org/task/1", ["docs"])
+    jti = str(unverified_claims(minted.token)["jti"])
+    assert validator.validate(minted.token, "docs").claims["jti"] == jti  # now in its cache
+    cache.apply_sync(
+        SyncState(
+            entries=(),
+            bundle=ca.bundle(),
+            revoked_jtis=frozenset({jti}),
+            revocation_expiry={("jwt_id", jti): int(minted.expires_at)},
+        )
+    )
+    with pytest.raises(RevokedError, match=jti):
+        validator.validate(minted.token, "docs")
+    other = ca.mint_jwt("spiffe://example.org/task/2", ["docs"])
+    assert str(validator.validate(other.token, "docs").spiffe_id) == "spiffe://example.org/task/2"
+
+
+def test_bundle_conversion_is_stable_while_keys_are_and_follows_rotation() -> None:
+    clock = FakeClock(start=time.time())
+    ca = LocalCa(clock)
+    cache, validator = _validator(ca, clock)
+    td = TrustDomain("example.org")
+    first = validator.bundles(td)
+    assert first is not None
+    assert first.get(ca.jwt_kid) is not None
+    old = ca.mint_jwt("spiffe://example.org/w", ["svc"])
+    validator.validate(old.token, "svc")
+    # An equal bundle from a new sync message: the same object, so cached answers stay usable.
+    cache.apply_sync(
+        SyncState(entries=(Entry("e", "spiffe://example.org/e", SEL),), bundle=ca.bundle())
+    )
+    assert validator.bundles(td) is first
+    # The JWT key is rotated out: tokens it signed are refused, cached or not.
+    ca.jwt_key = ec.generate_private_key(ec.SECP256R1())
+    ca.jwt_kid = "rotated"
+    cache.apply_sync(SyncState(entries=(), bundle=ca.bundle()))
+    assert validator.bundles(td) is not first
+    with pytest.raises(VerificationError, match="no JWT authority"):
+        validator.validate(old.token, "svc")
+    assert validator.bundles(TrustDomain("other.org")) is None
+
+
+def test_unverified_claims_reads_claims_of_any_compact_jws_and_nothing_else() -> None:
+    token = _token(
+        {"alg": "none"}, {"sub": "x", "jti": "j"}, ec.generate_private_key(ec.SECP256R1())
+    )
+    assert unverified_claims(token) == {"sub": "x", "jti": "j"}
+    assert unverified_claims("not-a-token") == {}
+    assert unverified_claims("a.b") == {}
 
 
 def test_jwks_leaves_out_keys_it_cannot_express() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from agent_attestor.model import JwtKey
+    from agent_attestor.model import TrustBundle
 
-    ed = (
-        ed25519.Ed25519PrivateKey.generate()
-        .public_key()
-        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    def spki(key: object) -> bytes:
+        return key.public_key().public_bytes(  # type: ignore[attr-defined,no-any-return]
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    keys = (
+        JwtKey("ed", spki(ed25519.Ed25519PrivateKey.generate())),
+        JwtKey("k1", spki(ec.generate_private_key(ec.SECP256K1()))),
+        JwtKey("junk", b"not DER"),
+        JwtKey("rsa", spki(rsa.generate_private_key(65537, 2048))),
+        JwtKey("rsa", spki(ec.generate_private_key(ec.SECP256R1()))),  # a repeated kid
     )
-    rsa_pub = (
-        rsa.generate_private_key(65537, 2048)
-        .public_key()
-        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    jwks = json.loads(_crypto.jwt_jwks([JwtKey("ed", ed), JwtKey("rsa", rsa_pub)]))
-    assert [(k["kid"], k["kty"]) for k in jwks["keys"]] == [("rsa", "RSA")]
-
-
-@pytest.mark.parametrize("data", [b"", b"\x30", b"\x30\x85\x00", b"\x31\x00", b"\x30\x10abc"])
-def test_der_chain_parser_names_the_offset(data: bytes) -> None:
-    with pytest.raises(SvidParseError):
-        _crypto.parse_der_certs(data)
+    jwks = json.loads(_crypto.jwt_bundle(TrustBundle("example.org", jwt_keys=keys)).to_jwks())
+    assert [(k["kid"], k["kty"], k["use"]) for k in jwks["keys"]] == [("rsa", "RSA", "jwt-svid")]

@@ -62,7 +62,7 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 
 def test_endpoint_address_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix:///run/a.sock")
-    assert endpoint_address(None) == "unix:/run/a.sock"
+    assert endpoint_address(None) == "unix:///run/a.sock"
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "tcp://127.0.0.1:5")
     assert endpoint_address(None) == "127.0.0.1:5"
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix://relative")

@@ -176,6 +176,9 @@ def test_end_sends_the_callers_identities_and_forgets_cached_task_jwts(ta: TaskA
 def test_revocation_watch_pushes_full_state_on_change(ta: TaskAgent) -> None:
     ta.h.add_entry("/bot")
     stub = revocation_pb2_grpc.RevocationsStub(ta.channel())
+    with pytest.raises(grpc.RpcError) as err:
+        next(stub.Watch(revocation_pb2.WatchRequest(), timeout=10))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     stream = stub.Watch(revocation_pb2.WatchRequest(), metadata=HEADER, timeout=10)
     first = next(stream)
     assert list(first.items) == []

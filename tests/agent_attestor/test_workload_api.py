@@ -12,9 +12,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent_attestor import _crypto
 from agent_attestor.model import Selector
+from svid._der import parse_der_certs
+from svid._jose import b64url_decode, b64url_encode
 from svid._proto import workload_pb2
+from svid._verify_jwt import DEFAULT_LEEWAY
+from svid._x509 import spiffe_id_from_cert
 from tests.agent_attestor.harness import HEADER, Harness
 
 BAD_HEADERS = [(), (("workload.spiffe.io", "false"),), (("other", "true"),)]
@@ -101,8 +104,8 @@ def test_first_message_carries_a_usable_svid_and_bundle(agent: Harness) -> None:
     assert len(msg.svids) == 1
     svid = msg.svids[0]
     assert svid.spiffe_id == "spiffe://example.org/w"
-    leaf = _crypto.parse_der_certs(svid.x509_svid)[0]
-    assert _crypto.uri_san(leaf) == svid.spiffe_id
+    leaf = parse_der_certs(svid.x509_svid)[0]
+    assert str(spiffe_id_from_cert(leaf)) == svid.spiffe_id
     key = serialization.load_der_private_key(svid.x509_svid_key, None)
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
@@ -277,12 +280,12 @@ def test_validate_jwt_rejects_bad_tokens(agent: Harness, case: str) -> None:
     elif case == "garbage":
         token = "not-a-token"
     elif case == "expired":
-        agent.clock.advance(agent.ca.jwt_ttl + 1)
+        agent.clock.advance(agent.ca.jwt_ttl + DEFAULT_LEEWAY + 1)
     elif case == "tampered":
         head, body, sig = token.split(".")
-        claims = json.loads(_crypto.b64url_decode(body))
+        claims = json.loads(b64url_decode(body))
         claims["sub"] = "spiffe://example.org/admin"
-        token = ".".join([head, _crypto.b64url(json.dumps(claims).encode()), sig])
+        token = ".".join([head, b64url_encode(json.dumps(claims).encode()), sig])
     elif case == "no-aud":
         audience = ""
     with pytest.raises(grpc.RpcError) as exc:
@@ -290,6 +293,24 @@ def test_validate_jwt_rejects_bad_tokens(agent: Harness, case: str) -> None:
             workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=token), metadata=HEADER
         )
     assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_validate_jwt_refuses_a_token_whose_jti_the_server_revoked(agent: Harness) -> None:
+    seen: list[dict[str, object]] = []
+    agent.api._on_validate = lambda **kw: seen.append(kw)
+    agent.add_entry("/w")
+    stub = agent.stub()
+    token = agent.ca.mint_jwt("spiffe://example.org/w/task/t1", ["docs"]).token
+    jti = json.loads(b64url_decode(token.split(".")[1]))["jti"]
+    request = workload_pb2.ValidateJWTSVIDRequest(audience="docs", svid=token)
+    assert stub.ValidateJWTSVID(request, metadata=HEADER).claims["jti"] == jti
+    agent.revoked_jtis = frozenset({jti})
+    agent.sync(issue=False)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ValidateJWTSVID(request, metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "revoked" in exc.value.details()  # type: ignore[attr-defined]
+    assert [(s["ok"], s["jti"]) for s in seen] == [(True, jti), (False, jti)]
 
 
 # ---- WIT and garbage ------------------------------------------------------------------------
@@ -338,7 +359,7 @@ def test_leaf_from_stream_is_signed_by_the_bundle(agent: Harness) -> None:
     agent.add_entry("/w")
     msg = next(agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
     ca = x509.load_der_x509_certificate(msg.svids[0].bundle)
-    _crypto.parse_der_certs(msg.svids[0].x509_svid)[0].verify_directly_issued_by(ca)
+    parse_der_certs(msg.svids[0].x509_svid)[0].verify_directly_issued_by(ca)
     threading.Event().wait(0)
 
 

@@ -103,6 +103,7 @@ def test_workload_message_fields_match_the_standard(message: str) -> None:
 def test_bundle_maps_are_string_to_bytes(message: str, field: str) -> None:
     holder = workload_pb2.DESCRIPTOR.message_types_by_name[message]
     entry = holder.fields_by_name[field].message_type
+    assert entry is not None
     assert entry.GetOptions().map_entry
     assert entry.fields_by_name["key"].type == _T.TYPE_STRING
     assert entry.fields_by_name["value"].type == _T.TYPE_BYTES
@@ -110,7 +111,9 @@ def test_bundle_maps_are_string_to_bytes(message: str, field: str) -> None:
 
 def test_claims_is_a_struct() -> None:
     desc = workload_pb2.DESCRIPTOR.message_types_by_name["ValidateJWTSVIDResponse"]
-    assert desc.fields_by_name["claims"].message_type.full_name == "google.protobuf.Struct"
+    struct = desc.fields_by_name["claims"].message_type
+    assert struct is not None
+    assert struct.full_name == "google.protobuf.Struct"
 
 
 def test_workload_stub_coexists_with_another_copy_of_the_workload_api() -> None:

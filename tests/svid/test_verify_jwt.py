@@ -196,7 +196,8 @@ def test_zero_leeway(source: MemoryBundleSource) -> None:
 def test_not_before_and_issued_in_future(
     verifier: JwtVerifier, clock: FakeClock, name: str
 ) -> None:
-    tok = token(**{name: int(T0) + 6})
+    over: dict[str, Any] = {name: int(T0) + 6}
+    tok = token(**over)
     with pytest.raises(ExpiredError, match=f"{name} .* in the future"):
         verifier.verify(tok, "svc")
     clock.advance(1)

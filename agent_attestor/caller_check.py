@@ -1,0 +1,32 @@
+"""The checks every call on the Workload API socket passes first (SPIFFE.md §1): the security
+header, then the caller's identity from the relay's registry. Shared by every service there
+(Workload API, Tasks, Revocations), so none can forget one."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from agent_attestor.peer import Caller, CallerRegistry
+
+log = logging.getLogger(__name__)
+
+HEADER_KEY = "workload.spiffe.io"
+HEADER_VALUE = "true"
+
+
+async def checked_caller(context: grpc.aio.ServicerContext, registry: CallerRegistry) -> Caller:
+    """The caller of this call; aborts with INVALID_ARGUMENT without the security header and
+    PERMISSION_DENIED for a connection the relay did not identify."""
+    metadata = context.invocation_metadata() or ()
+    if not any(k == HEADER_KEY and v == HEADER_VALUE for k, v in metadata):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request"
+        )
+    caller = registry.lookup(context.peer())
+    if caller is None:
+        log.warning("refused a connection that did not come through the relay")
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "caller could not be identified")
+    assert caller is not None  # abort() raises
+    return caller

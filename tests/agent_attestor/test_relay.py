@@ -1,0 +1,165 @@
+"""The relay as a byte pipe: integrity in both directions, back-pressure, half-close, cleanup.
+
+The internal side here is a plain asyncio echo server (not gRPC), so the bytes can be checked
+exactly; the Workload API tests cover the relay carrying real gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent_attestor.peer import CallerRegistry
+from agent_attestor.relay import READ_BUFFER, WorkloadRelay
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))  # Unix socket paths are short
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()  # half-close: the client still reads what was echoed
+    await writer.drain()
+    writer.close()
+
+
+async def _with_relay(
+    root: Path,
+    handler: Handler,
+    body: Callable[[WorkloadRelay, list[str]], Awaitable[None]],
+) -> WorkloadRelay:
+    peers: list[str] = []
+
+    async def inner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername"))
+        await handler(reader, writer)
+
+    internal = root / "api.sock"
+    server = await asyncio.start_unix_server(inner, str(internal))
+    relay = WorkloadRelay(root / "public.sock", internal, root / "c", CallerRegistry(), [])
+    await relay.start()
+    try:
+        await asyncio.wait_for(body(relay, peers), 60)
+    finally:
+        await relay.close()
+        server.close()
+        await server.wait_closed()
+    return relay
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in 5 s")
+
+
+def test_bytes_cross_intact_both_ways_on_concurrent_connections(root: Path) -> None:
+    """Several connections share the relay's read buffer; none may see another's bytes, and
+    payloads larger than the buffer and the socket buffers exercise partial writes."""
+    size = 3 * READ_BUFFER + 12345
+
+    async def one(relay: WorkloadRelay, seed: int) -> bytes:
+        payload = os.urandom(size // 7) * 7 + bytes([seed])
+        reader, writer = await asyncio.open_unix_connection(str(relay.public_path))
+
+        async def send() -> None:
+            for i in range(0, len(payload), 50_000):
+                writer.write(payload[i : i + 50_000])
+                await writer.drain()
+            writer.write_eof()
+
+        sender = asyncio.create_task(send())
+        got = await reader.read(-1)  # until the echo server's EOF
+        await sender
+        writer.close()
+        assert got == payload
+        return got
+
+    async def body(relay: WorkloadRelay, peers: list[str]) -> None:
+        results = await asyncio.gather(*(one(relay, seed) for seed in range(4)))
+        assert len({r[-1] for r in results}) == 4
+
+    asyncio.run(_with_relay(root, _echo, body))
+
+
+def test_a_slow_reader_pauses_the_writer_instead_of_buffering_everything(root: Path) -> None:
+    chunk = b"x" * 65536
+    total = 16 * 1024 * 1024
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent = 0
+        while sent < total:
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+        writer.close()
+
+    async def body(relay: WorkloadRelay, peers: list[str]) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(relay.public_path))
+        first = await reader.readexactly(len(chunk))
+        # The workload stops reading; the server keeps writing until the relay stops reading it.
+        link = next(iter(relay.links))
+        inner, outer = link.inner.transport, link.outer.transport
+        assert inner is not None
+        assert outer is not None
+        await _until(lambda: not inner.is_reading())
+        # What the relay holds is bounded by the transport's high-water mark, not the flood.
+        assert outer.get_write_buffer_size() < 1024 * 1024
+        rest = await reader.read(-1)
+        assert len(first) + len(rest) == total
+        writer.close()
+
+    asyncio.run(_with_relay(root, flood, body))
+
+
+def test_each_connection_is_registered_under_its_bound_name_until_it_closes(
+    root: Path,
+) -> None:
+    async def body(relay: WorkloadRelay, peers: list[str]) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(relay.public_path))
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        assert len(peers) == 1
+        bound = Path(peers[0])
+        assert bound.parent == root / "c"
+        assert bound.exists()
+        caller = relay.registry.lookup(f"unix:{bound}")
+        assert caller is not None
+        assert caller.pid == os.getpid()
+        assert caller.uid == os.getuid()
+        writer.close()
+        await _until(lambda: not relay.links)
+        assert relay.registry.lookup(f"unix:{bound}") is None
+        assert not bound.exists()
+
+    asyncio.run(_with_relay(root, _echo, body))
+
+
+def test_a_workload_that_hangs_up_at_once_leaves_nothing_behind(root: Path) -> None:
+    async def body(relay: WorkloadRelay, peers: list[str]) -> None:
+        for _ in range(20):
+            _, writer = await asyncio.open_unix_connection(str(relay.public_path))
+            writer.close()
+        await _until(lambda: not relay.links and len(relay.registry) == 0)
+        await _until(lambda: not any((root / "c").iterdir()))
+
+    asyncio.run(_with_relay(root, _echo, body))

@@ -1,0 +1,64 @@
+"""svid.workloadapi against a real `svid-agent` next to a real `svid-server`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from svid import TrustDomain, VerificationError, der_concat
+from svid.workloadapi import ENV_SOCKET, Backoff, WorkloadApiClient, WorkloadApiSource
+from tests.e2e.agent_process import AgentProcess, create_entry, new_token
+from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
+
+pytestmark = pytest.mark.e2e
+WORKLOAD = "spiffe://example.org/svid-source"
+
+
+@pytest.fixture
+def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
+    root = short_tmpdir()
+    server = make_server(root).start()
+    agent = AgentProcess(root, server, new_token(server))
+    try:
+        agent.start()
+        yield server, agent
+    finally:
+        agent.stop()
+        print("---- agent log ----\n" + agent.logs()[-6000:])  # shown when a test fails
+        if server.proc is not None:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_source_and_client_against_the_real_agent(
+    stack: tuple[ServerProcess, AgentProcess],
+) -> None:
+    server, agent = stack
+    create_entry(server, WORKLOAD, agent.agent_id(), f"unix:uid:{os.getuid()}")
+    agent.wait_svid(WORKLOAD)
+    address = f"unix://{agent.socket_path}"
+    with WorkloadApiClient(None, environ={ENV_SOCKET: address}) as client:
+        svids = client.fetch_x509_svids()
+        assert [str(s.spiffe_id) for s in svids] == [WORKLOAD]
+        jwt = client.fetch_jwt_svid("orders")
+        assert client.validate_jwt_svid(jwt.token, "orders").spiffe_id == jwt.spiffe_id
+        with pytest.raises(VerificationError):
+            client.validate_jwt_svid(jwt.token, "someone-else")
+
+    with WorkloadApiSource(address, backoff=Backoff(0.05, 1.0)) as source:
+        assert source.wait_ready(30)
+        assert source.x509_bundle_for(TrustDomain("example.org")) is not None
+        peer = source.x509_verifier().verify_der(der_concat(svids[0].cert_chain))
+        assert str(peer.spiffe_id) == WORKLOAD
+        caller = source.jwt_verifier().verify(jwt.token, "orders")
+        assert str(caller.spiffe_id) == WORKLOAD
+        wait_for(
+            lambda: source.revocation_stream_supported is not None,
+            10,
+            "the revocation stream to answer",
+        )
+        assert source.revocation_stream_supported is True
+        assert not source.rejected_crls
