@@ -9,6 +9,7 @@ SvidParseError for anything else, so it is never more lenient than the library i
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 from svid._errors import SvidParseError
@@ -50,9 +51,12 @@ FULLY_READ = frozenset(
     }
 )
 EMPTY_NAME = b"\x30\x00"
+# The optional fields ending a TBSCertificate, and those of an AuthorityKeyIdentifier, in order.
+_TBS_TAIL_ORDER = {_ISSUER_UID: 1, _SUBJECT_UID: 2, _EXTENSIONS: 3}
+_AKI_ORDER = {0x80: 0, 0xA1: 1, 0x82: 2}
 
 
-class NotOnlyUris(SvidParseError):
+class NonUriSanError(SvidParseError):
     """A SubjectAltName holds names other than URIs: read it with the full parser instead."""
 
 
@@ -287,7 +291,7 @@ def _parse_cert_unguarded(der: bytes) -> CertFacts:
     while pos < t_end:
         tag = der[pos]
         x_start, x_end = _expect(der, pos, t_end, tag, "TBSCertificate field")
-        order = {_ISSUER_UID: 1, _SUBJECT_UID: 2, _EXTENSIONS: 3}.get(tag, 0)
+        order = _TBS_TAIL_ORDER.get(tag, 0)
         if order <= last:
             raise _fail(f"unexpected element 0x{tag:02x} at the end of the TBSCertificate")
         last = order
@@ -382,7 +386,7 @@ def valid_oid(body: bytes) -> bool:
     """Is ``body`` a well-formed OID encoding (non-empty, minimal base-128 arcs)?"""
     if not body or body[-1] & 0x80 or body[0] == 0x80:
         return False
-    return all(not (prev & 0x80 == 0 and cur == 0x80) for prev, cur in zip(body, body[1:]))
+    return all(not (prev & 0x80 == 0 and cur == 0x80) for prev, cur in itertools.pairwise(body))
 
 
 def key_identifiers_ok(extensions: dict[bytes, Extension]) -> bool:
@@ -405,7 +409,7 @@ def key_identifiers_ok(extensions: dict[bytes, Extension]) -> bool:
             pos, last = start, -1
             while pos < end:
                 tag = value[pos]
-                order = {0x80: 0, 0xA1: 1, 0x82: 2}.get(tag)
+                order = _AKI_ORDER.get(tag)
                 if order is None or order <= last:
                     return False
                 last = order
@@ -436,6 +440,6 @@ def san_uris(value: bytes) -> list[str]:
             except UnicodeDecodeError:
                 raise _fail("URI SAN is not IA5 (ASCII)") from None
         else:
-            raise NotOnlyUris(f"subject alternative name has a GeneralName of tag 0x{tag:02x}")
+            raise NonUriSanError(f"subject alternative name has a GeneralName of tag 0x{tag:02x}")
         pos = g_end
     return uris

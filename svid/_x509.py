@@ -162,7 +162,7 @@ def check_leaf_facts(facts: der.CertFacts, cert: x509.Certificate | None = None)
         )
     except X509SvidError as exc:
         raise X509SvidError(f"leaf serial {facts.serial:x} {exc}") from None
-    except der.NotOnlyUris:
+    except der.NonUriSanError:
         if cert is None:
             raise X509SvidError(
                 f"leaf serial {facts.serial:x} has non-URI SANs; pass the certificate"
@@ -209,7 +209,7 @@ def _leaf_rules(
             purposes = der.ext_key_usages(eku.value)
             if der.OID_SERVER_AUTH not in purposes or der.OID_CLIENT_AUTH not in purposes:
                 raise X509SvidError("extended key usage lacks serverAuth and/or clientAuth")
-    except der.NotOnlyUris:
+    except der.NonUriSanError:
         raise
     except SvidParseError as exc:
         raise X509SvidError(f"has malformed extensions: {exc}") from None
