@@ -9,7 +9,6 @@ so a truncated tail is visible as long as the head row is intact; only an anchor
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server.audit.errors import AuditError
-from server.audit.event import AuditEvent
+from server.audit.event import CANONICAL_FIELDS
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,9 @@ class AuditStore(Protocol):
         """The recorded head, or None for an empty log."""
         ...
 
-    def append(self, events: Sequence[AuditEvent]) -> None:
-        """Store `events` (consecutive seqs) and the new head in one durable transaction."""
+    def append(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Store sealed rows (consecutive seqs; columns CANONICAL_FIELDS then hash, with
+        policy_ids and extra as JSON text) and the new head in one durable transaction."""
         ...
 
     def rows(self, where: EventFilter | None = None) -> Iterator[dict[str, Any]]:
@@ -57,29 +57,7 @@ class AuditStore(Protocol):
 
 
 _PAGE = 1000
-_COLUMNS = (
-    "seq",
-    "event_id",
-    "ts",
-    "kind",
-    "agent_id",
-    "node_id",
-    "on_behalf_of",
-    "resource",
-    "action",
-    "decision",
-    "reason",
-    "task_id",
-    "risk",
-    "credential_id",
-    "policy_ids",
-    "policy_set_hash",
-    "ttl",
-    "latency_us",
-    "extra",
-    "prev_hash",
-    "hash",
-)
+_COLUMNS = (*CANONICAL_FIELDS, "hash")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_events (
@@ -114,13 +92,6 @@ CREATE TABLE IF NOT EXISTS audit_head (
     hash TEXT NOT NULL
 );
 """
-
-
-def _row(event: AuditEvent) -> tuple[Any, ...]:
-    d = event.to_dict()
-    d["policy_ids"] = json.dumps(d["policy_ids"], separators=(",", ":"))
-    d["extra"] = json.dumps(d["extra"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return tuple(d[c] for c in _COLUMNS)
 
 
 class SqliteAuditStore:
@@ -159,11 +130,10 @@ class SqliteAuditStore:
             row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
         return None if row is None else Head(int(row[0]), str(row[1]))
 
-    def append(self, events: Sequence[AuditEvent]) -> None:
-        if not events:
+    def append(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        if not rows:
             return
-        rows = [_row(e) for e in events]
-        last = events[-1]
+        last_seq, last_hash = rows[-1][0], rows[-1][-1]
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -171,7 +141,7 @@ class SqliteAuditStore:
                 self._db.execute(
                     "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
                     "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                    (last.seq, last.hash),
+                    (last_seq, last_hash),
                 )
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:

@@ -13,7 +13,8 @@ import logging
 import threading
 from collections.abc import Sequence
 
-from server.audit import AuditLog, EventDraft
+from server.audit import AuditLog
+from server.audit.log import DraftTuple
 from server.tasks.model import Credential
 from server.tasks.store import TaskStore
 
@@ -27,13 +28,14 @@ class IssuanceRecorder:
         self._audit = audit
         self._cond = threading.Condition()
         self._creds: list[Credential] = []
-        self._events: list[EventDraft] = []
+        self._events: list[DraftTuple] = []
         self._write_lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="svid-recorder", daemon=True)
         self._thread.start()
 
-    def add(self, creds: Sequence[Credential], events: Sequence[EventDraft]) -> None:
+    def add(self, creds: Sequence[Credential], events: Sequence[DraftTuple]) -> None:
+        """Queue; `events` are audit drafts as plain tuples (AuditLog.append_tuples)."""
         with self._cond:
             self._creds.extend(creds)
             self._events.extend(events)
@@ -48,7 +50,7 @@ class IssuanceRecorder:
             if creds:
                 self._store.record(creds)
             if events:
-                self._audit.append_many(events)
+                self._audit.append_tuples(events)
 
     def _loop(self) -> None:
         while True:

@@ -469,22 +469,34 @@ class TaskService:
         """(spiffe_id, serial hex, expires_at) of X.509-SVIDs just signed for `agent_id`."""
         creds = []
         events = []
+        now = self._now()
         for spiffe_id, serial, expires_at in issued:
             task = self._owner_task(spiffe_id)
             task_id = task.task_id if task is not None else ""
             creds.append(
                 Credential(REVOKED_X509_SERIAL, serial, agent_id, spiffe_id, task_id, expires_at)
             )
+            # Plain tuples in DRAFT_FIELDS order: this runs per signature on the issuing thread.
+            # kind, agent_id, node_id, on_behalf_of, resource, action, decision, reason, task_id,
+            # risk, credential_id, policy_ids, policy_set_hash, ttl, latency_us, extra
             events.append(
-                EventDraft(
-                    kind=EventKind.X509_ISSUED,
-                    agent_id=task.runtime_id if task is not None else spiffe_id,
-                    node_id=agent_id,
-                    decision="allow",
-                    task_id=task_id or None,
-                    credential_id=serial,
-                    ttl=max(0, expires_at - self._now()),
-                    extra={"spiffe_id": spiffe_id},
+                (
+                    "x509_issued",
+                    task.runtime_id if task is not None else spiffe_id,
+                    agent_id,
+                    None,
+                    None,
+                    None,
+                    "allow",
+                    None,
+                    task_id or None,
+                    None,
+                    serial,
+                    (),
+                    None,
+                    max(0, expires_at - now),
+                    None,
+                    {"spiffe_id": spiffe_id},
                 )
             )
         self.recorder.add(creds, events)
@@ -495,15 +507,25 @@ class TaskService:
         """A workload (non-task) JWT-SVID just minted for `agent_id`."""
         self.recorder.add(
             [Credential(REVOKED_JWT_ID, issued.jti, agent_id, spiffe_id, "", issued.expires_at)],
+            # A plain tuple in DRAFT_FIELDS order (see record_x509).
             [
-                EventDraft(
-                    kind=EventKind.JWT_MINTED,
-                    agent_id=spiffe_id,
-                    node_id=agent_id,
-                    resource=",".join(audience),
-                    decision="allow",
-                    credential_id=issued.jti,
-                    ttl=issued.expires_at - issued.issued_at,
+                (
+                    "jwt_minted",
+                    spiffe_id,
+                    agent_id,
+                    None,
+                    ",".join(audience),
+                    None,
+                    "allow",
+                    None,
+                    None,
+                    None,
+                    issued.jti,
+                    (),
+                    None,
+                    issued.expires_at - issued.issued_at,
+                    None,
+                    {},
                 )
             ],
         )

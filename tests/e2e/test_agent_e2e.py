@@ -10,6 +10,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -266,7 +267,18 @@ def test_metrics_and_health_endpoint(stack: tuple[ServerProcess, AgentProcess]) 
     _server, agent = stack
     agent.stop()
     agent.start("--metrics-address", "127.0.0.1:0")
-    info = json.loads((agent.data_dir / "agent.json").read_text())
+    assert agent.proc is not None
+    pid = agent.proc.pid
+
+    def runtime_info() -> dict[str, Any] | None:
+        # The socket comes first (clients need it); agent.json follows once metrics listen.
+        try:
+            info: dict[str, Any] = json.loads((agent.data_dir / "agent.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return info if info.get("pid") == pid else None
+
+    info = wait_for(runtime_info, 30, "agent.json of the restarted agent")
     base = f"http://{info['metrics_address']}"
 
     def healthy() -> bool:

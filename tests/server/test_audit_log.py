@@ -22,7 +22,7 @@ from server.audit import (
     SecretInAuditError,
     SqliteAuditStore,
 )
-from server.audit.event import canonical_json, chain_hash
+from server.audit.event import CANONICAL_FIELDS, canonical_json, chain_hash
 from server.audit.log import event_from_row
 from svid._clock import FakeClock
 
@@ -92,8 +92,11 @@ def test_canonical_encoding_is_sorted_compact_utf8(log: AuditLog) -> None:
     e = log.append("denial", agent_id=AGENT, reason="naïve", extra={"b": 1, "a": [1, 2]})
     text = e.canonical().decode("utf-8")
     body = json.loads(text)
-    assert "hash" not in body
-    assert list(body) == sorted(body)
+    # A fixed-order array of every field but hash; extra's keys sorted.
+    assert body == [
+        list(e.policy_ids) if n == "policy_ids" else getattr(e, n) for n in CANONICAL_FIELDS
+    ]
+    assert '{"a":[1,2],"b":1}' in text
     assert ", " not in text
     assert ": " not in text
     assert "naïve" in text
@@ -259,7 +262,8 @@ def test_exported_lines_rehash_to_the_chain(log: AuditLog, clock: FakeClock) -> 
     for line in out.getvalue().splitlines():
         event = json.loads(line)
         stored = event.pop("hash")
-        assert chain_hash(prev, canonical_json(event)) == stored
+        body = [event[name] for name in CANONICAL_FIELDS]
+        assert chain_hash(prev, canonical_json(body)) == stored
         prev = stored
 
 
@@ -356,3 +360,28 @@ def test_read_only_open_refuses_a_missing_database(tmp_path: Path) -> None:
     with pytest.raises(AuditError, match=r"no audit database at .*missing\.db"):
         SqliteAuditStore(tmp_path / "missing.db", create=False)
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_tuple_drafts_chain_like_event_drafts(log: AuditLog) -> None:
+    values = ("jwt_minted", AGENT, None, None, "aud", None, "allow", None, None, None, "jti-1")
+    log.append_tuples([(*values, (), None, 300, None, {"spiffe_id": AGENT})])
+    log.append_tuples([(*values, ("p1",), None, 300, None, {})])
+    first, second = (event_from_row(r) for r in log.store.rows())
+    assert first.extra == {"spiffe_id": AGENT}
+    assert second.policy_ids == ("p1",)
+    assert first.event_id != second.event_id
+    assert log.verify().ok
+
+
+@pytest.mark.parametrize(
+    ("draft", "message"),
+    [
+        (("Bad Kind",) + (None,) * 15, "lowercase identifier"),
+        (("jwt_minted",) + (None,) * 3, "16 values"),
+        (("jwt_minted", JWT) + (None,) * 14, "looks like a JWT"),
+    ],
+)
+def test_tuple_drafts_are_checked(log: AuditLog, draft: tuple[object, ...], message: str) -> None:
+    with pytest.raises(AuditError, match=message):
+        log.append_tuples([draft])
+    assert log.head() is None
