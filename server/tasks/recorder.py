@@ -5,6 +5,10 @@ it) and audited. Doing that with an fsync per signature would cost more than the
 issuance only enqueues; a writer thread commits what has queued up in one transaction each (and
 one audit append_many). Anything that revokes calls `flush()` first, so nothing issued before a
 revocation is missed.
+
+Durability: a record waits at most MAX_DELAY in memory before its commit, so a server crash can lose
+that window of issuance records (never an acknowledged admin write). Such credentials still expire on
+their minute-scale TTLs; they just cannot be named on a revocation list.
 """
 
 from __future__ import annotations
