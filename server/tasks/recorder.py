@@ -6,9 +6,9 @@ issuance only enqueues; a writer thread commits what has queued up in one transa
 one audit append_many). Anything that revokes calls `flush()` first, so nothing issued before a
 revocation is missed.
 
-Durability: a record waits at most MAX_DELAY in memory before its commit, so a server crash can lose
-that window of issuance records (never an acknowledged admin write). Such credentials still expire on
-their minute-scale TTLs; they just cannot be named on a revocation list.
+Durability: a record waits at most MAX_DELAY in memory before its commit, so a server crash can
+lose that window of issuance records (never an acknowledged admin write). Such credentials still
+expire on their minute-scale TTLs; they just cannot be named on a revocation list.
 """
 
 from __future__ import annotations
