@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from cryptography.hazmat.primitives import serialization
-from svid._bundle import SpiffeBundle
 
 from server.datastore.records import AttestedAgent, Entry, Revocation, Selector
+from svid._bundle import SpiffeBundle
 from svid._proto import admin_pb2, common_pb2
 
 _DER = serialization.Encoding.DER

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
-from svid._x509 import spiffe_id_from_cert
 
 from server.errors import PermissionDeniedError, UnauthenticatedError
 from server.ids import ServerIds
 from svid._errors import SvidError
+from svid._x509 import spiffe_id_from_cert
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
-from svid._x509 import parse_der_certs
 
 from server.attestation.base import AttestationResult, Challenge
 from server.datastore.records import Selector
@@ -32,6 +31,7 @@ from server.errors import InvalidRequestError, PermissionDeniedError
 from server.ids import ServerIds
 from svid._clock import Clock
 from svid._errors import SvidError
+from svid._x509 import parse_der_certs
 
 TYPE_NAME = "x509pop"
 NONCE_BYTES = 32

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from server.datastore.records import Entry, Selector
-
 from server.entitlement import EntryIndex, entitled_entries, node_aliases
 
 TD = "spiffe://example.org"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from server.datastore.records import Entry, Selector
 
+from server.datastore.records import Entry, Selector
 from server.entitlement import EntryIndex
 from server.errors import InvalidRequestError
 from server.ids import ServerIds
