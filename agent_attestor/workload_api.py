@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from agent_attestor.cache import Cache, Identity, Snapshot
+from agent_attestor.caller_check import checked_caller
 from agent_attestor.errors import BadRequestError, NoIdentityError
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
@@ -23,9 +24,6 @@ from svid._errors import VerificationError
 from svid._proto import workload_pb2, workload_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-HEADER_KEY = "workload.spiffe.io"
-HEADER_VALUE = "true"
 
 
 def _td_key(name: str) -> str:
@@ -71,17 +69,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
 
     async def _caller(self, context: grpc.aio.ServicerContext, method: str) -> Caller:
         self._on_call(method)
-        metadata = context.invocation_metadata() or ()
-        if not any(k == HEADER_KEY and v == HEADER_VALUE for k, v in metadata):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request"
-            )
-        caller = self._registry.lookup(context.peer())
-        if caller is None:
-            log.warning("refused a connection that did not come through the relay")
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "caller could not be identified")
-        assert caller is not None
-        return caller
+        return await checked_caller(context, self._registry)
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Snapshot:
         snap = self._cache.snapshot()
