@@ -175,7 +175,7 @@ class AgentApp:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def start(self) -> None:
-        self.syncer._s.bootstrap_root_pem = await asyncio.to_thread(bootstrap_roots, self.config)
+        self.syncer.set_bootstrap_roots(await asyncio.to_thread(bootstrap_roots, self.config))
         for service in ("", HEALTH_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         # The socket exists before anything announces readiness (py-spiffe needs the file).

@@ -77,6 +77,10 @@ class Syncer:
     def agent_svid(self) -> AgentSvid | None:
         return self._svid
 
+    def set_bootstrap_roots(self, pem: bytes) -> None:
+        """Roots to verify the server with until it has handed us a bundle (read at start-up)."""
+        self._s.bootstrap_root_pem = pem
+
     # ---- identity ---------------------------------------------------------------------------
 
     def _root_pem(self) -> bytes:

@@ -20,7 +20,6 @@ from typing import ParamSpec, TypeVar
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from server import status
 from server.attestation.base import AttestationResult, NodeAttestor
@@ -44,6 +43,7 @@ from server.ratelimit import KeyedLimiter
 from server.state import ServerState
 from server.tasks.wiring import NodeHooks
 from svid._clock import Clock
+from svid._der import der_concat
 from svid._errors import SvidError
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
 from svid._spiffe_id import SpiffeId
@@ -71,10 +71,6 @@ class Limiters:
 
 
 Chain = tuple[x509.Certificate, ...]
-
-
-def _chain_der(chain: Chain) -> bytes:
-    return b"".join(c.public_bytes(Encoding.DER) for c in chain)
 
 
 def _serial_hex(chain: Chain) -> str:
@@ -144,7 +140,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _agent_svid(self, agent_id: SpiffeId, chain: Chain) -> node_pb2.AgentSVID:
         return node_pb2.AgentSVID(
             spiffe_id=str(agent_id),
-            cert_chain=_chain_der(chain),
+            cert_chain=der_concat(chain),
             expires_at=_expires(chain),
             bundle=self._bundle_proto(),
         )
