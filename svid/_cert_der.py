@@ -10,6 +10,7 @@ SvidParseError for anything else, so it is never more lenient than the library i
 from __future__ import annotations
 
 import itertools
+import re
 from typing import NamedTuple
 
 from svid._errors import SvidParseError
@@ -309,6 +310,440 @@ def _parse_cert_unguarded(der: bytes) -> CertFacts:
         signature_algorithm,
         signature,
     )
+
+
+# --- the fast reader ---
+#
+# parse_cert above is general and reports exactly what is wrong; it costs about a fifth of a
+# signature check. parse_cert_fast reads the shape nearly every SVID has (v3, short serial, UTCTime
+# validity, two-byte outer lengths, short- or 0x81-form inner lengths) in one straight pass, and
+# answers None for anything else, malformed or merely unusual: the caller then asks parse_cert,
+# which accepts or says why not. Whatever it does return equals parse_cert's facts (tests/svid
+# prove it on valid, mutated and truncated certificates), so it is never more lenient.
+
+_V3_SERIAL = b"\xa0\x03\x02\x01\x02\x02"  # [0] EXPLICIT INTEGER 2 (v3), then the serial's tag
+# Validity of two UTCTimes (2 + 2 * 15 bytes): per time, YYMMDDHH (checked by _utc_hour) and MMSS
+# (checked here), then Z. bytes patterns: \d is ASCII 0-9 only.
+_UTC_VALIDITY = re.compile(
+    rb"\x30\x1e\x17\x0d(\d{8})([0-5]\d[0-5]\d)Z\x17\x0d(\d{8})([0-5]\d[0-5]\d)Z"
+)
+_VALIDITY_SIZE = 32
+# Seconds since the epoch at the start of each UTCTime hour seen (its YYMMDDHH bytes); only valid
+# hours are stored. Every certificate issued within the same hour shares one.
+_UTC_HOURS: dict[bytes, float] = {}
+_UTC_HOURS_MAX = 4096
+
+
+def _utc_hour(yymmddhh: bytes) -> float | None:
+    """``_time``'s value at the start of a UTCTime hour; None if the date or hour is impossible."""
+    start = _UTC_HOURS.get(yymmddhh)
+    if start is not None:
+        return start
+    year, month, day, hour = (int(yymmddhh[i : i + 2]) for i in range(0, 8, 2))
+    year += 2000 if year < 50 else 1900  # RFC 5280 §4.1.2.5.1
+    if not (1 <= month <= 12 and 1 <= day <= _month_days(year, month)) or hour > 23:
+        return None
+    if len(_UTC_HOURS) >= _UTC_HOURS_MAX:
+        _UTC_HOURS.clear()
+    start = _UTC_HOURS[yymmddhh] = float(_days_from_civil(year, month, day) * 86400 + hour * 3600)
+    return start
+
+
+def _utc_validity(d: bytes, pos: int) -> tuple[float, float] | None:
+    """(notBefore, notAfter) of a Validity of two UTCTimes at ``pos``, as ``_time`` reads them."""
+    m = _UTC_VALIDITY.match(d, pos)
+    if m is None:
+        return None
+    hour1, mmss1, hour2, mmss2 = m.groups()
+    start1 = _utc_hour(hour1)
+    start2 = _utc_hour(hour2)
+    if start1 is None or start2 is None:
+        return None
+    mmss1 = int(mmss1)
+    mmss2 = int(mmss2)
+    return (
+        start1 + (mmss1 // 100 * 60 + mmss1 % 100),
+        start2 + (mmss2 // 100 * 60 + mmss2 % 100),
+    )
+
+
+def parse_cert_fast(der: bytes) -> CertFacts | None:
+    """``parse_cert(der)`` for the common shape of an SVID, or None: then ask ``parse_cert``."""
+    try:
+        return _parse_cert_fast(der)
+    except IndexError:  # reads past a truncated end
+        return None
+
+
+def _parse_cert_fast(d: bytes) -> CertFacts | None:
+    # One function on purpose: this runs for every uncached certificate, and calls cost more here
+    # than the checks. Every length is checked for minimal form; every element must end inside its
+    # parent, which the exact-end checks below imply because positions only move forward.
+    end = len(d)
+    # Certificate and TBSCertificate SEQUENCEs, both 256..65535 bytes long (two-byte lengths).
+    if d[0] != 0x30 or d[1] != 0x82 or not d[2] or (d[2] << 8 | d[3]) + 4 != end:
+        return None
+    if d[4] != 0x30 or d[5] != 0x82 or not d[6]:
+        return None
+    t_end = 8 + (d[6] << 8 | d[7])
+    # version v3 and a non-empty serialNumber INTEGER of at most 127 bytes
+    if d[8:14] != _V3_SERIAL:
+        return None
+    n = d[14]
+    if not 0 < n < 0x80:
+        return None
+    p = 15 + n
+    serial = int.from_bytes(d[15:p], "big", signed=True)
+    # signature AlgorithmIdentifier (short), issuer Name (short or 0x81)
+    if d[p] != _SEQUENCE or d[p + 1] >= 0x80:
+        return None
+    q = p + 2 + d[p + 1]
+    algorithm = d[p:q]
+    if d[q] != _SEQUENCE:
+        return None
+    n = d[q + 1]
+    if n < 0x80:
+        r = q + 2 + n
+    elif n == 0x81 and d[q + 2] >= 0x80:
+        r = q + 3 + d[q + 2]
+    else:
+        return None
+    issuer = d[q:r]
+    validity = _utc_validity(d, r)
+    if validity is None:
+        return None
+    q = r + _VALIDITY_SIZE
+    # subject Name (short or 0x81), SubjectPublicKeyInfo (short, 0x81 or 0x82)
+    if d[q] != _SEQUENCE:
+        return None
+    n = d[q + 1]
+    if n < 0x80:
+        r = q + 2 + n
+    elif n == 0x81 and d[q + 2] >= 0x80:
+        r = q + 3 + d[q + 2]
+    else:
+        return None
+    subject = d[q:r]
+    if d[r] != _SEQUENCE:
+        return None
+    n = d[r + 1]
+    if n < 0x80:
+        p = r + 2 + n
+    elif n == 0x81 and d[r + 2] >= 0x80:
+        p = r + 3 + d[r + 2]
+    elif n == 0x82 and d[r + 2]:
+        p = r + 4 + (d[r + 2] << 8 | d[r + 3])
+    else:
+        return None
+    # extensions: [3] EXPLICIT SEQUENCE, the last element of the TBSCertificate; or nothing
+    extensions: dict[bytes, Extension] = {}
+    if p != t_end:
+        if d[p] != _EXTENSIONS:
+            return None
+        n = d[p + 1]
+        if n < 0x80:
+            p += 2
+        elif n == 0x81 and d[p + 2] >= 0x80:
+            n = d[p + 2]
+            p += 3
+        elif n == 0x82 and d[p + 2]:
+            n = d[p + 2] << 8 | d[p + 3]
+            p += 4
+        else:
+            return None
+        if p + n != t_end or d[p] != _SEQUENCE:
+            return None
+        n = d[p + 1]
+        if n < 0x80:
+            p += 2
+        elif n == 0x81 and d[p + 2] >= 0x80:
+            n = d[p + 2]
+            p += 3
+        elif n == 0x82 and d[p + 2]:
+            n = d[p + 2] << 8 | d[p + 3]
+            p += 4
+        else:
+            return None
+        if p + n != t_end:
+            return None
+        new = tuple.__new__
+        while p < t_end:
+            # Extension: SEQUENCE { OID, critical TRUE (optional), OCTET STRING }
+            if d[p] != _SEQUENCE:
+                return None
+            n = d[p + 1]
+            if n < 0x80:
+                q = p + 2
+            elif n == 0x81 and d[p + 2] >= 0x80:
+                n = d[p + 2]
+                q = p + 3
+            else:
+                return None
+            p = q + n  # this extension's end
+            n = d[q + 1]
+            if d[q] != _OID or not 0 < n < 0x80:
+                return None
+            r = q + 2 + n
+            oid = d[q + 2 : r]
+            critical = False
+            if d[r] == _BOOLEAN:
+                if d[r + 1] != 1 or d[r + 2] != 0xFF:
+                    return None
+                critical = True
+                r += 3
+            if d[r] != _OCTET_STRING:
+                return None
+            n = d[r + 1]
+            if n < 0x80:
+                r += 2
+            elif n == 0x81 and d[r + 2] >= 0x80:
+                n = d[r + 2]
+                r += 3
+            else:
+                return None
+            if r + n != p or oid in extensions:
+                return None
+            extensions[oid] = new(Extension, (critical, d[r:p]))
+        if p != t_end:
+            return None
+    # signatureAlgorithm (equal to the TBS one), signatureValue BIT STRING ending the certificate
+    p = t_end + len(algorithm)
+    if d[t_end:p] != algorithm or d[p] != _BIT_STRING:
+        return None
+    n = d[p + 1]
+    if n < 0x80:
+        p += 2
+    elif n == 0x81 and d[p + 2] >= 0x80:
+        n = d[p + 2]
+        p += 3
+    elif n == 0x82 and d[p + 2]:
+        n = d[p + 2] << 8 | d[p + 3]
+        p += 4
+    else:
+        return None
+    if p + n != end or not n or d[p]:
+        return None
+    return tuple.__new__(
+        CertFacts,
+        (
+            d[4:t_end],
+            serial,
+            issuer,
+            subject,
+            validity[0],
+            validity[1],
+            extensions,
+            algorithm,
+            d[p + 1 :],
+        ),
+    )
+
+
+# --- leaf templates ---
+#
+# The leaves of one workload from one CA differ only in serial, validity, public key, SKID key
+# identifier and signature: the issuer, subject, extensions (SAN, constraints, usages, AKID) and
+# every length but the signature's are the same bytes. A LeafTemplate is one leaf's DER with those
+# parts marked; a leaf that matches it byte for byte elsewhere has the template's facts with its own
+# serial, times, SKID and signature, which is what parse_cert would read (the structure is the same
+# bytes, and the marked parts are contents that parse_cert checks only as times, which are checked
+# here too). Matching is a few C-level comparisons instead of a walk over some forty DER elements.
+#
+# The marked parts are primitive contents cryptography does not interpret when it loads a
+# certificate, except the serial and the times, which match_leaf checks to cryptography's rules
+# (minimal positive INTEGER; UTCTime digits, date and time of day). So a leaf that matches the
+# template of a leaf cryptography loaded is one cryptography loads too: the verifier may load it
+# only when its ``chain`` is read (tests/svid compare both over mutated leaves).
+
+_SKID_CONTENT_MAX = 0x7F
+
+
+class LeafTemplate(NamedTuple):
+    key: bytes  # der[4:15]: TBSCertificate header, version, serial tag and length
+    serial_end: int
+    head: bytes  # TBS signature algorithm and issuer: everything up to the Validity
+    validity: int  # its offset
+    middle: bytes  # subject and the SubjectPublicKeyInfo up to the key's bits
+    spki_end: int  # end of the key's bits, which differ between leaves
+    tail: bytes  # extensions up to the SKID key identifier, or to the end of the TBS
+    skid_value: int  # offset of the SKID extnValue (0 when there is no SKID)
+    skid_end: int  # end of the key identifier, whose bytes differ
+    rest: bytes  # what follows the key identifier up to the end of the TBS
+    tbs_end: int
+    facts: CertFacts  # the template leaf's own
+
+
+def template_key(der: bytes) -> bytes:
+    """The lookup key of the templates ``der`` could match."""
+    return der[4:15]
+
+
+def leaf_template(der: bytes, facts: CertFacts) -> LeafTemplate | None:
+    """A template made from one parsed certificate (``facts == parse_cert(der)``), or None when it
+    doesn't have the plain shape templates cover (v3, short serial, UTCTime validity)."""
+    try:
+        return _leaf_template(der, facts)
+    except (IndexError, SvidParseError):
+        return None
+
+
+def _leaf_template(der: bytes, facts: CertFacts) -> LeafTemplate | None:
+    if der[:2] != b"\x30\x82" or der[4:6] != b"\x30\x82" or der[8:14] != _V3_SERIAL:
+        return None
+    if not 0 < der[14] < 0x80:
+        return None
+    serial_end = 15 + der[14]
+    tbs_end = 4 + len(facts.tbs)
+    validity = serial_end + len(facts.signature_algorithm) + len(facts.issuer)
+    if _utc_validity(der, validity) is None:
+        return None
+    subject_end = validity + _VALIDITY_SIZE + len(facts.subject)
+    # SubjectPublicKeyInfo: only the key's bits differ (the BIT STRING's contents after its
+    # unused-bits byte); the algorithm and every header are pinned, so cryptography reads the
+    # same structure.
+    tag, spki_start, spki_end = read_tlv(der, subject_end, tbs_end)
+    if tag != _SEQUENCE:
+        return None
+    tag, _, algorithm_end = read_tlv(der, spki_start, spki_end)
+    if tag != _SEQUENCE:
+        return None
+    tag, bits_start, bits_end = read_tlv(der, algorithm_end, spki_end)
+    if tag != _BIT_STRING or bits_end != spki_end or bits_start == bits_end or der[bits_start]:
+        return None
+    key_start = bits_start + 1
+    skid = facts.extensions.get(OID_SUBJECT_KEY_ID)
+    skid_value = skid_end = 0
+    if skid is not None:
+        # The key identifier is the one part of the extensions that differs between leaves; it
+        # must be a short-form OCTET STRING (checked as key_identifiers_ok does) to be marked.
+        value = skid.value
+        if len(value) < 2 or value[0] != _OCTET_STRING or value[1] != len(value) - 2:
+            return None
+        if value[1] > _SKID_CONTENT_MAX or der[spki_end] != _EXTENSIONS:
+            return None  # (unique identifiers between the key and the extensions: not here)
+        skid_value = _extension_value_offset(der, spki_end, tbs_end, OID_SUBJECT_KEY_ID)
+        skid_end = skid_value + len(value)
+        if der[skid_value:skid_end] != value:
+            return None
+    tail_end = skid_value + 2 if skid is not None else tbs_end
+    return LeafTemplate(
+        der[4:15],
+        serial_end,
+        der[serial_end:validity],
+        validity,
+        der[validity + _VALIDITY_SIZE : key_start],
+        spki_end,
+        der[spki_end:tail_end],
+        skid_value,
+        skid_end,
+        der[skid_end:tbs_end] if skid is not None else b"",
+        tbs_end,
+        facts,
+    )
+
+
+def _extension_value_offset(der: bytes, pos: int, end: int, oid: bytes) -> int:
+    """Offset in ``der`` of the extnValue contents of extension ``oid`` in the [3] at ``pos``."""
+    _, start, _ = read_tlv(der, pos, end)  # [3]
+    _, pos, seq_end = read_tlv(der, start, end)  # Extensions
+    while pos < seq_end:
+        _, ext_start, ext_end = read_tlv(der, pos, seq_end)
+        _, oid_start, oid_end = read_tlv(der, ext_start, ext_end)
+        if der[oid_start:oid_end] == oid:
+            value_at = oid_end + 3 if der[oid_end] == _BOOLEAN else oid_end
+            return read_tlv(der, value_at, ext_end)[1]
+        pos = ext_end
+    raise _fail("extension not found")
+
+
+def match_leaf(der: bytes, t: LeafTemplate) -> tuple[CertFacts, int] | None:
+    """(parse_cert's facts, end) of the certificate at the start of ``der`` if it matches ``t``
+    (looked up by ``template_key(der)``); None if it doesn't."""
+    (
+        _,
+        serial_end,
+        head,
+        validity,
+        middle,
+        spki_end,
+        tail,
+        skid_value,
+        skid_end,
+        rest,
+        tbs_end,
+        facts,
+    ) = t
+    algorithm = facts.signature_algorithm
+    startswith = der.startswith
+    try:
+        # Certificate: SEQUENCE with a two-byte length, then the TBS the key already matched,
+        # the signatureAlgorithm (equal to the TBS one, in head) and the signature BIT STRING.
+        if der[0] != _SEQUENCE or der[1] != 0x82 or not der[2]:
+            return None
+        end = 4 + (der[2] << 8 | der[3])
+        p = tbs_end + len(algorithm)
+        if not (
+            startswith(head, serial_end)
+            and startswith(middle, validity + _VALIDITY_SIZE)
+            and startswith(tail, spki_end)
+            and (not skid_end or startswith(rest, skid_end))
+            and startswith(algorithm, tbs_end)
+            and der[p] == _BIT_STRING
+        ):
+            return None
+        n = der[p + 1]
+        if n < 0x80:
+            p += 2
+        elif n == 0x81 and der[p + 2] >= 0x80:
+            n = der[p + 2]
+            p += 3
+        elif n == 0x82 and der[p + 2]:  # RSA signatures
+            n = der[p + 2] << 8 | der[p + 3]
+            p += 4
+        else:
+            return None
+        if p + n != end or not n or der[p] or end > len(der):
+            return None
+        # The serial: parse_cert takes any INTEGER; cryptography wants a minimal one, and warns
+        # about one that isn't positive. Leave those to the general path, which loads the leaf.
+        first = der[15]
+        if first >= 0x80 or (not first and (serial_end == 16 or der[16] < 0x80)):
+            return None
+    except IndexError:
+        return None
+    # _utc_validity, inline: this is the one part of a matching leaf that must be read.
+    m = _UTC_VALIDITY.match(der, validity)
+    if m is None:
+        return None
+    hour1, mmss1, hour2, mmss2 = m.groups()
+    start1 = _UTC_HOURS.get(hour1)
+    if start1 is None:
+        start1 = _utc_hour(hour1)
+    start2 = _UTC_HOURS.get(hour2)
+    if start2 is None:
+        start2 = _utc_hour(hour2)
+    if start1 is None or start2 is None:
+        return None
+    seconds1 = int(mmss1)
+    seconds2 = int(mmss2)
+    extensions = facts.extensions
+    if skid_end:
+        extensions = extensions.copy()
+        extensions[OID_SUBJECT_KEY_ID] = tuple.__new__(
+            Extension, (extensions[OID_SUBJECT_KEY_ID].critical, der[skid_value:skid_end])
+        )
+    fresh = (
+        der[4:tbs_end],
+        int.from_bytes(der[15:serial_end], "big", signed=True),
+        facts.issuer,
+        facts.subject,
+        start1 + (seconds1 // 100 * 60 + seconds1 % 100),
+        start2 + (seconds2 // 100 * 60 + seconds2 % 100),
+        extensions,
+        algorithm,
+        der[p + 1 : end],
+    )
+    return tuple.__new__(CertFacts, fresh), end
 
 
 def split_certs(data: bytes) -> list[bytes]:

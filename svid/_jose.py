@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import (
+    Prehashed,
     decode_dss_signature,
     encode_dss_signature,
 )
@@ -44,6 +45,12 @@ _EC_ALGS: dict[str, tuple[str, int]] = {
 _CURVE_ALG: dict[str, str] = {curve: alg for alg, (curve, _) in _EC_ALGS.items()}
 # Signature-algorithm objects are immutable; build them once instead of per verification.
 _ECDSA: dict[str, ec.ECDSA] = {alg: ec.ECDSA(_HASHES[alg[2:]]()) for alg in _EC_ALGS}
+# The same with the digest made by hashlib (Prehashed), for the verifiers' per-token checks:
+# cryptography would build a hash object per call, which costs a few percent of the check.
+_ECDSA_PREHASHED: dict[str, tuple[Callable[[bytes], Any], ec.ECDSA]] = {
+    alg: (getattr(hashlib, f"sha{alg[2:]}"), ec.ECDSA(Prehashed(_HASHES[alg[2:]]())))
+    for alg in _EC_ALGS
+}
 # RSA keys below 2048 bits are refused on both sides (RFC 7518 §3.3).
 MIN_RSA_BITS = 2048
 
@@ -165,6 +172,44 @@ def verify_jws_signature(
         return False
 
 
+def _der_frames(size: int) -> tuple[tuple[bytes, bytes], ...]:
+    """The DER around r and s for each pair of high bits, when neither has a leading zero byte."""
+    frames = []
+    for high in range(4):
+        r_len, s_len = size + (high & 1), size + (high >> 1)
+        body = 4 + r_len + s_len
+        length = bytes((body,)) if body < 0x80 else bytes((0x81, body))
+        head = b"\x30" + length + bytes((2, r_len)) + b"\0" * (high & 1)
+        frames.append((head, bytes((2, s_len)) + b"\0" * (high >> 1)))
+    return tuple(frames)
+
+
+_DER_FRAMES = {size: _der_frames(size) for _, size in _EC_ALGS.values()}
+
+
+def ecdsa_der(signature: bytes, size: int) -> bytes:
+    """The DER ECDSA-Sig-Value of a JWS r||s signature of ``2 * size`` bytes.
+
+    ``encode_dss_signature`` does the same from two Python ints; this skips the int round trip,
+    a noticeable part of the per-token work. Minimal INTEGERs (no leading zero bytes, one 0x00
+    before a set high bit), as OpenSSL insists on canonical DER; tests compare the two.
+    """
+    r0, s0 = signature[0], signature[size]
+    if r0 and s0:  # nearly always: the lengths follow from the high bits alone
+        head, mid = _DER_FRAMES[size][r0 >> 7 | s0 >> 7 << 1]
+        return head + signature[:size] + mid + signature[size:]
+    r = signature[:size].lstrip(b"\0") or b"\0"
+    s = signature[size:].lstrip(b"\0") or b"\0"
+    if r[0] & 0x80:
+        r = b"\0" + r
+    if s[0] & 0x80:
+        s = b"\0" + s
+    body = len(r) + len(s) + 4
+    # At most 2 * 67 + 4 = 138 (P-521): one long-form length byte covers every curve.
+    head = bytes((0x30, body)) if body < 0x80 else bytes((0x30, 0x81, body))
+    return b"".join((head, b"\2", bytes((len(r),)), r, b"\2", bytes((len(s),)), s))
+
+
 SignatureCheck = Callable[[bytes, bytes], bool]
 
 
@@ -181,16 +226,13 @@ def signature_check(alg: str, public_key: object) -> SignatureCheck | None:
         curve, size = _EC_ALGS[alg]
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != curve:
             return None
-        ec_key, ecdsa = public_key, _ECDSA[alg]
+        ec_key, (digest, ecdsa) = public_key, _ECDSA_PREHASHED[alg]
 
         def check_ec(signing_input: bytes, signature: bytes) -> bool:
             if len(signature) != 2 * size:
                 return False
-            der = encode_dss_signature(
-                int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
-            )
             try:
-                ec_key.verify(der, signing_input, ecdsa)
+                ec_key.verify(ecdsa_der(signature, size), digest(signing_input).digest(), ecdsa)
             except (InvalidSignature, ValueError):
                 return False
             return True

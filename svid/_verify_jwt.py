@@ -15,7 +15,7 @@ from svid._cache import LruCache
 from svid._clock import Clock, SystemClock
 from svid._errors import ExpiredError, JwtSvidError, RevokedError, VerificationError
 from svid._jose import SignatureCheck, signature_check
-from svid._jwt import check_claims, split_and_check_header
+from svid._jwt import check_claims, split_and_check_fast, split_and_check_header
 from svid._revocation import RevocationSet
 from svid._spiffe_id import SpiffeId, TrustDomain
 
@@ -24,6 +24,7 @@ JwtBundleGetter = Callable[[TrustDomain], JwtBundle | None]
 DEFAULT_LEEWAY = 5.0
 DEFAULT_CACHE_SIZE = 10_000
 _MAX_CHECKS = 64
+_MISSING: Any = object()  # a (kid, alg) not looked up yet, unlike a None check (unfit alg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,15 @@ class VerifiedJwt:
     audience: tuple[str, ...]
     expires_at: int
     kid: str
+
+
+# The slots' own setters: VerifiedJwt(...) without its generated __init__, which costs more than
+# this on the uncached path (tests compare the two).
+_SET_FIELDS = tuple(
+    VerifiedJwt.__dict__[name].__set__
+    for name in ("spiffe_id", "claims", "audience", "expires_at", "kid")
+)
+_new_object = object.__new__
 
 
 class _Entry(NamedTuple):
@@ -67,9 +77,8 @@ class JwtVerifier:
         self._cache: LruCache[str, _Entry] = LruCache(cache_size)
         # Per trust domain: the bundle object they were made from, and one signature check per
         # (kid, alg) seen, so a token costs one signature and no key or alg bookkeeping.
-        self._checks: dict[
-            TrustDomain, tuple[JwtBundle, dict[tuple[str, str], SignatureCheck | None]]
-        ] = {}
+        # Keyed by trust domain name: TrustDomain hashes in Python.
+        self._checks: dict[str, tuple[JwtBundle, dict[tuple[str, str], SignatureCheck | None]]] = {}
 
     @property
     def cache(self) -> LruCache[str, _Entry]:
@@ -83,17 +92,22 @@ class JwtVerifier:
         if not audience:
             raise VerificationError("an expected audience is required")
         now = self._clock.now()
-        entry = self._cache.get(token)
-        if entry is None or not self._still_valid(entry, now):
-            if entry is not None:
-                self._cache.discard(token)
-            entry = self._verify(token, now)
-            self._cache.put(token, entry)
-        if audience not in entry.result.audience:
+        cache = self._cache
+        if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
+            entry = cache.get(token)
+            if entry is None or not self._still_valid(entry, now):
+                if entry is not None:
+                    cache.discard(token)
+                entry = tuple.__new__(_Entry, self._verify(token, now))
+                cache.put(token, entry)
+            result = entry.result
+        else:
+            result = self._verify(token, now)[0]
+        if audience not in result.audience:
             raise VerificationError(
-                f"token for {entry.result.spiffe_id} is not for audience {audience!r}"
+                f"token for {result.spiffe_id} is not for audience {audience!r}"
             )
-        return entry.result
+        return result
 
     def _still_valid(self, entry: _Entry, now: float) -> bool:
         if not entry.not_before <= now <= entry.not_after:
@@ -105,10 +119,10 @@ class JwtVerifier:
     def _signature_check(
         self, td: TrustDomain, bundle: JwtBundle, kid: str, alg: str
     ) -> SignatureCheck | None:
-        memo = self._checks.get(td)
+        memo = self._checks.get(td.name)
         if memo is None or memo[0] is not bundle:
             memo = (bundle, {})
-            self._checks[td] = memo
+            self._checks[td.name] = memo
         checks = memo[1]
         try:
             return checks[(kid, alg)]
@@ -122,27 +136,41 @@ class JwtVerifier:
         check = checks[(kid, alg)] = signature_check(alg, key)
         return check
 
-    def _verify(self, token: str, now: float) -> _Entry:
-        try:
-            parsed = split_and_check_header(token)
-            alg, kid = parsed.alg, parsed.kid
-            sid, audience, exp = check_claims(parsed.claims)
-        except JwtSvidError as exc:
-            raise VerificationError(f"malformed JWT-SVID: {exc}") from exc
+    def _verify(
+        self, token: str, now: float
+    ) -> tuple[VerifiedJwt, TrustDomain, JwtBundle, float, float, str | None]:
+        """The fields of the cache _Entry, as a plain tuple: built as an _Entry only if cached."""
+        fast = split_and_check_fast(token)
+        if fast is not None:
+            alg, kid, claims, sid, audience, exp, signing_input, signature = fast
+        else:  # the general path: accepts the unusual, and says what is wrong with the rest
+            try:
+                parsed = split_and_check_header(token)
+                alg, kid = parsed.alg, parsed.kid
+                sid, audience, exp = check_claims(parsed.claims)
+            except JwtSvidError as exc:
+                raise VerificationError(f"malformed JWT-SVID: {exc}") from exc
+            claims, signing_input, signature = parsed.claims, parsed.signing_input, parsed.signature
         td = sid.trust_domain
         bundle = self._bundles(td)
         if bundle is None:
             raise VerificationError(f"no JWT bundle for trust domain {td}")
-        check = self._signature_check(td, bundle, kid, alg)
-        if check is None or not check(parsed.signing_input, parsed.signature):
+        memo = self._checks.get(td.name)  # _signature_check's memo, read inline on the hot path
+        check = (
+            memo[1].get((kid, alg), _MISSING)
+            if memo is not None and memo[0] is bundle
+            else _MISSING
+        )
+        if check is _MISSING:
+            check = self._signature_check(td, bundle, kid, alg)
+        if check is None or not check(signing_input, signature):
             raise VerificationError(f"token signature is invalid (kid {kid!r}, sub {sid})")
-        claims = parsed.claims
         leeway = self._leeway
         if now > exp + leeway:
             raise ExpiredError(f"token for {sid} expired at {exp}")
         not_before = -math.inf
         latest = now + leeway
-        # check_claims has made sure nbf/iat, when present, are finite numbers.
+        # Both parsers have made sure nbf/iat, when present, are finite numbers.
         nbf = claims.get("nbf")
         if nbf is not None:
             if nbf > latest:
@@ -156,7 +184,13 @@ class JwtVerifier:
         jti = claims.get("jti")
         if type(jti) is not str:
             jti = None
-        if jti is not None and self._revocations.is_jti_revoked(jti):
+        elif self._revocations.is_jti_revoked(jti):
             raise RevokedError(f"token jti {jti!r} of {sid} is revoked")
-        result = VerifiedJwt(sid, MappingProxyType(claims), audience, exp, kid)
-        return _Entry(result, td, bundle, not_before, exp + leeway, jti)
+        result: VerifiedJwt = _new_object(VerifiedJwt)
+        set_sid, set_claims, set_audience, set_expires_at, set_kid = _SET_FIELDS
+        set_sid(result, sid)
+        set_claims(result, MappingProxyType(claims))
+        set_audience(result, audience)
+        set_expires_at(result, exp)
+        set_kid(result, kid)
+        return result, td, bundle, not_before, exp + leeway, jti

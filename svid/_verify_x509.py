@@ -9,21 +9,30 @@ constrained CA is refused rather than half-supported.
 
 The leaf is read from its own DER by a strict reader (svid._cert_der): TBS slice, names, times and
 the profile extensions, without cryptography's per-extension objects or TBS re-encoding, which cost
-about a quarter of a signature check. cryptography still loads every certificate, and reads the
+about a quarter of a signature check. cryptography loads every certificate too, and reads the
 extensions itself whenever the leaf has one the DER reader does not check completely.
+
+The uncached path has to stay close to one signature check, and after one (its tables evict the
+interpreter's working set from the CPU caches) every Python step costs several times its usual
+price. So a verified leaf leaves a template behind (svid._cert_der.LeafTemplate): later leaves of
+the same workload and CA match it with a few byte comparisons, which stand for the DER walk, the
+profile and critical-extension checks (their bytes are the template's) and cryptography's load
+(see _LazyChain). Signature, times and revocation are checked for every leaf, as ever.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import ExtensionOID
 
 from svid import _cert_der as der
@@ -78,12 +87,22 @@ _EC_SIGS: dict[bytes, ec.ECDSA] = {
     b"\x30\x0a" + _ECDSA_OID + b"\x03": ec.ECDSA(hashes.SHA384()),
     b"\x30\x0a" + _ECDSA_OID + b"\x04": ec.ECDSA(hashes.SHA512()),
 }
+# The same ECDSA algorithms with the digest made by hashlib (Prehashed): cryptography would build
+# a hash object per call, which costs a few percent of the verification.
+_EC_SIGS_PREHASHED: dict[bytes, tuple[Callable[[bytes], Any], ec.ECDSA]] = {
+    b"\x30\x0a" + _ECDSA_OID + b"\x02": (hashlib.sha256, ec.ECDSA(Prehashed(hashes.SHA256()))),
+    b"\x30\x0a" + _ECDSA_OID + b"\x03": (hashlib.sha384, ec.ECDSA(Prehashed(hashes.SHA384()))),
+    b"\x30\x0a" + _ECDSA_OID + b"\x04": (hashlib.sha512, ec.ECDSA(Prehashed(hashes.SHA512()))),
+}
 _RSA_SIGS: dict[bytes, hashes.HashAlgorithm] = {
     b"\x30\x0d" + _RSA_OID + b"\x0b\x05\x00": hashes.SHA256(),
     b"\x30\x0d" + _RSA_OID + b"\x0c\x05\x00": hashes.SHA384(),
     b"\x30\x0d" + _RSA_OID + b"\x0d\x05\x00": hashes.SHA512(),
 }
 _PKCS1 = padding.PKCS1v15()
+# Bounds on remembered leaf templates: keys (TBS length and serial length) and templates per key.
+_MAX_TEMPLATE_KEYS = 256
+_TEMPLATES_PER_KEY = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +115,63 @@ class VerifiedX509:
     expires_at: float
 
 
+class _ChainDer(NamedTuple):
+    """What a VerifiedX509's ``chain`` slot holds until first read: the certificates' DER."""
+
+    ders: tuple[bytes, ...]
+
+
+class _LazyChain:
+    """``VerifiedX509.chain``: loads the certificates on first read when the slot holds their DER.
+
+    A leaf verified through a template (svid._cert_der) is not loaded by cryptography on the hot
+    path: it matches, outside the contents match_leaf checks itself, the bytes of a leaf that
+    cryptography did load, so loading it cannot fail (tests/svid prove it over mutated leaves).
+    Most callers never read ``chain``; those who do pay for the load then, once.
+    """
+
+    __slots__ = ("_slot",)
+
+    def __init__(self, slot: Any) -> None:
+        self._slot = slot  # the dataclass's own slot descriptor
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = self._slot.__get__(obj, owner)
+        if type(value) is _ChainDer:
+            value = tuple(x509.load_der_x509_certificate(d) for d in value.ders)
+            self._slot.__set__(obj, value)
+        return value
+
+    def __set__(self, obj: object, value: object) -> None:
+        self._slot.__set__(obj, value)
+
+    def __delete__(self, obj: object) -> None:
+        self._slot.__delete__(obj)
+
+
+# The slots' own setters, for _verified_x509.
+_SET_SPIFFE_ID, _SET_CHAIN, _SET_SERIAL, _SET_EXPIRES_AT = (
+    VerifiedX509.__dict__[name].__set__ for name in ("spiffe_id", "chain", "serial", "expires_at")
+)
+VerifiedX509.chain = _LazyChain(VerifiedX509.__dict__["chain"])  # type: ignore[assignment,misc]
+_new_object = object.__new__
+
+
+def _verified_x509(
+    sid: SpiffeId, chain: tuple[x509.Certificate, ...] | _ChainDer, serial: str, expires_at: float
+) -> VerifiedX509:
+    """``VerifiedX509(...)`` without the generated __init__, which costs more than this on the
+    uncached path; ``chain`` may be a _ChainDer. Tests compare the two."""
+    result: VerifiedX509 = _new_object(VerifiedX509)
+    _SET_SPIFFE_ID(result, sid)
+    _SET_CHAIN(result, chain)
+    _SET_SERIAL(result, serial)
+    _SET_EXPIRES_AT(result, expires_at)
+    return result
+
+
 @dataclass(frozen=True, slots=True)
 class _Anchor:
     cert: x509.Certificate
@@ -103,6 +179,7 @@ class _Anchor:
     not_before: float
     not_after: float
     path_length: int | None
+    ec_key: ec.EllipticCurvePublicKey | None  # public_key if EC: isinstance on the ABCs costs
 
 
 class _Entry(NamedTuple):
@@ -112,6 +189,10 @@ class _Entry(NamedTuple):
     not_before: float
     not_after: float
     serials: tuple[str, ...]
+
+
+# _Entry's fields as a plain tuple: verifications build the _Entry only when they are cached.
+_EntryFields = tuple[VerifiedX509, TrustDomain, X509Bundle, float, float, tuple[str, ...]]
 
 
 def _serial(cert: x509.Certificate) -> str:
@@ -154,8 +235,9 @@ def _signature_ok(cert: x509.Certificate, tbs: bytes, key: object) -> bool:
     return False
 
 
-def _facts_signature_ok(cert: x509.Certificate, facts: der.CertFacts, key: object) -> bool:
-    """Is ``facts`` (the DER of ``cert``) signed by ``key``?"""
+def _facts_signature_ok(cert: x509.Certificate | None, facts: der.CertFacts, key: object) -> bool:
+    """Is ``facts`` (the DER of ``cert``) signed by ``key``? ``cert`` is read only for algorithms
+    outside _EC_SIGS and _RSA_SIGS (so it may be None for those)."""
     algorithm = facts.signature_algorithm
     ecdsa = _EC_SIGS.get(algorithm)
     try:
@@ -172,6 +254,8 @@ def _facts_signature_ok(cert: x509.Certificate, facts: der.CertFacts, key: objec
             return True
     except InvalidSignature:
         return False
+    if cert is None:
+        raise ValueError("an unusual signature algorithm needs the certificate")  # not reached
     return _signature_ok(cert, facts.tbs, key)
 
 
@@ -230,7 +314,8 @@ def _anchor_or_none(cert: x509.Certificate) -> _Anchor | None:
     except x509.ExtensionNotFound:
         pass
     nb, na = _times(cert)
-    return _Anchor(cert, key, nb, na, path_length)
+    ec_key = key if isinstance(key, ec.EllipticCurvePublicKey) else None
+    return _Anchor(cert, key, nb, na, path_length, ec_key)
 
 
 class _AnchorIndex:
@@ -247,8 +332,20 @@ class _AnchorIndex:
                 subject = tbs_names(cert.tbs_certificate_bytes)[1]
                 self.by_subject.setdefault(subject, []).append(anchor)
 
-    def issuer_of(self, cert: x509.Certificate, facts: der.CertFacts) -> _Anchor | None:
+    def issuer_of(self, cert: x509.Certificate | None, facts: der.CertFacts) -> _Anchor | None:
+        """The anchor that signed ``facts``; ``cert`` (the same certificate) may be None only if
+        its signature algorithm is one of _EC_SIGS and _RSA_SIGS."""
         for anchor in self.by_subject.get(facts.issuer, ()):
+            # _facts_signature_ok, with the anchor's key family known: the common case inline.
+            prehashed = _EC_SIGS_PREHASHED.get(facts.signature_algorithm)
+            ec_key = anchor.ec_key
+            if prehashed is not None and ec_key is not None:
+                digest, ecdsa = prehashed
+                try:
+                    ec_key.verify(facts.signature, digest(facts.tbs).digest(), ecdsa)
+                except InvalidSignature:
+                    continue
+                return anchor
             if _facts_signature_ok(cert, facts, anchor.public_key):
                 return anchor
         return None
@@ -271,8 +368,12 @@ class X509Verifier:
         self._revocations = revocations if revocations is not None else RevocationSet()
         self._cache: LruCache[bytes, _Entry] = LruCache(cache_size)
         self._max_depth = max_chain_depth
-        # One decoded anchor index per trust domain, rebuilt when its bundle object changes.
-        self._indexes: dict[TrustDomain, tuple[X509Bundle, _AnchorIndex]] = {}
+        # One decoded anchor index per trust domain (by name: TrustDomain hashes in Python), rebuilt
+        # when its bundle object changes.
+        self._indexes: dict[str, tuple[X509Bundle, _AnchorIndex]] = {}
+        # Leaf templates (svid._cert_der) of verified leaves, with the leaf's SPIFFE ID: leaves
+        # that match one have its extensions, so its profile verdict. Replaced, never mutated.
+        self._templates: dict[bytes, tuple[tuple[der.LeafTemplate, SpiffeId], ...]] = {}
 
     @property
     def cache(self) -> LruCache[bytes, _Entry]:
@@ -283,20 +384,25 @@ class X509Verifier:
         if type(chain_der) is not bytes:
             chain_der = bytes(chain_der)  # a hashable, immutable cache key
         now = self._clock.now()
-        entry = self._cache.get(chain_der)
-        if entry is not None:
-            if self._still_valid(entry, now):
-                return entry.result
-            self._cache.discard(chain_der)
+        cache = self._cache
+        if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
+            entry = cache.get(chain_der)
+            if entry is not None:
+                if self._still_valid(entry, now):
+                    return entry.result
+                cache.discard(chain_der)
         if not chain_der:
             raise VerificationError("X.509-SVID chain is unreadable: the DER data is empty")
-        try:
-            ders = der.split_certs(chain_der)
-        except SvidParseError as exc:
-            raise VerificationError(f"X.509-SVID chain is unreadable: {exc}") from exc
-        entry = self._verify_guarded(ders, None, now)
-        self._cache.put(chain_der, entry)
-        return entry.result
+        fields = self._verify_templated(chain_der, now)
+        if fields is None:
+            try:
+                ders = der.split_certs(chain_der)
+            except SvidParseError as exc:
+                raise VerificationError(f"X.509-SVID chain is unreadable: {exc}") from exc
+            fields = self._verify_guarded(ders, None, now)
+        if cache.max_entries:
+            cache.put(chain_der, tuple.__new__(_Entry, fields))
+        return fields[0]
 
     def verify(self, chain: Sequence[x509.Certificate]) -> VerifiedX509:
         """Verify parsed certificates, leaf first; cached by their DER like ``verify_der``."""
@@ -310,7 +416,7 @@ class X509Verifier:
                 return entry.result
             self._cache.discard(key)
         ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
-        entry = self._verify_guarded(ders, list(chain), now)
+        entry = tuple.__new__(_Entry, self._verify_guarded(ders, list(chain), now))
         self._cache.put(key, entry)
         return entry.result
 
@@ -337,24 +443,113 @@ class X509Verifier:
         if self._bundles(entry.trust_domain) is not entry.bundle:
             return False
         is_revoked = self._revocations.is_serial_revoked
-        return not any(is_revoked(s) for s in entry.serials)
+        for serial in entry.serials:  # noqa: SIM110 - no generator frame on every cache hit
+            if is_revoked(serial):
+                return False
+        return True
 
     def _index(self, bundle: X509Bundle) -> _AnchorIndex:
-        memo = self._indexes.get(bundle.trust_domain)
+        memo = self._indexes.get(bundle.trust_domain.name)
         if memo is not None and memo[0] is bundle:
             return memo[1]
         index = _AnchorIndex(bundle)
-        self._indexes[bundle.trust_domain] = (bundle, index)
+        self._indexes[bundle.trust_domain.name] = (bundle, index)
         return index
+
+    def _leaf_facts(self, leaf_der: bytes) -> tuple[der.CertFacts, SpiffeId | None]:
+        """The leaf's facts, and its SPIFFE ID when a template of a verified leaf vouches for
+        its profile (then the profile and critical-extension checks have nothing left to find)."""
+        for template, sid in self._templates.get(der.template_key(leaf_der), ()):
+            matched = der.match_leaf(leaf_der, template)
+            if matched is not None:
+                return matched[0], sid
+        return der.parse_cert_fast(leaf_der) or der.parse_cert(leaf_der), None
+
+    def _remember_template(self, leaf_der: bytes, facts: der.CertFacts, sid: SpiffeId) -> None:
+        exts = facts.extensions
+        # Only leaves whose profile the DER reader checks alone: then the verdict is a function
+        # of the bytes a template pins (check_leaf_facts without the certificate agrees). And
+        # only signature algorithms the anchors check without the certificate (issuer_of).
+        if not exts.keys() <= der.FULLY_READ or not der.key_identifiers_ok(exts):
+            return
+        if facts.signature_algorithm not in _EC_SIGS and facts.signature_algorithm not in _RSA_SIGS:
+            return
+        try:
+            if check_leaf_facts(facts) != sid:
+                return
+        except X509SvidError:
+            return
+        template = der.leaf_template(leaf_der, facts)
+        if template is None:
+            return
+        templates = self._templates
+        if len(templates) >= _MAX_TEMPLATE_KEYS:
+            templates.clear()
+        key = template.key
+        templates[key] = ((template, sid), *templates.get(key, ())[: _TEMPLATES_PER_KEY - 1])
+
+    def _verify_templated(self, d: bytes, now: float) -> _EntryFields | None:
+        """``_verify_guarded`` for the usual case: one leaf that matches a template. None when it
+        doesn't apply, or when the general path should say what is wrong (nothing is decided
+        here that the general path would decide differently: the same checks in the same order,
+        and its errors once the signature has been checked)."""
+        for candidate in self._templates.get(d[4:15], ()):  # der.template_key(d)
+            matched = der.match_leaf(d, candidate[0])
+            if matched is not None:
+                sid = candidate[1]
+                break
+        else:
+            return None
+        facts, end = matched
+        if end != len(d):
+            return None  # a chain: the general path (which uses the template for its leaf too)
+        td = sid.trust_domain
+        bundle = self._bundles(td)
+        if bundle is None:
+            return None
+        try:
+            memo = self._indexes.get(td.name)
+            index = memo[1] if memo is not None and memo[0] is bundle else self._index(bundle)
+            anchor = index.issuer_of(None, facts)  # templates have an algorithm of _EC/_RSA_SIGS
+            if anchor is None:
+                raise _no_authority(facts, td)
+            # _finish for a lone leaf, which it still judges whenever something is wrong (it
+            # raises the error the general path would). No path length: no CA below the anchor.
+            not_before, not_after = facts.not_before, facts.not_after
+            serial = format(facts.serial, "x")
+            if (
+                now < not_before
+                or now > not_after
+                or now < anchor.not_before
+                or now > anchor.not_after
+                or self._revocations.is_serial_revoked(serial)
+            ):
+                return self._finish(sid, bundle, anchor, _ChainDer((d,)), [facts], now=now)
+            result = _verified_x509(sid, _ChainDer((d,)), serial, not_after)
+            return (
+                result,
+                td,
+                bundle,
+                max(anchor.not_before, not_before),
+                min(anchor.not_after, not_after),
+                (serial,),
+            )
+        except SvidError:
+            raise
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise VerificationError(f"a certificate in the chain is malformed: {exc}") from exc
 
     def _verify_guarded(
         self, ders: list[bytes], certs: list[x509.Certificate] | None, now: float
-    ) -> _Entry:
+    ) -> _EntryFields:
         # Both readers must accept every certificate: our strict DER one for the facts, and
         # cryptography for keys and intermediates. cryptography parses lazily, so a malformed
         # extension or key surfaces only when read: that is guarded too.
         try:
-            facts = [der.parse_cert(d) for d in ders]
+            leaf_facts, leaf_sid = self._leaf_facts(ders[0])
+            facts = [leaf_facts]
+            for d in ders[1:]:
+                facts.append(der.parse_cert_fast(d) or der.parse_cert(d))
         except SvidParseError as exc:
             raise VerificationError(f"X.509-SVID chain is unreadable: {exc}") from exc
         try:
@@ -368,37 +563,47 @@ class X509Verifier:
                             f"X.509-SVID chain is unreadable: certificate {offset} is not a "
                             f"valid X.509 certificate: {exc}"
                         ) from exc
-            return self._verify(certs, facts, now)
+            fields = self._verify(certs, facts, now, leaf_sid)
         except SvidError:
             raise
         except (ValueError, UnsupportedAlgorithm) as exc:
             raise VerificationError(f"a certificate in the chain is malformed: {exc}") from exc
+        if leaf_sid is None:
+            self._remember_template(ders[0], leaf_facts, fields[0].spiffe_id)
+        return fields
 
     def _verify(
-        self, certs: list[x509.Certificate], facts: list[der.CertFacts], now: float
-    ) -> _Entry:
+        self,
+        certs: list[x509.Certificate],
+        facts: list[der.CertFacts],
+        now: float,
+        sid: SpiffeId | None = None,
+    ) -> _EntryFields:
         leaf, leaf_facts = certs[0], facts[0]
-        try:
-            sid = check_leaf_facts(leaf_facts, leaf)
-        except X509SvidError as exc:
-            raise VerificationError(f"leaf breaks the X.509-SVID profile: {exc}") from exc
+        if sid is None:
+            try:
+                sid = check_leaf_facts(leaf_facts, leaf)
+            except X509SvidError as exc:
+                raise VerificationError(f"leaf breaks the X.509-SVID profile: {exc}") from exc
+            checked_critical = False
+        else:
+            checked_critical = True  # vouched for by the template, like the profile
         td = sid.trust_domain
         bundle = self._bundles(td)
         if bundle is None:
             raise VerificationError(f"no X.509 bundle for trust domain {td}")
-        index = self._index(bundle)
+        memo = self._indexes.get(td.name)
+        index = memo[1] if memo is not None and memo[0] is bundle else self._index(bundle)
 
-        _check_critical_facts(leaf_facts)
+        if not checked_critical:
+            _check_critical_facts(leaf_facts)
         path, path_facts = [leaf], [leaf_facts]
         current = leaf_facts
         anchor = index.issuer_of(leaf, current)
         i = 1
         while anchor is None:
             if i >= len(certs):
-                raise VerificationError(
-                    f"chain of leaf serial {_serial(leaf)} does not lead to an authority of "
-                    f"trust domain {td}"
-                )
+                raise _no_authority(leaf_facts, td)
             if len(path) >= self._max_depth:
                 raise VerificationError(f"chain is longer than {self._max_depth} certificates")
             nxt, nxt_facts = certs[i], facts[i]
@@ -426,13 +631,27 @@ class X509Verifier:
             current = nxt_facts
             anchor = index.issuer_of(nxt, current)
 
-        if anchor.path_length is not None and len(path) - 1 > anchor.path_length:
+        return self._finish(sid, bundle, anchor, tuple(path), path_facts, now=now)
+
+    def _finish(
+        self,
+        sid: SpiffeId,
+        bundle: X509Bundle,
+        anchor: _Anchor,
+        chain: tuple[x509.Certificate, ...] | _ChainDer,
+        path_facts: list[der.CertFacts],
+        *,
+        now: float,
+    ) -> _EntryFields:
+        """The checks after the signatures: path length, validity times, revocations."""
+        td = sid.trust_domain
+        if anchor.path_length is not None and len(path_facts) - 1 > anchor.path_length:
             raise VerificationError(
                 f"authority serial {_serial(anchor.cert)} allows {anchor.path_length} CAs below it"
             )
         not_before, not_after = anchor.not_before, anchor.not_after
-        for n, f in enumerate(path_facts):
-            what = "leaf" if n == 0 else "intermediate"
+        what = "leaf"
+        for f in path_facts:
             if now < f.not_before:
                 raise ExpiredError(
                     f"{what} serial {f.serial:x} is not valid before {f.not_before:.0f}"
@@ -440,14 +659,25 @@ class X509Verifier:
             if now > f.not_after:
                 raise ExpiredError(f"{what} serial {f.serial:x} expired at {f.not_after:.0f}")
             not_before, not_after = max(not_before, f.not_before), min(not_after, f.not_after)
+            what = "intermediate"
         if now < anchor.not_before or now > anchor.not_after:
             raise ExpiredError(
                 f"authority serial {_serial(anchor.cert)} of trust domain {td} is outside its "
                 "validity period"
             )
-        serials = tuple(format(f.serial, "x") for f in path_facts)
+        if len(path_facts) == 1:
+            serials: tuple[str, ...] = (format(path_facts[0].serial, "x"),)
+        else:
+            serials = tuple([format(f.serial, "x") for f in path_facts])
+        is_revoked = self._revocations.is_serial_revoked
         for serial in serials:
-            if self._revocations.is_serial_revoked(serial):
+            if is_revoked(serial):
                 raise RevokedError(f"certificate serial {serial} of {sid} is revoked")
-        result = VerifiedX509(sid, tuple(path), serials[0], leaf_facts.not_after)
-        return _Entry(result, td, bundle, not_before, not_after, serials)
+        result = _verified_x509(sid, chain, serials[0], path_facts[0].not_after)
+        return result, td, bundle, not_before, not_after, serials
+
+
+def _no_authority(leaf: der.CertFacts, td: TrustDomain) -> VerificationError:
+    return VerificationError(
+        f"chain of leaf serial {leaf.serial:x} does not lead to an authority of trust domain {td}"
+    )

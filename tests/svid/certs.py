@@ -65,6 +65,7 @@ class LeafOptions:
     not_before: float = T0 - 10
     not_after: float = T0 + 3600
     serial: int | None = None
+    subject_key_id: bool = False  # SPIRE-made leaves carry one (a hash of their own key)
 
 
 def make_ca(
@@ -169,6 +170,10 @@ def make_leaf(
         )
     if o.eku is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage(o.eku), critical=False)
+    if o.subject_key_id:
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in o.uris]
     names += [x509.DNSName(d) for d in o.dns]
     if names:
