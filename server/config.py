@@ -6,9 +6,10 @@ one place, `build_config`, and each error names the key it is about.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,9 @@ class ServerConfig:
     jwt_burst_per_agent: int = 1000
     attest_rate_per_host: float = 10.0
     attest_burst_per_host: int = 50
-    # One thread: cryptography holds the GIL while signing, so more threads only contend.
-    signing_threads: int = 1
+    # One per CPU: cryptography releases the GIL while it verifies a CSR and while a CA key
+    # signs, so each thread keeps a core busy with the costliest part of issuance.
+    signing_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Task policies (*.cedar + optional schema); None = the shipped default policy.
     policy_dir: Path | None = None
 

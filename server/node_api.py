@@ -24,7 +24,7 @@ from cryptography import x509
 from server import status
 from server.attestation.base import AttestationResult, NodeAttestor
 from server.ca.manager import CaManager
-from server.ca.signer import IssuedSvid, X509Signer, csr_public_key, verify_csr
+from server.ca.signer import IssuedJwt, IssuedSvid, X509Signer, csr_public_key, verify_csr
 from server.convert import bundle_to_proto, entry_to_proto, revocation_to_proto
 from server.datastore.records import AttestedAgent, Entry
 from server.entitlement import Entitlement, entitled_entries
@@ -329,34 +329,33 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     def _sign_x509_batch(
         self, params: list[node_pb2.X509SVIDParams], entitled: Entitlement, agent_id: str
-    ) -> list[node_pb2.X509SVIDResult]:
+    ) -> node_pb2.BatchNewX509SVIDResponse:
         signer = self._ca.x509_signer()
-        results = []
+        # The reply is built here, in the pool, field by field: building result messages and
+        # then the response copied each one twice, on the event loop for the second copy.
+        response = node_pb2.BatchNewX509SVIDResponse()
+        results = response.results
         records = []
         for item in params:
             try:
                 entry = self._entitled_entry(agent_id, entitled, item.entry_id)
                 svid = self._sign_x509(signer, entitled, entry, item.csr)
             except SvidError as exc:  # the server's own errors are SvidErrors too
-                results.append(
-                    node_pb2.X509SVIDResult(entry_id=item.entry_id, error=_item_status(exc))
-                )
+                results.add(entry_id=item.entry_id, error=_item_status(exc))
                 continue
             records.append((entry.spiffe_id, svid.serial_hex, svid.expires_at))
-            results.append(
-                node_pb2.X509SVIDResult(
-                    entry_id=entry.id,
-                    spiffe_id=entry.spiffe_id,
-                    cert_chain=svid.chain_der,
-                    expires_at=svid.expires_at,
-                )
+            results.add(
+                entry_id=entry.id,
+                spiffe_id=entry.spiffe_id,
+                cert_chain=svid.chain_der,
+                expires_at=svid.expires_at,
             )
         if records and self._hooks is not None:
             # Recorded once per batch, before any of it is sent: if recording fails, the call
             # fails and none of these SVIDs leaves the server.
             self._hooks.x509_issued(agent_id, records)
         self._x509_issued.inc(len(records))
-        return results
+        return response
 
     @status.unary
     async def BatchNewX509SVID(  # type: ignore[override]
@@ -368,10 +367,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         _check_batch_size("params", len(params))
         if not self._limits.x509.try_take(agent.spiffe_id, len(params)):
             raise RateLimitedError(f"X.509 signing rate limit exceeded for {agent.spiffe_id}")
-        results = await self._run(
+        return await self._run(
             self._sign_x509_batch, params, self._entitled(agent), agent.spiffe_id
         )
-        return node_pb2.BatchNewX509SVIDResponse(results=results)
 
     # -- NewJWTSVID ---------------------------------------------------------------------------
 
@@ -396,9 +394,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _is_task(self, entry: Entry) -> bool:
         return self._hooks is not None and self._hooks.is_task(entry)
 
-    def _sign_jwt(
+    def _mint_jwt(
         self, entitled: Entitlement, entry: Entry, audience: list[str], agent_id: str
-    ) -> node_pb2.NewJWTSVIDResponse:
+    ) -> IssuedJwt:
         started = time.perf_counter()
         if self._hooks is not None and self._hooks.is_task(entry):
             # A task identity: policy decides this mint again and adds the task claims.
@@ -412,6 +410,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             if self._hooks is not None:
                 self._hooks.jwt_issued(agent_id, entry.spiffe_id, issued, audience)
         self._jwt_seconds.observe(time.perf_counter() - started)
+        return issued
+
+    def _sign_jwt(
+        self, entitled: Entitlement, entry: Entry, audience: list[str], agent_id: str
+    ) -> node_pb2.NewJWTSVIDResponse:
+        issued = self._mint_jwt(entitled, entry, audience, agent_id)
         return node_pb2.NewJWTSVIDResponse(
             token=issued.token, issued_at=int(issued.issued_at), expires_at=int(issued.expires_at)
         )
@@ -437,19 +441,25 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     def _sign_jwt_batch(
         self, requests: list[node_pb2.NewJWTSVIDRequest], entitled: Entitlement, agent_id: str
-    ) -> list[node_pb2.JWTSVIDResult]:
-        results = []
+    ) -> node_pb2.BatchNewJWTSVIDResponse:
+        # Built in place, as in _sign_x509_batch.
+        response = node_pb2.BatchNewJWTSVIDResponse()
+        results = response.results
         issued = 0
         for item in requests:
             try:
                 entry, audience = self._jwt_entry(agent_id, entitled, item)
-                svid = self._sign_jwt(entitled, entry, audience, agent_id)
-                results.append(node_pb2.JWTSVIDResult(svid=svid))
-                issued += 1
+                jwt = self._mint_jwt(entitled, entry, audience, agent_id)
             except SvidError as exc:  # the server's own errors are SvidErrors too
-                results.append(node_pb2.JWTSVIDResult(error=_item_status(exc)))
+                results.add(error=_item_status(exc))
+                continue
+            svid = results.add().svid
+            svid.token = jwt.token
+            svid.issued_at = int(jwt.issued_at)
+            svid.expires_at = int(jwt.expires_at)
+            issued += 1
         self._jwt_issued.inc(issued)
-        return results
+        return response
 
     @status.unary
     async def BatchNewJWTSVID(  # type: ignore[override]
@@ -461,10 +471,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         _check_batch_size("requests", len(requests))
         if not self._limits.jwt.try_take(agent.spiffe_id, len(requests)):
             raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
-        results = await self._run(
+        return await self._run(
             self._sign_jwt_batch, requests, self._entitled(agent), agent.spiffe_id
         )
-        return node_pb2.BatchNewJWTSVIDResponse(results=results)
 
 
 async def _read_step(context: grpc.aio.ServicerContext, timeout: float) -> node_pb2.AttestRequest:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -156,6 +156,41 @@ def canonical_json(value: Any) -> bytes:
     return _ENCODER.encode(value).encode("utf-8")
 
 
+def canonical_encoder() -> Callable[[Any], str]:
+    """`_ENCODER.encode` without building a new C encoder per call (JSONEncoder.encode does).
+
+    Not thread-safe: the encoder's circular-reference markers are shared between calls (and
+    cleared after a failed one, which leaves its markers behind). One per single-threaded user.
+    """
+    # The C accelerator (absent on some interpreters: then the plain encoder is used).
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _ENCODER.encode
+    markers: dict[int, Any] = {}
+    iterencode = make(
+        markers,
+        _ENCODER.default,
+        json.encoder.encode_basestring,  # ensure_ascii=False
+        None,  # indent
+        ":",
+        ",",
+        True,  # sort_keys
+        False,  # skipkeys
+        False,  # allow_nan
+    )
+
+    def encode(value: Any) -> str:
+        if isinstance(value, str):  # as JSONEncoder.encode: a bare string skips iterencode
+            return _ENCODER.encode(value)
+        try:
+            return "".join(iterencode(value, 0))
+        except BaseException:
+            markers.clear()
+            raise
+
+    return encode
+
+
 def extra_text(extra: Mapping[str, Any]) -> str:
     """`extra` in its canonical (and stored) form; refuses what cannot be encoded or is too big."""
     if not extra:
@@ -164,6 +199,11 @@ def extra_text(extra: Mapping[str, Any]) -> str:
         text = _ENCODER.encode(dict(extra))
     except (TypeError, ValueError) as e:
         raise AuditError(f"extra is not JSON-encodable: {e}") from e
+    return checked_extra_text(text)
+
+
+def checked_extra_text(text: str) -> str:
+    """An encoded `extra`, refused if it is too big (what extra_text checks after encoding)."""
     size = len(text.encode("utf-8"))
     if size > MAX_EXTRA_BYTES:
         raise AuditError(f"extra is {size} bytes encoded; at most {MAX_EXTRA_BYTES}")

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from json.encoder import encode_basestring as _json_string
 from typing import Any, TextIO
 
 from server.audit.errors import AuditError
@@ -20,9 +21,10 @@ from server.audit.event import (
     GENESIS_HASH,
     AuditEvent,
     EventDraft,
+    canonical_encoder,
     canonical_json,
     check_no_secret,
-    extra_text,
+    checked_extra_text,
 )
 from server.audit.store import AuditStore, EventFilter, Head
 from svid._clock import Clock
@@ -30,7 +32,6 @@ from svid._clock import Clock
 _DRAFT_FIELDS = frozenset(DRAFT_FIELDS)
 _draft_values = operator.attrgetter(*DRAFT_FIELDS)
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_ENCODE = canonical_json
 # A draft as a plain tuple: the values of DRAFT_FIELDS in that order (see AuditLog.append_tuples).
 DraftTuple = tuple[Any, ...]
 
@@ -79,12 +80,40 @@ def check_draft_tuple(values: DraftTuple) -> None:
     if len(values) != len(DRAFT_FIELDS):
         raise AuditError(f"a draft tuple has {len(DRAFT_FIELDS)} values, not {len(values)}")
     kind = values[0]
-    if not isinstance(kind, str) or not _KIND.match(kind):
-        raise AuditError(f"kind {kind!r} is not a lowercase identifier")
-    for name, value in zip(DRAFT_FIELDS, values, strict=True):
-        if type(value) is str and "eyJ" not in value and "-----BEGIN" not in value:
-            continue
-        check_no_secret(name, value)
+    # Kinds are a handful of constants: remember the plain-str ones that passed.
+    if not (type(kind) is str and kind in _GOOD_KINDS):
+        if not isinstance(kind, str) or not _KIND.match(kind):
+            raise AuditError(f"kind {kind!r} is not a lowercase identifier")
+        if type(kind) is str and len(_GOOD_KINDS) < _MAX_GOOD_KINDS:
+            _GOOD_KINDS.add(kind)
+    for index, value in enumerate(values):
+        if not _plainly_safe(value):
+            check_no_secret(DRAFT_FIELDS[index], value)
+
+
+def _plainly_safe(value: Any) -> bool:
+    """True for what issuance drafts hold and check_no_secret passes without a closer look:
+    text without a JWT or PEM marker, None, an int, an empty tuple, a dict of such text."""
+    kind_of = type(value)
+    if kind_of is str:
+        return "eyJ" not in value and "-----BEGIN" not in value
+    if value is None or kind_of is int or (kind_of is tuple and not value):
+        return True
+    return kind_of is dict and _plain_text_dict(value)
+
+
+_GOOD_KINDS: set[str] = set()
+_MAX_GOOD_KINDS = 256
+
+
+def _plain_text_dict(value: dict[Any, Any]) -> bool:
+    """Every key and value plain text without a JWT or PEM marker (check_no_secret passes)."""
+    for k, v in value.items():
+        if type(k) is not str or type(v) is not str:
+            return False
+        if "eyJ" in k or "eyJ" in v or "-----BEGIN" in k or "-----BEGIN" in v:
+            return False
+    return True
 
 
 class AuditLog:
@@ -105,6 +134,8 @@ class AuditLog:
         # event_id = this prefix + seq: unique without a uuid4 per event (64 random bits per open
         # log, and seq never repeats within one).
         self._id_prefix = secrets.token_hex(8) + "-"
+        # Used under the chain lock only (its circular-reference markers are shared).
+        self._encode = canonical_encoder()
         head = store.head()
         self._next_seq = 1 if head is None else head.seq + 1
         self._head_hash = GENESIS_HASH if head is None else head.hash
@@ -173,17 +204,25 @@ class AuditLog:
         prev = self._head_hash
         prefix = self._id_prefix
         sha256 = hashlib.sha256
+        encode = self._encode
         rows = []
         for draft in drafts:
             extra = draft[-1]
-            values = (*draft[:-1], dict(extra)) if extra and type(extra) is not dict else draft
-            body = [seq, prefix + str(seq), ts, *values, prev]
-            digest = sha256(bytes.fromhex(prev) + _ENCODE(body)).hexdigest()
-            policy_ids = values[11]
-            body[_POLICY_AT] = _ENCODE(list(policy_ids)).decode() if policy_ids else "[]"
-            body[_EXTRA_AT] = extra_text(extra) if extra else "{}"
-            body.append(digest)
-            rows.append(tuple(body))
+            if extra and type(extra) is not dict:
+                extra = dict(extra)
+            # The canonical array is encoded in three pieces, joined as the encoder would
+            # join them: the head, `extra` (encoded once, hashed and stored) and prev_hash.
+            head = [seq, prefix + str(seq), ts, *draft[:-1]]
+            head_json = encode(head)
+            extra_json = "{}" if type(extra) is dict and not extra else encode(extra)
+            canonical = f"{head_json[:-1]},{extra_json},{_json_string(prev)}]"
+            digest = sha256(bytes.fromhex(prev) + canonical.encode("utf-8")).hexdigest()
+            policy_ids = draft[11]
+            head[_POLICY_AT] = encode(list(policy_ids)) if policy_ids else "[]"
+            head.append(checked_extra_text(extra_json) if extra else "{}")
+            head.append(prev)
+            head.append(digest)
+            rows.append(tuple(head))
             prev = digest
             seq += 1
         self._next_seq, self._head_hash = seq, prev

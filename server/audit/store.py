@@ -9,6 +9,7 @@ so a truncated tail is visible as long as the head row is intact; only an anchor
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
@@ -58,11 +59,48 @@ class AuditStore(Protocol):
 
 _PAGE = 1000
 _COLUMNS = (*CANONICAL_FIELDS, "hash")
+# SQLite's default parameter limit before 3.32: multi-row INSERTs stay under it everywhere.
+_MAX_PARAMS = 999
 
+
+def insert_many(db: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]]) -> None:
+    """`db.executemany(head + " VALUES (?, ...)", rows)` as multi-row INSERTs of up to
+    _MAX_PARAMS parameters each, in the caller's transaction.
+
+    Why: the sqlite3 module releases the GIL around every statement step, so executemany
+    released it once per row; with signing threads waiting for the GIL, each release handed it
+    away and the writer queued to get it back, hundreds of times per flush. Here it is once per
+    chunk. Rows go in the same order, with the same bindings; a row of the wrong width is an
+    error, as it is for executemany.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    per = max(1, _MAX_PARAMS // width)
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        if any(len(row) != width for row in chunk):
+            raise sqlite3.ProgrammingError(
+                f"every row needs {width} values; one has a different number"
+            )
+        db.execute(_values_sql(head, width, len(chunk)), [v for row in chunk for v in row])
+
+
+@functools.lru_cache(maxsize=256)
+def _values_sql(head: str, width: int, count: int) -> str:
+    one = "(" + ", ".join("?" * width) + ")"
+    return f"{head} VALUES {', '.join([one] * count)}"
+
+
+# No index on event_id (nothing looks events up by it, and it cannot repeat: it is the log's
+# random prefix plus seq, the primary key) nor on ts (only `audit export --since/--until` reads
+# it, and that walks the log in seq order anyway). Each index costs every append a B-tree insert;
+# a database made before keeps its unique event_id index and loses the ts one (when opened to
+# write: read-only tools leave the file as it is).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_events (
     seq INTEGER PRIMARY KEY,
-    event_id TEXT NOT NULL UNIQUE,
+    event_id TEXT NOT NULL,
     ts REAL NOT NULL,
     kind TEXT NOT NULL,
     agent_id TEXT,
@@ -85,7 +123,6 @@ CREATE TABLE IF NOT EXISTS audit_events (
 );
 CREATE INDEX IF NOT EXISTS audit_events_agent ON audit_events (agent_id, seq);
 CREATE INDEX IF NOT EXISTS audit_events_task ON audit_events (task_id, seq);
-CREATE INDEX IF NOT EXISTS audit_events_ts ON audit_events (ts);
 CREATE TABLE IF NOT EXISTS audit_head (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     seq INTEGER NOT NULL,
@@ -113,13 +150,12 @@ class SqliteAuditStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            if create:
+                self._db.execute("DROP INDEX IF EXISTS audit_events_ts")
         except (OSError, sqlite3.Error) as e:
             raise AuditError(f"cannot open audit database {path}: {e}") from e
         self._lock = threading.Lock()
-        self._insert = (
-            f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) "  # noqa: S608 - fixed names only
-            f"VALUES ({', '.join('?' * len(_COLUMNS))})"
-        )
+        self._insert = f"INSERT INTO audit_events ({', '.join(_COLUMNS)})"
 
     @property
     def path(self) -> Path:
@@ -137,7 +173,7 @@ class SqliteAuditStore:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(self._insert, rows)
+                insert_many(self._db, self._insert, rows)
                 self._db.execute(
                     "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
                     "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",

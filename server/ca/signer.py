@@ -6,25 +6,43 @@ NotBefore backdated 10 s (clock skew between machines), NotAfter capped at the C
 
 from __future__ import annotations
 
+import binascii
 import hashlib
+import json
+import logging
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from json.encoder import encode_basestring_ascii
+from typing import Any, NamedTuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from server.ca.errors import CaUnavailableError, CsrError, SigningRequestError
 from server.ca.keys import PrivateKey, PublicKey, signature_hash
+from server.ca.leaf_der import (
+    LeafTemplate,
+    oid_der,
+    public_key_der,
+    read_tlv,
+    san_value,
+    signature_algorithm_of,
+    tlv,
+)
+from server.ca.leaf_der import extension as leaf_extension
+from server.ca.randomness import random_bytes, random_serial_number
 from svid._clock import Clock
-from svid._jose import alg_for_key, b64url_encode, sign_jws
+from svid._jose import alg_for_key, sign_jws
 from svid._spiffe_id import SpiffeId, TrustDomain
 
+_log = logging.getLogger("svid.server.ca")
 BACKDATE_SECONDS = 10
 MAX_CSR_BYTES = 16 * 1024
 MIN_RSA_BITS = 2048
@@ -80,6 +98,14 @@ def _subject_key_id(key: PublicKey) -> x509.Extension[x509.ExtensionType]:
     )
 
 
+def _extension_der(ext: x509.Extension[x509.ExtensionType]) -> bytes:
+    """An extension as the builder writes it into the TBS (see leaf_der.extension)."""
+    value = ext.value
+    if not isinstance(value, x509.UnrecognizedExtension):
+        raise TypeError("only pre-encoded extensions are templated")
+    return leaf_extension(oid_der(ext.oid.dotted_string), ext.critical, value.value)
+
+
 _LEAF_HEAD = (
     _pre_encoded(_LEAF_BASIC, critical=True),
     _pre_encoded(_LEAF_KEY_USAGE, critical=True),
@@ -119,17 +145,86 @@ def _checked_csr(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, Public
         csr = x509.load_der_x509_csr(csr_der)
     except ValueError:
         raise CsrError("csr is not a DER-encoded PKCS#10 request") from None
-    try:
-        valid = csr.is_signature_valid
-    except Exception:
-        raise CsrError("csr signature algorithm is not supported") from None
+    valid, key = _fast_signature_verdict(csr, csr_der)
+    if valid is None:
+        valid, key = _reference_signature_valid(csr), None
     if not valid:
         raise CsrError("csr signature does not verify against its own public key")
-    try:
-        key = csr.public_key()
-    except ValueError:
-        raise CsrError("csr public key cannot be read") from None
+    if key is None:
+        try:
+            key = csr.public_key()
+        except ValueError:
+            raise CsrError("csr public key cannot be read") from None
     return csr, check_public_key(key, "csr public key")
+
+
+# The signature algorithms agents use, as the exact DER of their AlgorithmIdentifier: ECDSA
+# with no parameters (RFC 5758), RSA PKCS#1 v1.5 with NULL parameters (RFC 4055). Anything
+# else, and any key these do not fit, goes to cryptography's own check.
+_ECDSA_ALGORITHMS: dict[bytes, ec.ECDSA] = {
+    tlv(0x30, oid_der(oid)): ec.ECDSA(hash_type())
+    for oid, hash_type in (
+        ("1.2.840.10045.4.3.2", hashes.SHA256),
+        ("1.2.840.10045.4.3.3", hashes.SHA384),
+        ("1.2.840.10045.4.3.4", hashes.SHA512),
+    )
+}
+_RSA_PKCS1_ALGORITHMS: dict[bytes, hashes.HashAlgorithm] = {
+    tlv(0x30, oid_der(oid) + b"\x05\x00"): hash_type()
+    for oid, hash_type in (
+        ("1.2.840.113549.1.1.11", hashes.SHA256),
+        ("1.2.840.113549.1.1.12", hashes.SHA384),
+        ("1.2.840.113549.1.1.13", hashes.SHA512),
+    )
+}
+_PKCS1V15 = padding.PKCS1v15()
+
+
+def csr_signature_valid(csr: x509.CertificateSigningRequest, csr_der: bytes) -> bool:
+    """`csr.is_signature_valid`, with the signature checked through the public key's `verify`
+    for ECDSA and RSA PKCS#1 v1.5 requests: that releases the GIL while it works, so signing
+    threads verify CSRs in parallel (is_signature_valid holds the GIL throughout). Same verdict
+    in every case (tests compare the two); CsrError where is_signature_valid would raise.
+    """
+    valid, _ = _fast_signature_verdict(csr, csr_der)
+    return _reference_signature_valid(csr) if valid is None else valid
+
+
+def _reference_signature_valid(csr: x509.CertificateSigningRequest) -> bool:
+    try:
+        return csr.is_signature_valid
+    except Exception:
+        raise CsrError("csr signature algorithm is not supported") from None
+
+
+def _fast_signature_verdict(
+    csr: x509.CertificateSigningRequest, csr_der: bytes
+) -> tuple[bool | None, object]:
+    """(True or False, the public key) for the common algorithms; (None, None) to leave the
+    verdict to is_signature_valid."""
+    try:
+        start, _ = read_tlv(csr_der, 0)
+        _, info_end = read_tlv(csr_der, start)
+        _, algorithm_end = read_tlv(csr_der, info_end)
+        algorithm = csr_der[info_end:algorithm_end]
+        key = csr.public_key()
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            ecdsa = _ECDSA_ALGORITHMS.get(algorithm)
+            if ecdsa is None:
+                return None, None
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, ecdsa)
+        elif isinstance(key, rsa.RSAPublicKey):
+            hash_algorithm = _RSA_PKCS1_ALGORITHMS.get(algorithm)
+            if hash_algorithm is None:
+                return None, None
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, _PKCS1V15, hash_algorithm)
+        else:
+            return None, None
+    except InvalidSignature:
+        return False, None
+    except Exception:  # an unreadable key, say: is_signature_valid knows what to make of it
+        return None, None
+    return True, key
 
 
 def _check_leaf_request(
@@ -152,14 +247,30 @@ def _is_self_signed(cert: x509.Certificate) -> bool:
     return cert.issuer == cert.subject
 
 
+class LeafFields(NamedTuple):
+    """What varies from one X.509-SVID leaf to the next (all checked before they get here)."""
+
+    public_key: PublicKey
+    spiffe_id: SpiffeId
+    dns_names: Sequence[str]
+    serial: int
+    not_before: int
+    not_after: int
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedSvid:
     """One X.509-SVID as the node API sends it: the leaf and its chain as concatenated DER."""
 
-    certificate: x509.Certificate
+    leaf_der: bytes
     chain_der: bytes
     serial: int
     expires_at: int
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The leaf, parsed (the node API only sends DER, so it is parsed on demand)."""
+        return x509.load_der_x509_certificate(self.leaf_der)
 
     @property
     def serial_hex(self) -> str:
@@ -197,6 +308,7 @@ class X509Signer:
         own = () if _is_self_signed(ca_cert) else (ca_cert,)
         self._chain: tuple[x509.Certificate, ...] = own + tuple(chain_above)
         self._chain_der = b"".join(c.public_bytes(Encoding.DER) for c in self._chain)
+        self._template = self._checked_template()
 
     @property
     def ca_certificate(self) -> x509.Certificate:
@@ -221,6 +333,11 @@ class X509Signer:
         """Sign a CRL with this CA's key; the builder's issuer must be this CA's subject."""
         return builder.sign(self._key, self._hash)
 
+    @property
+    def template(self) -> LeafTemplate | None:
+        """The hand-encoded leaf path, or None if it did not reproduce the builder at start."""
+        return self._template
+
     def sign_svid(
         self,
         csr_or_public_key: x509.CertificateSigningRequest | PublicKey,
@@ -233,26 +350,26 @@ class X509Signer:
             key, what = csr_or_public_key.public_key(), "csr public key"
         else:
             key, what = csr_or_public_key, "public key"
-        leaf, _serial, _not_after = self._sign_leaf(key, spiffe_id, ttl, dns_names, what)
-        return (leaf, *self._chain)
+        leaf_der, _serial, _not_after = self._sign_leaf(key, spiffe_id, ttl, dns_names, what)
+        return (x509.load_der_x509_certificate(leaf_der), *self._chain)
 
     def issue(
         self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: int, dns_names: Sequence[str] = ()
     ) -> IssuedSvid:
         """sign_svid for the wire: the chain as DER, plus what issuance records need."""
-        leaf, serial, not_after = self._sign_leaf(
+        leaf_der, serial, not_after = self._sign_leaf(
             public_key, spiffe_id, ttl, dns_names, "public key"
         )
         return IssuedSvid(
-            certificate=leaf,
-            chain_der=leaf.public_bytes(Encoding.DER) + self._chain_der,
+            leaf_der=leaf_der,
+            chain_der=leaf_der + self._chain_der,
             serial=serial,
             expires_at=not_after,
         )
 
     def _sign_leaf(
         self, key: object, spiffe_id: SpiffeId, ttl: int, dns_names: Sequence[str], what: str
-    ) -> tuple[x509.Certificate, int, int]:
+    ) -> tuple[bytes, int, int]:
         _check_leaf_request(spiffe_id, self._trust_domain, ttl, dns_names)
         public_key = check_public_key(key, what)
         now = int(self._clock.now())
@@ -260,28 +377,100 @@ class X509Signer:
             raise CaUnavailableError("the active CA certificate has expired")
         not_before = max(now - BACKDATE_SECONDS, self._ca_not_before)
         not_after = min(now + ttl, self._ca_not_after)
-        san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
-        san.extend(x509.DNSName(name) for name in dns_names)
-        san_value = x509.SubjectAlternativeName(san)
-        serial = x509.random_serial_number()
+        serial = random_serial_number()
+        leaf = LeafFields(public_key, spiffe_id, dns_names, serial, not_before, not_after)
+        der = self.template_leaf(leaf)
+        if der is None:
+            der = self.builder_leaf(leaf).public_bytes(Encoding.DER)
+        return der, serial, not_after
+
+    def template_leaf(self, leaf: LeafFields) -> bytes | None:
+        """The leaf DER through the template (the CA key signs with the GIL released), or None
+        where only the builder knows the encoding (a non-ASCII name, a year out of range)."""
+        template = self._template
+        if template is None:
+            return None
+        tbs = _template_tbs(template, leaf)
+        return None if tbs is None else template.sign(tbs)
+
+    def template_tbs(self, leaf: LeafFields) -> bytes | None:
+        """The TBSCertificate template_leaf signs (None as there); equal to builder_leaf's."""
+        if self._template is None:
+            return None
+        return _template_tbs(self._template, leaf)
+
+    def builder_leaf(self, leaf: LeafFields) -> x509.Certificate:
+        """The leaf as cryptography's CertificateBuilder makes it: the reference the template
+        must reproduce byte for byte, and the fallback where it cannot."""
+        public_key = leaf.public_key
+        san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(leaf.spiffe_id))]
+        san.extend(x509.DNSName(name) for name in leaf.dns_names)
+        san_ext = x509.SubjectAlternativeName(san)
         # The builder's constructor takes every field at once: the per-field setters would
-        # copy the builder a dozen times per certificate. Every value here is checked above
-        # or built by this class, and sign() refuses a builder with a field missing.
+        # copy the builder a dozen times per certificate. Every value here is checked by the
+        # caller or built by this class, and sign() refuses a builder with a field missing.
         builder = x509.CertificateBuilder(
             issuer_name=self._issuer,
             subject_name=_LEAF_SUBJECT,
             public_key=public_key,
-            serial_number=serial,
-            not_valid_before=_EPOCH + timedelta(seconds=not_before),
-            not_valid_after=_EPOCH + timedelta(seconds=not_after),
+            serial_number=leaf.serial,
+            not_valid_before=_EPOCH + timedelta(seconds=leaf.not_before),
+            not_valid_after=_EPOCH + timedelta(seconds=leaf.not_after),
             extensions=[
                 *_LEAF_HEAD,
                 _subject_key_id(public_key),
                 self._akid,
-                x509.Extension(san_value.oid, False, san_value),
+                x509.Extension(san_ext.oid, False, san_ext),
             ],
         )
-        return builder.sign(self._key, self._hash), serial, not_after
+        return builder.sign(self._key, self._hash)
+
+    def _checked_template(self) -> LeafTemplate | None:
+        """The leaf template for this CA if it reproduces the builder's TBS exactly on a sample
+        leaf; otherwise None: log a warning and sign with the builder (slower, never different)."""
+        sample_id = SpiffeId.parse(f"spiffe://{self._trust_domain}/leaf-template-check")
+        leaf = LeafFields(
+            self._key.public_key(),
+            sample_id,
+            ("a.example", "*.b.example"),
+            (1 << 158) + 0x1234,
+            self._ca_not_before,
+            self._ca_not_after,
+        )
+        try:
+            sample = self.builder_leaf(leaf)
+            template = LeafTemplate(
+                self._key,
+                self._hash,
+                signature_algorithm=signature_algorithm_of(sample.public_bytes(Encoding.DER)),
+                issuer_der=self._issuer.public_bytes(),
+                subject_der=_LEAF_SUBJECT.public_bytes(),
+                head_extensions=b"".join(_extension_der(e) for e in _LEAF_HEAD),
+                akid_extension=_extension_der(self._akid),
+            )
+        except (TypeError, ValueError) as exc:
+            _log.warning("no hand-encoded X.509-SVID leaves (%s); using the builder", exc)
+            return None
+        if _template_tbs(template, leaf) != sample.tbs_certificate_bytes:
+            _log.warning("hand-encoded X.509-SVID leaves differ from the builder's; using it")
+            return None
+        return template
+
+
+def _template_tbs(template: LeafTemplate, leaf: LeafFields) -> bytes | None:
+    try:
+        san = san_value(str(leaf.spiffe_id), leaf.dns_names)
+        spki, skid = public_key_der(leaf.public_key)
+        return template.tbs(
+            serial=leaf.serial,
+            not_before=leaf.not_before,
+            not_after=leaf.not_after,
+            spki=spki,
+            skid_extension=skid,
+            san=san,
+        )
+    except ValueError:  # UnicodeEncodeError included: only the builder knows those names
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +499,7 @@ class JwtSigner:
         self._clock = clock
         self._not_after = int(not_after)
         self._header = {"alg": alg_for_key(key), "kid": kid, "typ": "JWT"}
+        self._es = _EsSigner.checked(key, self._header)
 
     @property
     def kid(self) -> str:
@@ -339,23 +529,152 @@ class JwtSigner:
             raise SigningRequestError("audience must hold at least one non-empty string")
         if ttl <= 0:
             raise SigningRequestError(f"ttl must be positive, got {ttl}")
-        extra = dict(extra_claims or {})
-        clash = sorted(_RESERVED_CLAIMS & extra.keys())
-        if clash:
-            raise SigningRequestError(f"extra claims may not set {', '.join(clash)}")
+        extra = dict(extra_claims) if extra_claims else {}
+        if extra:
+            clash = sorted(_RESERVED_CLAIMS & extra.keys())
+            if clash:
+                raise SigningRequestError(f"extra claims may not set {', '.join(clash)}")
         now = int(self._clock.now())
         if now >= self._not_after:
             raise CaUnavailableError("the active JWT signing key has expired")
         expires_at = min(now + ttl, self._not_after)
-        jti = b64url_encode(secrets.token_bytes(16))
+        jti = _b64(random_bytes(16)).decode("ascii")  # b64url_encode, minus two calls
         # Like SPIRE (go-jose): one audience is a plain string, several are a list.
-        claims: dict[str, Any] = {
-            **extra,
-            "sub": str(spiffe_id),
-            "aud": audiences[0] if len(audiences) == 1 else audiences,
-            "exp": expires_at,
-            "iat": now,
-            "jti": jti,
-        }
-        token = sign_jws(self._header, claims, self._key)
+        aud: str | list[str] = audiences[0] if len(audiences) == 1 else audiences
+        sub = str(spiffe_id)
+        if self._es is not None and not extra:
+            token = self._es.sign_plain(sub, aud, expires_at, now, jti)
+        else:
+            claims: dict[str, Any] = {
+                **extra,
+                "sub": sub,
+                "aud": aud,
+                "exp": expires_at,
+                "iat": now,
+                "jti": jti,
+            }
+            if self._es is not None:
+                token = self._es.sign(claims)
+            else:
+                token = sign_jws(self._header, claims, self._key)
         return IssuedJwt(token=token, jti=jti, issued_at=now, expires_at=expires_at)
+
+
+# What sign_jws encodes JSON with: json.dumps(obj, separators=(",", ":")), one encoder for all.
+_JWS_JSON = json.JSONEncoder(separators=(",", ":"))
+# The string encoder that one uses (ensure_ascii is on by default).
+_json_str = encode_basestring_ascii
+_ES_SIZES = {"ES256": 32, "ES384": 48, "ES512": 66}
+_ES_HASHES: dict[str, hashes.HashAlgorithm] = {
+    "ES256": hashes.SHA256(),
+    "ES384": hashes.SHA384(),
+    "ES512": hashes.SHA512(),
+}
+
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _b64(data: bytes) -> bytes:
+    """Unpadded base64url as bytes (what b64url_encode returns, before its decode)."""
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
+
+
+def _claims_json(sub: str, aud: str | list[str], exp: int, iat: int, jti: str) -> str:
+    """_JWS_JSON.encode({"sub": sub, "aud": aud, "exp": exp, "iat": iat, "jti": jti}) for str
+    and int values (a list of str for aud), written out: the generic encoder costs 3x more."""
+    aud_json = _json_str(aud) if isinstance(aud, str) else "[" + ",".join(map(_json_str, aud)) + "]"
+    return (
+        f'{{"sub":{_json_str(sub)},"aud":{aud_json},"exp":{int(exp)!r},"iat":{int(iat)!r},'
+        f'"jti":{_json_str(jti)}}}'
+    )
+
+
+def _raw_signature(der: bytes, size: int) -> bytes:
+    """r || s, each `size` bytes, of a DER ECDSA-Sig-Value, as JOSE wants it.
+
+    Equal to decode_dss_signature plus to_bytes (tests compare them on many signatures). Read
+    here: the short DER form OpenSSL writes for P-256 and P-384, with minimal positive
+    INTEGERs that fit; anything else goes through decode_dss_signature.
+    """
+    end = len(der)
+    if end < 8 or der[0] != 0x30 or der[1] != end - 2 or der[2] != 0x02:
+        return _raw_signature_slow(der, size)
+    s_at = 4 + der[3]
+    if s_at + 3 > end or der[s_at] != 0x02 or s_at + 2 + der[s_at + 1] != end:
+        return _raw_signature_slow(der, size)
+    r = der[4:s_at]
+    s = der[s_at + 2 :]
+    if not (_fits(r, size) and _fits(s, size)):
+        return _raw_signature_slow(der, size)
+    return r[-size:].rjust(size, b"\x00") + s[-size:].rjust(size, b"\x00")
+
+
+def _fits(integer: bytes, size: int) -> bool:
+    """A minimal DER positive INTEGER body whose value fits in `size` bytes."""
+    if not integer or integer[0] & 0x80:
+        return False
+    if integer[0] == 0:
+        # One leading zero only when the next byte would read as negative.
+        return len(integer) == 1 or (integer[1] & 0x80 != 0 and len(integer) <= size + 1)
+    return len(integer) <= size
+
+
+def _raw_signature_slow(der: bytes, size: int) -> bytes:
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+class _EsSigner:
+    """sign_jws for one EC key and header, with the per-token work cut to what varies.
+
+    sign_jws re-checks the alg against the key, re-encodes the header and builds its hash and
+    ECDSA objects for every token; here the header segment is encoded and the checks made
+    once. `checked` builds one only if its signing input equals sign_jws's for a sample, so
+    tokens are byte for byte what sign_jws would make (up to ECDSA's random signature).
+    """
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, header: Mapping[str, Any]) -> None:
+        alg = str(header["alg"])
+        self._key = key
+        self._size = _ES_SIZES[alg]
+        self._ecdsa = ec.ECDSA(_ES_HASHES[alg])
+        self._header_segment = _b64(_JWS_JSON.encode(dict(header)).encode()) + b"."
+
+    @classmethod
+    def checked(cls, key: PrivateKey, header: Mapping[str, Any]) -> _EsSigner | None:
+        alg = header.get("alg")
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or alg not in _ES_SIZES:
+            return None
+        if alg_for_key(key) != alg:  # sign_raw refuses a key on another curve: so do we
+            return None
+        signer = cls(key, header)
+        sample: dict[str, Any] = {
+            "sub": "spiffe://example.org/x",
+            "aud": ["a", 'é\\"\n'],
+            "exp": 2,
+            "iat": 1,
+            "jti": "j",
+        }
+        reference = sign_jws(header, sample, key).rsplit(".", 1)[0].encode("ascii")
+        plain = signer._header_segment + _b64(_claims_json(**sample).encode("ascii"))
+        if signer.signing_input(sample) != reference or plain != reference:
+            _log.warning("fast JWT signing differs from sign_jws; using sign_jws")
+            return None
+        return signer
+
+    def signing_input(self, claims: Mapping[str, Any]) -> bytes:
+        return self._header_segment + _b64(_JWS_JSON.encode(claims).encode())
+
+    def sign(self, claims: Mapping[str, Any]) -> str:
+        return self._finish(self.signing_input(claims))
+
+    def sign_plain(self, sub: str, aud: str | list[str], exp: int, iat: int, jti: str) -> str:
+        """sign() of the claims a workload JWT-SVID has, with no extra claims."""
+        # ensure_ascii: the JSON is ASCII, so encode() copies rather than transcodes.
+        payload = _claims_json(sub, aud, exp, iat, jti).encode("ascii")
+        return self._finish(self._header_segment + _b64(payload))
+
+    def _finish(self, signing_input: bytes) -> str:
+        signature = _raw_signature(self._key.sign(signing_input, self._ecdsa), self._size)
+        return (signing_input + b"." + _b64(signature)).decode("ascii")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 
 from server.audit import AuditLog
@@ -41,9 +42,14 @@ class IssuanceRecorder:
     def add(self, creds: Sequence[Credential], events: Sequence[DraftTuple]) -> None:
         """Queue; `events` are audit drafts as plain tuples (AuditLog.append_tuples)."""
         with self._cond:
+            idle = not (self._creds or self._events)
             self._creds.extend(creds)
             self._events.extend(events)
-            self._cond.notify()
+            # Only the first record of a burst wakes the writer; it then gathers the rest for
+            # MAX_DELAY. (Waking it on every add ended its wait at the next JWT, so a stream of
+            # single JWTs cost a transaction, and an fsync per database, every few tokens.)
+            if idle:
+                self._cond.notify()
 
     def flush(self) -> None:
         """Write everything queued so far (the caller waits for it)."""
@@ -63,8 +69,14 @@ class IssuanceRecorder:
                     self._cond.wait()
                 if self._closed and not (self._creds or self._events):
                     return
-                # Let a burst (a batch of signatures) gather into one transaction.
-                self._cond.wait(MAX_DELAY)
+                # Let a burst (a batch of signatures) gather into one transaction: MAX_DELAY
+                # from the first record queued, whatever arrives meanwhile.
+                deadline = time.monotonic() + MAX_DELAY
+                while not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
             try:
                 self.flush()
             except Exception:

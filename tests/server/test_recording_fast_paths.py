@@ -1,0 +1,289 @@
+"""Issuance recording's fast paths against the slower code they replace.
+
+The audit log's shared canonical encoder and split encoding, the draft-tuple secret check, and
+multi-row inserts must give what `json`, check_no_secret and executemany give, on good and bad
+input; the recorder must still write every record, gathering bursts into one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.audit import AuditError, AuditLog, SqliteAuditStore
+from server.audit.event import (
+    _ENCODER,
+    DRAFT_FIELDS,
+    canonical_encoder,
+    check_no_secret,
+)
+from server.audit.log import check_draft_tuple, event_from_row
+from server.audit.store import insert_many
+from server.tasks import recorder as recorder_module
+from server.tasks.model import Credential
+from server.tasks.recorder import IssuanceRecorder
+from server.tasks.store import TaskStore
+from svid._clock import FakeClock
+
+AGENT = "spiffe://example.org/svid/agent/join_token/abc"
+WORKLOAD = "spiffe://example.org/bench/w0"
+JWT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+PEM = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----"
+
+
+class _Frozen(Mapping[str, Any]):
+    """A Mapping that is not a dict (json cannot encode it; the log copies it to a dict)."""
+
+    def __init__(self, **values: Any) -> None:
+        self._values = values
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def _outcome(fn: Any, value: Any) -> object:
+    try:
+        return fn(value)
+    except Exception as exc:
+        return (type(exc), str(exc))
+
+
+_VALUES: list[Any] = [
+    None,
+    0,
+    -7,
+    1.5,
+    1e300,
+    "plain",
+    "é ünïcode \u2028 🙂",
+    'quote " backslash \\ control \x01',
+    [],
+    [1, "a", None],
+    (),
+    ("x", "y"),
+    {},
+    {"b": 1, "a": [1, 2, {"z": None, "y": "é"}]},
+    [{"k": [[[]]]}],
+    True,
+    math.nan,
+    math.inf,
+    b"bytes",
+    {1: "int key"},
+    {"s": {1, 2}},
+    object(),
+]
+
+
+def test_canonical_encoder_equals_the_json_encoder() -> None:
+    encode = canonical_encoder()
+    for value in _VALUES:
+        assert _outcome(encode, value) == _outcome(_ENCODER.encode, value), value
+    circular: list[Any] = []
+    circular.append(circular)
+    assert _outcome(encode, circular) == _outcome(_ENCODER.encode, circular)
+    # A failure leaves nothing behind: the same encoder keeps giving the right answers.
+    for value in _VALUES:
+        assert _outcome(encode, value) == _outcome(_ENCODER.encode, value), value
+
+
+def _reference_check(values: tuple[Any, ...]) -> None:
+    """check_draft_tuple before its fast path: every value through check_no_secret."""
+    if len(values) != len(DRAFT_FIELDS):
+        raise AuditError(f"a draft tuple has {len(DRAFT_FIELDS)} values, not {len(values)}")
+    kind = values[0]
+    import re
+
+    if not isinstance(kind, str) or not re.match(r"^[a-z][a-z0-9_]{0,63}$", kind):
+        raise AuditError(f"kind {kind!r} is not a lowercase identifier")
+    for name, value in zip(DRAFT_FIELDS, values, strict=True):
+        check_no_secret(name, value)
+
+
+def _draft(**changes: Any) -> tuple[Any, ...]:
+    base = dict.fromkeys(DRAFT_FIELDS)
+    base.update(kind="jwt_minted", agent_id=WORKLOAD, node_id=AGENT, decision="allow")
+    base.update(credential_id="abc123", policy_ids=(), ttl=300, extra={})
+    base.update(changes)
+    return tuple(base[name] for name in DRAFT_FIELDS)
+
+
+class _Str(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "draft",
+    [
+        _draft(),
+        _draft(extra={"spiffe_id": WORKLOAD}),
+        _draft(resource=JWT),
+        _draft(reason="token " + JWT + " leaked"),
+        _draft(extra={"token": JWT}),
+        _draft(extra={JWT: "as a key"}),
+        _draft(extra={"nested": {"deeper": [PEM]}}),
+        _draft(extra={"n": 1, "ok": "fine"}),
+        _draft(policy_ids=("p1", "p2")),
+        _draft(policy_ids=(JWT,)),
+        _draft(credential_id=b"raw bytes"),
+        _draft(risk=True),
+        _draft(latency_us=1.25),
+        _draft(agent_id=_Str(PEM)),
+        _draft(agent_id=_Str("plain")),
+        _draft(kind="Bad-Kind"),
+        _draft(kind=_Str("jwt_minted")),
+        _draft(kind=7),
+        _draft(extra=_Frozen(a="b")),
+        _draft(extra=_Frozen(a=JWT)),
+        _draft()[:-1],
+        (*_draft(), "one too many"),
+    ],
+)
+def test_draft_tuple_check_refuses_what_check_no_secret_refuses(draft: tuple[Any, ...]) -> None:
+    assert _outcome(check_draft_tuple, draft) == _outcome(_reference_check, draft)
+
+
+def test_sealed_rows_hash_as_the_events_they_store(tmp_path: Path) -> None:
+    log = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000.25))
+    drafts = [
+        _draft(),
+        _draft(extra={"spiffe_id": WORKLOAD, "é": ["ü", 1, None]}),
+        _draft(extra=_Frozen(b=2, a=1)),
+        _draft(policy_ids=("default.cedar:x", "other"), risk=3, latency_us=12.5),
+        _draft(resource='quote " and \\ and \n'),
+        _draft(task_id="task-1", on_behalf_of="user@example.org"),
+    ]
+    log.append_tuples(drafts * 30)
+    rows = list(log.store.rows())
+    assert len(rows) == 180
+    for row in rows:
+        event = event_from_row(row)
+        assert event.compute_hash() == event.hash
+    assert log.verify().ok
+    # What is stored for `extra` is its canonical text, keys sorted.
+    assert json.loads(rows[2]["extra"]) == {"a": 1, "b": 2}
+    assert rows[2]["extra"] == '{"a":1,"b":2}'
+
+
+def test_unencodable_extra_fails_as_before_and_leaves_no_hole(tmp_path: Path) -> None:
+    log = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000))
+    log.append_tuples([_draft()])
+    with pytest.raises(TypeError):
+        log.append_tuples([_draft(extra={"x": object()})])
+    with pytest.raises(AuditError, match="bytes encoded"):
+        log.append_tuples([_draft(extra={"x": "y" * 5000})])
+    log.append_tuples([_draft()])
+    assert log.verify().ok
+    assert [r["seq"] for r in log.store.rows()] == [1, 2]
+
+
+def test_insert_many_writes_what_executemany_writes() -> None:
+    for width, count in ((1, 0), (1, 1), (3, 7), (6, 166), (6, 167), (21, 47), (21, 48), (21, 500)):
+        rows = [
+            tuple(f"{i}-{j}" if j % 2 else i * 100 + j for j in range(width)) for i in range(count)
+        ]
+        columns = ", ".join(f"c{j}" for j in range(width))
+        many, multi = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
+        for db in (many, multi):
+            db.execute(f"CREATE TABLE t ({columns})")
+        many.executemany(f"INSERT INTO t VALUES ({', '.join('?' * width)})", rows)
+        insert_many(multi, "INSERT INTO t", rows)
+        query = "SELECT rowid, * FROM t ORDER BY rowid"
+        assert multi.execute(query).fetchall() == many.execute(query).fetchall()
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE t (a, b)")
+    with pytest.raises(sqlite3.ProgrammingError):
+        insert_many(db, "INSERT INTO t", [(1, 2), (3,)])
+    with pytest.raises(sqlite3.ProgrammingError):
+        db.executemany("INSERT INTO t VALUES (?, ?)", [(1, 2), (3,)])
+
+
+def test_credentials_are_recorded_and_read_back(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "tasks.db")
+    creds = [
+        Credential("x509_serial", format(i, "x"), AGENT, WORKLOAD, "task-1" if i % 3 else "", 2000)
+        for i in range(400)
+    ]
+    store.record(creds)
+    assert store.count_credentials("task-1") == sum(1 for c in creds if c.task_id == "task-1")
+    assert store.agent_credentials(AGENT, now=1000) == sorted(creds, key=lambda c: c.value)
+    assert store.agent_credentials(AGENT, now=2000) == []
+
+
+class _CountingStore:
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.lock = threading.Lock()
+
+    def record(self, creds: list[Credential]) -> None:
+        with self.lock:
+            self.calls.append(len(creds))
+
+
+def test_recorder_gathers_a_burst_into_one_write(tmp_path: Path) -> None:
+    store = _CountingStore()
+    audit = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000))
+    recorder = IssuanceRecorder(store, audit)  # type: ignore[arg-type]
+    try:
+        started = time.monotonic()
+        for i in range(50):  # one JWT at a time, as the batch handler records them
+            cred = Credential("jwt_id", f"jti-{i}", AGENT, WORKLOAD, "", 2000)
+            recorder.add([cred], [_draft(credential_id=f"jti-{i}")])
+            time.sleep(0.0005)  # ~50 ms in all: a few MAX_DELAY windows
+        deadline = time.monotonic() + 5
+        while sum(store.calls) < 50 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        waited = time.monotonic() - started
+        assert sum(store.calls) == 50
+        # Before: every add() ended the writer's wait, so this burst took dozens of
+        # transactions; now one per MAX_DELAY window.
+        assert len(store.calls) <= 1 + waited / recorder_module.MAX_DELAY, store.calls
+        assert waited < 1.0
+        assert len(list(audit.store.rows())) == 50
+    finally:
+        recorder.close()
+
+
+def test_recorder_writes_a_lone_record_within_its_window(tmp_path: Path) -> None:
+    store = _CountingStore()
+    audit = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000))
+    recorder = IssuanceRecorder(store, audit)  # type: ignore[arg-type]
+    try:
+        for round_ in range(3):
+            started = time.monotonic()
+            recorder.add([Credential("jwt_id", f"j{round_}", AGENT, WORKLOAD, "", 9)], [_draft()])
+            while len(store.calls) <= round_ and time.monotonic() - started < 5:
+                time.sleep(0.001)
+            assert len(store.calls) == round_ + 1
+            assert time.monotonic() - started < recorder_module.MAX_DELAY + 0.5
+    finally:
+        recorder.close()
+    assert store.calls == [1, 1, 1]
+
+
+def test_recorder_close_writes_what_is_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder_module, "MAX_DELAY", 60.0)
+    store = _CountingStore()
+    audit = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000))
+    recorder = IssuanceRecorder(store, audit)  # type: ignore[arg-type]
+    recorder.add([Credential("jwt_id", "j", AGENT, WORKLOAD, "", 9)], [_draft()])
+    started = time.monotonic()
+    recorder.close()
+    assert time.monotonic() - started < 5  # close ends the gathering wait
+    assert store.calls == [1]
+    assert len(list(audit.store.rows())) == 1
