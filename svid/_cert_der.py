@@ -850,6 +850,8 @@ def key_identifiers_ok(extensions: dict[bytes, Extension]) -> bool:
                 last = order
                 if tag == 0xA1:  # authorityCertIssuer: GeneralNames, left to cryptography
                     return False
+                if tag == 0x82:  # a serial needs the issuer beside it (RFC 5280 4.2.1.1)
+                    return False
                 _, pos = _expect(value, pos, end, tag, "authority key identifier field")
     except (SvidParseError, IndexError):
         return False

@@ -295,3 +295,15 @@ def test_mutated_chain_is_only_ever_a_verification_error(
     verifier = X509Verifier(source.x509_bundle_for, clock=FakeClock(T0), cache_size=0)
     with contextlib.suppress(VerificationError):
         verifier.verify_der(bytes(cert))
+
+
+def test_authority_key_id_serial_without_issuer_is_malformed() -> None:
+    """RFC 5280: authorityCertIssuer and authorityCertSerialNumber come together or not at all;
+    cryptography refuses a lone serial, so the DER reader must not accept it either."""
+    key_id = b"\x80\x02\xab\xcd"
+    lone_serial = b"\x82\x01\x05"
+    aki = der.OID_AUTHORITY_KEY_ID
+    ok = der.Extension(False, b"\x30" + bytes([len(key_id)]) + key_id)
+    bad = der.Extension(False, b"\x30" + bytes([len(key_id + lone_serial)]) + key_id + lone_serial)
+    assert der.key_identifiers_ok({aki: ok})
+    assert not der.key_identifiers_ok({aki: bad})
