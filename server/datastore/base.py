@@ -17,7 +17,8 @@ class DataStore(Protocol):
     # -- registration entries -------------------------------------------------------------------
 
     def create_entry(self, entry: Entry) -> Entry:
-        """Store a new entry; assigns `id` (uuid4 hex) when empty, revision=1 and created_at.
+        """Store a new entry; assigns `id` (32 hex, in creation order) when empty, revision=1
+        and created_at.
 
         Raises AlreadyExistsError for the same id, or for the same spiffe_id + parent_id +
         selector set as a stored entry.

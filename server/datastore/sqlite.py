@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import sqlite3
 import threading
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -150,6 +150,7 @@ class SqliteDataStore:
         self._path = Path(path)
         self._clock = clock
         self._lock = threading.RLock()
+        self._last_id_millis = 0
         _create_private_file(self._path)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly
         # what the code says (the sqlite3 module's implicit transactions skip DDL).
@@ -191,6 +192,16 @@ class SqliteDataStore:
 
     def _now(self) -> int:
         return int(self._clock.now())
+
+    def _new_entry_id(self) -> str:
+        """32 hex digits: milliseconds of creation, then 80 random bits. Workloads get their
+        default identity by (created_at, id), and created_at counts seconds: an id that sorts
+        in creation order keeps two entries made within one second in the order they were made.
+        """
+        with self._lock:
+            millis = max(int(self._clock.now() * 1000), self._last_id_millis + 1)
+            self._last_id_millis = millis
+        return f"{millis & (1 << 48) - 1:012x}{secrets.token_hex(10)}"
 
     @staticmethod
     def _bump(db: sqlite_utils.Database, counter: str) -> int:
@@ -234,7 +245,7 @@ class SqliteDataStore:
     def create_entry(self, entry: Entry) -> Entry:
         stored = replace(
             entry,
-            id=entry.id or uuid.uuid4().hex,
+            id=entry.id or self._new_entry_id(),
             revision=1,
             created_at=self._now(),
         )

@@ -70,6 +70,17 @@ def test_create_entry_assigns_id_revision_and_time(datastore: SqliteDataStore) -
     assert datastore.get_entry(created.id) == created
 
 
+def test_entries_made_within_one_second_sort_in_creation_order(
+    datastore: SqliteDataStore,
+) -> None:
+    """The agent picks a workload's default identity by (created_at, id); created_at counts
+    seconds, so the id must keep same-second entries in the order they were made."""
+    made = [datastore.create_entry(entry(f"/w{i}")) for i in range(50)]
+    assert len({e.created_at for e in made}) == 1
+    assert [e.id for e in made] == sorted(e.id for e in made)
+    assert all(len(e.id) == 32 and int(e.id, 16) >= 0 for e in made)
+
+
 def test_create_entry_keeps_a_given_id(datastore: SqliteDataStore) -> None:
     created = datastore.create_entry(Entry("my-id", "spiffe://example.org/a", AGENT, ()))
     assert created.id == "my-id"
