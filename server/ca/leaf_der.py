@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from server.ca.keys import PrivateKey, PublicKey
+from svid._cert_der import read_tlv
 
 # Tags (X.690): universal INTEGER, BIT STRING, OCTET STRING, SEQUENCE, UTCTime, GeneralizedTime;
 # context-specific [0] and [3] constructed (version, extensions) and the GeneralName choices
@@ -54,23 +55,6 @@ def tlv(tag: int, content: bytes) -> bytes:
         return bytes((tag, size)) + content
     length = size.to_bytes((size.bit_length() + 7) // 8, "big")
     return bytes((tag, 0x80 | len(length))) + length + content
-
-
-def read_tlv(data: bytes, pos: int) -> tuple[int, int]:
-    """(content start, end) of the DER element at `pos`; ValueError if it does not fit."""
-    if pos + 2 > len(data):
-        raise ValueError("DER element truncated")
-    first = data[pos + 1]
-    if first < 0x80:
-        start, size = pos + 2, first
-    else:
-        count = first & 0x7F
-        if not 0 < count <= 4 or pos + 2 + count > len(data):
-            raise ValueError("DER length is invalid or truncated")
-        start, size = pos + 2 + count, int.from_bytes(data[pos + 2 : pos + 2 + count], "big")
-    if start + size > len(data):
-        raise ValueError("DER element truncated")
-    return start, start + size
 
 
 def der_integer(value: int) -> bytes:
@@ -137,9 +121,9 @@ def public_key_der(key: PublicKey) -> tuple[bytes, bytes]:
     encoded instead of asking the key for a second encoding.
     """
     spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    start, _ = read_tlv(spki, 0)
-    _, algorithm_end = read_tlv(spki, start)
-    bits_start, bits_end = read_tlv(spki, algorithm_end)
+    _, start, _ = read_tlv(spki, 0, len(spki))
+    _, _, algorithm_end = read_tlv(spki, start, len(spki))
+    _, bits_start, bits_end = read_tlv(spki, algorithm_end, len(spki))
     # The first content byte of the BIT STRING counts unused bits (0 for a key).
     digest = hashlib.sha1(spki[bits_start + 1 : bits_end]).digest()  # noqa: S324 - an identifier
     return spki, extension(_OID_SKID, False, tlv(_OCTET_STRING, digest))
@@ -226,9 +210,10 @@ class LeafTemplate:
 
 def signature_algorithm_of(certificate_der: bytes) -> bytes:
     """The outer signatureAlgorithm DER of a certificate (the element after the TBS)."""
-    start, end = read_tlv(certificate_der, 0)
-    _, tbs_end = read_tlv(certificate_der, start)
-    _, alg_end = read_tlv(certificate_der, tbs_end)
+    size = len(certificate_der)
+    _, start, end = read_tlv(certificate_der, 0, size)
+    _, _, tbs_end = read_tlv(certificate_der, start, size)
+    _, _, alg_end = read_tlv(certificate_der, tbs_end, size)
     if alg_end > end:
         raise ValueError("signature algorithm runs past the certificate")
     return certificate_der[tbs_end:alg_end]

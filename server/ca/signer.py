@@ -31,13 +31,13 @@ from server.ca.leaf_der import (
     LeafTemplate,
     oid_der,
     public_key_der,
-    read_tlv,
     san_value,
     signature_algorithm_of,
     tlv,
 )
 from server.ca.leaf_der import extension as leaf_extension
 from server.ca.randomness import random_bytes, random_serial_number
+from svid._cert_der import read_tlv
 from svid._clock import Clock
 from svid._jose import alg_for_key, sign_jws
 from svid._spiffe_id import SpiffeId, TrustDomain
@@ -203,9 +203,10 @@ def _fast_signature_verdict(
     """(True or False, the public key) for the common algorithms; (None, None) to leave the
     verdict to is_signature_valid."""
     try:
-        start, _ = read_tlv(csr_der, 0)
-        _, info_end = read_tlv(csr_der, start)
-        _, algorithm_end = read_tlv(csr_der, info_end)
+        size = len(csr_der)
+        _, start, _ = read_tlv(csr_der, 0, size)
+        _, _, info_end = read_tlv(csr_der, start, size)
+        _, _, algorithm_end = read_tlv(csr_der, info_end, size)
         algorithm = csr_der[info_end:algorithm_end]
         key = csr.public_key()
         if isinstance(key, ec.EllipticCurvePublicKey):

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from server.ca import leaf_der, randomness
 from server.ca.errors import CsrError
 from server.ca.keys import generate_key
-from server.ca.leaf_der import der_integer, der_time, oid_der, read_tlv, tlv
+from server.ca.leaf_der import der_integer, der_time, oid_der, tlv
 from server.ca.manager import CaManager
 from server.ca.signer import (
     JwtSigner,
@@ -36,6 +36,7 @@ from server.ca.signer import (
     csr_public_key,
     csr_signature_valid,
 )
+from svid._cert_der import read_tlv
 from svid._clock import FakeClock
 from svid._jose import sign_jws
 from svid._spiffe_id import SpiffeId
@@ -232,10 +233,10 @@ def test_der_helpers_match_the_standard_encodings() -> None:
     for bad in ("1", "3.1", "1.40", "1.-2"):
         with pytest.raises(ValueError, match="OID"):
             oid_der(bad)
-    with pytest.raises(ValueError, match="truncated"):
-        read_tlv(b"\x30\x05\x01", 0)
+    with pytest.raises(ValueError, match="needs 7 bytes, 3 left"):
+        read_tlv(b"\x30\x05\x01", 0, 3)
     with pytest.raises(ValueError, match="length"):
-        read_tlv(b"\x30\x85\x01\x00\x00\x00\x00", 0)
+        read_tlv(b"\x30\x85\x01\x00\x00\x00\x00", 0, 7)
 
 
 # -- CSR signature check -------------------------------------------------------------------------
@@ -250,9 +251,9 @@ def _csr_der(key: Any, algorithm: hashes.HashAlgorithm | None, **kwargs: Any) ->
 
 def _resign_outer(der: bytes, algorithm_der: bytes) -> bytes:
     """`der` with its outer signatureAlgorithm replaced (lengths fixed up)."""
-    start, end = read_tlv(der, 0)
-    _, info_end = read_tlv(der, start)
-    _, alg_end = read_tlv(der, info_end)
+    _, start, end = read_tlv(der, 0, len(der))
+    _, _, info_end = read_tlv(der, start, len(der))
+    _, _, alg_end = read_tlv(der, info_end, len(der))
     return tlv(0x30, der[start:info_end] + algorithm_der + der[alg_end:end])
 
 
