@@ -60,6 +60,14 @@ def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_STD_TO_URL = bytes.maketrans(b"+/", b"-_")
+
+
+def b64url_bytes(data: bytes) -> bytes:
+    """Unpadded base64url as bytes (what b64url_encode returns, before its decode)."""
+    return binascii.b2a_base64(data, newline=False).translate(_STD_TO_URL).rstrip(b"=")
+
+
 _URL_TO_STD = bytes.maketrans(b"-_", b"+/")
 
 
@@ -118,8 +126,7 @@ def sign_raw(alg: str, signing_input: bytes, key: PrivateKey) -> bytes:
         curve, size = _EC_ALGS[alg]
         if key.curve.name != curve:
             raise JwtSvidError(f"alg {alg} needs curve {curve}, key is on {key.curve.name}")
-        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hash_alg)))
-        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+        return ecdsa_der_to_raw(key.sign(signing_input, ec.ECDSA(hash_alg)), size)
     if not isinstance(key, rsa.RSAPrivateKey):
         raise JwtSvidError(f"alg {alg} needs an RSA key, got {type(key).__name__}")
     if key.key_size < MIN_RSA_BITS:
@@ -263,3 +270,39 @@ def public_key_thumbprint_kid(public_key: PublicKey) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return b64url_encode(hashlib.sha256(spki).digest())[:32]
+
+
+def ecdsa_der_to_raw(der: bytes, size: int) -> bytes:
+    """r || s, each `size` bytes, of a DER ECDSA-Sig-Value, as JOSE wants it.
+
+    Equal to decode_dss_signature plus to_bytes (tests compare them on many signatures), which
+    cost as much as the rest of minting a token. Read here: the short DER form OpenSSL writes
+    for P-256 and P-384, with minimal positive INTEGERs that fit; anything else goes through
+    decode_dss_signature.
+    """
+    end = len(der)
+    if end < 8 or der[0] != 0x30 or der[1] != end - 2 or der[2] != 0x02:
+        return _ecdsa_der_to_raw_slow(der, size)
+    s_at = 4 + der[3]
+    if s_at + 3 > end or der[s_at] != 0x02 or s_at + 2 + der[s_at + 1] != end:
+        return _ecdsa_der_to_raw_slow(der, size)
+    r = der[4:s_at]
+    s = der[s_at + 2 :]
+    if not (_fits(r, size) and _fits(s, size)):
+        return _ecdsa_der_to_raw_slow(der, size)
+    return r[-size:].rjust(size, b"\x00") + s[-size:].rjust(size, b"\x00")
+
+
+def _fits(integer: bytes, size: int) -> bool:
+    """A minimal DER positive INTEGER body whose value fits in `size` bytes."""
+    if not integer or integer[0] & 0x80:
+        return False
+    if integer[0] == 0:
+        # One leading zero only when the next byte would read as negative.
+        return len(integer) == 1 or (integer[1] & 0x80 != 0 and len(integer) <= size + 1)
+    return len(integer) <= size
+
+
+def _ecdsa_der_to_raw_slow(der: bytes, size: int) -> bytes:
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")

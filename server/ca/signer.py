@@ -6,7 +6,6 @@ NotBefore backdated 10 s (clock skew between machines), NotAfter capped at the C
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import json
 import logging
@@ -21,7 +20,6 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
@@ -39,7 +37,7 @@ from server.ca.leaf_der import extension as leaf_extension
 from server.ca.randomness import random_bytes, random_serial_number
 from svid._cert_der import read_tlv
 from svid._clock import Clock
-from svid._jose import alg_for_key, sign_jws
+from svid._jose import alg_for_key, b64url_bytes, ecdsa_der_to_raw, sign_jws
 from svid._spiffe_id import SpiffeId, TrustDomain
 
 _log = logging.getLogger("svid.server.ca")
@@ -539,7 +537,7 @@ class JwtSigner:
         if now >= self._not_after:
             raise CaUnavailableError("the active JWT signing key has expired")
         expires_at = min(now + ttl, self._not_after)
-        jti = _b64(random_bytes(16)).decode("ascii")  # b64url_encode, minus two calls
+        jti = b64url_bytes(random_bytes(16)).decode("ascii")  # b64url_encode, minus two calls
         # Like SPIRE (go-jose): one audience is a plain string, several are a list.
         aud: str | list[str] = audiences[0] if len(audiences) == 1 else audiences
         sub = str(spiffe_id)
@@ -573,14 +571,6 @@ _ES_HASHES: dict[str, hashes.HashAlgorithm] = {
 }
 
 
-_URLSAFE = bytes.maketrans(b"+/", b"-_")
-
-
-def _b64(data: bytes) -> bytes:
-    """Unpadded base64url as bytes (what b64url_encode returns, before its decode)."""
-    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
-
-
 def _claims_json(sub: str, aud: str | list[str], exp: int, iat: int, jti: str) -> str:
     """_JWS_JSON.encode({"sub": sub, "aud": aud, "exp": exp, "iat": iat, "jti": jti}) for str
     and int values (a list of str for aud), written out: the generic encoder costs 3x more."""
@@ -589,41 +579,6 @@ def _claims_json(sub: str, aud: str | list[str], exp: int, iat: int, jti: str) -
         f'{{"sub":{_json_str(sub)},"aud":{aud_json},"exp":{int(exp)!r},"iat":{int(iat)!r},'
         f'"jti":{_json_str(jti)}}}'
     )
-
-
-def _raw_signature(der: bytes, size: int) -> bytes:
-    """r || s, each `size` bytes, of a DER ECDSA-Sig-Value, as JOSE wants it.
-
-    Equal to decode_dss_signature plus to_bytes (tests compare them on many signatures). Read
-    here: the short DER form OpenSSL writes for P-256 and P-384, with minimal positive
-    INTEGERs that fit; anything else goes through decode_dss_signature.
-    """
-    end = len(der)
-    if end < 8 or der[0] != 0x30 or der[1] != end - 2 or der[2] != 0x02:
-        return _raw_signature_slow(der, size)
-    s_at = 4 + der[3]
-    if s_at + 3 > end or der[s_at] != 0x02 or s_at + 2 + der[s_at + 1] != end:
-        return _raw_signature_slow(der, size)
-    r = der[4:s_at]
-    s = der[s_at + 2 :]
-    if not (_fits(r, size) and _fits(s, size)):
-        return _raw_signature_slow(der, size)
-    return r[-size:].rjust(size, b"\x00") + s[-size:].rjust(size, b"\x00")
-
-
-def _fits(integer: bytes, size: int) -> bool:
-    """A minimal DER positive INTEGER body whose value fits in `size` bytes."""
-    if not integer or integer[0] & 0x80:
-        return False
-    if integer[0] == 0:
-        # One leading zero only when the next byte would read as negative.
-        return len(integer) == 1 or (integer[1] & 0x80 != 0 and len(integer) <= size + 1)
-    return len(integer) <= size
-
-
-def _raw_signature_slow(der: bytes, size: int) -> bytes:
-    r, s = decode_dss_signature(der)
-    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
 
 class _EsSigner:
@@ -640,7 +595,7 @@ class _EsSigner:
         self._key = key
         self._size = _ES_SIZES[alg]
         self._ecdsa = ec.ECDSA(_ES_HASHES[alg])
-        self._header_segment = _b64(_JWS_JSON.encode(dict(header)).encode()) + b"."
+        self._header_segment = b64url_bytes(_JWS_JSON.encode(dict(header)).encode()) + b"."
 
     @classmethod
     def checked(cls, key: PrivateKey, header: Mapping[str, Any]) -> _EsSigner | None:
@@ -658,14 +613,14 @@ class _EsSigner:
             "jti": "j",
         }
         reference = sign_jws(header, sample, key).rsplit(".", 1)[0].encode("ascii")
-        plain = signer._header_segment + _b64(_claims_json(**sample).encode("ascii"))
+        plain = signer._header_segment + b64url_bytes(_claims_json(**sample).encode("ascii"))
         if signer.signing_input(sample) != reference or plain != reference:
             _log.warning("fast JWT signing differs from sign_jws; using sign_jws")
             return None
         return signer
 
     def signing_input(self, claims: Mapping[str, Any]) -> bytes:
-        return self._header_segment + _b64(_JWS_JSON.encode(claims).encode())
+        return self._header_segment + b64url_bytes(_JWS_JSON.encode(claims).encode())
 
     def sign(self, claims: Mapping[str, Any]) -> str:
         return self._finish(self.signing_input(claims))
@@ -674,8 +629,8 @@ class _EsSigner:
         """sign() of the claims a workload JWT-SVID has, with no extra claims."""
         # ensure_ascii: the JSON is ASCII, so encode() copies rather than transcodes.
         payload = _claims_json(sub, aud, exp, iat, jti).encode("ascii")
-        return self._finish(self._header_segment + _b64(payload))
+        return self._finish(self._header_segment + b64url_bytes(payload))
 
     def _finish(self, signing_input: bytes) -> str:
-        signature = _raw_signature(self._key.sign(signing_input, self._ecdsa), self._size)
-        return (signing_input + b"." + _b64(signature)).decode("ascii")
+        signature = ecdsa_der_to_raw(self._key.sign(signing_input, self._ecdsa), self._size)
+        return (signing_input + b"." + b64url_bytes(signature)).decode("ascii")

@@ -31,14 +31,12 @@ from server.ca.signer import (
     LeafFields,
     X509Signer,
     _EsSigner,
-    _raw_signature,
-    _raw_signature_slow,
     csr_public_key,
     csr_signature_valid,
 )
 from svid._cert_der import read_tlv
 from svid._clock import FakeClock
-from svid._jose import sign_jws
+from svid._jose import _ecdsa_der_to_raw_slow, ecdsa_der_to_raw, sign_jws
 from svid._spiffe_id import SpiffeId
 from svid._x509 import check_leaf_profile
 from tests.server.conftest import openssl_verify
@@ -432,7 +430,7 @@ def test_raw_signature_equals_decode_dss_signature() -> None:
         key = ec.generate_private_key(curve)
         for _ in range(400):  # short r and s (leading zero bytes) come up every ~128 signatures
             der = key.sign(os.urandom(8), ec.ECDSA(algorithm))
-            assert _raw_signature(der, size) == _raw_signature_slow(der, size)
+            assert ecdsa_der_to_raw(der, size) == _ecdsa_der_to_raw_slow(der, size)
     crafted = [
         b"\x30\x06\x02\x01\x01\x02\x01\x02",  # tiny r and s
         b"\x30\x07\x02\x02\x00\x80\x02\x01\x02",  # a needed leading zero
@@ -446,11 +444,11 @@ def test_raw_signature_equals_decode_dss_signature() -> None:
     ]
     for der in crafted:
         try:
-            expected: object = _raw_signature_slow(der, 32)
+            expected: object = _ecdsa_der_to_raw_slow(der, 32)
         except Exception as exc:  # what decode_dss_signature or to_bytes raise
             expected = type(exc)
         try:
-            got: object = _raw_signature(der, 32)
+            got: object = ecdsa_der_to_raw(der, 32)
         except Exception as exc:
             got = type(exc)
         assert got == expected, der.hex()
