@@ -81,6 +81,7 @@ class Server:
         self._admin_health = health.aio.HealthServicer()
         self._metrics_http: MetricsHttpServer | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._jwt_executor: ThreadPoolExecutor | None = None
         self._serving = False
         self.runtime: RuntimeInfo | None = None
 
@@ -170,6 +171,9 @@ class Server:
         loop = asyncio.get_running_loop()
         self.ca.subscribe(self._on_bundle_changed(loop))
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
+        self._jwt_executor = ThreadPoolExecutor(
+            cfg.jwt_signing_threads, thread_name_prefix="svid-jwt"
+        )
         limiters = Limiters(
             x509=KeyedLimiter(cfg.x509_rate_per_agent, cfg.x509_burst_per_agent, self.clock),
             jwt=KeyedLimiter(cfg.jwt_rate_per_agent, cfg.jwt_burst_per_agent, self.clock),
@@ -191,6 +195,7 @@ class Server:
             clock=self.clock,
             metrics=self.metrics,
             executor=self._executor,
+            jwt_executor=self._jwt_executor,
         )
         admin = AdminServicer(
             on_agent_removed=self.tasks.hooks.agent_removed,
@@ -321,8 +326,9 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._metrics_http is not None:
             self._metrics_http.stop()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        for executor in (self._executor, self._jwt_executor):
+            if executor is not None:
+                executor.shutdown(wait=True)
         self.tasks.close()
         self.datastore.close()
         with contextlib.suppress(FileNotFoundError):

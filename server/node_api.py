@@ -24,7 +24,14 @@ from cryptography import x509
 from server import status
 from server.attestation.base import AttestationResult, NodeAttestor
 from server.ca.manager import CaManager
-from server.ca.signer import IssuedJwt, IssuedSvid, X509Signer, csr_public_key, verify_csr
+from server.ca.signer import (
+    IssuedJwt,
+    IssuedSvid,
+    JwtSigner,
+    X509Signer,
+    csr_public_key,
+    verify_csr,
+)
 from server.convert import bundle_to_proto, entry_to_proto, revocation_to_proto
 from server.datastore.records import AttestedAgent, Entry
 from server.entitlement import Entitlement, entitled_entries
@@ -94,6 +101,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         clock: Clock,
         metrics: Metrics,
         executor: Executor,
+        jwt_executor: Executor | None = None,
         hooks: NodeHooks | None = None,
     ) -> None:
         self._state = state
@@ -105,6 +113,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._clock = clock
         self._metrics = metrics
         self._executor = executor
+        # Workload JWT batches: see ServerConfig.jwt_signing_threads.
+        self._jwt_executor = jwt_executor or executor
         # The task layer: audit, issuance records, task JWT decisions, the CRL.
         self._hooks = hooks
         self._peers = PeerCache(ids)
@@ -124,6 +134,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         """Run CPU-bound signing in the pool: Sync streams stay responsive meanwhile."""
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _run_jwt(self, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._jwt_executor, call)
 
     def _bundle_proto(self) -> common_pb2.Bundle:
         return bundle_to_proto(self._state.bundle, self._state.jwt_expiry)
@@ -394,22 +408,31 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _is_task(self, entry: Entry) -> bool:
         return self._hooks is not None and self._hooks.is_task(entry)
 
+    def _sign_workload_jwt(
+        self, signer: JwtSigner, entitled: Entitlement, entry: Entry, audience: list[str]
+    ) -> IssuedJwt:
+        started = time.perf_counter()
+        issued = signer.sign(
+            entitled.parsed_ids[entry.id],
+            audience,
+            entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl,
+        )
+        self._jwt_seconds.observe(time.perf_counter() - started)
+        return issued
+
     def _mint_jwt(
         self, entitled: Entitlement, entry: Entry, audience: list[str], agent_id: str
     ) -> IssuedJwt:
-        started = time.perf_counter()
-        if self._hooks is not None and self._hooks.is_task(entry):
+        if self._hooks is None:
+            return self._sign_workload_jwt(self._ca.jwt_signer(), entitled, entry, audience)
+        if self._hooks.is_task(entry):
             # A task identity: policy decides this mint again and adds the task claims.
+            started = time.perf_counter()
             issued = self._hooks.mint_task_jwt(agent_id, entry, audience)
-        else:
-            issued = self._ca.jwt_signer().sign(
-                entitled.parsed_ids[entry.id],
-                audience,
-                entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl,
-            )
-            if self._hooks is not None:
-                self._hooks.jwt_issued(agent_id, entry.spiffe_id, issued, audience)
-        self._jwt_seconds.observe(time.perf_counter() - started)
+            self._jwt_seconds.observe(time.perf_counter() - started)
+            return issued
+        issued = self._sign_workload_jwt(self._ca.jwt_signer(), entitled, entry, audience)
+        self._hooks.jwt_issued(agent_id, entry.spiffe_id, issued, audience)
         return issued
 
     def _sign_jwt(
@@ -442,14 +465,22 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _sign_jwt_batch(
         self, requests: list[node_pb2.NewJWTSVIDRequest], entitled: Entitlement, agent_id: str
     ) -> node_pb2.BatchNewJWTSVIDResponse:
-        # Built in place, as in _sign_x509_batch.
+        # Built in place, as in _sign_x509_batch. Workload JWTs are handed to the recorder once
+        # per batch, like X.509-SVIDs, before any of them is sent; task JWTs record their own
+        # policy decision each (_mint_jwt).
         response = node_pb2.BatchNewJWTSVIDResponse()
         results = response.results
+        signer = self._ca.jwt_signer()
+        minted: list[tuple[str, IssuedJwt, list[str]]] = []
         issued = 0
         for item in requests:
             try:
                 entry, audience = self._jwt_entry(agent_id, entitled, item)
-                jwt = self._mint_jwt(entitled, entry, audience, agent_id)
+                if self._is_task(entry):
+                    jwt = self._mint_jwt(entitled, entry, audience, agent_id)
+                else:
+                    jwt = self._sign_workload_jwt(signer, entitled, entry, audience)
+                    minted.append((entry.spiffe_id, jwt, audience))
             except SvidError as exc:  # the server's own errors are SvidErrors too
                 results.add(error=_item_status(exc))
                 continue
@@ -458,6 +489,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             svid.issued_at = int(jwt.issued_at)
             svid.expires_at = int(jwt.expires_at)
             issued += 1
+        if minted and self._hooks is not None:
+            self._hooks.jwts_issued(agent_id, minted)
         self._jwt_issued.inc(issued)
         return response
 
@@ -471,7 +504,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         _check_batch_size("requests", len(requests))
         if not self._limits.jwt.try_take(agent.spiffe_id, len(requests)):
             raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
-        return await self._run(
+        return await self._run_jwt(
             self._sign_jwt_batch, requests, self._entitled(agent), agent.spiffe_id
         )
 

@@ -505,10 +505,22 @@ class TaskService:
         self, agent_id: str, spiffe_id: str, issued: IssuedJwt, audience: Sequence[str]
     ) -> None:
         """A workload (non-task) JWT-SVID just minted for `agent_id`."""
-        self.recorder.add(
-            [Credential(REVOKED_JWT_ID, issued.jti, agent_id, spiffe_id, "", issued.expires_at)],
+        self.record_jwts(agent_id, [(spiffe_id, issued, audience)])
+
+    def record_jwts(
+        self, agent_id: str, minted: Iterable[tuple[str, IssuedJwt, Sequence[str]]]
+    ) -> None:
+        """Workload (non-task) JWT-SVIDs just minted for `agent_id`: (SPIFFE ID, token,
+        audience) each. One event per JWT, queued together: a batch is one hand-over to the
+        recorder, not one per token."""
+        creds = []
+        events = []
+        for spiffe_id, issued, audience in minted:
+            creds.append(
+                Credential(REVOKED_JWT_ID, issued.jti, agent_id, spiffe_id, "", issued.expires_at)
+            )
             # A plain tuple in DRAFT_FIELDS order (see record_x509).
-            [
+            events.append(
                 (
                     "jwt_minted",
                     spiffe_id,
@@ -527,8 +539,8 @@ class TaskService:
                     None,
                     {},
                 )
-            ],
-        )
+            )
+        self.recorder.add(creds, events)
 
     def record_validations(self, agent_id: str, validations: Sequence[Any]) -> None:
         """ValidateJWTSVID answers an agent reports (task_pb2.Validation): one event each.

@@ -157,7 +157,7 @@ class TaskStore:
     # -- credentials ----------------------------------------------------------------------------
 
     def record(self, creds: Iterable[Credential]) -> None:
-        rows = [(c.kind, c.value, c.agent_id, c.spiffe_id, c.task_id, c.expires_at) for c in creds]
+        rows = list(creds)  # a Credential is its row: columns in field order
         if not rows:
             return
         with self._lock:

@@ -79,6 +79,12 @@ class NodeHooks:
     ) -> None:
         self._service.record_jwt(agent_id, spiffe_id, issued, audience)
 
+    def jwts_issued(
+        self, agent_id: str, minted: Sequence[tuple[str, IssuedJwt, Sequence[str]]]
+    ) -> None:
+        """(SPIFFE ID, token, audience) of each workload JWT-SVID a batch just minted."""
+        self._service.record_jwts(agent_id, minted)
+
     def crl(self) -> list[bytes]:
         der = self._service.crl()
         return [der] if der else []
