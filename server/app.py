@@ -19,6 +19,7 @@ from server.admin_api import AdminServicer
 from server.attestation.base import NodeAttestor
 from server.attestation.join_token import JoinTokenAttestor
 from server.attestation.x509pop import X509PopAttestor
+from server.ca.jwt_workers import JwtWorkers
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
 from server.ca.rotator import Rotator
@@ -82,6 +83,7 @@ class Server:
         self._metrics_http: MetricsHttpServer | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._jwt_executor: ThreadPoolExecutor | None = None
+        self._jwt_workers: JwtWorkers | None = None
         self._serving = False
         self.runtime: RuntimeInfo | None = None
 
@@ -171,9 +173,12 @@ class Server:
         loop = asyncio.get_running_loop()
         self.ca.subscribe(self._on_bundle_changed(loop))
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
+        # One thread per mint worker: each waits on its worker's pipe, not on the GIL.
         self._jwt_executor = ThreadPoolExecutor(
-            cfg.jwt_signing_threads, thread_name_prefix="svid-jwt"
+            max(1, cfg.jwt_mint_processes), thread_name_prefix="svid-jwt"
         )
+        if cfg.jwt_mint_processes:
+            self._jwt_workers = JwtWorkers(cfg.jwt_mint_processes, self.clock)
         limiters = Limiters(
             x509=KeyedLimiter(cfg.x509_rate_per_agent, cfg.x509_burst_per_agent, self.clock),
             jwt=KeyedLimiter(cfg.jwt_rate_per_agent, cfg.jwt_burst_per_agent, self.clock),
@@ -196,6 +201,7 @@ class Server:
             metrics=self.metrics,
             executor=self._executor,
             jwt_executor=self._jwt_executor,
+            jwt_workers=self._jwt_workers,
         )
         admin = AdminServicer(
             on_agent_removed=self.tasks.hooks.agent_removed,
@@ -329,6 +335,8 @@ class Server:
         for executor in (self._executor, self._jwt_executor):
             if executor is not None:
                 executor.shutdown(wait=True)
+        if self._jwt_workers is not None:
+            self._jwt_workers.close()
         self.tasks.close()
         self.datastore.close()
         with contextlib.suppress(FileNotFoundError):

@@ -60,11 +60,10 @@ class ServerConfig:
     # One per CPU: cryptography releases the GIL while it verifies a CSR and while a CA key
     # signs, so each thread keeps a core busy with the costliest part of issuance.
     signing_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    # Workload JWT batches get threads of their own, one by default: per token the Python around
-    # the signature takes about as long as the signature, so a second thread mostly waits for
-    # the GIL and makes each switch cost a futex hand-off (bench: 1 thread minted ~30% more
-    # JWTs per second than 2 on 2 cores).
-    jwt_signing_threads: int = 1
+    # Worker processes that mint workload JWT batches (server/ca/jwt_workers.py), started on
+    # the first big batch; 0 mints them in the server process. The Python around each ES256
+    # signature costs as much as the signature and holds the GIL: a worker's is its own.
+    jwt_mint_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Task policies (*.cedar + optional schema); None = the shipped default policy.
     policy_dir: Path | None = None
 
@@ -185,7 +184,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "attest_rate_per_host": _as_float,
     "attest_burst_per_host": _as_int,
     "signing_threads": _positive,
-    "jwt_signing_threads": _positive,
+    "jwt_mint_processes": _as_int,
     "policy_dir": _as_path,
 }
 

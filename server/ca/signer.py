@@ -20,7 +20,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from server.ca.errors import CaUnavailableError, CsrError, SigningRequestError
@@ -515,37 +520,34 @@ class JwtSigner:
         ttl: int,
         extra_claims: Mapping[str, Any] | None = None,
     ) -> IssuedJwt:
-        if not isinstance(spiffe_id, SpiffeId):
-            raise SigningRequestError(
-                f"spiffe_id must be a SpiffeId, got {type(spiffe_id).__name__}"
-            )
-        if not spiffe_id.path:
-            raise SigningRequestError(f"{spiffe_id} has no path: JWT-SVIDs need one")
-        if isinstance(audience, str):
-            raise SigningRequestError("audience must be a sequence of strings, not one string")
-        audiences = list(audience)
-        if not audiences or any(not isinstance(a, str) or not a for a in audiences):
-            raise SigningRequestError("audience must hold at least one non-empty string")
-        if ttl <= 0:
-            raise SigningRequestError(f"ttl must be positive, got {ttl}")
+        sub, audiences = check_jwt_request(spiffe_id, audience, ttl)
         extra = dict(extra_claims) if extra_claims else {}
         if extra:
             clash = sorted(_RESERVED_CLAIMS & extra.keys())
             if clash:
                 raise SigningRequestError(f"extra claims may not set {', '.join(clash)}")
-        now = int(self._clock.now())
+        return self.mint(sub, audiences, ttl, int(self._clock.now()), extra)
+
+    def mint(
+        self,
+        sub: str,
+        audiences: list[str],
+        ttl: int,
+        now: int,
+        extra: Mapping[str, Any] | None = None,
+    ) -> IssuedJwt:
+        """sign() at `now` of a request check_jwt_request has passed (`sub` is its str ID)."""
         if now >= self._not_after:
             raise CaUnavailableError("the active JWT signing key has expired")
         expires_at = min(now + ttl, self._not_after)
         jti = b64url_bytes(random_bytes(16)).decode("ascii")  # b64url_encode, minus two calls
         # Like SPIRE (go-jose): one audience is a plain string, several are a list.
         aud: str | list[str] = audiences[0] if len(audiences) == 1 else audiences
-        sub = str(spiffe_id)
         if self._es is not None and not extra:
             token = self._es.sign_plain(sub, aud, expires_at, now, jti)
         else:
             claims: dict[str, Any] = {
-                **extra,
+                **(extra or {}),
                 "sub": sub,
                 "aud": aud,
                 "exp": expires_at,
@@ -557,6 +559,30 @@ class JwtSigner:
             else:
                 token = sign_jws(self._header, claims, self._key)
         return IssuedJwt(token=token, jti=jti, issued_at=now, expires_at=expires_at)
+
+    def worker_copy(self) -> tuple[str, bytes, int]:
+        """(kid, PKCS#8 DER key, not_after): what a mint worker process needs to sign as this
+        signer does. Goes down the worker's private pipe only; never logged or stored."""
+        der = self._key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
+        return self._kid, der, self._not_after
+
+
+def check_jwt_request(
+    spiffe_id: SpiffeId, audience: Sequence[str], ttl: int
+) -> tuple[str, list[str]]:
+    """The checks JwtSigner.sign makes on a request: (the ID as text, the audiences as a list)."""
+    if not isinstance(spiffe_id, SpiffeId):
+        raise SigningRequestError(f"spiffe_id must be a SpiffeId, got {type(spiffe_id).__name__}")
+    if not spiffe_id.path:
+        raise SigningRequestError(f"{spiffe_id} has no path: JWT-SVIDs need one")
+    if isinstance(audience, str):
+        raise SigningRequestError("audience must be a sequence of strings, not one string")
+    audiences = list(audience)
+    if not audiences or any(not isinstance(a, str) or not a for a in audiences):
+        raise SigningRequestError("audience must hold at least one non-empty string")
+    if ttl <= 0:
+        raise SigningRequestError(f"ttl must be positive, got {ttl}")
+    return str(spiffe_id), audiences
 
 
 # What sign_jws encodes JSON with: json.dumps(obj, separators=(",", ":")), one encoder for all.

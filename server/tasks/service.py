@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from server.audit import AuditError, AuditLog, EventDraft, EventKind
+from server.audit.log import DraftTuple
 from server.ca.manager import CaManager
 from server.ca.signer import IssuedJwt
 from server.datastore.records import (
@@ -514,7 +515,7 @@ class TaskService:
         audience) each. One event per JWT, queued together: a batch is one hand-over to the
         recorder, not one per token."""
         creds = []
-        events = []
+        events: list[DraftTuple] = []
         for spiffe_id, issued, audience in minted:
             creds.append(
                 Credential(REVOKED_JWT_ID, issued.jti, agent_id, spiffe_id, "", issued.expires_at)

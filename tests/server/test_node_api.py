@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -15,7 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from svid._jose import b64url_decode, verify_jws_signature
 from svid._proto import admin_pb2, common_pb2, node_pb2, node_pb2_grpc
 from svid._x509 import check_leaf_profile
 from tests.server.fixtures import (
@@ -529,6 +532,50 @@ def test_batch_jwt_svids_with_per_item_errors(srv: RunningServer) -> None:
     with pytest.raises(grpc.RpcError) as exc:
         srv.node_stub(agent).BatchNewJWTSVID(node_pb2.BatchNewJWTSVIDRequest(), timeout=10)
     assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _worker_children() -> list[int]:
+    """Child processes of this test process that are JWT mint workers (the server runs here)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid() and b"server.ca.jwt_workers" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_big_jwt_batch_is_minted_in_worker_processes_in_order(srv: RunningServer) -> None:
+    agent = srv.attest()
+    entry = srv.create_entry("/jwt/big", agent.spiffe_id)
+    items = [node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=[f"a{i}"]) for i in range(40)]
+    items.insert(7, node_pb2.NewJWTSVIDRequest(entry_id="nope", audience=["a"]))
+    keys = {k.kid: serialization.load_der_public_key(k.public_key) for k in srv.bundle().jwt_keys}
+    stub = srv.node_stub(agent)
+    for _attempt in range(200):  # the first big batch starts the workers; answered meanwhile
+        reply = stub.BatchNewJWTSVID(node_pb2.BatchNewJWTSVIDRequest(requests=items), timeout=30)
+        if _worker_children():
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("no JWT mint worker process was started")
+    # One more batch now that a worker is up: same answers, in request order.
+    reply = stub.BatchNewJWTSVID(node_pb2.BatchNewJWTSVIDRequest(requests=items), timeout=30)
+    assert reply.results[7].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    tokens = [r.svid.token for i, r in enumerate(reply.results) if i != 7]
+    assert len(tokens) == 40
+    assert len(set(tokens)) == 40
+    for i, token in enumerate(tokens):
+        head, body, sig = token.split(".")
+        header = json.loads(b64url_decode(head))
+        assert verify_jws_signature(
+            "ES256", f"{head}.{body}".encode(), b64url_decode(sig), keys[header["kid"]]
+        )
+        claims = json.loads(b64url_decode(body))
+        assert (claims["sub"], claims["aud"]) == (entry.spiffe_id, f"a{i}")
 
 
 # -- garbage on the wire ---------------------------------------------------------------------
