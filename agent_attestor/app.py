@@ -34,6 +34,8 @@ from svid._clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 HEALTH_SERVICE = "svid.agent"
+# Seconds a stop waits for an attestation in flight: its join token is already spent.
+ATTEST_SETTLE = 10.0
 
 
 def resolve_private_dir(config: AgentConfig) -> Path:
@@ -203,6 +205,7 @@ class AgentApp:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.syncer.settle(ATTEST_SETTLE)
         await self.endpoint.stop(1.0)
         await self.syncer.close()
         self.http.stop()

@@ -66,6 +66,8 @@ class Syncer:
         self._svid: AgentSvid | None = None
         self._reconnect = asyncio.Event()
         self._token_used = False
+        # An attestation in flight: a stop lets it finish (see settle).
+        self._attesting: asyncio.Task[tuple[AgentSvid, TrustBundle]] | None = None
         self.connected = False
         self.syncs = 0
 
@@ -93,9 +95,15 @@ class Syncer:
             "no trust bundle to verify the server: give --trust-bundle (or --insecure-bootstrap)"
         )
 
-    def _install(self, svid: AgentSvid, bundle: TrustBundle | None) -> None:
-        if bundle is not None and bundle.x509_authorities:
+    def _persist(self, svid: AgentSvid, bundle: TrustBundle) -> None:
+        """The agent SVID and the roots that came with it, on disk for the next start."""
+        self._store.save_svid(svid)
+        if bundle.x509_authorities:
             self._store.save_bundle(bundle.x509_authorities)
+
+    def _install(self, svid: AgentSvid, bundle: TrustBundle | None) -> None:
+        """Use `svid` (already on disk) from now on; `bundle` too, if one came with it."""
+        if bundle is not None and bundle.x509_authorities:
             self._cache.set_bundle(bundle)
         self._svid = svid
         old = self._client
@@ -121,20 +129,40 @@ class Syncer:
                 "agent SVID expired or was refused and the join token was already used: "
                 "give a new --join-token"
             )
-        client = NodeClient(self._s.server_address, self._s.attest_address, self._root_pem())
-        svid, bundle = await client.attest(join_token=self._s.join_token, x509pop=self._s.x509pop)
-        self._token_used = bool(self._s.join_token)
-        self._store.save_svid(svid)
-        log.info("agent attested", extra={"agent_id": svid.spiffe_id})
+        # Its own task, shielded: a join token is spent once the server answers, so a stop
+        # that cancelled the exchange midway would leave the agent with no identity and no
+        # token. The SVID it bought is saved even when the caller is cancelled.
+        self._attesting = asyncio.create_task(self._attest_and_save(), name="attest")
+        svid, bundle = await asyncio.shield(self._attesting)
         self._install(svid, bundle)
         self._on_change("attested")
         return svid
+
+    async def _attest_and_save(self) -> tuple[AgentSvid, TrustBundle]:
+        client = NodeClient(self._s.server_address, self._s.attest_address, self._root_pem())
+        try:
+            svid, bundle = await client.attest(
+                join_token=self._s.join_token, x509pop=self._s.x509pop
+            )
+        finally:
+            await client.close()
+        self._token_used = bool(self._s.join_token)
+        self._persist(svid, bundle)
+        log.info("agent attested", extra={"agent_id": svid.spiffe_id})
+        return svid, bundle
+
+    async def settle(self, timeout: float) -> None:
+        """Let an attestation in flight finish (up to `timeout` s), so its SVID is on disk."""
+        task = self._attesting
+        if task is not None and not task.done():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(task), timeout)
 
     async def renew_once(self) -> None:
         if self._client is None:
             return
         svid, bundle = await self._client.renew()
-        self._store.save_svid(svid)
+        self._persist(svid, bundle)
         log.info("agent SVID renewed", extra={"agent_id": svid.spiffe_id})
         self._install(svid, bundle)
         self._on_change("renewed")

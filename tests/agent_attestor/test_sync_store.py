@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import stat
 import time
@@ -9,11 +10,15 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
-from agent_attestor.node_client import sync_state
-from agent_attestor.sync import backoff_delay
+from agent_attestor.cache import Cache
+from agent_attestor.model import TrustBundle
+from agent_attestor.node_client import NodeClient, sync_state
+from agent_attestor.sync import Syncer, SyncSettings, backoff_delay
 from svid._clock import FakeClock
+from svid._der import certs_to_pem
 from svid._proto import common_pb2, node_pb2
 from tests.agent_attestor.pki import LocalCa
 
@@ -89,3 +94,42 @@ def test_unusable_identity_on_disk_means_attest_again(tmp_path: Path, damage: st
             AgentSvid("x", _svid(tmp_path).chain, ec.generate_private_key(ec.SECP256R1()))
         )
     assert store.load_svid() is None
+
+
+def test_a_stop_during_attestation_keeps_the_identity_the_token_bought(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server spends a join token when it answers: an agent stopped before it saved the
+    answer would restart with neither an identity nor a token. (NodeClient.attest stands in for
+    the server here; the e2e restart tests use a real one.)"""
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    svid = _svid(tmp_path)
+    root = LocalCa(FakeClock(start=time.time())).cert
+    bundle = TrustBundle("example.org", x509_authorities=(root.public_bytes(Encoding.DER),))
+
+    async def scenario() -> None:
+        asked, answer = asyncio.Event(), asyncio.Event()
+
+        async def attest(self: NodeClient, **_: object) -> tuple[AgentSvid, TrustBundle]:
+            asked.set()
+            await answer.wait()
+            return svid, bundle
+
+        monkeypatch.setattr(NodeClient, "attest", attest)
+        settings = SyncSettings("127.0.0.1:1", "127.0.0.1:1", join_token="t.secret")
+        syncer = Syncer(settings, store, Cache(), FakeClock(start=time.time()))
+        syncer.set_bootstrap_roots(certs_to_pem([root]))
+        identity = asyncio.create_task(syncer.ensure_identity())
+        await asyncio.wait_for(asyncio.shield(asked.wait()), 5)
+        identity.cancel()  # the agent is told to stop while the server is answering
+        with pytest.raises(asyncio.CancelledError):
+            await identity
+        assert store.load_svid() is None
+        answer.set()
+        await syncer.settle(5)
+
+    asyncio.run(scenario())
+    saved = store.load_svid()
+    assert saved is not None
+    assert saved.spiffe_id == svid.spiffe_id
+    assert store.load_bundle() == [root]
