@@ -177,8 +177,7 @@ class Server:
         self._jwt_executor = ThreadPoolExecutor(
             max(1, cfg.jwt_mint_processes), thread_name_prefix="svid-jwt"
         )
-        if cfg.jwt_mint_processes:
-            self._jwt_workers = JwtWorkers(cfg.jwt_mint_processes, self.clock)
+        self._jwt_workers = JwtWorkers(cfg.jwt_mint_processes, self.clock)
         limiters = Limiters(
             x509=KeyedLimiter(cfg.x509_rate_per_agent, cfg.x509_burst_per_agent, self.clock),
             jwt=KeyedLimiter(cfg.jwt_rate_per_agent, cfg.jwt_burst_per_agent, self.clock),

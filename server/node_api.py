@@ -1,8 +1,9 @@
 """The node API servicer: attestation, agent SVID renewal, the Sync push stream, SVID signing.
 
 Transport only: identity comes from server.peer, entitlement from server.entitlement, errors
-become status codes in server.status. Signing runs in a thread pool so Sync streams and
-attestations stay responsive while a large batch is signed.
+become status codes in server.status. Signing runs in thread pools so Sync streams and
+attestations stay responsive while a large batch is signed; big batches of workload JWTs are
+minted in worker processes (server.ca.jwt_workers).
 """
 
 # ruff: noqa: N802 - gRPC method names are fixed by the proto
@@ -23,12 +24,11 @@ from cryptography import x509
 
 from server import status
 from server.attestation.base import AttestationResult, NodeAttestor
-from server.ca.jwt_workers import JwtWorkers, MintRequest, mint_or_error
+from server.ca.jwt_workers import JwtWorkers, MintRequest
 from server.ca.manager import CaManager
 from server.ca.signer import (
     IssuedJwt,
     IssuedSvid,
-    JwtSigner,
     X509Signer,
     check_jwt_request,
     csr_public_key,
@@ -116,9 +116,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._clock = clock
         self._metrics = metrics
         self._executor = executor
-        # Workload JWT batches: see ServerConfig.jwt_signing_threads.
+        # Workload JWT batches: a thread per mint worker (ServerConfig.jwt_mint_processes).
         self._jwt_executor = jwt_executor or executor
-        self._jwt_workers = jwt_workers
+        self._jwt_workers = jwt_workers or JwtWorkers(0, clock)
         # The task layer: audit, issuance records, task JWT decisions, the CRL.
         self._hooks = hooks
         self._peers = PeerCache(ids)
@@ -134,14 +134,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def on_error(self, code: grpc.StatusCode) -> None:
         self._metrics.record_error(code)
 
-    async def _run(self, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        """Run CPU-bound signing in the pool: Sync streams stay responsive meanwhile."""
+    async def _run(
+        self, executor: Executor, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _R:
+        """Run CPU-bound signing in a pool: Sync streams stay responsive meanwhile."""
         call = functools.partial(fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-
-    async def _run_jwt(self, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        call = functools.partial(fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._jwt_executor, call)
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
 
     def _bundle_proto(self) -> common_pb2.Bundle:
         return bundle_to_proto(self._state.bundle, self._state.jwt_expiry)
@@ -199,7 +197,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             if self._hooks is not None:
                 self._hooks.attestation_refused(kind, str(exc)[:500])
             raise
-        chain = await self._run(self._sign_agent_svid, csr, result.agent_id)
+        chain = await self._run(self._executor, self._sign_agent_svid, csr, result.agent_id)
         agent = AttestedAgent(
             spiffe_id=str(result.agent_id),
             attestation_type=result.attestation_type,
@@ -242,7 +240,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise RateLimitedError(f"X.509 signing rate limit exceeded for {peer.spiffe_id}")
         csr = verify_csr(request.csr)
         agent_id = SpiffeId.parse(agent.spiffe_id)
-        chain = await self._run(self._sign_agent_svid, csr, agent_id)
+        chain = await self._run(self._executor, self._sign_agent_svid, csr, agent_id)
         renewed = AttestedAgent(
             spiffe_id=agent.spiffe_id,
             attestation_type=agent.attestation_type,
@@ -386,7 +384,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if not self._limits.x509.try_take(agent.spiffe_id, len(params)):
             raise RateLimitedError(f"X.509 signing rate limit exceeded for {agent.spiffe_id}")
         return await self._run(
-            self._sign_x509_batch, params, self._entitled(agent), agent.spiffe_id
+            self._executor, self._sign_x509_batch, params, self._entitled(agent), agent.spiffe_id
         )
 
     # -- NewJWTSVID ---------------------------------------------------------------------------
@@ -412,32 +410,30 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _is_task(self, entry: Entry) -> bool:
         return self._hooks is not None and self._hooks.is_task(entry)
 
-    def _sign_workload_jwt(
-        self, signer: JwtSigner, entitled: Entitlement, entry: Entry, audience: list[str]
-    ) -> IssuedJwt:
-        started = time.perf_counter()
-        issued = signer.sign(
-            entitled.parsed_ids[entry.id],
-            audience,
-            entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl,
-        )
-        self._jwt_seconds.observe(time.perf_counter() - started)
-        return issued
+    def _workload_request(
+        self, entitled: Entitlement, entry: Entry, audience: list[str]
+    ) -> MintRequest:
+        ttl = entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl
+        sub, audiences = check_jwt_request(entitled.parsed_ids[entry.id], audience, ttl)
+        return sub, audiences, ttl
 
     def _mint_jwt(
         self, entitled: Entitlement, entry: Entry, audience: list[str], agent_id: str
     ) -> IssuedJwt:
-        if self._hooks is None:
-            return self._sign_workload_jwt(self._ca.jwt_signer(), entitled, entry, audience)
-        if self._hooks.is_task(entry):
+        hooks = self._hooks
+        if hooks is not None and hooks.is_task(entry):
             # A task identity: policy decides this mint again and adds the task claims.
             started = time.perf_counter()
-            issued = self._hooks.mint_task_jwt(agent_id, entry, audience)
+            issued = hooks.mint_task_jwt(agent_id, entry, audience)
             self._jwt_seconds.observe(time.perf_counter() - started)
             return issued
-        issued = self._sign_workload_jwt(self._ca.jwt_signer(), entitled, entry, audience)
-        self._hooks.jwt_issued(agent_id, entry.spiffe_id, issued, audience)
-        return issued
+        # One JWT is below JwtWorkers.MIN_BATCH: minted in this thread, never a round trip.
+        (outcome,) = self._mint_workload([self._workload_request(entitled, entry, audience)])
+        if isinstance(outcome, SvidError):
+            raise outcome
+        if hooks is not None:
+            hooks.jwts_issued(agent_id, [(entry.spiffe_id, outcome, audience)])
+        return outcome
 
     def _sign_jwt(
         self, entitled: Entitlement, entry: Entry, audience: list[str], agent_id: str
@@ -459,7 +455,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
         if self._is_task(entry):
             # A policy decision and a durable record: off the event loop.
-            reply = await self._run(self._sign_jwt, entitled, entry, audience, agent.spiffe_id)
+            reply = await self._run(
+                self._executor, self._sign_jwt, entitled, entry, audience, agent.spiffe_id
+            )
         else:
             # One ES256 signature is cheaper than a hop to the thread pool: sign on the loop.
             reply = self._sign_jwt(entitled, entry, audience, agent.spiffe_id)
@@ -481,13 +479,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 if self._is_task(entry):
                     outcomes.append(self._mint_jwt(entitled, entry, audience, agent_id))
                     continue
-                ttl = entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl
-                sub, audiences = check_jwt_request(entitled.parsed_ids[entry.id], audience, ttl)
+                request = self._workload_request(entitled, entry, audience)
             except SvidError as exc:  # the server's own errors are SvidErrors too
                 outcomes.append(exc)
                 continue
             outcomes.append(len(wanted))  # filled in from the workload mint below
-            wanted.append((sub, audiences, ttl))
+            wanted.append(request)
             owners.append((entry.spiffe_id, audience))
         workload = self._mint_workload(wanted) if wanted else []
         response = node_pb2.BatchNewJWTSVIDResponse()
@@ -517,15 +514,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         return response
 
     def _mint_workload(self, wanted: list[MintRequest]) -> list[IssuedJwt | SvidError]:
-        """Workload JWTs for checked requests: in a worker process when there are some."""
+        """Workload JWTs for checked requests: in a worker process when the batch is big."""
         signer = self._ca.jwt_signer()
         started = time.perf_counter()
-        out: list[IssuedJwt | SvidError]
-        if self._jwt_workers is not None:
-            out = self._jwt_workers.mint(signer, wanted)
-        else:
-            now = int(self._clock.now())
-            out = [mint_or_error(signer, now, request) for request in wanted]
+        out = self._jwt_workers.mint(signer, wanted)
         # One batch is one timing: each of its SVIDs took the mean of it.
         each = (time.perf_counter() - started) / len(wanted)
         observe = self._jwt_seconds.observe
@@ -543,8 +535,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         _check_batch_size("requests", len(requests))
         if not self._limits.jwt.try_take(agent.spiffe_id, len(requests)):
             raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
-        return await self._run_jwt(
-            self._sign_jwt_batch, requests, self._entitled(agent), agent.spiffe_id
+        return await self._run(
+            self._jwt_executor,
+            self._sign_jwt_batch,
+            requests,
+            self._entitled(agent),
+            agent.spiffe_id,
         )
 
 

@@ -142,11 +142,12 @@ class _Worker:
 
 
 class JwtWorkers:
-    """A pool of `size` worker processes; `mint` runs one batch on whichever is free."""
+    """A pool of `size` worker processes; `mint` runs one batch on whichever is free.
+    With size 0 every batch is minted in the calling process."""
 
     def __init__(self, size: int, clock: Clock) -> None:
-        if size < 1:
-            raise ValueError("size must be at least 1")
+        if size < 0:
+            raise ValueError("size must not be negative")
         self._clock = clock
         self._size = size
         self._idle: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()
@@ -165,23 +166,10 @@ class JwtWorkers:
         a round trip costs more than a few signatures, and nobody waits for a worker to start.
         """
         now = int(self._clock.now())
-        if len(requests) < MIN_BATCH:
-            return [mint_or_error(signer, now, r) for r in requests]
-        worker = self._idle.get()
-        try:
-            if worker is None:
-                worker = self._start()
-            if not worker.ready():
-                return [mint_or_error(signer, now, r) for r in requests]
-            reply = worker.mint(signer, now, requests)
-        except (OSError, EOFError) as exc:
-            # A dead or wedged worker: replace it, and answer from this process this time.
-            _log.warning("JWT mint worker failed (%s); starting another", type(exc).__name__)
-            self._discard(worker)
-            worker = None
-            return [mint_or_error(signer, now, r) for r in requests]
-        finally:
-            self._idle.put(worker)
+        big = self._size > 0 and len(requests) >= MIN_BATCH
+        reply = self._in_worker(signer, now, requests) if big else None
+        if reply is None:
+            return [_mint_or_error(signer, now, r) for r in requests]
         # A worker sends a (token, jti, issued_at, expires_at) tuple or the item's SvidError.
         return [
             IssuedJwt(token=r[0], jti=r[1], issued_at=r[2], expires_at=r[3])
@@ -189,6 +177,25 @@ class JwtWorkers:
             else cast(SvidError, r)
             for r in reply
         ]
+
+    def _in_worker(
+        self, signer: JwtSigner, now: int, requests: Sequence[MintRequest]
+    ) -> list[Any] | None:
+        """A free worker's reply; None when none is ready (still starting, dead or wedged)."""
+        worker = self._idle.get()
+        try:
+            if worker is None:
+                worker = self._start()
+            if not worker.ready():
+                return None
+            return worker.mint(signer, now, requests)
+        except (OSError, EOFError) as exc:
+            _log.warning("JWT mint worker failed (%s); starting another", type(exc).__name__)
+            self._discard(worker)
+            worker = None
+            return None
+        finally:
+            self._idle.put(worker)
 
     def warm_up(self, timeout: float) -> bool:
         """Start every worker now and wait up to `timeout` s for each to be ready."""
@@ -232,7 +239,7 @@ class JwtWorkers:
                 worker.close()
 
 
-def mint_or_error(signer: JwtSigner, now: int, request: MintRequest) -> IssuedJwt | SvidError:
+def _mint_or_error(signer: JwtSigner, now: int, request: MintRequest) -> IssuedJwt | SvidError:
     sub, audiences, ttl = request
     try:
         return signer.mint(sub, audiences, ttl, now)

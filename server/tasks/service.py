@@ -502,12 +502,6 @@ class TaskService:
             )
         self.recorder.add(creds, events)
 
-    def record_jwt(
-        self, agent_id: str, spiffe_id: str, issued: IssuedJwt, audience: Sequence[str]
-    ) -> None:
-        """A workload (non-task) JWT-SVID just minted for `agent_id`."""
-        self.record_jwts(agent_id, [(spiffe_id, issued, audience)])
-
     def record_jwts(
         self, agent_id: str, minted: Iterable[tuple[str, IssuedJwt, Sequence[str]]]
     ) -> None:

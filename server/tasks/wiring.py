@@ -74,11 +74,6 @@ class NodeHooks:
     def mint_task_jwt(self, agent_id: str, entry: Entry, audience: Sequence[str]) -> IssuedJwt:
         return self._service.mint_jwt(agent_id, entry, audience)
 
-    def jwt_issued(
-        self, agent_id: str, spiffe_id: str, issued: IssuedJwt, audience: Sequence[str]
-    ) -> None:
-        self._service.record_jwt(agent_id, spiffe_id, issued, audience)
-
     def jwts_issued(
         self, agent_id: str, minted: Sequence[tuple[str, IssuedJwt, Sequence[str]]]
     ) -> None:

@@ -161,3 +161,14 @@ def _wait_gone(pid: int) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"process {pid} is still running")
+
+
+def test_a_pool_of_none_mints_every_batch_in_the_server(clock: FakeClock) -> None:
+    pool = JwtWorkers(0, clock)
+    signer = _signer(clock)
+    out = pool.mint(signer, _requests(3 * MIN_BATCH))
+    assert len(out) == 3 * MIN_BATCH
+    assert all(_claims(jwt, signer)["iat"] == NOW for jwt in out)
+    assert pool.pids() == []
+    assert pool.warm_up(0)
+    pool.close()
