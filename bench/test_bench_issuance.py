@@ -251,20 +251,22 @@ def _paired(raw_op: Callable[[], Any], api: Callable[[float], float]) -> Paired:
     )
 
 
-def _report(benchmark: Any, name: str, result: Paired) -> None:
+def _report(benchmark: Any, name: str, result: Paired, *, judged: bool = True) -> None:
     benchmark.extra_info.update(
         {
             f"{name}_raw_per_s": result.raw,
             f"{name}_api_per_s": result.api,
             f"{name}_ratio": result.ratio,
-            f"{name}_goal": GOAL,
             f"{name}_rounds": [list(r) for r in result.rounds],
         }
     )
+    if judged:
+        benchmark.extra_info[f"{name}_goal"] = GOAL
     rounds = ", ".join(f"{a / r:.2f}" for r, a in result.rounds)
+    goal = f"goal >= {GOAL}" if judged else "not judged: one JWT per gRPC call"
     print(
         f"\n[bench] {name}: raw {result.raw:,.0f}/s, through the node API {result.api:,.0f}/s, "
-        f"ratio {result.ratio:.2f} (goal >= {GOAL}; per round {rounds})"
+        f"ratio {result.ratio:.2f} ({goal}; per round {rounds})"
     )
 
 
@@ -352,5 +354,5 @@ def test_jwt_svid_minting_vs_raw_es256(benchmark: Any, bench_server: ServerProce
         load.close()
     benchmark.extra_info["noop_grpc_per_s"] = noop_rate
     print(f"\n[bench] no-op gRPC call (health Check, same channels): {noop_rate:,.0f}/s")
-    _report(benchmark, "jwt", unary)
+    _report(benchmark, "jwt", unary, judged=False)
     _report(benchmark, "jwt_batch", batched)
