@@ -10,6 +10,9 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from svid._proto import common_pb2
 
+# A task identity is `<runtime ID>/task/<task id>` (AGENTIC.md); the server marks them the same way.
+TASK_PATH = "/task/"
+
 
 @dataclass(frozen=True, slots=True, order=True)
 class Selector:
@@ -78,6 +81,11 @@ class Entry:
             revision=self.revision,
             expires_at=self.expires_at,
         )
+
+    @property
+    def is_task(self) -> bool:
+        """A task identity: minted for only when asked for by name (FetchJWTSVID spiffe_id)."""
+        return TASK_PATH in self.spiffe_id
 
     @property
     def issuance_key(self) -> tuple[str, tuple[str, ...], int]:

@@ -177,13 +177,23 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                     f"caller is not entitled to {request.spiffe_id!r}",
                 )
         else:
+            # No ID named: the caller's own identities only. A task identity is minted only when
+            # asked for by name; minting it here would send the task's policy an audience it
+            # never declared, which counts as lateral movement against the runtime.
             hints: set[str] = set()
             chosen = []
             for entry in entries:
+                if entry.is_task:
+                    continue
                 if entry.hint and entry.hint in hints:
                     continue
                 hints.add(entry.hint)
                 chosen.append(entry)
+            if not chosen:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "no identity issued but task identities: name one in spiffe_id",
+                )
         out = []
         for entry in chosen:
             try:

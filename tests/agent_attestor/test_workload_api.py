@@ -227,6 +227,29 @@ def test_fetch_jwt_one_per_identity_or_the_named_one(agent: Harness) -> None:
     assert [s.spiffe_id for s in resp.svids] == ["spiffe://example.org/b"]
 
 
+def test_fetch_jwt_without_spiffe_id_never_mints_for_a_task_identity(agent: Harness) -> None:
+    agent.add_entry("/bot", created_at=1)
+    agent.add_entry("/bot/task/t1", created_at=2)
+    stub = agent.stub()
+    resp = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["x"]), metadata=HEADER)
+    assert [s.spiffe_id for s in resp.svids] == ["spiffe://example.org/bot"]
+    assert agent.signer.jwt_calls == 1
+    named = workload_pb2.JWTSVIDRequest(
+        audience=["x"], spiffe_id="spiffe://example.org/bot/task/t1"
+    )
+    resp = stub.FetchJWTSVID(named, metadata=HEADER)
+    assert [s.spiffe_id for s in resp.svids] == ["spiffe://example.org/bot/task/t1"]
+
+
+def test_fetch_jwt_without_spiffe_id_and_only_task_identities_is_denied(agent: Harness) -> None:
+    agent.add_entry("/bot/task/t1")
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["x"]), metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+    assert "spiffe_id" in (exc.value.details() or "")  # type: ignore[attr-defined]
+    assert agent.signer.jwt_calls == 0
+
+
 def test_jwt_cached_per_id_and_sorted_audiences_until_half_life(agent: Harness) -> None:
     agent.add_entry("/w")
     stub = agent.stub()
