@@ -153,13 +153,7 @@ class IssuedSvid:
     not_before: float
     not_after: float
     issuance_key: tuple[str, tuple[str, ...], int] = ("", (), 0)
-    received_at: float = 0.0
-
-    @property
-    def life_start(self) -> float:
-        """Where the usable life begins: servers back-date NotBefore (SPIRE by 10 s) to absorb
-        clock skew, which must not pull renewal earlier; the arrival time bounds it."""
-        return max(self.not_before, self.received_at)
+    received_at: float = 0.0  # when it reached this agent (rotation.rotation_point's `arrived`)
 
     @property
     def serial_hex(self) -> str:
