@@ -21,6 +21,7 @@ from agent_attestor.model import Entry
 from agent_attestor.peer import Caller, CallerRegistry
 from svid._clock import Clock
 from svid._errors import VerificationError
+from svid._limits import audience_problem
 from svid._proto import workload_pb2, workload_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,9 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         audience = [a for a in request.audience if a]
         if not audience:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        too_big = audience_problem(audience)
+        if too_big:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
         snap = await self._ready(context)
         entries = await self._entitled(context, snap, caller)
         if request.spiffe_id:
@@ -269,6 +273,9 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
+        too_big = audience_problem([request.audience])
+        if too_big:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
         snap = await self._ready(context)
         try:
             result = self._validator.validate(request.svid, request.audience)

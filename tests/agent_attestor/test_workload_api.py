@@ -208,6 +208,42 @@ def test_fetch_jwt_requires_audience(agent: Harness) -> None:
     assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize(
+    ("audience", "message"),
+    [
+        (["a" * 1024 * 1024], "at most 1024 bytes"),  # the 1 MB audience of issue 11
+        (["é" * 513], "at most 1024 bytes"),  # 1,026 bytes of UTF-8 in 513 characters
+        ([f"a{i}" for i in range(33)], "at most 32"),
+        (["a" * 1000] * 5, "at most 4096 bytes"),
+    ],
+)
+def test_fetch_jwt_audience_size_is_capped_before_anything_is_minted(
+    agent: Harness, audience: list[str], message: str
+) -> None:
+    agent.add_entry("/w")
+    stub = agent.stub()
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=audience), metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    details = exc.value.details()  # type: ignore[attr-defined]
+    assert message in details
+    assert len(details) < 200  # names the limit; never echoes the value
+    assert agent.signer.jwt_calls == 0
+    ok = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["é" * 512]), metadata=HEADER)
+    assert ok.svids[0].svid  # 1,024 bytes exactly is within the cap
+
+
+def test_validate_jwt_audience_size_is_capped(agent: Harness) -> None:
+    agent.add_entry("/w")
+    stub = agent.stub()
+    token = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
+    request = workload_pb2.ValidateJWTSVIDRequest(audience="a" * 1025, svid=token.svids[0].svid)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ValidateJWTSVID(request, metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1024 bytes" in exc.value.details()  # type: ignore[attr-defined]
+
+
 def test_fetch_jwt_for_an_id_not_entitled_is_denied(agent: Harness) -> None:
     agent.add_entry("/w")
     req = workload_pb2.JWTSVIDRequest(audience=["a"], spiffe_id="spiffe://example.org/nope")
