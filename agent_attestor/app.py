@@ -169,6 +169,8 @@ class AgentApp:
             self._was_disconnected = False
         elif event == "disconnected":
             self._was_disconnected = True
+        elif event == "refused":
+            self.jwts.forget()  # tokens minted under an identity the server no longer backs
 
     async def _health_loop(self) -> None:
         """Health follows readiness: SERVING once the first full state has arrived."""

@@ -74,9 +74,17 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Snapshot:
         snap = self._cache.snapshot()
+        await self._not_refused(context, snap)
         if not snap.synced or snap.bundle is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "agent is not ready yet")
         return snap
+
+    @staticmethod
+    async def _not_refused(context: grpc.aio.ServicerContext, snap: Snapshot) -> None:
+        """Checked by every call and on every stream wake-up: an evicted or banned agent ends
+        open streams at once rather than leaving workloads on what it can no longer back."""
+        if snap.refused:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, snap.refused)
 
     async def _entitled(
         self, context: grpc.aio.ServicerContext, snap: Snapshot, caller: Caller
@@ -118,6 +126,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         sent: workload_pb2.X509SVIDResponse | None = None
         while True:
             snap = self._cache.snapshot()
+            await self._not_refused(context, snap)
             ids = snap.identities_for(caller.selectors, self._clock.now())
             if not ids:
                 pending = snap.awaiting(caller.selectors, self._clock.now())
@@ -148,6 +157,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         sent: workload_pb2.X509BundlesResponse | None = None
         while True:
             snap = self._cache.snapshot()
+            await self._not_refused(context, snap)
             if not snap.entries_for(caller.selectors):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
             msg = workload_pb2.X509BundlesResponse(
@@ -223,6 +233,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         sent: workload_pb2.JWTBundlesResponse | None = None
         while True:
             snap = self._cache.snapshot()
+            await self._not_refused(context, snap)
             if not snap.entries_for(caller.selectors):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
             msg = workload_pb2.JWTBundlesResponse(

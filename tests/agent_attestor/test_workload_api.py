@@ -181,6 +181,32 @@ def test_stream_ends_with_permission_denied_when_every_svid_is_revoked(agent: Ha
 # ---- bundles --------------------------------------------------------------------------------
 
 
+def test_a_refused_agent_ends_every_stream_and_refuses_every_call_until_synced_again(
+    agent: Harness,
+) -> None:
+    agent.add_entry("/w")
+    stub = agent.stub()
+    streams = [
+        stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=10),
+        stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER, timeout=10),
+        stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=HEADER, timeout=10),
+    ]
+    for stream in streams:
+        next(stream)
+    agent.lt.call(lambda: agent.cache.refuse("evicted or banned: re-attest"))
+    for stream in streams:
+        with pytest.raises(grpc.RpcError) as exc:
+            next(stream)
+        assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+        assert exc.value.details() == "evicted or banned: re-attest"  # type: ignore[attr-defined]
+    assert agent.cache.svids() == {}
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+    agent.sync()  # attested again: the server's next Sync message
+    assert next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)).svids
+
+
 def test_x509_bundles_stream(agent: Harness) -> None:
     agent.add_entry("/w")
     stream = agent.stub().FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER)
