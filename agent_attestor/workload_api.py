@@ -25,6 +25,7 @@ from svid._limits import audience_problem
 from svid._proto import workload_pb2, workload_pb2_grpc
 
 log = logging.getLogger(__name__)
+_REPORTED_CHARS = 2048  # a SPIFFE ID's own limit; any longer claim is not a valid one
 
 
 def _td_key(name: str) -> str:
@@ -260,15 +261,17 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         entries = snap.entries_for(caller.selectors)
 
         def text(name: str) -> str:
+            # A refused token's claims are the sender's words: bounded, or one caller could
+            # queue gigabytes for the audit log (a token may be up to 64 KiB).
             value = claims.get(name)
-            return value if isinstance(value, str) else ""
+            return value[:_REPORTED_CHARS] if isinstance(value, str) else ""
 
         try:
             self._on_validate(
                 subject=text("sub"),
                 audience=[request.audience],
                 ok=not failure,
-                reason=failure,
+                reason=failure[:_REPORTED_CHARS],
                 jti=text("jti"),
                 txn=text("txn"),
                 caller_id=entries[0].spiffe_id if entries else "",

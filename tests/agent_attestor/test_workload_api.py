@@ -469,6 +469,27 @@ def test_validation_answers_are_reported_to_the_hook(agent: Harness) -> None:
     assert all(token not in str(s) for s in seen)
 
 
+def test_validation_reports_of_a_huge_forged_token_stay_small(agent: Harness) -> None:
+    # The claims of a token that fails are the sender's words: each report is bounded, or one
+    # caller could queue gigabytes for the audit log.
+    seen: list[dict[str, object]] = []
+    agent.api._on_validate = lambda **kw: seen.append(kw)
+    agent.add_entry("/w")
+    huge = "x" * 11_000  # the token stays under svid._jwt.MAX_TOKEN_BYTES (64 KiB)
+    header = b64url_encode(json.dumps({"alg": "ES256", "kid": agent.ca.jwt_kid}).encode())
+    claims = {"sub": f"spiffe://example.org/{huge}", "aud": [huge], "jti": huge, "txn": huge}
+    forged = f"{header}.{b64url_encode(json.dumps(claims).encode())}.{b64url_encode(b'0' * 64)}"
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="svc", svid=forged), metadata=HEADER
+        )
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(exc.value.details()) <= 1024  # type: ignore[attr-defined]
+    (report,) = seen
+    assert report["ok"] is False
+    assert all(len(str(v)) <= 2048 for v in report.values())
+
+
 @pytest.mark.parametrize(
     ("refusal", "code"),
     [
