@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor import _crypto
 from svid._der import certs_to_pem, der_concat, parse_der_certs
 from svid._errors import SvidParseError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,18 +69,38 @@ class AgentStore:
         _write_private(self.svid_path, der_concat(svid.chain))
 
     def load_svid(self) -> AgentSvid | None:
+        """The saved identity, or None: none saved yet, or one that cannot be used (logged)."""
         try:
             chain_der = self.svid_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
             key_der = self.key_path.read_bytes()
         except FileNotFoundError:
+            self._unusable("its private key file is missing")
             return None
         try:
             chain = tuple(parse_der_certs(chain_der))
             key = serialization.load_der_private_key(key_der, None)
             svid = _crypto.issued_svid("agent", chain_der, key)
-        except (ValueError, SvidParseError):
-            return None  # unusable state on disk: attest again
+        except (ValueError, TypeError, UnsupportedAlgorithm, SvidParseError) as exc:
+            self._unusable(str(exc))
+            return None
         return AgentSvid(spiffe_id=svid.spiffe_id, chain=chain, key=key)
+
+    def _unusable(self, problem: str) -> None:
+        # Without this line the agent just attests again, and with a join token already spent
+        # that fails: it would serve nothing with no word as to why.
+        log.error(
+            "the agent SVID on disk is unusable; attesting again. A join token works once: if "
+            "attestation is refused, remove both files and start the agent with a new "
+            "--join-token (svid-server token generate)",
+            extra={
+                "svid_file": str(self.svid_path),
+                "key_file": str(self.key_path),
+                "problem": problem[:200],
+            },
+        )
 
     def save_bundle(self, authorities: tuple[bytes, ...]) -> None:
         _write_private(self.bundle_path, b"".join(authorities))

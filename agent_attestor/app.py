@@ -105,7 +105,9 @@ class AgentApp:
             on_change=self._on_sync_event,
         )
         self.rotator = Rotator(self.cache, self.syncer, self.clock)
-        self.jwts = JwtCache(self.syncer, self.clock, config.jwt_cache_size)
+        self.jwts = JwtCache(
+            self.syncer, self.clock, config.jwt_cache_size, config.jwt_cache_max_bytes
+        )
         # The task layer (issue 6): Tasks and Revocations services on the same socket.
         self.task_layer = build_task_layer(
             cache=self.cache,
@@ -167,6 +169,8 @@ class AgentApp:
             self._was_disconnected = False
         elif event == "disconnected":
             self._was_disconnected = True
+        elif event == "refused":
+            self.jwts.forget()  # tokens minted under an identity the server no longer backs
 
     async def _health_loop(self) -> None:
         """Health follows readiness: SERVING once the first full state has arrived."""

@@ -48,6 +48,8 @@ class Snapshot:
     revoked_jtis: frozenset[str]
     crl: tuple[bytes, ...]
     revocation_expiry: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    # Why the agent serves nothing at all ("" normally): the server refused it (evicted, banned).
+    refused: str = ""
     # Per-snapshot memo: callers with the same selectors (every call of one process) share it.
     _matches: dict[frozenset[Selector], tuple[Entry, ...]] = field(
         default_factory=dict, compare=False, repr=False
@@ -111,6 +113,7 @@ class Cache:
         self._revoked_jtis: frozenset[str] = frozenset()
         self._crl: tuple[bytes, ...] = ()
         self._revocation_expiry: Mapping[tuple[str, str], int] = {}
+        self._refused = ""
         self._waiters: set[asyncio.Future[int]] = set()
         self._snapshot: Snapshot | None = None
 
@@ -132,6 +135,7 @@ class Cache:
                 revoked_jtis=self._revoked_jtis,
                 crl=self._crl,
                 revocation_expiry=self._revocation_expiry,
+                refused=self._refused,
             )
             self._snapshot = snap
         return snap
@@ -166,6 +170,7 @@ class Cache:
         federated = dict(state.federated)
         if (
             self._synced
+            and not self._refused
             and entries == self._entries
             and svids.keys() == self._svids.keys()
             and state.bundle == self._bundle
@@ -177,6 +182,7 @@ class Cache:
         ):
             return
         self._synced = True
+        self._refused = ""
         self._entries = entries
         self._svids = svids
         self._bundle = state.bundle
@@ -185,6 +191,22 @@ class Cache:
         self._revoked_jtis = state.revoked_jtis
         self._crl = state.crl
         self._revocation_expiry = dict(state.revocation_expiry)
+        self._changed()
+
+    def refuse(self, reason: str) -> None:
+        """The server no longer recognises this agent: drop every entry, SVID, bundle and
+        revocation it sent, and say `reason` to every caller until a Sync message comes again.
+        What it sent is no longer backed by it (an evicted agent's SVIDs may be revoked)."""
+        self._synced = False
+        self._refused = reason
+        self._entries = {}
+        self._svids = {}
+        self._bundle = None
+        self._federated = {}
+        self._revoked_serials = frozenset()
+        self._revoked_jtis = frozenset()
+        self._crl = ()
+        self._revocation_expiry = {}
         self._changed()
 
     def put_svids(self, svids: Iterable[IssuedSvid]) -> int:

@@ -37,6 +37,7 @@ class AgentConfig:
     reconnect_min: float = 0.2
     reconnect_max: float = 10.0
     jwt_cache_size: int = 4096
+    jwt_cache_max_bytes: int = 16 * 1024 * 1024  # tokens plus their keys, LRU out past it
 
     @property
     def agent_svid_path(self) -> Path:
@@ -61,7 +62,7 @@ _PATH_KEYS = {
 }
 _BOOL_KEYS = {"insecure_bootstrap"}
 _FLOAT_KEYS = {"reconnect_min", "reconnect_max"}
-_INT_KEYS = {"jwt_cache_size"}
+_INT_KEYS = {"jwt_cache_size", "jwt_cache_max_bytes"}
 KEYS = tuple(f.name for f in fields(AgentConfig))
 
 

@@ -1,4 +1,8 @@
-"""JWT-SVIDs minted by the server, cached per (SPIFFE ID, sorted audiences) until half life."""
+"""JWT-SVIDs minted by the server, cached per (SPIFFE ID, sorted audiences) until half life.
+
+Bounded twice, least recently used out first: by count, and by bytes, because one token can be
+thousands of times the size of another (issue 11: big audiences took the agent from 77 to 804 MB).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,25 @@ from collections.abc import Sequence
 
 from agent_attestor.signer import MintedJwt, SvidSigner
 from svid._clock import Clock
+from svid._limits import utf8_size
 
 Key = tuple[str, tuple[str, ...]]
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+# The objects around one cached token's strings (key and value tuples, the dict slot, the
+# MintedJwt, str headers); measured with tracemalloc on CPython 3.11: 1,105 bytes held per entry
+# of a 606-byte token, a 30-byte ID and a 10-byte audience.
+ENTRY_OVERHEAD = 460
+
+
+def entry_size(key: Key, jwt: MintedJwt) -> int:
+    """What one cached token costs, counted against the cache's byte budget."""
+    spiffe_id, audience = key
+    return (
+        ENTRY_OVERHEAD
+        + len(jwt.token)  # compact JWS: ASCII
+        + utf8_size(spiffe_id)
+        + sum(utf8_size(a) for a in audience)
+    )
 
 
 def audience_key(audience: Sequence[str]) -> tuple[str, ...]:
@@ -22,13 +43,21 @@ def audience_key(audience: Sequence[str]) -> tuple[str, ...]:
 class JwtCache:
     """Tokens are served from here until half their lifetime has passed, then minted anew."""
 
-    def __init__(self, signer: SvidSigner, clock: Clock, max_entries: int = 4096) -> None:
+    def __init__(
+        self,
+        signer: SvidSigner,
+        clock: Clock,
+        max_entries: int = 4096,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
         self._signer = signer
         self._clock = clock
         self._max = max_entries
-        # key -> (token, the moment it stops being handed out): the refresh point is computed
-        # once at insertion, so a hit costs one clock read and one comparison.
-        self._tokens: OrderedDict[Key, tuple[MintedJwt, float]] = OrderedDict()
+        self._max_bytes = max_bytes
+        # key -> (token, the moment it stops being handed out, its entry_size): the refresh
+        # point is computed once at insertion, so a hit costs one clock read and one comparison.
+        self._tokens: OrderedDict[Key, tuple[MintedJwt, float, int]] = OrderedDict()
+        self._bytes = 0
         self._pending: dict[Key, asyncio.Future[MintedJwt]] = {}
         self.mints = 0
 
@@ -71,16 +100,34 @@ class JwtCache:
             self._pending.pop(key, None)
         fut.set_result(jwt)
         self.mints += 1
-        self._tokens[key] = (jwt, jwt.issued_at + (jwt.expires_at - jwt.issued_at) / 2)
-        self._tokens.move_to_end(key)
-        while len(self._tokens) > self._max:
-            self._tokens.popitem(last=False)
+        self._drop(key)
+        size = entry_size(key, jwt)
+        self._tokens[key] = (jwt, jwt.issued_at + (jwt.expires_at - jwt.issued_at) / 2, size)
+        self._bytes += size
+        # A token bigger than the whole budget is handed out but not kept (it evicts itself).
+        while self._tokens and (len(self._tokens) > self._max or self._bytes > self._max_bytes):
+            _, (_, _, gone) = self._tokens.popitem(last=False)
+            self._bytes -= gone
         return jwt
+
+    @property
+    def bytes(self) -> int:
+        """What the cached tokens cost, as counted against the byte budget (entry_size)."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def _drop(self, key: Key) -> None:
+        held = self._tokens.pop(key, None)
+        if held is not None:
+            self._bytes -= held[2]
 
     def forget(self, spiffe_ids: set[str] | None = None) -> None:
         """Drop cached tokens (all, or of these IDs): after an entry is removed or revoked."""
         if spiffe_ids is None:
             self._tokens.clear()
+            self._bytes = 0
             return
         for key in [k for k in self._tokens if k[0] in spiffe_ids]:
-            del self._tokens[key]
+            self._drop(key)

@@ -10,6 +10,9 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from svid._proto import common_pb2
 
+# A task identity is `<runtime ID>/task/<task id>` (AGENTIC.md); the server marks them the same way.
+TASK_PATH = "/task/"
+
 
 @dataclass(frozen=True, slots=True, order=True)
 class Selector:
@@ -80,6 +83,11 @@ class Entry:
         )
 
     @property
+    def is_task(self) -> bool:
+        """A task identity: minted for only when asked for by name (FetchJWTSVID spiffe_id)."""
+        return TASK_PATH in self.spiffe_id
+
+    @property
     def issuance_key(self) -> tuple[str, tuple[str, ...], int]:
         """What an issued SVID depends on: a change here means the SVID must be re-issued."""
         return (self.spiffe_id, self.dns_names, self.x509_svid_ttl)
@@ -145,13 +153,7 @@ class IssuedSvid:
     not_before: float
     not_after: float
     issuance_key: tuple[str, tuple[str, ...], int] = ("", (), 0)
-    received_at: float = 0.0
-
-    @property
-    def life_start(self) -> float:
-        """Where the usable life begins: servers back-date NotBefore (SPIRE by 10 s) to absorb
-        clock skew, which must not pull renewal earlier; the arrival time bounds it."""
-        return max(self.not_before, self.received_at)
+    received_at: float = 0.0  # when it reached this agent (rotation.rotation_point's `arrived`)
 
     @property
     def serial_hex(self) -> str:

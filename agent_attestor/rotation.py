@@ -23,14 +23,28 @@ JITTER = 0.1
 MAX_BATCH = 500
 
 
-def should_rotate(now: float, not_before: float, not_after: float, jitter: float = 0.0) -> bool:
+def should_rotate(
+    now: float, not_before: float, not_after: float, jitter: float = 0.0, arrived: float = 0.0
+) -> bool:
     """Renew at half the lifetime, moved by `jitter` (a fraction of life, within ±JITTER)."""
-    return now >= rotation_point(not_before, not_after, jitter)
+    return now >= rotation_point(not_before, not_after, jitter, arrived=arrived)
 
 
-def rotation_point(not_before: float, not_after: float, jitter: float = 0.0) -> float:
-    jitter = max(-JITTER, min(JITTER, jitter))
-    return not_before + (not_after - not_before) * (ROTATE_AT + jitter)
+def rotation_point(
+    not_before: float, not_after: float, jitter: float = 0.0, *, arrived: float = 0.0
+) -> float:
+    """ROTATE_AT ± JITTER of the certificate's own NotBefore -> NotAfter span, back-dating
+    included: that is how SPIRE and clients measure it, so a 30 s SVID renews within 0.4-0.6.
+
+    Only if that point is not after `arrived` (a TTL shorter than the server's back-dating, or
+    this clock ahead of the server's) does it fall to the same fraction of what is left after
+    arrival: a point in the past would renew every fresh SVID at once, forever.
+    """
+    fraction = ROTATE_AT + max(-JITTER, min(JITTER, jitter))
+    point = not_before + (not_after - not_before) * fraction
+    if point <= arrived:
+        point = arrived + (not_after - arrived) * fraction
+    return point
 
 
 def jitter_for(svid: IssuedSvid) -> float:
@@ -43,7 +57,9 @@ def jitter_for(svid: IssuedSvid) -> float:
 def _needs_svid(entry: Entry, svid: IssuedSvid | None, now: float) -> bool:
     if svid is None or svid.issuance_key != entry.issuance_key:
         return True
-    return should_rotate(now, svid.life_start, svid.not_after, jitter_for(svid))
+    return should_rotate(
+        now, svid.not_before, svid.not_after, jitter_for(svid), arrived=svid.received_at
+    )
 
 
 def _make_requests(
@@ -90,7 +106,7 @@ class Rotator:
         """Seconds until the next renewal is due (None when nothing is held)."""
         now = self._clock.now()
         points = [
-            rotation_point(s.life_start, s.not_after, jitter_for(s))
+            rotation_point(s.not_before, s.not_after, jitter_for(s), arrived=s.received_at)
             for s in self._cache.svids().values()
         ]
         return max(0.0, min(points) - now) if points else None

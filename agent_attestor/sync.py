@@ -28,6 +28,11 @@ from svid._clock import Clock
 from svid._der import certs_to_pem
 
 log = logging.getLogger(__name__)
+# What workloads are told while the server refuses this agent.
+REFUSED = (
+    "this node agent was evicted or banned by the server and serves no identities until it is "
+    "attested again"
+)
 
 
 def backoff_delay(attempt: int, low: float, high: float, rand: random.Random) -> float:
@@ -221,6 +226,22 @@ class Syncer:
             self._on_change("sync")
         raise ConnectionError("server ended the Sync stream")
 
+    def _refused(self, code: grpc.StatusCode, details: str | None) -> None:
+        """The server no longer recognises this agent (evicted, banned, or its SVID superseded):
+        everything cached came under that identity, so none of it is served any more."""
+        agent_id = self.agent_id
+        self._svid = None
+        self._store.svid_path.unlink(missing_ok=True)
+        self._cache.refuse(REFUSED)
+        self._on_change("refused")
+        log.error(
+            "the server refused this agent (evicted or banned): dropped every cached SVID and "
+            "JWT-SVID, workloads are refused until it attests again. Re-attest it with a new "
+            "join token (svid-server token generate; svid-agent run --join-token ...); a banned "
+            "agent's ID is refused for good",
+            extra={"agent_id": agent_id, "code": code.name, "server_said": (details or "")[:300]},
+        )
+
     async def run(self) -> None:
         """Hold the Sync stream forever, reconnecting with jittered, capped backoff."""
         attempt = 0
@@ -233,12 +254,7 @@ class Syncer:
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
                 if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-                    log.warning(
-                        "server refused the agent; attesting again",
-                        extra={"code": code.name, "error": exc.details()},  # type: ignore[attr-defined]
-                    )
-                    self._svid = None
-                    self._store.svid_path.unlink(missing_ok=True)
+                    self._refused(code, exc.details())  # type: ignore[attr-defined]
                 else:
                     log.warning("lost the server", extra={"code": code.name})
             except (AttestationError, ConnectionError, OSError) as exc:

@@ -21,9 +21,11 @@ from agent_attestor.model import Entry
 from agent_attestor.peer import Caller, CallerRegistry
 from svid._clock import Clock
 from svid._errors import VerificationError
+from svid._limits import audience_problem
 from svid._proto import workload_pb2, workload_pb2_grpc
 
 log = logging.getLogger(__name__)
+_REPORTED_CHARS = 2048  # a SPIFFE ID's own limit; any longer claim is not a valid one
 
 
 def _td_key(name: str) -> str:
@@ -73,9 +75,17 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Snapshot:
         snap = self._cache.snapshot()
+        await self._not_refused(context, snap)
         if not snap.synced or snap.bundle is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "agent is not ready yet")
         return snap
+
+    @staticmethod
+    async def _not_refused(context: grpc.aio.ServicerContext, snap: Snapshot) -> None:
+        """Checked by every call and on every stream wake-up: an evicted or banned agent ends
+        open streams at once rather than leaving workloads on what it can no longer back."""
+        if snap.refused:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, snap.refused)
 
     async def _entitled(
         self, context: grpc.aio.ServicerContext, snap: Snapshot, caller: Caller
@@ -117,6 +127,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         sent: workload_pb2.X509SVIDResponse | None = None
         while True:
             snap = self._cache.snapshot()
+            await self._not_refused(context, snap)
             ids = snap.identities_for(caller.selectors, self._clock.now())
             if not ids:
                 pending = snap.awaiting(caller.selectors, self._clock.now())
@@ -147,6 +158,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         sent: workload_pb2.X509BundlesResponse | None = None
         while True:
             snap = self._cache.snapshot()
+            await self._not_refused(context, snap)
             if not snap.entries_for(caller.selectors):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
             msg = workload_pb2.X509BundlesResponse(
@@ -167,6 +179,9 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         audience = [a for a in request.audience if a]
         if not audience:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        too_big = audience_problem(audience)
+        if too_big:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
         snap = await self._ready(context)
         entries = await self._entitled(context, snap, caller)
         if request.spiffe_id:
@@ -177,13 +192,23 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                     f"caller is not entitled to {request.spiffe_id!r}",
                 )
         else:
+            # No ID named: the caller's own identities only. A task identity is minted only when
+            # asked for by name; minting it here would send the task's policy an audience it
+            # never declared, which counts as lateral movement against the runtime.
             hints: set[str] = set()
             chosen = []
             for entry in entries:
+                if entry.is_task:
+                    continue
                 if entry.hint and entry.hint in hints:
                     continue
                 hints.add(entry.hint)
                 chosen.append(entry)
+            if not chosen:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "no identity issued but task identities: name one in spiffe_id",
+                )
         out = []
         for entry in chosen:
             try:
@@ -209,6 +234,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         sent: workload_pb2.JWTBundlesResponse | None = None
         while True:
             snap = self._cache.snapshot()
+            await self._not_refused(context, snap)
             if not snap.entries_for(caller.selectors):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
             msg = workload_pb2.JWTBundlesResponse(
@@ -235,15 +261,17 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         entries = snap.entries_for(caller.selectors)
 
         def text(name: str) -> str:
+            # A refused token's claims are the sender's words: bounded, or one caller could
+            # queue gigabytes for the audit log (a token may be up to 64 KiB).
             value = claims.get(name)
-            return value if isinstance(value, str) else ""
+            return value[:_REPORTED_CHARS] if isinstance(value, str) else ""
 
         try:
             self._on_validate(
                 subject=text("sub"),
                 audience=[request.audience],
                 ok=not failure,
-                reason=failure,
+                reason=failure[:_REPORTED_CHARS],
                 jti=text("jti"),
                 txn=text("txn"),
                 caller_id=entries[0].spiffe_id if entries else "",
@@ -259,6 +287,9 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
+        too_big = audience_problem([request.audience])
+        if too_big:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
         snap = await self._ready(context)
         try:
             result = self._validator.validate(request.svid, request.audience)

@@ -54,6 +54,7 @@ from server.tasks.wiring import NodeHooks
 from svid._clock import Clock
 from svid._der import der_concat
 from svid._errors import SvidError
+from svid._limits import audience_problem
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
 from svid._spiffe_id import SpiffeId
 
@@ -61,7 +62,6 @@ _log = logging.getLogger("svid.server.node")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 MAX_BATCH = 1000
-MAX_AUDIENCES = 32
 
 
 @dataclass(frozen=True)
@@ -395,8 +395,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         audience = list(request.audience)
         if not audience or any(not a for a in audience):
             raise InvalidRequestError("audience: at least one non-empty audience is required")
-        if len(audience) > MAX_AUDIENCES:
-            raise InvalidRequestError(f"audience: at most {MAX_AUDIENCES} values")
+        too_big = audience_problem(audience)
+        if too_big:
+            raise InvalidRequestError(too_big)
         if request.entry_id:
             return self._entitled_entry(agent_id, entitled, request.entry_id), audience
         if not request.spiffe_id:

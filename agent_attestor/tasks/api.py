@@ -23,7 +23,6 @@ from svid._proto import task_pb2, task_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-TASK_PATH = "/task/"
 MAX_GOAL = 64 * 1024
 # Server answers a workload may see as they are; anything else is the agent's problem.
 _PASS_THROUGH = frozenset(
@@ -53,9 +52,7 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         """The caller's own identities (not task identities), default first; aborts if none."""
         caller = await checked_caller(context, self._registry)
         snap = self._cache.snapshot()
-        held = [
-            e.spiffe_id for e in snap.entries_for(caller.selectors) if TASK_PATH not in e.spiffe_id
-        ]
+        held = [e.spiffe_id for e in snap.entries_for(caller.selectors) if not e.is_task]
         if not held:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
         return held

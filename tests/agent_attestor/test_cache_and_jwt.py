@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import tracemalloc
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -12,9 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent_attestor import _crypto
 from agent_attestor.cache import Cache, SyncState
-from agent_attestor.jwt_cache import JwtCache
+from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, entry_size
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
 from agent_attestor.model import Entry, JwtKey, Selector
+from agent_attestor.signer import MintedJwt, X509Result
 from svid._clock import FakeClock
 from svid._errors import ExpiredError, RevokedError, VerificationError
 from svid._jose import b64url_encode
@@ -77,6 +79,62 @@ def test_jwt_cache_evicts_least_recently_used() -> None:
         asyncio.run(jwts.get("spiffe://example.org/w", [aud], "e"))
     assert jwts.cached("spiffe://example.org/w", ["a"]) is None
     assert jwts.cached("spiffe://example.org/w", ["c"]) is not None
+
+
+class SizedSigner:
+    """Mints tokens of a chosen size: what the byte budget sees, with no crypto in the way."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.calls = 0
+
+    async def batch_new_x509(self, params: list[tuple[str, bytes]]) -> list[X509Result]:
+        raise AssertionError("not used")
+
+    async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        self.calls += 1
+        body = f"{self.calls}.".ljust(self.size, "x")  # a fresh str each time, like a real mint
+        return MintedJwt(token=body, issued_at=0.0, expires_at=1e12)
+
+
+def test_jwt_cache_counts_bytes_and_evicts_least_recently_used_to_stay_in_budget() -> None:
+    signer = SizedSigner(10_000)
+    sid = "spiffe://example.org/w"
+    one = entry_size(JwtCache.key(sid, ["a"]), MintedJwt("x" * 10_000, 0, 1))
+    jwts = JwtCache(signer, FakeClock(start=0), max_bytes=3 * one)
+
+    def get(aud: str) -> MintedJwt:
+        return asyncio.run(jwts.get(sid, [aud], "e"))
+
+    for aud in ("a", "b", "c"):
+        get(aud)
+    assert (len(jwts), jwts.bytes) == (3, 3 * one)
+    get("a")  # a hit: "a" becomes the most recently used
+    get("d")
+    assert jwts.cached(sid, ["b"]) is None  # the least recently used went
+    assert all(jwts.cached(sid, [aud]) is not None for aud in ("a", "c", "d"))
+    assert (len(jwts), jwts.bytes) == (3, 3 * one)
+    jwts.forget({sid})
+    assert (len(jwts), jwts.bytes) == (0, 0)
+    signer.size = 4 * one  # bigger than the whole budget: handed out, never kept
+    assert len(get("e").token) == 4 * one
+    assert (len(jwts), jwts.bytes) == (0, 0)
+
+
+def test_jwt_cache_memory_stays_near_its_default_byte_budget() -> None:
+    # Issue 11: big tokens grew the agent by 727 MB while the cache was capped by count alone.
+    signer = SizedSigner(64 * 1024)
+    jwts = JwtCache(signer, FakeClock(start=0))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(400):  # 25 MB of tokens offered
+            asyncio.run(jwts.get("spiffe://example.org/w", [f"aud-{i}"], "e"))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert jwts.bytes <= DEFAULT_MAX_BYTES == 16 * 1024 * 1024
+    assert held <= DEFAULT_MAX_BYTES * 1.1
 
 
 def _validator(ca: LocalCa, clock: FakeClock) -> tuple[Cache, CacheJwtValidator]:

@@ -44,6 +44,7 @@ def test_an_agent_table_is_accepted(tmp_path: Path) -> None:
         ({"x509pop_cert": "/c.pem"}, "x509pop_key"),
         ({"bogus": "1"}, "bogus"),
         ({"jwt_cache_size": "many"}, "jwt_cache_size"),
+        ({"jwt_cache_max_bytes": "0"}, "jwt_cache_max_bytes"),
     ],
 )
 def test_bad_values_name_their_key(values: dict[str, object], key: str) -> None:

@@ -6,10 +6,19 @@ import asyncio
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent_attestor.cache import Cache, SyncState
 from agent_attestor.model import Entry, Selector
-from agent_attestor.rotation import JITTER, MAX_BATCH, Rotator, jitter_for, should_rotate
+from agent_attestor.rotation import (
+    JITTER,
+    MAX_BATCH,
+    Rotator,
+    jitter_for,
+    rotation_point,
+    should_rotate,
+)
 from svid._clock import FakeClock
 from tests.agent_attestor.pki import FakeSigner, LocalCa
 
@@ -33,9 +42,36 @@ def test_should_rotate_at_half_life_with_jitter(now: float, jitter: float, expec
     assert should_rotate(now, 0.0, 300.0, jitter) is expected
 
 
-def _setup(n: int = 1) -> tuple[FakeClock, Cache, FakeSigner, Rotator]:
+@given(
+    ttl=st.integers(min_value=30, max_value=86400),
+    backdate=st.floats(min_value=0, max_value=10),
+    lag=st.floats(min_value=0, max_value=1),
+    jitter=st.floats(min_value=-1, max_value=1),
+)
+def test_rotation_point_is_within_40_to_60_percent_of_the_certificate_span(
+    ttl: int, backdate: float, lag: float, jitter: float
+) -> None:
+    # Measured as SPIRE and clients measure it: on the certificate's own NotBefore -> NotAfter,
+    # back-dated part included; and never at or before the SVID arrived (that would loop).
+    issued = 1_700_000_000.0
+    not_before, not_after = issued - backdate, issued + ttl
+    arrived = issued + lag
+    point = rotation_point(not_before, not_after, jitter, arrived=arrived)
+    fraction = (point - not_before) / (not_after - not_before)
+    assert 0.4 - 1e-6 <= fraction <= 0.6 + 1e-6  # float rounding at Unix-time magnitudes
+    assert point > arrived
+
+
+@pytest.mark.parametrize("ttl", [1, 4, 10])
+def test_rotation_point_of_a_ttl_shorter_than_the_backdate_still_lies_ahead(ttl: int) -> None:
+    # 10 s back-dating is most of such a span: renewing at 0.4 of it would be due on arrival.
+    point = rotation_point(0.0, 10.0 + ttl, -JITTER, arrived=10.0)
+    assert 10.0 < point < 10.0 + ttl
+
+
+def _setup(n: int = 1, ttl: int = 300) -> tuple[FakeClock, Cache, FakeSigner, Rotator]:
     clock = FakeClock(start=time.time())
-    ca = LocalCa(clock)
+    ca = LocalCa(clock, ttl=ttl)
     signer = FakeSigner(ca)
     cache = Cache()
     entries = []
@@ -53,21 +89,28 @@ def test_new_entries_get_svids_in_batches_of_at_most_500() -> None:
     assert len(cache.svids()) == MAX_BATCH + 3
 
 
-def test_renewal_happens_within_jitter_of_half_life_and_never_leaves_a_gap() -> None:
-    clock, cache, _, rot = _setup()
+@pytest.mark.parametrize("ttl", [30, 300, 3600])
+def test_renewal_happens_within_jitter_of_half_life_and_never_leaves_a_gap(ttl: int) -> None:
+    # Twenty entries: twenty jitters, so the whole ±10 % band is exercised in every run.
+    clock, cache, _, rot = _setup(20, ttl=ttl)
     asyncio.run(rot.tick())
-    svid = cache.svids()["e0"]
-    # Life counts from arrival: NotBefore is back-dated, and that part was never usable here.
-    assert svid.life_start > svid.not_before
-    life = svid.not_after - svid.life_start
-    assert -JITTER <= jitter_for(svid) <= JITTER
-    fraction = 0.0
-    while cache.svids()["e0"] is svid:
-        clock.advance(1)
+    first = cache.svids()
+    step = ttl / 200
+    renewed: dict[str, float] = {}
+    while len(renewed) < len(first):
+        clock.advance(step)
         asyncio.run(rot.tick())
-        fraction = (clock.now() - svid.life_start) / life
-    assert 0.4 <= fraction <= 0.6 + 1 / life
-    assert cache.svids()["e0"].not_before <= clock.now() < svid.not_after
+        now = clock.now()
+        for eid, svid in cache.svids().items():
+            old = first[eid]
+            if svid is not old and eid not in renewed:
+                assert svid.not_before <= now < old.not_after  # no gap
+                # The certificate's own span, back-dated NotBefore included (the test CA
+                # back-dates 10 s), as SPIRE and clients measure it.
+                renewed[eid] = (now - old.not_before) / (old.not_after - old.not_before)
+    assert all(-JITTER <= jitter_for(s) <= JITTER for s in first.values())
+    assert min(renewed.values()) >= 0.4
+    assert max(renewed.values()) <= 0.6 + step / (ttl + 10)
 
 
 def test_server_down_keeps_svids_until_expiry_then_backs_off_and_recovers() -> None:

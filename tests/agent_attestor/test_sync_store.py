@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import stat
 import time
@@ -12,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from agent_attestor import _crypto
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache
 from agent_attestor.model import TrustBundle
@@ -94,6 +96,30 @@ def test_unusable_identity_on_disk_means_attest_again(tmp_path: Path, damage: st
             AgentSvid("x", _svid(tmp_path).chain, ec.generate_private_key(ec.SECP256R1()))
         )
     assert store.load_svid() is None
+
+
+@pytest.mark.parametrize("damage", ["garbage-chain", "truncated", "other-key", "no-key"])
+def test_unusable_identity_on_disk_is_logged_with_the_file_and_the_way_out(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = AgentStore(tmp_path / "agent_svid.der", tmp_path / "agent_key.der", tmp_path / "b")
+    store.save_svid(_svid(tmp_path))
+    if damage == "garbage-chain":
+        store.svid_path.write_bytes(b"not DER at all")
+    elif damage == "truncated":
+        store.svid_path.write_bytes(store.svid_path.read_bytes()[:100])
+    elif damage == "other-key":
+        store.key_path.write_bytes(_crypto.key_der(ec.generate_private_key(ec.SECP256R1())))
+    else:
+        store.key_path.unlink()
+    with caplog.at_level(logging.WARNING, logger="agent_attestor.agent_store"):
+        assert store.load_svid() is None
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR
+    text = record.getMessage() + " " + " ".join(str(v) for v in record.__dict__.values())
+    assert str(store.svid_path) in text
+    assert "--join-token" in text  # how to recover
+    assert "BEGIN" not in text  # never key material
 
 
 def test_a_stop_during_attestation_keeps_the_identity_the_token_bought(

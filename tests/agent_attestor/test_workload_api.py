@@ -181,6 +181,32 @@ def test_stream_ends_with_permission_denied_when_every_svid_is_revoked(agent: Ha
 # ---- bundles --------------------------------------------------------------------------------
 
 
+def test_a_refused_agent_ends_every_stream_and_refuses_every_call_until_synced_again(
+    agent: Harness,
+) -> None:
+    agent.add_entry("/w")
+    stub = agent.stub()
+    streams = [
+        stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=10),
+        stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER, timeout=10),
+        stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=HEADER, timeout=10),
+    ]
+    for stream in streams:
+        next(stream)
+    agent.lt.call(lambda: agent.cache.refuse("evicted or banned: re-attest"))
+    for stream in streams:
+        with pytest.raises(grpc.RpcError) as exc:
+            next(stream)
+        assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+        assert exc.value.details() == "evicted or banned: re-attest"  # type: ignore[attr-defined]
+    assert agent.cache.svids() == {}
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+    agent.sync()  # attested again: the server's next Sync message
+    assert next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)).svids
+
+
 def test_x509_bundles_stream(agent: Harness) -> None:
     agent.add_entry("/w")
     stream = agent.stub().FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER)
@@ -208,6 +234,42 @@ def test_fetch_jwt_requires_audience(agent: Harness) -> None:
     assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize(
+    ("audience", "message"),
+    [
+        (["a" * 1024 * 1024], "at most 1024 bytes"),  # the 1 MB audience of issue 11
+        (["é" * 513], "at most 1024 bytes"),  # 1,026 bytes of UTF-8 in 513 characters
+        ([f"a{i}" for i in range(33)], "at most 32"),
+        (["a" * 1000] * 5, "at most 4096 bytes"),
+    ],
+)
+def test_fetch_jwt_audience_size_is_capped_before_anything_is_minted(
+    agent: Harness, audience: list[str], message: str
+) -> None:
+    agent.add_entry("/w")
+    stub = agent.stub()
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=audience), metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    details = exc.value.details()  # type: ignore[attr-defined]
+    assert message in details
+    assert len(details) < 200  # names the limit; never echoes the value
+    assert agent.signer.jwt_calls == 0
+    ok = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["é" * 512]), metadata=HEADER)
+    assert ok.svids[0].svid  # 1,024 bytes exactly is within the cap
+
+
+def test_validate_jwt_audience_size_is_capped(agent: Harness) -> None:
+    agent.add_entry("/w")
+    stub = agent.stub()
+    token = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
+    request = workload_pb2.ValidateJWTSVIDRequest(audience="a" * 1025, svid=token.svids[0].svid)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ValidateJWTSVID(request, metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1024 bytes" in exc.value.details()  # type: ignore[attr-defined]
+
+
 def test_fetch_jwt_for_an_id_not_entitled_is_denied(agent: Harness) -> None:
     agent.add_entry("/w")
     req = workload_pb2.JWTSVIDRequest(audience=["a"], spiffe_id="spiffe://example.org/nope")
@@ -225,6 +287,29 @@ def test_fetch_jwt_one_per_identity_or_the_named_one(agent: Harness) -> None:
     req = workload_pb2.JWTSVIDRequest(audience=["x"], spiffe_id="spiffe://example.org/b")
     resp = stub.FetchJWTSVID(req, metadata=HEADER)
     assert [s.spiffe_id for s in resp.svids] == ["spiffe://example.org/b"]
+
+
+def test_fetch_jwt_without_spiffe_id_never_mints_for_a_task_identity(agent: Harness) -> None:
+    agent.add_entry("/bot", created_at=1)
+    agent.add_entry("/bot/task/t1", created_at=2)
+    stub = agent.stub()
+    resp = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["x"]), metadata=HEADER)
+    assert [s.spiffe_id for s in resp.svids] == ["spiffe://example.org/bot"]
+    assert agent.signer.jwt_calls == 1
+    named = workload_pb2.JWTSVIDRequest(
+        audience=["x"], spiffe_id="spiffe://example.org/bot/task/t1"
+    )
+    resp = stub.FetchJWTSVID(named, metadata=HEADER)
+    assert [s.spiffe_id for s in resp.svids] == ["spiffe://example.org/bot/task/t1"]
+
+
+def test_fetch_jwt_without_spiffe_id_and_only_task_identities_is_denied(agent: Harness) -> None:
+    agent.add_entry("/bot/task/t1")
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["x"]), metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+    assert "spiffe_id" in (exc.value.details() or "")  # type: ignore[attr-defined]
+    assert agent.signer.jwt_calls == 0
 
 
 def test_jwt_cached_per_id_and_sorted_audiences_until_half_life(agent: Harness) -> None:
@@ -382,6 +467,27 @@ def test_validation_answers_are_reported_to_the_hook(agent: Harness) -> None:
     ]
     assert "audience" in str(seen[1]["reason"])
     assert all(token not in str(s) for s in seen)
+
+
+def test_validation_reports_of_a_huge_forged_token_stay_small(agent: Harness) -> None:
+    # The claims of a token that fails are the sender's words: each report is bounded, or one
+    # caller could queue gigabytes for the audit log.
+    seen: list[dict[str, object]] = []
+    agent.api._on_validate = lambda **kw: seen.append(kw)
+    agent.add_entry("/w")
+    huge = "x" * 11_000  # the token stays under svid._jwt.MAX_TOKEN_BYTES (64 KiB)
+    header = b64url_encode(json.dumps({"alg": "ES256", "kid": agent.ca.jwt_kid}).encode())
+    claims = {"sub": f"spiffe://example.org/{huge}", "aud": [huge], "jti": huge, "txn": huge}
+    forged = f"{header}.{b64url_encode(json.dumps(claims).encode())}.{b64url_encode(b'0' * 64)}"
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="svc", svid=forged), metadata=HEADER
+        )
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(exc.value.details()) <= 1024  # type: ignore[attr-defined]
+    (report,) = seen
+    assert report["ok"] is False
+    assert all(len(str(v)) <= 2048 for v in report.values())
 
 
 @pytest.mark.parametrize(

@@ -293,3 +293,44 @@ def test_metrics_and_health_endpoint(stack: tuple[ServerProcess, AgentProcess]) 
     body = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
     assert "svid_agent_server_connected 1.0" in body
     assert "svid_agent_workload_connections" in body
+
+
+@pytest.mark.parametrize("removal", ["evict", "ban"])
+def test_an_evicted_or_banned_agent_drops_what_it_holds_and_says_so(
+    stack: tuple[ServerProcess, AgentProcess], removal: str
+) -> None:
+    server, agent = stack
+    agent_id = agent.agent_id()
+    sid = "spiffe://example.org/evicted"
+    create_entry(server, sid, agent_id, UID_SELECTOR)
+    agent.wait_svid(sid)
+    stub = agent.stub()
+    jwt = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["db"]), metadata=HEADER)
+    assert jwt.svids[0].svid
+    stream = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=15)
+    assert [s.spiffe_id for s in next(stream).svids] == [sid]
+
+    server.cli("agent", removal, "--spiffe-id", agent_id)
+
+    # The open stream ends; nothing cached (X.509 or JWT) is served any more.
+    with pytest.raises(grpc.RpcError) as ended:
+        for _ in stream:
+            pass
+    assert ended.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "evicted or banned" in (ended.value.details() or "")
+    calls: list[Any] = [
+        lambda: next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)),
+        lambda: stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["db"]), metadata=HEADER),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    logs = wait_for(
+        lambda: agent.logs() if "evicted or banned" in agent.logs() else None,
+        10,
+        "the agent's error about its removal",
+    )
+    line = next(json.loads(x) for x in logs.splitlines() if "evicted or banned" in x)
+    assert line["level"] == "error"
+    assert "--join-token" in line["msg"]

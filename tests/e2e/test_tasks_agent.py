@@ -333,3 +333,24 @@ def test_task_commands_of_the_agent_cli(path3: Path3) -> None:
     unknown = _agent_cli(path3, "task", "end", "--id", "0000000000000000")
     assert unknown.returncode == 1
     assert "svid-agent:" in unknown.stderr
+
+
+def test_fetch_jwt_without_spiffe_id_ignores_open_tasks_and_never_counts_against_the_runtime(
+    path3: Path3,
+) -> None:
+    # A standard client (py-spiffe's JwtSource.fetch_svid(audience)) names no SPIFFE ID. While a
+    # task is open, that must neither mint for the task nor record a violation: six such calls
+    # used to flag lateral movement six times and lock the runtime out of every task begin.
+    task = path3.begin()
+    path3.jwt_eventually(task.spiffe_id, "docs")
+    for _ in range(6):
+        reply = path3.workload.FetchJWTSVID(
+            workload_pb2.JWTSVIDRequest(audience=["payroll"]), metadata=HEADER, timeout=10
+        )
+        assert [s.spiffe_id for s in reply.svids] == [RUNTIME]
+    out = path3.server.cli(
+        "audit", "export", "--data-dir", str(path3.server.data_dir), "--decision", "deny"
+    ).stdout
+    assert [json.loads(line) for line in out.splitlines() if line.strip()] == []
+    again = path3.begin()
+    assert again.spiffe_id == f"{RUNTIME}/task/{again.task_id}"

@@ -503,6 +503,41 @@ def test_jwt_bad_requests(
     assert message in exc.value.details()  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(
+    ("audience", "message"),
+    [
+        (["a" * 1025], "at most 1024 bytes"),
+        (["é" * 513], "at most 1024 bytes"),  # 1,026 bytes of UTF-8 in 513 characters
+        ([f"a{i}" for i in range(33)], "at most 32"),
+        (["a" * 1000] * 5, "at most 4096 bytes"),
+    ],
+)
+def test_jwt_audience_size_is_capped_per_call_and_per_batch_item(
+    srv: RunningServer, audience: list[str], message: str
+) -> None:
+    agent = srv.attest()
+    entry = srv.create_entry("/jwt/aud-cap", agent.spiffe_id)
+    stub = srv.node_stub(agent)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.NewJWTSVID(node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=audience))
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    details = exc.value.details()  # type: ignore[attr-defined]
+    assert message in details
+    assert len(details) < 200  # names the limit; never echoes the value
+    reply = stub.BatchNewJWTSVID(
+        node_pb2.BatchNewJWTSVIDRequest(
+            requests=[
+                node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=audience),
+                node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["é" * 512]),
+            ]
+        ),
+        timeout=10,
+    )
+    assert reply.results[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert message in reply.results[0].error.message
+    assert reply.results[1].svid.token  # 1,024 bytes exactly is within the cap
+
+
 def test_batch_jwt_svids_with_per_item_errors(srv: RunningServer) -> None:
     agent = srv.attest()
     entry = srv.create_entry("/jwt/batch", agent.spiffe_id)
