@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -231,13 +232,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     file_values = load_toml(args.config) if args.config is not None else {}
     config = build_config(file_values, flags, os.environ)
     configure(config.log_format, config.log_level)
+    # Another local user who reads the token before the agent spends it can attest first and be
+    # handed this node's workload entries.
+    log = logging.getLogger("agent_attestor.cli")
+    safer = f"--join-token-file (mode 0600), ${JOIN_TOKEN_ENV} or join_token_file in the config"
     if args.cfg_join_token is not None:
-        # Another local user who reads the token before the agent spends it can attest first
-        # and be handed this node's workload entries.
-        logging.getLogger("agent_attestor.cli").warning(
-            "--join-token is readable by every local user in /proc/<pid>/cmdline; use "
-            f"--join-token-file (mode 0600), ${JOIN_TOKEN_ENV} or join_token_file in the config"
+        log.warning(
+            f"--join-token is readable by every local user in /proc/<pid>/cmdline; use {safer}"
         )
+    elif args.config is not None and file_values.get("join_token"):
+        mode = stat.S_IMODE(args.config.stat().st_mode)
+        if mode & 0o077:
+            log.warning(
+                f"config file {args.config} has mode {mode:04o} and holds join_token, which "
+                f"other local users can read; use {safer}"
+            )
     print(f"SPIFFE_ENDPOINT_SOCKET={socket_uri(config.socket_path)}", flush=True)
     asyncio.run(AgentApp(config).run_until_signalled())
     return 0

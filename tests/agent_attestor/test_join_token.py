@@ -133,3 +133,19 @@ def test_run_with_a_readable_token_file_exits_2_naming_it(
     assert f"{path} has mode 0644" in err
     assert "s3cr3t" not in err
     assert os.stat(path).st_mode & 0o777 == 0o644  # refused, not "fixed" behind the user's back
+
+
+def test_run_warns_when_a_config_file_others_can_read_holds_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "AgentApp", _NoAgent)
+    monkeypatch.delenv(JOIN_TOKEN_ENV, raising=False)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'join_token = "{TOKEN}"\n')
+    config.chmod(0o644)
+    err = _run(["--config", str(config)], capsys)
+    assert f"config file {config} has mode 0644 and holds join_token" in err
+    assert "s3cr3t" not in err
+    config.chmod(0o600)
+    assert "holds join_token" not in _run(["--config", str(config)], capsys)
