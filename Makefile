@@ -6,15 +6,22 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test bench proto lint clean
 
+# Runs on the first `make` (and when pyproject.toml changes); the only slow step, so it says so and
+# lets pip show what it downloads instead of a minute or two of silence.
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "svidd needs Python 3.11 or newer; set PYTHON=")'
+	@echo "==> Setting up $(VENV): creating it and installing svidd's dependencies (first run only; a minute or two)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@echo "==> Upgrading pip"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "==> Installing svidd and its dependencies"
+	@$(BIN)/python -m pip install --progress-bar on -e '.[dev]'
 	@touch $(STAMP)
+	@echo "==> $(VENV) is ready"
 
 run: $(STAMP)
-	$(BIN)/python -m agent_attestor.demo
+	@echo "==> Starting svid-server and svid-agent in .run/ (a few seconds; Ctrl-C stops both)"
+	@$(BIN)/python -m agent_attestor.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 
 from agent_attestor import _crypto
 from agent_attestor.app import AgentApp
-from agent_attestor.config import KEYS, build_config, load_toml
+from agent_attestor.config import JOIN_TOKEN_ENV, KEYS, build_config, load_toml
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
 from agent_attestor.workload_client import WorkloadClient, endpoint_address, socket_uri
@@ -228,8 +230,23 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, f"cfg_{key}") for key in KEYS}
     file_values = load_toml(args.config) if args.config is not None else {}
-    config = build_config(file_values, flags)
+    config = build_config(file_values, flags, os.environ)
     configure(config.log_format, config.log_level)
+    # Another local user who reads the token before the agent spends it can attest first and be
+    # handed this node's workload entries.
+    log = logging.getLogger("agent_attestor.cli")
+    safer = f"--join-token-file (mode 0600), ${JOIN_TOKEN_ENV} or join_token_file in the config"
+    if args.cfg_join_token is not None:
+        log.warning(
+            f"--join-token is readable by every local user in /proc/<pid>/cmdline; use {safer}"
+        )
+    elif args.config is not None and file_values.get("join_token"):
+        mode = stat.S_IMODE(args.config.stat().st_mode)
+        if mode & 0o077:
+            log.warning(
+                f"config file {args.config} has mode {mode:04o} and holds join_token, which "
+                f"other local users can read; use {safer}"
+            )
     print(f"SPIFFE_ENDPOINT_SOCKET={socket_uri(config.socket_path)}", flush=True)
     asyncio.run(AgentApp(config).run_until_signalled())
     return 0

@@ -1,13 +1,18 @@
 """Agent configuration: a TOML file plus command-line flags (flags win), validated once.
 
 Every TOML key is also a flag (``data_dir`` -> ``--data-dir``); each error names its key.
+
+The join token is a credential: it comes from a 0600 file (``join_token_file``), the environment
+(``SVID_AGENT_JOIN_TOKEN``) or, discouraged, ``join_token``; it is never printed.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,8 @@ from agent_attestor.errors import ConfigError
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_SOCKET = Path("/tmp/svid-agent/public/api.sock")  # noqa: S108 - SPIRE's layout
+JOIN_TOKEN_ENV = "SVID_AGENT_JOIN_TOKEN"  # noqa: S105 - the variable's name, not a token
+_MAX_TOKEN_FILE = 4096  # a join token is <id>.<secret>; anything this big is the wrong file
 
 
 @dataclass(frozen=True)
@@ -25,7 +32,8 @@ class AgentConfig:
     trust_domain: str = ""  # learned from the server when empty
     trust_bundle: Path | None = None  # PEM CA certificates to trust the server at first contact
     insecure_bootstrap: bool = False  # demo only: trust the first server certificate seen
-    join_token: str = ""
+    join_token: str = field(default="", repr=False)  # a credential: kept out of every repr
+    join_token_file: Path | None = None  # where join_token was read from, if a file
     x509pop_cert: Path | None = None
     x509pop_key: Path | None = None
     data_dir: Path = Path(".svid-agent")
@@ -54,6 +62,7 @@ class AgentConfig:
 
 _PATH_KEYS = {
     "trust_bundle",
+    "join_token_file",
     "x509pop_cert",
     "x509pop_key",
     "data_dir",
@@ -115,13 +124,83 @@ def load_toml(path: Path) -> dict[str, Any]:
     return agent
 
 
-def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> AgentConfig:
-    """Merge TOML values and flags (flags win, None = not given) into a validated config."""
+def read_join_token_file(path: Path) -> str:
+    """The join token in `path`, refused unless only its owner (the agent's user) can read it.
+
+    Errors name the file and its mode, never its content.
+    """
+    try:
+        # No O_NOFOLLOW: Kubernetes mounts secrets through symlinks. fstat checks what was opened.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(f"join_token_file: {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"join_token_file: cannot open {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"join_token_file: {path} is not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise ConfigError(
+                f"join_token_file: {path} has mode {mode:04o}; a join token file must be "
+                f"accessible to its owner only (chmod 600 {path})"
+            )
+        if st.st_uid != os.geteuid():
+            raise ConfigError(
+                f"join_token_file: {path} is owned by uid {st.st_uid}, not by the agent's "
+                f"user (uid {os.geteuid()}), who could change the token under it"
+            )
+        data = os.read(fd, _MAX_TOKEN_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_TOKEN_FILE:
+        raise ConfigError(f"join_token_file: {path} is over {_MAX_TOKEN_FILE} bytes")
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"join_token_file: {path} is not UTF-8 text") from None
+    if not token:
+        raise ConfigError(f"join_token_file: {path} is empty")
+    if any(c.isspace() for c in token):
+        raise ConfigError(f"join_token_file: {path} holds more than one word; expected one token")
+    return token
+
+
+def _join_token(
+    file_values: Mapping[str, Any], flags: Mapping[str, Any], env: Mapping[str, str]
+) -> tuple[str, Path | None]:
+    """The join token and its file: from flags, else the environment, else the config file."""
+    from_env = {"join_token": env.get(JOIN_TOKEN_ENV) or None}
+    for layer in (flags, from_env, file_values):
+        token = _convert("join_token", layer.get("join_token"))
+        path = _convert("join_token_file", layer.get("join_token_file"))
+        if token and path is not None:
+            raise ConfigError("join_token: give join_token or join_token_file, not both")
+        if path is not None:
+            return read_join_token_file(path), path
+        if token:
+            return token.strip(), None
+    return "", None
+
+
+def build_config(
+    file_values: Mapping[str, Any],
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Merge TOML values, the environment and flags into a validated config.
+
+    Flags win (None = not given); the environment only carries the join token.
+    """
     unknown = sorted(set(file_values) - set(KEYS))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown configuration key")
     values: dict[str, Any] = {}
+    values["join_token"], values["join_token_file"] = _join_token(file_values, flags, env or {})
     for key in KEYS:
+        if key in values:
+            continue
         raw = flags.get(key)
         if raw is None:
             raw = file_values.get(key)

@@ -1,12 +1,14 @@
 """`make run`: a server and an agent on a local data directory, with a demo workload entry.
 
 Starts `svid-server run` and `svid-agent run` as child processes under `.run/` (SQLite, fresh each
-time), attests the agent with a join token, registers `unix:uid:<your uid>` as a workload, prints
-how to fetch SVIDs, and stops both cleanly on Ctrl-C.
+time), attests the agent with a join token (handed over in a 0600 file: a command line is readable
+by every local user), registers `unix:uid:<your uid>` as a workload, prints how to fetch SVIDs and
+how to reach the server's admin socket, and stops both cleanly on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pwd
@@ -24,6 +26,7 @@ from agent_attestor.relay import MAX_UNIX_PATH
 
 TRUST_DOMAIN = "example.org"
 START_TIMEOUT = 30.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _wait(what: str, check: Callable[[], Any], procs: list[subprocess.Popen[bytes]]) -> Any:
@@ -55,7 +58,11 @@ class Demo:
     def _spawn(self, module: str, args: list[str], log: str) -> subprocess.Popen[bytes]:
         with open(self.root / log, "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args], stdout=out, stderr=out, cwd=self.root
+                [sys.executable, "-m", module, *args],
+                stdout=out,
+                stderr=out,
+                cwd=self.root,
+                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 - no threads here
             )
         self.procs.append(proc)
         return proc
@@ -87,12 +94,16 @@ class Demo:
         data = self.root / "server"
         data.mkdir(parents=True, exist_ok=True)
         config = self.root / "server.toml"
+        # Empty: the shipped default policy serves until *.cedar files appear (`policy reload`).
+        policy = self.root / "policy"
+        policy.mkdir(exist_ok=True)
         config.write_text(
             f'trust_domain = "{TRUST_DOMAIN}"\n'
             f'data_dir = "{data}"\n'
             'bind_address = "127.0.0.1:0"\n'
             'attest_bind_address = "127.0.0.1:0"\n'
             f'admin_socket = "{self.admin}"\n'
+            f'policy_dir = "{policy}"\n'
             'log_format = "text"\n'
         )
         server = self._spawn("server.cli", ["run", "--config", str(config)], "server.log")
@@ -124,6 +135,10 @@ class Demo:
             timeout=60,
         )
         bundle.write_bytes(done.stdout)
+        token_file = self.root / "join-token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
         self._spawn(
             "agent_attestor.cli",
             [
@@ -131,7 +146,7 @@ class Demo:
                 "--server-address", info["node_address"],
                 "--server-attest-address", info["attest_address"],
                 "--trust-bundle", str(bundle),
-                "--join-token", token,
+                "--join-token-file", str(token_file),
                 "--data-dir", str(self.root / "agent"),
                 "--socket-path", str(self.socket),
                 "--private-dir", str(self.sock_root / "agent" / "private"),
@@ -154,8 +169,8 @@ class Demo:
             "entry", "create", "--spiffe-id", spiffe_id, "--parent-id", parent,
             "--selector", f"unix:uid:{os.getuid()}",
         )  # fmt: skip
-        script = Path(sys.executable).with_name("svid-agent")
-        agent_cmd = str(script) if script.exists() else f"{sys.executable} -m agent_attestor.cli"
+        agent_cmd = _command("svid-agent", "agent_attestor.cli")
+        server_cmd = _command("svid-server", "server.cli")
         print(
             f"""
 svidd demo is running (logs in {self.root}/server.log and agent.log).
@@ -168,6 +183,14 @@ svidd demo is running (logs in {self.root}/server.log and agent.log).
   {agent_cmd} api fetch x509 --write /tmp/svids
   {agent_cmd} api fetch jwt --audience my-service
   {agent_cmd} api watch
+
+  Admin commands find the server's socket ({self.admin})
+  when run from {self.root.parent}; elsewhere add --config {self.root / "server.toml"}
+
+  {server_cmd} entry show
+  {server_cmd} audit verify
+  {server_cmd} policy validate        # policies: *.cedar in {self.root / "policy"}
+  {server_cmd} task list
 
 Press Ctrl-C to stop the server and the agent.
 """,
@@ -188,6 +211,30 @@ Press Ctrl-C to stop the server and the agent.
             shutil.rmtree(self.sock_root, ignore_errors=True)
 
 
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM when the demo dies, even by SIGKILL (Linux)."""
+
+    def arm() -> None:
+        if sys.platform != "linux":
+            return
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the demo died before the line above took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+def _command(script: str, module: str) -> str:
+    """How to run one of our CLIs: the venv's script (relative when under cwd), else -m."""
+    path = Path(sys.executable).with_name(script)
+    if not path.exists():
+        return f"{sys.executable} -m {module}"
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _segment(name: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
     return cleaned.strip(".") or "user"
@@ -198,26 +245,32 @@ def main(root: Path | None = None) -> int:
     shutil.rmtree(root, ignore_errors=True)  # a fresh trust domain every run
     root.mkdir(parents=True, mode=0o700)
     demo = Demo(root)
-    stop = False
 
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    # Set both explicitly: a shell that starts a job in the background hands it SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler, so Ctrl-C / kill -INT did nothing.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         demo.start()
-        while not stop and all(p.poll() is None for p in demo.procs):
+        while all(p.poll() is None for p in demo.procs):
             time.sleep(0.2)
+        print("make run: a child process exited; see .run/*.log", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        pass
+        return 0
     except RuntimeError as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return 1
     finally:
+        # A second Ctrl-C must not cut the shutdown short and leave the daemons running;
+        # stop() is bounded (SIGTERM, then SIGKILL).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stopping the agent and the server...", flush=True)
         demo.stop()
-    return 0
 
 
 if __name__ == "__main__":

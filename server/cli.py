@@ -27,6 +27,8 @@ from svid._errors import SvidError
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
 
 ADMIN_SOCKET_ENV = "SVID_SERVER_ADMIN_SOCKET"
+# `make run` writes its server's config here; admin commands run from the checkout use it.
+DEMO_CONFIG = Path(".run") / "server.toml"
 RPC_TIMEOUT = 15.0
 
 
@@ -46,9 +48,15 @@ def _common() -> argparse.ArgumentParser:
         type=Path,
         default=default,
         help=f"admin API socket (default: from --config, ${ADMIN_SOCKET_ENV}, "
+        f"the `make run` demo's {DEMO_CONFIG} in the current directory, "
         f"or {DEFAULT_ADMIN_SOCKET})",
     )
-    parser.add_argument("--config", type=Path, default=default, help="server TOML config file")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        help=f"server TOML config file (admin commands: default {DEMO_CONFIG} when it exists)",
+    )
     parser.add_argument(
         "--output", choices=("text", "json"), default=default, help="output format (default text)"
     )
@@ -150,10 +158,48 @@ def _admin_socket(args: argparse.Namespace) -> Path:
     return Path(env) if env else DEFAULT_ADMIN_SOCKET
 
 
+def demo_config(cwd: Path) -> Path | None:
+    """The `make run` demo's server config under `cwd`, if there is one this user alone controls.
+
+    Admin commands trust the socket it names, so a file or directory another user could write
+    (a shared checkout, a planted .run/) is ignored, with a note saying why.
+    """
+    path = cwd / DEMO_CONFIG
+    for item in (path.parent, path):
+        try:
+            st = item.stat()
+        except FileNotFoundError:
+            return None
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            print(
+                f"svid-server: ignoring {path}: {item} is not writable by you alone "
+                f"(owner uid {st.st_uid}, mode {st.st_mode & 0o777:04o})",
+                file=sys.stderr,
+            )
+            return None
+    return path
+
+
+def _discover_config(args: argparse.Namespace) -> None:
+    """Admin commands with no target named use the demo's config found in the current directory."""
+    named = (
+        getattr(args, "config", None) is not None
+        or getattr(args, "admin_socket", None) is not None
+        or os.environ.get(ADMIN_SOCKET_ENV)
+    )
+    if not named:
+        found = demo_config(Path.cwd())
+        if found is not None:
+            args.config = found
+
+
 def _channel(args: argparse.Namespace) -> grpc.Channel:
     path = _admin_socket(args)
     if not path.exists():
-        raise CliError(f"admin socket {path} does not exist: is the server running?")
+        config = getattr(args, "config", None)
+        from_config = getattr(args, "admin_socket", None) is None and config is not None
+        hint = f" (named by {config})" if from_config else ""
+        raise CliError(f"admin socket {path}{hint} does not exist: is the server running?")
     return grpc.insecure_channel(f"unix:{path}")
 
 
@@ -340,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command != "run":  # the daemon itself reads only the config it is given
+            _discover_config(args)
         if args.command == "run":
             _run(args)
         elif args.command == "healthcheck":

@@ -15,6 +15,7 @@ import pytest
 
 from tests.e2e.agent_process import AgentProcess, new_token
 from tests.e2e.conftest import make_server, short_tmpdir, wait_for
+from tests.e2e.demo_process import DemoProcess, alive
 
 pytestmark = pytest.mark.e2e
 
@@ -84,3 +85,33 @@ def test_insecure_bootstrap_attests_then_trusts_the_served_bundle() -> None:
         agent.stop()
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_demo_started_with_sigint_ignored_still_stops_on_sigint_and_reaps_both_daemons() -> None:
+    demo = DemoProcess()
+    try:
+        demo.start(ignore_sigint=True)
+        assert demo.proc is not None
+        children = demo.children()
+        assert len(children) == 2, demo.output()
+        demo.proc.send_signal(signal.SIGINT)
+        assert demo.proc.wait(40) == 0
+        assert "stopping the agent and the server" in demo.output()
+        assert [pid for pid in children if alive(pid)] == []
+        assert demo.children() == []
+    finally:
+        demo.close()
+
+
+def test_demo_daemons_exit_when_the_demo_is_killed() -> None:
+    demo = DemoProcess()
+    try:
+        demo.start()
+        assert demo.proc is not None
+        children = demo.children()
+        assert len(children) == 2, demo.output()
+        demo.proc.kill()  # no chance to clean up: the daemons must notice on their own
+        demo.proc.wait(10)
+        wait_for(lambda: not any(alive(pid) for pid in children), 40, "the daemons to exit")
+    finally:
+        demo.close()

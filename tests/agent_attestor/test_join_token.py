@@ -1,0 +1,151 @@
+"""Where the agent takes its join token from: a 0600 file, the environment, flags or the config.
+
+A token on the command line is readable by every local user in /proc/<pid>/cmdline, and whoever
+spends it first attests as this node (issue 11, item 3).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent_attestor import cli
+from agent_attestor.config import JOIN_TOKEN_ENV, build_config, read_join_token_file
+from agent_attestor.errors import ConfigError
+
+TOKEN = "tok-id.s3cr3t-value"
+
+
+def _token_file(tmp_path: Path, text: str = f"  {TOKEN}\n", mode: int = 0o600) -> Path:
+    path = tmp_path / "join-token"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_a_private_token_file_is_read_and_stripped(tmp_path: Path) -> None:
+    path = _token_file(tmp_path)
+    config = build_config({}, {"join_token_file": str(path)})
+    assert config.join_token == TOKEN
+    assert config.join_token_file == path
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o620, 0o602])
+def test_a_token_file_others_can_reach_is_refused_naming_file_and_mode(
+    tmp_path: Path, mode: int
+) -> None:
+    path = _token_file(tmp_path, mode=mode)
+    with pytest.raises(ConfigError) as caught:
+        build_config({}, {"join_token_file": str(path)})
+    message = str(caught.value)
+    assert message.startswith("join_token_file:")
+    assert str(path) in message
+    assert f"{mode:04o}" in message
+    assert "chmod 600" in message
+    assert "s3cr3t" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("", "is empty"), (" \n\t", "is empty"), ("a.b\nc.d\n", "more than one word")],
+)
+def test_a_token_file_without_exactly_one_token_is_refused(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = _token_file(tmp_path, text=text)
+    with pytest.raises(ConfigError, match=problem):
+        read_join_token_file(path)
+
+
+def test_a_missing_token_file_or_a_directory_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"join_token_file: {tmp_path / 'nope'} does not exist"):
+        read_join_token_file(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        read_join_token_file(tmp_path)
+
+
+def test_the_environment_gives_the_token_when_no_flag_does(tmp_path: Path) -> None:
+    env = {JOIN_TOKEN_ENV: f"{TOKEN}\n"}
+    assert build_config({}, {}, env).join_token == TOKEN
+    # Flags win over the environment, the environment over the config file.
+    assert build_config({}, {"join_token": "flag.t"}, env).join_token == "flag.t"
+    path = _token_file(tmp_path, text="file.t")
+    assert build_config({}, {"join_token_file": str(path)}, env).join_token == "file.t"
+    assert build_config({"join_token": "toml.t"}, {}, env).join_token == TOKEN
+    assert build_config({"join_token_file": str(path)}, {}, {}).join_token == "file.t"
+    assert build_config({}, {}, {JOIN_TOKEN_ENV: ""}).join_token == ""
+
+
+def test_a_token_and_a_token_file_together_are_refused(tmp_path: Path) -> None:
+    path = _token_file(tmp_path)
+    with pytest.raises(ConfigError, match=r"^join_token: give join_token or join_token_file"):
+        build_config({}, {"join_token": "a.b", "join_token_file": str(path)})
+
+
+def test_the_config_repr_never_shows_the_token(tmp_path: Path) -> None:
+    config = build_config({}, {"join_token_file": str(_token_file(tmp_path))})
+    assert "s3cr3t" not in repr(config)
+
+
+class _NoAgent:
+    """Stands in for AgentApp so `run` returns right after reading its configuration."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    async def run_until_signalled(self) -> None:
+        return None
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert cli.main(["run", "--log-format", "text", "--data-dir", "d", *args]) == 0
+    return capsys.readouterr().err
+
+
+def test_run_warns_when_the_token_is_on_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "AgentApp", _NoAgent)
+    monkeypatch.delenv(JOIN_TOKEN_ENV, raising=False)
+    err = _run(["--join-token", TOKEN], capsys)
+    assert "/proc/<pid>/cmdline" in err
+    assert "--join-token-file" in err
+    assert JOIN_TOKEN_ENV in err
+    assert "s3cr3t" not in err
+
+    assert "cmdline" not in _run(["--join-token-file", str(_token_file(tmp_path))], capsys)
+    monkeypatch.setenv(JOIN_TOKEN_ENV, TOKEN)
+    assert "cmdline" not in _run([], capsys)
+
+
+def test_run_with_a_readable_token_file_exits_2_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "AgentApp", _NoAgent)
+    path = _token_file(tmp_path, mode=0o644)
+    assert cli.main(["run", "--join-token-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} has mode 0644" in err
+    assert "s3cr3t" not in err
+    assert os.stat(path).st_mode & 0o777 == 0o644  # refused, not "fixed" behind the user's back
+
+
+def test_run_warns_when_a_config_file_others_can_read_holds_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "AgentApp", _NoAgent)
+    monkeypatch.delenv(JOIN_TOKEN_ENV, raising=False)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'join_token = "{TOKEN}"\n')
+    config.chmod(0o644)
+    err = _run(["--config", str(config)], capsys)
+    assert f"config file {config} has mode 0644 and holds join_token" in err
+    assert "s3cr3t" not in err
+    config.chmod(0o600)
+    assert "holds join_token" not in _run(["--config", str(config)], capsys)

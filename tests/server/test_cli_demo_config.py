@@ -1,0 +1,82 @@
+"""Admin commands run from a checkout find the `make run` demo's server through .run/server.toml.
+
+The README shows `svid-server entry show`, `audit verify`, `policy validate` and `task list` with
+no flags after `make run` (issue 11, item 14).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.cli import ADMIN_SOCKET_ENV, main
+from tests.server.fixtures import TRUST_DOMAIN, RunningServer, running_server
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[RunningServer]:
+    yield from running_server()
+
+
+@pytest.fixture
+def checkout(srv: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory laid out as `make run` leaves a checkout: .run/ (0700) with server.toml."""
+    run = tmp_path / ".run"
+    run.mkdir(mode=0o700)
+    policy = run / "policy"
+    policy.mkdir()
+    (run / "server.toml").write_text(
+        f'trust_domain = "{TRUST_DOMAIN}"\n'
+        f'data_dir = "{srv.config.data_dir}"\n'
+        f'admin_socket = "{srv.runtime.admin_socket}"\n'
+        f'policy_dir = "{policy}"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ADMIN_SOCKET_ENV, raising=False)
+    return tmp_path
+
+
+def test_admin_commands_find_the_demo_server_without_flags(
+    checkout: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["healthcheck"]) == 0
+    assert capsys.readouterr().out.strip() == "Server is healthy."
+    assert main(["entry", "show", "--output", "json"]) == 0
+    assert "entries" in json.loads(capsys.readouterr().out)
+    assert main(["task", "list"]) == 0
+    assert main(["policy", "validate"]) == 0
+    assert "is valid" in capsys.readouterr().out
+
+
+def test_audit_verify_reads_the_demo_data_dir(
+    checkout: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["token", "generate"]) == 0  # at least one audited event
+    capsys.readouterr()
+    assert main(["audit", "verify", "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+def test_an_explicit_target_wins_over_the_demo_config(
+    checkout: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = checkout / "elsewhere.sock"
+    assert main(["entry", "show", "--admin-socket", str(missing)]) == 1
+    assert f"admin socket {missing} does not exist" in capsys.readouterr().err
+    monkeypatch.setenv(ADMIN_SOCKET_ENV, str(missing))
+    assert main(["entry", "show"]) == 1
+    assert f"admin socket {missing} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", [".run", ".run/server.toml"])
+def test_a_demo_config_others_can_write_is_ignored_with_a_note(
+    checkout: Path, target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (checkout / target).chmod(0o777 if target == ".run" else 0o666)
+    assert main(["entry", "show"]) == 1
+    err = capsys.readouterr().err
+    assert f"ignoring {Path('.run/server.toml').absolute()}" in err
+    assert "not writable by you alone" in err
