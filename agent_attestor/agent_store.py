@@ -94,7 +94,7 @@ class AgentStore:
         log.error(
             "the agent SVID on disk is unusable; attesting again. A join token works once: if "
             "attestation is refused, remove both files and start the agent with a new "
-            "--join-token (svid-server token generate)",
+            "join token (--join-token-file; svid-server token generate)",
             extra={
                 "svid_file": str(self.svid_path),
                 "key_file": str(self.key_path),

@@ -132,7 +132,7 @@ class Syncer:
         if self._s.join_token and self._token_used:
             raise AttestationError(
                 "agent SVID expired or was refused and the join token was already used: "
-                "give a new --join-token"
+                "give a new join token (--join-token-file or $SVID_AGENT_JOIN_TOKEN)"
             )
         # Its own task, shielded: a join token is spent once the server answers, so a stop
         # that cancelled the exchange midway would leave the agent with no identity and no
@@ -237,8 +237,8 @@ class Syncer:
         log.error(
             "the server refused this agent (evicted or banned): dropped every cached SVID and "
             "JWT-SVID, workloads are refused until it attests again. Re-attest it with a new "
-            "join token (svid-server token generate; svid-agent run --join-token ...); a banned "
-            "agent's ID is refused for good",
+            "join token (svid-server token generate; svid-agent run --join-token-file FILE); "
+            "a banned agent's ID is refused for good",
             extra={"agent_id": agent_id, "code": code.name, "server_said": (details or "")[:300]},
         )
 

@@ -68,7 +68,11 @@ class AgentProcess:
             *extra,
         ]
         if self.join_token:
-            args += ["--join-token", self.join_token]
+            # As an operator should: from a 0600 file, never on the command line.
+            token_file = self.root / "join-token"
+            token_file.write_text(self.join_token)
+            token_file.chmod(0o600)
+            args += ["--join-token-file", str(token_file)]
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=str(self.root))
         log.close()
