@@ -53,8 +53,14 @@ class DataStore(Protocol):
         """AlreadyExistsError for a token id in use."""
         ...
 
-    def take_join_token(self, token_id: str) -> JoinToken | None:
-        """Delete and return the token; None when absent. Exactly one concurrent caller wins."""
+    def consume_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
+        """Use the token up: True when this call deleted it, having found it unexpired
+        (expires_at > now) with this hash (compared in constant time).
+
+        Anything else returns False and leaves the row exactly as it was, so a wrong guess
+        never disturbs the owner. Exactly one of several concurrent callers with the right
+        hash gets True.
+        """
         ...
 
     def prune_join_tokens(self, now: int) -> int:
