@@ -124,7 +124,8 @@ class DataStore(Protocol):
         ...
 
     def prune_revocations(self, now: int) -> int:
-        """Delete revocations whose credential expired (expires_at <= now); returns how many."""
+        """Delete revocations no verifier can need any more, expires_at + MAX_VERIFIER_LEEWAY
+        < now (a verifier accepts through exp + its leeway); returns how many went."""
         ...
 
     # -- change tracking ------------------------------------------------------------------------

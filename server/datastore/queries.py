@@ -85,7 +85,7 @@ INSERT_REVOCATION = (
     ":expires_at, :reason, :revoked_at) ON CONFLICT (kind, value) DO NOTHING"
 )
 LIST_REVOCATIONS = f"SELECT {_REVOCATION_COLUMNS} FROM revocations ORDER BY kind, value"
-PRUNE_REVOCATIONS = "DELETE FROM revocations WHERE expires_at <= :now"
+PRUNE_REVOCATIONS = "DELETE FROM revocations WHERE expires_at < :needed_from"
 
 BUMP_COUNTER = "UPDATE counters SET value = value + 1 WHERE name = :name"
 SELECT_COUNTER = "SELECT value FROM counters WHERE name = :name"

@@ -40,6 +40,7 @@ from server.datastore.records import (
     Revocation,
     Selector,
 )
+from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import Clock
 
 BUSY_TIMEOUT_MS = 10_000
@@ -437,7 +438,9 @@ class SqliteDataStore:
 
     def prune_revocations(self, now: int) -> int:
         with self._transaction() as db:
-            removed = int(db.execute(q.PRUNE_REVOCATIONS, {"now": now}).rowcount)
+            # A verifier accepts through exp + its leeway: keep what it could still accept.
+            needed_from = now - MAX_VERIFIER_LEEWAY
+            removed = int(db.execute(q.PRUNE_REVOCATIONS, {"needed_from": needed_from}).rowcount)
             if removed:
                 self._bump(db, _REVISION)
             return removed
