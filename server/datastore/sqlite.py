@@ -39,8 +39,8 @@ from server.datastore.records import (
     KeySlot,
     Revocation,
     Selector,
+    revocation_needed_from,
 )
-from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import Clock
 
 BUSY_TIMEOUT_MS = 10_000
@@ -438,9 +438,8 @@ class SqliteDataStore:
 
     def prune_revocations(self, now: int) -> int:
         with self._transaction() as db:
-            # A verifier accepts through exp + its leeway: keep what it could still accept.
-            needed_from = now - MAX_VERIFIER_LEEWAY
-            removed = int(db.execute(q.PRUNE_REVOCATIONS, {"needed_from": needed_from}).rowcount)
+            params = {"needed_from": revocation_needed_from(now)}
+            removed = int(db.execute(q.PRUNE_REVOCATIONS, params).rowcount)
             if removed:
                 self._bump(db, _REVISION)
             return removed
