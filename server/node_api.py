@@ -62,6 +62,7 @@ _log = logging.getLogger("svid.server.node")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 MAX_BATCH = 1000
+_ATTEST_LIMITED = "attestation rate limit exceeded for this host; retry later"
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     async def Attest(  # type: ignore[override]
         self, request_iterator: object, context: grpc.aio.ServicerContext
     ) -> None:
-        if not self._limits.attest.try_take(peer_host(context)):
-            raise RateLimitedError("attestation rate limit exceeded for this host; retry later")
+        within_budget = self._limits.attest.try_take(peer_host(context))
         first = await _read_step(context, self._settings.attest_timeout)
         if first is grpc.aio.EOF or first.WhichOneof("step") != "params":
             raise InvalidRequestError("attest: the first message must carry params")
@@ -180,6 +180,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise InvalidRequestError(
                 f"attest: attestation type {kind!r} is not enabled (enabled: {enabled})"
             )
+        # A host over its budget is refused before any work, unless the attestor checks as
+        # cheaply as it refuses (join_token): then a genuine attempt from a host that others
+        # flood with guesses (the same node, a NAT) still succeeds, and only the failures are
+        # answered as over the limit.
+        if not within_budget and not attestor.checks_cheaply:
+            raise RateLimitedError(_ATTEST_LIMITED)
         csr = verify_csr(params.csr)
 
         async def challenge(nonce: bytes) -> bytes:
@@ -196,6 +202,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             self._metrics.attestations.labels(type=kind, result="refused").inc()
             if self._hooks is not None:
                 self._hooks.attestation_refused(kind, str(exc)[:500])
+            if not within_budget:
+                raise RateLimitedError(_ATTEST_LIMITED) from None
             raise
         chain = await self._run(self._executor, self._sign_agent_svid, csr, result.agent_id)
         agent = AttestedAgent(

@@ -58,7 +58,7 @@ from svid._jose import (
     verify_jws_signature,
 )
 from svid._jwt import JwtSvid
-from svid._revocation import RevocationSet, Revoked, normalize_serial
+from svid._revocation import MAX_VERIFIER_LEEWAY, RevocationSet, Revoked, normalize_serial
 from svid._source import BundleSource, MemoryBundleSource, load_bundle_file
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._verify_jwt import JwtVerifier, VerifiedJwt
@@ -73,6 +73,7 @@ from svid.workloadapi import (
 
 __all__ = [
     "ALLOWED_ALGS",
+    "MAX_VERIFIER_LEEWAY",
     "BundleError",
     "BundleSet",
     "BundleSource",

@@ -1,4 +1,5 @@
-"""The revocation set verifiers consult: X.509 serials and JWT ids, each kept until it expires.
+"""The revocation set verifiers consult: X.509 serials and JWT ids, each kept until no verifier
+can accept the credential any more (its expiry plus `MAX_VERIFIER_LEEWAY`).
 
 Reads happen on every verification, so they take no lock: writers build a new dict and swap the
 reference (copy-on-write), and a reader always sees one whole version.
@@ -15,6 +16,23 @@ from svid._errors import SvidError
 
 KIND_X509_SERIAL = "x509_serial"
 KIND_JWT_ID = "jwt_id"
+
+# The widest clock-skew leeway a verifier may apply past a credential's expiry, in seconds. A
+# verifier accepts a token until exp + its leeway, so a revocation must outlive exp by at least
+# that much or the revoked token is good again for the tail; the server and this set keep every
+# revocation until exp + this, and JwtVerifier refuses a wider leeway. 300 s covers go-jose's
+# 60 s default five times over and any sane skew between NTP-synced hosts; wider would let an
+# expired token live on for minutes, which the minute-scale TTLs are meant to prevent.
+MAX_VERIFIER_LEEWAY = 300.0
+
+
+def revocation_needed(expires_at: float, now: float) -> bool:
+    """Whether some verifier may still accept a credential expiring at ``expires_at``.
+
+    A verifier accepts up to and including exp + leeway, so the revocation is needed through
+    that very second.
+    """
+    return now <= expires_at + MAX_VERIFIER_LEEWAY
 
 
 def normalize_serial(serial: str | int) -> str:
@@ -99,10 +117,11 @@ class RevocationSet:
         return jti in self._jtis
 
     def prune(self, now: float) -> int:
-        """Forget entries whose credential has expired anyway; returns how many went."""
+        """Forget entries no verifier can accept any more (see `MAX_VERIFIER_LEEWAY`); returns
+        how many went."""
         with self._lock:
-            serials = {k: v for k, v in self._serials.items() if v > now}
-            jtis = {k: v for k, v in self._jtis.items() if v > now}
+            serials = {k: v for k, v in self._serials.items() if revocation_needed(v, now)}
+            jtis = {k: v for k, v in self._jtis.items() if revocation_needed(v, now)}
             gone = len(self._serials) - len(serials) + len(self._jtis) - len(jtis)
             if gone:
                 self._serials, self._jtis = MappingProxyType(serials), MappingProxyType(jtis)

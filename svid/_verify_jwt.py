@@ -16,7 +16,7 @@ from svid._clock import Clock, SystemClock
 from svid._errors import ExpiredError, JwtSvidError, RevokedError, VerificationError
 from svid._jose import SignatureCheck, signature_check
 from svid._jwt import check_claims, split_and_check_fast, split_and_check_header
-from svid._revocation import RevocationSet
+from svid._revocation import MAX_VERIFIER_LEEWAY, RevocationSet
 from svid._spiffe_id import SpiffeId, TrustDomain
 
 JwtBundleGetter = Callable[[TrustDomain], JwtBundle | None]
@@ -68,8 +68,14 @@ class JwtVerifier:
         leeway: float = DEFAULT_LEEWAY,
         cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
-        if leeway < 0:
-            raise ValueError(f"leeway must be >= 0, got {leeway}")
+        # A wider leeway would outlast the revocations the server keeps (MAX_VERIFIER_LEEWAY
+        # past exp): a revoked token would be accepted again once its revocation is pruned.
+        # The comparison is written so that NaN fails it too.
+        if not 0 <= leeway <= MAX_VERIFIER_LEEWAY:
+            raise ValueError(
+                f"leeway must be between 0 and {MAX_VERIFIER_LEEWAY:g} seconds "
+                f"(MAX_VERIFIER_LEEWAY, how long revocations are kept past exp), got {leeway}"
+            )
         self._bundles = bundles
         self._clock: Clock = clock or SystemClock()
         self._revocations = revocations if revocations is not None else RevocationSet()

@@ -28,6 +28,15 @@ class NodeAttestor(Protocol):
         """The AttestationData.type this attestor handles."""
         ...
 
+    @property
+    def checks_cheaply(self) -> bool:
+        """True when checking the evidence costs no more than refusing it for rate (no
+        signature, no round trip, no write). The node API then checks such an attempt even
+        from a host over its attestation budget, so a genuine one is never refused for the
+        guesses of another caller at the same address.
+        """
+        ...
+
     async def attest(self, payload: bytes, challenge: Challenge) -> AttestationResult:
         """Check the evidence; raise PermissionDeniedError (or InvalidRequestError) if it fails."""
         ...

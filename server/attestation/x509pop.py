@@ -70,6 +70,8 @@ def _check_signature(public_key: object, nonce: bytes, signature: bytes) -> bool
 
 class X509PopAttestor:
     type_name = TYPE_NAME
+    # Chain validation and a challenge round trip: limited before any of it.
+    checks_cheaply = False
 
     def __init__(
         self, ca_certs: tuple[x509.Certificate, ...], ids: ServerIds, clock: Clock

@@ -53,8 +53,14 @@ class DataStore(Protocol):
         """AlreadyExistsError for a token id in use."""
         ...
 
-    def take_join_token(self, token_id: str) -> JoinToken | None:
-        """Delete and return the token; None when absent. Exactly one concurrent caller wins."""
+    def consume_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
+        """Use the token up: True when this call deleted it, having found it unexpired
+        (expires_at > now) with this hash (compared in constant time).
+
+        Anything else returns False and leaves the row exactly as it was, so a wrong guess
+        never disturbs the owner. Exactly one of several concurrent callers with the right
+        hash gets True.
+        """
         ...
 
     def prune_join_tokens(self, now: int) -> int:
@@ -118,7 +124,8 @@ class DataStore(Protocol):
         ...
 
     def prune_revocations(self, now: int) -> int:
-        """Delete revocations whose credential expired (expires_at <= now); returns how many."""
+        """Delete revocations no verifier can need any more, expires_at + MAX_VERIFIER_LEEWAY
+        < now (a verifier accepts through exp + its leeway); returns how many went."""
         ...
 
     # -- change tracking ------------------------------------------------------------------------

@@ -44,7 +44,11 @@ INSERT_JOIN_TOKEN = (
 SELECT_JOIN_TOKEN = (
     "SELECT token_id, secret_hash, expires_at FROM join_tokens WHERE token_id = :token_id"
 )
-DELETE_JOIN_TOKEN = "DELETE FROM join_tokens WHERE token_id = :token_id"
+# Only the holder of the secret, before expiry, may remove a token: a guess never changes the row.
+CONSUME_JOIN_TOKEN = (
+    "DELETE FROM join_tokens WHERE token_id = :token_id AND secret_hash = :secret_hash "
+    "AND expires_at > :now"
+)
 PRUNE_JOIN_TOKENS = "DELETE FROM join_tokens WHERE expires_at <= :now"
 
 _AGENT_COLUMNS = "spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors"
@@ -81,7 +85,7 @@ INSERT_REVOCATION = (
     ":expires_at, :reason, :revoked_at) ON CONFLICT (kind, value) DO NOTHING"
 )
 LIST_REVOCATIONS = f"SELECT {_REVOCATION_COLUMNS} FROM revocations ORDER BY kind, value"
-PRUNE_REVOCATIONS = "DELETE FROM revocations WHERE expires_at <= :now"
+PRUNE_REVOCATIONS = "DELETE FROM revocations WHERE expires_at < :needed_from"
 
 BUMP_COUNTER = "UPDATE counters SET value = value + 1 WHERE name = :name"
 SELECT_COUNTER = "SELECT value FROM counters WHERE name = :name"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from svid import MAX_VERIFIER_LEEWAY
+
 X509_KIND = "x509"
 JWT_KIND = "jwt"
 KEY_KINDS = (X509_KIND, JWT_KIND)
@@ -109,3 +111,12 @@ class Revocation:
     expires_at: int
     reason: str
     revoked_at: int
+
+
+def revocation_needed_from(now: float) -> float:
+    """The earliest credential expiry some verifier may still accept at `now`.
+
+    A verifier takes a token through exp + its leeway (at most MAX_VERIFIER_LEEWAY), so a
+    revocation, and the record of a credential that may need one, lives until then.
+    """
+    return now - MAX_VERIFIER_LEEWAY

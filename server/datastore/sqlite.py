@@ -13,6 +13,7 @@ failing a transaction half-way.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -38,6 +39,7 @@ from server.datastore.records import (
     KeySlot,
     Revocation,
     Selector,
+    revocation_needed_from,
 )
 from svid._clock import Clock
 
@@ -317,15 +319,17 @@ class SqliteDataStore:
                 raise AlreadyExistsError(f"join token {token.token_id} already exists")
             db.execute(q.INSERT_JOIN_TOKEN, params)
 
-    def take_join_token(self, token_id: str) -> JoinToken | None:
+    def consume_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
+        params = {"token_id": token_id, "secret_hash": secret_hash, "now": now}
+        # The comparison is a read: a wrong guess takes no write lock and changes nothing.
+        rows = self._rows(q.SELECT_JOIN_TOKEN, params)
+        if not rows or not hmac.compare_digest(bytes(rows[0]["secret_hash"]), secret_hash):
+            return False
         with self._transaction() as db:
-            row = db.execute(q.SELECT_JOIN_TOKEN, {"token_id": token_id}).fetchone()
-            if row is None:
-                return None
-            # rowcount guards single use even against another process on the same file.
-            if db.execute(q.DELETE_JOIN_TOKEN, {"token_id": token_id}).rowcount != 1:
-                return None
-            return JoinToken(token_id=row[0], secret_hash=bytes(row[1]), expires_at=row[2])
+            # The DELETE repeats every condition, so it is the single atomic step that decides:
+            # of two callers holding the secret (or two processes on the file) exactly one
+            # sees rowcount 1, and a row that expired since the read stays refused.
+            return int(db.execute(q.CONSUME_JOIN_TOKEN, params).rowcount) == 1
 
     def prune_join_tokens(self, now: int) -> int:
         with self._transaction() as db:
@@ -434,7 +438,8 @@ class SqliteDataStore:
 
     def prune_revocations(self, now: int) -> int:
         with self._transaction() as db:
-            removed = int(db.execute(q.PRUNE_REVOCATIONS, {"now": now}).rowcount)
+            params = {"needed_from": revocation_needed_from(now)}
+            removed = int(db.execute(q.PRUNE_REVOCATIONS, params).rowcount)
             if removed:
                 self._bump(db, _REVISION)
             return removed

@@ -74,9 +74,9 @@ class FaultInjectingDataStore:
         self._enter("create_join_token")
         self.inner.create_join_token(token)
 
-    def take_join_token(self, token_id: str) -> JoinToken | None:
-        self._enter("take_join_token")
-        return self.inner.take_join_token(token_id)
+    def consume_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
+        self._enter("consume_join_token")
+        return self.inner.consume_join_token(token_id, secret_hash, now)
 
     def prune_join_tokens(self, now: int) -> int:
         self._enter("prune_join_tokens")

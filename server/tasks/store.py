@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from server.audit.store import insert_many
+from server.datastore.records import revocation_needed_from
 from server.tasks.model import Credential, Task, TaskState
 
 # credentials has no key on (kind, value): those are random 159-bit serials and 128-bit JWT ids,
@@ -177,11 +178,17 @@ class TaskStore:
             rows = self._db.execute(sql, args).fetchall()
         return [Credential(*r) for r in rows]
 
+    # A credential counts until no verifier can accept it: a verifier takes a JWT through
+    # exp + its leeway, so revoking one that expired a moment ago still matters.
     def task_credentials(self, task_id: str, now: int) -> list[Credential]:
-        return self._creds("task_id = ? AND expires_at > ?", (task_id, now))
+        """Credentials of the task some verifier may still accept at `now`."""
+        needed_from = revocation_needed_from(now)
+        return self._creds("task_id = ? AND expires_at >= ?", (task_id, needed_from))
 
     def agent_credentials(self, agent_id: str, now: int) -> list[Credential]:
-        return self._creds("agent_id = ? AND expires_at > ?", (agent_id, now))
+        """Credentials issued through the agent some verifier may still accept at `now`."""
+        needed_from = revocation_needed_from(now)
+        return self._creds("agent_id = ? AND expires_at >= ?", (agent_id, needed_from))
 
     def count_credentials(self, task_id: str) -> int:
         with self._lock:
@@ -204,9 +211,12 @@ class TaskStore:
         return int(row[0])
 
     def prune(self, now: int, violation_window: int) -> int:
-        """Forget expired credentials and old violations; returns how many rows went."""
+        """Forget credentials no verifier can accept any more and old violations; returns how
+        many rows went."""
         with self._lock:
-            gone = self._db.execute("DELETE FROM credentials WHERE expires_at <= ?", (now,))
+            gone = self._db.execute(
+                "DELETE FROM credentials WHERE expires_at < ?", (revocation_needed_from(now),)
+            )
             old = self._db.execute(
                 "DELETE FROM violations WHERE at <= ?", (now - violation_window,)
             )

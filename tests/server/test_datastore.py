@@ -24,6 +24,7 @@ from server.datastore import (
 from server.datastore.migrations import MIGRATIONS
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
+from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
@@ -159,53 +160,69 @@ def test_delete_entry(datastore: SqliteDataStore) -> None:
 # -- join tokens ---------------------------------------------------------------------------------
 
 
-def test_join_token_is_taken_once(datastore: SqliteDataStore) -> None:
-    token = JoinToken("t1", b"h" * 32, 1_700_000_600)
+NOW = 1_700_000_000
+HASH = b"h" * 32
+
+
+def test_join_token_is_consumed_once(datastore: SqliteDataStore) -> None:
+    token = JoinToken("t1", HASH, NOW + 600)
     datastore.create_join_token(token)
     with pytest.raises(AlreadyExistsError, match="t1"):
         datastore.create_join_token(token)
-    assert datastore.take_join_token("t1") == token
-    assert datastore.take_join_token("t1") is None
-    assert datastore.take_join_token("never") is None
+    assert datastore.consume_join_token("t1", HASH, NOW)
+    assert not datastore.consume_join_token("t1", HASH, NOW)
+    assert not datastore.consume_join_token("never", HASH, NOW)
 
 
-def test_join_token_single_use_under_concurrent_takers(datastore: SqliteDataStore) -> None:
-    datastore.create_join_token(JoinToken("race", b"h" * 32, 1_700_000_600))
+def test_a_wrong_hash_or_late_attempt_leaves_the_token_as_it_was(
+    datastore: SqliteDataStore,
+) -> None:
+    datastore.create_join_token(JoinToken("t1", HASH, NOW + 600))
+    revision = datastore.revision()
+    assert not datastore.consume_join_token("t1", b"g" * 32, NOW)
+    assert not datastore.consume_join_token("t1", HASH[:-1], NOW)
+    assert not datastore.consume_join_token("t1", HASH, NOW + 600)  # expired: expires_at <= now
+    assert datastore.revision() == revision
+    assert datastore.consume_join_token("t1", HASH, NOW + 599)
+
+
+def test_join_token_single_use_under_concurrent_consumers(datastore: SqliteDataStore) -> None:
+    datastore.create_join_token(JoinToken("race", HASH, NOW + 600))
     barrier = threading.Barrier(8)
-    results: list[JoinToken | None] = []
+    results: list[bool] = []
     lock = threading.Lock()
 
-    def take() -> None:
+    def consume() -> None:
         barrier.wait()
-        got = datastore.take_join_token("race")
+        got = datastore.consume_join_token("race", HASH, NOW)
         with lock:
             results.append(got)
 
-    threads = [threading.Thread(target=take) for _ in range(8)]
+    threads = [threading.Thread(target=consume) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(results) == 8
-    assert sum(r is not None for r in results) == 1
+    assert sum(results) == 1
 
 
 def test_join_token_single_use_across_two_connections(tmp_path: Path, clock: FakeClock) -> None:
     first = SqliteDataStore(tmp_path / "db", clock)
     second = SqliteDataStore(tmp_path / "db", clock)
-    first.create_join_token(JoinToken("t", b"h", 1_700_000_600))
-    assert second.take_join_token("t") is not None
-    assert first.take_join_token("t") is None
+    first.create_join_token(JoinToken("t", HASH, NOW + 600))
+    assert second.consume_join_token("t", HASH, NOW)
+    assert not first.consume_join_token("t", HASH, NOW)
     first.close()
     second.close()
 
 
 def test_prune_join_tokens(datastore: SqliteDataStore) -> None:
-    datastore.create_join_token(JoinToken("old", b"h", 100))
-    datastore.create_join_token(JoinToken("new", b"h", 200))
+    datastore.create_join_token(JoinToken("old", HASH, 100))
+    datastore.create_join_token(JoinToken("new", HASH, 200))
     assert datastore.prune_join_tokens(100) == 1
-    assert datastore.take_join_token("old") is None
-    assert datastore.take_join_token("new") is not None
+    datastore.create_join_token(JoinToken("old", HASH, 300))  # the id is free again
+    assert datastore.consume_join_token("new", HASH, 150)
 
 
 # -- agents --------------------------------------------------------------------------------------
@@ -279,7 +296,9 @@ def test_revocations_add_list_prune(datastore: SqliteDataStore) -> None:
     datastore.add_revocations([a, b])
     datastore.add_revocations([Revocation("x509_serial", "123", "x", 999, "again", 60)])
     assert datastore.list_revocations() == [b, a]
-    assert datastore.prune_revocations(100) == 1
+    # Kept through exp + the widest leeway a verifier may apply, gone the second after.
+    assert datastore.prune_revocations(100 + int(MAX_VERIFIER_LEEWAY)) == 0
+    assert datastore.prune_revocations(101 + int(MAX_VERIFIER_LEEWAY)) == 1
     assert datastore.list_revocations() == [b]
     with pytest.raises(ValueError, match="kind"):
         datastore.add_revocations([Revocation("crl", "1", "x", 1, "", 1)])
@@ -308,7 +327,7 @@ def test_revision_moves_on_every_write_agents_care_about(datastore: SqliteDataSt
     assert moved()
     datastore.add_revocations([Revocation("jwt_id", "j", "s", 10, "", 1)])
     assert moved()
-    datastore.prune_revocations(10)
+    datastore.prune_revocations(11 + int(MAX_VERIFIER_LEEWAY))
     assert moved()
     datastore.next_bundle_sequence()
     assert moved()
@@ -317,7 +336,7 @@ def test_revision_moves_on_every_write_agents_care_about(datastore: SqliteDataSt
     datastore.delete_entry(created.id)
     assert moved()
     datastore.create_join_token(JoinToken("t", b"h", 5))
-    datastore.prune_revocations(10)  # nothing to prune
+    datastore.prune_revocations(11 + int(MAX_VERIFIER_LEEWAY))  # nothing to prune
     assert not moved()
 
 
@@ -344,7 +363,7 @@ def test_restart_keeps_everything(tmp_path: Path, clock: FakeClock) -> None:
     again = SqliteDataStore(tmp_path / "db", clock)
     assert again.list_entries() == [created]
     assert again.get_agent(AGENT) == agent()
-    assert again.take_join_token("t") == JoinToken("t", b"h", 5)
+    assert again.consume_join_token("t", b"h", 4)
     assert len(again.list_revocations()) == 1
     assert again.revision() == revision
     again.close()

@@ -692,13 +692,36 @@ def test_per_agent_signing_rate_limit(limited: RunningServer) -> None:
 
 def test_per_host_attestation_rate_limit(limited: RunningServer) -> None:
     limited.clock.advance(10)
+    token_id = limited.join_token().partition(".")[0]
+    guess = _params("join_token", f"{token_id}.wrong".encode())
     for _ in range(3):
-        limited.attest()
+        with pytest.raises(grpc.RpcError) as exc:
+            _attest_rpc(limited, guess)
+        assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.RpcError) as exc:
-        limited.attest()
+        _attest_rpc(limited, guess)
     assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "attestation rate limit" in exc.value.details()  # type: ignore[attr-defined]
     limited.clock.advance(1)
-    limited.attest()
+    with pytest.raises(grpc.RpcError) as exc:
+        _attest_rpc(limited, guess)
+    assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_guesses_from_the_same_host_never_lock_the_owner_out(limited: RunningServer) -> None:
+    """The owner's agent shares the address of whoever floods its token id with guesses (same
+    node, NAT): the budget the guesses spend must not cost the owner its attestation."""
+    limited.clock.advance(10)
+    token = limited.join_token()
+    guess = _params("join_token", f"{token.partition('.')[0]}.wrong".encode())
+    for _ in range(10):
+        with pytest.raises(grpc.RpcError):
+            _attest_rpc(limited, guess)
+    agent = limited.attest(token)
+    assert agent.spiffe_id.endswith(token.partition(".")[0])
+    with pytest.raises(grpc.RpcError) as exc:  # single use still holds over budget
+        limited.attest(token)
+    assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_jwt_rate_limit(limited: RunningServer) -> None:

@@ -26,8 +26,10 @@ from server.state import ServerState
 from server.tasks.model import TaskState
 from server.tasks.service import BeginRequest, TaskService
 from server.tasks.store import TaskStore
+from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
 from svid._spiffe_id import SpiffeId
+from svid._verify_jwt import DEFAULT_LEEWAY
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
 RUNTIME = "spiffe://example.org/agents/research-bot"
@@ -232,6 +234,30 @@ def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
     assert [e["decision"] for e in world.events("revocation")] == ["revoked", "revoked"]
     assert world.events("task_end")[0]["decision"] == "ended"
     assert world.audit.verify().ok
+
+
+def test_end_revokes_a_jwt_past_exp_that_a_verifier_still_accepts(world: World) -> None:
+    """A verifier takes a JWT until exp + its leeway; ending the task then must still name it,
+    even after the credential housekeeping has run."""
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    issued = world.service.mint_jwt(AGENT, entry, ["docs"])
+    world.clock.set(issued.expires_at + DEFAULT_LEEWAY)
+    world.run(world.service.housekeeping())
+    world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
+    assert ("jwt_id", issued.jti) in {(r.kind, r.value) for r in world.state.revocations}
+
+
+def test_credential_records_go_once_no_verifier_can_accept_them(world: World) -> None:
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    issued = world.service.mint_jwt(AGENT, entry, ["docs"])
+    world.clock.set(issued.expires_at + MAX_VERIFIER_LEEWAY)
+    world.run(world.service.housekeeping())
+    assert world.store.count_credentials(task.task_id) == 1
+    world.clock.set(issued.expires_at + MAX_VERIFIER_LEEWAY + 1)
+    world.run(world.service.housekeeping())
+    assert world.store.count_credentials(task.task_id) == 0
 
 
 def test_only_the_owning_runtime_may_end_a_task(world: World) -> None:

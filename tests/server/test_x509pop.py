@@ -234,3 +234,24 @@ def test_silent_agent_times_out(tmp_path: Path) -> None:
         nonces.put(None)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         assert "no message from the agent within 0.3 s" in exc.value.details()  # type: ignore[attr-defined]
+
+
+def test_a_host_over_its_budget_is_refused_before_the_chain_is_checked(tmp_path: Path) -> None:
+    # x509pop checks cost a chain validation and a round trip: unlike join_token attempts,
+    # they are refused up front once the host's budget is spent.
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(_ca("rl-ca")[0].public_bytes(PEM))
+    limits = {"attest_rate_per_host": 1, "attest_burst_per_host": 1}
+    with managed_server(x509pop_ca_bundle=str(ca_file), **limits) as server:
+        params = node_pb2.AttestRequest(
+            params=node_pb2.AttestParams(
+                data=node_pb2.AttestationData(type="x509pop", payload=b"\x30\x82garbage"),
+                csr=make_csr()[1],
+            )
+        )
+        codes = []
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as exc:
+                list(server.attest_stub().Attest(iter([params]), timeout=10))
+            codes.append(exc.value.code())  # type: ignore[attr-defined]
+        assert codes == [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED]

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from svid import (
+    MAX_VERIFIER_LEEWAY,
     BundleError,
     MemoryBundleSource,
     RevocationSet,
@@ -46,10 +47,12 @@ def test_revocation_set_add_lookup_prune() -> None:
     rs.revoke_jti("j2", 200.0)
     assert rs.version == v + 1
     assert len(rs) == 3
-    assert rs.prune(60.0) == 1
+    # Each is kept through its expiry plus the widest leeway a verifier may apply.
+    assert rs.prune(50.0 + MAX_VERIFIER_LEEWAY) == 0
+    assert rs.prune(51.0 + MAX_VERIFIER_LEEWAY) == 1
     assert not rs.is_jti_revoked("j1")
-    assert rs.prune(60.0) == 0
-    assert rs.prune(150.0) == 1
+    assert rs.prune(51.0 + MAX_VERIFIER_LEEWAY) == 0
+    assert rs.prune(150.0 + MAX_VERIFIER_LEEWAY) == 1
     assert {r.value for r in rs.items()} == {"j2"}
     rs.replace([])
     assert len(rs) == 0
@@ -59,7 +62,7 @@ def test_revocation_keeps_latest_expiry() -> None:
     rs = RevocationSet()
     rs.revoke_serial("a", 100.0)
     rs.revoke_serial("A", 50.0)
-    assert rs.prune(75.0) == 0
+    assert rs.prune(75.0 + MAX_VERIFIER_LEEWAY) == 0
     assert rs.is_serial_revoked("a")
 
 

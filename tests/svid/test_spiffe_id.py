@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from svid import SpiffeId, SpiffeIdError, TrustDomain
@@ -141,3 +141,112 @@ def test_parse_never_raises_anything_but_spiffe_id_error(text: str) -> None:
     except SpiffeIdError:
         return
     assert str(sid) == text
+
+
+# -- several rules broken at once: the first one met reading left to right wins, as in go-spiffe
+# (spiffeid.FromString: empty, scheme, then one pass over the trust domain and the path; a
+# segment's empty/dot rule is met at the '/' that ends it, a bad character where it stands).
+
+LONG = "a" * 3000
+
+
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [
+        ("http://Example.org/./a", "scheme"),
+        ("spiffe:/Example.org//", "scheme"),
+        (f"http://{LONG}", "scheme"),
+        ("spiffe:///./", "trust domain is missing"),
+        ("spiffe://Example.org//a/", "trust domain character"),
+        ("spiffe://exa%mple.org/./", "trust domain character"),
+        (f"spiffe://A{LONG}", "trust domain character"),
+        ("spiffe://exämple.org", "trust domain character"),
+        (f"spiffe://{LONG}%/a", "trust domain is too long"),
+        ("spiffe://example.org//a%/", "empty segment"),
+        ("spiffe://example.org//./x", "empty segment"),
+        ("spiffe://example.org/a%/", "path character"),
+        ("spiffe://example.org/a b/./", "path character"),
+        ("spiffe://example.org/é//", "path character"),
+        (f"spiffe://example.org/a%/{LONG}", "path character"),
+        ("spiffe://example.org/./", "dot segment"),
+        ("spiffe://example.org/..//", "dot segment"),
+        ("spiffe://example.org/./a%", "dot segment"),
+        ("spiffe://example.org/a/.", "dot segment"),
+        (f"spiffe://example.org/a//{LONG}", "empty segment"),
+        (f"spiffe://example.org/{LONG}//./%", "SPIFFE ID is too long"),
+    ],
+)
+def test_the_first_rule_broken_left_to_right_is_reported(text: str, cause: str) -> None:
+    with pytest.raises(SpiffeIdError, match=cause):
+        SpiffeId.parse(text)
+
+
+def test_trust_domain_parse_reads_a_scheme_like_input_as_an_id() -> None:
+    # go-spiffe treats anything with ":/" as an ID, so a one-slash typo names the scheme.
+    with pytest.raises(SpiffeIdError, match="scheme"):
+        TrustDomain.parse("spiffe:/example.org")
+
+
+def test_built_ids_report_the_first_rule_broken_too() -> None:
+    td = TrustDomain("example.org")
+    with pytest.raises(SpiffeIdError, match="must start with '/'"):
+        SpiffeId(td, "a//")
+    with pytest.raises(SpiffeIdError, match="empty segment"):
+        SpiffeId(td, "//a%/")
+    with pytest.raises(SpiffeIdError, match="empty segment"):
+        SpiffeId.from_segments(td, "", "a/b")
+    with pytest.raises(SpiffeIdError, match="dot segment"):
+        SpiffeId.from_segments(td, "..", "a%")
+    with pytest.raises(SpiffeIdError, match="path character"):
+        SpiffeId.from_segments(td, "a%", "")
+    with pytest.raises(SpiffeIdError, match="may not contain '/'"):
+        SpiffeId.from_segments(td, "a/b", "")
+
+
+_GO_TD = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
+_GO_PATH = _GO_TD | frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _go_spiffe_cause(text: str) -> str | None:
+    """go-spiffe v2's spiffeid.FromString, re-done from its source as an oracle: the cause (in
+    our words) of the first rule broken, or None for a valid ID."""
+    if not text:
+        return "empty"
+    if not text.startswith("spiffe://"):
+        return "scheme"
+    i = len("spiffe://")
+    while i < len(text) and text[i] != "/":
+        if text[i] not in _GO_TD:
+            return "trust domain character"
+        i += 1
+    if i == len("spiffe://"):
+        return "trust domain is missing"
+    path, start = text[i:], 0
+    for end, ch in enumerate(path):
+        if ch == "/":
+            if path[start:end] == "/":
+                return "empty segment"
+            if path[start:end] in ("/.", "/.."):
+                return "dot segment"
+            start = end
+        elif ch not in _GO_PATH:
+            return "path character"
+    if path and path[start:] == "/":
+        return "trailing slash"
+    if path[start:] in ("/.", "/.."):
+        return "dot segment"
+    return None
+
+
+@settings(max_examples=1000)
+@given(
+    st.text(alphabet="/.aA%é", max_size=10).map(lambda t: "spiffe://" + t)
+    | st.text(alphabet="sSpife:/.aA%", max_size=14)
+)
+def test_causes_match_go_spiffe(text: str) -> None:
+    want = _go_spiffe_cause(text)
+    if want is None:
+        assert str(SpiffeId.parse(text)) == text
+        return
+    with pytest.raises(SpiffeIdError, match=want):
+        SpiffeId.parse(text)

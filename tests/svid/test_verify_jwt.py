@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 from typing import Any
 
@@ -9,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from svid import (
+    MAX_VERIFIER_LEEWAY,
     ExpiredError,
     FakeClock,
     JwtVerifier,
@@ -190,6 +192,22 @@ def test_zero_leeway(source: MemoryBundleSource) -> None:
         v.verify(token(exp=int(T0) + 10), "svc")
     with pytest.raises(ValueError, match="leeway"):
         JwtVerifier(source.jwt_bundle_for, leeway=-1)
+
+
+def test_leeway_up_to_the_revocation_retention_is_accepted(source: MemoryBundleSource) -> None:
+    clock = FakeClock(T0 + 10 + MAX_VERIFIER_LEEWAY)
+    v = JwtVerifier(source.jwt_bundle_for, clock=clock, leeway=MAX_VERIFIER_LEEWAY)
+    assert v.verify(token(exp=int(T0) + 10), "svc")
+
+
+@pytest.mark.parametrize("leeway", [MAX_VERIFIER_LEEWAY + 0.5, 3600.0, math.inf, math.nan])
+def test_leeway_wider_than_the_revocation_retention_is_refused(
+    source: MemoryBundleSource, leeway: float
+) -> None:
+    # The server forgets a revocation MAX_VERIFIER_LEEWAY after exp: a wider leeway would
+    # accept the revoked token again after that.
+    with pytest.raises(ValueError, match=r"leeway must be between 0 and 300 seconds"):
+        JwtVerifier(source.jwt_bundle_for, leeway=leeway)
 
 
 @pytest.mark.parametrize("name", ["nbf", "iat"])

@@ -1,0 +1,90 @@
+"""A revocation outlives its credential's `exp` by the largest leeway a verifier may apply.
+
+A verifier accepts a JWT until exp + its leeway; if the server pruned the revocation at exp, the
+revoked token would be good again for that tail. Real SQLite store, real ES256 tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.datastore import Revocation
+from server.datastore.sqlite import SqliteDataStore
+from server.events import ChangeNotifier
+from server.state import ServerState
+from svid import (
+    MAX_VERIFIER_LEEWAY,
+    ExpiredError,
+    FakeClock,
+    JwtVerifier,
+    MemoryBundleSource,
+    RevocationSet,
+    Revoked,
+    RevokedError,
+    SpiffeBundle,
+    TrustDomain,
+    sign_jws,
+)
+from svid._verify_jwt import DEFAULT_LEEWAY
+from tests.svid.certs import ec_key
+
+TD = TrustDomain("example.org")
+KEY = ec_key()
+SUB = "spiffe://example.org/w"
+
+
+def _token(exp: int) -> str:
+    claims = {"sub": SUB, "aud": ["svc"], "exp": exp, "jti": "leaked-1"}
+    return sign_jws({"kid": "k1", "typ": "JWT"}, claims, KEY)
+
+
+def _verifier(state: ServerState, clock: FakeClock, leeway: float) -> JwtVerifier:
+    """A verifier fed from the server's revocation list, as an agent's would be."""
+    revoked = RevocationSet(Revoked(r.kind, r.value, r.expires_at) for r in state.revocations)
+    source = MemoryBundleSource.of(SpiffeBundle(TD, (), {"k1": KEY.public_key()}))
+    return JwtVerifier(source.jwt_bundle_for, clock=clock, revocations=revoked, leeway=leeway)
+
+
+@pytest.fixture
+def state(datastore: SqliteDataStore, clock: FakeClock) -> ServerState:
+    state = ServerState(datastore, clock, ChangeNotifier())
+    state.load()
+    return state
+
+
+@pytest.mark.parametrize("leeway", [DEFAULT_LEEWAY, MAX_VERIFIER_LEEWAY])
+def test_revoked_jwt_stays_refused_through_the_verifiers_leeway(
+    state: ServerState, datastore: SqliteDataStore, clock: FakeClock, leeway: float
+) -> None:
+    exp = int(clock.now()) + 300
+    token = _token(exp)
+    asyncio.run(state.add_revocations((Revocation("jwt_id", "leaked-1", SUB, exp, "leak", 0),)))
+
+    clock.set(exp + leeway)  # past exp, still inside the leeway: the verifier would accept
+    asyncio.run(state.prune())
+    with pytest.raises(RevokedError, match="leaked-1"):
+        _verifier(state, clock, leeway).verify(token, "svc")
+    # A restarted server reads the same from disk.
+    assert [r.value for r in datastore.list_revocations()] == ["leaked-1"]
+
+
+def test_revocation_goes_once_no_verifier_can_accept_the_token(
+    state: ServerState, datastore: SqliteDataStore, clock: FakeClock
+) -> None:
+    exp = int(clock.now()) + 300
+    token = _token(exp)
+    asyncio.run(state.add_revocations((Revocation("jwt_id", "leaked-1", SUB, exp, "leak", 0),)))
+
+    clock.set(exp + MAX_VERIFIER_LEEWAY)  # the widest verifier still accepts at this second
+    asyncio.run(state.prune())
+    assert len(state.revocations) == 1
+
+    clock.set(exp + MAX_VERIFIER_LEEWAY + 1)
+    asyncio.run(state.prune())
+    assert state.revocations == ()
+    assert datastore.list_revocations() == []
+    # Without the revocation the token is still refused: even the widest leeway has run out.
+    with pytest.raises(ExpiredError):
+        _verifier(state, clock, MAX_VERIFIER_LEEWAY).verify(token, "svc")
