@@ -31,6 +31,7 @@ from server.tasks import recorder as recorder_module
 from server.tasks.model import Credential
 from server.tasks.recorder import IssuanceRecorder
 from server.tasks.store import TaskStore
+from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
 
 AGENT = "spiffe://example.org/svid/agent/join_token/abc"
@@ -220,7 +221,9 @@ def test_credentials_are_recorded_and_read_back(tmp_path: Path) -> None:
     store.record(creds)
     assert store.count_credentials("task-1") == sum(1 for c in creds if c.task_id == "task-1")
     assert store.agent_credentials(AGENT, now=1000) == sorted(creds, key=lambda c: c.value)
-    assert store.agent_credentials(AGENT, now=2000) == []
+    # A verifier with the widest leeway may accept them until exp + MAX_VERIFIER_LEEWAY.
+    assert len(store.agent_credentials(AGENT, now=2000 + int(MAX_VERIFIER_LEEWAY))) == 400
+    assert store.agent_credentials(AGENT, now=2001 + int(MAX_VERIFIER_LEEWAY)) == []
 
 
 class _CountingStore:
