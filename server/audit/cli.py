@@ -17,13 +17,10 @@ from typing import Any
 import grpc
 
 from server.audit.errors import AuditError
+from server.errors import CliError
 
 TIMEOUT = 15.0
 DEFAULT_DATA_DIR = Path(".svid-server")
-
-
-class AuditCliError(AuditError):
-    """A failed audit command; the message is the one line printed."""
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -105,7 +102,7 @@ def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
     if getattr(args, "output", "text") == "json":
         print(json.dumps({**result.to_json(), "anchor_key": note or None}))
     if not result.ok:
-        raise AuditCliError(str(result))
+        raise CliError(str(result))
     if getattr(args, "output", "text") != "json":
         print(str(result) + (f" (checkpoints signed by {note})" if note else ""))
 
@@ -116,13 +113,13 @@ def _anchors(anchor: str | None, key_file: Path | None) -> tuple[list[Any], str]
 
     if anchor is None:
         if key_file is not None:
-            raise AuditCliError("--anchor-key: needs --anchor FILE")
+            raise CliError("--anchor-key: needs --anchor FILE")
         return [], ""
     path = Path(anchor)
     if ":" in anchor and not path.exists():
         return [Anchor.parse(anchor)], ""
     if not path.is_file():
-        raise AuditCliError(f"--anchor: {anchor!r} is neither a checkpoint file nor SEQ:HASH")
+        raise CliError(f"--anchor: {anchor!r} is neither a checkpoint file nor SEQ:HASH")
     pinned = load_public_key(key_file) if key_file is not None else None
     return CheckpointFile(path).anchors(pinned)
 
@@ -164,7 +161,7 @@ def _checkpoint(args: argparse.Namespace, channel: Callable[[argparse.Namespace]
         except grpc.RpcError as exc:
             code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
             details = exc.details() if hasattr(exc, "details") else str(exc)
-            raise AuditCliError(f"{code}: {details}") from None
+            raise CliError(f"{code}: {details}") from None
     if getattr(args, "output", "text") == "json":
         print(reply.line)
     else:
@@ -184,7 +181,7 @@ def _time(flag: str, text: str | None) -> float | None:
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise AuditCliError(f"{flag}: {text!r} is neither unix seconds nor ISO 8601") from None
+        raise CliError(f"{flag}: {text!r} is neither unix seconds nor ISO 8601") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()

@@ -20,15 +20,11 @@ from google.protobuf import json_format
 
 from server.audit import cli as audit_cli
 from server.config import read_toml
-from server.errors import ServerError
+from server.errors import CliError
 from svid._clock import SystemClock
 from svid._proto import task_pb2, task_pb2_grpc
 
 TIMEOUT = 15.0
-
-
-class TaskCliError(ServerError):
-    """A failed task/audit/policy command; the message is the one line printed."""
 
 
 COMMANDS = ("task", "audit", "policy")
@@ -70,7 +66,7 @@ def _validate(args: argparse.Namespace) -> None:
     raw = _config(args)
     directory = args.policy_dir or raw.get("policy_dir")
     if not directory:
-        raise TaskCliError("--policy-dir: no policy directory given (flag or config policy_dir)")
+        raise CliError("--policy-dir: no policy directory given (flag or config policy_dir)")
     trust_domain = args.trust_domain or raw.get("trust_domain") or "example.org"
     problems = validate_policy_dir(
         Path(str(directory)), trust_domain=trust_domain, clock=SystemClock()
@@ -78,7 +74,7 @@ def _validate(args: argparse.Namespace) -> None:
     if problems:
         for problem in problems:
             print(str(problem), file=sys.stderr)
-        raise TaskCliError(f"policy directory {directory} is invalid ({len(problems)} problems)")
+        raise CliError(f"policy directory {directory} is invalid ({len(problems)} problems)")
     print(f"policy directory {directory} is valid")
 
 
@@ -163,4 +159,4 @@ def run_command(
             except grpc.RpcError as exc:
                 code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
                 details = exc.details() if hasattr(exc, "details") else str(exc)
-                raise TaskCliError(f"{code}: {details}") from None
+                raise CliError(f"{code}: {details}") from None
