@@ -260,9 +260,7 @@ class CheckpointFile:
         # A crash mid-write leaves a last line without its newline: not a checkpoint yet.
         return [line for line in lines[:-1] if line.strip()]
 
-    def anchors(
-        self, pinned: tuple[str, ec.EllipticCurvePublicKey] | None = None
-    ) -> tuple[list[Anchor], str]:
+    def anchors(self, pinned_key_id: str | None = None) -> tuple[list[Anchor], str]:
         """Every checkpoint, verified, as anchors; and a note on which key was trusted.
 
         Each line must parse and its signature verify. Lines signed by the trusted key (the
@@ -274,29 +272,30 @@ class CheckpointFile:
         if not lines:
             raise CheckpointError(f"{self.path} holds no checkpoint")
         parsed: list[tuple[int, Checkpoint]] = []
+        keys: dict[tuple[str, str], ec.EllipticCurvePublicKey] = {}
         for number, line in enumerate(lines, 1):
             try:
                 cp = Checkpoint.parse(line)
-                cp.verify_signature(cp.public_key_object())
+                # Lines repeat one key: decode it once per (id, encoding).
+                key = keys.get((cp.key_id, cp.public_key))
+                if key is None:
+                    key = keys[(cp.key_id, cp.public_key)] = cp.public_key_object()
+                cp.verify_signature(key)
             except CheckpointError as e:
                 raise CheckpointError(f"{self.path} line {number}: {e}") from None
             parsed.append((number, cp))
-        if pinned is not None:
-            key_id, key = pinned
+        if pinned_key_id is not None:
+            key_id = pinned_key_id
             note = f"key {key_id[:16]} (pinned)"
         else:
             key_id = parsed[-1][1].key_id
-            key = parsed[-1][1].public_key_object()
             note = f"key {key_id[:16]} (from the file itself, not pinned: see --anchor-key)"
         mine = [(n, cp) for n, cp in parsed if cp.key_id == key_id]
         if not mine:
             raise CheckpointError(f"{self.path}: no checkpoint is signed by key {key_id[:16]}")
+        # A line's key_id is the hash of the key it carries and verified under: the same id is
+        # the same key, so every line kept here is signed by the trusted one.
         _check_order(self.path, mine)
-        for number, cp in mine:
-            try:
-                cp.verify_signature(key)
-            except CheckpointError as e:
-                raise CheckpointError(f"{self.path} line {number}: {e}") from None
         skipped = len(parsed) - len(mine)
         if skipped:
             note += f"; {skipped} checkpoint(s) by other keys skipped"

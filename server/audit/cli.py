@@ -120,7 +120,7 @@ def _anchors(anchor: str | None, key_file: Path | None) -> tuple[list[Any], str]
         return [Anchor.parse(anchor)], ""
     if not path.is_file():
         raise CliError(f"--anchor: {anchor!r} is neither a checkpoint file nor SEQ:HASH")
-    pinned = load_public_key(key_file) if key_file is not None else None
+    pinned = load_public_key(key_file)[0] if key_file is not None else None
     return CheckpointFile(path).anchors(pinned)
 
 

@@ -4,7 +4,7 @@ The audit database is its own file (e.g. `<data_dir>/audit.db`) so it can be shi
 apart from the datastore. WAL with synchronous=FULL: a committed event survives power loss. The
 `audit_head` row holds the last (seq, hash) and is written in the same transaction as the events,
 so a truncated tail is visible as long as the head row is intact; only an anchor kept elsewhere
-(see AuditLog.verify) also survives someone who rewrites the head.
+(a signed checkpoint, server/audit/checkpoint.py) also survives someone who rewrites the head.
 """
 
 from __future__ import annotations
