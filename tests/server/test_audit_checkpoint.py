@@ -371,3 +371,29 @@ def test_verify_reads_one_snapshot_while_appends_go_on(setup: Setup, clock: Fake
         assert (snap.head.seq, len(rows)) == (3, 3)
     store.close()
     assert setup.log.verify(anchor=Head(6, setup.log.head().hash)).ok  # type: ignore[union-attr]
+
+
+def test_a_start_behind_the_last_checkpoint_is_logged(
+    setup: Setup, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    fill(setup.log, clock, 5)
+    setup.checkpointer.checkpoint()
+    setup.log.store.close()
+    hash3 = sqlite3.connect(setup.db).execute("SELECT hash FROM audit_events WHERE seq = 3")
+    sql(
+        setup.db,
+        "DELETE FROM audit_events WHERE seq > 3",
+        f"UPDATE audit_head SET seq = 3, hash = '{hash3.fetchone()[0]}'",
+    )
+    reopened = AuditLog(SqliteAuditStore(setup.db), clock)
+    with caplog.at_level("ERROR", logger="svid.server.audit"):
+        Checkpointer(
+            reopened,
+            CheckpointSigner.load_or_create(setup.data_dir),
+            CheckpointFile(setup.checkpoints),
+            clock,
+            interval=60.0,
+        )
+    (record,) = caplog.records
+    assert "behind its last checkpoint" in record.getMessage()
+    assert (record.head_seq, record.checkpoint_seq) == (3, 5)  # type: ignore[attr-defined]
