@@ -366,6 +366,11 @@ class TaskService:
         task whose writes failed. If the event cannot be written, the task is undone (entry
         deleted, row marked revoked) and never becomes active, so nothing is minted for it."""
         task, entry, begun = await asyncio.to_thread(self._decide_begin, agent, req)
+        # Shielded: a caller hanging up midway must not leave a task half begun (an event
+        # committing in its thread while the task is undone, or a row never made active).
+        return await asyncio.shield(self._write_begin(task, entry, begun))
+
+    async def _write_begin(self, task: Task, entry: Entry, begun: EventDraft) -> Task:
         created = await self._state.create_entry(entry)
         task = replace(task, entry_id=created.id)
         stored = False
@@ -373,7 +378,7 @@ class TaskService:
             await asyncio.to_thread(self._store.put_task, task)
             stored = True
             await asyncio.to_thread(self._audit.append_many, [begun])
-        except BaseException:
+        except Exception:
             await self._undo_begin(task, stored=stored)
             raise
         self._set_active(task, True)
