@@ -1,4 +1,5 @@
-"""The admin API servicer (Unix socket, server's user only): tokens, entries, agents, bundle."""
+"""The admin API servicer (Unix socket, server's user only): tokens, entries, agents, bundle,
+audit checkpoints."""
 
 # ruff: noqa: N802 - gRPC method names are fixed by the proto
 
@@ -15,9 +16,10 @@ import grpc
 from server import status
 from server.attestation.join_token import TYPE_NAME as JOIN_TOKEN
 from server.attestation.join_token import new_join_token
+from server.audit.checkpoint import Checkpoint
 from server.convert import agent_to_proto, bundle_to_proto, entry_from_proto, entry_to_proto
 from server.datastore.base import DataStore
-from server.errors import InvalidRequestError, NotFoundError
+from server.errors import InvalidRequestError, NotFoundError, UnavailableError
 from server.ids import ServerIds
 from server.metrics import Metrics
 from server.registration import validate_entry
@@ -60,6 +62,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         metrics: Metrics,
         join_token_ttl: int,
         on_agent_removed: Callable[[str, str], Awaitable[None]] | None = None,
+        audit_checkpoint: Callable[[], Awaitable[Checkpoint]] | None = None,
     ) -> None:
         self._state = state
         self._datastore = datastore
@@ -68,6 +71,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self._metrics = metrics
         self._join_token_ttl = join_token_ttl
         self._on_agent_removed = on_agent_removed
+        self._audit_checkpoint = audit_checkpoint
 
     def on_error(self, code: grpc.StatusCode) -> None:
         self._metrics.record_error(code)
@@ -207,3 +211,20 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self, request: admin_pb2.GetBundleRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.Bundle:
         return bundle_to_proto(self._state.bundle, self._state.jwt_expiry)
+
+    @status.unary
+    async def AuditCheckpoint(  # type: ignore[override]
+        self, request: admin_pb2.AuditCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AuditCheckpointResponse:
+        if self._audit_checkpoint is None:
+            raise UnavailableError("this server writes no audit checkpoints")
+        cp = await self._audit_checkpoint()
+        _log.info("audit checkpoint written", extra={"seq": cp.seq, "hash": cp.hash})
+        return admin_pb2.AuditCheckpointResponse(
+            line=cp.to_line(),
+            seq=cp.seq,
+            hash=cp.hash,
+            count=cp.count,
+            time=cp.time,
+            key_id=cp.key_id,
+        )

@@ -19,6 +19,8 @@ from server.admin_api import AdminServicer
 from server.attestation.base import NodeAttestor
 from server.attestation.join_token import JoinTokenAttestor
 from server.attestation.x509pop import X509PopAttestor
+from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile, CheckpointSigner
+from server.audit.checkpointer import Checkpointer
 from server.ca.jwt_workers import JwtWorkers
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
@@ -120,6 +122,15 @@ class Server:
             server_id=str(self.ids.server),
             clock=self.clock,
         )
+        self.checkpointer = Checkpointer(
+            self.tasks.audit,
+            CheckpointSigner.load_or_create(cfg.data_dir),
+            CheckpointFile(cfg.data_dir / CHECKPOINT_FILE),
+            self.clock,
+            cfg.audit_checkpoint_interval,
+        )
+        # Anchor what this start found (a crash may have cost the shutdown checkpoint).
+        self.checkpointer.checkpoint()
         self.tls = ServerTls(self.ca, self.clock, cfg.server_svid_ttl)
         self._apply_bundle()
         self.tls.renew()
@@ -210,6 +221,7 @@ class Server:
             clock=self.clock,
             metrics=self.metrics,
             join_token_ttl=cfg.join_token_ttl,
+            audit_checkpoint=lambda: asyncio.to_thread(self.checkpointer.checkpoint, force=True),
         )
         # Two gRPC servers: the admin service must never be reachable over the network ports.
         self._node_server = grpc.aio.server(options=self._grpc_options())
@@ -253,6 +265,7 @@ class Server:
             asyncio.create_task(self._tls_loop(), name="server-svid"),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
             asyncio.create_task(self.tasks.run(self._stop, self.clock), name="tasks"),
+            asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
         ]
         for service in ("", NODE_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -336,6 +349,7 @@ class Server:
                 executor.shutdown(wait=True)
         if self._jwt_workers is not None:
             self._jwt_workers.close()
+        await asyncio.to_thread(self._last_checkpoint)
         self.tasks.close()
         self.datastore.close()
         with contextlib.suppress(FileNotFoundError):
@@ -343,6 +357,14 @@ class Server:
         with contextlib.suppress(FileNotFoundError):
             self.config.admin_socket.unlink()
         _log.info("server stopped")
+
+    def _last_checkpoint(self) -> None:
+        """Nothing is served any more: write what the recorder holds, then anchor the head."""
+        try:
+            self.tasks.service.recorder.flush()
+            self.checkpointer.checkpoint()
+        except Exception:
+            _log.exception("the shutdown audit checkpoint failed")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, serve until `stop` is set, then shut down cleanly."""

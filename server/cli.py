@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 
 from server import cli_output as out
 from server.config import CONFIG_KEYS, DEFAULT_ADMIN_SOCKET, ServerConfig, load_config, read_toml
-from server.errors import ConfigError, ServerError
+from server.errors import CliError, ConfigError, ServerError
 from server.tasks import cli as task_cli
 from svid._errors import SvidError
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
@@ -30,10 +30,6 @@ ADMIN_SOCKET_ENV = "SVID_SERVER_ADMIN_SOCKET"
 # `make run` writes its server's config here; admin commands run from the checkout use it.
 DEMO_CONFIG = Path(".run") / "server.toml"
 RPC_TIMEOUT = 15.0
-
-
-class CliError(ServerError):
-    """A usage or connection problem, reported as one line."""
 
 
 # -- argument parsing ------------------------------------------------------------------------

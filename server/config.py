@@ -66,6 +66,9 @@ class ServerConfig:
     jwt_mint_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Task policies (*.cedar + optional schema); None = the shipped default policy.
     policy_dir: Path | None = None
+    # Seconds between signed checkpoints of the audit head (written only when it moved);
+    # one is also written at clean shutdown and on `svid-server audit checkpoint`.
+    audit_checkpoint_interval: float = 60.0
 
     @property
     def datastore_path(self) -> Path:
@@ -154,6 +157,13 @@ def _positive(key: str, value: Any) -> int:
     return _as_int(key, value, minimum=1)
 
 
+def _as_positive_float(key: str, value: Any) -> float:
+    number = _as_float(key, value)
+    if not number > 0:
+        raise ConfigError(f"{key}: must be more than 0 seconds, got {value!r}")
+    return number
+
+
 _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "trust_domain": _as_trust_domain,
     "data_dir": _as_path,
@@ -186,6 +196,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "signing_threads": _positive,
     "jwt_mint_processes": _as_int,
     "policy_dir": _as_path,
+    "audit_checkpoint_interval": _as_positive_float,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))

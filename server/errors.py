@@ -39,3 +39,8 @@ class UnavailableError(ServerError):
 
 class ConfigError(ServerError, ValueError):
     """The configuration is invalid; the message names the key."""
+
+
+class CliError(ServerError):
+    """A failed svid-server command (usage, connection), printed as one line; never raised by a
+    handler."""

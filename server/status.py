@@ -1,56 +1,171 @@
 """The one place where errors become gRPC status codes.
 
-Handlers raise domain errors (server.errors, the datastore's, the CA's, svid's) and never pick a
-status code themselves; this module decides the code and the client-visible message.
+Handlers raise domain errors (server.errors, the datastore's, the CA's, the audit log's, the
+policy engine's, svid's) and never pick a status code themselves; this module decides the code
+and the client-visible message, explicitly per error type (RULES).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import PurePath
 from typing import Any, TypeVar
 
 import grpc
 
 from server import errors
-from server.ca.errors import CaError, CaUnavailableError, CsrError, SigningRequestError
-from server.datastore import AlreadyExistsError as DsAlreadyExistsError
-from server.datastore import ConflictError as DsConflictError
-from server.datastore import NotFoundError as DsNotFoundError
-from svid._errors import SvidError
+from server.audit.checkpoint import CheckpointError
+from server.audit.errors import AuditError, SecretInAuditError
+from server.ca.errors import (
+    CaConfigError,
+    CaError,
+    CaUnavailableError,
+    CsrError,
+    KeyStoreError,
+    SigningRequestError,
+)
+from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
+from server.datastore.errors import ConflictError as DsConflictError
+from server.datastore.errors import DataStoreError
+from server.datastore.errors import NotFoundError as DsNotFoundError
+from server.policy.errors import PolicyError, RequestError
+from svid import _errors as svid_errors
+from svid._cert_der import NonUriSanError
+from svid._workload_address import WorkloadApiAddressError
+from svid._workload_errors import (
+    JwtSvidValidationError,
+    WorkloadApiError,
+    WorkloadApiPermissionError,
+    WorkloadApiUnavailableError,
+)
 
 _log = logging.getLogger("svid.server.status")
 
-_BY_TYPE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
-    (errors.RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (CsrError, grpc.StatusCode.INVALID_ARGUMENT),
-    (SigningRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (CaUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    # Key store or CA configuration trouble is the server's, not the caller's.
-    (CaError, grpc.StatusCode.INTERNAL),
-    (DsNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (DsAlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (DsConflictError, grpc.StatusCode.ABORTED),
-    # Any other svid error (bad SPIFFE ID, unparsable certificate or CSR) is the caller's input.
-    (SvidError, grpc.StatusCode.INVALID_ARGUMENT),
-)
+Code = grpc.StatusCode
+INTERNAL_MESSAGE = "internal error"
+STORAGE_MESSAGE = "the server cannot record: storage unavailable"
+AUDIT_MESSAGE = "the server cannot record: audit log unavailable"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one error type reaches a client: its code, and either its own message (written for
+    the caller: it names the caller's bad input) or a fixed one (the fault is the server's, and
+    its message may name files, keys or backends)."""
+
+    code: grpc.StatusCode
+    fixed: str | Callable[[BaseException], str] | None = None
+
+    def message(self, exc: BaseException) -> str:
+        if self.fixed is None:
+            return str(exc) or type(exc).__name__
+        return self.fixed if isinstance(self.fixed, str) else self.fixed(exc)
+
+
+# An absolute path in free text (not the "//" or "/path" of a URI: those follow ":", "/" or a
+# word character).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[^\s'\"]+")
+
+
+def _policy_message(exc: BaseException) -> str:
+    """A refused policy set, each problem named by file name only (never the directory)."""
+    assert isinstance(exc, PolicyError)
+    problems = [
+        replace(
+            p,
+            file=PurePath(p.file).name,
+            message=_ABSOLUTE_PATH.sub(lambda m: PurePath(m.group()).name, p.message),
+        )
+        for p in exc.problems
+    ]
+    return str(PolicyError(problems))
+
+
+_SERVER_FAULT = Rule(Code.INTERNAL, INTERNAL_MESSAGE)
+_STORAGE = Rule(Code.UNAVAILABLE, STORAGE_MESSAGE)
+
+# Every error class of svidd, each by name: `status_for` looks up the first class of an
+# exception's MRO found here, and tests/server/test_status.py fails for a class left out, so a
+# new error type is mapped on purpose, never by falling into a parent's entry.
+RULES: Mapping[type[BaseException], Rule] = {
+    # server.errors: raised by handlers on purpose, with messages written for the caller.
+    errors.InvalidRequestError: Rule(Code.INVALID_ARGUMENT),
+    errors.NotFoundError: Rule(Code.NOT_FOUND),
+    errors.AlreadyExistsError: Rule(Code.ALREADY_EXISTS),
+    errors.PermissionDeniedError: Rule(Code.PERMISSION_DENIED),
+    errors.UnauthenticatedError: Rule(Code.UNAUTHENTICATED),
+    errors.RateLimitedError: Rule(Code.RESOURCE_EXHAUSTED),
+    errors.UnavailableError: Rule(Code.UNAVAILABLE),
+    errors.ConfigError: _SERVER_FAULT,
+    errors.CliError: _SERVER_FAULT,
+    errors.ServerError: _SERVER_FAULT,
+    # The CA: a bad CSR or request is the caller's; keys and configuration are the server's.
+    CsrError: Rule(Code.INVALID_ARGUMENT),
+    SigningRequestError: Rule(Code.INVALID_ARGUMENT),
+    CaUnavailableError: Rule(Code.UNAVAILABLE),
+    CaConfigError: _SERVER_FAULT,
+    KeyStoreError: _SERVER_FAULT,
+    CaError: _SERVER_FAULT,
+    # The datastore: what was missing or clashing is the caller's to know; anything else is
+    # the backend's and says nothing about it.
+    DsNotFoundError: Rule(Code.NOT_FOUND),
+    DsAlreadyExistsError: Rule(Code.ALREADY_EXISTS),
+    DsConflictError: Rule(Code.ABORTED),
+    DataStoreError: _STORAGE,
+    # Policy: a refused reload names the files (not their directory); a bad decision request
+    # is the caller's.
+    PolicyError: Rule(Code.FAILED_PRECONDITION, _policy_message),
+    RequestError: Rule(Code.INVALID_ARGUMENT),
+    # Audit: nothing is issued that cannot be recorded (fail closed), and the client learns
+    # only that; a caller's field that looks like a token is refused as input.
+    AuditError: Rule(Code.UNAVAILABLE, AUDIT_MESSAGE),
+    CheckpointError: Rule(Code.UNAVAILABLE, "the server cannot record: audit checkpoint failed"),
+    SecretInAuditError: Rule(Code.INVALID_ARGUMENT),
+    # svid: unreadable IDs, certificates, tokens and bundles come from the caller.
+    svid_errors.SpiffeIdError: Rule(Code.INVALID_ARGUMENT),
+    svid_errors.SvidParseError: Rule(Code.INVALID_ARGUMENT),
+    NonUriSanError: Rule(Code.INVALID_ARGUMENT),
+    svid_errors.X509SvidError: Rule(Code.INVALID_ARGUMENT),
+    svid_errors.JwtSvidError: Rule(Code.INVALID_ARGUMENT),
+    svid_errors.BundleError: Rule(Code.INVALID_ARGUMENT),
+    svid_errors.VerificationError: Rule(Code.PERMISSION_DENIED),
+    svid_errors.RevokedError: Rule(Code.PERMISSION_DENIED),
+    svid_errors.ExpiredError: Rule(Code.PERMISSION_DENIED),
+    # The Workload API client side of the library: a handler of this server never calls it,
+    # so one reaching here is the server's fault.
+    WorkloadApiError: _SERVER_FAULT,
+    WorkloadApiUnavailableError: _SERVER_FAULT,
+    WorkloadApiPermissionError: _SERVER_FAULT,
+    JwtSvidValidationError: _SERVER_FAULT,
+    WorkloadApiAddressError: _SERVER_FAULT,
+    svid_errors.SvidError: _SERVER_FAULT,
+    # Storage below the domain (SQLite, the file system): the client learns no path.
+    sqlite3.Error: _STORAGE,
+    TimeoutError: Rule(Code.UNAVAILABLE, "the server is busy; retry"),
+    OSError: _STORAGE,
+}
+
+
+def rule_for(exc: BaseException) -> Rule | None:
+    """The rule of the nearest class of `exc` that has one; None for anything else (a bug)."""
+    for kind in type(exc).__mro__:
+        rule = RULES.get(kind)
+        if rule is not None:
+            return rule
+    return None
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client sees for `exc`. Unknown errors say only 'internal'."""
-    for kind, code in _BY_TYPE:
-        if isinstance(exc, kind):
-            if code is grpc.StatusCode.INTERNAL:
-                break
-            return code, str(exc) or kind.__name__
-    return grpc.StatusCode.INTERNAL, "internal error"
+    rule = rule_for(exc)
+    if rule is None:
+        return Code.INTERNAL, INTERNAL_MESSAGE
+    return rule.code, rule.message(exc)
 
 
 ErrorHook = Callable[[grpc.StatusCode], None]
@@ -60,8 +175,10 @@ _R = TypeVar("_R")
 
 def _report(exc: BaseException, hook: ErrorHook | None) -> tuple[grpc.StatusCode, str]:
     code, message = status_for(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        _log.error("unexpected error in handler", exc_info=exc)
+    rule = rule_for(exc)
+    if rule is None or rule.fixed is not None:
+        # The client got a fixed message: the details are for the operator only.
+        _log.error("server-side error in handler", exc_info=exc)
     if hook is not None:
         hook(code)
     return code, message

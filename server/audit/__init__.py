@@ -2,14 +2,17 @@
 
 from server.audit.errors import AuditError, SecretInAuditError
 from server.audit.event import GENESIS_HASH, AuditEvent, EventDraft, EventKind
-from server.audit.log import AuditLog, Break, VerifyResult
-from server.audit.store import AuditStore, EventFilter, Head, SqliteAuditStore
+from server.audit.log import AuditLog
+from server.audit.store import AuditSnapshot, AuditStore, EventFilter, Head, SqliteAuditStore
+from server.audit.verify import Anchor, Break, VerifyResult, verify_store
 
 __all__ = [
     "GENESIS_HASH",
+    "Anchor",
     "AuditError",
     "AuditEvent",
     "AuditLog",
+    "AuditSnapshot",
     "AuditStore",
     "Break",
     "EventDraft",
@@ -19,4 +22,5 @@ __all__ = [
     "SecretInAuditError",
     "SqliteAuditStore",
     "VerifyResult",
+    "verify_store",
 ]

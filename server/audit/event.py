@@ -191,6 +191,14 @@ def canonical_encoder() -> Callable[[Any], str]:
     return encode
 
 
+def event_from_row(row: Mapping[str, Any]) -> AuditEvent:
+    """A stored row (policy_ids and extra as JSON text) as an event; not validated."""
+    values = dict(row)
+    values["policy_ids"] = tuple(json.loads(values["policy_ids"]))
+    values["extra"] = json.loads(values["extra"])
+    return AuditEvent(**values)
+
+
 def extra_text(extra: Mapping[str, Any]) -> str:
     """`extra` in its canonical (and stored) form; refuses what cannot be encoded or is too big."""
     if not extra:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import operator
 import re
 import secrets
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from json.encoder import encode_basestring as _json_string
 from typing import Any, TextIO
 
@@ -25,8 +22,10 @@ from server.audit.event import (
     canonical_json,
     check_no_secret,
     checked_extra_text,
+    event_from_row,
 )
 from server.audit.store import AuditStore, EventFilter, Head
+from server.audit.verify import Anchor, VerifyResult, verify_store
 from svid._clock import Clock
 
 _DRAFT_FIELDS = frozenset(DRAFT_FIELDS)
@@ -34,37 +33,6 @@ _draft_values = operator.attrgetter(*DRAFT_FIELDS)
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # A draft as a plain tuple: the values of DRAFT_FIELDS in that order (see AuditLog.append_tuples).
 DraftTuple = tuple[Any, ...]
-
-
-class Break(StrEnum):
-    """How a chain is broken, as far as the evidence tells."""
-
-    EDITED = "edited"  # a row's content no longer matches its own hash
-    DELETED = "deleted"  # a gap in seq: rows removed from the middle
-    RELINKED = "relinked"  # prev_hash does not match: a row before was rewritten or reordered
-    TRUNCATED = "truncated"  # the recorded head (or the anchor) is past the last row
-    HEAD_MISMATCH = "head_mismatch"  # the head row or anchor disagrees with the row at its seq
-    UNREADABLE = "unreadable"  # a row cannot even be decoded into an event
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    ok: bool
-    checked: int
-    head: Head | None
-    broken_seq: int | None = None
-    broken_event_id: str | None = None
-    problem: Break | None = None
-    detail: str = ""
-
-    def __str__(self) -> str:
-        if self.ok:
-            head = f"seq {self.head.seq} hash {self.head.hash}" if self.head else "empty"
-            return f"audit chain OK: {self.checked} events, head {head}"
-        return (
-            f"audit chain BROKEN at seq {self.broken_seq} (event {self.broken_event_id}): "
-            f"{self.problem}: {self.detail}"
-        )
 
 
 class _Ticket:
@@ -139,6 +107,7 @@ class AuditLog:
         head = store.head()
         self._next_seq = 1 if head is None else head.seq + 1
         self._head_hash = GENESIS_HASH if head is None else head.hash
+        self._committed = head
 
     @property
     def store(self) -> AuditStore:
@@ -150,6 +119,11 @@ class AuditLog:
             if self._next_seq == 1:
                 return None
             return Head(self._next_seq - 1, self._head_hash)
+
+    def committed_head(self) -> Head | None:
+        """The newest event known to be on disk, as this process wrote it (not re-read from
+        the database, so a checkpoint of it is not fooled by a rewrite behind its back)."""
+        return self._committed
 
     def append(self, kind: str, **fields_: Any) -> AuditEvent:
         """Record one event (fields of EventDraft); durable when this returns."""
@@ -239,6 +213,8 @@ class AuditLog:
                 except AuditError as e:
                     self._fail(tickets, e)
                 else:
+                    # Batches commit in order under this lock: the last row is the new head.
+                    self._committed = Head(batch[-1][0], batch[-1][-1])
                     for t in tickets:
                         t.done = True
         if mine.error is not None:
@@ -253,88 +229,22 @@ class AuditLog:
             head = self._store.head()
             self._next_seq = 1 if head is None else head.seq + 1
             self._head_hash = GENESIS_HASH if head is None else head.hash
+            self._committed = head
         for t in voided:
             t.done, t.error = True, error
 
-    def verify(self, anchor: Head | None = None) -> VerifyResult:
-        """Walk the whole chain; the first break found is reported with its seq and event id.
+    def verify(self, anchor: Head | None = None, anchors: Sequence[Anchor] = ()) -> VerifyResult:
+        """Verify one consistent snapshot of the store (see server.audit.verify).
 
-        `anchor` is a head recorded elsewhere earlier (e.g. printed by a previous verify): the event
-        at its seq must still exist with its hash. Without one, deleting the newest rows is caught
-        only while the audit_head row is intact.
+        `anchor` is a head recorded elsewhere earlier (e.g. printed by a previous verify), and
+        `anchors` more of them (e.g. signed checkpoints): each event at an anchor's seq must
+        still exist with its hash. Without one, deleting the newest rows is caught only while
+        the audit_head row is intact.
         """
-        prev_hash = GENESIS_HASH
-        expected = 1
-        checked = 0
-        last: AuditEvent | None = None
-        anchor_seen = anchor is None
-        for row in self._store.rows():
-            seq, event_id = row.get("seq"), row.get("event_id")
-            try:
-                event = event_from_row(row)
-            except (AuditError, ValueError, TypeError) as e:
-                return _broken(checked, seq, event_id, Break.UNREADABLE, str(e))
-            if event.compute_hash() != event.hash:
-                return _broken(
-                    checked, seq, event_id, Break.EDITED, "content does not match the stored hash"
-                )
-            if event.seq != expected:
-                if event.seq < expected:
-                    return _broken(
-                        checked, seq, event_id, Break.RELINKED, f"seq {event.seq} out of order"
-                    )
-                return _broken(
-                    checked,
-                    seq,
-                    event_id,
-                    Break.DELETED,
-                    f"events {expected}..{event.seq - 1} are missing",
-                )
-            if event.prev_hash != prev_hash:
-                return _broken(
-                    checked,
-                    seq,
-                    event_id,
-                    Break.RELINKED,
-                    f"prev_hash does not match event {expected - 1}: it was rewritten or reordered",
-                )
-            if anchor is not None and event.seq == anchor.seq:
-                if event.hash != anchor.hash:
-                    return _broken(
-                        checked, seq, event_id, Break.HEAD_MISMATCH, "differs from the anchor"
-                    )
-                anchor_seen = True
-            prev_hash = event.hash
-            expected += 1
-            checked += 1
-            last = event
-        last_seq = 0 if last is None else last.seq
-        if not anchor_seen and anchor is not None:
-            return _broken(
-                checked,
-                last_seq + 1,
-                None,
-                Break.TRUNCATED,
-                f"the anchor names seq {anchor.seq} but the log ends at seq {last_seq}",
-            )
-        head = self._store.head()
-        if head is not None and head.seq > last_seq:
-            return _broken(
-                checked,
-                last_seq + 1,
-                None,
-                Break.TRUNCATED,
-                f"the head records seq {head.seq} but the log ends at seq {last_seq}",
-            )
-        if last is not None and (head is None or head.seq != last.seq or head.hash != last.hash):
-            return _broken(
-                checked,
-                last.seq,
-                last.event_id,
-                Break.HEAD_MISMATCH,
-                "the head row does not name the last event",
-            )
-        return VerifyResult(ok=True, checked=checked, head=head)
+        found = list(anchors)
+        if anchor is not None:
+            found.append(Anchor(anchor.seq, anchor.hash))
+        return verify_store(self._store, found)
 
     def export(
         self,
@@ -363,22 +273,3 @@ class AuditLog:
 _COLUMNS = (*CANONICAL_FIELDS, "hash")
 _POLICY_AT = CANONICAL_FIELDS.index("policy_ids")
 _EXTRA_AT = CANONICAL_FIELDS.index("extra")
-
-
-def event_from_row(row: dict[str, Any]) -> AuditEvent:
-    values = dict(row)
-    values["policy_ids"] = tuple(json.loads(values["policy_ids"]))
-    values["extra"] = json.loads(values["extra"])
-    return AuditEvent(**values)
-
-
-def _broken(checked: int, seq: Any, event_id: Any, problem: Break, detail: str) -> VerifyResult:
-    return VerifyResult(
-        ok=False,
-        checked=checked,
-        head=None,
-        broken_seq=seq if isinstance(seq, int) else None,
-        broken_event_id=event_id if isinstance(event_id, str) else None,
-        problem=problem,
-        detail=detail,
-    )

@@ -4,16 +4,19 @@ The audit database is its own file (e.g. `<data_dir>/audit.db`) so it can be shi
 apart from the datastore. WAL with synchronous=FULL: a committed event survives power loss. The
 `audit_head` row holds the last (seq, hash) and is written in the same transaction as the events,
 so a truncated tail is visible as long as the head row is intact; only an anchor kept elsewhere
-(see AuditLog.verify) also survives someone who rewrites the head.
+(a signed checkpoint, server/audit/checkpoint.py) also survives someone who rewrites the head.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,7 +57,25 @@ class AuditStore(Protocol):
         """Raw rows in seq order, as stored (not validated); `where` narrows them."""
         ...
 
+    def snapshot(self) -> AbstractContextManager[AuditSnapshot]:
+        """The tables, the head and every row as of one instant, for a verify that must not
+        mistake appends landing meanwhile for tampering."""
+        ...
+
     def close(self) -> None: ...
+
+
+AUDIT_TABLES = ("audit_events", "audit_head")
+
+
+@dataclass(frozen=True)
+class AuditSnapshot:
+    """What one read transaction saw. `rows` streams inside that transaction: use it before
+    the snapshot's context ends."""
+
+    missing_tables: tuple[str, ...]
+    head: Head | None
+    rows: Callable[[], Iterator[dict[str, Any]]]
 
 
 _PAGE = 1000
@@ -135,27 +156,41 @@ class SqliteAuditStore:
     """AuditStore on one SQLite file, created 0600. Thread-safe."""
 
     def __init__(self, path: Path, *, create: bool = True) -> None:
-        """Open (and with `create`, make) the database; tools that only read pass create=False."""
+        """Open (and with `create`, make) the database.
+
+        Tools that only read pass create=False: the file is then opened read-only and nothing
+        in it is created or changed, so a verify sees dropped tables as dropped.
+        """
         self._path = path
+        self._read_only = not create
         if not create and not path.is_file():
             raise AuditError(f"no audit database at {path}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Create the file ourselves so it is never world-readable, not even for an instant;
-            # SQLite gives its -wal and -shm files the same mode.
-            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-            os.chmod(path, 0o600)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
             if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # Create the file ourselves so it is never world-readable, not even for an
+                # instant; SQLite gives its -wal and -shm files the same mode.
+                os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+                os.chmod(path, 0o600)
+            self._db = self._connect()
+            if create:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
                 self._db.execute("DROP INDEX IF EXISTS audit_events_ts")
         except (OSError, sqlite3.Error) as e:
             raise AuditError(f"cannot open audit database {path}: {e}") from e
         self._lock = threading.Lock()
         self._insert = f"INSERT INTO audit_events ({', '.join(_COLUMNS)})"
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._read_only:
+            uri = f"file:{urllib.parse.quote(str(self._path.absolute()))}?mode=ro"
+            db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        else:
+            db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
 
     @property
     def path(self) -> Path:
@@ -163,7 +198,10 @@ class SqliteAuditStore:
 
     def head(self) -> Head | None:
         with self._lock:
-            row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+            try:
+                row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+            except sqlite3.Error as e:
+                raise AuditError(f"cannot read audit database {self._path}: {e}") from e
         return None if row is None else Head(int(row[0]), str(row[1]))
 
     def append(self, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -212,12 +250,55 @@ class SqliteAuditStore:
         after = -(2**63)
         while True:
             with self._lock:
-                page = self._db.execute(sql, [after, *args]).fetchall()
+                try:
+                    page = self._db.execute(sql, [after, *args]).fetchall()
+                except sqlite3.Error as e:
+                    raise AuditError(f"cannot read audit database {self._path}: {e}") from e
             for row in page:
                 yield dict(zip(_COLUMNS, row, strict=True))
             if len(page) < _PAGE:
                 return
             after = page[-1][0]
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[AuditSnapshot]:
+        """One read transaction on a read-only connection of its own: in WAL mode it sees one
+        committed state from its first read to its end, and writers go on meanwhile. Creates
+        nothing, so dropped tables are reported as missing."""
+        try:
+            uri = f"file:{urllib.parse.quote(str(self._path.absolute()))}?mode=ro"
+            db = sqlite3.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as e:
+            raise AuditError(f"cannot open audit database {self._path}: {e}") from e
+        try:
+            db.execute("PRAGMA busy_timeout=5000")
+            # BEGIN is deferred: the snapshot is taken by the first SELECT, and every later one
+            # in this transaction reads the same state.
+            db.execute("BEGIN")
+            names = {
+                r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            missing = tuple(t for t in AUDIT_TABLES if t not in names)
+            head = None
+            if "audit_head" in names:
+                row = db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+                head = None if row is None else Head(int(row[0]), str(row[1]))
+
+            def rows() -> Iterator[dict[str, Any]]:
+                if "audit_events" not in names:
+                    return
+                cursor = db.execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM audit_events ORDER BY seq"  # noqa: S608
+                )
+                while page := cursor.fetchmany(_PAGE):
+                    for r in page:
+                        yield dict(zip(_COLUMNS, r, strict=True))
+
+            yield AuditSnapshot(missing, head, rows)
+        except (sqlite3.Error, ValueError) as e:
+            raise AuditError(f"cannot read audit database {self._path}: {e}") from e
+        finally:
+            db.close()
 
     def close(self) -> None:
         with self._lock:

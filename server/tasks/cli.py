@@ -1,7 +1,8 @@
 """`svid-server task | audit | policy` subcommands, plugged into server/cli.py.
 
-`audit verify|export` and `policy validate` read files directly (they work with the server
-stopped); `task list|show|revoke` and `policy reload` talk to the running server's admin socket.
+`audit` lives in server/audit/cli.py. `policy validate` reads files directly (it works with
+the server stopped); `task list|show|revoke` and `policy reload` talk to the running server's
+admin socket.
 """
 
 from __future__ import annotations
@@ -17,17 +18,13 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from server.audit import cli as audit_cli
 from server.config import read_toml
-from server.errors import ServerError
+from server.errors import CliError
 from svid._clock import SystemClock
 from svid._proto import task_pb2, task_pb2_grpc
 
 TIMEOUT = 15.0
-DEFAULT_DATA_DIR = Path(".svid-server")
-
-
-class TaskCliError(ServerError):
-    """A failed task/audit/policy command; the message is the one line printed."""
 
 
 COMMANDS = ("task", "audit", "policy")
@@ -47,21 +44,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     trevoke.add_argument("task_id")
     trevoke.add_argument("--reason", default="")
 
-    audit = sub.add_parser("audit", help="the audit log").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    for name, text in (("verify", "check the hash chain"), ("export", "write JSON lines")):
-        p = audit.add_parser(name, parents=[common], help=text)
-        p.add_argument("--data-dir", type=Path, default=None)
-        p.add_argument("--audit-db", type=Path, default=None, help="default <data_dir>/audit.db")
-    export = audit.choices["export"]
-    export.add_argument("--agent", default=None)
-    export.add_argument("--task", default=None)
-    export.add_argument("--since", default=None, help="unix seconds or ISO 8601 (inclusive)")
-    export.add_argument("--until", default=None, help="unix seconds or ISO 8601 (exclusive)")
-    export.add_argument("--decision", default=None)
-    export.add_argument("--kind", default=None)
-    export.add_argument("--out", type=Path, default=None, help="file (default stdout)")
+    audit_cli.add_commands(sub, common)
 
     policy = sub.add_parser("policy", help="task policies").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -77,84 +60,13 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return read_toml(path) if path is not None else {}
 
 
-def _audit_db(args: argparse.Namespace) -> Path:
-    if args.audit_db is not None:
-        return Path(args.audit_db)
-    data_dir = args.data_dir or _config(args).get("data_dir") or DEFAULT_DATA_DIR
-    return Path(str(data_dir)) / "audit.db"
-
-
-def _time(flag: str, text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise TaskCliError(f"{flag}: {text!r} is neither unix seconds nor ISO 8601") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
-
-
-def _open_log(args: argparse.Namespace) -> Any:
-    from server.audit import AuditLog, SqliteAuditStore  # noqa: PLC0415 - only these commands
-
-    return AuditLog(SqliteAuditStore(_audit_db(args), create=False), SystemClock())
-
-
-def _audit(args: argparse.Namespace) -> None:
-    log = _open_log(args)
-    try:
-        if args.action == "verify":
-            result = log.verify()
-            if getattr(args, "output", "text") == "json":
-                print(
-                    json.dumps(
-                        {
-                            "ok": result.ok,
-                            "checked": result.checked,
-                            "broken_seq": result.broken_seq,
-                            "broken_event_id": result.broken_event_id,
-                            "problem": str(result.problem) if result.problem else None,
-                            "detail": result.detail,
-                        }
-                    )
-                )
-            if not result.ok:
-                raise TaskCliError(str(result))
-            if getattr(args, "output", "text") != "json":
-                print(str(result))
-            return
-        out = args.out.open("w") if args.out is not None else sys.stdout
-        try:
-            count = log.export(
-                out,
-                agent=args.agent,
-                task=args.task,
-                since=_time("--since", args.since),
-                until=_time("--until", args.until),
-                decision=args.decision,
-                kind=args.kind,
-            )
-        finally:
-            if args.out is not None:
-                out.close()
-        print(f"exported {count} events", file=sys.stderr)
-    finally:
-        log.store.close()
-
-
 def _validate(args: argparse.Namespace) -> None:
     from server.policy import validate_policy_dir  # noqa: PLC0415
 
     raw = _config(args)
     directory = args.policy_dir or raw.get("policy_dir")
     if not directory:
-        raise TaskCliError("--policy-dir: no policy directory given (flag or config policy_dir)")
+        raise CliError("--policy-dir: no policy directory given (flag or config policy_dir)")
     trust_domain = args.trust_domain or raw.get("trust_domain") or "example.org"
     problems = validate_policy_dir(
         Path(str(directory)), trust_domain=trust_domain, clock=SystemClock()
@@ -162,7 +74,7 @@ def _validate(args: argparse.Namespace) -> None:
     if problems:
         for problem in problems:
             print(str(problem), file=sys.stderr)
-        raise TaskCliError(f"policy directory {directory} is invalid ({len(problems)} problems)")
+        raise CliError(f"policy directory {directory} is invalid ({len(problems)} problems)")
     print(f"policy directory {directory} is valid")
 
 
@@ -237,7 +149,7 @@ def run_command(
 ) -> None:
     """Run a task/audit/policy command; `channel` opens the admin socket (server/cli.py's)."""
     if args.command == "audit":
-        _audit(args)
+        audit_cli.run(args, channel, _config)
     elif (args.command, args.action) == ("policy", "validate"):
         _validate(args)
     else:
@@ -247,4 +159,4 @@ def run_command(
             except grpc.RpcError as exc:
                 code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
                 details = exc.details() if hasattr(exc, "details") else str(exc)
-                raise TaskCliError(f"{code}: {details}") from None
+                raise CliError(f"{code}: {details}") from None

@@ -235,8 +235,11 @@ class TaskService:
         )
         return PermissionDeniedError(reason)
 
-    def _decide_begin(self, agent: AttestedAgent, req: BeginRequest) -> tuple[Task, Entry]:
-        """Everything of `begin` that is synchronous: checks, decision, the records to write."""
+    def _decide_begin(
+        self, agent: AttestedAgent, req: BeginRequest
+    ) -> tuple[Task, Entry, EventDraft]:
+        """Everything of `begin` that is synchronous: checks, decision, the records to write
+        and the task-begin event to append once they are written."""
         for name in (*req.actions, *req.resources):
             if not name or len(name) > 256:
                 raise InvalidRequestError(
@@ -334,8 +337,9 @@ class TaskService:
             hint=f"task-{task_id}",
             expires_at=now + ttl,
         )
-        self._audit.append(
-            EventKind.TASK_BEGIN,
+        # Appended by `begin` once the task's entry and row exist (see there).
+        begun = EventDraft(
+            kind=EventKind.TASK_BEGIN,
             agent_id=req.runtime_id,
             node_id=agent.spiffe_id,
             on_behalf_of=intent.on_behalf_of or None,
@@ -353,18 +357,49 @@ class TaskService:
                 "classification": intent.classification,
                 "environment": intent.environment,
             },
-            **decision.audit_fields(),
+            **decision.audit_fields(),  # type: ignore[arg-type]
         )
-        return task, entry
+        return task, entry, begun
 
     async def begin(self, agent: AttestedAgent, req: BeginRequest) -> Task:
-        task, entry = await asyncio.to_thread(self._decide_begin, agent, req)
+        """The task's entry, then its row, then its task-begin event: the log never records a
+        task whose writes failed. If the event cannot be written, the task is undone (entry
+        deleted, row marked revoked) and never becomes active, so nothing is minted for it."""
+        task, entry, begun = await asyncio.to_thread(self._decide_begin, agent, req)
+        # Shielded: a caller hanging up midway must not leave a task half begun (an event
+        # committing in its thread while the task is undone, or a row never made active).
+        return await asyncio.shield(self._write_begin(task, entry, begun))
+
+    async def _write_begin(self, task: Task, entry: Entry, begun: EventDraft) -> Task:
         created = await self._state.create_entry(entry)
         task = replace(task, entry_id=created.id)
-        await asyncio.to_thread(self._store.put_task, task)
+        stored = False
+        try:
+            await asyncio.to_thread(self._store.put_task, task)
+            stored = True
+            await asyncio.to_thread(self._audit.append_many, [begun])
+        except Exception:
+            await self._undo_begin(task, stored=stored)
+            raise
         self._set_active(task, True)
         _log.info("task begun", extra={"task_id": task.task_id, "agent_id": task.runtime_id})
         return task
+
+    async def _undo_begin(self, task: Task, *, stored: bool) -> None:
+        """Best effort after a failed begin: the caller gets the original error either way."""
+        try:
+            if stored:
+                await asyncio.to_thread(
+                    self._store.finish,
+                    task,
+                    TaskState.REVOKED,
+                    self._now(),
+                    "begin failed: not recorded in the audit log",
+                )
+            with contextlib.suppress(LookupError):
+                await self._state.delete_entry(task.entry_id)
+        except Exception:
+            _log.exception("undoing a failed task begin failed", extra={"task_id": task.task_id})
 
     # -- per-mint decisions ---------------------------------------------------------------------
 

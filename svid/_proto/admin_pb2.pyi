@@ -137,3 +137,23 @@ class BanAgentResponse(_message.Message):
 class GetBundleRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class AuditCheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AuditCheckpointResponse(_message.Message):
+    __slots__ = ("line", "seq", "hash", "count", "time", "key_id")
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    line: str
+    seq: int
+    hash: str
+    count: int
+    time: float
+    key_id: str
+    def __init__(self, line: _Optional[str] = ..., seq: _Optional[int] = ..., hash: _Optional[str] = ..., count: _Optional[int] = ..., time: _Optional[float] = ..., key_id: _Optional[str] = ...) -> None: ...

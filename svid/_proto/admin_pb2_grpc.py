@@ -91,6 +91,11 @@ class AdminStub:
                 request_serializer=admin__pb2.GetBundleRequest.SerializeToString,
                 response_deserializer=common__pb2.Bundle.FromString,
                 _registered_method=True)
+        self.AuditCheckpoint = channel.unary_unary(
+                '/svid.admin.v1.Admin/AuditCheckpoint',
+                request_serializer=admin__pb2.AuditCheckpointRequest.SerializeToString,
+                response_deserializer=admin__pb2.AuditCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -162,6 +167,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +230,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetBundle,
                     request_deserializer=admin__pb2.GetBundleRequest.FromString,
                     response_serializer=common__pb2.Bundle.SerializeToString,
+            ),
+            'AuditCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditCheckpoint,
+                    request_deserializer=admin__pb2.AuditCheckpointRequest.FromString,
+                    response_serializer=admin__pb2.AuditCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -518,6 +534,33 @@ class Admin:
             '/svid.admin.v1.Admin/GetBundle',
             admin__pb2.GetBundleRequest.SerializeToString,
             common__pb2.Bundle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/AuditCheckpoint',
+            admin__pb2.AuditCheckpointRequest.SerializeToString,
+            admin__pb2.AuditCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""Admin API over its Unix socket: CRUD, bad input table, socket permissions."""
+"""Admin API over its Unix socket: CRUD, bad input table, socket permissions, audit checkpoints."""
 
 from __future__ import annotations
 
@@ -10,8 +10,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from server.audit.checkpoint import CHECKPOINT_FILE, Checkpoint
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
-from tests.server.fixtures import TLS_NAME, TRUST_DOMAIN, RunningServer, bundle_pem, running_server
+from tests.server.fixtures import (
+    TLS_NAME,
+    TRUST_DOMAIN,
+    RunningServer,
+    bundle_pem,
+    managed_server,
+    running_server,
+)
 
 TD = f"spiffe://{TRUST_DOMAIN}"
 AGENT = f"{TD}/svid/agent/join_token/a1"
@@ -189,3 +197,32 @@ def test_admin_service_is_not_on_the_network_ports(srv: RunningServer) -> None:
         stub.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(), timeout=5)
     channel.close()
     assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+
+
+def test_audit_checkpoint_signs_the_committed_head_and_appends_it(srv: RunningServer) -> None:
+    reply = srv.admin().AuditCheckpoint(admin_pb2.AuditCheckpointRequest(), timeout=10)
+    head = srv.server.tasks.audit.committed_head()
+    assert (reply.seq, reply.hash) == ((head.seq, head.hash) if head else (0, "0" * 64))
+    cp = Checkpoint.parse(reply.line)
+    cp.verify_signature(cp.public_key_object())
+    assert (cp.seq, cp.hash, cp.count, cp.key_id) == (
+        reply.seq,
+        reply.hash,
+        reply.count,
+        reply.key_id,
+    )
+    lines = (srv.config.data_dir / CHECKPOINT_FILE).read_text().splitlines()
+    assert lines[-1] == reply.line
+
+
+def test_a_failed_checkpoint_is_unavailable_and_names_no_path() -> None:
+    with managed_server() as srv:
+        path = srv.config.data_dir / CHECKPOINT_FILE
+        path.unlink()
+        path.mkdir()  # the append now fails on the file system
+        with pytest.raises(grpc.RpcError) as exc:
+            srv.admin().AuditCheckpoint(admin_pb2.AuditCheckpointRequest(), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        details = exc.value.details()  # type: ignore[attr-defined]
+        assert details == "the server cannot record: audit checkpoint failed"
+        assert str(srv.config.data_dir) not in details

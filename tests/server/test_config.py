@@ -21,6 +21,7 @@ def test_defaults_from_minimal_file(tmp_path: Path) -> None:
     assert config.join_token_ttl == 600
     assert config.key_type == "ec-p256"
     assert config.metrics_address == ""
+    assert config.audit_checkpoint_interval == 60.0
 
 
 def test_server_table_and_flags_win(tmp_path: Path) -> None:
@@ -61,6 +62,14 @@ def test_config_is_frozen() -> None:
         ({"trust_domain": "example.org", "ca_ttl": 100}, "default_x509_svid_ttl"),
         ({"trust_domain": "example.org", "jwt_key_ttl": 100}, "default_jwt_svid_ttl"),
         ({"trust_domain": "example.org", "shutdown_grace": -1}, "shutdown_grace"),
+        (
+            {"trust_domain": "example.org", "audit_checkpoint_interval": 0},
+            "audit_checkpoint_interval",
+        ),
+        (
+            {"trust_domain": "example.org", "audit_checkpoint_interval": "x"},
+            "audit_checkpoint_interval",
+        ),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:

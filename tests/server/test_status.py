@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import sqlite3
+
 import grpc
 import pytest
 
 from server import errors
+from server.audit import AuditError
 from server.ca.errors import CaUnavailableError, CsrError, KeyStoreError
 from server.datastore import AlreadyExistsError, NotFoundError
-from server.status import status_for
-from svid._errors import SpiffeIdError, SvidParseError
+from server.policy.errors import PolicyError, Problem, RequestError
+from server.status import RULES, status_for
+from svid._errors import SpiffeIdError, SvidError, SvidParseError
 
 
 @pytest.mark.parametrize(
@@ -44,3 +50,107 @@ def test_unexpected_errors_reveal_nothing() -> None:
         grpc.StatusCode.INTERNAL,
         "internal error",
     )
+
+
+# -- every error type mapped on purpose ------------------------------------------------------
+
+CALLER_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+SECRET_PATH = "/var/lib/svid-server/data/audit.db"
+
+
+def project_errors() -> list[type[BaseException]]:
+    """Every exception class the server's processes can raise: all of server/ and svid/
+    imported, then every subclass of svidd's root, recursively."""
+    import server
+    import svid
+
+    for package in (server, svid):
+        for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            importlib.import_module(module.name)
+    found: list[type[BaseException]] = []
+    todo: list[type[BaseException]] = [SvidError]
+    while todo:
+        cls = todo.pop()
+        # agent_attestor's errors belong to the agent (its own process and mapping).
+        if cls not in found and cls.__module__.split(".")[0] in ("server", "svid"):
+            found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def instance(cls: type[BaseException], message: str) -> BaseException:
+    if issubclass(cls, PolicyError):
+        return cls([Problem(f"{SECRET_PATH}/../policies/tasks.cedar", message)])
+    return cls(message)
+
+
+def test_every_error_class_has_its_own_rule() -> None:
+    classes = project_errors()
+    assert len(classes) > 30  # the walk found the tree, not just its root
+    missing = sorted(f"{c.__module__}.{c.__qualname__}" for c in classes if c not in RULES)
+    assert missing == [], "map these in server/status.py RULES"
+
+
+@pytest.mark.parametrize("cls", project_errors(), ids=lambda c: c.__qualname__)
+def test_no_server_side_message_reaches_the_client(cls: type[BaseException]) -> None:
+    exc = instance(cls, f"cannot write {SECRET_PATH}: disk I/O error")
+    code, message = status_for(exc)
+    rule = RULES[cls]
+    if rule.fixed is None:
+        # Only errors about the caller's own input pass their message on.
+        assert code in CALLER_CODES
+        assert message == str(exc)
+    else:
+        assert SECRET_PATH not in message
+        assert "/var/lib" not in message
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "message"),
+    [
+        (
+            AuditError(f"cannot append to audit database {SECRET_PATH}: disk I/O error"),
+            grpc.StatusCode.UNAVAILABLE,
+            "the server cannot record: audit log unavailable",
+        ),
+        (
+            sqlite3.OperationalError("database is locked"),
+            grpc.StatusCode.UNAVAILABLE,
+            "the server cannot record: storage unavailable",
+        ),
+        (
+            PermissionError(13, "Permission denied", SECRET_PATH),
+            grpc.StatusCode.UNAVAILABLE,
+            "the server cannot record: storage unavailable",
+        ),
+        (
+            PolicyError([Problem("/etc/svid/policies/tasks.cedar", "syntax error", 3)]),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "policy set refused: tasks.cedar:3: syntax error",
+        ),
+        (
+            PolicyError([Problem("tasks.cedar", "unknown principal spiffe://example.org/a/b")]),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "policy set refused: tasks.cedar: unknown principal spiffe://example.org/a/b",
+        ),
+        (
+            RequestError("requested_ttl: -1 is negative"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "requested_ttl: -1 is negative",
+        ),
+    ],
+)
+def test_audit_policy_and_storage_errors_are_mapped_on_purpose(
+    exc: Exception, code: grpc.StatusCode, message: str
+) -> None:
+    assert status_for(exc) == (code, message)

@@ -4,6 +4,7 @@ the default Cedar policy set. Only the clock is fake."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from server.audit import AuditLog, SqliteAuditStore
+from server.audit import AuditError, AuditLog, SqliteAuditStore
 from server.ca.manager import CaManager
+from server.datastore.base import DataStore
 from server.datastore.records import AttestedAgent, Entry, Selector
 from server.datastore.sqlite import SqliteDataStore
+from server.datastore.testing import FaultInjectingDataStore
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.events import ChangeNotifier
 from server.policy import PolicyEngine
@@ -65,16 +68,21 @@ class World:
         return [r for r in self.audit.store.rows() if r["kind"] == kind]
 
 
-@pytest.fixture
-def world(
-    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
-) -> Iterator[World]:
+def make_world(
+    tmp_path: Path,
+    clock: FakeClock,
+    datastore: DataStore,
+    ca_manager: CaManager,
+    *,
+    store: TaskStore | None = None,
+    audit_store: SqliteAuditStore | None = None,
+) -> World:
     state = ServerState(datastore, clock, ChangeNotifier())
     state.load()
     state.set_bundle(ca_manager.bundle(), {})
     agent = AttestedAgent(AGENT, "join_token", "abc", int(clock.now()) + 3600, selectors=())
-    audit = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), clock)
-    store = TaskStore(tmp_path / "tasks.db")
+    audit = AuditLog(audit_store or SqliteAuditStore(tmp_path / "audit.db"), clock)
+    store = store or TaskStore(tmp_path / "tasks.db")
     policy = PolicyEngine(None, clock, trust_domain="example.org")
     service = TaskService(
         state=state,
@@ -91,9 +99,17 @@ def world(
         await state.create_entry(Entry("", RUNTIME, AGENT, SELECTORS))
 
     asyncio.run(setup())
-    yield World(service, state, audit, store, ca_manager, clock, agent, tmp_path)
-    service.close()
-    store.close()
+    return World(service, state, audit, store, ca_manager, clock, agent, tmp_path)
+
+
+@pytest.fixture
+def world(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> Iterator[World]:
+    w = make_world(tmp_path, clock, datastore, ca_manager)
+    yield w
+    w.service.close()
+    w.store.close()
 
 
 def decode(world: World, token: str, audience: str) -> dict[str, Any]:
@@ -378,3 +394,79 @@ def test_a_reported_claim_that_looks_like_a_token_is_not_recorded(world: World) 
     assert event["decision"] == "deny"
     assert forged not in str(event)
     assert world.audit.verify().ok
+
+
+# -- the task-begin event is written only for a task that exists ------------------------------
+
+
+class FailingTaskStore(TaskStore):
+    """The real task store whose next `put_task` fails (a full or unwritable disk)."""
+
+    fail_next = False
+
+    def put_task(self, task: Any) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise sqlite3.OperationalError("disk I/O error")
+        super().put_task(task)
+
+
+class FailingAuditStore(SqliteAuditStore):
+    fail_next = False
+
+    def append(self, rows: Any) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise AuditError("cannot append to audit database: disk I/O error")
+        super().append(rows)
+
+
+def no_trace_of_a_task(world: World) -> None:
+    assert world.events("task_begin") == []
+    assert [e.spiffe_id for e in world.state.entries.by_id.values()] == [RUNTIME]
+    assert [t for t in world.store.list_tasks() if t.active] == []
+    assert world.service.next_expiry() == float("inf")
+
+
+def test_a_failed_entry_write_leaves_no_task_begin_event(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> None:
+    faulty = FaultInjectingDataStore(datastore)
+    world = make_world(tmp_path, clock, faulty, ca_manager)
+    faulty.inject(sqlite3.OperationalError("disk I/O error"), method="create_entry")
+    with pytest.raises(sqlite3.OperationalError):
+        world.begin()
+    no_trace_of_a_task(world)
+    assert world.store.list_tasks() == []
+    world.service.close()
+
+
+def test_a_failed_task_row_write_leaves_no_task_begin_event(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> None:
+    store = FailingTaskStore(tmp_path / "tasks.db")
+    world = make_world(tmp_path, clock, datastore, ca_manager, store=store)
+    store.fail_next = True
+    with pytest.raises(sqlite3.OperationalError):
+        world.begin()
+    no_trace_of_a_task(world)
+    assert world.store.list_tasks() == []
+    # The next begin works and is recorded once.
+    task = world.begin()
+    assert [e["task_id"] for e in world.events("task_begin")] == [task.task_id]
+    world.service.close()
+
+
+def test_a_task_whose_begin_event_cannot_be_written_is_undone(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> None:
+    audit_store = FailingAuditStore(tmp_path / "audit.db")
+    world = make_world(tmp_path, clock, datastore, ca_manager, audit_store=audit_store)
+    audit_store.fail_next = True
+    with pytest.raises(AuditError):
+        world.begin()
+    no_trace_of_a_task(world)
+    (undone,) = world.store.list_tasks()
+    assert undone.state is TaskState.REVOKED
+    assert world.service.active_task(undone.spiffe_id) is None
+    world.service.close()

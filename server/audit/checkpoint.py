@@ -1,0 +1,326 @@
+"""Signed checkpoints of the audit chain head, kept outside the audit database.
+
+A hash chain stops no one who can rewrite the whole database: they re-hash it. A checkpoint
+is the head (seq, hash, event count) at a moment, signed by a key that never enters
+audit.db, and written to a JSON-lines file an operator can ship elsewhere. `audit verify
+--anchor FILE` then proves the log still holds what each checkpoint names.
+
+One line per checkpoint, canonical JSON (sorted keys, compact):
+
+    {"count":N,"hash":H,"key_id":K,"public_key":P,"seq":N,"sig":S,"time":T,"v":1}
+
+The signature (ECDSA P-256, SHA-256, DER, base64) covers the canonical JSON of every field
+but `public_key` and `sig`. `key_id` is the sha256 (hex) of the public key's DER
+SubjectPublicKeyInfo; `public_key` is that DER in base64, so a line verifies on its own. Trust
+in that key comes from elsewhere: pin the public key file you shipped off the host
+(`--anchor-key`); an unpinned verify only shows the file is self-consistent.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.audit.errors import AuditError
+from server.audit.event import canonical_json
+from server.audit.verify import Anchor
+from server.ca.keys import EC_P256, KeyStore, generate_key, spki_der
+from svid._clock import to_datetime
+
+VERSION = 1
+KEY_SLOT = "checkpoint"
+# Next to audit.db in the data dir, never inside it.
+KEY_DIR = "audit-key"
+PUBLIC_KEY_FILE = "audit-checkpoint-key.pub.pem"
+CHECKPOINT_FILE = "audit-checkpoints.jsonl"
+
+
+class CheckpointError(AuditError):
+    """A checkpoint line or key cannot be read, or does not verify; the message says which."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    seq: int
+    hash: str
+    count: int
+    time: float
+    key_id: str
+    public_key: str
+    sig: str
+
+    def signed_bytes(self) -> bytes:
+        return _signed_bytes(self.seq, self.hash, self.count, self.time, self.key_id)
+
+    def to_line(self) -> str:
+        body = {**_body(self.seq, self.hash, self.count, self.time, self.key_id)}
+        body["public_key"] = self.public_key
+        body["sig"] = self.sig
+        return canonical_json(body).decode("utf-8")
+
+    @classmethod
+    def parse(cls, line: str) -> Checkpoint:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            raise CheckpointError("not JSON") from None
+        if not isinstance(data, dict) or data.get("v") != VERSION:
+            raise CheckpointError(f"not a version {VERSION} checkpoint")
+        try:
+            cp = cls(
+                seq=_int(data["seq"]),
+                hash=str(data["hash"]),
+                count=_int(data["count"]),
+                time=float(data["time"]),
+                key_id=str(data["key_id"]),
+                public_key=str(data["public_key"]),
+                sig=str(data["sig"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"missing or malformed field {e}") from None
+        return cp
+
+    def public_key_object(self) -> ec.EllipticCurvePublicKey:
+        try:
+            der = base64.b64decode(self.public_key, validate=True)
+        except (binascii.Error, ValueError):
+            raise CheckpointError("public_key is not base64") from None
+        if hashlib.sha256(der).hexdigest() != self.key_id:
+            raise CheckpointError("public_key does not match key_id")
+        return _load_public_der(der)
+
+    def verify_signature(self, key: ec.EllipticCurvePublicKey) -> None:
+        try:
+            key.verify(
+                base64.b64decode(self.sig, validate=True),
+                self.signed_bytes(),
+                ec.ECDSA(hashes.SHA256()),
+            )
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise CheckpointError("signature does not verify") from None
+
+    def anchor(self) -> Anchor:
+        when = to_datetime(self.time).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return Anchor(self.seq, self.hash, self.count, source=f"the checkpoint of {when}")
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
+def _body(seq: int, digest: str, count: int, time: float, key_id: str) -> dict[str, Any]:
+    return {
+        "v": VERSION,
+        "seq": seq,
+        "hash": digest,
+        "count": count,
+        "time": time,
+        "key_id": key_id,
+    }
+
+
+def _signed_bytes(seq: int, digest: str, count: int, time: float, key_id: str) -> bytes:
+    return canonical_json(_body(seq, digest, count, time, key_id))
+
+
+def _load_public_der(der: bytes) -> ec.EllipticCurvePublicKey:
+    try:
+        key = serialization.load_der_public_key(der)
+    except ValueError:
+        raise CheckpointError("public_key is not a DER public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise CheckpointError("public_key is not an ECDSA P-256 key")
+    return key
+
+
+def load_public_key(path: Path) -> tuple[str, ec.EllipticCurvePublicKey]:
+    """(key id, key) from a PEM public key file, as published next to the checkpoints."""
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError:
+        raise CheckpointError(f"{path} holds no PEM public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise CheckpointError(f"{path} holds no ECDSA P-256 public key")
+    return hashlib.sha256(spki_der(key)).hexdigest(), key
+
+
+class CheckpointSigner:
+    """Signs checkpoints with one ECDSA P-256 key kept in its own 0600 file."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
+        self._key = key
+        der = spki_der(key.public_key())
+        self.key_id = hashlib.sha256(der).hexdigest()
+        self.public_key_b64 = base64.b64encode(der).decode("ascii")
+
+    @classmethod
+    def load_or_create(cls, data_dir: Path) -> CheckpointSigner:
+        """The data dir's checkpoint key, made at first start; its public key is (re)published
+        as PUBLIC_KEY_FILE so an operator can copy it off the host and pin it."""
+        store = KeyStore(data_dir / KEY_DIR)
+        if store.exists(KEY_SLOT):
+            key = store.load(KEY_SLOT)
+        else:
+            key = generate_key(EC_P256)
+            store.save(KEY_SLOT, key)
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise CheckpointError("the audit checkpoint key is not an ECDSA P-256 key")
+        signer = cls(key)
+        signer._publish(data_dir / PUBLIC_KEY_FILE)
+        return signer
+
+    def public_pem(self) -> bytes:
+        return self._key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def sign(self, seq: int, digest: str, count: int, time: float) -> Checkpoint:
+        signature = self._key.sign(
+            _signed_bytes(seq, digest, count, time, self.key_id), ec.ECDSA(hashes.SHA256())
+        )
+        return Checkpoint(
+            seq=seq,
+            hash=digest,
+            count=count,
+            time=time,
+            key_id=self.key_id,
+            public_key=self.public_key_b64,
+            sig=base64.b64encode(signature).decode("ascii"),
+        )
+
+    def _publish(self, path: Path) -> None:
+        pem = self.public_pem()
+        try:
+            if path.is_file() and path.read_bytes() == pem:
+                return
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(pem)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise CheckpointError(f"cannot publish the checkpoint public key: {e}") from None
+
+
+class CheckpointFile:
+    """The JSON-lines file checkpoints are appended to, each line fsynced before it counts.
+
+    Mode 0644: it holds heads and signatures only, meant to be copied elsewhere.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, checkpoint: Checkpoint) -> None:
+        line = (checkpoint.to_line() + "\n").encode("utf-8")
+        try:
+            created = not self.path.exists()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                _fsync_dir(self.path.parent)
+        except OSError as e:
+            raise CheckpointError(f"cannot write the checkpoint file: {e.strerror or e}") from None
+
+    def last(self) -> Checkpoint | None:
+        """The newest complete, parsable line (not verified): what the writer continues from."""
+        for line in reversed(self._lines()):
+            try:
+                return Checkpoint.parse(line)
+            except CheckpointError:
+                continue
+        return None
+
+    def _lines(self) -> list[str]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {self.path}: {e}") from None
+        lines = text.split("\n")
+        # A crash mid-write leaves a last line without its newline: not a checkpoint yet.
+        return [line for line in lines[:-1] if line.strip()]
+
+    def anchors(self, pinned_key_id: str | None = None) -> tuple[list[Anchor], str]:
+        """Every checkpoint, verified, as anchors; and a note on which key was trusted.
+
+        Each line must parse and its signature verify. Lines signed by the trusted key (the
+        pinned one, else the newest line's) are the anchors; among them seq and count never
+        go back, and one seq never has two hashes. Lines by other keys are skipped and
+        counted in the note. Raises CheckpointError naming the first bad line.
+        """
+        lines = self._lines()
+        if not lines:
+            raise CheckpointError(f"{self.path} holds no checkpoint")
+        parsed: list[tuple[int, Checkpoint]] = []
+        keys: dict[tuple[str, str], ec.EllipticCurvePublicKey] = {}
+        for number, line in enumerate(lines, 1):
+            try:
+                cp = Checkpoint.parse(line)
+                # Lines repeat one key: decode it once per (id, encoding).
+                key = keys.get((cp.key_id, cp.public_key))
+                if key is None:
+                    key = keys[(cp.key_id, cp.public_key)] = cp.public_key_object()
+                cp.verify_signature(key)
+            except CheckpointError as e:
+                raise CheckpointError(f"{self.path} line {number}: {e}") from None
+            parsed.append((number, cp))
+        if pinned_key_id is not None:
+            key_id = pinned_key_id
+            note = f"key {key_id[:16]} (pinned)"
+        else:
+            key_id = parsed[-1][1].key_id
+            note = f"key {key_id[:16]} (from the file itself, not pinned: see --anchor-key)"
+        mine = [(n, cp) for n, cp in parsed if cp.key_id == key_id]
+        if not mine:
+            raise CheckpointError(f"{self.path}: no checkpoint is signed by key {key_id[:16]}")
+        # A line's key_id is the hash of the key it carries and verified under: the same id is
+        # the same key, so every line kept here is signed by the trusted one.
+        _check_order(self.path, mine)
+        skipped = len(parsed) - len(mine)
+        if skipped:
+            note += f"; {skipped} checkpoint(s) by other keys skipped"
+        return [cp.anchor() for _, cp in mine], note
+
+
+def _check_order(path: Path, checkpoints: Sequence[tuple[int, Checkpoint]]) -> None:
+    seen: dict[int, str] = {}
+    before: Checkpoint | None = None
+    for number, cp in checkpoints:
+        if before is not None and (cp.seq < before.seq or cp.count < before.count):
+            raise CheckpointError(
+                f"{path} line {number}: seq {cp.seq} ({cp.count} events) comes after seq "
+                f"{before.seq} ({before.count} events): the log was cut back in between"
+            )
+        if seen.setdefault(cp.seq, cp.hash) != cp.hash:
+            raise CheckpointError(
+                f"{path} line {number}: seq {cp.seq} was signed with two different hashes"
+            )
+        before = cp
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,83 @@
+"""Writes signed checkpoints of the audit head: on an interval, at shutdown, and on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+from server.audit.checkpoint import Checkpoint, CheckpointFile, CheckpointSigner
+from server.audit.event import GENESIS_HASH
+from server.audit.log import AuditLog
+from svid._clock import Clock
+
+_log = logging.getLogger("svid.server.audit")
+
+
+class Checkpointer:
+    """Signs the head the audit log committed (as this process wrote it) and appends it to the
+    checkpoint file. An interval tick writes only when the head moved since the last one."""
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        signer: CheckpointSigner,
+        file: CheckpointFile,
+        clock: Clock,
+        interval: float,
+    ) -> None:
+        self._audit = audit
+        self._signer = signer
+        self._file = file
+        self._clock = clock
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._last = file.last()
+        self._warn_if_behind()
+
+    @property
+    def last(self) -> Checkpoint | None:
+        return self._last
+
+    def checkpoint(self, *, force: bool = False) -> Checkpoint:
+        """Sign and append the committed head; without `force`, an unchanged head is not
+        written again and the previous checkpoint is returned."""
+        with self._lock:
+            head = self._audit.committed_head()
+            seq, digest = (0, GENESIS_HASH) if head is None else (head.seq, head.hash)
+            last = self._last
+            if not force and last is not None and (last.seq, last.hash) == (seq, digest):
+                return last
+            # Seqs run 1, 2, ... without gaps, so the head's seq is the event count.
+            checkpoint = self._signer.sign(seq, digest, seq, self._clock.now())
+            self._file.append(checkpoint)
+            self._last = checkpoint
+            return checkpoint
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every interval until `stop`; a failed write is logged and tried next tick."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._interval)
+            if stop.is_set():
+                return
+            try:
+                await asyncio.to_thread(self.checkpoint)
+            except Exception:
+                _log.exception("audit checkpoint failed; retrying next interval")
+
+    def _warn_if_behind(self) -> None:
+        """A log that starts behind its own last checkpoint was cut back while the server was
+        down: say so now (verify --anchor names it too; the next checkpoint will go back)."""
+        head = self._audit.committed_head()
+        last = self._last
+        if last is None or last.key_id != self._signer.key_id:
+            return
+        seq = 0 if head is None else head.seq
+        if seq < last.seq:
+            _log.error(
+                "audit log is behind its last checkpoint: events were removed while the server "
+                "was down; run `svid-server audit verify --anchor`",
+                extra={"head_seq": seq, "checkpoint_seq": last.seq},
+            )

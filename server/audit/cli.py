@@ -1,0 +1,187 @@
+"""`svid-server audit verify | export | checkpoint`.
+
+`verify` and `export` read the files directly (they work with the server stopped, and never
+change the database); `checkpoint` asks the running server over its admin socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from server.audit.errors import AuditError
+from server.errors import CliError
+
+TIMEOUT = 15.0
+DEFAULT_DATA_DIR = Path(".svid-server")
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add `audit` to svid-server's subparsers (`common` carries the global flags)."""
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    for name, text in (("verify", "check the hash chain"), ("export", "write JSON lines")):
+        p = audit.add_parser(name, parents=[common], help=text)
+        p.add_argument("--data-dir", type=Path, default=None)
+        p.add_argument("--audit-db", type=Path, default=None, help="default <data_dir>/audit.db")
+    verify = audit.choices["verify"]
+    verify.add_argument(
+        "--anchor",
+        default=None,
+        metavar="FILE|SEQ:HASH",
+        help="a checkpoint file (e.g. <data_dir>/audit-checkpoints.jsonl, or a copy shipped "
+        "elsewhere) or a head noted earlier; finds a cut tail, a wipe, dropped tables, re-hashing",
+    )
+    verify.add_argument(
+        "--anchor-key",
+        type=Path,
+        default=None,
+        metavar="PUBFILE",
+        help="the checkpoint public key (PEM) to trust; default: the key in the file itself",
+    )
+    export = audit.choices["export"]
+    export.add_argument("--agent", default=None)
+    export.add_argument("--task", default=None)
+    export.add_argument("--since", default=None, help="unix seconds or ISO 8601 (inclusive)")
+    export.add_argument("--until", default=None, help="unix seconds or ISO 8601 (exclusive)")
+    export.add_argument("--decision", default=None)
+    export.add_argument("--kind", default=None)
+    export.add_argument("--out", type=Path, default=None, help="file (default stdout)")
+    audit.add_parser(
+        "checkpoint", parents=[common], help="sign the running server's audit head now"
+    )
+
+
+def run(
+    args: argparse.Namespace,
+    channel: Callable[[argparse.Namespace], grpc.Channel],
+    config: Callable[[argparse.Namespace], dict[str, Any]],
+) -> None:
+    """Run one audit command; `channel` opens the admin socket, `config` reads --config."""
+    if args.action == "checkpoint":
+        _checkpoint(args, channel)
+    elif args.action == "verify":
+        _verify(args, config)
+    else:
+        _export(args, config)
+
+
+def _audit_db(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> Path:
+    if args.audit_db is not None:
+        return Path(args.audit_db)
+    data_dir = args.data_dir or config(args).get("data_dir") or DEFAULT_DATA_DIR
+    return Path(str(data_dir)) / "audit.db"
+
+
+def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> None:
+    from server.audit.store import SqliteAuditStore  # noqa: PLC0415 - only this command
+    from server.audit.verify import Break, VerifyResult, verify_store  # noqa: PLC0415
+
+    note = ""
+    try:
+        # Anchors first: the log only grows, so what they name is never ahead of the snapshot.
+        anchors, note = _anchors(args.anchor, args.anchor_key)
+    except AuditError as e:
+        result = VerifyResult(
+            ok=False, checked=0, head=None, problem=Break.BAD_ANCHOR, detail=str(e)
+        )
+    else:
+        store = SqliteAuditStore(_audit_db(args, config), create=False)
+        try:
+            result = verify_store(store, anchors)
+        finally:
+            store.close()
+    if getattr(args, "output", "text") == "json":
+        print(json.dumps({**result.to_json(), "anchor_key": note or None}))
+    if not result.ok:
+        raise CliError(str(result))
+    if getattr(args, "output", "text") != "json":
+        print(str(result) + (f" (checkpoints signed by {note})" if note else ""))
+
+
+def _anchors(anchor: str | None, key_file: Path | None) -> tuple[list[Any], str]:
+    from server.audit.checkpoint import CheckpointFile, load_public_key  # noqa: PLC0415
+    from server.audit.verify import Anchor  # noqa: PLC0415
+
+    if anchor is None:
+        if key_file is not None:
+            raise CliError("--anchor-key: needs --anchor FILE")
+        return [], ""
+    path = Path(anchor)
+    if ":" in anchor and not path.exists():
+        return [Anchor.parse(anchor)], ""
+    if not path.is_file():
+        raise CliError(f"--anchor: {anchor!r} is neither a checkpoint file nor SEQ:HASH")
+    pinned = load_public_key(key_file)[0] if key_file is not None else None
+    return CheckpointFile(path).anchors(pinned)
+
+
+def _export(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> None:
+    from server.audit.log import AuditLog  # noqa: PLC0415 - only this command
+    from server.audit.store import SqliteAuditStore  # noqa: PLC0415
+    from svid._clock import SystemClock  # noqa: PLC0415
+
+    log = AuditLog(SqliteAuditStore(_audit_db(args, config), create=False), SystemClock())
+    try:
+        out = args.out.open("w") if args.out is not None else sys.stdout
+        try:
+            count = log.export(
+                out,
+                agent=args.agent,
+                task=args.task,
+                since=_time("--since", args.since),
+                until=_time("--until", args.until),
+                decision=args.decision,
+                kind=args.kind,
+            )
+        finally:
+            if args.out is not None:
+                out.close()
+        print(f"exported {count} events", file=sys.stderr)
+    finally:
+        log.store.close()
+
+
+def _checkpoint(args: argparse.Namespace, channel: Callable[[argparse.Namespace], Any]) -> None:
+    from svid._proto import admin_pb2, admin_pb2_grpc  # noqa: PLC0415
+
+    with channel(args) as ch:
+        try:
+            reply = admin_pb2_grpc.AdminStub(ch).AuditCheckpoint(
+                admin_pb2.AuditCheckpointRequest(), timeout=TIMEOUT
+            )
+        except grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            raise CliError(f"{code}: {details}") from None
+    if getattr(args, "output", "text") == "json":
+        print(reply.line)
+    else:
+        print(
+            f"audit checkpoint: seq {reply.seq} hash {reply.hash} ({reply.count} events), "
+            f"key {reply.key_id[:16]}"
+        )
+
+
+def _time(flag: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"{flag}: {text!r} is neither unix seconds nor ISO 8601") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()

@@ -1,0 +1,227 @@
+"""Verify the audit chain, alone or against anchors kept outside the database.
+
+What a verify proves, from one consistent snapshot of the database:
+
+- Without an anchor: every row hashes to its stored hash, rows are consecutive from seq 1 and
+  each names the hash of the one before, and the head row names the last row. An edit, a
+  deleted or reordered row, or a deleted tail whose head row was left alone is found.
+- With anchors (signed checkpoints, or a `seq:hash` an operator noted): also that the log
+  still holds, at each anchor's seq, the event with the anchor's hash. That finds a deleted
+  tail with a rewritten head (TRUNCATED), an emptied log (WIPED), dropped tables
+  (MISSING_TABLES), and an edit followed by re-hashing every later event (RECHAINED: the
+  chain has no key, a checkpoint has).
+
+What it does not prove: anything about events after the newest anchor (someone who can write
+the database can still rewrite or drop those); that an anchor file was not replaced wholesale
+by someone who also holds a signing key you trust (pin the public key you shipped elsewhere);
+or that the server recorded every event it should have (only that what it recorded is intact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from server.audit.errors import AuditError
+from server.audit.event import GENESIS_HASH, AuditEvent, event_from_row
+from server.audit.store import AuditSnapshot, AuditStore, Head
+
+
+class Break(StrEnum):
+    """How a chain is broken, as far as the evidence tells."""
+
+    EDITED = "edited"  # a row's content no longer matches its own hash
+    DELETED = "deleted"  # a gap in seq: rows removed from the middle
+    RELINKED = "relinked"  # prev_hash does not match: a row before was rewritten or reordered
+    TRUNCATED = "truncated"  # the recorded head (or the anchor) is past the last row
+    HEAD_MISMATCH = "head_mismatch"  # the head row disagrees with the last row
+    UNREADABLE = "unreadable"  # a row cannot even be decoded into an event
+    WIPED = "wiped"  # no events at all, but an anchor names some
+    MISSING_TABLES = "missing_tables"  # the audit tables were dropped
+    RECHAINED = "rechained"  # a self-consistent chain whose hash at an anchor's seq differs
+    BAD_ANCHOR = "bad_anchor"  # the anchor itself is unreadable, unsigned or contradictory
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A head recorded outside the database: the event at `seq` must still have `hash`."""
+
+    seq: int
+    hash: str
+    count: int | None = None
+    # Names the anchor in findings, e.g. "checkpoint of 2026-12-05T07:00:00Z".
+    source: str = "the anchor"
+
+    @classmethod
+    def parse(cls, text: str) -> Anchor:
+        """`SEQ:HASH`, as printed by a verify or a checkpoint."""
+        seq, _, digest = text.partition(":")
+        if not seq.isdigit() or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+            raise AuditError(f"anchor {text[:100]!r} is not SEQ:HASH (a number, 64 hex digits)")
+        return cls(int(seq), digest, source=f"the anchor seq {int(seq)}")
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    checked: int
+    head: Head | None
+    broken_seq: int | None = None
+    broken_event_id: str | None = None
+    problem: Break | None = None
+    detail: str = ""
+    # The newest anchor the log was checked against (None: no anchor given).
+    anchor: Anchor | None = None
+
+    def __str__(self) -> str:
+        if self.ok:
+            head = f"seq {self.head.seq} hash {self.head.hash}" if self.head else "empty"
+            if self.anchor is None:
+                against = " (no anchor: a cut tail with a rewritten head would pass; see --anchor)"
+            else:
+                against = f"; matches {self.anchor.source}"
+            return f"audit chain OK: {self.checked} events, head {head}{against}"
+        where = "" if self.broken_seq is None else f" at seq {self.broken_seq}"
+        event = "" if self.broken_event_id is None else f" (event {self.broken_event_id})"
+        return f"audit chain BROKEN{where}{event}: {self.problem}: {self.detail}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "head": None if self.head is None else {"seq": self.head.seq, "hash": self.head.hash},
+            "broken_seq": self.broken_seq,
+            "broken_event_id": self.broken_event_id,
+            "problem": str(self.problem) if self.problem else None,
+            "detail": self.detail,
+            "anchor": None if self.anchor is None else self.anchor.source,
+        }
+
+
+def verify_store(store: AuditStore, anchors: Sequence[Anchor] = ()) -> VerifyResult:
+    """Verify one consistent snapshot of `store`.
+
+    Read anchors before calling: the log only grows, so an anchor read first is never ahead
+    of the snapshot taken after it.
+    """
+    with store.snapshot() as snapshot:
+        return verify_snapshot(snapshot, anchors)
+
+
+def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> VerifyResult:
+    """Walk the whole chain; the first break found is reported with its seq and event id."""
+    newest = max(anchors, key=lambda a: a.seq, default=None)
+    if snapshot.missing_tables:
+        names = " and ".join(snapshot.missing_tables)
+        expected = "" if newest is None else f"; {newest.source} names {_events(newest)}"
+        return _broken(0, None, None, Break.MISSING_TABLES, f"table {names} dropped{expected}")
+    by_seq = {a.seq: a for a in anchors}
+    matched: Anchor | None = None
+    prev_hash = GENESIS_HASH
+    expected_seq = 1
+    checked = 0
+    last: AuditEvent | None = None
+    for row in snapshot.rows():
+        seq, event_id = row.get("seq"), row.get("event_id")
+        try:
+            event = event_from_row(row)
+        except (AuditError, ValueError, TypeError) as e:
+            return _broken(checked, seq, event_id, Break.UNREADABLE, str(e))
+        if event.compute_hash() != event.hash:
+            return _broken(
+                checked, seq, event_id, Break.EDITED, "content does not match the stored hash"
+            )
+        if event.seq != expected_seq:
+            if event.seq < expected_seq:
+                return _broken(
+                    checked, seq, event_id, Break.RELINKED, f"seq {event.seq} out of order"
+                )
+            return _broken(
+                checked,
+                seq,
+                event_id,
+                Break.DELETED,
+                f"events {expected_seq}..{event.seq - 1} are missing",
+            )
+        if event.prev_hash != prev_hash:
+            return _broken(
+                checked,
+                seq,
+                event_id,
+                Break.RELINKED,
+                f"prev_hash does not match event {expected_seq - 1}: it was rewritten or reordered",
+            )
+        anchor = by_seq.get(event.seq)
+        if anchor is not None:
+            if event.hash != anchor.hash:
+                since = "" if matched is None else f" after seq {matched.seq} (which matches)"
+                return _broken(
+                    checked,
+                    seq,
+                    event_id,
+                    Break.RECHAINED,
+                    f"the chain is whole but its hash here differs from {anchor.source}: an "
+                    f"event at or before seq {event.seq}{since} was rewritten and the chain "
+                    "re-hashed",
+                )
+            matched = anchor
+        prev_hash = event.hash
+        expected_seq += 1
+        checked += 1
+        last = event
+    last_seq = 0 if last is None else last.seq
+    if newest is not None and (
+        newest.seq > last_seq or (newest.count is not None and newest.count > checked)
+    ):
+        if checked == 0:
+            return _broken(
+                0,
+                None,
+                None,
+                Break.WIPED,
+                f"the log is empty but {newest.source} names {_events(newest)}",
+            )
+        return _broken(
+            checked,
+            last_seq + 1,
+            None,
+            Break.TRUNCATED,
+            f"{newest.source} names {_events(newest)} but the log ends at seq {last_seq}",
+        )
+    head = snapshot.head
+    if head is not None and head.seq > last_seq:
+        return _broken(
+            checked,
+            last_seq + 1,
+            None,
+            Break.TRUNCATED,
+            f"the head records seq {head.seq} but the log ends at seq {last_seq}",
+        )
+    if last is not None and (head is None or head.seq != last.seq or head.hash != last.hash):
+        return _broken(
+            checked,
+            last.seq,
+            last.event_id,
+            Break.HEAD_MISMATCH,
+            "the head row does not name the last event",
+        )
+    return VerifyResult(ok=True, checked=checked, head=head, anchor=newest)
+
+
+def _events(anchor: Anchor) -> str:
+    count = anchor.seq if anchor.count is None else anchor.count
+    return f"seq {anchor.seq} ({count} events)"
+
+
+def _broken(checked: int, seq: Any, event_id: Any, problem: Break, detail: str) -> VerifyResult:
+    return VerifyResult(
+        ok=False,
+        checked=checked,
+        head=None,
+        broken_seq=seq if isinstance(seq, int) else None,
+        broken_event_id=event_id if isinstance(event_id, str) else None,
+        problem=problem,
+        detail=detail,
+    )

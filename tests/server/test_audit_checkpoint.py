@@ -1,0 +1,399 @@
+"""Signed checkpoints of the audit head, and `audit verify --anchor` against whole-database
+rewrites: a cut tail with its head fixed, a wipe, dropped tables, an edit re-hashed onward."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from server.audit import AuditLog, Break, Head, SqliteAuditStore
+from server.audit.checkpoint import (
+    CHECKPOINT_FILE,
+    KEY_DIR,
+    PUBLIC_KEY_FILE,
+    Checkpoint,
+    CheckpointError,
+    CheckpointFile,
+    CheckpointSigner,
+    load_public_key,
+)
+from server.audit.checkpointer import Checkpointer
+from server.audit.event import CANONICAL_FIELDS, GENESIS_HASH
+from server.audit.log import event_from_row
+from server.cli import main
+from svid._clock import FakeClock
+
+AGENT = "spiffe://example.org/agents/research-bot"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
+
+
+@dataclasses.dataclass
+class Setup:
+    data_dir: Path
+    log: AuditLog
+    checkpointer: Checkpointer
+
+    @property
+    def db(self) -> Path:
+        return self.data_dir / "audit.db"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.data_dir / CHECKPOINT_FILE
+
+
+@pytest.fixture
+def setup(tmp_path: Path, clock: FakeClock) -> Setup:
+    data_dir = tmp_path / "data"
+    log = AuditLog(SqliteAuditStore(data_dir / "audit.db"), clock)
+    checkpointer = Checkpointer(
+        log,
+        CheckpointSigner.load_or_create(data_dir),
+        CheckpointFile(data_dir / CHECKPOINT_FILE),
+        clock,
+        interval=60.0,
+    )
+    return Setup(data_dir, log, checkpointer)
+
+
+def fill(log: AuditLog, clock: FakeClock, n: int) -> None:
+    for i in range(n):
+        log.append("jwt_minted", agent_id=AGENT, credential_id=f"jti-{i}", decision="allow")
+        clock.advance(1)
+
+
+def sql(db: Path, *statements: str) -> None:
+    con = sqlite3.connect(db)
+    with con:
+        for statement in statements:
+            con.execute(statement)
+    con.close()
+
+
+def verify(setup: Setup, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
+    code = main(["audit", "verify", "--data-dir", str(setup.data_dir), *extra])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def anchored(setup: Setup, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    return verify(setup, capsys, "--anchor", str(setup.checkpoints))
+
+
+# -- the key and the file ---------------------------------------------------------------------
+
+
+def test_the_checkpoint_key_lives_in_its_own_private_file(setup: Setup) -> None:
+    key_dir = setup.data_dir / KEY_DIR
+    key_file = key_dir / "checkpoint.pem"
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(key_dir).st_mode) == 0o700
+    public = setup.data_dir / PUBLIC_KEY_FILE
+    assert stat.S_IMODE(os.stat(public).st_mode) == 0o644
+    assert b"PRIVATE" not in public.read_bytes()
+    # The same key at the next start, and its id is the published key's.
+    again = CheckpointSigner.load_or_create(setup.data_dir)
+    key_id, _ = load_public_key(public)
+    assert again.key_id == key_id
+    # Nothing of it in the audit database.
+    tables = sqlite3.connect(setup.db).execute("SELECT name FROM sqlite_master").fetchall()
+    assert {t[0] for t in tables} <= {
+        "audit_events",
+        "audit_head",
+        "audit_events_agent",
+        "audit_events_task",
+    }
+
+
+def test_a_checkpoint_names_the_committed_head_and_is_signed(
+    setup: Setup, clock: FakeClock
+) -> None:
+    fill(setup.log, clock, 3)
+    cp = setup.checkpointer.checkpoint()
+    head = setup.log.head()
+    assert head is not None
+    assert (cp.seq, cp.hash, cp.count, cp.time) == (3, head.hash, 3, clock.now())
+    lines = setup.checkpoints.read_text().splitlines()
+    assert len(lines) == 1
+    parsed = Checkpoint.parse(lines[0])
+    assert parsed == cp
+    parsed.verify_signature(parsed.public_key_object())
+    assert json.loads(lines[0])["key_id"] == setup.checkpointer.last.key_id  # type: ignore[union-attr]
+
+
+def test_an_interval_tick_writes_only_when_the_head_moved(setup: Setup, clock: FakeClock) -> None:
+    first = setup.checkpointer.checkpoint()
+    assert (first.seq, first.hash) == (0, GENESIS_HASH)
+    assert setup.checkpointer.checkpoint() == first
+    fill(setup.log, clock, 1)
+    assert setup.checkpointer.checkpoint().seq == 1
+    setup.checkpointer.checkpoint(force=True)  # on demand: always a fresh one
+    assert len(setup.checkpoints.read_text().splitlines()) == 3
+
+
+def test_a_checkpoint_is_not_fooled_by_a_head_rewritten_behind_the_server(
+    setup: Setup, clock: FakeClock
+) -> None:
+    fill(setup.log, clock, 5)
+    real = setup.log.head()
+    sql(setup.db, "DELETE FROM audit_events WHERE seq = 5", "UPDATE audit_head SET seq = 4")
+    cp = setup.checkpointer.checkpoint()
+    assert real is not None
+    assert (cp.seq, cp.hash) == (real.seq, real.hash)
+
+
+def test_the_checkpointer_ticks_on_its_interval(tmp_path: Path) -> None:
+    clock = FakeClock()
+    log = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), clock)
+    file = CheckpointFile(tmp_path / CHECKPOINT_FILE)
+    checkpointer = Checkpointer(
+        log, CheckpointSigner.load_or_create(tmp_path), file, clock, interval=0.02
+    )
+    fill(log, clock, 2)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(checkpointer.run(stop))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if file.last() is not None:
+                break
+        stop.set()
+        await task
+
+    asyncio.run(run())
+    last = file.last()
+    assert last is not None
+    assert last.seq == 2
+
+
+# -- the four rewrites that passed `audit verify` ---------------------------------------------
+
+
+def test_a_cut_tail_with_a_fixed_head_row_is_truncation(
+    setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, clock, 10)
+    setup.checkpointer.checkpoint()
+    hash7 = sqlite3.connect(setup.db).execute("SELECT hash FROM audit_events WHERE seq = 7")
+    sql(
+        setup.db,
+        "DELETE FROM audit_events WHERE seq > 7",
+        f"UPDATE audit_head SET seq = 7, hash = '{hash7.fetchone()[0]}'",
+    )
+    assert verify(setup, capsys)[0] == 0  # the chain alone cannot tell
+    code, out = anchored(setup, capsys)
+    assert code == 1
+    assert f"BROKEN at seq 8: {Break.TRUNCATED}" in out
+    assert "names seq 10 (10 events) but the log ends at seq 7" in out
+
+
+def test_an_emptied_log_is_a_wipe(
+    setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, clock, 4)
+    setup.checkpointer.checkpoint()
+    sql(setup.db, "DELETE FROM audit_events", "DELETE FROM audit_head")
+    assert verify(setup, capsys)[0] == 0
+    code, out = anchored(setup, capsys)
+    assert code == 1
+    assert f"{Break.WIPED}: the log is empty but the checkpoint of" in out
+    assert "names seq 4 (4 events)" in out
+
+
+def test_dropped_tables_are_named_and_not_recreated(
+    setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, clock, 4)
+    setup.checkpointer.checkpoint()
+    setup.log.store.close()
+    sql(setup.db, "DROP TABLE audit_events", "DROP TABLE audit_head")
+    code, out = anchored(setup, capsys)
+    assert code == 1
+    assert f"{Break.MISSING_TABLES}: table audit_events and audit_head dropped" in out
+    assert "names seq 4 (4 events)" in out
+    # Without an anchor too: verify opens the file read-only and creates nothing.
+    code, out = verify(setup, capsys)
+    assert code == 1
+    assert str(Break.MISSING_TABLES) in out
+    tables = sqlite3.connect(setup.db).execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == []
+
+
+def rechain_after_edit(db: Path, seq: int) -> None:
+    """What someone with write access does: edit one event, re-hash it and every later one."""
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    rows = [dict(r) for r in con.execute("SELECT * FROM audit_events ORDER BY seq")]
+    prev = GENESIS_HASH
+    with con:
+        for row in rows:
+            event = event_from_row(row)
+            if event.seq == seq:
+                event = dataclasses.replace(event, decision="deny", reason="nothing to see")
+            event = dataclasses.replace(event, prev_hash=prev)
+            event = dataclasses.replace(event, hash=event.compute_hash())
+            con.execute(
+                "UPDATE audit_events SET decision = ?, reason = ?, prev_hash = ?, hash = ? "
+                "WHERE seq = ?",
+                (event.decision, event.reason, event.prev_hash, event.hash, event.seq),
+            )
+            prev = event.hash
+        con.execute("UPDATE audit_head SET hash = ?", (prev,))
+    con.close()
+    assert "prev_hash" in CANONICAL_FIELDS
+
+
+def test_an_edit_rehashed_onward_is_rechaining(
+    setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, clock, 3)
+    setup.checkpointer.checkpoint()
+    fill(setup.log, clock, 3)
+    setup.checkpointer.checkpoint()
+    rechain_after_edit(setup.db, 5)
+    assert verify(setup, capsys)[0] == 0  # the chain has no key
+    code, out = anchored(setup, capsys)
+    assert code == 1
+    assert "BROKEN at seq 6" in out
+    assert str(Break.RECHAINED) in out
+    # The older checkpoint still matches: the edit is narrowed to seqs 4..6.
+    assert "after seq 3 (which matches)" in out
+
+
+def test_an_intact_log_verifies_against_its_checkpoints(
+    setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, clock, 3)
+    setup.checkpointer.checkpoint()
+    fill(setup.log, clock, 2)  # events after the newest checkpoint are fine
+    code, out = anchored(setup, capsys)
+    assert code == 0, out
+    assert "audit chain OK: 5 events" in out
+    assert "matches the checkpoint of" in out
+    head = setup.log.head()
+    assert head is not None
+    code, out = verify(setup, capsys, "--anchor", f"{head.seq}:{head.hash}")
+    assert code == 0, out
+    code, out = verify(setup, capsys, "--anchor", f"5:{'0' * 64}")
+    assert (code, str(Break.RECHAINED) in out) == (1, True)
+
+
+# -- the anchor itself ------------------------------------------------------------------------
+
+
+def test_an_edited_checkpoint_line_is_a_bad_anchor(
+    setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, clock, 5)
+    setup.checkpointer.checkpoint()
+    data = json.loads(setup.checkpoints.read_text())
+    data["seq"] = data["count"] = 3  # as if the checkpoint had named less
+    setup.checkpoints.write_text(json.dumps(data) + "\n")
+    code, out = anchored(setup, capsys)
+    assert code == 1
+    assert f"{Break.BAD_ANCHOR}: " in out
+    assert "line 1: signature does not verify" in out
+
+
+def test_a_file_signed_by_another_key_fails_against_the_pinned_key(
+    setup: Setup, tmp_path: Path, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, clock, 5)
+    setup.checkpointer.checkpoint()
+    pinned = tmp_path / "shipped.pub.pem"
+    pinned.write_bytes((setup.data_dir / PUBLIC_KEY_FILE).read_bytes())
+    # Someone who rewrote the log signs a fresh file with a key of their own.
+    sql(setup.db, "DELETE FROM audit_events WHERE seq > 2")
+    forger = CheckpointSigner.load_or_create(tmp_path / "forger")
+    head2 = sqlite3.connect(setup.db).execute("SELECT hash FROM audit_events WHERE seq = 2")
+    digest = head2.fetchone()[0]
+    sql(setup.db, f"UPDATE audit_head SET seq = 2, hash = '{digest}'")
+    setup.checkpoints.write_text(forger.sign(2, digest, 2, clock.now()).to_line() + "\n")
+    code, out = anchored(setup, capsys)
+    assert code == 0  # unpinned, the file vouches for itself
+    assert "not pinned" in out
+    code, out = verify(
+        setup, capsys, "--anchor", str(setup.checkpoints), "--anchor-key", str(pinned)
+    )
+    assert code == 1
+    assert f"{Break.BAD_ANCHOR}: " in out
+    assert "no checkpoint is signed by key" in out
+
+
+def test_checkpoints_going_back_are_a_bad_anchor(setup: Setup, clock: FakeClock) -> None:
+    signer = CheckpointSigner.load_or_create(setup.data_dir)
+    file = CheckpointFile(setup.checkpoints)
+    file.append(signer.sign(5, "a" * 64, 5, clock.now()))
+    file.append(signer.sign(3, "b" * 64, 3, clock.now()))
+    with pytest.raises(CheckpointError, match=r"line 2: seq 3 .* after seq 5"):
+        file.anchors()
+    setup.checkpoints.write_text("")
+    file.append(signer.sign(5, "a" * 64, 5, clock.now()))
+    file.append(signer.sign(5, "c" * 64, 5, clock.now()))
+    with pytest.raises(CheckpointError, match="two different hashes"):
+        file.anchors()
+
+
+def test_a_torn_last_line_is_not_a_checkpoint_yet(setup: Setup, clock: FakeClock) -> None:
+    fill(setup.log, clock, 2)
+    setup.checkpointer.checkpoint()
+    with setup.checkpoints.open("a") as f:
+        f.write('{"count":3,"hash":"ab')  # a crash in the middle of the next write
+    anchors, _ = CheckpointFile(setup.checkpoints).anchors()
+    assert [(a.seq, a.count) for a in anchors] == [(2, 2)]
+
+
+def test_a_bad_anchor_argument_is_named(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = verify(setup, capsys, "--anchor", "7:nothex")
+    assert code == 1
+    assert "is not SEQ:HASH" in out
+
+
+def test_verify_reads_one_snapshot_while_appends_go_on(setup: Setup, clock: FakeClock) -> None:
+    fill(setup.log, clock, 3)
+    store = SqliteAuditStore(setup.db, create=False)
+    with store.snapshot() as snap:
+        fill(setup.log, clock, 3)  # committed while the snapshot is open
+        rows = list(snap.rows())
+        assert snap.head is not None
+        assert (snap.head.seq, len(rows)) == (3, 3)
+    store.close()
+    assert setup.log.verify(anchor=Head(6, setup.log.head().hash)).ok  # type: ignore[union-attr]
+
+
+def test_a_start_behind_the_last_checkpoint_is_logged(
+    setup: Setup, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    fill(setup.log, clock, 5)
+    setup.checkpointer.checkpoint()
+    setup.log.store.close()
+    hash3 = sqlite3.connect(setup.db).execute("SELECT hash FROM audit_events WHERE seq = 3")
+    sql(
+        setup.db,
+        "DELETE FROM audit_events WHERE seq > 3",
+        f"UPDATE audit_head SET seq = 3, hash = '{hash3.fetchone()[0]}'",
+    )
+    reopened = AuditLog(SqliteAuditStore(setup.db), clock)
+    with caplog.at_level("ERROR", logger="svid.server.audit"):
+        Checkpointer(
+            reopened,
+            CheckpointSigner.load_or_create(setup.data_dir),
+            CheckpointFile(setup.checkpoints),
+            clock,
+            interval=60.0,
+        )
+    (record,) = caplog.records
+    assert "behind its last checkpoint" in record.getMessage()
+    assert (record.head_seq, record.checkpoint_seq) == (3, 5)  # type: ignore[attr-defined]
