@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 import tracemalloc
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent_attestor import _crypto
+from agent_attestor import jwt_cache as jwt_cache_module
 from agent_attestor.cache import Cache, SyncState
 from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, entry_size
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
@@ -125,12 +127,24 @@ def test_jwt_cache_memory_stays_near_its_default_byte_budget() -> None:
     # Issue 11: big tokens grew the agent by 727 MB while the cache was capped by count alone.
     signer = SizedSigner(64 * 1024)
     jwts = JwtCache(signer, FakeClock(start=0))
-    tracemalloc.start()
+    # Only what the cache and this file's signer allocate counts: threads that earlier tests
+    # left running allocate too, and the whole-process figure would measure them.
+    mine = [
+        tracemalloc.Filter(True, jwt_cache_module.__file__, all_frames=True),
+        tracemalloc.Filter(True, __file__, all_frames=True),
+    ]
+
+    def traced() -> int:
+        gc.collect()
+        snapshot = tracemalloc.take_snapshot().filter_traces(mine)
+        return sum(stat.size for stat in snapshot.statistics("filename"))
+
+    tracemalloc.start(25)
     try:
-        before = tracemalloc.get_traced_memory()[0]
+        before = traced()
         for i in range(400):  # 25 MB of tokens offered
             asyncio.run(jwts.get("spiffe://example.org/w", [f"aud-{i}"], "e"))
-        held = tracemalloc.get_traced_memory()[0] - before
+        held = traced() - before
     finally:
         tracemalloc.stop()
     assert jwts.bytes <= DEFAULT_MAX_BYTES == 16 * 1024 * 1024
