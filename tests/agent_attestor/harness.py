@@ -21,6 +21,7 @@ from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.model import Entry, Selector
 from agent_attestor.peer import CallerRegistry
+from agent_attestor.relay import RelaySettings
 from agent_attestor.rotation import Rotator
 from agent_attestor.workload_api import WorkloadApi
 from agent_attestor.workload_attestor import UnixAttestor, WorkloadAttestor
@@ -78,7 +79,11 @@ def me() -> frozenset[Selector]:
 
 
 class Harness:
-    def __init__(self, attestors: Sequence[WorkloadAttestor] | None = None) -> None:
+    def __init__(
+        self,
+        attestors: Sequence[WorkloadAttestor] | None = None,
+        relay_settings: RelaySettings | None = None,
+    ) -> None:
         self.root = short_tmpdir()
         self.socket_path = self.root / "public" / "agent.sock"
         self.clock = FakeClock(start=time.time())
@@ -95,6 +100,7 @@ class Harness:
             servicer=self.api,
             registry=self.registry,
             attestors=list(attestors) if attestors is not None else [UnixAttestor()],
+            relay_settings=relay_settings,
         )
         self.entries: dict[str, Entry] = {}
         self.revoked: frozenset[str] = frozenset()
