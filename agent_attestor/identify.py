@@ -59,7 +59,8 @@ def identify(sock: socket.socket, conn_id: str, attestors: Sequence[WorkloadAtte
         try:
             client_end = peer_inode(sock)
         except UnixDiagError as exc:
-            log.warning("cannot check the caller's image", extra={"pid": pid, "reason": str(exc)})
+            # The relay warned once at start if sock_diag is missing altogether.
+            log.debug("cannot check the caller's image", extra={"pid": pid, "reason": str(exc)})
 
         def read() -> frozenset[Selector] | None:
             first = _attest(attestors, pid, uid, gid)

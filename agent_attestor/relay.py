@@ -31,6 +31,7 @@ from agent_attestor.errors import ConfigError
 from agent_attestor.identify import identify, peer_credentials
 from agent_attestor.identify_pool import IdentifyPool
 from agent_attestor.peer import Caller, CallerRegistry, abstract_peer
+from agent_attestor.unix_diag import UnixDiagError, peer_inode
 from agent_attestor.workload_attestor import WorkloadAttestor
 from svid._clock import Clock, SystemClock
 
@@ -50,6 +51,19 @@ class RelaySettings:
     identify_timeout: float = 10.0  # seconds a connection may wait to be identified
     identify_threads: int = 6
     identify_per_uid: int = 2  # identifications of one uid running at once
+
+
+def _check_peer_lookup() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        try:
+            peer_inode(a)
+        except UnixDiagError as exc:
+            log.warning(
+                "callers will get no unix:path or unix:sha256 selectors: the kernel cannot "
+                "name a connection's client end (sock_diag, CONFIG_UNIX_DIAG)",
+                extra={"error": str(exc)},
+            )
 
 
 class _Descriptor:
@@ -199,6 +213,7 @@ class WorkloadRelay:
                 raise ConfigError(f"{key}: {path} is longer than {MAX_UNIX_PATH} bytes")
 
     async def start(self) -> None:
+        _check_peer_lookup()
         limit = raise_descriptor_limit()
         capacity = self.settings.max_connections or capacity_for(limit)
         self.admission = Admission(self.settings.max_connections_per_uid, capacity, self.clock)

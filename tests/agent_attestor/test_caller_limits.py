@@ -6,6 +6,7 @@ are held at a gate, as slow hashes of huge binaries would hold them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent_attestor.admission import Admission, capacity_for
+from agent_attestor.identify_pool import IdentifyPool
 from agent_attestor.model import Selector
 from agent_attestor.relay import RelaySettings
 from agent_attestor.workload_attestor import UnixAttestor
@@ -158,3 +160,33 @@ def test_the_reserve_is_kept_for_uids_holding_few_connections() -> None:
 def test_capacity_leaves_headroom_and_counts_descriptors_per_connection() -> None:
     assert capacity_for(1024) == (1024 - 128) // 4
     assert capacity_for(10) == 1
+
+
+# ---- the identify pool's share ---------------------------------------------------------------
+
+
+def test_a_uid_runs_at_most_its_share_and_a_timed_out_job_keeps_its_slot() -> None:
+    pool = IdentifyPool(threads=4, per_uid=1)
+    release = threading.Event()
+
+    async def body() -> None:
+        first = asyncio.create_task(pool.run(1000, lambda: release.wait(30)))
+        while pool.busy(1000) == 0:
+            await asyncio.sleep(0.001)
+        # The waiter gives up; its job still runs, so the uid's slot stays taken.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(first, 0.05)
+        assert pool.busy(1000) == 1
+        second = asyncio.create_task(pool.run(1000, lambda: "second"))
+        other = await pool.run(1001, lambda: "other uid")  # not behind uid 1000
+        assert other == "other uid"
+        assert not second.done()
+        release.set()
+        assert await asyncio.wait_for(second, 30) == "second"
+        assert pool.busy(1000) == 0
+
+    try:
+        asyncio.run(body())
+    finally:
+        release.set()
+        pool.shutdown()
