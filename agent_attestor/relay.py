@@ -216,6 +216,11 @@ class WorkloadRelay:
         _check_peer_lookup()
         limit = raise_descriptor_limit()
         capacity = self.settings.max_connections or capacity_for(limit)
+        if capacity > capacity_for(limit):
+            log.warning(
+                "max_connections is more than the descriptor limit carries",
+                extra={"max_connections": capacity, "descriptor_limit": limit},
+            )
         self.admission = Admission(self.settings.max_connections_per_uid, capacity, self.clock)
         self.public_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
