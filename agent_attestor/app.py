@@ -24,12 +24,12 @@ from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.metrics import Metrics, MetricsHttpServer
 from agent_attestor.node_client import insecure_fetch_server_root, load_x509pop
 from agent_attestor.peer import CallerRegistry
-from agent_attestor.relay import MAX_UNIX_PATH
+from agent_attestor.relay import MAX_UNIX_PATH, RelaySettings
 from agent_attestor.rotation import Rotator
 from agent_attestor.sync import Syncer, SyncSettings
 from agent_attestor.tasks.wiring import build_task_layer
 from agent_attestor.workload_api import WorkloadApi
-from agent_attestor.workload_attestor import UnixAttestor
+from agent_attestor.workload_attestor import ExeHashCache, UnixAttestor
 from svid._clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def resolve_private_dir(config: AgentConfig) -> Path:
     if config.private_dir is not None:
         return config.private_dir.resolve()
     candidate = (config.data_dir / "private").resolve()
-    if len(str(candidate / "c" / ("x" * 24)).encode()) <= MAX_UNIX_PATH:
+    if len(str(candidate / "api.sock").encode()) <= MAX_UNIX_PATH:
         return candidate
     # Unix socket paths are short; a deep data_dir gets a private dir under /tmp instead.
     return Path(tempfile.mkdtemp(prefix="svid-agent-"))
@@ -130,7 +130,15 @@ class AgentApp:
             private_dir=resolve_private_dir(config),
             servicer=self.api,
             registry=self.registry,
-            attestors=[UnixAttestor()],
+            attestors=[UnixAttestor(hashes=ExeHashCache(max_size=config.max_hash_size))],
+            relay_settings=RelaySettings(
+                max_connections_per_uid=config.max_connections_per_uid,
+                max_connections=config.max_connections,
+                identify_timeout=config.identify_timeout,
+                identify_threads=config.identify_threads,
+                identify_per_uid=config.identify_per_uid,
+            ),
+            clock=self.clock,
             extra_servicers=[
                 lambda server: health_pb2_grpc.add_HealthServicer_to_server(self.health, server),
                 *self.task_layer.extra_servicers,

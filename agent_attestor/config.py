@@ -46,6 +46,14 @@ class AgentConfig:
     reconnect_max: float = 10.0
     jwt_cache_size: int = 4096
     jwt_cache_max_bytes: int = 16 * 1024 * 1024  # tokens plus their keys, LRU out past it
+    # Workload API connections (issue 11): a share per uid, a deadline to be identified, a
+    # capacity (0: what the descriptor limit carries), and a bounded executable hash.
+    max_connections_per_uid: int = 256
+    max_connections: int = 0
+    identify_timeout: float = 10.0
+    identify_threads: int = 6
+    identify_per_uid: int = 2
+    max_hash_size: int = 256 * 1024 * 1024  # bytes; a bigger executable gets no unix:sha256
 
     @property
     def agent_svid_path(self) -> Path:
@@ -70,8 +78,17 @@ _PATH_KEYS = {
     "private_dir",
 }
 _BOOL_KEYS = {"insecure_bootstrap"}
-_FLOAT_KEYS = {"reconnect_min", "reconnect_max"}
-_INT_KEYS = {"jwt_cache_size", "jwt_cache_max_bytes"}
+_FLOAT_KEYS = {"reconnect_min", "reconnect_max", "identify_timeout"}
+_INT_KEYS = {
+    "jwt_cache_size",
+    "jwt_cache_max_bytes",
+    "max_connections_per_uid",
+    "max_connections",
+    "identify_threads",
+    "identify_per_uid",
+    "max_hash_size",
+}
+_ZERO_ALLOWED = {"max_connections"}
 KEYS = tuple(f.name for f in fields(AgentConfig))
 
 
@@ -91,7 +108,7 @@ def _convert(key: str, value: Any) -> Any:
             number = float(value) if key in _FLOAT_KEYS else int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if number <= 0:
+        if number < 0 or (number == 0 and key not in _ZERO_ALLOWED):
             raise ConfigError(f"{key}: must be positive, got {value!r}")
         return number
     if not isinstance(value, str):

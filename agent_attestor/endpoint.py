@@ -12,8 +12,9 @@ import grpc
 
 from agent_attestor.errors import ConfigError
 from agent_attestor.peer import CallerRegistry
-from agent_attestor.relay import WorkloadRelay
+from agent_attestor.relay import RelaySettings, WorkloadRelay
 from agent_attestor.workload_attestor import WorkloadAttestor
+from svid._clock import Clock
 from svid._proto import workload_pb2_grpc
 
 MAX_MESSAGE = 4 * 1024 * 1024
@@ -40,6 +41,8 @@ class WorkloadEndpoint:
         registry: CallerRegistry,
         attestors: Sequence[WorkloadAttestor],
         extra_servicers: Sequence[Callable[[grpc.aio.Server], None]] = (),
+        relay_settings: RelaySettings | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.private_dir = private_dir
@@ -48,7 +51,12 @@ class WorkloadEndpoint:
         self._extra = list(extra_servicers)
         self.registry = registry
         self.relay = WorkloadRelay(
-            socket_path, self.internal_path, private_dir / "c", registry, attestors
+            socket_path,
+            self.internal_path,
+            registry,
+            attestors,
+            settings=relay_settings,
+            clock=clock,
         )
         self._server: grpc.aio.Server | None = None
 

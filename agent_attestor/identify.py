@@ -1,4 +1,16 @@
-"""Identify a connected workload: SO_PEERCRED, then every attestor, safe against pid reuse."""
+"""Identify a connected workload: SO_PEERCRED, then every attestor, safe against pid reuse and
+against an exec after connect.
+
+What /proc/<pid> shows is the image the process runs *now*, which need not be the one that
+connected: a process may connect, fork a sibling that keeps the socket, and exec a binary it may
+run but whose identity it must not have. There is no exec counter to compare, so we ask whether
+the connecting pid still holds the client end of *this* connection in a close-on-exec
+descriptor (see proc.holds_close_on_exec): such a descriptor does not survive an exec, so the
+image that holds it opened it or took it in itself. The attestors run before that check and
+again after it, and must agree, so an exec during identification is caught as well. When the
+check fails the caller keeps what the kernel recorded at connect (uid, gid and their names) and
+loses everything read from the process.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +24,7 @@ from agent_attestor import proc
 from agent_attestor.errors import ProcessGoneError
 from agent_attestor.model import Selector
 from agent_attestor.peer import Caller
+from agent_attestor.unix_diag import UnixDiagError, peer_inode
 from agent_attestor.workload_attestor import WorkloadAttestor
 
 log = logging.getLogger(__name__)
@@ -26,24 +39,49 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def _attest(
+    attestors: Sequence[WorkloadAttestor], pid: int, uid: int, gid: int
+) -> frozenset[Selector]:
+    found: set[Selector] = set()
+    for attestor in attestors:
+        found.update(attestor.attest(pid, uid, gid))
+    return frozenset(found)
+
+
 def identify(sock: socket.socket, conn_id: str, attestors: Sequence[WorkloadAttestor]) -> Caller:
     """Attest the peer of `sock`. A process that is gone (or whose pid was reused) gets no
-    selectors at all: an identity must never come from a process other than the caller."""
+    selectors at all: an identity must never come from a process other than the caller. One
+    that may have exec'd since it connected gets only its connect-time credentials."""
     pid, uid, gid = peer_credentials(sock)
     pidfd = proc.peer_pidfd(sock, pid) if pid > 0 else None
     try:
+        client_end: int | None = None
+        try:
+            client_end = peer_inode(sock)
+        except UnixDiagError as exc:
+            # The relay warned once at start if sock_diag is missing altogether.
+            log.debug("cannot check the caller's image", extra={"pid": pid, "reason": str(exc)})
 
-        def read() -> frozenset[Selector]:
-            found: set[Selector] = set()
-            for attestor in attestors:
-                found.update(attestor.attest(pid, uid, gid))
-            return frozenset(found)
+        def read() -> frozenset[Selector] | None:
+            first = _attest(attestors, pid, uid, gid)
+            if client_end is None or not proc.holds_close_on_exec(pid, client_end):
+                return None
+            if _attest(attestors, pid, uid, gid) != first:
+                return None  # it exec'd (or changed) while we read
+            return first
 
         try:
             selectors = proc.read_stable(pid, pidfd, read)
         except ProcessGoneError as exc:
             log.info("caller has no identity", extra={"pid": pid, "reason": str(exc)})
             selectors = frozenset()
+        if selectors is None:
+            log.info(
+                "caller does not hold its connection close-on-exec: no executable selectors",
+                extra={"pid": pid, "uid": uid},
+            )
+            # pid 0 tells attestors there is no process to read: kernel credentials only.
+            selectors = _attest(attestors, 0, uid, gid)
     finally:
         if pidfd is not None:
             os.close(pidfd)

@@ -70,3 +70,32 @@ def read_stable(pid: int, pidfd: int | None, read: Callable[[], T]) -> T:
     if pidfd is not None and not is_alive(pidfd):
         raise ProcessGoneError(f"process {pid} exited while attesting")
     return result
+
+
+O_CLOEXEC = 0o2000000  # as /proc/<pid>/fdinfo/<fd> reports it in `flags:` (octal)
+
+
+def holds_close_on_exec(pid: int, ino: int, proc_root: str = "/proc") -> bool:
+    """Whether process `pid` holds socket inode `ino` in a descriptor marked close-on-exec.
+
+    Such a descriptor cannot survive an exec, so the image `pid` runs now is the one that
+    created it, or one that took it in itself (received it, or flagged an inherited one)."""
+    target = f"socket:[{ino}]"
+    fd_dir = f"{proc_root}/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return False
+    # A connection is usually among the newest descriptors: look from the top.
+    for fd in sorted(fds, key=lambda name: -int(name) if name.isdigit() else 0):
+        try:
+            if os.readlink(f"{fd_dir}/{fd}") != target:
+                continue
+            with open(f"{proc_root}/{pid}/fdinfo/{fd}", "rb") as f:
+                info = f.read()
+        except OSError:
+            continue  # closed meanwhile
+        for line in info.splitlines():
+            if line.startswith(b"flags:") and int(line.split()[1], 8) & O_CLOEXEC:
+                return True
+    return False

@@ -1,9 +1,11 @@
 """The public Workload API socket: accept, identify the caller, relay bytes to the internal server.
 
-Each accepted connection is identified at once (SO_PEERCRED + attestors), recorded in the
-CallerRegistry under a fresh path in the private directory, and forwarded to the internal gRPC
-server from a socket bound to that path, so the server sees that path as the peer. Forwarding uses
-asyncio protocols with back-pressure (pause the reader while the other side's buffer is full).
+Each accepted connection is admitted or refused by its uid (admission.py), identified on a pool
+of its own with a share per uid and a deadline (SO_PEERCRED + attestors), recorded in the
+CallerRegistry under a fresh Linux abstract socket name, and forwarded to the internal gRPC
+server from a socket bound to that name, so the server sees that name as the peer (peer.py says
+why an abstract name cannot be taken over). Forwarding uses asyncio protocols with back-pressure
+(pause the reader while the other side's buffer is full).
 
 Reads go into one buffer the relay owns (`asyncio.BufferedProtocol`): a plain `Protocol` makes
 the transport allocate a fresh 256 KiB object for every chunk, which cost more than the rest of
@@ -19,19 +21,82 @@ import os
 import secrets
 import socket
 import stat
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from agent_attestor.admission import Admission, capacity_for, raise_descriptor_limit
 from agent_attestor.errors import ConfigError
-from agent_attestor.identify import identify
-from agent_attestor.peer import CallerRegistry
+from agent_attestor.identify import identify, peer_credentials
+from agent_attestor.identify_pool import IdentifyPool
+from agent_attestor.peer import Caller, CallerRegistry, abstract_peer
+from agent_attestor.unix_diag import UnixDiagError, peer_inode
 from agent_attestor.workload_attestor import WorkloadAttestor
+from svid._clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 
 MAX_UNIX_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
 _ID_BYTES = 12
 READ_BUFFER = 256 * 1024  # asyncio's own read size
+ACCEPT_BATCH = 64
+ACCEPT_RETRY_DELAY = 0.1  # seconds; asyncio's server waits 1 s
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    max_connections_per_uid: int = 256
+    max_connections: int = 0  # 0: as many as the descriptor limit carries (admission.py)
+    identify_timeout: float = 10.0  # seconds a connection may wait to be identified
+    identify_threads: int = 6
+    identify_per_uid: int = 2  # identifications of one uid running at once
+
+
+def _check_peer_lookup() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        try:
+            peer_inode(a)
+        except UnixDiagError as exc:
+            log.warning(
+                "callers will get no unix:path or unix:sha256 selectors: the kernel cannot "
+                "name a connection's client end (sock_diag, CONFIG_UNIX_DIAG)",
+                extra={"error": str(exc)},
+            )
+
+
+class _Descriptor:
+    """A duplicate of a connection's descriptor that exactly one side closes: the identify
+    thread if it started, else the relay.
+
+    Identification reads its own duplicate because the relay may close the original (deadline,
+    hang-up) while a thread still reads, and a number the kernel reuses for another connection
+    must never be read as this one."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+        return fd
+
+    def close(self) -> None:
+        fd = self.take()
+        if fd is not None:
+            os.close(fd)
+
+
+def _identify_copy(
+    copy: _Descriptor, conn_id: str, attestors: Sequence[WorkloadAttestor]
+) -> Caller:
+    fd = copy.take()
+    if fd is None:
+        raise ConnectionAbortedError("the connection was given up before identification")
+    with socket.socket(fileno=fd) as sock:
+        return identify(sock, conn_id, attestors)
 
 
 class _Pipe(asyncio.BufferedProtocol):
@@ -87,26 +152,31 @@ class _Pipe(asyncio.BufferedProtocol):
 class _Link:
     """A relayed connection: the workload side, the internal side, and the registry entry."""
 
-    def __init__(self, relay: WorkloadRelay) -> None:
+    def __init__(self, relay: WorkloadRelay, uid: int) -> None:
         self.relay = relay
         self.outer: _Pipe = _Outer(self)
         self.inner = _Pipe(self)
         self.outer.partner = self.inner
         self.inner.partner = self.outer
-        self.binding: str | None = None
+        self.peer: str | None = None
+        self.uid: int | None = uid  # admitted; counted until released
         self.eofs = 0
 
     def side_closed(self) -> None:
         self.release()
 
+    def forget(self) -> None:
+        """Remove the registry entry. Always before the inner socket (and so its abstract name)
+        is closed: a name that is free again must already map to nobody."""
+        if self.peer is not None:
+            self.relay.registry.remove(self.peer)
+            self.peer = None
+
     def release(self) -> None:
-        # The bound file stays while the connection lives: nobody (not even a process of the
-        # agent's own user) can bind the same name and be taken for this caller.
-        if self.binding is not None:
-            self.relay.registry.remove(self.binding)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.binding)
-            self.binding = None
+        self.forget()
+        if self.uid is not None:
+            self.relay.admission.release(self.uid)
+            self.uid = None
         self.relay.links.discard(self)
 
 
@@ -117,82 +187,143 @@ class WorkloadRelay:
         self,
         public_path: Path,
         internal_path: Path,
-        bind_dir: Path,
         registry: CallerRegistry,
         attestors: Sequence[WorkloadAttestor],
+        *,
+        settings: RelaySettings | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.public_path = public_path
         self.internal_path = internal_path
-        self.bind_dir = bind_dir
         self.registry = registry
         self.attestors = list(attestors)
+        self.settings = settings or RelaySettings()
+        self.clock = clock or SystemClock()
         self.links: set[_Link] = set()
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
-        self._server: asyncio.AbstractServer | None = None
+        self.pool = IdentifyPool(self.settings.identify_threads, self.settings.identify_per_uid)
+        # Replaced in start(), once the descriptor limit is known.
+        self.admission = Admission(self.settings.max_connections_per_uid, 1, self.clock)
+        # Names differ between agents on one host; conn ids are unguessable within one.
+        self._name_prefix = f"svid-agent/{os.getpid()}/"
+        self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         for key, path in (("socket_path", public_path), ("private_dir", internal_path)):
             if len(str(path).encode()) > MAX_UNIX_PATH:
                 raise ConfigError(f"{key}: {path} is longer than {MAX_UNIX_PATH} bytes")
-        longest = len(str(bind_dir / ("x" * 2 * _ID_BYTES)).encode())
-        if longest > MAX_UNIX_PATH:
-            raise ConfigError(f"private_dir: {bind_dir} leaves no room for connection sockets")
 
     async def start(self) -> None:
-        self.bind_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.bind_dir, 0o700)
-        for stale in self.bind_dir.iterdir():  # left by an agent that did not stop cleanly
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        _check_peer_lookup()
+        limit = raise_descriptor_limit()
+        capacity = self.settings.max_connections or capacity_for(limit)
+        if capacity > capacity_for(limit):
+            log.warning(
+                "max_connections is more than the descriptor limit carries",
+                extra={"max_connections": capacity, "descriptor_limit": limit},
+            )
+        self.admission = Admission(self.settings.max_connections_per_uid, capacity, self.clock)
         self.public_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.public_path).st_mode):
                 self.public_path.unlink()
-        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(self.public_path))
         os.chmod(self.public_path, 0o777)  # noqa: S103 - any local process may ask; the kernel says who it is
         sock.listen(1024)
         sock.setblocking(False)
-        self._server = await loop.create_unix_server(self._accepted, sock=sock)
+        self._listener = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_ready)
 
-    def _accepted(self) -> asyncio.BaseProtocol:
-        link = _Link(self)
-        self.links.add(link)
-        task = asyncio.get_running_loop().create_task(self._connect_inner(link))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return link.outer
+    def _accept_ready(self) -> None:
+        """Accept one connection at a time and refuse it at once if its uid may not have it.
 
-    async def _connect_inner(self, link: _Link) -> None:
-        # The outer transport exists once connection_made ran, which precedes this task's start.
-        await asyncio.sleep(0)
+        Our own accept loop rather than asyncio's server: that one accepts a whole batch before
+        any protocol runs, so a flood would hold a batch of descriptors before the first refusal
+        closed one; here a refused connection is closed before the next is accepted."""
+        listener = self._listener
+        if listener is None:
+            return
+        for _ in range(ACCEPT_BATCH):  # then let the loop run other work
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # Out of descriptors or memory despite the capacity: wait instead of spinning.
+                self.admission.log_refusal(-1, f"accept failed: {exc.strerror}")  # -1: no caller
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener.fileno())
+                loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
+                return
+            try:
+                _, uid, _ = peer_credentials(conn)
+            except OSError:
+                conn.close()
+                continue
+            if not self.admission.admit(uid):
+                conn.close()
+                continue
+            conn.setblocking(False)
+            link = _Link(self, uid)
+            self.links.add(link)
+            task = asyncio.get_running_loop().create_task(self._serve(link, conn, uid))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _resume_accepting(self) -> None:
+        if self._listener is not None:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready)
+
+    async def _serve(self, link: _Link, conn: socket.socket, uid: int) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: link.outer, conn)
+        except BaseException:
+            conn.close()
+            link.release()
+            raise
+        await self._connect_inner(link, uid)
+
+    async def _connect_inner(self, link: _Link, uid: int) -> None:
         outer = link.outer.transport
         if outer is None:
             link.release()
             return
-        sock = outer.get_extra_info("socket")
+        loop = asyncio.get_running_loop()
         conn_id = secrets.token_hex(_ID_BYTES)
-        binding = str(self.bind_dir / conn_id)
+        name = self._name_prefix + conn_id
         try:
-            caller = await asyncio.to_thread(identify, sock, conn_id, self.attestors)
+            copy = _Descriptor(os.dup(outer.get_extra_info("socket").fileno()))
+            try:
+                caller = await asyncio.wait_for(
+                    self.pool.run(uid, lambda: _identify_copy(copy, conn_id, self.attestors)),
+                    self.settings.identify_timeout,
+                )
+            except TimeoutError:
+                self.admission.log_refusal(uid, "identification did not finish in time")
+                raise
+            finally:
+                copy.close()
             inner_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                inner_sock.bind(binding)
+                inner_sock.bind(b"\0" + name.encode())
                 inner_sock.setblocking(False)
-                self.registry.add(binding, caller)
-                link.binding = binding
-                await asyncio.get_running_loop().sock_connect(inner_sock, str(self.internal_path))
+                self.registry.add(abstract_peer(name), caller)
+                link.peer = abstract_peer(name)
+                await loop.sock_connect(inner_sock, str(self.internal_path))
+                await loop.create_unix_connection(lambda: link.inner, sock=inner_sock)
             except BaseException:
+                link.forget()
                 inner_sock.close()
                 raise
-            await asyncio.get_running_loop().create_unix_connection(
-                lambda: link.inner, sock=inner_sock
-            )
         except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, Exception) and not isinstance(exc, TimeoutError):
                 log.warning("relay could not serve a connection", extra={"error": str(exc)})
             if link.outer.transport is not None:
-                link.outer.transport.close()
+                # Shut the socket itself down: an identify thread may still hold a duplicate,
+                # and closing our descriptor alone would leave the workload connected.
+                with contextlib.suppress(OSError):
+                    link.outer.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+                link.outer.transport.abort()
             link.release()
             if not isinstance(exc, Exception):
                 raise
@@ -204,10 +335,10 @@ class WorkloadRelay:
         link.outer.transport.resume_reading()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
         for task in list(self._tasks):
             task.cancel()
         for link in list(self.links):
@@ -215,6 +346,7 @@ class WorkloadRelay:
                 if side.transport is not None:
                     side.transport.abort()
             link.release()
+        self.pool.shutdown()
         with contextlib.suppress(FileNotFoundError):
             self.public_path.unlink()
 

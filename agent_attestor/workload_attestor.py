@@ -17,6 +17,7 @@ from agent_attestor.model import Selector
 log = logging.getLogger(__name__)
 
 _HASH_CHUNK = 1 << 20
+DEFAULT_MAX_HASH_SIZE = 256 * 1024 * 1024
 
 
 class WorkloadAttestor(Protocol):
@@ -29,30 +30,47 @@ class WorkloadAttestor(Protocol):
 class _FileId:
     dev: int
     ino: int
-    mtime_ns: int
     size: int
+    mtime_ns: int
+    # A file's owner can write new bytes and set mtime back (utimensat); ctime moves on every
+    # change and nobody can set it. So `touch` costs a rehash: nothing cheaper proves the bytes
+    # unchanged. What bounds that cost is max_size and the per-uid share of the identify pool.
+    ctime_ns: int
+
+
+class ExeTooLargeError(OSError):
+    """The executable is larger than the hash limit."""
 
 
 class ExeHashCache:
-    """sha256 of executables keyed by (dev, inode, mtime, size): a binary is hashed once."""
+    """sha256 of executables keyed by (dev, inode, size, mtime, ctime): a binary is hashed once.
+    Files above `max_size` bytes are not hashed at all (sparse gigabytes cost the same to read)."""
 
-    def __init__(self, max_entries: int = 1024) -> None:
+    def __init__(self, max_entries: int = 1024, max_size: int = DEFAULT_MAX_HASH_SIZE) -> None:
         self._lock = threading.Lock()
         self._hashes: dict[_FileId, str] = {}
         self._max = max_entries
+        self.max_size = max_size
         self.misses = 0
 
     def sha256(self, path: str) -> str:
+        """The file's sha256; ExeTooLargeError above max_size."""
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            key = _FileId(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            if st.st_size > self.max_size:
+                raise ExeTooLargeError(
+                    f"{st.st_size} bytes is over the {self.max_size}-byte hash limit"
+                )
+            key = _FileId(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             with self._lock:
                 cached = self._hashes.get(key)
             if cached is not None:
                 return cached
             digest = hashlib.sha256()
-            while chunk := f.read(_HASH_CHUNK):
+            left = st.st_size  # a file that grows while read is hashed as it was when stat'd
+            while left > 0 and (chunk := f.read(min(_HASH_CHUNK, left))):
                 digest.update(chunk)
+                left -= len(chunk)
         value = digest.hexdigest()
         with self._lock:
             self.misses += 1
@@ -79,11 +97,18 @@ class UnixAttestor:
             exe_link = f"{self._proc_root}/{pid}/exe"
             try:
                 path = os.readlink(exe_link)
-                # Opening the /proc link reads the very file the process runs, even if replaced.
-                digest = self._hashes.sha256(exe_link)
             except OSError as exc:
                 log.debug("no executable selectors", extra={"pid": pid, "reason": exc.strerror})
+                return out
+            out.append(Selector("unix", f"path:{path}"))
+            try:
+                # Opening the /proc link reads the very file the process runs, even if replaced.
+                digest = self._hashes.sha256(exe_link)
+            except ExeTooLargeError as exc:
+                log.info("no unix:sha256 selector", extra={"pid": pid, "reason": str(exc)})
+            except OSError as exc:
+                out.pop()  # path and hash go together, as before: the process is going away
+                log.debug("no executable selectors", extra={"pid": pid, "reason": exc.strerror})
             else:
-                out.append(Selector("unix", f"path:{path}"))
                 out.append(Selector("unix", f"sha256:{digest}"))
         return out

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,9 +21,10 @@ from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.model import Entry, Selector
 from agent_attestor.peer import CallerRegistry
+from agent_attestor.relay import RelaySettings
 from agent_attestor.rotation import Rotator
 from agent_attestor.workload_api import WorkloadApi
-from agent_attestor.workload_attestor import UnixAttestor
+from agent_attestor.workload_attestor import UnixAttestor, WorkloadAttestor
 from svid._clock import FakeClock
 from svid._proto import workload_pb2, workload_pb2_grpc
 from tests.agent_attestor.pki import FakeSigner, LocalCa
@@ -60,12 +61,29 @@ class LoopThread:
         self.loop.close()
 
 
+def fetch_ids(target: str) -> list[str] | grpc.StatusCode:
+    """The SPIFFE IDs a first FetchX509SVID message over `target` carries, or its error code."""
+    channel = grpc.insecure_channel(target)
+    try:
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        msg = next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=20))
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[attr-defined,no-any-return]
+    finally:
+        channel.close()
+    return [s.spiffe_id for s in msg.svids]
+
+
 def me() -> frozenset[Selector]:
     return frozenset({Selector("unix", f"uid:{os.getuid()}")})
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        attestors: Sequence[WorkloadAttestor] | None = None,
+        relay_settings: RelaySettings | None = None,
+    ) -> None:
         self.root = short_tmpdir()
         self.socket_path = self.root / "public" / "agent.sock"
         self.clock = FakeClock(start=time.time())
@@ -81,7 +99,8 @@ class Harness:
             private_dir=self.root / "private",
             servicer=self.api,
             registry=self.registry,
-            attestors=[UnixAttestor()],
+            attestors=list(attestors) if attestors is not None else [UnixAttestor()],
+            relay_settings=relay_settings,
         )
         self.entries: dict[str, Entry] = {}
         self.revoked: frozenset[str] = frozenset()

@@ -37,23 +37,30 @@ class FakeContext:
         raise AbortError(code, details)
 
 
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+BAD = grpc.StatusCode.INVALID_ARGUMENT
+
+
 def _check(metadata: tuple[tuple[str, str], ...], peer: str) -> Caller:
     registry = CallerRegistry()
-    registry.add("/private/c/1", CALLER)
+    registry.add("unix-abstract:svid-agent/1/a", CALLER)
     return asyncio.run(checked_caller(FakeContext(metadata, peer), registry))  # type: ignore[arg-type]
 
 
 def test_a_relayed_caller_with_the_header_is_identified() -> None:
-    assert _check((("workload.spiffe.io", "true"),), "unix:/private/c/1") == CALLER
+    assert _check((("workload.spiffe.io", "true"),), "unix-abstract:svid-agent/1/a") == CALLER
 
 
 @pytest.mark.parametrize(
     ("metadata", "peer", "code"),
     [
-        ((), "unix:/private/c/1", grpc.StatusCode.INVALID_ARGUMENT),
-        ((("workload.spiffe.io", "false"),), "unix:/private/c/1", grpc.StatusCode.INVALID_ARGUMENT),
-        ((("workload.spiffe.io", "true"),), "unix:/private/c/2", grpc.StatusCode.PERMISSION_DENIED),
-        ((("workload.spiffe.io", "true"),), "ipv4:127.0.0.1:5", grpc.StatusCode.PERMISSION_DENIED),
+        ((), "unix-abstract:svid-agent/1/a", BAD),
+        ((("workload.spiffe.io", "false"),), "unix-abstract:svid-agent/1/a", BAD),
+        ((("workload.spiffe.io", "true"),), "unix-abstract:svid-agent/1/b", DENIED),
+        # The same name as a path is a file its owner could rebind: never the registered caller.
+        ((("workload.spiffe.io", "true"),), "unix:svid-agent/1/a", DENIED),
+        ((("workload.spiffe.io", "true"),), "unix:/svid-agent/1/a", DENIED),
+        ((("workload.spiffe.io", "true"),), "ipv4:127.0.0.1:5", DENIED),
     ],
 )
 def test_missing_header_or_unknown_connection_is_refused(

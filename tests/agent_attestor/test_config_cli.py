@@ -45,11 +45,24 @@ def test_an_agent_table_is_accepted(tmp_path: Path) -> None:
         ({"bogus": "1"}, "bogus"),
         ({"jwt_cache_size": "many"}, "jwt_cache_size"),
         ({"jwt_cache_max_bytes": "0"}, "jwt_cache_max_bytes"),
+        ({"identify_threads": 0}, "identify_threads"),
+        ({"max_connections_per_uid": -1}, "max_connections_per_uid"),
+        ({"max_connections": -1}, "max_connections"),
+        ({"identify_timeout": "0"}, "identify_timeout"),
     ],
 )
 def test_bad_values_name_their_key(values: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key}:"):
         build_config(values, {})
+
+
+def test_caller_limits_have_defaults_and_take_flags() -> None:
+    default = build_config({}, {})
+    assert default.max_connections_per_uid == 256
+    assert default.max_connections == 0  # from the descriptor limit
+    assert default.max_hash_size == 256 * 1024 * 1024
+    config = build_config({"max_connections": 0}, {"identify_per_uid": "1", "max_hash_size": "9"})
+    assert (config.identify_per_uid, config.max_hash_size) == (1, 9)
 
 
 def test_bad_toml_and_missing_file(tmp_path: Path) -> None:

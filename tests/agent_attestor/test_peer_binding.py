@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -17,40 +18,30 @@ import pytest
 
 from agent_attestor.identify import identify
 from agent_attestor.model import Selector
-from agent_attestor.peer import Caller, CallerRegistry, peer_path
+from agent_attestor.peer import Caller, CallerRegistry
 from agent_attestor.workload_attestor import UnixAttestor
 from svid._proto import workload_pb2, workload_pb2_grpc
-from tests.agent_attestor.harness import HEADER, Harness
+from tests.agent_attestor.harness import HEADER, Harness, fetch_ids
 
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
 
 
-@pytest.mark.parametrize(
-    ("peer", "path"),
-    [
-        ("unix:/tmp/x/c/abc", "/tmp/x/c/abc"),
-        ("unix:///tmp/x/c/abc", "/tmp/x/c/abc"),
-        ("unix:", None),
-        ("unix:relative", None),
-        ("ipv4:127.0.0.1:5", None),
-        ("", None),
-    ],
-)
-def test_peer_path_parsing(peer: str, path: str | None) -> None:
-    assert peer_path(peer) == path
-
-
 def test_registry_maps_only_what_was_added() -> None:
     reg = CallerRegistry()
     caller = Caller("c1", 1, 2, 3, frozenset())
-    reg.add("/p/c1", caller)
-    assert reg.lookup("unix:/p/c1") is caller
-    assert reg.lookup("unix:/p/c2") is None
+    reg.add("unix-abstract:svid-agent/1/c1", caller)
+    assert reg.lookup("unix-abstract:svid-agent/1/c1") is caller
+    assert reg.lookup("unix-abstract:svid-agent/1/c2") is None
     with pytest.raises(ValueError, match="already registered"):
-        reg.add("/p/c1", caller)
-    reg.remove("/p/c1")
-    assert reg.lookup("unix:/p/c1") is None
+        reg.add("unix-abstract:svid-agent/1/c1", caller)
+    reg.remove("unix-abstract:svid-agent/1/c1")
+    assert reg.lookup("unix-abstract:svid-agent/1/c1") is None
+
+
+def test_registry_refuses_a_path_bound_name() -> None:
+    with pytest.raises(ValueError, match="not an abstract socket name"):
+        CallerRegistry().add("unix:/private/c/1", Caller("c1", 1, 2, 3, frozenset()))
 
 
 def _direct_stub(target: str) -> workload_pb2_grpc.SpiffeWorkloadAPIStub:
@@ -63,9 +54,13 @@ def test_each_connection_is_seen_under_its_own_registered_name(agent: Harness) -
     next(stream)
     callers = agent.lt.call(lambda: list(agent.registry._callers.items()))
     assert len(callers) == 1
-    path, caller = callers[0]
-    assert Path(path).parent == agent.root / "private" / "c"
-    assert Path(path).exists()  # the name stays taken while the connection lives
+    peer, caller = callers[0]
+    assert peer.startswith("unix-abstract:svid-agent/")
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
+        pytest.raises(OSError, match="in use"),
+    ):
+        s.bind(_bindable(peer))  # the name stays taken while the connection lives
     assert caller.pid == os.getpid()
     assert caller.uid == os.getuid()
     assert Selector("unix", f"uid:{os.getuid()}") in caller.selectors
@@ -80,9 +75,17 @@ def test_connecting_straight_to_the_internal_socket_is_denied(agent: Harness) ->
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
 
 
-def _forwarder(listen: Path, target: Path, bind_as: Path) -> socket.socket:
-    """A hand-made relay: accept on `listen`, connect to `target` from a socket bound to
-    `bind_as` — what a same-user process would do to pose as a relayed connection."""
+def _forwarder(listen: Path, target: Path, bind_as: str | bytes) -> socket.socket:
+    """A hand-made relay: connect to `target` from a socket bound to `bind_as` (raising if that
+    name cannot be bound), and carry whatever connects to `listen` over it — what a same-user
+    process would do to pose as a relayed connection."""
+    out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        out.bind(bind_as)
+        out.connect(str(target))
+    except OSError:
+        out.close()
+        raise
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(listen))
     server.listen(4)
@@ -100,9 +103,6 @@ def _forwarder(listen: Path, target: Path, bind_as: Path) -> socket.socket:
     def accept() -> None:
         with contextlib.suppress(OSError):
             conn, _ = server.accept()
-            out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            out.bind(str(bind_as))
-            out.connect(str(target))
             threading.Thread(target=pipe, args=(conn, out), daemon=True).start()
             threading.Thread(target=pipe, args=(out, conn), daemon=True).start()
 
@@ -110,30 +110,53 @@ def _forwarder(listen: Path, target: Path, bind_as: Path) -> socket.socket:
     return server
 
 
-def test_a_self_chosen_name_in_the_private_dir_is_denied(agent: Harness) -> None:
+@pytest.mark.parametrize("name", ["abstract", "path"])
+def test_a_self_chosen_name_is_denied(agent: Harness, name: str) -> None:
     """Even the agent's own user, binding a name the relay did not write, gets nothing."""
     agent.add_entry("/w")
     fwd = agent.root / "fwd.sock"
-    server = _forwarder(fwd, agent.endpoint.internal_path, agent.root / "private" / "c" / "forged")
+    bind_as: str | bytes = (
+        b"\0svid-agent/forged" if name == "abstract" else str(agent.root / "private" / "forged")
+    )
+    server = _forwarder(fwd, agent.endpoint.internal_path, bind_as)
     try:
-        stub = _direct_stub(f"unix:{fwd}")
-        with pytest.raises(grpc.RpcError) as exc:
-            next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
-        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        assert fetch_ids(f"unix:{fwd}") == grpc.StatusCode.PERMISSION_DENIED
     finally:
         server.close()
 
 
-def test_the_name_of_a_live_connection_cannot_be_taken(agent: Harness) -> None:
+def _bindable(registered: str) -> str | bytes:
+    """The socket address behind a registry key, in the form bind() takes."""
+    if registered.startswith("unix-abstract:"):
+        return b"\0" + registered[len("unix-abstract:") :].encode()
+    return registered.removeprefix("unix:")
+
+
+def test_the_agents_own_user_cannot_take_over_a_live_callers_name(agent: Harness) -> None:
+    """Issue 11 item 4: a process of the agent's own user may unlink a bound file and bind the
+    same path; it must still not be taken for the live caller that name was given to."""
     agent.add_entry("/w")
     stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
     next(stream)
-    path = agent.lt.call(lambda: next(iter(agent.registry._callers)))
-    with (
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
-        pytest.raises(OSError, match="in use"),
-    ):
-        s.bind(path)
+    registered = agent.lt.call(lambda: next(iter(agent.registry._callers)))
+    address = _bindable(registered)
+    if isinstance(address, str):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)  # the old scheme's weakness: the name is just a file
+    fwd = agent.root / "takeover.sock"
+    server: socket.socket | None = None
+    bind_errno = 0
+    try:
+        server = _forwarder(fwd, agent.endpoint.internal_path, address)
+    except OSError as exc:
+        bind_errno = exc.errno or 0
+    if server is None:
+        assert bind_errno == errno.EADDRINUSE  # the live connection holds the name
+    else:
+        try:
+            assert fetch_ids(f"unix:{fwd}") == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            server.close()
     stream.cancel()
 
 
@@ -173,7 +196,7 @@ def test_another_user_cannot_reach_the_internal_socket_or_bind_a_name(agent: Har
             out["connect"] = type(e).__name__
         s2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s2.bind({str(internal.parent / "c" / "forged")!r}); out["bind"] = "ok"
+            s2.bind({str(internal.parent / "forged")!r}); out["bind"] = "ok"
         except OSError as e:
             out["bind"] = type(e).__name__
         print(json.dumps(out))

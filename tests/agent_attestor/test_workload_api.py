@@ -437,7 +437,6 @@ async def _settle() -> None:
 def test_socket_file_is_world_connectable_and_private_dir_is_closed(agent: Harness) -> None:
     assert agent.socket_path.stat().st_mode & 0o777 == 0o777
     assert (agent.root / "private").stat().st_mode & 0o777 == 0o700
-    assert (agent.root / "private" / "c").stat().st_mode & 0o777 == 0o700
 
 
 def test_leaf_from_stream_is_signed_by_the_bundle(agent: Harness) -> None:

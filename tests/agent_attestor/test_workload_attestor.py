@@ -16,7 +16,7 @@ import pytest
 from agent_attestor import proc
 from agent_attestor.errors import ProcessGoneError
 from agent_attestor.model import Selector
-from agent_attestor.workload_attestor import ExeHashCache, UnixAttestor
+from agent_attestor.workload_attestor import ExeHashCache, ExeTooLargeError, UnixAttestor
 
 
 def test_selectors_for_this_process() -> None:
@@ -95,3 +95,43 @@ def test_read_stable_passes_for_a_live_process_and_start_time_parses_odd_names(
         os.close(pidfd)
     with pytest.raises(ProcessGoneError):
         proc.start_time(child.pid)
+
+
+def test_a_huge_sparse_executable_gets_a_path_but_is_not_hashed(tmp_path: Path) -> None:
+    """Issue 11 item 6: reading 2 GiB of holes costs as much as 2 GiB of code."""
+    exe = tmp_path / "huge"
+    shutil.copy("/bin/sleep", exe)
+    os.truncate(exe, 2 << 30)  # the ELF loader ignores the trailing zeros
+    hashes = ExeHashCache()
+    child = subprocess.Popen([str(exe), "30"])
+    try:
+        sels = UnixAttestor(hashes=hashes).attest(child.pid, os.getuid(), os.getgid())
+    finally:
+        child.kill()
+        child.wait()
+    assert Selector("unix", f"path:{exe}") in sels
+    assert not [s for s in sels if s.value.startswith("sha256:")]
+    assert hashes.misses == 0
+
+
+def test_the_hash_limit_is_a_setting(tmp_path: Path) -> None:
+    f = tmp_path / "bin"
+    f.write_bytes(b"x" * 100)
+    assert ExeHashCache(max_size=100).sha256(str(f)) == hashlib.sha256(b"x" * 100).hexdigest()
+    with pytest.raises(ExeTooLargeError, match="100 bytes is over the 99-byte hash limit"):
+        ExeHashCache(max_size=99).sha256(str(f))
+
+
+def test_rewritten_bytes_with_the_old_mtime_are_hashed_again(tmp_path: Path) -> None:
+    """The file's owner can rewrite it in place and set mtime back; ctime still moves."""
+    f = tmp_path / "bin"
+    f.write_bytes(b"good")
+    st = f.stat()
+    cache = ExeHashCache()
+    assert cache.sha256(str(f)) == hashlib.sha256(b"good").hexdigest()
+    with open(f, "r+b") as out:
+        out.write(b"evil")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size
+    assert f.stat().st_mtime_ns == st.st_mtime_ns
+    assert cache.sha256(str(f)) == hashlib.sha256(b"evil").hexdigest()

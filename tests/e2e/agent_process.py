@@ -23,6 +23,16 @@ def agent_command() -> list[str]:
     return [sys.executable, "-m", "agent_attestor.cli"]
 
 
+def _with_descriptor_limit(limit: int) -> list[str]:
+    """A prefix that sets RLIMIT_NOFILE and execs the rest of the command line."""
+    code = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", code]
+
+
 @dataclass
 class AgentProcess:
     root: Path
@@ -30,6 +40,7 @@ class AgentProcess:
     join_token: str = ""
     proc: subprocess.Popen[bytes] | None = None
     use_trust_bundle: bool = True
+    descriptor_limit: int | None = None  # RLIMIT_NOFILE (soft and hard) for the agent
 
     @property
     def data_dir(self) -> Path:
@@ -51,7 +62,9 @@ class AgentProcess:
 
     def start(self, *extra: str) -> AgentProcess:
         rt = self.server.runtime
+        limit = self.descriptor_limit
         args = [
+            *(_with_descriptor_limit(limit) if limit is not None else []),
             *agent_command(),
             "run",
             "--server-address",

@@ -1,0 +1,118 @@
+"""Which new Workload API connections the relay takes: a share per uid and a reserve for
+callers that hold few connections, so one user's flood of idle connections cannot use up the
+agent's file descriptors and lock everyone else out.
+
+Each relayed connection costs three descriptors (the workload's, the relay's client to the
+internal server, and that server's side of it), and a fourth while it is identified. The
+capacity is what the descriptor limit leaves after a headroom for everything else the agent
+opens.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from dataclasses import dataclass
+
+from svid._clock import Clock
+
+log = logging.getLogger(__name__)
+
+FDS_PER_CONNECTION = 4  # and a duplicate while it is identified
+FD_HEADROOM = 128  # the agent's own files, its server channel, grpc's internals
+RESERVE_FRACTION = 8  # 1/8 of the capacity is kept for callers holding few connections
+FEW_CONNECTIONS = 2  # a uid with fewer than this many may use the reserve
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between refusal log lines for one uid
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (capped by fs.nr_open); the new soft
+    limit. Each connection costs descriptors, and the default soft limit (often 1024) is small."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open", "rb") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise the descriptor limit", extra={"error": str(exc)})
+            return soft
+        return target
+    return soft
+
+
+def capacity_for(descriptor_limit: int) -> int:
+    """How many relayed connections `descriptor_limit` descriptors carry, after the headroom."""
+    return max((descriptor_limit - FD_HEADROOM) // FDS_PER_CONNECTION, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: str
+
+
+class Admission:
+    """Counts open connections per uid and decides whether one more may come in.
+
+    Used from the event loop only (connection_made / connection_lost): no lock."""
+
+    def __init__(self, per_uid: int, capacity: int, clock: Clock) -> None:
+        if per_uid < 1 or capacity < 1:
+            raise ValueError("per_uid and capacity must be positive")
+        self.per_uid = per_uid
+        self.capacity = capacity
+        self.reserve = capacity // RESERVE_FRACTION
+        self._clock = clock
+        self._open: dict[int, int] = {}
+        self.total = 0
+        self._last_refusal_log: dict[int, float] = {}
+
+    def held_by(self, uid: int) -> int:
+        return self._open.get(uid, 0)
+
+    def decide(self, uid: int) -> Refusal | None:
+        """None to admit `uid`'s new connection, else why not. Pure: counts nothing."""
+        held = self.held_by(uid)
+        if self.total >= self.capacity:
+            return Refusal(f"the agent holds its maximum of {self.capacity} connections")
+        if held >= self.per_uid:
+            return Refusal(f"uid {uid} holds its maximum of {self.per_uid} connections")
+        if self.total >= self.capacity - self.reserve and held >= FEW_CONNECTIONS:
+            return Refusal("the last connections are kept for callers that hold few")
+        return None
+
+    def admit(self, uid: int) -> bool:
+        """Count the connection and return True, or log (at most every few seconds per uid)
+        and return False."""
+        refusal = self.decide(uid)
+        if refusal is None:
+            self._open[uid] = self.held_by(uid) + 1
+            self.total += 1
+            return True
+        self.log_refusal(uid, refusal.reason)
+        return False
+
+    def log_refusal(self, uid: int, reason: str) -> None:
+        """One warning per uid every REFUSAL_LOG_INTERVAL seconds, however many refusals."""
+        now = self._clock.monotonic()
+        last = self._last_refusal_log.get(uid)
+        if last is None or now - last >= REFUSAL_LOG_INTERVAL:
+            if len(self._last_refusal_log) > 4096:  # bounded, whatever the number of uids
+                self._last_refusal_log.clear()
+            self._last_refusal_log[uid] = now
+            log.warning("refused a workload connection", extra={"uid": uid, "reason": reason})
+
+    def release(self, uid: int) -> None:
+        held = self.held_by(uid)
+        if held <= 0:
+            raise ValueError(f"uid {uid} holds no admitted connection")
+        if held == 1:
+            del self._open[uid]
+        else:
+            self._open[uid] = held - 1
+        self.total -= 1

@@ -1,0 +1,93 @@
+"""Issue 11 item 7: a flood of idle connections from one unprivileged user must not lock other
+users out of the real agent. The agent runs with a small descriptor limit so the flood can
+exhaust it in a test; the flood comes from a real `nobody` process over real sockets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from svid._proto import workload_pb2, workload_pb2_grpc
+from tests.e2e.agent_process import HEADER, AgentProcess, create_entry, new_token
+from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid"),
+]
+NOBODY = 65534
+AGENT_FDS = 400
+
+
+@pytest.fixture
+def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
+    root = short_tmpdir()
+    os.chmod(root, 0o755)
+    server = make_server(root).start()
+    agent = AgentProcess(root, server, new_token(server), descriptor_limit=AGENT_FDS)
+    try:
+        agent.start()
+        os.chmod(agent.socket_path.parent, 0o755)
+        yield server, agent
+    finally:
+        agent.stop()
+        print("---- agent log ----\n" + agent.logs()[-6000:])  # shown when a test fails
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _flood_as_nobody(socket_path: Path, count: int) -> subprocess.Popen[str]:
+    code = textwrap.dedent(
+        f"""
+        import os, socket, sys
+        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+        held = []
+        for _ in range({count}):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect({str(socket_path)!r})
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+        print(len(held), flush=True)
+        sys.stdin.read()
+        """
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_a_flood_of_idle_connections_from_one_uid_leaves_room_for_others(
+    stack: tuple[ServerProcess, AgentProcess],
+) -> None:
+    server, agent = stack
+    sid = "spiffe://example.org/legit"
+    create_entry(server, sid, agent.agent_id(), f"unix:uid:{os.getuid()}")
+    agent.wait_svid(sid)
+    flood = _flood_as_nobody(agent.socket_path, 3 * AGENT_FDS)
+    try:
+        assert flood.stdout is not None
+        assert int(flood.stdout.readline()) > AGENT_FDS // 2  # the flood did get in
+        channel = grpc.insecure_channel(f"unix:{agent.socket_path}")
+        try:
+            stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+            msg = next(
+                stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=15)
+            )
+        finally:
+            channel.close()
+        assert [s.spiffe_id for s in msg.svids] == [sid]
+    finally:
+        flood.kill()
+        flood.wait(10)
