@@ -64,3 +64,14 @@ class FakeClock:
 def to_datetime(ts: float) -> datetime:
     """Unix seconds to an aware UTC datetime, as cryptography's X.509 API wants."""
     return datetime.fromtimestamp(ts, tz=UTC)
+
+
+def format_utc(ts: float, *, millis: bool = False) -> str:
+    """Unix seconds as RFC 3339 UTC (``2026-12-05T07:31:11Z``): the one way svidd shows a time.
+
+    CLIs and log lines all print times through here, so an operator can compare them by eye
+    and paste them back into any flag that takes an ISO 8601 time.
+    """
+    when = datetime.fromtimestamp(ts, tz=UTC)
+    text = when.isoformat(timespec="milliseconds" if millis else "seconds")
+    return text.removesuffix("+00:00") + "Z"
