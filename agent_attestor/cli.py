@@ -11,17 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 from cryptography.hazmat.primitives import serialization
 from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 
 from agent_attestor import _crypto
 from agent_attestor.app import AgentApp
 from agent_attestor.config import KEYS, build_config, load_toml
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
-from agent_attestor.workload_client import WorkloadClient, endpoint_address, socket_uri
+from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
 from svid._proto import task_pb2
@@ -209,17 +208,9 @@ def _cmd_task(args: argparse.Namespace, client: WorkloadClient) -> int:
     return 0
 
 
-def _cmd_healthcheck(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(endpoint_address(args.socket_path)) as channel:
-        try:
-            resp = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
-            )
-        except grpc.RpcError as exc:
-            print(f"agent is unhealthy: {exc.code().name}", file=sys.stderr)  # type: ignore[attr-defined]
-            return 1
-    if resp.status != health_pb2.HealthCheckResponse.SERVING:
-        print("agent is not ready", file=sys.stderr)
+def _cmd_healthcheck(client: WorkloadClient) -> int:
+    if client.health() != health_pb2.HealthCheckResponse.SERVING:
+        print("svid-agent: the agent answers but is not ready yet", file=sys.stderr)
         return 1
     print("Agent is healthy.")
     return 0
@@ -240,9 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
-        if args.command == "healthcheck":
-            return _cmd_healthcheck(args)
-        with WorkloadClient(endpoint_address(args.socket_path), args.timeout) as client:
+        with WorkloadClient(endpoint(args.socket_path), args.timeout) as client:
+            if args.command == "healthcheck":
+                return _cmd_healthcheck(client)
             if args.command == "task":
                 return _cmd_task(args, client)
             if args.api == "fetch" and args.kind == "x509":

@@ -11,7 +11,7 @@ import pytest
 from agent_attestor import cli
 from agent_attestor.config import build_config, load_toml
 from agent_attestor.errors import ConfigError
-from agent_attestor.workload_client import endpoint_address
+from agent_attestor.workload_client import endpoint
 from tests.agent_attestor.harness import Harness
 
 
@@ -62,13 +62,14 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 
 def test_endpoint_address_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix:///run/a.sock")
-    assert endpoint_address(None) == "unix:///run/a.sock"
+    assert endpoint(None).target == "unix:///run/a.sock"
+    assert endpoint(None).path == Path("/run/a.sock")
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "tcp://127.0.0.1:5")
-    assert endpoint_address(None) == "127.0.0.1:5"
+    assert (endpoint(None).target, endpoint(None).path) == ("127.0.0.1:5", None)
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix://relative")
     with pytest.raises(ConfigError, match="SPIFFE_ENDPOINT_SOCKET"):
-        endpoint_address(None)
-    assert endpoint_address(Path("/x/y.sock")) == "unix:/x/y.sock"
+        endpoint(None)
+    assert endpoint(Path("/x/y.sock")).target == "unix:/x/y.sock"
 
 
 def test_run_with_a_bad_config_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,7 +105,7 @@ def test_cli_jwt_fetch_validate_and_errors(
     assert token not in err
     missing = ["--socket-path", str(agent.root / "nope.sock"), "--timeout", "1"]
     assert cli.main(["api", "fetch", "x509", *missing]) == 1
-    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert f"no socket at {agent.root / 'nope.sock'}" in capsys.readouterr().err
 
 
 def test_healthcheck_needs_the_health_service(agent: Harness) -> None:
