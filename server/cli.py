@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -25,6 +26,7 @@ from server.errors import ConfigError, ServerError
 from server.tasks import cli as task_cli
 from svid._errors import SvidError
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
+from svid._workload_errors import SILENT, connect_failure
 
 ADMIN_SOCKET_ENV = "SVID_SERVER_ADMIN_SOCKET"
 RPC_TIMEOUT = 15.0
@@ -50,7 +52,16 @@ def _common() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, default=default, help="server TOML config file")
     parser.add_argument(
-        "--output", choices=("text", "json"), default=default, help="output format (default text)"
+        "--output",
+        choices=("text", "json"),
+        default=default,
+        help="output format (default text; text shows times as RFC 3339 UTC, json as Unix seconds)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default,
+        help=f"seconds to wait for the server's answer (default {RPC_TIMEOUT:g})",
     )
     return parser
 
@@ -138,32 +149,86 @@ def build_parser() -> argparse.ArgumentParser:
 # -- admin client ----------------------------------------------------------------------------
 
 
-def _admin_socket(args: argparse.Namespace) -> Path:
+_CHECK = (
+    "is svid-server running? Check --admin-socket, admin_socket in --config, "
+    f"or ${ADMIN_SOCKET_ENV}"
+)
+
+
+def _admin_socket_and_origin(args: argparse.Namespace) -> tuple[Path, str]:
     if getattr(args, "admin_socket", None):
-        return Path(args.admin_socket)
+        return Path(args.admin_socket), "--admin-socket"
     config = getattr(args, "config", None)
     if config is not None:
         raw = read_toml(config)
         if "admin_socket" in raw:
-            return Path(str(raw["admin_socket"]))
+            return Path(str(raw["admin_socket"])), f"admin_socket in {config}"
     env = os.environ.get(ADMIN_SOCKET_ENV)
-    return Path(env) if env else DEFAULT_ADMIN_SOCKET
+    if env:
+        return Path(env), f"${ADMIN_SOCKET_ENV}"
+    return DEFAULT_ADMIN_SOCKET, "the default"
+
+
+def _admin_socket(args: argparse.Namespace) -> Path:
+    return _admin_socket_and_origin(args)[0]
+
+
+def _where(args: argparse.Namespace) -> str:
+    path, origin = _admin_socket_and_origin(args)
+    return f"{path} (from {origin})"
+
+
+def _timeout(args: argparse.Namespace) -> float:
+    timeout = float(getattr(args, "timeout", RPC_TIMEOUT))
+    if not timeout > 0:
+        raise CliError(f"--timeout: {timeout:g} must be more than 0 seconds")
+    return timeout
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to the admin socket, once the file system says it can be one.
+
+    gRPC alone would only say "failed to connect"; the file system names the exact problem, and
+    the admin socket's 0700 directory makes "permission denied" the usual one for a wrong user.
+    """
     path = _admin_socket(args)
-    if not path.exists():
-        raise CliError(f"admin socket {path} does not exist: is the server running?")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CliError(f"admin socket {_where(args)} does not exist: {_CHECK}") from None
+    except PermissionError:
+        raise CliError(
+            f"cannot open admin socket {_where(args)}: permission denied (its directory is only "
+            "for the server's user); run the command as that user"
+        ) from None
+    if not stat.S_ISSOCK(mode):
+        raise CliError(f"admin socket {_where(args)} is not a socket: {_CHECK}")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise CliError(
+            f"cannot open admin socket {_where(args)}: permission denied; run the command as "
+            "the server's user"
+        )
     return grpc.insecure_channel(f"unix:{path}")
 
 
-def _rpc_error(exc: grpc.RpcError, path: Path) -> CliError:
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return CliError(f"cannot reach the server at {path}: {details}")
-    name = code.name if code is not None else "UNKNOWN"
-    return CliError(f"{name}: {details}")
+def _rpc_error(exc: grpc.RpcError, args: argparse.Namespace) -> CliError:
+    """The one line for a failed admin call; connection trouble names the socket and what to try."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or "no details"
+    why = connect_failure(details) if code is grpc.StatusCode.UNAVAILABLE else None
+    if why == SILENT:
+        return CliError(
+            f"admin socket {_where(args)} accepts connections but does not answer: is "
+            "svid-server hung, or is something else listening there?"
+        )
+    if why is not None:
+        return CliError(f"cannot connect to admin socket {_where(args)} ({why}): {_CHECK}")
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CliError(
+            f"no answer from the server at {_where(args)} within {_timeout(args):g}s: is it hung "
+            "or overloaded? Retry, or raise --timeout"
+        )
+    return CliError(f"{code.name}: {details}")
 
 
 def _emit(args: argparse.Namespace, text: str, json_text: str) -> None:
@@ -217,7 +282,7 @@ def _for_int32(name: str, value: int | None) -> None:
 
 
 def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> None:
-    t = RPC_TIMEOUT
+    t = _timeout(args)
     cmd = (args.command, getattr(args, "action", None))
     if cmd == ("token", "generate"):
         _for_int32("--ttl", args.ttl)
@@ -288,14 +353,10 @@ def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
 
 
 def _healthcheck(args: argparse.Namespace) -> None:
-    path = _admin_socket(args)
     with _channel(args) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=5.0
-            )
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc, path) from None
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=_timeout(args)
+        )
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         raise CliError(f"server is not serving (status {reply.status})")
     if getattr(args, "output", "text") == "json":
@@ -340,19 +401,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "run":
-            _run(args)
-        elif args.command == "healthcheck":
-            _healthcheck(args)
-        elif args.command in task_cli.COMMANDS:
-            task_cli.run_command(args, _channel)
-        else:
-            path = _admin_socket(args)
-            with _channel(args) as channel:
-                try:
+        try:
+            if args.command != "run":
+                _timeout(args)  # a bad --timeout is reported before anything is opened
+            if args.command == "run":
+                _run(args)
+            elif args.command == "healthcheck":
+                _healthcheck(args)
+            elif args.command in task_cli.COMMANDS:
+                task_cli.run_command(args, _channel, _timeout)
+            else:
+                with _channel(args) as channel:
                     _admin_command(args, admin_pb2_grpc.AdminStub(channel))
-                except grpc.RpcError as exc:
-                    raise _rpc_error(exc, path) from None
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, args) from None
     except (ServerError, SvidError) as exc:
         prefix = "config error" if isinstance(exc, ConfigError) else "error"
         print(f"svid-server: {prefix}: {exc}", file=sys.stderr)

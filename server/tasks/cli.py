@@ -22,7 +22,6 @@ from server.errors import ServerError
 from svid._clock import SystemClock
 from svid._proto import task_pb2, task_pb2_grpc
 
-TIMEOUT = 15.0
 DEFAULT_DATA_DIR = Path(".svid-server")
 
 
@@ -198,14 +197,14 @@ def _as_json(message: Any) -> dict[str, Any]:
     )
 
 
-def _admin(args: argparse.Namespace, channel: grpc.Channel) -> None:
+def _admin(args: argparse.Namespace, channel: grpc.Channel, timeout: float) -> None:
     stub = task_pb2_grpc.TaskAdminStub(channel)
     as_json = getattr(args, "output", "text") == "json"
     cmd = (args.command, args.action)
     if cmd == ("task", "list"):
         reply = stub.ListTasks(
             task_pb2.AdminListTasksRequest(agent_id=args.agent_id, state=args.state),
-            timeout=TIMEOUT,
+            timeout=timeout,
         )
         if as_json:
             print(json.dumps({"tasks": [_as_json(t) for t in reply.tasks]}, indent=2))
@@ -219,11 +218,11 @@ def _admin(args: argparse.Namespace, channel: grpc.Channel) -> None:
         )
         task = call(
             task_pb2.AdminTaskRequest(task_id=args.task_id, reason=getattr(args, "reason", "")),
-            timeout=TIMEOUT,
+            timeout=timeout,
         )
         print(json.dumps(_as_json(task), indent=2) if as_json else _task_text(task))
     elif cmd == ("policy", "reload"):
-        info = stub.ReloadPolicy(task_pb2.ReloadPolicyRequest(), timeout=TIMEOUT)
+        info = stub.ReloadPolicy(task_pb2.ReloadPolicyRequest(), timeout=timeout)
         if as_json:
             print(json.dumps(_as_json(info), indent=2))
         else:
@@ -233,18 +232,17 @@ def _admin(args: argparse.Namespace, channel: grpc.Channel) -> None:
 
 
 def run_command(
-    args: argparse.Namespace, channel: Callable[[argparse.Namespace], grpc.Channel]
+    args: argparse.Namespace,
+    channel: Callable[[argparse.Namespace], grpc.Channel],
+    timeout: Callable[[argparse.Namespace], float],
 ) -> None:
-    """Run a task/audit/policy command; `channel` opens the admin socket (server/cli.py's)."""
+    """Run a task/audit/policy command; `channel` opens the admin socket and `timeout` reads
+    --timeout (server/cli.py's). A grpc.RpcError goes up to server/cli.py, which words every
+    admin call's failure the same way."""
     if args.command == "audit":
         _audit(args)
     elif (args.command, args.action) == ("policy", "validate"):
         _validate(args)
     else:
         with channel(args) as ch:
-            try:
-                _admin(args, ch)
-            except grpc.RpcError as exc:
-                code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-                details = exc.details() if hasattr(exc, "details") else str(exc)
-                raise TaskCliError(f"{code}: {details}") from None
+            _admin(args, ch, timeout(args))
