@@ -83,8 +83,24 @@ def _entry_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
         help="TYPE:VALUE, e.g. unix:uid:1000 "
         "(repeatable" + ("; replaces all selectors)" if update else ")"),
     )
-    parser.add_argument("--x509-ttl", "--x509-svid-ttl", type=int, default=None)
-    parser.add_argument("--jwt-ttl", "--jwt-svid-ttl", type=int, default=None)
+    unset = " (unchanged if not given)" if update else ""
+    parser.add_argument(
+        "--x509-ttl",
+        "--x509-svid-ttl",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="X.509-SVID lifetime in seconds; 0 = the server default (default_x509_svid_ttl)"
+        + unset,
+    )
+    parser.add_argument(
+        "--jwt-ttl",
+        "--jwt-svid-ttl",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="JWT-SVID lifetime in seconds; 0 = the server default (default_jwt_svid_ttl)" + unset,
+    )
     parser.add_argument("--dns", action="append", default=None, help="DNS SAN (repeatable)")
     parser.add_argument("--hint", default=None)
     admin = parser.add_mutually_exclusive_group()

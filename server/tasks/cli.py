@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from server.config import read_toml
 from server.errors import ServerError
-from svid._clock import SystemClock
+from svid._clock import SystemClock, format_utc
 from svid._proto import task_pb2, task_pb2_grpc
 
 DEFAULT_DATA_DIR = Path(".svid-server")
@@ -167,7 +167,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 def _task_text(task: task_pb2.Task) -> str:
     def when(ts: int) -> str:
-        return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ts else "-"
+        return format_utc(ts) if ts else "-"
 
     lines = [
         f"Task ID        : {task.task_id}",
