@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from agent_attestor import cli
 from agent_attestor.config import build_config, load_toml
 from agent_attestor.errors import ConfigError
 from agent_attestor.workload_client import endpoint
+from svid._clock import format_utc
+from svid._proto import task_pb2
 from tests.agent_attestor.harness import Harness
 
 
@@ -111,3 +115,39 @@ def test_cli_jwt_fetch_validate_and_errors(
 def test_healthcheck_needs_the_health_service(agent: Harness) -> None:
     # The test harness endpoint has no health service: the check must fail, not pass.
     assert cli.main(["healthcheck", "--socket-path", str(agent.socket_path), "--timeout", "2"]) == 1
+
+
+def test_cli_jwt_raw_output_is_only_the_token(
+    agent: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.add_entry("/w")
+    args = ["--socket-path", str(agent.socket_path)]
+    assert cli.main(["api", "fetch", "jwt", "--audience", "a", "--output", "raw", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    token = out.strip()
+    assert token.count(".") == 2
+    assert " " not in token
+    assert cli.main(["api", "validate", "jwt", "--audience", "a", "--svid", token, *args]) == 0
+
+
+def test_cli_times_are_rfc3339_in_text_and_unix_seconds_in_json(
+    agent: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.add_entry("/w")
+    args = ["--socket-path", str(agent.socket_path)]
+    assert cli.main(["api", "fetch", "x509", *args]) == 0
+    (expires,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Expires")]
+    assert re.fullmatch(r"Expires:\t\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", expires), expires
+    assert cli.main(["api", "fetch", "x509", "--output", "json", *args]) == 0
+    not_after = json.loads(capsys.readouterr().out)["svids"][0]["not_after"]
+    assert isinstance(not_after, int)
+    assert format_utc(not_after) == expires.split("\t")[1]
+
+
+def test_task_text_shows_rfc3339_times(capsys: pytest.CaptureFixture[str]) -> None:
+    task = task_pb2.Task(task_id="t1", expires_at=1_796_455_871, credentials=3)
+    cli._print_tasks(argparse.Namespace(output="text"), [task])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(re.fullmatch(r"Expires\s+: 2026-12-05T07:31:11Z", x) for x in lines), lines
+    assert any(re.fullmatch(r"Credentials\s+: 3", x) for x in lines), lines
