@@ -25,6 +25,7 @@ from svid._clock import format_utc
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
 from svid._proto import task_pb2
+from svid._stdout import flush_stdout, stdout_closed_by_reader
 
 _BOOL_FLAGS = {"insecure_bootstrap"}
 _OUTPUT_HELP = "text (times in RFC 3339 UTC) or json (times in Unix seconds)"
@@ -245,23 +246,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_command(args: argparse.Namespace, client: WorkloadClient) -> int:
+    if args.command == "healthcheck":
+        return _cmd_healthcheck(client)
+    if args.command == "task":
+        return _cmd_task(args, client)
+    if args.api == "fetch" and args.kind == "x509":
+        return _cmd_fetch_x509(args, client)
+    if args.api == "fetch":
+        return _cmd_fetch_jwt(args, client)
+    if args.api == "validate":
+        return _cmd_validate_jwt(args, client)
+    return _cmd_watch(args, client)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             return _cmd_run(args)
         with WorkloadClient(endpoint(args.socket_path), args.timeout) as client:
-            if args.command == "healthcheck":
-                return _cmd_healthcheck(client)
-            if args.command == "task":
-                return _cmd_task(args, client)
-            if args.api == "fetch" and args.kind == "x509":
-                return _cmd_fetch_x509(args, client)
-            if args.api == "fetch":
-                return _cmd_fetch_jwt(args, client)
-            if args.api == "validate":
-                return _cmd_validate_jwt(args, client)
-            return _cmd_watch(args, client)
+            code = _client_command(args, client)
+        flush_stdout()
+        return code
+    except BrokenPipeError:
+        return stdout_closed_by_reader()
     except ConfigError as exc:
         print(f"svid-agent: configuration error: {exc}", file=sys.stderr)
         return 2

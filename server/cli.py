@@ -26,6 +26,7 @@ from server.errors import ConfigError, ServerError
 from server.tasks import cli as task_cli
 from svid._errors import SvidError
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
+from svid._stdout import flush_stdout, stdout_closed_by_reader
 from svid._workload_errors import SILENT, connect_failure
 
 ADMIN_SOCKET_ENV = "SVID_SERVER_ADMIN_SOCKET"
@@ -429,8 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 with _channel(args) as channel:
                     _admin_command(args, admin_pb2_grpc.AdminStub(channel))
+            flush_stdout()
         except grpc.RpcError as exc:
             raise _rpc_error(exc, args) from None
+    except BrokenPipeError:
+        return stdout_closed_by_reader()
     except (ServerError, SvidError) as exc:
         prefix = "config error" if isinstance(exc, ConfigError) else "error"
         print(f"svid-server: {prefix}: {exc}", file=sys.stderr)
