@@ -21,7 +21,7 @@ from agent_attestor.config import KEYS, build_config, load_toml
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
 from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
-from svid._clock import format_utc
+from svid._clock import format_utc, unix_times_as_numbers
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
 from svid._proto import task_pb2
@@ -188,8 +188,8 @@ def _cmd_watch(args: argparse.Namespace, client: WorkloadClient) -> int:
     return 0
 
 
-def _task_summary(task: task_pb2.Task) -> dict[str, Any]:
-    return json_format.MessageToDict(task, preserving_proto_field_name=True)
+def _task_summary(task: task_pb2.Task) -> object:
+    return unix_times_as_numbers(json_format.MessageToDict(task, preserving_proto_field_name=True))
 
 
 def _print_tasks(args: argparse.Namespace, tasks: list[task_pb2.Task]) -> None:

@@ -75,3 +75,21 @@ def format_utc(ts: float, *, millis: bool = False) -> str:
     when = datetime.fromtimestamp(ts, tz=UTC)
     text = when.isoformat(timespec="milliseconds" if millis else "seconds")
     return text.removesuffix("+00:00") + "Z"
+
+
+def unix_times_as_numbers(data: object) -> object:
+    """``data`` (a protobuf message as a JSON dict) with every ``*_at`` time as a number.
+
+    Protobuf's JSON mapping writes int64 fields as strings; svidd's JSON output promises times
+    as Unix seconds, and a script should not have to know which fields happen to be int64.
+    """
+    if isinstance(data, dict):
+        return {
+            k: int(v)
+            if k.endswith("_at") and isinstance(v, str) and v.lstrip("-").isdigit()
+            else unix_times_as_numbers(v)
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [unix_times_as_numbers(v) for v in data]
+    return data

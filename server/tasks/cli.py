@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from server.config import read_toml
 from server.errors import ServerError
-from svid._clock import SystemClock, format_utc
+from svid._clock import SystemClock, format_utc, unix_times_as_numbers
 from svid._proto import task_pb2, task_pb2_grpc
 
 DEFAULT_DATA_DIR = Path(".svid-server")
@@ -191,9 +191,11 @@ def _task_text(task: task_pb2.Task) -> str:
     return "\n".join(lines)
 
 
-def _as_json(message: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+def _as_json(message: Any) -> object:
+    return unix_times_as_numbers(
+        json_format.MessageToDict(
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
     )
 
 

@@ -151,3 +151,10 @@ def test_task_text_shows_rfc3339_times(capsys: pytest.CaptureFixture[str]) -> No
     lines = capsys.readouterr().out.splitlines()
     assert any(re.fullmatch(r"Expires\s+: 2026-12-05T07:31:11Z", x) for x in lines), lines
     assert any(re.fullmatch(r"Credentials\s+: 3", x) for x in lines), lines
+
+
+def test_task_json_times_are_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    task = task_pb2.Task(task_id="t1", expires_at=1_796_455_871, created_at=1_796_455_000)
+    cli._print_tasks(argparse.Namespace(output="json"), [task])
+    (shown,) = json.loads(capsys.readouterr().out)["tasks"]
+    assert (shown["expires_at"], shown["created_at"]) == (1_796_455_871, 1_796_455_000)

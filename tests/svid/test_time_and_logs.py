@@ -13,7 +13,7 @@ import pytest
 
 from agent_attestor import logs as agent_logs
 from server import logs as server_logs
-from svid._clock import format_utc
+from svid._clock import format_utc, unix_times_as_numbers
 
 RFC3339_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
@@ -76,3 +76,13 @@ def test_text_log_lines_keep_the_traceback() -> None:
     except ValueError:
         logging.getLogger("agent_attestor.test").exception("failed")
     assert "ValueError: boom" in stream.getvalue()
+
+
+def test_unix_times_as_numbers_only_touches_times() -> None:
+    data = {"expires_at": "17", "id": "42", "items": [{"created_at": "-1", "at": "x"}], "n": 3}
+    assert unix_times_as_numbers(data) == {
+        "expires_at": 17,
+        "id": "42",
+        "items": [{"created_at": -1, "at": "x"}],
+        "n": 3,
+    }
