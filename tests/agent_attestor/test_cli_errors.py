@@ -27,13 +27,15 @@ def sock_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _agent_cli(*argv: str, env: str | None, limit: float = 20.0) -> tuple[int, str, str, float]:
+def _agent_cli(
+    *argv: str, env: str | None, limit: float = 20.0, prefix: list[str] | None = None
+) -> tuple[int, str, str, float]:
     environ = {k: v for k, v in os.environ.items() if k != ENV}
     if env is not None:
         environ[ENV] = env
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "agent_attestor.cli", *argv],
+        [*(prefix or []), sys.executable, "-m", "agent_attestor.cli", *argv],
         capture_output=True,
         text=True,
         env=environ,
@@ -98,19 +100,32 @@ def test_a_file_that_is_not_a_socket(sock_dir: Path) -> None:
     assert f"{path} (from {ENV}) is not a socket" in _one_line(err)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root opens any socket")
-def test_a_socket_this_user_may_not_open(sock_dir: Path) -> None:
-    path = sock_dir / "api.sock"
+def _as_another_user() -> list[str]:
+    """A command prefix that drops root (root opens any socket); nothing for anyone else."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv to drop privileges")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.parametrize("private", ["directory", "socket"])
+def test_a_socket_this_user_may_not_open(sock_dir: Path, private: str) -> None:
+    sock_dir.chmod(0o755)
+    (sock_dir / "private").mkdir(mode=0o700 if private == "directory" else 0o755)
+    path = sock_dir / "private" / "api.sock"
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))
     server.listen(1)
-    path.chmod(0)
+    path.chmod(0o600 if private == "socket" else 0o777)
     try:
-        code, _, err, _ = _agent_cli(*FETCH, env=f"unix://{path}")
+        code, out, err, _ = _agent_cli(*FETCH, env=f"unix://{path}", prefix=_as_another_user())
     finally:
         server.close()
-    assert code == 1
-    assert "permission denied" in _one_line(err)
+    assert (code, out) == (1, "")
+    assert f"{path} (from {ENV})" in _one_line(err)
+    assert "permission denied" in err
+    assert "run as a user the agent serves" in err
 
 
 def test_a_socket_nobody_listens_on(sock_dir: Path) -> None:

@@ -25,13 +25,15 @@ def sock_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _server_cli(*argv: str, env: str | None = None, limit: float = 30.0) -> tuple[int, str, float]:
+def _server_cli(
+    *argv: str, env: str | None = None, limit: float = 30.0, prefix: list[str] | None = None
+) -> tuple[int, str, float]:
     environ = {k: v for k, v in os.environ.items() if k != ENV}
     if env is not None:
         environ[ENV] = env
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "server.cli", *argv],
+        [*(prefix or []), sys.executable, "-m", "server.cli", *argv],
         capture_output=True,
         text=True,
         env=environ,
@@ -66,6 +68,34 @@ def test_a_file_that_is_not_a_socket(sock_dir: Path) -> None:
     path.write_text("")
     _, err, _ = _server_cli("agent", "list", "--admin-socket", str(path))
     assert f"admin socket {path} (from --admin-socket) is not a socket" in err
+
+
+def _as_another_user() -> list[str]:
+    """A command prefix that drops root (root opens any socket); nothing for anyone else."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv to drop privileges")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.parametrize("private", ["directory", "socket"])
+def test_another_users_admin_socket(sock_dir: Path, private: str) -> None:
+    sock_dir.chmod(0o755)
+    (sock_dir / "private").mkdir(mode=0o700 if private == "directory" else 0o755)
+    path = sock_dir / "private" / "admin.sock"  # the server's layout: 0600 socket, 0700 dir
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+    path.chmod(0o600 if private == "socket" else 0o777)
+    try:
+        _, err, _ = _server_cli(
+            "agent", "list", "--admin-socket", str(path), prefix=_as_another_user()
+        )
+    finally:
+        server.close()
+    assert f"cannot open admin socket {path} (from --admin-socket): permission denied" in err
+    assert "run the command as" in err
 
 
 def test_a_socket_nobody_listens_on(sock_dir: Path) -> None:
