@@ -6,6 +6,7 @@ from (--socket-path, SPIFFE_ENDPOINT_SOCKET or the default) and what to try.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Iterator
@@ -173,7 +174,9 @@ class WorkloadClient:
     def watch_x509(self) -> Iterator[workload_pb2.X509SVIDResponse]:
         # The stream itself has no deadline (it is meant to stay open), so first make sure,
         # within the timeout, that an agent answers at all: a hung one must not hang the CLI.
-        self.health()
+        # Any status is an answer (an agent without the health service says UNIMPLEMENTED).
+        with contextlib.suppress(WorkloadApiError):
+            self.health()
         stream = self._stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
         try:
             yield from stream

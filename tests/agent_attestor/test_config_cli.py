@@ -13,7 +13,7 @@ import pytest
 from agent_attestor import cli
 from agent_attestor.config import build_config, load_toml
 from agent_attestor.errors import ConfigError
-from agent_attestor.workload_client import endpoint
+from agent_attestor.workload_client import WorkloadClient, endpoint
 from svid._clock import format_utc
 from svid._proto import task_pb2
 from tests.agent_attestor.harness import Harness
@@ -158,3 +158,11 @@ def test_task_json_times_are_numbers(capsys: pytest.CaptureFixture[str]) -> None
     cli._print_tasks(argparse.Namespace(output="json"), [task])
     (shown,) = json.loads(capsys.readouterr().out)["tasks"]
     assert (shown["expires_at"], shown["created_at"]) == (1_796_455_871, 1_796_455_000)
+
+
+def test_watch_works_with_an_agent_without_the_health_service(agent: Harness) -> None:
+    # The harness endpoint, like a SPIRE agent's Workload API socket, serves no health service.
+    agent.add_entry("/w")
+    with WorkloadClient(endpoint(agent.socket_path), timeout=5) as client:
+        first = next(iter(client.watch_x509()))
+    assert first.svids[0].spiffe_id == "spiffe://example.org/w"
