@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 from agent_attestor.config import DEFAULT_SOCKET
 from agent_attestor.errors import AgentError, ConfigError
 from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
+from svid._unix_socket import SocketProblem, socket_problem
 from svid._workload_address import ENV_SOCKET, WorkloadApiAddressError, grpc_target
 from svid._workload_errors import SILENT, connect_failure
 
@@ -76,22 +76,14 @@ def check_socket(where: Endpoint) -> None:
     gRPC would only say "failed to connect", or for some of these keep retrying until the
     deadline; the file system can say exactly what is wrong.
     """
-    if where.path is None:
-        return
-    try:
-        mode = where.path.stat().st_mode
-    except FileNotFoundError:
-        raise AgentUnreachableError(f"no socket at {where}: {_CHECK}") from None
-    except PermissionError:
+    problem = socket_problem(where.path) if where.path is not None else None
+    if problem is SocketProblem.MISSING:
+        raise AgentUnreachableError(f"no socket at {where}: {_CHECK}")
+    if problem is SocketProblem.NOT_A_SOCKET:
+        raise AgentUnreachableError(f"{where} {problem.value}: {_CHECK}")
+    if problem is not None:
         raise AgentUnreachableError(
-            f"cannot look up {where}: permission denied on a directory above it; run as a user "
-            "the agent serves"
-        ) from None
-    if not stat.S_ISSOCK(mode):
-        raise AgentUnreachableError(f"{where} is not a socket: {_CHECK}")
-    if not os.access(where.path, os.R_OK | os.W_OK):
-        raise AgentUnreachableError(
-            f"cannot open {where}: permission denied; run as a user the agent serves"
+            f"cannot open {where}: {problem.value}; run as a user the agent serves"
         )
 
 

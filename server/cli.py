@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import os
 import signal
-import stat
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -27,6 +26,7 @@ from server.tasks import cli as task_cli
 from svid._errors import SvidError
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
 from svid._stdout import flush_stdout, stdout_closed_by_reader
+from svid._unix_socket import SocketProblem, socket_problem
 from svid._workload_errors import SILENT, connect_failure
 
 ADMIN_SOCKET_ENV = "SVID_SERVER_ADMIN_SOCKET"
@@ -209,21 +209,13 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     the admin socket's 0700 directory makes "permission denied" the usual one for a wrong user.
     """
     path = _admin_socket(args)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise CliError(f"admin socket {_where(args)} does not exist: {_CHECK}") from None
-    except PermissionError:
+    problem = socket_problem(path)
+    if problem in (SocketProblem.MISSING, SocketProblem.NOT_A_SOCKET):
+        raise CliError(f"admin socket {_where(args)} {problem.value}: {_CHECK}")
+    if problem is not None:
         raise CliError(
-            f"cannot open admin socket {_where(args)}: permission denied (its directory is only "
-            "for the server's user); run the command as that user"
-        ) from None
-    if not stat.S_ISSOCK(mode):
-        raise CliError(f"admin socket {_where(args)} is not a socket: {_CHECK}")
-    if not os.access(path, os.R_OK | os.W_OK):
-        raise CliError(
-            f"cannot open admin socket {_where(args)}: permission denied; run the command as "
-            "the server's user"
+            f"cannot open admin socket {_where(args)}: permission denied (the socket and its "
+            "directory are only for the server's user); run the command as that user"
         )
     return grpc.insecure_channel(f"unix:{path}")
 
