@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 
 from agent_attestor import _crypto
 from agent_attestor.app import AgentApp
-from agent_attestor.config import KEYS, build_config, load_toml
+from agent_attestor.config import DEFAULT_SOCKET, KEYS, build_config, load_toml
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
 from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
-        "--socket-path", type=Path, help="Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET)"
+        "--socket-path",
+        type=Path,
+        help=f"Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET, else {DEFAULT_SOCKET})",
     )
     client.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait for the agent (default 10)"
