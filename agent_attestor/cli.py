@@ -13,22 +13,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 from cryptography.hazmat.primitives import serialization
 from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 
 from agent_attestor import _crypto
 from agent_attestor.app import AgentApp
-from agent_attestor.config import JOIN_TOKEN_ENV, KEYS, build_config, load_toml
+from agent_attestor.config import DEFAULT_SOCKET, JOIN_TOKEN_ENV, KEYS, build_config, load_toml
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
-from agent_attestor.workload_client import WorkloadClient, endpoint_address, socket_uri
+from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
+from svid._clock import format_utc, unix_times_as_numbers
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
 from svid._proto import task_pb2
+from svid._stdout import flush_stdout, stdout_closed_by_reader
 
 _BOOL_FLAGS = {"insecure_bootstrap"}
+_OUTPUT_HELP = "text (times in RFC 3339 UTC) or json (times in Unix seconds)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,33 +48,46 @@ def _parser() -> argparse.ArgumentParser:
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
-        "--socket-path", type=Path, help="Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET)"
+        "--socket-path",
+        type=Path,
+        help=f"Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET, else {DEFAULT_SOCKET})",
     )
-    client.add_argument("--timeout", type=float, default=10.0)
-    client.add_argument("--output", choices=("text", "json"), default="text")
+    client.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the agent (default 10)"
+    )
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--output", choices=("text", "json"), default="text", help=_OUTPUT_HELP)
 
-    sub.add_parser("healthcheck", parents=[client], help="exit 0 when the agent is serving")
+    sub.add_parser("healthcheck", parents=[client, output], help="exit 0 when the agent is serving")
 
     api = sub.add_parser("api", help="Workload API client").add_subparsers(
         dest="api", required=True
     )
     fetch = api.add_parser("fetch", help="fetch an SVID").add_subparsers(dest="kind", required=True)
-    x509 = fetch.add_parser("x509", parents=[client], help="fetch X.509-SVIDs")
+    x509 = fetch.add_parser("x509", parents=[client, output], help="fetch X.509-SVIDs")
     x509.add_argument("--write", type=Path, help="write svid.N.pem, svid.N.key, bundle.N.pem here")
     jwt = fetch.add_parser("jwt", parents=[client], help="fetch JWT-SVIDs")
     jwt.add_argument("--audience", action="append", required=True)
     jwt.add_argument("--spiffe-id", default="")
+    jwt.add_argument(
+        "--output",
+        choices=("text", "json", "raw"),
+        default="text",
+        help="text, json, or raw: only the token(s), one a line, for scripts",
+    )
     validate = api.add_parser("validate", help="validate an SVID").add_subparsers(
         dest="kind", required=True
     )
-    vjwt = validate.add_parser("jwt", parents=[client], help="validate a JWT-SVID")
+    vjwt = validate.add_parser("jwt", parents=[client, output], help="validate a JWT-SVID")
     vjwt.add_argument("--audience", required=True)
     vjwt.add_argument("--svid", required=True)
-    api.add_parser("watch", parents=[client], help="print every X.509-SVID update")
+    api.add_parser("watch", parents=[client, output], help="print every X.509-SVID update")
 
     task = sub.add_parser("task", help="task-scoped identities for the calling workload")
     tasks = task.add_subparsers(dest="task", required=True)
-    begin = tasks.add_parser("begin", parents=[client], help="begin a task with a declared intent")
+    begin = tasks.add_parser(
+        "begin", parents=[client, output], help="begin a task with a declared intent"
+    )
     begin.add_argument("--action", action="append", required=True, help="repeatable, e.g. read")
     begin.add_argument("--resource", action="append", required=True, help="audience or tool")
     begin.add_argument(
@@ -84,9 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     begin.add_argument("--ttl", type=int, default=300, help="requested seconds")
     begin.add_argument("--parent-task", default="")
     begin.add_argument("--spiffe-id", default="", help="identity to act under (default: first)")
-    end = tasks.add_parser("end", parents=[client], help="end a task and revoke its SVIDs")
+    end = tasks.add_parser("end", parents=[client, output], help="end a task and revoke its SVIDs")
     end.add_argument("--id", required=True)
-    tasks.add_parser("list", parents=[client], help="the calling workload's tasks")
+    tasks.add_parser("list", parents=[client, output], help="the calling workload's tasks")
     return parser
 
 
@@ -105,7 +120,7 @@ def _x509_summary(msg: Any) -> list[dict[str, Any]]:
             {
                 "spiffe_id": svid.spiffe_id,
                 "hint": svid.hint,
-                "not_after": chain[0].not_valid_after_utc.isoformat(),
+                "not_after": int(chain[0].not_valid_after_utc.timestamp()),
                 "serial": format(chain[0].serial_number, "x"),
                 "chain_length": len(chain),
             }
@@ -130,7 +145,7 @@ def _cmd_fetch_x509(args: argparse.Namespace, client: WorkloadClient) -> int:
     else:
         for item in summary:
             print(f"SPIFFE ID:\t{item['spiffe_id']}")
-            print(f"Expires:\t{item['not_after']}")
+            print(f"Expires:\t{format_utc(item['not_after'])}")
             if item["hint"]:
                 print(f"Hint:\t\t{item['hint']}")
         if args.write is not None:
@@ -143,6 +158,9 @@ def _cmd_fetch_jwt(args: argparse.Namespace, client: WorkloadClient) -> int:
     if args.output == "json":
         svids = [{"spiffe_id": s.spiffe_id, "svid": s.svid, "hint": s.hint} for s in resp.svids]
         print(json.dumps({"svids": svids}, indent=2))
+    elif args.output == "raw":
+        for s in resp.svids:
+            print(s.svid)
     else:
         for s in resp.svids:
             print(f"token({s.spiffe_id}):\n\t{s.svid}")
@@ -167,13 +185,15 @@ def _cmd_watch(args: argparse.Namespace, client: WorkloadClient) -> int:
         if args.output == "json":
             print(json.dumps({"svids": summary}), flush=True)
         else:
-            ids = ", ".join(f"{s['spiffe_id']} (until {s['not_after']})" for s in summary)
+            ids = ", ".join(
+                f"{s['spiffe_id']} (until {format_utc(s['not_after'])})" for s in summary
+            )
             print(f"Received {len(summary)} svid(s): {ids}", flush=True)
     return 0
 
 
-def _task_summary(task: task_pb2.Task) -> dict[str, Any]:
-    return json_format.MessageToDict(task, preserving_proto_field_name=True)
+def _task_summary(task: task_pb2.Task) -> object:
+    return unix_times_as_numbers(json_format.MessageToDict(task, preserving_proto_field_name=True))
 
 
 def _print_tasks(args: argparse.Namespace, tasks: list[task_pb2.Task]) -> None:
@@ -181,12 +201,13 @@ def _print_tasks(args: argparse.Namespace, tasks: list[task_pb2.Task]) -> None:
         print(json.dumps({"tasks": [_task_summary(t) for t in tasks]}, indent=2))
         return
     for t in tasks:
-        print(f"Task ID   : {t.task_id}")
-        print(f"SPIFFE ID : {t.spiffe_id}")
-        print(f"State     : {t.state} ({t.decision}{': ' + t.reason if t.reason else ''})")
-        print(f"Actions   : {', '.join(t.actions)}")
-        print(f"Resources : {', '.join(t.resources)}")
-        print(f"Expires   : {t.expires_at}")
+        print(f"Task ID     : {t.task_id}")
+        print(f"SPIFFE ID   : {t.spiffe_id}")
+        print(f"State       : {t.state} ({t.decision}{': ' + t.reason if t.reason else ''})")
+        print(f"Actions     : {', '.join(t.actions)}")
+        print(f"Resources   : {', '.join(t.resources)}")
+        print(f"Expires     : {format_utc(t.expires_at) if t.expires_at else '-'}")
+        print(f"Credentials : {t.credentials}")
         print()
 
 
@@ -211,17 +232,9 @@ def _cmd_task(args: argparse.Namespace, client: WorkloadClient) -> int:
     return 0
 
 
-def _cmd_healthcheck(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(endpoint_address(args.socket_path)) as channel:
-        try:
-            resp = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
-            )
-        except grpc.RpcError as exc:
-            print(f"agent is unhealthy: {exc.code().name}", file=sys.stderr)  # type: ignore[attr-defined]
-            return 1
-    if resp.status != health_pb2.HealthCheckResponse.SERVING:
-        print("agent is not ready", file=sys.stderr)
+def _cmd_healthcheck(client: WorkloadClient) -> int:
+    if client.health() != health_pb2.HealthCheckResponse.SERVING:
+        print("svid-agent: the agent answers but is not ready yet", file=sys.stderr)
         return 1
     print("Agent is healthy.")
     return 0
@@ -252,23 +265,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_command(args: argparse.Namespace, client: WorkloadClient) -> int:
+    if args.command == "healthcheck":
+        return _cmd_healthcheck(client)
+    if args.command == "task":
+        return _cmd_task(args, client)
+    if args.api == "fetch" and args.kind == "x509":
+        return _cmd_fetch_x509(args, client)
+    if args.api == "fetch":
+        return _cmd_fetch_jwt(args, client)
+    if args.api == "validate":
+        return _cmd_validate_jwt(args, client)
+    return _cmd_watch(args, client)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             return _cmd_run(args)
-        if args.command == "healthcheck":
-            return _cmd_healthcheck(args)
-        with WorkloadClient(endpoint_address(args.socket_path), args.timeout) as client:
-            if args.command == "task":
-                return _cmd_task(args, client)
-            if args.api == "fetch" and args.kind == "x509":
-                return _cmd_fetch_x509(args, client)
-            if args.api == "fetch":
-                return _cmd_fetch_jwt(args, client)
-            if args.api == "validate":
-                return _cmd_validate_jwt(args, client)
-            return _cmd_watch(args, client)
+        with WorkloadClient(endpoint(args.socket_path), args.timeout) as client:
+            code = _client_command(args, client)
+        flush_stdout()
+        return code
+    except BrokenPipeError:
+        return stdout_closed_by_reader()
     except ConfigError as exc:
         print(f"svid-agent: configuration error: {exc}", file=sys.stderr)
         return 2

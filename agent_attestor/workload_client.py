@@ -1,21 +1,31 @@
-"""A small Workload API client for the CLI's `api` commands (synchronous grpc)."""
+"""A small Workload API client for the CLI's `api`, `task` and `healthcheck` commands (sync grpc).
+
+Every failure is an AgentError whose one-line message names the socket, where that address came
+from (--socket-path, SPIFFE_ENDPOINT_SOCKET or the default) and what to try.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
 from agent_attestor.config import DEFAULT_SOCKET
 from agent_attestor.errors import AgentError, ConfigError
 from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
+from svid._unix_socket import SocketProblem, socket_problem
 from svid._workload_address import ENV_SOCKET, WorkloadApiAddressError, grpc_target
+from svid._workload_errors import SILENT, connect_failure
 
 HEADER = (("workload.spiffe.io", "true"),)
 M = TypeVar("M")
+_CHECK = f"is svid-agent running? Check --socket-path or {ENV_SOCKET} (unix:///path/to/api.sock)"
 
 
 class WorkloadApiError(AgentError):
@@ -26,17 +36,55 @@ class WorkloadApiError(AgentError):
         self.code = code
 
 
-def endpoint_address(socket_path: Path | None) -> str:
-    """A grpc target from --socket-path, else SPIFFE_ENDPOINT_SOCKET, else the default path."""
+class AgentUnreachableError(AgentError):
+    """No agent answered at the endpoint; the message says where and what to try."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where the CLI looks for the agent, and why there (for messages)."""
+
+    target: str  # the gRPC target
+    origin: str  # "--socket-path", "SPIFFE_ENDPOINT_SOCKET" or "the default ..."
+    path: Path | None  # the Unix socket, None for tcp://
+
+    def __str__(self) -> str:
+        return f"{self.path if self.path is not None else self.target} (from {self.origin})"
+
+
+def endpoint(socket_path: Path | None) -> Endpoint:
+    """--socket-path, else SPIFFE_ENDPOINT_SOCKET, else the default path."""
     if socket_path is not None:
-        return f"unix:{socket_path.resolve()}"
+        path = socket_path.resolve()
+        return Endpoint(f"unix:{path}", "--socket-path", path)
     value = os.environ.get(ENV_SOCKET, "")
     if not value:
-        return f"unix:{DEFAULT_SOCKET}"
+        return Endpoint(
+            f"unix:{DEFAULT_SOCKET}", f"the default; {ENV_SOCKET} is not set", DEFAULT_SOCKET
+        )
     try:
-        return grpc_target(value)
+        target = grpc_target(value)
     except WorkloadApiAddressError as exc:
         raise ConfigError(f"{ENV_SOCKET}: {exc}") from None
+    unix = Path(target.removeprefix("unix://")) if target.startswith("unix://") else None
+    return Endpoint(target, ENV_SOCKET, unix)
+
+
+def check_socket(where: Endpoint) -> None:
+    """Fail fast, naming the problem, when a Unix endpoint cannot be an agent's socket.
+
+    gRPC would only say "failed to connect", or for some of these keep retrying until the
+    deadline; the file system can say exactly what is wrong.
+    """
+    problem = socket_problem(where.path) if where.path is not None else None
+    if problem is SocketProblem.MISSING:
+        raise AgentUnreachableError(f"no socket at {where}: {_CHECK}")
+    if problem is SocketProblem.NOT_A_SOCKET:
+        raise AgentUnreachableError(f"{where} {problem.value}: {_CHECK}")
+    if problem is not None:
+        raise AgentUnreachableError(
+            f"cannot open {where}: {problem.value}; run as a user the agent serves"
+        )
 
 
 def socket_uri(path: Path) -> str:
@@ -44,10 +92,13 @@ def socket_uri(path: Path) -> str:
 
 
 class WorkloadClient:
-    def __init__(self, target: str, timeout: float = 10.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(self, where: Endpoint, timeout: float = 10.0) -> None:
+        check_socket(where)
+        self._where = where
+        self._channel = grpc.insecure_channel(where.target)
         self._stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
         self._tasks = task_pb2_grpc.TasksStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
 
     def close(self) -> None:
@@ -59,9 +110,32 @@ class WorkloadClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @staticmethod
-    def _error(exc: grpc.RpcError) -> WorkloadApiError:
-        return WorkloadApiError(exc.code(), exc.details())  # type: ignore[attr-defined]
+    def _error(self, exc: grpc.RpcError) -> AgentError:
+        code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+        details: str = exc.details() or ""  # type: ignore[attr-defined]
+        why = connect_failure(details) if code is grpc.StatusCode.UNAVAILABLE else None
+        if why == SILENT:
+            return AgentUnreachableError(
+                f"the socket {self._where} accepts connections but does not answer: is "
+                "svid-agent hung, or is something else listening there?"
+            )
+        if why is not None:
+            return AgentUnreachableError(f"cannot connect to {self._where} ({why}): {_CHECK}")
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return AgentUnreachableError(
+                f"no answer from the agent at {self._where} within {self._timeout:g}s: is it hung "
+                "or waiting on its server? Retry, or raise --timeout"
+            )
+        return WorkloadApiError(code, details)
+
+    def health(self) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+        try:
+            reply = self._health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self._timeout
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        return reply.status  # type: ignore[no-any-return]
 
     def _first(self, stream: Any, kind: type[M]) -> M:
         """The first message of a full-state stream (it is the whole state), then hang up."""
@@ -90,6 +164,11 @@ class WorkloadClient:
         )
 
     def watch_x509(self) -> Iterator[workload_pb2.X509SVIDResponse]:
+        # The stream itself has no deadline (it is meant to stay open), so first make sure,
+        # within the timeout, that an agent answers at all: a hung one must not hang the CLI.
+        # Any status is an answer (an agent without the health service says UNIMPLEMENTED).
+        with contextlib.suppress(WorkloadApiError):
+            self.health()
         stream = self._stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
         try:
             yield from stream

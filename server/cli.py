@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,12 @@ from server import cli_output as out
 from server.config import CONFIG_KEYS, DEFAULT_ADMIN_SOCKET, ServerConfig, load_config, read_toml
 from server.errors import CliError, ConfigError, ServerError
 from server.tasks import cli as task_cli
+from svid._clock import parse_utc
 from svid._errors import SvidError
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
+from svid._stdout import flush_stdout, stdout_closed_by_reader
+from svid._unix_socket import SocketProblem, socket_problem
+from svid._workload_errors import SILENT, connect_failure
 
 ADMIN_SOCKET_ENV = "SVID_SERVER_ADMIN_SOCKET"
 # `make run` writes its server's config here; admin commands run from the checkout use it.
@@ -54,7 +57,16 @@ def _common() -> argparse.ArgumentParser:
         help=f"server TOML config file (admin commands: default {DEMO_CONFIG} when it exists)",
     )
     parser.add_argument(
-        "--output", choices=("text", "json"), default=default, help="output format (default text)"
+        "--output",
+        choices=("text", "json"),
+        default=default,
+        help="output format (default text; text shows times as RFC 3339 UTC, json as Unix seconds)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default,
+        help=f"seconds to wait for the server's answer (default {RPC_TIMEOUT:g})",
     )
     return parser
 
@@ -76,8 +88,24 @@ def _entry_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
         help="TYPE:VALUE, e.g. unix:uid:1000 "
         "(repeatable" + ("; replaces all selectors)" if update else ")"),
     )
-    parser.add_argument("--x509-ttl", "--x509-svid-ttl", type=int, default=None)
-    parser.add_argument("--jwt-ttl", "--jwt-svid-ttl", type=int, default=None)
+    unset = " (unchanged if not given)" if update else ""
+    parser.add_argument(
+        "--x509-ttl",
+        "--x509-svid-ttl",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="X.509-SVID lifetime in seconds; 0 = the server default (default_x509_svid_ttl)"
+        + unset,
+    )
+    parser.add_argument(
+        "--jwt-ttl",
+        "--jwt-svid-ttl",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="JWT-SVID lifetime in seconds; 0 = the server default (default_jwt_svid_ttl)" + unset,
+    )
     parser.add_argument("--dns", action="append", default=None, help="DNS SAN (repeatable)")
     parser.add_argument("--hint", default=None)
     admin = parser.add_mutually_exclusive_group()
@@ -142,16 +170,40 @@ def build_parser() -> argparse.ArgumentParser:
 # -- admin client ----------------------------------------------------------------------------
 
 
-def _admin_socket(args: argparse.Namespace) -> Path:
+_CHECK = (
+    "is svid-server running? Check --admin-socket, admin_socket in --config, "
+    f"or ${ADMIN_SOCKET_ENV}"
+)
+
+
+def _admin_socket_and_origin(args: argparse.Namespace) -> tuple[Path, str]:
     if getattr(args, "admin_socket", None):
-        return Path(args.admin_socket)
+        return Path(args.admin_socket), "--admin-socket"
     config = getattr(args, "config", None)
     if config is not None:
         raw = read_toml(config)
         if "admin_socket" in raw:
-            return Path(str(raw["admin_socket"]))
+            return Path(str(raw["admin_socket"])), f"admin_socket in {config}"
     env = os.environ.get(ADMIN_SOCKET_ENV)
-    return Path(env) if env else DEFAULT_ADMIN_SOCKET
+    if env:
+        return Path(env), f"${ADMIN_SOCKET_ENV}"
+    return DEFAULT_ADMIN_SOCKET, "the default"
+
+
+def _admin_socket(args: argparse.Namespace) -> Path:
+    return _admin_socket_and_origin(args)[0]
+
+
+def _where(args: argparse.Namespace) -> str:
+    path, origin = _admin_socket_and_origin(args)
+    return f"{path} (from {origin})"
+
+
+def _timeout(args: argparse.Namespace) -> float:
+    timeout = float(getattr(args, "timeout", RPC_TIMEOUT))
+    if not timeout > 0:
+        raise CliError(f"--timeout: {timeout:g} must be more than 0 seconds")
+    return timeout
 
 
 def demo_config(cwd: Path) -> Path | None:
@@ -190,22 +242,41 @@ def _discover_config(args: argparse.Namespace) -> None:
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to the admin socket, once the file system says it can be one.
+
+    gRPC alone would only say "failed to connect"; the file system names the exact problem, and
+    the admin socket's 0700 directory makes "permission denied" the usual one for a wrong user.
+    """
     path = _admin_socket(args)
-    if not path.exists():
-        config = getattr(args, "config", None)
-        from_config = getattr(args, "admin_socket", None) is None and config is not None
-        hint = f" (named by {config})" if from_config else ""
-        raise CliError(f"admin socket {path}{hint} does not exist: is the server running?")
+    problem = socket_problem(path)
+    if problem in (SocketProblem.MISSING, SocketProblem.NOT_A_SOCKET):
+        raise CliError(f"admin socket {_where(args)} {problem.value}: {_CHECK}")
+    if problem is not None:
+        raise CliError(
+            f"cannot open admin socket {_where(args)}: permission denied (the socket and its "
+            "directory are only for the server's user); run the command as that user"
+        )
     return grpc.insecure_channel(f"unix:{path}")
 
 
-def _rpc_error(exc: grpc.RpcError, path: Path) -> CliError:
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return CliError(f"cannot reach the server at {path}: {details}")
-    name = code.name if code is not None else "UNKNOWN"
-    return CliError(f"{name}: {details}")
+def _rpc_error(exc: grpc.RpcError, args: argparse.Namespace) -> CliError:
+    """The one line for a failed admin call; connection trouble names the socket and what to try."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or "no details"
+    why = connect_failure(details) if code is grpc.StatusCode.UNAVAILABLE else None
+    if why == SILENT:
+        return CliError(
+            f"admin socket {_where(args)} accepts connections but does not answer: is "
+            "svid-server hung, or is something else listening there?"
+        )
+    if why is not None:
+        return CliError(f"cannot connect to admin socket {_where(args)} ({why}): {_CHECK}")
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CliError(
+            f"no answer from the server at {_where(args)} within {_timeout(args):g}s: is it hung "
+            "or overloaded? Retry, or raise --timeout"
+        )
+    return CliError(f"{code.name}: {details}")
 
 
 def _emit(args: argparse.Namespace, text: str, json_text: str) -> None:
@@ -213,14 +284,10 @@ def _emit(args: argparse.Namespace, text: str, json_text: str) -> None:
 
 
 def _parse_time(text: str) -> int:
-    if text.isdigit():
-        return int(text)
     try:
-        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        raise CliError(
-            f"--expires-at: {text!r} is neither unix seconds nor an ISO 8601 time"
-        ) from None
+        return int(parse_utc(text))
+    except ValueError as exc:
+        raise CliError(f"--expires-at: {exc}") from None
 
 
 def _selector(text: str) -> common_pb2.Selector:
@@ -259,7 +326,7 @@ def _for_int32(name: str, value: int | None) -> None:
 
 
 def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> None:
-    t = RPC_TIMEOUT
+    t = _timeout(args)
     cmd = (args.command, getattr(args, "action", None))
     if cmd == ("token", "generate"):
         _for_int32("--ttl", args.ttl)
@@ -330,14 +397,10 @@ def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
 
 
 def _healthcheck(args: argparse.Namespace) -> None:
-    path = _admin_socket(args)
     with _channel(args) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=5.0
-            )
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc, path) from None
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=_timeout(args)
+        )
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         raise CliError(f"server is not serving (status {reply.status})")
     if getattr(args, "output", "text") == "json":
@@ -382,21 +445,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command != "run":  # the daemon itself reads only the config it is given
-            _discover_config(args)
-        if args.command == "run":
-            _run(args)
-        elif args.command == "healthcheck":
-            _healthcheck(args)
-        elif args.command in task_cli.COMMANDS:
-            task_cli.run_command(args, _channel)
-        else:
-            path = _admin_socket(args)
-            with _channel(args) as channel:
-                try:
+        try:
+            if args.command != "run":  # the daemon itself reads only the config it is given
+                _discover_config(args)
+                _timeout(args)  # a bad --timeout is reported before anything is opened
+            if args.command == "run":
+                _run(args)
+            elif args.command == "healthcheck":
+                _healthcheck(args)
+            elif args.command in task_cli.COMMANDS:
+                task_cli.run_command(args, _channel, _timeout)
+            else:
+                with _channel(args) as channel:
                     _admin_command(args, admin_pb2_grpc.AdminStub(channel))
-                except grpc.RpcError as exc:
-                    raise _rpc_error(exc, path) from None
+            flush_stdout()
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, args) from None
+    except BrokenPipeError:
+        return stdout_closed_by_reader()
     except (ServerError, SvidError) as exc:
         prefix = "config error" if isinstance(exc, ConfigError) else "error"
         print(f"svid-server: {prefix}: {exc}", file=sys.stderr)

@@ -1,10 +1,13 @@
-"""Human-readable and JSON renderings of admin API messages for the CLI."""
+"""Human-readable and JSON renderings of admin API messages for the CLI.
+
+Text shows times as RFC 3339 UTC (svid._clock.format_utc, like every svidd CLI and log line);
+JSON keeps the messages' fields, with every time as a number of Unix seconds.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -12,15 +15,18 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from svid._bundle import SpiffeBundle
+from svid._clock import format_utc, unix_times_as_numbers
 from svid._der import certs_to_pem
 from svid._proto import admin_pb2, common_pb2
 from svid._spiffe_id import TrustDomain
 
 
 def to_json(message: Message | Sequence[Message], key: str | None = None) -> str:
-    def one(m: Message) -> dict[str, object]:
-        return json_format.MessageToDict(
-            m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    def one(m: Message) -> object:
+        return unix_times_as_numbers(
+            json_format.MessageToDict(
+                m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
         )
 
     if isinstance(message, Message):
@@ -33,9 +39,7 @@ def to_json(message: Message | Sequence[Message], key: str | None = None) -> str
 
 
 def _when(ts: int) -> str:
-    if not ts:
-        return "never"
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return format_utc(ts) if ts else "never"
 
 
 def _ttl(seconds: int) -> str:

@@ -1,56 +1,14 @@
-"""Structured logging: JSON lines (or plain text) on stderr. Callers never log keys or tokens."""
+"""The server's logs: the 'svid' logger tree through the shared log setup (svid/_logs.py)."""
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO
 
-_STANDARD = frozenset(vars(logging.LogRecord("x", logging.INFO, "x", 0, "", None, None)).keys()) | {
-    "message",
-    "asctime",
-    "taskName",
-}
+from svid._logs import JsonFormatter, TextFormatter, configure_logger
 
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, msg, and every `extra=` field."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(
-                timespec="milliseconds"
-            ),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                data[key] = value if isinstance(value, int | float | bool | None) else str(value)
-        if record.exc_info:
-            data["error"] = self.formatException(record.exc_info)
-        return json.dumps(data, separators=(",", ":"))
-
-
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(
-            f"{k}={v}"
-            for k, v in vars(record).items()
-            if k not in _STANDARD and not k.startswith("_")
-        )
-        line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"
-        return f"{line} {extras}" if extras else line
+__all__ = ["JsonFormatter", "TextFormatter", "configure"]
 
 
 def configure(log_format: str, level: str, stream: IO[str] | None = None) -> None:
     """Route the 'svid' logger tree to `stream` (stderr) in the chosen format."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    logger = logging.getLogger("svid")
-    logger.handlers[:] = [handler]
-    logger.setLevel(level.upper())
-    logger.propagate = False
+    configure_logger("svid", log_format, level, stream)

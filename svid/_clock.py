@@ -64,3 +64,50 @@ class FakeClock:
 def to_datetime(ts: float) -> datetime:
     """Unix seconds to an aware UTC datetime, as cryptography's X.509 API wants."""
     return datetime.fromtimestamp(ts, tz=UTC)
+
+
+def format_utc(ts: float, *, millis: bool = False) -> str:
+    """Unix seconds as RFC 3339 UTC (``2026-12-05T07:31:11Z``): the one way svidd shows a time.
+
+    CLIs and log lines all print times through here, so an operator can compare them by eye
+    and paste them back into any flag that takes an ISO 8601 time.
+    """
+    when = datetime.fromtimestamp(ts, tz=UTC)
+    text = when.isoformat(timespec="milliseconds" if millis else "seconds")
+    return text.removesuffix("+00:00") + "Z"
+
+
+def parse_utc(text: str) -> float:
+    """What a CLI flag accepts as a time: Unix seconds, or ISO 8601 (UTC unless it says).
+
+    Raises ValueError naming the text when it is neither.
+    """
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is neither Unix seconds nor an ISO 8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def unix_times_as_numbers(data: object) -> object:
+    """``data`` (a protobuf message as a JSON dict) with every ``*_at`` time as a number.
+
+    Protobuf's JSON mapping writes int64 fields as strings; svidd's JSON output promises times
+    as Unix seconds, and a script should not have to know which fields happen to be int64.
+    """
+    if isinstance(data, dict):
+        return {
+            k: int(v)
+            if k.endswith("_at") and isinstance(v, str) and v.lstrip("-").isdigit()
+            else unix_times_as_numbers(v)
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [unix_times_as_numbers(v) for v in data]
+    return data

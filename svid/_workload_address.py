@@ -17,13 +17,21 @@ class WorkloadApiAddressError(SvidError, ValueError):
     """The Workload API address is missing or not one the SPIFFE spec allows."""
 
 
+def address_of(address: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """``address``, or $SPIFFE_ENDPOINT_SOCKET when it is None (unchecked; "" when unset)."""
+    if address is None:
+        return (os.environ if environ is None else environ).get(ENV_SOCKET, "")
+    return address
+
+
 def grpc_target(address: str | None, environ: Mapping[str, str] | None = None) -> str:
     """The gRPC target for ``address`` (or $SPIFFE_ENDPOINT_SOCKET when it is None)."""
     if address is None:
-        address = (os.environ if environ is None else environ).get(ENV_SOCKET, "")
+        address = address_of(None, environ)
         if not address:
             raise WorkloadApiAddressError(
-                f"no Workload API address given and {ENV_SOCKET} is not set"
+                f"no Workload API address given and {ENV_SOCKET} is not set; set it to the "
+                "agent's socket, e.g. unix:///run/svid-agent/public/api.sock"
             )
     parts = urlsplit(address)
     if parts.query or parts.fragment or parts.username or parts.password:
@@ -47,6 +55,11 @@ def grpc_target(address: str | None, environ: Mapping[str, str] | None = None) -
         if port is None or parts.path not in ("", "/"):
             raise WorkloadApiAddressError(f"Workload API address {address!r} must be tcp://IP:port")
         return f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
+    if not parts.scheme and address.startswith("/"):
+        raise WorkloadApiAddressError(
+            f"Workload API address {address!r} has no scheme; write unix://{address}"
+        )
     raise WorkloadApiAddressError(
-        f"Workload API address {address!r} has scheme {parts.scheme!r}; use unix:// or tcp://"
+        f"Workload API address {address!r} has scheme {parts.scheme!r}; use unix:///absolute/path "
+        "or tcp://IP:port"
     )

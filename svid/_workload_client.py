@@ -19,7 +19,7 @@ from svid._jwt import JwtSvid
 from svid._proto import revocation_pb2, revocation_pb2_grpc, workload_pb2, workload_pb2_grpc
 from svid._revocation import Revoked
 from svid._spiffe_id import SpiffeId, TrustDomain
-from svid._workload_address import grpc_target
+from svid._workload_address import address_of, grpc_target
 from svid._workload_errors import WorkloadApiError, translate
 from svid._x509 import X509Svid
 
@@ -103,10 +103,13 @@ def revocations_from(msg: revocation_pb2.RevocationList) -> RevocationsUpdate:
 class Watch(Generic[T]):
     """An open server stream. Iterate it for updates; ``cancel()`` from any thread ends it."""
 
-    def __init__(self, call: Any, convert: Callable[[Any], T], name: str) -> None:
+    def __init__(
+        self, call: Any, convert: Callable[[Any], T], name: str, address: str = ""
+    ) -> None:
         self._call = call
         self._convert = convert
         self._name = name
+        self._address = address
         self._cancelled = threading.Event()
 
     def __iter__(self) -> Iterator[T]:
@@ -121,7 +124,7 @@ class Watch(Generic[T]):
         except grpc.RpcError as exc:
             if self._cancelled.is_set():
                 return
-            raise translate(exc, self._name) from exc
+            raise translate(exc, self._name, self._address) from exc
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -149,6 +152,8 @@ class WorkloadApiClient:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.target = grpc_target(socket, environ)
+        # Named in every error, as the operator wrote it (or as SPIFFE_ENDPOINT_SOCKET says).
+        self.address = address_of(socket, environ)
         self.timeout = timeout
         self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self._workload = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
@@ -198,7 +203,7 @@ class WorkloadApiClient:
         try:
             response = self._workload.FetchJWTSVID(request, metadata=METADATA, timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise translate(exc, "FetchJWTSVID") from exc
+            raise translate(exc, "FetchJWTSVID", self.address) from exc
         if not response.svids:
             raise WorkloadApiError("Workload API FetchJWTSVID returned no SVID", "NO_MESSAGE")
         try:
@@ -215,7 +220,7 @@ class WorkloadApiClient:
         try:
             self._workload.ValidateJWTSVID(request, metadata=METADATA, timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise translate(exc, "ValidateJWTSVID") from exc
+            raise translate(exc, "ValidateJWTSVID", self.address) from exc
         try:
             return JwtSvid.parse_insecure(token)
         except SvidError as exc:
@@ -227,19 +232,19 @@ class WorkloadApiClient:
         call = self._workload.FetchX509SVID(
             workload_pb2.X509SVIDRequest(), metadata=METADATA, timeout=timeout
         )
-        return Watch(call, x509_svids_from, "FetchX509SVID")
+        return Watch(call, x509_svids_from, "FetchX509SVID", self.address)
 
     def _stream_x509_bundles(self, timeout: float | None) -> Watch[X509BundlesUpdate]:
         call = self._workload.FetchX509Bundles(
             workload_pb2.X509BundlesRequest(), metadata=METADATA, timeout=timeout
         )
-        return Watch(call, x509_bundles_from, "FetchX509Bundles")
+        return Watch(call, x509_bundles_from, "FetchX509Bundles", self.address)
 
     def _stream_jwt_bundles(self, timeout: float | None) -> Watch[BundleSet[JwtBundle]]:
         call = self._workload.FetchJWTBundles(
             workload_pb2.JWTBundlesRequest(), metadata=METADATA, timeout=timeout
         )
-        return Watch(call, jwt_bundles_from, "FetchJWTBundles")
+        return Watch(call, jwt_bundles_from, "FetchJWTBundles", self.address)
 
     def watch_x509_svids(self) -> Watch[list[X509Svid]]:
         """Every update of this workload's X.509-SVIDs, first the current ones."""
@@ -254,4 +259,4 @@ class WorkloadApiClient:
     def watch_revocations(self) -> Watch[RevocationsUpdate]:
         """The agent's revocation list (svid.revocation.v1.Revocations/Watch), full state each."""
         call = self._revocations.Watch(revocation_pb2.WatchRequest(), metadata=METADATA)
-        return Watch(call, revocations_from, "Revocations/Watch")
+        return Watch(call, revocations_from, "Revocations/Watch", self.address)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 
 from svid._errors import SvidError, VerificationError
+from svid._workload_address import ENV_SOCKET
 
 
 class WorkloadApiError(SvidError):
@@ -35,11 +36,51 @@ _BY_CODE: dict[grpc.StatusCode, type[WorkloadApiError]] = {
 }
 
 
-def translate(exc: grpc.RpcError, call: str) -> WorkloadApiError:
-    """The svid error for a failed ``call``; raise it ``from exc``."""
+# gRPC core's details for a failed connection: "failed to connect to all addresses; last error:
+# ...: <why>", <why> being the OS error or its own (a peer that never sends HTTP/2 SETTINGS).
+_CONNECT_FAILED = "failed to connect to all addresses"
+_SILENT_PEER = "before receiving SETTINGS"
+SILENT = "it accepts connections but does not answer"
+
+
+def connect_failure(details: str | None) -> str | None:
+    """Why gRPC could not connect (e.g. "Connection refused"), or None if it did connect.
+
+    An UNAVAILABLE the agent sent itself (it is up but not ready) carries its own words instead.
+    """
+    if not details or _CONNECT_FAILED not in details:
+        return None
+    if _SILENT_PEER in details:
+        return SILENT
+    return details.rsplit(": ", 1)[-1].strip() or "cannot connect"
+
+
+def translate(exc: grpc.RpcError, call: str, address: str = "") -> WorkloadApiError:
+    """The svid error for a failed ``call`` to the Workload API at ``address``; raise it from exc.
+
+    A connection failure or a deadline names the address and what to check, never gRPC's raw
+    connection text.
+    """
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (exc.details() if isinstance(exc, grpc.Call) else None) or "no details"
     cls = _BY_CODE.get(code, WorkloadApiError)
     if call == "ValidateJWTSVID" and code == grpc.StatusCode.INVALID_ARGUMENT:
         cls = JwtSvidValidationError
-    return cls(f"Workload API {call} failed: {code.name}: {details}", code.name)
+    at = f" at {address}" if address else ""
+    why = connect_failure(details) if code == grpc.StatusCode.UNAVAILABLE else None
+    if why is not None:
+        check = (
+            "is the agent hung, or is something else listening there?"
+            if why == SILENT
+            else f"is the SPIFFE agent running, and does {ENV_SOCKET} name its socket?"
+        )
+        return cls(
+            f"Workload API {call}: cannot connect to the agent{at} ({why}): {check}", code.name
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return cls(
+            f"Workload API {call}: no answer from the agent{at} before the deadline: is the "
+            "agent hung or overloaded? Retry, or allow a longer timeout",
+            code.name,
+        )
+    return cls(f"Workload API {call}{at} failed: {code.name}: {details}", code.name)

@@ -9,8 +9,11 @@ decides; the goal text is hashed here and never leaves the node.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import grpc
 
@@ -23,6 +26,9 @@ from svid._proto import task_pb2, task_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+# Time kept back from the caller's deadline to send it the agent's own answer.
+_ANSWER_MARGIN = 0.25
 MAX_GOAL = 64 * 1024
 # Server answers a workload may see as they are; anything else is the agent's problem.
 _PASS_THROUGH = frozenset(
@@ -57,14 +63,35 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
         return held
 
-    async def _forward(self, context: grpc.aio.ServicerContext, call: object) -> task_pb2.Task:
+    async def _forward(self, context: grpc.aio.ServicerContext, call: Coroutine[Any, Any, T]) -> T:
+        """The server's answer to `call`, within the caller's deadline.
+
+        A hung server must not run out the workload's own deadline: then the workload (or the
+        CLI) hears only DEADLINE_EXCEEDED and cannot tell a stuck agent from an unreachable server.
+        """
+        remaining = context.time_remaining()
+        budget = None if remaining is None else max(remaining - _ANSWER_MARGIN, 0.05)
         try:
-            return await call  # type: ignore[misc, no-any-return]
+            return await asyncio.wait_for(call, budget)
+        except TimeoutError:
+            log.warning("task request to the server timed out", extra={"after": budget})
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "svid-server did not answer the agent in time; retry, and if it persists check "
+                "the agent's log and its server_address",
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _PASS_THROUGH:
                 await context.abort(exc.code(), exc.details() or "refused by the server")
             log.warning("task request to the server failed", extra={"code": exc.code().name})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "cannot reach the server; retry")
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                why = "svid-server did not answer the agent in time"
+            else:
+                why = f"the agent cannot reach svid-server ({exc.code().name})"
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{why}; retry, and if it persists check the agent's log and its server_address",
+            )
         raise AssertionError("unreachable")  # pragma: no cover - abort() raises
 
     async def BeginTask(
@@ -117,9 +144,7 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
         held = await self._held(context)
-        try:
-            tasks = await self._client.list(task_pb2.NodeListTasksRequest(runtime_ids=held))
-        except grpc.aio.AioRpcError as exc:
-            log.warning("task list from the server failed", extra={"code": exc.code().name})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "cannot reach the server; retry")
+        tasks = await self._forward(
+            context, self._client.list(task_pb2.NodeListTasksRequest(runtime_ids=held))
+        )
         return task_pb2.ListTasksResponse(tasks=tasks)

@@ -36,7 +36,7 @@ from server.audit.errors import AuditError
 from server.audit.event import canonical_json
 from server.audit.verify import Anchor
 from server.ca.keys import EC_P256, KeyStore, generate_key, spki_der
-from svid._clock import to_datetime
+from svid._clock import format_utc
 
 VERSION = 1
 KEY_SLOT = "checkpoint"
@@ -111,7 +111,7 @@ class Checkpoint:
             raise CheckpointError("signature does not verify") from None
 
     def anchor(self) -> Anchor:
-        when = to_datetime(self.time).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = format_utc(self.time)
         return Anchor(self.seq, self.hash, self.count, source=f"the checkpoint of {when}")
 
 

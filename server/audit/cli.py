@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import grpc
 
 from server.audit.errors import AuditError
 from server.errors import CliError
+from svid._clock import parse_utc
 
 TIMEOUT = 15.0
 DEFAULT_DATA_DIR = Path(".svid-server")
@@ -175,13 +175,6 @@ def _time(flag: str, text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise CliError(f"{flag}: {text!r} is neither unix seconds nor ISO 8601") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+        return parse_utc(text)
+    except ValueError as exc:
+        raise CliError(f"{flag}: {exc}") from None

@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,8 @@ from google.protobuf import json_format
 from server.audit import cli as audit_cli
 from server.config import read_toml
 from server.errors import CliError
-from svid._clock import SystemClock
+from svid._clock import SystemClock, format_utc, unix_times_as_numbers
 from svid._proto import task_pb2, task_pb2_grpc
-
-TIMEOUT = 15.0
-
 
 COMMANDS = ("task", "audit", "policy")
 
@@ -80,7 +76,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 def _task_text(task: task_pb2.Task) -> str:
     def when(ts: int) -> str:
-        return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ts else "-"
+        return format_utc(ts) if ts else "-"
 
     lines = [
         f"Task ID        : {task.task_id}",
@@ -104,20 +100,22 @@ def _task_text(task: task_pb2.Task) -> str:
     return "\n".join(lines)
 
 
-def _as_json(message: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+def _as_json(message: Any) -> object:
+    return unix_times_as_numbers(
+        json_format.MessageToDict(
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
     )
 
 
-def _admin(args: argparse.Namespace, channel: grpc.Channel) -> None:
+def _admin(args: argparse.Namespace, channel: grpc.Channel, timeout: float) -> None:
     stub = task_pb2_grpc.TaskAdminStub(channel)
     as_json = getattr(args, "output", "text") == "json"
     cmd = (args.command, args.action)
     if cmd == ("task", "list"):
         reply = stub.ListTasks(
             task_pb2.AdminListTasksRequest(agent_id=args.agent_id, state=args.state),
-            timeout=TIMEOUT,
+            timeout=timeout,
         )
         if as_json:
             print(json.dumps({"tasks": [_as_json(t) for t in reply.tasks]}, indent=2))
@@ -131,11 +129,11 @@ def _admin(args: argparse.Namespace, channel: grpc.Channel) -> None:
         )
         task = call(
             task_pb2.AdminTaskRequest(task_id=args.task_id, reason=getattr(args, "reason", "")),
-            timeout=TIMEOUT,
+            timeout=timeout,
         )
         print(json.dumps(_as_json(task), indent=2) if as_json else _task_text(task))
     elif cmd == ("policy", "reload"):
-        info = stub.ReloadPolicy(task_pb2.ReloadPolicyRequest(), timeout=TIMEOUT)
+        info = stub.ReloadPolicy(task_pb2.ReloadPolicyRequest(), timeout=timeout)
         if as_json:
             print(json.dumps(_as_json(info), indent=2))
         else:
@@ -145,18 +143,17 @@ def _admin(args: argparse.Namespace, channel: grpc.Channel) -> None:
 
 
 def run_command(
-    args: argparse.Namespace, channel: Callable[[argparse.Namespace], grpc.Channel]
+    args: argparse.Namespace,
+    channel: Callable[[argparse.Namespace], grpc.Channel],
+    timeout: Callable[[argparse.Namespace], float],
 ) -> None:
-    """Run a task/audit/policy command; `channel` opens the admin socket (server/cli.py's)."""
+    """Run a task/audit/policy command; `channel` opens the admin socket and `timeout` reads
+    --timeout (server/cli.py's). A grpc.RpcError goes up to server/cli.py, which words every
+    admin call's failure the same way."""
     if args.command == "audit":
         audit_cli.run(args, channel, _config)
     elif (args.command, args.action) == ("policy", "validate"):
         _validate(args)
     else:
         with channel(args) as ch:
-            try:
-                _admin(args, ch)
-            except grpc.RpcError as exc:
-                code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-                details = exc.details() if hasattr(exc, "details") else str(exc)
-                raise CliError(f"{code}: {details}") from None
+            _admin(args, ch, timeout(args))

@@ -52,6 +52,12 @@ def task_to_proto(task: Task, credentials: int = 0) -> task_pb2.Task:
     )
 
 
+def _counted(service: TaskService, tasks: list[Task]) -> list[task_pb2.Task]:
+    """Tasks with their credential counts: every view of a task (list, show, revoke) counts the
+    same rows, so `task list` and `task show` never disagree. Runs off the event loop."""
+    return [task_to_proto(t, service.store.count_credentials(t.task_id)) for t in tasks]
+
+
 def _runtime_ids(values: list[str]) -> list[str]:
     if len(values) > MAX_RUNTIME_IDS:
         raise InvalidRequestError(f"runtime_ids: at most {MAX_RUNTIME_IDS}")
@@ -111,7 +117,8 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         tasks = await asyncio.to_thread(
             self._service.list, agent_id=agent.spiffe_id, runtime_ids=runtime_ids
         )
-        return task_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+        counted = await asyncio.to_thread(_counted, self._service, tasks)
+        return task_pb2.ListTasksResponse(tasks=counted)
 
     @status.unary
     async def ReportValidations(
@@ -138,7 +145,8 @@ class TaskAdminServicer(task_pb2_grpc.TaskAdminServicer):  # type: ignore[misc]
         tasks = await asyncio.to_thread(
             self._service.list, agent_id=request.agent_id, state=request.state
         )
-        return task_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+        counted = await asyncio.to_thread(_counted, self._service, tasks)
+        return task_pb2.ListTasksResponse(tasks=counted)
 
     @status.unary
     async def ShowTask(

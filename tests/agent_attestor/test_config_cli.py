@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import pytest
 from agent_attestor import cli
 from agent_attestor.config import build_config, load_toml
 from agent_attestor.errors import ConfigError
-from agent_attestor.workload_client import endpoint_address
+from agent_attestor.workload_client import WorkloadClient, endpoint
+from svid._clock import format_utc
+from svid._proto import task_pb2
 from tests.agent_attestor.harness import Harness
 
 
@@ -76,13 +80,14 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 
 def test_endpoint_address_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix:///run/a.sock")
-    assert endpoint_address(None) == "unix:///run/a.sock"
+    assert endpoint(None).target == "unix:///run/a.sock"
+    assert endpoint(None).path == Path("/run/a.sock")
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "tcp://127.0.0.1:5")
-    assert endpoint_address(None) == "127.0.0.1:5"
+    assert (endpoint(None).target, endpoint(None).path) == ("127.0.0.1:5", None)
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix://relative")
     with pytest.raises(ConfigError, match="SPIFFE_ENDPOINT_SOCKET"):
-        endpoint_address(None)
-    assert endpoint_address(Path("/x/y.sock")) == "unix:/x/y.sock"
+        endpoint(None)
+    assert endpoint(Path("/x/y.sock")).target == "unix:/x/y.sock"
 
 
 def test_run_with_a_bad_config_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -118,9 +123,60 @@ def test_cli_jwt_fetch_validate_and_errors(
     assert token not in err
     missing = ["--socket-path", str(agent.root / "nope.sock"), "--timeout", "1"]
     assert cli.main(["api", "fetch", "x509", *missing]) == 1
-    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert f"no socket at {agent.root / 'nope.sock'}" in capsys.readouterr().err
 
 
 def test_healthcheck_needs_the_health_service(agent: Harness) -> None:
     # The test harness endpoint has no health service: the check must fail, not pass.
     assert cli.main(["healthcheck", "--socket-path", str(agent.socket_path), "--timeout", "2"]) == 1
+
+
+def test_cli_jwt_raw_output_is_only_the_token(
+    agent: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.add_entry("/w")
+    args = ["--socket-path", str(agent.socket_path)]
+    assert cli.main(["api", "fetch", "jwt", "--audience", "a", "--output", "raw", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    token = out.strip()
+    assert token.count(".") == 2
+    assert " " not in token
+    assert cli.main(["api", "validate", "jwt", "--audience", "a", "--svid", token, *args]) == 0
+
+
+def test_cli_times_are_rfc3339_in_text_and_unix_seconds_in_json(
+    agent: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.add_entry("/w")
+    args = ["--socket-path", str(agent.socket_path)]
+    assert cli.main(["api", "fetch", "x509", *args]) == 0
+    (expires,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Expires")]
+    assert re.fullmatch(r"Expires:\t\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", expires), expires
+    assert cli.main(["api", "fetch", "x509", "--output", "json", *args]) == 0
+    not_after = json.loads(capsys.readouterr().out)["svids"][0]["not_after"]
+    assert isinstance(not_after, int)
+    assert format_utc(not_after) == expires.split("\t")[1]
+
+
+def test_task_text_shows_rfc3339_times(capsys: pytest.CaptureFixture[str]) -> None:
+    task = task_pb2.Task(task_id="t1", expires_at=1_796_455_871, credentials=3)
+    cli._print_tasks(argparse.Namespace(output="text"), [task])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(re.fullmatch(r"Expires\s+: 2026-12-05T07:31:11Z", x) for x in lines), lines
+    assert any(re.fullmatch(r"Credentials\s+: 3", x) for x in lines), lines
+
+
+def test_task_json_times_are_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    task = task_pb2.Task(task_id="t1", expires_at=1_796_455_871, created_at=1_796_455_000)
+    cli._print_tasks(argparse.Namespace(output="json"), [task])
+    (shown,) = json.loads(capsys.readouterr().out)["tasks"]
+    assert (shown["expires_at"], shown["created_at"]) == (1_796_455_871, 1_796_455_000)
+
+
+def test_watch_works_with_an_agent_without_the_health_service(agent: Harness) -> None:
+    # The harness endpoint, like a SPIRE agent's Workload API socket, serves no health service.
+    agent.add_entry("/w")
+    with WorkloadClient(endpoint(agent.socket_path), timeout=5) as client:
+        first = next(iter(client.watch_x509()))
+    assert first.svids[0].spiffe_id == "spiffe://example.org/w"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -231,3 +232,32 @@ def test_admin_socket_from_config_file(
     code = main(["healthcheck", "--config", str(config)])
     assert code == 0
     capsys.readouterr()
+
+
+def test_text_times_are_rfc3339_utc_and_json_keeps_unix_seconds(
+    capsys: pytest.CaptureFixture[str], srv: RunningServer
+) -> None:
+    argv = ["entry", "create", "--spiffe-id", f"{TD}/cli/timed", "--parent-id", PARENT]
+    argv += ["--selector", "unix:uid:7", "--expires-at", "2030-01-02T03:04:05Z"]
+    code, out, _ = _run(capsys, srv, *argv)
+    assert code == 0
+    assert "Expires at       : 2030-01-02T03:04:05Z" in out.splitlines()
+    show = ["entry", "show", "--spiffe-id", f"{TD}/cli/timed", "--output", "json"]
+    code, out, _ = _run(capsys, srv, *show)
+    assert json.loads(out)["entries"][0]["expires_at"] == 1893553445  # a number, not a string
+    code, out, _ = _run(capsys, srv, "token", "generate", "--ttl", "60")
+    (expires,) = [line for line in out.splitlines() if line.startswith("Expires at")]
+    assert re.fullmatch(r"Expires at\s+: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", expires), expires
+
+
+@pytest.mark.parametrize("action", ["create", "update"])
+def test_entry_ttl_flags_say_seconds_and_that_0_is_the_default(
+    capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["entry", action, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag in ("--x509-svid-ttl", "--jwt-svid-ttl"):
+        help_text = text.split(flag, 1)[1]
+        assert "seconds" in help_text.split("--", 1)[0], flag
+        assert "0 = the server default" in help_text.split("--", 1)[0], flag

@@ -65,10 +65,12 @@ def test_an_explicit_target_wins_over_the_demo_config(
 ) -> None:
     missing = checkout / "elsewhere.sock"
     assert main(["entry", "show", "--admin-socket", str(missing)]) == 1
-    assert f"admin socket {missing} does not exist" in capsys.readouterr().err
+    assert f"admin socket {missing} (from --admin-socket) does not exist" in capsys.readouterr().err
     monkeypatch.setenv(ADMIN_SOCKET_ENV, str(missing))
     assert main(["entry", "show"]) == 1
-    assert f"admin socket {missing} does not exist" in capsys.readouterr().err
+    assert f"admin socket {missing} (from ${ADMIN_SOCKET_ENV}) does not exist" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("target", [".run", ".run/server.toml"])

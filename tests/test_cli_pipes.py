@@ -1,0 +1,98 @@
+"""`svid-server ... | head` and `svid-agent ... | head` end quietly: the CLI's stdout reader goes
+away early, and the CLI exits without a traceback or an "Exception ignored" line."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from svid._proto import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    workload_pb2,
+    workload_pb2_grpc,
+)
+
+MANY = 4000  # several pipe buffers (64 KiB) of output: the writer must meet the closed pipe
+
+
+class _Admin(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
+    def ListEntries(self, request: Any, context: Any) -> admin_pb2.ListEntriesResponse:
+        entries = [
+            common_pb2.Entry(
+                id=f"e{i}",
+                spiffe_id=f"spiffe://example.org/w/{i}",
+                parent_id="spiffe://example.org/svid/agent/join_token/x",
+                selectors=[common_pb2.Selector(type="unix", value=f"uid:{i}")],
+            )
+            for i in range(MANY)
+        ]
+        return admin_pb2.ListEntriesResponse(entries=entries)
+
+
+class _Workload(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
+    def FetchJWTSVID(self, request: Any, context: Any) -> workload_pb2.JWTSVIDResponse:
+        svids = [
+            workload_pb2.JWTSVID(spiffe_id=f"spiffe://example.org/w/{i}", svid="e30." * 40)
+            for i in range(MANY)
+        ]
+        return workload_pb2.JWTSVIDResponse(svids=svids)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pipe", dir="/tmp"))  # Unix socket paths must be short
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_servers(sock_dir: Path) -> Iterator[tuple[Path, Path]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    admin_pb2_grpc.add_AdminServicer_to_server(_Admin(), server)
+    workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(_Workload(), server)
+    admin, workload = sock_dir / "admin.sock", sock_dir / "api.sock"
+    server.add_insecure_port(f"unix:{admin}")
+    server.add_insecure_port(f"unix:{workload}")
+    server.start()
+    yield admin, workload
+    server.stop(0)
+
+
+def _piped_into_head(argv: list[str]) -> tuple[int, str, str]:
+    """Run `argv | head -n 1`; the CLI's exit code and stderr, and what head printed."""
+    cli = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert cli.stdout is not None
+    head = subprocess.run(["head", "-n", "1"], stdin=cli.stdout, capture_output=True, check=False)
+    cli.stdout.close()  # head holds the only read end now; when it exits, the pipe is closed
+    _, err = cli.communicate(timeout=30)
+    return cli.returncode, head.stdout.decode(), err.decode()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [sys.executable, "-m", "server.cli", "entry", "show", "--admin-socket", "{admin}"],
+        [sys.executable, "-m", "agent_attestor.cli", "api", "fetch", "jwt", "--audience", "a",
+         "--output", "raw", "--socket-path", "{workload}"],
+        [sys.executable, "-m", "agent_attestor.cli", "api", "fetch", "jwt", "--audience", "a",
+         "--socket-path", "{workload}"],
+    ],
+)  # fmt: skip
+def test_head_ends_the_cli_quietly(fake_servers: tuple[Path, Path], argv: list[str]) -> None:
+    admin, workload = fake_servers
+    argv = [a.format(admin=admin, workload=workload) for a in argv]
+    code, first, err = _piped_into_head(argv)
+    assert first.strip()  # the CLI did print before the reader went away
+    assert err == ""  # no traceback, no "Exception ignored", no error line
+    assert code == 141  # like `yes | head`: closed by its reader, not a success
