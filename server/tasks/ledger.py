@@ -2,12 +2,14 @@
 audit events in audit.db. The one module to replace when both move into the main datastore.
 
 Group commit: callers queue their rows and wait; one writer thread takes everything queued,
-writes the credentials in one transaction and the events in one audit append (an fsync each),
-then wakes every caller whose rows it wrote. While it writes, the next group gathers, so the
-number of fsyncs follows the storage's speed, not the number of calls.
+writes the credentials in one transaction and the events in one audit append, then wakes
+every caller whose rows it wrote. While it writes, the next group gathers, so the number of
+fsyncs follows the storage's speed, not the number of calls.
 
-Credentials are written before events: a failure between the two leaves a record of
-credentials that were never sent (harmless: nothing names them), never an audit event of one.
+The two files are written at the same time (the credential rows on a helper thread): a caller
+waits for one fsync's latency, not two in a row. So when one write fails and the other does
+not, a record or an event may name a credential that was then refused to its caller and never
+sent; never the reverse.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from server.audit import AuditError, AuditLog
 from server.audit.log import check_draft_tuple
@@ -74,6 +77,7 @@ class StoreLedger:
         self._queued = 0  # groups queued so far
         self._written = 0  # groups whose write has finished (committed or failed)
         self._closed = False
+        self._records = ThreadPoolExecutor(1, thread_name_prefix="svid-ledger-records")
         self._thread = threading.Thread(target=self._loop, name="svid-ledger", daemon=True)
         self._thread.start()
 
@@ -161,10 +165,15 @@ class StoreLedger:
         credentials = [c for p in accepted for c in p.credentials]
         events = [e for p in accepted for e in p.events]
         try:
+            recorded = None
             if credentials:
-                self._store.record(credentials)
-            if events:
-                self._audit.append_tuples(events)
+                recorded = self._records.submit(self._store.record, credentials)
+            try:
+                if events:
+                    self._audit.append_tuples(events, checked=True)
+            finally:
+                if recorded is not None:
+                    recorded.result()
         except (sqlite3.Error, OSError, AuditError) as exc:
             failure = LedgerUnavailableError(failure_reason(exc))
             failure.__cause__ = exc
@@ -185,3 +194,4 @@ class StoreLedger:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(10)
+        self._records.shutdown(wait=True)
