@@ -168,7 +168,10 @@ class TaskStore:
                 insert_many(self._db, "INSERT OR REPLACE INTO credentials", rows)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk): a second ROLLBACK would
+                # raise and hide why the write failed.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
 
     def _creds(self, where: str, args: tuple[object, ...]) -> list[Credential]:
