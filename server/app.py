@@ -30,7 +30,7 @@ from server.datastore.sqlite import SqliteDataStore
 from server.errors import ConfigError
 from server.events import ChangeNotifier
 from server.ids import ServerIds
-from server.issuance import Issuer, IssuerSettings
+from server.issuance import AgentAdmission, Issuer, IssuerSettings, MeteredLedger
 from server.metrics import Metrics, MetricsHttpServer
 from server.node_api import Limiters, NodeServicer, NodeSettings
 from server.peer import PeerCache
@@ -197,11 +197,12 @@ class Server:
         )
         # The spine: the node API calls the issuer; the issuer asks the task layer (its
         # TaskDecisions port) and records through the ledger port before anything is sent.
+        ledger = MeteredLedger(self.tasks.ledger, self.metrics)
         self.issuer = Issuer(
             state=self.state,
             ca=self.ca,
             ids=self.ids,
-            ledger=self.tasks.ledger,
+            ledger=ledger,
             tasks=self.tasks.decisions,
             clock=self.clock,
             metrics=self.metrics,
@@ -211,12 +212,21 @@ class Server:
             settings=IssuerSettings(
                 default_x509_svid_ttl=cfg.default_x509_svid_ttl,
                 default_jwt_svid_ttl=cfg.default_jwt_svid_ttl,
-                agent_svid_ttl=cfg.agent_svid_ttl,
             ),
+        )
+        agents = AgentAdmission(
+            state=self.state,
+            ca=self.ca,
+            ledger=ledger,
+            clock=self.clock,
+            metrics=self.metrics,
+            executor=self._executor,
+            agent_svid_ttl=cfg.agent_svid_ttl,
         )
         node = NodeServicer(
             state=self.state,
             issuer=self.issuer,
+            agents=agents,
             ids=self.ids,
             attestors=self._attestors(),
             settings=NodeSettings(attest_timeout=cfg.attest_timeout),

@@ -1,8 +1,9 @@
 """The node API servicer: attestation, agent SVID renewal, the Sync push stream, SVID signing.
 
 Transport only: authenticate (server.peer, ServerState), rate-limit, decode, call the issuance
-spine (server.issuance.Issuer: entitlement, task decisions, signing, the ledger), encode.
-Errors become status codes in server.status. This module knows nothing of tasks.
+spine (server.issuance: Issuer for workload SVIDs, with entitlement, task decisions, signing
+and the ledger; AgentAdmission for agent SVIDs), encode. Errors become status codes in
+server.status. This module knows nothing of tasks.
 """
 
 # ruff: noqa: N802 - gRPC method names are fixed by the proto
@@ -10,7 +11,6 @@ Errors become status codes in server.status. This module knows nothing of tasks.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,20 +18,18 @@ import grpc
 from cryptography import x509
 
 from server import status
-from server.attestation.base import AttestationResult, NodeAttestor
+from server.attestation.base import NodeAttestor
 from server.ca.signer import verify_csr
 from server.convert import bundle_to_proto, entry_to_proto, revocation_to_proto
-from server.datastore.records import AttestedAgent
 from server.entitlement import Entitlement
 from server.errors import (
     InvalidRequestError,
-    PermissionDeniedError,
     RateLimitedError,
     UnavailableError,
 )
 from server.events import ChangeNotifier
 from server.ids import ServerIds
-from server.issuance.issuer import Issuer, JwtRequest
+from server.issuance import AgentAdmission, Issuer, JwtRequest
 from server.metrics import Metrics
 from server.peer import PeerCache, peer_host
 from server.ratelimit import KeyedLimiter
@@ -42,7 +40,6 @@ from svid._errors import SvidError
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
 from svid._spiffe_id import SpiffeId
 
-_log = logging.getLogger("svid.server.node")
 MAX_BATCH = 1000
 _ATTEST_LIMITED = "attestation rate limit exceeded for this host; retry later"
 
@@ -62,10 +59,6 @@ class Limiters:
 Chain = tuple[x509.Certificate, ...]
 
 
-def _serial_hex(chain: Chain) -> str:
-    return format(chain[0].serial_number, "x")
-
-
 def _expires(chain: Chain) -> int:
     return int(chain[0].not_valid_after_utc.timestamp())
 
@@ -76,6 +69,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         *,
         state: ServerState,
         issuer: Issuer,
+        agents: AgentAdmission,
         ids: ServerIds,
         attestors: Mapping[str, NodeAttestor],
         settings: NodeSettings,
@@ -86,6 +80,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     ) -> None:
         self._state = state
         self._issuer = issuer
+        self._agents = agents
         self._attestors = dict(attestors)
         self._settings = settings
         self._limits = limiters
@@ -144,43 +139,16 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
         try:
             result = await attestor.attest(bytes(params.data.payload), challenge)
-            previous = self._admit(result)
+            previous = self._agents.check(result)
         except Exception as exc:
-            self._metrics.attestations.labels(type=kind, result="refused").inc()
-            await self._issuer.attestation_refused(kind, str(exc)[:500])
+            await self._agents.refused(kind, str(exc))
             if not within_budget:
                 raise RateLimitedError(_ATTEST_LIMITED) from None
             raise
-        chain = await self._issuer.agent_svid(csr, result.agent_id)
-        agent = AttestedAgent(
-            spiffe_id=str(result.agent_id),
-            attestation_type=result.attestation_type,
-            serial=_serial_hex(chain),
-            expires_at=_expires(chain),
-            banned=False,
-            attested_at=int(self._clock.now()),
-            selectors=result.selectors,
-        )
-        await self._state.save_agent(agent, previous)
-        # The attestation is on record before its agent SVID leaves.
-        await self._issuer.attested(agent.spiffe_id, kind, agent.serial)
-        self._metrics.attestations.labels(type=kind, result="ok").inc()
-        _log.info("agent attested", extra={"agent_id": agent.spiffe_id, "type": kind})
+        chain = await self._agents.admit(result, previous, csr)
         await context.write(
             node_pb2.AttestResponse(result=self._agent_svid(result.agent_id, chain))
         )
-
-    def _admit(self, result: AttestationResult) -> AttestedAgent | None:
-        existing = self._state.agents.get(str(result.agent_id))
-        if existing is None:
-            return None
-        if existing.banned:
-            raise PermissionDeniedError(f"agent {result.agent_id} is banned")
-        if not result.can_reattest:
-            raise PermissionDeniedError(
-                f"agent {result.agent_id} is already attested; evict it before attesting again"
-            )
-        return existing
 
     # -- RenewAgent ---------------------------------------------------------------------------
 
@@ -192,20 +160,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
         if not self._limits.x509.try_take(peer.spiffe_id):
             raise RateLimitedError(f"X.509 signing rate limit exceeded for {peer.spiffe_id}")
-        csr = verify_csr(request.csr)
+        chain = await self._agents.renew(agent, verify_csr(request.csr))
         agent_id = SpiffeId.parse(agent.spiffe_id)
-        chain = await self._issuer.agent_svid(csr, agent_id)
-        renewed = AttestedAgent(
-            spiffe_id=agent.spiffe_id,
-            attestation_type=agent.attestation_type,
-            serial=_serial_hex(chain),
-            expires_at=_expires(chain),
-            banned=False,
-            attested_at=agent.attested_at,
-            selectors=agent.selectors,
-        )
-        await self._state.save_agent(renewed, agent)
-        _log.info("agent SVID renewed", extra={"agent_id": agent.spiffe_id})
         return node_pb2.RenewAgentResponse(svid=self._agent_svid(agent_id, chain))
 
     # -- Sync ---------------------------------------------------------------------------------

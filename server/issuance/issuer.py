@@ -2,24 +2,21 @@
 
 Per request: entitlement (is this entry the agent's to serve?), the task decision (through
 TaskDecisions, for task identities), the CA signers (hand-encoded DER leaves in the signing
-pool; big workload JWT batches in worker processes), and then the ledger. Nothing is returned
-before the ledger committed every credential of the call and its audit event (see
-server.issuance.ledger for the contract); if it cannot, the call raises LedgerUnavailableError
-and its credentials are dropped.
+pool, X509Signer.issue; big workload JWT batches in worker processes, JwtWorkers.mint), and
+then the ledger. Nothing is returned before the ledger committed every credential of the call
+and its audit event (server.issuance.ledger states the contract); if it cannot, the call
+raises LedgerUnavailableError and its credentials are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import NamedTuple, ParamSpec, TypeVar
-
-from cryptography import x509
 
 from server.ca.jwt_workers import JwtWorkers, MintRequest
 from server.ca.manager import CaManager
@@ -28,9 +25,9 @@ from server.datastore.records import AttestedAgent, Entry
 from server.entitlement import Entitlement, entitled_entries
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.ids import ServerIds
-from server.issuance.ledger import Credential, EventTuple, Ledger, LedgerUnavailableError
+from server.issuance.ledger import Credential, EventTuple
+from server.issuance.metered import MeteredLedger
 from server.issuance.records import (
-    attestation_event,
     task_jwt_record,
     workload_jwt_record,
     x509_record,
@@ -43,17 +40,14 @@ from svid._errors import SvidError
 from svid._limits import audience_problem
 from svid._spiffe_id import SpiffeId
 
-_log = logging.getLogger("svid.server.issuance")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-Chain = tuple[x509.Certificate, ...]
 
 
 @dataclass(frozen=True)
 class IssuerSettings:
     default_x509_svid_ttl: int = 300
     default_jwt_svid_ttl: int = 300
-    agent_svid_ttl: int = 3600
 
 
 class X509Outcome(NamedTuple):
@@ -82,7 +76,7 @@ class Issuer:
         state: ServerState,
         ca: CaManager,
         ids: ServerIds,
-        ledger: Ledger,
+        ledger: MeteredLedger,
         tasks: TaskDecisions,
         clock: Clock,
         metrics: Metrics,
@@ -110,7 +104,6 @@ class Issuer:
         self._jwt_issued = metrics.svids_issued.labels(kind="jwt")
         self._entitled_cache: dict[tuple[str, tuple[object, ...], int], Entitlement] = {}
         self._entitled_index: object = None
-        self._ledger_down = False
 
     async def _run(
         self, executor: Executor, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs
@@ -118,30 +111,6 @@ class Issuer:
         """Run CPU-bound signing in a pool: Sync streams stay responsive meanwhile."""
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(executor, call)
-
-    # -- the ledger ---------------------------------------------------------------------------
-
-    async def _commit(
-        self, credentials: Sequence[Credential], events: Sequence[EventTuple]
-    ) -> None:
-        """The one way out for a credential: committed, or LedgerUnavailableError."""
-        try:
-            await self._ledger.commit(credentials, events)
-        except LedgerUnavailableError as exc:
-            self._metrics.ledger_failures.labels(reason=exc.reason).inc()
-            self._metrics.ledger_available.set(0)
-            if not self._ledger_down:
-                # One line per outage (each refused call is counted by the metric).
-                self._ledger_down = True
-                _log.error(
-                    "the ledger cannot commit; issuance refused until storage recovers",
-                    extra={"reason": exc.reason, "error": str(exc.__cause__ or exc)},
-                )
-            raise
-        if self._ledger_down:
-            self._ledger_down = False
-            self._metrics.ledger_available.set(1)
-            _log.warning("the ledger commits again; issuance resumed")
 
     # -- entitlement --------------------------------------------------------------------------
 
@@ -172,32 +141,6 @@ class Issuer:
             raise PermissionDeniedError(f"entry {entry_id} is not entitled to agent {agent_id}")
         raise NotFoundError(f"entry {entry_id[:80]!r} not found")
 
-    # -- agent SVIDs and attestation events ---------------------------------------------------
-
-    def _sign_agent_svid(self, csr: x509.CertificateSigningRequest, agent_id: SpiffeId) -> Chain:
-        started = time.perf_counter()
-        chain = tuple(
-            self._ca.x509_signer().sign_svid(csr, agent_id, self._settings.agent_svid_ttl)
-        )
-        self._metrics.signing_seconds.labels(kind="agent").observe(time.perf_counter() - started)
-        self._metrics.svids_issued.labels(kind="agent").inc()
-        return chain
-
-    async def agent_svid(self, csr: x509.CertificateSigningRequest, agent_id: SpiffeId) -> Chain:
-        return await self._run(self._executor, self._sign_agent_svid, csr, agent_id)
-
-    async def attested(self, agent_id: str, attestation_type: str, serial: str) -> None:
-        """Record a successful attestation; its agent SVID is sent only after this returns."""
-        await self._commit((), [attestation_event(agent_id, attestation_type, serial, ok=True)])
-
-    async def attestation_refused(self, attestation_type: str, reason: str) -> None:
-        """Record a refused attestation. Best effort: the caller is refused either way."""
-        try:
-            event = attestation_event("", attestation_type, "", ok=False, reason=reason)
-            await self._commit((), [event])
-        except LedgerUnavailableError:
-            pass  # counted and logged by _commit
-
     # -- X.509-SVIDs --------------------------------------------------------------------------
 
     async def issue_x509(
@@ -209,7 +152,7 @@ class Issuer:
             self._executor, self._sign_x509_batch, requests, entitled, agent.spiffe_id
         )
         if credentials:
-            await self._commit(credentials, events)
+            await self._ledger.commit(credentials, events)
             self._x509_issued.inc(len(credentials))
         return outcomes
 
@@ -353,7 +296,7 @@ class Issuer:
             )
             minted = outcome, credential, event
         issued, credential, event = minted
-        await self._commit((credential,), (event,))
+        await self._ledger.commit((credential,), (event,))
         self._jwt_issued.inc()
         return issued
 
@@ -366,7 +309,7 @@ class Issuer:
             self._jwt_executor, self._sign_jwt_batch, requests, entitled, agent.spiffe_id
         )
         if credentials:
-            await self._commit(credentials, events)
+            await self._ledger.commit(credentials, events)
             self._jwt_issued.inc(len(credentials))
         return outcomes
 

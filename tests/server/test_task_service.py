@@ -27,7 +27,7 @@ from server.datastore.testing import FaultInjectingDataStore
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.events import ChangeNotifier
 from server.ids import ServerIds
-from server.issuance import Issuer
+from server.issuance import Issuer, MeteredLedger
 from server.metrics import Metrics
 from server.policy import PolicyEngine
 from server.state import ServerState
@@ -117,7 +117,7 @@ def make_world(
         state=state,
         ca=ca_manager,
         ids=ServerIds(TrustDomain("example.org")),
-        ledger=ledger,
+        ledger=MeteredLedger(ledger, Metrics()),
         tasks=service,
         clock=clock,
         metrics=Metrics(),
