@@ -18,8 +18,7 @@ from server.attestation.base import AttestationResult
 from server.ca.manager import CaManager
 from server.datastore.records import AttestedAgent
 from server.errors import PermissionDeniedError
-from server.issuance.ledger import LedgerUnavailableError
-from server.issuance.metered import MeteredLedger
+from server.issuance.ledger import Ledger, LedgerUnavailableError
 from server.issuance.records import attestation_event
 from server.metrics import Metrics
 from server.state import ServerState
@@ -44,7 +43,7 @@ class AgentAdmission:
         *,
         state: ServerState,
         ca: CaManager,
-        ledger: MeteredLedger,
+        ledger: Ledger,
         clock: Clock,
         metrics: Metrics,
         executor: Executor,
@@ -102,7 +101,7 @@ class AgentAdmission:
         """Record a refused attestation. Best effort: the caller is refused either way."""
         self._metrics.attestations.labels(type=attestation_type, result="refused").inc()
         event = attestation_event("", attestation_type, "", ok=False, reason=reason[:500])
-        # Counted and logged by the MeteredLedger.
+        # Counted and logged where the ledger is metered (MeteredLedger, wired in app.py).
         with contextlib.suppress(LedgerUnavailableError):
             await self._ledger.commit((), (event,))
 

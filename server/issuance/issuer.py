@@ -25,8 +25,7 @@ from server.datastore.records import AttestedAgent, Entry
 from server.entitlement import Entitlement, entitled_entries
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.ids import ServerIds
-from server.issuance.ledger import Credential, EventTuple
-from server.issuance.metered import MeteredLedger
+from server.issuance.ledger import Credential, EventTuple, Ledger
 from server.issuance.records import (
     task_jwt_record,
     workload_jwt_record,
@@ -76,7 +75,7 @@ class Issuer:
         state: ServerState,
         ca: CaManager,
         ids: ServerIds,
-        ledger: MeteredLedger,
+        ledger: Ledger,
         tasks: TaskDecisions,
         clock: Clock,
         metrics: Metrics,
