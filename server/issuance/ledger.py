@@ -8,15 +8,17 @@ event are committed:
   Implementations may group commit: concurrent callers share one transaction and one fsync,
   and each caller still waits for the commit that holds its own rows.
 - If the ledger cannot commit (disk full, I/O error, read-only file, a database that went
-  away), `commit` raises `LedgerUnavailableError` and keeps nothing of that call that could
-  be mistaken for an issuance. The issuer then sends nothing: the RPC fails with UNAVAILABLE
-  and a message saying the server cannot record (server.status), the
-  `svid_server_ledger_failures` metric counts it, and one log line says why.
+  away), `commit` raises `LedgerUnavailableError`. The issuer then sends nothing: the RPC
+  fails with UNAVAILABLE and a message saying the server cannot record (server.status), the
+  `svid_server_ledger_failures{reason}` metric counts it, `svid_server_ledger_available`
+  drops to 0, and one log line per outage says why (MeteredLedger).
 - Nothing has to be reset by hand: every call tries the storage again, so issuance resumes by
   itself as soon as the storage accepts writes.
 
-A credential may be recorded and then not sent (the call failed after the commit, the client
-hung up); it then expires unused on its minute-scale TTL. The reverse never happens.
+A credential may be on record and never sent (the call failed after its rows were written,
+or only one of two files could be written, or the client hung up); it then expires unused on
+its minute-scale TTL. The reverse, a credential sent without its record and its event, never
+happens.
 """
 
 from __future__ import annotations
