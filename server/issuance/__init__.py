@@ -9,7 +9,7 @@ from server.issuance.agents import AgentAdmission
 from server.issuance.issuer import Issuer, IssuerSettings, JwtOutcome, JwtRequest, X509Outcome
 from server.issuance.ledger import Credential, Ledger, LedgerUnavailableError
 from server.issuance.metered import MeteredLedger
-from server.issuance.task_port import NoTasks, TaskDecisions, TaskGrant, TaskJwtGrant
+from server.issuance.task_port import TaskDecisions, TaskGrant, TaskJwtGrant
 
 __all__ = [
     "AgentAdmission",
@@ -21,7 +21,6 @@ __all__ = [
     "Ledger",
     "LedgerUnavailableError",
     "MeteredLedger",
-    "NoTasks",
     "TaskDecisions",
     "TaskGrant",
     "TaskJwtGrant",

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from server.datastore.records import Entry
-from server.errors import PermissionDeniedError
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,16 +50,3 @@ class TaskDecisions(Protocol):
         """A fresh policy decision for a JWT of an owned entry: the grant, or
         PermissionDeniedError (the task layer audits its own denials)."""
         ...
-
-
-class NoTasks:
-    """No task layer: no entry is a task identity."""
-
-    def owns(self, entry: Entry) -> bool:
-        return False
-
-    def x509_grant(self, agent_id: str, entry: Entry) -> TaskGrant:
-        raise PermissionDeniedError(f"{entry.spiffe_id} is not a task this server serves")
-
-    def jwt_grant(self, agent_id: str, entry: Entry, audience: Sequence[str]) -> TaskJwtGrant:
-        raise PermissionDeniedError(f"{entry.spiffe_id} is not a task this server serves")

@@ -25,9 +25,10 @@ def srv() -> Iterator[RunningServer]:
     yield from running_server()
 
 
-def read_only(srv: RunningServer, on: bool) -> None:
-    """Make the credential store's database refuse writes, as a read-only file does."""
-    store = srv.server.tasks.store
+def read_only(srv: RunningServer, on: bool, *, audit: bool = False) -> None:
+    """Make the credential store's (or the audit log's) database refuse writes, as a
+    read-only file does: the real connection, not a stand-in."""
+    store: Any = srv.server.tasks.audit.store if audit else srv.server.tasks.store
     with store._lock:
         store._db.execute(f"PRAGMA query_only={int(on)}")
 
@@ -100,3 +101,26 @@ def test_a_credential_is_on_record_when_its_reply_arrives(srv: RunningServer) ->
     assert jti in {c.value for c in srv.server.tasks.store.agent_credentials(agent.spiffe_id, 0)}
     events = list(srv.server.tasks.audit.store.rows())
     assert jti in {e["credential_id"] for e in events}
+
+
+def test_no_agent_svid_leaves_while_its_attestation_cannot_be_recorded(
+    srv: RunningServer,
+) -> None:
+    agent = srv.attest()
+    entry = srv.create_entry("/ledger/audit", agent.spiffe_id)
+    token = srv.join_token()
+    read_only(srv, True, audit=True)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            srv.attest(token)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert err.value.details() == LEDGER_MESSAGE
+        with pytest.raises(grpc.RpcError) as err:
+            calls(srv, agent, entry.id)["jwt_batch"]()
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        read_only(srv, False, audit=True)
+    assert metric(srv, "svid_server_ledger_failures_total", reason="read-only") == 2
+    calls(srv, agent, entry.id)["jwt_batch"]()
+    assert srv.attest().spiffe_id
+    assert srv.server.tasks.audit.verify().ok
