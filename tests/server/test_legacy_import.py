@@ -24,6 +24,7 @@ from server.datastore.sqlite import SqliteDataStore
 from server.tasks.model import Task, TaskState
 from server.tasks.store import TaskStore
 from svid._clock import FakeClock
+from tests.server.fixtures import short_tmpdir, start_server
 
 AGENT = "spiffe://example.org/svid/agent/join_token/n1"
 RUNTIME = "spiffe://example.org/agents/bot"
@@ -234,3 +235,26 @@ def test_verify_reads_the_old_file_until_it_is_imported(
         conn.execute("DELETE FROM audit_events WHERE seq = 2")
     assert main(["audit", "verify", "--data-dir", str(data_dir)]) == 1
     assert str(Break.DELETED) in capsys.readouterr().err
+
+
+def test_a_server_started_on_an_old_data_dir_imports_it(clock: FakeClock) -> None:
+    root = short_tmpdir()
+    try:
+        old = write_old_files(root / "data", clock)
+        head = old["head"]
+        assert isinstance(head, Head)
+        server = start_server(root)
+        try:
+            tasks = server.server.tasks.service
+            assert tasks.active_task(f"{RUNTIME}/task/task-1") is not None
+            assert tasks.active_task(f"{RUNTIME}/task/task-2") is None  # it had ended
+            # The start checkpoint names the imported head: the chain goes on from it.
+            assert server.server.checkpointer.last is not None
+            assert server.server.checkpointer.last.seq == head.seq
+            assert server.server.tasks.audit.verify(anchor=head).ok
+        finally:
+            server.stop()
+        assert not (root / "data" / "audit.db").exists()
+        assert not (root / "data" / "tasks.db").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
