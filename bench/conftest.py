@@ -8,6 +8,7 @@ file as ``svidd_table``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +20,23 @@ from bench.report import LEGEND, Row, Table, legacy_rows, render, scale, with_se
 
 RESULTS_DIR = Path(__file__).parent / "results"
 _ROWS = pytest.StashKey[dict[str, list[Row]]]()
+_FAILED = pytest.StashKey[list[str]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # `make bench` writes bench/results/latest.json and table.txt; the folder is not committed.
     RESULTS_DIR.mkdir(exist_ok=True)
     config.stash[_ROWS] = {}
+    config.stash[_FAILED] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    # A test that fails must not vanish from the table, with or without its rows.
+    report = yield
+    if report.failed and item.config.stash.get(_FAILED, None) is not None:
+        item.config.stash[_FAILED].append(item.nodeid)
+    return report
 
 
 @pytest.hookimpl(trylast=True)
@@ -65,6 +77,11 @@ def _rows(config: pytest.Config) -> list[Row]:
         out.extend(with_section((r for r in legacy_rows(info)), f"{section} ({name})"))
     for rows in registered.values():  # tests whose benchmark call failed still show their rows
         out.extend(rows)
+    failed = config.stash.get(_FAILED, [])
+    for nodeid in dict.fromkeys(failed):
+        section, _, name = nodeid.partition("::")
+        what = f"{name} failed" + ("" if stored.get(nodeid) else " before adding its rows")
+        out.append(Row(what, math.nan, "", section=section, failed=True))
     return out
 
 

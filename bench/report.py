@@ -80,6 +80,7 @@ class Row:
     p99: float | None = None  # latency rows only
     note: str = ""
     section: str = ""  # the test file; set by the table fixture
+    failed: bool = False  # stands for the rows of a test that failed before adding them
 
     def judged(self) -> float | None:
         if self.goal is not None and self.goal.stat == "p99":
@@ -87,6 +88,8 @@ class Row:
         return self.value
 
     def verdict(self) -> str:
+        if self.failed:
+            return "FAILED"
         judged = self.judged()
         if self.goal is None or judged is None or math.isnan(judged):
             return "not judged"
@@ -237,6 +240,8 @@ def _with_unit(x: float, unit: str) -> str:
 
 
 def _value(row: Row) -> str:
+    if row.failed:
+        return "-"
     if row.unit == "ms" and row.n_of == "samples":
         p99 = "n/a (<100 samples)" if row.p99 is None else _num(row.p99)
         return f"p50 {_num(row.value)} / p99 {p99} ms"
@@ -271,6 +276,7 @@ goal     judged on the whole-machine ratio unless the row says otherwise; for la
 verdict  MET / MISSED on the value (or the named percentile); "?" = at least a quarter of the
          rounds fell on the other side of the goal: noisy, re-measure on a quiet machine.
          not judged = the row has no goal (a baseline, or shown for reference).
+         FAILED = the test stopped before it added its rows (see the log above the table).
 spread   min-max of the judged quantity over the rounds (ratio rows: of the per-round ratios;
          latency rows: of the judged percentile over 5 runs of consecutive samples).
 n        rounds (interleaved windows of every measurement of that test) or samples."""
