@@ -267,8 +267,9 @@ value    /s: median over rounds of calls (or credentials) per second. x: median 
          a p99 is shown only from >= 100 samples); "ms" alone: mean time per operation over
          one run. B: bytes.
 cores    N = the worker threads/processes issuance uses (os.cpu_count() unless the row says).
-         "on 1 core" = the raw operation in one worker process; "on N cores" = in N worker
-         processes at once, in the same round as the row it is compared with.
+         "1 core" = the raw operation on one thread (issuance: in one worker process; verify:
+         in the test process, like the verifier); "N cores" = in N worker processes at once.
+         Baselines run in the same rounds as the rows compared with them.
          whole-machine ratio = measured rate / raw rate on N cores.
          per-core ratio      = measured rate / (N x raw rate on 1 core).
 goal     judged on the whole-machine ratio unless the row says otherwise; for latency rows on
