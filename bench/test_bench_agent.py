@@ -39,7 +39,7 @@ from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir
 
 UID = f"uid:{os.getuid()}"
 CREATES = samples(100)
-CALL_ROUNDS = 30
+CALL_ROUNDS = 100
 RATE_WINDOW = 0.1
 MISS_EVERY = 100  # FetchJWTSVID: one call in this many asks for a new audience (a cache miss)
 FIRST_MESSAGES = samples(200)

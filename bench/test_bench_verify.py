@@ -50,8 +50,8 @@ from svid import (
 from tests.svid.certs import make_ca, make_leaf
 
 TD = TrustDomain("example.org")
-ROUNDS = 40
-SLICE_SECONDS = 0.05
+ROUNDS = 100
+SLICE_SECONDS = 0.1
 DISTINCT = 1000  # credentials every row cycles through; all fit in the default cache
 RAW = "raw P-256 verify, 1 core"
 
