@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench proto lint clean
+.PHONY: run test bench bench-long proto lint clean
 
 # Runs on the first `make` (and when pyproject.toml changes); the only slow step, so it says so and
 # lets pip show what it downloads instead of a minute or two of silence.
@@ -26,9 +26,17 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# One judged table (bench/report.py has the legend), also in bench/results/table.txt; about 8
+# minutes on 2 cores. SVIDD_BENCH_SCALE multiplies every round and sample count (0.2 to iterate).
+BENCH_SCALE ?= 1
 bench: $(STAMP)
-	$(BIN)/python -m pytest bench -p no:randomly --benchmark-enable --benchmark-only \
-		--benchmark-json=bench/results/latest.json -o testpaths=bench -o addopts="" $(BENCH_ARGS)
+	SVIDD_BENCH_SCALE=$(BENCH_SCALE) $(BIN)/python -m pytest bench -p no:randomly \
+		--benchmark-enable --benchmark-only --benchmark-json=bench/results/latest.json \
+		-o testpaths=bench -o addopts="" -o timeout=1800 $(BENCH_ARGS)
+
+# The same table with 4x the rounds and samples: for numbers to quote.
+bench-long: $(STAMP)
+	$(MAKE) bench BENCH_SCALE=4
 
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py
