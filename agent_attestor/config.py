@@ -54,6 +54,9 @@ class AgentConfig:
     identify_threads: int = 6
     identify_per_uid: int = 2
     max_hash_size: int = 256 * 1024 * 1024  # bytes; a bigger executable gets no unix:sha256
+    # Entries holding a pre-minted X.509-SVID (issue 13), least recently used out; the rest are
+    # minted when a workload first asks. 0: every entry (see README for how it was chosen).
+    max_prefetched_svids: int = 0
 
     @property
     def agent_svid_path(self) -> Path:
@@ -87,8 +90,9 @@ _INT_KEYS = {
     "identify_threads",
     "identify_per_uid",
     "max_hash_size",
+    "max_prefetched_svids",
 }
-_ZERO_ALLOWED = {"max_connections"}
+_ZERO_ALLOWED = {"max_connections", "max_prefetched_svids"}
 KEYS = tuple(f.name for f in fields(AgentConfig))
 
 
