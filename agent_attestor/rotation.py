@@ -163,12 +163,18 @@ class Rotator:
     def _evict(self) -> None:
         """Down to the cap, least recently used first, sparing entries an open stream serves."""
         gone: list[str] = []
+        in_use: list[str] = []
         excess = len(self._held) - self._cap
         for eid in self._held:
             if len(gone) >= excess:
                 break
-            if eid not in self._urgent and not self._cache.watchers.watched(eid):
+            if eid in self._urgent or self._cache.watchers.watched(eid):
+                in_use.append(eid)
+            else:
                 gone.append(eid)
+        # In use means recently used: moved to the young end, the next scan does not pass them.
+        for eid in in_use:
+            self._held.move_to_end(eid)
         for eid in gone:
             self._forget(eid)
         self._cache.drop_svids(gone)
@@ -237,6 +243,13 @@ class Rotator:
                     extra={"entries": len(due) - start, "retry_in": delay, "error": str(exc)},
                 )
                 return delay
+            rest = due[start + MAX_BATCH :]
+            if rest and self._urgent:
+                # A workload started waiting while a long backlog (a restart) is minted: it
+                # goes next, the backlog after it.
+                self._pending = {**dict.fromkeys(rest), **self._pending}
+                self._failures = 0
+                return 0.0
         self._failures = 0
         return self.next_due_in()
 

@@ -14,6 +14,7 @@ from agent_attestor.cache import Cache, SyncState
 from agent_attestor.model import Entry, IssuedSvid, Selector
 from agent_attestor.rotation import Rotator
 from agent_attestor.schedule import DueHeap
+from agent_attestor.signer import X509Result
 from svid._clock import FakeClock
 from tests.agent_attestor.pki import FakeSigner, LocalCa
 
@@ -133,8 +134,12 @@ def test_a_cap_pre_mints_that_many_and_mints_the_rest_on_demand_least_recently_u
     cache.watchers.close(watch)
     rot.demand(["e9"])
     asyncio.run(rot.tick())
-    assert sorted(cache.svids()) == ["e7", "e8", "e9"]
-    assert signer.batches == [3, 1, 1, 1]
+    # e0 was in use when passed over for eviction, after e7 was asked for: e7 is older.
+    assert sorted(cache.svids()) == ["e0", "e8", "e9"]
+    rot.demand(["e3"])
+    asyncio.run(rot.tick())
+    assert sorted(cache.svids()) == ["e3", "e8", "e9"]  # unwatched now, e0 goes in turn
+    assert signer.batches == [3, 1, 1, 1, 1]
 
 
 def test_evicted_svids_are_not_renewed_and_held_ones_are() -> None:
@@ -159,3 +164,22 @@ def test_demanded_svids_go_first_and_are_retried_when_the_server_is_down() -> No
     asyncio.run(rot.tick())
     assert signer.requested == [["e4", "e0", "e1", "e2", "e3"]]  # still first after failures
     assert set(cache.svids()) == {"e0", "e1", "e2", "e3", "e4"}
+
+
+def test_a_workload_waiting_during_a_long_backlog_is_served_after_the_current_batch() -> None:
+    _, cache, signer, rot = _setup(rotation.MAX_BATCH * 3)
+    last = f"e{rotation.MAX_BATCH * 3 - 1}"
+    first_batch = signer.batch_new_x509
+
+    async def asks_midway(params: list[tuple[str, bytes]]) -> list[X509Result]:
+        if len(signer.batches) == 0:
+            rot.demand([last])  # arrives while the first batch is at the server
+        return await first_batch(params)
+
+    signer.batch_new_x509 = asks_midway  # type: ignore[method-assign]
+    assert asyncio.run(rot.tick()) == 0.0
+    asyncio.run(rot.tick())
+    assert signer.requested[1][0] == last
+    while len(cache.svids()) < rotation.MAX_BATCH * 3:
+        asyncio.run(rot.tick())
+    assert sum(signer.batches) == rotation.MAX_BATCH * 3  # nothing was asked for twice
