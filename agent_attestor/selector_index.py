@@ -89,9 +89,5 @@ class SelectorIndex:
         self._memo[selectors] = found
         return found
 
-    def rarest(self, selectors: Iterable[Selector]) -> Selector | None:
-        """Of `selectors`, the one fewest indexed entries carry (None for none)."""
-        return min(selectors, key=lambda s: (self._counts[s], s), default=None)
-
     def __len__(self) -> int:
         return len(self._key_of)

@@ -1,15 +1,22 @@
-"""The selector index and stream watchers agree with the naive matcher (model.entries_for)."""
+"""The selector index and stream watchers agree with the naive matcher (model.entries_for), and
+the cache wakes a stream only for what concerns it."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent_attestor.cache import Cache, SyncState
 from agent_attestor.model import Entry, Selector, entries_for
+from agent_attestor.rotation import Rotator
 from agent_attestor.selector_index import SelectorIndex
 from agent_attestor.watchers import Watchers
+from svid._clock import FakeClock
+from tests.agent_attestor.pki import FakeSigner, LocalCa
 
 # A small universe, so callers often hold every selector of some entry (and often not).
 selectors = st.builds(Selector, st.sampled_from(["unix", "k8s"]), st.sampled_from("abcdef"))
@@ -126,14 +133,48 @@ def test_a_new_svid_wakes_only_the_streams_served_its_entry() -> None:
     assert not watchers.watched("ea")
 
 
-def test_rare_selectors_key_the_index_so_a_common_one_does_not_scan_everything() -> None:
+def test_entries_sharing_a_common_selector_are_told_apart() -> None:
     common = Selector("unix", "uid:0")
     entries = [
         Entry(f"e{i}", f"spiffe://example.org/{i}", frozenset({common, Selector("k8s", str(i))}))
         for i in range(1000)
     ]
     index = SelectorIndex(entries)
-    # Every entry's own selector is rarer than the shared one, so that one keys each entry.
-    assert index.rarest([common, Selector("k8s", "7")]) == Selector("k8s", "7")
     assert [e.id for e in index.match(frozenset({common, Selector("k8s", "7")}))] == ["e7"]
     assert index.match(frozenset({common})) == ()
+
+
+def test_the_cache_wakes_a_stream_for_its_own_changes_and_shared_ones_only() -> None:
+    clock = FakeClock(start=time.time())
+    ca = LocalCa(clock)
+    signer = FakeSigner(ca)
+    a, b = Selector("unix", "uid:1"), Selector("unix", "uid:2")
+    ea = Entry("ea", "spiffe://example.org/a", frozenset({a}))
+    eb = Entry("eb", "spiffe://example.org/b", frozenset({b}))
+    signer.spiffe_ids.update(
+        {"ea": ea.spiffe_id, "eb": eb.spiffe_id, "ea2": "spiffe://example.org/a2"}
+    )
+    cache = Cache()
+    rot = Rotator(cache, signer, clock)
+    cache.apply_sync(SyncState(entries=(ea, eb), bundle=ca.bundle()))
+    wa, wb = cache.watchers.open(frozenset({a})), cache.watchers.open(frozenset({b}))
+    assert (wa.entry_ids, wb.entry_ids) == ({"ea"}, {"eb"})
+
+    def versions() -> tuple[int, int]:
+        return wa.signal.version, wb.signal.version
+
+    asyncio.run(rot.tick())  # one SVID each: each stream woken once
+    assert versions() == (1, 1)
+    cache.drop_svids(["eb"])
+    assert versions() == (1, 2)
+    ea2 = Entry("ea2", "spiffe://example.org/a2", frozenset({a}))
+    cache.update_entries([ea2], [])  # a new entry for caller a only
+    assert versions() == (2, 2)
+    assert wa.entry_ids == {"ea", "ea2"}
+    rot.demand(["eb"])
+    asyncio.run(rot.tick())  # ea2 and eb minted
+    assert versions() == (3, 3)
+    cache.apply_sync(
+        SyncState(entries=(ea, eb, ea2), bundle=ca.bundle(), crl=(b"crl",))
+    )  # shared by everyone
+    assert versions() == (4, 4)
