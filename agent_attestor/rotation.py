@@ -112,6 +112,7 @@ class Rotator:
         self._pending: dict[str, None] = {}  # needs an SVID now (insertion-ordered)
         self._urgent: dict[str, None] = {}  # a workload is waiting for it: goes first
         self._held: OrderedDict[str, None] = OrderedDict()  # with a cap: LRU of entries served
+        self._in_flight: set[str] = set()  # the batch at the server now
         self.issued_total = 0
         cache.on_entries(self._entries_changed)
         snap = cache.snapshot()
@@ -151,7 +152,7 @@ class Rotator:
                 self._held[eid] = None
                 self._held.move_to_end(eid)
             svid = self._cache.svid(eid)
-            if svid is None or svid.not_after <= now:
+            if (svid is None or svid.not_after <= now) and eid not in self._in_flight:
                 self._urgent[eid] = None
                 self._pending.pop(eid, None)
                 wanted = True
@@ -229,6 +230,7 @@ class Rotator:
             return self.next_due_in()
         for start in range(0, len(due), MAX_BATCH):
             batch = due[start : start + MAX_BATCH]
+            self._in_flight = set(batch)
             try:
                 await self._issue(batch)
             except Exception as exc:  # the server being away must never stop the loop
@@ -243,6 +245,8 @@ class Rotator:
                     extra={"entries": len(due) - start, "retry_in": delay, "error": str(exc)},
                 )
                 return delay
+            finally:
+                self._in_flight = set()
             rest = due[start + MAX_BATCH :]
             if rest and self._urgent:
                 # A workload started waiting while a long backlog (a restart) is minted: it

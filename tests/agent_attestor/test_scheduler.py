@@ -183,3 +183,18 @@ def test_a_workload_waiting_during_a_long_backlog_is_served_after_the_current_ba
     while len(cache.svids()) < rotation.MAX_BATCH * 3:
         asyncio.run(rot.tick())
     assert sum(signer.batches) == rotation.MAX_BATCH * 3  # nothing was asked for twice
+
+
+def test_asking_for_an_svid_already_at_the_server_does_not_mint_it_twice() -> None:
+    _, cache, signer, rot = _setup(3)
+    minting = signer.batch_new_x509
+
+    async def asks_meanwhile(params: list[tuple[str, bytes]]) -> list[X509Result]:
+        rot.demand(["e1"])  # a workload connects while its SVID is being minted
+        return await minting(params)
+
+    signer.batch_new_x509 = asks_meanwhile  # type: ignore[method-assign]
+    asyncio.run(rot.tick())
+    asyncio.run(rot.tick())
+    assert signer.requested == [["e0", "e1", "e2"]]
+    assert set(cache.svids()) == {"e0", "e1", "e2"}
