@@ -53,6 +53,9 @@ from svid._clock import FakeClock
 from svid._proto import workload_pb2
 from tests.agent_attestor.pki import FakeSigner, LocalCa
 
+# 100k entries take minutes (mostly the fake signer): past the suite's per-test timeout.
+pytestmark = pytest.mark.timeout(3600)
+
 SIZES = tuple(int(n) for n in os.environ.get("SVIDD_SCALE_SIZES", "1000,10000").split(","))
 WORKLOADS = tuple(int(n) for n in os.environ.get("SVIDD_SCALE_WORKLOADS", "1000,10000").split(","))
 SAMPLES = 30
@@ -280,7 +283,7 @@ def fresh_process(n: int, cap: int) -> dict[str, Any]:
         check=True,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=3000,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
