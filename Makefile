@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-long proto lint clean
+.PHONY: run test bench bench-long bench-scale proto lint clean
 
 # Runs on the first `make` (and when pyproject.toml changes); the only slow step, so it says so and
 # lets pip show what it downloads instead of a minute or two of silence.
@@ -37,6 +37,13 @@ bench: $(STAMP)
 # The same table with 4x the rounds and samples: for numbers to quote.
 bench-long: $(STAMP)
 	$(MAKE) bench BENCH_SCALE=4
+
+# Issue 13's agent scale table at 1k / 10k / 100k entries (a few minutes; in process, see the file).
+bench-scale: $(STAMP)
+	SVIDD_SCALE_SIZES=1000,10000,100000 SVIDD_SCALE_WORKLOADS=1000,10000 \
+		$(BIN)/python -m pytest bench/test_bench_agent_scale.py -p no:randomly --benchmark-enable \
+		--benchmark-only --benchmark-json=bench/results/scale.json -o testpaths=bench -o addopts="" \
+		-s $(BENCH_ARGS)
 
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py
