@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench proto lint clean
+.PHONY: run test bench bench-long bench-scale proto lint clean
 
 # Runs on the first `make` (and when pyproject.toml changes); the only slow step, so it says so and
 # lets pip show what it downloads instead of a minute or two of silence.
@@ -26,9 +26,24 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# One judged table (bench/report.py has the legend), also in bench/results/table.txt; about 8
+# minutes on 2 cores. SVIDD_BENCH_SCALE multiplies every round and sample count (0.2 to iterate).
+BENCH_SCALE ?= 1
 bench: $(STAMP)
-	$(BIN)/python -m pytest bench -p no:randomly --benchmark-enable --benchmark-only \
-		--benchmark-json=bench/results/latest.json -o testpaths=bench -o addopts="" $(BENCH_ARGS)
+	SVIDD_BENCH_SCALE=$(BENCH_SCALE) $(BIN)/python -m pytest bench -p no:randomly \
+		--benchmark-enable --benchmark-only --benchmark-json=bench/results/latest.json \
+		-o testpaths=bench -o addopts="" -o timeout=1800 $(BENCH_ARGS)
+
+# The same table with 4x the rounds and samples: for numbers to quote.
+bench-long: $(STAMP)
+	$(MAKE) bench BENCH_SCALE=4
+
+# Issue 13's agent scale table at 1k / 10k / 100k entries (a few minutes; in process, see the file).
+bench-scale: $(STAMP)
+	SVIDD_SCALE_SIZES=1000,10000,100000 SVIDD_SCALE_WORKLOADS=1000,10000 \
+		$(BIN)/python -m pytest bench/test_bench_agent_scale.py -p no:randomly --benchmark-enable \
+		--benchmark-only --benchmark-json=bench/results/scale.json -o testpaths=bench -o addopts="" \
+		-s $(BENCH_ARGS)
 
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py

@@ -77,12 +77,11 @@ def issued_svid(
     return IssuedSvid(
         entry_id=entry_id,
         spiffe_id=str(spiffe_id_from_cert(leaf)),
-        chain=chain,
-        private_key=key,
         chain_der=chain_der,
         key_der=key_der(key),
         not_before=leaf.not_valid_before_utc.timestamp(),
         not_after=leaf.not_valid_after_utc.timestamp(),
+        serial_hex=format(leaf.serial_number, "x"),
         issuance_key=issuance_key,
     )
 

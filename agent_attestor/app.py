@@ -104,7 +104,9 @@ class AgentApp:
             self.clock,
             on_change=self._on_sync_event,
         )
-        self.rotator = Rotator(self.cache, self.syncer, self.clock)
+        self.rotator = Rotator(
+            self.cache, self.syncer, self.clock, max_prefetched=config.max_prefetched_svids
+        )
         self.jwts = JwtCache(
             self.syncer, self.clock, config.jwt_cache_size, config.jwt_cache_max_bytes
         )
@@ -123,6 +125,7 @@ class AgentApp:
             self.clock,
             on_call=self._on_call,
             on_validate=self.task_layer.reporter.report,
+            demand=self.rotator,
         )
         self.health = health.aio.HealthServicer()
         self.endpoint = WorkloadEndpoint(
@@ -145,8 +148,8 @@ class AgentApp:
             ],
         )
         self.http = MetricsHttpServer(self.metrics, self.ready)
-        self.metrics.svids.set_function(lambda: len(self.cache.svids()))
-        self.metrics.entries.set_function(lambda: len(self.cache.entries()))
+        self.metrics.svids.set_function(lambda: self.cache.counts()[1])
+        self.metrics.entries.set_function(lambda: self.cache.counts()[0])
         self.metrics.connections.set_function(lambda: len(self.registry))
         self.metrics.server_connected.set_function(lambda: int(self.syncer.connected))
         self._tasks: list[asyncio.Task[None]] = []

@@ -1,18 +1,20 @@
 """The agent's in-memory state with change fan-out to open Workload API streams.
 
-Mutated only on the event loop (sync and rotation apply their results there); read through
-immutable snapshots, so a stream computes its full-state message without locks and without ever
-asking the server.
+Mutated only on the event loop (sync and rotation apply their results there), so a stream
+computes its full-state message without locks and without ever asking the server. Every change
+costs what changed, not what is held: entries are indexed by selector (selector_index), and a
+new SVID wakes only the streams served its entry (watchers).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from agent_attestor.model import Entry, IssuedSvid, Selector, TrustBundle, entries_for
+from agent_attestor.model import Entry, IssuedSvid, Selector, TrustBundle
+from agent_attestor.selector_index import SelectorIndex
+from agent_attestor.watchers import Signal, Watchers
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,13 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
+    """The cache as it stands, for one synchronous read on the event loop.
+
+    Built in O(1): `entries` is shared until the entry set changes, and `svids` and `index` are
+    live views (copying 100k SVIDs on every renewal batch made rotation quadratic). Read what you
+    need before the next `await`; keep only `version` across it.
+    """
+
     version: int
     synced: bool
     entries: tuple[Entry, ...]
@@ -50,18 +59,10 @@ class Snapshot:
     revocation_expiry: Mapping[tuple[str, str], int] = field(default_factory=dict)
     # Why the agent serves nothing at all ("" normally): the server refused it (evicted, banned).
     refused: str = ""
-    # Per-snapshot memo: callers with the same selectors (every call of one process) share it.
-    _matches: dict[frozenset[Selector], tuple[Entry, ...]] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    index: SelectorIndex = field(default_factory=SelectorIndex, compare=False, repr=False)
 
     def entries_for(self, selectors: frozenset[Selector]) -> list[Entry]:
-        found = self._matches.get(selectors)
-        if found is None:
-            found = tuple(entries_for(self.entries, selectors))
-            if len(self._matches) < 4096:
-                self._matches[selectors] = found
-        return list(found)
+        return list(self.index.match(selectors))
 
     def identities_for(self, selectors: frozenset[Selector], now: float) -> list[Identity]:
         """The caller's usable X.509 identities, default first, with unique non-empty hints.
@@ -71,7 +72,7 @@ class Snapshot:
         """
         out: list[Identity] = []
         hints: set[str] = set()
-        for entry in self.entries_for(selectors):
+        for entry in self.index.match(selectors):
             svid = self.svids.get(entry.id)
             if svid is None or svid.not_after <= now or svid.serial_hex in self.revoked_serials:
                 continue
@@ -82,16 +83,17 @@ class Snapshot:
             out.append(Identity(entry, svid))
         return out
 
-    def awaiting(self, selectors: frozenset[Selector], now: float) -> bool:
-        """Whether some entry of the caller is waiting for a (new) SVID: none yet, or expired
-        before renewal. A revoked SVID is not awaited: revocation is final."""
-        for entry in self.entries_for(selectors):
+    def awaiting(self, selectors: frozenset[Selector], now: float) -> list[str]:
+        """The caller's entries waiting for a (new) SVID: none yet, or expired before renewal.
+        A revoked SVID is not awaited: revocation is final."""
+        out: list[str] = []
+        for entry in self.index.match(selectors):
             svid = self.svids.get(entry.id)
             if svid is None or (
                 svid.not_after <= now and svid.serial_hex not in self.revoked_serials
             ):
-                return True
-        return False
+                out.append(entry.id)
+        return out
 
     def all_bundles(self) -> dict[str, TrustBundle]:
         """Trust domain name -> bundle: ours plus federated ones."""
@@ -101,12 +103,19 @@ class Snapshot:
         return out
 
 
+EntryListener = Callable[[Sequence[Entry], Sequence[str]], None]
+# Past this share of the entries changing at once, re-index and re-match everything instead.
+_REBUILD_SHARE = 0.25
+
+
 class Cache:
     def __init__(self) -> None:
-        self._version = 0
         self._synced = False
         self._entries: dict[str, Entry] = {}
+        self._entry_tuple: tuple[Entry, ...] | None = ()
+        self._index = SelectorIndex()
         self._svids: dict[str, IssuedSvid] = {}
+        self._svid_view: Mapping[str, IssuedSvid] = MappingProxyType(self._svids)
         self._bundle: TrustBundle | None = None
         self._federated: dict[str, TrustBundle] = {}
         self._revoked_serials: frozenset[str] = frozenset()
@@ -114,133 +123,212 @@ class Cache:
         self._crl: tuple[bytes, ...] = ()
         self._revocation_expiry: Mapping[tuple[str, str], int] = {}
         self._refused = ""
-        self._waiters: set[asyncio.Future[int]] = set()
         self._snapshot: Snapshot | None = None
+        # Three things to wait for: anything, the entry set, what every caller shares.
+        self._any = Signal()
+        self._entry_signal = Signal()
+        self._shared = Signal()
+        self.watchers = Watchers(self._index.match)
+        self._listeners: list[EntryListener] = []
 
     @property
     def version(self) -> int:
-        return self._version
+        return self._any.version
+
+    @property
+    def entries_version(self) -> int:
+        return self._entry_signal.version
+
+    @property
+    def shared_version(self) -> int:
+        return self._shared.version
+
+    def on_entries(self, listener: EntryListener) -> None:
+        """Call `listener(changed_or_added, removed_ids)` after each change of the entry set."""
+        self._listeners.append(listener)
 
     def snapshot(self) -> Snapshot:
         snap = self._snapshot
         if snap is None:
+            entries = self._entry_tuple
+            if entries is None:
+                entries = self._entry_tuple = tuple(self._entries.values())
             snap = Snapshot(
-                version=self._version,
+                version=self._any.version,
                 synced=self._synced,
-                entries=tuple(self._entries.values()),
-                svids=MappingProxyType(dict(self._svids)),
+                entries=entries,
+                svids=self._svid_view,
                 bundle=self._bundle,
-                federated=MappingProxyType(dict(self._federated)),
+                federated=MappingProxyType(self._federated),
                 revoked_serials=self._revoked_serials,
                 revoked_jtis=self._revoked_jtis,
                 crl=self._crl,
                 revocation_expiry=self._revocation_expiry,
                 refused=self._refused,
+                index=self._index,
             )
             self._snapshot = snap
         return snap
 
-    def _changed(self) -> None:
-        self._version += 1
+    def _changed(self, *, entries: bool = False, shared: bool = False) -> None:
         self._snapshot = None
-        waiters, self._waiters = self._waiters, set()
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(self._version)
+        if entries:
+            self._entry_tuple = None
+            self._entry_signal.bump()
+        if shared:
+            self._shared.bump()
+            self.watchers.everyone()
+        self._any.bump()
 
     async def wait_change(self, seen: int) -> int:
         """Return the version once it differs from `seen` (at once if it already does)."""
-        if self._version != seen:
-            return self._version
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiters.add(fut)
-        try:
-            return await fut
-        finally:
-            self._waiters.discard(fut)
+        return await self._any.wait(seen)
+
+    async def wait_entries_change(self, seen: int) -> int:
+        """Like wait_change, for changes of the entry set only."""
+        return await self._entry_signal.wait(seen)
+
+    async def wait_shared_change(self, seen: int) -> int:
+        """Like wait_change, for bundles, CRL, revocations and refusal only."""
+        return await self._shared.wait(seen)
 
     def apply_sync(self, state: SyncState) -> None:
         """Install a full-state update; SVIDs of removed or changed entries are dropped."""
-        entries = {e.id: e for e in state.entries}
-        svids = {
-            eid: s
-            for eid, s in self._svids.items()
-            if eid in entries and s.issuance_key == entries[eid].issuance_key
-        }
         federated = dict(state.federated)
-        if (
+        shared = not (
             self._synced
             and not self._refused
-            and entries == self._entries
-            and svids.keys() == self._svids.keys()
             and state.bundle == self._bundle
             and federated == self._federated
             and state.revoked_serials == self._revoked_serials
             and state.revoked_jtis == self._revoked_jtis
             and state.crl == self._crl
             and state.revocation_expiry == self._revocation_expiry
-        ):
-            return
-        self._synced = True
-        self._refused = ""
+        )
+        entries = {e.id: e for e in state.entries}
+        old = self._entries
+        changed = [e for eid, e in entries.items() if old.get(eid) != e]
+        removed = [old[eid] for eid in old.keys() - entries.keys()]
+        if shared:
+            self._synced = True
+            self._refused = ""
+            self._bundle = state.bundle
+            self._federated = federated
+            self._revoked_serials = state.revoked_serials
+            self._revoked_jtis = state.revoked_jtis
+            self._crl = state.crl
+            self._revocation_expiry = dict(state.revocation_expiry)
+        if changed or removed:
+            self._update_entries(entries, changed, removed, shared=shared)
+        elif shared:
+            self._changed(shared=True)
+
+    def update_entries(self, upserts: Sequence[Entry], removed_ids: Iterable[str]) -> None:
+        """Apply a change of some entries (a delta): what it costs follows what changed."""
+        entries = self._entries  # changed in place: a copy would cost what the delta saves
+        changed = [e for e in upserts if entries.get(e.id) != e]
+        for entry in changed:
+            entries[entry.id] = entry
+        removed = [entries.pop(eid) for eid in dict.fromkeys(removed_ids) if eid in entries]
+        if changed or removed:
+            self._update_entries(entries, changed, removed)
+
+    def _update_entries(
+        self,
+        entries: dict[str, Entry],
+        changed: list[Entry],
+        removed: list[Entry],
+        *,
+        shared: bool = False,
+    ) -> None:
+        for entry in removed:
+            self._svids.pop(entry.id, None)
+        for entry in changed:
+            svid = self._svids.get(entry.id)
+            if svid is not None and svid.issuance_key != entry.issuance_key:
+                del self._svids[entry.id]
         self._entries = entries
-        self._svids = svids
-        self._bundle = state.bundle
-        self._federated = federated
-        self._revoked_serials = state.revoked_serials
-        self._revoked_jtis = state.revoked_jtis
-        self._crl = state.crl
-        self._revocation_expiry = dict(state.revocation_expiry)
-        self._changed()
+        if len(changed) + len(removed) > max(64, len(entries) * _REBUILD_SHARE):
+            self._index.rebuild(entries.values())
+            self.watchers.everyone(rematch=True)
+        else:
+            for entry in removed:
+                self._index.remove(entry.id)
+            for entry in changed:
+                self._index.add(entry)
+            # Old versions of changed entries are found through the watches serving them.
+            self.watchers.entries_changed([*changed, *removed])
+        self._changed(entries=True, shared=shared)
+        removed_ids = [e.id for e in removed]
+        for listener in self._listeners:
+            listener(changed, removed_ids)
 
     def refuse(self, reason: str) -> None:
         """The server no longer recognises this agent: drop every entry, SVID, bundle and
         revocation it sent, and say `reason` to every caller until a Sync message comes again.
         What it sent is no longer backed by it (an evicted agent's SVIDs may be revoked)."""
+        removed_ids = list(self._entries)
         self._synced = False
         self._refused = reason
         self._entries = {}
-        self._svids = {}
+        self._index.rebuild(())
+        self._svids.clear()
         self._bundle = None
         self._federated = {}
         self._revoked_serials = frozenset()
         self._revoked_jtis = frozenset()
         self._crl = ()
         self._revocation_expiry = {}
-        self._changed()
+        self.watchers.everyone(rematch=True)
+        self._changed(entries=True, shared=True)
+        for listener in self._listeners:
+            listener((), removed_ids)
 
-    def put_svids(self, svids: Iterable[IssuedSvid]) -> int:
-        """Install freshly issued SVIDs whose entry still exists unchanged; returns how many."""
-        count = 0
+    def put_svids(self, svids: Iterable[IssuedSvid]) -> list[IssuedSvid]:
+        """Install freshly issued SVIDs whose entry still exists unchanged; returns those."""
+        installed: list[IssuedSvid] = []
         for svid in svids:
             entry = self._entries.get(svid.entry_id)
             if entry is None or entry.issuance_key != svid.issuance_key:
                 continue
             self._svids[svid.entry_id] = svid
-            count += 1
-        if count:
+            installed.append(svid)
+        if installed:
+            self.watchers.svids_changed(s.entry_id for s in installed)
             self._changed()
-        return count
+        return installed
 
-    def drop_expired(self, now: float) -> list[str]:
-        gone = [eid for eid, s in self._svids.items() if s.not_after <= now]
-        for eid in gone:
-            del self._svids[eid]
+    def drop_svids(self, entry_ids: Iterable[str]) -> list[str]:
+        """Forget these entries' SVIDs (expired, or evicted from a capped cache)."""
+        gone = [eid for eid in entry_ids if self._svids.pop(eid, None) is not None]
         if gone:
+            self.watchers.svids_changed(gone)
             self._changed()
         return gone
 
+    def svid(self, entry_id: str) -> IssuedSvid | None:
+        return self._svids.get(entry_id)
+
+    def entry(self, entry_id: str) -> Entry | None:
+        return self._entries.get(entry_id)
+
     def entries(self) -> dict[str, Entry]:
+        """A copy of every entry (O(n): tests and tools; hot paths use entry / snapshot)."""
         return dict(self._entries)
 
     def svids(self) -> dict[str, IssuedSvid]:
+        """A copy of every SVID (O(n): tests and tools; hot paths use svid / snapshot)."""
         return dict(self._svids)
+
+    def counts(self) -> tuple[int, int]:
+        """(entries, SVIDs) held."""
+        return len(self._entries), len(self._svids)
 
     def set_bundle(self, bundle: TrustBundle) -> None:
         """The bundle alone (from attestation, before the first Sync message)."""
         if bundle != self._bundle:
             self._bundle = bundle
-            self._changed()
+            self._changed(shared=True)
 
 
 def with_entry(state: SyncState, entry: Entry) -> SyncState:

@@ -54,6 +54,14 @@ class AgentConfig:
     identify_threads: int = 6
     identify_per_uid: int = 2
     max_hash_size: int = 256 * 1024 * 1024  # bytes; a bigger executable gets no unix:sha256
+    # Entries holding a pre-minted X.509-SVID (issue 13), least recently used out (never one an
+    # open stream is served); the rest are minted when a workload first asks. 0: every entry.
+    # Chosen by measurement (bench/test_bench_agent_scale.py): a restart must have them all in
+    # 30 s, and the server signs at most 1,000 CSRs/s per agent after a 2,000 burst (32k in
+    # 30 s) while the agent mints about 2,500/s per core; 20k are ready in ~18 s at the server's
+    # limit, and renewing them at a 5 min TTL takes 133 CSRs/s, an eighth of that limit, leaving
+    # the rest for minting on demand. Each held SVID costs ~2 KB.
+    max_prefetched_svids: int = 20_000
 
     @property
     def agent_svid_path(self) -> Path:
@@ -87,8 +95,9 @@ _INT_KEYS = {
     "identify_threads",
     "identify_per_uid",
     "max_hash_size",
+    "max_prefetched_svids",
 }
-_ZERO_ALLOWED = {"max_connections"}
+_ZERO_ALLOWED = {"max_connections", "max_prefetched_svids"}
 KEYS = tuple(f.name for f in fields(AgentConfig))
 
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-
 from svid._proto import common_pb2
 
 # A task identity is `<runtime ID>/task/<task id>` (AGENTIC.md); the server marks them the same way.
@@ -142,24 +139,28 @@ class TrustBundle:
 
 @dataclass(frozen=True, slots=True)
 class IssuedSvid:
-    """An X.509-SVID the agent holds for one entry: chain (leaf first) and its private key."""
+    """An X.509-SVID the agent holds for one entry: its chain and key as the Workload API sends
+    them (DER), and the facts rotation and revocation read.
+
+    No parsed certificate or key objects: they tripled what each held SVID costs (measured by
+    bench/test_bench_agent_scale.py; issue 13's goal is 5 KB per entry), and nothing reads them
+    after the chain has been checked against the key (_crypto.issued_svid).
+    """
 
     entry_id: str
     spiffe_id: str
-    chain: tuple[x509.Certificate, ...]
-    private_key: PrivateKeyTypes = field(repr=False)
     chain_der: bytes = field(repr=False)
     key_der: bytes = field(repr=False)
     not_before: float
     not_after: float
+    serial_hex: str
     issuance_key: tuple[str, tuple[str, ...], int] = ("", (), 0)
     received_at: float = 0.0  # when it reached this agent (rotation.rotation_point's `arrived`)
 
-    @property
-    def serial_hex(self) -> str:
-        return format(self.chain[0].serial_number, "x")
-
 
 def entries_for(entries: Iterable[Entry], selectors: frozenset[Selector]) -> list[Entry]:
-    """The entries a caller with these selectors may have, oldest first (the default first)."""
+    """The entries a caller with these selectors may have, oldest first (the default first).
+
+    The plain definition, O(entries): the agent answers from selector_index, which property
+    tests prove equal to this."""
     return sorted((e for e in entries if e.matches(selectors)), key=lambda e: (e.created_at, e.id))

@@ -26,7 +26,7 @@ from agent_attestor.errors import (
 )
 from agent_attestor.model import Entry, TrustBundle
 from agent_attestor.signer import MintedJwt, X509Result
-from svid._der import der_concat
+from svid._der import der_concat, parse_der_certs
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
 
 SERVER_NAME = "svid-server"
@@ -176,7 +176,8 @@ class NodeClient:
     @staticmethod
     def _agent_svid(result: node_pb2.AgentSVID, key: ec.EllipticCurvePrivateKey) -> AgentSvid:
         issued = _crypto.issued_svid("agent", result.cert_chain, key)
-        return AgentSvid(spiffe_id=issued.spiffe_id, chain=issued.chain, key=key)
+        chain = tuple(parse_der_certs(result.cert_chain))
+        return AgentSvid(spiffe_id=issued.spiffe_id, chain=chain, key=key)
 
     async def renew(self, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
         key = _crypto.new_key()

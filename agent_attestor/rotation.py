@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor import _crypto
 from agent_attestor.cache import Cache
 from agent_attestor.model import Entry, IssuedSvid
+from agent_attestor.schedule import DueHeap
 from agent_attestor.signer import SvidSigner
 from svid._clock import Clock
 
@@ -21,6 +24,9 @@ log = logging.getLogger(__name__)
 ROTATE_AT = 0.5
 JITTER = 0.1
 MAX_BATCH = 500
+# Renewals come due one by one; waiting this long after one lets the next few join its batch (a
+# CSR batch and a thread hop per SVID would cost more than the minting). 0.1 % of a 5 min TTL.
+BATCH_WINDOW = 0.3
 
 
 def should_rotate(
@@ -54,14 +60,6 @@ def jitter_for(svid: IssuedSvid) -> float:
     return (int.from_bytes(digest[:4], "big") / 0xFFFFFFFF * 2 - 1) * JITTER
 
 
-def _needs_svid(entry: Entry, svid: IssuedSvid | None, now: float) -> bool:
-    if svid is None or svid.issuance_key != entry.issuance_key:
-        return True
-    return should_rotate(
-        now, svid.not_before, svid.not_after, jitter_for(svid), arrived=svid.received_at
-    )
-
-
 def _make_requests(
     entries: Sequence[Entry],
 ) -> list[tuple[Entry, ec.EllipticCurvePrivateKey, bytes]]:
@@ -72,8 +70,22 @@ def _make_requests(
     return out
 
 
+def renewal_due(svid: IssuedSvid) -> float:
+    """When `svid` is to be renewed: computed once, when it arrives (its serial hashed once)."""
+    return rotation_point(
+        svid.not_before, svid.not_after, jitter_for(svid), arrived=svid.received_at
+    )
+
+
 class Rotator:
-    """Issues SVIDs for new entries and renews old ones, pushing them into the cache at once."""
+    """Issues SVIDs for new entries and renews old ones, pushing them into the cache at once.
+
+    Nothing here scans the entries: renewal points wait in a heap (computed once per SVID),
+    new and changed entries arrive through the cache's entry listener, and workloads asking for
+    an SVID not held yet (`demand`) go first. With `max_prefetched` > 0 at most that many
+    entries hold SVIDs (least recently used out), except those open streams are served; the
+    rest are minted when a workload first asks.
+    """
 
     def __init__(
         self,
@@ -82,58 +94,173 @@ class Rotator:
         clock: Clock,
         retry_min: float = 0.2,
         retry_max: float = 10.0,
+        *,
+        max_prefetched: int = 0,
+        batch_window: float = BATCH_WINDOW,
     ) -> None:
         self._cache = cache
         self._signer = signer
         self._clock = clock
         self._retry_min = retry_min
         self._retry_max = retry_max
+        self._cap = max_prefetched
+        self._batch_window = batch_window
         self._failures = 0
         self._wake = asyncio.Event()
+        self._renew = DueHeap()  # entry id -> rotation point of its SVID
+        self._expire = DueHeap()  # entry id -> NotAfter of its SVID
+        self._pending: dict[str, None] = {}  # needs an SVID now (insertion-ordered)
+        self._urgent: dict[str, None] = {}  # a workload is waiting for it: goes first
+        self._held: OrderedDict[str, None] = OrderedDict()  # with a cap: LRU of entries served
+        self._in_flight: set[str] = set()  # the batch at the server now
         self.issued_total = 0
+        cache.on_entries(self._entries_changed)
+        snap = cache.snapshot()
+        self._entries_changed(snap.entries, ())
+        for svid in snap.svids.values():
+            self._schedule(svid)
+
+    # ---- what needs an SVID ----------------------------------------------------------------
+
+    def _entries_changed(self, changed: Sequence[Entry], removed: Sequence[str]) -> None:
+        for eid in removed:
+            self._forget(eid)
+        for entry in changed:
+            if self._cache.svid(entry.id) is None:  # new, or its SVID no longer fits it
+                self._renew.discard(entry.id)
+                self._expire.discard(entry.id)
+                if not self._cap or entry.id in self._held or len(self._held) < self._cap:
+                    self._held[entry.id] = None
+                    self._pending[entry.id] = None
+        if changed or removed:
+            self._wake.set()
+
+    def _forget(self, eid: str) -> None:
+        self._renew.discard(eid)
+        self._expire.discard(eid)
+        self._pending.pop(eid, None)
+        self._urgent.pop(eid, None)
+        self._held.pop(eid, None)
+
+    def demand(self, entry_ids: Iterable[str]) -> None:
+        """A workload asks for these entries' SVIDs: mint those not held first, and (with a cap)
+        mark them most recently used."""
+        now = self._clock.now()
+        wanted = False
+        for eid in entry_ids:
+            if self._cap:
+                self._held[eid] = None
+                self._held.move_to_end(eid)
+            svid = self._cache.svid(eid)
+            if (svid is None or svid.not_after <= now) and eid not in self._in_flight:
+                self._urgent[eid] = None
+                self._pending.pop(eid, None)
+                wanted = True
+        if self._cap and len(self._held) > self._cap:
+            self._evict()
+        if wanted:
+            self._wake.set()
+
+    def _evict(self) -> None:
+        """Down to the cap, least recently used first, sparing entries an open stream serves."""
+        gone: list[str] = []
+        in_use: list[str] = []
+        excess = len(self._held) - self._cap
+        for eid in self._held:
+            if len(gone) >= excess:
+                break
+            if eid in self._urgent or self._cache.watchers.watched(eid):
+                in_use.append(eid)
+            else:
+                gone.append(eid)
+        # In use means recently used: moved to the young end, the next scan does not pass them.
+        for eid in in_use:
+            self._held.move_to_end(eid)
+        for eid in gone:
+            self._forget(eid)
+        self._cache.drop_svids(gone)
 
     def nudge(self) -> None:
         """The server is back (or something changed): retry now instead of after the backoff."""
         self._failures = 0
         self._wake.set()
 
-    def due(self) -> list[Entry]:
+    # ---- the schedule ------------------------------------------------------------------------
+
+    def _schedule(self, svid: IssuedSvid) -> None:
+        self._renew.set(svid.entry_id, renewal_due(svid))
+        self._expire.set(svid.entry_id, svid.not_after)
+
+    def due(self) -> list[str]:
+        """Entry ids to mint for now (they leave the schedule): waited-for first, then new or
+        failed ones, then renewals in due order."""
         now = self._clock.now()
-        svids = self._cache.svids()
-        return [e for e in self._cache.entries().values() if _needs_svid(e, svids.get(e.id), now)]
+        for eid in self._renew.pop_due(now):
+            self._pending.setdefault(eid, None)
+        out = [*self._urgent, *(e for e in self._pending if e not in self._urgent)]
+        self._urgent.clear()
+        self._pending.clear()
+        return out
 
     def next_due_in(self) -> float | None:
-        """Seconds until the next renewal is due (None when nothing is held)."""
-        now = self._clock.now()
-        points = [
-            rotation_point(s.not_before, s.not_after, jitter_for(s), arrived=s.received_at)
-            for s in self._cache.svids().values()
-        ]
-        return max(0.0, min(points) - now) if points else None
+        """Seconds until the next renewal or expiry is due (None when nothing is held)."""
+        if self._pending or self._urgent:
+            return 0.0
+        points = [p for p in (self._renew.next_due(), self._expire.next_due()) if p is not None]
+        return max(0.0, min(points) - self._clock.now()) if points else None
+
+    def _drop_expired(self, now: float) -> None:
+        expired = []
+        for eid in self._expire.pop_due(now):
+            svid = self._cache.svid(eid)
+            if svid is not None and svid.not_after <= now:
+                expired.append(eid)
+                self._renew.discard(eid)
+                self._pending.setdefault(eid, None)
+        if expired:
+            self._cache.drop_svids(expired)
+            log.warning("X.509-SVIDs expired before renewal", extra={"entries": len(expired)})
 
     async def tick(self) -> float | None:
         """Do the work that is due now; return how long until more is due (None: unknown)."""
-        expired = self._cache.drop_expired(self._clock.now())
-        if expired:
-            log.warning("X.509-SVIDs expired before renewal", extra={"entries": len(expired)})
+        self._drop_expired(self._clock.now())
+        urgent = set(self._urgent)
         due = self.due()
         if not due:
             return self.next_due_in()
-        try:
-            for start in range(0, len(due), MAX_BATCH):
-                await self._issue(due[start : start + MAX_BATCH])
-        except Exception as exc:  # the server being away must never stop the loop
-            self._failures += 1
-            delay: float = min(self._retry_max, self._retry_min * 2.0 ** (self._failures - 1))
-            log.warning(
-                "SVID issuance failed; will retry",
-                extra={"entries": len(due), "retry_in": delay, "error": str(exc)},
-            )
-            return delay
+        for start in range(0, len(due), MAX_BATCH):
+            batch = due[start : start + MAX_BATCH]
+            self._in_flight = set(batch)
+            try:
+                await self._issue(batch)
+            except Exception as exc:  # the server being away must never stop the loop
+                for eid in due[start:]:
+                    if self._cache.entry(eid) is not None:
+                        queue = self._urgent if eid in urgent else self._pending
+                        queue.setdefault(eid, None)
+                self._failures += 1
+                delay: float = min(self._retry_max, self._retry_min * 2.0 ** (self._failures - 1))
+                log.warning(
+                    "SVID issuance failed; will retry",
+                    extra={"entries": len(due) - start, "retry_in": delay, "error": str(exc)},
+                )
+                return delay
+            finally:
+                self._in_flight = set()
+            rest = due[start + MAX_BATCH :]
+            if rest and self._urgent:
+                # A workload started waiting while a long backlog (a restart) is minted: it
+                # goes next, the backlog after it.
+                self._pending = {**dict.fromkeys(rest), **self._pending}
+                self._failures = 0
+                return 0.0
         self._failures = 0
         return self.next_due_in()
 
-    async def _issue(self, entries: Sequence[Entry]) -> None:
+    async def _issue(self, entry_ids: Sequence[str]) -> None:
+        entries = [e for e in map(self._cache.entry, entry_ids) if e is not None]
+        if not entries:
+            return
         # Key generation and CSR signing are CPU work: keep them off the event loop.
         requests = await asyncio.to_thread(_make_requests, entries)
         results = await self._signer.batch_new_x509([(e.id, csr) for e, _, csr in requests])
@@ -147,6 +274,8 @@ class Rotator:
                     "server refused an SVID",
                     extra={"entry_id": entry.id, "error": result.error if result else "missing"},
                 )
+                # Asked again later, not on every tick: the server decided.
+                self._renew.set(entry.id, received + self._retry_max)
                 continue
             try:
                 svid = _crypto.issued_svid(entry.id, result.chain_der, key, entry.issuance_key)
@@ -155,29 +284,30 @@ class Rotator:
                 log.warning(
                     "server sent an unusable SVID", extra={"entry_id": entry.id, "error": str(exc)}
                 )
-        self.issued_total += self._cache.put_svids(issued)
+                self._renew.set(entry.id, received + self._retry_max)
+        installed = self._cache.put_svids(issued)
+        evicted = []
+        for svid in installed:
+            if not self._cap or svid.entry_id in self._held:
+                self._schedule(svid)
+            else:  # evicted while it was being minted: nothing would renew it
+                evicted.append(svid.entry_id)
+        self._cache.drop_svids(evicted)
+        self.issued_total += len(installed)
         log.info(
             "issued X.509-SVIDs",
-            extra={"count": len(issued), "next_due_in": self.next_due_in()},
+            extra={"count": len(installed), "next_due_in": self.next_due_in()},
         )
 
     async def run(self, idle: float = 30.0) -> None:
-        """Tick forever: wake when work is due or the cache changed (new entries)."""
-        seen = -1
+        """Tick forever: sleep until the next due time or a wake-up (new entries, a workload
+        waiting, the server back). Renewals wait out a short window so they go in batches."""
         while True:
-            seen = self._cache.version
             delay = await self.tick()
-            wait = idle if delay is None else min(idle, max(delay, 0.01))
-            if self._cache.version != seen or self._wake.is_set():
+            if self._wake.is_set():
                 self._wake.clear()
                 continue
-            change = asyncio.ensure_future(self._cache.wait_change(seen))
-            wake = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait(
-                    {change, wake}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                change.cancel()
-                wake.cancel()
+            wait = idle if delay is None else min(idle, max(delay, self._batch_window))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()

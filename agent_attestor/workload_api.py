@@ -5,8 +5,9 @@ This is the one place where the agent's domain errors become gRPC status codes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
 import grpc
@@ -17,8 +18,9 @@ from agent_attestor.caller_check import checked_caller
 from agent_attestor.errors import BadRequestError, NoIdentityError
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
-from agent_attestor.model import Entry
+from agent_attestor.model import Entry, Selector
 from agent_attestor.peer import Caller, CallerRegistry
+from agent_attestor.watchers import Watch
 from svid._clock import Clock
 from svid._errors import VerificationError
 from svid._limits import audience_problem
@@ -48,6 +50,19 @@ class ValidationHook(Protocol):
     ) -> None: ...
 
 
+class SvidDemand(Protocol):
+    """Told which entries a workload asks for (the rotator: mints missing ones first)."""
+
+    def demand(self, entry_ids: Iterable[str]) -> None: ...
+
+
+# How long a first FetchX509SVID message may wait for SVIDs being minted on demand: with none to
+# send yet, until the client's own retry would come anyway; with some, briefly, so that the first
+# message usually carries every identity and a partial one is only the fallback.
+FIRST_MESSAGE_WAIT = 5.0
+PARTIAL_WAIT = 0.5
+
+
 class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
     def __init__(
         self,
@@ -58,7 +73,11 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         *,
         on_call: Callable[[str], None] | None = None,
         on_validate: ValidationHook | None = None,
+        demand: SvidDemand | None = None,
+        first_wait: float = FIRST_MESSAGE_WAIT,
     ) -> None:
+        self._demand = demand
+        self._first_wait = first_wait
         self._on_call = on_call or (lambda _method: None)
         self._on_validate = on_validate
         self._cache = cache
@@ -119,35 +138,71 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
             federated_bundles={_td_key(td): b.x509_der for td, b in snap.federated.items()},
         )
 
+    async def _await_first(
+        self, watch: Watch, selectors: frozenset[Selector], pending: list[str]
+    ) -> None:
+        """Before the first message: ask for the caller's missing SVIDs and wait until they
+        land, or until the deadline (shorter when there is something to send already)."""
+        if self._demand is None:
+            return
+        self._demand.demand(pending)
+        loop = asyncio.get_running_loop()
+        has_some = len(pending) < len(watch.entry_ids)
+        deadline = loop.time() + (
+            min(self._first_wait, PARTIAL_WAIT) if has_some else self._first_wait
+        )
+        while pending and (left := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(watch.signal.wait(watch.signal.version), left)
+            except TimeoutError:
+                return
+            snap = self._cache.snapshot()
+            if snap.refused:
+                return
+            pending = snap.awaiting(selectors, self._clock.now())
+
     async def FetchX509SVID(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.X509SVIDRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[workload_pb2.X509SVIDResponse]:
         caller = await self._caller(context, "FetchX509SVID")
         await self._ready(context)
-        sent: workload_pb2.X509SVIDResponse | None = None
-        while True:
-            snap = self._cache.snapshot()
-            await self._not_refused(context, snap)
-            ids = snap.identities_for(caller.selectors, self._clock.now())
-            if not ids:
-                pending = snap.awaiting(caller.selectors, self._clock.now())
-                if sent is None:
-                    if pending:
+        watch = self._cache.watchers.open(caller.selectors)
+        try:
+            first = self._cache.snapshot().awaiting(caller.selectors, self._clock.now())
+            if first:
+                await self._await_first(watch, caller.selectors, first)
+            sent: workload_pb2.X509SVIDResponse | None = None
+            while True:
+                seen = watch.signal.version
+                snap = self._cache.snapshot()
+                await self._not_refused(context, snap)
+                now = self._clock.now()
+                ids = snap.identities_for(caller.selectors, now)
+                pending = snap.awaiting(caller.selectors, now)
+                if self._demand is not None:
+                    # Keeps what this caller uses among the most recently used (a capped
+                    # agent's LRU), and asks for what it lacks.
+                    self._demand.demand(watch.entry_ids)
+                if not ids:
+                    if sent is None:
+                        if pending:
+                            await context.abort(
+                                grpc.StatusCode.UNAVAILABLE, "SVIDs are being issued; retry"
+                            )
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+                    elif not pending:
+                        # Revoked or removed: say so, never send an empty list (clients choke).
                         await context.abort(
-                            grpc.StatusCode.UNAVAILABLE, "SVIDs are being issued; retry"
+                            grpc.StatusCode.PERMISSION_DENIED, "no identity issued any more"
                         )
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
-                elif not pending:
-                    # Revoked or removed: say so, never send an empty list (clients choke on it).
-                    await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED, "no identity issued any more"
-                    )
-            else:
-                msg = self._x509_response(snap, ids)
-                if msg != sent:
-                    yield msg
-                    sent = msg
-            await self._cache.wait_change(snap.version)
+                else:
+                    msg = self._x509_response(snap, ids)
+                    if msg != sent:
+                        yield msg
+                        sent = msg
+                await watch.signal.wait(seen)
+        finally:
+            self._cache.watchers.close(watch)
 
     async def FetchX509Bundles(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.X509BundlesRequest, context: grpc.aio.ServicerContext
@@ -155,20 +210,25 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         caller = await self._caller(context, "FetchX509Bundles")
         snap = await self._ready(context)
         await self._entitled(context, snap, caller)
-        sent: workload_pb2.X509BundlesResponse | None = None
-        while True:
-            snap = self._cache.snapshot()
-            await self._not_refused(context, snap)
-            if not snap.entries_for(caller.selectors):
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
-            msg = workload_pb2.X509BundlesResponse(
-                crl=list(snap.crl),
-                bundles={_td_key(td): b.x509_der for td, b in snap.all_bundles().items()},
-            )
-            if msg != sent:
-                yield msg
-                sent = msg
-            await self._cache.wait_change(snap.version)
+        watch = self._cache.watchers.open(caller.selectors)
+        try:
+            sent: workload_pb2.X509BundlesResponse | None = None
+            while True:
+                seen = watch.signal.version
+                snap = self._cache.snapshot()
+                await self._not_refused(context, snap)
+                if not watch.entry_ids:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+                msg = workload_pb2.X509BundlesResponse(
+                    crl=list(snap.crl),
+                    bundles={_td_key(td): b.x509_der for td, b in snap.all_bundles().items()},
+                )
+                if msg != sent:
+                    yield msg
+                    sent = msg
+                await watch.signal.wait(seen)
+        finally:
+            self._cache.watchers.close(watch)
 
     # ---- JWT -------------------------------------------------------------------------------
 
@@ -231,22 +291,27 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         caller = await self._caller(context, "FetchJWTBundles")
         snap = await self._ready(context)
         await self._entitled(context, snap, caller)
-        sent: workload_pb2.JWTBundlesResponse | None = None
-        while True:
-            snap = self._cache.snapshot()
-            await self._not_refused(context, snap)
-            if not snap.entries_for(caller.selectors):
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
-            msg = workload_pb2.JWTBundlesResponse(
-                bundles={
-                    _td_key(td): self._validator.bundles.convert(b).to_jwks()
-                    for td, b in snap.all_bundles().items()
-                }
-            )
-            if msg != sent:
-                yield msg
-                sent = msg
-            await self._cache.wait_change(snap.version)
+        watch = self._cache.watchers.open(caller.selectors)
+        try:
+            sent: workload_pb2.JWTBundlesResponse | None = None
+            while True:
+                seen = watch.signal.version
+                snap = self._cache.snapshot()
+                await self._not_refused(context, snap)
+                if not watch.entry_ids:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+                msg = workload_pb2.JWTBundlesResponse(
+                    bundles={
+                        _td_key(td): self._validator.bundles.convert(b).to_jwks()
+                        for td, b in snap.all_bundles().items()
+                    }
+                )
+                if msg != sent:
+                    yield msg
+                    sent = msg
+                await watch.signal.wait(seen)
+        finally:
+            self._cache.watchers.close(watch)
 
     def _report(
         self,

@@ -1,101 +1,106 @@
-"""One table for `make bench`: every row is a ratio against a baseline measured in the same run.
+"""One table for `make bench` (bench/report.py says what it shows and how rows get there).
 
-Benchmarks report rows in ``benchmark.extra_info["rows"]`` as dicts with keys ``row``, ``value``,
-``unit``, ``baseline`` (name of the baseline row), ``ratio`` and optionally ``goal`` (a minimum
-ratio). Benchmarks that only store ``<name>_ratio`` / ``<name>_goal`` pairs in extra_info are shown
-too. The table is printed at the end of the run and added to the JSON file as ``svidd_table``.
+A benchmark adds rows through the ``table`` fixture; one that only fills
+``benchmark.extra_info`` is shown from that (``report.legacy_rows``). The table is printed at
+the end of the run, with its legend, written to bench/results/table.txt and added to the JSON
+file as ``svidd_table``.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.report import LEGEND, Row, Table, legacy_rows, render, scale, with_section
+
 RESULTS_DIR = Path(__file__).parent / "results"
+_ROWS = pytest.StashKey[dict[str, list[Row]]]()
+_FAILED = pytest.StashKey[list[str]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # `make bench` writes bench/results/latest.json; the folder is not committed.
+    # `make bench` writes bench/results/latest.json and table.txt; the folder is not committed.
     RESULTS_DIR.mkdir(exist_ok=True)
+    config.stash[_ROWS] = {}
+    config.stash[_FAILED] = []
 
 
-def _benchmarks(config: pytest.Config) -> list[Any]:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    # A test that fails must not vanish from the table, with or without its rows.
+    report = yield
+    if report.failed and item.config.stash.get(_FAILED, None) is not None:
+        item.config.stash[_FAILED].append(item.nodeid)
+    return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # pytest-benchmark's own table times whatever each test handed to `benchmark.pedantic`
+    # (often a no-op standing in for a measurement made in rounds): next to ours it would be a
+    # second, misleading table. Its statistics stay in the JSON file.
+    bench_session = getattr(session.config, "_benchmarksession", None)
+    if bench_session is not None and not os.environ.get("SVIDD_BENCH_PYTEST_BENCHMARK_TABLE"):
+        bench_session.display = lambda terminalreporter: None
+
+
+@pytest.fixture
+def table(request: pytest.FixtureRequest, benchmark: Any) -> Iterator[Table]:
+    """Rows for the table. Asking for it also asks for ``benchmark``, so ``--benchmark-only``
+    runs the test; a test that never calls the benchmark fixture gets a no-op call for it."""
+    rows = Table()
+    yield rows
+    section = request.node.nodeid.split("::", maxsplit=1)[0]
+    request.config.stash[_ROWS][request.node.nodeid] = with_section(rows.rows, section)
+    if getattr(benchmark, "_mode", "used") is None:
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+def _rows(config: pytest.Config) -> list[Row]:
+    stored = config.stash.get(_ROWS, {})
+    registered = dict(stored)  # popped as benchmarks claim their rows
+    out: list[Row] = []
     session = getattr(config, "_benchmarksession", None)
-    return list(getattr(session, "benchmarks", []) or [])
-
-
-def _rows(config: pytest.Config) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for bench in _benchmarks(config):
-        info = dict(getattr(bench, "extra_info", {}) or {})
-        explicit = info.get("rows")
-        if isinstance(explicit, list):
-            rows.extend(r for r in explicit if isinstance(r, dict))
+    for bench in list(getattr(session, "benchmarks", []) or []):
+        nodeid = str(getattr(bench, "fullname", ""))
+        if nodeid in registered:
+            out.extend(registered.pop(nodeid))
             continue
-        for key, value in info.items():
-            if key.endswith("_ratio") and isinstance(value, int | float):
-                prefix = key.removesuffix("_ratio")
-                rows.append(
-                    {
-                        "row": f"{bench.name}: {prefix}",
-                        "value": None,
-                        "unit": "",
-                        "baseline": "see test",
-                        "ratio": float(value),
-                        "goal": info.get(f"{prefix}_goal"),
-                    }
-                )
-    return rows
-
-
-def _fmt_value(row: dict[str, Any]) -> str:
-    value = row.get("value")
-    if value is None:
-        return ""
-    if isinstance(value, float) and value < 100:
-        return f"{value:,.2f} {row.get('unit', '')}".strip()
-    return f"{value:,.0f} {row.get('unit', '')}".strip()
-
-
-def _render(rows: list[dict[str, Any]]) -> list[str]:
-    header = ("row", "value", "vs baseline", "ratio", "goal", "")
-    table = [header]
-    for r in rows:
-        goal = r.get("goal")
-        ratio = r.get("ratio")
-        verdict = ""
-        if goal is not None and ratio is not None:
-            verdict = "ok" if ratio >= goal else "BELOW GOAL"
-        table.append(
-            (
-                str(r.get("row", "")),
-                _fmt_value(r),
-                str(r.get("baseline", "")),
-                "" if ratio is None else f"{ratio:.2f}x",
-                "" if goal is None else f">= {goal}x",
-                verdict,
-            )
-        )
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in table]
-    out.insert(1, "  ".join("-" * w for w in widths))
+        info = dict(getattr(bench, "extra_info", {}) or {})
+        section = nodeid.split("::", maxsplit=1)[0]
+        name = str(getattr(bench, "name", nodeid))
+        out.extend(with_section((r for r in legacy_rows(info)), f"{section} ({name})"))
+    for rows in registered.values():  # tests whose benchmark call failed still show their rows
+        out.extend(rows)
+    failed = config.stash.get(_FAILED, [])
+    for nodeid in dict.fromkeys(failed):
+        section, _, name = nodeid.partition("::")
+        what = f"{name} failed" + ("" if stored.get(nodeid) else " before adding its rows")
+        out.append(Row(what, math.nan, "", section=section, failed=True))
     return out
 
 
+def _lines(config: pytest.Config) -> list[str]:
+    head = f"cpus: {os.cpu_count()}   SVIDD_BENCH_SCALE: {scale():g}"
+    return [head, "", *render(_rows(config)), "", LEGEND]
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    rows = _rows(config)
-    if not rows:
+    if not _rows(config):
         return
-    terminalreporter.section("svidd benchmark table (ratios measured in this run)")
-    for line in _render(rows):
+    lines = _lines(config)
+    terminalreporter.section("svidd benchmark table (every ratio measured in this run)")
+    for line in lines:
         terminalreporter.write_line(line)
-    terminalreporter.write_line(f"cpus: {os.cpu_count()}")
+    (RESULTS_DIR / "table.txt").write_text("\n".join(lines) + "\n")
 
 
 def pytest_benchmark_update_json(
     config: pytest.Config, benchmarks: Any, output_json: dict[str, Any]
 ) -> None:
-    output_json["svidd_table"] = _rows(config)
+    output_json["svidd_table"] = [r.as_json() for r in _rows(config)]

@@ -26,11 +26,14 @@ from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
 from server.ca.rotator import Rotator
 from server.config import ServerConfig
+from server.datastore.legacy_import import import_legacy_files
 from server.datastore.sqlite import SqliteDataStore
 from server.errors import ConfigError
 from server.events import ChangeNotifier
 from server.ids import ServerIds
 from server.issuance import AgentAdmission, Issuer, IssuerSettings, MeteredLedger
+from server.issuance.datastore_ledger import DatastoreLedger
+from server.ledger import Ledger
 from server.metrics import Metrics, MetricsHttpServer
 from server.node_api import Limiters, NodeServicer, NodeSettings
 from server.peer import PeerCache
@@ -96,6 +99,7 @@ class Server:
         cfg = self.config
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.datastore = SqliteDataStore(cfg.datastore_path, self.clock)
+        import_legacy_files(self.datastore, cfg.data_dir, self.clock)
         self.keystore = KeyStore(cfg.keys_dir)
         self.ca = CaManager(
             CaConfig(
@@ -115,7 +119,7 @@ class Server:
         self.state = ServerState(self.datastore, self.clock, self.notifier)
         self.state.load()
         self.tasks: TaskLayer = build_task_layer(
-            data_dir=cfg.data_dir,
+            datastore=self.datastore,
             policy_dir=cfg.policy_dir,
             trust_domain=cfg.trust_domain.name,
             state=self.state,
@@ -197,7 +201,8 @@ class Server:
         )
         # The spine: the node API calls the issuer; the issuer asks the task layer (its
         # TaskDecisions port) and records through the ledger port before anything is sent.
-        ledger = MeteredLedger(self.tasks.ledger, self.metrics)
+        # One transaction per group of issuances: credential rows and audit events together.
+        ledger = MeteredLedger(DatastoreLedger(Ledger(self.tasks.audit)), self.metrics)
         self.issuer = Issuer(
             state=self.state,
             ca=self.ca,
@@ -372,7 +377,6 @@ class Server:
         if self._jwt_workers is not None:
             self._jwt_workers.close()
         await asyncio.to_thread(self._last_checkpoint)
-        self.tasks.close()
         self.datastore.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.runtime_file.unlink()
@@ -384,7 +388,6 @@ class Server:
         """Nothing is served any more: anchor the head (every issuance was committed before
         its reply, so the ledger holds nothing unwritten)."""
         try:
-            self.tasks.ledger.flush()
             self.checkpointer.checkpoint()
         except Exception:
             _log.exception("the shutdown audit checkpoint failed")

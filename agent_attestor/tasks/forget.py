@@ -11,10 +11,11 @@ from agent_attestor.jwt_cache import JwtCache
 
 
 async def forget_removed_identities(cache: Cache, jwts: JwtCache) -> None:
-    seen = cache.version
+    seen = cache.entries_version
     held = {e.spiffe_id for e in cache.snapshot().entries}
     while True:
-        seen = await cache.wait_change(seen)
+        # Entry changes only: waking on every SVID renewal made this O(entries) per renewal.
+        seen = await cache.wait_entries_change(seen)
         now_held = {e.spiffe_id for e in cache.snapshot().entries}
         gone = held - now_held
         if gone:

@@ -56,6 +56,7 @@ class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[m
         await checked_caller(context, self._registry)
         sent: revocation_pb2.RevocationList | None = None
         while True:
+            seen = self._cache.shared_version  # revocations live there, not with the SVIDs
             snap = self._cache.snapshot()
             msg = revocation_list(
                 snap, self._expiries() if self._expiries else snap.revocation_expiry
@@ -65,4 +66,4 @@ class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[m
                 sent.CopyFrom(msg)
                 msg.version = snap.version
                 yield msg
-            await self._cache.wait_change(snap.version)
+            await self._cache.wait_shared_change(seen)

@@ -6,7 +6,8 @@ event are committed:
 - `Ledger.commit(credentials, events)` returns only once every credential row and every audit
   event it was given is durable (synchronous=FULL: it survives `kill -9` and power loss).
   Implementations may group commit: concurrent callers share one transaction and one fsync,
-  and each caller still waits for the commit that holds its own rows.
+  and each caller still waits for the commit that holds its own rows. (The one in use,
+  server.issuance.datastore_ledger, commits both in one datastore transaction.)
 - If the ledger cannot commit (disk full, I/O error, read-only file, a database that went
   away), `commit` raises `LedgerUnavailableError`. The issuer then sends nothing: the RPC
   fails with UNAVAILABLE and a message saying the server cannot record (server.status), the
@@ -15,37 +16,25 @@ event are committed:
 - Nothing has to be reset by hand: every call tries the storage again, so issuance resumes by
   itself as soon as the storage accepts writes.
 
-A credential may be on record and never sent (the call failed after its rows were written,
-or only one of two files could be written, or the client hung up); it then expires unused on
-its minute-scale TTL. The reverse, a credential sent without its record and its event, never
-happens.
+A credential may be on record and never sent (the call failed after its rows were written, or
+the client hung up); it then expires unused on its minute-scale TTL. The reverse, a credential
+sent without its record and its event, never happens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
+from server.datastore.records import Credential
 from server.errors import ServerError
+
+__all__ = ["Credential", "EventTuple", "Ledger", "LedgerUnavailableError"]
 
 # An audit event draft as a plain tuple: the values of server.audit.event.DRAFT_FIELDS in that
 # order (see AuditLog.append_tuples). One is built per issued SVID; a tuple costs far less
 # than an EventDraft.
 EventTuple = tuple[Any, ...]
-
-
-class Credential(NamedTuple):
-    """An issued credential, recorded so it can be revoked: an X.509 serial (hex) or a jti.
-
-    A named tuple, not a frozen dataclass: one is built per SVID on the issuing thread (a
-    frozen dataclass costs 3x as much to make) and it is already the row the store writes."""
-
-    kind: str  # server.datastore.records.REVOKED_X509_SERIAL | REVOKED_JWT_ID
-    value: str
-    agent_id: str
-    spiffe_id: str
-    task_id: str  # "" for a workload (non-task) credential
-    expires_at: int
 
 
 class LedgerUnavailableError(ServerError):

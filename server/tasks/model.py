@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from server.issuance.ledger import Credential
+from server.datastore.records import Credential
 from server.policy import Intent
 
 __all__ = ["TASK_PATH", "Credential", "Task", "TaskState", "is_task_id"]

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -86,7 +86,6 @@ class TaskService:
         server_id: str,
         clock: Clock,
         settings: TaskSettings | None = None,
-        drain_ledger: Callable[[], None] = lambda: None,
     ) -> None:
         self._state = state
         self._store = store
@@ -100,8 +99,6 @@ class TaskService:
         # Active tasks by task SPIFFE ID: the per-mint lookup never touches SQLite.
         self._active: Mapping[str, Task] = MappingProxyType({})
         self._crl = CrlCache()
-        # Waits for credential commits already under way: a revocation then sees them.
-        self._drain_ledger = drain_ledger
 
     @property
     def policy(self) -> PolicyEngine:
@@ -573,7 +570,6 @@ class TaskService:
         )
         for task in tasks:
             await self._finish(task, TaskState.REVOKED, reason)
-        await asyncio.to_thread(self._drain_ledger)
         creds = await asyncio.to_thread(self._store.agent_credentials, agent_id, self._now())
         already = {(r.kind, r.value) for r in self._state.revocations}
         await self._revoke(
@@ -623,7 +619,6 @@ class TaskService:
         self._set_active(task, False)
         now = self._now()
         done = await asyncio.to_thread(self._store.finish, task, state, now, reason)
-        await asyncio.to_thread(self._drain_ledger)
         creds = await asyncio.to_thread(self._store.task_credentials, task.task_id, now)
         await self._revoke(creds, reason, agent_id=task.agent_id, task=task)
         if task.entry_id and task.entry_id in self._state.entries.by_id:

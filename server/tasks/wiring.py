@@ -1,10 +1,9 @@
 """Builds the task layer for the server.
 
 app.py: `layer = build_task_layer(...)`, hand `layer.decisions` (the issuer's TaskDecisions
-port) and `layer.ledger` (its Ledger port, for now over tasks.db and audit.db) to the
-issuance spine, register `layer.node_handlers(...)` on the node server and
-`layer.admin_handlers()` on the admin server, run `layer.run(stop)`, `layer.close()`.
-The node API never calls the task layer.
+port) to the issuance spine, register `layer.node_handlers(...)` on the node server and
+`layer.admin_handlers()` on the admin server, run `layer.run(stop)`. The node API never calls
+the task layer.
 """
 
 from __future__ import annotations
@@ -17,16 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.audit import AuditLog, SqliteAuditStore
+from server.audit import AuditLog
 from server.ca.manager import CaManager
 from server.issuance import TaskDecisions
 from server.peer import PeerCache
 from server.policy import PolicyEngine
 from server.state import ServerState
 from server.tasks.grpc_api import NodeTasksServicer, TaskAdminServicer
-from server.tasks.ledger import StoreLedger
 from server.tasks.service import TaskService, TaskSettings
-from server.tasks.store import TaskStore
+from server.tasks.store import TaskRows, TaskStore
 from svid._clock import Clock
 from svid._proto import task_pb2_grpc
 
@@ -58,7 +56,6 @@ class TaskLayer:
     audit: AuditLog
     store: TaskStore
     service: TaskService
-    ledger: StoreLedger
 
     @property
     def decisions(self) -> TaskDecisions:
@@ -96,15 +93,10 @@ class TaskLayer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=wait)
 
-    def close(self) -> None:
-        self.ledger.close()
-        self.store.close()
-        self.audit.store.close()
-
 
 def build_task_layer(
     *,
-    data_dir: Path,
+    datastore: TaskRows,
     policy_dir: Path | None,
     trust_domain: str,
     state: ServerState,
@@ -115,9 +107,8 @@ def build_task_layer(
 ) -> TaskLayer:
     """Raises PolicyError (an invalid policy set) or AuditError before anything is served."""
     policy = PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
-    audit = AuditLog(SqliteAuditStore(data_dir / "audit.db"), clock)
-    store = TaskStore(data_dir / "tasks.db")
-    ledger = StoreLedger(store, audit)
+    audit = AuditLog(datastore, clock)
+    store = TaskStore(datastore)
     service = TaskService(
         state=state,
         store=store,
@@ -127,7 +118,6 @@ def build_task_layer(
         server_id=server_id,
         clock=clock,
         settings=settings,
-        drain_ledger=ledger.flush,
     )
     service.load()
-    return TaskLayer(policy, audit, store, service, ledger)
+    return TaskLayer(policy, audit, store, service)

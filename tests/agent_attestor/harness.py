@@ -23,7 +23,7 @@ from agent_attestor.model import Entry, Selector
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import RelaySettings
 from agent_attestor.rotation import Rotator
-from agent_attestor.workload_api import WorkloadApi
+from agent_attestor.workload_api import FIRST_MESSAGE_WAIT, WorkloadApi
 from agent_attestor.workload_attestor import UnixAttestor, WorkloadAttestor
 from svid._clock import FakeClock
 from svid._proto import workload_pb2, workload_pb2_grpc
@@ -83,6 +83,10 @@ class Harness:
         self,
         attestors: Sequence[WorkloadAttestor] | None = None,
         relay_settings: RelaySettings | None = None,
+        *,
+        max_prefetched: int = 0,
+        on_demand: bool = False,
+        first_wait: float = FIRST_MESSAGE_WAIT,
     ) -> None:
         self.root = short_tmpdir()
         self.socket_path = self.root / "public" / "agent.sock"
@@ -92,8 +96,17 @@ class Harness:
         self.cache = Cache()
         self.registry = CallerRegistry()
         self.jwts = JwtCache(self.signer, self.clock)
-        self.rotator = Rotator(self.cache, self.signer, self.clock)
-        self.api = WorkloadApi(self.cache, self.registry, self.jwts, self.clock)
+        self.rotator = Rotator(self.cache, self.signer, self.clock, max_prefetched=max_prefetched)
+        # on_demand: the API asks the rotator for missing SVIDs and waits for them, as the
+        # agent does; run_rotator() then mints them.
+        self.api = WorkloadApi(
+            self.cache,
+            self.registry,
+            self.jwts,
+            self.clock,
+            demand=self.rotator if on_demand else None,
+            first_wait=first_wait,
+        )
         self.endpoint = WorkloadEndpoint(
             socket_path=self.socket_path,
             private_dir=self.root / "private",
@@ -109,6 +122,10 @@ class Harness:
         self.lt = LoopThread()
         self.lt.run(self.endpoint.start())
         self.channels: list[grpc.Channel] = []
+
+    def run_rotator(self) -> None:
+        """Run the rotation loop on the harness's event loop until close()."""
+        self.rotation_task = self.lt.submit(self.rotator.run())
 
     # ---- feeding the cache ----------------------------------------------------------------
 
@@ -161,6 +178,9 @@ class Harness:
         return workload_pb2_grpc.SpiffeWorkloadAPIStub(self.channel())
 
     def close(self) -> None:
+        task = getattr(self, "rotation_task", None)
+        if task is not None:
+            task.cancel()
         for ch in self.channels:
             ch.close()
         self.lt.run(self.endpoint.stop(0))

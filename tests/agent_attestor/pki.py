@@ -124,12 +124,14 @@ class FakeSigner:
         self.fail = False
         self.refuse_jwt: Exception | None = None  # a server decision, e.g. NoIdentityError
         self.batches: list[int] = []
+        self.requested: list[list[str]] = []  # entry ids of each batch, in order
         self.jwt_calls = 0
 
     async def batch_new_x509(self, params: list[tuple[str, bytes]]) -> list[X509Result]:
         if self.fail:
             raise ConnectionError("server unreachable")
         self.batches.append(len(params))
+        self.requested.append([entry_id for entry_id, _ in params])
         out = []
         for entry_id, csr_der in params:
             sid = self.spiffe_ids.get(entry_id)

@@ -53,6 +53,8 @@ def test_an_agent_table_is_accepted(tmp_path: Path) -> None:
         ({"max_connections_per_uid": -1}, "max_connections_per_uid"),
         ({"max_connections": -1}, "max_connections"),
         ({"identify_timeout": "0"}, "identify_timeout"),
+        ({"max_prefetched_svids": -1}, "max_prefetched_svids"),
+        ({"max_prefetched_svids": "all"}, "max_prefetched_svids"),
     ],
 )
 def test_bad_values_name_their_key(values: dict[str, object], key: str) -> None:
@@ -67,6 +69,12 @@ def test_caller_limits_have_defaults_and_take_flags() -> None:
     assert default.max_hash_size == 256 * 1024 * 1024
     config = build_config({"max_connections": 0}, {"identify_per_uid": "1", "max_hash_size": "9"})
     assert (config.identify_per_uid, config.max_hash_size) == (1, 9)
+
+
+def test_prefetched_svids_are_capped_by_default_and_zero_means_every_entry() -> None:
+    assert build_config({}, {}).max_prefetched_svids == 20_000
+    assert build_config({"max_prefetched_svids": 0}, {}).max_prefetched_svids == 0
+    assert build_config({}, {"max_prefetched_svids": "500"}).max_prefetched_svids == 500
 
 
 def test_bad_toml_and_missing_file(tmp_path: Path) -> None:

@@ -133,10 +133,10 @@ def set_up(server: ServerProcess) -> Client:
 
 
 def on_record(data_dir: Path) -> tuple[set[str], set[str]]:
-    """Credential values in tasks.db, and credential ids of audit events in audit.db."""
-    with sqlite3.connect(data_dir / "tasks.db") as db:
+    """Credential values among the credential records, and credential ids of issuance audit
+    events, both in the datastore."""
+    with sqlite3.connect(data_dir / "datastore.sqlite3") as db:
         records = {r[0] for r in db.execute("SELECT value FROM credentials")}
-    with sqlite3.connect(data_dir / "audit.db") as db:
         events = {
             r[0]
             for r in db.execute(

@@ -1,214 +1,288 @@
-"""The ledger adapter (server/tasks/ledger.py) on real SQLite files: a commit returns only once
-its credentials and events are on disk, concurrent commits share a write, and a failed write
-fails every caller it held with LedgerUnavailableError, then the next one works again."""
+"""The ledger on a real datastore file: credential records and their audit events commit in one
+transaction, concurrent callers share commits, each returns only once its own rows are on disk,
+and a failed commit fails every caller waiting on it and keeps nothing."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from server.audit import AuditError, AuditLog, SqliteAuditStore
-from server.audit.event import DRAFT_FIELDS
-from server.issuance import Credential, LedgerUnavailableError
-from server.tasks.ledger import StoreLedger, failure_reason
-from server.tasks.store import TaskStore
+from server.audit import AuditLog, EventDraft, LedgerError
+from server.datastore import Credential, StorageError
+from server.datastore.records import AuditRow
+from server.datastore.sqlite import SqliteDataStore
+from server.datastore.testing import FaultInjectingDataStore
+from server.ledger import Ledger
 from svid._clock import FakeClock
 
-AGENT = "spiffe://example.org/svid/agent/join_token/abc"
+REPO = Path(__file__).resolve().parents[2]
+AGENT = "spiffe://example.org/svid/agent/join_token/n1"
 WORKLOAD = "spiffe://example.org/w"
-JWT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
-
-
-def draft(jti: str, **changes: Any) -> tuple[Any, ...]:
-    base = dict.fromkeys(DRAFT_FIELDS)
-    base.update(kind="jwt_minted", agent_id=WORKLOAD, node_id=AGENT, decision="allow")
-    base.update(credential_id=jti, policy_ids=(), ttl=300, extra={})
-    base.update(changes)
-    return tuple(base[name] for name in DRAFT_FIELDS)
+EXPIRES = 2_000_000_000
 
 
 def cred(jti: str) -> Credential:
-    return Credential("jwt_id", jti, AGENT, WORKLOAD, "", 2_000_000_000)
+    return Credential("jwt_id", jti, AGENT, WORKLOAD, "", EXPIRES)
 
 
-class FaultyStore(TaskStore):
-    """The real task store; `fail` makes `record` raise as a full disk does; `delay` slows it
-    so that commits pile up behind a write."""
-
-    fail: BaseException | None = None
-    delay = 0.0
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.writes: list[int] = []
-
-    def record(self, creds: Any) -> None:
-        rows = list(creds)
-        if self.fail is not None:
-            raise self.fail
-        time.sleep(self.delay)
-        self.writes.append(len(rows))
-        super().record(rows)
+def event(jti: str) -> EventDraft:
+    return EventDraft("jwt_minted", agent_id=WORKLOAD, node_id=AGENT, credential_id=jti)
 
 
-class FaultyAuditStore(SqliteAuditStore):
-    fail = False
-
-    def append(self, rows: Any) -> None:
-        if self.fail:
-            raise AuditError("cannot append to audit database: disk I/O error")
-        super().append(rows)
-
-
-class Parts:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.store = FaultyStore(tmp / "tasks.db")
-        self.audit_store = FaultyAuditStore(tmp / "audit.db")
-        self.audit = AuditLog(self.audit_store, FakeClock(1_800_000_000))
-        self.ledger = StoreLedger(self.store, self.audit)
-
-    def on_disk(self) -> tuple[set[str], set[str]]:
-        """jtis in tasks.db and in audit.db, read through fresh connections."""
-        with sqlite3.connect(self.tmp / "tasks.db") as db:
-            creds = {r[0] for r in db.execute("SELECT value FROM credentials")}
-        with sqlite3.connect(self.tmp / "audit.db") as db:
-            events = {r[0] for r in db.execute("SELECT credential_id FROM audit_events")}
-        return creds, events
+def on_disk(db: Path, jtis: list[str]) -> tuple[int, int]:
+    """(credential rows, audit events) for `jtis`, read by a connection of its own."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        marks = ", ".join("?" * len(jtis))
+        creds = conn.execute(f"SELECT COUNT(*) FROM credentials WHERE value IN ({marks})", jtis)
+        events = conn.execute(
+            f"SELECT COUNT(*) FROM audit_events WHERE credential_id IN ({marks})", jtis
+        )
+        return int(creds.fetchone()[0]), int(events.fetchone()[0])
+    finally:
+        conn.close()
 
 
 @pytest.fixture
-def parts(tmp_path: Path) -> Iterator[Parts]:
-    p = Parts(tmp_path)
-    yield p
-    p.ledger.close()
-    p.store.close()
-    p.audit_store.close()
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "datastore.sqlite3"
 
 
-async def commit_each(parts: Parts, jtis: Sequence[str]) -> list[BaseException | None]:
-    async def one(jti: str) -> BaseException | None:
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
+
+
+def test_records_and_events_commit_together(db: Path, clock: FakeClock) -> None:
+    store = SqliteDataStore(db, clock)
+    log = AuditLog(store, clock)
+    Ledger(log).record([cred("a"), cred("b")], [event("a"), event("b")])
+    assert on_disk(db, ["a", "b"]) == (2, 2)
+    assert log.committed_head() == store.audit_head()
+    assert log.verify().ok
+    store.close()
+
+
+def test_concurrent_batches_share_commits_and_each_returns_once_durable(
+    db: Path, clock: FakeClock
+) -> None:
+    counting = FaultInjectingDataStore(SqliteDataStore(db, clock))
+    log = AuditLog(counting, clock)
+    ledger = Ledger(log)
+    threads, rounds, per = 16, 10, 3
+    start = threading.Barrier(threads)
+    problems: list[str] = []
+
+    def work(k: int) -> None:
+        start.wait()
+        for r in range(rounds):
+            jtis = [f"{k}-{r}-{i}" for i in range(per)]
+            ledger.record([cred(j) for j in jtis], [event(j) for j in jtis])
+            # Returned: another connection must find every row of this batch already.
+            found = on_disk(db, jtis)
+            if found != (per, per):
+                problems.append(f"batch {k}-{r} returned before its commit: {found}")
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert problems == []
+    commits = counting.calls.count("write_ledger")
+    assert commits < threads * rounds, "no two batches shared a commit"
+    counting.close()
+
+    reopened = SqliteDataStore(db, clock)
+    assert len(reopened.agent_credentials(AGENT, 0)) == threads * rounds * per
+    result = AuditLog(reopened, clock).verify()
+    assert result.ok, str(result)
+    assert result.checked == threads * rounds * per
+    reopened.close()
+
+
+def test_async_commits_share_commits_too(db: Path, clock: FakeClock) -> None:
+    counting = FaultInjectingDataStore(SqliteDataStore(db, clock))
+    ledger = Ledger(AuditLog(counting, clock))
+
+    async def main() -> None:
+        await asyncio.gather(*(ledger.commit([cred(f"j{i}")], [event(f"j{i}")]) for i in range(40)))
+
+    asyncio.run(main())
+    assert on_disk(db, [f"j{i}" for i in range(40)]) == (40, 40)
+    assert counting.calls.count("write_ledger") <= 40
+    counting.close()
+
+
+class GatedStore(FaultInjectingDataStore):
+    """Holds the next ledger write until `release` is set, then fails it."""
+
+    def __init__(self, inner: SqliteDataStore) -> None:
+        super().__init__(inner)
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write_ledger(self, credentials: object, audit_rows: object) -> None:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(10)
+            raise StorageError("cannot commit: disk I/O error")
+        super().write_ledger(credentials, audit_rows)  # type: ignore[arg-type]
+
+
+def test_a_failed_commit_fails_every_waiting_caller_and_keeps_nothing(
+    db: Path, clock: FakeClock
+) -> None:
+    gated = GatedStore(SqliteDataStore(db, clock))
+    log = AuditLog(gated, clock)
+    ledger = Ledger(log)
+    ledger.record([cred("before")], [event("before")])
+    head = gated.audit_head()
+    gated.armed = True
+    errors: list[BaseException | None] = []
+    lock = threading.Lock()
+
+    def call(jti: str) -> None:
         try:
-            await parts.ledger.commit([cred(jti)], [draft(jti)])
-        except Exception as exc:
-            return exc
-        return None
+            ledger.record([cred(jti)], [event(jti)])
+        except BaseException as e:
+            with lock:
+                errors.append(e)
+        else:
+            with lock:
+                errors.append(None)
 
-    return await asyncio.gather(*(one(j) for j in jtis))
-
-
-def test_a_commit_returns_once_its_rows_are_on_disk(parts: Parts) -> None:
-    async def go() -> None:
-        for i in range(5):
-            await parts.ledger.commit([cred(f"j{i}")], [draft(f"j{i}")])
-            # Read by another connection the moment commit returns: already there.
-            creds, events = parts.on_disk()
-            assert f"j{i}" in creds
-            assert f"j{i}" in events
-
-    asyncio.run(go())
-    assert parts.audit.verify().ok
-
-
-def test_concurrent_commits_share_a_write_and_each_waits_for_its_own(parts: Parts) -> None:
-    parts.store.delay = 0.02  # a slow fsync: callers arrive while the writer writes
-    jtis = [f"j{i}" for i in range(60)]
-    assert asyncio.run(commit_each(parts, jtis)) == [None] * 60
-    assert sum(parts.store.writes) == 60
-    assert len(parts.store.writes) < 10, parts.store.writes
-    assert parts.on_disk() == (set(jtis), set(jtis))
-
-
-def test_a_commit_that_cannot_be_written_fails_every_caller_in_it(parts: Parts) -> None:
-    parts.store.fail = sqlite3.OperationalError("database or disk is full")
-    outcomes = asyncio.run(commit_each(parts, ["a", "b", "c"]))
-    assert all(isinstance(o, LedgerUnavailableError) for o in outcomes)
-    assert {o.reason for o in outcomes if isinstance(o, LedgerUnavailableError)} == {"disk full"}
-    # The events went to the other file at the same time: they may name credentials that were
-    # refused to their callers (never sent), which is the harmless direction.
-    assert parts.on_disk()[0] == set()
-    # Storage back: the very next commit works, no restart or reset needed.
-    parts.store.fail = None
-    assert asyncio.run(commit_each(parts, ["d"])) == [None]
-    assert "d" in parts.on_disk()[0]
-    assert "d" in parts.on_disk()[1]
-    assert parts.audit.verify().ok
+    first = threading.Thread(target=call, args=("lead",))
+    first.start()
+    assert gated.entered.wait(10)  # the leader's commit is under way; the rest queue behind it
+    others = [threading.Thread(target=call, args=(f"w{i}",)) for i in range(7)]
+    for t in others:
+        t.start()
+    time.sleep(0.3)
+    gated.release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert len(errors) == 8
+    assert all(isinstance(e, LedgerError) and isinstance(e, StorageError) for e in errors), errors
+    assert "disk I/O error" in str(errors[0])
+    # Nothing of any of them: no credential, no event, the head as it was.
+    jtis = ["lead", *(f"w{i}" for i in range(7))]
+    assert on_disk(db, jtis) == (0, 0)
+    assert gated.audit_head() == head
+    # The chain goes on from the last committed event, without a hole.
+    ledger.record([cred("after")], [event("after")])
+    result = log.verify()
+    assert result.ok, str(result)
+    assert result.checked == 2
+    gated.close()
 
 
-def test_an_audit_log_that_cannot_be_written_fails_the_commit(parts: Parts) -> None:
-    parts.audit_store.fail = True
-    (outcome,) = asyncio.run(commit_each(parts, ["a"]))
-    assert isinstance(outcome, LedgerUnavailableError)
-    assert outcome.reason == "I/O error"
-    assert parts.on_disk()[1] == set()  # no event; the credential row names an unsent one
-    parts.audit_store.fail = False
-    assert asyncio.run(commit_each(parts, ["b"])) == [None]
-    assert parts.on_disk()[1] == {"b"}
-    assert parts.audit.verify().ok
+def test_a_batch_that_fails_inside_the_transaction_leaves_nothing(
+    db: Path, clock: FakeClock
+) -> None:
+    store = SqliteDataStore(db, clock)
+    log = AuditLog(store, clock)
+    ledger = Ledger(log)
+    ledger.record([cred("ok")], [event("ok")])
+    # A credential row of the wrong shape fails after the other rows went in.
+    bad = (*cred("bad"), "extra column")
+    with pytest.raises(LedgerError):
+        ledger.record([cred("half"), bad], [event("half")])  # type: ignore[list-item]
+    assert on_disk(db, ["half", "bad"]) == (0, 0)
+    ledger.record([cred("next")], [event("next")])
+    assert log.verify().ok
+    store.close()
 
 
-def test_a_caller_whose_event_is_refused_fails_alone(parts: Parts) -> None:
-    parts.store.delay = 0.02
-
-    async def go() -> list[Any]:
-        bad = parts.ledger.commit([cred("bad")], [draft("bad", reason=JWT)])
-        good = commit_each(parts, ["g1", "g2"])
-        return list(await asyncio.gather(bad, good, return_exceptions=True))
-
-    bad, good = asyncio.run(go())
-    assert isinstance(bad, AuditError)
-    assert good == [None, None]
-    assert parts.on_disk()[1] == {"g1", "g2"}
-
-
-def test_a_blocking_commit_and_flush_wait_for_the_write(parts: Parts) -> None:
-    parts.store.delay = 0.05
-    thread = threading.Thread(target=parts.ledger.commit_blocking, args=([cred("t")], [draft("t")]))
-    thread.start()
-    time.sleep(0.01)
-    parts.ledger.flush()
-    assert parts.on_disk() == ({"t"}, {"t"})
-    thread.join(5)
+def test_the_audit_rows_a_failed_write_sealed_are_not_reused(db: Path, clock: FakeClock) -> None:
+    faulty = FaultInjectingDataStore(SqliteDataStore(db, clock))
+    log = AuditLog(faulty, clock)
+    faulty.inject(StorageError("disk full"), method="write_ledger")
+    with pytest.raises(LedgerError, match="disk full"):
+        log.record([cred("x")], [event("x")])
+    log.record([cred("y")], [event("y")])
+    rows: list[AuditRow] = [tuple(r.values()) for r in faulty.audit_rows()]
+    assert [r[0] for r in rows] == [1]
+    assert log.verify().ok
+    faulty.close()
 
 
-def test_a_closed_ledger_refuses(parts: Parts) -> None:
-    parts.ledger.close()
-    with pytest.raises(LedgerUnavailableError, match="shutting down"):
-        asyncio.run(parts.ledger.commit([cred("x")], [draft("x")]))
+WRITER = textwrap.dedent(
+    """
+    import sys, threading
+    from pathlib import Path
+    from server.audit import AuditLog, EventDraft
+    from server.datastore import Credential
+    from server.datastore.sqlite import SqliteDataStore
+    from server.ledger import Ledger
+    from svid._clock import SystemClock
 
+    clock = SystemClock()
+    ledger = Ledger(AuditLog(SqliteDataStore(Path(sys.argv[1]), clock), clock))
+    out = threading.Lock()
 
-@pytest.mark.parametrize(
-    ("error", "reason"),
-    [
-        (sqlite3.OperationalError("database or disk is full"), "disk full"),
-        (OSError(errno.ENOSPC, "No space left on device"), "disk full"),
-        (sqlite3.OperationalError("attempt to write a readonly database"), "read-only"),
-        (OSError(errno.EROFS, "Read-only file system"), "read-only"),
-        (sqlite3.OperationalError("disk I/O error"), "I/O error"),
-        (AuditError("cannot append to audit database: database or disk is full"), "disk full"),
-        (AuditError("cannot append to audit database: locked"), "audit log"),
-        (sqlite3.OperationalError("database is locked"), "storage error"),
-    ],
+    def work(k):
+        i = 0
+        while True:
+            i += 1
+            jti = f"{k}-{i}"
+            ledger.record(
+                [Credential("jwt_id", jti, "a", "w", "", 2_000_000_000)],
+                [EventDraft("jwt_minted", credential_id=jti)],
+            )
+            with out:
+                print(jti, flush=True)
+
+    for k in range(4):
+        threading.Thread(target=work, args=(k,), daemon=True).start()
+    threading.Event().wait()
+    """
 )
-def test_failure_reasons_name_the_fault_without_a_path(error: BaseException, reason: str) -> None:
-    assert failure_reason(error) == reason
 
 
-def test_a_failure_hidden_behind_a_failed_rollback_is_still_named() -> None:
-    def write() -> None:
-        try:
-            raise sqlite3.OperationalError("database or disk is full")
-        except sqlite3.Error:
-            raise sqlite3.OperationalError("cannot rollback - no transaction is active")  # noqa: B904
+def test_acknowledged_ledger_writes_survive_kill_9(db: Path, clock: FakeClock) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert child.stdout is not None
+    acknowledged: list[str] = []
+    try:
+        for line in child.stdout:
+            acknowledged.append(line.strip())
+            if len(acknowledged) >= 300:
+                break
+        assert acknowledged, child.stderr.read() if child.stderr else "no output"
+        child.send_signal(signal.SIGKILL)
+        rest, _ = child.communicate(timeout=30)
+        acknowledged.extend(line.strip() for line in rest.splitlines() if line.strip())
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
 
-    with pytest.raises(sqlite3.Error) as caught:
-        write()
-    assert failure_reason(caught.value) == "disk full"
+    store = SqliteDataStore(db, clock)
+    stored = {c.value for c in store.agent_credentials("a", 0)}
+    missing = [j for j in acknowledged if j not in stored]
+    assert not missing, f"{len(missing)} acknowledged credentials lost, e.g. {missing[:3]}"
+    result = AuditLog(store, clock).verify()
+    assert result.ok, str(result)
+    assert result.checked == len(stored)  # one event per credential, both or neither
+    store.close()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from server.audit import AuditError, AuditLog, SqliteAuditStore
+from server.audit import AuditError, AuditLog
 from server.audit.event import (
     _ENCODER,
     DRAFT_FIELDS,
@@ -24,7 +24,8 @@ from server.audit.event import (
     check_no_secret,
 )
 from server.audit.log import check_draft_tuple, event_from_row
-from server.audit.store import insert_many
+from server.datastore.sqlite import SqliteDataStore
+from server.datastore.sqlite_audit import insert_many
 from server.tasks.model import Credential
 from server.tasks.store import TaskStore
 from svid import MAX_VERIFIER_LEEWAY
@@ -34,6 +35,10 @@ AGENT = "spiffe://example.org/svid/agent/join_token/abc"
 WORKLOAD = "spiffe://example.org/bench/w0"
 JWT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
 PEM = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----"
+
+
+def _log(tmp_path: Path, clock: FakeClock) -> AuditLog:
+    return AuditLog(SqliteDataStore(tmp_path / "datastore.sqlite3", clock), clock)
 
 
 class _Frozen(Mapping[str, Any]):
@@ -154,7 +159,7 @@ def test_draft_tuple_check_refuses_what_check_no_secret_refuses(draft: tuple[Any
 
 
 def test_sealed_rows_hash_as_the_events_they_store(tmp_path: Path) -> None:
-    log = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000.25))
+    log = _log(tmp_path, FakeClock(1_800_000_000.25))
     drafts = [
         _draft(),
         _draft(extra={"spiffe_id": WORKLOAD, "é": ["ü", 1, None]}),
@@ -164,7 +169,7 @@ def test_sealed_rows_hash_as_the_events_they_store(tmp_path: Path) -> None:
         _draft(task_id="task-1", on_behalf_of="user@example.org"),
     ]
     log.append_tuples(drafts * 30)
-    rows = list(log.store.rows())
+    rows = list(log.store.audit_rows())
     assert len(rows) == 180
     for row in rows:
         event = event_from_row(row)
@@ -176,7 +181,7 @@ def test_sealed_rows_hash_as_the_events_they_store(tmp_path: Path) -> None:
 
 
 def test_unencodable_extra_fails_as_before_and_leaves_no_hole(tmp_path: Path) -> None:
-    log = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000))
+    log = _log(tmp_path, FakeClock(1_800_000_000))
     log.append_tuples([_draft()])
     with pytest.raises(TypeError):
         log.append_tuples([_draft(extra={"x": object()})])
@@ -184,7 +189,7 @@ def test_unencodable_extra_fails_as_before_and_leaves_no_hole(tmp_path: Path) ->
         log.append_tuples([_draft(extra={"x": "y" * 5000})])
     log.append_tuples([_draft()])
     assert log.verify().ok
-    assert [r["seq"] for r in log.store.rows()] == [1, 2]
+    assert [r["seq"] for r in log.store.audit_rows()] == [1, 2]
 
 
 def test_insert_many_writes_what_executemany_writes() -> None:
@@ -209,7 +214,7 @@ def test_insert_many_writes_what_executemany_writes() -> None:
 
 
 def test_credentials_are_recorded_and_read_back(tmp_path: Path) -> None:
-    store = TaskStore(tmp_path / "tasks.db")
+    store = TaskStore(SqliteDataStore(tmp_path / "datastore.sqlite3", FakeClock(1000)))
     creds = [
         Credential("x509_serial", format(i, "x"), AGENT, WORKLOAD, "task-1" if i % 3 else "", 2000)
         for i in range(400)

@@ -17,10 +17,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from server.audit import AuditError, AuditLog, SqliteAuditStore
+from server.audit import AuditError, AuditLog
 from server.ca.manager import CaManager
 from server.ca.signer import IssuedJwt
 from server.datastore.base import DataStore
+from server.datastore.errors import StorageError
 from server.datastore.records import AttestedAgent, Entry, Selector
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
@@ -28,10 +29,11 @@ from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedEr
 from server.events import ChangeNotifier
 from server.ids import ServerIds
 from server.issuance import Issuer, MeteredLedger
+from server.issuance.datastore_ledger import DatastoreLedger
+from server.ledger import Ledger
 from server.metrics import Metrics
 from server.policy import PolicyEngine
 from server.state import ServerState
-from server.tasks.ledger import StoreLedger
 from server.tasks.model import TaskState
 from server.tasks.service import BeginRequest, TaskService
 from server.tasks.store import TaskStore
@@ -57,7 +59,6 @@ class World:
     agent: AttestedAgent
     tmp: Path
     issuer: Issuer
-    ledger: StoreLedger
 
     def run(self, coro: Any) -> Any:
         return asyncio.run(coro)
@@ -68,7 +69,6 @@ class World:
         return issued
 
     def close(self) -> None:
-        self.ledger.close()
         self.store.close()
 
     def begin(self, **kw: Any) -> Any:
@@ -83,7 +83,7 @@ class World:
         return self.run(self.service.begin(self.agent, BeginRequest(**values)))
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        return [r for r in self.audit.store.rows() if r["kind"] == kind]
+        return [r for r in self.audit.store.audit_rows() if r["kind"] == kind]
 
 
 def make_world(
@@ -93,16 +93,15 @@ def make_world(
     ca_manager: CaManager,
     *,
     store: TaskStore | None = None,
-    audit_store: SqliteAuditStore | None = None,
 ) -> World:
     state = ServerState(datastore, clock, ChangeNotifier())
     state.load()
     state.set_bundle(ca_manager.bundle(), {})
     agent = AttestedAgent(AGENT, "join_token", "abc", int(clock.now()) + 3600, selectors=())
-    audit = AuditLog(audit_store or SqliteAuditStore(tmp_path / "audit.db"), clock)
-    store = store or TaskStore(tmp_path / "tasks.db")
+    # One datastore for everything, as app.py wires it.
+    audit = AuditLog(datastore, clock)
+    store = store or TaskStore(datastore)
     policy = PolicyEngine(None, clock, trust_domain="example.org")
-    ledger = StoreLedger(store, audit)
     service = TaskService(
         state=state,
         store=store,
@@ -111,13 +110,12 @@ def make_world(
         ca=ca_manager,
         server_id="spiffe://example.org/svid/server",
         clock=clock,
-        drain_ledger=ledger.flush,
     )
     issuer = Issuer(
         state=state,
         ca=ca_manager,
         ids=ServerIds(TrustDomain("example.org")),
-        ledger=MeteredLedger(ledger, Metrics()),
+        ledger=MeteredLedger(DatastoreLedger(Ledger(audit)), Metrics()),
         tasks=service,
         clock=clock,
         metrics=Metrics(),
@@ -129,7 +127,7 @@ def make_world(
         await state.create_entry(Entry("", RUNTIME, AGENT, SELECTORS))
 
     asyncio.run(setup())
-    return World(service, state, audit, store, ca_manager, clock, agent, tmp_path, issuer, ledger)
+    return World(service, state, audit, store, ca_manager, clock, agent, tmp_path, issuer)
 
 
 @pytest.fixture
@@ -367,7 +365,7 @@ def test_active_tasks_survive_a_restart(world: World) -> None:
     task = world.begin()
     again = TaskService(
         state=world.state,
-        store=TaskStore(world.tmp / "tasks.db"),
+        store=TaskStore(SqliteDataStore(world.tmp / "datastore.sqlite3", world.clock)),
         policy=world.service.policy,
         audit=world.audit,
         ca=world.ca,
@@ -442,16 +440,6 @@ class FailingTaskStore(TaskStore):
         super().put_task(task)
 
 
-class FailingAuditStore(SqliteAuditStore):
-    fail_next = False
-
-    def append(self, rows: Any) -> None:
-        if self.fail_next:
-            self.fail_next = False
-            raise AuditError("cannot append to audit database: disk I/O error")
-        super().append(rows)
-
-
 def no_trace_of_a_task(world: World) -> None:
     assert world.events("task_begin") == []
     assert [e.spiffe_id for e in world.state.entries.by_id.values()] == [RUNTIME]
@@ -522,7 +510,7 @@ def test_every_task_credential_is_recorded_with_its_task(world: World) -> None:
 def test_a_failed_task_row_write_leaves_no_task_begin_event(
     tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
 ) -> None:
-    store = FailingTaskStore(tmp_path / "tasks.db")
+    store = FailingTaskStore(datastore)
     world = make_world(tmp_path, clock, datastore, ca_manager, store=store)
     store.fail_next = True
     with pytest.raises(sqlite3.OperationalError):
@@ -538,9 +526,9 @@ def test_a_failed_task_row_write_leaves_no_task_begin_event(
 def test_a_task_whose_begin_event_cannot_be_written_is_undone(
     tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
 ) -> None:
-    audit_store = FailingAuditStore(tmp_path / "audit.db")
-    world = make_world(tmp_path, clock, datastore, ca_manager, audit_store=audit_store)
-    audit_store.fail_next = True
+    faulty = FaultInjectingDataStore(datastore)
+    world = make_world(tmp_path, clock, faulty, ca_manager)
+    faulty.inject(StorageError("disk I/O error"), method="write_ledger")
     with pytest.raises(AuditError):
         world.begin()
     no_trace_of_a_task(world)
