@@ -83,6 +83,19 @@ def _item_result(outcome: Entry | ItemError | None, asked: str = "") -> admin_pb
     )
 
 
+def _checked(
+    check: Callable[[Sequence[Entry], ServerIds, EntryIndex], list[Entry | ItemError]],
+    messages: Sequence[common_pb2.Entry],
+    ids: ServerIds,
+    index: EntryIndex,
+) -> tuple[list[Entry], list[Entry | ItemError]]:
+    """Decode and check a batch, in a worker thread: a thousand entries take tens of
+    milliseconds the event loop (Sync streams, the node API) should not wait out. The index
+    is an immutable snapshot, so the thread reads it safely."""
+    entries = [entry_from_proto(m) for m in messages]
+    return entries, check(entries, ids, index)
+
+
 def _selectors(messages: Sequence[common_pb2.Selector]) -> list[Selector]:
     return [Selector(s.type, s.value) for s in messages]
 
@@ -196,8 +209,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self, request: admin_pb2.BatchCreateEntryRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.BatchCreateEntryResponse:
         _check_batch("entries", len(request.entries))
-        entries = [entry_from_proto(m) for m in request.entries]
-        checked = check_creates(entries, self._ids, self._state.entries)
+        entries, checked = await asyncio.to_thread(
+            _checked, check_creates, request.entries, self._ids, self._state.entries
+        )
         clean = [c for c in checked if isinstance(c, Entry)]
         stored = iter(await self._state.create_entries(clean) if clean else [])
         outcomes = [next(stored) if isinstance(c, Entry) else c for c in checked]
@@ -212,8 +226,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self, request: admin_pb2.BatchUpdateEntryRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.BatchUpdateEntryResponse:
         _check_batch("entries", len(request.entries))
-        entries = [entry_from_proto(m) for m in request.entries]
-        checked = check_updates(entries, self._ids, self._state.entries)
+        entries, checked = await asyncio.to_thread(
+            _checked, check_updates, request.entries, self._ids, self._state.entries
+        )
         clean = [c for c in checked if isinstance(c, Entry)]
         stored = iter(await self._state.update_entries(clean) if clean else [])
         outcomes = [next(stored) if isinstance(c, Entry) else c for c in checked]
