@@ -3,13 +3,15 @@ one transaction and one change notification per batch, the single-entry validati
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from server.datastore.testing import FaultInjectingDataStore
 from svid._proto import admin_pb2, common_pb2, node_pb2
-from tests.server.fixtures import TRUST_DOMAIN, RunningServer, running_server
+from tests.server.fixtures import TRUST_DOMAIN, RunningServer, managed_server, running_server
 
 TD = f"spiffe://{TRUST_DOMAIN}"
 SERVER = f"{TD}/svid/server"
@@ -189,3 +191,33 @@ def test_more_than_1000_items_is_refused_whole(
 def test_an_empty_batch_is_an_empty_answer(srv: RunningServer) -> None:
     reply = srv.admin().BatchCreateEntry(admin_pb2.BatchCreateEntryRequest())
     assert list(reply.results) == []
+
+
+def test_a_storage_failure_fails_the_batch_whole_and_changes_nothing() -> None:
+    with managed_server() as srv:
+        state = srv.server.state
+        # The real store, wrapped to fail on demand (the server builds its own, so the test
+        # wraps the one it built).
+        faulty = FaultInjectingDataStore(state._datastore)
+        state._datastore = faulty
+        faulty.inject(sqlite3.OperationalError("disk I/O error at /secret/path"), "create_entries")
+        parent = _agent("fail1")
+        before = srv.server.state.notifier.version
+        with pytest.raises(grpc.RpcError) as exc:
+            srv.admin().BatchCreateEntry(
+                admin_pb2.BatchCreateEntryRequest(
+                    entries=[_entry(f"/fail/{n}", parent, uid=str(n)) for n in range(5)]
+                )
+            )
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert "/secret/path" not in exc.value.details()  # type: ignore[attr-defined]
+        assert _listed(srv, parent) == []
+        assert faulty.inner.list_entries(parent_id=parent) == []
+        assert srv.server.state.notifier.version == before
+        # The next batch goes through.
+        results = (
+            srv.admin()
+            .BatchCreateEntry(admin_pb2.BatchCreateEntryRequest(entries=[_entry("/ok", parent)]))
+            .results
+        )
+        assert _codes(results) == [OK]
