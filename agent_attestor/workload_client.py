@@ -21,7 +21,7 @@ from agent_attestor.errors import AgentError, ConfigError
 from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
 from svid._unix_socket import SocketProblem, socket_problem
 from svid._workload_address import ENV_SOCKET, WorkloadApiAddressError, grpc_target
-from svid._workload_errors import SILENT, connect_failure
+from svid._workload_errors import unreachable
 
 HEADER = (("workload.spiffe.io", "true"),)
 M = TypeVar("M")
@@ -113,19 +113,16 @@ class WorkloadClient:
     def _error(self, exc: grpc.RpcError) -> AgentError:
         code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
         details: str = exc.details() or ""  # type: ignore[attr-defined]
-        why = connect_failure(details) if code is grpc.StatusCode.UNAVAILABLE else None
-        if why == SILENT:
-            return AgentUnreachableError(
-                f"the socket {self._where} accepts connections but does not answer: is "
-                "svid-agent hung, or is something else listening there?"
-            )
-        if why is not None:
-            return AgentUnreachableError(f"cannot connect to {self._where} ({why}): {_CHECK}")
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return AgentUnreachableError(
-                f"no answer from the agent at {self._where} within {self._timeout:g}s: is it hung "
-                "or waiting on its server? Retry, or raise --timeout"
-            )
+        message = unreachable(
+            code,
+            details,
+            str(self._where),
+            daemon="svid-agent",
+            check=_CHECK,
+            timeout=self._timeout,
+        )
+        if message is not None:
+            return AgentUnreachableError(message)
         return WorkloadApiError(code, details)
 
     def health(self) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:

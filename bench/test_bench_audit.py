@@ -5,6 +5,9 @@ Rows (printed and stored in benchmark extra_info):
 - AuditLog.append: one event, durable (committed) when it returns
 - AuditLog.append from 4 threads at once: group commit shares one transaction between them
 - AuditLog.append_many: 100 events per transaction (e.g. a revocation covering many credentials)
+- Ledger.record: one credential record and its event, committed together (durable on return)
+- Ledger.record of 100 credentials and their 100 events in one transaction (a CSR batch)
+All on the server's one datastore file (SqliteDataStore: WAL, synchronous=FULL).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.audit import AuditLog, EventDraft, SqliteAuditStore
+from server.audit import AuditLog, EventDraft
+from server.datastore.records import Credential
+from server.datastore.sqlite import SqliteDataStore
+from server.ledger import Ledger
 from svid._clock import SystemClock
 
 N = 2000
@@ -40,6 +46,10 @@ def _fields(i: int) -> dict[str, Any]:
     }
 
 
+def _credential(i: int) -> Credential:
+    return Credential("jwt_id", f"jti-{i}", AGENT, "spiffe://example.org/w", "", 2_000_000_000)
+
+
 def _raw_us_per_row(path: Path, n: int) -> float:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
@@ -59,7 +69,8 @@ def _raw_us_per_row(path: Path, n: int) -> float:
 def test_audit_append_cost(benchmark: Any, tmp_path: Path) -> None:
     raw_us = _raw_us_per_row(tmp_path / "raw.db", N)
 
-    log = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), SystemClock())
+    clock = SystemClock()
+    log = AuditLog(SqliteDataStore(tmp_path / "datastore.sqlite3", clock), clock)
     start = time.perf_counter()
     for i in range(N):
         log.append("jwt_minted", **_fields(i))
@@ -83,6 +94,18 @@ def test_audit_append_cost(benchmark: Any, tmp_path: Path) -> None:
         log.append_many(drafts)
     batch_us = (time.perf_counter() - start) / N * 1e6
 
+    ledger = Ledger(log)
+    start = time.perf_counter()
+    for i in range(N):
+        ledger.record([_credential(i)], [EventDraft("jwt_minted", **_fields(i))])
+    ledger_us = (time.perf_counter() - start) / N * 1e6
+
+    start = time.perf_counter()
+    for k in range(N // 100):
+        creds = [_credential(N + k * 100 + i) for i in range(100)]
+        ledger.record(creds, [EventDraft("jwt_minted", **_fields(i)) for i in range(100)])
+    ledger_batch_us = (time.perf_counter() - start) / N * 1e6
+
     counter = iter(range(10**9))
     benchmark.pedantic(
         lambda: log.append("jwt_minted", **_fields(next(counter))), rounds=500, iterations=1
@@ -96,6 +119,8 @@ def test_audit_append_cost(benchmark: Any, tmp_path: Path) -> None:
             "append_per_s": 1e6 / single_us,
             "append_4_threads_us": threaded_us,
             "append_many_100_us": batch_us,
+            "ledger_record_us": ledger_us,
+            "ledger_record_100_us": ledger_batch_us,
         }
     )
     print(
@@ -103,5 +128,7 @@ def test_audit_append_cost(benchmark: Any, tmp_path: Path) -> None:
         f"insert+commit {raw_us:.0f} us/row ({single_us / raw_us:.2f}x); "
         f"{THREADS} threads (group commit) {threaded_us:.0f} us/event "
         f"({1e6 / threaded_us:.0f}/s); append_many(100) {batch_us:.1f} us/event "
-        f"({1e6 / batch_us:.0f}/s)"
+        f"({1e6 / batch_us:.0f}/s); ledger record (credential + event, one commit) "
+        f"{ledger_us:.0f} us/credential ({1e6 / ledger_us:.0f}/s), batch of 100 "
+        f"{ledger_batch_us:.1f} us/credential ({1e6 / ledger_batch_us:.0f}/s)"
     )

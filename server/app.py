@@ -26,6 +26,7 @@ from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
 from server.ca.rotator import Rotator
 from server.config import ServerConfig
+from server.datastore.legacy_import import import_legacy_files
 from server.datastore.sqlite import SqliteDataStore
 from server.errors import ConfigError
 from server.events import ChangeNotifier
@@ -95,6 +96,7 @@ class Server:
         cfg = self.config
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.datastore = SqliteDataStore(cfg.datastore_path, self.clock)
+        import_legacy_files(self.datastore, cfg.data_dir, self.clock)
         self.keystore = KeyStore(cfg.keys_dir)
         self.ca = CaManager(
             CaConfig(
@@ -114,7 +116,7 @@ class Server:
         self.state = ServerState(self.datastore, self.clock, self.notifier)
         self.state.load()
         self.tasks: TaskLayer = build_task_layer(
-            data_dir=cfg.data_dir,
+            datastore=self.datastore,
             policy_dir=cfg.policy_dir,
             trust_domain=cfg.trust_domain.name,
             state=self.state,

@@ -28,7 +28,7 @@ from svid._errors import SvidError
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
 from svid._stdout import flush_stdout, stdout_closed_by_reader
 from svid._unix_socket import SocketProblem, socket_problem
-from svid._workload_errors import SILENT, connect_failure
+from svid._workload_errors import unreachable
 
 ADMIN_SOCKET_ENV = "SVID_SERVER_ADMIN_SOCKET"
 # `make run` writes its server's config here; admin commands run from the checkout use it.
@@ -306,19 +306,16 @@ def _rpc_error(exc: grpc.RpcError, args: argparse.Namespace) -> CliError:
     """The one line for a failed admin call; connection trouble names the socket and what to try."""
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (exc.details() if isinstance(exc, grpc.Call) else None) or "no details"
-    why = connect_failure(details) if code is grpc.StatusCode.UNAVAILABLE else None
-    if why == SILENT:
-        return CliError(
-            f"admin socket {_where(args)} accepts connections but does not answer: is "
-            "svid-server hung, or is something else listening there?"
-        )
-    if why is not None:
-        return CliError(f"cannot connect to admin socket {_where(args)} ({why}): {_CHECK}")
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return CliError(
-            f"no answer from the server at {_where(args)} within {_timeout(args):g}s: is it hung "
-            "or overloaded? Retry, or raise --timeout"
-        )
+    message = unreachable(
+        code,
+        details,
+        f"admin socket {_where(args)}",
+        daemon="svid-server",
+        check=_CHECK,
+        timeout=_timeout(args),
+    )
+    if message is not None:
+        return CliError(message)
     return CliError(f"{code.name}: {details}")
 
 

@@ -20,7 +20,7 @@ import grpc
 
 from server import errors
 from server.audit.checkpoint import CheckpointError
-from server.audit.errors import AuditError, SecretInAuditError
+from server.audit.errors import AuditError, LedgerError, SecretInAuditError
 from server.ca.errors import (
     CaConfigError,
     CaError,
@@ -31,8 +31,9 @@ from server.ca.errors import (
 )
 from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
 from server.datastore.errors import ConflictError as DsConflictError
-from server.datastore.errors import DataStoreError
+from server.datastore.errors import DataStoreError, StorageError
 from server.datastore.errors import NotFoundError as DsNotFoundError
+from server.datastore.legacy_import import LegacyImportError
 from server.policy.errors import PolicyError, RequestError
 from svid import _errors as svid_errors
 from svid._cert_der import NonUriSanError
@@ -117,6 +118,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     DsAlreadyExistsError: Rule(Code.ALREADY_EXISTS),
     DsConflictError: Rule(Code.ABORTED),
     DataStoreError: _STORAGE,
+    StorageError: _STORAGE,
+    LegacyImportError: _SERVER_FAULT,
     # Policy: a refused reload names the files (not their directory); a bad decision request
     # is the caller's.
     PolicyError: Rule(Code.FAILED_PRECONDITION, _policy_message),
@@ -126,6 +129,7 @@ RULES: Mapping[type[BaseException], Rule] = {
     AuditError: Rule(Code.UNAVAILABLE, AUDIT_MESSAGE),
     CheckpointError: Rule(Code.UNAVAILABLE, "the server cannot record: audit checkpoint failed"),
     SecretInAuditError: Rule(Code.INVALID_ARGUMENT),
+    LedgerError: Rule(Code.UNAVAILABLE, STORAGE_MESSAGE),
     # svid: unreadable IDs, certificates, tokens and bundles come from the caller.
     svid_errors.SpiffeIdError: Rule(Code.INVALID_ARGUMENT),
     svid_errors.SvidParseError: Rule(Code.INVALID_ARGUMENT),

@@ -55,6 +55,33 @@ def connect_failure(details: str | None) -> str | None:
     return details.rsplit(": ", 1)[-1].strip() or "cannot connect"
 
 
+def unreachable(
+    code: grpc.StatusCode,
+    details: str | None,
+    where: str,
+    *,
+    daemon: str,
+    check: str,
+    timeout: float,
+) -> str | None:
+    """The one line a CLI prints when `daemon` at `where` could not be reached or did not answer
+    within `timeout` seconds (`check` says what to look at), or None when it did answer."""
+    why = connect_failure(details) if code is grpc.StatusCode.UNAVAILABLE else None
+    if why == SILENT:
+        return (
+            f"the socket {where} accepts connections but does not answer: is {daemon} hung, "
+            "or is something else listening there?"
+        )
+    if why is not None:
+        return f"cannot connect to {where} ({why}): {check}"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (
+            f"no answer from {daemon} at {where} within {timeout:g}s: is it hung or overloaded? "
+            "Retry, or raise --timeout"
+        )
+    return None
+
+
 def translate(exc: grpc.RpcError, call: str, address: str = "") -> WorkloadApiError:
     """The svid error for a failed ``call`` to the Workload API at ``address``; raise it from exc.
 

@@ -1,6 +1,6 @@
 """The tamper-evident audit log: every identity event, hash-chained and durable."""
 
-from server.audit.errors import AuditError, SecretInAuditError
+from server.audit.errors import AuditError, LedgerError, SecretInAuditError
 from server.audit.event import GENESIS_HASH, AuditEvent, EventDraft, EventKind
 from server.audit.log import AuditLog
 from server.audit.store import AuditSnapshot, AuditStore, EventFilter, Head, SqliteAuditStore
@@ -19,6 +19,7 @@ __all__ = [
     "EventFilter",
     "EventKind",
     "Head",
+    "LedgerError",
     "SecretInAuditError",
     "SqliteAuditStore",
     "VerifyResult",

@@ -2,7 +2,7 @@
 
 A hash chain stops no one who can rewrite the whole database: they re-hash it. A checkpoint
 is the head (seq, hash, event count) at a moment, signed by a key that never enters
-audit.db, and written to a JSON-lines file an operator can ship elsewhere. `audit verify
+the datastore, and written to a JSON-lines file an operator can ship elsewhere. `audit verify
 --anchor FILE` then proves the log still holds what each checkpoint names.
 
 One line per checkpoint, canonical JSON (sorted keys, compact):
@@ -40,7 +40,7 @@ from svid._clock import format_utc
 
 VERSION = 1
 KEY_SLOT = "checkpoint"
-# Next to audit.db in the data dir, never inside it.
+# Next to the datastore in the data dir, never inside it.
 KEY_DIR = "audit-key"
 PUBLIC_KEY_FILE = "audit-checkpoint-key.pub.pem"
 CHECKPOINT_FILE = "audit-checkpoints.jsonl"

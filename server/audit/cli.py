@@ -1,7 +1,7 @@
 """`svid-server audit verify | export | checkpoint`.
 
-`verify` and `export` read the files directly (they work with the server stopped, and never
-change the database); `checkpoint` asks the running server over its admin socket.
+`verify` and `export` read the datastore file directly (they work with the server stopped, and
+never change it); `checkpoint` asks the running server over its admin socket.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from svid._clock import parse_utc
 
 TIMEOUT = 15.0
 DEFAULT_DATA_DIR = Path(".svid-server")
+DATASTORE_FILE = "datastore.sqlite3"  # ServerConfig.datastore_path
+LEGACY_AUDIT_FILE = "audit.db"
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -31,7 +33,13 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     for name, text in (("verify", "check the hash chain"), ("export", "write JSON lines")):
         p = audit.add_parser(name, parents=[common], help=text)
         p.add_argument("--data-dir", type=Path, default=None)
-        p.add_argument("--audit-db", type=Path, default=None, help="default <data_dir>/audit.db")
+        p.add_argument(
+            "--audit-db",
+            type=Path,
+            default=None,
+            help="the file holding the log: default the datastore, <data_dir>/datastore.sqlite3 "
+            "(or an older version's <data_dir>/audit.db the server has not imported yet)",
+        )
     verify = audit.choices["verify"]
     verify.add_argument(
         "--anchor",
@@ -77,8 +85,10 @@ def run(
 def _audit_db(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> Path:
     if args.audit_db is not None:
         return Path(args.audit_db)
-    data_dir = args.data_dir or config(args).get("data_dir") or DEFAULT_DATA_DIR
-    return Path(str(data_dir)) / "audit.db"
+    data_dir = Path(str(args.data_dir or config(args).get("data_dir") or DEFAULT_DATA_DIR))
+    # An older version's audit.db stays the log until the server's next start imports it.
+    legacy = data_dir / LEGACY_AUDIT_FILE
+    return legacy if legacy.is_file() else data_dir / DATASTORE_FILE
 
 
 def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> None:
@@ -94,7 +104,7 @@ def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
             ok=False, checked=0, head=None, problem=Break.BAD_ANCHOR, detail=str(e)
         )
     else:
-        store = SqliteAuditStore(_audit_db(args, config), create=False)
+        store = SqliteAuditStore(_audit_db(args, config))
         try:
             result = verify_store(store, anchors)
         finally:
@@ -129,7 +139,8 @@ def _export(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
     from server.audit.store import SqliteAuditStore  # noqa: PLC0415
     from svid._clock import SystemClock  # noqa: PLC0415
 
-    log = AuditLog(SqliteAuditStore(_audit_db(args, config), create=False), SystemClock())
+    store = SqliteAuditStore(_audit_db(args, config))
+    log = AuditLog(store, SystemClock())
     try:
         out = args.out.open("w") if args.out is not None else sys.stdout
         try:
@@ -147,7 +158,7 @@ def _export(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
                 out.close()
         print(f"exported {count} events", file=sys.stderr)
     finally:
-        log.store.close()
+        store.close()
 
 
 def _checkpoint(args: argparse.Namespace, channel: Callable[[argparse.Namespace], Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from server.datastore.errors import StorageError
 from svid._errors import SvidError
 
 
@@ -11,3 +12,9 @@ class AuditError(SvidError):
 
 class SecretInAuditError(AuditError, ValueError):
     """A field value looks like a token or a key; audit events carry serials and jtis only."""
+
+
+class LedgerError(AuditError, StorageError):
+    """Credential records and their audit events could not be committed: none of them were,
+    and no credential they cover may leave the server. Every caller whose rows were waiting
+    for that commit gets this error."""

@@ -1,4 +1,9 @@
-"""The audit log: append events to the hash chain durably, verify the chain, export it."""
+"""The audit log: append events to the hash chain durably, verify the chain, export it.
+
+Every write goes through one group commit that can carry credential records too
+(`record(credentials, drafts)`): issued credentials and the events that audit them commit in one
+transaction of the datastore, the events sealed into the chain in commit order.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from collections.abc import Sequence
 from json.encoder import encode_basestring as _json_string
 from typing import Any, TextIO
 
-from server.audit.errors import AuditError
+from server.audit.errors import AuditError, LedgerError
 from server.audit.event import (
     CANONICAL_FIELDS,
     DRAFT_FIELDS,
@@ -24,8 +29,10 @@ from server.audit.event import (
     checked_extra_text,
     event_from_row,
 )
-from server.audit.store import AuditStore, EventFilter, Head
 from server.audit.verify import Anchor, VerifyResult, verify_store
+from server.datastore.base import AuditStore
+from server.datastore.errors import StorageError
+from server.datastore.records import AUDIT_COLUMNS, Credential, EventFilter, Head
 from svid._clock import Clock
 
 _DRAFT_FIELDS = frozenset(DRAFT_FIELDS)
@@ -40,7 +47,7 @@ class _Ticket:
 
     def __init__(self) -> None:
         self.done = False
-        self.error: AuditError | None = None
+        self.error: LedgerError | None = None
 
 
 def check_draft_tuple(values: DraftTuple) -> None:
@@ -87,9 +94,11 @@ def _plain_text_dict(value: dict[Any, Any]) -> bool:
 class AuditLog:
     """Appends are chained in memory under a short lock and made durable by group commit.
 
-    Concurrent appenders queue their events; whichever thread gets the commit lock first writes
-    every queued event in one transaction, so N threads pay for about one fsync. append() returns
-    only once its own event is committed.
+    Concurrent appenders queue their events (and the credential records that go with them);
+    whichever thread gets the commit lock first writes everything queued in one transaction
+    (`AuditStore.write_ledger`), so N threads pay for about one fsync. A call returns only once
+    its own rows are committed; when a commit fails, every caller whose rows it held, or that
+    were chained after them, gets the same LedgerError and none of their rows are kept.
     """
 
     def __init__(self, store: AuditStore, clock: Clock) -> None:
@@ -98,13 +107,14 @@ class AuditLog:
         self._chain_lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._pending: list[tuple[Any, ...]] = []
+        self._pending_credentials: list[Credential] = []
         self._tickets: list[_Ticket] = []
         # event_id = this prefix + seq: unique without a uuid4 per event (64 random bits per open
         # log, and seq never repeats within one).
         self._id_prefix = secrets.token_hex(8) + "-"
         # Used under the chain lock only (its circular-reference markers are shared).
         self._encode = canonical_encoder()
-        head = store.head()
+        head = store.audit_head()
         self._next_seq = 1 if head is None else head.seq + 1
         self._head_hash = GENESIS_HASH if head is None else head.hash
         self._committed = head
@@ -144,19 +154,33 @@ class AuditLog:
             check_draft_tuple(values)
         self._append(drafts)
 
-    def _append(self, drafts: Sequence[DraftTuple]) -> list[tuple[Any, ...]]:
-        if not drafts:
+    def record(
+        self, credentials: Sequence[Credential], drafts: Sequence[DraftTuple | EventDraft]
+    ) -> None:
+        """Commit issued credentials and the events that audit them in one transaction (shared
+        with concurrent callers); both are durable when this returns, and neither is stored
+        when it raises (LedgerError)."""
+        tuples = [d if isinstance(d, tuple) else _draft_values(d) for d in drafts]
+        for values in tuples:
+            check_draft_tuple(values)
+        self._append(tuples, credentials)
+
+    def _append(
+        self, drafts: Sequence[DraftTuple], credentials: Sequence[Credential] = ()
+    ) -> list[tuple[Any, ...]]:
+        if not drafts and not credentials:
             return []
         ticket = _Ticket()
         with self._chain_lock:
             saved = self._next_seq, self._head_hash
             try:
-                rows = self._seal(drafts)
+                rows = self._seal(drafts) if drafts else []
             except BaseException:
                 # Never leave a hole in the chain: seqs taken by a half-sealed batch go back.
                 self._next_seq, self._head_hash = saved
                 raise
             self._pending.extend(rows)
+            self._pending_credentials.extend(credentials)
             self._tickets.append(ticket)
         self._commit_until(ticket)
         return rows
@@ -207,26 +231,34 @@ class AuditLog:
             if not mine.done:
                 with self._chain_lock:
                     batch, self._pending = self._pending, []
+                    credentials, self._pending_credentials = self._pending_credentials, []
                     tickets, self._tickets = self._tickets, []
                 try:
-                    self._store.append(batch)
-                except AuditError as e:
-                    self._fail(tickets, e)
+                    self._store.write_ledger(credentials, batch)
+                except (StorageError, AuditError) as e:
+                    if isinstance(e, LedgerError):
+                        self._fail(tickets, e)
+                    else:
+                        error = LedgerError(str(e))
+                        error.__cause__ = e
+                        self._fail(tickets, error)
                 else:
-                    # Batches commit in order under this lock: the last row is the new head.
-                    self._committed = Head(batch[-1][0], batch[-1][-1])
+                    if batch:
+                        # Batches commit in order under this lock: the last row is the new head.
+                        self._committed = Head(batch[-1][0], batch[-1][-1])
                     for t in tickets:
                         t.done = True
         if mine.error is not None:
             raise mine.error
 
-    def _fail(self, tickets: list[_Ticket], error: AuditError) -> None:
+    def _fail(self, tickets: list[_Ticket], error: LedgerError) -> None:
         """A failed commit voids its batch and all chained after it; resume from the store."""
         with self._chain_lock:
             voided = tickets + self._tickets
             self._pending = []
+            self._pending_credentials = []
             self._tickets = []
-            head = self._store.head()
+            head = self._store.audit_head()
             self._next_seq = 1 if head is None else head.seq + 1
             self._head_hash = GENESIS_HASH if head is None else head.hash
             self._committed = head
@@ -263,13 +295,15 @@ class AuditLog:
         """
         where = EventFilter(agent, task, since, until, decision, kind)
         n = 0
-        for row in self._store.rows(where):
+        for row in self._store.audit_rows(where):
             event = event_from_row(row)
             out.write(canonical_json(event.to_dict()).decode("utf-8") + "\n")
             n += 1
         return n
 
 
-_COLUMNS = (*CANONICAL_FIELDS, "hash")
+_COLUMNS = AUDIT_COLUMNS
+if (*CANONICAL_FIELDS, "hash") != _COLUMNS:  # pragma: no cover - a guard for editors
+    raise ImportError("server.datastore.records.AUDIT_COLUMNS must follow CANONICAL_FIELDS")
 _POLICY_AT = CANONICAL_FIELDS.index("policy_ids")
 _EXTRA_AT = CANONICAL_FIELDS.index("extra")

@@ -26,7 +26,8 @@ from typing import Any
 
 from server.audit.errors import AuditError
 from server.audit.event import GENESIS_HASH, AuditEvent, event_from_row
-from server.audit.store import AuditSnapshot, AuditStore, Head
+from server.datastore.base import AuditStore
+from server.datastore.records import AuditSnapshot, Head
 
 
 class Break(StrEnum):
@@ -106,7 +107,7 @@ def verify_store(store: AuditStore, anchors: Sequence[Anchor] = ()) -> VerifyRes
     Read anchors before calling: the log only grows, so an anchor read first is never ahead
     of the snapshot taken after it.
     """
-    with store.snapshot() as snapshot:
+    with store.audit_snapshot() as snapshot:
         return verify_snapshot(snapshot, anchors)
 
 

@@ -1,31 +1,48 @@
-"""The server's persistent state behind one interface (`DataStore`); SQLite is the default."""
+"""The server's persistent state behind one interface (`DataStore`, made of role protocols);
+SQLite is the default."""
 
-from server.datastore.base import DataStore
+from server.datastore.base import (
+    AuditStore,
+    CredentialStore,
+    DataStore,
+    RegistrationStore,
+    TaskRecordStore,
+)
 from server.datastore.errors import (
     AlreadyExistsError,
     ConflictError,
     DataStoreError,
     NotFoundError,
+    StorageError,
 )
 from server.datastore.records import (
     AttestedAgent,
+    Credential,
     Entry,
     JoinToken,
     KeySlot,
     Revocation,
     Selector,
+    TaskRecord,
 )
 
 __all__ = [
     "AlreadyExistsError",
     "AttestedAgent",
+    "AuditStore",
     "ConflictError",
+    "Credential",
+    "CredentialStore",
     "DataStore",
     "DataStoreError",
     "Entry",
     "JoinToken",
     "KeySlot",
     "NotFoundError",
+    "RegistrationStore",
     "Revocation",
     "Selector",
+    "StorageError",
+    "TaskRecord",
+    "TaskRecordStore",
 ]

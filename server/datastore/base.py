@@ -1,20 +1,40 @@
 """The one interface every datastore backend implements (SQLite today, PostgreSQL next).
 
-All timestamps are int unix seconds. Errors are the `server.datastore.errors` tree; a backend
-failure (disk full, I/O error) surfaces as the driver's own exception, which callers treat as
-internal. Every method is safe to call from any thread.
+`DataStore` is every role at once: registration state (entries, agents, join tokens, key slots,
+bundle, revocations), task records, the credential ledger and the audit chain. Each role is a
+protocol of its own so a component asks for no more than it uses; one backend object implements
+them all on one database under one migration runner, which is what lets a credential's record
+and its audit event commit in one transaction.
+
+All timestamps are int unix seconds. Errors are the `server.datastore.errors` tree. A failed
+ledger or audit operation raises StorageError; a failed registration write still surfaces as
+the driver's own exception, which callers treat as internal. Every method is safe to call from
+any thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from server.datastore.errors import DataStoreError
-from server.datastore.records import AttestedAgent, Entry, JoinToken, KeySlot, Revocation
+from server.datastore.records import (
+    AttestedAgent,
+    AuditRow,
+    AuditSnapshot,
+    Credential,
+    Entry,
+    EventFilter,
+    Head,
+    JoinToken,
+    KeySlot,
+    Revocation,
+    TaskRecord,
+)
 
 
-class DataStore(Protocol):
+class RegistrationStore(Protocol):
     # -- registration entries -------------------------------------------------------------------
 
     def create_entry(self, entry: Entry) -> Entry:
@@ -152,3 +172,89 @@ class DataStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class TaskRecordStore(Protocol):
+    """Tasks (the task layer's rows) and the out-of-intent violations that feed its risk."""
+
+    def put_task(self, task: TaskRecord) -> None:
+        """Insert or replace by task_id; durable when this returns."""
+        ...
+
+    def get_task(self, task_id: str) -> TaskRecord | None: ...
+
+    def list_tasks(
+        self,
+        *,
+        agent_id: str = "",
+        state: str = "",
+        runtime_ids: Sequence[str] | None = None,
+    ) -> list[TaskRecord]:
+        """Tasks matching every filter given ("" and None match all), oldest first."""
+        ...
+
+    def due_tasks(self, state: str, now: int) -> list[TaskRecord]:
+        """Tasks in `state` whose expires_at <= now, soonest first."""
+        ...
+
+    def add_violation(self, agent_id: str, at: int) -> None: ...
+
+    def count_violations(self, agent_id: str, since: int) -> int:
+        """Violations of the agent with at > since."""
+        ...
+
+    def prune_violations(self, before: int) -> int:
+        """Delete violations with at <= before; returns how many went."""
+        ...
+
+
+class CredentialStore(Protocol):
+    """Reads of the credential ledger (written by AuditStore.write_ledger)."""
+
+    def task_credentials(self, task_id: str, now: int) -> list[Credential]:
+        """Credentials of the task some verifier may still accept at `now` (a verifier takes
+        one through exp + its leeway), ordered by (kind, value)."""
+        ...
+
+    def agent_credentials(self, agent_id: str, now: int) -> list[Credential]:
+        """Credentials issued through the agent some verifier may still accept at `now`."""
+        ...
+
+    def count_credentials(self, task_id: str) -> int: ...
+
+    def prune_credentials(self, now: int) -> int:
+        """Forget credentials no verifier can accept any more; returns how many went."""
+        ...
+
+
+class AuditStore(Protocol):
+    """The audit chain's rows and head, and the one write that commits issued credentials with
+    the events that record them."""
+
+    def write_ledger(
+        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+    ) -> None:
+        """Commit the credential rows, the sealed audit rows (consecutive seqs, AUDIT_COLUMNS)
+        and the new audit head in ONE durable transaction: all of it is on disk when this
+        returns, or none of it and StorageError is raised."""
+        ...
+
+    def audit_head(self) -> Head | None:
+        """The recorded head, or None for an empty log."""
+        ...
+
+    def audit_rows(self, where: EventFilter | None = None) -> Iterator[dict[str, Any]]:
+        """Raw rows in seq order, as stored (not validated); `where` narrows them. Streams in
+        pages, so a large log never sits in memory."""
+        ...
+
+    def audit_snapshot(self) -> AbstractContextManager[AuditSnapshot]:
+        """The tables, the head and every row as of one instant, for a verify that must not
+        mistake appends landing meanwhile for tampering. Creates nothing."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DataStore(RegistrationStore, TaskRecordStore, CredentialStore, AuditStore, Protocol):
+    """All persistent state of the server, behind one object and one migration runner."""

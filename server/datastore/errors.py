@@ -19,3 +19,11 @@ class AlreadyExistsError(DataStoreError):
 
 class ConflictError(DataStoreError):
     """The write lost a race: the record changed since the caller read it."""
+
+
+class StorageError(DataStoreError):
+    """The backend could not complete a write or a read (I/O error, disk full, locked file).
+
+    A failed write kept nothing: its whole transaction was rolled back. The message names the
+    operation, never a file path or a driver detail a client should not see.
+    """

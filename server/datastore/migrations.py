@@ -1,8 +1,9 @@
 """Numbered schema migrations. Each runs in the same transaction as the row that records it.
 
-The DDL sticks to types both SQLite and PostgreSQL understand (TEXT, BIGINT, SMALLINT); only
-BLOB is SQLite's name (PostgreSQL: BYTEA), so a PostgreSQL backend keeps its own copy of this
-list with that one word changed. Never edit a released migration: append a new one.
+The DDL sticks to types both SQLite and PostgreSQL understand (TEXT, BIGINT, SMALLINT, DOUBLE
+PRECISION); only BLOB (PostgreSQL: BYTEA) and SEQ_KEY below are SQLite's words, so a PostgreSQL
+backend keeps its own copy of this list with those changed. Never edit a released migration:
+append a new one.
 """
 
 from __future__ import annotations
@@ -94,4 +95,91 @@ def _initial_schema(execute: Execute) -> None:
     execute("INSERT INTO counters (name, value) VALUES ('bundle_sequence', 0)")
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _initial_schema),)
+# SQLite's INTEGER is 64-bit and, as the primary key, names the rowid: no second B-tree to keep
+# per audit append. PostgreSQL: BIGINT PRIMARY KEY.
+SEQ_KEY = "INTEGER PRIMARY KEY"
+
+
+def _ledger(execute: Execute) -> None:
+    """Tasks, issued credentials, violations and the audit chain join the one datastore, so a
+    credential's record and its audit event commit in one transaction."""
+    execute("""
+        CREATE TABLE tasks (
+            task_id TEXT PRIMARY KEY,
+            agent_id TEXT NOT NULL,
+            runtime_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            body TEXT NOT NULL
+        )""")
+    execute("CREATE INDEX tasks_agent ON tasks (agent_id, state)")
+    execute("CREATE INDEX tasks_state ON tasks (state, expires_at)")
+    # No key on (kind, value): random 159-bit serials and 128-bit jtis, each recorded once, and
+    # nothing looks one up by them (revocation reads by task and by agent). An index there put
+    # every insert on a random page: ten times the cost of the rest of the row.
+    execute("""
+        CREATE TABLE credentials (
+            kind TEXT NOT NULL,
+            value TEXT NOT NULL,
+            agent_id TEXT NOT NULL,
+            spiffe_id TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            expires_at BIGINT NOT NULL
+        )""")
+    execute("CREATE INDEX credentials_task ON credentials (task_id)")
+    execute("CREATE INDEX credentials_agent ON credentials (agent_id)")
+    execute("""
+        CREATE TABLE violations (
+            agent_id TEXT NOT NULL,
+            at BIGINT NOT NULL
+        )""")
+    execute("CREATE INDEX violations_agent ON violations (agent_id, at)")
+    # No index on event_id (it is the log's random prefix plus seq, so it cannot repeat) nor on
+    # ts (only an export by time reads it, and that walks the log in seq order anyway).
+    execute(f"""
+        CREATE TABLE audit_events (
+            seq {SEQ_KEY},
+            event_id TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            kind TEXT NOT NULL,
+            agent_id TEXT,
+            node_id TEXT,
+            on_behalf_of TEXT,
+            resource TEXT,
+            action TEXT,
+            decision TEXT,
+            reason TEXT,
+            task_id TEXT,
+            risk BIGINT,
+            credential_id TEXT,
+            policy_ids TEXT NOT NULL,
+            policy_set_hash TEXT,
+            ttl BIGINT,
+            latency_us DOUBLE PRECISION,
+            extra TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )""")
+    execute("CREATE INDEX audit_events_agent ON audit_events (agent_id, seq)")
+    execute("CREATE INDEX audit_events_task ON audit_events (task_id, seq)")
+    # The last (seq, hash), written with every append: a cut tail shows while this row stands.
+    execute("""
+        CREATE TABLE audit_head (
+            id SMALLINT PRIMARY KEY CHECK (id = 1),
+            seq BIGINT NOT NULL,
+            hash TEXT NOT NULL
+        )""")
+    # Files of older versions (tasks.db, audit.db) imported into this one, each exactly once.
+    execute("""
+        CREATE TABLE legacy_imports (
+            name TEXT PRIMARY KEY,
+            imported_at BIGINT NOT NULL,
+            detail TEXT NOT NULL
+        )""")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _initial_schema),
+    Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
+)

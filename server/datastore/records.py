@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from svid import MAX_VERIFIER_LEEWAY
 
@@ -120,3 +122,92 @@ def revocation_needed_from(now: float) -> float:
     revocation, and the record of a credential that may need one, lives until then.
     """
     return now - MAX_VERIFIER_LEEWAY
+
+
+# -- the ledger: issued credentials, tasks, audit -------------------------------------------------
+
+
+class Credential(NamedTuple):
+    """An issued credential, recorded so it can be revoked: an X.509 serial (hex) or a jti.
+
+    A named tuple, not a frozen dataclass: one is built per SVID on the issuing thread (a
+    frozen dataclass costs 3x as much to make) and it is already the row the ledger writes."""
+
+    kind: str  # REVOKED_X509_SERIAL | REVOKED_JWT_ID
+    value: str
+    agent_id: str
+    spiffe_id: str
+    task_id: str  # "" for a workload (non-task) credential
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task as the datastore keeps it: the columns it is looked up by, and the task itself
+    as JSON text (`body`) that only the task layer reads."""
+
+    task_id: str
+    agent_id: str
+    runtime_id: str
+    state: str
+    expires_at: int
+    created_at: int
+    body: str
+
+
+# The audit row, in the order the chain hashes it (server.audit.event.CANONICAL_FIELDS) and then
+# the row's own hash. policy_ids and extra are JSON text.
+AUDIT_COLUMNS: tuple[str, ...] = (
+    "seq",
+    "event_id",
+    "ts",
+    "kind",
+    "agent_id",
+    "node_id",
+    "on_behalf_of",
+    "resource",
+    "action",
+    "decision",
+    "reason",
+    "task_id",
+    "risk",
+    "credential_id",
+    "policy_ids",
+    "policy_set_hash",
+    "ttl",
+    "latency_us",
+    "extra",
+    "prev_hash",
+    "hash",
+)
+AUDIT_TABLES = ("audit_events", "audit_head")
+# A sealed audit row: the values of AUDIT_COLUMNS in that order.
+AuditRow = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Head:
+    """The newest event of a log: publish it elsewhere to anchor the chain against truncation."""
+
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    agent_id: str | None = None
+    task_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+    decision: str | None = None
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditSnapshot:
+    """What one read transaction saw. `rows` streams inside that transaction: use it before
+    the snapshot's context ends."""
+
+    missing_tables: tuple[str, ...]
+    head: Head | None
+    rows: Callable[[], Iterator[dict[str, Any]]]

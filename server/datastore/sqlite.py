@@ -1,5 +1,8 @@
 """The SQLite datastore (through sqlite-utils): WAL, synchronous=FULL, one writer, migrations.
 
+Registration state lives here; tasks, credentials and the audit chain in the SqliteLedger mixin
+(server/datastore/sqlite_ledger.py), on the same connection and file.
+
 Thread safety: one connection guarded by one re-entrant lock. SQLite admits a single writer at a
 time anyway, every write fsyncs (synchronous=FULL) so the lock is held about as long as SQLite
 would hold its own, and reads are a few microseconds (the server keeps its hot state in memory
@@ -12,6 +15,7 @@ failing a transaction half-way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -46,6 +50,7 @@ from server.datastore.records import (
     Selector,
     revocation_needed_from,
 )
+from server.datastore.sqlite_ledger import SqliteLedger
 from svid._clock import Clock
 
 BUSY_TIMEOUT_MS = 10_000
@@ -141,6 +146,14 @@ def _revocation_from(row: Row) -> Revocation:
     )
 
 
+@contextmanager
+def _connection_of(
+    transaction: contextlib.AbstractContextManager[sqlite_utils.Database],
+) -> Iterator[sqlite3.Connection]:
+    with transaction as db:
+        yield db.conn
+
+
 def _create_private_file(path: Path) -> None:
     """The database holds token hashes and the CA journal: owner-only from the first byte."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -150,7 +163,7 @@ def _create_private_file(path: Path) -> None:
         os.close(fd)
 
 
-class SqliteDataStore:
+class SqliteDataStore(SqliteLedger):
     """`DataStore` on one SQLite file. Build once per process; `close()` at shutdown."""
 
     def __init__(self, path: Path, clock: Clock) -> None:
@@ -186,10 +199,18 @@ class SqliteDataStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                # Inside the try: a COMMIT that fails (I/O error, busy) leaves the transaction
+                # open, and the next BEGIN on this connection would fail for good.
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.conn.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction on the store's connection, for bulk jobs of this package (the
+        one-shot import of older files): committed when the block ends, rolled back on error."""
+        return _connection_of(self._transaction())
 
     def _rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         with self._lock:

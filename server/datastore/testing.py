@@ -11,12 +11,26 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 from server.datastore.base import DataStore
 from server.datastore.errors import DataStoreError
-from server.datastore.records import AttestedAgent, Entry, JoinToken, KeySlot, Revocation
+from server.datastore.records import (
+    AttestedAgent,
+    AuditRow,
+    AuditSnapshot,
+    Credential,
+    Entry,
+    EventFilter,
+    Head,
+    JoinToken,
+    KeySlot,
+    Revocation,
+    TaskRecord,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +164,74 @@ class FaultInjectingDataStore:
     def revision(self) -> int:
         self._enter("revision")
         return self.inner.revision()
+
+    def put_task(self, task: TaskRecord) -> None:
+        self._enter("put_task")
+        self.inner.put_task(task)
+
+    def get_task(self, task_id: str) -> TaskRecord | None:
+        self._enter("get_task")
+        return self.inner.get_task(task_id)
+
+    def list_tasks(
+        self,
+        *,
+        agent_id: str = "",
+        state: str = "",
+        runtime_ids: Sequence[str] | None = None,
+    ) -> list[TaskRecord]:
+        self._enter("list_tasks")
+        return self.inner.list_tasks(agent_id=agent_id, state=state, runtime_ids=runtime_ids)
+
+    def due_tasks(self, state: str, now: int) -> list[TaskRecord]:
+        self._enter("due_tasks")
+        return self.inner.due_tasks(state, now)
+
+    def add_violation(self, agent_id: str, at: int) -> None:
+        self._enter("add_violation")
+        self.inner.add_violation(agent_id, at)
+
+    def count_violations(self, agent_id: str, since: int) -> int:
+        self._enter("count_violations")
+        return self.inner.count_violations(agent_id, since)
+
+    def prune_violations(self, before: int) -> int:
+        self._enter("prune_violations")
+        return self.inner.prune_violations(before)
+
+    def task_credentials(self, task_id: str, now: int) -> list[Credential]:
+        self._enter("task_credentials")
+        return self.inner.task_credentials(task_id, now)
+
+    def agent_credentials(self, agent_id: str, now: int) -> list[Credential]:
+        self._enter("agent_credentials")
+        return self.inner.agent_credentials(agent_id, now)
+
+    def count_credentials(self, task_id: str) -> int:
+        self._enter("count_credentials")
+        return self.inner.count_credentials(task_id)
+
+    def prune_credentials(self, now: int) -> int:
+        self._enter("prune_credentials")
+        return self.inner.prune_credentials(now)
+
+    def write_ledger(
+        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+    ) -> None:
+        self._enter("write_ledger")
+        self.inner.write_ledger(credentials, audit_rows)
+
+    def audit_head(self) -> Head | None:
+        self._enter("audit_head")
+        return self.inner.audit_head()
+
+    def audit_rows(self, where: EventFilter | None = None) -> Iterator[dict[str, Any]]:
+        self._enter("audit_rows")
+        return self.inner.audit_rows(where)
+
+    def audit_snapshot(self) -> AbstractContextManager[AuditSnapshot]:
+        self._enter("audit_snapshot")
+        return self.inner.audit_snapshot()
 
     def close(self) -> None:
         self._enter("close")

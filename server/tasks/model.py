@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any
 
+from server.datastore.records import Credential
 from server.policy import Intent
+
+__all__ = ["TASK_PATH", "Credential", "Task", "TaskState", "is_task_id"]
 
 TASK_PATH = "/task/"
 
@@ -66,20 +69,6 @@ class Task:
 
     def remaining(self, now: float) -> int:
         return max(0, int(self.expires_at - now))
-
-
-class Credential(NamedTuple):
-    """An issued credential, recorded so it can be revoked: an X.509 serial (hex) or a jti.
-
-    A named tuple, not a frozen dataclass: one is built per SVID on the issuing thread (a
-    frozen dataclass costs 3x as much to make) and it is already the row TaskStore writes."""
-
-    kind: str  # server.datastore.records.REVOKED_X509_SERIAL | REVOKED_JWT_ID
-    value: str
-    agent_id: str
-    spiffe_id: str
-    task_id: str  # "" for a workload (non-task) credential
-    expires_at: int
 
 
 def is_task_id(spiffe_id: str) -> bool:

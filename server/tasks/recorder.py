@@ -2,9 +2,9 @@
 
 Every X.509-SVID and JWT-SVID the server signs is recorded (so eviction and task end can revoke
 it) and audited. Doing that with an fsync per signature would cost more than the signature, so
-issuance only enqueues; a writer thread commits what has queued up in one transaction each (and
-one audit append_many). Anything that revokes calls `flush()` first, so nothing issued before a
-revocation is missed.
+issuance only enqueues; a writer thread commits what has queued up through the ledger: the
+credential rows and their audit events in one transaction. Anything that revokes calls `flush()`
+first, so nothing issued before a revocation is missed.
 
 Durability: a record waits at most MAX_DELAY in memory before its commit, so a server crash can
 lose that window of issuance records (never an acknowledged admin write). Such credentials still
@@ -17,20 +17,24 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
-from server.audit import AuditLog
 from server.audit.log import DraftTuple
 from server.tasks.model import Credential
-from server.tasks.store import TaskStore
 
 _log = logging.getLogger("svid.server.tasks")
 MAX_DELAY = 0.02  # seconds a record may wait for company before it is written
 
 
+class LedgerWriter(Protocol):
+    def record(self, credentials: Sequence[Credential], events: Sequence[DraftTuple]) -> None:
+        """Commit both in one transaction; durable when this returns (server.ledger.Ledger)."""
+        ...
+
+
 class IssuanceRecorder:
-    def __init__(self, store: TaskStore, audit: AuditLog) -> None:
-        self._store = store
-        self._audit = audit
+    def __init__(self, ledger: LedgerWriter) -> None:
+        self._ledger = ledger
         self._cond = threading.Condition()
         self._creds: list[Credential] = []
         self._events: list[DraftTuple] = []
@@ -57,10 +61,8 @@ class IssuanceRecorder:
             with self._cond:
                 creds, self._creds = self._creds, []
                 events, self._events = self._events, []
-            if creds:
-                self._store.record(creds)
-            if events:
-                self._audit.append_tuples(events)
+            if creds or events:
+                self._ledger.record(creds, events)
 
     def _loop(self) -> None:
         while True:

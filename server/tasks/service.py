@@ -32,6 +32,7 @@ from server.datastore.records import (
 )
 from server.entitlement import entitled_entries
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from server.ledger import Ledger
 from server.policy import (
     Decision,
     DecisionRequest,
@@ -102,7 +103,7 @@ class TaskService:
         # Active tasks by task SPIFFE ID: the per-mint lookup never touches SQLite.
         self._active: Mapping[str, Task] = MappingProxyType({})
         self._crl = CrlCache()
-        self.recorder = IssuanceRecorder(store, audit)
+        self.recorder = IssuanceRecorder(Ledger(audit))
 
     @property
     def policy(self) -> PolicyEngine:
@@ -469,7 +470,8 @@ class TaskService:
         issued = self._ca.jwt_signer().sign(
             SpiffeId.parse(task.spiffe_id), list(audience), ttl, claims
         )
-        self._store.record(
+        # The record and its event commit together before the token is returned (fail closed).
+        self._audit.record(
             [
                 Credential(
                     REVOKED_JWT_ID,
@@ -479,20 +481,22 @@ class TaskService:
                     task.task_id,
                     issued.expires_at,
                 )
-            ]
-        )
-        self._audit.append(
-            EventKind.JWT_MINTED,
-            agent_id=task.runtime_id,
-            node_id=agent_id,
-            on_behalf_of=task.on_behalf_of or None,
-            resource=",".join(audience),
-            action=" ".join(scope),
-            decision="allow",
-            task_id=task.task_id,
-            credential_id=issued.jti,
-            ttl=ttl,
-            policy_set_hash=self._policy.policy_set_hash,
+            ],
+            [
+                EventDraft(
+                    EventKind.JWT_MINTED,
+                    agent_id=task.runtime_id,
+                    node_id=agent_id,
+                    on_behalf_of=task.on_behalf_of or None,
+                    resource=",".join(audience),
+                    action=" ".join(scope),
+                    decision="allow",
+                    task_id=task.task_id,
+                    credential_id=issued.jti,
+                    ttl=ttl,
+                    policy_set_hash=self._policy.policy_set_hash,
+                )
+            ],
         )
         return issued
 

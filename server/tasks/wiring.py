@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.audit import AuditLog, SqliteAuditStore
+from server.audit import AuditLog
 from server.ca.manager import CaManager
 from server.ca.signer import IssuedJwt
 from server.datastore.records import Entry
@@ -25,7 +25,7 @@ from server.state import ServerState
 from server.tasks.grpc_api import NodeTasksServicer, TaskAdminServicer
 from server.tasks.model import is_task_id
 from server.tasks.service import TaskService, TaskSettings
-from server.tasks.store import TaskStore
+from server.tasks.store import TaskRows, TaskStore
 from svid._clock import Clock
 from svid._proto import task_pb2_grpc
 
@@ -121,14 +121,13 @@ class TaskLayer:
                 await asyncio.wait_for(stop.wait(), timeout=wait)
 
     def close(self) -> None:
+        """Write what the recorder holds; the datastore is closed by whoever opened it."""
         self.service.close()
-        self.store.close()
-        self.audit.store.close()
 
 
 def build_task_layer(
     *,
-    data_dir: Path,
+    datastore: TaskRows,
     policy_dir: Path | None,
     trust_domain: str,
     state: ServerState,
@@ -139,8 +138,8 @@ def build_task_layer(
 ) -> TaskLayer:
     """Raises PolicyError (an invalid policy set) or AuditError before anything is served."""
     policy = PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
-    audit = AuditLog(SqliteAuditStore(data_dir / "audit.db"), clock)
-    store = TaskStore(data_dir / "tasks.db")
+    audit = AuditLog(datastore, clock)
+    store = TaskStore(datastore)
     service = TaskService(
         state=state,
         store=store,

@@ -9,13 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -26,8 +22,8 @@ from agent_attestor.relay import RelaySettings
 from agent_attestor.workload_attestor import UnixAttestor
 from svid._clock import FakeClock
 from tests.agent_attestor.harness import Harness, fetch_ids
+from tests.users import NOBODY, hold_connections_as_nobody
 
-NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
 
 
@@ -46,32 +42,6 @@ class _SlowFor:
                 self.entered += 1
             self.open.wait(60)
         return []
-
-
-def _hold_connections_as_nobody(socket_path: Path, count: int) -> subprocess.Popen[str]:
-    """A `nobody` process that opens `count` connections, says how many, and holds them until
-    its stdin closes."""
-    code = textwrap.dedent(
-        f"""
-        import os, socket, sys
-        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
-        held = []
-        for _ in range({count}):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            try:
-                s.connect({str(socket_path)!r})
-            except OSError:
-                s.close()
-                continue
-            held.append(s)
-        print(len(held), flush=True)
-        sys.stdin.read()
-        """
-    )
-    return subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
 
 
 @pytest.fixture
@@ -93,7 +63,7 @@ def test_one_uids_slow_identifications_do_not_stall_another_uids_fetch(
 ) -> None:
     agent, slow = slowed
     agent.add_entry("/root-caller")  # unix:uid:0, this test process
-    flood = _hold_connections_as_nobody(agent.socket_path, 40)  # more than any default pool
+    flood = hold_connections_as_nobody(agent.socket_path, 40)  # more than any default pool
     try:
         assert flood.stdout is not None
         assert int(flood.stdout.readline()) == 40

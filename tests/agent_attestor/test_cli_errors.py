@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent_attestor.config import DEFAULT_SOCKET
+from tests.users import as_another_user
 
 ENV = "SPIFFE_ENDPOINT_SOCKET"
 
@@ -100,15 +101,6 @@ def test_a_file_that_is_not_a_socket(sock_dir: Path) -> None:
     assert f"{path} (from {ENV}) is not a socket" in _one_line(err)
 
 
-def _as_another_user() -> list[str]:
-    """A command prefix that drops root (root opens any socket); nothing for anyone else."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("running as root without setpriv to drop privileges")
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
 @pytest.mark.parametrize("private", ["directory", "socket"])
 def test_a_socket_this_user_may_not_open(sock_dir: Path, private: str) -> None:
     sock_dir.chmod(0o755)
@@ -119,7 +111,7 @@ def test_a_socket_this_user_may_not_open(sock_dir: Path, private: str) -> None:
     server.listen(1)
     path.chmod(0o600 if private == "socket" else 0o777)
     try:
-        code, out, err, _ = _agent_cli(*FETCH, env=f"unix://{path}", prefix=_as_another_user())
+        code, out, err, _ = _agent_cli(*FETCH, env=f"unix://{path}", prefix=as_another_user())
     finally:
         server.close()
     assert (code, out) == (1, "")

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,12 +14,12 @@ import pytest
 from svid._proto import workload_pb2, workload_pb2_grpc
 from tests.e2e.agent_process import HEADER, AgentProcess, create_entry, new_token
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir
+from tests.users import hold_connections_as_nobody
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid"),
 ]
-NOBODY = 65534
 AGENT_FDS = 400
 
 
@@ -44,30 +40,6 @@ def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _flood_as_nobody(socket_path: Path, count: int) -> subprocess.Popen[str]:
-    code = textwrap.dedent(
-        f"""
-        import os, socket, sys
-        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
-        held = []
-        for _ in range({count}):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            try:
-                s.connect({str(socket_path)!r})
-            except OSError:
-                s.close()
-                continue
-            held.append(s)
-        print(len(held), flush=True)
-        sys.stdin.read()
-        """
-    )
-    return subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-
-
 def test_a_flood_of_idle_connections_from_one_uid_leaves_room_for_others(
     stack: tuple[ServerProcess, AgentProcess],
 ) -> None:
@@ -75,7 +47,7 @@ def test_a_flood_of_idle_connections_from_one_uid_leaves_room_for_others(
     sid = "spiffe://example.org/legit"
     create_entry(server, sid, agent.agent_id(), f"unix:uid:{os.getuid()}")
     agent.wait_svid(sid)
-    flood = _flood_as_nobody(agent.socket_path, 3 * AGENT_FDS)
+    flood = hold_connections_as_nobody(agent.socket_path, 3 * AGENT_FDS)
     try:
         assert flood.stdout is not None
         assert int(flood.stdout.readline()) > AGENT_FDS // 2  # the flood did get in

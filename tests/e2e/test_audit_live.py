@@ -113,7 +113,7 @@ def test_verify_on_a_live_server_under_load_reports_no_false_alarm() -> None:
         if server.proc is not None:
             assert server.stop() == 0
     # The shutdown checkpoint names the final head: nothing recorded after it.
-    db = sqlite3.connect(server.data_dir / "audit.db")
+    db = sqlite3.connect(server.data_dir / "datastore.sqlite3")
     head = db.execute("SELECT seq, hash FROM audit_head").fetchone()
     db.close()
     last = _last_checkpoint(checkpoints)

@@ -202,7 +202,7 @@ def test_edited_or_deleted_audit_row_is_named_by_verify(setup: Setup) -> None:
     for _ in range(3):
         setup.begin()
     data_dir = str(setup.server.data_dir)
-    db = setup.server.data_dir / "audit.db"
+    db = setup.server.data_dir / "datastore.sqlite3"
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT seq, event_id FROM audit_events ORDER BY seq").fetchall()
         conn.execute("DELETE FROM audit_events WHERE seq = ?", (rows[2][0],))

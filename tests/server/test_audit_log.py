@@ -24,6 +24,7 @@ from server.audit import (
 )
 from server.audit.event import CANONICAL_FIELDS, canonical_json, chain_hash
 from server.audit.log import event_from_row
+from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
 
 AGENT = "spiffe://example.org/agents/research-bot"
@@ -32,7 +33,7 @@ OTHER = "spiffe://example.org/agents/billing-bot"
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    return tmp_path / "audit.db"
+    return tmp_path / "datastore.sqlite3"
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def log(db: Path, clock: FakeClock) -> AuditLog:
-    return AuditLog(SqliteAuditStore(db), clock)
+    return AuditLog(SqliteDataStore(db, clock), clock)
 
 
 def fill(log: AuditLog, clock: FakeClock, n: int = 5) -> None:
@@ -104,10 +105,10 @@ def test_canonical_encoding_is_sorted_compact_utf8(log: AuditLog) -> None:
 
 
 def test_chain_survives_reopening(db: Path, clock: FakeClock) -> None:
-    log = AuditLog(SqliteAuditStore(db), clock)
+    log = AuditLog(SqliteDataStore(db, clock), clock)
     fill(log, clock, 3)
     log.store.close()
-    reopened = AuditLog(SqliteAuditStore(db), clock)
+    reopened = AuditLog(SqliteDataStore(db, clock), clock)
     e = reopened.append("task_end", agent_id=AGENT)
     assert e.seq == 4
     assert reopened.verify().ok
@@ -146,7 +147,7 @@ def test_editing_any_field_is_caught(
 def test_a_rehashed_edit_breaks_the_next_link(db: Path, log: AuditLog, clock: FakeClock) -> None:
     fill(log, clock)
     store = SqliteAuditStore(db)
-    row = next(r for r in store.rows() if r["seq"] == 2)
+    row = next(r for r in store.audit_rows() if r["seq"] == 2)
     forged = event_from_row({**row, "decision": "deny"})
     sql(
         db,
@@ -329,17 +330,17 @@ def test_concurrent_appends_keep_one_chain(log: AuditLog) -> None:
     assert result.checked == 100
 
 
-class FailingStore(SqliteAuditStore):
+class FailingStore(SqliteDataStore):
     fail = False
 
-    def append(self, events):  # type: ignore[no-untyped-def]
+    def write_ledger(self, credentials, audit_rows):  # type: ignore[no-untyped-def]
         if self.fail:
             raise AuditError("disk full")
-        super().append(events)
+        super().write_ledger(credentials, audit_rows)
 
 
 def test_a_failed_commit_leaves_no_hole(db: Path, clock: FakeClock) -> None:
-    store = FailingStore(db)
+    store = FailingStore(db, clock)
     log = AuditLog(store, clock)
     log.append("task_begin", agent_id=AGENT)
     store.fail = True
@@ -359,7 +360,7 @@ def test_unopenable_database_is_an_audit_error(tmp_path: Path) -> None:
 
 def test_read_only_open_refuses_a_missing_database(tmp_path: Path) -> None:
     with pytest.raises(AuditError, match=r"no audit database at .*missing\.db"):
-        SqliteAuditStore(tmp_path / "missing.db", create=False)
+        SqliteAuditStore(tmp_path / "missing.db")
     assert not (tmp_path / "missing.db").exists()
 
 
@@ -367,7 +368,7 @@ def test_tuple_drafts_chain_like_event_drafts(log: AuditLog) -> None:
     values = ("jwt_minted", AGENT, None, None, "aud", None, "allow", None, None, None, "jti-1")
     log.append_tuples([(*values, (), None, 300, None, {"spiffe_id": AGENT})])
     log.append_tuples([(*values, ("p1",), None, 300, None, {})])
-    first, second = (event_from_row(r) for r in log.store.rows())
+    first, second = (event_from_row(r) for r in log.store.audit_rows())
     assert first.extra == {"spiffe_id": AGENT}
     assert second.policy_ids == ("p1",)
     assert first.event_id != second.event_id

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.users import as_another_user
+
 ENV = "SVID_SERVER_ADMIN_SOCKET"
 
 
@@ -70,15 +72,6 @@ def test_a_file_that_is_not_a_socket(sock_dir: Path) -> None:
     assert f"admin socket {path} (from --admin-socket) is not a socket" in err
 
 
-def _as_another_user() -> list[str]:
-    """A command prefix that drops root (root opens any socket); nothing for anyone else."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("running as root without setpriv to drop privileges")
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
 @pytest.mark.parametrize("private", ["directory", "socket"])
 def test_another_users_admin_socket(sock_dir: Path, private: str) -> None:
     sock_dir.chmod(0o755)
@@ -90,7 +83,7 @@ def test_another_users_admin_socket(sock_dir: Path, private: str) -> None:
     path.chmod(0o600 if private == "socket" else 0o777)
     try:
         _, err, _ = _server_cli(
-            "agent", "list", "--admin-socket", str(path), prefix=_as_another_user()
+            "agent", "list", "--admin-socket", str(path), prefix=as_another_user()
         )
     finally:
         server.close()

@@ -20,8 +20,13 @@ from server.datastore import (
     NotFoundError,
     Revocation,
     Selector,
+    ledger_queries,
+    migrations,
+    queries,
 )
+from server.datastore import sqlite as sqlite_module
 from server.datastore.migrations import MIGRATIONS
+from server.datastore.records import EventFilter
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from svid import MAX_VERIFIER_LEEWAY
@@ -381,6 +386,55 @@ def test_migrations_are_recorded_and_idempotent(tmp_path: Path, clock: FakeClock
     assert again.schema_versions() == versions
     assert len(again.list_entries()) == 1
     again.close()
+
+
+def test_a_datastore_of_the_previous_schema_gains_the_ledger_tables(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:1])
+        old = SqliteDataStore(tmp_path / "db", clock)
+        made = old.create_entry(entry())
+        old.close()
+    store = SqliteDataStore(tmp_path / "db", clock)
+    assert store.schema_versions() == [m.version for m in MIGRATIONS]
+    assert store.get_entry(made.id) == made
+    assert store.audit_head() is None
+    assert store.list_tasks() == []
+    store.close()
+
+
+def test_the_shared_sql_has_no_sqlite_only_syntax() -> None:
+    """queries, ledger_queries and the migrations are what a PostgreSQL backend reuses: only the
+    dialect words the migrations module names (BLOB, SEQ_KEY) may be SQLite's."""
+    statements: list[str] = []
+    for module in (queries, ledger_queries):
+        statements += [v for k, v in vars(module).items() if k.isupper() and isinstance(v, str)]
+    statements.append(ledger_queries.list_tasks(2))
+    statements.append(ledger_queries.audit_page(EventFilter("a", "t", 1.0, 2.0, "allow", "k"))[0])
+    for migration in MIGRATIONS:
+        migration.apply(statements.append)
+    sqlite_only = (
+        "INSERT OR",
+        "REPLACE INTO",
+        "ROWID",
+        "AUTOINCREMENT",
+        "PRAGMA",
+        "WITHOUT",
+        "STRICT",
+        "IFNULL",
+        "GLOB",
+        "?",
+        "DATETIME(",
+        "IF NOT EXISTS",
+    )
+    found = [
+        (word, sql.strip()[:60])
+        for sql in statements
+        for word in sqlite_only
+        if word in sql.replace(migrations.SEQ_KEY, "").upper()
+    ]
+    assert found == []
 
 
 def test_database_is_wal_fully_synced_and_owner_only(tmp_path: Path, clock: FakeClock) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from server.audit import AuditError, AuditLog, SqliteAuditStore
+from server.audit import AuditError, AuditLog
 from server.audit.event import (
     _ENCODER,
     DRAFT_FIELDS,
@@ -26,7 +26,8 @@ from server.audit.event import (
     check_no_secret,
 )
 from server.audit.log import check_draft_tuple, event_from_row
-from server.audit.store import insert_many
+from server.datastore.sqlite import SqliteDataStore
+from server.datastore.sqlite_audit import insert_many
 from server.tasks import recorder as recorder_module
 from server.tasks.model import Credential
 from server.tasks.recorder import IssuanceRecorder
@@ -38,6 +39,10 @@ AGENT = "spiffe://example.org/svid/agent/join_token/abc"
 WORKLOAD = "spiffe://example.org/bench/w0"
 JWT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
 PEM = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----"
+
+
+def _log(tmp_path: Path, clock: FakeClock) -> AuditLog:
+    return AuditLog(SqliteDataStore(tmp_path / "datastore.sqlite3", clock), clock)
 
 
 class _Frozen(Mapping[str, Any]):
@@ -158,7 +163,7 @@ def test_draft_tuple_check_refuses_what_check_no_secret_refuses(draft: tuple[Any
 
 
 def test_sealed_rows_hash_as_the_events_they_store(tmp_path: Path) -> None:
-    log = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000.25))
+    log = _log(tmp_path, FakeClock(1_800_000_000.25))
     drafts = [
         _draft(),
         _draft(extra={"spiffe_id": WORKLOAD, "é": ["ü", 1, None]}),
@@ -168,7 +173,7 @@ def test_sealed_rows_hash_as_the_events_they_store(tmp_path: Path) -> None:
         _draft(task_id="task-1", on_behalf_of="user@example.org"),
     ]
     log.append_tuples(drafts * 30)
-    rows = list(log.store.rows())
+    rows = list(log.store.audit_rows())
     assert len(rows) == 180
     for row in rows:
         event = event_from_row(row)
@@ -180,7 +185,7 @@ def test_sealed_rows_hash_as_the_events_they_store(tmp_path: Path) -> None:
 
 
 def test_unencodable_extra_fails_as_before_and_leaves_no_hole(tmp_path: Path) -> None:
-    log = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000))
+    log = _log(tmp_path, FakeClock(1_800_000_000))
     log.append_tuples([_draft()])
     with pytest.raises(TypeError):
         log.append_tuples([_draft(extra={"x": object()})])
@@ -188,7 +193,7 @@ def test_unencodable_extra_fails_as_before_and_leaves_no_hole(tmp_path: Path) ->
         log.append_tuples([_draft(extra={"x": "y" * 5000})])
     log.append_tuples([_draft()])
     assert log.verify().ok
-    assert [r["seq"] for r in log.store.rows()] == [1, 2]
+    assert [r["seq"] for r in log.store.audit_rows()] == [1, 2]
 
 
 def test_insert_many_writes_what_executemany_writes() -> None:
@@ -213,7 +218,7 @@ def test_insert_many_writes_what_executemany_writes() -> None:
 
 
 def test_credentials_are_recorded_and_read_back(tmp_path: Path) -> None:
-    store = TaskStore(tmp_path / "tasks.db")
+    store = TaskStore(SqliteDataStore(tmp_path / "datastore.sqlite3", FakeClock(1000)))
     creds = [
         Credential("x509_serial", format(i, "x"), AGENT, WORKLOAD, "task-1" if i % 3 else "", 2000)
         for i in range(400)
@@ -226,20 +231,24 @@ def test_credentials_are_recorded_and_read_back(tmp_path: Path) -> None:
     assert store.agent_credentials(AGENT, now=2001 + int(MAX_VERIFIER_LEEWAY)) == []
 
 
-class _CountingStore:
-    def __init__(self) -> None:
+class _CountingLedger:
+    """The audit log's ledger write, counting the calls the recorder makes."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
         self.calls: list[int] = []
         self.lock = threading.Lock()
 
-    def record(self, creds: list[Credential]) -> None:
+    def record(self, creds: Any, events: Any) -> None:
         with self.lock:
             self.calls.append(len(creds))
+        self.audit.record(creds, events)
 
 
 def test_recorder_gathers_a_burst_into_one_write(tmp_path: Path) -> None:
-    store = _CountingStore()
-    audit = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000))
-    recorder = IssuanceRecorder(store, audit)  # type: ignore[arg-type]
+    audit = _log(tmp_path, FakeClock(1_800_000_000))
+    store = _CountingLedger(audit)
+    recorder = IssuanceRecorder(store)
     try:
         started = time.monotonic()
         for i in range(50):  # one JWT at a time, as the batch handler records them
@@ -255,15 +264,15 @@ def test_recorder_gathers_a_burst_into_one_write(tmp_path: Path) -> None:
         # transactions; now one per MAX_DELAY window.
         assert len(store.calls) <= 1 + waited / recorder_module.MAX_DELAY, store.calls
         assert waited < 1.0
-        assert len(list(audit.store.rows())) == 50
+        assert len(list(audit.store.audit_rows())) == 50
     finally:
         recorder.close()
 
 
 def test_recorder_writes_a_lone_record_within_its_window(tmp_path: Path) -> None:
-    store = _CountingStore()
-    audit = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000))
-    recorder = IssuanceRecorder(store, audit)  # type: ignore[arg-type]
+    audit = _log(tmp_path, FakeClock(1_800_000_000))
+    store = _CountingLedger(audit)
+    recorder = IssuanceRecorder(store)
     try:
         for round_ in range(3):
             started = time.monotonic()
@@ -281,12 +290,12 @@ def test_recorder_close_writes_what_is_queued(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(recorder_module, "MAX_DELAY", 60.0)
-    store = _CountingStore()
-    audit = AuditLog(SqliteAuditStore(tmp_path / "audit.db"), FakeClock(1_800_000_000))
-    recorder = IssuanceRecorder(store, audit)  # type: ignore[arg-type]
+    audit = _log(tmp_path, FakeClock(1_800_000_000))
+    store = _CountingLedger(audit)
+    recorder = IssuanceRecorder(store)
     recorder.add([Credential("jwt_id", "j", AGENT, WORKLOAD, "", 9)], [_draft()])
     started = time.monotonic()
     recorder.close()
     assert time.monotonic() - started < 5  # close ends the gathering wait
     assert store.calls == [1]
-    assert len(list(audit.store.rows())) == 1
+    assert len(list(audit.store.audit_rows())) == 1

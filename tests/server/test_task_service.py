@@ -16,9 +16,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from server.audit import AuditError, AuditLog, SqliteAuditStore
+from server.audit import AuditError, AuditLog
 from server.ca.manager import CaManager
 from server.datastore.base import DataStore
+from server.datastore.errors import StorageError
 from server.datastore.records import AttestedAgent, Entry, Selector
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
@@ -65,7 +66,7 @@ class World:
         return self.run(self.service.begin(self.agent, BeginRequest(**values)))
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        return [r for r in self.audit.store.rows() if r["kind"] == kind]
+        return [r for r in self.audit.store.audit_rows() if r["kind"] == kind]
 
 
 def make_world(
@@ -75,14 +76,14 @@ def make_world(
     ca_manager: CaManager,
     *,
     store: TaskStore | None = None,
-    audit_store: SqliteAuditStore | None = None,
 ) -> World:
     state = ServerState(datastore, clock, ChangeNotifier())
     state.load()
     state.set_bundle(ca_manager.bundle(), {})
     agent = AttestedAgent(AGENT, "join_token", "abc", int(clock.now()) + 3600, selectors=())
-    audit = AuditLog(audit_store or SqliteAuditStore(tmp_path / "audit.db"), clock)
-    store = store or TaskStore(tmp_path / "tasks.db")
+    # One datastore for everything, as app.py wires it.
+    audit = AuditLog(datastore, clock)
+    store = store or TaskStore(datastore)
     policy = PolicyEngine(None, clock, trust_domain="example.org")
     service = TaskService(
         state=state,
@@ -335,7 +336,7 @@ def test_active_tasks_survive_a_restart(world: World) -> None:
     task = world.begin()
     again = TaskService(
         state=world.state,
-        store=TaskStore(world.tmp / "tasks.db"),
+        store=TaskStore(SqliteDataStore(world.tmp / "datastore.sqlite3", world.clock)),
         policy=world.service.policy,
         audit=world.audit,
         ca=world.ca,
@@ -411,16 +412,6 @@ class FailingTaskStore(TaskStore):
         super().put_task(task)
 
 
-class FailingAuditStore(SqliteAuditStore):
-    fail_next = False
-
-    def append(self, rows: Any) -> None:
-        if self.fail_next:
-            self.fail_next = False
-            raise AuditError("cannot append to audit database: disk I/O error")
-        super().append(rows)
-
-
 def no_trace_of_a_task(world: World) -> None:
     assert world.events("task_begin") == []
     assert [e.spiffe_id for e in world.state.entries.by_id.values()] == [RUNTIME]
@@ -444,7 +435,7 @@ def test_a_failed_entry_write_leaves_no_task_begin_event(
 def test_a_failed_task_row_write_leaves_no_task_begin_event(
     tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
 ) -> None:
-    store = FailingTaskStore(tmp_path / "tasks.db")
+    store = FailingTaskStore(datastore)
     world = make_world(tmp_path, clock, datastore, ca_manager, store=store)
     store.fail_next = True
     with pytest.raises(sqlite3.OperationalError):
@@ -460,9 +451,9 @@ def test_a_failed_task_row_write_leaves_no_task_begin_event(
 def test_a_task_whose_begin_event_cannot_be_written_is_undone(
     tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
 ) -> None:
-    audit_store = FailingAuditStore(tmp_path / "audit.db")
-    world = make_world(tmp_path, clock, datastore, ca_manager, audit_store=audit_store)
-    audit_store.fail_next = True
+    faulty = FaultInjectingDataStore(datastore)
+    world = make_world(tmp_path, clock, faulty, ca_manager)
+    faulty.inject(StorageError("disk I/O error"), method="write_ledger")
     with pytest.raises(AuditError):
         world.begin()
     no_trace_of_a_task(world)

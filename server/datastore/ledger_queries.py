@@ -1,0 +1,96 @@
+# ruff: noqa: S608 - column lists and filters are constants; every value is a bound parameter
+"""The ledger's statements (tasks, credentials, violations, audit), in SQL SQLite and PostgreSQL
+both run, like queries.py. Multi-row inserts are built by the backend from the `*_INTO` heads:
+only the placeholder syntax differs between drivers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.datastore.records import AUDIT_COLUMNS, EventFilter
+
+_TASK_COLUMNS = "task_id, agent_id, runtime_id, state, expires_at, created_at, body"
+UPSERT_TASK = (
+    f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES (:task_id, :agent_id, :runtime_id, :state, "
+    ":expires_at, :created_at, :body) ON CONFLICT (task_id) DO UPDATE SET "
+    "agent_id = excluded.agent_id, runtime_id = excluded.runtime_id, state = excluded.state, "
+    "expires_at = excluded.expires_at, created_at = excluded.created_at, body = excluded.body"
+)
+SELECT_TASK = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = :task_id"
+DUE_TASKS = (
+    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE state = :state AND expires_at <= :now "
+    "ORDER BY expires_at, task_id"
+)
+
+
+def list_tasks(runtime_count: int | None) -> str:
+    """Tasks filtered by agent and state (a NULL filter matches all) and, unless
+    `runtime_count` is None, by runtime_id in the parameters :r0 .. :r{runtime_count - 1}."""
+    sql = (
+        f"SELECT {_TASK_COLUMNS} FROM tasks WHERE (:agent_id IS NULL OR agent_id = :agent_id) "
+        "AND (:state IS NULL OR state = :state)"
+    )
+    if runtime_count is not None:
+        names = ", ".join(f":r{i}" for i in range(runtime_count))
+        sql += f" AND runtime_id IN ({names})"
+    return sql + " ORDER BY created_at, task_id"
+
+
+CREDENTIAL_COLUMNS = ("kind", "value", "agent_id", "spiffe_id", "task_id", "expires_at")
+CREDENTIALS_INTO = f"INSERT INTO credentials ({', '.join(CREDENTIAL_COLUMNS)})"
+_CREDENTIALS = f"SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM credentials"
+TASK_CREDENTIALS = (
+    f"{_CREDENTIALS} WHERE task_id = :task_id AND expires_at >= :needed_from ORDER BY kind, value"
+)
+AGENT_CREDENTIALS = (
+    f"{_CREDENTIALS} WHERE agent_id = :agent_id AND expires_at >= :needed_from ORDER BY kind, value"
+)
+COUNT_CREDENTIALS = "SELECT COUNT(*) AS n FROM credentials WHERE task_id = :task_id"
+PRUNE_CREDENTIALS = "DELETE FROM credentials WHERE expires_at < :needed_from"
+
+INSERT_VIOLATION = "INSERT INTO violations (agent_id, at) VALUES (:agent_id, :at)"
+COUNT_VIOLATIONS = "SELECT COUNT(*) AS n FROM violations WHERE agent_id = :agent_id AND at > :since"
+PRUNE_VIOLATIONS = "DELETE FROM violations WHERE at <= :before"
+
+AUDIT_EVENTS_INTO = f"INSERT INTO audit_events ({', '.join(AUDIT_COLUMNS)})"
+SELECT_AUDIT_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
+UPSERT_AUDIT_HEAD = (
+    "INSERT INTO audit_head (id, seq, hash) VALUES (1, :seq, :hash) "
+    "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash"
+)
+ALL_AUDIT_ROWS = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_events ORDER BY seq"
+COUNT_AUDIT_EVENTS = "SELECT COUNT(*) AS n FROM audit_events"
+
+
+def audit_page(where: EventFilter) -> tuple[str, dict[str, Any]]:
+    """One page of audit rows after :after (seq order, at most :limit rows) matching `where`;
+    the caller binds :after and :limit."""
+    clauses = ["seq > :after"]
+    params: dict[str, Any] = {}
+    for column, value in (
+        ("agent_id", where.agent_id),
+        ("task_id", where.task_id),
+        ("decision", where.decision),
+        ("kind", where.kind),
+    ):
+        if value is not None:
+            clauses.append(f"{column} = :{column}")
+            params[column] = value
+    if where.since is not None:
+        clauses.append("ts >= :since")
+        params["since"] = where.since
+    if where.until is not None:
+        clauses.append("ts < :until")
+        params["until"] = where.until
+    sql = (
+        f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_events WHERE {' AND '.join(clauses)} "
+        "ORDER BY seq LIMIT :limit"
+    )
+    return sql, params
+
+
+INSERT_LEGACY_IMPORT = (
+    "INSERT INTO legacy_imports (name, imported_at, detail) VALUES (:name, :now, :detail)"
+)
+SELECT_LEGACY_IMPORT = "SELECT name FROM legacy_imports WHERE name = :name"

@@ -1,0 +1,121 @@
+"""Reading the audit chain out of a SQLite file: one consistent snapshot, or pages of rows.
+
+Shared by the datastore (server/datastore/sqlite.py) and the read-only tools' opener
+(server/audit/store.py): both read the same tables, the tools without changing the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sqlite3
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from server.datastore import ledger_queries as lq
+from server.datastore.errors import StorageError
+from server.datastore.records import (
+    AUDIT_COLUMNS,
+    AUDIT_TABLES,
+    AuditSnapshot,
+    EventFilter,
+    Head,
+)
+
+PAGE = 1000
+BUSY_TIMEOUT_MS = 5000
+# SQLite's default parameter limit before 3.32: multi-row INSERTs stay under it everywhere.
+_MAX_PARAMS = 999
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that can change nothing in the file (nor create it)."""
+    uri = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro"
+    db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return db
+
+
+def insert_many(db: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]]) -> None:
+    """`db.executemany(head + " VALUES (?, ...)", rows)` as multi-row INSERTs of up to
+    _MAX_PARAMS parameters each, in the caller's transaction.
+
+    Why: the sqlite3 module releases the GIL around every statement step, so executemany
+    released it once per row; with signing threads waiting for the GIL, each release handed it
+    away and the writer queued to get it back, hundreds of times per flush. Here it is once per
+    chunk. Rows go in the same order, with the same bindings; a row of the wrong width is an
+    error, as it is for executemany.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    per = max(1, _MAX_PARAMS // width)
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        if any(len(row) != width for row in chunk):
+            raise sqlite3.ProgrammingError(
+                f"every row needs {width} values; one has a different number"
+            )
+        db.execute(_values_sql(head, width, len(chunk)), [v for row in chunk for v in row])
+
+
+@functools.lru_cache(maxsize=256)
+def _values_sql(head: str, width: int, count: int) -> str:
+    one = "(" + ", ".join("?" * width) + ")"
+    return f"{head} VALUES {', '.join([one] * count)}"
+
+
+def read_head(db: sqlite3.Connection) -> Head | None:
+    row = db.execute(lq.SELECT_AUDIT_HEAD).fetchone()
+    return None if row is None else Head(int(row[0]), str(row[1]))
+
+
+def page_rows(
+    fetch: Callable[[str, dict[str, Any]], list[tuple[Any, ...]]],
+    where: EventFilter | None,
+) -> Iterator[dict[str, Any]]:
+    """Rows matching `where` in seq order, a page per `fetch` call: a large log streams, and no
+    lock is held while the caller works on a page."""
+    sql, params = lq.audit_page(where or EventFilter())
+    after = -(2**63)
+    while True:
+        page = fetch(sql, {**params, "after": after, "limit": PAGE})
+        for row in page:
+            yield dict(zip(AUDIT_COLUMNS, row, strict=True))
+        if len(page) < PAGE:
+            return
+        after = page[-1][0]
+
+
+@contextlib.contextmanager
+def snapshot(path: Path) -> Iterator[AuditSnapshot]:
+    """One read transaction on a read-only connection of its own: in WAL mode it sees one
+    committed state from its first read to its end, and writers go on meanwhile. Creates
+    nothing, so dropped tables are reported as missing."""
+    try:
+        db = connect_read_only(path)
+    except sqlite3.Error as e:
+        raise StorageError(f"cannot open the audit log for reading: {e}") from e
+    try:
+        # BEGIN is deferred: the snapshot is taken by the first SELECT, and every later one
+        # in this transaction reads the same state.
+        db.execute("BEGIN")
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = tuple(t for t in AUDIT_TABLES if t not in names)
+        head = read_head(db) if "audit_head" in names else None
+
+        def rows() -> Iterator[dict[str, Any]]:
+            if "audit_events" not in names:
+                return
+            cursor = db.execute(lq.ALL_AUDIT_ROWS)
+            while page := cursor.fetchmany(PAGE):
+                for r in page:
+                    yield dict(zip(AUDIT_COLUMNS, r, strict=True))
+
+        yield AuditSnapshot(missing, head, rows)
+    except (sqlite3.Error, ValueError) as e:
+        raise StorageError(f"cannot read the audit log: {e}") from e
+    finally:
+        db.close()

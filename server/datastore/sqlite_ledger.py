@@ -1,0 +1,175 @@
+"""The ledger half of the SQLite datastore: tasks, violations, credentials and the audit chain.
+
+A mixin of `SqliteDataStore` (server/datastore/sqlite.py), which supplies the connection, the
+lock and the transactions: one file, one writer, one migration runner for every table.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from server.datastore import ledger_queries as lq
+from server.datastore import sqlite_audit
+from server.datastore.errors import StorageError
+from server.datastore.records import (
+    AuditRow,
+    AuditSnapshot,
+    Credential,
+    EventFilter,
+    Head,
+    TaskRecord,
+    revocation_needed_from,
+)
+
+
+def _task_from(row: Mapping[str, Any]) -> TaskRecord:
+    return TaskRecord(
+        task_id=row["task_id"],
+        agent_id=row["agent_id"],
+        runtime_id=row["runtime_id"],
+        state=row["state"],
+        expires_at=row["expires_at"],
+        created_at=row["created_at"],
+        body=row["body"],
+    )
+
+
+def _task_params(task: TaskRecord) -> dict[str, Any]:
+    return {
+        "task_id": task.task_id,
+        "agent_id": task.agent_id,
+        "runtime_id": task.runtime_id,
+        "state": task.state,
+        "expires_at": task.expires_at,
+        "created_at": task.created_at,
+        "body": task.body,
+    }
+
+
+class SqliteLedger:
+    """Task records, credential ledger and audit chain on the datastore's connection."""
+
+    _path: Path
+    _lock: threading.RLock
+
+    def _transaction(self) -> AbstractContextManager[sqlite_utils.Database]:
+        raise NotImplementedError  # SqliteDataStore's
+
+    def _rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        raise NotImplementedError  # SqliteDataStore's
+
+    def _write(self, what: str, sql: str, params: Mapping[str, Any]) -> int:
+        try:
+            with self._transaction() as db:
+                return int(db.execute(sql, dict(params)).rowcount)
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot {what}: {e}") from e
+
+    def _read(self, what: str, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        try:
+            return self._rows(sql, params)
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot {what}: {e}") from e
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    def put_task(self, task: TaskRecord) -> None:
+        self._write("record the task", lq.UPSERT_TASK, _task_params(task))
+
+    def get_task(self, task_id: str) -> TaskRecord | None:
+        rows = self._read("read the task", lq.SELECT_TASK, {"task_id": task_id})
+        return _task_from(rows[0]) if rows else None
+
+    def list_tasks(
+        self,
+        *,
+        agent_id: str = "",
+        state: str = "",
+        runtime_ids: Sequence[str] | None = None,
+    ) -> list[TaskRecord]:
+        if runtime_ids is not None and not runtime_ids:
+            return []
+        params: dict[str, Any] = {"agent_id": agent_id or None, "state": state or None}
+        if runtime_ids is not None:
+            params.update({f"r{i}": r for i, r in enumerate(runtime_ids)})
+        sql = lq.list_tasks(None if runtime_ids is None else len(runtime_ids))
+        return [_task_from(r) for r in self._read("list tasks", sql, params)]
+
+    def due_tasks(self, state: str, now: int) -> list[TaskRecord]:
+        rows = self._read("list due tasks", lq.DUE_TASKS, {"state": state, "now": now})
+        return [_task_from(r) for r in rows]
+
+    def add_violation(self, agent_id: str, at: int) -> None:
+        self._write("record the violation", lq.INSERT_VIOLATION, {"agent_id": agent_id, "at": at})
+
+    def count_violations(self, agent_id: str, since: int) -> int:
+        params = {"agent_id": agent_id, "since": since}
+        return int(self._read("count violations", lq.COUNT_VIOLATIONS, params)[0]["n"])
+
+    def prune_violations(self, before: int) -> int:
+        return self._write("prune violations", lq.PRUNE_VIOLATIONS, {"before": before})
+
+    # -- credentials ----------------------------------------------------------------------------
+
+    def write_ledger(
+        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+    ) -> None:
+        if not credentials and not audit_rows:
+            return
+        try:
+            with self._transaction() as db:
+                # Multi-row statements: see insert_many for why not executemany.
+                sqlite_audit.insert_many(db.conn, lq.CREDENTIALS_INTO, credentials)
+                if audit_rows:
+                    sqlite_audit.insert_many(db.conn, lq.AUDIT_EVENTS_INTO, audit_rows)
+                    last = audit_rows[-1]
+                    db.execute(lq.UPSERT_AUDIT_HEAD, {"seq": last[0], "hash": last[-1]})
+        except sqlite3.Error as e:
+            raise StorageError(
+                f"cannot commit {len(credentials)} credential record(s) and {len(audit_rows)} "
+                f"audit event(s): {e}"
+            ) from e
+
+    def _credentials(self, sql: str, params: Mapping[str, Any]) -> list[Credential]:
+        rows = self._read("read credentials", sql, params)
+        return [Credential(*r.values()) for r in rows]
+
+    def task_credentials(self, task_id: str, now: int) -> list[Credential]:
+        params = {"task_id": task_id, "needed_from": revocation_needed_from(now)}
+        return self._credentials(lq.TASK_CREDENTIALS, params)
+
+    def agent_credentials(self, agent_id: str, now: int) -> list[Credential]:
+        params = {"agent_id": agent_id, "needed_from": revocation_needed_from(now)}
+        return self._credentials(lq.AGENT_CREDENTIALS, params)
+
+    def count_credentials(self, task_id: str) -> int:
+        rows = self._read("count credentials", lq.COUNT_CREDENTIALS, {"task_id": task_id})
+        return int(rows[0]["n"])
+
+    def prune_credentials(self, now: int) -> int:
+        params = {"needed_from": revocation_needed_from(now)}
+        return self._write("prune credentials", lq.PRUNE_CREDENTIALS, params)
+
+    # -- audit chain ----------------------------------------------------------------------------
+
+    def audit_head(self) -> Head | None:
+        rows = self._read("read the audit head", lq.SELECT_AUDIT_HEAD, {})
+        return Head(int(rows[0]["seq"]), str(rows[0]["hash"])) if rows else None
+
+    def audit_rows(self, where: EventFilter | None = None) -> Iterator[dict[str, Any]]:
+        def fetch(sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+            return [tuple(r.values()) for r in self._read("read the audit log", sql, params)]
+
+        return sqlite_audit.page_rows(fetch, where)
+
+    def audit_snapshot(self) -> AbstractContextManager[AuditSnapshot]:
+        # A connection of its own: a snapshot must not hold the writer's lock while a verify
+        # walks millions of rows.
+        return sqlite_audit.snapshot(self._path)

@@ -1,0 +1,292 @@
+"""The datastore contract: every role of `DataStore`, run against every backend.
+
+Each backend is a factory that opens (or reopens) one store at a fixed place; today only SQLite
+on a real file. A PostgreSQL backend joins by adding its factory to BACKENDS: the same tests
+must then pass unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from server.datastore import (
+    AlreadyExistsError,
+    AttestedAgent,
+    ConflictError,
+    Credential,
+    DataStore,
+    Entry,
+    JoinToken,
+    KeySlot,
+    NotFoundError,
+    Revocation,
+    Selector,
+    StorageError,
+    TaskRecord,
+)
+from server.datastore.records import AUDIT_COLUMNS, EventFilter, Head
+from server.datastore.sqlite import SqliteDataStore
+from svid import MAX_VERIFIER_LEEWAY
+from svid._clock import FakeClock
+
+NOW = 1_700_000_000
+AGENT = "spiffe://example.org/svid/agent/join_token/t1"
+OTHER_AGENT = "spiffe://example.org/svid/agent/join_token/t2"
+RUNTIME = "spiffe://example.org/agents/bot"
+
+Opener = Callable[[], DataStore]
+
+
+def _sqlite(tmp_path: Path, clock: FakeClock) -> Opener:
+    return lambda: SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
+
+
+BACKENDS: dict[str, Callable[[Path, FakeClock], Opener]] = {"sqlite": _sqlite}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens the backend; calling it again reopens the same data (a restart)."""
+    opened: list[DataStore] = []
+    make = BACKENDS[request.param](tmp_path, FakeClock(NOW))
+
+    def opener() -> DataStore:
+        store = make()
+        opened.append(store)
+        return store
+
+    yield opener
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store: Opener) -> DataStore:
+    return open_store()
+
+
+def task(task_id: str, *, agent: str = AGENT, runtime: str = RUNTIME, **kw: object) -> TaskRecord:
+    values: dict[str, object] = {
+        "state": "active",
+        "expires_at": NOW + 600,
+        "created_at": NOW,
+        "body": f'{{"task_id": "{task_id}"}}',
+    }
+    values.update(kw)
+    return TaskRecord(task_id, agent, runtime, **values)  # type: ignore[arg-type]
+
+
+def cred(
+    value: str, *, agent: str = AGENT, task_id: str = "", expires_at: int = NOW + 300
+) -> Credential:
+    return Credential("jwt_id", value, agent, RUNTIME, task_id, expires_at)
+
+
+def audit_rows(first_seq: int, count: int, prev: str = "0" * 64) -> list[tuple[object, ...]]:
+    """Rows shaped as the audit log seals them (the store does not judge the hashes)."""
+    rows = []
+    for seq in range(first_seq, first_seq + count):
+        digest = f"{seq:064x}"
+        values: dict[str, object] = dict.fromkeys(AUDIT_COLUMNS)
+        values.update(
+            seq=seq,
+            event_id=f"log-{seq}",
+            ts=float(NOW + seq),
+            kind="jwt_minted",
+            agent_id=AGENT if seq % 2 else OTHER_AGENT,
+            task_id=f"task-{seq % 3}",
+            decision="allow",
+            credential_id=f"jti-{seq}",
+            policy_ids="[]",
+            extra="{}",
+            prev_hash=prev,
+            hash=digest,
+        )
+        rows.append(tuple(values[c] for c in AUDIT_COLUMNS))
+        prev = digest
+    return rows
+
+
+# -- registration -------------------------------------------------------------------------------
+
+
+def test_entries_round_trip(store: DataStore) -> None:
+    sels = (Selector("unix", "uid:1000"),)
+    made = store.create_entry(Entry("", "spiffe://example.org/web", AGENT, sels, hint="h"))
+    assert store.get_entry(made.id) == made
+    with pytest.raises(AlreadyExistsError):
+        store.create_entry(Entry("", "spiffe://example.org/web", AGENT, sels))
+    changed = store.update_entry(Entry(made.id, made.spiffe_id, AGENT, sels, hint="x", revision=1))
+    assert changed.revision == 2
+    with pytest.raises(ConflictError):
+        store.update_entry(Entry(made.id, made.spiffe_id, AGENT, sels, revision=1))
+    assert store.list_entries(parent_id=AGENT) == [changed]
+    store.delete_entry(made.id)
+    with pytest.raises(NotFoundError):
+        store.get_entry(made.id)
+
+
+def test_join_tokens_are_single_use(store: DataStore) -> None:
+    store.create_join_token(JoinToken("t", b"h" * 32, NOW + 60))
+    assert not store.consume_join_token("t", b"g" * 32, NOW)
+    assert store.consume_join_token("t", b"h" * 32, NOW)
+    assert not store.consume_join_token("t", b"h" * 32, NOW)
+    store.create_join_token(JoinToken("old", b"h" * 32, NOW))
+    assert store.prune_join_tokens(NOW) == 1
+
+
+def test_agents_keep_a_ban(store: DataStore) -> None:
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+    store.set_agent_banned(AGENT, True)
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "2", NOW + 3600))
+    assert store.get_agent(AGENT).banned
+    assert [a.serial for a in store.list_agents()] == ["2"]
+    store.delete_agent(AGENT)
+    with pytest.raises(NotFoundError):
+        store.get_agent(AGENT)
+
+
+def test_key_slots_bundle_and_revocations(store: DataStore) -> None:
+    slot = KeySlot("s1", "jwt", "active", b"der", "kid", NOW, NOW + 10, NOW)
+    store.save_key_slot(slot)
+    assert store.list_key_slots("jwt") == [slot]
+    store.delete_key_slot("s1")
+    store.delete_key_slot("s1")
+    assert store.list_key_slots("jwt") == []
+    before = store.revision()
+    assert store.next_bundle_sequence() == store.bundle_sequence() == 1
+    store.add_revocations([Revocation("jwt_id", "j", RUNTIME, NOW, "r", NOW)])
+    assert [r.value for r in store.list_revocations()] == ["j"]
+    assert store.revision() == before + 2
+    assert store.prune_revocations(NOW + int(MAX_VERIFIER_LEEWAY) + 1) == 1
+
+
+# -- tasks and violations -----------------------------------------------------------------------
+
+
+def test_tasks_put_replace_and_filter(store: DataStore) -> None:
+    store.put_task(task("b", created_at=NOW + 1))
+    store.put_task(task("a", agent=OTHER_AGENT, runtime="spiffe://example.org/agents/other"))
+    store.put_task(task("b", created_at=NOW + 1, state="ended", body='{"v": 2}'))
+    assert store.get_task("b") == task("b", created_at=NOW + 1, state="ended", body='{"v": 2}')
+    assert store.get_task("none") is None
+    assert [t.task_id for t in store.list_tasks()] == ["a", "b"]  # oldest first
+    assert [t.task_id for t in store.list_tasks(agent_id=AGENT)] == ["b"]
+    assert [t.task_id for t in store.list_tasks(state="active")] == ["a"]
+    assert [t.task_id for t in store.list_tasks(runtime_ids=[RUNTIME])] == ["b"]
+    assert store.list_tasks(runtime_ids=[]) == []
+
+
+def test_due_tasks_are_the_expired_ones_in_a_state(store: DataStore) -> None:
+    store.put_task(task("late", expires_at=NOW + 5))
+    store.put_task(task("early", expires_at=NOW + 1))
+    store.put_task(task("done", expires_at=NOW, state="ended"))
+    store.put_task(task("later", expires_at=NOW + 100))
+    assert [t.task_id for t in store.due_tasks("active", NOW + 5)] == ["early", "late"]
+
+
+def test_violations_count_within_a_window_and_prune(store: DataStore) -> None:
+    for at in (NOW - 100, NOW - 10, NOW):
+        store.add_violation(RUNTIME, at)
+    store.add_violation("other", NOW)
+    assert store.count_violations(RUNTIME, NOW - 50) == 2
+    assert store.prune_violations(NOW - 10) == 2
+    assert store.count_violations(RUNTIME, 0) == 1
+
+
+# -- the credential ledger ----------------------------------------------------------------------
+
+
+def test_credentials_are_read_back_while_a_verifier_may_accept_them(store: DataStore) -> None:
+    creds = [cred(f"j{i}", task_id="t1" if i % 2 else "", expires_at=NOW + i) for i in range(6)]
+    store.write_ledger([*creds, cred("x", agent=OTHER_AGENT)], [])
+    assert store.count_credentials("t1") == 3
+    assert store.agent_credentials(AGENT, NOW) == sorted(creds)
+    assert [c.value for c in store.task_credentials("t1", NOW)] == ["j1", "j3", "j5"]
+    # Through exp + the widest leeway, then gone.
+    late = NOW + 3 + int(MAX_VERIFIER_LEEWAY)
+    assert [c.value for c in store.task_credentials("t1", late)] == ["j3", "j5"]
+    assert store.prune_credentials(late) == 3
+    assert len(store.agent_credentials(AGENT, NOW)) == 3
+
+
+def test_a_ledger_write_is_credentials_events_and_head_together(store: DataStore) -> None:
+    assert store.audit_head() is None
+    rows = audit_rows(1, 3)
+    store.write_ledger([cred("j1"), cred("j2")], rows)
+    assert store.audit_head() == Head(3, rows[-1][-1])  # type: ignore[arg-type]
+    assert [tuple(r.values()) for r in store.audit_rows()] == rows
+    assert len(store.agent_credentials(AGENT, NOW)) == 2
+
+
+def test_a_failed_ledger_write_keeps_nothing(store: DataStore) -> None:
+    store.write_ledger([cred("j1")], audit_rows(1, 2))
+    head = store.audit_head()
+    # seq 2 again: the events' key refuses it, and the credentials of the batch go too.
+    with pytest.raises(StorageError):
+        store.write_ledger([cred("j2"), cred("j3")], audit_rows(2, 2))
+    assert store.audit_head() == head
+    assert [r["seq"] for r in store.audit_rows()] == [1, 2]
+    assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["j1"]
+    store.write_ledger([cred("j4")], audit_rows(3, 1))  # the store is still usable
+    assert [r["seq"] for r in store.audit_rows()] == [1, 2, 3]
+
+
+def test_audit_rows_filter_and_page(store: DataStore) -> None:
+    rows = audit_rows(1, 2100)  # more than two pages
+    store.write_ledger([], rows)
+    assert [r["seq"] for r in store.audit_rows()] == list(range(1, 2101))
+    mine = list(store.audit_rows(EventFilter(agent_id=AGENT, task_id="task-1")))
+    assert [r["seq"] for r in mine] == [s for s in range(1, 2101) if s % 2 and s % 3 == 1]
+    timed = store.audit_rows(EventFilter(since=NOW + 10, until=NOW + 13))
+    assert [r["seq"] for r in timed] == [10, 11, 12]
+
+
+def test_an_audit_snapshot_is_one_instant(store: DataStore) -> None:
+    store.write_ledger([], audit_rows(1, 3))
+    with store.audit_snapshot() as snap:
+        store.write_ledger([], audit_rows(4, 2, prev=f"{3:064x}"))  # lands meanwhile
+        assert snap.missing_tables == ()
+        assert snap.head is not None
+        assert snap.head.seq == 3
+        assert [r["seq"] for r in snap.rows()] == [1, 2, 3]
+    assert store.audit_head() == Head(5, f"{5:064x}")
+
+
+def test_concurrent_ledger_writes_all_land(store: DataStore) -> None:
+    def write(k: int) -> None:
+        store.write_ledger([cred(f"{k}-{i}") for i in range(20)], [])
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(store.agent_credentials(AGENT, NOW)) == 160
+
+
+# -- one store, all of it durable ---------------------------------------------------------------
+
+
+def test_every_role_survives_a_restart(open_store: Opener) -> None:
+    store = open_store()
+    entry = store.create_entry(Entry("", RUNTIME, AGENT, (Selector("unix", "uid:1"),)))
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+    store.put_task(task("t"))
+    store.add_violation(RUNTIME, NOW)
+    rows = audit_rows(1, 2)
+    store.write_ledger([cred("j", task_id="t")], rows)
+    store.close()
+
+    again = open_store()
+    assert again.get_entry(entry.id) == entry
+    assert again.get_agent(AGENT).serial == "1"
+    assert again.get_task("t") == task("t")
+    assert again.count_violations(RUNTIME, 0) == 1
+    assert [c.value for c in again.task_credentials("t", NOW)] == ["j"]
+    assert again.audit_head() == Head(2, f"{2:064x}")
+    assert [tuple(r.values()) for r in again.audit_rows()] == rows

@@ -1,0 +1,288 @@
+"""The ledger on a real datastore file: credential records and their audit events commit in one
+transaction, concurrent callers share commits, each returns only once its own rows are on disk,
+and a failed commit fails every caller waiting on it and keeps nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from server.audit import AuditLog, EventDraft, LedgerError
+from server.datastore import Credential, StorageError
+from server.datastore.records import AuditRow
+from server.datastore.sqlite import SqliteDataStore
+from server.datastore.testing import FaultInjectingDataStore
+from server.ledger import Ledger
+from svid._clock import FakeClock
+
+REPO = Path(__file__).resolve().parents[2]
+AGENT = "spiffe://example.org/svid/agent/join_token/n1"
+WORKLOAD = "spiffe://example.org/w"
+EXPIRES = 2_000_000_000
+
+
+def cred(jti: str) -> Credential:
+    return Credential("jwt_id", jti, AGENT, WORKLOAD, "", EXPIRES)
+
+
+def event(jti: str) -> EventDraft:
+    return EventDraft("jwt_minted", agent_id=WORKLOAD, node_id=AGENT, credential_id=jti)
+
+
+def on_disk(db: Path, jtis: list[str]) -> tuple[int, int]:
+    """(credential rows, audit events) for `jtis`, read by a connection of its own."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        marks = ", ".join("?" * len(jtis))
+        creds = conn.execute(f"SELECT COUNT(*) FROM credentials WHERE value IN ({marks})", jtis)
+        events = conn.execute(
+            f"SELECT COUNT(*) FROM audit_events WHERE credential_id IN ({marks})", jtis
+        )
+        return int(creds.fetchone()[0]), int(events.fetchone()[0])
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "datastore.sqlite3"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
+
+
+def test_records_and_events_commit_together(db: Path, clock: FakeClock) -> None:
+    store = SqliteDataStore(db, clock)
+    log = AuditLog(store, clock)
+    Ledger(log).record([cred("a"), cred("b")], [event("a"), event("b")])
+    assert on_disk(db, ["a", "b"]) == (2, 2)
+    assert log.committed_head() == store.audit_head()
+    assert log.verify().ok
+    store.close()
+
+
+def test_concurrent_batches_share_commits_and_each_returns_once_durable(
+    db: Path, clock: FakeClock
+) -> None:
+    counting = FaultInjectingDataStore(SqliteDataStore(db, clock))
+    log = AuditLog(counting, clock)
+    ledger = Ledger(log)
+    threads, rounds, per = 16, 10, 3
+    start = threading.Barrier(threads)
+    problems: list[str] = []
+
+    def work(k: int) -> None:
+        start.wait()
+        for r in range(rounds):
+            jtis = [f"{k}-{r}-{i}" for i in range(per)]
+            ledger.record([cred(j) for j in jtis], [event(j) for j in jtis])
+            # Returned: another connection must find every row of this batch already.
+            found = on_disk(db, jtis)
+            if found != (per, per):
+                problems.append(f"batch {k}-{r} returned before its commit: {found}")
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert problems == []
+    commits = counting.calls.count("write_ledger")
+    assert commits < threads * rounds, "no two batches shared a commit"
+    counting.close()
+
+    reopened = SqliteDataStore(db, clock)
+    assert len(reopened.agent_credentials(AGENT, 0)) == threads * rounds * per
+    result = AuditLog(reopened, clock).verify()
+    assert result.ok, str(result)
+    assert result.checked == threads * rounds * per
+    reopened.close()
+
+
+def test_async_commits_share_commits_too(db: Path, clock: FakeClock) -> None:
+    counting = FaultInjectingDataStore(SqliteDataStore(db, clock))
+    ledger = Ledger(AuditLog(counting, clock))
+
+    async def main() -> None:
+        await asyncio.gather(*(ledger.commit([cred(f"j{i}")], [event(f"j{i}")]) for i in range(40)))
+
+    asyncio.run(main())
+    assert on_disk(db, [f"j{i}" for i in range(40)]) == (40, 40)
+    assert counting.calls.count("write_ledger") <= 40
+    counting.close()
+
+
+class GatedStore(FaultInjectingDataStore):
+    """Holds the next ledger write until `release` is set, then fails it."""
+
+    def __init__(self, inner: SqliteDataStore) -> None:
+        super().__init__(inner)
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write_ledger(self, credentials: object, audit_rows: object) -> None:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(10)
+            raise StorageError("cannot commit: disk I/O error")
+        super().write_ledger(credentials, audit_rows)  # type: ignore[arg-type]
+
+
+def test_a_failed_commit_fails_every_waiting_caller_and_keeps_nothing(
+    db: Path, clock: FakeClock
+) -> None:
+    gated = GatedStore(SqliteDataStore(db, clock))
+    log = AuditLog(gated, clock)
+    ledger = Ledger(log)
+    ledger.record([cred("before")], [event("before")])
+    head = gated.audit_head()
+    gated.armed = True
+    errors: list[BaseException | None] = []
+    lock = threading.Lock()
+
+    def call(jti: str) -> None:
+        try:
+            ledger.record([cred(jti)], [event(jti)])
+        except BaseException as e:
+            with lock:
+                errors.append(e)
+        else:
+            with lock:
+                errors.append(None)
+
+    first = threading.Thread(target=call, args=("lead",))
+    first.start()
+    assert gated.entered.wait(10)  # the leader's commit is under way; the rest queue behind it
+    others = [threading.Thread(target=call, args=(f"w{i}",)) for i in range(7)]
+    for t in others:
+        t.start()
+    time.sleep(0.3)
+    gated.release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert len(errors) == 8
+    assert all(isinstance(e, LedgerError) and isinstance(e, StorageError) for e in errors), errors
+    assert "disk I/O error" in str(errors[0])
+    # Nothing of any of them: no credential, no event, the head as it was.
+    jtis = ["lead", *(f"w{i}" for i in range(7))]
+    assert on_disk(db, jtis) == (0, 0)
+    assert gated.audit_head() == head
+    # The chain goes on from the last committed event, without a hole.
+    ledger.record([cred("after")], [event("after")])
+    result = log.verify()
+    assert result.ok, str(result)
+    assert result.checked == 2
+    gated.close()
+
+
+def test_a_batch_that_fails_inside_the_transaction_leaves_nothing(
+    db: Path, clock: FakeClock
+) -> None:
+    store = SqliteDataStore(db, clock)
+    log = AuditLog(store, clock)
+    ledger = Ledger(log)
+    ledger.record([cred("ok")], [event("ok")])
+    # A credential row of the wrong shape fails after the other rows went in.
+    bad = (*cred("bad"), "extra column")
+    with pytest.raises(LedgerError):
+        ledger.record([cred("half"), bad], [event("half")])  # type: ignore[list-item]
+    assert on_disk(db, ["half", "bad"]) == (0, 0)
+    ledger.record([cred("next")], [event("next")])
+    assert log.verify().ok
+    store.close()
+
+
+def test_the_audit_rows_a_failed_write_sealed_are_not_reused(db: Path, clock: FakeClock) -> None:
+    faulty = FaultInjectingDataStore(SqliteDataStore(db, clock))
+    log = AuditLog(faulty, clock)
+    faulty.inject(StorageError("disk full"), method="write_ledger")
+    with pytest.raises(LedgerError, match="disk full"):
+        log.record([cred("x")], [event("x")])
+    log.record([cred("y")], [event("y")])
+    rows: list[AuditRow] = [tuple(r.values()) for r in faulty.audit_rows()]
+    assert [r[0] for r in rows] == [1]
+    assert log.verify().ok
+    faulty.close()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, threading
+    from pathlib import Path
+    from server.audit import AuditLog, EventDraft
+    from server.datastore import Credential
+    from server.datastore.sqlite import SqliteDataStore
+    from server.ledger import Ledger
+    from svid._clock import SystemClock
+
+    clock = SystemClock()
+    ledger = Ledger(AuditLog(SqliteDataStore(Path(sys.argv[1]), clock), clock))
+    out = threading.Lock()
+
+    def work(k):
+        i = 0
+        while True:
+            i += 1
+            jti = f"{k}-{i}"
+            ledger.record(
+                [Credential("jwt_id", jti, "a", "w", "", 2_000_000_000)],
+                [EventDraft("jwt_minted", credential_id=jti)],
+            )
+            with out:
+                print(jti, flush=True)
+
+    for k in range(4):
+        threading.Thread(target=work, args=(k,), daemon=True).start()
+    threading.Event().wait()
+    """
+)
+
+
+def test_acknowledged_ledger_writes_survive_kill_9(db: Path, clock: FakeClock) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert child.stdout is not None
+    acknowledged: list[str] = []
+    try:
+        for line in child.stdout:
+            acknowledged.append(line.strip())
+            if len(acknowledged) >= 300:
+                break
+        assert acknowledged, child.stderr.read() if child.stderr else "no output"
+        child.send_signal(signal.SIGKILL)
+        rest, _ = child.communicate(timeout=30)
+        acknowledged.extend(line.strip() for line in rest.splitlines() if line.strip())
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+    store = SqliteDataStore(db, clock)
+    stored = {c.value for c in store.agent_credentials("a", 0)}
+    missing = [j for j in acknowledged if j not in stored]
+    assert not missing, f"{len(missing)} acknowledged credentials lost, e.g. {missing[:3]}"
+    result = AuditLog(store, clock).verify()
+    assert result.ok, str(result)
+    assert result.checked == len(stored)  # one event per credential, both or neither
+    store.close()
