@@ -1,19 +1,43 @@
-"""Datastore batches on a real SQLite file: one transaction and one revision per batch, per-item
-results, and a failed transaction leaving nothing behind."""
+"""Datastore batches: one transaction and one revision per batch, per-item results, and a failed
+transaction leaving nothing behind. Backend-neutral tests run on every backend of the contract
+(tests/server/test_datastore_contract.BACKENDS)."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from server.datastore import AlreadyExistsError, ConflictError, Entry, NotFoundError, Selector
+from server.datastore import (
+    AlreadyExistsError,
+    ConflictError,
+    DataStore,
+    Entry,
+    NotFoundError,
+    Selector,
+)
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
+from tests.server.test_datastore_contract import BACKENDS, NOW
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(NOW)
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def datastore(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> Iterator[DataStore]:
+    store = BACKENDS[request.param](tmp_path, clock)()
+    yield store
+    store.close()
 
 
 def entry(path: str, *selectors: str, id: str = "") -> Entry:
@@ -22,7 +46,7 @@ def entry(path: str, *selectors: str, id: str = "") -> Entry:
 
 
 def test_create_entries_stores_the_good_items_and_names_each_clash(
-    datastore: SqliteDataStore, clock: FakeClock
+    datastore: DataStore, clock: FakeClock
 ) -> None:
     existing = datastore.create_entry(entry("/old"))
     before = datastore.revision()
@@ -52,7 +76,7 @@ def test_create_entries_stores_the_good_items_and_names_each_clash(
     assert datastore.get_entry(a.id) == a
 
 
-def test_a_batch_that_changes_nothing_leaves_the_revision(datastore: SqliteDataStore) -> None:
+def test_a_batch_that_changes_nothing_leaves_the_revision(datastore: DataStore) -> None:
     datastore.create_entry(entry("/old"))
     before = datastore.revision()
     assert isinstance(datastore.create_entries([entry("/old")])[0], AlreadyExistsError)
@@ -60,7 +84,7 @@ def test_a_batch_that_changes_nothing_leaves_the_revision(datastore: SqliteDataS
     assert datastore.revision() == before
 
 
-def test_update_entries_per_item(datastore: SqliteDataStore) -> None:
+def test_update_entries_per_item(datastore: DataStore) -> None:
     a = datastore.create_entry(entry("/a"))
     b = datastore.create_entry(entry("/b"))
     before = datastore.revision()
@@ -86,7 +110,7 @@ def test_update_entries_per_item(datastore: SqliteDataStore) -> None:
     assert datastore.revision() == before + 1
 
 
-def test_delete_entries_per_item(datastore: SqliteDataStore) -> None:
+def test_delete_entries_per_item(datastore: DataStore) -> None:
     a = datastore.create_entry(entry("/a"))
     b = datastore.create_entry(entry("/b"))
     results = datastore.delete_entries([a.id, a.id, "missing"])
