@@ -24,6 +24,7 @@ from server.errors import InvalidRequestError, NotFoundError, UnavailableError
 from server.ids import ServerIds
 from server.metrics import Metrics
 from server.registration import (
+    MAX_BATCH,
     ItemError,
     check_creates,
     check_deletes,
@@ -39,9 +40,6 @@ from svid._spiffe_id import SpiffeId
 
 _log = logging.getLogger("svid.server.admin")
 MAX_TOKEN_TTL = 30 * 86400
-# Items per batch call. A batch is one transaction and one new in-memory snapshot; a thousand
-# typical entries are about 150 KiB on the wire, far from gRPC's 4 MiB request limit.
-MAX_BATCH = 1000
 
 
 def _agent_id(text: str) -> str:

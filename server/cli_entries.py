@@ -21,11 +21,12 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from server.errors import CliError
+from server.registration import MAX_BATCH
 from svid._proto import admin_pb2, common_pb2
 
-# The server takes at most 1000 items per batch call (server.admin_api.MAX_BATCH), and gRPC
-# at most 4 MiB per message: a chunk stops at whichever it reaches first, with room to spare.
-BATCH_ITEMS = 1000
+# The server takes at most MAX_BATCH items per batch call, and gRPC at most 4 MiB per message:
+# a chunk stops at whichever it reaches first, with room to spare.
+BATCH_ITEMS = MAX_BATCH
 BATCH_BYTES = 3 * 1024 * 1024
 
 _M = TypeVar("_M", bound=Message)

@@ -24,6 +24,9 @@ from svid._spiffe_id import SpiffeId
 MAX_TTL = 2**31 - 1
 MAX_HINT_BYTES = 1024
 MAX_SELECTORS = 64
+# Items per batch call. A batch is one transaction and one new in-memory snapshot; a thousand
+# typical entries are about 150 KiB on the wire, far from gRPC's 4 MiB request limit.
+MAX_BATCH = 1000
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _ENTRY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A new entry's place in a batch view until the datastore assigns its id (never a valid id).

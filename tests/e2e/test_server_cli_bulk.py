@@ -120,6 +120,12 @@ def test_a_bad_file_is_one_line_naming_the_item_and_creates_nothing(
         "entry", "create", "--file", str(source), "--spiffe-id", f"{TD}/x", check=False
     )
     assert "--file cannot be combined with entry flags" in mixed.stderr
+    for size in ("0", "5001"):
+        paged = server.cli("entry", "show", "--page-size", size, check=False)
+        assert paged.returncode == 1
+        assert paged.stderr == (
+            f"svid-server: error: --page-size: {size} must be between 1 and 5000\n"
+        )
 
 
 def test_agent_list_follows_every_page(server_process: ServerProcess) -> None:
