@@ -41,7 +41,7 @@ class LedgerUnavailableError(ServerError):
     """The ledger could not commit; nothing of the call may be issued.
 
     `reason` is short and safe for logs and metric labels ("disk full", "read-only", "I/O
-    error", "audit log"); the chained cause has the details (paths included) for the operator.
+    error", "storage error"); the chained cause has the details (paths included) for the operator.
     """
 
     def __init__(self, reason: str) -> None:
