@@ -82,7 +82,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     which.add_argument("--before", default=None, help="unix seconds or ISO 8601: events older")
     which.add_argument("--through-seq", type=int, default=None, metavar="SEQ")
     prune.add_argument(
-        "--batch", type=int, default=None, help="events per delete transaction (default 10000)"
+        "--batch", type=int, default=None, help="events per delete transaction (default 1000)"
     )
 
 
