@@ -629,3 +629,20 @@ def test_the_prune_command_takes_a_time(setup: Setup, capsys: pytest.CaptureFixt
     assert (report["removed"], report["pruned_through"]) == (3, 3)
     assert report["record"]["kind"] == "prune"
     assert seqs(setup.db) == [4, 5]
+
+
+def test_the_prune_command_applies_the_configured_policy(
+    setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 6, step=1)
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'trust_domain = "example.org"\ndata_dir = "{setup.data_dir}"\n'
+        "audit_retention_days = 0\naudit_max_events = 0\n"
+    )
+    assert main(["audit", "prune", "--config", str(config)]) == 1
+    assert "retention is off" in capsys.readouterr().err
+    config.write_text(config.read_text().replace("audit_max_events = 0", "audit_max_events = 2"))
+    assert main(["audit", "prune", "--config", str(config)]) == 0
+    assert "removed 4 events; the log starts after seq 4" in capsys.readouterr().out
+    assert seqs(setup.db) == [5, 6]
