@@ -4,6 +4,7 @@ stride. Real SQLite files, a real checkpoint key and file, a fake clock."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -646,3 +647,77 @@ def test_the_prune_command_applies_the_configured_policy(
     assert main(["audit", "prune", "--config", str(config)]) == 0
     assert "removed 4 events; the log starts after seq 4" in capsys.readouterr().out
     assert seqs(setup.db) == [5, 6]
+
+
+# -- the ticker -------------------------------------------------------------------------------
+
+
+def test_the_pruner_prunes_on_its_interval(setup: Setup) -> None:
+    fill(setup.log, setup.clock, 50, step=1)
+    pruner = Pruner(
+        setup.store,
+        setup.log,
+        setup.checkpointer,
+        setup.clock,
+        RetentionPolicy(0, 5),
+        interval=0.02,
+        batch=4,
+        pause=0,
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(pruner.run(stop))
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if seqs(setup.db) == [46, 47, 48, 49, 50]:
+                break
+        stop.set()
+        await task
+
+    asyncio.run(run())
+    assert seqs(setup.db) == [46, 47, 48, 49, 50]
+
+
+class GatedStore(FaultInjectingDataStore):
+    """The datastore, with every delete batch waiting until the test lets it go."""
+
+    def __init__(self, inner: SqliteDataStore) -> None:
+        super().__init__(inner)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def prune_audit(self, through: Head, now: float) -> int:
+        self.entered.set()
+        assert self.release.wait(10)
+        return super().prune_audit(through, now)
+
+
+def test_a_shutdown_waits_for_the_batch_in_flight_and_starts_no_other(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 20, step=1)
+    gated = GatedStore(setup.store)
+    pruner = Pruner(
+        gated, setup.log, setup.checkpointer, setup.clock, RetentionPolicy(0, 2),
+        interval=0.01, batch=4, pause=0,
+    )  # fmt: skip
+
+    async def run() -> None:
+        task = asyncio.create_task(pruner.run(asyncio.Event()))
+        assert await asyncio.to_thread(gated.entered.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # the datastore must not be closed under the batch
+        gated.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    base = base_row(setup.db)
+    assert base is not None
+    assert base[0] == 4
+    setup.store.close()
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
+    assert "a prune through seq 18 cut short" in out
