@@ -180,14 +180,25 @@ class Pruner:
         return bounds
 
     def _record_for(self, target: AuditMark, base_seq: int) -> Checkpoint:
+        if not self._covers(self._last_record, target):
+            # Another process (`audit prune` beside the server) may have signed further since.
+            self._last_record = self._checkpointer.last_prune()
         last = self._last_record
-        if last is not None and last.key_id == self._checkpointer.key_id and last.seq >= target.seq:
+        if last is not None and self._covers(last, target):
             # A prune cut short earlier already signed this far (verify accepts any base up to
-            # a signed record, the chain from it reaching the record's hash).
+            # a signed record, the chain from it reaching the record's hash); signing a lower
+            # seq after it would read as the log going back.
             return last
         record = self._checkpointer.sign_prune(target.seq, target.hash, target.seq - base_seq)
         self._last_record = record
         return record
+
+    def _covers(self, record: Checkpoint | None, target: AuditMark) -> bool:
+        return (
+            record is not None
+            and record.key_id == self._checkpointer.key_id
+            and record.seq >= target.seq
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Prune every interval until `stop`; a failed run is logged and retried next tick."""

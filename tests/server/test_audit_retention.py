@@ -721,3 +721,18 @@ def test_a_shutdown_waits_for_the_batch_in_flight_and_starts_no_other(
     code, out = pinned_verify(setup, capsys)
     assert code == 0, out
     assert "a prune through seq 18 cut short" in out
+
+
+def test_a_record_signed_further_by_another_process_is_reused(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 20, step=1)
+    server_side = setup.pruner(RetentionPolicy(0, 15))  # reads the file now: no record yet
+    # `audit prune --through-seq 16` beside it, cut short after its first batch.
+    faulty = FailingBatch(setup.store, fail_at=2)
+    with pytest.raises(StorageError):
+        setup.pruner(RetentionPolicy(0, 0), store=faulty).prune(Cut(through=16))
+    assert server_side.prune().removed == 1  # seq 5, under the record through 16
+    assert [(cp.kind, cp.seq) for cp in lines(setup)] == [(PRUNE, 16)]
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
