@@ -32,6 +32,9 @@ from server.datastore.sqlite import SqliteDataStore
 from server.errors import ConfigError
 from server.events import ChangeNotifier
 from server.ids import ServerIds
+from server.issuance import AgentAdmission, Issuer, IssuerSettings, MeteredLedger
+from server.issuance.datastore_ledger import DatastoreLedger
+from server.ledger import Ledger
 from server.metrics import Metrics, MetricsHttpServer
 from server.node_api import Limiters, NodeServicer, NodeSettings
 from server.peer import PeerCache
@@ -205,27 +208,49 @@ class Server:
             jwt=KeyedLimiter(cfg.jwt_rate_per_agent, cfg.jwt_burst_per_agent, self.clock),
             attest=KeyedLimiter(cfg.attest_rate_per_host, cfg.attest_burst_per_host, self.clock),
         )
-        node = NodeServicer(
-            hooks=self.tasks.hooks,
+        # The spine: the node API calls the issuer; the issuer asks the task layer (its
+        # TaskDecisions port) and records through the ledger port before anything is sent.
+        # One transaction per group of issuances: credential rows and audit events together.
+        ledger = MeteredLedger(DatastoreLedger(Ledger(self.tasks.audit)), self.metrics)
+        self.issuer = Issuer(
             state=self.state,
             ca=self.ca,
             ids=self.ids,
-            attestors=self._attestors(),
-            settings=NodeSettings(
-                default_x509_svid_ttl=cfg.default_x509_svid_ttl,
-                default_jwt_svid_ttl=cfg.default_jwt_svid_ttl,
-                agent_svid_ttl=cfg.agent_svid_ttl,
-                attest_timeout=cfg.attest_timeout,
-            ),
-            limiters=limiters,
+            ledger=ledger,
+            tasks=self.tasks.decisions,
             clock=self.clock,
             metrics=self.metrics,
             executor=self._executor,
             jwt_executor=self._jwt_executor,
             jwt_workers=self._jwt_workers,
+            settings=IssuerSettings(
+                default_x509_svid_ttl=cfg.default_x509_svid_ttl,
+                default_jwt_svid_ttl=cfg.default_jwt_svid_ttl,
+            ),
+        )
+        agents = AgentAdmission(
+            state=self.state,
+            ca=self.ca,
+            ledger=ledger,
+            clock=self.clock,
+            metrics=self.metrics,
+            executor=self._executor,
+            agent_svid_ttl=cfg.agent_svid_ttl,
+        )
+        node = NodeServicer(
+            state=self.state,
+            issuer=self.issuer,
+            agents=agents,
+            ids=self.ids,
+            attestors=self._attestors(),
+            settings=NodeSettings(attest_timeout=cfg.attest_timeout),
+            limiters=limiters,
+            clock=self.clock,
+            metrics=self.metrics,
+            crl=self.tasks.crl,
         )
         admin = AdminServicer(
-            on_agent_removed=self.tasks.hooks.agent_removed,
+            on_agent_removed=self.tasks.agent_removed,
             state=self.state,
             datastore=self.datastore,
             ids=self.ids,
@@ -362,7 +387,6 @@ class Server:
         if self._jwt_workers is not None:
             self._jwt_workers.close()
         await asyncio.to_thread(self._last_checkpoint)
-        self.tasks.close()
         self.datastore.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.runtime_file.unlink()
@@ -371,9 +395,9 @@ class Server:
         _log.info("server stopped")
 
     def _last_checkpoint(self) -> None:
-        """Nothing is served any more: write what the recorder holds, then anchor the head."""
+        """Nothing is served any more: anchor the head (every issuance was committed before
+        its reply, so the ledger holds nothing unwritten)."""
         try:
-            self.tasks.service.recorder.flush()
             self.checkpointer.checkpoint()
         except Exception:
             _log.exception("the shutdown audit checkpoint failed")

@@ -18,9 +18,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
+from server import cli_entries
 from server import cli_output as out
 from server.config import CONFIG_KEYS, DEFAULT_ADMIN_SOCKET, ServerConfig, load_config, read_toml
 from server.errors import CliError, ConfigError, ServerError
+from server.listing import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from server.tasks import cli as task_cli
 from svid._clock import parse_utc
 from svid._errors import SvidError
@@ -78,9 +80,21 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{key.replace('_', '-')}", dest=f"cfg_{key}", default=None)
 
 
+_FILE_HELP = (
+    "entries from a JSON file ('-' for stdin): an array, {\"entries\": [...]} as "
+    "`entry show --output json` prints, or JSON Lines; sent in batches of up to "
+    f"{cli_entries.BATCH_ITEMS}, each item answered on its own"
+)
+_PAGE_SIZE_HELP = (
+    f"items per page asked of the server (default {DEFAULT_PAGE_SIZE}, at most "
+    f"{MAX_PAGE_SIZE}); every page is read"
+)
+_ENTRY_FLAGS = ("spiffe_id", "parent_id", "selector", "x509_ttl", "jwt_ttl", "dns", "hint")
+
+
 def _entry_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
-    parser.add_argument("--spiffe-id", required=not update)
-    parser.add_argument("--parent-id", required=not update)
+    parser.add_argument("--spiffe-id", help=None if update else "required unless --file is given")
+    parser.add_argument("--parent-id", help=None if update else "required unless --file is given")
     parser.add_argument(
         "--selector",
         action="append",
@@ -115,6 +129,30 @@ def _entry_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
     parser.add_argument(
         "--expires-at", default=None, help="unix seconds or ISO 8601 time; 0 = never"
     )
+    parser.add_argument("--file", metavar="PATH", help=_FILE_HELP)
+
+
+def _filter_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--spiffe-id-prefix",
+        metavar="ID",
+        help=f"only {what} whose SPIFFE ID is ID or under it, by path segment "
+        "(spiffe://td/a covers spiffe://td/a/b, not spiffe://td/ab)",
+    )
+    parser.add_argument(
+        "--selector",
+        action="append",
+        default=None,
+        help=f"only {what} with this selector, TYPE:VALUE (repeatable; see --match)",
+    )
+    parser.add_argument(
+        "--match",
+        choices=("all", "exact", "any"),
+        default="all",
+        help="with several --selector: all = has every one (default), exact = has exactly "
+        "these, any = has at least one",
+    )
+    parser.add_argument("--page-size", type=int, default=None, metavar="N", help=_PAGE_SIZE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,18 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
     _entry_flags(create, update=False)
     show = entry.add_parser("show", parents=[common], help="show entries")
     show.add_argument("--id")
-    show.add_argument("--spiffe-id")
-    show.add_argument("--parent-id")
+    show.add_argument("--spiffe-id", help="only entries with exactly this SPIFFE ID")
+    show.add_argument("--parent-id", help="only entries with this parent ID")
+    _filter_flags(show, "entries")
     update = entry.add_parser("update", parents=[common], help="change an entry")
-    update.add_argument("--id", required=True)
+    update.add_argument("--id", help="the entry to change (required unless --file is given)")
     _entry_flags(update, update=True)
-    delete = entry.add_parser("delete", parents=[common], help="delete an entry")
-    delete.add_argument("--id", required=True)
+    delete = entry.add_parser("delete", parents=[common], help="delete entries")
+    delete.add_argument("--id", action="append", default=None, help="entry ID (repeatable)")
+    delete.add_argument(
+        "--file",
+        metavar="PATH",
+        help="delete the entries (by their id) of a file, read as for `entry create --file`",
+    )
 
     agent = sub.add_parser("agent", help="attested agents").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
-    agent.add_parser("list", parents=[common], help="list attested agents")
+    agents = agent.add_parser("list", parents=[common], help="list attested agents")
+    _filter_flags(agents, "agents")
     for name, text in (("show", "show"), ("evict", "evict (must re-attest)"), ("ban", "ban")):
         p = agent.add_parser(name, parents=[common], help=f"{text} an agent")
         p.add_argument("--spiffe-id", required=True)
@@ -322,6 +367,72 @@ def _for_int32(name: str, value: int | None) -> None:
         raise CliError(f"{name}: must be between 0 and {2**31 - 1}")
 
 
+_MATCH = {
+    "all": admin_pb2.SELECTOR_MATCH_ALL,
+    "exact": admin_pb2.SELECTOR_MATCH_EXACT,
+    "any": admin_pb2.SELECTOR_MATCH_ANY,
+}
+
+
+def _apply_filter_flags(
+    query: admin_pb2.ListEntriesRequest | admin_pb2.ListAgentsRequest, args: argparse.Namespace
+) -> None:
+    if args.page_size is not None:
+        if not 1 <= args.page_size <= MAX_PAGE_SIZE:
+            raise CliError(f"--page-size: {args.page_size} must be between 1 and {MAX_PAGE_SIZE}")
+        query.page_size = args.page_size
+    query.spiffe_id_prefix = args.spiffe_id_prefix or ""
+    query.selectors.extend(_selector(s) for s in args.selector or ())
+    query.selector_match = _MATCH[args.match]
+
+
+def _entry_batch(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub, t: float) -> None:
+    """create/update/delete --file (and delete with several --id): batches, per-item results."""
+    action = args.action
+    if action != "delete" or args.file:
+        given = [f"--{k.replace('_', '-')}" for k in _ENTRY_FLAGS if getattr(args, k, None)]
+        if action != "delete" and (given or args.admin is not None or args.expires_at):
+            raise CliError(f"entry {action}: --file cannot be combined with entry flags")
+        if getattr(args, "id", None):
+            raise CliError(f"entry {action}: --file cannot be combined with --id")
+        items = cli_entries.read_entries(args.file)
+    else:
+        items = [
+            cli_entries.Item(f"--id #{n}", common_pb2.Entry(id=i)) for n, i in enumerate(args.id, 1)
+        ]
+    if action == "create":
+        verb = "created"
+
+        def call(batch: list[common_pb2.Entry]) -> list[admin_pb2.EntryResult]:
+            request = admin_pb2.BatchCreateEntryRequest(entries=batch)
+            return list(stub.BatchCreateEntry(request, timeout=t).results)
+
+    elif action == "update":
+        verb = "updated"
+
+        def call(batch: list[common_pb2.Entry]) -> list[admin_pb2.EntryResult]:
+            request = admin_pb2.BatchUpdateEntryRequest(entries=batch)
+            return list(stub.BatchUpdateEntry(request, timeout=t).results)
+
+    else:
+        verb = "deleted"
+        for item in items:
+            if not item.entry.id:
+                raise CliError(f"{item.where}: an entry to delete needs its id")
+
+        def call(batch: list[common_pb2.Entry]) -> list[admin_pb2.EntryResult]:
+            request = admin_pb2.BatchDeleteEntryRequest(ids=[e.id for e in batch])
+            return list(stub.BatchDeleteEntry(request, timeout=t).results)
+
+    outcomes = cli_entries.send_batches(items, call, verb)
+    summary, problems = cli_entries.outcomes_text(outcomes, verb)
+    _emit(args, summary, cli_entries.outcomes_json(outcomes))
+    if problems:
+        for line in problems:
+            print(f"svid-server: {line}", file=sys.stderr)
+        raise CliError(f"{len(problems)} of {len(outcomes)} entries refused (listed above)")
+
+
 def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> None:
     t = _timeout(args)
     cmd = (args.command, getattr(args, "action", None))
@@ -331,9 +442,13 @@ def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
             admin_pb2.CreateJoinTokenRequest(ttl=args.ttl, agent_id=args.agent_id), timeout=t
         )
         _emit(args, out.token_text(token), out.to_json(token))
+    elif cmd in {("entry", "create"), ("entry", "update"), ("entry", "delete")} and args.file:
+        _entry_batch(args, stub, t)
     elif cmd == ("entry", "create"):
         _for_int32("--x509-ttl", args.x509_ttl)
         _for_int32("--jwt-ttl", args.jwt_ttl)
+        if args.spiffe_id is None or args.parent_id is None:
+            raise CliError("entry create: --spiffe-id and --parent-id are required (or --file)")
         entry = common_pb2.Entry()
         _apply_entry_flags(entry, args)
         created = stub.CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=t).entry
@@ -342,27 +457,46 @@ def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
         if args.id:
             entries = [stub.GetEntry(admin_pb2.GetEntryRequest(id=args.id), timeout=t)]
         else:
-            entries = list(
-                stub.ListEntries(
-                    admin_pb2.ListEntriesRequest(
-                        spiffe_id=args.spiffe_id or "", parent_id=args.parent_id or ""
-                    ),
-                    timeout=t,
-                ).entries
+            query = admin_pb2.ListEntriesRequest(
+                spiffe_id=args.spiffe_id or "", parent_id=args.parent_id or ""
             )
+            _apply_filter_flags(query, args)
+
+            def entry_page(token: str) -> tuple[list[common_pb2.Entry], str]:
+                query.page_token = token
+                reply = stub.ListEntries(query, timeout=t)
+                return list(reply.entries), reply.next_page_token
+
+            entries = cli_entries.all_pages(entry_page)
         _emit(args, out.entries_text(entries), out.to_json(entries, key="entries"))
     elif cmd == ("entry", "update"):
+        if not args.id:
+            raise CliError("entry update: --id is required (or --file)")
         _for_int32("--x509-ttl", args.x509_ttl)
         _for_int32("--jwt-ttl", args.jwt_ttl)
         entry = stub.GetEntry(admin_pb2.GetEntryRequest(id=args.id), timeout=t)
         _apply_entry_flags(entry, args)
         updated = stub.UpdateEntry(admin_pb2.UpdateEntryRequest(entry=entry), timeout=t).entry
         _emit(args, out.entry_text(updated), out.to_json(updated))
+    elif cmd == ("entry", "delete") and args.id and len(args.id) > 1:
+        _entry_batch(args, stub, t)
     elif cmd == ("entry", "delete"):
-        stub.DeleteEntry(admin_pb2.DeleteEntryRequest(id=args.id), timeout=t)
-        _emit(args, f"Deleted entry {args.id}", out.to_json(admin_pb2.GetEntryRequest(id=args.id)))
+        if not args.id:
+            raise CliError("entry delete: --id is required (or --file)")
+        (entry_id,) = args.id
+        stub.DeleteEntry(admin_pb2.DeleteEntryRequest(id=entry_id), timeout=t)
+        gone = out.to_json(admin_pb2.GetEntryRequest(id=entry_id))
+        _emit(args, f"Deleted entry {entry_id}", gone)
     elif cmd == ("agent", "list"):
-        agents = list(stub.ListAgents(admin_pb2.ListAgentsRequest(), timeout=t).agents)
+        agent_query = admin_pb2.ListAgentsRequest()
+        _apply_filter_flags(agent_query, args)
+
+        def agent_page(token: str) -> tuple[list[admin_pb2.Agent], str]:
+            agent_query.page_token = token
+            reply = stub.ListAgents(agent_query, timeout=t)
+            return list(reply.agents), reply.next_page_token
+
+        agents = cli_entries.all_pages(agent_page)
         _emit(args, out.agents_text(agents), out.to_json(agents, key="agents"))
     elif cmd == ("agent", "show"):
         agent = stub.GetAgent(admin_pb2.GetAgentRequest(spiffe_id=args.spiffe_id), timeout=t)

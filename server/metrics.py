@@ -47,6 +47,18 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self.ledger_failures = Counter(
+            "svid_server_ledger_failures",
+            "Issuance calls refused because the ledger could not commit, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.ledger_available = Gauge(
+            "svid_server_ledger_available",
+            "1 while the ledger commits, 0 after its last commit failed (issuance refused)",
+            registry=self.registry,
+        )
+        self.ledger_available.set(1)
         self.sync_streams = Gauge(
             "svid_server_sync_streams", "Open agent Sync streams", registry=self.registry
         )

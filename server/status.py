@@ -34,6 +34,7 @@ from server.datastore.errors import ConflictError as DsConflictError
 from server.datastore.errors import DataStoreError, StorageError
 from server.datastore.errors import NotFoundError as DsNotFoundError
 from server.datastore.legacy_import import LegacyImportError
+from server.issuance.ledger import LedgerUnavailableError
 from server.policy.errors import PolicyError, RequestError
 from svid import _errors as svid_errors
 from svid._cert_der import NonUriSanError
@@ -51,6 +52,10 @@ Code = grpc.StatusCode
 INTERNAL_MESSAGE = "internal error"
 STORAGE_MESSAGE = "the server cannot record: storage unavailable"
 AUDIT_MESSAGE = "the server cannot record: audit log unavailable"
+LEDGER_MESSAGE = (
+    "the server cannot record issued credentials (storage unavailable); nothing was issued,"
+    " retry later"
+)
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     AuditError: Rule(Code.UNAVAILABLE, AUDIT_MESSAGE),
     CheckpointError: Rule(Code.UNAVAILABLE, "the server cannot record: audit checkpoint failed"),
     SecretInAuditError: Rule(Code.INVALID_ARGUMENT),
+    # The ledger (server.issuance.ledger): a credential that cannot be recorded is not sent.
+    LedgerUnavailableError: Rule(Code.UNAVAILABLE, LEDGER_MESSAGE),
     LedgerError: Rule(Code.UNAVAILABLE, STORAGE_MESSAGE),
     # svid: unreadable IDs, certificates, tokens and bundles come from the caller.
     svid_errors.SpiffeIdError: Rule(Code.INVALID_ARGUMENT),

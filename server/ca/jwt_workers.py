@@ -2,7 +2,7 @@
 
 Why: per token, the Python around an ES256 signature (claims, jti, base64, the DER-to-JOSE
 conversion) costs about as much as the signature, and all of it holds the GIL. In the server
-process that GIL is also what the event loop and the issuance recorder need, so they took turns
+process that GIL is also what the event loop and the ledger writer need, so they took turns
 with the minting thread and the machine sat half idle (bench: a JWT batch thread was busy 70%
 of the time, the CPUs 55%). A worker process has a GIL of its own: the server keeps the checks,
 the records and the reply, and a worker does the rest for a whole batch per round trip.

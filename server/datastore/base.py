@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
+from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     AttestedAgent,
     AuditMark,
@@ -56,6 +57,22 @@ class RegistrationStore(Protocol):
 
     def delete_entry(self, entry_id: str) -> None:
         """NotFoundError for an unknown id."""
+        ...
+
+    # Batches: one transaction each; items succeed or fail on their own (a refused item writes
+    # nothing), results in input order; the revision moves once per batch that changed anything.
+
+    def create_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
+        """`create_entry` for each item: the stored entry, or its AlreadyExistsError."""
+        ...
+
+    def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
+        """`update_entry` for each item: the stored entry, or its NotFoundError, ConflictError
+        or AlreadyExistsError."""
+        ...
+
+    def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
+        """`delete_entry` for each item: None when deleted, or its NotFoundError."""
         ...
 
     def get_entry(self, entry_id: str) -> Entry:

@@ -21,6 +21,8 @@ INSERT_ENTRY = (
     ":identity_hash, :selectors, :x509_svid_ttl, :jwt_svid_ttl, :dns_names, :hint, :admin, "
     ":expires_at, :revision, :created_at)"
 )
+# Either uniqueness (id, identity_hash) makes this a no-op with rowcount 0.
+INSERT_ENTRY_UNLESS_EXISTS = f"{INSERT_ENTRY} ON CONFLICT DO NOTHING"
 UPDATE_ENTRY = (
     "UPDATE entries SET spiffe_id = :spiffe_id, parent_id = :parent_id, "
     "identity_hash = :identity_hash, selectors = :selectors, x509_svid_ttl = :x509_svid_ttl, "

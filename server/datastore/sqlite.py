@@ -32,7 +32,12 @@ from typing import Any
 import sqlite_utils
 
 from server.datastore import queries as q
-from server.datastore.errors import AlreadyExistsError, ConflictError, NotFoundError
+from server.datastore.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    DataStoreError,
+    NotFoundError,
+)
 from server.datastore.migrations import CREATE_MIGRATIONS_TABLE, MIGRATIONS, Migration
 from server.datastore.records import (
     KEY_KINDS,
@@ -265,55 +270,118 @@ class SqliteDataStore(SqliteLedger):
 
     # -- entries --------------------------------------------------------------------------------
 
-    def create_entry(self, entry: Entry) -> Entry:
-        stored = replace(
+    def _stored_new(self, entry: Entry) -> Entry:
+        return replace(
             entry,
             id=entry.id or self._new_entry_id(),
             revision=1,
             created_at=self._now(),
         )
+
+    @staticmethod
+    def _insert_in(db: sqlite_utils.Database, stored: Entry) -> None:
+        """Insert within the caller's transaction; AlreadyExistsError (nothing written) for a
+        clash of id or identity. One statement when nothing clashes: a batch pays for the
+        lookups that name the clash only on the items that have one."""
         params = _entry_params(stored)
+        if db.execute(q.INSERT_ENTRY_UNLESS_EXISTS, params).rowcount == 1:
+            return
+        if db.execute(q.SELECT_ENTRY, {"id": stored.id}).fetchone() is not None:
+            raise AlreadyExistsError(f"entry id {stored.id} already exists")
+        clash = db.execute(q.ENTRY_BY_IDENTITY, params).fetchone()
+        raise AlreadyExistsError(
+            f"an entry for {stored.spiffe_id} under {stored.parent_id} with the same "
+            f"selectors already exists (id {clash[0] if clash else '?'})"
+        )
+
+    @staticmethod
+    def _update_in(db: sqlite_utils.Database, entry: Entry) -> Entry:
+        rows = list(db.query(q.SELECT_ENTRY, {"id": entry.id}))
+        if not rows:
+            raise NotFoundError(f"entry {entry.id} not found")
+        current = _entry_from(rows[0])
+        if entry.revision and entry.revision != current.revision:
+            raise ConflictError(
+                f"entry {entry.id} changed meanwhile: revision {current.revision}, "
+                f"update was based on {entry.revision}"
+            )
+        stored = replace(entry, revision=current.revision + 1, created_at=current.created_at)
+        params = _entry_params(stored)
+        clash = db.execute(q.ENTRY_BY_IDENTITY, params).fetchone()
+        if clash is not None and clash[0] != entry.id:
+            raise AlreadyExistsError(
+                f"an entry for {entry.spiffe_id} under {entry.parent_id} with the same "
+                f"selectors already exists (id {clash[0]})"
+            )
+        db.execute(q.UPDATE_ENTRY, params)
+        return stored
+
+    @staticmethod
+    def _delete_in(db: sqlite_utils.Database, entry_id: str) -> None:
+        if db.execute(q.DELETE_ENTRY, {"id": entry_id}).rowcount != 1:
+            raise NotFoundError(f"entry {entry_id} not found")
+
+    def create_entry(self, entry: Entry) -> Entry:
+        stored = self._stored_new(entry)
         with self._transaction() as db:
-            if db.execute(q.SELECT_ENTRY, {"id": stored.id}).fetchone() is not None:
-                raise AlreadyExistsError(f"entry id {stored.id} already exists")
-            clash = db.execute(q.ENTRY_BY_IDENTITY, params).fetchone()
-            if clash is not None:
-                raise AlreadyExistsError(
-                    f"an entry for {entry.spiffe_id} under {entry.parent_id} with the same "
-                    f"selectors already exists (id {clash[0]})"
-                )
-            db.execute(q.INSERT_ENTRY, params)
+            self._insert_in(db, stored)
             self._bump(db, _REVISION)
         return stored
 
     def update_entry(self, entry: Entry) -> Entry:
         with self._transaction() as db:
-            rows = list(db.query(q.SELECT_ENTRY, {"id": entry.id}))
-            if not rows:
-                raise NotFoundError(f"entry {entry.id} not found")
-            current = _entry_from(rows[0])
-            if entry.revision and entry.revision != current.revision:
-                raise ConflictError(
-                    f"entry {entry.id} changed meanwhile: revision {current.revision}, "
-                    f"update was based on {entry.revision}"
-                )
-            stored = replace(entry, revision=current.revision + 1, created_at=current.created_at)
-            params = _entry_params(stored)
-            clash = db.execute(q.ENTRY_BY_IDENTITY, params).fetchone()
-            if clash is not None and clash[0] != entry.id:
-                raise AlreadyExistsError(
-                    f"an entry for {entry.spiffe_id} under {entry.parent_id} with the same "
-                    f"selectors already exists (id {clash[0]})"
-                )
-            db.execute(q.UPDATE_ENTRY, params)
+            stored = self._update_in(db, entry)
             self._bump(db, _REVISION)
         return stored
 
     def delete_entry(self, entry_id: str) -> None:
         with self._transaction() as db:
-            if db.execute(q.DELETE_ENTRY, {"id": entry_id}).rowcount != 1:
-                raise NotFoundError(f"entry {entry_id} not found")
+            self._delete_in(db, entry_id)
             self._bump(db, _REVISION)
+
+    # A batch is one transaction (one fsync, one revision) whose items succeed or fail each on
+    # its own: every check of an item precedes its one write, so a refused item leaves nothing.
+
+    def create_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
+        stored = [self._stored_new(e) for e in entries]
+        results: list[Entry | DataStoreError] = []
+        with self._transaction() as db:
+            for item in stored:
+                try:
+                    self._insert_in(db, item)
+                except AlreadyExistsError as exc:
+                    results.append(exc)
+                    continue
+                results.append(item)
+            if any(isinstance(r, Entry) for r in results):
+                self._bump(db, _REVISION)
+        return results
+
+    def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
+        results: list[Entry | DataStoreError] = []
+        with self._transaction() as db:
+            for entry in entries:
+                try:
+                    results.append(self._update_in(db, entry))
+                except (NotFoundError, ConflictError, AlreadyExistsError) as exc:
+                    results.append(exc)
+            if any(isinstance(r, Entry) for r in results):
+                self._bump(db, _REVISION)
+        return results
+
+    def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
+        results: list[DataStoreError | None] = []
+        with self._transaction() as db:
+            for entry_id in entry_ids:
+                try:
+                    self._delete_in(db, entry_id)
+                except NotFoundError as exc:
+                    results.append(exc)
+                    continue
+                results.append(None)
+            if any(r is None for r in results):
+                self._bump(db, _REVISION)
+        return results
 
     def get_entry(self, entry_id: str) -> Entry:
         rows = self._rows(q.SELECT_ENTRY, {"id": entry_id})

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.datastore.base import DataStore
+from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     AttestedAgent,
     AuditMark,
@@ -74,6 +75,18 @@ class FaultInjectingDataStore:
     def delete_entry(self, entry_id: str) -> None:
         self._enter("delete_entry")
         self.inner.delete_entry(entry_id)
+
+    def create_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
+        self._enter("create_entries")
+        return self.inner.create_entries(entries)
+
+    def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
+        self._enter("update_entries")
+        return self.inner.update_entries(entries)
+
+    def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
+        self._enter("delete_entries")
+        return self.inner.delete_entries(entry_ids)
 
     def get_entry(self, entry_id: str) -> Entry:
         self._enter("get_entry")

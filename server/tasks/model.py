@@ -1,4 +1,5 @@
-"""Values of the task layer: a task on record and a credential issued for an agent or task."""
+"""Values of the task layer: a task on record (and, from the issuance spine, the credential
+record that names a task)."""
 
 from __future__ import annotations
 

@@ -14,17 +14,14 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
 from server.audit import AuditError, AuditLog, EventDraft, EventKind
-from server.audit.log import DraftTuple
 from server.ca.manager import CaManager
-from server.ca.signer import IssuedJwt
 from server.datastore.records import (
-    REVOKED_JWT_ID,
     REVOKED_X509_SERIAL,
     AttestedAgent,
     Entry,
@@ -32,7 +29,7 @@ from server.datastore.records import (
 )
 from server.entitlement import entitled_entries
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
-from server.ledger import Ledger
+from server.issuance import TaskGrant, TaskJwtGrant
 from server.policy import (
     Decision,
     DecisionRequest,
@@ -45,7 +42,6 @@ from server.policy import (
 from server.state import ServerState
 from server.tasks.crl import CrlCache
 from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id
-from server.tasks.recorder import IssuanceRecorder
 from server.tasks.store import TaskStore
 from svid._clock import Clock
 from svid._spiffe_id import SpiffeId
@@ -103,7 +99,6 @@ class TaskService:
         # Active tasks by task SPIFFE ID: the per-mint lookup never touches SQLite.
         self._active: Mapping[str, Task] = MappingProxyType({})
         self._crl = CrlCache()
-        self.recorder = IssuanceRecorder(Ledger(audit))
 
     @property
     def policy(self) -> PolicyEngine:
@@ -116,10 +111,6 @@ class TaskService:
     @property
     def store(self) -> TaskStore:
         return self._store
-
-    def close(self) -> None:
-        """Write what the recorder still holds; call before closing the stores."""
-        self.recorder.close()
 
     def load(self) -> None:
         """Start-up: active tasks from the store into memory."""
@@ -363,42 +354,50 @@ class TaskService:
         return task, entry, begun
 
     async def begin(self, agent: AttestedAgent, req: BeginRequest) -> Task:
-        """The task's entry, then its row, then its task-begin event: the log never records a
-        task whose writes failed. If the event cannot be written, the task is undone (entry
-        deleted, row marked revoked) and never becomes active, so nothing is minted for it."""
+        """The task's row, then its task-begin event, then it becomes active, and only then
+        its entry is created (and pushed to agents).
+
+        The log never records a task whose row failed, and no agent hears of a task before it
+        is active (an SVID it asked for earlier would be refused, or recorded without its task
+        and outlive the task's end). If the row or the event cannot be written, the task never
+        becomes active; if the entry cannot be created, the task ends at once (row revoked,
+        a task-end event saying why) and nothing was issued for it."""
         task, entry, begun = await asyncio.to_thread(self._decide_begin, agent, req)
         # Shielded: a caller hanging up midway must not leave a task half begun (an event
         # committing in its thread while the task is undone, or a row never made active).
         return await asyncio.shield(self._write_begin(task, entry, begun))
 
     async def _write_begin(self, task: Task, entry: Entry, begun: EventDraft) -> Task:
-        created = await self._state.create_entry(entry)
-        task = replace(task, entry_id=created.id)
+        task = replace(task, entry_id=entry.id)
         stored = False
         try:
             await asyncio.to_thread(self._store.put_task, task)
             stored = True
             await asyncio.to_thread(self._audit.append_many, [begun])
         except Exception:
-            await self._undo_begin(task, stored=stored)
+            await self._undo_begin(task, stored=stored, why="not recorded in the audit log")
             raise
         self._set_active(task, True)
+        try:
+            await self._state.create_entry(entry)
+        except Exception:
+            self._set_active(task, False)
+            await self._undo_begin(task, stored=True, why="its entry could not be created")
+            try:
+                await self._record_end(task, TaskState.REVOKED, "begin failed", revoked=0)
+            except Exception:
+                _log.exception("recording a failed begin failed", extra={"task_id": task.task_id})
+            raise
         _log.info("task begun", extra={"task_id": task.task_id, "agent_id": task.runtime_id})
         return task
 
-    async def _undo_begin(self, task: Task, *, stored: bool) -> None:
+    async def _undo_begin(self, task: Task, *, stored: bool, why: str) -> None:
         """Best effort after a failed begin: the caller gets the original error either way."""
         try:
             if stored:
                 await asyncio.to_thread(
-                    self._store.finish,
-                    task,
-                    TaskState.REVOKED,
-                    self._now(),
-                    "begin failed: not recorded in the audit log",
+                    self._store.finish, task, TaskState.REVOKED, self._now(), f"begin failed: {why}"
                 )
-            with contextlib.suppress(LookupError):
-                await self._state.delete_entry(task.entry_id)
         except Exception:
             _log.exception("undoing a failed task begin failed", extra={"task_id": task.task_id})
 
@@ -447,11 +446,27 @@ class TaskService:
             )
         return tuple(sorted(allowed))
 
-    def mint_jwt(self, agent_id: str, entry: Entry, audience: Sequence[str]) -> IssuedJwt:
-        """A task JWT-SVID: decided again, with txn/scope/tctx/act claims; recorded and audited."""
+    # -- the issuer's task port (server.issuance.TaskDecisions) ------------------------------------
+
+    def owns(self, entry: Entry) -> bool:
+        return is_task_id(entry.spiffe_id)
+
+    def _held_task(self, agent_id: str, entry: Entry) -> Task:
+        # Only an active task is served: its entry reaches agents after it became active
+        # (begin), and an X.509-SVID asked for before then would be recorded without the task
+        # and outlive its end.
         task = self._active.get(entry.spiffe_id)
         if task is None or task.agent_id != agent_id:
             raise PermissionDeniedError(f"task identity {entry.spiffe_id} is not active")
+        return task
+
+    def x509_grant(self, agent_id: str, entry: Entry) -> TaskGrant:
+        task = self._held_task(agent_id, entry)
+        return TaskGrant(task.task_id, task.runtime_id)
+
+    def jwt_grant(self, agent_id: str, entry: Entry, audience: Sequence[str]) -> TaskJwtGrant:
+        """A task JWT-SVID decided again: its txn/scope/tctx/act claims and TTL."""
+        task = self._held_task(agent_id, entry)
         scope = self._mint_decision(agent_id, task, audience)
         claims: dict[str, Any] = {
             "txn": task.task_id,
@@ -467,114 +482,15 @@ class TaskService:
         ttl = max(
             1, min(entry.jwt_svid_ttl or self.settings.jwt_ttl, task.remaining(self._clock.now()))
         )
-        issued = self._ca.jwt_signer().sign(
-            SpiffeId.parse(task.spiffe_id), list(audience), ttl, claims
+        return TaskJwtGrant(
+            task_id=task.task_id,
+            runtime_id=task.runtime_id,
+            on_behalf_of=task.on_behalf_of,
+            ttl=ttl,
+            scope=" ".join(scope),
+            claims=claims,
+            policy_set_hash=self._policy.policy_set_hash,
         )
-        # The record and its event commit together before the token is returned (fail closed).
-        self._audit.record(
-            [
-                Credential(
-                    REVOKED_JWT_ID,
-                    issued.jti,
-                    agent_id,
-                    task.spiffe_id,
-                    task.task_id,
-                    issued.expires_at,
-                )
-            ],
-            [
-                EventDraft(
-                    EventKind.JWT_MINTED,
-                    agent_id=task.runtime_id,
-                    node_id=agent_id,
-                    on_behalf_of=task.on_behalf_of or None,
-                    resource=",".join(audience),
-                    action=" ".join(scope),
-                    decision="allow",
-                    task_id=task.task_id,
-                    credential_id=issued.jti,
-                    ttl=ttl,
-                    policy_set_hash=self._policy.policy_set_hash,
-                )
-            ],
-        )
-        return issued
-
-    # -- issuance records (every SVID, so eviction and task end can revoke them) -----------------
-
-    def _owner_task(self, spiffe_id: str) -> Task | None:
-        return self._active.get(spiffe_id) if is_task_id(spiffe_id) else None
-
-    def record_x509(self, agent_id: str, issued: Iterable[tuple[str, str, int]]) -> None:
-        """(spiffe_id, serial hex, expires_at) of X.509-SVIDs just signed for `agent_id`."""
-        creds = []
-        events = []
-        now = self._now()
-        for spiffe_id, serial, expires_at in issued:
-            task = self._owner_task(spiffe_id)
-            task_id = task.task_id if task is not None else ""
-            creds.append(
-                Credential(REVOKED_X509_SERIAL, serial, agent_id, spiffe_id, task_id, expires_at)
-            )
-            # Plain tuples in DRAFT_FIELDS order: this runs per signature on the issuing thread.
-            # kind, agent_id, node_id, on_behalf_of, resource, action, decision, reason, task_id,
-            # risk, credential_id, policy_ids, policy_set_hash, ttl, latency_us, extra
-            events.append(
-                (
-                    "x509_issued",
-                    task.runtime_id if task is not None else spiffe_id,
-                    agent_id,
-                    None,
-                    None,
-                    None,
-                    "allow",
-                    None,
-                    task_id or None,
-                    None,
-                    serial,
-                    (),
-                    None,
-                    max(0, expires_at - now),
-                    None,
-                    {"spiffe_id": spiffe_id},
-                )
-            )
-        self.recorder.add(creds, events)
-
-    def record_jwts(
-        self, agent_id: str, minted: Iterable[tuple[str, IssuedJwt, Sequence[str]]]
-    ) -> None:
-        """Workload (non-task) JWT-SVIDs just minted for `agent_id`: (SPIFFE ID, token,
-        audience) each. One event per JWT, queued together: a batch is one hand-over to the
-        recorder, not one per token."""
-        creds = []
-        events: list[DraftTuple] = []
-        for spiffe_id, issued, audience in minted:
-            creds.append(
-                Credential(REVOKED_JWT_ID, issued.jti, agent_id, spiffe_id, "", issued.expires_at)
-            )
-            # A plain tuple in DRAFT_FIELDS order (see record_x509).
-            events.append(
-                (
-                    "jwt_minted",
-                    spiffe_id,
-                    agent_id,
-                    None,
-                    ",".join(audience),
-                    None,
-                    "allow",
-                    None,
-                    None,
-                    None,
-                    issued.jti,
-                    (),
-                    None,
-                    issued.expires_at - issued.issued_at,
-                    None,
-                    {},
-                )
-            )
-        self.recorder.add(creds, events)
 
     def record_validations(self, agent_id: str, validations: Sequence[Any]) -> None:
         """ValidateJWTSVID answers an agent reports (task_pb2.Validation): one event each.
@@ -610,19 +526,6 @@ class TaskService:
             events.append(event)
         if events:
             self._audit.append_many(events)
-
-    def record_attestation(
-        self, agent_id: str, attestation_type: str, serial: str, ok: bool, reason: str = ""
-    ) -> None:
-        self._audit.append(
-            EventKind.NODE_ATTESTATION,
-            agent_id=agent_id or None,
-            node_id=agent_id or None,
-            decision="allow" if ok else "deny",
-            reason=reason or None,
-            credential_id=serial or None,
-            extra={"type": attestation_type},
-        )
 
     # -- end and revocation ---------------------------------------------------------------------
 
@@ -667,7 +570,6 @@ class TaskService:
         )
         for task in tasks:
             await self._finish(task, TaskState.REVOKED, reason)
-        await asyncio.to_thread(self.recorder.flush)
         creds = await asyncio.to_thread(self._store.agent_credentials, agent_id, self._now())
         already = {(r.kind, r.value) for r in self._state.revocations}
         await self._revoke(
@@ -717,13 +619,20 @@ class TaskService:
         self._set_active(task, False)
         now = self._now()
         done = await asyncio.to_thread(self._store.finish, task, state, now, reason)
-        await asyncio.to_thread(self.recorder.flush)
         creds = await asyncio.to_thread(self._store.task_credentials, task.task_id, now)
         await self._revoke(creds, reason, agent_id=task.agent_id, task=task)
         if task.entry_id and task.entry_id in self._state.entries.by_id:
             # LookupError: deleted meanwhile (an operator's `entry delete`).
             with contextlib.suppress(LookupError):
                 await self._state.delete_entry(task.entry_id)
+        await self._record_end(task, state, reason, revoked=len(creds))
+        _log.info(
+            "task finished",
+            extra={"task_id": task.task_id, "state": state.value, "revoked": len(creds)},
+        )
+        return done
+
+    async def _record_end(self, task: Task, state: TaskState, reason: str, *, revoked: int) -> None:
         await asyncio.to_thread(
             self._audit.append,
             EventKind.TASK_END,
@@ -733,13 +642,8 @@ class TaskService:
             task_id=task.task_id,
             decision=state.value,
             reason=reason,
-            extra={"spiffe_id": task.spiffe_id, "revoked": len(creds)},
+            extra={"spiffe_id": task.spiffe_id, "revoked": revoked},
         )
-        _log.info(
-            "task finished",
-            extra={"task_id": task.task_id, "state": state.value, "revoked": len(creds)},
-        )
-        return done
 
     # -- reads ----------------------------------------------------------------------------------
 

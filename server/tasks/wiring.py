@@ -1,8 +1,9 @@
-"""Builds the task layer for the server and gives app.py / node_api.py their few hook points.
+"""Builds the task layer for the server.
 
-app.py: `layer = build_task_layer(...)`, register `layer.node_handlers(...)` on the node server
-and `layer.admin_handlers()` on the admin server, run `layer.run(stop)`, `layer.close()`.
-node_api.py calls the `NodeHooks` methods at attestation, X.509 and JWT issuance and Sync.
+app.py: `layer = build_task_layer(...)`, hand `layer.decisions` (the issuer's TaskDecisions
+port) to the issuance spine, register `layer.node_handlers(...)` on the node server and
+`layer.admin_handlers()` on the admin server, run `layer.run(stop)`. The node API never calls
+the task layer.
 """
 
 from __future__ import annotations
@@ -10,20 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from server.audit import AuditLog
 from server.ca.manager import CaManager
-from server.ca.signer import IssuedJwt
-from server.datastore.records import Entry
+from server.issuance import TaskDecisions
 from server.peer import PeerCache
 from server.policy import PolicyEngine
 from server.state import ServerState
 from server.tasks.grpc_api import NodeTasksServicer, TaskAdminServicer
-from server.tasks.model import is_task_id
 from server.tasks.service import TaskService, TaskSettings
 from server.tasks.store import TaskRows, TaskStore
 from svid._clock import Clock
@@ -51,51 +50,25 @@ def _handlers(add: Callable[[Any, Any], None], servicer: Any) -> list[Any]:
     return collector.handlers
 
 
-class NodeHooks:
-    """What node_api.py tells the task layer. Failures to audit must not fail issuance silently:
-    they raise, and the call fails (an identity event that cannot be recorded is not issued)."""
-
-    def __init__(self, service: TaskService) -> None:
-        self._service = service
-
-    def attested(self, agent_id: str, attestation_type: str, serial: str) -> None:
-        self._service.record_attestation(agent_id, attestation_type, serial, ok=True)
-
-    def attestation_refused(self, attestation_type: str, reason: str) -> None:
-        self._service.record_attestation("", attestation_type, "", ok=False, reason=reason)
-
-    def x509_issued(self, agent_id: str, issued: Iterable[tuple[str, str, int]]) -> None:
-        """(SPIFFE ID, serial hex, expires_at) of each X.509-SVID just signed."""
-        self._service.record_x509(agent_id, issued)
-
-    def is_task(self, entry: Entry) -> bool:
-        return is_task_id(entry.spiffe_id)
-
-    def mint_task_jwt(self, agent_id: str, entry: Entry, audience: Sequence[str]) -> IssuedJwt:
-        return self._service.mint_jwt(agent_id, entry, audience)
-
-    def jwts_issued(
-        self, agent_id: str, minted: Sequence[tuple[str, IssuedJwt, Sequence[str]]]
-    ) -> None:
-        """(SPIFFE ID, token, audience) of each workload JWT-SVID a batch just minted."""
-        self._service.record_jwts(agent_id, minted)
-
-    def crl(self) -> list[bytes]:
-        der = self._service.crl()
-        return [der] if der else []
-
-    async def agent_removed(self, agent_id: str, why: str) -> None:
-        # admin_api passes "agent evicted" or "agent banned".
-        await self._service.revoke_agent(agent_id, why, banned=why == "agent banned")
-
-
 @dataclass
 class TaskLayer:
     policy: PolicyEngine
     audit: AuditLog
     store: TaskStore
     service: TaskService
-    hooks: NodeHooks
+
+    @property
+    def decisions(self) -> TaskDecisions:
+        return self.service
+
+    def crl(self) -> list[bytes]:
+        """The CA-signed CRL for Sync (none while no X.509-SVID is revoked)."""
+        der = self.service.crl()
+        return [der] if der else []
+
+    async def agent_removed(self, agent_id: str, why: str) -> None:
+        # admin_api passes "agent evicted" or "agent banned".
+        await self.service.revoke_agent(agent_id, why, banned=why == "agent banned")
 
     def node_handlers(self, state: ServerState, peers: PeerCache) -> list[Any]:
         servicer = NodeTasksServicer(self.service, state, peers)
@@ -119,10 +92,6 @@ class TaskLayer:
             wait = min(MAX_EXPIRY_WAIT, max(0.05, self.service.next_expiry() - clock.now()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=wait)
-
-    def close(self) -> None:
-        """Write what the recorder holds; the datastore is closed by whoever opened it."""
-        self.service.close()
 
 
 def build_task_layer(
@@ -151,4 +120,4 @@ def build_task_layer(
         settings=settings,
     )
     service.load()
-    return TaskLayer(policy, audit, store, service, NodeHooks(service))
+    return TaskLayer(policy, audit, store, service)

@@ -26,13 +26,15 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\rsvid.admin.v1\x1a\x0c\x63ommon.proto\"\xaa\x01\n\x05\x41gent\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x18\n\x10\x61ttestation_type\x18\x02 \x01(\t\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12\x0e\n\x06\x62\x61nned\x18\x05 \x01(\x08\x12\x13\n\x0b\x61ttested_at\x18\x06 \x01(\x03\x12+\n\tselectors\x18\x07 \x03(\x0b\x32\x18.svid.common.v1.Selector\"7\n\x16\x43reateJoinTokenRequest\x12\x0b\n\x03ttl\x18\x01 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"U\n\x17\x43reateJoinTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x17\n\x0f\x61gent_spiffe_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\":\n\x12\x43reateEntryRequest\x12$\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x15.svid.common.v1.Entry\";\n\x13\x43reateEntryResponse\x12$\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x15.svid.common.v1.Entry\":\n\x12UpdateEntryRequest\x12$\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x15.svid.common.v1.Entry\";\n\x13UpdateEntryResponse\x12$\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x15.svid.common.v1.Entry\" \n\x12\x44\x65leteEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteEntryResponse\"\x1d\n\x0fGetEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x12ListEntriesRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x11\n\tparent_id\x18\x02 \x01(\t\"=\n\x13ListEntriesResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.svid.common.v1.Entry\"\x13\n\x11ListAgentsRequest\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.svid.admin.v1.Agent\"$\n\x0fGetAgentRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"&\n\x11\x45victAgentRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"\x14\n\x12\x45victAgentResponse\"$\n\x0f\x42\x61nAgentRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"\x12\n\x10\x42\x61nAgentResponse\"\x12\n\x10GetBundleRequest\"\x18\n\x16\x41uditCheckpointRequest\"o\n\x17\x41uditCheckpointResponse\x12\x0c\n\x04line\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\x12\x0c\n\x04time\x18\x05 \x01(\x01\x12\x0e\n\x06key_id\x18\x06 \x01(\t2\xe1\x07\n\x05\x41\x64min\x12`\n\x0f\x43reateJoinToken\x12%.svid.admin.v1.CreateJoinTokenRequest\x1a&.svid.admin.v1.CreateJoinTokenResponse\x12T\n\x0b\x43reateEntry\x12!.svid.admin.v1.CreateEntryRequest\x1a\".svid.admin.v1.CreateEntryResponse\x12T\n\x0bUpdateEntry\x12!.svid.admin.v1.UpdateEntryRequest\x1a\".svid.admin.v1.UpdateEntryResponse\x12T\n\x0b\x44\x65leteEntry\x12!.svid.admin.v1.DeleteEntryRequest\x1a\".svid.admin.v1.DeleteEntryResponse\x12\x41\n\x08GetEntry\x12\x1e.svid.admin.v1.GetEntryRequest\x1a\x15.svid.common.v1.Entry\x12T\n\x0bListEntries\x12!.svid.admin.v1.ListEntriesRequest\x1a\".svid.admin.v1.ListEntriesResponse\x12Q\n\nListAgents\x12 .svid.admin.v1.ListAgentsRequest\x1a!.svid.admin.v1.ListAgentsResponse\x12@\n\x08GetAgent\x12\x1e.svid.admin.v1.GetAgentRequest\x1a\x14.svid.admin.v1.Agent\x12Q\n\nEvictAgent\x12 .svid.admin.v1.EvictAgentRequest\x1a!.svid.admin.v1.EvictAgentResponse\x12K\n\x08\x42\x61nAgent\x12\x1e.svid.admin.v1.BanAgentRequest\x1a\x1f.svid.admin.v1.BanAgentResponse\x12\x44\n\tGetBundle\x12\x1f.svid.admin.v1.GetBundleRequest\x1a\x16.svid.common.v1.Bundle\x12`\n\x0f\x41uditCheckpoint\x12%.svid.admin.v1.AuditCheckpointRequest\x1a&.svid.admin.v1.AuditCheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\rsvid.admin.v1\x1a\x0c\x63ommon.proto\"\xaa\x01\n\x05\x41gent\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x18\n\x10\x61ttestation_type\x18\x02 \x01(\t\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12\x0e\n\x06\x62\x61nned\x18\x05 \x01(\x08\x12\x13\n\x0b\x61ttested_at\x18\x06 \x01(\x03\x12+\n\tselectors\x18\x07 \x03(\x0b\x32\x18.svid.common.v1.Selector\"7\n\x16\x43reateJoinTokenRequest\x12\x0b\n\x03ttl\x18\x01 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"U\n\x17\x43reateJoinTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x17\n\x0f\x61gent_spiffe_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\":\n\x12\x43reateEntryRequest\x12$\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x15.svid.common.v1.Entry\";\n\x13\x43reateEntryResponse\x12$\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x15.svid.common.v1.Entry\":\n\x12UpdateEntryRequest\x12$\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x15.svid.common.v1.Entry\";\n\x13UpdateEntryResponse\x12$\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x15.svid.common.v1.Entry\" \n\x12\x44\x65leteEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteEntryResponse\"\x1d\n\x0fGetEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xde\x01\n\x12ListEntriesRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x11\n\tparent_id\x18\x02 \x01(\t\x12\x18\n\x10spiffe_id_prefix\x18\x05 \x01(\t\x12+\n\tselectors\x18\x06 \x03(\x0b\x32\x18.svid.common.v1.Selector\x12\x34\n\x0eselector_match\x18\x07 \x01(\x0e\x32\x1c.svid.admin.v1.SelectorMatch\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"V\n\x13ListEntriesResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.svid.common.v1.Entry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb7\x01\n\x11ListAgentsRequest\x12\x18\n\x10spiffe_id_prefix\x18\x03 \x01(\t\x12+\n\tselectors\x18\x04 \x03(\x0b\x32\x18.svid.common.v1.Selector\x12\x34\n\x0eselector_match\x18\x05 \x01(\x0e\x32\x1c.svid.admin.v1.SelectorMatch\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.svid.admin.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"z\n\x0b\x45ntryResult\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.svid.common.v1.Status\x12\n\n\x02id\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\"A\n\x17\x42\x61tchCreateEntryRequest\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.svid.common.v1.Entry\"G\n\x18\x42\x61tchCreateEntryResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.svid.admin.v1.EntryResult\"A\n\x17\x42\x61tchUpdateEntryRequest\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.svid.common.v1.Entry\"G\n\x18\x42\x61tchUpdateEntryResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.svid.admin.v1.EntryResult\"&\n\x17\x42\x61tchDeleteEntryRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"G\n\x18\x42\x61tchDeleteEntryResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.svid.admin.v1.EntryResult\"$\n\x0fGetAgentRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"&\n\x11\x45victAgentRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"\x14\n\x12\x45victAgentResponse\"$\n\x0f\x42\x61nAgentRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"\x12\n\x10\x42\x61nAgentResponse\"\x12\n\x10GetBundleRequest\"\x18\n\x16\x41uditCheckpointRequest\"o\n\x17\x41uditCheckpointResponse\x12\x0c\n\x04line\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\x12\x0c\n\x04time\x18\x05 \x01(\x01\x12\x0e\n\x06key_id\x18\x06 \x01(\t*Y\n\rSelectorMatch\x12\x16\n\x12SELECTOR_MATCH_ALL\x10\x00\x12\x18\n\x14SELECTOR_MATCH_EXACT\x10\x01\x12\x16\n\x12SELECTOR_MATCH_ANY\x10\x02\x32\x90\n\n\x05\x41\x64min\x12`\n\x0f\x43reateJoinToken\x12%.svid.admin.v1.CreateJoinTokenRequest\x1a&.svid.admin.v1.CreateJoinTokenResponse\x12T\n\x0b\x43reateEntry\x12!.svid.admin.v1.CreateEntryRequest\x1a\".svid.admin.v1.CreateEntryResponse\x12T\n\x0bUpdateEntry\x12!.svid.admin.v1.UpdateEntryRequest\x1a\".svid.admin.v1.UpdateEntryResponse\x12T\n\x0b\x44\x65leteEntry\x12!.svid.admin.v1.DeleteEntryRequest\x1a\".svid.admin.v1.DeleteEntryResponse\x12\x41\n\x08GetEntry\x12\x1e.svid.admin.v1.GetEntryRequest\x1a\x15.svid.common.v1.Entry\x12T\n\x0bListEntries\x12!.svid.admin.v1.ListEntriesRequest\x1a\".svid.admin.v1.ListEntriesResponse\x12\x63\n\x10\x42\x61tchCreateEntry\x12&.svid.admin.v1.BatchCreateEntryRequest\x1a\'.svid.admin.v1.BatchCreateEntryResponse\x12\x63\n\x10\x42\x61tchUpdateEntry\x12&.svid.admin.v1.BatchUpdateEntryRequest\x1a\'.svid.admin.v1.BatchUpdateEntryResponse\x12\x63\n\x10\x42\x61tchDeleteEntry\x12&.svid.admin.v1.BatchDeleteEntryRequest\x1a\'.svid.admin.v1.BatchDeleteEntryResponse\x12Q\n\nListAgents\x12 .svid.admin.v1.ListAgentsRequest\x1a!.svid.admin.v1.ListAgentsResponse\x12@\n\x08GetAgent\x12\x1e.svid.admin.v1.GetAgentRequest\x1a\x14.svid.admin.v1.Agent\x12Q\n\nEvictAgent\x12 .svid.admin.v1.EvictAgentRequest\x1a!.svid.admin.v1.EvictAgentResponse\x12K\n\x08\x42\x61nAgent\x12\x1e.svid.admin.v1.BanAgentRequest\x1a\x1f.svid.admin.v1.BanAgentResponse\x12\x44\n\tGetBundle\x12\x1f.svid.admin.v1.GetBundleRequest\x1a\x16.svid.common.v1.Bundle\x12`\n\x0f\x41uditCheckpoint\x12%.svid.admin.v1.AuditCheckpointRequest\x1a&.svid.admin.v1.AuditCheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SELECTORMATCH']._serialized_start=2109
+  _globals['_SELECTORMATCH']._serialized_end=2198
   _globals['_AGENT']._serialized_start=45
   _globals['_AGENT']._serialized_end=215
   _globals['_CREATEJOINTOKENREQUEST']._serialized_start=217
@@ -53,30 +55,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEENTRYRESPONSE']._serialized_end=658
   _globals['_GETENTRYREQUEST']._serialized_start=660
   _globals['_GETENTRYREQUEST']._serialized_end=689
-  _globals['_LISTENTRIESREQUEST']._serialized_start=691
-  _globals['_LISTENTRIESREQUEST']._serialized_end=749
-  _globals['_LISTENTRIESRESPONSE']._serialized_start=751
-  _globals['_LISTENTRIESRESPONSE']._serialized_end=812
-  _globals['_LISTAGENTSREQUEST']._serialized_start=814
-  _globals['_LISTAGENTSREQUEST']._serialized_end=833
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=835
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=893
-  _globals['_GETAGENTREQUEST']._serialized_start=895
-  _globals['_GETAGENTREQUEST']._serialized_end=931
-  _globals['_EVICTAGENTREQUEST']._serialized_start=933
-  _globals['_EVICTAGENTREQUEST']._serialized_end=971
-  _globals['_EVICTAGENTRESPONSE']._serialized_start=973
-  _globals['_EVICTAGENTRESPONSE']._serialized_end=993
-  _globals['_BANAGENTREQUEST']._serialized_start=995
-  _globals['_BANAGENTREQUEST']._serialized_end=1031
-  _globals['_BANAGENTRESPONSE']._serialized_start=1033
-  _globals['_BANAGENTRESPONSE']._serialized_end=1051
-  _globals['_GETBUNDLEREQUEST']._serialized_start=1053
-  _globals['_GETBUNDLEREQUEST']._serialized_end=1071
-  _globals['_AUDITCHECKPOINTREQUEST']._serialized_start=1073
-  _globals['_AUDITCHECKPOINTREQUEST']._serialized_end=1097
-  _globals['_AUDITCHECKPOINTRESPONSE']._serialized_start=1099
-  _globals['_AUDITCHECKPOINTRESPONSE']._serialized_end=1210
-  _globals['_ADMIN']._serialized_start=1213
-  _globals['_ADMIN']._serialized_end=2206
+  _globals['_LISTENTRIESREQUEST']._serialized_start=692
+  _globals['_LISTENTRIESREQUEST']._serialized_end=914
+  _globals['_LISTENTRIESRESPONSE']._serialized_start=916
+  _globals['_LISTENTRIESRESPONSE']._serialized_end=1002
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1005
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1188
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1190
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1273
+  _globals['_ENTRYRESULT']._serialized_start=1275
+  _globals['_ENTRYRESULT']._serialized_end=1397
+  _globals['_BATCHCREATEENTRYREQUEST']._serialized_start=1399
+  _globals['_BATCHCREATEENTRYREQUEST']._serialized_end=1464
+  _globals['_BATCHCREATEENTRYRESPONSE']._serialized_start=1466
+  _globals['_BATCHCREATEENTRYRESPONSE']._serialized_end=1537
+  _globals['_BATCHUPDATEENTRYREQUEST']._serialized_start=1539
+  _globals['_BATCHUPDATEENTRYREQUEST']._serialized_end=1604
+  _globals['_BATCHUPDATEENTRYRESPONSE']._serialized_start=1606
+  _globals['_BATCHUPDATEENTRYRESPONSE']._serialized_end=1677
+  _globals['_BATCHDELETEENTRYREQUEST']._serialized_start=1679
+  _globals['_BATCHDELETEENTRYREQUEST']._serialized_end=1717
+  _globals['_BATCHDELETEENTRYRESPONSE']._serialized_start=1719
+  _globals['_BATCHDELETEENTRYRESPONSE']._serialized_end=1790
+  _globals['_GETAGENTREQUEST']._serialized_start=1792
+  _globals['_GETAGENTREQUEST']._serialized_end=1828
+  _globals['_EVICTAGENTREQUEST']._serialized_start=1830
+  _globals['_EVICTAGENTREQUEST']._serialized_end=1868
+  _globals['_EVICTAGENTRESPONSE']._serialized_start=1870
+  _globals['_EVICTAGENTRESPONSE']._serialized_end=1890
+  _globals['_BANAGENTREQUEST']._serialized_start=1892
+  _globals['_BANAGENTREQUEST']._serialized_end=1928
+  _globals['_BANAGENTRESPONSE']._serialized_start=1930
+  _globals['_BANAGENTRESPONSE']._serialized_end=1948
+  _globals['_GETBUNDLEREQUEST']._serialized_start=1950
+  _globals['_GETBUNDLEREQUEST']._serialized_end=1968
+  _globals['_AUDITCHECKPOINTREQUEST']._serialized_start=1970
+  _globals['_AUDITCHECKPOINTREQUEST']._serialized_end=1994
+  _globals['_AUDITCHECKPOINTRESPONSE']._serialized_start=1996
+  _globals['_AUDITCHECKPOINTRESPONSE']._serialized_end=2107
+  _globals['_ADMIN']._serialized_start=2201
+  _globals['_ADMIN']._serialized_end=3497
 # @@protoc_insertion_point(module_scope)

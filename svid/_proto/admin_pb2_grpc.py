@@ -66,6 +66,21 @@ class AdminStub:
                 request_serializer=admin__pb2.ListEntriesRequest.SerializeToString,
                 response_deserializer=admin__pb2.ListEntriesResponse.FromString,
                 _registered_method=True)
+        self.BatchCreateEntry = channel.unary_unary(
+                '/svid.admin.v1.Admin/BatchCreateEntry',
+                request_serializer=admin__pb2.BatchCreateEntryRequest.SerializeToString,
+                response_deserializer=admin__pb2.BatchCreateEntryResponse.FromString,
+                _registered_method=True)
+        self.BatchUpdateEntry = channel.unary_unary(
+                '/svid.admin.v1.Admin/BatchUpdateEntry',
+                request_serializer=admin__pb2.BatchUpdateEntryRequest.SerializeToString,
+                response_deserializer=admin__pb2.BatchUpdateEntryResponse.FromString,
+                _registered_method=True)
+        self.BatchDeleteEntry = channel.unary_unary(
+                '/svid.admin.v1.Admin/BatchDeleteEntry',
+                request_serializer=admin__pb2.BatchDeleteEntryRequest.SerializeToString,
+                response_deserializer=admin__pb2.BatchDeleteEntryResponse.FromString,
+                _registered_method=True)
         self.ListAgents = channel.unary_unary(
                 '/svid.admin.v1.Admin/ListAgents',
                 request_serializer=admin__pb2.ListAgentsRequest.SerializeToString,
@@ -132,6 +147,24 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEntries(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchCreateEntry(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchUpdateEntry(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchDeleteEntry(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +238,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListEntries,
                     request_deserializer=admin__pb2.ListEntriesRequest.FromString,
                     response_serializer=admin__pb2.ListEntriesResponse.SerializeToString,
+            ),
+            'BatchCreateEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchCreateEntry,
+                    request_deserializer=admin__pb2.BatchCreateEntryRequest.FromString,
+                    response_serializer=admin__pb2.BatchCreateEntryResponse.SerializeToString,
+            ),
+            'BatchUpdateEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchUpdateEntry,
+                    request_deserializer=admin__pb2.BatchUpdateEntryRequest.FromString,
+                    response_serializer=admin__pb2.BatchUpdateEntryResponse.SerializeToString,
+            ),
+            'BatchDeleteEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchDeleteEntry,
+                    request_deserializer=admin__pb2.BatchDeleteEntryRequest.FromString,
+                    response_serializer=admin__pb2.BatchDeleteEntryResponse.SerializeToString,
             ),
             'ListAgents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAgents,
@@ -399,6 +447,87 @@ class Admin:
             '/svid.admin.v1.Admin/ListEntries',
             admin__pb2.ListEntriesRequest.SerializeToString,
             admin__pb2.ListEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchCreateEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/BatchCreateEntry',
+            admin__pb2.BatchCreateEntryRequest.SerializeToString,
+            admin__pb2.BatchCreateEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchUpdateEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/BatchUpdateEntry',
+            admin__pb2.BatchUpdateEntryRequest.SerializeToString,
+            admin__pb2.BatchUpdateEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchDeleteEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/BatchDeleteEntry',
+            admin__pb2.BatchDeleteEntryRequest.SerializeToString,
+            admin__pb2.BatchDeleteEntryResponse.FromString,
             options,
             channel_credentials,
             insecure,

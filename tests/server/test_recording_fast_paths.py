@@ -2,7 +2,7 @@
 
 The audit log's shared canonical encoder and split encoding, the draft-tuple secret check, and
 multi-row inserts must give what `json`, check_no_secret and executemany give, on good and bad
-input; the recorder must still write every record, gathering bursts into one transaction.
+input. (The ledger that gathers them into group commits: tests/server/test_ledger.py.)
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,9 +26,7 @@ from server.audit.event import (
 from server.audit.log import check_draft_tuple, event_from_row
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.sqlite_audit import insert_many
-from server.tasks import recorder as recorder_module
 from server.tasks.model import Credential
-from server.tasks.recorder import IssuanceRecorder
 from server.tasks.store import TaskStore
 from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
@@ -229,73 +225,3 @@ def test_credentials_are_recorded_and_read_back(tmp_path: Path) -> None:
     # A verifier with the widest leeway may accept them until exp + MAX_VERIFIER_LEEWAY.
     assert len(store.agent_credentials(AGENT, now=2000 + int(MAX_VERIFIER_LEEWAY))) == 400
     assert store.agent_credentials(AGENT, now=2001 + int(MAX_VERIFIER_LEEWAY)) == []
-
-
-class _CountingLedger:
-    """The audit log's ledger write, counting the calls the recorder makes."""
-
-    def __init__(self, audit: AuditLog) -> None:
-        self.audit = audit
-        self.calls: list[int] = []
-        self.lock = threading.Lock()
-
-    def record(self, creds: Any, events: Any) -> None:
-        with self.lock:
-            self.calls.append(len(creds))
-        self.audit.record(creds, events)
-
-
-def test_recorder_gathers_a_burst_into_one_write(tmp_path: Path) -> None:
-    audit = _log(tmp_path, FakeClock(1_800_000_000))
-    store = _CountingLedger(audit)
-    recorder = IssuanceRecorder(store)
-    try:
-        started = time.monotonic()
-        for i in range(50):  # one JWT at a time, as the batch handler records them
-            cred = Credential("jwt_id", f"jti-{i}", AGENT, WORKLOAD, "", 2000)
-            recorder.add([cred], [_draft(credential_id=f"jti-{i}")])
-            time.sleep(0.0005)  # ~50 ms in all: a few MAX_DELAY windows
-        deadline = time.monotonic() + 5
-        while sum(store.calls) < 50 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        waited = time.monotonic() - started
-        assert sum(store.calls) == 50
-        # Before: every add() ended the writer's wait, so this burst took dozens of
-        # transactions; now one per MAX_DELAY window.
-        assert len(store.calls) <= 1 + waited / recorder_module.MAX_DELAY, store.calls
-        assert waited < 1.0
-        assert len(list(audit.store.audit_rows())) == 50
-    finally:
-        recorder.close()
-
-
-def test_recorder_writes_a_lone_record_within_its_window(tmp_path: Path) -> None:
-    audit = _log(tmp_path, FakeClock(1_800_000_000))
-    store = _CountingLedger(audit)
-    recorder = IssuanceRecorder(store)
-    try:
-        for round_ in range(3):
-            started = time.monotonic()
-            recorder.add([Credential("jwt_id", f"j{round_}", AGENT, WORKLOAD, "", 9)], [_draft()])
-            while len(store.calls) <= round_ and time.monotonic() - started < 5:
-                time.sleep(0.001)
-            assert len(store.calls) == round_ + 1
-            assert time.monotonic() - started < recorder_module.MAX_DELAY + 0.5
-    finally:
-        recorder.close()
-    assert store.calls == [1, 1, 1]
-
-
-def test_recorder_close_writes_what_is_queued(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(recorder_module, "MAX_DELAY", 60.0)
-    audit = _log(tmp_path, FakeClock(1_800_000_000))
-    store = _CountingLedger(audit)
-    recorder = IssuanceRecorder(store)
-    recorder.add([Credential("jwt_id", "j", AGENT, WORKLOAD, "", 9)], [_draft()])
-    started = time.monotonic()
-    recorder.close()
-    assert time.monotonic() - started < 5  # close ends the gathering wait
-    assert store.calls == [1]
-    assert len(list(audit.store.audit_rows())) == 1

@@ -6,11 +6,12 @@ from dataclasses import replace
 
 import pytest
 
+from server.datastore.errors import ConflictError
 from server.datastore.records import Entry, Selector
 from server.entitlement import EntryIndex
-from server.errors import InvalidRequestError
+from server.errors import AlreadyExistsError, InvalidRequestError, NotFoundError
 from server.ids import ServerIds
-from server.registration import validate_entry
+from server.registration import check_creates, check_deletes, check_updates, validate_entry
 from svid._spiffe_id import TrustDomain
 
 IDS = ServerIds(TrustDomain("example.org"))
@@ -84,3 +85,81 @@ def test_allowed_parents(parent: str) -> None:
 def test_bad_entries(change: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         validate_entry(replace(GOOD, **change), IDS, INDEX)  # type: ignore[arg-type]
+
+
+# -- batches: the same rules per item, each item seeing what the items before it did ----------
+
+
+def test_check_creates_gives_one_result_per_item_in_order() -> None:
+    node = replace(NODE, id="", spiffe_id="spiffe://example.org/nodes/b")
+    child = replace(GOOD, parent_id="spiffe://example.org/nodes/b")
+    results = check_creates(
+        [
+            child,  # its parent is created only later in the batch: refused
+            node,
+            child,  # now the parent is known
+            replace(GOOD, spiffe_id=""),
+            replace(GOOD, id="n1"),  # the stored node's id
+            replace(GOOD, id="fresh"),
+            replace(GOOD, id="fresh"),  # the same id twice in one batch
+            replace(GOOD, id="bad id"),
+        ],
+        IDS,
+        INDEX,
+    )
+    assert isinstance(results[0], InvalidRequestError)
+    assert "unknown parent spiffe://example.org/nodes/b" in str(results[0])
+    assert isinstance(results[1], Entry)
+    assert isinstance(results[2], Entry)
+    assert results[2].selectors == (Selector("unix", "uid:1000"),)  # normalised as one create
+    assert isinstance(results[3], InvalidRequestError)
+    assert "spiffe_id: required" in str(results[3])
+    assert isinstance(results[4], AlreadyExistsError)
+    assert "entry id n1 already exists" in str(results[4])
+    assert isinstance(results[5], Entry)
+    assert isinstance(results[6], AlreadyExistsError)
+    assert isinstance(results[7], InvalidRequestError)
+    assert "id: 'bad id'" in str(results[7])
+
+
+def test_check_updates_sees_earlier_items_and_checks_revisions() -> None:
+    child = Entry(
+        id="c1",
+        spiffe_id="spiffe://example.org/child",
+        parent_id=NODE.spiffe_id,
+        selectors=(Selector("unix", "uid:1"),),
+        revision=3,
+    )
+    index = EntryIndex.build([replace(NODE, revision=1), child])
+    renamed = replace(NODE, spiffe_id="spiffe://example.org/nodes/renamed", revision=0)
+    results = check_updates(
+        [
+            replace(child, revision=2),  # stale revision
+            renamed,  # the node moves away from the child's parent ID
+            replace(child, hint="x", revision=0),  # its parent no longer exists
+            replace(child, parent_id=renamed.spiffe_id, revision=3),
+            # The revision the item before stores:
+            replace(child, parent_id=renamed.spiffe_id, hint="again", revision=4),
+            replace(child, id="nope"),
+        ],
+        IDS,
+        index,
+    )
+    assert isinstance(results[0], ConflictError)
+    assert "revision 3, update was based on 2" in str(results[0])
+    assert isinstance(results[1], Entry)
+    assert results[1].revision == 1
+    assert isinstance(results[2], InvalidRequestError)
+    assert "unknown parent" in str(results[2])
+    assert isinstance(results[3], Entry)
+    assert isinstance(results[4], Entry)
+    assert results[4].revision == 4
+    assert isinstance(results[5], NotFoundError)
+
+
+def test_check_deletes_refuses_unknown_repeated_and_malformed_ids() -> None:
+    results = check_deletes(["n1", "n1", "missing", ""], INDEX)
+    assert results[0] == "n1"
+    assert isinstance(results[1], NotFoundError)
+    assert isinstance(results[2], NotFoundError)
+    assert isinstance(results[3], InvalidRequestError)

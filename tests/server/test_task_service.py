@@ -1,11 +1,13 @@
 """The task service on real parts: SQLite datastore, task store and audit log files, the CA,
-the default Cedar policy set. Only the clock is fake."""
+the default Cedar policy set, and the issuance spine it serves as the task port. Only the clock
+is fake."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,11 @@ from typing import Any
 import jwt as pyjwt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from server.audit import AuditError, AuditLog
 from server.ca.manager import CaManager
+from server.ca.signer import IssuedJwt
 from server.datastore.base import DataStore
 from server.datastore.errors import StorageError
 from server.datastore.records import AttestedAgent, Entry, Selector
@@ -25,6 +27,11 @@ from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.events import ChangeNotifier
+from server.ids import ServerIds
+from server.issuance import Issuer, MeteredLedger
+from server.issuance.datastore_ledger import DatastoreLedger
+from server.ledger import Ledger
+from server.metrics import Metrics
 from server.policy import PolicyEngine
 from server.state import ServerState
 from server.tasks.model import TaskState
@@ -32,8 +39,9 @@ from server.tasks.service import BeginRequest, TaskService
 from server.tasks.store import TaskStore
 from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
-from svid._spiffe_id import SpiffeId
+from svid._spiffe_id import TrustDomain
 from svid._verify_jwt import DEFAULT_LEEWAY
+from tests.server.fixtures import make_csr
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
 RUNTIME = "spiffe://example.org/agents/research-bot"
@@ -50,9 +58,18 @@ class World:
     clock: FakeClock
     agent: AttestedAgent
     tmp: Path
+    issuer: Issuer
 
     def run(self, coro: Any) -> Any:
         return asyncio.run(coro)
+
+    def mint_jwt(self, entry: Entry, audience: Sequence[str]) -> IssuedJwt:
+        """A JWT-SVID through the issuance spine, as the node API asks for one."""
+        issued: IssuedJwt = self.run(self.issuer.issue_jwt(self.agent, entry, audience))
+        return issued
+
+    def close(self) -> None:
+        self.store.close()
 
     def begin(self, **kw: Any) -> Any:
         values: dict[str, Any] = {
@@ -94,13 +111,23 @@ def make_world(
         server_id="spiffe://example.org/svid/server",
         clock=clock,
     )
+    issuer = Issuer(
+        state=state,
+        ca=ca_manager,
+        ids=ServerIds(TrustDomain("example.org")),
+        ledger=MeteredLedger(DatastoreLedger(Ledger(audit)), Metrics()),
+        tasks=service,
+        clock=clock,
+        metrics=Metrics(),
+        executor=ThreadPoolExecutor(2),
+    )
 
     async def setup() -> None:
         await state.save_agent(agent, None)
         await state.create_entry(Entry("", RUNTIME, AGENT, SELECTORS))
 
     asyncio.run(setup())
-    return World(service, state, audit, store, ca_manager, clock, agent, tmp_path)
+    return World(service, state, audit, store, ca_manager, clock, agent, tmp_path, issuer)
 
 
 @pytest.fixture
@@ -109,8 +136,7 @@ def world(
 ) -> Iterator[World]:
     w = make_world(tmp_path, clock, datastore, ca_manager)
     yield w
-    w.service.close()
-    w.store.close()
+    w.close()
 
 
 def decode(world: World, token: str, audience: str) -> dict[str, Any]:
@@ -126,10 +152,13 @@ def decode(world: World, token: str, audience: str) -> dict[str, Any]:
 
 
 def issue_x509(world: World, spiffe_id: str) -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = world.ca.x509_signer().sign_svid(key.public_key(), SpiffeId.parse(spiffe_id), 300)[0]
-    world.service.record_x509(AGENT, [(spiffe_id, format(leaf.serial_number, "x"), 2**40)])
-    return leaf
+    """An X.509-SVID through the issuance spine, as the node API asks for one."""
+    (entry,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == spiffe_id]
+    _, csr = make_csr()
+    (outcome,) = world.run(world.issuer.issue_x509(world.agent, [(entry.id, csr)]))
+    if outcome.error is not None:
+        raise outcome.error
+    return x509.load_der_x509_certificate(outcome.chain_der)
 
 
 def test_begin_grants_a_task_identity_with_an_entry(world: World) -> None:
@@ -156,7 +185,7 @@ def test_begin_grants_a_task_identity_with_an_entry(world: World) -> None:
 def test_task_jwt_carries_task_claims_and_is_recorded(world: World) -> None:
     task = world.begin()
     entry = world.state.entries.by_id[task.entry_id]
-    issued = world.service.mint_jwt(AGENT, entry, ["docs"])
+    issued = world.mint_jwt(entry, ["docs"])
     claims = decode(world, issued.token, "docs")
     assert claims["sub"] == task.spiffe_id
     assert claims["jti"] == issued.jti
@@ -179,7 +208,7 @@ def test_undeclared_audience_is_denied_flagged_and_counted(world: World) -> None
     task = world.begin()
     entry = world.state.entries.by_id[task.entry_id]
     with pytest.raises(PermissionDeniedError, match="lateral movement: audience payroll"):
-        world.service.mint_jwt(AGENT, entry, ["payroll"])
+        world.mint_jwt(entry, ["payroll"])
     (event,) = world.events("denial")
     assert event["task_id"] == task.task_id
     assert '"flag":"lateral_movement"' in event["extra"]
@@ -191,9 +220,9 @@ def test_repeated_violations_stop_issuance(world: World) -> None:
     entry = world.state.entries.by_id[task.entry_id]
     for _ in range(3):
         with pytest.raises(PermissionDeniedError):
-            world.service.mint_jwt(AGENT, entry, ["elsewhere"])
+            world.mint_jwt(entry, ["elsewhere"])
     with pytest.raises(PermissionDeniedError, match="stop_risky_agents"):
-        world.service.mint_jwt(AGENT, entry, ["docs"])
+        world.mint_jwt(entry, ["docs"])
     with pytest.raises(PermissionDeniedError, match="stop_risky_agents"):
         world.begin()
 
@@ -218,7 +247,7 @@ def test_sub_task_may_narrow_but_never_widen(world: World) -> None:
     assert child.parent_task_id == parent.task_id
     assert child.expires_at <= parent.expires_at
     entry = world.state.entries.by_id[child.entry_id]
-    claims = decode(world, world.service.mint_jwt(AGENT, entry, ["docs"]).token, "docs")
+    claims = decode(world, world.mint_jwt(entry, ["docs"]).token, "docs")
     assert claims["act"] == {"sub": parent.spiffe_id, "act": {"sub": "user:alice"}}
     assert world.service.violations(RUNTIME) == 1
 
@@ -234,7 +263,7 @@ def test_delegation_depth_is_capped(world: World) -> None:
 def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
     task = world.begin()
     entry = world.state.entries.by_id[task.entry_id]
-    issued = world.service.mint_jwt(AGENT, entry, ["docs"])
+    issued = world.mint_jwt(entry, ["docs"])
     leaf = issue_x509(world, task.spiffe_id)
     assert world.service.crl() == b""
     done = world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
@@ -242,8 +271,8 @@ def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
     revoked = {(r.kind, r.value) for r in world.state.revocations}
     assert revoked == {("jwt_id", issued.jti), ("x509_serial", format(leaf.serial_number, "x"))}
     assert task.entry_id not in world.state.entries.by_id
-    with pytest.raises(PermissionDeniedError, match="not active"):
-        world.service.mint_jwt(AGENT, entry, ["docs"])
+    with pytest.raises(PermissionDeniedError, match="not entitled"):
+        world.mint_jwt(entry, ["docs"])
     crl = x509.load_der_x509_crl(world.service.crl())
     ca_cert = world.ca.x509_signer().ca_certificate
     assert crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
@@ -258,7 +287,7 @@ def test_end_revokes_a_jwt_past_exp_that_a_verifier_still_accepts(world: World) 
     even after the credential housekeeping has run."""
     task = world.begin()
     entry = world.state.entries.by_id[task.entry_id]
-    issued = world.service.mint_jwt(AGENT, entry, ["docs"])
+    issued = world.mint_jwt(entry, ["docs"])
     world.clock.set(issued.expires_at + DEFAULT_LEEWAY)
     world.run(world.service.housekeeping())
     world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
@@ -268,7 +297,7 @@ def test_end_revokes_a_jwt_past_exp_that_a_verifier_still_accepts(world: World) 
 def test_credential_records_go_once_no_verifier_can_accept_them(world: World) -> None:
     task = world.begin()
     entry = world.state.entries.by_id[task.entry_id]
-    issued = world.service.mint_jwt(AGENT, entry, ["docs"])
+    issued = world.mint_jwt(entry, ["docs"])
     world.clock.set(issued.expires_at + MAX_VERIFIER_LEEWAY)
     world.run(world.service.housekeeping())
     assert world.store.count_credentials(task.task_id) == 1
@@ -345,7 +374,7 @@ def test_active_tasks_survive_a_restart(world: World) -> None:
     )
     again.load()
     assert again.active_task(task.spiffe_id) == task
-    again.close()
+    again.store.close()
 
 
 def test_crl_der_is_stable_until_the_list_changes(world: World) -> None:
@@ -359,7 +388,6 @@ def test_crl_der_is_stable_until_the_list_changes(world: World) -> None:
 
 def test_workload_issuance_is_recorded_and_audited_in_batches(world: World) -> None:
     leaf = issue_x509(world, RUNTIME)
-    world.service.recorder.flush()
     (cred,) = world.store.agent_credentials(AGENT, 0)
     assert cred.value == format(leaf.serial_number, "x")
     assert cred.task_id == ""
@@ -419,17 +447,64 @@ def no_trace_of_a_task(world: World) -> None:
     assert world.service.next_expiry() == float("inf")
 
 
-def test_a_failed_entry_write_leaves_no_task_begin_event(
+def test_a_task_whose_entry_cannot_be_created_ends_on_record(
     tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
 ) -> None:
+    """The entry is created last (once the task is active): if that fails, the log says the
+    task began and ended at once, and nothing can be issued for it."""
     faulty = FaultInjectingDataStore(datastore)
     world = make_world(tmp_path, clock, faulty, ca_manager)
     faulty.inject(sqlite3.OperationalError("disk I/O error"), method="create_entry")
     with pytest.raises(sqlite3.OperationalError):
         world.begin()
-    no_trace_of_a_task(world)
-    assert world.store.list_tasks() == []
-    world.service.close()
+    (begun,) = world.events("task_begin")
+    (ended,) = world.events("task_end")
+    assert ended["task_id"] == begun["task_id"]
+    assert (ended["decision"], ended["reason"]) == ("revoked", "begin failed")
+    assert [e.spiffe_id for e in world.state.entries.by_id.values()] == [RUNTIME]
+    (task,) = world.store.list_tasks()
+    assert task.state is TaskState.REVOKED
+    assert world.service.active_task(task.spiffe_id) is None
+    assert world.audit.verify().ok
+    world.close()
+
+
+def test_a_task_entry_reaches_agents_only_once_its_task_is_active(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[object] = []
+    create = world.state.create_entry
+
+    async def watching(entry: Entry) -> Entry:
+        seen.append(world.service.active_task(entry.spiffe_id))
+        return await create(entry)
+
+    monkeypatch.setattr(world.state, "create_entry", watching)
+    task = world.begin()
+    assert seen == [task]
+
+
+def test_a_task_entry_gets_no_svid_unless_its_task_is_active(world: World) -> None:
+    """An entry of a task that is not (yet, or any more) active: refused, nothing recorded."""
+    pending = f"{RUNTIME}/task/0123456789abcdef"
+    world.run(world.state.create_entry(Entry("task-pending", pending, AGENT, SELECTORS)))
+    with pytest.raises(PermissionDeniedError, match="not active"):
+        issue_x509(world, pending)
+    with pytest.raises(PermissionDeniedError, match="not active"):
+        world.mint_jwt(world.state.entries.by_id["task-pending"], ["docs"])
+    assert world.store.agent_credentials(AGENT, 0) == []
+    assert world.events("x509_issued") == world.events("jwt_minted") == []
+
+
+def test_every_task_credential_is_recorded_with_its_task(world: World) -> None:
+    task = world.begin()
+    leaf = issue_x509(world, task.spiffe_id)
+    issued = world.mint_jwt(world.state.entries.by_id[task.entry_id], ["docs"])
+    creds = world.store.task_credentials(task.task_id, 0)
+    assert {c.value for c in creds} == {format(leaf.serial_number, "x"), issued.jti}
+    assert {e["task_id"] for e in world.events("x509_issued") + world.events("jwt_minted")} == {
+        task.task_id
+    }
 
 
 def test_a_failed_task_row_write_leaves_no_task_begin_event(
@@ -445,7 +520,7 @@ def test_a_failed_task_row_write_leaves_no_task_begin_event(
     # The next begin works and is recorded once.
     task = world.begin()
     assert [e["task_id"] for e in world.events("task_begin")] == [task.task_id]
-    world.service.close()
+    world.close()
 
 
 def test_a_task_whose_begin_event_cannot_be_written_is_undone(
@@ -460,4 +535,4 @@ def test_a_task_whose_begin_event_cannot_be_written_is_undone(
     (undone,) = world.store.list_tasks()
     assert undone.state is TaskState.REVOKED
     assert world.service.active_task(undone.spiffe_id) is None
-    world.service.close()
+    world.close()

@@ -1,0 +1,197 @@
+"""The svid-server CLI's bulk entry work: reading entry files, sending them in batches, and
+following list pages.
+
+An entry file is JSON: an array of entries, an object with an "entries" array (what
+`svid-server entry show --output json` prints, so a listing can be fed back), or JSON Lines
+(one entry object per line). Each entry uses the field names `entry show --output json`
+prints; a selector may also be written as one "type:value" string.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from server.errors import CliError
+from server.registration import MAX_BATCH
+from svid._proto import admin_pb2, common_pb2
+
+# The server takes at most MAX_BATCH items per batch call, and gRPC at most 4 MiB per message:
+# a chunk stops at whichever it reaches first, with room to spare.
+BATCH_ITEMS = MAX_BATCH
+BATCH_BYTES = 3 * 1024 * 1024
+
+_M = TypeVar("_M", bound=Message)
+_CODE_NAMES: dict[int, str] = {int(c.value[0]): c.name for c in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One entry read from a file, and where it was (for messages: "file:line" or "file#n")."""
+
+    where: str
+    entry: common_pb2.Entry
+
+
+def _entry(where: str, data: object) -> Item:
+    if not isinstance(data, dict):
+        raise CliError(f"{where}: an entry must be a JSON object, got {type(data).__name__}")
+    fields = dict(data)
+    selectors = fields.get("selectors")
+    if isinstance(selectors, list):
+        fields["selectors"] = [_selector(where, s) for s in selectors]
+    try:
+        return Item(where, json_format.ParseDict(fields, common_pb2.Entry()))
+    except json_format.ParseError as exc:
+        raise CliError(f"{where}: {exc}") from None
+
+
+def _selector(where: str, value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    kind, sep, rest = value.partition(":")
+    if not sep or not kind or not rest:
+        raise CliError(f"{where}: selector {value!r} must be TYPE:VALUE, e.g. unix:uid:1000")
+    return {"type": kind, "value": rest}
+
+
+def read_entries(path: str) -> list[Item]:
+    """Every entry of the file (`-` for stdin), or a CliError naming the first bad one."""
+    name = "stdin" if path == "-" else path
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"--file: cannot read {name}: {exc}") from None
+    try:
+        whole: Any = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None  # not one JSON document: JSON Lines
+    if isinstance(whole, dict) and isinstance(whole.get("entries"), list):
+        whole = whole["entries"]
+    if isinstance(whole, list):
+        return [_entry(f"{name}#{n}", item) for n, item in enumerate(whole, 1)]
+    if isinstance(whole, dict):
+        return [_entry(f"{name}:1", whole)]
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{name}:{number}: not JSON ({exc.msg}, column {exc.colno})") from None
+        items.append(_entry(f"{name}:{number}", data))
+    if not items:
+        raise CliError(f"--file: {name} holds no entries")
+    return items
+
+
+def chunks(items: Sequence[Item]) -> Iterator[list[Item]]:
+    chunk: list[Item] = []
+    size = 0
+    for item in items:
+        item_size = item.entry.ByteSize()
+        if chunk and (len(chunk) >= BATCH_ITEMS or size + item_size > BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += item_size
+    if chunk:
+        yield chunk
+
+
+@dataclass(frozen=True)
+class Outcome:
+    where: str
+    result: admin_pb2.EntryResult
+
+    @property
+    def ok(self) -> bool:
+        return self.result.status.code == 0  # grpc.StatusCode.OK
+
+    def code_name(self) -> str:
+        code = self.result.status.code
+        return _CODE_NAMES.get(code, str(code))
+
+
+def send_batches(
+    items: Sequence[Item],
+    call: Callable[[list[common_pb2.Entry]], Sequence[admin_pb2.EntryResult]],
+    verb: str,
+) -> list[Outcome]:
+    """Send the items chunk by chunk; per-item outcomes in file order.
+
+    A chunk is one server transaction: when a call fails outright, the chunks before it are
+    written and the error says which items those were.
+    """
+    outcomes: list[Outcome] = []
+    for chunk in chunks(items):
+        try:
+            results = call([i.entry for i in chunk])
+        except grpc.RpcError as exc:
+            if not outcomes:
+                raise
+            done = sum(o.ok for o in outcomes)
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise CliError(
+                f"{details or 'the call failed'} - stopped at {chunk[0].where}: the items "
+                f"before it were sent ({done} {verb}, {len(outcomes) - done} refused); "
+                "nothing from there on was"
+            ) from None
+        if len(results) != len(chunk):
+            raise CliError(f"the server answered {len(results)} results for {len(chunk)} items")
+        outcomes.extend(Outcome(i.where, r) for i, r in zip(chunk, results, strict=True))
+    return outcomes
+
+
+def outcomes_text(outcomes: Sequence[Outcome], verb: str) -> tuple[str, list[str]]:
+    """The summary line (stdout) and one line per refused item (stderr)."""
+    done = sum(o.ok for o in outcomes)
+    failed = [o for o in outcomes if not o.ok]
+    summary = f"{verb.capitalize()} {done} of {len(outcomes)} entries"
+    if failed:
+        summary += f"; {len(failed)} refused"
+    lines = [f"{o.where}: {o.code_name()}: {o.result.status.message}" for o in failed]
+    return summary, lines
+
+
+def outcomes_json(outcomes: Sequence[Outcome]) -> str:
+    return json.dumps(
+        {
+            "results": [
+                {
+                    "item": o.where,
+                    "code": o.code_name(),
+                    "message": o.result.status.message,
+                    "id": o.result.id,
+                    "spiffe_id": o.result.spiffe_id,
+                    "revision": o.result.revision,
+                    "created_at": o.result.created_at,
+                }
+                for o in outcomes
+            ],
+            "ok": sum(o.ok for o in outcomes),
+            "refused": sum(not o.ok for o in outcomes),
+        },
+        indent=2,
+        sort_keys=True,
+    )
+
+
+def all_pages(fetch: Callable[[str], tuple[Sequence[_M], str]]) -> list[_M]:
+    """Follow next_page_token from the first page to the last."""
+    items: list[_M] = []
+    token = ""
+    while True:
+        page, token = fetch(token)
+        items.extend(page)
+        if not token:
+            return items

@@ -1,0 +1,135 @@
+"""Agent SVIDs: admit an attested node agent (or refuse it, on record) and renew its SVID.
+
+The attestation event is committed before the agent's SVID is returned (fail closed, as for
+every credential: server/issuance/ledger.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import Executor
+
+from cryptography import x509
+
+from server.attestation.base import AttestationResult
+from server.ca.manager import CaManager
+from server.datastore.records import AttestedAgent
+from server.errors import PermissionDeniedError
+from server.issuance.ledger import Ledger, LedgerUnavailableError
+from server.issuance.records import attestation_event
+from server.metrics import Metrics
+from server.state import ServerState
+from svid._clock import Clock
+from svid._spiffe_id import SpiffeId
+
+_log = logging.getLogger("svid.server.issuance")
+Chain = tuple[x509.Certificate, ...]
+
+
+def _serial_hex(chain: Chain) -> str:
+    return format(chain[0].serial_number, "x")
+
+
+def _expires(chain: Chain) -> int:
+    return int(chain[0].not_valid_after_utc.timestamp())
+
+
+class AgentAdmission:
+    def __init__(
+        self,
+        *,
+        state: ServerState,
+        ca: CaManager,
+        ledger: Ledger,
+        clock: Clock,
+        metrics: Metrics,
+        executor: Executor,
+        agent_svid_ttl: int = 3600,
+    ) -> None:
+        self._state = state
+        self._ca = ca
+        self._ledger = ledger
+        self._clock = clock
+        self._metrics = metrics
+        self._executor = executor
+        self._ttl = agent_svid_ttl
+
+    def check(self, result: AttestationResult) -> AttestedAgent | None:
+        """The agent's current record if it may (re-)attest; PermissionDeniedError if not."""
+        existing = self._state.agents.get(str(result.agent_id))
+        if existing is None:
+            return None
+        if existing.banned:
+            raise PermissionDeniedError(f"agent {result.agent_id} is banned")
+        if not result.can_reattest:
+            raise PermissionDeniedError(
+                f"agent {result.agent_id} is already attested; evict it before attesting again"
+            )
+        return existing
+
+    async def admit(
+        self,
+        result: AttestationResult,
+        previous: AttestedAgent | None,
+        csr: x509.CertificateSigningRequest,
+    ) -> Chain:
+        """Sign the agent's SVID, save the agent and record the attestation; then the chain."""
+        chain = await self._sign(csr, result.agent_id)
+        agent = AttestedAgent(
+            spiffe_id=str(result.agent_id),
+            attestation_type=result.attestation_type,
+            serial=_serial_hex(chain),
+            expires_at=_expires(chain),
+            banned=False,
+            attested_at=int(self._clock.now()),
+            selectors=result.selectors,
+        )
+        await self._state.save_agent(agent, previous)
+        event = attestation_event(agent.spiffe_id, result.attestation_type, agent.serial, ok=True)
+        await self._ledger.commit((), (event,))
+        self._metrics.attestations.labels(type=result.attestation_type, result="ok").inc()
+        _log.info(
+            "agent attested",
+            extra={"agent_id": agent.spiffe_id, "type": result.attestation_type},
+        )
+        return chain
+
+    async def refused(self, attestation_type: str, reason: str) -> None:
+        """Record a refused attestation. Best effort: the caller is refused either way."""
+        self._metrics.attestations.labels(type=attestation_type, result="refused").inc()
+        event = attestation_event("", attestation_type, "", ok=False, reason=reason[:500])
+        # Counted and logged where the ledger is metered (MeteredLedger, wired in app.py).
+        with contextlib.suppress(LedgerUnavailableError):
+            await self._ledger.commit((), (event,))
+
+    async def renew(self, agent: AttestedAgent, csr: x509.CertificateSigningRequest) -> Chain:
+        """A fresh SVID for an authorised agent; the previous one stays usable until replaced
+        (ServerState keeps its serial)."""
+        chain = await self._sign(csr, SpiffeId.parse(agent.spiffe_id))
+        renewed = AttestedAgent(
+            spiffe_id=agent.spiffe_id,
+            attestation_type=agent.attestation_type,
+            serial=_serial_hex(chain),
+            expires_at=_expires(chain),
+            banned=False,
+            attested_at=agent.attested_at,
+            selectors=agent.selectors,
+        )
+        await self._state.save_agent(renewed, agent)
+        _log.info("agent SVID renewed", extra={"agent_id": agent.spiffe_id})
+        return chain
+
+    async def _sign(self, csr: x509.CertificateSigningRequest, agent_id: SpiffeId) -> Chain:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._sign_sync, csr, agent_id
+        )
+
+    def _sign_sync(self, csr: x509.CertificateSigningRequest, agent_id: SpiffeId) -> Chain:
+        started = time.perf_counter()
+        chain = tuple(self._ca.x509_signer().sign_svid(csr, agent_id, self._ttl))
+        self._metrics.signing_seconds.labels(kind="agent").observe(time.perf_counter() - started)
+        self._metrics.svids_issued.labels(kind="agent").inc()
+        return chain

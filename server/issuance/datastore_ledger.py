@@ -1,0 +1,49 @@
+"""The Ledger port over the datastore's ledger (server.ledger): credential rows and their audit
+events in one transaction, group-committed with concurrent callers. This module only turns
+that ledger's LedgerError into the port's LedgerUnavailableError, with a short reason."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+
+from server.audit.errors import LedgerError
+from server.issuance.ledger import Credential, EventTuple, LedgerUnavailableError
+from server.ledger import Ledger as DatastoreLedgerWriter
+
+# What a failed write means, from the words SQLite and the OS use for it.
+_REASONS = (
+    ("disk full", ("database or disk is full", "no space left")),
+    ("read-only", ("readonly database", "read-only file system")),
+    ("I/O error", ("disk i/o error", "input/output error")),
+)
+_ERRNO_REASONS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only", errno.EIO: "I/O error"}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, path-free name for why a write failed (for logs and metric labels)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _ERRNO_REASONS:
+            return _ERRNO_REASONS[seen.errno]
+        text = str(seen).lower()
+        for reason, words in _REASONS:
+            if any(w in text for w in words):
+                return reason
+        seen = seen.__cause__ or seen.__context__
+    return "storage error"
+
+
+class DatastoreLedger:
+    """Implements server.issuance.ledger.Ledger; see that module for the contract."""
+
+    def __init__(self, ledger: DatastoreLedgerWriter) -> None:
+        self._ledger = ledger
+
+    async def commit(self, credentials: Sequence[Credential], events: Sequence[EventTuple]) -> None:
+        if not credentials and not events:
+            return
+        try:
+            await self._ledger.commit(credentials, events)
+        except LedgerError as exc:
+            raise LedgerUnavailableError(failure_reason(exc)) from exc

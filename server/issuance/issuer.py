@@ -1,0 +1,361 @@
+"""The issuer: an authenticated agent's requests in, outcomes out.
+
+Per request: entitlement (is this entry the agent's to serve?), the task decision (through
+TaskDecisions, for task identities), the CA signers (hand-encoded DER leaves in the signing
+pool, X509Signer.issue; big workload JWT batches in worker processes, JwtWorkers.mint), and
+then the ledger. Nothing is returned before the ledger committed every credential of the call
+and its audit event (server.issuance.ledger states the contract); if it cannot, the call
+raises LedgerUnavailableError and its credentials are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import NamedTuple, ParamSpec, TypeVar
+
+from server.ca.jwt_workers import JwtWorkers, MintRequest
+from server.ca.manager import CaManager
+from server.ca.signer import IssuedJwt, IssuedSvid, X509Signer, check_jwt_request, csr_public_key
+from server.datastore.records import AttestedAgent, Entry
+from server.entitlement import Entitlement, entitled_entries
+from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from server.ids import ServerIds
+from server.issuance.ledger import Credential, EventTuple, Ledger
+from server.issuance.records import (
+    task_jwt_record,
+    workload_jwt_record,
+    x509_record,
+)
+from server.issuance.task_port import TaskDecisions, TaskJwtGrant
+from server.metrics import Metrics
+from server.state import ServerState
+from svid._clock import Clock
+from svid._errors import SvidError
+from svid._limits import audience_problem
+from svid._spiffe_id import SpiffeId
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class IssuerSettings:
+    default_x509_svid_ttl: int = 300
+    default_jwt_svid_ttl: int = 300
+
+
+class X509Outcome(NamedTuple):
+    """One item of a batch: issued (chain_der set) or refused (error set)."""
+
+    entry_id: str
+    spiffe_id: str
+    chain_der: bytes
+    expires_at: int
+    error: SvidError | None
+
+
+class JwtRequest(NamedTuple):
+    entry_id: str
+    spiffe_id: str
+    audience: tuple[str, ...]
+
+
+JwtOutcome = IssuedJwt | SvidError
+
+
+class Issuer:
+    def __init__(
+        self,
+        *,
+        state: ServerState,
+        ca: CaManager,
+        ids: ServerIds,
+        ledger: Ledger,
+        tasks: TaskDecisions,
+        clock: Clock,
+        metrics: Metrics,
+        executor: Executor,
+        jwt_executor: Executor | None = None,
+        jwt_workers: JwtWorkers | None = None,
+        settings: IssuerSettings | None = None,
+    ) -> None:
+        self._state = state
+        self._ca = ca
+        self._ledger = ledger
+        self._tasks = tasks
+        self._clock = clock
+        self._metrics = metrics
+        self._executor = executor
+        # Workload JWT batches: a thread per mint worker (ServerConfig.jwt_mint_processes).
+        self._jwt_executor = jwt_executor or executor
+        self._jwt_workers = jwt_workers or JwtWorkers(0, clock)
+        self._settings = settings or IssuerSettings()
+        self._server_id = str(ids.server)
+        # Label lookups cost as much as the rest of a JWT's bookkeeping: bind them once.
+        self._x509_seconds = metrics.signing_seconds.labels(kind="x509")
+        self._jwt_seconds = metrics.signing_seconds.labels(kind="jwt")
+        self._x509_issued = metrics.svids_issued.labels(kind="x509")
+        self._jwt_issued = metrics.svids_issued.labels(kind="jwt")
+        self._entitled_cache: dict[tuple[str, tuple[object, ...], int], Entitlement] = {}
+        self._entitled_index: object = None
+
+    async def _run(
+        self, executor: Executor, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _R:
+        """Run CPU-bound signing in a pool: Sync streams stay responsive meanwhile."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+    # -- entitlement --------------------------------------------------------------------------
+
+    def entitled(self, agent: AttestedAgent) -> Entitlement:
+        """The entries `agent` may serve now."""
+        # Memoised per entry snapshot (replaced on every write) and per second (expiry).
+        index = self._state.entries
+        if index is not self._entitled_index:
+            self._entitled_cache = {}
+            self._entitled_index = index
+        now = int(self._clock.now())
+        key = (agent.spiffe_id, agent.selectors, now)
+        found = self._entitled_cache.get(key)
+        if found is None:
+            if len(self._entitled_cache) > 10_000:
+                self._entitled_cache = {}
+            found = Entitlement.of(
+                entitled_entries(index, agent.spiffe_id, agent.selectors, self._server_id, now)
+            )
+            self._entitled_cache[key] = found
+        return found
+
+    def _entitled_entry(self, agent_id: str, entitled: Entitlement, entry_id: str) -> Entry:
+        entry = entitled.by_id.get(entry_id)
+        if entry is not None:
+            return entry
+        if entry_id in self._state.entries.by_id:
+            raise PermissionDeniedError(f"entry {entry_id} is not entitled to agent {agent_id}")
+        raise NotFoundError(f"entry {entry_id[:80]!r} not found")
+
+    # -- X.509-SVIDs --------------------------------------------------------------------------
+
+    async def issue_x509(
+        self, agent: AttestedAgent, requests: Sequence[tuple[str, bytes]]
+    ) -> list[X509Outcome]:
+        """(entry id, CSR DER) each; an outcome per request, in order, once all are recorded."""
+        entitled = self.entitled(agent)
+        outcomes, credentials, events = await self._run(
+            self._executor, self._sign_x509_batch, requests, entitled, agent.spiffe_id
+        )
+        if credentials:
+            await self._ledger.commit(credentials, events)
+            self._x509_issued.inc(len(credentials))
+        return outcomes
+
+    def _sign_x509_batch(
+        self, requests: Sequence[tuple[str, bytes]], entitled: Entitlement, agent_id: str
+    ) -> tuple[list[X509Outcome], list[Credential], list[EventTuple]]:
+        signer = self._ca.x509_signer()
+        tasks = self._tasks
+        now = int(self._clock.now())
+        outcomes: list[X509Outcome] = []
+        credentials: list[Credential] = []
+        events: list[EventTuple] = []
+        for entry_id, csr in requests:
+            try:
+                entry = self._entitled_entry(agent_id, entitled, entry_id)
+                # Before signing: a task identity is issued only while its task is active.
+                task = tasks.x509_grant(agent_id, entry) if tasks.owns(entry) else None
+                svid = self._sign_x509(signer, entitled, entry, csr)
+            except SvidError as exc:  # the server's own errors are SvidErrors too
+                outcomes.append(X509Outcome(entry_id, "", b"", 0, exc))
+                continue
+            credential, event = x509_record(
+                agent_id,
+                entry.spiffe_id,
+                serial_hex=svid.serial_hex,
+                expires_at=svid.expires_at,
+                now=now,
+                task=task,
+            )
+            credentials.append(credential)
+            events.append(event)
+            outcomes.append(
+                X509Outcome(entry.id, entry.spiffe_id, svid.chain_der, svid.expires_at, None)
+            )
+        return outcomes, credentials, events
+
+    def _sign_x509(
+        self, signer: X509Signer, entitled: Entitlement, entry: Entry, csr: bytes
+    ) -> IssuedSvid:
+        started = time.perf_counter()
+        issued = signer.issue(
+            csr_public_key(csr),
+            entitled.parsed_ids[entry.id],
+            entry.x509_svid_ttl or self._settings.default_x509_svid_ttl,
+            entry.dns_names,
+        )
+        self._x509_seconds.observe(time.perf_counter() - started)
+        return issued
+
+    # -- JWT-SVIDs ----------------------------------------------------------------------------
+
+    def _jwt_entry(self, agent_id: str, entitled: Entitlement, request: JwtRequest) -> Entry:
+        audience = request.audience
+        if not audience or any(not a for a in audience):
+            raise InvalidRequestError("audience: at least one non-empty audience is required")
+        too_big = audience_problem(list(audience))
+        if too_big:
+            raise InvalidRequestError(too_big)
+        if request.entry_id:
+            return self._entitled_entry(agent_id, entitled, request.entry_id)
+        if not request.spiffe_id:
+            raise InvalidRequestError("spiffe_id: required (or entry_id)")
+        entry = entitled.by_spiffe_id.get(request.spiffe_id)
+        if entry is None:
+            wanted = SpiffeId.parse(request.spiffe_id)  # a malformed ID is INVALID_ARGUMENT
+            raise PermissionDeniedError(f"{wanted} is not an identity agent {agent_id} may serve")
+        return entry
+
+    def _workload_request(
+        self, entitled: Entitlement, entry: Entry, audience: Sequence[str]
+    ) -> MintRequest:
+        ttl = entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl
+        sub, audiences = check_jwt_request(entitled.parsed_ids[entry.id], list(audience), ttl)
+        return sub, audiences, ttl
+
+    def _mint_task(
+        self, agent_id: str, entry: Entry, audience: Sequence[str], grant: TaskJwtGrant
+    ) -> tuple[IssuedJwt, Credential, EventTuple]:
+        started = time.perf_counter()
+        issued = self._ca.jwt_signer().sign(
+            SpiffeId.parse(entry.spiffe_id), list(audience), grant.ttl, dict(grant.claims)
+        )
+        self._jwt_seconds.observe(time.perf_counter() - started)
+        credential, event = task_jwt_record(
+            agent_id,
+            entry.spiffe_id,
+            jti=issued.jti,
+            expires_at=issued.expires_at,
+            audience=audience,
+            grant=grant,
+        )
+        return issued, credential, event
+
+    def _mint_workload(self, wanted: list[MintRequest]) -> list[IssuedJwt | SvidError]:
+        """Workload JWTs for checked requests: in a worker process when the batch is big."""
+        signer = self._ca.jwt_signer()
+        started = time.perf_counter()
+        out = self._jwt_workers.mint(signer, wanted)
+        # One batch is one timing: each of its SVIDs took the mean of it.
+        each = (time.perf_counter() - started) / len(wanted)
+        observe = self._jwt_seconds.observe
+        for _ in wanted:
+            observe(each)
+        return out
+
+    def _task_jwt(
+        self, agent_id: str, entry: Entry, audience: Sequence[str]
+    ) -> tuple[IssuedJwt, Credential, EventTuple]:
+        grant = self._tasks.jwt_grant(agent_id, entry, audience)
+        return self._mint_task(agent_id, entry, audience, grant)
+
+    def jwt_entry(self, agent: AttestedAgent, request: JwtRequest) -> Entry:
+        """The entry a JWT request names, if `agent` may serve it; refusals raise."""
+        return self._jwt_entry(agent.spiffe_id, self.entitled(agent), request)
+
+    async def issue_jwt(
+        self, agent: AttestedAgent, entry: Entry, audience: Sequence[str]
+    ) -> IssuedJwt:
+        """One JWT-SVID for an entry from `jwt_entry`, returned once recorded; refusals raise."""
+        entitled = self.entitled(agent)
+        agent_id = agent.spiffe_id
+        if entry.id not in entitled.by_id:  # changed since jwt_entry looked
+            raise PermissionDeniedError(f"entry {entry.id} is not entitled to agent {agent_id}")
+        minted: tuple[IssuedJwt, Credential, EventTuple]
+        if self._tasks.owns(entry):
+            # A policy decision, which may write its own denial: off the event loop.
+            minted = await self._run(self._executor, self._task_jwt, agent_id, entry, audience)
+        else:
+            # One ES256 signature is cheaper than a hop to the thread pool: sign on the loop
+            # (below JwtWorkers.MIN_BATCH, so never a round trip to a worker).
+            (outcome,) = self._mint_workload([self._workload_request(entitled, entry, audience)])
+            if isinstance(outcome, SvidError):
+                raise outcome
+            credential, event = workload_jwt_record(
+                agent_id,
+                entry.spiffe_id,
+                jti=outcome.jti,
+                issued_at=outcome.issued_at,
+                expires_at=outcome.expires_at,
+                audience=",".join(audience),
+            )
+            minted = outcome, credential, event
+        issued, credential, event = minted
+        await self._ledger.commit((credential,), (event,))
+        self._jwt_issued.inc()
+        return issued
+
+    async def issue_jwts(
+        self, agent: AttestedAgent, requests: Sequence[JwtRequest]
+    ) -> list[JwtOutcome]:
+        """An outcome per request, in order, once every minted JWT is recorded."""
+        entitled = self.entitled(agent)
+        outcomes, credentials, events = await self._run(
+            self._jwt_executor, self._sign_jwt_batch, requests, entitled, agent.spiffe_id
+        )
+        if credentials:
+            await self._ledger.commit(credentials, events)
+            self._jwt_issued.inc(len(credentials))
+        return outcomes
+
+    def _sign_jwt_batch(
+        self, requests: Sequence[JwtRequest], entitled: Entitlement, agent_id: str
+    ) -> tuple[list[JwtOutcome], list[Credential], list[EventTuple]]:
+        # Every item is checked here first; task JWTs are decided and minted one by one,
+        # workload JWTs all at once (_mint_workload, in worker processes when big).
+        planned: list[JwtOutcome | int] = []
+        wanted: list[MintRequest] = []
+        owners: list[tuple[str, str]] = []
+        credentials: list[Credential] = []
+        events: list[EventTuple] = []
+        for item in requests:
+            try:
+                entry = self._jwt_entry(agent_id, entitled, item)
+                if self._tasks.owns(entry):
+                    issued, credential, event = self._task_jwt(agent_id, entry, item.audience)
+                    planned.append(issued)
+                    credentials.append(credential)
+                    events.append(event)
+                    continue
+                request = self._workload_request(entitled, entry, item.audience)
+            except SvidError as exc:  # the server's own errors are SvidErrors too
+                planned.append(exc)
+                continue
+            planned.append(len(wanted))  # filled in from the workload mint below
+            wanted.append(request)
+            owners.append((entry.spiffe_id, ",".join(item.audience)))
+        workload = self._mint_workload(wanted) if wanted else []
+        outcomes: list[JwtOutcome] = []
+        for plan in planned:
+            if isinstance(plan, int):
+                outcome = workload[plan]
+                if isinstance(outcome, IssuedJwt):
+                    spiffe_id, audience = owners[plan]
+                    credential, event = workload_jwt_record(
+                        agent_id,
+                        spiffe_id,
+                        jti=outcome.jti,
+                        issued_at=outcome.issued_at,
+                        expires_at=outcome.expires_at,
+                        audience=audience,
+                    )
+                    credentials.append(credential)
+                    events.append(event)
+                outcomes.append(outcome)
+            else:
+                outcomes.append(plan)
+        return outcomes, credentials, events

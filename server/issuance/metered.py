@@ -1,0 +1,40 @@
+"""The ledger as the spine uses it: each refusal counted, one log line per outage."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from server.issuance.ledger import Credential, EventTuple, Ledger, LedgerUnavailableError
+from server.metrics import Metrics
+
+_log = logging.getLogger("svid.server.issuance")
+
+
+class MeteredLedger:
+    """Wraps a Ledger: `svid_server_ledger_failures{reason}` counts every refused commit,
+    `svid_server_ledger_available` says whether the last one worked, and the log gets one
+    line when commits start failing and one when they work again (not one per call)."""
+
+    def __init__(self, ledger: Ledger, metrics: Metrics) -> None:
+        self._ledger = ledger
+        self._metrics = metrics
+        self._down = False
+
+    async def commit(self, credentials: Sequence[Credential], events: Sequence[EventTuple]) -> None:
+        try:
+            await self._ledger.commit(credentials, events)
+        except LedgerUnavailableError as exc:
+            self._metrics.ledger_failures.labels(reason=exc.reason).inc()
+            self._metrics.ledger_available.set(0)
+            if not self._down:
+                self._down = True
+                _log.error(
+                    "the ledger cannot commit; issuance refused until storage recovers",
+                    extra={"reason": exc.reason, "error": str(exc.__cause__ or exc)},
+                )
+            raise
+        if self._down:
+            self._down = False
+            self._metrics.ledger_available.set(1)
+            _log.warning("the ledger commits again; issuance resumed")

@@ -1,0 +1,72 @@
+"""EntryIndex.with_changes: an incremental snapshot, checked against a full rebuild (the oracle)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from server.datastore.records import Entry, Selector
+from server.entitlement import EntryIndex
+
+TD = "spiffe://example.org"
+PARENTS = [f"{TD}/svid/agent/join_token/a{n}" for n in range(3)] + [f"{TD}/nodes/n0"]
+
+
+def _entry(n: int, rng: random.Random) -> Entry:
+    return Entry(
+        id=f"e{n:04d}",
+        spiffe_id=f"{TD}/w/{rng.randrange(20)}",
+        parent_id=rng.choice(PARENTS),
+        selectors=(Selector("unix", f"uid:{rng.randrange(5)}"),),
+        revision=rng.randrange(1, 5),
+    )
+
+
+def _same(a: EntryIndex, b: EntryIndex) -> None:
+    assert dict(a.by_id) == dict(b.by_id)
+    assert list(a.by_id) == list(b.by_id)  # the same order, not just the same members
+    assert {k: sorted(e.id for e in v) for k, v in a.by_parent.items()} == {
+        k: sorted(e.id for e in v) for k, v in b.by_parent.items()
+    }
+    for parent, entries in a.by_parent.items():
+        assert all(a.by_id[e.id] is e for e in entries), f"stale entry under {parent}"
+    assert dict(a.spiffe_id_counts) == dict(b.spiffe_id_counts)
+    assert a.sorted_ids == b.sorted_ids
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_with_changes_equals_a_rebuild(seed: int) -> None:
+    rng = random.Random(seed)
+    entries = {e.id: e for e in (_entry(n, rng) for n in range(60))}
+    index = EntryIndex.build(entries.values())
+    for _ in range(10):
+        put = [_entry(rng.randrange(90), rng) for _ in range(rng.randrange(8))]
+        removed = rng.sample(sorted(entries), rng.randrange(6))
+        index = index.with_changes(put, removed)
+        for entry_id in removed:
+            entries.pop(entry_id, None)
+        for entry in put:
+            entries[entry.id] = entry
+        _same(index, EntryIndex.build(entries.values()))
+
+
+def test_an_entry_put_twice_in_one_change_counts_once_as_its_last_version() -> None:
+    rng = random.Random(1)
+    first = _entry(1, rng)
+    moved = Entry(first.id, f"{TD}/moved", PARENTS[3], first.selectors)
+    index = EntryIndex().with_changes([first, moved])
+    assert index.by_id[first.id] is moved
+    assert [e.id for e in index.by_parent[PARENTS[3]]] == [first.id]
+    assert first.parent_id not in index.by_parent or first.parent_id == PARENTS[3]
+    assert dict(index.spiffe_id_counts) == {f"{TD}/moved": 1}
+
+
+def test_has_spiffe_id_can_leave_out_the_entry_an_update_replaces() -> None:
+    node = Entry("n1", f"{TD}/nodes/a", PARENTS[0], (Selector("x", "1"),))
+    twin = Entry("n2", f"{TD}/nodes/a", PARENTS[1], (Selector("x", "1"),))
+    index = EntryIndex.build([node])
+    assert index.has_spiffe_id(node.spiffe_id)
+    assert not index.has_spiffe_id(node.spiffe_id, excluding="n1")
+    assert index.with_entry(twin).has_spiffe_id(node.spiffe_id, excluding="n1")
+    assert not index.without("n1").has_spiffe_id(node.spiffe_id)

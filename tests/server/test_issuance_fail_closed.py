@@ -1,0 +1,127 @@
+"""The issuance spine fails closed (server/issuance/ledger.py), on a real server over real gRPC:
+when the ledger cannot commit, every issuing call fails UNAVAILABLE with a 'cannot record'
+message, nothing is sent, a metric and one log line say why, and the next call after the
+storage recovers is issued. The fault is real SQLite refusing writes (query_only: "attempt to
+write a readonly database") on the real datastore."""
+
+from __future__ import annotations
+
+import json
+import logging
+from base64 import urlsafe_b64decode
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from server.status import LEDGER_MESSAGE
+from svid._proto import node_pb2
+from tests.server.fixtures import Agent, RunningServer, make_csr, running_server
+
+
+@pytest.fixture
+def srv() -> Iterator[RunningServer]:
+    yield from running_server()
+
+
+def read_only(srv: RunningServer, on: bool) -> None:
+    """Make the datastore refuse writes, as a read-only file does: the real connection, not a
+    stand-in."""
+    datastore: Any = srv.server.datastore
+    with datastore._lock:
+        datastore._db.execute(f"PRAGMA query_only={int(on)}")
+
+
+def calls(srv: RunningServer, agent: Agent, entry_id: str) -> dict[str, Callable[[], Any]]:
+    stub = srv.node_stub(agent)
+    jwt = node_pb2.NewJWTSVIDRequest(entry_id=entry_id, audience=["svc"])
+    return {
+        "x509": lambda: stub.BatchNewX509SVID(
+            node_pb2.BatchNewX509SVIDRequest(
+                params=[node_pb2.X509SVIDParams(entry_id=entry_id, csr=make_csr()[1])] * 3
+            ),
+            timeout=10,
+        ),
+        "jwt": lambda: stub.NewJWTSVID(jwt, timeout=10),
+        "jwt_batch": lambda: stub.BatchNewJWTSVID(
+            node_pb2.BatchNewJWTSVIDRequest(requests=[jwt] * 3), timeout=10
+        ),
+    }
+
+
+def metric(srv: RunningServer, name: str, **labels: str) -> float:
+    value = srv.server.metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+def test_issuance_fails_unavailable_while_nothing_can_be_recorded_then_resumes(
+    srv: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = srv.attest()
+    entry = srv.create_entry("/ledger/w", agent.spiffe_id)
+    rpcs = calls(srv, agent, entry.id)
+    for call in rpcs.values():
+        call()
+    records = len(srv.server.tasks.store.agent_credentials(agent.spiffe_id, 0))
+    assert records == 7
+    assert metric(srv, "svid_server_ledger_available") == 1
+
+    read_only(srv, True)
+    caplog.set_level(logging.ERROR, logger="svid.server.issuance")
+    for _ in range(2):
+        for name, call in rpcs.items():
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE, name
+            assert err.value.details() == LEDGER_MESSAGE
+    assert "cannot record" in LEDGER_MESSAGE
+    assert metric(srv, "svid_server_ledger_failures_total", reason="read-only") == 6
+    assert metric(srv, "svid_server_ledger_available") == 0
+    outage = [r for r in caplog.records if "the ledger cannot commit" in r.getMessage()]
+    assert len(outage) == 1  # one line per outage; the metric counts the calls
+    assert outage[0].__dict__["reason"] == "read-only"
+
+    read_only(srv, False)
+    for call in rpcs.values():
+        call()
+    assert metric(srv, "svid_server_ledger_available") == 1
+    # The calls refused during the outage left no credential behind in the records.
+    assert len(srv.server.tasks.store.agent_credentials(agent.spiffe_id, 0)) == records + 7
+    assert srv.server.tasks.audit.verify().ok
+
+
+def test_a_credential_is_on_record_when_its_reply_arrives(srv: RunningServer) -> None:
+    agent = srv.attest()
+    entry = srv.create_entry("/ledger/now", agent.spiffe_id)
+    reply = calls(srv, agent, entry.id)["jwt"]()
+    payload = reply.token.split(".")[1]
+    jti = json.loads(urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"]
+    # No flush, no wait: the reply itself means the record and the event are committed.
+    assert jti in {c.value for c in srv.server.tasks.store.agent_credentials(agent.spiffe_id, 0)}
+    events = list(srv.server.tasks.audit.store.audit_rows())
+    assert jti in {e["credential_id"] for e in events}
+
+
+def test_no_agent_svid_leaves_while_its_agent_cannot_be_recorded(
+    srv: RunningServer,
+) -> None:
+    agent = srv.attest()
+    entry = srv.create_entry("/ledger/audit", agent.spiffe_id)
+    token = srv.join_token()
+    read_only(srv, True)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            srv.attest(token)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "cannot record" in (err.value.details() or "")
+        with pytest.raises(grpc.RpcError) as err:
+            calls(srv, agent, entry.id)["jwt_batch"]()
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        read_only(srv, False)
+    # The refused attestation's own event could not be recorded either, and the JWT batch.
+    assert metric(srv, "svid_server_ledger_failures_total", reason="read-only") == 2
+    calls(srv, agent, entry.id)["jwt_batch"]()
+    assert srv.attest().spiffe_id
+    assert srv.server.tasks.audit.verify().ok
