@@ -21,6 +21,7 @@ from server.attestation.join_token import JoinTokenAttestor
 from server.attestation.x509pop import X509PopAttestor
 from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile, CheckpointSigner
 from server.audit.checkpointer import Checkpointer
+from server.audit.retention import DAY, Pruner, RetentionPolicy
 from server.ca.jwt_workers import JwtWorkers
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
@@ -136,6 +137,14 @@ class Server:
         )
         # Anchor what this start found (a crash may have cost the shutdown checkpoint).
         self.checkpointer.checkpoint()
+        self.pruner = Pruner(
+            self.datastore,
+            self.tasks.audit,
+            self.checkpointer,
+            self.clock,
+            RetentionPolicy(cfg.audit_retention_days * DAY, cfg.audit_max_events),
+            interval=cfg.audit_prune_interval,
+        )
         self.tls = ServerTls(self.ca, self.clock, cfg.server_svid_ttl)
         self._apply_bundle()
         self.tls.renew()
@@ -293,6 +302,7 @@ class Server:
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
             asyncio.create_task(self.tasks.run(self._stop, self.clock), name="tasks"),
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
+            asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
         ]
         for service in ("", NODE_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -69,6 +69,14 @@ class ServerConfig:
     # Seconds between signed checkpoints of the audit head (written only when it moved);
     # one is also written at clean shutdown and on `svid-server audit checkpoint`.
     audit_checkpoint_interval: float = 60.0
+    # Audit retention (server/audit/retention.py; README "Audit retention"): events older
+    # than this many days are pruned behind a signed prune record; 0 keeps them forever.
+    # 30 days covers an incident found weeks late; keep longer with `audit export`.
+    audit_retention_days: float = 30.0
+    # Also prune all but the newest N events (a size bound, ~0.5 KB each); 0 = no bound.
+    audit_max_events: int = 0
+    # Seconds between prune runs.
+    audit_prune_interval: float = 3600.0
 
     @property
     def datastore_path(self) -> Path:
@@ -197,6 +205,9 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "jwt_mint_processes": _as_int,
     "policy_dir": _as_path,
     "audit_checkpoint_interval": _as_positive_float,
+    "audit_retention_days": _as_float,
+    "audit_max_events": _as_int,
+    "audit_prune_interval": _as_positive_float,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))

@@ -14,6 +14,13 @@ but `public_key` and `sig`. `key_id` is the sha256 (hex) of the public key's DER
 SubjectPublicKeyInfo; `public_key` is that DER in base64, so a line verifies on its own. Trust
 in that key comes from elsewhere: pin the public key file you shipped off the host
 (`--anchor-key`); an unpinned verify only shows the file is self-consistent.
+
+Prune records (server/audit/retention.py) share the file, the key and the format, with one
+more signed field, `"kind":"prune"`: `seq`/`hash` name the last event retention removes (the
+remaining chain links to that hash), `count` how many events this prune removes, `time` when it
+was signed, which is before anything is deleted. A line without `kind` is a checkpoint; a
+verifier that predates prune records rejects the line (its signature covers `kind`) rather
+than mistake it for a checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ KEY_SLOT = "checkpoint"
 KEY_DIR = "audit-key"
 PUBLIC_KEY_FILE = "audit-checkpoint-key.pub.pem"
 CHECKPOINT_FILE = "audit-checkpoints.jsonl"
+CHECKPOINT = "checkpoint"
+PRUNE = "prune"
 
 
 class CheckpointError(AuditError):
@@ -59,12 +68,15 @@ class Checkpoint:
     key_id: str
     public_key: str
     sig: str
+    kind: str = CHECKPOINT
 
     def signed_bytes(self) -> bytes:
-        return _signed_bytes(self.seq, self.hash, self.count, self.time, self.key_id)
+        return _signed_bytes(
+            self.seq, self.hash, self.count, self.time, self.key_id, kind=self.kind
+        )
 
     def to_line(self) -> str:
-        body = {**_body(self.seq, self.hash, self.count, self.time, self.key_id)}
+        body = _body(self.seq, self.hash, self.count, self.time, self.key_id, kind=self.kind)
         body["public_key"] = self.public_key
         body["sig"] = self.sig
         return canonical_json(body).decode("utf-8")
@@ -77,6 +89,11 @@ class Checkpoint:
             raise CheckpointError("not JSON") from None
         if not isinstance(data, dict) or data.get("v") != VERSION:
             raise CheckpointError(f"not a version {VERSION} checkpoint")
+        # Absent means a checkpoint (lines written before prune records existed); a present
+        # `kind` is signed, so only the value that is written is accepted.
+        kind = data.get("kind", CHECKPOINT)
+        if "kind" in data and kind != PRUNE:
+            raise CheckpointError(f"unknown kind {str(kind)[:40]!r}")
         try:
             cp = cls(
                 seq=_int(data["seq"]),
@@ -86,6 +103,7 @@ class Checkpoint:
                 key_id=str(data["key_id"]),
                 public_key=str(data["public_key"]),
                 sig=str(data["sig"]),
+                kind=kind,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"missing or malformed field {e}") from None
@@ -112,7 +130,14 @@ class Checkpoint:
 
     def anchor(self) -> Anchor:
         when = format_utc(self.time)
-        return Anchor(self.seq, self.hash, self.count, source=f"the checkpoint of {when}")
+        if self.kind == PRUNE:
+            # Its count is what that prune removed, not the log's length: not a length bound.
+            return Anchor(
+                self.seq, self.hash, source=f"the prune record of {when}", signed=True, pruned=True
+            )
+        return Anchor(
+            self.seq, self.hash, self.count, source=f"the checkpoint of {when}", signed=True
+        )
 
 
 def _int(value: Any) -> int:
@@ -121,8 +146,10 @@ def _int(value: Any) -> int:
     return value
 
 
-def _body(seq: int, digest: str, count: int, time: float, key_id: str) -> dict[str, Any]:
-    return {
+def _body(
+    seq: int, digest: str, count: int, time: float, key_id: str, *, kind: str
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "v": VERSION,
         "seq": seq,
         "hash": digest,
@@ -130,10 +157,16 @@ def _body(seq: int, digest: str, count: int, time: float, key_id: str) -> dict[s
         "time": time,
         "key_id": key_id,
     }
+    # Checkpoints keep the exact bytes they were signed over before prune records existed.
+    if kind != CHECKPOINT:
+        body["kind"] = kind
+    return body
 
 
-def _signed_bytes(seq: int, digest: str, count: int, time: float, key_id: str) -> bytes:
-    return canonical_json(_body(seq, digest, count, time, key_id))
+def _signed_bytes(
+    seq: int, digest: str, count: int, time: float, key_id: str, *, kind: str = CHECKPOINT
+) -> bytes:
+    return canonical_json(_body(seq, digest, count, time, key_id, kind=kind))
 
 
 def _load_public_der(der: bytes) -> ec.EllipticCurvePublicKey:
@@ -189,9 +222,12 @@ class CheckpointSigner:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
-    def sign(self, seq: int, digest: str, count: int, time: float) -> Checkpoint:
+    def sign(
+        self, seq: int, digest: str, count: int, time: float, kind: str = CHECKPOINT
+    ) -> Checkpoint:
         signature = self._key.sign(
-            _signed_bytes(seq, digest, count, time, self.key_id), ec.ECDSA(hashes.SHA256())
+            _signed_bytes(seq, digest, count, time, self.key_id, kind=kind),
+            ec.ECDSA(hashes.SHA256()),
         )
         return Checkpoint(
             seq=seq,
@@ -201,6 +237,7 @@ class CheckpointSigner:
             key_id=self.key_id,
             public_key=self.public_key_b64,
             sig=base64.b64encode(signature).decode("ascii"),
+            kind=kind,
         )
 
     def _publish(self, path: Path) -> None:
@@ -240,13 +277,16 @@ class CheckpointFile:
         except OSError as e:
             raise CheckpointError(f"cannot write the checkpoint file: {e.strerror or e}") from None
 
-    def last(self) -> Checkpoint | None:
-        """The newest complete, parsable line (not verified): what the writer continues from."""
+    def last(self, kind: str = CHECKPOINT) -> Checkpoint | None:
+        """The newest complete, parsable line of `kind` (not verified): what the writer
+        continues from."""
         for line in reversed(self._lines()):
             try:
-                return Checkpoint.parse(line)
+                cp = Checkpoint.parse(line)
             except CheckpointError:
                 continue
+            if cp.kind == kind:
+                return cp
         return None
 
     def _lines(self) -> list[str]:
@@ -261,12 +301,14 @@ class CheckpointFile:
         return [line for line in lines[:-1] if line.strip()]
 
     def anchors(self, pinned_key_id: str | None = None) -> tuple[list[Anchor], str]:
-        """Every checkpoint, verified, as anchors; and a note on which key was trusted.
+        """Every checkpoint and prune record, verified, as anchors (prune records flagged
+        `pruned`); and a note on which key was trusted.
 
         Each line must parse and its signature verify. Lines signed by the trusted key (the
-        pinned one, else the newest line's) are the anchors; among them seq and count never
-        go back, and one seq never has two hashes. Lines by other keys are skipped and
-        counted in the note. Raises CheckpointError naming the first bad line.
+        pinned one, else the newest line's) are the anchors; among them checkpoints' seq and
+        count never go back, prune records' seq never goes back, no checkpoint names less than
+        an earlier prune removed, and one seq never has two hashes. Lines by other keys are
+        skipped and counted in the note. Raises CheckpointError naming the first bad line.
         """
         lines = self._lines()
         if not lines:
@@ -305,15 +347,30 @@ class CheckpointFile:
 def _check_order(path: Path, checkpoints: Sequence[tuple[int, Checkpoint]]) -> None:
     seen: dict[int, str] = {}
     before: Checkpoint | None = None
+    pruned = 0
     for number, cp in checkpoints:
+        if seen.setdefault(cp.seq, cp.hash) != cp.hash:
+            raise CheckpointError(
+                f"{path} line {number}: seq {cp.seq} was signed with two different hashes"
+            )
+        if cp.kind == PRUNE:
+            if cp.seq < pruned:
+                raise CheckpointError(
+                    f"{path} line {number}: a prune through seq {cp.seq} comes after one "
+                    f"through seq {pruned}"
+                )
+            pruned = cp.seq
+            continue
+        # A prune only ever removes events at or before the head it saw, and heads only grow.
+        if cp.seq < pruned:
+            raise CheckpointError(
+                f"{path} line {number}: checkpoint seq {cp.seq} comes after a prune through "
+                f"seq {pruned}: the log was cut back in between"
+            )
         if before is not None and (cp.seq < before.seq or cp.count < before.count):
             raise CheckpointError(
                 f"{path} line {number}: seq {cp.seq} ({cp.count} events) comes after seq "
                 f"{before.seq} ({before.count} events): the log was cut back in between"
-            )
-        if seen.setdefault(cp.seq, cp.hash) != cp.hash:
-            raise CheckpointError(
-                f"{path} line {number}: seq {cp.seq} was signed with two different hashes"
             )
         before = cp
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import threading
 
-from server.audit.checkpoint import Checkpoint, CheckpointFile, CheckpointSigner
+from server.audit.checkpoint import PRUNE, Checkpoint, CheckpointFile, CheckpointSigner
 from server.audit.event import GENESIS_HASH
 from server.audit.log import AuditLog
 from svid._clock import Clock
@@ -39,6 +39,24 @@ class Checkpointer:
     @property
     def last(self) -> Checkpoint | None:
         return self._last
+
+    def last_prune(self) -> Checkpoint | None:
+        """The newest prune record in the file (not verified), whoever signed it."""
+        with self._lock:
+            return self._file.last(PRUNE)
+
+    def sign_prune(self, seq: int, digest: str, count: int) -> Checkpoint:
+        """Sign and append a prune record: events through `seq` (whose hash is `digest`) may
+        go, `count` of them in this prune. Durable in the file when this returns, which is
+        before retention deletes anything."""
+        with self._lock:
+            record = self._signer.sign(seq, digest, count, self._clock.now(), PRUNE)
+            self._file.append(record)
+            return record
+
+    @property
+    def key_id(self) -> str:
+        return self._signer.key_id
 
     def checkpoint(self, *, force: bool = False) -> Checkpoint:
         """Sign and append the committed head; without `force`, an unchanged head is not

@@ -1,7 +1,13 @@
-"""`svid-server audit verify | export | checkpoint`.
+"""`svid-server audit verify | export | checkpoint | prune`.
 
 `verify` and `export` read the datastore file directly (they work with the server stopped, and
-never change it); `checkpoint` asks the running server over its admin socket.
+never change it); `checkpoint` asks the running server over its admin socket. `prune` opens the
+datastore itself too, with the server running or stopped: SQLite serialises it with the
+server's writes, it never touches the head the server appends after, and it signs its prune
+record with the data dir's checkpoint key, so it runs as the server's user like every
+operator command that can change the log. No admin RPC: the server prunes on its own schedule,
+and an operator's one-off prune (a backlog before a first start with retention, a --before
+after an export) should not need a server up.
 """
 
 from __future__ import annotations
@@ -66,6 +72,18 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     audit.add_parser(
         "checkpoint", parents=[common], help="sign the running server's audit head now"
     )
+    prune = audit.add_parser(
+        "prune",
+        parents=[common],
+        help="remove the oldest events behind a signed prune record (export them first)",
+    )
+    prune.add_argument("--data-dir", type=Path, default=None)
+    which = prune.add_mutually_exclusive_group()
+    which.add_argument("--before", default=None, help="unix seconds or ISO 8601: events older")
+    which.add_argument("--through-seq", type=int, default=None, metavar="SEQ")
+    prune.add_argument(
+        "--batch", type=int, default=None, help="events per delete transaction (default 1000)"
+    )
 
 
 def run(
@@ -76,16 +94,22 @@ def run(
     """Run one audit command; `channel` opens the admin socket, `config` reads --config."""
     if args.action == "checkpoint":
         _checkpoint(args, channel)
+    elif args.action == "prune":
+        _prune(args, config)
     elif args.action == "verify":
         _verify(args, config)
     else:
         _export(args, config)
 
 
+def _data_dir(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> Path:
+    return Path(str(args.data_dir or config(args).get("data_dir") or DEFAULT_DATA_DIR))
+
+
 def _audit_db(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> Path:
     if args.audit_db is not None:
         return Path(args.audit_db)
-    data_dir = Path(str(args.data_dir or config(args).get("data_dir") or DEFAULT_DATA_DIR))
+    data_dir = _data_dir(args, config)
     # An older version's audit.db stays the log until the server's next start imports it.
     legacy = data_dir / LEGACY_AUDIT_FILE
     return legacy if legacy.is_file() else data_dir / DATASTORE_FILE
@@ -159,6 +183,89 @@ def _export(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
         print(f"exported {count} events", file=sys.stderr)
     finally:
         store.close()
+
+
+def _prune(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> None:
+    from server.audit.checkpoint import (  # noqa: PLC0415 - only this command
+        CHECKPOINT_FILE,
+        KEY_DIR,
+        KEY_SLOT,
+        CheckpointFile,
+        CheckpointSigner,
+    )
+    from server.audit.checkpointer import Checkpointer  # noqa: PLC0415
+    from server.audit.log import AuditLog  # noqa: PLC0415
+    from server.audit.retention import BATCH, DAY, Cut, Pruner, RetentionPolicy  # noqa: PLC0415
+    from server.ca.keys import KeyStore  # noqa: PLC0415
+    from server.config import build_config  # noqa: PLC0415
+    from server.datastore.errors import StorageError  # noqa: PLC0415
+    from server.datastore.sqlite import SqliteDataStore  # noqa: PLC0415
+    from svid._clock import SystemClock  # noqa: PLC0415
+
+    data_dir = _data_dir(args, config)
+    db = data_dir / DATASTORE_FILE
+    if (data_dir / LEGACY_AUDIT_FILE).is_file():
+        raise CliError(f"{data_dir / LEGACY_AUDIT_FILE} is not imported yet: start the server once")
+    if not db.is_file():
+        raise CliError(f"no datastore at {db}")
+    # Never make a key here: a prune record must be signed by the key already pinned.
+    if not KeyStore(data_dir / KEY_DIR).exists(KEY_SLOT):
+        raise CliError(f"no audit checkpoint key in {data_dir / KEY_DIR}: start the server once")
+    if args.batch is not None and args.batch < 1:
+        raise CliError("--batch: must be at least 1")
+    cut: Cut | None = None
+    policy = RetentionPolicy(0, 0)
+    if args.before is not None:
+        cut = Cut(before=_time("--before", args.before))
+    elif args.through_seq is not None:
+        cut = Cut(through=args.through_seq)
+    else:
+        values = {"trust_domain": "unused.example", **config(args)}
+        cfg = build_config({k: v for k, v in values.items() if k.startswith(("audit_", "trust"))})
+        policy = RetentionPolicy(cfg.audit_retention_days * DAY, cfg.audit_max_events)
+        if not policy.enabled:
+            raise CliError("retention is off (audit_retention_days = 0, audit_max_events = 0)")
+    clock = SystemClock()
+    store = SqliteDataStore(db, clock)
+    try:
+        log = AuditLog(store, clock)
+        checkpointer = Checkpointer(
+            log,
+            CheckpointSigner.load_or_create(data_dir),
+            CheckpointFile(data_dir / CHECKPOINT_FILE),
+            clock,
+            interval=3600.0,
+        )
+        pruner = Pruner(
+            store,
+            log,
+            checkpointer,
+            clock,
+            policy,
+            batch=args.batch or BATCH,
+        )
+        report = pruner.prune(cut)
+    except (AuditError, StorageError) as e:
+        raise CliError(f"audit prune: {e}") from None
+    finally:
+        store.close()
+    through = "nothing pruned yet" if report.base is None else f"seq {report.base.seq}"
+    if getattr(args, "output", "text") == "json":
+        base = report.base
+        print(
+            json.dumps(
+                {
+                    "removed": report.removed,
+                    "pruned_through": None if base is None else base.seq,
+                    "base_hash": None if base is None else base.hash,
+                    "record": None
+                    if report.record is None
+                    else json.loads(report.record.to_line()),
+                }
+            )
+        )
+    else:
+        print(f"audit prune: removed {report.removed} events; the log starts after {through}")
 
 
 def _checkpoint(args: argparse.Namespace, channel: Callable[[argparse.Namespace], Any]) -> None:

@@ -11,6 +11,15 @@ What a verify proves, from one consistent snapshot of the database:
   (MISSING_TABLES), and an edit followed by re-hashing every later event (RECHAINED: the
   chain has no key, a checkpoint has).
 
+After retention pruned the oldest events (server/audit/retention.py), the chain starts at the
+`audit_base` row: the (seq, hash) of the last pruned event, which the first kept event links to.
+Without a checkpoint file the base is taken as it is (the output says so). With one, the base
+must be vouched for by a prune record signed with the trusted key: one at the base's seq with
+its hash, or a later one the chain from the base reaches with that record's hash (a prune whose
+batches were cut short). A base no signed record reaches is FORGED_BASE: events were removed
+without a prune. Anchors at or before the base name pruned events and are not looked for; every
+check above holds for the events kept.
+
 What it does not prove: anything about events after the newest anchor (someone who can write
 the database can still rewrite or drop those); that an anchor file was not replaced wholesale
 by someone who also holds a signing key you trust (pin the public key you shipped elsewhere);
@@ -42,6 +51,7 @@ class Break(StrEnum):
     WIPED = "wiped"  # no events at all, but an anchor names some
     MISSING_TABLES = "missing_tables"  # the audit tables were dropped
     RECHAINED = "rechained"  # a self-consistent chain whose hash at an anchor's seq differs
+    FORGED_BASE = "forged_base"  # the chain starts after a base no signed prune record names
     BAD_ANCHOR = "bad_anchor"  # the anchor itself is unreadable, unsigned or contradictory
 
 
@@ -54,6 +64,11 @@ class Anchor:
     count: int | None = None
     # Names the anchor in findings, e.g. "checkpoint of 2026-12-05T07:00:00Z".
     source: str = "the anchor"
+    # Signed with the checkpoint key (from a checkpoint file), not a SEQ:HASH someone noted.
+    signed: bool = False
+    # A prune record: events through `seq` were removed by retention, and the remaining
+    # chain links to `hash`.
+    pruned: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Anchor:
@@ -75,18 +90,40 @@ class VerifyResult:
     detail: str = ""
     # The newest anchor the log was checked against (None: no anchor given).
     anchor: Anchor | None = None
+    # Where the chain starts after retention pruned older events (None: from genesis), the
+    # prune record that vouches for it, and how many anchors named events pruned since.
+    base: Head | None = None
+    base_anchor: Anchor | None = None
+    pruned_anchors: int = 0
 
     def __str__(self) -> str:
         if self.ok:
             head = f"seq {self.head.seq} hash {self.head.hash}" if self.head else "empty"
-            if self.anchor is None:
+            if self.anchor is None and self.base_anchor is None:
                 against = " (no anchor: a cut tail with a rewritten head would pass; see --anchor)"
+            elif self.anchor is None:
+                against = ""
             else:
                 against = f"; matches {self.anchor.source}"
-            return f"audit chain OK: {self.checked} events, head {head}{against}"
+            return f"audit chain OK: {self.checked} events, head {head}{self._pruned()}{against}"
         where = "" if self.broken_seq is None else f" at seq {self.broken_seq}"
         event = "" if self.broken_event_id is None else f" (event {self.broken_event_id})"
         return f"audit chain BROKEN{where}{event}: {self.problem}: {self.detail}"
+
+    def _pruned(self) -> str:
+        if self.base is None:
+            return ""
+        text = f"; {self.base.seq} events pruned through seq {self.base.seq}"
+        if self.base_anchor is None:
+            text += " (the prune base is unchecked without a checkpoint file: see --anchor)"
+        elif self.base_anchor.seq == self.base.seq:
+            text += f" (signed by {self.base_anchor.source})"
+        else:
+            cover = self.base_anchor
+            text += f" (a prune through seq {cover.seq} cut short, {cover.source})"
+        if self.pruned_anchors:
+            text += f"; {self.pruned_anchors} older checkpoint(s) name pruned events"
+        return text
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +135,9 @@ class VerifyResult:
             "problem": str(self.problem) if self.problem else None,
             "detail": self.detail,
             "anchor": None if self.anchor is None else self.anchor.source,
+            "pruned_through": None if self.base is None else self.base.seq,
+            "base": None if self.base is None else {"seq": self.base.seq, "hash": self.base.hash},
+            "base_signed_by": None if self.base_anchor is None else self.base_anchor.source,
         }
 
 
@@ -118,10 +158,17 @@ def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> 
         names = " and ".join(snapshot.missing_tables)
         expected = "" if newest is None else f"; {newest.source} names {_events(newest)}"
         return _broken(0, None, None, Break.MISSING_TABLES, f"table {names} dropped{expected}")
-    by_seq = {a.seq: a for a in anchors}
+    base = snapshot.base
+    base_seq, base_hash = (0, GENESIS_HASH) if base is None else (base.seq, base.hash)
+    cover = _base_cover(base_seq, base_hash, anchors)
+    if isinstance(cover, VerifyResult):
+        return cover
+    # Anchors at or before the base name events retention removed: the prune record that
+    # covers the base vouches for that removal, so they are not looked for.
+    by_seq = {a.seq: a for a in anchors if a.seq > base_seq}
     matched: Anchor | None = None
-    prev_hash = GENESIS_HASH
-    expected_seq = 1
+    prev_hash = base_hash
+    expected_seq = base_seq + 1
     checked = 0
     last: AuditEvent | None = None
     for row in snapshot.rows():
@@ -135,6 +182,14 @@ def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> 
                 checked, seq, event_id, Break.EDITED, "content does not match the stored hash"
             )
         if event.seq != expected_seq:
+            if event.seq <= base_seq:
+                return _broken(
+                    checked,
+                    seq,
+                    event_id,
+                    Break.RELINKED,
+                    f"seq {event.seq} is at or before the prune base (seq {base_seq})",
+                )
             if event.seq < expected_seq:
                 return _broken(
                     checked, seq, event_id, Break.RELINKED, f"seq {event.seq} out of order"
@@ -147,12 +202,14 @@ def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> 
                 f"events {expected_seq}..{event.seq - 1} are missing",
             )
         if event.prev_hash != prev_hash:
+            before = "the prune base" if expected_seq == base_seq + 1 and base_seq else "event"
             return _broken(
                 checked,
                 seq,
                 event_id,
                 Break.RELINKED,
-                f"prev_hash does not match event {expected_seq - 1}: it was rewritten or reordered",
+                f"prev_hash does not match {before} {expected_seq - 1}: it was rewritten or "
+                "reordered",
             )
         anchor = by_seq.get(event.seq)
         if anchor is not None:
@@ -172,11 +229,12 @@ def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> 
         expected_seq += 1
         checked += 1
         last = event
-    last_seq = 0 if last is None else last.seq
+    last_seq = base_seq if last is None else last.seq
+    # Seqs run from 1 without gaps, so the events ever written are the pruned ones plus these.
     if newest is not None and (
-        newest.seq > last_seq or (newest.count is not None and newest.count > checked)
+        newest.seq > last_seq or (newest.count is not None and newest.count > base_seq + checked)
     ):
-        if checked == 0:
+        if checked == 0 and base_seq == 0:
             return _broken(
                 0,
                 None,
@@ -200,15 +258,61 @@ def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> 
             Break.TRUNCATED,
             f"the head records seq {head.seq} but the log ends at seq {last_seq}",
         )
-    if last is not None and (head is None or head.seq != last.seq or head.hash != last.hash):
+    # Everything pruned: the base is then the last event the log ever wrote.
+    tail = Head(last.seq, last.hash) if last is not None else base
+    if tail is not None and head != tail:
         return _broken(
             checked,
-            last.seq,
-            last.event_id,
+            tail.seq,
+            None if last is None else last.event_id,
             Break.HEAD_MISMATCH,
             "the head row does not name the last event",
         )
-    return VerifyResult(ok=True, checked=checked, head=head, anchor=newest)
+    return VerifyResult(
+        ok=True,
+        checked=checked,
+        head=head,
+        anchor=newest if newest is not None and newest.seq > base_seq else None,
+        base=base,
+        base_anchor=cover,
+        pruned_anchors=sum(1 for a in anchors if a.seq <= base_seq and not a.pruned),
+    )
+
+
+def _base_cover(
+    base_seq: int, base_hash: str, anchors: Sequence[Anchor]
+) -> Anchor | VerifyResult | None:
+    """The signed prune record that vouches for the base, a FORGED_BASE break, or None (no
+    base, or no signed anchors to check it against).
+
+    A base at a prune record's seq must have its hash. A base before the newest prune record
+    is a prune cut short (batches commit one by one): the chain from it must reach that
+    record's seq with that record's hash, which the walk checks as for any anchor.
+    """
+    if not base_seq or not any(a.signed for a in anchors):
+        return None
+    prunes = sorted((a for a in anchors if a.pruned and a.seq >= base_seq), key=lambda a: a.seq)
+    if not prunes:
+        return _broken(
+            0,
+            base_seq,
+            None,
+            Break.FORGED_BASE,
+            f"the log starts after seq {base_seq} (its base row) but no signed prune record "
+            "reaches that far: events were removed without a prune, or the anchor file is "
+            "older than the last prune",
+        )
+    first = prunes[0]
+    if first.seq == base_seq and first.hash != base_hash:
+        return _broken(
+            0,
+            base_seq,
+            None,
+            Break.FORGED_BASE,
+            f"the base row names seq {base_seq} with hash {base_hash[:16]}… but "
+            f"{first.source} signed hash {first.hash[:16]}…",
+        )
+    return first
 
 
 def _events(anchor: Anchor) -> str:

@@ -2,6 +2,7 @@
 SQLite is the default."""
 
 from server.datastore.base import (
+    AuditRetentionStore,
     AuditStore,
     CredentialStore,
     DataStore,
@@ -29,6 +30,7 @@ from server.datastore.records import (
 __all__ = [
     "AlreadyExistsError",
     "AttestedAgent",
+    "AuditRetentionStore",
     "AuditStore",
     "ConflictError",
     "Credential",

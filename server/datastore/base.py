@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     AttestedAgent,
+    AuditMark,
     AuditRow,
     AuditSnapshot,
     Credential,
@@ -256,5 +257,32 @@ class AuditStore(Protocol):
     def close(self) -> None: ...
 
 
-class DataStore(RegistrationStore, TaskRecordStore, CredentialStore, AuditStore, Protocol):
+class AuditRetentionStore(Protocol):
+    """Pruning the oldest audit events behind a recorded base (server/audit/retention.py)."""
+
+    def audit_base(self) -> Head | None:
+        """The (seq, hash) of the last pruned event, which the remaining chain links to; None
+        when nothing was ever pruned (the chain starts at genesis)."""
+        ...
+
+    def audit_marks(self, after: int, limit: int) -> list[AuditMark]:
+        """(seq, ts, hash) of up to `limit` events with seq > `after`, in seq order."""
+        ...
+
+    def prune_audit(self, through: Head, now: float) -> int:
+        """In one transaction: delete every event with seq <= through.seq and record `through`
+        as the base. Returns how many rows went; 0 when the base is already there or past it.
+        StorageError, changing nothing, when the event at through.seq does not exist with
+        through.hash."""
+        ...
+
+
+class DataStore(
+    RegistrationStore,
+    TaskRecordStore,
+    CredentialStore,
+    AuditStore,
+    AuditRetentionStore,
+    Protocol,
+):
     """All persistent state of the server, behind one object and one migration runner."""

@@ -60,6 +60,17 @@ UPSERT_AUDIT_HEAD = (
     "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash"
 )
 ALL_AUDIT_ROWS = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_events ORDER BY seq"
+# Retention (server/audit/retention.py): the base row, the marks a prune plans its batches
+# from, and one batch's delete. Seq is the key, so each is a range or point on it.
+SELECT_AUDIT_BASE = "SELECT seq, hash FROM audit_base WHERE id = 1"
+UPSERT_AUDIT_BASE = (
+    "INSERT INTO audit_base (id, seq, hash, pruned_at) VALUES (1, :seq, :hash, :now) "
+    "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
+    "pruned_at = excluded.pruned_at"
+)
+AUDIT_MARKS = "SELECT seq, ts, hash FROM audit_events WHERE seq > :after ORDER BY seq LIMIT :limit"
+AUDIT_HASH_AT = "SELECT hash FROM audit_events WHERE seq = :seq"
+PRUNE_AUDIT_EVENTS = "DELETE FROM audit_events WHERE seq <= :seq"
 COUNT_AUDIT_EVENTS = "SELECT COUNT(*) AS n FROM audit_events"
 
 

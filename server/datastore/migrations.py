@@ -179,7 +179,21 @@ def _ledger(execute: Execute) -> None:
         )""")
 
 
+def _audit_base(execute: Execute) -> None:
+    """Retention: the (seq, hash) the audit chain starts from once older events were pruned.
+    One row, written in the transaction that deletes the events it stands for; no row means
+    nothing was ever pruned and the chain starts at genesis."""
+    execute("""
+        CREATE TABLE audit_base (
+            id SMALLINT PRIMARY KEY CHECK (id = 1),
+            seq BIGINT NOT NULL,
+            hash TEXT NOT NULL,
+            pruned_at DOUBLE PRECISION NOT NULL
+        )""")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
+    Migration(3, "audit retention: the prune base", _audit_base),
 )

@@ -193,6 +193,14 @@ class Head:
     hash: str
 
 
+class AuditMark(NamedTuple):
+    """Where one event sits in the chain and when it was written: what a prune plans from."""
+
+    seq: int
+    ts: float
+    hash: str
+
+
 @dataclass(frozen=True)
 class EventFilter:
     agent_id: str | None = None
@@ -211,3 +219,5 @@ class AuditSnapshot:
     missing_tables: tuple[str, ...]
     head: Head | None
     rows: Callable[[], Iterator[dict[str, Any]]]
+    # Where the chain starts after retention pruned older events (None: from genesis).
+    base: Head | None = None

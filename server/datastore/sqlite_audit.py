@@ -72,6 +72,11 @@ def read_head(db: sqlite3.Connection) -> Head | None:
     return None if row is None else Head(int(row[0]), str(row[1]))
 
 
+def read_base(db: sqlite3.Connection) -> Head | None:
+    row = db.execute(lq.SELECT_AUDIT_BASE).fetchone()
+    return None if row is None else Head(int(row[0]), str(row[1]))
+
+
 def page_rows(
     fetch: Callable[[str, dict[str, Any]], list[tuple[Any, ...]]],
     where: EventFilter | None,
@@ -105,6 +110,8 @@ def snapshot(path: Path) -> Iterator[AuditSnapshot]:
         names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         missing = tuple(t for t in AUDIT_TABLES if t not in names)
         head = read_head(db) if "audit_head" in names else None
+        # A log of a version before retention has no base table: it was never pruned.
+        base = read_base(db) if "audit_base" in names else None
 
         def rows() -> Iterator[dict[str, Any]]:
             if "audit_events" not in names:
@@ -114,7 +121,7 @@ def snapshot(path: Path) -> Iterator[AuditSnapshot]:
                 for r in page:
                     yield dict(zip(AUDIT_COLUMNS, r, strict=True))
 
-        yield AuditSnapshot(missing, head, rows)
+        yield AuditSnapshot(missing, head, rows, base)
     except (sqlite3.Error, ValueError) as e:
         raise StorageError(f"cannot read the audit log: {e}") from e
     finally:

@@ -19,6 +19,7 @@ from server.datastore import ledger_queries as lq
 from server.datastore import sqlite_audit
 from server.datastore.errors import StorageError
 from server.datastore.records import (
+    AuditMark,
     AuditRow,
     AuditSnapshot,
     Credential,
@@ -168,6 +169,35 @@ class SqliteLedger:
             return [tuple(r.values()) for r in self._read("read the audit log", sql, params)]
 
         return sqlite_audit.page_rows(fetch, where)
+
+    def audit_base(self) -> Head | None:
+        rows = self._read("read the audit base", lq.SELECT_AUDIT_BASE, {})
+        return Head(int(rows[0]["seq"]), str(rows[0]["hash"])) if rows else None
+
+    def audit_marks(self, after: int, limit: int) -> list[AuditMark]:
+        rows = self._read("read the audit log", lq.AUDIT_MARKS, {"after": after, "limit": limit})
+        return [AuditMark(int(r["seq"]), float(r["ts"]), str(r["hash"])) for r in rows]
+
+    def prune_audit(self, through: Head, now: float) -> int:
+        try:
+            with self._transaction() as db:
+                base = sqlite_audit.read_base(db.conn)
+                if base is not None and base.seq >= through.seq:
+                    return 0
+                found = db.execute(lq.AUDIT_HASH_AT, {"seq": through.seq}).fetchone()
+                # The base must be a real link of the chain, or verify could never start
+                # from it: refuse to cut where the log was already changed behind our back.
+                if found is None or found[0] != through.hash:
+                    raise StorageError(
+                        f"cannot prune the audit log through seq {through.seq}: the event "
+                        "there is missing or has another hash"
+                    )
+                removed = int(db.execute(lq.PRUNE_AUDIT_EVENTS, {"seq": through.seq}).rowcount)
+                params = {"seq": through.seq, "hash": through.hash, "now": now}
+                db.execute(lq.UPSERT_AUDIT_BASE, params)
+                return removed
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot prune the audit log: {e}") from e
 
     def audit_snapshot(self) -> AbstractContextManager[AuditSnapshot]:
         # A connection of its own: a snapshot must not hold the writer's lock while a verify

@@ -20,6 +20,7 @@ from server.datastore.base import DataStore
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     AttestedAgent,
+    AuditMark,
     AuditRow,
     AuditSnapshot,
     Credential,
@@ -228,6 +229,18 @@ class FaultInjectingDataStore:
     def audit_rows(self, where: EventFilter | None = None) -> Iterator[dict[str, Any]]:
         self._enter("audit_rows")
         return self.inner.audit_rows(where)
+
+    def audit_base(self) -> Head | None:
+        self._enter("audit_base")
+        return self.inner.audit_base()
+
+    def audit_marks(self, after: int, limit: int) -> list[AuditMark]:
+        self._enter("audit_marks")
+        return self.inner.audit_marks(after, limit)
+
+    def prune_audit(self, through: Head, now: float) -> int:
+        self._enter("prune_audit")
+        return self.inner.prune_audit(through, now)
 
     def audit_snapshot(self) -> AbstractContextManager[AuditSnapshot]:
         self._enter("audit_snapshot")

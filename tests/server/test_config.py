@@ -22,6 +22,8 @@ def test_defaults_from_minimal_file(tmp_path: Path) -> None:
     assert config.key_type == "ec-p256"
     assert config.metrics_address == ""
     assert config.audit_checkpoint_interval == 60.0
+    assert (config.audit_retention_days, config.audit_max_events) == (30.0, 0)
+    assert config.audit_prune_interval == 3600.0
 
 
 def test_server_table_and_flags_win(tmp_path: Path) -> None:
@@ -70,6 +72,10 @@ def test_config_is_frozen() -> None:
             {"trust_domain": "example.org", "audit_checkpoint_interval": "x"},
             "audit_checkpoint_interval",
         ),
+        ({"trust_domain": "example.org", "audit_retention_days": -1}, "audit_retention_days"),
+        ({"trust_domain": "example.org", "audit_max_events": 1.5}, "audit_max_events"),
+        ({"trust_domain": "example.org", "audit_max_events": -3}, "audit_max_events"),
+        ({"trust_domain": "example.org", "audit_prune_interval": 0}, "audit_prune_interval"),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:

@@ -1,0 +1,738 @@
+"""Audit retention: the oldest events go behind a signed prune record, and `audit verify`
+still proves the rest (from the base), catches a forged base, and takes old checkpoints in its
+stride. Real SQLite files, a real checkpoint key and file, a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from server.audit import AuditLog, Break
+from server.audit.checkpoint import (
+    CHECKPOINT_FILE,
+    PRUNE,
+    PUBLIC_KEY_FILE,
+    Checkpoint,
+    CheckpointError,
+    CheckpointFile,
+    CheckpointSigner,
+    load_public_key,
+)
+from server.audit.checkpointer import Checkpointer
+from server.audit.event import GENESIS_HASH, event_from_row
+from server.audit.retention import DAY, Cut, Pruner, RetentionPolicy
+from server.cli import main
+from server.datastore.errors import StorageError
+from server.datastore.records import Credential, Head
+from server.datastore.sqlite import SqliteDataStore
+from server.datastore.testing import FaultInjectingDataStore
+from svid._clock import FakeClock
+
+AGENT = "spiffe://example.org/agents/research-bot"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
+
+
+@dataclasses.dataclass
+class Setup:
+    data_dir: Path
+    store: SqliteDataStore
+    log: AuditLog
+    checkpointer: Checkpointer
+    clock: FakeClock
+
+    @property
+    def db(self) -> Path:
+        return self.data_dir / "datastore.sqlite3"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.data_dir / CHECKPOINT_FILE
+
+    @property
+    def pinned(self) -> Path:
+        return self.data_dir / PUBLIC_KEY_FILE
+
+    def pruner(self, policy: RetentionPolicy, batch: int = 4, store: object = None) -> Pruner:
+        return Pruner(
+            store or self.store,  # type: ignore[arg-type]
+            self.log,
+            self.checkpointer,
+            self.clock,
+            policy,
+            batch=batch,
+            pause=0,
+        )
+
+
+@pytest.fixture
+def setup(tmp_path: Path, clock: FakeClock) -> Setup:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    store = SqliteDataStore(data_dir / "datastore.sqlite3", clock)
+    log = AuditLog(store, clock)
+    checkpointer = Checkpointer(
+        log,
+        CheckpointSigner.load_or_create(data_dir),
+        CheckpointFile(data_dir / CHECKPOINT_FILE),
+        clock,
+        interval=60.0,
+    )
+    return Setup(data_dir, store, log, checkpointer, clock)
+
+
+def fill(log: AuditLog, clock: FakeClock, n: int, step: float = DAY) -> None:
+    for i in range(n):
+        log.append("jwt_minted", agent_id=AGENT, credential_id=f"jti-{i}", decision="allow")
+        clock.advance(step)
+
+
+def sql(db: Path, *statements: str) -> None:
+    con = sqlite3.connect(db)
+    with con:
+        for statement in statements:
+            con.execute(statement)
+    con.close()
+
+
+def seqs(db: Path) -> list[int]:
+    con = sqlite3.connect(db)
+    rows = [r[0] for r in con.execute("SELECT seq FROM audit_events ORDER BY seq")]
+    con.close()
+    return rows
+
+
+def hash_at(db: Path, seq: int) -> str:
+    con = sqlite3.connect(db)
+    row = con.execute("SELECT hash FROM audit_events WHERE seq = ?", (seq,)).fetchone()
+    con.close()
+    return str(row[0])
+
+
+def base_row(db: Path) -> tuple[int, str] | None:
+    con = sqlite3.connect(db)
+    row = con.execute("SELECT seq, hash FROM audit_base").fetchone()
+    con.close()
+    return None if row is None else (row[0], row[1])
+
+
+def lines(setup: Setup) -> list[Checkpoint]:
+    return [Checkpoint.parse(line) for line in setup.checkpoints.read_text().splitlines()]
+
+
+def verify(setup: Setup, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
+    code = main(["audit", "verify", "--data-dir", str(setup.data_dir), *extra])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def pinned_verify(setup: Setup, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    return verify(
+        setup, capsys, "--anchor", str(setup.checkpoints), "--anchor-key", str(setup.pinned)
+    )
+
+
+# -- policy -----------------------------------------------------------------------------------
+
+
+def test_the_policy_cuts_by_age_and_by_count_and_off_is_off() -> None:
+    assert RetentionPolicy(0, 0).cut(1000.0, 50) is None
+    assert RetentionPolicy(100, 0).cut(1000.0, 50) == Cut(before=900.0)
+    assert RetentionPolicy(0, 10).cut(1000.0, 50) == Cut(through=40)
+    both = RetentionPolicy(100, 10).cut(1000.0, 50)
+    assert both == Cut(before=900.0, through=40)
+
+
+# -- pruning ----------------------------------------------------------------------------------
+
+
+def test_events_older_than_retention_go_and_the_chain_verifies_from_the_base(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 10)  # one a day: ts = start + 0d .. 9d, now = start + 10d
+    setup.checkpointer.checkpoint()
+    hash6 = hash_at(setup.db, 6)
+    report = setup.pruner(RetentionPolicy(max_age=4.5 * DAY)).prune()
+    # Older than 4.5 days at start + 10d: written before start + 5.5d, seqs 1..6.
+    assert report.removed == 6
+    assert report.base == Head(6, hash6)
+    assert seqs(setup.db) == [7, 8, 9, 10]
+    assert base_row(setup.db) == (6, hash6)
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
+    assert "audit chain OK: 4 events" in out
+    assert "6 events pruned through seq 6 (signed by the prune record of" in out
+    assert "matches the checkpoint of" in out
+    # Again at once: nothing more is old enough, and no new record is signed.
+    assert setup.pruner(RetentionPolicy(max_age=4.5 * DAY)).prune().removed == 0
+    assert [cp.kind for cp in lines(setup)] == ["checkpoint", PRUNE]
+
+
+def test_the_prune_record_is_signed_with_the_pinned_key_before_anything_goes(
+    setup: Setup,
+) -> None:
+    fill(setup.log, setup.clock, 9)
+    expected = hash_at(setup.db, 5)
+    setup.pruner(RetentionPolicy(max_age=0, max_events=4)).prune()
+    (record,) = [cp for cp in lines(setup) if cp.kind == PRUNE]
+    assert (record.seq, record.hash, record.count) == (5, expected, 5)
+    assert record.time == setup.clock.now()
+    _, key = load_public_key(setup.pinned)
+    record.verify_signature(key)
+    # `kind` is signed: the same line passed off as a checkpoint does not verify.
+    as_checkpoint = dataclasses.replace(record, kind="checkpoint")
+    with pytest.raises(CheckpointError, match="signature does not verify"):
+        as_checkpoint.verify_signature(key)
+    line = json.loads(setup.checkpoints.read_text().splitlines()[-1])
+    assert line["kind"] == "prune"
+    line["kind"] = "checkpoint"
+    with pytest.raises(CheckpointError, match="unknown kind"):
+        Checkpoint.parse(json.dumps(line))
+
+
+def test_a_count_bound_keeps_the_newest_events(setup: Setup) -> None:
+    fill(setup.log, setup.clock, 11, step=1)
+    report = setup.pruner(RetentionPolicy(max_age=0, max_events=3)).prune()
+    assert report.removed == 8
+    assert seqs(setup.db) == [9, 10, 11]
+
+
+def test_retention_off_keeps_everything(setup: Setup) -> None:
+    fill(setup.log, setup.clock, 5, step=400 * DAY)
+    assert setup.pruner(RetentionPolicy(0, 0)).prune().removed == 0
+    assert seqs(setup.db) == [1, 2, 3, 4, 5]
+    assert not setup.checkpoints.exists() or not [c for c in lines(setup) if c.kind == PRUNE]
+
+
+class SteppedClock:
+    """A wall clock an NTP step can move back (FakeClock refuses to)."""
+
+    def __init__(self, now: float) -> None:
+        self.wall = now
+
+    def now(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return 0.0
+
+
+def test_only_a_prefix_goes_even_when_a_clock_step_wrote_older_events_later(
+    tmp_path: Path,
+) -> None:
+    clock = SteppedClock(1_800_000_000.0)
+    store = SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
+    log = AuditLog(store, clock)
+    checkpointer = Checkpointer(
+        log,
+        CheckpointSigner.load_or_create(tmp_path),
+        CheckpointFile(tmp_path / CHECKPOINT_FILE),
+        clock,
+        interval=60.0,
+    )
+    for day in (0, 1, 2, 0.5, 1.5):  # the last two written after a step back
+        clock.wall = 1_800_000_000.0 + day * DAY
+        log.append("jwt_minted", agent_id=AGENT)
+    clock.wall = 1_800_000_000.0 + 3 * DAY
+    pruner = Pruner(store, log, checkpointer, clock, RetentionPolicy(1.8 * DAY), pause=0)
+    assert pruner.prune().removed == 2  # older than day 1.2: days 0 and 1
+    # Seq 3 (day 2) is young enough to stay, so seq 4 (day 0.5) stays behind it.
+    assert seqs(tmp_path / "datastore.sqlite3") == [3, 4, 5]
+
+
+def test_everything_can_go_and_the_log_carries_on(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 5)
+    setup.clock.advance(10 * DAY)
+    setup.pruner(RetentionPolicy(max_age=DAY)).prune()
+    assert seqs(setup.db) == []
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
+    assert "audit chain OK: 0 events, head seq 5" in out
+    fill(setup.log, setup.clock, 2)
+    setup.checkpointer.checkpoint()
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
+    assert "audit chain OK: 2 events, head seq 7" in out
+
+
+def test_a_base_that_is_not_a_link_of_the_chain_is_refused(setup: Setup) -> None:
+    fill(setup.log, setup.clock, 5)
+    with pytest.raises(StorageError, match="missing or has another hash"):
+        setup.store.prune_audit(Head(3, "ab" * 32), setup.clock.now())
+    assert seqs(setup.db) == [1, 2, 3, 4, 5]
+    assert base_row(setup.db) is None
+
+
+# -- verify after pruning ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def pruned(setup: Setup) -> Setup:
+    """10 events, checkpoints at 3 and 10, pruned through 6 (batches of 4: bases 4, then 6)."""
+    fill(setup.log, setup.clock, 3)
+    setup.checkpointer.checkpoint()
+    fill(setup.log, setup.clock, 7)
+    setup.checkpointer.checkpoint()
+    setup.pruner(RetentionPolicy(max_age=0, max_events=4)).prune()
+    assert seqs(setup.db) == [7, 8, 9, 10]
+    return setup
+
+
+def test_checkpoints_of_pruned_events_are_no_false_alarm(
+    pruned: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(pruned.log, pruned.clock, 1)
+    code, out = pinned_verify(pruned, capsys)
+    assert code == 0, out
+    assert "1 older checkpoint(s) name pruned events" in out
+    assert "matches the checkpoint of" in out
+
+
+def test_a_base_moved_further_without_a_prune_record_is_forged(
+    pruned: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hash8 = hash_at(pruned.db, 8)
+    pruned.store.close()
+    sql(
+        pruned.db,
+        "DELETE FROM audit_events WHERE seq <= 8",
+        f"UPDATE audit_base SET seq = 8, hash = '{hash8}'",
+    )
+    code, out = verify(pruned, capsys)
+    assert code == 0  # the database alone cannot tell
+    assert "unchecked without a checkpoint file" in out
+    code, out = pinned_verify(pruned, capsys)
+    assert code == 1
+    assert f"BROKEN at seq 8: {Break.FORGED_BASE}" in out
+    assert "no signed prune record reaches that far" in out
+
+
+def test_a_base_with_another_hash_is_forged(
+    pruned: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Someone rewrote the first kept event and re-hashed onward from a made-up base."""
+    pruned.store.close()
+    sql(pruned.db, f"UPDATE audit_base SET hash = '{'ab' * 32}'")
+    code, out = pinned_verify(pruned, capsys)
+    assert code == 1
+    assert str(Break.FORGED_BASE) in out
+    assert "signed hash" in out
+
+
+def test_a_base_invented_on_a_log_never_pruned_is_forged(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 6)
+    setup.checkpointer.checkpoint()
+    hash3 = hash_at(setup.db, 3)
+    setup.store.close()
+    sql(
+        setup.db,
+        "DELETE FROM audit_events WHERE seq <= 3",
+        f"INSERT INTO audit_base (id, seq, hash, pruned_at) VALUES (1, 3, '{hash3}', 0)",
+    )
+    code, out = pinned_verify(setup, capsys)
+    assert (code, str(Break.FORGED_BASE) in out) == (1, True)
+
+
+def test_a_dropped_base_row_shows_as_deleted_events(
+    pruned: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pruned.store.close()
+    sql(pruned.db, "DELETE FROM audit_base")
+    code, out = verify(pruned, capsys)
+    assert code == 1
+    assert f"{Break.DELETED}: events 1..6 are missing" in out
+
+
+def test_truncation_and_rechaining_of_the_kept_events_are_still_caught(
+    pruned: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = pruned.db
+    pruned.store.close()
+    backup = db.read_bytes()
+    # A cut tail with its head row fixed.
+    hash8 = hash_at(db, 8)
+    sql(
+        db,
+        "DELETE FROM audit_events WHERE seq > 8",
+        f"UPDATE audit_head SET seq = 8, hash = '{hash8}'",
+    )
+    code, out = pinned_verify(pruned, capsys)
+    assert (code, f"{Break.TRUNCATED}" in out) == (1, True)
+    # Everything kept deleted, head row too: the base alone is left.
+    db.write_bytes(backup)
+    sql(db, "DELETE FROM audit_events", "DELETE FROM audit_head")
+    code, out = pinned_verify(pruned, capsys)
+    assert (code, f"{Break.TRUNCATED}" in out) == (1, True)
+    # An edit re-hashed from the (true) base onward.
+    db.write_bytes(backup)
+    rechain_from_base(db, edit_seq=8)
+    code, out = verify(pruned, capsys)
+    assert code == 0  # the chain has no key
+    code, out = pinned_verify(pruned, capsys)
+    assert code == 1
+    assert "BROKEN at seq 10 (event" in out
+    assert str(Break.RECHAINED) in out
+
+
+def rechain_from_base(db: Path, edit_seq: int) -> None:
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    base = con.execute("SELECT hash FROM audit_base").fetchone()
+    prev = GENESIS_HASH if base is None else base[0]
+    rows = [dict(r) for r in con.execute("SELECT * FROM audit_events ORDER BY seq")]
+    with con:
+        for row in rows:
+            event = event_from_row(row)
+            if event.seq == edit_seq:
+                event = dataclasses.replace(event, decision="deny")
+            event = dataclasses.replace(event, prev_hash=prev)
+            event = dataclasses.replace(event, hash=event.compute_hash())
+            con.execute(
+                "UPDATE audit_events SET decision = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                (event.decision, event.prev_hash, event.hash, event.seq),
+            )
+            prev = event.hash
+        con.execute("UPDATE audit_head SET hash = ?", (prev,))
+    con.close()
+
+
+def test_the_anchor_file_must_keep_prunes_and_checkpoints_in_order(
+    setup: Setup, clock: FakeClock
+) -> None:
+    signer = CheckpointSigner.load_or_create(setup.data_dir)
+    file = CheckpointFile(setup.checkpoints)
+    file.append(signer.sign(9, "a" * 64, 9, clock.now()))
+    file.append(signer.sign(6, "b" * 64, 6, clock.now(), PRUNE))
+    file.append(signer.sign(4, "c" * 64, 4, clock.now(), PRUNE))
+    with pytest.raises(CheckpointError, match="line 3: a prune through seq 4 comes after one"):
+        file.anchors()
+    setup.checkpoints.write_text("")
+    file.append(signer.sign(6, "b" * 64, 6, clock.now(), PRUNE))
+    file.append(signer.sign(5, "d" * 64, 5, clock.now()))
+    with pytest.raises(CheckpointError, match="checkpoint seq 5 comes after a prune through"):
+        file.anchors()
+    setup.checkpoints.write_text("")
+    file.append(signer.sign(6, "b" * 64, 6, clock.now(), PRUNE))
+    file.append(signer.sign(6, "e" * 64, 6, clock.now()))
+    with pytest.raises(CheckpointError, match="two different hashes"):
+        file.anchors()
+
+
+# -- crashes and concurrency ------------------------------------------------------------------
+
+
+class FailingBatch(FaultInjectingDataStore):
+    """The datastore, with one delete batch (the `fail_at`-th) failing as a full disk would."""
+
+    def __init__(self, inner: SqliteDataStore, fail_at: int) -> None:
+        super().__init__(inner)
+        self.batches = 0
+        self.fail_at = fail_at
+
+    def prune_audit(self, through: Head, now: float) -> int:
+        self.batches += 1
+        if self.batches == self.fail_at:
+            raise StorageError("cannot prune the audit log: disk I/O error")
+        return super().prune_audit(through, now)
+
+
+def test_a_prune_cut_short_leaves_a_verifiable_log_and_the_next_run_finishes_it(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 12)
+    setup.checkpointer.checkpoint()
+    # Batches of 4 through seq 10: the first (through 4) commits, the second fails.
+    faulty = FailingBatch(setup.store, fail_at=2)
+    with pytest.raises(StorageError):
+        setup.pruner(RetentionPolicy(max_age=0, max_events=2), store=faulty).prune()
+    base = base_row(setup.db)
+    assert base is not None
+    assert base[0] == 4
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
+    assert "4 events pruned through seq 4 (a prune through seq 10 cut short" in out
+    # The next run carries on to 10 under the record already signed.
+    report = setup.pruner(RetentionPolicy(max_age=0, max_events=2)).prune()
+    assert report.removed == 6
+    assert [cp.kind for cp in lines(setup)].count(PRUNE) == 1
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
+    assert "10 events pruned through seq 10 (signed by the prune record" in out
+
+
+def test_a_prune_signed_but_not_begun_still_verifies(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 6)
+    faulty = FaultInjectingDataStore(setup.store)
+    faulty.inject(StorageError("disk full"), method="prune_audit")
+    with pytest.raises(StorageError):
+        setup.pruner(RetentionPolicy(max_age=0, max_events=1), store=faulty).prune()
+    assert base_row(setup.db) is None
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
+    assert "matches the prune record of" in out
+    # And the record is an anchor like any other: a re-hashed log fails against it.
+    setup.store.close()
+    rechain_from_base(setup.db, edit_seq=2)
+    code, out = pinned_verify(setup, capsys)
+    assert (code, str(Break.RECHAINED) in out) == (1, True)
+
+
+def test_issuance_goes_on_while_a_prune_runs(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [("jwt_minted", AGENT, None, None, None, None, "allow", None, None, None, f"j{i}",
+             (), None, 300, None, {}) for i in range(2000)]  # fmt: skip
+    for _ in range(10):
+        setup.log.append_tuples(rows)
+    setup.clock.advance(DAY)
+    stop = threading.Event()
+    appended: list[float] = []
+    errors: list[BaseException] = []
+
+    def issue() -> None:
+        i = 0
+        while not stop.is_set():
+            cred = Credential("jwt", f"live-{i}", AGENT, AGENT, "", 2_000_000_000)
+            t0 = time.perf_counter()
+            try:
+                setup.log.record([cred], [(*rows[0][:10], f"live-{i}", *rows[0][11:])])
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+                return
+            appended.append(time.perf_counter() - t0)
+            i += 1
+
+    thread = threading.Thread(target=issue)
+    thread.start()
+    try:
+        report = setup.pruner(RetentionPolicy(max_age=0.5 * DAY), batch=1000).prune()
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not errors, errors
+    assert report.removed == 20_000
+    assert appended, "no credential was issued while the prune ran"
+    setup.checkpointer.checkpoint()
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
+    assert f"audit chain OK: {len(appended)} events" in out
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from server.audit import AuditLog
+    from server.audit.checkpoint import CheckpointSigner
+    from server.datastore.sqlite import SqliteDataStore
+    from svid._clock import SystemClock
+
+    data = Path(sys.argv[1])
+    data.mkdir()
+    clock = SystemClock()
+    log = AuditLog(SqliteDataStore(data / "datastore.sqlite3", clock), clock)
+    CheckpointSigner.load_or_create(data)
+    row = ("jwt_minted", "spiffe://example.org/a", None, None, None, None, "allow", None, None,
+           None, "jti", (), None, 300, None, {})
+    for _ in range(30):
+        log.append_tuples([row] * 1000)
+    """
+)
+
+
+def test_kill_9_in_the_middle_of_a_prune_leaves_a_verifiable_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", WRITER, str(data)], check=True, cwd=REPO, env=env)
+    db = data / "datastore.sqlite3"
+    prune = [
+        sys.executable, "-m", "server.cli", "audit", "prune", "--data-dir", str(data),
+        "--through-seq", "25000", "--batch", "100",
+    ]  # fmt: skip
+    child = subprocess.Popen(prune, cwd=REPO, env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            base = base_row(db) if db.exists() else None
+            if base is not None and base[0] >= 1000:
+                break
+            time.sleep(0.005)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    base = base_row(db)
+    assert base is not None
+    assert 1000 <= base[0] < 25_000, "the kill did not land in the middle of the prune"
+    anchor = ["--anchor", str(data / CHECKPOINT_FILE), "--anchor-key", str(data / PUBLIC_KEY_FILE)]
+    code = main(["audit", "verify", "--data-dir", str(data), *anchor])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "a prune through seq 25000 cut short" in out
+    code = main(["audit", "prune", "--data-dir", str(data), "--through-seq", "25000"])
+    assert code == 0
+    assert "the log starts after seq 25000" in capsys.readouterr().out
+    code = main(["audit", "verify", "--data-dir", str(data), *anchor])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "audit chain OK: 5000 events" in out
+    assert "25000 events pruned through seq 25000 (signed by the prune record" in out
+
+
+def test_the_prune_command_needs_the_servers_key(
+    tmp_path: Path, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
+    fill(AuditLog(store, clock), clock, 3)
+    store.close()
+    code = main(["audit", "prune", "--data-dir", str(tmp_path), "--through-seq", "2"])
+    assert code == 1
+    assert "no audit checkpoint key" in capsys.readouterr().err
+    assert seqs(tmp_path / "datastore.sqlite3") == [1, 2, 3]
+
+
+def test_the_prune_command_takes_a_time(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    fill(setup.log, setup.clock, 5)
+    before = 1_800_000_000.0 + 2.5 * DAY
+    code = main(
+        ["audit", "prune", "--data-dir", str(setup.data_dir), "--before", str(before),
+         "--output", "json"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["removed"], report["pruned_through"]) == (3, 3)
+    assert report["record"]["kind"] == "prune"
+    assert seqs(setup.db) == [4, 5]
+
+
+def test_the_prune_command_applies_the_configured_policy(
+    setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 6, step=1)
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'trust_domain = "example.org"\ndata_dir = "{setup.data_dir}"\n'
+        "audit_retention_days = 0\naudit_max_events = 0\n"
+    )
+    assert main(["audit", "prune", "--config", str(config)]) == 1
+    assert "retention is off" in capsys.readouterr().err
+    config.write_text(config.read_text().replace("audit_max_events = 0", "audit_max_events = 2"))
+    assert main(["audit", "prune", "--config", str(config)]) == 0
+    assert "removed 4 events; the log starts after seq 4" in capsys.readouterr().out
+    assert seqs(setup.db) == [5, 6]
+
+
+# -- the ticker -------------------------------------------------------------------------------
+
+
+def test_the_pruner_prunes_on_its_interval(setup: Setup) -> None:
+    fill(setup.log, setup.clock, 50, step=1)
+    pruner = Pruner(
+        setup.store,
+        setup.log,
+        setup.checkpointer,
+        setup.clock,
+        RetentionPolicy(0, 5),
+        interval=0.02,
+        batch=4,
+        pause=0,
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(pruner.run(stop))
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if seqs(setup.db) == [46, 47, 48, 49, 50]:
+                break
+        stop.set()
+        await task
+
+    asyncio.run(run())
+    assert seqs(setup.db) == [46, 47, 48, 49, 50]
+
+
+class GatedStore(FaultInjectingDataStore):
+    """The datastore, with every delete batch waiting until the test lets it go."""
+
+    def __init__(self, inner: SqliteDataStore) -> None:
+        super().__init__(inner)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def prune_audit(self, through: Head, now: float) -> int:
+        self.entered.set()
+        assert self.release.wait(10)
+        return super().prune_audit(through, now)
+
+
+def test_a_shutdown_waits_for_the_batch_in_flight_and_starts_no_other(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 20, step=1)
+    gated = GatedStore(setup.store)
+    pruner = Pruner(
+        gated, setup.log, setup.checkpointer, setup.clock, RetentionPolicy(0, 2),
+        interval=0.01, batch=4, pause=0,
+    )  # fmt: skip
+
+    async def run() -> None:
+        task = asyncio.create_task(pruner.run(asyncio.Event()))
+        assert await asyncio.to_thread(gated.entered.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # the datastore must not be closed under the batch
+        gated.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    base = base_row(setup.db)
+    assert base is not None
+    assert base[0] == 4
+    setup.store.close()
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
+    assert "a prune through seq 18 cut short" in out
+
+
+def test_a_record_signed_further_by_another_process_is_reused(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 20, step=1)
+    server_side = setup.pruner(RetentionPolicy(0, 15))  # reads the file now: no record yet
+    # `audit prune --through-seq 16` beside it, cut short after its first batch.
+    faulty = FailingBatch(setup.store, fail_at=2)
+    with pytest.raises(StorageError):
+        setup.pruner(RetentionPolicy(0, 0), store=faulty).prune(Cut(through=16))
+    assert server_side.prune().removed == 1  # seq 5, under the record through 16
+    assert [(cp.kind, cp.seq) for cp in lines(setup)] == [(PRUNE, 16)]
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
