@@ -81,6 +81,6 @@ def revoked_from_crls(
                 Revoked(KIND_X509_SERIAL, format(entry.serial_number, "x"), math.inf)
                 for entry in crl
             )
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
             rejected.append(f"CRL {n} is not a readable DER CRL: {exc}")
     return CrlResult(tuple(revoked), tuple(rejected))

@@ -516,3 +516,12 @@ def test_crl_reader_refuses_garbage(world: World) -> None:
     assert {r.value for r in result.revoked} == {"1", "2"}
     assert len(result.rejected) == 1
     assert "not a readable DER CRL" in result.rejected[0]
+
+
+def test_crl_with_an_invalid_version_is_refused_not_raised() -> None:
+    # Found by tests/fuzz: cryptography's InvalidVersion is not a ValueError.
+    ca = make_ca()
+    crl = _crl(ca, [1]).replace(b"\x02\x01\x01", b"\x02\x01\x05", 1)  # version v2 -> 5
+    result = revoked_from_crls([crl], {TD: X509Bundle(TD, (ca.cert,))})
+    assert result.revoked == ()
+    assert "not a readable DER CRL" in result.rejected[0]
