@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -281,7 +282,13 @@ class X509Svid:
         sid = check_leaf_profile(leaf)
         for signer in certs[1:]:
             check_signing_profile(signer)
-        if _spki(key.public_key()) != _spki(leaf.public_key()):
+        try:
+            leaf_key = leaf.public_key()
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise X509SvidError(
+                f"leaf serial {_serial(leaf)} has an unreadable public key: {exc}"
+            ) from None
+        if _spki(key.public_key()) != _spki(leaf_key):
             raise X509SvidError(
                 f"private key does not match the public key of leaf serial {_serial(leaf)}"
             )

@@ -172,6 +172,17 @@ def test_x509_svid_rejects_bad_key_and_bad_leaf(ca) -> None:  # type: ignore[no-
         X509Svid.parse(der_concat([leaf.cert, make_leaf(ca).cert]), _key_der(leaf.key))
 
 
+def test_x509_svid_rejects_a_leaf_key_cryptography_cannot_read(ca) -> None:  # type: ignore[no-untyped-def]
+    # Found by tests/fuzz: an unknown key algorithm OID raised UnsupportedAlgorithm.
+    leaf = make_leaf(ca)
+    chain = der_concat([leaf.cert]).replace(
+        bytes.fromhex("2a8648ce3d0201"),
+        bytes.fromhex("2a8648ce3d0209"),  # id-ecPublicKey -> ?
+    )
+    with pytest.raises(X509SvidError, match="unreadable public key"):
+        X509Svid.parse(chain, _key_der(leaf.key))
+
+
 def test_x509_svid_with_intermediate(ca) -> None:  # type: ignore[no-untyped-def]
     inter = make_ca(parent=ca)
     leaf = make_leaf(inter, opts=LeafOptions(uris=["spiffe://example.org/deep/one"]))
