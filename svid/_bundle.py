@@ -126,7 +126,7 @@ def _jwt_jwks(keys: Mapping[str, PublicKey]) -> list[dict[str, str]]:
 def _load_jwks(trust_domain: TrustDomain, data: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: the sender's
         raise BundleError(f"bundle for {trust_domain} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BundleError(f"bundle for {trust_domain} is not a JSON object")

@@ -127,6 +127,15 @@ def test_malformed_bundles_raise_naming_the_problem(data: bytes, message: str) -
         SpiffeBundle.parse(TD, data)
 
 
+def test_deeply_nested_json_is_a_bundle_error() -> None:
+    # Found by tests/fuzz: json.loads raised RecursionError, which is no ValueError.
+    for data in (b"[" * 5000, b'{"keys":' + b"[" * 5000 + b"]" * 5000 + b"}"):
+        with pytest.raises(BundleError, match="not valid JSON"):
+            SpiffeBundle.parse(TD, data)
+        with pytest.raises(BundleError, match="not valid JSON"):
+            JwtBundle.parse_jwks(TD, data)
+
+
 def test_ec_point_off_curve_is_refused(full_bundle: SpiffeBundle) -> None:
     doc = json.loads(full_bundle.to_json())
     k = next(k for k in doc["keys"] if k.get("kid") == "k256")
