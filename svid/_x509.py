@@ -300,7 +300,7 @@ class X509Svid:
         certs = parse_der_certs(chain_der)
         try:
             key = serialization.load_der_private_key(key_der, password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise SvidParseError(f"private key is not unencrypted PKCS#8 DER: {exc}") from None
         return cls._build(certs, key, hint)
 
@@ -309,7 +309,7 @@ class X509Svid:
         certs = load_pem_certs(chain_pem)
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise SvidParseError(f"private key is not an unencrypted PEM key: {exc}") from None
         return cls._build(certs, key, hint)
 

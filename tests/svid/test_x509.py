@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import contextlib
 from typing import Any
 
@@ -181,6 +182,22 @@ def test_x509_svid_rejects_a_leaf_key_cryptography_cannot_read(ca) -> None:  # t
     )
     with pytest.raises(X509SvidError, match="unreadable public key"):
         X509Svid.parse(chain, _key_der(leaf.key))
+
+
+def test_x509_svid_rejects_a_private_key_of_an_unknown_algorithm(ca) -> None:  # type: ignore[no-untyped-def]
+    # Found by tests/fuzz: load_der_private_key raised UnsupportedAlgorithm.
+    leaf = make_leaf(ca)
+    key = _key_der(leaf.key).replace(
+        bytes.fromhex("2a8648ce3d0201"),
+        bytes.fromhex("2b8648ce3d0201"),  # id-ecPublicKey -> ?
+    )
+    with pytest.raises(SvidParseError, match="PKCS#8"):
+        X509Svid.parse(der_concat([leaf.cert]), key)
+    pem = (
+        b"-----BEGIN PRIVATE KEY-----\n" + base64.encodebytes(key) + b"-----END PRIVATE KEY-----\n"
+    )
+    with pytest.raises(SvidParseError, match="PEM key"):
+        X509Svid.load_pem(leaf.cert.public_bytes(serialization.Encoding.PEM), pem)
 
 
 def test_x509_svid_with_intermediate(ca) -> None:  # type: ignore[no-untyped-def]
