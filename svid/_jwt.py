@@ -175,6 +175,8 @@ def _is_time(value: object) -> TypeGuard[int | float]:
     # JSON allows NaN and Infinity; a NaN exp would compare as never expired.
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
+    if isinstance(value, int):  # isfinite() would raise OverflowError beyond a double's range
+        return abs(value) < 2**53
     return math.isfinite(value) and abs(value) < 2**53
 
 

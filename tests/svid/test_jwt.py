@@ -85,6 +85,9 @@ def test_repr_and_str_never_show_the_token() -> None:
         (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "exp": float("inf")}), "'exp'"),
         (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "iat": float("-inf")}), "'iat'"),
         (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "exp": 10**30}), "'exp'"),
+        # Found by tests/fuzz: beyond a double's range, isfinite() raised OverflowError.
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "exp": 10**400}), "'exp'"),
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "nbf": -(10**400)}), "'nbf'"),
         ("a" * 70000, "too long"),
     ],
 )
