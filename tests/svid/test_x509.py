@@ -141,6 +141,17 @@ def test_load_pem_rejects_non_pem() -> None:
         load_pem_certs(b"")
 
 
+def test_load_pem_rejects_an_invalid_version(ca) -> None:  # type: ignore[no-untyped-def]
+    # Found by tests/fuzz: cryptography's InvalidVersion is no ValueError.
+    der = ca.cert.public_bytes(serialization.Encoding.DER)
+    bad = der.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x05", 1)  # v3 -> "v6"
+    pem = (
+        b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bad) + b"-----END CERTIFICATE-----\n"
+    )
+    with pytest.raises(SvidParseError, match="not a valid X509 version"):
+        load_pem_certs(pem)
+
+
 def test_x509_svid_parse_and_serialise(ca) -> None:  # type: ignore[no-untyped-def]
     leaf = make_leaf(ca, not_before=T0 - 10, not_after=T0 + 300)
     svid = X509Svid.parse(der_concat([leaf.cert]), _key_der(leaf.key), hint="internal")
