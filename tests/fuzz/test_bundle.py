@@ -31,7 +31,8 @@ BUNDLE = SpiffeBundle(TD, (CA.cert,), {"k1": EC_KEY, "k2": RSA_KEY}, sequence=3,
 SEEDS = [BUNDLE.to_json(), BUNDLE.jwt_bundle().to_jwks(), b'{"keys":[]}']
 _DOC = json.loads(SEEDS[0])
 JWKS = [dict(k) for k in _DOC["keys"]]
-_CA_X5C = base64.b64encode(CA.cert.public_bytes(serialization.Encoding.DER)).decode()
+_CA_DER = CA.cert.public_bytes(serialization.Encoding.DER)
+_CA_X5C = base64.b64encode(_CA_DER).decode()
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
@@ -75,7 +76,7 @@ def jwks(draw: st.DrawFn) -> dict[str, Any]:
     """A real key with a few members removed, replaced by a value of another key, or odd."""
     jwk = dict(draw(st.sampled_from(JWKS)))
     for name in draw(st.lists(st.sampled_from(_MEMBERS), max_size=3)):
-        choice = draw(st.integers(0, 3))
+        choice = draw(st.integers(0, 4))
         if choice == 0:
             jwk.pop(name, None)
         elif choice == 1:
@@ -84,6 +85,8 @@ def jwks(draw: st.DrawFn) -> dict[str, Any]:
                 jwk[name] = other[name]
         elif choice == 2:
             jwk[name] = draw(_ODD_MEMBER_VALUES)
+        elif name == "x5c":  # the CA certificate with bytes mutated
+            jwk[name] = [base64.b64encode(draw(mutated_bytes([_CA_DER]))).decode()]
         else:
             jwk[name] = draw(json_values)
     return jwk
@@ -100,10 +103,24 @@ def bundle_documents(draw: st.DrawFn) -> bytes:
     return json.dumps(draw(json_values)).encode()
 
 
+@st.composite
+def mutated_x5c(draw: st.DrawFn) -> bytes:
+    """The real bundle with its CA certificate's DER mutated inside x5c."""
+    doc = json.loads(SEEDS[0])
+    for jwk in doc["keys"]:
+        if jwk["use"] == "x509-svid":
+            jwk["x5c"] = [base64.b64encode(draw(mutated_bytes([_CA_DER]))).decode()]
+    return json.dumps(doc).encode()
+
+
 # JSON nested deeper than the decoder's recursion limit.
 _DEEP = st.sampled_from([b"[" * 5000, b'{"keys":' + b"[" * 5000, b'{"a":' * 5000])
 bundle_bytes = st.one_of(
-    bundle_documents(), mutated_bytes(SEEDS, max_edits=6), st.binary(max_size=60), _DEEP
+    bundle_documents(),
+    mutated_x5c(),
+    mutated_bytes(SEEDS, max_edits=6),
+    st.binary(max_size=60),
+    _DEEP,
 )
 
 

@@ -9,6 +9,7 @@ loads.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import warnings
 
@@ -183,8 +184,13 @@ _PEM = b"".join(x509.load_der_x509_certificate(c).public_bytes(serialization.Enc
                 for c in CERTS[-3:])  # fmt: skip
 
 
+def _pem(der: bytes) -> bytes:
+    body = base64.encodebytes(der)
+    return b"-----BEGIN CERTIFICATE-----\n" + body + b"-----END CERTIFICATE-----\n"
+
+
 @fuzz_settings()
-@given(st.one_of(mutated_bytes([_PEM], max_edits=6), chains))
+@given(st.one_of(mutated_bytes([_PEM], max_edits=6), mutated_bytes(CERTS).map(_pem), chains))
 def test_bundle_certificates(data: bytes) -> None:
     with contextlib.suppress(SvidParseError):
         load_pem_certs(data)
