@@ -39,7 +39,7 @@ def extensions_of(cert: x509.Certificate) -> x509.Extensions:
     """The certificate's extensions; a malformed or duplicated one is an X509SvidError."""
     try:
         return cert.extensions
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise X509SvidError(
             f"certificate serial {_serial(cert)} has malformed extensions: {exc}"
         ) from None

@@ -5,6 +5,7 @@ import contextlib
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import given
@@ -139,6 +140,16 @@ def test_load_pem_rejects_non_pem() -> None:
         load_pem_certs(b"not pem")
     with pytest.raises(SvidParseError):
         load_pem_certs(b"")
+
+
+def test_duplicate_extensions_are_profile_errors(ca) -> None:  # type: ignore[no-untyped-def]
+    # Found by tests/fuzz: DuplicateExtension is no ValueError; it escaped the profile checks.
+    der = ca.cert.public_bytes(serialization.Encoding.DER)
+    dup = der.replace(b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x0f", 1)  # SKID -> KU
+    cert = x509.load_der_x509_certificate(dup)
+    for check in (check_signing_profile, check_leaf_profile):
+        with pytest.raises(X509SvidError, match="malformed extensions"):
+            check(cert)
 
 
 def test_load_pem_rejects_an_invalid_version(ca) -> None:  # type: ignore[no-untyped-def]
