@@ -233,6 +233,20 @@ def test_x509_verifier(data: bytes) -> None:
         assert chain == der.split_certs(data)[: len(chain)]
 
 
+@fuzz_settings()
+@given(st.lists(mutated_bytes([_der(CA.cert), _der(_RSA_CA.cert)]), min_size=1, max_size=2))
+def test_x509_verifier_and_crls_with_mutated_authorities(authorities: list[bytes]) -> None:
+    """Bundles are outside bytes too: authorities cryptography loads but that are malformed."""
+    certs = tuple(c for c in map(_load, authorities) if c is not None)
+    source = MemoryBundleSource.of(SpiffeBundle(TD, certs))
+    verifier = X509Verifier(source.x509_bundle_for, clock=FakeClock(T0), cache_size=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.suppress(VerificationError):
+            verifier.verify_der(LEAVES[0])
+        revoked_from_crls([_CRL], {TD: X509Bundle(TD, certs)})
+
+
 _CRL = (
     x509.CertificateRevocationListBuilder()
     .issuer_name(CA.cert.subject)
