@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test fuzz bench proto lint clean
+.PHONY: run test bench proto lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "svidd needs Python 3.11 or newer; set PYTHON=")'
@@ -19,12 +19,6 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Every fuzz target in tests/fuzz for FUZZ_SECONDS seconds each, with fresh random seeds (`make
-# test` runs them once, briefly and derandomized). Failing examples are kept in .hypothesis/.
-FUZZ_SECONDS ?= 60
-fuzz: $(STAMP)
-	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest tests/fuzz -q $(FUZZ_ARGS)
-
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench -p no:randomly --benchmark-enable --benchmark-only \
 		--benchmark-json=bench/results/latest.json -o testpaths=bench -o addopts="" $(BENCH_ARGS)
@@ -36,6 +30,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# Every fuzz target in tests/fuzz for FUZZ_SECONDS seconds each, with fresh random seeds (`make
+# test` runs them once, briefly and derandomized). Failing examples are kept in .hypothesis/.
+FUZZ_SECONDS ?= 60
+.PHONY: fuzz
+fuzz: $(STAMP)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest tests/fuzz -q $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .run bench/results
