@@ -53,5 +53,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Every fuzz target in tests/fuzz for FUZZ_SECONDS seconds each, with fresh random seeds (`make
+# test` runs them once, briefly and derandomized). Failing examples are kept in .hypothesis/.
+FUZZ_SECONDS ?= 60
+.PHONY: fuzz
+fuzz: $(STAMP)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest tests/fuzz -q $(FUZZ_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .run bench/results

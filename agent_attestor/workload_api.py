@@ -361,7 +361,14 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         except VerificationError as exc:  # ExpiredError and RevokedError included
             self._report(snap, caller, request, unverified_claims(request.svid), str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token is invalid: {exc}")
-        self._report(snap, caller, request, dict(result.claims), "")
         claims = struct_pb2.Struct()
-        claims.update(dict(result.claims))
+        try:
+            claims.update(dict(result.claims))
+        except (ValueError, TypeError, OverflowError):
+            # A signed token may hold a JSON number no double can carry (10**400): a Struct
+            # cannot, and SPIRE's JSON decoder refuses such a token too.
+            failure = "its claims hold a value a protobuf Struct cannot carry"
+            self._report(snap, caller, request, dict(result.claims), failure)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token is invalid: {failure}")
+        self._report(snap, caller, request, dict(result.claims), "")
         return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(result.spiffe_id), claims=claims)

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from svid._der import certs_to_pem, der_concat, load_pem_certs, parse_der_certs
@@ -126,7 +127,7 @@ def _jwt_jwks(keys: Mapping[str, PublicKey]) -> list[dict[str, str]]:
 def _load_jwks(trust_domain: TrustDomain, data: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: the sender's
         raise BundleError(f"bundle for {trust_domain} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BundleError(f"bundle for {trust_domain} is not a JSON object")
@@ -154,10 +155,11 @@ def _x509_key(jwk: Mapping[str, Any], where: str) -> x509.Certificate:
         # x5c is standard base64, not base64url (RFC 7517 §4.7).
         der = base64.b64decode(x5c[0], validate=True)
         cert = x509.load_der_x509_certificate(der)
-    except (binascii.Error, ValueError) as exc:
+        cert_key = cert.public_key()
+    except (binascii.Error, ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
         raise BundleError(f"{where}: 'x5c' is not a base64 DER certificate: {exc}") from None
     declared = public_key_from_jwk(jwk, where)
-    if _spki(declared) != _spki(cert.public_key()):
+    if _spki(declared) != _spki(cert_key):
         raise BundleError(f"{where}: the JWK key members do not match the x5c certificate's key")
     return cert
 

@@ -33,7 +33,7 @@ def _can_sign_crls(cert: x509.Certificate) -> bool:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return True
-    except ValueError:
+    except (ValueError, x509.DuplicateExtension):  # DuplicateExtension is no ValueError
         return False
     return usage.crl_sign
 
@@ -46,7 +46,10 @@ def _issuer_trust_domain(
         for authority in bundle.authorities:
             if authority.subject.public_bytes() != issuer or not _can_sign_crls(authority):
                 continue
-            key = authority.public_key()
+            try:
+                key = authority.public_key()
+            except (ValueError, UnsupportedAlgorithm):
+                continue  # an authority whose key cannot be read vouches for nothing
             if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
                 continue
             try:
@@ -81,6 +84,6 @@ def revoked_from_crls(
                 Revoked(KIND_X509_SERIAL, format(entry.serial_number, "x"), math.inf)
                 for entry in crl
             )
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
             rejected.append(f"CRL {n} is not a readable DER CRL: {exc}")
     return CrlResult(tuple(revoked), tuple(rejected))

@@ -106,7 +106,7 @@ def load_pem_certs(data: bytes) -> list[x509.Certificate]:
     """Every CERTIFICATE block of a PEM file; none at all is an error."""
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise SvidParseError(f"PEM data holds no readable certificate: {exc}") from None
     if not certs:
         raise SvidParseError("PEM data holds no certificate")

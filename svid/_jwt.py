@@ -142,6 +142,12 @@ def split_and_check_fast(token: str) -> FastToken | None:
             return None
         if iat is not None and (type(iat) is not int or not -_MAX_SAFE < iat < _MAX_SAFE):
             return None
+        # A null nbf/iat, or a jti that is not a string: check_claims refuses it and says why.
+        if (nbf is None and "nbf" in claims) or (iat is None and "iat" in claims):
+            return None
+        jti = get("jti")
+        if type(jti) is not str and "jti" in claims:
+            return None
         sid = _parse_id(sub)
     except (ValueError, StopIteration, RecursionError, JwtSvidError, SpiffeIdError):
         # Not three parts, non-ASCII, bad base64 or JSON (UnicodeError and binascii.Error are
@@ -175,6 +181,8 @@ def _is_time(value: object) -> TypeGuard[int | float]:
     # JSON allows NaN and Infinity; a NaN exp would compare as never expired.
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
+    if isinstance(value, int):  # isfinite() would raise OverflowError beyond a double's range
+        return abs(value) < 2**53
     return math.isfinite(value) and abs(value) < 2**53
 
 
@@ -202,9 +210,10 @@ def check_claims(claims: Mapping[str, Any]) -> tuple[SpiffeId, tuple[str, ...], 
     if not _is_time(exp):
         raise JwtSvidError("token 'exp' claim is missing or not a finite number")
     for name in ("nbf", "iat"):
-        value = claims.get(name)
-        if value is not None and not _is_time(value):
+        if name in claims and not _is_time(claims[name]):  # null is not a NumericDate either
             raise JwtSvidError(f"token {name!r} claim is not a finite number")
+    if "jti" in claims and not isinstance(claims["jti"], str):  # RFC 7519 4.1.7; as PyJWT
+        raise JwtSvidError("token 'jti' claim is not a string")
     return sid, audience, int(exp)
 
 

@@ -286,7 +286,7 @@ def _make_anchor(cert: x509.Certificate) -> _Anchor | None:
     """An authority usable as a trust anchor, or None if it cannot sign (then it's skipped)."""
     try:
         return _anchor_or_none(cert)
-    except (ValueError, UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension):
         return None  # a malformed authority anchors nothing
 
 
@@ -536,7 +536,7 @@ class X509Verifier:
             )
         except SvidError:
             raise
-        except (ValueError, UnsupportedAlgorithm) as exc:
+        except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
             raise VerificationError(f"a certificate in the chain is malformed: {exc}") from exc
 
     def _verify_guarded(
@@ -566,7 +566,7 @@ class X509Verifier:
             fields = self._verify(certs, facts, now, leaf_sid)
         except SvidError:
             raise
-        except (ValueError, UnsupportedAlgorithm) as exc:
+        except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
             raise VerificationError(f"a certificate in the chain is malformed: {exc}") from exc
         if leaf_sid is None:
             self._remember_template(ders[0], leaf_facts, fields[0].spiffe_id)

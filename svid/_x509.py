@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -38,7 +39,7 @@ def extensions_of(cert: x509.Certificate) -> x509.Extensions:
     """The certificate's extensions; a malformed or duplicated one is an X509SvidError."""
     try:
         return cert.extensions
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise X509SvidError(
             f"certificate serial {_serial(cert)} has malformed extensions: {exc}"
         ) from None
@@ -281,7 +282,13 @@ class X509Svid:
         sid = check_leaf_profile(leaf)
         for signer in certs[1:]:
             check_signing_profile(signer)
-        if _spki(key.public_key()) != _spki(leaf.public_key()):
+        try:
+            leaf_key = leaf.public_key()
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise X509SvidError(
+                f"leaf serial {_serial(leaf)} has an unreadable public key: {exc}"
+            ) from None
+        if _spki(key.public_key()) != _spki(leaf_key):
             raise X509SvidError(
                 f"private key does not match the public key of leaf serial {_serial(leaf)}"
             )
@@ -293,7 +300,7 @@ class X509Svid:
         certs = parse_der_certs(chain_der)
         try:
             key = serialization.load_der_private_key(key_der, password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise SvidParseError(f"private key is not unencrypted PKCS#8 DER: {exc}") from None
         return cls._build(certs, key, hint)
 
@@ -302,7 +309,7 @@ class X509Svid:
         certs = load_pem_certs(chain_pem)
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise SvidParseError(f"private key is not an unencrypted PEM key: {exc}") from None
         return cls._build(certs, key, hint)
 

@@ -146,7 +146,7 @@ def _checked_csr(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, Public
         raise CsrError(f"csr is {len(csr_der)} bytes, at most {MAX_CSR_BYTES} allowed")
     try:
         csr = x509.load_der_x509_csr(csr_der)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion (version != 1) is no ValueError
         raise CsrError("csr is not a DER-encoded PKCS#10 request") from None
     valid, key = _fast_signature_verdict(csr, csr_der)
     if valid is None:

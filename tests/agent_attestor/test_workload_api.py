@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent_attestor.model import Selector
 from svid._der import parse_der_certs
-from svid._jose import b64url_decode, b64url_encode
+from svid._jose import b64url_decode, b64url_encode, sign_jws
 from svid._proto import workload_pb2
 from svid._verify_jwt import DEFAULT_LEEWAY
 from svid._x509 import spiffe_id_from_cert
@@ -352,6 +352,30 @@ def test_validate_jwt_accepts_a_good_token_and_returns_claims(agent: Harness) ->
     assert resp.spiffe_id == "spiffe://example.org/w"
     assert resp.claims["sub"] == "spiffe://example.org/w"
     assert list(resp.claims["aud"]) == ["svc"]
+
+
+def test_validate_jwt_refuses_claims_a_struct_cannot_carry(agent: Harness) -> None:
+    # Found by tests/fuzz: Struct.update raised OverflowError, answered as UNKNOWN.
+    agent.add_entry("/w")
+    seen: list[dict[str, object]] = []
+    agent.api._on_validate = lambda **kw: seen.append(kw)
+    ca = agent.ca
+    claims = {"sub": "spiffe://example.org/w", "aud": "svc", "exp": int(agent.clock.now()) + 60}
+    token = sign_jws({"kid": ca.jwt_kid}, {**claims, "n": 10**400}, ca.jwt_key)
+    stub = agent.stub()
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="svc", svid=token), metadata=HEADER
+        )
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Struct" in (exc.value.details() or "")
+    assert seen[-1]["ok"] is False
+    stub.ValidateJWTSVID(  # the agent still serves
+        workload_pb2.ValidateJWTSVIDRequest(
+            audience="svc", svid=sign_jws({"kid": ca.jwt_kid}, claims, ca.jwt_key)
+        ),
+        metadata=HEADER,
+    )
 
 
 @pytest.mark.parametrize("case", ["wrong-audience", "garbage", "expired", "tampered", "no-aud"])

@@ -202,6 +202,15 @@ def test_malformed_csrs_are_rejected(data: bytes, message: str) -> None:
         verify_csr(data)
 
 
+def test_csr_with_an_invalid_version_is_rejected() -> None:
+    # Found by tests/fuzz: cryptography's InvalidVersion is no ValueError; the node API said
+    # INTERNAL instead of INVALID_ARGUMENT.
+    # The first INTEGER is CertificationRequestInfo.version (v1 = 0).
+    der = csr_der().replace(b"\x02\x01\x00", b"\x02\x01\x08", 1)
+    with pytest.raises(CsrError, match="not a DER-encoded PKCS#10"):
+        verify_csr(der)
+
+
 def test_csr_with_a_weak_key_is_rejected() -> None:
     weak = rsa.generate_private_key(65537, 1024)
     with pytest.raises(CsrError, match="1024 bits"):

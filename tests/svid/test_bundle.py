@@ -127,6 +127,46 @@ def test_malformed_bundles_raise_naming_the_problem(data: bytes, message: str) -
         SpiffeBundle.parse(TD, data)
 
 
+def test_deeply_nested_json_is_a_bundle_error() -> None:
+    # Found by tests/fuzz: json.loads raised RecursionError, which is no ValueError.
+    for data in (b"[" * 5000, b'{"keys":' + b"[" * 5000 + b"]" * 5000 + b"}"):
+        with pytest.raises(BundleError, match="not valid JSON"):
+            SpiffeBundle.parse(TD, data)
+        with pytest.raises(BundleError, match="not valid JSON"):
+            JwtBundle.parse_jwks(TD, data)
+
+
+def _with_x5c(bundle: SpiffeBundle, mutate: Any) -> bytes:
+    doc = json.loads(bundle.to_json())
+    for jwk in doc["keys"]:
+        if jwk["use"] == "x509-svid":
+            der = base64.b64decode(jwk["x5c"][0])
+            jwk["x5c"] = [base64.b64encode(mutate(der)).decode()]
+    return json.dumps(doc).encode()
+
+
+def _flip_point(der: bytes) -> bytes:
+    """The certificate with a coordinate of its EC public key changed: no longer on the curve."""
+    at = der.index(b"\x03\x42\x00\x04") + 8  # BIT STRING of a P-256 point, into x
+    return der[:at] + bytes([der[at] ^ 1]) + der[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda der: der.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x05", 1),
+        lambda der: der.replace(bytes.fromhex("2a8648ce3d0201"), bytes.fromhex("2a8648ce3d0209")),
+        _flip_point,
+    ],
+    ids=["invalid version", "unknown key algorithm", "point off the curve"],
+)
+def test_unreadable_x5c_certificates_are_bundle_errors(mutate: Any) -> None:
+    # Found by tests/fuzz: InvalidVersion, UnsupportedAlgorithm and ValueError escaped.
+    bundle = SpiffeBundle(TD, (make_ca().cert,))
+    with pytest.raises(BundleError, match="not a base64 DER certificate"):
+        SpiffeBundle.parse(TD, _with_x5c(bundle, mutate))
+
+
 def test_ec_point_off_curve_is_refused(full_bundle: SpiffeBundle) -> None:
     doc = json.loads(full_bundle.to_json())
     k = next(k for k in doc["keys"] if k.get("kid") == "k256")

@@ -85,6 +85,14 @@ def test_repr_and_str_never_show_the_token() -> None:
         (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "exp": float("inf")}), "'exp'"),
         (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "iat": float("-inf")}), "'iat'"),
         (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "exp": 10**30}), "'exp'"),
+        # Found by tests/fuzz against PyJWT, which refuses these too: null times, non-string jti.
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "iat": None}), "'iat'"),
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "nbf": None}), "'nbf'"),
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "jti": 3}), "'jti'"),
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "jti": None}), "'jti'"),
+        # Found by tests/fuzz: beyond a double's range, isfinite() raised OverflowError.
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "exp": 10**400}), "'exp'"),
+        (_raw({"alg": "ES256", "kid": "k"}, {**CLAIMS, "nbf": -(10**400)}), "'nbf'"),
         ("a" * 70000, "too long"),
     ],
 )

@@ -158,6 +158,23 @@ def test_expired_authority_is_refused(clock: FakeClock) -> None:
         v.verify([make_leaf(ca).cert])
 
 
+def _duplicate_key_usage(cert: x509.Certificate) -> x509.Certificate:
+    """``cert`` with its SubjectKeyIdentifier renamed KeyUsage: two KeyUsage extensions."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return x509.load_der_x509_certificate(
+        der.replace(b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x0f", 1)
+    )
+
+
+def test_authority_with_duplicate_extensions_anchors_nothing(clock: FakeClock) -> None:
+    # Found by tests/fuzz: DuplicateExtension (no ValueError) escaped the verifier.
+    ca = make_ca()
+    bad = _duplicate_key_usage(ca.cert)
+    v = X509Verifier(MemoryBundleSource.of(SpiffeBundle(TD, (bad,))).x509_bundle_for, clock=clock)
+    with pytest.raises(VerificationError, match="does not lead to an authority"):
+        v.verify_der(der_concat([make_leaf(ca).cert]))
+
+
 def test_tampered_signature_is_refused(verifier: X509Verifier, ca: Issued) -> None:
     der = bytearray(der_concat([make_leaf(ca).cert]))
     der[-5] ^= 0x01

@@ -516,3 +516,34 @@ def test_crl_reader_refuses_garbage(world: World) -> None:
     assert {r.value for r in result.revoked} == {"1", "2"}
     assert len(result.rejected) == 1
     assert "not a readable DER CRL" in result.rejected[0]
+
+
+def test_crl_with_an_invalid_version_is_refused_not_raised() -> None:
+    # Found by tests/fuzz: cryptography's InvalidVersion is not a ValueError.
+    ca = make_ca()
+    crl = _crl(ca, [1]).replace(b"\x02\x01\x01", b"\x02\x01\x05", 1)  # version v2 -> 5
+    result = revoked_from_crls([crl], {TD: X509Bundle(TD, (ca.cert,))})
+    assert result.revoked == ()
+    assert "not a readable DER CRL" in result.rejected[0]
+
+
+def test_crl_of_an_authority_with_duplicate_extensions_is_refused_not_raised() -> None:
+    # Found by tests/fuzz: DuplicateExtension (no ValueError) escaped revoked_from_crls.
+    ca = make_ca()
+    der = ca.cert.public_bytes(serialization.Encoding.DER)
+    dup = der.replace(b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x0f", 1)  # SKID -> KU
+    bad = x509.load_der_x509_certificate(dup)
+    result = revoked_from_crls([_crl(ca, [1])], {TD: X509Bundle(TD, (bad,))})
+    assert result.revoked == ()
+    assert "not signed by any authority" in result.rejected[0]
+
+
+def test_crl_of_an_authority_with_an_unreadable_key_is_refused_not_raised() -> None:
+    # Found by tests/fuzz: UnsupportedAlgorithm escaped revoked_from_crls.
+    ca = make_ca()
+    der = ca.cert.public_bytes(serialization.Encoding.DER)
+    curve = bytes.fromhex("2a8648ce3d030107")  # prime256v1 -> an unknown curve OID
+    bad = x509.load_der_x509_certificate(der.replace(curve, b"\x2b" + curve[1:], 1))
+    result = revoked_from_crls([_crl(ca, [1])], {TD: X509Bundle(TD, (bad,))})
+    assert result.revoked == ()
+    assert "not signed by any authority" in result.rejected[0]

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import base64
 import contextlib
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import given
@@ -140,6 +142,27 @@ def test_load_pem_rejects_non_pem() -> None:
         load_pem_certs(b"")
 
 
+def test_duplicate_extensions_are_profile_errors(ca) -> None:  # type: ignore[no-untyped-def]
+    # Found by tests/fuzz: DuplicateExtension is no ValueError; it escaped the profile checks.
+    der = ca.cert.public_bytes(serialization.Encoding.DER)
+    dup = der.replace(b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x0f", 1)  # SKID -> KU
+    cert = x509.load_der_x509_certificate(dup)
+    for check in (check_signing_profile, check_leaf_profile):
+        with pytest.raises(X509SvidError, match="malformed extensions"):
+            check(cert)
+
+
+def test_load_pem_rejects_an_invalid_version(ca) -> None:  # type: ignore[no-untyped-def]
+    # Found by tests/fuzz: cryptography's InvalidVersion is no ValueError.
+    der = ca.cert.public_bytes(serialization.Encoding.DER)
+    bad = der.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x05", 1)  # v3 -> "v6"
+    pem = (
+        b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bad) + b"-----END CERTIFICATE-----\n"
+    )
+    with pytest.raises(SvidParseError, match="not a valid X509 version"):
+        load_pem_certs(pem)
+
+
 def test_x509_svid_parse_and_serialise(ca) -> None:  # type: ignore[no-untyped-def]
     leaf = make_leaf(ca, not_before=T0 - 10, not_after=T0 + 300)
     svid = X509Svid.parse(der_concat([leaf.cert]), _key_der(leaf.key), hint="internal")
@@ -170,6 +193,33 @@ def test_x509_svid_rejects_bad_key_and_bad_leaf(ca) -> None:  # type: ignore[no-
         X509Svid.parse(der_concat([bad.cert]), _key_der(bad.key))
     with pytest.raises(X509SvidError, match="signing certificate"):
         X509Svid.parse(der_concat([leaf.cert, make_leaf(ca).cert]), _key_der(leaf.key))
+
+
+def test_x509_svid_rejects_a_leaf_key_cryptography_cannot_read(ca) -> None:  # type: ignore[no-untyped-def]
+    # Found by tests/fuzz: an unknown key algorithm OID raised UnsupportedAlgorithm.
+    leaf = make_leaf(ca)
+    chain = der_concat([leaf.cert]).replace(
+        bytes.fromhex("2a8648ce3d0201"),
+        bytes.fromhex("2a8648ce3d0209"),  # id-ecPublicKey -> ?
+    )
+    with pytest.raises(X509SvidError, match="unreadable public key"):
+        X509Svid.parse(chain, _key_der(leaf.key))
+
+
+def test_x509_svid_rejects_a_private_key_of_an_unknown_algorithm(ca) -> None:  # type: ignore[no-untyped-def]
+    # Found by tests/fuzz: load_der_private_key raised UnsupportedAlgorithm.
+    leaf = make_leaf(ca)
+    key = _key_der(leaf.key).replace(
+        bytes.fromhex("2a8648ce3d0201"),
+        bytes.fromhex("2b8648ce3d0201"),  # id-ecPublicKey -> ?
+    )
+    with pytest.raises(SvidParseError, match="PKCS#8"):
+        X509Svid.parse(der_concat([leaf.cert]), key)
+    pem = (
+        b"-----BEGIN PRIVATE KEY-----\n" + base64.encodebytes(key) + b"-----END PRIVATE KEY-----\n"
+    )
+    with pytest.raises(SvidParseError, match="PEM key"):
+        X509Svid.load_pem(leaf.cert.public_bytes(serialization.Encoding.PEM), pem)
 
 
 def test_x509_svid_with_intermediate(ca) -> None:  # type: ignore[no-untyped-def]
