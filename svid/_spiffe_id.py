@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from svid._errors import SpiffeIdError
+from svid._limits import utf8_size
 
 SCHEME_PREFIX = "spiffe://"
 MAX_ID_BYTES = 2048
@@ -40,7 +41,7 @@ def _check_trust_domain(name: str, whole: str) -> None:
     for i, ch in enumerate(name):
         if i == MAX_TRUST_DOMAIN_BYTES:
             raise SpiffeIdError(
-                f"trust domain is too long: {len(name.encode())} bytes, at most "
+                f"trust domain is too long: {utf8_size(name)} bytes, at most "
                 f"{MAX_TRUST_DOMAIN_BYTES} allowed"
             )
         if ch not in _TD_CHARS:
@@ -51,7 +52,7 @@ def _check_trust_domain(name: str, whole: str) -> None:
 
 
 def _too_long(whole: str) -> SpiffeIdError:
-    size = len(whole.encode())
+    size = utf8_size(whole)  # a lone surrogate has a size too; it is refused as a character
     return SpiffeIdError(f"SPIFFE ID is too long: {size} bytes, at most {MAX_ID_BYTES}")
 
 

@@ -250,3 +250,28 @@ def test_causes_match_go_spiffe(text: str) -> None:
         return
     with pytest.raises(SpiffeIdError, match=want):
         SpiffeId.parse(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\ud800",
+        "spiffe://a/\ud800",
+        "spiffe://\ud800",
+        "spiffe://" + "a" * 300 + "\ud800",
+        "spiffe://a/" + "b" * 2100 + "\ud800",
+    ],
+)
+def test_a_lone_surrogate_is_a_spiffe_id_error(text: str) -> None:
+    # Found by fuzzing: measuring the UTF-8 size raised UnicodeEncodeError first.
+    with pytest.raises(SpiffeIdError):
+        SpiffeId.parse(text)
+    with pytest.raises(SpiffeIdError):
+        TrustDomain.parse(text)
+
+
+def test_a_trust_domain_with_a_lone_surrogate_is_refused() -> None:
+    with pytest.raises(SpiffeIdError):
+        TrustDomain("a\ud800")
+    with pytest.raises(SpiffeIdError):
+        TrustDomain("a" * 300 + "\ud800")
