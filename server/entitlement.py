@@ -119,7 +119,8 @@ class EntryIndex:
         return tuple(sorted(self.by_id))
 
 
-def _live(entry: Entry, now: int) -> bool:
+def live(entry: Entry, now: int) -> bool:
+    """Whether the entry is served at `now` (not past its expiry)."""
     return entry.expires_at == 0 or entry.expires_at > now
 
 
@@ -131,7 +132,7 @@ def node_aliases(
     return tuple(
         alias
         for alias in index.by_parent.get(server_id, ())
-        if _live(alias, now) and alias.selectors and frozenset(alias.selectors) <= have
+        if live(alias, now) and alias.selectors and frozenset(alias.selectors) <= have
     )
 
 
@@ -148,7 +149,7 @@ def entitled_entries(
     chosen: dict[str, Entry] = {}
     for parent in parents:
         for entry in index.by_parent.get(parent, ()):
-            if _live(entry, now):
+            if live(entry, now):
                 chosen.setdefault(entry.id, entry)
     return tuple(sorted(chosen.values(), key=lambda e: (e.spiffe_id, e.id)))
 
