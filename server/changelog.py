@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from server.datastore.records import Entry, Revocation
@@ -36,6 +36,15 @@ class EntryTouch:
         if self.new is not None and (self.old is None or self.new.parent_id != self.old.parent_id):
             out.append(self.new.parent_id)
         return tuple(out)
+
+
+def touches(
+    before: Mapping[str, Entry], put: Sequence[Entry], removed: Iterable[str]
+) -> list[EntryTouch]:
+    """What writing `put` and deleting `removed` over the entries `before` touched."""
+    out = [EntryTouch(e.id, before.get(e.id), e) for e in put]
+    out.extend(EntryTouch(i, before[i], None) for i in removed if i in before)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,12 +18,11 @@ import contextlib
 import heapq
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from server.changelog import Change
-from server.datastore.records import AttestedAgent, Selector
+from server.datastore.records import AttestedAgent, Entry, Selector
 from server.entitlement import EntryIndex
-from server.state import ServerState
 from server.sync_delta import agent_parents
 from svid._clock import Clock
 
@@ -31,6 +30,17 @@ from svid._clock import Clock
 # jump ahead while the sweep waits.
 _MAX_EXPIRY_WAIT = 1.0
 _K = TypeVar("_K", bound=Hashable)
+
+
+class ChangeSource(Protocol):
+    """What the propagator reads and listens to (ServerState)."""
+
+    @property
+    def entries(self) -> EntryIndex: ...
+
+    def on_change(self, listener: Callable[[Change], None]) -> None: ...
+
+    def record_expired(self, entries: Iterable[Entry]) -> None: ...
 
 
 @dataclass(eq=False)
@@ -52,7 +62,7 @@ class Subscription:
 
 
 class Propagator:
-    def __init__(self, state: ServerState, server_id: str, clock: Clock) -> None:
+    def __init__(self, state: ChangeSource, server_id: str, clock: Clock) -> None:
         self._state = state
         self._server_id = server_id
         self._clock = clock

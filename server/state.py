@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from types import MappingProxyType
 
-from server.changelog import Change, ChangeLog, EntryTouch
+from server.changelog import Change, ChangeLog, EntryTouch, touches
 from server.datastore.base import DataStore
 from server.datastore.errors import DataStoreError
 from server.datastore.records import AttestedAgent, Entry, Revocation
@@ -155,11 +155,9 @@ class ServerState:
 
     def _change_entries(self, put: Sequence[Entry] = (), removed: Sequence[str] = ()) -> None:
         """Install a new entry snapshot and log what it touched (old and new versions)."""
-        before = self._entries.by_id
-        touches = [EntryTouch(e.id, before.get(e.id), e) for e in put]
-        touches.extend(EntryTouch(i, before[i], None) for i in removed if i in before)
+        touched = touches(self._entries.by_id, put, removed)
         self._entries = self._entries.with_changes(put, removed)
-        self._record(entries=touches)
+        self._record(entries=touched)
 
     async def create_entry(self, entry: Entry) -> Entry:
         created = await asyncio.to_thread(self._datastore.create_entry, entry)
