@@ -136,6 +136,14 @@ def node_aliases(
     )
 
 
+def agent_parents(
+    index: EntryIndex, agent_id: str, selectors: Iterable[Selector], server_id: str, now: int
+) -> frozenset[str]:
+    """The parent IDs whose entries the agent serves: itself and its live node aliases."""
+    aliases = node_aliases(index, server_id, selectors, now)
+    return frozenset((agent_id, *(a.spiffe_id for a in aliases)))
+
+
 def entitled_entries(
     index: EntryIndex,
     agent_id: str,
@@ -154,24 +162,64 @@ def entitled_entries(
     return tuple(sorted(chosen.values(), key=lambda e: (e.spiffe_id, e.id)))
 
 
-@dataclass(frozen=True)
+class SpiffeIdCache:
+    """Entries' IDs parsed once, across entry snapshots: parsing on every signature would cost
+    a quarter of a JWT, and re-parsing every entry of an agent per write cost more than the
+    write. Bounded; a miss only costs a parse."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self._parsed: dict[str, SpiffeId] = {}
+        self._limit = limit
+
+    def get(self, spiffe_id: str) -> SpiffeId:
+        found = self._parsed.get(spiffe_id)
+        if found is None:
+            if len(self._parsed) >= self._limit:
+                self._parsed.clear()
+            found = self._parsed[spiffe_id] = SpiffeId.parse(spiffe_id)
+        return found
+
+
 class Entitlement:
-    """What one agent may serve right now, indexed for per-request lookups."""
+    """What one agent may serve at `now`, answered entry by entry from the index.
 
-    entries: tuple[Entry, ...]
-    by_id: Mapping[str, Entry]
-    by_spiffe_id: Mapping[str, Entry]
-    # Entries' IDs parsed once: parsing on every signature would cost a quarter of a JWT.
-    parsed_ids: Mapping[str, SpiffeId]
+    Making one costs the agent's node aliases, not its entries: every write replaces the
+    index, and rebuilding each agent's full entry set then cost 12 us per entry held.
+    """
 
-    @classmethod
-    def of(cls, entries: tuple[Entry, ...]) -> Entitlement:
-        by_spiffe_id: dict[str, Entry] = {}
-        for entry in entries:
-            by_spiffe_id.setdefault(entry.spiffe_id, entry)
-        return cls(
-            entries,
-            MappingProxyType({e.id: e for e in entries}),
-            MappingProxyType(by_spiffe_id),
-            MappingProxyType({e.id: SpiffeId.parse(e.spiffe_id) for e in entries}),
-        )
+    def __init__(
+        self, index: EntryIndex, parents: frozenset[str], now: int, ids: SpiffeIdCache
+    ) -> None:
+        self._index = index
+        self._parents = parents
+        self._now = now
+        self._ids = ids
+        self._by_spiffe_id: dict[str, Entry] | None = None
+
+    def get(self, entry_id: str) -> Entry | None:
+        """The entry if the agent may serve it now."""
+        entry = self._index.by_id.get(entry_id)
+        if entry is not None and entry.parent_id in self._parents and live(entry, self._now):
+            return entry
+        return None
+
+    def __contains__(self, entry_id: str) -> bool:
+        return self.get(entry_id) is not None
+
+    def by_spiffe_id(self, spiffe_id: str) -> Entry | None:
+        """The agent's entry with this SPIFFE ID (the lowest id of several). A request naming
+        no entry is rare (agents name the entry): the map is built on the first one."""
+        found = self._by_spiffe_id
+        if found is None:
+            found = {}
+            for parent in self._parents:
+                for entry in self._index.by_parent.get(parent, ()):
+                    if live(entry, self._now):
+                        kept = found.get(entry.spiffe_id)
+                        if kept is None or entry.id < kept.id:
+                            found[entry.spiffe_id] = entry
+            self._by_spiffe_id = found
+        return found.get(spiffe_id)
+
+    def parsed_id(self, entry: Entry) -> SpiffeId:
+        return self._ids.get(entry.spiffe_id)

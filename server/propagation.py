@@ -22,8 +22,7 @@ from typing import Protocol, TypeVar
 
 from server.changelog import Change
 from server.datastore.records import AttestedAgent, Entry, Selector
-from server.entitlement import EntryIndex
-from server.sync_delta import agent_parents
+from server.entitlement import EntryIndex, agent_parents
 from svid._clock import Clock
 
 # The expiry sweep re-reads the clock at least this often (seconds): a test's fake clock may

@@ -13,21 +13,13 @@ from dataclasses import dataclass
 
 from server.changelog import Change
 from server.datastore.records import Entry, Selector
-from server.entitlement import EntryIndex, live, node_aliases
+from server.entitlement import EntryIndex, agent_parents, live
 
 
 @dataclass(frozen=True, slots=True)
 class EntryDelta:
     upserts: tuple[Entry, ...] = ()
     removed_ids: tuple[str, ...] = ()
-
-
-def agent_parents(
-    index: EntryIndex, agent_id: str, selectors: Iterable[Selector], server_id: str, now: int
-) -> frozenset[str]:
-    """The parent IDs whose entries the agent serves: itself and its live node aliases."""
-    aliases = node_aliases(index, server_id, selectors, now)
-    return frozenset((agent_id, *(a.spiffe_id for a in aliases)))
 
 
 def entry_delta(

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from server.changelog import Change, ChangeLog, EntryTouch, touches
 from server.datastore.records import AttestedAgent, Entry, Selector
-from server.entitlement import EntryIndex, entitled_entries
+from server.entitlement import (
+    Entitlement,
+    EntryIndex,
+    SpiffeIdCache,
+    agent_parents,
+    entitled_entries,
+)
 from server.propagation import Propagator, Subscription
 from server.sync_delta import entry_delta
 from svid._clock import FakeClock
@@ -95,9 +101,16 @@ def _held(held: dict[str, Entry], window: list[Change], state: FakeState, agent_
 
 
 def _snapshot(state: FakeState, agent_id: str) -> dict[str, Entry]:
-    entries = entitled_entries(
-        state.entries, agent_id, AGENT_SELECTORS[agent_id], SERVER, int(state.clock.now())
-    )
+    now = int(state.clock.now())
+    entries = entitled_entries(state.entries, agent_id, AGENT_SELECTORS[agent_id], SERVER, now)
+    # Issuance answers entry by entry (Entitlement): it must agree with the snapshot.
+    parents = agent_parents(state.entries, agent_id, AGENT_SELECTORS[agent_id], SERVER, now)
+    view = Entitlement(state.entries, parents, now, SpiffeIdCache())
+    assert [i for i in state.entries.by_id if view.get(i)] == [
+        i for i in state.entries.by_id if i in {e.id for e in entries}
+    ]
+    for entry in entries:
+        assert view.by_spiffe_id(entry.spiffe_id) is not None
     return {e.id: e for e in entries}
 
 
