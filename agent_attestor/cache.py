@@ -19,7 +19,8 @@ from agent_attestor.watchers import Signal, Watchers
 
 @dataclass(frozen=True, slots=True)
 class SyncState:
-    """Everything one Sync message from the server says (full state, never a delta)."""
+    """A Sync snapshot (or a part of one, `more` set): everything the server says this agent
+    serves; deltas come as SyncDelta."""
 
     entries: tuple[Entry, ...]
     bundle: TrustBundle
@@ -213,7 +214,7 @@ class Cache:
         return await self._shared.wait(seen)
 
     def apply_sync(self, state: SyncState) -> None:
-        """Install a full-state update; SVIDs of removed or changed entries are dropped."""
+        """Install a whole snapshot; SVIDs of removed or changed entries are dropped."""
         federated = dict(state.federated)
         shared = not (
             self._synced

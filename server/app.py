@@ -94,6 +94,7 @@ class Server:
         self._jwt_workers: JwtWorkers | None = None
         self._serving = False
         self.runtime: RuntimeInfo | None = None
+        self.propagator: Propagator | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -375,7 +376,8 @@ class Server:
         self._stop.set()
         self.state.shutting_down = True
         self.notifier.notify()
-        self.propagator.wake_all()
+        if self.propagator is not None:
+            self.propagator.wake_all()
         await self._health.enter_graceful_shutdown()
         await self._admin_health.enter_graceful_shutdown()
         grace = self.config.shutdown_grace
