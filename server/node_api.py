@@ -11,7 +11,7 @@ server.status. This module knows nothing of tasks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -179,7 +179,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             crl=list(self._crl()) if crl else None,
         )
 
-    def _snapshot(self, agent: AttestedAgent, revision: int) -> list[node_pb2.SyncUpdate]:
+    def _snapshot(self, agent: AttestedAgent, revision: int) -> Iterator[node_pb2.SyncUpdate]:
         entries = entitled_entries(
             self._state.entries, agent.spiffe_id, agent.selectors, self._server_id, self._now()
         )
@@ -191,7 +191,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             epoch=self._state.changes.epoch,
         )
 
-    def _delta(self, agent: AttestedAgent, window: list[Change]) -> list[node_pb2.SyncUpdate]:
+    def _delta(self, agent: AttestedAgent, window: list[Change]) -> Iterable[node_pb2.SyncUpdate]:
         """What `window` changed for this agent; [] when nothing."""
         entries = entry_delta(
             window,
@@ -242,7 +242,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         try:
             window = log.since(request.since_revision, request.epoch)
             if request.since_revision and window is not None:
-                messages = self._delta(agent, window) or [
+                messages: Iterable[node_pb2.SyncUpdate] = self._delta(agent, window) or [
                     node_pb2.SyncUpdate(kind=DELTA, revision=log.head, epoch=log.epoch)
                 ]
             else:

@@ -6,7 +6,7 @@ last of a run have `more` set (see proto/node.proto for what the agent does with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from server.convert import entry_to_proto, revocation_to_proto
@@ -31,20 +31,15 @@ class Shared:
 
 
 class _Packer:
+    """Fills messages in turn; `room` hands back the message it closed, if any."""
+
     def __init__(
-        self,
-        kind: node_pb2.SyncUpdate.Kind,
-        revision: int,
-        epoch: str,
-        max_bytes: int,
-        max_items: int,
-    ):
+        self, kind: node_pb2.SyncUpdate.Kind, revision: int, epoch: str, limits: tuple[int, int]
+    ) -> None:
         self._kind = kind
         self._revision = revision
         self._epoch = epoch
-        self._max_bytes = max_bytes
-        self._max_items = max_items
-        self.done: list[node_pb2.SyncUpdate] = []
+        self._max_bytes, self._max_items = limits
         self._start()
 
     def _start(self) -> None:
@@ -53,58 +48,62 @@ class _Packer:
         self._bytes = 0
         self._items = 0
 
-    def room(self, size: int) -> None:
-        """Close the current message first if `size` more bytes would not fit in it."""
+    def room(self, size: int) -> node_pb2.SyncUpdate | None:
+        """Make room for `size` more bytes: close the current message first if they would not
+        fit in it, and return it."""
+        closed = None
         if self._items and (self._bytes + size > self._max_bytes or self._items >= self._max_items):
-            self.current.more = True
-            self.done.append(self.current)
+            closed = self.current
+            closed.more = True
             self._start()
         self._bytes += size
         self._items += 1
-
-    def finish(self) -> list[node_pb2.SyncUpdate]:
-        self.done.append(self.current)
-        return self.done
+        return closed
 
 
 def _pack(
     packer: _Packer,
     entries: Iterable[Entry],
     revocations: Iterable[Revocation],
-    removed_ids: Iterable[str] = (),
-    removed_revocations: Iterable[Revocation] = (),
-) -> None:
+    *,
+    removed_ids: Iterable[str],
+    removed_revocations: Iterable[Revocation],
+    shared: Shared,
+) -> Iterator[node_pb2.SyncUpdate]:
+    """The messages, each built only when the previous one was taken: a stream sending a big
+    snapshot lets the event loop serve others between messages."""
     for entry in entries:
         encoded = entry_to_proto(entry)
-        packer.room(encoded.ByteSize() + _OVERHEAD)
+        if closed := packer.room(encoded.ByteSize() + _OVERHEAD):
+            yield closed
         packer.current.entries.append(encoded)
     for entry_id in removed_ids:
-        packer.room(len(entry_id) + _OVERHEAD)
+        if closed := packer.room(len(entry_id) + _OVERHEAD):
+            yield closed
         packer.current.removed_entry_ids.append(entry_id)
     for item in revocations:
         message = revocation_to_proto(item)
-        packer.room(message.ByteSize() + _OVERHEAD)
+        if closed := packer.room(message.ByteSize() + _OVERHEAD):
+            yield closed
         packer.current.revocations.append(message)
     for item in removed_revocations:
         message = revocation_to_proto(item)
-        packer.room(message.ByteSize() + _OVERHEAD)
+        if closed := packer.room(message.ByteSize() + _OVERHEAD):
+            yield closed
         packer.current.removed_revocations.append(message)
-
-
-def _finish(packer: _Packer, shared: Shared) -> list[node_pb2.SyncUpdate]:
     size = 0
     if shared.bundle is not None:
         size += shared.bundle.ByteSize() + _OVERHEAD
     if shared.crl is not None:
         size += sum(len(c) + _OVERHEAD for c in shared.crl)
-    if size:
-        packer.room(size)
+    if size and (closed := packer.room(size)):
+        yield closed
     if shared.bundle is not None:
         packer.current.bundle.CopyFrom(shared.bundle)
     if shared.crl is not None:
         packer.current.crl.extend(shared.crl)
         packer.current.crl_changed = True
-    return packer.finish()
+    yield packer.current
 
 
 def snapshot_messages(
@@ -116,11 +115,12 @@ def snapshot_messages(
     epoch: str,
     max_bytes: int = MAX_BYTES,
     max_items: int = MAX_ITEMS,
-) -> list[node_pb2.SyncUpdate]:
+) -> Iterator[node_pb2.SyncUpdate]:
     """Everything for one agent; the bundle and CRL ride in the last message."""
-    packer = _Packer(SNAPSHOT, revision, epoch, max_bytes, max_items)
-    _pack(packer, entries, revocations)
-    return _finish(packer, shared)
+    packer = _Packer(SNAPSHOT, revision, epoch, (max_bytes, max_items))
+    return _pack(
+        packer, entries, revocations, removed_ids=(), removed_revocations=(), shared=shared
+    )
 
 
 def delta_messages(
@@ -134,7 +134,13 @@ def delta_messages(
     epoch: str,
     max_bytes: int = MAX_BYTES,
     max_items: int = MAX_ITEMS,
-) -> list[node_pb2.SyncUpdate]:
-    packer = _Packer(DELTA, revision, epoch, max_bytes, max_items)
-    _pack(packer, upserts, revocations_added, removed_ids, revocations_removed)
-    return _finish(packer, shared)
+) -> Iterator[node_pb2.SyncUpdate]:
+    packer = _Packer(DELTA, revision, epoch, (max_bytes, max_items))
+    return _pack(
+        packer,
+        upserts,
+        revocations_added,
+        removed_ids=removed_ids,
+        removed_revocations=revocations_removed,
+        shared=shared,
+    )
