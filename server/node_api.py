@@ -255,8 +255,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     raise UnavailableError("server is shutting down; reconnect")
                 # Eviction and bans end the stream with PERMISSION_DENIED right here.
                 current = self._state.authorize_agent(peer.spiffe_id, peer.serial)
-                if current.selectors != agent.selectors:
-                    # Attested again with other selectors: its node aliases may all differ.
+                if current.selectors != agent.selectors or sub.overflowed:
+                    # Attested again with other selectors (its node aliases may all differ),
+                    # or too far behind to keep its backlog: start again from a snapshot.
                     self._propagator.unsubscribe(sub)
                     agent = current
                     sub = self._propagator.subscribe(agent)

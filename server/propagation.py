@@ -29,6 +29,9 @@ from svid._clock import Clock
 # jump ahead while the sweep waits.
 _MAX_EXPIRY_WAIT = 1.0
 _K = TypeVar("_K", bound=Hashable)
+# A stream whose agent reads slower than changes come gives up its backlog past this many
+# changes and sends a snapshot instead: memory stays bounded whatever the agent does.
+MAX_INBOX = 10_000
 
 
 class ChangeSource(Protocol):
@@ -51,6 +54,8 @@ class Subscription:
     inbox: list[Change] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+    # The backlog was dropped (MAX_INBOX): the stream must send a snapshot.
+    overflowed: bool = False
 
     async def next(self) -> list[Change]:
         """The changes dispatched since the last call (waits for one; [] when woken empty)."""
@@ -160,7 +165,11 @@ class Propagator:
                 sub.parents = parents
             targets.add(sub)
         for sub in targets:
-            sub.inbox.append(change)
+            if len(sub.inbox) >= MAX_INBOX:
+                sub.inbox.clear()
+                sub.overflowed = True
+            elif not sub.overflowed:
+                sub.inbox.append(change)
             sub.wake.set()
         self.deliveries += len(targets)
 
