@@ -19,7 +19,8 @@ from agent_attestor.watchers import Signal, Watchers
 
 @dataclass(frozen=True, slots=True)
 class SyncState:
-    """Everything one Sync message from the server says (full state, never a delta)."""
+    """A Sync snapshot (or a part of one, `more` set): everything the server says this agent
+    serves; deltas come as SyncDelta."""
 
     entries: tuple[Entry, ...]
     bundle: TrustBundle
@@ -30,6 +31,26 @@ class SyncState:
     revision: int = 0
     # (kind, value) -> the revoked credential's expiry, for the Revocations service.
     revocation_expiry: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    # A part of a snapshot split over several messages: more parts follow.
+    more: bool = False
+    epoch: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncDelta:
+    """One Sync delta: what changed since the last message (None / empty: unchanged)."""
+
+    upserts: tuple[Entry, ...] = ()
+    removed_ids: tuple[str, ...] = ()
+    bundle: TrustBundle | None = None
+    federated: Mapping[str, TrustBundle] = field(default_factory=dict)
+    # (kind, value) -> expiry of each revocation added; keys of those gone (expired).
+    revocations_added: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    revocations_removed: frozenset[tuple[str, str]] = frozenset()
+    crl: tuple[bytes, ...] | None = None
+    revision: int = 0
+    more: bool = False
+    epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +214,7 @@ class Cache:
         return await self._shared.wait(seen)
 
     def apply_sync(self, state: SyncState) -> None:
-        """Install a full-state update; SVIDs of removed or changed entries are dropped."""
+        """Install a whole snapshot; SVIDs of removed or changed entries are dropped."""
         federated = dict(state.federated)
         shared = not (
             self._synced
@@ -222,6 +243,32 @@ class Cache:
             self._update_entries(entries, changed, removed, shared=shared)
         elif shared:
             self._changed(shared=True)
+
+    def apply_delta(self, delta: SyncDelta) -> None:
+        """Install a Sync delta: its cost follows what changed, not what is held."""
+        shared = False
+        if delta.bundle is not None and delta.bundle != self._bundle:
+            self._bundle = delta.bundle
+            shared = True
+        if delta.federated:
+            self._federated = {**self._federated, **delta.federated}
+            shared = True
+        if delta.revocations_added or delta.revocations_removed:
+            expiry = dict(self._revocation_expiry)
+            for key in delta.revocations_removed:
+                expiry.pop(key, None)
+            expiry.update(delta.revocations_added)
+            self._revocation_expiry = expiry
+            self._revoked_serials = frozenset(v for k, v in expiry if k == "x509_serial")
+            self._revoked_jtis = frozenset(v for k, v in expiry if k == "jwt_id")
+            shared = True
+        if delta.crl is not None and delta.crl != self._crl:
+            self._crl = delta.crl
+            shared = True
+        if shared:
+            # Revoked serials may hide SVIDs from callers: every stream recomputes.
+            self._changed(shared=True)
+        self.update_entries(delta.upserts, delta.removed_ids)
 
     def update_entries(self, upserts: Sequence[Entry], removed_ids: Iterable[str]) -> None:
         """Apply a change of some entries (a delta): what it costs follows what changed."""
@@ -329,6 +376,23 @@ class Cache:
         if bundle != self._bundle:
             self._bundle = bundle
             self._changed(shared=True)
+
+
+def join_parts(parts: Sequence[SyncState]) -> SyncState:
+    """One snapshot from its parts: entries and revocations of all, the rest from the last."""
+    last = parts[-1]
+    if len(parts) == 1:
+        return last
+    expiry: dict[tuple[str, str], int] = {}
+    for part in parts:
+        expiry.update(part.revocation_expiry)
+    return replace(
+        last,
+        entries=tuple(e for part in parts for e in part.entries),
+        revoked_serials=frozenset(s for part in parts for s in part.revoked_serials),
+        revoked_jtis=frozenset(j for part in parts for j in part.revoked_jtis),
+        revocation_expiry=expiry,
+    )
 
 
 def with_entry(state: SyncState, entry: Entry) -> SyncState:

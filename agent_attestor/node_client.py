@@ -6,7 +6,7 @@ gRPC errors are translated here, at the edge; callers see AgentError subclasses.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import grpc
@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor import _crypto
 from agent_attestor.agent_store import AgentSvid
-from agent_attestor.cache import SyncState
+from agent_attestor.cache import SyncDelta, SyncState
 from agent_attestor.errors import (
     AttestationError,
     BadRequestError,
@@ -52,16 +52,43 @@ def sync_state(update: node_pb2.SyncUpdate) -> SyncState:
         ),
         revoked_jtis=frozenset(r.value for r in update.revocations if r.kind == _JWT_ID),
         crl=tuple(update.crl),
-        revocation_expiry={
-            (
-                "x509_serial" if r.kind == _X509_SERIAL else "jwt_id",
-                r.value.lower() if r.kind == _X509_SERIAL else r.value,
-            ): int(r.expires_at)
-            for r in update.revocations
-            if r.kind in (_X509_SERIAL, _JWT_ID)
-        },
+        revocation_expiry=_revocation_expiry(update.revocations),
         revision=update.revision,
+        more=update.more,
+        epoch=update.epoch,
     )
+
+
+def sync_delta(update: node_pb2.SyncUpdate) -> SyncDelta:
+    expiry = _revocation_expiry(update.revocations)
+    return SyncDelta(
+        upserts=tuple(Entry.from_proto(e) for e in update.entries),
+        removed_ids=tuple(update.removed_entry_ids),
+        bundle=TrustBundle.from_proto(update.bundle) if update.HasField("bundle") else None,
+        federated={
+            td.removeprefix("spiffe://"): TrustBundle.from_proto(b)
+            for td, b in update.federated_bundles.items()
+        },
+        revocations_added=expiry,
+        revocations_removed=frozenset(_revocation_expiry(update.removed_revocations)),
+        crl=tuple(update.crl) if update.crl_changed else None,
+        revision=update.revision,
+        more=update.more,
+        epoch=update.epoch,
+    )
+
+
+def _revocation_expiry(
+    items: Iterable[common_pb2.Revocation],
+) -> dict[tuple[str, str], int]:
+    return {
+        (
+            "x509_serial" if r.kind == _X509_SERIAL else "jwt_id",
+            r.value.lower() if r.kind == _X509_SERIAL else r.value,
+        ): int(r.expires_at)
+        for r in items
+        if r.kind in (_X509_SERIAL, _JWT_ID)
+    }
 
 
 def insecure_fetch_server_root(address: str) -> bytes:
@@ -188,9 +215,16 @@ class NodeClient:
 
     # ---- sync and signing -------------------------------------------------------------------
 
-    async def sync(self) -> AsyncIterator[SyncState]:
-        async for update in self._mtls().Sync(node_pb2.SyncRequest()):
-            yield sync_state(update)
+    async def sync(
+        self, since_revision: int = 0, epoch: str = ""
+    ) -> AsyncIterator[SyncState | SyncDelta]:
+        """The Sync stream from `since_revision` of `epoch` (0: from a snapshot)."""
+        request = node_pb2.SyncRequest(since_revision=since_revision, epoch=epoch)
+        async for update in self._mtls().Sync(request):
+            if update.kind == node_pb2.SyncUpdate.DELTA:
+                yield sync_delta(update)
+            else:
+                yield sync_state(update)
 
     async def batch_new_x509(self, params: list[tuple[str, bytes]]) -> list[X509Result]:
         request = node_pb2.BatchNewX509SVIDRequest(

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
-from agent_attestor.cache import Cache
+from agent_attestor.cache import Cache, SyncState, join_parts
 from agent_attestor.errors import AttestationError, NotReadyError
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient
@@ -75,6 +75,9 @@ class Syncer:
         self._attesting: asyncio.Task[tuple[AgentSvid, TrustBundle]] | None = None
         self.connected = False
         self.syncs = 0
+        # Where the last Sync stream left off: a reconnect asks only for what came after.
+        self.revision = 0
+        self.epoch = ""
 
     @property
     def agent_id(self) -> str:
@@ -217,12 +220,27 @@ class Syncer:
             self.connected = False
 
     async def _consume(self, client: NodeClient) -> None:
-        async for state in client.sync():
+        parts: list[SyncState] = []
+        async for message in client.sync(self.revision, self.epoch):
+            if isinstance(message, SyncState):
+                # A snapshot replaces everything at once, when its last part is in.
+                parts.append(message)
+                if message.more:
+                    continue
+                state = join_parts(parts)
+                parts = []
+                if state.bundle.x509_authorities:
+                    self._store.save_bundle(state.bundle.x509_authorities)
+                self._cache.apply_sync(state)
+            else:
+                if message.bundle is not None and message.bundle.x509_authorities:
+                    self._store.save_bundle(message.bundle.x509_authorities)
+                self._cache.apply_delta(message)
+                if message.more:
+                    continue  # applied; the revision is reached with the last part
+            self.revision, self.epoch = message.revision, message.epoch
             self.connected = True
             self.syncs += 1
-            if state.bundle.x509_authorities:
-                self._store.save_bundle(state.bundle.x509_authorities)
-            self._cache.apply_sync(state)
             self._on_change("sync")
         raise ConnectionError("server ended the Sync stream")
 
@@ -231,6 +249,7 @@ class Syncer:
         everything cached came under that identity, so none of it is served any more."""
         agent_id = self.agent_id
         self._svid = None
+        self.revision, self.epoch = 0, ""  # the cache is emptied: the next stream starts afresh
         self._store.svid_path.unlink(missing_ok=True)
         self._cache.refuse(REFUSED)
         self._on_change("refused")

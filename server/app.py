@@ -38,6 +38,7 @@ from server.ledger import Ledger
 from server.metrics import Metrics, MetricsHttpServer
 from server.node_api import Limiters, NodeServicer, NodeSettings
 from server.peer import PeerCache
+from server.propagation import Propagator
 from server.ratelimit import KeyedLimiter
 from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
@@ -93,6 +94,7 @@ class Server:
         self._jwt_workers: JwtWorkers | None = None
         self._serving = False
         self.runtime: RuntimeInfo | None = None
+        self.propagator: Propagator | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -196,6 +198,8 @@ class Server:
         cfg = self.config
         await asyncio.to_thread(self._build_core)
         loop = asyncio.get_running_loop()
+        self.propagator = Propagator(self.state, str(self.ids.server), self.clock)
+        self.propagator.start()
         self.ca.subscribe(self._on_bundle_changed(loop))
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # One thread per mint worker: each waits on its worker's pipe, not on the GIL.
@@ -248,6 +252,7 @@ class Server:
             clock=self.clock,
             metrics=self.metrics,
             crl=self.tasks.crl,
+            propagator=self.propagator,
         )
         admin = AdminServicer(
             on_agent_removed=self.tasks.agent_removed,
@@ -303,6 +308,7 @@ class Server:
             asyncio.create_task(self.tasks.run(self._stop, self.clock), name="tasks"),
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
+            asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
         ]
         for service in ("", NODE_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -370,6 +376,8 @@ class Server:
         self._stop.set()
         self.state.shutting_down = True
         self.notifier.notify()
+        if self.propagator is not None:
+            self.propagator.wake_all()
         await self._health.enter_graceful_shutdown()
         await self._admin_health.enter_graceful_shutdown()
         grace = self.config.shutdown_grace

@@ -10,22 +10,26 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
+from typing import TypeVar
 
 from server.datastore.records import Entry, Selector
+from server.sharded import REMOVED, ShardedMap
 from svid._spiffe_id import SpiffeId
+
+_K = TypeVar("_K", bound=str)
+_V = TypeVar("_V")
 
 
 @dataclass(frozen=True)
 class EntryIndex:
     """An immutable snapshot of all entries, indexed for the entitlement decision."""
 
-    by_id: Mapping[str, Entry] = field(default_factory=lambda: MappingProxyType({}))
-    by_parent: Mapping[str, tuple[Entry, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    by_id: Mapping[str, Entry] = field(default_factory=ShardedMap)
+    by_parent: Mapping[str, tuple[Entry, ...]] = field(default_factory=ShardedMap)
     # How many entries carry each SPIFFE ID: validation asks whether a parent is some entry's
     # ID on every write, and building that set from all entries each time made provisioning
     # quadratic.
-    spiffe_id_counts: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    spiffe_id_counts: Mapping[str, int] = field(default_factory=ShardedMap)
 
     @classmethod
     def build(cls, entries: Iterable[Entry]) -> EntryIndex:
@@ -38,59 +42,67 @@ class EntryIndex:
             by_parent.setdefault(entry.parent_id, []).append(entry)
             counts[entry.spiffe_id] = counts.get(entry.spiffe_id, 0) + 1
         return cls(
-            MappingProxyType(by_id),
-            MappingProxyType({k: tuple(v) for k, v in by_parent.items()}),
-            MappingProxyType(counts),
+            ShardedMap.of(by_id.items()),
+            ShardedMap.of((k, tuple(v)) for k, v in by_parent.items()),
+            ShardedMap.of(counts.items()),
         )
 
     def with_changes(self, put: Iterable[Entry] = (), removed: Iterable[str] = ()) -> EntryIndex:
         """A new snapshot with `put` added (or replacing the same id) and `removed` gone.
 
-        The cost is a copy of the top-level maps (C speed) and a pass over the parents the
-        change touches, not a rebuild of every entry: one batch of a thousand writes into a
-        hundred thousand entries is one such pass, where rebuilding per write was quadratic.
+        The cost follows the change, not the index: the maps are sharded (server.sharded) and
+        only the shards and parents the change touches are copied. One batch of a thousand
+        writes into a hundred thousand entries is one such pass.
         """
-        # .copy() of the proxies copies the dicts behind them at C speed; dict(proxy) would
-        # walk them key by key, ten times slower.
-        by_id: dict[str, Entry] = self.by_id.copy()  # type: ignore[attr-defined]
-        counts: dict[str, int] = self.spiffe_id_counts.copy()  # type: ignore[attr-defined]
+        by_id = self.by_id
+        counts = self.spiffe_id_counts
+        ids: dict[str, object] = {}  # id -> new entry or REMOVED
+        ops: list[tuple[str, object]] = []  # the same, in order (iteration order as a dict's)
+        counted: dict[str, int] = {}  # spiffe_id -> new count
         gone: dict[str, set[str]] = {}  # parent -> ids leaving its tuple
         added: dict[str, list[Entry]] = {}  # parent -> entries joining its tuple
 
+        def current(entry_id: str) -> Entry | None:
+            if entry_id in ids:
+                value = ids[entry_id]
+                return None if value is REMOVED else value  # type: ignore[return-value]
+            return by_id.get(entry_id)
+
+        def count(spiffe_id: str, step: int) -> None:
+            counted[spiffe_id] = counted.get(spiffe_id, counts.get(spiffe_id, 0)) + step
+
         def forget(old: Entry) -> None:
-            left = counts[old.spiffe_id] - 1
-            if left:
-                counts[old.spiffe_id] = left
-            else:
-                del counts[old.spiffe_id]
+            count(old.spiffe_id, -1)
             gone.setdefault(old.parent_id, set()).add(old.id)
 
         for entry_id in removed:
-            old = by_id.pop(entry_id, None)
+            old = current(entry_id)
             if old is not None:
                 forget(old)
+                ids[entry_id] = REMOVED
+                ops.append((entry_id, REMOVED))
         for entry in put:
-            old = by_id.get(entry.id)
+            old = current(entry.id)
             if old is not None:
                 forget(old)
-            by_id[entry.id] = entry
-            counts[entry.spiffe_id] = counts.get(entry.spiffe_id, 0) + 1
+            ids[entry.id] = entry
+            ops.append((entry.id, entry))
+            count(entry.spiffe_id, 1)
             added.setdefault(entry.parent_id, []).append(entry)
-        by_parent: dict[str, tuple[Entry, ...]] = self.by_parent.copy()  # type: ignore[attr-defined]
+        parents: dict[str, object] = {}
         for parent in gone.keys() | added.keys():
-            ids = gone.get(parent)
-            old_tuple = by_parent.get(parent, ())
+            leaving = gone.get(parent)
+            old_tuple = self.by_parent.get(parent, ())
             # Only removals need a pass over the parent's entries; additions append.
-            kept = tuple(e for e in old_tuple if e.id not in ids) if ids else old_tuple
+            kept = tuple(e for e in old_tuple if e.id not in leaving) if leaving else old_tuple
             # An entry replaced twice in one change appears once, as its last version.
             fresh = {e.id: e for e in added.get(parent, ())}
-            joined = kept + tuple(e for e in fresh.values() if by_id.get(e.id) is e)
-            if joined:
-                by_parent[parent] = joined
-            else:
-                by_parent.pop(parent, None)
+            joined = kept + tuple(e for e in fresh.values() if ids.get(e.id) is e)
+            parents[parent] = joined if joined else REMOVED
         return EntryIndex(
-            MappingProxyType(by_id), MappingProxyType(by_parent), MappingProxyType(counts)
+            _evolve(by_id, ops),
+            _evolve(self.by_parent, parents.items()),
+            _evolve(counts, ((k, v if v > 0 else REMOVED) for k, v in counted.items())),
         )
 
     def with_entry(self, entry: Entry) -> EntryIndex:
@@ -119,7 +131,14 @@ class EntryIndex:
         return tuple(sorted(self.by_id))
 
 
-def _live(entry: Entry, now: int) -> bool:
+def _evolve(current: Mapping[_K, _V], changes: Iterable[tuple[_K, object]]) -> ShardedMap[_K, _V]:
+    if not isinstance(current, ShardedMap):
+        current = ShardedMap.of(current.items())
+    return current.evolve(changes)
+
+
+def live(entry: Entry, now: int) -> bool:
+    """Whether the entry is served at `now` (not past its expiry)."""
     return entry.expires_at == 0 or entry.expires_at > now
 
 
@@ -131,8 +150,16 @@ def node_aliases(
     return tuple(
         alias
         for alias in index.by_parent.get(server_id, ())
-        if _live(alias, now) and alias.selectors and frozenset(alias.selectors) <= have
+        if live(alias, now) and alias.selectors and frozenset(alias.selectors) <= have
     )
+
+
+def agent_parents(
+    index: EntryIndex, agent_id: str, selectors: Iterable[Selector], server_id: str, now: int
+) -> frozenset[str]:
+    """The parent IDs whose entries the agent serves: itself and its live node aliases."""
+    aliases = node_aliases(index, server_id, selectors, now)
+    return frozenset((agent_id, *(a.spiffe_id for a in aliases)))
 
 
 def entitled_entries(
@@ -148,29 +175,69 @@ def entitled_entries(
     chosen: dict[str, Entry] = {}
     for parent in parents:
         for entry in index.by_parent.get(parent, ()):
-            if _live(entry, now):
+            if live(entry, now):
                 chosen.setdefault(entry.id, entry)
     return tuple(sorted(chosen.values(), key=lambda e: (e.spiffe_id, e.id)))
 
 
-@dataclass(frozen=True)
+class SpiffeIdCache:
+    """Entries' IDs parsed once, across entry snapshots: parsing on every signature would cost
+    a quarter of a JWT, and re-parsing every entry of an agent per write cost more than the
+    write. Bounded; a miss only costs a parse."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self._parsed: dict[str, SpiffeId] = {}
+        self._limit = limit
+
+    def get(self, spiffe_id: str) -> SpiffeId:
+        found = self._parsed.get(spiffe_id)
+        if found is None:
+            if len(self._parsed) >= self._limit:
+                self._parsed.clear()
+            found = self._parsed[spiffe_id] = SpiffeId.parse(spiffe_id)
+        return found
+
+
 class Entitlement:
-    """What one agent may serve right now, indexed for per-request lookups."""
+    """What one agent may serve at `now`, answered entry by entry from the index.
 
-    entries: tuple[Entry, ...]
-    by_id: Mapping[str, Entry]
-    by_spiffe_id: Mapping[str, Entry]
-    # Entries' IDs parsed once: parsing on every signature would cost a quarter of a JWT.
-    parsed_ids: Mapping[str, SpiffeId]
+    Making one costs the agent's node aliases, not its entries: every write replaces the
+    index, and rebuilding each agent's full entry set then cost 12 us per entry held.
+    """
 
-    @classmethod
-    def of(cls, entries: tuple[Entry, ...]) -> Entitlement:
-        by_spiffe_id: dict[str, Entry] = {}
-        for entry in entries:
-            by_spiffe_id.setdefault(entry.spiffe_id, entry)
-        return cls(
-            entries,
-            MappingProxyType({e.id: e for e in entries}),
-            MappingProxyType(by_spiffe_id),
-            MappingProxyType({e.id: SpiffeId.parse(e.spiffe_id) for e in entries}),
-        )
+    def __init__(
+        self, index: EntryIndex, parents: frozenset[str], now: int, ids: SpiffeIdCache
+    ) -> None:
+        self._index = index
+        self._parents = parents
+        self._now = now
+        self._ids = ids
+        self._by_spiffe_id: dict[str, Entry] | None = None
+
+    def get(self, entry_id: str) -> Entry | None:
+        """The entry if the agent may serve it now."""
+        entry = self._index.by_id.get(entry_id)
+        if entry is not None and entry.parent_id in self._parents and live(entry, self._now):
+            return entry
+        return None
+
+    def __contains__(self, entry_id: str) -> bool:
+        return self.get(entry_id) is not None
+
+    def by_spiffe_id(self, spiffe_id: str) -> Entry | None:
+        """The agent's entry with this SPIFFE ID (the lowest id of several). A request naming
+        no entry is rare (agents name the entry): the map is built on the first one."""
+        found = self._by_spiffe_id
+        if found is None:
+            found = {}
+            for parent in self._parents:
+                for entry in self._index.by_parent.get(parent, ()):
+                    if live(entry, self._now):
+                        kept = found.get(entry.spiffe_id)
+                        if kept is None or entry.id < kept.id:
+                            found[entry.spiffe_id] = entry
+            self._by_spiffe_id = found
+        return found.get(spiffe_id)
+
+    def parsed_id(self, entry: Entry) -> SpiffeId:
+        return self._ids.get(entry.spiffe_id)

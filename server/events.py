@@ -1,7 +1,8 @@
-"""In-process change notification: committed writes wake every open Sync stream, no polling.
+"""In-process change notification: a version number bumped on every committed write.
 
 Subscribers see a version number, not a queue of events: a slow subscriber that misses several
-changes wakes once and recomputes full state, which is all a full-state stream needs.
+changes wakes once. Sync streams do not wait here: server.propagation hands each change only
+to the streams it concerns.
 """
 
 from __future__ import annotations

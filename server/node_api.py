@@ -11,7 +11,7 @@ server.status. This module knows nothing of tasks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -20,20 +20,24 @@ from cryptography import x509
 from server import status
 from server.attestation.base import NodeAttestor
 from server.ca.signer import verify_csr
-from server.convert import bundle_to_proto, entry_to_proto, revocation_to_proto
-from server.entitlement import Entitlement
+from server.changelog import Change
+from server.convert import bundle_to_proto
+from server.datastore.records import AttestedAgent, Revocation
+from server.entitlement import entitled_entries
 from server.errors import (
     InvalidRequestError,
     RateLimitedError,
     UnavailableError,
 )
-from server.events import ChangeNotifier
 from server.ids import ServerIds
 from server.issuance import AgentAdmission, Issuer, JwtRequest
 from server.metrics import Metrics
 from server.peer import PeerCache, peer_host
+from server.propagation import Propagator
 from server.ratelimit import KeyedLimiter
 from server.state import ServerState
+from server.sync_delta import entry_delta
+from server.sync_messages import DELTA, Shared, delta_messages, snapshot_messages
 from svid._clock import Clock
 from svid._der import der_concat
 from svid._errors import SvidError
@@ -76,6 +80,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         limiters: Limiters,
         clock: Clock,
         metrics: Metrics,
+        propagator: Propagator,
         crl: Callable[[], Sequence[bytes]] = list,
     ) -> None:
         self._state = state
@@ -89,6 +94,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         # The CA-signed CRL(s) of revoked X.509-SVIDs, sent on Sync.
         self._crl = crl
         self._peers = PeerCache(ids)
+        self._propagator = propagator
+        self._server_id = str(ids.server)
 
     def on_error(self, code: grpc.StatusCode) -> None:
         self._metrics.record_error(code)
@@ -166,50 +173,99 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # -- Sync ---------------------------------------------------------------------------------
 
-    async def _next_change(self, notifier: ChangeNotifier, seen: int, entitled: Entitlement) -> int:
-        """Wait for a committed change, or for the next entry of this agent to expire."""
-        expiries = [e.expires_at for e in entitled.entries if e.expires_at]
-        if not expiries:
-            return await notifier.wait_beyond(seen)
-        delay = max(0.05, min(expiries) - self._clock.now())
-        try:
-            return await asyncio.wait_for(notifier.wait_beyond(seen), timeout=delay)
-        except TimeoutError:
-            return seen
-
-    def _sync_update(self, entitled: Entitlement) -> node_pb2.SyncUpdate:
-        return node_pb2.SyncUpdate(
-            entries=[entry_to_proto(e) for e in entitled.entries],
-            bundle=self._bundle_proto(),
-            revocations=[revocation_to_proto(r) for r in self._state.revocations],
-            crl=self._crl(),
+    def _shared(self, bundle: bool, crl: bool) -> Shared:
+        return Shared(
+            bundle=self._bundle_proto() if bundle else None,
+            crl=list(self._crl()) if crl else None,
         )
+
+    def _snapshot(self, agent: AttestedAgent, revision: int) -> Iterator[node_pb2.SyncUpdate]:
+        entries = entitled_entries(
+            self._state.entries, agent.spiffe_id, agent.selectors, self._server_id, self._now()
+        )
+        return snapshot_messages(
+            entries,
+            self._state.revocations,
+            self._shared(bundle=True, crl=True),
+            revision=revision,
+            epoch=self._state.changes.epoch,
+        )
+
+    def _delta(self, agent: AttestedAgent, window: list[Change]) -> Iterable[node_pb2.SyncUpdate]:
+        """What `window` changed for this agent; [] when nothing."""
+        entries = entry_delta(
+            window,
+            self._state.entries,
+            agent_id=agent.spiffe_id,
+            selectors=agent.selectors,
+            server_id=self._server_id,
+            now=self._now(),
+        )
+        added: dict[tuple[str, str], Revocation] = {}
+        removed: dict[tuple[str, str], Revocation] = {}
+        bundle = False
+        for change in window:
+            bundle = bundle or change.bundle
+            for item in change.revocations_added:
+                added[item.kind, item.value] = item
+                removed.pop((item.kind, item.value), None)
+            for item in change.revocations_removed:
+                removed[item.kind, item.value] = item
+                added.pop((item.kind, item.value), None)
+        if not (entries.upserts or entries.removed_ids or added or removed or bundle):
+            return []
+        return delta_messages(
+            entries.upserts,
+            entries.removed_ids,
+            added.values(),
+            removed.values(),
+            # The CRL is signed by the CA and lists the revoked serials: it follows both.
+            self._shared(bundle=bundle, crl=bool(bundle or added or removed)),
+            revision=self._state.changes.head,
+            epoch=self._state.changes.epoch,
+        )
+
+    def _now(self) -> int:
+        return int(self._clock.now())
 
     @status.stream
     async def Sync(  # type: ignore[override]
         self, request: node_pb2.SyncRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[node_pb2.SyncUpdate]:
         peer = self._peers.agent_peer(context)
-        notifier = self._state.notifier
-        seen = notifier.version
-        last: node_pb2.SyncUpdate | None = None
+        agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        log = self._state.changes
+        # Subscribed before reading the log, with no await between: every change after the
+        # revision read here reaches this stream's inbox.
+        sub = self._propagator.subscribe(agent)
         self._metrics.sync_streams.inc()
         try:
+            window = log.since(request.since_revision, request.epoch)
+            if request.since_revision and window is not None:
+                messages: Iterable[node_pb2.SyncUpdate] = self._delta(agent, window) or [
+                    node_pb2.SyncUpdate(kind=DELTA, revision=log.head, epoch=log.epoch)
+                ]
+            else:
+                messages = self._snapshot(agent, log.head)
             while True:
+                for message in messages:
+                    yield message
+                window = await sub.next()
                 if self._state.shutting_down:
                     raise UnavailableError("server is shutting down; reconnect")
                 # Eviction and bans end the stream with PERMISSION_DENIED right here.
-                agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
-                entitled = self._issuer.entitled(agent)
-                update = self._sync_update(entitled)
-                if update != last:
-                    last = update
-                    sent = node_pb2.SyncUpdate()
-                    sent.CopyFrom(update)
-                    sent.revision = self._state.revision
-                    yield sent
-                seen = await self._next_change(notifier, seen, entitled)
+                current = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+                if current.selectors != agent.selectors or sub.overflowed:
+                    # Attested again with other selectors (its node aliases may all differ),
+                    # or too far behind to keep its backlog: start again from a snapshot.
+                    self._propagator.unsubscribe(sub)
+                    agent = current
+                    sub = self._propagator.subscribe(agent)
+                    messages = self._snapshot(agent, log.head)
+                    continue
+                messages = self._delta(agent, window)
         finally:
+            self._propagator.unsubscribe(sub)
             self._metrics.sync_streams.dec()
 
     # -- BatchNewX509SVID ---------------------------------------------------------------------

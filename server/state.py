@@ -1,19 +1,22 @@
 """The server's in-memory view of what agents care about, kept in step with the datastore.
 
 Every write goes through here: datastore first (in a worker thread: SQLite fsyncs), then the
-in-memory snapshot, then the change notifier. Readers (entitlement checks, Sync streams) only
-touch the immutable snapshots, never the datastore.
+in-memory snapshot, then the change log (server.changelog), whose listener hands each change to
+the Sync streams it concerns, then the change notifier. Readers (entitlement checks, Sync
+streams) only touch the immutable snapshots, never the datastore.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from types import MappingProxyType
 
+from server.changelog import Change, ChangeLog, EntryTouch, touches
 from server.datastore.base import DataStore
 from server.datastore.errors import DataStoreError
 from server.datastore.records import AttestedAgent, Entry, Revocation
@@ -41,6 +44,9 @@ class ServerState:
         self._bundle: SpiffeBundle | None = None
         self._jwt_expiry: Mapping[str, int] = MappingProxyType({})
         self._revision = 0
+        self.changes = ChangeLog()
+        self._listeners: list[Callable[[Change], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Set on shutdown so Sync streams end promptly instead of waiting out the grace period.
         self.shutting_down = False
 
@@ -52,6 +58,37 @@ class ServerState:
         self._agents = MappingProxyType({a.spiffe_id: a for a in self._datastore.list_agents()})
         self._revocations = tuple(self._datastore.list_revocations())
         self._revision = self._datastore.revision()
+        # Revisions start where the datastore's are, so they are positive once anything was
+        # written; the log's epoch tells them apart from another process's.
+        self.changes = ChangeLog(start_revision=self._revision)
+
+    def on_change(self, listener: Callable[[Change], None]) -> None:
+        """Call `listener(change)` on the event loop after each change is logged."""
+        self._loop = asyncio.get_running_loop()
+        self._listeners.append(listener)
+
+    def _record(self, **parts: object) -> None:
+        """Log a change and hand it to the listeners, on the event loop: one thread appends, so
+        revisions reach the listeners in order (the bundle may change from a worker thread)."""
+        loop = self._loop
+        if loop is not None:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(functools.partial(self._record, **parts))
+                return
+        change = self.changes.append(**parts)  # type: ignore[arg-type]
+        for listener in self._listeners:
+            listener(change)
+
+    def record_expired(self, entries: Iterable[Entry]) -> None:
+        """Entries past their expiry: still stored, no longer served (see EntryTouch)."""
+        touches = [EntryTouch(e.id, e, e) for e in entries]
+        if touches:
+            self._record(entries=touches)
 
     def set_bundle(self, bundle: SpiffeBundle, jwt_expiry: Mapping[str, int]) -> None:
         with self._lock:
@@ -59,6 +96,7 @@ class ServerState:
             self._bundle = bundle
             self._jwt_expiry = MappingProxyType(dict(jwt_expiry))
         if changed:
+            self._record(bundle=True)
             self.notifier.notify()
 
     # -- reads --------------------------------------------------------------------------------
@@ -115,21 +153,27 @@ class ServerState:
         self._revision = await asyncio.to_thread(self._datastore.revision)
         self.notifier.notify()
 
+    def _change_entries(self, put: Sequence[Entry] = (), removed: Sequence[str] = ()) -> None:
+        """Install a new entry snapshot and log what it touched (old and new versions)."""
+        touched = touches(self._entries.by_id, put, removed)
+        self._entries = self._entries.with_changes(put, removed)
+        self._record(entries=touched)
+
     async def create_entry(self, entry: Entry) -> Entry:
         created = await asyncio.to_thread(self._datastore.create_entry, entry)
-        self._entries = self._entries.with_entry(created)
+        self._change_entries(put=(created,))
         await self._after_write()
         return created
 
     async def update_entry(self, entry: Entry) -> Entry:
         updated = await asyncio.to_thread(self._datastore.update_entry, entry)
-        self._entries = self._entries.with_entry(updated)
+        self._change_entries(put=(updated,))
         await self._after_write()
         return updated
 
     async def delete_entry(self, entry_id: str) -> None:
         await asyncio.to_thread(self._datastore.delete_entry, entry_id)
-        self._entries = self._entries.without(entry_id)
+        self._change_entries(removed=(entry_id,))
         await self._after_write()
 
     # Batches: one datastore transaction, one new snapshot and one change notification per
@@ -152,7 +196,7 @@ class ServerState:
 
     async def _apply(self, put: Sequence[Entry] = (), removed: Sequence[str] = ()) -> None:
         if put or removed:
-            self._entries = self._entries.with_changes(put, removed)
+            self._change_entries(put, removed)
             await self._after_write()
 
     async def save_agent(self, agent: AttestedAgent, previous: AttestedAgent | None) -> None:
@@ -160,6 +204,7 @@ class ServerState:
         if previous is not None and previous.serial != agent.serial:
             self._previous_serials[agent.spiffe_id] = (previous.serial, previous.expires_at)
         self._put_agent(agent)
+        self._record(agents=(agent.spiffe_id,))
         await self._after_write()
 
     async def evict_agent(self, spiffe_id: str) -> None:
@@ -170,6 +215,7 @@ class ServerState:
         agents.pop(spiffe_id, None)
         self._agents = MappingProxyType(agents)
         self._previous_serials.pop(spiffe_id, None)
+        self._record(agents=(spiffe_id,))
         await self._after_write()
 
     async def ban_agent(self, spiffe_id: str) -> None:
@@ -178,12 +224,22 @@ class ServerState:
             raise NotFoundError(f"agent {spiffe_id} not found")
         await asyncio.to_thread(self._datastore.set_agent_banned, spiffe_id, True)
         self._put_agent(replace(agent, banned=True))
+        self._record(agents=(spiffe_id,))
         await self._after_write()
 
     async def add_revocations(self, items: tuple[Revocation, ...]) -> None:
         await asyncio.to_thread(self._datastore.add_revocations, items)
-        self._revocations = tuple(await asyncio.to_thread(self._datastore.list_revocations))
+        self._set_revocations(await asyncio.to_thread(self._datastore.list_revocations))
         await self._after_write()
+
+    def _set_revocations(self, current: Iterable[Revocation]) -> None:
+        before = {(r.kind, r.value): r for r in self._revocations}
+        after = {(r.kind, r.value): r for r in current}
+        self._revocations = tuple(after.values())
+        added = [r for k, r in after.items() if before.get(k) != r]
+        removed = [r for k, r in before.items() if k not in after]
+        if added or removed:
+            self._record(revocations_added=added, revocations_removed=removed)
 
     async def prune(self) -> None:
         """Drop expired join tokens and revocations (housekeeping)."""
@@ -192,7 +248,7 @@ class ServerState:
         removed = await asyncio.to_thread(self._datastore.prune_revocations, now)
         self._previous_serials = {k: v for k, v in self._previous_serials.items() if v[1] > now}
         if removed:
-            self._revocations = tuple(await asyncio.to_thread(self._datastore.list_revocations))
+            self._set_revocations(await asyncio.to_thread(self._datastore.list_revocations))
             await self._after_write()
 
     def _put_agent(self, agent: AttestedAgent) -> None:

@@ -22,7 +22,7 @@ from server.ca.jwt_workers import JwtWorkers, MintRequest
 from server.ca.manager import CaManager
 from server.ca.signer import IssuedJwt, IssuedSvid, X509Signer, check_jwt_request, csr_public_key
 from server.datastore.records import AttestedAgent, Entry
-from server.entitlement import Entitlement, entitled_entries
+from server.entitlement import Entitlement, SpiffeIdCache, agent_parents
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.ids import ServerIds
 from server.issuance.ledger import Credential, EventTuple, Ledger
@@ -103,6 +103,7 @@ class Issuer:
         self._jwt_issued = metrics.svids_issued.labels(kind="jwt")
         self._entitled_cache: dict[tuple[str, tuple[object, ...], int], Entitlement] = {}
         self._entitled_index: object = None
+        self._spiffe_ids = SpiffeIdCache()
 
     async def _run(
         self, executor: Executor, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs
@@ -126,14 +127,13 @@ class Issuer:
         if found is None:
             if len(self._entitled_cache) > 10_000:
                 self._entitled_cache = {}
-            found = Entitlement.of(
-                entitled_entries(index, agent.spiffe_id, agent.selectors, self._server_id, now)
-            )
+            parents = agent_parents(index, agent.spiffe_id, agent.selectors, self._server_id, now)
+            found = Entitlement(index, parents, now, self._spiffe_ids)
             self._entitled_cache[key] = found
         return found
 
     def _entitled_entry(self, agent_id: str, entitled: Entitlement, entry_id: str) -> Entry:
-        entry = entitled.by_id.get(entry_id)
+        entry = entitled.get(entry_id)
         if entry is not None:
             return entry
         if entry_id in self._state.entries.by_id:
@@ -194,7 +194,7 @@ class Issuer:
         started = time.perf_counter()
         issued = signer.issue(
             csr_public_key(csr),
-            entitled.parsed_ids[entry.id],
+            entitled.parsed_id(entry),
             entry.x509_svid_ttl or self._settings.default_x509_svid_ttl,
             entry.dns_names,
         )
@@ -214,7 +214,7 @@ class Issuer:
             return self._entitled_entry(agent_id, entitled, request.entry_id)
         if not request.spiffe_id:
             raise InvalidRequestError("spiffe_id: required (or entry_id)")
-        entry = entitled.by_spiffe_id.get(request.spiffe_id)
+        entry = entitled.by_spiffe_id(request.spiffe_id)
         if entry is None:
             wanted = SpiffeId.parse(request.spiffe_id)  # a malformed ID is INVALID_ARGUMENT
             raise PermissionDeniedError(f"{wanted} is not an identity agent {agent_id} may serve")
@@ -224,7 +224,7 @@ class Issuer:
         self, entitled: Entitlement, entry: Entry, audience: Sequence[str]
     ) -> MintRequest:
         ttl = entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl
-        sub, audiences = check_jwt_request(entitled.parsed_ids[entry.id], list(audience), ttl)
+        sub, audiences = check_jwt_request(entitled.parsed_id(entry), list(audience), ttl)
         return sub, audiences, ttl
 
     def _mint_task(
@@ -273,7 +273,7 @@ class Issuer:
         """One JWT-SVID for an entry from `jwt_entry`, returned once recorded; refusals raise."""
         entitled = self.entitled(agent)
         agent_id = agent.spiffe_id
-        if entry.id not in entitled.by_id:  # changed since jwt_entry looked
+        if entry.id not in entitled:  # changed since jwt_entry looked
             raise PermissionDeniedError(f"entry {entry.id} is not entitled to agent {agent_id}")
         minted: tuple[IssuedJwt, Credential, EventTuple]
         if self._tasks.owns(entry):

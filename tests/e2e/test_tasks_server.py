@@ -145,17 +145,21 @@ def test_task_lifecycle_decisions_revocation_and_audit(setup: Setup) -> None:
     ).task
     assert ended.state == "ended"
 
+    # Deltas: the revocations, with the new CRL, and the task entry's removal.
+    pushed: list[node_pb2.SyncUpdate] = []
+
     def revoked() -> node_pb2.SyncUpdate | None:
-        update = next(stream)
-        gone = all(e.spiffe_id != task.spiffe_id for e in update.entries)
-        return update if update.revocations and gone else None
+        pushed.append(next(stream))
+        gone = any(entry.id in u.removed_entry_ids for u in pushed)
+        with_crl = [u for u in pushed if u.revocations and u.crl_changed]
+        return with_crl[-1] if with_crl and gone else None
 
     update = wait_for(revoked, 10, "the revocation push")
-    values = {(r.kind, r.value) for r in update.revocations}
+    values = {(r.kind, r.value) for u in pushed for r in u.revocations}
     assert (1, format(leaf.serial_number, "x")) in values
     assert (2, got["jti"]) in values
     crl = x509.load_der_x509_crl(update.crl[0])
-    ca = x509.load_der_x509_certificate(update.bundle.x509_authorities[-1])
+    ca = x509.load_der_x509_certificate(first.bundle.x509_authorities[-1])
     assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
     assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
     stream.cancel()

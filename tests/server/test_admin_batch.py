@@ -103,8 +103,10 @@ def test_a_batch_is_one_notification_and_reaches_a_sync_stream_whole(
         )
         assert set(_codes(results)) == {OK}
         assert notifier.version == before + 1
-        # One snapshot per batch: the first update after it carries all of it, never a part.
-        assert len(next(stream).entries) == 300
+        # One change per batch: the first update after it carries all of it, never a part.
+        delta = next(stream)
+        assert len(delta.entries) == 300
+        assert not delta.more
     finally:
         stream.cancel()
 

@@ -8,6 +8,7 @@ import pytest
 
 from server.datastore.records import Entry, Selector
 from server.entitlement import EntryIndex
+from server.sharded import SHARDS, ShardedMap
 
 TD = "spiffe://example.org"
 PARENTS = [f"{TD}/svid/agent/join_token/a{n}" for n in range(3)] + [f"{TD}/nodes/n0"]
@@ -70,3 +71,17 @@ def test_has_spiffe_id_can_leave_out_the_entry_an_update_replaces() -> None:
     assert not index.has_spiffe_id(node.spiffe_id, excluding="n1")
     assert index.with_entry(twin).has_spiffe_id(node.spiffe_id, excluding="n1")
     assert not index.without("n1").has_spiffe_id(node.spiffe_id)
+
+
+def test_a_change_copies_only_the_shards_it_touches() -> None:
+    rng = random.Random(3)
+    index = EntryIndex.build(_entry(n, rng) for n in range(5000))
+    changed = index.with_changes([_entry(9999, rng)], ["e0001"])
+    assert isinstance(changed.by_id, ShardedMap)
+    assert isinstance(index.by_id, ShardedMap)
+    shared = sum(a is b for a, b in zip(index.by_id._shards, changed.by_id._shards, strict=True))
+    # One put and one removal: at most two shards copied, every other one shared.
+    assert shared >= SHARDS - 2
+    assert "e0001" in index.by_id
+    assert "e0001" not in changed.by_id
+    assert (len(index.by_id), len(changed.by_id)) == (5000, 5000)

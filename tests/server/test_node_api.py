@@ -245,7 +245,7 @@ def test_renew_with_bad_csr(srv: RunningServer) -> None:
 # -- Sync ------------------------------------------------------------------------------------
 
 
-def test_sync_sends_full_state_then_pushes_changes(srv: RunningServer) -> None:
+def test_sync_sends_a_snapshot_then_pushes_deltas(srv: RunningServer) -> None:
     agent = srv.attest()
     mine = srv.create_entry("/sync/first", agent.spiffe_id)
     other = srv.attest()
@@ -255,14 +255,22 @@ def test_sync_sends_full_state_then_pushes_changes(srv: RunningServer) -> None:
     assert [e.id for e in first.entries] == [mine.id]
     assert first.bundle.x509_authorities
     assert first.revision > 0
+    assert first.kind == node_pb2.SyncUpdate.SNAPSHOT
+    assert not first.more
     started = time.monotonic()
     added = srv.create_entry("/sync/second", agent.spiffe_id)
     second = next(stream)
     assert time.monotonic() - started < 1.0
-    assert {e.id for e in second.entries} == {mine.id, added.id}
+    # Only what changed: the new entry, not the one the agent already has, nor the bundle.
+    assert second.kind == node_pb2.SyncUpdate.DELTA
+    assert [e.id for e in second.entries] == [added.id]
+    assert not second.HasField("bundle")
+    assert second.revision > first.revision
+    assert second.epoch == first.epoch
     srv.admin().DeleteEntry(admin_pb2.DeleteEntryRequest(id=mine.id))
     third = next(stream)
-    assert [e.id for e in third.entries] == [added.id]
+    assert list(third.entries) == []
+    assert list(third.removed_entry_ids) == [mine.id]
     stream.cancel()
 
 
@@ -291,7 +299,7 @@ def test_sync_drops_an_entry_when_it_expires(srv: RunningServer) -> None:
     stream = srv.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
     assert [e.id for e in next(stream).entries] == [expiring.id]
     srv.clock.advance(1)
-    assert list(next(stream).entries) == []
+    assert list(next(stream).removed_entry_ids) == [expiring.id]
     stream.cancel()
 
 

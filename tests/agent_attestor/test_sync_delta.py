@@ -1,0 +1,115 @@
+"""The agent's side of delta Sync: a snapshot in parts is applied whole, deltas in place, and a
+reconnect asks for what came after the last revision it reached."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from agent_attestor.agent_store import AgentStore
+from agent_attestor.cache import Cache, SyncDelta, SyncState
+from agent_attestor.model import Entry, Selector, TrustBundle
+from agent_attestor.node_client import NodeClient, sync_delta
+from agent_attestor.sync import Syncer, SyncSettings
+from svid._clock import FakeClock
+from svid._proto import common_pb2, node_pb2
+
+BUNDLE = TrustBundle.from_proto(common_pb2.Bundle(trust_domain="example.org"))
+
+
+def _entry(n: int) -> Entry:
+    return Entry(f"e{n}", f"spiffe://example.org/w/{n}", frozenset({Selector("unix", f"uid:{n}")}))
+
+
+class FakeClient:
+    """Yields scripted Sync messages; checks the cache between them; records each request."""
+
+    def __init__(self, cache: Cache, script: list[tuple[SyncState | SyncDelta, set[str]]]):
+        self.cache = cache
+        self.script = script
+        self.requests: list[tuple[int, str]] = []
+
+    async def sync(self, since_revision: int = 0, epoch: str = "") -> AsyncIterator[Any]:
+        self.requests.append((since_revision, epoch))
+        for message, held_after in self.script:
+            yield message
+            # The syncer has handled the message before the stream is read again.
+            assert set(self.cache.entries()) == held_after
+
+
+def _syncer(tmp_path: Path, cache: Cache) -> Syncer:
+    settings = SyncSettings("127.0.0.1:1", "127.0.0.1:1")
+    return Syncer(
+        settings,
+        AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"),
+        cache,
+        FakeClock(start=time.time()),
+    )
+
+
+def test_a_snapshot_in_parts_is_applied_whole_then_deltas_in_place(tmp_path: Path) -> None:
+    cache = Cache()
+    syncer = _syncer(tmp_path, cache)
+    script: list[tuple[SyncState | SyncDelta, set[str]]] = [
+        (SyncState((_entry(1), _entry(2)), BUNDLE, revision=7, epoch="ep", more=True), set()),
+        (SyncState((_entry(3),), BUNDLE, revision=7, epoch="ep"), {"e1", "e2", "e3"}),
+        (
+            SyncDelta(upserts=(_entry(4),), removed_ids=("e1",), revision=9, epoch="ep"),
+            {"e2", "e3", "e4"},
+        ),
+        # A delta in parts is applied as it comes; only its last part moves the revision.
+        (SyncDelta(removed_ids=("e2",), revision=12, epoch="ep", more=True), {"e3", "e4"}),
+    ]
+    client = FakeClient(cache, script)
+    with pytest.raises(ConnectionError):
+        asyncio.run(syncer._consume(cast(NodeClient, client)))
+    assert client.requests == [(0, "")]
+    assert (syncer.revision, syncer.epoch) == (9, "ep")
+    client = FakeClient(cache, [])
+    with pytest.raises(ConnectionError):
+        asyncio.run(syncer._consume(cast(NodeClient, client)))
+    assert client.requests == [(9, "ep")]
+
+
+def test_a_refusal_forgets_the_revision(tmp_path: Path) -> None:
+    cache = Cache()
+    syncer = _syncer(tmp_path, cache)
+    syncer.revision, syncer.epoch = 5, "ep"
+    syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "evicted")
+    assert (syncer.revision, syncer.epoch) == (0, "")
+
+
+def test_a_delta_adds_and_removes_revocations_and_replaces_the_crl_only_when_told() -> None:
+    cache = Cache()
+    cache.apply_sync(SyncState((_entry(1),), BUNDLE, crl=(b"old",)))
+    update = node_pb2.SyncUpdate(
+        kind=node_pb2.SyncUpdate.DELTA,
+        revocations=[
+            common_pb2.Revocation(kind=common_pb2.Revocation.X509_SERIAL, value="AB", expires_at=9),
+            common_pb2.Revocation(kind=common_pb2.Revocation.JWT_ID, value="j1", expires_at=9),
+        ],
+        revision=3,
+    )
+    cache.apply_delta(sync_delta(update))
+    snap = cache.snapshot()
+    assert (snap.revoked_serials, snap.revoked_jtis) == (frozenset({"ab"}), frozenset({"j1"}))
+    assert snap.crl == (b"old",)  # not part of this delta
+    assert snap.bundle == BUNDLE
+    gone = node_pb2.SyncUpdate(
+        kind=node_pb2.SyncUpdate.DELTA,
+        removed_revocations=[
+            common_pb2.Revocation(kind=common_pb2.Revocation.X509_SERIAL, value="AB")
+        ],
+        crl_changed=True,
+    )
+    cache.apply_delta(sync_delta(gone))
+    snap = cache.snapshot()
+    assert (snap.revoked_serials, snap.revoked_jtis) == (frozenset(), frozenset({"j1"}))
+    assert snap.crl == ()
+    assert set(cache.entries()) == {"e1"}

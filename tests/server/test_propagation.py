@@ -1,0 +1,63 @@
+"""The propagator hands a change only to the streams it concerns, and bounds each backlog."""
+
+from __future__ import annotations
+
+import pytest
+
+from server import propagation
+from server.datastore.records import AttestedAgent, Entry, Selector
+from server.propagation import Propagator
+from svid._clock import FakeClock
+from tests.server.test_sync_delta_property import AGENTS, ALIASES, SERVER, FakeState
+
+A, B = AGENTS[0], AGENTS[1]
+
+
+def _world() -> tuple[FakeState, Propagator]:
+    clock = FakeClock(start=1000)
+    state = FakeState(clock)
+    propagator = Propagator(state, SERVER, clock)
+    propagator.start()
+    return state, propagator
+
+
+def _agent(agent_id: str, *selectors: Selector) -> AttestedAgent:
+    return AttestedAgent(agent_id, "t", "s", 0, selectors=selectors)
+
+
+def test_an_entry_change_reaches_only_the_streams_serving_its_parents() -> None:
+    state, propagator = _world()
+    a = propagator.subscribe(_agent(A))
+    b = propagator.subscribe(_agent(B))
+    state.write([Entry("e1", "spiffe://example.org/w/1", A, ())], [])
+    assert (len(a.inbox), len(b.inbox), propagator.deliveries) == (1, 0, 1)
+    # Moved from A to B: both are concerned (one loses it, one gains it).
+    state.write([Entry("e1", "spiffe://example.org/w/1", B, ())], [])
+    assert (len(a.inbox), len(b.inbox)) == (2, 1)
+    state.write([Entry("e2", "spiffe://example.org/w/2", "spiffe://example.org/nobody", ())], [])
+    assert propagator.deliveries == 3  # the last write concerned no stream
+
+
+def test_a_node_alias_reaches_the_streams_whose_agent_it_matches() -> None:
+    state, propagator = _world()
+    k1 = Selector("k", "1")
+    a = propagator.subscribe(_agent(A, k1))
+    b = propagator.subscribe(_agent(B, Selector("k", "2")))
+    state.write([Entry("alias", ALIASES[0], SERVER, (k1,))], [])
+    assert (len(a.inbox), len(b.inbox)) == (1, 0)
+    assert ALIASES[0] in a.parents
+    # Entries under the alias now reach A's stream through the parent index.
+    state.write([Entry("w", "spiffe://example.org/w", ALIASES[0], ())], [])
+    assert (len(a.inbox), len(b.inbox)) == (2, 0)
+
+
+def test_a_backlog_past_the_bound_is_dropped_for_a_snapshot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(propagation, "MAX_INBOX", 3)
+    state, propagator = _world()
+    a = propagator.subscribe(_agent(A))
+    for n in range(5):
+        state.write([Entry(f"e{n}", f"spiffe://example.org/w/{n}", A, ())], [])
+    assert a.overflowed
+    assert len(a.inbox) <= 3

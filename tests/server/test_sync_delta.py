@@ -1,0 +1,193 @@
+"""Sync sends each agent only what changed for it, catches a reconnecting agent up from its
+revision, and splits big snapshots: real server, real gRPC over TLS, real SQLite."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from server.changelog import ChangeLog
+from server.datastore.records import Revocation
+from svid._proto import admin_pb2, common_pb2, node_pb2
+from tests.server.fixtures import Agent, RunningServer, running_server
+
+TD = "spiffe://example.org"
+SNAPSHOT = node_pb2.SyncUpdate.SNAPSHOT
+DELTA = node_pb2.SyncUpdate.DELTA
+# What gRPC refuses to receive by default: no message may come near it.
+GRPC_LIMIT = 4 * 1024 * 1024
+
+
+@pytest.fixture
+def srv() -> Iterator[RunningServer]:
+    yield from running_server()
+
+
+def _entries(parent: str, count: int, prefix: str) -> Iterator[common_pb2.Entry]:
+    for n in range(count):
+        yield common_pb2.Entry(
+            spiffe_id=f"{TD}/{prefix}/{n}",
+            parent_id=parent,
+            selectors=[common_pb2.Selector(type="unix", value=f"uid:{n}")],
+        )
+
+
+def _create(srv: RunningServer, entries: list[common_pb2.Entry]) -> list[str]:
+    ids: list[str] = []
+    admin = srv.admin()
+    for start in range(0, len(entries), 1000):
+        batch = admin_pb2.BatchCreateEntryRequest(entries=entries[start : start + 1000])
+        results = admin.BatchCreateEntry(batch, timeout=120).results
+        ids.extend(r.id for r in results)
+    return ids
+
+
+def _sync(srv: RunningServer, agent: Agent, since: int = 0, epoch: str = "") -> grpc.Future:
+    request = node_pb2.SyncRequest(since_revision=since, epoch=epoch)
+    return srv.node_stub(agent).Sync(request, timeout=120)
+
+
+def _read_snapshot(stream: Iterator[node_pb2.SyncUpdate]) -> list[node_pb2.SyncUpdate]:
+    parts = [next(stream)]
+    while parts[-1].more:
+        parts.append(next(stream))
+    return parts
+
+
+def test_a_write_for_another_agent_reaches_no_other_stream(srv: RunningServer) -> None:
+    agent, other = srv.attest(), srv.attest()
+    _create(srv, list(_entries(agent.spiffe_id, 500, "held")))
+    stream = _sync(srv, agent)
+    try:
+        assert len(next(stream).entries) == 500
+        propagator = srv.server.propagator
+        before = propagator.deliveries
+        unrelated = srv.create_entry("/elsewhere", other.spiffe_id)
+        srv.admin().DeleteEntry(admin_pb2.DeleteEntryRequest(id=unrelated.id))
+        # No stream was handed either change: no per-agent work at all.
+        assert propagator.deliveries == before
+        mine = srv.create_entry("/mine", agent.spiffe_id)
+        assert propagator.deliveries == before + 1
+        # The next message is the related change alone: nothing was sent for the others.
+        update = next(stream)
+        assert update.kind == DELTA
+        assert [e.id for e in update.entries] == [mine.id]
+        assert list(update.removed_entry_ids) == []
+    finally:
+        stream.cancel()
+
+
+def test_an_agent_entitled_to_40k_entries_gets_a_chunked_snapshot(srv: RunningServer) -> None:
+    agent = srv.attest()
+    ids = _create(srv, list(_entries(agent.spiffe_id, 40_000, "many")))
+    stream = _sync(srv, agent)
+    try:
+        parts = _read_snapshot(stream)
+        assert len(parts) > 2
+        assert all(p.kind == SNAPSHOT for p in parts)
+        assert [p.more for p in parts] == [True] * (len(parts) - 1) + [False]
+        # Far below gRPC's limit, every one: the agent gets ready whatever it holds.
+        assert max(p.ByteSize() for p in parts) <= 1.1 * 1024 * 1024
+        assert max(p.ByteSize() for p in parts) < GRPC_LIMIT / 3
+        got = [e.id for p in parts for e in p.entries]
+        assert sorted(got) == sorted(ids)
+        # The bundle rides in the last part, once.
+        assert parts[-1].bundle.x509_authorities
+        assert not any(p.HasField("bundle") for p in parts[:-1])
+    finally:
+        stream.cancel()
+
+
+def test_a_reconnecting_agent_gets_only_what_it_missed(srv: RunningServer) -> None:
+    agent, other = srv.attest(), srv.attest()
+    kept, dropped = (srv.create_entry(f"/r/{n}", agent.spiffe_id) for n in range(2))
+    stream = _sync(srv, agent)
+    first = next(stream)
+    stream.cancel()
+    assert {e.id for e in first.entries} == {kept.id, dropped.id}
+    added = srv.create_entry("/r/added", agent.spiffe_id)
+    srv.admin().DeleteEntry(admin_pb2.DeleteEntryRequest(id=dropped.id))
+    srv.create_entry("/r/unrelated", other.spiffe_id)
+    stream = _sync(srv, agent, first.revision, first.epoch)
+    try:
+        update = next(stream)
+        assert update.kind == DELTA
+        assert [e.id for e in update.entries] == [added.id]
+        assert list(update.removed_entry_ids) == [dropped.id]
+        assert not update.HasField("bundle")
+        assert update.revision > first.revision
+    finally:
+        stream.cancel()
+
+
+def test_a_reconnect_with_nothing_missed_is_one_empty_delta(srv: RunningServer) -> None:
+    agent = srv.attest()
+    srv.create_entry("/quiet", agent.spiffe_id)
+    stream = _sync(srv, agent)
+    first = next(stream)
+    stream.cancel()
+    stream = _sync(srv, agent, first.revision, first.epoch)
+    try:
+        update = next(stream)
+        assert update.kind == DELTA
+        assert (list(update.entries), update.revision) == ([], first.revision)
+    finally:
+        stream.cancel()
+
+
+def test_an_agent_behind_the_ring_or_from_another_epoch_gets_a_snapshot(
+    srv: RunningServer,
+) -> None:
+    agent = srv.attest()
+    entry = srv.create_entry("/behind/0", agent.spiffe_id)
+    stream = _sync(srv, agent)
+    first = next(stream)
+    stream.cancel()
+    stream = _sync(srv, agent, first.revision, "another-server")
+    try:
+        assert next(stream).kind == SNAPSHOT
+    finally:
+        stream.cancel()
+    # A small ring: three more changes push the agent's revision out of it.
+    log: ChangeLog = srv.server.state.changes
+    log._capacity = 2
+    for n in range(1, 4):
+        srv.create_entry(f"/behind/{n}", agent.spiffe_id)
+    assert log.floor > first.revision
+    stream = _sync(srv, agent, first.revision, first.epoch)
+    try:
+        update = next(stream)
+        assert update.kind == SNAPSHOT
+        assert entry.id in {e.id for e in update.entries}
+        assert len(update.entries) == 4
+    finally:
+        stream.cancel()
+
+
+def test_revocations_reach_every_stream_as_deltas(srv: RunningServer) -> None:
+    agent = srv.attest()
+    stream = _sync(srv, agent)
+    try:
+        next(stream)
+        srv.call(
+            srv.server.state.add_revocations(
+                (_revocation("jwt_id", "jti-1"), _revocation("x509_serial", "1234"))
+            )
+        )
+        started = time.monotonic()
+        update = next(stream)
+        assert time.monotonic() - started < 5
+        assert update.kind == DELTA
+        assert sorted(r.value for r in update.revocations) == ["1234", "jti-1"]
+        # A revoked serial changes the CA-signed CRL: it comes along.
+        assert update.crl_changed
+        assert update.crl
+    finally:
+        stream.cancel()
+
+
+def _revocation(kind: str, value: str) -> Revocation:
+    return Revocation(kind, value, f"{TD}/x", int(time.time()) + 600, "test", int(time.time()))
