@@ -185,9 +185,10 @@ _PKCS1V15 = padding.PKCS1v15()
 
 def csr_signature_valid(csr: x509.CertificateSigningRequest, csr_der: bytes) -> bool:
     """`csr.is_signature_valid`, with the signature checked through the public key's `verify`
-    for ECDSA and RSA PKCS#1 v1.5 requests: that releases the GIL while it works, so signing
-    threads verify CSRs in parallel (is_signature_valid holds the GIL throughout). Same verdict
-    in every case (tests compare the two); CsrError where is_signature_valid would raise.
+    for ECDSA and RSA PKCS#1 v1.5 requests (csr_public_key then reuses the key it checked).
+    Both hold the GIL in cryptography 50: cores come from signing worker processes
+    (server.ca.workers). Same verdict in every case (tests compare the two); CsrError where
+    is_signature_valid would raise.
     """
     valid, _ = _fast_signature_verdict(csr, csr_der)
     return _reference_signature_valid(csr) if valid is None else valid
@@ -434,7 +435,7 @@ class X509Signer:
         return der, serial, not_after
 
     def template_leaf(self, leaf: LeafFields) -> bytes | None:
-        """The leaf DER through the template (the CA key signs with the GIL released), or None
+        """The leaf DER through the template (the CA key signs the TBS directly), or None
         where only the builder knows the encoding (a non-ASCII name, a year out of range)."""
         template = self._template
         if template is None:
