@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from server.ca import workers as workers_module
 from server.ca.errors import CaUnavailableError, CsrError, SigningRequestError
+from server.ca.keys import KEY_TYPES, generate_key, signature_hash
 from server.ca.signer import IssuedSvid, LeafFields, X509Request, X509Signer
 from server.ca.workers import MIN_BATCH, SigningWorkers
 from svid._clock import FakeClock
@@ -57,9 +57,7 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-def _ca_cert(
-    key: ec.EllipticCurvePrivateKey, subject: str, issuer: str, issuer_key: Any
-) -> x509.Certificate:
+def _ca_cert(key: Any, subject: str, issuer: str, issuer_key: Any) -> x509.Certificate:
     return (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -74,7 +72,7 @@ def _ca_cert(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{TD}")]),
             critical=False,
         )
-        .sign(issuer_key, hashes.SHA256())
+        .sign(issuer_key, signature_hash(issuer_key))
     )
 
 
@@ -134,12 +132,25 @@ def _check(svid: IssuedSvid | SvidError, signer: X509Signer, request: X509Reques
 def test_a_worker_issues_leaves_equal_to_the_library_paths_that_verify(
     workers: SigningWorkers, signer: X509Signer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    assert signer.chain  # an intermediate: the server adds it after the worker's leaf
     requests = [_request(i) for i in range(20)]
     out = _in_worker_only(monkeypatch, workers, signer, requests)
     assert len(out) == 20
     for svid, request in zip(out, requests, strict=True):
         _check(svid, signer, request)
     assert len({s.serial for s in out if isinstance(s, IssuedSvid)}) == 20
+
+
+@pytest.mark.parametrize("key_type", KEY_TYPES)
+def test_every_ca_key_type_is_handed_over_and_signs_as_the_library_path_does(
+    workers: SigningWorkers, clock: FakeClock, key_type: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = generate_key(key_type)
+    signer = X509Signer(_ca_cert(key, "ca", "ca", key), key, (), clock)  # a root: no chain
+    requests = [_request(i) for i in range(MIN_BATCH)]
+    out = _in_worker_only(monkeypatch, workers, signer, requests)
+    for svid, request in zip(out, requests, strict=True):
+        _check(svid, signer, request)
 
 
 def test_per_item_errors_come_back_in_order(
