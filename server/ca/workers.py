@@ -182,10 +182,10 @@ class _Worker:
             raise EOFError("a signing worker answered another batch")
         return reply
 
-    def close(self) -> None:
+    def close(self, grace: float = 5.0) -> None:
         self._conn.close()  # the worker sees EOF and returns
         try:
-            self._proc.wait(5)
+            self._proc.wait(grace)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
@@ -297,7 +297,8 @@ class SigningWorkers:
             if worker in self._all:
                 self._all.remove(worker)
         with contextlib.suppress(OSError):
-            worker.close()
+            # No grace: a wedged worker would hold up the batch the server now signs itself.
+            worker.close(grace=0)
 
     def close(self) -> None:
         with self._lock:
