@@ -18,6 +18,7 @@ a new worker takes the dead one's place.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import socket
@@ -94,6 +95,17 @@ def _issue_one(signer: X509Signer, now: int, request: X509Request) -> IssuedSvid
         return exc
 
 
+def _shares(requests: list[Any], count: int) -> list[list[Any]]:
+    """`requests` cut into `count` runs of nearly equal length, in order."""
+    size, extra = divmod(len(requests), count)
+    out, at = [], 0
+    for i in range(count):
+        end = at + size + (1 if i < extra else 0)
+        out.append(requests[at:end])
+        at = end
+    return out
+
+
 def _serve(conn: Connection) -> None:
     """The worker's loop: ("key", name, kind, payload) and (kind, name, now, requests)."""
     signers: OrderedDict[str, Any] = OrderedDict()
@@ -164,9 +176,11 @@ class _Worker:
             self._ready = True
         return self._ready
 
-    def run(
+    def send(
         self, kind: str, name: str, copy: Callable[[], Any], now: int, requests: list[Any]
-    ) -> list[Any]:
+    ) -> None:
+        """Hand the worker a batch (and the key first, if it does not hold it); `receive` the
+        reply. Workers given their batches before any reply is awaited sign at the same time."""
         if name in self._names:
             self._names.move_to_end(name)
         else:
@@ -175,10 +189,12 @@ class _Worker:
             while len(self._names) > _KEYS_KEPT:
                 self._names.popitem(last=False)
         self._conn.send((kind, name, now, requests))
+
+    def receive(self, count: int) -> list[Any]:
         if not self._conn.poll(REPLY_TIMEOUT):
             raise TimeoutError(f"no reply from signing worker in {REPLY_TIMEOUT:g} s")
         reply: list[Any] = self._conn.recv()
-        if len(reply) != len(requests):
+        if len(reply) != count:
             raise EOFError("a signing worker answered another batch")
         return reply
 
@@ -216,13 +232,19 @@ class SigningWorkers:
     ) -> list[IssuedJwt | SvidError]:
         """Workload JWT-SVIDs at the clock's now: signer.mint, or its error, per request."""
         now = int(self._clock.now())
-        reply = self._in_worker(_JWT, signer.worker_name, signer.worker_copy, now, requests)
-        if reply is None:
-            return [_mint_one(signer, now, r) for r in requests]
+        reply = self._batch(
+            _JWT,
+            signer.worker_name,
+            signer.worker_copy,
+            now,
+            requests,
+            here=functools.partial(_mint_one, signer, now),
+        )
+        # From a worker: a (token, jti, issued_at, expires_at) tuple. From here: the outcome.
         return [
             IssuedJwt(token=r[0], jti=r[1], issued_at=r[2], expires_at=r[3])
             if type(r) is tuple
-            else cast(SvidError, r)
+            else cast(IssuedJwt | SvidError, r)
             for r in reply
         ]
 
@@ -232,39 +254,83 @@ class SigningWorkers:
         """X.509-SVIDs from unchecked CSRs at the clock's now: signer.issue_csr, or its error,
         per request."""
         now = int(self._clock.now())
-        reply = self._in_worker(_X509, signer.worker_name, signer.worker_copy, now, requests)
-        if reply is None:
-            return [_issue_one(signer, now, r) for r in requests]
+        reply = self._batch(
+            _X509,
+            signer.worker_name,
+            signer.worker_copy,
+            now,
+            requests,
+            here=functools.partial(_issue_one, signer, now),
+        )
+        # From a worker: a (leaf DER, serial, expires_at) tuple. From here: the outcome.
         issued = signer.issued
-        return [issued(*r) if type(r) is tuple else cast(SvidError, r) for r in reply]
+        return [issued(*r) if type(r) is tuple else cast(IssuedSvid | SvidError, r) for r in reply]
 
-    def _in_worker(
+    def _batch(
         self,
         kind: str,
         name: str,
         copy: Callable[[], Any],
         now: int,
         requests: Sequence[Any],
-    ) -> list[Any] | None:
-        """A free worker's reply; None for a small batch, or when no worker is ready (still
-        starting, dead or wedged): the caller signs the batch itself. Small batches stay here
-        because a round trip costs more than a few signatures, and nobody waits for a start."""
+        *,
+        here: Callable[[Any], Any],
+    ) -> list[Any]:
+        """A reply per request: from the free workers, a share each, or `here` (in this
+        process) for a small batch and for any share no worker could sign (none ready: still
+        starting, dead or wedged). Small batches stay here because a round trip costs more
+        than a few signatures, and nobody waits for a worker to start."""
         if self._size == 0 or len(requests) < MIN_BATCH:
-            return None
-        worker = self._idle.get()
+            return [here(r) for r in requests]
+        # Wait for one worker; others idle now take a share too, of at least MIN_BATCH items.
+        taken = [self._idle.get()]
+        while len(taken) < len(requests) // MIN_BATCH:
+            try:
+                taken.append(self._idle.get_nowait())
+            except queue.Empty:
+                break
         try:
-            if worker is None:
-                worker = self._start()
-            if not worker.ready():
-                return None
-            return worker.run(kind, name, copy, now, list(requests))
-        except (OSError, EOFError) as exc:
-            _log.warning("signing worker failed (%s); starting another", type(exc).__name__)
-            self._discard(worker)
-            worker = None
-            return None
+            ready: list[_Worker] = []
+            for i, slot in enumerate(taken):
+                started = slot if slot is not None else self._start()
+                taken[i] = started
+                if started.ready():
+                    ready.append(started)
+        except OSError:  # closed meanwhile: this process signs
+            ready = []
+        try:
+            if not ready:
+                return [here(r) for r in requests]
+            shares = _shares(list(requests), len(ready))
+            # Every share is handed over before any reply is awaited: the workers sign at once.
+            pending: list[_Worker | None] = []
+            for worker, share in zip(ready, shares, strict=True):
+                try:
+                    worker.send(kind, name, copy, now, share)
+                    pending.append(worker)
+                except (OSError, EOFError) as exc:
+                    self._failed(worker, taken, exc)
+                    pending.append(None)
+            out: list[Any] = []
+            for maybe, share in zip(pending, shares, strict=True):
+                reply = None
+                if maybe is not None:
+                    try:
+                        reply = maybe.receive(len(share))
+                    except (OSError, EOFError) as exc:
+                        self._failed(maybe, taken, exc)
+                out.extend(reply if reply is not None else [here(r) for r in share])
+            return out
         finally:
-            self._idle.put(worker)
+            for slot in taken:
+                self._idle.put(slot)
+
+    def _failed(self, worker: _Worker, taken: list[_Worker | None], exc: BaseException) -> None:
+        """Discard a worker that failed; its slot in `taken` empties, so a later batch starts
+        another in its place."""
+        _log.warning("signing worker failed (%s); starting another", type(exc).__name__)
+        self._discard(worker)
+        taken[taken.index(worker)] = None
 
     def warm_up(self, timeout: float) -> bool:
         """Start every worker now and wait up to `timeout` s for each to be ready."""

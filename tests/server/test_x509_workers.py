@@ -221,6 +221,37 @@ def test_a_killed_worker_costs_speed_not_answers(
         _check(svid, signer, request)
 
 
+def test_free_workers_share_a_big_batch_and_a_dead_ones_share_is_signed_here(
+    clock: FakeClock, signer: X509Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = SigningWorkers(2, clock)
+    here: list[int] = []
+    in_server = X509Signer.issue_csr
+
+    def counted(self: X509Signer, request: X509Request, now: int) -> IssuedSvid:
+        here.append(1)
+        return in_server(self, request, now)
+
+    monkeypatch.setattr(X509Signer, "issue_csr", counted)
+    try:
+        assert pool.warm_up(30)
+        requests = [_request(i) for i in range(2 * MIN_BATCH + 1)]
+        for svid, request in zip(pool.issue_x509(signer, requests), requests, strict=True):
+            _check(svid, signer, request)
+        assert here == []
+        first, second = pool.pids()
+        os.kill(second, signal.SIGKILL)
+        _wait_gone(second)
+        out = pool.issue_x509(signer, requests)
+        # Two shares (9 + 8 items): the live worker signed one, this process the dead one's.
+        assert len(here) in {MIN_BATCH, MIN_BATCH + 1}
+        for svid, request in zip(out, requests, strict=True):
+            _check(svid, signer, request)
+        assert pool.pids() == [first]
+    finally:
+        pool.close()
+
+
 def test_a_wedged_worker_is_replaced_and_its_batch_signed_here(
     workers: SigningWorkers,
     signer: X509Signer,
