@@ -1,10 +1,10 @@
 """Issuance throughput against the physical limit, on the same cores, in the same run.
 
-The server signs X.509-SVIDs on `signing_threads` threads (hand-encoded DER, cryptography releases
-the GIL while it signs) and mints JWT batches in `jwt_mint_processes` worker processes; both are
-N = os.cpu_count() here and set explicitly. A one-thread baseline would flatter them by up to N
-times, so every row is compared with raw signing in N worker processes (bench/cores.py) and the
-per-core ratio is shown beside it (definitions in the table legend, bench/report.py).
+The server signs X.509-SVID and JWT batches in `signing_processes` worker processes, fed by
+`signing_threads` threads (cryptography holds the GIL while it signs: one process is one core);
+both are N = os.cpu_count() here and set explicitly. A one-thread baseline would flatter them by
+up to N times, so every row is compared with raw signing in N worker processes (bench/cores.py)
+and the per-core ratio is shown beside it (definitions in the table legend, bench/report.py).
 
 Rows (goal: the X.509 and the batch JWT whole-machine ratios >= 0.35):
 - X.509-SVIDs per second through the node API's BatchNewX509SVID (batches of 100, several
@@ -56,7 +56,7 @@ BATCH = 100
 # (py-spy), and the row measured round-trip latency rather than issuance throughput.
 X509_CALLERS_PER_AGENT = 2
 UNARY_CALLERS_PER_AGENT = 4
-N = os.cpu_count() or 1  # the server's signing threads and JWT mint processes, set below
+N = os.cpu_count() or 1  # the server's signing threads and signing processes, set below
 ROUNDS = 30
 RAW_SLICE = 0.4  # seconds per raw window
 API_SLICE = 1.2  # seconds per API window
@@ -106,7 +106,7 @@ def bench_server() -> Iterator[ServerProcess]:
         jwt_rate_per_agent=0,
         attest_rate_per_host=0,
         signing_threads=N,
-        jwt_mint_processes=N,
+        signing_processes=N,
         log_level="warning",
     )
     server.start()

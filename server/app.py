@@ -22,10 +22,10 @@ from server.attestation.x509pop import X509PopAttestor
 from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile, CheckpointSigner
 from server.audit.checkpointer import Checkpointer
 from server.audit.retention import DAY, Pruner, RetentionPolicy
-from server.ca.jwt_workers import JwtWorkers
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
 from server.ca.rotator import Rotator
+from server.ca.workers import SigningWorkers
 from server.config import ServerConfig
 from server.datastore.legacy_import import import_legacy_files
 from server.datastore.sqlite import SqliteDataStore
@@ -91,7 +91,7 @@ class Server:
         self._metrics_http: MetricsHttpServer | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._jwt_executor: ThreadPoolExecutor | None = None
-        self._jwt_workers: JwtWorkers | None = None
+        self._workers: SigningWorkers | None = None
         self._serving = False
         self.runtime: RuntimeInfo | None = None
         self.propagator: Propagator | None = None
@@ -202,11 +202,11 @@ class Server:
         self.propagator.start()
         self.ca.subscribe(self._on_bundle_changed(loop))
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
-        # One thread per mint worker: each waits on its worker's pipe, not on the GIL.
+        # One JWT thread per signing worker: each waits on its worker's socket, not on the GIL.
         self._jwt_executor = ThreadPoolExecutor(
-            max(1, cfg.jwt_mint_processes), thread_name_prefix="svid-jwt"
+            max(1, cfg.signing_processes), thread_name_prefix="svid-jwt"
         )
-        self._jwt_workers = JwtWorkers(cfg.jwt_mint_processes, self.clock)
+        self._workers = SigningWorkers(cfg.signing_processes, self.clock)
         limiters = Limiters(
             x509=KeyedLimiter(cfg.x509_rate_per_agent, cfg.x509_burst_per_agent, self.clock),
             jwt=KeyedLimiter(cfg.jwt_rate_per_agent, cfg.jwt_burst_per_agent, self.clock),
@@ -226,7 +226,7 @@ class Server:
             metrics=self.metrics,
             executor=self._executor,
             jwt_executor=self._jwt_executor,
-            jwt_workers=self._jwt_workers,
+            workers=self._workers,
             settings=IssuerSettings(
                 default_x509_svid_ttl=cfg.default_x509_svid_ttl,
                 default_jwt_svid_ttl=cfg.default_jwt_svid_ttl,
@@ -392,8 +392,8 @@ class Server:
         for executor in (self._executor, self._jwt_executor):
             if executor is not None:
                 executor.shutdown(wait=True)
-        if self._jwt_workers is not None:
-            self._jwt_workers.close()
+        if self._workers is not None:
+            self._workers.close()
         await asyncio.to_thread(self._last_checkpoint)
         self.datastore.close()
         with contextlib.suppress(FileNotFoundError):

@@ -57,13 +57,14 @@ class ServerConfig:
     jwt_burst_per_agent: int = 1000
     attest_rate_per_host: float = 10.0
     attest_burst_per_host: int = 50
-    # One per CPU: cryptography releases the GIL while it verifies a CSR and while a CA key
-    # signs, so each thread keeps a core busy with the costliest part of issuance.
+    # Threads that run issuance batches (and sign the small ones, and agent SVIDs). Big
+    # batches wait on a signing worker here; one per CPU keeps every worker fed.
     signing_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    # Worker processes that mint workload JWT batches (server/ca/jwt_workers.py), started on
-    # the first big batch; 0 mints them in the server process. The Python around each ES256
-    # signature costs as much as the signature and holds the GIL: a worker's is its own.
-    jwt_mint_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # Worker processes that sign big X.509-SVID and workload JWT-SVID batches (>= 8 items;
+    # server/ca/workers.py), started on the first one; 0 signs everything in the server
+    # process. cryptography holds the GIL while it signs and verifies, and so does the Python
+    # around each signature: in the server, all of it took turns on one core.
+    signing_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Task policies (*.cedar + optional schema); None = the shipped default policy.
     policy_dir: Path | None = None
     # Seconds between signed checkpoints of the audit head (written only when it moved);
@@ -202,7 +203,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "attest_rate_per_host": _as_float,
     "attest_burst_per_host": _as_int,
     "signing_threads": _positive,
-    "jwt_mint_processes": _as_int,
+    "signing_processes": _as_int,
     "policy_dir": _as_path,
     "audit_checkpoint_interval": _as_positive_float,
     "audit_retention_days": _as_float,

@@ -185,9 +185,10 @@ _PKCS1V15 = padding.PKCS1v15()
 
 def csr_signature_valid(csr: x509.CertificateSigningRequest, csr_der: bytes) -> bool:
     """`csr.is_signature_valid`, with the signature checked through the public key's `verify`
-    for ECDSA and RSA PKCS#1 v1.5 requests: that releases the GIL while it works, so signing
-    threads verify CSRs in parallel (is_signature_valid holds the GIL throughout). Same verdict
-    in every case (tests compare the two); CsrError where is_signature_valid would raise.
+    for ECDSA and RSA PKCS#1 v1.5 requests (csr_public_key then reuses the key it checked).
+    Both hold the GIL in cryptography 50: cores come from signing worker processes
+    (server.ca.workers). Same verdict in every case (tests compare the two); CsrError where
+    is_signature_valid would raise.
     """
     valid, _ = _fast_signature_verdict(csr, csr_der)
     return _reference_signature_valid(csr) if valid is None else valid
@@ -251,6 +252,10 @@ def _is_self_signed(cert: x509.Certificate) -> bool:
     return cert.issuer == cert.subject
 
 
+# One X.509-SVID to issue from a CSR: (CSR DER, SPIFFE ID, TTL in seconds, DNS names).
+X509Request = tuple[bytes, SpiffeId, int, tuple[str, ...]]
+
+
 class LeafFields(NamedTuple):
     """What varies from one X.509-SVID leaf to the next (all checked before they get here)."""
 
@@ -312,7 +317,11 @@ class X509Signer:
         own = () if _is_self_signed(ca_cert) else (ca_cert,)
         self._chain: tuple[x509.Certificate, ...] = own + tuple(chain_above)
         self._chain_der = b"".join(c.public_bytes(Encoding.DER) for c in self._chain)
+        self._chain_above = tuple(chain_above)
         self._template = self._checked_template()
+        # Names this CA key to signing worker processes (server.ca.workers), which keep a few.
+        digest = hashlib.sha256(ca_cert.public_bytes(Encoding.DER)).hexdigest()
+        self._worker_name = f"x509:{digest[:32]}"
 
     @property
     def ca_certificate(self) -> x509.Certificate:
@@ -358,25 +367,62 @@ class X509Signer:
         return (x509.load_der_x509_certificate(leaf_der), *self._chain)
 
     def issue(
-        self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: int, dns_names: Sequence[str] = ()
+        self,
+        public_key: PublicKey,
+        spiffe_id: SpiffeId,
+        ttl: int,
+        dns_names: Sequence[str] = (),
+        now: int | None = None,
     ) -> IssuedSvid:
-        """sign_svid for the wire: the chain as DER, plus what issuance records need."""
+        """sign_svid for the wire: the chain as DER, plus what issuance records need.
+        `now` defaults to the clock's (a signing worker has none: the server sends it)."""
         leaf_der, serial, not_after = self._sign_leaf(
-            public_key, spiffe_id, ttl, dns_names, "public key"
+            public_key, spiffe_id, ttl, dns_names, "public key", now=now
         )
+        return self.issued(leaf_der, serial, not_after)
+
+    def issue_csr(self, request: X509Request, now: int) -> IssuedSvid:
+        """issue() for a CSR that has not been checked yet: the whole per-item work of an
+        X.509-SVID batch, in the server or in a signing worker (server.ca.workers)."""
+        csr_der, spiffe_id, ttl, dns_names = request
+        return self.issue(csr_public_key(csr_der), spiffe_id, ttl, dns_names, now)
+
+    def issued(self, leaf_der: bytes, serial: int, expires_at: int) -> IssuedSvid:
+        """The IssuedSvid of a leaf this CA signed (here or in a signing worker)."""
         return IssuedSvid(
             leaf_der=leaf_der,
             chain_der=leaf_der + self._chain_der,
             serial=serial,
-            expires_at=not_after,
+            expires_at=expires_at,
         )
 
+    @property
+    def worker_name(self) -> str:
+        """What signing workers (server.ca.workers) know this CA key by."""
+        return self._worker_name
+
+    def worker_copy(self) -> tuple[bytes, bytes, tuple[bytes, ...]]:
+        """(CA certificate DER, PKCS#8 DER key, upstream intermediates DER): what a signing
+        worker process needs to sign as this signer does. Goes down the worker's private
+        socket only; never logged or stored."""
+        key = self._key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
+        above = tuple(c.public_bytes(Encoding.DER) for c in self._chain_above)
+        return self._ca_cert.public_bytes(Encoding.DER), key, above
+
     def _sign_leaf(
-        self, key: object, spiffe_id: SpiffeId, ttl: int, dns_names: Sequence[str], what: str
+        self,
+        key: object,
+        spiffe_id: SpiffeId,
+        ttl: int,
+        dns_names: Sequence[str],
+        what: str,
+        *,
+        now: int | None = None,
     ) -> tuple[bytes, int, int]:
         _check_leaf_request(spiffe_id, self._trust_domain, ttl, dns_names)
         public_key = check_public_key(key, what)
-        now = int(self._clock.now())
+        if now is None:
+            now = int(self._clock.now())
         if now >= self._ca_not_after:
             raise CaUnavailableError("the active CA certificate has expired")
         not_before = max(now - BACKDATE_SECONDS, self._ca_not_before)
@@ -389,7 +435,7 @@ class X509Signer:
         return der, serial, not_after
 
     def template_leaf(self, leaf: LeafFields) -> bytes | None:
-        """The leaf DER through the template (the CA key signs with the GIL released), or None
+        """The leaf DER through the template (the CA key signs the TBS directly), or None
         where only the builder knows the encoding (a non-ASCII name, a year out of range)."""
         template = self._template
         if template is None:
@@ -560,9 +606,14 @@ class JwtSigner:
                 token = sign_jws(self._header, claims, self._key)
         return IssuedJwt(token=token, jti=jti, issued_at=now, expires_at=expires_at)
 
+    @property
+    def worker_name(self) -> str:
+        """What signing workers (server.ca.workers) know this key by."""
+        return f"jwt:{self._kid}"
+
     def worker_copy(self) -> tuple[str, bytes, int]:
-        """(kid, PKCS#8 DER key, not_after): what a mint worker process needs to sign as this
-        signer does. Goes down the worker's private pipe only; never logged or stored."""
+        """(kid, PKCS#8 DER key, not_after): what a signing worker process needs to sign as
+        this signer does. Goes down the worker's private socket only; never logged or stored."""
         der = self._key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
         return self._kid, der, self._not_after
 

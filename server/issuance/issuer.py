@@ -1,8 +1,8 @@
 """The issuer: an authenticated agent's requests in, outcomes out.
 
 Per request: entitlement (is this entry the agent's to serve?), the task decision (through
-TaskDecisions, for task identities), the CA signers (hand-encoded DER leaves in the signing
-pool, X509Signer.issue; big workload JWT batches in worker processes, JwtWorkers.mint), and
+TaskDecisions, for task identities), the CA signers (big X.509 and workload JWT batches in
+signing worker processes, SigningWorkers.issue_x509 and .mint; small ones in the server), and
 then the ledger. Nothing is returned before the ledger committed every credential of the call
 and its audit event (server.issuance.ledger states the contract); if it cannot, the call
 raises LedgerUnavailableError and its credentials are dropped.
@@ -18,9 +18,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import NamedTuple, ParamSpec, TypeVar
 
-from server.ca.jwt_workers import JwtWorkers, MintRequest
 from server.ca.manager import CaManager
-from server.ca.signer import IssuedJwt, IssuedSvid, X509Signer, check_jwt_request, csr_public_key
+from server.ca.signer import IssuedJwt, IssuedSvid, X509Request, X509Signer, check_jwt_request
+from server.ca.workers import MintRequest, SigningWorkers
 from server.datastore.records import AttestedAgent, Entry
 from server.entitlement import Entitlement, SpiffeIdCache, agent_parents
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -31,7 +31,7 @@ from server.issuance.records import (
     workload_jwt_record,
     x509_record,
 )
-from server.issuance.task_port import TaskDecisions, TaskJwtGrant
+from server.issuance.task_port import TaskDecisions, TaskGrant, TaskJwtGrant
 from server.metrics import Metrics
 from server.state import ServerState
 from svid._clock import Clock
@@ -81,7 +81,7 @@ class Issuer:
         metrics: Metrics,
         executor: Executor,
         jwt_executor: Executor | None = None,
-        jwt_workers: JwtWorkers | None = None,
+        workers: SigningWorkers | None = None,
         settings: IssuerSettings | None = None,
     ) -> None:
         self._state = state
@@ -91,9 +91,10 @@ class Issuer:
         self._clock = clock
         self._metrics = metrics
         self._executor = executor
-        # Workload JWT batches: a thread per mint worker (ServerConfig.jwt_mint_processes).
+        # Workload JWT batches: a thread per signing worker (ServerConfig.signing_processes).
         self._jwt_executor = jwt_executor or executor
-        self._jwt_workers = jwt_workers or JwtWorkers(0, clock)
+        # Big batches of either kind are signed in worker processes (none: in this one).
+        self._workers = workers or SigningWorkers(0, clock)
         self._settings = settings or IssuerSettings()
         self._server_id = str(ids.server)
         # Label lookups cost as much as the rest of a JWT's bookkeeping: bind them once.
@@ -158,20 +159,40 @@ class Issuer:
     def _sign_x509_batch(
         self, requests: Sequence[tuple[str, bytes]], entitled: Entitlement, agent_id: str
     ) -> tuple[list[X509Outcome], list[Credential], list[EventTuple]]:
+        # Every item is checked and its task decided here first (before signing: a task
+        # identity is issued only while its task is active); then all are signed at once
+        # (SigningWorkers.issue_x509: in worker processes when the batch is big).
         signer = self._ca.x509_signer()
         tasks = self._tasks
+        default_ttl = self._settings.default_x509_svid_ttl
+        parsed_id = entitled.parsed_id
+        planned: list[tuple[Entry, TaskGrant | None] | SvidError] = []
+        wanted: list[X509Request] = []
+        for entry_id, csr in requests:
+            try:
+                entry = self._entitled_entry(agent_id, entitled, entry_id)
+                task = tasks.x509_grant(agent_id, entry) if tasks.owns(entry) else None
+            except SvidError as exc:  # the server's own errors are SvidErrors too
+                planned.append(exc)
+                continue
+            planned.append((entry, task))
+            ttl = entry.x509_svid_ttl or default_ttl
+            wanted.append((csr, parsed_id(entry), ttl, tuple(entry.dns_names)))
+        signed = self._sign_x509(signer, wanted) if wanted else []
         now = int(self._clock.now())
         outcomes: list[X509Outcome] = []
         credentials: list[Credential] = []
         events: list[EventTuple] = []
-        for entry_id, csr in requests:
-            try:
-                entry = self._entitled_entry(agent_id, entitled, entry_id)
-                # Before signing: a task identity is issued only while its task is active.
-                task = tasks.x509_grant(agent_id, entry) if tasks.owns(entry) else None
-                svid = self._sign_x509(signer, entitled, entry, csr)
-            except SvidError as exc:  # the server's own errors are SvidErrors too
-                outcomes.append(X509Outcome(entry_id, "", b"", 0, exc))
+        at = 0
+        for (entry_id, _), plan in zip(requests, planned, strict=True):
+            if isinstance(plan, SvidError):
+                outcomes.append(X509Outcome(entry_id, "", b"", 0, plan))
+                continue
+            entry, task = plan
+            svid = signed[at]
+            at += 1
+            if isinstance(svid, SvidError):
+                outcomes.append(X509Outcome(entry_id, "", b"", 0, svid))
                 continue
             credential, event = x509_record(
                 agent_id,
@@ -189,17 +210,16 @@ class Issuer:
         return outcomes, credentials, events
 
     def _sign_x509(
-        self, signer: X509Signer, entitled: Entitlement, entry: Entry, csr: bytes
-    ) -> IssuedSvid:
+        self, signer: X509Signer, wanted: list[X509Request]
+    ) -> list[IssuedSvid | SvidError]:
         started = time.perf_counter()
-        issued = signer.issue(
-            csr_public_key(csr),
-            entitled.parsed_id(entry),
-            entry.x509_svid_ttl or self._settings.default_x509_svid_ttl,
-            entry.dns_names,
-        )
-        self._x509_seconds.observe(time.perf_counter() - started)
-        return issued
+        out = self._workers.issue_x509(signer, wanted)
+        # One batch is one timing: each of its SVIDs took the mean of it.
+        each = (time.perf_counter() - started) / len(wanted)
+        observe = self._x509_seconds.observe
+        for _ in wanted:
+            observe(each)
+        return out
 
     # -- JWT-SVIDs ----------------------------------------------------------------------------
 
@@ -249,7 +269,7 @@ class Issuer:
         """Workload JWTs for checked requests: in a worker process when the batch is big."""
         signer = self._ca.jwt_signer()
         started = time.perf_counter()
-        out = self._jwt_workers.mint(signer, wanted)
+        out = self._workers.mint(signer, wanted)
         # One batch is one timing: each of its SVIDs took the mean of it.
         each = (time.perf_counter() - started) / len(wanted)
         observe = self._jwt_seconds.observe
@@ -281,7 +301,7 @@ class Issuer:
             minted = await self._run(self._executor, self._task_jwt, agent_id, entry, audience)
         else:
             # One ES256 signature is cheaper than a hop to the thread pool: sign on the loop
-            # (below JwtWorkers.MIN_BATCH, so never a round trip to a worker).
+            # (below workers.MIN_BATCH, so never a round trip to a worker).
             (outcome,) = self._mint_workload([self._workload_request(entitled, entry, audience)])
             if isinstance(outcome, SvidError):
                 raise outcome

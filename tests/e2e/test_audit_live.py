@@ -37,7 +37,7 @@ def test_verify_on_a_live_server_under_load_reports_no_false_alarm() -> None:
         x509_rate_per_agent=0,
         jwt_rate_per_agent=0,
         signing_threads=1,
-        jwt_mint_processes=0,
+        signing_processes=0,
     )
     server.start()
     stop = threading.Event()

@@ -47,7 +47,7 @@ def test_a_live_server_prunes_while_issuing_and_stays_verifiable() -> None:
         x509_rate_per_agent=0,
         jwt_rate_per_agent=0,
         signing_threads=1,
-        jwt_mint_processes=0,
+        signing_processes=0,
     )
     server.start()
     db = server.data_dir / "datastore.sqlite3"

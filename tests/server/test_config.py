@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,12 @@ def test_defaults_from_minimal_file(tmp_path: Path) -> None:
     assert config.audit_checkpoint_interval == 60.0
     assert (config.audit_retention_days, config.audit_max_events) == (30.0, 0)
     assert config.audit_prune_interval == 3600.0
+    assert config.signing_processes == (os.cpu_count() or 1)
+
+
+def test_signing_processes_zero_signs_in_the_server() -> None:
+    config = build_config({"trust_domain": "example.org", "signing_processes": 0})
+    assert config.signing_processes == 0
 
 
 def test_server_table_and_flags_win(tmp_path: Path) -> None:
@@ -76,6 +83,8 @@ def test_config_is_frozen() -> None:
         ({"trust_domain": "example.org", "audit_max_events": 1.5}, "audit_max_events"),
         ({"trust_domain": "example.org", "audit_max_events": -3}, "audit_max_events"),
         ({"trust_domain": "example.org", "audit_prune_interval": 0}, "audit_prune_interval"),
+        ({"trust_domain": "example.org", "signing_processes": -1}, "signing_processes"),
+        ({"trust_domain": "example.org", "jwt_mint_processes": 2}, "jwt_mint_processes"),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:

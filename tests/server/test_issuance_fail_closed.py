@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from server.ca.workers import MIN_BATCH
 from server.status import LEDGER_MESSAGE
 from svid._proto import node_pb2
 from tests.server.fixtures import Agent, RunningServer, make_csr, running_server
@@ -124,4 +125,36 @@ def test_no_agent_svid_leaves_while_its_agent_cannot_be_recorded(
     assert metric(srv, "svid_server_ledger_failures_total", reason="read-only") == 2
     calls(srv, agent, entry.id)["jwt_batch"]()
     assert srv.attest().spiffe_id
+    assert srv.server.tasks.audit.verify().ok
+
+
+def test_big_batches_signed_in_worker_processes_leave_only_once_recorded(
+    srv: RunningServer,
+) -> None:
+    agent = srv.attest()
+    entry = srv.create_entry("/ledger/workers", agent.spiffe_id)
+    assert srv.server._workers is not None
+    assert srv.server._workers.warm_up(30)  # so these batches are signed in the workers
+    stub = srv.node_stub(agent)
+    x509 = node_pb2.BatchNewX509SVIDRequest(
+        params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])] * 2 * MIN_BATCH
+    )
+    jwts = node_pb2.BatchNewJWTSVIDRequest(
+        requests=[node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["svc"])] * 2 * MIN_BATCH
+    )
+    read_only(srv, True)
+    try:
+        for call in (
+            lambda: stub.BatchNewX509SVID(x509, timeout=10),
+            lambda: stub.BatchNewJWTSVID(jwts, timeout=10),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        read_only(srv, False)
+    assert srv.server.tasks.store.agent_credentials(agent.spiffe_id, 0) == []
+    assert len(stub.BatchNewX509SVID(x509, timeout=10).results) == 2 * MIN_BATCH
+    records = srv.server.tasks.store.agent_credentials(agent.spiffe_id, 0)
+    assert len(records) == 2 * MIN_BATCH
     assert srv.server.tasks.audit.verify().ok

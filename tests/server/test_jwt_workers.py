@@ -1,4 +1,5 @@
-"""JWT mint worker processes: real child processes, real keys, tokens checked by signature."""
+"""Workload JWT batches in signing worker processes: real child processes, real keys, tokens
+checked by signature."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.ca.errors import CaUnavailableError
-from server.ca.jwt_workers import MIN_BATCH, JwtWorkers, MintRequest
 from server.ca.signer import IssuedJwt, JwtSigner
+from server.ca.workers import MIN_BATCH, MintRequest, SigningWorkers
 from svid._clock import FakeClock
 from svid._errors import SvidError
 from svid._jose import b64url_decode, verify_jws_signature
@@ -28,8 +29,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def workers(clock: FakeClock) -> Iterator[JwtWorkers]:
-    pool = JwtWorkers(1, clock)
+def workers(clock: FakeClock) -> Iterator[SigningWorkers]:
+    pool = SigningWorkers(1, clock)
     try:
         assert pool.warm_up(30), "the worker did not start"
         yield pool
@@ -59,7 +60,7 @@ def _claims(jwt: IssuedJwt | SvidError, signer: JwtSigner) -> dict[str, object]:
 
 
 def _mint_in_worker_only(
-    monkeypatch: pytest.MonkeyPatch, pool: JwtWorkers, signer: JwtSigner, n: int
+    monkeypatch: pytest.MonkeyPatch, pool: SigningWorkers, signer: JwtSigner, n: int
 ) -> list[IssuedJwt | SvidError]:
     """Mint with this process's JwtSigner.mint broken: only a worker can have made the tokens."""
 
@@ -72,7 +73,7 @@ def _mint_in_worker_only(
 
 
 def test_a_worker_mints_tokens_that_verify_with_the_claims_asked_for(
-    workers: JwtWorkers, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    workers: SigningWorkers, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     signer = _signer(clock)
     out = _mint_in_worker_only(monkeypatch, workers, signer, 20)
@@ -89,7 +90,7 @@ def test_a_worker_mints_tokens_that_verify_with_the_claims_asked_for(
 
 
 def test_exp_is_capped_at_the_key_and_an_expired_key_fails_every_item(
-    workers: JwtWorkers, clock: FakeClock
+    workers: SigningWorkers, clock: FakeClock
 ) -> None:
     signer = _signer(clock, life=100)
     out = workers.mint(signer, _requests(MIN_BATCH, ttl=300))
@@ -101,7 +102,7 @@ def test_exp_is_capped_at_the_key_and_an_expired_key_fails_every_item(
 
 
 def test_rotated_keys_sign_with_their_own_kid_even_after_the_worker_forgot_one(
-    workers: JwtWorkers, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    workers: SigningWorkers, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     signers = [_signer(clock, kid=f"k{i}") for i in range(7)]
     for signer in [*signers, signers[0], signers[3], signers[6]]:
@@ -110,7 +111,7 @@ def test_rotated_keys_sign_with_their_own_kid_even_after_the_worker_forgot_one(
 
 
 def test_a_killed_worker_costs_speed_not_answers(
-    workers: JwtWorkers, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    workers: SigningWorkers, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     signer = _signer(clock)
     (first,) = workers.pids()
@@ -118,7 +119,7 @@ def test_a_killed_worker_costs_speed_not_answers(
     _wait_gone(first)
     out = workers.mint(signer, _requests(MIN_BATCH))  # answered here, from this process
     assert all(_claims(jwt, signer) for jwt in out)
-    assert "JWT mint worker failed" in caplog.text
+    assert "signing worker failed" in caplog.text
     assert workers.warm_up(30)
     (second,) = workers.pids()
     assert second != first
@@ -126,7 +127,7 @@ def test_a_killed_worker_costs_speed_not_answers(
 
 
 def test_small_batches_stay_in_the_server_and_start_no_worker(clock: FakeClock) -> None:
-    pool = JwtWorkers(2, clock)
+    pool = SigningWorkers(2, clock)
     try:
         signer = _signer(clock)
         out = pool.mint(signer, _requests(MIN_BATCH - 1))
@@ -137,7 +138,7 @@ def test_small_batches_stay_in_the_server_and_start_no_worker(clock: FakeClock) 
 
 
 def test_close_ends_the_worker_processes(clock: FakeClock) -> None:
-    pool = JwtWorkers(2, clock)
+    pool = SigningWorkers(2, clock)
     assert pool.warm_up(30)
     pids = pool.pids()
     assert len(pids) == 2
@@ -164,7 +165,7 @@ def _wait_gone(pid: int) -> None:
 
 
 def test_a_pool_of_none_mints_every_batch_in_the_server(clock: FakeClock) -> None:
-    pool = JwtWorkers(0, clock)
+    pool = SigningWorkers(0, clock)
     signer = _signer(clock)
     out = pool.mint(signer, _requests(3 * MIN_BATCH))
     assert len(out) == 3 * MIN_BATCH

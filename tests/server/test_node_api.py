@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from server.ca.signer import IssuedSvid, X509Request, X509Signer
 from svid._jose import b64url_decode, verify_jws_signature
 from svid._proto import admin_pb2, common_pb2, node_pb2, node_pb2_grpc
 from svid._x509 import check_leaf_profile
@@ -578,7 +579,7 @@ def test_batch_jwt_svids_with_per_item_errors(srv: RunningServer) -> None:
 
 
 def _worker_children() -> list[int]:
-    """Child processes of this test process that are JWT mint workers (the server runs here)."""
+    """Child processes of this test process that are signing workers (the server runs here)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -586,7 +587,7 @@ def _worker_children() -> list[int]:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == os.getpid() and b"server.ca.jwt_workers" in cmdline:
+        if int(fields[1]) == os.getpid() and b"server.ca.workers" in cmdline:
             found.append(int(stat.parent.name))
     return found
 
@@ -604,7 +605,7 @@ def test_a_big_jwt_batch_is_minted_in_worker_processes_in_order(srv: RunningServ
             break
         time.sleep(0.05)
     else:
-        raise AssertionError("no JWT mint worker process was started")
+        raise AssertionError("no signing worker process was started")
     # One more batch now that a worker is up: same answers, in request order.
     reply = stub.BatchNewJWTSVID(node_pb2.BatchNewJWTSVIDRequest(requests=items), timeout=30)
     assert reply.results[7].error.code == grpc.StatusCode.NOT_FOUND.value[0]
@@ -619,6 +620,54 @@ def test_a_big_jwt_batch_is_minted_in_worker_processes_in_order(srv: RunningServ
         )
         claims = json.loads(b64url_decode(body))
         assert (claims["sub"], claims["aud"]) == (entry.spiffe_id, f"a{i}")
+
+
+def test_a_big_x509_batch_is_signed_in_worker_processes_in_order(
+    srv: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = srv.attest()
+    entry = srv.create_entry("/x509/big", agent.spiffe_id, dns_names=["big.example.org"])
+    keys_csrs = [make_csr() for _ in range(40)]
+    params = [node_pb2.X509SVIDParams(entry_id=entry.id, csr=csr) for _, csr in keys_csrs]
+    params.insert(7, node_pb2.X509SVIDParams(entry_id="nope", csr=make_csr()[1]))
+    params.insert(20, node_pb2.X509SVIDParams(entry_id=entry.id, csr=b"garbage"))
+    request = node_pb2.BatchNewX509SVIDRequest(params=params)
+    # The server runs in this process: count the items it signs itself rather than in a worker.
+    here: list[int] = []
+    in_server = X509Signer.issue_csr
+
+    def counted(self: X509Signer, request: X509Request, now: int) -> IssuedSvid:
+        here.append(1)
+        return in_server(self, request, now)
+
+    monkeypatch.setattr(X509Signer, "issue_csr", counted)
+    stub = srv.node_stub(agent)
+    for _attempt in range(200):  # the first big batch starts the workers; answered meanwhile
+        here.clear()
+        reply = stub.BatchNewX509SVID(request, timeout=30)
+        if not here and _worker_children():
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("no X.509 batch was signed in a worker process")
+    codes = [r.error.code for r in reply.results]
+    assert codes[7] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert codes[20] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "csr" in reply.results[20].error.message
+    good = [r for i, r in enumerate(reply.results) if i not in {7, 20}]
+    assert [r.error.code for r in good] == [0] * 40
+    serials = set()
+    for (key, _), result in zip(keys_csrs, good, strict=True):
+        chain = der_chain(result.cert_chain)
+        leaf = chain[0]
+        assert leaf.public_key() == key.public_key()
+        assert str(check_leaf_profile(leaf)) == entry.spiffe_id
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == ["big.example.org"]
+        assert result.expires_at == int(leaf.not_valid_after_utc.timestamp())
+        serials.add(leaf.serial_number)
+    assert len(serials) == 40
+    assert "OK" in _openssl_verify(tmp_path, srv.bundle(), der_chain(good[-1].cert_chain))
 
 
 # -- garbage on the wire ---------------------------------------------------------------------
