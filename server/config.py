@@ -6,6 +6,7 @@ one place, `build_config`, and each error names the key it is about.
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -16,6 +17,8 @@ from typing import Any
 from server.errors import ConfigError
 from svid._errors import SpiffeIdError
 from svid._spiffe_id import TrustDomain
+
+log = logging.getLogger(__name__)
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
 LOG_FORMATS = ("json", "text")
@@ -228,11 +231,21 @@ def read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Keys an earlier release read: still accepted, with a warning, under their new names.
+_RENAMED = {"jwt_mint_processes": "signing_processes"}
+
+
 def build_config(
     file_values: Mapping[str, Any], flag_values: Mapping[str, Any] | None = None
 ) -> ServerConfig:
     """Merge file values and flags (flags win, None means 'not given'), validate, freeze."""
     merged: dict[str, Any] = dict(file_values)
+    for old, new in _RENAMED.items():
+        if old in merged:
+            if new in merged:
+                raise ConfigError(f"{old}: renamed {new}; give only {new}")
+            log.warning("configuration key %s is now %s; rename it", old, new)
+            merged[new] = merged.pop(old)
     for key, value in (flag_values or {}).items():
         if value is not None:
             merged[key] = value

@@ -84,12 +84,24 @@ def test_config_is_frozen() -> None:
         ({"trust_domain": "example.org", "audit_max_events": -3}, "audit_max_events"),
         ({"trust_domain": "example.org", "audit_prune_interval": 0}, "audit_prune_interval"),
         ({"trust_domain": "example.org", "signing_processes": -1}, "signing_processes"),
-        ({"trust_domain": "example.org", "jwt_mint_processes": 2}, "jwt_mint_processes"),
+        (
+            {"trust_domain": "example.org", "jwt_mint_processes": 2, "signing_processes": 1},
+            "jwt_mint_processes",
+        ),
+        ({"trust_domain": "example.org", "jwt_mint_processes": -1}, "signing_processes"),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key}:"):
         build_config(values)
+
+
+def test_the_old_worker_key_still_works_under_its_new_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = build_config({"trust_domain": "example.org", "jwt_mint_processes": 3})
+    assert config.signing_processes == 3
+    assert "jwt_mint_processes is now signing_processes" in caplog.text
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
