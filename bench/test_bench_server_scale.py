@@ -57,7 +57,7 @@ import pytest
 
 import tests.e2e.conftest as e2e
 from agent_attestor.config import AgentConfig
-from bench.report import Row, Table, at_most, latency_row, value_row
+from bench.report import Row, Table, at_most, latency_row, percentile, value_row
 from server.datastore.records import Entry, Selector
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import SystemClock
@@ -510,6 +510,9 @@ def test_real_agent_holding_entries(benchmark: Any, table: Table, stack: Stack, 
             stream.cancel()
         agent.stop()
     complete = len(latencies) >= PROBES
+    # Fewer than 100 samples in the budget: no p99, but a p50 already past the goal bounds it.
+    slow = not complete and percentile([x * 1000 for x in latencies], 50) > 1000
+    goal = at_most(1000, "p99") if complete else at_most(1000, "p50") if slow else None
     print(
         f"\n[bench] real agent, {n:,} entries: first fill {first_fill:.1f} s, {len(latencies)} "
         f"entry->SVID samples, restart -> ready {restart:.1f} s"
@@ -519,9 +522,10 @@ def test_real_agent_holding_entries(benchmark: Any, table: Table, stack: Stack, 
         latency_row(
             f"real agent holding {n:,} entries: entry -> SVID",
             latencies,
-            goal=at_most(1000, "p99") if complete else None,
+            goal=goal,
             note="CreateEntry ack to the open FetchX509SVID stream"
-            + ("" if complete else f"; only {len(latencies)} in {PROBE_BUDGET:g} s"),
+            + ("" if complete else f"; only {len(latencies)} in {PROBE_BUDGET:g} s")
+            + ("; judged on p50: p99 >= p50 > 1 s" if slow else ""),
         ),
         value_row(
             f"real agent holding {n:,} entries: restart -> all SVIDs ready",
