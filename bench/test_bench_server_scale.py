@@ -10,7 +10,8 @@ Rows (sizes from the SVIDD_SERVER_SCALE_* variables below; `make bench` runs the
   second agent (the "witness"), whose Sync stream is how we know the write went through. Writes
   are paced (the next one after the witness saw the last), then the server is left to go quiet,
   so no wake-up of the big agent's stream is coalesced away; the idle rate measured just before is
-  subtracted. Judged: the ratio of the largest size to 1 entry, goal <= 2x.
+  subtracted. Judged: the ratio of the largest size to 1 entry, goal <= 2x. For reference, the
+  same writes once that agent's stream is closed (the entries stay in the trust domain).
 - the same with 10 / 100 / 1,000 light agents connected (each holding 10 entries), plus the
   server's RSS with them connected.
 - server RSS per entry with N entries in the trust domain (100k and 1M): (RSS after start with N
@@ -27,7 +28,9 @@ Rows (sizes from the SVIDD_SERVER_SCALE_* variables below; `make bench` runs the
   restart -> all SVIDs ready (SIGTERM, start again on the same data dir; from the start to the
   agent's `svid_agent_x509_svids` gauge reaching min(entries, max_prefetched_svids) with
   `svid_agent_entries` at every entry; the default cap is 20k, so at 100k "all ready" means the
-  20k it prefetches, the rest are minted on demand; goal <= 30 s).
+  20k it prefetches, the rest are minted on demand; goal <= 30 s). For reference, the time from
+  the last BatchCreate ack to the first fill (the agent starts prefetching while the batches are
+  still arriving, so this is shorter than a fill from nothing).
 - 100k entries through the batch API: bench/test_bench_admin.py (in `make bench`), not repeated.
 
 Today's Sync sends full state on every change, so one SyncUpdate for 100k entries is ~15 MB: the
