@@ -31,6 +31,13 @@ Rows (sizes from the SVIDD_SERVER_SCALE_* variables below; `make bench` runs the
   20k it prefetches, the rest are minted on demand; goal <= 30 s). For reference, the time from
   the last BatchCreate ack to the first fill (the agent starts prefetching while the batches are
   still arriving, so this is shorter than a fill from nothing).
+- workloads per agent at a 5-minute TTL (100 / 1k / 10k; `make bench-scale` only, 3 minutes
+  each): a real agent holding W entries with TTL 300 s, every SVID held; then agent and server
+  process CPU over the next 175 s, in which each SVID renews once (at 1/2 of its life +-10 %).
+  Agent CPU per renewal -> workloads per agent core (150 s / that; goal >= 10k), and server CPU
+  per renewal. No workload streams are open (one test process cannot be W distinct callers; the
+  in-process figures with a stream each are bench/test_bench_agent_scale.py's), and the idle
+  CPU of both processes is inside the figure.
 - 100k entries through the batch API: bench/test_bench_admin.py (in `make bench`), not repeated.
 
 Today's Sync sends full state on every change, so one SyncUpdate for 100k entries is ~15 MB: the
@@ -60,7 +67,7 @@ import pytest
 
 import tests.e2e.conftest as e2e
 from agent_attestor.config import AgentConfig
-from bench.report import Row, Table, at_most, latency_row, percentile, value_row
+from bench.report import Row, Table, at_least, at_most, latency_row, percentile, value_row
 from server.datastore.records import Entry, Selector
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import SystemClock
@@ -82,6 +89,7 @@ HELD = _sizes("SVIDD_SERVER_SCALE_HELD", "1,1000,10000")  # entries of the conne
 AGENTS = _sizes("SVIDD_SERVER_SCALE_AGENTS", "10,100")  # light Sync clients
 TOTALS = _sizes("SVIDD_SERVER_SCALE_TOTALS", "100000")  # entries in the trust domain (RSS)
 ON_AGENT = _sizes("SVIDD_SERVER_SCALE_ON_AGENT", "1000")  # entries on a real agent
+WORKLOADS = _sizes("SVIDD_SERVER_SCALE_WORKLOADS", "")  # renewals on a real agent (3 min each)
 
 TD = f"spiffe://{TRUST_DOMAIN}"
 KB = 1024
@@ -92,6 +100,9 @@ WRITE_BUDGET = 45.0  # seconds of writing per size, after the minimum
 ROUNDS = 5  # the writes of a size fall in this many rounds, for the spread
 PROBES = 100  # entry -> SVID samples (a p99 needs 100)
 PROBE_BUDGET = 300.0
+TTL = 300  # the workload X.509-SVID TTL of the renewal rows (the server's default)
+RENEW_WINDOW = 175.0  # renewal at 1/2 of life +-10 %: every SVID renews once in this window
+GOAL_WORKLOADS_PER_CORE = 10_000
 CAP = AgentConfig().max_prefetched_svids
 UID = f"uid:{os.getuid()}"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -555,6 +566,54 @@ def test_real_agent_holding_entries(benchmark: Any, table: Table, stack: Stack, 
             first_fill * 1000,
             "ms",
             note="for reference: the first prefetch after BatchCreate",
+        ),
+    )
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("w", WORKLOADS)
+def test_real_agent_renewals_at_5_min_ttl(
+    benchmark: Any, table: Table, stack: Stack, w: int
+) -> None:
+    metrics = f"127.0.0.1:{_free_port()}"
+    agent = AgentProcess(stack.root, stack.server, stack.token())
+    try:
+        agent.start("--log-level", "warning", "--metrics-address", metrics)
+        agent_id = agent.agent_id()
+        entries = stack.entries(agent_id, w)
+        for entry in entries:
+            entry.x509_svid_ttl = TTL
+        stack.create(entries)
+        wait_for(lambda: _ready(metrics, w, min(w, CAP)), 900, f"{w:,} SVIDs", interval=0.5)
+        assert agent.proc is not None
+        apid = agent.proc.pid
+        agent_before, server_before = cpu_seconds(apid), cpu_seconds(stack.pid)
+        time.sleep(RENEW_WINDOW)
+        assert _ready(metrics, w, min(w, CAP)), "SVIDs were lost during renewal"
+        agent_used = cpu_seconds(apid) - agent_before
+        server_used = cpu_seconds(stack.pid) - server_before
+    finally:
+        agent.stop()
+    renewals = min(w, CAP)
+    per_renewal = agent_used / renewals
+    per_core = (TTL / 2) / per_renewal if per_renewal else math.inf
+    print(
+        f"\n[bench] real agent, {w:,} workloads at {TTL} s TTL: agent {per_renewal * 1000:.2f} ms, "
+        f"server {server_used / renewals * 1000:.2f} ms CPU per renewal -> {per_core:,.0f} per core"
+    )
+    table.add(
+        value_row(
+            f"real agent, {w:,} workloads at 5 min TTL: workloads per agent core",
+            per_core,
+            "",
+            goal=at_least(GOAL_WORKLOADS_PER_CORE),
+            note=f"150 s / agent CPU per renewal over {RENEW_WINDOW:g} s; no streams open",
+        ),
+        value_row(
+            f"real agent, {w:,} workloads at 5 min TTL: server CPU per renewal",
+            server_used / renewals * 1000,
+            "ms",
+            note="server process CPU over the same window / SVIDs renewed",
         ),
     )
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
