@@ -26,6 +26,7 @@ from enum import StrEnum
 from typing import Any
 
 from server.audit.errors import AuditError, SecretInAuditError
+from server.datastore.records import AUDIT_COLUMNS
 
 GENESIS_HASH = "0" * 64
 MAX_EXTRA_BYTES = 4096
@@ -121,29 +122,10 @@ class AuditEvent(EventDraft):
 
 
 EVENT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AuditEvent))
-# The hashed fields in hash order; also the column order of the store (which adds `hash`).
-CANONICAL_FIELDS: tuple[str, ...] = (
-    "seq",
-    "event_id",
-    "ts",
-    "kind",
-    "agent_id",
-    "node_id",
-    "on_behalf_of",
-    "resource",
-    "action",
-    "decision",
-    "reason",
-    "task_id",
-    "risk",
-    "credential_id",
-    "policy_ids",
-    "policy_set_hash",
-    "ttl",
-    "latency_us",
-    "extra",
-    "prev_hash",
-)
+# The hashed fields in hash order: the store's audit columns but the row's own `hash`, which
+# comes last there. One list, kept by the datastore, so the two cannot drift apart.
+assert AUDIT_COLUMNS[-1] == "hash"
+CANONICAL_FIELDS: tuple[str, ...] = AUDIT_COLUMNS[:-1]
 _POLICY_AT = CANONICAL_FIELDS.index("policy_ids")
 _EXTRA_AT = CANONICAL_FIELDS.index("extra")
 # One encoder for every call: json.dumps with options builds a new one each time.
