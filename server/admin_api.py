@@ -18,6 +18,7 @@ from server.attestation.join_token import new_join_token
 from server.audit.checkpoint import Checkpoint
 from server.convert import agent_to_proto, bundle_to_proto, entry_from_proto, entry_to_proto
 from server.datastore.base import DataStore
+from server.datastore.errors import DataStoreError
 from server.datastore.records import AttestedAgent, Entry, Selector
 from server.entitlement import EntryIndex
 from server.errors import InvalidRequestError, NotFoundError, UnavailableError
@@ -202,39 +203,43 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             raise NotFoundError(f"entry {request.id} not found")
         return entry_to_proto(entry)
 
+    async def _write_batch(
+        self,
+        messages: Sequence[common_pb2.Entry],
+        check: Callable[[Sequence[Entry], ServerIds, EntryIndex], list[Entry | ItemError]],
+        write: Callable[[Sequence[Entry]], Awaitable[list[Entry | DataStoreError]]],
+        done: str,
+    ) -> list[admin_pb2.EntryResult]:
+        """Check a batch off the loop, write the clean items in one transaction, and answer
+        each item in request order."""
+        _check_batch("entries", len(messages))
+        entries, checked = await asyncio.to_thread(
+            _checked, check, messages, self._ids, self._state.entries
+        )
+        clean = [c for c in checked if isinstance(c, Entry)]
+        stored = iter(await write(clean) if clean else [])
+        outcomes = [next(stored) if isinstance(c, Entry) else c for c in checked]
+        count = sum(isinstance(o, Entry) for o in outcomes)
+        _log.info(f"entries {done}", extra={"count": count, "refused": len(outcomes) - count})
+        return [_item_result(o, e.id) for o, e in zip(outcomes, entries, strict=True)]
+
     @status.unary
     async def BatchCreateEntry(  # type: ignore[override]
         self, request: admin_pb2.BatchCreateEntryRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.BatchCreateEntryResponse:
-        _check_batch("entries", len(request.entries))
-        entries, checked = await asyncio.to_thread(
-            _checked, check_creates, request.entries, self._ids, self._state.entries
+        results = await self._write_batch(
+            request.entries, check_creates, self._state.create_entries, "created"
         )
-        clean = [c for c in checked if isinstance(c, Entry)]
-        stored = iter(await self._state.create_entries(clean) if clean else [])
-        outcomes = [next(stored) if isinstance(c, Entry) else c for c in checked]
-        created = sum(isinstance(o, Entry) for o in outcomes)
-        _log.info("entries created", extra={"count": created, "refused": len(outcomes) - created})
-        return admin_pb2.BatchCreateEntryResponse(
-            results=[_item_result(o, e.id) for o, e in zip(outcomes, entries, strict=True)]
-        )
+        return admin_pb2.BatchCreateEntryResponse(results=results)
 
     @status.unary
     async def BatchUpdateEntry(  # type: ignore[override]
         self, request: admin_pb2.BatchUpdateEntryRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.BatchUpdateEntryResponse:
-        _check_batch("entries", len(request.entries))
-        entries, checked = await asyncio.to_thread(
-            _checked, check_updates, request.entries, self._ids, self._state.entries
+        results = await self._write_batch(
+            request.entries, check_updates, self._state.update_entries, "updated"
         )
-        clean = [c for c in checked if isinstance(c, Entry)]
-        stored = iter(await self._state.update_entries(clean) if clean else [])
-        outcomes = [next(stored) if isinstance(c, Entry) else c for c in checked]
-        updated = sum(isinstance(o, Entry) for o in outcomes)
-        _log.info("entries updated", extra={"count": updated, "refused": len(outcomes) - updated})
-        return admin_pb2.BatchUpdateEntryResponse(
-            results=[_item_result(o, e.id) for o, e in zip(outcomes, entries, strict=True)]
-        )
+        return admin_pb2.BatchUpdateEntryResponse(results=results)
 
     @status.unary
     async def BatchDeleteEntry(  # type: ignore[override]
