@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -27,6 +27,7 @@ from svid._limits import audience_problem
 from svid._proto import workload_pb2, workload_pb2_grpc
 
 log = logging.getLogger(__name__)
+_Msg = TypeVar("_Msg", workload_pb2.X509BundlesResponse, workload_pb2.JWTBundlesResponse)
 _REPORTED_CHARS = 2048  # a SPIFFE ID's own limit; any longer claim is not a valid one
 
 
@@ -204,31 +205,46 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         finally:
             self._cache.watchers.close(watch)
 
-    async def FetchX509Bundles(  # noqa: N802 - gRPC method name
-        self, request: workload_pb2.X509BundlesRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
-        caller = await self._caller(context, "FetchX509Bundles")
+    async def _bundle_stream(
+        self,
+        context: grpc.aio.ServicerContext,
+        method: str,
+        build: Callable[[Snapshot], _Msg],
+    ) -> AsyncIterator[_Msg]:
+        """A bundle stream: the first message at once, then one whenever what `build` makes of
+        the cache changes; ended with PERMISSION_DENIED once the caller holds no identity."""
+        caller = await self._caller(context, method)
         snap = await self._ready(context)
         await self._entitled(context, snap, caller)
         watch = self._cache.watchers.open(caller.selectors)
         try:
-            sent: workload_pb2.X509BundlesResponse | None = None
+            sent: _Msg | None = None
             while True:
                 seen = watch.signal.version
                 snap = self._cache.snapshot()
                 await self._not_refused(context, snap)
                 if not watch.entry_ids:
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
-                msg = workload_pb2.X509BundlesResponse(
-                    crl=list(snap.crl),
-                    bundles={_td_key(td): b.x509_der for td, b in snap.all_bundles().items()},
-                )
+                msg = build(snap)
                 if msg != sent:
                     yield msg
                     sent = msg
                 await watch.signal.wait(seen)
         finally:
             self._cache.watchers.close(watch)
+
+    async def FetchX509Bundles(  # noqa: N802 - gRPC method name
+        self, request: workload_pb2.X509BundlesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
+        def build(snap: Snapshot) -> workload_pb2.X509BundlesResponse:
+            return workload_pb2.X509BundlesResponse(
+                crl=list(snap.crl),
+                bundles={_td_key(td): b.x509_der for td, b in snap.all_bundles().items()},
+            )
+
+        # grpc.aio streams from async generator methods only: re-yield.
+        async for msg in self._bundle_stream(context, "FetchX509Bundles", build):
+            yield msg
 
     # ---- JWT -------------------------------------------------------------------------------
 
@@ -288,30 +304,15 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     async def FetchJWTBundles(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.JWTBundlesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[workload_pb2.JWTBundlesResponse]:
-        caller = await self._caller(context, "FetchJWTBundles")
-        snap = await self._ready(context)
-        await self._entitled(context, snap, caller)
-        watch = self._cache.watchers.open(caller.selectors)
-        try:
-            sent: workload_pb2.JWTBundlesResponse | None = None
-            while True:
-                seen = watch.signal.version
-                snap = self._cache.snapshot()
-                await self._not_refused(context, snap)
-                if not watch.entry_ids:
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
-                msg = workload_pb2.JWTBundlesResponse(
-                    bundles={
-                        _td_key(td): self._validator.bundles.convert(b).to_jwks()
-                        for td, b in snap.all_bundles().items()
-                    }
-                )
-                if msg != sent:
-                    yield msg
-                    sent = msg
-                await watch.signal.wait(seen)
-        finally:
-            self._cache.watchers.close(watch)
+        convert = self._validator.bundles.convert
+
+        def build(snap: Snapshot) -> workload_pb2.JWTBundlesResponse:
+            return workload_pb2.JWTBundlesResponse(
+                bundles={_td_key(td): convert(b).to_jwks() for td, b in snap.all_bundles().items()}
+            )
+
+        async for msg in self._bundle_stream(context, "FetchJWTBundles", build):
+            yield msg
 
     def _report(
         self,
