@@ -6,20 +6,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-import threading
 from pathlib import Path
 
-import grpc
 import pytest
 
 from server.audit.checkpoint import CHECKPOINT_FILE
-from svid._proto import node_pb2, node_pb2_grpc
-from tests.e2e.conftest import TRUST_DOMAIN, make_server, server_command, short_tmpdir, wait_for
-from tests.e2e.test_server_cli import attest, node_channel
-from tests.server.fixtures import make_csr
+from tests.e2e.conftest import make_server, server_command, short_tmpdir, wait_for
+from tests.e2e.issuance_load import IssuanceLoad
 
 pytestmark = pytest.mark.e2e
-TD = f"spiffe://{TRUST_DOMAIN}"
 VERIFIERS = 3
 ROUNDS = 2
 
@@ -40,45 +35,10 @@ def test_verify_on_a_live_server_under_load_reports_no_false_alarm() -> None:
         signing_processes=0,
     )
     server.start()
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    threads: list[threading.Thread] = []
+    load: IssuanceLoad | None = None
     checkpoints = server.data_dir / CHECKPOINT_FILE
     try:
-        pem = server.cli("bundle", "show").stdout
-        token = server.cli_json("token", "generate", "--ttl", "300")
-        agent = attest(server, token["token"], pem.encode())
-        spiffe_id = f"{TD}/load/web"
-        entry = server.cli_json(
-            "entry", "create", "--spiffe-id", spiffe_id, "--parent-id", agent.spiffe_id,
-            "--selector", "unix:uid:1000",
-        )  # fmt: skip
-        csr = make_csr()[1]
-        x509 = node_pb2.BatchNewX509SVIDRequest(
-            params=[node_pb2.X509SVIDParams(entry_id=entry["id"], csr=csr)] * 8
-        )
-        jwt = node_pb2.BatchNewJWTSVIDRequest(
-            requests=[
-                node_pb2.NewJWTSVIDRequest(
-                    spiffe_id=spiffe_id, audience=["db"], entry_id=entry["id"]
-                )
-            ]
-            * 8
-        )
-
-        def load() -> None:
-            try:
-                with node_channel(server, agent) as channel:
-                    stub = node_pb2_grpc.NodeStub(channel)
-                    while not stop.is_set():
-                        stub.BatchNewX509SVID(x509, timeout=10)
-                        stub.BatchNewJWTSVID(jwt, timeout=10)
-            except grpc.RpcError as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=load) for _ in range(2)]
-        for t in threads:
-            t.start()
+        load = IssuanceLoad(server).start()
         # Load is on: a checkpoint past the first hundred events exists.
         wait_for(
             lambda: (cp := _last_checkpoint(checkpoints)) is not None and cp["seq"] > 100,  # type: ignore[operator]
@@ -99,17 +59,16 @@ def test_verify_on_a_live_server_under_load_reports_no_false_alarm() -> None:
                 assert proc.returncode == 0, err
                 assert "audit chain OK" in out
                 assert "matches the checkpoint of" in out
-        assert not errors, errors
-        assert all(t.is_alive() for t in threads)  # the load ran throughout
+        assert not load.errors, load.errors
+        assert load.running()  # the load ran throughout
 
         on_demand = server.cli("audit", "checkpoint").stdout
         assert on_demand.startswith("audit checkpoint: seq ")
         line = json.loads(server.cli("audit", "checkpoint", "--output", "json").stdout)
         assert line["seq"] >= int(on_demand.split()[3])
     finally:
-        stop.set()
-        for t in threads:
-            t.join(15)
+        if load is not None:
+            load.stop()
         if server.proc is not None:
             assert server.stop() == 0
     # The shutdown checkpoint names the final head: nothing recorded after it.

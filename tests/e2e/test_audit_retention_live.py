@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-import threading
 from pathlib import Path
 
-import grpc
 import pytest
 
 from server.audit.checkpoint import CHECKPOINT_FILE, PUBLIC_KEY_FILE
-from svid._proto import node_pb2, node_pb2_grpc
-from tests.e2e.conftest import TRUST_DOMAIN, make_server, server_command, short_tmpdir, wait_for
-from tests.e2e.test_server_cli import attest, node_channel
-from tests.server.fixtures import make_csr
+from tests.e2e.conftest import make_server, server_command, short_tmpdir, wait_for
+from tests.e2e.issuance_load import IssuanceLoad
 
 pytestmark = pytest.mark.e2e
-TD = f"spiffe://{TRUST_DOMAIN}"
 KEEP = 300
 
 
@@ -58,45 +53,9 @@ def test_a_live_server_prunes_while_issuing_and_stays_verifiable() -> None:
         *server_command(), "audit", "verify", "--data-dir", str(server.data_dir),
         "--anchor", str(server.data_dir / CHECKPOINT_FILE), "--anchor-key", str(pinned),
     ]  # fmt: skip
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    issued = [0]
-    threads: list[threading.Thread] = []
+    load: IssuanceLoad | None = None
     try:
-        pem = server.cli("bundle", "show").stdout
-        token = server.cli_json("token", "generate", "--ttl", "300")
-        agent = attest(server, token["token"], pem.encode())
-        spiffe_id = f"{TD}/load/web"
-        entry = server.cli_json(
-            "entry", "create", "--spiffe-id", spiffe_id, "--parent-id", agent.spiffe_id,
-            "--selector", "unix:uid:1000",
-        )  # fmt: skip
-        x509 = node_pb2.BatchNewX509SVIDRequest(
-            params=[node_pb2.X509SVIDParams(entry_id=entry["id"], csr=make_csr()[1])] * 8
-        )
-        jwt = node_pb2.BatchNewJWTSVIDRequest(
-            requests=[
-                node_pb2.NewJWTSVIDRequest(
-                    spiffe_id=spiffe_id, audience=["db"], entry_id=entry["id"]
-                )
-            ]
-            * 8
-        )
-
-        def load() -> None:
-            try:
-                with node_channel(server, agent) as channel:
-                    stub = node_pb2_grpc.NodeStub(channel)
-                    while not stop.is_set():
-                        stub.BatchNewX509SVID(x509, timeout=10)
-                        stub.BatchNewJWTSVID(jwt, timeout=10)
-                        issued[0] += 16
-            except grpc.RpcError as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=load) for _ in range(2)]
-        for t in threads:
-            t.start()
+        load = IssuanceLoad(server).start()
         wait_for(lambda: _base(db) > 2000, 60, "the server to prune past seq 2000")
         for _ in range(3):
             done = _run(verify)
@@ -104,22 +63,19 @@ def test_a_live_server_prunes_while_issuing_and_stays_verifiable() -> None:
             assert "audit chain OK" in done.stdout
             assert "events pruned through seq" in done.stdout
             assert "(signed by the prune record of" in done.stdout or "cut short" in done.stdout
-        at_verify = issued[0]
-        wait_for(lambda: issued[0] > at_verify + 100, 30, "issuance to go on")
-        assert not errors, errors
+        at_verify = load.issued
+        wait_for(lambda: load.issued > at_verify + 100, 30, "issuance to go on")
+        assert not load.errors, load.errors
         # kill -9 under load, wherever the pruner is.
         server.kill9()
-        stop.set()
-        for t in threads:
-            t.join(15)
+        load.stop()
         done = _run(verify)
         assert done.returncode == 0, done.stdout + done.stderr
         server.start()
         assert server.stop() == 0
     finally:
-        stop.set()
-        for t in threads:
-            t.join(15)
+        if load is not None:
+            load.stop()
         if server.proc is not None:
             server.stop()
     done = _run(verify)
