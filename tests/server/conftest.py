@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
+from server.ca.workers import SigningWorkers
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
 from svid._spiffe_id import TrustDomain
@@ -22,6 +23,17 @@ TRUST_DOMAIN = TrustDomain("example.org")
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(1_700_000_000)
+
+
+@pytest.fixture
+def workers(clock: FakeClock) -> Iterator[SigningWorkers]:
+    """One real signing worker process, started; a module's own `clock` fixture sets its time."""
+    pool = SigningWorkers(1, clock)
+    try:
+        assert pool.warm_up(30), "the worker did not start"
+        yield pool
+    finally:
+        pool.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,16 +25,6 @@ NOW = 1_800_000_000
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(NOW)
-
-
-@pytest.fixture
-def workers(clock: FakeClock) -> Iterator[SigningWorkers]:
-    pool = SigningWorkers(1, clock)
-    try:
-        assert pool.warm_up(30), "the worker did not start"
-        yield pool
-    finally:
-        pool.close()
 
 
 def _signer(clock: FakeClock, kid: str = "k1", life: int = 3600) -> JwtSigner:

@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,16 +36,6 @@ TD = "example.org"
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(NOW)
-
-
-@pytest.fixture
-def workers(clock: FakeClock) -> Iterator[SigningWorkers]:
-    pool = SigningWorkers(1, clock)
-    try:
-        assert pool.warm_up(30), "the worker did not start"
-        yield pool
-    finally:
-        pool.close()
 
 
 def _name(cn: str) -> x509.Name:
