@@ -54,8 +54,16 @@ def test_a_flood_of_idle_connections_from_one_uid_leaves_room_for_others(
         channel = grpc.insecure_channel(f"unix:{agent.socket_path}")
         try:
             stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+            # Waits for the connection as SPIFFE clients do (they retry with backoff): the
+            # listen backlog may still hold the flood's pending connects for a moment, and a
+            # connect into a full backlog fails at once. A lockout still fails after 15 s.
             msg = next(
-                stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=15)
+                stub.FetchX509SVID(
+                    workload_pb2.X509SVIDRequest(),
+                    metadata=HEADER,
+                    timeout=15,
+                    wait_for_ready=True,
+                )
             )
         finally:
             channel.close()
