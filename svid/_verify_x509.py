@@ -50,6 +50,7 @@ from svid._errors import (
 )
 from svid._revocation import RevocationSet
 from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._ssl_peer import peer_chain_der
 from svid._x509 import check_leaf_facts, check_signing_profile
 
 X509BundleGetter = Callable[[TrustDomain], X509Bundle | None]
@@ -420,22 +421,17 @@ class X509Verifier:
         self._cache.put(key, entry)
         return entry.result
 
-    def verify_ssl_peer(self, conn: ssl.SSLSocket | ssl.SSLObject) -> VerifiedX509:
+    def verify_ssl_peer(self, conn: ssl.SSLSocket | ssl.SSLObject | Any) -> VerifiedX509:
         """Verify the peer of an established TLS connection; call it right after the handshake.
 
-        The ``ssl`` context should require a peer certificate (CERT_REQUIRED) and trust the CAs
-        of the accepted trust domains; this check then pins the chain to the peer's own trust
-        domain and applies the SPIFFE rules, times and revocations that OpenSSL does not know.
+        ``conn`` is an ``ssl.SSLSocket``, an ``ssl.SSLObject`` (asyncio's
+        ``transport.get_extra_info("ssl_object")``) or the C-level object under them that
+        httpcore's sync transport hands out. The ``ssl`` context should require a peer
+        certificate (CERT_REQUIRED) and trust the CAs of the accepted trust domains; this check
+        then pins the chain to the peer's own trust domain and applies the SPIFFE rules, times
+        and revocations that OpenSSL does not know. ``svid.tls`` does all of it in the handshake.
         """
-        get_chain = getattr(conn, "get_unverified_chain", None)  # Python 3.13+
-        if get_chain is not None:
-            ders = [bytes(d) for d in (get_chain() or [])]
-        else:
-            leaf = conn.getpeercert(binary_form=True)
-            ders = [leaf] if leaf else []
-        if not ders:
-            raise VerificationError("TLS peer presented no certificate")
-        return self.verify_der(b"".join(ders))
+        return self.verify_der(b"".join(peer_chain_der(conn)))
 
     def _still_valid(self, entry: _Entry, now: float) -> bool:
         if not entry.not_before <= now <= entry.not_after:
