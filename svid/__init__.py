@@ -13,15 +13,16 @@ Verify an incoming JWT-SVID in a web handler::
             return 401, str(exc)  # messages never contain the token
         return 200, f"hello {caller.spiffe_id}"
 
-Check the peer of a mutual-TLS connection (the ``ssl`` context requires a client certificate and
-trusts the CAs of the accepted trust domains; the verifier pins the chain to the peer's own trust
-domain and applies the SPIFFE leaf rules, validity times and revocations)::
+Mutual TLS with this workload's own rotating SVID, the peer authorised in the handshake
+(``svid.tls``; stdlib ``ssl`` contexts for wrap_socket, http.server, asyncio, httpx)::
 
-    x509_verifier = svid.X509Verifier(source.x509_bundle_for)
-    with ctx.wrap_socket(sock, server_side=True) as tls:
-        peer = x509_verifier.verify_ssl_peer(tls)  # raises VerificationError
-        if peer.spiffe_id != allowed:
-            ...
+    with svid.X509Source() as source:
+        ctx = svid.tls.server_context(source, authorize="spiffe://example.org/billing")
+
+Or check the peer of a connection you set up yourself (the verifier pins the chain to the peer's
+own trust domain and applies the SPIFFE leaf rules, validity times and revocations)::
+
+    peer = x509_verifier.verify_ssl_peer(tls)  # SSLSocket or SSLObject; raises VerificationError
 
 Keep bundles and revocations current from the local agent (SPIFFE_ENDPOINT_SOCKET)::
 

@@ -37,15 +37,15 @@ from tests.svid.tls_world import (
     CLIENT,
     FAST,
     INTRUDER,
+    REQUEST,
     SERVER,
     Workload,
     https_server,
+    raw_request,
     sock_root,
     workload,
 )
 from tests.svid.workload_fake import eventually
-
-REQUEST = b"GET /secret HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
 @dataclass
@@ -86,21 +86,6 @@ def test_mtls_both_ways_with_httpx_and_http_server(
     assert seen.peers == [CLIENT]  # tls.peer_of(self.connection) in the handler
 
 
-def _raw_request(ctx: ssl.SSLContext, port: int) -> bytes:
-    """A hand-written TLS client: completes its side of the handshake, sends a request at once
-    (TLS 1.3: before the server has judged its certificate), and reads what comes back."""
-    answer = b""
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        contextlib.suppress(OSError),  # reset, broken pipe, TLS alert: all refusals
-        ctx.wrap_socket(raw, server_hostname="x") as conn,
-    ):
-        conn.sendall(REQUEST)
-        while chunk := conn.recv(4096):
-            answer += chunk
-    return answer
-
-
 @pytest.mark.parametrize("handshake_on_connect", [False, True])
 @pytest.mark.parametrize("who", ["unauthorised ID", "other trust domain", "revoked"])
 def test_refused_client_request_never_reaches_the_app(
@@ -123,9 +108,9 @@ def test_refused_client_request_never_reaches_the_app(
         )
         peer = plain_context(svid, world.pki, server=False)
     with https_server(sctx, handshake_on_connect=handshake_on_connect) as (port, seen, _httpd):
-        answer = _raw_request(peer, port)
+        answer = raw_request(peer, port)
         ok = plain_context(world.pki.svid(CLIENT), world.pki, server=False)
-        assert _raw_request(ok, port).startswith(b"HTTP/1.1 200")  # the server still serves
+        assert raw_request(ok, port).startswith(b"HTTP/1.1 200")  # the server still serves
     assert answer == b""
     assert seen.requests == ["/secret"]  # only the authorised client's request
     assert seen.peers == [CLIENT]
@@ -278,7 +263,7 @@ def test_server_rotates_without_restart(world: World) -> None:
     with https_server(sctx) as (port, seen, _httpd):  # the listening socket wrapped once
         first = world.server.serial
         assert _served_serial(port, client) == first
-        second = world.server.rotate(world.pki)
+        second = world.server.rotate()
         assert _served_serial(port, client) == second
         # A keep-alive connection made before the rotation still works (TLS keeps its cert).
         assert len(seen.requests) == 2
@@ -296,7 +281,7 @@ def test_client_rotates_without_restart_and_keeps_its_connection_pool(world: Wor
     with https_server(sctx) as (port, _seen, _httpd), httpx.Client(verify=cctx) as client:
         assert _get(cctx, port, client).status_code == 200
         first = world.client.serial
-        second = world.client.rotate(world.pki)
+        second = world.client.rotate()
         assert _get(cctx, port, client).status_code == 200  # pooled: the old connection
         assert _get(cctx, port).status_code == 200  # a new connection: the new SVID
     assert serials == [first, second]
@@ -310,7 +295,7 @@ def test_trust_follows_the_bundle(world: World) -> None:
     client = plain_context(newer.svid(CLIENT), newer, world.pki, server=False)
     server_bundle = world.server.state.x509
     with https_server(sctx) as (port, seen, _httpd):
-        assert _raw_request(client, port) == b""
+        assert raw_request(client, port) == b""
         world.server.state.change(
             x509={
                 str(world.pki.trust_domain.id): der_concat([world.pki.root.cert, newer.root.cert])
@@ -320,13 +305,13 @@ def test_trust_follows_the_bundle(world: World) -> None:
             lambda: len(world.server.source.x509_bundles[world.pki.trust_domain].authorities) == 2,
             "the new CA",
         )
-        assert _raw_request(client, port).startswith(b"HTTP/1.1 200")
+        assert raw_request(client, port).startswith(b"HTTP/1.1 200")
         world.server.state.change(x509=server_bundle)
         eventually(
             lambda: len(world.server.source.x509_bundles[world.pki.trust_domain].authorities) == 1,
             "the CA gone",
         )
-        assert _raw_request(client, port) == b""
+        assert raw_request(client, port) == b""
     assert seen.requests == ["/secret"]
 
 
@@ -383,17 +368,17 @@ def test_new_peers_are_refused_while_revocation_data_is_stale(world: World) -> N
     sctx = tls.server_context(world.server.source, CLIENT, max_revocation_staleness=0.3)
     client = plain_context(world.pki.svid(CLIENT), world.pki, server=False)
     with https_server(sctx) as (port, _seen, httpd):
-        assert _raw_request(client, port).startswith(b"HTTP/1.1 200")
+        assert raw_request(client, port).startswith(b"HTTP/1.1 200")
         world.server.agent.stop()
         eventually(lambda: world.server.source.revocation_staleness() > 0.3, "stale data")
-        assert _raw_request(client, port) == b""
+        assert raw_request(client, port) == b""
         eventually(
             lambda: any("max_revocation_staleness" in str(e) for e in httpd.errors),
             "the refusal to name the staleness",
         )
         world.server.agent.start()
         eventually(lambda: world.server.source.revocation_staleness() == 0, "fresh data")
-        assert _raw_request(client, port).startswith(b"HTTP/1.1 200")
+        assert raw_request(client, port).startswith(b"HTTP/1.1 200")
 
 
 # --- the asyncio source, and failing closed without an SVID ----------------------------------
@@ -463,7 +448,7 @@ def test_shorthands_and_bad_authorize(world: World) -> None:
         sctx = tls.server_context(world.server.source, shorthand)
         with https_server(sctx) as (port, _seen, _httpd):
             ok = plain_context(world.pki.svid(CLIENT), world.pki, server=False)
-            assert _raw_request(ok, port).startswith(b"HTTP/1.1 200")
+            assert raw_request(ok, port).startswith(b"HTTP/1.1 200")
 
 
 def test_private_key_never_lands_in_a_shared_file(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import shutil
+import socket
 import ssl
 import tempfile
 import threading
@@ -28,6 +29,7 @@ FAST = Backoff(0.02, 0.2)
 
 @dataclass
 class Workload:
+    pki: Pki
     spiffe_id: str
     state: State
     agent: Server
@@ -37,9 +39,9 @@ class Workload:
     def serial(self) -> int:
         return int(self.source.svid.leaf.serial_number)
 
-    def rotate(self, pki: Pki) -> int:
+    def rotate(self) -> int:
         """Push a new SVID; returns its serial once the source holds it."""
-        svid = pki.svid(self.spiffe_id)
+        svid = self.pki.svid(self.spiffe_id)
         self.state.change(svids=[svid])
         serial = int(svid.leaf.serial_number)
         eventually(lambda: self.serial == serial, "the rotated SVID")
@@ -59,7 +61,7 @@ def workload(pki: Pki, spiffe_id: str, root: Path) -> Iterator[Workload]:
     agent = Server(state, root / f"{spiffe_id.rsplit('/', 1)[-1]}.sock").start()
     try:
         with X509Source(agent.address, backoff=FAST, ready_timeout=10) as source:
-            yield Workload(spiffe_id, state, agent, source)
+            yield Workload(pki, spiffe_id, state, agent, source)
     finally:
         agent.stop()
 
@@ -133,3 +135,21 @@ def https_server(
         httpd.shutdown()
         httpd.server_close()
         thread.join(10)
+
+
+REQUEST = b"GET /secret HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def raw_request(ctx: ssl.SSLContext, port: int) -> bytes:
+    """A hand-written TLS client: completes its side of the handshake, sends a request at once
+    (TLS 1.3: before the server has judged its certificate), and reads what comes back."""
+    answer = b""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        contextlib.suppress(OSError),  # reset, broken pipe, TLS alert: all refusals
+        ctx.wrap_socket(raw, server_hostname="x") as conn,
+    ):
+        conn.sendall(REQUEST)
+        while chunk := conn.recv(4096):
+            answer += chunk
+    return answer
