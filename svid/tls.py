@@ -21,10 +21,12 @@ shut down at once. ``peer_of(conn)`` gives the verified peer of a connection.
 from __future__ import annotations
 
 import ssl
+import weakref
 from typing import Any
 
 from svid._clock import Clock
 from svid._revocation import RevocationSet
+from svid._source_state import RevocationEvent
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._tls_authorize import (
     Authorizer,
@@ -77,9 +79,26 @@ def _context(
     policy = PeerPolicy(verifier, authorizer, revocations)
     on_revoked = getattr(source, "on_revoked", None)
     if on_revoked is not None:
-        on_revoked(policy.on_revoked)
+        _subscribe_weakly(on_revoked, policy)
     factory = ContextFactory(source, policy, server=server, spiffe_id=spiffe_id)
     return RotatingContext(factory, server)
+
+
+def _subscribe_weakly(on_revoked: Any, policy: PeerPolicy) -> None:
+    """Subscribe ``policy`` to the source's revocations for as long as its contexts live: a
+    source outlives the contexts made from it, and must not keep every one of them alive."""
+    method = weakref.WeakMethod(policy.on_revoked)
+    unsubscribe: list[Any] = []
+
+    def forward(event: RevocationEvent) -> None:
+        target = method()
+        if target is None:
+            for undo in unsubscribe:
+                undo()
+            return
+        target(event)
+
+    unsubscribe.append(on_revoked(forward))
 
 
 def server_context(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
 import ssl
@@ -462,3 +463,14 @@ def test_private_key_never_lands_in_a_shared_file(monkeypatch: pytest.MonkeyPatc
         kept = path
     assert not os.path.exists(kept)
     assert not os.path.exists(os.path.dirname(kept))
+
+
+def test_contexts_do_not_stay_subscribed_once_gone(world: World) -> None:
+    state = world.server.source._state
+    before = len(state._subscribers)
+    ctx = tls.server_context(world.server.source, CLIENT)
+    assert len(state._subscribers) == before + 1
+    del ctx
+    gc.collect()
+    world.server.revoke(12345)  # the next announcement finds the context gone
+    eventually(lambda: len(state._subscribers) == before, "the subscription dropped")
