@@ -110,7 +110,7 @@ class ContextFactory:
 
     def _build(self, svid: X509Svid, bundles: BundleSet[X509Bundle]) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if self._server else ssl.PROTOCOL_TLS_CLIENT)
-        configure(ctx, self._server)
+        configure(ctx)
         with _private_pem(svid.chain_pem() + svid.key_pem()) as path:
             ctx.load_cert_chain(path)
         # OpenSSL's check is the first gate only (svid's verifier pins each peer's chain to its
@@ -141,15 +141,14 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
-def configure(ctx: ssl.SSLContext, server: bool) -> None:
+def configure(ctx: ssl.SSLContext) -> None:
     """The settings every context of the helpers has, the caller's and the inner ones."""
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False  # SPIFFE identities are URI SANs: svid's check authorises them
     ctx.verify_mode = ssl.CERT_REQUIRED
-    if server:
-        # No session tickets: a resumed session would skip the certificate exchange.
-        ctx.num_tickets = 0
-        ctx.options |= ssl.OP_NO_TICKET
+    # Session tickets stay on: a resumed session is judged like a new one (its peer certificate
+    # goes through the verifier and the authorizer in do_handshake), and without tickets a TLS
+    # 1.3 client's first small write waits out the server's delayed ACK (40 ms, measured).
 
 
 class RotatingContext(ssl.SSLContext):
@@ -163,7 +162,7 @@ class RotatingContext(ssl.SSLContext):
         return ctx
 
     def __init__(self, factory: ContextFactory, server: bool) -> None:
-        configure(self, server)
+        configure(self)
         self.sslsocket_class = factory._socket_class
         self.sslobject_class = factory._object_class
         self._svid_server = server

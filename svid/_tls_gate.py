@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from svid._cache import LruCache
 from svid._errors import VerificationError
 from svid._revocation import KIND_X509_SERIAL, RevocationSet
 from svid._source_state import RevocationEvent
@@ -34,6 +35,8 @@ from svid._tls_authorize import Authorizer, describe
 from svid._verify_x509 import VerifiedX509, X509Verifier
 
 log = logging.getLogger("svid.tls")
+
+_CHAINS_KEPT = 4096  # peers' chains remembered for session resumption
 
 
 class PeerRefusedError(ssl.SSLCertVerificationError, VerificationError):
@@ -56,13 +59,22 @@ class PeerPolicy:
         self.revocations = revocations
         self._lock = threading.Lock()
         self._open: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+        # Leaf DER -> the chain it came with. A resumed session carries the peer's leaf but not
+        # its intermediates; the chain it was first verified with is verified again instead.
+        self._chains: LruCache[bytes, bytes] = LruCache(_CHAINS_KEPT)
 
     def admit(self, conn: Any) -> tuple[VerifiedX509, tuple[str, ...]]:
         """Verify and authorise the peer of ``conn`` (handshake done); PeerRefusedError if not."""
         try:
-            peer = self.verifier.verify_der(b"".join(peer_chain_der(conn)))
+            ders = peer_chain_der(conn)
+            chain = b"".join(ders)
+            if len(ders) == 1:
+                chain = self._chains.get(chain) or chain
+            peer = self.verifier.verify_der(chain)
         except VerificationError as exc:
             raise PeerRefusedError(f"TLS peer refused: {exc}") from exc
+        if len(ders) > 1:
+            self._chains.put(ders[0], chain)  # only chains that verified
         try:
             allowed = self.authorizer(peer)
         except VerificationError as exc:

@@ -474,3 +474,34 @@ def test_contexts_do_not_stay_subscribed_once_gone(world: World) -> None:
     gc.collect()
     world.server.revoke(12345)  # the next announcement finds the context gone
     eventually(lambda: len(state._subscribers) == before, "the subscription dropped")
+
+
+def test_a_resumed_session_is_judged_like_a_new_one(world: World) -> None:
+    sctx = tls.server_context(world.server.source, CLIENT)
+    svid = world.pki.svid(CLIENT)
+    client = plain_context(svid, world.pki, server=False)
+
+    def connect(port: int, session: ssl.SSLSession | None) -> tuple[bytes, Any, bool]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            answer = b""
+            try:
+                with client.wrap_socket(raw, server_hostname="x", session=session) as conn:
+                    conn.sendall(REQUEST)
+                    while chunk := conn.recv(4096):
+                        answer += chunk
+                    return answer, conn.session, conn.session_reused
+            except OSError:
+                return answer, None, False
+
+    with https_server(sctx) as (port, seen, httpd):
+        answer, session, _ = connect(port, None)
+        assert answer.startswith(b"HTTP/1.1 200")
+        answer, _, reused = connect(port, session)
+        assert reused  # resumption works: the peer certificate came from the session
+        assert answer.startswith(b"HTTP/1.1 200"), httpd.errors
+        world.server.revoke(svid.leaf.serial_number)
+        serial = format(svid.leaf.serial_number, "x")
+        eventually(lambda: world.server.source.revocations.is_serial_revoked(serial), "revoked")
+        answer, _, _ = connect(port, session)
+        assert answer == b""
+    assert seen.requests == ["/secret", "/secret"]
