@@ -52,11 +52,13 @@ def normalize_serial(serial: str | int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Revoked:
-    """One revoked credential: its kind, its serial (hex) or jti, and when it lapses anyway."""
+    """One revoked credential: its kind, its serial (hex) or jti, when it lapses anyway, and
+    whose it is when the sender says ("" otherwise; informational, never used to match)."""
 
     kind: str
     value: str
     expires_at: float
+    spiffe_id: str = ""
 
 
 class RevocationSet:

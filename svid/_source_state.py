@@ -19,7 +19,7 @@ from typing import Any
 from svid._bundle import BundleSet, JwtBundle
 from svid._clock import Clock
 from svid._crl import revoked_from_crls
-from svid._errors import SvidError
+from svid._errors import SpiffeIdError, SvidError
 from svid._revocation import KIND_X509_SERIAL, RevocationSet, Revoked, normalize_serial
 from svid._source import MemoryBundleSource
 from svid._spiffe_id import SpiffeId
@@ -44,8 +44,9 @@ class RevocationEvent:
     """A credential that has just joined the revocation set.
 
     ``value`` is the X.509 serial (lowercase hex) or the JWT ``jti``. ``spiffe_id`` is the
-    credential's identity when this process knows it (one of its own SVIDs), else None; for a
-    task's credential, ``task_id`` and ``txn`` (a task token's ``txn`` is its task id) follow.
+    credential's identity when known (the agent sent it, or it is one of this workload's own
+    SVIDs), else None; for a task's credential, ``task_id`` and ``txn`` (a task token's ``txn``
+    is its task id) follow.
     """
 
     kind: str
@@ -231,7 +232,7 @@ class SourceState:
         own = {format(s.leaf.serial_number, "x"): s.spiffe_id for s in self.svids}
         for item in added:
             value = _key(item)[1]
-            spiffe_id = own.get(value) if item.kind == KIND_X509_SERIAL else None
+            spiffe_id = _said(item) or (own.get(value) if item.kind == KIND_X509_SERIAL else None)
             event = RevocationEvent(item.kind, value, item.expires_at, spiffe_id)
             for callback in subscribers:
                 try:
@@ -249,6 +250,16 @@ class SourceState:
         if inspect.iscoroutine(awaitable):
             awaitable.close()
         log.error("an on_revoked callback returned a coroutine; only asyncio sources run those")
+
+
+def _said(item: Revoked) -> SpiffeId | None:
+    """The SPIFFE ID the agent sent with a revocation, if any and well formed."""
+    if not item.spiffe_id:
+        return None
+    try:
+        return SpiffeId.parse(item.spiffe_id)
+    except SpiffeIdError:
+        return None
 
 
 def _key(item: Revoked) -> tuple[str, str]:

@@ -88,7 +88,7 @@ def jwt_bundles_from(msg: workload_pb2.JWTBundlesResponse) -> BundleSet[JwtBundl
 def revocations_from(msg: revocation_pb2.RevocationList) -> RevocationsUpdate:
     # expires_at 0: the agent does not know the credential's expiry, so keep the entry listed.
     items = tuple(
-        Revoked(r.kind, r.value, float(r.expires_at) if r.expires_at else float("inf"))
+        Revoked(r.kind, r.value, float(r.expires_at) if r.expires_at else float("inf"), r.spiffe_id)
         for r in msg.items
     )
     return RevocationsUpdate(items, tuple(msg.crl), msg.version)

@@ -129,20 +129,28 @@ def test_on_revoked_through_the_stream(agent: Agent, source: Any, flavor: str) -
     agent.state.change(
         revoked=[
             revocation_pb2.Revoked(kind="x509_serial", value=serial.upper()),
-            revocation_pb2.Revoked(kind="jwt_id", value="j-9", expires_at=int(time.time()) + 60),
+            revocation_pb2.Revoked(
+                kind="jwt_id",
+                value="j-9",
+                expires_at=int(time.time()) + 60,
+                spiffe_id="spiffe://example.org/agents/bot/task/t-7",  # the agent says whose
+            ),
         ]
     )
     eventually(lambda: len(events) == 2, "two revocation events")
     by_kind = {e.kind: e for e in events}
     assert by_kind["x509_serial"].value == serial
     assert str(by_kind["x509_serial"].spiffe_id) == ME  # our own SVID: its identity is known
-    assert by_kind["jwt_id"].spiffe_id is None
+    assert by_kind["x509_serial"].task_id is None
+    assert by_kind["jwt_id"].task_id == by_kind["jwt_id"].txn == "t-7"
     with pytest.raises(RevokedError):
         verifier.verify_der(source.svid.chain_der())
     if flavor == "asyncio":
         assert on_thread.wait(5)
     unsubscribe()
-    agent.state.change(revoked=[revocation_pb2.Revoked(kind="jwt_id", value="j-10")])
+    agent.state.change(
+        revoked=[revocation_pb2.Revoked(kind="jwt_id", value="j-10", spiffe_id="not an ID")]
+    )
     eventually(lambda: source.revocations.is_jti_revoked("j-10"), "j-10 revoked")
     assert len(events) == 2
 
