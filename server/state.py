@@ -19,7 +19,7 @@ from types import MappingProxyType
 from server.changelog import Change, ChangeLog, EntryTouch, touches
 from server.datastore.base import DataStore
 from server.datastore.errors import DataStoreError
-from server.datastore.records import AttestedAgent, Entry, Revocation
+from server.datastore.records import AttestedAgent, Entry, Revocation, TokenUse
 from server.entitlement import EntryIndex
 from server.errors import NotFoundError, PermissionDeniedError
 from server.events import ChangeNotifier
@@ -199,13 +199,23 @@ class ServerState:
             self._change_entries(put, removed)
             await self._after_write()
 
-    async def save_agent(self, agent: AttestedAgent, previous: AttestedAgent | None) -> None:
-        await asyncio.to_thread(self._datastore.upsert_agent, agent)
+    async def save_agent(
+        self, agent: AttestedAgent, previous: AttestedAgent | None, token: TokenUse | None = None
+    ) -> bool:
+        """Save the agent's record; with `token`, only by spending that join token in the same
+        transaction. False (nothing written) when the token could not be spent."""
+        if token is None:
+            await asyncio.to_thread(self._datastore.upsert_agent, agent)
+        else:
+            now = int(self._clock.now())
+            if not await asyncio.to_thread(self._datastore.admit_agent, agent, token, now):
+                return False
         if previous is not None and previous.serial != agent.serial:
             self._previous_serials[agent.spiffe_id] = (previous.serial, previous.expires_at)
         self._put_agent(agent)
         self._record(agents=(agent.spiffe_id,))
         await self._after_write()
+        return True
 
     async def evict_agent(self, spiffe_id: str) -> None:
         if spiffe_id not in self._agents:
