@@ -3,7 +3,8 @@
 Every write goes through here: datastore first (in a worker thread: SQLite fsyncs), then the
 in-memory snapshot, then the change log (server.changelog), whose listener hands each change to
 the Sync streams it concerns, then the change notifier. Readers (entitlement checks, Sync
-streams) only touch the immutable snapshots, never the datastore.
+streams) only touch the immutable snapshots, never the datastore. The newest signed audit
+checkpoint is kept here too: every agent is sent a copy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from server.datastore.records import AttestedAgent, Entry, Revocation, TokenUse
 from server.entitlement import EntryIndex
 from server.errors import NotFoundError, PermissionDeniedError
 from server.events import ChangeNotifier
+from svid import AuditCheckpoint
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock
 
@@ -43,6 +45,7 @@ class ServerState:
         self._revocations: tuple[Revocation, ...] = ()
         self._bundle: SpiffeBundle | None = None
         self._jwt_expiry: Mapping[str, int] = MappingProxyType({})
+        self._audit_checkpoint: AuditCheckpoint | None = None
         self._revision = 0
         self.changes = ChangeLog()
         self._listeners: list[Callable[[Change], None]] = []
@@ -99,6 +102,12 @@ class ServerState:
             self._record(bundle=True)
             self.notifier.notify()
 
+    def set_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        """The newest signed checkpoint of the audit head, for every agent (safe from any
+        thread: the checkpointer signs in a worker thread)."""
+        self._audit_checkpoint = checkpoint
+        self._record(audit_checkpoint=True)
+
     # -- reads --------------------------------------------------------------------------------
 
     @property
@@ -122,6 +131,10 @@ class ServerState:
     @property
     def jwt_expiry(self) -> Mapping[str, int]:
         return self._jwt_expiry
+
+    @property
+    def audit_checkpoint(self) -> AuditCheckpoint | None:
+        return self._audit_checkpoint
 
     @property
     def revision(self) -> int:

@@ -112,6 +112,9 @@ class CheckpointSigner:
         signer._publish(data_dir / PUBLIC_KEY_FILE)
         return signer
 
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
     def public_pem(self) -> bytes:
         return self._key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
