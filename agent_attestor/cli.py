@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 
 from agent_attestor import _crypto
 from agent_attestor.app import AgentApp
-from agent_attestor.checkpoint_store import read_checkpoint
+from agent_attestor.checkpoint_store import read_records
 from agent_attestor.config import (
     DEFAULT_SOCKET,
     JOIN_TOKEN_ENV,
@@ -32,6 +32,7 @@ from agent_attestor.config import (
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
 from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
+from svid._audit_checkpoint import CHECKPOINT
 from svid._clock import format_utc, unix_times_as_numbers
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
@@ -116,8 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     audit_actions = audit.add_subparsers(dest="audit", required=True)
     checkpoint = audit_actions.add_parser(
         "checkpoint",
-        help="print the newest audit checkpoint the server pushed to this agent, as a line of "
-        "its checkpoint file: an anchor for svid-server audit verify --anchor",
+        help="print the newest audit checkpoint (and prune record) the server pushed to this "
+        "agent, as lines of its checkpoint file: an anchor for svid-server audit verify --anchor",
     )
     checkpoint.add_argument("--config", type=Path, help="agent TOML config file (for data_dir)")
     checkpoint.add_argument("--data-dir", type=Path, help="the agent's data_dir")
@@ -293,7 +294,7 @@ def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
         raise ConfigError(f"data_dir: expected a string, got {data_dir!r}")
     path = AgentConfig(data_dir=Path(data_dir).expanduser()).audit_checkpoint_path
     try:
-        checkpoint = read_checkpoint(path)
+        records = read_records(path)
     except FileNotFoundError:
         print(
             f"svid-agent: no audit checkpoint in {path.parent} yet: the server pushes one "
@@ -304,12 +305,15 @@ def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"svid-agent: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    print(checkpoint.to_line())
-    print(
-        f"audit checkpoint: seq {checkpoint.seq} ({checkpoint.count} events), signed "
-        f"{format_utc(checkpoint.time)} by key {checkpoint.key_id[:16]}",
-        file=sys.stderr,
-    )
+    for record in records:
+        print(record.to_line())
+    for record in records:
+        what = "events" if record.kind == CHECKPOINT else "events removed"
+        print(
+            f"audit {record.kind}: seq {record.seq} ({record.count} {what}), signed "
+            f"{format_utc(record.time)} by key {record.key_id[:16]}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -220,11 +220,10 @@ class NodeClient:
         self, since_revision: int = 0, epoch: str = ""
     ) -> AsyncIterator[SyncState | SyncDelta | PushedCheckpoint]:
         """The Sync stream from `since_revision` of `epoch` (0: from a snapshot). An audit
-        checkpoint a message carries comes first, then the message's state or delta."""
+        checkpoints a message carries come first, then the message's state or delta."""
         request = node_pb2.SyncRequest(since_revision=since_revision, epoch=epoch)
         async for update in self._mtls().Sync(request):
-            if update.HasField("audit_checkpoint"):
-                pushed = update.audit_checkpoint
+            for pushed in update.audit_checkpoints:
                 yield PushedCheckpoint(pushed.line, bytes(pushed.public_key))
             if update.kind == node_pb2.SyncUpdate.DELTA:
                 yield sync_delta(update)

@@ -177,18 +177,16 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         return Shared(
             bundle=self._bundle_proto() if bundle else None,
             crl=list(self._crl()) if crl else None,
-            audit_checkpoint=self._checkpoint_proto() if checkpoint else None,
+            audit_checkpoints=self._checkpoint_protos() if checkpoint else None,
         )
 
-    def _checkpoint_proto(self) -> node_pb2.AuditCheckpoint | None:
-        """The newest audit checkpoint and the key that signed it (the server's own: the agent
-        trusts it for arriving over this mTLS stream)."""
-        checkpoint = self._state.audit_checkpoint
-        if checkpoint is None:
-            return None
-        return node_pb2.AuditCheckpoint(
-            line=checkpoint.to_line(), public_key=checkpoint.public_key_der()
-        )
+    def _checkpoint_protos(self) -> list[node_pb2.AuditCheckpoint]:
+        """The newest audit checkpoint and prune record, each with the key that signed it (the
+        server's own: the agent trusts it for arriving over this mTLS stream)."""
+        return [
+            node_pb2.AuditCheckpoint(line=record.to_line(), public_key=record.public_key_der())
+            for record in self._state.audit_checkpoints
+        ]
 
     def _snapshot(self, agent: AttestedAgent, revision: int) -> Iterator[node_pb2.SyncUpdate]:
         entries = entitled_entries(

@@ -45,7 +45,8 @@ class ServerState:
         self._revocations: tuple[Revocation, ...] = ()
         self._bundle: SpiffeBundle | None = None
         self._jwt_expiry: Mapping[str, int] = MappingProxyType({})
-        self._audit_checkpoint: AuditCheckpoint | None = None
+        # The newest signed checkpoint and prune record, by kind.
+        self._audit_records: Mapping[str, AuditCheckpoint] = MappingProxyType({})
         self._revision = 0
         self.changes = ChangeLog()
         self._listeners: list[Callable[[Change], None]] = []
@@ -102,10 +103,10 @@ class ServerState:
             self._record(bundle=True)
             self.notifier.notify()
 
-    def set_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
-        """The newest signed checkpoint of the audit head, for every agent (safe from any
-        thread: the checkpointer signs in a worker thread)."""
-        self._audit_checkpoint = checkpoint
+    def set_audit_checkpoint(self, record: AuditCheckpoint) -> None:
+        """The newest signed checkpoint, or prune record, of the audit log, for every agent
+        (safe from any thread: the checkpointer signs in a worker thread)."""
+        self._audit_records = MappingProxyType({**self._audit_records, record.kind: record})
         self._record(audit_checkpoint=True)
 
     # -- reads --------------------------------------------------------------------------------
@@ -133,8 +134,9 @@ class ServerState:
         return self._jwt_expiry
 
     @property
-    def audit_checkpoint(self) -> AuditCheckpoint | None:
-        return self._audit_checkpoint
+    def audit_checkpoints(self) -> tuple[AuditCheckpoint, ...]:
+        """The newest checkpoint and prune record (those there are), oldest first."""
+        return tuple(sorted(self._audit_records.values(), key=lambda r: r.time))
 
     @property
     def revision(self) -> int:

@@ -1,6 +1,6 @@
 """Writes signed checkpoints of the audit head: on an interval, at shutdown, and on demand; and
-hands each new one (and, at start, the last one it finds of its own key) to a listener: the
-server pushes it to its agents."""
+hands each new checkpoint and prune record it signs (and, at start, the last of each it finds
+signed by its own key) to a listener: the server pushes them to its agents."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._last = file.last()
         self._warn_if_behind()
-        if self._last is not None and self._signed_by_me(self._last):
-            on_checkpoint(self._last)
+        for last in (self._last, file.last(PRUNE)):
+            if last is not None and self._signed_by_me(last):
+                on_checkpoint(last)
 
     @property
     def last(self) -> Checkpoint | None:
@@ -61,6 +62,7 @@ class Checkpointer:
         with self._lock:
             record = self._signer.sign(seq, digest, count, self._clock.now(), PRUNE)
             self._file.append(record)
+            self._on_checkpoint(record)
             return record
 
     @property

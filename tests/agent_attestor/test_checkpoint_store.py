@@ -24,7 +24,7 @@ from agent_attestor.checkpoint_store import (
     UNWRITABLE,
     CheckpointStore,
     PushedCheckpoint,
-    read_checkpoint,
+    read_records,
 )
 from server.audit.checkpoint import PRUNE, CheckpointFile, CheckpointSigner
 from svid import AuditCheckpoint, AuditCheckpointError
@@ -82,7 +82,7 @@ def test_a_newer_checkpoint_replaces_the_one_held(
     assert not store.offer(push(signer, 9, T0 + 120))
     assert not store.offer(push(signer, 9, T0 + 90))
     assert refused == []
-    assert read_checkpoint(store.path) == store.held
+    assert read_records(store.path) == [store.held]
 
 
 def test_a_checkpoint_naming_fewer_events_is_refused_and_the_held_one_kept(
@@ -101,7 +101,7 @@ def test_a_checkpoint_naming_fewer_events_is_refused_and_the_held_one_kept(
     assert store.held.count == 9
     assert store.path.read_bytes() == before
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert "fewer than the 9" in record.getMessage()
+    assert "names event 4, before event 9" in record.getMessage()
     assert record.__dict__["reason"] == BACKWARDS
 
 
@@ -127,11 +127,8 @@ def test_a_checkpoint_that_does_not_verify_is_refused(
     other = CheckpointSigner(ec.generate_private_key(ec.SECP256R1()))
     line = push(signer, 7).line
     assert not store.offer(PushedCheckpoint(line, push(other, 7).public_key))
-    # A prune record is not a checkpoint, whoever signed it.
-    prune = signer.sign(8, HASHES[8], 8, T0, PRUNE)
-    assert not store.offer(PushedCheckpoint(prune.to_line(), prune.public_key_der()))
     assert not store.offer(PushedCheckpoint("not json", good.public_key))
-    assert refused == [INVALID] * 4
+    assert refused == [INVALID] * 3
     assert store.held == AuditCheckpoint.parse(good.line)
 
 
@@ -180,7 +177,7 @@ def test_a_write_that_fails_before_the_rename_leaves_the_previous_file_whole(
     assert store.held.count == 5
     # The next one is stored, whatever the failed attempt left behind.
     assert store.offer(push(signer, 10))
-    assert read_checkpoint(store.path).count == 10
+    assert read_records(store.path)[0].count == 10
 
 
 def test_an_unreadable_stored_checkpoint_is_moved_aside_not_trusted(
@@ -190,9 +187,54 @@ def test_an_unreadable_stored_checkpoint_is_moved_aside_not_trusted(
     line = AuditCheckpoint.parse(push(signer, 9).line)
     path.write_text(dataclasses.replace(line, count=90, seq=90).to_line() + "\n")
     with pytest.raises(AuditCheckpointError, match="signature"):
-        read_checkpoint(path)
+        read_records(path)
     store = CheckpointStore(path)
     assert store.held is None
     assert not path.exists()
     assert (tmp_path / (FILE_NAME + ".invalid")).exists()
     assert store.offer(push(signer, 4))
+
+
+def prune(signer: CheckpointSigner, seq: int, time: float, removed: int = 0) -> PushedCheckpoint:
+    record = signer.sign(seq, HASHES[seq], removed or seq, time, PRUNE)
+    return PushedCheckpoint(record.to_line(), record.public_key_der())
+
+
+def test_the_newest_prune_record_is_kept_beside_the_checkpoint(
+    store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    """A pruned log's start is vouched for only by a prune record: the copy keeps the newest,
+    and the file, oldest line first, is an anchor file audit verify accepts as such."""
+    assert store.offer(push(signer, 9))
+    assert store.offer(prune(signer, 4, T0 + 10))
+    assert store.offer(push(signer, 12, T0 + 20))
+    assert store.offer(prune(signer, 8, T0 + 30, removed=4))
+    kinds = [(r.kind, r.seq) for r in read_records(store.path)]
+    assert kinds == [("checkpoint", 12), ("prune", 8)]
+    assert store.held is not None
+    assert store.held.count == 12
+    anchors, _ = CheckpointFile(store.path).anchors()
+    assert [(a.seq, a.pruned) for a in anchors] == [(12, False), (8, True)]
+    # An older prune record, or one forking a pruned event, is refused.
+    assert not store.offer(prune(signer, 6, T0 + 40))
+    forked = signer.sign(8, HASHES[1], 4, T0 + 50, PRUNE)
+    assert not store.offer(PushedCheckpoint(forked.to_line(), forked.public_key_der()))
+    assert refused == [BACKWARDS, FORKED]
+    assert [r.seq for r in store.records] == [12, 8]
+
+
+def test_a_checkpoint_after_a_prune_naming_less_than_it_removed_is_refused(
+    store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    assert store.offer(prune(signer, 20, T0))
+    # Signed after the prune, naming fewer events than it removed: the log was cut back.
+    assert not store.offer(push(signer, 15, T0 + 10))
+    assert refused == [BACKWARDS]
+    assert [r.kind for r in store.records] == ["prune"]
+    # Signed before the prune, it may name less: the head grew, then the prune came.
+    assert store.offer(push(signer, 15, T0 - 10))
+    assert [(r.kind, r.seq) for r in read_records(store.path)] == [
+        ("checkpoint", 15),
+        ("prune", 20),
+    ]
+    CheckpointFile(store.path).anchors()  # and audit verify reads it as consistent

@@ -1,7 +1,8 @@
 """Real `svid-server` and `svid-agent` processes: a signed audit checkpoint made on the server
-reaches the agent over Sync, survives an agent restart (even with the server down), and the
-agent's copy is an anchor `svid-server audit verify --anchor` accepts, and that catches the
-server's log cut back even when the server's own checkpoint file went with it."""
+reaches the agent over Sync, survives an agent restart (even with the server down), the prune
+record of a later prune reaches it too, and the agent's copy is an anchor `svid-server audit
+verify --anchor` accepts, and that catches the server's log cut back even when the server's own
+checkpoint file went with it."""
 
 from __future__ import annotations
 
@@ -67,6 +68,11 @@ def held_line(agent: AgentProcess) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def last_of(path: Path, kind: str) -> str:
+    lines = path.read_text().splitlines()
+    return [line for line in lines if json.loads(line).get("kind", "checkpoint") == kind][-1]
+
+
 def verify(server: ServerProcess, anchor: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*server_command(), "audit", "verify", "--data-dir", str(server.data_dir),
@@ -76,7 +82,10 @@ def verify(server: ServerProcess, anchor: Path) -> subprocess.CompletedProcess[s
 
 
 def metric(agent: AgentProcess, name: str) -> float | None:
-    runtime = json.loads((agent.data_dir / "agent.json").read_text())
+    runtime_file = agent.data_dir / "agent.json"
+    if not runtime_file.exists():
+        return None  # written just after the socket appears
+    runtime = json.loads(runtime_file.read_text())
     with urllib.request.urlopen(f"http://{runtime['metrics_address']}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
             if line.startswith(name + " "):
@@ -90,7 +99,7 @@ def test_the_agents_copy_of_the_checkpoint_anchors_the_servers_log(
     server, agent = stack
     agent.start("--metrics-address", "127.0.0.1:0")
     agent_id = agent.agent_id()
-    for n in range(3):  # events on record: an X.509-SVID issued for each
+    for n in range(4):  # events on record: an X.509-SVID issued for each
         create_entry(server, f"spiffe://example.org/ckpt/{n}", agent_id)
         agent.wait_svid(f"spiffe://example.org/ckpt/{n}")
     made: dict[str, Any] = json.loads(server.cli("audit", "checkpoint", "--output", "json").stdout)
@@ -113,10 +122,21 @@ def test_the_agents_copy_of_the_checkpoint_anchors_the_servers_log(
     assert held_line(agent) == line
     assert metric(agent, "svid_agent_server_connected") == 0.0
 
-    # The server back: its newer checkpoint (the one it signed at shutdown) reaches the agent.
+    # Retention pruned the oldest events while the server was down (as an operator's
+    # `audit prune` does): a pruned log's start is vouched for only by its prune record.
+    pruned = subprocess.run(
+        [*server_command(), "audit", "prune", "--through-seq", "1",
+         "--data-dir", str(server.data_dir)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert pruned.returncode == 0, pruned.stderr
+    # The server back: its newest checkpoint (signed at shutdown) and the prune record reach
+    # the agent, oldest first as in the server's file.
     server.start()
-    newest = (server.data_dir / CHECKPOINT_FILE).read_text().splitlines()[-1]
-    wait_for(lambda: held_line(agent) == newest, 30, "the server's newest checkpoint")
+    checkpoints = server.data_dir / CHECKPOINT_FILE
+    newest = last_of(checkpoints, "checkpoint")
+    expected = f"{newest}\n{last_of(checkpoints, 'prune')}"
+    wait_for(lambda: held_line(agent) == expected, 30, "the newest checkpoint and prune record")
     agent.stop()
     assert server.stop() == 0
 
@@ -126,11 +146,12 @@ def test_the_agents_copy_of_the_checkpoint_anchors_the_servers_log(
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "audit chain OK" in ok.stdout
     assert "matches the checkpoint of" in ok.stdout
+    assert "1 events pruned through seq 1 (signed by the prune record of" in ok.stdout
 
     # Cut the log's tail and fix up its head row (the chain alone cannot tell), and remove
     # the server's own checkpoint file: the agent's copy still names what is missing.
     held = json.loads(newest)
-    keep = held["seq"] - 2
+    keep = held["seq"] - 1
     db = sqlite3.connect(server.data_dir / "datastore.sqlite3")
     with db:
         (digest,) = db.execute("SELECT hash FROM audit_events WHERE seq = ?", (keep,)).fetchone()
