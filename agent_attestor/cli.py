@@ -1,4 +1,5 @@
-"""The svid-agent command line: run the agent, check its health, and talk to its Workload API."""
+"""The svid-agent command line: run the agent, check its health, talk to its Workload API, and
+print the server's audit checkpoint it keeps."""
 
 from __future__ import annotations
 
@@ -19,10 +20,19 @@ from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 
 from agent_attestor import _crypto
 from agent_attestor.app import AgentApp
-from agent_attestor.config import DEFAULT_SOCKET, JOIN_TOKEN_ENV, KEYS, build_config, load_toml
+from agent_attestor.checkpoint_store import read_records
+from agent_attestor.config import (
+    DEFAULT_SOCKET,
+    JOIN_TOKEN_ENV,
+    KEYS,
+    AgentConfig,
+    build_config,
+    load_toml,
+)
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
 from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
+from svid._audit_checkpoint import CHECKPOINT
 from svid._clock import format_utc, unix_times_as_numbers
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
@@ -102,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     end = tasks.add_parser("end", parents=[client, output], help="end a task and revoke its SVIDs")
     end.add_argument("--id", required=True)
     tasks.add_parser("list", parents=[client, output], help="the calling workload's tasks")
+
+    audit = sub.add_parser("audit", help="the server's audit log, as this node saw it")
+    audit_actions = audit.add_subparsers(dest="audit", required=True)
+    checkpoint = audit_actions.add_parser(
+        "checkpoint",
+        help="print the newest audit checkpoint (and prune record) the server pushed to this "
+        "agent, as lines of its checkpoint file: an anchor for svid-server audit verify --anchor",
+    )
+    checkpoint.add_argument("--config", type=Path, help="agent TOML config file (for data_dir)")
+    checkpoint.add_argument("--data-dir", type=Path, help="the agent's data_dir")
     return parser
 
 
@@ -265,6 +285,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    """Reads the agent's file (the agent need not run); checked before it is printed."""
+    # Only data_dir: the rest of a config (a join token file among it) is not this command's.
+    file_values = load_toml(args.config) if args.config is not None else {}
+    data_dir = args.data_dir or file_values.get("data_dir") or AgentConfig.data_dir
+    if not isinstance(data_dir, (str, Path)):
+        raise ConfigError(f"data_dir: expected a string, got {data_dir!r}")
+    path = AgentConfig(data_dir=Path(data_dir).expanduser()).audit_checkpoint_path
+    try:
+        records = read_records(path)
+    except FileNotFoundError:
+        print(
+            f"svid-agent: no audit checkpoint in {path.parent} yet: the server pushes one "
+            "over Sync once it has signed one",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
+        print(f"svid-agent: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for record in records:
+        print(record.to_line())
+    for record in records:
+        what = "events" if record.kind == CHECKPOINT else "events removed"
+        print(
+            f"audit {record.kind}: seq {record.seq} ({record.count} {what}), signed "
+            f"{format_utc(record.time)} by key {record.key_id[:16]}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _client_command(args: argparse.Namespace, client: WorkloadClient) -> int:
     if args.command == "healthcheck":
         return _cmd_healthcheck(client)
@@ -284,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "audit":
+            return _cmd_audit_checkpoint(args)
         with WorkloadClient(endpoint(args.socket_path), args.timeout) as client:
             code = _client_command(args, client)
         flush_stdout()

@@ -28,6 +28,7 @@ class Shared:
 
     bundle: common_pb2.Bundle | None = None
     crl: Sequence[bytes] | None = None
+    audit_checkpoints: Sequence[node_pb2.AuditCheckpoint] | None = None
 
 
 class _Packer:
@@ -96,6 +97,8 @@ def _pack(
         size += shared.bundle.ByteSize() + _OVERHEAD
     if shared.crl is not None:
         size += sum(len(c) + _OVERHEAD for c in shared.crl)
+    if shared.audit_checkpoints is not None:
+        size += sum(c.ByteSize() + _OVERHEAD for c in shared.audit_checkpoints)
     if size and (closed := packer.room(size)):
         yield closed
     if shared.bundle is not None:
@@ -103,6 +106,8 @@ def _pack(
     if shared.crl is not None:
         packer.current.crl.extend(shared.crl)
         packer.current.crl_changed = True
+    if shared.audit_checkpoints is not None:
+        packer.current.audit_checkpoints.extend(shared.audit_checkpoints)
     yield packer.current
 
 
@@ -116,7 +121,8 @@ def snapshot_messages(
     max_bytes: int = MAX_BYTES,
     max_items: int = MAX_ITEMS,
 ) -> Iterator[node_pb2.SyncUpdate]:
-    """Everything for one agent; the bundle and CRL ride in the last message."""
+    """Everything for one agent; the bundle, CRL and audit checkpoints ride in the last
+    message."""
     packer = _Packer(SNAPSHOT, revision, epoch, (max_bytes, max_items))
     return _pack(
         packer, entries, revocations, removed_ids=(), removed_revocations=(), shared=shared

@@ -34,6 +34,7 @@ Results are cached by the exact credential bytes until the earliest of expiry, a
 the trust domain, or a revocation; a cached answer is never more permissive than a fresh one.
 """
 
+from svid._audit_checkpoint import AuditCheckpoint, AuditCheckpointError
 from svid._bundle import BundleSet, JwtBundle, SpiffeBundle, X509Bundle
 from svid._clock import Clock, FakeClock, SystemClock
 from svid._der import certs_to_pem, der_concat, load_pem_certs, parse_der_certs
@@ -74,6 +75,8 @@ from svid.workloadapi import (
 __all__ = [
     "ALLOWED_ALGS",
     "MAX_VERIFIER_LEEWAY",
+    "AuditCheckpoint",
+    "AuditCheckpointError",
     "BundleError",
     "BundleSet",
     "BundleSource",

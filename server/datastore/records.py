@@ -86,6 +86,18 @@ class JoinToken:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenUse:
+    """A join token an attestation presented: checked when the agent attests, spent in the
+    transaction that saves the agent's record (DataStore.admit_agent)."""
+
+    token_id: str
+    secret_hash: bytes
+
+    def __repr__(self) -> str:
+        return f"TokenUse(token_id={self.token_id!r})"
+
+
+@dataclass(frozen=True, slots=True)
 class KeySlot:
     """The journal row of one CA or JWT signing key (the private key lives in the KeyStore).
 

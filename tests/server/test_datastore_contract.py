@@ -28,7 +28,7 @@ from server.datastore import (
     StorageError,
     TaskRecord,
 )
-from server.datastore.records import AUDIT_COLUMNS, EventFilter, Head
+from server.datastore.records import AUDIT_COLUMNS, EventFilter, Head, TokenUse
 from server.datastore.sqlite import SqliteDataStore
 from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
@@ -132,9 +132,15 @@ def test_entries_round_trip(store: DataStore) -> None:
 
 def test_join_tokens_are_single_use(store: DataStore) -> None:
     store.create_join_token(JoinToken("t", b"h" * 32, NOW + 60))
-    assert not store.consume_join_token("t", b"g" * 32, NOW)
-    assert store.consume_join_token("t", b"h" * 32, NOW)
-    assert not store.consume_join_token("t", b"h" * 32, NOW)
+    admitted = AttestedAgent(AGENT, "join_token", "1", NOW + 3600)
+    assert not store.check_join_token("t", b"g" * 32, NOW)
+    assert not store.admit_agent(admitted, TokenUse("t", b"g" * 32), NOW)
+    assert store.list_agents() == []
+    assert store.check_join_token("t", b"h" * 32, NOW)
+    assert store.admit_agent(admitted, TokenUse("t", b"h" * 32), NOW)
+    assert store.list_agents() == [admitted]
+    assert not store.check_join_token("t", b"h" * 32, NOW)
+    assert not store.admit_agent(admitted, TokenUse("t", b"h" * 32), NOW)
     store.create_join_token(JoinToken("old", b"h" * 32, NOW))
     assert store.prune_join_tokens(NOW) == 1
 
