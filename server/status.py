@@ -37,6 +37,7 @@ from server.datastore.legacy_import import LegacyImportError
 from server.issuance.ledger import LedgerUnavailableError
 from server.policy.errors import PolicyError, RequestError
 from svid import _errors as svid_errors
+from svid._audit_checkpoint import AuditCheckpointError
 from svid._cert_der import NonUriSanError
 from svid._workload_address import WorkloadApiAddressError
 from svid._workload_errors import (
@@ -134,6 +135,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     AuditError: Rule(Code.UNAVAILABLE, AUDIT_MESSAGE),
     CheckpointError: Rule(Code.UNAVAILABLE, "the server cannot record: audit checkpoint failed"),
     SecretInAuditError: Rule(Code.INVALID_ARGUMENT),
+    # A checkpoint line the server itself wrote or holds does not read or verify: its fault.
+    AuditCheckpointError: _SERVER_FAULT,
     # The ledger (server.issuance.ledger): a credential that cannot be recorded is not sent.
     LedgerUnavailableError: Rule(Code.UNAVAILABLE, LEDGER_MESSAGE),
     LedgerError: Rule(Code.UNAVAILABLE, STORAGE_MESSAGE),
