@@ -119,6 +119,7 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
                     ttl=request.ttl,
                     parent_task_id=request.parent_task_id,
                     goal_sha256=goal_hash(request.intent.goal),
+                    elevate=request.elevate,
                 )
             ),
         )
