@@ -718,7 +718,9 @@ def actor_chain(spiffe_id: str, parent: Task | None, on_behalf_of: str) -> dict[
     then each task that delegated to it down to the root. A root task acting for nobody has no
     delegation to state ({})."""
     if parent is not None:
-        prior = parent.act or {"sub": parent.spiffe_id}
+        # A parent begun before this format (act naming its principal) restarts the chain.
+        own = parent.act.get("sub") == parent.spiffe_id
+        prior = parent.act if own else {"sub": parent.spiffe_id}
         return {"sub": spiffe_id, "act": prior}
     return {"sub": spiffe_id} if on_behalf_of else {}
 

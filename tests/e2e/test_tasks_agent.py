@@ -214,7 +214,8 @@ def test_research_task_reads_documents_then_ends_and_is_revoked_everywhere(
     assert str(verified.spiffe_id) == task.spiffe_id
     assert verified.claims["txn"] == task.task_id
     assert verified.claims["scope"] == "read"
-    assert verified.claims["act"] == {"sub": "user:alice"}
+    assert verified.claims["obo"] == "user:alice"
+    assert verified.claims["act"] == {"sub": task.spiffe_id}
     watch = revocation_pb2_grpc.RevocationsStub(path3.channel).Watch(
         revocation_pb2.WatchRequest(), metadata=HEADER, timeout=60
     )
