@@ -150,8 +150,8 @@ class Beginning:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._task is not None  # __aenter__ ran
-        await self._task.__aexit__(exc_type, exc, tb)
+        if self._task is not None:  # None: the begin itself failed, nothing to end
+            await self._task.__aexit__(exc_type, exc, tb)
 
 
 class AsyncTask(TaskView):
