@@ -98,8 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     begin = tasks.add_parser(
         "begin", parents=[client, output], help="begin a task with a declared intent"
     )
-    begin.add_argument("--action", action="append", required=True, help="repeatable, e.g. read")
-    begin.add_argument("--resource", action="append", required=True, help="audience or tool")
+    begin.add_argument("--action", action="append", default=[], help="repeatable, e.g. read")
+    begin.add_argument("--resource", action="append", default=[], help="repeatable audience")
+    begin.add_argument(
+        "--tool", action="append", default=[], help="repeatable SERVER#TOOL, e.g. mcp-tickets#read"
+    )
     begin.add_argument(
         "--classification", default="", help="public|internal|confidential|restricted"
     )
@@ -108,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     begin.add_argument("--goal", default="", help="free text; only its sha256 leaves this node")
     begin.add_argument("--ttl", type=int, default=300, help="requested seconds")
     begin.add_argument("--parent-task", default="")
+    begin.add_argument(
+        "--elevate",
+        action="store_true",
+        help="with --parent-task: a short elevated step, decided by policy on its own",
+    )
     begin.add_argument("--spiffe-id", default="", help="identity to act under (default: first)")
     end = tasks.add_parser("end", parents=[client, output], help="end a task and revoke its SVIDs")
     end.add_argument("--id", required=True)
@@ -236,13 +244,18 @@ def _cmd_task(args: argparse.Namespace, client: WorkloadClient) -> int:
         intent = task_pb2.Intent(
             actions=args.action,
             resources=args.resource,
+            tools=args.tool,
             classification=args.classification,
             environment=args.environment,
             on_behalf_of=args.on_behalf_of,
             goal=args.goal,
         )
         request = task_pb2.BeginTaskRequest(
-            spiffe_id=args.spiffe_id, intent=intent, ttl=args.ttl, parent_task_id=args.parent_task
+            spiffe_id=args.spiffe_id,
+            intent=intent,
+            ttl=args.ttl,
+            parent_task_id=args.parent_task,
+            elevate=args.elevate,
         )
         _print_tasks(args, [client.begin_task(request)])
     elif args.task == "end":

@@ -49,6 +49,8 @@ def task_to_proto(task: Task, credentials: int = 0) -> task_pb2.Task:
         ttl=task.ttl,
         depth=task.depth,
         credentials=credentials,
+        tools=list(task.tools),
+        elevated=task.elevated,
     )
 
 
@@ -95,6 +97,8 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
                 ttl=request.ttl,
                 parent_task_id=request.parent_task_id,
                 goal_sha256=request.goal_sha256,
+                tools=tuple(request.intent.tools),
+                elevate=request.elevate,
             ),
         )
         return task_pb2.BeginTaskResponse(task=task_to_proto(task))

@@ -93,6 +93,7 @@ def make_world(
     ca_manager: CaManager,
     *,
     store: TaskStore | None = None,
+    policy_dir: Path | None = None,
 ) -> World:
     state = ServerState(datastore, clock, ChangeNotifier())
     state.load()
@@ -101,7 +102,7 @@ def make_world(
     # One datastore for everything, as app.py wires it.
     audit = AuditLog(datastore, clock)
     store = store or TaskStore(datastore)
-    policy = PolicyEngine(None, clock, trust_domain="example.org")
+    policy = PolicyEngine(policy_dir, clock, trust_domain="example.org")
     service = TaskService(
         state=state,
         store=store,
@@ -196,7 +197,10 @@ def test_task_jwt_carries_task_claims_and_is_recorded(world: World) -> None:
         "environment": "",
         "resources": ["docs"],
     }
-    assert claims["act"] == {"sub": "user:alice"}
+    # RFC 8693: the principal in a claim of its own, `act` the actor chain (this task).
+    assert claims["obo"] == "user:alice"
+    assert claims["act"] == {"sub": task.spiffe_id}
+    assert "parent_txn" not in claims
     assert claims["exp"] - claims["iat"] <= 300
     assert [c.value for c in world.store.task_credentials(task.task_id, 0)] == [issued.jti]
     (event,) = world.events("jwt_minted")
@@ -248,7 +252,9 @@ def test_sub_task_may_narrow_but_never_widen(world: World) -> None:
     assert child.expires_at <= parent.expires_at
     entry = world.state.entries.by_id[child.entry_id]
     claims = decode(world, world.mint_jwt(entry, ["docs"]).token, "docs")
-    assert claims["act"] == {"sub": parent.spiffe_id, "act": {"sub": "user:alice"}}
+    assert claims["act"] == {"sub": child.spiffe_id, "act": {"sub": parent.spiffe_id}}
+    assert claims["obo"] == "user:alice"
+    assert claims["parent_txn"] == parent.task_id
     assert world.service.violations(RUNTIME) == 1
 
 
