@@ -27,7 +27,7 @@ from server.datastore.records import (
     Entry,
     Revocation,
 )
-from server.entitlement import entitled_entries
+from server.entitlement import entitled_entry
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.issuance import TaskGrant, TaskJwtGrant
 from server.policy import (
@@ -152,11 +152,16 @@ class TaskService:
             raise InvalidRequestError(
                 f"runtime_id: {wanted} is a task identity; begin a sub-task with parent_task_id"
             )
-        for entry in entitled_entries(
-            self._state.entries, agent.spiffe_id, agent.selectors, self._server_id, self._now()
-        ):
-            if entry.spiffe_id == wanted:
-                return entry
+        entry = entitled_entry(
+            self._state.entries,
+            agent.spiffe_id,
+            agent.selectors,
+            self._server_id,
+            self._now(),
+            spiffe_id=wanted,
+        )
+        if entry is not None:
+            return entry
         raise PermissionDeniedError(
             f"{wanted} is not an identity agent {agent.spiffe_id} may serve"
         )
