@@ -26,6 +26,7 @@ from server.datastore.records import (
     AttestedAgent,
     Entry,
     Revocation,
+    TaskCursor,
 )
 from server.entitlement import entitled_entry
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -659,9 +660,17 @@ class TaskService:
         return task
 
     def list(
-        self, *, agent_id: str = "", state: str = "", runtime_ids: Sequence[str] | None = None
+        self,
+        *,
+        agent_id: str = "",
+        state: str = "",
+        runtime_ids: Sequence[str] | None = None,
+        after: TaskCursor | None = None,
+        limit: int = 0,
     ) -> list[Task]:
-        return self._store.list_tasks(agent_id=agent_id, state=state, runtime_ids=runtime_ids)
+        return self._store.list_tasks(
+            agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
+        )
 
     def crl(self) -> bytes:
         """The CA-signed CRL of every revoked X.509 serial; b"" while none is revoked."""
