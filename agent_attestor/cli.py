@@ -119,7 +119,18 @@ def _parser() -> argparse.ArgumentParser:
     begin.add_argument("--spiffe-id", default="", help="identity to act under (default: first)")
     end = tasks.add_parser("end", parents=[client, output], help="end a task and revoke its SVIDs")
     end.add_argument("--id", required=True)
-    tasks.add_parser("list", parents=[client, output], help="the calling workload's tasks")
+    tlist = tasks.add_parser("list", parents=[client, output], help="the calling workload's tasks")
+    tlist.add_argument("--state", default="", choices=("", "active", "ended", "revoked", "expired"))
+    tlist.add_argument(
+        "--spiffe-id", default="", help="only the tasks under this one of the caller's identities"
+    )
+    tlist.add_argument(
+        "--page-size",
+        type=_page_size,
+        default=0,
+        metavar="N",
+        help="tasks per page asked of the server (default 500, at most 5000); every page is read",
+    )
 
     audit = sub.add_parser("audit", help="the server's audit log, as this node saw it")
     audit_actions = audit.add_subparsers(dest="audit", required=True)
@@ -131,6 +142,16 @@ def _parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--config", type=Path, help="agent TOML config file (for data_dir)")
     checkpoint.add_argument("--data-dir", type=Path, help="the agent's data_dir")
     return parser
+
+
+def _page_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -261,7 +282,10 @@ def _cmd_task(args: argparse.Namespace, client: WorkloadClient) -> int:
     elif args.task == "end":
         _print_tasks(args, [client.end_task(args.id)])
     else:
-        _print_tasks(args, client.list_tasks())
+        _print_tasks(
+            args,
+            client.list_tasks(state=args.state, spiffe_id=args.spiffe_id, page_size=args.page_size),
+        )
     return 0
 
 

@@ -178,8 +178,26 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
     async def ListTasks(
         self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
+        """One page of the caller's tasks; the server pages, checks the filters and the token
+        (bound to the identities listed for: a token of another workload is refused)."""
         held = await self._held(context)
-        tasks = await self._forward(
-            context, self._client.list(task_pb2.NodeListTasksRequest(runtime_ids=held))
+        runtime_ids = held
+        if request.spiffe_id:
+            if request.spiffe_id not in held:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"caller does not hold {request.spiffe_id[:200]!r}; list the tasks of one "
+                    "of its own identities, or of all of them with no spiffe_id",
+                )
+            runtime_ids = [request.spiffe_id]
+        return await self._forward(
+            context,
+            self._client.list(
+                task_pb2.NodeListTasksRequest(
+                    runtime_ids=runtime_ids,
+                    page_size=request.page_size,
+                    page_token=request.page_token,
+                    state=request.state,
+                )
+            ),
         )
-        return task_pb2.ListTasksResponse(tasks=tasks)

@@ -31,6 +31,7 @@ from server.datastore.records import (
     JoinToken,
     KeySlot,
     Revocation,
+    TaskCursor,
     TaskRecord,
     TokenUse,
 )
@@ -195,8 +196,12 @@ class TaskRecordStore(Protocol):
         agent_id: str = "",
         state: str = "",
         runtime_ids: Sequence[str] | None = None,
+        after: TaskCursor | None = None,
+        limit: int = 0,
     ) -> list[TaskRecord]:
-        """Tasks matching every filter given ("" and None match all), oldest first."""
+        """Tasks matching every filter given ("" and None match all; runtime_ids, at most 256,
+        match any of them), oldest first: by (created_at, task_id), only those after `after`,
+        at most `limit` (0: all). A keyset page, served by an index for each filter set."""
         ...
 
     def due_tasks(self, state: str, now: int) -> list[TaskRecord]:

@@ -167,6 +167,14 @@ class TaskRecord:
     body: str
 
 
+class TaskCursor(NamedTuple):
+    """Where a task listing goes on: after the task with this (created_at, task_id), the order
+    tasks are listed in."""
+
+    created_at: int
+    task_id: str
+
+
 # The audit row, in the order the chain hashes it (server.audit.event.CANONICAL_FIELDS) and then
 # the row's own hash. policy_ids and extra are JSON text.
 AUDIT_COLUMNS: tuple[str, ...] = (

@@ -30,6 +30,7 @@ from server.datastore.records import (
     JoinToken,
     KeySlot,
     Revocation,
+    TaskCursor,
     TaskRecord,
     TokenUse,
 )
@@ -185,9 +186,13 @@ class FaultInjectingDataStore:
         agent_id: str = "",
         state: str = "",
         runtime_ids: Sequence[str] | None = None,
+        after: TaskCursor | None = None,
+        limit: int = 0,
     ) -> list[TaskRecord]:
         self._enter("list_tasks")
-        return self.inner.list_tasks(agent_id=agent_id, state=state, runtime_ids=runtime_ids)
+        return self.inner.list_tasks(
+            agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
+        )
 
     def due_tasks(self, state: str, now: int) -> list[TaskRecord]:
         self._enter("due_tasks")

@@ -26,8 +26,9 @@ from server.datastore.records import (
     AttestedAgent,
     Entry,
     Revocation,
+    TaskCursor,
 )
-from server.entitlement import entitled_entries
+from server.entitlement import entitled_entry
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.issuance import TaskGrant, TaskJwtGrant
 from server.policy import (
@@ -162,11 +163,16 @@ class TaskService:
             raise InvalidRequestError(
                 f"runtime_id: {wanted} is a task identity; begin a sub-task with parent_task_id"
             )
-        for entry in entitled_entries(
-            self._state.entries, agent.spiffe_id, agent.selectors, self._server_id, self._now()
-        ):
-            if entry.spiffe_id == wanted:
-                return entry
+        entry = entitled_entry(
+            self._state.entries,
+            agent.spiffe_id,
+            agent.selectors,
+            self._server_id,
+            self._now(),
+            spiffe_id=wanted,
+        )
+        if entry is not None:
+            return entry
         raise PermissionDeniedError(
             f"{wanted} is not an identity agent {agent.spiffe_id} may serve"
         )
@@ -696,9 +702,17 @@ class TaskService:
         return task
 
     def list(
-        self, *, agent_id: str = "", state: str = "", runtime_ids: Sequence[str] | None = None
+        self,
+        *,
+        agent_id: str = "",
+        state: str = "",
+        runtime_ids: Sequence[str] | None = None,
+        after: TaskCursor | None = None,
+        limit: int = 0,
     ) -> list[Task]:
-        return self._store.list_tasks(agent_id=agent_id, state=state, runtime_ids=runtime_ids)
+        return self._store.list_tasks(
+            agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
+        )
 
     def crl(self) -> bytes:
         """The CA-signed CRL of every revoked X.509 serial; b"" while none is revoked."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ntask.proto\x12\x0csvid.task.v1\"\x8c\x01\n\x06Intent\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\t\x12\x11\n\tresources\x18\x02 \x03(\t\x12\x16\n\x0e\x63lassification\x18\x03 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x04 \x01(\t\x12\x14\n\x0con_behalf_of\x18\x05 \x01(\t\x12\x0c\n\x04goal\x18\x06 \x01(\t\x12\r\n\x05tools\x18\x07 \x03(\t\"\x81\x01\n\x10\x42\x65ginTaskRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12$\n\x06intent\x18\x02 \x01(\x0b\x32\x14.svid.task.v1.Intent\x12\x0b\n\x03ttl\x18\x03 \x01(\x05\x12\x16\n\x0eparent_task_id\x18\x04 \x01(\t\x12\x0f\n\x07\x65levate\x18\x05 \x01(\x08\"\xe2\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x12\n\nruntime_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x04 \x03(\t\x12\x11\n\tresources\x18\x05 \x03(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x10\n\x08\x64\x65\x63ision\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x16\n\x0eparent_task_id\x18\t \x01(\t\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08\x61gent_id\x18\x0b \x01(\t\x12\x16\n\x0e\x63lassification\x18\x0c \x01(\t\x12\x13\n\x0b\x65nvironment\x18\r \x01(\t\x12\x14\n\x0con_behalf_of\x18\x0e \x01(\t\x12\x13\n\x0bgoal_sha256\x18\x0f \x01(\t\x12\x12\n\ncreated_at\x18\x10 \x01(\x03\x12\x10\n\x08\x65nded_at\x18\x11 \x01(\x03\x12\x12\n\nend_reason\x18\x12 \x01(\t\x12\x12\n\npolicy_ids\x18\x13 \x03(\t\x12\x17\n\x0fpolicy_set_hash\x18\x14 \x01(\t\x12\x0b\n\x03ttl\x18\x15 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x16 \x01(\x05\x12\x13\n\x0b\x63redentials\x18\x17 \x01(\x05\x12\r\n\x05tools\x18\x18 \x03(\t\x12\x10\n\x08\x65levated\x18\x19 \x01(\x08\"5\n\x11\x42\x65ginTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.svid.task.v1.Task\"!\n\x0e\x45ndTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"3\n\x0f\x45ndTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.svid.task.v1.Task\"\x12\n\x10ListTasksRequest\"6\n\x11ListTasksResponse\x12!\n\x05tasks\x18\x01 \x03(\x0b\x32\x12.svid.task.v1.Task\"\x9b\x01\n\x14NodeBeginTaskRequest\x12\x12\n\nruntime_id\x18\x01 \x01(\t\x12$\n\x06intent\x18\x02 \x01(\x0b\x32\x14.svid.task.v1.Intent\x12\x0b\n\x03ttl\x18\x03 \x01(\x05\x12\x16\n\x0eparent_task_id\x18\x04 \x01(\t\x12\x13\n\x0bgoal_sha256\x18\x05 \x01(\t\x12\x0f\n\x07\x65levate\x18\x06 \x01(\x08\":\n\x12NodeEndTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bruntime_ids\x18\x02 \x03(\t\"+\n\x14NodeListTasksRequest\x12\x13\n\x0bruntime_ids\x18\x01 \x03(\t\"\x84\x01\n\nValidation\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0b\n\x03jti\x18\x05 \x01(\t\x12\x0b\n\x03txn\x18\x06 \x01(\t\x12\n\n\x02\x61t\x18\x07 \x01(\x03\x12\x11\n\tcaller_id\x18\x08 \x01(\t\"I\n\x18ReportValidationsRequest\x12-\n\x0bvalidations\x18\x01 \x03(\x0b\x32\x18.svid.task.v1.Validation\"\x1b\n\x19ReportValidationsResponse\"8\n\x15\x41\x64minListTasksRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"3\n\x10\x41\x64minTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x15\n\x13ReloadPolicyRequest\"_\n\tPolicySet\x12\x0c\n\x04hash\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\x12\x12\n\npolicy_ids\x18\x04 \x03(\t\x12\x11\n\tloaded_at\x18\x05 \x01(\x01\x32\xeb\x01\n\x05Tasks\x12L\n\tBeginTask\x12\x1e.svid.task.v1.BeginTaskRequest\x1a\x1f.svid.task.v1.BeginTaskResponse\x12\x46\n\x07\x45ndTask\x12\x1c.svid.task.v1.EndTaskRequest\x1a\x1d.svid.task.v1.EndTaskResponse\x12L\n\tListTasks\x12\x1e.svid.task.v1.ListTasksRequest\x1a\x1f.svid.task.v1.ListTasksResponse2\xe1\x02\n\tNodeTasks\x12P\n\tBeginTask\x12\".svid.task.v1.NodeBeginTaskRequest\x1a\x1f.svid.task.v1.BeginTaskResponse\x12J\n\x07\x45ndTask\x12 .svid.task.v1.NodeEndTaskRequest\x1a\x1d.svid.task.v1.EndTaskResponse\x12P\n\tListTasks\x12\".svid.task.v1.NodeListTasksRequest\x1a\x1f.svid.task.v1.ListTasksResponse\x12\x64\n\x11ReportValidations\x12&.svid.task.v1.ReportValidationsRequest\x1a\'.svid.task.v1.ReportValidationsResponse2\xac\x02\n\tTaskAdmin\x12Q\n\tListTasks\x12#.svid.task.v1.AdminListTasksRequest\x1a\x1f.svid.task.v1.ListTasksResponse\x12>\n\x08ShowTask\x12\x1e.svid.task.v1.AdminTaskRequest\x1a\x12.svid.task.v1.Task\x12@\n\nRevokeTask\x12\x1e.svid.task.v1.AdminTaskRequest\x1a\x12.svid.task.v1.Task\x12J\n\x0cReloadPolicy\x12!.svid.task.v1.ReloadPolicyRequest\x1a\x17.svid.task.v1.PolicySetb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ntask.proto\x12\x0csvid.task.v1\"\x8c\x01\n\x06Intent\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\t\x12\x11\n\tresources\x18\x02 \x03(\t\x12\x16\n\x0e\x63lassification\x18\x03 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x04 \x01(\t\x12\x14\n\x0con_behalf_of\x18\x05 \x01(\t\x12\x0c\n\x04goal\x18\x06 \x01(\t\x12\r\n\x05tools\x18\x07 \x03(\t\"\x81\x01\n\x10\x42\x65ginTaskRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12$\n\x06intent\x18\x02 \x01(\x0b\x32\x14.svid.task.v1.Intent\x12\x0b\n\x03ttl\x18\x03 \x01(\x05\x12\x16\n\x0eparent_task_id\x18\x04 \x01(\t\x12\x0f\n\x07\x65levate\x18\x05 \x01(\x08\"\xe2\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x12\n\nruntime_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x04 \x03(\t\x12\x11\n\tresources\x18\x05 \x03(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x10\n\x08\x64\x65\x63ision\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x16\n\x0eparent_task_id\x18\t \x01(\t\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08\x61gent_id\x18\x0b \x01(\t\x12\x16\n\x0e\x63lassification\x18\x0c \x01(\t\x12\x13\n\x0b\x65nvironment\x18\r \x01(\t\x12\x14\n\x0con_behalf_of\x18\x0e \x01(\t\x12\x13\n\x0bgoal_sha256\x18\x0f \x01(\t\x12\x12\n\ncreated_at\x18\x10 \x01(\x03\x12\x10\n\x08\x65nded_at\x18\x11 \x01(\x03\x12\x12\n\nend_reason\x18\x12 \x01(\t\x12\x12\n\npolicy_ids\x18\x13 \x03(\t\x12\x17\n\x0fpolicy_set_hash\x18\x14 \x01(\t\x12\x0b\n\x03ttl\x18\x15 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x16 \x01(\x05\x12\x13\n\x0b\x63redentials\x18\x17 \x01(\x05\x12\r\n\x05tools\x18\x18 \x03(\t\x12\x10\n\x08\x65levated\x18\x19 \x01(\x08\"5\n\x11\x42\x65ginTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.svid.task.v1.Task\"!\n\x0e\x45ndTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"3\n\x0f\x45ndTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.svid.task.v1.Task\"[\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\"O\n\x11ListTasksResponse\x12!\n\x05tasks\x18\x01 \x03(\x0b\x32\x12.svid.task.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9b\x01\n\x14NodeBeginTaskRequest\x12\x12\n\nruntime_id\x18\x01 \x01(\t\x12$\n\x06intent\x18\x02 \x01(\x0b\x32\x14.svid.task.v1.Intent\x12\x0b\n\x03ttl\x18\x03 \x01(\x05\x12\x16\n\x0eparent_task_id\x18\x04 \x01(\t\x12\x13\n\x0bgoal_sha256\x18\x05 \x01(\t\x12\x0f\n\x07\x65levate\x18\x06 \x01(\x08\":\n\x12NodeEndTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bruntime_ids\x18\x02 \x03(\t\"a\n\x14NodeListTasksRequest\x12\x13\n\x0bruntime_ids\x18\x01 \x03(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\"\x84\x01\n\nValidation\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0b\n\x03jti\x18\x05 \x01(\t\x12\x0b\n\x03txn\x18\x06 \x01(\t\x12\n\n\x02\x61t\x18\x07 \x01(\x03\x12\x11\n\tcaller_id\x18\x08 \x01(\t\"I\n\x18ReportValidationsRequest\x12-\n\x0bvalidations\x18\x01 \x03(\x0b\x32\x18.svid.task.v1.Validation\"\x1b\n\x19ReportValidationsResponse\"s\n\x15\x41\x64minListTasksRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x12\n\nruntime_id\x18\x05 \x01(\t\"3\n\x10\x41\x64minTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x15\n\x13ReloadPolicyRequest\"_\n\tPolicySet\x12\x0c\n\x04hash\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\x12\x12\n\npolicy_ids\x18\x04 \x03(\t\x12\x11\n\tloaded_at\x18\x05 \x01(\x01\x32\xeb\x01\n\x05Tasks\x12L\n\tBeginTask\x12\x1e.svid.task.v1.BeginTaskRequest\x1a\x1f.svid.task.v1.BeginTaskResponse\x12\x46\n\x07\x45ndTask\x12\x1c.svid.task.v1.EndTaskRequest\x1a\x1d.svid.task.v1.EndTaskResponse\x12L\n\tListTasks\x12\x1e.svid.task.v1.ListTasksRequest\x1a\x1f.svid.task.v1.ListTasksResponse2\xe1\x02\n\tNodeTasks\x12P\n\tBeginTask\x12\".svid.task.v1.NodeBeginTaskRequest\x1a\x1f.svid.task.v1.BeginTaskResponse\x12J\n\x07\x45ndTask\x12 .svid.task.v1.NodeEndTaskRequest\x1a\x1d.svid.task.v1.EndTaskResponse\x12P\n\tListTasks\x12\".svid.task.v1.NodeListTasksRequest\x1a\x1f.svid.task.v1.ListTasksResponse\x12\x64\n\x11ReportValidations\x12&.svid.task.v1.ReportValidationsRequest\x1a\'.svid.task.v1.ReportValidationsResponse2\xac\x02\n\tTaskAdmin\x12Q\n\tListTasks\x12#.svid.task.v1.AdminListTasksRequest\x1a\x1f.svid.task.v1.ListTasksResponse\x12>\n\x08ShowTask\x12\x1e.svid.task.v1.AdminTaskRequest\x1a\x12.svid.task.v1.Task\x12@\n\nRevokeTask\x12\x1e.svid.task.v1.AdminTaskRequest\x1a\x12.svid.task.v1.Task\x12J\n\x0cReloadPolicy\x12!.svid.task.v1.ReloadPolicyRequest\x1a\x17.svid.task.v1.PolicySetb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,33 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDTASKRESPONSE']._serialized_start=878
   _globals['_ENDTASKRESPONSE']._serialized_end=929
   _globals['_LISTTASKSREQUEST']._serialized_start=931
-  _globals['_LISTTASKSREQUEST']._serialized_end=949
-  _globals['_LISTTASKSRESPONSE']._serialized_start=951
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1005
-  _globals['_NODEBEGINTASKREQUEST']._serialized_start=1008
-  _globals['_NODEBEGINTASKREQUEST']._serialized_end=1163
-  _globals['_NODEENDTASKREQUEST']._serialized_start=1165
-  _globals['_NODEENDTASKREQUEST']._serialized_end=1223
-  _globals['_NODELISTTASKSREQUEST']._serialized_start=1225
-  _globals['_NODELISTTASKSREQUEST']._serialized_end=1268
-  _globals['_VALIDATION']._serialized_start=1271
-  _globals['_VALIDATION']._serialized_end=1403
-  _globals['_REPORTVALIDATIONSREQUEST']._serialized_start=1405
-  _globals['_REPORTVALIDATIONSREQUEST']._serialized_end=1478
-  _globals['_REPORTVALIDATIONSRESPONSE']._serialized_start=1480
-  _globals['_REPORTVALIDATIONSRESPONSE']._serialized_end=1507
-  _globals['_ADMINLISTTASKSREQUEST']._serialized_start=1509
-  _globals['_ADMINLISTTASKSREQUEST']._serialized_end=1565
-  _globals['_ADMINTASKREQUEST']._serialized_start=1567
-  _globals['_ADMINTASKREQUEST']._serialized_end=1618
-  _globals['_RELOADPOLICYREQUEST']._serialized_start=1620
-  _globals['_RELOADPOLICYREQUEST']._serialized_end=1641
-  _globals['_POLICYSET']._serialized_start=1643
-  _globals['_POLICYSET']._serialized_end=1738
-  _globals['_TASKS']._serialized_start=1741
-  _globals['_TASKS']._serialized_end=1976
-  _globals['_NODETASKS']._serialized_start=1979
-  _globals['_NODETASKS']._serialized_end=2332
-  _globals['_TASKADMIN']._serialized_start=2335
-  _globals['_TASKADMIN']._serialized_end=2635
+  _globals['_LISTTASKSREQUEST']._serialized_end=1022
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1024
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1103
+  _globals['_NODEBEGINTASKREQUEST']._serialized_start=1106
+  _globals['_NODEBEGINTASKREQUEST']._serialized_end=1261
+  _globals['_NODEENDTASKREQUEST']._serialized_start=1263
+  _globals['_NODEENDTASKREQUEST']._serialized_end=1321
+  _globals['_NODELISTTASKSREQUEST']._serialized_start=1323
+  _globals['_NODELISTTASKSREQUEST']._serialized_end=1420
+  _globals['_VALIDATION']._serialized_start=1423
+  _globals['_VALIDATION']._serialized_end=1555
+  _globals['_REPORTVALIDATIONSREQUEST']._serialized_start=1557
+  _globals['_REPORTVALIDATIONSREQUEST']._serialized_end=1630
+  _globals['_REPORTVALIDATIONSRESPONSE']._serialized_start=1632
+  _globals['_REPORTVALIDATIONSRESPONSE']._serialized_end=1659
+  _globals['_ADMINLISTTASKSREQUEST']._serialized_start=1661
+  _globals['_ADMINLISTTASKSREQUEST']._serialized_end=1776
+  _globals['_ADMINTASKREQUEST']._serialized_start=1778
+  _globals['_ADMINTASKREQUEST']._serialized_end=1829
+  _globals['_RELOADPOLICYREQUEST']._serialized_start=1831
+  _globals['_RELOADPOLICYREQUEST']._serialized_end=1852
+  _globals['_POLICYSET']._serialized_start=1854
+  _globals['_POLICYSET']._serialized_end=1949
+  _globals['_TASKS']._serialized_start=1952
+  _globals['_TASKS']._serialized_end=2187
+  _globals['_NODETASKS']._serialized_start=2190
+  _globals['_NODETASKS']._serialized_end=2543
+  _globals['_TASKADMIN']._serialized_start=2546
+  _globals['_TASKADMIN']._serialized_end=2846
 # @@protoc_insertion_point(module_scope)

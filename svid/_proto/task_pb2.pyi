@@ -112,14 +112,24 @@ class EndTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token", "state", "spiffe_id")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    state: str
+    spiffe_id: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[str] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
 
 class ListTasksResponse(_message.Message):
-    __slots__ = ("tasks",)
+    __slots__ = ("tasks", "next_page_token")
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[Task]
-    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class NodeBeginTaskRequest(_message.Message):
     __slots__ = ("runtime_id", "intent", "ttl", "parent_task_id", "goal_sha256", "elevate")
@@ -146,10 +156,16 @@ class NodeEndTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., runtime_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeListTasksRequest(_message.Message):
-    __slots__ = ("runtime_ids",)
+    __slots__ = ("runtime_ids", "page_size", "page_token", "state")
     RUNTIME_IDS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     runtime_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, runtime_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    state: str
+    def __init__(self, runtime_ids: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class Validation(_message.Message):
     __slots__ = ("subject", "audience", "ok", "reason", "jti", "txn", "at", "caller_id")
@@ -182,12 +198,18 @@ class ReportValidationsResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AdminListTasksRequest(_message.Message):
-    __slots__ = ("agent_id", "state")
+    __slots__ = ("agent_id", "state", "page_size", "page_token", "runtime_id")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     state: str
-    def __init__(self, agent_id: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    runtime_id: str
+    def __init__(self, agent_id: _Optional[str] = ..., state: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., runtime_id: _Optional[str] = ...) -> None: ...
 
 class AdminTaskRequest(_message.Message):
     __slots__ = ("task_id", "reason")

@@ -41,6 +41,7 @@ def _denied(message: str) -> grpc.aio.AioRpcError:
 class FakeClient:
     begun: list[task_pb2.NodeBeginTaskRequest] = field(default_factory=list)
     ended: list[task_pb2.NodeEndTaskRequest] = field(default_factory=list)
+    listed: list[task_pb2.NodeListTasksRequest] = field(default_factory=list)
     refuse: str = ""
     down: bool = False
     # As the server does: the task's entry reaches the agent's cache (after this many seconds).
@@ -74,9 +75,13 @@ class FakeClient:
         self.ended.append(request)
         return task_pb2.Task(task_id=request.task_id, spiffe_id=f"{TD}/bot/task/t1", state="ended")
 
-    async def list(self, request: task_pb2.NodeListTasksRequest) -> list[task_pb2.Task]:
+    async def list(self, request: task_pb2.NodeListTasksRequest) -> task_pb2.ListTasksResponse:
         self._check()
-        return [task_pb2.Task(task_id="t1", runtime_id=request.runtime_ids[0])]
+        self.listed.append(request)
+        return task_pb2.ListTasksResponse(
+            tasks=[task_pb2.Task(task_id="t1", runtime_id=request.runtime_ids[0])],
+            next_page_token="next",
+        )
 
 
 @dataclass
@@ -213,6 +218,26 @@ def test_end_sends_the_callers_identities_and_forgets_cached_task_jwts(ta: TaskA
     assert ta.h.jwts.cached(task_entry.spiffe_id, ["docs"]) is None
     listed = ta.tasks().ListTasks(task_pb2.ListTasksRequest(), metadata=HEADER, timeout=10)
     assert [t.task_id for t in listed.tasks] == ["t1"]
+
+
+def test_list_forwards_paging_and_filters_for_the_callers_identities(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    ta.h.add_entry("/helper")
+    request = task_pb2.ListTasksRequest(page_size=7, page_token="tok", state="active")
+    listed = ta.tasks().ListTasks(request, metadata=HEADER, timeout=10)
+    assert [t.task_id for t in listed.tasks] == ["t1"]
+    assert listed.next_page_token == "next"
+    (sent,) = ta.client.listed
+    assert sorted(sent.runtime_ids) == [f"{TD}/bot", f"{TD}/helper"]
+    assert (sent.page_size, sent.page_token, sent.state) == (7, "tok", "active")
+    request = task_pb2.ListTasksRequest(spiffe_id=f"{TD}/helper")
+    ta.tasks().ListTasks(request, metadata=HEADER, timeout=10)
+    assert list(ta.client.listed[-1].runtime_ids) == [f"{TD}/helper"]
+    request = task_pb2.ListTasksRequest(spiffe_id=f"{TD}/someone-else")
+    with pytest.raises(grpc.RpcError) as err:
+        ta.tasks().ListTasks(request, metadata=HEADER, timeout=10)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert len(ta.client.listed) == 2
 
 
 def test_revocation_watch_pushes_full_state_on_change(ta: TaskAgent) -> None:

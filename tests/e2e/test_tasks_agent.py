@@ -349,6 +349,33 @@ def test_task_commands_of_the_agent_cli(path3: Path3) -> None:
     assert "svid-agent:" in unknown.stderr
 
 
+def test_agent_cli_task_list_follows_pages_and_filters(path3: Path3) -> None:
+    begun = [path3.begin() for _ in range(3)]
+    path3.tasks.EndTask(
+        task_pb2.EndTaskRequest(task_id=begun[1].task_id), metadata=HEADER, timeout=10
+    )
+
+    def listed(*flags: str) -> list[str]:
+        out = _agent_cli(path3, "task", "list", "--output", "json", *flags)
+        assert out.returncode == 0, out.stderr
+        return [t["task_id"] for t in json.loads(out.stdout)["tasks"]]
+
+    ids = [t.task_id for t in sorted(begun, key=lambda t: (t.created_at, t.task_id))]
+    assert listed("--page-size", "1") == ids  # three pages, every one read
+    assert listed("--page-size", "2", "--state", "active") == [
+        i for i in ids if i != begun[1].task_id
+    ]
+    assert listed("--state", "ended") == [begun[1].task_id]
+    assert listed("--spiffe-id", RUNTIME, "--page-size", "1") == ids
+    foreign = _agent_cli(path3, "task", "list", "--spiffe-id", f"{TD}/someone-else")
+    assert foreign.returncode == 1
+    assert "PERMISSION_DENIED" in foreign.stderr
+    for bad in ("0", "5001"):
+        refused = _agent_cli(path3, "task", "list", "--page-size", bad)
+        assert refused.returncode != 0
+        assert "page" in refused.stderr, refused.stderr
+
+
 def test_fetch_jwt_without_spiffe_id_ignores_open_tasks_and_never_counts_against_the_runtime(
     path3: Path3,
 ) -> None:

@@ -414,13 +414,49 @@ def test_a_datastore_of_the_previous_schema_gains_the_ledger_tables(
     store.close()
 
 
+@pytest.mark.parametrize("runtimes", [None, 1, 3])
+@pytest.mark.parametrize("after", [False, True])
+def test_every_task_page_reads_an_index_in_order(
+    tmp_path: Path, clock: FakeClock, runtimes: int | None, after: bool
+) -> None:
+    """Each filter set of a task list has an index ending in the page key: no full scan of
+    the table, no sort of every matching row before the limit."""
+    SqliteDataStore(tmp_path / "db", clock).close()
+    db = sqlite3.connect(tmp_path / "db")
+    params = {
+        "agent_id": AGENT,
+        "state": "active",
+        "after_created_at": 1,
+        "after_task_id": "t",
+        "limit": 10,
+        **{f"r{i}": f"r{i}" for i in range(3)},
+    }
+    try:
+        for agent_filter in (False, True):
+            for state in (False, True):
+                sql = ledger_queries.list_tasks(
+                    agent=agent_filter, state=state, runtime_count=runtimes, after=after, limit=True
+                )
+                steps = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+                reads = [s for s in steps if s.startswith(("SCAN", "SEARCH"))]
+                assert reads, steps
+                for step in reads:
+                    assert "USING INDEX tasks_page" in step, (sql, steps)
+                    assert step.startswith("SEARCH") or not (agent_filter or state or runtimes)
+                assert not [s for s in steps if "TEMP B-TREE" in s], (sql, steps)
+    finally:
+        db.close()
+
+
 def test_the_shared_sql_has_no_sqlite_only_syntax() -> None:
     """queries, ledger_queries and the migrations are what a PostgreSQL backend reuses: only the
     dialect words the migrations module names (BLOB, SEQ_KEY) may be SQLite's."""
     statements: list[str] = []
     for module in (queries, ledger_queries):
         statements += [v for k, v in vars(module).items() if k.isupper() and isinstance(v, str)]
-    statements.append(ledger_queries.list_tasks(2))
+    statements.append(
+        ledger_queries.list_tasks(agent=True, state=True, runtime_count=2, after=True, limit=True)
+    )
     statements.append(ledger_queries.audit_page(EventFilter("a", "t", 1.0, 2.0, "allow", "k"))[0])
     for migration in MIGRATIONS:
         migration.apply(statements.append)
