@@ -21,12 +21,7 @@ from typing import Any
 
 from server.audit import AuditError, AuditLog, EventDraft, EventKind
 from server.ca.manager import CaManager
-from server.datastore.records import (
-    REVOKED_X509_SERIAL,
-    AttestedAgent,
-    Entry,
-    Revocation,
-)
+from server.datastore.records import AttestedAgent, Entry, Revocation
 from server.entitlement import entitled_entries
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.issuance import TaskGrant, TaskJwtGrant
@@ -658,13 +653,13 @@ class TaskService:
     ) -> list[Task]:
         return self._store.list_tasks(agent_id=agent_id, state=state, runtime_ids=runtime_ids)
 
-    def crl(self) -> bytes:
-        """The CA-signed CRL of every revoked X.509 serial; b"" while none is revoked."""
-        revocations = self._state.revocations
-        if not any(r.kind == REVOKED_X509_SERIAL for r in revocations):
-            return b""
+    def crl(self) -> tuple[bytes, ...]:
+        """The CA-signed CRLs of the revoked X.509 serials whose certificates are still valid
+        (server.tasks.crl); none while there are none."""
         signer = self._ca.x509_signer()
-        return self._crl.get(signer.ca_certificate, signer.sign_crl, revocations, self._clock.now())
+        return self._crl.get(
+            signer.ca_certificate, signer.sign_crl, self._state.revocations, self._clock.now()
+        )
 
     async def housekeeping(self) -> None:
         await self.expire_due()
