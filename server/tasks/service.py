@@ -22,7 +22,6 @@ from typing import Any
 from server.audit import AuditError, AuditLog, EventDraft, EventKind
 from server.ca.manager import CaManager
 from server.datastore.records import (
-    REVOKED_X509_SERIAL,
     AttestedAgent,
     Entry,
     Revocation,
@@ -714,13 +713,13 @@ class TaskService:
             agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
         )
 
-    def crl(self) -> bytes:
-        """The CA-signed CRL of every revoked X.509 serial; b"" while none is revoked."""
-        revocations = self._state.revocations
-        if not any(r.kind == REVOKED_X509_SERIAL for r in revocations):
-            return b""
+    def crl(self) -> tuple[bytes, ...]:
+        """The CA-signed CRLs of the revoked X.509 serials whose certificates are still valid
+        (server.tasks.crl); none while there are none."""
         signer = self._ca.x509_signer()
-        return self._crl.get(signer.ca_certificate, signer.sign_crl, revocations, self._clock.now())
+        return self._crl.get(
+            signer.ca_certificate, signer.sign_crl, self._state.revocations, self._clock.now()
+        )
 
     async def housekeeping(self) -> None:
         await self.expire_due()

@@ -271,7 +271,7 @@ def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
     entry = world.state.entries.by_id[task.entry_id]
     issued = world.mint_jwt(entry, ["docs"])
     leaf = issue_x509(world, task.spiffe_id)
-    assert world.service.crl() == b""
+    assert world.service.crl() == ()
     done = world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
     assert done.state is TaskState.ENDED
     revoked = {(r.kind, r.value) for r in world.state.revocations}
@@ -279,7 +279,8 @@ def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
     assert task.entry_id not in world.state.entries.by_id
     with pytest.raises(PermissionDeniedError, match="not entitled"):
         world.mint_jwt(entry, ["docs"])
-    crl = x509.load_der_x509_crl(world.service.crl())
+    (der,) = world.service.crl()
+    crl = x509.load_der_x509_crl(der)
     ca_cert = world.ca.x509_signer().ca_certificate
     assert crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
     assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
@@ -389,7 +390,7 @@ def test_crl_der_is_stable_until_the_list_changes(world: World) -> None:
     world.run(world.service.end(world.agent, task.task_id, []))
     first = world.service.crl()
     assert world.service.crl() == first
-    assert x509.load_der_x509_crl(first).public_bytes(Encoding.DER) == first
+    assert x509.load_der_x509_crl(first[0]).public_bytes(Encoding.DER) == first[0]
 
 
 def test_workload_issuance_is_recorded_and_audited_in_batches(world: World) -> None:
