@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[i
 
 from agent_attestor.agent_store import AgentStore
 from agent_attestor.cache import Cache
+from agent_attestor.checkpoint_store import CheckpointStore
 from agent_attestor.config import AgentConfig
 from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.errors import ConfigError
@@ -84,6 +85,11 @@ class AgentApp:
         self.registry = CallerRegistry()
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = AgentStore(config.agent_svid_path, config.agent_key_path, config.bundle_path)
+        # The server's audit checkpoints: a copy kept here, outside the server's reach.
+        self.checkpoints = CheckpointStore(
+            config.audit_checkpoint_path,
+            on_refused=lambda reason: self.metrics.checkpoints_refused.labels(reason=reason).inc(),
+        )
         x509pop = (
             load_x509pop(config.x509pop_cert, config.x509pop_key)
             if config.x509pop_cert is not None and config.x509pop_key is not None
@@ -103,6 +109,7 @@ class AgentApp:
             self.cache,
             self.clock,
             on_change=self._on_sync_event,
+            on_checkpoint=self.checkpoints.offer,
         )
         self.rotator = Rotator(
             self.cache, self.syncer, self.clock, max_prefetched=config.max_prefetched_svids
@@ -152,6 +159,9 @@ class AgentApp:
         self.metrics.entries.set_function(lambda: self.cache.counts()[0])
         self.metrics.connections.set_function(lambda: len(self.registry))
         self.metrics.server_connected.set_function(lambda: int(self.syncer.connected))
+        self.metrics.checkpoint_events.set_function(
+            lambda: 0 if self.checkpoints.held is None else self.checkpoints.held.count
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._was_disconnected = False
         self._call_counters: dict[str, Any] = {}

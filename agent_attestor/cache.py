@@ -379,7 +379,8 @@ class Cache:
 
 
 def join_parts(parts: Sequence[SyncState]) -> SyncState:
-    """One snapshot from its parts: entries and revocations of all, the rest from the last."""
+    """One snapshot from its parts: entries, revocations and CRLs of all, the rest from the
+    last."""
     last = parts[-1]
     if len(parts) == 1:
         return last
@@ -392,7 +393,23 @@ def join_parts(parts: Sequence[SyncState]) -> SyncState:
         revoked_serials=frozenset(s for part in parts for s in part.revoked_serials),
         revoked_jtis=frozenset(j for part in parts for j in part.revoked_jtis),
         revocation_expiry=expiry,
+        crl=tuple(c for part in parts for c in part.crl),
     )
+
+
+def hold_crl(
+    pending: tuple[bytes, ...] | None, delta: SyncDelta
+) -> tuple[tuple[bytes, ...] | None, SyncDelta]:
+    """The delta part to apply now, and the CRLs of its run held back so far.
+
+    A run's CRLs may be spread over its parts, and they replace the agent's CRLs together, with
+    the last part: installing one part's share would drop the CRLs the other parts carry.
+    """
+    if delta.crl is not None:
+        pending = (*(pending or ()), *delta.crl)
+    if delta.more:
+        return pending, replace(delta, crl=None)
+    return None, replace(delta, crl=pending)
 
 
 def with_entry(state: SyncState, entry: Entry) -> SyncState:

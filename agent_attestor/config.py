@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from agent_attestor.checkpoint_store import FILE_NAME as CHECKPOINT_FILE
 from agent_attestor.errors import ConfigError
 
 LOG_FORMATS = ("json", "text")
@@ -74,6 +75,10 @@ class AgentConfig:
     @property
     def bundle_path(self) -> Path:
         return self.data_dir / "bundle.der"
+
+    @property
+    def audit_checkpoint_path(self) -> Path:
+        return self.data_dir / CHECKPOINT_FILE
 
 
 _PATH_KEYS = {

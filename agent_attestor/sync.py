@@ -18,7 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
-from agent_attestor.cache import Cache, SyncState, join_parts
+from agent_attestor.cache import Cache, SyncState, hold_crl, join_parts
+from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.errors import AttestationError, NotReadyError
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient
@@ -61,12 +62,15 @@ class Syncer:
         cache: Cache,
         clock: Clock,
         on_change: Callable[[str], None] | None = None,
+        *,
+        on_checkpoint: Callable[[PushedCheckpoint], object] | None = None,
     ) -> None:
         self._s = settings
         self._store = store
         self._cache = cache
         self._clock = clock
         self._on_change = on_change or (lambda _event: None)
+        self._on_checkpoint = on_checkpoint or (lambda _checkpoint: None)
         self._client: NodeClient | None = None
         self._svid: AgentSvid | None = None
         self._reconnect = asyncio.Event()
@@ -221,7 +225,11 @@ class Syncer:
 
     async def _consume(self, client: NodeClient) -> None:
         parts: list[SyncState] = []
+        crls: tuple[bytes, ...] | None = None
         async for message in client.sync(self.revision, self.epoch):
+            if isinstance(message, PushedCheckpoint):
+                self._on_checkpoint(message)  # checkpoint_store.CheckpointStore.offer
+                continue
             if isinstance(message, SyncState):
                 # A snapshot replaces everything at once, when its last part is in.
                 parts.append(message)
@@ -233,10 +241,11 @@ class Syncer:
                     self._store.save_bundle(state.bundle.x509_authorities)
                 self._cache.apply_sync(state)
             else:
-                if message.bundle is not None and message.bundle.x509_authorities:
-                    self._store.save_bundle(message.bundle.x509_authorities)
-                self._cache.apply_delta(message)
-                if message.more:
+                crls, delta = hold_crl(crls, message)
+                if delta.bundle is not None and delta.bundle.x509_authorities:
+                    self._store.save_bundle(delta.bundle.x509_authorities)
+                self._cache.apply_delta(delta)
+                if delta.more:
                     continue  # applied; the revision is reached with the last part
             self.revision, self.epoch = message.revision, message.epoch
             self.connected = True

@@ -136,6 +136,8 @@ class Server:
             CheckpointFile(cfg.data_dir / CHECKPOINT_FILE),
             self.clock,
             cfg.audit_checkpoint_interval,
+            # Every new checkpoint goes to every agent over Sync; they keep the latest.
+            on_checkpoint=self.state.set_audit_checkpoint,
         )
         # Anchor what this start found (a crash may have cost the shutdown checkpoint).
         self.checkpointer.checkpoint()

@@ -22,7 +22,6 @@ from server import cli_entries
 from server import cli_output as out
 from server.config import CONFIG_KEYS, DEFAULT_ADMIN_SOCKET, ServerConfig, load_config, read_toml
 from server.errors import CliError, ConfigError, ServerError
-from server.listing import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from server.tasks import cli as task_cli
 from svid._clock import parse_utc
 from svid._errors import SvidError
@@ -84,10 +83,6 @@ _FILE_HELP = (
     "entries from a JSON file ('-' for stdin): an array, {\"entries\": [...]} as "
     "`entry show --output json` prints, or JSON Lines; sent in batches of up to "
     f"{cli_entries.BATCH_ITEMS}, each item answered on its own"
-)
-_PAGE_SIZE_HELP = (
-    f"items per page asked of the server (default {DEFAULT_PAGE_SIZE}, at most "
-    f"{MAX_PAGE_SIZE}); every page is read"
 )
 _ENTRY_FLAGS = ("spiffe_id", "parent_id", "selector", "x509_ttl", "jwt_ttl", "dns", "hint")
 
@@ -152,7 +147,7 @@ def _filter_flags(parser: argparse.ArgumentParser, what: str) -> None:
         help="with several --selector: all = has every one (default), exact = has exactly "
         "these, any = has at least one",
     )
-    parser.add_argument("--page-size", type=int, default=None, metavar="N", help=_PAGE_SIZE_HELP)
+    cli_entries.add_page_size(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,10 +372,7 @@ _MATCH = {
 def _apply_filter_flags(
     query: admin_pb2.ListEntriesRequest | admin_pb2.ListAgentsRequest, args: argparse.Namespace
 ) -> None:
-    if args.page_size is not None:
-        if not 1 <= args.page_size <= MAX_PAGE_SIZE:
-            raise CliError(f"--page-size: {args.page_size} must be between 1 and {MAX_PAGE_SIZE}")
-        query.page_size = args.page_size
+    query.page_size = cli_entries.page_size(args)
     query.spiffe_id_prefix = args.spiffe_id_prefix or ""
     query.selectors.extend(_selector(s) for s in args.selector or ())
     query.selector_match = _MATCH[args.match]

@@ -31,10 +31,17 @@ Keep bundles and revocations current from the local agent (SPIFFE_ENDPOINT_SOCKE
         jwt_verifier = source.jwt_verifier()
         x509_verifier = source.x509_verifier()
 
+A task token (an AI agent's task, see ``svid.tasks``) carries typed claims::
+
+    task = caller.task                    # svid.TaskClaims, or None for a non-task token
+    if task is None or not task.grants_tool("read_ticket", audience="mcp-tickets"):
+        return 403, svid.tool_scope("read_ticket")  # the scope to ask for
+
 Results are cached by the exact credential bytes until the earliest of expiry, a bundle change for
 the trust domain, or a revocation; a cached answer is never more permissive than a fresh one.
 """
 
+from svid._audit_checkpoint import AuditCheckpoint, AuditCheckpointError
 from svid._bundle import BundleSet, JwtBundle, SpiffeBundle, X509Bundle
 from svid._clock import Clock, FakeClock, SystemClock
 from svid._der import certs_to_pem, der_concat, load_pem_certs, parse_der_certs
@@ -63,6 +70,7 @@ from svid._jwt import JwtSvid
 from svid._revocation import MAX_VERIFIER_LEEWAY, RevocationSet, Revoked, normalize_serial
 from svid._source import BundleSource, MemoryBundleSource, load_bundle_file
 from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._task_claims import TaskClaims, TaskClaimsError, task_claims, tool_scope
 from svid._verify_jwt import JwtVerifier, VerifiedJwt
 from svid._verify_x509 import VerifiedX509, X509Verifier
 from svid._x509 import X509Svid, check_leaf_profile, check_signing_profile, spiffe_id_from_cert
@@ -84,6 +92,8 @@ __all__ = [
     "AsyncWorkloadApiClient",
     "AsyncWorkloadApiSource",
     "AsyncX509Source",
+    "AuditCheckpoint",
+    "AuditCheckpointError",
     "BundleError",
     "BundleSet",
     "BundleSource",
@@ -106,6 +116,8 @@ __all__ = [
     "SvidError",
     "SvidParseError",
     "SystemClock",
+    "TaskClaims",
+    "TaskClaimsError",
     "TrustDomain",
     "VerificationError",
     "VerifiedJwt",
@@ -133,5 +145,7 @@ __all__ = [
     "revoked_from_crls",
     "sign_jws",
     "spiffe_id_from_cert",
+    "task_claims",
+    "tool_scope",
     "verify_jws_signature",
 ]

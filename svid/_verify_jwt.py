@@ -23,6 +23,7 @@ from svid._revocation import (
     refuse_if_stale,
 )
 from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._task_claims import TaskClaims, task_claims
 
 JwtBundleGetter = Callable[[TrustDomain], JwtBundle | None]
 
@@ -41,6 +42,18 @@ class VerifiedJwt:
     audience: tuple[str, ...]
     expires_at: int
     kid: str
+
+    @property
+    def task(self) -> TaskClaims | None:
+        """The typed task claims of a task token, None for any other JWT-SVID.
+
+        Raises TaskClaimsError (a VerificationError) when the token has ``txn`` but malformed
+        task claims."""
+        return task_claims(self)
+
+    @property
+    def is_task(self) -> bool:
+        return "txn" in self.claims
 
 
 # The slots' own setters: VerifiedJwt(...) without its generated __init__, which costs more than

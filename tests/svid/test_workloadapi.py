@@ -276,6 +276,25 @@ def test_signed_crl_revokes_and_forged_crl_is_ignored(world: World, source: Any)
     xv.verify_der(leaf_der)
 
 
+def test_a_serial_listed_in_any_of_several_crls_is_revoked(world: World, source: Any) -> None:
+    # The server splits a big revocation list over several CRLs of one CA (server.tasks.crl).
+    xv = source.x509_verifier()
+    leaf_der = der_concat([world.leaf.cert])
+    crls = [
+        signed_crl(world.ca, [1, 2]),
+        signed_crl(world.ca, [3]),
+        signed_crl(world.ca, [4, 0xBEEF, 5]),
+    ]
+    world.state.change(crls=crls)
+    eventually(lambda: source.revocations.is_serial_revoked("beef"), "the last CRL applied")
+    with pytest.raises(RevokedError, match="beef"):
+        xv.verify_der(leaf_der)
+    assert all(source.revocations.is_serial_revoked(s) for s in ("1", "2", "3", "4", "5"))
+    result = revoked_from_crls(crls, {TD: X509Bundle(TD, (world.ca.cert,))})
+    assert sorted(r.value for r in result.revoked) == ["1", "2", "3", "4", "5", "beef"]
+    assert result.rejected == ()
+
+
 def test_revocation_stream_revokes_jtis(world: World, source: Any) -> None:
     token = sign_jws(
         {"kid": "k1"},
