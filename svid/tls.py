@@ -65,7 +65,9 @@ def _context(
     clock: Clock | None,
 ) -> ssl.SSLContext:
     authorizer = as_authorizer(authorize)
-    revocations: RevocationSet = getattr(source, "revocations", None) or RevocationSet()
+    revocations = getattr(source, "revocations", None)
+    if not isinstance(revocations, RevocationSet):  # (an empty set is falsy: no `or` here)
+        revocations = RevocationSet()
     if verifier is None:
         make = getattr(source, "x509_verifier", None)
         if make is None:

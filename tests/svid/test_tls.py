@@ -505,3 +505,44 @@ def test_a_resumed_session_is_judged_like_a_new_one(world: World) -> None:
         answer, _, _ = connect(port, session)
         assert answer == b""
     assert seen.requests == ["/secret", "/secret"]
+
+
+class _NoCallbacks:
+    """A source without on_revoked: open connections learn of revocations on their own I/O."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self.revocations = source.revocations
+
+    def svid_for(self, spiffe_id: Any) -> Any:
+        return self._source.svid_for(spiffe_id)
+
+    @property
+    def x509_bundles(self) -> Any:
+        return self._source.x509_bundles
+
+    def x509_verifier(self, **options: Any) -> Any:
+        return self._source.x509_verifier(**options)
+
+
+def test_an_open_connection_checks_revocation_on_every_read_and_write(world: World) -> None:
+    assert len(world.server.source.revocations) == 0  # an empty set is still the source's
+    sctx = tls.server_context(_NoCallbacks(world.server.source), CLIENT)
+    svid = world.pki.svid(CLIENT)
+    peer = plain_context(svid, world.pki, server=False)
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    server = sctx.wrap_bio(s_in, s_out, server_side=True)
+    client = peer.wrap_bio(c_in, c_out, server_hostname="x")
+    for _ in range(3):
+        _step(client, "do_handshake")
+        _pump(c_out, s_in)
+        _step(server, "do_handshake")
+        _pump(s_out, c_in)
+    client.write(b"ping")
+    _pump(c_out, s_in)
+    assert server.read(4) == b"ping"
+    world.server.revoke(svid.leaf.serial_number)
+    serial = format(svid.leaf.serial_number, "x")
+    eventually(lambda: world.server.source.revocations.is_serial_revoked(serial), "revoked")
+    with pytest.raises(tls.PeerRefusedError, match="revoked"):
+        server.write(b"pong")
