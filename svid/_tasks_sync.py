@@ -17,7 +17,7 @@ from svid._spiffe_id import SpiffeId
 from svid._task_errors import TaskEndedError, TaskError, translate
 from svid._task_model import TaskInfo, TaskView, Tools, audience_key, begin_request, fresh
 from svid._workload_address import address_of, grpc_target
-from svid._workload_client import _CHANNEL_OPTIONS, METADATA
+from svid._workload_calls import CHANNEL_OPTIONS, METADATA
 from svid._workload_errors import WorkloadApiError
 
 log = logging.getLogger("svid.tasks")
@@ -43,7 +43,7 @@ class TaskClient:
         self.address = address_of(socket, environ)
         self.timeout = timeout
         self.clock: Clock = clock or SystemClock()
-        self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._tasks = task_pb2_grpc.TasksStub(self._channel)
         self._workload = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
 
