@@ -47,6 +47,7 @@ from svid._task_errors import (
     TaskNotFoundError,
     TaskRequestError,
 )
+from svid._tls_gate import PeerRefusedError
 from svid._workload_address import WorkloadApiAddressError
 from svid._workload_errors import (
     JwtSvidValidationError,
@@ -172,6 +173,11 @@ RULES: Mapping[type[BaseException], Rule] = {
     TaskEndedError: _SERVER_FAULT,
     # Task claims that do not read are a refused credential, like any failed verification.
     TaskClaimsError: Rule(Code.PERMISSION_DENIED),
+    PeerRefusedError: Rule(Code.PERMISSION_DENIED),
+    # Not the caller's doing: revocation data went stale, so verification fails closed.
+    svid_errors.StaleRevocationsError: Rule(
+        Code.UNAVAILABLE, "revocation data is stale: verification refused until it is fresh"
+    ),
     svid_errors.SvidError: _SERVER_FAULT,
     # Storage below the domain (SQLite, the file system): the client learns no path.
     sqlite3.Error: _STORAGE,
