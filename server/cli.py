@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -544,12 +545,22 @@ def _run_config(args: argparse.Namespace) -> ServerConfig:
     return load_config(getattr(args, "config", None), flags)
 
 
+# The daemon's young-generation GC threshold (CPython's default is 700 allocations).
+DAEMON_GC_THRESHOLD = 10_000
+
+
 def _run(args: argparse.Namespace) -> None:
     from server import logs  # noqa: PLC0415 - admin commands must not load the CA and datastore
     from server.app import Server  # noqa: PLC0415
 
     config = _run_config(args)
     logs.configure(config.log_format, config.log_level)
+    # Issuance allocates a few container objects per credential that live for one batch: at
+    # 700 a collection ran every few credentials and walked objects that were about to be
+    # freed anyway. Measured on the JWT batch bench load: ~1.3 us less main-process CPU per JWT.
+    # Cycles are still collected; only less often.
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(DAEMON_GC_THRESHOLD, older, oldest)
 
     async def main() -> None:
         stop = asyncio.Event()
