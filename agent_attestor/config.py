@@ -80,6 +80,11 @@ class AgentConfig:
     def audit_checkpoint_path(self) -> Path:
         return self.data_dir / CHECKPOINT_FILE
 
+    @property
+    def state_path(self) -> Path:
+        """Entries, Sync position and workload SVIDs (with keys) for the next start."""
+        return self.data_dir / "agent_state.sqlite3"
+
 
 _PATH_KEYS = {
     "trust_bundle",
