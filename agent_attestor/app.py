@@ -169,7 +169,9 @@ class AgentApp:
             lambda: 0 if self.checkpoints.held is None else self.checkpoints.held.count
         )
         self._tasks: list[asyncio.Task[None]] = []
-        self._was_disconnected = False
+        # As if disconnected before the first Sync: SVIDs missing from a restored state were
+        # asked for before there was a connection, and their retry waits out a backoff.
+        self._was_disconnected = True
         self._call_counters: dict[str, Any] = {}
         self.metrics_address = ""
 

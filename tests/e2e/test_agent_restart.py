@@ -164,3 +164,21 @@ def test_an_agent_evicted_while_down_serves_nothing_it_saved(stack: Stack) -> No
     wait_for(refused, 30, "the restarted agent to hear it was evicted")
     # What it had saved is gone with it: nothing to restore at the next start either.
     wait_for(lambda: saved_svids(stack) == 0, 30, "the saved SVIDs dropped")
+
+
+def test_only_the_svids_missing_from_the_saved_state_are_minted(stack: Stack) -> None:
+    before = held_all(stack)
+    wait_for(lambda: saved_svids(stack) == ENTRIES, 30, "the SVIDs saved")
+    stop(stack.agent, "SIGTERM")
+    minted = x509_minted(stack.server)
+    # As if the agent had died before saving these two (its last batch lost).
+    lost = ["spiffe://example.org/w02", "spiffe://example.org/w05"]
+    path = stack.agent.data_dir / "agent_state.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executemany(
+            "DELETE FROM svids WHERE entry_id = ?", [(stack.entry_ids[sid],) for sid in lost]
+        )
+    stack.agent.start()
+    after = held_all(stack)
+    assert {sid for sid in after if after[sid] != before[sid]} == set(lost)
+    assert x509_minted(stack.server) == minted + len(lost)
