@@ -13,10 +13,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
+from agent_attestor.app import AgentApp
 from agent_attestor.cache import Cache, SyncDelta, SyncPosition, SyncState
+from agent_attestor.config import AgentConfig
 from agent_attestor.model import Entry, IssuedSvid, Selector
 from agent_attestor.node_client import NodeClient
 from agent_attestor.rotation import Rotator, renewal_due
+from agent_attestor.state_store import StateChange, StateStore
 from agent_attestor.sync import Syncer, SyncSettings
 from svid._clock import FakeClock
 from tests.agent_attestor.pki import FakeSigner, LocalCa
@@ -146,3 +149,50 @@ def test_a_saved_position_is_resumed_only_by_the_agent_that_reached_it(
     with pytest.raises(ConnectionError):
         asyncio.run(syncer._consume(cast(NodeClient, client)))
     assert client.requests == [asked]
+
+
+def _app_with_saved_state(tmp_path: Path, *, own_svid: bool, trust_domain: str = "") -> AgentApp:
+    """An agent's data dir as a previous run left it, and the app built on it (not started)."""
+    config = AgentConfig(
+        data_dir=tmp_path / "data",
+        socket_path=tmp_path / "api.sock",
+        private_dir=tmp_path / "private",
+        trust_domain=trust_domain,
+    )
+    clock = FakeClock(start=time.time())
+    ca = LocalCa(clock)
+    me = "spiffe://example.org/svid/agent/join_token/me"
+    if own_svid:
+        key = ec.generate_private_key(ec.SECP256R1())
+        store = AgentStore(config.agent_svid_path, config.agent_key_path, config.bundle_path)
+        store.save_svid(AgentSvid(me, (ca.sign_leaf(key.public_key(), me),), key))
+    entries = _entries(2)
+    StateStore(config.state_path).write(
+        StateChange(
+            SyncPosition(me, 9, "ep"),
+            tuple(entries),
+            svids=tuple(svid_for(ca, e) for e in entries),
+            shared=SyncState((), ca.bundle()),
+        )
+    )
+    return AgentApp(config, clock)
+
+
+def test_the_app_starts_from_the_state_its_own_identity_saved(tmp_path: Path) -> None:
+    app = _app_with_saved_state(tmp_path, own_svid=True)
+    assert app.cache.counts() == (2, 2)
+    assert not app.ready()
+    assert app.syncer.position == SyncPosition(
+        "spiffe://example.org/svid/agent/join_token/me", 9, "ep"
+    )
+
+
+@pytest.mark.parametrize(("own_svid", "trust_domain"), [(False, ""), (True, "other.org")])
+def test_the_app_drops_state_it_cannot_tie_to_its_identity(
+    tmp_path: Path, own_svid: bool, trust_domain: str
+) -> None:
+    # No agent SVID on disk: this start attests anew, under a new agent ID.
+    app = _app_with_saved_state(tmp_path, own_svid=own_svid, trust_domain=trust_domain)
+    assert app.cache.counts() == (0, 0)
+    assert app.syncer.position == SyncPosition()
+    assert not app.config.state_path.exists()
