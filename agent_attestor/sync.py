@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
-from agent_attestor.cache import Cache, SyncState, hold_crl, join_parts
+from agent_attestor.cache import Cache, SyncPosition, SyncState, hold_crl, join_parts
 from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.errors import AttestationError, NotReadyError
 from agent_attestor.model import TrustBundle
@@ -79,9 +79,11 @@ class Syncer:
         self._attesting: asyncio.Task[tuple[AgentSvid, TrustBundle]] | None = None
         self.connected = False
         self.syncs = 0
-        # Where the last Sync stream left off: a reconnect asks only for what came after.
+        # Where the last Sync stream left off: a reconnect asks only for what came after. It
+        # is a position in what the server sends one agent ID: `_revision_of`.
         self.revision = 0
         self.epoch = ""
+        self._revision_of = ""
 
     @property
     def agent_id(self) -> str:
@@ -90,6 +92,16 @@ class Syncer:
     @property
     def agent_svid(self) -> AgentSvid | None:
         return self._svid
+
+    @property
+    def position(self) -> SyncPosition:
+        """The revision reached, and the agent ID it belongs to (saved for the next start)."""
+        return SyncPosition(self._revision_of, self.revision, self.epoch)
+
+    def resume(self, position: SyncPosition) -> None:
+        """Continue from a position saved by an earlier run (the cache holds its state)."""
+        self._revision_of = position.agent_id
+        self.revision, self.epoch = position.revision, position.epoch
 
     def set_bootstrap_roots(self, pem: bytes) -> None:
         """Roots to verify the server with until it has handed us a bundle (read at start-up)."""
@@ -226,6 +238,9 @@ class Syncer:
     async def _consume(self, client: NodeClient) -> None:
         parts: list[SyncState] = []
         crls: tuple[bytes, ...] | None = None
+        if self._revision_of != self.agent_id:
+            # Attested anew under another ID: what the old one reached says nothing here.
+            self.revision, self.epoch = 0, ""
         async for message in client.sync(self.revision, self.epoch):
             if isinstance(message, PushedCheckpoint):
                 self._on_checkpoint(message)  # checkpoint_store.CheckpointStore.offer
@@ -248,6 +263,7 @@ class Syncer:
                 if delta.more:
                     continue  # applied; the revision is reached with the last part
             self.revision, self.epoch = message.revision, message.epoch
+            self._revision_of = self.agent_id
             self.connected = True
             self.syncs += 1
             self._on_change("sync")
