@@ -110,10 +110,29 @@ class _RefusedError(Exception):
 class _Served:
     """One response in flight: what was sent, and whether a revocation ended it."""
 
-    __slots__ = ("done", "finished", "revoked", "started")
+    __slots__ = ("_loop", "_send", "_task", "done", "finished", "revoked", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, send: Send, task: asyncio.Task[Any]) -> None:
+        self._send = send
+        self._task = task
+        self._loop = task.get_loop()
         self.started = self.finished = self.revoked = self.done = False
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+        await self._send(message)
+
+    def end_from_any_thread(self) -> None:
+        self._loop.call_soon_threadsafe(self._end)
+
+    def _end(self) -> None:
+        if not self.done and not self.revoked:
+            self.revoked = True
+            self._task.cancel()
 
 
 class SvidAuthMiddleware:
@@ -256,29 +275,10 @@ class SvidAuthMiddleware:
         return receive
 
     async def _serve(self, caller: Caller, scope: Scope, receive: Receive, send: Send) -> None:
-        loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        served = _Served()
-
-        def end_now() -> None:
-            if not served.done and not served.revoked:
-                served.revoked = True
-                task.cancel()
-
-        def end_from_any_thread() -> None:
-            loop.call_soon_threadsafe(end_now)
-
-        admission = self.open_requests.open(caller_keys(caller), end_from_any_thread)
-
-        async def tracking_send(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.start":
-                served.started = True
-            elif kind == "http.response.body" and not message.get("more_body", False):
-                served.finished = True
-            await send(message)
-
+        served = _Served(send, task)
+        admission = self.open_requests.open(caller_keys(caller), served.end_from_any_thread)
         cancelling = task.cancelling()
         try:
             # Revoked between verification and registration: refuse (the verifier would now).
@@ -286,7 +286,7 @@ class SvidAuthMiddleware:
                 served.done = True
                 await self._refuse(scope["type"], send, invalid_token("credential revoked"))
                 return
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, served.send)
         except asyncio.CancelledError:
             if not served.revoked or task.uncancel() > cancelling:
                 raise  # not ours: the server is cancelling the request

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import httpx2
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
-from pydantic import ConfigDict
+from pydantic import ConfigDict, PrivateAttr
 
 from svid._bearer_tokens import BearerTokens
 from svid._caller import Caller
@@ -59,7 +59,9 @@ SESSION_HEADER = b"mcp-session-id"
 
 # Set by TaskAuth.protect's middleware for the request it admitted: the SDK's own bearer check
 # (inside it) then accepts only what went through the per-tool check.
-_admitted: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
+# It holds the bearer token and the Caller made from it, so the SDK's check does not verify the
+# same token twice in one request.
+_admitted: contextvars.ContextVar[tuple[str, Caller] | None] = contextvars.ContextVar(
     "svid_mcp_admitted", default=None
 )
 
@@ -72,7 +74,12 @@ class TaskAccessToken(AccessToken):
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
     spiffe_id: str
-    task: TaskClaims | None = None
+    _caller: Caller | None = PrivateAttr(default=None)
+
+    @property
+    def task(self) -> TaskClaims | None:
+        """The typed task claims (read on first use; TaskClaimsError if malformed)."""
+        return self._caller.task if self._caller is not None else None
 
 
 class _ToolRule:
@@ -86,6 +93,8 @@ class _ToolRule:
         return bool(scope.get("method") == "POST")
 
     def scopes(self, scope: Scope, body: bytes) -> tuple[str, ...]:
+        if scope.get("method") != "POST":  # GET (the SSE stream), DELETE (end a session)
+            return ()
         return tuple(
             tool_scope(name)
             for name in called_tools(body)
@@ -129,19 +138,29 @@ class TaskAuth:
         if admitted is None:
             log.error("refused a token outside TaskAuth.protect(): serve auth.protect(server)")
             return None
+        admitted_token, caller = admitted
         try:
-            return self.access_token(token)
+            if token != admitted_token or caller.jwt is None:
+                verified = self._jwt.verify(token, self.audience)
+                caller = Caller(verified.spiffe_id, jwt=verified, audience=self.audience)
+            return self._access_token(token, caller)
         except VerificationError:
             return None
 
     def access_token(self, token: str) -> TaskAccessToken:
         """The ``TaskAccessToken`` of a JWT-SVID for this audience; VerificationError if not."""
         verified = self._jwt.verify(token, self.audience)
-        caller = Caller(verified.spiffe_id, jwt=verified, audience=self.audience)
-        task = caller.task
+        return self._access_token(
+            token, Caller(verified.spiffe_id, jwt=verified, audience=self.audience)
+        )
+
+    def _access_token(self, token: str, caller: Caller) -> TaskAccessToken:
+        verified = caller.jwt
+        assert verified is not None
         scope = verified.claims.get("scope")
         sid = str(verified.spiffe_id)
-        return TaskAccessToken(
+        # Built from verified claims: the model's validation would only re-check our own types.
+        access = TaskAccessToken.model_construct(
             token=token,
             client_id=sid,
             subject=sid,
@@ -150,8 +169,9 @@ class TaskAuth:
             resource=self.audience,
             claims=dict(verified.claims),
             spiffe_id=sid,
-            task=task,
         )
+        access._caller = caller
+        return access
 
     # --- per-tool grants ---
 
@@ -193,7 +213,12 @@ def _admit(app: ASGIApp) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        reset = _admitted.set(caller_of(scope))
+        header = ""
+        for key, value in scope.get("headers", ()):
+            if key.lower() == b"authorization":
+                header = bytes(value).decode("latin-1")
+        token = header.partition(" ")[2].strip()
+        reset = _admitted.set((token, caller_of(scope)))
         try:
             await app(scope, receive, send)
         finally:
