@@ -107,7 +107,7 @@ def free_port() -> int:
 def serving(app: Any) -> Iterator[str]:
     """Serve ``app`` with uvicorn on 127.0.0.1; yields the base URL."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="auto")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
