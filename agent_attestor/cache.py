@@ -31,6 +31,8 @@ class SyncState:
     revision: int = 0
     # (kind, value) -> the revoked credential's expiry, for the Revocations service.
     revocation_expiry: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    # (kind, value) -> whose credential it is, when the server said (for verifiers' callbacks).
+    revocation_spiffe_ids: Mapping[tuple[str, str], str] = field(default_factory=dict)
     # A part of a snapshot split over several messages: more parts follow.
     more: bool = False
     epoch: str = ""
@@ -47,6 +49,8 @@ class SyncDelta:
     # (kind, value) -> expiry of each revocation added; keys of those gone (expired).
     revocations_added: Mapping[tuple[str, str], int] = field(default_factory=dict)
     revocations_removed: frozenset[tuple[str, str]] = frozenset()
+    # (kind, value) -> SPIFFE ID, for those of the added revocations the server named one.
+    revocation_spiffe_ids: Mapping[tuple[str, str], str] = field(default_factory=dict)
     crl: tuple[bytes, ...] | None = None
     revision: int = 0
     more: bool = False
@@ -87,6 +91,7 @@ class Snapshot:
     revoked_jtis: frozenset[str]
     crl: tuple[bytes, ...]
     revocation_expiry: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    revocation_spiffe_ids: Mapping[tuple[str, str], str] = field(default_factory=dict)
     # Why the agent serves nothing at all ("" normally): the server refused it (evicted, banned).
     refused: str = ""
     index: SelectorIndex = field(default_factory=SelectorIndex, compare=False, repr=False)
@@ -153,6 +158,7 @@ class Cache:
         self._revoked_jtis: frozenset[str] = frozenset()
         self._crl: tuple[bytes, ...] = ()
         self._revocation_expiry: Mapping[tuple[str, str], int] = {}
+        self._revocation_ids: Mapping[tuple[str, str], str] = {}
         self._refused = ""
         self._snapshot: Snapshot | None = None
         # Three things to wait for: anything, the entry set, what every caller shares.
@@ -201,6 +207,7 @@ class Cache:
                 revoked_jtis=self._revoked_jtis,
                 crl=self._crl,
                 revocation_expiry=self._revocation_expiry,
+                revocation_spiffe_ids=self._revocation_ids,
                 refused=self._refused,
                 index=self._index,
             )
@@ -241,6 +248,7 @@ class Cache:
             and state.revoked_jtis == self._revoked_jtis
             and state.crl == self._crl
             and state.revocation_expiry == self._revocation_expiry
+            and state.revocation_spiffe_ids == self._revocation_ids
         )
         entries = {e.id: e for e in state.entries}
         old = self._entries
@@ -255,6 +263,7 @@ class Cache:
             self._revoked_jtis = state.revoked_jtis
             self._crl = state.crl
             self._revocation_expiry = dict(state.revocation_expiry)
+            self._revocation_ids = dict(state.revocation_spiffe_ids)
         if changed or removed:
             self._update_entries(entries, changed, removed, shared=shared)
         elif shared:
@@ -287,6 +296,10 @@ class Cache:
                 expiry.pop(key, None)
             expiry.update(delta.revocations_added)
             self._revocation_expiry = expiry
+            if self._revocation_ids or delta.revocation_spiffe_ids:
+                ids = {k: v for k, v in self._revocation_ids.items() if k in expiry}
+                ids.update(delta.revocation_spiffe_ids)
+                self._revocation_ids = ids
             self._revoked_serials = frozenset(v for k, v in expiry if k == "x509_serial")
             self._revoked_jtis = frozenset(v for k, v in expiry if k == "jwt_id")
             shared = True
@@ -354,6 +367,7 @@ class Cache:
         self._revoked_jtis = frozenset()
         self._crl = ()
         self._revocation_expiry = {}
+        self._revocation_ids = {}
         self.watchers.everyone(rematch=True)
         self._changed(entries=True, shared=True)
         for listener in self._listeners:
@@ -418,14 +432,17 @@ def join_parts(parts: Sequence[SyncState]) -> SyncState:
     if len(parts) == 1:
         return last
     expiry: dict[tuple[str, str], int] = {}
+    ids: dict[tuple[str, str], str] = {}
     for part in parts:
         expiry.update(part.revocation_expiry)
+        ids.update(part.revocation_spiffe_ids)
     return replace(
         last,
         entries=tuple(e for part in parts for e in part.entries),
         revoked_serials=frozenset(s for part in parts for s in part.revoked_serials),
         revoked_jtis=frozenset(j for part in parts for j in part.revoked_jtis),
         revocation_expiry=expiry,
+        revocation_spiffe_ids=ids,
         crl=tuple(c for part in parts for c in part.crl),
     )
 

@@ -54,6 +54,7 @@ def sync_state(update: node_pb2.SyncUpdate) -> SyncState:
         revoked_jtis=frozenset(r.value for r in update.revocations if r.kind == _JWT_ID),
         crl=tuple(update.crl),
         revocation_expiry=_revocation_expiry(update.revocations),
+        revocation_spiffe_ids=_revocation_spiffe_ids(update.revocations),
         revision=update.revision,
         more=update.more,
         epoch=update.epoch,
@@ -72,6 +73,7 @@ def sync_delta(update: node_pb2.SyncUpdate) -> SyncDelta:
         },
         revocations_added=expiry,
         revocations_removed=frozenset(_revocation_expiry(update.removed_revocations)),
+        revocation_spiffe_ids=_revocation_spiffe_ids(update.revocations),
         crl=tuple(update.crl) if update.crl_changed else None,
         revision=update.revision,
         more=update.more,
@@ -79,16 +81,24 @@ def sync_delta(update: node_pb2.SyncUpdate) -> SyncDelta:
     )
 
 
+def _key(r: common_pb2.Revocation) -> tuple[str, str]:
+    if r.kind == _X509_SERIAL:
+        return "x509_serial", r.value.lower()
+    return "jwt_id", r.value
+
+
 def _revocation_expiry(
     items: Iterable[common_pb2.Revocation],
 ) -> dict[tuple[str, str], int]:
+    return {_key(r): int(r.expires_at) for r in items if r.kind in (_X509_SERIAL, _JWT_ID)}
+
+
+def _revocation_spiffe_ids(
+    items: Iterable[common_pb2.Revocation],
+) -> dict[tuple[str, str], str]:
+    """Whose credential each revocation is, where the server named it (relayed to verifiers)."""
     return {
-        (
-            "x509_serial" if r.kind == _X509_SERIAL else "jwt_id",
-            r.value.lower() if r.kind == _X509_SERIAL else r.value,
-        ): int(r.expires_at)
-        for r in items
-        if r.kind in (_X509_SERIAL, _JWT_ID)
+        _key(r): r.spiffe_id for r in items if r.kind in (_X509_SERIAL, _JWT_ID) and r.spiffe_id
     }
 
 

@@ -42,7 +42,7 @@ class _HasClaims(Protocol):
 def tool_scope(tool: str) -> str:
     """The scope token that grants ``tool``: what a tool server names in an
     ``insufficient_scope`` answer, and what a task then asks for."""
-    if not tool or any(c.isspace() for c in tool):
+    if tool.split() != [tool]:  # empty, or has whitespace (str.split splits on isspace())
         raise ValueError(f"tool name {tool[:200]!r} is empty or has whitespace")
     return f"{TOOL_SCOPE_PREFIX}{tool}"
 

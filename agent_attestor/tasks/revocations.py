@@ -26,15 +26,24 @@ Expiries = Callable[[], Mapping[tuple[str, str], int]]
 def revocation_list(
     snap: Snapshot, expiries: Mapping[tuple[str, str], int]
 ) -> revocation_pb2.RevocationList:
+    # Whose credential each one is, as the server said: a verifier's on_revoked callback then
+    # knows the task (txn) of any workload's revoked token, not only of its own SVIDs.
+    ids = snap.revocation_spiffe_ids
     items = [
         revocation_pb2.Revoked(
-            kind=KIND_X509_SERIAL, value=s, expires_at=expiries.get((KIND_X509_SERIAL, s), 0)
+            kind=KIND_X509_SERIAL,
+            value=s,
+            expires_at=expiries.get((KIND_X509_SERIAL, s), 0),
+            spiffe_id=ids.get((KIND_X509_SERIAL, s), ""),
         )
         for s in sorted(snap.revoked_serials)
     ]
     items.extend(
         revocation_pb2.Revoked(
-            kind=KIND_JWT_ID, value=j, expires_at=expiries.get((KIND_JWT_ID, j), 0)
+            kind=KIND_JWT_ID,
+            value=j,
+            expires_at=expiries.get((KIND_JWT_ID, j), 0),
+            spiffe_id=ids.get((KIND_JWT_ID, j), ""),
         )
         for j in sorted(snap.revoked_jtis)
     )

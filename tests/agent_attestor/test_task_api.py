@@ -279,3 +279,44 @@ def test_validation_reporter_batches_and_retries_after_a_failure() -> None:
     got = [(v.jti, v.ok, v.at) for v in batch.validations]
     assert got == [("j1", True, 1000), ("", False, 1000)]
     assert reporter.sent == 2
+
+
+def test_revocation_watch_names_whose_credential_each_revocation_is(ta: TaskAgent) -> None:
+    """The SPIFFE ID the server sends with a revocation reaches verifiers, through a full Sync
+    snapshot and through deltas, so their on_revoked callbacks know the task of any token."""
+    from agent_attestor.node_client import sync_delta, sync_state
+    from svid._proto import common_pb2, node_pb2
+
+    task_id = f"{TD}/bot/task/t1"
+    ta.h.add_entry("/bot")
+    ta.h.sync(issue=False)
+    bundle = ta.h.cache.snapshot().bundle
+    assert bundle is not None
+    x509, jwt = common_pb2.Revocation.X509_SERIAL, common_pb2.Revocation.JWT_ID
+    snapshot = node_pb2.SyncUpdate(
+        entries=[e.to_proto() for e in ta.h.cache.snapshot().entries],
+        bundle=bundle.to_proto(),
+        revocations=[
+            common_pb2.Revocation(kind=x509, value="ABC1", expires_at=99, spiffe_id=task_id),
+            common_pb2.Revocation(kind=jwt, value="j-anon", expires_at=99),
+        ],
+    )
+    ta.h.lt.call(lambda: ta.h.cache.apply_sync(sync_state(snapshot)))
+    stub = revocation_pb2_grpc.RevocationsStub(ta.channel())
+    stream = stub.Watch(revocation_pb2.WatchRequest(), metadata=HEADER, timeout=10)
+    first = next(stream)
+    assert [(i.kind, i.value, i.spiffe_id) for i in first.items] == [
+        ("x509_serial", "abc1", task_id),
+        ("jwt_id", "j-anon", ""),
+    ]
+    delta = node_pb2.SyncUpdate(
+        revocations=[common_pb2.Revocation(kind=jwt, value="j1", expires_at=99, spiffe_id=task_id)],
+        removed_revocations=[common_pb2.Revocation(kind=x509, value="abc1")],
+    )
+    ta.h.lt.call(lambda: ta.h.cache.apply_delta(sync_delta(delta)))
+    second = next(stream)
+    assert [(i.kind, i.value, i.spiffe_id) for i in second.items] == [
+        ("jwt_id", "j-anon", ""),
+        ("jwt_id", "j1", task_id),
+    ]
+    stream.cancel()

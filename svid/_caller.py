@@ -1,0 +1,120 @@
+"""Who made a request, as an adapter verified it: the SPIFFE ID, and the JWT-SVID or the mTLS
+peer it was proven with. Web adapters (svid.asgi, svid.mcp) put one in each request they admit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from svid._errors import VerificationError
+from svid._spiffe_id import SpiffeId
+from svid._task_claims import (
+    INVOKE_TOOL,
+    TASK_PATH,
+    TOOL_SCOPE_PREFIX,
+    TaskClaims,
+    task_claims,
+)
+from svid._verify_jwt import VerifiedJwt
+from svid._verify_x509 import VerifiedX509
+
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+
+
+_UNREAD: Any = object()
+
+
+def _quick_grant(claims: Mapping[str, Any], sub: str, scope: str) -> bool | None:
+    """``Caller.grants`` from ``txn``, ``sub`` and ``scope`` alone, for a token whose task
+    claims were not read yet; None when anything is unusual (then the full read decides).
+    Agrees with TaskClaims.grants_tool / allows for the token's own audience (a test holds
+    the two together)."""
+    txn = claims.get("txn")
+    granted = claims.get("scope", "")
+    if type(txn) is not str or not txn or type(granted) is not str:
+        return None
+    suffix = f"{TASK_PATH}{txn}"
+    runtime = sub[: -len(suffix)]
+    if not sub.endswith(suffix) or runtime.endswith("/") or "/" not in runtime[len("spiffe://") :]:
+        return None
+    tokens = granted.split()
+    if scope.startswith(TOOL_SCOPE_PREFIX):
+        return scope in tokens or INVOKE_TOOL in tokens
+    return scope in tokens
+
+
+class Caller:
+    """A verified caller. ``jwt`` is set for a bearer JWT-SVID, ``x509`` for an mTLS peer.
+
+    ``task`` is the typed ``TaskClaims`` of a task token (None otherwise), read on first use
+    (a request that never looks does not pay for it); reading a malformed task token raises
+    TaskClaimsError, a VerificationError, and scope checks refuse it.
+    """
+
+    __slots__ = ("_task", "audience", "jwt", "spiffe_id", "x509")
+
+    def __init__(
+        self,
+        spiffe_id: SpiffeId,
+        *,
+        jwt: VerifiedJwt | None = None,
+        x509: VerifiedX509 | None = None,
+        audience: str = "",
+    ) -> None:
+        self.spiffe_id = spiffe_id
+        self.jwt = jwt
+        self.x509 = x509
+        self.audience = audience
+        self._task: TaskClaims | None = _UNREAD if jwt is not None else None
+
+    @property
+    def task(self) -> TaskClaims | None:
+        """Raises TaskClaimsError (a VerificationError) for a malformed task token."""
+        task = self._task
+        if task is _UNREAD:
+            assert self.jwt is not None
+            task = self._task = task_claims(self.jwt)
+        return task
+
+    def __repr__(self) -> str:
+        how = "jwt" if self.jwt is not None else "x509"
+        return f"Caller({self.spiffe_id}, {how}, task={self.task_id})"
+
+    @property
+    def claims(self) -> Mapping[str, Any]:
+        """The JWT-SVID's claims (read-only); empty for an mTLS peer."""
+        return self.jwt.claims if self.jwt is not None else _NO_CLAIMS
+
+    @property
+    def jti(self) -> str | None:
+        jti = self.claims.get("jti")
+        return jti if isinstance(jti, str) else None
+
+    @property
+    def task_id(self) -> str | None:
+        """The task of a task token (its ``txn``), without reading the rest of its claims."""
+        txn = self.claims.get("txn")
+        return txn if isinstance(txn, str) and txn else None
+
+    def grants(self, scope: str) -> bool:
+        """Whether the caller's token grants one scope token: ``tool:<name>`` (that tool, or
+        every tool through ``invoke_tool``) or an action. Only task tokens grant scopes."""
+        if self._task is _UNREAD:  # per request on the adapters' path: no full claims read
+            quick = _quick_grant(self.claims, str(self.spiffe_id), scope)
+            if quick is not None:
+                return quick
+        try:
+            task = self.task
+        except VerificationError:  # a malformed task token grants nothing
+            return False
+        if task is None:
+            return False
+        audience = self.audience or None
+        if scope.startswith(TOOL_SCOPE_PREFIX):
+            return task.grants_tool(scope[len(TOOL_SCOPE_PREFIX) :], audience=audience)
+        return task.allows(scope, audience=audience)
+
+    def missing(self, scopes: tuple[str, ...]) -> tuple[str, ...]:
+        """The scope tokens of ``scopes`` the caller's token does not grant."""
+        return tuple(s for s in scopes if not self.grants(s))

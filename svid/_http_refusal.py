@@ -1,0 +1,75 @@
+"""RFC 6750 refusals for HTTP adapters: 401 with a Bearer challenge (``invalid_token``, or none
+when no credential came), 403 ``insufficient_scope`` naming the scope to ask for.
+
+Descriptions come from VerificationError messages, which never hold a token; they are cut to
+the characters RFC 6750 allows in a quoted ``error_description``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+_MAX_DESCRIPTION = 300
+INVALID_TOKEN = "invalid_token"  # noqa: S105 - an RFC 6750 error code
+INSUFFICIENT_SCOPE = "insufficient_scope"
+INVALID_REQUEST = "invalid_request"
+
+
+def _quotable(text: str) -> str:
+    # RFC 6750 section 3: %x20-21 / %x23-5B / %x5D-7E, so no quote, no backslash, ASCII only.
+    clean = "".join(c for c in text if " " <= c <= "~" and c not in '"\\')
+    return clean[:_MAX_DESCRIPTION]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An HTTP refusal: its status, RFC 6750 error code ("" for a bare challenge) and details."""
+
+    status: int
+    error: str = ""
+    description: str = ""
+    scope: str = ""  # for insufficient_scope: what to ask for (space-separated scope tokens)
+
+    def challenge(self, realm: str) -> str:
+        params = [f'realm="{_quotable(realm)}"'] if realm else []
+        if self.error:
+            params.append(f'error="{self.error}"')
+        if self.description:
+            params.append(f'error_description="{_quotable(self.description)}"')
+        if self.scope:
+            params.append(f'scope="{_quotable(self.scope)}"')
+        return "Bearer " + ", ".join(params) if params else "Bearer"
+
+    def body(self) -> bytes:
+        doc = {"error": self.error or "unauthorized"}
+        if self.description:
+            doc["error_description"] = self.description
+        if self.scope:
+            doc["scope"] = self.scope
+        return json.dumps(doc).encode()
+
+    def headers(self, realm: str) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self.body())).encode()),
+            (b"www-authenticate", self.challenge(realm).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+
+
+def no_credentials() -> Refusal:
+    return Refusal(401, description="")
+
+
+def invalid_token(why: str) -> Refusal:
+    return Refusal(401, INVALID_TOKEN, why)
+
+
+def not_authorised(why: str) -> Refusal:
+    return Refusal(403, INSUFFICIENT_SCOPE, why)
+
+
+def insufficient_scope(scopes: tuple[str, ...]) -> Refusal:
+    scope = " ".join(scopes)
+    return Refusal(403, INSUFFICIENT_SCOPE, f"this request needs scope {scope}", scope)

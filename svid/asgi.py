@@ -1,0 +1,371 @@
+"""ASGI middleware that admits only verified SPIFFE callers (pure ASGI: Starlette, FastAPI, the
+``mcp`` SDK's apps, any ASGI server; no dependency of its own).
+
+    source = svid.WorkloadApiSource().start()             # or AsyncWorkloadApiSource
+    app = svid.asgi.SvidAuthMiddleware(app, audience="orders-api", source=source)
+
+    async def endpoint(request):                          # Starlette, say
+        caller = svid.asgi.caller_of(request.scope)       # svid.asgi.Caller
+        caller.spiffe_id, caller.claims, caller.task      # task: svid.TaskClaims or None
+
+A request is admitted with a JWT-SVID bearer token for ``audience`` (verified by the source's
+``JwtVerifier``), or else with the mTLS peer the server reports in the ASGI TLS extension
+(``scope["extensions"]["tls"]``: ``client_cert_chain``, verified by the source's
+``X509Verifier``). ``authorize`` then decides who may call (a SPIFFE ID, a TrustDomain, or a
+callable taking the ``Caller``), and ``required_scopes`` what the request needs from a task
+token (``svid.asgi.require_scopes("tool:read_ticket")``, or a rule reading the body).
+
+Refusals follow RFC 6750: 401 with ``WWW-Authenticate: Bearer realm=...`` (plus
+``error="invalid_token"`` and why, when a credential came), 403 with
+``error="insufficient_scope", scope="<the scope to ask for>"``. Nothing of the request reaches
+the app. A response still open when its caller's credential is revoked (its ``jti``, its task,
+its peer's certificate; the source's ``on_revoked``) is ended at once: a streamed body is closed,
+one not started yet becomes a 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Protocol, cast
+
+from svid._caller import Caller
+from svid._der import load_pem_certs
+from svid._errors import SvidError, VerificationError
+from svid._http_refusal import (
+    Refusal,
+    insufficient_scope,
+    invalid_token,
+    no_credentials,
+    not_authorised,
+)
+from svid._open_requests import OpenRequests, caller_keys
+from svid._revocation import RevocationSet
+from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._tls_authorize import as_authorizer, describe
+from svid._verify_jwt import JwtVerifier
+from svid._verify_x509 import VerifiedX509, X509Verifier
+
+__all__ = [
+    "CALLER",
+    "Caller",
+    "ScopeRule",
+    "SvidAuthMiddleware",
+    "caller_of",
+    "require_scopes",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+CallerAuthorizer = Callable[[Caller], bool]
+
+CALLER = "svid.caller"  # the scope key of the verified Caller
+DEFAULT_MAX_BODY = 1 << 20  # what a body-reading scope rule buffers at most
+
+
+def caller_of(scope: Scope) -> Caller:
+    """The verified caller of a request that SvidAuthMiddleware admitted."""
+    caller = scope.get(CALLER)
+    if not isinstance(caller, Caller):
+        raise VerificationError("this request was not admitted by svid.asgi.SvidAuthMiddleware")
+    return caller
+
+
+class ScopeRule(Protocol):
+    """What a request needs from the caller's task token, as scope tokens (``tool:<name>``,
+    or an action). ``reads_body`` says whether ``scopes`` needs the request body."""
+
+    def reads_body(self, scope: Scope) -> bool: ...
+
+    def scopes(self, scope: Scope, body: bytes) -> tuple[str, ...]: ...
+
+
+class _Fixed:
+    def __init__(self, scopes: tuple[str, ...]) -> None:
+        self._scopes = scopes
+
+    def reads_body(self, scope: Scope) -> bool:
+        return False
+
+    def scopes(self, scope: Scope, body: bytes) -> tuple[str, ...]:
+        return self._scopes
+
+
+def require_scopes(*scopes: str) -> ScopeRule:
+    """Every request needs all of ``scopes`` (e.g. ``svid.tool_scope("export")``, ``"read"``)."""
+    if not scopes or not all(s and not any(c.isspace() for c in s) for s in scopes):
+        raise ValueError("scopes must be non-empty scope tokens without whitespace")
+    return _Fixed(tuple(scopes))
+
+
+class _RefusedError(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        self.refusal = refusal
+
+
+class _Served:
+    """One response in flight: what was sent, and whether a revocation ended it."""
+
+    __slots__ = ("_loop", "_send", "_task", "done", "finished", "revoked", "started")
+
+    def __init__(self, send: Send, task: asyncio.Task[Any]) -> None:
+        self._send = send
+        self._task = task
+        self._loop = task.get_loop()
+        self.started = self.finished = self.revoked = self.done = False
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+        await self._send(message)
+
+    def end_from_any_thread(self) -> None:
+        self._loop.call_soon_threadsafe(self._end)
+
+    def _end(self) -> None:
+        if not self.done and not self.revoked:
+            self.revoked = True
+            self._task.cancel()
+
+
+class SvidAuthMiddleware:
+    """Admit verified SPIFFE callers only; put the ``Caller`` in ``scope["svid.caller"]``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        audience: str,
+        source: Any = None,
+        jwt_verifier: JwtVerifier | None = None,
+        x509_verifier: X509Verifier | None = None,
+        authorize: CallerAuthorizer | SpiffeId | TrustDomain | str | None = None,
+        required_scopes: ScopeRule | None = None,
+        accept_mtls: bool = True,
+        realm: str | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+    ) -> None:
+        """``source``: a WorkloadApiSource / AsyncWorkloadApiSource / X509Source (anything with
+        ``jwt_verifier()``, ``x509_verifier()`` and ``on_revoked()``); its verifiers are used
+        unless you pass your own, and its revocations end open responses."""
+        if not audience:
+            raise ValueError("an audience is required: the one this service's tokens name")
+        if jwt_verifier is None and source is not None:
+            jwt_verifier = source.jwt_verifier()
+        if x509_verifier is None and source is not None and accept_mtls:
+            x509_verifier = source.x509_verifier()
+        if jwt_verifier is None and x509_verifier is None:
+            raise ValueError("pass source= (or jwt_verifier= / x509_verifier=)")
+        self.app = app
+        self.audience = audience
+        self.realm = realm if realm is not None else audience
+        self._jwt = jwt_verifier
+        self._x509 = x509_verifier if accept_mtls else None
+        # The svid.tls authorizers read only .spiffe_id, which a Caller has too.
+        self._authorize: CallerAuthorizer | None = (
+            None if authorize is None else cast(CallerAuthorizer, as_authorizer(authorize))  # type: ignore[arg-type]
+        )
+        self._rule = required_scopes
+        self._max_body = max_body
+        self.open_requests = OpenRequests()
+        revocations = getattr(source, "revocations", None)
+        self._revocations = revocations if isinstance(revocations, RevocationSet) else None
+        self._unsubscribe: Callable[[], None] | None = None
+        subscribe = getattr(source, "on_revoked", None)
+        if subscribe is not None:
+            self._unsubscribe = subscribe(self.open_requests.on_revoked)
+
+    def close(self) -> None:
+        """Stop following the source's revocations (open responses are no longer ended)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    # --- the request path ---
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):  # lifespan: nothing to authenticate
+            await self.app(scope, receive, send)
+            return
+        try:
+            caller = self.authenticate(scope)
+            if self._rule is not None:
+                receive = await self._check_scopes(caller, scope, receive)
+        except _RefusedError as refused:
+            await self._refuse(kind, send, refused.refusal)
+            return
+        scope = dict(scope)
+        scope[CALLER] = caller
+        await self._serve(caller, scope, receive, send)
+
+    def authenticate(self, scope: Scope) -> Caller:
+        """The verified, authorised Caller of ``scope``; raises _RefusedError."""
+        caller = self._bearer_caller(scope)
+        if caller is None:
+            caller = self._peer_caller(scope)
+        if caller is None:
+            raise _RefusedError(no_credentials())
+        authorize = self._authorize
+        if authorize is not None:
+            try:
+                allowed = authorize(caller)
+            except VerificationError as exc:
+                raise _RefusedError(not_authorised(f"caller {caller.spiffe_id}: {exc}")) from None
+            if not allowed:
+                raise _RefusedError(
+                    not_authorised(
+                        f"caller {caller.spiffe_id} is not authorised "
+                        f"(allowed: {describe(authorize)})"  # type: ignore[arg-type]
+                    )
+                )
+        return caller
+
+    def _bearer_caller(self, scope: Scope) -> Caller | None:
+        header = _header(scope, b"authorization")
+        if header is None:
+            return None
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _RefusedError(invalid_token("the Authorization header is not a Bearer token"))
+        if self._jwt is None:
+            raise _RefusedError(invalid_token("this service takes no bearer tokens"))
+        try:
+            verified = self._jwt.verify(token.strip(), self.audience)
+            return Caller(verified.spiffe_id, jwt=verified, audience=self.audience)
+        except VerificationError as exc:
+            raise _RefusedError(invalid_token(str(exc))) from None
+
+    def _peer_caller(self, scope: Scope) -> Caller | None:
+        if self._x509 is None:
+            return None
+        tls = (scope.get("extensions") or {}).get("tls")
+        if not isinstance(tls, dict):
+            return None
+        chain = tls.get("client_cert_chain")
+        if not chain:
+            return None
+        try:
+            certs = [c for pem in chain for c in load_pem_certs(_bytes(pem))]
+            peer: VerifiedX509 = self._x509.verify(certs)
+        except (SvidError, TypeError) as exc:
+            raise _RefusedError(invalid_token(f"TLS client certificate refused: {exc}")) from None
+        return Caller(peer.spiffe_id, x509=peer, audience=self.audience)
+
+    async def _check_scopes(self, caller: Caller, scope: Scope, receive: Receive) -> Receive:
+        rule = self._rule
+        assert rule is not None
+        body = b""
+        if rule.reads_body(scope):
+            body, receive = await _read_body(receive, self._max_body)
+        try:
+            needed = rule.scopes(scope, body)
+        except ValueError as exc:  # a body the rule cannot read is refused, not waved through
+            raise _RefusedError(Refusal(400, "invalid_request", str(exc))) from None
+        missing = caller.missing(needed)
+        if missing:
+            raise _RefusedError(insufficient_scope(missing))
+        return receive
+
+    async def _serve(self, caller: Caller, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        served = _Served(send, task)
+        admission = self.open_requests.open(caller_keys(caller), served.end_from_any_thread)
+        cancelling = task.cancelling()
+        try:
+            # Revoked between verification and registration: refuse (the verifier would now).
+            if self._still_revoked(caller):
+                served.done = True
+                await self._refuse(scope["type"], send, invalid_token("credential revoked"))
+                return
+            await self.app(scope, receive, served.send)
+        except asyncio.CancelledError:
+            if not served.revoked or task.uncancel() > cancelling:
+                raise  # not ours: the server is cancelling the request
+            await self._end_revoked(scope["type"], send, served)
+        else:
+            if served.revoked:  # the app swallowed our cancellation: take it back
+                task.uncancel()
+        finally:
+            served.done = True
+            self.open_requests.close(admission)
+
+    def _still_revoked(self, caller: Caller) -> bool:
+        revocations = self._revocations
+        if revocations is None:
+            return False
+        jti = caller.jti
+        if jti is not None and revocations.is_jti_revoked(jti):
+            return True
+        peer = caller.x509
+        return peer is not None and revocations.is_serial_revoked(peer.serial)
+
+    async def _end_revoked(self, kind: str, send: Send, served: _Served) -> None:
+        with contextlib.suppress(Exception):  # the client may be gone already
+            if kind == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            elif not served.started:
+                await self._refuse(kind, send, invalid_token("credential revoked"))
+            elif not served.finished:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _refuse(self, kind: str, send: Send, refusal: Refusal) -> None:
+        if kind == "websocket":  # policy violation; the handshake is refused
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": refusal.status,
+                "headers": refusal.headers(self.realm),
+            }
+        )
+        await send({"type": "http.response.body", "body": refusal.body()})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _bytes(pem: Any) -> bytes:
+    return pem.encode() if isinstance(pem, str) else bytes(pem)
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, Receive]:
+    """The whole request body (at most ``limit`` bytes), and a receive that hands it to the app
+    again before passing on whatever comes next (a disconnect)."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _RefusedError(Refusal(400, "invalid_request", "the request body did not arrive"))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _RefusedError(Refusal(413, "invalid_request", f"request body over {limit} bytes"))
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(parts)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay

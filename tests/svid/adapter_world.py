@@ -1,0 +1,123 @@
+"""What the adapter tests share: task tokens signed by a test key, a source that revokes on
+demand (the real RevocationSet and RevocationEvents; only the agent's stream is left out), and
+a real uvicorn server on a free port in a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import uvicorn
+
+from svid import (
+    JwtVerifier,
+    MemoryBundleSource,
+    RevocationEvent,
+    RevocationSet,
+    Revoked,
+    SpiffeBundle,
+    SpiffeId,
+    TrustDomain,
+    X509Verifier,
+    sign_jws,
+)
+from tests.svid.certs import ec_key
+
+TD = TrustDomain("example.org")
+KEY = ec_key()
+RUNTIME = "spiffe://example.org/agents/bot"
+AUDIENCE = "mcp-tickets"
+
+
+def task_token(
+    task_id: str = "t1", scope: str = "read tool:read_ticket", jti: str = "j1", **over: Any
+) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": f"{RUNTIME}/task/{task_id}",
+        "aud": [AUDIENCE],
+        "exp": now + 300,
+        "iat": now,
+        "jti": jti,
+        "txn": task_id,
+        "scope": scope,
+        "tctx": {"classification": "internal", "environment": "test", "resources": [AUDIENCE]},
+        "obo": "user:alice",
+        "act": {"sub": f"{RUNTIME}/task/{task_id}"},
+    }
+    claims.update(over)
+    return sign_jws({"kid": "k1", "typ": "JWT"}, {k: v for k, v in claims.items() if v}, KEY)
+
+
+def workload_token(sub: str = "spiffe://example.org/svc", jti: str = "w1") -> str:
+    now = int(time.time())
+    claims = {"sub": sub, "aud": [AUDIENCE], "exp": now + 300, "iat": now, "jti": jti}
+    return sign_jws({"kid": "k1", "typ": "JWT"}, claims, KEY)
+
+
+class RevokingSource:
+    """The part of a Workload API source the adapters use, with ``revoke`` for tests."""
+
+    def __init__(self) -> None:
+        self.bundles = MemoryBundleSource.of(SpiffeBundle(TD, (), {"k1": KEY.public_key()}))
+        self.revocations = RevocationSet()
+        self._items: list[Revoked] = []
+        self._subscribers: list[Callable[[RevocationEvent], Any]] = []
+
+    def jwt_verifier(self, **options: Any) -> JwtVerifier:
+        return JwtVerifier(self.bundles.jwt_bundle_for, revocations=self.revocations, **options)
+
+    def x509_verifier(self, **options: Any) -> X509Verifier:
+        return X509Verifier(self.bundles.x509_bundle_for, revocations=self.revocations, **options)
+
+    def on_revoked(self, callback: Callable[[RevocationEvent], Any]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def revoke(self, kind: str, value: str, spiffe_id: str = "") -> None:
+        """As the source does: the set first (verifiers refuse), then the callbacks, from a
+        thread of its own."""
+        item = Revoked(kind, value, time.time() + 600, spiffe_id)
+        self._items.append(item)
+        self.revocations.replace(self._items)
+        event = RevocationEvent(
+            kind, value, item.expires_at, SpiffeId.parse(spiffe_id) if spiffe_id else None
+        )
+
+        def announce() -> None:
+            for callback in list(self._subscribers):
+                callback(event)
+
+        thread = threading.Thread(target=announce)
+        thread.start()
+        thread.join()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1; yields the base URL."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="auto")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

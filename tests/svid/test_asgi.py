@@ -1,0 +1,174 @@
+"""svid.asgi.SvidAuthMiddleware behind a real uvicorn server, called with a real httpx client:
+who gets in, what the refusals say (RFC 6750), and open streams ended by a revocation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+import svid.asgi
+from svid import tool_scope
+from tests.svid.adapter_world import (
+    AUDIENCE,
+    RUNTIME,
+    RevokingSource,
+    serving,
+    task_token,
+    workload_token,
+)
+
+SEEN: list[svid.asgi.Caller] = []
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """Answers with the caller's ID; /stream sends a chunk every 50 ms until it is stopped."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    caller = svid.asgi.caller_of(scope)
+    SEEN.append(caller)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    if scope["path"] == "/stream":
+        while True:
+            await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+            await asyncio.sleep(0.05)
+    await send({"type": "http.response.body", "body": str(caller.spiffe_id).encode()})
+
+
+@pytest.fixture
+def source() -> RevokingSource:
+    SEEN.clear()
+    return RevokingSource()
+
+
+def serve(source: RevokingSource, **options: Any) -> Any:
+    return serving(svid.asgi.SvidAuthMiddleware(app, audience=AUDIENCE, source=source, **options))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_no_credential_is_a_bare_401_challenge(source: RevokingSource) -> None:
+    with serve(source) as url:
+        reply = httpx.get(url)
+    assert reply.status_code == 401
+    assert reply.headers["www-authenticate"] == f'Bearer realm="{AUDIENCE}"'
+    assert SEEN == []
+
+
+def test_a_bad_token_is_invalid_token_and_says_why_without_the_token(
+    source: RevokingSource,
+) -> None:
+    token = task_token(aud=["other"])
+    with serve(source) as url:
+        reply = httpx.get(url, headers=bearer(token))
+        basic = httpx.get(url, headers={"Authorization": "Basic Zm9vOmJhcg=="})
+    assert reply.status_code == 401
+    challenge = reply.headers["www-authenticate"]
+    assert 'error="invalid_token"' in challenge
+    assert "not for audience" in challenge
+    assert token not in challenge
+    assert token not in reply.text
+    assert basic.status_code == 401
+    assert 'error="invalid_token"' in basic.headers["www-authenticate"]
+    assert SEEN == []
+
+
+def test_a_verified_task_token_puts_the_caller_and_its_task_in_the_scope(
+    source: RevokingSource,
+) -> None:
+    with serve(source) as url:
+        reply = httpx.get(url, headers=bearer(task_token()))
+    assert reply.status_code == 200
+    (caller,) = SEEN
+    assert str(caller.spiffe_id) == f"{RUNTIME}/task/t1"
+    assert caller.task is not None
+    assert caller.task.task_id == "t1"
+    assert caller.task.on_behalf_of == "user:alice"
+    assert caller.claims["jti"] == "j1"
+
+
+def test_authorize_refuses_other_callers_with_403(source: RevokingSource) -> None:
+    with serve(source, authorize="spiffe://example.org/frontend") as url:
+        refused = httpx.get(url, headers=bearer(workload_token()))
+        admitted = httpx.get(
+            url, headers=bearer(workload_token(sub="spiffe://example.org/frontend"))
+        )
+    assert refused.status_code == 403
+    assert "is not authorised" in refused.headers["www-authenticate"]
+    assert admitted.status_code == 200
+    assert [str(c.spiffe_id) for c in SEEN] == ["spiffe://example.org/frontend"]
+
+
+def test_a_missing_scope_is_403_insufficient_scope_naming_the_scope_to_ask_for(
+    source: RevokingSource,
+) -> None:
+    rule = svid.asgi.require_scopes(tool_scope("export_customer_data"))
+    with serve(source, required_scopes=rule) as url:
+        refused = httpx.get(url, headers=bearer(task_token()))
+        workload = httpx.get(url, headers=bearer(workload_token()))
+        granted = httpx.get(
+            url, headers=bearer(task_token(scope="tool:export_customer_data", jti="j2"))
+        )
+    assert refused.status_code == 403
+    challenge = refused.headers["www-authenticate"]
+    assert 'error="insufficient_scope"' in challenge
+    assert 'scope="tool:export_customer_data"' in challenge
+    assert refused.json()["scope"] == "tool:export_customer_data"
+    assert workload.status_code == 403  # only task tokens grant scopes
+    assert granted.status_code == 200
+    assert len(SEEN) == 1
+
+
+@pytest.fixture
+def streaming(source: RevokingSource) -> Iterator[str]:
+    with serve(source) as url:
+        yield url
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "spiffe_id"),
+    [
+        ("jwt_id", "j1", ""),  # the token itself
+        ("x509_serial", "abcd", f"{RUNTIME}/task/t1"),  # another credential of its task
+    ],
+)
+def test_an_open_stream_is_ended_when_its_credential_or_task_is_revoked(
+    source: RevokingSource, streaming: str, kind: str, value: str, spiffe_id: str
+) -> None:
+    with (
+        httpx.Client(timeout=5) as client,
+        client.stream("GET", f"{streaming}/stream", headers=bearer(task_token())) as reply,
+    ):
+        assert reply.status_code == 200
+        lines = reply.iter_lines()
+        assert next(lines) == "tick"
+        revoked_at = time.monotonic()
+        source.revoke(kind, value, spiffe_id)
+        rest = list(lines)  # ends only when the server ends the response
+        took = time.monotonic() - revoked_at
+    assert took < 1.0
+    assert len(rest) <= 5
+    if kind == "jwt_id":
+        assert httpx.get(streaming, headers=bearer(task_token())).status_code == 401
+
+
+def test_a_revocation_of_someone_else_leaves_the_stream_open(
+    source: RevokingSource, streaming: str
+) -> None:
+    with (
+        httpx.Client(timeout=5) as client,
+        client.stream("GET", f"{streaming}/stream", headers=bearer(task_token())) as reply,
+    ):
+        lines = reply.iter_lines()
+        assert next(lines) == "tick"
+        source.revoke("jwt_id", "another", f"{RUNTIME}/task/t2")
+        assert [next(lines) for _ in range(5)] == ["tick"] * 5

@@ -1,0 +1,138 @@
+"""svid.mcp with the official MCP SDK: a real MCPServer behind uvicorn, called by the SDK's
+streamable HTTP client carrying task tokens (svid.mcp.http_client)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import httpx2
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
+
+import svid.mcp
+from tests.svid.adapter_world import AUDIENCE, RevokingSource, serving, task_token
+
+SEEN: list[Any] = []
+
+
+def build(source: RevokingSource) -> Any:
+    # The README's server, as written there (its tools aside).
+    auth = svid.mcp.TaskAuth(source, audience="mcp-tickets")
+    server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
+
+    @server.tool()
+    def read_ticket(ticket_id: str) -> str:
+        SEEN.append(get_access_token())
+        return f"ticket {ticket_id}: printer on fire"
+
+    @server.tool()
+    def export_customer_data() -> str:
+        SEEN.append(get_access_token())
+        return "everything"
+
+    return auth.protect(server)
+
+
+@pytest.fixture
+def source() -> RevokingSource:
+    SEEN.clear()
+    return RevokingSource()
+
+
+async def call(url: str, token: str, tool: str, args: dict[str, Any]) -> Any:
+    async with (
+        svid.mcp.http_client(lambda _aud: token, AUDIENCE) as http,
+        streamable_http_client(f"{url}/mcp", http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        return await session.call_tool(tool, args)
+
+
+def test_a_granted_tool_runs_with_typed_task_claims(source: RevokingSource) -> None:
+    with serving(build(source)) as url:
+        result = asyncio.run(call(url, task_token(), "read_ticket", {"ticket_id": "7"}))
+    assert not result.is_error
+    assert "printer on fire" in result.content[0].text
+    (token,) = SEEN
+    assert isinstance(token, svid.mcp.TaskAccessToken)
+    assert token.task is not None
+    assert token.task.task_id == "t1"
+    assert token.task.grants_tool("read_ticket")
+    assert token.spiffe_id.endswith("/task/t1")
+
+
+def test_a_tool_the_task_was_not_granted_is_403_insufficient_scope(
+    source: RevokingSource,
+) -> None:
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "export_customer_data", "arguments": {}},
+    }
+    headers = {
+        "Authorization": f"Bearer {task_token()}",
+        "Accept": "application/json, text/event-stream",
+    }
+    with serving(build(source)) as url:
+        reply = httpx.post(f"{url}/mcp", json=body, headers=headers)
+        with pytest.raises(ExceptionGroup) as raised:  # the SDK's MCPError, in its task groups
+            asyncio.run(call(url, task_token(), "export_customer_data", {}))
+    assert reply.status_code == 403
+    challenge = reply.headers["www-authenticate"]
+    assert 'error="insufficient_scope"' in challenge
+    assert 'scope="tool:export_customer_data"' in challenge
+    assert raised.group_contains(MCPError)
+    assert SEEN == []
+
+
+def test_a_body_that_could_be_read_two_ways_is_refused(source: RevokingSource) -> None:
+    body = (
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call",'
+        b'"params":{"name":"read_ticket","name":"export_customer_data","arguments":{}}}'
+    )
+    headers = {
+        "Authorization": f"Bearer {task_token()}",
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+    }
+    with serving(build(source)) as url:
+        reply = httpx.post(f"{url}/mcp", content=body, headers=headers)
+    assert reply.status_code == 400
+    assert SEEN == []
+
+
+def test_the_sdk_app_without_protect_refuses_every_token(source: RevokingSource) -> None:
+    auth = svid.mcp.TaskAuth(source, audience="mcp-tickets")
+    server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
+    with serving(server.streamable_http_app()) as url, pytest.raises(ExceptionGroup):
+        asyncio.run(call(url, task_token(), "read_ticket", {"ticket_id": "7"}))
+
+
+def test_a_revoked_task_s_session_and_stream_end(source: RevokingSource) -> None:
+    async def scenario(url: str) -> float:
+        async with (
+            svid.mcp.http_client(lambda _aud: task_token(), AUDIENCE) as http,
+            streamable_http_client(f"{url}/mcp", http_client=http) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            await session.call_tool("read_ticket", {"ticket_id": "1"})
+            revoked_at = time.monotonic()
+            await asyncio.to_thread(source.revoke, "jwt_id", "j1", "")
+            with pytest.raises((MCPError, ExceptionGroup, httpx2.HTTPError)):
+                await asyncio.wait_for(session.call_tool("read_ticket", {"ticket_id": "2"}), 5)
+            return time.monotonic() - revoked_at
+
+    with serving(build(source)) as url:
+        took = asyncio.run(scenario(url))
+    assert took < 2
+    assert len(SEEN) == 1
