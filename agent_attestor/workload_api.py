@@ -16,7 +16,8 @@ from google.protobuf import struct_pb2
 from agent_attestor.cache import Cache, Identity, Snapshot
 from agent_attestor.caller_check import checked_caller
 from agent_attestor.errors import BadRequestError, NoIdentityError
-from agent_attestor.jwt_cache import JwtCache
+from agent_attestor.jwt_answers import JwtAnswers, answer_key, split_budget
+from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, refresh_point
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
 from agent_attestor.model import Entry, Selector
 from agent_attestor.peer import Caller, CallerRegistry
@@ -103,6 +104,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         on_validate: ValidationHook | None = None,
         demand: SvidDemand | None = None,
         first_wait: float = FIRST_MESSAGE_WAIT,
+        answer_bytes: int = split_budget(DEFAULT_MAX_BYTES)[1],
     ) -> None:
         self._demand = demand
         self._first_wait = first_wait
@@ -113,6 +115,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         self._jwts = jwts
         self._clock = clock
         self._validator = CacheJwtValidator(cache, clock)
+        self._answers = JwtAnswers(jwts, clock, answer_bytes)
 
     # ---- shared checks -------------------------------------------------------------------
 
@@ -278,9 +281,16 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     async def FetchJWTSVID(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.JWTSVIDRequest, context: grpc.aio.ServicerContext
     ) -> workload_pb2.JWTSVIDResponse:
-        # The hot path of the agent (a cached token per call): every step is a plain check that
-        # awaits only when it aborts or mints.
+        # The agent's hot path. The same request again is answered with what was built for it
+        # (jwt_answers says until when); else every step is a plain check that awaits only to
+        # abort or mint. The header and the caller are checked on every call either way.
         caller = await self._caller(context, "FetchJWTSVID")
+        snap = self._cache.snapshot()
+        key = answer_key(caller.selectors, request)
+        ready = self._answers.get(key, snap)
+        if ready is not None:
+            return ready
+        generation = self._jwts.generation
         audience = list(request.audience)
         if "" in audience:
             audience = [a for a in audience if a]
@@ -289,7 +299,6 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         too_big = audience_problem(audience)
         if too_big:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
-        snap = self._cache.snapshot()
         problem = _not_serving(snap)
         if problem is not None:
             await context.abort(*problem)
@@ -312,15 +321,18 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 )
         reply = workload_pb2.JWTSVIDResponse()
         add = reply.svids.add
+        tokens = []
         for entry in chosen:
             jwt = self._jwts.cached(entry.spiffe_id, audience)
             if jwt is None:
                 jwt = await self._mint(context, entry, audience)
+            tokens.append((JwtCache.key(entry.spiffe_id, audience), refresh_point(jwt)))
             # An empty hint left out: upb pays for every keyword, set or not.
             if entry.hint:
                 add(spiffe_id=entry.spiffe_id, svid=jwt.token, hint=entry.hint)
             else:
                 add(spiffe_id=entry.spiffe_id, svid=jwt.token)
+        self._answers.put(key, snap, generation, reply, tokens)
         return reply
 
     async def _mint(
