@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[i
 
 from agent_attestor.agent_store import AgentStore
 from agent_attestor.cache import Cache
+from agent_attestor.checkpoint_store import CheckpointStore
 from agent_attestor.config import AgentConfig
 from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.errors import ConfigError
@@ -27,6 +28,8 @@ from agent_attestor.node_client import insecure_fetch_server_root, load_x509pop
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import MAX_UNIX_PATH, RelaySettings
 from agent_attestor.rotation import Rotator
+from agent_attestor.state_store import StateStore
+from agent_attestor.state_writer import StateWriter
 from agent_attestor.sync import Syncer, SyncSettings
 from agent_attestor.tasks.wiring import build_task_layer
 from agent_attestor.workload_api import WorkloadApi
@@ -85,6 +88,11 @@ class AgentApp:
         self.registry = CallerRegistry()
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = AgentStore(config.agent_svid_path, config.agent_key_path, config.bundle_path)
+        # The server's audit checkpoints: a copy kept here, outside the server's reach.
+        self.checkpoints = CheckpointStore(
+            config.audit_checkpoint_path,
+            on_refused=lambda reason: self.metrics.checkpoints_refused.labels(reason=reason).inc(),
+        )
         x509pop = (
             load_x509pop(config.x509pop_cert, config.x509pop_key)
             if config.x509pop_cert is not None and config.x509pop_key is not None
@@ -104,7 +112,12 @@ class AgentApp:
             self.cache,
             self.clock,
             on_change=self._on_sync_event,
+            on_checkpoint=self.checkpoints.offer,
         )
+        self.state = StateStore(config.state_path)
+        self._restore()
+        self.state_writer = StateWriter(self.state, self.cache, lambda: self.syncer.position)
+        # Built after the restore: it takes on the restored SVIDs (and their renewals).
         self.rotator = Rotator(
             self.cache, self.syncer, self.clock, max_prefetched=config.max_prefetched_svids
         )
@@ -154,10 +167,29 @@ class AgentApp:
         self.metrics.entries.set_function(lambda: self.cache.counts()[0])
         self.metrics.connections.set_function(lambda: len(self.registry))
         self.metrics.server_connected.set_function(lambda: int(self.syncer.connected))
+        self.metrics.checkpoint_events.set_function(
+            lambda: 0 if self.checkpoints.held is None else self.checkpoints.held.count
+        )
         self._tasks: list[asyncio.Task[None]] = []
-        self._was_disconnected = False
+        # As if disconnected before the first Sync: SVIDs missing from a restored state were
+        # asked for before there was a connection, and their retry waits out a backoff.
+        self._was_disconnected = True
         self._call_counters: dict[str, Any] = {}
         self.metrics_address = ""
+
+    def _restore(self) -> None:
+        """Start from the state saved by the last run, if it was this agent's: its entries and
+        SVIDs are held at once, served once the server's first Sync message has caught them up.
+        Blocking (a few seconds at 100k entries), before anything is served."""
+        own = self.store.load_svid()
+        if own is None or own.not_after <= self.clock.now() + 1:
+            # This start attests anew: a new agent ID, for which nothing saved is valid.
+            self.state.discard()
+            return
+        saved = self.state.load(own.spiffe_id, self.config.trust_domain, self.clock.now())
+        if saved is not None:
+            self.cache.restore(saved.state, saved.svids)
+            self.syncer.resume(saved.position)
 
     @property
     def runtime_file(self) -> Path:
@@ -175,6 +207,8 @@ class AgentApp:
         counter.inc()
 
     def _on_sync_event(self, event: str) -> None:
+        if event in ("sync", "refused"):
+            self.state_writer.position_moved()
         if event == "sync":
             self.metrics.syncs.inc()
             if self._was_disconnected:
@@ -207,6 +241,7 @@ class AgentApp:
         self._tasks = [
             asyncio.create_task(self.syncer.run(), name="sync"),
             asyncio.create_task(self.rotator.run(), name="rotation"),
+            asyncio.create_task(self.state_writer.run(), name="state"),
             asyncio.create_task(self._health_loop(), name="health"),
             *(asyncio.create_task(job) for job in self.task_layer.background()),
         ]
@@ -223,6 +258,9 @@ class AgentApp:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.syncer.settle(ATTEST_SETTLE)
+        # What changed since the last batch, so a clean restart mints nothing it held.
+        await self.state_writer.flush()
+        await asyncio.to_thread(self.state.close)
         await self.endpoint.stop(1.0)
         await self.syncer.close()
         self.http.stop()

@@ -54,6 +54,15 @@ class SyncDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncPosition:
+    """How far an agent ID's Sync stream got: what a reconnect (or a restart) asks to go on from."""
+
+    agent_id: str = ""
+    revision: int = 0
+    epoch: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Identity:
     entry: Entry
     svid: IssuedSvid
@@ -125,6 +134,7 @@ class Snapshot:
 
 
 EntryListener = Callable[[Sequence[Entry], Sequence[str]], None]
+SvidListener = Callable[[Sequence[str]], None]
 # Past this share of the entries changing at once, re-index and re-match everything instead.
 _REBUILD_SHARE = 0.25
 
@@ -151,6 +161,7 @@ class Cache:
         self._shared = Signal()
         self.watchers = Watchers(self._index.match)
         self._listeners: list[EntryListener] = []
+        self._svid_listeners: list[SvidListener] = []
 
     @property
     def version(self) -> int:
@@ -167,6 +178,11 @@ class Cache:
     def on_entries(self, listener: EntryListener) -> None:
         """Call `listener(changed_or_added, removed_ids)` after each change of the entry set."""
         self._listeners.append(listener)
+
+    def on_svids(self, listener: SvidListener) -> None:
+        """Call `listener(entry_ids)` after SVIDs were installed or dropped for these entries
+        (those dropped with their entry are told through `on_entries`)."""
+        self._svid_listeners.append(listener)
 
     def snapshot(self) -> Snapshot:
         snap = self._snapshot
@@ -244,9 +260,21 @@ class Cache:
         elif shared:
             self._changed(shared=True)
 
+    def restore(self, state: SyncState, svids: Iterable[IssuedSvid]) -> None:
+        """Install what an earlier run saved, held but not served: the cache stays unsynced
+        until the server's first Sync message (a delta from the saved revision, or a snapshot)
+        has removed what was deleted or revoked meanwhile."""
+        self.apply_sync(state)
+        self._synced = False
+        self._changed(shared=True)
+        self.put_svids(svids)
+
     def apply_delta(self, delta: SyncDelta) -> None:
         """Install a Sync delta: its cost follows what changed, not what is held."""
-        shared = False
+        # The first message after a restore may be a delta (caught up from the saved revision):
+        # from then on the restored state is the server's word.
+        shared = not self._synced
+        self._synced = True
         if delta.bundle is not None and delta.bundle != self._bundle:
             self._bundle = delta.bundle
             shared = True
@@ -341,8 +369,11 @@ class Cache:
             self._svids[svid.entry_id] = svid
             installed.append(svid)
         if installed:
-            self.watchers.svids_changed(s.entry_id for s in installed)
+            ids = [s.entry_id for s in installed]
+            self.watchers.svids_changed(ids)
             self._changed()
+            for listener in self._svid_listeners:
+                listener(ids)
         return installed
 
     def drop_svids(self, entry_ids: Iterable[str]) -> list[str]:
@@ -351,6 +382,8 @@ class Cache:
         if gone:
             self.watchers.svids_changed(gone)
             self._changed()
+            for listener in self._svid_listeners:
+                listener(gone)
         return gone
 
     def svid(self, entry_id: str) -> IssuedSvid | None:
@@ -379,7 +412,8 @@ class Cache:
 
 
 def join_parts(parts: Sequence[SyncState]) -> SyncState:
-    """One snapshot from its parts: entries and revocations of all, the rest from the last."""
+    """One snapshot from its parts: entries, revocations and CRLs of all, the rest from the
+    last."""
     last = parts[-1]
     if len(parts) == 1:
         return last
@@ -392,7 +426,23 @@ def join_parts(parts: Sequence[SyncState]) -> SyncState:
         revoked_serials=frozenset(s for part in parts for s in part.revoked_serials),
         revoked_jtis=frozenset(j for part in parts for j in part.revoked_jtis),
         revocation_expiry=expiry,
+        crl=tuple(c for part in parts for c in part.crl),
     )
+
+
+def hold_crl(
+    pending: tuple[bytes, ...] | None, delta: SyncDelta
+) -> tuple[tuple[bytes, ...] | None, SyncDelta]:
+    """The delta part to apply now, and the CRLs of its run held back so far.
+
+    A run's CRLs may be spread over its parts, and they replace the agent's CRLs together, with
+    the last part: installing one part's share would drop the CRLs the other parts carry.
+    """
+    if delta.crl is not None:
+        pending = (*(pending or ()), *delta.crl)
+    if delta.more:
+        return pending, replace(delta, crl=None)
+    return None, replace(delta, crl=pending)
 
 
 def with_entry(state: SyncState, entry: Entry) -> SyncState:

@@ -1,4 +1,5 @@
-"""The svid-agent command line: run the agent, check its health, and talk to its Workload API."""
+"""The svid-agent command line: run the agent, check its health, talk to its Workload API, and
+print the server's audit checkpoint it keeps."""
 
 from __future__ import annotations
 
@@ -19,10 +20,19 @@ from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 
 from agent_attestor import _crypto
 from agent_attestor.app import AgentApp
-from agent_attestor.config import DEFAULT_SOCKET, JOIN_TOKEN_ENV, KEYS, build_config, load_toml
+from agent_attestor.checkpoint_store import read_records
+from agent_attestor.config import (
+    DEFAULT_SOCKET,
+    JOIN_TOKEN_ENV,
+    KEYS,
+    AgentConfig,
+    build_config,
+    load_toml,
+)
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
 from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
+from svid._audit_checkpoint import CHECKPOINT
 from svid._clock import format_utc, unix_times_as_numbers
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
@@ -88,8 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     begin = tasks.add_parser(
         "begin", parents=[client, output], help="begin a task with a declared intent"
     )
-    begin.add_argument("--action", action="append", required=True, help="repeatable, e.g. read")
-    begin.add_argument("--resource", action="append", required=True, help="audience or tool")
+    begin.add_argument("--action", action="append", default=[], help="repeatable, e.g. read")
+    begin.add_argument("--resource", action="append", default=[], help="repeatable audience")
+    begin.add_argument(
+        "--tool", action="append", default=[], help="repeatable SERVER#TOOL, e.g. mcp-tickets#read"
+    )
     begin.add_argument(
         "--classification", default="", help="public|internal|confidential|restricted"
     )
@@ -98,11 +111,47 @@ def _parser() -> argparse.ArgumentParser:
     begin.add_argument("--goal", default="", help="free text; only its sha256 leaves this node")
     begin.add_argument("--ttl", type=int, default=300, help="requested seconds")
     begin.add_argument("--parent-task", default="")
+    begin.add_argument(
+        "--elevate",
+        action="store_true",
+        help="with --parent-task: a short elevated step, decided by policy on its own",
+    )
     begin.add_argument("--spiffe-id", default="", help="identity to act under (default: first)")
     end = tasks.add_parser("end", parents=[client, output], help="end a task and revoke its SVIDs")
     end.add_argument("--id", required=True)
-    tasks.add_parser("list", parents=[client, output], help="the calling workload's tasks")
+    tlist = tasks.add_parser("list", parents=[client, output], help="the calling workload's tasks")
+    tlist.add_argument("--state", default="", choices=("", "active", "ended", "revoked", "expired"))
+    tlist.add_argument(
+        "--spiffe-id", default="", help="only the tasks under this one of the caller's identities"
+    )
+    tlist.add_argument(
+        "--page-size",
+        type=_page_size,
+        default=0,
+        metavar="N",
+        help="tasks per page asked of the server (default 500, at most 5000); every page is read",
+    )
+
+    audit = sub.add_parser("audit", help="the server's audit log, as this node saw it")
+    audit_actions = audit.add_subparsers(dest="audit", required=True)
+    checkpoint = audit_actions.add_parser(
+        "checkpoint",
+        help="print the newest audit checkpoint (and prune record) the server pushed to this "
+        "agent, as lines of its checkpoint file: an anchor for svid-server audit verify --anchor",
+    )
+    checkpoint.add_argument("--config", type=Path, help="agent TOML config file (for data_dir)")
+    checkpoint.add_argument("--data-dir", type=Path, help="the agent's data_dir")
     return parser
+
+
+def _page_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -216,19 +265,27 @@ def _cmd_task(args: argparse.Namespace, client: WorkloadClient) -> int:
         intent = task_pb2.Intent(
             actions=args.action,
             resources=args.resource,
+            tools=args.tool,
             classification=args.classification,
             environment=args.environment,
             on_behalf_of=args.on_behalf_of,
             goal=args.goal,
         )
         request = task_pb2.BeginTaskRequest(
-            spiffe_id=args.spiffe_id, intent=intent, ttl=args.ttl, parent_task_id=args.parent_task
+            spiffe_id=args.spiffe_id,
+            intent=intent,
+            ttl=args.ttl,
+            parent_task_id=args.parent_task,
+            elevate=args.elevate,
         )
         _print_tasks(args, [client.begin_task(request)])
     elif args.task == "end":
         _print_tasks(args, [client.end_task(args.id)])
     else:
-        _print_tasks(args, client.list_tasks())
+        _print_tasks(
+            args,
+            client.list_tasks(state=args.state, spiffe_id=args.spiffe_id, page_size=args.page_size),
+        )
     return 0
 
 
@@ -265,6 +322,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    """Reads the agent's file (the agent need not run); checked before it is printed."""
+    # Only data_dir: the rest of a config (a join token file among it) is not this command's.
+    file_values = load_toml(args.config) if args.config is not None else {}
+    data_dir = args.data_dir or file_values.get("data_dir") or AgentConfig.data_dir
+    if not isinstance(data_dir, (str, Path)):
+        raise ConfigError(f"data_dir: expected a string, got {data_dir!r}")
+    path = AgentConfig(data_dir=Path(data_dir).expanduser()).audit_checkpoint_path
+    try:
+        records = read_records(path)
+    except FileNotFoundError:
+        print(
+            f"svid-agent: no audit checkpoint in {path.parent} yet: the server pushes one "
+            "over Sync once it has signed one",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
+        print(f"svid-agent: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for record in records:
+        print(record.to_line())
+    for record in records:
+        what = "events" if record.kind == CHECKPOINT else "events removed"
+        print(
+            f"audit {record.kind}: seq {record.seq} ({record.count} {what}), signed "
+            f"{format_utc(record.time)} by key {record.key_id[:16]}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _client_command(args: argparse.Namespace, client: WorkloadClient) -> int:
     if args.command == "healthcheck":
         return _cmd_healthcheck(client)
@@ -284,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "audit":
+            return _cmd_audit_checkpoint(args)
         with WorkloadClient(endpoint(args.socket_path), args.timeout) as client:
             code = _client_command(args, client)
         flush_stdout()

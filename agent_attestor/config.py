@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from agent_attestor.checkpoint_store import FILE_NAME as CHECKPOINT_FILE
 from agent_attestor.errors import ConfigError
 
 LOG_FORMATS = ("json", "text")
@@ -58,7 +59,8 @@ class AgentConfig:
     max_hash_size: int = 256 * 1024 * 1024  # bytes; a bigger executable gets no unix:sha256
     # Entries holding a pre-minted X.509-SVID (issue 13), least recently used out (never one an
     # open stream is served); the rest are minted when a workload first asks. 0: every entry.
-    # Chosen by measurement (bench/test_bench_agent_scale.py): a restart must have them all in
+    # Chosen by measurement (bench/test_bench_agent_scale.py): a start without saved state (the
+    # first, or one whose state file was dropped; see state_store.py) must have them all in
     # 30 s, and the server signs at most 1,000 CSRs/s per agent after a 2,000 burst (32k in
     # 30 s) while the agent mints about 2,500/s per core; 20k are ready in ~18 s at the server's
     # limit, and renewing them at a 5 min TTL takes 133 CSRs/s, an eighth of that limit, leaving
@@ -76,6 +78,15 @@ class AgentConfig:
     @property
     def bundle_path(self) -> Path:
         return self.data_dir / "bundle.der"
+
+    @property
+    def audit_checkpoint_path(self) -> Path:
+        return self.data_dir / CHECKPOINT_FILE
+
+    @property
+    def state_path(self) -> Path:
+        """Entries, Sync position and workload SVIDs (with keys) for the next start."""
+        return self.data_dir / "agent_state.sqlite3"
 
 
 _PATH_KEYS = {

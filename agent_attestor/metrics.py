@@ -33,6 +33,18 @@ class Metrics:
         self.syncs = Counter(
             "svid_agent_sync_updates_total", "Sync updates applied", registry=self.registry
         )
+        self.checkpoint_events = Gauge(
+            "svid_agent_audit_checkpoint_events",
+            "events the server's audit log held at the newest checkpoint kept (0: none yet)",
+            registry=self.registry,
+        )
+        self.checkpoints_refused = Counter(
+            "svid_agent_audit_checkpoints_refused_total",
+            "audit checkpoints pushed by the server and not kept, by reason (backwards, "
+            "forked, key_changed, invalid: red flags; unwritable: a local disk problem)",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)  # type: ignore[no-any-return]

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from agent_attestor import _crypto
 from agent_attestor.agent_store import AgentSvid
 from agent_attestor.cache import SyncDelta, SyncState
+from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.errors import (
     AttestationError,
     BadRequestError,
@@ -217,10 +218,13 @@ class NodeClient:
 
     async def sync(
         self, since_revision: int = 0, epoch: str = ""
-    ) -> AsyncIterator[SyncState | SyncDelta]:
-        """The Sync stream from `since_revision` of `epoch` (0: from a snapshot)."""
+    ) -> AsyncIterator[SyncState | SyncDelta | PushedCheckpoint]:
+        """The Sync stream from `since_revision` of `epoch` (0: from a snapshot). An audit
+        checkpoints a message carries come first, then the message's state or delta."""
         request = node_pb2.SyncRequest(since_revision=since_revision, epoch=epoch)
         async for update in self._mtls().Sync(request):
+            for pushed in update.audit_checkpoints:
+                yield PushedCheckpoint(pushed.line, bytes(pushed.public_key))
             if update.kind == node_pb2.SyncUpdate.DELTA:
                 yield sync_delta(update)
             else:

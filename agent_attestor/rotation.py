@@ -115,10 +115,21 @@ class Rotator:
         self._in_flight: set[str] = set()  # the batch at the server now
         self.issued_total = 0
         cache.on_entries(self._entries_changed)
-        snap = cache.snapshot()
-        self._entries_changed(snap.entries, ())
-        for svid in snap.svids.values():
+        self._adopt(cache.snapshot().svids.values())
+        self._entries_changed(cache.snapshot().entries, ())
+
+    def _adopt(self, svids: Iterable[IssuedSvid]) -> None:
+        """Take on SVIDs already in the cache (restored from disk): renewed on their schedule
+        and, with a cap, counted in it first; those past the cap are dropped, not minted."""
+        over: list[str] = []
+        for svid in svids:
+            if self._cap and len(self._held) >= self._cap:
+                over.append(svid.entry_id)
+                continue
+            if self._cap:
+                self._held[svid.entry_id] = None
             self._schedule(svid)
+        self._cache.drop_svids(over)
 
     # ---- what needs an SVID ----------------------------------------------------------------
 

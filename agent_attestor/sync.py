@@ -18,7 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
-from agent_attestor.cache import Cache, SyncState, join_parts
+from agent_attestor.cache import Cache, SyncPosition, SyncState, hold_crl, join_parts
+from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.errors import AttestationError, NotReadyError
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient
@@ -61,12 +62,15 @@ class Syncer:
         cache: Cache,
         clock: Clock,
         on_change: Callable[[str], None] | None = None,
+        *,
+        on_checkpoint: Callable[[PushedCheckpoint], object] | None = None,
     ) -> None:
         self._s = settings
         self._store = store
         self._cache = cache
         self._clock = clock
         self._on_change = on_change or (lambda _event: None)
+        self._on_checkpoint = on_checkpoint or (lambda _checkpoint: None)
         self._client: NodeClient | None = None
         self._svid: AgentSvid | None = None
         self._reconnect = asyncio.Event()
@@ -75,9 +79,11 @@ class Syncer:
         self._attesting: asyncio.Task[tuple[AgentSvid, TrustBundle]] | None = None
         self.connected = False
         self.syncs = 0
-        # Where the last Sync stream left off: a reconnect asks only for what came after.
+        # Where the last Sync stream left off: a reconnect asks only for what came after. It
+        # is a position in what the server sends one agent ID: `_revision_of`.
         self.revision = 0
         self.epoch = ""
+        self._revision_of = ""
 
     @property
     def agent_id(self) -> str:
@@ -86,6 +92,16 @@ class Syncer:
     @property
     def agent_svid(self) -> AgentSvid | None:
         return self._svid
+
+    @property
+    def position(self) -> SyncPosition:
+        """The revision reached, and the agent ID it belongs to (saved for the next start)."""
+        return SyncPosition(self._revision_of, self.revision, self.epoch)
+
+    def resume(self, position: SyncPosition) -> None:
+        """Continue from a position saved by an earlier run (the cache holds its state)."""
+        self._revision_of = position.agent_id
+        self.revision, self.epoch = position.revision, position.epoch
 
     def set_bootstrap_roots(self, pem: bytes) -> None:
         """Roots to verify the server with until it has handed us a bundle (read at start-up)."""
@@ -221,7 +237,14 @@ class Syncer:
 
     async def _consume(self, client: NodeClient) -> None:
         parts: list[SyncState] = []
+        crls: tuple[bytes, ...] | None = None
+        if self._revision_of != self.agent_id:
+            # Attested anew under another ID: what the old one reached says nothing here.
+            self.revision, self.epoch = 0, ""
         async for message in client.sync(self.revision, self.epoch):
+            if isinstance(message, PushedCheckpoint):
+                self._on_checkpoint(message)  # checkpoint_store.CheckpointStore.offer
+                continue
             if isinstance(message, SyncState):
                 # A snapshot replaces everything at once, when its last part is in.
                 parts.append(message)
@@ -233,12 +256,14 @@ class Syncer:
                     self._store.save_bundle(state.bundle.x509_authorities)
                 self._cache.apply_sync(state)
             else:
-                if message.bundle is not None and message.bundle.x509_authorities:
-                    self._store.save_bundle(message.bundle.x509_authorities)
-                self._cache.apply_delta(message)
-                if message.more:
+                crls, delta = hold_crl(crls, message)
+                if delta.bundle is not None and delta.bundle.x509_authorities:
+                    self._store.save_bundle(delta.bundle.x509_authorities)
+                self._cache.apply_delta(delta)
+                if delta.more:
                     continue  # applied; the revision is reached with the last part
             self.revision, self.epoch = message.revision, message.epoch
+            self._revision_of = self.agent_id
             self.connected = True
             self.syncs += 1
             self._on_change("sync")

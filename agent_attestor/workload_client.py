@@ -214,11 +214,20 @@ class WorkloadClient:
             raise self._error(exc) from exc
         return resp.task
 
-    def list_tasks(self) -> list[task_pb2.Task]:
-        try:
-            resp: task_pb2.ListTasksResponse = self._tasks.ListTasks(
-                task_pb2.ListTasksRequest(), metadata=HEADER, timeout=self._timeout
-            )
-        except grpc.RpcError as exc:
-            raise self._error(exc) from exc
-        return list(resp.tasks)
+    def list_tasks(
+        self, *, state: str = "", spiffe_id: str = "", page_size: int = 0
+    ) -> list[task_pb2.Task]:
+        """Every task of the caller's (or of its identity `spiffe_id`), page after page."""
+        request = task_pb2.ListTasksRequest(state=state, spiffe_id=spiffe_id, page_size=page_size)
+        tasks: list[task_pb2.Task] = []
+        while True:
+            try:
+                resp: task_pb2.ListTasksResponse = self._tasks.ListTasks(
+                    request, metadata=HEADER, timeout=self._timeout
+                )
+            except grpc.RpcError as exc:
+                raise self._error(exc) from exc
+            tasks.extend(resp.tasks)
+            if not resp.next_page_token:
+                return tasks
+            request.page_token = resp.next_page_token

@@ -136,6 +136,8 @@ class Server:
             CheckpointFile(cfg.data_dir / CHECKPOINT_FILE),
             self.clock,
             cfg.audit_checkpoint_interval,
+            # Every new checkpoint goes to every agent over Sync; they keep the latest.
+            on_checkpoint=self.state.set_audit_checkpoint,
         )
         # Anchor what this start found (a crash may have cost the shutdown checkpoint).
         self.checkpointer.checkpoint()
@@ -202,9 +204,11 @@ class Server:
         self.propagator.start()
         self.ca.subscribe(self._on_bundle_changed(loop))
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
-        # One JWT thread per signing worker: each waits on its worker's socket, not on the GIL.
+        # Two JWT threads per signing worker: each waits on its worker's socket or on the
+        # ledger's commit (a batch is recorded on the thread that signed it), not on the GIL,
+        # so one batch is signed while the one before it commits.
         self._jwt_executor = ThreadPoolExecutor(
-            max(1, cfg.signing_processes), thread_name_prefix="svid-jwt"
+            2 * max(1, cfg.signing_processes), thread_name_prefix="svid-jwt"
         )
         self._workers = SigningWorkers(cfg.signing_processes, self.clock)
         limiters = Limiters(

@@ -3,9 +3,9 @@
 Sync streams send deltas from it (server.sync_delta) and a reconnecting agent catches up from
 its last revision as long as the ring still holds the changes after it; older than that, it
 gets a snapshot. Records are compact: the entries touched (old and new versions, so a delta can
-tell which parents a change left and joined), a bundle flag, revocations added and removed, and
-the agents whose record changed. No record holds what an agent is entitled to: that is decided
-when a delta is built, against the current entry index.
+tell which parents a change left and joined), a bundle flag, revocations added and removed,
+the agents whose record changed, and an audit checkpoint flag. No record holds what an agent is
+entitled to: that is decided when a delta is built, against the current entry index.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Change:
     revocations_added: tuple[Revocation, ...] = ()
     revocations_removed: tuple[Revocation, ...] = ()
     agents: tuple[str, ...] = ()  # agents whose record changed (attested, renewed, banned, evicted)
+    audit_checkpoint: bool = False  # the server signed a new audit checkpoint
 
 
 class ChangeLog:
@@ -89,6 +90,7 @@ class ChangeLog:
         revocations_added: Iterable[Revocation] = (),
         revocations_removed: Iterable[Revocation] = (),
         agents: Iterable[str] = (),
+        audit_checkpoint: bool = False,
     ) -> Change:
         with self._lock:
             self._head += 1
@@ -99,6 +101,7 @@ class ChangeLog:
                 tuple(revocations_added),
                 tuple(revocations_removed),
                 tuple(agents),
+                audit_checkpoint,
             )
             self._ring.append(change)
             while len(self._ring) > self._capacity:

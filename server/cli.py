@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -22,7 +23,6 @@ from server import cli_entries
 from server import cli_output as out
 from server.config import CONFIG_KEYS, DEFAULT_ADMIN_SOCKET, ServerConfig, load_config, read_toml
 from server.errors import CliError, ConfigError, ServerError
-from server.listing import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from server.tasks import cli as task_cli
 from svid._clock import parse_utc
 from svid._errors import SvidError
@@ -84,10 +84,6 @@ _FILE_HELP = (
     "entries from a JSON file ('-' for stdin): an array, {\"entries\": [...]} as "
     "`entry show --output json` prints, or JSON Lines; sent in batches of up to "
     f"{cli_entries.BATCH_ITEMS}, each item answered on its own"
-)
-_PAGE_SIZE_HELP = (
-    f"items per page asked of the server (default {DEFAULT_PAGE_SIZE}, at most "
-    f"{MAX_PAGE_SIZE}); every page is read"
 )
 _ENTRY_FLAGS = ("spiffe_id", "parent_id", "selector", "x509_ttl", "jwt_ttl", "dns", "hint")
 
@@ -152,7 +148,7 @@ def _filter_flags(parser: argparse.ArgumentParser, what: str) -> None:
         help="with several --selector: all = has every one (default), exact = has exactly "
         "these, any = has at least one",
     )
-    parser.add_argument("--page-size", type=int, default=None, metavar="N", help=_PAGE_SIZE_HELP)
+    cli_entries.add_page_size(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,10 +373,7 @@ _MATCH = {
 def _apply_filter_flags(
     query: admin_pb2.ListEntriesRequest | admin_pb2.ListAgentsRequest, args: argparse.Namespace
 ) -> None:
-    if args.page_size is not None:
-        if not 1 <= args.page_size <= MAX_PAGE_SIZE:
-            raise CliError(f"--page-size: {args.page_size} must be between 1 and {MAX_PAGE_SIZE}")
-        query.page_size = args.page_size
+    query.page_size = cli_entries.page_size(args)
     query.spiffe_id_prefix = args.spiffe_id_prefix or ""
     query.selectors.extend(_selector(s) for s in args.selector or ())
     query.selector_match = _MATCH[args.match]
@@ -552,12 +545,22 @@ def _run_config(args: argparse.Namespace) -> ServerConfig:
     return load_config(getattr(args, "config", None), flags)
 
 
+# The daemon's young-generation GC threshold (CPython's default is 700 allocations).
+DAEMON_GC_THRESHOLD = 10_000
+
+
 def _run(args: argparse.Namespace) -> None:
     from server import logs  # noqa: PLC0415 - admin commands must not load the CA and datastore
     from server.app import Server  # noqa: PLC0415
 
     config = _run_config(args)
     logs.configure(config.log_format, config.log_level)
+    # Issuance allocates a few container objects per credential that live for one batch: at
+    # 700 a collection ran every few credentials and walked objects that were about to be
+    # freed anyway. Measured on the JWT batch bench load: ~1.3 us less main-process CPU per JWT.
+    # Cycles are still collected; only less often.
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(DAEMON_GC_THRESHOLD, older, oldest)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -1,5 +1,5 @@
 """The svid-server CLI's bulk entry work: reading entry files, sending them in batches, and
-following list pages.
+following list pages (of entries, agents and tasks: `add_page_size`, `page_size`, `all_pages`).
 
 An entry file is JSON: an array of entries, an object with an "entries" array (what
 `svid-server entry show --output json` prints, so a listing can be fed back), or JSON Lines
@@ -9,6 +9,7 @@ prints; a selector may also be written as one "type:value" string.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from server.errors import CliError
+from server.listing import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from server.registration import MAX_BATCH
 from svid._proto import admin_pb2, common_pb2
 
@@ -184,6 +186,26 @@ def outcomes_json(outcomes: Sequence[Outcome]) -> str:
         indent=2,
         sort_keys=True,
     )
+
+
+def add_page_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"items per page asked of the server (default {DEFAULT_PAGE_SIZE}, at most "
+        f"{MAX_PAGE_SIZE}); every page is read",
+    )
+
+
+def page_size(args: argparse.Namespace) -> int:
+    """--page-size checked (0 when not given: the server's default)."""
+    if args.page_size is None:
+        return 0
+    if not 1 <= args.page_size <= MAX_PAGE_SIZE:
+        raise CliError(f"--page-size: {args.page_size} must be between 1 and {MAX_PAGE_SIZE}")
+    return int(args.page_size)
 
 
 def all_pages(fetch: Callable[[str], tuple[Sequence[_M], str]]) -> list[_M]:

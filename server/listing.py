@@ -13,7 +13,7 @@ import binascii
 import bisect
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -134,21 +134,32 @@ def paginate(
     encode: Callable[[_T], _M],
 ) -> tuple[list[_M], str]:
     """One page: the encoded items after `after` in `keys` (sorted) that `keep` accepts, and
-    the key to continue after ("" when no later item is kept).
+    the key to continue after ("" when no later item is kept). As `take_page`."""
+
+    def kept() -> Iterator[tuple[str, _T]]:
+        for position in range(bisect.bisect_right(keys, after) if after else 0, len(keys)):
+            key = keys[position]
+            item = load(key)
+            if item is not None and keep(item):
+                yield key, item
+
+    return take_page(kept(), limit, encode)
+
+
+def take_page(
+    items: Iterable[tuple[str, _T]], limit: int, encode: Callable[[_T], _M]
+) -> tuple[list[_M], str]:
+    """One page of `items` (key, item), in key order from the cursor on, encoded; and the key
+    to continue after ("" when `items` ran out, so the last page is never an empty one).
 
     Stops at `limit` items or MAX_PAGE_BYTES, whichever comes first; a page always holds at
-    least one item when any is left, however large.
+    least one item when any is left, however large. A source that reads a page from a store
+    hands over limit + 1 items: the one past the limit says a later page exists.
     """
     page: list[_M] = []
     size = 0
     last = ""
-    position = bisect.bisect_right(keys, after) if after else 0
-    while position < len(keys):
-        key = keys[position]
-        item = load(key)
-        position += 1
-        if item is None or not keep(item):
-            continue
+    for key, item in items:
         if len(page) >= limit:
             return page, last  # a later item exists: the token continues after this page
         message = encode(item)

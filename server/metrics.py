@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,6 +70,34 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def observe_times(histogram: Histogram, amount: float, times: int) -> None:
+    """`times` calls of `histogram.observe(amount)` (a labelled child), as one update.
+
+    Why: a batch of N SVIDs is timed once and observed as N signatures of its mean, and N
+    observe calls (a lock and a bucket search each) cost the issuing thread ~0.7 us per SVID.
+    prometheus_client has no call for it: this updates the sum and the bucket observe would,
+    through the child's own value objects, and falls back to observe() if they are not there.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if times <= 0:
+        return
+    if (
+        bounds is None
+        or buckets is None
+        or total is None
+        or len(bounds) != len(buckets)
+        or math.isnan(amount)  # observe puts NaN in no bucket
+    ):
+        for _ in range(times):
+            histogram.observe(amount)
+        return
+    total.inc(amount * times)
+    # observe's bucket: the first upper bound >= amount (the last bound is +Inf).
+    buckets[bisect.bisect_left(bounds, amount)].inc(times)
 
 
 class MetricsHttpServer:

@@ -173,11 +173,20 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # -- Sync ---------------------------------------------------------------------------------
 
-    def _shared(self, bundle: bool, crl: bool) -> Shared:
+    def _shared(self, bundle: bool, crl: bool, checkpoint: bool) -> Shared:
         return Shared(
             bundle=self._bundle_proto() if bundle else None,
             crl=list(self._crl()) if crl else None,
+            audit_checkpoints=self._checkpoint_protos() if checkpoint else None,
         )
+
+    def _checkpoint_protos(self) -> list[node_pb2.AuditCheckpoint]:
+        """The newest audit checkpoint and prune record, each with the key that signed it (the
+        server's own: the agent trusts it for arriving over this mTLS stream)."""
+        return [
+            node_pb2.AuditCheckpoint(line=record.to_line(), public_key=record.public_key_der())
+            for record in self._state.audit_checkpoints
+        ]
 
     def _snapshot(self, agent: AttestedAgent, revision: int) -> Iterator[node_pb2.SyncUpdate]:
         entries = entitled_entries(
@@ -186,7 +195,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         return snapshot_messages(
             entries,
             self._state.revocations,
-            self._shared(bundle=True, crl=True),
+            self._shared(bundle=True, crl=True, checkpoint=True),
             revision=revision,
             epoch=self._state.changes.epoch,
         )
@@ -203,16 +212,17 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         )
         added: dict[tuple[str, str], Revocation] = {}
         removed: dict[tuple[str, str], Revocation] = {}
-        bundle = False
+        bundle = checkpoint = False
         for change in window:
             bundle = bundle or change.bundle
+            checkpoint = checkpoint or change.audit_checkpoint
             for item in change.revocations_added:
                 added[item.kind, item.value] = item
                 removed.pop((item.kind, item.value), None)
             for item in change.revocations_removed:
                 removed[item.kind, item.value] = item
                 added.pop((item.kind, item.value), None)
-        if not (entries.upserts or entries.removed_ids or added or removed or bundle):
+        if not (entries.upserts or entries.removed_ids or added or removed or bundle or checkpoint):
             return []
         return delta_messages(
             entries.upserts,
@@ -220,7 +230,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             added.values(),
             removed.values(),
             # The CRL is signed by the CA and lists the revoked serials: it follows both.
-            self._shared(bundle=bundle, crl=bool(bundle or added or removed)),
+            self._shared(
+                bundle=bundle, crl=bool(bundle or added or removed), checkpoint=checkpoint
+            ),
             revision=self._state.changes.head,
             epoch=self._state.changes.epoch,
         )

@@ -4,8 +4,8 @@ Every connected stream is indexed by the parent IDs whose entries its agent serv
 and its node aliases), by its agent's selectors and by its agent's ID. A logged change is handed
 only to the streams it concerns: an entry change to the streams serving its old or new parent,
 a node-alias change to the streams whose agent it may match, an agent's record change to that
-agent's streams, a bundle or revocation change to all. A write that concerns no connected agent
-costs a few dictionary lookups, whatever the agents hold.
+agent's streams, a bundle, revocation or audit checkpoint change to all. A write that concerns
+no connected agent costs a few dictionary lookups, whatever the agents hold.
 
 Entry expiry is a change too: a heap of expiry times is swept as time passes, and what expired
 is logged like any other change (ServerState.record_expired).
@@ -137,7 +137,12 @@ class Propagator:
     def dispatch(self, change: Change) -> None:
         """Hand `change` to the streams it concerns (on the event loop, as it is logged)."""
         self.dispatched += 1
-        if change.bundle or change.revocations_added or change.revocations_removed:
+        if (
+            change.bundle
+            or change.revocations_added
+            or change.revocations_removed
+            or change.audit_checkpoint
+        ):
             targets = set(self._all)
         else:
             targets = set()

@@ -161,7 +161,7 @@ class _BatchView:
         return self._index.by_id.get(entry_id)
 
     def has_spiffe_id(self, spiffe_id: str, *, excluding: str = "") -> bool:
-        count = self._index.spiffe_id_counts.get(spiffe_id, 0) + self._delta.get(spiffe_id, 0)
+        count = len(self._index.by_spiffe_id.get(spiffe_id, ())) + self._delta.get(spiffe_id, 0)
         if excluding:
             old = self.get(excluding)
             if old is not None and old.spiffe_id == spiffe_id:

@@ -3,7 +3,8 @@
 Every write goes through here: datastore first (in a worker thread: SQLite fsyncs), then the
 in-memory snapshot, then the change log (server.changelog), whose listener hands each change to
 the Sync streams it concerns, then the change notifier. Readers (entitlement checks, Sync
-streams) only touch the immutable snapshots, never the datastore.
+streams) only touch the immutable snapshots, never the datastore. The newest signed audit
+checkpoint is kept here too: every agent is sent a copy.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from types import MappingProxyType
 from server.changelog import Change, ChangeLog, EntryTouch, touches
 from server.datastore.base import DataStore
 from server.datastore.errors import DataStoreError
-from server.datastore.records import AttestedAgent, Entry, Revocation
+from server.datastore.records import AttestedAgent, Entry, Revocation, TokenUse
 from server.entitlement import EntryIndex
 from server.errors import NotFoundError, PermissionDeniedError
 from server.events import ChangeNotifier
+from svid import AuditCheckpoint
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock
 
@@ -43,6 +45,8 @@ class ServerState:
         self._revocations: tuple[Revocation, ...] = ()
         self._bundle: SpiffeBundle | None = None
         self._jwt_expiry: Mapping[str, int] = MappingProxyType({})
+        # The newest signed checkpoint and prune record, by kind.
+        self._audit_records: Mapping[str, AuditCheckpoint] = MappingProxyType({})
         self._revision = 0
         self.changes = ChangeLog()
         self._listeners: list[Callable[[Change], None]] = []
@@ -99,6 +103,12 @@ class ServerState:
             self._record(bundle=True)
             self.notifier.notify()
 
+    def set_audit_checkpoint(self, record: AuditCheckpoint) -> None:
+        """The newest signed checkpoint, or prune record, of the audit log, for every agent
+        (safe from any thread: the checkpointer signs in a worker thread)."""
+        self._audit_records = MappingProxyType({**self._audit_records, record.kind: record})
+        self._record(audit_checkpoint=True)
+
     # -- reads --------------------------------------------------------------------------------
 
     @property
@@ -122,6 +132,11 @@ class ServerState:
     @property
     def jwt_expiry(self) -> Mapping[str, int]:
         return self._jwt_expiry
+
+    @property
+    def audit_checkpoints(self) -> tuple[AuditCheckpoint, ...]:
+        """The newest checkpoint and prune record (those there are), oldest first."""
+        return tuple(sorted(self._audit_records.values(), key=lambda r: r.time))
 
     @property
     def revision(self) -> int:
@@ -199,13 +214,23 @@ class ServerState:
             self._change_entries(put, removed)
             await self._after_write()
 
-    async def save_agent(self, agent: AttestedAgent, previous: AttestedAgent | None) -> None:
-        await asyncio.to_thread(self._datastore.upsert_agent, agent)
+    async def save_agent(
+        self, agent: AttestedAgent, previous: AttestedAgent | None, token: TokenUse | None = None
+    ) -> bool:
+        """Save the agent's record; with `token`, only by spending that join token in the same
+        transaction. False (nothing written) when the token could not be spent."""
+        if token is None:
+            await asyncio.to_thread(self._datastore.upsert_agent, agent)
+        else:
+            now = int(self._clock.now())
+            if not await asyncio.to_thread(self._datastore.admit_agent, agent, token, now):
+                return False
         if previous is not None and previous.serial != agent.serial:
             self._previous_serials[agent.spiffe_id] = (previous.serial, previous.expires_at)
         self._put_agent(agent)
         self._record(agents=(agent.spiffe_id,))
         await self._after_write()
+        return True
 
     async def evict_agent(self, spiffe_id: str) -> None:
         if spiffe_id not in self._agents:

@@ -37,7 +37,17 @@ from server.datastore.legacy_import import LegacyImportError
 from server.issuance.ledger import LedgerUnavailableError
 from server.policy.errors import PolicyError, RequestError
 from svid import _errors as svid_errors
+from svid._audit_checkpoint import AuditCheckpointError
 from svid._cert_der import NonUriSanError
+from svid._task_claims import TaskClaimsError
+from svid._task_errors import (
+    TaskDeniedError,
+    TaskEndedError,
+    TaskError,
+    TaskNotFoundError,
+    TaskRequestError,
+)
+from svid._tls_gate import PeerRefusedError
 from svid._workload_address import WorkloadApiAddressError
 from svid._workload_errors import (
     JwtSvidValidationError,
@@ -134,6 +144,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     AuditError: Rule(Code.UNAVAILABLE, AUDIT_MESSAGE),
     CheckpointError: Rule(Code.UNAVAILABLE, "the server cannot record: audit checkpoint failed"),
     SecretInAuditError: Rule(Code.INVALID_ARGUMENT),
+    # A checkpoint line the server itself wrote or holds does not read or verify: its fault.
+    AuditCheckpointError: _SERVER_FAULT,
     # The ledger (server.issuance.ledger): a credential that cannot be recorded is not sent.
     LedgerUnavailableError: Rule(Code.UNAVAILABLE, LEDGER_MESSAGE),
     LedgerError: Rule(Code.UNAVAILABLE, STORAGE_MESSAGE),
@@ -154,6 +166,18 @@ RULES: Mapping[type[BaseException], Rule] = {
     WorkloadApiPermissionError: _SERVER_FAULT,
     JwtSvidValidationError: _SERVER_FAULT,
     WorkloadApiAddressError: _SERVER_FAULT,
+    TaskError: _SERVER_FAULT,
+    TaskDeniedError: _SERVER_FAULT,
+    TaskRequestError: _SERVER_FAULT,
+    TaskNotFoundError: _SERVER_FAULT,
+    TaskEndedError: _SERVER_FAULT,
+    # Task claims that do not read are a refused credential, like any failed verification.
+    TaskClaimsError: Rule(Code.PERMISSION_DENIED),
+    PeerRefusedError: Rule(Code.PERMISSION_DENIED),
+    # Not the caller's doing: revocation data went stale, so verification fails closed.
+    svid_errors.StaleRevocationsError: Rule(
+        Code.UNAVAILABLE, "revocation data is stale: verification refused until it is fresh"
+    ),
     svid_errors.SvidError: _SERVER_FAULT,
     # Storage below the domain (SQLite, the file system): the client learns no path.
     sqlite3.Error: _STORAGE,

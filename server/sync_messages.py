@@ -28,6 +28,7 @@ class Shared:
 
     bundle: common_pb2.Bundle | None = None
     crl: Sequence[bytes] | None = None
+    audit_checkpoints: Sequence[node_pb2.AuditCheckpoint] | None = None
 
 
 class _Packer:
@@ -91,18 +92,31 @@ def _pack(
         if closed := packer.room(message.ByteSize() + _OVERHEAD):
             yield closed
         packer.current.removed_revocations.append(message)
+    crls = list(shared.crl or ())
+    # Several CRLs together may not fit one message (server.tasks.crl splits a big one): all but
+    # the last take a room each, and the agent joins the crl fields of a run's parts. The last
+    # rides with the bundle in the last message, as a lone CRL always did.
+    for der in crls[:-1]:
+        if closed := packer.room(len(der) + _OVERHEAD):
+            yield closed
+        packer.current.crl.append(der)
+        packer.current.crl_changed = True
     size = 0
     if shared.bundle is not None:
         size += shared.bundle.ByteSize() + _OVERHEAD
-    if shared.crl is not None:
-        size += sum(len(c) + _OVERHEAD for c in shared.crl)
+    if crls:
+        size += len(crls[-1]) + _OVERHEAD
+    if shared.audit_checkpoints is not None:
+        size += sum(c.ByteSize() + _OVERHEAD for c in shared.audit_checkpoints)
     if size and (closed := packer.room(size)):
         yield closed
     if shared.bundle is not None:
         packer.current.bundle.CopyFrom(shared.bundle)
     if shared.crl is not None:
-        packer.current.crl.extend(shared.crl)
+        packer.current.crl.extend(crls[-1:])
         packer.current.crl_changed = True
+    if shared.audit_checkpoints is not None:
+        packer.current.audit_checkpoints.extend(shared.audit_checkpoints)
     yield packer.current
 
 
@@ -116,7 +130,8 @@ def snapshot_messages(
     max_bytes: int = MAX_BYTES,
     max_items: int = MAX_ITEMS,
 ) -> Iterator[node_pb2.SyncUpdate]:
-    """Everything for one agent; the bundle and CRL ride in the last message."""
+    """Everything for one agent; the bundle and audit checkpoints ride in the last message, and
+    so do the CRLs unless there are too many for one."""
     packer = _Packer(SNAPSHOT, revision, epoch, (max_bytes, max_items))
     return _pack(
         packer, entries, revocations, removed_ids=(), removed_revocations=(), shared=shared

@@ -13,15 +13,16 @@ Verify an incoming JWT-SVID in a web handler::
             return 401, str(exc)  # messages never contain the token
         return 200, f"hello {caller.spiffe_id}"
 
-Check the peer of a mutual-TLS connection (the ``ssl`` context requires a client certificate and
-trusts the CAs of the accepted trust domains; the verifier pins the chain to the peer's own trust
-domain and applies the SPIFFE leaf rules, validity times and revocations)::
+Mutual TLS with this workload's own rotating SVID, the peer authorised in the handshake
+(``svid.tls``; stdlib ``ssl`` contexts for wrap_socket, http.server, asyncio, httpx)::
 
-    x509_verifier = svid.X509Verifier(source.x509_bundle_for)
-    with ctx.wrap_socket(sock, server_side=True) as tls:
-        peer = x509_verifier.verify_ssl_peer(tls)  # raises VerificationError
-        if peer.spiffe_id != allowed:
-            ...
+    with svid.X509Source() as source:
+        ctx = svid.tls.server_context(source, authorize="spiffe://example.org/billing")
+
+Or check the peer of a connection you set up yourself (the verifier pins the chain to the peer's
+own trust domain and applies the SPIFFE leaf rules, validity times and revocations)::
+
+    peer = x509_verifier.verify_ssl_peer(tls)  # SSLSocket or SSLObject; raises VerificationError
 
 Keep bundles and revocations current from the local agent (SPIFFE_ENDPOINT_SOCKET)::
 
@@ -30,10 +31,17 @@ Keep bundles and revocations current from the local agent (SPIFFE_ENDPOINT_SOCKE
         jwt_verifier = source.jwt_verifier()
         x509_verifier = source.x509_verifier()
 
+A task token (an AI agent's task, see ``svid.tasks``) carries typed claims::
+
+    task = caller.task                    # svid.TaskClaims, or None for a non-task token
+    if task is None or not task.grants_tool("read_ticket", audience="mcp-tickets"):
+        return 403, svid.tool_scope("read_ticket")  # the scope to ask for
+
 Results are cached by the exact credential bytes until the earliest of expiry, a bundle change for
 the trust domain, or a revocation; a cached answer is never more permissive than a fresh one.
 """
 
+from svid._audit_checkpoint import AuditCheckpoint, AuditCheckpointError
 from svid._bundle import BundleSet, JwtBundle, SpiffeBundle, X509Bundle
 from svid._clock import Clock, FakeClock, SystemClock
 from svid._der import certs_to_pem, der_concat, load_pem_certs, parse_der_certs
@@ -43,6 +51,7 @@ from svid._errors import (
     JwtSvidError,
     RevokedError,
     SpiffeIdError,
+    StaleRevocationsError,
     SvidError,
     SvidParseError,
     VerificationError,
@@ -61,19 +70,30 @@ from svid._jwt import JwtSvid
 from svid._revocation import MAX_VERIFIER_LEEWAY, RevocationSet, Revoked, normalize_serial
 from svid._source import BundleSource, MemoryBundleSource, load_bundle_file
 from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._task_claims import TaskClaims, TaskClaimsError, task_claims, tool_scope
 from svid._verify_jwt import JwtVerifier, VerifiedJwt
 from svid._verify_x509 import VerifiedX509, X509Verifier
 from svid._x509 import X509Svid, check_leaf_profile, check_signing_profile, spiffe_id_from_cert
 from svid.workloadapi import (
+    AsyncWorkloadApiClient,
+    AsyncWorkloadApiSource,
+    AsyncX509Source,
+    RevocationEvent,
     WorkloadApiClient,
     WorkloadApiError,
     WorkloadApiSource,
+    X509Source,
     revoked_from_crls,
 )
 
 __all__ = [
     "ALLOWED_ALGS",
     "MAX_VERIFIER_LEEWAY",
+    "AsyncWorkloadApiClient",
+    "AsyncWorkloadApiSource",
+    "AsyncX509Source",
+    "AuditCheckpoint",
+    "AuditCheckpointError",
     "BundleError",
     "BundleSet",
     "BundleSource",
@@ -85,15 +105,19 @@ __all__ = [
     "JwtSvidError",
     "JwtVerifier",
     "MemoryBundleSource",
+    "RevocationEvent",
     "RevocationSet",
     "Revoked",
     "RevokedError",
     "SpiffeBundle",
     "SpiffeId",
     "SpiffeIdError",
+    "StaleRevocationsError",
     "SvidError",
     "SvidParseError",
     "SystemClock",
+    "TaskClaims",
+    "TaskClaimsError",
     "TrustDomain",
     "VerificationError",
     "VerifiedJwt",
@@ -102,6 +126,7 @@ __all__ = [
     "WorkloadApiError",
     "WorkloadApiSource",
     "X509Bundle",
+    "X509Source",
     "X509Svid",
     "X509SvidError",
     "X509Verifier",
@@ -120,5 +145,7 @@ __all__ = [
     "revoked_from_crls",
     "sign_jws",
     "spiffe_id_from_cert",
+    "task_claims",
+    "tool_scope",
     "verify_jws_signature",
 ]

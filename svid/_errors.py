@@ -37,3 +37,8 @@ class RevokedError(VerificationError):
 
 class ExpiredError(VerificationError):
     """A credential is outside its validity window."""
+
+
+class StaleRevocationsError(VerificationError):
+    """Revocation data is older than the verifier allows (``max_revocation_staleness``): its feed,
+    usually the local agent, has been unreachable for too long to rule a revocation out."""

@@ -7,12 +7,13 @@ reference (copy-on-write), and a reader always sees one whole version.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from svid._errors import SvidError
+from svid._errors import StaleRevocationsError, SvidError
 
 KIND_X509_SERIAL = "x509_serial"
 KIND_JWT_ID = "jwt_id"
@@ -51,22 +52,55 @@ def normalize_serial(serial: str | int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Revoked:
-    """One revoked credential: its kind, its serial (hex) or jti, and when it lapses anyway."""
+    """One revoked credential: its kind, its serial (hex) or jti, when it lapses anyway, and
+    whose it is when the sender says ("" otherwise; informational, never used to match)."""
 
     kind: str
     value: str
     expires_at: float
+    spiffe_id: str = ""
 
 
 class RevocationSet:
-    """Thread-safe set of revoked serials and jtis. ``version`` bumps on every change."""
+    """Thread-safe set of revoked serials and jtis. ``version`` bumps on every change.
+
+    A set fed by a stream (a Workload API source) also knows how fresh it is: ``updated_at`` is
+    when the last full-state update arrived, and ``staleness(now)`` how long it has been since the
+    set was last known to be complete. A set nobody feeds is as current as its owner says (0).
+    """
 
     def __init__(self, items: Iterable[Revoked] = ()) -> None:
         self._lock = threading.Lock()
         self._serials: Mapping[str, float] = MappingProxyType({})
         self._jtis: Mapping[str, float] = MappingProxyType({})
         self.version = 0
+        self.updated_at: float | None = None
+        # Feed state: None = not fed (static); otherwise when the feed was last known live,
+        # math.inf while it is (live now), -math.inf when it never was.
+        self._current_until: float | None = None
         self.replace(items)
+
+    # --- freshness: the feed says when it is connected and when it is lost ---
+
+    def feed_delivered(self, now: float) -> None:
+        """A full-state update arrived on a live feed: the set is current from now on."""
+        self.updated_at = now
+        self._current_until = math.inf
+
+    def feed_lost(self, now: float | None) -> None:
+        """The feed broke at ``now`` (None: it has never delivered): staleness grows from then."""
+        if now is None or self.updated_at is None:
+            self._current_until = -math.inf
+        elif self._current_until is None or self._current_until == math.inf:
+            self._current_until = now
+
+    def staleness(self, now: float) -> float:
+        """Seconds since the set was last known complete: 0 while its feed is live (or for a
+        set nobody feeds), ``inf`` if its feed never delivered."""
+        until = self._current_until
+        if until is None or until == math.inf:
+            return 0.0
+        return max(0.0, now - until)
 
     @staticmethod
     def _split(items: Iterable[Revoked]) -> tuple[dict[str, float], dict[str, float]]:
@@ -136,3 +170,25 @@ class RevocationSet:
 
     def __len__(self) -> int:
         return len(self._serials) + len(self._jtis)
+
+
+def check_max_staleness(seconds: float | None) -> float | None:
+    """A verifier's ``max_revocation_staleness``: None (off) or a positive number of seconds."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not seconds > 0 or math.isinf(seconds):  # NaN fails `> 0`
+        raise ValueError(
+            f"max_revocation_staleness must be a positive number of seconds or None, got {seconds}"
+        )
+    return float(seconds)
+
+
+def refuse_if_stale(revocations: RevocationSet, now: float, max_staleness: float) -> None:
+    """Raise StaleRevocationsError when ``revocations`` is older than ``max_staleness``."""
+    staleness = revocations.staleness(now)
+    if staleness > max_staleness:
+        age = "never received" if math.isinf(staleness) else f"{staleness:.1f}s old"
+        raise StaleRevocationsError(
+            f"revocation data is {age} (max_revocation_staleness {max_staleness:g}s): is the "
+            "local agent down? Refusing rather than accepting a credential that may be revoked"
+        )

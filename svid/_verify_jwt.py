@@ -16,8 +16,14 @@ from svid._clock import Clock, SystemClock
 from svid._errors import ExpiredError, JwtSvidError, RevokedError, VerificationError
 from svid._jose import SignatureCheck, signature_check
 from svid._jwt import check_claims, split_and_check_fast, split_and_check_header
-from svid._revocation import MAX_VERIFIER_LEEWAY, RevocationSet
+from svid._revocation import (
+    MAX_VERIFIER_LEEWAY,
+    RevocationSet,
+    check_max_staleness,
+    refuse_if_stale,
+)
 from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._task_claims import TaskClaims, task_claims
 
 JwtBundleGetter = Callable[[TrustDomain], JwtBundle | None]
 
@@ -36,6 +42,18 @@ class VerifiedJwt:
     audience: tuple[str, ...]
     expires_at: int
     kid: str
+
+    @property
+    def task(self) -> TaskClaims | None:
+        """The typed task claims of a task token, None for any other JWT-SVID.
+
+        Raises TaskClaimsError (a VerificationError) when the token has ``txn`` but malformed
+        task claims."""
+        return task_claims(self)
+
+    @property
+    def is_task(self) -> bool:
+        return "txn" in self.claims
 
 
 # The slots' own setters: VerifiedJwt(...) without its generated __init__, which costs more than
@@ -67,6 +85,7 @@ class JwtVerifier:
         revocations: RevocationSet | None = None,
         leeway: float = DEFAULT_LEEWAY,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        max_revocation_staleness: float | None = None,
     ) -> None:
         # A wider leeway would outlast the revocations the server keeps (MAX_VERIFIER_LEEWAY
         # past exp): a revoked token would be accepted again once its revocation is pruned.
@@ -80,6 +99,8 @@ class JwtVerifier:
         self._clock: Clock = clock or SystemClock()
         self._revocations = revocations if revocations is not None else RevocationSet()
         self._leeway = leeway
+        # Opt-in: refuse everything while the revocation feed has been gone longer than this.
+        self._max_staleness = check_max_staleness(max_revocation_staleness)
         self._cache: LruCache[str, _Entry] = LruCache(cache_size)
         # Per trust domain: the bundle object they were made from, and one signature check per
         # (kid, alg) seen, so a token costs one signature and no key or alg bookkeeping.
@@ -98,6 +119,8 @@ class JwtVerifier:
         if not audience:
             raise VerificationError("an expected audience is required")
         now = self._clock.now()
+        if self._max_staleness is not None:
+            refuse_if_stale(self._revocations, now, self._max_staleness)
         cache = self._cache
         if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
             entry = cache.get(token)

@@ -48,8 +48,9 @@ from svid._errors import (
     VerificationError,
     X509SvidError,
 )
-from svid._revocation import RevocationSet
+from svid._revocation import RevocationSet, check_max_staleness, refuse_if_stale
 from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._ssl_peer import peer_chain_der
 from svid._x509 import check_leaf_facts, check_signing_profile
 
 X509BundleGetter = Callable[[TrustDomain], X509Bundle | None]
@@ -362,10 +363,13 @@ class X509Verifier:
         revocations: RevocationSet | None = None,
         cache_size: int = DEFAULT_CACHE_SIZE,
         max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
+        max_revocation_staleness: float | None = None,
     ) -> None:
         self._bundles = bundles
         self._clock: Clock = clock or SystemClock()
         self._revocations = revocations if revocations is not None else RevocationSet()
+        # Opt-in: refuse everything while the revocation feed has been gone longer than this.
+        self._max_staleness = check_max_staleness(max_revocation_staleness)
         self._cache: LruCache[bytes, _Entry] = LruCache(cache_size)
         self._max_depth = max_chain_depth
         # One decoded anchor index per trust domain (by name: TrustDomain hashes in Python), rebuilt
@@ -384,6 +388,8 @@ class X509Verifier:
         if type(chain_der) is not bytes:
             chain_der = bytes(chain_der)  # a hashable, immutable cache key
         now = self._clock.now()
+        if self._max_staleness is not None:
+            refuse_if_stale(self._revocations, now, self._max_staleness)
         cache = self._cache
         if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
             entry = cache.get(chain_der)
@@ -410,6 +416,8 @@ class X509Verifier:
             raise VerificationError("X.509-SVID chain is empty")
         key = b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain)
         now = self._clock.now()
+        if self._max_staleness is not None:
+            refuse_if_stale(self._revocations, now, self._max_staleness)
         entry = self._cache.get(key)
         if entry is not None:
             if self._still_valid(entry, now):
@@ -420,22 +428,17 @@ class X509Verifier:
         self._cache.put(key, entry)
         return entry.result
 
-    def verify_ssl_peer(self, conn: ssl.SSLSocket | ssl.SSLObject) -> VerifiedX509:
+    def verify_ssl_peer(self, conn: ssl.SSLSocket | ssl.SSLObject | Any) -> VerifiedX509:
         """Verify the peer of an established TLS connection; call it right after the handshake.
 
-        The ``ssl`` context should require a peer certificate (CERT_REQUIRED) and trust the CAs
-        of the accepted trust domains; this check then pins the chain to the peer's own trust
-        domain and applies the SPIFFE rules, times and revocations that OpenSSL does not know.
+        ``conn`` is an ``ssl.SSLSocket``, an ``ssl.SSLObject`` (asyncio's
+        ``transport.get_extra_info("ssl_object")``) or the C-level object under them that
+        httpcore's sync transport hands out. The ``ssl`` context should require a peer
+        certificate (CERT_REQUIRED) and trust the CAs of the accepted trust domains; this check
+        then pins the chain to the peer's own trust domain and applies the SPIFFE rules, times
+        and revocations that OpenSSL does not know. ``svid.tls`` does all of it in the handshake.
         """
-        get_chain = getattr(conn, "get_unverified_chain", None)  # Python 3.13+
-        if get_chain is not None:
-            ders = [bytes(d) for d in (get_chain() or [])]
-        else:
-            leaf = conn.getpeercert(binary_form=True)
-            ders = [leaf] if leaf else []
-        if not ders:
-            raise VerificationError("TLS peer presented no certificate")
-        return self.verify_der(b"".join(ders))
+        return self.verify_der(b"".join(peer_chain_der(conn)))
 
     def _still_valid(self, entry: _Entry, now: float) -> bool:
         if not entry.not_before <= now <= entry.not_after:

@@ -88,8 +88,10 @@ def translate(exc: grpc.RpcError, call: str, address: str = "") -> WorkloadApiEr
     A connection failure or a deadline names the address and what to check, never gRPC's raw
     connection text.
     """
-    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if isinstance(exc, grpc.Call) else None) or "no details"
+    # grpc.Call for the sync stack; grpc.aio's AioRpcError has the same methods but is no Call.
+    has_status = isinstance(exc, grpc.Call | grpc.aio.AioRpcError)
+    code = exc.code() if has_status else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if has_status else None) or "no details"
     cls = _BY_CODE.get(code, WorkloadApiError)
     if call == "ValidateJWTSVID" and code == grpc.StatusCode.INVALID_ARGUMENT:
         cls = JwtSvidValidationError

@@ -1,33 +1,22 @@
-"""A BundleSource fed by a running agent: background watches of the X.509 and JWT bundle streams
-(and the agent's revocation stream), so verifiers stay current without ever waiting on the network.
+"""Sources fed by a running agent: background threads watch the Workload API streams (bundles,
+the agent's revocation stream and, for an X509Source, this workload's own SVIDs), so verifiers
+and TLS contexts stay current without ever waiting on the network.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from svid._bundle import BundleSet, JwtBundle, X509Bundle
 from svid._clock import Clock, SystemClock
-from svid._crl import revoked_from_crls
 from svid._errors import SvidError
-from svid._revocation import RevocationSet, Revoked
-from svid._source import MemoryBundleSource
-from svid._spiffe_id import TrustDomain
-from svid._verify_jwt import JwtVerifier
-from svid._verify_x509 import X509Verifier
-from svid._workload_client import (
-    RevocationsUpdate,
-    Watch,
-    WorkloadApiClient,
-    X509BundlesUpdate,
-)
-from svid._workload_errors import WorkloadApiError
-
-log = logging.getLogger("svid.workloadapi")
+from svid._revocation import RevocationSet
+from svid._source_state import SourceState
+from svid._source_views import SourceViews
+from svid._workload_calls import JWT_BUNDLES, REVOCATIONS, X509_BUNDLES, X509_SVIDS, StreamCall
+from svid._workload_client import Watch, WorkloadApiClient
+from svid._workload_errors import WorkloadApiUnavailableError
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,13 +32,26 @@ class Backoff:
         return min(self.cap, previous * 2)
 
 
-class WorkloadApiSource:
+def streams_for(
+    *, x509_svids: bool, jwt_bundles: bool, watch_revocations: bool
+) -> tuple[StreamCall[Any], ...]:
+    calls: list[StreamCall[Any]] = [X509_SVIDS] if x509_svids else []
+    calls.append(X509_BUNDLES)
+    if jwt_bundles:
+        calls.append(JWT_BUNDLES)
+    if watch_revocations:
+        calls.append(REVOCATIONS)
+    return tuple(calls)
+
+
+class WorkloadApiSource(SourceViews):
     """Bundles and revocations from the Workload API, kept current by background threads.
 
     ``x509_bundle_for`` / ``jwt_bundle_for`` never block; until the first message they return
     None (so verification fails closed). Unchanged bundles keep their identity across messages,
     so verifier caches survive updates. CRLs are trusted only after their signature verifies
-    against the X.509 bundle of the issuer's trust domain.
+    against the X.509 bundle of the issuer's trust domain. With ``x509_svids=True`` it also
+    keeps this workload's own SVIDs (``svid``, ``svids``): see X509Source.
     """
 
     def __init__(
@@ -59,83 +61,53 @@ class WorkloadApiSource:
         client: WorkloadApiClient | None = None,
         revocations: RevocationSet | None = None,
         watch_revocations: bool = True,
+        x509_svids: bool = False,
+        jwt_bundles: bool = True,
         backoff: Backoff | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._owns_client = client is None
         self._client = client if client is not None else WorkloadApiClient(socket)
-        self._bundles = MemoryBundleSource()
-        self.revocations = revocations if revocations is not None else RevocationSet()
+        self._calls = streams_for(
+            x509_svids=x509_svids, jwt_bundles=jwt_bundles, watch_revocations=watch_revocations
+        )
+        self._state = SourceState(
+            (c.name for c in self._calls),
+            revocations if revocations is not None else RevocationSet(),
+            clock or SystemClock(),
+        )
         self._backoff = backoff or Backoff()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._watches: dict[str, Watch[Any]] = {}
         self._threads: list[threading.Thread] = []
-        self._x509_ready = threading.Event()
-        self._jwt_ready = threading.Event()
-        self._bundle_crls: tuple[bytes, ...] = ()
-        self._stream_crls: tuple[bytes, ...] = ()
-        self._stream_items: tuple[Revoked, ...] = ()
-        self._watch_revocations = watch_revocations
-        self.revocation_stream_supported: bool | None = None
-        self.errors: dict[str, str] = {}  # last error per stream, for diagnostics
-        self.rejected_crls: tuple[str, ...] = ()
-
-    # --- BundleSource ---
-
-    def x509_bundle_for(self, trust_domain: TrustDomain) -> X509Bundle | None:
-        return self._bundles.x509_bundle_for(trust_domain)
-
-    def jwt_bundle_for(self, trust_domain: TrustDomain) -> JwtBundle | None:
-        return self._bundles.jwt_bundle_for(trust_domain)
-
-    @property
-    def x509_bundles(self) -> BundleSet[X509Bundle]:
-        return self._bundles.x509_bundles
-
-    @property
-    def jwt_bundles(self) -> BundleSet[JwtBundle]:
-        return self._bundles.jwt_bundles
-
-    def x509_verifier(self, *, clock: Clock | None = None, **options: Any) -> X509Verifier:
-        """An X509Verifier on this source's bundles and revocations."""
-        return X509Verifier(
-            self.x509_bundle_for,
-            clock=clock or SystemClock(),
-            revocations=self.revocations,
-            **options,
-        )
-
-    def jwt_verifier(self, *, clock: Clock | None = None, **options: Any) -> JwtVerifier:
-        """A JwtVerifier on this source's bundles and revocations."""
-        return JwtVerifier(
-            self.jwt_bundle_for,
-            clock=clock or SystemClock(),
-            revocations=self.revocations,
-            **options,
-        )
 
     # --- lifecycle ---
 
     def start(self) -> WorkloadApiSource:
         if self._threads:
             return self
-        loops: list[tuple[str, Callable[[], Watch[Any]], Callable[[Any], None]]] = [
-            ("FetchX509Bundles", self._client.watch_x509_bundles, self._on_x509),
-            ("FetchJWTBundles", self._client.watch_jwt_bundles, self._on_jwt),
-        ]
-        if self._watch_revocations:
-            loops.append(("Revocations/Watch", self._client.watch_revocations, self._on_revoked))
-        for name, open_watch, apply in loops:
+        for call in self._calls:
             thread = threading.Thread(
-                target=self._run, args=(name, open_watch, apply), name=f"svid-{name}", daemon=True
+                target=self._run, args=(call,), name=f"svid-{call.name}", daemon=True
             )
             self._threads.append(thread)
             thread.start()
         return self
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait until both bundle streams have delivered once; False on timeout."""
-        return self._x509_ready.wait(timeout) and self._jwt_ready.wait(timeout)
+        """Wait until every stream but the revocation stream has delivered; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._state.ready, timeout)
+
+    def require_ready(self, timeout: float | None = None) -> None:
+        """``wait_ready``, raising WorkloadApiUnavailableError (with what went wrong) on timeout."""
+        if not self.wait_ready(timeout):
+            raise WorkloadApiUnavailableError(
+                f"Workload API at {self._client.address}: {self._state.not_ready_reason()}",
+                "UNAVAILABLE",
+            )
 
     def stop(self, timeout: float | None = 5.0) -> None:
         self._stop.set()
@@ -156,78 +128,77 @@ class WorkloadApiSource:
 
     # --- stream loops ---
 
-    def _run(
-        self, name: str, open_watch: Callable[[], Watch[Any]], apply: Callable[[Any], None]
-    ) -> None:
+    def _run(self, call: StreamCall[Any]) -> None:
         delay: float | None = None
+        state = self._state
         while not self._stop.is_set():
+            error: SvidError | None = None
             try:
-                watch = open_watch()
+                watch = self._client.watch(call)
                 with self._lock:
-                    self._watches[name] = watch
+                    self._watches[call.name] = watch
                 if self._stop.is_set():
                     watch.cancel()
                 for update in watch:
-                    apply(update)
+                    state.delivered(call.name, update)
                     delay = None  # a message arrived: the connection is good again
-                    self.errors.pop(name, None)
+                    with self._changed:
+                        self._changed.notify_all()
                 if self._stop.is_set():
                     return
-                self.errors[name] = "stream ended"
-            except WorkloadApiError as exc:
-                if name == "Revocations/Watch" and exc.code == "UNIMPLEMENTED":
-                    self.revocation_stream_supported = False
-                    log.info("agent has no revocation stream; using CRLs from the bundles only")
-                    return
-                self.errors[name] = str(exc)
-                log.warning("Workload API %s: %s", name, exc)
-            except SvidError as exc:  # an update we could not apply: reconnect for a fresh one
-                self.errors[name] = str(exc)
-                log.warning("Workload API %s: unusable update: %s", name, exc)
+            except SvidError as exc:
+                error = exc
             finally:
                 with self._lock:
-                    self._watches.pop(name, None)
+                    self._watches.pop(call.name, None)
+            if state.failed(call.name, error):
+                return
             delay = self._backoff.next(delay)
             self._stop.wait(delay)
 
-    def _on_x509(self, update: X509BundlesUpdate) -> None:
-        self._bundles.set_x509_bundles(update.bundles)
-        with self._lock:
-            self._bundle_crls = update.crls
-        self._publish_revocations()  # new authorities may vouch for (or drop) CRLs
-        self._x509_ready.set()
 
-    def _on_jwt(self, update: BundleSet[JwtBundle]) -> None:
-        self._bundles.set_jwt_bundles(update)
-        self._jwt_ready.set()
+class X509Source(WorkloadApiSource):
+    """This workload's own X.509-SVIDs, the X.509 bundles and the revocations, kept current.
 
-    def _on_revoked(self, update: RevocationsUpdate) -> None:
-        self.revocation_stream_supported = True
-        items = tuple(_usable(update.items))
-        with self._lock:
-            self._stream_items, self._stream_crls = items, update.crls
-        self._publish_revocations()
+    What mutual TLS needs (``svid.tls.server_context(source, ...)``): ``svid`` is always the
+    newest default SVID, rotated by the agent before it expires.
 
-    def _publish_revocations(self) -> None:
-        with self._lock:
-            crls = _unique(self._bundle_crls + self._stream_crls)
-            result = revoked_from_crls(crls, self._bundles.x509_bundles)
-            self.rejected_crls = result.rejected
-            for message in result.rejected:
-                log.warning("ignoring CRL: %s", message)
-            self.revocations.replace(self._stream_items + result.revoked)
+        with svid.X509Source() as source:   # $SPIFFE_ENDPOINT_SOCKET; waits for the first SVID
+            ...
 
+    ``start()`` returns at once; ``with`` (and ``require_ready``) wait up to ``ready_timeout``
+    seconds for the first SVID and bundles, and raise WorkloadApiUnavailableError without them.
+    """
 
-def _usable(items: Iterable[Revoked]) -> Iterable[Revoked]:
-    """The entries this library understands; one bad entry must not drop the whole list."""
-    for item in items:
+    def __init__(
+        self,
+        socket: str | None = None,
+        *,
+        client: WorkloadApiClient | None = None,
+        revocations: RevocationSet | None = None,
+        watch_revocations: bool = True,
+        jwt_bundles: bool = False,
+        backoff: Backoff | None = None,
+        clock: Clock | None = None,
+        ready_timeout: float = 30.0,
+    ) -> None:
+        super().__init__(
+            socket,
+            client=client,
+            revocations=revocations,
+            watch_revocations=watch_revocations,
+            x509_svids=True,
+            jwt_bundles=jwt_bundles,
+            backoff=backoff,
+            clock=clock,
+        )
+        self.ready_timeout = ready_timeout
+
+    def __enter__(self) -> X509Source:
+        self.start()
         try:
-            RevocationSet([item])
-        except SvidError as exc:
-            log.warning("ignoring revocation entry of kind %r: %s", item.kind, exc)
-            continue
-        yield item
-
-
-def _unique(items: Iterable[bytes]) -> tuple[bytes, ...]:
-    return tuple(dict.fromkeys(items))
+            self.require_ready(self.ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self

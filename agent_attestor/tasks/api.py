@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Time kept back from the caller's deadline to send it the agent's own answer.
 _ANSWER_MARGIN = 0.25
+# How long BeginTask waits for the task's entry to reach this agent over Sync (milliseconds,
+# usually) so that the workload can fetch its SVIDs as soon as it has the answer.
+ENTRY_WAIT = 5.0
 MAX_GOAL = 64 * 1024
 # Server answers a workload may see as they are; anything else is the agent's problem.
 _PASS_THROUGH = frozenset(
@@ -47,12 +50,42 @@ def goal_hash(goal: str) -> str:
 
 class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
     def __init__(
-        self, cache: Cache, registry: CallerRegistry, client: TaskClient, jwts: JwtCache
+        self,
+        cache: Cache,
+        registry: CallerRegistry,
+        client: TaskClient,
+        jwts: JwtCache,
+        *,
+        entry_wait: float = ENTRY_WAIT,
     ) -> None:
         self._cache = cache
         self._registry = registry
         self._client = client
         self._jwts = jwts
+        self._entry_wait = entry_wait
+
+    async def _until_served(self, context: grpc.aio.ServicerContext, spiffe_id: str) -> bool:
+        """Wait (bounded) until this agent serves `spiffe_id`: the server creates a task's entry
+        before it answers, and Sync brings it here a moment later. False when it did not come in
+        time; the workload then gets the task anyway and may retry its first fetch."""
+        remaining = context.time_remaining()
+        budget = self._entry_wait
+        if remaining is not None:
+            budget = min(budget, remaining - _ANSWER_MARGIN)
+
+        async def arrived() -> None:
+            while True:
+                seen = self._cache.entries_version
+                if any(e.spiffe_id == spiffe_id for e in self._cache.snapshot().entries):
+                    return
+                await self._cache.wait_entries_change(seen)
+
+        try:
+            await asyncio.wait_for(arrived(), max(budget, 0.0))
+        except TimeoutError:
+            log.info("task entry not here yet", extra={"spiffe_id": spiffe_id, "after": budget})
+            return False
+        return True
 
     async def _held(self, context: grpc.aio.ServicerContext) -> list[str]:
         """The caller's own identities (not task identities), default first; aborts if none."""
@@ -119,9 +152,11 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
                     ttl=request.ttl,
                     parent_task_id=request.parent_task_id,
                     goal_sha256=goal_hash(request.intent.goal),
+                    elevate=request.elevate,
                 )
             ),
         )
+        await self._until_served(context, task.spiffe_id)
         return task_pb2.BeginTaskResponse(task=task)
 
     async def EndTask(
@@ -143,8 +178,26 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
     async def ListTasks(
         self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
+        """One page of the caller's tasks; the server pages, checks the filters and the token
+        (bound to the identities listed for: a token of another workload is refused)."""
         held = await self._held(context)
-        tasks = await self._forward(
-            context, self._client.list(task_pb2.NodeListTasksRequest(runtime_ids=held))
+        runtime_ids = held
+        if request.spiffe_id:
+            if request.spiffe_id not in held:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"caller does not hold {request.spiffe_id[:200]!r}; list the tasks of one "
+                    "of its own identities, or of all of them with no spiffe_id",
+                )
+            runtime_ids = [request.spiffe_id]
+        return await self._forward(
+            context,
+            self._client.list(
+                task_pb2.NodeListTasksRequest(
+                    runtime_ids=runtime_ids,
+                    page_size=request.page_size,
+                    page_token=request.page_token,
+                    state=request.state,
+                )
+            ),
         )
-        return task_pb2.ListTasksResponse(tasks=tasks)

@@ -17,7 +17,7 @@ class TaskClient(Protocol):
 
     async def end(self, request: task_pb2.NodeEndTaskRequest) -> task_pb2.Task: ...
 
-    async def list(self, request: task_pb2.NodeListTasksRequest) -> list[task_pb2.Task]: ...
+    async def list(self, request: task_pb2.NodeListTasksRequest) -> task_pb2.ListTasksResponse: ...
 
 
 class GrpcTaskClient:
@@ -39,9 +39,10 @@ class GrpcTaskClient:
         task: task_pb2.Task = reply.task
         return task
 
-    async def list(self, request: task_pb2.NodeListTasksRequest) -> list[task_pb2.Task]:
-        reply = await self._stub().ListTasks(request, timeout=TIMEOUT)
-        return list(reply.tasks)
+    async def list(self, request: task_pb2.NodeListTasksRequest) -> task_pb2.ListTasksResponse:
+        """One page of the caller's tasks, and the token for the next ("" on the last)."""
+        reply: task_pb2.ListTasksResponse = await self._stub().ListTasks(request, timeout=TIMEOUT)
+        return reply
 
     async def report(self, request: task_pb2.ReportValidationsRequest) -> None:
         await self._stub().ReportValidations(request, timeout=TIMEOUT)

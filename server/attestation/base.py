@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.datastore.records import Selector
+from server.datastore.records import Selector, TokenUse
 from svid._spiffe_id import SpiffeId
 
 # Sends a challenge to the agent and returns its answer (x509pop's proof of possession).
@@ -20,6 +20,9 @@ class AttestationResult:
     selectors: tuple[Selector, ...] = ()
     # Join tokens are single use; x509pop may attest the same node again while it is not banned.
     can_reattest: bool = False
+    # A join token checked, not yet spent: the admission spends it with the agent's record,
+    # once the attestation's audit event is committed, so a failure on the way spends nothing.
+    token: TokenUse | None = None
 
 
 class NodeAttestor(Protocol):
@@ -38,5 +41,6 @@ class NodeAttestor(Protocol):
         ...
 
     async def attest(self, payload: bytes, challenge: Challenge) -> AttestationResult:
-        """Check the evidence; raise PermissionDeniedError (or InvalidRequestError) if it fails."""
+        """Check the evidence; raise PermissionDeniedError (or InvalidRequestError) if it fails.
+        Writes nothing: single-use evidence goes back in the result's `token`."""
         ...

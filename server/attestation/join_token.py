@@ -1,9 +1,11 @@
 """join_token attestation: a single-use, expiring secret handed to the agent out of band.
 
-Token format ``<token_id>.<secret>``. Only sha256(secret) is stored. `consume_join_token`
-compares in constant time and deletes the row only when id, hash and expiry all match, in one
-conditional statement: a token works once even when two agents race with it, and a wrong guess
-never takes the row away from its owner, not even for a moment.
+Token format ``<token_id>.<secret>``. Only sha256(secret) is stored. The attestor only checks
+the token (`check_join_token`, constant-time, a read); the admission spends it
+(`admit_agent`) in the transaction that saves the agent, after the attestation's audit event is
+committed, deleting the row only when id, hash and expiry all still match, in one conditional
+statement: a token works once even when two agents race with it, a wrong guess never takes the
+row away from its owner, and an attestation that cannot be recorded leaves the token usable.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import secrets
 
 from server.attestation.base import AttestationResult, Challenge
 from server.datastore.base import DataStore
-from server.datastore.records import JoinToken
+from server.datastore.records import JoinToken, TokenUse
 from server.errors import InvalidRequestError, PermissionDeniedError
 from server.ids import ServerIds
 from svid._clock import Clock
@@ -57,12 +59,14 @@ class JoinTokenAttestor:
             raise PermissionDeniedError(REFUSED) from None
         if not dot or not secret or not _TOKEN_ID.match(token_id):
             raise PermissionDeniedError(REFUSED)
-        consumed = await asyncio.to_thread(
-            self._datastore.consume_join_token, token_id, _hash(secret), int(self._clock.now())
+        token = TokenUse(token_id, _hash(secret))
+        valid = await asyncio.to_thread(
+            self._datastore.check_join_token, token_id, token.secret_hash, int(self._clock.now())
         )
-        if not consumed:
+        if not valid:
             raise PermissionDeniedError(REFUSED)
         return AttestationResult(
             agent_id=self._ids.agent(TYPE_NAME, token_id),
             attestation_type=TYPE_NAME,
+            token=token,
         )

@@ -2,181 +2,76 @@
 
 A hash chain stops no one who can rewrite the whole database: they re-hash it. A checkpoint
 is the head (seq, hash, event count) at a moment, signed by a key that never enters
-the datastore, and written to a JSON-lines file an operator can ship elsewhere. `audit verify
---anchor FILE` then proves the log still holds what each checkpoint names.
+the datastore, and written to a JSON-lines file an operator can ship elsewhere (and pushed to
+node agents, which keep the latest: server/node_api.py). `audit verify --anchor FILE` then
+proves the log still holds what each checkpoint names.
 
-One line per checkpoint, canonical JSON (sorted keys, compact):
-
-    {"count":N,"hash":H,"key_id":K,"public_key":P,"seq":N,"sig":S,"time":T,"v":1}
-
-The signature (ECDSA P-256, SHA-256, DER, base64) covers the canonical JSON of every field
-but `public_key` and `sig`. `key_id` is the sha256 (hex) of the public key's DER
-SubjectPublicKeyInfo; `public_key` is that DER in base64, so a line verifies on its own. Trust
-in that key comes from elsewhere: pin the public key file you shipped off the host
-(`--anchor-key`); an unpinned verify only shows the file is self-consistent.
+The line format, its signature and its parser are svid's AuditCheckpoint
+(svid/_audit_checkpoint.py), shared with the agents. Trust in the key comes from elsewhere:
+pin the public key file you shipped off the host (`--anchor-key`); an unpinned verify only
+shows the file is self-consistent.
 
 Prune records (server/audit/retention.py) share the file, the key and the format, with one
 more signed field, `"kind":"prune"`: `seq`/`hash` name the last event retention removes (the
 remaining chain links to that hash), `count` how many events this prune removes, `time` when it
-was signed, which is before anything is deleted. A line without `kind` is a checkpoint; a
-verifier that predates prune records rejects the line (its signature covers `kind`) rather
-than mistake it for a checkpoint.
+was signed, which is before anything is deleted.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import hashlib
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.audit.errors import AuditError
-from server.audit.event import canonical_json
 from server.audit.verify import Anchor
 from server.ca.keys import EC_P256, KeyStore, generate_key, spki_der
+from svid import AuditCheckpoint, AuditCheckpointError
+from svid._audit_checkpoint import CHECKPOINT, PRUNE, key_id_of, signed_bytes
 from svid._clock import format_utc
 
-VERSION = 1
 KEY_SLOT = "checkpoint"
 # Next to the datastore in the data dir, never inside it.
 KEY_DIR = "audit-key"
 PUBLIC_KEY_FILE = "audit-checkpoint-key.pub.pem"
 CHECKPOINT_FILE = "audit-checkpoints.jsonl"
-CHECKPOINT = "checkpoint"
-PRUNE = "prune"
+__all__ = [
+    "CHECKPOINT",
+    "CHECKPOINT_FILE",
+    "KEY_DIR",
+    "KEY_SLOT",
+    "PRUNE",
+    "PUBLIC_KEY_FILE",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointFile",
+    "CheckpointSigner",
+    "anchor_of",
+    "load_public_key",
+]
 
 
 class CheckpointError(AuditError):
     """A checkpoint line or key cannot be read, or does not verify; the message says which."""
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    seq: int
-    hash: str
-    count: int
-    time: float
-    key_id: str
-    public_key: str
-    sig: str
-    kind: str = CHECKPOINT
+# The server's name for the shared line type.
+Checkpoint = AuditCheckpoint
 
-    def signed_bytes(self) -> bytes:
-        return _signed_bytes(
-            self.seq, self.hash, self.count, self.time, self.key_id, kind=self.kind
-        )
 
-    def to_line(self) -> str:
-        body = _body(self.seq, self.hash, self.count, self.time, self.key_id, kind=self.kind)
-        body["public_key"] = self.public_key
-        body["sig"] = self.sig
-        return canonical_json(body).decode("utf-8")
-
-    @classmethod
-    def parse(cls, line: str) -> Checkpoint:
-        try:
-            data = json.loads(line)
-        except ValueError:
-            raise CheckpointError("not JSON") from None
-        if not isinstance(data, dict) or data.get("v") != VERSION:
-            raise CheckpointError(f"not a version {VERSION} checkpoint")
-        # Absent means a checkpoint (lines written before prune records existed); a present
-        # `kind` is signed, so only the value that is written is accepted.
-        kind = data.get("kind", CHECKPOINT)
-        if "kind" in data and kind != PRUNE:
-            raise CheckpointError(f"unknown kind {str(kind)[:40]!r}")
-        try:
-            cp = cls(
-                seq=_int(data["seq"]),
-                hash=str(data["hash"]),
-                count=_int(data["count"]),
-                time=float(data["time"]),
-                key_id=str(data["key_id"]),
-                public_key=str(data["public_key"]),
-                sig=str(data["sig"]),
-                kind=kind,
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"missing or malformed field {e}") from None
-        return cp
-
-    def public_key_object(self) -> ec.EllipticCurvePublicKey:
-        try:
-            der = base64.b64decode(self.public_key, validate=True)
-        except (binascii.Error, ValueError):
-            raise CheckpointError("public_key is not base64") from None
-        if hashlib.sha256(der).hexdigest() != self.key_id:
-            raise CheckpointError("public_key does not match key_id")
-        return _load_public_der(der)
-
-    def verify_signature(self, key: ec.EllipticCurvePublicKey) -> None:
-        try:
-            key.verify(
-                base64.b64decode(self.sig, validate=True),
-                self.signed_bytes(),
-                ec.ECDSA(hashes.SHA256()),
-            )
-        except (InvalidSignature, binascii.Error, ValueError):
-            raise CheckpointError("signature does not verify") from None
-
-    def anchor(self) -> Anchor:
-        when = format_utc(self.time)
-        if self.kind == PRUNE:
-            # Its count is what that prune removed, not the log's length: not a length bound.
-            return Anchor(
-                self.seq, self.hash, source=f"the prune record of {when}", signed=True, pruned=True
-            )
+def anchor_of(cp: Checkpoint) -> Anchor:
+    """What verify checks the log against for this line."""
+    when = format_utc(cp.time)
+    if cp.kind == PRUNE:
+        # Its count is what that prune removed, not the log's length: not a length bound.
         return Anchor(
-            self.seq, self.hash, self.count, source=f"the checkpoint of {when}", signed=True
+            cp.seq, cp.hash, source=f"the prune record of {when}", signed=True, pruned=True
         )
-
-
-def _int(value: Any) -> int:
-    if type(value) is not int or value < 0:
-        raise ValueError(f"{value!r} is not a count")
-    return value
-
-
-def _body(
-    seq: int, digest: str, count: int, time: float, key_id: str, *, kind: str
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "v": VERSION,
-        "seq": seq,
-        "hash": digest,
-        "count": count,
-        "time": time,
-        "key_id": key_id,
-    }
-    # Checkpoints keep the exact bytes they were signed over before prune records existed.
-    if kind != CHECKPOINT:
-        body["kind"] = kind
-    return body
-
-
-def _signed_bytes(
-    seq: int, digest: str, count: int, time: float, key_id: str, *, kind: str = CHECKPOINT
-) -> bytes:
-    return canonical_json(_body(seq, digest, count, time, key_id, kind=kind))
-
-
-def _load_public_der(der: bytes) -> ec.EllipticCurvePublicKey:
-    try:
-        key = serialization.load_der_public_key(der)
-    except ValueError:
-        raise CheckpointError("public_key is not a DER public key") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
-        raise CheckpointError("public_key is not an ECDSA P-256 key")
-    return key
+    return Anchor(cp.seq, cp.hash, cp.count, source=f"the checkpoint of {when}", signed=True)
 
 
 def load_public_key(path: Path) -> tuple[str, ec.EllipticCurvePublicKey]:
@@ -189,7 +84,7 @@ def load_public_key(path: Path) -> tuple[str, ec.EllipticCurvePublicKey]:
         raise CheckpointError(f"{path} holds no PEM public key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise CheckpointError(f"{path} holds no ECDSA P-256 public key")
-    return hashlib.sha256(spki_der(key)).hexdigest(), key
+    return key_id_of(spki_der(key)), key
 
 
 class CheckpointSigner:
@@ -198,7 +93,7 @@ class CheckpointSigner:
     def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
         self._key = key
         der = spki_der(key.public_key())
-        self.key_id = hashlib.sha256(der).hexdigest()
+        self.key_id = key_id_of(der)
         self.public_key_b64 = base64.b64encode(der).decode("ascii")
 
     @classmethod
@@ -217,6 +112,9 @@ class CheckpointSigner:
         signer._publish(data_dir / PUBLIC_KEY_FILE)
         return signer
 
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
     def public_pem(self) -> bytes:
         return self._key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -226,7 +124,7 @@ class CheckpointSigner:
         self, seq: int, digest: str, count: int, time: float, kind: str = CHECKPOINT
     ) -> Checkpoint:
         signature = self._key.sign(
-            _signed_bytes(seq, digest, count, time, self.key_id, kind=kind),
+            signed_bytes(seq, digest, count, time, self.key_id, kind=kind),
             ec.ECDSA(hashes.SHA256()),
         )
         return Checkpoint(
@@ -283,7 +181,7 @@ class CheckpointFile:
         for line in reversed(self._lines()):
             try:
                 cp = Checkpoint.parse(line)
-            except CheckpointError:
+            except AuditCheckpointError:
                 continue
             if cp.kind == kind:
                 return cp
@@ -323,7 +221,7 @@ class CheckpointFile:
                 if key is None:
                     key = keys[(cp.key_id, cp.public_key)] = cp.public_key_object()
                 cp.verify_signature(key)
-            except CheckpointError as e:
+            except AuditCheckpointError as e:
                 raise CheckpointError(f"{self.path} line {number}: {e}") from None
             parsed.append((number, cp))
         if pinned_key_id is not None:
@@ -341,7 +239,7 @@ class CheckpointFile:
         skipped = len(parsed) - len(mine)
         if skipped:
             note += f"; {skipped} checkpoint(s) by other keys skipped"
-        return [cp.anchor() for _, cp in mine], note
+        return [anchor_of(cp) for _, cp in mine], note
 
 
 def _check_order(path: Path, checkpoints: Sequence[tuple[int, Checkpoint]]) -> None:

@@ -1,4 +1,6 @@
-"""Writes signed checkpoints of the audit head: on an interval, at shutdown, and on demand."""
+"""Writes signed checkpoints of the audit head: on an interval, at shutdown, and on demand; and
+hands each new checkpoint and prune record it signs (and, at start, the last of each it finds
+signed by its own key) to a listener: the server pushes them to its agents."""
 
 from __future__ import annotations
 
@@ -6,10 +8,12 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 
 from server.audit.checkpoint import PRUNE, Checkpoint, CheckpointFile, CheckpointSigner
 from server.audit.event import GENESIS_HASH
 from server.audit.log import AuditLog
+from svid import AuditCheckpointError
 from svid._clock import Clock
 
 _log = logging.getLogger("svid.server.audit")
@@ -26,15 +30,21 @@ class Checkpointer:
         file: CheckpointFile,
         clock: Clock,
         interval: float,
+        *,
+        on_checkpoint: Callable[[Checkpoint], None] = lambda _checkpoint: None,
     ) -> None:
         self._audit = audit
         self._signer = signer
         self._file = file
         self._clock = clock
         self._interval = interval
+        self._on_checkpoint = on_checkpoint
         self._lock = threading.Lock()
         self._last = file.last()
         self._warn_if_behind()
+        for last in (self._last, file.last(PRUNE)):
+            if last is not None and self._signed_by_me(last):
+                on_checkpoint(last)
 
     @property
     def last(self) -> Checkpoint | None:
@@ -52,6 +62,7 @@ class Checkpointer:
         with self._lock:
             record = self._signer.sign(seq, digest, count, self._clock.now(), PRUNE)
             self._file.append(record)
+            self._on_checkpoint(record)
             return record
 
     @property
@@ -71,6 +82,8 @@ class Checkpointer:
             checkpoint = self._signer.sign(seq, digest, seq, self._clock.now())
             self._file.append(checkpoint)
             self._last = checkpoint
+            # Under the lock: listeners see checkpoints in the order they were signed.
+            self._on_checkpoint(checkpoint)
             return checkpoint
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -84,6 +97,17 @@ class Checkpointer:
                 await asyncio.to_thread(self.checkpoint)
             except Exception:
                 _log.exception("audit checkpoint failed; retrying next interval")
+
+    def _signed_by_me(self, checkpoint: Checkpoint) -> bool:
+        """The file's last line is not verified when read: only one this key signed is passed
+        on as this server's checkpoint."""
+        if checkpoint.key_id != self._signer.key_id:
+            return False
+        try:
+            checkpoint.verify_signature(self._signer.public_key())
+        except AuditCheckpointError:
+            return False
+        return True
 
     def _warn_if_behind(self) -> None:
         """A log that starts behind its own last checkpoint was cut back while the server was

@@ -51,8 +51,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "--anchor",
         default=None,
         metavar="FILE|SEQ:HASH",
-        help="a checkpoint file (e.g. <data_dir>/audit-checkpoints.jsonl, or a copy shipped "
-        "elsewhere) or a head noted earlier; finds a cut tail, a wipe, dropped tables, re-hashing",
+        help="a checkpoint file (e.g. <data_dir>/audit-checkpoints.jsonl, a copy shipped "
+        "elsewhere, or a node agent's: svid-agent audit checkpoint > FILE) or a head noted "
+        "earlier; finds a cut tail, a wipe, dropped tables, re-hashing",
     )
     verify.add_argument(
         "--anchor-key",

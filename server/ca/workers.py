@@ -241,12 +241,10 @@ class SigningWorkers:
             requests,
             here=functools.partial(_mint_one, signer, now),
         )
-        # From a worker: a (token, jti, issued_at, expires_at) tuple. From here: the outcome.
+        # From a worker: a (token, jti, issued_at, expires_at) tuple, in IssuedJwt's field
+        # order (positional: a third cheaper than by keyword). From here: the outcome.
         return [
-            IssuedJwt(token=r[0], jti=r[1], issued_at=r[2], expires_at=r[3])
-            if type(r) is tuple
-            else cast(IssuedJwt | SvidError, r)
-            for r in reply
+            IssuedJwt(*r) if type(r) is tuple else cast(IssuedJwt | SvidError, r) for r in reply
         ]
 
     def issue_x509(

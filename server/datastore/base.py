@@ -31,7 +31,9 @@ from server.datastore.records import (
     JoinToken,
     KeySlot,
     Revocation,
+    TaskCursor,
     TaskRecord,
+    TokenUse,
 )
 
 
@@ -91,14 +93,10 @@ class RegistrationStore(Protocol):
         """AlreadyExistsError for a token id in use."""
         ...
 
-    def consume_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
-        """Use the token up: True when this call deleted it, having found it unexpired
-        (expires_at > now) with this hash (compared in constant time).
-
-        Anything else returns False and leaves the row exactly as it was, so a wrong guess
-        never disturbs the owner. Exactly one of several concurrent callers with the right
-        hash gets True.
-        """
+    def check_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
+        """True when the token is there, unexpired (expires_at > now), with this hash
+        (compared in constant time). A read: it never changes the row, so a wrong guess never
+        disturbs the owner. The token is spent by `admit_agent`."""
         ...
 
     def prune_join_tokens(self, now: int) -> int:
@@ -109,6 +107,14 @@ class RegistrationStore(Protocol):
 
     def upsert_agent(self, agent: AttestedAgent) -> None:
         """Insert or replace by spiffe_id. A ban is sticky: upsert never clears `banned`."""
+        ...
+
+    def admit_agent(self, agent: AttestedAgent, token: TokenUse, now: int) -> bool:
+        """Spend the join token and upsert the agent in ONE transaction: True when this call
+        deleted the token, having found it unexpired (expires_at > now) with this hash, and
+        saved the agent with it. Anything else returns False and writes nothing (the token
+        stays as it was). Exactly one of several concurrent callers with the right hash gets
+        True."""
         ...
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
@@ -190,8 +196,12 @@ class TaskRecordStore(Protocol):
         agent_id: str = "",
         state: str = "",
         runtime_ids: Sequence[str] | None = None,
+        after: TaskCursor | None = None,
+        limit: int = 0,
     ) -> list[TaskRecord]:
-        """Tasks matching every filter given ("" and None match all), oldest first."""
+        """Tasks matching every filter given ("" and None match all; runtime_ids, at most 256,
+        match any of them), oldest first: by (created_at, task_id), only those after `after`,
+        at most `limit` (0: all). A keyset page, served by an index for each filter set."""
         ...
 
     def due_tasks(self, state: str, now: int) -> list[TaskRecord]:

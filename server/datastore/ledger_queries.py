@@ -24,17 +24,36 @@ DUE_TASKS = (
 )
 
 
-def list_tasks(runtime_count: int | None) -> str:
-    """Tasks filtered by agent and state (a NULL filter matches all) and, unless
-    `runtime_count` is None, by runtime_id in the parameters :r0 .. :r{runtime_count - 1}."""
-    sql = (
-        f"SELECT {_TASK_COLUMNS} FROM tasks WHERE (:agent_id IS NULL OR agent_id = :agent_id) "
-        "AND (:state IS NULL OR state = :state)"
-    )
-    if runtime_count is not None:
-        names = ", ".join(f":r{i}" for i in range(runtime_count))
-        sql += f" AND runtime_id IN ({names})"
-    return sql + " ORDER BY created_at, task_id"
+def list_tasks(
+    *, agent: bool, state: bool, runtime_count: int | None, after: bool, limit: bool
+) -> str:
+    """Tasks in (created_at, task_id) order, with only the filters asked for in the WHERE
+    clause (so the planner picks the migration's index for that set): :agent_id, :state,
+    runtime_id in :r0 .. :r{runtime_count - 1} unless `runtime_count` is None, after the
+    cursor (:after_created_at, :after_task_id), at most :limit rows.
+
+    Several runtimes are one arm per runtime joined by UNION ALL: each arm reads its index in
+    order and the engine merges them, stopping at the limit (an IN list would read every
+    matching row and sort them).
+    """
+    common = []
+    if agent:
+        common.append("agent_id = :agent_id")
+    if state:
+        common.append("state = :state")
+    if after:
+        common.append("(created_at, task_id) > (:after_created_at, :after_task_id)")
+
+    def arm(conditions: list[str]) -> str:
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        return f"SELECT {_TASK_COLUMNS} FROM tasks{where}"
+
+    if runtime_count is None:
+        arms = [arm(common)]
+    else:
+        arms = [arm([f"runtime_id = :r{i}", *common]) for i in range(runtime_count)]
+    sql = " UNION ALL ".join(arms) + " ORDER BY created_at, task_id"
+    return sql + " LIMIT :limit" if limit else sql
 
 
 CREDENTIAL_COLUMNS = ("kind", "value", "agent_id", "spiffe_id", "task_id", "expires_at")

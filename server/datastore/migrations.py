@@ -192,8 +192,26 @@ def _audit_base(execute: Execute) -> None:
         )""")
 
 
+def _task_listing(execute: Execute) -> None:
+    """Task lists page by (created_at, task_id) after a cursor: one index per filter set they
+    take (none; state; agent; agent and state; runtime; runtime and state), each ending in the
+    page key, so a page reads its own rows in order and sorts nothing. The old (agent_id,
+    state) index is a prefix of one of them."""
+    execute("DROP INDEX tasks_agent")
+    for name, columns in (
+        ("tasks_page", ""),
+        ("tasks_page_state", "state, "),
+        ("tasks_page_agent", "agent_id, "),
+        ("tasks_page_agent_state", "agent_id, state, "),
+        ("tasks_page_runtime", "runtime_id, "),
+        ("tasks_page_runtime_state", "runtime_id, state, "),
+    ):
+        execute(f"CREATE INDEX {name} ON tasks ({columns}created_at, task_id)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
     Migration(3, "audit retention: the prune base", _audit_base),
+    Migration(4, "task listing: keyset indexes", _task_listing),
 )

@@ -86,6 +86,18 @@ class JoinToken:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenUse:
+    """A join token an attestation presented: checked when the agent attests, spent in the
+    transaction that saves the agent's record (DataStore.admit_agent)."""
+
+    token_id: str
+    secret_hash: bytes
+
+    def __repr__(self) -> str:
+        return f"TokenUse(token_id={self.token_id!r})"
+
+
+@dataclass(frozen=True, slots=True)
 class KeySlot:
     """The journal row of one CA or JWT signing key (the private key lives in the KeyStore).
 
@@ -153,6 +165,14 @@ class TaskRecord:
     expires_at: int
     created_at: int
     body: str
+
+
+class TaskCursor(NamedTuple):
+    """Where a task listing goes on: after the task with this (created_at, task_id), the order
+    tasks are listed in."""
+
+    created_at: int
+    task_id: str
 
 
 # The audit row, in the order the chain hashes it (server.audit.event.CANONICAL_FIELDS) and then

@@ -48,6 +48,7 @@ from server.datastore.records import (
     KeySlot,
     Revocation,
     Selector,
+    TokenUse,
     revocation_needed_from,
 )
 from server.datastore.sqlite_ledger import SqliteLedger
@@ -152,6 +153,18 @@ def _connection_of(
 ) -> Iterator[sqlite3.Connection]:
     with transaction as db:
         yield db.conn
+
+
+def _agent_params(agent: AttestedAgent) -> dict[str, Any]:
+    return {
+        "spiffe_id": agent.spiffe_id,
+        "attestation_type": agent.attestation_type,
+        "serial": agent.serial,
+        "expires_at": agent.expires_at,
+        "banned": int(agent.banned),
+        "attested_at": agent.attested_at,
+        "selectors": _selectors_json(agent.selectors),
+    }
 
 
 def _create_private_file(path: Path) -> None:
@@ -408,17 +421,14 @@ class SqliteDataStore(SqliteLedger):
                 raise AlreadyExistsError(f"join token {token.token_id} already exists")
             db.execute(q.INSERT_JOIN_TOKEN, params)
 
-    def consume_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
-        params = {"token_id": token_id, "secret_hash": secret_hash, "now": now}
-        # The comparison is a read: a wrong guess takes no write lock and changes nothing.
-        rows = self._rows(q.SELECT_JOIN_TOKEN, params)
-        if not rows or not hmac.compare_digest(bytes(rows[0]["secret_hash"]), secret_hash):
-            return False
-        with self._transaction() as db:
-            # The DELETE repeats every condition, so it is the single atomic step that decides:
-            # of two callers holding the secret (or two processes on the file) exactly one
-            # sees rowcount 1, and a row that expired since the read stays refused.
-            return int(db.execute(q.CONSUME_JOIN_TOKEN, params).rowcount) == 1
+    def check_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
+        # A read: a wrong guess takes no write lock and changes nothing.
+        rows = self._rows(q.SELECT_JOIN_TOKEN, {"token_id": token_id})
+        return (
+            bool(rows)
+            and hmac.compare_digest(bytes(rows[0]["secret_hash"]), secret_hash)
+            and int(rows[0]["expires_at"]) > now
+        )
 
     def prune_join_tokens(self, now: int) -> int:
         with self._transaction() as db:
@@ -427,18 +437,24 @@ class SqliteDataStore(SqliteLedger):
     # -- agents ---------------------------------------------------------------------------------
 
     def upsert_agent(self, agent: AttestedAgent) -> None:
-        params = {
-            "spiffe_id": agent.spiffe_id,
-            "attestation_type": agent.attestation_type,
-            "serial": agent.serial,
-            "expires_at": agent.expires_at,
-            "banned": int(agent.banned),
-            "attested_at": agent.attested_at,
-            "selectors": _selectors_json(agent.selectors),
-        }
         with self._transaction() as db:
-            db.execute(q.UPSERT_AGENT, params)
+            db.execute(q.UPSERT_AGENT, _agent_params(agent))
             self._bump(db, _REVISION)
+
+    def admit_agent(self, agent: AttestedAgent, token: TokenUse, now: int) -> bool:
+        spend = {"token_id": token.token_id, "secret_hash": token.secret_hash, "now": now}
+        # The comparison is a read first: a wrong hash takes no write lock.
+        if not self.check_join_token(token.token_id, token.secret_hash, now):
+            return False
+        with self._transaction() as db:
+            # The DELETE repeats every condition, so it is the single atomic step that decides:
+            # of two callers holding the secret (or two processes on the file) exactly one
+            # sees rowcount 1, and a row that expired since the read stays refused.
+            if int(db.execute(q.CONSUME_JOIN_TOKEN, spend).rowcount) != 1:
+                return False
+            db.execute(q.UPSERT_AGENT, _agent_params(agent))
+            self._bump(db, _REVISION)
+        return True
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
         rows = self._rows(q.SELECT_AGENT, {"spiffe_id": spiffe_id})

@@ -25,6 +25,7 @@ from server.datastore.records import (
     Credential,
     EventFilter,
     Head,
+    TaskCursor,
     TaskRecord,
     revocation_needed_from,
 )
@@ -94,13 +95,24 @@ class SqliteLedger:
         agent_id: str = "",
         state: str = "",
         runtime_ids: Sequence[str] | None = None,
+        after: TaskCursor | None = None,
+        limit: int = 0,
     ) -> list[TaskRecord]:
-        if runtime_ids is not None and not runtime_ids:
+        runtimes = None if runtime_ids is None else sorted(set(runtime_ids))
+        if runtimes is not None and not runtimes:
             return []
-        params: dict[str, Any] = {"agent_id": agent_id or None, "state": state or None}
-        if runtime_ids is not None:
-            params.update({f"r{i}": r for i, r in enumerate(runtime_ids)})
-        sql = lq.list_tasks(None if runtime_ids is None else len(runtime_ids))
+        params: dict[str, Any] = {"agent_id": agent_id, "state": state, "limit": limit}
+        if runtimes is not None:
+            params.update({f"r{i}": r for i, r in enumerate(runtimes)})
+        if after is not None:
+            params.update(after_created_at=after.created_at, after_task_id=after.task_id)
+        sql = lq.list_tasks(
+            agent=bool(agent_id),
+            state=bool(state),
+            runtime_count=None if runtimes is None else len(runtimes),
+            after=after is not None,
+            limit=limit > 0,
+        )
         return [_task_from(r) for r in self._read("list tasks", sql, params)]
 
     def due_tasks(self, state: str, now: int) -> list[TaskRecord]:

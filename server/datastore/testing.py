@@ -30,7 +30,9 @@ from server.datastore.records import (
     JoinToken,
     KeySlot,
     Revocation,
+    TaskCursor,
     TaskRecord,
+    TokenUse,
 )
 
 
@@ -102,9 +104,9 @@ class FaultInjectingDataStore:
         self._enter("create_join_token")
         self.inner.create_join_token(token)
 
-    def consume_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
-        self._enter("consume_join_token")
-        return self.inner.consume_join_token(token_id, secret_hash, now)
+    def check_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
+        self._enter("check_join_token")
+        return self.inner.check_join_token(token_id, secret_hash, now)
 
     def prune_join_tokens(self, now: int) -> int:
         self._enter("prune_join_tokens")
@@ -113,6 +115,10 @@ class FaultInjectingDataStore:
     def upsert_agent(self, agent: AttestedAgent) -> None:
         self._enter("upsert_agent")
         self.inner.upsert_agent(agent)
+
+    def admit_agent(self, agent: AttestedAgent, token: TokenUse, now: int) -> bool:
+        self._enter("admit_agent")
+        return self.inner.admit_agent(agent, token, now)
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
         self._enter("get_agent")
@@ -180,9 +186,13 @@ class FaultInjectingDataStore:
         agent_id: str = "",
         state: str = "",
         runtime_ids: Sequence[str] | None = None,
+        after: TaskCursor | None = None,
+        limit: int = 0,
     ) -> list[TaskRecord]:
         self._enter("list_tasks")
-        return self.inner.list_tasks(agent_id=agent_id, state=state, runtime_ids=runtime_ids)
+        return self.inner.list_tasks(
+            agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
+        )
 
     def due_tasks(self, state: str, now: int) -> list[TaskRecord]:
         self._enter("due_tasks")

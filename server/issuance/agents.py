@@ -1,7 +1,11 @@
 """Agent SVIDs: admit an attested node agent (or refuse it, on record) and renew its SVID.
 
-The attestation event is committed before the agent's SVID is returned (fail closed, as for
-every credential: server/issuance/ledger.py).
+Admission fails closed in this order: sign the SVID; commit the attestation's audit event;
+then save the agent's record, spending its join token in that same transaction. If the event
+cannot be committed, nothing else is written: the agent is refused and its token still works.
+If the token is gone by then (a concurrent attestation with it won), the agent is refused on
+record and the SVID signed for it never leaves, as for any credential on record and never sent
+(server/issuance/ledger.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from concurrent.futures import Executor
 from cryptography import x509
 
 from server.attestation.base import AttestationResult
+from server.attestation.join_token import REFUSED as TOKEN_REFUSED
 from server.ca.manager import CaManager
 from server.datastore.records import AttestedAgent
 from server.errors import PermissionDeniedError
@@ -76,7 +81,9 @@ class AgentAdmission:
         previous: AttestedAgent | None,
         csr: x509.CertificateSigningRequest,
     ) -> Chain:
-        """Sign the agent's SVID, save the agent and record the attestation; then the chain."""
+        """Sign the agent's SVID, record the attestation, save the agent (spending its join
+        token); then the chain. LedgerUnavailableError or PermissionDeniedError, with nothing
+        spent or saved, when it cannot."""
         chain = await self._sign(csr, result.agent_id)
         agent = AttestedAgent(
             spiffe_id=str(result.agent_id),
@@ -87,9 +94,11 @@ class AgentAdmission:
             attested_at=int(self._clock.now()),
             selectors=result.selectors,
         )
-        await self._state.save_agent(agent, previous)
         event = attestation_event(agent.spiffe_id, result.attestation_type, agent.serial, ok=True)
         await self._ledger.commit((), (event,))
+        if not await self._state.save_agent(agent, previous, result.token):
+            await self.refused(result.attestation_type, TOKEN_REFUSED)
+            raise PermissionDeniedError(TOKEN_REFUSED)
         self._metrics.attestations.labels(type=result.attestation_type, result="ok").inc()
         _log.info(
             "agent attested",

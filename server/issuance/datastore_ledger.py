@@ -47,3 +47,11 @@ class DatastoreLedger:
             await self._ledger.commit(credentials, events)
         except LedgerError as exc:
             raise LedgerUnavailableError(failure_reason(exc)) from exc
+
+    def record(self, credentials: Sequence[Credential], events: Sequence[EventTuple]) -> None:
+        if not credentials and not events:
+            return
+        try:
+            self._ledger.record(credentials, events)
+        except LedgerError as exc:
+            raise LedgerUnavailableError(failure_reason(exc)) from exc

@@ -5,6 +5,8 @@ event are committed:
 
 - `Ledger.commit(credentials, events)` returns only once every credential row and every audit
   event it was given is durable (synchronous=FULL: it survives `kill -9` and power loss).
+  `Ledger.record` is the same call for a thread that already left the event loop (a signing
+  thread): it blocks until then, and keeps every other term of this contract.
   Implementations may group commit: concurrent callers share one transaction and one fsync,
   and each caller still waits for the commit that holds its own rows. (The one in use,
   server.issuance.datastore_ledger, commits both in one datastore transaction.)
@@ -53,4 +55,8 @@ class Ledger(Protocol):
     async def commit(self, credentials: Sequence[Credential], events: Sequence[EventTuple]) -> None:
         """Durably record `credentials` and `events`; raise LedgerUnavailableError otherwise.
         See the module docstring for the whole contract."""
+        ...
+
+    def record(self, credentials: Sequence[Credential], events: Sequence[EventTuple]) -> None:
+        """`commit`, blocking: for a worker thread, never the event loop."""
         ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
 from server.issuance.ledger import Credential, EventTuple, Ledger, LedgerUnavailableError
@@ -20,21 +21,43 @@ class MeteredLedger:
         self._ledger = ledger
         self._metrics = metrics
         self._down = False
+        # `record` runs on signing threads and `commit` on the loop: one outage, one line.
+        self._lock = threading.Lock()
 
     async def commit(self, credentials: Sequence[Credential], events: Sequence[EventTuple]) -> None:
         try:
             await self._ledger.commit(credentials, events)
         except LedgerUnavailableError as exc:
-            self._metrics.ledger_failures.labels(reason=exc.reason).inc()
-            self._metrics.ledger_available.set(0)
-            if not self._down:
-                self._down = True
-                _log.error(
-                    "the ledger cannot commit; issuance refused until storage recovers",
-                    extra={"reason": exc.reason, "error": str(exc.__cause__ or exc)},
-                )
+            self._failed(exc)
             raise
-        if self._down:
+        self._worked()
+
+    def record(self, credentials: Sequence[Credential], events: Sequence[EventTuple]) -> None:
+        try:
+            self._ledger.record(credentials, events)
+        except LedgerUnavailableError as exc:
+            self._failed(exc)
+            raise
+        self._worked()
+
+    def _failed(self, exc: LedgerUnavailableError) -> None:
+        self._metrics.ledger_failures.labels(reason=exc.reason).inc()
+        with self._lock:
+            self._metrics.ledger_available.set(0)
+            if self._down:
+                return
+            self._down = True
+        _log.error(
+            "the ledger cannot commit; issuance refused until storage recovers",
+            extra={"reason": exc.reason, "error": str(exc.__cause__ or exc)},
+        )
+
+    def _worked(self) -> None:
+        if not self._down:  # the common case, read without the lock; a race only delays a line
+            return
+        with self._lock:
+            if not self._down:
+                return
             self._down = False
             self._metrics.ledger_available.set(1)
-            _log.warning("the ledger commits again; issuance resumed")
+        _log.warning("the ledger commits again; issuance resumed")

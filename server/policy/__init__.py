@@ -11,18 +11,23 @@ from server.policy.errors import PolicyError, Problem, RequestError
 from server.policy.intent import (
     CLASSIFICATIONS,
     DEFAULT_MAX_DELEGATION_DEPTH,
+    INVOKE_TOOL,
     Flag,
     Intent,
     Verdict,
+    check_audiences,
     check_depth,
+    check_elevation,
     check_in_intent,
     narrow,
+    split_tool,
 )
 
 __all__ = [
     "CLASSIFICATIONS",
     "DEFAULT_HIGH_RISK_TTL_CAP",
     "DEFAULT_MAX_DELEGATION_DEPTH",
+    "INVOKE_TOOL",
     "Decision",
     "DecisionRequest",
     "Flag",
@@ -35,8 +40,11 @@ __all__ = [
     "Problem",
     "RequestError",
     "Verdict",
+    "check_audiences",
     "check_depth",
+    "check_elevation",
     "check_in_intent",
     "narrow",
+    "split_tool",
     "validate_policy_dir",
 ]

@@ -6,6 +6,10 @@ per-call context holds only what changes per request. Cedar's cost is dominated 
 request context, so this halves a decision (about 80 -> 40 us measured) while policies still
 read `context.intent.classification` as if it were a record.
 
+A declared tool `<server>#<tool>` is a `Tool` entity (attrs `server`, `name`) whose parent is
+`Resource::"<server>"`, so `resource in Resource::"<server>"` covers the server's tools and
+`resource == Tool::"<server>#<tool>"` names one.
+
 The shape is what svid.cedarschema.json describes; the engine checks the two agree by validating a
 probe request against the schema at load, so at decision time the schema is not re-applied (that
 costs about as much as the decision itself).
@@ -18,8 +22,8 @@ from typing import Any
 
 from server.policy.decision import DecisionRequest
 from server.policy.errors import RequestError
-from server.policy.intent import Intent
-from server.policy.schema import INTENT_TYPE, PRINCIPAL_TYPE, RESOURCE_TYPE
+from server.policy.intent import Intent, split_tool
+from server.policy.schema import INTENT_TYPE, PRINCIPAL_TYPE, RESOURCE_TYPE, TOOL_TYPE
 from svid._errors import SpiffeIdError
 from svid._spiffe_id import SpiffeId
 
@@ -54,10 +58,22 @@ def entities_json(agent_id: str, node_id: str, risk: int, intent: Intent) -> str
             "on_behalf_of": intent.on_behalf_of,
             "delegation_depth": intent.delegation_depth,
             "parent_task": intent.parent_task,
+            "tools": [{"__entity": {"type": TOOL_TYPE, "id": t}} for t in sorted(intent.tools)],
+            "elevated": intent.elevated,
         },
         "parents": [],
     }
-    return json.dumps([agent, declared])
+    tools = []
+    for ref in sorted(intent.tools):
+        server, name = split_tool(ref)
+        tools.append(
+            {
+                "uid": {"type": TOOL_TYPE, "id": ref},
+                "attrs": {"server": server, "name": name},
+                "parents": [{"type": RESOURCE_TYPE, "id": server}],
+            }
+        )
+    return json.dumps([agent, declared, *tools])
 
 
 def context_json(request: DecisionRequest, trust_domain: str, now: float) -> str:
@@ -75,11 +91,12 @@ def cedar_requests(
     request: DecisionRequest, pairs: list[tuple[str, str]], context: str
 ) -> list[dict[str, Any]]:
     principal = {"type": PRINCIPAL_TYPE, "id": request.agent_id}
+    tools = request.intent.tools  # never also a resource: Intent refuses that
     return [
         {
             "principal": principal,
             "action": {"type": "Action", "id": action},
-            "resource": {"type": RESOURCE_TYPE, "id": resource},
+            "resource": {"type": TOOL_TYPE if resource in tools else RESOURCE_TYPE, "id": resource},
             "context": context,
         }
         for action, resource in pairs

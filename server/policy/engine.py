@@ -160,10 +160,7 @@ class PolicyEngine:
         started = time.perf_counter_ns()
         loaded = self._loaded
         schema = loaded.schema
-        if request.pairs is not None:
-            pairs = sorted(set(request.pairs))
-        else:
-            pairs = sorted((a, r) for a in request.intent.actions for r in request.intent.resources)
+        pairs = request.intent.pairs() if request.pairs is None else sorted(set(request.pairs))
         known = [p for p in pairs if p[0] in schema.actions]
         results: list[PairResult] = [
             PairResult(a, r, False, (), f"{a} is not an action of the policy schema")

@@ -7,6 +7,8 @@ stay inside the task's declared intent (lateral movement).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -15,11 +17,40 @@ from server.policy.errors import RequestError
 # Ordered from least to most sensitive: a sub-task may touch the same or a less sensitive class.
 CLASSIFICATIONS: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
 DEFAULT_MAX_DELEGATION_DEPTH = 3
+# The action a tool is invoked with: a declared tool is the pair (INVOKE_TOOL, "<server>#<tool>").
+INVOKE_TOOL = "invoke_tool"
+TOOL_SEPARATOR = "#"
+# MCP's tool-name alphabet: the name goes into the token's space-separated `scope` as is.
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,128}")
+
+
+def split_tool(ref: str) -> tuple[str, str]:
+    """("<server>", "<tool>") of a tool reference "<server>#<tool>"; RequestError if malformed."""
+    server, sep, name = ref.rpartition(TOOL_SEPARATOR)
+    if not sep or not server or any(c.isspace() for c in server):
+        raise RequestError(
+            f"intent.tools: {ref[:200]!r} is not <server>#<tool> (a server audience without "
+            "spaces, then a tool name)"
+        )
+    if not _TOOL_NAME.fullmatch(name):
+        raise RequestError(
+            f"intent.tools: tool name {name[:200]!r} must be 1-128 of A-Z a-z 0-9 _ - . /"
+        )
+    return server, name
+
+
+def tool_servers(tools: Iterable[str]) -> frozenset[str]:
+    return frozenset(split_tool(t)[0] for t in tools)
 
 
 @dataclass(frozen=True)
 class Intent:
-    """What a task declares it will do. Empty strings mean "none" (Cedar attrs stay required)."""
+    """What a task declares it will do. Empty strings mean "none" (Cedar attrs stay required).
+
+    The pairs asked of policy are every action on every resource, plus (invoke_tool, tool) for
+    each tool: a task that declares only tools needs no actions or resources (but actions need
+    resources and the other way round).
+    """
 
     actions: frozenset[str]
     resources: frozenset[str]
@@ -28,17 +59,27 @@ class Intent:
     on_behalf_of: str = ""
     delegation_depth: int = 0
     parent_task: str = ""
+    tools: frozenset[str] = frozenset()
+    # An elevated step: a sub-task decided by policy on its own, not narrowed from its parent.
+    elevated: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "actions", frozenset(self.actions))
         object.__setattr__(self, "resources", frozenset(self.resources))
-        if not self.actions:
-            raise RequestError("intent.actions: a task must declare at least one action")
-        if not self.resources:
-            raise RequestError("intent.resources: a task must declare at least one resource")
-        for name in (*self.actions, *self.resources):
+        object.__setattr__(self, "tools", frozenset(self.tools))
+        # Actions apply to resources: one without the other asks nothing, so it is refused.
+        if not self.tools or self.actions or self.resources:
+            if not self.actions:
+                raise RequestError("intent.actions: a task must declare at least one action")
+            if not self.resources:
+                raise RequestError("intent.resources: a task must declare at least one resource")
+        for name in (*self.actions, *self.resources, *self.tools):
             if not name or not isinstance(name, str):
-                raise RequestError(f"intent: empty or non-string action/resource {name!r}")
+                raise RequestError(f"intent: empty or non-string action/resource/tool {name!r}")
+        tool_servers(self.tools)  # RequestError when one is malformed
+        both = sorted(self.tools & self.resources)
+        if both:
+            raise RequestError(f"intent: {both[0][:200]!r} is declared as a resource and a tool")
         if self.classification not in CLASSIFICATIONS:
             raise RequestError(
                 f"intent.classification: {self.classification!r} is not one of "
@@ -46,6 +87,19 @@ class Intent:
             )
         if self.delegation_depth < 0:
             raise RequestError(f"intent.delegation_depth: {self.delegation_depth} is negative")
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (action, resource-or-tool) pair this intent asks for, sorted."""
+        pairs = {(a, r) for a in self.actions for r in self.resources}
+        pairs.update((INVOKE_TOOL, t) for t in self.tools)
+        return sorted(pairs)
+
+    def covers_tool(self, tool: str) -> bool:
+        """Whether this scope includes `tool`: named, or every tool of its server (invoke_tool on
+        the server as a resource)."""
+        if tool in self.tools:
+            return True
+        return INVOKE_TOOL in self.actions and split_tool(tool)[0] in self.resources
 
 
 class Flag(StrEnum):
@@ -104,6 +158,12 @@ def narrow(
             Flag.PRIVILEGE_CHAINING,
             f"sub-task adds resources {', '.join(extra_resources)} not in its parent's scope",
         )
+    extra_tools = sorted(t for t in child.tools if not parent.covers_tool(t))
+    if extra_tools:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"sub-task adds tools {', '.join(extra_tools)} not in its parent's scope",
+        )
     if CLASSIFICATIONS.index(child.classification) > CLASSIFICATIONS.index(parent.classification):
         return _deny(
             Flag.PRIVILEGE_CHAINING,
@@ -144,6 +204,58 @@ def narrow(
     return Verdict(ok=True, reason="within parent scope")
 
 
+def check_elevation(
+    parent: Intent,
+    step: Intent,
+    *,
+    parent_remaining_ttl: int,
+    requested_ttl: int,
+    max_ttl: int,
+    max_depth: int = DEFAULT_MAX_DELEGATION_DEPTH,
+) -> Verdict:
+    """Check an elevated step (`step`) against the task it runs inside.
+
+    Its scope is not narrowed from the parent's: policy decides it on its own, seeing
+    `elevated`. What it must keep is the parent's frame: the same principal and environment,
+    one level deeper, no elevation inside an elevation, and a lifetime within both the parent's
+    remaining one and `max_ttl` (clamped, like a sub-task's, rather than refused).
+    """
+    if parent.elevated:
+        return _deny(Flag.PRIVILEGE_CHAINING, "an elevated step cannot begin another elevated step")
+    if step.environment != parent.environment:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"elevated step environment {step.environment!r} differs from its parent's "
+            f"{parent.environment!r}",
+        )
+    if step.on_behalf_of != parent.on_behalf_of:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"elevated step acts on behalf of {step.on_behalf_of!r}, its parent for "
+            f"{parent.on_behalf_of!r}",
+        )
+    if step.delegation_depth != parent.delegation_depth + 1:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"elevated step depth {step.delegation_depth} is not its parent's "
+            f"{parent.delegation_depth} plus one",
+        )
+    depth = check_depth(step.delegation_depth, max_depth)
+    if not depth.ok:
+        return depth
+    if parent_remaining_ttl <= 0:
+        return _deny(Flag.PRIVILEGE_CHAINING, "parent task has expired")
+    cap = min(parent_remaining_ttl, max_ttl)
+    if requested_ttl > cap:
+        return Verdict(
+            ok=True,
+            reason=f"elevated step; TTL clamped to {cap}s (the parent's remaining "
+            f"{parent_remaining_ttl}s, at most {max_ttl}s)",
+            max_ttl=cap,
+        )
+    return Verdict(ok=True, reason="elevated step within its parent's frame")
+
+
 def check_in_intent(
     granted_actions: frozenset[str] | set[str],
     granted_resources: frozenset[str] | set[str],
@@ -165,4 +277,20 @@ def check_in_intent(
         )
     if action not in granted_actions:
         return _deny(Flag.LATERAL_MOVEMENT, f"action {action!r} is not in the task's scope")
+    return _OK
+
+
+def check_audiences(scope: Intent, audience: str | Sequence[str]) -> Verdict:
+    """A per-request mint must name only audiences the task may reach: its resources and the
+    servers of its tools. Pass the task's *granted* scope (after policy narrowing)."""
+    audiences = (audience,) if isinstance(audience, str) else tuple(audience)
+    if not audiences:
+        return _deny(Flag.LATERAL_MOVEMENT, "no audience requested")
+    reachable = scope.resources | tool_servers(scope.tools)
+    outside = [a for a in audiences if a not in reachable]
+    if outside:
+        return _deny(
+            Flag.LATERAL_MOVEMENT,
+            f"audience {', '.join(sorted(outside))} is not among the task's resources",
+        )
     return _OK

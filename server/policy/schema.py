@@ -17,6 +17,7 @@ BUILTIN_SCHEMA_NAME = "svid" + SCHEMA_SUFFIX
 HIGH_RISK_GROUP = "high_risk"
 PRINCIPAL_TYPE = "Agent"
 RESOURCE_TYPE = "Resource"
+TOOL_TYPE = "Tool"
 INTENT_TYPE = "Intent"
 
 

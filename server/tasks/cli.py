@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from server import cli_entries
 from server.audit import cli as audit_cli
 from server.config import read_toml
 from server.errors import CliError
@@ -31,9 +32,13 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     task = sub.add_parser("task", help="task identities").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
-    tlist = task.add_parser("list", parents=[common], help="list tasks")
+    tlist = task.add_parser("list", parents=[common], help="list tasks, oldest first")
     tlist.add_argument("--agent-id", default="", help="only this node agent's tasks")
+    tlist.add_argument(
+        "--runtime-id", default="", help="only the tasks of this runtime (workload SPIFFE ID)"
+    )
     tlist.add_argument("--state", default="", choices=("", "active", "ended", "revoked", "expired"))
+    cli_entries.add_page_size(tlist)
     tshow = task.add_parser("show", parents=[common], help="show one task")
     tshow.add_argument("task_id")
     trevoke = task.add_parser("revoke", parents=[common], help="end a task, revoke its SVIDs")
@@ -113,16 +118,25 @@ def _admin(args: argparse.Namespace, channel: grpc.Channel, timeout: float) -> N
     as_json = getattr(args, "output", "text") == "json"
     cmd = (args.command, args.action)
     if cmd == ("task", "list"):
-        reply = stub.ListTasks(
-            task_pb2.AdminListTasksRequest(agent_id=args.agent_id, state=args.state),
-            timeout=timeout,
+        query = task_pb2.AdminListTasksRequest(
+            agent_id=args.agent_id,
+            runtime_id=args.runtime_id,
+            state=args.state,
+            page_size=cli_entries.page_size(args),
         )
+
+        def task_page(token: str) -> tuple[list[task_pb2.Task], str]:
+            query.page_token = token
+            reply = stub.ListTasks(query, timeout=timeout)
+            return list(reply.tasks), reply.next_page_token
+
+        tasks = cli_entries.all_pages(task_page)
         if as_json:
-            print(json.dumps({"tasks": [_as_json(t) for t in reply.tasks]}, indent=2))
-        elif not reply.tasks:
+            print(json.dumps({"tasks": [_as_json(t) for t in tasks]}, indent=2))
+        elif not tasks:
             print("No tasks.")
         else:
-            print("\n\n".join(_task_text(t) for t in reply.tasks))
+            print("\n\n".join(_task_text(t) for t in tasks))
     elif cmd in (("task", "show"), ("task", "revoke")):
         call: Callable[..., task_pb2.Task] = (
             stub.ShowTask if args.action == "show" else stub.RevokeTask

@@ -1,15 +1,25 @@
-"""The signed X.509 CRL agents put in the Workload API `crl` fields.
+"""The signed X.509 CRLs agents put in the Workload API `crl` fields.
 
 Built from the revocation list's X.509 serials and signed by the active X.509 CA key, so any
-relying party holding the trust bundle can check it. Rebuilt only when the revocation list or
+relying party holding the trust bundle can check them. Rebuilt only when the revocation list or
 the CA changes.
+
+A serial is listed only while its certificate is still valid: past its expiry no verifier takes
+the certificate, revoked or not. (The revocation list keeps it a while longer, as it keeps a
+`jti`, for verifiers that allow some leeway past a JWT's `exp`; X.509 verifiers allow none.)
+
+The listed serials are split over as many CRLs as it takes to keep each under CRL_MAX_BYTES:
+one CRL of every serial can outgrow a Sync message (and gRPC's 4 MiB limit with it). The CRLs
+of one build share their CRL number and together are the revocation list; a relying party
+uses every one it is given, as svid's verifier does (a serial listed in any of them is
+revoked).
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -20,53 +30,121 @@ from server.datastore.records import REVOKED_X509_SERIAL, Revocation
 SignCrl = Callable[[x509.CertificateRevocationListBuilder], x509.CertificateRevocationList]
 # How long a CRL stays authoritative when nothing changes; agents get a new one on every change.
 CRL_VALIDITY = 3600
+# Half a Sync message (server.sync_messages.MAX_BYTES): a CRL, the bundle and whatever else the
+# message holds fit in one. About 13,000 serials.
+CRL_MAX_BYTES = 512 * 1024
+# A CRL's size besides its entries, past the issuer name: version, algorithm identifiers, dates,
+# extensions, an RSA-4096 signature and the headers around them come to about 750 bytes.
+_CRL_OVERHEAD = 1024
 
 
 def _utc(ts: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(int(ts), tz=datetime.UTC)
 
 
-def build_crl(
+def _entry_size(serial: int) -> int:
+    """The most one CRL entry takes in DER: a SEQUENCE of the serial INTEGER (a sign byte over
+    its magnitude) and the revocation date (a GeneralizedTime at worst), with their headers."""
+    return 2 + (2 + serial.bit_length() // 8 + 1) + 17
+
+
+def listed_serials(revocations: Iterable[Revocation], now: float) -> list[Revocation]:
+    """The X.509 serial revocations a CRL built at `now` lists: those whose certificate is still
+    valid (a verifier takes a certificate through its notAfter second)."""
+    return [r for r in revocations if r.kind == REVOKED_X509_SERIAL and r.expires_at >= now]
+
+
+@dataclass
+class _Entries:
+    """Revoked-certificate entries by (serial, revocation time), kept from one build to the
+    next: a CRL is rebuilt on every new revocation, and making its entries was most of a build."""
+
+    made: dict[tuple[int, int], x509.RevokedCertificate] = field(default_factory=dict)
+
+    def take(self, items: Sequence[tuple[int, int]]) -> list[x509.RevokedCertificate]:
+        made: dict[tuple[int, int], x509.RevokedCertificate] = {}
+        for key in items:
+            found = self.made.get(key)
+            if found is None:
+                serial, revoked_at = key
+                found = (
+                    x509.RevokedCertificateBuilder()
+                    .serial_number(serial)
+                    .revocation_date(_utc(revoked_at))
+                    .build()
+                )
+            made[key] = found
+        self.made = made  # only what this build listed: a long-gone serial is not kept
+        return list(made.values())
+
+
+def build_crls(
     issuer: x509.Certificate,
     sign: SignCrl,
     revocations: Iterable[Revocation],
     now: float,
     number: int,
-) -> bytes:
-    """A DER CRL listing every revoked X.509 serial (hex in the list) with its revocation time."""
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(issuer.subject)
-        .last_update(_utc(now))
-        .next_update(_utc(now + CRL_VALIDITY))
-        .add_extension(x509.CRLNumber(number), critical=False)
-    )
+    *,
+    max_bytes: int = CRL_MAX_BYTES,
+    entries: _Entries | None = None,
+) -> tuple[bytes, ...]:
+    """DER CRLs listing every still-valid revoked X.509 serial (hex in the list) once, with its
+    revocation time, in serial order; each at most `max_bytes`. No CRL when nothing is listed."""
+    listed = {int(r.value, 16): int(r.revoked_at or now) for r in listed_serials(revocations, now)}
+    items = sorted(listed.items())
+    revoked = (entries or _Entries()).take(items)
+    extensions: list[x509.Extension[x509.ExtensionType]] = [
+        x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number))
+    ]
     try:
         ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        extensions.append(x509.Extension(aki.oid, False, aki))
     except x509.ExtensionNotFound:
         pass
-    for item in revocations:
-        if item.kind != REVOKED_X509_SERIAL:
-            continue
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(int(item.value, 16))
-            .revocation_date(_utc(item.revoked_at or now))
-            .build()
-        )
+    room = max_bytes - _CRL_OVERHEAD - len(issuer.subject.public_bytes())
+    out: list[bytes] = []
+    start, size = 0, 0
+    for n, (serial, _) in enumerate(items):
+        cost = _entry_size(serial)
+        if n > start and size + cost > room:
+            out.append(_signed(issuer, sign, now, extensions, revoked[start:n]))
+            start, size = n, 0
+        size += cost
+    if start < len(items):
+        out.append(_signed(issuer, sign, now, extensions, revoked[start:]))
+    return tuple(out)
+
+
+def _signed(
+    issuer: x509.Certificate,
+    sign: SignCrl,
+    now: float,
+    extensions: list[x509.Extension[x509.ExtensionType]],
+    revoked: list[x509.RevokedCertificate],
+) -> bytes:
+    # The builder's add_revoked_certificate copies its list on every call: a 100,000-serial CRL
+    # took a minute that way. Handing it the whole list is linear.
+    builder = x509.CertificateRevocationListBuilder(
+        issuer_name=issuer.subject,
+        last_update=_utc(now),
+        next_update=_utc(now + CRL_VALIDITY),
+        extensions=extensions,
+        revoked_certificates=revoked,
+    )
     return sign(builder).public_bytes(Encoding.DER)
 
 
 @dataclass
 class CrlCache:
-    """One CRL per (revocation list, CA certificate); the number grows with every rebuild."""
+    """One set of CRLs per (revocation list, CA certificate); the number grows with every
+    rebuild, and all CRLs of one build carry the same number."""
 
     number: int = 0
+    max_bytes: int = CRL_MAX_BYTES
     _key: tuple[object, ...] | None = None
-    _der: bytes = b""
+    _ders: tuple[bytes, ...] = ()
+    _entries: _Entries = field(default_factory=_Entries)
 
     def get(
         self,
@@ -74,11 +152,19 @@ class CrlCache:
         sign: SignCrl,
         revocations: tuple[Revocation, ...],
         now: float,
-    ) -> bytes:
+    ) -> tuple[bytes, ...]:
         cache_key: tuple[object, ...] = (revocations, issuer.serial_number)
         if cache_key != self._key:
             # Monotonic across restarts too: a relying party keeps the highest number it saw.
             self.number = max(self.number + 1, int(now))
-            self._der = build_crl(issuer, sign, revocations, now, self.number)
+            self._ders = build_crls(
+                issuer,
+                sign,
+                revocations,
+                now,
+                self.number,
+                max_bytes=self.max_bytes,
+                entries=self._entries,
+            )
             self._key = cache_key
-        return self._der
+        return self._ders

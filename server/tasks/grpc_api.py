@@ -1,4 +1,8 @@
-"""gRPC transport of the task layer: NodeTasks (agents, mTLS port) and TaskAdmin (admin socket)."""
+"""gRPC transport of the task layer: NodeTasks (agents, mTLS port) and TaskAdmin (admin socket).
+
+Task lists page as the admin API's lists do (server.listing): keyset tokens on (created_at,
+task_id), bound to the filters they were issued for, pages bounded in items and bytes.
+"""
 
 # ruff: noqa: N802 - gRPC method names are fixed by the proto
 
@@ -6,22 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import grpc
 
-from server import status
-from server.datastore.records import AttestedAgent
+from server import listing, status
+from server.datastore.records import AttestedAgent, TaskCursor
 from server.errors import InvalidRequestError
 from server.peer import PeerCache
 from server.policy import PolicyEngine
 from server.state import ServerState
-from server.tasks.model import Task
+from server.tasks.model import Task, TaskState
 from server.tasks.service import BeginRequest, TaskService
+from svid._errors import SpiffeIdError
 from svid._proto import task_pb2, task_pb2_grpc
+from svid._spiffe_id import SpiffeId
 
 _log = logging.getLogger("svid.server.tasks")
 MAX_RUNTIME_IDS = 256
 MAX_VALIDATIONS = 1000
+_STATES = tuple(s.value for s in TaskState)
+# A cursor's created_at is bound as a SQL BIGINT.
+_MAX_CURSOR_DIGITS = 18
 
 
 def task_to_proto(task: Task, credentials: int = 0) -> task_pb2.Task:
@@ -49,19 +59,88 @@ def task_to_proto(task: Task, credentials: int = 0) -> task_pb2.Task:
         ttl=task.ttl,
         depth=task.depth,
         credentials=credentials,
+        tools=list(task.tools),
+        elevated=task.elevated,
     )
-
-
-def _counted(service: TaskService, tasks: list[Task]) -> list[task_pb2.Task]:
-    """Tasks with their credential counts: every view of a task (list, show, revoke) counts the
-    same rows, so `task list` and `task show` never disagree. Runs off the event loop."""
-    return [task_to_proto(t, service.store.count_credentials(t.task_id)) for t in tasks]
 
 
 def _runtime_ids(values: list[str]) -> list[str]:
     if len(values) > MAX_RUNTIME_IDS:
         raise InvalidRequestError(f"runtime_ids: at most {MAX_RUNTIME_IDS}")
     return values
+
+
+def _state(value: str) -> str:
+    if value and value not in _STATES:
+        raise InvalidRequestError(f"state: {value[:40]!r} is not one of {', '.join(_STATES)}")
+    return value
+
+
+def _spiffe_id(name: str, value: str) -> str:
+    """The checked SPIFFE ID of a filter ("" for none)."""
+    if not value:
+        return ""
+    try:
+        return str(SpiffeId.parse(value))
+    except SpiffeIdError as exc:
+        raise InvalidRequestError(f"{name}: {exc}") from None
+
+
+def _key(task: Task) -> str:
+    return f"{task.created_at}:{task.task_id}"
+
+
+def _cursor(after: str) -> TaskCursor | None:
+    """The cursor a page token carries (`_key` of the last task served)."""
+    if not after:
+        return None
+    created_at, _, task_id = after.partition(":")
+    if (
+        not (created_at.isascii() and created_at.isdigit())
+        or len(created_at) > _MAX_CURSOR_DIGITS
+        or not task_id
+    ):
+        raise InvalidRequestError("page_token: not a token this server issued")
+    return TaskCursor(int(created_at), task_id)
+
+
+class _Page:
+    """One task list call: its checked paging fields and filters, and the page it reads."""
+
+    def __init__(
+        self,
+        request: task_pb2.AdminListTasksRequest | task_pb2.NodeListTasksRequest,
+        query: Sequence[object],
+    ) -> None:
+        self.limit = listing.page_size(request.page_size)
+        self.query = query
+        self.after = _cursor(listing.decode_token(request.page_token, query))
+
+    def read(
+        self,
+        service: TaskService,
+        *,
+        agent_id: str,
+        state: str,
+        runtime_ids: Sequence[str] | None,
+    ) -> task_pb2.ListTasksResponse:
+        """Blocking (SQLite): run it off the event loop. One task past the limit says whether
+        a later page exists. Every view of a task (list, show, revoke) counts its credentials
+        the same way, so `task list` and `task show` never disagree."""
+        tasks = service.list(
+            agent_id=agent_id,
+            state=state,
+            runtime_ids=runtime_ids,
+            after=self.after,
+            limit=self.limit + 1,
+        )
+        page, last = listing.take_page(
+            ((_key(t), t) for t in tasks),
+            self.limit,
+            lambda t: task_to_proto(t, service.store.count_credentials(t.task_id)),
+        )
+        token = listing.encode_token(last, self.query) if last else ""
+        return task_pb2.ListTasksResponse(tasks=page, next_page_token=token)
 
 
 class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
@@ -95,6 +174,8 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
                 ttl=request.ttl,
                 parent_task_id=request.parent_task_id,
                 goal_sha256=request.goal_sha256,
+                tools=tuple(request.intent.tools),
+                elevate=request.elevate,
             ),
         )
         return task_pb2.BeginTaskResponse(task=task_to_proto(task))
@@ -113,12 +194,18 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         self, request: task_pb2.NodeListTasksRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
         agent = self._agent(context)
-        runtime_ids = _runtime_ids(list(request.runtime_ids))
-        tasks = await asyncio.to_thread(
-            self._service.list, agent_id=agent.spiffe_id, runtime_ids=runtime_ids
+        runtime_ids = sorted(set(_runtime_ids(list(request.runtime_ids))))
+        state = _state(request.state)
+        # Bound to the caller too: a token is refused when the agent, or the workload's set of
+        # identities it lists for, changed since it was issued.
+        page = _Page(request, ["node-tasks", agent.spiffe_id, runtime_ids, state])
+        return await asyncio.to_thread(
+            page.read,
+            self._service,
+            agent_id=agent.spiffe_id,
+            state=state,
+            runtime_ids=runtime_ids,
         )
-        counted = await asyncio.to_thread(_counted, self._service, tasks)
-        return task_pb2.ListTasksResponse(tasks=counted)
 
     @status.unary
     async def ReportValidations(
@@ -142,11 +229,17 @@ class TaskAdminServicer(task_pb2_grpc.TaskAdminServicer):  # type: ignore[misc]
     async def ListTasks(
         self, request: task_pb2.AdminListTasksRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
-        tasks = await asyncio.to_thread(
-            self._service.list, agent_id=request.agent_id, state=request.state
+        agent_id = _spiffe_id("agent_id", request.agent_id)
+        runtime_id = _spiffe_id("runtime_id", request.runtime_id)
+        state = _state(request.state)
+        page = _Page(request, ["tasks", agent_id, state, runtime_id])
+        return await asyncio.to_thread(
+            page.read,
+            self._service,
+            agent_id=agent_id,
+            state=state,
+            runtime_ids=[runtime_id] if runtime_id else None,
         )
-        counted = await asyncio.to_thread(_counted, self._service, tasks)
-        return task_pb2.ListTasksResponse(tasks=counted)
 
     @status.unary
     async def ShowTask(

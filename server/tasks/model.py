@@ -46,11 +46,21 @@ class Task:
     reason: str
     policy_ids: tuple[str, ...]
     policy_set_hash: str
-    # RFC 8693 `act` claim value (current actor outermost), or {} when acting for nobody.
+    # The RFC 8693 `act` chain of its tokens: this task outermost, then the task that began it,
+    # and so on to the root task ({} for a root task acting for nobody). Who the chain acts for
+    # is `on_behalf_of`, never an `act` member.
     act: dict[str, Any]
     state: TaskState = TaskState.ACTIVE
     ended_at: int = 0
     end_reason: str = ""
+    # Granted tools, "<server>#<tool>" (a row written before tools existed has none).
+    tools: tuple[str, ...] = ()
+    # A short elevated step inside its parent (see TaskService.begin).
+    elevated: bool = False
+
+    def __post_init__(self) -> None:
+        # Rows come back from JSON with lists.
+        object.__setattr__(self, "tools", tuple(self.tools))
 
     @property
     def active(self) -> bool:
@@ -66,6 +76,8 @@ class Task:
             on_behalf_of=self.on_behalf_of,
             delegation_depth=self.depth,
             parent_task=self.parent_task_id,
+            tools=frozenset(self.tools),
+            elevated=self.elevated,
         )
 
     def remaining(self, now: float) -> int:

@@ -22,22 +22,25 @@ from typing import Any
 from server.audit import AuditError, AuditLog, EventDraft, EventKind
 from server.ca.manager import CaManager
 from server.datastore.records import (
-    REVOKED_X509_SERIAL,
     AttestedAgent,
     Entry,
     Revocation,
+    TaskCursor,
 )
-from server.entitlement import entitled_entries
+from server.entitlement import entitled_entry
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.issuance import TaskGrant, TaskJwtGrant
 from server.policy import (
+    INVOKE_TOOL,
     Decision,
     DecisionRequest,
     Flag,
     Intent,
     PolicyEngine,
-    check_in_intent,
+    check_audiences,
+    check_elevation,
     narrow,
+    split_tool,
 )
 from server.state import ServerState
 from server.tasks.crl import CrlCache
@@ -47,6 +50,8 @@ from svid._clock import Clock
 from svid._spiffe_id import SpiffeId
 
 _log = logging.getLogger("svid.server.tasks")
+# A granted tool in a token's `scope`: "tool:<name>" (svid.TaskClaims reads it).
+TOOL_SCOPE_PREFIX = "tool:"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -59,6 +64,8 @@ class TaskSettings:
     jwt_ttl: int = 300
     # Out-of-intent requests within this window count as the agent's violations.
     violation_window: int = 3600
+    # An elevated step lives at most this long (and never past its parent, nor past policy caps).
+    max_elevated_ttl: int = 300
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,9 @@ class BeginRequest:
     ttl: int = 0
     parent_task_id: str = ""
     goal_sha256: str = ""
+    tools: tuple[str, ...] = ()
+    # With parent_task_id: an elevated step (see TaskService._decide_begin).
+    elevate: bool = False
 
 
 class TaskService:
@@ -152,11 +162,16 @@ class TaskService:
             raise InvalidRequestError(
                 f"runtime_id: {wanted} is a task identity; begin a sub-task with parent_task_id"
             )
-        for entry in entitled_entries(
-            self._state.entries, agent.spiffe_id, agent.selectors, self._server_id, self._now()
-        ):
-            if entry.spiffe_id == wanted:
-                return entry
+        entry = entitled_entry(
+            self._state.entries,
+            agent.spiffe_id,
+            agent.selectors,
+            self._server_id,
+            self._now(),
+            spiffe_id=wanted,
+        )
+        if entry is not None:
+            return entry
         raise PermissionDeniedError(
             f"{wanted} is not an identity agent {agent.spiffe_id} may serve"
         )
@@ -175,6 +190,8 @@ class TaskService:
             on_behalf_of=pick(req.on_behalf_of, parent.on_behalf_of if parent else "", ""),
             delegation_depth=parent.depth + 1 if parent is not None else 0,
             parent_task=parent.task_id if parent is not None else "",
+            tools=frozenset(req.tools),
+            elevated=req.elevate,
         )
 
     def _parent(self, agent: AttestedAgent, req: BeginRequest) -> Task | None:
@@ -202,8 +219,11 @@ class TaskService:
         task_id: str = "",
         decision: Decision | None = None,
         extra: Mapping[str, Any] | None = None,
+        audience: Sequence[str] | None = None,
     ) -> PermissionDeniedError:
-        """Audit a refusal (and count it against the agent when flagged); return the error."""
+        """Audit a refusal (and count it against the agent when flagged); return the error.
+
+        `audience`: a refused mint, recorded as asked for those audiences."""
         if flag is not None:
             self._store.add_violation(runtime_id, self._now())
         fields: dict[str, Any] = {"decision": "deny", "reason": reason}
@@ -214,8 +234,10 @@ class TaskService:
             agent_id=runtime_id,
             node_id=agent.spiffe_id,
             on_behalf_of=intent.on_behalf_of or None,
-            resource=",".join(sorted(intent.resources)),
-            action=",".join(sorted(intent.actions)),
+            resource=",".join(
+                sorted(audience if audience is not None else (*intent.resources, *intent.tools))
+            ),
+            action=",".join(sorted(intent.actions or {INVOKE_TOOL})),
             task_id=task_id or None,
             risk=self.violations(runtime_id),
             extra={**(extra or {}), **({"flag": flag.value} if flag else {})},
@@ -232,11 +254,15 @@ class TaskService:
     ) -> tuple[Task, Entry, EventDraft]:
         """Everything of `begin` that is synchronous: checks, decision, the records to write
         and the task-begin event to append once they are written."""
-        for name in (*req.actions, *req.resources):
+        for name in (*req.actions, *req.resources, *req.tools):
             if not name or len(name) > 256:
                 raise InvalidRequestError(
-                    f"intent: action/resource {name[:80]!r} is empty or too long"
+                    f"intent: action/resource/tool {name[:80]!r} is empty or too long"
                 )
+        if req.elevate and not req.parent_task_id:
+            raise InvalidRequestError(
+                "elevate: an elevated step runs inside a task; set parent_task_id"
+            )
         if req.goal_sha256 and (len(req.goal_sha256) != 64 or set(req.goal_sha256) - _HEX):
             raise InvalidRequestError("goal_sha256: must be 64 lowercase hex digits")
         runtime = self._runtime_entry(agent, req.runtime_id)
@@ -248,13 +274,25 @@ class TaskService:
         ttl = min(ttl, self.settings.max_ttl)
         now = self._now()
         if parent is not None:
-            verdict = narrow(
-                parent.intent(),
-                intent,
-                parent_remaining_ttl=parent.remaining(now),
-                requested_ttl=ttl,
-                max_depth=self.settings.max_depth,
-            )
+            # A sub-task only narrows its parent. An elevated step may go beyond it (policy
+            # decides its scope alone, seeing `elevated`), for a short time inside the parent's.
+            if req.elevate:
+                verdict = check_elevation(
+                    parent.intent(),
+                    intent,
+                    parent_remaining_ttl=parent.remaining(now),
+                    requested_ttl=ttl,
+                    max_ttl=self.settings.max_elevated_ttl,
+                    max_depth=self.settings.max_depth,
+                )
+            else:
+                verdict = narrow(
+                    parent.intent(),
+                    intent,
+                    parent_remaining_ttl=parent.remaining(now),
+                    requested_ttl=ttl,
+                    max_depth=self.settings.max_depth,
+                )
             if not verdict.ok:
                 raise self._deny(
                     agent=agent,
@@ -288,20 +326,18 @@ class TaskService:
         task_id = secrets.token_hex(8)
         spiffe_id = f"{req.runtime_id.rstrip('/')}{TASK_PATH}{task_id}"
         ttl = max(1, min(decision.ttl, ttl))
-        if parent is not None:
-            act: dict[str, Any] = {"sub": parent.spiffe_id}
-            if parent.act:
-                act["act"] = parent.act
-        else:
-            act = {"sub": intent.on_behalf_of} if intent.on_behalf_of else {}
+        tools = {r for a, r in granted if a == INVOKE_TOOL and r in intent.tools}
+        scope = [(a, r) for a, r in granted if r not in tools]
         task = Task(
             task_id=task_id,
             spiffe_id=spiffe_id,
             runtime_id=req.runtime_id,
             agent_id=agent.spiffe_id,
             entry_id="",
-            actions=tuple(sorted({a for a, _ in granted})),
-            resources=tuple(sorted({r for _, r in granted})),
+            actions=tuple(sorted({a for a, _ in scope})),
+            resources=tuple(sorted({r for _, r in scope})),
+            tools=tuple(sorted(tools)),
+            elevated=req.elevate,
             classification=intent.classification,
             environment=intent.environment,
             on_behalf_of=intent.on_behalf_of,
@@ -315,7 +351,7 @@ class TaskService:
             reason=decision.reason,
             policy_ids=decision.policy_ids,
             policy_set_hash=decision.policy_set_hash,
-            act=act,
+            act=actor_chain(spiffe_id, parent, intent.on_behalf_of),
         )
         entry = Entry(
             # Agents order a workload's identities by (created_at, id): "task-" sorts after any
@@ -335,7 +371,7 @@ class TaskService:
             agent_id=req.runtime_id,
             node_id=agent.spiffe_id,
             on_behalf_of=intent.on_behalf_of or None,
-            resource=",".join(task.resources),
+            resource=",".join((*task.resources, *task.tools)),
             action=",".join(task.actions),
             task_id=task_id,
             risk=self.violations(req.runtime_id),
@@ -346,6 +382,8 @@ class TaskService:
                 "goal_sha256": req.goal_sha256,
                 "declared_actions": sorted(intent.actions),
                 "declared_resources": sorted(intent.resources),
+                "declared_tools": sorted(intent.tools),
+                "elevated": intent.elevated,
                 "classification": intent.classification,
                 "environment": intent.environment,
             },
@@ -403,25 +441,35 @@ class TaskService:
 
     # -- per-mint decisions ---------------------------------------------------------------------
 
-    def _mint_decision(self, agent_id: str, task: Task, audience: Sequence[str]) -> tuple[str, ...]:
-        """The actions this mint may carry, or PermissionDeniedError (audited, maybe flagged)."""
+    def _mint_decision(
+        self, agent_id: str, task: Task, audience: Sequence[str]
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The (actions, tool names) this mint may carry, or PermissionDeniedError (audited,
+        maybe flagged)."""
         agent = self._state.agents.get(agent_id) or AttestedAgent(agent_id, "", "", 0)
         intent = task.intent()
-        for aud in audience:
-            verdict = check_in_intent(intent.actions, intent.resources, min(task.actions), aud)
-            if not verdict.ok:
-                raise self._deny(
-                    agent=agent,
-                    runtime_id=task.runtime_id,
-                    intent=replace(intent, resources=frozenset(audience)),
-                    reason=verdict.reason,
-                    flag=verdict.flag,
-                    task_id=task.task_id,
-                    extra={"audience": list(audience)},
-                )
+        verdict = check_audiences(intent, audience)
+        if not verdict.ok:
+            raise self._deny(
+                agent=agent,
+                runtime_id=task.runtime_id,
+                intent=intent,
+                audience=audience,
+                reason=verdict.reason,
+                flag=verdict.flag,
+                task_id=task.task_id,
+                extra={"audience": list(audience)},
+            )
         remaining = task.remaining(self._clock.now())
         if remaining <= 0:
             raise PermissionDeniedError(f"task {task.task_id} has expired")
+        tools_by_name: dict[str, set[str]] = {}
+        for ref in task.tools:
+            server, name = split_tool(ref)
+            if server in audience:
+                tools_by_name.setdefault(name, set()).add(server)
+        pairs = [(a, aud) for a in task.actions for aud in audience if aud in task.resources]
+        pairs += [(INVOKE_TOOL, t) for t in task.tools if split_tool(t)[0] in audience]
         decision = self._policy.decide(
             DecisionRequest(
                 agent_id=task.runtime_id,
@@ -429,22 +477,30 @@ class TaskService:
                 intent=intent,
                 requested_ttl=remaining,
                 violations=self.violations(task.runtime_id),
-                pairs=tuple((a, aud) for a in task.actions for aud in audience),
+                pairs=tuple(pairs),
             )
         )
-        # The token names every audience, so it may carry only actions granted on all of them.
-        allowed = {a for a in task.actions if all((a, aud) in decision.granted for aud in audience)}
-        if not allowed:
+        # The token names every audience, so it may carry only what is granted on all of them:
+        # an action on each, a tool of each (`tool:<name>` then means that tool of every one).
+        granted = set(decision.granted)
+        actions = {a for a in task.actions if all((a, aud) in granted for aud in audience)}
+        tools = {
+            name
+            for name in tools_by_name
+            if all((INVOKE_TOOL, f"{aud}#{name}") in granted for aud in audience)
+        }
+        if not actions and not tools:
             raise self._deny(
                 agent=agent,
                 runtime_id=task.runtime_id,
-                intent=replace(intent, resources=frozenset(audience)),
+                intent=intent,
+                audience=audience,
                 reason=f"context no longer valid: {decision.reason}",
                 flag=None,
                 task_id=task.task_id,
                 decision=decision,
             )
-        return tuple(sorted(allowed))
+        return tuple(sorted(actions)), tuple(sorted(tools))
 
     # -- the issuer's task port (server.issuance.TaskDecisions) ------------------------------------
 
@@ -467,18 +523,9 @@ class TaskService:
     def jwt_grant(self, agent_id: str, entry: Entry, audience: Sequence[str]) -> TaskJwtGrant:
         """A task JWT-SVID decided again: its txn/scope/tctx/act claims and TTL."""
         task = self._held_task(agent_id, entry)
-        scope = self._mint_decision(agent_id, task, audience)
-        claims: dict[str, Any] = {
-            "txn": task.task_id,
-            "scope": " ".join(scope),
-            "tctx": {
-                "classification": task.classification,
-                "environment": task.environment,
-                "resources": list(task.resources),
-            },
-        }
-        if task.act:
-            claims["act"] = task.act
+        actions, tools = self._mint_decision(agent_id, task, audience)
+        scope = " ".join((*actions, *(f"{TOOL_SCOPE_PREFIX}{t}" for t in tools)))
+        claims = task_claims(task, scope)
         ttl = max(
             1, min(entry.jwt_svid_ttl or self.settings.jwt_ttl, task.remaining(self._clock.now()))
         )
@@ -487,7 +534,7 @@ class TaskService:
             runtime_id=task.runtime_id,
             on_behalf_of=task.on_behalf_of,
             ttl=ttl,
-            scope=" ".join(scope),
+            scope=scope,
             claims=claims,
             policy_set_hash=self._policy.policy_set_hash,
         )
@@ -654,18 +701,57 @@ class TaskService:
         return task
 
     def list(
-        self, *, agent_id: str = "", state: str = "", runtime_ids: Sequence[str] | None = None
+        self,
+        *,
+        agent_id: str = "",
+        state: str = "",
+        runtime_ids: Sequence[str] | None = None,
+        after: TaskCursor | None = None,
+        limit: int = 0,
     ) -> list[Task]:
-        return self._store.list_tasks(agent_id=agent_id, state=state, runtime_ids=runtime_ids)
+        return self._store.list_tasks(
+            agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
+        )
 
-    def crl(self) -> bytes:
-        """The CA-signed CRL of every revoked X.509 serial; b"" while none is revoked."""
-        revocations = self._state.revocations
-        if not any(r.kind == REVOKED_X509_SERIAL for r in revocations):
-            return b""
+    def crl(self) -> tuple[bytes, ...]:
+        """The CA-signed CRLs of the revoked X.509 serials whose certificates are still valid
+        (server.tasks.crl); none while there are none."""
         signer = self._ca.x509_signer()
-        return self._crl.get(signer.ca_certificate, signer.sign_crl, revocations, self._clock.now())
+        return self._crl.get(
+            signer.ca_certificate, signer.sign_crl, self._state.revocations, self._clock.now()
+        )
 
     async def housekeeping(self) -> None:
         await self.expire_due()
         await asyncio.to_thread(self._store.prune, self._now(), self.settings.violation_window)
+
+
+def actor_chain(spiffe_id: str, parent: Task | None, on_behalf_of: str) -> dict[str, Any]:
+    """The RFC 8693 `act` value of a task's tokens: this task, the current actor, outermost,
+    then each task that delegated to it down to the root. A root task acting for nobody has no
+    delegation to state ({})."""
+    if parent is not None:
+        # A parent begun before this format (act naming its principal) restarts the chain.
+        own = parent.act.get("sub") == parent.spiffe_id
+        prior = parent.act if own else {"sub": parent.spiffe_id}
+        return {"sub": spiffe_id, "act": prior}
+    return {"sub": spiffe_id} if on_behalf_of else {}
+
+
+def task_claims(task: Task, scope: str) -> dict[str, Any]:
+    """The claims a task JWT-SVID carries besides the SPIFFE ones (docs/claims.md)."""
+    tctx: dict[str, Any] = {
+        "classification": task.classification,
+        "environment": task.environment,
+        "resources": list(task.resources),
+    }
+    if task.elevated:
+        tctx["elevated"] = True
+    claims: dict[str, Any] = {"txn": task.task_id, "scope": scope, "tctx": tctx}
+    if task.on_behalf_of:
+        claims["obo"] = task.on_behalf_of
+    if task.act:
+        claims["act"] = task.act
+    if task.parent_task_id:
+        claims["parent_txn"] = task.parent_task_id
+    return claims

@@ -13,7 +13,7 @@ from dataclasses import asdict, replace
 from typing import Protocol
 
 from server.datastore.base import AuditStore, CredentialStore, TaskRecordStore
-from server.datastore.records import TaskRecord
+from server.datastore.records import TaskCursor, TaskRecord
 from server.tasks.model import Credential, Task, TaskState
 
 
@@ -67,8 +67,13 @@ class TaskStore:
         agent_id: str = "",
         state: str = "",
         runtime_ids: Sequence[str] | None = None,
+        after: TaskCursor | None = None,
+        limit: int = 0,
     ) -> list[Task]:
-        records = self._rows.list_tasks(agent_id=agent_id, state=state, runtime_ids=runtime_ids)
+        """Oldest first, after `after`, at most `limit` (0: all): see TaskRecordStore."""
+        records = self._rows.list_tasks(
+            agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
+        )
         return [_task_from(r) for r in records]
 
     def due(self, now: int) -> list[Task]:

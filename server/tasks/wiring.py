@@ -61,10 +61,9 @@ class TaskLayer:
     def decisions(self) -> TaskDecisions:
         return self.service
 
-    def crl(self) -> list[bytes]:
-        """The CA-signed CRL for Sync (none while no X.509-SVID is revoked)."""
-        der = self.service.crl()
-        return [der] if der else []
+    def crl(self) -> tuple[bytes, ...]:
+        """The CA-signed CRLs for Sync (none while no valid X.509-SVID is revoked)."""
+        return self.service.crl()
 
     async def agent_removed(self, agent_id: str, why: str) -> None:
         # admin_api passes "agent evicted" or "agent banned".

@@ -74,7 +74,7 @@ class SyncRequest(_message.Message):
     def __init__(self, since_revision: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class SyncUpdate(_message.Message):
-    __slots__ = ("entries", "bundle", "revocations", "crl", "revision", "federated_bundles", "kind", "more", "removed_entry_ids", "removed_revocations", "crl_changed", "epoch")
+    __slots__ = ("entries", "bundle", "revocations", "crl", "revision", "federated_bundles", "kind", "more", "removed_entry_ids", "removed_revocations", "crl_changed", "epoch", "audit_checkpoints")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         SNAPSHOT: _ClassVar[SyncUpdate.Kind]
@@ -100,6 +100,7 @@ class SyncUpdate(_message.Message):
     REMOVED_REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
     CRL_CHANGED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[_common_pb2.Entry]
     bundle: _common_pb2.Bundle
     revocations: _containers.RepeatedCompositeFieldContainer[_common_pb2.Revocation]
@@ -112,7 +113,16 @@ class SyncUpdate(_message.Message):
     removed_revocations: _containers.RepeatedCompositeFieldContainer[_common_pb2.Revocation]
     crl_changed: bool
     epoch: str
-    def __init__(self, entries: _Optional[_Iterable[_Union[_common_pb2.Entry, _Mapping]]] = ..., bundle: _Optional[_Union[_common_pb2.Bundle, _Mapping]] = ..., revocations: _Optional[_Iterable[_Union[_common_pb2.Revocation, _Mapping]]] = ..., crl: _Optional[_Iterable[bytes]] = ..., revision: _Optional[int] = ..., federated_bundles: _Optional[_Mapping[str, _common_pb2.Bundle]] = ..., kind: _Optional[_Union[SyncUpdate.Kind, str]] = ..., more: _Optional[bool] = ..., removed_entry_ids: _Optional[_Iterable[str]] = ..., removed_revocations: _Optional[_Iterable[_Union[_common_pb2.Revocation, _Mapping]]] = ..., crl_changed: _Optional[bool] = ..., epoch: _Optional[str] = ...) -> None: ...
+    audit_checkpoints: _containers.RepeatedCompositeFieldContainer[AuditCheckpoint]
+    def __init__(self, entries: _Optional[_Iterable[_Union[_common_pb2.Entry, _Mapping]]] = ..., bundle: _Optional[_Union[_common_pb2.Bundle, _Mapping]] = ..., revocations: _Optional[_Iterable[_Union[_common_pb2.Revocation, _Mapping]]] = ..., crl: _Optional[_Iterable[bytes]] = ..., revision: _Optional[int] = ..., federated_bundles: _Optional[_Mapping[str, _common_pb2.Bundle]] = ..., kind: _Optional[_Union[SyncUpdate.Kind, str]] = ..., more: _Optional[bool] = ..., removed_entry_ids: _Optional[_Iterable[str]] = ..., removed_revocations: _Optional[_Iterable[_Union[_common_pb2.Revocation, _Mapping]]] = ..., crl_changed: _Optional[bool] = ..., epoch: _Optional[str] = ..., audit_checkpoints: _Optional[_Iterable[_Union[AuditCheckpoint, _Mapping]]] = ...) -> None: ...
+
+class AuditCheckpoint(_message.Message):
+    __slots__ = ("line", "public_key")
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    line: str
+    public_key: bytes
+    def __init__(self, line: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class X509SVIDParams(_message.Message):
     __slots__ = ("entry_id", "csr")

@@ -12,14 +12,16 @@ class WatchRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Revoked(_message.Message):
-    __slots__ = ("kind", "value", "expires_at")
+    __slots__ = ("kind", "value", "expires_at", "spiffe_id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     kind: str
     value: str
     expires_at: int
-    def __init__(self, kind: _Optional[str] = ..., value: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+    spiffe_id: str
+    def __init__(self, kind: _Optional[str] = ..., value: _Optional[str] = ..., expires_at: _Optional[int] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
 
 class RevocationList(_message.Message):
     __slots__ = ("items", "version", "crl")

@@ -8,35 +8,39 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Intent(_message.Message):
-    __slots__ = ("actions", "resources", "classification", "environment", "on_behalf_of", "goal")
+    __slots__ = ("actions", "resources", "classification", "environment", "on_behalf_of", "goal", "tools")
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     ON_BEHALF_OF_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
     actions: _containers.RepeatedScalarFieldContainer[str]
     resources: _containers.RepeatedScalarFieldContainer[str]
     classification: str
     environment: str
     on_behalf_of: str
     goal: str
-    def __init__(self, actions: _Optional[_Iterable[str]] = ..., resources: _Optional[_Iterable[str]] = ..., classification: _Optional[str] = ..., environment: _Optional[str] = ..., on_behalf_of: _Optional[str] = ..., goal: _Optional[str] = ...) -> None: ...
+    tools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, actions: _Optional[_Iterable[str]] = ..., resources: _Optional[_Iterable[str]] = ..., classification: _Optional[str] = ..., environment: _Optional[str] = ..., on_behalf_of: _Optional[str] = ..., goal: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BeginTaskRequest(_message.Message):
-    __slots__ = ("spiffe_id", "intent", "ttl", "parent_task_id")
+    __slots__ = ("spiffe_id", "intent", "ttl", "parent_task_id", "elevate")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     INTENT_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
     PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ELEVATE_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
     intent: Intent
     ttl: int
     parent_task_id: str
-    def __init__(self, spiffe_id: _Optional[str] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., ttl: _Optional[int] = ..., parent_task_id: _Optional[str] = ...) -> None: ...
+    elevate: bool
+    def __init__(self, spiffe_id: _Optional[str] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., ttl: _Optional[int] = ..., parent_task_id: _Optional[str] = ..., elevate: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "spiffe_id", "runtime_id", "actions", "resources", "expires_at", "decision", "reason", "parent_task_id", "state", "agent_id", "classification", "environment", "on_behalf_of", "goal_sha256", "created_at", "ended_at", "end_reason", "policy_ids", "policy_set_hash", "ttl", "depth", "credentials")
+    __slots__ = ("task_id", "spiffe_id", "runtime_id", "actions", "resources", "expires_at", "decision", "reason", "parent_task_id", "state", "agent_id", "classification", "environment", "on_behalf_of", "goal_sha256", "created_at", "ended_at", "end_reason", "policy_ids", "policy_set_hash", "ttl", "depth", "credentials", "tools", "elevated")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +64,8 @@ class Task(_message.Message):
     TTL_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    ELEVATED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     spiffe_id: str
     runtime_id: str
@@ -83,7 +89,9 @@ class Task(_message.Message):
     ttl: int
     depth: int
     credentials: int
-    def __init__(self, task_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., runtime_id: _Optional[str] = ..., actions: _Optional[_Iterable[str]] = ..., resources: _Optional[_Iterable[str]] = ..., expires_at: _Optional[int] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., parent_task_id: _Optional[str] = ..., state: _Optional[str] = ..., agent_id: _Optional[str] = ..., classification: _Optional[str] = ..., environment: _Optional[str] = ..., on_behalf_of: _Optional[str] = ..., goal_sha256: _Optional[str] = ..., created_at: _Optional[int] = ..., ended_at: _Optional[int] = ..., end_reason: _Optional[str] = ..., policy_ids: _Optional[_Iterable[str]] = ..., policy_set_hash: _Optional[str] = ..., ttl: _Optional[int] = ..., depth: _Optional[int] = ..., credentials: _Optional[int] = ...) -> None: ...
+    tools: _containers.RepeatedScalarFieldContainer[str]
+    elevated: bool
+    def __init__(self, task_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., runtime_id: _Optional[str] = ..., actions: _Optional[_Iterable[str]] = ..., resources: _Optional[_Iterable[str]] = ..., expires_at: _Optional[int] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., parent_task_id: _Optional[str] = ..., state: _Optional[str] = ..., agent_id: _Optional[str] = ..., classification: _Optional[str] = ..., environment: _Optional[str] = ..., on_behalf_of: _Optional[str] = ..., goal_sha256: _Optional[str] = ..., created_at: _Optional[int] = ..., ended_at: _Optional[int] = ..., end_reason: _Optional[str] = ..., policy_ids: _Optional[_Iterable[str]] = ..., policy_set_hash: _Optional[str] = ..., ttl: _Optional[int] = ..., depth: _Optional[int] = ..., credentials: _Optional[int] = ..., tools: _Optional[_Iterable[str]] = ..., elevated: _Optional[bool] = ...) -> None: ...
 
 class BeginTaskResponse(_message.Message):
     __slots__ = ("task",)
@@ -104,28 +112,40 @@ class EndTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token", "state", "spiffe_id")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    state: str
+    spiffe_id: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[str] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
 
 class ListTasksResponse(_message.Message):
-    __slots__ = ("tasks",)
+    __slots__ = ("tasks", "next_page_token")
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[Task]
-    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class NodeBeginTaskRequest(_message.Message):
-    __slots__ = ("runtime_id", "intent", "ttl", "parent_task_id", "goal_sha256")
+    __slots__ = ("runtime_id", "intent", "ttl", "parent_task_id", "goal_sha256", "elevate")
     RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]
     INTENT_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
     PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ELEVATE_FIELD_NUMBER: _ClassVar[int]
     runtime_id: str
     intent: Intent
     ttl: int
     parent_task_id: str
     goal_sha256: str
-    def __init__(self, runtime_id: _Optional[str] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., ttl: _Optional[int] = ..., parent_task_id: _Optional[str] = ..., goal_sha256: _Optional[str] = ...) -> None: ...
+    elevate: bool
+    def __init__(self, runtime_id: _Optional[str] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., ttl: _Optional[int] = ..., parent_task_id: _Optional[str] = ..., goal_sha256: _Optional[str] = ..., elevate: _Optional[bool] = ...) -> None: ...
 
 class NodeEndTaskRequest(_message.Message):
     __slots__ = ("task_id", "runtime_ids")
@@ -136,10 +156,16 @@ class NodeEndTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., runtime_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeListTasksRequest(_message.Message):
-    __slots__ = ("runtime_ids",)
+    __slots__ = ("runtime_ids", "page_size", "page_token", "state")
     RUNTIME_IDS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     runtime_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, runtime_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    state: str
+    def __init__(self, runtime_ids: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class Validation(_message.Message):
     __slots__ = ("subject", "audience", "ok", "reason", "jti", "txn", "at", "caller_id")
@@ -172,12 +198,18 @@ class ReportValidationsResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AdminListTasksRequest(_message.Message):
-    __slots__ = ("agent_id", "state")
+    __slots__ = ("agent_id", "state", "page_size", "page_token", "runtime_id")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     state: str
-    def __init__(self, agent_id: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    runtime_id: str
+    def __init__(self, agent_id: _Optional[str] = ..., state: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., runtime_id: _Optional[str] = ...) -> None: ...
 
 class AdminTaskRequest(_message.Message):
     __slots__ = ("task_id", "reason")

@@ -113,3 +113,40 @@ def test_a_delta_adds_and_removes_revocations_and_replaces_the_crl_only_when_tol
     assert (snap.revoked_serials, snap.revoked_jtis) == (frozenset(), frozenset({"j1"}))
     assert snap.crl == ()
     assert set(cache.entries()) == {"e1"}
+
+
+class CrlClient:
+    """Yields scripted Sync messages; checks the cache's CRLs after each one is handled."""
+
+    def __init__(self, cache: Cache, script: list[tuple[SyncState | SyncDelta, tuple[bytes, ...]]]):
+        self.cache = cache
+        self.script = script
+
+    async def sync(self, since_revision: int = 0, epoch: str = "") -> AsyncIterator[Any]:
+        for message, crl_after in self.script:
+            yield message
+            assert self.cache.snapshot().crl == crl_after
+
+
+def test_crls_spread_over_a_run_replace_the_agents_together_at_its_end(tmp_path: Path) -> None:
+    cache = Cache()
+    syncer = _syncer(tmp_path, cache)
+    script: list[tuple[SyncState | SyncDelta, tuple[bytes, ...]]] = [
+        # A snapshot's CRLs come in several parts: it holds them all.
+        (SyncState((_entry(1),), BUNDLE, crl=(b"a1",), revision=2, more=True), ()),
+        (SyncState((), BUNDLE, crl=(b"a2",), revision=2, more=True), ()),
+        (SyncState((), BUNDLE, crl=(b"a3",), revision=2), (b"a1", b"a2", b"a3")),
+        # A delta run with a new CRL set: the old one stays whole until the run's last part,
+        # and no part's share alone ever replaces it.
+        (SyncDelta(crl=(b"b1",), revision=5, more=True), (b"a1", b"a2", b"a3")),
+        (SyncDelta(upserts=(_entry(2),), revision=5, more=True), (b"a1", b"a2", b"a3")),
+        (SyncDelta(crl=(b"b2",), revision=5, more=True), (b"a1", b"a2", b"a3")),
+        (SyncDelta(crl=(b"b3",), revision=5), (b"b1", b"b2", b"b3")),
+        # A later delta saying nothing of CRLs keeps them; an emptied set is installed.
+        (SyncDelta(upserts=(_entry(3),), revision=6), (b"b1", b"b2", b"b3")),
+        (SyncDelta(crl=(), revision=7), ()),
+    ]
+    with pytest.raises(ConnectionError):
+        asyncio.run(syncer._consume(cast(NodeClient, CrlClient(cache, script))))
+    assert syncer.revision == 7
+    assert set(cache.entries()) == {"e1", "e2", "e3"}

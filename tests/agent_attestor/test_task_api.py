@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
 import pytest
 
+from agent_attestor.cache import Cache
 from agent_attestor.endpoint import WorkloadEndpoint
+from agent_attestor.model import Entry
 from agent_attestor.tasks.api import TasksApi
 from agent_attestor.tasks.reporter import ValidationReporter
 from agent_attestor.tasks.revocations import RevocationsApi
 from agent_attestor.workload_attestor import UnixAttestor
 from svid._clock import FakeClock
-from svid._proto import revocation_pb2, revocation_pb2_grpc, task_pb2, task_pb2_grpc
-from tests.agent_attestor.harness import HEADER, Harness
+from svid._proto import (
+    revocation_pb2,
+    revocation_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+    workload_pb2,
+)
+from tests.agent_attestor.harness import HEADER, Harness, me
 
 TD = "spiffe://example.org"
 
@@ -32,8 +41,12 @@ def _denied(message: str) -> grpc.aio.AioRpcError:
 class FakeClient:
     begun: list[task_pb2.NodeBeginTaskRequest] = field(default_factory=list)
     ended: list[task_pb2.NodeEndTaskRequest] = field(default_factory=list)
+    listed: list[task_pb2.NodeListTasksRequest] = field(default_factory=list)
     refuse: str = ""
     down: bool = False
+    # As the server does: the task's entry reaches the agent's cache (after this many seconds).
+    cache: Cache | None = None
+    entry_delay: float | None = None
 
     def _check(self) -> None:
         if self.down:
@@ -46,18 +59,29 @@ class FakeClient:
     async def begin(self, request: task_pb2.NodeBeginTaskRequest) -> task_pb2.Task:
         self._check()
         self.begun.append(request)
-        return task_pb2.Task(
+        task = task_pb2.Task(
             task_id="t1", spiffe_id=f"{request.runtime_id}/task/t1", runtime_id=request.runtime_id
         )
+        if self.cache is not None and self.entry_delay is not None:
+            entry = Entry(id="task-t1", spiffe_id=task.spiffe_id, selectors=me())
+            cache = self.cache
+            asyncio.get_running_loop().call_later(
+                self.entry_delay, lambda: cache.update_entries([entry], ())
+            )
+        return task
 
     async def end(self, request: task_pb2.NodeEndTaskRequest) -> task_pb2.Task:
         self._check()
         self.ended.append(request)
         return task_pb2.Task(task_id=request.task_id, spiffe_id=f"{TD}/bot/task/t1", state="ended")
 
-    async def list(self, request: task_pb2.NodeListTasksRequest) -> list[task_pb2.Task]:
+    async def list(self, request: task_pb2.NodeListTasksRequest) -> task_pb2.ListTasksResponse:
         self._check()
-        return [task_pb2.Task(task_id="t1", runtime_id=request.runtime_ids[0])]
+        self.listed.append(request)
+        return task_pb2.ListTasksResponse(
+            tasks=[task_pb2.Task(task_id="t1", runtime_id=request.runtime_ids[0])],
+            next_page_token="next",
+        )
 
 
 @dataclass
@@ -78,8 +102,8 @@ class TaskAgent:
 @pytest.fixture
 def ta() -> Iterator[TaskAgent]:
     h = Harness()
-    client = FakeClient()
-    tasks = TasksApi(h.cache, h.registry, client, h.jwts)
+    client = FakeClient(cache=h.cache, entry_delay=0.0)
+    tasks = TasksApi(h.cache, h.registry, client, h.jwts, entry_wait=1.0)
     revs = RevocationsApi(h.cache, h.registry)
     endpoint = WorkloadEndpoint(
         socket_path=h.root / "public" / "tasks.sock",
@@ -121,6 +145,29 @@ def test_begin_forwards_the_default_identity_and_only_the_goal_hash(ta: TaskAgen
     assert list(sent.intent.actions) == ["read"]
     begin(ta, spiffe_id=f"{TD}/bot-other")
     assert ta.client.begun[1].runtime_id == f"{TD}/bot-other"
+
+
+def test_begin_answers_once_the_task_entry_is_served_here(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    ta.client.entry_delay = 0.3
+    started = time.monotonic()
+    task = begin(ta).task
+    assert time.monotonic() - started >= 0.3
+    # At once usable: a JWT for the task, with no retry.
+    reply = ta.h.stub().FetchJWTSVID(
+        workload_pb2.JWTSVIDRequest(audience=["docs"], spiffe_id=task.spiffe_id),
+        metadata=HEADER,
+        timeout=10,
+    )
+    assert [s.spiffe_id for s in reply.svids] == [task.spiffe_id]
+
+
+def test_begin_answers_anyway_when_the_entry_is_late(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    ta.client.entry_delay = None  # never comes
+    started = time.monotonic()
+    assert begin(ta).task.task_id == "t1"
+    assert 1.0 <= time.monotonic() - started < 5
 
 
 def test_begin_under_an_identity_not_held_is_refused_locally(ta: TaskAgent) -> None:
@@ -171,6 +218,26 @@ def test_end_sends_the_callers_identities_and_forgets_cached_task_jwts(ta: TaskA
     assert ta.h.jwts.cached(task_entry.spiffe_id, ["docs"]) is None
     listed = ta.tasks().ListTasks(task_pb2.ListTasksRequest(), metadata=HEADER, timeout=10)
     assert [t.task_id for t in listed.tasks] == ["t1"]
+
+
+def test_list_forwards_paging_and_filters_for_the_callers_identities(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    ta.h.add_entry("/helper")
+    request = task_pb2.ListTasksRequest(page_size=7, page_token="tok", state="active")
+    listed = ta.tasks().ListTasks(request, metadata=HEADER, timeout=10)
+    assert [t.task_id for t in listed.tasks] == ["t1"]
+    assert listed.next_page_token == "next"
+    (sent,) = ta.client.listed
+    assert sorted(sent.runtime_ids) == [f"{TD}/bot", f"{TD}/helper"]
+    assert (sent.page_size, sent.page_token, sent.state) == (7, "tok", "active")
+    request = task_pb2.ListTasksRequest(spiffe_id=f"{TD}/helper")
+    ta.tasks().ListTasks(request, metadata=HEADER, timeout=10)
+    assert list(ta.client.listed[-1].runtime_ids) == [f"{TD}/helper"]
+    request = task_pb2.ListTasksRequest(spiffe_id=f"{TD}/someone-else")
+    with pytest.raises(grpc.RpcError) as err:
+        ta.tasks().ListTasks(request, metadata=HEADER, timeout=10)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert len(ta.client.listed) == 2
 
 
 def test_revocation_watch_pushes_full_state_on_change(ta: TaskAgent) -> None:

@@ -30,8 +30,8 @@ class HungServer:
     async def end(self, request: task_pb2.NodeEndTaskRequest) -> task_pb2.Task:
         return await self._hang()
 
-    async def list(self, request: task_pb2.NodeListTasksRequest) -> list[task_pb2.Task]:
-        return [await self._hang()]
+    async def list(self, request: task_pb2.NodeListTasksRequest) -> task_pb2.ListTasksResponse:
+        return task_pb2.ListTasksResponse(tasks=[await self._hang()])
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ import re
 
 import pytest
 
+from svid._proto import task_pb2
 from tests.e2e.conftest import wait_for
-from tests.e2e.test_tasks_server import Setup, setup  # noqa: F401 - the fixture
+from tests.e2e.test_tasks_server import RUNTIME, Setup, setup  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.e2e
 RFC3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
@@ -39,3 +40,29 @@ def test_list_and_show_count_credentials_the_same_way(setup: Setup) -> None:  # 
     for text in (text_list, text_show):
         assert re.fullmatch(RFC3339, _field(text, "Created")), text
         assert re.fullmatch(RFC3339, _field(text, "Expires")), text
+
+
+def test_task_list_follows_pages_and_filters(setup: Setup) -> None:  # noqa: F811
+    tasks = [setup.begin() for _ in range(5)]
+    setup.tasks.EndTask(task_pb2.NodeEndTaskRequest(task_id=tasks[2].task_id), timeout=10)
+    ids = [t.task_id for t in sorted(tasks, key=lambda t: (t.created_at, t.task_id))]
+
+    def listed(*flags: str) -> list[str]:
+        return [t["task_id"] for t in setup.server.cli_json("task", "list", *flags)["tasks"]]
+
+    assert listed("--page-size", "2") == ids  # three pages, every one read
+    assert listed("--page-size", "1", "--state", "ended") == [tasks[2].task_id]
+    assert listed("--page-size", "2", "--state", "active") == [
+        i for i in ids if i != tasks[2].task_id
+    ]
+    assert listed("--runtime-id", RUNTIME, "--agent-id", setup.agent.spiffe_id) == ids
+    assert listed("--agent-id", f"{RUNTIME}-elsewhere") == []
+    text = setup.server.cli("task", "list", "--page-size", "1").stdout
+    assert [_field(t, "Task ID") for t in text.split("\n\n")] == ids
+    for flags, message in [
+        (("--page-size", "0"), "--page-size: 0 must be between 1 and 5000"),
+        (("--agent-id", "node-1"), "agent_id:"),
+    ]:
+        refused = setup.server.cli("task", "list", *flags, check=False)
+        assert refused.returncode == 1
+        assert message in refused.stderr

@@ -214,7 +214,8 @@ def test_research_task_reads_documents_then_ends_and_is_revoked_everywhere(
     assert str(verified.spiffe_id) == task.spiffe_id
     assert verified.claims["txn"] == task.task_id
     assert verified.claims["scope"] == "read"
-    assert verified.claims["act"] == {"sub": "user:alice"}
+    assert verified.claims["obo"] == "user:alice"
+    assert verified.claims["act"] == {"sub": task.spiffe_id}
     watch = revocation_pb2_grpc.RevocationsStub(path3.channel).Watch(
         revocation_pb2.WatchRequest(), metadata=HEADER, timeout=60
     )
@@ -315,8 +316,21 @@ def test_task_commands_of_the_agent_cli(path3: Path3) -> None:
     assert task["state"] == "active"
     assert "secret plan" not in begun.stdout  # only the goal's hash leaves the node
 
+    step_run = _agent_cli(
+        path3, "task", "begin", "--parent-task", task["task_id"], "--elevate",
+        "--tool", "mcp-tickets#read_ticket", "--output", "json",
+    )  # fmt: skip
+    assert step_run.returncode == 0, step_run.stderr
+    step = json.loads(step_run.stdout)["tasks"][0]
+    assert step["elevated"] is True
+    assert step["tools"] == ["mcp-tickets#read_ticket"]
+    assert step["parent_task_id"] == task["task_id"]
+    ended_step = _agent_cli(path3, "task", "end", "--id", step["task_id"], "--output", "json")
+    assert ended_step.returncode == 0, ended_step.stderr
+
     listed = _agent_cli(path3, "task", "list", "--output", "json")
-    assert [t["task_id"] for t in json.loads(listed.stdout)["tasks"]] == [task["task_id"]]
+    listed_ids = sorted(t["task_id"] for t in json.loads(listed.stdout)["tasks"])
+    assert listed_ids == sorted([task["task_id"], step["task_id"]])
 
     path3.jwt_eventually(task["spiffe_id"], "docs")
     denied = _agent_cli(
@@ -333,6 +347,33 @@ def test_task_commands_of_the_agent_cli(path3: Path3) -> None:
     unknown = _agent_cli(path3, "task", "end", "--id", "0000000000000000")
     assert unknown.returncode == 1
     assert "svid-agent:" in unknown.stderr
+
+
+def test_agent_cli_task_list_follows_pages_and_filters(path3: Path3) -> None:
+    begun = [path3.begin() for _ in range(3)]
+    path3.tasks.EndTask(
+        task_pb2.EndTaskRequest(task_id=begun[1].task_id), metadata=HEADER, timeout=10
+    )
+
+    def listed(*flags: str) -> list[str]:
+        out = _agent_cli(path3, "task", "list", "--output", "json", *flags)
+        assert out.returncode == 0, out.stderr
+        return [t["task_id"] for t in json.loads(out.stdout)["tasks"]]
+
+    ids = [t.task_id for t in sorted(begun, key=lambda t: (t.created_at, t.task_id))]
+    assert listed("--page-size", "1") == ids  # three pages, every one read
+    assert listed("--page-size", "2", "--state", "active") == [
+        i for i in ids if i != begun[1].task_id
+    ]
+    assert listed("--state", "ended") == [begun[1].task_id]
+    assert listed("--spiffe-id", RUNTIME, "--page-size", "1") == ids
+    foreign = _agent_cli(path3, "task", "list", "--spiffe-id", f"{TD}/someone-else")
+    assert foreign.returncode == 1
+    assert "PERMISSION_DENIED" in foreign.stderr
+    for bad in ("0", "5001"):
+        refused = _agent_cli(path3, "task", "list", "--page-size", bad)
+        assert refused.returncode != 0
+        assert "page" in refused.stderr, refused.stderr
 
 
 def test_fetch_jwt_without_spiffe_id_ignores_open_tasks_and_never_counts_against_the_runtime(

@@ -132,7 +132,8 @@ def test_task_lifecycle_decisions_revocation_and_audit(setup: Setup) -> None:
     got = claims(setup, token, "docs")
     assert got["txn"] == task.task_id
     assert got["scope"] == "read"
-    assert got["act"] == {"sub": "user:alice"}
+    assert got["obo"] == "user:alice"
+    assert got["act"] == {"sub": task.spiffe_id}
     assert got["tctx"]["resources"] == ["docs"]
     with pytest.raises(grpc.RpcError) as err:
         setup.jwt(task.spiffe_id, "payroll")
@@ -199,7 +200,9 @@ def test_sub_task_cannot_widen_its_parent(setup: Setup) -> None:
     assert "privilege chaining" in (err.value.details() or "")
     child = setup.begin(actions=["read"], resources=["docs"], parent_task_id=parent.task_id)
     got = claims(setup, setup.jwt(child.spiffe_id, "docs"), "docs")
-    assert got["act"] == {"sub": parent.spiffe_id, "act": {"sub": "user:alice"}}
+    assert got["act"] == {"sub": child.spiffe_id, "act": {"sub": parent.spiffe_id}}
+    assert got["obo"] == "user:alice"
+    assert got["parent_txn"] == parent.task_id
 
 
 def test_edited_or_deleted_audit_row_is_named_by_verify(setup: Setup) -> None:

@@ -38,6 +38,7 @@ from server.datastore.errors import StorageError
 from server.datastore.records import Credential, Head
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
+from svid import AuditCheckpointError
 from svid._clock import FakeClock
 
 AGENT = "spiffe://example.org/agents/research-bot"
@@ -197,12 +198,12 @@ def test_the_prune_record_is_signed_with_the_pinned_key_before_anything_goes(
     record.verify_signature(key)
     # `kind` is signed: the same line passed off as a checkpoint does not verify.
     as_checkpoint = dataclasses.replace(record, kind="checkpoint")
-    with pytest.raises(CheckpointError, match="signature does not verify"):
+    with pytest.raises(AuditCheckpointError, match="signature does not verify"):
         as_checkpoint.verify_signature(key)
     line = json.loads(setup.checkpoints.read_text().splitlines()[-1])
     assert line["kind"] == "prune"
     line["kind"] = "checkpoint"
-    with pytest.raises(CheckpointError, match="unknown kind"):
+    with pytest.raises(AuditCheckpointError, match="unknown kind"):
         Checkpoint.parse(json.dumps(line))
 
 

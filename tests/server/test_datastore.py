@@ -26,7 +26,7 @@ from server.datastore import (
 )
 from server.datastore import sqlite as sqlite_module
 from server.datastore.migrations import MIGRATIONS
-from server.datastore.records import EventFilter
+from server.datastore.records import EventFilter, TokenUse
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from svid import MAX_VERIFIER_LEEWAY
@@ -169,14 +169,18 @@ NOW = 1_700_000_000
 HASH = b"h" * 32
 
 
+def _spend(store: SqliteDataStore, token_id: str, secret_hash: bytes, now: int) -> bool:
+    return store.admit_agent(agent(), TokenUse(token_id, secret_hash), now)
+
+
 def test_join_token_is_consumed_once(datastore: SqliteDataStore) -> None:
     token = JoinToken("t1", HASH, NOW + 600)
     datastore.create_join_token(token)
     with pytest.raises(AlreadyExistsError, match="t1"):
         datastore.create_join_token(token)
-    assert datastore.consume_join_token("t1", HASH, NOW)
-    assert not datastore.consume_join_token("t1", HASH, NOW)
-    assert not datastore.consume_join_token("never", HASH, NOW)
+    assert _spend(datastore, "t1", HASH, NOW)
+    assert not _spend(datastore, "t1", HASH, NOW)
+    assert not _spend(datastore, "never", HASH, NOW)
 
 
 def test_a_wrong_hash_or_late_attempt_leaves_the_token_as_it_was(
@@ -184,11 +188,17 @@ def test_a_wrong_hash_or_late_attempt_leaves_the_token_as_it_was(
 ) -> None:
     datastore.create_join_token(JoinToken("t1", HASH, NOW + 600))
     revision = datastore.revision()
-    assert not datastore.consume_join_token("t1", b"g" * 32, NOW)
-    assert not datastore.consume_join_token("t1", HASH[:-1], NOW)
-    assert not datastore.consume_join_token("t1", HASH, NOW + 600)  # expired: expires_at <= now
+    assert not _spend(datastore, "t1", b"g" * 32, NOW)
+    assert not _spend(datastore, "t1", HASH[:-1], NOW)
+    assert not _spend(datastore, "t1", HASH, NOW + 600)  # expired: expires_at <= now
     assert datastore.revision() == revision
-    assert datastore.consume_join_token("t1", HASH, NOW + 599)
+    assert datastore.list_agents() == []  # a token not spent saves no agent
+    assert datastore.check_join_token("t1", HASH, NOW + 599)
+    assert not datastore.check_join_token("t1", HASH, NOW + 600)
+    assert not datastore.check_join_token("t1", b"g" * 32, NOW)
+    assert _spend(datastore, "t1", HASH, NOW + 599)
+    assert datastore.list_agents() == [agent()]
+    assert not datastore.check_join_token("t1", HASH, NOW)
 
 
 def test_join_token_single_use_under_concurrent_consumers(datastore: SqliteDataStore) -> None:
@@ -199,7 +209,7 @@ def test_join_token_single_use_under_concurrent_consumers(datastore: SqliteDataS
 
     def consume() -> None:
         barrier.wait()
-        got = datastore.consume_join_token("race", HASH, NOW)
+        got = _spend(datastore, "race", HASH, NOW)
         with lock:
             results.append(got)
 
@@ -216,8 +226,8 @@ def test_join_token_single_use_across_two_connections(tmp_path: Path, clock: Fak
     first = SqliteDataStore(tmp_path / "db", clock)
     second = SqliteDataStore(tmp_path / "db", clock)
     first.create_join_token(JoinToken("t", HASH, NOW + 600))
-    assert second.consume_join_token("t", HASH, NOW)
-    assert not first.consume_join_token("t", HASH, NOW)
+    assert _spend(second, "t", HASH, NOW)
+    assert not _spend(first, "t", HASH, NOW)
     first.close()
     second.close()
 
@@ -227,7 +237,7 @@ def test_prune_join_tokens(datastore: SqliteDataStore) -> None:
     datastore.create_join_token(JoinToken("new", HASH, 200))
     assert datastore.prune_join_tokens(100) == 1
     datastore.create_join_token(JoinToken("old", HASH, 300))  # the id is free again
-    assert datastore.consume_join_token("new", HASH, 150)
+    assert _spend(datastore, "new", HASH, 150)
 
 
 # -- agents --------------------------------------------------------------------------------------
@@ -368,7 +378,7 @@ def test_restart_keeps_everything(tmp_path: Path, clock: FakeClock) -> None:
     again = SqliteDataStore(tmp_path / "db", clock)
     assert again.list_entries() == [created]
     assert again.get_agent(AGENT) == agent()
-    assert again.consume_join_token("t", b"h", 4)
+    assert again.check_join_token("t", b"h", 4)
     assert len(again.list_revocations()) == 1
     assert again.revision() == revision
     again.close()
@@ -404,13 +414,49 @@ def test_a_datastore_of_the_previous_schema_gains_the_ledger_tables(
     store.close()
 
 
+@pytest.mark.parametrize("runtimes", [None, 1, 3])
+@pytest.mark.parametrize("after", [False, True])
+def test_every_task_page_reads_an_index_in_order(
+    tmp_path: Path, clock: FakeClock, runtimes: int | None, after: bool
+) -> None:
+    """Each filter set of a task list has an index ending in the page key: no full scan of
+    the table, no sort of every matching row before the limit."""
+    SqliteDataStore(tmp_path / "db", clock).close()
+    db = sqlite3.connect(tmp_path / "db")
+    params = {
+        "agent_id": AGENT,
+        "state": "active",
+        "after_created_at": 1,
+        "after_task_id": "t",
+        "limit": 10,
+        **{f"r{i}": f"r{i}" for i in range(3)},
+    }
+    try:
+        for agent_filter in (False, True):
+            for state in (False, True):
+                sql = ledger_queries.list_tasks(
+                    agent=agent_filter, state=state, runtime_count=runtimes, after=after, limit=True
+                )
+                steps = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+                reads = [s for s in steps if s.startswith(("SCAN", "SEARCH"))]
+                assert reads, steps
+                for step in reads:
+                    assert "USING INDEX tasks_page" in step, (sql, steps)
+                    assert step.startswith("SEARCH") or not (agent_filter or state or runtimes)
+                assert not [s for s in steps if "TEMP B-TREE" in s], (sql, steps)
+    finally:
+        db.close()
+
+
 def test_the_shared_sql_has_no_sqlite_only_syntax() -> None:
     """queries, ledger_queries and the migrations are what a PostgreSQL backend reuses: only the
     dialect words the migrations module names (BLOB, SEQ_KEY) may be SQLite's."""
     statements: list[str] = []
     for module in (queries, ledger_queries):
         statements += [v for k, v in vars(module).items() if k.isupper() and isinstance(v, str)]
-    statements.append(ledger_queries.list_tasks(2))
+    statements.append(
+        ledger_queries.list_tasks(agent=True, state=True, runtime_count=2, after=True, limit=True)
+    )
     statements.append(ledger_queries.audit_page(EventFilter("a", "t", 1.0, 2.0, "allow", "k"))[0])
     for migration in MIGRATIONS:
         migration.apply(statements.append)

@@ -28,7 +28,7 @@ from server.datastore import (
     StorageError,
     TaskRecord,
 )
-from server.datastore.records import AUDIT_COLUMNS, EventFilter, Head
+from server.datastore.records import AUDIT_COLUMNS, EventFilter, Head, TaskCursor, TokenUse
 from server.datastore.sqlite import SqliteDataStore
 from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
@@ -132,9 +132,15 @@ def test_entries_round_trip(store: DataStore) -> None:
 
 def test_join_tokens_are_single_use(store: DataStore) -> None:
     store.create_join_token(JoinToken("t", b"h" * 32, NOW + 60))
-    assert not store.consume_join_token("t", b"g" * 32, NOW)
-    assert store.consume_join_token("t", b"h" * 32, NOW)
-    assert not store.consume_join_token("t", b"h" * 32, NOW)
+    admitted = AttestedAgent(AGENT, "join_token", "1", NOW + 3600)
+    assert not store.check_join_token("t", b"g" * 32, NOW)
+    assert not store.admit_agent(admitted, TokenUse("t", b"g" * 32), NOW)
+    assert store.list_agents() == []
+    assert store.check_join_token("t", b"h" * 32, NOW)
+    assert store.admit_agent(admitted, TokenUse("t", b"h" * 32), NOW)
+    assert store.list_agents() == [admitted]
+    assert not store.check_join_token("t", b"h" * 32, NOW)
+    assert not store.admit_agent(admitted, TokenUse("t", b"h" * 32), NOW)
     store.create_join_token(JoinToken("old", b"h" * 32, NOW))
     assert store.prune_join_tokens(NOW) == 1
 
@@ -179,6 +185,49 @@ def test_tasks_put_replace_and_filter(store: DataStore) -> None:
     assert [t.task_id for t in store.list_tasks(state="active")] == ["a"]
     assert [t.task_id for t in store.list_tasks(runtime_ids=[RUNTIME])] == ["b"]
     assert store.list_tasks(runtime_ids=[]) == []
+
+
+def test_tasks_page_after_a_cursor_in_created_then_id_order(store: DataStore) -> None:
+    """Keyset pages: (created_at, task_id) order, ties at one created_at broken by task_id;
+    every filter set, several runtimes merged in order, a repeated runtime listed once."""
+    runtimes = [f"{RUNTIME}/{n}" for n in range(3)]
+    for n in range(24):
+        store.put_task(
+            task(
+                f"t{(n * 7) % 24:02d}",  # ids out of creation order
+                agent=(AGENT, OTHER_AGENT)[n % 2],
+                runtime=runtimes[n % 3],
+                state=("active", "ended")[n // 4 % 2],
+                created_at=NOW + n // 3,  # three tasks a second
+            )
+        )
+    for filters in (
+        {},
+        {"state": "active"},
+        {"agent_id": AGENT},
+        {"agent_id": AGENT, "state": "ended"},
+        {"runtime_ids": [runtimes[1]]},
+        {"runtime_ids": [runtimes[2], runtimes[0], runtimes[2]], "state": "active"},
+        {"runtime_ids": runtimes[:2], "agent_id": OTHER_AGENT},
+    ):
+        whole = store.list_tasks(**filters)  # type: ignore[arg-type]
+        assert [(t.created_at, t.task_id) for t in whole] == sorted(
+            (t.created_at, t.task_id) for t in whole
+        )
+        assert whole, filters
+        paged: list[TaskRecord] = []
+        after = None
+        while True:
+            page = store.list_tasks(after=after, limit=2, **filters)  # type: ignore[arg-type]
+            assert len(page) <= 2
+            paged += page
+            if len(page) < 2:
+                break
+            after = TaskCursor(page[-1].created_at, page[-1].task_id)
+        assert paged == whole, filters
+    assert store.list_tasks(limit=5) == store.list_tasks()[:5]
+    assert store.list_tasks(after=TaskCursor(NOW + 7, "")) == store.list_tasks()[-3:]
+    assert store.list_tasks(after=TaskCursor(NOW + 99, "")) == []
 
 
 def test_due_tasks_are_the_expired_ones_in_a_state(store: DataStore) -> None:

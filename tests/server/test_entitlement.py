@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.datastore.records import Entry, Selector
-from server.entitlement import EntryIndex, entitled_entries, node_aliases
+from server.entitlement import EntryIndex, entitled_entries, entitled_entry, node_aliases
 
 TD = "spiffe://example.org"
 SERVER = f"{TD}/svid/server"
@@ -71,3 +71,29 @@ def test_index_updates_are_copies() -> None:
     assert "e9" not in INDEX.by_id
     assert "e9" not in bigger.without("e9").by_id
     assert f"{TD}/new" in bigger.spiffe_ids()
+
+
+def test_entitled_entry_is_the_first_entitled_entry_with_that_id() -> None:
+    """The indexed lookup (beginning a task) against the full entitlement as the oracle, with
+    few and with many entries carrying the ID (each side of the lookup's choice)."""
+    twins = [
+        _entry("f-twin", "/web", AGENT),  # sorts after e1: e1 is the one served
+        _entry("a-old", "/web", AGENT, expires_at=NOW - 1),  # lowest id, but expired
+        _entry("e0", "/cache", OTHER),  # the same ID under another agent
+    ]
+    few = INDEX.with_changes(twins)
+    # The ID given on a dozen other nodes: more entries carry it than any agent here holds.
+    many = few.with_changes(_entry(f"w{n}", "/web", f"{AGENT}-{n}") for n in range(12))
+    alias = (Selector.parse("x509pop:subject:cn:node1"), Selector.parse("x509pop:ca:fp:x"))
+    for index in (few, many):
+        for agent, selectors in ((AGENT, ()), (OTHER, ()), (OTHER, alias[:1]), (OTHER, alias)):
+            for at in (NOW - 2, NOW, NOW + 1):
+                entitled = entitled_entries(index, agent, selectors, SERVER, at)
+                for path in ("/web", "/db", "/cache", "/secret", "/later", "/old", "/none"):
+                    spiffe_id = f"{TD}{path}"
+                    first = next((e for e in entitled if e.spiffe_id == spiffe_id), None)
+                    found = entitled_entry(index, agent, selectors, SERVER, at, spiffe_id=spiffe_id)
+                    assert found == first, (agent, selectors, at, path)
+        assert entitled_entry(index, AGENT, (), SERVER, NOW, spiffe_id=f"{TD}/web") == ENTRIES[0]
+        cache = entitled_entry(index, OTHER, alias, SERVER, NOW, spiffe_id=f"{TD}/cache")
+        assert cache == twins[2]

@@ -32,7 +32,12 @@ def _same(a: EntryIndex, b: EntryIndex) -> None:
     }
     for parent, entries in a.by_parent.items():
         assert all(a.by_id[e.id] is e for e in entries), f"stale entry under {parent}"
-    assert dict(a.spiffe_id_counts) == dict(b.spiffe_id_counts)
+    assert {k: sorted(e.id for e in v) for k, v in a.by_spiffe_id.items()} == {
+        k: sorted(e.id for e in v) for k, v in b.by_spiffe_id.items()
+    }
+    for spiffe_id, entries in a.by_spiffe_id.items():
+        assert all(a.by_id[e.id] is e for e in entries), f"stale entry with {spiffe_id}"
+        assert all(e.spiffe_id == spiffe_id for e in entries)
     assert a.sorted_ids == b.sorted_ids
 
 
@@ -60,7 +65,7 @@ def test_an_entry_put_twice_in_one_change_counts_once_as_its_last_version() -> N
     assert index.by_id[first.id] is moved
     assert [e.id for e in index.by_parent[PARENTS[3]]] == [first.id]
     assert first.parent_id not in index.by_parent or first.parent_id == PARENTS[3]
-    assert dict(index.spiffe_id_counts) == {f"{TD}/moved": 1}
+    assert dict(index.by_spiffe_id) == {f"{TD}/moved": (moved,)}
 
 
 def test_has_spiffe_id_can_leave_out_the_entry_an_update_replaces() -> None:

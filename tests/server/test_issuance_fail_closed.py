@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from base64 import urlsafe_b64decode
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +17,7 @@ import grpc
 import pytest
 
 from server.ca.workers import MIN_BATCH
+from server.datastore.errors import StorageError
 from server.status import LEDGER_MESSAGE
 from svid._proto import node_pb2
 from tests.server.fixtures import Agent, RunningServer, make_csr, running_server
@@ -157,4 +159,57 @@ def test_big_batches_signed_in_worker_processes_leave_only_once_recorded(
     assert len(stub.BatchNewX509SVID(x509, timeout=10).results) == 2 * MIN_BATCH
     records = srv.server.tasks.store.agent_credentials(agent.spiffe_id, 0)
     assert len(records) == 2 * MIN_BATCH
+    assert srv.server.tasks.audit.verify().ok
+
+
+def test_an_attestation_that_cannot_be_recorded_spends_no_join_token(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the audit write fails (the agent table and the token table still accept writes):
+    the agent is refused, left unrecorded, and its token still works once storage recovers."""
+    token = srv.join_token(agent_id="audit-down")
+    datastore: Any = srv.server.datastore
+    assert srv.server.tasks.audit.store is datastore
+
+    def audit_refuses(*_args: Any) -> None:
+        raise StorageError("cannot commit: disk I/O error")
+
+    monkeypatch.setattr(datastore, "write_ledger", audit_refuses)
+    with pytest.raises(grpc.RpcError) as err:
+        srv.attest(token)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert err.value.details() == LEDGER_MESSAGE
+    assert [a.spiffe_id for a in datastore.list_agents()] == []
+    assert srv.server.state.agents == {}
+    monkeypatch.undo()
+
+    agent = srv.attest(token)
+    assert agent.spiffe_id.endswith("/join_token/audit-down")
+    events = [e for e in datastore.audit_rows() if e["kind"] == "node_attestation"]
+    assert [(e["agent_id"], e["decision"]) for e in events] == [(agent.spiffe_id, "allow")]
+    with pytest.raises(grpc.RpcError) as err:
+        srv.attest(token)  # still single use
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_join_token_raced_by_two_agents_admits_exactly_one(srv: RunningServer) -> None:
+    """Both may pass the check and have their attestation on record; the token is spent with
+    the agent's record, so exactly one is admitted and the other is refused (on record too)."""
+    token = srv.join_token(agent_id="raced")
+    outcomes: list[str] = []
+
+    def attempt() -> None:
+        try:
+            srv.attest(token)
+            outcomes.append("ok")
+        except grpc.RpcError as exc:
+            outcomes.append(exc.code().name)
+
+    threads = [threading.Thread(target=attempt) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["PERMISSION_DENIED"] * 5 + ["ok"]
+    assert len(srv.server.datastore.list_agents()) == 1
     assert srv.server.tasks.audit.verify().ok

@@ -1,13 +1,19 @@
-"""The join-token attestor on a real SQLite file: single use; guesses never disturb the owner."""
+"""The join-token attestor on a real SQLite file: single use; guesses never disturb the owner.
+
+The attestor only checks a token; an attempt here spends it as the admission does
+(DataStore.admit_agent), so single use is checked end to end."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass
 
 import pytest
 
+from server.attestation.base import AttestationResult, Challenge
 from server.attestation.join_token import JoinTokenAttestor, new_join_token
+from server.datastore.records import AttestedAgent
 from server.datastore.sqlite import SqliteDataStore
 from server.errors import PermissionDeniedError
 from server.ids import ServerIds
@@ -21,8 +27,18 @@ async def _no_challenge(nonce: bytes) -> bytes:
     raise AssertionError("join_token sends no challenge")
 
 
-def _attestor(datastore: SqliteDataStore, clock: FakeClock) -> JoinTokenAttestor:
-    return JoinTokenAttestor(datastore, ServerIds(TRUST_DOMAIN), clock)
+@dataclass
+class _Setup:
+    attestor: JoinTokenAttestor
+    datastore: SqliteDataStore
+    clock: FakeClock
+
+    async def attest(self, payload: bytes, challenge: Challenge) -> AttestationResult:
+        return await self.attestor.attest(payload, challenge)
+
+
+def _attestor(datastore: SqliteDataStore, clock: FakeClock) -> _Setup:
+    return _Setup(JoinTokenAttestor(datastore, ServerIds(TRUST_DOMAIN), clock), datastore, clock)
 
 
 def _issue(datastore: SqliteDataStore, clock: FakeClock, token_id: str = "owner") -> str:
@@ -31,12 +47,16 @@ def _issue(datastore: SqliteDataStore, clock: FakeClock, token_id: str = "owner"
     return token
 
 
-async def _attempt(attestor: JoinTokenAttestor, payload: str) -> bool:
+async def _attempt(attestor: _Setup, payload: str) -> bool:
+    """Attest, then spend the token with the agent's record as the admission does."""
     try:
-        await attestor.attest(payload.encode(), _no_challenge)
+        result = await attestor.attest(payload.encode(), _no_challenge)
     except PermissionDeniedError:
         return False
-    return True
+    assert result.token is not None
+    agent = AttestedAgent(str(result.agent_id), result.attestation_type, "1", 2_000_000_000)
+    now = int(attestor.clock.now())
+    return await asyncio.to_thread(attestor.datastore.admit_agent, agent, result.token, now)
 
 
 def test_genuine_attestation_succeeds_while_guesses_run(

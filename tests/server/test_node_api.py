@@ -578,6 +578,46 @@ def test_batch_jwt_svids_with_per_item_errors(srv: RunningServer) -> None:
     assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_each_item_of_a_jwt_batch_is_answered_as_its_own_call_would_be(
+    srv: RunningServer,
+) -> None:
+    # Items naming an entry met earlier in the batch are checked for their own audience only
+    # (the entry is looked up once per batch): each must still get its own call's answer.
+    agent = srv.attest()
+    entry = srv.create_entry("/jwt/repeat", agent.spiffe_id)
+    other = srv.create_entry("/jwt/repeat-other", srv.attest().spiffe_id)
+    items = [
+        node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["a"]),
+        node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=[]),
+        node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["a" * 1025]),
+        node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["ok", ""]),
+        node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=[f"a{i}" for i in range(33)]),
+        node_pb2.NewJWTSVIDRequest(spiffe_id=entry.spiffe_id, audience=["b"]),
+        node_pb2.NewJWTSVIDRequest(spiffe_id=entry.spiffe_id, audience=[""]),
+        node_pb2.NewJWTSVIDRequest(entry_id=other.id, audience=["a"]),
+        node_pb2.NewJWTSVIDRequest(entry_id=other.id, audience=["a"]),
+        node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["c", "d"]),
+    ]
+    stub = srv.node_stub(agent)
+    reply = stub.BatchNewJWTSVID(node_pb2.BatchNewJWTSVIDRequest(requests=items), timeout=10)
+    for item, result in zip(items, reply.results, strict=True):
+        try:
+            alone = stub.NewJWTSVID(item, timeout=10)
+        except grpc.RpcError as exc:
+            expected = (exc.code().value[0], exc.details())  # type: ignore[attr-defined]
+            assert (result.error.code, result.error.message) == expected, item
+            continue
+        assert not result.error.code, item
+        claims = json.loads(b64url_decode(result.svid.token.split(".")[1]))
+        wanted = list(item.audience)
+        assert claims["sub"] == entry.spiffe_id
+        assert claims["aud"] == (wanted[0] if len(wanted) == 1 else wanted)
+        assert alone.token
+    assert [bool(r.svid.token) for r in reply.results] == [
+        True, False, False, False, False, True, False, False, False, True
+    ]  # fmt: skip
+
+
 def _worker_children() -> list[int]:
     """Child processes of this test process that are signing workers (the server runs here)."""
     found = []

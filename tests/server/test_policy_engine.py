@@ -424,3 +424,27 @@ def test_decision_audit_fields(engine: PolicyEngine) -> None:
     assert fields["policy_ids"] == ("default.cedar:work_within_intent",)
     assert fields["policy_set_hash"] == engine.policy_set_hash
     assert fields["ttl"] == 300
+
+
+def test_a_tool_is_a_member_of_its_server_and_can_be_named_alone(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "p.cedar",
+        """
+        permit (principal, action == Action::"invoke_tool", resource in Resource::"mcp-a")
+        when { resource is Tool && resource.name != "drop_table" };
+        forbid (principal, action, resource == Tool::"mcp-a#export");
+        """,
+    )
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    tools = frozenset({"mcp-a#read", "mcp-a#export", "mcp-a#drop_table", "mcp-b#read"})
+    decision = ask(engine, set(), set(), tools=tools)
+    assert decision.outcome is Outcome.ALLOW_CONSTRAINED
+    assert decision.granted == (("invoke_tool", "mcp-a#read"),)
+
+
+def test_the_default_policy_grants_declared_tools_and_sees_elevation(engine: PolicyEngine) -> None:
+    decision = ask(engine, {"read"}, {"docs"}, tools=frozenset({"mcp-a#read"}), elevated=True)
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.granted == (("invoke_tool", "mcp-a#read"), ("read", "docs"))
+    assert "default.cedar:call_declared_tools" in decision.policy_ids

@@ -213,6 +213,34 @@ def test_insert_many_writes_what_executemany_writes() -> None:
         db.executemany("INSERT INTO t VALUES (?, ?)", [(1, 2), (3,)])
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [
+        # None in every row of a column (written as NULL), in some rows only (bound), in no
+        # row; every column None; one column; a chunk boundary inside (width 21: 47 a chunk).
+        [(i, None, f"x{i}", None if i % 2 else i, None) for i in range(9)],
+        [(None, None, None)] * 4,
+        [(None,)] * 3,
+        [(None,), (1,), (None,)],
+        [(i, None, "", 0, None, 0.0) for i in range(5)],
+        [
+            tuple(None if j % 3 == 0 or (j == 4 and i == 60) else f"{i}-{j}" for j in range(21))
+            for i in range(100)
+        ],
+    ],
+)
+def test_insert_many_writes_none_as_executemany_does(rows: list[tuple[Any, ...]]) -> None:
+    width = len(rows[0])
+    columns = ", ".join(f"c{j}" for j in range(width))
+    many, multi = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
+    for db in (many, multi):
+        db.execute(f"CREATE TABLE t ({columns})")
+    many.executemany(f"INSERT INTO t VALUES ({', '.join('?' * width)})", rows)
+    insert_many(multi, "INSERT INTO t", rows)
+    query = f"SELECT rowid, {', '.join(f'c{j}, typeof(c{j})' for j in range(width))} FROM t"
+    assert multi.execute(query).fetchall() == many.execute(query).fetchall()
+
+
 def test_credentials_are_recorded_and_read_back(tmp_path: Path) -> None:
     store = TaskStore(SqliteDataStore(tmp_path / "datastore.sqlite3", FakeClock(1000)))
     creds = [

@@ -16,6 +16,7 @@ from server.datastore import AlreadyExistsError, NotFoundError
 from server.policy.errors import PolicyError, Problem, RequestError
 from server.status import RULES, status_for
 from svid._errors import SpiffeIdError, SvidError, SvidParseError
+from svid._task_errors import TaskDeniedError
 
 
 @pytest.mark.parametrize(
@@ -91,6 +92,8 @@ def project_errors() -> list[type[BaseException]]:
 def instance(cls: type[BaseException], message: str) -> BaseException:
     if issubclass(cls, PolicyError):
         return cls([Problem(f"{SECRET_PATH}/../policies/tasks.cedar", message)])
+    if issubclass(cls, TaskDeniedError):
+        return cls(message, reason=message)
     return cls(message)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from cryptography import x509
 
 from server.changelog import ChangeLog
 from server.datastore.records import Revocation
@@ -191,3 +192,50 @@ def test_revocations_reach_every_stream_as_deltas(srv: RunningServer) -> None:
 
 def _revocation(kind: str, value: str) -> Revocation:
     return Revocation(kind, value, f"{TD}/x", int(time.time()) + 600, "test", int(time.time()))
+
+
+def _serials(revocations: list[Revocation]) -> set[int]:
+    return {int(r.value, 16) for r in revocations}
+
+
+def _crl_serials(parts: list[node_pb2.SyncUpdate], srv: RunningServer) -> list[int]:
+    (ca,) = (x509.load_der_x509_certificate(a) for a in srv.bundle().x509_authorities)
+    out = []
+    for der in (c for p in parts for c in p.crl):
+        crl = x509.load_der_x509_crl(der)
+        assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+        out.extend(e.serial_number for e in crl)
+    return out
+
+
+def test_x509_revocations_past_one_crl_reach_an_agent_as_several_crls(srv: RunningServer) -> None:
+    agent = srv.attest()
+    now = int(srv.clock.now())
+
+    def revoked(n: int, expires_at: int) -> Revocation:
+        return Revocation(
+            "x509_serial", format((1 << 127) | n, "x"), f"{TD}/x", expires_at, "t", now
+        )
+
+    # Expired certificates (their revocations still kept for the verifier leeway) need no entry.
+    expired = [revoked(n, now - 60) for n in range(2000)]
+    valid = [revoked(n, now + 600) for n in range(2000, 32_000)]
+    srv.call(srv.server.state.add_revocations((*expired, *valid)), timeout=120)
+    stream = _sync(srv, agent)
+    try:
+        parts = _read_snapshot(stream)
+        assert max(p.ByteSize() for p in parts) <= 1.1 * 1024 * 1024
+        assert sum(len(p.crl) for p in parts) > 1
+        listed = _crl_serials(parts, srv)
+        assert len(listed) == len(set(listed))
+        assert set(listed) == _serials(valid)
+        # One more revocation: the delta run carries the whole new set, said to be new.
+        more = revoked(40_000, now + 600)
+        srv.call(srv.server.state.add_revocations((more,)))
+        run = _read_snapshot(stream)
+        assert {p.kind for p in run} == {DELTA}
+        assert run[-1].crl_changed
+        assert max(p.ByteSize() for p in run) <= 1.1 * 1024 * 1024
+        assert set(_crl_serials(run, srv)) == _serials([*valid, more])
+    finally:
+        stream.cancel()

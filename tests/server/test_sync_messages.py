@@ -45,3 +45,41 @@ def test_a_small_delta_is_one_message_and_says_only_what_changed() -> None:
     assert list(only.removed_entry_ids) == ["gone"]
     assert not only.HasField("bundle")
     assert not only.crl_changed
+
+
+def test_crls_too_big_for_one_message_are_spread_over_the_run() -> None:
+    crls = [bytes([n]) * 40_000 for n in range(6)]
+    for make in (
+        lambda: snapshot_messages(
+            _entries(300),
+            [],
+            Shared(bundle=BUNDLE, crl=crls),
+            revision=1,
+            epoch="e",
+            max_bytes=64 * 1024,
+        ),
+        lambda: delta_messages(
+            _entries(300),
+            [],
+            [],
+            [],
+            Shared(bundle=BUNDLE, crl=crls),
+            revision=1,
+            epoch="e",
+            max_bytes=64 * 1024,
+        ),
+    ):
+        parts = list(make())
+        assert all(p.ByteSize() <= 64 * 1024 + 200 for p in parts)
+        # The run's parts together carry every CRL once, in order; each part carrying one says
+        # so, and so does the last (the agent installs them together then).
+        assert [c for p in parts for c in p.crl] == crls
+        assert all(p.crl_changed for p in parts if p.crl)
+        assert parts[-1].crl_changed
+        assert [p.HasField("bundle") for p in parts] == [False] * (len(parts) - 1) + [True]
+
+
+def test_an_emptied_crl_list_is_still_news() -> None:
+    (only,) = delta_messages([], [], [], [], Shared(crl=[]), revision=3, epoch="e")
+    assert only.crl_changed
+    assert list(only.crl) == []

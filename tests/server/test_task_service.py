@@ -93,6 +93,7 @@ def make_world(
     ca_manager: CaManager,
     *,
     store: TaskStore | None = None,
+    policy_dir: Path | None = None,
 ) -> World:
     state = ServerState(datastore, clock, ChangeNotifier())
     state.load()
@@ -101,7 +102,7 @@ def make_world(
     # One datastore for everything, as app.py wires it.
     audit = AuditLog(datastore, clock)
     store = store or TaskStore(datastore)
-    policy = PolicyEngine(None, clock, trust_domain="example.org")
+    policy = PolicyEngine(policy_dir, clock, trust_domain="example.org")
     service = TaskService(
         state=state,
         store=store,
@@ -196,7 +197,10 @@ def test_task_jwt_carries_task_claims_and_is_recorded(world: World) -> None:
         "environment": "",
         "resources": ["docs"],
     }
-    assert claims["act"] == {"sub": "user:alice"}
+    # RFC 8693: the principal in a claim of its own, `act` the actor chain (this task).
+    assert claims["obo"] == "user:alice"
+    assert claims["act"] == {"sub": task.spiffe_id}
+    assert "parent_txn" not in claims
     assert claims["exp"] - claims["iat"] <= 300
     assert [c.value for c in world.store.task_credentials(task.task_id, 0)] == [issued.jti]
     (event,) = world.events("jwt_minted")
@@ -248,7 +252,9 @@ def test_sub_task_may_narrow_but_never_widen(world: World) -> None:
     assert child.expires_at <= parent.expires_at
     entry = world.state.entries.by_id[child.entry_id]
     claims = decode(world, world.mint_jwt(entry, ["docs"]).token, "docs")
-    assert claims["act"] == {"sub": parent.spiffe_id, "act": {"sub": "user:alice"}}
+    assert claims["act"] == {"sub": child.spiffe_id, "act": {"sub": parent.spiffe_id}}
+    assert claims["obo"] == "user:alice"
+    assert claims["parent_txn"] == parent.task_id
     assert world.service.violations(RUNTIME) == 1
 
 
@@ -265,7 +271,7 @@ def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
     entry = world.state.entries.by_id[task.entry_id]
     issued = world.mint_jwt(entry, ["docs"])
     leaf = issue_x509(world, task.spiffe_id)
-    assert world.service.crl() == b""
+    assert world.service.crl() == ()
     done = world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
     assert done.state is TaskState.ENDED
     revoked = {(r.kind, r.value) for r in world.state.revocations}
@@ -273,7 +279,8 @@ def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
     assert task.entry_id not in world.state.entries.by_id
     with pytest.raises(PermissionDeniedError, match="not entitled"):
         world.mint_jwt(entry, ["docs"])
-    crl = x509.load_der_x509_crl(world.service.crl())
+    (der,) = world.service.crl()
+    crl = x509.load_der_x509_crl(der)
     ca_cert = world.ca.x509_signer().ca_certificate
     assert crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
     assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
@@ -383,7 +390,7 @@ def test_crl_der_is_stable_until_the_list_changes(world: World) -> None:
     world.run(world.service.end(world.agent, task.task_id, []))
     first = world.service.crl()
     assert world.service.crl() == first
-    assert x509.load_der_x509_crl(first).public_bytes(Encoding.DER) == first
+    assert x509.load_der_x509_crl(first[0]).public_bytes(Encoding.DER) == first[0]
 
 
 def test_workload_issuance_is_recorded_and_audited_in_batches(world: World) -> None:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from server.attestation.x509pop import sign_challenge
-from svid._proto import common_pb2, node_pb2
+from svid._proto import admin_pb2, common_pb2, node_pb2
 from tests.server.fixtures import (
     DER,
     PEM,
@@ -157,6 +157,52 @@ def test_node_alias_entitles_x509pop_agents(srv: RunningServer, pki: Any) -> Non
     workload = srv.create_entry("/rack7/web", alias.spiffe_id)
     first = next(iter(srv.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=10)))
     assert [e.id for e in first.entries] == [workload.id]
+
+
+def test_an_alias_edit_sends_its_entries_only_to_agents_it_moves(
+    srv: RunningServer, pki: Any
+) -> None:
+    kept_agent = _agent_from(srv, *_node(*pki, "rack9"))
+    server_id = f"spiffe://{TRUST_DOMAIN}/svid/server"
+    cn = common_pb2.Selector(type="x509pop", value="subject:cn:rack9")
+    alias = srv.create_entry("/nodes/rack9", server_id, selectors=[cn])
+    under = [
+        common_pb2.Entry(
+            spiffe_id=f"spiffe://{TRUST_DOMAIN}/rack9/{n}",
+            parent_id=alias.spiffe_id,
+            selectors=[common_pb2.Selector(type="unix", value=f"uid:{n}")],
+        )
+        for n in range(300)
+    ]
+    srv.admin().BatchCreateEntry(admin_pb2.BatchCreateEntryRequest(entries=under), timeout=30)
+    stream = srv.node_stub(kept_agent).Sync(node_pb2.SyncRequest(), timeout=30)
+    try:
+        assert len(next(stream).entries) == 300
+        # A DNS-name edit, then a selector edit the agent still matches: its reach is the same,
+        # so nothing under the alias comes; the next message is the marker written after them.
+        edited = common_pb2.Entry()
+        edited.CopyFrom(alias)
+        edited.dns_names.append("rack9.example.org")
+        srv.admin().UpdateEntry(admin_pb2.UpdateEntryRequest(entry=edited), timeout=10)
+        fingerprint = next(s for s in _selectors(srv, kept_agent) if s.value.startswith("ca:"))
+        edited.selectors.append(fingerprint)
+        srv.admin().UpdateEntry(admin_pb2.UpdateEntryRequest(entry=edited), timeout=10)
+        marker = srv.create_entry("/rack9/marker", kept_agent.spiffe_id)
+        update = next(stream)
+        assert ([e.id for e in update.entries], list(update.removed_entry_ids)) == ([marker.id], [])
+        # An edit the agent no longer matches: everything under the alias goes.
+        del edited.selectors[:]
+        edited.selectors.append(common_pb2.Selector(type="x509pop", value="subject:cn:other"))
+        srv.admin().UpdateEntry(admin_pb2.UpdateEntryRequest(entry=edited), timeout=10)
+        update = next(stream)
+        assert (len(update.entries), len(update.removed_entry_ids)) == (0, 300)
+    finally:
+        stream.cancel()
+
+
+def _selectors(srv: RunningServer, agent: Agent) -> list[common_pb2.Selector]:
+    found = srv.admin().GetAgent(admin_pb2.GetAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+    return list(found.selectors)
 
 
 def _agent_from(srv: RunningServer, cert: x509.Certificate, key: Any) -> Agent:

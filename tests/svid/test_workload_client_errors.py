@@ -12,6 +12,13 @@ import pytest
 
 from svid._workload_address import ENV_SOCKET, WorkloadApiAddressError
 from svid.workloadapi import WorkloadApiClient, WorkloadApiUnavailableError
+from tests.svid.aio_facade import FLAVORS, new_client
+
+
+@pytest.fixture(params=FLAVORS)
+def flavor(request: pytest.FixtureRequest) -> str:
+    """The asyncio client says the same as the sync one."""
+    return str(request.param)
 
 
 @pytest.fixture
@@ -21,8 +28,8 @@ def sock_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _failure(address: str, timeout: float = 2.0) -> WorkloadApiUnavailableError:
-    with WorkloadApiClient(address, timeout=timeout) as client:
+def _failure(address: str, flavor: str, timeout: float = 2.0) -> WorkloadApiUnavailableError:
+    with new_client(flavor, address, timeout=timeout) as client:
         try:
             client.fetch_jwt_svid("svc")
         except WorkloadApiUnavailableError as exc:
@@ -34,43 +41,43 @@ def _failure(address: str, timeout: float = 2.0) -> WorkloadApiUnavailableError:
     raise AssertionError(f"fetching from {address} did not fail")
 
 
-def test_missing_socket_names_address_and_what_to_check(sock_dir: Path) -> None:
+def test_missing_socket_names_address_and_what_to_check(sock_dir: Path, flavor: str) -> None:
     address = f"unix://{sock_dir}/nobody.sock"
-    exc = _failure(address)
+    exc = _failure(address, flavor)
     assert "No such file or directory" in str(exc)
     assert ENV_SOCKET in str(exc)
     assert exc.code == "UNAVAILABLE"
-    client = WorkloadApiClient(address, timeout=2.0)  # a stream fails the same way
+    client = new_client(flavor, address, timeout=2.0)  # a stream fails the same way
     with client, pytest.raises(WorkloadApiUnavailableError, match=f"agent at {address} "):
         client.fetch_x509_svids()
 
 
-def test_nothing_listening_is_connection_refused(sock_dir: Path) -> None:
+def test_nothing_listening_is_connection_refused(sock_dir: Path, flavor: str) -> None:
     path = sock_dir / "stale.sock"
     stale = socket.socket(socket.AF_UNIX)  # bound, never listening: a crashed agent's socket
     stale.bind(str(path))
     try:
-        assert "Connection refused" in str(_failure(f"unix://{path}"))
+        assert "Connection refused" in str(_failure(f"unix://{path}", flavor))
     finally:
         stale.close()
 
 
-def test_a_hung_agent_fails_in_time_naming_the_address(sock_dir: Path) -> None:
+def test_a_hung_agent_fails_in_time_naming_the_address(sock_dir: Path, flavor: str) -> None:
     path = sock_dir / "hung.sock"
     hung = socket.socket(socket.AF_UNIX)  # accepts connections (backlog), never answers
     hung.bind(str(path))
     hung.listen(8)
     try:
-        message = str(_failure(f"unix://{path}", timeout=0.5))
+        message = str(_failure(f"unix://{path}", flavor, timeout=0.5))
     finally:
         hung.close()
     assert "does not answer" in message or "no answer" in message
     assert "hung" in message
 
 
-def test_address_from_the_environment_is_named(sock_dir: Path) -> None:
+def test_address_from_the_environment_is_named(sock_dir: Path, flavor: str) -> None:
     address = f"unix://{sock_dir}/env.sock"
-    client = WorkloadApiClient(environ={ENV_SOCKET: address}, timeout=2.0)
+    client = new_client(flavor, environ={ENV_SOCKET: address}, timeout=2.0)
     with client, pytest.raises(WorkloadApiUnavailableError, match=f"agent at {address} "):
         client.fetch_jwt_svid("svc")
 

@@ -1,0 +1,132 @@
+"""What every Workload API source offers, sync or asyncio: a BundleSource that never blocks, this
+workload's own SVIDs, verifiers on its bundles and revocations, and revocation callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from svid._bundle import BundleSet, JwtBundle, X509Bundle
+from svid._clock import Clock
+from svid._revocation import RevocationSet
+from svid._source_state import RevokedCallback, SourceState
+from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._verify_jwt import JwtVerifier
+from svid._verify_x509 import X509Verifier
+from svid._workload_calls import X509_SVIDS
+from svid._workload_errors import WorkloadApiUnavailableError
+from svid._x509 import X509Svid
+
+
+class SourceViews:
+    """Reads of a source's state; subclasses own the loops that feed ``_state``."""
+
+    _state: SourceState
+
+    # --- BundleSource ---
+
+    def x509_bundle_for(self, trust_domain: TrustDomain) -> X509Bundle | None:
+        return self._state.bundles.x509_bundle_for(trust_domain)
+
+    def jwt_bundle_for(self, trust_domain: TrustDomain) -> JwtBundle | None:
+        return self._state.bundles.jwt_bundle_for(trust_domain)
+
+    @property
+    def x509_bundles(self) -> BundleSet[X509Bundle]:
+        return self._state.bundles.x509_bundles
+
+    @property
+    def jwt_bundles(self) -> BundleSet[JwtBundle]:
+        return self._state.bundles.jwt_bundles
+
+    # --- diagnostics ---
+
+    @property
+    def revocations(self) -> RevocationSet:
+        return self._state.revocations
+
+    @property
+    def errors(self) -> dict[str, str]:
+        """The last error of each stream that is not delivering."""
+        return self._state.errors
+
+    @property
+    def rejected_crls(self) -> tuple[str, ...]:
+        return self._state.rejected_crls
+
+    @property
+    def revocation_stream_supported(self) -> bool | None:
+        """None until the agent answered the revocation stream, then whether it has one."""
+        return self._state.revocation_stream_supported
+
+    @property
+    def revocations_updated_at(self) -> float | None:
+        """When the last revocation update arrived (None: never): the freshness signal."""
+        return self._state.revocations.updated_at
+
+    def revocation_staleness(self) -> float:
+        """Seconds since the revocation data was last known complete (0 while its stream is up,
+        inf before it ever delivered); what ``max_revocation_staleness`` is compared with."""
+        return self._state.revocations.staleness(self._state.clock.now())
+
+    @property
+    def ready(self) -> bool:
+        return self._state.ready
+
+    # --- this workload's own X.509-SVIDs (sources that watch FetchX509SVID) ---
+
+    @property
+    def svids(self) -> tuple[X509Svid, ...]:
+        """This workload's current X.509-SVIDs, the default first; () until the first message."""
+        return self._state.svids
+
+    @property
+    def svid(self) -> X509Svid:
+        """The default X.509-SVID; WorkloadApiUnavailableError while there is none."""
+        return self.svid_for(None)
+
+    def svid_for(self, spiffe_id: SpiffeId | str | None) -> X509Svid:
+        """The current X.509-SVID for ``spiffe_id`` (None: the default one)."""
+        if X509_SVIDS.name not in self._state.streams:
+            raise TypeError("this source does not watch X.509-SVIDs; use an X509Source")
+        svids = self._state.svids
+        if spiffe_id is None and svids:
+            return svids[0]
+        for candidate in svids:
+            if str(candidate.spiffe_id) == str(spiffe_id):
+                return candidate
+        what = "an X.509-SVID" if spiffe_id is None else f"an X.509-SVID for {spiffe_id}"
+        why = self._state.errors.get(X509_SVIDS.name)
+        raise WorkloadApiUnavailableError(
+            f"the Workload API has not given this workload {what}" + (f" ({why})" if why else ""),
+            "UNAVAILABLE",
+        )
+
+    # --- verifiers and callbacks ---
+
+    def x509_verifier(self, *, clock: Clock | None = None, **options: Any) -> X509Verifier:
+        """An X509Verifier on this source's bundles and revocations (options: cache_size,
+        max_chain_depth, max_revocation_staleness)."""
+        return X509Verifier(
+            self.x509_bundle_for,
+            clock=clock or self._state.clock,
+            revocations=self._state.revocations,
+            **options,
+        )
+
+    def jwt_verifier(self, *, clock: Clock | None = None, **options: Any) -> JwtVerifier:
+        """A JwtVerifier on this source's bundles and revocations (options: leeway, cache_size,
+        max_revocation_staleness)."""
+        return JwtVerifier(
+            self.jwt_bundle_for,
+            clock=clock or self._state.clock,
+            revocations=self._state.revocations,
+            **options,
+        )
+
+    def on_revoked(self, callback: RevokedCallback) -> Callable[[], None]:
+        """Call ``callback(event)`` for every credential that joins the revocation set (after
+        verifiers already refuse it), e.g. to close a revoked peer's open connections. Returns a
+        function that unsubscribes. Callbacks run on the stream's thread (or the source's event
+        loop) and must be quick; an asyncio source also runs coroutine callbacks as tasks."""
+        return self._state.subscribe(callback)

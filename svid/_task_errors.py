@@ -1,0 +1,87 @@
+"""Failures of the task API as svid errors, translated at the edge from sync and asyncio gRPC
+errors alike, so callers never see ``grpc.RpcError``."""
+
+from __future__ import annotations
+
+import grpc
+
+from svid._workload_errors import (
+    WorkloadApiError,
+    WorkloadApiUnavailableError,
+    connect_failure,
+)
+
+
+class TaskError(WorkloadApiError):
+    """A task call failed; ``code`` is the gRPC status name."""
+
+
+class TaskDeniedError(TaskError):
+    """Policy (or an intent rule) refused: a task begin, a sub-task, an elevated step or a mint.
+
+    ``reason`` is the decision's reason as the server gave it (which policies, which pairs):
+    never a credential.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message, "PERMISSION_DENIED")
+        self.reason = reason
+
+
+class TaskRequestError(TaskError, ValueError):
+    """The request itself is malformed (an empty intent, a bad tool name, ...)."""
+
+
+class TaskNotFoundError(TaskError):
+    """The agent or server knows no such task (or it belongs to another workload)."""
+
+
+class TaskEndedError(TaskError):
+    """The task has ended: it mints nothing more."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "FAILED_PRECONDITION")
+
+
+def _code_and_details(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    # grpc.RpcError from a sync stub is also a grpc.Call; grpc.aio.AioRpcError has the same
+    # two methods without being one.
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    status = code() if callable(code) else grpc.StatusCode.UNKNOWN
+    text = details() if callable(details) else None
+    return (status if isinstance(status, grpc.StatusCode) else grpc.StatusCode.UNKNOWN), (
+        text or "no details"
+    )
+
+
+def translate(exc: BaseException, call: str, address: str) -> TaskError | WorkloadApiError:
+    """The svid error for a failed task ``call`` to the agent at ``address``; raise it from exc."""
+    code, details = _code_and_details(exc)
+    at = f" at {address}" if address else ""
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return TaskDeniedError(f"{call} denied: {details}", details)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return TaskRequestError(f"{call}: bad request: {details}", code.name)
+    if code is grpc.StatusCode.NOT_FOUND:
+        return TaskNotFoundError(f"{call}: {details}", code.name)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        why = connect_failure(details)
+        if why is not None:
+            return WorkloadApiUnavailableError(
+                f"{call}: cannot connect to the agent{at} ({why}): is the SPIFFE agent running, "
+                "and does SPIFFE_ENDPOINT_SOCKET name its socket?",
+                code.name,
+            )
+        return WorkloadApiUnavailableError(f"{call}{at}: {details}", code.name)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return WorkloadApiUnavailableError(
+            f"{call}: no answer from the agent{at} before the deadline; retry, or allow a "
+            "longer timeout",
+            code.name,
+        )
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        return TaskError(
+            f"{call}: the agent{at} does not serve the task API (is it an svid agent?)", code.name
+        )
+    return TaskError(f"{call}{at} failed: {code.name}: {details}", code.name)

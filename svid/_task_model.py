@@ -1,0 +1,180 @@
+"""Values shared by the sync and asyncio task clients: the granted task, the request built from
+an intent, and when a cached task JWT is due for refresh."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from svid._jwt import JwtSvid
+from svid._proto import task_pb2
+from svid._spiffe_id import SpiffeId
+
+TOOL_SEPARATOR = "#"
+
+Tools = Mapping[str, Iterable[str]] | Iterable[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """A task as the server granted it. ``actions``/``resources``/``tools`` are the granted scope
+    (maybe narrower than declared: then ``decision`` is ``allow_constrained`` and ``reason``
+    says what was cut); ``ttl`` is the granted lifetime in seconds."""
+
+    task_id: str
+    spiffe_id: SpiffeId
+    runtime_id: SpiffeId
+    actions: tuple[str, ...]
+    resources: tuple[str, ...]
+    tools: tuple[str, ...]
+    ttl: int
+    expires_at: int
+    decision: str
+    reason: str
+    parent_task_id: str
+    elevated: bool
+    on_behalf_of: str
+    classification: str
+    environment: str
+    depth: int
+    state: str
+    policy_ids: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.Task) -> TaskInfo:
+        return cls(
+            task_id=msg.task_id,
+            spiffe_id=SpiffeId.parse(msg.spiffe_id),
+            runtime_id=SpiffeId.parse(msg.runtime_id),
+            actions=tuple(msg.actions),
+            resources=tuple(msg.resources),
+            tools=tuple(msg.tools),
+            ttl=msg.ttl,
+            expires_at=msg.expires_at,
+            decision=msg.decision,
+            reason=msg.reason,
+            parent_task_id=msg.parent_task_id,
+            elevated=msg.elevated,
+            on_behalf_of=msg.on_behalf_of,
+            classification=msg.classification,
+            environment=msg.environment,
+            depth=msg.depth,
+            state=msg.state,
+            policy_ids=tuple(msg.policy_ids),
+        )
+
+
+class TaskView:
+    """The granted task's values, read from ``info`` (shared by the sync and asyncio handles)."""
+
+    _info: TaskInfo
+
+    @property
+    def info(self) -> TaskInfo:
+        return self._info
+
+    @property
+    def task_id(self) -> str:
+        return self._info.task_id
+
+    @property
+    def spiffe_id(self) -> SpiffeId:
+        return self._info.spiffe_id
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        return self._info.actions
+
+    @property
+    def resources(self) -> tuple[str, ...]:
+        return self._info.resources
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        return self._info.tools
+
+    @property
+    def ttl(self) -> int:
+        return self._info.ttl
+
+    @property
+    def expires_at(self) -> int:
+        return self._info.expires_at
+
+    @property
+    def decision(self) -> str:
+        return self._info.decision
+
+    @property
+    def reason(self) -> str:
+        return self._info.reason
+
+
+def tool_refs(tools: Tools) -> list[str]:
+    """``{"mcp-tickets": ["read_ticket"]}`` or ``["mcp-tickets#read_ticket"]`` as wire refs."""
+    if isinstance(tools, Mapping):
+        refs: list[str] = []
+        for server, names in tools.items():
+            if isinstance(names, str):
+                raise TypeError(f"tools[{server!r}] must be a list of tool names, not a string")
+            refs.extend(f"{server}{TOOL_SEPARATOR}{name}" for name in names)
+        return refs
+    if isinstance(tools, str):
+        raise TypeError("tools must be a mapping or a list of '<server>#<tool>', not a string")
+    return list(tools)
+
+
+def _names(values: Iterable[str], what: str) -> list[str]:
+    if isinstance(values, str):
+        raise TypeError(f"{what} must be a list of strings, not a string")
+    return list(values)
+
+
+def begin_request(
+    *,
+    actions: Iterable[str],
+    resources: Iterable[str],
+    tools: Tools,
+    classification: str,
+    environment: str,
+    on_behalf_of: str,
+    goal: str,
+    ttl: int,
+    spiffe_id: SpiffeId | str | None,
+    parent_task_id: str = "",
+    elevate: bool = False,
+) -> task_pb2.BeginTaskRequest:
+    if ttl < 0:
+        raise ValueError(f"ttl must not be negative, got {ttl}")
+    return task_pb2.BeginTaskRequest(
+        spiffe_id=str(spiffe_id) if spiffe_id else "",
+        intent=task_pb2.Intent(
+            actions=_names(actions, "actions"),
+            resources=_names(resources, "resources"),
+            tools=tool_refs(tools),
+            classification=classification,
+            environment=environment,
+            on_behalf_of=on_behalf_of,
+            goal=goal,
+        ),
+        ttl=ttl,
+        parent_task_id=parent_task_id,
+        elevate=elevate,
+    )
+
+
+def audience_key(audience: str | Iterable[str]) -> tuple[str, ...]:
+    audiences = (audience,) if isinstance(audience, str) else tuple(audience)
+    if not audiences or not all(audiences):
+        raise ValueError("an audience is required (one or more non-empty strings)")
+    return audiences
+
+
+def fresh(jwt: JwtSvid, fetched_at: float, now: float) -> bool:
+    """Whether a cached JWT-SVID may still be handed out at ``now``: until half its lifetime
+    has passed (as SPIRE's caches refresh), so a token in use always has the other half left."""
+    iat = jwt.claims.get("iat")
+    issued = fetched_at
+    if isinstance(iat, int | float) and not isinstance(iat, bool):
+        issued = float(iat)
+    return now < issued + (jwt.expires_at - issued) / 2

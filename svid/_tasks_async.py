@@ -1,0 +1,301 @@
+"""Tasks from a workload, on asyncio (grpc.aio): the same semantics as svid._tasks_sync.
+
+async with AsyncTaskClient() as client:
+    async with client.begin(actions=["read"], resources=["docs"]) as task:
+        token = await task.jwt("docs")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from types import TracebackType
+
+import grpc
+
+from svid._clock import Clock, SystemClock
+from svid._errors import SvidError
+from svid._jwt import JwtSvid
+from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
+from svid._spiffe_id import SpiffeId
+from svid._task_errors import TaskEndedError, TaskError, translate
+from svid._task_model import TaskInfo, TaskView, Tools, audience_key, begin_request, fresh
+from svid._workload_address import address_of, grpc_target
+from svid._workload_calls import CHANNEL_OPTIONS, METADATA
+from svid._workload_errors import WorkloadApiError
+
+log = logging.getLogger("svid.tasks")
+DEFAULT_TIMEOUT = 10.0
+
+
+class AsyncTaskClient:
+    """Begins tasks for this workload at the agent's Workload API socket, on asyncio.
+
+    Build it inside the event loop it is used on; ``await close()`` (or ``async with``) when done.
+    """
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.target = grpc_target(socket, environ)
+        self.address = address_of(socket, environ)
+        self.timeout = timeout
+        self.clock: Clock = clock or SystemClock()
+        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._tasks = task_pb2_grpc.TasksStub(self._channel)
+        self._workload = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncTaskClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def begin(
+        self,
+        *,
+        actions: Iterable[str] = (),
+        resources: Iterable[str] = (),
+        tools: Tools = (),
+        classification: str = "",
+        environment: str = "",
+        on_behalf_of: str = "",
+        goal: str = "",
+        ttl: int = 0,
+        spiffe_id: SpiffeId | str | None = None,
+    ) -> Beginning:
+        """Begin a task: ``async with client.begin(...) as task`` ends it on exit, ``task =
+        await client.begin(...)`` leaves that to you. Arguments as TaskClient.begin."""
+        request = begin_request(
+            actions=actions,
+            resources=resources,
+            tools=tools,
+            classification=classification,
+            environment=environment,
+            on_behalf_of=on_behalf_of,
+            goal=goal,
+            ttl=ttl,
+            spiffe_id=spiffe_id,
+        )
+
+        async def begun() -> AsyncTask:
+            return AsyncTask(self, await self._begin(request))
+
+        return Beginning(begun)
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    async def _begin(self, request: task_pb2.BeginTaskRequest) -> TaskInfo:
+        try:
+            reply = await self._tasks.BeginTask(request, metadata=METADATA, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "BeginTask", self.address) from exc
+        return TaskInfo.from_proto(reply.task)
+
+    async def _end(self, task_id: str) -> TaskInfo:
+        try:
+            reply = await self._tasks.EndTask(
+                task_pb2.EndTaskRequest(task_id=task_id), metadata=METADATA, timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "EndTask", self.address) from exc
+        return TaskInfo.from_proto(reply.task)
+
+    async def _fetch_jwt(self, spiffe_id: SpiffeId, audience: tuple[str, ...]) -> JwtSvid:
+        request = workload_pb2.JWTSVIDRequest(audience=list(audience), spiffe_id=str(spiffe_id))
+        try:
+            reply = await self._workload.FetchJWTSVID(
+                request, metadata=METADATA, timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "FetchJWTSVID", self.address) from exc
+        if not reply.svids:
+            raise WorkloadApiError("Workload API FetchJWTSVID returned no SVID", "NO_MESSAGE")
+        try:
+            return JwtSvid.parse_insecure(reply.svids[0].svid)  # from the agent: trusted
+        except SvidError as exc:
+            raise TaskError(f"FetchJWTSVID sent an unusable token: {exc}", "BAD_RESPONSE") from exc
+
+
+class Beginning:
+    """A task being begun: await it for the task, or ``async with`` it to end the task on exit."""
+
+    def __init__(self, begin: Callable[[], Awaitable[AsyncTask]]) -> None:
+        self._begin = begin
+        self._task: AsyncTask | None = None
+
+    def __await__(self) -> Generator[object, None, AsyncTask]:
+        return self._start().__await__()
+
+    async def _start(self) -> AsyncTask:
+        if self._task is None:
+            self._task = await self._begin()
+        return self._task
+
+    async def __aenter__(self) -> AsyncTask:
+        return await self._start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:  # None: the begin itself failed, nothing to end
+            await self._task.__aexit__(exc_type, exc, tb)
+
+
+class AsyncTask(TaskView):
+    """A granted task, on asyncio; see svid.tasks.Task for the semantics."""
+
+    def __init__(self, client: AsyncTaskClient, info: TaskInfo) -> None:
+        self._client = client
+        self._info = info
+        self._lock = asyncio.Lock()
+        self._jwts: dict[tuple[str, ...], tuple[JwtSvid, float]] = {}
+        self._children: list[AsyncTask] = []
+        self._ended = False
+
+    def __repr__(self) -> str:
+        return f"AsyncTask({self._info.spiffe_id}, {self._info.decision}, ttl={self._info.ttl})"
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    async def jwt_svid(self, audience: str | Iterable[str]) -> JwtSvid:
+        key = audience_key(audience)
+        # One fetch at a time: concurrent callers for one audience share the fetched token.
+        async with self._lock:
+            if self._ended:
+                raise TaskEndedError(f"task {self.task_id} has ended; it mints no more tokens")
+            now = self._client.clock.now()
+            cached = self._jwts.get(key)
+            if cached is not None and fresh(cached[0], cached[1], now):
+                return cached[0]
+            jwt = await self._client._fetch_jwt(self.spiffe_id, key)
+            self._jwts[key] = (jwt, now)
+            return jwt
+
+    async def jwt(self, audience: str | Iterable[str]) -> str:
+        return (await self.jwt_svid(audience)).token
+
+    def subtask(
+        self,
+        *,
+        actions: Iterable[str] | None = None,
+        resources: Iterable[str] | None = None,
+        tools: Tools | None = None,
+        classification: str = "",
+        goal: str = "",
+        ttl: int = 0,
+    ) -> Beginning:
+        inherit = actions is None and resources is None and tools is None
+        return self._child(
+            actions=self.actions if inherit else (actions or ()),
+            resources=self.resources if inherit else (resources or ()),
+            tools=self.tools if inherit else (tools or ()),
+            classification=classification,
+            goal=goal,
+            ttl=ttl,
+            elevate=False,
+        )
+
+    def elevate(
+        self,
+        *,
+        actions: Iterable[str] = (),
+        resources: Iterable[str] = (),
+        tools: Tools = (),
+        classification: str = "",
+        goal: str = "",
+        ttl: int = 0,
+    ) -> Beginning:
+        return self._child(
+            actions=actions,
+            resources=resources,
+            tools=tools,
+            classification=classification,
+            goal=goal,
+            ttl=ttl,
+            elevate=True,
+        )
+
+    def _child(
+        self,
+        *,
+        actions: Iterable[str],
+        resources: Iterable[str],
+        tools: Tools,
+        classification: str,
+        goal: str,
+        ttl: int,
+        elevate: bool,
+    ) -> Beginning:
+        request = begin_request(
+            actions=actions,
+            resources=resources,
+            tools=tools,
+            classification=classification,
+            environment="",
+            on_behalf_of="",
+            goal=goal,
+            ttl=ttl,
+            spiffe_id=self._info.runtime_id,
+            parent_task_id=self.task_id,
+            elevate=elevate,
+        )
+
+        async def begun() -> AsyncTask:
+            if self._ended:
+                raise TaskEndedError(f"task {self.task_id} has ended; it begins no sub-tasks")
+            child = AsyncTask(self._client, await self._client._begin(request))
+            self._children.append(child)
+            return child
+
+        return Beginning(begun)
+
+    async def end(self) -> TaskInfo:
+        if self._ended:
+            return self._info
+        info = await self._client._end(self.task_id)
+        self._mark_ended(info)
+        return info
+
+    def _mark_ended(self, info: TaskInfo | None = None) -> None:
+        self._ended = True
+        self._jwts.clear()
+        if info is not None:
+            self._info = info
+        children, self._children = self._children, []
+        for child in children:
+            child._mark_ended()
+
+    async def __aenter__(self) -> AsyncTask:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.end()
+            return
+        try:
+            await self.end()
+        except SvidError as end_error:
+            log.warning(
+                "could not end task after an error",
+                extra={"task_id": self.task_id, "error": str(end_error)},
+            )

@@ -1,0 +1,285 @@
+"""Tasks from a workload, synchronously: begin over the agent's socket, mint task JWTs, end."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+
+import grpc
+
+from svid._clock import Clock, SystemClock
+from svid._errors import SvidError
+from svid._jwt import JwtSvid
+from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
+from svid._spiffe_id import SpiffeId
+from svid._task_errors import TaskEndedError, TaskError, translate
+from svid._task_model import TaskInfo, TaskView, Tools, audience_key, begin_request, fresh
+from svid._workload_address import address_of, grpc_target
+from svid._workload_calls import CHANNEL_OPTIONS, METADATA
+from svid._workload_errors import WorkloadApiError
+
+log = logging.getLogger("svid.tasks")
+DEFAULT_TIMEOUT = 10.0
+
+
+class TaskClient:
+    """Begins tasks for this workload at the agent's Workload API socket.
+
+    ``socket`` is ``unix:///path`` or ``tcp://IP:port`` (default: SPIFFE_ENDPOINT_SOCKET).
+    Thread-safe; close() it, or use it as a context manager, when done.
+    """
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.target = grpc_target(socket, environ)
+        self.address = address_of(socket, environ)
+        self.timeout = timeout
+        self.clock: Clock = clock or SystemClock()
+        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._tasks = task_pb2_grpc.TasksStub(self._channel)
+        self._workload = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> TaskClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def begin(
+        self,
+        *,
+        actions: Iterable[str] = (),
+        resources: Iterable[str] = (),
+        tools: Tools = (),
+        classification: str = "",
+        environment: str = "",
+        on_behalf_of: str = "",
+        goal: str = "",
+        ttl: int = 0,
+        spiffe_id: SpiffeId | str | None = None,
+    ) -> Task:
+        """Begin a task with this intent; use the result as a context manager to end it.
+
+        ``tools`` maps a server (its audience) to tool names, or lists ``"<server>#<tool>"``.
+        ``goal`` is hashed by the agent; only the hash leaves the node. ``ttl`` 0 takes the
+        server's default. Raises TaskDeniedError (with the decision's ``reason``) when refused.
+        """
+        request = begin_request(
+            actions=actions,
+            resources=resources,
+            tools=tools,
+            classification=classification,
+            environment=environment,
+            on_behalf_of=on_behalf_of,
+            goal=goal,
+            ttl=ttl,
+            spiffe_id=spiffe_id,
+        )
+        return Task(self, self._begin(request))
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def _begin(self, request: task_pb2.BeginTaskRequest) -> TaskInfo:
+        try:
+            reply = self._tasks.BeginTask(request, metadata=METADATA, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise translate(exc, "BeginTask", self.address) from exc
+        return TaskInfo.from_proto(reply.task)
+
+    def _end(self, task_id: str) -> TaskInfo:
+        try:
+            reply = self._tasks.EndTask(
+                task_pb2.EndTaskRequest(task_id=task_id), metadata=METADATA, timeout=self.timeout
+            )
+        except grpc.RpcError as exc:
+            raise translate(exc, "EndTask", self.address) from exc
+        return TaskInfo.from_proto(reply.task)
+
+    def _fetch_jwt(self, spiffe_id: SpiffeId, audience: tuple[str, ...]) -> JwtSvid:
+        request = workload_pb2.JWTSVIDRequest(audience=list(audience), spiffe_id=str(spiffe_id))
+        try:
+            reply = self._workload.FetchJWTSVID(request, metadata=METADATA, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise translate(exc, "FetchJWTSVID", self.address) from exc
+        if not reply.svids:
+            raise WorkloadApiError("Workload API FetchJWTSVID returned no SVID", "NO_MESSAGE")
+        try:
+            return JwtSvid.parse_insecure(reply.svids[0].svid)  # from the agent: trusted
+        except SvidError as exc:
+            raise TaskError(f"FetchJWTSVID sent an unusable token: {exc}", "BAD_RESPONSE") from exc
+
+
+class Task(TaskView):
+    """A granted task. ``with`` ends it on exit (on an exception too); ``end()`` does it by hand.
+
+    ``jwt(audience)`` gives a task JWT-SVID, cached and fetched again once half its lifetime has
+    passed. ``subtask(...)`` narrows this task; ``elevate(...)`` begins a short elevated step
+    inside it, decided by policy on its own, whose end leaves this task running.
+    """
+
+    def __init__(self, client: TaskClient, info: TaskInfo) -> None:
+        self._client = client
+        self._info = info
+        self._lock = threading.Lock()
+        self._jwts: dict[tuple[str, ...], tuple[JwtSvid, float]] = {}
+        self._children: list[Task] = []
+        self._ended = False
+
+    def __repr__(self) -> str:
+        return f"Task({self._info.spiffe_id}, {self._info.decision}, ttl={self._info.ttl})"
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    def jwt_svid(self, audience: str | Iterable[str]) -> JwtSvid:
+        """A task JWT-SVID for ``audience`` (each mint is a policy decision at the server)."""
+        key = audience_key(audience)
+        with self._lock:
+            if self._ended:
+                raise TaskEndedError(f"task {self.task_id} has ended; it mints no more tokens")
+            now = self._client.clock.now()
+            cached = self._jwts.get(key)
+            if cached is not None and fresh(cached[0], cached[1], now):
+                return cached[0]
+            jwt = self._client._fetch_jwt(self.spiffe_id, key)
+            self._jwts[key] = (jwt, now)
+            return jwt
+
+    def jwt(self, audience: str | Iterable[str]) -> str:
+        """The bearer token of ``jwt_svid(audience)``."""
+        return self.jwt_svid(audience).token
+
+    # -- sub-tasks -----------------------------------------------------------------------------
+
+    def subtask(
+        self,
+        *,
+        actions: Iterable[str] | None = None,
+        resources: Iterable[str] | None = None,
+        tools: Tools | None = None,
+        classification: str = "",
+        goal: str = "",
+        ttl: int = 0,
+    ) -> Task:
+        """A sub-task that narrows this one (by default: the whole granted scope). It ends with
+        this task, and no later than it."""
+        inherit = actions is None and resources is None and tools is None
+        return self._child(
+            actions=self.actions if inherit else (actions or ()),
+            resources=self.resources if inherit else (resources or ()),
+            tools=self.tools if inherit else (tools or ()),
+            classification=classification,
+            goal=goal,
+            ttl=ttl,
+            elevate=False,
+        )
+
+    def elevate(
+        self,
+        *,
+        actions: Iterable[str] = (),
+        resources: Iterable[str] = (),
+        tools: Tools = (),
+        classification: str = "",
+        goal: str = "",
+        ttl: int = 0,
+    ) -> Task:
+        """A short elevated step inside this task: its own policy decision (policies see
+        ``context.intent.elevated``), a TTL within this task's and the server's elevated-step
+        cap. Ending it leaves this task running."""
+        return self._child(
+            actions=actions,
+            resources=resources,
+            tools=tools,
+            classification=classification,
+            goal=goal,
+            ttl=ttl,
+            elevate=True,
+        )
+
+    def _child(
+        self,
+        *,
+        actions: Iterable[str],
+        resources: Iterable[str],
+        tools: Tools,
+        classification: str,
+        goal: str,
+        ttl: int,
+        elevate: bool,
+    ) -> Task:
+        if self._ended:
+            raise TaskEndedError(f"task {self.task_id} has ended; it begins no sub-tasks")
+        request = begin_request(
+            actions=actions,
+            resources=resources,
+            tools=tools,
+            classification=classification,
+            environment="",
+            on_behalf_of="",
+            goal=goal,
+            ttl=ttl,
+            spiffe_id=self._info.runtime_id,
+            parent_task_id=self.task_id,
+            elevate=elevate,
+        )
+        child = Task(self._client, self._client._begin(request))
+        with self._lock:
+            self._children.append(child)
+        return child
+
+    # -- end -----------------------------------------------------------------------------------
+
+    def end(self) -> TaskInfo:
+        """End the task (idempotent): the server revokes every SVID of it and its sub-tasks."""
+        with self._lock:
+            if self._ended:
+                return self._info
+        info = self._client._end(self.task_id)
+        self._mark_ended(info)
+        return info
+
+    def _mark_ended(self, info: TaskInfo | None = None) -> None:
+        with self._lock:
+            self._ended = True
+            self._jwts.clear()
+            if info is not None:
+                self._info = info
+            children, self._children = self._children, []
+        for child in children:  # the server ended them with this task
+            child._mark_ended()
+
+    def __enter__(self) -> Task:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.end()
+            return
+        try:
+            self.end()
+        except SvidError as end_error:
+            # The body's exception is the one to see; the task still runs out at its TTL.
+            log.warning(
+                "could not end task after an error",
+                extra={"task_id": self.task_id, "error": str(end_error)},
+            )

@@ -1,0 +1,240 @@
+"""The agent's copy of the server's audit checkpoint: the newest wins, it never goes back, only a
+checkpoint that verifies under the key it came with is kept, and the file is replaced whole.
+
+Checkpoints are signed by the server's own CheckpointSigner: the agent must read exactly what
+the server writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent_attestor import agent_store
+from agent_attestor.checkpoint_store import (
+    BACKWARDS,
+    FILE_NAME,
+    FORKED,
+    INVALID,
+    KEY_CHANGED,
+    UNWRITABLE,
+    CheckpointStore,
+    PushedCheckpoint,
+    read_records,
+)
+from server.audit.checkpoint import PRUNE, CheckpointFile, CheckpointSigner
+from svid import AuditCheckpoint, AuditCheckpointError
+
+T0 = 1_700_000_000.0
+HASHES = [f"{n:064x}" for n in range(100)]
+
+
+@pytest.fixture
+def signer() -> CheckpointSigner:
+    return CheckpointSigner(ec.generate_private_key(ec.SECP256R1()))
+
+
+@pytest.fixture
+def refused() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def store(tmp_path: Path, refused: list[str]) -> CheckpointStore:
+    return CheckpointStore(tmp_path / FILE_NAME, on_refused=refused.append)
+
+
+def push(
+    signer: CheckpointSigner, count: int, time: float = T0, digest: str = ""
+) -> PushedCheckpoint:
+    checkpoint = signer.sign(count, digest or HASHES[count], count, time)
+    return PushedCheckpoint(checkpoint.to_line(), checkpoint.public_key_der())
+
+
+def test_the_first_checkpoint_is_kept_in_the_servers_file_format(
+    store: CheckpointStore, signer: CheckpointSigner
+) -> None:
+    pushed = push(signer, 5)
+    assert store.offer(pushed)
+    assert store.held == AuditCheckpoint.parse(pushed.line)
+    assert store.path.read_text() == pushed.line + "\n"
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    # The stored file is an anchor file as `svid-server audit verify --anchor` reads it.
+    anchors, _ = CheckpointFile(store.path).anchors()
+    assert [(a.seq, a.hash) for a in anchors] == [(5, HASHES[5])]
+
+
+def test_a_newer_checkpoint_replaces_the_one_held(
+    store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    assert store.offer(push(signer, 5))
+    assert store.offer(push(signer, 9, T0 + 60))
+    assert store.held is not None
+    assert store.held.count == 9
+    # The same head signed again later (an on-demand checkpoint) is newer too.
+    assert store.offer(push(signer, 9, T0 + 120))
+    assert store.held.time == T0 + 120
+    # ...but the very same one again is nothing new.
+    assert not store.offer(push(signer, 9, T0 + 120))
+    assert not store.offer(push(signer, 9, T0 + 90))
+    assert refused == []
+    assert read_records(store.path) == [store.held]
+
+
+def test_a_checkpoint_naming_fewer_events_is_refused_and_the_held_one_kept(
+    store: CheckpointStore,
+    signer: CheckpointSigner,
+    refused: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert store.offer(push(signer, 9))
+    before = store.path.read_bytes()
+    caplog.set_level(logging.WARNING, logger="agent_attestor.checkpoint_store")
+    # Signed later and validly: a log cut back and checkpointed again.
+    assert not store.offer(push(signer, 4, T0 + 600))
+    assert refused == [BACKWARDS]
+    assert store.held is not None
+    assert store.held.count == 9
+    assert store.path.read_bytes() == before
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "names event 4, before event 9" in record.getMessage()
+    assert record.__dict__["reason"] == BACKWARDS
+
+
+def test_another_hash_for_the_same_head_is_refused(
+    store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    assert store.offer(push(signer, 9))
+    assert not store.offer(push(signer, 9, T0 + 60, digest=HASHES[1]))
+    assert refused == [FORKED]
+    assert store.held is not None
+    assert store.held.hash == HASHES[9]
+
+
+def test_a_checkpoint_that_does_not_verify_is_refused(
+    store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    good = push(signer, 5)
+    assert store.offer(good)
+    # The count raised after signing.
+    edited = dataclasses.replace(AuditCheckpoint.parse(push(signer, 6).line), count=60, seq=60)
+    assert not store.offer(PushedCheckpoint(edited.to_line(), good.public_key))
+    # Signed by one key, sent with another.
+    other = CheckpointSigner(ec.generate_private_key(ec.SECP256R1()))
+    line = push(signer, 7).line
+    assert not store.offer(PushedCheckpoint(line, push(other, 7).public_key))
+    assert not store.offer(PushedCheckpoint("not json", good.public_key))
+    assert refused == [INVALID] * 3
+    assert store.held == AuditCheckpoint.parse(good.line)
+
+
+def test_a_checkpoint_by_another_key_than_the_pinned_one_is_refused(
+    store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    assert store.offer(push(signer, 5))
+    other = CheckpointSigner(ec.generate_private_key(ec.SECP256R1()))
+    assert not store.offer(push(other, 50, T0 + 60))
+    assert refused == [KEY_CHANGED]
+    assert store.held is not None
+    assert store.held.key_id == signer.key_id
+
+
+def test_the_held_checkpoint_and_its_key_survive_a_restart(
+    tmp_path: Path, store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    assert store.offer(push(signer, 9))
+    again = CheckpointStore(tmp_path / FILE_NAME, on_refused=refused.append)
+    assert again.held == store.held
+    assert not again.offer(push(signer, 3, T0 + 60))
+    # The pinned key came back with the file.
+    assert not again.offer(push(CheckpointSigner(ec.generate_private_key(ec.SECP256R1())), 20))
+    assert refused == [BACKWARDS, KEY_CHANGED]
+
+
+def test_a_write_that_fails_before_the_rename_leaves_the_previous_file_whole(
+    store: CheckpointStore,
+    signer: CheckpointSigner,
+    refused: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A crash or a full disk between writing the new file and renaming it over the old."""
+    assert store.offer(push(signer, 5))
+    before = store.path.read_bytes()
+
+    def disk_full(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(agent_store.os, "replace", disk_full)
+    assert not store.offer(push(signer, 9))
+    monkeypatch.undo()
+    assert refused == [UNWRITABLE]
+    assert store.path.read_bytes() == before
+    assert store.held is not None
+    assert store.held.count == 5
+    # The next one is stored, whatever the failed attempt left behind.
+    assert store.offer(push(signer, 10))
+    assert read_records(store.path)[0].count == 10
+
+
+def test_an_unreadable_stored_checkpoint_is_moved_aside_not_trusted(
+    tmp_path: Path, signer: CheckpointSigner
+) -> None:
+    path = tmp_path / FILE_NAME
+    line = AuditCheckpoint.parse(push(signer, 9).line)
+    path.write_text(dataclasses.replace(line, count=90, seq=90).to_line() + "\n")
+    with pytest.raises(AuditCheckpointError, match="signature"):
+        read_records(path)
+    store = CheckpointStore(path)
+    assert store.held is None
+    assert not path.exists()
+    assert (tmp_path / (FILE_NAME + ".invalid")).exists()
+    assert store.offer(push(signer, 4))
+
+
+def prune(signer: CheckpointSigner, seq: int, time: float, removed: int = 0) -> PushedCheckpoint:
+    record = signer.sign(seq, HASHES[seq], removed or seq, time, PRUNE)
+    return PushedCheckpoint(record.to_line(), record.public_key_der())
+
+
+def test_the_newest_prune_record_is_kept_beside_the_checkpoint(
+    store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    """A pruned log's start is vouched for only by a prune record: the copy keeps the newest,
+    and the file, oldest line first, is an anchor file audit verify accepts as such."""
+    assert store.offer(push(signer, 9))
+    assert store.offer(prune(signer, 4, T0 + 10))
+    assert store.offer(push(signer, 12, T0 + 20))
+    assert store.offer(prune(signer, 8, T0 + 30, removed=4))
+    kinds = [(r.kind, r.seq) for r in read_records(store.path)]
+    assert kinds == [("checkpoint", 12), ("prune", 8)]
+    assert store.held is not None
+    assert store.held.count == 12
+    anchors, _ = CheckpointFile(store.path).anchors()
+    assert [(a.seq, a.pruned) for a in anchors] == [(12, False), (8, True)]
+    # An older prune record, or one forking a pruned event, is refused.
+    assert not store.offer(prune(signer, 6, T0 + 40))
+    forked = signer.sign(8, HASHES[1], 4, T0 + 50, PRUNE)
+    assert not store.offer(PushedCheckpoint(forked.to_line(), forked.public_key_der()))
+    assert refused == [BACKWARDS, FORKED]
+    assert [r.seq for r in store.records] == [12, 8]
+
+
+def test_a_checkpoint_after_a_prune_naming_less_than_it_removed_is_refused(
+    store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    assert store.offer(prune(signer, 20, T0))
+    # Signed after the prune, naming fewer events than it removed: the log was cut back.
+    assert not store.offer(push(signer, 15, T0 + 10))
+    assert refused == [BACKWARDS]
+    assert [r.kind for r in store.records] == ["prune"]
+    # Signed before the prune, it may name less: the head grew, then the prune came.
+    assert store.offer(push(signer, 15, T0 - 10))
+    assert [(r.kind, r.seq) for r in read_records(store.path)] == [
+        ("checkpoint", 15),
+        ("prune", 20),
+    ]
+    CheckpointFile(store.path).anchors()  # and audit verify reads it as consistent

@@ -1,0 +1,261 @@
+"""The public task API (svid.tasks) against the real stack: a `svid-server run` process with an
+operator's policy directory, a `svid-agent run` process, and this test as the agent runtime on
+the agent's socket; tokens checked by a svid verifier fed from the same agent. No private
+client, no svid._proto."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+
+import pytest
+
+import svid
+from svid.tasks import (
+    AsyncTaskClient,
+    TaskClient,
+    TaskDeniedError,
+    TaskEndedError,
+)
+from tests.e2e.agent_process import AgentProcess, create_entry, new_token
+from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
+
+pytestmark = pytest.mark.e2e
+RUNTIME = f"spiffe://{TRUST_DOMAIN}/agents/research-bot"
+SECRET = "vault:reports/api-key"
+TICKETS = "mcp-tickets"
+
+# The operator's policy: the shipped default, one tool kept out of reach, and a secret that may
+# be fetched only in a short elevated step of a task working for someone.
+EXTRA_POLICY = f"""
+@id("no_customer_export_tool")
+@reason("export_customer_data is not for agents")
+forbid (
+  principal,
+  action == Action::"invoke_tool",
+  resource == Tool::"{TICKETS}#export_customer_data"
+);
+
+@id("secret_in_elevated_step")
+@ttl_cap("30")
+permit (
+  principal == Agent::"{RUNTIME}",
+  action == Action::"fetch_secret",
+  resource == Resource::"{SECRET}"
+)
+when {{ context.intent.elevated && context.intent.on_behalf_of != "" }};
+"""
+
+
+@dataclass
+class Stack:
+    server: ServerProcess
+    agent: AgentProcess
+    source: svid.WorkloadApiSource
+
+    @property
+    def address(self) -> str:
+        return f"unix://{self.agent.socket_path}"
+
+    def verify(self, token: str, audience: str) -> svid.VerifiedJwt:
+        return self.source.jwt_verifier().verify(token, audience)
+
+    def task_state(self, task_id: str) -> str:
+        shown = self.server.cli_json("task", "show", task_id)
+        return str(shown.get("task", shown)["state"])
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    root = short_tmpdir("svk")
+    policy = root / "policy"
+    policy.mkdir()
+    default = resources.files("server.policy").joinpath("default.cedar").read_text("utf-8")
+    (policy / "svid.cedar").write_text(default + EXTRA_POLICY)
+    server = make_server(root, policy_dir=str(policy))
+    server.start()
+    agent = AgentProcess(root, server, join_token=new_token(server))
+    source: svid.WorkloadApiSource | None = None
+    try:
+        agent.start()
+        create_entry(server, RUNTIME, agent.agent_id())
+        agent.wait_svid(RUNTIME)
+        source = svid.WorkloadApiSource(f"unix://{agent.socket_path}").start()
+        assert source.wait_ready(20)
+        yield Stack(server, agent, source)
+    except BaseException:
+        print(agent.logs()[-4000:])
+        print(server.logs()[-4000:])
+        raise
+    finally:
+        if source is not None:
+            source.stop()
+        agent.stop()
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_task_begins_mints_and_ends_through_the_public_sync_api(stack: Stack) -> None:
+    with TaskClient(stack.address) as client:
+        with client.begin(
+            actions=["read"],
+            resources=["docs"],
+            on_behalf_of="user:alice",
+            goal="summarise the Q3 reports",
+            ttl=300,
+        ) as task:
+            assert task.decision == "allow"
+            assert task.actions == ("read",)
+            assert task.ttl == 300
+            assert str(task.spiffe_id) == f"{RUNTIME}/task/{task.task_id}"
+            # Usable at once: BeginTask answers once the agent serves the task.
+            token = task.jwt("docs")
+            assert task.jwt("docs") == token  # cached
+            claims = stack.verify(token, "docs").task
+            assert claims is not None
+            assert claims.task_id == task.task_id
+            assert claims.runtime_id == svid.SpiffeId.parse(RUNTIME)
+            assert claims.on_behalf_of == "user:alice"
+            assert claims.delegation_chain == (str(task.spiffe_id),)
+            assert claims.allows("read", audience="docs")
+            with pytest.raises(TaskDeniedError, match="lateral movement") as err:
+                task.jwt("payroll")
+            assert "payroll" in err.value.reason
+        assert task.ended
+        assert task.info.state == "ended"
+        assert stack.task_state(task.task_id) == "ended"
+        with pytest.raises(TaskEndedError):
+            task.jwt("docs")
+
+        # An error inside the block still ends the task, and the error is the one raised.
+        failing = client.begin(actions=["read"], resources=["docs"])
+        with pytest.raises(RuntimeError, match="tool crashed"), failing:
+            raise RuntimeError("tool crashed")
+        assert stack.task_state(failing.task_id) == "ended"
+
+
+def test_a_denial_raises_a_typed_error_carrying_the_decisions_reason(stack: Stack) -> None:
+    with TaskClient(stack.address) as client:
+        with pytest.raises(TaskDeniedError) as err:
+            client.begin(
+                actions=["export_data"], resources=["s3:reports"], classification="restricted"
+            )
+        assert "no_restricted_export" in err.value.reason
+        assert err.value.code == "PERMISSION_DENIED"
+
+
+def test_a_task_jwt_is_fetched_again_once_half_its_lifetime_has_passed(stack: Stack) -> None:
+    with (
+        TaskClient(stack.address) as client,
+        client.begin(actions=["read"], resources=["docs"], ttl=8) as task,
+    ):
+        first = task.jwt_svid("docs")
+        assert task.jwt_svid("docs") is first
+        lifetime = first.expires_at - int(first.claims["iat"])
+        assert 0 < lifetime <= 8
+        time.sleep(lifetime / 2 + 0.3)
+        second = task.jwt_svid("docs")
+        assert second.claims["jti"] != first.claims["jti"]
+        assert stack.verify(second.token, "docs").task is not None
+
+
+def test_a_sub_task_token_carries_its_parents_txn_and_ends_with_it(stack: Stack) -> None:
+    with TaskClient(stack.address) as client:
+        with client.begin(
+            actions=["read", "write"], resources=["docs", "wiki"], on_behalf_of="user:alice"
+        ) as task:
+            sub = task.subtask(actions=["read"], resources=["docs"])
+            assert sub.info.parent_task_id == task.task_id
+            claims = stack.verify(sub.jwt("docs"), "docs").task
+            assert claims is not None
+            assert claims.parent_task_id == task.task_id
+            assert claims.delegation_chain == (str(sub.spiffe_id), str(task.spiffe_id))
+            assert claims.on_behalf_of == "user:alice"
+            with pytest.raises(TaskDeniedError, match="privilege chaining"):
+                task.subtask(actions=["read"], resources=["payroll"])
+        assert sub.ended
+        assert stack.task_state(sub.task_id) == "ended"
+
+
+def test_a_long_task_gets_a_short_elevated_step_that_ends_alone(stack: Stack) -> None:
+    with TaskClient(stack.address) as client:
+        with pytest.raises(TaskDeniedError, match="fetch_secret"):
+            client.begin(actions=["fetch_secret"], resources=[SECRET], on_behalf_of="user:alice")
+        with client.begin(
+            actions=["read"], resources=["docs"], on_behalf_of="user:alice", ttl=900
+        ) as task:
+            assert task.ttl == 900
+            with task.elevate(actions=["fetch_secret"], resources=[SECRET], ttl=300) as step:
+                assert step.info.elevated
+                assert step.ttl == 30
+                assert step.expires_at <= task.expires_at
+                claims = stack.verify(step.jwt(SECRET), SECRET).task
+                assert claims is not None
+                assert claims.elevated
+                assert claims.allows("fetch_secret")
+                assert claims.parent_task_id == task.task_id
+            assert stack.task_state(step.task_id) == "ended"
+            assert stack.task_state(task.task_id) == "active"
+            parent_claims = stack.verify(task.jwt("docs"), "docs").task
+            assert parent_claims is not None
+            assert not parent_claims.elevated
+
+
+def test_a_task_is_granted_one_tool_of_a_server_and_refused_another(stack: Stack) -> None:
+    with TaskClient(stack.address) as client:
+        with pytest.raises(TaskDeniedError, match="not for agents"):
+            client.begin(tools={TICKETS: ["export_customer_data"]})
+        with client.begin(tools={TICKETS: ["read_ticket", "export_customer_data"]}) as task:
+            assert task.decision == "allow_constrained"
+            assert task.tools == (f"{TICKETS}#read_ticket",)
+            assert "no_customer_export_tool" in task.reason
+            claims = stack.verify(task.jwt(TICKETS), TICKETS).task
+            assert claims is not None
+            assert claims.scope == ("tool:read_ticket",)
+            assert claims.grants_tool("read_ticket", audience=TICKETS)
+            assert not claims.grants_tool("export_customer_data", audience=TICKETS)
+            assert claims.required_scope("export_customer_data") == "tool:export_customer_data"
+
+
+def test_the_async_api_has_the_same_semantics(stack: Stack) -> None:
+    async def run() -> tuple[str, str]:
+        async with AsyncTaskClient(stack.address) as client:
+            with pytest.raises(TaskDeniedError, match="no_restricted_export"):
+                await client.begin(
+                    actions=["export_data"], resources=["s3:reports"], classification="restricted"
+                )
+            async with client.begin(
+                actions=["read"], resources=["docs"], on_behalf_of="user:alice"
+            ) as task:
+                token = await task.jwt("docs")
+                assert await task.jwt("docs") == token
+                sub = await task.subtask()
+                claims = stack.verify(await sub.jwt("docs"), "docs").task
+                assert claims is not None
+                assert claims.parent_task_id == task.task_id
+                async with task.elevate(actions=["fetch_secret"], resources=[SECRET]) as step:
+                    assert step.ttl == 30
+                    await step.jwt(SECRET)
+                assert step.ended
+            assert task.ended
+            assert sub.ended
+            with pytest.raises(TaskEndedError):
+                await task.jwt("docs")
+            return token, task.task_id
+
+    token, task_id = asyncio.run(run())
+    assert stack.task_state(task_id) == "ended"
+
+    # The ended task's tokens are refused once the revocation reaches the verifier.
+    def refused() -> bool:
+        try:
+            stack.verify(token, "docs")
+        except svid.RevokedError:
+            return True
+        return False
+
+    wait_for(refused, 10, "the task's token to be revoked at the verifier")

@@ -1,0 +1,101 @@
+"""The CRLs agents hand to workloads: only still-valid revoked certificates, split under a size
+budget into CRLs that each verify against the CA and together list every serial once. Real CA
+certificates and keys (EC and RSA-4096), real DER."""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from server.datastore.records import Revocation
+from server.sync_messages import MAX_BYTES
+from server.tasks.crl import CRL_MAX_BYTES, CrlCache, SignCrl, build_crls
+from tests.svid.certs import T0, Issued, make_ca
+
+NOW = int(T0)
+
+
+def _signer(ca: Issued) -> SignCrl:
+    def sign(builder: x509.CertificateRevocationListBuilder) -> x509.CertificateRevocationList:
+        return builder.sign(ca.key, hashes.SHA256())  # type: ignore[arg-type]
+
+    return sign
+
+
+def _serial(n: int, expires_at: int = NOW + 3600) -> Revocation:
+    # 128-bit serials with the top bit set, as random serials mostly are: the longest DER.
+    value = format((1 << 127) | (n * 0x9E3779B97F4A7C15), "x")
+    return Revocation("x509_serial", value, "spiffe://example.org/w", expires_at, "r", NOW - 5)
+
+
+def _listed(ders: tuple[bytes, ...]) -> list[int]:
+    return [e.serial_number for der in ders for e in x509.load_der_x509_crl(der)]
+
+
+def _number(der: bytes) -> int:
+    crl = x509.load_der_x509_crl(der)
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def test_a_serial_is_listed_through_its_certificates_last_second_and_not_after() -> None:
+    ca = make_ca()
+    expired, last_second, valid = _serial(1, NOW - 1), _serial(2, NOW), _serial(3, NOW + 1)
+    jti = Revocation("jwt_id", "jti-1", "spiffe://example.org/w", NOW + 600, "r", NOW)
+    (der,) = build_crls(ca.cert, _signer(ca), [expired, last_second, valid, jti], NOW, 1)
+    assert sorted(_listed((der,))) == sorted(int(r.value, 16) for r in (last_second, valid))
+
+
+def test_nothing_listed_is_no_crl_at_all() -> None:
+    ca = make_ca()
+    assert build_crls(ca.cert, _signer(ca), [_serial(1, NOW - 1)], NOW, 1) == ()
+
+
+def test_a_big_list_is_split_into_crls_under_the_budget_that_each_verify() -> None:
+    ca = make_ca()
+    revocations = [_serial(n) for n in range(3000)]
+    ders = build_crls(ca.cert, _signer(ca), revocations, NOW, 42, max_bytes=16 * 1024)
+    assert len(ders) > 5
+    assert max(len(d) for d in ders) <= 16 * 1024
+    # Not wastefully small either: all but the last are filled to most of the budget.
+    assert min(len(d) for d in ders[:-1]) > 14 * 1024
+    for der in ders:
+        crl = x509.load_der_x509_crl(der)
+        assert crl.is_signature_valid(ca.cert.public_key())  # type: ignore[arg-type]
+        assert crl.issuer == ca.cert.subject
+    # One build, one number: a relying party keeping the highest number it saw keeps them all.
+    assert {_number(d) for d in ders} == {42}
+    listed = _listed(ders)
+    assert len(listed) == len(set(listed)) == 3000
+    assert set(listed) == {int(r.value, 16) for r in revocations}
+
+
+def test_the_budget_holds_for_an_rsa_4096_ca_with_a_long_name() -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    ca = make_ca("a-rather-long-trust-domain-name.for-the-issuer.example.org", key=key)
+    revocations = [_serial(n) for n in range(2000)]
+    ders = build_crls(ca.cert, _signer(ca), revocations, NOW, 1, max_bytes=8 * 1024)
+    assert len(ders) > 5
+    assert max(len(d) for d in ders) <= 8 * 1024
+    assert len(_listed(ders)) == 2000
+
+
+def test_a_crl_leaves_room_in_a_sync_message() -> None:
+    assert CRL_MAX_BYTES <= MAX_BYTES // 2
+
+
+def test_the_cache_rebuilds_only_when_the_list_changes_and_numbers_grow() -> None:
+    ca = make_ca()
+    cache = CrlCache(max_bytes=8 * 1024)
+    first_list = tuple(_serial(n) for n in range(500))
+    first = cache.get(ca.cert, _signer(ca), first_list, NOW)
+    assert len(first) > 1
+    # Same list: the same DER (no re-signing: ECDSA signatures differ every time).
+    assert cache.get(ca.cert, _signer(ca), first_list, NOW + 10) is first
+    second = cache.get(ca.cert, _signer(ca), (*first_list, _serial(500)), NOW + 20)
+    (number,) = {_number(d) for d in second}
+    assert number > _number(first[0])
+    assert len(_listed(second)) == 501
+    # A restart starts from the clock, not from 1: numbers never go back.
+    assert _number(first[0]) >= NOW
+    assert CrlCache().get(ca.cert, _signer(ca), (_serial(1, NOW - 1),), NOW) == ()

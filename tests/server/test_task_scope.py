@@ -1,0 +1,200 @@
+"""Tool-level grants and elevated steps in the task service, on the same real parts as
+test_task_service (SQLite, CA, Cedar, the issuance spine) with an operator's policy directory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from server.ca.manager import CaManager
+from server.datastore.sqlite import SqliteDataStore
+from server.errors import InvalidRequestError, PermissionDeniedError
+from server.policy import RequestError
+from server.tasks.model import TaskState
+from svid._clock import FakeClock
+from tests.server.test_task_service import RUNTIME, World, decode, make_world
+
+TICKETS = "mcp-tickets"
+READ = f"{TICKETS}#read_ticket"
+EXPORT = f"{TICKETS}#export_customer_data"
+SECRET = "vault:reports/api-key"
+
+# Added to the shipped default policy: one tool is out of reach, and a secret may be fetched
+# only in a short elevated step.
+EXTRA_POLICY = f"""
+@id("no_customer_export_tool")
+@reason("export_customer_data is not for agents")
+forbid (principal, action == Action::"invoke_tool", resource == Tool::"{EXPORT}");
+
+@id("secret_in_elevated_step")
+@ttl_cap("30")
+permit (
+  principal == Agent::"{RUNTIME}",
+  action == Action::"fetch_secret",
+  resource == Resource::"{SECRET}"
+)
+when {{ context.intent.elevated && context.intent.on_behalf_of != "" }};
+"""
+
+
+@pytest.fixture
+def world(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> Iterator[World]:
+    policy_dir = tmp_path / "policy"
+    policy_dir.mkdir()
+    default = resources.files("server.policy").joinpath("default.cedar").read_text("utf-8")
+    (policy_dir / "svid.cedar").write_text(default + EXTRA_POLICY)
+    w = make_world(tmp_path, clock, datastore, ca_manager, policy_dir=policy_dir)
+    yield w
+    w.close()
+
+
+def mint(world: World, task_spiffe_entry: str, audience: str) -> dict[str, object]:
+    entry = world.state.entries.by_id[task_spiffe_entry]
+    return decode(world, world.mint_jwt(entry, [audience]).token, audience)
+
+
+# -- tools ---------------------------------------------------------------------------------------
+
+
+def test_a_task_is_granted_one_tool_of_a_server_but_not_another(world: World) -> None:
+    task = world.begin(actions=(), resources=(), tools=(READ, EXPORT))
+    assert task.decision == "allow_constrained"
+    assert "no_customer_export_tool" in task.reason
+    assert task.tools == (READ,)
+    assert task.actions == ()
+    assert task.resources == ()
+    claims = mint(world, task.entry_id, TICKETS)
+    assert claims["scope"] == "tool:read_ticket"
+    # Only that server may be its audience.
+    entry = world.state.entries.by_id[task.entry_id]
+    with pytest.raises(PermissionDeniedError, match="lateral movement: audience docs"):
+        world.mint_jwt(entry, ["docs"])
+
+
+def test_a_task_asking_only_for_a_forbidden_tool_is_denied(world: World) -> None:
+    with pytest.raises(PermissionDeniedError, match="export_customer_data is not for agents"):
+        world.begin(actions=(), resources=(), tools=(EXPORT,))
+
+
+def test_declaring_tools_grants_no_other_tool_of_the_server(world: World) -> None:
+    task = world.begin(actions=("read",), resources=("docs",), tools=(READ,))
+    assert mint(world, task.entry_id, TICKETS)["scope"] == "tool:read_ticket"
+    assert mint(world, task.entry_id, "docs")["scope"] == "read"
+
+
+def test_invoke_tool_on_a_server_grants_every_tool_of_it(world: World) -> None:
+    task = world.begin(actions=("invoke_tool",), resources=(TICKETS,))
+    assert mint(world, task.entry_id, TICKETS)["scope"] == "invoke_tool"
+
+
+@pytest.mark.parametrize(
+    ("tools", "needle"),
+    [
+        (("mcp-tickets",), "is not <server>#<tool>"),
+        (("#read",), "is not <server>#<tool>"),
+        (("mcp tickets#read",), "is not <server>#<tool>"),
+        (("mcp-tickets#read ticket",), "tool name"),
+        (("mcp-tickets#",), "tool name"),
+    ],
+)
+def test_a_malformed_tool_is_a_bad_request(world: World, tools: tuple[str], needle: str) -> None:
+    with pytest.raises(RequestError, match=needle):  # INVALID_ARGUMENT
+        world.begin(actions=(), resources=(), tools=tools)
+
+
+def test_a_sub_task_may_narrow_to_tools_but_never_add_one(world: World) -> None:
+    parent = world.begin(actions=(), resources=(), tools=(READ,))
+    with pytest.raises(PermissionDeniedError, match="sub-task adds tools mcp-tickets#other"):
+        world.begin(
+            actions=(), resources=(), tools=(f"{TICKETS}#other",), parent_task_id=parent.task_id
+        )
+    child = world.begin(actions=(), resources=(), tools=(READ,), parent_task_id=parent.task_id)
+    assert child.tools == (READ,)
+    # A server's every tool (invoke_tool on it) covers a sub-task naming one of them.
+    whole = world.begin(actions=("invoke_tool",), resources=(TICKETS,))
+    one = world.begin(actions=(), resources=(), tools=(READ,), parent_task_id=whole.task_id)
+    assert mint(world, one.entry_id, TICKETS)["scope"] == "tool:read_ticket"
+
+
+# -- elevated steps ------------------------------------------------------------------------------
+
+
+def test_a_long_task_gets_a_short_elevated_step_with_its_own_decision(world: World) -> None:
+    with pytest.raises(PermissionDeniedError, match="no policy permits fetch_secret"):
+        world.begin(actions=("fetch_secret",), resources=(SECRET,), ttl=900)
+    parent = world.begin(actions=("read",), resources=("docs",), ttl=900)
+    assert parent.ttl == 900
+    step = world.begin(
+        actions=("fetch_secret",),
+        resources=(SECRET,),
+        ttl=600,
+        parent_task_id=parent.task_id,
+        elevate=True,
+    )
+    assert step.elevated
+    assert step.depth == 1
+    assert step.ttl == 30  # the policy's cap, for the step alone
+    assert step.policy_ids == ("svid.cedar:secret_in_elevated_step",)
+    claims = mint(world, step.entry_id, SECRET)
+    assert claims["scope"] == "fetch_secret"
+    assert claims["parent_txn"] == parent.task_id
+    assert claims["tctx"]["elevated"] is True  # type: ignore[index]
+    assert claims["act"] == {"sub": step.spiffe_id, "act": {"sub": parent.spiffe_id}}
+    (begun,) = [e for e in world.events("task_begin") if e["task_id"] == step.task_id]
+    assert '"elevated":true' in begun["extra"]
+
+    # Ending the step leaves the parent working, for its whole TTL.
+    world.run(world.service.end(world.agent, step.task_id, [RUNTIME]))
+    assert world.service.get(step.task_id).state is TaskState.ENDED
+    assert world.service.get(parent.task_id).active
+    world.clock.advance(600)
+    assert mint(world, parent.entry_id, "docs")["scope"] == "read"
+
+
+def test_an_elevated_step_ends_with_its_parent(world: World) -> None:
+    parent = world.begin()
+    step = world.begin(parent_task_id=parent.task_id, elevate=True)
+    world.run(world.service.end(world.agent, parent.task_id, [RUNTIME]))
+    assert world.service.get(step.task_id).state is TaskState.ENDED
+
+
+def test_an_elevated_step_is_short_and_within_its_parent(world: World) -> None:
+    parent = world.begin(ttl=900)
+    step = world.begin(resources=("wiki",), ttl=900, parent_task_id=parent.task_id, elevate=True)
+    assert step.ttl == world.service.settings.max_elevated_ttl == 300
+    assert step.resources == ("wiki",)  # beyond the parent's scope: policy granted it
+    world.clock.advance(800)
+    late = world.begin(ttl=300, parent_task_id=parent.task_id, elevate=True)
+    assert late.expires_at <= parent.expires_at
+
+
+def test_an_elevated_step_keeps_its_parents_principal_and_never_nests(world: World) -> None:
+    with pytest.raises(InvalidRequestError, match="set parent_task_id"):
+        world.begin(elevate=True)
+    parent = world.begin()
+    with pytest.raises(PermissionDeniedError, match="acts on behalf of 'user:bob'"):
+        world.begin(on_behalf_of="user:bob", parent_task_id=parent.task_id, elevate=True)
+    step = world.begin(parent_task_id=parent.task_id, elevate=True)
+    with pytest.raises(PermissionDeniedError, match="cannot begin another elevated step"):
+        world.begin(parent_task_id=step.task_id, elevate=True)
+    # Narrowing sub-tasks inside a step are fine.
+    inner = world.begin(parent_task_id=step.task_id)
+    assert inner.depth == 2
+    assert not inner.elevated
+
+
+def test_high_risk_actions_still_need_a_permit_in_an_elevated_step(world: World) -> None:
+    parent = world.begin(on_behalf_of="")
+    with pytest.raises(PermissionDeniedError, match="fetch_secret"):
+        world.begin(
+            actions=("fetch_secret",),
+            resources=(SECRET,),
+            on_behalf_of="",
+            parent_task_id=parent.task_id,
+            elevate=True,
+        )

@@ -1,0 +1,214 @@
+"""Revocation freshness: the set's staleness as its feed comes and goes, verifiers that fail closed
+past ``max_revocation_staleness``, and the source state's revocation events (no I/O here; the
+streams are driven by hand, the clock is a FakeClock)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pytest
+
+from svid import (
+    BundleSet,
+    FakeClock,
+    JwtVerifier,
+    MemoryBundleSource,
+    RevocationEvent,
+    RevocationSet,
+    Revoked,
+    SpiffeBundle,
+    StaleRevocationsError,
+    TrustDomain,
+    VerificationError,
+    X509Bundle,
+    X509Svid,
+    X509Verifier,
+    certs_to_pem,
+    der_concat,
+    sign_jws,
+)
+from svid._source_state import SourceState
+from svid._workload_calls import (
+    REVOCATIONS,
+    X509_BUNDLES,
+    X509_SVIDS,
+    RevocationsUpdate,
+    X509BundlesUpdate,
+)
+from svid.workloadapi import WorkloadApiError
+from tests.svid.certs import T0, ec_key, make_ca, make_leaf
+from tests.svid.tls_pki import key_pem
+from tests.svid.workload_fake import signed_crl
+
+TD = TrustDomain("example.org")
+
+
+def test_staleness_follows_the_feed() -> None:
+    rs = RevocationSet()
+    assert rs.staleness(T0) == 0.0  # nobody feeds it: as current as its owner says
+    rs.feed_lost(None)
+    assert rs.staleness(T0) == math.inf  # fed, but never delivered
+    rs.feed_delivered(T0)
+    assert rs.updated_at == T0
+    assert rs.staleness(T0 + 1000) == 0.0  # full-state streams are quiet while nothing changes
+    rs.feed_lost(T0 + 1000)
+    assert rs.staleness(T0 + 1004) == 4.0
+    rs.feed_lost(T0 + 1003)  # a second failure does not make it fresher
+    assert rs.staleness(T0 + 1004) == 4.0
+    rs.feed_delivered(T0 + 1010)
+    assert rs.staleness(T0 + 1020) == 0.0
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, True])
+def test_max_staleness_must_be_a_positive_number(bad: float) -> None:
+    with pytest.raises(ValueError, match="max_revocation_staleness"):
+        X509Verifier(lambda td: None, max_revocation_staleness=bad)
+    with pytest.raises(ValueError, match="max_revocation_staleness"):
+        JwtVerifier(lambda td: None, max_revocation_staleness=bad)
+
+
+def test_verifiers_fail_closed_on_stale_revocations() -> None:
+    clock = FakeClock(T0)
+    ca = make_ca()
+    leaf = der_concat([make_leaf(ca).cert])
+    key = ec_key()
+    source = MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,), {"k1": key.public_key()}))
+    token = sign_jws(
+        {"kid": "k1"}, {"sub": "spiffe://example.org/w", "aud": "svc", "exp": T0 + 300}, key
+    )
+    rs = RevocationSet()
+    rs.feed_lost(None)
+    x = X509Verifier(
+        source.x509_bundle_for, clock=clock, revocations=rs, max_revocation_staleness=5
+    )
+    j = JwtVerifier(source.jwt_bundle_for, clock=clock, revocations=rs, max_revocation_staleness=5)
+    lenient = X509Verifier(source.x509_bundle_for, clock=clock, revocations=rs)
+    with pytest.raises(StaleRevocationsError, match="never received"):
+        x.verify_der(leaf)
+    with pytest.raises(StaleRevocationsError, match="never received"):
+        j.verify(token, "svc")
+    lenient.verify_der(leaf)  # opt-in only
+    rs.feed_delivered(clock.now())
+    x.verify_der(leaf)  # now cached
+    j.verify(token, "svc")
+    rs.feed_lost(clock.now())  # the agent went away
+    clock.advance(5)
+    x.verify_der(leaf)
+    clock.advance(0.5)
+    with pytest.raises(StaleRevocationsError, match=r"5\.5s old") as info:
+        x.verify_der(leaf)  # the cached answer too
+    assert isinstance(info.value, VerificationError)
+    with pytest.raises(StaleRevocationsError):
+        j.verify(token, "svc")
+    with pytest.raises(StaleRevocationsError):
+        x.verify([make_leaf(ca).cert])
+    rs.feed_delivered(clock.now())
+    x.verify_der(leaf)
+    j.verify(token, "svc")
+
+
+# --- the source state, driven by hand -------------------------------------------------------
+
+
+def _state(*streams: str, clock: FakeClock | None = None, **kwargs: Any) -> SourceState:
+    return SourceState(streams, RevocationSet(), clock or FakeClock(T0), **kwargs)
+
+
+def _x509(ca: Any, crls: tuple[bytes, ...] = ()) -> X509BundlesUpdate:
+    return X509BundlesUpdate(BundleSet.of(X509Bundle(TD, (ca.cert,))), crls)
+
+
+def _revoked(*items: Revoked, crls: tuple[bytes, ...] = ()) -> RevocationsUpdate:
+    return RevocationsUpdate(items, crls, 1)
+
+
+def test_revocation_feed_freshness_through_the_state() -> None:
+    clock = FakeClock(T0)
+    state = _state(X509_BUNDLES.name, REVOCATIONS.name, clock=clock)
+    ca = make_ca()
+    assert state.revocations.staleness(clock.now()) == math.inf
+    state.delivered(X509_BUNDLES.name, _x509(ca))
+    assert state.revocations.staleness(clock.now()) == math.inf  # the revocation stream says
+    state.delivered(REVOCATIONS.name, _revoked())
+    assert state.revocations.updated_at == T0
+    clock.advance(60)
+    assert state.revocations.staleness(clock.now()) == 0.0
+    state.failed(REVOCATIONS.name, WorkloadApiError("agent gone", "UNAVAILABLE"))
+    clock.advance(3)
+    assert state.revocations.staleness(clock.now()) == 3.0
+    # An agent without the revocation stream: the bundles stream (CRLs) is the feed.
+    state.failed(REVOCATIONS.name, WorkloadApiError("no such service", "UNIMPLEMENTED"))
+    assert state.revocation_stream_supported is False
+    assert state.revocations.staleness(clock.now()) == 0.0
+    state.failed(X509_BUNDLES.name, None)
+    clock.advance(2)
+    assert state.revocations.staleness(clock.now()) == 2.0
+
+
+def test_crls_before_the_bundles_are_kept_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The revocation stream often delivers before the bundles stream at start-up; its CRLs were
+    # judged against no bundles and logged as "not signed by any authority".
+    ca = make_ca()
+    state = _state(X509_BUNDLES.name, REVOCATIONS.name)
+    with caplog.at_level(logging.WARNING, logger="svid.workloadapi"):
+        state.delivered(REVOCATIONS.name, _revoked(crls=(signed_crl(ca, [0xBEEF]),)))
+        assert state.rejected_crls == ()
+        state.delivered(X509_BUNDLES.name, _x509(ca))
+    assert state.revocations.is_serial_revoked("beef")
+    assert state.rejected_crls == ()
+    assert "ignoring CRL" not in caplog.text
+
+
+def test_on_revoked_announces_each_revocation_once_with_what_is_known() -> None:
+    ca = make_ca()
+    now = T0
+    task_leaf = make_leaf(
+        ca, uris=["spiffe://example.org/agents/bot/task/t-42"], not_before=now - 10, serial=0xAB
+    )
+    own = X509Svid.load_pem(certs_to_pem([task_leaf.cert]), key_pem(task_leaf))
+    state = _state(X509_SVIDS.name, X509_BUNDLES.name, REVOCATIONS.name)
+    events: list[RevocationEvent] = []
+    state.subscribe(events.append)
+    state.delivered(X509_SVIDS.name, [own])
+    state.delivered(X509_BUNDLES.name, _x509(ca))
+
+    def broken(event: RevocationEvent) -> None:
+        raise RuntimeError("subscriber bug")
+
+    state.subscribe(broken)  # must not stop the others, nor the stream
+    state.delivered(REVOCATIONS.name, _revoked(Revoked("jwt_id", "j-1", now + 60)))
+    assert [(e.kind, e.value, e.spiffe_id, e.task_id) for e in events] == [
+        ("jwt_id", "j-1", None, None)
+    ]
+    # Full state again, plus the task's own SVID (by CRL): only the newcomer is announced.
+    state.delivered(X509_BUNDLES.name, _x509(ca, crls=(signed_crl(ca, [0xAB]),)))
+    assert [e.value for e in events] == ["j-1", "ab"]
+    assert str(events[1].spiffe_id) == "spiffe://example.org/agents/bot/task/t-42"
+    assert events[1].task_id == events[1].txn == "t-42"
+    assert state.revocations.is_serial_revoked("ab")  # refused before it is announced
+    state.delivered(REVOCATIONS.name, _revoked(Revoked("jwt_id", "j-1", now + 60)))
+    assert len(events) == 2
+
+
+def test_coroutine_callbacks_need_an_asyncio_source(caplog: pytest.LogCaptureFixture) -> None:
+    state = _state(X509_BUNDLES.name, REVOCATIONS.name)
+    ran: list[str] = []
+
+    async def callback(event: RevocationEvent) -> None:
+        ran.append(event.value)  # never reached: there is no loop to run it
+
+    state.subscribe(callback)
+    with caplog.at_level(logging.ERROR, logger="svid.workloadapi"):
+        state.delivered(REVOCATIONS.name, _revoked(Revoked("jwt_id", "j-1", T0)))
+    assert ran == []
+    assert "only asyncio sources" in caplog.text
+    scheduled: list[Any] = []
+    state = _state(X509_BUNDLES.name, REVOCATIONS.name, schedule=scheduled.append)
+    state.subscribe(callback)
+    state.delivered(REVOCATIONS.name, _revoked(Revoked("jwt_id", "j-2", T0)))
+    assert len(scheduled) == 1
+    scheduled[0].close()

@@ -1,0 +1,204 @@
+"""A fake SPIFFE agent for tests: a real gRPC SpiffeWorkloadAPI (and revocation stream) server on a
+temp Unix socket, serving whatever its State holds; every change wakes its streams."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from svid import X509Svid, sign_jws
+from svid._proto import revocation_pb2, revocation_pb2_grpc, workload_pb2, workload_pb2_grpc
+from tests.svid.certs import Issued
+
+WAIT = 10.0
+
+
+def eventually(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    """Bounded polling for background threads (real sockets, real threads)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def signed_crl(issuer: Issued, serials: list[int]) -> bytes:
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(hours=1))
+    )
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    crl = builder.sign(issuer.key, hashes.SHA256())  # type: ignore[arg-type]
+    return crl.public_bytes(serialization.Encoding.DER)
+
+
+@dataclass
+class State:
+    """What the fake agent serves; every change wakes the streams (full state each message)."""
+
+    x509: dict[str, bytes] = field(default_factory=dict)
+    crls: list[bytes] = field(default_factory=list)
+    jwt: dict[str, bytes] = field(default_factory=dict)
+    revoked: list[revocation_pb2.Revoked] = field(default_factory=list)
+    svid_chain: bytes = b""
+    svid_key: bytes = b""
+    svids: list[X509Svid] | None = None  # when set, served instead of svid_chain / svid_key
+    jwt_key: ec.EllipticCurvePrivateKey | None = None
+    deny: bool = False
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    version: int = 0
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def change(self, **values: Any) -> None:
+        with self.cond:
+            for k, v in values.items():
+                setattr(self, k, v)
+            self.version += 1
+            self.cond.notify_all()
+
+
+class FakeAgent(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
+    def __init__(self, state: State) -> None:
+        self.s = state
+
+    def _check(self, context: grpc.ServicerContext) -> None:
+        md = tuple(context.invocation_metadata() or ())
+        self.s.headers.extend((k, v) for k, v in md if k == "workload.spiffe.io")
+        if ("workload.spiffe.io", "true") not in md:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "security header missing")
+        if self.s.deny:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+
+    def _stream(self, context: grpc.ServicerContext, make: Callable[[], Any]) -> Iterator[Any]:
+        self._check(context)
+        seen = -1
+        while context.is_active():
+            with self.s.cond:
+                if self.s.version == seen:
+                    self.s.cond.wait(0.05)
+                    continue
+                seen = self.s.version
+                deny = self.s.deny
+                msg = None if deny else make()
+            if deny:  # as the agent does once a caller has no identity left
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+            yield msg
+
+    def FetchX509SVID(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        return self._stream(context, self._x509_svids)
+
+    def _x509_svids(self) -> Any:
+        if self.s.svids is None:
+            svids = [
+                workload_pb2.X509SVID(
+                    spiffe_id="spiffe://example.org/workload",
+                    x509_svid=self.s.svid_chain,
+                    x509_svid_key=self.s.svid_key,
+                    bundle=self.s.x509.get("spiffe://example.org", b""),
+                    hint="internal",
+                )
+            ]
+        else:
+            svids = [
+                workload_pb2.X509SVID(
+                    spiffe_id=str(s.spiffe_id),
+                    x509_svid=s.chain_der(),
+                    x509_svid_key=s.key_der(),
+                    bundle=self.s.x509.get(s.spiffe_id.trust_domain.id.__str__(), b""),
+                )
+                for s in self.s.svids
+            ]
+        return workload_pb2.X509SVIDResponse(svids=svids)
+
+    def FetchX509Bundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        return self._stream(
+            context,
+            lambda: workload_pb2.X509BundlesResponse(bundles=self.s.x509, crl=self.s.crls),
+        )
+
+    def FetchJWTBundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        return self._stream(context, lambda: workload_pb2.JWTBundlesResponse(bundles=self.s.jwt))
+
+    def FetchJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._check(context)
+        if not request.audience:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        assert self.s.jwt_key is not None
+        token = sign_jws(
+            {"kid": "k1", "typ": "JWT"},
+            {
+                "sub": request.spiffe_id or "spiffe://example.org/workload",
+                "aud": list(request.audience),
+                "exp": int(time.time()) + 300,
+            },
+            self.s.jwt_key,
+        )
+        return workload_pb2.JWTSVIDResponse(
+            svids=[workload_pb2.JWTSVID(spiffe_id="spiffe://example.org/workload", svid=token)]
+        )
+
+    def ValidateJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._check(context)
+        if request.audience != "svc":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token is invalid: wrong audience")
+        return workload_pb2.ValidateJWTSVIDResponse(spiffe_id="spiffe://example.org/workload")
+
+
+class FakeRevocations(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[misc]
+    def __init__(self, agent: FakeAgent) -> None:
+        self.agent = agent
+
+    def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        s = self.agent.s
+        return self.agent._stream(
+            context,
+            lambda: revocation_pb2.RevocationList(items=s.revoked, version=s.version),
+        )
+
+
+@dataclass
+class Server:
+    state: State
+    path: Path
+    revocations: bool = True
+    server: grpc.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"unix://{self.path}"
+
+    def start(self) -> Server:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        agent = FakeAgent(self.state)
+        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(agent, server)
+        if self.revocations:
+            revocation_pb2_grpc.add_RevocationsServicer_to_server(FakeRevocations(agent), server)
+        server.add_insecure_port(self.address)
+        server.start()
+        self.server = server
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=None).wait()
+            self.server = None
