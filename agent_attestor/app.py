@@ -21,6 +21,7 @@ from agent_attestor.checkpoint_store import CheckpointStore
 from agent_attestor.config import AgentConfig
 from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.errors import ConfigError
+from agent_attestor.jwt_answers import split_budget
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.metrics import Metrics, MetricsHttpServer
 from agent_attestor.node_client import insecure_fetch_server_root, load_x509pop
@@ -120,9 +121,9 @@ class AgentApp:
         self.rotator = Rotator(
             self.cache, self.syncer, self.clock, max_prefetched=config.max_prefetched_svids
         )
-        self.jwts = JwtCache(
-            self.syncer, self.clock, config.jwt_cache_size, config.jwt_cache_max_bytes
-        )
+        # One byte budget for the tokens and the FetchJWTSVID answers built from them.
+        token_bytes, answer_bytes = split_budget(config.jwt_cache_max_bytes)
+        self.jwts = JwtCache(self.syncer, self.clock, config.jwt_cache_size, token_bytes)
         # The task layer (issue 6): Tasks and Revocations services on the same socket.
         self.task_layer = build_task_layer(
             cache=self.cache,
@@ -139,6 +140,7 @@ class AgentApp:
             on_call=self._on_call,
             on_validate=self.task_layer.reporter.report,
             demand=self.rotator,
+            answer_bytes=answer_bytes,
         )
         self.health = health.aio.HealthServicer()
         self.endpoint = WorkloadEndpoint(

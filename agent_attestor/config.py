@@ -46,7 +46,9 @@ class AgentConfig:
     reconnect_min: float = 0.2
     reconnect_max: float = 10.0
     jwt_cache_size: int = 4096
-    jwt_cache_max_bytes: int = 16 * 1024 * 1024  # tokens plus their keys, LRU out past it
+    # Tokens plus their keys, LRU out past it; a sixteenth of it holds the FetchJWTSVID answers
+    # built from them (jwt_answers.split_budget).
+    jwt_cache_max_bytes: int = 16 * 1024 * 1024
     # Workload API connections (issue 11): a share per uid, a deadline to be identified, a
     # capacity (0: what the descriptor limit carries), and a bounded executable hash.
     max_connections_per_uid: int = 256

@@ -18,6 +18,11 @@ from svid._clock import Clock
 from svid._proto import workload_pb2_grpc
 
 MAX_MESSAGE = 4 * 1024 * 1024
+# The internal server's gRPC options (bench/test_bench_agent.py gives its no-op baseline the same).
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.so_reuseport", 0),
+)
 
 
 def prepare_private_dir(path: Path) -> None:
@@ -64,12 +69,7 @@ class WorkloadEndpoint:
         prepare_private_dir(self.private_dir)
         with contextlib.suppress(FileNotFoundError):
             self.internal_path.unlink()
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        server = grpc.aio.server(options=list(SERVER_OPTIONS))
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self._servicer, server)
         for add in self._extra:  # other services on the same socket (health, tasks, ...)
             add(server)

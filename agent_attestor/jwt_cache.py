@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from agent_attestor.signer import MintedJwt, SvidSigner
 from svid._clock import Clock
@@ -31,6 +31,11 @@ def entry_size(key: Key, jwt: MintedJwt) -> int:
         + utf8_size(spiffe_id)
         + sum(utf8_size(a) for a in audience)
     )
+
+
+def refresh_point(jwt: MintedJwt) -> float:
+    """When a token stops being handed out and a new one is minted: half its life (SPIFFE.md)."""
+    return jwt.issued_at + (jwt.expires_at - jwt.issued_at) / 2
 
 
 def audience_key(audience: Sequence[str]) -> tuple[str, ...]:
@@ -60,6 +65,9 @@ class JwtCache:
         self._bytes = 0
         self._pending: dict[Key, asyncio.Future[MintedJwt]] = {}
         self.mints = 0
+        # Bumped whenever a held token is dropped (evicted, replaced, forgotten): whoever keeps
+        # something built from held tokens knows by it that they may be gone.
+        self.generation = 0
 
     @staticmethod
     def key(spiffe_id: str, audience: Sequence[str]) -> Key:
@@ -102,13 +110,21 @@ class JwtCache:
         self.mints += 1
         self._drop(key)
         size = entry_size(key, jwt)
-        self._tokens[key] = (jwt, jwt.issued_at + (jwt.expires_at - jwt.issued_at) / 2, size)
+        self._tokens[key] = (jwt, refresh_point(jwt), size)
         self._bytes += size
         # A token bigger than the whole budget is handed out but not kept (it evicts itself).
         while self._tokens and (len(self._tokens) > self._max or self._bytes > self._max_bytes):
             _, (_, _, gone) = self._tokens.popitem(last=False)
             self._bytes -= gone
+            self.generation += 1
         return jwt
+
+    def touch(self, keys: Iterable[Key]) -> None:
+        """Mark these tokens used, as a hit does (something built from them was served)."""
+        tokens = self._tokens
+        for key in keys:
+            if key in tokens:
+                tokens.move_to_end(key)
 
     @property
     def bytes(self) -> int:
@@ -122,12 +138,14 @@ class JwtCache:
         held = self._tokens.pop(key, None)
         if held is not None:
             self._bytes -= held[2]
+            self.generation += 1
 
     def forget(self, spiffe_ids: set[str] | None = None) -> None:
         """Drop cached tokens (all, or of these IDs): after an entry is removed or revoked."""
         if spiffe_ids is None:
             self._tokens.clear()
             self._bytes = 0
+            self.generation += 1
             return
         for key in [k for k in self._tokens if k[0] in spiffe_ids]:
             self._drop(key)

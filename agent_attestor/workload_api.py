@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -16,10 +16,12 @@ from google.protobuf import struct_pb2
 from agent_attestor.cache import Cache, Identity, Snapshot
 from agent_attestor.caller_check import checked_caller
 from agent_attestor.errors import BadRequestError, NoIdentityError
-from agent_attestor.jwt_cache import JwtCache
+from agent_attestor.jwt_answers import JwtAnswers, answer_key, split_budget
+from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, refresh_point
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
 from agent_attestor.model import Entry, Selector
 from agent_attestor.peer import Caller, CallerRegistry
+from agent_attestor.signer import MintedJwt
 from agent_attestor.watchers import Watch
 from svid._clock import Clock
 from svid._errors import VerificationError
@@ -33,6 +35,32 @@ _REPORTED_CHARS = 2048  # a SPIFFE ID's own limit; any longer claim is not a val
 
 def _td_key(name: str) -> str:
     return f"spiffe://{name}"
+
+
+def _not_serving(snap: Snapshot) -> tuple[grpc.StatusCode, str] | None:
+    """Why no call may be answered from `snap` (None: it may be); a plain check, so that the
+    per-call path pays for an abort only when there is one."""
+    if snap.refused:
+        return grpc.StatusCode.PERMISSION_DENIED, snap.refused
+    if not snap.synced or snap.bundle is None:
+        return grpc.StatusCode.UNAVAILABLE, "agent is not ready yet"
+    return None
+
+
+def _own_identities(entries: Sequence[Entry]) -> list[Entry]:
+    """A caller's identities when it names none: its own, one per hint. A task identity is
+    minted only when asked for by name; minting it here would send the task's policy an
+    audience it never declared, which counts as lateral movement against the runtime."""
+    hints: set[str] = set()
+    chosen: list[Entry] = []
+    for entry in entries:
+        if entry.is_task:
+            continue
+        if entry.hint and entry.hint in hints:
+            continue
+        hints.add(entry.hint)
+        chosen.append(entry)
+    return chosen
 
 
 class ValidationHook(Protocol):
@@ -76,6 +104,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         on_validate: ValidationHook | None = None,
         demand: SvidDemand | None = None,
         first_wait: float = FIRST_MESSAGE_WAIT,
+        answer_bytes: int = split_budget(DEFAULT_MAX_BYTES)[1],
     ) -> None:
         self._demand = demand
         self._first_wait = first_wait
@@ -86,6 +115,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         self._jwts = jwts
         self._clock = clock
         self._validator = CacheJwtValidator(cache, clock)
+        self._answers = JwtAnswers(jwts, clock, answer_bytes)
 
     # ---- shared checks -------------------------------------------------------------------
 
@@ -95,9 +125,9 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Snapshot:
         snap = self._cache.snapshot()
-        await self._not_refused(context, snap)
-        if not snap.synced or snap.bundle is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "agent is not ready yet")
+        problem = _not_serving(snap)
+        if problem is not None:
+            await context.abort(*problem)
         return snap
 
     @staticmethod
@@ -251,15 +281,30 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     async def FetchJWTSVID(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.JWTSVIDRequest, context: grpc.aio.ServicerContext
     ) -> workload_pb2.JWTSVIDResponse:
+        # The agent's hot path. The same request again is answered with what was built for it
+        # (jwt_answers says until when); else every step is a plain check that awaits only to
+        # abort or mint. The header and the caller are checked on every call either way.
         caller = await self._caller(context, "FetchJWTSVID")
-        audience = [a for a in request.audience if a]
+        snap = self._cache.snapshot()
+        key = answer_key(caller.selectors, request)
+        ready = self._answers.get(key, snap)
+        if ready is not None:
+            return ready
+        generation = self._jwts.generation
+        audience = list(request.audience)
+        if "" in audience:
+            audience = [a for a in audience if a]
         if not audience:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         too_big = audience_problem(audience)
         if too_big:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
-        snap = await self._ready(context)
-        entries = await self._entitled(context, snap, caller)
+        problem = _not_serving(snap)
+        if problem is not None:
+            await context.abort(*problem)
+        entries = snap.index.match(caller.selectors)
+        if not entries:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
         if request.spiffe_id:
             chosen = [e for e in entries if e.spiffe_id == request.spiffe_id][:1]
             if not chosen:
@@ -268,38 +313,42 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                     f"caller is not entitled to {request.spiffe_id!r}",
                 )
         else:
-            # No ID named: the caller's own identities only. A task identity is minted only when
-            # asked for by name; minting it here would send the task's policy an audience it
-            # never declared, which counts as lateral movement against the runtime.
-            hints: set[str] = set()
-            chosen = []
-            for entry in entries:
-                if entry.is_task:
-                    continue
-                if entry.hint and entry.hint in hints:
-                    continue
-                hints.add(entry.hint)
-                chosen.append(entry)
+            chosen = _own_identities(entries)
             if not chosen:
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     "no identity issued but task identities: name one in spiffe_id",
                 )
-        out = []
+        reply = workload_pb2.JWTSVIDResponse()
+        add = reply.svids.add
+        tokens = []
         for entry in chosen:
-            try:
-                jwt = await self._jwts.get(entry.spiffe_id, audience, entry.id)
-            except NoIdentityError as exc:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-            except BadRequestError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except Exception as exc:
-                log.warning("could not mint a JWT-SVID", extra={"error": str(exc)})
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "could not mint a JWT-SVID")
-            out.append(
-                workload_pb2.JWTSVID(spiffe_id=entry.spiffe_id, svid=jwt.token, hint=entry.hint)
-            )
-        return workload_pb2.JWTSVIDResponse(svids=out)
+            jwt = self._jwts.cached(entry.spiffe_id, audience)
+            if jwt is None:
+                jwt = await self._mint(context, entry, audience)
+            tokens.append((JwtCache.key(entry.spiffe_id, audience), refresh_point(jwt)))
+            # An empty hint left out: upb pays for every keyword, set or not.
+            if entry.hint:
+                add(spiffe_id=entry.spiffe_id, svid=jwt.token, hint=entry.hint)
+            else:
+                add(spiffe_id=entry.spiffe_id, svid=jwt.token)
+        self._answers.put(key, snap, generation, reply, tokens)
+        return reply
+
+    async def _mint(
+        self, context: grpc.aio.ServicerContext, entry: Entry, audience: list[str]
+    ) -> MintedJwt:
+        """A token not in the cache: minted by the server (once, however many callers wait)."""
+        try:
+            return await self._jwts.get(entry.spiffe_id, audience, entry.id)
+        except NoIdentityError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except BadRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:
+            log.warning("could not mint a JWT-SVID", extra={"error": str(exc)})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "could not mint a JWT-SVID")
+        raise AssertionError("abort() raises")  # pragma: no cover
 
     async def FetchJWTBundles(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.JWTBundlesRequest, context: grpc.aio.ServicerContext
