@@ -19,6 +19,7 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from agent_attestor.demo import TRUST_DOMAIN, Demo, fresh_root, supervise
 from svid import WorkloadApiClient
@@ -47,21 +48,19 @@ forbid (
 
 
 def main(root: Path | None = None) -> int:
-    default = resources.files("server.policy").joinpath("default.cedar").read_text("utf-8")
-    demo = Demo(fresh_root(root or Path.cwd() / ".example"), policy=default + POLICY)
+    demo = Demo(fresh_root(root or Path.cwd() / ".example"), policy=policy())
     return supervise(demo, run, "make example")
+
+
+def policy() -> str:
+    """The shipped default policy and the example's own rule."""
+    default = resources.files("server.policy").joinpath("default.cedar").read_text("utf-8")
+    return default + POLICY
 
 
 def run(demo: Demo) -> int:
     print("==> starting svid-server and svid-agent", flush=True)
-    parent = demo.boot()
-    for spiffe_id in (RUNTIME, TICKETS, INTRUDER):
-        demo.entry(spiffe_id, parent)
-    for spiffe_id in (ORDERS, BILLING):
-        demo.entry(spiffe_id, parent, "--x509-svid-ttl", str(SERVICE_SVID_TTL))
-    api = f"unix://{demo.socket}"
-    _wait_for_svids(api, {RUNTIME, TICKETS, ORDERS, BILLING, INTRUDER})
-    env = {**os.environ, "SPIFFE_ENDPOINT_SOCKET": api, "PYTHONUNBUFFERED": "1"}
+    env = prepare(demo)
     servers: list[subprocess.Popen[bytes]] = []
     try:
         failed = _example(demo, env, servers)
@@ -74,20 +73,42 @@ def run(demo: Demo) -> int:
     return 0
 
 
+def prepare(demo: Demo) -> dict[str, str]:
+    """Boot the demo's server and agent, create the example's entries, wait until the agent
+    serves them all; returns the environment for the example's processes."""
+    parent = demo.boot()
+    for spiffe_id in (RUNTIME, TICKETS, INTRUDER):
+        demo.entry(spiffe_id, parent)
+    for spiffe_id in (ORDERS, BILLING):
+        demo.entry(spiffe_id, parent, "--x509-svid-ttl", str(SERVICE_SVID_TTL))
+    api = f"unix://{demo.socket}"
+    _wait_for_svids(api, {RUNTIME, TICKETS, ORDERS, BILLING, INTRUDER})
+    return {**os.environ, "SPIFFE_ENDPOINT_SOCKET": api, "PYTHONUNBUFFERED": "1"}
+
+
+def serve(
+    demo: Demo, env: dict[str, str], script: str, stdout: Any = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start one of the example's servers on a free port; returns it once it accepts
+    connections. Its output goes to ours, a line at a time, unless ``stdout`` is given."""
+    port = _free_port()
+    server = _start(demo, env, script, str(port), stdout=stdout)
+    _wait_for_port(server, port)
+    return server, port
+
+
 def _example(demo: Demo, env: dict[str, str], servers: list[subprocess.Popen[bytes]]) -> list[str]:
     failed: list[str] = []
 
     print("\n==> an MCP server, and an agent runtime with a task for one of its tools", flush=True)
-    port = _free_port()
-    servers.append(_start(demo, env, "tickets_server.py", str(port)))
-    _wait_for_port(servers[-1], port)
+    tickets, port = serve(demo, env, "tickets_server.py")
+    servers.append(tickets)
     if _run(demo, env, "agent_runtime.py", f"http://127.0.0.1:{port}/mcp") != 0:
         failed.append("the agent runtime")
 
     print("\n==> two services on mutual TLS, and a caller the server does not admit", flush=True)
-    port = _free_port()
-    servers.append(_start(demo, env, "orders_service.py", str(port)))
-    _wait_for_port(servers[-1], port)
+    orders, port = serve(demo, env, "orders_service.py")
+    servers.append(orders)
     url = f"https://127.0.0.1:{port}/orders"
     if _run(demo, env, "billing_client.py", url, BILLING, "3") != 0:
         failed.append("the billing client")
@@ -96,11 +117,15 @@ def _example(demo: Demo, env: dict[str, str], servers: list[subprocess.Popen[byt
     return failed
 
 
-def _start(demo: Demo, env: dict[str, str], script: str, *args: str) -> subprocess.Popen[bytes]:
-    proc = demo.spawn([sys.executable, str(HERE / script), *args], stdout=subprocess.PIPE, env=env)
-    relay = threading.Thread(target=_relay, args=(proc,), daemon=True)
-    relay.start()
-    _relays[proc.pid] = relay
+def _start(
+    demo: Demo, env: dict[str, str], script: str, *args: str, stdout: Any = None
+) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, str(HERE / script), *args]
+    proc = demo.spawn(argv, stdout=stdout or subprocess.PIPE, env=env)
+    if stdout is None:
+        relay = threading.Thread(target=_relay, args=(proc,), daemon=True)
+        relay.start()
+        _relays[proc.pid] = relay
     return proc
 
 
