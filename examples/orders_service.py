@@ -31,7 +31,7 @@ class Server(http.server.ThreadingHTTPServer):
     def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
         error = sys.exc_info()[1]
         if isinstance(error, svid.tls.PeerRefusedError):  # the handshake refused the caller
-            print(f"[orders] refused a caller: {error.args[0]}")
+            print(f"[orders] refused a caller: {error}")
 
 
 with svid.X509Source() as source:  # $SPIFFE_ENDPOINT_SOCKET; waits for the first SVID
