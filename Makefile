@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-long bench-scale proto lint clean
+.PHONY: run example test bench bench-long bench-scale proto lint clean
 
 # Runs on the first `make` (and when pyproject.toml changes); the only slow step, so it says so and
 # lets pip show what it downloads instead of a minute or two of silence.
@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	@echo "==> Starting svid-server and svid-agent in .run/ (a few seconds; Ctrl-C stops both)"
 	@$(BIN)/python -m agent_attestor.demo
+
+# examples/ end to end on a fresh server and agent in .example/ (about 25 s; Ctrl-C stops it all).
+example: $(STAMP)
+	@echo "==> Running examples/: an MCP server and an agent runtime with task tokens, and mTLS"
+	@$(BIN)/python -m examples.run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -68,4 +73,4 @@ fuzz: $(STAMP)
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest tests/fuzz -q $(FUZZ_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .run bench/results
+	rm -rf $(VENV) build dist *.egg-info .run .example bench/results

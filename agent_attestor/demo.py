@@ -45,8 +45,12 @@ def _wait(what: str, check: Callable[[], Any], procs: list[subprocess.Popen[byte
 
 
 class Demo:
-    def __init__(self, root: Path) -> None:
+    """A server and an agent as child processes under ``root`` (also what `make example` runs
+    its example on: ``boot``, then ``entry`` for each workload it needs)."""
+
+    def __init__(self, root: Path, policy: str = "") -> None:
         self.root = root
+        self.policy = policy  # Cedar text for policy_dir; empty: the shipped default policy
         self.procs: list[subprocess.Popen[bytes]] = []
         short = (
             root if len(str(root / "agent" / "public" / "api.sock")) < MAX_UNIX_PATH - 30 else None
@@ -57,13 +61,20 @@ class Demo:
 
     def _spawn(self, module: str, args: list[str], log: str) -> subprocess.Popen[bytes]:
         with open(self.root / log, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
-                stdout=out,
-                stderr=out,
-                cwd=self.root,
-                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 - no threads here
-            )
+            return self.spawn([sys.executable, "-m", module, *args], stdout=out)
+
+    def spawn(
+        self, argv: list[str], *, stdout: Any, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a child process that ``stop`` ends and that dies with this one."""
+        proc = subprocess.Popen(
+            argv,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            env=env,
+            preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 - no threads here
+        )
         self.procs.append(proc)
         return proc
 
@@ -90,13 +101,16 @@ class Demo:
             json.loads(done.stdout) if done.stdout.strip().startswith(("{", "[")) else done.stdout
         )
 
-    def start(self) -> None:
+    def boot(self) -> str:
+        """Start the server and an agent attested to it; returns the agent's SPIFFE ID."""
         data = self.root / "server"
         data.mkdir(parents=True, exist_ok=True)
         config = self.root / "server.toml"
         # Empty: the shipped default policy serves until *.cedar files appear (`policy reload`).
         policy = self.root / "policy"
         policy.mkdir(exist_ok=True)
+        if self.policy:
+            (policy / "policy.cedar").write_text(self.policy)
         config.write_text(
             f'trust_domain = "{TRUST_DOMAIN}"\n'
             f'data_dir = "{data}"\n'
@@ -162,13 +176,22 @@ class Demo:
             ids = [a["spiffe_id"] for a in items if token_id in a["spiffe_id"]]
             return ids[0] if ids else None
 
-        parent = _wait("the agent to attest", agent_id, self.procs)
-        user = pwd.getpwuid(os.getuid()).pw_name
-        spiffe_id = f"spiffe://{TRUST_DOMAIN}/demo/{_segment(user)}"
+        agent: str = _wait("the agent to attest", agent_id, self.procs)
+        return agent
+
+    def entry(self, spiffe_id: str, parent: str, *options: str) -> None:
+        """Register ``spiffe_id`` for this user's processes (``unix:uid``) under the agent
+        ``parent``; ``options`` are more `entry create` flags."""
         self.server_cli(
             "entry", "create", "--spiffe-id", spiffe_id, "--parent-id", parent,
-            "--selector", f"unix:uid:{os.getuid()}",
+            "--selector", f"unix:uid:{os.getuid()}", *options,
         )  # fmt: skip
+
+    def start(self) -> None:
+        parent = self.boot()
+        user = pwd.getpwuid(os.getuid()).pw_name
+        spiffe_id = f"spiffe://{TRUST_DOMAIN}/demo/{_segment(user)}"
+        self.entry(spiffe_id, parent)
         agent_cmd = _command("svid-agent", "agent_attestor.cli")
         server_cmd = _command("svid-server", "server.cli")
         print(
@@ -240,11 +263,8 @@ def _segment(name: str) -> str:
     return cleaned.strip(".") or "user"
 
 
-def main(root: Path | None = None) -> int:
-    root = (root or Path.cwd() / ".run").resolve()
-    shutil.rmtree(root, ignore_errors=True)  # a fresh trust domain every run
-    root.mkdir(parents=True, mode=0o700)
-    demo = Demo(root)
+def supervise(demo: Demo, work: Callable[[Demo], int], name: str) -> int:
+    """Run ``work(demo)`` and stop the demo's processes afterwards, on Ctrl-C or SIGTERM too."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -254,15 +274,11 @@ def main(root: Path | None = None) -> int:
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        demo.start()
-        while all(p.poll() is None for p in demo.procs):
-            time.sleep(0.2)
-        print("make run: a child process exited; see .run/*.log", file=sys.stderr)
-        return 1
+        return work(demo)
     except KeyboardInterrupt:
         return 0
     except RuntimeError as exc:
-        print(f"make run: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 1
     finally:
         # A second Ctrl-C must not cut the shutdown short and leave the daemons running;
@@ -271,6 +287,25 @@ def main(root: Path | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stopping the agent and the server...", flush=True)
         demo.stop()
+
+
+def fresh_root(root: Path | None) -> Path:
+    root = (root or Path.cwd() / ".run").resolve()
+    shutil.rmtree(root, ignore_errors=True)  # a fresh trust domain every run
+    root.mkdir(parents=True, mode=0o700)
+    return root
+
+
+def _serve(demo: Demo) -> int:
+    demo.start()
+    while all(p.poll() is None for p in demo.procs):
+        time.sleep(0.2)
+    print("make run: a child process exited; see .run/*.log", file=sys.stderr)
+    return 1
+
+
+def main(root: Path | None = None) -> int:
+    return supervise(Demo(fresh_root(root)), _serve, "make run")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ class PeerRefusedError(ssl.SSLCertVerificationError, VerificationError):
     ``svid.VerificationError``. The message never holds key material.
     """
 
+    def __str__(self) -> str:
+        # ssl.SSLError's own str() shows a one-argument error as a tuple: "('TLS peer ...',)".
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
 
 class PeerPolicy:
     """What a TLS helper admits: its verifier, its authorizer, and the connections it admitted

@@ -151,6 +151,8 @@ def test_buffered_early_data_of_a_refused_peer_is_never_returned(world: World) -
         server.read(4096)
     assert isinstance(info.value, ssl.SSLError)
     assert isinstance(info.value, VerificationError)
+    # Printed as the sentence it is (ssl.SSLError alone would show "('TLS peer ...',)").
+    assert str(info.value).startswith(f"TLS peer {INTRUDER} is not authorised")
     for _ in range(3):  # an application that ignores the error gets nothing either
         with pytest.raises(tls.PeerRefusedError):
             server.read(4096)
