@@ -81,6 +81,36 @@ class TaskAccessToken(AccessToken):
         """The typed task claims (read on first use; TaskClaimsError if malformed)."""
         return self._caller.task if self._caller is not None else None
 
+    @classmethod
+    def _of(cls, token: str, caller: Caller, audience: str) -> TaskAccessToken:
+        """The token of a caller svid verified, built per request without pydantic's generic
+        construction: what ``model_construct`` (the public way to skip validation) would make,
+        in a quarter of its time (a test holds the two equal)."""
+        verified = caller.jwt
+        assert verified is not None
+        scope = verified.claims.get("scope")
+        sid = str(verified.spiffe_id)
+        access = object.__new__(cls)
+        fields = {
+            "token": token,
+            "client_id": sid,
+            "scopes": scope.split() if type(scope) is str else [],
+            "expires_at": verified.expires_at,
+            "resource": audience,
+            "subject": sid,
+            "claims": dict(verified.claims),
+            "spiffe_id": sid,
+        }
+        _set(access, "__dict__", fields)
+        _set(access, "__pydantic_fields_set__", set(fields))
+        _set(access, "__pydantic_extra__", None)
+        _set(access, "__pydantic_private__", {"_caller": caller})
+        return access
+
+
+# Frozen models refuse setattr; these are the slots model_construct itself fills.
+_set = object.__setattr__
+
 
 class _ToolRule:
     """The scope rule for MCP requests: each ``tools/call`` needs that tool's grant."""
@@ -155,23 +185,7 @@ class TaskAuth:
         )
 
     def _access_token(self, token: str, caller: Caller) -> TaskAccessToken:
-        verified = caller.jwt
-        assert verified is not None
-        scope = verified.claims.get("scope")
-        sid = str(verified.spiffe_id)
-        # Built from verified claims: the model's validation would only re-check our own types.
-        access = TaskAccessToken.model_construct(
-            token=token,
-            client_id=sid,
-            subject=sid,
-            scopes=scope.split() if isinstance(scope, str) else [],
-            expires_at=verified.expires_at,
-            resource=self.audience,
-            claims=dict(verified.claims),
-            spiffe_id=sid,
-        )
-        access._caller = caller
-        return access
+        return TaskAccessToken._of(token, caller, self.audience)
 
     # --- per-tool grants ---
 
@@ -192,7 +206,9 @@ class TaskAuth:
         """The server's streamable HTTP app (``server.streamable_http_app(**app_options)``)
         behind svid: verified task tokens only, each tool call checked, revoked tasks' streams
         and sessions closed."""
-        app = server.streamable_http_app(**app_options)
+        return self._protected(server.streamable_http_app(**app_options), server)
+
+    def _protected(self, app: ASGIApp, server: Any) -> ASGIApp:
         sessions = _Sessions(app, server)
         middleware = SvidAuthMiddleware(
             _admit(sessions),
