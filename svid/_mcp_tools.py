@@ -7,36 +7,64 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic_core import from_json
+
 TOOLS_CALL = "tools/call"
-_KEYS = (b'"method"', b'"params"', b'"name"')
+
+
+class _RepeatedKeyError(ValueError):
+    pass
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # Two "name" keys could be read one way here and the other way by the server.
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
-        raise ValueError("JSON object with a repeated key")
+        raise _RepeatedKeyError("JSON object with a repeated key")
     return dict(pairs)
+
+
+def _could_repeat_a_key(body: bytes) -> bool:
+    # A repeated key needs one of the keys read here spelled twice, or spelled with an escape.
+    return (
+        body.count(b"\\u") > 0
+        or body.count(b'"method"') > 1
+        or body.count(b'"params"') > 1
+        or body.count(b'"name"') > 1
+    )
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        if _could_repeat_a_key(body):  # only such bodies pay for the strict (slower) read
+            return json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        # The SDK's own parser (pydantic_core): what is checked is what the server reads.
+        return from_json(body)
+    except _RepeatedKeyError:
+        raise
+    except UnicodeDecodeError:
+        raise ValueError("request body is not UTF-8 JSON") from None
+    except ValueError:  # json's or pydantic_core's: neither says more that a client needs
+        raise ValueError("request body is not JSON") from None
 
 
 def called_tools(body: bytes) -> tuple[str, ...]:
     """The tool names of every ``tools/call`` in a JSON-RPC message or batch; ValueError when
     the body is not readable JSON-RPC or a call names no tool."""
-    # A repeated key needs one of these spelled twice, or spelled with an escape: only such
-    # bodies pay for the strict (slower) read.
-    strict = b"\\u" in body or any(body.count(k) > 1 for k in _KEYS)
-    try:
-        doc = json.loads(body, object_pairs_hook=_no_duplicates) if strict else json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"request body is not JSON: {exc.__class__.__name__}") from None
-    messages = doc if isinstance(doc, list) else [doc]
+    doc = _parse(body)
+    if type(doc) is dict:  # one message: the common case, without a list around it
+        return _tool_of(doc)
     names: list[str] = []
-    for message in messages:
-        if not isinstance(message, dict) or message.get("method") != TOOLS_CALL:
-            continue
-        params = message.get("params")
-        name = params.get("name") if isinstance(params, dict) else None
-        if not isinstance(name, str) or not name:
-            raise ValueError("tools/call without a tool name")
-        names.append(name)
+    for message in doc if type(doc) is list else ():
+        names += _tool_of(message)
     return tuple(names)
+
+
+def _tool_of(message: Any) -> tuple[str, ...]:
+    if type(message) is not dict or message.get("method") != TOOLS_CALL:
+        return ()
+    params = message.get("params")
+    name = params.get("name") if type(params) is dict else None
+    if type(name) is not str or not name:
+        raise ValueError("tools/call without a tool name")
+    return (name,)

@@ -332,8 +332,10 @@ class SvidAuthMiddleware:
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
+    size = len(name)
     for key, value in scope.get("headers", ()):
-        if key.lower() == name:
+        # Names of another length cannot match: no lowered copy of every header's name.
+        if len(key) == size and (key == name or key.lower() == name):
             return bytes(value).decode("latin-1")
     return None
 
@@ -358,7 +360,7 @@ async def _read_body(receive: Receive, limit: int) -> tuple[bytes, Receive]:
         parts.append(chunk)
         if not message.get("more_body", False):
             break
-    body = b"".join(parts)
+    body = parts[0] if len(parts) == 1 else b"".join(parts)
     replayed = False
 
     async def replay() -> Message:

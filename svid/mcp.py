@@ -81,6 +81,36 @@ class TaskAccessToken(AccessToken):
         """The typed task claims (read on first use; TaskClaimsError if malformed)."""
         return self._caller.task if self._caller is not None else None
 
+    @classmethod
+    def _of(cls, token: str, caller: Caller, audience: str) -> TaskAccessToken:
+        """The token of a caller svid verified, built per request without pydantic's generic
+        construction: what ``model_construct`` (the public way to skip validation) would make,
+        in a quarter of its time (a test holds the two equal)."""
+        verified = caller.jwt
+        assert verified is not None
+        scope = verified.claims.get("scope")
+        sid = str(verified.spiffe_id)
+        access = object.__new__(cls)
+        fields = {
+            "token": token,
+            "client_id": sid,
+            "scopes": scope.split() if type(scope) is str else [],
+            "expires_at": verified.expires_at,
+            "resource": audience,
+            "subject": sid,
+            "claims": dict(verified.claims),
+            "spiffe_id": sid,
+        }
+        _set(access, "__dict__", fields)
+        _set(access, "__pydantic_fields_set__", set(fields))
+        _set(access, "__pydantic_extra__", None)
+        _set(access, "__pydantic_private__", {"_caller": caller})
+        return access
+
+
+# Frozen models refuse setattr; these are the slots model_construct itself fills.
+_set = object.__setattr__
+
 
 class _ToolRule:
     """The scope rule for MCP requests: each ``tools/call`` needs that tool's grant."""
@@ -95,11 +125,9 @@ class _ToolRule:
     def scopes(self, scope: Scope, body: bytes) -> tuple[str, ...]:
         if scope.get("method") != "POST":  # GET (the SSE stream), DELETE (end a session)
             return ()
-        return tuple(
-            tool_scope(name)
-            for name in called_tools(body)
-            if self.every_tool or name in self.required
-        )
+        if self.every_tool:
+            return tuple(map(tool_scope, called_tools(body)))
+        return tuple(tool_scope(name) for name in called_tools(body) if name in self.required)
 
 
 class TaskAuth:
@@ -155,23 +183,7 @@ class TaskAuth:
         )
 
     def _access_token(self, token: str, caller: Caller) -> TaskAccessToken:
-        verified = caller.jwt
-        assert verified is not None
-        scope = verified.claims.get("scope")
-        sid = str(verified.spiffe_id)
-        # Built from verified claims: the model's validation would only re-check our own types.
-        access = TaskAccessToken.model_construct(
-            token=token,
-            client_id=sid,
-            subject=sid,
-            scopes=scope.split() if isinstance(scope, str) else [],
-            expires_at=verified.expires_at,
-            resource=self.audience,
-            claims=dict(verified.claims),
-            spiffe_id=sid,
-        )
-        access._caller = caller
-        return access
+        return TaskAccessToken._of(token, caller, self.audience)
 
     # --- per-tool grants ---
 
@@ -192,10 +204,12 @@ class TaskAuth:
         """The server's streamable HTTP app (``server.streamable_http_app(**app_options)``)
         behind svid: verified task tokens only, each tool call checked, revoked tasks' streams
         and sessions closed."""
-        app = server.streamable_http_app(**app_options)
+        return self._protected(server.streamable_http_app(**app_options), server)
+
+    def _protected(self, app: ASGIApp, server: Any) -> ASGIApp:
         sessions = _Sessions(app, server)
         middleware = SvidAuthMiddleware(
-            _admit(sessions),
+            sessions,
             audience=self.audience,
             source=self._source,
             jwt_verifier=self._jwt,
@@ -208,27 +222,10 @@ class TaskAuth:
         return middleware
 
 
-def _admit(app: ASGIApp) -> ASGIApp:
-    async def admitted(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        header = ""
-        for key, value in scope.get("headers", ()):
-            if key.lower() == b"authorization":
-                header = bytes(value).decode("latin-1")
-        token = header.partition(" ")[2].strip()
-        reset = _admitted.set((token, caller_of(scope)))
-        try:
-            await app(scope, receive, send)
-        finally:
-            _admitted.reset(reset)
-
-    return admitted
-
-
 class _Sessions:
-    """The MCP sessions each task opened, to end them when the task is revoked."""
+    """Inside svid's middleware, around the SDK's app: hands the SDK's token check the request
+    svid admitted, and keeps the MCP sessions each task opened, to end them when the task is
+    revoked. One layer, so each request's headers are read once."""
 
     def __init__(self, app: ASGIApp, server: Any) -> None:
         self.app = app
@@ -242,10 +239,26 @@ class _Sessions:
             await self.app(scope, receive, send)
             return
         caller = caller_of(scope)
-        loop = asyncio.get_running_loop()
+        token = ""
+        in_session = False
         for key, value in scope.get("headers", ()):
-            if key.lower() == SESSION_HEADER:
-                self._track(caller, bytes(value).decode("latin-1"), loop)
+            # Only names of these lengths can match: no lowered copy of every header's name.
+            size = len(key)
+            if size == len(b"authorization") and key.lower() == b"authorization":
+                token = bytes(value).decode("latin-1").partition(" ")[2].strip()
+            elif size == len(SESSION_HEADER) and key.lower() == SESSION_HEADER:
+                in_session = True
+                self._track(caller, bytes(value).decode("latin-1"), asyncio.get_running_loop())
+        if not in_session:  # a request in a session never opens another: no answer to watch
+            send = self._watching(caller, send)
+        reset = _admitted.set((token, caller))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _admitted.reset(reset)
+
+    def _watching(self, caller: Caller, send: Send) -> Send:
+        loop = asyncio.get_running_loop()
 
         async def watching_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -254,7 +267,7 @@ class _Sessions:
                         self._track(caller, bytes(value).decode("latin-1"), loop)
             await send(message)
 
-        await self.app(scope, receive, watching_send)
+        return watching_send
 
     def _track(self, caller: Caller, session_id: str, loop: asyncio.AbstractEventLoop) -> None:
         if session_id in self._admissions:

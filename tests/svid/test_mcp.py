@@ -136,3 +136,38 @@ def test_a_revoked_task_s_session_and_stream_end(source: RevokingSource) -> None
         took = asyncio.run(scenario(url))
     assert took < 2
     assert len(SEEN) == 1
+
+
+@pytest.mark.parametrize("scope", ["read tool:read_ticket", None])
+def test_the_per_request_access_token_is_what_model_construct_makes(
+    source: RevokingSource, scope: str | None
+) -> None:
+    # TaskAuth builds its AccessToken without pydantic's generic construction, per request:
+    # held here to the public model_construct, so a pydantic change cannot slip by unseen.
+    auth = svid.mcp.TaskAuth(source, audience=AUDIENCE)
+    token = task_token(scope=scope) if scope else task_token(scope="")
+    fast = auth.access_token(token)
+    verified = source.jwt_verifier().verify(token, AUDIENCE)
+    sid = str(verified.spiffe_id)
+    slow = svid.mcp.TaskAccessToken.model_construct(
+        token=token,
+        client_id=sid,
+        scopes=scope.split() if scope else [],
+        expires_at=verified.expires_at,
+        resource=AUDIENCE,
+        subject=sid,
+        claims=dict(verified.claims),
+        spiffe_id=sid,
+    )
+    slow._caller = fast._caller  # the one private attribute, set as pydantic sets it
+    assert fast == slow
+    assert fast.__dict__ == slow.__dict__
+    assert list(fast.__dict__) == list(slow.__dict__)
+    assert fast.model_fields_set == slow.model_fields_set
+    assert fast.__pydantic_extra__ == slow.__pydantic_extra__
+    assert fast.__pydantic_private__ == slow.__pydantic_private__
+    assert fast.model_dump() == slow.model_dump()
+    assert fast.task is not None
+    assert fast.task.task_id == "t1"
+    with pytest.raises(Exception, match="frozen"):
+        fast.token = "other"  # type: ignore[misc]
