@@ -47,8 +47,13 @@ class Agent:
             registry=self.h.registry,
             attestors=[UnixAttestor()],
             extra_servicers=[
+                # No wait for a task's entry: the fake server's tasks never reach this cache,
+                # and the fuzz checks answers, not Sync.
                 lambda server: task_pb2_grpc.add_TasksServicer_to_server(
-                    TasksApi(self.h.cache, self.h.registry, FakeClient(), self.h.jwts), server
+                    TasksApi(
+                        self.h.cache, self.h.registry, FakeClient(), self.h.jwts, entry_wait=0.0
+                    ),
+                    server,
                 )
             ],
         )
