@@ -170,27 +170,9 @@ def narrow(
             f"sub-task classification {child.classification!r} is more sensitive than its "
             f"parent's {parent.classification!r}",
         )
-    if child.environment != parent.environment:
-        return _deny(
-            Flag.PRIVILEGE_CHAINING,
-            f"sub-task environment {child.environment!r} differs from its parent's "
-            f"{parent.environment!r}",
-        )
-    if child.on_behalf_of != parent.on_behalf_of:
-        return _deny(
-            Flag.PRIVILEGE_CHAINING,
-            f"sub-task acts on behalf of {child.on_behalf_of!r}, its parent for "
-            f"{parent.on_behalf_of!r}",
-        )
-    if child.delegation_depth != parent.delegation_depth + 1:
-        return _deny(
-            Flag.PRIVILEGE_CHAINING,
-            f"sub-task delegation depth {child.delegation_depth} is not its parent's "
-            f"{parent.delegation_depth} plus one",
-        )
-    depth = check_depth(child.delegation_depth, max_depth)
-    if not depth.ok:
-        return depth
+    frame = _check_frame(parent, child, "sub-task", "delegation depth", max_depth)
+    if frame is not None:
+        return frame
     if parent_remaining_ttl is not None:
         if parent_remaining_ttl <= 0:
             return _deny(Flag.PRIVILEGE_CHAINING, "parent task has expired")
@@ -222,27 +204,9 @@ def check_elevation(
     """
     if parent.elevated:
         return _deny(Flag.PRIVILEGE_CHAINING, "an elevated step cannot begin another elevated step")
-    if step.environment != parent.environment:
-        return _deny(
-            Flag.PRIVILEGE_CHAINING,
-            f"elevated step environment {step.environment!r} differs from its parent's "
-            f"{parent.environment!r}",
-        )
-    if step.on_behalf_of != parent.on_behalf_of:
-        return _deny(
-            Flag.PRIVILEGE_CHAINING,
-            f"elevated step acts on behalf of {step.on_behalf_of!r}, its parent for "
-            f"{parent.on_behalf_of!r}",
-        )
-    if step.delegation_depth != parent.delegation_depth + 1:
-        return _deny(
-            Flag.PRIVILEGE_CHAINING,
-            f"elevated step depth {step.delegation_depth} is not its parent's "
-            f"{parent.delegation_depth} plus one",
-        )
-    depth = check_depth(step.delegation_depth, max_depth)
-    if not depth.ok:
-        return depth
+    frame = _check_frame(parent, step, "elevated step", "depth", max_depth)
+    if frame is not None:
+        return frame
     if parent_remaining_ttl <= 0:
         return _deny(Flag.PRIVILEGE_CHAINING, "parent task has expired")
     cap = min(parent_remaining_ttl, max_ttl)
@@ -294,3 +258,30 @@ def check_audiences(scope: Intent, audience: str | Sequence[str]) -> Verdict:
             f"audience {', '.join(sorted(outside))} is not among the task's resources",
         )
     return _OK
+
+
+def _check_frame(
+    parent: Intent, child: Intent, what: str, depth_word: str, max_depth: int
+) -> Verdict | None:
+    """What a sub-task and an elevated step alike keep of their parent: its environment and
+    principal, one delegation level deeper, within `max_depth`. None when all hold."""
+    if child.environment != parent.environment:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"{what} environment {child.environment!r} differs from its parent's "
+            f"{parent.environment!r}",
+        )
+    if child.on_behalf_of != parent.on_behalf_of:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"{what} acts on behalf of {child.on_behalf_of!r}, its parent for "
+            f"{parent.on_behalf_of!r}",
+        )
+    if child.delegation_depth != parent.delegation_depth + 1:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"{what} {depth_word} {child.delegation_depth} is not its parent's "
+            f"{parent.delegation_depth} plus one",
+        )
+    depth = check_depth(child.delegation_depth, max_depth)
+    return None if depth.ok else depth
