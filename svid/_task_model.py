@@ -109,6 +109,44 @@ class TaskView:
     def reason(self) -> str:
         return self._info.reason
 
+    def _subtask_scope(
+        self,
+        actions: Iterable[str] | None,
+        resources: Iterable[str] | None,
+        tools: Tools | None,
+    ) -> tuple[Iterable[str], Iterable[str], Tools]:
+        """A sub-task's scope: what is named, or this task's whole grant when nothing is."""
+        if actions is None and resources is None and tools is None:
+            return self.actions, self.resources, self.tools
+        return actions or (), resources or (), tools or ()
+
+    def _child_request(
+        self,
+        *,
+        actions: Iterable[str],
+        resources: Iterable[str],
+        tools: Tools,
+        classification: str,
+        goal: str,
+        ttl: int,
+        elevate: bool,
+    ) -> task_pb2.BeginTaskRequest:
+        """A sub-task's or elevated step's request under this task: its principal and
+        environment come from this task at the server, so none are sent."""
+        return begin_request(
+            actions=actions,
+            resources=resources,
+            tools=tools,
+            classification=classification,
+            environment="",
+            on_behalf_of="",
+            goal=goal,
+            ttl=ttl,
+            spiffe_id=self._info.runtime_id,
+            parent_task_id=self.task_id,
+            elevate=elevate,
+        )
+
 
 def tool_refs(tools: Tools) -> list[str]:
     """``{"mcp-tickets": ["read_ticket"]}`` or ``["mcp-tickets#read_ticket"]`` as wire refs."""

@@ -199,11 +199,11 @@ class AsyncTask(TaskView):
         goal: str = "",
         ttl: int = 0,
     ) -> Beginning:
-        inherit = actions is None and resources is None and tools is None
+        actions, resources, tools = self._subtask_scope(actions, resources, tools)
         return self._child(
-            actions=self.actions if inherit else (actions or ()),
-            resources=self.resources if inherit else (resources or ()),
-            tools=self.tools if inherit else (tools or ()),
+            actions=actions,
+            resources=resources,
+            tools=tools,
             classification=classification,
             goal=goal,
             ttl=ttl,
@@ -241,17 +241,13 @@ class AsyncTask(TaskView):
         ttl: int,
         elevate: bool,
     ) -> Beginning:
-        request = begin_request(
+        request = self._child_request(
             actions=actions,
             resources=resources,
             tools=tools,
             classification=classification,
-            environment="",
-            on_behalf_of="",
             goal=goal,
             ttl=ttl,
-            spiffe_id=self._info.runtime_id,
-            parent_task_id=self.task_id,
             elevate=elevate,
         )
 

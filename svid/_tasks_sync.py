@@ -177,11 +177,11 @@ class Task(TaskView):
     ) -> Task:
         """A sub-task that narrows this one (by default: the whole granted scope). It ends with
         this task, and no later than it."""
-        inherit = actions is None and resources is None and tools is None
+        actions, resources, tools = self._subtask_scope(actions, resources, tools)
         return self._child(
-            actions=self.actions if inherit else (actions or ()),
-            resources=self.resources if inherit else (resources or ()),
-            tools=self.tools if inherit else (tools or ()),
+            actions=actions,
+            resources=resources,
+            tools=tools,
             classification=classification,
             goal=goal,
             ttl=ttl,
@@ -224,17 +224,13 @@ class Task(TaskView):
     ) -> Task:
         if self._ended:
             raise TaskEndedError(f"task {self.task_id} has ended; it begins no sub-tasks")
-        request = begin_request(
+        request = self._child_request(
             actions=actions,
             resources=resources,
             tools=tools,
             classification=classification,
-            environment="",
-            on_behalf_of="",
             goal=goal,
             ttl=ttl,
-            spiffe_id=self._info.runtime_id,
-            parent_task_id=self.task_id,
             elevate=elevate,
         )
         child = Task(self._client, self._client._begin(request))
