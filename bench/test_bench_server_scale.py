@@ -56,7 +56,6 @@ import asyncio
 import math
 import os
 import shutil
-import socket
 import sqlite3
 import statistics
 import threading
@@ -79,6 +78,7 @@ from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2, node_pb
 from tests.e2e.agent_process import HEADER, AgentProcess
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
 from tests.e2e.test_server_cli import attest
+from tests.ports import free_port
 from tests.server.fixtures import TLS_NAME
 
 pytestmark = pytest.mark.timeout(3600)
@@ -476,12 +476,6 @@ def test_server_rss_per_entry(
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _gauges(address: str) -> dict[str, float]:
     try:
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as reply:
@@ -513,7 +507,7 @@ def _serving(address: str) -> bool:
 
 @pytest.mark.parametrize("n", ON_AGENT)
 def test_real_agent_holding_entries(benchmark: Any, table: Table, stack: Stack, n: int) -> None:
-    metrics = f"127.0.0.1:{_free_port()}"
+    metrics = f"127.0.0.1:{free_port()}"
     agent = AgentProcess(stack.root, stack.server, stack.token())
     flags = ("--log-level", "warning", "--metrics-address", metrics)
     stream: Any = None
@@ -602,7 +596,7 @@ def _credentials(stack: Stack, agent_id: str) -> int:
 def test_real_agent_renewals_at_5_min_ttl(
     benchmark: Any, table: Table, stack: Stack, w: int
 ) -> None:
-    metrics = f"127.0.0.1:{_free_port()}"
+    metrics = f"127.0.0.1:{free_port()}"
     agent = AgentProcess(stack.root, stack.server, stack.token())
     try:
         agent.start("--log-level", "warning", "--metrics-address", metrics)

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.ports import free_port
+
 TRUST_DOMAIN = "example.org"
 START_TIMEOUT = 30.0
 
@@ -146,6 +148,17 @@ def make_server(root: Path, **overrides: Any) -> ServerProcess:
         )
     )
     return ServerProcess(root, config, data_dir, admin_socket, root / "server.log")
+
+
+def make_restartable_server(root: Path, **overrides: Any) -> ServerProcess:
+    """make_server on fixed free ports, so that a restarted server is found where its agents
+    expect it."""
+    return make_server(
+        root,
+        bind_address=f"127.0.0.1:{free_port()}",
+        attest_bind_address=f"127.0.0.1:{free_port()}",
+        **overrides,
+    )
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -18,27 +17,23 @@ from spiffe import X509Source
 
 from svid._proto import workload_pb2
 from tests.e2e.agent_process import HEADER, AgentProcess, create_entry, new_token
-from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
+from tests.e2e.conftest import (
+    ServerProcess,
+    make_restartable_server,
+    make_server,
+    short_tmpdir,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 UID_SELECTOR = f"unix:uid:{os.getuid()}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
 def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
     root = short_tmpdir()
     # Fixed ports, so a restarted server is found where the agent expects it.
-    server = make_server(
-        root,
-        bind_address=f"127.0.0.1:{_free_port()}",
-        attest_bind_address=f"127.0.0.1:{_free_port()}",
-    ).start()
+    server = make_restartable_server(root).start()
     agent = AgentProcess(root, server, new_token(server))
     try:
         agent.start()

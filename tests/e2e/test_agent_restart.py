@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sqlite3
 import urllib.request
 from collections.abc import Iterator
@@ -17,17 +16,16 @@ import pytest
 
 from svid._proto import workload_pb2
 from tests.e2e.agent_process import HEADER, AgentProcess, create_entry, new_token
-from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
+from tests.e2e.conftest import (
+    ServerProcess,
+    make_restartable_server,
+    short_tmpdir,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 UID_SELECTOR = f"unix:uid:{os.getuid()}"
 ENTRIES = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -42,10 +40,8 @@ class Stack:
 def stack() -> Iterator[Stack]:
     root = short_tmpdir()
     # Fixed ports and a metrics listener, so a restarted server is found and counted.
-    server = make_server(
+    server = make_restartable_server(
         root,
-        bind_address=f"127.0.0.1:{_free_port()}",
-        attest_bind_address=f"127.0.0.1:{_free_port()}",
         metrics_address="127.0.0.1:0",
     ).start()
     agent = AgentProcess(root, server, new_token(server))

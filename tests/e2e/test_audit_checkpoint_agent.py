@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -21,27 +20,23 @@ import pytest
 
 from server.audit.checkpoint import CHECKPOINT_FILE
 from tests.e2e.agent_process import AgentProcess, agent_command, create_entry, new_token
-from tests.e2e.conftest import ServerProcess, make_server, server_command, short_tmpdir, wait_for
+from tests.e2e.conftest import (
+    ServerProcess,
+    make_restartable_server,
+    server_command,
+    short_tmpdir,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 AGENT_FILE = "audit-checkpoint.jsonl"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
 def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
     root = short_tmpdir()
     # Fixed ports: the restarted server is found where the agent expects it.
-    server = make_server(
-        root,
-        bind_address=f"127.0.0.1:{_free_port()}",
-        attest_bind_address=f"127.0.0.1:{_free_port()}",
-    ).start()
+    server = make_restartable_server(root).start()
     agent = AgentProcess(root, server, new_token(server))
     try:
         yield server, agent

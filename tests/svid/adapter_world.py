@@ -5,7 +5,6 @@ a real uvicorn server on a free port in a thread."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from svid import (
     X509Verifier,
     sign_jws,
 )
+from tests.ports import free_port
 from tests.svid.certs import ec_key
 
 TD = TrustDomain("example.org")
@@ -95,12 +95,6 @@ class RevokingSource:
         thread = threading.Thread(target=announce)
         thread.start()
         thread.join()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from svid import tls
+from tests.ports import free_port
 from tests.svid.tls_pki import make_pki, plain_context
 from tests.svid.tls_world import (
     CLIENT,
@@ -49,12 +50,6 @@ def tls_lines(code: str) -> list[str]:
     lines = code.splitlines()
     start = next(i for i, line in enumerate(lines) if "X509Source(" in line)
     return [line for line in lines[start:] if line.strip() and not line.strip().startswith("#")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(code: str, agent: Workload, port: int) -> subprocess.Popen[str]:
