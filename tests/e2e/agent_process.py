@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,3 +180,22 @@ def create_entry(
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+@contextmanager
+def agent_stack(
+    root: Path, server: ServerProcess, *, start: bool = True, **agent_options: Any
+) -> Iterator[AgentProcess]:
+    """A real agent for `server` (started unless `start` is False); on exit the agent and the
+    server stop, the agent's log is printed (pytest shows it when a test fails), and `root`
+    goes."""
+    agent = AgentProcess(root, server, new_token(server), **agent_options)
+    try:
+        if start:
+            agent.start()
+        yield agent
+    finally:
+        agent.stop()
+        print("---- agent log ----\n" + agent.logs()[-6000:])
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -5,14 +5,13 @@ exhaust it in a test; the flood comes from a real `nobody` process over real soc
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
 from svid._proto import workload_pb2, workload_pb2_grpc
-from tests.e2e.agent_process import HEADER, AgentProcess, create_entry, new_token
+from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir
 from tests.users import hold_connections_as_nobody
 
@@ -28,16 +27,9 @@ def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
     root = short_tmpdir()
     os.chmod(root, 0o755)
     server = make_server(root).start()
-    agent = AgentProcess(root, server, new_token(server), descriptor_limit=AGENT_FDS)
-    try:
-        agent.start()
+    with agent_stack(root, server, descriptor_limit=AGENT_FDS) as agent:
         os.chmod(agent.socket_path.parent, 0o755)
         yield server, agent
-    finally:
-        agent.stop()
-        print("---- agent log ----\n" + agent.logs()[-6000:])  # shown when a test fails
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_flood_of_idle_connections_from_one_uid_leaves_room_for_others(

@@ -16,7 +16,7 @@ import pytest
 from spiffe import X509Source
 
 from svid._proto import workload_pb2
-from tests.e2e.agent_process import HEADER, AgentProcess, create_entry, new_token
+from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry
 from tests.e2e.conftest import (
     ServerProcess,
     make_restartable_server,
@@ -34,16 +34,8 @@ def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
     root = short_tmpdir()
     # Fixed ports, so a restarted server is found where the agent expects it.
     server = make_restartable_server(root).start()
-    agent = AgentProcess(root, server, new_token(server))
-    try:
-        agent.start()
+    with agent_stack(root, server) as agent:
         yield server, agent
-    finally:
-        agent.stop()
-        print("---- agent log ----\n" + agent.logs()[-6000:])  # shown when a test fails
-        if server.proc is not None:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_entry_reaches_an_open_stream_within_a_second(

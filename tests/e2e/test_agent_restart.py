@@ -5,7 +5,6 @@ while it was down."""
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import urllib.request
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import grpc
 import pytest
 
 from svid._proto import workload_pb2
-from tests.e2e.agent_process import HEADER, AgentProcess, create_entry, new_token
+from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry
 from tests.e2e.conftest import (
     ServerProcess,
     make_restartable_server,
@@ -44,9 +43,7 @@ def stack() -> Iterator[Stack]:
         root,
         metrics_address="127.0.0.1:0",
     ).start()
-    agent = AgentProcess(root, server, new_token(server))
-    try:
-        agent.start()
+    with agent_stack(root, server) as agent:
         agent_id = agent.agent_id()
         ids = {
             f"spiffe://example.org/w{n:02d}": create_entry(
@@ -55,12 +52,6 @@ def stack() -> Iterator[Stack]:
             for n in range(ENTRIES)
         }
         yield Stack(server, agent, agent_id, ids)
-    finally:
-        agent.stop()
-        print("---- agent log ----\n" + agent.logs()[-6000:])  # shown when a test fails
-        if server.proc is not None:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def x509_minted(server: ServerProcess) -> int:

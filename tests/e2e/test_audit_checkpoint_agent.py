@@ -7,7 +7,6 @@ checkpoint file went with it."""
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import stat
 import subprocess
@@ -19,7 +18,12 @@ from typing import Any
 import pytest
 
 from server.audit.checkpoint import CHECKPOINT_FILE
-from tests.e2e.agent_process import AgentProcess, agent_command, create_entry, new_token
+from tests.e2e.agent_process import (
+    AgentProcess,
+    agent_command,
+    agent_stack,
+    create_entry,
+)
 from tests.e2e.conftest import (
     ServerProcess,
     make_restartable_server,
@@ -37,15 +41,8 @@ def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
     root = short_tmpdir()
     # Fixed ports: the restarted server is found where the agent expects it.
     server = make_restartable_server(root).start()
-    agent = AgentProcess(root, server, new_token(server))
-    try:
+    with agent_stack(root, server, start=False) as agent:
         yield server, agent
-    finally:
-        agent.stop()
-        print("---- agent log ----\n" + agent.logs()[-6000:])  # shown when a test fails
-        if server.proc is not None:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def agent_checkpoint(agent: AgentProcess) -> subprocess.CompletedProcess[str]:

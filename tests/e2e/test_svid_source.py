@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
 from svid import TrustDomain, VerificationError, der_concat
 from svid.workloadapi import ENV_SOCKET, Backoff, WorkloadApiClient, WorkloadApiSource
-from tests.e2e.agent_process import AgentProcess, create_entry, new_token
+from tests.e2e.agent_process import AgentProcess, agent_stack, create_entry
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -21,16 +20,8 @@ WORKLOAD = "spiffe://example.org/svid-source"
 def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
     root = short_tmpdir()
     server = make_server(root).start()
-    agent = AgentProcess(root, server, new_token(server))
-    try:
-        agent.start()
+    with agent_stack(root, server) as agent:
         yield server, agent
-    finally:
-        agent.stop()
-        print("---- agent log ----\n" + agent.logs()[-6000:])  # shown when a test fails
-        if server.proc is not None:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_source_and_client_against_the_real_agent(

@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import time
@@ -23,7 +22,12 @@ import pytest
 from svid import TrustDomain, VerifiedX509, X509Source, tls
 from svid._proto import task_pb2, task_pb2_grpc
 from svid.workloadapi import Backoff
-from tests.e2e.agent_process import AgentProcess, agent_command, create_entry, new_token
+from tests.e2e.agent_process import (
+    AgentProcess,
+    agent_command,
+    agent_stack,
+    create_entry,
+)
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
 from tests.svid.tls_world import https_server
 
@@ -37,16 +41,8 @@ TTL = 20  # seconds: the agent renews at half of it, within the test's patience
 def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
     root = short_tmpdir()
     server = make_server(root).start()
-    agent = AgentProcess(root, server, new_token(server))
-    try:
-        agent.start()
+    with agent_stack(root, server) as agent:
         yield server, agent
-    finally:
-        agent.stop()
-        print("---- agent log ----\n" + agent.logs()[-6000:])  # shown when a test fails
-        if server.proc is not None:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
