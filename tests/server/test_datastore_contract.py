@@ -1,8 +1,8 @@
 """The datastore contract: every role of `DataStore`, run against every backend.
 
-Each backend is a factory that opens (or reopens) one store at a fixed place; today only SQLite
-on a real file. A PostgreSQL backend joins by adding its factory to BACKENDS: the same tests
-must then pass unchanged.
+Each backend is a factory that opens (or reopens) one store at a fixed place: SQLite on a real
+file, PostgreSQL in a fresh schema of a real server (tests/postgres.py; skipped when there is
+none, unless SVIDD_REQUIRE_POSTGRES=1). The same tests pass unchanged on both.
 """
 
 from __future__ import annotations
@@ -41,18 +41,27 @@ RUNTIME = "spiffe://example.org/agents/bot"
 Opener = Callable[[], DataStore]
 
 
-def _sqlite(tmp_path: Path, clock: FakeClock) -> Opener:
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Opener:
     return lambda: SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
 
 
-BACKENDS: dict[str, Callable[[Path, FakeClock], Opener]] = {"sqlite": _sqlite}
+def _postgres(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Opener:
+    from server.datastore.postgres import PostgresDataStore
+
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    return lambda: PostgresDataStore(dsn, clock)
+
+
+# name -> factory(request, tmp_path, clock) of an opener of one store at a fixed place.
+Backend = Callable[[pytest.FixtureRequest, Path, FakeClock], Opener]
+BACKENDS: dict[str, Backend] = {"sqlite": _sqlite, "postgresql": _postgres}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     """Opens the backend; calling it again reopens the same data (a restart)."""
     opened: list[DataStore] = []
-    make = BACKENDS[request.param](tmp_path, FakeClock(NOW))
+    make = BACKENDS[request.param](request, tmp_path, FakeClock(NOW))
 
     def opener() -> DataStore:
         store = make()

@@ -1,0 +1,57 @@
+"""The few statements only the PostgreSQL backend runs, and `pg`, which turns any statement
+(these, queries.py's, ledger_queries.py's: all written with `:name` parameters) into psycopg's
+placeholder style at execution."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from server.datastore import ledger_queries as lq
+from server.datastore import queries as q
+
+# `:name` not preceded by another ':' (a `::type` cast stays as it is).
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@functools.lru_cache(maxsize=512)
+def pg(sql: str) -> str:
+    """`sql` with `:name` parameters as psycopg's `%(name)s` (and any literal % doubled)."""
+    return _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+
+# One round trip: the bump and its new value. Every write bumps its counters last, just before
+# COMMIT, so the counter row (which serializes writers across servers) is held only that long,
+# and no transaction waits for another lock while holding it: no deadlock through the counters.
+BUMP_COUNTER = "UPDATE counters SET value = value + 1 WHERE name = :name RETURNING value"
+
+# A NULL filter matches everything; PostgreSQL must be told the type of a parameter it meets
+# first in `IS NULL` (the filters are text columns).
+LIST_ENTRIES = re.sub(r"(:\w+) IS NULL", r"\1::text IS NULL", q.LIST_ENTRIES)
+
+# A concurrent insert of the same id waits for the first and then does nothing: rowcount 0.
+INSERT_JOIN_TOKEN_UNLESS_EXISTS = q.INSERT_JOIN_TOKEN + " ON CONFLICT DO NOTHING"
+
+# The entry row is locked until COMMIT, so a concurrent update of it waits and then sees the
+# revision this one wrote (and refuses a stale base with ConflictError).
+SELECT_ENTRY_FOR_UPDATE = q.SELECT_ENTRY + " FOR UPDATE"
+
+# Transaction-scoped advisory locks, one key per job and schema: two servers on one database
+# migrate (or prune the audit log) one after the other; two schemas (tests) never wait on
+# each other.
+_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s || coalesce(current_schema(), ''), 0))"
+LOCK_MIGRATIONS = _LOCK % "'svidd.migrations:'"
+LOCK_AUDIT_PRUNE = _LOCK % "'svidd.audit_prune:'"
+
+TABLES_IN_SCHEMA = (
+    "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+)
+
+
+def copy_into(insert_head: str) -> str:
+    """`INSERT INTO t (cols)` (the ledger's *_INTO heads) as the COPY that loads those rows."""
+    return "COPY " + insert_head.removeprefix("INSERT INTO ") + " FROM STDIN"
+
+
+COPY_CREDENTIALS = copy_into(lq.CREDENTIALS_INTO)
+COPY_AUDIT_EVENTS = copy_into(lq.AUDIT_EVENTS_INTO)
