@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from server.datastore.postgres_dsn import is_postgres_dsn, redact_dsn
 from server.errors import ConfigError
 from svid._errors import SpiffeIdError
 from svid._spiffe_id import TrustDomain
@@ -81,10 +83,26 @@ class ServerConfig:
     audit_max_events: int = 0
     # Seconds between prune runs.
     audit_prune_interval: float = 3600.0
+    # Where the datastore lives: "" is <data_dir>/datastore.sqlite3; a path, a SQLite file
+    # there; a postgresql:// URL, that PostgreSQL database (several servers may share one).
+    # Out of repr: a URL may hold a password (better kept in PGPASSWORD or ~/.pgpass).
+    datastore: str = field(default="", repr=False)
+
+    @property
+    def datastore_dsn(self) -> str | None:
+        """The PostgreSQL URL of the datastore; None when it is a SQLite file."""
+        return self.datastore if is_postgres_dsn(self.datastore) else None
 
     @property
     def datastore_path(self) -> Path:
-        return self.data_dir / "datastore.sqlite3"
+        """The SQLite file (when `datastore_dsn` is None)."""
+        return Path(self.datastore) if self.datastore else self.data_dir / "datastore.sqlite3"
+
+    @property
+    def datastore_shown(self) -> str:
+        """Where the datastore is, fit for a log line: a URL without its password."""
+        dsn = self.datastore_dsn
+        return str(self.datastore_path) if dsn is None else redact_dsn(dsn)
 
     @property
     def keys_dir(self) -> Path:
@@ -165,6 +183,18 @@ def _as_trust_domain(key: str, value: Any) -> TrustDomain:
         raise ConfigError(f"{key}: {exc}") from None
 
 
+def _as_datastore(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    if not is_postgres_dsn(text):
+        return text  # a SQLite file ("" for the default one)
+    try:
+        _ = urllib.parse.urlsplit(text).port  # raises for a port that is no number
+    except ValueError:
+        # Never the value itself: it may hold a password.
+        raise ConfigError(f"{key}: not a valid PostgreSQL URL: {redact_dsn(text)}") from None
+    return text
+
+
 def _positive(key: str, value: Any) -> int:
     return _as_int(key, value, minimum=1)
 
@@ -212,6 +242,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_retention_days": _as_float,
     "audit_max_events": _as_int,
     "audit_prune_interval": _as_positive_float,
+    "datastore": _as_datastore,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))

@@ -7,14 +7,13 @@ through `postgres_migrations`); only what PostgreSQL must do differently to stay
 processes is here.
 
 Concurrency: READ COMMITTED, and every decision a race could falsify is one conditional
-statement or a row lock. A join token is spent by one DELETE that repeats every condition
-(exactly one of several servers sees rowcount 1); an entry's uniqueness is the identity_hash
-UNIQUE key (INSERT ... ON CONFLICT DO NOTHING waits for a concurrent insert and then does
-nothing); an update locks its row; the revision is one counter row bumped last in each write's
-transaction, so revisions commit in order and no write waits for a lock while holding it. A
-deadlock (two batches touching the same entries in different orders) or a unique key hit by a
-concurrent writer between a check and its write rolls the whole transaction back; it is run
-again, a bounded number of times, and the checks then see the other write.
+statement or a lock. A join token is spent by one DELETE that repeats every condition (exactly
+one of several servers sees rowcount 1). Entry writes take turns under an advisory lock, so
+each one's checks hold until it commits, and the identity_hash UNIQUE key backs them. The
+revision is one counter row bumped last in each write's transaction: revisions commit in
+order, and no write waits for a lock while holding it. Should PostgreSQL still break a
+deadlock or a serialization failure, the whole transaction runs again, a bounded number of
+times.
 
 Connections: a small pool (the server's datastore calls are short; a few connections serve a
 2-core machine). autocommit, so a read is one round trip and a write is an explicit transaction.
@@ -87,7 +86,6 @@ ATTEMPTS = 3
 _REVISION = "revision"
 _BUNDLE_SEQUENCE = "bundle_sequence"
 _RETRY = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
-_RETRY_UNIQUE = (*_RETRY, pg_errors.UniqueViolation)
 
 
 class PostgresDataStore(PostgresLedger):
@@ -147,23 +145,27 @@ class PostgresDataStore(PostgresLedger):
         except psycopg.Error as e:
             raise self._failed(what, e) from e
 
-    def _write(
-        self,
-        what: str,
-        work: Callable[[Cursor], T],
-        retry: tuple[type[psycopg.Error], ...] = _RETRY,
-    ) -> T:
+    def _write(self, what: str, work: Callable[[Cursor], T]) -> T:
         """`work` in one transaction, committed when it returns; run again (up to ATTEMPTS)
-        when it lost to a concurrent writer in one of the `retry` ways. A DataStoreError of
-        `work` rolls back and goes to the caller as it is."""
+        when PostgreSQL failed it for a deadlock or a serialization failure. A DataStoreError
+        of `work` rolls back and goes to the caller as it is."""
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 with self._connection(what) as conn, conn.transaction(), conn.cursor() as cur:
                     return work(cur)
             except StorageError as e:
-                if attempt == ATTEMPTS or not isinstance(e.__cause__, retry):
+                if attempt == ATTEMPTS or not isinstance(e.__cause__, _RETRY):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _write_entries(self, what: str, work: Callable[[Cursor], T]) -> T:
+        """`_write` taking its turn among entry writes (ps.LOCK_ENTRIES)."""
+
+        def locked(cur: Cursor) -> T:
+            cur.execute(ps.LOCK_ENTRIES)
+            return work(cur)
+
+        return self._write(what, locked)
 
     def _rows(self, what: str, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         with self._connection(what) as conn, conn.cursor(row_factory=dict_row) as cur:
@@ -247,7 +249,7 @@ class PostgresDataStore(PostgresLedger):
 
     @staticmethod
     def _update_in(cur: Cursor, entry: Entry) -> Entry:
-        row = cur.execute(pg(ps.SELECT_ENTRY_FOR_UPDATE), {"id": entry.id}).fetchone()
+        row = cur.execute(pg(q.SELECT_ENTRY), {"id": entry.id}).fetchone()
         if row is None:
             raise NotFoundError(f"entry {entry.id} not found")
         assert cur.description is not None
@@ -265,8 +267,6 @@ class PostgresDataStore(PostgresLedger):
                 f"an entry for {entry.spiffe_id} under {entry.parent_id} with the same "
                 f"selectors already exists (id {clash[0]})"
             )
-        # An identity inserted meanwhile by another server fails this with UniqueViolation:
-        # the transaction runs again (_RETRY_UNIQUE) and the check above then names it.
         cur.execute(pg(q.UPDATE_ENTRY), params)
         return stored
 
@@ -283,7 +283,7 @@ class PostgresDataStore(PostgresLedger):
             self._bump(cur, _REVISION)
             return stored
 
-        return self._write("create the entry", work)
+        return self._write_entries("create the entry", work)
 
     def update_entry(self, entry: Entry) -> Entry:
         def work(cur: Cursor) -> Entry:
@@ -291,14 +291,14 @@ class PostgresDataStore(PostgresLedger):
             self._bump(cur, _REVISION)
             return stored
 
-        return self._write("update the entry", work, _RETRY_UNIQUE)
+        return self._write_entries("update the entry", work)
 
     def delete_entry(self, entry_id: str) -> None:
         def work(cur: Cursor) -> None:
             self._delete_in(cur, entry_id)
             self._bump(cur, _REVISION)
 
-        self._write("delete the entry", work)
+        self._write_entries("delete the entry", work)
 
     # A batch is one transaction whose items succeed or fail each on their own: every check of
     # an item precedes its one write, so a refused item leaves nothing (as on SQLite).
@@ -319,7 +319,7 @@ class PostgresDataStore(PostgresLedger):
                 self._bump(cur, _REVISION)
             return results
 
-        return self._write("create entries", work)
+        return self._write_entries("create entries", work)
 
     def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
         def work(cur: Cursor) -> list[Entry | DataStoreError]:
@@ -333,7 +333,7 @@ class PostgresDataStore(PostgresLedger):
                 self._bump(cur, _REVISION)
             return results
 
-        return self._write("update entries", work, _RETRY_UNIQUE)
+        return self._write_entries("update entries", work)
 
     def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
         def work(cur: Cursor) -> list[DataStoreError | None]:
@@ -349,7 +349,7 @@ class PostgresDataStore(PostgresLedger):
                 self._bump(cur, _REVISION)
             return results
 
-        return self._write("delete entries", work)
+        return self._write_entries("delete entries", work)
 
     def get_entry(self, entry_id: str) -> Entry:
         rows = self._rows("read the entry", q.SELECT_ENTRY, {"id": entry_id})

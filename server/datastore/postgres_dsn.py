@@ -1,13 +1,18 @@
-"""Telling a PostgreSQL DSN from a SQLite path, and showing one without its password.
+"""Telling a PostgreSQL DSN from a SQLite path, showing one without its password, and opening
+the backend.
 
 Free of psycopg: configuration and logging use it whether or not the `postgres` extra is
-installed.
+installed; `open_postgres` imports the backend only when a DSN is configured.
 """
 
 from __future__ import annotations
 
 import re
 import urllib.parse
+
+from server.datastore.base import DataStore
+from server.errors import ConfigError
+from svid._clock import Clock
 
 SCHEMES = ("postgresql://", "postgres://")
 _HIDDEN = "***"
@@ -62,3 +67,16 @@ def scrub(text: str, dsn: str) -> str:
         if quoted != password:
             text = text.replace(quoted, _HIDDEN)
     return _KEYWORD_PASSWORD.sub(rf"\g<1>{_HIDDEN}", text)
+
+
+def open_postgres(dsn: str, clock: Clock) -> DataStore:
+    """The PostgreSQL datastore at `dsn`: the one place that loads the backend (and psycopg),
+    so everything else imports without the `postgres` extra."""
+    try:
+        from server.datastore.postgres import PostgresDataStore  # noqa: PLC0415 - see above
+    except ImportError as e:
+        raise ConfigError(
+            "datastore: a postgresql:// datastore needs the 'postgres' extra "
+            f"(pip install 'svidd[postgres]'); cannot import {e.name or e}"
+        ) from None
+    return PostgresDataStore(dsn, clock)

@@ -44,12 +44,7 @@ class PostgresLedger:
     def _connection(self, what: str) -> AbstractContextManager[psycopg.Connection[Any]]:
         raise NotImplementedError  # PostgresDataStore's
 
-    def _write(
-        self,
-        what: str,
-        work: Callable[[Cursor], T],
-        retry: tuple[type[psycopg.Error], ...] = (),
-    ) -> T:
+    def _write(self, what: str, work: Callable[[Cursor], T]) -> T:
         raise NotImplementedError  # PostgresDataStore's
 
     def _rows(self, what: str, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:

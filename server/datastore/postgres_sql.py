@@ -32,16 +32,16 @@ LIST_ENTRIES = re.sub(r"(:\w+) IS NULL", r"\1::text IS NULL", q.LIST_ENTRIES)
 # A concurrent insert of the same id waits for the first and then does nothing: rowcount 0.
 INSERT_JOIN_TOKEN_UNLESS_EXISTS = q.INSERT_JOIN_TOKEN + " ON CONFLICT DO NOTHING"
 
-# The entry row is locked until COMMIT, so a concurrent update of it waits and then sees the
-# revision this one wrote (and refuses a stale base with ConflictError).
-SELECT_ENTRY_FOR_UPDATE = q.SELECT_ENTRY + " FOR UPDATE"
-
 # Transaction-scoped advisory locks, one key per job and schema: two servers on one database
-# migrate (or prune the audit log) one after the other; two schemas (tests) never wait on
-# each other.
+# migrate, write entries or prune the audit log one after the other; two schemas (tests) never
+# wait on each other.
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s || coalesce(current_schema(), ''), 0))"
 LOCK_MIGRATIONS = _LOCK % "'svidd.migrations:'"
 LOCK_AUDIT_PRUNE = _LOCK % "'svidd.audit_prune:'"
+# Entry writes are admin calls, few and short: taking turns makes each one's checks (stale
+# revision, identity clash) exact until its COMMIT, and two batches touching the same
+# identities in different orders cannot deadlock on the UNIQUE key.
+LOCK_ENTRIES = _LOCK % "'svidd.entries:'"
 
 TABLES_IN_SCHEMA = (
     "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"

@@ -1,0 +1,308 @@
+"""The PostgreSQL datastore where it differs from SQLite: several processes' connections racing
+on one database, connections dying under it, migrations of servers starting together, and a
+DSN's password kept out of every message. (What both backends share is the contract:
+test_datastore_contract.py.) Each test gets a fresh schema on a real server (tests/postgres.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import TypeVar
+
+import pytest
+
+from server.datastore import (
+    AlreadyExistsError,
+    AttestedAgent,
+    Credential,
+    Entry,
+    JoinToken,
+    Selector,
+    StorageError,
+)
+from server.datastore import postgres as postgres_module
+from server.datastore.migrations import MIGRATIONS, Migration, postgres_ddl, postgres_migrations
+from server.datastore.postgres import PostgresDataStore
+from server.datastore.postgres_dsn import redact_dsn, scrub
+from server.datastore.records import TokenUse
+from svid._clock import FakeClock
+from tests import postgres
+
+psycopg = pytest.importorskip("psycopg")
+
+NOW = 1_700_000_000
+AGENT = "spiffe://example.org/svid/agent/join_token/t1"
+HASH = b"h" * 32
+T = TypeVar("T")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(NOW)
+
+
+@pytest.fixture
+def stores(postgres_dsn: str, clock: FakeClock) -> Iterator[list[PostgresDataStore]]:
+    """Four stores on one database, each with its own pool: four servers, as PostgreSQL
+    sees them."""
+    opened = [PostgresDataStore(postgres_dsn, clock) for _ in range(4)]
+    yield opened
+    for store in opened:
+        store.close()
+
+
+def race(callers: list[Callable[[], T]]) -> list[T | BaseException]:
+    """Run every caller at once on its own thread (released together); results in order."""
+    barrier = threading.Barrier(len(callers))
+    results: list[T | BaseException] = [RuntimeError("did not run")] * len(callers)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = callers[i]()
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(callers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def entry(path: str, uid: int = 1000) -> Entry:
+    return Entry("", f"spiffe://example.org{path}", AGENT, (Selector("unix", f"uid:{uid}"),))
+
+
+# -- races across servers -----------------------------------------------------------------------
+
+
+def test_a_join_token_admits_exactly_one_of_many_servers(
+    stores: list[PostgresDataStore],
+) -> None:
+    for n in range(10):
+        stores[0].create_join_token(JoinToken(f"race-{n}", HASH, NOW + 600))
+        callers = [
+            (
+                lambda s=s, k=k, n=n: s.admit_agent(
+                    AttestedAgent(f"{AGENT}-{k}", "join_token", str(k), NOW + 3600),
+                    TokenUse(f"race-{n}", HASH),
+                    NOW,
+                )
+            )
+            for k, s in enumerate(stores * 2)
+        ]
+        results = race(callers)
+        assert results.count(True) == 1, results
+        assert results.count(False) == len(callers) - 1, results
+        winner = results.index(True)
+        agents = stores[1].list_agents()
+        assert [a.serial for a in agents if a.spiffe_id.endswith(f"-{winner}")] == [str(winner)]
+        for a in agents:  # only winners were ever saved
+            stores[0].delete_agent(a.spiffe_id)
+
+
+def test_concurrent_creates_of_one_entry_store_it_once(stores: list[PostgresDataStore]) -> None:
+    for n in range(10):
+        same = entry(f"/same/{n}")
+        results = race([lambda s=s, e=same: s.create_entry(e) for s in stores * 2])
+        made = [r for r in results if isinstance(r, Entry)]
+        assert len(made) == 1, results
+        refused = [r for r in results if not isinstance(r, Entry)]
+        assert all(isinstance(r, AlreadyExistsError) for r in refused), refused
+        assert all(f"(id {made[0].id})" in str(r) for r in refused)
+    assert len(stores[2].list_entries()) == 10
+
+
+def test_concurrent_batches_over_the_same_entries_each_get_an_answer_per_item(
+    stores: list[PostgresDataStore],
+) -> None:
+    """Batches inserting one set of identities in opposite orders wait on each other's keys
+    (a deadlock PostgreSQL breaks by failing one): every item is stored exactly once and every
+    caller gets per-item results."""
+    items = [entry(f"/batch/{n}") for n in range(30)]
+    batches = [items if k % 2 else items[::-1] for k in range(len(stores))]
+    results = race(
+        [lambda s=s, b=b: s.create_entries(b) for s, b in zip(stores, batches, strict=True)]
+    )
+    for r in results:
+        assert isinstance(r, list), r
+    stored = stores[0].list_entries()
+    assert sorted(e.spiffe_id for e in stored) == sorted(e.spiffe_id for e in items)
+    won = [e for r in results if isinstance(r, list) for e in r if isinstance(e, Entry)]
+    assert sorted(e.id for e in won) == sorted(e.id for e in stored)
+
+
+def test_a_concurrent_update_with_a_stale_revision_conflicts(
+    stores: list[PostgresDataStore],
+) -> None:
+    made = stores[0].create_entry(entry("/web"))
+    results = race(
+        [lambda s=s, k=k: s.update_entry(replace(made, hint=f"h{k}")) for k, s in enumerate(stores)]
+    )
+    assert sum(isinstance(r, Entry) for r in results) == 1, results
+    assert stores[0].get_entry(made.id).revision == 2
+
+
+def test_revisions_are_monotonic_and_no_write_is_lost_across_servers(
+    stores: list[PostgresDataStore],
+) -> None:
+    start = stores[0].revision()
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(stores[3].revision())
+
+    def write(k: int) -> int:
+        store = stores[k % 3]
+        for i in range(15):
+            store.create_entry(entry(f"/w/{k}/{i}"))
+            store.write_ledger(
+                [Credential("jwt_id", f"{k}-{i}", AGENT, "spiffe://x/y", "", NOW + 60)], []
+            )
+            store.next_bundle_sequence()
+        return k
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = race([lambda k=k: write(k) for k in range(6)])
+    finally:
+        stop.set()
+        watcher.join()
+    assert results == list(range(6))
+    assert seen == sorted(seen), "a reader saw the revision go back"
+    assert stores[0].revision() == start + 6 * 15 * 2  # entry + bundle, each bumps once
+    assert stores[1].bundle_sequence() == 6 * 15
+    assert len(stores[2].list_entries()) == 6 * 15
+    assert len(stores[3].agent_credentials(AGENT, NOW)) == 6 * 15
+
+
+# -- migrations ---------------------------------------------------------------------------------
+
+
+def test_servers_starting_together_migrate_once(postgres_dsn: str, clock: FakeClock) -> None:
+    results = race([lambda: PostgresDataStore(postgres_dsn, clock) for _ in range(4)])
+    try:
+        for r in results:
+            assert isinstance(r, PostgresDataStore), r
+        versions = [m.version for m in MIGRATIONS]
+        assert all(r.schema_versions() == versions for r in results)  # type: ignore[union-attr]
+        assert results[0].migrate() == []  # type: ignore[union-attr]
+    finally:
+        for r in results:
+            if isinstance(r, PostgresDataStore):
+                r.close()
+
+
+def test_a_migration_appended_to_the_shared_list_applies_to_postgres(
+    postgres_dsn: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One list: a new migration written with SQLite's words runs translated, with no second
+    copy; the store opened before it gains it on the next start."""
+    PostgresDataStore(postgres_dsn, clock).close()
+
+    def blobs(execute: Callable[[str], object]) -> None:
+        execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+
+    monkeypatch.setattr(postgres_module, "MIGRATIONS", (*MIGRATIONS, Migration(99, "blobs", blobs)))
+    store = PostgresDataStore(postgres_dsn, clock)
+    try:
+        assert store.schema_versions()[-1] == 99
+    finally:
+        store.close()
+    with psycopg.connect(postgres_dsn) as conn:
+        types = dict(
+            conn.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'blobs'"
+            ).fetchall()
+        )
+    assert types == {"id": "bigint", "body": "bytea"}
+
+
+def test_the_translation_changes_only_sqlites_words() -> None:
+    assert postgres_ddl("seq INTEGER PRIMARY KEY, b blob, blobs TEXT") == (
+        "seq BIGINT PRIMARY KEY, b BYTEA, blobs TEXT"
+    )
+    statements: list[str] = []
+    for m in postgres_migrations():
+        m.apply(statements.append)
+    assert not [s for s in statements if "BLOB" in s.upper() or "INTEGER PRIMARY" in s]
+    override: list[str] = []
+    (only,) = postgres_migrations(MIGRATIONS[:1], {1: lambda execute: override.append("x")})
+    only.apply(statements.append)
+    assert override == ["x"]
+
+
+# -- connections --------------------------------------------------------------------------------
+
+
+def _terminate(dsn_app: str) -> int:
+    with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            (dsn_app,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_call_on_a_dead_connection_fails_and_the_next_one_gets_a_fresh_one(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    app = "svidd-test-victim"
+    store = PostgresDataStore(f"{postgres_dsn}&application_name={app}", clock, min_connections=3)
+    try:
+        store.create_entry(entry("/before"))
+        assert _terminate(app) >= 3  # the migration's own connection is long gone
+        with pytest.raises(StorageError, match="cannot list entries"):
+            store.list_entries()
+        # Every other pooled connection died too: none of them may fail the next calls.
+        assert [e.spiffe_id for e in store.list_entries()] == ["spiffe://example.org/before"]
+        store.create_entry(entry("/after"))
+        assert len(store.list_entries()) == 2
+    finally:
+        store.close()
+
+
+def test_a_closed_store_refuses_calls(postgres_dsn: str, clock: FakeClock) -> None:
+    store = PostgresDataStore(postgres_dsn, clock)
+    store.close()
+    store.close()
+    with pytest.raises(StorageError, match="closed"):
+        store.list_entries()
+
+
+# -- the password -------------------------------------------------------------------------------
+
+SECRET = "Sup3r-Secret-pw"
+
+
+def test_an_unreachable_database_is_named_without_the_password(clock: FakeClock) -> None:
+    dsn = f"postgresql://svidd:{SECRET}@127.0.0.1:1/svidd"
+    with pytest.raises(StorageError) as caught:
+        PostgresDataStore(dsn, clock, timeout=2)
+    message = str(caught.value)
+    assert "postgresql://svidd:***@127.0.0.1:1/svidd" in message
+    assert SECRET not in message
+    assert caught.value.__cause__ is None  # the driver's exception is not chained either
+
+
+def test_redaction_covers_every_place_a_password_can_sit() -> None:
+    for dsn in (
+        f"postgresql://u:{SECRET}@h/db",
+        f"postgres://u:{SECRET.replace('-', '%2D')}@h:5432/db?sslmode=require",
+        f"postgresql://u@h/db?password={SECRET}&connect_timeout=3",
+    ):
+        shown = redact_dsn(dsn)
+        assert SECRET not in shown
+        assert "***" in shown
+        assert SECRET not in scrub(f"failed for {dsn}: password={SECRET} ({SECRET})", dsn)
+    assert redact_dsn("postgresql://u@h/db") == "postgresql://u@h/db"
