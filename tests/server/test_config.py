@@ -111,3 +111,34 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("trust_domain = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+# -- the datastore ------------------------------------------------------------------------------
+
+
+def test_the_datastore_is_sqlite_in_the_data_dir_unless_set() -> None:
+    config = build_config({"trust_domain": "example.org", "data_dir": "/var/svid"})
+    assert config.datastore_dsn is None
+    assert config.datastore_path == Path("/var/svid/datastore.sqlite3")
+    moved = build_config({"trust_domain": "example.org", "datastore": "/srv/ds.sqlite3"})
+    assert moved.datastore_dsn is None
+    assert moved.datastore_path == Path("/srv/ds.sqlite3")
+
+
+def test_a_postgresql_url_selects_postgresql_and_the_flag_wins(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text('trust_domain = "example.org"\ndatastore = "/srv/ds.sqlite3"\n')
+    dsn = "postgresql://svidd:pw-in-url@db.internal:5432/svidd?sslmode=require"
+    config = load_config(path, {"datastore": dsn})
+    assert config.datastore_dsn == dsn
+    assert config.datastore_shown == "postgresql://svidd:***@db.internal:5432/svidd?sslmode=require"
+    assert build_config({"trust_domain": "x.org", "datastore": "postgres://h/db"}).datastore_dsn
+
+
+def test_the_datastore_password_stays_out_of_errors_and_the_repr() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config({"trust_domain": "example.org", "datastore": "postgresql://u:pw-9@h:xx/db"})
+    assert str(caught.value).startswith("datastore: not a valid PostgreSQL URL")
+    assert "pw-9" not in str(caught.value)
+    config = build_config({"trust_domain": "example.org", "datastore": "postgresql://u:pw-9@h/d"})
+    assert "pw-9" not in repr(config)

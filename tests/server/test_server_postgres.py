@@ -1,0 +1,47 @@
+"""A real server on PostgreSQL: selected by the `datastore` setting, serving admin and node
+calls from the database, keeping its state across a restart, and never logging the password."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from server.datastore.postgres import PostgresDataStore
+from svid._clock import FakeClock
+from svid._proto import admin_pb2
+from tests.server.fixtures import managed_server
+
+pytest.importorskip("psycopg")
+
+SECRET = "not-logged-pw"
+
+
+def with_password(dsn: str) -> str:
+    """The test server trusts local connections, so a password is accepted and ignored."""
+    return dsn.replace("postgresql://postgres@", f"postgresql://postgres:{SECRET}@", 1)
+
+
+def test_a_server_on_postgresql_serves_and_restarts_from_it(
+    postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    dsn = with_password(postgres_dsn)
+    assert SECRET in dsn, "the test DSN is not of the expected form"
+    with caplog.at_level(logging.INFO), managed_server(datastore=dsn, log_level="info") as server:
+        agent = server.attest()
+        entry = server.create_entry("/web", agent.spiffe_id)
+    # Another server (its own data_dir: nothing of the first on disk) reads the same database.
+    with managed_server(datastore=dsn) as again:
+        got = again.admin().GetEntry(admin_pb2.GetEntryRequest(id=entry.id), timeout=10)
+        assert got.spiffe_id == entry.spiffe_id
+    store = PostgresDataStore(postgres_dsn, FakeClock())
+    try:
+        assert [a.spiffe_id for a in store.list_agents()] == [agent.spiffe_id]
+        assert [e.id for e in store.list_entries()] == [entry.id]
+        assert len(store.list_key_slots("x509")) >= 1  # the CA journal is there too
+    finally:
+        store.close()
+    started = [r for r in caplog.records if r.getMessage() == "server started"]
+    assert started
+    assert getattr(started[0], "datastore", "").startswith("postgresql://postgres:***@")
+    assert not [r for r in caplog.records if SECRET in r.getMessage() + str(r.__dict__)]
