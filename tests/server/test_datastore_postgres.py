@@ -26,7 +26,7 @@ from server.datastore import postgres as postgres_module
 from server.datastore.migrations import MIGRATIONS, Migration, postgres_ddl, postgres_migrations
 from server.datastore.postgres import PostgresDataStore
 from server.datastore.postgres_dsn import redact_dsn, scrub
-from server.datastore.records import TokenUse
+from server.datastore.records import Head, TokenUse
 from svid._clock import FakeClock
 from tests import postgres
 
@@ -306,3 +306,35 @@ def test_redaction_covers_every_place_a_password_can_sit() -> None:
         assert "***" in shown
         assert SECRET not in scrub(f"failed for {dsn}: password={SECRET} ({SECRET})", dsn)
     assert redact_dsn("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+# -- the audit chain ----------------------------------------------------------------------------
+
+
+def test_the_audit_chain_verifies_on_postgresql_and_an_edit_is_caught(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """The log's own hashing reads back what PostgreSQL stored (floats, NULLs, JSON text)
+    exactly as it wrote it: the chain verifies, through a prune, and an edited row is named."""
+    from server.audit.log import AuditLog
+
+    store = PostgresDataStore(postgres_dsn, clock)
+    try:
+        log = AuditLog(store, clock)
+        for n in range(5):
+            clock.advance(1.25)
+            log.append("task_begin", agent_id=AGENT, task_id=f"t{n}", extra={"n": n, "é": [1]})
+        result = log.verify()
+        assert result.ok, str(result)
+        assert result.checked == 5
+        marks = store.audit_marks(0, 10)
+        assert store.prune_audit(Head(marks[1].seq, marks[1].hash), clock.now()) == 2
+        assert store.prune_audit(Head(marks[0].seq, marks[0].hash), clock.now()) == 0
+        assert log.verify().ok
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE audit_events SET task_id = 'forged' WHERE seq = 4")
+        broken = log.verify()
+        assert not broken.ok
+        assert broken.broken_seq == 4, str(broken)
+    finally:
+        store.close()
