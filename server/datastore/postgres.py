@@ -15,6 +15,11 @@ order, and no write waits for a lock while holding it. Should PostgreSQL still b
 deadlock or a serialization failure, the whole transaction runs again, a bounded number of
 times.
 
+Adding a method (as the SQLite backend gains one): its SQL goes once into queries.py or
+ledger_queries.py with `:name` parameters (both backends run it; `pg` converts), a write here
+is a `work(cur)` function handed to `_write` (one transaction, bumping its counters last), a
+read is `_rows` or `_tuples`. Every driver error comes out as StorageError.
+
 Connections: a small pool (the server's datastore calls are short; a few connections serve a
 2-core machine). autocommit, so a read is one round trip and a write is an explicit transaction.
 A call whose connection died raises StorageError; the pool then checks its idle connections and
