@@ -45,3 +45,33 @@ def test_a_server_on_postgresql_serves_and_restarts_from_it(
     assert started
     assert getattr(started[0], "datastore", "").startswith("postgresql://postgres:***@")
     assert not [r for r in caplog.records if SECRET in r.getMessage() + str(r.__dict__)]
+
+
+def test_the_server_keeps_serving_when_its_database_connections_die(postgres_dsn: str) -> None:
+    """A PostgreSQL restart or failover cuts every connection: a call caught on a dead one
+    answers UNAVAILABLE (nothing else), and the server then serves again on fresh ones."""
+    import grpc
+    import psycopg
+
+    from tests import postgres
+
+    app = "svidd-test-server-conn"
+    with managed_server(datastore=f"{postgres_dsn}&application_name={app}") as server:
+        server.attest()
+        with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (app,),
+            ).fetchone()
+        assert killed is not None
+        assert killed[0] >= 1
+        failures = []
+        for _ in range(3):
+            try:
+                server.join_token()
+            except grpc.RpcError as e:
+                failures.append(e.code())
+        assert failures in ([], [grpc.StatusCode.UNAVAILABLE]), failures
+        agent = server.attest()  # a join token, the agent's record, its SVID: all fresh writes
+        assert agent.spiffe_id
