@@ -142,3 +142,41 @@ def test_the_datastore_password_stays_out_of_errors_and_the_repr() -> None:
     assert "pw-9" not in str(caught.value)
     config = build_config({"trust_domain": "example.org", "datastore": "postgresql://u:pw-9@h/d"})
     assert "pw-9" not in repr(config)
+
+
+WITHOUT_PSYCOPG = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("psycopg", "psycopg_pool"):
+            raise ImportError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Block())
+import server.app, server.cli  # the server imports without the extra
+from server.datastore.postgres_dsn import open_postgres
+from server.errors import ConfigError
+from svid._clock import SystemClock
+
+try:
+    open_postgres("postgresql://u:pw-x@h/db", SystemClock())
+except ConfigError as e:
+    print(e)
+"""
+
+
+def test_without_the_postgres_extra_the_server_imports_and_a_dsn_names_the_extra() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PSYCOPG],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "needs the 'postgres' extra (pip install 'svidd[postgres]')" in done.stdout
+    assert "pw-x" not in done.stdout
