@@ -86,7 +86,7 @@ MIN_CONNECTIONS = 1
 MAX_CONNECTIONS = 4
 # How long a call waits for a free (or a new) connection before it fails.
 CONNECT_TIMEOUT = 10.0
-# Runs of one transaction that lost to a deadlock or a concurrent unique insert.
+# Runs of one transaction that PostgreSQL failed for a deadlock or a serialization failure.
 ATTEMPTS = 3
 _REVISION = "revision"
 _BUNDLE_SEQUENCE = "bundle_sequence"
