@@ -6,6 +6,7 @@ test_datastore_contract.py.) Each test gets a fresh schema on a real server (tes
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -19,6 +20,7 @@ from server.datastore import (
     Credential,
     Entry,
     JoinToken,
+    Revocation,
     Selector,
     StorageError,
 )
@@ -257,7 +259,7 @@ def _terminate(dsn_app: str) -> int:
 def test_a_call_on_a_dead_connection_fails_and_the_next_one_gets_a_fresh_one(
     postgres_dsn: str, clock: FakeClock
 ) -> None:
-    app = "svidd-test-victim"
+    app = f"svidd-test-victim-{secrets.token_hex(4)}"
     store = PostgresDataStore(f"{postgres_dsn}&application_name={app}", clock, min_connections=3)
     try:
         store.create_entry(entry("/before"))
@@ -338,3 +340,52 @@ def test_the_audit_chain_verifies_on_postgresql_and_an_edit_is_caught(
         assert broken.broken_seq == 4, str(broken)
     finally:
         store.close()
+
+
+def test_a_write_that_deadlocks_runs_again(postgres_dsn: str, clock: FakeClock) -> None:
+    """Another server's transaction and a revocation batch meet the same keys in opposite
+    orders: PostgreSQL fails the batch for a deadlock (it waited first, and the other waits
+    longer before checking), and the batch runs again and lands once the other commits."""
+    items = [Revocation("jwt_id", f"j{n:03d}", "spiffe://x/y", NOW, "r", NOW) for n in range(50)]
+    app = f"svidd-test-deadlock-{secrets.token_hex(4)}"
+    store = PostgresDataStore(f"{postgres_dsn}&application_name={app}", clock)
+    insert = "INSERT INTO revocations VALUES ('jwt_id', %s, 's', 1, 'r', 1)"
+    try:
+        before = store.revision()
+        with psycopg.connect(postgres_dsn) as other:
+            other.execute("SET deadlock_timeout = '20s'")
+            other.execute(insert, ("j049",))  # holds the batch's last key
+            outcome: list[BaseException | None] = [None]
+            batch = threading.Thread(target=lambda: outcome.__setitem__(0, _call(store, items)))
+            batch.start()
+            _wait_for_a_lock_wait(postgres_dsn, app)
+            other.execute(insert, ("j000",))  # waits on the batch's first key: a cycle
+            other.commit()
+            batch.join(30)
+        assert outcome[0] is None, outcome[0]
+        assert [r.value for r in store.list_revocations()] == [i.value for i in items]
+        assert store.revision() == before + 1
+    finally:
+        store.close()
+
+
+def _call(store: PostgresDataStore, items: list[Revocation]) -> BaseException | None:
+    try:
+        store.add_revocations(items)
+    except Exception as e:
+        return e
+    return None
+
+
+def _wait_for_a_lock_wait(dsn: str, app: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        for _ in range(200):
+            row = watcher.execute(
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                "WHERE NOT granted AND application_name = %s",
+                (app,),
+            ).fetchone()
+            if row is not None and row[0] > 0:
+                return
+            threading.Event().wait(0.05)
+    raise AssertionError("the batch never waited for the other transaction's key")

@@ -4,6 +4,7 @@ calls from the database, keeping its state across a restart, and never logging t
 from __future__ import annotations
 
 import logging
+import secrets
 
 import pytest
 
@@ -55,7 +56,7 @@ def test_the_server_keeps_serving_when_its_database_connections_die(postgres_dsn
 
     from tests import postgres
 
-    app = "svidd-test-server-conn"
+    app = f"svidd-test-server-conn-{secrets.token_hex(4)}"
     with managed_server(datastore=f"{postgres_dsn}&application_name={app}") as server:
         server.attest()
         with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
