@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from server.datastore.postgres_dsn import redact_dsn
+from server.datastore.postgres_dsn import is_postgres_dsn, redact_dsn
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 DSN_ENV = "SVIDD_TEST_POSTGRES_DSN"
@@ -59,6 +59,9 @@ def _unreachable(dsn: str) -> str | None:
 def require_server() -> str:
     """The server's DSN, or skip (fail under SVIDD_REQUIRE_POSTGRES=1) with the reason."""
     dsn = server_dsn()
+    if not is_postgres_dsn(dsn):
+        # A URL, as the server's `datastore` setting takes: tests hand it to real servers.
+        pytest.fail(f"{DSN_ENV} must be a postgresql:// URL, got {redact_dsn(dsn)}")
     reason = _unreachable(dsn)
     if reason is not None:
         message = f"PostgreSQL not reachable at {redact_dsn(dsn)}: {reason}; set {DSN_ENV}"

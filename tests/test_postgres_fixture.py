@@ -42,3 +42,9 @@ def test_each_test_gets_an_empty_schema_of_its_own(postgres_dsn: str) -> None:
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s", (row[0],)
         ).fetchone()
     assert tables == (0,)
+
+
+def test_the_server_dsn_must_be_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(postgres.DSN_ENV, "host=127.0.0.1 dbname=test")
+    with pytest.raises(pytest.fail.Exception, match="must be a postgresql:// URL"):
+        postgres.require_server()
