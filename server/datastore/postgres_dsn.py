@@ -41,6 +41,8 @@ def _url_password(dsn: str) -> str | None:
 def redact_dsn(dsn: str) -> str:
     """`dsn` fit for a log line or an error: the password (in the URL's user part or as a
     `password=` parameter) replaced by ***."""
+    if not is_postgres_dsn(dsn):  # libpq's key=value form
+        return _KEYWORD_PASSWORD.sub(rf"\g<1>{_HIDDEN}", dsn)
     try:
         parts = urllib.parse.urlsplit(dsn)
         netloc = parts.netloc

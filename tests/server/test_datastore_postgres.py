@@ -308,6 +308,7 @@ def test_redaction_covers_every_place_a_password_can_sit() -> None:
         assert "***" in shown
         assert SECRET not in scrub(f"failed for {dsn}: password={SECRET} ({SECRET})", dsn)
     assert redact_dsn("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert redact_dsn(f"host=h password='{SECRET} x' dbname=d") == "host=h password=*** dbname=d"
 
 
 # -- the audit chain ----------------------------------------------------------------------------
