@@ -67,7 +67,6 @@ from server.datastore.records import (
     KeySlot,
     Revocation,
     TokenUse,
-    revocation_needed_from,
 )
 from server.datastore.sqlite import (
     _agent_from,
@@ -528,7 +527,7 @@ class PostgresDataStore(PostgresLedger):
         return [_revocation_from(r) for r in rows]
 
     def prune_revocations(self, now: int) -> int:
-        params = {"needed_from": revocation_needed_from(now)}
+        params = {"needed_from": ps.needed_from(now)}
 
         def work(cur: Cursor) -> int:
             removed = int(cur.execute(pg(q.PRUNE_REVOCATIONS), params).rowcount)

@@ -29,7 +29,6 @@ from server.datastore.records import (
     Head,
     TaskCursor,
     TaskRecord,
-    revocation_needed_from,
 )
 from server.datastore.sqlite_audit import PAGE, page_rows
 from server.datastore.sqlite_ledger import _task_from, _task_params
@@ -137,18 +136,18 @@ class PostgresLedger:
         return [Credential(*r) for r in self._tuples("read credentials", sql, params)]
 
     def task_credentials(self, task_id: str, now: int) -> list[Credential]:
-        params = {"task_id": task_id, "needed_from": revocation_needed_from(now)}
+        params = {"task_id": task_id, "needed_from": ps.needed_from(now)}
         return self._credentials(lq.TASK_CREDENTIALS, params)
 
     def agent_credentials(self, agent_id: str, now: int) -> list[Credential]:
-        params = {"agent_id": agent_id, "needed_from": revocation_needed_from(now)}
+        params = {"agent_id": agent_id, "needed_from": ps.needed_from(now)}
         return self._credentials(lq.AGENT_CREDENTIALS, params)
 
     def count_credentials(self, task_id: str) -> int:
         return self._count("count credentials", lq.COUNT_CREDENTIALS, {"task_id": task_id})
 
     def prune_credentials(self, now: int) -> int:
-        params = {"needed_from": revocation_needed_from(now)}
+        params = {"needed_from": ps.needed_from(now)}
         return self._change("prune credentials", lq.PRUNE_CREDENTIALS, params)
 
     # -- audit chain ----------------------------------------------------------------------------

@@ -5,10 +5,12 @@ placeholder style at execution."""
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 from server.datastore import ledger_queries as lq
 from server.datastore import queries as q
+from server.datastore.records import revocation_needed_from
 
 # `:name` not preceded by another ':' (a `::type` cast stays as it is).
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
@@ -55,3 +57,10 @@ def copy_into(insert_head: str) -> str:
 
 COPY_CREDENTIALS = copy_into(lq.CREDENTIALS_INTO)
 COPY_AUDIT_EVENTS = copy_into(lq.AUDIT_EVENTS_INTO)
+
+
+def needed_from(now: float) -> int:
+    """`revocation_needed_from(now)` as the integer that bounds integer expiries alike
+    (expires_at >= x exactly when expires_at >= ceil(x)): bound as a float, PostgreSQL would
+    compare the BIGINT column as float8 and could not use its index."""
+    return math.ceil(revocation_needed_from(now))

@@ -390,3 +390,24 @@ def _wait_for_a_lock_wait(dsn: str, app: str) -> None:
                 return
             threading.Event().wait(0.05)
     raise AssertionError("the batch never waited for the other transaction's key")
+
+
+def test_pruning_revocations_reads_the_expiry_index(postgres_dsn: str, clock: FakeClock) -> None:
+    """The cut-off is bound as an integer: a float would make PostgreSQL compare the column
+    as float8 and scan every revocation at each prune."""
+    from server.datastore import queries
+    from server.datastore.postgres_sql import needed_from, pg
+
+    PostgresDataStore(postgres_dsn, clock).close()
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(  # a hundred of them past the cut-off
+            "INSERT INTO revocations SELECT 'jwt_id', g::text, 's', %s + g, 'r', 1 "
+            "FROM generate_series(1, 20000) g",
+            (needed_from(NOW) - 101,),
+        )
+        conn.execute("ANALYZE revocations")
+        plan = conn.execute(
+            "EXPLAIN " + pg(queries.PRUNE_REVOCATIONS), {"needed_from": needed_from(NOW)}
+        ).fetchall()
+    assert "revocations_expires_at" in " ".join(r[0] for r in plan)
+    assert needed_from(100.5 + 600) - needed_from(100 + 600) == 1  # ceil, never floor
