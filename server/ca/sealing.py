@@ -112,10 +112,10 @@ class KeyEncryptionKey:
         sealed = self._aead.encrypt(nonce, plain, _aad(slot_id, kind, kid))
         return MAGIC + self.kek_id + nonce + sealed
 
-    def unseal(self, sealed: bytes, slot_id: str, kind: str, kid: str, spki: bytes) -> PrivateKey:
-        """The private key of a slot. `spki` is the slot's public key (SubjectPublicKeyInfo
-        DER): a key that does not match it is refused too. SealedKeyError names the slot; a
-        key sealed under another KEK is a CaConfigError naming this KEK's file."""
+    def check_sealed_here(self, sealed: bytes, slot_id: str) -> None:
+        """Refuse, without decrypting, a sealed key that is malformed (SealedKeyError) or was
+        sealed under another KEK (CaConfigError naming this KEK's file): what a server checks
+        at start-up for every slot, so a wrong KEK stops it before it serves."""
         if len(sealed) < _HEADER + _TAG_BYTES or not sealed.startswith(MAGIC):
             raise SealedKeyError(f"key slot {slot_id}: the sealed key is malformed")
         kek_id = sealed[len(MAGIC) : len(MAGIC) + KEK_ID_BYTES]
@@ -125,6 +125,12 @@ class KeyEncryptionKey:
                 f"keys are sealed with (key slot {slot_id} was sealed under key id "
                 f"{kek_id.hex()}, this file is key id {self.kek_id.hex()})"
             )
+
+    def unseal(self, sealed: bytes, slot_id: str, kind: str, kid: str, spki: bytes) -> PrivateKey:
+        """The private key of a slot. `spki` is the slot's public key (SubjectPublicKeyInfo
+        DER): a key that does not match it is refused too. SealedKeyError names the slot; a
+        key sealed under another KEK is a CaConfigError naming this KEK's file."""
+        self.check_sealed_here(sealed, slot_id)
         nonce = sealed[len(MAGIC) + KEK_ID_BYTES : _HEADER]
         try:
             plain = self._aead.decrypt(nonce, sealed[_HEADER:], _aad(slot_id, kind, kid))
