@@ -6,6 +6,7 @@ only the database file and the KEK file are shared, as between two processes.
 
 from __future__ import annotations
 
+import base64
 import math
 import sqlite3
 import threading
@@ -425,3 +426,28 @@ def test_upgrade_seals_the_existing_key_files(
     _same_bundle(shared, other)
     _cross_verify(other, lone, clock, tmp_path)
     store.close()
+
+
+def test_no_key_material_reaches_the_logs(
+    nodes: Cluster, clock: FakeClock, kek_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    a, b = nodes["a"], nodes["b"]
+    for _ in range(8):
+        clock.set(a.manager.next_rotation_check())
+        a.manager.rotate()
+        b.manager.rotate()
+    a.manager.close()
+    clock.advance(LEASE_TTL)
+    b.manager.rotate()
+    text = "\n".join(
+        f"{r.getMessage()} {sorted(vars(r).items(), key=lambda kv: kv[0])}" for r in caplog.records
+    )
+    assert "ca-rotation lease taken" in text  # the log was captured at all
+    kek = base64.b64decode(kek_file.read_bytes().strip())
+    secrets_seen = [kek.hex(), kek_file.read_text().strip()]
+    for slot in b.raw.list_key_slots(X509_KIND) + b.raw.list_key_slots(JWT_KIND):
+        secrets_seen += [slot.sealed_key.hex(), repr(slot.sealed_key)]
+    assert "PRIVATE KEY" not in text
+    for secret in secrets_seen:
+        assert secret not in text
