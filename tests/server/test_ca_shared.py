@@ -451,3 +451,24 @@ def test_no_key_material_reaches_the_logs(
     assert "PRIVATE KEY" not in text
     for secret in secrets_seen:
         assert secret not in text
+
+
+def test_a_tampered_key_is_never_signed_with_and_its_slot_is_named(
+    nodes: Cluster, clock: FakeClock
+) -> None:
+    a, b = nodes["a"], nodes["b"]
+    old_ca = a.manager.x509_signer().ca_certificate
+    _tick_until(a, clock, lambda: len(a.manager.bundle().x509_authorities) == 2)
+    prepared = next(s for s in a.raw.list_key_slots(X509_KIND) if s.status == PREPARED)
+    damaged = bytearray(prepared.sealed_key)
+    damaged[-1] ^= 0x01
+    a.raw.save_key_slot(replace(prepared, sealed_key=bytes(damaged)))
+    b.manager.reload()
+    # When the journal makes it active, neither server loads it; both keep the old CA (still
+    # published until it expires) and say which slot is bad.
+    with pytest.raises(SealedKeyError, match=f"key slot {prepared.slot_id}"):
+        _tick_until(a, clock, lambda: False)
+    with pytest.raises(SealedKeyError, match=f"key slot {prepared.slot_id}"):
+        b.manager.reload()
+    for node in (a, b):
+        assert node.manager.x509_signer().ca_certificate == old_ca
