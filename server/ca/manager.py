@@ -271,8 +271,8 @@ class CaManager:
             return tuple(self._slots[kind])
 
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call `callback` (from the rotating thread) after each bundle change; returns an
-        unsubscribe function."""
+        """Call `callback` (from the thread that rotated or reloaded) after each bundle change;
+        returns an unsubscribe function."""
         with self._lock:
             self._subscribers.append(callback)
 
