@@ -25,6 +25,7 @@ from server.audit.retention import DAY, Pruner, RetentionPolicy
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
 from server.ca.rotator import Rotator
+from server.ca.sealing import KeyEncryptionKey
 from server.ca.workers import SigningWorkers
 from server.config import ServerConfig
 from server.datastore.legacy_import import import_legacy_files
@@ -104,6 +105,9 @@ class Server:
         self.datastore = SqliteDataStore(cfg.datastore_path, self.clock)
         import_legacy_files(self.datastore, cfg.data_dir, self.clock)
         self.keystore = KeyStore(cfg.keys_dir)
+        # With a KEK the CA and JWT keys are the trust domain's, shared with the other servers
+        # on this datastore (sealed in it); without, they are this server's own files.
+        kek = cfg.key_encryption_key_file
         self.ca = CaManager(
             CaConfig(
                 trust_domain=cfg.trust_domain,
@@ -116,6 +120,7 @@ class Server:
             self.datastore,
             self.keystore,
             self.clock,
+            kek=KeyEncryptionKey.load(kek) if kek is not None else None,
         )
         self.ca.initialize()
         self.rotator = Rotator(self.ca, self.clock)
@@ -168,6 +173,14 @@ class Server:
         expiry = {s.kid: s.not_after for s in self.ca.key_slots("jwt")}
         self.tls.set_roots(tuple(bundle.x509_authorities))
         self.state.set_bundle(bundle, expiry)
+
+    def on_key_slots_changed(self) -> None:
+        """Another server changed the key slots (the change feed saw it): adopt them now rather
+        than at the next rotation tick. Any thread; bundle subscribers hear of the change."""
+        try:
+            self.ca.reload()
+        except Exception:
+            _log.exception("adopting changed key slots failed; the next rotation tick retries")
 
     def _on_bundle_changed(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         def changed() -> None:
@@ -399,6 +412,10 @@ class Server:
         if self._workers is not None:
             self._workers.close()
         await asyncio.to_thread(self._last_checkpoint)
+        try:
+            await asyncio.to_thread(self.ca.close)  # hand the rotation lease over now
+        except Exception:
+            _log.exception("releasing the ca-rotation lease failed; it lapses on its own")
         self.datastore.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.runtime_file.unlink()

@@ -81,6 +81,11 @@ class ServerConfig:
     audit_max_events: int = 0
     # Seconds between prune runs.
     audit_prune_interval: float = 3600.0
+    # Several servers, one trust domain: the file (0600, this user's) holding the 32-byte
+    # key-encryption key every server of the trust domain shares. Set, the CA and JWT keys are
+    # sealed into the datastore and shared (`svid-server keys new-kek --out FILE` makes one);
+    # unset, they are this server's own files under data_dir/keys.
+    key_encryption_key_file: Path | None = None
 
     @property
     def datastore_path(self) -> Path:
@@ -212,6 +217,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_retention_days": _as_float,
     "audit_max_events": _as_int,
     "audit_prune_interval": _as_positive_float,
+    "key_encryption_key_file": _as_path,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))
@@ -260,7 +266,21 @@ def build_config(
     return config
 
 
+def check_key_encryption(datastore: str, key_encryption_key_file: Path | None) -> None:
+    """Servers sharing a PostgreSQL datastore share its CA: they need the one KEK to do so."""
+    if datastore.startswith("postgresql://") and key_encryption_key_file is None:
+        raise ConfigError(
+            "key_encryption_key_file: required with a PostgreSQL datastore (the servers "
+            "sharing it share one CA and JWT key set, sealed under that key; "
+            "`svid-server keys new-kek --out FILE` makes one)"
+        )
+
+
 def _check_consistency(config: ServerConfig) -> None:
+    # `datastore` is the backend setting (a path, or a postgresql:// DSN; absent: SQLite).
+    check_key_encryption(
+        str(getattr(config, "datastore", "") or ""), config.key_encryption_key_file
+    )
     if (config.upstream_ca_cert is None) != (config.upstream_ca_key is None):
         missing = "upstream_ca_key" if config.upstream_ca_key is None else "upstream_ca_cert"
         raise ConfigError(f"{missing}: required when the other upstream_ca_* key is set")

@@ -147,6 +147,20 @@ class RegistrationStore(Protocol):
         """Deleting an absent slot is not an error (the journal may be replayed)."""
         ...
 
+    # -- leases (one server at a time does a job, e.g. CA rotation) ------------------------------
+
+    def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
+        """Atomically take or keep the lease `name` until now + ttl: True when it was free,
+        already `holder`'s (renewed), or its holder let it expire (expires_at <= now; taken
+        over). False, changing nothing, while another holder's lease runs. Exactly one of
+        several concurrent callers for a free lease gets True. ValueError for ttl <= 0."""
+        ...
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up if `holder` has it (a clean shutdown hands over at once); a
+        lease held by someone else, or by no one, is left as it is."""
+        ...
+
     # -- bundle ---------------------------------------------------------------------------------
 
     def next_bundle_sequence(self) -> int:

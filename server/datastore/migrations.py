@@ -209,9 +209,25 @@ def _task_listing(execute: Execute) -> None:
         execute(f"CREATE INDEX {name} ON tasks ({columns}created_at, task_id)")
 
 
+def _shared_keys(execute: Execute) -> None:
+    """Several servers share one CA and one JWT key set: each key slot may carry its private key
+    sealed under the trust domain's key-encryption key (NULL or empty: the key is in this
+    server's KeyStore), and a lease row names the one server that rotates them. NULL rather than
+    a default: SQLite would store a '' default as text, and PostgreSQL has no portable empty
+    bytea literal."""
+    execute("ALTER TABLE key_slots ADD COLUMN sealed_key BLOB")
+    execute("""
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            expires_at BIGINT NOT NULL
+        )""")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
     Migration(3, "audit retention: the prune base", _audit_base),
     Migration(4, "task listing: keyset indexes", _task_listing),
+    Migration(6, "shared keys: sealed key slots and leases", _shared_keys),
 )

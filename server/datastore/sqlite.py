@@ -133,6 +133,7 @@ def _slot_from(row: Row) -> KeySlot:
         not_before=row["not_before"],
         not_after=row["not_after"],
         created_at=row["created_at"],
+        sealed_key=bytes(row["sealed_key"] or b""),
     )
 
 
@@ -492,6 +493,7 @@ class SqliteDataStore(SqliteLedger):
             "not_before": slot.not_before,
             "not_after": slot.not_after,
             "created_at": slot.created_at,
+            "sealed_key": slot.sealed_key,
         }
         with self._transaction() as db:
             db.execute(q.UPSERT_KEY_SLOT, params)
@@ -502,6 +504,19 @@ class SqliteDataStore(SqliteLedger):
     def delete_key_slot(self, slot_id: str) -> None:
         with self._transaction() as db:
             db.execute(q.DELETE_KEY_SLOT, {"slot_id": slot_id})
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        params = {"name": name, "holder": holder, "now": now, "expires_at": now + ttl}
+        with self._transaction() as db:
+            return int(db.execute(q.ACQUIRE_LEASE, params).rowcount) == 1
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._transaction() as db:
+            db.execute(q.RELEASE_LEASE, {"name": name, "holder": holder})
 
     # -- bundle ---------------------------------------------------------------------------------
 

@@ -148,6 +148,14 @@ class FaultInjectingDataStore:
         self._enter("delete_key_slot")
         self.inner.delete_key_slot(slot_id)
 
+    def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
+        self._enter("acquire_lease")
+        return self.inner.acquire_lease(name, holder, now, ttl)
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._enter("release_lease")
+        self.inner.release_lease(name, holder)
+
     def next_bundle_sequence(self) -> int:
         self._enter("next_bundle_sequence")
         return self.inner.next_bundle_sequence()
