@@ -56,6 +56,7 @@ class CaConfig:
     upstream_key: Path | None = None
     refresh_hint: int = DEFAULT_REFRESH_HINT
     jwt_key_type: str | None = None  # None: same as key_type
+    jwt_issuer: str | None = None  # the OIDC issuer URL JWT-SVIDs carry as `iss` (server/oauth)
 
     def __post_init__(self) -> None:
         if isinstance(self.trust_domain, str):
@@ -313,7 +314,11 @@ class CaManager:
         jwt_slot = self._active(JWT_KIND)
         if self._jwt_signer is None or self._jwt_signer.kid != jwt_slot.kid:
             self._jwt_signer = JwtSigner(
-                self._load_key(jwt_slot), jwt_slot.kid, self._clock, jwt_slot.not_after
+                self._load_key(jwt_slot),
+                jwt_slot.kid,
+                self._clock,
+                jwt_slot.not_after,
+                self._config.jwt_issuer,
             )
             _log.info("JWT key active", extra={"slot_id": jwt_slot.slot_id, "kid": jwt_slot.kid})
 

@@ -287,12 +287,27 @@ class AuditRetentionStore(Protocol):
         ...
 
 
+class AssertionReplayStore(Protocol):
+    """The `jti`s of assertions the OAuth token endpoint accepted (server/oauth), kept until
+    they expire, so that none is accepted twice by any server sharing the database."""
+
+    def claim_jti(self, issuer: str, jti: str, expires_at: int, now: int) -> bool:
+        """Record (issuer, jti) until `expires_at` in ONE atomic insert-if-absent; True when it
+        was not held (or held only past its expiry), False for a replay. Durable on True."""
+        ...
+
+    def prune_jtis(self, now: int) -> int:
+        """Forget jtis whose expiry is past; returns how many went."""
+        ...
+
+
 class DataStore(
     RegistrationStore,
     TaskRecordStore,
     CredentialStore,
     AuditStore,
     AuditRetentionStore,
+    AssertionReplayStore,
     Protocol,
 ):
     """All persistent state of the server, behind one object and one migration runner."""

@@ -549,6 +549,17 @@ class SqliteDataStore(SqliteLedger):
                 self._bump(db, _REVISION)
             return removed
 
+    # -- OAuth assertion replay -----------------------------------------------------------------
+
+    def claim_jti(self, issuer: str, jti: str, expires_at: int, now: int) -> bool:
+        params = {"issuer": issuer, "jti": jti, "expires_at": expires_at, "now": now}
+        with self._transaction() as db:
+            return int(db.execute(q.CLAIM_JTI, params).rowcount) == 1
+
+    def prune_jtis(self, now: int) -> int:
+        with self._transaction() as db:
+            return int(db.execute(q.PRUNE_JTIS, {"now": now}).rowcount)
+
     # -- change tracking ------------------------------------------------------------------------
 
     def revision(self) -> int:

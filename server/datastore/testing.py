@@ -256,6 +256,14 @@ class FaultInjectingDataStore:
         self._enter("audit_snapshot")
         return self.inner.audit_snapshot()
 
+    def claim_jti(self, issuer: str, jti: str, expires_at: int, now: int) -> bool:
+        self._enter("claim_jti")
+        return self.inner.claim_jti(issuer, jti, expires_at, now)
+
+    def prune_jtis(self, now: int) -> int:
+        self._enter("prune_jtis")
+        return self.inner.prune_jtis(now)
+
     def close(self) -> None:
         self._enter("close")
         self.inner.close()
