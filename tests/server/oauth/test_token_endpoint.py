@@ -1,0 +1,139 @@
+"""The token endpoint on a running server: RFC 7523 JWT-bearer grant, refusals as RFC 6749
+§5.2 errors, replays refused through the datastore, every outcome on the audit ledger."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import jwt as pyjwt
+import pytest
+
+from svid._spiffe_id import SpiffeId
+from tests.server.oauth.conftest import RESOURCE, OAuthServer
+
+WORKLOAD = SpiffeId.parse("spiffe://example.org/workload")
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+
+
+def _assertion(server: OAuthServer, audience: str | None = None, ttl: int = 300) -> str:
+    signer = server.running.server.ca.jwt_signer()
+    return signer.sign(WORKLOAD, [audience or server.issuer], ttl).token
+
+
+def _post(server: OAuthServer, **form: str) -> httpx.Response:
+    return httpx.post(server.issuer + "/token", data=form, verify=server.ssl_context())
+
+
+def _events(server: OAuthServer, kind: str) -> list[dict[str, Any]]:
+    rows = server.running.server.datastore.audit_rows()
+    return [r for r in rows if r["kind"] == kind]
+
+
+def test_jwt_bearer_grant_returns_an_at_jwt_for_the_resource(oauth_server: OAuthServer) -> None:
+    reply = _post(
+        oauth_server, grant_type=JWT_BEARER, assertion=_assertion(oauth_server), resource=RESOURCE
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["cache-control"] == "no-store"
+    body = reply.json()
+    assert body["token_type"] == "Bearer"
+    assert 0 < body["expires_in"] <= 300
+    token = body["access_token"]
+    assert pyjwt.get_unverified_header(token)["typ"] == "at+jwt"
+    client = pyjwt.PyJWKClient(
+        oauth_server.issuer + "/keys", ssl_context=oauth_server.ssl_context()
+    )
+    claims = pyjwt.decode(
+        token,
+        client.get_signing_key_from_jwt(token).key,
+        algorithms=["ES256"],
+        audience=RESOURCE,
+        issuer=oauth_server.issuer,
+    )
+    assert claims["sub"] == claims["client_id"] == str(WORKLOAD)
+    (event,) = _events(oauth_server, "oauth_jwt_bearer")
+    assert event["decision"] == "allow"
+    assert event["credential_id"] == claims["jti"]
+    assert event["resource"] == RESOURCE
+
+
+def test_a_replayed_assertion_is_refused(oauth_server: OAuthServer) -> None:
+    assertion = _assertion(oauth_server)
+    first = _post(oauth_server, grant_type=JWT_BEARER, assertion=assertion, resource=RESOURCE)
+    assert first.status_code == 200
+    again = _post(oauth_server, grant_type=JWT_BEARER, assertion=assertion, resource=RESOURCE)
+    assert again.status_code == 400
+    assert again.json()["error"] == "invalid_grant"
+    assert "replay" in again.json()["error_description"]
+    decisions = [e["decision"] for e in _events(oauth_server, "oauth_jwt_bearer")]
+    assert decisions == ["allow", "deny"]
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("audience", "invalid_grant"),
+        ("expired", "invalid_grant"),
+        ("foreign", "invalid_grant"),
+        ("resource", "invalid_target"),
+        ("grant_type", "unsupported_grant_type"),
+        ("missing", "invalid_request"),
+    ],
+)
+def test_refusals_are_rfc6749_errors_and_audited(
+    oauth_server: OAuthServer, case: str, error: str
+) -> None:
+    form = {"grant_type": JWT_BEARER, "assertion": _assertion(oauth_server), "resource": RESOURCE}
+    if case == "audience":
+        form["assertion"] = _assertion(oauth_server, audience="https://someone.else")
+    elif case == "expired":
+        form["assertion"] = _assertion(oauth_server, ttl=10)
+        oauth_server.running.clock.advance(60)
+    elif case == "foreign":
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from server.ca.signer import JwtSigner
+
+        stranger = JwtSigner(
+            ec.generate_private_key(ec.SECP256R1()),
+            "stranger",
+            oauth_server.running.clock,
+            int(oauth_server.running.clock.now()) + 3600,
+        )
+        sid = SpiffeId.parse("spiffe://other.org/w")
+        form["assertion"] = stranger.sign(sid, [oauth_server.issuer], 60).token
+    elif case == "resource":
+        form["resource"] = "https://not.configured/"
+    elif case == "grant_type":
+        form["grant_type"] = "password"
+    elif case == "missing":
+        del form["assertion"]
+    reply = _post(oauth_server, **form)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == error
+    assert "eyJ" not in reply.text  # no token echoed back
+    if case != "grant_type":
+        (event,) = _events(oauth_server, "oauth_jwt_bearer")
+        assert event["decision"] == "deny"
+        assert event["reason"].startswith(error)
+
+
+def test_jti_claim_is_one_atomic_insert_shared_by_stores(tmp_path: Any) -> None:
+    from server.datastore.sqlite import SqliteDataStore
+    from svid._clock import FakeClock
+
+    clock = FakeClock(1000)
+    one = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
+    two = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
+    try:
+        assert one.claim_jti("iss", "j1", 2000, 1000)
+        assert not two.claim_jti("iss", "j1", 2000, 1000)  # another server sees the claim
+        assert two.claim_jti("other-iss", "j1", 2000, 1000)
+        assert not one.claim_jti("iss", "j1", 2000, 1999)
+        assert one.claim_jti("iss", "j1", 3000, 2000)  # past its expiry a holder is gone
+        assert one.prune_jtis(2500) == 1
+        assert 7 in one.schema_versions()
+    finally:
+        one.close()
+        two.close()
