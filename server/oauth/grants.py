@@ -132,13 +132,11 @@ class Grants:
             raise
         sub = str(assertion.verified.spiffe_id)
         if is_task_id(sub):
-            # A task's token carries the task's scope: only an exchange (a task decision)
-            # may turn one into an access token.
-            refusal = InvalidGrantError(
-                "a task JWT-SVID is exchanged (RFC 8693), not a bearer grant"
+            # A task's JWT-SVID as the assertion: the same task decision as an exchange, so a
+            # client that only speaks RFC 7523 (the MCP SDK's) gets a task-scoped token too.
+            return self._task_token(
+                assertion, resource, ACCESS_TOKEN_TYPE, EVENT_JWT_BEARER, started
             )
-            self._refused(EVENT_JWT_BEARER, refusal, started)
-            raise refusal
         claims = {"client_id": sub}
         issued = self._mint(sub, resource, self._ttl, claims)
         event = EventDraft(
@@ -166,7 +164,6 @@ class Grants:
 
     def token_exchange(self, params: Mapping[str, list[str]]) -> TokenResponse:
         started = time.perf_counter()
-        task: Task | None = None
         try:
             token_type = _one(params, "subject_token_type")
             if token_type != JWT_TOKEN_TYPE:
@@ -178,11 +175,25 @@ class Grants:
                 raise InvalidRequestError(f"requested_token_type {requested[:1]!r} not supported")
             subject = self._checker.check(_one(params, "subject_token"), "subject_token")
             resource = _single_resource(params, self._resources)
-            task, grant = self._decide(subject, resource)
         except OAuthError as exc:
             self._refused(EVENT_EXCHANGE, exc, started)
             raise
-        txn = requested[0] == TXN_TOKEN_TYPE
+        return self._task_token(subject, resource, requested[0], EVENT_EXCHANGE, started)
+
+    def _task_token(
+        self,
+        subject: CheckedAssertion,
+        resource: str,
+        requested: str,
+        kind: str,
+        started: float,
+    ) -> TokenResponse:
+        try:
+            task, grant = self._decide(subject, resource)
+        except OAuthError as exc:
+            self._refused(kind, exc, started)
+            raise
+        txn = requested == TXN_TOKEN_TYPE
         principal = task.on_behalf_of or task.runtime_id
         act = task.act if task.act.get("sub") == task.spiffe_id else {"sub": task.spiffe_id}
         ttl = min(self._ttl, grant.ttl)
@@ -204,7 +215,7 @@ class Grants:
             }
         issued = self._mint(principal, resource, ttl, claims, txn=txn)
         event = EventDraft(
-            kind=EVENT_EXCHANGE,
+            kind=kind,
             agent_id=task.runtime_id,
             node_id=task.agent_id,
             on_behalf_of=task.on_behalf_of or None,
@@ -219,7 +230,7 @@ class Grants:
             latency_us=(time.perf_counter() - started) * 1e6,
             extra={
                 "subject_jti": str(subject.verified.claims.get("jti")),
-                "token_type": requested[0],
+                "token_type": requested,
             },
         )
         credential = Credential(

@@ -175,3 +175,26 @@ def test_a_workload_jwt_svid_cannot_be_exchanged(oauth_server: OAuthServer) -> N
     reply = httpx.post(oauth_server.issuer + "/token", data=form, verify=oauth_server.ssl_context())
     assert reply.status_code == 400
     assert reply.json()["error"] == "invalid_grant"
+
+
+def test_a_task_assertion_in_the_jwt_bearer_grant_gets_the_task_decision(
+    world: TaskWorld,
+) -> None:
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+        "assertion": world.subject_token(),
+        "resource": RESOURCE,
+    }
+    reply = httpx.post(world.oauth.issuer + "/token", data=form, verify=world.oauth.ssl_context())
+    assert reply.status_code == 200, reply.text
+    claims = world.decode(reply.json()["access_token"], RESOURCE)
+    assert claims["sub"] == "user:alice"
+    assert claims["act"] == {"sub": world.task.spiffe_id}
+    assert set(claims["scope"].split()) == {"read", "tool:read_ticket"}
+    (event,) = world.events("oauth_jwt_bearer")
+    assert event["decision"] == "allow"
+    assert event["task_id"] == world.task.task_id
+    form["assertion"] = world.subject_token()
+    form["resource"] = OTHER_RESOURCE
+    refused = httpx.post(world.oauth.issuer + "/token", data=form, verify=world.oauth.ssl_context())
+    assert refused.json()["error"] == "invalid_grant"
