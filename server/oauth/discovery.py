@@ -11,6 +11,9 @@ OIDC_PATH = "/.well-known/openid-configuration"
 AS_METADATA_PATH = "/.well-known/oauth-authorization-server"
 JWKS_PATH = "/keys"
 TOKEN_PATH = "/token"  # noqa: S105 - a path, not a secret
+# No grant here uses an authorization endpoint, so RFC 8414 lets it be left out; clients that
+# require one anyway (the MCP SDK's metadata model) get one that refuses every request.
+AUTHORIZE_PATH = "/authorize"
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
@@ -23,12 +26,12 @@ def _endpoints(issuer: str) -> dict[str, object]:
     return {
         "issuer": issuer,
         "jwks_uri": issuer + JWKS_PATH,
+        "authorization_endpoint": issuer + AUTHORIZE_PATH,
         "token_endpoint": issuer + TOKEN_PATH,
         "grant_types_supported": list(GRANT_TYPES),
         # Clients authenticate by the assertion they present (RFC 7523 §3.1 / RFC 8693):
         # there are no client secrets.
         "token_endpoint_auth_methods_supported": ["none"],
-        "response_types_supported": ["token"],
     }
 
 
@@ -37,6 +40,9 @@ def openid_configuration(issuer: str, algorithms: list[str]) -> bytes:
     the signing algorithms. SPIFFE IDs are public subject identifiers."""
     doc = {
         **_endpoints(issuer),
+        # What SPIRE's OIDC discovery provider says: relying parties read JWT-SVIDs as ID
+        # tokens, none is issued through an authorization endpoint.
+        "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": algorithms,
     }
@@ -47,6 +53,7 @@ def authorization_server_metadata(issuer: str, algorithms: list[str]) -> bytes:
     """RFC 8414 §2 metadata of the token endpoint."""
     doc = {
         **_endpoints(issuer),
+        "response_types_supported": [],
         "token_endpoint_auth_signing_alg_values_supported": algorithms,
     }
     return json.dumps(doc, separators=(",", ":")).encode()

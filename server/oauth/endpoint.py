@@ -13,7 +13,12 @@ from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from server.oauth.discovery import JWT_BEARER, METADATA_MAX_AGE, TOKEN_EXCHANGE
-from server.oauth.errors import InvalidRequestError, OAuthError, UnsupportedGrantTypeError
+from server.oauth.errors import (
+    InvalidRequestError,
+    OAuthError,
+    UnsupportedGrantTypeError,
+    UnsupportedResponseTypeError,
+)
 from server.oauth.grants import Grants, TokenResponse
 from server.oauth.http import Handler, Request, Response, json_response
 
@@ -57,6 +62,14 @@ def parse_form(request: Request) -> dict[str, list[str]]:
         return parse_qs(text, keep_blank_values=False, strict_parsing=bool(text), max_num_fields=32)
     except (UnicodeDecodeError, ValueError):
         raise InvalidRequestError("the body is not a valid form") from None
+
+
+async def authorize(request: Request) -> Response:
+    """The authorization endpoint svidd has none of (see discovery.AUTHORIZE_PATH)."""
+    del request
+    return error_response(
+        UnsupportedResponseTypeError("no response type is served: use the token endpoint")
+    )
 
 
 def token_endpoint(grants: Grants) -> Handler:

@@ -38,6 +38,10 @@ class UnsupportedGrantTypeError(OAuthError):
     error = "unsupported_grant_type"
 
 
+class UnsupportedResponseTypeError(OAuthError):
+    error = "unsupported_response_type"
+
+
 class InvalidClientError(OAuthError):
     error = "invalid_client"
     status = 401

@@ -15,8 +15,14 @@ from server.datastore.records import JWT_KIND
 from server.ledger import Ledger
 from server.oauth import discovery
 from server.oauth.assertions import AssertionChecker
-from server.oauth.discovery import AS_METADATA_PATH, JWKS_PATH, OIDC_PATH, TOKEN_PATH
-from server.oauth.endpoint import document, static_document, token_endpoint
+from server.oauth.discovery import (
+    AS_METADATA_PATH,
+    AUTHORIZE_PATH,
+    JWKS_PATH,
+    OIDC_PATH,
+    TOKEN_PATH,
+)
+from server.oauth.endpoint import authorize, document, static_document, token_endpoint
 from server.oauth.grants import Grants, TaskExchanges
 from server.oauth.http import HttpListener
 from server.oauth.jwks import PublishedKey, cache_max_age, jwks_document
@@ -123,6 +129,7 @@ def build(
     )
     listener.mount(JWKS_PATH, document(service.jwks))
     listener.mount(TOKEN_PATH, token_endpoint(grants))
+    listener.mount(AUTHORIZE_PATH, authorize)
     return service
 
 
