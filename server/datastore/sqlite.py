@@ -32,6 +32,7 @@ from typing import Any
 import sqlite_utils
 
 from server.datastore import queries as q
+from server.datastore.base import JtiClaim
 from server.datastore.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -551,10 +552,12 @@ class SqliteDataStore(SqliteLedger):
 
     # -- OAuth assertion replay -----------------------------------------------------------------
 
-    def claim_jti(self, issuer: str, jti: str, expires_at: int, now: int) -> bool:
-        params = {"issuer": issuer, "jti": jti, "expires_at": expires_at, "now": now}
+    def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
         with self._transaction() as db:
-            return int(db.execute(q.CLAIM_JTI, params).rowcount) == 1
+            return [
+                int(db.execute(q.CLAIM_JTI, {**c._asdict(), "now": now}).rowcount) == 1
+                for c in claims
+            ]
 
     def prune_jtis(self, now: int) -> int:
         with self._transaction() as db:

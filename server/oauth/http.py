@@ -21,6 +21,7 @@ _log = logging.getLogger("svid.server.oauth")
 MAX_BODY_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 READ_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 1.0
 _CHUNK = 65536
 
 
@@ -58,7 +59,7 @@ class HttpListener:
         self._ssl = ssl_context
         self._routes: dict[str, Handler] = {}
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     def mount(self, path: str, handler: Handler) -> None:
         if path in self._routes:
@@ -75,7 +76,9 @@ class HttpListener:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
+        # Idle keep-alive clients would hold a TLS close handshake open: cut them.
+        for task, writer in list(self._connections.items()):
+            writer.transport.abort()
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
         if self._server is not None:
@@ -85,7 +88,7 @@ class HttpListener:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._connections[task] = writer
         try:
             await self._serve(reader, writer)
         except (TimeoutError, ConnectionError, ssl.SSLError, h11.ProtocolError):
@@ -93,10 +96,10 @@ class HttpListener:
         except asyncio.CancelledError:
             pass
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)

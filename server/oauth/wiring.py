@@ -26,6 +26,7 @@ from server.oauth.endpoint import authorize, document, static_document, token_en
 from server.oauth.grants import Grants, TaskExchanges
 from server.oauth.http import HttpListener
 from server.oauth.jwks import PublishedKey, cache_max_age, jwks_document
+from server.oauth.replay import JtiClaims
 from server.oauth.settings import OAuthSettings
 from server.oauth.trusted import TrustedBundles
 from svid._bundle import JwtBundle
@@ -104,7 +105,7 @@ def build(
         bundles=bundles,
         audiences=(settings.issuer, settings.issuer + TOKEN_PATH),
         known_issuers=known_issuers,
-        claim_jti=datastore.claim_jti,
+        claim_jti=JtiClaims(datastore.claim_jtis).claim,
         clock=clock,
     )
     grants = Grants(

@@ -8,6 +8,7 @@ Then the task ends and the server refuses the token."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -73,6 +74,14 @@ def _listening(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
+    with oauth_mcp_stack() as running:
+        yield running
+
+
+@contextlib.contextmanager
+def oauth_mcp_stack() -> Iterator[Stack]:
+    """svid-server (OAuth on a loopback HTTP issuer), svid-agent and the example MCP server,
+    each a process; the runtime's entry made. Also bench/test_bench_oauth.py's stack."""
     root = short_tmpdir("svo")
     as_port, mcp_port = free_port(), free_port()
     # Plain HTTP: allowed for a loopback issuer (tests/server/oauth covers HTTPS).

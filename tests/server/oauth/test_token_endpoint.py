@@ -120,20 +120,61 @@ def test_refusals_are_rfc6749_errors_and_audited(
 
 
 def test_jti_claim_is_one_atomic_insert_shared_by_stores(tmp_path: Any) -> None:
+    from server.datastore.base import JtiClaim
     from server.datastore.sqlite import SqliteDataStore
+    from server.oauth.replay import JtiClaims
     from svid._clock import FakeClock
 
     clock = FakeClock(1000)
     one = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
     two = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
     try:
-        assert one.claim_jti("iss", "j1", 2000, 1000)
-        assert not two.claim_jti("iss", "j1", 2000, 1000)  # another server sees the claim
-        assert two.claim_jti("other-iss", "j1", 2000, 1000)
-        assert not one.claim_jti("iss", "j1", 2000, 1999)
-        assert one.claim_jti("iss", "j1", 3000, 2000)  # past its expiry a holder is gone
+        claims_one, claims_two = JtiClaims(one.claim_jtis), JtiClaims(two.claim_jtis)
+        assert claims_one.claim("iss", "j1", 2000, 1000)
+        assert not claims_two.claim("iss", "j1", 2000, 1000)  # another server sees the claim
+        assert claims_two.claim("other-iss", "j1", 2000, 1000)
+        assert not claims_one.claim("iss", "j1", 2000, 1999)
+        assert claims_one.claim("iss", "j1", 3000, 2000)  # past its expiry a holder is gone
+        # In one batch, a repeat is a replay too.
+        batch = [JtiClaim("iss", "j2", 3000), JtiClaim("iss", "j2", 3000)]
+        assert one.claim_jtis(batch, 2000) == [True, False]
         assert one.prune_jtis(2500) == 1
         assert 7 in one.schema_versions()
     finally:
         one.close()
         two.close()
+
+
+def test_concurrent_claims_share_commits_and_one_wins_each_jti(tmp_path: Any) -> None:
+    import threading
+
+    from server.datastore.sqlite import SqliteDataStore
+    from server.oauth.replay import JtiClaims
+    from svid._clock import FakeClock
+
+    store = SqliteDataStore(tmp_path / "ds.sqlite3", FakeClock(1000))
+    calls: list[int] = []
+
+    def counted(claims: Any, now: int) -> list[bool]:
+        calls.append(len(claims))
+        return store.claim_jtis(claims, now)
+
+    replay = JtiClaims(counted)
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def claim(jti: str) -> None:
+        fresh = replay.claim("iss", jti, 2000, 1000)
+        with lock:
+            results.append(fresh)
+
+    try:
+        threads = [threading.Thread(target=claim, args=(f"j{i % 10}",)) for i in range(80)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results.count(True) == 10
+        assert sum(calls) == 80
+    finally:
+        store.close()
