@@ -94,3 +94,11 @@ def test_as_metadata_names_the_token_endpoint_and_grants(oauth_server: OAuthServ
     assert "urn:ietf:params:oauth:grant-type:token-exchange" in doc["grant_types_supported"]
     missing = httpx.get(oauth_server.issuer + "/nothing", verify=oauth_server.ssl_context())
     assert missing.status_code == 404
+
+
+def test_the_authorization_endpoint_refuses_everything(oauth_server: OAuthServer) -> None:
+    reply = httpx.get(
+        oauth_server.issuer + "/authorize?response_type=code", verify=oauth_server.ssl_context()
+    )
+    assert reply.status_code == 400
+    assert reply.json()["error"] == "unsupported_response_type"
