@@ -325,6 +325,8 @@ class Server:
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
         ]
+        if self.oauth is not None:
+            self._tasks.append(asyncio.create_task(self.oauth.run(self._stop), name="oauth"))
         for service in ("", NODE_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         for service in ("", ADMIN_SERVICE):

@@ -3,6 +3,8 @@ oauth.start()`, `oauth.bundle_changed()` on rotation, `await oauth.stop()`."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from svid._jose import PublicKey, alg_for_key
 from svid._spiffe_id import TrustDomain
 
 _log = logging.getLogger("svid.server.oauth")
+PRUNE_INTERVAL = 60.0
 
 
 def server_ssl_context(settings: OAuthSettings) -> ssl.SSLContext | None:
@@ -53,6 +56,7 @@ class OAuthService:
     ca: CaManager
     clock: Clock
     trusted: TrustedBundles
+    datastore: DataStore
     _jwks: bytes = b'{"keys":[]}'
     port: int = 0
 
@@ -74,6 +78,18 @@ class OAuthService:
 
     async def stop(self) -> None:
         await self.listener.stop()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Forget replay records of assertions that expired (they cannot be presented again)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PRUNE_INTERVAL)
+            if stop.is_set():
+                return
+            try:
+                await asyncio.to_thread(self.datastore.prune_jtis, int(self.clock.now()))
+            except Exception:
+                _log.exception("pruning expired assertion jtis failed; retrying later")
 
 
 def build(
@@ -119,7 +135,7 @@ def build(
         clock=clock,
     )
     listener = HttpListener(server_ssl_context(settings))
-    service = OAuthService(settings, listener, ca, clock, trusted)
+    service = OAuthService(settings, listener, ca, clock, trusted, datastore)
     algs = sorted({alg_for_key(_public(ca)), "ES256"})
     listener.mount(
         OIDC_PATH, static_document(discovery.openid_configuration(settings.issuer, algs))

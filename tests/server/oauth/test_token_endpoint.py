@@ -178,3 +178,55 @@ def test_concurrent_claims_share_commits_and_one_wins_each_jti(tmp_path: Any) ->
         assert sum(calls) == 80
     finally:
         store.close()
+
+
+def test_no_token_leaves_when_the_ledger_cannot_record_it(
+    oauth_server: OAuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.datastore.errors import StorageError
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise StorageError("disk full")
+
+    monkeypatch.setattr(oauth_server.running.server.datastore, "write_ledger", broken)
+    reply = _post(
+        oauth_server, grant_type=JWT_BEARER, assertion=_assertion(oauth_server), resource=RESOURCE
+    )
+    assert reply.status_code == 503
+    assert reply.json()["error"] == "temporarily_unavailable"
+    assert "access_token" not in reply.json()
+
+
+def test_expired_replay_records_are_pruned(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from server.oauth import wiring
+    from tests.ports import free_port
+    from tests.server.fixtures import managed_server
+
+    monkeypatch.setattr(wiring, "PRUNE_INTERVAL", 0.05)
+    port = free_port()
+    issuer = f"http://127.0.0.1:{port}"
+    with managed_server(
+        oidc_issuer=issuer, oauth_bind_address=f"127.0.0.1:{port}", oauth_resources=[RESOURCE]
+    ) as running:
+        signer = running.server.ca.jwt_signer()
+        reply = httpx.post(
+            issuer + "/token",
+            data={
+                "grant_type": JWT_BEARER,
+                "assertion": signer.sign(WORKLOAD, [issuer], 30).token,
+                "resource": RESOURCE,
+            },
+        )
+        assert reply.status_code == 200
+
+        def held() -> int:
+            return len(running.server.datastore._rows("SELECT jti FROM oauth_jtis"))
+
+        assert held() == 1
+        running.clock.advance(60)
+        deadline = time.monotonic() + 5
+        while held() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held() == 0
