@@ -29,13 +29,14 @@ from server.errors import PermissionDeniedError
 from server.issuance import TaskJwtGrant
 from server.oauth.assertions import AssertionChecker, CheckedAssertion
 from server.oauth.errors import (
+    InvalidClientError,
     InvalidGrantError,
     InvalidRequestError,
     InvalidTargetError,
     OAuthError,
     UnavailableError,
 )
-from server.tasks.model import Task, is_task_id
+from server.tasks.model import TASK_PATH, Task, is_task_id
 from svid._clock import Clock
 
 _log = logging.getLogger("svid.server.oauth")
@@ -127,10 +128,11 @@ class Grants:
         try:
             assertion = self._checker.check(_one(params, "assertion"), "assertion")
             resource = _single_resource(params, self._resources)
+            sub = str(assertion.verified.spiffe_id)
+            _check_client_id(params, sub)
         except OAuthError as exc:
             self._refused(EVENT_JWT_BEARER, exc, started)
             raise
-        sub = str(assertion.verified.spiffe_id)
         if is_task_id(sub):
             # A task's JWT-SVID as the assertion: the same task decision as an exchange, so a
             # client that only speaks RFC 7523 (the MCP SDK's) gets a task-scoped token too.
@@ -296,6 +298,19 @@ class Grants:
             self._recorder.record([], [event])
         except (AuditError, LedgerError):  # AuditError: the reason looked like a credential
             _log.exception("an OAuth refusal could not be audited")
+
+
+def _check_client_id(params: Mapping[str, list[str]], sub: str) -> None:
+    """The assertion authenticates the client (RFC 7523 §3.1); a `client_id` sent along (the
+    MCP SDK sends one, and a secret svidd ignores) must name the same workload: the
+    assertion's subject, or for a task, the runtime it belongs to."""
+    given = params.get("client_id")
+    if given is None:
+        return
+    if len(given) != 1 or not (
+        given[0] == sub or (is_task_id(sub) and sub.startswith(given[0] + TASK_PATH))
+    ):
+        raise InvalidClientError("client_id does not name the assertion's workload")
 
 
 def _one(params: Mapping[str, list[str]], name: str) -> str:

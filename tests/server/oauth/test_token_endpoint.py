@@ -230,3 +230,23 @@ def test_expired_replay_records_are_pruned(monkeypatch: pytest.MonkeyPatch) -> N
         while held() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert held() == 0
+
+
+def test_a_client_id_must_name_the_assertions_workload(oauth_server: OAuthServer) -> None:
+    same = _post(
+        oauth_server,
+        grant_type=JWT_BEARER,
+        assertion=_assertion(oauth_server),
+        resource=RESOURCE,
+        client_id=str(WORKLOAD),
+    )
+    assert same.status_code == 200, same.text
+    other = _post(
+        oauth_server,
+        grant_type=JWT_BEARER,
+        assertion=_assertion(oauth_server),
+        resource=RESOURCE,
+        client_id="spiffe://example.org/someone-else",
+    )
+    assert other.status_code == 401
+    assert other.json()["error"] == "invalid_client"
