@@ -205,7 +205,7 @@ class Grants:
                 "scope": grant.scope,
                 "tctx": {**grant.claims["tctx"], "resource": resource},
                 "req_wl": task.spiffe_id,
-                "rctx": {"req_ip": "", "authn": "spiffe-jwt-svid"},
+                "rctx": {"authn": "spiffe-jwt-svid", "req_wl": task.runtime_id},
                 "act": act,
             }
         else:
