@@ -86,6 +86,18 @@ class ServerConfig:
     # sealed into the datastore and shared (`svid-server keys new-kek --out FILE` makes one);
     # unset, they are this server's own files under data_dir/keys.
     key_encryption_key_file: Path | None = None
+    # OIDC discovery + OAuth authorization server (server/oauth; README "OAuth"). Off unless
+    # oidc_issuer is set: then JWT-SVIDs carry it as `iss`, and oauth_bind_address serves
+    # discovery, JWKS and the token endpoint over HTTPS (cert/key files; plain HTTP only for
+    # an http:// issuer on loopback). Resources: the RFC 8707 `resource` values tokens may be
+    # for. Trusted bundles: "trust_domain=path" of other domains whose JWT-SVIDs are accepted.
+    oidc_issuer: str = ""
+    oauth_bind_address: str = ""
+    oauth_tls_cert: Path | None = None
+    oauth_tls_key: Path | None = None
+    oauth_resources: tuple[str, ...] = ()
+    oauth_trusted_bundles: tuple[str, ...] = ()
+    oauth_access_token_ttl: int = 300
 
     @property
     def datastore_path(self) -> Path:
@@ -170,6 +182,14 @@ def _as_trust_domain(key: str, value: Any) -> TrustDomain:
         raise ConfigError(f"{key}: {exc}") from None
 
 
+def _as_str_list(key: str, value: Any) -> tuple[str, ...]:
+    """A TOML list of strings, or one comma-separated string (a flag)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    return tuple(i.strip() for i in items if i.strip())
+
+
 def _positive(key: str, value: Any) -> int:
     return _as_int(key, value, minimum=1)
 
@@ -218,6 +238,13 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_max_events": _as_int,
     "audit_prune_interval": _as_positive_float,
     "key_encryption_key_file": _as_path,
+    "oidc_issuer": _as_str,
+    "oauth_bind_address": _as_optional_address,
+    "oauth_tls_cert": _as_path,
+    "oauth_tls_key": _as_path,
+    "oauth_resources": _as_str_list,
+    "oauth_trusted_bundles": _as_str_list,
+    "oauth_access_token_ttl": _positive,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))
@@ -292,6 +319,11 @@ def _check_consistency(config: ServerConfig) -> None:
     for key in ("default_x509_svid_ttl", "agent_svid_ttl", "server_svid_ttl"):
         if getattr(config, key) > config.ca_ttl:
             raise ConfigError(f"{key}: {getattr(config, key)} s exceeds ca_ttl ({config.ca_ttl} s)")
+    if config.oidc_issuer:
+        # Imported here: the oauth package is only needed when it is configured.
+        from server.oauth.settings import check_server_config  # noqa: PLC0415
+
+        check_server_config(config)
     if config.default_jwt_svid_ttl > config.jwt_key_ttl:
         raise ConfigError(
             f"default_jwt_svid_ttl: {config.default_jwt_svid_ttl} s exceeds jwt_key_ttl "

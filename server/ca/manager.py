@@ -80,6 +80,7 @@ class CaConfig:
     refresh_hint: int = DEFAULT_REFRESH_HINT
     jwt_key_type: str | None = None  # None: same as key_type
     lease_ttl: int = DEFAULT_LEASE_TTL  # shared keys only: the ca-rotation lease
+    jwt_issuer: str | None = None  # the OIDC issuer URL JWT-SVIDs carry as `iss` (server/oauth)
 
     def __post_init__(self) -> None:
         if isinstance(self.trust_domain, str):
@@ -537,7 +538,11 @@ class CaManager:
             self._jwt_signer is None or self._jwt_signer.kid != jwt_slot.kid
         ):
             self._jwt_signer = JwtSigner(
-                self._load_key(jwt_slot), jwt_slot.kid, self._clock, jwt_slot.not_after
+                self._load_key(jwt_slot),
+                jwt_slot.kid,
+                self._clock,
+                jwt_slot.not_after,
+                self._config.jwt_issuer,
             )
             _log.info("JWT key active", extra={"slot_id": jwt_slot.slot_id, "kid": jwt_slot.kid})
 

@@ -224,10 +224,24 @@ def _shared_keys(execute: Execute) -> None:
         )""")
 
 
+def _oauth_jtis(execute: Execute) -> None:
+    """OAuth: jtis of accepted JWT-bearer assertions and exchanged subject tokens, until they
+    expire (server/oauth). The primary key is what makes the replay check one atomic insert."""
+    execute("""
+        CREATE TABLE oauth_jtis (
+            issuer TEXT NOT NULL,
+            jti TEXT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            PRIMARY KEY (issuer, jti)
+        )""")
+    execute("CREATE INDEX oauth_jtis_expiry ON oauth_jtis (expires_at)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
     Migration(3, "audit retention: the prune base", _audit_base),
     Migration(4, "task listing: keyset indexes", _task_listing),
     Migration(6, "shared keys: sealed key slots and leases", _shared_keys),
+    Migration(7, "oauth: replayed assertion jtis", _oauth_jtis),
 )

@@ -103,3 +103,12 @@ PRUNE_REVOCATIONS = "DELETE FROM revocations WHERE expires_at < :needed_from"
 
 BUMP_COUNTER = "UPDATE counters SET value = value + 1 WHERE name = :name"
 SELECT_COUNTER = "SELECT value FROM counters WHERE name = :name"
+
+# One statement, so two servers on one database cannot both accept a jti: the row is inserted,
+# or an expired holder is overwritten; a live holder leaves the row unchanged (rowcount 0).
+# ON CONFLICT ... DO UPDATE ... WHERE is the same in SQLite (>= 3.24) and PostgreSQL.
+CLAIM_JTI = """
+INSERT INTO oauth_jtis (issuer, jti, expires_at) VALUES (:issuer, :jti, :expires_at)
+ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at
+WHERE oauth_jtis.expires_at <= :now"""
+PRUNE_JTIS = "DELETE FROM oauth_jtis WHERE expires_at <= :now"

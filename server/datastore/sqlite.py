@@ -32,6 +32,7 @@ from typing import Any
 import sqlite_utils
 
 from server.datastore import queries as q
+from server.datastore.base import JtiClaim
 from server.datastore.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -563,6 +564,19 @@ class SqliteDataStore(SqliteLedger):
             if removed:
                 self._bump(db, _REVISION)
             return removed
+
+    # -- OAuth assertion replay -----------------------------------------------------------------
+
+    def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
+        with self._transaction() as db:
+            return [
+                int(db.execute(q.CLAIM_JTI, {**c._asdict(), "now": now}).rowcount) == 1
+                for c in claims
+            ]
+
+    def prune_jtis(self, now: int) -> int:
+        with self._transaction() as db:
+            return int(db.execute(q.PRUNE_JTIS, {"now": now}).rowcount)
 
     # -- change tracking ------------------------------------------------------------------------
 
