@@ -87,6 +87,23 @@ class ServerConfig:
     # there; a postgresql:// URL, that PostgreSQL database (several servers may share one).
     # Out of repr: a URL may hold a password (better kept in PGPASSWORD or ~/.pgpass).
     datastore: str = field(default="", repr=False)
+    # Several servers, one trust domain: the file (0600, this user's) holding the 32-byte
+    # key-encryption key every server of the trust domain shares. Set, the CA and JWT keys are
+    # sealed into the datastore and shared (`svid-server keys new-kek --out FILE` makes one);
+    # unset, they are this server's own files under data_dir/keys.
+    key_encryption_key_file: Path | None = None
+    # OIDC discovery + OAuth authorization server (server/oauth; README "OAuth"). Off unless
+    # oidc_issuer is set: then JWT-SVIDs carry it as `iss`, and oauth_bind_address serves
+    # discovery, JWKS and the token endpoint over HTTPS (cert/key files; plain HTTP only for
+    # an http:// issuer on loopback). Resources: the RFC 8707 `resource` values tokens may be
+    # for. Trusted bundles: "trust_domain=path" of other domains whose JWT-SVIDs are accepted.
+    oidc_issuer: str = ""
+    oauth_bind_address: str = ""
+    oauth_tls_cert: Path | None = None
+    oauth_tls_key: Path | None = None
+    oauth_resources: tuple[str, ...] = ()
+    oauth_trusted_bundles: tuple[str, ...] = ()
+    oauth_access_token_ttl: int = 300
 
     @property
     def datastore_dsn(self) -> str | None:
@@ -195,6 +212,14 @@ def _as_datastore(key: str, value: Any) -> str:
     return text
 
 
+def _as_str_list(key: str, value: Any) -> tuple[str, ...]:
+    """A TOML list of strings, or one comma-separated string (a flag)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    return tuple(i.strip() for i in items if i.strip())
+
+
 def _positive(key: str, value: Any) -> int:
     return _as_int(key, value, minimum=1)
 
@@ -243,6 +268,14 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_max_events": _as_int,
     "audit_prune_interval": _as_positive_float,
     "datastore": _as_datastore,
+    "key_encryption_key_file": _as_path,
+    "oidc_issuer": _as_str,
+    "oauth_bind_address": _as_optional_address,
+    "oauth_tls_cert": _as_path,
+    "oauth_tls_key": _as_path,
+    "oauth_resources": _as_str_list,
+    "oauth_trusted_bundles": _as_str_list,
+    "oauth_access_token_ttl": _positive,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))
@@ -291,7 +324,18 @@ def build_config(
     return config
 
 
+def check_key_encryption(datastore: str, key_encryption_key_file: Path | None) -> None:
+    """Servers sharing a PostgreSQL datastore share its CA: they need the one KEK to do so."""
+    if is_postgres_dsn(datastore) and key_encryption_key_file is None:
+        raise ConfigError(
+            "key_encryption_key_file: required with a PostgreSQL datastore (the servers "
+            "sharing it share one CA and JWT key set, sealed under that key; "
+            "`svid-server keys new-kek --out FILE` makes one)"
+        )
+
+
 def _check_consistency(config: ServerConfig) -> None:
+    check_key_encryption(config.datastore, config.key_encryption_key_file)
     if (config.upstream_ca_cert is None) != (config.upstream_ca_key is None):
         missing = "upstream_ca_key" if config.upstream_ca_key is None else "upstream_ca_cert"
         raise ConfigError(f"{missing}: required when the other upstream_ca_* key is set")
@@ -303,6 +347,11 @@ def _check_consistency(config: ServerConfig) -> None:
     for key in ("default_x509_svid_ttl", "agent_svid_ttl", "server_svid_ttl"):
         if getattr(config, key) > config.ca_ttl:
             raise ConfigError(f"{key}: {getattr(config, key)} s exceeds ca_ttl ({config.ca_ttl} s)")
+    if config.oidc_issuer:
+        # Imported here: the oauth package is only needed when it is configured.
+        from server.oauth.settings import check_server_config  # noqa: PLC0415
+
+        check_server_config(config)
     if config.default_jwt_svid_ttl > config.jwt_key_ttl:
         raise ConfigError(
             f"default_jwt_svid_ttl: {config.default_jwt_svid_ttl} s exceeds jwt_key_ttl "

@@ -43,6 +43,7 @@ from psycopg_pool import ConnectionPool
 
 from server.datastore import postgres_sql as ps
 from server.datastore import queries as q
+from server.datastore.base import JtiClaim
 from server.datastore.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -464,6 +465,7 @@ class PostgresDataStore(PostgresLedger):
             "not_before": slot.not_before,
             "not_after": slot.not_after,
             "created_at": slot.created_at,
+            "sealed_key": slot.sealed_key,
         }
         self._write("save the key slot", lambda cur: cur.execute(pg(q.UPSERT_KEY_SLOT), params))
 
@@ -476,6 +478,22 @@ class PostgresDataStore(PostgresLedger):
             "delete the key slot",
             lambda cur: cur.execute(pg(q.DELETE_KEY_SLOT), {"slot_id": slot_id}),
         )
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        params = {"name": name, "holder": holder, "now": now, "expires_at": now + ttl}
+        # One statement decides (a concurrent caller waits on the row, then re-checks it).
+        return self._write(
+            "take the lease",
+            lambda cur: int(cur.execute(pg(q.ACQUIRE_LEASE), params).rowcount) == 1,
+        )
+
+    def release_lease(self, name: str, holder: str) -> None:
+        params = {"name": name, "holder": holder}
+        self._write("release the lease", lambda cur: cur.execute(pg(q.RELEASE_LEASE), params))
 
     # -- bundle ---------------------------------------------------------------------------------
 
@@ -536,6 +554,23 @@ class PostgresDataStore(PostgresLedger):
             return removed
 
         return self._write("prune revocations", work)
+
+    # -- OAuth assertion replay -----------------------------------------------------------------
+
+    def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
+        def work(cur: Cursor) -> list[bool]:
+            return [
+                int(cur.execute(pg(q.CLAIM_JTI), {**c._asdict(), "now": now}).rowcount) == 1
+                for c in claims
+            ]
+
+        return self._write("record assertion jtis", work)
+
+    def prune_jtis(self, now: int) -> int:
+        return self._write(
+            "prune assertion jtis",
+            lambda cur: int(cur.execute(pg(q.PRUNE_JTIS), {"now": now}).rowcount),
+        )
 
     # -- change tracking ------------------------------------------------------------------------
 

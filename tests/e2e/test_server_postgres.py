@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from server.ca.sealing import KeyEncryptionKey
 from tests.e2e.conftest import TRUST_DOMAIN, make_server, short_tmpdir
 from tests.e2e.test_server_cli import attest
 
@@ -21,8 +22,11 @@ def test_two_server_processes_share_one_postgresql_datastore(postgres_dsn: str) 
     dsn = postgres_dsn.replace("postgresql://postgres@", f"postgresql://postgres:{SECRET}@", 1)
     assert SECRET in dsn
     roots = [short_tmpdir(), short_tmpdir()]
-    first = make_server(roots[0], datastore=dsn)
-    second = make_server(roots[1], datastore=dsn)
+    kek = roots[0] / "kek"  # the servers share the CA, sealed in the database under it
+    KeyEncryptionKey.generate().write_new(kek)
+    shared = {"datastore": dsn, "key_encryption_key_file": str(kek)}
+    first = make_server(roots[0], **shared)
+    second = make_server(roots[1], **shared)
     try:
         first.start()
         pem = first.cli("bundle", "show").stdout
@@ -41,6 +45,7 @@ def test_two_server_processes_share_one_postgresql_datastore(postgres_dsn: str) 
         assert first.stop() == 0
 
         second.start()  # its own data_dir: all it knows comes from the database
+        assert second.cli("bundle", "show").stdout == pem  # the same CA
         shown = second.cli_json("entry", "show", "--spiffe-id", f"spiffe://{TRUST_DOMAIN}/pg/web")
         assert [e["parent_id"] for e in shown["entries"]] == [agent.spiffe_id]
         agents = second.cli_json("agent", "list")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ServerConfig, build_config, load_config
+from server.config import ServerConfig, build_config, check_key_encryption, load_config
 from server.errors import ConfigError
 from svid._spiffe_id import TrustDomain
 
@@ -125,14 +125,21 @@ def test_the_datastore_is_sqlite_in_the_data_dir_unless_set() -> None:
     assert moved.datastore_path == Path("/srv/ds.sqlite3")
 
 
+KEK = {"key_encryption_key_file": "/etc/svid/kek"}  # servers sharing PostgreSQL share the CA
+
+
 def test_a_postgresql_url_selects_postgresql_and_the_flag_wins(tmp_path: Path) -> None:
     path = tmp_path / "server.toml"
-    path.write_text('trust_domain = "example.org"\ndatastore = "/srv/ds.sqlite3"\n')
+    path.write_text(
+        'trust_domain = "example.org"\ndatastore = "/srv/ds.sqlite3"\n'
+        'key_encryption_key_file = "/etc/svid/kek"\n'
+    )
     dsn = "postgresql://svidd:pw-in-url@db.internal:5432/svidd?sslmode=require"
     config = load_config(path, {"datastore": dsn})
     assert config.datastore_dsn == dsn
     assert config.datastore_shown == "postgresql://svidd:***@db.internal:5432/svidd?sslmode=require"
-    assert build_config({"trust_domain": "x.org", "datastore": "postgres://h/db"}).datastore_dsn
+    other = {"trust_domain": "x.org", "datastore": "postgres://h/db", **KEK}
+    assert build_config(other).datastore_dsn
 
 
 def test_the_datastore_password_stays_out_of_errors_and_the_repr() -> None:
@@ -140,7 +147,9 @@ def test_the_datastore_password_stays_out_of_errors_and_the_repr() -> None:
         build_config({"trust_domain": "example.org", "datastore": "postgresql://u:pw-9@h:xx/db"})
     assert str(caught.value).startswith("datastore: not a valid PostgreSQL URL")
     assert "pw-9" not in str(caught.value)
-    config = build_config({"trust_domain": "example.org", "datastore": "postgresql://u:pw-9@h/d"})
+    config = build_config(
+        {"trust_domain": "example.org", "datastore": "postgresql://u:pw-9@h/d", **KEK}
+    )
     assert "pw-9" not in repr(config)
 
 
@@ -180,3 +189,25 @@ def test_without_the_postgres_extra_the_server_imports_and_a_dsn_names_the_extra
     assert done.returncode == 0, done.stderr
     assert "needs the 'postgres' extra (pip install 'svidd[postgres]')" in done.stdout
     assert "pw-x" not in done.stdout
+
+
+def test_key_encryption_key_file_from_file_or_flag(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text('trust_domain = "example.org"\nkey_encryption_key_file = "/etc/svid/kek"\n')
+    assert load_config(path).key_encryption_key_file == Path("/etc/svid/kek")
+    flagged = load_config(path, {"key_encryption_key_file": "/run/kek"})
+    assert flagged.key_encryption_key_file == Path("/run/kek")
+    assert build_config({"trust_domain": "example.org"}).key_encryption_key_file is None
+    with pytest.raises(ConfigError, match="key_encryption_key_file: must not be empty"):
+        build_config({"trust_domain": "example.org", "key_encryption_key_file": ""})
+
+
+def test_a_postgresql_datastore_needs_the_key_encryption_key() -> None:
+    dsn = "postgresql://svid:secret@db.internal/svid"
+    with pytest.raises(ConfigError, match="key_encryption_key_file: required with a PostgreSQL"):
+        check_key_encryption(dsn, None)
+    check_key_encryption(dsn, Path("/etc/svid/kek"))
+    with pytest.raises(ConfigError, match="required with a PostgreSQL"):
+        check_key_encryption("postgres://db.internal/svid", None)  # libpq's other scheme
+    check_key_encryption("", None)  # SQLite: a lone server keeps its own key files
+    check_key_encryption("/var/lib/svid/datastore.sqlite3", None)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+from pathlib import Path
 
 import pytest
 
+from server.ca.sealing import KeyEncryptionKey
 from server.datastore.postgres import PostgresDataStore
 from svid._clock import FakeClock
 from svid._proto import admin_pb2
@@ -23,16 +25,24 @@ def with_password(dsn: str) -> str:
     return dsn.replace("postgresql://postgres@", f"postgresql://postgres:{SECRET}@", 1)
 
 
+def kek_file(where: Path) -> Path:
+    """The key-encryption key servers sharing a PostgreSQL datastore share their CA under."""
+    path = where / "kek"
+    KeyEncryptionKey.generate().write_new(path)
+    return path
+
+
 def test_a_server_on_postgresql_serves_and_restarts_from_it(
-    postgres_dsn: str, caplog: pytest.LogCaptureFixture
+    postgres_dsn: str, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     dsn = with_password(postgres_dsn)
     assert SECRET in dsn, "the test DSN is not of the expected form"
-    with caplog.at_level(logging.INFO), managed_server(datastore=dsn, log_level="info") as server:
+    shared = {"datastore": dsn, "key_encryption_key_file": str(kek_file(tmp_path))}
+    with caplog.at_level(logging.INFO), managed_server(**shared, log_level="info") as server:
         agent = server.attest()
         entry = server.create_entry("/web", agent.spiffe_id)
     # Another server (its own data_dir: nothing of the first on disk) reads the same database.
-    with managed_server(datastore=dsn) as again:
+    with managed_server(**shared) as again:
         got = again.admin().GetEntry(admin_pb2.GetEntryRequest(id=entry.id), timeout=10)
         assert got.spiffe_id == entry.spiffe_id
     store = PostgresDataStore(postgres_dsn, FakeClock())
@@ -48,7 +58,9 @@ def test_a_server_on_postgresql_serves_and_restarts_from_it(
     assert not [r for r in caplog.records if SECRET in r.getMessage() + str(r.__dict__)]
 
 
-def test_the_server_keeps_serving_when_its_database_connections_die(postgres_dsn: str) -> None:
+def test_the_server_keeps_serving_when_its_database_connections_die(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
     """A PostgreSQL restart or failover cuts every connection: a call caught on a dead one
     answers UNAVAILABLE (nothing else), and the server then serves again on fresh ones."""
     import grpc
@@ -57,7 +69,8 @@ def test_the_server_keeps_serving_when_its_database_connections_die(postgres_dsn
     from tests import postgres
 
     app = f"svidd-test-server-conn-{secrets.token_hex(4)}"
-    with managed_server(datastore=f"{postgres_dsn}&application_name={app}") as server:
+    dsn = f"{postgres_dsn}&application_name={app}"
+    with managed_server(datastore=dsn, key_encryption_key_file=str(kek_file(tmp_path))) as server:
         server.attest()
         with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
             killed = admin.execute(
