@@ -522,6 +522,7 @@ class PostgresDataStore(PostgresLedger):
                 )
         if not items:
             return
+        # In key order: concurrent batches lock rows in one order and never deadlock.
         params = [
             {
                 "kind": item.kind,
@@ -531,7 +532,7 @@ class PostgresDataStore(PostgresLedger):
                 "reason": item.reason,
                 "revoked_at": item.revoked_at,
             }
-            for item in items
+            for item in sorted(items, key=lambda r: (r.kind, r.value))
         ]
 
         def work(cur: Cursor) -> None:
@@ -558,11 +559,16 @@ class PostgresDataStore(PostgresLedger):
     # -- OAuth assertion replay -----------------------------------------------------------------
 
     def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
+        # In key order, so concurrent batches of several servers lock rows in one order and
+        # never deadlock; a stable sort keeps repeats in input order (the first one wins).
+        order = sorted(range(len(claims)), key=lambda i: (claims[i].issuer, claims[i].jti))
+
         def work(cur: Cursor) -> list[bool]:
-            return [
-                int(cur.execute(pg(q.CLAIM_JTI), {**c._asdict(), "now": now}).rowcount) == 1
-                for c in claims
-            ]
+            granted = [False] * len(claims)
+            for i in order:
+                params = {**claims[i]._asdict(), "now": now}
+                granted[i] = int(cur.execute(pg(q.CLAIM_JTI), params).rowcount) == 1
+            return granted
 
         return self._write("record assertion jtis", work)
 

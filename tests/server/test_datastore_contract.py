@@ -29,6 +29,7 @@ from server.datastore import (
     StorageError,
     TaskRecord,
 )
+from server.datastore.base import JtiClaim
 from server.datastore.records import AUDIT_COLUMNS, EventFilter, Head, TaskCursor, TokenUse
 from server.datastore.sqlite import SqliteDataStore
 from svid import MAX_VERIFIER_LEEWAY
@@ -237,6 +238,20 @@ def test_concurrent_callers_for_a_free_lease_get_one_grant(open_store: Opener) -
         t.join()
     assert len(granted) == 1
     assert all(not s.acquire_lease("ca-rotation", "late", NOW + 1, 30) for s in stores)
+
+
+# -- OAuth assertion replay ---------------------------------------------------------------------
+
+
+def test_a_jti_is_claimed_once_until_it_expires(store: DataStore) -> None:
+    iss = "spiffe://example.org"
+    claims = [JtiClaim(iss, "a", NOW + 60), JtiClaim(iss, "b", NOW + 5), JtiClaim(iss, "a", NOW)]
+    assert store.claim_jtis(claims, NOW) == [True, True, False]  # a repeat in the batch too
+    assert store.claim_jtis([JtiClaim("other-issuer", "a", NOW + 60)], NOW) == [True]
+    assert store.claim_jtis([JtiClaim(iss, "b", NOW + 60)], NOW + 4) == [False]
+    assert store.claim_jtis([JtiClaim(iss, "b", NOW + 60)], NOW + 5) == [True]  # b expired
+    assert store.prune_jtis(NOW + 60) == 3
+    assert store.claim_jtis([JtiClaim(iss, "a", NOW + 90)], NOW + 61) == [True]
 
 
 # -- tasks and violations -----------------------------------------------------------------------

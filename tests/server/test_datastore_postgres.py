@@ -25,6 +25,7 @@ from server.datastore import (
     StorageError,
 )
 from server.datastore import postgres as postgres_module
+from server.datastore.base import JtiClaim
 from server.datastore.migrations import MIGRATIONS, Migration, postgres_ddl, postgres_migrations
 from server.datastore.postgres import PostgresDataStore
 from server.datastore.postgres_dsn import redact_dsn, scrub
@@ -183,6 +184,24 @@ def test_revisions_are_monotonic_and_no_write_is_lost_across_servers(
     assert stores[1].bundle_sequence() == 6 * 15
     assert len(stores[2].list_entries()) == 6 * 15
     assert len(stores[3].agent_credentials(AGENT, NOW)) == 6 * 15
+
+
+def test_a_jti_is_accepted_by_exactly_one_of_many_servers(
+    stores: list[PostgresDataStore],
+) -> None:
+    """Replayed assertions racing to several servers: each (issuer, jti) is claimed once, even
+    by batches that meet the same jtis in opposite orders."""
+    claims = [JtiClaim("spiffe://example.org", f"jti-{n}", NOW + 60) for n in range(40)]
+    batches = [claims if k % 2 else claims[::-1] for k in range(len(stores) * 2)]
+    results = race(
+        [lambda s=s, b=b: s.claim_jtis(b, NOW) for s, b in zip(stores * 2, batches, strict=True)]
+    )
+    won: dict[str, int] = {}
+    for batch, result in zip(batches, results, strict=True):
+        assert isinstance(result, list), result
+        for claim, granted in zip(batch, result, strict=True):
+            won[claim.jti] = won.get(claim.jti, 0) + granted
+    assert won == {c.jti: 1 for c in claims}
 
 
 # -- migrations ---------------------------------------------------------------------------------
