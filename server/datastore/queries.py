@@ -91,3 +91,12 @@ PRUNE_REVOCATIONS = "DELETE FROM revocations WHERE expires_at < :needed_from"
 
 BUMP_COUNTER = "UPDATE counters SET value = value + 1 WHERE name = :name"
 SELECT_COUNTER = "SELECT value FROM counters WHERE name = :name"
+
+# The change feed: the counter moves by the rows a write appends, in the write's transaction.
+BUMP_COUNTER_BY = "UPDATE counters SET value = value + :n WHERE name = :name"
+INSERT_FEED = "INSERT INTO feed (revision, at, kind, key) VALUES (:revision, :at, :kind, :key)"
+FEED_SINCE = (
+    "SELECT revision, at, kind, key FROM feed WHERE revision > :after "
+    "ORDER BY revision LIMIT :limit"
+)
+PRUNE_FEED = "DELETE FROM feed WHERE at < :before"

@@ -26,6 +26,7 @@ from server.datastore.records import (
     Credential,
     Entry,
     EventFilter,
+    FeedItem,
     Head,
     JoinToken,
     KeySlot,
@@ -171,6 +172,22 @@ class FaultInjectingDataStore:
     def revision(self) -> int:
         self._enter("revision")
         return self.inner.revision()
+
+    def feed_head(self) -> int:
+        self._enter("feed_head")
+        return self.inner.feed_head()
+
+    def feed_since(self, after: int, limit: int) -> list[FeedItem]:
+        self._enter("feed_since")
+        return self.inner.feed_since(after, limit)
+
+    def prune_feed(self, before: int) -> int:
+        self._enter("prune_feed")
+        return self.inner.prune_feed(before)
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        self._enter("wait_feed")
+        return self.inner.wait_feed(after, timeout)
 
     def put_task(self, task: TaskRecord) -> None:
         self._enter("put_task")
