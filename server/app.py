@@ -40,6 +40,7 @@ from server.node_api import Limiters, NodeServicer, NodeSettings
 from server.peer import PeerCache
 from server.propagation import Propagator
 from server.ratelimit import KeyedLimiter
+from server.replication import FeedFollower, FollowSettings
 from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
 from server.tasks.wiring import TaskLayer, build_task_layer
@@ -95,6 +96,7 @@ class Server:
         self._serving = False
         self.runtime: RuntimeInfo | None = None
         self.propagator: Propagator | None = None
+        self.follower: FeedFollower | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -103,6 +105,8 @@ class Server:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.datastore = SqliteDataStore(cfg.datastore_path, self.clock)
         import_legacy_files(self.datastore, cfg.data_dir, self.clock)
+        # Before anything is loaded: what other servers commit from here on is followed.
+        self._feed_cursor = self.datastore.feed_head()
         self.keystore = KeyStore(cfg.keys_dir)
         self.ca = CaManager(
             CaConfig(
@@ -180,6 +184,16 @@ class Server:
 
         return changed
 
+    def _on_key_slots_changed(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """Another server journaled a CA or JWT key slot (called in a worker thread). The
+        bundle is republished from the CA manager; a CA manager that reloads the stored slots
+        of shared keys hooks in here, before the republish."""
+
+        def changed() -> None:
+            loop.call_soon_threadsafe(self._apply_bundle)
+
+        return changed
+
     def _grpc_options(self) -> list[tuple[str, int]]:
         size = self.config.max_message_bytes
         return [
@@ -203,6 +217,15 @@ class Server:
         self.propagator = Propagator(self.state, str(self.ids.server), self.clock)
         self.propagator.start()
         self.ca.subscribe(self._on_bundle_changed(loop))
+        self.follower = FeedFollower(
+            datastore=self.datastore,
+            state=self.state,
+            tasks=self.tasks.service,
+            on_key_slots_changed=self._on_key_slots_changed(loop),
+            clock=self.clock,
+            cursor=self._feed_cursor,
+            settings=FollowSettings(cfg.feed_poll_interval, cfg.feed_retention),
+        )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # Two JWT threads per signing worker: each waits on its worker's socket or on the
         # ledger's commit (a batch is recorded on the thread that signed it), not on the GIL,
@@ -313,6 +336,7 @@ class Server:
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
+            asyncio.create_task(self.follower.run(self._stop), name="change-feed"),
         ]
         for service in ("", NODE_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -365,6 +389,12 @@ class Server:
     async def _housekeeping_loop(self) -> None:
         while not await self._sleep(HOUSEKEEPING_INTERVAL):
             await self._guarded(self.state.prune)
+            if self.follower is not None:
+                await self._guarded(self._prune_feed)
+
+    async def _prune_feed(self) -> None:
+        if self.follower is not None:
+            await self.follower.prune()
 
     async def _guarded(self, job: Callable[[], Awaitable[None]]) -> None:
         try:
