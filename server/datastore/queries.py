@@ -94,7 +94,8 @@ SELECT_COUNTER = "SELECT value FROM counters WHERE name = :name"
 
 # The change feed: the counter moves by the rows a write appends, in the write's transaction.
 BUMP_COUNTER_BY = "UPDATE counters SET value = value + :n WHERE name = :name"
-INSERT_FEED = "INSERT INTO feed (revision, at, kind, key) VALUES (:revision, :at, :kind, :key)"
+# Rows go in as multi-row VALUES (sqlite_audit.insert_many): revision, at, kind, key.
+FEED_INTO = "INSERT INTO feed (revision, at, kind, key)"
 FEED_SINCE = (
     "SELECT revision, at, kind, key FROM feed WHERE revision > :after "
     "ORDER BY revision LIMIT :limit"

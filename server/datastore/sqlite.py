@@ -32,6 +32,7 @@ from typing import Any
 import sqlite_utils
 
 from server.datastore import queries as q
+from server.datastore import sqlite_audit
 from server.datastore.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -270,9 +271,8 @@ class SqliteDataStore(SqliteLedger):
         head = int(db.execute(q.SELECT_COUNTER, {"name": _FEED}).fetchone()[0])
         at = self._now()
         first = head - len(keys) + 1
-        db.conn.executemany(
-            q.INSERT_FEED,
-            [{"revision": first + i, "at": at, "kind": kind, "key": k} for i, k in enumerate(keys)],
+        sqlite_audit.insert_many(
+            db.conn, q.FEED_INTO, [(first + i, at, kind, k) for i, k in enumerate(keys)]
         )
 
     def migrate(self) -> list[int]:
