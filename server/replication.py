@@ -258,11 +258,9 @@ class FeedFollower:
 
     def _load(self, work: FeedWork) -> _Loaded:
         loaded = _Loaded()
-        for entry_id in work.entries:
-            try:
-                loaded.entries[entry_id] = self._ds.get_entry(entry_id)
-            except NotFoundError:
-                loaded.entries[entry_id] = None
+        if work.entries:
+            loaded.entries = dict.fromkeys(work.entries)
+            loaded.entries.update((e.id, e) for e in self._ds.get_entries(sorted(work.entries)))
         for spiffe_id in work.agents:
             try:
                 loaded.agents[spiffe_id] = self._ds.get_agent(spiffe_id)

@@ -82,6 +82,11 @@ class RegistrationStore(Protocol):
         """NotFoundError for an unknown id."""
         ...
 
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        """The stored entries among `entry_ids`, in no particular order; an unknown id is left
+        out. One read for many ids (the change feed's follower reloads a batch at once)."""
+        ...
+
     def list_entries(
         self, spiffe_id: str | None = None, parent_id: str | None = None
     ) -> list[Entry]:

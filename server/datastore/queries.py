@@ -32,6 +32,14 @@ UPDATE_ENTRY = (
 DELETE_ENTRY = "DELETE FROM entries WHERE id = :id"
 SELECT_ENTRY = f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = :id"
 ENTRY_BY_IDENTITY = "SELECT id FROM entries WHERE identity_hash = :identity_hash"
+
+
+def select_entries_in(count: int) -> str:
+    """The entries whose id is one of `count` parameters :i0, :i1, ..."""
+    names = ", ".join(f":i{n}" for n in range(count))
+    return f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id IN ({names})"
+
+
 # A NULL filter matches everything, so one statement serves every filter combination.
 LIST_ENTRIES = (
     f"SELECT {_ENTRY_COLUMNS} FROM entries "

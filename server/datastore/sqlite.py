@@ -64,6 +64,8 @@ BUSY_TIMEOUT_MS = 10_000
 _REVISION = "revision"
 _BUNDLE_SEQUENCE = "bundle_sequence"
 _FEED = "feed"
+# Ids bound in one `get_entries` read (SQLite's parameter limit is 999 on old builds).
+_IDS_PER_READ = 500
 # How often wait_feed looks at the feed's counter: what a write through another process waits,
 # at worst, before this one sees it (a read of one row, a few microseconds).
 FEED_POLL_SECONDS = 0.02
@@ -434,6 +436,16 @@ class SqliteDataStore(SqliteLedger):
         if not rows:
             raise NotFoundError(f"entry {entry_id} not found")
         return _entry_from(rows[0])
+
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        found: list[Entry] = []
+        for start in range(0, len(entry_ids), _IDS_PER_READ):
+            chunk = entry_ids[start : start + _IDS_PER_READ]
+            params = {f"i{n}": entry_id for n, entry_id in enumerate(chunk)}
+            found.extend(
+                _entry_from(r) for r in self._rows(q.select_entries_in(len(chunk)), params)
+            )
+        return found
 
     def list_entries(
         self, spiffe_id: str | None = None, parent_id: str | None = None

@@ -95,6 +95,10 @@ class FaultInjectingDataStore:
         self._enter("get_entry")
         return self.inner.get_entry(entry_id)
 
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        self._enter("get_entries")
+        return self.inner.get_entries(entry_ids)
+
     def list_entries(
         self, spiffe_id: str | None = None, parent_id: str | None = None
     ) -> list[Entry]:

@@ -132,6 +132,20 @@ def test_entries_round_trip(store: DataStore) -> None:
         store.get_entry(made.id)
 
 
+def test_get_entries_reads_many_ids_at_once(store: DataStore) -> None:
+    sels = (Selector("unix", "uid:1000"),)
+    made = store.create_entries(
+        [Entry("", f"spiffe://example.org/w/{i}", AGENT, sels) for i in range(1200)]
+    )
+    ids = [e.id for e in made if isinstance(e, Entry)]
+    assert len(ids) == 1200
+    wanted = [*ids[::2], "missing", ids[1]]
+    found = store.get_entries(wanted)
+    assert sorted(e.id for e in found) == sorted({*ids[::2], ids[1]})
+    assert {e.id: e for e in found}[ids[1]] == store.get_entry(ids[1])
+    assert store.get_entries([]) == []
+
+
 def test_join_tokens_are_single_use(store: DataStore) -> None:
     store.create_join_token(JoinToken("t", b"h" * 32, NOW + 60))
     admitted = AttestedAgent(AGENT, "join_token", "1", NOW + 3600)

@@ -309,10 +309,10 @@ def test_a_row_read_before_a_local_write_does_not_undo_it(tmp_path: Path, clock:
     a = Side(tmp_path / "db", clock)
     b = Side(tmp_path / "db", clock, wrap=True)
     read, go = threading.Event(), threading.Event()
-    real_get = b.store.get_entry
+    real_get = b.store.get_entries
 
-    def slow_get(entry_id: str) -> Entry:
-        found = real_get(entry_id)
+    def slow_get(entry_ids: Sequence[str]) -> list[Entry]:
+        found = real_get(entry_ids)
         read.set()
         go.wait(10)
         return found
@@ -321,14 +321,14 @@ def test_a_row_read_before_a_local_write_does_not_undo_it(tmp_path: Path, clock:
         made = await a.state.create_entry(entry("/web"))
         await b.follower.catch_up()
         await a.state.update_entry(replace(made, hint="changed", revision=0))
-        b.ds.get_entry = slow_get  # type: ignore[method-assign]
+        b.ds.get_entries = slow_get  # type: ignore[method-assign]
         following = asyncio.create_task(b.follower.catch_up())
         await asyncio.to_thread(read.wait, 10)
         await b.state.delete_entry(made.id)  # b's own write, while the stale read is held
         go.set()
         await following
         assert made.id not in b.state.entries.by_id
-        b.ds.get_entry = real_get  # type: ignore[method-assign]
+        b.ds.get_entries = real_get  # type: ignore[method-assign]
         await b.follower.catch_up()  # the skipped row is read again: still gone
         assert made.id not in b.state.entries.by_id
 
