@@ -253,8 +253,16 @@ class FeedFollower:
             entries=work.entries & skip_entries, agents=work.agents & skip_agents
         )
         if work.key_slots:
-            await asyncio.to_thread(self._on_key_slots_changed)
+            await self._key_slots_changed()
         await self._state.refresh_revision()
+
+    async def _key_slots_changed(self) -> None:
+        # A failing reload of keys must not stop entries and revocations from following: it
+        # is logged, and the next key slot row (or full reload) calls the hook again.
+        try:
+            await asyncio.to_thread(self._on_key_slots_changed)
+        except Exception:
+            _log.exception("reloading key slots written by another server failed")
 
     def _load(self, work: FeedWork) -> _Loaded:
         loaded = _Loaded()
@@ -293,7 +301,7 @@ class FeedFollower:
         self._state.add_revocations_seen(revocations)
         self._tasks.apply_tasks(tasks)
         self._pending = FeedWork(entries=skip_entries, agents=skip_agents)
-        await asyncio.to_thread(self._on_key_slots_changed)
+        await self._key_slots_changed()
         await self._state.refresh_revision()
         self._cursor = head
 

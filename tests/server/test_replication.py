@@ -272,6 +272,20 @@ def test_key_slot_rows_call_the_hook(sides: tuple[Side, Side]) -> None:
     assert b.key_slot_calls == 1
 
 
+def test_a_failing_key_slot_hook_does_not_stop_the_feed(sides: tuple[Side, Side]) -> None:
+    a, b = sides
+
+    def broken() -> None:
+        raise OSError("key file unreadable")
+
+    b.follower._on_key_slots_changed = broken
+    a.store.save_key_slot(KeySlot("s1", "jwt", "active", b"der", "kid", NOW, NOW + 10, NOW))
+    a.store.put_task(_record("t1"))
+    asyncio.run(b.follower.catch_up())
+    assert b.follower.cursor == a.store.feed_head()
+    assert [list(t) for t in b.tasks.applied] == [["t1"]]
+
+
 def test_a_cursor_behind_pruned_rows_reloads_everything(
     sides: tuple[Side, Side], clock: FakeClock
 ) -> None:
