@@ -209,6 +209,9 @@ class FeedFollower:
                 await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopping.cancel()
+                # Stopping: the thread ends on its own (at the timeout, or when the datastore
+                # closes); nothing is left waiting for it on a loop that may be gone by then.
+                waiting.cancel()
             if waiting.done() and not waiting.cancelled() and waiting.exception() is not None:
                 _log.warning("waiting on the change feed failed: %s", waiting.exception())
 
