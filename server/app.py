@@ -9,6 +9,7 @@ import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from cryptography import x509
@@ -25,6 +26,7 @@ from server.audit.retention import DAY, Pruner, RetentionPolicy
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
 from server.ca.rotator import Rotator
+from server.ca.sealing import KeyEncryptionKey
 from server.ca.workers import SigningWorkers
 from server.config import ServerConfig
 from server.datastore.legacy_import import import_legacy_files
@@ -44,6 +46,9 @@ from server.replication import FeedFollower, FollowSettings
 from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
 from server.tasks.wiring import TaskLayer, build_task_layer
+
+if TYPE_CHECKING:
+    from server.oauth.wiring import OAuthService
 from server.tls import ServerTls
 from svid._clock import Clock, SystemClock
 from svid._proto import admin_pb2_grpc, node_pb2_grpc
@@ -97,6 +102,7 @@ class Server:
         self.runtime: RuntimeInfo | None = None
         self.propagator: Propagator | None = None
         self.follower: FeedFollower | None = None
+        self.oauth: OAuthService | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -108,6 +114,9 @@ class Server:
         # Before anything is loaded: what other servers commit from here on is followed.
         self._feed_cursor = self.datastore.feed_head()
         self.keystore = KeyStore(cfg.keys_dir)
+        # With a KEK the CA and JWT keys are the trust domain's, shared with the other servers
+        # on this datastore (sealed in it); without, they are this server's own files.
+        kek = cfg.key_encryption_key_file
         self.ca = CaManager(
             CaConfig(
                 trust_domain=cfg.trust_domain,
@@ -116,10 +125,12 @@ class Server:
                 key_type=cfg.key_type,
                 upstream_cert=cfg.upstream_ca_cert,
                 upstream_key=cfg.upstream_ca_key,
+                jwt_issuer=cfg.oidc_issuer or None,
             ),
             self.datastore,
             self.keystore,
             self.clock,
+            kek=KeyEncryptionKey.load(kek) if kek is not None else None,
         )
         self.ca.initialize()
         self.rotator = Rotator(self.ca, self.clock)
@@ -172,6 +183,16 @@ class Server:
         expiry = {s.kid: s.not_after for s in self.ca.key_slots("jwt")}
         self.tls.set_roots(tuple(bundle.x509_authorities))
         self.state.set_bundle(bundle, expiry)
+        if self.oauth is not None:
+            self.oauth.bundle_changed()
+
+    def on_key_slots_changed(self) -> None:
+        """Another server changed the key slots (the change feed saw it): adopt them now rather
+        than at the next rotation tick. Any thread; bundle subscribers hear of the change."""
+        try:
+            self.ca.reload()
+        except Exception:
+            _log.exception("adopting changed key slots failed; the next rotation tick retries")
 
     def _on_bundle_changed(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         def changed() -> None:
@@ -181,16 +202,6 @@ class Server:
                 _log.info("bundle changed", extra={"sequence": self.state.bundle.sequence})
 
             loop.call_soon_threadsafe(apply)
-
-        return changed
-
-    def _on_key_slots_changed(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
-        """Another server journaled a CA or JWT key slot (called in a worker thread). The
-        bundle is republished from the CA manager; a CA manager that reloads the stored slots
-        of shared keys hooks in here, before the republish."""
-
-        def changed() -> None:
-            loop.call_soon_threadsafe(self._apply_bundle)
 
         return changed
 
@@ -221,7 +232,7 @@ class Server:
             datastore=self.datastore,
             state=self.state,
             tasks=self.tasks.service,
-            on_key_slots_changed=self._on_key_slots_changed(loop),
+            on_key_slots_changed=self.on_key_slots_changed,
             clock=self.clock,
             cursor=self._feed_cursor,
             settings=FollowSettings(cfg.feed_poll_interval, cfg.feed_retention),
@@ -323,6 +334,9 @@ class Server:
         await self._admin_server.start()
         admin_socket.lock_down(cfg.admin_socket)
 
+        if cfg.oidc_issuer:
+            self.oauth = await self._start_oauth()
+
         metrics_address = ""
         if cfg.metrics_address:
             self._metrics_http = MetricsHttpServer(self.metrics, lambda: self._serving)
@@ -338,6 +352,8 @@ class Server:
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
             asyncio.create_task(self.follower.run(self._stop), name="change-feed"),
         ]
+        if self.oauth is not None:
+            self._tasks.append(asyncio.create_task(self.oauth.run(self._stop), name="oauth"))
         for service in ("", NODE_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         for service in ("", ADMIN_SERVICE):
@@ -363,6 +379,28 @@ class Server:
             },
         )
         return self.runtime
+
+    async def _start_oauth(self) -> OAuthService:
+        # Imported here: h11 (the oauth extra) is needed only when an issuer is configured.
+        from server.oauth.settings import check_server_config  # noqa: PLC0415
+        from server.oauth.wiring import build  # noqa: PLC0415
+
+        service = build(
+            check_server_config(self.config),
+            ca=self.ca,
+            datastore=self.datastore,
+            ledger=Ledger(self.tasks.audit),
+            tasks=self.tasks.service,
+            clock=self.clock,
+        )
+        try:
+            await service.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"oauth_bind_address: cannot listen on {self.config.oauth_bind_address} "
+                f"({exc.strerror})"
+            ) from None
+        return service
 
     def _node_server_add(self, address: str, *, require_client_auth: bool) -> int:
         assert self._node_server is not None
@@ -421,6 +459,8 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.oauth is not None:
+            await self.oauth.stop()
         if self._metrics_http is not None:
             self._metrics_http.stop()
         for executor in (self._executor, self._jwt_executor):
@@ -429,6 +469,10 @@ class Server:
         if self._workers is not None:
             self._workers.close()
         await asyncio.to_thread(self._last_checkpoint)
+        try:
+            await asyncio.to_thread(self.ca.close)  # hand the rotation lease over now
+        except Exception:
+            _log.exception("releasing the ca-rotation lease failed; it lapses on its own")
         self.datastore.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.runtime_file.unlink()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
@@ -151,6 +151,20 @@ class RegistrationStore(Protocol):
 
     def delete_key_slot(self, slot_id: str) -> None:
         """Deleting an absent slot is not an error (the journal may be replayed)."""
+        ...
+
+    # -- leases (one server at a time does a job, e.g. CA rotation) ------------------------------
+
+    def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
+        """Atomically take or keep the lease `name` until now + ttl: True when it was free,
+        already `holder`'s (renewed), or its holder let it expire (expires_at <= now; taken
+        over). False, changing nothing, while another holder's lease runs. Exactly one of
+        several concurrent callers for a free lease gets True. ValueError for ttl <= 0."""
+        ...
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up if `holder` has it (a clean shutdown hands over at once); a
+        lease held by someone else, or by no one, is left as it is."""
         ...
 
     # -- bundle ---------------------------------------------------------------------------------
@@ -325,6 +339,28 @@ class ChangeFeed(Protocol):
         ...
 
 
+class JtiClaim(NamedTuple):
+    issuer: str
+    jti: str
+    expires_at: int
+
+
+class AssertionReplayStore(Protocol):
+    """The `jti`s of assertions the OAuth token endpoint accepted (server/oauth), kept until
+    they expire, so that none is accepted twice by any server sharing the database."""
+
+    def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
+        """Record each (issuer, jti) until its expires_at, each by ONE atomic insert-if-absent,
+        all in one transaction (one commit for a batch of concurrent requests); per claim True
+        when it was not held (or held only past its expiry), False for a replay (also for a
+        repeat within the batch). Durable when this returns."""
+        ...
+
+    def prune_jtis(self, now: int) -> int:
+        """Forget jtis whose expiry is past; returns how many went."""
+        ...
+
+
 class DataStore(
     RegistrationStore,
     ChangeFeed,
@@ -332,6 +368,7 @@ class DataStore(
     CredentialStore,
     AuditStore,
     AuditRetentionStore,
+    AssertionReplayStore,
     Protocol,
 ):
     """All persistent state of the server, behind one object and one migration runner."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from svid import MAX_VERIFIER_LEEWAY
@@ -99,10 +99,12 @@ class TokenUse:
 
 @dataclass(frozen=True, slots=True)
 class KeySlot:
-    """The journal row of one CA or JWT signing key (the private key lives in the KeyStore).
+    """The journal row of one CA or JWT signing key.
 
     `public_der` is the CA certificate's DER for kind "x509", the SubjectPublicKeyInfo DER for
-    kind "jwt".
+    kind "jwt". `sealed_key` is the private key sealed under the trust domain's key-encryption
+    key (server/ca/sealing.py) when several servers share the keys; empty when the private key
+    lives in this server's KeyStore instead.
     """
 
     slot_id: str
@@ -113,6 +115,7 @@ class KeySlot:
     not_before: int
     not_after: int
     created_at: int
+    sealed_key: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)

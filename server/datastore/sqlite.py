@@ -33,6 +33,7 @@ import sqlite_utils
 
 from server.datastore import queries as q
 from server.datastore import sqlite_audit
+from server.datastore.base import JtiClaim
 from server.datastore.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -145,6 +146,7 @@ def _slot_from(row: Row) -> KeySlot:
         not_before=row["not_before"],
         not_after=row["not_after"],
         created_at=row["created_at"],
+        sealed_key=bytes(row["sealed_key"] or b""),
     )
 
 
@@ -541,6 +543,7 @@ class SqliteDataStore(SqliteLedger):
             "not_before": slot.not_before,
             "not_after": slot.not_after,
             "created_at": slot.created_at,
+            "sealed_key": slot.sealed_key,
         }
         with self._transaction() as db:
             db.execute(q.UPSERT_KEY_SLOT, params)
@@ -553,6 +556,19 @@ class SqliteDataStore(SqliteLedger):
         with self._transaction() as db:
             if db.execute(q.DELETE_KEY_SLOT, {"slot_id": slot_id}).rowcount:
                 self._append_feed(db, FEED_KEY_SLOT, (slot_id,))
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        params = {"name": name, "holder": holder, "now": now, "expires_at": now + ttl}
+        with self._transaction() as db:
+            return int(db.execute(q.ACQUIRE_LEASE, params).rowcount) == 1
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._transaction() as db:
+            db.execute(q.RELEASE_LEASE, {"name": name, "holder": holder})
 
     # -- bundle ---------------------------------------------------------------------------------
 
@@ -603,6 +619,19 @@ class SqliteDataStore(SqliteLedger):
             if removed:
                 self._bump(db, _REVISION)
             return removed
+
+    # -- OAuth assertion replay -----------------------------------------------------------------
+
+    def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
+        with self._transaction() as db:
+            return [
+                int(db.execute(q.CLAIM_JTI, {**c._asdict(), "now": now}).rowcount) == 1
+                for c in claims
+            ]
+
+    def prune_jtis(self, now: int) -> int:
+        with self._transaction() as db:
+            return int(db.execute(q.PRUNE_JTIS, {"now": now}).rowcount)
 
     # -- change tracking ------------------------------------------------------------------------
 

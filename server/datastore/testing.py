@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from server.datastore.base import DataStore
+from server.datastore.base import DataStore, JtiClaim
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     AttestedAgent,
@@ -153,6 +153,14 @@ class FaultInjectingDataStore:
         self._enter("delete_key_slot")
         self.inner.delete_key_slot(slot_id)
 
+    def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
+        self._enter("acquire_lease")
+        return self.inner.acquire_lease(name, holder, now, ttl)
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._enter("release_lease")
+        self.inner.release_lease(name, holder)
+
     def next_bundle_sequence(self) -> int:
         self._enter("next_bundle_sequence")
         return self.inner.next_bundle_sequence()
@@ -276,6 +284,14 @@ class FaultInjectingDataStore:
     def audit_snapshot(self) -> AbstractContextManager[AuditSnapshot]:
         self._enter("audit_snapshot")
         return self.inner.audit_snapshot()
+
+    def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
+        self._enter("claim_jtis")
+        return self.inner.claim_jtis(claims, now)
+
+    def prune_jtis(self, now: int) -> int:
+        self._enter("prune_jtis")
+        return self.inner.prune_jtis(now)
 
     def close(self) -> None:
         self._enter("close")

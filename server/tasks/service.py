@@ -572,6 +572,26 @@ class TaskService:
             policy_set_hash=self._policy.policy_set_hash,
         )
 
+    def exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]:
+        """An OAuth token exchange (server/oauth) for the active task with this SPIFFE ID: the
+        same fresh decision as a task JWT mint, for `resource`; PermissionDeniedError
+        (audited) otherwise."""
+        task = self._active.get(spiffe_id)
+        if task is None:
+            raise PermissionDeniedError(f"task identity {spiffe_id[:200]} is not active")
+        actions, tools = self._mint_decision(task.agent_id, task, (resource,))
+        scope = " ".join((*actions, *(f"{TOOL_SCOPE_PREFIX}{t}" for t in tools)))
+        grant = TaskJwtGrant(
+            task_id=task.task_id,
+            runtime_id=task.runtime_id,
+            on_behalf_of=task.on_behalf_of,
+            ttl=max(1, task.remaining(self._clock.now())),
+            scope=scope,
+            claims=task_claims(task, scope),
+            policy_set_hash=self._policy.policy_set_hash,
+        )
+        return task, grant
+
     def record_validations(self, agent_id: str, validations: Sequence[Any]) -> None:
         """ValidateJWTSVID answers an agent reports (task_pb2.Validation): one event each.
 

@@ -187,6 +187,64 @@ def test_key_slots_bundle_and_revocations(store: DataStore) -> None:
     assert store.prune_revocations(NOW + int(MAX_VERIFIER_LEEWAY) + 1) == 1
 
 
+def test_a_key_slot_keeps_its_sealed_key(open_store: Opener) -> None:
+    store = open_store()
+    plain = KeySlot("p", "x509", "active", b"cert", "kid-p", NOW, NOW + 10, NOW)
+    sealed = KeySlot("s", "x509", "prepared", b"cert2", "kid-s", NOW + 1, NOW + 11, NOW, b"\0sk")
+    store.save_key_slot(plain)
+    store.save_key_slot(sealed)
+    assert store.list_key_slots("x509") == [plain, sealed]
+    store.save_key_slot(KeySlot("s", "x509", "active", b"cert2", "kid-s", NOW + 1, NOW + 11, NOW))
+    store.save_key_slot(replace(plain, sealed_key=b"later"))  # an existing key gets sealed
+    store.close()
+    again = open_store()
+    assert [(s.slot_id, s.sealed_key) for s in again.list_key_slots("x509")] == [
+        ("p", b"later"),
+        ("s", b""),
+    ]
+
+
+def test_a_lease_has_one_holder_until_it_expires(store: DataStore) -> None:
+    assert store.acquire_lease("ca-rotation", "a", NOW, 30)
+    assert not store.acquire_lease("ca-rotation", "b", NOW + 29, 30)
+    assert store.acquire_lease("ca-rotation", "a", NOW + 29, 30)  # renewed: until NOW + 59
+    assert not store.acquire_lease("ca-rotation", "b", NOW + 58, 30)
+    assert store.acquire_lease("other-job", "b", NOW + 58, 30)  # names are independent
+    assert store.acquire_lease("ca-rotation", "b", NOW + 59, 30)  # expired: taken over
+    assert not store.acquire_lease("ca-rotation", "a", NOW + 60, 30)
+    with pytest.raises(ValueError, match="ttl"):
+        store.acquire_lease("ca-rotation", "b", NOW, 0)
+
+
+def test_releasing_a_lease_frees_it_only_for_its_holder(store: DataStore) -> None:
+    assert store.acquire_lease("ca-rotation", "a", NOW, 30)
+    store.release_lease("ca-rotation", "b")  # not b's: nothing happens
+    assert not store.acquire_lease("ca-rotation", "b", NOW, 30)
+    store.release_lease("ca-rotation", "a")
+    store.release_lease("ca-rotation", "a")
+    assert store.acquire_lease("ca-rotation", "b", NOW, 30)
+
+
+def test_concurrent_callers_for_a_free_lease_get_one_grant(open_store: Opener) -> None:
+    # One store object per caller: separate connections, as separate servers have.
+    stores = [open_store() for _ in range(6)]
+    barrier = threading.Barrier(len(stores))
+    granted: list[str] = []
+
+    def take(k: int) -> None:
+        barrier.wait()
+        if stores[k].acquire_lease("ca-rotation", f"server-{k}", NOW, 30):
+            granted.append(f"server-{k}")
+
+    threads = [threading.Thread(target=take, args=(k,)) for k in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) == 1
+    assert all(not s.acquire_lease("ca-rotation", "late", NOW + 1, 30) for s in stores)
+
+
 # -- tasks and violations -----------------------------------------------------------------------
 
 

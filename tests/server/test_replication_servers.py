@@ -7,6 +7,7 @@ to the shared file (as two processes would have), its own admin socket and node 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
+from server.ca.sealing import KeyEncryptionKey
 from server.datastore.records import AttestedAgent, Revocation
 from server.tasks.service import BeginRequest
 from svid._proto import admin_pb2, common_pb2, node_pb2
@@ -211,3 +213,37 @@ def test_b_catches_up_after_a_restart_and_follows_on(pair: Pair) -> None:
     update = next_matching(stream, lambda u: bool(u.entries))
     assert [e.id for e in update.entries] == [later.id]
     stream.cancel()
+
+
+def test_a_key_prepared_by_a_reaches_bs_bundle_and_agents() -> None:
+    """Shared keys (a key-encryption key): A, the rotation lease holder, prepares the next CA
+    and JWT keys; B adopts them from the change feed at once (CaManager.reload), not at its
+    next rotation tick, and pushes the new bundle to its agents."""
+    root = short_tmpdir()
+    kek = root / "kek"
+    KeyEncryptionKey.generate().write_new(kek)
+    options: dict[str, object] = {"key_encryption_key_file": str(kek), "ca_ttl": 600}
+    options.update(jwt_key_ttl=600, agent_svid_ttl=300, server_svid_ttl=300)
+    a = start_server(root, admin_socket=str(root / "a" / "admin.sock"), **options)
+    b = start_server(root, admin_socket=str(root / "b" / "admin.sock"), **options)
+    try:
+        assert a.server.ca.holds_rotation_lease
+        agent = a.attest()
+        wait_until(lambda: agent.spiffe_id in b.server.state.agents, 2, "B to learn the agent")
+        stream = b.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=60)
+        before = next(stream).bundle
+        assert len(before.x509_authorities) == 1
+        a.clock.advance(301)  # past half the keys' life: the next ones are prepared
+        started = time.monotonic()
+        assert a.call(asyncio.to_thread(a.server.ca.rotate))
+        update = next_matching(stream, lambda u: u.HasField("bundle"))
+        report("next CA and JWT keys in B's agents' bundle", time.monotonic() - started)
+        assert len(update.bundle.x509_authorities) == 2
+        assert set(update.bundle.x509_authorities) >= set(before.x509_authorities)
+        assert len(update.bundle.jwt_keys) == 2
+        assert b.server.state.bundle == a.server.state.bundle
+        stream.cancel()
+    finally:
+        b.stop()
+        a.stop()
+        shutil.rmtree(root, ignore_errors=True)
