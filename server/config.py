@@ -81,6 +81,11 @@ class ServerConfig:
     audit_max_events: int = 0
     # Seconds between prune runs.
     audit_prune_interval: float = 3600.0
+    # Changes made through other servers on the same datastore (server/replication.py): the
+    # feed is read at least this often without a wake-up, and rows older than
+    # feed_retention seconds are pruned (a server down longer reloads everything).
+    feed_poll_interval: float = 1.0
+    feed_retention: float = 3600.0
     # Several servers, one trust domain: the file (0600, this user's) holding the 32-byte
     # key-encryption key every server of the trust domain shares. Set, the CA and JWT keys are
     # sealed into the datastore and shared (`svid-server keys new-kek --out FILE` makes one);
@@ -237,6 +242,8 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_retention_days": _as_float,
     "audit_max_events": _as_int,
     "audit_prune_interval": _as_positive_float,
+    "feed_poll_interval": _as_positive_float,
+    "feed_retention": _as_positive_float,
     "key_encryption_key_file": _as_path,
     "oidc_issuer": _as_str,
     "oauth_bind_address": _as_optional_address,
