@@ -44,6 +44,7 @@ from server.node_api import Limiters, NodeServicer, NodeSettings
 from server.peer import PeerCache
 from server.propagation import Propagator
 from server.ratelimit import KeyedLimiter
+from server.replication import FeedFollower, FollowSettings
 from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
 from server.tasks.wiring import TaskLayer, build_task_layer
@@ -102,6 +103,7 @@ class Server:
         self._serving = False
         self.runtime: RuntimeInfo | None = None
         self.propagator: Propagator | None = None
+        self.follower: FeedFollower | None = None
         self.oauth: OAuthService | None = None
 
     # -- construction -------------------------------------------------------------------------
@@ -117,6 +119,8 @@ class Server:
         else:
             # Files of versions older than the shared datastore are SQLite's only.
             self.datastore = open_postgres(dsn, self.clock)
+        # Before anything is loaded: what other servers commit from here on is followed.
+        self._feed_cursor = self.datastore.feed_head()
         self.keystore = KeyStore(cfg.keys_dir)
         # With a KEK the CA and JWT keys are the trust domain's, shared with the other servers
         # on this datastore (sealed in it); without, they are this server's own files.
@@ -232,6 +236,15 @@ class Server:
         self.propagator = Propagator(self.state, str(self.ids.server), self.clock)
         self.propagator.start()
         self.ca.subscribe(self._on_bundle_changed(loop))
+        self.follower = FeedFollower(
+            datastore=self.datastore,
+            state=self.state,
+            tasks=self.tasks.service,
+            on_key_slots_changed=self.on_key_slots_changed,
+            clock=self.clock,
+            cursor=self._feed_cursor,
+            settings=FollowSettings(cfg.feed_poll_interval, cfg.feed_retention),
+        )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # Two JWT threads per signing worker: each waits on its worker's socket or on the
         # ledger's commit (a batch is recorded on the thread that signed it), not on the GIL,
@@ -345,6 +358,7 @@ class Server:
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
+            asyncio.create_task(self.follower.run(self._stop), name="change-feed"),
         ]
         if self.oauth is not None:
             self._tasks.append(asyncio.create_task(self.oauth.run(self._stop), name="oauth"))
@@ -422,6 +436,12 @@ class Server:
     async def _housekeeping_loop(self) -> None:
         while not await self._sleep(HOUSEKEEPING_INTERVAL):
             await self._guarded(self.state.prune)
+            if self.follower is not None:
+                await self._guarded(self._prune_feed)
+
+    async def _prune_feed(self) -> None:
+        if self.follower is not None:
+            await self.follower.prune()
 
     async def _guarded(self, job: Callable[[], Awaitable[None]]) -> None:
         try:

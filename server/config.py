@@ -87,6 +87,11 @@ class ServerConfig:
     # there; a postgresql:// URL, that PostgreSQL database (several servers may share one).
     # Out of repr: a URL may hold a password (better kept in PGPASSWORD or ~/.pgpass).
     datastore: str = field(default="", repr=False)
+    # Changes made through other servers on the same datastore (server/replication.py): the
+    # feed is read at least this often without a wake-up, and rows older than
+    # feed_retention seconds are pruned (a server down longer reloads everything).
+    feed_poll_interval: float = 1.0
+    feed_retention: float = 3600.0
     # Several servers, one trust domain: the file (0600, this user's) holding the 32-byte
     # key-encryption key every server of the trust domain shares. Set, the CA and JWT keys are
     # sealed into the datastore and shared (`svid-server keys new-kek --out FILE` makes one);
@@ -268,6 +273,8 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_max_events": _as_int,
     "audit_prune_interval": _as_positive_float,
     "datastore": _as_datastore,
+    "feed_poll_interval": _as_positive_float,
+    "feed_retention": _as_positive_float,
     "key_encryption_key_file": _as_path,
     "oidc_issuer": _as_str,
     "oauth_bind_address": _as_optional_address,

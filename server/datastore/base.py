@@ -27,6 +27,7 @@ from server.datastore.records import (
     Credential,
     Entry,
     EventFilter,
+    FeedItem,
     Head,
     JoinToken,
     KeySlot,
@@ -79,6 +80,11 @@ class RegistrationStore(Protocol):
 
     def get_entry(self, entry_id: str) -> Entry:
         """NotFoundError for an unknown id."""
+        ...
+
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        """The stored entries among `entry_ids`, in no particular order; an unknown id is left
+        out. One read for many ids (the change feed's follower reloads a batch at once)."""
         ...
 
     def list_entries(
@@ -301,6 +307,38 @@ class AuditRetentionStore(Protocol):
         ...
 
 
+class ChangeFeed(Protocol):
+    """What changed, for the servers sharing this datastore (server/replication.py).
+
+    Every write that concerns a server's in-memory view appends, in its own transaction, one
+    row per row it touched (FeedItem: entries, agents, revocations added, key slots, tasks).
+    Revisions are consecutive, with no gaps, and commit in order across processes: a reader
+    that saw revision N saw every row up to N. A row only names what changed; the reader
+    reloads it.
+    """
+
+    def feed_head(self) -> int:
+        """The newest revision written (0 on a fresh datastore); never goes back, even when
+        every row was pruned."""
+        ...
+
+    def feed_since(self, after: int, limit: int) -> list[FeedItem]:
+        """Up to `limit` rows with revision > `after`, oldest first. When the first one is not
+        `after + 1` (or there is none while feed_head() > after), rows were pruned meanwhile:
+        reload everything."""
+        ...
+
+    def prune_feed(self, before: int) -> int:
+        """Delete rows written before `before` (at < before); returns how many went."""
+        ...
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        """Block up to `timeout` seconds (real time) until feed_head() > after: True when it
+        is, False on timeout or when the store is closing. A hint only: a reader polls
+        feed_since() now and then whatever this returns."""
+        ...
+
+
 class JtiClaim(NamedTuple):
     issuer: str
     jti: str
@@ -325,6 +363,7 @@ class AssertionReplayStore(Protocol):
 
 class DataStore(
     RegistrationStore,
+    ChangeFeed,
     TaskRecordStore,
     CredentialStore,
     AuditStore,

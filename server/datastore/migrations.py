@@ -211,6 +211,22 @@ def _task_listing(execute: Execute) -> None:
         execute(f"CREATE INDEX {name} ON tasks ({columns}created_at, task_id)")
 
 
+def _feed(execute: Execute) -> None:
+    """The change feed (server/replication.py): one row per row of the registration state a
+    write touched, numbered by a counter bumped in the write's own transaction, so revisions
+    commit in order across processes and a reader that saw revision N saw everything up to N.
+    Pruned by age (`at`)."""
+    execute(f"""
+        CREATE TABLE feed (
+            revision {SEQ_KEY},
+            at BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL
+        )""")
+    execute("CREATE INDEX feed_at ON feed (at)")
+    execute("INSERT INTO counters (name, value) VALUES ('feed', 0)")
+
+
 def _shared_keys(execute: Execute) -> None:
     """Several servers share one CA and one JWT key set: each key slot may carry its private key
     sealed under the trust domain's key-encryption key (NULL or empty: the key is in this
@@ -244,6 +260,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
     Migration(3, "audit retention: the prune base", _audit_base),
     Migration(4, "task listing: keyset indexes", _task_listing),
+    Migration(5, "change feed", _feed),
     Migration(6, "shared keys: sealed key slots and leases", _shared_keys),
     Migration(7, "oauth: replayed assertion jtis", _oauth_jtis),
 )

@@ -20,6 +20,10 @@ ledger_queries.py with `:name` parameters (both backends run it; `pg` converts),
 is a `work(cur)` function handed to `_write` (one transaction, bumping its counters last), a
 read is `_rows` or `_tuples`. Every driver error comes out as StorageError.
 
+The change feed: a write appends its rows and bumps the `feed` counter last (after
+`revision`), so feed revisions are consecutive and commit in order across servers, and sends a
+NOTIFY that COMMIT delivers; `wait_feed` listens on one more connection of its own.
+
 Connections: a small pool (the server's datastore calls are short; a few connections serve a
 2-core machine). autocommit, so a read is one round trip and a write is an explicit transaction.
 A call whose connection died raises StorageError; the pool then checks its idle connections and
@@ -29,9 +33,10 @@ replaces the dead ones, so the next call gets a fresh one and the server keeps s
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -60,10 +65,15 @@ from server.datastore.postgres_dsn import redact_dsn, scrub
 from server.datastore.postgres_ledger import PostgresLedger
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
+    FEED_AGENT,
+    FEED_ENTRY,
+    FEED_KEY_SLOT,
+    FEED_REVOCATION,
     KEY_KINDS,
     REVOCATION_KINDS,
     AttestedAgent,
     Entry,
+    FeedItem,
     JoinToken,
     KeySlot,
     Revocation,
@@ -90,6 +100,12 @@ CONNECT_TIMEOUT = 10.0
 ATTEMPTS = 3
 _REVISION = "revision"
 _BUNDLE_SEQUENCE = "bundle_sequence"
+_FEED = "feed"
+# Ids bound in one `get_entries` read.
+_IDS_PER_READ = 500
+# wait_feed sleeps on NOTIFY in slices of this: how late it sees close(), and how often, at
+# most, it reads the feed's head while notifications of other schemas wake it.
+FEED_WAIT_SLICE = 0.25
 _RETRY = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
 
@@ -111,6 +127,9 @@ class PostgresDataStore(PostgresLedger):
         self._id_lock = threading.Lock()
         self._last_id_millis = 0
         self._closed = False
+        self._closing = threading.Event()
+        self._listen_lock = threading.Lock()
+        self._listener: psycopg.Connection[Any] | None = None
         # One connection first: if the database cannot be reached, this is the error that
         # says why (the pool would only time out), and it migrates before the pool serves.
         try:
@@ -197,6 +216,20 @@ class PostgresDataStore(PostgresLedger):
         assert row is not None, f"counter {counter} is missing"
         return int(row[0])
 
+    def _append_feed(self, cur: Cursor, kind: str, keys: Iterable[str]) -> None:
+        """Name the rows this transaction touched in the change feed: one counter bump for
+        all of them (the last lock the transaction takes), the rows by COPY, and a NOTIFY."""
+        keys = list(keys)
+        if not keys:
+            return
+        row = cur.execute(pg(ps.BUMP_COUNTER_BY), {"name": _FEED, "n": len(keys)}).fetchone()
+        assert row is not None, "the feed counter is missing"
+        first, at = int(row[0]) - len(keys) + 1, self._now()
+        with cur.copy(ps.COPY_FEED) as copy:
+            for n, key in enumerate(keys):
+                copy.write_row((first + n, at, kind, key))
+        cur.execute(ps.NOTIFY_FEED)
+
     def _migrate(self, conn: psycopg.Connection[Any]) -> list[int]:
         """Apply pending migrations, each in its own transaction with the row recording it,
         under an advisory lock: servers starting together migrate one after the other."""
@@ -228,6 +261,11 @@ class PostgresDataStore(PostgresLedger):
         return sorted(int(r[0]) for r in rows)
 
     def close(self) -> None:
+        self._closing.set()
+        with self._listen_lock:  # a wait_feed sees the flag within one slice
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
         if not self._closed:
             self._closed = True
             self._pool.close()
@@ -286,6 +324,7 @@ class PostgresDataStore(PostgresLedger):
         def work(cur: Cursor) -> Entry:
             self._insert_in(cur, stored)
             self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_ENTRY, (stored.id,))
             return stored
 
         return self._write_entries("create the entry", work)
@@ -294,6 +333,7 @@ class PostgresDataStore(PostgresLedger):
         def work(cur: Cursor) -> Entry:
             stored = self._update_in(cur, entry)
             self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_ENTRY, (stored.id,))
             return stored
 
         return self._write_entries("update the entry", work)
@@ -302,6 +342,7 @@ class PostgresDataStore(PostgresLedger):
         def work(cur: Cursor) -> None:
             self._delete_in(cur, entry_id)
             self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_ENTRY, (entry_id,))
 
         self._write_entries("delete the entry", work)
 
@@ -322,6 +363,7 @@ class PostgresDataStore(PostgresLedger):
                 results.append(item)
             if any(isinstance(r, Entry) for r in results):
                 self._bump(cur, _REVISION)
+                self._append_feed(cur, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
             return results
 
         return self._write_entries("create entries", work)
@@ -336,6 +378,7 @@ class PostgresDataStore(PostgresLedger):
                     results.append(exc)
             if any(isinstance(r, Entry) for r in results):
                 self._bump(cur, _REVISION)
+                self._append_feed(cur, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
             return results
 
         return self._write_entries("update entries", work)
@@ -352,6 +395,8 @@ class PostgresDataStore(PostgresLedger):
                 results.append(None)
             if any(r is None for r in results):
                 self._bump(cur, _REVISION)
+                done = (i for i, r in zip(entry_ids, results, strict=True) if r is None)
+                self._append_feed(cur, FEED_ENTRY, done)
             return results
 
         return self._write_entries("delete entries", work)
@@ -361,6 +406,15 @@ class PostgresDataStore(PostgresLedger):
         if not rows:
             raise NotFoundError(f"entry {entry_id} not found")
         return _entry_from(rows[0])
+
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        found: list[Entry] = []
+        for start in range(0, len(entry_ids), _IDS_PER_READ):
+            chunk = entry_ids[start : start + _IDS_PER_READ]
+            params = {f"i{n}": entry_id for n, entry_id in enumerate(chunk)}
+            rows = self._rows("read entries", q.select_entries_in(len(chunk)), params)
+            found.extend(_entry_from(r) for r in rows)
+        return found
 
     def list_entries(
         self, spiffe_id: str | None = None, parent_id: str | None = None
@@ -404,6 +458,7 @@ class PostgresDataStore(PostgresLedger):
         def work(cur: Cursor) -> None:
             cur.execute(pg(q.UPSERT_AGENT), _agent_params(agent))
             self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_AGENT, (agent.spiffe_id,))
 
         self._write("save the agent", work)
 
@@ -420,6 +475,7 @@ class PostgresDataStore(PostgresLedger):
                 return False
             cur.execute(pg(q.UPSERT_AGENT), _agent_params(agent))
             self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_AGENT, (agent.spiffe_id,))
             return True
 
         return self._write("admit the agent", work)
@@ -438,6 +494,7 @@ class PostgresDataStore(PostgresLedger):
             if cur.execute(pg(q.DELETE_AGENT), {"spiffe_id": spiffe_id}).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
             self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_AGENT, (spiffe_id,))
 
         self._write("delete the agent", work)
 
@@ -448,6 +505,7 @@ class PostgresDataStore(PostgresLedger):
             if cur.execute(pg(q.SET_AGENT_BANNED), params).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
             self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_AGENT, (spiffe_id,))
 
         self._write("ban the agent", work)
 
@@ -467,17 +525,23 @@ class PostgresDataStore(PostgresLedger):
             "created_at": slot.created_at,
             "sealed_key": slot.sealed_key,
         }
-        self._write("save the key slot", lambda cur: cur.execute(pg(q.UPSERT_KEY_SLOT), params))
+
+        def work(cur: Cursor) -> None:
+            cur.execute(pg(q.UPSERT_KEY_SLOT), params)
+            self._append_feed(cur, FEED_KEY_SLOT, (slot.slot_id,))
+
+        self._write("save the key slot", work)
 
     def list_key_slots(self, kind: str) -> list[KeySlot]:
         rows = self._rows("list key slots", q.LIST_KEY_SLOTS, {"kind": kind})
         return [_slot_from(r) for r in rows]
 
     def delete_key_slot(self, slot_id: str) -> None:
-        self._write(
-            "delete the key slot",
-            lambda cur: cur.execute(pg(q.DELETE_KEY_SLOT), {"slot_id": slot_id}),
-        )
+        def work(cur: Cursor) -> None:
+            if cur.execute(pg(q.DELETE_KEY_SLOT), {"slot_id": slot_id}).rowcount:
+                self._append_feed(cur, FEED_KEY_SLOT, (slot_id,))
+
+        self._write("delete the key slot", work)
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -536,8 +600,10 @@ class PostgresDataStore(PostgresLedger):
         ]
 
         def work(cur: Cursor) -> None:
-            cur.executemany(pg(q.INSERT_REVOCATION), params)
+            cur.executemany(pg(ps.INSERT_REVOCATION_RETURNING), params, returning=True)
+            added = [f"{kind}:{value}" for _ in cur.results() for kind, value in cur.fetchall()]
             self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_REVOCATION, added)
 
         self._write("add revocations", work)
 
@@ -582,3 +648,54 @@ class PostgresDataStore(PostgresLedger):
 
     def revision(self) -> int:
         return self._counter(_REVISION)
+
+    # -- change feed ----------------------------------------------------------------------------
+
+    def feed_head(self) -> int:
+        return self._counter(_FEED)
+
+    def feed_since(self, after: int, limit: int) -> list[FeedItem]:
+        rows = self._tuples("read the change feed", q.FEED_SINCE, {"after": after, "limit": limit})
+        return [FeedItem(int(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+    def prune_feed(self, before: int) -> int:
+        return self._write(
+            "prune the change feed",
+            lambda cur: int(cur.execute(pg(q.PRUNE_FEED), {"before": before}).rowcount),
+        )
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        # LISTEN first, then look: a commit between the look and the wait is still heard.
+        slice_ = min(FEED_WAIT_SLICE, timeout) if timeout > 0 else FEED_WAIT_SLICE
+        try:
+            with self._listen_lock:
+                if self._closing.is_set():
+                    return False
+                listener = self._listener or self._listen()
+                if self.feed_head() > after:
+                    return True
+                for _ in range(max(1, math.ceil(timeout / slice_))):
+                    woke = any(True for _ in listener.notifies(timeout=slice_, stop_after=1))
+                    if self._closing.is_set():
+                        return False
+                    if woke and self.feed_head() > after:
+                        return True
+                return self.feed_head() > after
+        except (psycopg.Error, StorageError):
+            # A hint only: the reader polls the feed anyway. Listen again next time, and do
+            # not spin while the database is away.
+            self._drop_listener()
+            self._closing.wait(slice_)
+            return False
+
+    def _listen(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+        conn.execute(ps.LISTEN_FEED)
+        self._listener = conn
+        return conn
+
+    def _drop_listener(self) -> None:
+        with self._listen_lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None

@@ -8,7 +8,7 @@ Credentials and audit events go in by COPY: one stream per table for a whole led
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from server.datastore.postgres_sql import pg
 from server.datastore.records import (
     AUDIT_COLUMNS,
     AUDIT_TABLES,
+    FEED_TASK,
     AuditMark,
     AuditRow,
     AuditSnapshot,
@@ -52,6 +53,9 @@ class PostgresLedger:
     def _tuples(self, what: str, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         raise NotImplementedError  # PostgresDataStore's
 
+    def _append_feed(self, cur: Cursor, kind: str, keys: Iterable[str]) -> None:
+        raise NotImplementedError  # PostgresDataStore's
+
     def _count(self, what: str, sql: str, params: Mapping[str, Any]) -> int:
         return int(self._tuples(what, sql, params)[0][0])
 
@@ -61,7 +65,11 @@ class PostgresLedger:
     # -- tasks ----------------------------------------------------------------------------------
 
     def put_task(self, task: TaskRecord) -> None:
-        self._change("record the task", lq.UPSERT_TASK, _task_params(task))
+        def work(cur: Cursor) -> None:
+            cur.execute(pg(lq.UPSERT_TASK), _task_params(task))
+            self._append_feed(cur, FEED_TASK, (task.task_id,))
+
+        self._write("record the task", work)
 
     def get_task(self, task_id: str) -> TaskRecord | None:
         rows = self._rows("read the task", lq.SELECT_TASK, {"task_id": task_id})

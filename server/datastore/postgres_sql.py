@@ -45,6 +45,18 @@ LOCK_AUDIT_PRUNE = _LOCK % "'svidd.audit_prune:'"
 # identities in different orders cannot deadlock on the UNIQUE key.
 LOCK_ENTRIES = _LOCK % "'svidd.entries:'"
 
+# The change feed's rows of one write, numbered from the counter it bumped (BUMP_COUNTER_BY).
+COPY_FEED = "COPY feed (revision, at, kind, key) FROM STDIN"
+BUMP_COUNTER_BY = "UPDATE counters SET value = value + :n WHERE name = :name RETURNING value"
+# Sent at COMMIT (never for a rolled-back write): servers on this schema waiting in wait_feed
+# wake up. One channel per database; the payload names the schema, so tests (a schema each)
+# and deployments sharing a database only cost each other a wake-up.
+FEED_CHANNEL = "svidd_feed"
+NOTIFY_FEED = f"SELECT pg_notify('{FEED_CHANNEL}', coalesce(current_schema(), ''))"
+LISTEN_FEED = f"LISTEN {FEED_CHANNEL}"
+# Revocations actually added (a revocation already there is kept as is, and not fed).
+INSERT_REVOCATION_RETURNING = q.INSERT_REVOCATION + " RETURNING kind, value"
+
 TABLES_IN_SCHEMA = (
     "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
 )
