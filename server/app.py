@@ -29,7 +29,9 @@ from server.ca.rotator import Rotator
 from server.ca.sealing import KeyEncryptionKey
 from server.ca.workers import SigningWorkers
 from server.config import ServerConfig
+from server.datastore.base import DataStore
 from server.datastore.legacy_import import import_legacy_files
+from server.datastore.postgres_dsn import open_postgres
 from server.datastore.sqlite import SqliteDataStore
 from server.errors import ConfigError
 from server.events import ChangeNotifier
@@ -109,8 +111,14 @@ class Server:
     def _build_core(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.datastore = SqliteDataStore(cfg.datastore_path, self.clock)
-        import_legacy_files(self.datastore, cfg.data_dir, self.clock)
+        dsn = cfg.datastore_dsn
+        if dsn is None:
+            sqlite = SqliteDataStore(cfg.datastore_path, self.clock)
+            import_legacy_files(sqlite, cfg.data_dir, self.clock)
+            self.datastore: DataStore = sqlite
+        else:
+            # Files of versions older than the shared datastore are SQLite's only.
+            self.datastore = open_postgres(dsn, self.clock)
         # Before anything is loaded: what other servers commit from here on is followed.
         self._feed_cursor = self.datastore.feed_head()
         self.keystore = KeyStore(cfg.keys_dir)
@@ -372,6 +380,7 @@ class Server:
             "server started",
             extra={
                 "trust_domain": cfg.trust_domain.name,
+                "datastore": cfg.datastore_shown,
                 "node_address": self.runtime.node_address,
                 "attest_address": self.runtime.attest_address,
                 "admin_socket": self.runtime.admin_socket,

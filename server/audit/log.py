@@ -286,7 +286,14 @@ class AuditLog:
             self._pending = []
             self._pending_credentials = []
             self._tickets = []
-            head = self._store.audit_head()
+            try:
+                head = self._store.audit_head()
+            except (StorageError, AuditError):
+                # The store is down too (a database outage): go on after the last batch this
+                # process saw committed, never after the voided ones. Should the failed batch
+                # have committed after all, the next write clashes on its seq and comes back
+                # here with the store readable.
+                head = self._committed
             self._next_seq = 1 if head is None else head.seq + 1
             self._head_hash = GENESIS_HASH if head is None else head.hash
             self._committed = head

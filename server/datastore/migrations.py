@@ -1,14 +1,16 @@
 """Numbered schema migrations. Each runs in the same transaction as the row that records it.
 
 The DDL sticks to types both SQLite and PostgreSQL understand (TEXT, BIGINT, SMALLINT, DOUBLE
-PRECISION); only BLOB (PostgreSQL: BYTEA) and SEQ_KEY below are SQLite's words, so a PostgreSQL
-backend keeps its own copy of this list with those changed. Never edit a released migration:
-append a new one.
+PRECISION); only BLOB and SEQ_KEY below are SQLite's words. The PostgreSQL backend runs this same
+list through `postgres_migrations`, which swaps those words (POSTGRES_WORDS), so a migration
+appended here applies to both backends; a migration whose SQL truly differs gets an entry in
+POSTGRES_OVERRIDES. Never edit a released migration: append a new one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 Execute = Callable[[str], object]
@@ -262,3 +264,42 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "shared keys: sealed key slots and leases", _shared_keys),
     Migration(7, "oauth: replayed assertion jtis", _oauth_jtis),
 )
+
+
+# -- PostgreSQL: the same list, translated -----------------------------------------------------
+
+# SQLite's words and PostgreSQL's for them. SEQ_KEY goes first: it is a phrase of other words.
+POSTGRES_WORDS: tuple[tuple[str, str], ...] = (
+    (SEQ_KEY, "BIGINT PRIMARY KEY"),
+    ("BLOB", "BYTEA"),
+)
+_POSTGRES_PATTERN = re.compile(
+    "|".join(rf"\b{re.escape(word)}\b" for word, _ in POSTGRES_WORDS), re.IGNORECASE
+)
+_POSTGRES_WORD = {word.upper(): theirs for word, theirs in POSTGRES_WORDS}
+
+# Version -> the PostgreSQL body of a migration whose SQL cannot be translated word for word.
+# Empty: every migration so far is shared.
+POSTGRES_OVERRIDES: Mapping[int, Callable[[Execute], None]] = {}
+
+
+def postgres_ddl(sql: str) -> str:
+    """`sql` with SQLite's words (POSTGRES_WORDS) in PostgreSQL's."""
+    return _POSTGRES_PATTERN.sub(lambda m: _POSTGRES_WORD[m.group(0).upper()], sql)
+
+
+def _translated(migration: Migration) -> Callable[[Execute], None]:
+    def apply(execute: Execute) -> None:
+        migration.apply(lambda sql: execute(postgres_ddl(sql)))
+
+    return apply
+
+
+def postgres_migrations(
+    migrations: Sequence[Migration] = MIGRATIONS,
+    overrides: Mapping[int, Callable[[Execute], None]] = POSTGRES_OVERRIDES,
+) -> tuple[Migration, ...]:
+    """`migrations` as PostgreSQL runs them: each translated, or its override."""
+    return tuple(
+        Migration(m.version, m.name, overrides.get(m.version) or _translated(m)) for m in migrations
+    )

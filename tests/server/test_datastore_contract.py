@@ -1,8 +1,8 @@
 """The datastore contract: every role of `DataStore`, run against every backend.
 
-Each backend is a factory that opens (or reopens) one store at a fixed place; today only SQLite
-on a real file. A PostgreSQL backend joins by adding its factory to BACKENDS: the same tests
-must then pass unchanged.
+Each backend is a factory that opens (or reopens) one store at a fixed place: SQLite on a real
+file, PostgreSQL in a fresh schema of a real server (tests/postgres.py; skipped when there is
+none, unless SVIDD_REQUIRE_POSTGRES=1). The same tests pass unchanged on both.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from server.datastore import (
     StorageError,
     TaskRecord,
 )
+from server.datastore.base import JtiClaim
 from server.datastore.records import AUDIT_COLUMNS, EventFilter, Head, TaskCursor, TokenUse
 from server.datastore.sqlite import SqliteDataStore
 from svid import MAX_VERIFIER_LEEWAY
@@ -43,18 +44,27 @@ RUNTIME = "spiffe://example.org/agents/bot"
 Opener = Callable[[], DataStore]
 
 
-def _sqlite(tmp_path: Path, clock: FakeClock) -> Opener:
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Opener:
     return lambda: SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
 
 
-BACKENDS: dict[str, Callable[[Path, FakeClock], Opener]] = {"sqlite": _sqlite}
+def _postgres(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Opener:
+    from server.datastore.postgres import PostgresDataStore
+
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    return lambda: PostgresDataStore(dsn, clock)
+
+
+# name -> factory(request, tmp_path, clock) of an opener of one store at a fixed place.
+Backend = Callable[[pytest.FixtureRequest, Path, FakeClock], Opener]
+BACKENDS: dict[str, Backend] = {"sqlite": _sqlite, "postgresql": _postgres}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     """Opens the backend; calling it again reopens the same data (a restart)."""
     opened: list[DataStore] = []
-    make = BACKENDS[request.param](tmp_path, FakeClock(NOW))
+    make = BACKENDS[request.param](request, tmp_path, FakeClock(NOW))
 
     def opener() -> DataStore:
         store = make()
@@ -243,6 +253,20 @@ def test_concurrent_callers_for_a_free_lease_get_one_grant(open_store: Opener) -
         t.join()
     assert len(granted) == 1
     assert all(not s.acquire_lease("ca-rotation", "late", NOW + 1, 30) for s in stores)
+
+
+# -- OAuth assertion replay ---------------------------------------------------------------------
+
+
+def test_a_jti_is_claimed_once_until_it_expires(store: DataStore) -> None:
+    iss = "spiffe://example.org"
+    claims = [JtiClaim(iss, "a", NOW + 60), JtiClaim(iss, "b", NOW + 5), JtiClaim(iss, "a", NOW)]
+    assert store.claim_jtis(claims, NOW) == [True, True, False]  # a repeat in the batch too
+    assert store.claim_jtis([JtiClaim("other-issuer", "a", NOW + 60)], NOW) == [True]
+    assert store.claim_jtis([JtiClaim(iss, "b", NOW + 60)], NOW + 4) == [False]
+    assert store.claim_jtis([JtiClaim(iss, "b", NOW + 60)], NOW + 5) == [True]  # b expired
+    assert store.prune_jtis(NOW + 60) == 3
+    assert store.claim_jtis([JtiClaim(iss, "a", NOW + 90)], NOW + 61) == [True]
 
 
 # -- tasks and violations -----------------------------------------------------------------------

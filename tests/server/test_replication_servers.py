@@ -32,8 +32,8 @@ def report(what: str, seconds: float) -> None:
     print(f"\nwrite through A -> seen on B: {what}: {seconds * 1000:.1f} ms")
 
 
-def _start(root: Path, name: str) -> RunningServer:
-    return start_server(root, admin_socket=str(root / name / "admin.sock"))
+def _start(root: Path, name: str, **overrides: Any) -> RunningServer:
+    return start_server(root, admin_socket=str(root / name / "admin.sock"), **overrides)
 
 
 @dataclass
@@ -41,18 +41,28 @@ class Pair:
     root: Path
     a: RunningServer
     b: RunningServer
+    overrides: dict[str, Any]
 
     def restart_b(self) -> None:
         self.b.stop()
-        self.b = _start(self.root, "b")
+        self.b = _start(self.root, "b", **self.overrides)
 
 
-@pytest.fixture
-def pair() -> Iterator[Pair]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+    """Two servers on one datastore: a SQLite file, or a PostgreSQL schema (their CA shared
+    under a key-encryption key, as PostgreSQL requires)."""
     root = short_tmpdir()
-    a = _start(root, "a")
-    b = _start(root, "b")
-    pair = Pair(root, a, b)
+    overrides: dict[str, Any] = {}
+    if request.param == "postgresql":
+        KeyEncryptionKey.generate().write_new(root / "kek")
+        overrides = {
+            "datastore": request.getfixturevalue("postgres_dsn"),
+            "key_encryption_key_file": str(root / "kek"),
+        }
+    a = _start(root, "a", **overrides)
+    b = _start(root, "b", **overrides)
+    pair = Pair(root, a, b, overrides)
     try:
         yield pair
     finally:
@@ -203,7 +213,7 @@ def test_b_catches_up_after_a_restart_and_follows_on(pair: Pair) -> None:
     now = int(pair.a.clock.now())
     revoked = Revocation("jwt_id", "jti-down", f"{TD}/web", now + 300, "test", now)
     pair.a.call(pair.a.server.state.add_revocations((revoked,)))
-    pair.b = _start(pair.root, "b")
+    pair.b = _start(pair.root, "b", **pair.overrides)
     stream = pair.b.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=60)
     snapshot = next(stream)
     assert [e.id for e in snapshot.entries] == [missed.id]
