@@ -452,25 +452,32 @@ class TaskService:
             await self._state.create_entry(entry)
         except Exception:
             self._set_active(task, False)
-            await self._undo_begin(task, stored=True, why="its entry could not be created")
-            try:
-                await self._record_end(task, TaskState.REVOKED, "begin failed", revoked=0)
-            except Exception:
-                _log.exception("recording a failed begin failed", extra={"task_id": task.task_id})
+            # Ended meanwhile by another server's sweep (a TTL shorter than this begin): that
+            # one recorded the end.
+            if await self._undo_begin(task, stored=True, why="its entry could not be created"):
+                try:
+                    await self._record_end(task, TaskState.REVOKED, "begin failed", revoked=0)
+                except Exception:
+                    _log.exception(
+                        "recording a failed begin failed", extra={"task_id": task.task_id}
+                    )
             raise
         _log.info("task begun", extra={"task_id": task.task_id, "agent_id": task.runtime_id})
         return task
 
-    async def _undo_begin(self, task: Task, *, stored: bool, why: str) -> None:
-        """Best effort after a failed begin: the caller gets the original error either way."""
+    async def _undo_begin(self, task: Task, *, stored: bool, why: str) -> bool:
+        """Best effort after a failed begin: the caller gets the original error either way.
+        True when this call ended the stored row."""
         try:
             if stored:
                 self._set_active(task, False)
-                await asyncio.to_thread(
+                done = await asyncio.to_thread(
                     self._store.finish, task, TaskState.REVOKED, self._now(), f"begin failed: {why}"
                 )
+                return done is not None
         except Exception:
             _log.exception("undoing a failed task begin failed", extra={"task_id": task.task_id})
+        return False
 
     # -- per-mint decisions ---------------------------------------------------------------------
 
@@ -709,7 +716,13 @@ class TaskService:
         )
 
     async def _finish(self, task: Task, state: TaskState, reason: str) -> Task:
-        # Sub-tasks live inside their parent: they end with it.
+        """End an active task once across every server sharing the datastore: the call whose
+        write moves the row out of `active` (a compare-and-set, TaskStore.finish) revokes its
+        credentials, deletes its entry and records the one task-end event. A call that finds
+        it ended already (an EndTask racing an expiry sweep, two servers sweeping the same due
+        task) only forgets it here and returns the row as the winner left it. A CAS rather
+        than a lease: expiry does not wait for any one server to be alive."""
+        # Sub-tasks live inside their parent: they end with it (each once, by the same CAS).
         children = await asyncio.to_thread(
             self._store.list_tasks, agent_id=task.agent_id, state=TaskState.ACTIVE.value
         )
@@ -719,6 +732,10 @@ class TaskService:
         self._set_active(task, False)
         now = self._now()
         done = await asyncio.to_thread(self._store.finish, task, state, now, reason)
+        if done is None:
+            stored = await asyncio.to_thread(self._store.get_task, task.task_id)
+            _log.debug("task already ended elsewhere", extra={"task_id": task.task_id})
+            return stored if stored is not None else task
         creds = await asyncio.to_thread(self._store.task_credentials, task.task_id, now)
         await self._revoke(creds, reason, agent_id=task.agent_id, task=task)
         if task.entry_id and task.entry_id in self._state.entries.by_id:

@@ -80,10 +80,12 @@ class TaskStore:
         """Active tasks whose TTL has run out."""
         return [_task_from(r) for r in self._rows.due_tasks(TaskState.ACTIVE.value, now)]
 
-    def finish(self, task: Task, state: TaskState, at: int, reason: str) -> Task:
+    def finish(self, task: Task, state: TaskState, at: int, reason: str) -> Task | None:
+        """End an active task: the ended task when this call moved its row out of `active`,
+        None when it was not active any more (another server, or another path of this one,
+        ended it first; that one records the end and revokes)."""
         done = replace(task, state=state, ended_at=at, end_reason=reason)
-        self.put_task(done)
-        return done
+        return done if self._rows.swap_task(_record(done), TaskState.ACTIVE.value) else None
 
     # -- credentials ----------------------------------------------------------------------------
 
