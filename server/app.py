@@ -23,7 +23,7 @@ from server.attestation.x509pop import X509PopAttestor
 from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile, CheckpointSigner
 from server.audit.retention import DAY, RetentionPolicy
 from server.ca.keys import KeyStore
-from server.ca.manager import CaConfig, CaManager
+from server.ca.manager import CaConfig, CaManager, default_holder
 from server.ca.rotator import Rotator
 from server.ca.sealing import KeyEncryptionKey
 from server.ca.workers import SigningWorkers
@@ -39,7 +39,6 @@ from server.housekeeping import (
     Lease,
     LeasedCheckpointer,
     LeasedPruner,
-    checkpointer_holder,
 )
 from server.ids import ServerIds
 from server.issuance import AgentAdmission, Issuer, IssuerSettings, MeteredLedger
@@ -164,9 +163,7 @@ class Server:
         signer = CheckpointSigner.load_or_create(cfg.data_dir)
         # Checkpoints and retention: one server of those sharing the datastore, the holder of
         # this lease (server/housekeeping.py says which job runs where, and why).
-        self.housekeeping = Lease(
-            self.datastore, HOUSEKEEPING_LEASE, checkpointer_holder(signer.key_id), self.clock
-        )
+        self.housekeeping = Lease(self.datastore, HOUSEKEEPING_LEASE, default_holder(), self.clock)
         self.housekeeping.renew()
         self.checkpointer = LeasedCheckpointer(
             self.tasks.audit,

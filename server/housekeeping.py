@@ -27,9 +27,9 @@ Each job app.py schedules, decided on its own:
 
 An operator's explicit checkpoint (admin API) or prune (`Pruner.prune(cut)`) runs on whichever
 server is asked. The lease is renewed on its own tick (every ttl / 3), not on the jobs' (which
-may be hours apart), and taken over within ttl / 3 of lapsing when its holder died. Its holder
-is named after the checkpoint key, so a server restarted after a crash (same data directory,
-same key) takes its own lease back at once instead of waiting for it to lapse.
+may be hours apart), and taken over within ttl / 3 of lapsing when its holder died; the
+server that takes it over checkpoints at once, as a start does. Its holder is unique per start
+(servers may share a data directory, and with it the checkpoint key).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import Callable
 from typing import Protocol
 
@@ -57,12 +56,6 @@ class LeaseStore(Protocol):
     def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool: ...
 
     def release_lease(self, name: str, holder: str) -> None: ...
-
-
-def checkpointer_holder(key_id: str) -> str:
-    """The lease holder of the server whose checkpoint key is `key_id`: readable for an
-    operator, and the same across restarts of that server."""
-    return f"checkpointer {key_id} on {socket.gethostname()}"
 
 
 class Lease:
