@@ -372,7 +372,10 @@ class Server:
             asyncio.create_task(self._tls_loop(), name="server-svid"),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
             asyncio.create_task(self._lease_loop(), name="housekeeping-lease"),
-            asyncio.create_task(self.tasks.run(self._stop, self.clock), name="tasks"),
+            asyncio.create_task(
+                self.tasks.run(self._stop, self.clock, settles=lambda: self.housekeeping.held),
+                name="tasks",
+            ),
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),

@@ -14,6 +14,7 @@ Each job app.py schedules, decided on its own:
 | CA and JWT key rotation                    | `ca-rotation` holder    | (4) |
 | audit checkpoints (start, interval, stop)  | `housekeeping` holder   | (5) |
 | audit retention (prune)                    | `housekeeping` holder   | (5) |
+| finish task ends left half done            | `housekeeping` holder   | (6) |
 
 1. The end is a compare-and-set on the task row (TaskStore.finish): only the write that moves
    it out of `active` revokes and records the one task-end event. No lease: expiry does not
@@ -24,6 +25,9 @@ Each job app.py schedules, decided on its own:
 4. One journal of shared keys (server/ca/manager.py).
 5. One chain, one checkpointer: one key signs checkpoints in order, and retention signs a
    prune record with that key before it deletes a prefix of the chain.
+6. A task's end is claimed by the CAS (its row goes to `ending`) and settled once its
+   revocations and event are written; one a server left half done (it died midway) is
+   finished, a minute later, by one server: the others would record its end again.
 
 An operator's explicit checkpoint (admin API) or prune (`Pruner.prune(cut)`) runs on whichever
 server is asked. The lease is renewed on its own tick (every ttl / 3), not on the jobs' (which

@@ -599,6 +599,54 @@ def test_a_task_whose_begin_event_cannot_be_written_is_undone(
     world.close()
 
 
+def test_an_end_whose_event_failed_is_finished_once_later(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> None:
+    faulty = FaultInjectingDataStore(datastore)
+    world = make_world(tmp_path, clock, faulty, ca_manager)
+    task = world.begin()
+    faulty.inject(StorageError("disk I/O error"), method="write_ledger")
+    with pytest.raises(AuditError):
+        world.run(world.service.end(world.agent, task.task_id, ()))
+    assert world.events("task_end") == []
+    assert world.service.active_task(task.spiffe_id) is None
+    # Claimed, not settled: left for whichever server finishes ends, once it is surely stale.
+    assert [t.task_id for t in world.store.unsettled(int(clock.now()) + 1)] == [task.task_id]
+    assert world.run(world.service.settle_ends()) == 0
+    clock.advance(61)
+    assert world.run(world.service.settle_ends()) == 1
+    (end,) = world.events("task_end")
+    assert end["decision"] == "ended"
+    assert world.store.unsettled(int(clock.now()) + 1) == []
+    assert world.run(world.service.settle_ends()) == 0
+    world.close()
+
+
+def test_an_end_cut_short_after_its_event_is_not_recorded_twice(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    issued = world.mint_jwt(entry, ["docs"])
+    settle = world.store.settle
+
+    def dies(_task: Any) -> bool:
+        raise StorageError("the server died here")
+
+    monkeypatch.setattr(world.store, "settle", dies)
+    with pytest.raises(StorageError):
+        world.run(world.service.end(world.agent, task.task_id, ()))
+    monkeypatch.setattr(world.store, "settle", settle)
+    world.clock.advance(61)
+    assert world.run(world.service.settle_ends()) == 1
+    # Revoked and recorded once: what the first server did is not done again.
+    assert len(world.events("task_end")) == 1
+    assert [e["credential_id"] for e in world.events("revocation")] == [issued.jti]
+    assert ("jwt_id", issued.jti) in {(r.kind, r.value) for r in world.state.revocations}
+    assert world.store.unsettled(int(world.clock.now()) + 1) == []
+    assert world.audit.verify().ok
+
+
 # -- tasks begun or ended through another server (the change feed) --------------------------------
 
 
