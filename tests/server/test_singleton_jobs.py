@@ -27,10 +27,11 @@ from server.audit.checkpoint import (
     CheckpointFile,
 )
 from server.ca.sealing import KeyEncryptionKey
+from server.datastore.errors import StorageError
 from server.datastore.records import EventFilter
 from server.housekeeping import HOUSEKEEPING_LEASE
 from server.tasks.model import Task, TaskState
-from server.tasks.service import BeginRequest
+from server.tasks.service import END_GRACE, BeginRequest
 from tests.server.fixtures import RunningServer, short_tmpdir, start_server
 from tests.server.test_replication_servers import wait_until
 
@@ -253,3 +254,39 @@ def test_the_lease_moves_to_b_when_a_stops_renewing(pair: Pair) -> None:
     assert not store.acquire_lease(HOUSEKEEPING_LEASE, a_lease.holder, int(b.clock.now()), 1)
     # The new holder anchored the head it found at once.
     wait_until(lambda: pair.checkpoints(b).last(CHECKPOINT), 5, "B's first checkpoint")
+
+
+def test_only_the_lease_holder_finishes_an_end_left_half_done(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task, record = _begin_through_a(pair, ttl=600)
+    assert pair.b is not None
+    service_a, service_b = pair.a.server.tasks.service, pair.b.server.tasks.service
+    settle = service_a.store.settle
+
+    def dies(_task: Task) -> bool:
+        raise StorageError("A died here")
+
+    monkeypatch.setattr(service_a.store, "settle", dies)
+    with pytest.raises(StorageError):
+        pair.a.call(service_a.end(record, task.task_id, ()))
+    monkeypatch.setattr(service_a.store, "settle", settle)
+    assert service_a.store.unsettled(2**62) != []
+    b_tries: list[int] = []
+    finish_on_b = service_b.settle_ends
+
+    async def spy(grace: int = END_GRACE) -> int:
+        b_tries.append(grace)
+        return await finish_on_b(grace)
+
+    monkeypatch.setattr(service_b, "settle_ends", spy)
+    lease = pair.a.server.housekeeping
+    # Housekeeping runs every 60 s (of the clocks): the end is stale (END_GRACE) at the
+    # second run. 135 s on both clocks, A renewing its lease on the way.
+    for _ in range(9):
+        for server in (pair.a, pair.b):
+            server.clock.advance(15)
+        wait_until(lambda: lease.next_renewal() > pair.a.clock.now(), 3, "A to renew")
+    wait_until(lambda: not service_a.store.unsettled(2**62), 5, "A to finish the end")
+    assert b_tries == []  # B ran its housekeeping too, but the lease is A's
+    assert [e["decision"] for e in _ends_on_record(pair, task)] == ["ended"]
