@@ -30,7 +30,7 @@ from server.audit.event import (
 )
 from server.audit.verify import Anchor, VerifyResult, verify_store
 from server.datastore.base import AuditStore
-from server.datastore.errors import StorageError
+from server.datastore.errors import ChainMovedError, StorageError
 from server.datastore.records import AUDIT_COLUMNS, Credential, EventFilter, Head
 from svid._clock import Clock
 
@@ -42,11 +42,17 @@ DraftTuple = tuple[Any, ...]
 
 
 class _Ticket:
-    __slots__ = ("done", "error")
+    """One caller's share of a group commit: its drafts (kept until committed, so they can be
+    sealed again on another writer's head), their timestamp, and its rows as last sealed."""
 
-    def __init__(self) -> None:
+    __slots__ = ("done", "drafts", "error", "rows", "ts")
+
+    def __init__(self, drafts: Sequence[DraftTuple]) -> None:
         self.done = False
         self.error: LedgerError | None = None
+        self.drafts = drafts
+        self.ts = 0.0
+        self.rows: list[tuple[Any, ...]] = []
 
 
 def check_draft_tuple(values: DraftTuple) -> None:
@@ -114,6 +120,13 @@ class AuditLog:
     (`AuditStore.write_ledger`), so N threads pay for about one fsync. A call returns only once
     its own rows are committed; when a commit fails, every caller whose rows it held, or that
     were chained after them, gets the same LedgerError and none of their rows are kept.
+
+    Several servers may append to one chain in a shared database. The in-memory head then goes
+    stale whenever another one commits, and the store refuses a batch sealed on a stale head
+    (ChainMovedError, nothing written). Under the chain lock, every pending draft (that batch
+    and all queued after it) is sealed again on the stored head, and the write is retried, at
+    most _RESEALS times: callers only return a little later, with their final seqs and ids.
+    A single writer pays nothing but the store's head check.
     """
 
     def __init__(self, store: AuditStore, clock: Clock) -> None:
@@ -146,8 +159,15 @@ class AuditLog:
             return Head(self._next_seq - 1, self._head_hash)
 
     def committed_head(self) -> Head | None:
-        """The newest event known to be on disk, as this process wrote it (not re-read from
-        the database, so a checkpoint of it is not fooled by a rewrite behind its back)."""
+        """The newest event known to be on disk: this process's last commit, or the stored
+        head its own write found another writer had moved the chain to, whichever is newer.
+
+        Never re-read from the database for the asking, so a checkpoint of it is not fooled by
+        a rewrite behind its back: a head seen during a write is taken only when it is ahead
+        of this process's last commit (a head gone back is refused, see _reseal). What a
+        checkpoint of it promises is the chain through that event, which includes every
+        event this process committed before it.
+        """
         return self._committed
 
     def append(self, kind: str, **fields_: Any) -> AuditEvent:
@@ -185,20 +205,18 @@ class AuditLog:
     ) -> list[tuple[Any, ...]]:
         if not drafts and not credentials:
             return []
-        ticket = _Ticket()
+        ticket = _Ticket(drafts)
         with self._chain_lock:
-            saved = self._next_seq, self._head_hash
-            try:
-                rows = self._seal(drafts) if drafts else []
-            except BaseException:
-                # Never leave a hole in the chain: seqs taken by a half-sealed batch go back.
-                self._next_seq, self._head_hash = saved
-                raise
-            self._pending.extend(rows)
+            if drafts:
+                ticket.ts = self._clock.now()
+                # A draft that cannot be encoded raises here, before anything moved.
+                ticket.rows = self._seal(drafts, ticket.ts)
+            self._pending.extend(ticket.rows)
             self._pending_credentials.extend(credentials)
             self._tickets.append(ticket)
         self._commit_until(ticket)
-        return rows
+        # The rows as committed: sealed again if another writer moved the chain meanwhile.
+        return ticket.rows
 
     def _draft(self, kind: str, values: dict[str, Any]) -> EventDraft:
         unknown = sorted(set(values) - _DRAFT_FIELDS)
@@ -206,13 +224,13 @@ class AuditLog:
             raise AuditError(f"unknown audit field(s): {', '.join(unknown)}")
         return EventDraft(kind=kind, **values)
 
-    def _seal(self, drafts: Sequence[DraftTuple]) -> list[tuple[Any, ...]]:
-        """Chain `drafts` into stored rows (columns in CANONICAL_FIELDS order, then hash).
+    def _seal(self, drafts: Sequence[DraftTuple], ts: float) -> list[tuple[Any, ...]]:
+        """Chain `drafts` into stored rows (columns in CANONICAL_FIELDS order, then hash) after
+        the in-memory head, and move the head past them; nothing moves when one fails.
 
         Called under the chain lock: seq and prev_hash must be taken in one step. One timestamp
         for the whole batch: its events are appended at the same moment.
         """
-        ts = self._clock.now()
         seq = self._next_seq
         prev = self._head_hash
         prev_digest = bytes.fromhex(prev)
@@ -261,23 +279,86 @@ class AuditLog:
                     batch, self._pending = self._pending, []
                     credentials, self._pending_credentials = self._pending_credentials, []
                     tickets, self._tickets = self._tickets, []
-                try:
-                    self._store.write_ledger(credentials, batch)
-                except (StorageError, AuditError) as e:
-                    if isinstance(e, LedgerError):
-                        self._fail(tickets, e)
-                    else:
-                        error = LedgerError(str(e))
-                        error.__cause__ = e
-                        self._fail(tickets, error)
-                else:
-                    if batch:
-                        # Batches commit in order under this lock: the last row is the new head.
-                        self._committed = Head(batch[-1][0], batch[-1][-1])
-                    for t in tickets:
-                        t.done = True
+                self._write(batch, credentials, tickets)
         if mine.error is not None:
             raise mine.error
+
+    def _write(
+        self,
+        batch: list[tuple[Any, ...]],
+        credentials: list[Credential],
+        tickets: list[_Ticket],
+    ) -> None:
+        """Commit one group (under the commit lock), sealing it again on the stored head each
+        time another writer moved the chain; mark its tickets done or failed."""
+        reseals = 0
+        while True:
+            try:
+                self._store.write_ledger(credentials, batch)
+            except ChainMovedError as e:
+                reseals += 1
+                try:
+                    if reseals > _RESEALS:
+                        raise LedgerError(
+                            f"the audit chain kept moving under other writers: gave up after "
+                            f"{_RESEALS} reseals"
+                        ) from e
+                    batch, credentials, tickets = self._reseal(e.head, credentials, tickets)
+                except LedgerError as gave_up:
+                    self._fail(tickets, gave_up)
+                    return
+            except (StorageError, AuditError) as e:
+                if isinstance(e, LedgerError):
+                    self._fail(tickets, e)
+                else:
+                    error = LedgerError(str(e))
+                    error.__cause__ = e
+                    self._fail(tickets, error)
+                return
+            else:
+                if batch:
+                    # Batches commit in order under this lock: the last row is the new head.
+                    self._committed = Head(batch[-1][0], batch[-1][-1])
+                for t in tickets:
+                    t.done = True
+                return
+
+    def _reseal(
+        self, stored: Head | None, credentials: list[Credential], tickets: list[_Ticket]
+    ) -> tuple[list[tuple[Any, ...]], list[Credential], list[_Ticket]]:
+        """Seal the refused group, and everything queued after it (chained on the same stale
+        head), again on the stored head; returns the group to write in their place.
+
+        LedgerError when the stored head is behind this process's last commit: the chain was
+        cut back or rewritten, which no other writer does; chaining onto it would bury that.
+        """
+        committed = self._committed
+        if committed is not None and (
+            stored is None
+            or stored.seq < committed.seq
+            or (stored.seq == committed.seq and stored.hash != committed.hash)
+        ):
+            at = "empty" if stored is None else f"at seq {stored.seq}"
+            raise LedgerError(
+                f"the stored audit head is {at}, behind this server's last commit at seq "
+                f"{committed.seq}: the log was cut back or rewritten; not chaining onto it"
+            )
+        with self._chain_lock:
+            tickets = tickets + self._tickets
+            credentials = credentials + self._pending_credentials
+            self._pending, self._pending_credentials, self._tickets = [], [], []
+            self._next_seq = 1 if stored is None else stored.seq + 1
+            self._head_hash = GENESIS_HASH if stored is None else stored.hash
+            # Committed, by another writer, and seen inside this process's own transaction.
+            self._committed = stored
+            batch: list[tuple[Any, ...]] = []
+            for t in tickets:
+                if t.drafts:
+                    # Same drafts and timestamp, so the same encoding: this cannot fail where
+                    # the first seal did not.
+                    t.rows = self._seal(t.drafts, t.ts)
+                    batch.extend(t.rows)
+        return batch, credentials, tickets
 
     def _fail(self, tickets: list[_Ticket], error: LedgerError) -> None:
         """A failed commit voids its batch and all chained after it; resume from the store."""
@@ -334,3 +415,7 @@ _COLUMNS = AUDIT_COLUMNS
 if (*CANONICAL_FIELDS, "hash") != _COLUMNS:  # pragma: no cover - a guard for editors
     raise ImportError("server.datastore.records.AUDIT_COLUMNS must follow CANONICAL_FIELDS")
 _DRAFT_POLICY_AT = DRAFT_FIELDS.index("policy_ids")
+# How many times one group is sealed again on another writer's head before its callers get
+# LedgerError. Each retry follows a commit by another server, so running out means the others
+# kept committing in the few microseconds between this one's reseal and its write.
+_RESEALS = 16
