@@ -7,12 +7,14 @@ transaction of the datastore, the events sealed into the chain in commit order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import operator
 import re
 import secrets
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TextIO
 
 from server.audit.errors import AuditError, LedgerError
@@ -45,14 +47,26 @@ class _Ticket:
     """One caller's share of a group commit: its drafts (kept until committed, so they can be
     sealed again on another writer's head), their timestamp, and its rows as last sealed."""
 
-    __slots__ = ("done", "drafts", "error", "rows", "ts")
+    __slots__ = ("done", "drafts", "error", "future", "rows", "ts")
 
-    def __init__(self, drafts: Sequence[DraftTuple]) -> None:
+    def __init__(self, drafts: Sequence[DraftTuple], future: Future[None] | None = None) -> None:
         self.done = False
         self.error: LedgerError | None = None
         self.drafts = drafts
         self.ts = 0.0
         self.rows: list[tuple[Any, ...]] = []
+        # A caller of record_later waits on this instead of on the commit itself.
+        self.future = future
+
+    def succeed(self) -> None:
+        self.done = True
+        if self.future is not None:
+            self.future.set_result(None)
+
+    def fail(self, error: LedgerError) -> None:
+        self.done, self.error = True, error
+        if self.future is not None:
+            self.future.set_exception(error)
 
 
 def check_draft_tuple(values: DraftTuple) -> None:
@@ -137,6 +151,8 @@ class AuditLog:
         self._pending: list[tuple[Any, ...]] = []
         self._pending_credentials: list[Credential] = []
         self._tickets: list[_Ticket] = []
+        # Commits for record_later: one thread, started on first use, grouping like any caller.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="audit-writer")
         # event_id = this prefix + seq: unique without a uuid4 per event (64 random bits per open
         # log, and seq never repeats within one).
         self._id_prefix = secrets.token_hex(8) + "-"
@@ -200,12 +216,49 @@ class AuditLog:
             check_draft_tuple(values)
         self._append(tuples, credentials)
 
+    def record_later(
+        self, credentials: Sequence[Credential], drafts: Sequence[DraftTuple | EventDraft]
+    ) -> Future[None]:
+        """`record` without waiting for the commit: the future is done once the credentials
+        and events are durable, or fails with LedgerError when neither is stored.
+
+        For a thread that has more to do meanwhile (a signing thread can sign the next batch
+        while this one commits); the commit runs on the log's writer thread, grouped with
+        every other caller's. Whatever the records cover must not leave before the future
+        is done. Draft errors (AuditError) raise here, before anything is queued.
+        """
+        tuples = [d if isinstance(d, tuple) else _draft_values(d) for d in drafts]
+        for values in tuples:
+            check_draft_tuple(values)
+        future: Future[None] = Future()
+        # Running: a waiter that gives up cannot cancel it, so the writer can always settle it.
+        future.set_running_or_notify_cancel()
+        if not tuples and not credentials:
+            future.set_result(None)
+            return future
+        ticket = self._enqueue(_Ticket(tuples, future), tuples, credentials)
+        self._writer.submit(self._commit_for, ticket)
+        return future
+
+    def _commit_for(self, ticket: _Ticket) -> None:
+        """The writer thread's job: the commit holding `ticket` (its future gets the outcome)."""
+        with contextlib.suppress(LedgerError):  # on the ticket's future already
+            self._commit_until(ticket)
+
     def _append(
         self, drafts: Sequence[DraftTuple], credentials: Sequence[Credential] = ()
     ) -> list[tuple[Any, ...]]:
         if not drafts and not credentials:
             return []
-        ticket = _Ticket(drafts)
+        ticket = self._enqueue(_Ticket(drafts), drafts, credentials)
+        self._commit_until(ticket)
+        # The rows as committed: sealed again if another writer moved the chain meanwhile.
+        return ticket.rows
+
+    def _enqueue(
+        self, ticket: _Ticket, drafts: Sequence[DraftTuple], credentials: Sequence[Credential]
+    ) -> _Ticket:
+        """Seal `drafts` onto the chain and queue them, with `credentials`, for the next commit."""
         with self._chain_lock:
             if drafts:
                 ticket.ts = self._clock.now()
@@ -214,9 +267,7 @@ class AuditLog:
             self._pending.extend(ticket.rows)
             self._pending_credentials.extend(credentials)
             self._tickets.append(ticket)
-        self._commit_until(ticket)
-        # The rows as committed: sealed again if another writer moved the chain meanwhile.
-        return ticket.rows
+        return ticket
 
     def _draft(self, kind: str, values: dict[str, Any]) -> EventDraft:
         unknown = sorted(set(values) - _DRAFT_FIELDS)
@@ -320,7 +371,7 @@ class AuditLog:
                     # Batches commit in order under this lock: the last row is the new head.
                     self._committed = Head(batch[-1][0], batch[-1][-1])
                 for t in tickets:
-                    t.done = True
+                    t.succeed()
                 return
 
     def _reseal(
@@ -372,7 +423,7 @@ class AuditLog:
             self._head_hash = GENESIS_HASH if head is None else head.hash
             self._committed = head
         for t in voided:
-            t.done, t.error = True, error
+            t.fail(error)
 
     def verify(self, anchor: Head | None = None, anchors: Sequence[Anchor] = ()) -> VerifyResult:
         """Verify one consistent snapshot of the store (see server.audit.verify).
