@@ -180,7 +180,7 @@ class AuditLog:
 
         Never re-read from the database for the asking, so a checkpoint of it is not fooled by
         a rewrite behind its back: a head seen during a write is taken only when it is ahead
-        of this process's last commit (a head gone back is refused, see _reseal). What a
+        of this process's last commit (a head gone back fails the write, see _reseal). What a
         checkpoint of it promises is the chain through that event, which includes every
         event this process committed before it.
         """
@@ -358,6 +358,11 @@ class AuditLog:
                 except LedgerError as gave_up:
                     self._fail(tickets, gave_up)
                     return
+                except Exception as unexpected:  # every waiter must hear of it
+                    error = LedgerError(f"cannot seal the audit batch again: {unexpected}")
+                    error.__cause__ = unexpected
+                    self._fail(tickets, error)
+                    return
             except (StorageError, AuditError) as e:
                 if isinstance(e, LedgerError):
                     self._fail(tickets, e)
@@ -381,7 +386,9 @@ class AuditLog:
         head), again on the stored head; returns the group to write in their place.
 
         LedgerError when the stored head is behind this process's last commit: the chain was
-        cut back or rewritten, which no other writer does; chaining onto it would bury that.
+        cut back or rewritten, which no other writer does. The group is refused (the ledger's
+        outage log line says so) and the log resumes from the stored head, as a restart would;
+        the checkpoints signed before name what was cut (`audit verify --anchor`).
         """
         committed = self._committed
         if committed is not None and (
@@ -392,7 +399,7 @@ class AuditLog:
             at = "empty" if stored is None else f"at seq {stored.seq}"
             raise LedgerError(
                 f"the stored audit head is {at}, behind this server's last commit at seq "
-                f"{committed.seq}: the log was cut back or rewritten; not chaining onto it"
+                f"{committed.seq}: the log was cut back or rewritten behind the server"
             )
         with self._chain_lock:
             tickets = tickets + self._tickets
