@@ -2,7 +2,11 @@
 
 Every write goes through one group commit that can carry credential records too
 (`record(credentials, drafts)`): issued credentials and the events that audit them commit in one
-transaction of the datastore, the events sealed into the chain in commit order.
+transaction of the datastore, the events sealed into the chain in commit order. `record_later`
+queues the same write for the log's writer thread and returns a future instead of waiting.
+
+Several servers may share the chain (one database): see AuditLog for how a write that finds
+the chain moved by another one is sealed again, and AuditStore.write_ledger for the check.
 """
 
 from __future__ import annotations
