@@ -17,7 +17,8 @@ import sqlite_utils
 
 from server.datastore import ledger_queries as lq
 from server.datastore import sqlite_audit
-from server.datastore.errors import ChainMovedError, StorageError
+from server.datastore.chain import check_follows
+from server.datastore.errors import StorageError
 from server.datastore.records import (
     FEED_TASK,
     AuditMark,
@@ -54,23 +55,6 @@ def _task_params(task: TaskRecord) -> dict[str, Any]:
         "created_at": task.created_at,
         "body": task.body,
     }
-
-
-def _check_follows(stored: Head | None, first: AuditRow) -> None:
-    """ChainMovedError unless the batch's first row links to the stored head (seq 1 on an
-    empty chain): a batch sealed on a stale head would fork the chain or repeat a seq."""
-    seq, prev = first[0], first[-2]
-    if stored is None:
-        if seq == 1:
-            return
-    elif seq == stored.seq + 1 and prev == stored.hash:
-        return
-    at = "an empty chain" if stored is None else f"seq {stored.seq}"
-    raise ChainMovedError(
-        f"the audit batch starting at seq {seq} was sealed on a head the chain has moved "
-        f"past: it is at {at}",
-        stored,
-    )
 
 
 class SqliteLedger:
@@ -167,7 +151,7 @@ class SqliteLedger:
                 if audit_rows:
                     # Under the write lock BEGIN IMMEDIATE took: no other writer can move the
                     # head between this read and the commit.
-                    _check_follows(sqlite_audit.read_head(db.conn), audit_rows[0])
+                    check_follows(sqlite_audit.read_head(db.conn), audit_rows[0])
                 # Multi-row statements: see insert_many for why not executemany.
                 sqlite_audit.insert_many(db.conn, lq.CREDENTIALS_INTO, credentials)
                 if audit_rows:
