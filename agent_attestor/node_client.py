@@ -5,6 +5,7 @@ gRPC errors are translated here, at the edge; callers see AgentError subclasses.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -122,6 +123,26 @@ def sign_challenge(key: PrivateKeyTypes, nonce: bytes) -> bytes:
     raise ConfigError(f"x509pop_key: unsupported key type {type(key).__name__}")
 
 
+async def wait_connected(channel: grpc.aio.Channel, address: str, timeout: float) -> None:
+    """Return once `channel` is connected, else raise ConnectionError: at once when the server
+    refuses (or fails the handshake), after `timeout` s when it stays silent. A call on a
+    channel still connecting would otherwise wait out gRPC's own 20 s connect deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    state = channel.get_state(try_to_connect=True)
+    while state != grpc.ChannelConnectivity.READY:
+        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+            raise ConnectionError(f"cannot connect to {address}")
+        remaining = deadline - loop.time()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+        except TimeoutError:
+            raise ConnectionError(f"no connection to {address} within {timeout:g} s") from None
+        state = channel.get_state()
+
+
 class NodeClient:
     """One connection set to the server; rebuilt when the agent SVID or the bundle changes."""
 
@@ -131,7 +152,9 @@ class NodeClient:
         attest_address: str,
         root_pem: bytes,
         svid: AgentSvid | None = None,
+        connect_timeout: float = 5.0,
     ) -> None:
+        self._connect_timeout = connect_timeout
         self._server_address = server_address
         self._attest_address = attest_address
         self._root_pem = root_pem
@@ -153,6 +176,14 @@ class NodeClient:
             self._channel = grpc.aio.secure_channel(self._server_address, creds, _OPTIONS)
             self._stub = node_pb2_grpc.NodeStub(self._channel)
         return self._stub
+
+    @property
+    def address(self) -> str:
+        return self._server_address
+
+    async def connect(self) -> None:
+        """Connect the mTLS channel, or raise ConnectionError (see wait_connected)."""
+        await wait_connected(self.channel(), self._server_address, self._connect_timeout)
 
     def channel(self) -> grpc.aio.Channel:
         """The mTLS channel (with the agent SVID), for other node-side services."""
@@ -187,6 +218,7 @@ class NodeClient:
             )
         creds = grpc.ssl_channel_credentials(self._root_pem)
         async with grpc.aio.secure_channel(self._attest_address, creds, _OPTIONS) as channel:
+            await wait_connected(channel, self._attest_address, self._connect_timeout)
             call = node_pb2_grpc.NodeStub(channel).Attest(timeout=timeout)
             try:
                 await call.write(
