@@ -356,15 +356,21 @@ class Syncer:
         """Move to another server unless the failure was this one's decision about us."""
         if not should_move(code):
             return
-        previous = self.server
+        previous = self._servers.current
         server = await self._servers.next()
+        if self._svid is not None:
+            self._install(self._svid, None)  # a fresh channel; mTLS works on any server
+        if server == previous:
+            return  # the only server there is: reconnect to it
         self.moves += 1
         log.warning(
             "moving to another server",
-            extra={"server": server.node, "previous": previous, "reason": reason},
+            extra={
+                "server": server.node,
+                "previous": previous.node if previous is not None else "",
+                "reason": reason,
+            },
         )
-        if self._svid is not None:
-            self._install(self._svid, None)  # the same agent SVID: mTLS works on any server
         self._on_change("moved")
 
     # ---- SvidSigner -------------------------------------------------------------------------

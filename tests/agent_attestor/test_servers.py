@@ -7,10 +7,13 @@ import random
 import socket
 import time
 from collections import Counter
+from pathlib import Path
 
 import grpc
 import pytest
 
+from agent_attestor.agent_store import AgentStore
+from agent_attestor.cache import Cache
 from agent_attestor.node_client import wait_connected
 from agent_attestor.servers import (
     Server,
@@ -25,6 +28,8 @@ from agent_attestor.servers import (
     should_move,
     split_host_port,
 )
+from agent_attestor.sync import Syncer, SyncSettings
+from svid._clock import FakeClock
 
 A, B, C = (Server(f"10.0.0.{n}:8081", f"10.0.0.{n}:8082") for n in (1, 2, 3))
 AGENTS = 1000
@@ -206,3 +211,44 @@ def test_a_refused_connection_fails_at_once_and_a_silent_server_after_the_timeou
         silent.close()
     assert 0.4 < took < 3.0
     assert message == f"no connection to {address} within 0.5 s"
+
+
+def _syncer(*servers: Server) -> tuple[Syncer, list[str]]:
+    events: list[str] = []
+    settings = SyncSettings(tuple(Target(s.node, s.attest) for s in servers), rand=random.Random(2))
+    store = AgentStore(Path("/nonexistent/svid"), Path("/nonexistent/key"), Path("/nonexistent/b"))
+    return Syncer(settings, store, Cache(), FakeClock(), events.append), events
+
+
+def test_the_syncer_moves_on_a_failure_but_not_on_the_servers_decision() -> None:
+    syncer, events = _syncer(A, B, C)
+
+    async def scenario() -> list[str]:
+        await syncer._servers.first()
+        seen = [syncer.server]
+        await syncer._after_failure("PERMISSION_DENIED", "PERMISSION_DENIED")
+        seen.append(syncer.server)  # refused by the shared datastore: stays
+        await syncer._after_failure("UNAVAILABLE", "UNAVAILABLE")
+        seen.append(syncer.server)
+        await syncer._after_failure(None, "cannot connect")
+        seen.append(syncer.server)
+        return seen
+
+    start, refused, moved, again = asyncio.run(scenario())
+    assert refused == start
+    assert len({start, moved, again}) == 3  # each failure: a server not tried yet
+    assert events == ["moved", "moved"]
+    assert syncer.moves == 2
+
+
+def test_a_single_server_is_reconnected_without_a_move() -> None:
+    syncer, events = _syncer(A)
+
+    async def scenario() -> None:
+        await syncer._servers.first()
+        await syncer._after_failure("UNAVAILABLE", "UNAVAILABLE")
+
+    asyncio.run(scenario())
+    assert syncer.server == A.node
+    assert events == []
+    assert syncer.moves == 0

@@ -11,6 +11,7 @@ loads them; nothing is written through the first after that (it would not reach 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -26,7 +27,7 @@ from cryptography import x509
 
 from svid._der import parse_der_certs
 from svid._proto import workload_pb2
-from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry
+from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry, new_token
 from tests.e2e.conftest import ServerProcess, make_restartable_server, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -198,3 +199,40 @@ def test_an_agent_fails_over_when_its_server_is_killed_and_stays_on_the_survivor
         workload.stop.set()
         assert workload.polls > 20
         assert workload.gaps == []
+
+
+def test_every_agent_of_a_killed_server_is_back_on_another_within_10_s(pair: Pair) -> None:
+    """Several agents (SVIDD_FAILOVER_AGENTS, default 4) lose their server at the same instant;
+    their jittered reconnects land on the survivor, all within the goal."""
+    count = int(os.environ.get("SVIDD_FAILOVER_AGENTS", "4"))
+    first, second = addresses(pair.first), addresses(pair.second)
+    agents: list[AgentProcess] = []
+    try:
+        for n in range(count):
+            root = pair.root / f"agent{n}"
+            root.mkdir()
+            agent = AgentProcess(root, pair.first, new_token(pair.first), servers=(first, second))
+            agents.append(agent.start("--metrics-address", "127.0.0.1:0"))
+        for agent in agents:
+            wait_for(lambda a=agent: agent_metrics(a)[:2] == (1, first[0]), 60, "agents on A")
+        pair.second.start()
+
+        killed = time.monotonic()
+        pair.first.kill9()
+        back: dict[int, float] = {}
+
+        def all_back() -> bool:
+            for n, agent in enumerate(agents):
+                if n not in back and agent_metrics(agent)[:2] == (1, second[0]):
+                    back[n] = time.monotonic() - killed
+            return len(back) == count
+
+        wait_for(all_back, 60, "every agent on the second server", interval=0.02)
+        times = sorted(back.values())
+        print(f"failover of {count} agents: first {times[0]:.2f} s, last {times[-1]:.2f} s")
+        assert times[-1] < FAILOVER_GOAL
+    finally:
+        for agent in agents:
+            agent.stop()
+            if agent.proc is None and agent.log_path.exists() and "Traceback" in agent.logs():
+                print(agent.logs()[-3000:])
