@@ -15,6 +15,12 @@ Why the choices:
   rushed by everyone who left it.
 - Delays are exponential with full jitter (uniform over [0, ceiling]), so agents that lost the
   same server at the same instant do not come back at the same instant.
+- A server is its node API and its Attest listener together: the agent attests on the Attest
+  address paired with the server it then syncs with, so its new record is in that server's
+  memory at once, whatever the change feed between servers lags. One Attest address for all
+  (a load balancer) works too: any server can attest any agent.
+- Every address a name resolves to is a server, both families included: an address that does
+  not answer costs one refused attempt, where dropping one family could drop every server.
 """
 
 from __future__ import annotations
