@@ -36,6 +36,13 @@ _OPTIONS = (
     ("grpc.ssl_target_name_override", SERVER_NAME),
     ("grpc.default_authority", SERVER_NAME),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # A server that hangs or drops off the network without closing the connection leaves a
+    # quiet Sync stream waiting forever: a ping unanswered for 5 s ends it (and the agent
+    # fails over) ~20 s in. The server accepts agent pings 10 s apart and more (server/app.py).
+    ("grpc.keepalive_time_ms", 15_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),  # grpcio >= 1.6x times pings out by this one (60 s)
+    ("grpc.http2.max_pings_without_data", 0),  # a quiet stream is still worth checking
 )
 _X509_SERIAL = common_pb2.Revocation.X509_SERIAL
 _JWT_ID = common_pb2.Revocation.JWT_ID

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 import tomllib
@@ -236,3 +237,32 @@ def test_every_agent_of_a_killed_server_is_back_on_another_within_10_s(pair: Pai
             agent.stop()
             if agent.proc is None and agent.log_path.exists() and "Traceback" in agent.logs():
                 print(agent.logs()[-3000:])
+
+
+def test_an_agent_leaves_a_server_that_hangs_without_closing_its_connection(pair: Pair) -> None:
+    """A stopped (SIGSTOP) server keeps its connections open and answers nothing: the agent's
+    keepalive pings go unanswered, its Sync stream ends and it moves on."""
+    first, second = addresses(pair.first), addresses(pair.second)
+    with agent_stack(
+        pair.root / "agent", pair.first, start=False, servers=(first, second)
+    ) as agent:
+        (pair.root / "agent").mkdir(exist_ok=True)
+        agent.start("--metrics-address", "127.0.0.1:0")
+        wait_for(lambda: agent_metrics(agent)[:2] == (1, first[0]), 30, "the agent on the first")
+        pair.second.start()
+        assert pair.first.proc is not None
+        hung = pair.first.proc.pid
+        stopped = time.monotonic()
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: agent_metrics(agent)[:2] == (1, second[0]),
+                60,
+                "the agent's Sync stream on the second server",
+                interval=0.1,
+            )
+        finally:
+            os.kill(hung, signal.SIGCONT)
+        took = time.monotonic() - stopped
+        print(f"failover from a hung server: {took:.2f} s after SIGSTOP")
+        assert took < 30  # 15 s to the ping, 5 s for its answer, then the jittered reconnect
