@@ -9,6 +9,7 @@ import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from cryptography import x509
@@ -25,6 +26,7 @@ from server.audit.retention import DAY, Pruner, RetentionPolicy
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
 from server.ca.rotator import Rotator
+from server.ca.sealing import KeyEncryptionKey
 from server.ca.workers import SigningWorkers
 from server.config import ServerConfig
 from server.datastore.legacy_import import import_legacy_files
@@ -40,9 +42,13 @@ from server.node_api import Limiters, NodeServicer, NodeSettings
 from server.peer import PeerCache
 from server.propagation import Propagator
 from server.ratelimit import KeyedLimiter
+from server.replication import FeedFollower, FollowSettings
 from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
 from server.tasks.wiring import TaskLayer, build_task_layer
+
+if TYPE_CHECKING:
+    from server.oauth.wiring import OAuthService
 from server.tls import ServerTls
 from svid._clock import Clock, SystemClock
 from svid._proto import admin_pb2_grpc, node_pb2_grpc
@@ -95,6 +101,8 @@ class Server:
         self._serving = False
         self.runtime: RuntimeInfo | None = None
         self.propagator: Propagator | None = None
+        self.follower: FeedFollower | None = None
+        self.oauth: OAuthService | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -103,7 +111,12 @@ class Server:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.datastore = SqliteDataStore(cfg.datastore_path, self.clock)
         import_legacy_files(self.datastore, cfg.data_dir, self.clock)
+        # Before anything is loaded: what other servers commit from here on is followed.
+        self._feed_cursor = self.datastore.feed_head()
         self.keystore = KeyStore(cfg.keys_dir)
+        # With a KEK the CA and JWT keys are the trust domain's, shared with the other servers
+        # on this datastore (sealed in it); without, they are this server's own files.
+        kek = cfg.key_encryption_key_file
         self.ca = CaManager(
             CaConfig(
                 trust_domain=cfg.trust_domain,
@@ -112,10 +125,12 @@ class Server:
                 key_type=cfg.key_type,
                 upstream_cert=cfg.upstream_ca_cert,
                 upstream_key=cfg.upstream_ca_key,
+                jwt_issuer=cfg.oidc_issuer or None,
             ),
             self.datastore,
             self.keystore,
             self.clock,
+            kek=KeyEncryptionKey.load(kek) if kek is not None else None,
         )
         self.ca.initialize()
         self.rotator = Rotator(self.ca, self.clock)
@@ -168,6 +183,16 @@ class Server:
         expiry = {s.kid: s.not_after for s in self.ca.key_slots("jwt")}
         self.tls.set_roots(tuple(bundle.x509_authorities))
         self.state.set_bundle(bundle, expiry)
+        if self.oauth is not None:
+            self.oauth.bundle_changed()
+
+    def on_key_slots_changed(self) -> None:
+        """Another server changed the key slots (the change feed saw it): adopt them now rather
+        than at the next rotation tick. Any thread; bundle subscribers hear of the change."""
+        try:
+            self.ca.reload()
+        except Exception:
+            _log.exception("adopting changed key slots failed; the next rotation tick retries")
 
     def _on_bundle_changed(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         def changed() -> None:
@@ -203,6 +228,15 @@ class Server:
         self.propagator = Propagator(self.state, str(self.ids.server), self.clock)
         self.propagator.start()
         self.ca.subscribe(self._on_bundle_changed(loop))
+        self.follower = FeedFollower(
+            datastore=self.datastore,
+            state=self.state,
+            tasks=self.tasks.service,
+            on_key_slots_changed=self.on_key_slots_changed,
+            clock=self.clock,
+            cursor=self._feed_cursor,
+            settings=FollowSettings(cfg.feed_poll_interval, cfg.feed_retention),
+        )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # Two JWT threads per signing worker: each waits on its worker's socket or on the
         # ledger's commit (a batch is recorded on the thread that signed it), not on the GIL,
@@ -300,6 +334,9 @@ class Server:
         await self._admin_server.start()
         admin_socket.lock_down(cfg.admin_socket)
 
+        if cfg.oidc_issuer:
+            self.oauth = await self._start_oauth()
+
         metrics_address = ""
         if cfg.metrics_address:
             self._metrics_http = MetricsHttpServer(self.metrics, lambda: self._serving)
@@ -313,7 +350,10 @@ class Server:
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
+            asyncio.create_task(self.follower.run(self._stop), name="change-feed"),
         ]
+        if self.oauth is not None:
+            self._tasks.append(asyncio.create_task(self.oauth.run(self._stop), name="oauth"))
         for service in ("", NODE_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         for service in ("", ADMIN_SERVICE):
@@ -340,6 +380,28 @@ class Server:
         )
         return self.runtime
 
+    async def _start_oauth(self) -> OAuthService:
+        # Imported here: h11 (the oauth extra) is needed only when an issuer is configured.
+        from server.oauth.settings import check_server_config  # noqa: PLC0415
+        from server.oauth.wiring import build  # noqa: PLC0415
+
+        service = build(
+            check_server_config(self.config),
+            ca=self.ca,
+            datastore=self.datastore,
+            ledger=Ledger(self.tasks.audit),
+            tasks=self.tasks.service,
+            clock=self.clock,
+        )
+        try:
+            await service.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"oauth_bind_address: cannot listen on {self.config.oauth_bind_address} "
+                f"({exc.strerror})"
+            ) from None
+        return service
+
     def _node_server_add(self, address: str, *, require_client_auth: bool) -> int:
         assert self._node_server is not None
         port: int = self._node_server.add_secure_port(
@@ -365,6 +427,12 @@ class Server:
     async def _housekeeping_loop(self) -> None:
         while not await self._sleep(HOUSEKEEPING_INTERVAL):
             await self._guarded(self.state.prune)
+            if self.follower is not None:
+                await self._guarded(self._prune_feed)
+
+    async def _prune_feed(self) -> None:
+        if self.follower is not None:
+            await self.follower.prune()
 
     async def _guarded(self, job: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -391,6 +459,8 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.oauth is not None:
+            await self.oauth.stop()
         if self._metrics_http is not None:
             self._metrics_http.stop()
         for executor in (self._executor, self._jwt_executor):
@@ -399,6 +469,10 @@ class Server:
         if self._workers is not None:
             self._workers.close()
         await asyncio.to_thread(self._last_checkpoint)
+        try:
+            await asyncio.to_thread(self.ca.close)  # hand the rotation lease over now
+        except Exception:
+            _log.exception("releasing the ca-rotation lease failed; it lapses on its own")
         self.datastore.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.runtime_file.unlink()

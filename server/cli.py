@@ -204,6 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bshow = bundle.add_parser("show", parents=[common], help="print the bundle")
     bshow.add_argument("--format", choices=("pem", "spiffe"), default="pem")
+    keys = sub.add_parser("keys", help="the trust domain's shared keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    kek = keys.add_parser(
+        "new-kek",
+        help="write a new key-encryption key (give the same file to every server of the "
+        "trust domain as key_encryption_key_file)",
+    )
+    kek.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="created 0600; an existing file is never overwritten",
+    )
     task_cli.add_commands(sub, common)
     return parser
 
@@ -533,6 +548,16 @@ def _healthcheck(args: argparse.Namespace) -> None:
         print("Server is healthy.")
 
 
+# -- local commands -------------------------------------------------------------------------
+
+
+def _keys(args: argparse.Namespace) -> None:
+    from server.ca.sealing import KeyEncryptionKey  # noqa: PLC0415 - admin commands stay light
+
+    KeyEncryptionKey.generate().write_new(args.out)
+    print(f"Wrote a new key-encryption key to {args.out} (mode 0600).")
+
+
 # -- run ------------------------------------------------------------------------------------
 
 
@@ -580,11 +605,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
-            if args.command != "run":  # the daemon itself reads only the config it is given
+            if args.command not in ("run", "keys"):  # these read only what they are given
                 _discover_config(args)
                 _timeout(args)  # a bad --timeout is reported before anything is opened
             if args.command == "run":
                 _run(args)
+            elif args.command == "keys":
+                _keys(args)
             elif args.command == "healthcheck":
                 _healthcheck(args)
             elif args.command in task_cli.COMMANDS:

@@ -81,6 +81,28 @@ class ServerConfig:
     audit_max_events: int = 0
     # Seconds between prune runs.
     audit_prune_interval: float = 3600.0
+    # Changes made through other servers on the same datastore (server/replication.py): the
+    # feed is read at least this often without a wake-up, and rows older than
+    # feed_retention seconds are pruned (a server down longer reloads everything).
+    feed_poll_interval: float = 1.0
+    feed_retention: float = 3600.0
+    # Several servers, one trust domain: the file (0600, this user's) holding the 32-byte
+    # key-encryption key every server of the trust domain shares. Set, the CA and JWT keys are
+    # sealed into the datastore and shared (`svid-server keys new-kek --out FILE` makes one);
+    # unset, they are this server's own files under data_dir/keys.
+    key_encryption_key_file: Path | None = None
+    # OIDC discovery + OAuth authorization server (server/oauth; README "OAuth"). Off unless
+    # oidc_issuer is set: then JWT-SVIDs carry it as `iss`, and oauth_bind_address serves
+    # discovery, JWKS and the token endpoint over HTTPS (cert/key files; plain HTTP only for
+    # an http:// issuer on loopback). Resources: the RFC 8707 `resource` values tokens may be
+    # for. Trusted bundles: "trust_domain=path" of other domains whose JWT-SVIDs are accepted.
+    oidc_issuer: str = ""
+    oauth_bind_address: str = ""
+    oauth_tls_cert: Path | None = None
+    oauth_tls_key: Path | None = None
+    oauth_resources: tuple[str, ...] = ()
+    oauth_trusted_bundles: tuple[str, ...] = ()
+    oauth_access_token_ttl: int = 300
 
     @property
     def datastore_path(self) -> Path:
@@ -165,6 +187,14 @@ def _as_trust_domain(key: str, value: Any) -> TrustDomain:
         raise ConfigError(f"{key}: {exc}") from None
 
 
+def _as_str_list(key: str, value: Any) -> tuple[str, ...]:
+    """A TOML list of strings, or one comma-separated string (a flag)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    return tuple(i.strip() for i in items if i.strip())
+
+
 def _positive(key: str, value: Any) -> int:
     return _as_int(key, value, minimum=1)
 
@@ -212,6 +242,16 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_retention_days": _as_float,
     "audit_max_events": _as_int,
     "audit_prune_interval": _as_positive_float,
+    "feed_poll_interval": _as_positive_float,
+    "feed_retention": _as_positive_float,
+    "key_encryption_key_file": _as_path,
+    "oidc_issuer": _as_str,
+    "oauth_bind_address": _as_optional_address,
+    "oauth_tls_cert": _as_path,
+    "oauth_tls_key": _as_path,
+    "oauth_resources": _as_str_list,
+    "oauth_trusted_bundles": _as_str_list,
+    "oauth_access_token_ttl": _positive,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))
@@ -260,7 +300,21 @@ def build_config(
     return config
 
 
+def check_key_encryption(datastore: str, key_encryption_key_file: Path | None) -> None:
+    """Servers sharing a PostgreSQL datastore share its CA: they need the one KEK to do so."""
+    if datastore.startswith("postgresql://") and key_encryption_key_file is None:
+        raise ConfigError(
+            "key_encryption_key_file: required with a PostgreSQL datastore (the servers "
+            "sharing it share one CA and JWT key set, sealed under that key; "
+            "`svid-server keys new-kek --out FILE` makes one)"
+        )
+
+
 def _check_consistency(config: ServerConfig) -> None:
+    # `datastore` is the backend setting (a path, or a postgresql:// DSN; absent: SQLite).
+    check_key_encryption(
+        str(getattr(config, "datastore", "") or ""), config.key_encryption_key_file
+    )
     if (config.upstream_ca_cert is None) != (config.upstream_ca_key is None):
         missing = "upstream_ca_key" if config.upstream_ca_key is None else "upstream_ca_cert"
         raise ConfigError(f"{missing}: required when the other upstream_ca_* key is set")
@@ -272,6 +326,11 @@ def _check_consistency(config: ServerConfig) -> None:
     for key in ("default_x509_svid_ttl", "agent_svid_ttl", "server_svid_ttl"):
         if getattr(config, key) > config.ca_ttl:
             raise ConfigError(f"{key}: {getattr(config, key)} s exceeds ca_ttl ({config.ca_ttl} s)")
+    if config.oidc_issuer:
+        # Imported here: the oauth package is only needed when it is configured.
+        from server.oauth.settings import check_server_config  # noqa: PLC0415
+
+        check_server_config(config)
     if config.default_jwt_svid_ttl > config.jwt_key_ttl:
         raise ConfigError(
             f"default_jwt_svid_ttl: {config.default_jwt_svid_ttl} s exceeds jwt_key_ttl "

@@ -27,6 +27,7 @@ from server.ca.errors import (
     CaUnavailableError,
     CsrError,
     KeyStoreError,
+    SealedKeyError,
     SigningRequestError,
 )
 from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
@@ -126,6 +127,7 @@ RULES: Mapping[type[BaseException], Rule] = {
     CaUnavailableError: Rule(Code.UNAVAILABLE),
     CaConfigError: _SERVER_FAULT,
     KeyStoreError: _SERVER_FAULT,
+    SealedKeyError: _SERVER_FAULT,
     CaError: _SERVER_FAULT,
     # The datastore: what was missing or clashing is the caller's to know; anything else is
     # the backend's and says nothing about it.

@@ -6,11 +6,13 @@ from server.ca.errors import (
     CaUnavailableError,
     CsrError,
     KeyStoreError,
+    SealedKeyError,
     SigningRequestError,
 )
 from server.ca.keys import KEY_TYPES, KeyStore, generate_key
 from server.ca.manager import CaConfig, CaManager
 from server.ca.rotator import Rotator
+from server.ca.sealing import KeyEncryptionKey
 from server.ca.server_svid import ServerSvid, server_svid
 from server.ca.signer import IssuedJwt, JwtSigner, X509Signer, verify_csr
 
@@ -24,9 +26,11 @@ __all__ = [
     "CsrError",
     "IssuedJwt",
     "JwtSigner",
+    "KeyEncryptionKey",
     "KeyStore",
     "KeyStoreError",
     "Rotator",
+    "SealedKeyError",
     "ServerSvid",
     "SigningRequestError",
     "X509Signer",

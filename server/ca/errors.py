@@ -28,3 +28,8 @@ class CaConfigError(CaError, ValueError):
 
 class KeyStoreError(CaError):
     """A private key file is missing or unreadable (the message never holds key material)."""
+
+
+class SealedKeyError(KeyStoreError):
+    """A key sealed in the datastore does not open: altered, moved to another slot, or not a
+    key. The message names the slot, never key material."""

@@ -6,15 +6,29 @@ Crash safety: a new key is written to the KeyStore (fsynced) before its slot is 
 slot is deleted from the journal before its key file, so the journal never names a missing key
 (a key file with no slot is an orphan, removed at start-up). A restart always publishes a fresh
 bundle sequence, because a crash may have landed between a slot change and its sequence bump.
+
+Shared keys (a key-encryption key given): several servers of one trust domain share ONE CA and
+ONE JWT key set, so the bundle and the JWKS hold at most three keys of each kind however many
+servers run. Private keys are sealed into their slot rows (server/ca/custody.py). Only the
+holder of the datastore lease `ca-rotation` changes the journal (and numbers the bundle); every
+server adopts the journal as it stands (`reload`, on each tick and whenever the change feed
+says a slot changed) and signs with the slot the journal marks active. A holder that dies
+mid-rotation leaves a journal the next holder continues from: the schedule is a pure function
+of the slots, and replaying a half-applied plan converges.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import secrets
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -22,7 +36,8 @@ from cryptography.hazmat.primitives import serialization
 
 from server.ca import rotation
 from server.ca.authority import UpstreamCa, build_ca_certificate, load_upstream
-from server.ca.errors import CaConfigError, CaUnavailableError, KeyStoreError
+from server.ca.custody import FileCustody, KeyCustody, SealedCustody
+from server.ca.errors import CaConfigError, CaUnavailableError, KeyStoreError, SealedKeyError
 from server.ca.keys import (
     DEFAULT_KEY_TYPE,
     KEY_TYPES,
@@ -32,6 +47,7 @@ from server.ca.keys import (
     generate_key,
     spki_der,
 )
+from server.ca.sealing import KEK_SETTING, KeyEncryptionKey
 from server.ca.signer import JwtSigner, X509Signer
 from server.datastore.base import DataStore
 from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
@@ -44,6 +60,13 @@ _log = logging.getLogger("svid.server.ca")
 
 MIN_KEY_TTL = 60
 DEFAULT_REFRESH_HINT = 300
+ROTATION_LEASE = "ca-rotation"
+# A server ticks (renews the lease, adopts the journal) every lease_ttl / 3 seconds, so a holder
+# misses two ticks before another server takes over; keep it well above clock skew.
+DEFAULT_LEASE_TTL = 30
+MIN_LEASE_TTL = 3
+# Start-up on a journal with no keys yet, while another server holds the lease: how often to look.
+STARTUP_POLL_SECONDS = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +79,8 @@ class CaConfig:
     upstream_key: Path | None = None
     refresh_hint: int = DEFAULT_REFRESH_HINT
     jwt_key_type: str | None = None  # None: same as key_type
+    lease_ttl: int = DEFAULT_LEASE_TTL  # shared keys only: the ca-rotation lease
+    jwt_issuer: str | None = None  # the OIDC issuer URL JWT-SVIDs carry as `iss` (server/oauth)
 
     def __post_init__(self) -> None:
         if isinstance(self.trust_domain, str):
@@ -71,20 +96,44 @@ class CaConfig:
             raise CaConfigError("upstream_cert and upstream_key must be set together")
         if self.refresh_hint < 0:
             raise CaConfigError("refresh_hint: must not be negative")
+        if self.lease_ttl < MIN_LEASE_TTL:
+            raise CaConfigError(f"lease_ttl: must be at least {MIN_LEASE_TTL} seconds")
 
 
 def _times(slots: list[KeySlot]) -> list[rotation.SlotTimes]:
     return [rotation.SlotTimes(s.slot_id, s.status, s.not_before, s.not_after) for s in slots]
 
 
+def default_holder() -> str:
+    """Who this process is in a lease row: readable for an operator, unique per start."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 class CaManager:
     def __init__(
-        self, config: CaConfig, datastore: DataStore, keystore: KeyStore, clock: Clock
+        self,
+        config: CaConfig,
+        datastore: DataStore,
+        keystore: KeyStore,
+        clock: Clock,
+        *,
+        kek: KeyEncryptionKey | None = None,
+        holder: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        """`kek` switches to shared keys (sealed in the datastore, rotated by the lease
+        holder); `keystore` then only serves to seal the keys of an earlier single server.
+        `sleep` waits at start-up for another server's first keys (tests pass a fake)."""
         self._config = config
         self._ds = datastore
         self._keys = keystore
         self._clock = clock
+        self._kek = kek
+        self._custody: KeyCustody = SealedCustody(kek) if kek else FileCustody(keystore)
+        self._holder = holder or default_holder()
+        self._sleep = sleep
+        self._holds_lease = False
+        self._last_sync = -math.inf
         self._upstream: UpstreamCa | None = None
         if config.upstream_cert is not None and config.upstream_key is not None:
             self._upstream = load_upstream(config.upstream_cert, config.upstream_key)
@@ -100,31 +149,97 @@ class CaManager:
     def trust_domain(self) -> TrustDomain:
         return self._config.trust_domain
 
+    @property
+    def shared(self) -> bool:
+        """True when the keys are sealed in the datastore and shared with other servers."""
+        return self._kek is not None
+
+    @property
+    def holder(self) -> str:
+        return self._holder
+
+    @property
+    def holds_rotation_lease(self) -> bool:
+        """Whether this server rotated at its last tick (always True for a lone server)."""
+        return self._holds_lease or not self.shared
+
     # -- public API -----------------------------------------------------------------------------
 
     def initialize(self) -> None:
         """Load the journal (dropping slots whose key file is gone), catch up with the schedule,
-        create the first keys on a fresh datastore, and publish the bundle."""
+        create the first keys on a fresh datastore, and publish the bundle.
+
+        Shared keys: seal any key files of an earlier single server into the datastore, check
+        every sealed slot was sealed under our KEK, then catch up with the schedule if we get
+        the lease, or else adopt the journal (waiting for the holder's first keys, or for its
+        lease to lapse, on a fresh datastore)."""
         with self._lock:
-            for kind in (X509_KIND, JWT_KIND):
-                self._forget_keyless_slots(kind)
+            if self._kek is None:
+                for kind in (X509_KIND, JWT_KIND):
+                    self._forget_keyless_slots(kind)
+                self._remove_orphan_key_files()
+                self._apply_schedule()
+                self._publish(self._ds.next_bundle_sequence())
+                return
+            self._seal_key_files(self._kek)
             self._remove_orphan_key_files()
-            self._apply_schedule()
-            self._publish(self._ds.next_bundle_sequence())
+            self._check_kek(self._kek)
+            owner = self._wait_for_keys()
+            if owner:
+                self._apply_schedule()
+            else:
+                self._read_slots()
+            self._publish(self._ds.next_bundle_sequence() if owner else self._ds.bundle_sequence())
 
     def rotate(self) -> bool:
-        """Bring both key kinds in line with the schedule; True when the bundle changed."""
+        """Bring both key kinds in line with the schedule; True when the bundle changed.
+
+        Shared keys: renew (or take) the lease; the holder rotates, every other server only
+        adopts the journal as `reload` does."""
         with self._lock:
             if self._bundle is None:
                 raise CaUnavailableError("the CA manager is not initialised")
-            self._apply_schedule()
-            # Compared with what was last *published*, so a tick that failed half-way (slots
-            # journaled, sequence not bumped) is published by the next one.
-            changed = self._fingerprint() != self._published
-            if changed:
-                self._publish(self._ds.next_bundle_sequence())
-            else:
-                self._refresh_signers()
+            changed = self._shared_tick() if self.shared else self._rotate_journal(takeover=False)
+        return self._notify(changed)
+
+    def _rotate_journal(self, *, takeover: bool) -> bool:
+        self._apply_schedule()
+        return self._sync_published(owner=True, force=takeover)
+
+    def _shared_tick(self) -> bool:
+        self._last_sync = self._clock.now()
+        was_holder = self._holds_lease
+        if self._take_lease():
+            # A new holder numbers a fresh bundle: the last one may have died between its
+            # journal writes and its sequence bump.
+            return self._rotate_journal(takeover=not was_holder)
+        self._read_slots()
+        return self._sync_published(owner=False)
+
+    def reload(self) -> bool:
+        """Adopt the key slots as the datastore has them now: new slots join the bundle, gone
+        ones leave it, the signers follow the slots marked active. Safe from any thread at any
+        time (the change feed calls it when a slot row changes); a no-op before `initialize`.
+        True when the bundle changed."""
+        with self._lock:
+            if self._bundle is None:
+                return False
+            self._read_slots()
+            # A lone server only ever reads back its own writes; shared, the sequence is the
+            # one the lease holder stored for these slots.
+            changed = self._sync_published(owner=not self.shared)
+        return self._notify(changed)
+
+    def close(self) -> None:
+        """Hand the rotation lease over at once (a clean shutdown); the keys stay."""
+        with self._lock:
+            if self.shared and self._holds_lease:
+                self._holds_lease = False
+                self._ds.release_lease(ROTATION_LEASE, self._holder)
+                _log.info("ca-rotation lease released", extra={"holder": self._holder})
+
+    def _notify(self, changed: bool) -> bool:
+        with self._lock:
             subscribers = list(self._subscribers) if changed else []
         for callback in subscribers:
             try:
@@ -157,8 +272,8 @@ class CaManager:
             return tuple(self._slots[kind])
 
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call `callback` (from the rotating thread) after each bundle change; returns an
-        unsubscribe function."""
+        """Call `callback` (from the thread that rotated or reloaded) after each bundle change;
+        returns an unsubscribe function."""
         with self._lock:
             self._subscribers.append(callback)
 
@@ -170,10 +285,95 @@ class CaManager:
         return unsubscribe
 
     def next_rotation_check(self) -> float:
-        """Unix time at which `rotate()` has something to do next."""
+        """Unix time at which `rotate()` has something to do next. Shared keys: at least every
+        lease_ttl / 3 (renew the lease, adopt the journal); the schedule's own events only
+        for the holder, since no other server acts on them."""
         now = self._clock.now()
         with self._lock:
-            return min(rotation.next_event(now, _times(s)) for s in self._slots.values())
+            due = min(rotation.next_event(now, _times(s)) for s in self._slots.values())
+            if not self.shared:
+                return due
+            sync = self._last_sync + self._config.lease_ttl / 3
+            return min(due, sync) if self._holds_lease else sync
+
+    # -- shared keys: the lease and the journal as it stands ------------------------------------
+
+    def _take_lease(self) -> bool:
+        now = int(self._clock.now())
+        held = self._ds.acquire_lease(ROTATION_LEASE, self._holder, now, self._config.lease_ttl)
+        if held != self._holds_lease:
+            _log.info(
+                "ca-rotation lease taken" if held else "ca-rotation lease lost to another server",
+                extra={"holder": self._holder},
+            )
+        self._holds_lease = held
+        return held
+
+    def _read_slots(self) -> None:
+        for kind in (X509_KIND, JWT_KIND):
+            self._slots[kind] = self._ds.list_key_slots(kind)
+
+    def _wait_for_keys(self) -> bool:
+        """Start-up: True as the lease holder; False once the journal has an active key of each
+        kind from another server. Waits (bounded) while neither is true: on a fresh datastore
+        the holder is still making the first keys, or died doing so and its lease must lapse."""
+        self._last_sync = self._clock.now()
+        attempts = math.ceil((self._config.lease_ttl * 4 / 3) / STARTUP_POLL_SECONDS) + 1
+        for attempt in range(attempts):
+            if self._take_lease():
+                return True
+            self._read_slots()
+            if all(self._active(kind) is not None for kind in (X509_KIND, JWT_KIND)):
+                return False
+            if attempt == 0:
+                _log.info("waiting for the ca-rotation lease holder's first keys")
+            self._sleep(STARTUP_POLL_SECONDS)
+            self._last_sync = self._clock.now()
+        raise CaUnavailableError(
+            "no active CA and JWT key in the datastore, and another server holds the "
+            f"{ROTATION_LEASE} lease without making them; retry later"
+        )
+
+    def _sync_published(self, *, owner: bool, force: bool = False) -> bool:
+        """Publish the slots in `_slots` when they differ from the published bundle. The
+        owner (a lone server, or the lease holder) changed the journal and numbers the new
+        bundle; any other server takes the number the owner stored, so every server
+        publishes the same bundle under the same sequence."""
+        assert self._bundle is not None
+        if owner:
+            # Compared with what was last *published*, so a tick that failed half-way (slots
+            # journaled, sequence not bumped) is published by the next one.
+            if force or self._fingerprint() != self._published:
+                self._publish(self._ds.next_bundle_sequence())
+                return True
+        else:
+            sequence = self._ds.bundle_sequence()
+            if self._fingerprint() != self._published or sequence != self._bundle.sequence:
+                self._publish(sequence)
+                return True
+        self._refresh_signers()
+        return False
+
+    def _seal_key_files(self, kek: KeyEncryptionKey) -> None:
+        """Switching a single server to shared keys keeps its trust bundle: each journaled key
+        it holds as a file is sealed into its slot row, then the file goes (one copy, in the
+        datastore, under the KEK)."""
+        for kind in (X509_KIND, JWT_KIND):
+            for slot in self._ds.list_key_slots(kind):
+                if not self._keys.exists(slot.slot_id):
+                    continue
+                if not slot.sealed_key:
+                    key = self._keys.load(slot.slot_id)
+                    sealed = kek.seal(key, slot.slot_id, slot.kind, slot.kid)
+                    self._ds.save_key_slot(replace(slot, sealed_key=sealed))
+                    _log.info("key sealed into the datastore", extra={"slot_id": slot.slot_id})
+                self._keys.delete(slot.slot_id)
+
+    def _check_kek(self, kek: KeyEncryptionKey) -> None:
+        for kind in (X509_KIND, JWT_KIND):
+            for slot in self._ds.list_key_slots(kind):
+                if slot.sealed_key:
+                    kek.check_sealed_here(slot.sealed_key, slot.slot_id)
 
     # -- schedule -------------------------------------------------------------------------------
 
@@ -181,6 +381,8 @@ class CaManager:
         now = self._clock.now()
         for kind in (X509_KIND, JWT_KIND):
             slots = self._ds.list_key_slots(kind)
+            if self.shared:
+                slots = self._drop_unsealed(kind, slots)
             plan = rotation.plan_rotation(now, _times(slots))
             if not plan.empty:
                 self._apply_plan(kind, slots, plan, int(now))
@@ -193,30 +395,37 @@ class CaManager:
         by_id = {s.slot_id: s for s in slots}
         for slot_id in plan.drop:
             self._ds.delete_key_slot(slot_id)
-            self._keys.delete(slot_id)
+            self._custody.forget(slot_id)
             _log.info("key dropped", extra={"kind": kind, "slot_id": slot_id})
-        for slot_id in plan.retire:
-            self._set_status(by_id[slot_id], RETIRED)
+        # Activate before retiring: a reader between the two writes sees two active slots and
+        # signs with the newer, never none (and a replay retires the older one).
         if plan.activate is not None:
             self._set_status(by_id[plan.activate], ACTIVE)
+        for slot_id in plan.retire:
+            self._set_status(by_id[slot_id], RETIRED)
         if plan.create_active:
             self._create_slot(kind, ACTIVE, now)
         if plan.prepare:
             self._create_slot(kind, PREPARED, now)
 
-    def _set_status(self, slot: KeySlot, status: str) -> None:
-        self._ds.save_key_slot(
-            KeySlot(
-                slot.slot_id,
-                slot.kind,
-                status,
-                slot.public_der,
-                slot.kid,
-                slot.not_before,
-                slot.not_after,
-                slot.created_at,
+    def _drop_unsealed(self, kind: str, slots: list[KeySlot]) -> list[KeySlot]:
+        """Shared keys: a slot with no sealed key is one no server can sign with (its key file,
+        if any, sat on a server that never sealed it): the holder drops it, as a lone server
+        drops a slot whose key file is gone."""
+        kept = []
+        for slot in slots:
+            if slot.sealed_key:
+                kept.append(slot)
+                continue
+            _log.warning(
+                "key slot has no sealed key: dropping it",
+                extra={"kind": kind, "slot_id": slot.slot_id},
             )
-        )
+            self._ds.delete_key_slot(slot.slot_id)
+        return kept
+
+    def _set_status(self, slot: KeySlot, status: str) -> None:
+        self._ds.save_key_slot(replace(slot, status=status))
         _log.info("key %s", status, extra={"kind": slot.kind, "slot_id": slot.slot_id})
 
     def _create_slot(self, kind: str, status: str, now: int) -> KeySlot:
@@ -251,11 +460,11 @@ class CaManager:
                 not_after=now + cfg.jwt_key_ttl,
                 created_at=now,
             )
-        self._keys.save(slot_id, key)
+        slot = self._custody.keep(slot, key)
         try:
             self._ds.save_key_slot(slot)
         except BaseException:
-            self._keys.delete(slot_id)  # never journaled: the file would be an orphan
+            self._custody.forget(slot_id)  # never journaled: the file would be an orphan
             raise
         _log.info(
             "key created",
@@ -267,6 +476,13 @@ class CaManager:
 
     def _forget_keyless_slots(self, kind: str) -> None:
         for slot in self._ds.list_key_slots(kind):
+            if slot.sealed_key and not self._keys.exists(slot.slot_id):
+                # Never drop a shared key: the other servers sign with it.
+                raise CaConfigError(
+                    f"{KEK_SETTING}: required: key slot {slot.slot_id} is sealed in the "
+                    "datastore (its keys are shared by several servers); give this server the "
+                    "trust domain's key-encryption key"
+                )
             if not self._keys.exists(slot.slot_id):
                 _log.warning(
                     "key file missing: dropping its slot",
@@ -282,22 +498,30 @@ class CaManager:
 
     # -- signers and bundle ---------------------------------------------------------------------
 
-    def _active(self, kind: str) -> KeySlot:
-        for slot in self._slots[kind]:
-            if slot.status == ACTIVE:
-                return slot
-        raise CaUnavailableError(f"no active {kind} key slot")
+    def _active(self, kind: str) -> KeySlot | None:
+        """The newest slot marked active (two only between a holder's activate and retire)."""
+        actives = [slot for slot in self._slots[kind] if slot.status == ACTIVE]
+        return actives[-1] if actives else None
 
     def _load_key(self, slot: KeySlot) -> PrivateKey:
         try:
-            return self._keys.load(slot.slot_id)
+            return self._custody.load(slot)
+        except SealedKeyError:
+            raise  # names the slot whose row is bad: not a "try again"
         except KeyStoreError as exc:
             raise CaUnavailableError(str(exc)) from None
 
     def _refresh_signers(self) -> None:
+        """Sign with the slots marked active. With none marked (never for a lone server after
+        its schedule ran), keep the current signer: its key stays published until it expires."""
         x509_slot = self._active(X509_KIND)
+        jwt_slot = self._active(JWT_KIND)
+        if (x509_slot is None and self._x509_signer is None) or (
+            jwt_slot is None and self._jwt_signer is None
+        ):
+            raise CaUnavailableError("no active key slot in the datastore")
         current = self._x509_signer
-        if (
+        if x509_slot is not None and (
             current is None
             or current.ca_certificate.public_bytes(serialization.Encoding.DER)
             != x509_slot.public_der
@@ -310,10 +534,15 @@ class CaManager:
                 self._clock,
             )
             _log.info("X.509 CA active", extra={"slot_id": x509_slot.slot_id})
-        jwt_slot = self._active(JWT_KIND)
-        if self._jwt_signer is None or self._jwt_signer.kid != jwt_slot.kid:
+        if jwt_slot is not None and (
+            self._jwt_signer is None or self._jwt_signer.kid != jwt_slot.kid
+        ):
             self._jwt_signer = JwtSigner(
-                self._load_key(jwt_slot), jwt_slot.kid, self._clock, jwt_slot.not_after
+                self._load_key(jwt_slot),
+                jwt_slot.kid,
+                self._clock,
+                jwt_slot.not_after,
+                self._config.jwt_issuer,
             )
             _log.info("JWT key active", extra={"slot_id": jwt_slot.slot_id, "kid": jwt_slot.kid})
 

@@ -537,19 +537,31 @@ class IssuedJwt:
         )
 
 
-_RESERVED_CLAIMS = frozenset({"sub", "aud", "exp", "iat", "jti"})
+_RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "iat", "jti"})
+# RFC 9068 §2.1: access tokens say what they are, so no JWT-SVID verifier takes one for an SVID.
+ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - a media type, not a secret
 
 
 class JwtSigner:
-    """Mints JWT-SVIDs with one signing key; `exp` never outlives the key (`not_after`)."""
+    """Mints JWT-SVIDs with one signing key; `exp` never outlives the key (`not_after`).
+    `issuer` (the OIDC issuer URL, when one is configured) goes in every token as `iss`."""
 
-    def __init__(self, key: PrivateKey, kid: str, clock: Clock, not_after: int) -> None:
+    def __init__(
+        self, key: PrivateKey, kid: str, clock: Clock, not_after: int, issuer: str | None = None
+    ) -> None:
         self._key = key
         self._kid = kid
         self._clock = clock
         self._not_after = int(not_after)
+        self._issuer = issuer or None
         self._header = {"alg": alg_for_key(key), "kid": kid, "typ": "JWT"}
-        self._es = _EsSigner.checked(key, self._header)
+        self._es = _EsSigner.checked(key, self._header, self._issuer)
+        self._at_header = {**self._header, "typ": ACCESS_TOKEN_TYP}
+        self._at_es = _EsSigner.checked(key, self._at_header, self._issuer)
+
+    @property
+    def issuer(self) -> str | None:
+        return self._issuer
 
     @property
     def kid(self) -> str:
@@ -593,6 +605,7 @@ class JwtSigner:
             token = self._es.sign_plain(sub, aud, expires_at, now, jti)
         else:
             claims: dict[str, Any] = {
+                **({"iss": self._issuer} if self._issuer else {}),
                 **(extra or {}),
                 "sub": sub,
                 "aud": aud,
@@ -606,16 +619,54 @@ class JwtSigner:
                 token = sign_jws(self._header, claims, self._key)
         return IssuedJwt(token, jti, now, expires_at)  # positional: a third cheaper per token
 
+    def mint_access_token(
+        self,
+        sub: str,
+        audience: str,
+        ttl: int,
+        now: int,
+        extra: Mapping[str, Any],
+        *,
+        typ: str = ACCESS_TOKEN_TYP,
+    ) -> IssuedJwt:
+        """An RFC 9068 access token (`typ: at+jwt`, or another `typ` such as a Txn-Token's)
+        with this key: `iss` (required there), `sub`, one `aud`, `exp` (capped by the key),
+        `iat`, a fresh `jti`, then `extra`."""
+        if self._issuer is None:
+            raise SigningRequestError("access tokens need an issuer URL (oidc_issuer)")
+        if now >= self._not_after:
+            raise CaUnavailableError("the active JWT signing key has expired")
+        clash = sorted(_RESERVED_CLAIMS & extra.keys())
+        if clash:
+            raise SigningRequestError(f"extra claims may not set {', '.join(clash)}")
+        expires_at = min(now + ttl, self._not_after)
+        jti = b64url_bytes(random_bytes(16)).decode("ascii")
+        claims: dict[str, Any] = {
+            "iss": self._issuer,
+            "sub": sub,
+            "aud": audience,
+            "exp": expires_at,
+            "iat": now,
+            "jti": jti,
+            **extra,
+        }
+        if typ == ACCESS_TOKEN_TYP and self._at_es is not None:
+            token = self._at_es.sign(claims)
+        else:
+            token = sign_jws({**self._header, "typ": typ}, claims, self._key)
+        return IssuedJwt(token, jti, now, expires_at)
+
     @property
     def worker_name(self) -> str:
         """What signing workers (server.ca.workers) know this key by."""
         return f"jwt:{self._kid}"
 
-    def worker_copy(self) -> tuple[str, bytes, int]:
-        """(kid, PKCS#8 DER key, not_after): what a signing worker process needs to sign as
-        this signer does. Goes down the worker's private socket only; never logged or stored."""
+    def worker_copy(self) -> tuple[str, bytes, int, str | None]:
+        """(kid, PKCS#8 DER key, not_after, issuer): what a signing worker process needs to
+        sign as this signer does. Goes down the worker's private socket only; never logged or
+        stored."""
         der = self._key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
-        return self._kid, der, self._not_after
+        return self._kid, der, self._not_after, self._issuer
 
 
 def check_jwt_request(
@@ -648,12 +699,16 @@ _ES_HASHES: dict[str, hashes.HashAlgorithm] = {
 }
 
 
-def _claims_json(sub: str, aud: str | list[str], exp: int, iat: int, jti: str) -> str:
-    """_JWS_JSON.encode({"sub": sub, "aud": aud, "exp": exp, "iat": iat, "jti": jti}) for str
-    and int values (a list of str for aud), written out: the generic encoder costs 3x more."""
+def _claims_json(
+    sub: str, aud: str | list[str], exp: int, iat: int, jti: str, *, iss: str | None = None
+) -> str:
+    """_JWS_JSON.encode({"iss": iss, "sub": sub, "aud": aud, "exp": exp, "iat": iat,
+    "jti": jti}) (no "iss" when it is None) for str and int values (a list of str for aud),
+    written out: the generic encoder costs 3x more."""
     aud_json = _json_str(aud) if isinstance(aud, str) else "[" + ",".join(map(_json_str, aud)) + "]"
+    head = "{" if iss is None else f'{{"iss":{_json_str(iss)},'
     return (
-        f'{{"sub":{_json_str(sub)},"aud":{aud_json},"exp":{int(exp)!r},"iat":{int(iat)!r},'
+        f'{head}"sub":{_json_str(sub)},"aud":{aud_json},"exp":{int(exp)!r},"iat":{int(iat)!r},'
         f'"jti":{_json_str(jti)}}}'
     )
 
@@ -667,22 +722,28 @@ class _EsSigner:
     tokens are byte for byte what sign_jws would make (up to ECDSA's random signature).
     """
 
-    def __init__(self, key: ec.EllipticCurvePrivateKey, header: Mapping[str, Any]) -> None:
+    def __init__(
+        self, key: ec.EllipticCurvePrivateKey, header: Mapping[str, Any], iss: str | None = None
+    ) -> None:
         alg = str(header["alg"])
         self._key = key
+        self._iss = iss
         self._size = _ES_SIZES[alg]
         self._ecdsa = ec.ECDSA(_ES_HASHES[alg])
         self._header_segment = b64url_bytes(_JWS_JSON.encode(dict(header)).encode()) + b"."
 
     @classmethod
-    def checked(cls, key: PrivateKey, header: Mapping[str, Any]) -> _EsSigner | None:
+    def checked(
+        cls, key: PrivateKey, header: Mapping[str, Any], iss: str | None = None
+    ) -> _EsSigner | None:
         alg = header.get("alg")
         if not isinstance(key, ec.EllipticCurvePrivateKey) or alg not in _ES_SIZES:
             return None
         if alg_for_key(key) != alg:  # sign_raw refuses a key on another curve: so do we
             return None
-        signer = cls(key, header)
+        signer = cls(key, header, iss)
         sample: dict[str, Any] = {
+            **({"iss": iss} if iss is not None else {}),
             "sub": "spiffe://example.org/x",
             "aud": ["a", 'é\\"\n'],
             "exp": 2,
@@ -705,7 +766,7 @@ class _EsSigner:
     def sign_plain(self, sub: str, aud: str | list[str], exp: int, iat: int, jti: str) -> str:
         """sign() of the claims a workload JWT-SVID has, with no extra claims."""
         # ensure_ascii: the JSON is ASCII, so encode() copies rather than transcodes.
-        payload = _claims_json(sub, aud, exp, iat, jti).encode("ascii")
+        payload = _claims_json(sub, aud, exp, iat, jti, iss=self._iss).encode("ascii")
         return self._finish(self._header_segment + b64url_bytes(payload))
 
     def _finish(self, signing_input: bytes) -> str:

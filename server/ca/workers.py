@@ -63,11 +63,11 @@ class _NoClock:
 def _load_signer(kind: str, payload: Any) -> JwtSigner | X509Signer:
     """The signer a key message describes (JwtSigner.worker_copy / X509Signer.worker_copy)."""
     if kind == _JWT:
-        kid, der, not_after = payload
+        kid, der, not_after, issuer = payload
         key = load_der_private_key(der, None)
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise TypeError(f"a JWT signing key cannot be a {type(key).__name__}")
-        return JwtSigner(key, kid, _NoClock(), not_after)
+        return JwtSigner(key, kid, _NoClock(), not_after, issuer)
     cert_der, key_der, above = payload
     key = load_der_private_key(key_der, None)
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
@@ -27,6 +27,7 @@ from server.datastore.records import (
     Credential,
     Entry,
     EventFilter,
+    FeedItem,
     Head,
     JoinToken,
     KeySlot,
@@ -79,6 +80,11 @@ class RegistrationStore(Protocol):
 
     def get_entry(self, entry_id: str) -> Entry:
         """NotFoundError for an unknown id."""
+        ...
+
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        """The stored entries among `entry_ids`, in no particular order; an unknown id is left
+        out. One read for many ids (the change feed's follower reloads a batch at once)."""
         ...
 
     def list_entries(
@@ -145,6 +151,20 @@ class RegistrationStore(Protocol):
 
     def delete_key_slot(self, slot_id: str) -> None:
         """Deleting an absent slot is not an error (the journal may be replayed)."""
+        ...
+
+    # -- leases (one server at a time does a job, e.g. CA rotation) ------------------------------
+
+    def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
+        """Atomically take or keep the lease `name` until now + ttl: True when it was free,
+        already `holder`'s (renewed), or its holder let it expire (expires_at <= now; taken
+        over). False, changing nothing, while another holder's lease runs. Exactly one of
+        several concurrent callers for a free lease gets True. ValueError for ttl <= 0."""
+        ...
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up if `holder` has it (a clean shutdown hands over at once); a
+        lease held by someone else, or by no one, is left as it is."""
         ...
 
     # -- bundle ---------------------------------------------------------------------------------
@@ -287,12 +307,68 @@ class AuditRetentionStore(Protocol):
         ...
 
 
+class ChangeFeed(Protocol):
+    """What changed, for the servers sharing this datastore (server/replication.py).
+
+    Every write that concerns a server's in-memory view appends, in its own transaction, one
+    row per row it touched (FeedItem: entries, agents, revocations added, key slots, tasks).
+    Revisions are consecutive, with no gaps, and commit in order across processes: a reader
+    that saw revision N saw every row up to N. A row only names what changed; the reader
+    reloads it.
+    """
+
+    def feed_head(self) -> int:
+        """The newest revision written (0 on a fresh datastore); never goes back, even when
+        every row was pruned."""
+        ...
+
+    def feed_since(self, after: int, limit: int) -> list[FeedItem]:
+        """Up to `limit` rows with revision > `after`, oldest first. When the first one is not
+        `after + 1` (or there is none while feed_head() > after), rows were pruned meanwhile:
+        reload everything."""
+        ...
+
+    def prune_feed(self, before: int) -> int:
+        """Delete rows written before `before` (at < before); returns how many went."""
+        ...
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        """Block up to `timeout` seconds (real time) until feed_head() > after: True when it
+        is, False on timeout or when the store is closing. A hint only: a reader polls
+        feed_since() now and then whatever this returns."""
+        ...
+
+
+class JtiClaim(NamedTuple):
+    issuer: str
+    jti: str
+    expires_at: int
+
+
+class AssertionReplayStore(Protocol):
+    """The `jti`s of assertions the OAuth token endpoint accepted (server/oauth), kept until
+    they expire, so that none is accepted twice by any server sharing the database."""
+
+    def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
+        """Record each (issuer, jti) until its expires_at, each by ONE atomic insert-if-absent,
+        all in one transaction (one commit for a batch of concurrent requests); per claim True
+        when it was not held (or held only past its expiry), False for a replay (also for a
+        repeat within the batch). Durable when this returns."""
+        ...
+
+    def prune_jtis(self, now: int) -> int:
+        """Forget jtis whose expiry is past; returns how many went."""
+        ...
+
+
 class DataStore(
     RegistrationStore,
+    ChangeFeed,
     TaskRecordStore,
     CredentialStore,
     AuditStore,
     AuditRetentionStore,
+    AssertionReplayStore,
     Protocol,
 ):
     """All persistent state of the server, behind one object and one migration runner."""

@@ -209,9 +209,56 @@ def _task_listing(execute: Execute) -> None:
         execute(f"CREATE INDEX {name} ON tasks ({columns}created_at, task_id)")
 
 
+def _feed(execute: Execute) -> None:
+    """The change feed (server/replication.py): one row per row of the registration state a
+    write touched, numbered by a counter bumped in the write's own transaction, so revisions
+    commit in order across processes and a reader that saw revision N saw everything up to N.
+    Pruned by age (`at`)."""
+    execute(f"""
+        CREATE TABLE feed (
+            revision {SEQ_KEY},
+            at BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL
+        )""")
+    execute("CREATE INDEX feed_at ON feed (at)")
+    execute("INSERT INTO counters (name, value) VALUES ('feed', 0)")
+
+
+def _shared_keys(execute: Execute) -> None:
+    """Several servers share one CA and one JWT key set: each key slot may carry its private key
+    sealed under the trust domain's key-encryption key (NULL or empty: the key is in this
+    server's KeyStore), and a lease row names the one server that rotates them. NULL rather than
+    a default: SQLite would store a '' default as text, and PostgreSQL has no portable empty
+    bytea literal."""
+    execute("ALTER TABLE key_slots ADD COLUMN sealed_key BLOB")
+    execute("""
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            expires_at BIGINT NOT NULL
+        )""")
+
+
+def _oauth_jtis(execute: Execute) -> None:
+    """OAuth: jtis of accepted JWT-bearer assertions and exchanged subject tokens, until they
+    expire (server/oauth). The primary key is what makes the replay check one atomic insert."""
+    execute("""
+        CREATE TABLE oauth_jtis (
+            issuer TEXT NOT NULL,
+            jti TEXT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            PRIMARY KEY (issuer, jti)
+        )""")
+    execute("CREATE INDEX oauth_jtis_expiry ON oauth_jtis (expires_at)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
     Migration(3, "audit retention: the prune base", _audit_base),
     Migration(4, "task listing: keyset indexes", _task_listing),
+    Migration(5, "change feed", _feed),
+    Migration(6, "shared keys: sealed key slots and leases", _shared_keys),
+    Migration(7, "oauth: replayed assertion jtis", _oauth_jtis),
 )

@@ -32,6 +32,14 @@ UPDATE_ENTRY = (
 DELETE_ENTRY = "DELETE FROM entries WHERE id = :id"
 SELECT_ENTRY = f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = :id"
 ENTRY_BY_IDENTITY = "SELECT id FROM entries WHERE identity_hash = :identity_hash"
+
+
+def select_entries_in(count: int) -> str:
+    """The entries whose id is one of `count` parameters :i0, :i1, ..."""
+    names = ", ".join(f":i{n}" for n in range(count))
+    return f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id IN ({names})"
+
+
 # A NULL filter matches everything, so one statement serves every filter combination.
 LIST_ENTRIES = (
     f"SELECT {_ENTRY_COLUMNS} FROM entries "
@@ -68,18 +76,30 @@ LIST_AGENTS = f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY spiffe_id"
 DELETE_AGENT = "DELETE FROM agents WHERE spiffe_id = :spiffe_id"
 SET_AGENT_BANNED = "UPDATE agents SET banned = :banned WHERE spiffe_id = :spiffe_id"
 
-_SLOT_COLUMNS = "slot_id, kind, status, public_der, kid, not_before, not_after, created_at"
+_SLOT_COLUMNS = (
+    "slot_id, kind, status, public_der, kid, not_before, not_after, created_at, sealed_key"
+)
 UPSERT_KEY_SLOT = (
     f"INSERT INTO key_slots ({_SLOT_COLUMNS}) VALUES (:slot_id, :kind, :status, :public_der, "
-    ":kid, :not_before, :not_after, :created_at) ON CONFLICT (slot_id) DO UPDATE SET "
-    "kind = excluded.kind, status = excluded.status, public_der = excluded.public_der, "
+    ":kid, :not_before, :not_after, :created_at, :sealed_key) ON CONFLICT (slot_id) DO UPDATE "
+    "SET kind = excluded.kind, status = excluded.status, public_der = excluded.public_der, "
     "kid = excluded.kid, not_before = excluded.not_before, not_after = excluded.not_after, "
-    "created_at = excluded.created_at"
+    "created_at = excluded.created_at, sealed_key = excluded.sealed_key"
 )
 LIST_KEY_SLOTS = (
     f"SELECT {_SLOT_COLUMNS} FROM key_slots WHERE kind = :kind ORDER BY not_before, slot_id"
 )
 DELETE_KEY_SLOT = "DELETE FROM key_slots WHERE slot_id = :slot_id"
+
+# One statement, so taking a lease is atomic on either backend: insert a free name, renew our
+# own, or take over one whose holder let it expire; otherwise change nothing (rowcount 0).
+ACQUIRE_LEASE = (
+    "INSERT INTO leases (name, holder, expires_at) VALUES (:name, :holder, :expires_at) "
+    "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+    "expires_at = excluded.expires_at "
+    "WHERE leases.holder = excluded.holder OR leases.expires_at <= :now"
+)
+RELEASE_LEASE = "DELETE FROM leases WHERE name = :name AND holder = :holder"
 
 _REVOCATION_COLUMNS = "kind, value, spiffe_id, expires_at, reason, revoked_at"
 INSERT_REVOCATION = (
@@ -91,3 +111,22 @@ PRUNE_REVOCATIONS = "DELETE FROM revocations WHERE expires_at < :needed_from"
 
 BUMP_COUNTER = "UPDATE counters SET value = value + 1 WHERE name = :name"
 SELECT_COUNTER = "SELECT value FROM counters WHERE name = :name"
+
+# The change feed: the counter moves by the rows a write appends, in the write's transaction.
+BUMP_COUNTER_BY = "UPDATE counters SET value = value + :n WHERE name = :name"
+# Rows go in as multi-row VALUES (sqlite_audit.insert_many): revision, at, kind, key.
+FEED_INTO = "INSERT INTO feed (revision, at, kind, key)"
+FEED_SINCE = (
+    "SELECT revision, at, kind, key FROM feed WHERE revision > :after "
+    "ORDER BY revision LIMIT :limit"
+)
+PRUNE_FEED = "DELETE FROM feed WHERE at < :before"
+
+# One statement, so two servers on one database cannot both accept a jti: the row is inserted,
+# or an expired holder is overwritten; a live holder leaves the row unchanged (rowcount 0).
+# ON CONFLICT ... DO UPDATE ... WHERE is the same in SQLite (>= 3.24) and PostgreSQL.
+CLAIM_JTI = """
+INSERT INTO oauth_jtis (issuer, jti, expires_at) VALUES (:issuer, :jti, :expires_at)
+ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at
+WHERE oauth_jtis.expires_at <= :now"""
+PRUNE_JTIS = "DELETE FROM oauth_jtis WHERE expires_at <= :now"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from svid import MAX_VERIFIER_LEEWAY
@@ -99,10 +99,12 @@ class TokenUse:
 
 @dataclass(frozen=True, slots=True)
 class KeySlot:
-    """The journal row of one CA or JWT signing key (the private key lives in the KeyStore).
+    """The journal row of one CA or JWT signing key.
 
     `public_der` is the CA certificate's DER for kind "x509", the SubjectPublicKeyInfo DER for
-    kind "jwt".
+    kind "jwt". `sealed_key` is the private key sealed under the trust domain's key-encryption
+    key (server/ca/sealing.py) when several servers share the keys; empty when the private key
+    lives in this server's KeyStore instead.
     """
 
     slot_id: str
@@ -113,6 +115,7 @@ class KeySlot:
     not_before: int
     not_after: int
     created_at: int
+    sealed_key: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,27 @@ def revocation_needed_from(now: float) -> float:
     revocation, and the record of a credential that may need one, lives until then.
     """
     return now - MAX_VERIFIER_LEEWAY
+
+
+# -- the change feed: what another server must reload ----------------------------------------------
+
+FEED_ENTRY = "entry"  # key: the entry's id
+FEED_AGENT = "agent"  # key: the agent's SPIFFE ID
+FEED_REVOCATION = "revocation"  # key: "<kind>:<value>"
+FEED_KEY_SLOT = "key_slot"  # key: the slot's id
+FEED_TASK = "task"  # key: the task's id
+FEED_KINDS = (FEED_ENTRY, FEED_AGENT, FEED_REVOCATION, FEED_KEY_SLOT, FEED_TASK)
+
+
+class FeedItem(NamedTuple):
+    """One row of the change feed: the row named by (kind, key) changed in the transaction
+    that wrote revision `revision`, at `at` (unix seconds). It names the row, never its
+    contents: a reader reloads the row as it is now."""
+
+    revision: int
+    at: int
+    kind: str
+    key: str
 
 
 # -- the ledger: issued credentials, tasks, audit -------------------------------------------------

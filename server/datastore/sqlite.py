@@ -23,7 +23,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +32,8 @@ from typing import Any
 import sqlite_utils
 
 from server.datastore import queries as q
+from server.datastore import sqlite_audit
+from server.datastore.base import JtiClaim
 from server.datastore.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -40,10 +42,15 @@ from server.datastore.errors import (
 )
 from server.datastore.migrations import CREATE_MIGRATIONS_TABLE, MIGRATIONS, Migration
 from server.datastore.records import (
+    FEED_AGENT,
+    FEED_ENTRY,
+    FEED_KEY_SLOT,
+    FEED_REVOCATION,
     KEY_KINDS,
     REVOCATION_KINDS,
     AttestedAgent,
     Entry,
+    FeedItem,
     JoinToken,
     KeySlot,
     Revocation,
@@ -57,6 +64,12 @@ from svid._clock import Clock
 BUSY_TIMEOUT_MS = 10_000
 _REVISION = "revision"
 _BUNDLE_SEQUENCE = "bundle_sequence"
+_FEED = "feed"
+# Ids bound in one `get_entries` read (SQLite's parameter limit is 999 on old builds).
+_IDS_PER_READ = 500
+# How often wait_feed looks at the feed's counter: what a write through another process waits,
+# at worst, before this one sees it (a read of one row, a few microseconds).
+FEED_POLL_SECONDS = 0.02
 Row = Mapping[str, Any]
 
 
@@ -133,6 +146,7 @@ def _slot_from(row: Row) -> KeySlot:
         not_before=row["not_before"],
         not_after=row["not_after"],
         created_at=row["created_at"],
+        sealed_key=bytes(row["sealed_key"] or b""),
     )
 
 
@@ -200,6 +214,7 @@ class SqliteDataStore(SqliteLedger):
         # kill -9 and power loss (NORMAL would only survive a process crash).
         self._db.execute("PRAGMA synchronous = FULL")
         self._closed = False
+        self._closing = threading.Event()
         self.migrate()
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -250,6 +265,20 @@ class SqliteDataStore(SqliteLedger):
         row = db.execute(q.SELECT_COUNTER, {"name": counter}).fetchone()
         return int(row[0])
 
+    def _append_feed(self, db: sqlite_utils.Database, kind: str, keys: Iterable[str]) -> None:
+        """Name the rows this transaction touched in the change feed: one counter bump for
+        all of them, so a batch pays one small insert per row."""
+        keys = list(keys)
+        if not keys:
+            return
+        db.execute(q.BUMP_COUNTER_BY, {"name": _FEED, "n": len(keys)})
+        head = int(db.execute(q.SELECT_COUNTER, {"name": _FEED}).fetchone()[0])
+        at = self._now()
+        first = head - len(keys) + 1
+        sqlite_audit.insert_many(
+            db.conn, q.FEED_INTO, [(first + i, at, kind, k) for i, k in enumerate(keys)]
+        )
+
     def migrate(self) -> list[int]:
         """Apply pending migrations; returns the versions applied now (empty when up to date)."""
         applied: list[int] = []
@@ -276,6 +305,7 @@ class SqliteDataStore(SqliteLedger):
         return sorted(int(r["version"]) for r in self._rows(q.MIGRATION_VERSIONS))
 
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             if not self._closed:
                 self._closed = True
@@ -339,18 +369,21 @@ class SqliteDataStore(SqliteLedger):
         with self._transaction() as db:
             self._insert_in(db, stored)
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_ENTRY, (stored.id,))
         return stored
 
     def update_entry(self, entry: Entry) -> Entry:
         with self._transaction() as db:
             stored = self._update_in(db, entry)
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_ENTRY, (stored.id,))
         return stored
 
     def delete_entry(self, entry_id: str) -> None:
         with self._transaction() as db:
             self._delete_in(db, entry_id)
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_ENTRY, (entry_id,))
 
     # A batch is one transaction (one fsync, one revision) whose items succeed or fail each on
     # its own: every check of an item precedes its one write, so a refused item leaves nothing.
@@ -368,6 +401,7 @@ class SqliteDataStore(SqliteLedger):
                 results.append(item)
             if any(isinstance(r, Entry) for r in results):
                 self._bump(db, _REVISION)
+                self._append_feed(db, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
         return results
 
     def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
@@ -380,6 +414,7 @@ class SqliteDataStore(SqliteLedger):
                     results.append(exc)
             if any(isinstance(r, Entry) for r in results):
                 self._bump(db, _REVISION)
+                self._append_feed(db, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
         return results
 
     def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
@@ -394,6 +429,8 @@ class SqliteDataStore(SqliteLedger):
                 results.append(None)
             if any(r is None for r in results):
                 self._bump(db, _REVISION)
+                done = (i for i, r in zip(entry_ids, results, strict=True) if r is None)
+                self._append_feed(db, FEED_ENTRY, done)
         return results
 
     def get_entry(self, entry_id: str) -> Entry:
@@ -401,6 +438,16 @@ class SqliteDataStore(SqliteLedger):
         if not rows:
             raise NotFoundError(f"entry {entry_id} not found")
         return _entry_from(rows[0])
+
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        found: list[Entry] = []
+        for start in range(0, len(entry_ids), _IDS_PER_READ):
+            chunk = entry_ids[start : start + _IDS_PER_READ]
+            params = {f"i{n}": entry_id for n, entry_id in enumerate(chunk)}
+            found.extend(
+                _entry_from(r) for r in self._rows(q.select_entries_in(len(chunk)), params)
+            )
+        return found
 
     def list_entries(
         self, spiffe_id: str | None = None, parent_id: str | None = None
@@ -440,6 +487,7 @@ class SqliteDataStore(SqliteLedger):
         with self._transaction() as db:
             db.execute(q.UPSERT_AGENT, _agent_params(agent))
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_AGENT, (agent.spiffe_id,))
 
     def admit_agent(self, agent: AttestedAgent, token: TokenUse, now: int) -> bool:
         spend = {"token_id": token.token_id, "secret_hash": token.secret_hash, "now": now}
@@ -454,6 +502,7 @@ class SqliteDataStore(SqliteLedger):
                 return False
             db.execute(q.UPSERT_AGENT, _agent_params(agent))
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_AGENT, (agent.spiffe_id,))
         return True
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
@@ -470,6 +519,7 @@ class SqliteDataStore(SqliteLedger):
             if db.execute(q.DELETE_AGENT, {"spiffe_id": spiffe_id}).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_AGENT, (spiffe_id,))
 
     def set_agent_banned(self, spiffe_id: str, banned: bool) -> None:
         params = {"spiffe_id": spiffe_id, "banned": int(banned)}
@@ -477,6 +527,7 @@ class SqliteDataStore(SqliteLedger):
             if db.execute(q.SET_AGENT_BANNED, params).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_AGENT, (spiffe_id,))
 
     # -- key slots ------------------------------------------------------------------------------
 
@@ -492,16 +543,32 @@ class SqliteDataStore(SqliteLedger):
             "not_before": slot.not_before,
             "not_after": slot.not_after,
             "created_at": slot.created_at,
+            "sealed_key": slot.sealed_key,
         }
         with self._transaction() as db:
             db.execute(q.UPSERT_KEY_SLOT, params)
+            self._append_feed(db, FEED_KEY_SLOT, (slot.slot_id,))
 
     def list_key_slots(self, kind: str) -> list[KeySlot]:
         return [_slot_from(r) for r in self._rows(q.LIST_KEY_SLOTS, {"kind": kind})]
 
     def delete_key_slot(self, slot_id: str) -> None:
         with self._transaction() as db:
-            db.execute(q.DELETE_KEY_SLOT, {"slot_id": slot_id})
+            if db.execute(q.DELETE_KEY_SLOT, {"slot_id": slot_id}).rowcount:
+                self._append_feed(db, FEED_KEY_SLOT, (slot_id,))
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        params = {"name": name, "holder": holder, "now": now, "expires_at": now + ttl}
+        with self._transaction() as db:
+            return int(db.execute(q.ACQUIRE_LEASE, params).rowcount) == 1
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._transaction() as db:
+            db.execute(q.RELEASE_LEASE, {"name": name, "holder": holder})
 
     # -- bundle ---------------------------------------------------------------------------------
 
@@ -524,8 +591,9 @@ class SqliteDataStore(SqliteLedger):
         if not items:
             return
         with self._transaction() as db:
+            added = []
             for item in items:
-                db.execute(
+                cursor = db.execute(
                     q.INSERT_REVOCATION,
                     {
                         "kind": item.kind,
@@ -536,7 +604,10 @@ class SqliteDataStore(SqliteLedger):
                         "revoked_at": item.revoked_at,
                     },
                 )
+                if cursor.rowcount == 1:
+                    added.append(f"{item.kind}:{item.value}")
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_REVOCATION, added)
 
     def list_revocations(self) -> list[Revocation]:
         return [_revocation_from(r) for r in self._rows(q.LIST_REVOCATIONS)]
@@ -549,7 +620,49 @@ class SqliteDataStore(SqliteLedger):
                 self._bump(db, _REVISION)
             return removed
 
+    # -- OAuth assertion replay -----------------------------------------------------------------
+
+    def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
+        with self._transaction() as db:
+            return [
+                int(db.execute(q.CLAIM_JTI, {**c._asdict(), "now": now}).rowcount) == 1
+                for c in claims
+            ]
+
+    def prune_jtis(self, now: int) -> int:
+        with self._transaction() as db:
+            return int(db.execute(q.PRUNE_JTIS, {"now": now}).rowcount)
+
     # -- change tracking ------------------------------------------------------------------------
 
     def revision(self) -> int:
         return int(self._rows(q.SELECT_COUNTER, {"name": _REVISION})[0]["value"])
+
+    # -- change feed ----------------------------------------------------------------------------
+
+    def feed_head(self) -> int:
+        return int(self._rows(q.SELECT_COUNTER, {"name": _FEED})[0]["value"])
+
+    def feed_since(self, after: int, limit: int) -> list[FeedItem]:
+        rows = self._rows(q.FEED_SINCE, {"after": after, "limit": limit})
+        return [FeedItem(r["revision"], r["at"], r["kind"], r["key"]) for r in rows]
+
+    def prune_feed(self, before: int) -> int:
+        with self._transaction() as db:
+            return int(db.execute(q.PRUNE_FEED, {"before": before}).rowcount)
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        # SQLite tells no other process of a commit: look at the counter every few
+        # milliseconds (steps of the poll, not a clock: a test's fake clock never moves here).
+        steps = max(1, round(timeout / FEED_POLL_SECONDS))
+        for step in range(steps + 1):
+            try:
+                if self._closing.is_set() or self.feed_head() > after:
+                    return not self._closing.is_set()
+            except sqlite3.ProgrammingError:
+                if self._closing.is_set():
+                    return False  # closed while we looked
+                raise
+            if step == steps or self._closing.wait(FEED_POLL_SECONDS):
+                return False
+        return False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from server.datastore import ledger_queries as lq
 from server.datastore import sqlite_audit
 from server.datastore.errors import StorageError
 from server.datastore.records import (
+    FEED_TASK,
     AuditMark,
     AuditRow,
     AuditSnapshot,
@@ -67,6 +68,9 @@ class SqliteLedger:
     def _rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         raise NotImplementedError  # SqliteDataStore's
 
+    def _append_feed(self, db: sqlite_utils.Database, kind: str, keys: Iterable[str]) -> None:
+        raise NotImplementedError  # SqliteDataStore's
+
     def _write(self, what: str, sql: str, params: Mapping[str, Any]) -> int:
         try:
             with self._transaction() as db:
@@ -83,7 +87,12 @@ class SqliteLedger:
     # -- tasks ----------------------------------------------------------------------------------
 
     def put_task(self, task: TaskRecord) -> None:
-        self._write("record the task", lq.UPSERT_TASK, _task_params(task))
+        try:
+            with self._transaction() as db:
+                db.execute(lq.UPSERT_TASK, _task_params(task))
+                self._append_feed(db, FEED_TASK, (task.task_id,))
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot record the task: {e}") from e
 
     def get_task(self, task_id: str) -> TaskRecord | None:
         rows = self._read("read the task", lq.SELECT_TASK, {"task_id": task_id})

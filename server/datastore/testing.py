@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from server.datastore.base import DataStore
+from server.datastore.base import DataStore, JtiClaim
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     AttestedAgent,
@@ -26,6 +26,7 @@ from server.datastore.records import (
     Credential,
     Entry,
     EventFilter,
+    FeedItem,
     Head,
     JoinToken,
     KeySlot,
@@ -94,6 +95,10 @@ class FaultInjectingDataStore:
         self._enter("get_entry")
         return self.inner.get_entry(entry_id)
 
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        self._enter("get_entries")
+        return self.inner.get_entries(entry_ids)
+
     def list_entries(
         self, spiffe_id: str | None = None, parent_id: str | None = None
     ) -> list[Entry]:
@@ -148,6 +153,14 @@ class FaultInjectingDataStore:
         self._enter("delete_key_slot")
         self.inner.delete_key_slot(slot_id)
 
+    def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
+        self._enter("acquire_lease")
+        return self.inner.acquire_lease(name, holder, now, ttl)
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._enter("release_lease")
+        self.inner.release_lease(name, holder)
+
     def next_bundle_sequence(self) -> int:
         self._enter("next_bundle_sequence")
         return self.inner.next_bundle_sequence()
@@ -171,6 +184,22 @@ class FaultInjectingDataStore:
     def revision(self) -> int:
         self._enter("revision")
         return self.inner.revision()
+
+    def feed_head(self) -> int:
+        self._enter("feed_head")
+        return self.inner.feed_head()
+
+    def feed_since(self, after: int, limit: int) -> list[FeedItem]:
+        self._enter("feed_since")
+        return self.inner.feed_since(after, limit)
+
+    def prune_feed(self, before: int) -> int:
+        self._enter("prune_feed")
+        return self.inner.prune_feed(before)
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        self._enter("wait_feed")
+        return self.inner.wait_feed(after, timeout)
 
     def put_task(self, task: TaskRecord) -> None:
         self._enter("put_task")
@@ -255,6 +284,14 @@ class FaultInjectingDataStore:
     def audit_snapshot(self) -> AbstractContextManager[AuditSnapshot]:
         self._enter("audit_snapshot")
         return self.inner.audit_snapshot()
+
+    def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
+        self._enter("claim_jtis")
+        return self.inner.claim_jtis(claims, now)
+
+    def prune_jtis(self, now: int) -> int:
+        self._enter("prune_jtis")
+        return self.inner.prune_jtis(now)
 
     def close(self) -> None:
         self._enter("close")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -108,6 +108,9 @@ class TaskService:
         self._lock = threading.Lock()
         # Active tasks by task SPIFFE ID: the per-mint lookup never touches SQLite.
         self._active: Mapping[str, Task] = MappingProxyType({})
+        # Tasks this server ended (id -> expires_at): an end is final, so a row the change
+        # feed read before the end never makes one active again here.
+        self._ended: dict[str, int] = {}
         self._crl = CrlCache()
 
     @property
@@ -137,6 +140,35 @@ class TaskService:
                 tasks[task.spiffe_id] = task
             else:
                 tasks.pop(task.spiffe_id, None)
+                self._ended[task.task_id] = task.expires_at
+            self._active = MappingProxyType(tasks)
+
+    # -- tasks begun or ended through other servers (server.replication) ------------------------
+
+    def reload_tasks(self, task_ids: Collection[str]) -> dict[str, Task | None]:
+        """The named tasks as stored now (None: no such row); blocking, run it in a thread."""
+        return {task_id: self._store.get_task(task_id) for task_id in task_ids}
+
+    def reload_all_tasks(self) -> dict[str, Task | None]:
+        """Every active task as stored now, and None for each one memory holds that is not."""
+        stored: dict[str, Task | None] = {
+            t.task_id: t for t in self._store.list_tasks(state=TaskState.ACTIVE.value)
+        }
+        for task in self._active.values():
+            stored.setdefault(task.task_id, None)
+        return stored
+
+    def apply_tasks(self, loaded: Mapping[str, Task | None]) -> None:
+        """Tasks as another server left them: begun ones become active here, ended ones not."""
+        with self._lock:
+            begun, ended = follow_tasks(self._active, self._ended, loaded)
+            if not begun and not ended:
+                return
+            tasks = dict(self._active)
+            for task in ended:
+                tasks.pop(task.spiffe_id, None)
+            for task in begun:
+                tasks[task.spiffe_id] = task
             self._active = MappingProxyType(tasks)
 
     def next_expiry(self) -> float:
@@ -433,6 +465,7 @@ class TaskService:
         """Best effort after a failed begin: the caller gets the original error either way."""
         try:
             if stored:
+                self._set_active(task, False)
                 await asyncio.to_thread(
                     self._store.finish, task, TaskState.REVOKED, self._now(), f"begin failed: {why}"
                 )
@@ -538,6 +571,26 @@ class TaskService:
             claims=claims,
             policy_set_hash=self._policy.policy_set_hash,
         )
+
+    def exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]:
+        """An OAuth token exchange (server/oauth) for the active task with this SPIFFE ID: the
+        same fresh decision as a task JWT mint, for `resource`; PermissionDeniedError
+        (audited) otherwise."""
+        task = self._active.get(spiffe_id)
+        if task is None:
+            raise PermissionDeniedError(f"task identity {spiffe_id[:200]} is not active")
+        actions, tools = self._mint_decision(task.agent_id, task, (resource,))
+        scope = " ".join((*actions, *(f"{TOOL_SCOPE_PREFIX}{t}" for t in tools)))
+        grant = TaskJwtGrant(
+            task_id=task.task_id,
+            runtime_id=task.runtime_id,
+            on_behalf_of=task.on_behalf_of,
+            ttl=max(1, task.remaining(self._clock.now())),
+            scope=scope,
+            claims=task_claims(task, scope),
+            policy_set_hash=self._policy.policy_set_hash,
+        )
+        return task, grant
 
     def record_validations(self, agent_id: str, validations: Sequence[Any]) -> None:
         """ValidateJWTSVID answers an agent reports (task_pb2.Validation): one event each.
@@ -723,7 +776,31 @@ class TaskService:
 
     async def housekeeping(self) -> None:
         await self.expire_due()
+        now = self._now()
+        with self._lock:
+            # Past its expiry a task is refused anyway (and expired on every server).
+            self._ended = {k: at for k, at in self._ended.items() if at >= now}
         await asyncio.to_thread(self._store.prune, self._now(), self.settings.violation_window)
+
+
+def follow_tasks(
+    active: Mapping[str, Task], ended: Container[str], loaded: Mapping[str, Task | None]
+) -> tuple[list[Task], list[Task]]:
+    """What a reload of tasks changes in memory: (begun, ended). `active` is keyed by task
+    SPIFFE ID, `ended` holds ids this server ended itself, `loaded` maps task ids to their row
+    (None: gone). A row no longer active ends the task; an active row begins it unless this
+    server already saw it end (an end is final: the row was read before it)."""
+    by_id = {t.task_id: t for t in active.values()}
+    begun: list[Task] = []
+    gone: list[Task] = []
+    for task_id, task in loaded.items():
+        held = by_id.get(task_id)
+        if task is not None and task.active:
+            if task_id not in ended and held != task:
+                begun.append(task)
+        elif held is not None:
+            gone.append(held)
+    return begun, gone
 
 
 def actor_chain(spiffe_id: str, parent: Task | None, on_behalf_of: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ServerConfig, build_config, load_config
+from server.config import ServerConfig, build_config, check_key_encryption, load_config
 from server.errors import ConfigError
 from svid._spiffe_id import TrustDomain
 
@@ -111,3 +111,23 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("trust_domain = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_key_encryption_key_file_from_file_or_flag(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text('trust_domain = "example.org"\nkey_encryption_key_file = "/etc/svid/kek"\n')
+    assert load_config(path).key_encryption_key_file == Path("/etc/svid/kek")
+    flagged = load_config(path, {"key_encryption_key_file": "/run/kek"})
+    assert flagged.key_encryption_key_file == Path("/run/kek")
+    assert build_config({"trust_domain": "example.org"}).key_encryption_key_file is None
+    with pytest.raises(ConfigError, match="key_encryption_key_file: must not be empty"):
+        build_config({"trust_domain": "example.org", "key_encryption_key_file": ""})
+
+
+def test_a_postgresql_datastore_needs_the_key_encryption_key() -> None:
+    dsn = "postgresql://svid:secret@db.internal/svid"
+    with pytest.raises(ConfigError, match="key_encryption_key_file: required with a PostgreSQL"):
+        check_key_encryption(dsn, None)
+    check_key_encryption(dsn, Path("/etc/svid/kek"))
+    check_key_encryption("", None)  # SQLite: a lone server keeps its own key files
+    check_key_encryption("/var/lib/svid/datastore.sqlite3", None)

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import stat
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from server.datastore import (
     migrations,
     queries,
 )
+from server.datastore import queries as q
 from server.datastore import sqlite as sqlite_module
 from server.datastore.migrations import MIGRATIONS
 from server.datastore.records import EventFilter, TokenUse
@@ -404,13 +406,19 @@ def test_a_datastore_of_the_previous_schema_gains_the_ledger_tables(
     with monkeypatch.context() as m:
         m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:1])
         old = SqliteDataStore(tmp_path / "db", clock)
-        made = old.create_entry(entry())
+        # Written as that release wrote it (today's writes also name the row in the feed).
+        made = replace(entry(), id="e1", revision=1, created_at=int(clock.now()))
+        with old.transaction() as conn:
+            conn.execute(q.INSERT_ENTRY, sqlite_module._entry_params(made))
         old.close()
     store = SqliteDataStore(tmp_path / "db", clock)
     assert store.schema_versions() == [m.version for m in MIGRATIONS]
     assert store.get_entry(made.id) == made
     assert store.audit_head() is None
     assert store.list_tasks() == []
+    assert store.feed_head() == 0
+    store.delete_entry(made.id)
+    assert [(i.revision, i.key) for i in store.feed_since(0, 10)] == [(1, made.id)]
     store.close()
 
 

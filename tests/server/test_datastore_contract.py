@@ -8,7 +8,9 @@ must then pass unchanged.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,20 @@ def test_entries_round_trip(store: DataStore) -> None:
         store.get_entry(made.id)
 
 
+def test_get_entries_reads_many_ids_at_once(store: DataStore) -> None:
+    sels = (Selector("unix", "uid:1000"),)
+    made = store.create_entries(
+        [Entry("", f"spiffe://example.org/w/{i}", AGENT, sels) for i in range(1200)]
+    )
+    ids = [e.id for e in made if isinstance(e, Entry)]
+    assert len(ids) == 1200
+    wanted = [*ids[::2], "missing", ids[1]]
+    found = store.get_entries(wanted)
+    assert sorted(e.id for e in found) == sorted({*ids[::2], ids[1]})
+    assert {e.id: e for e in found}[ids[1]] == store.get_entry(ids[1])
+    assert store.get_entries([]) == []
+
+
 def test_join_tokens_are_single_use(store: DataStore) -> None:
     store.create_join_token(JoinToken("t", b"h" * 32, NOW + 60))
     admitted = AttestedAgent(AGENT, "join_token", "1", NOW + 3600)
@@ -169,6 +185,64 @@ def test_key_slots_bundle_and_revocations(store: DataStore) -> None:
     assert [r.value for r in store.list_revocations()] == ["j"]
     assert store.revision() == before + 2
     assert store.prune_revocations(NOW + int(MAX_VERIFIER_LEEWAY) + 1) == 1
+
+
+def test_a_key_slot_keeps_its_sealed_key(open_store: Opener) -> None:
+    store = open_store()
+    plain = KeySlot("p", "x509", "active", b"cert", "kid-p", NOW, NOW + 10, NOW)
+    sealed = KeySlot("s", "x509", "prepared", b"cert2", "kid-s", NOW + 1, NOW + 11, NOW, b"\0sk")
+    store.save_key_slot(plain)
+    store.save_key_slot(sealed)
+    assert store.list_key_slots("x509") == [plain, sealed]
+    store.save_key_slot(KeySlot("s", "x509", "active", b"cert2", "kid-s", NOW + 1, NOW + 11, NOW))
+    store.save_key_slot(replace(plain, sealed_key=b"later"))  # an existing key gets sealed
+    store.close()
+    again = open_store()
+    assert [(s.slot_id, s.sealed_key) for s in again.list_key_slots("x509")] == [
+        ("p", b"later"),
+        ("s", b""),
+    ]
+
+
+def test_a_lease_has_one_holder_until_it_expires(store: DataStore) -> None:
+    assert store.acquire_lease("ca-rotation", "a", NOW, 30)
+    assert not store.acquire_lease("ca-rotation", "b", NOW + 29, 30)
+    assert store.acquire_lease("ca-rotation", "a", NOW + 29, 30)  # renewed: until NOW + 59
+    assert not store.acquire_lease("ca-rotation", "b", NOW + 58, 30)
+    assert store.acquire_lease("other-job", "b", NOW + 58, 30)  # names are independent
+    assert store.acquire_lease("ca-rotation", "b", NOW + 59, 30)  # expired: taken over
+    assert not store.acquire_lease("ca-rotation", "a", NOW + 60, 30)
+    with pytest.raises(ValueError, match="ttl"):
+        store.acquire_lease("ca-rotation", "b", NOW, 0)
+
+
+def test_releasing_a_lease_frees_it_only_for_its_holder(store: DataStore) -> None:
+    assert store.acquire_lease("ca-rotation", "a", NOW, 30)
+    store.release_lease("ca-rotation", "b")  # not b's: nothing happens
+    assert not store.acquire_lease("ca-rotation", "b", NOW, 30)
+    store.release_lease("ca-rotation", "a")
+    store.release_lease("ca-rotation", "a")
+    assert store.acquire_lease("ca-rotation", "b", NOW, 30)
+
+
+def test_concurrent_callers_for_a_free_lease_get_one_grant(open_store: Opener) -> None:
+    # One store object per caller: separate connections, as separate servers have.
+    stores = [open_store() for _ in range(6)]
+    barrier = threading.Barrier(len(stores))
+    granted: list[str] = []
+
+    def take(k: int) -> None:
+        barrier.wait()
+        if stores[k].acquire_lease("ca-rotation", f"server-{k}", NOW, 30):
+            granted.append(f"server-{k}")
+
+    threads = [threading.Thread(target=take, args=(k,)) for k in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) == 1
+    assert all(not s.acquire_lease("ca-rotation", "late", NOW + 1, 30) for s in stores)
 
 
 # -- tasks and violations -----------------------------------------------------------------------
@@ -339,3 +413,177 @@ def test_every_role_survives_a_restart(open_store: Opener) -> None:
     assert [c.value for c in again.task_credentials("t", NOW)] == ["j"]
     assert again.audit_head() == Head(2, f"{2:064x}")
     assert [tuple(r.values()) for r in again.audit_rows()] == rows
+
+
+# -- change feed --------------------------------------------------------------------------------
+
+
+def _feed(store: DataStore, after: int = 0) -> list[tuple[str, str]]:
+    return [(item.kind, item.key) for item in store.feed_since(after, 1000)]
+
+
+def test_feed_names_every_row_each_write_touched(store: DataStore) -> None:
+    assert store.feed_head() == 0
+    sels = (Selector("unix", "uid:1000"),)
+    made = store.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))
+    store.update_entry(replace(made, hint="x"))
+    results = store.create_entries(
+        [
+            Entry("", "spiffe://example.org/b", AGENT, sels),
+            Entry("", "spiffe://example.org/a", AGENT, sels),  # clashes: refused, not named
+            Entry("", "spiffe://example.org/c", AGENT, sels),
+        ]
+    )
+    b, clash, c = results
+    assert isinstance(b, Entry)
+    assert isinstance(c, Entry)
+    assert isinstance(clash, AlreadyExistsError)
+    store.update_entries([replace(b, hint="y"), replace(made, id="missing")])
+    store.delete_entries([c.id, "missing"])
+    store.delete_entry(made.id)
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+    store.create_join_token(JoinToken("t", b"h" * 32, NOW + 60))  # not in any server's view
+    store.admit_agent(
+        AttestedAgent(OTHER_AGENT, "join_token", "1", NOW + 3600), TokenUse("t", b"h" * 32), NOW
+    )
+    store.set_agent_banned(AGENT, True)
+    store.delete_agent(OTHER_AGENT)
+    store.add_revocations([Revocation("jwt_id", "j1", RUNTIME, NOW, "r", NOW)])
+    store.add_revocations(
+        [
+            Revocation("jwt_id", "j1", RUNTIME, NOW, "r", NOW),  # already revoked: no row
+            Revocation("x509_serial", "7", RUNTIME, NOW, "r", NOW),
+        ]
+    )
+    store.save_key_slot(KeySlot("s1", "jwt", "active", b"der", "kid", NOW, NOW + 10, NOW))
+    store.delete_key_slot("s1")
+    store.delete_key_slot("absent")  # nothing deleted: no row
+    store.put_task(task("t1"))
+    assert _feed(store) == [
+        ("entry", made.id),
+        ("entry", made.id),
+        ("entry", b.id),
+        ("entry", c.id),
+        ("entry", b.id),
+        ("entry", c.id),
+        ("entry", made.id),
+        ("agent", AGENT),
+        ("agent", OTHER_AGENT),
+        ("agent", AGENT),
+        ("agent", OTHER_AGENT),
+        ("revocation", "jwt_id:j1"),
+        ("revocation", "x509_serial:7"),
+        ("key_slot", "s1"),
+        ("key_slot", "s1"),
+        ("task", "t1"),
+    ]
+    items = store.feed_since(0, 1000)
+    assert [i.revision for i in items] == list(range(1, len(items) + 1))
+    assert {i.at for i in items} == {NOW}
+    assert store.feed_head() == len(items)
+
+
+def test_feed_failed_writes_name_nothing(store: DataStore) -> None:
+    sels = (Selector("unix", "uid:1000"),)
+    made = store.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))
+    head = store.feed_head()
+    with pytest.raises(AlreadyExistsError):
+        store.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))
+    with pytest.raises(ConflictError):
+        store.update_entry(replace(made, revision=7))
+    with pytest.raises(NotFoundError):
+        store.delete_entry("missing")
+    with pytest.raises(NotFoundError):
+        store.delete_agent(AGENT)
+    assert store.create_entries([Entry("", "spiffe://example.org/a", AGENT, sels)])
+    assert not store.admit_agent(
+        AttestedAgent(AGENT, "join_token", "1", NOW + 3600), TokenUse("t", b"h" * 32), NOW
+    )
+    assert store.feed_head() == head
+    assert store.feed_since(head, 10) == []
+
+
+def test_feed_since_pages_in_revision_order(store: DataStore) -> None:
+    for i in range(5):
+        store.put_task(task(f"t{i}"))
+    first = store.feed_since(0, 2)
+    assert [(i.revision, i.key) for i in first] == [(1, "t0"), (2, "t1")]
+    rest = store.feed_since(first[-1].revision, 10)
+    assert [(i.revision, i.key) for i in rest] == [(3, "t2"), (4, "t3"), (5, "t4")]
+    assert store.feed_since(5, 10) == []
+
+
+def test_prune_feed_by_age_keeps_the_head(open_store: Opener) -> None:
+    store = open_store()
+    store.put_task(task("t0"))
+    store.put_task(task("t1"))
+    assert store.prune_feed(NOW) == 0  # written at NOW: not before it
+    assert store.prune_feed(NOW + 1) == 2
+    assert store.feed_since(0, 10) == []
+    assert store.feed_head() == 2
+    store.put_task(task("t2"))
+    assert [(i.revision, i.key) for i in store.feed_since(0, 10)] == [(3, "t2")]
+    store.close()
+    assert open_store().feed_head() == 3  # the head outlives a restart
+
+
+def test_wait_feed_sees_a_write_of_another_connection(open_store: Opener) -> None:
+    reader, writer = open_store(), open_store()
+    head = reader.feed_head()
+    started = time.monotonic()
+    assert not reader.wait_feed(head, 0.1)
+    assert time.monotonic() - started >= 0.09
+    woke: list[bool] = []
+    waiting = threading.Thread(target=lambda: woke.append(reader.wait_feed(head, 10)))
+    waiting.start()
+    time.sleep(0.05)
+    wrote = time.monotonic()
+    writer.put_task(task("t0"))
+    waiting.join(10)
+    assert woke == [True]
+    assert time.monotonic() - wrote < 0.5
+    assert reader.wait_feed(head, 0)  # already past: no wait at all
+
+
+def test_wait_feed_returns_when_the_store_closes(store: DataStore) -> None:
+    woke: list[bool] = []
+    waiting = threading.Thread(target=lambda: woke.append(store.wait_feed(store.feed_head(), 30)))
+    waiting.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    store.close()
+    waiting.join(10)
+    assert woke == [False]
+    assert time.monotonic() - started < 1
+
+
+def test_feed_revisions_commit_in_order_across_connections(open_store: Opener) -> None:
+    stores = [open_store(), open_store()]
+    seen: list[list[int]] = []
+    done = threading.Event()
+
+    def write(store: DataStore, prefix: str) -> None:
+        for i in range(40):
+            store.put_task(task(f"{prefix}{i}"))
+
+    def read(store: DataStore) -> None:
+        # Whatever a reader sees is a prefix with no holes: nothing commits out of order.
+        while not done.is_set():
+            seen.append([i.revision for i in store.feed_since(0, 1000)])
+
+    reader = open_store()
+    writers = [
+        threading.Thread(target=write, args=(s, p)) for s, p in zip(stores, "ab", strict=True)
+    ]
+    checking = threading.Thread(target=read, args=(reader,))
+    checking.start()
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+    done.set()
+    checking.join(10)
+    assert reader.feed_head() == 80
+    assert [i.revision for i in reader.feed_since(0, 1000)] == list(range(1, 81))
+    assert len(seen) > 1
+    assert all(revisions == list(range(1, len(revisions) + 1)) for revisions in seen)

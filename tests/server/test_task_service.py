@@ -543,3 +543,30 @@ def test_a_task_whose_begin_event_cannot_be_written_is_undone(
     assert undone.state is TaskState.REVOKED
     assert world.service.active_task(undone.spiffe_id) is None
     world.close()
+
+
+# -- tasks begun or ended through another server (the change feed) --------------------------------
+
+
+def test_a_task_row_read_before_its_end_here_does_not_make_it_active_again(world: World) -> None:
+    task = world.begin()
+    row_before_end = world.store.get_task(task.task_id)
+    assert row_before_end is not None
+    assert row_before_end.active
+    world.run(world.service.end(world.agent, task.task_id, ()))
+    # The change feed's follower may hold a row it read before the end: it changes nothing.
+    world.service.apply_tasks({task.task_id: row_before_end})
+    assert world.service.active_task(task.spiffe_id) is None
+
+
+def test_tasks_begun_and_ended_elsewhere_follow_their_rows(world: World) -> None:
+    task = world.begin()
+    world.service.apply_tasks({task.task_id: None})  # gone (e.g. the row was pruned)
+    assert world.service.active_task(task.spiffe_id) is None
+    world.service.apply_tasks({task.task_id: task})  # begun through another server
+    assert world.service.active_task(task.spiffe_id) == task
+    ended = world.store.finish(task, TaskState.ENDED, int(world.clock.now()), "ended elsewhere")
+    assert world.service.reload_tasks([task.task_id]) == {task.task_id: ended}
+    assert world.service.reload_all_tasks() == {task.task_id: None}
+    world.service.apply_tasks(world.service.reload_all_tasks())
+    assert world.service.active_task(task.spiffe_id) is None

@@ -1,0 +1,201 @@
+"""The OAuth token endpoint (server/oauth) and task end -> exchanged token refused.
+
+Rows:
+- RFC 8693 token exchanges per second through the real HTTPS endpoint of an in-process server
+  (TLS, h11, JWT-SVID check, jti replay insert, Cedar decision, at+jwt signing, ledger commit),
+  CLIENTS keep-alive clients at once in load processes of their own, as a ratio to raw ES256
+  signing on one core in the same rounds (goal >= 0.2x), and the rate itself;
+- one exchange's latency from a client that waits for each answer (p50 / p99);
+- task end -> the exchanged access token refused (401) by the example MCP server, a process
+  fed revocations by a real svid-agent (goal p99 <= 1 s).
+Subject tokens are minted before each window (a task JWT-SVID per exchange: jtis are single-use).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.cores import _es256
+from bench.report import Rounds, Table, at_least, at_most, latency_row, rate, rounds, samples
+from svid.tasks import TaskClient
+from tests.e2e.test_oauth_mcp import RUNTIME, Stack, oauth_mcp_stack
+from tests.ports import free_port
+from tests.server.fixtures import managed_server, short_tmpdir
+from tests.server.oauth.conftest import RESOURCE, OAuthServer, write_tls_files
+from tests.server.oauth.test_token_exchange import EXCHANGE, JWT_TYPE, TaskWorld, begin_task
+
+LOAD_PROCESSES = 2
+THREADS = 4
+CLIENTS = LOAD_PROCESSES * THREADS
+WINDOW = 1.0
+ROUNDS = rounds(5)
+LATENCY_SAMPLES = samples(200)
+REVOKE_SAMPLES = samples(100)
+GOAL_RATIO = 0.2
+GOAL_REVOKE_P99_MS = 1000.0
+POLL = 0.005
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[TaskWorld]:
+    tls_dir = short_tmpdir("oab")
+    ca_file, cert, key = write_tls_files(tls_dir)
+    port = free_port()
+    issuer = f"https://127.0.0.1:{port}"
+    with managed_server(
+        oidc_issuer=issuer,
+        oauth_bind_address=f"127.0.0.1:{port}",
+        oauth_tls_cert=str(cert),
+        oauth_tls_key=str(key),
+        oauth_resources=[RESOURCE],
+        signing_processes=0,
+    ) as running:
+        yield begin_task(OAuthServer(running, issuer, ca_file), ttl=900)
+
+
+def _subject_tokens(world: TaskWorld, n: int) -> list[str]:
+    return [world.subject_token() for _ in range(n)]
+
+
+def _form(subject: str) -> dict[str, str]:
+    return {
+        "grant_type": EXCHANGE,
+        "subject_token": subject,
+        "subject_token_type": JWT_TYPE,
+        "resource": RESOURCE,
+    }
+
+
+def _post_all(url: str, cafile: str, subjects: list[str]) -> int:
+    """In a load process: post one exchange per subject token from THREADS keep-alive
+    clients; returns how many succeeded."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=cafile)
+    chunks = [subjects[i::THREADS] for i in range(THREADS)]
+
+    def run(chunk: list[str]) -> int:
+        with httpx.Client(verify=context) as client:
+            return sum(client.post(url, data=_form(s)).status_code == 200 for s in chunk)
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        return sum(pool.map(run, chunks))
+
+
+class Exchangers:
+    """LOAD_PROCESSES processes of THREADS clients each: the load generator holds its own GIL,
+    so the rate is the server's, not the client's."""
+
+    def __init__(self, world: TaskWorld) -> None:
+        self.world = world
+        self.url = world.oauth.issuer + "/token"
+        self.cafile = str(world.oauth.ca_file)
+        self.pool = ProcessPoolExecutor(LOAD_PROCESSES, mp_context=mp.get_context("spawn"))
+        self.client = httpx.Client(verify=world.oauth.ssl_context())
+        # Start the processes (and their imports) before anything is timed.
+        self.window(LOAD_PROCESSES * THREADS)
+
+    def one(self, subject: str) -> None:
+        reply = self.client.post(self.url, data=_form(subject))
+        assert reply.status_code == 200, reply.text
+
+    def window(self, count: int = 600) -> float:
+        tokens = _subject_tokens(self.world, count)  # minted before the clock starts
+        parts = [tokens[i::LOAD_PROCESSES] for i in range(LOAD_PROCESSES)]
+        started = time.perf_counter()
+        done = sum(
+            self.pool.map(
+                _post_all, [self.url] * LOAD_PROCESSES, [self.cafile] * LOAD_PROCESSES, parts
+            )
+        )
+        elapsed = time.perf_counter() - started
+        assert done == count, f"{count - done} exchanges refused"
+        return done / elapsed
+
+    def close(self) -> None:
+        self.client.close()
+        self.pool.shutdown()
+
+
+def test_token_exchange_rate_against_raw_es256(
+    benchmark: Any, table: Table, world: TaskWorld
+) -> None:
+    sign = _es256()
+    exchangers = Exchangers(world)
+    try:
+        measured = Rounds(
+            {"es256": lambda: rate(sign, WINDOW), "exchange": exchangers.window}, ROUNDS
+        )
+        latencies = []
+        for subject in _subject_tokens(world, LATENCY_SAMPLES):
+            started = time.perf_counter()
+            exchangers.one(subject)
+            latencies.append(time.perf_counter() - started)
+    finally:
+        exchangers.close()
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    note = f"{CLIENTS} HTTPS keep-alive clients in {LOAD_PROCESSES} processes, SQLite"
+    table.add(
+        measured.ratio_row(
+            "token exchange / raw ES256 sign",
+            "exchange",
+            "es256",
+            goal=at_least(GOAL_RATIO),
+            note=note,
+        ),
+        measured.rate_row("token exchanges", "exchange", note=note),
+        measured.rate_row("raw ES256 sign (one core)", "es256"),
+        latency_row("one token exchange (client waits)", latencies, note="HTTPS keep-alive"),
+    )
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with oauth_mcp_stack() as running:
+        yield running
+
+
+def test_task_end_to_exchanged_token_refused_at_mcp_server(
+    benchmark: Any, table: Table, stack: Stack
+) -> None:
+    refused: list[float] = []
+    headers = {"Accept": "application/json, text/event-stream"}
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    with TaskClient(stack.socket) as tasks, httpx.Client(timeout=10) as http:
+        for _ in range(REVOKE_SAMPLES):
+            task = tasks.begin(
+                actions=["read"],
+                resources=[stack.issuer],
+                tools={stack.mcp_url: ["read_ticket"]},
+                ttl=120,
+                spiffe_id=RUNTIME,
+            )
+            reply = http.post(
+                stack.issuer + "/token",
+                data={**_form(task.jwt(stack.issuer)), "resource": stack.mcp_url},
+            )
+            assert reply.status_code == 200, reply.text
+            auth = {**headers, "Authorization": f"Bearer {reply.json()['access_token']}"}
+            assert http.post(stack.mcp_url, json=ping, headers=auth).status_code != 401
+            started = time.perf_counter()
+            task.end()
+            while http.post(stack.mcp_url, json=ping, headers=auth).status_code != 401:
+                assert time.perf_counter() - started < 10, "the ended task's token still works"
+                time.sleep(POLL)
+            refused.append(time.perf_counter() - started)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    table.add(
+        latency_row(
+            "task end -> exchanged access token refused (401) at an MCP server",
+            refused,
+            goal=at_most(GOAL_REVOKE_P99_MS, "p99"),
+            note="svid-server + svid-agent + MCP server, each a process",
+        )
+    )

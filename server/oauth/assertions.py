@@ -1,0 +1,90 @@
+"""Checking an incoming JWT-SVID (a JWT-bearer assertion or a token exchange subject token).
+
+Accepted: a JWT-SVID signed by a key of this trust domain's bundle or of a configured trusted
+bundle, for the audience named (this server's token endpoint or its issuer URL), not expired,
+carrying a `jti` never seen before (replays are refused through the datastore, atomically, so
+servers sharing a database agree), and when it has `iss`, an issuer this server knows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from server.oauth.errors import InvalidGrantError
+from svid._bundle import JwtBundle
+from svid._clock import Clock
+from svid._errors import JwtSvidError, VerificationError
+from svid._jwt import JwtSvid
+from svid._spiffe_id import TrustDomain
+from svid._verify_jwt import JwtVerifier, VerifiedJwt
+
+# A leeway in seconds for clocks of other machines, as the svid library allows.
+LEEWAY = 5.0
+MAX_ASSERTION_BYTES = 8192
+
+# (issuer, jti, expires_at, now) -> True when this jti was not seen yet (and is now recorded).
+ClaimJti = Callable[[str, str, int, int], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedAssertion:
+    verified: VerifiedJwt
+    issuer: str  # the token's iss, or its trust domain's ID when it has none
+
+
+class AssertionChecker:
+    def __init__(
+        self,
+        *,
+        bundles: Callable[[TrustDomain], JwtBundle | None],
+        audiences: tuple[str, ...],
+        known_issuers: Mapping[str, TrustDomain],
+        claim_jti: ClaimJti,
+        clock: Clock,
+    ) -> None:
+        self._audiences = audiences
+        self._known_issuers = dict(known_issuers)
+        self._claim_jti = claim_jti
+        self._clock = clock
+        # No cache: every assertion is checked for replay anyway, and one is used once.
+        self._verifier = JwtVerifier(bundles, clock=clock, leeway=LEEWAY, cache_size=0)
+
+    def check(self, token: str, what: str) -> CheckedAssertion:
+        if not token:
+            raise InvalidGrantError(f"{what} is missing")
+        if len(token) > MAX_ASSERTION_BYTES:
+            raise InvalidGrantError(f"{what} is longer than {MAX_ASSERTION_BYTES} bytes")
+        verified = self._verify(token, what)
+        td = verified.spiffe_id.trust_domain
+        iss = verified.claims.get("iss")
+        if iss is not None:
+            if not isinstance(iss, str) or self._known_issuers.get(iss) != td:
+                raise InvalidGrantError(f"{what} issuer {str(iss)[:200]!r} is not trusted for {td}")
+            issuer = iss
+        else:
+            issuer = str(td.id)
+        jti = verified.claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            raise InvalidGrantError(f"{what} has no jti: it could be replayed")
+        if not self._claim_jti(issuer, jti, verified.expires_at, int(self._clock.now())):
+            raise InvalidGrantError(f"{what} jti {jti[:64]!r} was used before (replay)")
+        return CheckedAssertion(verified, issuer)
+
+    def _verify(self, token: str, what: str) -> VerifiedJwt:
+        # Which of our names the token claims to be for (unverified: only to pick the one the
+        # verifier then checks, signature and all).
+        try:
+            claimed = JwtSvid.parse_insecure(token).audience
+        except JwtSvidError as exc:
+            raise InvalidGrantError(f"{what} is not a JWT-SVID: {exc}") from None
+        audience = next((a for a in self._audiences if a in claimed), None)
+        if audience is None:
+            raise InvalidGrantError(
+                f"{what} audience {list(claimed)[:4]!r} does not name this server "
+                f"({', '.join(self._audiences)})"
+            )
+        try:
+            return self._verifier.verify(token, audience)
+        except VerificationError as exc:
+            raise InvalidGrantError(f"{what} refused: {exc}") from None

@@ -1,0 +1,54 @@
+"""OAuth errors (RFC 6749 §5.2, RFC 8693 §2.2.2, RFC 8707 §2): the `error` code and the HTTP
+status each one is answered with. endpoint.py is the one place that turns them into responses.
+
+Not SvidErrors: they never cross gRPC, and their messages go to the client as
+`error_description`, so they never hold a token (only its jti or issuer).
+"""
+
+from __future__ import annotations
+
+
+class OAuthError(Exception):
+    error = "invalid_request"
+    status = 400
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description
+
+
+class InvalidRequestError(OAuthError):
+    error = "invalid_request"
+
+
+class InvalidGrantError(OAuthError):
+    """The assertion or subject token is expired, replayed, from an unknown issuer, for
+    another audience, or its task may not get this token."""
+
+    error = "invalid_grant"
+
+
+class InvalidTargetError(OAuthError):
+    """The `resource` (RFC 8707) is not one this server issues tokens for."""
+
+    error = "invalid_target"
+
+
+class UnsupportedGrantTypeError(OAuthError):
+    error = "unsupported_grant_type"
+
+
+class UnsupportedResponseTypeError(OAuthError):
+    error = "unsupported_response_type"
+
+
+class InvalidClientError(OAuthError):
+    error = "invalid_client"
+    status = 401
+
+
+class UnavailableError(OAuthError):
+    """The server cannot issue now (no signing key, the audit log cannot be written)."""
+
+    error = "temporarily_unavailable"
+    status = 503

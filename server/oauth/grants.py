@@ -1,0 +1,320 @@
+"""The token endpoint's grants: what goes in, what decides, what comes out and is recorded.
+
+- RFC 7523 JWT bearer: a workload's JWT-SVID in, an access token for one configured resource
+  out, `sub` = the workload's SPIFFE ID.
+- RFC 8693 token exchange: a *task* JWT-SVID in; the task layer decides (Cedar, the task's
+  intent as context) what the task may do on the resource; out comes an access token whose
+  `sub` is the principal the task works for, `act` the task's chain of SPIFFE IDs, `scope` the
+  granted actions and tools; or, with the Txn-Token requested_token_type, a Transaction Token
+  (draft-ietf-oauth-transaction-tokens) for calls inside the trust domain.
+
+Every token is a credential on the ledger (of its task, so ending the task revokes it) with an
+audit event naming the decision, committed before the token leaves; every refusal is an event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from server.audit.errors import AuditError, LedgerError
+from server.audit.event import EventDraft
+from server.ca.errors import CaUnavailableError
+from server.ca.signer import IssuedJwt, JwtSigner
+from server.datastore.records import REVOKED_JWT_ID, Credential
+from server.errors import PermissionDeniedError
+from server.issuance import TaskJwtGrant
+from server.oauth.assertions import AssertionChecker, CheckedAssertion
+from server.oauth.errors import (
+    InvalidClientError,
+    InvalidGrantError,
+    InvalidRequestError,
+    InvalidTargetError,
+    OAuthError,
+    UnavailableError,
+)
+from server.tasks.model import TASK_PATH, Task, is_task_id
+from svid._clock import Clock
+
+_log = logging.getLogger("svid.server.oauth")
+
+# RFC 8693 §3 token type URIs, and the Txn-Token's JWT typ: names, not secrets.
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
+TXN_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:txn_token"  # noqa: S105
+TXN_TOKEN_TYP = "txntoken+jwt"  # noqa: S105
+# Audit event kinds: one per grant type, decision "allow" or "deny" (and why).
+EVENT_JWT_BEARER = "oauth_jwt_bearer"
+EVENT_EXCHANGE = "oauth_token_exchange"
+
+
+class TaskExchanges(Protocol):
+    """The task layer's side of an exchange (server.tasks.service.TaskService)."""
+
+    def exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]: ...
+
+
+class Recorder(Protocol):
+    def record(self, credentials: list[Credential], events: list[EventDraft]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResponse:
+    """What the token endpoint answers (RFC 6749 §5.1, RFC 8693 §2.2.1)."""
+
+    access_token: str
+    issued_token_type: str
+    expires_in: int
+    scope: str
+
+    def __repr__(self) -> str:
+        return f"TokenResponse(type={self.issued_token_type!r}, expires_in={self.expires_in})"
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "access_token": self.access_token,
+            "issued_token_type": self.issued_token_type,
+            # A Txn-Token is not a bearer token for clients to present to an AS (draft §7.3).
+            "token_type": "N_A" if self.issued_token_type == TXN_TOKEN_TYPE else "Bearer",
+            "expires_in": self.expires_in,
+        }
+        if self.scope:
+            out["scope"] = self.scope
+        return out
+
+
+def _single_resource(params: Mapping[str, list[str]], resources: frozenset[str]) -> str:
+    """The one RFC 8707 `resource` (or RFC 8693 `audience`) asked for, if configured."""
+    asked = params.get("resource", []) + params.get("audience", [])
+    if len(asked) != 1:
+        raise InvalidTargetError(
+            f"exactly one resource (or audience) is required, got {len(asked)}"
+        )
+    resource = asked[0]
+    if resource not in resources:
+        raise InvalidTargetError(f"resource {resource[:200]!r} is not served by this server")
+    return resource
+
+
+class Grants:
+    def __init__(
+        self,
+        *,
+        checker: AssertionChecker,
+        signer: Callable[[], JwtSigner],
+        recorder: Recorder,
+        tasks: TaskExchanges,
+        resources: frozenset[str],
+        trust_domain: str,
+        access_token_ttl: int,
+        clock: Clock,
+    ) -> None:
+        self._checker = checker
+        self._signer = signer
+        self._recorder = recorder
+        self._tasks = tasks
+        self._resources = resources
+        self._trust_domain = trust_domain
+        self._ttl = access_token_ttl
+        self._clock = clock
+
+    # -- RFC 7523 ----------------------------------------------------------------------------
+
+    def jwt_bearer(self, params: Mapping[str, list[str]]) -> TokenResponse:
+        started = time.perf_counter()
+        try:
+            assertion = self._checker.check(_one(params, "assertion"), "assertion")
+            resource = _single_resource(params, self._resources)
+            sub = str(assertion.verified.spiffe_id)
+            _check_client_id(params, sub)
+        except OAuthError as exc:
+            self._refused(EVENT_JWT_BEARER, exc, started)
+            raise
+        if is_task_id(sub):
+            # A task's JWT-SVID as the assertion: the same task decision as an exchange, so a
+            # client that only speaks RFC 7523 (the MCP SDK's) gets a task-scoped token too.
+            return self._task_token(
+                assertion, resource, ACCESS_TOKEN_TYPE, EVENT_JWT_BEARER, started
+            )
+        claims = {"client_id": sub}
+        issued = self._mint(sub, resource, self._ttl, claims)
+        event = EventDraft(
+            kind=EVENT_JWT_BEARER,
+            agent_id=sub,
+            resource=resource,
+            action="token",
+            decision="allow",
+            reason="JWT-SVID from a trusted issuer",
+            credential_id=issued.jti,
+            ttl=issued.expires_at - issued.issued_at,
+            latency_us=(time.perf_counter() - started) * 1e6,
+            extra={
+                "assertion_jti": str(assertion.verified.claims.get("jti")),
+                "iss": assertion.issuer,
+            },
+        )
+        credential = Credential(REVOKED_JWT_ID, issued.jti, "", sub, "", issued.expires_at)
+        self._record([credential], [event])
+        return TokenResponse(
+            issued.token, ACCESS_TOKEN_TYPE, issued.expires_at - issued.issued_at, ""
+        )
+
+    # -- RFC 8693 ----------------------------------------------------------------------------
+
+    def token_exchange(self, params: Mapping[str, list[str]]) -> TokenResponse:
+        started = time.perf_counter()
+        try:
+            token_type = _one(params, "subject_token_type")
+            if token_type != JWT_TOKEN_TYPE:
+                raise InvalidRequestError(f"subject_token_type must be {JWT_TOKEN_TYPE}")
+            if "actor_token" in params:
+                raise InvalidRequestError("actor_token is not supported: the task is the actor")
+            requested = params.get("requested_token_type", [ACCESS_TOKEN_TYPE])
+            if requested not in ([ACCESS_TOKEN_TYPE], [TXN_TOKEN_TYPE], [JWT_TOKEN_TYPE]):
+                raise InvalidRequestError(f"requested_token_type {requested[:1]!r} not supported")
+            subject = self._checker.check(_one(params, "subject_token"), "subject_token")
+            resource = _single_resource(params, self._resources)
+        except OAuthError as exc:
+            self._refused(EVENT_EXCHANGE, exc, started)
+            raise
+        return self._task_token(subject, resource, requested[0], EVENT_EXCHANGE, started)
+
+    def _task_token(
+        self,
+        subject: CheckedAssertion,
+        resource: str,
+        requested: str,
+        kind: str,
+        started: float,
+    ) -> TokenResponse:
+        try:
+            task, grant = self._decide(subject, resource)
+        except OAuthError as exc:
+            self._refused(kind, exc, started)
+            raise
+        txn = requested == TXN_TOKEN_TYPE
+        principal = task.on_behalf_of or task.runtime_id
+        act = task.act if task.act.get("sub") == task.spiffe_id else {"sub": task.spiffe_id}
+        ttl = min(self._ttl, grant.ttl)
+        if txn:
+            claims: dict[str, Any] = {
+                "txn": task.task_id,
+                "scope": grant.scope,
+                "tctx": {**grant.claims["tctx"], "resource": resource},
+                "req_wl": task.spiffe_id,
+                "rctx": {"authn": "spiffe-jwt-svid", "req_wl": task.runtime_id},
+                "act": act,
+            }
+        else:
+            claims = {
+                "client_id": task.runtime_id,
+                "scope": grant.scope,
+                "act": act,
+                "txn": task.task_id,
+            }
+        issued = self._mint(principal, resource, ttl, claims, txn=txn)
+        event = EventDraft(
+            kind=kind,
+            agent_id=task.runtime_id,
+            node_id=task.agent_id,
+            on_behalf_of=task.on_behalf_of or None,
+            resource=resource,
+            action=grant.scope or "token",
+            decision="allow",
+            reason="task decision allowed the exchange",
+            task_id=task.task_id,
+            credential_id=issued.jti,
+            policy_set_hash=grant.policy_set_hash,
+            ttl=issued.expires_at - issued.issued_at,
+            latency_us=(time.perf_counter() - started) * 1e6,
+            extra={
+                "subject_jti": str(subject.verified.claims.get("jti")),
+                "token_type": requested,
+            },
+        )
+        credential = Credential(
+            REVOKED_JWT_ID,
+            issued.jti,
+            task.agent_id,
+            task.spiffe_id,
+            task.task_id,
+            issued.expires_at,
+        )
+        self._record([credential], [event])
+        return TokenResponse(
+            issued.token,
+            TXN_TOKEN_TYPE if txn else ACCESS_TOKEN_TYPE,
+            issued.expires_at - issued.issued_at,
+            grant.scope,
+        )
+
+    def _decide(self, subject: CheckedAssertion, resource: str) -> tuple[Task, TaskJwtGrant]:
+        sub = str(subject.verified.spiffe_id)
+        if "txn" not in subject.verified.claims or not is_task_id(sub):
+            raise InvalidGrantError("subject_token must be a task JWT-SVID")
+        if subject.verified.spiffe_id.trust_domain.name != self._trust_domain:
+            raise InvalidGrantError("only tasks of this trust domain can be exchanged")
+        try:
+            return self._tasks.exchange_grant(sub, resource)
+        except PermissionDeniedError as exc:  # the task layer audited its own denial
+            raise InvalidGrantError(f"task decision: {exc}") from None
+
+    # -- shared -------------------------------------------------------------------------------
+
+    def _mint(
+        self, sub: str, resource: str, ttl: int, claims: dict[str, Any], *, txn: bool = False
+    ) -> IssuedJwt:
+        now = int(self._clock.now())
+        try:
+            signer = self._signer()
+            if txn:
+                # draft-ietf-oauth-transaction-tokens §4: aud is the trust domain.
+                return signer.mint_access_token(
+                    sub, self._trust_domain, ttl, now, claims, typ=TXN_TOKEN_TYP
+                )
+            return signer.mint_access_token(sub, resource, ttl, now, claims)
+        except CaUnavailableError as exc:
+            raise UnavailableError(str(exc)) from None
+
+    def _record(self, credentials: list[Credential], events: list[EventDraft]) -> None:
+        try:
+            self._recorder.record(credentials, events)
+        except LedgerError:
+            _log.exception("OAuth token not recorded: refused")
+            raise UnavailableError("the audit log cannot be written") from None
+
+    def _refused(self, kind: str, exc: OAuthError, started: float) -> None:
+        try:
+            event = EventDraft(
+                kind=kind,
+                action="token",
+                decision="deny",
+                reason=f"{exc.error}: {exc.description}"[:500],
+                latency_us=(time.perf_counter() - started) * 1e6,
+            )
+            self._recorder.record([], [event])
+        except (AuditError, LedgerError):  # AuditError: the reason looked like a credential
+            _log.exception("an OAuth refusal could not be audited")
+
+
+def _check_client_id(params: Mapping[str, list[str]], sub: str) -> None:
+    """The assertion authenticates the client (RFC 7523 §3.1); a `client_id` sent along (the
+    MCP SDK sends one, and a secret svidd ignores) must name the same workload: the
+    assertion's subject, or for a task, the runtime it belongs to."""
+    given = params.get("client_id")
+    if given is None:
+        return
+    if len(given) != 1 or not (
+        given[0] == sub or (is_task_id(sub) and sub.startswith(given[0] + TASK_PATH))
+    ):
+        raise InvalidClientError("client_id does not name the assertion's workload")
+
+
+def _one(params: Mapping[str, list[str]], name: str) -> str:
+    values = params.get(name, [])
+    if len(values) != 1 or not values[0]:
+        raise InvalidRequestError(f"{name}: exactly one value is required")
+    return values[0]

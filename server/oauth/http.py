@@ -1,0 +1,174 @@
+"""A small HTTPS listener: h11 parses HTTP/1.1 on asyncio streams, handlers see plain values.
+
+Why h11: it is the HTTP/1.1 state machine httpx and uvicorn are built on, sans-I/O, so the
+server keeps its own asyncio loop, limits and shutdown; nothing here parses HTTP by hand.
+Routes are exact paths: `mount(path, handler)` lets another feature (a SPIFFE federation
+bundle endpoint) share the listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import h11
+
+_log = logging.getLogger("svid.server.oauth")
+MAX_BODY_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+READ_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 1.0
+_CHUNK = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]  # lower-case names; a repeated header keeps its last value
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def json_response(status: int, body: bytes, *headers: tuple[str, str]) -> Response:
+    return Response(status, body, "application/json", tuple(headers))
+
+
+_NOT_FOUND = Response(404, b'{"error":"not_found"}')
+
+
+class HttpListener:
+    """Serves mounted handlers on one address, over TLS when given an SSL context."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
+        self._ssl = ssl_context
+        self._routes: dict[str, Handler] = {}
+        self._server: asyncio.Server | None = None
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+
+    def mount(self, path: str, handler: Handler) -> None:
+        if path in self._routes:
+            raise ValueError(f"{path} is mounted already")
+        self._routes[path] = handler
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port (port 0 picks a free one)."""
+        self._server = await asyncio.start_server(
+            self._accept, host, port, ssl=self._ssl, limit=_CHUNK
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        # Idle keep-alive clients would hold a TLS close handshake open: cut them.
+        for task, writer in list(self._connections.items()):
+            writer.transport.abort()
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = writer
+        try:
+            await self._serve(reader, writer)
+        except (TimeoutError, ConnectionError, ssl.SSLError, h11.ProtocolError):
+            pass  # a client that went away or spoke no HTTP: nothing to answer
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.pop(task, None)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        while True:
+            request = await self._read_request(conn, reader)
+            if request is None:
+                return
+            if isinstance(request, Response):  # refused while reading (too large)
+                await self._send(conn, writer, request, close=True)
+                return
+            handler = self._routes.get(request.path)
+            response = _NOT_FOUND if handler is None else await self._answer(handler, request)
+            await self._send(conn, writer, response, close=False)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _answer(self, handler: Handler, request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception:
+            _log.exception("HTTP handler failed", extra={"path": request.path})
+            return Response(500, b'{"error":"server_error"}')
+
+    async def _read_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader
+    ) -> Request | Response | None:
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await asyncio.wait_for(reader.read(_CHUNK), READ_TIMEOUT)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY_BYTES:
+                    return Response(413, b'{"error":"invalid_request"}')
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                target = head.target.decode("ascii", "replace")
+                path, _, query = target.partition("?")
+                headers = {k.decode("ascii").lower(): v.decode("latin-1") for k, v in head.headers}
+                return Request(head.method.decode("ascii"), path, query, headers, bytes(body))
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
+    async def _send(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        response: Response,
+        *,
+        close: bool,
+    ) -> None:
+        headers = [
+            ("content-type", response.content_type),
+            ("content-length", str(len(response.body))),
+            *response.headers,
+        ]
+        if close:
+            headers.append(("connection", "close"))
+        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)))
+        writer.write(conn.send(h11.Data(data=response.body)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()

@@ -1,0 +1,120 @@
+"""The OAuth/OIDC settings, checked once: what server/config.py's oauth keys mean together."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from server.errors import ConfigError
+from svid._errors import SpiffeIdError
+from svid._spiffe_id import TrustDomain
+
+if TYPE_CHECKING:
+    from server.config import ServerConfig
+
+MAX_ACCESS_TOKEN_TTL = 3600
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_issuer(issuer: str) -> str:
+    """An OIDC issuer URL (OpenID Discovery §3 / RFC 8414 §2): https, a host, no query or
+    fragment; http only for a loopback host (a local demo or test). No trailing slash."""
+    try:
+        parts = urlsplit(issuer)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"oidc_issuer: not a URL ({exc})") from None
+    del port
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"oidc_issuer: must be an https:// URL with a host, got {issuer!r}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ConfigError(f"oidc_issuer: plain http is allowed only on loopback, got {issuer!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"oidc_issuer: no query, fragment or user info allowed: {issuer!r}")
+    return issuer.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedBundle:
+    """Another trust domain whose JWT-SVIDs the token endpoint accepts, its keys in a file
+    (a SPIFFE bundle or a JWKS)."""
+
+    trust_domain: TrustDomain
+    path: Path
+
+
+def parse_trusted_bundles(items: tuple[str, ...]) -> tuple[TrustedBundle, ...]:
+    out = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not path.strip():
+            raise ConfigError(f"oauth_trusted_bundles: expected TRUST_DOMAIN=PATH, got {item!r}")
+        try:
+            td = TrustDomain.parse(name.strip())
+        except SpiffeIdError as exc:
+            raise ConfigError(f"oauth_trusted_bundles: {exc}") from None
+        out.append(TrustedBundle(td, Path(path.strip())))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthSettings:
+    issuer: str
+    host: str
+    port: int
+    tls_cert: Path | None
+    tls_key: Path | None
+    resources: frozenset[str]
+    trusted: tuple[TrustedBundle, ...]
+    access_token_ttl: int
+    jwt_key_ttl: int
+
+
+def check_server_config(config: ServerConfig) -> OAuthSettings:
+    """The oauth keys of a ServerConfig whose oidc_issuer is set, checked together."""
+    issuer = check_issuer(config.oidc_issuer)
+    if not config.oauth_bind_address:
+        raise ConfigError("oauth_bind_address: required when oidc_issuer is set (HOST:PORT)")
+    host, _, port = config.oauth_bind_address.rpartition(":")
+    if (config.oauth_tls_cert is None) != (config.oauth_tls_key is None):
+        raise ConfigError("oauth_tls_cert and oauth_tls_key: give both or neither")
+    if config.oauth_tls_cert is None:
+        # Without a certificate the listener speaks plain HTTP: only for an http issuer, and
+        # only where nothing but this machine can reach it.
+        if issuer.startswith("https:"):
+            raise ConfigError("oauth_tls_cert: required for an https:// oidc_issuer")
+        if not is_loopback(host):
+            raise ConfigError(
+                f"oauth_bind_address: plain HTTP may only listen on loopback, got {host!r}"
+            )
+    if config.oauth_access_token_ttl > MAX_ACCESS_TOKEN_TTL:
+        raise ConfigError(
+            f"oauth_access_token_ttl: at most {MAX_ACCESS_TOKEN_TTL} s (access tokens live "
+            f"minutes), got {config.oauth_access_token_ttl}"
+        )
+    for resource in config.oauth_resources:
+        if not urlsplit(resource).scheme:
+            raise ConfigError(f"oauth_resources: {resource!r} is not an absolute URI (RFC 8707)")
+    return OAuthSettings(
+        issuer=issuer,
+        host=host.strip("[]"),
+        port=int(port),
+        tls_cert=config.oauth_tls_cert,
+        tls_key=config.oauth_tls_key,
+        resources=frozenset(config.oauth_resources),
+        trusted=parse_trusted_bundles(config.oauth_trusted_bundles),
+        access_token_ttl=config.oauth_access_token_ttl,
+        jwt_key_ttl=config.jwt_key_ttl,
+    )

@@ -1,0 +1,155 @@
+"""Builds the OIDC/OAuth listener for server/app.py: `oauth = build(...)`, `await
+oauth.start()`, `oauth.bundle_changed()` on rotation, `await oauth.stop()`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+from server.ca.manager import CaManager
+from server.datastore.base import DataStore
+from server.datastore.records import JWT_KIND
+from server.ledger import Ledger
+from server.oauth import discovery
+from server.oauth.assertions import AssertionChecker
+from server.oauth.discovery import (
+    AS_METADATA_PATH,
+    AUTHORIZE_PATH,
+    JWKS_PATH,
+    OIDC_PATH,
+    TOKEN_PATH,
+)
+from server.oauth.endpoint import authorize, document, static_document, token_endpoint
+from server.oauth.grants import Grants, TaskExchanges
+from server.oauth.http import HttpListener
+from server.oauth.jwks import PublishedKey, cache_max_age, jwks_document
+from server.oauth.replay import JtiClaims
+from server.oauth.settings import OAuthSettings
+from server.oauth.trusted import TrustedBundles
+from svid._bundle import JwtBundle
+from svid._clock import Clock
+from svid._jose import PublicKey, alg_for_key
+from svid._spiffe_id import TrustDomain
+
+_log = logging.getLogger("svid.server.oauth")
+PRUNE_INTERVAL = 60.0
+
+
+def server_ssl_context(settings: OAuthSettings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return ctx
+
+
+@dataclass
+class OAuthService:
+    settings: OAuthSettings
+    listener: HttpListener
+    ca: CaManager
+    clock: Clock
+    trusted: TrustedBundles
+    datastore: DataStore
+    _jwks: bytes = b'{"keys":[]}'
+    port: int = 0
+
+    def bundle_changed(self) -> None:
+        keys = []
+        for slot in self.ca.key_slots(JWT_KIND):
+            key = load_der_public_key(slot.public_der)
+            keys.append(PublishedKey(slot.kid, key, slot.not_after))  # type: ignore[arg-type]
+        self._jwks = jwks_document(keys, self.clock.now())
+
+    def jwks(self) -> tuple[bytes, int]:
+        return self._jwks, cache_max_age(self.settings.jwt_key_ttl)
+
+    async def start(self) -> int:
+        self.bundle_changed()
+        self.port = await self.listener.start(self.settings.host, self.settings.port)
+        _log.info("OIDC/OAuth listening", extra={"issuer": self.settings.issuer, "port": self.port})
+        return self.port
+
+    async def stop(self) -> None:
+        await self.listener.stop()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Forget replay records of assertions that expired (they cannot be presented again)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PRUNE_INTERVAL)
+            if stop.is_set():
+                return
+            try:
+                await asyncio.to_thread(self.datastore.prune_jtis, int(self.clock.now()))
+            except Exception:
+                _log.exception("pruning expired assertion jtis failed; retrying later")
+
+
+def build(
+    settings: OAuthSettings,
+    *,
+    ca: CaManager,
+    datastore: DataStore,
+    ledger: Ledger,
+    tasks: TaskExchanges,
+    clock: Clock,
+) -> OAuthService:
+    own = ca.trust_domain
+    trusted = TrustedBundles(settings.trusted)
+    known_issuers: dict[str, TrustDomain] = {settings.issuer: own, **trusted.issuers()}
+
+    # One JwtBundle per published bundle: the verifier keeps its key checks while it is the same
+    # object.
+    memo: list[object] = [None, None]
+
+    def bundles(td: TrustDomain) -> JwtBundle | None:
+        if td != own:
+            return trusted.get(td)
+        current = ca.bundle()
+        if memo[0] is not current:
+            memo[0], memo[1] = current, current.jwt_bundle()
+        return memo[1]  # type: ignore[return-value]
+
+    checker = AssertionChecker(
+        bundles=bundles,
+        audiences=(settings.issuer, settings.issuer + TOKEN_PATH),
+        known_issuers=known_issuers,
+        claim_jti=JtiClaims(datastore.claim_jtis).claim,
+        clock=clock,
+    )
+    grants = Grants(
+        checker=checker,
+        signer=ca.jwt_signer,
+        recorder=ledger,
+        tasks=tasks,
+        resources=settings.resources,
+        trust_domain=own.name,
+        access_token_ttl=settings.access_token_ttl,
+        clock=clock,
+    )
+    listener = HttpListener(server_ssl_context(settings))
+    service = OAuthService(settings, listener, ca, clock, trusted, datastore)
+    algs = sorted({alg_for_key(_public(ca)), "ES256"})
+    listener.mount(
+        OIDC_PATH, static_document(discovery.openid_configuration(settings.issuer, algs))
+    )
+    listener.mount(
+        AS_METADATA_PATH,
+        static_document(discovery.authorization_server_metadata(settings.issuer, algs)),
+    )
+    listener.mount(JWKS_PATH, document(service.jwks))
+    listener.mount(TOKEN_PATH, token_endpoint(grants))
+    listener.mount(AUTHORIZE_PATH, authorize)
+    return service
+
+
+def _public(ca: CaManager) -> PublicKey:
+    slot = ca.key_slots(JWT_KIND)[0]
+    return load_der_public_key(slot.public_der)  # type: ignore[return-value]

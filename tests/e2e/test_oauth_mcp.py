@@ -1,0 +1,198 @@
+"""MCP end to end with svidd as the OAuth authorization server, every part a real process:
+`svid-server run` with its OAuth listener, `svid-agent run`, the example MCP server
+(examples/oauth_tickets_server.py under uvicorn) naming svidd in its RFC 9728 metadata, and this
+test as the agent runtime: the MCP SDK's own RFC 7523 JWT-bearer client provider, fed the task's
+JWT-SVID, gets a task-scoped token and calls the one tool the task was granted, not the other.
+Then the task ends and the server refuses the token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import httpx2
+import pytest
+from mcp.client.auth.extensions.identity_assertion import IdentityAssertionOAuthProvider
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
+
+from svid.tasks import AsyncTaskClient
+from tests.e2e.agent_process import AgentProcess, agent_stack, create_entry
+from tests.e2e.conftest import TRUST_DOMAIN, make_server, short_tmpdir, wait_for
+from tests.ports import free_port
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+RUNTIME = f"spiffe://{TRUST_DOMAIN}/agents/support-bot"
+
+
+@dataclass
+class Stack:
+    agent: AgentProcess
+    issuer: str
+    mcp_url: str
+
+    @property
+    def socket(self) -> str:
+        return f"unix://{self.agent.socket_path}"
+
+
+class MemoryStorage:
+    """The SDK's TokenStorage, in memory."""
+
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client: OAuthClientInformationFull | None = None
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client = client_info
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with oauth_mcp_stack() as running:
+        yield running
+
+
+@contextlib.contextmanager
+def oauth_mcp_stack() -> Iterator[Stack]:
+    """svid-server (OAuth on a loopback HTTP issuer), svid-agent and the example MCP server,
+    each a process; the runtime's entry made. Also bench/test_bench_oauth.py's stack."""
+    root = short_tmpdir("svo")
+    as_port, mcp_port = free_port(), free_port()
+    # Plain HTTP: allowed for a loopback issuer (tests/server/oauth covers HTTPS).
+    issuer = f"http://127.0.0.1:{as_port}"
+    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
+    server = make_server(
+        root,
+        oidc_issuer=issuer,
+        oauth_bind_address=f"127.0.0.1:{as_port}",
+        oauth_resources=[mcp_url],
+    ).start()
+    with agent_stack(root, server) as agent:
+        create_entry(server, RUNTIME, agent.agent_id())
+        agent.wait_svid(RUNTIME)
+        env = {**os.environ, "SPIFFE_ENDPOINT_SOCKET": f"unix://{agent.socket_path}"}
+        log = (root / "mcp.log").open("ab")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "examples" / "oauth_tickets_server.py"),
+                str(mcp_port),
+                issuer,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+        try:
+            wait_for(lambda: _listening(mcp_port), 30, "the MCP server")
+            yield Stack(agent, issuer, mcp_url)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            log.close()
+            print("---- mcp log ----\n" + (root / "mcp.log").read_text(errors="replace")[-4000:])
+
+
+def test_the_mcp_server_names_svidd_as_its_authorization_server(stack: Stack) -> None:
+    base = stack.mcp_url.rsplit("/mcp", 1)[0]
+    reply = httpx.get(base + "/.well-known/oauth-protected-resource/mcp", timeout=10)
+    assert reply.status_code == 200, reply.text
+    doc = reply.json()
+    assert [a.rstrip("/") for a in doc["authorization_servers"]] == [stack.issuer]
+    assert doc["resource"].rstrip("/") == stack.mcp_url
+    unauthenticated = httpx.post(stack.mcp_url, json={}, timeout=10)
+    assert unauthenticated.status_code == 401
+
+
+async def _session_calls(stack: Stack) -> tuple[str, bool, str, int]:
+    async with AsyncTaskClient(stack.socket) as tasks:
+        task = await tasks.begin(
+            actions=["read"],
+            # The authorization server is where the task's JWT-SVID goes.
+            resources=[stack.issuer],
+            tools={stack.mcp_url: ["read_ticket"]},
+            on_behalf_of="user:alice",
+            ttl=120,
+            spiffe_id=RUNTIME,
+        )
+
+        async def assertion(audience: str, resource: str) -> str:
+            assert resource.rstrip("/") == stack.mcp_url
+            return str(await task.jwt(audience))
+
+        storage = MemoryStorage()
+        provider = IdentityAssertionOAuthProvider(
+            server_url=stack.mcp_url,
+            storage=storage,
+            client_id=RUNTIME,
+            # The SDK's provider insists on a confidential client; svidd authenticates the
+            # caller by its JWT-SVID and ignores this.
+            client_secret="unused",
+            issuer=stack.issuer,
+            assertion_provider=assertion,
+        )
+        async with (
+            httpx2.AsyncClient(auth=provider, timeout=20) as http,
+            streamable_http_client(stack.mcp_url, http_client=http) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            allowed = await session.call_tool("read_ticket", {"ticket_id": "T-1"})
+            other = await session.call_tool("export_customer_data", {})
+        assert storage.tokens is not None
+        token = storage.tokens.access_token
+        text = allowed.content[0].text if not allowed.is_error else "error"  # type: ignore[union-attr]
+        await task.end()
+        started = time.monotonic()
+        while True:
+            reply = httpx.post(
+                stack.mcp_url,
+                json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Accept": "application/json, text/event-stream",
+                },
+                timeout=10,
+            )
+            if reply.status_code == 401 or time.monotonic() - started > 10:
+                break
+            await asyncio.sleep(0.01)
+        return text, other.is_error, str(storage.tokens.scope), reply.status_code
+
+
+def test_mcp_sdk_client_gets_a_task_scoped_token_and_calls_one_tool_not_the_other(
+    stack: Stack,
+) -> None:
+    text, other_refused, scope, after_end = asyncio.run(_session_calls(stack))
+    assert "printer" in text
+    assert other_refused
+    assert "tool:read_ticket" in scope.split()
+    assert "tool:export_customer_data" not in scope.split()
+    assert after_end == 401

@@ -1,0 +1,200 @@
+"""RFC 8693 token exchange of a task JWT-SVID on a running server: a Cedar decision with the
+task's intent, `sub` = the principal, `act` = the task, scope = what was granted, the token a
+credential of the task (revoked when it ends); Txn-Tokens by requested_token_type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import jwt as pyjwt
+import pytest
+
+from server.datastore.records import REVOKED_JWT_ID, Entry
+from server.tasks.model import Task
+from server.tasks.service import BeginRequest
+from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer
+
+EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+TXN_TYPE = "urn:ietf:params:oauth:token-type:txn_token"
+RUNTIME_PATH = "/agents/research-bot"
+
+
+@dataclass
+class TaskWorld:
+    oauth: OAuthServer
+    agent: Any
+    task: Task
+    entry: Entry
+
+    def subject_token(self) -> str:
+        server = self.oauth.running.server
+        issued = self.oauth.running.call(
+            server.issuer.issue_jwt(self.agent, self.entry, [self.oauth.issuer])
+        )
+        return str(issued.token)
+
+    def exchange(self, resource: str = RESOURCE, **extra: str) -> httpx.Response:
+        form = {
+            "grant_type": EXCHANGE,
+            "subject_token": self.subject_token(),
+            "subject_token_type": JWT_TYPE,
+            "resource": resource,
+            **extra,
+        }
+        return httpx.post(self.oauth.issuer + "/token", data=form, verify=self.oauth.ssl_context())
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        rows = self.oauth.running.server.datastore.audit_rows()
+        return [r for r in rows if r["kind"] == kind]
+
+    def decode(self, token: str, audience: str) -> dict[str, Any]:
+        client = pyjwt.PyJWKClient(
+            self.oauth.issuer + "/keys", ssl_context=self.oauth.ssl_context()
+        )
+        return pyjwt.decode(
+            token,
+            client.get_signing_key_from_jwt(token).key,
+            algorithms=["ES256"],
+            audience=audience,
+            issuer=self.oauth.issuer,
+        )
+
+
+def begin_task(oauth: OAuthServer, **overrides: Any) -> TaskWorld:
+    running = oauth.running
+    attested = running.attest()
+    runtime = running.create_entry(RUNTIME_PATH, attested.spiffe_id)
+    agent = running.server.state.agents[attested.spiffe_id]
+    values: dict[str, Any] = {
+        "runtime_id": runtime.spiffe_id,
+        "actions": ("read",),
+        # The authorization server is a resource of the task: its subject token is for it.
+        "resources": (oauth.issuer, RESOURCE),
+        "tools": (f"{RESOURCE}#read_ticket",),
+        "on_behalf_of": "user:alice",
+        "ttl": 600,
+    }
+    values.update(overrides)
+    task = running.call(running.server.tasks.service.begin(agent, BeginRequest(**values)))
+    entry = running.server.state.entries.by_id[task.entry_id]
+    return TaskWorld(oauth, agent, task, entry)
+
+
+@pytest.fixture
+def world(oauth_server: OAuthServer) -> TaskWorld:
+    return begin_task(oauth_server)
+
+
+def test_exchange_gives_the_principal_acted_for_by_the_task(world: TaskWorld) -> None:
+    reply = world.exchange()
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["issued_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
+    token = body["access_token"]
+    assert pyjwt.get_unverified_header(token)["typ"] == "at+jwt"
+    claims = world.decode(token, RESOURCE)
+    task = world.task
+    assert claims["sub"] == "user:alice"
+    assert claims["act"] == {"sub": task.spiffe_id}
+    assert claims["client_id"] == task.runtime_id
+    assert claims["txn"] == task.task_id
+    assert set(claims["scope"].split()) == {"read", "tool:read_ticket"}
+    assert body["scope"] == claims["scope"]
+    assert claims["exp"] - claims["iat"] <= 300
+    (event,) = world.events("oauth_token_exchange")
+    assert event["decision"] == "allow"
+    assert event["task_id"] == task.task_id
+    assert event["credential_id"] == claims["jti"]
+    assert event["policy_set_hash"]
+    store = world.oauth.running.server.datastore
+    recorded = {c.value for c in store.task_credentials(task.task_id, 0)}
+    assert claims["jti"] in recorded
+
+
+def test_a_resource_outside_the_task_is_refused_by_the_task_decision(world: TaskWorld) -> None:
+    reply = world.exchange(OTHER_RESOURCE)
+    assert reply.status_code == 400
+    assert reply.json()["error"] == "invalid_grant"
+    assert "task decision" in reply.json()["error_description"]
+    (refusal,) = world.events("oauth_token_exchange")
+    assert refusal["decision"] == "deny"
+    denials = [e for e in world.events("denial") if e["task_id"] == world.task.task_id]
+    assert denials  # the task layer's own event, flagged as out of intent
+
+
+def test_task_end_revokes_the_exchanged_token_and_refuses_new_ones(world: TaskWorld) -> None:
+    token = world.exchange().json()["access_token"]
+    jti = world.decode(token, RESOURCE)["jti"]
+    subject = world.subject_token()
+    running = world.oauth.running
+    running.call(running.server.tasks.service.end(world.agent, world.task.task_id, ()))
+    revoked = {r.value for r in running.server.state.revocations if r.kind == REVOKED_JWT_ID}
+    assert jti in revoked
+    form = {
+        "grant_type": EXCHANGE,
+        "subject_token": subject,
+        "subject_token_type": JWT_TYPE,
+        "resource": RESOURCE,
+    }
+    again = httpx.post(world.oauth.issuer + "/token", data=form, verify=world.oauth.ssl_context())
+    assert again.status_code == 400
+    assert again.json()["error"] == "invalid_grant"
+
+
+def test_txn_token_carries_the_task_context(world: TaskWorld) -> None:
+    reply = world.exchange(requested_token_type=TXN_TYPE)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["issued_token_type"] == TXN_TYPE
+    assert body["token_type"] == "N_A"
+    token = body["access_token"]
+    assert pyjwt.get_unverified_header(token)["typ"] == "txntoken+jwt"
+    claims = world.decode(token, "example.org")
+    assert claims["txn"] == world.task.task_id
+    assert claims["sub"] == "user:alice"
+    assert claims["req_wl"] == world.task.spiffe_id
+    assert claims["tctx"]["resource"] == RESOURCE
+    assert "rctx" in claims
+    assert set(claims["scope"].split()) == {"read", "tool:read_ticket"}
+
+
+def test_a_workload_jwt_svid_cannot_be_exchanged(oauth_server: OAuthServer) -> None:
+    from svid._spiffe_id import SpiffeId
+
+    signer = oauth_server.running.server.ca.jwt_signer()
+    token = signer.sign(SpiffeId.parse("spiffe://example.org/w"), [oauth_server.issuer], 60).token
+    form = {
+        "grant_type": EXCHANGE,
+        "subject_token": token,
+        "subject_token_type": JWT_TYPE,
+        "resource": RESOURCE,
+    }
+    reply = httpx.post(oauth_server.issuer + "/token", data=form, verify=oauth_server.ssl_context())
+    assert reply.status_code == 400
+    assert reply.json()["error"] == "invalid_grant"
+
+
+def test_a_task_assertion_in_the_jwt_bearer_grant_gets_the_task_decision(
+    world: TaskWorld,
+) -> None:
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+        "assertion": world.subject_token(),
+        "resource": RESOURCE,
+    }
+    reply = httpx.post(world.oauth.issuer + "/token", data=form, verify=world.oauth.ssl_context())
+    assert reply.status_code == 200, reply.text
+    claims = world.decode(reply.json()["access_token"], RESOURCE)
+    assert claims["sub"] == "user:alice"
+    assert claims["act"] == {"sub": world.task.spiffe_id}
+    assert set(claims["scope"].split()) == {"read", "tool:read_ticket"}
+    (event,) = world.events("oauth_jwt_bearer")
+    assert event["decision"] == "allow"
+    assert event["task_id"] == world.task.task_id
+    form["assertion"] = world.subject_token()
+    form["resource"] = OTHER_RESOURCE
+    refused = httpx.post(world.oauth.issuer + "/token", data=form, verify=world.oauth.ssl_context())
+    assert refused.json()["error"] == "invalid_grant"
