@@ -131,19 +131,16 @@ def sign_challenge(key: PrivateKeyTypes, nonce: bytes) -> bytes:
 
 
 async def wait_connected(channel: grpc.aio.Channel, address: str, timeout: float) -> None:
-    """Return once `channel` is connected, else raise ConnectionError: at once when the server
-    refuses (or fails the handshake), after `timeout` s when it stays silent. A call on a
-    channel still connecting would otherwise wait out gRPC's own 20 s connect deadline."""
+    """Return once `channel` has connected or failed to (refused, handshake failed: the call
+    that follows fails at once, with gRPC's own reason); raise ConnectionError when it is still
+    trying after `timeout` s (a silent host), where a call would wait out gRPC's 20 s."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
     state = channel.get_state(try_to_connect=True)
-    while state != grpc.ChannelConnectivity.READY:
-        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
-            raise ConnectionError(f"cannot connect to {address}")
-        remaining = deadline - loop.time()
+    while state not in settled and state != grpc.ChannelConnectivity.SHUTDOWN:
         try:
-            if remaining <= 0:
-                raise TimeoutError
+            remaining = max(0.0, deadline - loop.time())
             await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
         except TimeoutError:
             raise ConnectionError(f"no connection to {address} within {timeout:g} s") from None
@@ -184,12 +181,8 @@ class NodeClient:
             self._stub = node_pb2_grpc.NodeStub(self._channel)
         return self._stub
 
-    @property
-    def address(self) -> str:
-        return self._server_address
-
     async def connect(self) -> None:
-        """Connect the mTLS channel, or raise ConnectionError (see wait_connected)."""
+        """Wait for the mTLS channel to connect or fail (see wait_connected)."""
         await wait_connected(self.channel(), self._server_address, self._connect_timeout)
 
     def channel(self) -> grpc.aio.Channel:
