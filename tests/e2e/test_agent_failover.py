@@ -10,10 +10,12 @@ other through the datastore's change feed: any server serves any agent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import tomllib
@@ -244,8 +246,9 @@ def test_every_agent_of_a_killed_server_is_back_on_another_within_10_s(pair: Pai
         print(f"failover of {len(moving)} agents: first {times[0]:.2f} s, last {times[-1]:.2f} s")
         assert times[-1] < FAILOVER_GOAL
     finally:
-        for agent in agents:
-            agent.stop()
+        for agent in agents:  # every one, even when another would not stop in time
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                agent.stop()
 
 
 def test_an_agent_leaves_a_server_that_hangs_without_closing_its_connection(pair: Pair) -> None:
