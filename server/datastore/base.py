@@ -275,7 +275,16 @@ class AuditStore(Protocol):
     ) -> None:
         """Commit the credential rows, the sealed audit rows (consecutive seqs, AUDIT_COLUMNS)
         and the new audit head in ONE durable transaction: all of it is on disk when this
-        returns, or none of it and StorageError is raised."""
+        returns, or none of it and StorageError is raised.
+
+        Several servers may append to one chain. So, inside that transaction and before
+        writing, the stored head must be exactly the head the rows were sealed on: the first
+        row's seq - 1 and prev_hash, or an empty chain when the first seq is 1. Otherwise
+        another writer moved the chain since: ChainMovedError (a StorageError) carrying the
+        stored head, and nothing is written. The check and the write are one atomic step
+        against other writers (SQLite: the write lock of BEGIN IMMEDIATE; PostgreSQL: SELECT
+        ... FOR UPDATE on the head row). Credential rows alone (no audit rows) are not
+        checked."""
         ...
 
     def audit_head(self) -> Head | None:

@@ -16,6 +16,7 @@ import psycopg
 
 from server.datastore import ledger_queries as lq
 from server.datastore import postgres_sql as ps
+from server.datastore.chain import check_follows
 from server.datastore.errors import StorageError
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
@@ -142,6 +143,11 @@ class PostgresLedger:
                     for credential in credentials:
                         copy.write_row(credential)
             if audit_rows:
+                cur.execute(ps.LOCK_AUDIT_APPEND)
+                row = cur.execute(lq.SELECT_AUDIT_HEAD).fetchone()
+                check_follows(
+                    None if row is None else Head(int(row[0]), str(row[1])), audit_rows[0]
+                )
                 with cur.copy(ps.COPY_AUDIT_EVENTS) as copy:
                     for row in audit_rows:
                         copy.write_row(row)

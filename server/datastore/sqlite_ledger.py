@@ -17,6 +17,7 @@ import sqlite_utils
 
 from server.datastore import ledger_queries as lq
 from server.datastore import sqlite_audit
+from server.datastore.chain import check_follows
 from server.datastore.errors import StorageError
 from server.datastore.records import (
     FEED_TASK,
@@ -158,6 +159,10 @@ class SqliteLedger:
             return
         try:
             with self._transaction() as db:
+                if audit_rows:
+                    # Under the write lock BEGIN IMMEDIATE took: no other writer can move the
+                    # head between this read and the commit.
+                    check_follows(sqlite_audit.read_head(db.conn), audit_rows[0])
                 # Multi-row statements: see insert_many for why not executemany.
                 sqlite_audit.insert_many(db.conn, lq.CREDENTIALS_INTO, credentials)
                 if audit_rows:

@@ -18,6 +18,7 @@ import pytest
 from server.datastore import (
     AlreadyExistsError,
     AttestedAgent,
+    ChainMovedError,
     ConflictError,
     Credential,
     DataStore,
@@ -424,8 +425,76 @@ def test_a_failed_ledger_write_keeps_nothing(store: DataStore) -> None:
     assert store.audit_head() == head
     assert [r["seq"] for r in store.audit_rows()] == [1, 2]
     assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["j1"]
-    store.write_ledger([cred("j4")], audit_rows(3, 1))  # the store is still usable
+    store.write_ledger([cred("j4")], audit_rows(3, 1, prev=f"{2:064x}"))  # still usable
     assert [r["seq"] for r in store.audit_rows()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("first_seq", "prev", "why"),
+    [
+        (3, f"{1:064x}", "a seq the chain already has (a second writer's stale head)"),
+        (4, f"{2:064x}", "a gap"),
+        (3, f"{9:064x}", "the right seq on another hash (a fork)"),
+        (1, "0" * 64, "seq 1 on a chain that is not empty"),
+    ],
+)
+def test_a_batch_sealed_on_another_head_is_refused_and_writes_nothing(
+    store: DataStore, first_seq: int, prev: str, why: str
+) -> None:
+    store.write_ledger([cred("j1")], audit_rows(1, 2))
+    head = store.audit_head()
+    with pytest.raises(ChainMovedError) as refused:
+        store.write_ledger([cred("j2")], audit_rows(first_seq, 2, prev=prev))
+    assert refused.value.head == head, why  # what to seal on instead
+    assert isinstance(refused.value, StorageError)
+    assert store.audit_head() == head
+    assert [r["seq"] for r in store.audit_rows()] == [1, 2]
+    assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["j1"]
+    # Sealed again on the head it was given, the batch goes in.
+    store.write_ledger([cred("j2")], audit_rows(3, 2, prev=head.hash))  # type: ignore[union-attr]
+    assert [r["seq"] for r in store.audit_rows()] == [1, 2, 3, 4]
+
+
+def test_an_empty_chain_takes_only_seq_1(store: DataStore) -> None:
+    with pytest.raises(ChainMovedError) as refused:
+        store.write_ledger([cred("j1")], audit_rows(2, 1))
+    assert refused.value.head is None
+    assert store.audit_head() is None
+    assert store.agent_credentials(AGENT, NOW) == []
+
+
+def test_credentials_alone_do_not_need_the_head(store: DataStore) -> None:
+    store.write_ledger([], audit_rows(1, 2))
+    store.write_ledger([cred("j1")], [])
+    assert store.audit_head() == Head(2, f"{2:064x}")
+
+
+def test_two_writers_on_one_head_one_wins_the_other_is_refused(open_store: Opener) -> None:
+    """Two stores on the same data (two servers): both seal on the same head, in threads; the
+    head check and the write are one step, so exactly one batch lands."""
+    first, second = open_store(), open_store()
+    first.write_ledger([], audit_rows(1, 1))
+    go = threading.Barrier(2)
+    outcomes: dict[str, str] = {}
+
+    def write(name: str, store: DataStore) -> None:
+        rows = audit_rows(2, 50, prev=f"{1:064x}")
+        go.wait()
+        try:
+            store.write_ledger([cred(name)], rows)
+            outcomes[name] = "written"
+        except ChainMovedError as e:
+            outcomes[name] = f"refused at {e.head}"
+
+    pairs = (("a", first), ("b", second))
+    threads = [threading.Thread(target=write, args=pair) for pair in pairs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes.values()) == [f"refused at {Head(51, f'{51:064x}')}", "written"]
+    assert [r["seq"] for r in first.audit_rows()] == list(range(1, 52))
+    assert len(first.agent_credentials(AGENT, NOW)) == 1
 
 
 def test_audit_rows_filter_and_page(store: DataStore) -> None:
