@@ -112,8 +112,7 @@ def _begin_through_a(pair: Pair, ttl: int) -> tuple[Task, Any]:
         runtime_id=runtime.spiffe_id, actions=("read",), resources=("docs",), ttl=ttl
     )
     task: Task = pair.a.call(pair.a.server.tasks.service.begin(record, request))
-    # Started after A's last write: B's audit chain starts at the current head (each server
-    # keeps it in memory), so a task-end event B appends would land.
+    # Started after A's writes: the task is among those B loads at its start.
     b = pair.start_b()
     wait_until(lambda: b.server.tasks.service.active_task(task.spiffe_id), 2, "B to hold the task")
     return task, record
@@ -185,8 +184,8 @@ def test_a_task_that_expires_is_ended_by_one_server(
     for server in (pair.a, pair.b):
         server.clock.advance(11)  # both sweeps find it due
     assert overlap.b_done.wait(10)
-    assert overlap.b_claims == [None]  # B's write moved nothing: A's had ended it
     assert [e["decision"] for e in _ends_on_record(pair, task)] == ["expired"]
+    assert overlap.b_claims == [None]  # B's write moved nothing: A's had ended it
     _settled(pair, task, TaskState.EXPIRED)
     for server in (pair.a, pair.b):
         wait_until(
@@ -206,8 +205,8 @@ def test_an_end_through_a_racing_bs_expiry_sweep_ends_the_task_once(
     ended: Task = pair.a.call(pair.a.server.tasks.service.end(record, task.task_id, ()))
     assert ended.state is TaskState.ENDED
     assert overlap.b_done.wait(10)
-    assert overlap.b_claims == [None]
     assert [e["decision"] for e in _ends_on_record(pair, task)] == ["ended"]
+    assert overlap.b_claims == [None]
     _settled(pair, task, TaskState.ENDED)
 
 
