@@ -208,6 +208,14 @@ class TaskRecordStore(Protocol):
         """Insert or replace by task_id; durable when this returns."""
         ...
 
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        """Replace the row of `task.task_id` with `task` only while its stored state is
+        `expected_state`, in one atomic step: True when this call replaced it (durable, its
+        feed row with it); False, changing nothing, when the row is absent or in another state.
+        Of several concurrent callers (any servers) expecting the same state, exactly one gets
+        True: the one whose write ends a task records the end and revokes."""
+        ...
+
     def get_task(self, task_id: str) -> TaskRecord | None: ...
 
     def list_tasks(

@@ -72,6 +72,19 @@ class PostgresLedger:
 
         self._write("record the task", work)
 
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        params = {**_task_params(task), "expected_state": expected_state}
+
+        def work(cur: Cursor) -> bool:
+            # Read committed: a concurrent swap waits on the row lock, then sees the winner's
+            # state and matches nothing.
+            if cur.execute(pg(lq.SWAP_TASK), params).rowcount != 1:
+                return False
+            self._append_feed(cur, FEED_TASK, (task.task_id,))
+            return True
+
+        return self._write("record the task", work)
+
     def get_task(self, task_id: str) -> TaskRecord | None:
         rows = self._rows("read the task", lq.SELECT_TASK, {"task_id": task_id})
         return _task_from(rows[0]) if rows else None

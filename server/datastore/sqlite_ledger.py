@@ -95,6 +95,17 @@ class SqliteLedger:
         except sqlite3.Error as e:
             raise StorageError(f"cannot record the task: {e}") from e
 
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        params = {**_task_params(task), "expected_state": expected_state}
+        try:
+            with self._transaction() as db:
+                if db.execute(lq.SWAP_TASK, params).rowcount != 1:
+                    return False
+                self._append_feed(db, FEED_TASK, (task.task_id,))
+                return True
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot record the task: {e}") from e
+
     def get_task(self, task_id: str) -> TaskRecord | None:
         rows = self._read("read the task", lq.SELECT_TASK, {"task_id": task_id})
         return _task_from(rows[0]) if rows else None

@@ -337,6 +337,51 @@ def test_due_tasks_are_the_expired_ones_in_a_state(store: DataStore) -> None:
     assert [t.task_id for t in store.due_tasks("active", NOW + 5)] == ["early", "late"]
 
 
+def test_swap_task_moves_a_task_out_of_a_state_once(store: DataStore) -> None:
+    store.put_task(task("t"))
+    head = store.feed_head()
+    expired = task("t", state="expired", body='{"v": "expired"}')
+    assert store.swap_task(expired, "active")
+    assert store.get_task("t") == expired
+    # A second end (the other server's sweep, an EndTask that read the row before) loses and
+    # changes nothing, not even the feed.
+    assert not store.swap_task(task("t", state="ended", body='{"v": "ended"}'), "active")
+    assert store.get_task("t") == expired
+    assert [item.key for item in store.feed_since(head, 10)] == ["t"]
+    assert not store.swap_task(task("none", state="ended"), "active")  # no row: not created
+    assert store.get_task("none") is None
+    assert store.feed_head() == head + 1
+
+
+def test_concurrent_swaps_of_a_task_have_one_winner(open_store: Opener) -> None:
+    """Several stores (separate connections, as separate servers have) end the same tasks at
+    once: each task is moved by exactly one of them."""
+    stores = [open_store() for _ in range(4)]
+    tasks = [f"t{i}" for i in range(20)]
+    for task_id in tasks:
+        stores[0].put_task(task(task_id))
+    barrier = threading.Barrier(len(stores))
+    won: dict[str, list[int]] = {t: [] for t in tasks}
+
+    def end_all(k: int) -> None:
+        barrier.wait()
+        for task_id in tasks:
+            ended = task(task_id, state="expired", body=f'{{"by": {k}}}')
+            if stores[k].swap_task(ended, "active"):
+                won[task_id].append(k)
+
+    threads = [threading.Thread(target=end_all, args=(k,)) for k in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(winners) == 1 for winners in won.values()), won
+    for task_id, (winner,) in won.items():
+        assert stores[1].get_task(task_id) == task(
+            task_id, state="expired", body=f'{{"by": {winner}}}'
+        )
+
+
 def test_violations_count_within_a_window_and_prune(store: DataStore) -> None:
     for at in (NOW - 100, NOW - 10, NOW):
         store.add_violation(RUNTIME, at)
