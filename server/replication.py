@@ -6,7 +6,9 @@ follower here waits on the feed, reads the rows after its cursor, reloads the ro
 and applies what differs from memory to ServerState (entries, agents, revocations) and to the
 task service (active tasks), as ordinary changes: the propagator then pushes each to the
 agents it concerns, whichever server they are connected to. Key slots are only announced
-(`on_key_slots_changed`): whoever keeps the CA's keys reloads them.
+(`on_key_slots_changed`): whoever keeps the CA's keys reloads them. Audit checkpoints and
+prune records signed by the housekeeping lease holder are handed over as stored
+(`on_audit_records`): the checkpointer checks their signature, files and pushes them.
 
 Applying is idempotent: a row is reloaded and diffed with memory, so the rows this server
 wrote itself cost a lookup and change nothing. The cursor starts at the feed head read before
@@ -31,11 +33,13 @@ from server.datastore.base import DataStore
 from server.datastore.errors import NotFoundError
 from server.datastore.records import (
     FEED_AGENT,
+    FEED_AUDIT_RECORD,
     FEED_ENTRY,
     FEED_KEY_SLOT,
     FEED_REVOCATION,
     FEED_TASK,
     AttestedAgent,
+    AuditRecord,
     Entry,
     FeedItem,
     Revocation,
@@ -72,9 +76,17 @@ class FeedWork:
     tasks: frozenset[str] = frozenset()
     revocations: bool = False
     key_slots: bool = False
+    audit_records: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.entries or self.agents or self.tasks or self.revocations or self.key_slots)
+        return bool(
+            self.entries
+            or self.agents
+            or self.tasks
+            or self.revocations
+            or self.key_slots
+            or self.audit_records
+        )
 
     def __or__(self, other: FeedWork) -> FeedWork:
         return FeedWork(
@@ -83,6 +95,7 @@ class FeedWork:
             self.tasks | other.tasks,
             self.revocations or other.revocations,
             self.key_slots or other.key_slots,
+            self.audit_records or other.audit_records,
         )
 
 
@@ -101,6 +114,7 @@ def plan(items: Sequence[FeedItem]) -> FeedWork:
         tasks=frozenset(keys[FEED_TASK]),
         revocations=FEED_REVOCATION in kinds,
         key_slots=FEED_KEY_SLOT in kinds,
+        audit_records=FEED_AUDIT_RECORD in kinds,
     )
 
 
@@ -156,6 +170,7 @@ class _Loaded:
     agents: dict[str, AttestedAgent | None] = field(default_factory=dict)
     tasks: Mapping[str, Task | None] = field(default_factory=dict)
     revocations: list[Revocation] | None = None
+    audit_records: list[AuditRecord] | None = None
 
 
 class FeedFollower:
@@ -171,11 +186,13 @@ class FeedFollower:
         clock: Clock,
         cursor: int,
         settings: FollowSettings | None = None,
+        on_audit_records: Callable[[Sequence[AuditRecord]], None] = lambda _records: None,
     ) -> None:
         self._ds = datastore
         self._state = state
         self._tasks = tasks
         self._on_key_slots_changed = on_key_slots_changed
+        self._on_audit_records = on_audit_records
         self._clock = clock
         self._cursor = cursor
         self.settings = settings or FollowSettings()
@@ -257,6 +274,8 @@ class FeedFollower:
         )
         if work.key_slots:
             await self._key_slots_changed()
+        if loaded.audit_records is not None:
+            await self._audit_records_stored(loaded.audit_records)
         await self._state.refresh_revision()
 
     async def _key_slots_changed(self) -> None:
@@ -266,6 +285,13 @@ class FeedFollower:
             await asyncio.to_thread(self._on_key_slots_changed)
         except Exception:
             _log.exception("reloading key slots written by another server failed")
+
+    async def _audit_records_stored(self, records: Sequence[AuditRecord]) -> None:
+        # As for key slots: a failure is logged, and the next record (or reload) retries.
+        try:
+            await asyncio.to_thread(self._on_audit_records, records)
+        except Exception:
+            _log.exception("taking in audit checkpoints stored by another server failed")
 
     def _load(self, work: FeedWork) -> _Loaded:
         loaded = _Loaded()
@@ -281,6 +307,8 @@ class FeedFollower:
             loaded.tasks = self._tasks.reload_tasks(sorted(work.tasks))
         if work.revocations:
             loaded.revocations = self._ds.list_revocations()
+        if work.audit_records:
+            loaded.audit_records = self._ds.audit_records()
         return loaded
 
     async def reload_everything(self) -> None:
@@ -290,7 +318,7 @@ class FeedFollower:
             "change feed rows after revision %d were pruned; reloading all state", self._cursor
         )
         self._state.follow_mark()
-        head, entries, agents, revocations, tasks = await asyncio.to_thread(self._load_all)
+        head, entries, agents, revocations, tasks, records = await asyncio.to_thread(self._load_all)
         skip_entries = self._state.touched(FEED_ENTRY)
         skip_agents = self._state.touched(FEED_AGENT)
         put, removed = diff_rows(
@@ -305,12 +333,20 @@ class FeedFollower:
         self._tasks.apply_tasks(tasks)
         self._pending = FeedWork(entries=skip_entries, agents=skip_agents)
         await self._key_slots_changed()
+        await self._audit_records_stored(records)
         await self._state.refresh_revision()
         self._cursor = head
 
     def _load_all(
         self,
-    ) -> tuple[int, list[Entry], list[AttestedAgent], list[Revocation], Mapping[str, Task | None]]:
+    ) -> tuple[
+        int,
+        list[Entry],
+        list[AttestedAgent],
+        list[Revocation],
+        Mapping[str, Task | None],
+        list[AuditRecord],
+    ]:
         # The head first: whatever commits after it is read again from the feed.
         head = self._ds.feed_head()
         return (
@@ -319,6 +355,7 @@ class FeedFollower:
             self._ds.list_agents(),
             self._ds.list_revocations(),
             self._tasks.reload_all_tasks(),
+            self._ds.audit_records(),
         )
 
     async def prune(self) -> int:
