@@ -15,6 +15,7 @@ from server.audit.checkpoint import (
     KEY_DIR,
     PUBLIC_KEY_FILE,
     Checkpoint,
+    CheckpointError,
     CheckpointFile,
     CheckpointSigner,
 )
@@ -23,7 +24,7 @@ from server.audit.log import AuditLog
 from server.ca.errors import CaConfigError
 from server.ca.keys import KeyStore
 from server.ca.sealing import KeyEncryptionKey
-from server.datastore.records import AuditRecord
+from server.datastore.records import AuditRecord, Head
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
 
@@ -182,3 +183,40 @@ def test_records_stored_by_others_are_filed_only_when_signed_by_the_shared_key(
     assert CheckpointFile(shared.root / "b" / CHECKPOINT_FILE).last() == good
     follower.adopt([AuditRecord(good.kind, good.seq, good.time, good.to_line())])
     assert pushed == [good]  # not newer: not filed or pushed again
+
+
+def test_after_a_signed_prune_past_the_checkpoint_the_chain_is_read_from_the_prune(
+    shared: Shared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store_a, store_b = shared.store(), shared.store()
+    log_a, log_b = AuditLog(store_a, shared.clock), AuditLog(store_b, shared.clock)
+    checkpointer = shared.checkpointer("a", log_a, store_a)
+    fill(log_a, 2)
+    checkpointer.checkpoint()
+    fill(log_b, 4)
+    marks = store_a.audit_marks(0, 10)
+    record = checkpointer.sign_prune(5, marks[4].hash, 5)
+    assert store_a.audit_records()[-1].line == record.to_line()  # shared before any delete
+    store_a.prune_audit(Head(5, marks[4].hash), shared.clock.now())
+    fill(log_b, 2)
+    calls = counting(store_a, monkeypatch)
+    assert checkpointer.checkpoint().seq == 8
+    assert calls == [5]
+
+
+def test_events_pruned_past_the_checkpoint_without_a_signed_record_are_refused(
+    shared: Shared,
+) -> None:
+    store_a, store_b = shared.store(), shared.store()
+    log_a, log_b = AuditLog(store_a, shared.clock), AuditLog(store_b, shared.clock)
+    reasons: list[str] = []
+    checkpointer = shared.checkpointer("a", log_a, store_a, on_refused=reasons.append)
+    fill(log_a, 2)
+    signed = checkpointer.checkpoint()
+    fill(log_b, 4)
+    marks = store_a.audit_marks(0, 10)
+    store_b.prune_audit(Head(5, marks[4].hash), shared.clock.now())  # no prune record
+    with pytest.raises(CheckpointError, match="without a signed prune record"):
+        checkpointer.checkpoint()
+    assert reasons == ["pruned_unsigned"]
+    assert checkpointer.last == signed
