@@ -271,7 +271,11 @@ class Checkpointer:
         base; with nothing signed yet, the base (or genesis), taken on trust once."""
         assert self._records is not None
         checkpoint, prune = self._mine(self._last), self._prune
-        for stored in self._stored_records():
+        # The file too: `svid-server audit prune` beside the server signs into it alone.
+        filed = [r for r in (self._file.last(), self._file.last(PRUNE)) if r is not None]
+        for stored in [*filed, *self._stored_records()]:
+            if not self._signed_by_me(stored):
+                continue
             if stored.kind == CHECKPOINT and _newer(stored, checkpoint):
                 checkpoint = stored
             elif stored.kind == PRUNE and _newer(stored, prune):

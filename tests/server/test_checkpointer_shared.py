@@ -220,3 +220,26 @@ def test_events_pruned_past_the_checkpoint_without_a_signed_record_are_refused(
         checkpointer.checkpoint()
     assert reasons == ["pruned_unsigned"]
     assert checkpointer.last == signed
+
+
+def test_a_prune_signed_beside_the_server_into_its_file_is_a_start_too(shared: Shared) -> None:
+    store_a, store_b = shared.store(), shared.store()
+    log_a, log_b = AuditLog(store_a, shared.clock), AuditLog(store_b, shared.clock)
+    checkpointer = shared.checkpointer("a", log_a, store_a)
+    fill(log_a, 2)
+    checkpointer.checkpoint()
+    fill(log_b, 4)
+    # `svid-server audit prune`: the data dir's key and file, no datastore sharing.
+    data_dir = shared.root / "a"
+    beside = Checkpointer(
+        AuditLog(store_b, shared.clock),
+        CheckpointSigner.load_or_create(data_dir),
+        CheckpointFile(data_dir / CHECKPOINT_FILE),
+        shared.clock,
+        60.0,
+    )
+    marks = store_b.audit_marks(0, 10)
+    beside.sign_prune(5, marks[4].hash, 5)
+    store_b.prune_audit(Head(5, marks[4].hash), shared.clock.now())
+    fill(log_b, 1)
+    assert checkpointer.checkpoint().seq == 7
