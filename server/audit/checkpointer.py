@@ -136,7 +136,7 @@ class Checkpointer:
         with self._lock:
             head, own = self._head()
             seq, digest = (0, GENESIS_HASH) if head is None else (head.seq, head.hash)
-            last = self._last
+            last = self._held()
             if not force and last is not None and (last.seq, last.hash) == (seq, digest):
                 self._own = own
                 return last
@@ -174,7 +174,7 @@ class Checkpointer:
                     )
                     continue
                 if record.kind == CHECKPOINT:
-                    if not _newer(record, self._last):
+                    if not _newer(record, self._held()):
                         continue
                     written = self._file.append_unless_behind(record)
                     self._last = written
@@ -340,6 +340,12 @@ class Checkpointer:
                 "cannot share the audit checkpoint with the other servers; the next one will",
                 extra={"error": str(e)},
             )
+
+    def _held(self) -> Checkpoint | None:
+        """The last checkpoint when this key signed it (by its id: a line of the file passes
+        the signature check in `_start` before it is trusted as a start)."""
+        last = self._last
+        return last if last is not None and last.key_id == self._signer.key_id else None
 
     def _mine(self, record: Checkpoint | None) -> Checkpoint | None:
         return record if record is not None and self._signed_by_me(record) else None
