@@ -21,6 +21,7 @@ from server.audit.checkpoint import (
 )
 from server.audit.checkpointer import Checkpointer
 from server.audit.log import AuditLog
+from server.audit.retention import Pruner, RetentionPolicy
 from server.ca.errors import CaConfigError
 from server.ca.keys import KeyStore
 from server.ca.sealing import KeyEncryptionKey
@@ -243,3 +244,17 @@ def test_a_prune_signed_beside_the_server_into_its_file_is_a_start_too(shared: S
     store_b.prune_audit(Head(5, marks[4].hash), shared.clock.now())
     fill(log_b, 1)
     assert checkpointer.checkpoint().seq == 7
+
+
+def test_retention_prunes_up_to_the_head_last_signed_not_only_its_own_writes(
+    shared: Shared,
+) -> None:
+    store_a, store_b = shared.store(), shared.store()
+    log_a, log_b = AuditLog(store_a, shared.clock), AuditLog(store_b, shared.clock)
+    checkpointer = shared.checkpointer("a", log_a, store_a)
+    pruner = Pruner(store_a, log_a, checkpointer, shared.clock, RetentionPolicy(0, 2), pause=0)
+    fill(log_b, 6)  # all through the other writer
+    checkpointer.checkpoint()
+    report = pruner.prune()
+    assert report.base is not None
+    assert report.base.seq == 4
