@@ -18,6 +18,7 @@ import pytest
 from agent_attestor.checkpoint_store import CheckpointStore, PushedCheckpoint
 from server.audit.checkpoint import (
     CHECKPOINT,
+    CHECKPOINT_FILE,
     PUBLIC_KEY_FILE,
     Checkpoint,
     CheckpointError,
@@ -25,6 +26,7 @@ from server.audit.checkpoint import (
 )
 from server.audit.event import event_from_row
 from server.audit.verify import verify_store
+from server.cli import main
 from server.datastore.postgres_sql import pg
 from server.datastore.records import Head
 from svid._proto import admin_pb2, node_pb2
@@ -189,7 +191,9 @@ def test_a_server_started_later_serves_the_holders_latest_checkpoint(pair: Pair)
     assert next(c for c in lines if c.kind == CHECKPOINT).seq >= later.seq
 
 
-def test_verify_with_either_servers_checkpoint_file_accepts_the_chain(pair: Pair) -> None:
+def test_verify_with_either_servers_checkpoint_file_accepts_the_chain(
+    pair: Pair, capsys: pytest.CaptureFixture[str]
+) -> None:
     b = _b(pair)
     for server in (pair.a, b, b):
         server.attest()
@@ -206,3 +210,14 @@ def test_verify_with_either_servers_checkpoint_file_accepts_the_chain(pair: Pair
         assert result.ok, str(result)
         assert result.anchor is not None
         assert result.anchor.seq == made.seq
+        # And as an operator on that server runs it.
+        datastore = pair.options["datastore"]
+        where = ["--datastore" if datastore.startswith("postgresql") else "--audit-db", datastore]
+        checkpoints = str(server.config.data_dir / CHECKPOINT_FILE)
+        code = main(
+            ["audit", "verify", *where, "--anchor", checkpoints, "--anchor-key", str(public[0])]
+        )
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "audit chain OK" in out
+        assert "matches the checkpoint of" in out
