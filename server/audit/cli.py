@@ -1,7 +1,7 @@
 """`svid-server audit verify | export | checkpoint | prune`.
 
 `verify` and `export` read the datastore file directly (they work with the server stopped, and
-never change it); `checkpoint` asks the running server over its admin socket. `prune` opens the
+never change it; `verify` reads a PostgreSQL datastore too, in one snapshot); `checkpoint` asks the running server over its admin socket. `prune` opens the
 datastore itself too, with the server running or stopped: SQLite serialises it with the
 server's writes, it never touches the head the server appends after, and it signs its prune
 record with the data dir's checkpoint key, so it runs as the server's user like every
