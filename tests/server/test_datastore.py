@@ -6,6 +6,7 @@ import os
 import sqlite3
 import stat
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -403,9 +404,19 @@ def test_a_datastore_of_the_previous_schema_gains_the_ledger_tables(
 ) -> None:
     with monkeypatch.context() as m:
         m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:1])
-        old = SqliteDataStore(tmp_path / "db", clock)
-        made = old.create_entry(entry())
-        old.close()
+        SqliteDataStore(tmp_path / "db", clock).close()
+    # Written as version 1 wrote it: today's statements name columns later migrations added.
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute(
+        "INSERT INTO entries (id, spiffe_id, parent_id, identity_hash, selectors, x509_svid_ttl, "
+        "jwt_svid_ttl, dns_names, hint, admin, expires_at, revision, created_at) VALUES "
+        "('e1', 'spiffe://example.org/web', ?, 'h', '[[\"unix\", \"uid:1000\"]]', 0, 0, "
+        "'[]', '', 0, 0, 1, 5)",
+        (AGENT,),
+    )
+    db.commit()
+    db.close()
+    made = replace(entry(), id="e1", revision=1, created_at=5)
     store = SqliteDataStore(tmp_path / "db", clock)
     assert store.schema_versions() == [m.version for m in MIGRATIONS]
     assert store.get_entry(made.id) == made
