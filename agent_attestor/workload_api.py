@@ -166,7 +166,10 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         return workload_pb2.X509SVIDResponse(
             svids=svids,
             crl=list(snap.crl),
-            federated_bundles={_td_key(td): b.x509_der for td, b in snap.federated.items()},
+            federated_bundles={
+                _td_key(td): b.x509_der
+                for td, b in snap.federated_for(i.entry for i in ids).items()
+            },
         )
 
     async def _await_first(
@@ -239,7 +242,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         self,
         context: grpc.aio.ServicerContext,
         method: str,
-        build: Callable[[Snapshot], _Msg],
+        build: Callable[[Snapshot, list[Entry]], _Msg],
     ) -> AsyncIterator[_Msg]:
         """A bundle stream: the first message at once, then one whenever what `build` makes of
         the cache changes; ended with PERMISSION_DENIED once the caller holds no identity."""
@@ -255,7 +258,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 await self._not_refused(context, snap)
                 if not watch.entry_ids:
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
-                msg = build(snap)
+                msg = build(snap, snap.entries_for(caller.selectors))
                 if msg != sent:
                     yield msg
                     sent = msg
@@ -266,10 +269,10 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     async def FetchX509Bundles(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.X509BundlesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
-        def build(snap: Snapshot) -> workload_pb2.X509BundlesResponse:
+        def build(snap: Snapshot, entries: list[Entry]) -> workload_pb2.X509BundlesResponse:
             return workload_pb2.X509BundlesResponse(
                 crl=list(snap.crl),
-                bundles={_td_key(td): b.x509_der for td, b in snap.all_bundles().items()},
+                bundles={_td_key(td): b.x509_der for td, b in snap.bundles_for(entries).items()},
             )
 
         # grpc.aio streams from async generator methods only: re-yield.
@@ -355,9 +358,10 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     ) -> AsyncIterator[workload_pb2.JWTBundlesResponse]:
         convert = self._validator.bundles.convert
 
-        def build(snap: Snapshot) -> workload_pb2.JWTBundlesResponse:
+        def build(snap: Snapshot, entries: list[Entry]) -> workload_pb2.JWTBundlesResponse:
+            bundles = snap.bundles_for(entries)
             return workload_pb2.JWTBundlesResponse(
-                bundles={_td_key(td): convert(b).to_jwks() for td, b in snap.all_bundles().items()}
+                bundles={_td_key(td): convert(b).to_jwks() for td, b in bundles.items()}
             )
 
         async for msg in self._bundle_stream(context, "FetchJWTBundles", build):

@@ -33,6 +33,7 @@ from server.datastore.legacy_import import import_legacy_files
 from server.datastore.sqlite import SqliteDataStore
 from server.errors import ConfigError
 from server.events import ChangeNotifier
+from server.federation.wiring import Federation
 from server.ids import ServerIds
 from server.issuance import AgentAdmission, Issuer, IssuerSettings, MeteredLedger
 from server.issuance.datastore_ledger import DatastoreLedger
@@ -101,6 +102,7 @@ class Server:
         self.runtime: RuntimeInfo | None = None
         self.propagator: Propagator | None = None
         self.oauth: OAuthService | None = None
+        self.federation: Federation | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -224,6 +226,15 @@ class Server:
         self.propagator = Propagator(self.state, str(self.ids.server), self.clock)
         self.propagator.start()
         self.ca.subscribe(self._on_bundle_changed(loop))
+        self.federation = Federation.build(
+            cfg,
+            state=self.state,
+            datastore=self.datastore,
+            audit=self.tasks.audit,
+            ca=self.ca,
+            clock=self.clock,
+        )
+        await self.federation.start()
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # Two JWT threads per signing worker: each waits on its worker's socket or on the
         # ledger's commit (a batch is recorded on the thread that signed it), not on the GIL,
@@ -288,6 +299,7 @@ class Server:
             metrics=self.metrics,
             join_token_ttl=cfg.join_token_ttl,
             audit_checkpoint=lambda: asyncio.to_thread(self.checkpointer.checkpoint, force=True),
+            federation=self.federation.service,
         )
         # Two gRPC servers: the admin service must never be reachable over the network ports.
         self._node_server = grpc.aio.server(options=self._grpc_options())
@@ -337,6 +349,7 @@ class Server:
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
+            asyncio.create_task(self.federation.run(self._stop), name="federation"),
         ]
         if self.oauth is not None:
             self._tasks.append(asyncio.create_task(self.oauth.run(self._stop), name="oauth"))
@@ -441,6 +454,8 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.oauth is not None:
             await self.oauth.stop()
+        if self.federation is not None:
+            await self.federation.stop()
         if self._metrics_http is not None:
             self._metrics_http.stop()
         for executor in (self._executor, self._jwt_executor):

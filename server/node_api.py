@@ -176,6 +176,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _shared(self, bundle: bool, crl: bool, checkpoint: bool) -> Shared:
         return Shared(
             bundle=self._bundle_proto() if bundle else None,
+            federated={
+                f"spiffe://{td}": bundle_to_proto(b, {})
+                for td, b in self._state.foreign_bundles.items()
+            }
+            if bundle
+            else None,
             crl=list(self._crl()) if crl else None,
             audit_checkpoints=self._checkpoint_protos() if checkpoint else None,
         )
