@@ -415,6 +415,13 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         except VerificationError as exc:  # ExpiredError and RevokedError included
             self._report(snap, caller, request, unverified_claims(request.svid), str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token is invalid: {exc}")
+        td = result.spiffe_id.trust_domain.name
+        if td not in snap.bundles_for(snap.entries_for(caller.selectors)):
+            # The cache holds every foreign bundle any local workload federates with; a caller
+            # whose entries do not federate with this one must not get its tokens accepted.
+            failure = f"trust domain {td} is not one this workload federates with"
+            self._report(snap, caller, request, dict(result.claims), failure)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token is invalid: {failure}")
         claims = struct_pb2.Struct()
         try:
             claims.update(dict(result.claims))

@@ -283,14 +283,15 @@ class FederationService:
             now = self._clock.now()
             for td, due in list(self._due.items()):
                 if due <= now:
-                    with contextlib.suppress(FederationError):
-                        try:
-                            await self.refresh(td)
-                        except NotFoundError:
-                            self._due.pop(td, None)
-                        except Exception:
-                            _log.exception("foreign bundle refresh failed", extra={"td": td})
-                            self._schedule(td, RETRY)
+                    try:
+                        await self.refresh(td)
+                    except FederationError:
+                        pass  # logged, audited and rescheduled by refresh
+                    except NotFoundError:
+                        self._due.pop(td, None)
+                    except Exception:
+                        _log.exception("foreign bundle refresh failed", extra={"td": td})
+                        self._schedule(td, RETRY)
             wait = min((d - self._clock.now() for d in self._due.values()), default=60.0)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
