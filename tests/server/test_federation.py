@@ -4,13 +4,26 @@ checked, recorded on the ledger and pushed on the Sync stream; refusals keep the
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from server.datastore.records import HTTPS_SPIFFE, EventFilter, FederationRelationship
+from server.datastore.records import (
+    HTTPS_SPIFFE,
+    HTTPS_WEB,
+    EventFilter,
+    FederationRelationship,
+)
 from server.federation.errors import FederationError
 from server.federation.fetch import check_bundle, fetch_bundle
 from server.federation.service import BUNDLE_CHANGED, BUNDLE_REFUSED
@@ -190,3 +203,66 @@ def test_dynamic_relationships_round_trip_and_are_validated() -> None:
                 admin_pb2.GetFederationRelationshipRequest(trust_domain="example.org"), timeout=10
             )
         assert gone.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def _web_pki(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A CA file, and a certificate for 127.0.0.1 it signed, with its key (https_web)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "web.pem", tmp_path / "web.key"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    cert_file.write_bytes(leaf.public_bytes(pem))
+    key_file.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return ca_file, cert_file, key_file
+
+
+def test_https_web_endpoint_is_checked_by_its_ca_and_a_wrong_trust_domain_refused(
+    tmp_path: Path,
+) -> None:
+    ca_file, cert_file, key_file = _web_pki(tmp_path)
+    port = free_port()
+    with managed_server(
+        bundle_endpoint_address=f"127.0.0.1:{port}",
+        bundle_endpoint_profile="https_web",
+        bundle_endpoint_cert=str(cert_file),
+        bundle_endpoint_key=str(key_file),
+    ) as home:
+        url = f"https://127.0.0.1:{port}/"
+        rel = FederationRelationship("example.org", url, HTTPS_WEB, ca_file=str(ca_file))
+        got = fetch_bundle(rel, None)
+        assert got.x509_authorities == home.server.state.bundle.x509_authorities
+        with pytest.raises(FederationError, match="not authenticated"):
+            fetch_bundle(replace(rel, ca_file=""), None)  # system roots do not know this CA
+        # An endpoint that serves another trust domain's bundle than the relationship names.
+        with pytest.raises(FederationError, match=r"belongs to spiffe://example\.org"):
+            fetch_bundle(replace(rel, trust_domain="other.org"), None)
