@@ -28,7 +28,7 @@ from server.federation.errors import FederationError
 from server.federation.fetch import check_bundle, fetch_bundle
 from server.federation.service import BUNDLE_CHANGED, BUNDLE_REFUSED
 from svid._bundle import SpiffeBundle
-from svid._proto import admin_pb2, node_pb2
+from svid._proto import admin_pb2, common_pb2, node_pb2
 from svid._spiffe_id import TrustDomain
 from tests.ports import free_port
 from tests.server.fixtures import RunningServer, managed_server
@@ -119,7 +119,16 @@ def test_a_foreign_bundle_is_fetched_recorded_and_pushed_and_outlives_its_endpoi
         agent = other.attest()
         stream = other.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
         first = next(stream)
-        assert set(first.federated_bundles) == {"spiffe://example.org"}
+        # The agent serves no entry federating with example.org: it is not sent that bundle.
+        assert dict(first.federated_bundles) == {}
+        made = _other_entry(other, agent.spiffe_id, ())
+        assert not next(stream).federated_bundles
+        # Once an entry of its federates with example.org, the bundle follows on the stream.
+        made.federates_with.append("spiffe://example.org")
+        admin.UpdateEntry(admin_pb2.UpdateEntryRequest(entry=made), timeout=10)
+        joined = next(stream)
+        assert list(joined.entries[0].federates_with) == ["example.org"]
+        assert set(joined.federated_bundles) == {"spiffe://example.org"}
         # The home domain rotates: a refresh fetches, records and pushes the new bundle.
         server.clock.advance(43200)
         assert server.call(asyncio.to_thread(server.server.rotator.tick))
@@ -153,6 +162,18 @@ def test_a_foreign_bundle_is_fetched_recorded_and_pushed_and_outlives_its_endpoi
         assert len(SpiffeBundle.parse(HOME, kept.bundle).x509_authorities) == 2
         assert _events(other, BUNDLE_REFUSED)
         stream.cancel()
+
+
+def _other_entry(
+    server: RunningServer, parent: str, federates_with: tuple[str, ...]
+) -> common_pb2.Entry:
+    entry = common_pb2.Entry(
+        spiffe_id="spiffe://other.org/partner",
+        parent_id=parent,
+        selectors=[common_pb2.Selector(type="unix", value="uid:1000")],
+        federates_with=federates_with,
+    )
+    return server.admin().CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=10).entry
 
 
 def test_static_relationships_are_not_changed_through_the_api() -> None:
