@@ -213,6 +213,9 @@ class FederationService:
         except FederationError as exc:
             raise InvalidRequestError(f"bundle: {exc}") from None
         await self._install(bundle, source="set")
+        # A relationship waiting for its first bundle (https_spiffe needs one to authenticate
+        # the endpoint) fetches now rather than at its retry.
+        self._schedule(td.name, 0)
         return bundle
 
     async def delete_bundle(self, trust_domain: str) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -287,3 +288,29 @@ def test_https_web_endpoint_is_checked_by_its_ca_and_a_wrong_trust_domain_refuse
         # An endpoint that serves another trust domain's bundle than the relationship names.
         with pytest.raises(FederationError, match=r"belongs to spiffe://example\.org"):
             fetch_bundle(replace(rel, trust_domain="other.org"), None)
+
+
+def test_a_bootstrapped_relationship_fetches_at_once(home: tuple[RunningServer, int]) -> None:
+    server, port = home
+    stale = server.server.state.bundle.to_json()
+    server.clock.advance(43200)  # the home domain moved on since the bundle was exported
+    assert server.call(asyncio.to_thread(server.server.rotator.tick))
+    static = f"example.org https_spiffe https://127.0.0.1:{port}/ spiffe://example.org/svid/server"
+    with managed_server(trust_domain="other.org", federation_relationships=[static]) as other:
+        other.admin().SetFederatedBundle(
+            admin_pb2.SetFederatedBundleRequest(
+                bundle=admin_pb2.FederatedBundle(trust_domain="example.org", bundle=stale)
+            ),
+            timeout=10,
+        )
+
+        def fetched() -> bool:
+            got = other.admin().GetFederatedBundle(
+                admin_pb2.GetFederatedBundleRequest(trust_domain="example.org"), timeout=10
+            )
+            return len(SpiffeBundle.parse(HOME, got.bundle).x509_authorities) == 2
+
+        deadline = time.monotonic() + 5
+        while not fetched():
+            assert time.monotonic() < deadline, "the bootstrap did not trigger a fetch"
+            time.sleep(0.05)
