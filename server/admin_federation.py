@@ -38,8 +38,10 @@ def _relationship_from_proto(msg: admin_pb2.FederationRelationship) -> Federatio
     )
 
 
-def _bundle_to_proto(bundle: SpiffeBundle) -> admin_pb2.FederatedBundle:
-    return admin_pb2.FederatedBundle(trust_domain=bundle.trust_domain.name, bundle=bundle.to_json())
+def _bundle_to_proto(bundle: SpiffeBundle, updated_at: int = 0) -> admin_pb2.FederatedBundle:
+    return admin_pb2.FederatedBundle(
+        trust_domain=bundle.trust_domain.name, bundle=bundle.to_json(), updated_at=updated_at
+    )
 
 
 class FederationAdmin:
@@ -117,7 +119,9 @@ class FederationAdmin:
     async def GetFederatedBundle(
         self, request: admin_pb2.GetFederatedBundleRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.FederatedBundle:
-        return _bundle_to_proto(self._service().bundle(request.trust_domain))
+        service = self._service()
+        bundle = service.bundle(request.trust_domain)
+        return _bundle_to_proto(bundle, service.updated_at(bundle.trust_domain.name))
 
     @status.unary
     async def DeleteFederatedBundle(
@@ -130,7 +134,10 @@ class FederationAdmin:
     async def ListFederatedBundles(
         self, request: admin_pb2.ListFederatedBundlesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListFederatedBundlesResponse:
-        bundles = self._service().bundles()
+        service = self._service()
         return admin_pb2.ListFederatedBundlesResponse(
-            bundles=[_bundle_to_proto(b) for _, b in sorted(bundles.items())]
+            bundles=[
+                _bundle_to_proto(b, service.updated_at(td))
+                for td, b in sorted(service.bundles().items())
+            ]
         )

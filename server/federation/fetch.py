@@ -104,7 +104,8 @@ def fetch_bundle(rel: FederationRelationship, known: SpiffeBundle | None) -> Spi
         response = conn.getresponse()
         body = response.read(MAX_BUNDLE_BYTES + 1)
     except ssl.SSLError as exc:
-        raise FederationError(f"{td}: bundle endpoint not authenticated: {exc.reason}") from None
+        why = getattr(exc, "verify_message", None) or exc.reason
+        raise FederationError(f"{td}: bundle endpoint not authenticated: {why}") from None
     except (OSError, http.client.HTTPException) as exc:
         raise FederationError(
             f"{td}: bundle endpoint {rel.endpoint_url} unreachable: {exc}"

@@ -129,6 +129,7 @@ class FederationService:
         self._static = {r.trust_domain: r for r in static}
         self._relationships: dict[str, FederationRelationship] = {}
         self._bundles: dict[str, SpiffeBundle] = {}
+        self._updated: dict[str, int] = {}  # when each foreign bundle last changed (unix s)
         self._due: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -141,6 +142,7 @@ class FederationService:
             try:
                 td = TrustDomain.parse(row.trust_domain)
                 self._bundles[td.name] = SpiffeBundle.parse(td, row.bundle)
+                self._updated[td.name] = row.updated_at
             except Exception:
                 _log.exception("stored foreign bundle unreadable", extra={"td": row.trust_domain})
         now = self._clock.now()
@@ -162,6 +164,9 @@ class FederationService:
 
     def bundles(self) -> dict[str, SpiffeBundle]:
         return dict(self._bundles)
+
+    def updated_at(self, trust_domain: str) -> int:
+        return self._updated.get(trust_domain, 0)
 
     def bundle(self, trust_domain: str) -> SpiffeBundle:
         td = parse_trust_domain(trust_domain).name
@@ -225,6 +230,7 @@ class FederationService:
         except StoreNotFound:
             raise NotFoundError(f"no bundle for foreign trust domain {td}") from None
         self._bundles.pop(td, None)
+        self._updated.pop(td, None)
         await asyncio.to_thread(self._audit.append, BUNDLE_CHANGED, extra={"trust_domain": td})
         self._publish(dict(self._bundles))
 
@@ -247,6 +253,7 @@ class FederationService:
         row = ForeignBundle(td, bundle.to_json(), int(self._clock.now()))
         await asyncio.to_thread(self._datastore.put_foreign_bundle, row)
         self._bundles[td] = bundle
+        self._updated[td] = row.updated_at
         self._publish(dict(self._bundles))
         _log.info("foreign bundle changed", extra={"td": td, "sequence": bundle.sequence})
         return True
@@ -258,10 +265,11 @@ class FederationService:
         lock = self._locks.setdefault(td, asyncio.Lock())
         async with lock:
             known = self._bundles.get(td)
+            asked = self._due.get(td)
             try:
                 fetched = await asyncio.to_thread(self._fetch, rel, known)
             except FederationError as exc:
-                self._schedule(td, next_refresh(known, ok=False))
+                self._reschedule(td, asked, next_refresh(known, ok=False))
                 _log.warning("foreign bundle not refreshed", extra={"td": td, "error": str(exc)})
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(
@@ -272,8 +280,14 @@ class FederationService:
                     )
                 raise
             changed = await self._install(fetched, source=rel.endpoint_url)
-            self._schedule(td, next_refresh(fetched, ok=True))
+            self._reschedule(td, asked, next_refresh(fetched, ok=True))
             return Refreshed(changed, fetched)
+
+    def _reschedule(self, td: str, asked: float | None, delay: float) -> None:
+        """Schedule the next fetch, unless a fetch was asked for while this one ran (a bundle
+        set by hand, the relationship changed): that one stands."""
+        if self._due.get(td) == asked:
+            self._schedule(td, delay)
 
     def _schedule(self, td: str, delay: float) -> None:
         if td in self._relationships:
