@@ -21,19 +21,26 @@ from server.attestation.base import NodeAttestor
 from server.attestation.join_token import JoinTokenAttestor
 from server.attestation.x509pop import X509PopAttestor
 from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile, CheckpointSigner
-from server.audit.checkpointer import Checkpointer
-from server.audit.retention import DAY, Pruner, RetentionPolicy
+from server.audit.retention import DAY, RetentionPolicy
 from server.ca.keys import KeyStore
-from server.ca.manager import CaConfig, CaManager
+from server.ca.manager import CaConfig, CaManager, default_holder
 from server.ca.rotator import Rotator
 from server.ca.sealing import KeyEncryptionKey
 from server.ca.workers import SigningWorkers
 from server.config import ServerConfig
+from server.datastore.base import DataStore
 from server.datastore.legacy_import import import_legacy_files
+from server.datastore.postgres_dsn import open_postgres
 from server.datastore.sqlite import SqliteDataStore
 from server.errors import ConfigError
 from server.events import ChangeNotifier
 from server.federation.wiring import Federation
+from server.housekeeping import (
+    HOUSEKEEPING_LEASE,
+    Lease,
+    LeasedCheckpointer,
+    LeasedPruner,
+)
 from server.ids import ServerIds
 from server.issuance import AgentAdmission, Issuer, IssuerSettings, MeteredLedger
 from server.issuance.datastore_ledger import DatastoreLedger
@@ -43,6 +50,7 @@ from server.node_api import Limiters, NodeServicer, NodeSettings
 from server.peer import PeerCache
 from server.propagation import Propagator
 from server.ratelimit import KeyedLimiter
+from server.replication import FeedFollower, FollowSettings
 from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
 from server.tasks.wiring import TaskLayer, build_task_layer
@@ -58,6 +66,8 @@ NODE_SERVICE = "svid.node.v1.Node"
 ADMIN_SERVICE = "svid.admin.v1.Admin"
 HOUSEKEEPING_INTERVAL = 60.0
 MAX_TIMER = 10.0
+# The housekeeping lease's loop looks at the clock at least this often (renewing every ttl / 3).
+MAX_LEASE_WAIT = 1.0
 
 
 def _load_ca_file(path: Path) -> tuple[x509.Certificate, ...]:
@@ -101,6 +111,7 @@ class Server:
         self._serving = False
         self.runtime: RuntimeInfo | None = None
         self.propagator: Propagator | None = None
+        self.follower: FeedFollower | None = None
         self.oauth: OAuthService | None = None
         self.federation: Federation | None = None
 
@@ -109,8 +120,16 @@ class Server:
     def _build_core(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.datastore = SqliteDataStore(cfg.datastore_path, self.clock)
-        import_legacy_files(self.datastore, cfg.data_dir, self.clock)
+        dsn = cfg.datastore_dsn
+        if dsn is None:
+            sqlite = SqliteDataStore(cfg.datastore_path, self.clock)
+            import_legacy_files(sqlite, cfg.data_dir, self.clock)
+            self.datastore: DataStore = sqlite
+        else:
+            # Files of versions older than the shared datastore are SQLite's only.
+            self.datastore = open_postgres(dsn, self.clock)
+        # Before anything is loaded: what other servers commit from here on is followed.
+        self._feed_cursor = self.datastore.feed_head()
         self.keystore = KeyStore(cfg.keys_dir)
         # With a KEK the CA and JWT keys are the trust domain's, shared with the other servers
         # on this datastore (sealed in it); without, they are this server's own files.
@@ -143,23 +162,31 @@ class Server:
             server_id=str(self.ids.server),
             clock=self.clock,
         )
-        self.checkpointer = Checkpointer(
+        signer = CheckpointSigner.load_or_create(cfg.data_dir)
+        # Checkpoints and retention: one server of those sharing the datastore, the holder of
+        # this lease (server/housekeeping.py says which job runs where, and why).
+        self.housekeeping = Lease(self.datastore, HOUSEKEEPING_LEASE, default_holder(), self.clock)
+        self.housekeeping.renew()
+        self.checkpointer = LeasedCheckpointer(
             self.tasks.audit,
-            CheckpointSigner.load_or_create(cfg.data_dir),
+            signer,
             CheckpointFile(cfg.data_dir / CHECKPOINT_FILE),
             self.clock,
             cfg.audit_checkpoint_interval,
+            lease=self.housekeeping,
             # Every new checkpoint goes to every agent over Sync; they keep the latest.
             on_checkpoint=self.state.set_audit_checkpoint,
         )
-        # Anchor what this start found (a crash may have cost the shutdown checkpoint).
-        self.checkpointer.checkpoint()
-        self.pruner = Pruner(
+        if self.housekeeping.held:
+            # Anchor what this start found (a crash may have cost the shutdown checkpoint).
+            self.checkpointer.checkpoint()
+        self.pruner = LeasedPruner(
             self.datastore,
             self.tasks.audit,
             self.checkpointer,
             self.clock,
             RetentionPolicy(cfg.audit_retention_days * DAY, cfg.audit_max_events),
+            lease=self.housekeeping,
             interval=cfg.audit_prune_interval,
         )
         self.tls = ServerTls(self.ca, self.clock, cfg.server_svid_ttl)
@@ -235,6 +262,15 @@ class Server:
             clock=self.clock,
         )
         await self.federation.start()
+        self.follower = FeedFollower(
+            datastore=self.datastore,
+            state=self.state,
+            tasks=self.tasks.service,
+            on_key_slots_changed=self.on_key_slots_changed,
+            clock=self.clock,
+            cursor=self._feed_cursor,
+            settings=FollowSettings(cfg.feed_poll_interval, cfg.feed_retention),
+        )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # Two JWT threads per signing worker: each waits on its worker's socket or on the
         # ledger's commit (a batch is recorded on the thread that signed it), not on the GIL,
@@ -341,15 +377,22 @@ class Server:
             self._metrics_http = MetricsHttpServer(self.metrics, lambda: self._serving)
             metrics_address = self._metrics_http.start(cfg.metrics_address)
 
+        # Which of these run on every server sharing the datastore, and which on one of them
+        # (and why): the table in server/housekeeping.py.
         self._tasks = [
             asyncio.create_task(self.rotator.run(self._stop), name="ca-rotator"),
             asyncio.create_task(self._tls_loop(), name="server-svid"),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
-            asyncio.create_task(self.tasks.run(self._stop, self.clock), name="tasks"),
+            asyncio.create_task(self._lease_loop(), name="housekeeping-lease"),
+            asyncio.create_task(
+                self.tasks.run(self._stop, self.clock, settles=lambda: self.housekeeping.held),
+                name="tasks",
+            ),
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
             asyncio.create_task(self.federation.run(self._stop), name="federation"),
+            asyncio.create_task(self.follower.run(self._stop), name="change-feed"),
         ]
         if self.oauth is not None:
             self._tasks.append(asyncio.create_task(self.oauth.run(self._stop), name="oauth"))
@@ -371,6 +414,7 @@ class Server:
             "server started",
             extra={
                 "trust_domain": cfg.trust_domain.name,
+                "datastore": cfg.datastore_shown,
                 "node_address": self.runtime.node_address,
                 "attest_address": self.runtime.attest_address,
                 "admin_socket": self.runtime.admin_socket,
@@ -426,6 +470,24 @@ class Server:
     async def _housekeeping_loop(self) -> None:
         while not await self._sleep(HOUSEKEEPING_INTERVAL):
             await self._guarded(self.state.prune)
+            if self.follower is not None:
+                await self._guarded(self._prune_feed)
+
+    async def _lease_loop(self) -> None:
+        lease = self.housekeeping
+        while not await self._sleep(min(MAX_LEASE_WAIT, lease.next_renewal() - self.clock.now())):
+            if self.clock.now() >= lease.next_renewal():
+                await self._guarded(self._renew_lease)
+
+    async def _renew_lease(self) -> None:
+        if await asyncio.to_thread(self.housekeeping.renew):
+            # Taken over from a server that stopped renewing: anchor the head now, as a start
+            # does (the one before may have died before its last checkpoint).
+            await asyncio.to_thread(self.checkpointer.checkpoint)
+
+    async def _prune_feed(self) -> None:
+        if self.follower is not None:
+            await self.follower.prune()
 
     async def _guarded(self, job: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -465,6 +527,10 @@ class Server:
             self._workers.close()
         await asyncio.to_thread(self._last_checkpoint)
         try:
+            await asyncio.to_thread(self.housekeeping.release)  # hand it over now
+        except Exception:
+            _log.exception("releasing the housekeeping lease failed; it lapses on its own")
+        try:
             await asyncio.to_thread(self.ca.close)  # hand the rotation lease over now
         except Exception:
             _log.exception("releasing the ca-rotation lease failed; it lapses on its own")
@@ -477,7 +543,9 @@ class Server:
 
     def _last_checkpoint(self) -> None:
         """Nothing is served any more: anchor the head (every issuance was committed before
-        its reply, so the ledger holds nothing unwritten)."""
+        its reply, so the ledger holds nothing unwritten). The checkpointer's job only."""
+        if not self.housekeeping.held:
+            return
         try:
             self.checkpointer.checkpoint()
         except Exception:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from server.datastore.postgres_dsn import is_postgres_dsn, redact_dsn
 from server.errors import ConfigError
 from svid._errors import SpiffeIdError
 from svid._spiffe_id import TrustDomain
@@ -81,6 +83,15 @@ class ServerConfig:
     audit_max_events: int = 0
     # Seconds between prune runs.
     audit_prune_interval: float = 3600.0
+    # Where the datastore lives: "" is <data_dir>/datastore.sqlite3; a path, a SQLite file
+    # there; a postgresql:// URL, that PostgreSQL database (several servers may share one).
+    # Out of repr: a URL may hold a password (better kept in PGPASSWORD or ~/.pgpass).
+    datastore: str = field(default="", repr=False)
+    # Changes made through other servers on the same datastore (server/replication.py): the
+    # feed is read at least this often without a wake-up, and rows older than
+    # feed_retention seconds are pruned (a server down longer reloads everything).
+    feed_poll_interval: float = 1.0
+    feed_retention: float = 3600.0
     # Several servers, one trust domain: the file (0600, this user's) holding the 32-byte
     # key-encryption key every server of the trust domain shares. Set, the CA and JWT keys are
     # sealed into the datastore and shared (`svid-server keys new-kek --out FILE` makes one);
@@ -110,8 +121,20 @@ class ServerConfig:
     federation_relationships: tuple[str, ...] = ()
 
     @property
+    def datastore_dsn(self) -> str | None:
+        """The PostgreSQL URL of the datastore; None when it is a SQLite file."""
+        return self.datastore if is_postgres_dsn(self.datastore) else None
+
+    @property
     def datastore_path(self) -> Path:
-        return self.data_dir / "datastore.sqlite3"
+        """The SQLite file (when `datastore_dsn` is None)."""
+        return Path(self.datastore) if self.datastore else self.data_dir / "datastore.sqlite3"
+
+    @property
+    def datastore_shown(self) -> str:
+        """Where the datastore is, fit for a log line: a URL without its password."""
+        dsn = self.datastore_dsn
+        return str(self.datastore_path) if dsn is None else redact_dsn(dsn)
 
     @property
     def keys_dir(self) -> Path:
@@ -192,6 +215,18 @@ def _as_trust_domain(key: str, value: Any) -> TrustDomain:
         raise ConfigError(f"{key}: {exc}") from None
 
 
+def _as_datastore(key: str, value: Any) -> str:
+    text = _as_str(key, value)
+    if not is_postgres_dsn(text):
+        return text  # a SQLite file ("" for the default one)
+    try:
+        _ = urllib.parse.urlsplit(text).port  # raises for a port that is no number
+    except ValueError:
+        # Never the value itself: it may hold a password.
+        raise ConfigError(f"{key}: not a valid PostgreSQL URL: {redact_dsn(text)}") from None
+    return text
+
+
 def _as_str_list(key: str, value: Any) -> tuple[str, ...]:
     """A TOML list of strings, or one comma-separated string (a flag)."""
     items = value.split(",") if isinstance(value, str) else value
@@ -247,6 +282,9 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_retention_days": _as_float,
     "audit_max_events": _as_int,
     "audit_prune_interval": _as_positive_float,
+    "datastore": _as_datastore,
+    "feed_poll_interval": _as_positive_float,
+    "feed_retention": _as_positive_float,
     "key_encryption_key_file": _as_path,
     "oidc_issuer": _as_str,
     "oauth_bind_address": _as_optional_address,
@@ -311,7 +349,7 @@ def build_config(
 
 def check_key_encryption(datastore: str, key_encryption_key_file: Path | None) -> None:
     """Servers sharing a PostgreSQL datastore share its CA: they need the one KEK to do so."""
-    if datastore.startswith("postgresql://") and key_encryption_key_file is None:
+    if is_postgres_dsn(datastore) and key_encryption_key_file is None:
         raise ConfigError(
             "key_encryption_key_file: required with a PostgreSQL datastore (the servers "
             "sharing it share one CA and JWT key set, sealed under that key; "
@@ -320,10 +358,7 @@ def check_key_encryption(datastore: str, key_encryption_key_file: Path | None) -
 
 
 def _check_consistency(config: ServerConfig) -> None:
-    # `datastore` is the backend setting (a path, or a postgresql:// DSN; absent: SQLite).
-    check_key_encryption(
-        str(getattr(config, "datastore", "") or ""), config.key_encryption_key_file
-    )
+    check_key_encryption(config.datastore, config.key_encryption_key_file)
     if (config.upstream_ca_cert is None) != (config.upstream_ca_key is None):
         missing = "upstream_ca_key" if config.upstream_ca_key is None else "upstream_ca_cert"
         raise ConfigError(f"{missing}: required when the other upstream_ca_* key is set")

@@ -5,6 +5,10 @@ in-memory snapshot, then the change log (server.changelog), whose listener hands
 the Sync streams it concerns, then the change notifier. Readers (entitlement checks, Sync
 streams) only touch the immutable snapshots, never the datastore. The newest signed audit
 checkpoint is kept here too: every agent is sent a copy.
+
+Writes made through other servers on the same datastore arrive through the change feed
+(server.replication), which reloads the rows they touched and applies them here with
+`apply_entries` / `apply_agents` / `add_revocations_seen`, as ordinary changes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from types import MappingProxyType
 from server.changelog import Change, ChangeLog, EntryTouch, touches
 from server.datastore.base import DataStore
 from server.datastore.errors import DataStoreError
-from server.datastore.records import AttestedAgent, Entry, Revocation, TokenUse
+from server.datastore.records import (
+    FEED_AGENT,
+    FEED_ENTRY,
+    AttestedAgent,
+    Entry,
+    Revocation,
+    TokenUse,
+)
 from server.entitlement import EntryIndex
 from server.errors import NotFoundError, PermissionDeniedError
 from server.events import ChangeNotifier
@@ -55,6 +66,9 @@ class ServerState:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Set on shutdown so Sync streams end promptly instead of waiting out the grace period.
         self.shutting_down = False
+        # (feed kind, key) of the rows this server wrote since the change feed's follower last
+        # marked (None until it does): what it reloaded before then may be older than memory.
+        self._touched: set[tuple[str, str]] | None = None
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -183,6 +197,10 @@ class ServerState:
 
     def _change_entries(self, put: Sequence[Entry] = (), removed: Sequence[str] = ()) -> None:
         """Install a new entry snapshot and log what it touched (old and new versions)."""
+        self._touch(FEED_ENTRY, [e.id for e in put] + list(removed))
+        self._install_entries(put, removed)
+
+    def _install_entries(self, put: Sequence[Entry], removed: Sequence[str]) -> None:
         touched = touches(self._entries.by_id, put, removed)
         self._entries = self._entries.with_changes(put, removed)
         self._record(entries=touched)
@@ -240,6 +258,7 @@ class ServerState:
                 return False
         if previous is not None and previous.serial != agent.serial:
             self._previous_serials[agent.spiffe_id] = (previous.serial, previous.expires_at)
+        self._touch(FEED_AGENT, (agent.spiffe_id,))
         self._put_agent(agent)
         self._record(agents=(agent.spiffe_id,))
         await self._after_write()
@@ -249,6 +268,7 @@ class ServerState:
         if spiffe_id not in self._agents:
             raise NotFoundError(f"agent {spiffe_id} not found")
         await asyncio.to_thread(self._datastore.delete_agent, spiffe_id)
+        self._touch(FEED_AGENT, (spiffe_id,))
         agents = dict(self._agents)
         agents.pop(spiffe_id, None)
         self._agents = MappingProxyType(agents)
@@ -261,6 +281,7 @@ class ServerState:
         if agent is None:
             raise NotFoundError(f"agent {spiffe_id} not found")
         await asyncio.to_thread(self._datastore.set_agent_banned, spiffe_id, True)
+        self._touch(FEED_AGENT, (spiffe_id,))
         self._put_agent(replace(agent, banned=True))
         self._record(agents=(spiffe_id,))
         await self._after_write()
@@ -293,3 +314,58 @@ class ServerState:
         agents = dict(self._agents)
         agents[agent.spiffe_id] = agent
         self._agents = MappingProxyType(agents)
+
+    # -- changes made through other servers (server.replication) ------------------------------
+
+    def _touch(self, kind: str, keys: Iterable[str]) -> None:
+        if self._touched is not None:
+            self._touched.update((kind, k) for k in keys)
+
+    def follow_mark(self) -> None:
+        """The follower is about to reload rows: from now on, remember which rows this server
+        writes itself (DB first, then memory), so the follower does not install a version it
+        read before such a write over the one the write installed."""
+        self._touched = set()
+
+    def touched(self, kind: str) -> frozenset[str]:
+        """Keys of `kind` this server wrote since the last `follow_mark`."""
+        return frozenset(k for t, k in self._touched or () if t == kind)
+
+    def apply_entries(self, put: Sequence[Entry], removed: Sequence[str]) -> None:
+        """Entries another server wrote (already diffed with memory): a new snapshot and one
+        logged change, pushed to the streams it concerns like a local write."""
+        if put or removed:
+            self._install_entries(put, removed)
+            self.notifier.notify()
+
+    def apply_agents(self, put: Sequence[AttestedAgent], removed: Sequence[str]) -> None:
+        """Agent records another server wrote. A renewed agent's previous certificate stays
+        acceptable here too, as on the server that renewed it."""
+        if not put and not removed:
+            return
+        agents = dict(self._agents)
+        for agent in put:
+            previous = agents.get(agent.spiffe_id)
+            if previous is not None and previous.serial != agent.serial:
+                self._previous_serials[agent.spiffe_id] = (previous.serial, previous.expires_at)
+            agents[agent.spiffe_id] = agent
+        for spiffe_id in removed:
+            agents.pop(spiffe_id, None)
+            self._previous_serials.pop(spiffe_id, None)
+        self._agents = MappingProxyType(agents)
+        self._record(agents=[a.spiffe_id for a in put] + list(removed))
+        self.notifier.notify()
+
+    def add_revocations_seen(self, stored: Iterable[Revocation]) -> None:
+        """Revocations another server added: those of `stored` memory lacks join it. Never
+        removes one (a list read before a local add must not undo it); expiry prunes them on
+        every server alike."""
+        current = {(r.kind, r.value) for r in self._revocations}
+        added = [r for r in stored if (r.kind, r.value) not in current]
+        if added:
+            self._revocations = (*self._revocations, *added)
+            self._record(revocations_added=added, revocations_removed=())
+            self.notifier.notify()
+
+    async def refresh_revision(self) -> None:
+        self._revision = await asyncio.to_thread(self._datastore.revision)

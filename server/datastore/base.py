@@ -28,6 +28,7 @@ from server.datastore.records import (
     Entry,
     EventFilter,
     FederationRelationship,
+    FeedItem,
     ForeignBundle,
     Head,
     JoinToken,
@@ -81,6 +82,11 @@ class RegistrationStore(Protocol):
 
     def get_entry(self, entry_id: str) -> Entry:
         """NotFoundError for an unknown id."""
+        ...
+
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        """The stored entries among `entry_ids`, in no particular order; an unknown id is left
+        out. One read for many ids (the change feed's follower reloads a batch at once)."""
         ...
 
     def list_entries(
@@ -204,6 +210,14 @@ class TaskRecordStore(Protocol):
         """Insert or replace by task_id; durable when this returns."""
         ...
 
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        """Replace the row of `task.task_id` with `task` only while its stored state is
+        `expected_state`, in one atomic step: True when this call replaced it (durable, its
+        feed row with it); False, changing nothing, when the row is absent or in another state.
+        Of several concurrent callers (any servers) expecting the same state, exactly one gets
+        True: the one whose write ends a task records the end and revokes."""
+        ...
+
     def get_task(self, task_id: str) -> TaskRecord | None: ...
 
     def list_tasks(
@@ -263,7 +277,16 @@ class AuditStore(Protocol):
     ) -> None:
         """Commit the credential rows, the sealed audit rows (consecutive seqs, AUDIT_COLUMNS)
         and the new audit head in ONE durable transaction: all of it is on disk when this
-        returns, or none of it and StorageError is raised."""
+        returns, or none of it and StorageError is raised.
+
+        Several servers may append to one chain. So, inside that transaction and before
+        writing, the stored head must be exactly the head the rows were sealed on: the first
+        row's seq - 1 and prev_hash, or an empty chain when the first seq is 1. Otherwise
+        another writer moved the chain since: ChainMovedError (a StorageError) carrying the
+        stored head, and nothing is written. The check and the write are one atomic step
+        against other writers (SQLite: the write lock of BEGIN IMMEDIATE; PostgreSQL: SELECT
+        ... FOR UPDATE on the head row). Credential rows alone (no audit rows) are not
+        checked."""
         ...
 
     def audit_head(self) -> Head | None:
@@ -300,6 +323,38 @@ class AuditRetentionStore(Protocol):
         as the base. Returns how many rows went; 0 when the base is already there or past it.
         StorageError, changing nothing, when the event at through.seq does not exist with
         through.hash."""
+        ...
+
+
+class ChangeFeed(Protocol):
+    """What changed, for the servers sharing this datastore (server/replication.py).
+
+    Every write that concerns a server's in-memory view appends, in its own transaction, one
+    row per row it touched (FeedItem: entries, agents, revocations added, key slots, tasks).
+    Revisions are consecutive, with no gaps, and commit in order across processes: a reader
+    that saw revision N saw every row up to N. A row only names what changed; the reader
+    reloads it.
+    """
+
+    def feed_head(self) -> int:
+        """The newest revision written (0 on a fresh datastore); never goes back, even when
+        every row was pruned."""
+        ...
+
+    def feed_since(self, after: int, limit: int) -> list[FeedItem]:
+        """Up to `limit` rows with revision > `after`, oldest first. When the first one is not
+        `after + 1` (or there is none while feed_head() > after), rows were pruned meanwhile:
+        reload everything."""
+        ...
+
+    def prune_feed(self, before: int) -> int:
+        """Delete rows written before `before` (at < before); returns how many went."""
+        ...
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        """Block up to `timeout` seconds (real time) until feed_head() > after: True when it
+        is, False on timeout or when the store is closing. A hint only: a reader polls
+        feed_since() now and then whatever this returns."""
         ...
 
 
@@ -364,6 +419,7 @@ class FederationStore(Protocol):
 class DataStore(
     RegistrationStore,
     FederationStore,
+    ChangeFeed,
     TaskRecordStore,
     CredentialStore,
     AuditStore,

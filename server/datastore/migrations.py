@@ -1,14 +1,16 @@
 """Numbered schema migrations. Each runs in the same transaction as the row that records it.
 
 The DDL sticks to types both SQLite and PostgreSQL understand (TEXT, BIGINT, SMALLINT, DOUBLE
-PRECISION); only BLOB (PostgreSQL: BYTEA) and SEQ_KEY below are SQLite's words, so a PostgreSQL
-backend keeps its own copy of this list with those changed. Never edit a released migration:
-append a new one.
+PRECISION); only BLOB and SEQ_KEY below are SQLite's words. The PostgreSQL backend runs this same
+list through `postgres_migrations`, which swaps those words (POSTGRES_WORDS), so a migration
+appended here applies to both backends; a migration whose SQL truly differs gets an entry in
+POSTGRES_OVERRIDES. Never edit a released migration: append a new one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 Execute = Callable[[str], object]
@@ -209,6 +211,22 @@ def _task_listing(execute: Execute) -> None:
         execute(f"CREATE INDEX {name} ON tasks ({columns}created_at, task_id)")
 
 
+def _feed(execute: Execute) -> None:
+    """The change feed (server/replication.py): one row per row of the registration state a
+    write touched, numbered by a counter bumped in the write's own transaction, so revisions
+    commit in order across processes and a reader that saw revision N saw everything up to N.
+    Pruned by age (`at`)."""
+    execute(f"""
+        CREATE TABLE feed (
+            revision {SEQ_KEY},
+            at BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL
+        )""")
+    execute("CREATE INDEX feed_at ON feed (at)")
+    execute("INSERT INTO counters (name, value) VALUES ('feed', 0)")
+
+
 def _shared_keys(execute: Execute) -> None:
     """Several servers share one CA and one JWT key set: each key slot may carry its private key
     sealed under the trust domain's key-encryption key (NULL or empty: the key is in this
@@ -266,7 +284,47 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
     Migration(3, "audit retention: the prune base", _audit_base),
     Migration(4, "task listing: keyset indexes", _task_listing),
+    Migration(5, "change feed", _feed),
     Migration(6, "shared keys: sealed key slots and leases", _shared_keys),
     Migration(7, "oauth: replayed assertion jtis", _oauth_jtis),
     Migration(8, "federation: relationships, foreign bundles, entries federate with", _federation),
 )
+
+
+# -- PostgreSQL: the same list, translated -----------------------------------------------------
+
+# SQLite's words and PostgreSQL's for them. SEQ_KEY goes first: it is a phrase of other words.
+POSTGRES_WORDS: tuple[tuple[str, str], ...] = (
+    (SEQ_KEY, "BIGINT PRIMARY KEY"),
+    ("BLOB", "BYTEA"),
+)
+_POSTGRES_PATTERN = re.compile(
+    "|".join(rf"\b{re.escape(word)}\b" for word, _ in POSTGRES_WORDS), re.IGNORECASE
+)
+_POSTGRES_WORD = {word.upper(): theirs for word, theirs in POSTGRES_WORDS}
+
+# Version -> the PostgreSQL body of a migration whose SQL cannot be translated word for word.
+# Empty: every migration so far is shared.
+POSTGRES_OVERRIDES: Mapping[int, Callable[[Execute], None]] = {}
+
+
+def postgres_ddl(sql: str) -> str:
+    """`sql` with SQLite's words (POSTGRES_WORDS) in PostgreSQL's."""
+    return _POSTGRES_PATTERN.sub(lambda m: _POSTGRES_WORD[m.group(0).upper()], sql)
+
+
+def _translated(migration: Migration) -> Callable[[Execute], None]:
+    def apply(execute: Execute) -> None:
+        migration.apply(lambda sql: execute(postgres_ddl(sql)))
+
+    return apply
+
+
+def postgres_migrations(
+    migrations: Sequence[Migration] = MIGRATIONS,
+    overrides: Mapping[int, Callable[[Execute], None]] = POSTGRES_OVERRIDES,
+) -> tuple[Migration, ...]:
+    """`migrations` as PostgreSQL runs them: each translated, or its override."""
+    return tuple(
+        Migration(m.version, m.name, overrides.get(m.version) or _translated(m)) for m in migrations
+    )

@@ -33,6 +33,14 @@ UPDATE_ENTRY = (
 DELETE_ENTRY = "DELETE FROM entries WHERE id = :id"
 SELECT_ENTRY = f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = :id"
 ENTRY_BY_IDENTITY = "SELECT id FROM entries WHERE identity_hash = :identity_hash"
+
+
+def select_entries_in(count: int) -> str:
+    """The entries whose id is one of `count` parameters :i0, :i1, ..."""
+    names = ", ".join(f":i{n}" for n in range(count))
+    return f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id IN ({names})"
+
+
 # A NULL filter matches everything, so one statement serves every filter combination.
 LIST_ENTRIES = (
     f"SELECT {_ENTRY_COLUMNS} FROM entries "
@@ -104,6 +112,16 @@ PRUNE_REVOCATIONS = "DELETE FROM revocations WHERE expires_at < :needed_from"
 
 BUMP_COUNTER = "UPDATE counters SET value = value + 1 WHERE name = :name"
 SELECT_COUNTER = "SELECT value FROM counters WHERE name = :name"
+
+# The change feed: the counter moves by the rows a write appends, in the write's transaction.
+BUMP_COUNTER_BY = "UPDATE counters SET value = value + :n WHERE name = :name"
+# Rows go in as multi-row VALUES (sqlite_audit.insert_many): revision, at, kind, key.
+FEED_INTO = "INSERT INTO feed (revision, at, kind, key)"
+FEED_SINCE = (
+    "SELECT revision, at, kind, key FROM feed WHERE revision > :after "
+    "ORDER BY revision LIMIT :limit"
+)
+PRUNE_FEED = "DELETE FROM feed WHERE at < :before"
 
 # One statement, so two servers on one database cannot both accept a jti: the row is inserted,
 # or an expired holder is overwritten; a live holder leaves the row unchanged (rowcount 0).

@@ -172,6 +172,27 @@ def revocation_needed_from(now: float) -> float:
     return now - MAX_VERIFIER_LEEWAY
 
 
+# -- the change feed: what another server must reload ----------------------------------------------
+
+FEED_ENTRY = "entry"  # key: the entry's id
+FEED_AGENT = "agent"  # key: the agent's SPIFFE ID
+FEED_REVOCATION = "revocation"  # key: "<kind>:<value>"
+FEED_KEY_SLOT = "key_slot"  # key: the slot's id
+FEED_TASK = "task"  # key: the task's id
+FEED_KINDS = (FEED_ENTRY, FEED_AGENT, FEED_REVOCATION, FEED_KEY_SLOT, FEED_TASK)
+
+
+class FeedItem(NamedTuple):
+    """One row of the change feed: the row named by (kind, key) changed in the transaction
+    that wrote revision `revision`, at `at` (unix seconds). It names the row, never its
+    contents: a reader reloads the row as it is now."""
+
+    revision: int
+    at: int
+    kind: str
+    key: str
+
+
 # -- the ledger: issued credentials, tasks, audit -------------------------------------------------
 
 

@@ -23,7 +23,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any
 import sqlite_utils
 
 from server.datastore import queries as q
+from server.datastore import sqlite_audit
 from server.datastore.base import JtiClaim
 from server.datastore.errors import (
     AlreadyExistsError,
@@ -41,10 +42,15 @@ from server.datastore.errors import (
 )
 from server.datastore.migrations import CREATE_MIGRATIONS_TABLE, MIGRATIONS, Migration
 from server.datastore.records import (
+    FEED_AGENT,
+    FEED_ENTRY,
+    FEED_KEY_SLOT,
+    FEED_REVOCATION,
     KEY_KINDS,
     REVOCATION_KINDS,
     AttestedAgent,
     Entry,
+    FeedItem,
     JoinToken,
     KeySlot,
     Revocation,
@@ -59,6 +65,12 @@ from svid._clock import Clock
 BUSY_TIMEOUT_MS = 10_000
 _REVISION = "revision"
 _BUNDLE_SEQUENCE = "bundle_sequence"
+_FEED = "feed"
+# Ids bound in one `get_entries` read (SQLite's parameter limit is 999 on old builds).
+_IDS_PER_READ = 500
+# How often wait_feed looks at the feed's counter: what a write through another process waits,
+# at worst, before this one sees it (a read of one row, a few microseconds).
+FEED_POLL_SECONDS = 0.02
 Row = Mapping[str, Any]
 
 
@@ -205,6 +217,7 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
         # kill -9 and power loss (NORMAL would only survive a process crash).
         self._db.execute("PRAGMA synchronous = FULL")
         self._closed = False
+        self._closing = threading.Event()
         self.migrate()
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -255,6 +268,20 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
         row = db.execute(q.SELECT_COUNTER, {"name": counter}).fetchone()
         return int(row[0])
 
+    def _append_feed(self, db: sqlite_utils.Database, kind: str, keys: Iterable[str]) -> None:
+        """Name the rows this transaction touched in the change feed: one counter bump for
+        all of them, so a batch pays one small insert per row."""
+        keys = list(keys)
+        if not keys:
+            return
+        db.execute(q.BUMP_COUNTER_BY, {"name": _FEED, "n": len(keys)})
+        head = int(db.execute(q.SELECT_COUNTER, {"name": _FEED}).fetchone()[0])
+        at = self._now()
+        first = head - len(keys) + 1
+        sqlite_audit.insert_many(
+            db.conn, q.FEED_INTO, [(first + i, at, kind, k) for i, k in enumerate(keys)]
+        )
+
     def migrate(self) -> list[int]:
         """Apply pending migrations; returns the versions applied now (empty when up to date)."""
         applied: list[int] = []
@@ -281,6 +308,7 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
         return sorted(int(r["version"]) for r in self._rows(q.MIGRATION_VERSIONS))
 
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             if not self._closed:
                 self._closed = True
@@ -344,18 +372,21 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
         with self._transaction() as db:
             self._insert_in(db, stored)
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_ENTRY, (stored.id,))
         return stored
 
     def update_entry(self, entry: Entry) -> Entry:
         with self._transaction() as db:
             stored = self._update_in(db, entry)
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_ENTRY, (stored.id,))
         return stored
 
     def delete_entry(self, entry_id: str) -> None:
         with self._transaction() as db:
             self._delete_in(db, entry_id)
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_ENTRY, (entry_id,))
 
     # A batch is one transaction (one fsync, one revision) whose items succeed or fail each on
     # its own: every check of an item precedes its one write, so a refused item leaves nothing.
@@ -373,6 +404,7 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
                 results.append(item)
             if any(isinstance(r, Entry) for r in results):
                 self._bump(db, _REVISION)
+                self._append_feed(db, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
         return results
 
     def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
@@ -385,6 +417,7 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
                     results.append(exc)
             if any(isinstance(r, Entry) for r in results):
                 self._bump(db, _REVISION)
+                self._append_feed(db, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
         return results
 
     def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
@@ -399,6 +432,8 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
                 results.append(None)
             if any(r is None for r in results):
                 self._bump(db, _REVISION)
+                done = (i for i, r in zip(entry_ids, results, strict=True) if r is None)
+                self._append_feed(db, FEED_ENTRY, done)
         return results
 
     def get_entry(self, entry_id: str) -> Entry:
@@ -406,6 +441,16 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
         if not rows:
             raise NotFoundError(f"entry {entry_id} not found")
         return _entry_from(rows[0])
+
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        found: list[Entry] = []
+        for start in range(0, len(entry_ids), _IDS_PER_READ):
+            chunk = entry_ids[start : start + _IDS_PER_READ]
+            params = {f"i{n}": entry_id for n, entry_id in enumerate(chunk)}
+            found.extend(
+                _entry_from(r) for r in self._rows(q.select_entries_in(len(chunk)), params)
+            )
+        return found
 
     def list_entries(
         self, spiffe_id: str | None = None, parent_id: str | None = None
@@ -445,6 +490,7 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
         with self._transaction() as db:
             db.execute(q.UPSERT_AGENT, _agent_params(agent))
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_AGENT, (agent.spiffe_id,))
 
     def admit_agent(self, agent: AttestedAgent, token: TokenUse, now: int) -> bool:
         spend = {"token_id": token.token_id, "secret_hash": token.secret_hash, "now": now}
@@ -459,6 +505,7 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
                 return False
             db.execute(q.UPSERT_AGENT, _agent_params(agent))
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_AGENT, (agent.spiffe_id,))
         return True
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
@@ -475,6 +522,7 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
             if db.execute(q.DELETE_AGENT, {"spiffe_id": spiffe_id}).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_AGENT, (spiffe_id,))
 
     def set_agent_banned(self, spiffe_id: str, banned: bool) -> None:
         params = {"spiffe_id": spiffe_id, "banned": int(banned)}
@@ -482,6 +530,7 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
             if db.execute(q.SET_AGENT_BANNED, params).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_AGENT, (spiffe_id,))
 
     # -- key slots ------------------------------------------------------------------------------
 
@@ -501,13 +550,15 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
         }
         with self._transaction() as db:
             db.execute(q.UPSERT_KEY_SLOT, params)
+            self._append_feed(db, FEED_KEY_SLOT, (slot.slot_id,))
 
     def list_key_slots(self, kind: str) -> list[KeySlot]:
         return [_slot_from(r) for r in self._rows(q.LIST_KEY_SLOTS, {"kind": kind})]
 
     def delete_key_slot(self, slot_id: str) -> None:
         with self._transaction() as db:
-            db.execute(q.DELETE_KEY_SLOT, {"slot_id": slot_id})
+            if db.execute(q.DELETE_KEY_SLOT, {"slot_id": slot_id}).rowcount:
+                self._append_feed(db, FEED_KEY_SLOT, (slot_id,))
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -543,8 +594,9 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
         if not items:
             return
         with self._transaction() as db:
+            added = []
             for item in items:
-                db.execute(
+                cursor = db.execute(
                     q.INSERT_REVOCATION,
                     {
                         "kind": item.kind,
@@ -555,7 +607,10 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
                         "revoked_at": item.revoked_at,
                     },
                 )
+                if cursor.rowcount == 1:
+                    added.append(f"{item.kind}:{item.value}")
             self._bump(db, _REVISION)
+            self._append_feed(db, FEED_REVOCATION, added)
 
     def list_revocations(self) -> list[Revocation]:
         return [_revocation_from(r) for r in self._rows(q.LIST_REVOCATIONS)]
@@ -585,3 +640,32 @@ class SqliteDataStore(SqliteLedger, SqliteFederation):
 
     def revision(self) -> int:
         return int(self._rows(q.SELECT_COUNTER, {"name": _REVISION})[0]["value"])
+
+    # -- change feed ----------------------------------------------------------------------------
+
+    def feed_head(self) -> int:
+        return int(self._rows(q.SELECT_COUNTER, {"name": _FEED})[0]["value"])
+
+    def feed_since(self, after: int, limit: int) -> list[FeedItem]:
+        rows = self._rows(q.FEED_SINCE, {"after": after, "limit": limit})
+        return [FeedItem(r["revision"], r["at"], r["kind"], r["key"]) for r in rows]
+
+    def prune_feed(self, before: int) -> int:
+        with self._transaction() as db:
+            return int(db.execute(q.PRUNE_FEED, {"before": before}).rowcount)
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        # SQLite tells no other process of a commit: look at the counter every few
+        # milliseconds (steps of the poll, not a clock: a test's fake clock never moves here).
+        steps = max(1, round(timeout / FEED_POLL_SECONDS))
+        for step in range(steps + 1):
+            try:
+                if self._closing.is_set() or self.feed_head() > after:
+                    return not self._closing.is_set()
+            except sqlite3.ProgrammingError:
+                if self._closing.is_set():
+                    return False  # closed while we looked
+                raise
+            if step == steps or self._closing.wait(FEED_POLL_SECONDS):
+                return False
+        return False

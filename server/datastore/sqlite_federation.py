@@ -19,7 +19,7 @@ from server.datastore.errors import AlreadyExistsError, NotFoundError
 from server.datastore.records import FederationRelationship, ForeignBundle
 
 
-def _relationship_from(row: Mapping[str, Any]) -> FederationRelationship:
+def relationship_from(row: Mapping[str, Any]) -> FederationRelationship:
     return FederationRelationship(
         trust_domain=row["trust_domain"],
         endpoint_url=row["endpoint_url"],
@@ -31,7 +31,7 @@ def _relationship_from(row: Mapping[str, Any]) -> FederationRelationship:
     )
 
 
-def _relationship_params(rel: FederationRelationship) -> dict[str, Any]:
+def relationship_params(rel: FederationRelationship) -> dict[str, Any]:
     return {
         "trust_domain": rel.trust_domain,
         "endpoint_url": rel.endpoint_url,
@@ -59,7 +59,7 @@ class SqliteFederation:
         now = self._now()
         stored = replace(rel, created_at=now, updated_at=now)
         with self._transaction() as db:
-            if db.execute(q.INSERT_RELATIONSHIP, _relationship_params(stored)).rowcount != 1:
+            if db.execute(q.INSERT_RELATIONSHIP, relationship_params(stored)).rowcount != 1:
                 raise AlreadyExistsError(
                     f"a federation relationship with {rel.trust_domain} already exists"
                 )
@@ -71,17 +71,17 @@ class SqliteFederation:
             if not rows:
                 raise NotFoundError(f"no federation relationship with {rel.trust_domain}")
             stored = replace(rel, created_at=rows[0]["created_at"], updated_at=max(self._now(), 1))
-            db.execute(q.UPDATE_RELATIONSHIP, _relationship_params(stored))
+            db.execute(q.UPDATE_RELATIONSHIP, relationship_params(stored))
         return stored
 
     def get_relationship(self, trust_domain: str) -> FederationRelationship:
         rows = self._rows(q.SELECT_RELATIONSHIP, {"trust_domain": trust_domain})
         if not rows:
             raise NotFoundError(f"no federation relationship with {trust_domain}")
-        return _relationship_from(rows[0])
+        return relationship_from(rows[0])
 
     def list_relationships(self) -> list[FederationRelationship]:
-        return [_relationship_from(r) for r in self._rows(q.LIST_RELATIONSHIPS)]
+        return [relationship_from(r) for r in self._rows(q.LIST_RELATIONSHIPS)]
 
     def delete_relationship(self, trust_domain: str) -> None:
         with self._transaction() as db:

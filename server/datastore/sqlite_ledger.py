@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,10 @@ import sqlite_utils
 
 from server.datastore import ledger_queries as lq
 from server.datastore import sqlite_audit
+from server.datastore.chain import check_follows
 from server.datastore.errors import StorageError
 from server.datastore.records import (
+    FEED_TASK,
     AuditMark,
     AuditRow,
     AuditSnapshot,
@@ -67,6 +69,9 @@ class SqliteLedger:
     def _rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         raise NotImplementedError  # SqliteDataStore's
 
+    def _append_feed(self, db: sqlite_utils.Database, kind: str, keys: Iterable[str]) -> None:
+        raise NotImplementedError  # SqliteDataStore's
+
     def _write(self, what: str, sql: str, params: Mapping[str, Any]) -> int:
         try:
             with self._transaction() as db:
@@ -83,7 +88,23 @@ class SqliteLedger:
     # -- tasks ----------------------------------------------------------------------------------
 
     def put_task(self, task: TaskRecord) -> None:
-        self._write("record the task", lq.UPSERT_TASK, _task_params(task))
+        try:
+            with self._transaction() as db:
+                db.execute(lq.UPSERT_TASK, _task_params(task))
+                self._append_feed(db, FEED_TASK, (task.task_id,))
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot record the task: {e}") from e
+
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        params = {**_task_params(task), "expected_state": expected_state}
+        try:
+            with self._transaction() as db:
+                if db.execute(lq.SWAP_TASK, params).rowcount != 1:
+                    return False
+                self._append_feed(db, FEED_TASK, (task.task_id,))
+                return True
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot record the task: {e}") from e
 
     def get_task(self, task_id: str) -> TaskRecord | None:
         rows = self._read("read the task", lq.SELECT_TASK, {"task_id": task_id})
@@ -138,6 +159,10 @@ class SqliteLedger:
             return
         try:
             with self._transaction() as db:
+                if audit_rows:
+                    # Under the write lock BEGIN IMMEDIATE took: no other writer can move the
+                    # head between this read and the commit.
+                    check_follows(sqlite_audit.read_head(db.conn), audit_rows[0])
                 # Multi-row statements: see insert_many for why not executemany.
                 sqlite_audit.insert_many(db.conn, lq.CREDENTIALS_INTO, credentials)
                 if audit_rows:

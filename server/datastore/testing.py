@@ -27,6 +27,7 @@ from server.datastore.records import (
     Entry,
     EventFilter,
     FederationRelationship,
+    FeedItem,
     ForeignBundle,
     Head,
     JoinToken,
@@ -95,6 +96,10 @@ class FaultInjectingDataStore:
     def get_entry(self, entry_id: str) -> Entry:
         self._enter("get_entry")
         return self.inner.get_entry(entry_id)
+
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        self._enter("get_entries")
+        return self.inner.get_entries(entry_ids)
 
     def list_entries(
         self, spiffe_id: str | None = None, parent_id: str | None = None
@@ -182,9 +187,29 @@ class FaultInjectingDataStore:
         self._enter("revision")
         return self.inner.revision()
 
+    def feed_head(self) -> int:
+        self._enter("feed_head")
+        return self.inner.feed_head()
+
+    def feed_since(self, after: int, limit: int) -> list[FeedItem]:
+        self._enter("feed_since")
+        return self.inner.feed_since(after, limit)
+
+    def prune_feed(self, before: int) -> int:
+        self._enter("prune_feed")
+        return self.inner.prune_feed(before)
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        self._enter("wait_feed")
+        return self.inner.wait_feed(after, timeout)
+
     def put_task(self, task: TaskRecord) -> None:
         self._enter("put_task")
         self.inner.put_task(task)
+
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        self._enter("swap_task")
+        return self.inner.swap_task(task, expected_state)
 
     def get_task(self, task_id: str) -> TaskRecord | None:
         self._enter("get_task")

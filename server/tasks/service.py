@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -24,6 +24,7 @@ from server.ca.manager import CaManager
 from server.datastore.records import (
     AttestedAgent,
     Entry,
+    EventFilter,
     Revocation,
     TaskCursor,
 )
@@ -53,6 +54,8 @@ _log = logging.getLogger("svid.server.tasks")
 # A granted tool in a token's `scope`: "tool:<name>" (svid.TaskClaims reads it).
 TOOL_SCOPE_PREFIX = "tool:"
 _HEX = frozenset("0123456789abcdef")
+# An end claimed this long ago and never settled was left half done (its server died midway).
+END_GRACE = 60
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ class TaskService:
         self._lock = threading.Lock()
         # Active tasks by task SPIFFE ID: the per-mint lookup never touches SQLite.
         self._active: Mapping[str, Task] = MappingProxyType({})
+        # Tasks this server ended (id -> expires_at): an end is final, so a row the change
+        # feed read before the end never makes one active again here.
+        self._ended: dict[str, int] = {}
         self._crl = CrlCache()
 
     @property
@@ -137,6 +143,35 @@ class TaskService:
                 tasks[task.spiffe_id] = task
             else:
                 tasks.pop(task.spiffe_id, None)
+                self._ended[task.task_id] = task.expires_at
+            self._active = MappingProxyType(tasks)
+
+    # -- tasks begun or ended through other servers (server.replication) ------------------------
+
+    def reload_tasks(self, task_ids: Collection[str]) -> dict[str, Task | None]:
+        """The named tasks as stored now (None: no such row); blocking, run it in a thread."""
+        return {task_id: self._store.get_task(task_id) for task_id in task_ids}
+
+    def reload_all_tasks(self) -> dict[str, Task | None]:
+        """Every active task as stored now, and None for each one memory holds that is not."""
+        stored: dict[str, Task | None] = {
+            t.task_id: t for t in self._store.list_tasks(state=TaskState.ACTIVE.value)
+        }
+        for task in self._active.values():
+            stored.setdefault(task.task_id, None)
+        return stored
+
+    def apply_tasks(self, loaded: Mapping[str, Task | None]) -> None:
+        """Tasks as another server left them: begun ones become active here, ended ones not."""
+        with self._lock:
+            begun, ended = follow_tasks(self._active, self._ended, loaded)
+            if not begun and not ended:
+                return
+            tasks = dict(self._active)
+            for task in ended:
+                tasks.pop(task.spiffe_id, None)
+            for task in begun:
+                tasks[task.spiffe_id] = task
             self._active = MappingProxyType(tasks)
 
     def next_expiry(self) -> float:
@@ -420,24 +455,36 @@ class TaskService:
             await self._state.create_entry(entry)
         except Exception:
             self._set_active(task, False)
-            await self._undo_begin(task, stored=True, why="its entry could not be created")
-            try:
-                await self._record_end(task, TaskState.REVOKED, "begin failed", revoked=0)
-            except Exception:
-                _log.exception("recording a failed begin failed", extra={"task_id": task.task_id})
+            # Ended meanwhile by another server's sweep (a TTL shorter than this begin): that
+            # one recorded the end.
+            if await self._undo_begin(task, stored=True, why="its entry could not be created"):
+                try:
+                    await self._record_end(task, TaskState.REVOKED, "begin failed", revoked=0)
+                except Exception:
+                    _log.exception(
+                        "recording a failed begin failed", extra={"task_id": task.task_id}
+                    )
             raise
         _log.info("task begun", extra={"task_id": task.task_id, "agent_id": task.runtime_id})
         return task
 
-    async def _undo_begin(self, task: Task, *, stored: bool, why: str) -> None:
-        """Best effort after a failed begin: the caller gets the original error either way."""
+    async def _undo_begin(self, task: Task, *, stored: bool, why: str) -> bool:
+        """Best effort after a failed begin: the caller gets the original error either way.
+        True when this call ended the stored row."""
         try:
             if stored:
-                await asyncio.to_thread(
+                self._set_active(task, False)
+                done = await asyncio.to_thread(
                     self._store.finish, task, TaskState.REVOKED, self._now(), f"begin failed: {why}"
                 )
+                if done is None:
+                    return False
+                # Nothing was issued for it, and its end (if any) is recorded by the caller.
+                await asyncio.to_thread(self._store.settle, done)
+                return True
         except Exception:
             _log.exception("undoing a failed task begin failed", extra={"task_id": task.task_id})
+        return False
 
     # -- per-mint decisions ---------------------------------------------------------------------
 
@@ -676,7 +723,13 @@ class TaskService:
         )
 
     async def _finish(self, task: Task, state: TaskState, reason: str) -> Task:
-        # Sub-tasks live inside their parent: they end with it.
+        """End an active task once across every server sharing the datastore: the call whose
+        write moves the row out of `active` (a compare-and-set, TaskStore.finish) revokes its
+        credentials, deletes its entry and records the one task-end event. A call that finds
+        it ended already (an EndTask racing an expiry sweep, two servers sweeping the same due
+        task) only forgets it here and returns the row as the winner left it. A CAS rather
+        than a lease: expiry does not wait for any one server to be alive."""
+        # Sub-tasks live inside their parent: they end with it (each once, by the same CAS).
         children = await asyncio.to_thread(
             self._store.list_tasks, agent_id=task.agent_id, state=TaskState.ACTIVE.value
         )
@@ -686,18 +739,51 @@ class TaskService:
         self._set_active(task, False)
         now = self._now()
         done = await asyncio.to_thread(self._store.finish, task, state, now, reason)
-        creds = await asyncio.to_thread(self._store.task_credentials, task.task_id, now)
-        await self._revoke(creds, reason, agent_id=task.agent_id, task=task)
-        if task.entry_id and task.entry_id in self._state.entries.by_id:
+        if done is None:
+            stored = await asyncio.to_thread(self._store.get_task, task.task_id)
+            _log.debug("task already ended elsewhere", extra={"task_id": task.task_id})
+            return stored if stored is not None else task
+        await self._carry_out_end(done)
+        return done
+
+    async def _carry_out_end(self, done: Task, *, again: bool = False) -> None:
+        """The work of an end this server claimed: revoke what the task was issued, delete its
+        entry, record the task-end event, then settle the row (TaskStore.settle). Until then
+        the end can be finished by another server (`settle_ends`); `again` is that: what the
+        server before did already (revocations, the event) is not done twice."""
+        now = self._now()
+        creds = await asyncio.to_thread(self._store.task_credentials, done.task_id, now)
+        fresh = creds
+        if again:
+            already = {(r.kind, r.value) for r in self._state.revocations}
+            fresh = [c for c in creds if (c.kind, c.value) not in already]
+        await self._revoke(fresh, done.end_reason, agent_id=done.agent_id, task=done)
+        if done.entry_id and done.entry_id in self._state.entries.by_id:
             # LookupError: deleted meanwhile (an operator's `entry delete`).
             with contextlib.suppress(LookupError):
-                await self._state.delete_entry(task.entry_id)
-        await self._record_end(task, state, reason, revoked=len(creds))
+                await self._state.delete_entry(done.entry_id)
+        if not again or not await asyncio.to_thread(self._end_recorded, done.task_id):
+            await self._record_end(done, done.state, done.end_reason, revoked=len(creds))
+        await asyncio.to_thread(self._store.settle, done)
         _log.info(
             "task finished",
-            extra={"task_id": task.task_id, "state": state.value, "revoked": len(creds)},
+            extra={"task_id": done.task_id, "state": done.state.value, "revoked": len(creds)},
         )
-        return done
+
+    def _end_recorded(self, task_id: str) -> bool:
+        rows = self._audit.store.audit_rows(EventFilter(kind=EventKind.TASK_END, task_id=task_id))
+        return next(iter(rows), None) is not None
+
+    async def settle_ends(self, grace: int = END_GRACE) -> int:
+        """Finish the ends claimed more than `grace` seconds ago and never settled: the server
+        that claimed one died (or failed) midway. One server at a time runs this (app.py: the
+        housekeeping lease holder); returns how many it finished."""
+        stale = await asyncio.to_thread(self._store.unsettled, self._now() - grace)
+        for task in stale:
+            self._set_active(task, False)
+            _log.warning("finishing a task end left half done", extra={"task_id": task.task_id})
+            await self._carry_out_end(task, again=True)
+        return len(stale)
 
     async def _record_end(self, task: Task, state: TaskState, reason: str, *, revoked: int) -> None:
         await asyncio.to_thread(
@@ -743,7 +829,31 @@ class TaskService:
 
     async def housekeeping(self) -> None:
         await self.expire_due()
+        now = self._now()
+        with self._lock:
+            # Past its expiry a task is refused anyway (and expired on every server).
+            self._ended = {k: at for k, at in self._ended.items() if at >= now}
         await asyncio.to_thread(self._store.prune, self._now(), self.settings.violation_window)
+
+
+def follow_tasks(
+    active: Mapping[str, Task], ended: Container[str], loaded: Mapping[str, Task | None]
+) -> tuple[list[Task], list[Task]]:
+    """What a reload of tasks changes in memory: (begun, ended). `active` is keyed by task
+    SPIFFE ID, `ended` holds ids this server ended itself, `loaded` maps task ids to their row
+    (None: gone). A row no longer active ends the task; an active row begins it unless this
+    server already saw it end (an end is final: the row was read before it)."""
+    by_id = {t.task_id: t for t in active.values()}
+    begun: list[Task] = []
+    gone: list[Task] = []
+    for task_id, task in loaded.items():
+        held = by_id.get(task_id)
+        if task is not None and task.active:
+            if task_id not in ended and held != task:
+                begun.append(task)
+        elif held is not None:
+            gone.append(held)
+    return begun, gone
 
 
 def actor_chain(spiffe_id: str, parent: Task | None, on_behalf_of: str) -> dict[str, Any]:

@@ -113,6 +113,84 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_config(bad)
 
 
+# -- the datastore ------------------------------------------------------------------------------
+
+
+def test_the_datastore_is_sqlite_in_the_data_dir_unless_set() -> None:
+    config = build_config({"trust_domain": "example.org", "data_dir": "/var/svid"})
+    assert config.datastore_dsn is None
+    assert config.datastore_path == Path("/var/svid/datastore.sqlite3")
+    moved = build_config({"trust_domain": "example.org", "datastore": "/srv/ds.sqlite3"})
+    assert moved.datastore_dsn is None
+    assert moved.datastore_path == Path("/srv/ds.sqlite3")
+
+
+KEK = {"key_encryption_key_file": "/etc/svid/kek"}  # servers sharing PostgreSQL share the CA
+
+
+def test_a_postgresql_url_selects_postgresql_and_the_flag_wins(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(
+        'trust_domain = "example.org"\ndatastore = "/srv/ds.sqlite3"\n'
+        'key_encryption_key_file = "/etc/svid/kek"\n'
+    )
+    dsn = "postgresql://svidd:pw-in-url@db.internal:5432/svidd?sslmode=require"
+    config = load_config(path, {"datastore": dsn})
+    assert config.datastore_dsn == dsn
+    assert config.datastore_shown == "postgresql://svidd:***@db.internal:5432/svidd?sslmode=require"
+    other = {"trust_domain": "x.org", "datastore": "postgres://h/db", **KEK}
+    assert build_config(other).datastore_dsn
+
+
+def test_the_datastore_password_stays_out_of_errors_and_the_repr() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config({"trust_domain": "example.org", "datastore": "postgresql://u:pw-9@h:xx/db"})
+    assert str(caught.value).startswith("datastore: not a valid PostgreSQL URL")
+    assert "pw-9" not in str(caught.value)
+    config = build_config(
+        {"trust_domain": "example.org", "datastore": "postgresql://u:pw-9@h/d", **KEK}
+    )
+    assert "pw-9" not in repr(config)
+
+
+WITHOUT_PSYCOPG = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("psycopg", "psycopg_pool"):
+            raise ImportError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Block())
+import server.app, server.cli  # the server imports without the extra
+from server.datastore.postgres_dsn import open_postgres
+from server.errors import ConfigError
+from svid._clock import SystemClock
+
+try:
+    open_postgres("postgresql://u:pw-x@h/db", SystemClock())
+except ConfigError as e:
+    print(e)
+"""
+
+
+def test_without_the_postgres_extra_the_server_imports_and_a_dsn_names_the_extra() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PSYCOPG],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "needs the 'postgres' extra (pip install 'svidd[postgres]')" in done.stdout
+    assert "pw-x" not in done.stdout
+
+
 def test_key_encryption_key_file_from_file_or_flag(tmp_path: Path) -> None:
     path = tmp_path / "server.toml"
     path.write_text('trust_domain = "example.org"\nkey_encryption_key_file = "/etc/svid/kek"\n')
@@ -129,5 +207,7 @@ def test_a_postgresql_datastore_needs_the_key_encryption_key() -> None:
     with pytest.raises(ConfigError, match="key_encryption_key_file: required with a PostgreSQL"):
         check_key_encryption(dsn, None)
     check_key_encryption(dsn, Path("/etc/svid/kek"))
+    with pytest.raises(ConfigError, match="required with a PostgreSQL"):
+        check_key_encryption("postgres://db.internal/svid", None)  # libpq's other scheme
     check_key_encryption("", None)  # SQLite: a lone server keeps its own key files
     check_key_encryption("/var/lib/svid/datastore.sqlite3", None)

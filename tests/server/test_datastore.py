@@ -1,4 +1,5 @@
-"""The SQLite datastore on a real file: CRUD, identity rules, single use, restarts, migrations."""
+"""The datastore: CRUD, identity rules, single use and change tracking on every backend (the
+`datastore` fixture below); restarts, migrations and the file on SQLite."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import sqlite3
 import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from server.datastore import (
     AlreadyExistsError,
     AttestedAgent,
     ConflictError,
+    DataStore,
     Entry,
     JoinToken,
     KeySlot,
@@ -32,8 +35,18 @@ from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
+from tests.server.test_datastore_contract import BACKENDS
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def datastore(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> Iterator[DataStore]:
+    store = BACKENDS[request.param](request, tmp_path, clock)()
+    yield store
+    store.close()
 
 
 def entry(path: str = "/web", parent: str = AGENT, *selectors: str, **kw: object) -> Entry:
@@ -69,7 +82,7 @@ def test_join_token_repr_hides_the_hash() -> None:
 # -- entries -------------------------------------------------------------------------------------
 
 
-def test_create_entry_assigns_id_revision_and_time(datastore: SqliteDataStore) -> None:
+def test_create_entry_assigns_id_revision_and_time(datastore: DataStore) -> None:
     created = datastore.create_entry(entry(dns_names=("a.example",), hint="h", admin=True))
     assert len(created.id) == 32
     assert created.revision == 1
@@ -78,7 +91,7 @@ def test_create_entry_assigns_id_revision_and_time(datastore: SqliteDataStore) -
 
 
 def test_entries_made_within_one_second_sort_in_creation_order(
-    datastore: SqliteDataStore,
+    datastore: DataStore,
 ) -> None:
     """The agent picks a workload's default identity by (created_at, id); created_at counts
     seconds, so the id must keep same-second entries in the order they were made."""
@@ -88,14 +101,14 @@ def test_entries_made_within_one_second_sort_in_creation_order(
     assert all(len(e.id) == 32 and int(e.id, 16) >= 0 for e in made)
 
 
-def test_create_entry_keeps_a_given_id(datastore: SqliteDataStore) -> None:
+def test_create_entry_keeps_a_given_id(datastore: DataStore) -> None:
     created = datastore.create_entry(Entry("my-id", "spiffe://example.org/a", AGENT, ()))
     assert created.id == "my-id"
     with pytest.raises(AlreadyExistsError, match="my-id"):
         datastore.create_entry(Entry("my-id", "spiffe://example.org/b", AGENT, ()))
 
 
-def test_duplicate_entry_is_the_same_selector_set_in_any_order(datastore: SqliteDataStore) -> None:
+def test_duplicate_entry_is_the_same_selector_set_in_any_order(datastore: DataStore) -> None:
     datastore.create_entry(entry("/web", AGENT, "unix:uid:1000", "unix:gid:5"))
     with pytest.raises(AlreadyExistsError, match="same selectors"):
         datastore.create_entry(entry("/web", AGENT, "unix:gid:5", "unix:uid:1000"))
@@ -108,7 +121,7 @@ def test_duplicate_entry_is_the_same_selector_set_in_any_order(datastore: Sqlite
     assert len(datastore.list_entries()) == 4
 
 
-def test_list_entries_filters(datastore: SqliteDataStore) -> None:
+def test_list_entries_filters(datastore: DataStore) -> None:
     a = datastore.create_entry(entry("/a", AGENT))
     b = datastore.create_entry(entry("/b", AGENT))
     c = datastore.create_entry(entry("/a", "spiffe://example.org/other"))
@@ -120,7 +133,7 @@ def test_list_entries_filters(datastore: SqliteDataStore) -> None:
 
 
 def test_update_entry_bumps_revision_and_keeps_created_at(
-    datastore: SqliteDataStore, clock: FakeClock
+    datastore: DataStore, clock: FakeClock
 ) -> None:
     created = datastore.create_entry(entry())
     clock.advance(100)
@@ -131,7 +144,7 @@ def test_update_entry_bumps_revision_and_keeps_created_at(
     assert datastore.get_entry(created.id) == updated
 
 
-def test_update_entry_with_a_stale_revision_conflicts(datastore: SqliteDataStore) -> None:
+def test_update_entry_with_a_stale_revision_conflicts(datastore: DataStore) -> None:
     created = datastore.create_entry(entry())
     datastore.update_entry(created)  # now revision 2
     with pytest.raises(ConflictError, match="revision 2"):
@@ -139,7 +152,7 @@ def test_update_entry_with_a_stale_revision_conflicts(datastore: SqliteDataStore
     assert datastore.get_entry(created.id).revision == 2
 
 
-def test_update_entry_may_not_clash_with_another(datastore: SqliteDataStore) -> None:
+def test_update_entry_may_not_clash_with_another(datastore: DataStore) -> None:
     a = datastore.create_entry(entry("/a"))
     b = datastore.create_entry(entry("/b"))
     with pytest.raises(AlreadyExistsError, match=a.id):
@@ -147,7 +160,7 @@ def test_update_entry_may_not_clash_with_another(datastore: SqliteDataStore) -> 
     assert datastore.get_entry(b.id) == b
 
 
-def test_unknown_entry_is_not_found(datastore: SqliteDataStore) -> None:
+def test_unknown_entry_is_not_found(datastore: DataStore) -> None:
     with pytest.raises(NotFoundError, match="nope"):
         datastore.get_entry("nope")
     with pytest.raises(NotFoundError, match="nope"):
@@ -156,7 +169,7 @@ def test_unknown_entry_is_not_found(datastore: SqliteDataStore) -> None:
         datastore.delete_entry("nope")
 
 
-def test_delete_entry(datastore: SqliteDataStore) -> None:
+def test_delete_entry(datastore: DataStore) -> None:
     created = datastore.create_entry(entry())
     datastore.delete_entry(created.id)
     assert datastore.list_entries() == []
@@ -170,11 +183,11 @@ NOW = 1_700_000_000
 HASH = b"h" * 32
 
 
-def _spend(store: SqliteDataStore, token_id: str, secret_hash: bytes, now: int) -> bool:
+def _spend(store: DataStore, token_id: str, secret_hash: bytes, now: int) -> bool:
     return store.admit_agent(agent(), TokenUse(token_id, secret_hash), now)
 
 
-def test_join_token_is_consumed_once(datastore: SqliteDataStore) -> None:
+def test_join_token_is_consumed_once(datastore: DataStore) -> None:
     token = JoinToken("t1", HASH, NOW + 600)
     datastore.create_join_token(token)
     with pytest.raises(AlreadyExistsError, match="t1"):
@@ -185,7 +198,7 @@ def test_join_token_is_consumed_once(datastore: SqliteDataStore) -> None:
 
 
 def test_a_wrong_hash_or_late_attempt_leaves_the_token_as_it_was(
-    datastore: SqliteDataStore,
+    datastore: DataStore,
 ) -> None:
     datastore.create_join_token(JoinToken("t1", HASH, NOW + 600))
     revision = datastore.revision()
@@ -202,7 +215,7 @@ def test_a_wrong_hash_or_late_attempt_leaves_the_token_as_it_was(
     assert not datastore.check_join_token("t1", HASH, NOW)
 
 
-def test_join_token_single_use_under_concurrent_consumers(datastore: SqliteDataStore) -> None:
+def test_join_token_single_use_under_concurrent_consumers(datastore: DataStore) -> None:
     datastore.create_join_token(JoinToken("race", HASH, NOW + 600))
     barrier = threading.Barrier(8)
     results: list[bool] = []
@@ -233,7 +246,7 @@ def test_join_token_single_use_across_two_connections(tmp_path: Path, clock: Fak
     second.close()
 
 
-def test_prune_join_tokens(datastore: SqliteDataStore) -> None:
+def test_prune_join_tokens(datastore: DataStore) -> None:
     datastore.create_join_token(JoinToken("old", HASH, 100))
     datastore.create_join_token(JoinToken("new", HASH, 200))
     assert datastore.prune_join_tokens(100) == 1
@@ -244,7 +257,7 @@ def test_prune_join_tokens(datastore: SqliteDataStore) -> None:
 # -- agents --------------------------------------------------------------------------------------
 
 
-def test_agent_upsert_get_list_delete(datastore: SqliteDataStore) -> None:
+def test_agent_upsert_get_list_delete(datastore: DataStore) -> None:
     first = agent(selectors=(Selector("join_token", "t1"),), attested_at=5)
     datastore.upsert_agent(first)
     assert datastore.get_agent(AGENT) == first
@@ -261,7 +274,7 @@ def test_agent_upsert_get_list_delete(datastore: SqliteDataStore) -> None:
         datastore.delete_agent(AGENT)
 
 
-def test_ban_is_sticky_across_upserts(datastore: SqliteDataStore) -> None:
+def test_ban_is_sticky_across_upserts(datastore: DataStore) -> None:
     datastore.upsert_agent(agent())
     datastore.set_agent_banned(AGENT, True)
     datastore.upsert_agent(agent(serial="2"))  # a renewal racing the ban
@@ -276,7 +289,7 @@ def test_ban_is_sticky_across_upserts(datastore: SqliteDataStore) -> None:
 # -- key slots and bundle sequence ---------------------------------------------------------------
 
 
-def test_key_slots_insert_replace_delete(datastore: SqliteDataStore) -> None:
+def test_key_slots_insert_replace_delete(datastore: DataStore) -> None:
     slot = KeySlot("s1", "x509", "prepared", b"\x30\x00", "k", 10, 20, 5)
     datastore.save_key_slot(slot)
     datastore.save_key_slot(KeySlot("s0", "x509", "active", b"\x30", "k0", 1, 20, 1))
@@ -306,7 +319,7 @@ def test_bundle_sequence_is_monotonic_across_restarts(tmp_path: Path, clock: Fak
 # -- revocations ---------------------------------------------------------------------------------
 
 
-def test_revocations_add_list_prune(datastore: SqliteDataStore) -> None:
+def test_revocations_add_list_prune(datastore: DataStore) -> None:
     a = Revocation("x509_serial", "123", "spiffe://example.org/a", 100, "task ended", 50)
     b = Revocation("jwt_id", "abc", "spiffe://example.org/b", 200, "leaked", 50)
     datastore.add_revocations([a, b])
@@ -324,7 +337,7 @@ def test_revocations_add_list_prune(datastore: SqliteDataStore) -> None:
 # -- change tracking -----------------------------------------------------------------------------
 
 
-def test_revision_moves_on_every_write_agents_care_about(datastore: SqliteDataStore) -> None:
+def test_revision_moves_on_every_write_agents_care_about(datastore: DataStore) -> None:
     seen = [datastore.revision()]
 
     def moved() -> bool:
@@ -356,7 +369,7 @@ def test_revision_moves_on_every_write_agents_care_about(datastore: SqliteDataSt
     assert not moved()
 
 
-def test_failed_write_changes_nothing(datastore: SqliteDataStore) -> None:
+def test_failed_write_changes_nothing(datastore: DataStore) -> None:
     datastore.create_entry(entry())
     before = datastore.revision()
     with pytest.raises(AlreadyExistsError):
@@ -422,6 +435,9 @@ def test_a_datastore_of_the_previous_schema_gains_the_ledger_tables(
     assert store.get_entry(made.id) == made
     assert store.audit_head() is None
     assert store.list_tasks() == []
+    assert store.feed_head() == 0
+    store.delete_entry(made.id)
+    assert [(i.revision, i.key) for i in store.feed_since(0, 10)] == [(1, made.id)]
     store.close()
 
 
@@ -528,7 +544,7 @@ def test_closed_store_refuses_calls(tmp_path: Path, clock: FakeClock) -> None:
 # -- the fault-injecting wrapper -----------------------------------------------------------------
 
 
-def test_fault_injection_fails_matching_calls_in_order(datastore: SqliteDataStore) -> None:
+def test_fault_injection_fails_matching_calls_in_order(datastore: DataStore) -> None:
     store = FaultInjectingDataStore(datastore)
     store.inject(sqlite3.OperationalError("disk I/O error"), method="create_entry")
     store.inject(RuntimeError("any method"))

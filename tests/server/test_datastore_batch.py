@@ -35,7 +35,7 @@ def clock() -> FakeClock:
 def datastore(
     request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
 ) -> Iterator[DataStore]:
-    store = BACKENDS[request.param](tmp_path, clock)()
+    store = BACKENDS[request.param](request, tmp_path, clock)()
     yield store
     store.close()
 

@@ -1,13 +1,14 @@
 """The datastore contract: every role of `DataStore`, run against every backend.
 
-Each backend is a factory that opens (or reopens) one store at a fixed place; today only SQLite
-on a real file. A PostgreSQL backend joins by adding its factory to BACKENDS: the same tests
-must then pass unchanged.
+Each backend is a factory that opens (or reopens) one store at a fixed place: SQLite on a real
+file, PostgreSQL in a fresh schema of a real server (tests/postgres.py; skipped when there is
+none, unless SVIDD_REQUIRE_POSTGRES=1). The same tests pass unchanged on both.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from server.datastore import (
     AlreadyExistsError,
     AttestedAgent,
+    ChainMovedError,
     ConflictError,
     Credential,
     DataStore,
@@ -29,6 +31,7 @@ from server.datastore import (
     StorageError,
     TaskRecord,
 )
+from server.datastore.base import JtiClaim
 from server.datastore.records import (
     AUDIT_COLUMNS,
     HTTPS_SPIFFE,
@@ -52,18 +55,27 @@ RUNTIME = "spiffe://example.org/agents/bot"
 Opener = Callable[[], DataStore]
 
 
-def _sqlite(tmp_path: Path, clock: FakeClock) -> Opener:
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Opener:
     return lambda: SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
 
 
-BACKENDS: dict[str, Callable[[Path, FakeClock], Opener]] = {"sqlite": _sqlite}
+def _postgres(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Opener:
+    from server.datastore.postgres import PostgresDataStore
+
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    return lambda: PostgresDataStore(dsn, clock)
+
+
+# name -> factory(request, tmp_path, clock) of an opener of one store at a fixed place.
+Backend = Callable[[pytest.FixtureRequest, Path, FakeClock], Opener]
+BACKENDS: dict[str, Backend] = {"sqlite": _sqlite, "postgresql": _postgres}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     """Opens the backend; calling it again reopens the same data (a restart)."""
     opened: list[DataStore] = []
-    make = BACKENDS[request.param](tmp_path, FakeClock(NOW))
+    make = BACKENDS[request.param](request, tmp_path, FakeClock(NOW))
 
     def opener() -> DataStore:
         store = make()
@@ -139,6 +151,20 @@ def test_entries_round_trip(store: DataStore) -> None:
     store.delete_entry(made.id)
     with pytest.raises(NotFoundError):
         store.get_entry(made.id)
+
+
+def test_get_entries_reads_many_ids_at_once(store: DataStore) -> None:
+    sels = (Selector("unix", "uid:1000"),)
+    made = store.create_entries(
+        [Entry("", f"spiffe://example.org/w/{i}", AGENT, sels) for i in range(1200)]
+    )
+    ids = [e.id for e in made if isinstance(e, Entry)]
+    assert len(ids) == 1200
+    wanted = [*ids[::2], "missing", ids[1]]
+    found = store.get_entries(wanted)
+    assert sorted(e.id for e in found) == sorted({*ids[::2], ids[1]})
+    assert {e.id: e for e in found}[ids[1]] == store.get_entry(ids[1])
+    assert store.get_entries([]) == []
 
 
 def test_join_tokens_are_single_use(store: DataStore) -> None:
@@ -240,6 +266,20 @@ def test_concurrent_callers_for_a_free_lease_get_one_grant(open_store: Opener) -
     assert all(not s.acquire_lease("ca-rotation", "late", NOW + 1, 30) for s in stores)
 
 
+# -- OAuth assertion replay ---------------------------------------------------------------------
+
+
+def test_a_jti_is_claimed_once_until_it_expires(store: DataStore) -> None:
+    iss = "spiffe://example.org"
+    claims = [JtiClaim(iss, "a", NOW + 60), JtiClaim(iss, "b", NOW + 5), JtiClaim(iss, "a", NOW)]
+    assert store.claim_jtis(claims, NOW) == [True, True, False]  # a repeat in the batch too
+    assert store.claim_jtis([JtiClaim("other-issuer", "a", NOW + 60)], NOW) == [True]
+    assert store.claim_jtis([JtiClaim(iss, "b", NOW + 60)], NOW + 4) == [False]
+    assert store.claim_jtis([JtiClaim(iss, "b", NOW + 60)], NOW + 5) == [True]  # b expired
+    assert store.prune_jtis(NOW + 60) == 3
+    assert store.claim_jtis([JtiClaim(iss, "a", NOW + 90)], NOW + 61) == [True]
+
+
 # -- tasks and violations -----------------------------------------------------------------------
 
 
@@ -307,6 +347,51 @@ def test_due_tasks_are_the_expired_ones_in_a_state(store: DataStore) -> None:
     assert [t.task_id for t in store.due_tasks("active", NOW + 5)] == ["early", "late"]
 
 
+def test_swap_task_moves_a_task_out_of_a_state_once(store: DataStore) -> None:
+    store.put_task(task("t"))
+    head = store.feed_head()
+    expired = task("t", state="expired", body='{"v": "expired"}')
+    assert store.swap_task(expired, "active")
+    assert store.get_task("t") == expired
+    # A second end (the other server's sweep, an EndTask that read the row before) loses and
+    # changes nothing, not even the feed.
+    assert not store.swap_task(task("t", state="ended", body='{"v": "ended"}'), "active")
+    assert store.get_task("t") == expired
+    assert [item.key for item in store.feed_since(head, 10)] == ["t"]
+    assert not store.swap_task(task("none", state="ended"), "active")  # no row: not created
+    assert store.get_task("none") is None
+    assert store.feed_head() == head + 1
+
+
+def test_concurrent_swaps_of_a_task_have_one_winner(open_store: Opener) -> None:
+    """Several stores (separate connections, as separate servers have) end the same tasks at
+    once: each task is moved by exactly one of them."""
+    stores = [open_store() for _ in range(4)]
+    tasks = [f"t{i}" for i in range(20)]
+    for task_id in tasks:
+        stores[0].put_task(task(task_id))
+    barrier = threading.Barrier(len(stores))
+    won: dict[str, list[int]] = {t: [] for t in tasks}
+
+    def end_all(k: int) -> None:
+        barrier.wait()
+        for task_id in tasks:
+            ended = task(task_id, state="expired", body=f'{{"by": {k}}}')
+            if stores[k].swap_task(ended, "active"):
+                won[task_id].append(k)
+
+    threads = [threading.Thread(target=end_all, args=(k,)) for k in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(winners) == 1 for winners in won.values()), won
+    for task_id, (winner,) in won.items():
+        assert stores[1].get_task(task_id) == task(
+            task_id, state="expired", body=f'{{"by": {winner}}}'
+        )
+
+
 def test_violations_count_within_a_window_and_prune(store: DataStore) -> None:
     for at in (NOW - 100, NOW - 10, NOW):
         store.add_violation(RUNTIME, at)
@@ -350,8 +435,76 @@ def test_a_failed_ledger_write_keeps_nothing(store: DataStore) -> None:
     assert store.audit_head() == head
     assert [r["seq"] for r in store.audit_rows()] == [1, 2]
     assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["j1"]
-    store.write_ledger([cred("j4")], audit_rows(3, 1))  # the store is still usable
+    store.write_ledger([cred("j4")], audit_rows(3, 1, prev=f"{2:064x}"))  # still usable
     assert [r["seq"] for r in store.audit_rows()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("first_seq", "prev", "why"),
+    [
+        (3, f"{1:064x}", "a seq the chain already has (a second writer's stale head)"),
+        (4, f"{2:064x}", "a gap"),
+        (3, f"{9:064x}", "the right seq on another hash (a fork)"),
+        (1, "0" * 64, "seq 1 on a chain that is not empty"),
+    ],
+)
+def test_a_batch_sealed_on_another_head_is_refused_and_writes_nothing(
+    store: DataStore, first_seq: int, prev: str, why: str
+) -> None:
+    store.write_ledger([cred("j1")], audit_rows(1, 2))
+    head = store.audit_head()
+    with pytest.raises(ChainMovedError) as refused:
+        store.write_ledger([cred("j2")], audit_rows(first_seq, 2, prev=prev))
+    assert refused.value.head == head, why  # what to seal on instead
+    assert isinstance(refused.value, StorageError)
+    assert store.audit_head() == head
+    assert [r["seq"] for r in store.audit_rows()] == [1, 2]
+    assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["j1"]
+    # Sealed again on the head it was given, the batch goes in.
+    store.write_ledger([cred("j2")], audit_rows(3, 2, prev=head.hash))  # type: ignore[union-attr]
+    assert [r["seq"] for r in store.audit_rows()] == [1, 2, 3, 4]
+
+
+def test_an_empty_chain_takes_only_seq_1(store: DataStore) -> None:
+    with pytest.raises(ChainMovedError) as refused:
+        store.write_ledger([cred("j1")], audit_rows(2, 1))
+    assert refused.value.head is None
+    assert store.audit_head() is None
+    assert store.agent_credentials(AGENT, NOW) == []
+
+
+def test_credentials_alone_do_not_need_the_head(store: DataStore) -> None:
+    store.write_ledger([], audit_rows(1, 2))
+    store.write_ledger([cred("j1")], [])
+    assert store.audit_head() == Head(2, f"{2:064x}")
+
+
+def test_two_writers_on_one_head_one_wins_the_other_is_refused(open_store: Opener) -> None:
+    """Two stores on the same data (two servers): both seal on the same head, in threads; the
+    head check and the write are one step, so exactly one batch lands."""
+    first, second = open_store(), open_store()
+    first.write_ledger([], audit_rows(1, 1))
+    go = threading.Barrier(2)
+    outcomes: dict[str, str] = {}
+
+    def write(name: str, store: DataStore) -> None:
+        rows = audit_rows(2, 50, prev=f"{1:064x}")
+        go.wait()
+        try:
+            store.write_ledger([cred(name)], rows)
+            outcomes[name] = "written"
+        except ChainMovedError as e:
+            outcomes[name] = f"refused at {e.head}"
+
+    pairs = (("a", first), ("b", second))
+    threads = [threading.Thread(target=write, args=pair) for pair in pairs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes.values()) == [f"refused at {Head(51, f'{51:064x}')}", "written"]
+    assert [r["seq"] for r in first.audit_rows()] == list(range(1, 52))
+    assert len(first.agent_credentials(AGENT, NOW)) == 1
 
 
 def test_audit_rows_filter_and_page(store: DataStore) -> None:
@@ -408,6 +561,180 @@ def test_every_role_survives_a_restart(open_store: Opener) -> None:
     assert [c.value for c in again.task_credentials("t", NOW)] == ["j"]
     assert again.audit_head() == Head(2, f"{2:064x}")
     assert [tuple(r.values()) for r in again.audit_rows()] == rows
+
+
+# -- change feed --------------------------------------------------------------------------------
+
+
+def _feed(store: DataStore, after: int = 0) -> list[tuple[str, str]]:
+    return [(item.kind, item.key) for item in store.feed_since(after, 1000)]
+
+
+def test_feed_names_every_row_each_write_touched(store: DataStore) -> None:
+    assert store.feed_head() == 0
+    sels = (Selector("unix", "uid:1000"),)
+    made = store.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))
+    store.update_entry(replace(made, hint="x"))
+    results = store.create_entries(
+        [
+            Entry("", "spiffe://example.org/b", AGENT, sels),
+            Entry("", "spiffe://example.org/a", AGENT, sels),  # clashes: refused, not named
+            Entry("", "spiffe://example.org/c", AGENT, sels),
+        ]
+    )
+    b, clash, c = results
+    assert isinstance(b, Entry)
+    assert isinstance(c, Entry)
+    assert isinstance(clash, AlreadyExistsError)
+    store.update_entries([replace(b, hint="y"), replace(made, id="missing")])
+    store.delete_entries([c.id, "missing"])
+    store.delete_entry(made.id)
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+    store.create_join_token(JoinToken("t", b"h" * 32, NOW + 60))  # not in any server's view
+    store.admit_agent(
+        AttestedAgent(OTHER_AGENT, "join_token", "1", NOW + 3600), TokenUse("t", b"h" * 32), NOW
+    )
+    store.set_agent_banned(AGENT, True)
+    store.delete_agent(OTHER_AGENT)
+    store.add_revocations([Revocation("jwt_id", "j1", RUNTIME, NOW, "r", NOW)])
+    store.add_revocations(
+        [
+            Revocation("jwt_id", "j1", RUNTIME, NOW, "r", NOW),  # already revoked: no row
+            Revocation("x509_serial", "7", RUNTIME, NOW, "r", NOW),
+        ]
+    )
+    store.save_key_slot(KeySlot("s1", "jwt", "active", b"der", "kid", NOW, NOW + 10, NOW))
+    store.delete_key_slot("s1")
+    store.delete_key_slot("absent")  # nothing deleted: no row
+    store.put_task(task("t1"))
+    assert _feed(store) == [
+        ("entry", made.id),
+        ("entry", made.id),
+        ("entry", b.id),
+        ("entry", c.id),
+        ("entry", b.id),
+        ("entry", c.id),
+        ("entry", made.id),
+        ("agent", AGENT),
+        ("agent", OTHER_AGENT),
+        ("agent", AGENT),
+        ("agent", OTHER_AGENT),
+        ("revocation", "jwt_id:j1"),
+        ("revocation", "x509_serial:7"),
+        ("key_slot", "s1"),
+        ("key_slot", "s1"),
+        ("task", "t1"),
+    ]
+    items = store.feed_since(0, 1000)
+    assert [i.revision for i in items] == list(range(1, len(items) + 1))
+    assert {i.at for i in items} == {NOW}
+    assert store.feed_head() == len(items)
+
+
+def test_feed_failed_writes_name_nothing(store: DataStore) -> None:
+    sels = (Selector("unix", "uid:1000"),)
+    made = store.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))
+    head = store.feed_head()
+    with pytest.raises(AlreadyExistsError):
+        store.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))
+    with pytest.raises(ConflictError):
+        store.update_entry(replace(made, revision=7))
+    with pytest.raises(NotFoundError):
+        store.delete_entry("missing")
+    with pytest.raises(NotFoundError):
+        store.delete_agent(AGENT)
+    assert store.create_entries([Entry("", "spiffe://example.org/a", AGENT, sels)])
+    assert not store.admit_agent(
+        AttestedAgent(AGENT, "join_token", "1", NOW + 3600), TokenUse("t", b"h" * 32), NOW
+    )
+    assert store.feed_head() == head
+    assert store.feed_since(head, 10) == []
+
+
+def test_feed_since_pages_in_revision_order(store: DataStore) -> None:
+    for i in range(5):
+        store.put_task(task(f"t{i}"))
+    first = store.feed_since(0, 2)
+    assert [(i.revision, i.key) for i in first] == [(1, "t0"), (2, "t1")]
+    rest = store.feed_since(first[-1].revision, 10)
+    assert [(i.revision, i.key) for i in rest] == [(3, "t2"), (4, "t3"), (5, "t4")]
+    assert store.feed_since(5, 10) == []
+
+
+def test_prune_feed_by_age_keeps_the_head(open_store: Opener) -> None:
+    store = open_store()
+    store.put_task(task("t0"))
+    store.put_task(task("t1"))
+    assert store.prune_feed(NOW) == 0  # written at NOW: not before it
+    assert store.prune_feed(NOW + 1) == 2
+    assert store.feed_since(0, 10) == []
+    assert store.feed_head() == 2
+    store.put_task(task("t2"))
+    assert [(i.revision, i.key) for i in store.feed_since(0, 10)] == [(3, "t2")]
+    store.close()
+    assert open_store().feed_head() == 3  # the head outlives a restart
+
+
+def test_wait_feed_sees_a_write_of_another_connection(open_store: Opener) -> None:
+    reader, writer = open_store(), open_store()
+    head = reader.feed_head()
+    started = time.monotonic()
+    assert not reader.wait_feed(head, 0.1)
+    assert time.monotonic() - started >= 0.09
+    woke: list[bool] = []
+    waiting = threading.Thread(target=lambda: woke.append(reader.wait_feed(head, 10)))
+    waiting.start()
+    time.sleep(0.05)
+    wrote = time.monotonic()
+    writer.put_task(task("t0"))
+    waiting.join(10)
+    assert woke == [True]
+    assert time.monotonic() - wrote < 0.5
+    assert reader.wait_feed(head, 0)  # already past: no wait at all
+
+
+def test_wait_feed_returns_when_the_store_closes(store: DataStore) -> None:
+    woke: list[bool] = []
+    waiting = threading.Thread(target=lambda: woke.append(store.wait_feed(store.feed_head(), 30)))
+    waiting.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    store.close()
+    waiting.join(10)
+    assert woke == [False]
+    assert time.monotonic() - started < 1
+
+
+def test_feed_revisions_commit_in_order_across_connections(open_store: Opener) -> None:
+    stores = [open_store(), open_store()]
+    seen: list[list[int]] = []
+    done = threading.Event()
+
+    def write(store: DataStore, prefix: str) -> None:
+        for i in range(40):
+            store.put_task(task(f"{prefix}{i}"))
+
+    def read(store: DataStore) -> None:
+        # Whatever a reader sees is a prefix with no holes: nothing commits out of order.
+        while not done.is_set():
+            seen.append([i.revision for i in store.feed_since(0, 1000)])
+
+    reader = open_store()
+    writers = [
+        threading.Thread(target=write, args=(s, p)) for s, p in zip(stores, "ab", strict=True)
+    ]
+    checking = threading.Thread(target=read, args=(reader,))
+    checking.start()
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+    done.set()
+    checking.join(10)
+    assert reader.feed_head() == 80
+    assert [i.revision for i in reader.feed_since(0, 1000)] == list(range(1, 81))
+    assert len(seen) > 1
+    assert all(revisions == list(range(1, len(revisions) + 1)) for revisions in seen)
 
 
 def test_federation_relationships_round_trip(store: DataStore) -> None:

@@ -1,4 +1,5 @@
-"""kill -9 in the middle of a write stream: every write the datastore acknowledged survives."""
+"""kill -9 in the middle of a write stream: every write the datastore acknowledged survives, on
+SQLite (a file) and on PostgreSQL (a server the killed process was a client of)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from server.datastore import DataStore
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
 
@@ -22,7 +26,12 @@ WRITER = textwrap.dedent(
     from server.datastore.sqlite import SqliteDataStore
     from svid._clock import SystemClock
 
-    store = SqliteDataStore(Path(sys.argv[1]), SystemClock())
+    if sys.argv[1].startswith("postgresql://"):
+        from server.datastore.postgres import PostgresDataStore
+
+        store = PostgresDataStore(sys.argv[1], SystemClock())
+    else:
+        store = SqliteDataStore(Path(sys.argv[1]), SystemClock())
     i = 0
     while True:
         i += 1
@@ -38,10 +47,25 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
-    db = tmp_path / "crash.sqlite3"
+def _reopen(place: str) -> DataStore:
+    if place.startswith("postgresql://"):
+        from server.datastore.postgres import PostgresDataStore
+
+        return PostgresDataStore(place, FakeClock())
+    return SqliteDataStore(Path(place), FakeClock())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_acknowledged_writes_survive_kill_9(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    place = (
+        str(tmp_path / "crash.sqlite3")
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_dsn")
+    )
     child = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(db)],
+        [sys.executable, "-c", WRITER, place],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -67,7 +91,7 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
             child.wait()
     assert child.returncode == -signal.SIGKILL
 
-    store = SqliteDataStore(db, FakeClock())
+    store = _reopen(place)
     entry_ids = {e.id for e in store.list_entries()}
     agent_ids = {a.spiffe_id for a in store.list_agents()}
     store.close()

@@ -1,4 +1,5 @@
-"""The join-token attestor on a real SQLite file: single use; guesses never disturb the owner.
+"""The join-token attestor on a real store (every backend): single use; guesses never disturb
+the owner.
 
 The attestor only checks a token; an attempt here spends it as the admission does
 (DataStore.admit_agent), so single use is checked end to end."""
@@ -7,20 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from server.attestation.base import AttestationResult, Challenge
 from server.attestation.join_token import JoinTokenAttestor, new_join_token
+from server.datastore import DataStore
 from server.datastore.records import AttestedAgent
-from server.datastore.sqlite import SqliteDataStore
 from server.errors import PermissionDeniedError
 from server.ids import ServerIds
 from svid._clock import FakeClock
 from tests.server.conftest import TRUST_DOMAIN
+from tests.server.test_datastore_contract import BACKENDS
 
 GUESSES = 200
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def datastore(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> Iterator[DataStore]:
+    """Every backend of the datastore contract (SQLite; PostgreSQL in a fresh schema)."""
+    store = BACKENDS[request.param](request, tmp_path, clock)()
+    yield store
+    store.close()
 
 
 async def _no_challenge(nonce: bytes) -> bytes:
@@ -30,18 +44,18 @@ async def _no_challenge(nonce: bytes) -> bytes:
 @dataclass
 class _Setup:
     attestor: JoinTokenAttestor
-    datastore: SqliteDataStore
+    datastore: DataStore
     clock: FakeClock
 
     async def attest(self, payload: bytes, challenge: Challenge) -> AttestationResult:
         return await self.attestor.attest(payload, challenge)
 
 
-def _attestor(datastore: SqliteDataStore, clock: FakeClock) -> _Setup:
+def _attestor(datastore: DataStore, clock: FakeClock) -> _Setup:
     return _Setup(JoinTokenAttestor(datastore, ServerIds(TRUST_DOMAIN), clock), datastore, clock)
 
 
-def _issue(datastore: SqliteDataStore, clock: FakeClock, token_id: str = "owner") -> str:
+def _issue(datastore: DataStore, clock: FakeClock, token_id: str = "owner") -> str:
     token, record = new_join_token(int(clock.now()), 600, token_id)
     datastore.create_join_token(record)
     return token
@@ -60,7 +74,7 @@ async def _attempt(attestor: _Setup, payload: str) -> bool:
 
 
 def test_genuine_attestation_succeeds_while_guesses_run(
-    datastore: SqliteDataStore, clock: FakeClock
+    datastore: DataStore, clock: FakeClock
 ) -> None:
     """Wrong secrets for the owner's token id, interleaved with the owner's own attempt."""
     attestor = _attestor(datastore, clock)
@@ -79,7 +93,7 @@ def test_genuine_attestation_succeeds_while_guesses_run(
 
 
 def test_guesses_from_threads_never_disturb_the_owner(
-    datastore: SqliteDataStore, clock: FakeClock
+    datastore: DataStore, clock: FakeClock
 ) -> None:
     """The same, with guesses from other threads (other event loops) hammering the store."""
     attestor = _attestor(datastore, clock)
@@ -105,9 +119,7 @@ def test_guesses_from_threads_never_disturb_the_owner(
             t.join()
 
 
-def test_two_genuine_attempts_exactly_one_wins(
-    datastore: SqliteDataStore, clock: FakeClock
-) -> None:
+def test_two_genuine_attempts_exactly_one_wins(datastore: DataStore, clock: FakeClock) -> None:
     attestor = _attestor(datastore, clock)
     token = _issue(datastore, clock)
 
@@ -117,9 +129,7 @@ def test_two_genuine_attempts_exactly_one_wins(
     assert sum(asyncio.run(race())) == 1
 
 
-def test_a_wrong_secret_leaves_the_token_usable(
-    datastore: SqliteDataStore, clock: FakeClock
-) -> None:
+def test_a_wrong_secret_leaves_the_token_usable(datastore: DataStore, clock: FakeClock) -> None:
     attestor = _attestor(datastore, clock)
     token = _issue(datastore, clock)
     token_id = token.partition(".")[0]
@@ -127,7 +137,7 @@ def test_a_wrong_secret_leaves_the_token_usable(
     assert asyncio.run(_attempt(attestor, token))
 
 
-def test_an_expired_token_is_refused(datastore: SqliteDataStore, clock: FakeClock) -> None:
+def test_an_expired_token_is_refused(datastore: DataStore, clock: FakeClock) -> None:
     attestor = _attestor(datastore, clock)
     token = _issue(datastore, clock)
     clock.advance(600)
@@ -136,7 +146,7 @@ def test_an_expired_token_is_refused(datastore: SqliteDataStore, clock: FakeCloc
 
 @pytest.mark.parametrize("payload", [b"", b"owner", b"owner.", b".secret", b"bad id!.x", b"\xff.x"])
 def test_malformed_payloads_are_refused(
-    datastore: SqliteDataStore, clock: FakeClock, payload: bytes
+    datastore: DataStore, clock: FakeClock, payload: bytes
 ) -> None:
     attestor = _attestor(datastore, clock)
     _issue(datastore, clock)

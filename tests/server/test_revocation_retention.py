@@ -1,17 +1,18 @@
 """A revocation outlives its credential's `exp` by the largest leeway a verifier may apply.
 
 A verifier accepts a JWT until exp + its leeway; if the server pruned the revocation at exp, the
-revoked token would be good again for that tail. Real SQLite store, real ES256 tokens.
+revoked token would be good again for that tail. A real store (every backend), real ES256 tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from server.datastore import Revocation
-from server.datastore.sqlite import SqliteDataStore
+from server.datastore import DataStore, Revocation
 from server.events import ChangeNotifier
 from server.state import ServerState
 from svid import (
@@ -28,11 +29,22 @@ from svid import (
     sign_jws,
 )
 from svid._verify_jwt import DEFAULT_LEEWAY
+from tests.server.test_datastore_contract import BACKENDS
 from tests.svid.certs import ec_key
 
 TD = TrustDomain("example.org")
 KEY = ec_key()
 SUB = "spiffe://example.org/w"
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def datastore(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> Iterator[DataStore]:
+    """Every backend of the datastore contract (SQLite; PostgreSQL in a fresh schema)."""
+    store = BACKENDS[request.param](request, tmp_path, clock)()
+    yield store
+    store.close()
 
 
 def _token(exp: int) -> str:
@@ -48,7 +60,7 @@ def _verifier(state: ServerState, clock: FakeClock, leeway: float) -> JwtVerifie
 
 
 @pytest.fixture
-def state(datastore: SqliteDataStore, clock: FakeClock) -> ServerState:
+def state(datastore: DataStore, clock: FakeClock) -> ServerState:
     state = ServerState(datastore, clock, ChangeNotifier())
     state.load()
     return state
@@ -56,7 +68,7 @@ def state(datastore: SqliteDataStore, clock: FakeClock) -> ServerState:
 
 @pytest.mark.parametrize("leeway", [DEFAULT_LEEWAY, MAX_VERIFIER_LEEWAY])
 def test_revoked_jwt_stays_refused_through_the_verifiers_leeway(
-    state: ServerState, datastore: SqliteDataStore, clock: FakeClock, leeway: float
+    state: ServerState, datastore: DataStore, clock: FakeClock, leeway: float
 ) -> None:
     exp = int(clock.now()) + 300
     token = _token(exp)
@@ -71,7 +83,7 @@ def test_revoked_jwt_stays_refused_through_the_verifiers_leeway(
 
 
 def test_revocation_goes_once_no_verifier_can_accept_the_token(
-    state: ServerState, datastore: SqliteDataStore, clock: FakeClock
+    state: ServerState, datastore: DataStore, clock: FakeClock
 ) -> None:
     exp = int(clock.now()) + 300
     token = _token(exp)

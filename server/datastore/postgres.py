@@ -1,0 +1,702 @@
+"""The PostgreSQL datastore: several servers on one database (SPIRE's HA model).
+
+Registration state lives here; tasks, credentials and the audit chain in the PostgresLedger
+mixin (server/datastore/postgres_ledger.py), on the same pool and database. The statements are
+the SQLite backend's (queries.py, ledger_queries.py) and so is the schema (migrations.py, run
+through `postgres_migrations`); only what PostgreSQL must do differently to stay correct across
+processes is here.
+
+Concurrency: READ COMMITTED, and every decision a race could falsify is one conditional
+statement or a lock. A join token is spent by one DELETE that repeats every condition (exactly
+one of several servers sees rowcount 1). Entry writes take turns under an advisory lock, so
+each one's checks hold until it commits, and the identity_hash UNIQUE key backs them. The
+revision is one counter row bumped last in each write's transaction: revisions commit in
+order, and no write waits for a lock while holding it. Should PostgreSQL still break a
+deadlock or a serialization failure, the whole transaction runs again, a bounded number of
+times.
+
+Adding a method (as the SQLite backend gains one): its SQL goes once into queries.py or
+ledger_queries.py with `:name` parameters (both backends run it; `pg` converts), a write here
+is a `work(cur)` function handed to `_write` (one transaction, bumping its counters last), a
+read is `_rows` or `_tuples`. Every driver error comes out as StorageError.
+
+The change feed: a write appends its rows and bumps the `feed` counter last (after
+`revision`), so feed revisions are consecutive and commit in order across servers, and sends a
+NOTIFY that COMMIT delivers; `wait_feed` listens on one more connection of its own.
+
+Connections: a small pool (the server's datastore calls are short; a few connections serve a
+2-core machine). autocommit, so a read is one round trip and a write is an explicit transaction.
+A call whose connection died raises StorageError; the pool then checks its idle connections and
+replaces the dead ones, so the next call gets a fresh one and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import secrets
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from server.datastore import postgres_sql as ps
+from server.datastore import queries as q
+from server.datastore.base import JtiClaim
+from server.datastore.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    DataStoreError,
+    NotFoundError,
+    StorageError,
+)
+from server.datastore.migrations import (
+    CREATE_MIGRATIONS_TABLE,
+    MIGRATIONS,
+    postgres_migrations,
+)
+from server.datastore.postgres_dsn import redact_dsn, scrub
+from server.datastore.postgres_federation import PostgresFederation
+from server.datastore.postgres_ledger import PostgresLedger
+from server.datastore.postgres_sql import pg
+from server.datastore.records import (
+    FEED_AGENT,
+    FEED_ENTRY,
+    FEED_KEY_SLOT,
+    FEED_REVOCATION,
+    KEY_KINDS,
+    REVOCATION_KINDS,
+    AttestedAgent,
+    Entry,
+    FeedItem,
+    JoinToken,
+    KeySlot,
+    Revocation,
+    TokenUse,
+)
+from server.datastore.sqlite import (
+    _agent_from,
+    _agent_params,
+    _entry_from,
+    _entry_params,
+    _revocation_from,
+    _slot_from,
+)
+from svid._clock import Clock
+
+T = TypeVar("T")
+Cursor = psycopg.Cursor[Any]
+
+MIN_CONNECTIONS = 1
+MAX_CONNECTIONS = 4
+# How long a call waits for a free (or a new) connection before it fails.
+CONNECT_TIMEOUT = 10.0
+# Runs of one transaction that PostgreSQL failed for a deadlock or a serialization failure.
+ATTEMPTS = 3
+_REVISION = "revision"
+_BUNDLE_SEQUENCE = "bundle_sequence"
+_FEED = "feed"
+# Ids bound in one `get_entries` read.
+_IDS_PER_READ = 500
+# wait_feed sleeps on NOTIFY in slices of this: how late it sees close(), and how often, at
+# most, it reads the feed's head while notifications of other schemas wake it.
+FEED_WAIT_SLICE = 0.25
+_RETRY = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+
+
+class PostgresDataStore(PostgresLedger, PostgresFederation):
+    """`DataStore` on one PostgreSQL database (the DSN's search_path picks the schema). Build
+    once per process; `close()` at shutdown."""
+
+    def __init__(
+        self,
+        dsn: str,
+        clock: Clock,
+        *,
+        min_connections: int = MIN_CONNECTIONS,
+        max_connections: int = MAX_CONNECTIONS,
+        timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self._dsn = dsn
+        self._clock = clock
+        self._id_lock = threading.Lock()
+        self._last_id_millis = 0
+        self._closed = False
+        self._closing = threading.Event()
+        self._listen_lock = threading.Lock()
+        self._listener: psycopg.Connection[Any] | None = None
+        # One connection first: if the database cannot be reached, this is the error that
+        # says why (the pool would only time out), and it migrates before the pool serves.
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=int(timeout)) as conn:
+                self._migrate(conn)
+        except psycopg.Error as e:
+            raise StorageError(
+                f"cannot open the PostgreSQL datastore at {redact_dsn(dsn)}: {scrub(str(e), dsn)}"
+            ) from None
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            dsn,
+            min_size=min_connections,
+            max_size=max_connections,
+            timeout=timeout,
+            kwargs={"autocommit": True},
+            name="svidd-datastore",
+            open=True,
+        )
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _failed(self, what: str, error: psycopg.Error) -> StorageError:
+        lost = isinstance(error, psycopg.OperationalError) and not isinstance(error, _RETRY)
+        if lost and not self._closed:
+            # The connection (or the server) may be gone: drop the dead idle connections now,
+            # so the next call gets a fresh one instead of failing on the next dead one.
+            self._pool.check()
+        return StorageError(f"cannot {what}: {scrub(str(error).strip(), self._dsn)}")
+
+    @contextmanager
+    def _connection(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        if self._closed:
+            raise StorageError(f"cannot {what}: the datastore is closed")
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as e:
+            raise self._failed(what, e) from e
+
+    def _write(self, what: str, work: Callable[[Cursor], T]) -> T:
+        """`work` in one transaction, committed when it returns; run again (up to ATTEMPTS)
+        when PostgreSQL failed it for a deadlock or a serialization failure. A DataStoreError
+        of `work` rolls back and goes to the caller as it is."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with self._connection(what) as conn, conn.transaction(), conn.cursor() as cur:
+                    return work(cur)
+            except StorageError as e:
+                if attempt == ATTEMPTS or not isinstance(e.__cause__, _RETRY):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _write_entries(self, what: str, work: Callable[[Cursor], T]) -> T:
+        """`_write` taking its turn among entry writes (ps.LOCK_ENTRIES)."""
+
+        def locked(cur: Cursor) -> T:
+            cur.execute(ps.LOCK_ENTRIES)
+            return work(cur)
+
+        return self._write(what, locked)
+
+    def _rows(self, what: str, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        with self._connection(what) as conn, conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(pg(sql), dict(params)).fetchall()
+
+    def _tuples(self, what: str, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        with self._connection(what) as conn:
+            return conn.execute(pg(sql), dict(params)).fetchall()
+
+    def _now(self) -> int:
+        return int(self._clock.now())
+
+    def _new_entry_id(self) -> str:
+        """32 hex digits: milliseconds of creation, then 80 random bits (as SQLite's, so ids
+        sort in creation order within this process; across servers, by the millisecond)."""
+        with self._id_lock:
+            millis = max(int(self._clock.now() * 1000), self._last_id_millis + 1)
+            self._last_id_millis = millis
+        return f"{millis & (1 << 48) - 1:012x}{secrets.token_hex(10)}"
+
+    @staticmethod
+    def _bump(cur: Cursor, counter: str) -> int:
+        row = cur.execute(pg(ps.BUMP_COUNTER), {"name": counter}).fetchone()
+        assert row is not None, f"counter {counter} is missing"
+        return int(row[0])
+
+    def _append_feed(self, cur: Cursor, kind: str, keys: Iterable[str]) -> None:
+        """Name the rows this transaction touched in the change feed: one counter bump for
+        all of them (the last lock the transaction takes), the rows by COPY, and a NOTIFY."""
+        keys = list(keys)
+        if not keys:
+            return
+        row = cur.execute(pg(ps.BUMP_COUNTER_BY), {"name": _FEED, "n": len(keys)}).fetchone()
+        assert row is not None, "the feed counter is missing"
+        first, at = int(row[0]) - len(keys) + 1, self._now()
+        with cur.copy(ps.COPY_FEED) as copy:
+            for n, key in enumerate(keys):
+                copy.write_row((first + n, at, kind, key))
+        cur.execute(ps.NOTIFY_FEED)
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> list[int]:
+        """Apply pending migrations, each in its own transaction with the row recording it,
+        under an advisory lock: servers starting together migrate one after the other."""
+        with conn.transaction():
+            conn.execute(ps.LOCK_MIGRATIONS)
+            conn.execute(CREATE_MIGRATIONS_TABLE)
+        applied: list[int] = []
+        for migration in postgres_migrations(MIGRATIONS):
+            with conn.transaction():
+                conn.execute(ps.LOCK_MIGRATIONS)
+                done = {row[0] for row in conn.execute(q.MIGRATION_VERSIONS).fetchall()}
+                if migration.version in done:
+                    continue
+                migration.apply(conn.execute)
+                conn.execute(
+                    pg(q.RECORD_MIGRATION),
+                    {"version": migration.version, "name": migration.name, "now": self._now()},
+                )
+                applied.append(migration.version)
+        return applied
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied now (empty when up to date)."""
+        with self._connection("migrate the datastore") as conn:
+            return self._migrate(conn)
+
+    def schema_versions(self) -> list[int]:
+        rows = self._tuples("read the schema version", q.MIGRATION_VERSIONS, {})
+        return sorted(int(r[0]) for r in rows)
+
+    def close(self) -> None:
+        self._closing.set()
+        with self._listen_lock:  # a wait_feed sees the flag within one slice
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
+
+    # -- entries --------------------------------------------------------------------------------
+
+    def _stored_new(self, entry: Entry) -> Entry:
+        return replace(
+            entry, id=entry.id or self._new_entry_id(), revision=1, created_at=self._now()
+        )
+
+    @staticmethod
+    def _insert_in(cur: Cursor, stored: Entry) -> None:
+        params = _entry_params(stored)
+        if cur.execute(pg(q.INSERT_ENTRY_UNLESS_EXISTS), params).rowcount == 1:
+            return
+        if cur.execute(pg(q.SELECT_ENTRY), {"id": stored.id}).fetchone() is not None:
+            raise AlreadyExistsError(f"entry id {stored.id} already exists")
+        clash = cur.execute(pg(q.ENTRY_BY_IDENTITY), params).fetchone()
+        raise AlreadyExistsError(
+            f"an entry for {stored.spiffe_id} under {stored.parent_id} with the same "
+            f"selectors already exists (id {clash[0] if clash else '?'})"
+        )
+
+    @staticmethod
+    def _update_in(cur: Cursor, entry: Entry) -> Entry:
+        row = cur.execute(pg(q.SELECT_ENTRY), {"id": entry.id}).fetchone()
+        if row is None:
+            raise NotFoundError(f"entry {entry.id} not found")
+        assert cur.description is not None
+        current = _entry_from(dict(zip([c.name for c in cur.description], row, strict=True)))
+        if entry.revision and entry.revision != current.revision:
+            raise ConflictError(
+                f"entry {entry.id} changed meanwhile: revision {current.revision}, "
+                f"update was based on {entry.revision}"
+            )
+        stored = replace(entry, revision=current.revision + 1, created_at=current.created_at)
+        params = _entry_params(stored)
+        clash = cur.execute(pg(q.ENTRY_BY_IDENTITY), params).fetchone()
+        if clash is not None and clash[0] != entry.id:
+            raise AlreadyExistsError(
+                f"an entry for {entry.spiffe_id} under {entry.parent_id} with the same "
+                f"selectors already exists (id {clash[0]})"
+            )
+        cur.execute(pg(q.UPDATE_ENTRY), params)
+        return stored
+
+    @staticmethod
+    def _delete_in(cur: Cursor, entry_id: str) -> None:
+        if cur.execute(pg(q.DELETE_ENTRY), {"id": entry_id}).rowcount != 1:
+            raise NotFoundError(f"entry {entry_id} not found")
+
+    def create_entry(self, entry: Entry) -> Entry:
+        stored = self._stored_new(entry)
+
+        def work(cur: Cursor) -> Entry:
+            self._insert_in(cur, stored)
+            self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_ENTRY, (stored.id,))
+            return stored
+
+        return self._write_entries("create the entry", work)
+
+    def update_entry(self, entry: Entry) -> Entry:
+        def work(cur: Cursor) -> Entry:
+            stored = self._update_in(cur, entry)
+            self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_ENTRY, (stored.id,))
+            return stored
+
+        return self._write_entries("update the entry", work)
+
+    def delete_entry(self, entry_id: str) -> None:
+        def work(cur: Cursor) -> None:
+            self._delete_in(cur, entry_id)
+            self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_ENTRY, (entry_id,))
+
+        self._write_entries("delete the entry", work)
+
+    # A batch is one transaction whose items succeed or fail each on their own: every check of
+    # an item precedes its one write, so a refused item leaves nothing (as on SQLite).
+
+    def create_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
+        stored = [self._stored_new(e) for e in entries]
+
+        def work(cur: Cursor) -> list[Entry | DataStoreError]:
+            results: list[Entry | DataStoreError] = []
+            for item in stored:
+                try:
+                    self._insert_in(cur, item)
+                except AlreadyExistsError as exc:
+                    results.append(exc)
+                    continue
+                results.append(item)
+            if any(isinstance(r, Entry) for r in results):
+                self._bump(cur, _REVISION)
+                self._append_feed(cur, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
+            return results
+
+        return self._write_entries("create entries", work)
+
+    def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
+        def work(cur: Cursor) -> list[Entry | DataStoreError]:
+            results: list[Entry | DataStoreError] = []
+            for entry in entries:
+                try:
+                    results.append(self._update_in(cur, entry))
+                except (NotFoundError, ConflictError, AlreadyExistsError) as exc:
+                    results.append(exc)
+            if any(isinstance(r, Entry) for r in results):
+                self._bump(cur, _REVISION)
+                self._append_feed(cur, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
+            return results
+
+        return self._write_entries("update entries", work)
+
+    def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
+        def work(cur: Cursor) -> list[DataStoreError | None]:
+            results: list[DataStoreError | None] = []
+            for entry_id in entry_ids:
+                try:
+                    self._delete_in(cur, entry_id)
+                except NotFoundError as exc:
+                    results.append(exc)
+                    continue
+                results.append(None)
+            if any(r is None for r in results):
+                self._bump(cur, _REVISION)
+                done = (i for i, r in zip(entry_ids, results, strict=True) if r is None)
+                self._append_feed(cur, FEED_ENTRY, done)
+            return results
+
+        return self._write_entries("delete entries", work)
+
+    def get_entry(self, entry_id: str) -> Entry:
+        rows = self._rows("read the entry", q.SELECT_ENTRY, {"id": entry_id})
+        if not rows:
+            raise NotFoundError(f"entry {entry_id} not found")
+        return _entry_from(rows[0])
+
+    def get_entries(self, entry_ids: Sequence[str]) -> list[Entry]:
+        found: list[Entry] = []
+        for start in range(0, len(entry_ids), _IDS_PER_READ):
+            chunk = entry_ids[start : start + _IDS_PER_READ]
+            params = {f"i{n}": entry_id for n, entry_id in enumerate(chunk)}
+            rows = self._rows("read entries", q.select_entries_in(len(chunk)), params)
+            found.extend(_entry_from(r) for r in rows)
+        return found
+
+    def list_entries(
+        self, spiffe_id: str | None = None, parent_id: str | None = None
+    ) -> list[Entry]:
+        params = {"spiffe_id": spiffe_id, "parent_id": parent_id}
+        return [_entry_from(r) for r in self._rows("list entries", ps.LIST_ENTRIES, params)]
+
+    # -- join tokens ----------------------------------------------------------------------------
+
+    def create_join_token(self, token: JoinToken) -> None:
+        params = {
+            "token_id": token.token_id,
+            "secret_hash": token.secret_hash,
+            "expires_at": token.expires_at,
+        }
+
+        def work(cur: Cursor) -> None:
+            if cur.execute(pg(ps.INSERT_JOIN_TOKEN_UNLESS_EXISTS), params).rowcount != 1:
+                raise AlreadyExistsError(f"join token {token.token_id} already exists")
+
+        self._write("create the join token", work)
+
+    def check_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
+        # A read: a wrong guess locks nothing and changes nothing.
+        rows = self._rows("read the join token", q.SELECT_JOIN_TOKEN, {"token_id": token_id})
+        return (
+            bool(rows)
+            and hmac.compare_digest(bytes(rows[0]["secret_hash"]), secret_hash)
+            and int(rows[0]["expires_at"]) > now
+        )
+
+    def prune_join_tokens(self, now: int) -> int:
+        return self._write(
+            "prune join tokens",
+            lambda cur: int(cur.execute(pg(q.PRUNE_JOIN_TOKENS), {"now": now}).rowcount),
+        )
+
+    # -- agents ---------------------------------------------------------------------------------
+
+    def upsert_agent(self, agent: AttestedAgent) -> None:
+        def work(cur: Cursor) -> None:
+            cur.execute(pg(q.UPSERT_AGENT), _agent_params(agent))
+            self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_AGENT, (agent.spiffe_id,))
+
+        self._write("save the agent", work)
+
+    def admit_agent(self, agent: AttestedAgent, token: TokenUse, now: int) -> bool:
+        spend = {"token_id": token.token_id, "secret_hash": token.secret_hash, "now": now}
+        # The comparison is a read first: a wrong hash takes no lock.
+        if not self.check_join_token(token.token_id, token.secret_hash, now):
+            return False
+
+        def work(cur: Cursor) -> bool:
+            # The DELETE repeats every condition and is the one step that decides: of several
+            # servers holding the secret, the others wait on the row lock, then find it gone.
+            if int(cur.execute(pg(q.CONSUME_JOIN_TOKEN), spend).rowcount) != 1:
+                return False
+            cur.execute(pg(q.UPSERT_AGENT), _agent_params(agent))
+            self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_AGENT, (agent.spiffe_id,))
+            return True
+
+        return self._write("admit the agent", work)
+
+    def get_agent(self, spiffe_id: str) -> AttestedAgent:
+        rows = self._rows("read the agent", q.SELECT_AGENT, {"spiffe_id": spiffe_id})
+        if not rows:
+            raise NotFoundError(f"agent {spiffe_id} not found")
+        return _agent_from(rows[0])
+
+    def list_agents(self) -> list[AttestedAgent]:
+        return [_agent_from(r) for r in self._rows("list agents", q.LIST_AGENTS, {})]
+
+    def delete_agent(self, spiffe_id: str) -> None:
+        def work(cur: Cursor) -> None:
+            if cur.execute(pg(q.DELETE_AGENT), {"spiffe_id": spiffe_id}).rowcount != 1:
+                raise NotFoundError(f"agent {spiffe_id} not found")
+            self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_AGENT, (spiffe_id,))
+
+        self._write("delete the agent", work)
+
+    def set_agent_banned(self, spiffe_id: str, banned: bool) -> None:
+        params = {"spiffe_id": spiffe_id, "banned": int(banned)}
+
+        def work(cur: Cursor) -> None:
+            if cur.execute(pg(q.SET_AGENT_BANNED), params).rowcount != 1:
+                raise NotFoundError(f"agent {spiffe_id} not found")
+            self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_AGENT, (spiffe_id,))
+
+        self._write("ban the agent", work)
+
+    # -- key slots ------------------------------------------------------------------------------
+
+    def save_key_slot(self, slot: KeySlot) -> None:
+        if slot.kind not in KEY_KINDS:
+            raise ValueError(f"key slot kind must be one of {KEY_KINDS}, got {slot.kind!r}")
+        params = {
+            "slot_id": slot.slot_id,
+            "kind": slot.kind,
+            "status": slot.status,
+            "public_der": slot.public_der,
+            "kid": slot.kid,
+            "not_before": slot.not_before,
+            "not_after": slot.not_after,
+            "created_at": slot.created_at,
+            "sealed_key": slot.sealed_key,
+        }
+
+        def work(cur: Cursor) -> None:
+            cur.execute(pg(q.UPSERT_KEY_SLOT), params)
+            self._append_feed(cur, FEED_KEY_SLOT, (slot.slot_id,))
+
+        self._write("save the key slot", work)
+
+    def list_key_slots(self, kind: str) -> list[KeySlot]:
+        rows = self._rows("list key slots", q.LIST_KEY_SLOTS, {"kind": kind})
+        return [_slot_from(r) for r in rows]
+
+    def delete_key_slot(self, slot_id: str) -> None:
+        def work(cur: Cursor) -> None:
+            if cur.execute(pg(q.DELETE_KEY_SLOT), {"slot_id": slot_id}).rowcount:
+                self._append_feed(cur, FEED_KEY_SLOT, (slot_id,))
+
+        self._write("delete the key slot", work)
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        params = {"name": name, "holder": holder, "now": now, "expires_at": now + ttl}
+        # One statement decides (a concurrent caller waits on the row, then re-checks it).
+        return self._write(
+            "take the lease",
+            lambda cur: int(cur.execute(pg(q.ACQUIRE_LEASE), params).rowcount) == 1,
+        )
+
+    def release_lease(self, name: str, holder: str) -> None:
+        params = {"name": name, "holder": holder}
+        self._write("release the lease", lambda cur: cur.execute(pg(q.RELEASE_LEASE), params))
+
+    # -- bundle ---------------------------------------------------------------------------------
+
+    def next_bundle_sequence(self) -> int:
+        def work(cur: Cursor) -> int:
+            sequence = self._bump(cur, _BUNDLE_SEQUENCE)
+            self._bump(cur, _REVISION)  # last, as in every write
+            return sequence
+
+        return self._write("advance the bundle sequence", work)
+
+    def bundle_sequence(self) -> int:
+        return self._counter(_BUNDLE_SEQUENCE)
+
+    def _counter(self, name: str) -> int:
+        rows = self._tuples(f"read the {name}", q.SELECT_COUNTER, {"name": name})
+        return int(rows[0][0])
+
+    # -- revocations ----------------------------------------------------------------------------
+
+    def add_revocations(self, items: Sequence[Revocation]) -> None:
+        for item in items:
+            if item.kind not in REVOCATION_KINDS:
+                raise ValueError(
+                    f"revocation kind must be one of {REVOCATION_KINDS}, got {item.kind!r}"
+                )
+        if not items:
+            return
+        # In key order: concurrent batches lock rows in one order and never deadlock.
+        params = [
+            {
+                "kind": item.kind,
+                "value": item.value,
+                "spiffe_id": item.spiffe_id,
+                "expires_at": item.expires_at,
+                "reason": item.reason,
+                "revoked_at": item.revoked_at,
+            }
+            for item in sorted(items, key=lambda r: (r.kind, r.value))
+        ]
+
+        def work(cur: Cursor) -> None:
+            cur.executemany(pg(ps.INSERT_REVOCATION_RETURNING), params, returning=True)
+            added = [f"{kind}:{value}" for _ in cur.results() for kind, value in cur.fetchall()]
+            self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_REVOCATION, added)
+
+        self._write("add revocations", work)
+
+    def list_revocations(self) -> list[Revocation]:
+        rows = self._rows("list revocations", q.LIST_REVOCATIONS, {})
+        return [_revocation_from(r) for r in rows]
+
+    def prune_revocations(self, now: int) -> int:
+        params = {"needed_from": ps.needed_from(now)}
+
+        def work(cur: Cursor) -> int:
+            removed = int(cur.execute(pg(q.PRUNE_REVOCATIONS), params).rowcount)
+            if removed:
+                self._bump(cur, _REVISION)
+            return removed
+
+        return self._write("prune revocations", work)
+
+    # -- OAuth assertion replay -----------------------------------------------------------------
+
+    def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
+        # In key order, so concurrent batches of several servers lock rows in one order and
+        # never deadlock; a stable sort keeps repeats in input order (the first one wins).
+        order = sorted(range(len(claims)), key=lambda i: (claims[i].issuer, claims[i].jti))
+
+        def work(cur: Cursor) -> list[bool]:
+            granted = [False] * len(claims)
+            for i in order:
+                params = {**claims[i]._asdict(), "now": now}
+                granted[i] = int(cur.execute(pg(q.CLAIM_JTI), params).rowcount) == 1
+            return granted
+
+        return self._write("record assertion jtis", work)
+
+    def prune_jtis(self, now: int) -> int:
+        return self._write(
+            "prune assertion jtis",
+            lambda cur: int(cur.execute(pg(q.PRUNE_JTIS), {"now": now}).rowcount),
+        )
+
+    # -- change tracking ------------------------------------------------------------------------
+
+    def revision(self) -> int:
+        return self._counter(_REVISION)
+
+    # -- change feed ----------------------------------------------------------------------------
+
+    def feed_head(self) -> int:
+        return self._counter(_FEED)
+
+    def feed_since(self, after: int, limit: int) -> list[FeedItem]:
+        rows = self._tuples("read the change feed", q.FEED_SINCE, {"after": after, "limit": limit})
+        return [FeedItem(int(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+    def prune_feed(self, before: int) -> int:
+        return self._write(
+            "prune the change feed",
+            lambda cur: int(cur.execute(pg(q.PRUNE_FEED), {"before": before}).rowcount),
+        )
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        # LISTEN first, then look: a commit between the look and the wait is still heard.
+        slice_ = min(FEED_WAIT_SLICE, timeout) if timeout > 0 else FEED_WAIT_SLICE
+        try:
+            with self._listen_lock:
+                if self._closing.is_set():
+                    return False
+                listener = self._listener or self._listen()
+                if self.feed_head() > after:
+                    return True
+                for _ in range(max(1, math.ceil(timeout / slice_))):
+                    woke = any(True for _ in listener.notifies(timeout=slice_, stop_after=1))
+                    if self._closing.is_set():
+                        return False
+                    if woke and self.feed_head() > after:
+                        return True
+                return self.feed_head() > after
+        except (psycopg.Error, StorageError):
+            # A hint only: the reader polls the feed anyway. Listen again next time, and do
+            # not spin while the database is away.
+            self._drop_listener()
+            self._closing.wait(slice_)
+            return False
+
+    def _listen(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+        conn.execute(ps.LISTEN_FEED)
+        self._listener = conn
+        return conn
+
+    def _drop_listener(self) -> None:
+        with self._listen_lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None

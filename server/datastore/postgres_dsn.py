@@ -1,0 +1,84 @@
+"""Telling a PostgreSQL DSN from a SQLite path, showing one without its password, and opening
+the backend.
+
+Free of psycopg: configuration and logging use it whether or not the `postgres` extra is
+installed; `open_postgres` imports the backend only when a DSN is configured.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+
+from server.datastore.base import DataStore
+from server.errors import ConfigError
+from svid._clock import Clock
+
+SCHEMES = ("postgresql://", "postgres://")
+_HIDDEN = "***"
+# key=value DSNs (libpq's other form), as they may appear inside a driver's message.
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def is_postgres_dsn(text: str) -> bool:
+    """True for a postgresql:// (or postgres://) URL; anything else names a SQLite file."""
+    return text.lower().startswith(SCHEMES)
+
+
+def _url_password(dsn: str) -> str | None:
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+        password = parts.password
+        query = urllib.parse.parse_qs(parts.query)
+    except ValueError:
+        return None
+    if password:
+        return urllib.parse.unquote(password)
+    found = query.get("password")
+    return found[0] if found else None
+
+
+def redact_dsn(dsn: str) -> str:
+    """`dsn` fit for a log line or an error: the password (in the URL's user part or as a
+    `password=` parameter) replaced by ***."""
+    if not is_postgres_dsn(dsn):  # libpq's key=value form
+        return _KEYWORD_PASSWORD.sub(rf"\g<1>{_HIDDEN}", dsn)
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+        netloc = parts.netloc
+    except ValueError:
+        return f"{dsn.split('://', 1)[0]}://{_HIDDEN}"  # unreadable: show nothing of it
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        netloc = f"{user}{':' + _HIDDEN if sep else ''}@{hostport}"
+    query = "&".join(
+        f"{k}={_HIDDEN}" if k.lower() == "password" else f"{k}={urllib.parse.quote(v, safe='')}"
+        for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def scrub(text: str, dsn: str) -> str:
+    """`text` (a driver's message, say) with the DSN and its password taken out."""
+    password = _url_password(dsn)
+    text = text.replace(dsn, redact_dsn(dsn))
+    if password:
+        text = text.replace(password, _HIDDEN)
+        quoted = urllib.parse.quote(password, safe="")
+        if quoted != password:
+            text = text.replace(quoted, _HIDDEN)
+    return _KEYWORD_PASSWORD.sub(rf"\g<1>{_HIDDEN}", text)
+
+
+def open_postgres(dsn: str, clock: Clock) -> DataStore:
+    """The PostgreSQL datastore at `dsn`: the one place that loads the backend (and psycopg),
+    so everything else imports without the `postgres` extra."""
+    try:
+        from server.datastore.postgres import PostgresDataStore  # noqa: PLC0415 - see above
+    except ImportError as e:
+        raise ConfigError(
+            "datastore: a postgresql:// datastore needs the 'postgres' extra "
+            f"(pip install 'svidd[postgres]'); cannot import {e.name or e}"
+        ) from None
+    return PostgresDataStore(dsn, clock)

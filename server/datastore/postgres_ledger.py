@@ -1,0 +1,257 @@
+"""The ledger half of the PostgreSQL datastore: tasks, violations, credentials and the audit chain.
+
+A mixin of `PostgresDataStore` (server/datastore/postgres.py), which supplies the pool, the
+transactions and the error mapping; the statements are ledger_queries.py's, as on SQLite.
+Credentials and audit events go in by COPY: one stream per table for a whole ledger flush.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+
+from server.datastore import ledger_queries as lq
+from server.datastore import postgres_sql as ps
+from server.datastore.chain import check_follows
+from server.datastore.errors import StorageError
+from server.datastore.postgres_sql import pg
+from server.datastore.records import (
+    AUDIT_COLUMNS,
+    AUDIT_TABLES,
+    FEED_TASK,
+    AuditMark,
+    AuditRow,
+    AuditSnapshot,
+    Credential,
+    EventFilter,
+    Head,
+    TaskCursor,
+    TaskRecord,
+)
+from server.datastore.sqlite_audit import PAGE, page_rows
+from server.datastore.sqlite_ledger import _task_from, _task_params
+
+T = TypeVar("T")
+Cursor = psycopg.Cursor[Any]
+
+
+class PostgresLedger:
+    """Task records, credential ledger and audit chain on the datastore's pool."""
+
+    def _connection(self, what: str) -> AbstractContextManager[psycopg.Connection[Any]]:
+        raise NotImplementedError  # PostgresDataStore's
+
+    def _write(self, what: str, work: Callable[[Cursor], T]) -> T:
+        raise NotImplementedError  # PostgresDataStore's
+
+    def _rows(self, what: str, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        raise NotImplementedError  # PostgresDataStore's
+
+    def _tuples(self, what: str, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError  # PostgresDataStore's
+
+    def _append_feed(self, cur: Cursor, kind: str, keys: Iterable[str]) -> None:
+        raise NotImplementedError  # PostgresDataStore's
+
+    def _count(self, what: str, sql: str, params: Mapping[str, Any]) -> int:
+        return int(self._tuples(what, sql, params)[0][0])
+
+    def _change(self, what: str, sql: str, params: Mapping[str, Any]) -> int:
+        return self._write(what, lambda cur: int(cur.execute(pg(sql), dict(params)).rowcount))
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    def put_task(self, task: TaskRecord) -> None:
+        def work(cur: Cursor) -> None:
+            cur.execute(pg(lq.UPSERT_TASK), _task_params(task))
+            self._append_feed(cur, FEED_TASK, (task.task_id,))
+
+        self._write("record the task", work)
+
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        params = {**_task_params(task), "expected_state": expected_state}
+
+        def work(cur: Cursor) -> bool:
+            # Read committed: a concurrent swap waits on the row lock, then sees the winner's
+            # state and matches nothing.
+            if cur.execute(pg(lq.SWAP_TASK), params).rowcount != 1:
+                return False
+            self._append_feed(cur, FEED_TASK, (task.task_id,))
+            return True
+
+        return self._write("record the task", work)
+
+    def get_task(self, task_id: str) -> TaskRecord | None:
+        rows = self._rows("read the task", lq.SELECT_TASK, {"task_id": task_id})
+        return _task_from(rows[0]) if rows else None
+
+    def list_tasks(
+        self,
+        *,
+        agent_id: str = "",
+        state: str = "",
+        runtime_ids: Sequence[str] | None = None,
+        after: TaskCursor | None = None,
+        limit: int = 0,
+    ) -> list[TaskRecord]:
+        runtimes = None if runtime_ids is None else sorted(set(runtime_ids))
+        if runtimes is not None and not runtimes:
+            return []
+        params: dict[str, Any] = {"agent_id": agent_id, "state": state, "limit": limit}
+        if runtimes is not None:
+            params.update({f"r{i}": r for i, r in enumerate(runtimes)})
+        if after is not None:
+            params.update(after_created_at=after.created_at, after_task_id=after.task_id)
+        sql = lq.list_tasks(
+            agent=bool(agent_id),
+            state=bool(state),
+            runtime_count=None if runtimes is None else len(runtimes),
+            after=after is not None,
+            limit=limit > 0,
+        )
+        return [_task_from(r) for r in self._rows("list tasks", sql, params)]
+
+    def due_tasks(self, state: str, now: int) -> list[TaskRecord]:
+        rows = self._rows("list due tasks", lq.DUE_TASKS, {"state": state, "now": now})
+        return [_task_from(r) for r in rows]
+
+    def add_violation(self, agent_id: str, at: int) -> None:
+        self._change("record the violation", lq.INSERT_VIOLATION, {"agent_id": agent_id, "at": at})
+
+    def count_violations(self, agent_id: str, since: int) -> int:
+        params = {"agent_id": agent_id, "since": since}
+        return self._count("count violations", lq.COUNT_VIOLATIONS, params)
+
+    def prune_violations(self, before: int) -> int:
+        return self._change("prune violations", lq.PRUNE_VIOLATIONS, {"before": before})
+
+    # -- credentials ----------------------------------------------------------------------------
+
+    def write_ledger(
+        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+    ) -> None:
+        if not credentials and not audit_rows:
+            return
+
+        def work(cur: Cursor) -> None:
+            if credentials:
+                with cur.copy(ps.COPY_CREDENTIALS) as copy:
+                    for credential in credentials:
+                        copy.write_row(credential)
+            if audit_rows:
+                cur.execute(ps.LOCK_AUDIT_APPEND)
+                row = cur.execute(lq.SELECT_AUDIT_HEAD).fetchone()
+                check_follows(
+                    None if row is None else Head(int(row[0]), str(row[1])), audit_rows[0]
+                )
+                with cur.copy(ps.COPY_AUDIT_EVENTS) as copy:
+                    for row in audit_rows:
+                        copy.write_row(row)
+                last = audit_rows[-1]
+                cur.execute(pg(lq.UPSERT_AUDIT_HEAD), {"seq": last[0], "hash": last[-1]})
+
+        what = (
+            f"commit {len(credentials)} credential record(s) and {len(audit_rows)} audit event(s)"
+        )
+        self._write(what, work)
+
+    def _credentials(self, sql: str, params: Mapping[str, Any]) -> list[Credential]:
+        return [Credential(*r) for r in self._tuples("read credentials", sql, params)]
+
+    def task_credentials(self, task_id: str, now: int) -> list[Credential]:
+        params = {"task_id": task_id, "needed_from": ps.needed_from(now)}
+        return self._credentials(lq.TASK_CREDENTIALS, params)
+
+    def agent_credentials(self, agent_id: str, now: int) -> list[Credential]:
+        params = {"agent_id": agent_id, "needed_from": ps.needed_from(now)}
+        return self._credentials(lq.AGENT_CREDENTIALS, params)
+
+    def count_credentials(self, task_id: str) -> int:
+        return self._count("count credentials", lq.COUNT_CREDENTIALS, {"task_id": task_id})
+
+    def prune_credentials(self, now: int) -> int:
+        params = {"needed_from": ps.needed_from(now)}
+        return self._change("prune credentials", lq.PRUNE_CREDENTIALS, params)
+
+    # -- audit chain ----------------------------------------------------------------------------
+
+    def _head(self, what: str, sql: str) -> Head | None:
+        rows = self._tuples(what, sql, {})
+        return Head(int(rows[0][0]), str(rows[0][1])) if rows else None
+
+    def audit_head(self) -> Head | None:
+        return self._head("read the audit head", lq.SELECT_AUDIT_HEAD)
+
+    def audit_rows(self, where: EventFilter | None = None) -> Iterator[dict[str, Any]]:
+        def fetch(sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+            return self._tuples("read the audit log", sql, params)
+
+        return page_rows(fetch, where)
+
+    def audit_base(self) -> Head | None:
+        return self._head("read the audit base", lq.SELECT_AUDIT_BASE)
+
+    def audit_marks(self, after: int, limit: int) -> list[AuditMark]:
+        rows = self._tuples("read the audit log", lq.AUDIT_MARKS, {"after": after, "limit": limit})
+        return [AuditMark(int(seq), float(ts), str(digest)) for seq, ts, digest in rows]
+
+    def prune_audit(self, through: Head, now: float) -> int:
+        def work(cur: Cursor) -> int:
+            # Two servers pruning at once take turns: the second then sees the first's base
+            # and never moves it back.
+            cur.execute(pg(ps.LOCK_AUDIT_PRUNE))
+            base = cur.execute(lq.SELECT_AUDIT_BASE).fetchone()
+            if base is not None and int(base[0]) >= through.seq:
+                return 0
+            found = cur.execute(pg(lq.AUDIT_HASH_AT), {"seq": through.seq}).fetchone()
+            # The base must be a real link of the chain, or verify could never start from it.
+            if found is None or found[0] != through.hash:
+                raise StorageError(
+                    f"cannot prune the audit log through seq {through.seq}: the event "
+                    "there is missing or has another hash"
+                )
+            removed = int(cur.execute(pg(lq.PRUNE_AUDIT_EVENTS), {"seq": through.seq}).rowcount)
+            params = {"seq": through.seq, "hash": through.hash, "now": now}
+            cur.execute(pg(lq.UPSERT_AUDIT_BASE), params)
+            return removed
+
+        return self._write("prune the audit log", work)
+
+    def audit_snapshot(self) -> AbstractContextManager[AuditSnapshot]:
+        return self._snapshot()
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[AuditSnapshot]:
+        """One REPEATABLE READ, READ ONLY transaction on a pool connection of its own: every
+        statement in it sees the state of its first, while writers go on. Rows stream through
+        a server-side cursor, a page at a time. Creates nothing."""
+        with self._connection("read the audit log") as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            try:
+                names = {r[0] for r in conn.execute(ps.TABLES_IN_SCHEMA).fetchall()}
+                missing = tuple(t for t in AUDIT_TABLES if t not in names)
+                head = base = None
+                if "audit_head" in names:
+                    row = conn.execute(lq.SELECT_AUDIT_HEAD).fetchone()
+                    head = None if row is None else Head(int(row[0]), str(row[1]))
+                if "audit_base" in names:
+                    row = conn.execute(lq.SELECT_AUDIT_BASE).fetchone()
+                    base = None if row is None else Head(int(row[0]), str(row[1]))
+
+                def rows() -> Iterator[dict[str, Any]]:
+                    if "audit_events" not in names:
+                        return
+                    with conn.cursor(name=f"audit_snapshot_{secrets.token_hex(6)}") as cur:
+                        cur.itersize = PAGE
+                        cur.execute(lq.ALL_AUDIT_ROWS)
+                        for r in cur:
+                            yield dict(zip(AUDIT_COLUMNS, r, strict=True))
+
+                yield AuditSnapshot(missing, head, rows, base)
+            finally:
+                if not conn.broken:
+                    conn.execute("ROLLBACK")

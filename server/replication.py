@@ -1,0 +1,327 @@
+"""Changes committed through other servers on the same datastore, brought into this one.
+
+Every write that concerns a server's in-memory view names the rows it touched in the
+datastore's change feed, in its own transaction (server.datastore.base.ChangeFeed). The
+follower here waits on the feed, reads the rows after its cursor, reloads the rows they name
+and applies what differs from memory to ServerState (entries, agents, revocations) and to the
+task service (active tasks), as ordinary changes: the propagator then pushes each to the
+agents it concerns, whichever server they are connected to. Key slots are only announced
+(`on_key_slots_changed`): whoever keeps the CA's keys reloads them.
+
+Applying is idempotent: a row is reloaded and diffed with memory, so the rows this server
+wrote itself cost a lookup and change nothing. The cursor starts at the feed head read before
+the server loaded its state, so nothing committed meanwhile is missed; a safety poll reads
+the feed even when no wake-up came; and a cursor older than the oldest row kept (pruned
+while the server was down) reloads everything instead of missing changes.
+
+The decisions (what a page of rows asks for, whether rows were pruned past the cursor, what
+a reload changes) are pure functions; `FeedFollower` is the loop around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Container, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from server.datastore.base import DataStore
+from server.datastore.errors import NotFoundError
+from server.datastore.records import (
+    FEED_AGENT,
+    FEED_ENTRY,
+    FEED_KEY_SLOT,
+    FEED_REVOCATION,
+    FEED_TASK,
+    AttestedAgent,
+    Entry,
+    FeedItem,
+    Revocation,
+)
+from server.state import ServerState
+from server.tasks.model import Task
+from svid._clock import Clock
+
+_log = logging.getLogger("svid.server.replication")
+_V = TypeVar("_V")
+# Rows read per step: a page of reloads stays a few milliseconds of datastore work.
+FEED_PAGE = 1000
+# A row this server was writing while the follower reloaded it is read again this soon.
+RETRY_DELAY = 0.05
+
+
+@dataclass(frozen=True)
+class FollowSettings:
+    # Read the feed at least this often even when no wake-up came (seconds).
+    poll_interval: float = 1.0
+    # Feed rows older than this are pruned (seconds); a server down for longer reloads all.
+    retention: float = 3600.0
+
+
+# -- pure decisions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeedWork:
+    """What a page of feed rows asks this server to reload."""
+
+    entries: frozenset[str] = frozenset()
+    agents: frozenset[str] = frozenset()
+    tasks: frozenset[str] = frozenset()
+    revocations: bool = False
+    key_slots: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.entries or self.agents or self.tasks or self.revocations or self.key_slots)
+
+    def __or__(self, other: FeedWork) -> FeedWork:
+        return FeedWork(
+            self.entries | other.entries,
+            self.agents | other.agents,
+            self.tasks | other.tasks,
+            self.revocations or other.revocations,
+            self.key_slots or other.key_slots,
+        )
+
+
+def plan(items: Sequence[FeedItem]) -> FeedWork:
+    """The rows to reload for `items`, each once however often it was written. A row kind
+    this release does not know is skipped (a newer server's)."""
+    keys: dict[str, set[str]] = {FEED_ENTRY: set(), FEED_AGENT: set(), FEED_TASK: set()}
+    kinds = set()
+    for item in items:
+        kinds.add(item.kind)
+        if item.kind in keys:
+            keys[item.kind].add(item.key)
+    return FeedWork(
+        entries=frozenset(keys[FEED_ENTRY]),
+        agents=frozenset(keys[FEED_AGENT]),
+        tasks=frozenset(keys[FEED_TASK]),
+        revocations=FEED_REVOCATION in kinds,
+        key_slots=FEED_KEY_SLOT in kinds,
+    )
+
+
+def pruned_past(cursor: int, head: int, items: Sequence[FeedItem]) -> bool:
+    """Whether rows after `cursor` are gone: `head` was read before `items` (the rows after
+    the cursor), and revisions have no gaps, so the first row must be cursor + 1."""
+    if items:
+        return items[0].revision != cursor + 1
+    return head > cursor
+
+
+def diff_rows(
+    current: Mapping[str, _V],
+    loaded: Mapping[str, _V | None],
+    skip: Container[str] = (),
+    *,
+    complete: bool = False,
+) -> tuple[list[_V], list[str]]:
+    """(put, removed): the rows of `loaded` that differ from `current` (None: the row is gone),
+    except keys in `skip`. With `complete`, `loaded` is every stored row: a key of `current`
+    it lacks is gone too."""
+    put: list[_V] = []
+    removed: list[str] = []
+    for key, row in loaded.items():
+        if key in skip:
+            continue
+        if row is None:
+            if key in current:
+                removed.append(key)
+        elif current.get(key) != row:
+            put.append(row)
+    if complete:
+        removed.extend(k for k in current if k not in loaded and k not in skip)
+    return put, removed
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+class FollowedTasks(Protocol):
+    """What the follower asks of the task layer (server.tasks.service.TaskService)."""
+
+    def reload_tasks(self, task_ids: Sequence[str]) -> Mapping[str, Task | None]: ...
+
+    def reload_all_tasks(self) -> Mapping[str, Task | None]: ...
+
+    def apply_tasks(self, loaded: Mapping[str, Task | None]) -> None: ...
+
+
+@dataclass
+class _Loaded:
+    entries: dict[str, Entry | None] = field(default_factory=dict)
+    agents: dict[str, AttestedAgent | None] = field(default_factory=dict)
+    tasks: Mapping[str, Task | None] = field(default_factory=dict)
+    revocations: list[Revocation] | None = None
+
+
+class FeedFollower:
+    """Follows the change feed from `cursor` (the feed head read before the state loaded)."""
+
+    def __init__(
+        self,
+        *,
+        datastore: DataStore,
+        state: ServerState,
+        tasks: FollowedTasks,
+        on_key_slots_changed: Callable[[], None],
+        clock: Clock,
+        cursor: int,
+        settings: FollowSettings | None = None,
+    ) -> None:
+        self._ds = datastore
+        self._state = state
+        self._tasks = tasks
+        self._on_key_slots_changed = on_key_slots_changed
+        self._clock = clock
+        self._cursor = cursor
+        self.settings = settings or FollowSettings()
+        # Rows skipped last time (this server was writing them meanwhile): read again.
+        self._pending = FeedWork()
+        # For tests and metrics: rows read, full reloads done.
+        self.rows_read = 0
+        self.full_reloads = 0
+
+    @property
+    def cursor(self) -> int:
+        return self._cursor
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Catch up, then wait for the feed to move (or the safety poll), until `stop`."""
+        while not stop.is_set():
+            try:
+                await self.catch_up()
+            except Exception:
+                _log.exception("following the change feed failed; retrying")
+            if self._pending:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RETRY_DELAY)
+                continue
+            # A wake-up is a hint: after the poll interval the feed is read anyway.
+            waiting = asyncio.ensure_future(
+                asyncio.to_thread(self._ds.wait_feed, self._cursor, self.settings.poll_interval)
+            )
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                # Stopping: the thread ends on its own (at the timeout, or when the datastore
+                # closes); nothing is left waiting for it on a loop that may be gone by then.
+                waiting.cancel()
+            if waiting.done() and not waiting.cancelled() and waiting.exception() is not None:
+                _log.warning("waiting on the change feed failed: %s", waiting.exception())
+
+    async def catch_up(self) -> int:
+        """Apply every row after the cursor (and rows left pending); returns rows read."""
+        read = 0
+        while True:
+            cursor = self._cursor
+            head, items = await asyncio.to_thread(self._page, cursor)
+            if pruned_past(cursor, head, items):
+                await self.reload_everything()
+                return read
+            work = plan(items) | self._pending
+            if work:
+                await self._apply(work)
+            if items:
+                self._cursor = items[-1].revision
+                read += len(items)
+                self.rows_read += len(items)
+            if len(items) < FEED_PAGE:
+                return read
+
+    def _page(self, cursor: int) -> tuple[int, list[FeedItem]]:
+        head = self._ds.feed_head()
+        return head, self._ds.feed_since(cursor, FEED_PAGE)
+
+    async def _apply(self, work: FeedWork) -> None:
+        self._state.follow_mark()
+        loaded = await asyncio.to_thread(self._load, work)
+        # From here to the end of the install, nothing else runs on the loop: memory and the
+        # rows written meanwhile (`touched`) are one consistent picture.
+        skip_entries = self._state.touched(FEED_ENTRY)
+        skip_agents = self._state.touched(FEED_AGENT)
+        put, removed = diff_rows(self._state.entries.by_id, loaded.entries, skip_entries)
+        self._state.apply_entries(put, removed)
+        agents, gone = diff_rows(self._state.agents, loaded.agents, skip_agents)
+        self._state.apply_agents(agents, gone)
+        if loaded.revocations is not None:
+            self._state.add_revocations_seen(loaded.revocations)
+        self._tasks.apply_tasks(loaded.tasks)
+        self._pending = FeedWork(
+            entries=work.entries & skip_entries, agents=work.agents & skip_agents
+        )
+        if work.key_slots:
+            await self._key_slots_changed()
+        await self._state.refresh_revision()
+
+    async def _key_slots_changed(self) -> None:
+        # A failing reload of keys must not stop entries and revocations from following: it
+        # is logged, and the next key slot row (or full reload) calls the hook again.
+        try:
+            await asyncio.to_thread(self._on_key_slots_changed)
+        except Exception:
+            _log.exception("reloading key slots written by another server failed")
+
+    def _load(self, work: FeedWork) -> _Loaded:
+        loaded = _Loaded()
+        if work.entries:
+            loaded.entries = dict.fromkeys(work.entries)
+            loaded.entries.update((e.id, e) for e in self._ds.get_entries(sorted(work.entries)))
+        for spiffe_id in work.agents:
+            try:
+                loaded.agents[spiffe_id] = self._ds.get_agent(spiffe_id)
+            except NotFoundError:
+                loaded.agents[spiffe_id] = None
+        if work.tasks:
+            loaded.tasks = self._tasks.reload_tasks(sorted(work.tasks))
+        if work.revocations:
+            loaded.revocations = self._ds.list_revocations()
+        return loaded
+
+    async def reload_everything(self) -> None:
+        """The rows after the cursor were pruned: diff everything stored with memory."""
+        self.full_reloads += 1
+        _log.warning(
+            "change feed rows after revision %d were pruned; reloading all state", self._cursor
+        )
+        self._state.follow_mark()
+        head, entries, agents, revocations, tasks = await asyncio.to_thread(self._load_all)
+        skip_entries = self._state.touched(FEED_ENTRY)
+        skip_agents = self._state.touched(FEED_AGENT)
+        put, removed = diff_rows(
+            self._state.entries.by_id, {e.id: e for e in entries}, skip_entries, complete=True
+        )
+        self._state.apply_entries(put, removed)
+        put_agents, gone = diff_rows(
+            self._state.agents, {a.spiffe_id: a for a in agents}, skip_agents, complete=True
+        )
+        self._state.apply_agents(put_agents, gone)
+        self._state.add_revocations_seen(revocations)
+        self._tasks.apply_tasks(tasks)
+        self._pending = FeedWork(entries=skip_entries, agents=skip_agents)
+        await self._key_slots_changed()
+        await self._state.refresh_revision()
+        self._cursor = head
+
+    def _load_all(
+        self,
+    ) -> tuple[int, list[Entry], list[AttestedAgent], list[Revocation], Mapping[str, Task | None]]:
+        # The head first: whatever commits after it is read again from the feed.
+        head = self._ds.feed_head()
+        return (
+            head,
+            self._ds.list_entries(),
+            self._ds.list_agents(),
+            self._ds.list_revocations(),
+            self._tasks.reload_all_tasks(),
+        )
+
+    async def prune(self) -> int:
+        """Drop feed rows older than the retention (from the server's housekeeping)."""
+        before = int(self._clock.now() - self.settings.retention)
+        return await asyncio.to_thread(self._ds.prune_feed, before)

@@ -1,0 +1,432 @@
+"""The PostgreSQL datastore where it differs from SQLite: several processes' connections racing
+on one database, connections dying under it, migrations of servers starting together, and a
+DSN's password kept out of every message. (What both backends share is the contract:
+test_datastore_contract.py.) Each test gets a fresh schema on a real server (tests/postgres.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import TypeVar
+
+import pytest
+
+from server.datastore import (
+    AlreadyExistsError,
+    AttestedAgent,
+    Credential,
+    Entry,
+    JoinToken,
+    Revocation,
+    Selector,
+    StorageError,
+)
+from server.datastore import postgres as postgres_module
+from server.datastore.base import JtiClaim
+from server.datastore.migrations import MIGRATIONS, Migration, postgres_ddl, postgres_migrations
+from server.datastore.postgres import PostgresDataStore
+from server.datastore.postgres_dsn import redact_dsn, scrub
+from server.datastore.records import Head, TokenUse
+from svid._clock import FakeClock
+from tests import postgres
+
+psycopg = pytest.importorskip("psycopg")
+
+NOW = 1_700_000_000
+AGENT = "spiffe://example.org/svid/agent/join_token/t1"
+HASH = b"h" * 32
+T = TypeVar("T")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(NOW)
+
+
+@pytest.fixture
+def stores(postgres_dsn: str, clock: FakeClock) -> Iterator[list[PostgresDataStore]]:
+    """Four stores on one database, each with its own pool: four servers, as PostgreSQL
+    sees them."""
+    opened = [PostgresDataStore(postgres_dsn, clock) for _ in range(4)]
+    yield opened
+    for store in opened:
+        store.close()
+
+
+def race(callers: list[Callable[[], T]]) -> list[T | BaseException]:
+    """Run every caller at once on its own thread (released together); results in order."""
+    barrier = threading.Barrier(len(callers))
+    results: list[T | BaseException] = [RuntimeError("did not run")] * len(callers)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = callers[i]()
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(callers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def entry(path: str, uid: int = 1000) -> Entry:
+    return Entry("", f"spiffe://example.org{path}", AGENT, (Selector("unix", f"uid:{uid}"),))
+
+
+# -- races across servers -----------------------------------------------------------------------
+
+
+def test_a_join_token_admits_exactly_one_of_many_servers(
+    stores: list[PostgresDataStore],
+) -> None:
+    for n in range(10):
+        stores[0].create_join_token(JoinToken(f"race-{n}", HASH, NOW + 600))
+        callers = [
+            (
+                lambda s=s, k=k, n=n: s.admit_agent(
+                    AttestedAgent(f"{AGENT}-{k}", "join_token", str(k), NOW + 3600),
+                    TokenUse(f"race-{n}", HASH),
+                    NOW,
+                )
+            )
+            for k, s in enumerate(stores * 2)
+        ]
+        results = race(callers)
+        assert results.count(True) == 1, results
+        assert results.count(False) == len(callers) - 1, results
+        winner = results.index(True)
+        agents = stores[1].list_agents()
+        assert [a.serial for a in agents if a.spiffe_id.endswith(f"-{winner}")] == [str(winner)]
+        for a in agents:  # only winners were ever saved
+            stores[0].delete_agent(a.spiffe_id)
+
+
+def test_concurrent_creates_of_one_entry_store_it_once(stores: list[PostgresDataStore]) -> None:
+    for n in range(10):
+        same = entry(f"/same/{n}")
+        results = race([lambda s=s, e=same: s.create_entry(e) for s in stores * 2])
+        made = [r for r in results if isinstance(r, Entry)]
+        assert len(made) == 1, results
+        refused = [r for r in results if not isinstance(r, Entry)]
+        assert all(isinstance(r, AlreadyExistsError) for r in refused), refused
+        assert all(f"(id {made[0].id})" in str(r) for r in refused)
+    assert len(stores[2].list_entries()) == 10
+
+
+def test_concurrent_batches_over_the_same_entries_each_get_an_answer_per_item(
+    stores: list[PostgresDataStore],
+) -> None:
+    """Batches inserting one set of identities in opposite orders wait on each other's keys
+    (a deadlock PostgreSQL breaks by failing one): every item is stored exactly once and every
+    caller gets per-item results."""
+    items = [entry(f"/batch/{n}") for n in range(30)]
+    batches = [items if k % 2 else items[::-1] for k in range(len(stores))]
+    results = race(
+        [lambda s=s, b=b: s.create_entries(b) for s, b in zip(stores, batches, strict=True)]
+    )
+    for r in results:
+        assert isinstance(r, list), r
+    stored = stores[0].list_entries()
+    assert sorted(e.spiffe_id for e in stored) == sorted(e.spiffe_id for e in items)
+    won = [e for r in results if isinstance(r, list) for e in r if isinstance(e, Entry)]
+    assert sorted(e.id for e in won) == sorted(e.id for e in stored)
+
+
+def test_a_concurrent_update_with_a_stale_revision_conflicts(
+    stores: list[PostgresDataStore],
+) -> None:
+    made = stores[0].create_entry(entry("/web"))
+    results = race(
+        [lambda s=s, k=k: s.update_entry(replace(made, hint=f"h{k}")) for k, s in enumerate(stores)]
+    )
+    assert sum(isinstance(r, Entry) for r in results) == 1, results
+    assert stores[0].get_entry(made.id).revision == 2
+
+
+def test_revisions_are_monotonic_and_no_write_is_lost_across_servers(
+    stores: list[PostgresDataStore],
+) -> None:
+    start = stores[0].revision()
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(stores[3].revision())
+
+    def write(k: int) -> int:
+        store = stores[k % 3]
+        for i in range(15):
+            store.create_entry(entry(f"/w/{k}/{i}"))
+            store.write_ledger(
+                [Credential("jwt_id", f"{k}-{i}", AGENT, "spiffe://x/y", "", NOW + 60)], []
+            )
+            store.next_bundle_sequence()
+        return k
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = race([lambda k=k: write(k) for k in range(6)])
+    finally:
+        stop.set()
+        watcher.join()
+    assert results == list(range(6))
+    assert seen == sorted(seen), "a reader saw the revision go back"
+    assert stores[0].revision() == start + 6 * 15 * 2  # entry + bundle, each bumps once
+    assert stores[1].bundle_sequence() == 6 * 15
+    assert len(stores[2].list_entries()) == 6 * 15
+    assert len(stores[3].agent_credentials(AGENT, NOW)) == 6 * 15
+
+
+def test_a_jti_is_accepted_by_exactly_one_of_many_servers(
+    stores: list[PostgresDataStore],
+) -> None:
+    """Replayed assertions racing to several servers: each (issuer, jti) is claimed once, even
+    by batches that meet the same jtis in opposite orders."""
+    claims = [JtiClaim("spiffe://example.org", f"jti-{n}", NOW + 60) for n in range(40)]
+    batches = [claims if k % 2 else claims[::-1] for k in range(len(stores) * 2)]
+    results = race(
+        [lambda s=s, b=b: s.claim_jtis(b, NOW) for s, b in zip(stores * 2, batches, strict=True)]
+    )
+    won: dict[str, int] = {}
+    for batch, result in zip(batches, results, strict=True):
+        assert isinstance(result, list), result
+        for claim, granted in zip(batch, result, strict=True):
+            won[claim.jti] = won.get(claim.jti, 0) + granted
+    assert won == {c.jti: 1 for c in claims}
+
+
+# -- migrations ---------------------------------------------------------------------------------
+
+
+def test_servers_starting_together_migrate_once(postgres_dsn: str, clock: FakeClock) -> None:
+    results = race([lambda: PostgresDataStore(postgres_dsn, clock) for _ in range(4)])
+    try:
+        for r in results:
+            assert isinstance(r, PostgresDataStore), r
+        versions = [m.version for m in MIGRATIONS]
+        assert all(r.schema_versions() == versions for r in results)  # type: ignore[union-attr]
+        assert results[0].migrate() == []  # type: ignore[union-attr]
+    finally:
+        for r in results:
+            if isinstance(r, PostgresDataStore):
+                r.close()
+
+
+def test_a_migration_appended_to_the_shared_list_applies_to_postgres(
+    postgres_dsn: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One list: a new migration written with SQLite's words runs translated, with no second
+    copy; the store opened before it gains it on the next start."""
+    PostgresDataStore(postgres_dsn, clock).close()
+
+    def blobs(execute: Callable[[str], object]) -> None:
+        execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+
+    monkeypatch.setattr(postgres_module, "MIGRATIONS", (*MIGRATIONS, Migration(99, "blobs", blobs)))
+    store = PostgresDataStore(postgres_dsn, clock)
+    try:
+        assert store.schema_versions()[-1] == 99
+    finally:
+        store.close()
+    with psycopg.connect(postgres_dsn) as conn:
+        types = dict(
+            conn.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'blobs'"
+            ).fetchall()
+        )
+    assert types == {"id": "bigint", "body": "bytea"}
+
+
+def test_the_translation_changes_only_sqlites_words() -> None:
+    assert postgres_ddl("seq INTEGER PRIMARY KEY, b blob, blobs TEXT") == (
+        "seq BIGINT PRIMARY KEY, b BYTEA, blobs TEXT"
+    )
+    statements: list[str] = []
+    for m in postgres_migrations():
+        m.apply(statements.append)
+    assert not [s for s in statements if "BLOB" in s.upper() or "INTEGER PRIMARY" in s]
+    override: list[str] = []
+    (only,) = postgres_migrations(MIGRATIONS[:1], {1: lambda execute: override.append("x")})
+    only.apply(statements.append)
+    assert override == ["x"]
+
+
+# -- connections --------------------------------------------------------------------------------
+
+
+def _terminate(dsn_app: str) -> int:
+    with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            (dsn_app,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_call_on_a_dead_connection_fails_and_the_next_one_gets_a_fresh_one(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    app = f"svidd-test-victim-{secrets.token_hex(4)}"
+    store = PostgresDataStore(f"{postgres_dsn}&application_name={app}", clock, min_connections=3)
+    try:
+        store.create_entry(entry("/before"))
+        assert _terminate(app) >= 3  # the migration's own connection is long gone
+        with pytest.raises(StorageError, match="cannot list entries"):
+            store.list_entries()
+        # Every other pooled connection died too: none of them may fail the next calls.
+        assert [e.spiffe_id for e in store.list_entries()] == ["spiffe://example.org/before"]
+        store.create_entry(entry("/after"))
+        assert len(store.list_entries()) == 2
+    finally:
+        store.close()
+
+
+def test_a_closed_store_refuses_calls(postgres_dsn: str, clock: FakeClock) -> None:
+    store = PostgresDataStore(postgres_dsn, clock)
+    store.close()
+    store.close()
+    with pytest.raises(StorageError, match="closed"):
+        store.list_entries()
+
+
+# -- the password -------------------------------------------------------------------------------
+
+SECRET = "Sup3r-Secret-pw"
+
+
+def test_an_unreachable_database_is_named_without_the_password(clock: FakeClock) -> None:
+    dsn = f"postgresql://svidd:{SECRET}@127.0.0.1:1/svidd"
+    with pytest.raises(StorageError) as caught:
+        PostgresDataStore(dsn, clock, timeout=2)
+    message = str(caught.value)
+    assert "postgresql://svidd:***@127.0.0.1:1/svidd" in message
+    assert SECRET not in message
+    assert caught.value.__cause__ is None  # the driver's exception is not chained either
+
+
+def test_redaction_covers_every_place_a_password_can_sit() -> None:
+    for dsn in (
+        f"postgresql://u:{SECRET}@h/db",
+        f"postgres://u:{SECRET.replace('-', '%2D')}@h:5432/db?sslmode=require",
+        f"postgresql://u@h/db?password={SECRET}&connect_timeout=3",
+    ):
+        shown = redact_dsn(dsn)
+        assert SECRET not in shown
+        assert "***" in shown
+        assert SECRET not in scrub(f"failed for {dsn}: password={SECRET} ({SECRET})", dsn)
+    assert redact_dsn("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert redact_dsn(f"host=h password='{SECRET} x' dbname=d") == "host=h password=*** dbname=d"
+
+
+# -- the audit chain ----------------------------------------------------------------------------
+
+
+def test_the_audit_chain_verifies_on_postgresql_and_an_edit_is_caught(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """The log's own hashing reads back what PostgreSQL stored (floats, NULLs, JSON text)
+    exactly as it wrote it: the chain verifies, through a prune, and an edited row is named."""
+    from server.audit.log import AuditLog
+
+    store = PostgresDataStore(postgres_dsn, clock)
+    try:
+        log = AuditLog(store, clock)
+        for n in range(5):
+            clock.advance(1.25)
+            log.append("task_begin", agent_id=AGENT, task_id=f"t{n}", extra={"n": n, "é": [1]})
+        result = log.verify()
+        assert result.ok, str(result)
+        assert result.checked == 5
+        marks = store.audit_marks(0, 10)
+        assert store.prune_audit(Head(marks[1].seq, marks[1].hash), clock.now()) == 2
+        assert store.prune_audit(Head(marks[0].seq, marks[0].hash), clock.now()) == 0
+        assert log.verify().ok
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE audit_events SET task_id = 'forged' WHERE seq = 4")
+        broken = log.verify()
+        assert not broken.ok
+        assert broken.broken_seq == 4, str(broken)
+    finally:
+        store.close()
+
+
+def test_a_write_that_deadlocks_runs_again(postgres_dsn: str, clock: FakeClock) -> None:
+    """Another server's transaction and a revocation batch meet the same keys in opposite
+    orders: PostgreSQL fails the batch for a deadlock (it waited first, and the other waits
+    longer before checking), and the batch runs again and lands once the other commits."""
+    items = [Revocation("jwt_id", f"j{n:03d}", "spiffe://x/y", NOW, "r", NOW) for n in range(50)]
+    app = f"svidd-test-deadlock-{secrets.token_hex(4)}"
+    store = PostgresDataStore(f"{postgres_dsn}&application_name={app}", clock)
+    insert = "INSERT INTO revocations VALUES ('jwt_id', %s, 's', 1, 'r', 1)"
+    try:
+        before = store.revision()
+        with psycopg.connect(postgres_dsn) as other:
+            other.execute("SET deadlock_timeout = '20s'")
+            other.execute(insert, ("j049",))  # holds the batch's last key
+            outcome: list[BaseException | None] = [None]
+            batch = threading.Thread(target=lambda: outcome.__setitem__(0, _call(store, items)))
+            batch.start()
+            _wait_for_a_lock_wait(postgres_dsn, app)
+            other.execute(insert, ("j000",))  # waits on the batch's first key: a cycle
+            other.commit()
+            batch.join(30)
+        assert outcome[0] is None, outcome[0]
+        assert [r.value for r in store.list_revocations()] == [i.value for i in items]
+        assert store.revision() == before + 1
+    finally:
+        store.close()
+
+
+def _call(store: PostgresDataStore, items: list[Revocation]) -> BaseException | None:
+    try:
+        store.add_revocations(items)
+    except Exception as e:
+        return e
+    return None
+
+
+def _wait_for_a_lock_wait(dsn: str, app: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        for _ in range(200):
+            row = watcher.execute(
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                "WHERE NOT granted AND application_name = %s",
+                (app,),
+            ).fetchone()
+            if row is not None and row[0] > 0:
+                return
+            threading.Event().wait(0.05)
+    raise AssertionError("the batch never waited for the other transaction's key")
+
+
+def test_pruning_revocations_reads_the_expiry_index(postgres_dsn: str, clock: FakeClock) -> None:
+    """The cut-off is bound as an integer: a float would make PostgreSQL compare the column
+    as float8 and scan every revocation at each prune."""
+    from server.datastore import queries
+    from server.datastore.postgres_sql import needed_from, pg
+
+    PostgresDataStore(postgres_dsn, clock).close()
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(  # a hundred of them past the cut-off
+            "INSERT INTO revocations SELECT 'jwt_id', g::text, 's', %s + g, 'r', 1 "
+            "FROM generate_series(1, 20000) g",
+            (needed_from(NOW) - 101,),
+        )
+        conn.execute("ANALYZE revocations")
+        plan = conn.execute(
+            "EXPLAIN " + pg(queries.PRUNE_REVOCATIONS), {"needed_from": needed_from(NOW)}
+        ).fetchall()
+    assert "revocations_expires_at" in " ".join(r[0] for r in plan)
+    assert needed_from(100.5 + 600) - needed_from(100 + 600) == 1  # ceil, never floor

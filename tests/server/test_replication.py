@@ -1,0 +1,416 @@
+"""The change feed's follower: the pure decisions, then the loop over two real SQLite
+connections to one file (what two server processes on one datastore see)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.changelog import Change
+from server.datastore.records import (
+    AttestedAgent,
+    Entry,
+    FeedItem,
+    KeySlot,
+    Revocation,
+    Selector,
+    TaskRecord,
+)
+from server.datastore.sqlite import SqliteDataStore
+from server.datastore.testing import FaultInjectingDataStore
+from server.events import ChangeNotifier
+from server.replication import (
+    FeedFollower,
+    FeedWork,
+    FollowSettings,
+    diff_rows,
+    plan,
+    pruned_past,
+)
+from server.state import ServerState
+from server.tasks.model import Task, TaskState
+from server.tasks.service import follow_tasks
+from svid._clock import FakeClock
+
+NOW = 1_700_000_000
+AGENT = "spiffe://example.org/svid/agent/join_token/t1"
+SELS = (Selector("unix", "uid:1000"),)
+
+
+def entry(path: str, **kw: Any) -> Entry:
+    return Entry("", f"spiffe://example.org{path}", AGENT, SELS, **kw)
+
+
+# -- pure decisions -------------------------------------------------------------------------------
+
+
+def test_plan_reloads_each_named_row_once() -> None:
+    items = [
+        FeedItem(1, NOW, "entry", "e1"),
+        FeedItem(2, NOW, "entry", "e1"),
+        FeedItem(3, NOW, "agent", "a1"),
+        FeedItem(4, NOW, "task", "t1"),
+        FeedItem(5, NOW, "revocation", "jwt_id:j"),
+        FeedItem(6, NOW, "key_slot", "s1"),
+        FeedItem(7, NOW, "a kind of a newer release", "x"),
+    ]
+    assert plan(items) == FeedWork(
+        entries=frozenset({"e1"}),
+        agents=frozenset({"a1"}),
+        tasks=frozenset({"t1"}),
+        revocations=True,
+        key_slots=True,
+    )
+    assert not plan([])
+    assert plan(items[:1]) | FeedWork(agents=frozenset({"a2"})) == FeedWork(
+        entries=frozenset({"e1"}), agents=frozenset({"a2"})
+    )
+
+
+@pytest.mark.parametrize(
+    ("cursor", "head", "first", "pruned"),
+    [
+        (0, 0, None, False),  # nothing written
+        (5, 5, None, False),  # up to date
+        (5, 7, None, True),  # rows 6..7 committed before the read, none left: pruned
+        (5, 7, 6, False),
+        (5, 9, 8, True),  # 6..7 gone
+        (0, 3, 2, True),
+    ],
+)
+def test_rows_pruned_past_the_cursor_are_seen(
+    cursor: int, head: int, first: int | None, pruned: bool
+) -> None:
+    items = [] if first is None else [FeedItem(first, NOW, "entry", "e")]
+    assert pruned_past(cursor, head, items) is pruned
+
+
+def test_diff_rows_puts_what_differs_and_removes_what_is_gone() -> None:
+    current = {"a": 1, "b": 2, "c": 3}
+    put, removed = diff_rows(current, {"a": 1, "b": 20, "c": None, "d": 4, "e": None})
+    assert (put, removed) == ([20, 4], ["c"])
+    # Keys this server wrote meanwhile are left as memory has them.
+    assert diff_rows(current, {"b": 20, "c": None}, skip={"b", "c"}) == ([], [])
+    # A complete reload removes what it lacks (except skipped keys).
+    assert diff_rows(current, {"a": 1}, skip={"c"}, complete=True) == ([], ["b"])
+
+
+def _task(task_id: str, state: TaskState = TaskState.ACTIVE) -> Task:
+    return Task(
+        task_id=task_id,
+        spiffe_id=f"spiffe://example.org/bot/task/{task_id}",
+        runtime_id="spiffe://example.org/bot",
+        agent_id=AGENT,
+        entry_id=f"task-{task_id}",
+        actions=("read",),
+        resources=("docs",),
+        classification="internal",
+        environment="",
+        on_behalf_of="",
+        goal_sha256="",
+        parent_task_id="",
+        depth=0,
+        ttl=60,
+        created_at=NOW,
+        expires_at=NOW + 60,
+        decision="allow",
+        reason="",
+        policy_ids=(),
+        policy_set_hash="",
+        act={},
+        state=state,
+    )
+
+
+def test_follow_tasks_begins_active_rows_and_an_end_is_final() -> None:
+    held = _task("t1")
+    active = {held.spiffe_id: held}
+    loaded: Mapping[str, Task | None] = {
+        "t1": replace(held, state=TaskState.ENDED),  # ended elsewhere
+        "t2": _task("t2"),  # begun elsewhere
+        "t3": _task("t3"),  # read before this server ended it: stays ended
+        "t4": None,
+    }
+    begun, ended = follow_tasks(active, {"t3"}, loaded)
+    assert [t.task_id for t in begun] == ["t2"]
+    assert ended == [held]
+    assert follow_tasks(active, set(), {"t1": held}) == ([], [])
+
+
+# -- the loop over two connections to one file --------------------------------------------------
+
+
+class Tasks:
+    """The task layer's side of the follower, recorded (its own tests cover TaskService)."""
+
+    def __init__(self) -> None:
+        self.applied: list[Mapping[str, Task | None]] = []
+
+    def reload_tasks(self, task_ids: Sequence[str]) -> Mapping[str, Task | None]:
+        return dict.fromkeys(task_ids)
+
+    def reload_all_tasks(self) -> Mapping[str, Task | None]:
+        return {}
+
+    def apply_tasks(self, loaded: Mapping[str, Task | None]) -> None:
+        if loaded:
+            self.applied.append(loaded)
+
+
+class Side:
+    """One server's view: its own connection, state, follower and the changes it logged."""
+
+    def __init__(
+        self, path: Path, clock: FakeClock, wrap: bool = False, poll_interval: float = 0.2
+    ) -> None:
+        self.store = SqliteDataStore(path, clock)
+        self.ds = FaultInjectingDataStore(self.store) if wrap else self.store
+        cursor = self.ds.feed_head()
+        self.state = ServerState(self.ds, clock, ChangeNotifier())  # type: ignore[arg-type]
+        self.state.load()
+        self.tasks = Tasks()
+        self.key_slot_calls = 0
+        self.follower = FeedFollower(
+            datastore=self.ds,  # type: ignore[arg-type]
+            state=self.state,
+            tasks=self.tasks,
+            on_key_slots_changed=self._key_slots_changed,
+            clock=clock,
+            cursor=cursor,
+            settings=FollowSettings(poll_interval=poll_interval, retention=60),
+        )
+        self.changes: list[Change] = []
+
+    def _key_slots_changed(self) -> None:
+        self.key_slot_calls += 1
+
+    def listen(self) -> None:
+        self.state.on_change(self.changes.append)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(NOW)
+
+
+@pytest.fixture
+def sides(tmp_path: Path, clock: FakeClock) -> Iterator[tuple[Side, Side]]:
+    a = Side(tmp_path / "db", clock)
+    b = Side(tmp_path / "db", clock)
+    yield a, b
+    a.store.close()
+    b.store.close()
+
+
+def test_writes_through_one_side_reach_the_other_as_changes(sides: tuple[Side, Side]) -> None:
+    a, b = sides
+
+    async def scenario() -> None:
+        b.listen()
+        made = await a.state.create_entry(entry("/web"))
+        batch = await a.state.create_entries([entry("/x"), entry("/y")])
+        agent = AttestedAgent(AGENT, "join_token", "1", NOW + 3600)
+        await a.state.save_agent(agent, None)
+        revoked = Revocation("jwt_id", "j1", "spiffe://example.org/web", NOW + 60, "r", NOW)
+        await a.state.add_revocations((revoked,))
+        await asyncio.to_thread(a.store.put_task, _record("t1"))
+        assert await b.follower.catch_up() == 6
+        assert b.state.entries.by_id == a.state.entries.by_id
+        assert set(b.state.entries.by_id) == {made.id, *(e.id for e in batch)}  # type: ignore[union-attr]
+        assert b.state.agents == a.state.agents
+        assert b.state.revocations == (revoked,)
+        assert [list(t) for t in b.tasks.applied] == [["t1"]]
+        # Delivered as ordinary changes: the propagator hands them to the streams concerned.
+        touched = [t.id for c in b.changes for t in c.entries]
+        assert sorted(touched) == sorted(b.state.entries.by_id)
+        assert [c.agents for c in b.changes if c.agents] == [(AGENT,)]
+        assert [c.revocations_added for c in b.changes if c.revocations_added] == [(revoked,)]
+        # Updates, renewals (the old certificate stays acceptable) and deletes follow too.
+        await a.state.update_entry(replace(made, hint="new", revision=0))
+        await a.state.save_agent(replace(agent, serial="2"), agent)
+        await a.state.delete_entries([batch[0].id])  # type: ignore[union-attr]
+        await b.follower.catch_up()
+        assert b.state.entries.by_id == a.state.entries.by_id
+        assert b.state.authorize_agent(AGENT, "1") == b.state.agents[AGENT]
+        assert b.state.agents[AGENT].serial == "2"
+        await a.state.evict_agent(AGENT)
+        await b.follower.catch_up()
+        assert AGENT not in b.state.agents
+
+    asyncio.run(scenario())
+
+
+def _record(task_id: str) -> TaskRecord:
+    return TaskRecord(task_id, AGENT, "spiffe://example.org/bot", "active", NOW + 60, NOW, "{}")
+
+
+def test_rows_a_side_wrote_itself_change_nothing(sides: tuple[Side, Side]) -> None:
+    a, _ = sides
+
+    async def scenario() -> None:
+        a.listen()
+        await a.state.create_entry(entry("/web"))
+        logged = len(a.changes)
+        assert await a.follower.catch_up() == 1
+        assert len(a.changes) == logged
+        assert await a.follower.catch_up() == 0
+
+    asyncio.run(scenario())
+
+
+def test_key_slot_rows_call_the_hook(sides: tuple[Side, Side]) -> None:
+    a, b = sides
+    a.store.save_key_slot(KeySlot("s1", "jwt", "active", b"der", "kid", NOW, NOW + 10, NOW))
+    asyncio.run(b.follower.catch_up())
+    assert b.key_slot_calls == 1
+    asyncio.run(b.follower.catch_up())
+    assert b.key_slot_calls == 1
+
+
+def test_a_failing_key_slot_hook_does_not_stop_the_feed(sides: tuple[Side, Side]) -> None:
+    a, b = sides
+
+    def broken() -> None:
+        raise OSError("key file unreadable")
+
+    b.follower._on_key_slots_changed = broken
+    a.store.save_key_slot(KeySlot("s1", "jwt", "active", b"der", "kid", NOW, NOW + 10, NOW))
+    a.store.put_task(_record("t1"))
+    asyncio.run(b.follower.catch_up())
+    assert b.follower.cursor == a.store.feed_head()
+    assert [list(t) for t in b.tasks.applied] == [["t1"]]
+
+
+def test_a_cursor_behind_pruned_rows_reloads_everything(
+    sides: tuple[Side, Side], clock: FakeClock
+) -> None:
+    a, b = sides
+
+    async def scenario() -> None:
+        keep = await a.state.create_entry(entry("/keep"))
+        gone = await a.state.create_entry(entry("/gone"))
+        await b.follower.catch_up()
+        # b is "down" while a writes and prunes every row it wrote.
+        await a.state.delete_entry(gone.id)
+        added = await a.state.create_entry(entry("/added"))
+        await a.state.save_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600), None)
+        clock.advance(61)
+        assert await a.follower.prune() == 5
+        b.listen()
+        await b.follower.catch_up()
+        assert b.follower.full_reloads == 1
+        assert set(b.state.entries.by_id) == {keep.id, added.id}
+        assert AGENT in b.state.agents
+        assert b.key_slot_calls == 1
+        assert b.follower.cursor == a.store.feed_head()
+        # From there on it follows row by row again.
+        await a.state.delete_entry(keep.id)
+        await b.follower.catch_up()
+        assert set(b.state.entries.by_id) == {added.id}
+        assert b.follower.full_reloads == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_row_read_before_a_local_write_does_not_undo_it(tmp_path: Path, clock: FakeClock) -> None:
+    """b reloads an entry a changed; while that read is in flight, b deletes the entry itself.
+    The version read before the delete must not bring it back."""
+    a = Side(tmp_path / "db", clock)
+    b = Side(tmp_path / "db", clock, wrap=True)
+    read, go = threading.Event(), threading.Event()
+    real_get = b.store.get_entries
+
+    def slow_get(entry_ids: Sequence[str]) -> list[Entry]:
+        found = real_get(entry_ids)
+        read.set()
+        go.wait(10)
+        return found
+
+    async def scenario() -> None:
+        made = await a.state.create_entry(entry("/web"))
+        await b.follower.catch_up()
+        await a.state.update_entry(replace(made, hint="changed", revision=0))
+        b.ds.get_entries = slow_get  # type: ignore[method-assign]
+        following = asyncio.create_task(b.follower.catch_up())
+        await asyncio.to_thread(read.wait, 10)
+        await b.state.delete_entry(made.id)  # b's own write, while the stale read is held
+        go.set()
+        await following
+        assert made.id not in b.state.entries.by_id
+        b.ds.get_entries = real_get  # type: ignore[method-assign]
+        await b.follower.catch_up()  # the skipped row is read again: still gone
+        assert made.id not in b.state.entries.by_id
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        a.store.close()
+        b.store.close()
+
+
+def test_the_loop_wakes_on_a_write_of_another_connection(tmp_path: Path, clock: FakeClock) -> None:
+    a = Side(tmp_path / "db", clock)
+    b = Side(tmp_path / "db", clock, poll_interval=30)
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        running = asyncio.create_task(b.follower.run(stop))
+        await asyncio.sleep(0.05)
+        made = await a.state.create_entry(entry("/web"))
+        started = time.monotonic()  # committed: from here on it is the follower's time
+        while made.id not in b.state.entries.by_id:
+            await asyncio.sleep(0.005)
+        took = time.monotonic() - started
+        stop.set()
+        await asyncio.wait_for(running, 5)
+        b.store.close()  # ends the wait still under way in its thread
+        return took
+
+    try:
+        took = asyncio.run(scenario())
+    finally:
+        a.store.close()
+        b.store.close()
+    # Far from the 30 s safety poll: the feed's wake-up brought it (about 20 ms when idle).
+    assert took < 2
+
+
+class Deaf(FaultInjectingDataStore):
+    """A feed whose wake-ups never come (a lost notification): waits always time out."""
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        time.sleep(timeout)
+        return False
+
+
+def test_a_missed_wake_up_lands_within_the_safety_poll(tmp_path: Path, clock: FakeClock) -> None:
+    a = Side(tmp_path / "db", clock)
+    b = Side(tmp_path / "db", clock, poll_interval=0.3)
+    b.follower._ds = Deaf(b.store)  # type: ignore[assignment]
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        running = asyncio.create_task(b.follower.run(stop))
+        await asyncio.sleep(0.05)
+        made = await a.state.create_entry(entry("/web"))
+        started = time.monotonic()
+        while made.id not in b.state.entries.by_id:
+            await asyncio.sleep(0.005)
+        took = time.monotonic() - started
+        stop.set()
+        await asyncio.wait_for(running, 5)
+        return took
+
+    try:
+        took = asyncio.run(scenario())
+    finally:
+        a.store.close()
+        b.store.close()
+    assert took < 0.3 + 0.5  # one poll interval, and slack for a busy machine
