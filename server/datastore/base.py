@@ -27,7 +27,9 @@ from server.datastore.records import (
     Credential,
     Entry,
     EventFilter,
+    FederationRelationship,
     FeedItem,
+    ForeignBundle,
     Head,
     JoinToken,
     KeySlot,
@@ -378,8 +380,45 @@ class AssertionReplayStore(Protocol):
         ...
 
 
+class FederationStore(Protocol):
+    """Relationships with foreign trust domains and their last good bundles (server/federation)."""
+
+    def create_relationship(self, rel: FederationRelationship) -> FederationRelationship:
+        """Store a new relationship (timestamps set); AlreadyExistsError for its trust domain."""
+        ...
+
+    def update_relationship(self, rel: FederationRelationship) -> FederationRelationship:
+        """Replace a relationship's endpoint settings; NotFoundError when there is none."""
+        ...
+
+    def get_relationship(self, trust_domain: str) -> FederationRelationship:
+        """NotFoundError when there is none."""
+        ...
+
+    def list_relationships(self) -> list[FederationRelationship]:
+        """Every relationship, by trust domain."""
+        ...
+
+    def delete_relationship(self, trust_domain: str) -> None:
+        """NotFoundError when there is none; its foreign bundle stays (delete that apart)."""
+        ...
+
+    def put_foreign_bundle(self, bundle: ForeignBundle) -> None:
+        """Store (or replace) a foreign trust domain's bundle."""
+        ...
+
+    def list_foreign_bundles(self) -> list[ForeignBundle]:
+        """Every foreign bundle, by trust domain."""
+        ...
+
+    def delete_foreign_bundle(self, trust_domain: str) -> None:
+        """NotFoundError when there is none."""
+        ...
+
+
 class DataStore(
     RegistrationStore,
+    FederationStore,
     ChangeFeed,
     TaskRecordStore,
     CredentialStore,

@@ -32,7 +32,17 @@ from server.datastore import (
     TaskRecord,
 )
 from server.datastore.base import JtiClaim
-from server.datastore.records import AUDIT_COLUMNS, EventFilter, Head, TaskCursor, TokenUse
+from server.datastore.records import (
+    AUDIT_COLUMNS,
+    HTTPS_SPIFFE,
+    HTTPS_WEB,
+    EventFilter,
+    FederationRelationship,
+    ForeignBundle,
+    Head,
+    TaskCursor,
+    TokenUse,
+)
 from server.datastore.sqlite import SqliteDataStore
 from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
@@ -725,3 +735,56 @@ def test_feed_revisions_commit_in_order_across_connections(open_store: Opener) -
     assert [i.revision for i in reader.feed_since(0, 1000)] == list(range(1, 81))
     assert len(seen) > 1
     assert all(revisions == list(range(1, len(revisions) + 1)) for revisions in seen)
+
+
+def test_federation_relationships_round_trip(store: DataStore) -> None:
+    rel = FederationRelationship(
+        "other.org", "https://other.example:8443/", HTTPS_SPIFFE, "spiffe://other.org/svid/server"
+    )
+    made = store.create_relationship(rel)
+    assert made.created_at == NOW
+    assert made.updated_at == NOW
+    assert store.get_relationship("other.org") == made
+    with pytest.raises(AlreadyExistsError, match=r"other\.org"):
+        store.create_relationship(rel)
+    changed = store.update_relationship(
+        replace(rel, profile=HTTPS_WEB, endpoint_spiffe_id="", ca_file="/etc/ca.pem")
+    )
+    assert changed.created_at == made.created_at
+    assert changed.profile == HTTPS_WEB
+    assert store.list_relationships() == [changed]
+    with pytest.raises(NotFoundError, match=r"third\.org"):
+        store.update_relationship(replace(rel, trust_domain="third.org"))
+    store.delete_relationship("other.org")
+    assert store.list_relationships() == []
+    with pytest.raises(NotFoundError, match=r"other\.org"):
+        store.get_relationship("other.org")
+    with pytest.raises(NotFoundError):
+        store.delete_relationship("other.org")
+
+
+def test_foreign_bundles_are_replaced_and_survive_a_reopen(open_store: Opener) -> None:
+    store = open_store()
+    store.put_foreign_bundle(ForeignBundle("other.org", b'{"keys":[]}', NOW))
+    store.put_foreign_bundle(ForeignBundle("other.org", b'{"keys":[],"spiffe_sequence":2}', NOW))
+    store.put_foreign_bundle(ForeignBundle("a.org", b'{"keys":[]}', NOW + 1))
+    assert [b.trust_domain for b in store.list_foreign_bundles()] == ["a.org", "other.org"]
+    assert open_store().list_foreign_bundles()[1].bundle == b'{"keys":[],"spiffe_sequence":2}'
+    store.delete_foreign_bundle("a.org")
+    with pytest.raises(NotFoundError, match=r"a\.org"):
+        store.delete_foreign_bundle("a.org")
+
+
+def test_entries_keep_the_trust_domains_they_federate_with(store: DataStore) -> None:
+    made = store.create_entry(
+        Entry(
+            "",
+            "spiffe://example.org/web",
+            AGENT,
+            (Selector("unix", "uid:1"),),
+            federates_with=("other.org", "third.org"),
+        )
+    )
+    assert store.get_entry(made.id).federates_with == ("other.org", "third.org")
+    store.update_entry(replace(made, federates_with=()))
+    assert store.get_entry(made.id).federates_with == ()
