@@ -30,6 +30,7 @@ def test_each_open_request_is_ended_once_by_any_of_its_keys() -> None:
     requests.close(other)
     requests.close(call)
     assert len(requests) == 0
+    assert not requests._by_key
 
 
 def test_a_shared_key_goes_back_to_one_request_and_then_to_none() -> None:
@@ -44,6 +45,7 @@ def test_a_shared_key_goes_back_to_one_request_and_then_to_none() -> None:
     assert ended == ["third"]
     requests.close(third)
     assert len(requests) == 0
+    assert not requests._by_key  # nothing kept for a key no open request holds
     requests.on_revoked(_event("jwt_id", "j1"))
     assert ended == ["third"]
 
