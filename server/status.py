@@ -32,7 +32,7 @@ from server.ca.errors import (
 )
 from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
 from server.datastore.errors import ConflictError as DsConflictError
-from server.datastore.errors import DataStoreError, StorageError
+from server.datastore.errors import DataStoreError, JtiHeldError, StorageError
 from server.datastore.errors import NotFoundError as DsNotFoundError
 from server.datastore.legacy_import import LegacyImportError
 from server.issuance.ledger import LedgerUnavailableError
@@ -136,6 +136,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     DsConflictError: Rule(Code.ABORTED),
     DataStoreError: _STORAGE,
     StorageError: _STORAGE,
+    # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).
+    JtiHeldError: _STORAGE,
     LegacyImportError: _SERVER_FAULT,
     # Policy: a refused reload names the files (not their directory); a bad decision request
     # is the caller's.

@@ -29,7 +29,7 @@ from server.audit.event import (
     event_from_row,
 )
 from server.audit.verify import Anchor, VerifyResult, verify_store
-from server.datastore.base import AuditStore
+from server.datastore.base import AuditStore, JtiClaim
 from server.datastore.errors import StorageError
 from server.datastore.records import AUDIT_COLUMNS, Credential, EventFilter, Head
 from svid._clock import Clock
@@ -123,6 +123,7 @@ class AuditLog:
         self._commit_lock = threading.Lock()
         self._pending: list[tuple[Any, ...]] = []
         self._pending_credentials: list[Credential] = []
+        self._pending_jtis: list[JtiClaim] = []
         self._tickets: list[_Ticket] = []
         # event_id = this prefix + seq: unique without a uuid4 per event (64 random bits per open
         # log, and seq never repeats within one).
@@ -170,20 +171,31 @@ class AuditLog:
         self._append(drafts)
 
     def record(
-        self, credentials: Sequence[Credential], drafts: Sequence[DraftTuple | EventDraft]
+        self,
+        credentials: Sequence[Credential],
+        drafts: Sequence[DraftTuple | EventDraft],
+        jtis: Sequence[JtiClaim] = (),
     ) -> None:
         """Commit issued credentials and the events that audit them in one transaction (shared
         with concurrent callers); both are durable when this returns, and neither is stored
-        when it raises (LedgerError)."""
+        when it raises (LedgerError).
+
+        `jtis` (the assertions the credentials were issued for, server/oauth) are claimed in
+        that transaction (AuditStore.write_ledger): when one is held already, the whole shared
+        commit fails with a LedgerError caused by JtiHeldError, which names the held ones; the
+        callers whose own jtis are not among them may simply record again."""
         tuples = [d if isinstance(d, tuple) else _draft_values(d) for d in drafts]
         for values in tuples:
             check_draft_tuple(values)
-        self._append(tuples, credentials)
+        self._append(tuples, credentials, jtis)
 
     def _append(
-        self, drafts: Sequence[DraftTuple], credentials: Sequence[Credential] = ()
+        self,
+        drafts: Sequence[DraftTuple],
+        credentials: Sequence[Credential] = (),
+        jtis: Sequence[JtiClaim] = (),
     ) -> list[tuple[Any, ...]]:
-        if not drafts and not credentials:
+        if not drafts and not credentials and not jtis:
             return []
         ticket = _Ticket()
         with self._chain_lock:
@@ -196,6 +208,7 @@ class AuditLog:
                 raise
             self._pending.extend(rows)
             self._pending_credentials.extend(credentials)
+            self._pending_jtis.extend(jtis)
             self._tickets.append(ticket)
         self._commit_until(ticket)
         return rows
@@ -260,9 +273,14 @@ class AuditLog:
                 with self._chain_lock:
                     batch, self._pending = self._pending, []
                     credentials, self._pending_credentials = self._pending_credentials, []
+                    jtis, self._pending_jtis = self._pending_jtis, []
                     tickets, self._tickets = self._tickets, []
                 try:
-                    self._store.write_ledger(credentials, batch)
+                    if jtis:
+                        now = int(self._clock.now())
+                        self._store.write_ledger(credentials, batch, jtis, now)
+                    else:
+                        self._store.write_ledger(credentials, batch)
                 except (StorageError, AuditError) as e:
                     if isinstance(e, LedgerError):
                         self._fail(tickets, e)
@@ -285,6 +303,7 @@ class AuditLog:
             voided = tickets + self._tickets
             self._pending = []
             self._pending_credentials = []
+            self._pending_jtis = []
             self._tickets = []
             try:
                 head = self._store.audit_head()

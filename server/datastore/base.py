@@ -263,11 +263,21 @@ class AuditStore(Protocol):
     the events that record them."""
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
     ) -> None:
         """Commit the credential rows, the sealed audit rows (consecutive seqs, AUDIT_COLUMNS)
         and the new audit head in ONE durable transaction: all of it is on disk when this
-        returns, or none of it and StorageError is raised."""
+        returns, or none of it and StorageError is raised.
+
+        `jtis` (the OAuth token endpoint's assertions, see AssertionReplayStore) are claimed
+        in the same transaction, each as claim_jtis would at `now`: a token and the claim of
+        the assertion it was issued for are durable together or not at all. When any of them
+        is held already (a replay, or a repeat within `jtis`), nothing is written and
+        JtiHeldError names the held ones."""
         ...
 
     def audit_head(self) -> Head | None:

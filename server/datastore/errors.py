@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from svid._errors import SvidError
 
 
@@ -27,3 +29,20 @@ class StorageError(DataStoreError):
     A failed write kept nothing: its whole transaction was rolled back. The message names the
     operation, never a file path or a driver detail a client should not see.
     """
+
+
+class JtiHeldError(StorageError):
+    """A ledger write claimed an assertion `jti` that is held already (a replay, perhaps
+    racing through another server sharing the database): the whole write was rolled back and
+    nothing of it kept. `held` names the (issuer, jti) pairs that were refused, so the callers
+    whose rows shared the write can tell a replay of their own from a neighbour's."""
+
+    def __init__(self, message: str, held: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.held = frozenset(held)
+
+
+def held_message(held: Iterable[tuple[str, str]]) -> str:
+    """JtiHeldError's message: the first few held jtis (names of assertions, not secrets)."""
+    names = sorted(jti[:64] for _, jti in held)
+    return f"assertion jti(s) accepted before: {', '.join(repr(n) for n in names[:4])}"

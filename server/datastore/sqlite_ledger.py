@@ -16,8 +16,10 @@ from typing import Any
 import sqlite_utils
 
 from server.datastore import ledger_queries as lq
+from server.datastore import queries as q
 from server.datastore import sqlite_audit
-from server.datastore.errors import StorageError
+from server.datastore.base import JtiClaim
+from server.datastore.errors import JtiHeldError, StorageError, held_message
 from server.datastore.records import (
     FEED_TASK,
     AuditMark,
@@ -141,12 +143,25 @@ class SqliteLedger:
     # -- credentials ----------------------------------------------------------------------------
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
     ) -> None:
-        if not credentials and not audit_rows:
+        if not credentials and not audit_rows and not jtis:
             return
         try:
             with self._transaction() as db:
+                if jtis:
+                    # First, so a held one rolls back before anything else is written.
+                    held = [
+                        (c.issuer, c.jti)
+                        for c in jtis
+                        if db.execute(q.CLAIM_JTI, {**c._asdict(), "now": now}).rowcount != 1
+                    ]
+                    if held:
+                        raise JtiHeldError(held_message(held), held)
                 # Multi-row statements: see insert_many for why not executemany.
                 sqlite_audit.insert_many(db.conn, lq.CREDENTIALS_INTO, credentials)
                 if audit_rows:

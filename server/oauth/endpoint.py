@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import Executor
 from urllib.parse import parse_qs
 
 from server.oauth.discovery import JWT_BEARER, METADATA_MAX_AGE, TOKEN_EXCHANGE
@@ -72,7 +73,7 @@ async def authorize(request: Request) -> Response:
     )
 
 
-def token_endpoint(grants: Grants) -> Handler:
+def token_endpoint(grants: Grants, workers: Executor) -> Handler:
     async def handle(request: Request) -> Response:
         try:
             params = parse_form(request)
@@ -87,8 +88,9 @@ def token_endpoint(grants: Grants) -> Handler:
                 raise UnsupportedGrantTypeError(
                     f"grant_type {grant_type[0][:100]!r} is not supported"
                 )
-            # Signing, the replay insert and the ledger commit block: off the event loop.
-            answer: TokenResponse = await asyncio.to_thread(grant, params)
+            # Verifying, signing and the ledger commit block: off the event loop.
+            loop = asyncio.get_running_loop()
+            answer: TokenResponse = await loop.run_in_executor(workers, grant, params)
         except OAuthError as exc:
             return error_response(exc)
         body = json.dumps(answer.body(), separators=(",", ":")).encode()
