@@ -291,3 +291,26 @@ def test_a_client_id_must_name_the_assertions_workload(oauth_server: OAuthServer
     )
     assert other.status_code == 401
     assert other.json()["error"] == "invalid_client"
+
+
+def test_an_idle_connection_is_cut_after_the_read_timeout_and_keep_alive_serves_many(
+    oauth_server: OAuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import time
+
+    from server.oauth import http
+
+    monkeypatch.setattr(http, "READ_TIMEOUT", 0.3)
+    port = int(oauth_server.issuer.rsplit(":", 1)[1])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with oauth_server.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        request = b"GET /keys HTTP/1.1\r\nHost: x\r\n\r\n"
+        tls.sendall(request * 2)  # two on one connection, each answered whole
+        seen = b""
+        while seen.count(b'{"keys"') < 2:
+            seen += tls.recv(65536)
+        assert seen.count(b"HTTP/1.1 200") == 2
+        started = time.monotonic()
+        assert tls.recv(1024) == b""  # then idle: the server hangs up
+        assert time.monotonic() - started < 3
