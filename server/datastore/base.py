@@ -357,7 +357,9 @@ class JtiClaim(NamedTuple):
 
 class AssertionReplayStore(Protocol):
     """The `jti`s of assertions the OAuth token endpoint accepted (server/oauth), kept until
-    they expire, so that none is accepted twice by any server sharing the database."""
+    they expire, so that none is accepted twice by any server sharing the database. The
+    endpoint claims them with the token's ledger commit (AuditStore.write_ledger's `jtis`, the
+    same insert as claim_jtis)."""
 
     def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
         """Record each (issuer, jti) until its expires_at, each by ONE atomic insert-if-absent,
