@@ -6,11 +6,9 @@ error's status, `Cache-Control: no-store` on everything the token endpoint answe
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Callable
-from concurrent.futures import Executor
 from urllib.parse import parse_qs
 
 from server.oauth.discovery import JWT_BEARER, METADATA_MAX_AGE, TOKEN_EXCHANGE
@@ -22,6 +20,7 @@ from server.oauth.errors import (
 )
 from server.oauth.grants import Grants, TokenResponse
 from server.oauth.http import Handler, Request, Response, json_response
+from server.oauth.workers import Workers
 
 _log = logging.getLogger("svid.server.oauth")
 _NO_STORE = (("cache-control", "no-store"), ("pragma", "no-cache"))
@@ -73,7 +72,7 @@ async def authorize(request: Request) -> Response:
     )
 
 
-def token_endpoint(grants: Grants, workers: Executor) -> Handler:
+def token_endpoint(grants: Grants, workers: Workers) -> Handler:
     async def handle(request: Request) -> Response:
         try:
             params = parse_form(request)
@@ -89,8 +88,7 @@ def token_endpoint(grants: Grants, workers: Executor) -> Handler:
                     f"grant_type {grant_type[0][:100]!r} is not supported"
                 )
             # Verifying, signing and the ledger commit block: off the event loop.
-            loop = asyncio.get_running_loop()
-            answer: TokenResponse = await loop.run_in_executor(workers, grant, params)
+            answer: TokenResponse = await workers.run(grant, params)
         except OAuthError as exc:
             return error_response(exc)
         body = json.dumps(answer.body(), separators=(",", ":")).encode()

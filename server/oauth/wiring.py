@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.serialization import load_der_public_key
@@ -32,6 +31,7 @@ from server.oauth.jwks import PublishedKey, cache_max_age, jwks_document
 from server.oauth.replay import ReplayGuard
 from server.oauth.settings import OAuthSettings
 from server.oauth.trusted import TrustedBundles
+from server.oauth.workers import Workers
 from svid._bundle import JwtBundle
 from svid._clock import Clock
 from svid._jose import PublicKey, alg_for_key
@@ -60,7 +60,7 @@ class OAuthService:
     trusted: TrustedBundles
     datastore: DataStore
     replay: ReplayGuard
-    workers: ThreadPoolExecutor
+    workers: Workers
     _jwks: bytes = b'{"keys":[]}'
     port: int = 0
 
@@ -82,7 +82,7 @@ class OAuthService:
 
     async def stop(self) -> None:
         await self.listener.stop()
-        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.workers.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Forget replay records of assertions that expired (they cannot be presented again)."""
@@ -146,7 +146,7 @@ def build(
     listener = HttpListener(server_ssl_context(settings))
     # Grants block on the ledger's commit, holding no GIL while they wait: enough threads that
     # every request in flight joins the commit under way (the default executor has cpus+4).
-    workers = ThreadPoolExecutor(GRANT_THREADS, thread_name_prefix="oauth-grant")
+    workers = Workers(GRANT_THREADS, "oauth-grant")
     service = OAuthService(settings, listener, ca, clock, trusted, datastore, replay, workers)
     algs = sorted({alg_for_key(_public(ca)), "ES256"})
     listener.mount(
