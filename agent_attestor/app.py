@@ -63,7 +63,8 @@ def bootstrap_roots(config: AgentConfig) -> bytes:
             "INSECURE BOOTSTRAP: trusting whatever server answers at first contact; "
             "use --trust-bundle outside a local demo"
         )
-        return insecure_fetch_server_root(config.server_attest_address)
+        # Demo only, so one server is enough: every server presents the same trust domain's CA.
+        return insecure_fetch_server_root(config.server_attest_addresses[0])
     return b""
 
 
@@ -100,13 +101,13 @@ class AgentApp:
         )
         self.syncer = Syncer(
             SyncSettings(
-                server_address=config.server_address,
-                attest_address=config.server_attest_address,
+                servers=config.servers,
                 join_token=config.join_token,
                 x509pop=x509pop,
                 bootstrap_root_pem=b"",
                 reconnect_min=config.reconnect_min,
                 reconnect_max=config.reconnect_max,
+                connect_timeout=config.connect_timeout,
             ),
             self.store,
             self.cache,
@@ -175,6 +176,7 @@ class AgentApp:
         # asked for before there was a connection, and their retry waits out a backoff.
         self._was_disconnected = True
         self._call_counters: dict[str, Any] = {}
+        self._server_shown = ""
         self.metrics_address = ""
 
     def _restore(self) -> None:
@@ -207,6 +209,11 @@ class AgentApp:
         counter.inc()
 
     def _on_sync_event(self, event: str) -> None:
+        if event == "moved":
+            self.metrics.server_moves.inc()
+        if event in ("moved", "sync") and self.syncer.server != self._server_shown:
+            self._server_shown = self.syncer.server
+            self.metrics.server.info({"address": self._server_shown})
         if event in ("sync", "refused"):
             self.state_writer.position_moved()
         if event == "sync":

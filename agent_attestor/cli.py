@@ -25,6 +25,7 @@ from agent_attestor.config import (
     DEFAULT_SOCKET,
     JOIN_TOKEN_ENV,
     KEYS,
+    LIST_KEYS,
     AgentConfig,
     build_config,
     load_toml,
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
         flag = f"--{key.replace('_', '-')}"
         if key in _BOOL_FLAGS:
             run.add_argument(flag, dest=f"cfg_{key}", action="store_const", const=True)
+        elif key in LIST_KEYS:  # repeatable, and each may be a comma-separated list
+            run.add_argument(flag, dest=f"cfg_{key}", action="append", default=None)
         else:
             run.add_argument(flag, dest=f"cfg_{key}", default=None)
 

@@ -2,6 +2,12 @@
 
 Every TOML key is also a flag (``data_dir`` -> ``--data-dir``); each error names its key.
 
+The server: `server_addresses` (a TOML list, or a repeatable / comma-separated flag) lists every
+svid-server sharing the trust domain's datastore; a name among them that resolves to several
+addresses stands for that many servers. The legacy single `server_address` still works; giving
+both is an error. `server_attest_addresses` is one Attest address for all of them, or one per
+server in the same order (see servers.py for the choice between them).
+
 The join token is a credential: it comes from a 0600 file (``join_token_file``), the environment
 (``SVID_AGENT_JOIN_TOKEN``) or, discouraged, ``join_token``; it is never printed.
 """
@@ -18,18 +24,25 @@ from typing import Any
 
 from agent_attestor.checkpoint_store import FILE_NAME as CHECKPOINT_FILE
 from agent_attestor.errors import ConfigError
+from agent_attestor.servers import Target, pair_targets
 
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_SOCKET = Path("/tmp/svid-agent/public/api.sock")  # noqa: S108 - SPIRE's layout
+DEFAULT_SERVER = "127.0.0.1:8081"
+DEFAULT_ATTEST = "127.0.0.1:8082"
 JOIN_TOKEN_ENV = "SVID_AGENT_JOIN_TOKEN"  # noqa: S105 - the variable's name, not a token
 _MAX_TOKEN_FILE = 4096  # a join token is <id>.<secret>; anything this big is the wrong file
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    server_address: str = "127.0.0.1:8081"  # node API, mTLS
-    server_attest_address: str = "127.0.0.1:8082"  # Attest, server-auth TLS
+    # Node API (mTLS) of each server. Always filled after build_config, from either spelling.
+    server_addresses: tuple[str, ...] = (DEFAULT_SERVER,)
+    # Attest (server-auth TLS): one for every server, or one per server_addresses entry.
+    server_attest_addresses: tuple[str, ...] = (DEFAULT_ATTEST,)
+    server_address: str = ""  # the legacy single spelling, as given (read server_addresses)
+    server_attest_address: str = ""  # likewise
     trust_domain: str = ""  # learned from the server when empty
     trust_bundle: Path | None = None  # PEM CA certificates to trust the server at first contact
     insecure_bootstrap: bool = False  # demo only: trust the first server certificate seen
@@ -43,8 +56,11 @@ class AgentConfig:
     metrics_address: str = ""  # host:port for /metrics and /healthz; empty = off
     log_format: str = "json"
     log_level: str = "info"
-    reconnect_min: float = 0.2
+    # Reconnect backoff: attempt n waits a random 0..min(max, min * 2**n) s. The first wait
+    # after a server is lost spreads its agents over reconnect_min seconds (no herd).
+    reconnect_min: float = 1.0
     reconnect_max: float = 10.0
+    connect_timeout: float = 5.0  # a server that does not complete a connection by then is down
     jwt_cache_size: int = 4096
     # Tokens plus their keys, LRU out past it; a sixteenth of it holds the FetchJWTSVID answers
     # built from them (jwt_answers.split_budget).
@@ -66,6 +82,11 @@ class AgentConfig:
     # limit, and renewing them at a 5 min TTL takes 133 CSRs/s, an eighth of that limit, leaving
     # the rest for minting on demand. Each held SVID costs ~2 KB.
     max_prefetched_svids: int = 20_000
+
+    @property
+    def servers(self) -> tuple[Target, ...]:
+        """Each configured server's node API and Attest addresses, paired."""
+        return pair_targets(self.server_addresses, self.server_attest_addresses)
 
     @property
     def agent_svid_path(self) -> Path:
@@ -99,7 +120,14 @@ _PATH_KEYS = {
     "private_dir",
 }
 _BOOL_KEYS = {"insecure_bootstrap"}
-_FLOAT_KEYS = {"reconnect_min", "reconnect_max", "identify_timeout"}
+_FLOAT_KEYS = {"reconnect_min", "reconnect_max", "connect_timeout", "identify_timeout"}
+# Lists: a TOML array, or strings of comma-separated items (a flag may be repeated).
+LIST_KEYS = {"server_addresses", "server_attest_addresses"}
+# Each list and its legacy single spelling: one or the other.
+_SPELLINGS = {
+    "server_addresses": "server_address",
+    "server_attest_addresses": "server_attest_address",
+}
 _INT_KEYS = {
     "jwt_cache_size",
     "jwt_cache_max_bytes",
@@ -117,6 +145,8 @@ KEYS = tuple(f.name for f in fields(AgentConfig))
 def _convert(key: str, value: Any) -> Any:
     if value is None:
         return None
+    if key in LIST_KEYS:
+        return _convert_list(key, value)
     if key in _BOOL_KEYS:
         if isinstance(value, bool):
             return value
@@ -138,6 +168,20 @@ def _convert(key: str, value: Any) -> Any:
     if key in _PATH_KEYS:
         return Path(value).expanduser() if value else None
     return value
+
+
+def _convert_list(key: str, value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{key}: expected host:port strings, got {item!r}")
+        out += [part.strip() for part in item.split(",") if part.strip()]
+    if not out:
+        raise ConfigError(f"{key}: expected at least one host:port, got {value!r}")
+    for address in out:
+        _check_address(key, address)
+    return tuple(dict.fromkeys(out))
 
 
 def _check_address(key: str, value: str, *, optional: bool = False, listen: bool = False) -> None:
@@ -223,6 +267,25 @@ def _join_token(
     return "", None
 
 
+def _addresses(
+    plural: str, file_values: Mapping[str, Any], flags: Mapping[str, Any]
+) -> tuple[tuple[str, ...] | None, str]:
+    """The list from the first layer (flags, then file) that gives it in either spelling, and
+    the legacy single value if that is how it was given."""
+    single = _SPELLINGS[plural]
+    for layer in (flags, file_values):
+        many, one = layer.get(plural), layer.get(single)
+        if many is not None and one is not None:
+            raise ConfigError(f"{plural}: give {plural} or {single}, not both")
+        if many is not None:
+            return _convert(plural, many), ""
+        if one is not None:
+            converted = _convert(single, one)
+            _check_address(single, converted)
+            return (converted,), converted
+    return None, ""
+
+
 def build_config(
     file_values: Mapping[str, Any],
     flags: Mapping[str, Any],
@@ -237,6 +300,15 @@ def build_config(
         raise ConfigError(f"{unknown[0]}: unknown configuration key")
     values: dict[str, Any] = {}
     values["join_token"], values["join_token_file"] = _join_token(file_values, flags, env or {})
+    for plural, single in _SPELLINGS.items():
+        addresses, values[single] = _addresses(plural, file_values, flags)
+        if addresses is not None:
+            values[plural] = addresses
+    if len(values.get("server_addresses", ())) > 1 and "server_attest_addresses" not in values:
+        raise ConfigError(
+            "server_attest_addresses: give the Attest address (host:port) of the servers: one "
+            "for all, or one per server_addresses entry in the same order"
+        )
     for key in KEYS:
         if key in values:
             continue
@@ -247,8 +319,12 @@ def build_config(
         if converted is not None:
             values[key] = converted
     config = AgentConfig(**values)
-    _check_address("server_address", config.server_address)
-    _check_address("server_attest_address", config.server_attest_address)
+    nodes, attests = config.server_addresses, config.server_attest_addresses
+    if len(attests) not in (1, len(nodes)):
+        raise ConfigError(
+            f"server_attest_addresses: {len(attests)} given for {len(nodes)} server_addresses: "
+            "give one for all, or one per server in the same order"
+        )
     _check_address("metrics_address", config.metrics_address, optional=True, listen=True)
     if config.log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format: expected one of {LOG_FORMATS}, got {config.log_format!r}")

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
 
 
 class Metrics:
@@ -29,6 +29,15 @@ class Metrics:
         )
         self.server_connected = Gauge(
             "svid_agent_server_connected", "1 while the Sync stream is up", registry=self.registry
+        )
+        # Which server the agent uses (or is about to try, while server_connected is 0).
+        self.server = Info(
+            "svid_agent_server", "the server this agent syncs with", registry=self.registry
+        )
+        self.server_moves = Counter(
+            "svid_agent_server_moves_total",
+            "times the agent moved to another server after its server failed",
+            registry=self.registry,
         )
         self.syncs = Counter(
             "svid_agent_sync_updates_total", "Sync updates applied", registry=self.registry

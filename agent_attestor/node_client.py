@@ -5,6 +5,7 @@ gRPC errors are translated here, at the edge; callers see AgentError subclasses.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -35,6 +36,13 @@ _OPTIONS = (
     ("grpc.ssl_target_name_override", SERVER_NAME),
     ("grpc.default_authority", SERVER_NAME),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # A server that hangs or drops off the network without closing the connection leaves a
+    # quiet Sync stream waiting forever: a ping unanswered for 5 s ends it (and the agent
+    # fails over) ~20 s in. The server accepts agent pings 10 s apart and more (server/app.py).
+    ("grpc.keepalive_time_ms", 15_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),  # grpcio >= 1.6x times pings out by this one (60 s)
+    ("grpc.http2.max_pings_without_data", 0),  # a quiet stream is still worth checking
 )
 _X509_SERIAL = common_pb2.Revocation.X509_SERIAL
 _JWT_ID = common_pb2.Revocation.JWT_ID
@@ -122,6 +130,23 @@ def sign_challenge(key: PrivateKeyTypes, nonce: bytes) -> bytes:
     raise ConfigError(f"x509pop_key: unsupported key type {type(key).__name__}")
 
 
+async def wait_connected(channel: grpc.aio.Channel, address: str, timeout: float) -> None:
+    """Return once `channel` has connected or failed to (refused, handshake failed: the call
+    that follows fails at once, with gRPC's own reason); raise ConnectionError when it is still
+    trying after `timeout` s (a silent host), where a call would wait out gRPC's 20 s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+    state = channel.get_state(try_to_connect=True)
+    while state not in settled and state != grpc.ChannelConnectivity.SHUTDOWN:
+        try:
+            remaining = max(0.0, deadline - loop.time())
+            await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+        except TimeoutError:
+            raise ConnectionError(f"no connection to {address} within {timeout:g} s") from None
+        state = channel.get_state()
+
+
 class NodeClient:
     """One connection set to the server; rebuilt when the agent SVID or the bundle changes."""
 
@@ -131,7 +156,9 @@ class NodeClient:
         attest_address: str,
         root_pem: bytes,
         svid: AgentSvid | None = None,
+        connect_timeout: float = 5.0,
     ) -> None:
+        self._connect_timeout = connect_timeout
         self._server_address = server_address
         self._attest_address = attest_address
         self._root_pem = root_pem
@@ -153,6 +180,10 @@ class NodeClient:
             self._channel = grpc.aio.secure_channel(self._server_address, creds, _OPTIONS)
             self._stub = node_pb2_grpc.NodeStub(self._channel)
         return self._stub
+
+    async def connect(self) -> None:
+        """Wait for the mTLS channel to connect or fail (see wait_connected)."""
+        await wait_connected(self.channel(), self._server_address, self._connect_timeout)
 
     def channel(self) -> grpc.aio.Channel:
         """The mTLS channel (with the agent SVID), for other node-side services."""
@@ -187,6 +218,7 @@ class NodeClient:
             )
         creds = grpc.ssl_channel_credentials(self._root_pem)
         async with grpc.aio.secure_channel(self._attest_address, creds, _OPTIONS) as channel:
+            await wait_connected(channel, self._attest_address, self._connect_timeout)
             call = node_pb2_grpc.NodeStub(channel).Attest(timeout=timeout)
             try:
                 await call.write(

@@ -1,4 +1,5 @@
-"""The agent's link to the server: identity (attest / load / renew), the Sync stream, reconnects.
+"""The agent's link to the server: identity (attest / load / renew), the Sync stream, reconnects,
+and failover to another server of the list when its server fails (servers.py decides where).
 
 Also the SvidSigner the rotator and JWT cache use: it forwards to whichever connection is
 current, so renewing the agent SVID never disturbs them.
@@ -24,6 +25,14 @@ from agent_attestor.errors import AttestationError, NotReadyError
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient
 from agent_attestor.rotation import rotation_point
+from agent_attestor.servers import (
+    Resolver,
+    ServerChooser,
+    Target,
+    backoff_delay,
+    should_move,
+    system_resolver,
+)
 from agent_attestor.signer import MintedJwt, X509Result
 from svid._clock import Clock
 from svid._der import certs_to_pem
@@ -36,22 +45,27 @@ REFUSED = (
 )
 
 
-def backoff_delay(attempt: int, low: float, high: float, rand: random.Random) -> float:
-    """Exponential backoff with full jitter, capped: attempt 0 waits about `low`."""
-    ceiling = min(high, low * 2.0**attempt)
-    return max(low, rand.uniform(ceiling / 2, ceiling))
-
-
 @dataclass
 class SyncSettings:
-    server_address: str
-    attest_address: str
+    servers: tuple[Target, ...]
     join_token: str = ""
     x509pop: tuple[list[x509.Certificate], PrivateKeyTypes] | None = None
     bootstrap_root_pem: bytes = b""
-    reconnect_min: float = 0.2
+    reconnect_min: float = 1.0
     reconnect_max: float = 10.0
+    connect_timeout: float = 5.0
     rand: random.Random = field(default_factory=random.Random)
+    resolver: Resolver = system_resolver
+
+
+def failure_code(exc: BaseException) -> str | None:
+    """The gRPC status code name behind a failure (None: the transport failed)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, grpc.RpcError):
+            return cause.code().name  # type: ignore[attr-defined,no-any-return]
+        cause = cause.__cause__
+    return None
 
 
 class Syncer:
@@ -72,6 +86,8 @@ class Syncer:
         self._on_change = on_change or (lambda _event: None)
         self._on_checkpoint = on_checkpoint or (lambda _checkpoint: None)
         self._client: NodeClient | None = None
+        self._servers = ServerChooser(settings.servers, settings.rand, settings.resolver)
+        self.moves = 0  # times the agent moved to another server
         self._svid: AgentSvid | None = None
         self._reconnect = asyncio.Event()
         self._token_used = False
@@ -88,6 +104,12 @@ class Syncer:
     @property
     def agent_id(self) -> str:
         return self._svid.spiffe_id if self._svid is not None else ""
+
+    @property
+    def server(self) -> str:
+        """The node API address of the server the agent uses (or is about to try)."""
+        current = self._servers.current
+        return current.node if current is not None else ""
 
     @property
     def agent_svid(self) -> AgentSvid | None:
@@ -131,8 +153,10 @@ class Syncer:
             self._cache.set_bundle(bundle)
         self._svid = svid
         old = self._client
+        server = self._servers.current
+        assert server is not None  # picked before any identity is installed
         self._client = NodeClient(
-            self._s.server_address, self._s.attest_address, self._root_pem(), svid
+            server.node, server.attest, self._root_pem(), svid, self._s.connect_timeout
         )
         if old is not None:
             # Streams on the old channel may still be closing: let them, then close it.
@@ -140,6 +164,9 @@ class Syncer:
 
     async def ensure_identity(self) -> AgentSvid:
         """The agent SVID: the current one, the one on disk, or a fresh attestation."""
+        if self._servers.current is None:
+            server = await self._servers.first()
+            log.info("chose a server", extra={"server": server.node})
         now = self._clock.now()
         if self._svid is not None and self._svid.not_after > now:
             return self._svid
@@ -163,7 +190,11 @@ class Syncer:
         return svid
 
     async def _attest_and_save(self) -> tuple[AgentSvid, TrustBundle]:
-        client = NodeClient(self._s.server_address, self._s.attest_address, self._root_pem())
+        server = self._servers.current
+        assert server is not None
+        client = NodeClient(
+            server.node, server.attest, self._root_pem(), connect_timeout=self._s.connect_timeout
+        )
         try:
             svid, bundle = await client.attest(
                 join_token=self._s.join_token, x509pop=self._s.x509pop
@@ -172,7 +203,7 @@ class Syncer:
             await client.close()
         self._token_used = bool(self._s.join_token)
         self._persist(svid, bundle)
-        log.info("agent attested", extra={"agent_id": svid.spiffe_id})
+        log.info("agent attested", extra={"agent_id": svid.spiffe_id, "server": server.attest})
         return svid, bundle
 
     async def settle(self, timeout: float) -> None:
@@ -219,6 +250,7 @@ class Syncer:
     async def _sync_once(self) -> None:
         svid = await self.ensure_identity()
         assert self._client is not None
+        await self._client.connect()
         self._reconnect.clear()
         renew = asyncio.create_task(self._renew_loop(svid))
         reconnect = asyncio.create_task(self._reconnect.wait())
@@ -264,6 +296,9 @@ class Syncer:
                     continue  # applied; the revision is reached with the last part
             self.revision, self.epoch = message.revision, message.epoch
             self._revision_of = self.agent_id
+            if not self.connected:
+                self._servers.connected()
+                log.info("Sync stream up", extra={"server": self.server})
             self.connected = True
             self.syncs += 1
             self._on_change("sync")
@@ -300,9 +335,14 @@ class Syncer:
                 if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                     self._refused(code, exc.details())  # type: ignore[attr-defined]
                 else:
-                    log.warning("lost the server", extra={"code": code.name})
+                    log.warning("lost the server", extra={"server": self.server, "code": code.name})
+                await self._after_failure(code.name, code.name)
             except (AttestationError, ConnectionError, OSError) as exc:
-                log.warning("cannot reach or attest to the server", extra={"error": str(exc)})
+                log.warning(
+                    "cannot reach or attest to the server",
+                    extra={"server": self.server, "error": str(exc)},
+                )
+                await self._after_failure(failure_code(exc), str(exc) or type(exc).__name__)
             self._on_change("disconnected")
             if self._clock.monotonic() - started > 30:
                 attempt = 0  # it was a long healthy connection: start backing off afresh
@@ -311,6 +351,27 @@ class Syncer:
             )
             attempt += 1
             await asyncio.sleep(delay)
+
+    async def _after_failure(self, code: str | None, reason: str) -> None:
+        """Move to another server unless the failure was this one's decision about us."""
+        if not should_move(code):
+            return
+        previous = self._servers.current
+        server = await self._servers.next()
+        if self._svid is not None:
+            self._install(self._svid, None)  # a fresh channel; mTLS works on any server
+        if server == previous:
+            return  # the only server there is: reconnect to it
+        self.moves += 1
+        log.warning(
+            "moving to another server",
+            extra={
+                "server": server.node,
+                "previous": previous.node if previous is not None else "",
+                "reason": reason,
+            },
+        )
+        self._on_change("moved")
 
     # ---- SvidSigner -------------------------------------------------------------------------
 

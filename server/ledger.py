@@ -2,6 +2,7 @@
 
     ledger = Ledger(audit_log)
     await ledger.commit(credentials, events)   # or ledger.record(...) from a worker thread
+    future = ledger.record_later(credentials, events)   # a worker thread that goes on working
 
 One call commits the credential records and their audit events in one transaction of the
 datastore, the events sealed into the audit chain; concurrent calls share a commit (and its
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 from server.audit.errors import LedgerError
 from server.audit.event import EventDraft
@@ -38,6 +40,13 @@ class Ledger:
         """Durable when this returns; LedgerError (nothing kept) when it raises. Blocks: call it
         from a worker thread, or use `commit`. `jtis`: see AuditLog.record."""
         self._audit.record(credentials, events, jtis)
+
+    def record_later(
+        self, credentials: Sequence[Credential], events: Sequence[DraftTuple | EventDraft]
+    ) -> Future[None]:
+        """`record` without blocking: the future is done once durable, or fails with
+        LedgerError (nothing kept)."""
+        return self._audit.record_later(credentials, events)
 
     async def commit(
         self, credentials: Sequence[Credential], events: Sequence[DraftTuple | EventDraft]

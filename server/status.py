@@ -31,8 +31,8 @@ from server.ca.errors import (
     SigningRequestError,
 )
 from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
+from server.datastore.errors import ChainMovedError, DataStoreError, JtiHeldError, StorageError
 from server.datastore.errors import ConflictError as DsConflictError
-from server.datastore.errors import DataStoreError, JtiHeldError, StorageError
 from server.datastore.errors import NotFoundError as DsNotFoundError
 from server.datastore.legacy_import import LegacyImportError
 from server.issuance.ledger import LedgerUnavailableError
@@ -138,6 +138,9 @@ RULES: Mapping[type[BaseException], Rule] = {
     StorageError: _STORAGE,
     # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).
     JtiHeldError: _STORAGE,
+    # Another server moved the audit chain; the audit log reseals and retries, so one reaching
+    # here is a storage failure like any other.
+    ChainMovedError: _STORAGE,
     LegacyImportError: _SERVER_FAULT,
     # Policy: a refused reload names the files (not their directory); a bad decision request
     # is the caller's.

@@ -20,6 +20,7 @@ was signed, which is before anything is deleted.
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -161,11 +162,32 @@ class CheckpointFile:
         self.path = path
 
     def append(self, checkpoint: Checkpoint) -> None:
+        self._append(checkpoint, unless_behind=False)
+
+    def append_unless_behind(self, checkpoint: Checkpoint) -> Checkpoint:
+        """Append `checkpoint` unless the file's newest checkpoint signed by the same key is
+        already past it: then that one is returned and nothing is written. Checked and written
+        under an exclusive lock on the file, so against other processes too.
+
+        Why: servers sharing a data dir (one database) sign with one key into one file, each
+        its own committed head. One behind another must not follow it, or the file reads as a
+        log cut back in between (CheckpointFile.anchors). The newer one vouches for more: its
+        hash chains through every event before it.
+        """
+        return self._append(checkpoint, unless_behind=True)
+
+    def _append(self, checkpoint: Checkpoint, *, unless_behind: bool) -> Checkpoint:
         line = (checkpoint.to_line() + "\n").encode("utf-8")
         try:
             created = not self.path.exists()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                if unless_behind:
+                    # Released by the close below.
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    newest = self._newest_signed_by(checkpoint.key_id)
+                    if newest is not None and newest.seq > checkpoint.seq:
+                        return newest
                 os.write(fd, line)
                 os.fsync(fd)
             finally:
@@ -174,6 +196,21 @@ class CheckpointFile:
                 _fsync_dir(self.path.parent)
         except OSError as e:
             raise CheckpointError(f"cannot write the checkpoint file: {e.strerror or e}") from None
+        return checkpoint
+
+    def _newest_signed_by(self, key_id: str) -> Checkpoint | None:
+        """The newest checkpoint line whose signature verifies under `key_id`'s key: a line
+        anyone could have added must not stop a real checkpoint from being written."""
+        for line in reversed(self._lines()):
+            try:
+                cp = Checkpoint.parse(line)
+                if cp.kind != CHECKPOINT or cp.key_id != key_id:
+                    continue
+                cp.verify_signature(cp.public_key_object())
+            except AuditCheckpointError:
+                continue
+            return cp
+        return None
 
     def last(self, kind: str = CHECKPOINT) -> Checkpoint | None:
         """The newest complete, parsable line of `kind` (not verified): what the writer

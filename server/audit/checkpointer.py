@@ -80,7 +80,9 @@ class Checkpointer:
                 return last
             # Seqs run 1, 2, ... without gaps, so the head's seq is the event count.
             checkpoint = self._signer.sign(seq, digest, seq, self._clock.now())
-            self._file.append(checkpoint)
+            # Another server on the same database and data dir may have signed a newer head:
+            # then that one stands (see append_unless_behind).
+            checkpoint = self._file.append_unless_behind(checkpoint)
             self._last = checkpoint
             # Under the lock: listeners see checkpoints in the order they were signed.
             self._on_checkpoint(checkpoint)
@@ -111,7 +113,8 @@ class Checkpointer:
 
     def _warn_if_behind(self) -> None:
         """A log that starts behind its own last checkpoint was cut back while the server was
-        down: say so now (verify --anchor names it too; the next checkpoint will go back)."""
+        down: say so now (verify --anchor names it too; no checkpoint is written behind the
+        last one until the head passes it)."""
         head = self._audit.committed_head()
         last = self._last
         if last is None or last.key_id != self._signer.key_id:

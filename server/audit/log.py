@@ -2,17 +2,23 @@
 
 Every write goes through one group commit that can carry credential records too
 (`record(credentials, drafts)`): issued credentials and the events that audit them commit in one
-transaction of the datastore, the events sealed into the chain in commit order.
+transaction of the datastore, the events sealed into the chain in commit order. `record_later`
+queues the same write for the log's writer thread and returns a future instead of waiting.
+
+Several servers may share the chain (one database): see AuditLog for how a write that finds
+the chain moved by another one is sealed again, and AuditStore.write_ledger for the check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import operator
 import re
 import secrets
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TextIO
 
 from server.audit.errors import AuditError, LedgerError
@@ -30,7 +36,7 @@ from server.audit.event import (
 )
 from server.audit.verify import Anchor, VerifyResult, verify_store
 from server.datastore.base import AuditStore, JtiClaim
-from server.datastore.errors import StorageError
+from server.datastore.errors import ChainMovedError, StorageError
 from server.datastore.records import AUDIT_COLUMNS, Credential, EventFilter, Head
 from svid._clock import Clock
 
@@ -42,11 +48,29 @@ DraftTuple = tuple[Any, ...]
 
 
 class _Ticket:
-    __slots__ = ("done", "error")
+    """One caller's share of a group commit: its drafts (kept until committed, so they can be
+    sealed again on another writer's head), their timestamp, and its rows as last sealed."""
 
-    def __init__(self) -> None:
+    __slots__ = ("done", "drafts", "error", "future", "rows", "ts")
+
+    def __init__(self, drafts: Sequence[DraftTuple], future: Future[None] | None = None) -> None:
         self.done = False
         self.error: LedgerError | None = None
+        self.drafts = drafts
+        self.ts = 0.0
+        self.rows: list[tuple[Any, ...]] = []
+        # A caller of record_later waits on this instead of on the commit itself.
+        self.future = future
+
+    def succeed(self) -> None:
+        self.done = True
+        if self.future is not None:
+            self.future.set_result(None)
+
+    def fail(self, error: LedgerError) -> None:
+        self.done, self.error = True, error
+        if self.future is not None:
+            self.future.set_exception(error)
 
 
 def check_draft_tuple(values: DraftTuple) -> None:
@@ -114,6 +138,13 @@ class AuditLog:
     (`AuditStore.write_ledger`), so N threads pay for about one fsync. A call returns only once
     its own rows are committed; when a commit fails, every caller whose rows it held, or that
     were chained after them, gets the same LedgerError and none of their rows are kept.
+
+    Several servers may append to one chain in a shared database. The in-memory head then goes
+    stale whenever another one commits, and the store refuses a batch sealed on a stale head
+    (ChainMovedError, nothing written). Under the chain lock, every pending draft (that batch
+    and all queued after it) is sealed again on the stored head, and the write is retried, at
+    most _RESEALS times: callers only return a little later, with their final seqs and ids.
+    A single writer pays nothing but the store's head check.
     """
 
     def __init__(self, store: AuditStore, clock: Clock) -> None:
@@ -125,6 +156,8 @@ class AuditLog:
         self._pending_credentials: list[Credential] = []
         self._pending_jtis: list[JtiClaim] = []
         self._tickets: list[_Ticket] = []
+        # Commits for record_later: one thread, started on first use, grouping like any caller.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="audit-writer")
         # event_id = this prefix + seq: unique without a uuid4 per event (64 random bits per open
         # log, and seq never repeats within one).
         self._id_prefix = secrets.token_hex(8) + "-"
@@ -147,8 +180,15 @@ class AuditLog:
             return Head(self._next_seq - 1, self._head_hash)
 
     def committed_head(self) -> Head | None:
-        """The newest event known to be on disk, as this process wrote it (not re-read from
-        the database, so a checkpoint of it is not fooled by a rewrite behind its back)."""
+        """The newest event known to be on disk: this process's last commit, or the stored
+        head its own write found another writer had moved the chain to, whichever is newer.
+
+        Never re-read from the database for the asking, so a checkpoint of it is not fooled by
+        a rewrite behind its back: a head seen during a write is taken only when it is ahead
+        of this process's last commit (a head gone back fails the write, see _reseal). What a
+        checkpoint of it promises is the chain through that event, which includes every
+        event this process committed before it.
+        """
         return self._committed
 
     def append(self, kind: str, **fields_: Any) -> AuditEvent:
@@ -189,6 +229,35 @@ class AuditLog:
             check_draft_tuple(values)
         self._append(tuples, credentials, jtis)
 
+    def record_later(
+        self, credentials: Sequence[Credential], drafts: Sequence[DraftTuple | EventDraft]
+    ) -> Future[None]:
+        """`record` without waiting for the commit: the future is done once the credentials
+        and events are durable, or fails with LedgerError when neither is stored.
+
+        For a thread that has more to do meanwhile (a signing thread can sign the next batch
+        while this one commits); the commit runs on the log's writer thread, grouped with
+        every other caller's. Whatever the records cover must not leave before the future
+        is done. Draft errors (AuditError) raise here, before anything is queued.
+        """
+        tuples = [d if isinstance(d, tuple) else _draft_values(d) for d in drafts]
+        for values in tuples:
+            check_draft_tuple(values)
+        future: Future[None] = Future()
+        # Running: a waiter that gives up cannot cancel it, so the writer can always settle it.
+        future.set_running_or_notify_cancel()
+        if not tuples and not credentials:
+            future.set_result(None)
+            return future
+        ticket = self._enqueue(_Ticket(tuples, future), tuples, credentials)
+        self._writer.submit(self._commit_for, ticket)
+        return future
+
+    def _commit_for(self, ticket: _Ticket) -> None:
+        """The writer thread's job: the commit holding `ticket` (its future gets the outcome)."""
+        with contextlib.suppress(LedgerError):  # on the ticket's future already
+            self._commit_until(ticket)
+
     def _append(
         self,
         drafts: Sequence[DraftTuple],
@@ -197,21 +266,29 @@ class AuditLog:
     ) -> list[tuple[Any, ...]]:
         if not drafts and not credentials and not jtis:
             return []
-        ticket = _Ticket()
+        ticket = self._enqueue(_Ticket(drafts), drafts, credentials, jtis)
+        self._commit_until(ticket)
+        # The rows as committed: sealed again if another writer moved the chain meanwhile.
+        return ticket.rows
+
+    def _enqueue(
+        self,
+        ticket: _Ticket,
+        drafts: Sequence[DraftTuple],
+        credentials: Sequence[Credential],
+        jtis: Sequence[JtiClaim] = (),
+    ) -> _Ticket:
+        """Seal `drafts` onto the chain and queue them, with `credentials`, for the next commit."""
         with self._chain_lock:
-            saved = self._next_seq, self._head_hash
-            try:
-                rows = self._seal(drafts) if drafts else []
-            except BaseException:
-                # Never leave a hole in the chain: seqs taken by a half-sealed batch go back.
-                self._next_seq, self._head_hash = saved
-                raise
-            self._pending.extend(rows)
+            if drafts:
+                ticket.ts = self._clock.now()
+                # A draft that cannot be encoded raises here, before anything moved.
+                ticket.rows = self._seal(drafts, ticket.ts)
+            self._pending.extend(ticket.rows)
             self._pending_credentials.extend(credentials)
             self._pending_jtis.extend(jtis)
             self._tickets.append(ticket)
-        self._commit_until(ticket)
-        return rows
+        return ticket
 
     def _draft(self, kind: str, values: dict[str, Any]) -> EventDraft:
         unknown = sorted(set(values) - _DRAFT_FIELDS)
@@ -219,13 +296,13 @@ class AuditLog:
             raise AuditError(f"unknown audit field(s): {', '.join(unknown)}")
         return EventDraft(kind=kind, **values)
 
-    def _seal(self, drafts: Sequence[DraftTuple]) -> list[tuple[Any, ...]]:
-        """Chain `drafts` into stored rows (columns in CANONICAL_FIELDS order, then hash).
+    def _seal(self, drafts: Sequence[DraftTuple], ts: float) -> list[tuple[Any, ...]]:
+        """Chain `drafts` into stored rows (columns in CANONICAL_FIELDS order, then hash) after
+        the in-memory head, and move the head past them; nothing moves when one fails.
 
         Called under the chain lock: seq and prev_hash must be taken in one step. One timestamp
         for the whole batch: its events are appended at the same moment.
         """
-        ts = self._clock.now()
         seq = self._next_seq
         prev = self._head_hash
         prev_digest = bytes.fromhex(prev)
@@ -275,27 +352,105 @@ class AuditLog:
                     credentials, self._pending_credentials = self._pending_credentials, []
                     jtis, self._pending_jtis = self._pending_jtis, []
                     tickets, self._tickets = self._tickets, []
-                try:
-                    if jtis:
-                        now = int(self._clock.now())
-                        self._store.write_ledger(credentials, batch, jtis, now)
-                    else:
-                        self._store.write_ledger(credentials, batch)
-                except (StorageError, AuditError) as e:
-                    if isinstance(e, LedgerError):
-                        self._fail(tickets, e)
-                    else:
-                        error = LedgerError(str(e))
-                        error.__cause__ = e
-                        self._fail(tickets, error)
-                else:
-                    if batch:
-                        # Batches commit in order under this lock: the last row is the new head.
-                        self._committed = Head(batch[-1][0], batch[-1][-1])
-                    for t in tickets:
-                        t.done = True
+                self._write(batch, credentials, jtis, tickets)
         if mine.error is not None:
             raise mine.error
+
+    def _write(
+        self,
+        batch: list[tuple[Any, ...]],
+        credentials: list[Credential],
+        jtis: list[JtiClaim],
+        tickets: list[_Ticket],
+    ) -> None:
+        """Commit one group (under the commit lock), sealing it again on the stored head each
+        time another writer moved the chain; mark its tickets done or failed."""
+        reseals = 0
+        while True:
+            try:
+                if jtis:
+                    self._store.write_ledger(credentials, batch, jtis, int(self._clock.now()))
+                else:
+                    self._store.write_ledger(credentials, batch)
+            except ChainMovedError as e:
+                reseals += 1
+                try:
+                    if reseals > _RESEALS:
+                        raise LedgerError(
+                            f"the audit chain kept moving under other writers: gave up after "
+                            f"{_RESEALS} reseals"
+                        ) from e
+                    batch, credentials, jtis, tickets = self._reseal(
+                        e.head, credentials, jtis, tickets
+                    )
+                except LedgerError as gave_up:
+                    self._fail(tickets, gave_up)
+                    return
+                except Exception as unexpected:  # every waiter must hear of it
+                    error = LedgerError(f"cannot seal the audit batch again: {unexpected}")
+                    error.__cause__ = unexpected
+                    self._fail(tickets, error)
+                    return
+            except (StorageError, AuditError) as e:
+                if isinstance(e, LedgerError):
+                    self._fail(tickets, e)
+                else:
+                    error = LedgerError(str(e))
+                    error.__cause__ = e
+                    self._fail(tickets, error)
+                return
+            else:
+                if batch:
+                    # Batches commit in order under this lock: the last row is the new head.
+                    self._committed = Head(batch[-1][0], batch[-1][-1])
+                for t in tickets:
+                    t.succeed()
+                return
+
+    def _reseal(
+        self,
+        stored: Head | None,
+        credentials: list[Credential],
+        jtis: list[JtiClaim],
+        tickets: list[_Ticket],
+    ) -> tuple[list[tuple[Any, ...]], list[Credential], list[JtiClaim], list[_Ticket]]:
+        """Seal the refused group, and everything queued after it (chained on the same stale
+        head), again on the stored head; returns the group to write in their place.
+
+        LedgerError when the stored head is behind this process's last commit: the chain was
+        cut back or rewritten, which no other writer does. The group is refused (the ledger's
+        outage log line says so) and the log resumes from the stored head, as a restart would;
+        the checkpoints signed before name what was cut (`audit verify --anchor`).
+        """
+        committed = self._committed
+        if committed is not None and (
+            stored is None
+            or stored.seq < committed.seq
+            or (stored.seq == committed.seq and stored.hash != committed.hash)
+        ):
+            at = "empty" if stored is None else f"at seq {stored.seq}"
+            raise LedgerError(
+                f"the stored audit head is {at}, behind this server's last commit at seq "
+                f"{committed.seq}: the log was cut back or rewritten behind the server"
+            )
+        with self._chain_lock:
+            tickets = tickets + self._tickets
+            credentials = credentials + self._pending_credentials
+            jtis = jtis + self._pending_jtis
+            self._pending, self._pending_credentials, self._tickets = [], [], []
+            self._pending_jtis = []
+            self._next_seq = 1 if stored is None else stored.seq + 1
+            self._head_hash = GENESIS_HASH if stored is None else stored.hash
+            # Committed, by another writer, and seen inside this process's own transaction.
+            self._committed = stored
+            batch: list[tuple[Any, ...]] = []
+            for t in tickets:
+                if t.drafts:
+                    # Same drafts and timestamp, so the same encoding: this cannot fail where
+                    # the first seal did not.
+                    t.rows = self._seal(t.drafts, t.ts)
+                    batch.extend(t.rows)
+        return batch, credentials, jtis, tickets
 
     def _fail(self, tickets: list[_Ticket], error: LedgerError) -> None:
         """A failed commit voids its batch and all chained after it; resume from the store."""
@@ -317,7 +472,7 @@ class AuditLog:
             self._head_hash = GENESIS_HASH if head is None else head.hash
             self._committed = head
         for t in voided:
-            t.done, t.error = True, error
+            t.fail(error)
 
     def verify(self, anchor: Head | None = None, anchors: Sequence[Anchor] = ()) -> VerifyResult:
         """Verify one consistent snapshot of the store (see server.audit.verify).
@@ -360,3 +515,7 @@ _COLUMNS = AUDIT_COLUMNS
 if (*CANONICAL_FIELDS, "hash") != _COLUMNS:  # pragma: no cover - a guard for editors
     raise ImportError("server.datastore.records.AUDIT_COLUMNS must follow CANONICAL_FIELDS")
 _DRAFT_POLICY_AT = DRAFT_FIELDS.index("policy_ids")
+# How many times one group is sealed again on another writer's head before its callers get
+# LedgerError. Each retry follows a commit by another server, so running out means the others
+# kept committing in the few microseconds between this one's reseal and its write.
+_RESEALS = 16

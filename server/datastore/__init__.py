@@ -11,6 +11,7 @@ from server.datastore.base import (
 )
 from server.datastore.errors import (
     AlreadyExistsError,
+    ChainMovedError,
     ConflictError,
     DataStoreError,
     NotFoundError,
@@ -32,6 +33,7 @@ __all__ = [
     "AttestedAgent",
     "AuditRetentionStore",
     "AuditStore",
+    "ChainMovedError",
     "ConflictError",
     "Credential",
     "CredentialStore",

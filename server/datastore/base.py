@@ -208,6 +208,14 @@ class TaskRecordStore(Protocol):
         """Insert or replace by task_id; durable when this returns."""
         ...
 
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        """Replace the row of `task.task_id` with `task` only while its stored state is
+        `expected_state`, in one atomic step: True when this call replaced it (durable, its
+        feed row with it); False, changing nothing, when the row is absent or in another state.
+        Of several concurrent callers (any servers) expecting the same state, exactly one gets
+        True: the one whose write ends a task records the end and revokes."""
+        ...
+
     def get_task(self, task_id: str) -> TaskRecord | None: ...
 
     def list_tasks(
@@ -272,6 +280,15 @@ class AuditStore(Protocol):
         """Commit the credential rows, the sealed audit rows (consecutive seqs, AUDIT_COLUMNS)
         and the new audit head in ONE durable transaction: all of it is on disk when this
         returns, or none of it and StorageError is raised.
+
+        Several servers may append to one chain. So, inside that transaction and before
+        writing, the stored head must be exactly the head the rows were sealed on: the first
+        row's seq - 1 and prev_hash, or an empty chain when the first seq is 1. Otherwise
+        another writer moved the chain since: ChainMovedError (a StorageError) carrying the
+        stored head, and nothing is written. The check and the write are one atomic step
+        against other writers (SQLite: the write lock of BEGIN IMMEDIATE; PostgreSQL: SELECT
+        ... FOR UPDATE on the head row). Credential rows alone (no audit rows) are not
+        checked.
 
         `jtis` (the OAuth token endpoint's assertions, see AssertionReplayStore) are claimed
         in the same transaction, each as claim_jtis would at `now`: a token and the claim of

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from server.datastore.records import Head
 from svid._errors import SvidError
 
 
@@ -29,6 +30,16 @@ class StorageError(DataStoreError):
     A failed write kept nothing: its whole transaction was rolled back. The message names the
     operation, never a file path or a driver detail a client should not see.
     """
+
+
+class ChainMovedError(StorageError):
+    """An audit batch was sealed on a head the chain is no longer at: another writer sharing
+    the database appended since. Nothing of the ledger write was kept; `head` is the stored
+    head (None: an empty chain) to seal the batch on again."""
+
+    def __init__(self, message: str, head: Head | None = None) -> None:
+        super().__init__(message)
+        self.head = head
 
 
 class JtiHeldError(StorageError):

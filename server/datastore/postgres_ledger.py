@@ -18,6 +18,7 @@ from server.datastore import ledger_queries as lq
 from server.datastore import postgres_sql as ps
 from server.datastore import queries as q
 from server.datastore.base import JtiClaim
+from server.datastore.chain import check_follows
 from server.datastore.errors import JtiHeldError, StorageError, held_message
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
@@ -72,6 +73,19 @@ class PostgresLedger:
             self._append_feed(cur, FEED_TASK, (task.task_id,))
 
         self._write("record the task", work)
+
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        params = {**_task_params(task), "expected_state": expected_state}
+
+        def work(cur: Cursor) -> bool:
+            # Read committed: a concurrent swap waits on the row lock, then sees the winner's
+            # state and matches nothing.
+            if cur.execute(pg(lq.SWAP_TASK), params).rowcount != 1:
+                return False
+            self._append_feed(cur, FEED_TASK, (task.task_id,))
+            return True
+
+        return self._write("record the task", work)
 
     def get_task(self, task_id: str) -> TaskRecord | None:
         rows = self._rows("read the task", lq.SELECT_TASK, {"task_id": task_id})
@@ -144,6 +158,11 @@ class PostgresLedger:
                     for credential in credentials:
                         copy.write_row(credential)
             if audit_rows:
+                cur.execute(ps.LOCK_AUDIT_APPEND)
+                row = cur.execute(lq.SELECT_AUDIT_HEAD).fetchone()
+                check_follows(
+                    None if row is None else Head(int(row[0]), str(row[1])), audit_rows[0]
+                )
                 with cur.copy(ps.COPY_AUDIT_EVENTS) as copy:
                     for row in audit_rows:
                         copy.write_row(row)

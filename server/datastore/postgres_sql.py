@@ -40,6 +40,9 @@ INSERT_JOIN_TOKEN_UNLESS_EXISTS = q.INSERT_JOIN_TOKEN + " ON CONFLICT DO NOTHING
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s || coalesce(current_schema(), ''), 0))"
 LOCK_MIGRATIONS = _LOCK % "'svidd.migrations:'"
 LOCK_AUDIT_PRUNE = _LOCK % "'svidd.audit_prune:'"
+# Appends to the one audit chain take turns: the head is read, checked and moved under it (a
+# row lock would not cover the empty chain, which has no head row to lock).
+LOCK_AUDIT_APPEND = _LOCK % "'svidd.audit_append:'"
 # Entry writes are admin calls, few and short: taking turns makes each one's checks (stale
 # revision, identity clash) exact until its COMMIT, and two batches touching the same
 # identities in different orders cannot deadlock on the UNIQUE key.

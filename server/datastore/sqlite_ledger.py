@@ -19,6 +19,7 @@ from server.datastore import ledger_queries as lq
 from server.datastore import queries as q
 from server.datastore import sqlite_audit
 from server.datastore.base import JtiClaim
+from server.datastore.chain import check_follows
 from server.datastore.errors import JtiHeldError, StorageError, held_message
 from server.datastore.records import (
     FEED_TASK,
@@ -96,6 +97,17 @@ class SqliteLedger:
         except sqlite3.Error as e:
             raise StorageError(f"cannot record the task: {e}") from e
 
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        params = {**_task_params(task), "expected_state": expected_state}
+        try:
+            with self._transaction() as db:
+                if db.execute(lq.SWAP_TASK, params).rowcount != 1:
+                    return False
+                self._append_feed(db, FEED_TASK, (task.task_id,))
+                return True
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot record the task: {e}") from e
+
     def get_task(self, task_id: str) -> TaskRecord | None:
         rows = self._read("read the task", lq.SELECT_TASK, {"task_id": task_id})
         return _task_from(rows[0]) if rows else None
@@ -153,8 +165,12 @@ class SqliteLedger:
             return
         try:
             with self._transaction() as db:
+                if audit_rows:
+                    # Under the write lock BEGIN IMMEDIATE took: no other writer can move the
+                    # head between this read and the commit.
+                    check_follows(sqlite_audit.read_head(db.conn), audit_rows[0])
                 if jtis:
-                    # First, so a held one rolls back before anything else is written.
+                    # Before anything is written: a held one rolls the whole write back.
                     held = [
                         (c.issuer, c.jti)
                         for c in jtis

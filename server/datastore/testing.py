@@ -205,6 +205,10 @@ class FaultInjectingDataStore:
         self._enter("put_task")
         self.inner.put_task(task)
 
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        self._enter("swap_task")
+        return self.inner.swap_task(task, expected_state)
+
     def get_task(self, task_id: str) -> TaskRecord | None:
         self._enter("get_task")
         return self.inner.get_task(task_id)

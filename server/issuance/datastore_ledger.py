@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 from server.audit.errors import LedgerError
 from server.issuance.ledger import Credential, EventTuple, LedgerUnavailableError
@@ -55,3 +56,26 @@ class DatastoreLedger:
             self._ledger.record(credentials, events)
         except LedgerError as exc:
             raise LedgerUnavailableError(failure_reason(exc)) from exc
+
+    def record_later(
+        self, credentials: Sequence[Credential], events: Sequence[EventTuple]
+    ) -> Future[None]:
+        settled: Future[None] = Future()
+        settled.set_running_or_notify_cancel()  # see AuditLog.record_later
+        if not credentials and not events:
+            settled.set_result(None)
+            return settled
+
+        def settle(committed: Future[None]) -> None:
+            exc = committed.exception()
+            if exc is None:
+                settled.set_result(None)
+            elif isinstance(exc, LedgerError):
+                error = LedgerUnavailableError(failure_reason(exc))
+                error.__cause__ = exc
+                settled.set_exception(error)
+            else:
+                settled.set_exception(exc)
+
+        self._ledger.record_later(credentials, events).add_done_callback(settle)
+        return settled

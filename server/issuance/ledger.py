@@ -10,6 +10,9 @@ event are committed:
   Implementations may group commit: concurrent callers share one transaction and one fsync,
   and each caller still waits for the commit that holds its own rows. (The one in use,
   server.issuance.datastore_ledger, commits both in one datastore transaction.)
+- `Ledger.record_later` is `record` for a thread with more to do meanwhile: it returns a
+  future at once, done when `record` would have returned, or failed with the error it would
+  have raised. The caller must not let out anything the records cover before then.
 - If the ledger cannot commit (disk full, I/O error, read-only file, a database that went
   away), `commit` raises `LedgerUnavailableError`. The issuer then sends nothing: the RPC
   fails with UNAVAILABLE and a message saying the server cannot record (server.status), the
@@ -26,6 +29,7 @@ sent without its record and its event, never happens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any, Protocol
 
 from server.datastore.records import Credential
@@ -59,4 +63,11 @@ class Ledger(Protocol):
 
     def record(self, credentials: Sequence[Credential], events: Sequence[EventTuple]) -> None:
         """`commit`, blocking: for a worker thread, never the event loop."""
+        ...
+
+    def record_later(
+        self, credentials: Sequence[Credential], events: Sequence[EventTuple]
+    ) -> Future[None]:
+        """`record` without waiting: done once durable, or failed with LedgerUnavailableError.
+        For a worker thread; the loop awaits it with asyncio.wrap_future."""
         ...

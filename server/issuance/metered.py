@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 from server.issuance.ledger import Credential, EventTuple, Ledger, LedgerUnavailableError
 from server.metrics import Metrics
@@ -39,6 +40,21 @@ class MeteredLedger:
             self._failed(exc)
             raise
         self._worked()
+
+    def record_later(
+        self, credentials: Sequence[Credential], events: Sequence[EventTuple]
+    ) -> Future[None]:
+        future = self._ledger.record_later(credentials, events)
+        # Added before the caller can add its own: counted before anyone sees the outcome.
+        future.add_done_callback(self._settled)
+        return future
+
+    def _settled(self, future: Future[None]) -> None:
+        exc = future.exception()
+        if exc is None:
+            self._worked()
+        elif isinstance(exc, LedgerUnavailableError):
+            self._failed(exc)
 
     def _failed(self, exc: LedgerUnavailableError) -> None:
         self._metrics.ledger_failures.labels(reason=exc.reason).inc()

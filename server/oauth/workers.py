@@ -67,11 +67,12 @@ class Workers:
                 result, error = fn(arg), None
             except BaseException as exc:  # the caller gets it, as from an executor
                 result, error = None, exc
+            # Idle before the answer goes out: the caller's next job finds this thread free.
+            self._idle.release()
             # RuntimeError: the loop closed meanwhile, nobody waits for the answer.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, future, result, error)
             del job, future, result, error
-            self._idle.release()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

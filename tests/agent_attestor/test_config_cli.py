@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from agent_attestor import cli
-from agent_attestor.config import build_config, load_toml
+from agent_attestor.config import KEYS, build_config, load_toml
 from agent_attestor.errors import ConfigError
+from agent_attestor.servers import Target
 from agent_attestor.workload_client import WorkloadClient, endpoint
 from svid._clock import format_utc
 from svid._proto import task_pb2
@@ -24,7 +25,90 @@ def test_flags_win_over_the_file(tmp_path: Path) -> None:
     f.write_text('server_address = "10.0.0.1:8081"\nlog_format = "text"\n')
     config = build_config(load_toml(f), {"server_address": "10.0.0.2:9000"})
     assert config.server_address == "10.0.0.2:9000"
+    assert config.server_addresses == ("10.0.0.2:9000",)
     assert config.log_format == "text"
+
+
+def test_the_legacy_single_server_address_still_works_and_defaults_stay() -> None:
+    default = build_config({}, {})
+    assert default.servers == (Target("127.0.0.1:8081", "127.0.0.1:8082"),)
+    legacy = build_config(
+        {"server_address": "svid.internal:8081", "server_attest_address": "svid.internal:8082"},
+        {},
+    )
+    # A DNS name is kept as written: it is resolved at every pick (servers.py).
+    assert legacy.servers == (Target("svid.internal:8081", "svid.internal:8082"),)
+
+
+def test_several_servers_from_toml_and_from_repeated_or_comma_separated_flags(
+    tmp_path: Path,
+) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text(
+        'server_addresses = ["a:8081", "b:8081"]\nserver_attest_addresses = ["a:8082", "b:8082"]\n'
+    )
+    assert build_config(load_toml(f), {}).servers == (
+        Target("a:8081", "a:8082"),
+        Target("b:8081", "b:8082"),
+    )
+    args = cli._parser().parse_args(
+        [
+            "run",
+            "--server-addresses",
+            "a:8081, b:8081",
+            "--server-addresses",
+            "[fd00::3]:8081",
+            "--server-attest-addresses",
+            "lb:8082",
+        ]
+    )
+    flags = {key: getattr(args, f"cfg_{key}") for key in KEYS}
+    config = build_config({}, flags)
+    assert config.server_addresses == ("a:8081", "b:8081", "[fd00::3]:8081")
+    assert {t.attest for t in config.servers} == {"lb:8082"}  # one Attest for all
+
+
+def test_a_flag_in_either_spelling_replaces_the_files_servers() -> None:
+    file_values = {"server_addresses": ["a:1", "b:1"], "server_attest_addresses": ["a:2"]}
+    config = build_config(file_values, {"server_address": "c:1"})
+    assert config.server_addresses == ("c:1",)
+
+
+@pytest.mark.parametrize(
+    ("file_values", "flags", "message"),
+    [
+        (
+            {"server_address": "a:1", "server_addresses": ["b:1"]},
+            {},
+            "server_addresses: give server_addresses or server_address, not both",
+        ),
+        (
+            {},
+            {"server_address": "a:1", "server_addresses": ["b:1"]},
+            "server_addresses: give server_addresses or server_address, not both",
+        ),
+        (
+            {"server_attest_address": "a:2", "server_attest_addresses": ["b:2"]},
+            {},
+            "server_attest_addresses: give server_attest_addresses or server_attest_address",
+        ),
+        ({"server_addresses": ["a:1", "b:1"]}, {}, "server_attest_addresses: give the Attest"),
+        (
+            {"server_addresses": ["a:1", "b:1", "c:1"], "server_attest_addresses": ["a:2", "b:2"]},
+            {},
+            "server_attest_addresses: 2 given for 3 server_addresses",
+        ),
+        ({"server_addresses": ["a:1", "nohost"]}, {}, "server_addresses: expected host:port"),
+        ({"server_addresses": []}, {}, "server_addresses: expected at least one host:port"),
+        ({"server_addresses": [1]}, {}, "server_addresses: expected host:port strings"),
+        ({}, {"server_addresses": [" , "]}, "server_addresses: expected at least one"),
+    ],
+)
+def test_conflicting_or_bad_server_lists_are_refused(
+    file_values: dict[str, object], flags: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        build_config(file_values, flags)
 
 
 def test_an_agent_table_is_accepted(tmp_path: Path) -> None:
@@ -43,6 +127,7 @@ def test_an_agent_table_is_accepted(tmp_path: Path) -> None:
         ({"log_level": "loud"}, "log_level"),
         ({"reconnect_max": "-1"}, "reconnect_max"),
         ({"reconnect_min": "5", "reconnect_max": "1"}, "reconnect_min"),
+        ({"connect_timeout": "0"}, "connect_timeout"),
         ({"insecure_bootstrap": "maybe"}, "insecure_bootstrap"),
         ({"insecure_bootstrap": True, "trust_bundle": "/b.pem"}, "insecure_bootstrap"),
         ({"x509pop_cert": "/c.pem"}, "x509pop_key"),

@@ -19,6 +19,7 @@ from agent_attestor.config import AgentConfig
 from agent_attestor.model import Entry, IssuedSvid, Selector
 from agent_attestor.node_client import NodeClient
 from agent_attestor.rotation import Rotator, renewal_due
+from agent_attestor.servers import Target
 from agent_attestor.state_store import StateChange, StateStore
 from agent_attestor.sync import Syncer, SyncSettings
 from svid._clock import FakeClock
@@ -127,7 +128,7 @@ class _Client:
 def _syncer(tmp_path: Path, agent_id: str) -> Syncer:
     clock = FakeClock(start=time.time())
     syncer = Syncer(
-        SyncSettings("127.0.0.1:1", "127.0.0.1:1"),
+        SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),)),
         AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"),
         Cache(),
         clock,

@@ -16,6 +16,7 @@ from agent_attestor.agent_store import AgentStore
 from agent_attestor.cache import Cache, SyncDelta, SyncState
 from agent_attestor.model import Entry, Selector, TrustBundle
 from agent_attestor.node_client import NodeClient, sync_delta
+from agent_attestor.servers import Target
 from agent_attestor.sync import Syncer, SyncSettings
 from svid._clock import FakeClock
 from svid._proto import common_pb2, node_pb2
@@ -44,7 +45,7 @@ class FakeClient:
 
 
 def _syncer(tmp_path: Path, cache: Cache) -> Syncer:
-    settings = SyncSettings("127.0.0.1:1", "127.0.0.1:1")
+    settings = SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),))
     return Syncer(
         settings,
         AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"),

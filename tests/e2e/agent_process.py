@@ -44,6 +44,9 @@ class AgentProcess:
     proc: subprocess.Popen[bytes] | None = None
     use_trust_bundle: bool = True
     descriptor_limit: int | None = None  # RLIMIT_NOFILE (soft and hard) for the agent
+    # (node, attest) address of each server, for an agent that fails over between several;
+    # empty: `server`'s own.
+    servers: tuple[tuple[str, str], ...] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -64,16 +67,12 @@ class AgentProcess:
         return path
 
     def start(self, *extra: str) -> AgentProcess:
-        rt = self.server.runtime
         limit = self.descriptor_limit
         args = [
             *(_with_descriptor_limit(limit) if limit is not None else []),
             *agent_command(),
             "run",
-            "--server-address",
-            rt["node_address"],
-            "--server-attest-address",
-            rt["attest_address"],
+            *self._server_flags(),
             *(["--trust-bundle", str(self.bundle_file())] if self.use_trust_bundle else []),
             "--data-dir",
             str(self.data_dir),
@@ -94,6 +93,20 @@ class AgentProcess:
         log.close()
         wait_for(self._socket_ready, START_TIMEOUT, "the agent's socket")
         return self
+
+    def _server_flags(self) -> list[str]:
+        if not self.servers:
+            rt = self.server.runtime
+            return [
+                "--server-address",
+                rt["node_address"],
+                "--server-attest-address",
+                rt["attest_address"],
+            ]
+        flags = []
+        for node, attest in self.servers:
+            flags += ["--server-addresses", node, "--server-attest-addresses", attest]
+        return flags
 
     def _socket_ready(self) -> bool:
         assert self.proc is not None

@@ -18,6 +18,7 @@ import pytest
 from server.datastore import (
     AlreadyExistsError,
     AttestedAgent,
+    ChainMovedError,
     ConflictError,
     Credential,
     DataStore,
@@ -365,6 +366,51 @@ def test_due_tasks_are_the_expired_ones_in_a_state(store: DataStore) -> None:
     assert [t.task_id for t in store.due_tasks("active", NOW + 5)] == ["early", "late"]
 
 
+def test_swap_task_moves_a_task_out_of_a_state_once(store: DataStore) -> None:
+    store.put_task(task("t"))
+    head = store.feed_head()
+    expired = task("t", state="expired", body='{"v": "expired"}')
+    assert store.swap_task(expired, "active")
+    assert store.get_task("t") == expired
+    # A second end (the other server's sweep, an EndTask that read the row before) loses and
+    # changes nothing, not even the feed.
+    assert not store.swap_task(task("t", state="ended", body='{"v": "ended"}'), "active")
+    assert store.get_task("t") == expired
+    assert [item.key for item in store.feed_since(head, 10)] == ["t"]
+    assert not store.swap_task(task("none", state="ended"), "active")  # no row: not created
+    assert store.get_task("none") is None
+    assert store.feed_head() == head + 1
+
+
+def test_concurrent_swaps_of_a_task_have_one_winner(open_store: Opener) -> None:
+    """Several stores (separate connections, as separate servers have) end the same tasks at
+    once: each task is moved by exactly one of them."""
+    stores = [open_store() for _ in range(4)]
+    tasks = [f"t{i}" for i in range(20)]
+    for task_id in tasks:
+        stores[0].put_task(task(task_id))
+    barrier = threading.Barrier(len(stores))
+    won: dict[str, list[int]] = {t: [] for t in tasks}
+
+    def end_all(k: int) -> None:
+        barrier.wait()
+        for task_id in tasks:
+            ended = task(task_id, state="expired", body=f'{{"by": {k}}}')
+            if stores[k].swap_task(ended, "active"):
+                won[task_id].append(k)
+
+    threads = [threading.Thread(target=end_all, args=(k,)) for k in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(winners) == 1 for winners in won.values()), won
+    for task_id, (winner,) in won.items():
+        assert stores[1].get_task(task_id) == task(
+            task_id, state="expired", body=f'{{"by": {winner}}}'
+        )
+
+
 def test_violations_count_within_a_window_and_prune(store: DataStore) -> None:
     for at in (NOW - 100, NOW - 10, NOW):
         store.add_violation(RUNTIME, at)
@@ -408,8 +454,76 @@ def test_a_failed_ledger_write_keeps_nothing(store: DataStore) -> None:
     assert store.audit_head() == head
     assert [r["seq"] for r in store.audit_rows()] == [1, 2]
     assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["j1"]
-    store.write_ledger([cred("j4")], audit_rows(3, 1))  # the store is still usable
+    store.write_ledger([cred("j4")], audit_rows(3, 1, prev=f"{2:064x}"))  # still usable
     assert [r["seq"] for r in store.audit_rows()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("first_seq", "prev", "why"),
+    [
+        (3, f"{1:064x}", "a seq the chain already has (a second writer's stale head)"),
+        (4, f"{2:064x}", "a gap"),
+        (3, f"{9:064x}", "the right seq on another hash (a fork)"),
+        (1, "0" * 64, "seq 1 on a chain that is not empty"),
+    ],
+)
+def test_a_batch_sealed_on_another_head_is_refused_and_writes_nothing(
+    store: DataStore, first_seq: int, prev: str, why: str
+) -> None:
+    store.write_ledger([cred("j1")], audit_rows(1, 2))
+    head = store.audit_head()
+    with pytest.raises(ChainMovedError) as refused:
+        store.write_ledger([cred("j2")], audit_rows(first_seq, 2, prev=prev))
+    assert refused.value.head == head, why  # what to seal on instead
+    assert isinstance(refused.value, StorageError)
+    assert store.audit_head() == head
+    assert [r["seq"] for r in store.audit_rows()] == [1, 2]
+    assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["j1"]
+    # Sealed again on the head it was given, the batch goes in.
+    store.write_ledger([cred("j2")], audit_rows(3, 2, prev=head.hash))  # type: ignore[union-attr]
+    assert [r["seq"] for r in store.audit_rows()] == [1, 2, 3, 4]
+
+
+def test_an_empty_chain_takes_only_seq_1(store: DataStore) -> None:
+    with pytest.raises(ChainMovedError) as refused:
+        store.write_ledger([cred("j1")], audit_rows(2, 1))
+    assert refused.value.head is None
+    assert store.audit_head() is None
+    assert store.agent_credentials(AGENT, NOW) == []
+
+
+def test_credentials_alone_do_not_need_the_head(store: DataStore) -> None:
+    store.write_ledger([], audit_rows(1, 2))
+    store.write_ledger([cred("j1")], [])
+    assert store.audit_head() == Head(2, f"{2:064x}")
+
+
+def test_two_writers_on_one_head_one_wins_the_other_is_refused(open_store: Opener) -> None:
+    """Two stores on the same data (two servers): both seal on the same head, in threads; the
+    head check and the write are one step, so exactly one batch lands."""
+    first, second = open_store(), open_store()
+    first.write_ledger([], audit_rows(1, 1))
+    go = threading.Barrier(2)
+    outcomes: dict[str, str] = {}
+
+    def write(name: str, store: DataStore) -> None:
+        rows = audit_rows(2, 50, prev=f"{1:064x}")
+        go.wait()
+        try:
+            store.write_ledger([cred(name)], rows)
+            outcomes[name] = "written"
+        except ChainMovedError as e:
+            outcomes[name] = f"refused at {e.head}"
+
+    pairs = (("a", first), ("b", second))
+    threads = [threading.Thread(target=write, args=pair) for pair in pairs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes.values()) == [f"refused at {Head(51, f'{51:064x}')}", "written"]
+    assert [r["seq"] for r in first.audit_rows()] == list(range(1, 52))
+    assert len(first.agent_credentials(AGENT, NOW)) == 1
 
 
 def test_audit_rows_filter_and_page(store: DataStore) -> None:

@@ -213,3 +213,43 @@ def test_a_join_token_raced_by_two_agents_admits_exactly_one(srv: RunningServer)
     assert sorted(outcomes) == ["PERMISSION_DENIED"] * 5 + ["ok"]
     assert len(srv.server.datastore.list_agents()) == 1
     assert srv.server.tasks.audit.verify().ok
+
+
+def test_a_jwt_batch_reply_waits_for_its_commit(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signing thread hands a big batch's records to the ledger and is free for the next
+    batch (Issuer.issue_jwts); the reply still waits until the commit holding them is done."""
+    agent = srv.attest()
+    entry = srv.create_entry("/ledger/pipelined", agent.spiffe_id)
+    stub = srv.node_stub(agent)
+    batch = node_pb2.BatchNewJWTSVIDRequest(
+        requests=[node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["svc"])] * 2 * MIN_BATCH
+    )
+    datastore: Any = srv.server.datastore
+    real = datastore.write_ledger
+    entered, gate = threading.Event(), threading.Event()
+
+    def held(credentials: Any, audit_rows: Any) -> None:
+        entered.set()
+        gate.wait(20)
+        real(credentials, audit_rows)
+
+    monkeypatch.setattr(datastore, "write_ledger", held)
+    reply = stub.BatchNewJWTSVID.future(batch, timeout=30)
+    assert entered.wait(10)
+    # Held: the reply has not come, and a second batch is signed meanwhile (its commit queues
+    # behind the first).
+    second = stub.BatchNewJWTSVID.future(batch, timeout=30)
+    assert not reply.done()
+    threading.Event().wait(0.5)
+    assert not reply.done()
+    assert not second.done()
+    assert srv.server.tasks.store.agent_credentials(agent.spiffe_id, 0) == []
+    gate.set()
+    results = [*reply.result().results, *second.result().results]
+    assert len(results) == 4 * MIN_BATCH
+    assert all(r.svid.token for r in results)
+    records = srv.server.tasks.store.agent_credentials(agent.spiffe_id, 0)
+    assert len(records) == 4 * MIN_BATCH
+    assert srv.server.tasks.audit.verify().ok

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,60 @@ def test_a_failure_behind_a_wrapper_or_a_failed_rollback_is_still_named() -> Non
     wrapped = LedgerError("cannot commit")
     wrapped.__cause__ = caught.value
     assert failure_reason(wrapped) == "disk full"
+
+
+def test_record_later_is_done_once_on_disk_and_the_caller_goes_on_meanwhile(
+    parts: Parts,
+) -> None:
+    """A signing thread hands its records over and signs on; the loop awaits the future."""
+    gate = threading.Event()
+    real = parts.datastore.write_ledger
+
+    def held(credentials: Any, audit_rows: Any) -> None:
+        gate.wait(10)
+        real(credentials, audit_rows)
+
+    parts.datastore.write_ledger = held  # type: ignore[method-assign]
+    futures = [parts.ledger.record_later([cred(f"j{i}")], [draft(f"j{i}")]) for i in range(5)]
+    # Returned at once, with the commit still held: nothing is done, nothing is on disk.
+    assert not any(f.done() for f in futures)
+    assert parts.on_disk() == (set(), set())
+    gate.set()
+
+    async def wait_all() -> None:
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+
+    asyncio.run(wait_all())
+    jtis = {f"j{i}" for i in range(5)}
+    assert parts.on_disk() == (jtis, jtis)
+    assert parts.audit.verify().ok
+
+
+def test_record_later_fails_with_the_ports_error_and_keeps_nothing(parts: Parts) -> None:
+    parts.read_only(True)
+    future = parts.ledger.record_later([cred("a")], [draft("a")])
+    with pytest.raises(LedgerUnavailableError) as refused:
+        future.result(10)
+    assert refused.value.reason == "read-only"
+    assert isinstance(refused.value.__cause__, LedgerError)
+    assert parts.on_disk() == (set(), set())
+    parts.read_only(False)
+    parts.ledger.record_later([cred("b")], [draft("b")]).result(10)
+    assert parts.on_disk() == ({"b"}, {"b"})
+    assert parts.audit.verify().ok
+
+
+def test_a_waiter_that_gives_up_does_not_stop_the_commit(parts: Parts) -> None:
+    """The RPC may be cancelled while it awaits: the records are still written (a credential
+    on record and never sent is allowed; the reverse never is)."""
+    future = parts.ledger.record_later([cred("a")], [draft("a")])
+
+    async def give_up() -> None:
+        waiting = asyncio.ensure_future(asyncio.wrap_future(future))
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(give_up())
+    future.result(10)
+    assert parts.on_disk() == ({"a"}, {"a"})

@@ -314,3 +314,32 @@ def test_an_idle_connection_is_cut_after_the_read_timeout_and_keep_alive_serves_
         started = time.monotonic()
         assert tls.recv(1024) == b""  # then idle: the server hangs up
         assert time.monotonic() - started < 3
+
+
+def test_a_jti_claim_survives_a_reseal_when_another_server_moved_the_chain(
+    tmp_path: Any,
+) -> None:
+    """Two servers' audit logs on one database: this one seals on a head the other moved, so
+    its commit is sealed again on the stored head; the assertion's claim goes with it."""
+    from server.audit.event import EventDraft
+    from server.audit.log import AuditLog
+    from server.datastore.base import JtiClaim
+    from server.datastore.records import REVOKED_JWT_ID, Credential
+    from server.datastore.sqlite import SqliteDataStore
+    from svid._clock import FakeClock
+
+    clock = FakeClock(1000)
+    here = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
+    there = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
+    try:
+        log_here, log_there = AuditLog(here, clock), AuditLog(there, clock)
+        log_there.append("oauth_jwt_bearer", decision="deny", action="token")
+        credential = Credential(REVOKED_JWT_ID, "token-1", "", "spiffe://example.org/w", "", 2000)
+        event = EventDraft(kind="oauth_jwt_bearer", action="token", credential_id="token-1")
+        log_here.record([credential], [event], [JtiClaim("iss", "j1", 2000)])
+        assert [r["seq"] for r in here.audit_rows()] == [1, 2]
+        assert here.claim_jtis([JtiClaim("iss", "j1", 2000)], 1000) == [False]
+        assert log_here.verify().ok
+    finally:
+        here.close()
+        there.close()

@@ -19,7 +19,8 @@ def test_results_and_errors_come_back_to_the_caller() -> None:
 
     async def main() -> None:
         assert await workers.run(lambda x: x * 2, 21) == 42
-        assert await workers.run(lambda _: threading.current_thread().name, None) == "t-0"
+        name = await workers.run(lambda _: threading.current_thread().name, None)
+        assert name.startswith("t-")
         with pytest.raises(ValueError, match="boom"):
             await workers.run(fail, None)
 

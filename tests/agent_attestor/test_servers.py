@@ -1,0 +1,260 @@
+"""The choice of server: initial spread, failover order, DNS answers, and the reconnect backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent_attestor.agent_store import AgentStore
+from agent_attestor.cache import Cache
+from agent_attestor.node_client import wait_connected
+from agent_attestor.servers import (
+    Server,
+    ServerChooser,
+    Target,
+    backoff_delay,
+    expand,
+    first_pick,
+    join_host_port,
+    next_pick,
+    pair_targets,
+    should_move,
+    split_host_port,
+)
+from agent_attestor.sync import Syncer, SyncSettings
+from svid._clock import FakeClock
+
+A, B, C = (Server(f"10.0.0.{n}:8081", f"10.0.0.{n}:8082") for n in (1, 2, 3))
+AGENTS = 1000
+
+
+def test_host_and_port_split_and_join_with_ipv6_brackets() -> None:
+    assert split_host_port("svid.example:8081") == ("svid.example", "8081")
+    assert split_host_port("[::1]:8081") == ("::1", "8081")
+    assert join_host_port("::1", "8081") == "[::1]:8081"
+    assert join_host_port("10.0.0.1", "8081") == "10.0.0.1:8081"
+
+
+def test_attest_addresses_pair_one_for_all_or_one_per_server() -> None:
+    assert pair_targets(["a:1", "b:1"], ["x:2"]) == (Target("a:1", "x:2"), Target("b:1", "x:2"))
+    assert pair_targets(["a:1", "b:1"], ["a:2", "b:2"]) == (
+        Target("a:1", "a:2"),
+        Target("b:1", "b:2"),
+    )
+    with pytest.raises(ValueError, match="3 server addresses but 2 attest"):
+        pair_targets(["a:1", "b:1", "c:1"], ["a:2", "b:2"])
+
+
+def test_a_name_with_several_addresses_is_several_servers() -> None:
+    targets = [Target("svid.internal:8081", "svid.internal:8082"), Target("10.9.9.9:1", "lb:2")]
+    answers = {"svid.internal": ["10.0.0.2", "10.0.0.1", "10.0.0.2", "fd00::1"]}
+    assert expand(targets, answers) == (
+        Server("10.0.0.1:8081", "10.0.0.1:8082"),  # attest follows to the same machine
+        Server("10.0.0.2:8081", "10.0.0.2:8082"),
+        Server("[fd00::1]:8081", "[fd00::1]:8082"),
+        Server("10.9.9.9:1", "lb:2"),  # another host's attest address is dialled as written
+    )
+    # Without an answer the name is dialled as written (gRPC resolves it itself).
+    assert expand(targets[:1], {}) == (Server("svid.internal:8081", "svid.internal:8082"),)
+    # A different attest host stays as written even when the node name resolves.
+    other = [Target("svid.internal:8081", "attest.internal:8082")]
+    assert expand(other, answers)[0] == Server("10.0.0.1:8081", "attest.internal:8082")
+
+
+def test_initial_picks_spread_over_the_list() -> None:
+    servers = [A, B, C]
+    picks = Counter(first_pick(servers, random.Random(agent)) for agent in range(AGENTS))
+    assert set(picks) == set(servers)
+    # Expected 333 each, standard deviation ~15: 250..420 is over five deviations either side.
+    assert all(250 <= n <= 420 for n in picks.values()), picks
+
+
+def test_a_dead_servers_agents_spread_over_the_survivors() -> None:
+    moved = Counter(
+        next_pick([A, B, C], A, frozenset({A}), random.Random(agent))[0] for agent in range(AGENTS)
+    )
+    assert set(moved) == {B, C}  # never back to the server that failed
+    assert all(400 <= n <= 600 for n in moved.values()), moved
+
+
+def test_failover_tries_every_server_once_per_round_then_starts_again() -> None:
+    rand = random.Random(3)
+    current, tried = A, frozenset({A})
+    seen = [current]
+    for _ in range(2):
+        current, tried = next_pick([A, B, C], current, tried, rand)
+        seen.append(current)
+    assert sorted(seen) == [A, B, C]  # a round: each server once
+    for _ in range(20):
+        previous = current
+        current, tried = next_pick([A, B, C], current, tried, rand)
+        assert current != previous  # a new round still moves away from the one that failed
+    # Alone in the list, the server is retried.
+    assert next_pick([A], A, frozenset({A}), rand)[0] == A
+
+
+@pytest.mark.parametrize(
+    ("code", "move"),
+    [
+        (None, True),  # refused, reset, timed out
+        ("UNAVAILABLE", True),
+        ("DEADLINE_EXCEEDED", True),
+        ("RESOURCE_EXHAUSTED", True),
+        ("INTERNAL", True),
+        ("PERMISSION_DENIED", False),  # the shared datastore's answer: the same everywhere
+        ("UNAUTHENTICATED", False),
+        ("INVALID_ARGUMENT", False),
+    ],
+)
+def test_only_a_server_failure_moves_the_agent(code: str | None, move: bool) -> None:
+    assert should_move(code) is move
+
+
+def test_first_reconnects_of_a_thousand_agents_are_spread_not_at_once() -> None:
+    """Agents that lost the same server at the same instant come back over the whole window."""
+    low = 1.0
+    delays = [backoff_delay(0, low, 10.0, random.Random(agent)) for agent in range(AGENTS)]
+    assert all(0.0 <= d <= low for d in delays)
+    # Ten 100 ms slots, 100 agents expected in each (deviation ~9.5): none holds more than 150.
+    slots = Counter(min(int(d / (low / 10)), 9) for d in delays)
+    assert len(slots) == 10
+    assert max(slots.values()) <= 150, slots
+    assert len(set(delays)) == AGENTS
+
+
+def test_backoff_ceiling_doubles_up_to_the_cap() -> None:
+    for attempt, ceiling in [(0, 0.5), (1, 1.0), (3, 4.0), (6, 10.0), (500, 10.0)]:
+        delays = [backoff_delay(attempt, 0.5, 10.0, random.Random(n)) for n in range(200)]
+        assert max(delays) <= ceiling
+        assert max(delays) > ceiling * 0.9  # full jitter reaches the ceiling
+        assert min(delays) < ceiling * 0.1  # and starts from zero
+
+
+class _Dns:
+    def __init__(self, answer: list[str]) -> None:
+        self.answer = answer
+        self.asked = 0
+
+    async def __call__(self, host: str) -> list[str]:
+        self.asked += 1
+        if not self.answer:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return list(self.answer)
+
+
+def test_the_name_is_resolved_at_every_pick_and_a_new_answer_is_followed() -> None:
+    dns = _Dns(["10.0.0.1", "10.0.0.2"])
+    chooser = ServerChooser(
+        [Target("svid.internal:8081", "svid.internal:8082")], random.Random(1), dns
+    )
+
+    async def scenario() -> None:
+        first = await chooser.first()
+        assert first in {A, B}
+        dns.answer = ["10.0.0.3"]  # the operator replaced both servers
+        assert await chooser.next() == C
+        assert dns.asked == 2
+        dns.answer = []  # DNS is down: the last answer is used
+        assert await chooser.next() == C
+
+    asyncio.run(scenario())
+
+
+def test_the_chooser_stays_until_told_its_server_failed() -> None:
+    chooser = ServerChooser(
+        [Target(s.node, s.attest) for s in (A, B, C)], random.Random(5), _Dns([])
+    )
+
+    async def scenario() -> list[Server]:
+        start = await chooser.first()
+        chooser.connected()
+        after_failure = await chooser.next()
+        chooser.connected()
+        return [start, after_failure, chooser.current or A]
+
+    start, after_failure, still = asyncio.run(scenario())
+    assert after_failure != start
+    assert still == after_failure
+
+
+def test_a_refused_connection_fails_at_once_and_a_silent_server_after_the_timeout() -> None:
+    async def attempt(address: str, timeout: float) -> tuple[str, float]:
+        started = time.monotonic()
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                await wait_connected(channel, address, timeout)
+            except ConnectionError as exc:
+                return str(exc), time.monotonic() - started
+            # Settled on a failure: the call fails at once, with gRPC's reason.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await channel.unary_unary("/x.Y/Z")(b"", timeout=timeout)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            return err.value.details() or "", time.monotonic() - started
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused = f"127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    reason, took = asyncio.run(attempt(refused, 5.0))
+    assert took < 2.0
+    assert "onnection refused" in reason
+
+    # Accepts TCP and never speaks HTTP/2: the connection never becomes ready.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        reason, took = asyncio.run(attempt(address, 0.5))
+    finally:
+        silent.close()
+    assert 0.4 < took < 3.0
+    assert reason == f"no connection to {address} within 0.5 s"
+
+
+def _syncer(*servers: Server) -> tuple[Syncer, list[str]]:
+    events: list[str] = []
+    settings = SyncSettings(tuple(Target(s.node, s.attest) for s in servers), rand=random.Random(2))
+    store = AgentStore(Path("/nonexistent/svid"), Path("/nonexistent/key"), Path("/nonexistent/b"))
+    return Syncer(settings, store, Cache(), FakeClock(), events.append), events
+
+
+def test_the_syncer_moves_on_a_failure_but_not_on_the_servers_decision() -> None:
+    syncer, events = _syncer(A, B, C)
+
+    async def scenario() -> list[str]:
+        await syncer._servers.first()
+        seen = [syncer.server]
+        await syncer._after_failure("PERMISSION_DENIED", "PERMISSION_DENIED")
+        seen.append(syncer.server)  # refused by the shared datastore: stays
+        await syncer._after_failure("UNAVAILABLE", "UNAVAILABLE")
+        seen.append(syncer.server)
+        await syncer._after_failure(None, "cannot connect")
+        seen.append(syncer.server)
+        return seen
+
+    start, refused, moved, again = asyncio.run(scenario())
+    assert refused == start
+    assert len({start, moved, again}) == 3  # each failure: a server not tried yet
+    assert events == ["moved", "moved"]
+    assert syncer.moves == 2
+
+
+def test_a_single_server_is_reconnected_without_a_move() -> None:
+    syncer, events = _syncer(A)
+
+    async def scenario() -> None:
+        await syncer._servers.first()
+        await syncer._after_failure("UNAVAILABLE", "UNAVAILABLE")
+
+    asyncio.run(scenario())
+    assert syncer.server == A.node
+    assert events == []
+    assert syncer.moves == 0

@@ -1,0 +1,278 @@
+"""Real agents listing two real servers on one datastore fail over when their server dies:
+their workloads never lack a valid SVID, their Sync streams are up on the other server within
+10 s of a kill -9, new entries and their own renewals go through the survivor, and they stay
+there when the dead server comes back. A server that hangs without closing its connections is
+left too, once keepalive pings go unanswered.
+
+Both servers run from the start on one data directory (one SQLite file, one CA) and follow each
+other through the datastore's change feed: any server serves any agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from svid._der import parse_der_certs
+from svid._proto import workload_pb2
+from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry, new_token
+from tests.e2e.conftest import ServerProcess, make_restartable_server, short_tmpdir, wait_for
+
+pytestmark = pytest.mark.e2e
+FIRST = "spiffe://example.org/first"
+LATER = "spiffe://example.org/later"
+AGENT_TTL = 30  # the agent SVID renews about every 15 s: one renewal falls after the kill
+FAILOVER_GOAL = 10.0  # seconds from kill -9 to the Sync stream up on the other server
+QUIET = {"audit_checkpoint_interval": 3600.0}  # neither server writes checkpoint files
+
+
+def addresses(server: ServerProcess) -> tuple[str, str]:
+    """A restartable server's fixed (node, attest) addresses, from its config."""
+    config = tomllib.loads(server.config_path.read_text())
+    return config["bind_address"], config["attest_bind_address"]
+
+
+def agent_metrics(agent: AgentProcess) -> tuple[int, str, int]:
+    """(Sync stream up, current server, moves) from the agent's /metrics."""
+    runtime = json.loads((agent.data_dir / "agent.json").read_text())
+    with urllib.request.urlopen(f"http://{runtime['metrics_address']}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    up, server, moves = 0, "", 0
+    for line in text.splitlines():
+        if line.startswith("svid_agent_server_connected "):
+            up = int(float(line.split()[1]))
+        elif line.startswith("svid_agent_server_info{"):
+            server = line.split('address="', 1)[1].split('"', 1)[0]
+        elif line.startswith("svid_agent_server_moves_total "):
+            moves = int(float(line.split()[1]))
+    return up, server, moves
+
+
+def synced_on(agent: AgentProcess) -> str:
+    """The server the agent's Sync stream is up on ("" while it is down)."""
+    up, server, _ = agent_metrics(agent)
+    return server if up else ""
+
+
+def leaf_not_after(svid: workload_pb2.X509SVID) -> float:
+    return parse_der_certs(bytes(svid.x509_svid))[0].not_valid_after_utc.timestamp()
+
+
+def agent_serial(agent: AgentProcess) -> int:
+    der = (agent.data_dir / "agent_svid.der").read_bytes()
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+@dataclass
+class Workload:
+    """A workload holding an X.509-SVID stream, and another polling for one, all test long."""
+
+    agent: AgentProcess
+    stop: threading.Event = field(default_factory=threading.Event)
+    stream_ids: list[set[str]] = field(default_factory=list)
+    gaps: list[str] = field(default_factory=list)
+    polls: int = 0
+
+    def start(self) -> Workload:
+        threading.Thread(target=self._stream, daemon=True).start()
+        threading.Thread(target=self._poll, daemon=True).start()
+        return self
+
+    def _stream(self) -> None:
+        try:
+            for msg in self.agent.stub().FetchX509SVID(
+                workload_pb2.X509SVIDRequest(), metadata=HEADER
+            ):
+                self.stream_ids.append({s.spiffe_id for s in msg.svids})
+                if self.stop.is_set():
+                    return
+        except grpc.RpcError as exc:
+            if not self.stop.is_set():
+                self.gaps.append(f"the stream broke: {exc.code()}")  # type: ignore[attr-defined]
+
+    def _poll(self) -> None:
+        stub = self.agent.stub()
+        while not self.stop.wait(0.1):
+            try:
+                msg = next(
+                    stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=5)
+                )
+            except grpc.RpcError as exc:
+                self.gaps.append(f"no SVID: {exc.code()}")  # type: ignore[attr-defined]
+                continue
+            self.polls += 1
+            valid = [
+                s for s in msg.svids if s.spiffe_id == FIRST and leaf_not_after(s) > time.time()
+            ]
+            if not valid:
+                self.gaps.append(f"no valid SVID for {FIRST} in {[s.spiffe_id for s in msg.svids]}")
+
+
+@dataclass
+class Pair:
+    servers: dict[str, ServerProcess]  # by node address
+    root: Path
+
+    def by_address(self, address: str) -> ServerProcess:
+        return self.servers[address]
+
+    def other(self, address: str) -> ServerProcess:
+        (other,) = (s for a, s in self.servers.items() if a != address)
+        return other
+
+    @property
+    def addresses(self) -> tuple[tuple[str, str], ...]:
+        return tuple(addresses(s) for s in self.servers.values())
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    root = short_tmpdir()
+    shared = root / "data"
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for name in ("a", "b"):
+            (root / name).mkdir()
+            server = make_restartable_server(
+                root / name, data_dir=str(shared), agent_svid_ttl=AGENT_TTL, **QUIET
+            )
+            server.data_dir = shared  # where it writes its runtime file
+            servers[addresses(server)[0]] = server.start()
+        yield Pair(servers, root)
+    finally:
+        for server in servers.values():
+            if server.proc is not None:
+                server.stop()
+            print(f"---- server {server.root.name} log ----\n" + server.logs()[-3000:])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_an_agent_fails_over_when_its_server_is_killed_and_stays_on_the_survivor(
+    pair: Pair,
+) -> None:
+    any_server = next(iter(pair.servers.values()))
+    with agent_stack(pair.root / "agent", any_server, start=False, servers=pair.addresses) as agent:
+        (pair.root / "agent").mkdir(exist_ok=True)
+        agent.start("--metrics-address", "127.0.0.1:0")
+        agent_id = agent.agent_id()
+        home = wait_for(lambda: synced_on(agent), 30, "the agent's Sync stream")
+        doomed, survivor = pair.by_address(home), pair.other(home)
+        create_entry(doomed, FIRST, agent_id)
+        agent.wait_svid(FIRST)
+        workload = Workload(agent).start()
+        wait_for(lambda: workload.polls > 0, 10, "the workload's first poll")
+
+        killed = time.monotonic()
+        serial = agent_serial(agent)
+        doomed.kill9()
+        survivor_address = addresses(survivor)[0]
+        wait_for(
+            lambda: synced_on(agent) == survivor_address,
+            30,
+            "the agent's Sync stream on the surviving server",
+            interval=0.02,
+        )
+        took = time.monotonic() - killed
+        print(f"failover: Sync stream up on the other server {took:.2f} s after kill -9")
+        assert took < FAILOVER_GOAL
+        assert "moving to another server" in agent.logs()
+
+        # Written through the survivor, pushed down the stream the workload held throughout.
+        create_entry(survivor, LATER, agent_id)
+        wait_for(lambda: any(LATER in ids for ids in workload.stream_ids), 10, "the new entry")
+
+        # The agent SVID is renewed by the survivor, over mTLS with the SVID it had.
+        wait_for(lambda: agent_serial(agent) != serial, AGENT_TTL, "the agent SVID renewed")
+        wait_for(lambda: synced_on(agent) == survivor_address, 10, "Sync on the new SVID")
+        shown = survivor.cli_json("agent", "show", "--spiffe-id", agent_id)
+        assert int(str(shown.get("agent", shown)["serial"]), 16) == agent_serial(agent)
+
+        # The killed server comes back: the agent stays where it is.
+        moves = agent_metrics(agent)[2]
+        doomed.start()
+        time.sleep(3)
+        assert agent_metrics(agent) == (1, survivor_address, moves)
+
+        workload.stop.set()
+        assert workload.polls > 20
+        assert workload.gaps == []
+
+
+def test_every_agent_of_a_killed_server_is_back_on_another_within_10_s(pair: Pair) -> None:
+    """Agents (SVIDD_FAILOVER_AGENTS, default 6) spread over both servers; the ones of the server
+    killed lose it at the same instant, and their jittered reconnects all land within the goal."""
+    count = int(os.environ.get("SVIDD_FAILOVER_AGENTS", "6"))
+    any_server = next(iter(pair.servers.values()))
+    agents: list[AgentProcess] = []
+    try:
+        for n in range(count):
+            root = pair.root / f"agent{n}"
+            root.mkdir()
+            agent = AgentProcess(root, any_server, new_token(any_server), servers=pair.addresses)
+            agents.append(agent.start("--metrics-address", "127.0.0.1:0"))
+        homes = [wait_for(lambda a=a: synced_on(a), 60, "the agents' Sync streams") for a in agents]
+        print(f"initial spread: {sorted(homes.count(a) for a in pair.servers)} agents per server")
+        doomed = max(pair.servers, key=homes.count)  # the server holding more of them
+        moving = [a for a, home in zip(agents, homes, strict=True) if home == doomed]
+        survivor_address = addresses(pair.other(doomed))[0]
+
+        killed = time.monotonic()
+        pair.by_address(doomed).kill9()
+        back: dict[int, float] = {}
+
+        def all_back() -> bool:
+            for n, agent in enumerate(moving):
+                if n not in back and synced_on(agent) == survivor_address:
+                    back[n] = time.monotonic() - killed
+            return len(back) == len(moving)
+
+        wait_for(all_back, 60, "every agent on the surviving server", interval=0.02)
+        times = sorted(back.values())
+        print(f"failover of {len(moving)} agents: first {times[0]:.2f} s, last {times[-1]:.2f} s")
+        assert times[-1] < FAILOVER_GOAL
+    finally:
+        for agent in agents:  # every one, even when another would not stop in time
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                agent.stop()
+
+
+def test_an_agent_leaves_a_server_that_hangs_without_closing_its_connection(pair: Pair) -> None:
+    """A stopped (SIGSTOP) server keeps its connections open and answers nothing: the agent's
+    keepalive pings go unanswered, its Sync stream ends and it moves on."""
+    any_server = next(iter(pair.servers.values()))
+    with agent_stack(pair.root / "agent", any_server, start=False, servers=pair.addresses) as agent:
+        (pair.root / "agent").mkdir(exist_ok=True)
+        agent.start("--metrics-address", "127.0.0.1:0")
+        home = wait_for(lambda: synced_on(agent), 30, "the agent's Sync stream")
+        hung = pair.by_address(home).proc
+        assert hung is not None
+        survivor_address = addresses(pair.other(home))[0]
+        stopped = time.monotonic()
+        os.kill(hung.pid, signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: synced_on(agent) == survivor_address,
+                60,
+                "the agent's Sync stream on the other server",
+                interval=0.1,
+            )
+        finally:
+            os.kill(hung.pid, signal.SIGCONT)
+        took = time.monotonic() - stopped
+        print(f"failover from a hung server: {took:.2f} s after SIGSTOP")
+        assert took < 30  # 15 s to the ping, 5 s for its answer, then the jittered reconnect
