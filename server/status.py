@@ -31,7 +31,7 @@ from server.ca.errors import (
     SigningRequestError,
 )
 from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
-from server.datastore.errors import ChainMovedError, DataStoreError, StorageError
+from server.datastore.errors import ChainMovedError, DataStoreError, JtiHeldError, StorageError
 from server.datastore.errors import ConflictError as DsConflictError
 from server.datastore.errors import NotFoundError as DsNotFoundError
 from server.datastore.legacy_import import LegacyImportError
@@ -139,6 +139,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     DsConflictError: Rule(Code.ABORTED),
     DataStoreError: _STORAGE,
     StorageError: _STORAGE,
+    # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).
+    JtiHeldError: _STORAGE,
     # Another server moved the audit chain; the audit log reseals and retries, so one reaching
     # here is a storage failure like any other.
     ChainMovedError: _STORAGE,

@@ -273,7 +273,11 @@ class AuditStore(Protocol):
     the events that record them."""
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
     ) -> None:
         """Commit the credential rows, the sealed audit rows (consecutive seqs, AUDIT_COLUMNS)
         and the new audit head in ONE durable transaction: all of it is on disk when this
@@ -286,7 +290,13 @@ class AuditStore(Protocol):
         stored head, and nothing is written. The check and the write are one atomic step
         against other writers (SQLite: the write lock of BEGIN IMMEDIATE; PostgreSQL: SELECT
         ... FOR UPDATE on the head row). Credential rows alone (no audit rows) are not
-        checked."""
+        checked.
+
+        `jtis` (the OAuth token endpoint's assertions, see AssertionReplayStore) are claimed
+        in the same transaction, each as claim_jtis would at `now`: a token and the claim of
+        the assertion it was issued for are durable together or not at all. When any of them
+        is held already (a replay, or a repeat within `jtis`), nothing is written and
+        JtiHeldError names the held ones."""
         ...
 
     def audit_head(self) -> Head | None:
@@ -366,7 +376,9 @@ class JtiClaim(NamedTuple):
 
 class AssertionReplayStore(Protocol):
     """The `jti`s of assertions the OAuth token endpoint accepted (server/oauth), kept until
-    they expire, so that none is accepted twice by any server sharing the database."""
+    they expire, so that none is accepted twice by any server sharing the database. The
+    endpoint claims them with the token's ledger commit (AuditStore.write_ledger's `jtis`, the
+    same insert as claim_jtis)."""
 
     def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
         """Record each (issuer, jti) until its expires_at, each by ONE atomic insert-if-absent,

@@ -262,10 +262,14 @@ class FaultInjectingDataStore:
         return self.inner.prune_credentials(now)
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
     ) -> None:
         self._enter("write_ledger")
-        self.inner.write_ledger(credentials, audit_rows)
+        self.inner.write_ledger(credentials, audit_rows, jtis, now)
 
     def audit_head(self) -> Head | None:
         self._enter("audit_head")

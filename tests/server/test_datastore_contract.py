@@ -32,6 +32,7 @@ from server.datastore import (
     TaskRecord,
 )
 from server.datastore.base import JtiClaim
+from server.datastore.errors import JtiHeldError
 from server.datastore.records import (
     AUDIT_COLUMNS,
     HTTPS_SPIFFE,
@@ -278,6 +279,34 @@ def test_a_jti_is_claimed_once_until_it_expires(store: DataStore) -> None:
     assert store.claim_jtis([JtiClaim(iss, "b", NOW + 60)], NOW + 5) == [True]  # b expired
     assert store.prune_jtis(NOW + 60) == 3
     assert store.claim_jtis([JtiClaim(iss, "a", NOW + 90)], NOW + 61) == [True]
+
+
+def test_a_ledger_write_claims_its_jtis_with_the_rest_or_nothing(open_store: Opener) -> None:
+    """The token endpoint's one commit: a token's record, its event and the claim of the
+    assertion it was issued for. A held jti (here: held through another store on the same
+    database, as another server would) keeps the whole write out."""
+    store, other = open_store(), open_store()
+    iss = "spiffe://example.org"
+    store.write_ledger([cred("t1")], audit_rows(1, 1), [JtiClaim(iss, "a", NOW + 60)], NOW)
+    assert store.claim_jtis([JtiClaim(iss, "a", NOW + 60)], NOW) == [False]
+    with pytest.raises(JtiHeldError) as held:
+        other.write_ledger(
+            [cred("t2")],
+            audit_rows(2, 1, prev=f"{1:064x}"),
+            [JtiClaim(iss, "b", NOW + 60), JtiClaim(iss, "a", NOW + 60)],
+            NOW,
+        )
+    assert held.value.held == {(iss, "a")}
+    assert "'a'" in str(held.value)
+    assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["t1"]
+    assert store.audit_head() == Head(1, f"{1:064x}")
+    assert other.claim_jtis([JtiClaim(iss, "b", NOW + 60)], NOW) == [True]  # b was not kept
+    with pytest.raises(JtiHeldError):  # a repeat within one write is a replay too
+        store.write_ledger([], [], [JtiClaim(iss, "c", NOW + 9)] * 2, NOW)
+    # Past its expiry a jti may be claimed again; without jtis nothing changes.
+    store.write_ledger([cred("t3")], [], [JtiClaim(iss, "a", NOW + 90)], NOW + 60)
+    store.write_ledger([cred("t4")], [])
+    assert len(store.agent_credentials(AGENT, NOW)) == 3
 
 
 # -- tasks and violations -----------------------------------------------------------------------
