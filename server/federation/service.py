@@ -214,6 +214,10 @@ class FederationService:
     def updated_at(self, trust_domain: str) -> int:
         return self._updated.get(trust_domain, 0)
 
+    def next_fetch(self, trust_domain: str) -> float | None:
+        """When (clock time) the relationship's scheduled fetch is due; None: not scheduled."""
+        return self._due.get(trust_domain)
+
     def bundle(self, trust_domain: str) -> SpiffeBundle:
         td = parse_trust_domain(trust_domain).name
         found = self._bundles.get(td)
@@ -456,25 +460,30 @@ class FederationService:
             self._publish(dict(self._bundles))
         return skipped
 
+    async def refresh_due(self) -> None:
+        """Fetch every relationship that is due and whose fetch this server claims."""
+        now = self._clock.now()
+        for td, due in list(self._due.items()):
+            if due > now:
+                continue
+            try:
+                if not await self._claim(td):
+                    # Another server fetches it; its result comes through the feed.
+                    self._schedule(td, next_refresh(self._bundles.get(td), ok=True))
+                    continue
+                await self.refresh(td)
+            except FederationError:
+                pass  # logged, audited and rescheduled by refresh
+            except NotFoundError:
+                self._due.pop(td, None)
+            except Exception:
+                _log.exception("foreign bundle refresh failed", extra={"td": td})
+                self._schedule(td, RETRY)
+
     async def run(self, stop: asyncio.Event) -> None:
         """The loop that only ticks: refresh what is due, sleep until the next is."""
         while not stop.is_set():
-            now = self._clock.now()
-            for td, due in list(self._due.items()):
-                if due <= now:
-                    try:
-                        if not await self._claim(td):
-                            # Another server fetches it; its result comes through the feed.
-                            self._schedule(td, next_refresh(self._bundles.get(td), ok=True))
-                            continue
-                        await self.refresh(td)
-                    except FederationError:
-                        pass  # logged, audited and rescheduled by refresh
-                    except NotFoundError:
-                        self._due.pop(td, None)
-                    except Exception:
-                        _log.exception("foreign bundle refresh failed", extra={"td": td})
-                        self._schedule(td, RETRY)
+            await self.refresh_due()
             wait = min((d - self._clock.now() for d in self._due.values()), default=60.0)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
