@@ -55,6 +55,8 @@ BUNDLE_CHANGED = "federated_bundle_changed"
 BUNDLE_REFUSED = "federated_bundle_refused"
 
 LEASE_PREFIX = "federation-fetch:"
+# A relationship another server wrote is due here this much later (seconds): see apply_stored.
+FOLLOWED_DELAY = 1.0
 
 Fetch = Callable[[FederationRelationship, SpiffeBundle | None], SpiffeBundle]
 
@@ -431,8 +433,9 @@ class FederationService:
                 self._forget(td)
             else:
                 self._relationships[td] = row
-                # Due now, through the lease: the writer, which fetches at once, holds it.
-                self._schedule(td, 0)
+                # Due shortly, through the lease: by then the writer, which fetches at once,
+                # holds it, and this server adopts its bundle instead of fetching it again.
+                self._schedule(td, FOLLOWED_DELAY)
         changed = False
         for td in sorted(set(stored.bundles) | set(self._bundles)):
             if td in mine:

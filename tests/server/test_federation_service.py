@@ -23,6 +23,7 @@ from server.federation.service import (
     BUNDLE_CHANGED,
     BUNDLE_REFUSED,
     DEFAULT_REFRESH,
+    FOLLOWED_DELAY,
     RETRY,
     FederationService,
     next_refresh,
@@ -186,7 +187,7 @@ def test_what_another_server_stored_is_adopted_but_not_over_a_newer_local_write(
     world.store.inner.delete_foreign_bundle("example.org")
     assert not service.apply_stored(service.read_stored(), service.follow_mark())
     assert [r.trust_domain for r, _ in service.relationships()] == ["example.org", "third.org"]
-    assert service.next_fetch("third.org") == world.clock.now()
+    assert service.next_fetch("third.org") == world.clock.now() + FOLLOWED_DELAY
     assert service.bundles() == {}
     assert dict(world.published[-1]) == {}
     world.store.inner.delete_relationship("third.org")

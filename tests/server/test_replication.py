@@ -72,6 +72,11 @@ def test_plan_reloads_each_named_row_once() -> None:
     assert plan(items[:1]) | FeedWork(agents=frozenset({"a2"})) == FeedWork(
         entries=frozenset({"e1"}), agents=frozenset({"a2"})
     )
+    # Federation rows (a handful, read whole): one reload of them, whichever was written.
+    for kind in ("federation_relationship", "foreign_bundle"):
+        assert plan([FeedItem(8, NOW, kind, "other.org")]) == FeedWork(federation=True)
+    assert FeedWork(federation=True)
+    assert (FeedWork() | FeedWork(federation=True)).federation
 
 
 @pytest.mark.parametrize(
