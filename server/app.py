@@ -260,6 +260,8 @@ class Server:
             audit=self.tasks.audit,
             ca=self.ca,
             clock=self.clock,
+            # Scheduled fetches of a foreign bundle: one server per relationship (a lease).
+            holder=default_holder(),
         )
         await self.federation.start()
         self.follower = FeedFollower(
@@ -270,6 +272,7 @@ class Server:
             clock=self.clock,
             cursor=self._feed_cursor,
             settings=FollowSettings(cfg.feed_poll_interval, cfg.feed_retention),
+            federation=self.federation.service,
         )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # Two JWT threads per signing worker: each waits on its worker's socket or on the

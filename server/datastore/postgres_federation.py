@@ -7,7 +7,7 @@ retried transactions and the clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -16,7 +16,12 @@ import psycopg
 from server.datastore import queries as q
 from server.datastore.errors import AlreadyExistsError, NotFoundError
 from server.datastore.postgres_sql import pg
-from server.datastore.records import FederationRelationship, ForeignBundle
+from server.datastore.records import (
+    FEED_FOREIGN_BUNDLE,
+    FEED_RELATIONSHIP,
+    FederationRelationship,
+    ForeignBundle,
+)
 from server.datastore.sqlite_federation import relationship_from, relationship_params
 
 Cursor = psycopg.Cursor[Any]
@@ -35,6 +40,9 @@ class PostgresFederation:
     def _now(self) -> int:
         raise NotImplementedError  # PostgresDataStore's
 
+    def _append_feed(self, cur: Cursor, kind: str, keys: Iterable[str]) -> None:
+        raise NotImplementedError  # PostgresDataStore's
+
     def create_relationship(self, rel: FederationRelationship) -> FederationRelationship:
         now = self._now()
         stored = replace(rel, created_at=now, updated_at=now)
@@ -44,6 +52,7 @@ class PostgresFederation:
                 raise AlreadyExistsError(
                     f"a federation relationship with {rel.trust_domain} already exists"
                 )
+            self._append_feed(cur, FEED_RELATIONSHIP, (rel.trust_domain,))
 
         self._write("store the federation relationship", work)
         return stored
@@ -57,6 +66,7 @@ class PostgresFederation:
             created = row[[c.name for c in cur.description or ()].index("created_at")]
             stored = replace(rel, created_at=created, updated_at=max(self._now(), 1))
             cur.execute(pg(q.UPDATE_RELATIONSHIP), relationship_params(stored))
+            self._append_feed(cur, FEED_RELATIONSHIP, (rel.trust_domain,))
             return stored
 
         return self._write("change the federation relationship", work)
@@ -80,6 +90,7 @@ class PostgresFederation:
             params = {"trust_domain": trust_domain}
             if cur.execute(pg(q.DELETE_RELATIONSHIP), params).rowcount != 1:
                 raise NotFoundError(f"no federation relationship with {trust_domain}")
+            self._append_feed(cur, FEED_RELATIONSHIP, (trust_domain,))
 
         self._write("delete the federation relationship", work)
 
@@ -89,10 +100,12 @@ class PostgresFederation:
             "bundle": bundle.bundle,
             "updated_at": bundle.updated_at,
         }
-        self._write(
-            "store the foreign bundle",
-            lambda cur: cur.execute(pg(q.UPSERT_FOREIGN_BUNDLE), params),
-        )
+
+        def work(cur: Cursor) -> None:
+            cur.execute(pg(q.UPSERT_FOREIGN_BUNDLE), params)
+            self._append_feed(cur, FEED_FOREIGN_BUNDLE, (bundle.trust_domain,))
+
+        self._write("store the foreign bundle", work)
 
     def list_foreign_bundles(self) -> list[ForeignBundle]:
         rows = self._rows("list foreign bundles", q.LIST_FOREIGN_BUNDLES, {})
@@ -103,5 +116,6 @@ class PostgresFederation:
             params = {"trust_domain": trust_domain}
             if cur.execute(pg(q.DELETE_FOREIGN_BUNDLE), params).rowcount != 1:
                 raise NotFoundError(f"no bundle for foreign trust domain {trust_domain}")
+            self._append_feed(cur, FEED_FOREIGN_BUNDLE, (trust_domain,))
 
         self._write("delete the foreign bundle", work)

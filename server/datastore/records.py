@@ -179,7 +179,17 @@ FEED_AGENT = "agent"  # key: the agent's SPIFFE ID
 FEED_REVOCATION = "revocation"  # key: "<kind>:<value>"
 FEED_KEY_SLOT = "key_slot"  # key: the slot's id
 FEED_TASK = "task"  # key: the task's id
-FEED_KINDS = (FEED_ENTRY, FEED_AGENT, FEED_REVOCATION, FEED_KEY_SLOT, FEED_TASK)
+FEED_RELATIONSHIP = "federation_relationship"  # key: the foreign trust domain
+FEED_FOREIGN_BUNDLE = "foreign_bundle"  # key: the foreign trust domain
+FEED_KINDS = (
+    FEED_ENTRY,
+    FEED_AGENT,
+    FEED_REVOCATION,
+    FEED_KEY_SLOT,
+    FEED_TASK,
+    FEED_RELATIONSHIP,
+    FEED_FOREIGN_BUNDLE,
+)
 
 
 class FeedItem(NamedTuple):

@@ -7,7 +7,7 @@ lock and the transactions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any
@@ -16,7 +16,12 @@ import sqlite_utils
 
 from server.datastore import queries as q
 from server.datastore.errors import AlreadyExistsError, NotFoundError
-from server.datastore.records import FederationRelationship, ForeignBundle
+from server.datastore.records import (
+    FEED_FOREIGN_BUNDLE,
+    FEED_RELATIONSHIP,
+    FederationRelationship,
+    ForeignBundle,
+)
 
 
 def relationship_from(row: Mapping[str, Any]) -> FederationRelationship:
@@ -55,6 +60,9 @@ class SqliteFederation:
     def _now(self) -> int:
         raise NotImplementedError  # SqliteDataStore's
 
+    def _append_feed(self, db: sqlite_utils.Database, kind: str, keys: Iterable[str]) -> None:
+        raise NotImplementedError  # SqliteDataStore's
+
     def create_relationship(self, rel: FederationRelationship) -> FederationRelationship:
         now = self._now()
         stored = replace(rel, created_at=now, updated_at=now)
@@ -63,6 +71,7 @@ class SqliteFederation:
                 raise AlreadyExistsError(
                     f"a federation relationship with {rel.trust_domain} already exists"
                 )
+            self._append_feed(db, FEED_RELATIONSHIP, (rel.trust_domain,))
         return stored
 
     def update_relationship(self, rel: FederationRelationship) -> FederationRelationship:
@@ -72,6 +81,7 @@ class SqliteFederation:
                 raise NotFoundError(f"no federation relationship with {rel.trust_domain}")
             stored = replace(rel, created_at=rows[0]["created_at"], updated_at=max(self._now(), 1))
             db.execute(q.UPDATE_RELATIONSHIP, relationship_params(stored))
+            self._append_feed(db, FEED_RELATIONSHIP, (rel.trust_domain,))
         return stored
 
     def get_relationship(self, trust_domain: str) -> FederationRelationship:
@@ -87,6 +97,7 @@ class SqliteFederation:
         with self._transaction() as db:
             if db.execute(q.DELETE_RELATIONSHIP, {"trust_domain": trust_domain}).rowcount != 1:
                 raise NotFoundError(f"no federation relationship with {trust_domain}")
+            self._append_feed(db, FEED_RELATIONSHIP, (trust_domain,))
 
     def put_foreign_bundle(self, bundle: ForeignBundle) -> None:
         with self._transaction() as db:
@@ -98,6 +109,7 @@ class SqliteFederation:
                     "updated_at": bundle.updated_at,
                 },
             )
+            self._append_feed(db, FEED_FOREIGN_BUNDLE, (bundle.trust_domain,))
 
     def list_foreign_bundles(self) -> list[ForeignBundle]:
         return [
@@ -109,3 +121,4 @@ class SqliteFederation:
         with self._transaction() as db:
             if db.execute(q.DELETE_FOREIGN_BUNDLE, {"trust_domain": trust_domain}).rowcount != 1:
                 raise NotFoundError(f"no bundle for foreign trust domain {trust_domain}")
+            self._append_feed(db, FEED_FOREIGN_BUNDLE, (trust_domain,))

@@ -6,6 +6,19 @@ that is refused (wrong trust domain, endpoint not authenticated) never replaces 
 change of a foreign bundle is an audit event on the ledger, then reaches the state, whose
 change log takes it to the agents. Static relationships come from the configuration and
 cannot be changed through the API.
+
+Several servers on one datastore: every relationship and bundle write names its trust domain
+in the change feed, and each server's follower (server/replication.py) hands what is stored
+to `apply_stored`: the stored rows are the truth, adopted as they are (a bundle pushed to
+this server's agents as a local change would be), except trust domains this server wrote
+itself meanwhile, which are read again. The scheduled fetch of a relationship is claimed
+through a datastore lease per trust domain (`federation-fetch:<td>`, held for two refresh
+intervals and renewed by its holder's next fetch), so one server fetches each endpoint and
+the others adopt its result from the feed instead of all fetching in lockstep; a holder that
+dies lets the lease lapse and the next server due takes it. A fetch somebody asked for (an
+admin refresh, a relationship created or changed, a bundle set by hand) runs where it was
+asked, lease or not. A fetched bundle whose spiffe_sequence is lower than the one held is
+stale (a lagging endpoint replica, a replay of older keys) and is not installed.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from server.audit.log import AuditLog
 from server.datastore.base import DataStore
@@ -41,7 +54,19 @@ RETRY = 5.0
 BUNDLE_CHANGED = "federated_bundle_changed"
 BUNDLE_REFUSED = "federated_bundle_refused"
 
+LEASE_PREFIX = "federation-fetch:"
+# A relationship another server wrote is due here this much later (seconds): see apply_stored.
+FOLLOWED_DELAY = 1.0
+
 Fetch = Callable[[FederationRelationship, SpiffeBundle | None], SpiffeBundle]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The federation rows as the datastore holds them (read by the change-feed follower)."""
+
+    relationships: dict[str, FederationRelationship] = field(default_factory=dict)
+    bundles: dict[str, ForeignBundle] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +125,18 @@ def parse_static(text: str, own: TrustDomain) -> FederationRelationship:
     return validate_relationship(rel, own)
 
 
+def is_stale(held: SpiffeBundle | None, fetched: SpiffeBundle) -> bool:
+    """Whether a fetched bundle is older than the one held (by spiffe_sequence, when both
+    carry one): another server's newer fetch, adopted from the feed, must not be undone."""
+    return held is not None and bool(fetched.sequence) and fetched.sequence < held.sequence
+
+
+def lease_ttl(bundle: SpiffeBundle | None) -> int:
+    """How long a fetch claim lasts: past the holder's next fetch (the hint, or the retry
+    after a failure, which is sooner), so a live holder renews it before it lapses."""
+    return int(2 * next_refresh(bundle, ok=True)) + 5
+
+
 def next_refresh(bundle: SpiffeBundle | None, ok: bool) -> float:
     """Seconds until the next fetch: the bundle's refresh hint, sooner after a failure."""
     hint = float(max(MIN_REFRESH, bundle.refresh_hint if bundle and bundle.refresh_hint else 0))
@@ -119,6 +156,7 @@ class FederationService:
         publish: Callable[[Mapping[str, SpiffeBundle]], None],
         static: tuple[FederationRelationship, ...] = (),
         fetch: Fetch = fetch_bundle,
+        holder: str = "",
     ) -> None:
         self._own = own
         self._datastore = datastore
@@ -133,6 +171,16 @@ class FederationService:
         self._due: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._locks: dict[str, asyncio.Lock] = {}
+        # Scheduled fetches someone asked for here: they skip the lease.
+        self._asked: set[str] = set()
+        # Without a holder name (one server, tests) every scheduled fetch runs.
+        self._holder = holder
+        self._claimed: set[str] = set()
+        # Local writes, numbered, by trust domain: what the follower must not undo.
+        self._writes = 0
+        self._written: dict[str, int] = {}
+        # For tests and metrics: fetches made by this server.
+        self.fetches = 0
 
     def load(self) -> None:
         """Read relationships and bundles from the datastore (start-up; synchronous)."""
@@ -168,6 +216,10 @@ class FederationService:
     def updated_at(self, trust_domain: str) -> int:
         return self._updated.get(trust_domain, 0)
 
+    def next_fetch(self, trust_domain: str) -> float | None:
+        """When (clock time) the relationship's scheduled fetch is due; None: not scheduled."""
+        return self._due.get(trust_domain)
+
     def bundle(self, trust_domain: str) -> SpiffeBundle:
         td = parse_trust_domain(trust_domain).name
         found = self._bundles.get(td)
@@ -187,24 +239,35 @@ class FederationService:
         rel = validate_relationship(rel, self._own)
         self._not_static(rel.trust_domain)
         stored = await asyncio.to_thread(self._datastore.create_relationship, rel)
+        self._wrote(stored.trust_domain)
         self._relationships[stored.trust_domain] = stored
-        self._schedule(stored.trust_domain, 0)
+        self._schedule(stored.trust_domain, 0, asked=True)
         return stored
 
     async def update(self, rel: FederationRelationship) -> FederationRelationship:
         rel = validate_relationship(rel, self._own)
         self._not_static(rel.trust_domain)
         stored = await asyncio.to_thread(self._datastore.update_relationship, rel)
+        self._wrote(stored.trust_domain)
         self._relationships[stored.trust_domain] = stored
-        self._schedule(stored.trust_domain, 0)
+        self._schedule(stored.trust_domain, 0, asked=True)
         return stored
 
     async def delete(self, trust_domain: str) -> None:
         td = parse_trust_domain(trust_domain).name
         self._not_static(td)
         await asyncio.to_thread(self._datastore.delete_relationship, td)
+        self._wrote(td)
+        self._forget(td)
+
+    def _forget(self, td: str) -> None:
         self._relationships.pop(td, None)
         self._due.pop(td, None)
+        self._asked.discard(td)
+
+    def _wrote(self, td: str) -> None:
+        self._writes += 1
+        self._written[td] = self._writes
 
     # -- bundles --------------------------------------------------------------------------------
 
@@ -220,7 +283,7 @@ class FederationService:
         await self._install(bundle, source="set")
         # A relationship waiting for its first bundle (https_spiffe needs one to authenticate
         # the endpoint) fetches now rather than at its retry.
-        self._schedule(td.name, 0)
+        self._schedule(td.name, 0, asked=True)
         return bundle
 
     async def delete_bundle(self, trust_domain: str) -> None:
@@ -229,6 +292,7 @@ class FederationService:
             await asyncio.to_thread(self._datastore.delete_foreign_bundle, td)
         except StoreNotFound:
             raise NotFoundError(f"no bundle for foreign trust domain {td}") from None
+        self._wrote(td)
         self._bundles.pop(td, None)
         self._updated.pop(td, None)
         await asyncio.to_thread(self._audit.append, BUNDLE_CHANGED, extra={"trust_domain": td})
@@ -252,6 +316,7 @@ class FederationService:
         )
         row = ForeignBundle(td, bundle.to_json(), int(self._clock.now()))
         await asyncio.to_thread(self._datastore.put_foreign_bundle, row)
+        self._wrote(td)
         self._bundles[td] = bundle
         self._updated[td] = row.updated_at
         self._publish(dict(self._bundles))
@@ -266,8 +331,14 @@ class FederationService:
         async with lock:
             known = self._bundles.get(td)
             asked = self._due.get(td)
+            self.fetches += 1
             try:
                 fetched = await asyncio.to_thread(self._fetch, rel, known)
+                if is_stale(self._bundles.get(td), fetched):
+                    raise FederationError(
+                        f"{td}: bundle endpoint served spiffe_sequence {fetched.sequence}, "
+                        f"older than the {self._bundles[td].sequence} held"
+                    )
             except FederationError as exc:
                 self._reschedule(td, asked, next_refresh(known, ok=False))
                 _log.warning("foreign bundle not refreshed", extra={"td": td, "error": str(exc)})
@@ -289,26 +360,133 @@ class FederationService:
         if self._due.get(td) == asked:
             self._schedule(td, delay)
 
-    def _schedule(self, td: str, delay: float) -> None:
+    def _schedule(self, td: str, delay: float, *, asked: bool = False) -> None:
         if td in self._relationships:
             self._due[td] = self._clock.now() + delay
+            if asked:
+                self._asked.add(td)
             self._wake.set()
+
+    async def _claim(self, td: str) -> bool:
+        """Whether this server makes the scheduled fetch of `td`: it holds (or now takes) the
+        relationship's fetch lease, or the fetch was asked for here (it claims the lease too,
+        so the others stand back, but fetches either way)."""
+        asked = td in self._asked
+        self._asked.discard(td)
+        if not self._holder:
+            return True
+        try:
+            got = await asyncio.to_thread(
+                self._datastore.acquire_lease,
+                LEASE_PREFIX + td,
+                self._holder,
+                int(self._clock.now()),
+                lease_ttl(self._bundles.get(td)),
+            )
+        except Exception:
+            # The datastore is down: fetching anyway keeps the bundle fresh; the write of
+            # what it fetched fails on its own if the store still is.
+            _log.exception("fetch lease not read; fetching anyway", extra={"td": td})
+            return True
+        if got:
+            self._claimed.add(td)
+        else:
+            self._claimed.discard(td)
+        return got or asked
+
+    def release_leases(self) -> None:
+        """Hand every fetch lease over at once (a clean shutdown; blocking)."""
+        for td in sorted(self._claimed):
+            with contextlib.suppress(Exception):
+                self._datastore.release_lease(LEASE_PREFIX + td, self._holder)
+        self._claimed.clear()
+
+    # -- following other servers (the change feed) ---------------------------------------------
+
+    def follow_mark(self) -> int:
+        """Before the follower reads the store: local writes after this mark win over it."""
+        return self._writes
+
+    def read_stored(self) -> Stored:
+        """The stored relationships and bundles (blocking; the follower's thread)."""
+        return Stored(
+            {r.trust_domain: r for r in self._datastore.list_relationships()},
+            {b.trust_domain: b for b in self._datastore.list_foreign_bundles()},
+        )
+
+    def apply_stored(self, stored: Stored, mark: int) -> bool:
+        """Adopt what another server wrote: relationships start, change or stop here, and
+        bundles that differ from memory are installed and pushed (audited by their writer).
+        Trust domains written here since `mark` are left alone: True asks to read again."""
+        skipped = False
+        mine = {td for td, n in self._written.items() if n > mark}
+        for td in sorted(set(stored.relationships) | set(self._relationships)):
+            if td in self._static:
+                continue
+            if td in mine:
+                skipped = True
+                continue
+            row = stored.relationships.get(td)
+            if row == self._relationships.get(td):
+                continue
+            if row is None:
+                self._forget(td)
+            else:
+                self._relationships[td] = row
+                # Due shortly, through the lease: by then the writer, which fetches at once,
+                # holds it, and this server adopts its bundle instead of fetching it again.
+                self._schedule(td, FOLLOWED_DELAY)
+        changed = False
+        for td in sorted(set(stored.bundles) | set(self._bundles)):
+            if td in mine:
+                skipped = True
+                continue
+            found = stored.bundles.get(td)
+            if found is None:
+                changed |= self._bundles.pop(td, None) is not None
+                self._updated.pop(td, None)
+                continue
+            try:
+                bundle = SpiffeBundle.parse(TrustDomain.parse(td), found.bundle)
+            except Exception:
+                _log.exception("stored foreign bundle unreadable", extra={"td": td})
+                continue
+            if self._bundles.get(td) == bundle:
+                continue
+            self._bundles[td] = bundle
+            self._updated[td] = found.updated_at
+            changed = True
+            # Another server just fetched (or set) it: the next look is a hint away.
+            if td not in self._asked:
+                self._schedule(td, next_refresh(bundle, ok=True))
+        if changed:
+            self._publish(dict(self._bundles))
+        return skipped
+
+    async def refresh_due(self) -> None:
+        """Fetch every relationship that is due and whose fetch this server claims."""
+        now = self._clock.now()
+        for td, due in list(self._due.items()):
+            if due > now:
+                continue
+            try:
+                if not await self._claim(td):
+                    # Another server fetches it; its result comes through the feed.
+                    self._schedule(td, next_refresh(self._bundles.get(td), ok=True))
+                    continue
+                await self.refresh(td)
+            except FederationError:
+                pass  # logged, audited and rescheduled by refresh
+            except NotFoundError:
+                self._due.pop(td, None)
+            except Exception:
+                _log.exception("foreign bundle refresh failed", extra={"td": td})
+                self._schedule(td, RETRY)
 
     async def run(self, stop: asyncio.Event) -> None:
         """The loop that only ticks: refresh what is due, sleep until the next is."""
         while not stop.is_set():
-            now = self._clock.now()
-            for td, due in list(self._due.items()):
-                if due <= now:
-                    try:
-                        await self.refresh(td)
-                    except FederationError:
-                        pass  # logged, audited and rescheduled by refresh
-                    except NotFoundError:
-                        self._due.pop(td, None)
-                    except Exception:
-                        _log.exception("foreign bundle refresh failed", extra={"td": td})
-                        self._schedule(td, RETRY)
+            await self.refresh_due()
             wait = min((d - self._clock.now() for d in self._due.values()), default=60.0)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

@@ -47,6 +47,7 @@ class Federation:
         audit: AuditLog,
         ca: CaManager,
         clock: Clock,
+        holder: str = "",
     ) -> Federation:
         static = tuple(
             parse_static(t, config.trust_domain) for t in config.federation_relationships
@@ -58,6 +59,7 @@ class Federation:
             clock=clock,
             publish=state.set_foreign_bundles,
             static=static,
+            holder=holder,
         )
         svid = None
         if config.bundle_endpoint_address and config.bundle_endpoint_profile == "https_spiffe":
@@ -117,5 +119,7 @@ class Federation:
                 _log.exception("bundle endpoint SVID not renewed; retrying later")
 
     async def stop(self) -> None:
+        # Another server takes the scheduled fetches over at once, not when the leases lapse.
+        await asyncio.to_thread(self.service.release_leases)
         if self._listener is not None:
             await self._listener.stop()

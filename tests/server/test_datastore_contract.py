@@ -804,6 +804,30 @@ def test_foreign_bundles_are_replaced_and_survive_a_reopen(open_store: Opener) -
         store.delete_foreign_bundle("a.org")
 
 
+def test_feed_names_federation_writes_and_not_failed_ones(store: DataStore) -> None:
+    rel = FederationRelationship("other.org", "https://other.example:8443/", HTTPS_WEB)
+    store.create_relationship(rel)
+    store.update_relationship(replace(rel, endpoint_url="https://other.example:9443/"))
+    store.put_foreign_bundle(ForeignBundle("other.org", b'{"keys":[]}', NOW))
+    store.delete_foreign_bundle("other.org")
+    store.delete_relationship("other.org")
+    head = store.feed_head()
+    with pytest.raises(NotFoundError):
+        store.delete_relationship("other.org")
+    with pytest.raises(NotFoundError):
+        store.update_relationship(rel)
+    with pytest.raises(NotFoundError):
+        store.delete_foreign_bundle("other.org")
+    assert store.feed_head() == head
+    assert _feed(store) == [
+        ("federation_relationship", "other.org"),
+        ("federation_relationship", "other.org"),
+        ("foreign_bundle", "other.org"),
+        ("foreign_bundle", "other.org"),
+        ("federation_relationship", "other.org"),
+    ]
+
+
 def test_entries_keep_the_trust_domains_they_federate_with(store: DataStore) -> None:
     made = store.create_entry(
         Entry(

@@ -21,7 +21,9 @@ from server.errors import ConfigError, InvalidRequestError, PermissionDeniedErro
 from server.federation.errors import FederationError
 from server.federation.service import (
     BUNDLE_CHANGED,
+    BUNDLE_REFUSED,
     DEFAULT_REFRESH,
+    FOLLOWED_DELAY,
     RETRY,
     FederationService,
     next_refresh,
@@ -151,3 +153,104 @@ def test_the_next_fetch_follows_the_refresh_hint_and_retries_sooner() -> None:
 def test_federation_settings_are_checked_by_name(values: dict[str, object], problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         build_config({"trust_domain": "other.org", **values})
+
+
+def test_a_fetched_bundle_older_than_the_one_held_is_refused(world: World) -> None:
+    world.answers = [_bundle(2), _bundle(1)]
+    world.run(world.service.refresh("example.org"))
+    with pytest.raises(FederationError, match="spiffe_sequence 1, older than the 2 held"):
+        world.run(world.service.refresh("example.org"))
+    assert world.service.bundle("example.org").sequence == 2
+    refused = list(world.store.inner.audit_rows(EventFilter(kind=BUNDLE_REFUSED)))
+    assert len(refused) == 1
+    # A bundle without a sequence cannot be ordered: it is taken as it comes.
+    world.answers = [_bundle(0)]
+    assert world.run(world.service.refresh("example.org")).changed  # type: ignore[attr-defined]
+
+
+def test_what_another_server_stored_is_adopted_but_not_over_a_newer_local_write(
+    world: World,
+) -> None:
+    service = world.service
+    before = service.read_stored()
+    mark = service.follow_mark()
+    world.run(service.set_bundle("example.org", _bundle(1).to_json()))
+    # Read before the local write: adopting it would drop the bundle; it is left, and the
+    # follower is asked to read again.
+    assert service.apply_stored(before, mark)
+    assert service.bundle("example.org").sequence == 1
+    assert not service.apply_stored(service.read_stored(), service.follow_mark())
+    # Rows written by another server (straight into the store here) are adopted and published.
+    world.store.inner.create_relationship(
+        FederationRelationship("third.org", "https://127.0.0.1:1/", "https_web")
+    )
+    world.store.inner.delete_foreign_bundle("example.org")
+    assert not service.apply_stored(service.read_stored(), service.follow_mark())
+    assert [r.trust_domain for r, _ in service.relationships()] == ["example.org", "third.org"]
+    assert service.next_fetch("third.org") == world.clock.now() + FOLLOWED_DELAY
+    assert service.bundles() == {}
+    assert dict(world.published[-1]) == {}
+    world.store.inner.delete_relationship("third.org")
+    service.apply_stored(service.read_stored(), service.follow_mark())
+    assert [r.trust_domain for r, _ in service.relationships()] == ["example.org"]
+    assert service.next_fetch("third.org") is None
+
+
+def test_one_server_makes_each_scheduled_fetch_and_another_takes_over(tmp_path: Path) -> None:
+    """Two services on one datastore file, both with the relationship due: the fetch lease
+    lets one fetch; the other adopts its bundle, and fetches once the holder stops renewing
+    (or at once when it hands the lease over)."""
+    clock = FakeClock(1_700_000_000)
+    counts = {"a": 0, "b": 0}
+    services = {}
+    stores = []
+    for name in ("a", "b"):
+        store = SqliteDataStore(tmp_path / "db", clock)
+        stores.append(store)
+
+        def fetch(
+            rel: FederationRelationship, known: SpiffeBundle | None, name: str = name
+        ) -> SpiffeBundle:
+            counts[name] += 1
+            return _bundle(sum(counts.values()), hint=30)
+
+        services[name] = FederationService(
+            own=OWN,
+            datastore=store,
+            audit=AuditLog(store, clock),
+            clock=clock,
+            publish=lambda _bundles: None,
+            static=(parse_static(STATIC, OWN),),
+            fetch=fetch,
+            holder=name,
+        )
+        services[name].load()
+    a, b = services["a"], services["b"]
+
+    def tick(service: FederationService) -> None:
+        asyncio.run(service.refresh_due())
+        service.apply_stored(service.read_stored(), service.follow_mark())
+
+    try:
+        tick(a)
+        tick(b)
+        assert counts == {"a": 1, "b": 0}
+        assert b.bundle("example.org").sequence == 1  # adopted from the store
+        assert b.next_fetch("example.org") == clock.now() + 30
+        clock.advance(31)
+        tick(a)  # the holder fetches again and keeps the lease
+        tick(b)
+        assert counts == {"a": 2, "b": 0}
+        clock.advance(200)  # A has died: its lease lapses, B takes the fetch over
+        tick(b)
+        assert counts == {"a": 2, "b": 1}
+        assert a.bundle("example.org").sequence == 2
+        tick(a)
+        assert a.bundle("example.org").sequence == 3  # B's, adopted
+        b.release_leases()
+        clock.advance(31)
+        tick(a)  # handed over at once, not when the lease would lapse
+        assert counts == {"a": 3, "b": 1}
+    finally:
+        for store in stores:
+            store.close()
