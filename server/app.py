@@ -34,6 +34,7 @@ from server.datastore.postgres_dsn import open_postgres
 from server.datastore.sqlite import SqliteDataStore
 from server.errors import ConfigError
 from server.events import ChangeNotifier
+from server.federation.wiring import Federation
 from server.housekeeping import (
     HOUSEKEEPING_LEASE,
     Lease,
@@ -112,6 +113,7 @@ class Server:
         self.propagator: Propagator | None = None
         self.follower: FeedFollower | None = None
         self.oauth: OAuthService | None = None
+        self.federation: Federation | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -265,6 +267,17 @@ class Server:
         self.propagator = Propagator(self.state, str(self.ids.server), self.clock)
         self.propagator.start()
         self.ca.subscribe(self._on_bundle_changed(loop))
+        self.federation = Federation.build(
+            cfg,
+            state=self.state,
+            datastore=self.datastore,
+            audit=self.tasks.audit,
+            ca=self.ca,
+            clock=self.clock,
+            # Scheduled fetches of a foreign bundle: one server per relationship (a lease).
+            holder=default_holder(),
+        )
+        await self.federation.start()
         self.follower = FeedFollower(
             datastore=self.datastore,
             state=self.state,
@@ -274,6 +287,7 @@ class Server:
             cursor=self._feed_cursor,
             settings=FollowSettings(cfg.feed_poll_interval, cfg.feed_retention),
             on_audit_records=self.checkpointer.adopt,
+            federation=self.federation.service,
         )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # Two JWT threads per signing worker: each waits on its worker's socket or on the
@@ -339,6 +353,7 @@ class Server:
             metrics=self.metrics,
             join_token_ttl=cfg.join_token_ttl,
             audit_checkpoint=lambda: asyncio.to_thread(self.checkpointer.checkpoint, force=True),
+            federation=self.federation.service,
         )
         # Two gRPC servers: the admin service must never be reachable over the network ports.
         self._node_server = grpc.aio.server(options=self._grpc_options())
@@ -394,6 +409,7 @@ class Server:
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
+            asyncio.create_task(self.federation.run(self._stop), name="federation"),
             asyncio.create_task(self.follower.run(self._stop), name="change-feed"),
         ]
         if self.oauth is not None:
@@ -518,6 +534,8 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.oauth is not None:
             await self.oauth.stop()
+        if self.federation is not None:
+            await self.federation.stop()
         if self._metrics_http is not None:
             self._metrics_http.stop()
         for executor in (self._executor, self._jwt_executor):

@@ -15,6 +15,7 @@ Each job app.py schedules, decided on its own:
 | audit checkpoints (start, interval, stop)  | `housekeeping` holder   | (5) |
 | audit retention (prune)                    | `housekeeping` holder   | (5) |
 | finish task ends left half done            | `housekeeping` holder   | (6) |
+| scheduled fetch of a foreign bundle        | `federation-fetch:<td>` | (7) |
 
 1. The end is a compare-and-set on the task row (TaskStore.finish): only the write that moves
    it out of `active` revokes and records the one task-end event. No lease: expiry does not
@@ -34,6 +35,9 @@ Each job app.py schedules, decided on its own:
 6. A task's end is claimed by the CAS (its row goes to `ending`) and settled once its
    revocations and event are written; one a server left half done (it died midway) is
    finished, a minute later, by one server: the others would record its end again.
+7. One fetch of each foreign bundle endpoint per refresh hint, not one per server; the others
+   adopt its result from the change feed (server/federation/service.py). A fetch someone asked
+   for (admin refresh, relationship written, bundle set) runs on the server asked.
 
 An operator's explicit checkpoint (admin API) or prune (`Pruner.prune(cut)`) runs on whichever
 server is asked. The lease is renewed on its own tick (every ttl / 3), not on the jobs' (which

@@ -35,7 +35,9 @@ from server.datastore.records import (
     FEED_AGENT,
     FEED_AUDIT_RECORD,
     FEED_ENTRY,
+    FEED_FOREIGN_BUNDLE,
     FEED_KEY_SLOT,
+    FEED_RELATIONSHIP,
     FEED_REVOCATION,
     FEED_TASK,
     AttestedAgent,
@@ -44,6 +46,7 @@ from server.datastore.records import (
     FeedItem,
     Revocation,
 )
+from server.federation.service import Stored
 from server.state import ServerState
 from server.tasks.model import Task
 from svid._clock import Clock
@@ -77,6 +80,7 @@ class FeedWork:
     revocations: bool = False
     key_slots: bool = False
     audit_records: bool = False
+    federation: bool = False
 
     def __bool__(self) -> bool:
         return bool(
@@ -86,6 +90,7 @@ class FeedWork:
             or self.revocations
             or self.key_slots
             or self.audit_records
+            or self.federation
         )
 
     def __or__(self, other: FeedWork) -> FeedWork:
@@ -96,6 +101,7 @@ class FeedWork:
             self.revocations or other.revocations,
             self.key_slots or other.key_slots,
             self.audit_records or other.audit_records,
+            self.federation or other.federation,
         )
 
 
@@ -115,6 +121,7 @@ def plan(items: Sequence[FeedItem]) -> FeedWork:
         revocations=FEED_REVOCATION in kinds,
         key_slots=FEED_KEY_SLOT in kinds,
         audit_records=FEED_AUDIT_RECORD in kinds,
+        federation=bool(kinds & {FEED_RELATIONSHIP, FEED_FOREIGN_BUNDLE}),
     )
 
 
@@ -164,6 +171,16 @@ class FollowedTasks(Protocol):
     def apply_tasks(self, loaded: Mapping[str, Task | None]) -> None: ...
 
 
+class FollowedFederation(Protocol):
+    """What the follower asks of the federation service (server.federation.service)."""
+
+    def follow_mark(self) -> int: ...
+
+    def read_stored(self) -> Stored: ...
+
+    def apply_stored(self, stored: Stored, mark: int) -> bool: ...
+
+
 @dataclass
 class _Loaded:
     entries: dict[str, Entry | None] = field(default_factory=dict)
@@ -171,6 +188,7 @@ class _Loaded:
     tasks: Mapping[str, Task | None] = field(default_factory=dict)
     revocations: list[Revocation] | None = None
     audit_records: list[AuditRecord] | None = None
+    federation: Stored | None = None
 
 
 class FeedFollower:
@@ -187,10 +205,12 @@ class FeedFollower:
         cursor: int,
         settings: FollowSettings | None = None,
         on_audit_records: Callable[[Sequence[AuditRecord]], None] = lambda _records: None,
+        federation: FollowedFederation | None = None,
     ) -> None:
         self._ds = datastore
         self._state = state
         self._tasks = tasks
+        self._federation = federation
         self._on_key_slots_changed = on_key_slots_changed
         self._on_audit_records = on_audit_records
         self._clock = clock
@@ -257,6 +277,7 @@ class FeedFollower:
 
     async def _apply(self, work: FeedWork) -> None:
         self._state.follow_mark()
+        mark = self._federation.follow_mark() if self._federation is not None else 0
         loaded = await asyncio.to_thread(self._load, work)
         # From here to the end of the install, nothing else runs on the loop: memory and the
         # rows written meanwhile (`touched`) are one consistent picture.
@@ -270,13 +291,21 @@ class FeedFollower:
             self._state.add_revocations_seen(loaded.revocations)
         self._tasks.apply_tasks(loaded.tasks)
         self._pending = FeedWork(
-            entries=work.entries & skip_entries, agents=work.agents & skip_agents
+            entries=work.entries & skip_entries,
+            agents=work.agents & skip_agents,
+            federation=self._apply_federation(loaded.federation, mark),
         )
         if work.key_slots:
             await self._key_slots_changed()
         if loaded.audit_records is not None:
             await self._audit_records_stored(loaded.audit_records)
         await self._state.refresh_revision()
+
+    def _apply_federation(self, stored: Stored | None, mark: int) -> bool:
+        """Hand the federation rows to the service; True when it asks to read them again."""
+        if stored is None or self._federation is None:
+            return False
+        return self._federation.apply_stored(stored, mark)
 
     async def _key_slots_changed(self) -> None:
         # A failing reload of keys must not stop entries and revocations from following: it
@@ -309,6 +338,8 @@ class FeedFollower:
             loaded.revocations = self._ds.list_revocations()
         if work.audit_records:
             loaded.audit_records = self._ds.audit_records()
+        if work.federation and self._federation is not None:
+            loaded.federation = self._federation.read_stored()
         return loaded
 
     async def reload_everything(self) -> None:
@@ -318,7 +349,10 @@ class FeedFollower:
             "change feed rows after revision %d were pruned; reloading all state", self._cursor
         )
         self._state.follow_mark()
-        head, entries, agents, revocations, tasks, records = await asyncio.to_thread(self._load_all)
+        mark = self._federation.follow_mark() if self._federation is not None else 0
+        head, entries, agents, revocations, tasks, records, federation = await asyncio.to_thread(
+            self._load_all
+        )
         skip_entries = self._state.touched(FEED_ENTRY)
         skip_agents = self._state.touched(FEED_AGENT)
         put, removed = diff_rows(
@@ -331,7 +365,11 @@ class FeedFollower:
         self._state.apply_agents(put_agents, gone)
         self._state.add_revocations_seen(revocations)
         self._tasks.apply_tasks(tasks)
-        self._pending = FeedWork(entries=skip_entries, agents=skip_agents)
+        self._pending = FeedWork(
+            entries=skip_entries,
+            agents=skip_agents,
+            federation=self._apply_federation(federation, mark),
+        )
         await self._key_slots_changed()
         await self._audit_records_stored(records)
         await self._state.refresh_revision()
@@ -346,6 +384,7 @@ class FeedFollower:
         list[Revocation],
         Mapping[str, Task | None],
         list[AuditRecord],
+        Stored | None,
     ]:
         # The head first: whatever commits after it is read again from the feed.
         head = self._ds.feed_head()
@@ -356,6 +395,7 @@ class FeedFollower:
             self._ds.list_revocations(),
             self._tasks.reload_all_tasks(),
             self._ds.audit_records(),
+            self._federation.read_stored() if self._federation is not None else None,
         )
 
     async def prune(self) -> int:

@@ -1,13 +1,13 @@
 """`svid-server audit verify | export | checkpoint | prune`.
 
 `verify` and `export` read the datastore file directly (they work with the server stopped, and
-never change it; `verify` reads a PostgreSQL datastore too, in one snapshot); `checkpoint` asks the running server over its admin socket. `prune` opens the
-datastore itself too, with the server running or stopped: SQLite serialises it with the
-server's writes, it never touches the head the server appends after, and it signs its prune
-record with the data dir's checkpoint key, so it runs as the server's user like every
-operator command that can change the log. No admin RPC: the server prunes on its own schedule,
-and an operator's one-off prune (a backlog before a first start with retention, a --before
-after an export) should not need a server up.
+never change it; `verify` reads a PostgreSQL datastore too, in one snapshot); `checkpoint` asks
+the running server over its admin socket. `prune` opens the datastore itself too, with the
+server running or stopped: SQLite serialises it with the server's writes, it never touches the
+head the server appends after, and it signs its prune record with the data dir's checkpoint
+key, so it runs as the server's user like every operator command that can change the log. No
+admin RPC: the server prunes on its own schedule, and an operator's one-off prune (a backlog
+before a first start with retention, a --before after an export) should not need a server up.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 
 from server.audit.errors import AuditError
 from server.datastore import sqlite_audit
-from server.datastore.base import AuditStore
+from server.datastore.base import AuditStore, JtiClaim
 from server.datastore.errors import StorageError
 from server.datastore.records import (
     AUDIT_TABLES,
@@ -62,8 +62,13 @@ class SqliteAuditStore:
         return self._path
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
     ) -> None:
+        del jtis, now
         raise AuditError(f"audit database {self._path} is open read-only")
 
     def audit_head(self) -> Head | None:

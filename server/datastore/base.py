@@ -28,7 +28,9 @@ from server.datastore.records import (
     Credential,
     Entry,
     EventFilter,
+    FederationRelationship,
     FeedItem,
+    ForeignBundle,
     Head,
     JoinToken,
     KeySlot,
@@ -273,7 +275,11 @@ class AuditStore(Protocol):
     the events that record them."""
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
     ) -> None:
         """Commit the credential rows, the sealed audit rows (consecutive seqs, AUDIT_COLUMNS)
         and the new audit head in ONE durable transaction: all of it is on disk when this
@@ -286,7 +292,13 @@ class AuditStore(Protocol):
         stored head, and nothing is written. The check and the write are one atomic step
         against other writers (SQLite: the write lock of BEGIN IMMEDIATE; PostgreSQL: SELECT
         ... FOR UPDATE on the head row). Credential rows alone (no audit rows) are not
-        checked."""
+        checked.
+
+        `jtis` (the OAuth token endpoint's assertions, see AssertionReplayStore) are claimed
+        in the same transaction, each as claim_jtis would at `now`: a token and the claim of
+        the assertion it was issued for are durable together or not at all. When any of them
+        is held already (a replay, or a repeat within `jtis`), nothing is written and
+        JtiHeldError names the held ones."""
         ...
 
     def audit_head(self) -> Head | None:
@@ -392,7 +404,9 @@ class JtiClaim(NamedTuple):
 
 class AssertionReplayStore(Protocol):
     """The `jti`s of assertions the OAuth token endpoint accepted (server/oauth), kept until
-    they expire, so that none is accepted twice by any server sharing the database."""
+    they expire, so that none is accepted twice by any server sharing the database. The
+    endpoint claims them with the token's ledger commit (AuditStore.write_ledger's `jtis`, the
+    same insert as claim_jtis)."""
 
     def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
         """Record each (issuer, jti) until its expires_at, each by ONE atomic insert-if-absent,
@@ -406,8 +420,45 @@ class AssertionReplayStore(Protocol):
         ...
 
 
+class FederationStore(Protocol):
+    """Relationships with foreign trust domains and their last good bundles (server/federation)."""
+
+    def create_relationship(self, rel: FederationRelationship) -> FederationRelationship:
+        """Store a new relationship (timestamps set); AlreadyExistsError for its trust domain."""
+        ...
+
+    def update_relationship(self, rel: FederationRelationship) -> FederationRelationship:
+        """Replace a relationship's endpoint settings; NotFoundError when there is none."""
+        ...
+
+    def get_relationship(self, trust_domain: str) -> FederationRelationship:
+        """NotFoundError when there is none."""
+        ...
+
+    def list_relationships(self) -> list[FederationRelationship]:
+        """Every relationship, by trust domain."""
+        ...
+
+    def delete_relationship(self, trust_domain: str) -> None:
+        """NotFoundError when there is none; its foreign bundle stays (delete that apart)."""
+        ...
+
+    def put_foreign_bundle(self, bundle: ForeignBundle) -> None:
+        """Store (or replace) a foreign trust domain's bundle."""
+        ...
+
+    def list_foreign_bundles(self) -> list[ForeignBundle]:
+        """Every foreign bundle, by trust domain."""
+        ...
+
+    def delete_foreign_bundle(self, trust_domain: str) -> None:
+        """NotFoundError when there is none."""
+        ...
+
+
 class DataStore(
     RegistrationStore,
+    FederationStore,
     ChangeFeed,
     TaskRecordStore,
     CredentialStore,

@@ -16,8 +16,10 @@ import psycopg
 
 from server.datastore import ledger_queries as lq
 from server.datastore import postgres_sql as ps
+from server.datastore import queries as q
+from server.datastore.base import JtiClaim
 from server.datastore.chain import check_follows
-from server.datastore.errors import StorageError
+from server.datastore.errors import JtiHeldError, StorageError, held_message
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
     AUDIT_COLUMNS,
@@ -132,12 +134,25 @@ class PostgresLedger:
     # -- credentials ----------------------------------------------------------------------------
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
     ) -> None:
-        if not credentials and not audit_rows:
+        if not credentials and not audit_rows and not jtis:
             return
+        # In key order, as claim_jtis: writes of several servers lock jti rows in one order.
+        claims = sorted(jtis, key=lambda c: (c.issuer, c.jti))
 
         def work(cur: Cursor) -> None:
+            held = [
+                (c.issuer, c.jti)
+                for c in claims
+                if cur.execute(pg(q.CLAIM_JTI), {**c._asdict(), "now": now}).rowcount != 1
+            ]
+            if held:
+                raise JtiHeldError(held_message(held), held)
             if credentials:
                 with cur.copy(ps.COPY_CREDENTIALS) as copy:
                     for credential in credentials:

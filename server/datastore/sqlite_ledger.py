@@ -16,9 +16,11 @@ from typing import Any
 import sqlite_utils
 
 from server.datastore import ledger_queries as lq
+from server.datastore import queries as q
 from server.datastore import sqlite_audit
+from server.datastore.base import JtiClaim
 from server.datastore.chain import check_follows
-from server.datastore.errors import StorageError
+from server.datastore.errors import JtiHeldError, StorageError, held_message
 from server.datastore.records import (
     FEED_TASK,
     AuditMark,
@@ -153,9 +155,13 @@ class SqliteLedger:
     # -- credentials ----------------------------------------------------------------------------
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
     ) -> None:
-        if not credentials and not audit_rows:
+        if not credentials and not audit_rows and not jtis:
             return
         try:
             with self._transaction() as db:
@@ -163,6 +169,15 @@ class SqliteLedger:
                     # Under the write lock BEGIN IMMEDIATE took: no other writer can move the
                     # head between this read and the commit.
                     check_follows(sqlite_audit.read_head(db.conn), audit_rows[0])
+                if jtis:
+                    # Before anything is written: a held one rolls the whole write back.
+                    held = [
+                        (c.issuer, c.jti)
+                        for c in jtis
+                        if db.execute(q.CLAIM_JTI, {**c._asdict(), "now": now}).rowcount != 1
+                    ]
+                    if held:
+                        raise JtiHeldError(held_message(held), held)
                 # Multi-row statements: see insert_many for why not executemany.
                 sqlite_audit.insert_many(db.conn, lq.CREDENTIALS_INTO, credentials)
                 if audit_rows:

@@ -32,10 +32,15 @@ from server.datastore import (
     TaskRecord,
 )
 from server.datastore.base import JtiClaim
+from server.datastore.errors import JtiHeldError
 from server.datastore.records import (
     AUDIT_COLUMNS,
+    HTTPS_SPIFFE,
+    HTTPS_WEB,
     AuditRecord,
     EventFilter,
+    FederationRelationship,
+    ForeignBundle,
     Head,
     SealedAuditKey,
     TaskCursor,
@@ -276,6 +281,34 @@ def test_a_jti_is_claimed_once_until_it_expires(store: DataStore) -> None:
     assert store.claim_jtis([JtiClaim(iss, "b", NOW + 60)], NOW + 5) == [True]  # b expired
     assert store.prune_jtis(NOW + 60) == 3
     assert store.claim_jtis([JtiClaim(iss, "a", NOW + 90)], NOW + 61) == [True]
+
+
+def test_a_ledger_write_claims_its_jtis_with_the_rest_or_nothing(open_store: Opener) -> None:
+    """The token endpoint's one commit: a token's record, its event and the claim of the
+    assertion it was issued for. A held jti (here: held through another store on the same
+    database, as another server would) keeps the whole write out."""
+    store, other = open_store(), open_store()
+    iss = "spiffe://example.org"
+    store.write_ledger([cred("t1")], audit_rows(1, 1), [JtiClaim(iss, "a", NOW + 60)], NOW)
+    assert store.claim_jtis([JtiClaim(iss, "a", NOW + 60)], NOW) == [False]
+    with pytest.raises(JtiHeldError) as held:
+        other.write_ledger(
+            [cred("t2")],
+            audit_rows(2, 1, prev=f"{1:064x}"),
+            [JtiClaim(iss, "b", NOW + 60), JtiClaim(iss, "a", NOW + 60)],
+            NOW,
+        )
+    assert held.value.held == {(iss, "a")}
+    assert "'a'" in str(held.value)
+    assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["t1"]
+    assert store.audit_head() == Head(1, f"{1:064x}")
+    assert other.claim_jtis([JtiClaim(iss, "b", NOW + 60)], NOW) == [True]  # b was not kept
+    with pytest.raises(JtiHeldError):  # a repeat within one write is a replay too
+        store.write_ledger([], [], [JtiClaim(iss, "c", NOW + 9)] * 2, NOW)
+    # Past its expiry a jti may be claimed again; without jtis nothing changes.
+    store.write_ledger([cred("t3")], [], [JtiClaim(iss, "a", NOW + 90)], NOW + 60)
+    store.write_ledger([cred("t4")], [])
+    assert len(store.agent_credentials(AGENT, NOW)) == 3
 
 
 # -- tasks and violations -----------------------------------------------------------------------
@@ -788,3 +821,80 @@ def test_audit_rows_after_a_seq_page_in_seq_order(store: DataStore) -> None:
     assert [tuple(r.values()) for r in store.audit_rows_after(2, 3)] == rows[2:5]
     assert [r["seq"] for r in store.audit_rows_after(5, 100)] == [6, 7]
     assert store.audit_rows_after(7, 100) == []
+
+
+def test_federation_relationships_round_trip(store: DataStore) -> None:
+    rel = FederationRelationship(
+        "other.org", "https://other.example:8443/", HTTPS_SPIFFE, "spiffe://other.org/svid/server"
+    )
+    made = store.create_relationship(rel)
+    assert made.created_at == NOW
+    assert made.updated_at == NOW
+    assert store.get_relationship("other.org") == made
+    with pytest.raises(AlreadyExistsError, match=r"other\.org"):
+        store.create_relationship(rel)
+    changed = store.update_relationship(
+        replace(rel, profile=HTTPS_WEB, endpoint_spiffe_id="", ca_file="/etc/ca.pem")
+    )
+    assert changed.created_at == made.created_at
+    assert changed.profile == HTTPS_WEB
+    assert store.list_relationships() == [changed]
+    with pytest.raises(NotFoundError, match=r"third\.org"):
+        store.update_relationship(replace(rel, trust_domain="third.org"))
+    store.delete_relationship("other.org")
+    assert store.list_relationships() == []
+    with pytest.raises(NotFoundError, match=r"other\.org"):
+        store.get_relationship("other.org")
+    with pytest.raises(NotFoundError):
+        store.delete_relationship("other.org")
+
+
+def test_foreign_bundles_are_replaced_and_survive_a_reopen(open_store: Opener) -> None:
+    store = open_store()
+    store.put_foreign_bundle(ForeignBundle("other.org", b'{"keys":[]}', NOW))
+    store.put_foreign_bundle(ForeignBundle("other.org", b'{"keys":[],"spiffe_sequence":2}', NOW))
+    store.put_foreign_bundle(ForeignBundle("a.org", b'{"keys":[]}', NOW + 1))
+    assert [b.trust_domain for b in store.list_foreign_bundles()] == ["a.org", "other.org"]
+    assert open_store().list_foreign_bundles()[1].bundle == b'{"keys":[],"spiffe_sequence":2}'
+    store.delete_foreign_bundle("a.org")
+    with pytest.raises(NotFoundError, match=r"a\.org"):
+        store.delete_foreign_bundle("a.org")
+
+
+def test_feed_names_federation_writes_and_not_failed_ones(store: DataStore) -> None:
+    rel = FederationRelationship("other.org", "https://other.example:8443/", HTTPS_WEB)
+    store.create_relationship(rel)
+    store.update_relationship(replace(rel, endpoint_url="https://other.example:9443/"))
+    store.put_foreign_bundle(ForeignBundle("other.org", b'{"keys":[]}', NOW))
+    store.delete_foreign_bundle("other.org")
+    store.delete_relationship("other.org")
+    head = store.feed_head()
+    with pytest.raises(NotFoundError):
+        store.delete_relationship("other.org")
+    with pytest.raises(NotFoundError):
+        store.update_relationship(rel)
+    with pytest.raises(NotFoundError):
+        store.delete_foreign_bundle("other.org")
+    assert store.feed_head() == head
+    assert _feed(store) == [
+        ("federation_relationship", "other.org"),
+        ("federation_relationship", "other.org"),
+        ("foreign_bundle", "other.org"),
+        ("foreign_bundle", "other.org"),
+        ("federation_relationship", "other.org"),
+    ]
+
+
+def test_entries_keep_the_trust_domains_they_federate_with(store: DataStore) -> None:
+    made = store.create_entry(
+        Entry(
+            "",
+            "spiffe://example.org/web",
+            AGENT,
+            (Selector("unix", "uid:1"),),
+            federates_with=("other.org", "third.org"),
+        )
+    )
+    assert store.get_entry(made.id).federates_with == ("other.org", "third.org")
+    store.update_entry(replace(made, federates_with=()))
+    assert store.get_entry(made.id).federates_with == ()
