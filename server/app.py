@@ -133,7 +133,8 @@ class Server:
         self.keystore = KeyStore(cfg.keys_dir)
         # With a KEK the CA and JWT keys are the trust domain's, shared with the other servers
         # on this datastore (sealed in it); without, they are this server's own files.
-        kek = cfg.key_encryption_key_file
+        kek_file = cfg.key_encryption_key_file
+        kek = KeyEncryptionKey.load(kek_file) if kek_file is not None else None
         self.ca = CaManager(
             CaConfig(
                 trust_domain=cfg.trust_domain,
@@ -147,7 +148,7 @@ class Server:
             self.datastore,
             self.keystore,
             self.clock,
-            kek=KeyEncryptionKey.load(kek) if kek is not None else None,
+            kek=kek,
         )
         self.ca.initialize()
         self.rotator = Rotator(self.ca, self.clock)
@@ -162,7 +163,15 @@ class Server:
             server_id=str(self.ids.server),
             clock=self.clock,
         )
-        signer = CheckpointSigner.load_or_create(cfg.data_dir)
+        # With a KEK the checkpoint key is the trust domain's, like the CA's: every server
+        # signs with it, so one pinned key checks all of their checkpoints.
+        signer = (
+            CheckpointSigner.load_or_create(cfg.data_dir)
+            if kek is None
+            else CheckpointSigner.load_shared(
+                cfg.data_dir, self.datastore, kek, int(self.clock.now())
+            )
+        )
         # Checkpoints and retention: one server of those sharing the datastore, the holder of
         # this lease (server/housekeeping.py says which job runs where, and why).
         self.housekeeping = Lease(self.datastore, HOUSEKEEPING_LEASE, default_holder(), self.clock)
@@ -176,6 +185,11 @@ class Server:
             lease=self.housekeeping,
             # Every new checkpoint goes to every agent over Sync; they keep the latest.
             on_checkpoint=self.state.set_audit_checkpoint,
+            # Shared with the other servers: they file and push what the holder signs.
+            records=self.datastore,
+            on_refused=lambda reason: self.metrics.audit_checkpoint_refusals.labels(
+                reason=reason
+            ).inc(),
         )
         if self.housekeeping.held:
             # Anchor what this start found (a crash may have cost the shutdown checkpoint).
@@ -272,6 +286,7 @@ class Server:
             clock=self.clock,
             cursor=self._feed_cursor,
             settings=FollowSettings(cfg.feed_poll_interval, cfg.feed_retention),
+            on_audit_records=self.checkpointer.adopt,
             federation=self.federation.service,
         )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")

@@ -25,7 +25,13 @@ Each job app.py schedules, decided on its own:
 3. This server's own: its memory, its agents, its SVID.
 4. One journal of shared keys (server/ca/manager.py).
 5. One chain, one checkpointer: one key signs checkpoints in order, and retention signs a
-   prune record with that key before it deletes a prefix of the chain.
+   prune record with that key before it deletes a prefix of the chain. The holder signs the
+   stored head (events mostly come through other servers), once the events since its last
+   signed head are read back and chain from it (server/audit/checkpointer.py). Each record is
+   stored in the datastore with a feed row: every server appends it to its own checkpoint
+   file and pushes it to its agents. With a key-encryption key the signing key is the trust
+   domain's (sealed in the datastore, CheckpointSigner.load_shared), so agents and operators
+   check every server's records against one pinned key.
 6. A task's end is claimed by the CAS (its row goes to `ending`) and settled once its
    revocations and event are written; one a server left half done (it died midway) is
    finished, a minute later, by one server: the others would record its end again.
@@ -49,7 +55,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from server.audit.checkpoint import Checkpoint, CheckpointFile, CheckpointSigner
-from server.audit.checkpointer import Checkpointer
+from server.audit.checkpointer import Checkpointer, SharedAuditStore
 from server.audit.log import AuditLog
 from server.audit.retention import Cut, Pruner, PruneReport, RetentionPolicy
 from server.datastore.base import AuditRetentionStore
@@ -136,8 +142,19 @@ class LeasedCheckpointer(Checkpointer):
         *,
         lease: Lease,
         on_checkpoint: Callable[[Checkpoint], None] = lambda _checkpoint: None,
+        records: SharedAuditStore | None = None,
+        on_refused: Callable[[str], None] = lambda _reason: None,
     ) -> None:
-        super().__init__(audit, signer, file, clock, interval, on_checkpoint=on_checkpoint)
+        super().__init__(
+            audit,
+            signer,
+            file,
+            clock,
+            interval,
+            on_checkpoint=on_checkpoint,
+            records=records,
+            on_refused=on_refused,
+        )
         self.lease = lease
         self._tick = interval
 

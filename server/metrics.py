@@ -61,6 +61,13 @@ class Metrics:
             registry=self.registry,
         )
         self.ledger_available.set(1)
+        self.audit_checkpoint_refusals = Counter(
+            "svid_server_audit_checkpoint_refusals",
+            "Audit checkpoints not signed because the stored chain did not run from the last "
+            "signed head, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self.sync_streams = Gauge(
             "svid_server_sync_streams", "Open agent Sync streams", registry=self.registry
         )

@@ -6,7 +6,9 @@ follower here waits on the feed, reads the rows after its cursor, reloads the ro
 and applies what differs from memory to ServerState (entries, agents, revocations) and to the
 task service (active tasks), as ordinary changes: the propagator then pushes each to the
 agents it concerns, whichever server they are connected to. Key slots are only announced
-(`on_key_slots_changed`): whoever keeps the CA's keys reloads them.
+(`on_key_slots_changed`): whoever keeps the CA's keys reloads them. Audit checkpoints and
+prune records signed by the housekeeping lease holder are handed over as stored
+(`on_audit_records`): the checkpointer checks their signature, files and pushes them.
 
 Applying is idempotent: a row is reloaded and diffed with memory, so the rows this server
 wrote itself cost a lookup and change nothing. The cursor starts at the feed head read before
@@ -31,6 +33,7 @@ from server.datastore.base import DataStore
 from server.datastore.errors import NotFoundError
 from server.datastore.records import (
     FEED_AGENT,
+    FEED_AUDIT_RECORD,
     FEED_ENTRY,
     FEED_FOREIGN_BUNDLE,
     FEED_KEY_SLOT,
@@ -38,6 +41,7 @@ from server.datastore.records import (
     FEED_REVOCATION,
     FEED_TASK,
     AttestedAgent,
+    AuditRecord,
     Entry,
     FeedItem,
     Revocation,
@@ -75,6 +79,7 @@ class FeedWork:
     tasks: frozenset[str] = frozenset()
     revocations: bool = False
     key_slots: bool = False
+    audit_records: bool = False
     federation: bool = False
 
     def __bool__(self) -> bool:
@@ -84,6 +89,7 @@ class FeedWork:
             or self.tasks
             or self.revocations
             or self.key_slots
+            or self.audit_records
             or self.federation
         )
 
@@ -94,6 +100,7 @@ class FeedWork:
             self.tasks | other.tasks,
             self.revocations or other.revocations,
             self.key_slots or other.key_slots,
+            self.audit_records or other.audit_records,
             self.federation or other.federation,
         )
 
@@ -113,6 +120,7 @@ def plan(items: Sequence[FeedItem]) -> FeedWork:
         tasks=frozenset(keys[FEED_TASK]),
         revocations=FEED_REVOCATION in kinds,
         key_slots=FEED_KEY_SLOT in kinds,
+        audit_records=FEED_AUDIT_RECORD in kinds,
         federation=bool(kinds & {FEED_RELATIONSHIP, FEED_FOREIGN_BUNDLE}),
     )
 
@@ -179,6 +187,7 @@ class _Loaded:
     agents: dict[str, AttestedAgent | None] = field(default_factory=dict)
     tasks: Mapping[str, Task | None] = field(default_factory=dict)
     revocations: list[Revocation] | None = None
+    audit_records: list[AuditRecord] | None = None
     federation: Stored | None = None
 
 
@@ -195,6 +204,7 @@ class FeedFollower:
         clock: Clock,
         cursor: int,
         settings: FollowSettings | None = None,
+        on_audit_records: Callable[[Sequence[AuditRecord]], None] = lambda _records: None,
         federation: FollowedFederation | None = None,
     ) -> None:
         self._ds = datastore
@@ -202,6 +212,7 @@ class FeedFollower:
         self._tasks = tasks
         self._federation = federation
         self._on_key_slots_changed = on_key_slots_changed
+        self._on_audit_records = on_audit_records
         self._clock = clock
         self._cursor = cursor
         self.settings = settings or FollowSettings()
@@ -286,6 +297,8 @@ class FeedFollower:
         )
         if work.key_slots:
             await self._key_slots_changed()
+        if loaded.audit_records is not None:
+            await self._audit_records_stored(loaded.audit_records)
         await self._state.refresh_revision()
 
     def _apply_federation(self, stored: Stored | None, mark: int) -> bool:
@@ -302,6 +315,13 @@ class FeedFollower:
         except Exception:
             _log.exception("reloading key slots written by another server failed")
 
+    async def _audit_records_stored(self, records: Sequence[AuditRecord]) -> None:
+        # As for key slots: a failure is logged, and the next record (or reload) retries.
+        try:
+            await asyncio.to_thread(self._on_audit_records, records)
+        except Exception:
+            _log.exception("taking in audit checkpoints stored by another server failed")
+
     def _load(self, work: FeedWork) -> _Loaded:
         loaded = _Loaded()
         if work.entries:
@@ -316,6 +336,8 @@ class FeedFollower:
             loaded.tasks = self._tasks.reload_tasks(sorted(work.tasks))
         if work.revocations:
             loaded.revocations = self._ds.list_revocations()
+        if work.audit_records:
+            loaded.audit_records = self._ds.audit_records()
         if work.federation and self._federation is not None:
             loaded.federation = self._federation.read_stored()
         return loaded
@@ -328,7 +350,7 @@ class FeedFollower:
         )
         self._state.follow_mark()
         mark = self._federation.follow_mark() if self._federation is not None else 0
-        head, entries, agents, revocations, tasks, federation = await asyncio.to_thread(
+        head, entries, agents, revocations, tasks, records, federation = await asyncio.to_thread(
             self._load_all
         )
         skip_entries = self._state.touched(FEED_ENTRY)
@@ -349,6 +371,7 @@ class FeedFollower:
             federation=self._apply_federation(federation, mark),
         )
         await self._key_slots_changed()
+        await self._audit_records_stored(records)
         await self._state.refresh_revision()
         self._cursor = head
 
@@ -360,6 +383,7 @@ class FeedFollower:
         list[AttestedAgent],
         list[Revocation],
         Mapping[str, Task | None],
+        list[AuditRecord],
         Stored | None,
     ]:
         # The head first: whatever commits after it is read again from the feed.
@@ -370,6 +394,7 @@ class FeedFollower:
             self._ds.list_agents(),
             self._ds.list_revocations(),
             self._tasks.reload_all_tasks(),
+            self._ds.audit_records(),
             self._federation.read_stored() if self._federation is not None else None,
         )
 

@@ -128,8 +128,14 @@ class ServerState:
 
     def set_audit_checkpoint(self, record: AuditCheckpoint) -> None:
         """The newest signed checkpoint, or prune record, of the audit log, for every agent
-        (safe from any thread: the checkpointer signs in a worker thread)."""
-        self._audit_records = MappingProxyType({**self._audit_records, record.kind: record})
+        (safe from any thread: the checkpointer signs in a worker thread). One no newer than
+        the one of its kind held (a later event, or the same one signed later) is ignored:
+        records signed here and those other servers stored may arrive in any order."""
+        with self._lock:
+            held = self._audit_records.get(record.kind)
+            if held is not None and (record.seq, record.time) <= (held.seq, held.time):
+                return
+            self._audit_records = MappingProxyType({**self._audit_records, record.kind: record})
         self._record(audit_checkpoint=True)
 
     # -- reads --------------------------------------------------------------------------------

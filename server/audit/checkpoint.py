@@ -1,10 +1,11 @@
 """Signed checkpoints of the audit chain head, kept outside the audit database.
 
 A hash chain stops no one who can rewrite the whole database: they re-hash it. A checkpoint
-is the head (seq, hash, event count) at a moment, signed by a key that never enters
-the datastore, and written to a JSON-lines file an operator can ship elsewhere (and pushed to
-node agents, which keep the latest: server/node_api.py). `audit verify --anchor FILE` then
-proves the log still holds what each checkpoint names.
+is the head (seq, hash, event count) at a moment, signed by a key whose clear form never
+enters the datastore (servers sharing one keep it there sealed under the key-encryption key
+only: CheckpointSigner.load_shared), and written to a JSON-lines file an operator can ship
+elsewhere (and pushed to node agents, which keep the latest: server/node_api.py). `audit
+verify --anchor FILE` then proves the log still holds what each checkpoint names.
 
 The line format, its signature and its parser are svid's AuditCheckpoint
 (svid/_audit_checkpoint.py), shared with the agents. Trust in the key comes from elsewhere:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +33,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from server.audit.errors import AuditError
 from server.audit.verify import Anchor
 from server.ca.keys import EC_P256, KeyStore, generate_key, spki_der
+from server.ca.sealing import KeyEncryptionKey
+from server.datastore.base import AuditCheckpointStore
+from server.datastore.records import SealedAuditKey
 from svid import AuditCheckpoint, AuditCheckpointError
 from svid._audit_checkpoint import CHECKPOINT, PRUNE, key_id_of, signed_bytes
 from svid._clock import format_utc
 
+_log = logging.getLogger("svid.server.audit")
 KEY_SLOT = "checkpoint"
+# The sealed key's binding (server/ca/sealing.py): a sealed CA key cannot pass for it.
+SEALED_SLOT = "audit-checkpoint"
+SEALED_KIND = "audit"
 # Next to the datastore in the data dir, never inside it.
 KEY_DIR = "audit-key"
 PUBLIC_KEY_FILE = "audit-checkpoint-key.pub.pem"
@@ -101,14 +110,53 @@ class CheckpointSigner:
     def load_or_create(cls, data_dir: Path) -> CheckpointSigner:
         """The data dir's checkpoint key, made at first start; its public key is (re)published
         as PUBLIC_KEY_FILE so an operator can copy it off the host and pin it."""
-        store = KeyStore(data_dir / KEY_DIR)
-        if store.exists(KEY_SLOT):
-            key = store.load(KEY_SLOT)
-        else:
-            key = generate_key(EC_P256)
-            store.save(KEY_SLOT, key)
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-            raise CheckpointError("the audit checkpoint key is not an ECDSA P-256 key")
+        signer = cls(_local_key(KeyStore(data_dir / KEY_DIR)))
+        signer._publish(data_dir / PUBLIC_KEY_FILE)
+        return signer
+
+    @classmethod
+    def load_shared(
+        cls, data_dir: Path, store: AuditCheckpointStore, kek: KeyEncryptionKey, now: int
+    ) -> CheckpointSigner:
+        """The trust domain's checkpoint key, for servers sharing one datastore (each with its
+        own data dir) and one key-encryption key: one key signs every checkpoint and prune
+        record whichever server holds the housekeeping lease, so an agent that moves to another
+        server, and an operator on any server, check them all against one pinned key.
+
+        The first server to start offers its data dir's key, sealed under the KEK (the
+        datastore holds it encrypted only: whoever can write the database cannot sign); every
+        other server adopts the stored one, keeps it as its data dir's key (its own is kept
+        aside as `checkpoint-replaced-<id>`) and publishes its public key. Lines its old key
+        signed still verify on their own, under the key they carry.
+        """
+        keys = KeyStore(data_dir / KEY_DIR)
+        fresh = not keys.exists(KEY_SLOT)
+        local = _local_key(keys)
+        der = spki_der(local.public_key())
+        key_id = key_id_of(der)
+        sealed = kek.seal(local, SEALED_SLOT, SEALED_KIND, key_id)
+        stored = store.offer_audit_key(SealedAuditKey(key_id, der, sealed, now))
+        key = local
+        if stored.key_id != key_id:
+            if key_id_of(stored.public_der) != stored.key_id:
+                raise CheckpointError(
+                    "the datastore's audit checkpoint key does not match its key id"
+                )
+            opened = kek.unseal(
+                stored.sealed_key, SEALED_SLOT, SEALED_KIND, stored.key_id, stored.public_der
+            )
+            if not isinstance(opened, ec.EllipticCurvePrivateKey):
+                raise CheckpointError("the datastore's audit checkpoint key is not an EC key")
+            key = _p256(opened)
+            if not fresh:
+                # It may have signed checkpoints an operator pinned: never lose it.
+                keys.save(f"{KEY_SLOT}-replaced-{key_id[:16]}", local)
+                _log.warning(
+                    "adopted the trust domain's audit checkpoint key from the datastore; this "
+                    "server's own key is kept aside",
+                    extra={"key_id": stored.key_id[:16], "replaced_key_id": key_id[:16]},
+                )
+            keys.save(KEY_SLOT, key)
         signer = cls(key)
         signer._publish(data_dir / PUBLIC_KEY_FILE)
         return signer
@@ -150,6 +198,24 @@ class CheckpointSigner:
             os.replace(tmp, path)
         except OSError as e:
             raise CheckpointError(f"cannot publish the checkpoint public key: {e}") from None
+
+
+def _local_key(keys: KeyStore) -> ec.EllipticCurvePrivateKey:
+    """The data dir's checkpoint key, made when there is none."""
+    if keys.exists(KEY_SLOT):
+        key = keys.load(KEY_SLOT)
+    else:
+        key = generate_key(EC_P256)
+        keys.save(KEY_SLOT, key)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CheckpointError("the audit checkpoint key is not an ECDSA P-256 key")
+    return _p256(key)
+
+
+def _p256(key: ec.EllipticCurvePrivateKey) -> ec.EllipticCurvePrivateKey:
+    if key.curve.name != "secp256r1":
+        raise CheckpointError("the audit checkpoint key is not an ECDSA P-256 key")
+    return key
 
 
 class CheckpointFile:

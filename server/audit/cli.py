@@ -1,13 +1,13 @@
 """`svid-server audit verify | export | checkpoint | prune`.
 
 `verify` and `export` read the datastore file directly (they work with the server stopped, and
-never change it); `checkpoint` asks the running server over its admin socket. `prune` opens the
-datastore itself too, with the server running or stopped: SQLite serialises it with the
-server's writes, it never touches the head the server appends after, and it signs its prune
-record with the data dir's checkpoint key, so it runs as the server's user like every
-operator command that can change the log. No admin RPC: the server prunes on its own schedule,
-and an operator's one-off prune (a backlog before a first start with retention, a --before
-after an export) should not need a server up.
+never change it; `verify` reads a PostgreSQL datastore too, in one snapshot); `checkpoint` asks
+the running server over its admin socket. `prune` opens the datastore itself too, with the
+server running or stopped: SQLite serialises it with the server's writes, it never touches the
+head the server appends after, and it signs its prune record with the data dir's checkpoint
+key, so it runs as the server's user like every operator command that can change the log. No
+admin RPC: the server prunes on its own schedule, and an operator's one-off prune (a backlog
+before a first start with retention, a --before after an export) should not need a server up.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from server.audit.errors import AuditError
+from server.datastore.base import AuditStore
 from server.errors import CliError
 from svid._clock import parse_utc
 
@@ -47,6 +48,13 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
             "(or an older version's <data_dir>/audit.db the server has not imported yet)",
         )
     verify = audit.choices["verify"]
+    verify.add_argument(
+        "--datastore",
+        default=None,
+        metavar="URL",
+        help="a postgresql:// URL: verify the log in that database (default: the config's "
+        "`datastore` when it is one; several servers share it, any of them may verify)",
+    )
     verify.add_argument(
         "--anchor",
         default=None,
@@ -129,7 +137,10 @@ def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
             ok=False, checked=0, head=None, problem=Break.BAD_ANCHOR, detail=str(e)
         )
     else:
-        store = SqliteAuditStore(_audit_db(args, config))
+        dsn = _postgres_dsn(args, config)
+        store: AuditStore = (
+            SqliteAuditStore(_audit_db(args, config)) if dsn is None else _open_postgres(dsn)
+        )
         try:
             result = verify_store(store, anchors)
         finally:
@@ -140,6 +151,37 @@ def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
         raise CliError(str(result))
     if getattr(args, "output", "text") != "json":
         print(str(result) + (f" (checkpoints signed by {note})" if note else ""))
+
+
+def _postgres_dsn(
+    args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]
+) -> str | None:
+    """The PostgreSQL datastore to verify: --datastore, else the config's, unless --audit-db
+    names a file."""
+    from server.datastore.postgres_dsn import is_postgres_dsn  # noqa: PLC0415
+
+    given = getattr(args, "datastore", None)
+    if given is not None:
+        if not is_postgres_dsn(given):
+            raise CliError("--datastore: a postgresql:// URL (a SQLite file: --audit-db)")
+        return str(given)
+    configured = str(config(args).get("datastore") or "")
+    if args.audit_db is None and is_postgres_dsn(configured):
+        return configured
+    return None
+
+
+def _open_postgres(dsn: str) -> AuditStore:
+    from server.datastore.errors import StorageError  # noqa: PLC0415
+    from server.datastore.postgres import PostgresDataStore  # noqa: PLC0415
+    from svid._clock import SystemClock  # noqa: PLC0415
+
+    try:
+        # One connection: a verify reads one snapshot. Opening applies no migration to a
+        # schema that is up to date (the servers' own).
+        return PostgresDataStore(dsn, SystemClock(), min_connections=1, max_connections=1)
+    except StorageError as e:
+        raise CliError(f"audit verify: {e}") from None
 
 
 def _anchors(anchor: str | None, key_file: Path | None) -> tuple[list[Any], str]:

@@ -167,6 +167,9 @@ class AuditLog:
         self._next_seq = 1 if head is None else head.seq + 1
         self._head_hash = GENESIS_HASH if head is None else head.hash
         self._committed = head
+        # Bumped whenever _committed is taken from the store rather than from a commit of
+        # this process (see `adopted`).
+        self._adopted = 0
 
     @property
     def store(self) -> AuditStore:
@@ -190,6 +193,14 @@ class AuditLog:
         event this process committed before it.
         """
         return self._committed
+
+    @property
+    def adopted(self) -> int:
+        """How many times the committed head was taken from the store (another writer's head
+        found on a write, or the store's after a failed one). While it stays put, every event
+        from one committed head to the next was sealed and committed by this process: a
+        checkpointer may sign those without reading them back."""
+        return self._adopted
 
     def append(self, kind: str, **fields_: Any) -> AuditEvent:
         """Record one event (fields of EventDraft); durable when this returns."""
@@ -443,6 +454,7 @@ class AuditLog:
             self._head_hash = GENESIS_HASH if stored is None else stored.hash
             # Committed, by another writer, and seen inside this process's own transaction.
             self._committed = stored
+            self._adopted += 1
             batch: list[tuple[Any, ...]] = []
             for t in tickets:
                 if t.drafts:
@@ -471,6 +483,7 @@ class AuditLog:
             self._next_seq = 1 if head is None else head.seq + 1
             self._head_hash = GENESIS_HASH if head is None else head.hash
             self._committed = head
+            self._adopted += 1
         for t in voided:
             t.fail(error)
 

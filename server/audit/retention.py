@@ -133,6 +133,15 @@ class Pruner:
         """Remove what `cut` (default: the policy, now) names, up to the committed head."""
         with self._lock:
             head = self._audit.committed_head()
+            # With several servers on one chain most events come through the others: up to
+            # the head the checkpointer last verified and signed, if that is further.
+            signed = self._checkpointer.last
+            if (
+                signed is not None
+                and signed.key_id == self._checkpointer.key_id
+                and (head is None or signed.seq > head.seq)
+            ):
+                head = Head(signed.seq, signed.hash)
             base = self._store.audit_base()
             if head is None:
                 return PruneReport(0, base)

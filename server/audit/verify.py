@@ -28,7 +28,7 @@ or that the server recorded every event it should have (only that what it record
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -277,6 +277,76 @@ def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> 
         base_anchor=cover,
         pruned_anchors=sum(1 for a in anchors if a.seq <= base_seq and not a.pruned),
     )
+
+
+def verify_segment(start: Head, rows: Iterable[dict[str, Any]], head: Head) -> VerifyResult:
+    """Whether the stored chain runs from `start` (a (seq, hash) signed earlier) to `head`:
+    `rows` are the events after start.seq through head.seq, in seq order; each must hash to
+    its stored hash, follow the one before without a gap and name its hash, the first naming
+    `start`'s; the last must be `head`. What a checkpointer checks before it signs a head other
+    writers moved: a history rewritten at or before `start` no longer chains from it.
+    """
+    if head.seq < start.seq:
+        return _broken(
+            0,
+            head.seq,
+            None,
+            Break.TRUNCATED,
+            f"the stored head is seq {head.seq}, behind the last signed seq {start.seq}",
+        )
+    prev_hash, expected_seq, checked = start.hash, start.seq + 1, 0
+    for row in rows:
+        seq, event_id = row.get("seq"), row.get("event_id")
+        try:
+            event = event_from_row(row)
+        except (AuditError, ValueError, TypeError) as e:
+            return _broken(checked, seq, event_id, Break.UNREADABLE, str(e))
+        if event.compute_hash() != event.hash:
+            return _broken(
+                checked, seq, event_id, Break.EDITED, "content does not match the stored hash"
+            )
+        if event.seq != expected_seq:
+            return _broken(
+                checked,
+                seq,
+                event_id,
+                Break.DELETED if event.seq > expected_seq else Break.RELINKED,
+                f"seq {event.seq} where seq {expected_seq} should follow",
+            )
+        if event.prev_hash != prev_hash:
+            return _broken(
+                checked,
+                seq,
+                event_id,
+                Break.RELINKED,
+                f"prev_hash does not name event {expected_seq - 1}"
+                + (" as signed" if expected_seq == start.seq + 1 else "")
+                + ": the chain was rewritten",
+            )
+        prev_hash = event.hash
+        expected_seq += 1
+        checked += 1
+        if event.seq == head.seq:
+            break
+    if expected_seq - 1 != head.seq:
+        return _broken(
+            checked,
+            expected_seq,
+            None,
+            Break.TRUNCATED,
+            f"the stored head is seq {head.seq} but the events end at seq {expected_seq - 1}",
+        )
+    if prev_hash != head.hash:
+        return _broken(
+            checked,
+            head.seq,
+            None,
+            Break.HEAD_MISMATCH,
+            "the head row does not name the last event"
+            if checked
+            else f"the stored head gives seq {head.seq} another hash than the one signed",
+        )
+    return VerifyResult(ok=True, checked=checked, head=head)
 
 
 def _base_cover(

@@ -22,6 +22,7 @@ from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     AttestedAgent,
     AuditMark,
+    AuditRecord,
     AuditRow,
     AuditSnapshot,
     Credential,
@@ -34,6 +35,7 @@ from server.datastore.records import (
     JoinToken,
     KeySlot,
     Revocation,
+    SealedAuditKey,
     TaskCursor,
     TaskRecord,
     TokenUse,
@@ -336,6 +338,32 @@ class AuditRetentionStore(Protocol):
         ...
 
 
+class AuditCheckpointStore(Protocol):
+    """What the servers sharing this datastore share of the audit checkpoints
+    (server/audit/checkpointer.py): the newest signed checkpoint and prune record, the key that
+    signs them (sealed), and the chain's rows after a point, which the signer verifies before
+    it signs a head other servers wrote."""
+
+    def save_audit_record(self, record: AuditRecord) -> bool:
+        """Keep `record` as the newest of its kind, in one atomic step, unless the one stored
+        is as new (a higher seq, or the same seq signed at the same time or later): True when
+        kept, and then a feed row (FEED_AUDIT_RECORD, key: the kind) is written with it."""
+        ...
+
+    def audit_records(self) -> list[AuditRecord]:
+        """The newest record of each kind, as stored (not verified), oldest signed first."""
+        ...
+
+    def offer_audit_key(self, key: SealedAuditKey) -> SealedAuditKey:
+        """Store `key` as the trust domain's checkpoint key unless one is stored already;
+        returns the one stored (of several concurrent offers exactly one stands)."""
+        ...
+
+    def audit_rows_after(self, after: int, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` raw audit rows with seq > `after`, in seq order (as audit_rows)."""
+        ...
+
+
 class ChangeFeed(Protocol):
     """What changed, for the servers sharing this datastore (server/replication.py).
 
@@ -436,6 +464,7 @@ class DataStore(
     CredentialStore,
     AuditStore,
     AuditRetentionStore,
+    AuditCheckpointStore,
     AssertionReplayStore,
     Protocol,
 ):

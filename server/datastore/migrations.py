@@ -279,6 +279,28 @@ def _federation(execute: Execute) -> None:
     execute("ALTER TABLE entries ADD COLUMN federates_with TEXT NOT NULL DEFAULT '[]'")
 
 
+def _audit_records(execute: Execute) -> None:
+    """Audit checkpoints shared by the servers on one datastore (server/audit/checkpointer.py):
+    the newest signed checkpoint and prune record, one row per kind, each written with a feed
+    row so every server pushes it to its agents; and the one key that signs them, sealed under
+    the key-encryption key (one row, inserted once: the first server's key stands)."""
+    execute("""
+        CREATE TABLE audit_records (
+            kind TEXT PRIMARY KEY,
+            seq BIGINT NOT NULL,
+            signed_at DOUBLE PRECISION NOT NULL,
+            line TEXT NOT NULL
+        )""")
+    execute("""
+        CREATE TABLE audit_signing_key (
+            id SMALLINT PRIMARY KEY CHECK (id = 1),
+            key_id TEXT NOT NULL,
+            public_der BLOB NOT NULL,
+            sealed_key BLOB NOT NULL,
+            created_at BIGINT NOT NULL
+        )""")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
@@ -288,6 +310,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "shared keys: sealed key slots and leases", _shared_keys),
     Migration(7, "oauth: replayed assertion jtis", _oauth_jtis),
     Migration(8, "federation: relationships, foreign bundles, entries federate with", _federation),
+    Migration(9, "audit checkpoints shared: records and the signing key", _audit_records),
 )
 
 

@@ -61,6 +61,7 @@ from server.datastore.migrations import (
     MIGRATIONS,
     postgres_migrations,
 )
+from server.datastore.postgres_checkpoints import PostgresCheckpoints
 from server.datastore.postgres_dsn import redact_dsn, scrub
 from server.datastore.postgres_federation import PostgresFederation
 from server.datastore.postgres_ledger import PostgresLedger
@@ -110,7 +111,7 @@ FEED_WAIT_SLICE = 0.25
 _RETRY = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
 
-class PostgresDataStore(PostgresLedger, PostgresFederation):
+class PostgresDataStore(PostgresLedger, PostgresFederation, PostgresCheckpoints):
     """`DataStore` on one PostgreSQL database (the DSN's search_path picks the schema). Build
     once per process; `close()` at shutdown."""
 

@@ -179,6 +179,7 @@ FEED_AGENT = "agent"  # key: the agent's SPIFFE ID
 FEED_REVOCATION = "revocation"  # key: "<kind>:<value>"
 FEED_KEY_SLOT = "key_slot"  # key: the slot's id
 FEED_TASK = "task"  # key: the task's id
+FEED_AUDIT_RECORD = "audit_record"  # key: the record's kind ("checkpoint" or "prune")
 FEED_RELATIONSHIP = "federation_relationship"  # key: the foreign trust domain
 FEED_FOREIGN_BUNDLE = "foreign_bundle"  # key: the foreign trust domain
 FEED_KINDS = (
@@ -187,6 +188,7 @@ FEED_KINDS = (
     FEED_REVOCATION,
     FEED_KEY_SLOT,
     FEED_TASK,
+    FEED_AUDIT_RECORD,
     FEED_RELATIONSHIP,
     FEED_FOREIGN_BUNDLE,
 )
@@ -308,3 +310,27 @@ class AuditSnapshot:
     rows: Callable[[], Iterator[dict[str, Any]]]
     # Where the chain starts after retention pruned older events (None: from genesis).
     base: Head | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """A signed audit checkpoint or prune record as shared through the datastore: its kind,
+    seq and signing time (what decides which is newer), and its line as signed
+    (svid._audit_checkpoint). Stored as given: a reader checks the signature."""
+
+    kind: str
+    seq: int
+    signed_at: float
+    line: str
+
+
+@dataclass(frozen=True, slots=True)
+class SealedAuditKey:
+    """The trust domain's audit checkpoint key: its id (sha256 of the public key's DER), the
+    public key (DER SubjectPublicKeyInfo) and the private key sealed under the key-encryption
+    key (server/ca/sealing.py)."""
+
+    key_id: str
+    public_der: bytes
+    sealed_key: bytes
+    created_at: int

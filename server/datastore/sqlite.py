@@ -58,6 +58,7 @@ from server.datastore.records import (
     TokenUse,
     revocation_needed_from,
 )
+from server.datastore.sqlite_checkpoints import SqliteCheckpoints
 from server.datastore.sqlite_federation import SqliteFederation
 from server.datastore.sqlite_ledger import SqliteLedger
 from svid._clock import Clock
@@ -193,7 +194,7 @@ def _create_private_file(path: Path) -> None:
         os.close(fd)
 
 
-class SqliteDataStore(SqliteLedger, SqliteFederation):
+class SqliteDataStore(SqliteLedger, SqliteFederation, SqliteCheckpoints):
     """`DataStore` on one SQLite file. Build once per process; `close()` at shutdown."""
 
     def __init__(self, path: Path, clock: Clock) -> None:

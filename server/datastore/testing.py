@@ -21,6 +21,7 @@ from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     AttestedAgent,
     AuditMark,
+    AuditRecord,
     AuditRow,
     AuditSnapshot,
     Credential,
@@ -33,6 +34,7 @@ from server.datastore.records import (
     JoinToken,
     KeySlot,
     Revocation,
+    SealedAuditKey,
     TaskCursor,
     TaskRecord,
     TokenUse,
@@ -294,6 +296,22 @@ class FaultInjectingDataStore:
     def audit_snapshot(self) -> AbstractContextManager[AuditSnapshot]:
         self._enter("audit_snapshot")
         return self.inner.audit_snapshot()
+
+    def save_audit_record(self, record: AuditRecord) -> bool:
+        self._enter("save_audit_record")
+        return self.inner.save_audit_record(record)
+
+    def audit_records(self) -> list[AuditRecord]:
+        self._enter("audit_records")
+        return self.inner.audit_records()
+
+    def offer_audit_key(self, key: SealedAuditKey) -> SealedAuditKey:
+        self._enter("offer_audit_key")
+        return self.inner.offer_audit_key(key)
+
+    def audit_rows_after(self, after: int, limit: int) -> list[dict[str, Any]]:
+        self._enter("audit_rows_after")
+        return self.inner.audit_rows_after(after, limit)
 
     def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
         self._enter("claim_jtis")

@@ -108,11 +108,16 @@ def test_the_checkpoint_key_lives_in_its_own_private_file(setup: Setup) -> None:
     again = CheckpointSigner.load_or_create(setup.data_dir)
     key_id, _ = load_public_key(public)
     assert again.key_id == key_id
-    # Nothing of it in the database that holds the log: no table for it, no key slot.
+    # Nothing of it in the database that holds the log: no key slot, and (without a
+    # key-encryption key to seal it under) no shared checkpoint key either.
     db = sqlite3.connect(setup.db)
     tables = {t[0] for t in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert not {t for t in tables if "checkpoint" in t or "key" in t} - {"key_slots"}
+    assert not {t for t in tables if "checkpoint" in t or "key" in t} - {
+        "key_slots",
+        "audit_signing_key",
+    }
     assert db.execute("SELECT COUNT(*) FROM key_slots").fetchone() == (0,)
+    assert db.execute("SELECT COUNT(*) FROM audit_signing_key").fetchone() == (0,)
 
 
 def test_a_checkpoint_names_the_committed_head_and_is_signed(

@@ -37,10 +37,12 @@ from server.datastore.records import (
     AUDIT_COLUMNS,
     HTTPS_SPIFFE,
     HTTPS_WEB,
+    AuditRecord,
     EventFilter,
     FederationRelationship,
     ForeignBundle,
     Head,
+    SealedAuditKey,
     TaskCursor,
     TokenUse,
 )
@@ -764,6 +766,61 @@ def test_feed_revisions_commit_in_order_across_connections(open_store: Opener) -
     assert [i.revision for i in reader.feed_since(0, 1000)] == list(range(1, 81))
     assert len(seen) > 1
     assert all(revisions == list(range(1, len(revisions) + 1)) for revisions in seen)
+
+
+# -- shared audit checkpoints -------------------------------------------------------------------
+
+
+def test_the_newest_audit_record_of_each_kind_stands_and_is_fed(open_store: Opener) -> None:
+    store = open_store()
+    first = AuditRecord("checkpoint", 5, NOW + 1.5, "line-5")
+    assert store.save_audit_record(first)
+    assert not store.save_audit_record(AuditRecord("checkpoint", 4, NOW + 9.0, "line-4"))
+    assert not store.save_audit_record(first)  # the same one again: nothing new
+    same_later = AuditRecord("checkpoint", 5, NOW + 2.5, "line-5-later")
+    assert store.save_audit_record(same_later)
+    prune = AuditRecord("prune", 3, NOW + 3.0, "prune-3")
+    assert store.save_audit_record(prune)
+    assert store.audit_records() == [same_later, prune]  # oldest signed first
+    # A feed row for each one kept, none for those refused.
+    assert _feed(store) == [("audit_record", "checkpoint")] * 2 + [("audit_record", "prune")]
+    newer = AuditRecord("checkpoint", 9, NOW + 4.0, "line-9")
+    assert store.save_audit_record(newer)
+    assert open_store().audit_records() == [prune, newer]  # after a restart too
+
+
+def test_the_first_audit_key_offered_stands(open_store: Opener) -> None:
+    store = open_store()
+    first = SealedAuditKey("k1", b"public-1", b"sealed-1", NOW)
+    assert store.offer_audit_key(first) == first
+    assert store.offer_audit_key(SealedAuditKey("k2", b"public-2", b"sealed-2", NOW + 1)) == first
+    assert open_store().offer_audit_key(SealedAuditKey("k3", b"p", b"s", NOW)) == first
+
+
+def test_concurrent_audit_key_offers_agree_on_one(open_store: Opener) -> None:
+    stores = [open_store() for _ in range(4)]
+    got: list[SealedAuditKey] = []
+    barrier = threading.Barrier(len(stores))
+
+    def offer(n: int) -> None:
+        barrier.wait()
+        got.append(stores[n].offer_audit_key(SealedAuditKey(f"k{n}", b"p", b"s", NOW)))
+
+    threads = [threading.Thread(target=offer, args=(n,)) for n in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == len(stores)
+    assert len(set(got)) == 1
+
+
+def test_audit_rows_after_a_seq_page_in_seq_order(store: DataStore) -> None:
+    rows = audit_rows(1, 7)
+    store.write_ledger([], rows)
+    assert [tuple(r.values()) for r in store.audit_rows_after(2, 3)] == rows[2:5]
+    assert [r["seq"] for r in store.audit_rows_after(5, 100)] == [6, 7]
+    assert store.audit_rows_after(7, 100) == []
 
 
 def test_federation_relationships_round_trip(store: DataStore) -> None:

@@ -83,6 +83,13 @@ def test_plan_reloads_each_named_row_once() -> None:
     assert (FeedWork() | FeedWork(federation=True)).federation
 
 
+def test_plan_hands_over_stored_audit_records() -> None:
+    work = plan([FeedItem(1, NOW, "audit_record", "checkpoint")])
+    assert work == FeedWork(audit_records=True)
+    assert work
+    assert (FeedWork() | work).audit_records
+
+
 @pytest.mark.parametrize(
     ("cursor", "head", "first", "pruned"),
     [
