@@ -70,7 +70,10 @@ class Cluster:
         """The name of the server `agent`'s Sync stream is up on (waits for one)."""
         deadline = time.monotonic() + timeout
         while True:
-            address = synced_on(agent)
+            try:
+                address = synced_on(agent)
+            except (OSError, ValueError):  # its runtime file or metrics listener not there yet
+                address = ""
             if address:
                 return self.name_at(address)
             if time.monotonic() > deadline:
