@@ -22,6 +22,7 @@ from typing import Any
 from server.audit.errors import AuditError
 from server.datastore import sqlite_audit
 from server.datastore.base import AuditStore
+from server.datastore.chain import Resealer
 from server.datastore.errors import StorageError
 from server.datastore.records import (
     AUDIT_TABLES,
@@ -62,7 +63,10 @@ class SqliteAuditStore:
         return self._path
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        reseal: Resealer | None = None,
     ) -> None:
         raise AuditError(f"audit database {self._path} is open read-only")
 

@@ -16,7 +16,7 @@ import psycopg
 
 from server.datastore import ledger_queries as lq
 from server.datastore import postgres_sql as ps
-from server.datastore.chain import check_follows
+from server.datastore.chain import Resealer, rows_to_write
 from server.datastore.errors import StorageError
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
@@ -119,7 +119,10 @@ class PostgresLedger:
     # -- credentials ----------------------------------------------------------------------------
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        reseal: Resealer | None = None,
     ) -> None:
         if not credentials and not audit_rows:
             return
@@ -132,13 +135,12 @@ class PostgresLedger:
             if audit_rows:
                 cur.execute(ps.LOCK_AUDIT_APPEND)
                 row = cur.execute(lq.SELECT_AUDIT_HEAD).fetchone()
-                check_follows(
-                    None if row is None else Head(int(row[0]), str(row[1])), audit_rows[0]
-                )
+                stored = None if row is None else Head(int(row[0]), str(row[1]))
+                rows = rows_to_write(stored, audit_rows, reseal)
                 with cur.copy(ps.COPY_AUDIT_EVENTS) as copy:
-                    for row in audit_rows:
+                    for row in rows:
                         copy.write_row(row)
-                last = audit_rows[-1]
+                last = rows[-1]
                 cur.execute(pg(lq.UPSERT_AUDIT_HEAD), {"seq": last[0], "hash": last[-1]})
 
         what = (

@@ -17,7 +17,7 @@ import sqlite_utils
 
 from server.datastore import ledger_queries as lq
 from server.datastore import sqlite_audit
-from server.datastore.chain import check_follows
+from server.datastore.chain import Resealer, rows_to_write
 from server.datastore.errors import StorageError
 from server.datastore.records import (
     FEED_TASK,
@@ -142,7 +142,10 @@ class SqliteLedger:
     # -- credentials ----------------------------------------------------------------------------
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        reseal: Resealer | None = None,
     ) -> None:
         if not credentials and not audit_rows:
             return
@@ -151,7 +154,8 @@ class SqliteLedger:
                 if audit_rows:
                     # Under the write lock BEGIN IMMEDIATE took: no other writer can move the
                     # head between this read and the commit.
-                    check_follows(sqlite_audit.read_head(db.conn), audit_rows[0])
+                    stored = sqlite_audit.read_head(db.conn)
+                    audit_rows = rows_to_write(stored, audit_rows, reseal)
                 # Multi-row statements: see insert_many for why not executemany.
                 sqlite_audit.insert_many(db.conn, lq.CREDENTIALS_INTO, credentials)
                 if audit_rows:

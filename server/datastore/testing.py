@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.datastore.base import DataStore, JtiClaim
+from server.datastore.chain import Resealer
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     AttestedAgent,
@@ -256,10 +257,13 @@ class FaultInjectingDataStore:
         return self.inner.prune_credentials(now)
 
     def write_ledger(
-        self, credentials: Sequence[Credential], audit_rows: Sequence[AuditRow]
+        self,
+        credentials: Sequence[Credential],
+        audit_rows: Sequence[AuditRow],
+        reseal: Resealer | None = None,
     ) -> None:
         self._enter("write_ledger")
-        self.inner.write_ledger(credentials, audit_rows)
+        self.inner.write_ledger(credentials, audit_rows, reseal)
 
     def audit_head(self) -> Head | None:
         self._enter("audit_head")

@@ -230,10 +230,10 @@ def test_a_jwt_batch_reply_waits_for_its_commit(
     real = datastore.write_ledger
     entered, gate = threading.Event(), threading.Event()
 
-    def held(credentials: Any, audit_rows: Any) -> None:
+    def held(credentials: Any, audit_rows: Any, reseal: Any = None) -> None:
         entered.set()
         gate.wait(20)
-        real(credentials, audit_rows)
+        real(credentials, audit_rows, reseal)
 
     monkeypatch.setattr(datastore, "write_ledger", held)
     reply = stub.BatchNewJWTSVID.future(batch, timeout=30)
