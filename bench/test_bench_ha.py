@@ -350,7 +350,7 @@ def test_kill_9_of_one_of_three_servers_under_load(
         for watch in watches:
             watch.stop.set()
         c.servers[dead].start()
-    lost = set(writer.acknowledged) - c.entry_ids_in_database()
+    lost = set(writer.acknowledged) - c.spiffe_ids_in_database()
     gaps = [g for w in watches for g in w.gaps]
     checks = sum(w.checks + w.jwt_checks for w in watches)
     table.add(

@@ -157,7 +157,7 @@ def test_three_servers_on_postgresql_survive_a_kill_9_and_a_cut_database(
             for watch in watches:
                 watch.stop.set()
 
-        lost = set(writer.acknowledged) - c.entry_ids_in_database()
+        lost = set(writer.acknowledged) - c.spiffe_ids_in_database()
         print(
             f"writes: {len(writer.acknowledged)} acknowledged, {len(writer.failures)} refused; "
             f"issuance: {[(n, load.issued, len(load.errors)) for n, load in loads.items()]}; "
