@@ -149,6 +149,7 @@ def test_three_servers_on_postgresql_survive_a_kill_9_and_a_cut_database(
                 PUSH_GOAL,
                 f"an entry written through {other} on the stream of a workload of {cut}'s agent",
             )
+            assert c.home(agents[0]) == cut  # its Sync stream outlived the cut
             time.sleep(1)
         finally:
             writer.stop()
