@@ -137,6 +137,19 @@ class Snapshot:
             out[self.bundle.trust_domain] = self.bundle
         return out
 
+    def federated_for(self, entries: Iterable[Entry]) -> dict[str, TrustBundle]:
+        """The foreign bundles `entries` federate with (those the agent has): a workload sees
+        no other."""
+        wanted = {td for entry in entries for td in entry.federates_with}
+        return {td: b for td, b in self.federated.items() if td in wanted}
+
+    def bundles_for(self, entries: Iterable[Entry]) -> dict[str, TrustBundle]:
+        """Ours plus the foreign bundles `entries` federate with."""
+        out = self.federated_for(entries)
+        if self.bundle is not None:
+            out[self.bundle.trust_domain] = self.bundle
+        return out
+
 
 EntryListener = Callable[[Sequence[Entry], Sequence[str]], None]
 SvidListener = Callable[[Sequence[str]], None]
@@ -287,8 +300,9 @@ class Cache:
         if delta.bundle is not None and delta.bundle != self._bundle:
             self._bundle = delta.bundle
             shared = True
-        if delta.federated:
-            self._federated = {**self._federated, **delta.federated}
+        # Foreign bundles come whole with every bundle change: the set replaces ours.
+        if delta.bundle is not None and dict(delta.federated) != self._federated:
+            self._federated = dict(delta.federated)
             shared = True
         if delta.revocations_added or delta.revocations_removed:
             expiry = dict(self._revocation_expiry)

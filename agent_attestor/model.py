@@ -43,6 +43,8 @@ class Entry:
     created_at: int = 0
     revision: int = 0
     expires_at: int = 0
+    # Foreign trust domain names whose bundles this entry's workloads are given.
+    federates_with: tuple[str, ...] = ()
 
     def matches(self, caller_selectors: frozenset[Selector]) -> bool:
         """A caller gets this entry when every one of its selectors is among the caller's."""
@@ -61,6 +63,7 @@ class Entry:
             created_at=msg.created_at,
             revision=msg.revision,
             expires_at=msg.expires_at,
+            federates_with=tuple(msg.federates_with),
         )
 
     def to_proto(self) -> common_pb2.Entry:
@@ -77,6 +80,7 @@ class Entry:
             created_at=self.created_at,
             revision=self.revision,
             expires_at=self.expires_at,
+            federates_with=list(self.federates_with),
         )
 
     @property

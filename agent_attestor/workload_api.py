@@ -166,7 +166,10 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         return workload_pb2.X509SVIDResponse(
             svids=svids,
             crl=list(snap.crl),
-            federated_bundles={_td_key(td): b.x509_der for td, b in snap.federated.items()},
+            federated_bundles={
+                _td_key(td): b.x509_der
+                for td, b in snap.federated_for(i.entry for i in ids).items()
+            },
         )
 
     async def _await_first(
@@ -239,7 +242,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         self,
         context: grpc.aio.ServicerContext,
         method: str,
-        build: Callable[[Snapshot], _Msg],
+        build: Callable[[Snapshot, list[Entry]], _Msg],
     ) -> AsyncIterator[_Msg]:
         """A bundle stream: the first message at once, then one whenever what `build` makes of
         the cache changes; ended with PERMISSION_DENIED once the caller holds no identity."""
@@ -255,7 +258,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 await self._not_refused(context, snap)
                 if not watch.entry_ids:
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
-                msg = build(snap)
+                msg = build(snap, snap.entries_for(caller.selectors))
                 if msg != sent:
                     yield msg
                     sent = msg
@@ -266,10 +269,10 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     async def FetchX509Bundles(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.X509BundlesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
-        def build(snap: Snapshot) -> workload_pb2.X509BundlesResponse:
+        def build(snap: Snapshot, entries: list[Entry]) -> workload_pb2.X509BundlesResponse:
             return workload_pb2.X509BundlesResponse(
                 crl=list(snap.crl),
-                bundles={_td_key(td): b.x509_der for td, b in snap.all_bundles().items()},
+                bundles={_td_key(td): b.x509_der for td, b in snap.bundles_for(entries).items()},
             )
 
         # grpc.aio streams from async generator methods only: re-yield.
@@ -355,9 +358,10 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     ) -> AsyncIterator[workload_pb2.JWTBundlesResponse]:
         convert = self._validator.bundles.convert
 
-        def build(snap: Snapshot) -> workload_pb2.JWTBundlesResponse:
+        def build(snap: Snapshot, entries: list[Entry]) -> workload_pb2.JWTBundlesResponse:
+            bundles = snap.bundles_for(entries)
             return workload_pb2.JWTBundlesResponse(
-                bundles={_td_key(td): convert(b).to_jwks() for td, b in snap.all_bundles().items()}
+                bundles={_td_key(td): convert(b).to_jwks() for td, b in bundles.items()}
             )
 
         async for msg in self._bundle_stream(context, "FetchJWTBundles", build):
@@ -411,6 +415,13 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         except VerificationError as exc:  # ExpiredError and RevokedError included
             self._report(snap, caller, request, unverified_claims(request.svid), str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token is invalid: {exc}")
+        td = result.spiffe_id.trust_domain.name
+        if td not in snap.bundles_for(snap.entries_for(caller.selectors)):
+            # The cache holds every foreign bundle any local workload federates with; a caller
+            # whose entries do not federate with this one must not get its tokens accepted.
+            failure = f"trust domain {td} is not one this workload federates with"
+            self._report(snap, caller, request, dict(result.claims), failure)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token is invalid: {failure}")
         claims = struct_pb2.Struct()
         try:
             claims.update(dict(result.claims))

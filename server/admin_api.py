@@ -13,6 +13,7 @@ from dataclasses import replace
 import grpc
 
 from server import listing, status
+from server.admin_federation import FederationAdmin
 from server.attestation.join_token import TYPE_NAME as JOIN_TOKEN
 from server.attestation.join_token import new_join_token
 from server.audit.checkpoint import Checkpoint
@@ -22,6 +23,7 @@ from server.datastore.errors import DataStoreError
 from server.datastore.records import AttestedAgent, Entry, Selector
 from server.entitlement import EntryIndex
 from server.errors import InvalidRequestError, NotFoundError, UnavailableError
+from server.federation.service import FederationService
 from server.ids import ServerIds
 from server.metrics import Metrics
 from server.registration import (
@@ -99,7 +101,7 @@ def _selectors(messages: Sequence[common_pb2.Selector]) -> list[Selector]:
     return [Selector(s.type, s.value) for s in messages]
 
 
-class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
+class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(
         self,
         *,
@@ -111,7 +113,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         join_token_ttl: int,
         on_agent_removed: Callable[[str, str], Awaitable[None]] | None = None,
         audit_checkpoint: Callable[[], Awaitable[Checkpoint]] | None = None,
+        federation: FederationService | None = None,
     ) -> None:
+        self._federation = federation
         self._state = state
         self._datastore = datastore
         self._ids = ids

@@ -21,10 +21,9 @@ from server.attestation.base import NodeAttestor
 from server.attestation.join_token import JoinTokenAttestor
 from server.attestation.x509pop import X509PopAttestor
 from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile, CheckpointSigner
-from server.audit.checkpointer import Checkpointer
-from server.audit.retention import DAY, Pruner, RetentionPolicy
+from server.audit.retention import DAY, RetentionPolicy
 from server.ca.keys import KeyStore
-from server.ca.manager import CaConfig, CaManager
+from server.ca.manager import CaConfig, CaManager, default_holder
 from server.ca.rotator import Rotator
 from server.ca.sealing import KeyEncryptionKey
 from server.ca.workers import SigningWorkers
@@ -35,6 +34,13 @@ from server.datastore.postgres_dsn import open_postgres
 from server.datastore.sqlite import SqliteDataStore
 from server.errors import ConfigError
 from server.events import ChangeNotifier
+from server.federation.wiring import Federation
+from server.housekeeping import (
+    HOUSEKEEPING_LEASE,
+    Lease,
+    LeasedCheckpointer,
+    LeasedPruner,
+)
 from server.ids import ServerIds
 from server.issuance import AgentAdmission, Issuer, IssuerSettings, MeteredLedger
 from server.issuance.datastore_ledger import DatastoreLedger
@@ -60,6 +66,8 @@ NODE_SERVICE = "svid.node.v1.Node"
 ADMIN_SERVICE = "svid.admin.v1.Admin"
 HOUSEKEEPING_INTERVAL = 60.0
 MAX_TIMER = 10.0
+# The housekeeping lease's loop looks at the clock at least this often (renewing every ttl / 3).
+MAX_LEASE_WAIT = 1.0
 
 
 def _load_ca_file(path: Path) -> tuple[x509.Certificate, ...]:
@@ -117,6 +125,7 @@ class Server:
         self.propagator: Propagator | None = None
         self.follower: FeedFollower | None = None
         self.oauth: OAuthService | None = None
+        self.federation: Federation | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -165,23 +174,31 @@ class Server:
             server_id=str(self.ids.server),
             clock=self.clock,
         )
-        self.checkpointer = Checkpointer(
+        signer = CheckpointSigner.load_or_create(cfg.data_dir)
+        # Checkpoints and retention: one server of those sharing the datastore, the holder of
+        # this lease (server/housekeeping.py says which job runs where, and why).
+        self.housekeeping = Lease(self.datastore, HOUSEKEEPING_LEASE, default_holder(), self.clock)
+        self.housekeeping.renew()
+        self.checkpointer = LeasedCheckpointer(
             self.tasks.audit,
-            CheckpointSigner.load_or_create(cfg.data_dir),
+            signer,
             CheckpointFile(cfg.data_dir / CHECKPOINT_FILE),
             self.clock,
             cfg.audit_checkpoint_interval,
+            lease=self.housekeeping,
             # Every new checkpoint goes to every agent over Sync; they keep the latest.
             on_checkpoint=self.state.set_audit_checkpoint,
         )
-        # Anchor what this start found (a crash may have cost the shutdown checkpoint).
-        self.checkpointer.checkpoint()
-        self.pruner = Pruner(
+        if self.housekeeping.held:
+            # Anchor what this start found (a crash may have cost the shutdown checkpoint).
+            self.checkpointer.checkpoint()
+        self.pruner = LeasedPruner(
             self.datastore,
             self.tasks.audit,
             self.checkpointer,
             self.clock,
             RetentionPolicy(cfg.audit_retention_days * DAY, cfg.audit_max_events),
+            lease=self.housekeeping,
             interval=cfg.audit_prune_interval,
         )
         self.tls = ServerTls(self.ca, self.clock, cfg.server_svid_ttl)
@@ -244,6 +261,17 @@ class Server:
         self.propagator = Propagator(self.state, str(self.ids.server), self.clock)
         self.propagator.start()
         self.ca.subscribe(self._on_bundle_changed(loop))
+        self.federation = Federation.build(
+            cfg,
+            state=self.state,
+            datastore=self.datastore,
+            audit=self.tasks.audit,
+            ca=self.ca,
+            clock=self.clock,
+            # Scheduled fetches of a foreign bundle: one server per relationship (a lease).
+            holder=default_holder(),
+        )
+        await self.federation.start()
         self.follower = FeedFollower(
             datastore=self.datastore,
             state=self.state,
@@ -252,6 +280,7 @@ class Server:
             clock=self.clock,
             cursor=self._feed_cursor,
             settings=FollowSettings(cfg.feed_poll_interval, cfg.feed_retention),
+            federation=self.federation.service,
         )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # Two JWT threads per signing worker: each waits on its worker's socket or on the
@@ -317,6 +346,7 @@ class Server:
             metrics=self.metrics,
             join_token_ttl=cfg.join_token_ttl,
             audit_checkpoint=lambda: asyncio.to_thread(self.checkpointer.checkpoint, force=True),
+            federation=self.federation.service,
         )
         # Two gRPC servers: the admin service must never be reachable over the network ports.
         self._node_server = grpc.aio.server(options=self._grpc_options())
@@ -358,14 +388,21 @@ class Server:
             self._metrics_http = MetricsHttpServer(self.metrics, lambda: self._serving)
             metrics_address = self._metrics_http.start(cfg.metrics_address)
 
+        # Which of these run on every server sharing the datastore, and which on one of them
+        # (and why): the table in server/housekeeping.py.
         self._tasks = [
             asyncio.create_task(self.rotator.run(self._stop), name="ca-rotator"),
             asyncio.create_task(self._tls_loop(), name="server-svid"),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
-            asyncio.create_task(self.tasks.run(self._stop, self.clock), name="tasks"),
+            asyncio.create_task(self._lease_loop(), name="housekeeping-lease"),
+            asyncio.create_task(
+                self.tasks.run(self._stop, self.clock, settles=lambda: self.housekeeping.held),
+                name="tasks",
+            ),
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
+            asyncio.create_task(self.federation.run(self._stop), name="federation"),
             asyncio.create_task(self.follower.run(self._stop), name="change-feed"),
         ]
         if self.oauth is not None:
@@ -447,6 +484,18 @@ class Server:
             if self.follower is not None:
                 await self._guarded(self._prune_feed)
 
+    async def _lease_loop(self) -> None:
+        lease = self.housekeeping
+        while not await self._sleep(min(MAX_LEASE_WAIT, lease.next_renewal() - self.clock.now())):
+            if self.clock.now() >= lease.next_renewal():
+                await self._guarded(self._renew_lease)
+
+    async def _renew_lease(self) -> None:
+        if await asyncio.to_thread(self.housekeeping.renew):
+            # Taken over from a server that stopped renewing: anchor the head now, as a start
+            # does (the one before may have died before its last checkpoint).
+            await asyncio.to_thread(self.checkpointer.checkpoint)
+
     async def _prune_feed(self) -> None:
         if self.follower is not None:
             await self.follower.prune()
@@ -478,6 +527,8 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.oauth is not None:
             await self.oauth.stop()
+        if self.federation is not None:
+            await self.federation.stop()
         if self._metrics_http is not None:
             self._metrics_http.stop()
         for executor in (self._executor, self._jwt_executor):
@@ -486,6 +537,10 @@ class Server:
         if self._workers is not None:
             self._workers.close()
         await asyncio.to_thread(self._last_checkpoint)
+        try:
+            await asyncio.to_thread(self.housekeeping.release)  # hand it over now
+        except Exception:
+            _log.exception("releasing the housekeeping lease failed; it lapses on its own")
         try:
             await asyncio.to_thread(self.ca.close)  # hand the rotation lease over now
         except Exception:
@@ -499,7 +554,9 @@ class Server:
 
     def _last_checkpoint(self) -> None:
         """Nothing is served any more: anchor the head (every issuance was committed before
-        its reply, so the ledger holds nothing unwritten)."""
+        its reply, so the ledger holds nothing unwritten). The checkpointer's job only."""
+        if not self.housekeeping.held:
+            return
         try:
             self.checkpointer.checkpoint()
         except Exception:

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
-from server import cli_entries
+from server import cli_entries, cli_federation
 from server import cli_output as out
 from server.config import CONFIG_KEYS, DEFAULT_ADMIN_SOCKET, ServerConfig, load_config, read_toml
 from server.errors import CliError, ConfigError, ServerError
@@ -85,7 +85,16 @@ _FILE_HELP = (
     "`entry show --output json` prints, or JSON Lines; sent in batches of up to "
     f"{cli_entries.BATCH_ITEMS}, each item answered on its own"
 )
-_ENTRY_FLAGS = ("spiffe_id", "parent_id", "selector", "x509_ttl", "jwt_ttl", "dns", "hint")
+_ENTRY_FLAGS = (
+    "spiffe_id",
+    "parent_id",
+    "selector",
+    "x509_ttl",
+    "jwt_ttl",
+    "dns",
+    "hint",
+    "federates_with",
+)
 
 
 def _entry_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
@@ -117,6 +126,14 @@ def _entry_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
         help="JWT-SVID lifetime in seconds; 0 = the server default (default_jwt_svid_ttl)" + unset,
     )
     parser.add_argument("--dns", action="append", default=None, help="DNS SAN (repeatable)")
+    parser.add_argument(
+        "--federates-with",
+        action="append",
+        default=None,
+        metavar="TRUST_DOMAIN",
+        help="spiffe://other.org: the entry's workloads get that foreign trust domain's bundle "
+        "(repeatable" + ("; replaces the list; '' clears it)" if update else ")"),
+    )
     parser.add_argument("--hint", default=None)
     admin = parser.add_mutually_exclusive_group()
     admin.add_argument("--admin", dest="admin", action="store_true", default=None)
@@ -204,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bshow = bundle.add_parser("show", parents=[common], help="print the bundle")
     bshow.add_argument("--format", choices=("pem", "spiffe"), default="pem")
+    bshow.add_argument(
+        "--id", default=None, metavar="TRUST_DOMAIN", help="a foreign trust domain's bundle"
+    )
+    cli_federation.add_bundle_commands(bundle, common)
+    cli_federation.add_commands(sub, common)
     keys = sub.add_parser("keys", help="the trust domain's shared keys").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -365,6 +387,9 @@ def _apply_entry_flags(entry: common_pb2.Entry, args: argparse.Namespace) -> Non
     if args.dns is not None:
         del entry.dns_names[:]
         entry.dns_names.extend(args.dns)
+    if args.federates_with is not None:
+        del entry.federates_with[:]
+        entry.federates_with.extend(td for td in args.federates_with if td)
     if args.hint is not None:
         entry.hint = args.hint
     if args.admin is not None:
@@ -523,6 +548,8 @@ def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
             f"Banned agent {args.spiffe_id}",
             out.to_json(admin_pb2.GetAgentRequest(spiffe_id=args.spiffe_id)),
         )
+    elif cmd in cli_federation.COMMANDS or (cmd == ("bundle", "show") and args.id):
+        cli_federation.run_command(args, stub, t, _emit)
     elif cmd == ("bundle", "show"):
         bundle = stub.GetBundle(admin_pb2.GetBundleRequest(), timeout=t)
         if getattr(args, "output", "text") == "json" and args.format == "pem":

@@ -61,6 +61,7 @@ def entry_text(entry: common_pb2.Entry) -> str:
     ]
     lines += [_row("Selector", f"{s.type}:{s.value}") for s in entry.selectors]
     lines += [_row("DNS name", d) for d in entry.dns_names]
+    lines += [_row("Federates with", f"spiffe://{td}") for td in entry.federates_with]
     if entry.hint:
         lines.append(_row("Hint", entry.hint))
     if entry.admin:

@@ -109,6 +109,16 @@ class ServerConfig:
     oauth_resources: tuple[str, ...] = ()
     oauth_trusted_bundles: tuple[str, ...] = ()
     oauth_access_token_ttl: int = 300
+    # SPIFFE federation (server/federation; README "Federation"). bundle_endpoint_address ("" =
+    # off) serves our bundle, profile https_spiffe (our server SVID) or https_web (cert/key
+    # files), announcing bundle_endpoint_refresh_hint. Static relationships, one string each:
+    # "<trust domain> <profile> <https URL> [<endpoint SPIFFE ID> | <CA file>]".
+    bundle_endpoint_address: str = ""
+    bundle_endpoint_profile: str = "https_spiffe"
+    bundle_endpoint_cert: Path | None = None
+    bundle_endpoint_key: Path | None = None
+    bundle_endpoint_refresh_hint: int = 300
+    federation_relationships: tuple[str, ...] = ()
 
     @property
     def datastore_dsn(self) -> str | None:
@@ -283,6 +293,12 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "oauth_resources": _as_str_list,
     "oauth_trusted_bundles": _as_str_list,
     "oauth_access_token_ttl": _positive,
+    "bundle_endpoint_address": _as_optional_address,
+    "bundle_endpoint_profile": _as_choice(("https_spiffe", "https_web")),
+    "bundle_endpoint_cert": _as_path,
+    "bundle_endpoint_key": _as_path,
+    "bundle_endpoint_refresh_hint": _positive,
+    "federation_relationships": _as_str_list,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))
@@ -359,6 +375,18 @@ def _check_consistency(config: ServerConfig) -> None:
         from server.oauth.settings import check_server_config  # noqa: PLC0415
 
         check_server_config(config)
+    if config.bundle_endpoint_profile == "https_web" and config.bundle_endpoint_address:
+        for key in ("bundle_endpoint_cert", "bundle_endpoint_key"):
+            if getattr(config, key) is None:
+                raise ConfigError(f"{key}: required for bundle_endpoint_profile https_web")
+    for text in config.federation_relationships:
+        # Imported here: a relationship is checked by the federation package's own rules.
+        from server.federation.service import parse_static  # noqa: PLC0415
+
+        try:
+            parse_static(text, config.trust_domain)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if config.default_jwt_svid_ttl > config.jwt_key_ttl:
         raise ConfigError(
             f"default_jwt_svid_ttl: {config.default_jwt_svid_ttl} s exceeds jwt_key_ttl "

@@ -32,6 +32,7 @@ def entry_to_proto(entry: Entry) -> common_pb2.Entry:
         expires_at=entry.expires_at,
         revision=entry.revision,
         created_at=entry.created_at,
+        federates_with=list(entry.federates_with),
     )
 
 
@@ -49,6 +50,7 @@ def entry_from_proto(message: common_pb2.Entry) -> Entry:
         expires_at=message.expires_at,
         revision=message.revision,
         created_at=message.created_at,
+        federates_with=tuple(message.federates_with),
     )
 
 

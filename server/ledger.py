@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from server.audit.errors import LedgerError
 from server.audit.event import EventDraft
 from server.audit.log import AuditLog, DraftTuple
+from server.datastore.base import JtiClaim
 from server.datastore.records import Credential
 
 __all__ = ["Credential", "Ledger", "LedgerError"]
@@ -31,11 +32,14 @@ class Ledger:
         self._audit = audit
 
     def record(
-        self, credentials: Sequence[Credential], events: Sequence[DraftTuple | EventDraft]
+        self,
+        credentials: Sequence[Credential],
+        events: Sequence[DraftTuple | EventDraft],
+        jtis: Sequence[JtiClaim] = (),
     ) -> None:
         """Durable when this returns; LedgerError (nothing kept) when it raises. Blocks: call it
-        from a worker thread, or use `commit`."""
-        self._audit.record(credentials, events)
+        from a worker thread, or use `commit`. `jtis`: see AuditLog.record."""
+        self._audit.record(credentials, events, jtis)
 
     def record_later(
         self, credentials: Sequence[Credential], events: Sequence[DraftTuple | EventDraft]

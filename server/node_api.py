@@ -173,9 +173,25 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # -- Sync ---------------------------------------------------------------------------------
 
-    def _shared(self, bundle: bool, crl: bool, checkpoint: bool) -> Shared:
+    def _shared(
+        self,
+        bundle: bool,
+        crl: bool,
+        checkpoint: bool,
+        federates_with: Iterable[str] = (),
+    ) -> Shared:
+        """What every agent gets alike; with the bundle, the foreign bundles its entries
+        federate with (`federates_with`), as one full set."""
+        wanted = set(federates_with)
         return Shared(
             bundle=self._bundle_proto() if bundle else None,
+            federated={
+                f"spiffe://{td}": bundle_to_proto(b, {})
+                for td, b in self._state.foreign_bundles.items()
+                if td in wanted
+            }
+            if bundle
+            else None,
             crl=list(self._crl()) if crl else None,
             audit_checkpoints=self._checkpoint_protos() if checkpoint else None,
         )
@@ -195,7 +211,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         return snapshot_messages(
             entries,
             self._state.revocations,
-            self._shared(bundle=True, crl=True, checkpoint=True),
+            self._shared(
+                bundle=True,
+                crl=True,
+                checkpoint=True,
+                federates_with={td for e in entries for td in e.federates_with},
+            ),
             revision=revision,
             epoch=self._state.changes.epoch,
         )
@@ -214,7 +235,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         removed: dict[tuple[str, str], Revocation] = {}
         bundle = checkpoint = False
         for change in window:
-            bundle = bundle or change.bundle
+            bundle = bundle or change.bundle or _federation_touched(change)
             checkpoint = checkpoint or change.audit_checkpoint
             for item in change.revocations_added:
                 added[item.kind, item.value] = item
@@ -231,11 +252,22 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             removed.values(),
             # The CRL is signed by the CA and lists the revoked serials: it follows both.
             self._shared(
-                bundle=bundle, crl=bool(bundle or added or removed), checkpoint=checkpoint
+                bundle=bundle,
+                crl=bool(bundle or added or removed),
+                checkpoint=checkpoint,
+                federates_with=self._federates_with(agent) if bundle else (),
             ),
             revision=self._state.changes.head,
             epoch=self._state.changes.epoch,
         )
+
+    def _federates_with(self, agent: AttestedAgent) -> set[str]:
+        """The foreign trust domains the agent's entries federate with (a bundle change, or
+        an entry's federation changed: rare, so the agent's entries are read again)."""
+        entries = entitled_entries(
+            self._state.entries, agent.spiffe_id, agent.selectors, self._server_id, self._now()
+        )
+        return {td for e in entries for td in e.federates_with}
 
     def _now(self) -> int:
         return int(self._clock.now())
@@ -376,3 +408,11 @@ def _item_status(exc: BaseException) -> common_pb2.Status:
     """A refused batch item: same code and message a unary call would have got."""
     code, message = status.status_for(exc)
     return common_pb2.Status(code=code.value[0], message=message)
+
+
+def _federation_touched(change: Change) -> bool:
+    """An entry's foreign trust domains changed: the agent's set of foreign bundles may too."""
+    return any(
+        (t.old.federates_with if t.old else ()) != (t.new.federates_with if t.new else ())
+        for t in change.entries
+    )

@@ -19,7 +19,7 @@ from server.entitlement import EntryIndex
 from server.errors import AlreadyExistsError, InvalidRequestError, NotFoundError, ServerError
 from server.ids import SERVER_DNS_NAME, ServerIds
 from svid._errors import SpiffeIdError
-from svid._spiffe_id import SpiffeId
+from svid._spiffe_id import SpiffeId, TrustDomain
 
 MAX_TTL = 2**31 - 1
 MAX_HINT_BYTES = 1024
@@ -143,7 +143,26 @@ def validate_entry(
         expires_at=entry.expires_at,
         revision=entry.revision,
         created_at=entry.created_at,
+        federates_with=_federates_with(entry.federates_with, ids),
     )
+
+
+def _federates_with(names: Sequence[str], ids: ServerIds) -> tuple[str, ...]:
+    """Foreign trust domain names, bare and sorted (``spiffe://other.org`` is accepted)."""
+    out = set()
+    for text in names:
+        try:
+            td = TrustDomain.parse(text)
+        except SpiffeIdError as exc:
+            raise InvalidRequestError(f"federates_with: {text!r}: {exc}") from None
+        if td == ids.trust_domain:
+            raise InvalidRequestError(
+                f"federates_with: {td} is this server's own trust domain, not a foreign one"
+            )
+        out.add(td.name)
+    if len(out) > MAX_SELECTORS:
+        raise InvalidRequestError(f"federates_with: at most {MAX_SELECTORS} trust domains")
+    return tuple(sorted(out))
 
 
 class _BatchView:

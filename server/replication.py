@@ -32,7 +32,9 @@ from server.datastore.errors import NotFoundError
 from server.datastore.records import (
     FEED_AGENT,
     FEED_ENTRY,
+    FEED_FOREIGN_BUNDLE,
     FEED_KEY_SLOT,
+    FEED_RELATIONSHIP,
     FEED_REVOCATION,
     FEED_TASK,
     AttestedAgent,
@@ -40,6 +42,7 @@ from server.datastore.records import (
     FeedItem,
     Revocation,
 )
+from server.federation.service import Stored
 from server.state import ServerState
 from server.tasks.model import Task
 from svid._clock import Clock
@@ -72,9 +75,17 @@ class FeedWork:
     tasks: frozenset[str] = frozenset()
     revocations: bool = False
     key_slots: bool = False
+    federation: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.entries or self.agents or self.tasks or self.revocations or self.key_slots)
+        return bool(
+            self.entries
+            or self.agents
+            or self.tasks
+            or self.revocations
+            or self.key_slots
+            or self.federation
+        )
 
     def __or__(self, other: FeedWork) -> FeedWork:
         return FeedWork(
@@ -83,6 +94,7 @@ class FeedWork:
             self.tasks | other.tasks,
             self.revocations or other.revocations,
             self.key_slots or other.key_slots,
+            self.federation or other.federation,
         )
 
 
@@ -101,6 +113,7 @@ def plan(items: Sequence[FeedItem]) -> FeedWork:
         tasks=frozenset(keys[FEED_TASK]),
         revocations=FEED_REVOCATION in kinds,
         key_slots=FEED_KEY_SLOT in kinds,
+        federation=bool(kinds & {FEED_RELATIONSHIP, FEED_FOREIGN_BUNDLE}),
     )
 
 
@@ -150,12 +163,23 @@ class FollowedTasks(Protocol):
     def apply_tasks(self, loaded: Mapping[str, Task | None]) -> None: ...
 
 
+class FollowedFederation(Protocol):
+    """What the follower asks of the federation service (server.federation.service)."""
+
+    def follow_mark(self) -> int: ...
+
+    def read_stored(self) -> Stored: ...
+
+    def apply_stored(self, stored: Stored, mark: int) -> bool: ...
+
+
 @dataclass
 class _Loaded:
     entries: dict[str, Entry | None] = field(default_factory=dict)
     agents: dict[str, AttestedAgent | None] = field(default_factory=dict)
     tasks: Mapping[str, Task | None] = field(default_factory=dict)
     revocations: list[Revocation] | None = None
+    federation: Stored | None = None
 
 
 class FeedFollower:
@@ -171,10 +195,12 @@ class FeedFollower:
         clock: Clock,
         cursor: int,
         settings: FollowSettings | None = None,
+        federation: FollowedFederation | None = None,
     ) -> None:
         self._ds = datastore
         self._state = state
         self._tasks = tasks
+        self._federation = federation
         self._on_key_slots_changed = on_key_slots_changed
         self._clock = clock
         self._cursor = cursor
@@ -240,6 +266,7 @@ class FeedFollower:
 
     async def _apply(self, work: FeedWork) -> None:
         self._state.follow_mark()
+        mark = self._federation.follow_mark() if self._federation is not None else 0
         loaded = await asyncio.to_thread(self._load, work)
         # From here to the end of the install, nothing else runs on the loop: memory and the
         # rows written meanwhile (`touched`) are one consistent picture.
@@ -253,11 +280,19 @@ class FeedFollower:
             self._state.add_revocations_seen(loaded.revocations)
         self._tasks.apply_tasks(loaded.tasks)
         self._pending = FeedWork(
-            entries=work.entries & skip_entries, agents=work.agents & skip_agents
+            entries=work.entries & skip_entries,
+            agents=work.agents & skip_agents,
+            federation=self._apply_federation(loaded.federation, mark),
         )
         if work.key_slots:
             await self._key_slots_changed()
         await self._state.refresh_revision()
+
+    def _apply_federation(self, stored: Stored | None, mark: int) -> bool:
+        """Hand the federation rows to the service; True when it asks to read them again."""
+        if stored is None or self._federation is None:
+            return False
+        return self._federation.apply_stored(stored, mark)
 
     async def _key_slots_changed(self) -> None:
         # A failing reload of keys must not stop entries and revocations from following: it
@@ -281,6 +316,8 @@ class FeedFollower:
             loaded.tasks = self._tasks.reload_tasks(sorted(work.tasks))
         if work.revocations:
             loaded.revocations = self._ds.list_revocations()
+        if work.federation and self._federation is not None:
+            loaded.federation = self._federation.read_stored()
         return loaded
 
     async def reload_everything(self) -> None:
@@ -290,7 +327,10 @@ class FeedFollower:
             "change feed rows after revision %d were pruned; reloading all state", self._cursor
         )
         self._state.follow_mark()
-        head, entries, agents, revocations, tasks = await asyncio.to_thread(self._load_all)
+        mark = self._federation.follow_mark() if self._federation is not None else 0
+        head, entries, agents, revocations, tasks, federation = await asyncio.to_thread(
+            self._load_all
+        )
         skip_entries = self._state.touched(FEED_ENTRY)
         skip_agents = self._state.touched(FEED_AGENT)
         put, removed = diff_rows(
@@ -303,14 +343,25 @@ class FeedFollower:
         self._state.apply_agents(put_agents, gone)
         self._state.add_revocations_seen(revocations)
         self._tasks.apply_tasks(tasks)
-        self._pending = FeedWork(entries=skip_entries, agents=skip_agents)
+        self._pending = FeedWork(
+            entries=skip_entries,
+            agents=skip_agents,
+            federation=self._apply_federation(federation, mark),
+        )
         await self._key_slots_changed()
         await self._state.refresh_revision()
         self._cursor = head
 
     def _load_all(
         self,
-    ) -> tuple[int, list[Entry], list[AttestedAgent], list[Revocation], Mapping[str, Task | None]]:
+    ) -> tuple[
+        int,
+        list[Entry],
+        list[AttestedAgent],
+        list[Revocation],
+        Mapping[str, Task | None],
+        Stored | None,
+    ]:
         # The head first: whatever commits after it is read again from the feed.
         head = self._ds.feed_head()
         return (
@@ -319,6 +370,7 @@ class FeedFollower:
             self._ds.list_agents(),
             self._ds.list_revocations(),
             self._tasks.reload_all_tasks(),
+            self._federation.read_stored() if self._federation is not None else None,
         )
 
     async def prune(self) -> int:

@@ -55,6 +55,8 @@ class ServerState:
         self._previous_serials: dict[str, tuple[str, int]] = {}
         self._revocations: tuple[Revocation, ...] = ()
         self._bundle: SpiffeBundle | None = None
+        # Foreign trust domain name -> its bundle (server/federation); rides with ours.
+        self._foreign: Mapping[str, SpiffeBundle] = MappingProxyType({})
         self._jwt_expiry: Mapping[str, int] = MappingProxyType({})
         # The newest signed checkpoint and prune record, by kind.
         self._audit_records: Mapping[str, AuditCheckpoint] = MappingProxyType({})
@@ -117,6 +119,13 @@ class ServerState:
             self._record(bundle=True)
             self.notifier.notify()
 
+    def set_foreign_bundles(self, bundles: Mapping[str, SpiffeBundle]) -> None:
+        """Foreign bundles go to agents as ours does: logged as a bundle change."""
+        if dict(bundles) != dict(self._foreign):
+            self._foreign = MappingProxyType(dict(bundles))
+            self._record(bundle=True)
+            self.notifier.notify()
+
     def set_audit_checkpoint(self, record: AuditCheckpoint) -> None:
         """The newest signed checkpoint, or prune record, of the audit log, for every agent
         (safe from any thread: the checkpointer signs in a worker thread)."""
@@ -142,6 +151,10 @@ class ServerState:
         if self._bundle is None:
             raise RuntimeError("bundle not loaded")
         return self._bundle
+
+    @property
+    def foreign_bundles(self) -> Mapping[str, SpiffeBundle]:
+        return self._foreign
 
     @property
     def jwt_expiry(self) -> Mapping[str, int]:

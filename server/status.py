@@ -31,10 +31,11 @@ from server.ca.errors import (
     SigningRequestError,
 )
 from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
-from server.datastore.errors import ChainMovedError, DataStoreError, StorageError
+from server.datastore.errors import ChainMovedError, DataStoreError, JtiHeldError, StorageError
 from server.datastore.errors import ConflictError as DsConflictError
 from server.datastore.errors import NotFoundError as DsNotFoundError
 from server.datastore.legacy_import import LegacyImportError
+from server.federation.errors import FederationError
 from server.issuance.ledger import LedgerUnavailableError
 from server.policy.errors import PolicyError, RequestError
 from svid import _errors as svid_errors
@@ -121,6 +122,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     errors.ConfigError: _SERVER_FAULT,
     errors.CliError: _SERVER_FAULT,
     errors.ServerError: _SERVER_FAULT,
+    # Federation: a foreign bundle endpoint that is down or serves what we must refuse.
+    FederationError: Rule(Code.FAILED_PRECONDITION),
     # The CA: a bad CSR or request is the caller's; keys and configuration are the server's.
     CsrError: Rule(Code.INVALID_ARGUMENT),
     SigningRequestError: Rule(Code.INVALID_ARGUMENT),
@@ -136,6 +139,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     DsConflictError: Rule(Code.ABORTED),
     DataStoreError: _STORAGE,
     StorageError: _STORAGE,
+    # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).
+    JtiHeldError: _STORAGE,
     # Another server moved the audit chain; the audit log reseals and retries, so one reaching
     # here is a storage failure like any other.
     ChainMovedError: _STORAGE,

@@ -6,7 +6,7 @@ last of a run have `more` set (see proto/node.proto for what the agent does with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from server.convert import entry_to_proto, revocation_to_proto
@@ -27,6 +27,8 @@ class Shared:
     """What every agent gets alike. In a delta, None means unchanged."""
 
     bundle: common_pb2.Bundle | None = None
+    # Foreign bundles, by "spiffe://<td>": always the full set, and only along with `bundle`.
+    federated: Mapping[str, common_pb2.Bundle] | None = None
     crl: Sequence[bytes] | None = None
     audit_checkpoints: Sequence[node_pb2.AuditCheckpoint] | None = None
 
@@ -104,6 +106,8 @@ def _pack(
     size = 0
     if shared.bundle is not None:
         size += shared.bundle.ByteSize() + _OVERHEAD
+    for key, foreign in (shared.federated or {}).items():
+        size += foreign.ByteSize() + len(key) + 2 * _OVERHEAD
     if crls:
         size += len(crls[-1]) + _OVERHEAD
     if shared.audit_checkpoints is not None:
@@ -112,6 +116,8 @@ def _pack(
         yield closed
     if shared.bundle is not None:
         packer.current.bundle.CopyFrom(shared.bundle)
+    for key, foreign in (shared.federated or {}).items():
+        packer.current.federated_bundles[key].CopyFrom(foreign)
     if shared.crl is not None:
         packer.current.crl.extend(crls[-1:])
         packer.current.crl_changed = True

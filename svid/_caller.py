@@ -3,13 +3,14 @@ peer it was proven with. Web adapters (svid.asgi, svid.mcp) put one in each requ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from svid._errors import VerificationError
 from svid._spiffe_id import SpiffeId
 from svid._task_claims import (
+    _MAX_ACT_DEPTH,
     INVOKE_TOOL,
     TASK_PATH,
     TOOL_SCOPE_PREFIX,
@@ -23,25 +24,69 @@ _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 
 
 _UNREAD: Any = object()
+_EMPTY: dict[str, Any] = {}  # defaults, only read
+_NO_RESOURCES: list[str] = []
 
 
 def _quick_grant(claims: Mapping[str, Any], sub: str, scope: str) -> bool | None:
-    """``Caller.grants`` from ``txn``, ``sub`` and ``scope`` alone, for a token whose task
-    claims were not read yet; None when anything is unusual (then the full read decides).
-    Agrees with TaskClaims.grants_tool / allows for the token's own audience (a test holds
-    the two together)."""
-    txn = claims.get("txn")
-    granted = claims.get("scope", "")
+    """``Caller.grants`` from the claims alone, without building TaskClaims, for a token whose
+    task claims were not read yet; None when anything is unusual (then the full read decides,
+    and refuses a malformed token). Decides what TaskClaims.grants_tool / allows decide for the
+    token's own audience, refusals included (a test holds the two together)."""
+    get = claims.get
+    txn = get("txn")
+    granted = get("scope", "")
     if type(txn) is not str or not txn or type(granted) is not str:
         return None
-    suffix = f"{TASK_PATH}{txn}"
+    suffix = TASK_PATH + txn
+    if not sub.endswith(suffix):
+        return None
     runtime = sub[: -len(suffix)]
-    if not sub.endswith(suffix) or runtime.endswith("/") or "/" not in runtime[len("spiffe://") :]:
+    if runtime.endswith("/") or "/" not in runtime[len("spiffe://") :]:
+        return None
+    if not _plain_task_context(get):
         return None
     tokens = granted.split()
     if scope.startswith(TOOL_SCOPE_PREFIX):
+        if len(scope) == len(TOOL_SCOPE_PREFIX):  # names no tool: TaskClaims has none such
+            return None
         return scope in tokens or INVOKE_TOOL in tokens
     return scope in tokens
+
+
+def _plain_task_context(get: Callable[..., Any]) -> bool:
+    """Whether the claims task_claims reads besides sub, txn and scope have the plain shape it
+    accepts: False for anything it could refuse (or accept only by isinstance)."""
+    tctx = get("tctx", _EMPTY)
+    if type(tctx) is not dict:
+        return False
+    resources = tctx.get("resources", _NO_RESOURCES)
+    if type(resources) is not list:
+        return False
+    for resource in resources:
+        if type(resource) is not str:
+            return False
+    if (
+        type(tctx.get("classification", "")) is not str
+        or type(tctx.get("environment", "")) is not str
+        or type(tctx.get("elevated", False)) is not bool
+    ):
+        return False
+    for name in ("obo", "parent_txn"):
+        value = get(name)
+        if value is not None and (type(value) is not str or not value):
+            return False
+    act = get("act")
+    depth = 0
+    while act is not None:
+        depth += 1
+        if type(act) is not dict or depth > _MAX_ACT_DEPTH:
+            return False
+        actor = act.get("sub")
+        if type(actor) is not str or not actor:
+            return False
+        act = act.get("act")
+    return True
 
 
 class Caller:
@@ -101,9 +146,17 @@ class Caller:
         """Whether the caller's token grants one scope token: ``tool:<name>`` (that tool, or
         every tool through ``invoke_tool``) or an action. Only task tokens grant scopes."""
         if self._task is _UNREAD:  # per request on the adapters' path: no full claims read
-            quick = _quick_grant(self.claims, str(self.spiffe_id), scope)
-            if quick is not None:
-                return quick
+            jwt = self.jwt
+            assert jwt is not None
+            # The full read's audience check; the adapters' own audience always passes it.
+            if not self.audience or self.audience in jwt.audience:
+                claims = jwt.claims
+                sub = claims.get("sub")  # str(jwt.spiffe_id), which was parsed from it exactly
+                if type(sub) is not str:
+                    sub = str(jwt.spiffe_id)
+                quick = _quick_grant(claims, sub, scope)
+                if quick is not None:
+                    return quick
         try:
             task = self.task
         except VerificationError:  # a malformed task token grants nothing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from svid._caller import Caller
 from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL
@@ -21,6 +22,12 @@ TXN = "txn"  # a task: every credential of an ended task is revoked together
 
 def caller_keys(caller: Caller) -> tuple[Key, ...]:
     """What revokes this caller's admission: its token's jti, its task, its peer's serials."""
+    jwt = caller.jwt
+    if jwt is not None:  # per request: the claims read straight, as Caller.jti / task_id do
+        get = jwt.claims.get
+        jti, txn = get("jti"), get("txn")
+        if type(jti) is str and type(txn) is str and txn and caller.x509 is None:
+            return ((KIND_JWT_ID, jti), (TXN, txn))
     keys: list[Key] = []
     jti = caller.jti
     if jti is not None:
@@ -40,8 +47,18 @@ def event_keys(event: RevocationEvent) -> tuple[Key, ...]:
     return tuple(keys)
 
 
+class Revocable(Protocol):
+    """What OpenRequests holds: the keys that revoke it, and ``end()`` (called once, from any
+    thread, when one of them is revoked)."""
+
+    @property
+    def keys(self) -> tuple[Key, ...]: ...
+
+    def end(self) -> None: ...
+
+
 class Admission:
-    """One request being served; ``end`` is called (once, from any thread) when revoked."""
+    """One request or session being served; ``end`` is called when revoked."""
 
     __slots__ = ("end", "keys")
 
@@ -51,34 +68,57 @@ class Admission:
 
 
 class OpenRequests:
+    """The index: each key maps to the one request admitted with it or, when several share it
+    (a task's stream and its calls), to a set of them; no set is made for a key of its own."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_key: dict[Key, set[Admission]] = {}
+        self._by_key: dict[Key, Revocable | set[Revocable]] = {}
 
     def __len__(self) -> int:
         with self._lock:
-            return len({a for group in self._by_key.values() for a in group})
+            held = self._by_key.values()
+            return len({a for h in held for a in (h if isinstance(h, set) else (h,))})
 
     def open(self, keys: tuple[Key, ...], end: Callable[[], None]) -> Admission:
         admission = Admission(keys, end)
-        with self._lock:
-            for key in keys:
-                self._by_key.setdefault(key, set()).add(admission)
+        self.add(admission)
         return admission
 
-    def close(self, admission: Admission) -> None:
+    def add(self, admission: Revocable) -> None:
+        by_key = self._by_key
         with self._lock:
             for key in admission.keys:
-                group = self._by_key.get(key)
-                if group is not None:
-                    group.discard(admission)
-                    if not group:
-                        del self._by_key[key]
+                held = by_key.get(key)
+                if held is None:
+                    by_key[key] = admission
+                elif isinstance(held, set):
+                    held.add(admission)
+                elif held is not admission:
+                    by_key[key] = {held, admission}
 
-    def hit(self, keys: Iterable[Key]) -> list[Admission]:
+    def close(self, admission: Revocable) -> None:
+        by_key = self._by_key
+        with self._lock:
+            for key in admission.keys:
+                held = by_key.get(key)
+                if held is admission:
+                    del by_key[key]
+                elif isinstance(held, set):
+                    held.discard(admission)
+                    if not held:
+                        del by_key[key]
+
+    def hit(self, keys: Iterable[Key]) -> list[Revocable]:
         """Remove and return the requests admitted with any of ``keys``."""
         with self._lock:
-            found = {a for key in keys for a in self._by_key.get(key, ())}
+            found: set[Revocable] = set()
+            for key in keys:
+                held = self._by_key.get(key)
+                if isinstance(held, set):
+                    found.update(held)
+                elif held is not None:
+                    found.add(held)
         for admission in found:
             self.close(admission)
         return list(found)

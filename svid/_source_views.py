@@ -3,8 +3,8 @@ workload's own SVIDs, verifiers on its bundles and revocations, and revocation c
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from svid._bundle import BundleSet, JwtBundle, X509Bundle
 from svid._clock import Clock
@@ -16,6 +16,8 @@ from svid._verify_x509 import X509Verifier
 from svid._workload_calls import X509_SVIDS
 from svid._workload_errors import WorkloadApiUnavailableError
 from svid._x509 import X509Svid
+
+_B = TypeVar("_B", X509Bundle, JwtBundle)
 
 
 class SourceViews:
@@ -104,21 +106,73 @@ class SourceViews:
 
     # --- verifiers and callbacks ---
 
-    def x509_verifier(self, *, clock: Clock | None = None, **options: Any) -> X509Verifier:
+    def own_trust_domains(self) -> frozenset[str]:
+        """The names of this workload's own trust domains: those of its X.509-SVIDs; before it
+        has any (or for a source that does not watch them), that of its bundle if it holds only
+        one. A foreign bundle reaches a workload only when its entry federates with that trust
+        domain, and then it holds several: name them with ``trust_domains=``."""
+        names = frozenset(s.spiffe_id.trust_domain.name for s in self._state.svids)
+        if names:
+            return names
+        bundles = self._state.bundles
+        held = {td.name for td in bundles.x509_bundles} | {td.name for td in bundles.jwt_bundles}
+        return frozenset(held) if len(held) == 1 else frozenset()
+
+    def _trusted(
+        self,
+        get: Callable[[TrustDomain], _B | None],
+        trust_domains: Iterable[TrustDomain | str] | None,
+        federated: bool,
+    ) -> Callable[[TrustDomain], _B | None]:
+        """``get`` limited to our own trust domains and those named: a federated trust domain's
+        peers are accepted only where the caller says so, never by default."""
+        if federated:
+            return get
+        named = frozenset(
+            (td if isinstance(td, TrustDomain) else TrustDomain.parse(td)).name
+            for td in trust_domains or ()
+        )
+
+        def only(trust_domain: TrustDomain) -> _B | None:
+            name = trust_domain.name
+            if name in named or name in self.own_trust_domains():
+                return get(trust_domain)
+            return None
+
+        return only
+
+    def x509_verifier(
+        self,
+        *,
+        clock: Clock | None = None,
+        trust_domains: Iterable[TrustDomain | str] | None = None,
+        federated: bool = False,
+        **options: Any,
+    ) -> X509Verifier:
         """An X509Verifier on this source's bundles and revocations (options: cache_size,
-        max_chain_depth, max_revocation_staleness)."""
+        max_chain_depth, max_revocation_staleness). It accepts SVIDs of this workload's own
+        trust domain, plus those of ``trust_domains`` (federated ones whose bundles the agent
+        gives this workload), or of every trust domain it holds a bundle of with
+        ``federated=True``."""
         return X509Verifier(
-            self.x509_bundle_for,
+            self._trusted(self.x509_bundle_for, trust_domains, federated),
             clock=clock or self._state.clock,
             revocations=self._state.revocations,
             **options,
         )
 
-    def jwt_verifier(self, *, clock: Clock | None = None, **options: Any) -> JwtVerifier:
+    def jwt_verifier(
+        self,
+        *,
+        clock: Clock | None = None,
+        trust_domains: Iterable[TrustDomain | str] | None = None,
+        federated: bool = False,
+        **options: Any,
+    ) -> JwtVerifier:
         """A JwtVerifier on this source's bundles and revocations (options: leeway, cache_size,
-        max_revocation_staleness)."""
+        max_revocation_staleness); trust domains as for ``x509_verifier``."""
         return JwtVerifier(
-            self.jwt_bundle_for,
+            self._trusted(self.jwt_bundle_for, trust_domains, federated),
             clock=clock or self._state.clock,
             revocations=self._state.revocations,
             **options,

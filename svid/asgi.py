@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from asyncio import current_task
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol, cast
 
@@ -40,7 +41,7 @@ from svid._http_refusal import (
     no_credentials,
     not_authorised,
 )
-from svid._open_requests import OpenRequests, caller_keys
+from svid._open_requests import Key, OpenRequests, caller_keys
 from svid._revocation import RevocationSet
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._tls_authorize import as_authorizer, describe
@@ -108,26 +109,29 @@ class _RefusedError(Exception):
 
 
 class _Served:
-    """One response in flight: what was sent, and whether a revocation ended it."""
+    """One response in flight: what was sent, and whether a revocation ended it. It is also
+    the request's entry in OpenRequests (``keys``, ``end``)."""
 
-    __slots__ = ("_loop", "_send", "_task", "done", "finished", "revoked", "started")
+    __slots__ = ("_send", "_task", "done", "finished", "keys", "revoked", "started")
 
-    def __init__(self, send: Send, task: asyncio.Task[Any]) -> None:
+    def __init__(self, send: Send, task: asyncio.Task[Any], keys: tuple[Key, ...]) -> None:
         self._send = send
         self._task = task
-        self._loop = task.get_loop()
+        self.keys = keys
         self.started = self.finished = self.revoked = self.done = False
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        # Not a coroutine of its own: the server's send is what the app awaits.
         kind = message["type"]
         if kind == "http.response.start":
             self.started = True
         elif kind == "http.response.body" and not message.get("more_body", False):
             self.finished = True
-        await self._send(message)
+        return self._send(message)
 
-    def end_from_any_thread(self) -> None:
-        self._loop.call_soon_threadsafe(self._end)
+    def end(self) -> None:
+        """From any thread: cancel the request on its own loop."""
+        self._task.get_loop().call_soon_threadsafe(self._end)
 
     def _end(self) -> None:
         if not self.done and not self.revoked:
@@ -213,6 +217,11 @@ class SvidAuthMiddleware:
             caller = self._peer_caller(scope)
         if caller is None:
             raise _RefusedError(no_credentials())
+        if self._authorize is not None:
+            self._check_authorized(caller)
+        return caller
+
+    def _check_authorized(self, caller: Caller) -> None:
         authorize = self._authorize
         if authorize is not None:
             try:
@@ -226,22 +235,26 @@ class SvidAuthMiddleware:
                         f"(allowed: {describe(authorize)})"  # type: ignore[arg-type]
                     )
                 )
-        return caller
 
     def _bearer_caller(self, scope: Scope) -> Caller | None:
         header = _header(scope, b"authorization")
         if header is None:
             return None
+        return self._bearer(header)[1]
+
+    def _bearer(self, header: str) -> tuple[str, Caller]:
+        """The token of an Authorization header's value, and its verified Caller."""
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if (scheme != "Bearer" and scheme.lower() != "bearer") or not token:
             raise _RefusedError(invalid_token("the Authorization header is not a Bearer token"))
         if self._jwt is None:
             raise _RefusedError(invalid_token("this service takes no bearer tokens"))
         try:
-            verified = self._jwt.verify(token.strip(), self.audience)
-            return Caller(verified.spiffe_id, jwt=verified, audience=self.audience)
+            verified = self._jwt.verify(token, self.audience)
         except VerificationError as exc:
             raise _RefusedError(invalid_token(str(exc))) from None
+        return token, Caller(verified.spiffe_id, jwt=verified, audience=self.audience)
 
     def _peer_caller(self, scope: Scope) -> Caller | None:
         if self._x509 is None:
@@ -275,14 +288,15 @@ class SvidAuthMiddleware:
         return receive
 
     async def _serve(self, caller: Caller, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
+        task = current_task()
         assert task is not None
-        served = _Served(send, task)
-        admission = self.open_requests.open(caller_keys(caller), served.end_from_any_thread)
+        served = _Served(send, task, caller_keys(caller))
+        open_requests = self.open_requests
+        open_requests.add(served)
         cancelling = task.cancelling()
         try:
             # Revoked between verification and registration: refuse (the verifier would now).
-            if self._still_revoked(caller):
+            if self._revocations is not None and self._still_revoked(caller):
                 served.done = True
                 await self._refuse(scope["type"], send, invalid_token("credential revoked"))
                 return
@@ -296,7 +310,7 @@ class SvidAuthMiddleware:
                 task.uncancel()
         finally:
             served.done = True
-            self.open_requests.close(admission)
+            open_requests.close(served)
 
     def _still_revoked(self, caller: Caller) -> bool:
         revocations = self._revocations
@@ -347,8 +361,22 @@ def _bytes(pem: Any) -> bytes:
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes, Receive]:
     """The whole request body (at most ``limit`` bytes), and a receive that hands it to the app
     again before passing on whatever comes next (a disconnect)."""
-    parts: list[bytes] = []
-    size = 0
+    message = await receive()
+    if message["type"] != "http.request":
+        raise _RefusedError(Refusal(400, "invalid_request", "the request body did not arrive"))
+    body = message.get("body", b"")
+    if len(body) > limit:
+        raise _RefusedError(Refusal(413, "invalid_request", f"request body over {limit} bytes"))
+    if message.get("more_body", False):
+        body = await _rest_of_body(receive, body, limit)
+        message = {"type": "http.request", "body": body, "more_body": False}
+    # A body in one message (the common case) is handed on as the server sent it.
+    return body, _Replay(message, receive).receive
+
+
+async def _rest_of_body(receive: Receive, first: bytes, limit: int) -> bytes:
+    parts = [first]
+    size = len(first)
     while True:
         message = await receive()
         if message["type"] != "http.request":
@@ -359,15 +387,19 @@ async def _read_body(receive: Receive, limit: int) -> tuple[bytes, Receive]:
             raise _RefusedError(Refusal(413, "invalid_request", f"request body over {limit} bytes"))
         parts.append(chunk)
         if not message.get("more_body", False):
-            break
-    body = parts[0] if len(parts) == 1 else b"".join(parts)
-    replayed = False
+            return b"".join(parts)
 
-    async def replay() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
 
-    return body, replay
+class _Replay:
+    __slots__ = ("_first", "_receive")
+
+    def __init__(self, first: Message, receive: Receive) -> None:
+        self._first: Message | None = first
+        self._receive = receive
+
+    async def receive(self) -> Message:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first
+        return await self._receive()

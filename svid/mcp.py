@@ -30,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import httpx2
@@ -41,14 +42,24 @@ from pydantic import ConfigDict, PrivateAttr
 from svid._bearer_tokens import BearerTokens
 from svid._caller import Caller
 from svid._clock import Clock
-from svid._errors import VerificationError
+from svid._http_refusal import Refusal, insufficient_scope, no_credentials
 from svid._mcp_tools import called_tools
 from svid._open_requests import Admission, OpenRequests, caller_keys
 from svid._source_state import RevocationEvent
 from svid._spiffe_id import SpiffeId
 from svid._task_claims import TaskClaims, tool_scope
 from svid._verify_jwt import JwtVerifier
-from svid.asgi import ASGIApp, Message, Receive, Scope, Send, SvidAuthMiddleware, caller_of
+from svid.asgi import (
+    CALLER,
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    SvidAuthMiddleware,
+    _read_body,
+    _RefusedError,
+)
 
 __all__ = ["McpAuth", "TaskAccessToken", "TaskAuth", "http_client"]
 
@@ -58,9 +69,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 SESSION_HEADER = b"mcp-session-id"
 
 # Set by TaskAuth.protect's middleware for the request it admitted: the SDK's own bearer check
-# (inside it) then accepts only what went through the per-tool check.
-# It holds the bearer token and the Caller made from it, so the SDK's check does not verify the
-# same token twice in one request.
+# (inside it) then accepts only that token, which went through the per-tool check. It holds
+# the token and the Caller made from it, so the SDK's check does not verify it a second time.
 _admitted: contextvars.ContextVar[tuple[str, Caller] | None] = contextvars.ContextVar(
     "svid_mcp_admitted", default=None
 )
@@ -85,31 +95,57 @@ class TaskAccessToken(AccessToken):
     def _of(cls, token: str, caller: Caller, audience: str) -> TaskAccessToken:
         """The token of a caller svid verified, built per request without pydantic's generic
         construction: what ``model_construct`` (the public way to skip validation) would make,
-        in a quarter of its time (a test holds the two equal)."""
+        in a fraction of its time (a test holds the two equal)."""
         verified = caller.jwt
         assert verified is not None
-        scope = verified.claims.get("scope")
-        sid = str(verified.spiffe_id)
-        access = object.__new__(cls)
-        fields = {
-            "token": token,
-            "client_id": sid,
-            "scopes": scope.split() if type(scope) is str else [],
-            "expires_at": verified.expires_at,
-            "resource": audience,
-            "subject": sid,
-            "claims": dict(verified.claims),
-            "spiffe_id": sid,
-        }
-        _set(access, "__dict__", fields)
-        _set(access, "__pydantic_fields_set__", set(fields))
-        _set(access, "__pydantic_extra__", None)
-        _set(access, "__pydantic_private__", {"_caller": caller})
+        claims = verified.claims
+        scope = claims.get("scope")
+        sid = claims.get("sub")  # str(verified.spiffe_id), which was parsed from it exactly
+        if type(sid) is not str:
+            sid = str(verified.spiffe_id)
+        access = _new(cls)
+        _set_dict(
+            access,
+            {
+                "token": token,
+                "client_id": sid,
+                "scopes": scope.split() if type(scope) is str else [],
+                "expires_at": verified.expires_at,
+                "resource": audience,
+                "subject": sid,
+                # The tool's own copy: the verifier's claims are shared with later requests.
+                "claims": _claims_copy(claims),
+                "spiffe_id": sid,
+            },
+        )
+        _set_fields_set(access, _FIELDS_SET.copy())
+        _set_extra(access, None)
+        _set_private(access, {"_caller": caller})
         return access
 
 
-# Frozen models refuse setattr; these are the slots model_construct itself fills.
-_set = object.__setattr__
+def _descriptor_setter(name: str) -> Callable[[Any, Any], None]:
+    # The slot descriptors BaseModel declares for each instance's state.
+    for klass in TaskAccessToken.__mro__:
+        if name in klass.__dict__:
+            setter: Callable[[Any, Any], None] = klass.__dict__[name].__set__
+            return setter
+    raise AttributeError(name)
+
+
+# Frozen models refuse setattr: these set the slots model_construct itself fills.
+_new = object.__new__
+_set_dict = _descriptor_setter("__dict__")
+_set_fields_set = _descriptor_setter("__pydantic_fields_set__")
+_set_extra = _descriptor_setter("__pydantic_extra__")
+_set_private = _descriptor_setter("__pydantic_private__")
+_FIELDS_SET = set(TaskAccessToken.model_fields)  # copied into each token: pydantic updates it
+
+
+def _claims_copy(claims: Mapping[str, Any]) -> dict[str, Any]:
+    # A verifier's claims are a read-only view of a dict: copying the dict skips the view.
+    copy = claims.copy() if type(claims) is MappingProxyType else None
+    return copy if type(copy) is dict else dict(claims)
 
 
 class _ToolRule:
@@ -125,9 +161,12 @@ class _ToolRule:
     def scopes(self, scope: Scope, body: bytes) -> tuple[str, ...]:
         if scope.get("method") != "POST":  # GET (the SSE stream), DELETE (end a session)
             return ()
-        if self.every_tool:
-            return tuple(map(tool_scope, called_tools(body)))
-        return tuple(tool_scope(name) for name in called_tools(body) if name in self.required)
+        names = called_tools(body)
+        if not self.every_tool:
+            names = tuple(name for name in names if name in self.required)
+        if len(names) == 1:  # one call per request, mostly: no generator
+            return (tool_scope(names[0]),)
+        return tuple(map(tool_scope, names))
 
 
 class TaskAuth:
@@ -167,13 +206,10 @@ class TaskAuth:
             log.error("refused a token outside TaskAuth.protect(): serve auth.protect(server)")
             return None
         admitted_token, caller = admitted
-        try:
-            if token != admitted_token or caller.jwt is None:
-                verified = self._jwt.verify(token, self.audience)
-                caller = Caller(verified.spiffe_id, jwt=verified, audience=self.audience)
-            return self._access_token(token, caller)
-        except VerificationError:
+        if token != admitted_token:  # not the token whose tool grants were checked
+            log.error("refused a bearer token other than the one TaskAuth.protect() admitted")
             return None
+        return TaskAccessToken._of(token, caller, self.audience)
 
     def access_token(self, token: str) -> TaskAccessToken:
         """The ``TaskAccessToken`` of a JWT-SVID for this audience; VerificationError if not."""
@@ -207,57 +243,96 @@ class TaskAuth:
         return self._protected(server.streamable_http_app(**app_options), server)
 
     def _protected(self, app: ASGIApp, server: Any) -> ASGIApp:
-        sessions = _Sessions(app, server)
-        middleware = SvidAuthMiddleware(
-            sessions,
+        middleware = _McpMiddleware(
+            app,
+            _Sessions(server),
+            self._rule,
             audience=self.audience,
             source=self._source,
             jwt_verifier=self._jwt,
             accept_mtls=False,
-            required_scopes=self._rule,
         )
         subscribe = getattr(self._source, "on_revoked", None)
         if subscribe is not None:
-            subscribe(sessions.on_revoked)
+            subscribe(middleware.sessions.on_revoked)
         return middleware
 
 
-class _Sessions:
-    """Inside svid's middleware, around the SDK's app: hands the SDK's token check the request
-    svid admitted, and keeps the MCP sessions each task opened, to end them when the task is
-    revoked. One layer, so each request's headers are read once."""
+_AUTHORIZATION = b"authorization"
 
-    def __init__(self, app: ASGIApp, server: Any) -> None:
-        self.app = app
+
+class _McpMiddleware(SvidAuthMiddleware):
+    """svid.asgi's middleware as ``TaskAuth.protect`` needs it, around the SDK's app: bearer
+    task tokens only, each tool call checked; and, from the same one pass over the request's
+    headers, the MCP session the request uses kept (to end it when the task is revoked) and
+    the admitted token handed to the SDK's own token check (``verify_token``)."""
+
+    def __init__(self, app: ASGIApp, sessions: _Sessions, tools: _ToolRule, **options: Any) -> None:
+        super().__init__(app, required_scopes=tools, **options)
+        self.sessions = sessions
+        self._tools = tools  # the rule reads bodies of POSTs only (the same as svid.asgi asks)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # websocket, lifespan: as svid.asgi serves them
+            await super().__call__(scope, receive, send)
+            return
+        header = session = None
+        for key, value in scope.get("headers", ()):
+            # Only names of these lengths can match: no lowered copy of every header's name.
+            # The first of each counts, as for the SDK (Starlette's headers.get).
+            size = len(key)
+            if size == 13:  # len(b"authorization")
+                if header is None and (key == _AUTHORIZATION or key.lower() == _AUTHORIZATION):
+                    header = value
+            elif (
+                size == 14  # len(SESSION_HEADER)
+                and session is None
+                and (key == SESSION_HEADER or key.lower() == SESSION_HEADER)
+            ):
+                session = value
+        try:
+            if header is None:
+                raise _RefusedError(no_credentials())
+            token, caller = self._bearer(bytes(header).decode("latin-1"))
+            if self._authorize is not None:
+                self._check_authorized(caller)
+            if scope.get("method") == "POST":  # tool calls come in a POST's JSON-RPC body
+                body, receive = await _read_body(receive, self._max_body)
+                try:
+                    needed = self._tools.scopes(scope, body)
+                except ValueError as exc:  # a body that cannot be read is refused, not passed
+                    raise _RefusedError(Refusal(400, "invalid_request", str(exc))) from None
+                missing = caller.missing(needed)
+                if missing:
+                    raise _RefusedError(insufficient_scope(missing))
+        except _RefusedError as refused:
+            await self._refuse("http", send, refused.refusal)
+            return
+        if session is None:  # a request in a session never opens another: no answer to watch
+            send = self.sessions.watching(caller, send)
+        else:
+            self.sessions.track(caller, bytes(session).decode("latin-1"))
+        scope = dict(scope)
+        scope[CALLER] = caller
+        reset = _admitted.set((token, caller))
+        try:
+            await self._serve(caller, scope, receive, send)
+        finally:
+            _admitted.reset(reset)
+
+
+class _Sessions:
+    """The MCP sessions each task opened, to end them when the task is revoked (through the
+    SDK's session manager, as a client's DELETE would)."""
+
+    def __init__(self, server: Any) -> None:
         self._server = server
         self._open = OpenRequests()
         self._admissions: dict[str, Admission] = {}
         self._ending: set[asyncio.Future[Any]] = set()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        caller = caller_of(scope)
-        token = ""
-        in_session = False
-        for key, value in scope.get("headers", ()):
-            # Only names of these lengths can match: no lowered copy of every header's name.
-            size = len(key)
-            if size == len(b"authorization") and key.lower() == b"authorization":
-                token = bytes(value).decode("latin-1").partition(" ")[2].strip()
-            elif size == len(SESSION_HEADER) and key.lower() == SESSION_HEADER:
-                in_session = True
-                self._track(caller, bytes(value).decode("latin-1"), asyncio.get_running_loop())
-        if not in_session:  # a request in a session never opens another: no answer to watch
-            send = self._watching(caller, send)
-        reset = _admitted.set((token, caller))
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            _admitted.reset(reset)
-
-    def _watching(self, caller: Caller, send: Send) -> Send:
+    def watching(self, caller: Caller, send: Send) -> Send:
+        """``send`` that keeps the session its response opens (its ``mcp-session-id``)."""
         loop = asyncio.get_running_loop()
 
         async def watching_send(message: Message) -> None:
@@ -268,6 +343,11 @@ class _Sessions:
             await send(message)
 
         return watching_send
+
+    def track(self, caller: Caller, session_id: str) -> None:
+        """Keep the session a request is made in (its first request does; later ones find it)."""
+        if session_id not in self._admissions:
+            self._track(caller, session_id, asyncio.get_running_loop())
 
     def _track(self, caller: Caller, session_id: str, loop: asyncio.AbstractEventLoop) -> None:
         if session_id in self._admissions:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ssl
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 from svid._clock import Clock
@@ -63,6 +64,8 @@ def _context(
     verifier: X509Verifier | None,
     max_revocation_staleness: float | None,
     clock: Clock | None,
+    trust_domains: Iterable[TrustDomain | str] | None = None,
+    federated: bool = False,
 ) -> ssl.SSLContext:
     authorizer = as_authorizer(authorize)
     revocations = getattr(source, "revocations", None)
@@ -73,11 +76,16 @@ def _context(
         if make is None:
             raise TypeError("pass verifier= for a source without x509_verifier()")
         options: dict[str, Any] = {"max_revocation_staleness": max_revocation_staleness}
+        if trust_domains is not None or federated:
+            options.update(trust_domains=trust_domains, federated=federated)
         if clock is not None:
             options["clock"] = clock
         verifier = make(**options)
-    elif max_revocation_staleness is not None:
-        raise TypeError("max_revocation_staleness goes to the verifier you pass, not here")
+    elif max_revocation_staleness is not None or trust_domains is not None or federated:
+        raise TypeError(
+            "max_revocation_staleness, trust_domains and federated go to the verifier you "
+            "pass, not here"
+        )
     policy = PeerPolicy(verifier, authorizer, revocations)
     on_revoked = getattr(source, "on_revoked", None)
     if on_revoked is not None:
@@ -111,14 +119,18 @@ def server_context(
     verifier: X509Verifier | None = None,
     max_revocation_staleness: float | None = None,
     clock: Clock | None = None,
+    trust_domains: Iterable[TrustDomain | str] | None = None,
+    federated: bool = False,
 ) -> ssl.SSLContext:
     """A server context: requires a client certificate and admits the clients ``authorize``
     accepts (a SPIFFE ID, a TrustDomain, or an Authorizer such as ``authorize_one_of``).
 
     It presents the source's default SVID (or the one for ``spiffe_id``), always the newest.
     ``max_revocation_staleness``: refuse every new peer while the source's revocation data is
-    older than this many seconds (the agent is down). ``verifier`` replaces the one made from
-    the source (then set its options there).
+    older than this many seconds (the agent is down). Peers of a federated trust domain are
+    admitted only when named in ``trust_domains`` (or with ``federated=True``: every trust
+    domain the agent gives this workload a bundle of), and ``authorize`` accepts them.
+    ``verifier`` replaces the one made from the source (then set its options there).
     """
     return _context(
         source,
@@ -128,6 +140,8 @@ def server_context(
         verifier=verifier,
         max_revocation_staleness=max_revocation_staleness,
         clock=clock,
+        trust_domains=trust_domains,
+        federated=federated,
     )
 
 
@@ -139,6 +153,8 @@ def client_context(
     verifier: X509Verifier | None = None,
     max_revocation_staleness: float | None = None,
     clock: Clock | None = None,
+    trust_domains: Iterable[TrustDomain | str] | None = None,
+    federated: bool = False,
 ) -> ssl.SSLContext:
     """A client context: presents the source's newest SVID and admits the servers ``authorize``
     accepts. Host names are not checked: the server's SPIFFE ID is what is authorised."""
@@ -150,4 +166,6 @@ def client_context(
         verifier=verifier,
         max_revocation_staleness=max_revocation_staleness,
         clock=clock,
+        trust_domains=trust_domains,
+        federated=federated,
     )

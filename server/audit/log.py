@@ -35,7 +35,7 @@ from server.audit.event import (
     event_from_row,
 )
 from server.audit.verify import Anchor, VerifyResult, verify_store
-from server.datastore.base import AuditStore
+from server.datastore.base import AuditStore, JtiClaim
 from server.datastore.errors import ChainMovedError, StorageError
 from server.datastore.records import AUDIT_COLUMNS, Credential, EventFilter, Head
 from svid._clock import Clock
@@ -156,6 +156,7 @@ class AuditLog:
         self._commit_lock = threading.Lock()
         self._pending: list[tuple[Any, ...]] = []
         self._pending_credentials: list[Credential] = []
+        self._pending_jtis: list[JtiClaim] = []
         self._tickets: list[_Ticket] = []
         # Commits for record_later: one thread, started on first use, grouping like any caller.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="audit-writer")
@@ -212,15 +213,23 @@ class AuditLog:
         self._append(drafts)
 
     def record(
-        self, credentials: Sequence[Credential], drafts: Sequence[DraftTuple | EventDraft]
+        self,
+        credentials: Sequence[Credential],
+        drafts: Sequence[DraftTuple | EventDraft],
+        jtis: Sequence[JtiClaim] = (),
     ) -> None:
         """Commit issued credentials and the events that audit them in one transaction (shared
         with concurrent callers); both are durable when this returns, and neither is stored
-        when it raises (LedgerError)."""
+        when it raises (LedgerError).
+
+        `jtis` (the assertions the credentials were issued for, server/oauth) are claimed in
+        that transaction (AuditStore.write_ledger): when one is held already, the whole shared
+        commit fails with a LedgerError caused by JtiHeldError, which names the held ones; the
+        callers whose own jtis are not among them may simply record again."""
         tuples = [d if isinstance(d, tuple) else _draft_values(d) for d in drafts]
         for values in tuples:
             check_draft_tuple(values)
-        self._append(tuples, credentials)
+        self._append(tuples, credentials, jtis)
 
     def record_later(
         self, credentials: Sequence[Credential], drafts: Sequence[DraftTuple | EventDraft]
@@ -252,17 +261,24 @@ class AuditLog:
             self._commit_until(ticket)
 
     def _append(
-        self, drafts: Sequence[DraftTuple], credentials: Sequence[Credential] = ()
+        self,
+        drafts: Sequence[DraftTuple],
+        credentials: Sequence[Credential] = (),
+        jtis: Sequence[JtiClaim] = (),
     ) -> list[tuple[Any, ...]]:
-        if not drafts and not credentials:
+        if not drafts and not credentials and not jtis:
             return []
-        ticket = self._enqueue(_Ticket(drafts), drafts, credentials)
+        ticket = self._enqueue(_Ticket(drafts), drafts, credentials, jtis)
         self._commit_until(ticket)
         # The rows as committed: sealed again if another writer moved the chain meanwhile.
         return ticket.rows
 
     def _enqueue(
-        self, ticket: _Ticket, drafts: Sequence[DraftTuple], credentials: Sequence[Credential]
+        self,
+        ticket: _Ticket,
+        drafts: Sequence[DraftTuple],
+        credentials: Sequence[Credential],
+        jtis: Sequence[JtiClaim] = (),
     ) -> _Ticket:
         """Seal `drafts` onto the chain and queue them, with `credentials`, for the next commit."""
         with self._chain_lock:
@@ -272,6 +288,7 @@ class AuditLog:
                 ticket.rows = self._seal(drafts, ticket.ts)
             self._pending.extend(ticket.rows)
             self._pending_credentials.extend(credentials)
+            self._pending_jtis.extend(jtis)
             self._tickets.append(ticket)
         return ticket
 
@@ -335,8 +352,9 @@ class AuditLog:
                 with self._chain_lock:
                     batch, self._pending = self._pending, []
                     credentials, self._pending_credentials = self._pending_credentials, []
+                    jtis, self._pending_jtis = self._pending_jtis, []
                     tickets, self._tickets = self._tickets, []
-                self._write(batch, credentials, tickets)
+                self._write(batch, credentials, jtis, tickets)
         if mine.error is not None:
             raise mine.error
 
@@ -344,6 +362,7 @@ class AuditLog:
         self,
         batch: list[tuple[Any, ...]],
         credentials: list[Credential],
+        jtis: list[JtiClaim],
         tickets: list[_Ticket],
     ) -> None:
         """Commit one group (under the commit lock), sealing it again on the stored head each
@@ -361,7 +380,11 @@ class AuditLog:
                 return out[-1]
 
             try:
-                self._store.write_ledger(credentials, batch, reseal)
+                if jtis:
+                    now = int(self._clock.now())
+                    self._store.write_ledger(credentials, batch, jtis, now, reseal=reseal)
+                else:
+                    self._store.write_ledger(credentials, batch, reseal=reseal)
             except ChainMovedError as e:
                 reseals += 1
                 try:
@@ -370,7 +393,9 @@ class AuditLog:
                             f"the audit chain kept moving under other writers: gave up after "
                             f"{_RESEALS} reseals"
                         ) from e
-                    batch, credentials, tickets = self._reseal(e.head, credentials, tickets)
+                    batch, credentials, jtis, tickets = self._reseal(
+                        e.head, credentials, jtis, tickets
+                    )
                 except LedgerError as gave_up:
                     self._fail(tickets, gave_up)
                     return
@@ -434,8 +459,12 @@ class AuditLog:
         return batch
 
     def _reseal(
-        self, stored: Head | None, credentials: list[Credential], tickets: list[_Ticket]
-    ) -> tuple[list[tuple[Any, ...]], list[Credential], list[_Ticket]]:
+        self,
+        stored: Head | None,
+        credentials: list[Credential],
+        jtis: list[JtiClaim],
+        tickets: list[_Ticket],
+    ) -> tuple[list[tuple[Any, ...]], list[Credential], list[JtiClaim], list[_Ticket]]:
         """Seal the refused group, and everything queued after it (chained on the same stale
         head), again on the stored head; returns the group to write in their place.
 
@@ -448,7 +477,9 @@ class AuditLog:
         with self._chain_lock:
             tickets = tickets + self._tickets
             credentials = credentials + self._pending_credentials
+            jtis = jtis + self._pending_jtis
             self._pending, self._pending_credentials, self._tickets = [], [], []
+            self._pending_jtis = []
             self._next_seq = 1 if stored is None else stored.seq + 1
             self._head_hash = GENESIS_HASH if stored is None else stored.hash
             # Committed, by another writer, and seen inside this process's own transaction.
@@ -460,7 +491,7 @@ class AuditLog:
                     # the first seal did not.
                     t.rows = self._seal(t.drafts, t.ts)
                     batch.extend(t.rows)
-        return batch, credentials, tickets
+        return batch, credentials, jtis, tickets
 
     def _fail(self, tickets: list[_Ticket], error: LedgerError) -> None:
         """A failed commit voids its batch and all chained after it; resume from the store."""
@@ -468,6 +499,7 @@ class AuditLog:
             voided = tickets + self._tickets
             self._pending = []
             self._pending_credentials = []
+            self._pending_jtis = []
             self._tickets = []
             try:
                 head = self._store.audit_head()

@@ -28,7 +28,9 @@ from server.datastore.records import (
     Credential,
     Entry,
     EventFilter,
+    FederationRelationship,
     FeedItem,
+    ForeignBundle,
     Head,
     JoinToken,
     KeySlot,
@@ -209,6 +211,14 @@ class TaskRecordStore(Protocol):
         """Insert or replace by task_id; durable when this returns."""
         ...
 
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        """Replace the row of `task.task_id` with `task` only while its stored state is
+        `expected_state`, in one atomic step: True when this call replaced it (durable, its
+        feed row with it); False, changing nothing, when the row is absent or in another state.
+        Of several concurrent callers (any servers) expecting the same state, exactly one gets
+        True: the one whose write ends a task records the end and revokes."""
+        ...
+
     def get_task(self, task_id: str) -> TaskRecord | None: ...
 
     def list_tasks(
@@ -267,6 +277,8 @@ class AuditStore(Protocol):
         self,
         credentials: Sequence[Credential],
         audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
         reseal: Resealer | None = None,
     ) -> None:
         """Commit the credential rows, the sealed audit rows (consecutive seqs, AUDIT_COLUMNS)
@@ -281,7 +293,13 @@ class AuditStore(Protocol):
         stored head are written instead, in the same transaction (chain.rows_to_write). The
         check and the write are one atomic step against other writers (SQLite: the write
         lock of BEGIN IMMEDIATE; PostgreSQL: SELECT ... FOR UPDATE on the head row).
-        Credential rows alone (no audit rows) are not checked."""
+        Credential rows alone (no audit rows) are not checked.
+
+        `jtis` (the OAuth token endpoint's assertions, see AssertionReplayStore) are claimed
+        in the same transaction, each as claim_jtis would at `now`: a token and the claim of
+        the assertion it was issued for are durable together or not at all. When any of them
+        is held already (a replay, or a repeat within `jtis`), nothing is written and
+        JtiHeldError names the held ones."""
         ...
 
     def audit_head(self) -> Head | None:
@@ -361,7 +379,9 @@ class JtiClaim(NamedTuple):
 
 class AssertionReplayStore(Protocol):
     """The `jti`s of assertions the OAuth token endpoint accepted (server/oauth), kept until
-    they expire, so that none is accepted twice by any server sharing the database."""
+    they expire, so that none is accepted twice by any server sharing the database. The
+    endpoint claims them with the token's ledger commit (AuditStore.write_ledger's `jtis`, the
+    same insert as claim_jtis)."""
 
     def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
         """Record each (issuer, jti) until its expires_at, each by ONE atomic insert-if-absent,
@@ -375,8 +395,45 @@ class AssertionReplayStore(Protocol):
         ...
 
 
+class FederationStore(Protocol):
+    """Relationships with foreign trust domains and their last good bundles (server/federation)."""
+
+    def create_relationship(self, rel: FederationRelationship) -> FederationRelationship:
+        """Store a new relationship (timestamps set); AlreadyExistsError for its trust domain."""
+        ...
+
+    def update_relationship(self, rel: FederationRelationship) -> FederationRelationship:
+        """Replace a relationship's endpoint settings; NotFoundError when there is none."""
+        ...
+
+    def get_relationship(self, trust_domain: str) -> FederationRelationship:
+        """NotFoundError when there is none."""
+        ...
+
+    def list_relationships(self) -> list[FederationRelationship]:
+        """Every relationship, by trust domain."""
+        ...
+
+    def delete_relationship(self, trust_domain: str) -> None:
+        """NotFoundError when there is none; its foreign bundle stays (delete that apart)."""
+        ...
+
+    def put_foreign_bundle(self, bundle: ForeignBundle) -> None:
+        """Store (or replace) a foreign trust domain's bundle."""
+        ...
+
+    def list_foreign_bundles(self) -> list[ForeignBundle]:
+        """Every foreign bundle, by trust domain."""
+        ...
+
+    def delete_foreign_bundle(self, trust_domain: str) -> None:
+        """NotFoundError when there is none."""
+        ...
+
+
 class DataStore(
     RegistrationStore,
+    FederationStore,
     ChangeFeed,
     TaskRecordStore,
     CredentialStore,

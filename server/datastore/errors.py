@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from server.datastore.records import Head
 from svid._errors import SvidError
 
@@ -38,3 +40,20 @@ class ChainMovedError(StorageError):
     def __init__(self, message: str, head: Head | None = None) -> None:
         super().__init__(message)
         self.head = head
+
+
+class JtiHeldError(StorageError):
+    """A ledger write claimed an assertion `jti` that is held already (a replay, perhaps
+    racing through another server sharing the database): the whole write was rolled back and
+    nothing of it kept. `held` names the (issuer, jti) pairs that were refused, so the callers
+    whose rows shared the write can tell a replay of their own from a neighbour's."""
+
+    def __init__(self, message: str, held: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.held = frozenset(held)
+
+
+def held_message(held: Iterable[tuple[str, str]]) -> str:
+    """JtiHeldError's message: the first few held jtis (names of assertions, not secrets)."""
+    names = sorted(jti[:64] for _, jti in held)
+    return f"assertion jti(s) accepted before: {', '.join(repr(n) for n in names[:4])}"

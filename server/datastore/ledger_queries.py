@@ -17,6 +17,13 @@ UPSERT_TASK = (
     "agent_id = excluded.agent_id, runtime_id = excluded.runtime_id, state = excluded.state, "
     "expires_at = excluded.expires_at, created_at = excluded.created_at, body = excluded.body"
 )
+# The compare-and-set of a task's state: the row changes only while it is in :expected_state,
+# so of several servers ending one task exactly one write moves it (rowcount 1).
+SWAP_TASK = (
+    "UPDATE tasks SET agent_id = :agent_id, runtime_id = :runtime_id, state = :state, "
+    "expires_at = :expires_at, created_at = :created_at, body = :body "
+    "WHERE task_id = :task_id AND state = :expected_state"
+)
 SELECT_TASK = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = :task_id"
 DUE_TASKS = (
     f"SELECT {_TASK_COLUMNS} FROM tasks WHERE state = :state AND expires_at <= :now "

@@ -255,6 +255,30 @@ def _oauth_jtis(execute: Execute) -> None:
     execute("CREATE INDEX oauth_jtis_expiry ON oauth_jtis (expires_at)")
 
 
+def _federation(execute: Execute) -> None:
+    """SPIFFE federation (server/federation): the relationships with foreign trust domains, the
+    last good bundle of each, and the foreign trust domains an entry federates with (a JSON
+    list, like selectors). A foreign bundle may be set before any relationship exists (the
+    bootstrap), so the two tables stand apart."""
+    execute("""
+        CREATE TABLE federation_relationships (
+            trust_domain TEXT PRIMARY KEY,
+            endpoint_url TEXT NOT NULL,
+            profile TEXT NOT NULL,
+            endpoint_spiffe_id TEXT NOT NULL,
+            ca_file TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )""")
+    execute("""
+        CREATE TABLE foreign_bundles (
+            trust_domain TEXT PRIMARY KEY,
+            bundle BLOB NOT NULL,
+            updated_at BIGINT NOT NULL
+        )""")
+    execute("ALTER TABLE entries ADD COLUMN federates_with TEXT NOT NULL DEFAULT '[]'")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
@@ -263,6 +287,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "change feed", _feed),
     Migration(6, "shared keys: sealed key slots and leases", _shared_keys),
     Migration(7, "oauth: replayed assertion jtis", _oauth_jtis),
+    Migration(8, "federation: relationships, foreign bundles, entries federate with", _federation),
 )
 
 

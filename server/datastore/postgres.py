@@ -62,6 +62,7 @@ from server.datastore.migrations import (
     postgres_migrations,
 )
 from server.datastore.postgres_dsn import redact_dsn, scrub
+from server.datastore.postgres_federation import PostgresFederation
 from server.datastore.postgres_ledger import PostgresLedger
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
@@ -109,7 +110,7 @@ FEED_WAIT_SLICE = 0.25
 _RETRY = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
 
-class PostgresDataStore(PostgresLedger):
+class PostgresDataStore(PostgresLedger, PostgresFederation):
     """`DataStore` on one PostgreSQL database (the DSN's search_path picks the schema). Build
     once per process; `close()` at shutdown."""
 

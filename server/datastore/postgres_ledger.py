@@ -16,8 +16,10 @@ import psycopg
 
 from server.datastore import ledger_queries as lq
 from server.datastore import postgres_sql as ps
+from server.datastore import queries as q
+from server.datastore.base import JtiClaim
 from server.datastore.chain import Resealer, rows_to_write
-from server.datastore.errors import StorageError
+from server.datastore.errors import JtiHeldError, StorageError, held_message
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
     AUDIT_COLUMNS,
@@ -72,6 +74,19 @@ class PostgresLedger:
 
         self._write("record the task", work)
 
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        params = {**_task_params(task), "expected_state": expected_state}
+
+        def work(cur: Cursor) -> bool:
+            # Read committed: a concurrent swap waits on the row lock, then sees the winner's
+            # state and matches nothing.
+            if cur.execute(pg(lq.SWAP_TASK), params).rowcount != 1:
+                return False
+            self._append_feed(cur, FEED_TASK, (task.task_id,))
+            return True
+
+        return self._write("record the task", work)
+
     def get_task(self, task_id: str) -> TaskRecord | None:
         rows = self._rows("read the task", lq.SELECT_TASK, {"task_id": task_id})
         return _task_from(rows[0]) if rows else None
@@ -122,12 +137,23 @@ class PostgresLedger:
         self,
         credentials: Sequence[Credential],
         audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
         reseal: Resealer | None = None,
     ) -> None:
-        if not credentials and not audit_rows:
+        if not credentials and not audit_rows and not jtis:
             return
+        # In key order, as claim_jtis: writes of several servers lock jti rows in one order.
+        claims = sorted(jtis, key=lambda c: (c.issuer, c.jti))
 
         def work(cur: Cursor) -> None:
+            held = [
+                (c.issuer, c.jti)
+                for c in claims
+                if cur.execute(pg(q.CLAIM_JTI), {**c._asdict(), "now": now}).rowcount != 1
+            ]
+            if held:
+                raise JtiHeldError(held_message(held), held)
             if credentials:
                 with cur.copy(ps.COPY_CREDENTIALS) as copy:
                     for credential in credentials:

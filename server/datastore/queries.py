@@ -14,12 +14,12 @@ RECORD_MIGRATION = (
 
 _ENTRY_COLUMNS = (
     "id, spiffe_id, parent_id, identity_hash, selectors, x509_svid_ttl, jwt_svid_ttl, "
-    "dns_names, hint, admin, expires_at, revision, created_at"
+    "dns_names, hint, admin, expires_at, revision, created_at, federates_with"
 )
 INSERT_ENTRY = (
     f"INSERT INTO entries ({_ENTRY_COLUMNS}) VALUES (:id, :spiffe_id, :parent_id, "
     ":identity_hash, :selectors, :x509_svid_ttl, :jwt_svid_ttl, :dns_names, :hint, :admin, "
-    ":expires_at, :revision, :created_at)"
+    ":expires_at, :revision, :created_at, :federates_with)"
 )
 # Either uniqueness (id, identity_hash) makes this a no-op with rowcount 0.
 INSERT_ENTRY_UNLESS_EXISTS = f"{INSERT_ENTRY} ON CONFLICT DO NOTHING"
@@ -27,7 +27,8 @@ UPDATE_ENTRY = (
     "UPDATE entries SET spiffe_id = :spiffe_id, parent_id = :parent_id, "
     "identity_hash = :identity_hash, selectors = :selectors, x509_svid_ttl = :x509_svid_ttl, "
     "jwt_svid_ttl = :jwt_svid_ttl, dns_names = :dns_names, hint = :hint, admin = :admin, "
-    "expires_at = :expires_at, revision = :revision WHERE id = :id"
+    "expires_at = :expires_at, revision = :revision, federates_with = :federates_with "
+    "WHERE id = :id"
 )
 DELETE_ENTRY = "DELETE FROM entries WHERE id = :id"
 SELECT_ENTRY = f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = :id"
@@ -130,3 +131,34 @@ INSERT INTO oauth_jtis (issuer, jti, expires_at) VALUES (:issuer, :jti, :expires
 ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at
 WHERE oauth_jtis.expires_at <= :now"""
 PRUNE_JTIS = "DELETE FROM oauth_jtis WHERE expires_at <= :now"
+
+_RELATIONSHIP_COLUMNS = (
+    "trust_domain, endpoint_url, profile, endpoint_spiffe_id, ca_file, created_at, updated_at"
+)
+INSERT_RELATIONSHIP = (
+    f"INSERT INTO federation_relationships ({_RELATIONSHIP_COLUMNS}) VALUES (:trust_domain, "
+    ":endpoint_url, :profile, :endpoint_spiffe_id, :ca_file, :created_at, :updated_at) "
+    "ON CONFLICT DO NOTHING"
+)
+UPDATE_RELATIONSHIP = (
+    "UPDATE federation_relationships SET endpoint_url = :endpoint_url, profile = :profile, "
+    "endpoint_spiffe_id = :endpoint_spiffe_id, ca_file = :ca_file, updated_at = :updated_at "
+    "WHERE trust_domain = :trust_domain"
+)
+SELECT_RELATIONSHIP = (
+    f"SELECT {_RELATIONSHIP_COLUMNS} FROM federation_relationships "
+    "WHERE trust_domain = :trust_domain"
+)
+LIST_RELATIONSHIPS = (
+    f"SELECT {_RELATIONSHIP_COLUMNS} FROM federation_relationships ORDER BY trust_domain"
+)
+DELETE_RELATIONSHIP = "DELETE FROM federation_relationships WHERE trust_domain = :trust_domain"
+UPSERT_FOREIGN_BUNDLE = (
+    "INSERT INTO foreign_bundles (trust_domain, bundle, updated_at) VALUES (:trust_domain, "
+    ":bundle, :updated_at) ON CONFLICT (trust_domain) DO UPDATE SET bundle = excluded.bundle, "
+    "updated_at = excluded.updated_at"
+)
+LIST_FOREIGN_BUNDLES = (
+    "SELECT trust_domain, bundle, updated_at FROM foreign_bundles ORDER BY trust_domain"
+)
+DELETE_FOREIGN_BUNDLE = "DELETE FROM foreign_bundles WHERE trust_domain = :trust_domain"

@@ -57,6 +57,39 @@ class Entry:
     expires_at: int = 0
     revision: int = 0
     created_at: int = 0
+    # Foreign trust domain names ("other.org") whose bundles the entry's workloads are given.
+    federates_with: tuple[str, ...] = ()
+
+
+HTTPS_WEB = "https_web"
+HTTPS_SPIFFE = "https_spiffe"
+PROFILES = (HTTPS_WEB, HTTPS_SPIFFE)
+
+
+@dataclass(frozen=True, slots=True)
+class FederationRelationship:
+    """A foreign trust domain we trust, and where its bundle endpoint is.
+
+    https_web: the endpoint's certificate is checked by web PKI, or against `ca_file` when set.
+    https_spiffe: it must present an X.509-SVID for `endpoint_spiffe_id`, checked against the
+    last known bundle of the foreign trust domain."""
+
+    trust_domain: str
+    endpoint_url: str
+    profile: str
+    endpoint_spiffe_id: str = ""
+    ca_file: str = ""
+    created_at: int = 0
+    updated_at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignBundle:
+    """The last good bundle of a foreign trust domain, as SPIFFE bundle JSON."""
+
+    trust_domain: str
+    bundle: bytes
+    updated_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +179,17 @@ FEED_AGENT = "agent"  # key: the agent's SPIFFE ID
 FEED_REVOCATION = "revocation"  # key: "<kind>:<value>"
 FEED_KEY_SLOT = "key_slot"  # key: the slot's id
 FEED_TASK = "task"  # key: the task's id
-FEED_KINDS = (FEED_ENTRY, FEED_AGENT, FEED_REVOCATION, FEED_KEY_SLOT, FEED_TASK)
+FEED_RELATIONSHIP = "federation_relationship"  # key: the foreign trust domain
+FEED_FOREIGN_BUNDLE = "foreign_bundle"  # key: the foreign trust domain
+FEED_KINDS = (
+    FEED_ENTRY,
+    FEED_AGENT,
+    FEED_REVOCATION,
+    FEED_KEY_SLOT,
+    FEED_TASK,
+    FEED_RELATIONSHIP,
+    FEED_FOREIGN_BUNDLE,
+)
 
 
 class FeedItem(NamedTuple):

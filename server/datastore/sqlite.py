@@ -58,6 +58,7 @@ from server.datastore.records import (
     TokenUse,
     revocation_needed_from,
 )
+from server.datastore.sqlite_federation import SqliteFederation
 from server.datastore.sqlite_ledger import SqliteLedger
 from svid._clock import Clock
 
@@ -104,6 +105,7 @@ def _entry_params(entry: Entry) -> dict[str, Any]:
         "expires_at": entry.expires_at,
         "revision": entry.revision,
         "created_at": entry.created_at,
+        "federates_with": json.dumps(list(entry.federates_with)),
     }
 
 
@@ -121,6 +123,7 @@ def _entry_from(row: Row) -> Entry:
         expires_at=row["expires_at"],
         revision=row["revision"],
         created_at=row["created_at"],
+        federates_with=tuple(json.loads(row["federates_with"])),
     )
 
 
@@ -190,7 +193,7 @@ def _create_private_file(path: Path) -> None:
         os.close(fd)
 
 
-class SqliteDataStore(SqliteLedger):
+class SqliteDataStore(SqliteLedger, SqliteFederation):
     """`DataStore` on one SQLite file. Build once per process; `close()` at shutdown."""
 
     def __init__(self, path: Path, clock: Clock) -> None:

@@ -16,9 +16,11 @@ from typing import Any
 import sqlite_utils
 
 from server.datastore import ledger_queries as lq
+from server.datastore import queries as q
 from server.datastore import sqlite_audit
+from server.datastore.base import JtiClaim
 from server.datastore.chain import Resealer, rows_to_write
-from server.datastore.errors import StorageError
+from server.datastore.errors import JtiHeldError, StorageError, held_message
 from server.datastore.records import (
     FEED_TASK,
     AuditMark,
@@ -95,6 +97,17 @@ class SqliteLedger:
         except sqlite3.Error as e:
             raise StorageError(f"cannot record the task: {e}") from e
 
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        params = {**_task_params(task), "expected_state": expected_state}
+        try:
+            with self._transaction() as db:
+                if db.execute(lq.SWAP_TASK, params).rowcount != 1:
+                    return False
+                self._append_feed(db, FEED_TASK, (task.task_id,))
+                return True
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot record the task: {e}") from e
+
     def get_task(self, task_id: str) -> TaskRecord | None:
         rows = self._read("read the task", lq.SELECT_TASK, {"task_id": task_id})
         return _task_from(rows[0]) if rows else None
@@ -145,9 +158,11 @@ class SqliteLedger:
         self,
         credentials: Sequence[Credential],
         audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
         reseal: Resealer | None = None,
     ) -> None:
-        if not credentials and not audit_rows:
+        if not credentials and not audit_rows and not jtis:
             return
         try:
             with self._transaction() as db:
@@ -156,6 +171,15 @@ class SqliteLedger:
                     # head between this read and the commit.
                     stored = sqlite_audit.read_head(db.conn)
                     audit_rows = rows_to_write(stored, audit_rows, reseal)
+                if jtis:
+                    # Before anything is written: a held one rolls the whole write back.
+                    held = [
+                        (c.issuer, c.jti)
+                        for c in jtis
+                        if db.execute(q.CLAIM_JTI, {**c._asdict(), "now": now}).rowcount != 1
+                    ]
+                    if held:
+                        raise JtiHeldError(held_message(held), held)
                 # Multi-row statements: see insert_many for why not executemany.
                 sqlite_audit.insert_many(db.conn, lq.CREDENTIALS_INTO, credentials)
                 if audit_rows:

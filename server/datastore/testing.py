@@ -27,7 +27,9 @@ from server.datastore.records import (
     Credential,
     Entry,
     EventFilter,
+    FederationRelationship,
     FeedItem,
+    ForeignBundle,
     Head,
     JoinToken,
     KeySlot,
@@ -206,6 +208,10 @@ class FaultInjectingDataStore:
         self._enter("put_task")
         self.inner.put_task(task)
 
+    def swap_task(self, task: TaskRecord, expected_state: str) -> bool:
+        self._enter("swap_task")
+        return self.inner.swap_task(task, expected_state)
+
     def get_task(self, task_id: str) -> TaskRecord | None:
         self._enter("get_task")
         return self.inner.get_task(task_id)
@@ -260,10 +266,12 @@ class FaultInjectingDataStore:
         self,
         credentials: Sequence[Credential],
         audit_rows: Sequence[AuditRow],
+        jtis: Sequence[JtiClaim] = (),
+        now: int = 0,
         reseal: Resealer | None = None,
     ) -> None:
         self._enter("write_ledger")
-        self.inner.write_ledger(credentials, audit_rows, reseal)
+        self.inner.write_ledger(credentials, audit_rows, jtis, now, reseal)
 
     def audit_head(self) -> Head | None:
         self._enter("audit_head")
@@ -296,6 +304,38 @@ class FaultInjectingDataStore:
     def prune_jtis(self, now: int) -> int:
         self._enter("prune_jtis")
         return self.inner.prune_jtis(now)
+
+    def create_relationship(self, rel: FederationRelationship) -> FederationRelationship:
+        self._enter("create_relationship")
+        return self.inner.create_relationship(rel)
+
+    def update_relationship(self, rel: FederationRelationship) -> FederationRelationship:
+        self._enter("update_relationship")
+        return self.inner.update_relationship(rel)
+
+    def get_relationship(self, trust_domain: str) -> FederationRelationship:
+        self._enter("get_relationship")
+        return self.inner.get_relationship(trust_domain)
+
+    def list_relationships(self) -> list[FederationRelationship]:
+        self._enter("list_relationships")
+        return self.inner.list_relationships()
+
+    def delete_relationship(self, trust_domain: str) -> None:
+        self._enter("delete_relationship")
+        self.inner.delete_relationship(trust_domain)
+
+    def put_foreign_bundle(self, bundle: ForeignBundle) -> None:
+        self._enter("put_foreign_bundle")
+        self.inner.put_foreign_bundle(bundle)
+
+    def list_foreign_bundles(self) -> list[ForeignBundle]:
+        self._enter("list_foreign_bundles")
+        return self.inner.list_foreign_bundles()
+
+    def delete_foreign_bundle(self, trust_domain: str) -> None:
+        self._enter("delete_foreign_bundle")
+        self.inner.delete_foreign_bundle(trust_domain)
 
     def close(self) -> None:
         self._enter("close")

@@ -2,8 +2,9 @@
 
 Accepted: a JWT-SVID signed by a key of this trust domain's bundle or of a configured trusted
 bundle, for the audience named (this server's token endpoint or its issuer URL), not expired,
-carrying a `jti` never seen before (replays are refused through the datastore, atomically, so
-servers sharing a database agree), and when it has `iss`, an issuer this server knows.
+carrying a `jti` this server did not accept before (server/oauth/replay.py: the datastore,
+claiming it with the token's ledger record, has the last word across servers), and when it has
+`iss`, an issuer this server knows.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from server.datastore.base import JtiClaim
 from server.oauth.errors import InvalidGrantError
 from svid._bundle import JwtBundle
 from svid._clock import Clock
@@ -23,14 +25,15 @@ from svid._verify_jwt import JwtVerifier, VerifiedJwt
 LEEWAY = 5.0
 MAX_ASSERTION_BYTES = 8192
 
-# (issuer, jti, expires_at, now) -> True when this jti was not seen yet (and is now recorded).
-ClaimJti = Callable[[str, str, int, int], bool]
+# (claim, now) -> True when this jti was not seen yet (and is now reserved).
+ReserveJti = Callable[[JtiClaim, int], bool]
 
 
 @dataclass(frozen=True, slots=True)
 class CheckedAssertion:
     verified: VerifiedJwt
     issuer: str  # the token's iss, or its trust domain's ID when it has none
+    claim: JtiClaim  # to be claimed durably with whatever the assertion gets
 
 
 class AssertionChecker:
@@ -40,12 +43,12 @@ class AssertionChecker:
         bundles: Callable[[TrustDomain], JwtBundle | None],
         audiences: tuple[str, ...],
         known_issuers: Mapping[str, TrustDomain],
-        claim_jti: ClaimJti,
+        reserve_jti: ReserveJti,
         clock: Clock,
     ) -> None:
         self._audiences = audiences
         self._known_issuers = dict(known_issuers)
-        self._claim_jti = claim_jti
+        self._reserve_jti = reserve_jti
         self._clock = clock
         # No cache: every assertion is checked for replay anyway, and one is used once.
         self._verifier = JwtVerifier(bundles, clock=clock, leeway=LEEWAY, cache_size=0)
@@ -67,9 +70,10 @@ class AssertionChecker:
         jti = verified.claims.get("jti")
         if not isinstance(jti, str) or not jti:
             raise InvalidGrantError(f"{what} has no jti: it could be replayed")
-        if not self._claim_jti(issuer, jti, verified.expires_at, int(self._clock.now())):
-            raise InvalidGrantError(f"{what} jti {jti[:64]!r} was used before (replay)")
-        return CheckedAssertion(verified, issuer)
+        claim = JtiClaim(issuer, jti, verified.expires_at)
+        if not self._reserve_jti(claim, int(self._clock.now())):
+            raise InvalidGrantError(replayed(what, jti))
+        return CheckedAssertion(verified, issuer, claim)
 
     def _verify(self, token: str, what: str) -> VerifiedJwt:
         # Which of our names the token claims to be for (unverified: only to pick the one the
@@ -88,3 +92,7 @@ class AssertionChecker:
             return self._verifier.verify(token, audience)
         except VerificationError as exc:
             raise InvalidGrantError(f"{what} refused: {exc}") from None
+
+
+def replayed(what: str, jti: str) -> str:
+    return f"{what} jti {jti[:64]!r} was used before (replay)"

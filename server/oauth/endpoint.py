@@ -6,7 +6,6 @@ error's status, `Cache-Control: no-store` on everything the token endpoint answe
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from server.oauth.errors import (
 )
 from server.oauth.grants import Grants, TokenResponse
 from server.oauth.http import Handler, Request, Response, json_response
+from server.oauth.workers import Workers
 
 _log = logging.getLogger("svid.server.oauth")
 _NO_STORE = (("cache-control", "no-store"), ("pragma", "no-cache"))
@@ -72,7 +72,7 @@ async def authorize(request: Request) -> Response:
     )
 
 
-def token_endpoint(grants: Grants) -> Handler:
+def token_endpoint(grants: Grants, workers: Workers) -> Handler:
     async def handle(request: Request) -> Response:
         try:
             params = parse_form(request)
@@ -87,8 +87,8 @@ def token_endpoint(grants: Grants) -> Handler:
                 raise UnsupportedGrantTypeError(
                     f"grant_type {grant_type[0][:100]!r} is not supported"
                 )
-            # Signing, the replay insert and the ledger commit block: off the event loop.
-            answer: TokenResponse = await asyncio.to_thread(grant, params)
+            # Verifying, signing and the ledger commit block: off the event loop.
+            answer: TokenResponse = await workers.run(grant, params)
         except OAuthError as exc:
             return error_response(exc)
         body = json.dumps(answer.body(), separators=(",", ":")).encode()

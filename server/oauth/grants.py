@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,10 +24,12 @@ from server.audit.errors import AuditError, LedgerError
 from server.audit.event import EventDraft
 from server.ca.errors import CaUnavailableError
 from server.ca.signer import IssuedJwt, JwtSigner
+from server.datastore.base import JtiClaim
+from server.datastore.errors import JtiHeldError
 from server.datastore.records import REVOKED_JWT_ID, Credential
 from server.errors import PermissionDeniedError
 from server.issuance import TaskJwtGrant
-from server.oauth.assertions import AssertionChecker, CheckedAssertion
+from server.oauth.assertions import AssertionChecker, CheckedAssertion, replayed
 from server.oauth.errors import (
     InvalidClientError,
     InvalidGrantError,
@@ -36,6 +38,7 @@ from server.oauth.errors import (
     OAuthError,
     UnavailableError,
 )
+from server.oauth.replay import ReplayGuard
 from server.tasks.model import TASK_PATH, Task, is_task_id
 from svid._clock import Clock
 
@@ -49,6 +52,8 @@ TXN_TOKEN_TYP = "txntoken+jwt"  # noqa: S105
 # Audit event kinds: one per grant type, decision "allow" or "deny" (and why).
 EVENT_JWT_BEARER = "oauth_jwt_bearer"
 EVENT_EXCHANGE = "oauth_token_exchange"
+# A shared commit failed by a neighbour's replayed assertion is tried again this many times.
+RECORD_ATTEMPTS = 4
 
 
 class TaskExchanges(Protocol):
@@ -58,7 +63,12 @@ class TaskExchanges(Protocol):
 
 
 class Recorder(Protocol):
-    def record(self, credentials: list[Credential], events: list[EventDraft]) -> None: ...
+    def record(
+        self,
+        credentials: Sequence[Credential],
+        events: Sequence[EventDraft],
+        jtis: Sequence[JtiClaim] = (),
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +116,7 @@ class Grants:
         checker: AssertionChecker,
         signer: Callable[[], JwtSigner],
         recorder: Recorder,
+        replay: ReplayGuard,
         tasks: TaskExchanges,
         resources: frozenset[str],
         trust_domain: str,
@@ -115,6 +126,7 @@ class Grants:
         self._checker = checker
         self._signer = signer
         self._recorder = recorder
+        self._replay = replay
         self._tasks = tasks
         self._resources = resources
         self._trust_domain = trust_domain
@@ -127,11 +139,15 @@ class Grants:
         started = time.perf_counter()
         try:
             assertion = self._checker.check(_one(params, "assertion"), "assertion")
+        except OAuthError as exc:
+            self._refused(EVENT_JWT_BEARER, exc, started)
+            raise
+        try:
             resource = _single_resource(params, self._resources)
             sub = str(assertion.verified.spiffe_id)
             _check_client_id(params, sub)
         except OAuthError as exc:
-            self._refused(EVENT_JWT_BEARER, exc, started)
+            self._refused(EVENT_JWT_BEARER, exc, started, assertion.claim)
             raise
         if is_task_id(sub):
             # A task's JWT-SVID as the assertion: the same task decision as an exchange, so a
@@ -140,7 +156,7 @@ class Grants:
                 assertion, resource, ACCESS_TOKEN_TYPE, EVENT_JWT_BEARER, started
             )
         claims = {"client_id": sub}
-        issued = self._mint(sub, resource, self._ttl, claims)
+        issued = self._mint(sub, resource, self._ttl, claims, assertion.claim)
         event = EventDraft(
             kind=EVENT_JWT_BEARER,
             agent_id=sub,
@@ -157,7 +173,7 @@ class Grants:
             },
         )
         credential = Credential(REVOKED_JWT_ID, issued.jti, "", sub, "", issued.expires_at)
-        self._record([credential], [event])
+        self._record([credential], [event], assertion.claim, EVENT_JWT_BEARER, started)
         return TokenResponse(
             issued.token, ACCESS_TOKEN_TYPE, issued.expires_at - issued.issued_at, ""
         )
@@ -176,9 +192,13 @@ class Grants:
             if requested not in ([ACCESS_TOKEN_TYPE], [TXN_TOKEN_TYPE], [JWT_TOKEN_TYPE]):
                 raise InvalidRequestError(f"requested_token_type {requested[:1]!r} not supported")
             subject = self._checker.check(_one(params, "subject_token"), "subject_token")
-            resource = _single_resource(params, self._resources)
         except OAuthError as exc:
             self._refused(EVENT_EXCHANGE, exc, started)
+            raise
+        try:
+            resource = _single_resource(params, self._resources)
+        except OAuthError as exc:
+            self._refused(EVENT_EXCHANGE, exc, started, subject.claim)
             raise
         return self._task_token(subject, resource, requested[0], EVENT_EXCHANGE, started)
 
@@ -193,7 +213,7 @@ class Grants:
         try:
             task, grant = self._decide(subject, resource)
         except OAuthError as exc:
-            self._refused(kind, exc, started)
+            self._refused(kind, exc, started, subject.claim)
             raise
         txn = requested == TXN_TOKEN_TYPE
         principal = task.on_behalf_of or task.runtime_id
@@ -215,7 +235,7 @@ class Grants:
                 "act": act,
                 "txn": task.task_id,
             }
-        issued = self._mint(principal, resource, ttl, claims, txn=txn)
+        issued = self._mint(principal, resource, ttl, claims, subject.claim, txn=txn)
         event = EventDraft(
             kind=kind,
             agent_id=task.runtime_id,
@@ -243,7 +263,7 @@ class Grants:
             task.task_id,
             issued.expires_at,
         )
-        self._record([credential], [event])
+        self._record([credential], [event], subject.claim, kind, started)
         return TokenResponse(
             issued.token,
             TXN_TOKEN_TYPE if txn else ACCESS_TOKEN_TYPE,
@@ -265,7 +285,14 @@ class Grants:
     # -- shared -------------------------------------------------------------------------------
 
     def _mint(
-        self, sub: str, resource: str, ttl: int, claims: dict[str, Any], *, txn: bool = False
+        self,
+        sub: str,
+        resource: str,
+        ttl: int,
+        claims: dict[str, Any],
+        assertion: JtiClaim,
+        *,
+        txn: bool = False,
     ) -> IssuedJwt:
         now = int(self._clock.now())
         try:
@@ -277,25 +304,67 @@ class Grants:
                 )
             return signer.mint_access_token(sub, resource, ttl, now, claims)
         except CaUnavailableError as exc:
+            # Nothing was issued: the assertion may be presented again once the CA is back.
+            self._replay.release(assertion)
             raise UnavailableError(str(exc)) from None
 
-    def _record(self, credentials: list[Credential], events: list[EventDraft]) -> None:
+    def _record(
+        self,
+        credentials: list[Credential],
+        events: list[EventDraft],
+        assertion: JtiClaim,
+        kind: str,
+        started: float,
+    ) -> None:
+        """The token's record and its event, with the claim of the assertion it was issued
+        for, in one commit; only then may the token leave."""
         try:
-            self._recorder.record(credentials, events)
+            self._commit(credentials, events, assertion)
+        except JtiHeldError:
+            # Another server accepted this assertion first: the token is not sent.
+            exc = InvalidGrantError(replayed("assertion", assertion.jti))
+            self._refused(kind, exc, started)
+            raise exc from None
         except LedgerError:
+            self._replay.release(assertion)
             _log.exception("OAuth token not recorded: refused")
             raise UnavailableError("the audit log cannot be written") from None
 
-    def _refused(self, kind: str, exc: OAuthError, started: float) -> None:
+    def _commit(
+        self, credentials: list[Credential], events: list[EventDraft], claim: JtiClaim | None
+    ) -> None:
+        """Record (sharing a commit with concurrent requests). JtiHeldError when `claim` is
+        held already; LedgerError when the ledger failed otherwise. A commit that failed only
+        because a neighbour in it replayed an assertion kept nothing of ours: record again."""
+        jtis = () if claim is None else (claim,)
+        for attempt in range(1, RECORD_ATTEMPTS + 1):
+            try:
+                self._recorder.record(credentials, events, jtis)
+                return
+            except LedgerError as exc:
+                held = exc.__cause__
+                if not isinstance(held, JtiHeldError) or attempt == RECORD_ATTEMPTS:
+                    raise
+                if claim is not None and (claim.issuer, claim.jti) in held.held:
+                    raise held from None
+
+    def _refused(
+        self, kind: str, exc: OAuthError, started: float, assertion: JtiClaim | None = None
+    ) -> None:
+        """Audit a refusal. An assertion that was checked is used up by it: its claim goes
+        into the same commit, as it would with a token."""
+        event = EventDraft(
+            kind=kind,
+            action="token",
+            decision="deny",
+            reason=f"{exc.error}: {exc.description}"[:500],
+            latency_us=(time.perf_counter() - started) * 1e6,
+        )
         try:
-            event = EventDraft(
-                kind=kind,
-                action="token",
-                decision="deny",
-                reason=f"{exc.error}: {exc.description}"[:500],
-                latency_us=(time.perf_counter() - started) * 1e6,
-            )
-            self._recorder.record([], [event])
+            try:
+                self._commit([], [event], assertion)
+            except JtiHeldError:  # used up already, elsewhere: the refusal is still recorded
+                self._commit([], [event], None)
         except (AuditError, LedgerError):  # AuditError: the reason looked like a credential
             _log.exception("an OAuth refusal could not be audited")
 

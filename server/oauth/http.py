@@ -135,7 +135,9 @@ class HttpListener:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await asyncio.wait_for(reader.read(_CHUNK), READ_TIMEOUT)
+                # asyncio.timeout, not wait_for: no task of its own for every read.
+                async with asyncio.timeout(READ_TIMEOUT):
+                    data = await reader.read(_CHUNK)
                 conn.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
@@ -168,7 +170,8 @@ class HttpListener:
         ]
         if close:
             headers.append(("connection", "close"))
-        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)))
-        writer.write(conn.send(h11.Data(data=response.body)))
-        writer.write(conn.send(h11.EndOfMessage()))
+        # One write: one TLS record and one send for the whole answer, not three.
+        head = conn.send(h11.Response(status_code=response.status, headers=headers))
+        body = conn.send(h11.Data(data=response.body))
+        writer.write(b"".join((head or b"", body or b"", conn.send(h11.EndOfMessage()) or b"")))
         await writer.drain()

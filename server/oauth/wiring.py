@@ -28,9 +28,10 @@ from server.oauth.endpoint import authorize, document, static_document, token_en
 from server.oauth.grants import Grants, TaskExchanges
 from server.oauth.http import HttpListener
 from server.oauth.jwks import PublishedKey, cache_max_age, jwks_document
-from server.oauth.replay import JtiClaims
+from server.oauth.replay import ReplayGuard
 from server.oauth.settings import OAuthSettings
 from server.oauth.trusted import TrustedBundles
+from server.oauth.workers import Workers
 from svid._bundle import JwtBundle
 from svid._clock import Clock
 from svid._jose import PublicKey, alg_for_key
@@ -38,6 +39,7 @@ from svid._spiffe_id import TrustDomain
 
 _log = logging.getLogger("svid.server.oauth")
 PRUNE_INTERVAL = 60.0
+GRANT_THREADS = 64
 
 
 def server_ssl_context(settings: OAuthSettings) -> ssl.SSLContext | None:
@@ -57,6 +59,8 @@ class OAuthService:
     clock: Clock
     trusted: TrustedBundles
     datastore: DataStore
+    replay: ReplayGuard
+    workers: Workers
     _jwks: bytes = b'{"keys":[]}'
     port: int = 0
 
@@ -78,6 +82,7 @@ class OAuthService:
 
     async def stop(self) -> None:
         await self.listener.stop()
+        self.workers.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Forget replay records of assertions that expired (they cannot be presented again)."""
@@ -86,8 +91,10 @@ class OAuthService:
                 await asyncio.wait_for(stop.wait(), PRUNE_INTERVAL)
             if stop.is_set():
                 return
+            now = int(self.clock.now())
+            self.replay.prune(now)
             try:
-                await asyncio.to_thread(self.datastore.prune_jtis, int(self.clock.now()))
+                await asyncio.to_thread(self.datastore.prune_jtis, now)
             except Exception:
                 _log.exception("pruning expired assertion jtis failed; retrying later")
 
@@ -102,6 +109,7 @@ def build(
     clock: Clock,
 ) -> OAuthService:
     own = ca.trust_domain
+    replay = ReplayGuard()
     trusted = TrustedBundles(settings.trusted)
     known_issuers: dict[str, TrustDomain] = {settings.issuer: own, **trusted.issuers()}
 
@@ -121,13 +129,14 @@ def build(
         bundles=bundles,
         audiences=(settings.issuer, settings.issuer + TOKEN_PATH),
         known_issuers=known_issuers,
-        claim_jti=JtiClaims(datastore.claim_jtis).claim,
+        reserve_jti=replay.reserve,
         clock=clock,
     )
     grants = Grants(
         checker=checker,
         signer=ca.jwt_signer,
         recorder=ledger,
+        replay=replay,
         tasks=tasks,
         resources=settings.resources,
         trust_domain=own.name,
@@ -135,7 +144,10 @@ def build(
         clock=clock,
     )
     listener = HttpListener(server_ssl_context(settings))
-    service = OAuthService(settings, listener, ca, clock, trusted, datastore)
+    # Grants block on the ledger's commit, holding no GIL while they wait: enough threads that
+    # every request in flight joins the commit under way (the default executor has cpus+4).
+    workers = Workers(GRANT_THREADS, "oauth-grant")
+    service = OAuthService(settings, listener, ca, clock, trusted, datastore, replay, workers)
     algs = sorted({alg_for_key(_public(ca)), "ES256"})
     listener.mount(
         OIDC_PATH, static_document(discovery.openid_configuration(settings.issuer, algs))
@@ -145,7 +157,7 @@ def build(
         static_document(discovery.authorization_server_metadata(settings.issuer, algs)),
     )
     listener.mount(JWKS_PATH, document(service.jwks))
-    listener.mount(TOKEN_PATH, token_endpoint(grants))
+    listener.mount(TOKEN_PATH, token_endpoint(grants, workers))
     listener.mount(AUTHORIZE_PATH, authorize)
     return service
 

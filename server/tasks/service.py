@@ -24,6 +24,7 @@ from server.ca.manager import CaManager
 from server.datastore.records import (
     AttestedAgent,
     Entry,
+    EventFilter,
     Revocation,
     TaskCursor,
 )
@@ -53,6 +54,8 @@ _log = logging.getLogger("svid.server.tasks")
 # A granted tool in a token's `scope`: "tool:<name>" (svid.TaskClaims reads it).
 TOOL_SCOPE_PREFIX = "tool:"
 _HEX = frozenset("0123456789abcdef")
+# An end claimed this long ago and never settled was left half done (its server died midway).
+END_GRACE = 60
 
 
 @dataclass(frozen=True)
@@ -452,25 +455,36 @@ class TaskService:
             await self._state.create_entry(entry)
         except Exception:
             self._set_active(task, False)
-            await self._undo_begin(task, stored=True, why="its entry could not be created")
-            try:
-                await self._record_end(task, TaskState.REVOKED, "begin failed", revoked=0)
-            except Exception:
-                _log.exception("recording a failed begin failed", extra={"task_id": task.task_id})
+            # Ended meanwhile by another server's sweep (a TTL shorter than this begin): that
+            # one recorded the end.
+            if await self._undo_begin(task, stored=True, why="its entry could not be created"):
+                try:
+                    await self._record_end(task, TaskState.REVOKED, "begin failed", revoked=0)
+                except Exception:
+                    _log.exception(
+                        "recording a failed begin failed", extra={"task_id": task.task_id}
+                    )
             raise
         _log.info("task begun", extra={"task_id": task.task_id, "agent_id": task.runtime_id})
         return task
 
-    async def _undo_begin(self, task: Task, *, stored: bool, why: str) -> None:
-        """Best effort after a failed begin: the caller gets the original error either way."""
+    async def _undo_begin(self, task: Task, *, stored: bool, why: str) -> bool:
+        """Best effort after a failed begin: the caller gets the original error either way.
+        True when this call ended the stored row."""
         try:
             if stored:
                 self._set_active(task, False)
-                await asyncio.to_thread(
+                done = await asyncio.to_thread(
                     self._store.finish, task, TaskState.REVOKED, self._now(), f"begin failed: {why}"
                 )
+                if done is None:
+                    return False
+                # Nothing was issued for it, and its end (if any) is recorded by the caller.
+                await asyncio.to_thread(self._store.settle, done)
+                return True
         except Exception:
             _log.exception("undoing a failed task begin failed", extra={"task_id": task.task_id})
+        return False
 
     # -- per-mint decisions ---------------------------------------------------------------------
 
@@ -709,7 +723,13 @@ class TaskService:
         )
 
     async def _finish(self, task: Task, state: TaskState, reason: str) -> Task:
-        # Sub-tasks live inside their parent: they end with it.
+        """End an active task once across every server sharing the datastore: the call whose
+        write moves the row out of `active` (a compare-and-set, TaskStore.finish) revokes its
+        credentials, deletes its entry and records the one task-end event. A call that finds
+        it ended already (an EndTask racing an expiry sweep, two servers sweeping the same due
+        task) only forgets it here and returns the row as the winner left it. A CAS rather
+        than a lease: expiry does not wait for any one server to be alive."""
+        # Sub-tasks live inside their parent: they end with it (each once, by the same CAS).
         children = await asyncio.to_thread(
             self._store.list_tasks, agent_id=task.agent_id, state=TaskState.ACTIVE.value
         )
@@ -719,18 +739,51 @@ class TaskService:
         self._set_active(task, False)
         now = self._now()
         done = await asyncio.to_thread(self._store.finish, task, state, now, reason)
-        creds = await asyncio.to_thread(self._store.task_credentials, task.task_id, now)
-        await self._revoke(creds, reason, agent_id=task.agent_id, task=task)
-        if task.entry_id and task.entry_id in self._state.entries.by_id:
+        if done is None:
+            stored = await asyncio.to_thread(self._store.get_task, task.task_id)
+            _log.debug("task already ended elsewhere", extra={"task_id": task.task_id})
+            return stored if stored is not None else task
+        await self._carry_out_end(done)
+        return done
+
+    async def _carry_out_end(self, done: Task, *, again: bool = False) -> None:
+        """The work of an end this server claimed: revoke what the task was issued, delete its
+        entry, record the task-end event, then settle the row (TaskStore.settle). Until then
+        the end can be finished by another server (`settle_ends`); `again` is that: what the
+        server before did already (revocations, the event) is not done twice."""
+        now = self._now()
+        creds = await asyncio.to_thread(self._store.task_credentials, done.task_id, now)
+        fresh = creds
+        if again:
+            already = {(r.kind, r.value) for r in self._state.revocations}
+            fresh = [c for c in creds if (c.kind, c.value) not in already]
+        await self._revoke(fresh, done.end_reason, agent_id=done.agent_id, task=done)
+        if done.entry_id and done.entry_id in self._state.entries.by_id:
             # LookupError: deleted meanwhile (an operator's `entry delete`).
             with contextlib.suppress(LookupError):
-                await self._state.delete_entry(task.entry_id)
-        await self._record_end(task, state, reason, revoked=len(creds))
+                await self._state.delete_entry(done.entry_id)
+        if not again or not await asyncio.to_thread(self._end_recorded, done.task_id):
+            await self._record_end(done, done.state, done.end_reason, revoked=len(creds))
+        await asyncio.to_thread(self._store.settle, done)
         _log.info(
             "task finished",
-            extra={"task_id": task.task_id, "state": state.value, "revoked": len(creds)},
+            extra={"task_id": done.task_id, "state": done.state.value, "revoked": len(creds)},
         )
-        return done
+
+    def _end_recorded(self, task_id: str) -> bool:
+        rows = self._audit.store.audit_rows(EventFilter(kind=EventKind.TASK_END, task_id=task_id))
+        return next(iter(rows), None) is not None
+
+    async def settle_ends(self, grace: int = END_GRACE) -> int:
+        """Finish the ends claimed more than `grace` seconds ago and never settled: the server
+        that claimed one died (or failed) midway. One server at a time runs this (app.py: the
+        housekeeping lease holder); returns how many it finished."""
+        stale = await asyncio.to_thread(self._store.unsettled, self._now() - grace)
+        for task in stale:
+            self._set_active(task, False)
+            _log.warning("finishing a task end left half done", extra={"task_id": task.task_id})
+            await self._carry_out_end(task, again=True)
+        return len(stale)
 
     async def _record_end(self, task: Task, state: TaskState, reason: str, *, revoked: int) -> None:
         await asyncio.to_thread(

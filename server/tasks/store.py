@@ -29,14 +29,20 @@ def _task_from(record: TaskRecord) -> Task:
     return Task(**data)
 
 
-def _record(task: Task) -> TaskRecord:
+# The row's state column while the end of a task is being carried out (revocations, entry, the
+# task-end event): the body already holds the end; the column turns to it once that is written,
+# so an end a server left half done (it died midway) can be found and finished by another.
+ENDING = "ending"
+
+
+def _record(task: Task, column: str = "") -> TaskRecord:
     data = asdict(task)
     data["state"] = task.state.value
     return TaskRecord(
         task_id=task.task_id,
         agent_id=task.agent_id,
         runtime_id=task.runtime_id,
-        state=task.state.value,
+        state=column or task.state.value,
         expires_at=task.expires_at,
         created_at=task.created_at,
         body=json.dumps(data, sort_keys=True),
@@ -80,10 +86,25 @@ class TaskStore:
         """Active tasks whose TTL has run out."""
         return [_task_from(r) for r in self._rows.due_tasks(TaskState.ACTIVE.value, now)]
 
-    def finish(self, task: Task, state: TaskState, at: int, reason: str) -> Task:
+    def finish(self, task: Task, state: TaskState, at: int, reason: str) -> Task | None:
+        """Claim the end of an active task: the ended task when this call moved its row out of
+        `active` (to ENDING, until `settle`), None when it was not active any more (another
+        server, or another path of this one, ended it first; that one does the end's work)."""
         done = replace(task, state=state, ended_at=at, end_reason=reason)
-        self.put_task(done)
-        return done
+        return done if self._rows.swap_task(_record(done, ENDING), TaskState.ACTIVE.value) else None
+
+    def settle(self, task: Task) -> bool:
+        """The end's work is written: the row's state becomes the task's own. False when it
+        was settled already."""
+        return self._rows.swap_task(_record(task), ENDING)
+
+    def unsettled(self, before: int) -> list[Task]:
+        """Tasks whose end was claimed before `before` and never settled."""
+        return [
+            task
+            for task in (_task_from(r) for r in self._rows.list_tasks(state=ENDING))
+            if task.ended_at < before
+        ]
 
     # -- credentials ----------------------------------------------------------------------------
 

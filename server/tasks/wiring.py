@@ -77,8 +77,12 @@ class TaskLayer:
         servicer = TaskAdminServicer(self.service, self.policy)
         return _handlers(task_pb2_grpc.add_TaskAdminServicer_to_server, servicer)
 
-    async def run(self, stop: asyncio.Event, clock: Clock) -> None:
-        """Expire tasks on time; prune old records now and then."""
+    async def run(
+        self, stop: asyncio.Event, clock: Clock, *, settles: Callable[[], bool] = lambda: True
+    ) -> None:
+        """Expire tasks on time; prune old records now and then, and then also finish the task
+        ends other servers left half done while `settles()` (one server of those sharing the
+        datastore: app.py asks the housekeeping lease)."""
         last_prune = clock.monotonic()
         while not stop.is_set():
             try:
@@ -86,6 +90,8 @@ class TaskLayer:
                 if clock.monotonic() - last_prune >= HOUSEKEEPING_INTERVAL:
                     last_prune = clock.monotonic()
                     await self.service.housekeeping()
+                    if settles():
+                        await self.service.settle_ends()
             except Exception:
                 _log.exception("task housekeeping failed; retrying")
             wait = min(MAX_EXPIRY_WAIT, max(0.05, self.service.next_expiry() - clock.now()))

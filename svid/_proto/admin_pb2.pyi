@@ -241,3 +241,117 @@ class AuditCheckpointResponse(_message.Message):
     time: float
     key_id: str
     def __init__(self, line: _Optional[str] = ..., seq: _Optional[int] = ..., hash: _Optional[str] = ..., count: _Optional[int] = ..., time: _Optional[float] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class FederationRelationship(_message.Message):
+    __slots__ = ("trust_domain", "bundle_endpoint_url", "profile", "endpoint_spiffe_id", "ca_file", "created_at", "updated_at", "static")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ENDPOINT_URL_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CA_FILE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATIC_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    bundle_endpoint_url: str
+    profile: str
+    endpoint_spiffe_id: str
+    ca_file: str
+    created_at: int
+    updated_at: int
+    static: bool
+    def __init__(self, trust_domain: _Optional[str] = ..., bundle_endpoint_url: _Optional[str] = ..., profile: _Optional[str] = ..., endpoint_spiffe_id: _Optional[str] = ..., ca_file: _Optional[str] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., static: _Optional[bool] = ...) -> None: ...
+
+class FederatedBundle(_message.Message):
+    __slots__ = ("trust_domain", "bundle", "updated_at")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    bundle: bytes
+    updated_at: int
+    def __init__(self, trust_domain: _Optional[str] = ..., bundle: _Optional[bytes] = ..., updated_at: _Optional[int] = ...) -> None: ...
+
+class CreateFederationRelationshipRequest(_message.Message):
+    __slots__ = ("relationship",)
+    RELATIONSHIP_FIELD_NUMBER: _ClassVar[int]
+    relationship: FederationRelationship
+    def __init__(self, relationship: _Optional[_Union[FederationRelationship, _Mapping]] = ...) -> None: ...
+
+class UpdateFederationRelationshipRequest(_message.Message):
+    __slots__ = ("relationship",)
+    RELATIONSHIP_FIELD_NUMBER: _ClassVar[int]
+    relationship: FederationRelationship
+    def __init__(self, relationship: _Optional[_Union[FederationRelationship, _Mapping]] = ...) -> None: ...
+
+class GetFederationRelationshipRequest(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class DeleteFederationRelationshipRequest(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class DeleteFederationRelationshipResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFederationRelationshipsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFederationRelationshipsResponse(_message.Message):
+    __slots__ = ("relationships",)
+    RELATIONSHIPS_FIELD_NUMBER: _ClassVar[int]
+    relationships: _containers.RepeatedCompositeFieldContainer[FederationRelationship]
+    def __init__(self, relationships: _Optional[_Iterable[_Union[FederationRelationship, _Mapping]]] = ...) -> None: ...
+
+class RefreshFederatedBundleRequest(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class RefreshFederatedBundleResponse(_message.Message):
+    __slots__ = ("changed", "bundle")
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    changed: bool
+    bundle: FederatedBundle
+    def __init__(self, changed: _Optional[bool] = ..., bundle: _Optional[_Union[FederatedBundle, _Mapping]] = ...) -> None: ...
+
+class SetFederatedBundleRequest(_message.Message):
+    __slots__ = ("bundle",)
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    bundle: FederatedBundle
+    def __init__(self, bundle: _Optional[_Union[FederatedBundle, _Mapping]] = ...) -> None: ...
+
+class GetFederatedBundleRequest(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class DeleteFederatedBundleRequest(_message.Message):
+    __slots__ = ("trust_domain",)
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    def __init__(self, trust_domain: _Optional[str] = ...) -> None: ...
+
+class DeleteFederatedBundleResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFederatedBundlesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFederatedBundlesResponse(_message.Message):
+    __slots__ = ("bundles",)
+    BUNDLES_FIELD_NUMBER: _ClassVar[int]
+    bundles: _containers.RepeatedCompositeFieldContainer[FederatedBundle]
+    def __init__(self, bundles: _Optional[_Iterable[_Union[FederatedBundle, _Mapping]]] = ...) -> None: ...

@@ -111,6 +111,56 @@ class AdminStub:
                 request_serializer=admin__pb2.AuditCheckpointRequest.SerializeToString,
                 response_deserializer=admin__pb2.AuditCheckpointResponse.FromString,
                 _registered_method=True)
+        self.CreateFederationRelationship = channel.unary_unary(
+                '/svid.admin.v1.Admin/CreateFederationRelationship',
+                request_serializer=admin__pb2.CreateFederationRelationshipRequest.SerializeToString,
+                response_deserializer=admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.UpdateFederationRelationship = channel.unary_unary(
+                '/svid.admin.v1.Admin/UpdateFederationRelationship',
+                request_serializer=admin__pb2.UpdateFederationRelationshipRequest.SerializeToString,
+                response_deserializer=admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.GetFederationRelationship = channel.unary_unary(
+                '/svid.admin.v1.Admin/GetFederationRelationship',
+                request_serializer=admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+                response_deserializer=admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.DeleteFederationRelationship = channel.unary_unary(
+                '/svid.admin.v1.Admin/DeleteFederationRelationship',
+                request_serializer=admin__pb2.DeleteFederationRelationshipRequest.SerializeToString,
+                response_deserializer=admin__pb2.DeleteFederationRelationshipResponse.FromString,
+                _registered_method=True)
+        self.ListFederationRelationships = channel.unary_unary(
+                '/svid.admin.v1.Admin/ListFederationRelationships',
+                request_serializer=admin__pb2.ListFederationRelationshipsRequest.SerializeToString,
+                response_deserializer=admin__pb2.ListFederationRelationshipsResponse.FromString,
+                _registered_method=True)
+        self.RefreshFederatedBundle = channel.unary_unary(
+                '/svid.admin.v1.Admin/RefreshFederatedBundle',
+                request_serializer=admin__pb2.RefreshFederatedBundleRequest.SerializeToString,
+                response_deserializer=admin__pb2.RefreshFederatedBundleResponse.FromString,
+                _registered_method=True)
+        self.SetFederatedBundle = channel.unary_unary(
+                '/svid.admin.v1.Admin/SetFederatedBundle',
+                request_serializer=admin__pb2.SetFederatedBundleRequest.SerializeToString,
+                response_deserializer=admin__pb2.FederatedBundle.FromString,
+                _registered_method=True)
+        self.GetFederatedBundle = channel.unary_unary(
+                '/svid.admin.v1.Admin/GetFederatedBundle',
+                request_serializer=admin__pb2.GetFederatedBundleRequest.SerializeToString,
+                response_deserializer=admin__pb2.FederatedBundle.FromString,
+                _registered_method=True)
+        self.DeleteFederatedBundle = channel.unary_unary(
+                '/svid.admin.v1.Admin/DeleteFederatedBundle',
+                request_serializer=admin__pb2.DeleteFederatedBundleRequest.SerializeToString,
+                response_deserializer=admin__pb2.DeleteFederatedBundleResponse.FromString,
+                _registered_method=True)
+        self.ListFederatedBundles = channel.unary_unary(
+                '/svid.admin.v1.Admin/ListFederatedBundles',
+                request_serializer=admin__pb2.ListFederatedBundlesRequest.SerializeToString,
+                response_deserializer=admin__pb2.ListFederatedBundlesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -206,6 +256,66 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFederationRelationships(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshFederatedBundle(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetFederatedBundle(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFederatedBundle(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFederatedBundle(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFederatedBundles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -283,6 +393,56 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.AuditCheckpoint,
                     request_deserializer=admin__pb2.AuditCheckpointRequest.FromString,
                     response_serializer=admin__pb2.AuditCheckpointResponse.SerializeToString,
+            ),
+            'CreateFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateFederationRelationship,
+                    request_deserializer=admin__pb2.CreateFederationRelationshipRequest.FromString,
+                    response_serializer=admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'UpdateFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateFederationRelationship,
+                    request_deserializer=admin__pb2.UpdateFederationRelationshipRequest.FromString,
+                    response_serializer=admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'GetFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFederationRelationship,
+                    request_deserializer=admin__pb2.GetFederationRelationshipRequest.FromString,
+                    response_serializer=admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'DeleteFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFederationRelationship,
+                    request_deserializer=admin__pb2.DeleteFederationRelationshipRequest.FromString,
+                    response_serializer=admin__pb2.DeleteFederationRelationshipResponse.SerializeToString,
+            ),
+            'ListFederationRelationships': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFederationRelationships,
+                    request_deserializer=admin__pb2.ListFederationRelationshipsRequest.FromString,
+                    response_serializer=admin__pb2.ListFederationRelationshipsResponse.SerializeToString,
+            ),
+            'RefreshFederatedBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshFederatedBundle,
+                    request_deserializer=admin__pb2.RefreshFederatedBundleRequest.FromString,
+                    response_serializer=admin__pb2.RefreshFederatedBundleResponse.SerializeToString,
+            ),
+            'SetFederatedBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFederatedBundle,
+                    request_deserializer=admin__pb2.SetFederatedBundleRequest.FromString,
+                    response_serializer=admin__pb2.FederatedBundle.SerializeToString,
+            ),
+            'GetFederatedBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFederatedBundle,
+                    request_deserializer=admin__pb2.GetFederatedBundleRequest.FromString,
+                    response_serializer=admin__pb2.FederatedBundle.SerializeToString,
+            ),
+            'DeleteFederatedBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFederatedBundle,
+                    request_deserializer=admin__pb2.DeleteFederatedBundleRequest.FromString,
+                    response_serializer=admin__pb2.DeleteFederatedBundleResponse.SerializeToString,
+            ),
+            'ListFederatedBundles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFederatedBundles,
+                    request_deserializer=admin__pb2.ListFederatedBundlesRequest.FromString,
+                    response_serializer=admin__pb2.ListFederatedBundlesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -690,6 +850,276 @@ class Admin:
             '/svid.admin.v1.Admin/AuditCheckpoint',
             admin__pb2.AuditCheckpointRequest.SerializeToString,
             admin__pb2.AuditCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/CreateFederationRelationship',
+            admin__pb2.CreateFederationRelationshipRequest.SerializeToString,
+            admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/UpdateFederationRelationship',
+            admin__pb2.UpdateFederationRelationshipRequest.SerializeToString,
+            admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/GetFederationRelationship',
+            admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+            admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/DeleteFederationRelationship',
+            admin__pb2.DeleteFederationRelationshipRequest.SerializeToString,
+            admin__pb2.DeleteFederationRelationshipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFederationRelationships(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/ListFederationRelationships',
+            admin__pb2.ListFederationRelationshipsRequest.SerializeToString,
+            admin__pb2.ListFederationRelationshipsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshFederatedBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/RefreshFederatedBundle',
+            admin__pb2.RefreshFederatedBundleRequest.SerializeToString,
+            admin__pb2.RefreshFederatedBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFederatedBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/SetFederatedBundle',
+            admin__pb2.SetFederatedBundleRequest.SerializeToString,
+            admin__pb2.FederatedBundle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFederatedBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/GetFederatedBundle',
+            admin__pb2.GetFederatedBundleRequest.SerializeToString,
+            admin__pb2.FederatedBundle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFederatedBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/DeleteFederatedBundle',
+            admin__pb2.DeleteFederatedBundleRequest.SerializeToString,
+            admin__pb2.DeleteFederatedBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFederatedBundles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.admin.v1.Admin/ListFederatedBundles',
+            admin__pb2.ListFederatedBundlesRequest.SerializeToString,
+            admin__pb2.ListFederatedBundlesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x63ommon.proto\x12\x0esvid.common.v1\"\'\n\x08Selector\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xfd\x01\n\x05\x45ntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12+\n\tselectors\x18\x04 \x03(\x0b\x32\x18.svid.common.v1.Selector\x12\x15\n\rx509_svid_ttl\x18\x05 \x01(\x05\x12\x14\n\x0cjwt_svid_ttl\x18\x06 \x01(\x05\x12\x11\n\tdns_names\x18\x07 \x03(\t\x12\x0c\n\x04hint\x18\x08 \x01(\t\x12\r\n\x05\x61\x64min\x18\t \x01(\x08\x12\x12\n\nexpires_at\x18\n \x01(\x03\x12\x10\n\x08revision\x18\x0b \x01(\x03\x12\x12\n\ncreated_at\x18\x0c \x01(\x03\"=\n\x06JWTKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x8a\x01\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x18\n\x10x509_authorities\x18\x02 \x03(\x0c\x12(\n\x08jwt_keys\x18\x03 \x03(\x0b\x32\x16.svid.common.v1.JWTKey\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x14\n\x0crefresh_hint\x18\x05 \x01(\x03\"\xbc\x01\n\nRevocation\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.svid.common.v1.Revocation.Kind\x12\r\n\x05value\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\"9\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bX509_SERIAL\x10\x01\x12\n\n\x06JWT_ID\x10\x02\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x63ommon.proto\x12\x0esvid.common.v1\"\'\n\x08Selector\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x95\x02\n\x05\x45ntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12+\n\tselectors\x18\x04 \x03(\x0b\x32\x18.svid.common.v1.Selector\x12\x15\n\rx509_svid_ttl\x18\x05 \x01(\x05\x12\x14\n\x0cjwt_svid_ttl\x18\x06 \x01(\x05\x12\x11\n\tdns_names\x18\x07 \x03(\t\x12\x0c\n\x04hint\x18\x08 \x01(\t\x12\r\n\x05\x61\x64min\x18\t \x01(\x08\x12\x12\n\nexpires_at\x18\n \x01(\x03\x12\x10\n\x08revision\x18\x0b \x01(\x03\x12\x12\n\ncreated_at\x18\x0c \x01(\x03\x12\x16\n\x0e\x66\x65\x64\x65rates_with\x18\r \x03(\t\"=\n\x06JWTKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x8a\x01\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x18\n\x10x509_authorities\x18\x02 \x03(\x0c\x12(\n\x08jwt_keys\x18\x03 \x03(\x0b\x32\x16.svid.common.v1.JWTKey\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x14\n\x0crefresh_hint\x18\x05 \x01(\x03\"\xbc\x01\n\nRevocation\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.svid.common.v1.Revocation.Kind\x12\r\n\x05value\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\"9\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bX509_SERIAL\x10\x01\x12\n\n\x06JWT_ID\x10\x02\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SELECTOR']._serialized_start=32
   _globals['_SELECTOR']._serialized_end=71
   _globals['_ENTRY']._serialized_start=74
-  _globals['_ENTRY']._serialized_end=327
-  _globals['_JWTKEY']._serialized_start=329
-  _globals['_JWTKEY']._serialized_end=390
-  _globals['_BUNDLE']._serialized_start=393
-  _globals['_BUNDLE']._serialized_end=531
-  _globals['_REVOCATION']._serialized_start=534
-  _globals['_REVOCATION']._serialized_end=722
-  _globals['_REVOCATION_KIND']._serialized_start=665
-  _globals['_REVOCATION_KIND']._serialized_end=722
-  _globals['_STATUS']._serialized_start=724
-  _globals['_STATUS']._serialized_end=763
+  _globals['_ENTRY']._serialized_end=351
+  _globals['_JWTKEY']._serialized_start=353
+  _globals['_JWTKEY']._serialized_end=414
+  _globals['_BUNDLE']._serialized_start=417
+  _globals['_BUNDLE']._serialized_end=555
+  _globals['_REVOCATION']._serialized_start=558
+  _globals['_REVOCATION']._serialized_end=746
+  _globals['_REVOCATION_KIND']._serialized_start=689
+  _globals['_REVOCATION_KIND']._serialized_end=746
+  _globals['_STATUS']._serialized_start=748
+  _globals['_STATUS']._serialized_end=787
 # @@protoc_insertion_point(module_scope)

@@ -19,7 +19,7 @@ import grpc
 from agent_attestor.cache import Cache, SyncState
 from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.jwt_cache import JwtCache
-from agent_attestor.model import Entry, Selector
+from agent_attestor.model import Entry, Selector, TrustBundle
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import RelaySettings
 from agent_attestor.rotation import Rotator
@@ -119,6 +119,7 @@ class Harness:
         self.revoked: frozenset[str] = frozenset()
         self.revoked_jtis: frozenset[str] = frozenset()
         self.crl: tuple[bytes, ...] = ()
+        self.federated: dict[str, TrustBundle] = {}
         self.lt = LoopThread()
         self.lt.run(self.endpoint.start())
         self.channels: list[grpc.Channel] = []
@@ -136,6 +137,7 @@ class Harness:
             revoked_serials=self.revoked,
             revoked_jtis=self.revoked_jtis,
             crl=self.crl,
+            federated=dict(self.federated),
         )
         self.lt.call(lambda: self.cache.apply_sync(state))
         if issue:
@@ -148,6 +150,8 @@ class Harness:
         hint: str = "",
         created_at: int | None = None,
         issue: bool = True,
+        *,
+        federates_with: tuple[str, ...] = (),
     ) -> Entry:
         entry_id = f"e-{len(self.entries) + 1}"
         sid = f"spiffe://{self.ca.trust_domain}{path}"
@@ -157,6 +161,7 @@ class Harness:
             selectors=selectors if selectors is not None else me(),
             hint=hint,
             created_at=created_at if created_at is not None else len(self.entries) + 1,
+            federates_with=federates_with,
         )
         self.entries[entry_id] = entry
         self.signer.spiffe_ids[entry_id] = sid

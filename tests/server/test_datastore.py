@@ -28,7 +28,6 @@ from server.datastore import (
     migrations,
     queries,
 )
-from server.datastore import queries as q
 from server.datastore import sqlite as sqlite_module
 from server.datastore.migrations import MIGRATIONS
 from server.datastore.records import EventFilter, TokenUse
@@ -418,12 +417,19 @@ def test_a_datastore_of_the_previous_schema_gains_the_ledger_tables(
 ) -> None:
     with monkeypatch.context() as m:
         m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:1])
-        old = SqliteDataStore(tmp_path / "db", clock)
-        # Written as that release wrote it (today's writes also name the row in the feed).
-        made = replace(entry(), id="e1", revision=1, created_at=int(clock.now()))
-        with old.transaction() as conn:
-            conn.execute(q.INSERT_ENTRY, sqlite_module._entry_params(made))
-        old.close()
+        SqliteDataStore(tmp_path / "db", clock).close()
+    # Written as version 1 wrote it: today's statements name columns later migrations added.
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute(
+        "INSERT INTO entries (id, spiffe_id, parent_id, identity_hash, selectors, x509_svid_ttl, "
+        "jwt_svid_ttl, dns_names, hint, admin, expires_at, revision, created_at) VALUES "
+        "('e1', 'spiffe://example.org/web', ?, 'h', '[[\"unix\", \"uid:1000\"]]', 0, 0, "
+        "'[]', '', 0, 0, 1, 5)",
+        (AGENT,),
+    )
+    db.commit()
+    db.close()
+    made = replace(entry(), id="e1", revision=1, created_at=5)
     store = SqliteDataStore(tmp_path / "db", clock)
     assert store.schema_versions() == [m.version for m in MIGRATIONS]
     assert store.get_entry(made.id) == made

@@ -32,7 +32,18 @@ from server.datastore import (
     TaskRecord,
 )
 from server.datastore.base import JtiClaim
-from server.datastore.records import AUDIT_COLUMNS, EventFilter, Head, TaskCursor, TokenUse
+from server.datastore.errors import JtiHeldError
+from server.datastore.records import (
+    AUDIT_COLUMNS,
+    HTTPS_SPIFFE,
+    HTTPS_WEB,
+    EventFilter,
+    FederationRelationship,
+    ForeignBundle,
+    Head,
+    TaskCursor,
+    TokenUse,
+)
 from server.datastore.sqlite import SqliteDataStore
 from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
@@ -270,6 +281,34 @@ def test_a_jti_is_claimed_once_until_it_expires(store: DataStore) -> None:
     assert store.claim_jtis([JtiClaim(iss, "a", NOW + 90)], NOW + 61) == [True]
 
 
+def test_a_ledger_write_claims_its_jtis_with_the_rest_or_nothing(open_store: Opener) -> None:
+    """The token endpoint's one commit: a token's record, its event and the claim of the
+    assertion it was issued for. A held jti (here: held through another store on the same
+    database, as another server would) keeps the whole write out."""
+    store, other = open_store(), open_store()
+    iss = "spiffe://example.org"
+    store.write_ledger([cred("t1")], audit_rows(1, 1), [JtiClaim(iss, "a", NOW + 60)], NOW)
+    assert store.claim_jtis([JtiClaim(iss, "a", NOW + 60)], NOW) == [False]
+    with pytest.raises(JtiHeldError) as held:
+        other.write_ledger(
+            [cred("t2")],
+            audit_rows(2, 1, prev=f"{1:064x}"),
+            [JtiClaim(iss, "b", NOW + 60), JtiClaim(iss, "a", NOW + 60)],
+            NOW,
+        )
+    assert held.value.held == {(iss, "a")}
+    assert "'a'" in str(held.value)
+    assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["t1"]
+    assert store.audit_head() == Head(1, f"{1:064x}")
+    assert other.claim_jtis([JtiClaim(iss, "b", NOW + 60)], NOW) == [True]  # b was not kept
+    with pytest.raises(JtiHeldError):  # a repeat within one write is a replay too
+        store.write_ledger([], [], [JtiClaim(iss, "c", NOW + 9)] * 2, NOW)
+    # Past its expiry a jti may be claimed again; without jtis nothing changes.
+    store.write_ledger([cred("t3")], [], [JtiClaim(iss, "a", NOW + 90)], NOW + 60)
+    store.write_ledger([cred("t4")], [])
+    assert len(store.agent_credentials(AGENT, NOW)) == 3
+
+
 # -- tasks and violations -----------------------------------------------------------------------
 
 
@@ -335,6 +374,51 @@ def test_due_tasks_are_the_expired_ones_in_a_state(store: DataStore) -> None:
     store.put_task(task("done", expires_at=NOW, state="ended"))
     store.put_task(task("later", expires_at=NOW + 100))
     assert [t.task_id for t in store.due_tasks("active", NOW + 5)] == ["early", "late"]
+
+
+def test_swap_task_moves_a_task_out_of_a_state_once(store: DataStore) -> None:
+    store.put_task(task("t"))
+    head = store.feed_head()
+    expired = task("t", state="expired", body='{"v": "expired"}')
+    assert store.swap_task(expired, "active")
+    assert store.get_task("t") == expired
+    # A second end (the other server's sweep, an EndTask that read the row before) loses and
+    # changes nothing, not even the feed.
+    assert not store.swap_task(task("t", state="ended", body='{"v": "ended"}'), "active")
+    assert store.get_task("t") == expired
+    assert [item.key for item in store.feed_since(head, 10)] == ["t"]
+    assert not store.swap_task(task("none", state="ended"), "active")  # no row: not created
+    assert store.get_task("none") is None
+    assert store.feed_head() == head + 1
+
+
+def test_concurrent_swaps_of_a_task_have_one_winner(open_store: Opener) -> None:
+    """Several stores (separate connections, as separate servers have) end the same tasks at
+    once: each task is moved by exactly one of them."""
+    stores = [open_store() for _ in range(4)]
+    tasks = [f"t{i}" for i in range(20)]
+    for task_id in tasks:
+        stores[0].put_task(task(task_id))
+    barrier = threading.Barrier(len(stores))
+    won: dict[str, list[int]] = {t: [] for t in tasks}
+
+    def end_all(k: int) -> None:
+        barrier.wait()
+        for task_id in tasks:
+            ended = task(task_id, state="expired", body=f'{{"by": {k}}}')
+            if stores[k].swap_task(ended, "active"):
+                won[task_id].append(k)
+
+    threads = [threading.Thread(target=end_all, args=(k,)) for k in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(winners) == 1 for winners in won.values()), won
+    for task_id, (winner,) in won.items():
+        assert stores[1].get_task(task_id) == task(
+            task_id, state="expired", body=f'{{"by": {winner}}}'
+        )
 
 
 def test_violations_count_within_a_window_and_prune(store: DataStore) -> None:
@@ -680,3 +764,80 @@ def test_feed_revisions_commit_in_order_across_connections(open_store: Opener) -
     assert [i.revision for i in reader.feed_since(0, 1000)] == list(range(1, 81))
     assert len(seen) > 1
     assert all(revisions == list(range(1, len(revisions) + 1)) for revisions in seen)
+
+
+def test_federation_relationships_round_trip(store: DataStore) -> None:
+    rel = FederationRelationship(
+        "other.org", "https://other.example:8443/", HTTPS_SPIFFE, "spiffe://other.org/svid/server"
+    )
+    made = store.create_relationship(rel)
+    assert made.created_at == NOW
+    assert made.updated_at == NOW
+    assert store.get_relationship("other.org") == made
+    with pytest.raises(AlreadyExistsError, match=r"other\.org"):
+        store.create_relationship(rel)
+    changed = store.update_relationship(
+        replace(rel, profile=HTTPS_WEB, endpoint_spiffe_id="", ca_file="/etc/ca.pem")
+    )
+    assert changed.created_at == made.created_at
+    assert changed.profile == HTTPS_WEB
+    assert store.list_relationships() == [changed]
+    with pytest.raises(NotFoundError, match=r"third\.org"):
+        store.update_relationship(replace(rel, trust_domain="third.org"))
+    store.delete_relationship("other.org")
+    assert store.list_relationships() == []
+    with pytest.raises(NotFoundError, match=r"other\.org"):
+        store.get_relationship("other.org")
+    with pytest.raises(NotFoundError):
+        store.delete_relationship("other.org")
+
+
+def test_foreign_bundles_are_replaced_and_survive_a_reopen(open_store: Opener) -> None:
+    store = open_store()
+    store.put_foreign_bundle(ForeignBundle("other.org", b'{"keys":[]}', NOW))
+    store.put_foreign_bundle(ForeignBundle("other.org", b'{"keys":[],"spiffe_sequence":2}', NOW))
+    store.put_foreign_bundle(ForeignBundle("a.org", b'{"keys":[]}', NOW + 1))
+    assert [b.trust_domain for b in store.list_foreign_bundles()] == ["a.org", "other.org"]
+    assert open_store().list_foreign_bundles()[1].bundle == b'{"keys":[],"spiffe_sequence":2}'
+    store.delete_foreign_bundle("a.org")
+    with pytest.raises(NotFoundError, match=r"a\.org"):
+        store.delete_foreign_bundle("a.org")
+
+
+def test_feed_names_federation_writes_and_not_failed_ones(store: DataStore) -> None:
+    rel = FederationRelationship("other.org", "https://other.example:8443/", HTTPS_WEB)
+    store.create_relationship(rel)
+    store.update_relationship(replace(rel, endpoint_url="https://other.example:9443/"))
+    store.put_foreign_bundle(ForeignBundle("other.org", b'{"keys":[]}', NOW))
+    store.delete_foreign_bundle("other.org")
+    store.delete_relationship("other.org")
+    head = store.feed_head()
+    with pytest.raises(NotFoundError):
+        store.delete_relationship("other.org")
+    with pytest.raises(NotFoundError):
+        store.update_relationship(rel)
+    with pytest.raises(NotFoundError):
+        store.delete_foreign_bundle("other.org")
+    assert store.feed_head() == head
+    assert _feed(store) == [
+        ("federation_relationship", "other.org"),
+        ("federation_relationship", "other.org"),
+        ("foreign_bundle", "other.org"),
+        ("foreign_bundle", "other.org"),
+        ("federation_relationship", "other.org"),
+    ]
+
+
+def test_entries_keep_the_trust_domains_they_federate_with(store: DataStore) -> None:
+    made = store.create_entry(
+        Entry(
+            "",
+            "spiffe://example.org/web",
+            AGENT,
+            (Selector("unix", "uid:1"),),
+            federates_with=("other.org", "third.org"),
+        )
+    )
+    assert store.get_entry(made.id).federates_with == ("other.org", "third.org")
+    store.update_entry(replace(made, federates_with=()))
+    assert store.get_entry(made.id).federates_with == ()

@@ -26,6 +26,7 @@ from server.datastore import (
 )
 from server.datastore import postgres as postgres_module
 from server.datastore.base import JtiClaim
+from server.datastore.errors import JtiHeldError
 from server.datastore.migrations import MIGRATIONS, Migration, postgres_ddl, postgres_migrations
 from server.datastore.postgres import PostgresDataStore
 from server.datastore.postgres_dsn import redact_dsn, scrub
@@ -202,6 +203,33 @@ def test_a_jti_is_accepted_by_exactly_one_of_many_servers(
         for claim, granted in zip(batch, result, strict=True):
             won[claim.jti] = won.get(claim.jti, 0) + granted
     assert won == {c.jti: 1 for c in claims}
+
+
+def test_a_jti_in_ledger_writes_racing_to_many_servers_is_kept_by_exactly_one(
+    stores: list[PostgresDataStore],
+) -> None:
+    """The token endpoint's commit (a token's record with its assertion's claim) through
+    several servers at once, batches meeting the jtis in opposite orders: one write keeps its
+    record and every claim, each other one is refused whole (JtiHeldError) and keeps nothing."""
+    claims = [JtiClaim("spiffe://example.org", f"jti-{n}", NOW + 60) for n in range(40)]
+    batches = [claims if k % 2 else claims[::-1] for k in range(len(stores) * 2)]
+    writers = zip(stores * 2, batches, strict=True)
+    results = race(
+        [
+            lambda s=s, b=b, k=k: s.write_ledger(
+                [Credential("jwt_id", f"token-{k}", "", "spiffe://example.org/w", "", NOW + 60)],
+                [],
+                b,
+                NOW,
+            )
+            for k, (s, b) in enumerate(writers)
+        ]
+    )
+    assert sum(r is None for r in results) == 1, results
+    assert all(r is None or isinstance(r, JtiHeldError) for r in results), results
+    kept = stores[0]._tuples("count tokens", "SELECT count(*) FROM credentials", {})
+    assert kept == [(1,)]
+    assert stores[1].claim_jtis(claims, NOW) == [False] * len(claims)
 
 
 # -- migrations ---------------------------------------------------------------------------------

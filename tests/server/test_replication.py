@@ -17,7 +17,9 @@ from server.changelog import Change
 from server.datastore.records import (
     AttestedAgent,
     Entry,
+    FederationRelationship,
     FeedItem,
+    ForeignBundle,
     KeySlot,
     Revocation,
     Selector,
@@ -26,9 +28,11 @@ from server.datastore.records import (
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.events import ChangeNotifier
+from server.federation.service import Stored
 from server.replication import (
     FeedFollower,
     FeedWork,
+    FollowedFederation,
     FollowSettings,
     diff_rows,
     plan,
@@ -72,6 +76,11 @@ def test_plan_reloads_each_named_row_once() -> None:
     assert plan(items[:1]) | FeedWork(agents=frozenset({"a2"})) == FeedWork(
         entries=frozenset({"e1"}), agents=frozenset({"a2"})
     )
+    # Federation rows (a handful, read whole): one reload of them, whichever was written.
+    for kind in ("federation_relationship", "foreign_bundle"):
+        assert plan([FeedItem(8, NOW, kind, "other.org")]) == FeedWork(federation=True)
+    assert FeedWork(federation=True)
+    assert (FeedWork() | FeedWork(federation=True)).federation
 
 
 @pytest.mark.parametrize(
@@ -168,7 +177,12 @@ class Side:
     """One server's view: its own connection, state, follower and the changes it logged."""
 
     def __init__(
-        self, path: Path, clock: FakeClock, wrap: bool = False, poll_interval: float = 0.2
+        self,
+        path: Path,
+        clock: FakeClock,
+        wrap: bool = False,
+        poll_interval: float = 0.2,
+        federation: FollowedFederation | None = None,
     ) -> None:
         self.store = SqliteDataStore(path, clock)
         self.ds = FaultInjectingDataStore(self.store) if wrap else self.store
@@ -185,6 +199,7 @@ class Side:
             clock=clock,
             cursor=cursor,
             settings=FollowSettings(poll_interval=poll_interval, retention=60),
+            federation=federation,
         )
         self.changes: list[Change] = []
 
@@ -193,6 +208,32 @@ class Side:
 
     def listen(self) -> None:
         self.state.on_change(self.changes.append)
+
+
+class Federated:
+    """The federation service's side of the follower, recorded (FederationService's own
+    tests cover what it does with the rows)."""
+
+    def __init__(self, store: SqliteDataStore) -> None:
+        self.store = store
+        self.applied: list[Stored] = []
+        self.ask_again = 0
+
+    def follow_mark(self) -> int:
+        return 0
+
+    def read_stored(self) -> Stored:
+        return Stored(
+            {r.trust_domain: r for r in self.store.list_relationships()},
+            {b.trust_domain: b for b in self.store.list_foreign_bundles()},
+        )
+
+    def apply_stored(self, stored: Stored, mark: int) -> bool:
+        self.applied.append(stored)
+        if self.ask_again:
+            self.ask_again -= 1
+            return True
+        return False
 
 
 @pytest.fixture
@@ -286,6 +327,42 @@ def test_a_failing_key_slot_hook_does_not_stop_the_feed(sides: tuple[Side, Side]
     asyncio.run(b.follower.catch_up())
     assert b.follower.cursor == a.store.feed_head()
     assert [list(t) for t in b.tasks.applied] == [["t1"]]
+
+
+def test_federation_rows_hand_what_is_stored_to_the_federation_service(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    a = Side(tmp_path / "db", clock)
+    federated = Federated(SqliteDataStore(tmp_path / "db", clock))
+    b = Side(tmp_path / "db", clock, federation=federated)
+    try:
+        rel = FederationRelationship("other.org", "https://127.0.0.1:1/", "https_web")
+        a.store.create_relationship(rel)
+        a.store.put_foreign_bundle(ForeignBundle("other.org", b'{"keys":[]}', NOW))
+        asyncio.run(b.follower.catch_up())
+        # Two rows, one read of the federation tables.
+        assert len(federated.applied) == 1
+        assert set(federated.applied[0].relationships) == {"other.org"}
+        assert set(federated.applied[0].bundles) == {"other.org"}
+        # The service wrote one of them itself meanwhile: read again with no new row.
+        federated.ask_again = 1
+        a.store.delete_foreign_bundle("other.org")
+        asyncio.run(b.follower.catch_up())
+        assert federated.applied[-1].bundles == {}
+        asyncio.run(b.follower.catch_up())
+        assert len(federated.applied) == 3
+        asyncio.run(b.follower.catch_up())
+        assert len(federated.applied) == 3
+        # Rows pruned past the cursor: the full reload reads them too.
+        a.store.delete_relationship("other.org")
+        clock.advance(61)
+        assert asyncio.run(a.follower.prune()) == 4
+        asyncio.run(b.follower.catch_up())
+        assert b.follower.full_reloads == 1
+        assert federated.applied[-1].relationships == {}
+    finally:
+        for store in (a.store, b.store, federated.store):
+            store.close()
 
 
 def test_a_cursor_behind_pruned_rows_reloads_everything(

@@ -289,6 +289,60 @@ def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
     assert world.audit.verify().ok
 
 
+def _second_server(world: World) -> TaskService:
+    """Another server's task layer on the same datastore (its sweep sees the same rows)."""
+    other = TaskService(
+        state=world.state,
+        store=TaskStore(world.audit.store),  # type: ignore[arg-type]
+        policy=world.service.policy,
+        audit=world.audit,
+        ca=world.ca,
+        server_id="spiffe://example.org/svid/server",
+        clock=world.clock,
+    )
+    other.load()
+    return other
+
+
+def test_two_servers_expiring_one_task_end_it_once(world: World) -> None:
+    task = world.begin(ttl=60)
+    entry = world.state.entries.by_id[task.entry_id]
+    world.mint_jwt(entry, ["docs"])
+    other = _second_server(world)
+    world.clock.advance(61)
+
+    async def both() -> list[int]:
+        return await asyncio.gather(world.service.expire_due(), other.expire_due())
+
+    world.run(both())
+    (end,) = world.events("task_end")
+    assert end["decision"] == "expired"
+    assert len(world.events("revocation")) == 1
+    assert world.store.get_task(task.task_id).state is TaskState.EXPIRED  # type: ignore[union-attr]
+    assert other.active_task(task.spiffe_id) is None
+    assert world.service.active_task(task.spiffe_id) is None
+
+
+def test_an_end_racing_another_servers_sweep_ends_the_task_once(world: World) -> None:
+    task = world.begin(ttl=60)
+    entry = world.state.entries.by_id[task.entry_id]
+    world.mint_jwt(entry, ["docs"])
+    other = _second_server(world)
+    world.clock.advance(60)
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(
+            world.service.end(world.agent, task.task_id, ()), other.expire_due()
+        )
+
+    ended, _ = world.run(both())
+    (end,) = world.events("task_end")
+    assert len(world.events("revocation")) == 1
+    # The caller is told how the task did end, whichever server's write ended it.
+    assert ended.state.value == end["decision"]
+    assert world.audit.verify().ok
+
+
 def test_end_revokes_a_jwt_past_exp_that_a_verifier_still_accepts(world: World) -> None:
     """A verifier takes a JWT until exp + its leeway; ending the task then must still name it,
     even after the credential housekeeping has run."""
@@ -543,6 +597,54 @@ def test_a_task_whose_begin_event_cannot_be_written_is_undone(
     assert undone.state is TaskState.REVOKED
     assert world.service.active_task(undone.spiffe_id) is None
     world.close()
+
+
+def test_an_end_whose_event_failed_is_finished_once_later(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> None:
+    faulty = FaultInjectingDataStore(datastore)
+    world = make_world(tmp_path, clock, faulty, ca_manager)
+    task = world.begin()
+    faulty.inject(StorageError("disk I/O error"), method="write_ledger")
+    with pytest.raises(AuditError):
+        world.run(world.service.end(world.agent, task.task_id, ()))
+    assert world.events("task_end") == []
+    assert world.service.active_task(task.spiffe_id) is None
+    # Claimed, not settled: left for whichever server finishes ends, once it is surely stale.
+    assert [t.task_id for t in world.store.unsettled(int(clock.now()) + 1)] == [task.task_id]
+    assert world.run(world.service.settle_ends()) == 0
+    clock.advance(61)
+    assert world.run(world.service.settle_ends()) == 1
+    (end,) = world.events("task_end")
+    assert end["decision"] == "ended"
+    assert world.store.unsettled(int(clock.now()) + 1) == []
+    assert world.run(world.service.settle_ends()) == 0
+    world.close()
+
+
+def test_an_end_cut_short_after_its_event_is_not_recorded_twice(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    issued = world.mint_jwt(entry, ["docs"])
+    settle = world.store.settle
+
+    def dies(_task: Any) -> bool:
+        raise StorageError("the server died here")
+
+    monkeypatch.setattr(world.store, "settle", dies)
+    with pytest.raises(StorageError):
+        world.run(world.service.end(world.agent, task.task_id, ()))
+    monkeypatch.setattr(world.store, "settle", settle)
+    world.clock.advance(61)
+    assert world.run(world.service.settle_ends()) == 1
+    # Revoked and recorded once: what the first server did is not done again.
+    assert len(world.events("task_end")) == 1
+    assert [e["credential_id"] for e in world.events("revocation")] == [issued.jti]
+    assert ("jwt_id", issued.jti) in {(r.kind, r.value) for r in world.state.revocations}
+    assert world.store.unsettled(int(world.clock.now()) + 1) == []
+    assert world.audit.verify().ok
 
 
 # -- tasks begun or ended through another server (the change feed) --------------------------------

@@ -9,10 +9,24 @@ import pytest
 
 from svid import JwtVerifier, TaskClaimsError, VerificationError
 from svid._caller import Caller, _quick_grant
-from tests.svid.adapter_world import AUDIENCE, RevokingSource, task_token, workload_token
+from tests.svid.adapter_world import (
+    AUDIENCE,
+    RUNTIME,
+    RevokingSource,
+    task_token,
+    workload_token,
+)
 
-SCOPES = ["read tool:read_ticket", "invoke_tool", "", "read", "tool:a tool:b", "  tool:x  "]
-ASKED = ["tool:read_ticket", "tool:a", "tool:x", "read", "invoke_tool", "write", "tool:b"]
+SCOPES = [
+    "read tool:read_ticket",
+    "invoke_tool",
+    "",
+    "read",
+    "tool:a tool:b",
+    "  tool:x  ",
+    "tool:",
+]
+ASKED = ["tool:read_ticket", "tool:a", "tool:x", "read", "invoke_tool", "write", "tool:b", "tool:"]
 
 
 @pytest.fixture
@@ -26,7 +40,8 @@ def test_the_quick_check_agrees_with_the_full_read(
 ) -> None:
     verified = verifier.verify(task_token(scope=granted or None), AUDIENCE)
     quick = Caller(verified.spiffe_id, jwt=verified, audience=AUDIENCE)
-    assert _quick_grant(verified.claims, str(verified.spiffe_id), asked) is not None
+    if asked != "tool:":  # names no tool: left to the full read
+        assert _quick_grant(verified.claims, str(verified.spiffe_id), asked) is not None
     full = Caller(verified.spiffe_id, jwt=verified, audience=AUDIENCE)
     assert full.task is not None  # the full read, done first
     assert quick.grants(asked) == full.grants(asked)
@@ -59,3 +74,67 @@ def test_a_workload_token_grants_no_scope(verifier: JwtVerifier) -> None:
     assert caller.task_id is None
     assert not caller.grants("read")
     assert issubclass(TaskClaimsError, VerificationError)
+
+
+ACT = {"sub": f"{RUNTIME}/task/t1"}
+
+
+def _nested_act(depth: int) -> dict[str, Any]:
+    act: dict[str, Any] = {"sub": f"{RUNTIME}/task/t1"}
+    for _ in range(depth - 1):
+        act = {"sub": f"{RUNTIME}/task/t0", "act": act}
+    return act
+
+
+# Task tokens the full read refuses (TaskClaimsError) although sub, txn and scope are fine, and
+# their well-formed neighbours: the quick check must grant exactly what the full read grants.
+CONTEXTS: list[dict[str, Any]] = [
+    {},
+    {"tctx": "internal"},
+    {"tctx": {"classification": "internal", "environment": "test", "resources": "mcp"}},
+    {"tctx": {"classification": "internal", "environment": "test", "resources": [AUDIENCE, 7]}},
+    {"tctx": {"classification": 3, "environment": "test", "resources": []}},
+    {"tctx": {"classification": "internal", "environment": None, "resources": []}},
+    {"tctx": {"classification": "internal", "resources": [], "elevated": "yes"}},
+    {"tctx": {"classification": "internal", "resources": [], "elevated": True}},
+    {"tctx": {"resources": None}},
+    {"tctx": {}},
+    {"obo": 7},
+    {"obo": ["user:alice"]},
+    {"parent_txn": 5},
+    {"parent_txn": "p1"},
+    {"act": "spiffe://example.org/agents/bot"},
+    {"act": {"sub": ""}},
+    {"act": {"sub": f"{RUNTIME}/task/t1", "act": {"act": ACT}}},
+    {"act": {"sub": f"{RUNTIME}/task/t1", "act": ["x"]}},
+    {"act": _nested_act(32)},
+    {"act": _nested_act(33)},
+]
+
+
+@pytest.mark.parametrize("over", CONTEXTS)
+@pytest.mark.parametrize("asked", ["tool:read_ticket", "read", "tool:other"])
+def test_the_quick_check_refuses_what_the_full_read_refuses(
+    verifier: JwtVerifier, over: dict[str, Any], asked: str
+) -> None:
+    verified = verifier.verify(task_token(**over), AUDIENCE)
+    full = Caller(verified.spiffe_id, jwt=verified, audience=AUDIENCE)
+    try:
+        full_decision = full.task is not None and full.grants(asked)
+    except TaskClaimsError:
+        full_decision = False
+    quick = Caller(verified.spiffe_id, jwt=verified, audience=AUDIENCE)
+    assert quick.grants(asked) == full_decision
+
+
+@pytest.mark.parametrize("audience", [AUDIENCE, "another-server", ""])
+def test_the_quick_check_keeps_the_full_read_s_audience_check(
+    verifier: JwtVerifier, audience: str
+) -> None:
+    # A Caller may be made by hand for an audience its token does not name.
+    verified = verifier.verify(task_token(), AUDIENCE)
+    full = Caller(verified.spiffe_id, jwt=verified, audience=audience)
+    assert full.task is not None
+    quick = Caller(verified.spiffe_id, jwt=verified, audience=audience)
+    assert quick.grants("tool:read_ticket") == full.grants("tool:read_ticket")
+    assert quick.grants("tool:read_ticket") == (audience != "another-server")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -171,3 +172,40 @@ def test_the_per_request_access_token_is_what_model_construct_makes(
     assert fast.task.task_id == "t1"
     with pytest.raises(Exception, match="frozen"):
         fast.token = "other"  # type: ignore[misc]
+
+
+def test_the_sdk_check_accepts_only_the_token_protect_admitted(source: RevokingSource) -> None:
+    # The SDK's bearer check runs inside protect()'s middleware: another token, even a valid
+    # one, was not the one whose tool grants were checked, so it is refused.
+    auth = svid.mcp.TaskAuth(source, audience=AUDIENCE)
+    admitted, other = task_token(), task_token(task_id="t2", jti="j2")
+    seen: list[Any] = []
+
+    async def sdk_app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(await auth.verify_token(admitted))
+        seen.append(await auth.verify_token(other))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    server = SimpleNamespace(session_manager=SimpleNamespace(_server_instances={}))
+    protected = auth._protected(sdk_app, server)
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/mcp",
+        "headers": [(b"authorization", f"Bearer {admitted}".encode())],
+    }
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    asyncio.run(protected(scope, receive, send))
+    assert sent[0]["status"] == 200
+    assert isinstance(seen[0], svid.mcp.TaskAccessToken)
+    assert seen[0].task is not None
+    assert seen[0].task.task_id == "t1"
+    assert seen[1] is None

@@ -119,65 +119,106 @@ def test_refusals_are_rfc6749_errors_and_audited(
         assert event["reason"].startswith(error)
 
 
-def test_jti_claim_is_one_atomic_insert_shared_by_stores(tmp_path: Any) -> None:
+def test_the_replay_guard_holds_each_jti_until_it_expires() -> None:
     from server.datastore.base import JtiClaim
+    from server.oauth.replay import ReplayGuard
+
+    guard = ReplayGuard(limit=20)
+    a = JtiClaim("iss", "a", 2000)
+    assert guard.reserve(a, 1000)
+    assert not guard.reserve(a, 1999)  # a replay, until a's expiry
+    assert guard.reserve(JtiClaim("other-iss", "a", 2000), 1000)
+    assert guard.reserve(JtiClaim("iss", "a", 3000), 2000)  # past its expiry a holder is gone
+    b = JtiClaim("iss", "b", 2000)
+    assert guard.reserve(b, 1000)
+    guard.release(b)  # not recorded: it may be presented again
+    assert guard.reserve(b, 1000)
+    assert guard.prune(2500) == 2
+    for n in range(30):  # full of live claims: the oldest are forgotten, never refused wrongly
+        assert guard.reserve(JtiClaim("iss", f"n{n}", 9000), 2500)
+    assert len(guard) <= 20
+    assert not guard.reserve(JtiClaim("iss", "n29", 9000), 2500)
+
+
+def test_a_replay_through_another_server_fails_only_itself(tmp_path: Any) -> None:
+    """Two servers on one database: assertions the other one accepted reach this server's
+    ledger commit (its memory has not seen them). The shared commit that meets them keeps
+    nothing; the replays are refused and every other request in it is recorded again."""
+    import threading
+    import time
+
+    from server.audit.event import EventDraft
+    from server.audit.log import AuditLog
+    from server.datastore.base import JtiClaim
+    from server.datastore.errors import JtiHeldError
+    from server.datastore.records import REVOKED_JWT_ID, Credential
     from server.datastore.sqlite import SqliteDataStore
-    from server.oauth.replay import JtiClaims
+    from server.ledger import Ledger
+    from server.oauth.grants import Grants
+    from server.oauth.replay import ReplayGuard
     from svid._clock import FakeClock
 
     clock = FakeClock(1000)
-    one = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
-    two = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
+    here = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
+    there = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
+    replays = [f"r{i}" for i in range(5)]
+    fresh = [f"f{i}" for i in range(30)]
+    assert there.claim_jtis([JtiClaim("iss", j, 2000) for j in replays], 1000) == [True] * 5
+    writes: list[int] = []
+    write_ledger = here.write_ledger
+
+    def slow_first_write(*args: Any, **kwargs: Any) -> None:
+        writes.append(len(args[2]) if len(args) > 2 else 0)
+        if len(writes) == 1:
+            time.sleep(0.3)  # every other request queues meanwhile: one mixed commit follows
+        write_ledger(*args, **kwargs)
+
+    here.write_ledger = slow_first_write  # type: ignore[method-assign]
+    nothing: Any = None
+    grants = Grants(
+        checker=nothing,
+        signer=nothing,
+        recorder=Ledger(AuditLog(here, clock)),
+        replay=ReplayGuard(),
+        tasks=nothing,
+        resources=frozenset(),
+        trust_domain="example.org",
+        access_token_ttl=60,
+        clock=clock,
+    )
+    outcome: dict[str, str] = {}
+
+    def request(jti: str) -> None:
+        token = f"token-{jti}"
+        event = EventDraft(
+            kind="oauth_jwt_bearer", action="token", decision="allow", credential_id=token
+        )
+        credential = Credential(REVOKED_JWT_ID, token, "", "spiffe://example.org/w", "", 2000)
+        try:
+            grants._commit([credential], [event], JtiClaim("iss", jti, 2000))
+            outcome[jti] = "recorded"
+        except JtiHeldError:
+            outcome[jti] = "replay"
+
     try:
-        claims_one, claims_two = JtiClaims(one.claim_jtis), JtiClaims(two.claim_jtis)
-        assert claims_one.claim("iss", "j1", 2000, 1000)
-        assert not claims_two.claim("iss", "j1", 2000, 1000)  # another server sees the claim
-        assert claims_two.claim("other-iss", "j1", 2000, 1000)
-        assert not claims_one.claim("iss", "j1", 2000, 1999)
-        assert claims_one.claim("iss", "j1", 3000, 2000)  # past its expiry a holder is gone
-        # In one batch, a repeat is a replay too.
-        batch = [JtiClaim("iss", "j2", 3000), JtiClaim("iss", "j2", 3000)]
-        assert one.claim_jtis(batch, 2000) == [True, False]
-        assert one.prune_jtis(2500) == 1
-        assert 7 in one.schema_versions()
-    finally:
-        one.close()
-        two.close()
-
-
-def test_concurrent_claims_share_commits_and_one_wins_each_jti(tmp_path: Any) -> None:
-    import threading
-
-    from server.datastore.sqlite import SqliteDataStore
-    from server.oauth.replay import JtiClaims
-    from svid._clock import FakeClock
-
-    store = SqliteDataStore(tmp_path / "ds.sqlite3", FakeClock(1000))
-    calls: list[int] = []
-
-    def counted(claims: Any, now: int) -> list[bool]:
-        calls.append(len(claims))
-        return store.claim_jtis(claims, now)
-
-    replay = JtiClaims(counted)
-    results: list[bool] = []
-    lock = threading.Lock()
-
-    def claim(jti: str) -> None:
-        fresh = replay.claim("iss", jti, 2000, 1000)
-        with lock:
-            results.append(fresh)
-
-    try:
-        threads = [threading.Thread(target=claim, args=(f"j{i % 10}",)) for i in range(80)]
-        for t in threads:
+        threads = [threading.Thread(target=request, args=(j,)) for j in fresh[:1]]
+        threads += [threading.Thread(target=request, args=(j,)) for j in fresh[1:] + replays]
+        threads[0].start()
+        time.sleep(0.1)
+        for t in threads[1:]:
             t.start()
         for t in threads:
             t.join()
-        assert results.count(True) == 10
-        assert sum(calls) == 80
+        assert outcome == {**dict.fromkeys(fresh, "recorded"), **dict.fromkeys(replays, "replay")}
+        assert any(n > 1 for n in writes[1:])  # a shared commit failed and was written again
+        kept = {c.value for c in here.agent_credentials("", 1000)}
+        assert kept == {f"token-{j}" for j in fresh}
+        events = [r["credential_id"] for r in here.audit_rows()]
+        assert sorted(events) == sorted(f"token-{j}" for j in fresh)
+        assert there.claim_jtis([JtiClaim("iss", j, 2000) for j in fresh], 1000) == [False] * 30
     finally:
-        store.close()
+        here.close()
+        there.close()
 
 
 def test_no_token_leaves_when_the_ledger_cannot_record_it(
@@ -250,3 +291,55 @@ def test_a_client_id_must_name_the_assertions_workload(oauth_server: OAuthServer
     )
     assert other.status_code == 401
     assert other.json()["error"] == "invalid_client"
+
+
+def test_an_idle_connection_is_cut_after_the_read_timeout_and_keep_alive_serves_many(
+    oauth_server: OAuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import time
+
+    from server.oauth import http
+
+    monkeypatch.setattr(http, "READ_TIMEOUT", 0.3)
+    port = int(oauth_server.issuer.rsplit(":", 1)[1])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with oauth_server.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        request = b"GET /keys HTTP/1.1\r\nHost: x\r\n\r\n"
+        tls.sendall(request * 2)  # two on one connection, each answered whole
+        seen = b""
+        while seen.count(b'{"keys"') < 2:
+            seen += tls.recv(65536)
+        assert seen.count(b"HTTP/1.1 200") == 2
+        started = time.monotonic()
+        assert tls.recv(1024) == b""  # then idle: the server hangs up
+        assert time.monotonic() - started < 3
+
+
+def test_a_jti_claim_survives_a_reseal_when_another_server_moved_the_chain(
+    tmp_path: Any,
+) -> None:
+    """Two servers' audit logs on one database: this one seals on a head the other moved, so
+    its commit is sealed again on the stored head; the assertion's claim goes with it."""
+    from server.audit.event import EventDraft
+    from server.audit.log import AuditLog
+    from server.datastore.base import JtiClaim
+    from server.datastore.records import REVOKED_JWT_ID, Credential
+    from server.datastore.sqlite import SqliteDataStore
+    from svid._clock import FakeClock
+
+    clock = FakeClock(1000)
+    here = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
+    there = SqliteDataStore(tmp_path / "ds.sqlite3", clock)
+    try:
+        log_here, log_there = AuditLog(here, clock), AuditLog(there, clock)
+        log_there.append("oauth_jwt_bearer", decision="deny", action="token")
+        credential = Credential(REVOKED_JWT_ID, "token-1", "", "spiffe://example.org/w", "", 2000)
+        event = EventDraft(kind="oauth_jwt_bearer", action="token", credential_id="token-1")
+        log_here.record([credential], [event], [JtiClaim("iss", "j1", 2000)])
+        assert [r["seq"] for r in here.audit_rows()] == [1, 2]
+        assert here.claim_jtis([JtiClaim("iss", "j1", 2000)], 1000) == [False]
+        assert log_here.verify().ok
+    finally:
+        here.close()
+        there.close()

@@ -1,0 +1,119 @@
+"""Fetching a foreign trust domain's bundle from its bundle endpoint, and judging it.
+
+Both profiles of the SPIFFE Federation API are an HTTPS GET answered with SPIFFE bundle JSON;
+they differ in how the endpoint is authenticated:
+  https_web     the endpoint's certificate, by web PKI (system roots) or a configured CA file,
+                with the host name checked;
+  https_spiffe  the endpoint's X.509-SVID, chained to the last bundle we hold for the foreign
+                trust domain, and its URI SAN equal to the configured endpoint SPIFFE ID.
+The fetch is blocking (http.client): the refresher runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+from urllib.parse import urlsplit
+
+from cryptography import x509
+
+from server.datastore.records import HTTPS_SPIFFE, HTTPS_WEB, FederationRelationship
+from server.federation.errors import FederationError
+from svid._bundle import SpiffeBundle
+from svid._der import certs_to_pem
+from svid._errors import SvidError
+from svid._spiffe_id import TrustDomain
+
+TIMEOUT = 10.0
+MAX_BUNDLE_BYTES = 1024 * 1024
+
+
+def check_bundle(trust_domain: TrustDomain, body: bytes) -> SpiffeBundle:
+    """The bundle `body` holds, if it is one of `trust_domain`: parsed, and every X.509
+    authority that names a trust domain (a URI SAN, as SPIFFE CA certificates carry) naming
+    this one. FederationError otherwise."""
+    try:
+        bundle = SpiffeBundle.parse(trust_domain, body)
+    except SvidError as exc:
+        raise FederationError(f"bundle of {trust_domain} refused: {exc}") from None
+    for cert in bundle.x509_authorities:
+        for uri in _uris(cert):
+            if uri != str(trust_domain.id):
+                raise FederationError(
+                    f"bundle of {trust_domain} refused: its X.509 authority "
+                    f"{cert.subject.rfc4514_string()} belongs to {uri}"
+                )
+    return bundle
+
+
+def _uris(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return [str(u) for u in san.value.get_values_for_type(x509.UniformResourceIdentifier)]
+
+
+def tls_context(rel: FederationRelationship, known: SpiffeBundle | None) -> ssl.SSLContext:
+    """How to authenticate the relationship's endpoint (see the module)."""
+    if rel.profile == HTTPS_WEB:
+        return ssl.create_default_context(cafile=rel.ca_file or None)
+    if rel.profile != HTTPS_SPIFFE:
+        raise FederationError(f"{rel.trust_domain}: unknown profile {rel.profile!r}")
+    if known is None or not known.x509_authorities:
+        raise FederationError(
+            f"{rel.trust_domain}: https_spiffe needs a bundle of {rel.trust_domain} to "
+            "authenticate its endpoint: set one first (svid-server bundle set)"
+        )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # The SVID names a SPIFFE ID, not a host: the chain is checked here, the ID after the
+    # handshake (endpoint_id_of).
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=certs_to_pem(known.x509_authorities).decode("ascii"))
+    return ctx
+
+
+def endpoint_id_of(der: bytes | None) -> str:
+    """The SPIFFE ID (the one URI SAN) of the endpoint's certificate; "" without one."""
+    if not der:
+        return ""
+    uris = _uris(x509.load_der_x509_certificate(der))
+    return uris[0] if len(uris) == 1 else ""
+
+
+def fetch_bundle(rel: FederationRelationship, known: SpiffeBundle | None) -> SpiffeBundle:
+    """GET the relationship's bundle endpoint and return the checked bundle (blocking)."""
+    td = TrustDomain.parse(rel.trust_domain)
+    url = urlsplit(rel.endpoint_url)
+    if url.scheme != "https" or not url.hostname:
+        raise FederationError(f"{td}: bundle endpoint URL {rel.endpoint_url!r} is not https://")
+    conn = http.client.HTTPSConnection(
+        url.hostname, url.port or 443, timeout=TIMEOUT, context=tls_context(rel, known)
+    )
+    try:
+        conn.request("GET", url.path or "/", headers={"Accept": "application/json"})
+        if rel.profile == HTTPS_SPIFFE:
+            sock = conn.sock
+            presented = endpoint_id_of(sock.getpeercert(binary_form=True) if sock else None)
+            if presented != rel.endpoint_spiffe_id:
+                raise FederationError(
+                    f"{td}: bundle endpoint presented {presented or 'no SPIFFE ID'}, "
+                    f"expected {rel.endpoint_spiffe_id}"
+                )
+        response = conn.getresponse()
+        body = response.read(MAX_BUNDLE_BYTES + 1)
+    except ssl.SSLError as exc:
+        why = getattr(exc, "verify_message", None) or exc.reason
+        raise FederationError(f"{td}: bundle endpoint not authenticated: {why}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise FederationError(
+            f"{td}: bundle endpoint {rel.endpoint_url} unreachable: {exc}"
+        ) from None
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise FederationError(f"{td}: bundle endpoint answered HTTP {response.status}")
+    if len(body) > MAX_BUNDLE_BYTES:
+        raise FederationError(f"{td}: bundle larger than {MAX_BUNDLE_BYTES} bytes")
+    return check_bundle(td, body)

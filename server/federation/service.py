@@ -1,0 +1,493 @@
+"""Federation relationships and foreign bundles: kept, refreshed, handed to the state.
+
+Each relationship's foreign bundle is fetched again at its refresh hint (server/federation/
+fetch.py). A failed fetch keeps the last good bundle in service and is retried sooner; a bundle
+that is refused (wrong trust domain, endpoint not authenticated) never replaces it. Every
+change of a foreign bundle is an audit event on the ledger, then reaches the state, whose
+change log takes it to the agents. Static relationships come from the configuration and
+cannot be changed through the API.
+
+Several servers on one datastore: every relationship and bundle write names its trust domain
+in the change feed, and each server's follower (server/replication.py) hands what is stored
+to `apply_stored`: the stored rows are the truth, adopted as they are (a bundle pushed to
+this server's agents as a local change would be), except trust domains this server wrote
+itself meanwhile, which are read again. The scheduled fetch of a relationship is claimed
+through a datastore lease per trust domain (`federation-fetch:<td>`, held for two refresh
+intervals and renewed by its holder's next fetch), so one server fetches each endpoint and
+the others adopt its result from the feed instead of all fetching in lockstep; a holder that
+dies lets the lease lapse and the next server due takes it. A fetch somebody asked for (an
+admin refresh, a relationship created or changed, a bundle set by hand) runs where it was
+asked, lease or not. A fetched bundle whose spiffe_sequence is lower than the one held is
+stale (a lagging endpoint replica, a replay of older keys) and is not installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+from server.audit.log import AuditLog
+from server.datastore.base import DataStore
+from server.datastore.errors import NotFoundError as StoreNotFound
+from server.datastore.records import (
+    HTTPS_SPIFFE,
+    HTTPS_WEB,
+    FederationRelationship,
+    ForeignBundle,
+)
+from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from server.federation.errors import FederationError
+from server.federation.fetch import check_bundle, fetch_bundle
+from svid._bundle import SpiffeBundle
+from svid._clock import Clock
+from svid._errors import SpiffeIdError
+from svid._spiffe_id import SpiffeId, TrustDomain
+
+_log = logging.getLogger("svid.server.federation")
+DEFAULT_REFRESH = 300
+MIN_REFRESH = 1
+# After a failed fetch, try again after this long (or the hint, if shorter).
+RETRY = 5.0
+BUNDLE_CHANGED = "federated_bundle_changed"
+BUNDLE_REFUSED = "federated_bundle_refused"
+
+LEASE_PREFIX = "federation-fetch:"
+# A relationship another server wrote is due here this much later (seconds): see apply_stored.
+FOLLOWED_DELAY = 1.0
+
+Fetch = Callable[[FederationRelationship, SpiffeBundle | None], SpiffeBundle]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The federation rows as the datastore holds them (read by the change-feed follower)."""
+
+    relationships: dict[str, FederationRelationship] = field(default_factory=dict)
+    bundles: dict[str, ForeignBundle] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Refreshed:
+    changed: bool
+    bundle: SpiffeBundle
+
+
+def parse_trust_domain(text: str, field_name: str = "trust_domain") -> TrustDomain:
+    try:
+        return TrustDomain.parse(text)
+    except SpiffeIdError as exc:
+        raise InvalidRequestError(f"{field_name}: {exc}") from None
+
+
+def validate_relationship(rel: FederationRelationship, own: TrustDomain) -> FederationRelationship:
+    td = parse_trust_domain(rel.trust_domain)
+    if td == own:
+        raise InvalidRequestError(f"trust_domain: {td} is our own trust domain")
+    if not rel.endpoint_url.startswith("https://"):
+        raise InvalidRequestError(
+            f"bundle_endpoint_url: {rel.endpoint_url!r} must be an https:// URL"
+        )
+    if rel.profile not in (HTTPS_WEB, HTTPS_SPIFFE):
+        raise InvalidRequestError(f"profile: {rel.profile!r}; one of {HTTPS_WEB}, {HTTPS_SPIFFE}")
+    endpoint_id = ""
+    if rel.profile == HTTPS_SPIFFE:
+        try:
+            endpoint_id = str(SpiffeId.parse(rel.endpoint_spiffe_id))
+        except SpiffeIdError as exc:
+            raise InvalidRequestError(f"endpoint_spiffe_id: {exc} (https_spiffe)") from None
+    elif rel.endpoint_spiffe_id:
+        raise InvalidRequestError("endpoint_spiffe_id: only for the https_spiffe profile")
+    if rel.ca_file and rel.profile != HTTPS_WEB:
+        raise InvalidRequestError("ca_file: only for the https_web profile")
+    return replace(rel, trust_domain=td.name, endpoint_spiffe_id=endpoint_id)
+
+
+def parse_static(text: str, own: TrustDomain) -> FederationRelationship:
+    """A relationship of the configuration: "<td> <profile> <url> [<endpoint ID | CA file>]"."""
+    parts = text.split()
+    if len(parts) not in (3, 4):
+        raise InvalidRequestError(
+            f"federation_relationships: {text!r}: want '<trust domain> <profile> <url> "
+            "[<endpoint SPIFFE ID (https_spiffe) | CA file (https_web)>]'"
+        )
+    td, profile, url = parts[:3]
+    extra = parts[3] if len(parts) == 4 else ""
+    rel = FederationRelationship(
+        td,
+        url,
+        profile,
+        endpoint_spiffe_id=extra if profile == HTTPS_SPIFFE else "",
+        ca_file=extra if profile == HTTPS_WEB else "",
+    )
+    return validate_relationship(rel, own)
+
+
+def is_stale(held: SpiffeBundle | None, fetched: SpiffeBundle) -> bool:
+    """Whether a fetched bundle is older than the one held (by spiffe_sequence, when both
+    carry one): another server's newer fetch, adopted from the feed, must not be undone."""
+    return held is not None and bool(fetched.sequence) and fetched.sequence < held.sequence
+
+
+def lease_ttl(bundle: SpiffeBundle | None) -> int:
+    """How long a fetch claim lasts: past the holder's next fetch (the hint, or the retry
+    after a failure, which is sooner), so a live holder renews it before it lapses."""
+    return int(2 * next_refresh(bundle, ok=True)) + 5
+
+
+def next_refresh(bundle: SpiffeBundle | None, ok: bool) -> float:
+    """Seconds until the next fetch: the bundle's refresh hint, sooner after a failure."""
+    hint = float(max(MIN_REFRESH, bundle.refresh_hint if bundle and bundle.refresh_hint else 0))
+    if bundle is None or not bundle.refresh_hint:
+        hint = DEFAULT_REFRESH
+    return hint if ok else min(hint, RETRY)
+
+
+class FederationService:
+    def __init__(
+        self,
+        *,
+        own: TrustDomain,
+        datastore: DataStore,
+        audit: AuditLog,
+        clock: Clock,
+        publish: Callable[[Mapping[str, SpiffeBundle]], None],
+        static: tuple[FederationRelationship, ...] = (),
+        fetch: Fetch = fetch_bundle,
+        holder: str = "",
+    ) -> None:
+        self._own = own
+        self._datastore = datastore
+        self._audit = audit
+        self._clock = clock
+        self._publish = publish
+        self._fetch = fetch
+        self._static = {r.trust_domain: r for r in static}
+        self._relationships: dict[str, FederationRelationship] = {}
+        self._bundles: dict[str, SpiffeBundle] = {}
+        self._updated: dict[str, int] = {}  # when each foreign bundle last changed (unix s)
+        self._due: dict[str, float] = {}
+        self._wake = asyncio.Event()
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Scheduled fetches someone asked for here: they skip the lease.
+        self._asked: set[str] = set()
+        # Without a holder name (one server, tests) every scheduled fetch runs.
+        self._holder = holder
+        self._claimed: set[str] = set()
+        # Local writes, numbered, by trust domain: what the follower must not undo.
+        self._writes = 0
+        self._written: dict[str, int] = {}
+        # For tests and metrics: fetches made by this server.
+        self.fetches = 0
+
+    def load(self) -> None:
+        """Read relationships and bundles from the datastore (start-up; synchronous)."""
+        stored = {r.trust_domain: r for r in self._datastore.list_relationships()}
+        self._relationships = {**stored, **self._static}
+        for row in self._datastore.list_foreign_bundles():
+            try:
+                td = TrustDomain.parse(row.trust_domain)
+                self._bundles[td.name] = SpiffeBundle.parse(td, row.bundle)
+                self._updated[td.name] = row.updated_at
+            except Exception:
+                _log.exception("stored foreign bundle unreadable", extra={"td": row.trust_domain})
+        now = self._clock.now()
+        self._due = dict.fromkeys(self._relationships, now)
+        self._publish(dict(self._bundles))
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def relationships(self) -> list[tuple[FederationRelationship, bool]]:
+        """(relationship, static) by trust domain."""
+        return [(r, td in self._static) for td, r in sorted(self._relationships.items())]
+
+    def relationship(self, trust_domain: str) -> tuple[FederationRelationship, bool]:
+        td = parse_trust_domain(trust_domain).name
+        rel = self._relationships.get(td)
+        if rel is None:
+            raise NotFoundError(f"no federation relationship with {td}")
+        return rel, td in self._static
+
+    def bundles(self) -> dict[str, SpiffeBundle]:
+        return dict(self._bundles)
+
+    def updated_at(self, trust_domain: str) -> int:
+        return self._updated.get(trust_domain, 0)
+
+    def next_fetch(self, trust_domain: str) -> float | None:
+        """When (clock time) the relationship's scheduled fetch is due; None: not scheduled."""
+        return self._due.get(trust_domain)
+
+    def bundle(self, trust_domain: str) -> SpiffeBundle:
+        td = parse_trust_domain(trust_domain).name
+        found = self._bundles.get(td)
+        if found is None:
+            raise NotFoundError(f"no bundle for foreign trust domain {td}")
+        return found
+
+    # -- relationships --------------------------------------------------------------------------
+
+    def _not_static(self, td: str) -> None:
+        if td in self._static:
+            raise PermissionDeniedError(
+                f"the relationship with {td} comes from the configuration file: change it there"
+            )
+
+    async def create(self, rel: FederationRelationship) -> FederationRelationship:
+        rel = validate_relationship(rel, self._own)
+        self._not_static(rel.trust_domain)
+        stored = await asyncio.to_thread(self._datastore.create_relationship, rel)
+        self._wrote(stored.trust_domain)
+        self._relationships[stored.trust_domain] = stored
+        self._schedule(stored.trust_domain, 0, asked=True)
+        return stored
+
+    async def update(self, rel: FederationRelationship) -> FederationRelationship:
+        rel = validate_relationship(rel, self._own)
+        self._not_static(rel.trust_domain)
+        stored = await asyncio.to_thread(self._datastore.update_relationship, rel)
+        self._wrote(stored.trust_domain)
+        self._relationships[stored.trust_domain] = stored
+        self._schedule(stored.trust_domain, 0, asked=True)
+        return stored
+
+    async def delete(self, trust_domain: str) -> None:
+        td = parse_trust_domain(trust_domain).name
+        self._not_static(td)
+        await asyncio.to_thread(self._datastore.delete_relationship, td)
+        self._wrote(td)
+        self._forget(td)
+
+    def _forget(self, td: str) -> None:
+        self._relationships.pop(td, None)
+        self._due.pop(td, None)
+        self._asked.discard(td)
+
+    def _wrote(self, td: str) -> None:
+        self._writes += 1
+        self._written[td] = self._writes
+
+    # -- bundles --------------------------------------------------------------------------------
+
+    async def set_bundle(self, trust_domain: str, body: bytes) -> SpiffeBundle:
+        """Bootstrap (or replace) a foreign bundle by hand."""
+        td = parse_trust_domain(trust_domain)
+        if td == self._own:
+            raise InvalidRequestError(f"trust_domain: {td} is our own trust domain")
+        try:
+            bundle = check_bundle(td, body)
+        except FederationError as exc:
+            raise InvalidRequestError(f"bundle: {exc}") from None
+        await self._install(bundle, source="set")
+        # A relationship waiting for its first bundle (https_spiffe needs one to authenticate
+        # the endpoint) fetches now rather than at its retry.
+        self._schedule(td.name, 0, asked=True)
+        return bundle
+
+    async def delete_bundle(self, trust_domain: str) -> None:
+        td = parse_trust_domain(trust_domain).name
+        try:
+            await asyncio.to_thread(self._datastore.delete_foreign_bundle, td)
+        except StoreNotFound:
+            raise NotFoundError(f"no bundle for foreign trust domain {td}") from None
+        self._wrote(td)
+        self._bundles.pop(td, None)
+        self._updated.pop(td, None)
+        await asyncio.to_thread(self._audit.append, BUNDLE_CHANGED, extra={"trust_domain": td})
+        self._publish(dict(self._bundles))
+
+    async def _install(self, bundle: SpiffeBundle, source: str) -> bool:
+        td = bundle.trust_domain.name
+        if self._bundles.get(td) == bundle:
+            return False
+        # On the ledger before it is served: a bundle nobody recorded never reaches a workload.
+        await asyncio.to_thread(
+            self._audit.append,
+            BUNDLE_CHANGED,
+            extra={
+                "trust_domain": td,
+                "sequence": bundle.sequence,
+                "source": source,
+                "x509_authorities": len(bundle.x509_authorities),
+                "jwt_authorities": len(bundle.jwt_authorities),
+            },
+        )
+        row = ForeignBundle(td, bundle.to_json(), int(self._clock.now()))
+        await asyncio.to_thread(self._datastore.put_foreign_bundle, row)
+        self._wrote(td)
+        self._bundles[td] = bundle
+        self._updated[td] = row.updated_at
+        self._publish(dict(self._bundles))
+        _log.info("foreign bundle changed", extra={"td": td, "sequence": bundle.sequence})
+        return True
+
+    async def refresh(self, trust_domain: str) -> Refreshed:
+        """Fetch the relationship's bundle now; FederationError (last good kept) on failure."""
+        rel, _ = self.relationship(trust_domain)
+        td = rel.trust_domain
+        lock = self._locks.setdefault(td, asyncio.Lock())
+        async with lock:
+            known = self._bundles.get(td)
+            asked = self._due.get(td)
+            self.fetches += 1
+            try:
+                fetched = await asyncio.to_thread(self._fetch, rel, known)
+                if is_stale(self._bundles.get(td), fetched):
+                    raise FederationError(
+                        f"{td}: bundle endpoint served spiffe_sequence {fetched.sequence}, "
+                        f"older than the {self._bundles[td].sequence} held"
+                    )
+            except FederationError as exc:
+                self._reschedule(td, asked, next_refresh(known, ok=False))
+                _log.warning("foreign bundle not refreshed", extra={"td": td, "error": str(exc)})
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(
+                        self._audit.append,
+                        BUNDLE_REFUSED,
+                        reason=str(exc)[:500],
+                        extra={"trust_domain": td},
+                    )
+                raise
+            changed = await self._install(fetched, source=rel.endpoint_url)
+            self._reschedule(td, asked, next_refresh(fetched, ok=True))
+            return Refreshed(changed, fetched)
+
+    def _reschedule(self, td: str, asked: float | None, delay: float) -> None:
+        """Schedule the next fetch, unless a fetch was asked for while this one ran (a bundle
+        set by hand, the relationship changed): that one stands."""
+        if self._due.get(td) == asked:
+            self._schedule(td, delay)
+
+    def _schedule(self, td: str, delay: float, *, asked: bool = False) -> None:
+        if td in self._relationships:
+            self._due[td] = self._clock.now() + delay
+            if asked:
+                self._asked.add(td)
+            self._wake.set()
+
+    async def _claim(self, td: str) -> bool:
+        """Whether this server makes the scheduled fetch of `td`: it holds (or now takes) the
+        relationship's fetch lease, or the fetch was asked for here (it claims the lease too,
+        so the others stand back, but fetches either way)."""
+        asked = td in self._asked
+        self._asked.discard(td)
+        if not self._holder:
+            return True
+        try:
+            got = await asyncio.to_thread(
+                self._datastore.acquire_lease,
+                LEASE_PREFIX + td,
+                self._holder,
+                int(self._clock.now()),
+                lease_ttl(self._bundles.get(td)),
+            )
+        except Exception:
+            # The datastore is down: fetching anyway keeps the bundle fresh; the write of
+            # what it fetched fails on its own if the store still is.
+            _log.exception("fetch lease not read; fetching anyway", extra={"td": td})
+            return True
+        if got:
+            self._claimed.add(td)
+        else:
+            self._claimed.discard(td)
+        return got or asked
+
+    def release_leases(self) -> None:
+        """Hand every fetch lease over at once (a clean shutdown; blocking)."""
+        for td in sorted(self._claimed):
+            with contextlib.suppress(Exception):
+                self._datastore.release_lease(LEASE_PREFIX + td, self._holder)
+        self._claimed.clear()
+
+    # -- following other servers (the change feed) ---------------------------------------------
+
+    def follow_mark(self) -> int:
+        """Before the follower reads the store: local writes after this mark win over it."""
+        return self._writes
+
+    def read_stored(self) -> Stored:
+        """The stored relationships and bundles (blocking; the follower's thread)."""
+        return Stored(
+            {r.trust_domain: r for r in self._datastore.list_relationships()},
+            {b.trust_domain: b for b in self._datastore.list_foreign_bundles()},
+        )
+
+    def apply_stored(self, stored: Stored, mark: int) -> bool:
+        """Adopt what another server wrote: relationships start, change or stop here, and
+        bundles that differ from memory are installed and pushed (audited by their writer).
+        Trust domains written here since `mark` are left alone: True asks to read again."""
+        skipped = False
+        mine = {td for td, n in self._written.items() if n > mark}
+        for td in sorted(set(stored.relationships) | set(self._relationships)):
+            if td in self._static:
+                continue
+            if td in mine:
+                skipped = True
+                continue
+            row = stored.relationships.get(td)
+            if row == self._relationships.get(td):
+                continue
+            if row is None:
+                self._forget(td)
+            else:
+                self._relationships[td] = row
+                # Due shortly, through the lease: by then the writer, which fetches at once,
+                # holds it, and this server adopts its bundle instead of fetching it again.
+                self._schedule(td, FOLLOWED_DELAY)
+        changed = False
+        for td in sorted(set(stored.bundles) | set(self._bundles)):
+            if td in mine:
+                skipped = True
+                continue
+            found = stored.bundles.get(td)
+            if found is None:
+                changed |= self._bundles.pop(td, None) is not None
+                self._updated.pop(td, None)
+                continue
+            try:
+                bundle = SpiffeBundle.parse(TrustDomain.parse(td), found.bundle)
+            except Exception:
+                _log.exception("stored foreign bundle unreadable", extra={"td": td})
+                continue
+            if self._bundles.get(td) == bundle:
+                continue
+            self._bundles[td] = bundle
+            self._updated[td] = found.updated_at
+            changed = True
+            # Another server just fetched (or set) it: the next look is a hint away.
+            if td not in self._asked:
+                self._schedule(td, next_refresh(bundle, ok=True))
+        if changed:
+            self._publish(dict(self._bundles))
+        return skipped
+
+    async def refresh_due(self) -> None:
+        """Fetch every relationship that is due and whose fetch this server claims."""
+        now = self._clock.now()
+        for td, due in list(self._due.items()):
+            if due > now:
+                continue
+            try:
+                if not await self._claim(td):
+                    # Another server fetches it; its result comes through the feed.
+                    self._schedule(td, next_refresh(self._bundles.get(td), ok=True))
+                    continue
+                await self.refresh(td)
+            except FederationError:
+                pass  # logged, audited and rescheduled by refresh
+            except NotFoundError:
+                self._due.pop(td, None)
+            except Exception:
+                _log.exception("foreign bundle refresh failed", extra={"td": td})
+                self._schedule(td, RETRY)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The loop that only ticks: refresh what is due, sleep until the next is."""
+        while not stop.is_set():
+            await self.refresh_due()
+            wait = min((d - self._clock.now() for d in self._due.values()), default=60.0)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, min(wait, 60.0)))

@@ -1,0 +1,125 @@
+"""One federation block for the server: the foreign-bundle service and our bundle endpoint.
+
+server/app.py builds it once (`Federation.build`), starts it after the state is loaded, runs
+its loops and stops it; nothing else here is wired from outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from server.audit.log import AuditLog
+from server.ca.manager import CaManager
+from server.config import ServerConfig
+from server.datastore.base import DataStore
+from server.errors import ConfigError
+from server.federation.endpoint import BundleHandler, SvidContext, web_context
+from server.federation.service import FederationService, parse_static
+from server.oauth.http import HttpListener
+from server.state import ServerState
+from svid._clock import Clock
+
+_log = logging.getLogger("svid.server.federation")
+BUNDLE_PATH = "/"
+MAX_TIMER = 3600.0
+
+
+class Federation:
+    def __init__(
+        self, config: ServerConfig, service: FederationService, svid: SvidContext | None
+    ) -> None:
+        self._config = config
+        self.service = service
+        self._svid = svid
+        self._listener: HttpListener | None = None
+        self._handler: BundleHandler | None = None
+        self.endpoint_port = 0
+
+    @classmethod
+    def build(
+        cls,
+        config: ServerConfig,
+        *,
+        state: ServerState,
+        datastore: DataStore,
+        audit: AuditLog,
+        ca: CaManager,
+        clock: Clock,
+        holder: str = "",
+    ) -> Federation:
+        static = tuple(
+            parse_static(t, config.trust_domain) for t in config.federation_relationships
+        )
+        service = FederationService(
+            own=config.trust_domain,
+            datastore=datastore,
+            audit=audit,
+            clock=clock,
+            publish=state.set_foreign_bundles,
+            static=static,
+            holder=holder,
+        )
+        svid = None
+        if config.bundle_endpoint_address and config.bundle_endpoint_profile == "https_spiffe":
+            svid = SvidContext(ca, clock, config.server_svid_ttl)
+        self = cls(config, service, svid)
+        self._handler = BundleHandler(lambda: state.bundle, config.bundle_endpoint_refresh_hint)
+        return self
+
+    async def start(self) -> None:
+        self.service.load()
+        cfg = self._config
+        if not cfg.bundle_endpoint_address:
+            return
+        if self._svid is not None:
+            await asyncio.to_thread(self._svid.maybe_renew)
+            context = self._svid.context
+        else:
+            assert cfg.bundle_endpoint_cert is not None
+            assert cfg.bundle_endpoint_key is not None
+            context = web_context(cfg.bundle_endpoint_cert, cfg.bundle_endpoint_key)
+        self._listener = HttpListener(context)
+        assert self._handler is not None
+        self._listener.mount(BUNDLE_PATH, self._handler)
+        host, _, port = cfg.bundle_endpoint_address.rpartition(":")
+        try:
+            self.endpoint_port = await self._listener.start(host.strip("[]"), int(port))
+        except OSError as exc:
+            raise ConfigError(
+                f"bundle_endpoint_address: cannot listen on {cfg.bundle_endpoint_address} "
+                f"({exc.strerror})"
+            ) from None
+        _log.info(
+            "bundle endpoint serving",
+            extra={"address": cfg.bundle_endpoint_address, "profile": cfg.bundle_endpoint_profile},
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [asyncio.create_task(self.service.run(stop), name="federation-refresh")]
+        if self._svid is not None and self._listener is not None:
+            tasks.append(asyncio.create_task(self._renew_loop(stop), name="bundle-endpoint-svid"))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _renew_loop(self, stop: asyncio.Event) -> None:
+        svid = self._svid
+        assert svid is not None
+        while not stop.is_set():
+            delay = max(0.05, min(MAX_TIMER, svid.renew_at - svid.clock.now()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            try:
+                await asyncio.to_thread(svid.maybe_renew)
+            except Exception:
+                _log.exception("bundle endpoint SVID not renewed; retrying later")
+
+    async def stop(self) -> None:
+        # Another server takes the scheduled fetches over at once, not when the leases lapse.
+        await asyncio.to_thread(self.service.release_leases)
+        if self._listener is not None:
+            await self._listener.stop()

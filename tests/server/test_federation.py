@@ -1,0 +1,319 @@
+"""Federation on real servers: our bundle endpoint over real HTTPS, a foreign bundle fetched,
+checked, recorded on the ledger and pushed on the Sync stream; refusals keep the last good."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from server.datastore.records import (
+    HTTPS_SPIFFE,
+    HTTPS_WEB,
+    EventFilter,
+    FederationRelationship,
+)
+from server.federation.errors import FederationError
+from server.federation.fetch import check_bundle, fetch_bundle
+from server.federation.service import BUNDLE_CHANGED, BUNDLE_REFUSED
+from svid._bundle import SpiffeBundle
+from svid._proto import admin_pb2, common_pb2, node_pb2
+from svid._spiffe_id import TrustDomain
+from tests.ports import free_port
+from tests.server.fixtures import RunningServer, managed_server
+
+HOME = TrustDomain("example.org")
+OTHER = TrustDomain("other.org")
+
+
+@pytest.fixture
+def home() -> Iterator[tuple[RunningServer, int]]:
+    """example.org, serving its bundle endpoint (https_spiffe) on a port of its own."""
+    port = free_port()
+    with managed_server(
+        bundle_endpoint_address=f"127.0.0.1:{port}", bundle_endpoint_refresh_hint=7
+    ) as server:
+        yield server, port
+
+
+def _relationship(
+    port: int, td: str = "example.org", endpoint_id: str = ""
+) -> FederationRelationship:
+    return FederationRelationship(
+        td,
+        f"https://127.0.0.1:{port}/",
+        HTTPS_SPIFFE,
+        endpoint_spiffe_id=endpoint_id or "spiffe://example.org/svid/server",
+    )
+
+
+def _events(server: RunningServer, kind: str) -> list[dict[str, object]]:
+    return list(server.server.datastore.audit_rows(EventFilter(kind=kind)))
+
+
+def test_the_bundle_endpoint_serves_our_bundle_authenticated_by_our_svid(
+    home: tuple[RunningServer, int],
+) -> None:
+    server, port = home
+    ours = server.server.state.bundle
+    got = fetch_bundle(_relationship(port), ours)
+    assert got.x509_authorities == ours.x509_authorities
+    assert set(got.jwt_authorities) == set(ours.jwt_authorities)
+    assert got.sequence == ours.sequence
+    assert got.refresh_hint == 7
+
+
+def test_an_endpoint_presenting_another_id_or_chain_is_refused(
+    home: tuple[RunningServer, int],
+) -> None:
+    server, port = home
+    ours = server.server.state.bundle
+    with pytest.raises(FederationError, match=r"presented spiffe://example\.org/svid/server"):
+        fetch_bundle(_relationship(port, endpoint_id="spiffe://example.org/other"), ours)
+    with managed_server(trust_domain="other.org") as stranger:
+        theirs = stranger.server.state.bundle
+        with pytest.raises(FederationError, match="not authenticated"):
+            fetch_bundle(_relationship(port), SpiffeBundle(HOME, theirs.x509_authorities))
+    with pytest.raises(FederationError, match="needs a bundle"):
+        fetch_bundle(_relationship(port), None)
+
+
+def test_a_bundle_of_another_trust_domain_is_refused(home: tuple[RunningServer, int]) -> None:
+    server, _ = home
+    body = server.server.state.bundle.to_json()
+    assert check_bundle(HOME, body).x509_authorities
+    with pytest.raises(FederationError, match=r"belongs to spiffe://example\.org"):
+        check_bundle(OTHER, body)
+
+
+def test_a_foreign_bundle_is_fetched_recorded_and_pushed_and_outlives_its_endpoint(
+    home: tuple[RunningServer, int],
+) -> None:
+    server, port = home
+    static = f"example.org https_spiffe https://127.0.0.1:{port}/ spiffe://example.org/svid/server"
+    with managed_server(trust_domain="other.org", federation_relationships=[static]) as other:
+        admin = other.admin()
+        listed = admin.ListFederationRelationships(
+            admin_pb2.ListFederationRelationshipsRequest(), timeout=10
+        ).relationships
+        assert [(r.trust_domain, r.static) for r in listed] == [("example.org", True)]
+        # Bootstrap: https_spiffe needs the foreign bundle to authenticate the endpoint.
+        body = server.server.state.bundle.to_json()
+        admin.SetFederatedBundle(
+            admin_pb2.SetFederatedBundleRequest(
+                bundle=admin_pb2.FederatedBundle(trust_domain="spiffe://example.org", bundle=body)
+            ),
+            timeout=10,
+        )
+        agent = other.attest()
+        stream = other.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
+        first = next(stream)
+        # The agent serves no entry federating with example.org: it is not sent that bundle.
+        assert dict(first.federated_bundles) == {}
+        made = _other_entry(other, agent.spiffe_id, ())
+        assert not next(stream).federated_bundles
+        # Once an entry of its federates with example.org, the bundle follows on the stream.
+        made.federates_with.append("spiffe://example.org")
+        admin.UpdateEntry(admin_pb2.UpdateEntryRequest(entry=made), timeout=10)
+        joined = next(stream)
+        assert list(joined.entries[0].federates_with) == ["example.org"]
+        assert set(joined.federated_bundles) == {"spiffe://example.org"}
+        # The home domain rotates: a refresh fetches, records and pushes the new bundle.
+        server.clock.advance(43200)
+        assert server.call(asyncio.to_thread(server.server.rotator.tick))
+        done = admin.RefreshFederatedBundle(
+            admin_pb2.RefreshFederatedBundleRequest(trust_domain="example.org"), timeout=30
+        )
+        # (changed, unless the refresher's own fetch, due at the bootstrap, got there first)
+        assert len(SpiffeBundle.parse(HOME, done.bundle.bundle).x509_authorities) == 2
+        pushed = next(stream)
+        while not pushed.federated_bundles:
+            pushed = next(stream)
+        assert len(pushed.federated_bundles["spiffe://example.org"].x509_authorities) == 2
+        assert pushed.bundle.trust_domain == "other.org"
+        changes = _events(other, BUNDLE_CHANGED)
+        sources = [json.loads(str(e["extra"]))["source"] for e in changes]
+        # Set by hand, then each fetch that changed it (the first also brings the endpoint's
+        # refresh hint, which the exported bundle did not carry).
+        assert sources[0] == "set"
+        assert set(sources[1:]) == {f"https://127.0.0.1:{port}/"}
+        # The endpoint goes away: the refresh fails, the last good bundle stays in service.
+        federation = server.server.federation
+        assert federation is not None
+        server.call(federation.stop())
+        with pytest.raises(grpc.RpcError) as failed:
+            admin.RefreshFederatedBundle(
+                admin_pb2.RefreshFederatedBundleRequest(trust_domain="example.org"), timeout=30
+            )
+        assert failed.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "unreachable" in str(failed.value.details())
+        kept = admin.GetFederatedBundle(
+            admin_pb2.GetFederatedBundleRequest(trust_domain="example.org"), timeout=10
+        )
+        assert kept.updated_at == int(other.clock.now())
+        assert len(SpiffeBundle.parse(HOME, kept.bundle).x509_authorities) == 2
+        assert _events(other, BUNDLE_REFUSED)
+        stream.cancel()
+
+
+def _other_entry(
+    server: RunningServer, parent: str, federates_with: tuple[str, ...]
+) -> common_pb2.Entry:
+    entry = common_pb2.Entry(
+        spiffe_id="spiffe://other.org/partner",
+        parent_id=parent,
+        selectors=[common_pb2.Selector(type="unix", value="uid:1000")],
+        federates_with=federates_with,
+    )
+    return server.admin().CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=10).entry
+
+
+def test_static_relationships_are_not_changed_through_the_api() -> None:
+    static = "example.org https_spiffe https://127.0.0.1:1/ spiffe://example.org/svid/server"
+    with managed_server(trust_domain="other.org", federation_relationships=[static]) as other:
+        with pytest.raises(grpc.RpcError) as refused:
+            other.admin().DeleteFederationRelationship(
+                admin_pb2.DeleteFederationRelationshipRequest(trust_domain="example.org"),
+                timeout=10,
+            )
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_dynamic_relationships_round_trip_and_are_validated() -> None:
+    with managed_server(trust_domain="other.org") as other:
+        admin = other.admin()
+        rel = admin_pb2.FederationRelationship(
+            trust_domain="spiffe://example.org",
+            bundle_endpoint_url="https://127.0.0.1:1/",
+            profile="https_web",
+        )
+        made = admin.CreateFederationRelationship(
+            admin_pb2.CreateFederationRelationshipRequest(relationship=rel), timeout=10
+        )
+        assert made.trust_domain == "example.org"
+        assert not made.static
+        for bad, field in (
+            ({"profile": "ftp"}, "profile"),
+            ({"bundle_endpoint_url": "http://x/"}, "bundle_endpoint_url"),
+            ({"trust_domain": "other.org"}, "own trust domain"),
+            ({"profile": "https_spiffe", "endpoint_spiffe_id": "nope"}, "endpoint_spiffe_id"),
+        ):
+            wrong = admin_pb2.FederationRelationship()
+            wrong.CopyFrom(rel)
+            for key, value in bad.items():
+                setattr(wrong, key, value)
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.UpdateFederationRelationship(
+                    admin_pb2.UpdateFederationRelationshipRequest(relationship=wrong), timeout=10
+                )
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert field in str(refused.value.details())
+        admin.DeleteFederationRelationship(
+            admin_pb2.DeleteFederationRelationshipRequest(trust_domain="example.org"), timeout=10
+        )
+        with pytest.raises(grpc.RpcError) as gone:
+            admin.GetFederationRelationship(
+                admin_pb2.GetFederationRelationshipRequest(trust_domain="example.org"), timeout=10
+            )
+        assert gone.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def _web_pki(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A CA file, and a certificate for 127.0.0.1 it signed, with its key (https_web)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "web.pem", tmp_path / "web.key"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    cert_file.write_bytes(leaf.public_bytes(pem))
+    key_file.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return ca_file, cert_file, key_file
+
+
+def test_https_web_endpoint_is_checked_by_its_ca_and_a_wrong_trust_domain_refused(
+    tmp_path: Path,
+) -> None:
+    ca_file, cert_file, key_file = _web_pki(tmp_path)
+    port = free_port()
+    with managed_server(
+        bundle_endpoint_address=f"127.0.0.1:{port}",
+        bundle_endpoint_profile="https_web",
+        bundle_endpoint_cert=str(cert_file),
+        bundle_endpoint_key=str(key_file),
+    ) as home:
+        url = f"https://127.0.0.1:{port}/"
+        rel = FederationRelationship("example.org", url, HTTPS_WEB, ca_file=str(ca_file))
+        got = fetch_bundle(rel, None)
+        assert got.x509_authorities == home.server.state.bundle.x509_authorities
+        with pytest.raises(FederationError, match="not authenticated"):
+            fetch_bundle(replace(rel, ca_file=""), None)  # system roots do not know this CA
+        # An endpoint that serves another trust domain's bundle than the relationship names.
+        with pytest.raises(FederationError, match=r"belongs to spiffe://example\.org"):
+            fetch_bundle(replace(rel, trust_domain="other.org"), None)
+
+
+def test_a_bootstrapped_relationship_fetches_at_once(home: tuple[RunningServer, int]) -> None:
+    server, port = home
+    # Exported with the CA's refresh hint: the endpoint's copy announces its own (7 s).
+    exported = server.server.state.bundle.to_json()
+    assert server.server.state.bundle.refresh_hint != 7
+    static = f"example.org https_spiffe https://127.0.0.1:{port}/ spiffe://example.org/svid/server"
+    with managed_server(trust_domain="other.org", federation_relationships=[static]) as other:
+        other.admin().SetFederatedBundle(
+            admin_pb2.SetFederatedBundleRequest(
+                bundle=admin_pb2.FederatedBundle(trust_domain="example.org", bundle=exported)
+            ),
+            timeout=10,
+        )
+
+        def fetched() -> bool:
+            got = other.admin().GetFederatedBundle(
+                admin_pb2.GetFederatedBundleRequest(trust_domain="example.org"), timeout=10
+            )
+            return SpiffeBundle.parse(HOME, got.bundle).refresh_hint == 7
+
+        deadline = time.monotonic() + 5
+        while not fetched():
+            assert time.monotonic() < deadline, "the bootstrap did not trigger a fetch"
+            time.sleep(0.05)

@@ -1,0 +1,256 @@
+"""FederationService on a real SQLite datastore and audit log, with the fetch injected: what is
+kept, served, recorded and scheduled; and the configuration's federation keys."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.audit.errors import LedgerError
+from server.audit.log import AuditLog
+from server.config import build_config
+from server.datastore.records import EventFilter, FederationRelationship
+from server.datastore.sqlite import SqliteDataStore
+from server.datastore.testing import FaultInjectingDataStore
+from server.errors import ConfigError, InvalidRequestError, PermissionDeniedError
+from server.federation.errors import FederationError
+from server.federation.service import (
+    BUNDLE_CHANGED,
+    BUNDLE_REFUSED,
+    DEFAULT_REFRESH,
+    FOLLOWED_DELAY,
+    RETRY,
+    FederationService,
+    next_refresh,
+    parse_static,
+)
+from svid._bundle import SpiffeBundle
+from svid._clock import FakeClock
+from svid._spiffe_id import TrustDomain
+
+OWN = TrustDomain("other.org")
+HOME = TrustDomain("example.org")
+STATIC = "example.org https_spiffe https://127.0.0.1:1/ spiffe://example.org/svid/server"
+
+
+def _bundle(sequence: int, hint: int = 30) -> SpiffeBundle:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return SpiffeBundle(HOME, (), {f"k{sequence}": key}, sequence=sequence, refresh_hint=hint)
+
+
+class World:
+    def __init__(self, tmp_path: Path) -> None:
+        self.clock = FakeClock(1_700_000_000)
+        self.store = FaultInjectingDataStore(SqliteDataStore(tmp_path / "db", self.clock))
+        self.published: list[Mapping[str, SpiffeBundle]] = []
+        self.answers: list[SpiffeBundle | FederationError] = []
+        self.service = FederationService(
+            own=OWN,
+            datastore=self.store,
+            audit=AuditLog(self.store, self.clock),
+            clock=self.clock,
+            publish=self.published.append,
+            static=(parse_static(STATIC, OWN),),
+            fetch=self._fetch,
+        )
+        self.service.load()
+
+    def _fetch(self, rel: FederationRelationship, known: SpiffeBundle | None) -> SpiffeBundle:
+        answer = self.answers.pop(0)
+        if isinstance(answer, FederationError):
+            raise answer
+        return answer
+
+    def run(self, coro: object) -> object:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+
+    def changes(self) -> int:
+        return len(list(self.store.inner.audit_rows(EventFilter(kind=BUNDLE_CHANGED))))
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    made = World(tmp_path)
+    yield made
+    made.store.inner.close()
+
+
+def test_a_refresh_installs_records_and_publishes_a_changed_bundle(world: World) -> None:
+    world.answers = [_bundle(1), _bundle(1)]
+    first = world.run(world.service.refresh("example.org"))
+    assert first.changed  # type: ignore[attr-defined]
+    assert world.published[-1]["example.org"].sequence == 1
+    assert world.changes() == 1
+    # The same bundle again: nothing recorded, nothing published.
+    world.answers = [world.service.bundle("example.org")]
+    again = world.run(world.service.refresh("example.org"))
+    assert not again.changed  # type: ignore[attr-defined]
+    assert world.changes() == 1
+    assert len(world.published) == 2  # load() and the change
+
+
+def test_a_failed_fetch_keeps_the_last_good_bundle(world: World) -> None:
+    world.answers = [_bundle(1), FederationError("example.org: unreachable")]
+    world.run(world.service.refresh("example.org"))
+    with pytest.raises(FederationError, match="unreachable"):
+        world.run(world.service.refresh("example.org"))
+    assert world.service.bundle("example.org").sequence == 1
+
+
+def test_a_bundle_not_stored_is_not_served(world: World) -> None:
+    world.answers = [_bundle(1)]
+    world.store.inject(sqlite3.OperationalError("disk I/O error"), method="put_foreign_bundle")
+    with pytest.raises(sqlite3.OperationalError):
+        world.run(world.service.refresh("example.org"))
+    assert world.service.bundles() == {}
+    assert [dict(p) for p in world.published] == [{}]
+
+
+def test_a_bundle_not_on_the_ledger_is_not_stored_or_served(world: World) -> None:
+    world.answers = [_bundle(1)]
+    world.store.inject(sqlite3.OperationalError("disk full"), method="write_ledger")
+    with pytest.raises((LedgerError, sqlite3.OperationalError)):
+        world.run(world.service.refresh("example.org"))
+    assert world.store.inner.list_foreign_bundles() == []
+    assert world.service.bundles() == {}
+
+
+def test_static_relationships_stay_and_bundles_of_our_own_domain_are_refused(
+    world: World,
+) -> None:
+    with pytest.raises(PermissionDeniedError, match="configuration file"):
+        world.run(world.service.delete("example.org"))
+    with pytest.raises(InvalidRequestError, match="own trust domain"):
+        world.run(world.service.set_bundle("other.org", _bundle(1).to_json()))
+
+
+def test_the_next_fetch_follows_the_refresh_hint_and_retries_sooner() -> None:
+    assert next_refresh(_bundle(1, hint=30), ok=True) == 30
+    assert next_refresh(_bundle(1, hint=30), ok=False) == RETRY
+    assert next_refresh(_bundle(1, hint=2), ok=False) == 2
+    assert next_refresh(_bundle(1, hint=0), ok=True) == DEFAULT_REFRESH
+    assert next_refresh(None, ok=True) == DEFAULT_REFRESH
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({"federation_relationships": ["example.org https_spiffe"]}, "want"),
+        ({"federation_relationships": ["example.org ftp https://x/"]}, "profile"),
+        ({"federation_relationships": ["example.org https_spiffe https://x/ nope"]}, "endpoint"),
+        ({"federation_relationships": ["other.org https_web https://x/"]}, "own trust domain"),
+        (
+            {"bundle_endpoint_address": "127.0.0.1:1", "bundle_endpoint_profile": "https_web"},
+            "bundle_endpoint_cert",
+        ),
+    ],
+)
+def test_federation_settings_are_checked_by_name(values: dict[str, object], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        build_config({"trust_domain": "other.org", **values})
+
+
+def test_a_fetched_bundle_older_than_the_one_held_is_refused(world: World) -> None:
+    world.answers = [_bundle(2), _bundle(1)]
+    world.run(world.service.refresh("example.org"))
+    with pytest.raises(FederationError, match="spiffe_sequence 1, older than the 2 held"):
+        world.run(world.service.refresh("example.org"))
+    assert world.service.bundle("example.org").sequence == 2
+    refused = list(world.store.inner.audit_rows(EventFilter(kind=BUNDLE_REFUSED)))
+    assert len(refused) == 1
+    # A bundle without a sequence cannot be ordered: it is taken as it comes.
+    world.answers = [_bundle(0)]
+    assert world.run(world.service.refresh("example.org")).changed  # type: ignore[attr-defined]
+
+
+def test_what_another_server_stored_is_adopted_but_not_over_a_newer_local_write(
+    world: World,
+) -> None:
+    service = world.service
+    before = service.read_stored()
+    mark = service.follow_mark()
+    world.run(service.set_bundle("example.org", _bundle(1).to_json()))
+    # Read before the local write: adopting it would drop the bundle; it is left, and the
+    # follower is asked to read again.
+    assert service.apply_stored(before, mark)
+    assert service.bundle("example.org").sequence == 1
+    assert not service.apply_stored(service.read_stored(), service.follow_mark())
+    # Rows written by another server (straight into the store here) are adopted and published.
+    world.store.inner.create_relationship(
+        FederationRelationship("third.org", "https://127.0.0.1:1/", "https_web")
+    )
+    world.store.inner.delete_foreign_bundle("example.org")
+    assert not service.apply_stored(service.read_stored(), service.follow_mark())
+    assert [r.trust_domain for r, _ in service.relationships()] == ["example.org", "third.org"]
+    assert service.next_fetch("third.org") == world.clock.now() + FOLLOWED_DELAY
+    assert service.bundles() == {}
+    assert dict(world.published[-1]) == {}
+    world.store.inner.delete_relationship("third.org")
+    service.apply_stored(service.read_stored(), service.follow_mark())
+    assert [r.trust_domain for r, _ in service.relationships()] == ["example.org"]
+    assert service.next_fetch("third.org") is None
+
+
+def test_one_server_makes_each_scheduled_fetch_and_another_takes_over(tmp_path: Path) -> None:
+    """Two services on one datastore file, both with the relationship due: the fetch lease
+    lets one fetch; the other adopts its bundle, and fetches once the holder stops renewing
+    (or at once when it hands the lease over)."""
+    clock = FakeClock(1_700_000_000)
+    counts = {"a": 0, "b": 0}
+    services = {}
+    stores = []
+    for name in ("a", "b"):
+        store = SqliteDataStore(tmp_path / "db", clock)
+        stores.append(store)
+
+        def fetch(
+            rel: FederationRelationship, known: SpiffeBundle | None, name: str = name
+        ) -> SpiffeBundle:
+            counts[name] += 1
+            return _bundle(sum(counts.values()), hint=30)
+
+        services[name] = FederationService(
+            own=OWN,
+            datastore=store,
+            audit=AuditLog(store, clock),
+            clock=clock,
+            publish=lambda _bundles: None,
+            static=(parse_static(STATIC, OWN),),
+            fetch=fetch,
+            holder=name,
+        )
+        services[name].load()
+    a, b = services["a"], services["b"]
+
+    def tick(service: FederationService) -> None:
+        asyncio.run(service.refresh_due())
+        service.apply_stored(service.read_stored(), service.follow_mark())
+
+    try:
+        tick(a)
+        tick(b)
+        assert counts == {"a": 1, "b": 0}
+        assert b.bundle("example.org").sequence == 1  # adopted from the store
+        assert b.next_fetch("example.org") == clock.now() + 30
+        clock.advance(31)
+        tick(a)  # the holder fetches again and keeps the lease
+        tick(b)
+        assert counts == {"a": 2, "b": 0}
+        clock.advance(200)  # A has died: its lease lapses, B takes the fetch over
+        tick(b)
+        assert counts == {"a": 2, "b": 1}
+        assert a.bundle("example.org").sequence == 2
+        tick(a)
+        assert a.bundle("example.org").sequence == 3  # B's, adopted
+        b.release_leases()
+        clock.advance(31)
+        tick(a)  # handed over at once, not when the lease would lapse
+        assert counts == {"a": 3, "b": 1}
+    finally:
+        for store in stores:
+            store.close()

@@ -1,0 +1,71 @@
+"""The housekeeping lease as one server holds it (server/housekeeping.py), on a real datastore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.datastore.errors import StorageError
+from server.datastore.sqlite import SqliteDataStore
+from server.datastore.testing import FaultInjectingDataStore
+from server.housekeeping import HOUSEKEEPING_LEASE, Lease
+from svid._clock import FakeClock
+
+TTL = 30
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: FakeClock) -> FaultInjectingDataStore:
+    return FaultInjectingDataStore(SqliteDataStore(tmp_path / "datastore.sqlite3", clock))
+
+
+def lease(store: FaultInjectingDataStore, clock: FakeClock, holder: str) -> Lease:
+    return Lease(store, HOUSEKEEPING_LEASE, holder, clock, TTL)
+
+
+def test_one_holder_renews_the_other_takes_over_when_it_lapses(
+    store: FaultInjectingDataStore, clock: FakeClock
+) -> None:
+    a, b = lease(store, clock, "a"), lease(store, clock, "b")
+    assert not a.held
+    assert a.renew()  # taken
+    assert a.held
+    assert not a.renew()  # kept, not newly taken
+    assert a.next_renewal() == clock.now() + TTL / 3
+    assert not b.renew()
+    assert not b.held
+    clock.advance(TTL * 2 / 3)  # a stopped renewing: it no longer acts on the lease...
+    assert not a.held
+    assert not b.renew()  # ...before its row lapses and b may take it
+    clock.advance(TTL / 3)
+    assert b.renew()
+    assert b.held
+    assert not a.renew()
+    assert not a.held
+
+
+def test_a_holder_whose_renewals_fail_stops_acting_in_time(
+    store: FaultInjectingDataStore, clock: FakeClock
+) -> None:
+    a = lease(store, clock, "a")
+    a.renew()
+    for _ in range(2):
+        clock.advance(TTL / 3)
+        store.inject(StorageError("database unreachable"), method="acquire_lease")
+        with pytest.raises(StorageError):
+            a.renew()
+    assert not a.held  # 2/3 of the lease's life after the last renewal that worked
+
+
+def test_release_hands_over_at_once(store: FaultInjectingDataStore, clock: FakeClock) -> None:
+    a, b = lease(store, clock, "a"), lease(store, clock, "b")
+    b.release()  # never held: nothing to hand over, a's lease is not touched
+    a.renew()
+    b.release()
+    assert not b.renew()
+    a.release()
+    assert not a.held
+    assert b.renew()
+    with pytest.raises(ValueError, match="at least 3"):
+        Lease(store, HOUSEKEEPING_LEASE, "c", clock, 2)

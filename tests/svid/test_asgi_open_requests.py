@@ -1,0 +1,61 @@
+"""The index of open requests the adapters end on revocation (svid._open_requests): a key held by
+one request, then shared by several, then by one again, always hits exactly the open ones."""
+
+from __future__ import annotations
+
+from svid import RevocationEvent, SpiffeId
+from svid._open_requests import TXN, OpenRequests
+
+TASK = SpiffeId.parse("spiffe://example.org/agents/bot/task/t1")
+
+
+def _event(kind: str, value: str, spiffe_id: SpiffeId | None = None) -> RevocationEvent:
+    return RevocationEvent(kind, value, 0.0, spiffe_id)
+
+
+def test_each_open_request_is_ended_once_by_any_of_its_keys() -> None:
+    ended: list[str] = []
+    requests = OpenRequests()
+    stream = requests.open((("jwt_id", "j1"), (TXN, "t1")), lambda: ended.append("stream"))
+    call = requests.open((("jwt_id", "j2"), (TXN, "t1")), lambda: ended.append("call"))
+    other = requests.open((("jwt_id", "j3"), (TXN, "t2")), lambda: ended.append("other"))
+    assert len(requests) == 3
+    requests.on_revoked(_event("x509_serial", "ab", TASK))  # another credential of task t1
+    assert sorted(ended) == ["call", "stream"]
+    assert len(requests) == 1
+    requests.close(stream)  # closing what a revocation already removed changes nothing
+    requests.on_revoked(_event("jwt_id", "j3"))
+    assert sorted(ended) == ["call", "other", "stream"]
+    assert len(requests) == 0
+    requests.close(other)
+    requests.close(call)
+    assert len(requests) == 0
+    assert not requests._by_key
+
+
+def test_a_shared_key_goes_back_to_one_request_and_then_to_none() -> None:
+    ended: list[str] = []
+    requests = OpenRequests()
+    first = requests.open((("jwt_id", "j1"),), lambda: ended.append("first"))
+    second = requests.open((("jwt_id", "j1"),), lambda: ended.append("second"))
+    third = requests.open((("jwt_id", "j1"),), lambda: ended.append("third"))
+    requests.close(second)
+    requests.close(first)
+    requests.on_revoked(_event("jwt_id", "j1"))
+    assert ended == ["third"]
+    requests.close(third)
+    assert len(requests) == 0
+    assert not requests._by_key  # nothing kept for a key no open request holds
+    requests.on_revoked(_event("jwt_id", "j1"))
+    assert ended == ["third"]
+
+
+def test_a_request_registered_twice_under_a_key_is_held_once() -> None:
+    ended: list[str] = []
+    requests = OpenRequests()
+    twice = requests.open((("jwt_id", "j1"), ("jwt_id", "j1")), lambda: ended.append("twice"))
+    assert len(requests) == 1
+    requests.on_revoked(_event("jwt_id", "j1"))
+    assert ended == ["twice"]
+    requests.close(twice)
+    assert len(requests) == 0
