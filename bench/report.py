@@ -280,7 +280,10 @@ verdict  MET / MISSED on the value (or the named percentile); "?" = at least a q
          FAILED = the test stopped before it added its rows (see the log above the table).
 spread   min-max of the judged quantity over the rounds (ratio rows: of the per-round ratios;
          latency rows: of the judged percentile over 5 runs of consecutive samples).
-n        rounds (interleaved windows of every measurement of that test) or samples."""
+n        rounds (interleaved windows of every measurement of that test) or samples.
+servers  "N PostgreSQL servers / 1" (test_bench_ha.py): the same callers spread over N
+         servers that share this machine's cores and one database. On a 2-core machine
+         that ratio shows what more servers cost (overhead), not scale-out."""
 
 
 def render(rows: Sequence[Row]) -> list[str]:

@@ -89,6 +89,18 @@ def _bind(key: str, address: str, add: Callable[[], int]) -> int:
         ) from None
 
 
+# Sync streams live for hours: ping idle connections, accept agent pings >= 10 s apart. The
+# last key is the string grpc reads (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS);
+# under the macro's own name it was ignored, the default (5 min) held, and every agent on a
+# quiet Sync stream got GOAWAY too_many_pings after three 15 s keepalive pings, and moved.
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
+
+
 class Server:
     """svid-server: `await start()`, then `await stop()` (or `run(stop_event)`)."""
 
@@ -251,11 +263,7 @@ class Server:
             ("grpc.max_send_message_length", size),
             # Two servers must never share a port silently.
             ("grpc.so_reuseport", 0),
-            # Sync streams live for hours: ping idle connections, accept agent pings >= 10 s.
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            *KEEPALIVE_OPTIONS,
         ]
 
     # -- lifecycle ----------------------------------------------------------------------------

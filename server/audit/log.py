@@ -140,11 +140,13 @@ class AuditLog:
     were chained after them, gets the same LedgerError and none of their rows are kept.
 
     Several servers may append to one chain in a shared database. The in-memory head then goes
-    stale whenever another one commits, and the store refuses a batch sealed on a stale head
-    (ChainMovedError, nothing written). Under the chain lock, every pending draft (that batch
-    and all queued after it) is sealed again on the stored head, and the write is retried, at
-    most _RESEALS times: callers only return a little later, with their final seqs and ids.
-    A single writer pays nothing but the store's head check.
+    stale whenever another one commits. The store then calls back (`_reseal_under_lock`),
+    inside its transaction and under its write lock, and the batch is sealed again on the
+    stored head and written at once; the drafts queued after it are chained again after it.
+    A store that refuses the batch instead (ChainMovedError, nothing written) has every
+    pending draft sealed again and the write retried, at most _RESEALS times. Callers only
+    return a little later, with their final seqs and ids. A single writer pays nothing but
+    the store's head check.
     """
 
     def __init__(self, store: AuditStore, clock: Clock) -> None:
@@ -378,11 +380,22 @@ class AuditLog:
         time another writer moved the chain; mark its tickets done or failed."""
         reseals = 0
         while True:
+            resealed: list[list[tuple[Any, ...]]] = []
+
+            def reseal(
+                stored: Head | None,
+                group: list[_Ticket] = tickets,
+                out: list[list[tuple[Any, ...]]] = resealed,
+            ) -> list[Any]:
+                out.append(self._reseal_under_lock(stored, group))
+                return out[-1]
+
             try:
                 if jtis:
-                    self._store.write_ledger(credentials, batch, jtis, int(self._clock.now()))
+                    now = int(self._clock.now())
+                    self._store.write_ledger(credentials, batch, jtis, now, reseal=reseal)
                 else:
-                    self._store.write_ledger(credentials, batch)
+                    self._store.write_ledger(credentials, batch, reseal=reseal)
             except ChainMovedError as e:
                 reseals += 1
                 try:
@@ -411,12 +424,50 @@ class AuditLog:
                     self._fail(tickets, error)
                 return
             else:
+                if resealed:  # what the store wrote in the batch's place
+                    batch = resealed[-1]
                 if batch:
                     # Batches commit in order under this lock: the last row is the new head.
                     self._committed = Head(batch[-1][0], batch[-1][-1])
                 for t in tickets:
                     t.succeed()
                 return
+
+    def _check_not_behind(self, stored: Head | None) -> None:
+        committed = self._committed
+        if committed is not None and (
+            stored is None
+            or stored.seq < committed.seq
+            or (stored.seq == committed.seq and stored.hash != committed.hash)
+        ):
+            at = "empty" if stored is None else f"at seq {stored.seq}"
+            raise LedgerError(
+                f"the stored audit head is {at}, behind this server's last commit at seq "
+                f"{committed.seq}: the log was cut back or rewritten behind the server"
+            )
+
+    def _reseal_under_lock(self, stored: Head | None, group: list[_Ticket]) -> list[Any]:
+        """The store's callback (chain.Resealer), inside its transaction and under its write
+        lock: seal `group` again on the stored head and return its rows. The drafts queued
+        since stay queued (their credentials are not in this transaction) but are chained
+        again after the group's new rows, so they follow the head this commit leaves."""
+        self._check_not_behind(stored)
+        with self._chain_lock:
+            self._next_seq = 1 if stored is None else stored.seq + 1
+            self._head_hash = GENESIS_HASH if stored is None else stored.hash
+            self._committed = stored  # committed by another writer, seen under the lock
+            batch: list[tuple[Any, ...]] = []
+            for t in group:
+                if t.drafts:  # same drafts and timestamp: cannot fail where the first did not
+                    t.rows = self._seal(t.drafts, t.ts)
+                    batch.extend(t.rows)
+            pending: list[tuple[Any, ...]] = []
+            for t in self._tickets:
+                if t.drafts:
+                    t.rows = self._seal(t.drafts, t.ts)
+                    pending.extend(t.rows)
+            self._pending = pending
+        return batch
 
     def _reseal(
         self,
@@ -433,17 +484,7 @@ class AuditLog:
         outage log line says so) and the log resumes from the stored head, as a restart would;
         the checkpoints signed before name what was cut (`audit verify --anchor`).
         """
-        committed = self._committed
-        if committed is not None and (
-            stored is None
-            or stored.seq < committed.seq
-            or (stored.seq == committed.seq and stored.hash != committed.hash)
-        ):
-            at = "empty" if stored is None else f"at seq {stored.seq}"
-            raise LedgerError(
-                f"the stored audit head is {at}, behind this server's last commit at seq "
-                f"{committed.seq}: the log was cut back or rewritten behind the server"
-            )
+        self._check_not_behind(stored)
         with self._chain_lock:
             tickets = tickets + self._tickets
             credentials = credentials + self._pending_credentials

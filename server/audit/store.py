@@ -22,6 +22,7 @@ from typing import Any
 from server.audit.errors import AuditError
 from server.datastore import sqlite_audit
 from server.datastore.base import AuditStore, JtiClaim
+from server.datastore.chain import Resealer
 from server.datastore.errors import StorageError
 from server.datastore.records import (
     AUDIT_TABLES,
@@ -67,8 +68,9 @@ class SqliteAuditStore:
         audit_rows: Sequence[AuditRow],
         jtis: Sequence[JtiClaim] = (),
         now: int = 0,
+        reseal: Resealer | None = None,
     ) -> None:
-        del jtis, now
+        del jtis, now, reseal
         raise AuditError(f"audit database {self._path} is open read-only")
 
     def audit_head(self) -> Head | None:

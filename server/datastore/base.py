@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, Protocol
 
+from server.datastore.chain import Resealer
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     AttestedAgent,
@@ -280,6 +281,7 @@ class AuditStore(Protocol):
         audit_rows: Sequence[AuditRow],
         jtis: Sequence[JtiClaim] = (),
         now: int = 0,
+        reseal: Resealer | None = None,
     ) -> None:
         """Commit the credential rows, the sealed audit rows (consecutive seqs, AUDIT_COLUMNS)
         and the new audit head in ONE durable transaction: all of it is on disk when this
@@ -289,10 +291,11 @@ class AuditStore(Protocol):
         writing, the stored head must be exactly the head the rows were sealed on: the first
         row's seq - 1 and prev_hash, or an empty chain when the first seq is 1. Otherwise
         another writer moved the chain since: ChainMovedError (a StorageError) carrying the
-        stored head, and nothing is written. The check and the write are one atomic step
-        against other writers (SQLite: the write lock of BEGIN IMMEDIATE; PostgreSQL: SELECT
-        ... FOR UPDATE on the head row). Credential rows alone (no audit rows) are not
-        checked.
+        stored head, and nothing is written; or, given `reseal`, the rows it returns for the
+        stored head are written instead, in the same transaction (chain.rows_to_write). The
+        check and the write are one atomic step against other writers (SQLite: the write
+        lock of BEGIN IMMEDIATE; PostgreSQL: SELECT ... FOR UPDATE on the head row).
+        Credential rows alone (no audit rows) are not checked.
 
         `jtis` (the OAuth token endpoint's assertions, see AssertionReplayStore) are claimed
         in the same transaction, each as claim_jtis would at `now`: a token and the claim of

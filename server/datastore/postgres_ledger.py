@@ -18,7 +18,7 @@ from server.datastore import ledger_queries as lq
 from server.datastore import postgres_sql as ps
 from server.datastore import queries as q
 from server.datastore.base import JtiClaim
-from server.datastore.chain import check_follows
+from server.datastore.chain import Resealer, rows_to_write
 from server.datastore.errors import JtiHeldError, StorageError, held_message
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
@@ -139,6 +139,7 @@ class PostgresLedger:
         audit_rows: Sequence[AuditRow],
         jtis: Sequence[JtiClaim] = (),
         now: int = 0,
+        reseal: Resealer | None = None,
     ) -> None:
         if not credentials and not audit_rows and not jtis:
             return
@@ -160,13 +161,12 @@ class PostgresLedger:
             if audit_rows:
                 cur.execute(ps.LOCK_AUDIT_APPEND)
                 row = cur.execute(lq.SELECT_AUDIT_HEAD).fetchone()
-                check_follows(
-                    None if row is None else Head(int(row[0]), str(row[1])), audit_rows[0]
-                )
+                stored = None if row is None else Head(int(row[0]), str(row[1]))
+                rows = rows_to_write(stored, audit_rows, reseal)
                 with cur.copy(ps.COPY_AUDIT_EVENTS) as copy:
-                    for row in audit_rows:
+                    for row in rows:
                         copy.write_row(row)
-                last = audit_rows[-1]
+                last = rows[-1]
                 cur.execute(pg(lq.UPSERT_AUDIT_HEAD), {"seq": last[0], "hash": last[-1]})
 
         what = (

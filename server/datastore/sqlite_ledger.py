@@ -19,7 +19,7 @@ from server.datastore import ledger_queries as lq
 from server.datastore import queries as q
 from server.datastore import sqlite_audit
 from server.datastore.base import JtiClaim
-from server.datastore.chain import check_follows
+from server.datastore.chain import Resealer, rows_to_write
 from server.datastore.errors import JtiHeldError, StorageError, held_message
 from server.datastore.records import (
     FEED_TASK,
@@ -160,6 +160,7 @@ class SqliteLedger:
         audit_rows: Sequence[AuditRow],
         jtis: Sequence[JtiClaim] = (),
         now: int = 0,
+        reseal: Resealer | None = None,
     ) -> None:
         if not credentials and not audit_rows and not jtis:
             return
@@ -168,7 +169,8 @@ class SqliteLedger:
                 if audit_rows:
                     # Under the write lock BEGIN IMMEDIATE took: no other writer can move the
                     # head between this read and the commit.
-                    check_follows(sqlite_audit.read_head(db.conn), audit_rows[0])
+                    stored = sqlite_audit.read_head(db.conn)
+                    audit_rows = rows_to_write(stored, audit_rows, reseal)
                 if jtis:
                     # Before anything is written: a held one rolls the whole write back.
                     held = [

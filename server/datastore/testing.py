@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.datastore.base import DataStore, JtiClaim
+from server.datastore.chain import Resealer
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     AttestedAgent,
@@ -269,9 +270,10 @@ class FaultInjectingDataStore:
         audit_rows: Sequence[AuditRow],
         jtis: Sequence[JtiClaim] = (),
         now: int = 0,
+        reseal: Resealer | None = None,
     ) -> None:
         self._enter("write_ledger")
-        self.inner.write_ledger(credentials, audit_rows, jtis, now)
+        self.inner.write_ledger(credentials, audit_rows, jtis, now, reseal)
 
     def audit_head(self) -> Head | None:
         self._enter("audit_head")

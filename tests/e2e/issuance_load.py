@@ -16,9 +16,16 @@ BATCH = 8
 
 
 class IssuanceLoad:
-    """Start with `start()`; `issued` counts SVIDs handed out, `errors` holds any RPC failure."""
+    """Start with `start()`; `issued` counts SVIDs handed out, `errors` holds any RPC failure.
 
-    def __init__(self, server: ServerProcess, threads: int = 2) -> None:
+    A thread stops at its first failure, unless `keep_going`: then it notes the failure, waits
+    `RETRY_PAUSE` and asks again (load on a server that dies and comes back)."""
+
+    RETRY_PAUSE = 0.2
+
+    def __init__(
+        self, server: ServerProcess, threads: int = 2, *, keep_going: bool = False
+    ) -> None:
         pem = server.cli("bundle", "show").stdout
         token = server.cli_json("token", "generate", "--ttl", "300")
         self._server = server
@@ -39,6 +46,7 @@ class IssuanceLoad:
             ]
             * BATCH
         )
+        self._keep_going = keep_going
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._load) for _ in range(threads)]
         self._lock = threading.Lock()
@@ -46,16 +54,20 @@ class IssuanceLoad:
         self.errors: list[BaseException] = []
 
     def _load(self) -> None:
-        try:
-            with node_channel(self._server, self._agent) as channel:
-                stub = node_pb2_grpc.NodeStub(channel)
-                while not self._stop.is_set():
+        with node_channel(self._server, self._agent) as channel:
+            stub = node_pb2_grpc.NodeStub(channel)
+            while not self._stop.is_set():
+                try:
                     stub.BatchNewX509SVID(self._x509, timeout=10)
                     stub.BatchNewJWTSVID(self._jwt, timeout=10)
-                    with self._lock:
-                        self.issued += 2 * BATCH
-        except grpc.RpcError as exc:  # pragma: no cover - reported by the test
-            self.errors.append(exc)
+                except grpc.RpcError as exc:  # reported by the test
+                    self.errors.append(exc)
+                    if not self._keep_going:
+                        return
+                    self._stop.wait(self.RETRY_PAUSE)
+                    continue
+                with self._lock:
+                    self.issued += 2 * BATCH
 
     def start(self) -> IssuanceLoad:
         for t in self._threads:

@@ -333,10 +333,10 @@ def test_concurrent_appends_keep_one_chain(log: AuditLog) -> None:
 class FailingStore(SqliteDataStore):
     fail = False
 
-    def write_ledger(self, credentials, audit_rows):  # type: ignore[no-untyped-def]
+    def write_ledger(self, credentials, audit_rows, *args, **kw):  # type: ignore[no-untyped-def]
         if self.fail:
             raise AuditError("disk full")
-        super().write_ledger(credentials, audit_rows)
+        super().write_ledger(credentials, audit_rows, *args, **kw)
 
 
 def test_a_failed_commit_leaves_no_hole(db: Path, clock: FakeClock) -> None:

@@ -171,7 +171,7 @@ def test_an_attestation_that_cannot_be_recorded_spends_no_join_token(
     datastore: Any = srv.server.datastore
     assert srv.server.tasks.audit.store is datastore
 
-    def audit_refuses(*_args: Any) -> None:
+    def audit_refuses(*_args: Any, **_kw: Any) -> None:
         raise StorageError("cannot commit: disk I/O error")
 
     monkeypatch.setattr(datastore, "write_ledger", audit_refuses)
@@ -230,10 +230,10 @@ def test_a_jwt_batch_reply_waits_for_its_commit(
     real = datastore.write_ledger
     entered, gate = threading.Event(), threading.Event()
 
-    def held(credentials: Any, audit_rows: Any) -> None:
+    def held(credentials: Any, audit_rows: Any, *args: Any, **kw: Any) -> None:
         entered.set()
         gate.wait(20)
-        real(credentials, audit_rows)
+        real(credentials, audit_rows, *args, **kw)
 
     monkeypatch.setattr(datastore, "write_ledger", held)
     reply = stub.BatchNewJWTSVID.future(batch, timeout=30)

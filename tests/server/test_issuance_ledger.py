@@ -157,9 +157,9 @@ def test_record_later_is_done_once_on_disk_and_the_caller_goes_on_meanwhile(
     gate = threading.Event()
     real = parts.datastore.write_ledger
 
-    def held(credentials: Any, audit_rows: Any) -> None:
+    def held(credentials: Any, audit_rows: Any, *args: Any, **kw: Any) -> None:
         gate.wait(10)
-        real(credentials, audit_rows)
+        real(credentials, audit_rows, *args, **kw)
 
     parts.datastore.write_ledger = held  # type: ignore[method-assign]
     futures = [parts.ledger.record_later([cred(f"j{i}")], [draft(f"j{i}")]) for i in range(5)]

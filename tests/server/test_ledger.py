@@ -133,13 +133,15 @@ class GatedStore(FaultInjectingDataStore):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def write_ledger(self, credentials: object, audit_rows: object) -> None:
+    def write_ledger(
+        self, credentials: object, audit_rows: object, *a: object, **kw: object
+    ) -> None:
         if self.armed:
             self.armed = False
             self.entered.set()
             self.release.wait(10)
             raise StorageError("cannot commit: disk I/O error")
-        super().write_ledger(credentials, audit_rows)  # type: ignore[arg-type]
+        super().write_ledger(credentials, audit_rows, *a, **kw)  # type: ignore[arg-type]
 
 
 def test_a_failed_commit_fails_every_waiting_caller_and_keeps_nothing(

@@ -167,11 +167,11 @@ def test_a_replay_through_another_server_fails_only_itself(tmp_path: Any) -> Non
     writes: list[int] = []
     write_ledger = here.write_ledger
 
-    def slow_first_write(*args: Any) -> None:
+    def slow_first_write(*args: Any, **kwargs: Any) -> None:
         writes.append(len(args[2]) if len(args) > 2 else 0)
         if len(writes) == 1:
             time.sleep(0.3)  # every other request queues meanwhile: one mixed commit follows
-        write_ledger(*args)
+        write_ledger(*args, **kwargs)
 
     here.write_ledger = slow_first_write  # type: ignore[method-assign]
     nothing: Any = None
