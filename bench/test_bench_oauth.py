@@ -5,7 +5,8 @@ Rows:
   (TLS, h11, JWT-SVID check, jti replay insert, Cedar decision, at+jwt signing, ledger commit),
   CLIENTS keep-alive clients at once in load processes of their own (lean HTTP/1.1 clients
   over TLS, connected once: the load shares the machine's cores with the server), as a ratio
-  to raw ES256 signing on one core in the same rounds (goal >= 0.2x), and the rate itself;
+  to raw ES256 signing on one core in the same rounds (goal >= 0.2x), the rate itself, and
+  the server's CPU per exchange (this process's CPU time over a window: the server runs here);
 - one exchange's latency from a client that waits for each answer (p50 / p99);
 - task end -> the exchanged access token refused by svid.AccessTokenVerifier on a
   WorkloadApiSource fed revocations by a real svid-agent (goal p99 <= 1 s), and refused (401)
@@ -16,6 +17,7 @@ Subject tokens are minted before each window (a task JWT-SVID per exchange: jtis
 from __future__ import annotations
 
 import multiprocessing as mp
+import statistics
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -25,7 +27,7 @@ import httpx
 import pytest
 
 from bench.cores import _es256
-from bench.report import Rounds, Table, at_least, at_most, latency_row, rate, rounds, samples
+from bench.report import Rounds, Row, Table, at_least, at_most, latency_row, rate, rounds, samples
 from svid import AccessTokenVerifier, RevokedError, WorkloadApiSource
 from svid.tasks import TaskClient
 from tests.e2e.test_oauth_mcp import RUNTIME, Stack, oauth_mcp_stack
@@ -163,6 +165,7 @@ class Exchangers:
         self.cafile = str(world.oauth.ca_file)
         self.pool = ProcessPoolExecutor(LOAD_PROCESSES, mp_context=mp.get_context("spawn"))
         self.client = httpx.Client(verify=world.oauth.ssl_context())
+        self.cpu_us: list[float] = []  # server CPU per exchange, one value per window
         # Start the processes (and their imports) before anything is timed.
         self.window(LOAD_PROCESSES * THREADS)
 
@@ -173,13 +176,15 @@ class Exchangers:
     def window(self, count: int = 600) -> float:
         tokens = _subject_tokens(self.world, count)  # minted before the clock starts
         parts = [tokens[i::LOAD_PROCESSES] for i in range(LOAD_PROCESSES)]
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         done = sum(
             self.pool.map(
                 _post_all, [self.url] * LOAD_PROCESSES, [self.cafile] * LOAD_PROCESSES, parts
             )
         )
         elapsed = time.perf_counter() - started
+        # This process holds the server; the load runs in processes of its own.
+        self.cpu_us.append((time.process_time() - cpu) / done * 1e6)
         assert done == count, f"{count - done} exchanges refused"
         return done / elapsed
 
@@ -197,6 +202,7 @@ def test_token_exchange_rate_against_raw_es256(
         measured = Rounds(
             {"es256": lambda: rate(sign, WINDOW), "exchange": exchangers.window}, ROUNDS
         )
+        cpu_us = exchangers.cpu_us[1:]  # the first window only started the load processes
         latencies = []
         for subject in _subject_tokens(world, LATENCY_SAMPLES):
             started = time.perf_counter()
@@ -216,6 +222,14 @@ def test_token_exchange_rate_against_raw_es256(
         ),
         measured.rate_row("token exchanges", "exchange", note=note),
         measured.rate_row("raw ES256 sign (one core)", "es256"),
+        Row(
+            "server CPU per token exchange (us)",
+            statistics.median(cpu_us),
+            "",
+            per_round=tuple(cpu_us),
+            n=len(cpu_us),
+            note="process CPU of the in-process server over each window / exchanges",
+        ),
         latency_row("one token exchange (client waits)", latencies, note="HTTPS keep-alive"),
     )
 
