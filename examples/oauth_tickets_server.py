@@ -6,9 +6,9 @@ SPIFFE_ENDPOINT_SOCKET=unix:///path/to/api.sock \
 
 The MCP SDK publishes /.well-known/oauth-protected-resource/mcp naming the issuer; a client gets
 a token there (the RFC 7523 JWT-bearer grant with its task's JWT-SVID) for this server's URL.
-Tokens are checked by svid.AccessTokenVerifier with the trust domain's JWT keys and the
-revocations the local agent streams (svid.WorkloadApiSource): a token of an ended task is refused
-as soon as the agent hears of it.
+Tokens are checked by svid.mcp.AccessTokenAuth (svid.AccessTokenVerifier) with the trust
+domain's JWT keys and the revocations the local agent streams (svid.WorkloadApiSource): a token
+of an ended task is refused as soon as the agent hears of it.
 Each tool needs `tool:<name>` in the token's scope.
 """
 
@@ -16,39 +16,13 @@ import sys
 
 import uvicorn
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.server.auth.provider import AccessToken
-from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 import svid
+import svid.mcp
 
 TOOL_SCOPE = "tool:"
-
-
-class SviddAccessTokens:
-    """The SDK's TokenVerifier for svidd access tokens: svid.AccessTokenVerifier (signature by a
-    key of the issuer's trust domain from the agent, `typ: at+jwt`, `iss`, `aud` = this server,
-    times, `jti` not revoked), its typed result handed to the SDK."""
-
-    def __init__(self, tokens: svid.AccessTokenVerifier, resource: str) -> None:
-        self._tokens = tokens
-        self._resource = resource
-
-    async def verify_token(self, token: str) -> AccessToken | None:
-        try:
-            verified = self._tokens.verify(token)
-        except svid.VerificationError:
-            return None
-        return AccessToken(
-            token=token,
-            client_id=verified.client_id or verified.subject,
-            scopes=sorted(verified.scopes),
-            expires_at=verified.expires_at,
-            resource=self._resource,
-            subject=verified.subject,
-            claims={"act": verified.claims.get("act"), "txn": verified.task_id},
-        )
 
 
 def granted(tool: str) -> None:
@@ -60,15 +34,8 @@ def granted(tool: str) -> None:
 
 def build(source: svid.WorkloadApiSource, port: int, issuer: str) -> MCPServer:
     url = f"http://127.0.0.1:{port}/mcp"
-    server = MCPServer(
-        "tickets",
-        token_verifier=SviddAccessTokens(source.access_token_verifier(issuer, url), url),
-        auth=AuthSettings(
-            issuer_url=issuer,  # type: ignore[arg-type]  # pydantic parses it
-            resource_server_url=url,  # type: ignore[arg-type]
-            validate_token_resource=True,
-        ),
-    )
+    auth = svid.mcp.AccessTokenAuth(source, issuer=issuer, resource=url)
+    server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
 
     @server.tool()
     def read_ticket(ticket_id: str) -> str:

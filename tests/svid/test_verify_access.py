@@ -229,3 +229,26 @@ def test_tokens_are_never_in_errors(verifier: AccessTokenVerifier) -> None:
         verifier.verify(t)
     assert t.split(".")[1] not in str(caught.value)
     assert SpiffeId.parse(TASK)  # the fixture's task ID is a real SPIFFE ID
+
+
+def test_the_mcp_token_verifier_hands_the_sdk_the_verified_token(
+    verifier: AccessTokenVerifier,
+) -> None:
+    import asyncio
+
+    from svid.mcp import AccessTokenAuth
+
+    class Source:  # the one method AccessTokenAuth asks of a Workload API source
+        def access_token_verifier(self, issuer: str, resource: str) -> AccessTokenVerifier:
+            assert (issuer, resource) == (ISSUER, RESOURCE)
+            return verifier
+
+    auth = AccessTokenAuth(Source(), issuer=ISSUER, resource=RESOURCE)  # type: ignore[arg-type]
+    got = asyncio.run(auth.verify_token(token()))
+    assert got is not None
+    assert got.subject == "user:alice"
+    assert set(got.scopes) == {"read", "tool:read_ticket"}
+    assert got.claims == {"act": {"sub": TASK}, "txn": "t1"}
+    assert asyncio.run(auth.verify_token(token(aud="https://other.example.org"))) is None
+    assert asyncio.run(auth.verify_token(token(typ="JWT"))) is None
+    assert str(auth.settings.issuer_url).rstrip("/") == ISSUER
