@@ -430,7 +430,12 @@ class AccessTokenAuth:
             expires_at=verified.expires_at,
             resource=self._resource,
             subject=verified.subject,
-            claims={"act": verified.claims.get("act"), "txn": verified.task_id},
+            # `iss` binds MCP sessions to the issuer too (the SDK's principal_components).
+            claims={
+                "iss": verified.issuer,
+                "act": verified.claims.get("act"),
+                "txn": verified.task_id,
+            },
         )
 
 

@@ -248,7 +248,7 @@ def test_the_mcp_token_verifier_hands_the_sdk_the_verified_token(
     assert got is not None
     assert got.subject == "user:alice"
     assert set(got.scopes) == {"read", "tool:read_ticket"}
-    assert got.claims == {"act": {"sub": TASK}, "txn": "t1"}
+    assert got.claims == {"iss": ISSUER, "act": {"sub": TASK}, "txn": "t1"}
     assert asyncio.run(auth.verify_token(token(aud="https://other.example.org"))) is None
     assert asyncio.run(auth.verify_token(token(typ="JWT"))) is None
     assert str(auth.settings.issuer_url).rstrip("/") == ISSUER
