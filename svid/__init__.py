@@ -37,6 +37,12 @@ A task token (an AI agent's task, see ``svid.tasks``) carries typed claims::
     if task is None or not task.grants_tool("read_ticket", audience="mcp-tickets"):
         return 403, svid.tool_scope("read_ticket")  # the scope to ask for
 
+An OAuth access token from svidd's authorization server (RFC 9068 ``at+jwt``, e.g. exchanged
+for a task; refused once the task ends)::
+
+    tokens = source.access_token_verifier("https://svidd.example", audience="https://tickets/mcp")
+    token = tokens.verify(bearer)           # svid.VerifiedAccessToken: subject, act_chain, scopes
+
 Results are cached by the exact credential bytes until the earliest of expiry, a bundle change for
 the trust domain, or a revocation; a cached answer is never more permissive than a fresh one.
 """
@@ -71,6 +77,7 @@ from svid._revocation import MAX_VERIFIER_LEEWAY, RevocationSet, Revoked, normal
 from svid._source import BundleSource, MemoryBundleSource, load_bundle_file
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._task_claims import TaskClaims, TaskClaimsError, task_claims, tool_scope
+from svid._verify_access import AccessTokenVerifier, VerifiedAccessToken
 from svid._verify_jwt import JwtVerifier, VerifiedJwt
 from svid._verify_x509 import VerifiedX509, X509Verifier
 from svid._x509 import X509Svid, check_leaf_profile, check_signing_profile, spiffe_id_from_cert
@@ -89,6 +96,7 @@ from svid.workloadapi import (
 __all__ = [
     "ALLOWED_ALGS",
     "MAX_VERIFIER_LEEWAY",
+    "AccessTokenVerifier",
     "AsyncWorkloadApiClient",
     "AsyncWorkloadApiSource",
     "AsyncX509Source",
@@ -120,6 +128,7 @@ __all__ = [
     "TaskClaimsError",
     "TrustDomain",
     "VerificationError",
+    "VerifiedAccessToken",
     "VerifiedJwt",
     "VerifiedX509",
     "WorkloadApiClient",

@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NamedTuple, TypeGuard
+from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 from svid._errors import JwtSvidError, SpiffeIdError
 from svid._jose import ALLOWED_ALGS, b64url_decode
@@ -77,17 +77,42 @@ _header_memo = functools.lru_cache(maxsize=256)(_checked_header)
 
 def split_and_check_header(token: str) -> SplitToken:
     """``split_token`` plus ``check_header``, the header part memoized: the verifier's fast path."""
+    (alg, kid), claims, signing_input, signature = _split_checked(token, _header_memo)
+    return SplitToken(alg, kid, claims, signing_input, signature)
+
+
+def _checked_typed_header(header_b64: str) -> tuple[str, str, str]:
+    return check_typed_header(_json_object(header_b64, "header"))
+
+
+_typed_header_memo = functools.lru_cache(maxsize=256)(_checked_typed_header)
+
+
+def split_typed_token(token: str) -> tuple[str, SplitToken]:
+    """(typ, the token split) of a JWT that must name its type (``check_typed_header``), such as
+    an RFC 9068 access token or a Txn-Token; the header part memoized. The caller decides which
+    ``typ`` it takes and what the claims must be."""
+    (alg, kid, typ), claims, signing_input, signature = _split_checked(token, _typed_header_memo)
+    return typ, SplitToken(alg, kid, claims, signing_input, signature)
+
+
+_H = TypeVar("_H")
+
+
+def _split_checked(
+    token: str, check: Callable[[str], _H]
+) -> tuple[_H, dict[str, Any], bytes, bytes]:
     if len(token) > MAX_TOKEN_BYTES:
         raise JwtSvidError(f"token is too long: {len(token)} bytes, at most {MAX_TOKEN_BYTES}")
     parts = token.split(".")
     if len(parts) != 3:
         raise JwtSvidError(f"token must have 3 dot-separated parts (compact JWS), has {len(parts)}")
     header_b64, claims_b64, sig_b64 = parts
-    alg, kid = _header_memo(header_b64)
+    header = check(header_b64)
     claims = _json_object(claims_b64, "claims")
     signature = b64url_decode(sig_b64)
     signing_input = token[: len(header_b64) + 1 + len(claims_b64)].encode("ascii")
-    return SplitToken(alg, kid, claims, signing_input, signature)
+    return header, claims, signing_input, signature
 
 
 # base64url to standard base64 for a2b_base64; '+' and '/' (not base64url) become '.', which the
@@ -162,22 +187,39 @@ def split_and_check_fast(token: str) -> FastToken | None:
 
 def check_header(header: Mapping[str, Any]) -> tuple[str, str]:
     """The (alg, kid) of a JWT-SVID header, after the SPIFFE header rules."""
+    alg, kid = _alg_and_kid(header)
+    typ = header.get("typ", "JWT")
+    if not isinstance(typ, str) or typ not in ALLOWED_TYP:
+        raise JwtSvidError(f"token typ {header['typ']!r} is not allowed (JWT or JOSE)")
+    return alg, kid
+
+
+def check_typed_header(header: Mapping[str, Any]) -> tuple[str, str, str]:
+    """The (alg, kid, typ) of a header that must name its type, as RFC 9068 access tokens and
+    Txn-Tokens do: the alg and kid rules of a JWT-SVID, and ``typ`` as a media type compares
+    (RFC 7515 §4.1.9: lowercase, the ``application/`` prefix optional)."""
+    alg, kid = _alg_and_kid(header)
+    typ = header.get("typ")
+    if not isinstance(typ, str) or not typ:
+        raise JwtSvidError("token header has no 'typ'")
+    typ = typ.lower()
+    return alg, kid, typ.removeprefix("application/")
+
+
+def _alg_and_kid(header: Mapping[str, Any]) -> tuple[str, str]:
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
         raise JwtSvidError(f"token alg {alg!r} is not allowed (one of {sorted(ALLOWED_ALGS)})")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise JwtSvidError("token header has no 'kid'")
-    typ = header.get("typ", "JWT")
-    if not isinstance(typ, str) or typ not in ALLOWED_TYP:
-        raise JwtSvidError(f"token typ {header['typ']!r} is not allowed (JWT or JOSE)")
     if "crit" in header:
         # No extension is understood here, so a critical one must fail (RFC 7515 §4.1.11).
         raise JwtSvidError("token header has 'crit' extensions this verifier does not support")
     return alg, kid
 
 
-def _is_time(value: object) -> TypeGuard[int | float]:
+def is_time(value: object) -> TypeGuard[int | float]:
     # JSON allows NaN and Infinity; a NaN exp would compare as never expired.
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
@@ -207,10 +249,10 @@ def check_claims(claims: Mapping[str, Any]) -> tuple[SpiffeId, tuple[str, ...], 
     if not all(audience):
         raise JwtSvidError("token 'aud' claim has an empty audience")
     exp = claims.get("exp")
-    if not _is_time(exp):
+    if not is_time(exp):
         raise JwtSvidError("token 'exp' claim is missing or not a finite number")
     for name in ("nbf", "iat"):
-        if name in claims and not _is_time(claims[name]):  # null is not a NumericDate either
+        if name in claims and not is_time(claims[name]):  # null is not a NumericDate either
             raise JwtSvidError(f"token {name!r} claim is not a finite number")
     if "jti" in claims and not isinstance(claims["jti"], str):  # RFC 7519 4.1.7; as PyJWT
         raise JwtSvidError("token 'jti' claim is not a string")

@@ -11,6 +11,7 @@ from svid._clock import Clock
 from svid._revocation import RevocationSet
 from svid._source_state import RevokedCallback, SourceState
 from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._verify_access import AccessTokenVerifier
 from svid._verify_jwt import JwtVerifier
 from svid._verify_x509 import X509Verifier
 from svid._workload_calls import X509_SVIDS
@@ -173,6 +174,36 @@ class SourceViews:
         max_revocation_staleness); trust domains as for ``x509_verifier``."""
         return JwtVerifier(
             self._trusted(self.jwt_bundle_for, trust_domains, federated),
+            clock=clock or self._state.clock,
+            revocations=self._state.revocations,
+            **options,
+        )
+
+    def access_token_verifier(
+        self,
+        issuer: str,
+        audience: str,
+        *,
+        trust_domain: TrustDomain | str | None = None,
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> AccessTokenVerifier:
+        """An AccessTokenVerifier for svidd's access tokens (and Txn-Tokens) on this source's JWT
+        bundles and revocations: ``issuer`` is the authorization server's issuer URL,
+        ``audience`` this resource, ``trust_domain`` the issuer's (by default this workload's own,
+        when it has exactly one). Options as for ``jwt_verifier``."""
+        if trust_domain is None:
+            own = self.own_trust_domains()
+            if len(own) != 1:
+                raise ValueError(
+                    f"name the issuer's trust_domain: this workload has {len(own)} of its own"
+                )
+            (trust_domain,) = own
+        return AccessTokenVerifier(
+            self.jwt_bundle_for,
+            issuer=issuer,
+            audience=audience,
+            trust_domain=trust_domain,
             clock=clock or self._state.clock,
             revocations=self._state.revocations,
             **options,

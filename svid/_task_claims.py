@@ -117,13 +117,14 @@ def _str(claims: Mapping[str, Any], name: str) -> str | None:
     return value
 
 
-def _chain(act: object) -> tuple[str, ...]:
+def act_chain(act: object, what: str = "task token") -> tuple[str, ...]:
+    """An RFC 8693 ``act`` claim flattened, the current actor first (() for none)."""
     chain: list[str] = []
     while act is not None:
         if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
-            raise TaskClaimsError("task token claim 'act' is not an RFC 8693 actor chain")
+            raise TaskClaimsError(f"{what} claim 'act' is not an RFC 8693 actor chain")
         if len(chain) >= _MAX_ACT_DEPTH:
-            raise TaskClaimsError(f"task token claim 'act' nests deeper than {_MAX_ACT_DEPTH}")
+            raise TaskClaimsError(f"{what} claim 'act' nests deeper than {_MAX_ACT_DEPTH}")
         chain.append(act["sub"])
         act = act.get("act")
     return tuple(chain)
@@ -174,7 +175,7 @@ def task_claims(token: _HasClaims) -> TaskClaims | None:
         actions=frozenset(t for t in tokens if not t.startswith(TOOL_SCOPE_PREFIX)),
         tools=frozenset(tools_from_scope(scope)),
         on_behalf_of=_str(claims, "obo"),
-        delegation_chain=_chain(claims.get("act")),
+        delegation_chain=act_chain(claims.get("act")),
         parent_task_id=_str(claims, "parent_txn"),
         elevated=elevated,
         classification=classification,

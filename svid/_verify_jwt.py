@@ -5,7 +5,7 @@ audience, times with a small leeway, jti revocation, and a result cache keyed by
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -118,6 +118,30 @@ class JwtVerifier:
         """
         if not audience:
             raise VerificationError("an expected audience is required")
+        result = self._result(token)
+        if audience not in result.audience:
+            raise VerificationError(
+                f"token for {result.spiffe_id} is not for audience {audience!r}"
+            )
+        return result
+
+    def verify_any(self, token: str, audiences: Sequence[str]) -> VerifiedJwt:
+        """Verify ``token`` for whichever of ``audiences`` (this service's names) it names.
+
+        For a service known by several names (its URL and an endpoint's): one verification,
+        where trying ``verify`` name by name would verify again per miss when nothing is cached.
+        """
+        if not audiences or not all(audiences):
+            raise VerificationError("expected audiences are required")
+        result = self._result(token)
+        if not any(a in result.audience for a in audiences):
+            raise VerificationError(
+                f"token for {result.spiffe_id} is for {list(result.audience)[:4]!r}, "
+                f"none of {list(audiences)!r}"
+            )
+        return result
+
+    def _result(self, token: str) -> VerifiedJwt:
         now = self._clock.now()
         if self._max_staleness is not None:
             refuse_if_stale(self._revocations, now, self._max_staleness)
@@ -132,10 +156,6 @@ class JwtVerifier:
             result = entry.result
         else:
             result = self._verify(token, now)[0]
-        if audience not in result.audience:
-            raise VerificationError(
-                f"token for {result.spiffe_id} is not for audience {audience!r}"
-            )
         return result
 
     def _still_valid(self, entry: _Entry, now: float) -> bool:

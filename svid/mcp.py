@@ -42,10 +42,12 @@ from pydantic import ConfigDict, PrivateAttr
 from svid._bearer_tokens import BearerTokens
 from svid._caller import Caller
 from svid._clock import Clock
+from svid._errors import VerificationError
 from svid._http_refusal import Refusal, insufficient_scope, no_credentials
 from svid._mcp_tools import called_tools
 from svid._open_requests import Admission, OpenRequests, caller_keys
 from svid._source_state import RevocationEvent
+from svid._source_views import SourceViews
 from svid._spiffe_id import SpiffeId
 from svid._task_claims import TaskClaims, tool_scope
 from svid._verify_jwt import JwtVerifier
@@ -61,7 +63,7 @@ from svid.asgi import (
     _RefusedError,
 )
 
-__all__ = ["McpAuth", "TaskAccessToken", "TaskAuth", "http_client"]
+__all__ = ["AccessTokenAuth", "McpAuth", "TaskAccessToken", "TaskAuth", "http_client"]
 
 log = logging.getLogger("svid.mcp")
 
@@ -387,6 +389,54 @@ class _Sessions:
 
 
 # --- the client side ---
+
+
+class AccessTokenAuth:
+    """The SDK's ``TokenVerifier`` for OAuth access tokens from svidd's authorization server
+    (RFC 9068 ``at+jwt``, e.g. a task's exchanged token), checked by
+    ``svid.AccessTokenVerifier``: the issuer's JWT keys and the revocations from the agent, so
+    a token of an ended task is refused as soon as the agent hears of it. ``settings`` names
+    svidd as this server's authorization server (RFC 9728 metadata)::
+
+        auth = svid.mcp.AccessTokenAuth(source, issuer="https://svidd.example", resource=url)
+        server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
+
+    In a tool, ``get_access_token()`` has ``subject`` (the principal), ``scopes``, and in
+    ``claims`` the ``act`` chain and the task id (``txn``)."""
+
+    def __init__(self, source: SourceViews, *, issuer: str, resource: str, **options: Any) -> None:
+        """Options go to ``source.access_token_verifier`` (trust_domain, leeway, ...)."""
+        self.verifier = source.access_token_verifier(issuer, resource, **options)
+        self._issuer = issuer
+        self._resource = resource
+
+    @property
+    def settings(self) -> AuthSettings:
+        return AuthSettings(
+            issuer_url=self._issuer,  # type: ignore[arg-type]  # pydantic parses it
+            resource_server_url=self._resource,  # type: ignore[arg-type]
+            validate_token_resource=True,
+        )
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        try:
+            verified = self.verifier.verify(token)
+        except VerificationError:
+            return None
+        return AccessToken(
+            token=token,
+            client_id=verified.client_id or verified.subject,
+            scopes=sorted(verified.scopes),
+            expires_at=verified.expires_at,
+            resource=self._resource,
+            subject=verified.subject,
+            # `iss` binds MCP sessions to the issuer too (the SDK's principal_components).
+            claims={
+                "iss": verified.issuer,
+                "act": verified.claims.get("act"),
+                "txn": verified.task_id,
+            },
+        )
 
 
 class McpAuth(httpx2.Auth):

@@ -18,6 +18,7 @@ from svid._clock import Clock
 
 DEFAULT_HIGH_RISK_TTL_CAP = 60
 _ENTITY_CACHE_SIZE = 4096
+_DECISION_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ class PolicyEngine:
         self._reload_lock = threading.Lock()
         self._entities: dict[tuple[str, str, int, Intent], cedarpy.Entities] = {}
         self._state = self._load(policy_dir)
+        # Decisions of the serving set, by (request, whole second): see decide().
+        self._decisions: tuple[LoadedSet | None, dict[tuple[DecisionRequest, int], Decision]] = (
+            None,
+            {},
+        )
 
     @property
     def _loaded(self) -> LoadedSet:
@@ -159,6 +165,27 @@ class PolicyEngine:
         # perf_counter measures our own latency; it is never a decision input, so no Clock here.
         started = time.perf_counter_ns()
         loaded = self._loaded
+        # Cedar is a pure function of the policy set, the entities (made from the request) and
+        # the context (the request and the whole second `now`): the same question within the
+        # same second gets the answer already computed, as a burst of one task's exchanges asks.
+        now = self._clock.now()
+        key = (request, int(now))
+        held, decisions = self._decisions
+        if held is not loaded:
+            decisions = {}
+            self._decisions = (loaded, decisions)
+        known_decision = decisions.get(key)
+        if known_decision is not None:
+            return known_decision
+        decision = self._decide(loaded, request, now, started)
+        if len(decisions) >= _DECISION_CACHE_SIZE:
+            decisions.clear()
+        decisions[key] = decision
+        return decision
+
+    def _decide(
+        self, loaded: LoadedSet, request: DecisionRequest, now: float, started: int
+    ) -> Decision:
         schema = loaded.schema
         pairs = request.intent.pairs() if request.pairs is None else sorted(set(request.pairs))
         known = [p for p in pairs if p[0] in schema.actions]
@@ -168,7 +195,7 @@ class PolicyEngine:
             if a not in schema.actions
         ]
         if known:
-            ctx = cedar_request.context_json(request, self._trust_domain, self._clock.now())
+            ctx = cedar_request.context_json(request, self._trust_domain, now)
             answers = cedarpy.is_authorized_batch(
                 cedar_request.cedar_requests(request, known, ctx),
                 loaded.policy_set,

@@ -56,6 +56,8 @@ TOOL_SCOPE_PREFIX = "tool:"
 _HEX = frozenset("0123456789abcdef")
 # An end claimed this long ago and never settled was left half done (its server died midway).
 END_GRACE = 60
+# Bound on the per-task facts kept for mints and exchanges (about one per active task).
+_FACTS_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class TaskService:
         # feed read before the end never makes one active again here.
         self._ended: dict[str, int] = {}
         self._crl = CrlCache()
+        # Per task ID: (the Task object, its intent, its tools split), see _facts_of.
+        self._facts: dict[str, tuple[Task, Intent, tuple[tuple[str, str, str], ...]]] = {}
 
     @property
     def policy(self) -> PolicyEngine:
@@ -494,7 +498,7 @@ class TaskService:
         """The (actions, tool names) this mint may carry, or PermissionDeniedError (audited,
         maybe flagged)."""
         agent = self._state.agents.get(agent_id) or AttestedAgent(agent_id, "", "", 0)
-        intent = task.intent()
+        intent, split_tools = self._facts_of(task)
         verdict = check_audiences(intent, audience)
         if not verdict.ok:
             raise self._deny(
@@ -511,12 +515,11 @@ class TaskService:
         if remaining <= 0:
             raise PermissionDeniedError(f"task {task.task_id} has expired")
         tools_by_name: dict[str, set[str]] = {}
-        for ref in task.tools:
-            server, name = split_tool(ref)
+        for _, server, name in split_tools:
             if server in audience:
                 tools_by_name.setdefault(name, set()).add(server)
         pairs = [(a, aud) for a in task.actions for aud in audience if aud in task.resources]
-        pairs += [(INVOKE_TOOL, t) for t in task.tools if split_tool(t)[0] in audience]
+        pairs += [(INVOKE_TOOL, ref) for ref, server, _ in split_tools if server in audience]
         decision = self._policy.decide(
             DecisionRequest(
                 agent_id=task.runtime_id,
@@ -548,6 +551,17 @@ class TaskService:
                 decision=decision,
             )
         return tuple(sorted(actions)), tuple(sorted(tools))
+
+    def _facts_of(self, task: Task) -> tuple[Intent, tuple[tuple[str, str, str], ...]]:
+        """The task's intent and its tools split (ref, server, name): pure functions of the
+        task, read on every mint and exchange, so made once per Task object."""
+        facts = self._facts.get(task.task_id)
+        if facts is None or facts[0] is not task:
+            if len(self._facts) >= _FACTS_CACHE_SIZE:  # ended tasks' facts go with the rest
+                self._facts.clear()
+            split = tuple((ref, *split_tool(ref)) for ref in task.tools)
+            facts = self._facts[task.task_id] = (task, task.intent(), split)
+        return facts[1], facts[2]
 
     # -- the issuer's task port (server.issuance.TaskDecisions) ------------------------------------
 

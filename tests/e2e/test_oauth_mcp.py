@@ -26,7 +26,8 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
-from svid.tasks import AsyncTaskClient
+from svid import AccessTokenVerifier, RevokedError, WorkloadApiSource
+from svid.tasks import AsyncTaskClient, TaskClient
 from tests.e2e.agent_process import AgentProcess, agent_stack, create_entry
 from tests.e2e.conftest import TRUST_DOMAIN, make_server, short_tmpdir, wait_for
 from tests.ports import free_port
@@ -196,3 +197,43 @@ def test_mcp_sdk_client_gets_a_task_scoped_token_and_calls_one_tool_not_the_othe
     assert "tool:read_ticket" in scope.split()
     assert "tool:export_customer_data" not in scope.split()
     assert after_end == 401
+
+
+def test_svid_access_token_verifier_fed_by_the_agent_refuses_the_token_once_its_task_ends(
+    stack: Stack,
+) -> None:
+    with WorkloadApiSource(stack.socket) as source, TaskClient(stack.socket) as tasks:
+        assert source.wait_ready(10)
+        verifier = source.access_token_verifier(stack.issuer, stack.mcp_url)
+        task = tasks.begin(
+            actions=["read"],
+            resources=[stack.issuer],
+            tools={stack.mcp_url: ["read_ticket"]},
+            ttl=120,
+            spiffe_id=RUNTIME,
+        )
+        reply = httpx.post(
+            stack.issuer + "/token",
+            data={
+                "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                "subject_token": task.jwt(stack.issuer),
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "resource": stack.mcp_url,
+            },
+            timeout=10,
+        )
+        assert reply.status_code == 200, reply.text
+        token = reply.json()["access_token"]
+        verified = verifier.verify(token)
+        assert verified.act_chain == (str(task.spiffe_id),)
+        assert verified.grants_tool("read_ticket")
+        task.end()
+        wait_for(lambda: _refused(verifier, token), 10, "the ended task's token refused")
+
+
+def _refused(verifier: AccessTokenVerifier, token: str) -> bool:
+    try:
+        verifier.verify(token)
+    except RevokedError:
+        return True
+    return False

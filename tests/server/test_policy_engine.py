@@ -448,3 +448,25 @@ def test_the_default_policy_grants_declared_tools_and_sees_elevation(engine: Pol
     assert decision.outcome is Outcome.ALLOW
     assert decision.granted == (("invoke_tool", "mcp-a#read"), ("read", "docs"))
     assert "default.cedar:call_declared_tools" in decision.policy_ids
+
+
+def test_a_decision_is_reused_only_for_the_same_question_set_and_second(tmp_path: Path) -> None:
+    # Policy may read context.now: an answer is reused within its second, never after it, and
+    # never across a reload (even one that lands in the same second).
+    clock = FakeClock(1_700_000_000.0)
+    write(
+        tmp_path,
+        "p.cedar",
+        'permit(principal, action == Action::"read", resource) when { context.now < 1700000001 };',
+    )
+    engine = PolicyEngine(tmp_path, clock, trust_domain=TD)
+    first = ask(engine, {"read"}, {"docs"})
+    assert first.outcome is Outcome.ALLOW
+    clock.advance(0.5)
+    assert ask(engine, {"read"}, {"docs"}) is first
+    assert ask(engine, {"read"}, {"docs"}, violations=1) is not first  # another question
+    clock.advance(0.5)
+    assert ask(engine, {"read"}, {"docs"}).outcome is Outcome.DENY  # the next second
+    write(tmp_path, "p.cedar", 'permit(principal, action == Action::"read", resource);')
+    engine.reload()
+    assert ask(engine, {"read"}, {"docs"}).outcome is Outcome.ALLOW

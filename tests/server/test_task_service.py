@@ -5,6 +5,7 @@ is fake."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -672,3 +673,15 @@ def test_tasks_begun_and_ended_elsewhere_follow_their_rows(world: World) -> None
     assert world.service.reload_all_tasks() == {task.task_id: None}
     world.service.apply_tasks(world.service.reload_all_tasks())
     assert world.service.active_task(task.spiffe_id) is None
+
+
+def test_an_exchange_decides_on_the_task_as_held_now_not_a_remembered_copy(world: World) -> None:
+    # The service remembers each task's intent and split tools; a task held anew (as another
+    # server left it, say) must be decided on as it is now.
+    task = world.begin(tools=("docs#read_doc", "docs#list_docs"))
+    _, grant = world.service.exchange_grant(task.spiffe_id, "docs")
+    assert set(grant.scope.split()) == {"read", "tool:read_doc", "tool:list_docs"}
+    narrowed = dataclasses.replace(task, tools=("docs#read_doc",))
+    world.service._set_active(narrowed, True)
+    _, grant = world.service.exchange_grant(task.spiffe_id, "docs")
+    assert set(grant.scope.split()) == {"read", "tool:read_doc"}

@@ -91,6 +91,17 @@ def test_rsa_token(verifier: JwtVerifier) -> None:
         assert v.verify(tok, "svc").kid == "krsa"
 
 
+def test_verify_any_accepts_a_token_naming_one_of_the_names(verifier: JwtVerifier) -> None:
+    t = token(aud=["other", "svc-endpoint"])
+    assert verifier.verify_any(t, ("svc", "svc-endpoint")).audience == ("other", "svc-endpoint")
+    with pytest.raises(VerificationError, match="none of"):
+        verifier.verify_any(t, ("svc", "nope"))
+    with pytest.raises(VerificationError, match="required"):
+        verifier.verify_any(t, ())
+    with pytest.raises(VerificationError, match="signature"):
+        verifier.verify_any(token(key=OTHER_KEY), ("svc",))
+
+
 def test_audience_rules(verifier: JwtVerifier) -> None:
     tok = token(aud=["a", "b"])
     assert verifier.verify(tok, "a")
