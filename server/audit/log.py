@@ -456,6 +456,7 @@ class AuditLog:
             self._next_seq = 1 if stored is None else stored.seq + 1
             self._head_hash = GENESIS_HASH if stored is None else stored.hash
             self._committed = stored  # committed by another writer, seen under the lock
+            self._adopted += 1  # the checkpointer must read other writers' events back
             batch: list[tuple[Any, ...]] = []
             for t in group:
                 if t.drafts:  # same drafts and timestamp: cannot fail where the first did not
