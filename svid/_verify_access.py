@@ -20,7 +20,7 @@ from svid._bundle import JwtBundle
 from svid._cache import LruCache
 from svid._clock import Clock, SystemClock
 from svid._errors import ExpiredError, JwtSvidError, RevokedError, VerificationError
-from svid._jose import SignatureCheck, signature_check
+from svid._jose import SignatureCheck
 from svid._jwt import is_time, split_typed_token
 from svid._revocation import (
     MAX_VERIFIER_LEEWAY,
@@ -30,12 +30,11 @@ from svid._revocation import (
 )
 from svid._spiffe_id import TrustDomain
 from svid._task_claims import TaskClaimsError, act_chain, tools_from_scope
-from svid._verify_jwt import DEFAULT_CACHE_SIZE, DEFAULT_LEEWAY
+from svid._verify_jwt import DEFAULT_CACHE_SIZE, DEFAULT_LEEWAY, memo_signature_check
 
 # RFC 9068 §2.1 and the Txn-Token draft's media types, as check_typed_header normalizes them.
 ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - a media type
 TXN_TOKEN_TYP = "txntoken+jwt"  # noqa: S105 - a media type
-_MAX_CHECKS = 64
 
 BundleGetter = Callable[[TrustDomain], JwtBundle | None]
 
@@ -171,17 +170,7 @@ class AccessTokenVerifier:
         if held is not bundle:
             checks = {}
             self._checks = (bundle, checks)
-        try:
-            return checks[(kid, alg)]
-        except KeyError:
-            pass
-        key = bundle.get(kid)
-        if key is None:
-            raise VerificationError(f"no JWT authority with kid {kid!r} in trust domain {self._td}")
-        if len(checks) >= _MAX_CHECKS:  # kids come from tokens: bound what they can make us keep
-            checks.clear()
-        check = checks[(kid, alg)] = signature_check(alg, key)
-        return check
+        return memo_signature_check(checks, bundle, kid, alg, self._td)
 
     def _verify(self, token: str, now: float) -> _Entry:
         try:

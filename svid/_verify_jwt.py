@@ -172,18 +172,7 @@ class JwtVerifier:
         if memo is None or memo[0] is not bundle:
             memo = (bundle, {})
             self._checks[td.name] = memo
-        checks = memo[1]
-        try:
-            return checks[(kid, alg)]
-        except KeyError:
-            pass
-        key = bundle.get(kid)
-        if key is None:
-            raise VerificationError(f"no JWT authority with kid {kid!r} in trust domain {td}")
-        if len(checks) >= _MAX_CHECKS:  # kids come from tokens: bound what they can make us keep
-            checks.clear()
-        check = checks[(kid, alg)] = signature_check(alg, key)
-        return check
+        return memo_signature_check(memo[1], bundle, kid, alg, td)
 
     def _verify(
         self, token: str, now: float
@@ -243,3 +232,25 @@ class JwtVerifier:
         set_expires_at(result, exp)
         set_kid(result, kid)
         return result, td, bundle, not_before, exp + leeway, jti
+
+
+def memo_signature_check(
+    checks: dict[tuple[str, str], SignatureCheck | None],
+    bundle: JwtBundle,
+    kid: str,
+    alg: str,
+    td: TrustDomain,
+) -> SignatureCheck | None:
+    """The signature check for (kid, alg) from `checks`, memoised per bundle by the caller;
+    built from the bundle's key on first use."""
+    try:
+        return checks[(kid, alg)]
+    except KeyError:
+        pass
+    key = bundle.get(kid)
+    if key is None:
+        raise VerificationError(f"no JWT authority with kid {kid!r} in trust domain {td}")
+    if len(checks) >= _MAX_CHECKS:  # kids come from tokens: bound what they can make us keep
+        checks.clear()
+    check = checks[(kid, alg)] = signature_check(alg, key)
+    return check
