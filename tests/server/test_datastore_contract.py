@@ -720,7 +720,8 @@ def test_wait_feed_sees_a_write_of_another_connection(open_store: Opener) -> Non
     writer.put_task(task("t0"))
     waiting.join(10)
     assert woke == [True]
-    assert time.monotonic() - wrote < 0.5
+    # Woken by the write, not by the 10 s timeout (bound loose enough for a loaded machine).
+    assert time.monotonic() - wrote < 5
     assert reader.wait_feed(head, 0)  # already past: no wait at all
 
 
@@ -733,7 +734,7 @@ def test_wait_feed_returns_when_the_store_closes(store: DataStore) -> None:
     store.close()
     waiting.join(10)
     assert woke == [False]
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 5  # woken by the close, not the 30 s timeout
 
 
 def test_feed_revisions_commit_in_order_across_connections(open_store: Opener) -> None:
