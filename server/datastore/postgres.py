@@ -71,7 +71,6 @@ from server.datastore.records import (
     FEED_ENTRY,
     FEED_KEY_SLOT,
     FEED_REVOCATION,
-    KEY_KINDS,
     REVOCATION_KINDS,
     AttestedAgent,
     Entry,
@@ -80,6 +79,7 @@ from server.datastore.records import (
     KeySlot,
     Revocation,
     TokenUse,
+    key_slot_params,
 )
 from server.datastore.sqlite import (
     _agent_from,
@@ -514,19 +514,7 @@ class PostgresDataStore(PostgresLedger, PostgresFederation, PostgresCheckpoints)
     # -- key slots ------------------------------------------------------------------------------
 
     def save_key_slot(self, slot: KeySlot) -> None:
-        if slot.kind not in KEY_KINDS:
-            raise ValueError(f"key slot kind must be one of {KEY_KINDS}, got {slot.kind!r}")
-        params = {
-            "slot_id": slot.slot_id,
-            "kind": slot.kind,
-            "status": slot.status,
-            "public_der": slot.public_der,
-            "kid": slot.kid,
-            "not_before": slot.not_before,
-            "not_after": slot.not_after,
-            "created_at": slot.created_at,
-            "sealed_key": slot.sealed_key,
-        }
+        params = key_slot_params(slot)
 
         def work(cur: Cursor) -> None:
             cur.execute(pg(q.UPSERT_KEY_SLOT), params)

@@ -334,3 +334,20 @@ class SealedAuditKey:
     public_der: bytes
     sealed_key: bytes
     created_at: int
+
+
+def key_slot_params(slot: KeySlot) -> dict[str, object]:
+    """The row of a key slot, as both backends write it; ValueError for an unknown kind."""
+    if slot.kind not in KEY_KINDS:
+        raise ValueError(f"key slot kind must be one of {KEY_KINDS}, got {slot.kind!r}")
+    return {
+        "slot_id": slot.slot_id,
+        "kind": slot.kind,
+        "status": slot.status,
+        "public_der": slot.public_der,
+        "kid": slot.kid,
+        "not_before": slot.not_before,
+        "not_after": slot.not_after,
+        "created_at": slot.created_at,
+        "sealed_key": slot.sealed_key,
+    }

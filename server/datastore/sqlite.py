@@ -46,7 +46,6 @@ from server.datastore.records import (
     FEED_ENTRY,
     FEED_KEY_SLOT,
     FEED_REVOCATION,
-    KEY_KINDS,
     REVOCATION_KINDS,
     AttestedAgent,
     Entry,
@@ -56,6 +55,7 @@ from server.datastore.records import (
     Revocation,
     Selector,
     TokenUse,
+    key_slot_params,
     revocation_needed_from,
 )
 from server.datastore.sqlite_checkpoints import SqliteCheckpoints
@@ -536,19 +536,7 @@ class SqliteDataStore(SqliteLedger, SqliteFederation, SqliteCheckpoints):
     # -- key slots ------------------------------------------------------------------------------
 
     def save_key_slot(self, slot: KeySlot) -> None:
-        if slot.kind not in KEY_KINDS:
-            raise ValueError(f"key slot kind must be one of {KEY_KINDS}, got {slot.kind!r}")
-        params = {
-            "slot_id": slot.slot_id,
-            "kind": slot.kind,
-            "status": slot.status,
-            "public_der": slot.public_der,
-            "kid": slot.kid,
-            "not_before": slot.not_before,
-            "not_after": slot.not_after,
-            "created_at": slot.created_at,
-            "sealed_key": slot.sealed_key,
-        }
+        params = key_slot_params(slot)
         with self._transaction() as db:
             db.execute(q.UPSERT_KEY_SLOT, params)
             self._append_feed(db, FEED_KEY_SLOT, (slot.slot_id,))
