@@ -558,6 +558,11 @@ class JwtSigner:
         self._es = _EsSigner.checked(key, self._header, self._issuer)
         self._at_header = {**self._header, "typ": ACCESS_TOKEN_TYP}
         self._at_es = _EsSigner.checked(key, self._at_header, self._issuer)
+        # Names this key to signing workers, which keep a few by name: everything a worker's
+        # copy holds goes in, so two signers that sign differently never share a name.
+        spki = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        named = json.dumps([kid, spki.hex(), self._not_after, self._issuer]).encode()
+        self._worker_name = f"jwt:{hashlib.sha256(named).hexdigest()[:32]}"
 
     @property
     def issuer(self) -> str | None:
@@ -659,7 +664,7 @@ class JwtSigner:
     @property
     def worker_name(self) -> str:
         """What signing workers (server.ca.workers) know this key by."""
-        return f"jwt:{self._kid}"
+        return self._worker_name
 
     def worker_copy(self) -> tuple[str, bytes, int, str | None]:
         """(kid, PKCS#8 DER key, not_after, issuer): what a signing worker process needs to
