@@ -51,11 +51,13 @@ from tests.server.fixtures import Agent, make_csr
 
 AGENTS = 4
 BATCH = 100
-# Two batch callers per agent, for X.509 and JWT batches alike: while one reply travels back, the
-# next batch is already queued at the server. With one, the signing thread sat idle ~40% of the
-# time waiting for requests (py-spy), and the row measured round-trip latency rather than
-# issuance throughput.
-BATCH_CALLERS_PER_AGENT = 2
+# Three batch callers per agent, for X.509 and JWT batches alike: while one reply travels back,
+# the next batches are already queued at the server. With one, the signing thread sat idle ~40%
+# of the time waiting for requests (py-spy), and the row measured round-trip latency rather than
+# issuance throughput. With two, once JWT batches were signed from the event loop, a batch spent
+# most of its ~24 ms waiting for its group commit and the machine sat 14% idle (/proc/stat):
+# 0.34x; three keep the server busy (0.35-0.36x), four add little more.
+BATCH_CALLERS_PER_AGENT = 3
 UNARY_CALLERS_PER_AGENT = 4
 N = os.cpu_count() or 1  # the server's signing threads and signing processes, set below
 ROUNDS = 30

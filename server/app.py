@@ -23,6 +23,7 @@ from server.attestation.x509pop import X509PopAttestor
 from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile, CheckpointSigner
 from server.audit.retention import DAY, RetentionPolicy
 from server.ca.keys import KeyStore
+from server.ca.loop_workers import LoopSigningWorkers
 from server.ca.manager import CaConfig, CaManager, default_holder
 from server.ca.rotator import Rotator
 from server.ca.sealing import KeyEncryptionKey
@@ -120,6 +121,7 @@ class Server:
         self._executor: ThreadPoolExecutor | None = None
         self._jwt_executor: ThreadPoolExecutor | None = None
         self._workers: SigningWorkers | None = None
+        self._loop_workers: LoopSigningWorkers | None = None
         self._serving = False
         self.runtime: RuntimeInfo | None = None
         self.propagator: Propagator | None = None
@@ -298,13 +300,15 @@ class Server:
             federation=self.federation.service,
         )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
-        # Two JWT threads per signing worker: each waits on its worker's socket or on the
-        # ledger's commit (a batch is recorded on the thread that signed it), not on the GIL,
-        # so one batch is signed while the one before it commits.
+        # JWT batches the loop's workers do not take (task identities, small batches, workers
+        # starting): two threads per signing worker, each waiting on a worker or on the ledger.
         self._jwt_executor = ThreadPoolExecutor(
             2 * max(1, cfg.signing_processes), thread_name_prefix="svid-jwt"
         )
+        # Two pools, each started on first use: X.509 batches are handed over from threads,
+        # workload JWT batches from the event loop (LoopSigningWorkers says why).
         self._workers = SigningWorkers(cfg.signing_processes, self.clock)
+        self._loop_workers = LoopSigningWorkers(cfg.signing_processes, self.clock)
         limiters = Limiters(
             x509=KeyedLimiter(cfg.x509_rate_per_agent, cfg.x509_burst_per_agent, self.clock),
             jwt=KeyedLimiter(cfg.jwt_rate_per_agent, cfg.jwt_burst_per_agent, self.clock),
@@ -325,6 +329,7 @@ class Server:
             executor=self._executor,
             jwt_executor=self._jwt_executor,
             workers=self._workers,
+            loop_workers=self._loop_workers,
             settings=IssuerSettings(
                 default_x509_svid_ttl=cfg.default_x509_svid_ttl,
                 default_jwt_svid_ttl=cfg.default_jwt_svid_ttl,
@@ -551,6 +556,8 @@ class Server:
                 executor.shutdown(wait=True)
         if self._workers is not None:
             self._workers.close()
+        if self._loop_workers is not None:
+            self._loop_workers.close()
         await asyncio.to_thread(self._last_checkpoint)
         try:
             await asyncio.to_thread(self.housekeeping.release)  # hand it over now

@@ -113,7 +113,7 @@ def _serve(conn: Connection) -> None:
     while True:
         try:
             message = conn.recv()
-        except EOFError:
+        except (EOFError, ConnectionResetError):  # the server closed its end: done
             return
         if message[0] == "key":
             _, name, kind, payload = message
@@ -146,19 +146,28 @@ def _serve(conn: Connection) -> None:
         conn.send(out)
 
 
+def spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """A new worker process and the server's end of its private socketpair."""
+    parent, child = socket.socketpair()
+    try:
+        # Our own module on the server's own interpreter: no shell, no outside input.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.ca.workers", str(child.fileno())],
+            pass_fds=[child.fileno()],
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+        )
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    return proc, parent
+
+
 class _Worker:
     def __init__(self) -> None:
-        parent, child = socket.socketpair()
-        try:
-            # Our own module on the server's own interpreter: no shell, no outside input.
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "server.ca.workers", str(child.fileno())],
-                pass_fds=[child.fileno()],
-                stdin=subprocess.DEVNULL,
-                close_fds=True,
-            )
-        finally:
-            child.close()
+        self._proc, parent = spawn()
         self._conn = Connection(parent.detach())
         self._ready = False
         # The keys this worker holds, least recently used first: kept as the worker keeps its own.

@@ -1,11 +1,12 @@
 """The issuer: an authenticated agent's requests in, outcomes out.
 
 Per request: entitlement (is this entry the agent's to serve?), the task decision (through
-TaskDecisions, for task identities), the CA signers (big X.509 and workload JWT batches in
-signing worker processes, SigningWorkers.issue_x509 and .mint; small ones in the server), and
-then the ledger. Nothing is returned before the ledger committed every credential of the call
-and its audit event (server.issuance.ledger states the contract); if it cannot, the call
-raises LedgerUnavailableError and its credentials are dropped.
+TaskDecisions, for task identities), the CA signers (big batches in signing worker processes:
+X.509 through SigningWorkers.issue_x509 from a thread, workload JWTs through
+LoopSigningWorkers.mint from the event loop, or SigningWorkers.mint when those cannot take the
+batch; small ones in the server), and then the ledger. Nothing is returned before the ledger
+committed every credential of the call and its audit event (server.issuance.ledger states the
+contract); if it cannot, the call raises LedgerUnavailableError and its credentials are dropped.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import NamedTuple, ParamSpec, TypeVar
+from typing import NamedTuple, ParamSpec, TypeVar, cast
 
+from server.ca.loop_workers import LoopSigningWorkers
 from server.ca.manager import CaManager
 from server.ca.signer import IssuedJwt, IssuedSvid, X509Request, X509Signer, check_jwt_request
 from server.ca.workers import MintRequest, SigningWorkers
@@ -82,6 +84,7 @@ class Issuer:
         executor: Executor,
         jwt_executor: Executor | None = None,
         workers: SigningWorkers | None = None,
+        loop_workers: LoopSigningWorkers | None = None,
         settings: IssuerSettings | None = None,
     ) -> None:
         self._state = state
@@ -95,6 +98,8 @@ class Issuer:
         self._jwt_executor = jwt_executor or executor
         # Big batches of either kind are signed in worker processes (none: in this one).
         self._workers = workers or SigningWorkers(0, clock)
+        # Big workload JWT batches: in worker processes the event loop drives (none: as above).
+        self._loop_workers = loop_workers
         self._settings = settings or IssuerSettings()
         self._server_id = str(ids.server)
         # Label lookups cost as much as the rest of a JWT's bookkeeping: bind them once.
@@ -314,9 +319,20 @@ class Issuer:
         self, agent: AttestedAgent, requests: Sequence[JwtRequest]
     ) -> list[JwtOutcome]:
         """An outcome per request, in order, once every minted JWT is recorded."""
-        entitled = self.entitled(agent)
+        agent_id = agent.spiffe_id
+        plan = self._plan_jwts(requests, self.entitled(agent), agent_id)
+        if not plan.tasks and plan.wanted:
+            # Workload JWTs only: signed by workers the loop drives and recorded from here, no
+            # thread in between (LoopSigningWorkers says why). None: they could not take it.
+            workload = await self._mint_on_loop(plan.wanted)
+            if workload is not None:
+                outcomes, credentials, events = self._finish_jwts(plan, workload, agent_id)
+                if credentials:
+                    await asyncio.wrap_future(self._ledger.record_later(credentials, events))
+                    self._jwt_issued.inc(len(credentials))
+                return outcomes
         outcomes, recorded, count = await self._run(
-            self._jwt_executor, self._issue_jwt_batch, requests, entitled, agent.spiffe_id
+            self._jwt_executor, self._issue_jwt_batch, plan, agent_id
         )
         if recorded is not None:
             # Nothing goes back before the commit holding this batch's records is done.
@@ -324,30 +340,40 @@ class Issuer:
             self._jwt_issued.inc(count)
         return outcomes
 
+    async def _mint_on_loop(self, wanted: list[MintRequest]) -> list[IssuedJwt | SvidError] | None:
+        if self._loop_workers is None:
+            return None
+        signer = self._ca.jwt_signer()
+        started = time.perf_counter()
+        out = await self._loop_workers.mint(signer, wanted)
+        if out is not None:  # one batch is one timing, as in _mint_workload
+            each = (time.perf_counter() - started) / len(wanted)
+            observe_times(self._jwt_seconds, each, len(out))
+        return out
+
     def _issue_jwt_batch(
-        self, requests: Sequence[JwtRequest], entitled: Entitlement, agent_id: str
+        self, plan: _JwtPlan, agent_id: str
     ) -> tuple[list[JwtOutcome], Future[None] | None, int]:
         # Recorded from the thread that signed (handing the records to the loop first cost the
         # main process ~2 us per JWT), but not waited for here: the commit runs on the ledger's
         # writer while this thread signs the next batch, and the loop awaits it.
-        outcomes, credentials, events = self._sign_jwt_batch(requests, entitled, agent_id)
+        workload = self._mint_workload(plan.wanted) if plan.wanted else []
+        outcomes, credentials, events = self._finish_jwts(plan, workload, agent_id)
         if not credentials:
             return outcomes, None, 0
         return outcomes, self._ledger.record_later(credentials, events), len(credentials)
 
-    def _sign_jwt_batch(
+    def _plan_jwts(
         self, requests: Sequence[JwtRequest], entitled: Entitlement, agent_id: str
-    ) -> tuple[list[JwtOutcome], list[Credential], list[EventTuple]]:
-        # Every item is checked here first; task JWTs are decided and minted one by one,
-        # workload JWTs all at once (_mint_workload, in worker processes when big).
-        # A batch names few entries (agents batch a workload's requests): each workload entry
-        # is looked up and its subject and TTL checked once, then each request only for what
-        # is its own, the audience. Task entries are decided request by request.
-        planned: list[JwtOutcome | int] = []
-        wanted: list[MintRequest] = []
-        owners: list[tuple[str, str]] = []
-        credentials: list[Credential] = []
-        events: list[EventTuple] = []
+    ) -> _JwtPlan:
+        """Every item checked: its error, or what it asks to be minted.
+
+        A batch names few entries (agents batch a workload's requests): each workload entry is
+        looked up and its subject and TTL checked once, then each request only for what is its
+        own, the audience. Task items are decided later, one by one (_finish_jwts).
+        """
+        plan = _JwtPlan([], [], [], 0)
+        items, wanted, owners = plan.items, plan.wanted, plan.owners
         workloads: dict[tuple[str, str], tuple[str, str, int]] = {}
         for item in requests:
             audience = item.audience
@@ -360,27 +386,33 @@ class Issuer:
                 else:
                     entry = self._jwt_entry(agent_id, entitled, item)
                     if self._tasks.owns(entry):
-                        issued, credential, event = self._task_jwt(agent_id, entry, audience)
-                        planned.append(issued)
-                        credentials.append(credential)
-                        events.append(event)
+                        items.append(_TaskItem(entry, audience))
+                        plan.tasks += 1
                         continue
                     request = self._workload_request(entitled, entry, audience)
                     spiffe_id = entry.spiffe_id
                     workloads[item.entry_id, item.spiffe_id] = (spiffe_id, request[0], request[2])
             except SvidError as exc:  # the server's own errors are SvidErrors too
-                planned.append(exc)
+                items.append(exc)
                 continue
-            planned.append(len(wanted))  # filled in from the workload mint below
+            items.append(len(wanted))  # filled in from the workload mint
             wanted.append(request)
             owners.append((spiffe_id, ",".join(audience)))
-        workload = self._mint_workload(wanted) if wanted else []
+        return plan
+
+    def _finish_jwts(
+        self, plan: _JwtPlan, workload: Sequence[IssuedJwt | SvidError], agent_id: str
+    ) -> tuple[list[JwtOutcome], list[Credential], list[EventTuple]]:
+        """Outcomes in request order, with the record and event of each JWT minted; task items
+        are decided and minted here, one by one."""
         outcomes: list[JwtOutcome] = []
-        for plan in planned:
-            if isinstance(plan, int):
-                outcome = workload[plan]
+        credentials: list[Credential] = []
+        events: list[EventTuple] = []
+        for item in plan.items:
+            if type(item) is int:
+                outcome = workload[item]
                 if isinstance(outcome, IssuedJwt):
-                    spiffe_id, joined = owners[plan]
+                    spiffe_id, joined = plan.owners[item]
                     credential, event = workload_jwt_record(
                         agent_id,
                         spiffe_id,
@@ -392,9 +424,34 @@ class Issuer:
                     credentials.append(credential)
                     events.append(event)
                 outcomes.append(outcome)
+            elif isinstance(item, _TaskItem):
+                try:
+                    issued, credential, event = self._task_jwt(agent_id, item.entry, item.audience)
+                except SvidError as exc:
+                    outcomes.append(exc)
+                    continue
+                outcomes.append(issued)
+                credentials.append(credential)
+                events.append(event)
             else:
-                outcomes.append(plan)
+                outcomes.append(cast(SvidError, item))
         return outcomes, credentials, events
+
+
+class _TaskItem(NamedTuple):
+    entry: Entry
+    audience: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _JwtPlan:
+    """A JWT batch after its checks: per item its error, the index of its request in `wanted`
+    (whose subject and joined audience are in `owners` at that index), or a task item."""
+
+    items: list[SvidError | int | _TaskItem]
+    wanted: list[MintRequest]
+    owners: list[tuple[str, str]]
+    tasks: int
 
 
 def _check_audience(audience: Sequence[str]) -> None:

@@ -1,0 +1,213 @@
+"""Workload JWT batches in worker processes the event loop drives: real child processes, real
+keys, tokens checked by signature; workers killed, stopped and closed for real."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.ca.loop_workers import DEPTH, RESTART_BACKOFF, LoopSigningWorkers
+from server.ca.signer import IssuedJwt, JwtSigner
+from server.ca.workers import MIN_BATCH, MintRequest
+from svid._clock import FakeClock
+from svid._errors import SvidError
+from tests.server.test_jwt_workers import NOW, _claims, _wait_gone
+
+Run = Callable[[LoopSigningWorkers], Awaitable[None]]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(NOW)
+
+
+def _signer(clock: FakeClock, kid: str = "k1") -> JwtSigner:
+    return JwtSigner(ec.generate_private_key(ec.SECP256R1()), kid, clock, NOW + 3600)
+
+
+def _requests(n: int, tag: str = "w") -> list[MintRequest]:
+    return [(f"spiffe://example.org/{tag}/{i}", [f"aud-{i}"], 300) for i in range(n)]
+
+
+def _in_pool(
+    clock: FakeClock, size: int, body: Run, *, depth: int = DEPTH, reply_timeout: float = 30.0
+) -> None:
+    """`body(pool)` on a fresh loop, with every worker started first; the pool closed after."""
+
+    async def main() -> None:
+        pool = LoopSigningWorkers(size, clock, depth=depth, reply_timeout=reply_timeout)
+        try:
+            assert await pool.warm_up(30), "the workers did not start"
+            await body(pool)
+        finally:
+            pool.close()
+
+    asyncio.run(main())
+
+
+def _only_in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> IssuedJwt:
+        raise AssertionError("minted in the server process")
+
+    monkeypatch.setattr(JwtSigner, "mint", broken)
+
+
+def test_a_worker_mints_tokens_that_verify_with_the_claims_asked_for(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signer = _signer(clock)
+
+    async def body(pool: LoopSigningWorkers) -> None:
+        _only_in_workers(monkeypatch)
+        out = await pool.mint(signer, _requests(20))
+        assert out is not None
+        assert len(out) == 20
+        for i, jwt in enumerate(out):
+            claims = _claims(jwt, signer)
+            assert (claims["sub"], claims["aud"]) == (f"spiffe://example.org/w/{i}", f"aud-{i}")
+            assert (claims["iat"], claims["exp"]) == (NOW, NOW + 300)
+        assert len({_claims(jwt, signer)["jti"] for jwt in out}) == 20
+
+    _in_pool(clock, 1, body)
+
+
+def test_concurrent_batches_share_the_workers_and_each_gets_its_own_tokens(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signers = [_signer(clock, kid=f"k{i % 3}") for i in range(9)]
+
+    async def body(pool: LoopSigningWorkers) -> None:
+        _only_in_workers(monkeypatch)
+        # Nine batches at once on two workers holding two each: some wait for room.
+        outs = await asyncio.gather(
+            *(pool.mint(s, _requests(MIN_BATCH + i, tag=f"b{i}")) for i, s in enumerate(signers))
+        )
+        for i, (signer, out) in enumerate(zip(signers, outs, strict=True)):
+            assert out is not None
+            assert len(out) == MIN_BATCH + i
+            subjects = [_claims(jwt, signer)["sub"] for jwt in out]
+            assert subjects == [f"spiffe://example.org/b{i}/{j}" for j in range(MIN_BATCH + i)]
+
+    _in_pool(clock, 2, body, depth=2)
+
+
+def test_expired_key_errors_come_back_per_item(clock: FakeClock) -> None:
+    signer = JwtSigner(ec.generate_private_key(ec.SECP256R1()), "k", clock, NOW)
+
+    async def body(pool: LoopSigningWorkers) -> None:
+        out = await pool.mint(signer, _requests(MIN_BATCH))
+        assert out is not None
+        assert all(isinstance(e, SvidError) and "expired" in str(e) for e in out)
+
+    _in_pool(clock, 1, body)
+
+
+def test_small_batches_and_starting_workers_are_left_to_the_caller(clock: FakeClock) -> None:
+    signer = _signer(clock)
+
+    async def main() -> None:
+        pool = LoopSigningWorkers(1, clock)
+        try:
+            assert await pool.mint(signer, _requests(MIN_BATCH - 1)) is None
+            assert pool.pids() == []  # too small to start one
+            assert await pool.mint(signer, _requests(MIN_BATCH)) is None  # started, not ready
+            assert len(pool.pids()) == 1
+            assert await pool.warm_up(30)
+            out = await pool.mint(signer, _requests(MIN_BATCH))
+            assert out is not None
+            assert all(_claims(jwt, signer) for jwt in out)
+        finally:
+            pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_killed_worker_costs_its_batches_not_answers_and_is_replaced(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    signer = _signer(clock)
+
+    async def body(pool: LoopSigningWorkers) -> None:
+        (first,) = pool.pids()
+        os.kill(first, signal.SIGSTOP)  # holds the batch, then dies with it
+        held = asyncio.ensure_future(pool.mint(signer, _requests(MIN_BATCH)))
+        await asyncio.sleep(0.2)
+        os.kill(first, signal.SIGKILL)
+        assert await asyncio.wait_for(held, 10) is None  # the caller signs it elsewhere
+        _wait_gone(first)
+        assert "signing worker failed" in caplog.text
+        assert pool.pids() == []
+        # No new worker before the backoff: a worker that cannot start costs no process a batch.
+        assert await pool.mint(signer, _requests(MIN_BATCH)) is None
+        assert pool.pids() == []
+        clock.advance(RESTART_BACKOFF)
+        assert await pool.warm_up(30)
+        (second,) = pool.pids()
+        assert second != first
+        out = await pool.mint(signer, _requests(MIN_BATCH))
+        assert out is not None
+        assert all(_claims(jwt, signer) for jwt in out)
+
+    _in_pool(clock, 1, body)
+
+
+def test_a_wedged_worker_times_out_without_holding_up_the_loop(clock: FakeClock) -> None:
+    signer = _signer(clock)
+
+    async def body(pool: LoopSigningWorkers) -> None:
+        (wedged,) = pool.pids()
+        os.kill(wedged, signal.SIGSTOP)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        beat = asyncio.ensure_future(ticker())
+        started = time.monotonic()
+        assert await pool.mint(signer, _requests(MIN_BATCH)) is None
+        waited = time.monotonic() - started
+        beat.cancel()
+        assert 0.4 <= waited < 10
+        assert ticks >= 10  # the loop kept running while the batch waited
+        assert pool.pids() == []
+        _wait_gone(wedged)  # killed, though stopped
+
+    _in_pool(clock, 1, body, reply_timeout=0.5)
+
+
+def test_close_ends_the_workers_and_later_batches_are_left_to_the_caller(
+    clock: FakeClock,
+) -> None:
+    signer = _signer(clock)
+
+    async def main() -> None:
+        pool = LoopSigningWorkers(2, clock)
+        assert await pool.warm_up(30)
+        pids = pool.pids()
+        assert len(pids) == 2
+        pool.close()
+        for pid in pids:
+            _wait_gone(pid)
+        assert await pool.mint(signer, _requests(MIN_BATCH)) is None
+        assert pool.pids() == []
+
+    asyncio.run(main())
+
+
+def test_a_pool_of_none_takes_no_batch(clock: FakeClock) -> None:
+    async def main() -> None:
+        pool = LoopSigningWorkers(0, clock)
+        assert await pool.mint(_signer(clock), _requests(3 * MIN_BATCH)) is None
+        assert await pool.warm_up(0)
+        assert pool.pids() == []
+
+    asyncio.run(main())
