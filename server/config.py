@@ -65,10 +65,11 @@ class ServerConfig:
     # Threads that run issuance batches (and sign the small ones, and agent SVIDs). Big
     # batches wait on a signing worker here; one per CPU keeps every worker fed.
     signing_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    # Worker processes that sign big X.509-SVID and workload JWT-SVID batches (>= 8 items;
-    # server/ca/workers.py), started on the first one; 0 signs everything in the server
-    # process. cryptography holds the GIL while it signs and verifies, and so does the Python
-    # around each signature: in the server, all of it took turns on one core.
+    # Worker processes in each of two pools, one signing big X.509-SVID batches (>= 8 items;
+    # server/ca/workers.py), one big workload JWT-SVID batches (server/ca/loop_workers.py),
+    # each started on its first batch; 0 signs everything in the server process. cryptography
+    # holds the GIL while it signs and verifies, and so does the Python around each signature:
+    # in the server, all of it took turns on one core.
     signing_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Task policies (*.cedar + optional schema); None = the shipped default policy.
     policy_dir: Path | None = None
