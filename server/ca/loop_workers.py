@@ -25,7 +25,7 @@ import socket
 import struct
 import subprocess
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from server.ca.signer import IssuedJwt, JwtSigner
@@ -124,7 +124,7 @@ class LoopSigningWorkers:
         self._turn = 0
         self._closed = False
         self._next_start = float("-inf")
-        self._freed: asyncio.Condition | None = None
+        self._changed: asyncio.Event | None = None  # a worker ready, lost, or with room again
 
     async def mint(
         self, signer: JwtSigner, requests: Sequence[MintRequest]
@@ -134,9 +134,7 @@ class LoopSigningWorkers:
         if self._size == 0 or self._closed or len(requests) < MIN_BATCH:
             return None
         await self._start_missing()
-        freed = self._condition()
-        async with freed:
-            await freed.wait_for(lambda: self._free() is not None or not self._ready())
+        await self._until(lambda: self._free() is not None or not self._ready())
         worker = self._free()
         if worker is None:
             return None  # none ready: still starting, or all lost
@@ -162,12 +160,9 @@ class LoopSigningWorkers:
     async def warm_up(self, timeout: float) -> bool:
         """Start every worker now and wait up to `timeout` s for all to be ready."""
         await self._start_missing(force=True)
-        freed = self._condition()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout), freed:
-                await freed.wait_for(
-                    lambda: len(self._workers) == self._size and self._ready() == self._size
-                )
+            async with asyncio.timeout(timeout):
+                await self._until(lambda: self._closed or self._ready() == self._size)
         return self._ready() == self._size
 
     def pids(self) -> list[int]:
@@ -176,6 +171,7 @@ class LoopSigningWorkers:
 
     def close(self) -> None:
         self._closed = True
+        self._notify()
         workers, self._workers = self._workers, []
         for worker in workers:
             self._fail_pending(worker)
@@ -185,10 +181,17 @@ class LoopSigningWorkers:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _condition(self) -> asyncio.Condition:
-        if self._freed is None:  # made on the loop that uses it
-            self._freed = asyncio.Condition()
-        return self._freed
+    async def _until(self, done: Callable[[], bool]) -> None:
+        if self._changed is None:  # made on the loop that uses it
+            self._changed = asyncio.Event()
+        while not done():
+            # One set() wakes every waiter; each looks again, and those still held wait on.
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
 
     def _ready(self) -> int:
         return sum(1 for w in self._workers if w.ready)
@@ -237,7 +240,7 @@ class LoopSigningWorkers:
             if await read_frame(worker.reader) != "ready":
                 raise EOFError("it spoke before it was ready")
             worker.ready = True
-            await self._notify()
+            self._notify()
             while True:
                 reply = await read_frame(worker.reader)
                 if not worker.pending:
@@ -245,18 +248,13 @@ class LoopSigningWorkers:
                 future = worker.pending.popleft()
                 if not future.done():  # a timed-out caller's is cancelled already
                     future.set_result(reply)
-                await self._notify()
+                self._notify()
         except asyncio.CancelledError:
             raise
         except (EOFError, OSError, asyncio.IncompleteReadError, pickle.UnpicklingError) as exc:
             if worker in self._workers:
                 self._lose(worker, type(exc).__name__)
-            await self._notify()
-
-    async def _notify(self) -> None:
-        freed = self._condition()
-        async with freed:
-            freed.notify_all()
+            self._notify()
 
     def _lose(self, worker: _LoopWorker, why: str) -> None:
         if worker not in self._workers:
@@ -265,6 +263,7 @@ class LoopSigningWorkers:
         self._workers.remove(worker)
         self._next_start = self._clock.monotonic() + RESTART_BACKOFF
         self._fail_pending(worker)
+        self._notify()
         if worker.task is not None and worker.task is not asyncio.current_task():
             worker.task.cancel()
         worker.close(grace=0)  # no grace: a wedged worker would hold up the loop

@@ -157,6 +157,25 @@ def test_a_killed_worker_costs_its_batches_not_answers_and_is_replaced(
     _in_pool(clock, 1, body)
 
 
+def test_batches_waiting_for_room_hear_when_the_last_worker_is_given_up(
+    clock: FakeClock,
+) -> None:
+    signer = _signer(clock)
+
+    async def body(pool: LoopSigningWorkers) -> None:
+        (only,) = pool.pids()
+        os.kill(only, signal.SIGSTOP)  # wedged: the first batch times out, the worker is killed
+        holding = asyncio.ensure_future(pool.mint(signer, _requests(MIN_BATCH)))
+        waiting = asyncio.ensure_future(pool.mint(signer, _requests(MIN_BATCH)))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # depth 1: no room until the first batch is answered
+        assert await asyncio.wait_for(holding, 10) is None
+        assert await asyncio.wait_for(waiting, 2) is None  # told, not left waiting for room
+        _wait_gone(only)
+
+    _in_pool(clock, 1, body, depth=1, reply_timeout=0.5)
+
+
 def test_a_wedged_worker_times_out_without_holding_up_the_loop(clock: FakeClock) -> None:
     signer = _signer(clock)
 
