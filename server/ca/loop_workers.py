@@ -142,13 +142,17 @@ class LoopSigningWorkers:
         worker.pending.append(future)
         try:
             worker.send(signer, int(self._clock.now()), requests)
+        except (OSError, RuntimeError) as exc:  # its socket is gone: so is the worker
+            self._lose(worker, type(exc).__name__)
+            return None
+        try:
             async with asyncio.timeout(self._reply_timeout):
                 reply = await future
         except TimeoutError:
             self._lose(worker, f"no reply in {self._reply_timeout:g} s")
             return None
-        except (_LostError, OSError, RuntimeError):
-            return None  # RuntimeError: a transport closed meanwhile
+        except _LostError:
+            return None
         if len(reply) != len(requests):
             self._lose(worker, "it answered another batch")
             return None
