@@ -236,18 +236,20 @@ class FederationService:
             )
 
     async def create(self, rel: FederationRelationship) -> FederationRelationship:
-        rel = validate_relationship(rel, self._own)
-        self._not_static(rel.trust_domain)
-        stored = await asyncio.to_thread(self._datastore.create_relationship, rel)
-        self._wrote(stored.trust_domain)
-        self._relationships[stored.trust_domain] = stored
-        self._schedule(stored.trust_domain, 0, asked=True)
-        return stored
+        return await self._store(self._datastore.create_relationship, rel)
 
     async def update(self, rel: FederationRelationship) -> FederationRelationship:
+        return await self._store(self._datastore.update_relationship, rel)
+
+    async def _store(
+        self,
+        write: Callable[[FederationRelationship], FederationRelationship],
+        rel: FederationRelationship,
+    ) -> FederationRelationship:
+        """Check `rel`, write it, and fetch its bundle now."""
         rel = validate_relationship(rel, self._own)
         self._not_static(rel.trust_domain)
-        stored = await asyncio.to_thread(self._datastore.update_relationship, rel)
+        stored = await asyncio.to_thread(write, rel)
         self._wrote(stored.trust_domain)
         self._relationships[stored.trust_domain] = stored
         self._schedule(stored.trust_domain, 0, asked=True)
