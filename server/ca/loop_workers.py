@@ -24,12 +24,20 @@ import pickle
 import socket
 import struct
 import subprocess
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from server.ca.signer import IssuedJwt, JwtSigner
-from server.ca.workers import _JWT, _KEYS_KEPT, MIN_BATCH, REPLY_TIMEOUT, MintRequest, spawn
+from server.ca.workers import (
+    _JWT,
+    MIN_BATCH,
+    REPLY_TIMEOUT,
+    KeysHeld,
+    MintRequest,
+    issued_jwts,
+    spawn,
+)
 from svid._clock import Clock
 from svid._errors import SvidError
 
@@ -72,18 +80,13 @@ class _LoopWorker:
         self.writer: asyncio.StreamWriter = writer
         self.ready = False
         self.pending: deque[asyncio.Future[Any]] = deque()
-        self.names: OrderedDict[str, None] = OrderedDict()  # the keys it holds, as it keeps them
+        self.keys = KeysHeld()
         self.task: asyncio.Task[None] | None = None
 
     def send(self, signer: JwtSigner, now: int, requests: Sequence[MintRequest]) -> None:
         name = signer.worker_name
-        if name in self.names:
-            self.names.move_to_end(name)
-        else:
+        if self.keys.missing(name):
             self.writer.write(frame(("key", name, _JWT, signer.worker_copy())))
-            self.names[name] = None
-            while len(self.names) > _KEYS_KEPT:
-                self.names.popitem(last=False)
         self.writer.write(frame((_JWT, name, now, list(requests))))
 
     def close(self, grace: float) -> None:
@@ -158,10 +161,7 @@ class LoopSigningWorkers:
         if len(reply) != len(requests):
             self._lose(worker, "it answered another batch")
             return None
-        # From a worker: (token, jti, issued_at, expires_at) in IssuedJwt's field order.
-        return [
-            IssuedJwt(*r) if type(r) is tuple else cast(IssuedJwt | SvidError, r) for r in reply
-        ]
+        return issued_jwts(reply)
 
     async def warm_up(self, timeout: float) -> bool:
         """Start every worker now and wait up to `timeout` s for all to be ready."""

@@ -165,13 +165,38 @@ def spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
     return proc, parent
 
 
+class KeysHeld:
+    """The signing keys a worker holds, by name, as it keeps them itself (least recently used
+    dropped past _KEYS_KEPT): what the server must send before a batch."""
+
+    def __init__(self) -> None:
+        self._names: OrderedDict[str, None] = OrderedDict()
+
+    def missing(self, name: str) -> bool:
+        """Whether the worker lacks `name`; either way it holds it after the next send."""
+        if name in self._names:
+            self._names.move_to_end(name)
+            return False
+        self._names[name] = None
+        while len(self._names) > _KEYS_KEPT:
+            self._names.popitem(last=False)
+        return True
+
+
+def issued_jwts(reply: Sequence[Any]) -> list[IssuedJwt | SvidError]:
+    """A JWT batch's outcomes: a worker's (token, jti, issued_at, expires_at) tuples, in
+    IssuedJwt's field order (positional: a third cheaper than by keyword), or the outcomes as
+    they are."""
+    return [IssuedJwt(*r) if type(r) is tuple else cast(IssuedJwt | SvidError, r) for r in reply]
+
+
 class _Worker:
     def __init__(self) -> None:
         self._proc, parent = spawn()
         self._conn = Connection(parent.detach())
         self._ready = False
         # The keys this worker holds, least recently used first: kept as the worker keeps its own.
-        self._names: OrderedDict[str, None] = OrderedDict()
+        self._keys = KeysHeld()
 
     @property
     def pid(self) -> int:
@@ -190,13 +215,8 @@ class _Worker:
     ) -> None:
         """Hand the worker a batch (and the key first, if it does not hold it); `receive` the
         reply. Workers given their batches before any reply is awaited sign at the same time."""
-        if name in self._names:
-            self._names.move_to_end(name)
-        else:
+        if self._keys.missing(name):
             self._conn.send(("key", name, kind, copy()))
-            self._names[name] = None
-            while len(self._names) > _KEYS_KEPT:
-                self._names.popitem(last=False)
         self._conn.send((kind, name, now, requests))
 
     def receive(self, count: int) -> list[Any]:
@@ -250,11 +270,7 @@ class SigningWorkers:
             requests,
             here=functools.partial(_mint_one, signer, now),
         )
-        # From a worker: a (token, jti, issued_at, expires_at) tuple, in IssuedJwt's field
-        # order (positional: a third cheaper than by keyword). From here: the outcome.
-        return [
-            IssuedJwt(*r) if type(r) is tuple else cast(IssuedJwt | SvidError, r) for r in reply
-        ]
+        return issued_jwts(reply)
 
     def issue_x509(
         self, signer: X509Signer, requests: Sequence[X509Request]
