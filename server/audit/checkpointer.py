@@ -63,7 +63,7 @@ class _OwnSince:
     log's `adopted` count then: while both hold, the log holds only this process's events
     after it."""
 
-    head: Head
+    head: Head | None  # None: the log was empty
     adopted: int
 
 
@@ -205,11 +205,9 @@ class Checkpointer:
         audit = self._audit
         adopted = audit.adopted
         committed = audit.committed_head()
-        own = (
-            _OwnSince(committed, adopted)
-            if committed is not None and audit.adopted == adopted
-            else None
-        )
+        # An empty log (None) counts too: a fresh server's first checkpoint then reads back
+        # none of the events it wrote itself since the one it signed at start.
+        own = _OwnSince(committed, adopted) if audit.adopted == adopted else None
         if self._records is None:
             # One writer, no shared datastore: this process's last commit is the head.
             return committed, own

@@ -107,6 +107,37 @@ def test_one_writer_signs_its_own_head_without_reading_the_chain_back(
     assert second.seq > first.seq
 
 
+def test_a_fresh_log_signed_at_start_is_not_read_back_for_its_own_events(
+    shared: Shared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a new server does: sign the empty log at start, then write. Reading back everything
+    # it wrote since then made the first checkpoint after a busy start (or the shutdown one)
+    # take seconds per hundred thousand events.
+    store = shared.store()
+    log = AuditLog(store, shared.clock)
+    checkpointer = shared.checkpointer("a", log, store)
+    assert checkpointer.checkpoint().seq == 0
+    calls = counting(store, monkeypatch)
+    fill(log, 4)
+    signed = checkpointer.checkpoint()
+    assert calls == []
+    assert (signed.seq, signed.hash) == (4, store.audit_head().hash)  # type: ignore[union-attr]
+
+
+def test_a_fresh_log_another_writer_wrote_to_is_read_back(
+    shared: Shared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store_a, store_b = shared.store(), shared.store()
+    log_a, log_b = AuditLog(store_a, shared.clock), AuditLog(store_b, shared.clock)
+    checkpointer = shared.checkpointer("a", log_a, store_a)
+    assert checkpointer.checkpoint().seq == 0
+    calls = counting(store_a, monkeypatch)
+    fill(log_b, 2)
+    fill(log_a, 1)  # sealed again on B's head
+    assert checkpointer.checkpoint().seq == 3
+    assert calls == [0]
+
+
 def test_after_another_writers_events_the_chain_is_read_back_from_the_last_checkpoint(
     shared: Shared, monkeypatch: pytest.MonkeyPatch
 ) -> None:
