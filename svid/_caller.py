@@ -16,6 +16,7 @@ from svid._task_claims import (
     TOOL_SCOPE_PREFIX,
     TaskClaims,
     task_claims,
+    tool_scope,
 )
 from svid._verify_jwt import VerifiedJwt
 from svid._verify_x509 import VerifiedX509
@@ -33,6 +34,19 @@ def _quick_grant(claims: Mapping[str, Any], sub: str, scope: str) -> bool | None
     task claims were not read yet; None when anything is unusual (then the full read decides,
     and refuses a malformed token). Decides what TaskClaims.grants_tool / allows decide for the
     token's own audience, refusals included (a test holds the two together)."""
+    tokens = _plain_task_scope(claims, sub)
+    if tokens is None:
+        return None
+    if scope.startswith(TOOL_SCOPE_PREFIX):
+        if len(scope) == len(TOOL_SCOPE_PREFIX):  # names no tool: TaskClaims has none such
+            return None
+        return scope in tokens or INVOKE_TOOL in tokens
+    return scope in tokens
+
+
+def _plain_task_scope(claims: Mapping[str, Any], sub: str) -> list[str] | None:
+    """The scope tokens of a task token whose claims all have the plain shape the full read
+    accepts; None when anything is unusual (the full read then decides)."""
     get = claims.get
     txn = get("txn")
     granted = get("scope", "")
@@ -46,12 +60,7 @@ def _quick_grant(claims: Mapping[str, Any], sub: str, scope: str) -> bool | None
         return None
     if not _plain_task_context(get):
         return None
-    tokens = granted.split()
-    if scope.startswith(TOOL_SCOPE_PREFIX):
-        if len(scope) == len(TOOL_SCOPE_PREFIX):  # names no tool: TaskClaims has none such
-            return None
-        return scope in tokens or INVOKE_TOOL in tokens
-    return scope in tokens
+    return granted.split()
 
 
 def _plain_task_context(get: Callable[..., Any]) -> bool:
@@ -142,21 +151,31 @@ class Caller:
         txn = self.claims.get("txn")
         return txn if isinstance(txn, str) and txn else None
 
+    def _quick_scope(self) -> list[str] | None:
+        """The scope tokens of a plain task token whose claims were not read yet (per request on
+        the adapters' path: no full claims read); None when the full read has to decide."""
+        if self._task is not _UNREAD:
+            return None
+        jwt = self.jwt
+        assert jwt is not None
+        # The full read's audience check; the adapters' own audience always passes it.
+        if self.audience and self.audience not in jwt.audience:
+            return None
+        claims = jwt.claims
+        sub = claims.get("sub")  # str(jwt.spiffe_id), which was parsed from it exactly
+        if type(sub) is not str:
+            sub = str(jwt.spiffe_id)
+        return _plain_task_scope(claims, sub)
+
     def grants(self, scope: str) -> bool:
         """Whether the caller's token grants one scope token: ``tool:<name>`` (that tool, or
         every tool through ``invoke_tool``) or an action. Only task tokens grant scopes."""
-        if self._task is _UNREAD:  # per request on the adapters' path: no full claims read
-            jwt = self.jwt
-            assert jwt is not None
-            # The full read's audience check; the adapters' own audience always passes it.
-            if not self.audience or self.audience in jwt.audience:
-                claims = jwt.claims
-                sub = claims.get("sub")  # str(jwt.spiffe_id), which was parsed from it exactly
-                if type(sub) is not str:
-                    sub = str(jwt.spiffe_id)
-                quick = _quick_grant(claims, sub, scope)
-                if quick is not None:
-                    return quick
+        tokens = self._quick_scope()
+        if tokens is not None:
+            if not scope.startswith(TOOL_SCOPE_PREFIX):
+                return scope in tokens
+            if len(scope) > len(TOOL_SCOPE_PREFIX):  # "tool:" names no tool: the full read's
+                return scope in tokens or INVOKE_TOOL in tokens
         try:
             task = self.task
         except VerificationError:  # a malformed task token grants nothing
@@ -175,3 +194,24 @@ class Caller:
         if len(scopes) == 1:  # one tool call per request, mostly: no generator
             return () if self.grants(scopes[0]) else scopes
         return tuple(s for s in scopes if not self.grants(s))
+
+    def missing_tools(self, tools: tuple[str, ...]) -> tuple[str, ...]:
+        """The scopes (``tool_scope(name)``) of the ``tools`` the caller's token does not grant:
+        ``missing(tuple(map(tool_scope, tools)))``, ValueError included, without building and
+        splitting each grant anew."""
+        if not tools:
+            return ()
+        tokens = self._quick_scope()
+        missing: tuple[str, ...] = ()
+        for tool in tools:
+            scope = TOOL_SCOPE_PREFIX + tool
+            # Granted by name: a scope token has no whitespace, so tool_scope takes the name.
+            if tokens is not None and tool and scope in tokens:
+                continue
+            tool_scope(tool)  # its ValueError for a name it refuses
+            if tokens is not None:
+                if INVOKE_TOOL not in tokens:
+                    missing += (scope,)
+            elif not self.grants(scope):
+                missing += (scope,)
+        return missing

@@ -163,12 +163,14 @@ class _ToolRule:
     def scopes(self, scope: Scope, body: bytes) -> tuple[str, ...]:
         if scope.get("method") != "POST":  # GET (the SSE stream), DELETE (end a session)
             return ()
+        return tuple(map(tool_scope, self.tools(body)))
+
+    def tools(self, body: bytes) -> tuple[str, ...]:
+        """The tools a POST's JSON-RPC body calls that need their grant."""
         names = called_tools(body)
         if not self.every_tool:
             names = tuple(name for name in names if name in self.required)
-        if len(names) == 1:  # one call per request, mostly: no generator
-            return (tool_scope(names[0]),)
-        return tuple(map(tool_scope, names))
+        return names
 
 
 class TaskAuth:
@@ -300,11 +302,10 @@ class _McpMiddleware(SvidAuthMiddleware):
                 self._check_authorized(caller)
             if scope.get("method") == "POST":  # tool calls come in a POST's JSON-RPC body
                 body, receive = await _read_body(receive, self._max_body)
-                try:
-                    needed = self._tools.scopes(scope, body)
+                try:  # what the rule's scopes() would ask of caller.missing(), in one step
+                    missing = caller.missing_tools(self._tools.tools(body))
                 except ValueError as exc:  # a body that cannot be read is refused, not passed
                     raise _RefusedError(Refusal(400, "invalid_request", str(exc))) from None
-                missing = caller.missing(needed)
                 if missing:
                     raise _RefusedError(insufficient_scope(missing))
         except _RefusedError as refused:

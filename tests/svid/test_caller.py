@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any
 
 import pytest
 
-from svid import JwtVerifier, TaskClaimsError, VerificationError
+from svid import JwtVerifier, TaskClaimsError, VerificationError, tool_scope
 from svid._caller import Caller, _quick_grant
 from tests.svid.adapter_world import (
     AUDIENCE,
@@ -138,3 +139,39 @@ def test_the_quick_check_keeps_the_full_read_s_audience_check(
     quick = Caller(verified.spiffe_id, jwt=verified, audience=audience)
     assert quick.grants("tool:read_ticket") == full.grants("tool:read_ticket")
     assert quick.grants("tool:read_ticket") == (audience != "another-server")
+
+
+TOOLS = [(), ("read_ticket",), ("a", "b"), ("x", "other"), ("",), ("two words",), ("a", "a\tb")]
+
+
+def _missing_through_scopes(caller: Caller, tools: tuple[str, ...]) -> tuple[str, ...] | str:
+    try:
+        return caller.missing(tuple(map(tool_scope, tools)))
+    except ValueError:
+        return "ValueError"
+
+
+def _missing_tools(caller: Caller, tools: tuple[str, ...]) -> tuple[str, ...] | str:
+    try:
+        return caller.missing_tools(tools)
+    except ValueError:
+        return "ValueError"
+
+
+@pytest.mark.parametrize("tools", TOOLS)
+@pytest.mark.parametrize(
+    "over", [{"scope": granted or None} for granted in SCOPES] + CONTEXTS + [{"txn": 7}]
+)
+def test_missing_tools_is_missing_of_their_scopes(
+    verifier: JwtVerifier, over: dict[str, Any], tools: tuple[str, ...]
+) -> None:
+    verified = verifier.verify(task_token(**over), AUDIENCE)
+    for audience in (AUDIENCE, "another-server"):
+        expected = _missing_through_scopes(
+            Caller(verified.spiffe_id, jwt=verified, audience=audience), tools
+        )
+        caller = Caller(verified.spiffe_id, jwt=verified, audience=audience)
+        assert _missing_tools(caller, tools) == expected
+        with contextlib.suppress(TaskClaimsError):
+            _ = caller.task  # the full read, then the same answer from it
+        assert _missing_tools(caller, tools) == expected
