@@ -55,8 +55,9 @@ def _plain_task_scope(claims: Mapping[str, Any], sub: str) -> list[str] | None:
     suffix = TASK_PATH + txn
     if not sub.endswith(suffix):
         return None
-    runtime = sub[: -len(suffix)]
-    if runtime.endswith("/") or "/" not in runtime[len("spiffe://") :]:
+    # The runtime ID before the suffix has a path of its own (sub was parsed as a SPIFFE ID).
+    end = len(sub) - len(suffix)
+    if sub[end - 1] == "/" or sub.find("/", len("spiffe://"), end) < 0:
         return None
     if not _plain_task_context(get):
         return None
@@ -81,10 +82,12 @@ def _plain_task_context(get: Callable[..., Any]) -> bool:
         or type(tctx.get("elevated", False)) is not bool
     ):
         return False
-    for name in ("obo", "parent_txn"):
-        value = get(name)
-        if value is not None and (type(value) is not str or not value):
-            return False
+    obo = get("obo")
+    if obo is not None and (type(obo) is not str or not obo):
+        return False
+    parent = get("parent_txn")
+    if parent is not None and (type(parent) is not str or not parent):
+        return False
     act = get("act")
     depth = 0
     while act is not None:
