@@ -89,25 +89,28 @@ class OpenRequests:
         by_key = self._by_key
         with self._lock:
             for key in admission.keys:
-                held = by_key.get(key)
-                if held is None:
-                    by_key[key] = admission
-                elif isinstance(held, set):
+                # One lookup for the common case, a key of its own.
+                held = by_key.setdefault(key, admission)
+                if held is admission:
+                    continue
+                if isinstance(held, set):
                     held.add(admission)
-                elif held is not admission:
+                else:
                     by_key[key] = {held, admission}
 
     def close(self, admission: Revocable) -> None:
         by_key = self._by_key
         with self._lock:
             for key in admission.keys:
-                held = by_key.get(key)
-                if held is admission:
-                    del by_key[key]
-                elif isinstance(held, set):
+                # One lookup for the common case: the key was this admission's own.
+                held = by_key.pop(key, None)
+                if held is None or held is admission:
+                    continue
+                if isinstance(held, set):
                     held.discard(admission)
                     if not held:
-                        del by_key[key]
+                        continue
+                by_key[key] = held  # another's: put back
 
     def hit(self, keys: Iterable[Key]) -> list[Revocable]:
         """Remove and return the requests admitted with any of ``keys``."""
