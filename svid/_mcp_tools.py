@@ -36,24 +36,20 @@ def _could_repeat_a_key(body: bytes) -> bool:
     )
 
 
-def _parse(body: bytes) -> Any:
+def called_tools(body: bytes) -> tuple[str, ...]:
+    """The tool names of every ``tools/call`` in a JSON-RPC message or batch; ValueError when
+    the body is not readable JSON-RPC or a call names no tool."""
     try:
         if _could_repeat_a_key(body):  # only such bodies pay for the strict (slower) read
-            return json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
-        # The SDK's own parser (pydantic_core): what is checked is what the server reads.
-        return from_json(body)
+            doc = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        else:  # the SDK's own parser (pydantic_core): what is checked is what the server reads
+            doc = from_json(body)
     except _RepeatedKeyError:
         raise
     except UnicodeDecodeError:
         raise ValueError("request body is not UTF-8 JSON") from None
     except ValueError:  # json's or pydantic_core's: neither says more that a client needs
         raise ValueError("request body is not JSON") from None
-
-
-def called_tools(body: bytes) -> tuple[str, ...]:
-    """The tool names of every ``tools/call`` in a JSON-RPC message or batch; ValueError when
-    the body is not readable JSON-RPC or a call names no tool."""
-    doc = _parse(body)
     if type(doc) is dict:  # one message: the common case, without a list around it
         return _tool_of(doc)
     names: list[str] = []
