@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -105,6 +105,11 @@ class TaskAccessToken(AccessToken):
         sid = claims.get("sub")  # str(verified.spiffe_id), which was parsed from it exactly
         if type(sid) is not str:
             sid = str(verified.spiffe_id)
+        # The tool's own copy: the verifier's claims are shared with later requests. They are a
+        # read-only view of a dict: copying the dict skips the view.
+        own = claims.copy() if type(claims) is MappingProxyType else None
+        if type(own) is not dict:
+            own = dict(claims)
         access = _new(cls)
         _set_dict(
             access,
@@ -115,8 +120,7 @@ class TaskAccessToken(AccessToken):
                 "expires_at": verified.expires_at,
                 "resource": audience,
                 "subject": sid,
-                # The tool's own copy: the verifier's claims are shared with later requests.
-                "claims": _claims_copy(claims),
+                "claims": own,
                 "spiffe_id": sid,
             },
         )
@@ -142,12 +146,6 @@ _set_fields_set = _descriptor_setter("__pydantic_fields_set__")
 _set_extra = _descriptor_setter("__pydantic_extra__")
 _set_private = _descriptor_setter("__pydantic_private__")
 _FIELDS_SET = set(TaskAccessToken.model_fields)  # copied into each token: pydantic updates it
-
-
-def _claims_copy(claims: Mapping[str, Any]) -> dict[str, Any]:
-    # A verifier's claims are a read-only view of a dict: copying the dict skips the view.
-    copy = claims.copy() if type(claims) is MappingProxyType else None
-    return copy if type(copy) is dict else dict(claims)
 
 
 class _ToolRule:
