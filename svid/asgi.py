@@ -316,9 +316,11 @@ class SvidAuthMiddleware:
         revocations = self._revocations
         if revocations is None:
             return False
-        jti = caller.jti
-        if jti is not None and revocations.is_jti_revoked(jti):
-            return True
+        jwt = caller.jwt
+        if jwt is not None:  # Caller.jti, read straight (per request)
+            jti = jwt.claims.get("jti")
+            if isinstance(jti, str) and revocations.is_jti_revoked(jti):
+                return True
         peer = caller.x509
         return peer is not None and revocations.is_serial_revoked(peer.serial)
 
