@@ -89,7 +89,7 @@ class OpenRequests:
         by_key = self._by_key
         with self._lock:
             for key in admission.keys:
-                # One lookup for the common case, a key of its own.
+                # One lookup for a key of its own too (get, then set, would take two).
                 held = by_key.setdefault(key, admission)
                 if held is admission:
                     continue
@@ -102,15 +102,13 @@ class OpenRequests:
         by_key = self._by_key
         with self._lock:
             for key in admission.keys:
-                # One lookup for the common case: the key was this admission's own.
-                held = by_key.pop(key, None)
-                if held is None or held is admission:
-                    continue
-                if isinstance(held, set):
+                held = by_key.get(key)
+                if held is admission:
+                    del by_key[key]
+                elif isinstance(held, set):
                     held.discard(admission)
                     if not held:
-                        continue
-                by_key[key] = held  # another's: put back
+                        del by_key[key]
 
     def hit(self, keys: Iterable[Key]) -> list[Revocable]:
         """Remove and return the requests admitted with any of ``keys``."""
