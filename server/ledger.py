@@ -42,11 +42,14 @@ class Ledger:
         self._audit.record(credentials, events, jtis)
 
     def record_later(
-        self, credentials: Sequence[Credential], events: Sequence[DraftTuple | EventDraft]
+        self,
+        credentials: Sequence[Credential],
+        events: Sequence[DraftTuple | EventDraft],
+        bodies: Sequence[str | None] | None = None,
     ) -> Future[None]:
         """`record` without blocking: the future is done once durable, or fails with
-        LedgerError (nothing kept)."""
-        return self._audit.record_later(credentials, events)
+        LedgerError (nothing kept). `bodies`: see AuditLog.record_later."""
+        return self._audit.record_later(credentials, events, bodies)
 
     async def commit(
         self, credentials: Sequence[Credential], events: Sequence[DraftTuple | EventDraft]

@@ -17,7 +17,7 @@ import operator
 import re
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TextIO
 
@@ -51,12 +51,18 @@ class _Ticket:
     """One caller's share of a group commit: its drafts (kept until committed, so they can be
     sealed again on another writer's head), their timestamp, and its rows as last sealed."""
 
-    __slots__ = ("done", "drafts", "error", "future", "rows", "ts")
+    __slots__ = ("bodies", "done", "drafts", "error", "future", "rows", "ts")
 
-    def __init__(self, drafts: Sequence[DraftTuple], future: Future[None] | None = None) -> None:
+    def __init__(
+        self,
+        drafts: Sequence[DraftTuple],
+        future: Future[None] | None = None,
+        bodies: Sequence[str | None] | None = None,
+    ) -> None:
         self.done = False
         self.error: LedgerError | None = None
         self.drafts = drafts
+        self.bodies = bodies
         self.ts = 0.0
         self.rows: list[tuple[Any, ...]] = []
         # A caller of record_later waits on this instead of on the commit itself.
@@ -103,6 +109,22 @@ def check_draft_tuple(values: DraftTuple) -> None:
     for index, value in enumerate(values):
         if not _plainly_safe(value):
             check_no_secret(DRAFT_FIELDS[index], value)
+
+
+def checked_body(values: DraftTuple, encode: Callable[[Any], str]) -> str | None:
+    """What the log hashes of a draft besides its place in the chain and its `extra`: every
+    other value, encoded by `encode` (a canonical_encoder), once check_draft_tuple passed
+    it; None when the check refuses it.
+
+    For a process that drafts events away from the log (a signing worker, for the JWTs it
+    mints): `record_later(..., bodies=...)` then neither checks nor encodes them again, and
+    a None leaves that draft to the log's own check, which refuses it as it always would.
+    """
+    try:
+        check_draft_tuple(values)
+    except AuditError:
+        return None
+    return encode(values[:-1])
 
 
 def _plainly_safe(value: Any) -> bool:
@@ -243,7 +265,10 @@ class AuditLog:
         self._append(tuples, credentials, jtis)
 
     def record_later(
-        self, credentials: Sequence[Credential], drafts: Sequence[DraftTuple | EventDraft]
+        self,
+        credentials: Sequence[Credential],
+        drafts: Sequence[DraftTuple | EventDraft],
+        bodies: Sequence[str | None] | None = None,
     ) -> Future[None]:
         """`record` without waiting for the commit: the future is done once the credentials
         and events are durable, or fails with LedgerError when neither is stored.
@@ -252,17 +277,26 @@ class AuditLog:
         while this one commits); the commit runs on the log's writer thread, grouped with
         every other caller's. Whatever the records cover must not leave before the future
         is done. Draft errors (AuditError) raise here, before anything is queued.
+
+        `bodies`: per draft, its `checked_body` made elsewhere, or None; a draft with one is
+        neither checked nor encoded again here (what the event loop saves per JWT when the
+        signing worker drafted it).
         """
         tuples = [d if isinstance(d, tuple) else _draft_values(d) for d in drafts]
-        for values in tuples:
-            check_draft_tuple(values)
+        if bodies is None:
+            for values in tuples:
+                check_draft_tuple(values)
+        else:
+            for values, body in zip(tuples, bodies, strict=True):
+                if body is None:
+                    check_draft_tuple(values)
         future: Future[None] = Future()
         # Running: a waiter that gives up cannot cancel it, so the writer can always settle it.
         future.set_running_or_notify_cancel()
         if not tuples and not credentials:
             future.set_result(None)
             return future
-        ticket = self._enqueue(_Ticket(tuples, future), tuples, credentials)
+        ticket = self._enqueue(_Ticket(tuples, future, bodies), tuples, credentials)
         self._writer.submit(self._commit_for, ticket)
         return future
 
@@ -296,7 +330,7 @@ class AuditLog:
             if drafts:
                 ticket.ts = self._clock.now()
                 # A draft that cannot be encoded raises here, before anything moved.
-                ticket.rows = self._seal(drafts, ticket.ts)
+                ticket.rows = self._seal(drafts, ticket.ts, ticket.bodies)
             self._pending.extend(ticket.rows)
             self._pending_credentials.extend(credentials)
             self._pending_jtis.extend(jtis)
@@ -309,7 +343,12 @@ class AuditLog:
             raise AuditError(f"unknown audit field(s): {', '.join(unknown)}")
         return EventDraft(kind=kind, **values)
 
-    def _seal(self, drafts: Sequence[DraftTuple], ts: float) -> list[tuple[Any, ...]]:
+    def _seal(
+        self,
+        drafts: Sequence[DraftTuple],
+        ts: float,
+        bodies: Sequence[str | None] | None = None,
+    ) -> list[tuple[Any, ...]]:
         """Chain `drafts` into stored rows (columns in CANONICAL_FIELDS order, then hash) after
         the in-memory head, and move the head past them; nothing moves when one fails.
 
@@ -328,12 +367,14 @@ class AuditLog:
         # stored) and prev_hash (hex). test_recording_fast_paths compares it with json.
         ts_json = encode(ts)
         rows = []
-        for draft in drafts:
+        for index, draft in enumerate(drafts):
             extra = draft[-1]
             if extra and type(extra) is not dict:
                 extra = dict(extra)
             body = draft[:-1]
-            body_json = encode(body)
+            body_json = bodies[index] if bodies is not None else None
+            if body_json is None:
+                body_json = encode(body)
             extra_json = "{}" if type(extra) is dict and not extra else encode(extra)
             canonical = f'[{seq},"{prefix}{seq}",{ts_json},{body_json[1:-1]},{extra_json},"{prev}"]'
             digest = sha256(prev_digest + canonical.encode("utf-8")).digest()
@@ -460,12 +501,12 @@ class AuditLog:
             batch: list[tuple[Any, ...]] = []
             for t in group:
                 if t.drafts:  # same drafts and timestamp: cannot fail where the first did not
-                    t.rows = self._seal(t.drafts, t.ts)
+                    t.rows = self._seal(t.drafts, t.ts, t.bodies)
                     batch.extend(t.rows)
             pending: list[tuple[Any, ...]] = []
             for t in self._tickets:
                 if t.drafts:
-                    t.rows = self._seal(t.drafts, t.ts)
+                    t.rows = self._seal(t.drafts, t.ts, t.bodies)
                     pending.extend(t.rows)
             self._pending = pending
         return batch
@@ -502,7 +543,7 @@ class AuditLog:
                 if t.drafts:
                     # Same drafts and timestamp, so the same encoding: this cannot fail where
                     # the first seal did not.
-                    t.rows = self._seal(t.drafts, t.ts)
+                    t.rows = self._seal(t.drafts, t.ts, t.bodies)
                     batch.extend(t.rows)
         return batch, credentials, jtis, tickets
 

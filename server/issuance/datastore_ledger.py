@@ -58,7 +58,10 @@ class DatastoreLedger:
             raise LedgerUnavailableError(failure_reason(exc)) from exc
 
     def record_later(
-        self, credentials: Sequence[Credential], events: Sequence[EventTuple]
+        self,
+        credentials: Sequence[Credential],
+        events: Sequence[EventTuple],
+        bodies: Sequence[str | None] | None = None,
     ) -> Future[None]:
         settled: Future[None] = Future()
         settled.set_running_or_notify_cancel()  # see AuditLog.record_later
@@ -77,5 +80,5 @@ class DatastoreLedger:
             else:
                 settled.set_exception(exc)
 
-        self._ledger.record_later(credentials, events).add_done_callback(settle)
+        self._ledger.record_later(credentials, events, bodies).add_done_callback(settle)
         return settled

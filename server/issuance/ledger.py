@@ -66,8 +66,12 @@ class Ledger(Protocol):
         ...
 
     def record_later(
-        self, credentials: Sequence[Credential], events: Sequence[EventTuple]
+        self,
+        credentials: Sequence[Credential],
+        events: Sequence[EventTuple],
+        bodies: Sequence[str | None] | None = None,
     ) -> Future[None]:
         """`record` without waiting: done once durable, or failed with LedgerUnavailableError.
-        For a worker thread; the loop awaits it with asyncio.wrap_future."""
+        For a worker thread; the loop awaits it with asyncio.wrap_future. `bodies`: per event,
+        its audit body checked and encoded already (server.audit.log.checked_body), or None."""
         ...

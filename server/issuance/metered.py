@@ -42,9 +42,12 @@ class MeteredLedger:
         self._worked()
 
     def record_later(
-        self, credentials: Sequence[Credential], events: Sequence[EventTuple]
+        self,
+        credentials: Sequence[Credential],
+        events: Sequence[EventTuple],
+        bodies: Sequence[str | None] | None = None,
     ) -> Future[None]:
-        future = self._ledger.record_later(credentials, events)
+        future = self._ledger.record_later(credentials, events, bodies)
         # Added before the caller can add its own: counted before anyone sees the outcome.
         future.add_done_callback(self._settled)
         return future
