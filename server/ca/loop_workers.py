@@ -26,7 +26,7 @@ import struct
 import subprocess
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from server.ca.signer import IssuedJwt, JwtSigner
 from server.ca.workers import (
@@ -83,11 +83,20 @@ class _LoopWorker:
         self.keys = KeysHeld()
         self.task: asyncio.Task[None] | None = None
 
-    def send(self, signer: JwtSigner, now: int, requests: Sequence[MintRequest]) -> None:
+    def send(
+        self,
+        signer: JwtSigner,
+        now: int,
+        requests: Sequence[MintRequest],
+        audited: tuple[str, list[tuple[str, str]]] | None = None,
+    ) -> None:
         name = signer.worker_name
         if self.keys.missing(name):
             self.writer.write(frame(("key", name, _JWT, signer.worker_copy())))
-        self.writer.write(frame((_JWT, name, now, list(requests))))
+        if audited is None:
+            self.writer.write(frame((_JWT, name, now, list(requests))))
+        else:
+            self.writer.write(frame((_JWT, name, now, list(requests), audited)))
 
     def close(self, grace: float) -> None:
         """EOF to the worker, which returns; killed if it has not within `grace` s."""
@@ -136,6 +145,41 @@ class LoopSigningWorkers:
     ) -> list[IssuedJwt | SvidError] | None:
         """Workload JWT-SVIDs at the clock's now: signer.mint, or its error, per request; None
         when no worker can take the batch (none, too small, starting, lost meanwhile)."""
+        reply = await self._batch(signer, requests, None)
+        return None if reply is None else issued_jwts(reply)
+
+    async def mint_audited(
+        self,
+        signer: JwtSigner,
+        requests: Sequence[MintRequest],
+        agent_id: str,
+        owners: Sequence[tuple[str, str]],
+    ) -> tuple[list[IssuedJwt | SvidError], list[str | None]] | None:
+        """`mint`, and per request the audit body of its JWT's event (workload_jwt_record for
+        `agent_id` and the request's (SPIFFE ID, joined audience) in `owners`, through
+        server.audit.log.checked_body), drafted by the worker; None for an error or a body
+        the check refused. The loop then only chains the events (AuditLog.record_later)."""
+        reply = await self._batch(signer, requests, (agent_id, list(owners)))
+        if reply is None:
+            return None
+        outcomes: list[IssuedJwt | SvidError] = []
+        bodies: list[str | None] = []
+        for item in reply:
+            if type(item) is tuple:
+                token, jti, issued_at, expires_at, body = item
+                outcomes.append(IssuedJwt(token, jti, issued_at, expires_at))
+                bodies.append(body)
+            else:
+                outcomes.append(item)
+                bodies.append(None)
+        return outcomes, bodies
+
+    async def _batch(
+        self,
+        signer: JwtSigner,
+        requests: Sequence[MintRequest],
+        audited: tuple[str, list[tuple[str, str]]] | None,
+    ) -> list[Any] | None:
         if self._size == 0 or self._closed or len(requests) < MIN_BATCH:
             return None
         await self._start_missing()
@@ -146,7 +190,7 @@ class LoopSigningWorkers:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         worker.pending.append(future)
         try:
-            worker.send(signer, int(self._clock.now()), requests)
+            worker.send(signer, int(self._clock.now()), requests, audited)
         except (OSError, RuntimeError) as exc:  # its socket is gone: so is the worker
             self._lose(worker, type(exc).__name__)
             return None
@@ -161,7 +205,7 @@ class LoopSigningWorkers:
         if len(reply) != len(requests):
             self._lose(worker, "it answered another batch")
             return None
-        return issued_jwts(reply)
+        return cast(list[Any], reply)
 
     async def warm_up(self, timeout: float) -> bool:
         """Start every worker now and wait up to `timeout` s for all to be ready."""

@@ -121,7 +121,7 @@ def _serve(conn: Connection) -> None:
             while len(signers) > _KEYS_KEPT:
                 signers.popitem(last=False)
             continue
-        kind, name, now, requests = message
+        kind, name, now, requests, *audited = message
         signer = signers[name]
         signers.move_to_end(name)
         out: list[Any] = []
@@ -134,6 +134,8 @@ def _serve(conn: Connection) -> None:
                     if isinstance(jwt, IssuedJwt)
                     else jwt
                 )
+            if audited:
+                out = _with_bodies(out, *audited[0])
         else:
             for request in requests:
                 svid = _issue_one(signer, now, request)
@@ -144,6 +146,29 @@ def _serve(conn: Connection) -> None:
                     else svid
                 )
         conn.send(out)
+
+
+def _with_bodies(out: list[Any], agent_id: str, owners: Sequence[tuple[str, str]]) -> list[Any]:
+    """Each minted JWT's reply with the audit body of its event appended (what the server's
+    log would check and encode on its event loop, drafted here instead; see
+    AuditLog.record_later). `owners`: per request, its SPIFFE ID and joined audience."""
+    # Imported here: only worker processes draft events, and the issuance package imports
+    # this module.
+    from server.issuance.records import workload_jwt_body, workload_jwt_prefix  # noqa: PLC0415
+
+    prefixes: dict[str, str | None] = {}
+    with_bodies: list[Any] = []
+    for reply, (spiffe_id, audience) in zip(out, owners, strict=True):
+        if type(reply) is not tuple:
+            with_bodies.append(reply)  # an error, as it is
+            continue
+        token, jti, issued_at, expires_at = reply
+        prefix = prefixes.get(spiffe_id, "")
+        if prefix == "":
+            prefix = prefixes[spiffe_id] = workload_jwt_prefix(agent_id, spiffe_id)
+        body = workload_jwt_body(prefix, jti, audience, expires_at - issued_at)
+        with_bodies.append((token, jti, issued_at, expires_at, body))
+    return with_bodies
 
 
 def spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:

@@ -324,11 +324,16 @@ class Issuer:
         if not plan.tasks and plan.wanted:
             # Workload JWTs only: signed by workers the loop drives and recorded from here, no
             # thread in between (LoopSigningWorkers says why). None: they could not take it.
-            workload = await self._mint_on_loop(plan.wanted)
-            if workload is not None:
-                outcomes, credentials, events = self._finish_jwts(plan, workload, agent_id)
+            minted = await self._mint_on_loop(plan, agent_id)
+            if minted is not None:
+                workload, bodies = minted
+                outcomes, credentials, events, drafted = self._finish_jwts(
+                    plan, workload, agent_id, bodies
+                )
                 if credentials:
-                    await asyncio.wrap_future(self._ledger.record_later(credentials, events))
+                    # The worker drafted the events' audit bodies: the loop only chains them.
+                    commit = self._ledger.record_later(credentials, events, drafted)
+                    await asyncio.wrap_future(commit)
                     self._jwt_issued.inc(len(credentials))
                 return outcomes
         outcomes, recorded, count = await self._run(
@@ -340,15 +345,18 @@ class Issuer:
             self._jwt_issued.inc(count)
         return outcomes
 
-    async def _mint_on_loop(self, wanted: list[MintRequest]) -> list[IssuedJwt | SvidError] | None:
+    async def _mint_on_loop(
+        self, plan: _JwtPlan, agent_id: str
+    ) -> tuple[list[IssuedJwt | SvidError], list[str | None]] | None:
         if self._loop_workers is None:
             return None
         signer = self._ca.jwt_signer()
         started = time.perf_counter()
-        out = await self._loop_workers.mint(signer, wanted)
+        wanted = plan.wanted
+        out = await self._loop_workers.mint_audited(signer, wanted, agent_id, plan.owners)
         if out is not None:  # one batch is one timing, as in _mint_workload
             each = (time.perf_counter() - started) / len(wanted)
-            observe_times(self._jwt_seconds, each, len(out))
+            observe_times(self._jwt_seconds, each, len(wanted))
         return out
 
     def _issue_jwt_batch(
@@ -358,7 +366,7 @@ class Issuer:
         # main process ~2 us per JWT), but not waited for here: the commit runs on the ledger's
         # writer while this thread signs the next batch, and the loop awaits it.
         workload = self._mint_workload(plan.wanted) if plan.wanted else []
-        outcomes, credentials, events = self._finish_jwts(plan, workload, agent_id)
+        outcomes, credentials, events, _ = self._finish_jwts(plan, workload, agent_id)
         if not credentials:
             return outcomes, None, 0
         return outcomes, self._ledger.record_later(credentials, events), len(credentials)
@@ -401,13 +409,19 @@ class Issuer:
         return plan
 
     def _finish_jwts(
-        self, plan: _JwtPlan, workload: Sequence[IssuedJwt | SvidError], agent_id: str
-    ) -> tuple[list[JwtOutcome], list[Credential], list[EventTuple]]:
+        self,
+        plan: _JwtPlan,
+        workload: Sequence[IssuedJwt | SvidError],
+        agent_id: str,
+        bodies: Sequence[str | None] | None = None,
+    ) -> tuple[list[JwtOutcome], list[Credential], list[EventTuple], list[str | None] | None]:
         """Outcomes in request order, with the record and event of each JWT minted; task items
-        are decided and minted here, one by one."""
+        are decided and minted here, one by one. With `bodies` (per workload request, its
+        event's body as a worker drafted it), the bodies of the events, in their order."""
         outcomes: list[JwtOutcome] = []
         credentials: list[Credential] = []
         events: list[EventTuple] = []
+        drafted: list[str | None] | None = None if bodies is None else []
         for item in plan.items:
             if type(item) is int:
                 outcome = workload[item]
@@ -423,6 +437,8 @@ class Issuer:
                     )
                     credentials.append(credential)
                     events.append(event)
+                    if drafted is not None:
+                        drafted.append(bodies[item])  # type: ignore[index]
                 outcomes.append(outcome)
             elif isinstance(item, _TaskItem):
                 try:
@@ -433,9 +449,11 @@ class Issuer:
                 outcomes.append(issued)
                 credentials.append(credential)
                 events.append(event)
+                if drafted is not None:
+                    drafted.append(None)
             else:
                 outcomes.append(cast(SvidError, item))
-        return outcomes, credentials, events
+        return outcomes, credentials, events, drafted
 
 
 class _TaskItem(NamedTuple):

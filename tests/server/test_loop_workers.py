@@ -12,9 +12,12 @@ from collections.abc import Awaitable, Callable
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from server.audit.event import canonical_encoder
+from server.audit.log import checked_body
 from server.ca.loop_workers import DEPTH, RESTART_BACKOFF, LoopSigningWorkers
 from server.ca.signer import IssuedJwt, JwtSigner
 from server.ca.workers import MIN_BATCH, MintRequest
+from server.issuance.records import workload_jwt_record
 from svid._clock import FakeClock
 from svid._errors import SvidError
 from tests.server.test_jwt_workers import NOW, _claims, _wait_gone
@@ -73,6 +76,36 @@ def test_a_worker_mints_tokens_that_verify_with_the_claims_asked_for(
             assert (claims["sub"], claims["aud"]) == (f"spiffe://example.org/w/{i}", f"aud-{i}")
             assert (claims["iat"], claims["exp"]) == (NOW, NOW + 300)
         assert len({_claims(jwt, signer)["jti"] for jwt in out}) == 20
+
+    _in_pool(clock, 1, body)
+
+
+def test_a_worker_drafts_the_audit_body_of_each_jwt_it_mints(clock: FakeClock) -> None:
+    signer = _signer(clock)
+    agent = "spiffe://example.org/svid/agent/join_token/a"
+    requests = _requests(MIN_BATCH + 2)
+    owners = [(sub, ",".join(audience)) for sub, audience, _ in requests]
+    owners[1] = (owners[1][0], "eyJ.looks-like-a-token")  # left to the log's own check
+
+    async def body(pool: LoopSigningWorkers) -> None:
+        out = await pool.mint_audited(signer, requests, agent, owners)
+        assert out is not None
+        jwts, bodies = out
+        assert len(jwts) == len(bodies) == len(requests)
+        for jwt, drafted, (spiffe_id, audience) in zip(jwts, bodies, owners, strict=True):
+            assert isinstance(jwt, IssuedJwt)
+            _, event = workload_jwt_record(
+                agent,
+                spiffe_id,
+                jti=jwt.jti,
+                issued_at=jwt.issued_at,
+                expires_at=jwt.expires_at,
+                audience=audience,
+            )
+            if spiffe_id.endswith("/1"):
+                assert drafted is None
+            else:
+                assert drafted == checked_body(event, canonical_encoder())
 
     _in_pool(clock, 1, body)
 
