@@ -17,7 +17,7 @@ import operator
 import re
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TextIO
 
@@ -109,22 +109,6 @@ def check_draft_tuple(values: DraftTuple) -> None:
     for index, value in enumerate(values):
         if not _plainly_safe(value):
             check_no_secret(DRAFT_FIELDS[index], value)
-
-
-def checked_body(values: DraftTuple, encode: Callable[[Any], str]) -> str | None:
-    """What the log hashes of a draft besides its place in the chain and its `extra`: every
-    other value, encoded by `encode` (a canonical_encoder), once check_draft_tuple passed
-    it; None when the check refuses it.
-
-    For a process that drafts events away from the log (a signing worker, for the JWTs it
-    mints): `record_later(..., bodies=...)` then neither checks nor encodes them again, and
-    a None leaves that draft to the log's own check, which refuses it as it always would.
-    """
-    try:
-        check_draft_tuple(values)
-    except AuditError:
-        return None
-    return encode(values[:-1])
 
 
 def _plainly_safe(value: Any) -> bool:
@@ -278,9 +262,10 @@ class AuditLog:
         every other caller's. Whatever the records cover must not leave before the future
         is done. Draft errors (AuditError) raise here, before anything is queued.
 
-        `bodies`: per draft, its `checked_body` made elsewhere, or None; a draft with one is
-        neither checked nor encoded again here (what the event loop saves per JWT when the
-        signing worker drafted it).
+        `bodies`: per draft, its body made elsewhere, or None. A body is the draft's values
+        but `extra`, as the canonical encoder writes them, made only for a draft
+        check_draft_tuple passes; a draft with one is neither checked nor encoded again here
+        (what the event loop saves per JWT when the signing worker drafted it).
         """
         tuples = [d if isinstance(d, tuple) else _draft_values(d) for d in drafts]
         if bodies is None:

@@ -33,9 +33,9 @@ from server.ca.workers import (
     _JWT,
     MIN_BATCH,
     REPLY_TIMEOUT,
+    Drafting,
     KeysHeld,
     MintRequest,
-    issued_jwts,
     spawn,
 )
 from svid._clock import Clock
@@ -88,15 +88,12 @@ class _LoopWorker:
         signer: JwtSigner,
         now: int,
         requests: Sequence[MintRequest],
-        audited: tuple[str, list[tuple[str, str]]] | None = None,
+        drafting: Drafting,
     ) -> None:
         name = signer.worker_name
         if self.keys.missing(name):
             self.writer.write(frame(("key", name, _JWT, signer.worker_copy())))
-        if audited is None:
-            self.writer.write(frame((_JWT, name, now, list(requests))))
-        else:
-            self.writer.write(frame((_JWT, name, now, list(requests), audited)))
+        self.writer.write(frame((_JWT, name, now, list(requests), drafting)))
 
     def close(self, grace: float) -> None:
         """EOF to the worker, which returns; killed if it has not within `grace` s."""
@@ -141,24 +138,17 @@ class LoopSigningWorkers:
         self._changed: asyncio.Event | None = None  # a worker ready, lost, or with room again
 
     async def mint(
-        self, signer: JwtSigner, requests: Sequence[MintRequest]
-    ) -> list[IssuedJwt | SvidError] | None:
-        """Workload JWT-SVIDs at the clock's now: signer.mint, or its error, per request; None
-        when no worker can take the batch (none, too small, starting, lost meanwhile)."""
-        reply = await self._batch(signer, requests, None)
-        return None if reply is None else issued_jwts(reply)
-
-    async def mint_audited(
         self,
         signer: JwtSigner,
         requests: Sequence[MintRequest],
         agent_id: str,
         owners: Sequence[tuple[str, str]],
     ) -> tuple[list[IssuedJwt | SvidError], list[str | None]] | None:
-        """`mint`, and per request the audit body of its JWT's event (workload_jwt_record for
-        `agent_id` and the request's (SPIFFE ID, joined audience) in `owners`, through
-        server.audit.log.checked_body), drafted by the worker; None for an error or a body
-        the check refused. The loop then only chains the events (AuditLog.record_later)."""
+        """Workload JWT-SVIDs at the clock's now: signer.mint, or its error, per request, and
+        the audit body of each one's event (for `agent_id` and the request's SPIFFE ID and
+        joined audience in `owners`) drafted by the worker, None where the log must check it
+        itself; None when no worker can take the batch (none, too small, starting, lost
+        meanwhile)."""
         reply = await self._batch(signer, requests, (agent_id, list(owners)))
         if reply is None:
             return None
@@ -178,7 +168,7 @@ class LoopSigningWorkers:
         self,
         signer: JwtSigner,
         requests: Sequence[MintRequest],
-        audited: tuple[str, list[tuple[str, str]]] | None,
+        drafting: Drafting,
     ) -> list[Any] | None:
         if self._size == 0 or self._closed or len(requests) < MIN_BATCH:
             return None
@@ -190,7 +180,7 @@ class LoopSigningWorkers:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         worker.pending.append(future)
         try:
-            worker.send(signer, int(self._clock.now()), requests, audited)
+            worker.send(signer, int(self._clock.now()), requests, drafting)
         except (OSError, RuntimeError) as exc:  # its socket is gone: so is the worker
             self._lose(worker, type(exc).__name__)
             return None

@@ -46,6 +46,9 @@ MIN_BATCH = 8  # smaller batches are signed in the server: not worth a round tri
 
 # One workload JWT request: (SPIFFE ID text, audiences, TTL), as check_jwt_request returns them.
 MintRequest = tuple[str, list[str], int]
+# What a worker needs to draft the audit body of each JWT of a batch: the agent, and per
+# request its SPIFFE ID and joined audience (server.issuance.records.workload_jwt_body).
+Drafting = tuple[str, Sequence[tuple[str, str]]]
 _JWT = "jwt"
 _X509 = "x509"
 
@@ -107,7 +110,8 @@ def _shares(requests: list[Any], count: int) -> list[list[Any]]:
 
 
 def _serve(conn: Connection) -> None:
-    """The worker's loop: ("key", name, kind, payload) and (kind, name, now, requests)."""
+    """The worker's loop: ("key", name, kind, payload), and (kind, name, now, requests) with a
+    Drafting after a JWT batch's requests when its audit bodies are wanted."""
     signers: OrderedDict[str, Any] = OrderedDict()
     conn.send("ready")  # imports done: the server sends batches from now on
     while True:
@@ -121,21 +125,20 @@ def _serve(conn: Connection) -> None:
             while len(signers) > _KEYS_KEPT:
                 signers.popitem(last=False)
             continue
-        kind, name, now, requests, *audited = message
+        kind, name, now, requests, *drafting = message
         signer = signers[name]
         signers.move_to_end(name)
         out: list[Any] = []
         if kind == _JWT:
-            for request in requests:
+            drafts = _Drafts(*drafting[0]) if drafting else None
+            for index, request in enumerate(requests):
                 jwt = _mint_one(signer, now, request)
-                # Four plain values pickle faster than a dataclass; errors go as they are.
-                out.append(
-                    (jwt.token, jwt.jti, jwt.issued_at, jwt.expires_at)
-                    if isinstance(jwt, IssuedJwt)
-                    else jwt
-                )
-            if audited:
-                out = _with_bodies(out, *audited[0])
+                if not isinstance(jwt, IssuedJwt):
+                    out.append(jwt)  # that item's error, as it is
+                    continue
+                # Four plain values pickle faster than a dataclass.
+                reply = (jwt.token, jwt.jti, jwt.issued_at, jwt.expires_at)
+                out.append(reply if drafts is None else (*reply, drafts.body(index, jwt)))
         else:
             for request in requests:
                 svid = _issue_one(signer, now, request)
@@ -148,27 +151,27 @@ def _serve(conn: Connection) -> None:
         conn.send(out)
 
 
-def _with_bodies(out: list[Any], agent_id: str, owners: Sequence[tuple[str, str]]) -> list[Any]:
-    """Each minted JWT's reply with the audit body of its event appended (what the server's
-    log would check and encode on its event loop, drafted here instead; see
-    AuditLog.record_later). `owners`: per request, its SPIFFE ID and joined audience."""
-    # Imported here: only worker processes draft events, and the issuance package imports
-    # this module.
-    from server.issuance.records import workload_jwt_body, workload_jwt_prefix  # noqa: PLC0415
+class _Drafts:
+    """The audit bodies of a batch's JWTs, as the server's log would check and encode them on
+    its event loop, drafted here instead (AuditLog.record_later takes them); None for one the
+    log must check itself."""
 
-    prefixes: dict[str, str | None] = {}
-    with_bodies: list[Any] = []
-    for reply, (spiffe_id, audience) in zip(out, owners, strict=True):
-        if type(reply) is not tuple:
-            with_bodies.append(reply)  # an error, as it is
-            continue
-        token, jti, issued_at, expires_at = reply
-        prefix = prefixes.get(spiffe_id, "")
-        if prefix == "":
-            prefix = prefixes[spiffe_id] = workload_jwt_prefix(agent_id, spiffe_id)
-        body = workload_jwt_body(prefix, jti, audience, expires_at - issued_at)
-        with_bodies.append((token, jti, issued_at, expires_at, body))
-    return with_bodies
+    def __init__(self, agent_id: str, owners: Sequence[tuple[str, str]]) -> None:
+        # Imported here: only worker processes draft, and the issuance package imports us.
+        from server.issuance import records  # noqa: PLC0415
+
+        self._records = records
+        self._agent_id = agent_id
+        self._owners = owners
+        self._prefixes: dict[str, str | None] = {}  # by SPIFFE ID: a batch names few
+
+    def body(self, index: int, jwt: IssuedJwt) -> str | None:
+        spiffe_id, audience = self._owners[index]
+        if spiffe_id not in self._prefixes:
+            prefix = self._records.workload_jwt_prefix(self._agent_id, spiffe_id)
+            self._prefixes[spiffe_id] = prefix
+        ttl = jwt.expires_at - jwt.issued_at
+        return self._records.workload_jwt_body(self._prefixes[spiffe_id], jwt.jti, audience, ttl)
 
 
 def spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:

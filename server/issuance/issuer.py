@@ -353,7 +353,7 @@ class Issuer:
         signer = self._ca.jwt_signer()
         started = time.perf_counter()
         wanted = plan.wanted
-        out = await self._loop_workers.mint_audited(signer, wanted, agent_id, plan.owners)
+        out = await self._loop_workers.mint(signer, wanted, agent_id, plan.owners)
         if out is not None:  # one batch is one timing, as in _mint_workload
             each = (time.perf_counter() - started) / len(wanted)
             observe_times(self._jwt_seconds, each, len(wanted))
@@ -413,15 +413,15 @@ class Issuer:
         plan: _JwtPlan,
         workload: Sequence[IssuedJwt | SvidError],
         agent_id: str,
-        bodies: Sequence[str | None] | None = None,
-    ) -> tuple[list[JwtOutcome], list[Credential], list[EventTuple], list[str | None] | None]:
+        bodies: Sequence[str | None] = (),
+    ) -> tuple[list[JwtOutcome], list[Credential], list[EventTuple], list[str | None]]:
         """Outcomes in request order, with the record and event of each JWT minted; task items
-        are decided and minted here, one by one. With `bodies` (per workload request, its
-        event's body as a worker drafted it), the bodies of the events, in their order."""
+        are decided and minted here, one by one. Last, per event, its audit body from `bodies`
+        (per workload request, as a worker drafted it), or None."""
         outcomes: list[JwtOutcome] = []
         credentials: list[Credential] = []
         events: list[EventTuple] = []
-        drafted: list[str | None] | None = None if bodies is None else []
+        drafted: list[str | None] = []
         for item in plan.items:
             if type(item) is int:
                 outcome = workload[item]
@@ -437,8 +437,7 @@ class Issuer:
                     )
                     credentials.append(credential)
                     events.append(event)
-                    if drafted is not None:
-                        drafted.append(bodies[item])  # type: ignore[index]
+                    drafted.append(bodies[item] if bodies else None)
                 outcomes.append(outcome)
             elif isinstance(item, _TaskItem):
                 try:
@@ -449,8 +448,7 @@ class Issuer:
                 outcomes.append(issued)
                 credentials.append(credential)
                 events.append(event)
-                if drafted is not None:
-                    drafted.append(None)
+                drafted.append(None)
             else:
                 outcomes.append(cast(SvidError, item))
         return outcomes, credentials, events, drafted

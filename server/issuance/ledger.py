@@ -73,5 +73,5 @@ class Ledger(Protocol):
     ) -> Future[None]:
         """`record` without waiting: done once durable, or failed with LedgerUnavailableError.
         For a worker thread; the loop awaits it with asyncio.wrap_future. `bodies`: per event,
-        its audit body checked and encoded already (server.audit.log.checked_body), or None."""
+        its audit body checked and encoded already (AuditLog.record_later), or None."""
         ...

@@ -80,7 +80,7 @@ _MARKERS = ("eyJ", "-----BEGIN")
 
 
 def workload_jwt_prefix(agent_id: str, spiffe_id: str) -> str | None:
-    """The start of the audit body (server.audit.log.checked_body) shared by the events of
+    """The start of the audit body (see AuditLog.record_later) shared by the events of
     every workload JWT `agent_id` gets for `spiffe_id`; None when either value needs the
     log's own check. With workload_jwt_body: a signing worker's draft, at a fraction of the
     generic check and encoder's cost (a test holds the two equal)."""
@@ -91,7 +91,7 @@ def workload_jwt_prefix(agent_id: str, spiffe_id: str) -> str | None:
 
 
 def workload_jwt_body(prefix: str | None, jti: str, audience: str, ttl: int) -> str | None:
-    """checked_body of workload_jwt_record's event (after `prefix`, workload_jwt_prefix of its
+    """The audit body of workload_jwt_record's event (after `prefix`, workload_jwt_prefix of its
     agent and SPIFFE ID): `ttl` is expires_at - issued_at, `audience` joined with commas.
     None when any value needs the log's own check."""
     if prefix is None or type(jti) is not str or type(audience) is not str or type(ttl) is not int:

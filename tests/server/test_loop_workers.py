@@ -12,8 +12,6 @@ from collections.abc import Awaitable, Callable
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.audit.event import canonical_encoder
-from server.audit.log import checked_body
 from server.ca.loop_workers import DEPTH, RESTART_BACKOFF, LoopSigningWorkers
 from server.ca.signer import IssuedJwt, JwtSigner
 from server.ca.workers import MIN_BATCH, MintRequest
@@ -21,6 +19,7 @@ from server.issuance.records import workload_jwt_record
 from svid._clock import FakeClock
 from svid._errors import SvidError
 from tests.server.test_jwt_workers import NOW, _claims, _wait_gone
+from tests.server.test_recording_fast_paths import logs_own_body
 
 Run = Callable[[LoopSigningWorkers], Awaitable[None]]
 
@@ -36,6 +35,18 @@ def _signer(clock: FakeClock, kid: str = "k1") -> JwtSigner:
 
 def _requests(n: int, tag: str = "w") -> list[MintRequest]:
     return [(f"spiffe://example.org/{tag}/{i}", [f"aud-{i}"], 300) for i in range(n)]
+
+
+AGENT = "spiffe://example.org/svid/agent/join_token/a"
+
+
+async def _mint(
+    pool: LoopSigningWorkers, signer: JwtSigner, requests: list[MintRequest]
+) -> list[IssuedJwt | SvidError] | None:
+    """pool.mint's outcomes, the audit bodies asked for as the issuer asks for them."""
+    owners = [(sub, ",".join(audience)) for sub, audience, _ in requests]
+    out = await pool.mint(signer, requests, AGENT, owners)
+    return None if out is None else out[0]
 
 
 def _in_pool(
@@ -68,7 +79,7 @@ def test_a_worker_mints_tokens_that_verify_with_the_claims_asked_for(
 
     async def body(pool: LoopSigningWorkers) -> None:
         _only_in_workers(monkeypatch)
-        out = await pool.mint(signer, _requests(20))
+        out = await _mint(pool, signer, _requests(20))
         assert out is not None
         assert len(out) == 20
         for i, jwt in enumerate(out):
@@ -82,20 +93,19 @@ def test_a_worker_mints_tokens_that_verify_with_the_claims_asked_for(
 
 def test_a_worker_drafts_the_audit_body_of_each_jwt_it_mints(clock: FakeClock) -> None:
     signer = _signer(clock)
-    agent = "spiffe://example.org/svid/agent/join_token/a"
     requests = _requests(MIN_BATCH + 2)
     owners = [(sub, ",".join(audience)) for sub, audience, _ in requests]
     owners[1] = (owners[1][0], "eyJ.looks-like-a-token")  # left to the log's own check
 
     async def body(pool: LoopSigningWorkers) -> None:
-        out = await pool.mint_audited(signer, requests, agent, owners)
+        out = await pool.mint(signer, requests, AGENT, owners)
         assert out is not None
         jwts, bodies = out
         assert len(jwts) == len(bodies) == len(requests)
         for jwt, drafted, (spiffe_id, audience) in zip(jwts, bodies, owners, strict=True):
             assert isinstance(jwt, IssuedJwt)
             _, event = workload_jwt_record(
-                agent,
+                AGENT,
                 spiffe_id,
                 jti=jwt.jti,
                 issued_at=jwt.issued_at,
@@ -105,7 +115,7 @@ def test_a_worker_drafts_the_audit_body_of_each_jwt_it_mints(clock: FakeClock) -
             if spiffe_id.endswith("/1"):
                 assert drafted is None
             else:
-                assert drafted == checked_body(event, canonical_encoder())
+                assert drafted == logs_own_body(event)
 
     _in_pool(clock, 1, body)
 
@@ -119,7 +129,7 @@ def test_concurrent_batches_share_the_workers_and_each_gets_its_own_tokens(
         _only_in_workers(monkeypatch)
         # Nine batches at once on two workers holding two each: some wait for room.
         outs = await asyncio.gather(
-            *(pool.mint(s, _requests(MIN_BATCH + i, tag=f"b{i}")) for i, s in enumerate(signers))
+            *(_mint(pool, s, _requests(MIN_BATCH + i, tag=f"b{i}")) for i, s in enumerate(signers))
         )
         for i, (signer, out) in enumerate(zip(signers, outs, strict=True)):
             assert out is not None
@@ -134,7 +144,7 @@ def test_expired_key_errors_come_back_per_item(clock: FakeClock) -> None:
     signer = JwtSigner(ec.generate_private_key(ec.SECP256R1()), "k", clock, NOW)
 
     async def body(pool: LoopSigningWorkers) -> None:
-        out = await pool.mint(signer, _requests(MIN_BATCH))
+        out = await _mint(pool, signer, _requests(MIN_BATCH))
         assert out is not None
         assert all(isinstance(e, SvidError) and "expired" in str(e) for e in out)
 
@@ -147,12 +157,12 @@ def test_small_batches_and_starting_workers_are_left_to_the_caller(clock: FakeCl
     async def main() -> None:
         pool = LoopSigningWorkers(1, clock)
         try:
-            assert await pool.mint(signer, _requests(MIN_BATCH - 1)) is None
+            assert await _mint(pool, signer, _requests(MIN_BATCH - 1)) is None
             assert pool.pids() == []  # too small to start one
-            assert await pool.mint(signer, _requests(MIN_BATCH)) is None  # started, not ready
+            assert await _mint(pool, signer, _requests(MIN_BATCH)) is None  # started, not ready
             assert len(pool.pids()) == 1
             assert await pool.warm_up(30)
-            out = await pool.mint(signer, _requests(MIN_BATCH))
+            out = await _mint(pool, signer, _requests(MIN_BATCH))
             assert out is not None
             assert all(_claims(jwt, signer) for jwt in out)
         finally:
@@ -169,7 +179,7 @@ def test_a_killed_worker_costs_its_batches_not_answers_and_is_replaced(
     async def body(pool: LoopSigningWorkers) -> None:
         (first,) = pool.pids()
         os.kill(first, signal.SIGSTOP)  # holds the batch, then dies with it
-        held = asyncio.ensure_future(pool.mint(signer, _requests(MIN_BATCH)))
+        held = asyncio.ensure_future(_mint(pool, signer, _requests(MIN_BATCH)))
         await asyncio.sleep(0.2)
         os.kill(first, signal.SIGKILL)
         assert await asyncio.wait_for(held, 10) is None  # the caller signs it elsewhere
@@ -177,13 +187,13 @@ def test_a_killed_worker_costs_its_batches_not_answers_and_is_replaced(
         assert "signing worker failed" in caplog.text
         assert pool.pids() == []
         # No new worker before the backoff: a worker that cannot start costs no process a batch.
-        assert await pool.mint(signer, _requests(MIN_BATCH)) is None
+        assert await _mint(pool, signer, _requests(MIN_BATCH)) is None
         assert pool.pids() == []
         clock.advance(RESTART_BACKOFF)
         assert await pool.warm_up(30)
         (second,) = pool.pids()
         assert second != first
-        out = await pool.mint(signer, _requests(MIN_BATCH))
+        out = await _mint(pool, signer, _requests(MIN_BATCH))
         assert out is not None
         assert all(_claims(jwt, signer) for jwt in out)
 
@@ -198,8 +208,8 @@ def test_batches_waiting_for_room_hear_when_the_last_worker_is_given_up(
     async def body(pool: LoopSigningWorkers) -> None:
         (only,) = pool.pids()
         os.kill(only, signal.SIGSTOP)  # wedged: the first batch times out, the worker is killed
-        holding = asyncio.ensure_future(pool.mint(signer, _requests(MIN_BATCH)))
-        waiting = asyncio.ensure_future(pool.mint(signer, _requests(MIN_BATCH)))
+        holding = asyncio.ensure_future(_mint(pool, signer, _requests(MIN_BATCH)))
+        waiting = asyncio.ensure_future(_mint(pool, signer, _requests(MIN_BATCH)))
         await asyncio.sleep(0.1)
         assert not waiting.done()  # depth 1: no room until the first batch is answered
         assert await asyncio.wait_for(holding, 10) is None
@@ -225,7 +235,7 @@ def test_a_wedged_worker_times_out_without_holding_up_the_loop(clock: FakeClock)
 
         beat = asyncio.ensure_future(ticker())
         started = time.monotonic()
-        assert await pool.mint(signer, _requests(MIN_BATCH)) is None
+        assert await _mint(pool, signer, _requests(MIN_BATCH)) is None
         waited = time.monotonic() - started
         beat.cancel()
         assert 0.4 <= waited < 10
@@ -249,7 +259,7 @@ def test_close_ends_the_workers_and_later_batches_are_left_to_the_caller(
         pool.close()
         for pid in pids:
             _wait_gone(pid)
-        assert await pool.mint(signer, _requests(MIN_BATCH)) is None
+        assert await _mint(pool, signer, _requests(MIN_BATCH)) is None
         assert pool.pids() == []
 
     asyncio.run(main())
@@ -258,7 +268,7 @@ def test_close_ends_the_workers_and_later_batches_are_left_to_the_caller(
 def test_a_pool_of_none_takes_no_batch(clock: FakeClock) -> None:
     async def main() -> None:
         pool = LoopSigningWorkers(0, clock)
-        assert await pool.mint(_signer(clock), _requests(3 * MIN_BATCH)) is None
+        assert await _mint(pool, _signer(clock), _requests(3 * MIN_BATCH)) is None
         assert await pool.warm_up(0)
         assert pool.pids() == []
 

@@ -25,7 +25,7 @@ from server.audit.event import (
     canonical_encoder,
     check_no_secret,
 )
-from server.audit.log import check_draft_tuple, checked_body, event_from_row
+from server.audit.log import check_draft_tuple, event_from_row
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.sqlite_audit import insert_many
 from server.issuance.records import (
@@ -265,6 +265,17 @@ def test_credentials_are_recorded_and_read_back(tmp_path: Path) -> None:
 
 # -- audit bodies a signing worker drafts (server.issuance.records) -------------------------------
 
+
+def logs_own_body(values: tuple[Any, ...]) -> str | None:
+    """What AuditLog.record_later takes as a draft's body, the slow way: the log's own check,
+    then every value but `extra` through its canonical encoder; None where the check refuses."""
+    try:
+        check_draft_tuple(values)
+    except AuditError:
+        return None
+    return canonical_encoder()(values[:-1])
+
+
 _TEXT = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
     ["eyJ", "x-----BEGIN", 'q"\\', "\u2028", "", "a,b"]
 )
@@ -279,7 +290,7 @@ def test_a_workers_audit_body_is_the_logs_own(
         agent, spiffe_id, jti=jti, issued_at=1000, expires_at=1000 + ttl, audience=audience
     )
     drafted = workload_jwt_body(workload_jwt_prefix(agent, spiffe_id), jti, audience, ttl)
-    logs = checked_body(event, canonical_encoder())
+    logs = logs_own_body(event)
     if drafted is not None:
         assert drafted == logs
     # None only where the log's check looks closer: a secret marker in some value.
