@@ -8,7 +8,6 @@ how to reach the server's admin socket, and stops both cleanly on Ctrl-C or SIGT
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import pwd
@@ -22,11 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent_attestor import parent_death
 from agent_attestor.relay import MAX_UNIX_PATH
 
 TRUST_DOMAIN = "example.org"
 START_TIMEOUT = 30.0
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _wait(what: str, check: Callable[[], Any], procs: list[subprocess.Popen[bytes]]) -> Any:
@@ -68,12 +67,11 @@ class Demo:
     ) -> subprocess.Popen[bytes]:
         """Start a child process that ``stop`` ends and that dies with this one."""
         proc = subprocess.Popen(
-            argv,
+            parent_death.command(argv),
             stdout=stdout,
             stderr=subprocess.STDOUT,
             cwd=self.root,
             env=env,
-            preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 - no threads here
         )
         self.procs.append(proc)
         return proc
@@ -232,19 +230,6 @@ Press Ctrl-C to stop the server and the agent.
                 proc.wait(5)
         if self.sock_root != self.root:
             shutil.rmtree(self.sock_root, ignore_errors=True)
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A preexec_fn: the child gets SIGTERM when the demo dies, even by SIGKILL (Linux)."""
-
-    def arm() -> None:
-        if sys.platform != "linux":
-            return
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the demo died before the line above took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arm
 
 
 def _command(script: str, module: str) -> str:

@@ -22,9 +22,14 @@ REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 90.0
 
 
-def _ignore_sigint() -> None:
-    # What a non-interactive shell does to a job it starts with `&`.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# What a non-interactive shell does to a job it starts with `&`: SIGINT ignored, which exec keeps.
+# Set by a small Python that then execs the demo, not by a preexec_fn: one would make this
+# process (which has gRPC threads) fork rather than vfork (agent_attestor/parent_death.py says why
+# that crashes children now and then).
+_IGNORING_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 def alive(pid: int) -> bool:
@@ -52,14 +57,16 @@ class DemoProcess:
 
     def start(self, *, ignore_sigint: bool = False) -> DemoProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SVID_", "SPIFFE_"))}
+        demo = [sys.executable, "-m", "agent_attestor.demo"]
+        if ignore_sigint:
+            demo = [sys.executable, "-c", _IGNORING_SIGINT, *demo]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent_attestor.demo"],
+            demo,
             cwd=self.root,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**env, "PYTHONPATH": str(REPO)},
-            preexec_fn=_ignore_sigint if ignore_sigint else None,  # noqa: PLW1509
         )
         threading.Thread(target=self._read, daemon=True).start()
         wait_for(self._ready, READY_TIMEOUT, "the demo to be ready")
