@@ -48,8 +48,9 @@ def event_keys(event: RevocationEvent) -> tuple[Key, ...]:
 
 
 class Revocable(Protocol):
-    """What OpenRequests holds: the keys that revoke it, and ``end()`` (called once, from any
-    thread, when one of them is revoked)."""
+    """What OpenRequests holds: the keys that revoke it (read once, when a revocation first
+    finds it open), and ``end()`` (called once, from any thread, when one of them is
+    revoked)."""
 
     @property
     def keys(self) -> tuple[Key, ...]: ...
@@ -69,16 +70,23 @@ class Admission:
 
 class OpenRequests:
     """The index: each key maps to the one request admitted with it or, when several share it
-    (a task's stream and its calls), to a set of them; no set is made for a key of its own."""
+    (a task's stream and its calls), to a set of them; no set is made for a key of its own.
+
+    A request is indexed only when a revocation arrives while it is still open: until then it
+    waits in a plain set, and most requests (answered before any revocation) are closed from
+    there. Admission is then a set insert, and a request's keys are read only if it lives to
+    meet a revocation; each one is indexed at most once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_key: dict[Key, Revocable | set[Revocable]] = {}
+        self._unindexed: set[Revocable] = set()
 
     def __len__(self) -> int:
         with self._lock:
             held = self._by_key.values()
-            return len({a for h in held for a in (h if isinstance(h, set) else (h,))})
+            indexed = {a for h in held for a in (h if isinstance(h, set) else (h,))}
+            return len(indexed | self._unindexed)
 
     def open(self, keys: tuple[Key, ...], end: Callable[[], None]) -> Admission:
         admission = Admission(keys, end)
@@ -86,21 +94,16 @@ class OpenRequests:
         return admission
 
     def add(self, admission: Revocable) -> None:
-        by_key = self._by_key
         with self._lock:
-            for key in admission.keys:
-                # One lookup for a key of its own too (get, then set, would take two).
-                held = by_key.setdefault(key, admission)
-                if held is admission:
-                    continue
-                if isinstance(held, set):
-                    held.add(admission)
-                else:
-                    by_key[key] = {held, admission}
+            self._unindexed.add(admission)
 
     def close(self, admission: Revocable) -> None:
-        by_key = self._by_key
         with self._lock:
+            unindexed = self._unindexed
+            if admission in unindexed:
+                unindexed.discard(admission)
+                return
+            by_key = self._by_key
             for key in admission.keys:
                 held = by_key.get(key)
                 if held is admission:
@@ -110,9 +113,26 @@ class OpenRequests:
                     if not held:
                         del by_key[key]
 
+    def _index(self) -> None:
+        """Index every request admitted since the last revocation (under the lock)."""
+        by_key = self._by_key
+        for admission in self._unindexed:
+            for key in admission.keys:
+                # One lookup for a key of its own too (get, then set, would take two).
+                held = by_key.setdefault(key, admission)
+                if held is admission:
+                    continue
+                if isinstance(held, set):
+                    held.add(admission)
+                else:
+                    by_key[key] = {held, admission}
+        self._unindexed.clear()
+
     def hit(self, keys: Iterable[Key]) -> list[Revocable]:
         """Remove and return the requests admitted with any of ``keys``."""
         with self._lock:
+            if self._unindexed:
+                self._index()
             found: set[Revocable] = set()
             for key in keys:
                 held = self._by_key.get(key)

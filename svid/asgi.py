@@ -112,13 +112,18 @@ class _Served:
     """One response in flight: what was sent, and whether a revocation ended it. It is also
     the request's entry in OpenRequests (``keys``, ``end``)."""
 
-    __slots__ = ("_send", "_task", "done", "finished", "keys", "revoked", "started")
+    __slots__ = ("_caller", "_send", "_task", "done", "finished", "revoked", "started")
 
-    def __init__(self, send: Send, task: asyncio.Task[Any], keys: tuple[Key, ...]) -> None:
+    def __init__(self, send: Send, task: asyncio.Task[Any], caller: Caller) -> None:
         self._send = send
         self._task = task
-        self.keys = keys
+        self._caller = caller
         self.started = self.finished = self.revoked = self.done = False
+
+    @property
+    def keys(self) -> tuple[Key, ...]:
+        # Read only by a revocation that finds the request open: most never are.
+        return caller_keys(self._caller)
 
     def send(self, message: Message) -> Awaitable[None]:
         # Not a coroutine of its own: the server's send is what the app awaits.
@@ -290,7 +295,7 @@ class SvidAuthMiddleware:
     async def _serve(self, caller: Caller, scope: Scope, receive: Receive, send: Send) -> None:
         task = current_task()
         assert task is not None
-        served = _Served(send, task, caller_keys(caller))
+        served = _Served(send, task, caller)
         open_requests = self.open_requests
         open_requests.add(served)
         cancelling = task.cancelling()

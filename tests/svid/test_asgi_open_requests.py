@@ -59,3 +59,43 @@ def test_a_request_registered_twice_under_a_key_is_held_once() -> None:
     assert ended == ["twice"]
     requests.close(twice)
     assert len(requests) == 0
+
+
+class _Counted:
+    """A request whose keys count how often they are read."""
+
+    def __init__(self, keys: tuple[tuple[str, str], ...], ended: list[str], name: str) -> None:
+        self._keys = keys
+        self.reads = 0
+        self.end = lambda: ended.append(name)
+
+    @property
+    def keys(self) -> tuple[tuple[str, str], ...]:
+        self.reads += 1
+        return self._keys
+
+
+def test_keys_are_read_only_for_requests_still_open_when_a_revocation_comes() -> None:
+    ended: list[str] = []
+    requests = OpenRequests()
+    quick = _Counted((("jwt_id", "j1"), (TXN, "t1")), ended, "quick")
+    stream = _Counted((("jwt_id", "j2"), (TXN, "t1")), ended, "stream")
+    bystander = _Counted((("jwt_id", "j3"), (TXN, "t2")), ended, "bystander")
+    requests.add(quick)
+    requests.add(stream)
+    requests.add(bystander)
+    requests.close(quick)  # answered before any revocation: its keys never read
+    assert quick.reads == 0
+    assert len(requests) == 2
+    requests.on_revoked(_event("jwt_id", "j9"))  # hits nobody; indexes the two still open
+    assert ended == []
+    assert (stream.reads, bystander.reads) == (1, 1)
+    late = _Counted((("jwt_id", "j4"), (TXN, "t1")), ended, "late")
+    requests.add(late)  # admitted after that revocation: indexed by the next one
+    requests.on_revoked(_event("x509_serial", "ab", TASK))  # another credential of task t1
+    assert sorted(ended) == ["late", "stream"]
+    assert bystander.reads == 1  # indexed once, not again
+    requests.close(bystander)
+    assert len(requests) == 0
+    assert not requests._by_key
+    assert not requests._unindexed
