@@ -322,15 +322,20 @@ class _McpMiddleware(SvidAuthMiddleware):
             _admitted.reset(reset)
 
 
+_FIRST_SWEEP = 64  # sessions kept before the first look for ended ones
+
+
 class _Sessions:
     """The MCP sessions each task opened, to end them when the task is revoked (through the
-    SDK's session manager, as a client's DELETE would)."""
+    SDK's session manager, as a client's DELETE would). Ended sessions are forgotten in
+    sweeps; until then a revocation that names one finds it gone and does nothing."""
 
     def __init__(self, server: Any) -> None:
         self._server = server
         self._open = OpenRequests()
         self._admissions: dict[str, Admission] = {}
         self._ending: set[asyncio.Future[Any]] = set()
+        self._sweep_at = _FIRST_SWEEP
 
     def watching(self, caller: Caller, send: Send) -> Send:
         """``send`` that keeps the session its response opens (its ``mcp-session-id``)."""
@@ -353,7 +358,12 @@ class _Sessions:
     def _track(self, caller: Caller, session_id: str, loop: asyncio.AbstractEventLoop) -> None:
         if session_id in self._admissions:
             return
-        self._forget_gone()
+        if len(self._admissions) >= self._sweep_at:
+            self._forget_gone()
+            # The next sweep once the table has doubled: each session is looked at a bounded
+            # number of times on average, however many there are (a sweep per new session
+            # made opening sessions quadratic).
+            self._sweep_at = max(_FIRST_SWEEP, 2 * len(self._admissions))
 
         def end() -> None:
             loop.call_soon_threadsafe(self._end, session_id)

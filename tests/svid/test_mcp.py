@@ -209,3 +209,50 @@ def test_the_sdk_check_accepts_only_the_token_protect_admitted(source: RevokingS
     assert seen[0].task is not None
     assert seen[0].task.task_id == "t1"
     assert seen[1] is None
+
+
+class _Manager:
+    """The SDK's session manager as svid reads it: its table (reads counted) and the way it
+    ends a session."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, Any] = {}
+        self.reads = 0
+        self.discarded: list[str] = []
+
+    @property
+    def _server_instances(self) -> dict[str, Any]:
+        self.reads += 1
+        return self.live
+
+    async def _discard_session(self, session_id: str, transport: Any) -> None:
+        self.discarded.append(session_id)
+
+
+def test_ended_sessions_are_forgotten_in_sweeps_that_stay_rare(source: RevokingSource) -> None:
+    # Each task opens a session, which ends before the next one opens (a busy server's usual
+    # day). Looking for ended sessions at every new one made opening sessions quadratic.
+    manager = _Manager()
+    sessions = svid.mcp._Sessions(SimpleNamespace(session_manager=manager))
+    verifier = source.jwt_verifier()
+
+    async def scenario() -> None:
+        for i in range(2000):
+            token = task_token(task_id=f"t{i}", jti=f"j{i}")
+            caller = svid.asgi.Caller(
+                verifier.verify(token, AUDIENCE).spiffe_id,
+                jwt=verifier.verify(token, AUDIENCE),
+                audience=AUDIENCE,
+            )
+            manager.live = {f"s{i}": object()}  # the one session open now
+            sessions.track(caller, f"s{i}")
+        # The last task's session is still open: revoking the task ends it.
+        sessions.on_revoked(svid.RevocationEvent("jwt_id", "j1999", 0.0))
+        await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    # A sweep only once the table has doubled since the last (at least 64 new sessions): the
+    # work of all sweeps together grows with the number of sessions, not with its square.
+    assert manager.reads <= 2000 // 64 + 1
+    assert len(sessions._admissions) <= 64  # ended ones were let go
+    assert manager.discarded == ["s1999"]
