@@ -54,7 +54,7 @@ def _one_line(err: str) -> str:
     return err
 
 
-FETCH = ("api", "fetch", "jwt", "--audience", "a", "--timeout", "2")
+FETCH = ("api", "fetch", "jwt", "--audience", "a", "--timeout", "0.5")
 
 
 @pytest.mark.parametrize(
@@ -137,9 +137,9 @@ def test_a_socket_nobody_listens_on(sock_dir: Path) -> None:
     "argv",
     [
         FETCH,
-        ("api", "watch", "--timeout", "2"),  # a stream: no deadline of its own
-        ("healthcheck", "--timeout", "2"),
-        ("task", "list", "--timeout", "2"),
+        ("api", "watch", "--timeout", "0.5"),  # a stream: no deadline of its own
+        ("healthcheck", "--timeout", "0.5"),
+        ("task", "list", "--timeout", "0.5"),
     ],
 )
 def test_a_hung_agent_does_not_hang_the_cli(sock_dir: Path, argv: tuple[str, ...]) -> None:

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from svid._proto import workload_pb2
-from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry
+from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entries
 from tests.e2e.conftest import (
     ServerProcess,
     make_restartable_server,
@@ -45,12 +45,12 @@ def stack() -> Iterator[Stack]:
     ).start()
     with agent_stack(root, server) as agent:
         agent_id = agent.agent_id()
-        ids = {
-            f"spiffe://example.org/w{n:02d}": create_entry(
-                server, f"spiffe://example.org/w{n:02d}", agent_id, UID_SELECTOR
-            )
-            for n in range(ENTRIES)
-        }
+        ids = create_entries(
+            server,
+            agent_id,
+            [f"spiffe://example.org/w{n:02d}" for n in range(ENTRIES)],
+            UID_SELECTOR,
+        )
         yield Stack(server, agent, agent_id, ids)
 
 

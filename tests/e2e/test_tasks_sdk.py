@@ -69,7 +69,7 @@ class Stack:
         return str(shown.get("task", shown)["state"])
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     root = short_tmpdir("svk")
     policy = root / "policy"

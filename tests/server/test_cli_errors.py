@@ -113,7 +113,7 @@ def test_a_hung_server_ends_at_the_timeout(sock_dir: Path, argv: tuple[str, ...]
     hung.bind(str(path))
     hung.listen(16)
     try:
-        _, err, took = _server_cli(*argv, "--admin-socket", str(path), "--timeout", "2")
+        _, err, took = _server_cli(*argv, "--admin-socket", str(path), "--timeout", "0.5")
     finally:
         hung.close()
     assert str(path) in err

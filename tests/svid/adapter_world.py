@@ -101,7 +101,16 @@ class RevokingSource:
 def serving(app: Any) -> Iterator[str]:
     """Serve ``app`` with uvicorn on 127.0.0.1; yields the base URL."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="auto")
+    # A stream a test left open (its app never ends one by itself) is cancelled a second into
+    # the shutdown, rather than holding the join below for its whole 10 s.
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="auto",
+        timeout_graceful_shutdown=1,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
