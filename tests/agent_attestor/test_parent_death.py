@@ -55,9 +55,12 @@ def test_the_child_gets_sigterm_when_its_parent_is_killed() -> None:
 
 
 def test_a_parent_gone_before_the_signal_was_armed_ends_the_child_at_once() -> None:
-    # Named parent pid 1 is not this test's pid: as if the real parent had died already.
+    # The named parent is no process's pid (above any pid_max), so not this test's: as if the
+    # real parent had died already.
     done = subprocess.run(
-        [sys.executable, "-m", "agent_attestor.parent_death", "1", "true"], check=False, timeout=30
+        [sys.executable, "-m", "agent_attestor.parent_death", "99999999", "true"],
+        check=False,
+        timeout=30,
     )
     assert done.returncode == -signal.SIGTERM
 
