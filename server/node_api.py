@@ -369,7 +369,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         _check_batch_size("requests", len(requests))
         if not self._limits.jwt.try_take(agent.spiffe_id, len(requests)):
             raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
-        outcomes = await self._issuer.issue_jwts(agent, [_jwt_request(r) for r in requests])
+        outcomes = await self._issuer.issue_jwts(agent, requests)
         response = node_pb2.BatchNewJWTSVIDResponse()
         add = response.results.add
         for outcome in outcomes:

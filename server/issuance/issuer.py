@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import NamedTuple, ParamSpec, TypeVar, cast
+from typing import NamedTuple, ParamSpec, Protocol, TypeVar, cast
 
 from server.ca.loop_workers import LoopSigningWorkers
 from server.ca.manager import CaManager
@@ -65,6 +65,21 @@ class JwtRequest(NamedTuple):
     entry_id: str
     spiffe_id: str
     audience: tuple[str, ...]
+
+
+class JwtAsk(Protocol):
+    """What a batch item names: a JwtRequest, or the node API's NewJWTSVIDRequest as it came
+    off the wire (a batch's items are read where they are: copying each into a JwtRequest
+    cost the event loop about 1.3 us per JWT)."""
+
+    @property
+    def entry_id(self) -> str: ...
+
+    @property
+    def spiffe_id(self) -> str: ...
+
+    @property
+    def audience(self) -> Sequence[str]: ...
 
 
 JwtOutcome = IssuedJwt | SvidError
@@ -226,7 +241,7 @@ class Issuer:
 
     # -- JWT-SVIDs ----------------------------------------------------------------------------
 
-    def _jwt_entry(self, agent_id: str, entitled: Entitlement, request: JwtRequest) -> Entry:
+    def _jwt_entry(self, agent_id: str, entitled: Entitlement, request: JwtAsk) -> Entry:
         _check_audience(request.audience)
         if request.entry_id:
             return self._entitled_entry(agent_id, entitled, request.entry_id)
@@ -316,7 +331,7 @@ class Issuer:
         return issued
 
     async def issue_jwts(
-        self, agent: AttestedAgent, requests: Sequence[JwtRequest]
+        self, agent: AttestedAgent, requests: Sequence[JwtAsk]
     ) -> list[JwtOutcome]:
         """An outcome per request, in order, once every minted JWT is recorded."""
         agent_id = agent.spiffe_id
@@ -372,7 +387,7 @@ class Issuer:
         return outcomes, self._ledger.record_later(credentials, events), len(credentials)
 
     def _plan_jwts(
-        self, requests: Sequence[JwtRequest], entitled: Entitlement, agent_id: str
+        self, requests: Sequence[JwtAsk], entitled: Entitlement, agent_id: str
     ) -> _JwtPlan:
         """Every item checked: its error, or what it asks to be minted.
 
@@ -394,7 +409,7 @@ class Issuer:
                 else:
                     entry = self._jwt_entry(agent_id, entitled, item)
                     if self._tasks.owns(entry):
-                        items.append(_TaskItem(entry, audience))
+                        items.append(_TaskItem(entry, tuple(audience)))
                         plan.tasks += 1
                         continue
                     request = self._workload_request(entitled, entry, audience)
