@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import shutil
 import tempfile
 import threading
@@ -23,6 +25,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from server.app import Server
 from server.config import ServerConfig, build_config
@@ -70,6 +73,49 @@ def der_chain(data: bytes) -> list[x509.Certificate]:
         certs.append(x509.load_der_x509_certificate(data[:length]))
         data = data[length:]
     return certs
+
+
+def write_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """(CA PEM, server cert PEM, server key PEM): a throwaway CA and a leaf for 127.0.0.1."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, cert_file, key_file = (
+        directory / "ca.pem",
+        directory / "tls.pem",
+        directory / "tls.key",
+    )
+    ca_file.write_bytes(ca.public_bytes(PEM))
+    cert_file.write_bytes(leaf.public_bytes(PEM))
+    key_file.write_bytes(key_pem(key))
+    key_file.chmod(0o600)
+    return ca_file, cert_file, key_file
 
 
 def bundle_pem(bundle: common_pb2.Bundle) -> bytes:

@@ -4,8 +4,6 @@ checked, recorded on the ledger and pushed on the Sync stream; refusals keep the
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import time
 from collections.abc import Iterator
@@ -14,10 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from server.datastore.records import (
     HTTPS_SPIFFE,
@@ -32,7 +26,7 @@ from svid._bundle import SpiffeBundle
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from svid._spiffe_id import TrustDomain
 from tests.ports import free_port
-from tests.server.fixtures import RunningServer, managed_server
+from tests.server.fixtures import RunningServer, managed_server, write_tls_files
 
 HOME = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -230,51 +224,10 @@ def test_dynamic_relationships_round_trip_and_are_validated() -> None:
         assert gone.value.code() is grpc.StatusCode.NOT_FOUND
 
 
-def _web_pki(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A CA file, and a certificate for 127.0.0.1 it signed, with its key (https_web)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web ca")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "web.pem", tmp_path / "web.key"
-    ca_file.write_bytes(ca.public_bytes(pem))
-    cert_file.write_bytes(leaf.public_bytes(pem))
-    key_file.write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return ca_file, cert_file, key_file
-
-
 def test_https_web_endpoint_is_checked_by_its_ca_and_a_wrong_trust_domain_refused(
     tmp_path: Path,
 ) -> None:
-    ca_file, cert_file, key_file = _web_pki(tmp_path)
+    ca_file, cert_file, key_file = write_tls_files(tmp_path)
     port = free_port()
     with managed_server(
         bundle_endpoint_address=f"127.0.0.1:{port}",
