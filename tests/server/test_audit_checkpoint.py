@@ -27,66 +27,19 @@ from server.audit.checkpoint import (
 from server.audit.checkpointer import Checkpointer
 from server.audit.event import CANONICAL_FIELDS, GENESIS_HASH
 from server.audit.log import event_from_row
-from server.cli import main
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
-
-AGENT = "spiffe://example.org/agents/research-bot"
+from tests.server.audit_setup import START, Setup, fill, make_setup, sql, verify
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock(1_800_000_000.0)
-
-
-@dataclasses.dataclass
-class Setup:
-    data_dir: Path
-    log: AuditLog
-    checkpointer: Checkpointer
-
-    @property
-    def db(self) -> Path:
-        return self.data_dir / "datastore.sqlite3"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.data_dir / CHECKPOINT_FILE
+    return FakeClock(START)
 
 
 @pytest.fixture
 def setup(tmp_path: Path, clock: FakeClock) -> Setup:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    log = AuditLog(SqliteDataStore(data_dir / "datastore.sqlite3", clock), clock)
-    checkpointer = Checkpointer(
-        log,
-        CheckpointSigner.load_or_create(data_dir),
-        CheckpointFile(data_dir / CHECKPOINT_FILE),
-        clock,
-        interval=60.0,
-    )
-    return Setup(data_dir, log, checkpointer)
-
-
-def fill(log: AuditLog, clock: FakeClock, n: int) -> None:
-    for i in range(n):
-        log.append("jwt_minted", agent_id=AGENT, credential_id=f"jti-{i}", decision="allow")
-        clock.advance(1)
-
-
-def sql(db: Path, *statements: str) -> None:
-    con = sqlite3.connect(db)
-    with con:
-        for statement in statements:
-            con.execute(statement)
-    con.close()
-
-
-def verify(setup: Setup, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
-    code = main(["audit", "verify", "--data-dir", str(setup.data_dir), *extra])
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    return make_setup(tmp_path, clock)
 
 
 def anchored(setup: Setup, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

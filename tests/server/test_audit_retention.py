@@ -40,76 +40,25 @@ from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from svid import AuditCheckpointError
 from svid._clock import FakeClock
+from tests.server.audit_setup import AGENT, START, Setup, make_setup, sql, verify
+from tests.server.audit_setup import fill as fill_events
 
-AGENT = "spiffe://example.org/agents/research-bot"
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock(1_800_000_000.0)
-
-
-@dataclasses.dataclass
-class Setup:
-    data_dir: Path
-    store: SqliteDataStore
-    log: AuditLog
-    checkpointer: Checkpointer
-    clock: FakeClock
-
-    @property
-    def db(self) -> Path:
-        return self.data_dir / "datastore.sqlite3"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.data_dir / CHECKPOINT_FILE
-
-    @property
-    def pinned(self) -> Path:
-        return self.data_dir / PUBLIC_KEY_FILE
-
-    def pruner(self, policy: RetentionPolicy, batch: int = 4, store: object = None) -> Pruner:
-        return Pruner(
-            store or self.store,  # type: ignore[arg-type]
-            self.log,
-            self.checkpointer,
-            self.clock,
-            policy,
-            batch=batch,
-            pause=0,
-        )
+    return FakeClock(START)
 
 
 @pytest.fixture
 def setup(tmp_path: Path, clock: FakeClock) -> Setup:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    store = SqliteDataStore(data_dir / "datastore.sqlite3", clock)
-    log = AuditLog(store, clock)
-    checkpointer = Checkpointer(
-        log,
-        CheckpointSigner.load_or_create(data_dir),
-        CheckpointFile(data_dir / CHECKPOINT_FILE),
-        clock,
-        interval=60.0,
-    )
-    return Setup(data_dir, store, log, checkpointer, clock)
+    return make_setup(tmp_path, clock)
 
 
 def fill(log: AuditLog, clock: FakeClock, n: int, step: float = DAY) -> None:
-    for i in range(n):
-        log.append("jwt_minted", agent_id=AGENT, credential_id=f"jti-{i}", decision="allow")
-        clock.advance(step)
-
-
-def sql(db: Path, *statements: str) -> None:
-    con = sqlite3.connect(db)
-    with con:
-        for statement in statements:
-            con.execute(statement)
-    con.close()
+    """One event a day unless told otherwise."""
+    fill_events(log, clock, n, step)
 
 
 def seqs(db: Path) -> list[int]:
@@ -135,12 +84,6 @@ def base_row(db: Path) -> tuple[int, str] | None:
 
 def lines(setup: Setup) -> list[Checkpoint]:
     return [Checkpoint.parse(line) for line in setup.checkpoints.read_text().splitlines()]
-
-
-def verify(setup: Setup, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
-    code = main(["audit", "verify", "--data-dir", str(setup.data_dir), *extra])
-    out = capsys.readouterr()
-    return code, out.out + out.err
 
 
 def pinned_verify(setup: Setup, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
