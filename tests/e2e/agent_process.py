@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 import grpc
 
 from svid._proto import workload_pb2, workload_pb2_grpc
-from tests.e2e.conftest import START_TIMEOUT, ServerProcess, wait_for
+from tests.e2e.conftest import START_TIMEOUT, ServerProcess, terminate, wait_for
 
 HEADER = (("workload.spiffe.io", "true"),)
 
@@ -161,15 +160,7 @@ class AgentProcess:
     def stop(self, timeout: float = 20) -> int:
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                raise
-        code = self.proc.returncode
+        code = terminate(self.proc, timeout)
         self.proc = None
         return code
 
