@@ -6,6 +6,7 @@ Other test packages may import it: ``from tests.svid.certs import make_ca, make_
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -185,3 +186,34 @@ def make_leaf(
 
 def _explicit_noncritical(overrides: dict[str, object]) -> bool:
     return overrides.get("san_critical") is False
+
+
+def reissue(
+    issued: Issued,
+    signer: Issued,
+    serial: int,
+    *,
+    not_before: float | None = None,
+    not_after: float | None = None,
+    issuer: x509.Name | None = None,
+    critical: Sequence[x509.ExtensionType] = (),
+) -> x509.Certificate:
+    """``issued``'s subject, key and extensions again, then ``critical`` as critical extensions,
+    signed by ``signer``'s key; valid as ``issued`` is unless told, naming ``signer`` as its
+    issuer unless ``issuer`` is given."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(issued.cert.subject)
+        .issuer_name(issuer or signer.cert.subject)
+        .public_key(issued.key.public_key())
+        .serial_number(serial)
+        .not_valid_before(
+            issued.cert.not_valid_before_utc if not_before is None else ts(not_before)
+        )
+        .not_valid_after(issued.cert.not_valid_after_utc if not_after is None else ts(not_after))
+    )
+    for ext in issued.cert.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    for value in critical:
+        builder = builder.add_extension(value, critical=True)
+    return builder.sign(signer.key, hashes.SHA256())

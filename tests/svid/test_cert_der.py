@@ -18,7 +18,7 @@ from svid._clock import FakeClock
 from svid._errors import SvidParseError, VerificationError, X509SvidError
 from svid._verify_x509 import _dotted
 from svid._x509 import check_leaf_facts, check_leaf_profile
-from tests.svid.certs import T0, Issued, make_ca, make_leaf
+from tests.svid.certs import T0, Issued, make_ca, make_leaf, reissue
 
 TD = TrustDomain("example.org")
 
@@ -179,22 +179,8 @@ def test_duplicate_extension_in_a_signed_leaf_is_a_verification_error(ca: Issued
 
 def test_unknown_critical_extension_names_its_oid(ca: Issued) -> None:
     leaf = make_leaf(ca, not_before=T0 - 60, not_after=T0 + 3600)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(leaf.cert.subject)
-        .issuer_name(ca.cert.subject)
-        .public_key(leaf.key.public_key())
-        .serial_number(9)
-        .not_valid_before(leaf.cert.not_valid_before_utc)
-        .not_valid_after(leaf.cert.not_valid_after_utc)
-    )
-    for ext in leaf.cert.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    builder = builder.add_extension(
-        x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"),
-        critical=True,
-    )
-    cert = builder.sign(ca.key, hashes.SHA256())  # type: ignore[arg-type]
+    unknown = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00")
+    cert = reissue(leaf, ca, 9, critical=[unknown])
     source = MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,)))
     verifier = X509Verifier(source.x509_bundle_for, clock=FakeClock(T0))
     with pytest.raises(VerificationError, match=r"critical extension 1\.3\.6\.1\.4\.1\.99999\.1"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from svid import (
     BundleSet,
@@ -23,7 +23,7 @@ from svid import (
     X509Verifier,
     der_concat,
 )
-from tests.svid.certs import T0, Issued, make_ca, make_leaf, rsa_key, ts
+from tests.svid.certs import T0, Issued, make_ca, make_leaf, reissue, rsa_key
 
 TD = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -210,21 +210,8 @@ def test_intermediate_must_be_a_ca(verifier: X509Verifier, ca: Issued) -> None:
 
 def test_unknown_critical_extension_is_refused(verifier: X509Verifier, ca: Issued) -> None:
     leaf = make_leaf(ca)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(leaf.cert.subject)
-        .issuer_name(ca.cert.subject)
-        .public_key(leaf.key.public_key())
-        .serial_number(7)
-        .not_valid_before(ts(T0 - 10))
-        .not_valid_after(ts(T0 + 10))
-    )
-    for ext in leaf.cert.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    builder = builder.add_extension(
-        x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00"), critical=True
-    )
-    cert = builder.sign(ca.key, hashes.SHA256())
+    unknown = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00")
+    cert = reissue(leaf, ca, 7, not_before=T0 - 10, not_after=T0 + 10, critical=[unknown])
     with pytest.raises(VerificationError, match=r"unsupported\ critical\ extension\ 1\.2\.3\.4"):
         verifier.verify([cert])
 
@@ -407,25 +394,13 @@ def test_ssl_peer_check(tmp_path: Path, ca: Issued, verifier: X509Verifier) -> N
 
 def test_name_constrained_intermediate_is_refused(verifier: X509Verifier, ca: Issued) -> None:
     inter = make_ca(parent=ca)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(inter.cert.subject)
-        .issuer_name(ca.cert.subject)
-        .public_key(inter.key.public_key())
-        .serial_number(99)
-        .not_valid_before(ts(T0 - 10))
-        .not_valid_after(ts(T0 + 1000))
+    constraints = x509.NameConstraints(
+        permitted_subtrees=[x509.UniformResourceIdentifier("example.org")],
+        excluded_subtrees=None,
     )
-    for ext in inter.cert.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    builder = builder.add_extension(
-        x509.NameConstraints(
-            permitted_subtrees=[x509.UniformResourceIdentifier("example.org")],
-            excluded_subtrees=None,
-        ),
-        critical=True,
+    constrained = reissue(
+        inter, ca, 99, not_before=T0 - 10, not_after=T0 + 1000, critical=[constraints]
     )
-    constrained = builder.sign(ca.key, hashes.SHA256())
     leaf = make_leaf(inter)
     with pytest.raises(VerificationError, match="name constraints"):
         verifier.verify([leaf.cert, constrained])
@@ -434,38 +409,15 @@ def test_name_constrained_intermediate_is_refused(verifier: X509Verifier, ca: Is
 def test_issuer_name_must_match_even_with_the_right_key(verifier: X509Verifier, ca: Issued) -> None:
     # Signed by the CA's key but naming another issuer: OpenSSL would not chain it either.
     leaf = make_leaf(ca)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(leaf.cert.subject)
-        .issuer_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "someone else")]))
-        .public_key(leaf.key.public_key())
-        .serial_number(5)
-        .not_valid_before(ts(T0 - 10))
-        .not_valid_after(ts(T0 + 10))
-    )
-    for ext in leaf.cert.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
+    someone_else = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "someone else")])
+    cert = reissue(leaf, ca, 5, not_before=T0 - 10, not_after=T0 + 10, issuer=someone_else)
     with pytest.raises(VerificationError, match="does not lead to an authority"):
-        verifier.verify([builder.sign(ca.key, hashes.SHA256())])
+        verifier.verify([cert])
 
 
 def test_malformed_extension_is_a_verification_error(verifier: X509Verifier, ca: Issued) -> None:
     leaf = make_leaf(ca, basic_constraints=False)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(leaf.cert.subject)
-        .issuer_name(ca.cert.subject)
-        .public_key(leaf.key.public_key())
-        .serial_number(11)
-        .not_valid_before(ts(T0 - 10))
-        .not_valid_after(ts(T0 + 10))
-    )
-    for ext in leaf.cert.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    builder = builder.add_extension(
-        x509.UnrecognizedExtension(x509.oid.ExtensionOID.BASIC_CONSTRAINTS, b"\x01\x02\x03"),
-        critical=True,
-    )
-    cert = builder.sign(ca.key, hashes.SHA256())
+    garbled = x509.UnrecognizedExtension(x509.oid.ExtensionOID.BASIC_CONSTRAINTS, b"\x01\x02\x03")
+    cert = reissue(leaf, ca, 11, not_before=T0 - 10, not_after=T0 + 10, critical=[garbled])
     with pytest.raises(VerificationError, match="malformed extensions"):
         verifier.verify([cert])
