@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
+
+from svid._metrics_http import MetricsEndpoint
 
 
 class Metrics:
@@ -59,48 +59,12 @@ class Metrics:
         return generate_latest(self.registry)  # type: ignore[no-any-return]
 
 
-class MetricsHttpServer:
+class MetricsHttpServer(MetricsEndpoint):
     def __init__(self, metrics: Metrics, healthy: Callable[[], bool]) -> None:
-        self._metrics = metrics
-        self._healthy = healthy
-        self._httpd: ThreadingHTTPServer | None = None
-
-    def start(self, address: str) -> str:
-        metrics, healthy = self._metrics, self._healthy
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/metrics":
-                    body, code, ctype = metrics.render(), 200, "text/plain; version=0.0.4"
-                elif self.path == "/healthz":
-                    ok = healthy()
-                    body, code, ctype = (
-                        (b"ok\n" if ok else b"not ready\n"),
-                        (200 if ok else 503),
-                        "text/plain",
-                    )
-                else:
-                    body, code, ctype = b"not found\n", 404, "text/plain"
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        host, _, port = address.rpartition(":")
-        self._httpd = ThreadingHTTPServer((host, int(port)), Handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(
-            target=self._httpd.serve_forever, name="agent-metrics", daemon=True
-        ).start()
-        bound_host, bound_port = self._httpd.server_address[:2]
-        return f"{bound_host!s}:{bound_port}"
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        super().__init__(
+            metrics.render,
+            healthy,
+            content_type="text/plain; version=0.0.4",
+            unhealthy=b"not ready\n",
+            thread_name="agent-metrics",
+        )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from svid._metrics_http import MetricsEndpoint
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -107,52 +107,14 @@ def observe_times(histogram: Histogram, amount: float, times: int) -> None:
     buckets[bisect.bisect_left(bounds, amount)].inc(times)
 
 
-class MetricsHttpServer:
+class MetricsHttpServer(MetricsEndpoint):
     """Serves /metrics (Prometheus text) and /healthz on a small threaded HTTP server."""
 
     def __init__(self, metrics: Metrics, healthy: Callable[[], bool]) -> None:
-        self._metrics = metrics
-        self._healthy = healthy
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, address: str) -> str:
-        host, _, port = address.rpartition(":")
-        metrics, healthy = self._metrics, self._healthy
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/metrics":
-                    body, ctype, code = metrics.render(), CONTENT_TYPE_LATEST, 200
-                elif self.path == "/healthz":
-                    ok = healthy()
-                    body, ctype, code = (
-                        (b"ok\n" if ok else b"unhealthy\n"),
-                        "text/plain",
-                        (200 if ok else 503),
-                    )
-                else:
-                    body, ctype, code = b"not found\n", "text/plain", 404
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        self._httpd = ThreadingHTTPServer((host, int(port)), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="svid-metrics", daemon=True
+        super().__init__(
+            metrics.render,
+            healthy,
+            content_type=CONTENT_TYPE_LATEST,
+            unhealthy=b"unhealthy\n",
+            thread_name="svid-metrics",
         )
-        self._thread.start()
-        bound_host, bound_port = self._httpd.server_address[:2]
-        return f"{bound_host!s}:{bound_port}"
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None

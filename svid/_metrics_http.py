@@ -1,0 +1,73 @@
+"""The /metrics and /healthz HTTP endpoint of svidd's daemons: the server and the node agent
+serve their own metrics, in their own words, through this one small threaded HTTP server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class MetricsEndpoint:
+    """GET /metrics: what `render` returns, as `content_type`; GET /healthz: 200 `ok` while
+    `healthy()`, else 503 with `unhealthy`; anything else 404. Nothing is logged."""
+
+    def __init__(
+        self,
+        render: Callable[[], bytes],
+        healthy: Callable[[], bool],
+        *,
+        content_type: str,
+        unhealthy: bytes,
+        thread_name: str,
+    ) -> None:
+        self._render = render
+        self._healthy = healthy
+        self._content_type = content_type
+        self._unhealthy = unhealthy
+        self._thread_name = thread_name
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, address: str) -> str:
+        """Listen on `address` (host:port, port 0 for any) and serve; returns the bound one."""
+        host, _, port = address.rpartition(":")
+        render, healthy = self._render, self._healthy
+        content_type, unhealthy = self._content_type, self._unhealthy
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    body, ctype, code = render(), content_type, 200
+                elif self.path == "/healthz":
+                    ok = healthy()
+                    body, ctype, code = (
+                        (b"ok\n" if ok else unhealthy),
+                        "text/plain",
+                        (200 if ok else 503),
+                    )
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self._httpd = ThreadingHTTPServer((host, int(port)), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name=self._thread_name, daemon=True
+        )
+        self._thread.start()
+        bound_host, bound_port = self._httpd.server_address[:2]
+        return f"{bound_host!s}:{bound_port}"
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
