@@ -31,9 +31,7 @@ from bench.report import Rounds, Row, Table, at_least, at_most, latency_row, rat
 from svid import AccessTokenVerifier, RevokedError, WorkloadApiSource
 from svid.tasks import TaskClient
 from tests.e2e.test_oauth_mcp import RUNTIME, Stack, oauth_mcp_stack
-from tests.ports import free_port
-from tests.server.fixtures import managed_server, short_tmpdir
-from tests.server.oauth.conftest import RESOURCE, OAuthServer, write_tls_files
+from tests.server.oauth.conftest import RESOURCE, serving_oauth
 from tests.server.oauth.test_token_exchange import EXCHANGE, JWT_TYPE, TaskWorld, begin_task
 
 LOAD_PROCESSES = 2
@@ -51,19 +49,8 @@ VERIFIER_POLL = 0.001  # a verify is a cache hit and a set lookup: poll it close
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[TaskWorld]:
-    tls_dir = short_tmpdir("oab")
-    ca_file, cert, key = write_tls_files(tls_dir)
-    port = free_port()
-    issuer = f"https://127.0.0.1:{port}"
-    with managed_server(
-        oidc_issuer=issuer,
-        oauth_bind_address=f"127.0.0.1:{port}",
-        oauth_tls_cert=str(cert),
-        oauth_tls_key=str(key),
-        oauth_resources=[RESOURCE],
-        signing_processes=0,
-    ) as running:
-        yield begin_task(OAuthServer(running, issuer, ca_file), ttl=900)
+    with serving_oauth("oab", [RESOURCE], signing_processes=0) as server:
+        yield begin_task(server, ttl=900)
 
 
 def _subject_tokens(world: TaskWorld, n: int) -> list[str]:

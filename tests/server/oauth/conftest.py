@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,9 +28,11 @@ class OAuthServer:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
 
-@pytest.fixture
-def oauth_server() -> Iterator[OAuthServer]:
-    tls_dir = short_tmpdir("oat")
+@contextmanager
+def serving_oauth(tmp_prefix: str, resources: list[str], **overrides: Any) -> Iterator[OAuthServer]:
+    """A server whose OAuth listener serves `resources` on HTTPS with a fresh test CA's
+    certificate (files in a short temporary directory named after `tmp_prefix`)."""
+    tls_dir = short_tmpdir(tmp_prefix)
     ca_file, cert, key = write_tls_files(tls_dir)
     port = free_port()
     issuer = f"https://127.0.0.1:{port}"
@@ -37,6 +41,13 @@ def oauth_server() -> Iterator[OAuthServer]:
         oauth_bind_address=f"127.0.0.1:{port}",
         oauth_tls_cert=str(cert),
         oauth_tls_key=str(key),
-        oauth_resources=[RESOURCE, OTHER_RESOURCE],
+        oauth_resources=resources,
+        **overrides,
     ) as running:
         yield OAuthServer(running, issuer, ca_file)
+
+
+@pytest.fixture
+def oauth_server() -> Iterator[OAuthServer]:
+    with serving_oauth("oat", [RESOURCE, OTHER_RESOURCE]) as server:
+        yield server
