@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from svid._proto import workload_pb2, workload_pb2_grpc
-from tests.e2e.conftest import START_TIMEOUT, ServerProcess, terminate, wait_for
+from tests.e2e.conftest import START_TIMEOUT, ChildProcess, ServerProcess, wait_for
 
 HEADER = (("workload.spiffe.io", "true"),)
 
@@ -36,7 +36,7 @@ def _with_descriptor_limit(limit: int) -> list[str]:
 
 
 @dataclass
-class AgentProcess:
+class AgentProcess(ChildProcess):
     root: Path
     server: ServerProcess
     join_token: str = ""
@@ -156,13 +156,6 @@ class AgentProcess:
             return msg if any(s.spiffe_id == spiffe_id for s in msg.svids) else None
 
         return wait_for(fetch, timeout, f"an SVID for {spiffe_id}", interval=0.1)
-
-    def stop(self, timeout: float = 20) -> int:
-        if self.proc is None:
-            return 0
-        code = terminate(self.proc, timeout)
-        self.proc = None
-        return code
 
 
 def new_token(server: ServerProcess) -> str:

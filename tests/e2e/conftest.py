@@ -47,22 +47,31 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
         time.sleep(interval)
 
 
-def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    """SIGTERM and wait; returns the exit code. One still running after `timeout` is killed,
-    and the TimeoutExpired raised."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            raise
-    return proc.returncode
+class ChildProcess:
+    """What the server and agent process helpers share: stopping the child they started."""
+
+    proc: subprocess.Popen[bytes] | None
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM and wait; returns the exit code. One still running after `timeout` is
+        killed, and the TimeoutExpired raised."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise
+        code = self.proc.returncode
+        self.proc = None
+        return code
 
 
 @dataclass
-class ServerProcess:
+class ServerProcess(ChildProcess):
     root: Path
     config_path: Path
     data_dir: Path
@@ -116,14 +125,6 @@ class ServerProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 20) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        if self.proc is None:
-            return 0
-        code = terminate(self.proc, timeout)
-        self.proc = None
-        return code
 
     def kill9(self) -> None:
         assert self.proc is not None
