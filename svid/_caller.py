@@ -35,13 +35,17 @@ def _quick_grant(claims: Mapping[str, Any], sub: str, scope: str) -> bool | None
     and refuses a malformed token). Decides what TaskClaims.grants_tool / allows decide for the
     token's own audience, refusals included (a test holds the two together)."""
     tokens = _plain_task_scope(claims, sub)
-    if tokens is None:
+    return None if tokens is None else _decide(tokens, scope)
+
+
+def _decide(tokens: list[str], scope: str) -> bool | None:
+    """Whether a plain task token's scope `tokens` grant `scope` (a tool's, or an action), as
+    TaskClaims decides; None for a "tool:" that names no tool (the full read decides)."""
+    if not scope.startswith(TOOL_SCOPE_PREFIX):
+        return scope in tokens
+    if len(scope) == len(TOOL_SCOPE_PREFIX):  # names no tool: TaskClaims has none such
         return None
-    if scope.startswith(TOOL_SCOPE_PREFIX):
-        if len(scope) == len(TOOL_SCOPE_PREFIX):  # names no tool: TaskClaims has none such
-            return None
-        return scope in tokens or INVOKE_TOOL in tokens
-    return scope in tokens
+    return scope in tokens or INVOKE_TOOL in tokens
 
 
 def _plain_task_scope(claims: Mapping[str, Any], sub: str) -> list[str] | None:
@@ -168,11 +172,9 @@ class Caller:
         """Whether the caller's token grants one scope token: ``tool:<name>`` (that tool, or
         every tool through ``invoke_tool``) or an action. Only task tokens grant scopes."""
         tokens = self._quick_scope()
-        if tokens is not None:
-            if not scope.startswith(TOOL_SCOPE_PREFIX):
-                return scope in tokens
-            if len(scope) > len(TOOL_SCOPE_PREFIX):  # "tool:" names no tool: the full read's
-                return scope in tokens or INVOKE_TOOL in tokens
+        decided = None if tokens is None else _decide(tokens, scope)
+        if decided is not None:
+            return decided
         try:
             task = self.task
         except VerificationError:  # a malformed task token grants nothing
@@ -206,9 +208,7 @@ class Caller:
             if tokens is not None and tool and scope in tokens:
                 continue
             tool_scope(tool)  # its ValueError for a name it refuses
-            if tokens is not None:
-                if INVOKE_TOOL not in tokens:
-                    missing += (scope,)
-            elif not self.grants(scope):
+            granted = None if tokens is None else _decide(tokens, scope)
+            if not (self.grants(scope) if granted is None else granted):
                 missing += (scope,)
         return missing

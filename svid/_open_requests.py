@@ -21,13 +21,8 @@ TXN = "txn"  # a task: every credential of an ended task is revoked together
 
 
 def caller_keys(caller: Caller) -> tuple[Key, ...]:
-    """What revokes this caller's admission: its token's jti, its task, its peer's serials."""
-    jwt = caller.jwt
-    if jwt is not None:  # per request: the claims read straight, as Caller.jti / task_id do
-        get = jwt.claims.get
-        jti, txn = get("jti"), get("txn")
-        if type(jti) is str and type(txn) is str and txn and caller.x509 is None:
-            return ((KIND_JWT_ID, jti), (TXN, txn))
+    """What revokes this caller's admission: its token's jti, its task, its peer's serials.
+    Read when a revocation finds the admission open (or a session opens), not per request."""
     keys: list[Key] = []
     jti = caller.jti
     if jti is not None:
