@@ -32,6 +32,9 @@ GENESIS_HASH = "0" * 64
 MAX_EXTRA_BYTES = 4096
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # Three base64url segments with a JSON header ("eyJ" = '{"'): a compact JWS/JWE.
+# What every secret check looks for first: a value without either cannot hold a JWT or a PEM
+# block (the fast paths spell them inline; SECRET_MARKERS is for code outside this package).
+SECRET_MARKERS = ("eyJ", "-----BEGIN")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.")
 _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----")
 

@@ -22,6 +22,7 @@ from server.audit import AuditError, AuditLog
 from server.audit.event import (
     _ENCODER,
     DRAFT_FIELDS,
+    SECRET_MARKERS,
     canonical_encoder,
     check_no_secret,
 )
@@ -29,7 +30,6 @@ from server.audit.log import check_draft_tuple, event_from_row
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.sqlite_audit import insert_many
 from server.issuance.records import (
-    _MARKERS,
     workload_jwt_body,
     workload_jwt_prefix,
     workload_jwt_record,
@@ -295,7 +295,7 @@ def test_a_workers_audit_body_is_the_logs_own(
         assert drafted == logs
     # None only where the log's check looks closer: a secret marker in some value.
     assert (drafted is None) == any(
-        marker in value for value in (agent, spiffe_id, jti, audience) for marker in _MARKERS
+        marker in value for value in (agent, spiffe_id, jti, audience) for marker in SECRET_MARKERS
     )
 
 
