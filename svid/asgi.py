@@ -204,6 +204,7 @@ class SvidAuthMiddleware:
         if kind not in ("http", "websocket"):  # lifespan: nothing to authenticate
             await self.app(scope, receive, send)
             return
+        seen = self._revocations_seen()
         try:
             caller = self.authenticate(scope)
             if self._rule is not None:
@@ -213,7 +214,7 @@ class SvidAuthMiddleware:
             return
         scope = dict(scope)
         scope[CALLER] = caller
-        await self._serve(caller, scope, receive, send)
+        await self._serve(caller, scope, receive, send, seen)
 
     def authenticate(self, scope: Scope) -> Caller:
         """The verified, authorised Caller of ``scope``; raises _RefusedError."""
@@ -292,7 +293,17 @@ class SvidAuthMiddleware:
             raise _RefusedError(insufficient_scope(missing))
         return receive
 
-    async def _serve(self, caller: Caller, scope: Scope, receive: Receive, send: Send) -> None:
+    def _revocations_seen(self) -> int:
+        """The revocation set's version, read before a request is verified: if it is the same
+        once the request is admitted, no revocation came in between (see _serve)."""
+        revocations = self._revocations
+        return -1 if revocations is None else revocations.version
+
+    async def _serve(
+        self, caller: Caller, scope: Scope, receive: Receive, send: Send, seen: int
+    ) -> None:
+        """Serve an admitted request, ended if its credential is revoked while it is open.
+        ``seen``: ``_revocations_seen()`` from before the caller was verified."""
         task = current_task()
         assert task is not None
         served = _Served(send, task, caller)
@@ -301,7 +312,14 @@ class SvidAuthMiddleware:
         cancelling = task.cancelling()
         try:
             # Revoked between verification and registration: refuse (the verifier would now).
-            if self._revocations is not None and self._still_revoked(caller):
+            # The set's version moves after each change is in place, so an unchanged version
+            # means nothing was revoked since before the verification.
+            revocations = self._revocations
+            if (
+                revocations is not None
+                and revocations.version != seen
+                and self._still_revoked(caller)
+            ):
                 served.done = True
                 await self._refuse(scope["type"], send, invalid_token("credential revoked"))
                 return
@@ -368,7 +386,11 @@ def _bytes(pem: Any) -> bytes:
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes, Receive]:
     """The whole request body (at most ``limit`` bytes), and a receive that hands it to the app
     again before passing on whatever comes next (a disconnect)."""
-    message = await receive()
+    return await _body_from(await receive(), receive, limit)
+
+
+async def _body_from(message: Message, receive: Receive, limit: int) -> tuple[bytes, Receive]:
+    """``_read_body`` once its first message has come."""
     if message["type"] != "http.request":
         raise _RefusedError(Refusal(400, "invalid_request", "the request body did not arrive"))
     body = message.get("body", b"")

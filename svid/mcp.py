@@ -59,8 +59,9 @@ from svid.asgi import (
     Scope,
     Send,
     SvidAuthMiddleware,
-    _read_body,
+    _body_from,
     _RefusedError,
+    _Replay,
 )
 
 __all__ = ["AccessTokenAuth", "McpAuth", "TaskAccessToken", "TaskAuth", "http_client"]
@@ -170,6 +171,16 @@ class _ToolRule:
             names = tuple(name for name in names if name in self.required)
         return names
 
+    def missing(self, caller: Caller, body: bytes) -> tuple[str, ...]:
+        """The scopes of the tools a POST's body calls that ``caller`` is not granted: what
+        ``caller.missing(self.scopes(...))`` says, in one step."""
+        names = called_tools(body)
+        if not names:
+            return ()
+        if not self.every_tool:
+            names = tuple(name for name in names if name in self.required)
+        return caller.missing_tools(names)
+
 
 class TaskAuth:
     """Verifies task tokens for an MCP server: the SDK's ``TokenVerifier``, its auth settings,
@@ -278,6 +289,7 @@ class _McpMiddleware(SvidAuthMiddleware):
         if scope["type"] != "http":  # websocket, lifespan: as svid.asgi serves them
             await super().__call__(scope, receive, send)
             return
+        seen = self._revocations_seen()
         header = session = None
         for key, value in scope.get("headers", ()):
             # Only names of these lengths can match: no lowered copy of every header's name.
@@ -299,9 +311,18 @@ class _McpMiddleware(SvidAuthMiddleware):
             if self._authorize is not None:
                 self._check_authorized(caller)
             if scope.get("method") == "POST":  # tool calls come in a POST's JSON-RPC body
-                body, receive = await _read_body(receive, self._max_body)
+                message = await receive()
+                body = message.get("body", b"")
+                if (
+                    message["type"] == "http.request"
+                    and not message.get("more_body", False)
+                    and len(body) <= self._max_body
+                ):  # the whole body in one message (the common case): handed on as it came
+                    receive = _Replay(message, receive).receive
+                else:
+                    body, receive = await _body_from(message, receive, self._max_body)
                 try:  # what the rule's scopes() would ask of caller.missing(), in one step
-                    missing = caller.missing_tools(self._tools.tools(body))
+                    missing = self._tools.missing(caller, body)
                 except ValueError as exc:  # a body that cannot be read is refused, not passed
                     raise _RefusedError(Refusal(400, "invalid_request", str(exc))) from None
                 if missing:
@@ -317,7 +338,7 @@ class _McpMiddleware(SvidAuthMiddleware):
         scope[CALLER] = caller
         reset = _admitted.set((token, caller))
         try:
-            await self._serve(caller, scope, receive, send)
+            await self._serve(caller, scope, receive, send, seen)
         finally:
             _admitted.reset(reset)
 

@@ -172,3 +172,58 @@ def test_a_revocation_of_someone_else_leaves_the_stream_open(
         assert next(lines) == "tick"
         source.revoke("jwt_id", "another", f"{RUNTIME}/task/t2")
         assert [next(lines) for _ in range(5)] == ["tick"] * 5
+
+
+class _RevokingRule:
+    """A scope rule that lets a revocation in while the request is between its verification
+    and its admission (as one arriving during a body read would)."""
+
+    def __init__(self, source: RevokingSource, value: str) -> None:
+        self.source = source
+        self.value = value
+
+    def reads_body(self, scope: Any) -> bool:
+        return False
+
+    def scopes(self, scope: Any, body: bytes) -> tuple[str, ...]:
+        self.source.revoke("jwt_id", self.value)
+        return ()
+
+
+async def _call(middleware: Any, token: str) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [(b"authorization", f"Bearer {token}".encode())],
+    }
+    await middleware(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize(("revoked", "status"), [("j1", 401), ("another", 200)])
+def test_a_revocation_between_verification_and_admission_is_not_missed(
+    source: RevokingSource, revoked: str, status: int
+) -> None:
+    # The revocation's callbacks run before the request is among the open ones, so only the
+    # check at admission can refuse it; one that names another credential lets it through.
+    middleware = svid.asgi.SvidAuthMiddleware(
+        app, audience=AUDIENCE, source=source, required_scopes=_RevokingRule(source, revoked)
+    )
+    sent = asyncio.run(_call(middleware, task_token()))
+    assert sent[0]["status"] == status
+    if status == 401:
+        assert dict(sent[0]["headers"])[b"www-authenticate"].endswith(
+            b'error="invalid_token", error_description="credential revoked"'
+        )
+        assert SEEN == []
+    else:
+        assert len(SEEN) == 1

@@ -4,6 +4,7 @@ streamable HTTP client carrying task tokens (svid.mcp.http_client)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +19,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 
 import svid.mcp
+from svid.asgi import DEFAULT_MAX_BODY
 from tests.svid.adapter_world import AUDIENCE, RevokingSource, serving, task_token
 
 SEEN: list[Any] = []
@@ -256,3 +258,96 @@ def test_ended_sessions_are_forgotten_in_sweeps_that_stay_rare(source: RevokingS
     assert manager.reads <= 2000 // 64 + 1
     assert len(sessions._admissions) <= 64  # ended ones were let go
     assert manager.discarded == ["s1999"]
+
+
+def _tool_call(tool: str) -> bytes:
+    message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool}}
+    return json.dumps(message).encode()
+
+
+async def _post(protected: Any, token: str, parts: list[bytes], on_read: Any = None) -> Any:
+    """POST ``parts`` (one ASGI message each) through ``protected``; what was sent back."""
+    messages = [
+        {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
+        for i, part in enumerate(parts)
+    ]
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        if on_read is not None:
+            on_read()
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/mcp",
+        "headers": [(b"authorization", f"Bearer {token}".encode())],
+    }
+    await protected(scope, receive, send)
+    return sent
+
+
+def _protected_app(source: RevokingSource, bodies: list[bytes]) -> Any:
+    """TaskAuth.protect's middleware around an app that records the body it is handed."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        bodies.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    auth = svid.mcp.TaskAuth(source, audience=AUDIENCE)
+    server = SimpleNamespace(session_manager=SimpleNamespace(_server_instances={}))
+    return auth._protected(app, server)
+
+
+def test_a_body_in_several_messages_is_checked_whole_and_handed_on_whole(
+    source: RevokingSource,
+) -> None:
+    bodies: list[bytes] = []
+    protected = _protected_app(source, bodies)
+    granted, refused = _tool_call("read_ticket"), _tool_call("export_customer_data")
+    ok = asyncio.run(_post(protected, task_token(), [granted[:10], granted[10:30], granted[30:]]))
+    no = asyncio.run(_post(protected, task_token(), [refused[:40], refused[40:]]))
+    assert ok[0]["status"] == 200
+    assert bodies == [granted]  # the app read the body the check read, all of it
+    assert no[0]["status"] == 403
+    assert b'scope="tool:export_customer_data"' in dict(no[0]["headers"])[b"www-authenticate"]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_body_over_the_limit_is_413_in_one_message_or_several(
+    source: RevokingSource, split: bool
+) -> None:
+    bodies: list[bytes] = []
+    body = _tool_call("read_ticket") + b" " * DEFAULT_MAX_BODY
+    parts = [body[: DEFAULT_MAX_BODY // 2], body[DEFAULT_MAX_BODY // 2 :]] if split else [body]
+    sent = asyncio.run(_post(_protected_app(source, bodies), task_token(), parts))
+    assert sent[0]["status"] == 413
+    assert bodies == []
+
+
+def test_a_revocation_during_the_body_read_refuses_the_request(source: RevokingSource) -> None:
+    # The token was verified before the body was read; the revocation's callbacks found no
+    # open request to end, so the check at admission has to refuse it.
+    bodies: list[bytes] = []
+    sent = asyncio.run(
+        _post(
+            _protected_app(source, bodies),
+            task_token(),
+            [_tool_call("read_ticket")],
+            on_read=lambda: source.revoke("jwt_id", "j1"),
+        )
+    )
+    assert sent[0]["status"] == 401
+    assert b"credential revoked" in dict(sent[0]["headers"])[b"www-authenticate"]
+    assert bodies == []
