@@ -103,12 +103,17 @@ class ServerConfig:
     # discovery, JWKS and the token endpoint over HTTPS (cert/key files; plain HTTP only for
     # an http:// issuer on loopback). Resources: the RFC 8707 `resource` values tokens may be
     # for. Trusted bundles: "trust_domain=path" of other domains whose JWT-SVIDs are accepted.
+    # Trusted issuers: "trust_domain=issuer URL" of others whose keys are found by OIDC
+    # discovery (refreshed as their JWKS's max-age says), over HTTPS checked against the
+    # system roots or oauth_trusted_issuers_ca.
     oidc_issuer: str = ""
     oauth_bind_address: str = ""
     oauth_tls_cert: Path | None = None
     oauth_tls_key: Path | None = None
     oauth_resources: tuple[str, ...] = ()
     oauth_trusted_bundles: tuple[str, ...] = ()
+    oauth_trusted_issuers: tuple[str, ...] = ()
+    oauth_trusted_issuers_ca: Path | None = None
     oauth_access_token_ttl: int = 300
     # SPIFFE federation (server/federation; README "Federation"). bundle_endpoint_address ("" =
     # off) serves our bundle, profile https_spiffe (our server SVID) or https_web (cert/key
@@ -293,6 +298,8 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "oauth_tls_key": _as_path,
     "oauth_resources": _as_str_list,
     "oauth_trusted_bundles": _as_str_list,
+    "oauth_trusted_issuers": _as_str_list,
+    "oauth_trusted_issuers_ca": _as_path,
     "oauth_access_token_ttl": _positive,
     "bundle_endpoint_address": _as_optional_address,
     "bundle_endpoint_profile": _as_choice(("https_spiffe", "https_web")),

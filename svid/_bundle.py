@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
@@ -97,14 +97,17 @@ class JwtBundle:
         return self.keys.get(kid)
 
     @classmethod
-    def parse_jwks(cls, trust_domain: TrustDomain, data: bytes) -> JwtBundle:
-        """From a JWKS (the Workload API's JWT bundle form). X.509 and unknown keys are skipped."""
+    def parse_jwks(
+        cls, trust_domain: TrustDomain, data: bytes, *, uses: Collection[str] = (USE_JWT,)
+    ) -> JwtBundle:
+        """From a JWKS (the Workload API's JWT bundle form). X.509 and unknown keys are skipped,
+        and keys whose ``use`` is not among ``uses`` (an OIDC issuer's JWKS says ``sig``)."""
         doc = _load_jwks(trust_domain, data)
         keys: dict[str, PublicKey] = {}
         for i, jwk in enumerate(doc["keys"]):
             where = f"JWT bundle for {trust_domain}, key #{i}"
             use = jwk.get("use", USE_JWT)
-            if use != USE_JWT or not _known_kty(jwk):
+            if use not in uses or not _known_kty(jwk):
                 continue
             kid, key = _jwt_key(jwk, where)
             keys[kid] = key

@@ -28,21 +28,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_issuer(issuer: str) -> str:
+def check_issuer(issuer: str, key: str = "oidc_issuer") -> str:
     """An OIDC issuer URL (OpenID Discovery §3 / RFC 8414 §2): https, a host, no query or
-    fragment; http only for a loopback host (a local demo or test). No trailing slash."""
+    fragment; http only for a loopback host (a local demo or test). No trailing slash. Errors
+    name the config ``key``."""
     try:
         parts = urlsplit(issuer)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"oidc_issuer: not a URL ({exc})") from None
+        raise ConfigError(f"{key}: not a URL ({exc})") from None
     del port
     if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigError(f"oidc_issuer: must be an https:// URL with a host, got {issuer!r}")
+        raise ConfigError(f"{key}: must be an https:// URL with a host, got {issuer!r}")
     if parts.scheme == "http" and not is_loopback(parts.hostname):
-        raise ConfigError(f"oidc_issuer: plain http is allowed only on loopback, got {issuer!r}")
+        raise ConfigError(f"{key}: plain http is allowed only on loopback, got {issuer!r}")
     if parts.query or parts.fragment or parts.username or parts.password:
-        raise ConfigError(f"oidc_issuer: no query, fragment or user info allowed: {issuer!r}")
+        raise ConfigError(f"{key}: no query, fragment or user info allowed: {issuer!r}")
     return issuer.rstrip("/")
 
 
@@ -70,6 +71,33 @@ def parse_trusted_bundles(items: tuple[str, ...]) -> tuple[TrustedBundle, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class TrustedIssuer:
+    """Another trust domain whose JWT-SVIDs the token endpoint accepts, its keys found by OIDC
+    discovery from its issuer URL (what its tokens carry as ``iss``)."""
+
+    trust_domain: TrustDomain
+    url: str
+
+
+def parse_trusted_issuers(items: tuple[str, ...]) -> tuple[TrustedIssuer, ...]:
+    out: dict[TrustDomain, TrustedIssuer] = {}
+    for item in items:
+        name, sep, url = item.partition("=")
+        if not sep or not url.strip():
+            raise ConfigError(
+                f"oauth_trusted_issuers: expected TRUST_DOMAIN=ISSUER_URL, got {item!r}"
+            )
+        try:
+            td = TrustDomain.parse(name.strip())
+        except SpiffeIdError as exc:
+            raise ConfigError(f"oauth_trusted_issuers: {exc}") from None
+        if td in out:
+            raise ConfigError(f"oauth_trusted_issuers: {td} is named twice")
+        out[td] = TrustedIssuer(td, check_issuer(url.strip(), "oauth_trusted_issuers"))
+    return tuple(out.values())
+
+
+@dataclass(frozen=True, slots=True)
 class OAuthSettings:
     issuer: str
     host: str
@@ -80,6 +108,8 @@ class OAuthSettings:
     trusted: tuple[TrustedBundle, ...]
     access_token_ttl: int
     jwt_key_ttl: int
+    issuers: tuple[TrustedIssuer, ...] = ()
+    issuers_ca: Path | None = None
 
 
 def check_server_config(config: ServerConfig) -> OAuthSettings:
@@ -107,6 +137,19 @@ def check_server_config(config: ServerConfig) -> OAuthSettings:
     for resource in config.oauth_resources:
         if not urlsplit(resource).scheme:
             raise ConfigError(f"oauth_resources: {resource!r} is not an absolute URI (RFC 8707)")
+    trusted = parse_trusted_bundles(config.oauth_trusted_bundles)
+    issuers = parse_trusted_issuers(config.oauth_trusted_issuers)
+    for item in issuers:
+        if item.url == issuer:
+            raise ConfigError(f"oauth_trusted_issuers: {item.url} is this server's own issuer")
+        if item.trust_domain in {b.trust_domain for b in trusted}:
+            raise ConfigError(
+                f"oauth_trusted_issuers: {item.trust_domain} has a bundle file already "
+                "(oauth_trusted_bundles): give one source of its keys"
+            )
+    ca_file = config.oauth_trusted_issuers_ca
+    if ca_file is not None and not ca_file.is_file():
+        raise ConfigError(f"oauth_trusted_issuers_ca: no such file {ca_file}")
     return OAuthSettings(
         issuer=issuer,
         host=host.strip("[]"),
@@ -114,7 +157,9 @@ def check_server_config(config: ServerConfig) -> OAuthSettings:
         tls_cert=config.oauth_tls_cert,
         tls_key=config.oauth_tls_key,
         resources=frozenset(config.oauth_resources),
-        trusted=parse_trusted_bundles(config.oauth_trusted_bundles),
+        trusted=trusted,
         access_token_ttl=config.oauth_access_token_ttl,
         jwt_key_ttl=config.jwt_key_ttl,
+        issuers=issuers,
+        issuers_ca=config.oauth_trusted_issuers_ca,
     )

@@ -27,6 +27,7 @@ from server.oauth.discovery import (
 from server.oauth.endpoint import authorize, document, static_document, token_endpoint
 from server.oauth.grants import Grants, TaskExchanges
 from server.oauth.http import HttpListener
+from server.oauth.issuers import DiscoveredIssuers
 from server.oauth.jwks import PublishedKey, cache_max_age, jwks_document
 from server.oauth.replay import ReplayGuard
 from server.oauth.settings import OAuthSettings
@@ -39,6 +40,7 @@ from svid._spiffe_id import TrustDomain
 
 _log = logging.getLogger("svid.server.oauth")
 PRUNE_INTERVAL = 60.0
+ISSUER_TICK = 1.0  # how often the trusted issuers' due times are looked at (a clock read)
 GRANT_THREADS = 64
 
 
@@ -61,6 +63,7 @@ class OAuthService:
     datastore: DataStore
     replay: ReplayGuard
     workers: Workers
+    issuers: DiscoveredIssuers
     _jwks: bytes = b'{"keys":[]}'
     port: int = 0
 
@@ -85,7 +88,23 @@ class OAuthService:
         self.workers.close()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Forget replay records of assertions that expired (they cannot be presented again)."""
+        """Keep the trusted issuers' keys fresh, and forget replay records of assertions that
+        expired (they cannot be presented again)."""
+        if self.issuers:
+            await asyncio.gather(self._prune(stop), self._refresh_issuers(stop))
+        else:
+            await self._prune(stop)
+
+    async def _refresh_issuers(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self.issuers.refresh_due)
+            except Exception:  # a bug, not a fetch failure (those are logged and retried)
+                _log.exception("refreshing the trusted issuers' keys failed; retrying later")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), ISSUER_TICK)
+
+    async def _prune(self, stop: asyncio.Event) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), PRUNE_INTERVAL)
@@ -111,7 +130,12 @@ def build(
     own = ca.trust_domain
     replay = ReplayGuard()
     trusted = TrustedBundles(settings.trusted)
-    known_issuers: dict[str, TrustDomain] = {settings.issuer: own, **trusted.issuers()}
+    issuers = DiscoveredIssuers(settings.issuers, clock, settings.issuers_ca)
+    known_issuers: dict[str, TrustDomain] = {
+        settings.issuer: own,
+        **trusted.issuers(),
+        **issuers.issuers(),
+    }
 
     # One JwtBundle per published bundle: the verifier keeps its key checks while it is the same
     # object.
@@ -119,7 +143,7 @@ def build(
 
     def bundles(td: TrustDomain) -> JwtBundle | None:
         if td != own:
-            return trusted.get(td)
+            return trusted.get(td) or issuers.get(td)
         current = ca.bundle()
         if memo[0] is not current:
             memo[0], memo[1] = current, current.jwt_bundle()
@@ -147,7 +171,9 @@ def build(
     # Grants block on the ledger's commit, holding no GIL while they wait: enough threads that
     # every request in flight joins the commit under way (the default executor has cpus+4).
     workers = Workers(GRANT_THREADS, "oauth-grant")
-    service = OAuthService(settings, listener, ca, clock, trusted, datastore, replay, workers)
+    service = OAuthService(
+        settings, listener, ca, clock, trusted, datastore, replay, workers, issuers
+    )
     algs = sorted({alg_for_key(_public(ca)), "ES256"})
     listener.mount(
         OIDC_PATH, static_document(discovery.openid_configuration(settings.issuer, algs))

@@ -203,6 +203,18 @@ def test_jwks_round_trip_has_only_jwt_keys(full_bundle: SpiffeBundle) -> None:
     assert jb.get("nope") is None
 
 
+def test_an_oidc_jwks_gives_its_sig_keys_when_asked_and_never_its_enc_keys(
+    full_bundle: SpiffeBundle,
+) -> None:
+    doc = json.loads(full_bundle.jwt_bundle().to_jwks())
+    (first, *rest) = doc["keys"]
+    oidc = {"keys": [{**first, "use": "sig"}] + [{**k, "use": "enc"} for k in rest]}
+    data = json.dumps(oidc).encode()
+    assert JwtBundle.parse_jwks(TD, data).keys == {}  # a SPIFFE JWT bundle says jwt-svid
+    taken = JwtBundle.parse_jwks(TD, data, uses=("sig", "jwt-svid"))
+    assert list(taken.keys) == [first["kid"]]
+
+
 def test_jwks_key_without_kid_is_an_error() -> None:
     with pytest.raises(BundleError, match="kid"):
         JwtBundle.parse_jwks(TD, b'{"keys": [{"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}]}')

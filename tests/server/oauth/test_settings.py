@@ -75,6 +75,32 @@ def test_https_issuer_with_certificate() -> None:
             },
             "oauth_trusted_bundles",
         ),
+        (
+            {
+                "oidc_issuer": "http://127.0.0.1:1",
+                "oauth_bind_address": "127.0.0.1:1",
+                "oauth_trusted_bundles": ["partner.org=/etc/partner.json"],
+                "oauth_trusted_issuers": ["partner.org=https://oidc.partner.example"],
+            },
+            "oauth_trusted_issuers: partner.org has a bundle file already",
+        ),
+        (
+            {
+                "oidc_issuer": "http://127.0.0.1:1",
+                "oauth_bind_address": "127.0.0.1:1",
+                "oauth_trusted_issuers": ["partner.org=http://127.0.0.1:1"],
+            },
+            "oauth_trusted_issuers: http://127.0.0.1:1 is this server's own issuer",
+        ),
+        (
+            {
+                "oidc_issuer": "http://127.0.0.1:1",
+                "oauth_bind_address": "127.0.0.1:1",
+                "oauth_trusted_issuers": ["partner.org=https://oidc.partner.example"],
+                "oauth_trusted_issuers_ca": "/no/such/ca.pem",
+            },
+            "oauth_trusted_issuers_ca: no such file",
+        ),
     ],
 )
 def test_bad_oauth_settings_name_their_key(values: dict[str, Any], key: str) -> None:

@@ -1,0 +1,199 @@
+"""Other trust domains whose JWT-SVIDs the token endpoint accepts, their keys found by OIDC
+discovery, as workload identity federation for MCP (SEP-1933) expects of an authorization
+server: ``<issuer>/.well-known/openid-configuration`` names the ``jwks_uri``, whose JWKS holds
+the keys.
+
+Each issuer is fetched at start and again when its JWKS's ``Cache-Control: max-age`` runs out
+(held within [MIN_REFRESH, MAX_REFRESH]); a failed fetch keeps the keys fetched last and is
+tried again after RETRY. Until a first fetch succeeds, that trust domain's tokens are refused
+(no keys). The fetch is blocking (http.client) and follows no redirect: the service runs it in
+a worker thread.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import re
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from server.errors import ConfigError
+from server.oauth.discovery import OIDC_PATH
+from server.oauth.settings import TrustedIssuer, check_issuer
+from svid._bundle import USE_JWT, JwtBundle
+from svid._clock import Clock
+from svid._errors import BundleError
+from svid._spiffe_id import TrustDomain
+
+_log = logging.getLogger("svid.server.oauth")
+
+TIMEOUT = 10.0
+MAX_DOCUMENT_BYTES = 256 * 1024
+MAX_KEYS = 64
+MIN_REFRESH = 60.0
+MAX_REFRESH = 3600.0
+DEFAULT_REFRESH = 300.0
+RETRY = 30.0
+# A JWKS served for OIDC marks its keys "sig"; one served as a SPIFFE bundle, "jwt-svid".
+KEY_USES = ("sig", USE_JWT)
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)\s*(?:,|$)", re.IGNORECASE)
+
+
+class IssuerError(Exception):
+    """An issuer's discovery document or keys could not be fetched or were refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedKeys:
+    bundle: JwtBundle
+    max_age: float | None  # from the JWKS's Cache-Control; None when it says nothing
+
+
+Fetch = Callable[[TrustedIssuer, ssl.SSLContext], FetchedKeys]
+
+
+def fetch_keys(issuer: TrustedIssuer, ctx: ssl.SSLContext) -> FetchedKeys:
+    """The issuer's keys by OIDC discovery; IssuerError saying what went wrong."""
+    body, _ = _get(issuer.url + OIDC_PATH, ctx)
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise IssuerError(f"{issuer.url}: the discovery document is not JSON") from None
+    if not isinstance(doc, dict):
+        raise IssuerError(f"{issuer.url}: the discovery document is not a JSON object")
+    # OpenID Connect Discovery 1.0 §4.3: the document must name exactly the issuer asked for.
+    if doc.get("issuer") != issuer.url:
+        raise IssuerError(
+            f"{issuer.url}: the discovery document names issuer "
+            f"{str(doc.get('issuer'))[:200]!r}, not this one"
+        )
+    jwks_uri = doc.get("jwks_uri")
+    if not isinstance(jwks_uri, str):
+        raise IssuerError(f"{issuer.url}: the discovery document has no jwks_uri")
+    try:
+        check_issuer(jwks_uri, "jwks_uri")  # https (http on loopback only), a host
+    except ConfigError as exc:
+        raise IssuerError(f"{issuer.url}: {exc}") from None
+    keys, max_age = _get(jwks_uri, ctx)
+    try:
+        bundle = JwtBundle.parse_jwks(issuer.trust_domain, keys, uses=KEY_USES)
+    except BundleError as exc:
+        raise IssuerError(f"{issuer.url}: {exc}") from None
+    if not bundle.keys:
+        raise IssuerError(f"{issuer.url}: its JWKS holds no signing key svidd can use")
+    if len(bundle.keys) > MAX_KEYS:
+        raise IssuerError(f"{issuer.url}: its JWKS holds {len(bundle.keys)} keys (> {MAX_KEYS})")
+    return FetchedKeys(bundle, max_age)
+
+
+def _get(url: str, ctx: ssl.SSLContext) -> tuple[bytes, float | None]:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(host, parts.port, timeout=TIMEOUT, context=ctx)
+    else:  # check_issuer let plain http through only for a loopback host
+        conn = http.client.HTTPConnection(host, parts.port, timeout=TIMEOUT)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn.request("GET", path, headers={"Accept": "application/json"})
+        reply = conn.getresponse()
+        if reply.status != 200:  # a redirect too: the URL is the one configured or published
+            raise IssuerError(f"{url}: HTTP {reply.status}")
+        body = reply.read(MAX_DOCUMENT_BYTES + 1)
+        cache_control = reply.getheader("Cache-Control") or ""
+    except (OSError, http.client.HTTPException) as exc:
+        raise IssuerError(f"{url}: {type(exc).__name__}: {exc}") from None
+    finally:
+        conn.close()
+    if len(body) > MAX_DOCUMENT_BYTES:
+        raise IssuerError(f"{url}: the document is over {MAX_DOCUMENT_BYTES} bytes")
+    found = _MAX_AGE.search(cache_control)
+    return body, float(found.group(1)) if found else None
+
+
+def next_refresh(max_age: float | None) -> float:
+    """Seconds until the keys are fetched again: the JWKS's max-age, held within bounds."""
+    if max_age is None:
+        return DEFAULT_REFRESH
+    return min(max(max_age, MIN_REFRESH), MAX_REFRESH)
+
+
+class DiscoveredIssuers:
+    """The keys of the trusted issuers, each fetched when due (``refresh_due``)."""
+
+    def __init__(
+        self,
+        issuers: tuple[TrustedIssuer, ...],
+        clock: Clock,
+        ca_file: Path | None = None,
+        fetch: Fetch = fetch_keys,
+    ) -> None:
+        self._issuers = issuers
+        self._clock = clock
+        self._fetch = fetch
+        self._ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self._ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._lock = threading.Lock()
+        self._bundles: dict[TrustDomain, JwtBundle] = {}
+        self._due: dict[TrustDomain, float] = {i.trust_domain: 0.0 for i in issuers}
+
+    def __bool__(self) -> bool:
+        return bool(self._issuers)
+
+    def get(self, td: TrustDomain) -> JwtBundle | None:
+        return self._bundles.get(td)
+
+    def issuers(self) -> dict[str, TrustDomain]:
+        """Issuer URLs, as their tokens carry them in ``iss``, and their trust domains."""
+        return {i.url: i.trust_domain for i in self._issuers}
+
+    def refresh_due(self) -> int:
+        """Fetch every issuer whose keys are due (all of them, the first time); how many were
+        fetched. Blocking: a worker thread's job."""
+        now = self._clock.now()
+        fetched = 0
+        for issuer in self._issuers:
+            with self._lock:
+                if self._due[issuer.trust_domain] > now:
+                    continue
+            fetched += self._refresh(issuer)
+        return fetched
+
+    def _refresh(self, issuer: TrustedIssuer) -> bool:
+        td = issuer.trust_domain
+        try:
+            keys = self._fetch(issuer, self._ctx)
+        except IssuerError as exc:
+            held = "keeping the keys fetched before" if td in self._bundles else "no keys yet"
+            _log.warning(
+                "trusted issuer %s: fetching its keys failed (%s); %s, trying again in %.0f s",
+                issuer.url,
+                exc,
+                held,
+                RETRY,
+            )
+            with self._lock:
+                self._due[td] = self._clock.now() + RETRY
+            return False
+        with self._lock:
+            previous = self._bundles.get(td)
+            # The same keys keep the same object: the verifier's key checks stay memoised.
+            if previous != keys.bundle:
+                self._bundles[td] = keys.bundle
+            self._due[td] = self._clock.now() + next_refresh(keys.max_age)
+        if previous != keys.bundle:
+            _log.info(
+                "trusted issuer %s: %d keys for %s (%s)",
+                issuer.url,
+                len(keys.bundle.keys),
+                td,
+                ", ".join(sorted(keys.bundle.keys))[:200],
+            )
+        return True

@@ -1,0 +1,289 @@
+"""Other trust domains trusted by their issuer URL, their keys found by OIDC discovery: a real
+svidd server with its token endpoint on HTTPS, and another issuer served over HTTPS from a
+thread here (its discovery document and JWKS), each with a test CA of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.ca.signer import JwtSigner
+from server.errors import ConfigError
+from server.oauth.issuers import (
+    DEFAULT_REFRESH,
+    MAX_REFRESH,
+    MIN_REFRESH,
+    RETRY,
+    DiscoveredIssuers,
+    IssuerError,
+    fetch_keys,
+    next_refresh,
+)
+from server.oauth.settings import TrustedIssuer, parse_trusted_issuers
+from svid._jwk import public_key_members
+from svid._spiffe_id import SpiffeId, TrustDomain
+from tests.server.fixtures import short_tmpdir, write_tls_files
+from tests.server.oauth.conftest import RESOURCE, OAuthServer, serving_oauth
+
+PARTNER = TrustDomain.parse("partner.org")
+WORKLOAD = SpiffeId.parse("spiffe://partner.org/ci/deployer")
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+
+
+@dataclass
+class Issuer:
+    """Another deployment's OIDC issuer: what its discovery document and JWKS say (changeable
+    while it serves), and how many times each was fetched."""
+
+    url: str = ""
+    ca_file: Path = Path()
+    keys: dict[str, ec.EllipticCurvePrivateKey] = field(default_factory=dict)
+    named_issuer: str | None = None  # None: its own URL
+    status: int = 200
+    max_age: int = 120
+    fetches: dict[str, int] = field(default_factory=dict)
+
+    def add_key(self, kid: str) -> ec.EllipticCurvePrivateKey:
+        self.keys[kid] = ec.generate_private_key(ec.SECP256R1())
+        return self.keys[kid]
+
+    def assertion(self, kid: str, audience: str, clock: Any) -> str:
+        signer = JwtSigner(self.keys[kid], kid, clock, int(clock.now()) + 3600, issuer=self.url)
+        return signer.sign(WORKLOAD, [audience], 120).token
+
+    def answer(self, path: str) -> tuple[int, bytes, dict[str, str]]:
+        self.fetches[path] = self.fetches.get(path, 0) + 1
+        if self.status != 200:
+            return self.status, b"{}", {}
+        if path == "/.well-known/openid-configuration":
+            doc = {"issuer": self.named_issuer or self.url, "jwks_uri": self.url + "/jwks"}
+            return 200, json.dumps(doc).encode(), {}
+        if path == "/jwks":
+            jwks = [
+                {**public_key_members(k.public_key()), "kid": kid, "use": "sig", "alg": "ES256"}
+                for kid, k in self.keys.items()
+            ]
+            headers = {"Cache-Control": f"public, max-age={self.max_age}"}
+            return 200, json.dumps({"keys": jwks}).encode(), headers
+        return 404, b"{}", {}
+
+
+@pytest.fixture
+def issuer() -> Iterator[Issuer]:
+    """The other issuer, serving on HTTPS with its own test CA's certificate for 127.0.0.1."""
+    state = Issuer()
+    ca_file, cert, key = write_tls_files(short_tmpdir("iss"))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body, headers = state.answer(self.path)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    state.url = f"https://127.0.0.1:{httpd.server_address[1]}"
+    state.ca_file = ca_file
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _serving(issuer: Issuer, **overrides: Any) -> Any:
+    return serving_oauth(
+        "oti",
+        [RESOURCE],
+        oauth_trusted_issuers=[f"{PARTNER}={issuer.url}"],
+        oauth_trusted_issuers_ca=str(issuer.ca_file),
+        **overrides,
+    )
+
+
+def _exchange(server: OAuthServer, assertion: str) -> httpx.Response:
+    form = {"grant_type": JWT_BEARER, "assertion": assertion, "resource": RESOURCE}
+    return httpx.post(server.issuer + "/token", data=form, verify=server.ssl_context())
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_jwt_svid_of_a_discovered_issuer_gets_an_access_token(issuer: Issuer) -> None:
+    issuer.add_key("p1")
+    with _serving(issuer) as server:
+        clock = server.running.clock
+        # The first fetch runs once the server has started; until then there are no keys.
+        _eventually(lambda: issuer.fetches.get("/jwks", 0) >= 1)
+        reply = _exchange(server, issuer.assertion("p1", server.issuer, clock))
+        assert reply.status_code == 200, reply.text
+        (event,) = [
+            r
+            for r in server.running.server.datastore.audit_rows()
+            if r["kind"] == "oauth_jwt_bearer"
+        ]
+        assert event["decision"] == "allow"
+        # A key the issuer does not publish, and one of ours naming the partner as its iss,
+        # are refused: the keys are the issuer's, found through its own URL.
+        stranger = Issuer(url=issuer.url)
+        stranger.add_key("p1")
+        forged = _exchange(server, stranger.assertion("p1", server.issuer, clock))
+        assert forged.status_code == 400
+        assert forged.json()["error"] == "invalid_grant"
+        assert "signature" in forged.json()["error_description"]
+
+
+def test_keys_follow_the_issuer_as_its_max_age_runs_out(issuer: Issuer) -> None:
+    issuer.add_key("p1")
+    issuer.max_age = 120
+    with _serving(issuer) as server:
+        clock = server.running.clock
+        _eventually(lambda: issuer.fetches.get("/jwks", 0) == 1)
+        issuer.keys.clear()
+        issuer.add_key("p2")  # rotated: p1 is gone
+        new = issuer.assertion("p2", server.issuer, clock)
+        assert _exchange(server, new).status_code == 400  # not fetched yet: still p1
+        clock.advance(121)
+        _eventually(lambda: issuer.fetches.get("/jwks", 0) == 2)
+        assert _exchange(server, issuer.assertion("p2", server.issuer, clock)).status_code == 200
+
+
+def test_an_issuer_down_at_start_is_tried_again_and_its_keys_kept_when_it_fails_later(
+    issuer: Issuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    issuer.add_key("p1")
+    issuer.status = 503
+    with caplog.at_level(logging.WARNING, "svid.server.oauth"), _serving(issuer) as server:
+        clock = server.running.clock
+        _eventually(lambda: issuer.fetches.get("/.well-known/openid-configuration", 0) == 1)
+        refused = _exchange(server, issuer.assertion("p1", server.issuer, clock))
+        assert refused.status_code == 400
+        assert "no JWT bundle for trust domain partner.org" in refused.json()["error_description"]
+        _eventually(lambda: "HTTP 503" in caplog.text and "no keys yet" in caplog.text)
+        issuer.status = 200
+        clock.advance(RETRY + 1)
+        _eventually(lambda: issuer.fetches.get("/jwks", 0) == 1)
+        assert _exchange(server, issuer.assertion("p1", server.issuer, clock)).status_code == 200
+        issuer.status = 500  # down again: what was fetched stays in use
+        clock.advance(MAX_REFRESH + 1)
+        _eventually(lambda: "keeping the keys fetched before" in caplog.text)
+        assert _exchange(server, issuer.assertion("p1", server.issuer, clock)).status_code == 200
+
+
+# --- the fetch itself, against the same HTTPS issuer ---
+
+
+def _fetch(issuer: Issuer, ca_file: Path | None = None) -> Any:
+    ctx = ssl.create_default_context(cafile=str(ca_file or issuer.ca_file))
+    return fetch_keys(TrustedIssuer(PARTNER, issuer.url), ctx)
+
+
+def test_the_fetch_takes_sig_keys_and_the_max_age(issuer: Issuer) -> None:
+    issuer.add_key("p1")
+    issuer.add_key("p2")
+    issuer.max_age = 900
+    fetched = _fetch(issuer)
+    assert sorted(fetched.bundle.keys) == ["p1", "p2"]
+    assert fetched.bundle.trust_domain == PARTNER
+    assert fetched.max_age == 900
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("other issuer", "names issuer 'https://elsewhere.example'"),
+        ("no keys", "no signing key"),
+        ("status", "HTTP 404"),
+        ("untrusted certificate", "CERTIFICATE_VERIFY_FAILED"),
+    ],
+)
+def test_the_fetch_refuses_what_it_cannot_trust(issuer: Issuer, case: str, says: str) -> None:
+    issuer.add_key("p1")
+    ca_file = None
+    if case == "other issuer":
+        issuer.named_issuer = "https://elsewhere.example"
+    elif case == "no keys":
+        issuer.keys.clear()
+    elif case == "status":
+        issuer.status = 404
+    elif case == "untrusted certificate":
+        ca_file = write_tls_files(short_tmpdir("iso"))[0]  # another CA than the issuer's
+    with pytest.raises(IssuerError, match=says):
+        _fetch(issuer, ca_file)
+
+
+def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
+    assert next_refresh(None) == DEFAULT_REFRESH
+    assert next_refresh(5) == MIN_REFRESH
+    assert next_refresh(10**9) == MAX_REFRESH
+    assert next_refresh(600) == 600
+
+    class Clock:
+        t = 1000.0
+
+        def now(self) -> float:
+            return self.t
+
+    clock = Clock()
+    calls: list[str] = []
+
+    def failing(item: TrustedIssuer, ctx: ssl.SSLContext) -> Any:
+        calls.append(item.url)
+        raise IssuerError("down")
+
+    found = DiscoveredIssuers(
+        (TrustedIssuer(PARTNER, "https://partner.example"),),
+        clock,
+        fetch=failing,  # type: ignore[arg-type]
+    )
+    assert found.refresh_due() == 0
+    assert found.refresh_due() == 0  # not due again before RETRY
+    assert calls == ["https://partner.example"]
+    clock.t += RETRY
+    found.refresh_due()
+    assert len(calls) == 2
+    assert found.get(PARTNER) is None
+
+
+@pytest.mark.parametrize(
+    ("items", "says"),
+    [
+        (["partner.org"], "TRUST_DOMAIN=ISSUER_URL"),
+        (["partner.org=ftp://x"], "https:// URL"),
+        (["partner.org=http://partner.example"], "only on loopback"),
+        (["partner.org=https://a.example", "partner.org=https://b.example"], "named twice"),
+        (["spiffe://x/y=https://a.example"], "oauth_trusted_issuers"),
+    ],
+)
+def test_bad_trusted_issuers_name_their_key(items: list[str], says: str) -> None:
+    with pytest.raises(ConfigError, match="oauth_trusted_issuers") as raised:
+        parse_trusted_issuers(tuple(items))
+    assert says in str(raised.value)
