@@ -44,7 +44,11 @@ class AssertionChecker:
         known_issuers: Mapping[str, TrustDomain],
         reserve_jti: ReserveJti,
         clock: Clock,
+        on_refused: Callable[[str], object] | None = None,
     ) -> None:
+        """``on_refused``: told of each token whose verification failed (to fetch keys an
+        issuer has published since)."""
+        self._on_refused = on_refused
         self._audiences = audiences
         self._known_issuers = dict(known_issuers)
         self._reserve_jti = reserve_jti
@@ -80,6 +84,8 @@ class AssertionChecker:
         try:
             return self._verifier.verify_any(token, self._audiences)
         except VerificationError as exc:
+            if self._on_refused is not None:
+                self._on_refused(token)
             raise InvalidGrantError(f"{what} refused: {exc}") from None
 
 

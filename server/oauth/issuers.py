@@ -4,8 +4,9 @@ server: ``<issuer>/.well-known/openid-configuration`` names the ``jwks_uri``, wh
 the keys.
 
 Each issuer is fetched at start and again when its JWKS's ``Cache-Control: max-age`` runs out
-(held within [MIN_REFRESH, MAX_REFRESH]); a failed fetch keeps the keys fetched last and is
-tried again after RETRY. Until a first fetch succeeds, that trust domain's tokens are refused
+(held within [MIN_REFRESH, MAX_REFRESH]), or sooner when a token names a key it did not
+publish (at most once per WANTED_GAP); a failed fetch keeps the keys fetched last and is tried
+again after RETRY. Until a first fetch succeeds, that trust domain's tokens are refused
 (no keys). The fetch is blocking (http.client) and follows no redirect: the service runs it in
 a worker thread.
 """
@@ -40,6 +41,9 @@ MIN_REFRESH = 60.0
 MAX_REFRESH = 3600.0
 DEFAULT_REFRESH = 300.0
 RETRY = 30.0
+# A token signed with a key the issuer did not publish when last fetched makes its keys due at
+# once (keys rotate), at most this often per issuer: unknown kids cost an attacker nothing.
+WANTED_GAP = 10.0
 # A JWKS served for OIDC marks its keys "sig"; one served as a SPIFFE bundle, "jwt-svid".
 KEY_USES = ("sig", USE_JWT)
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)\s*(?:,|$)", re.IGNORECASE)
@@ -143,6 +147,7 @@ class DiscoveredIssuers:
         self._lock = threading.Lock()
         self._bundles: dict[TrustDomain, JwtBundle] = {}
         self._due: dict[TrustDomain, float] = {i.trust_domain: 0.0 for i in issuers}
+        self._wanted: dict[TrustDomain, float] = {}
 
     def __bool__(self) -> bool:
         return bool(self._issuers)
@@ -153,6 +158,22 @@ class DiscoveredIssuers:
     def issuers(self) -> dict[str, TrustDomain]:
         """Issuer URLs, as their tokens carry them in ``iss``, and their trust domains."""
         return {i.url: i.trust_domain for i in self._issuers}
+
+    def key_wanted(self, td: TrustDomain, kid: str) -> bool:
+        """A token of ``td`` named key ``kid``, which its issuer's keys do not hold: fetch them
+        at the next look, unless that was asked less than WANTED_GAP ago. True if it will be."""
+        now = self._clock.now()
+        with self._lock:
+            if td not in self._due:  # not a discovered issuer's trust domain
+                return False
+            bundle = self._bundles.get(td)
+            if bundle is not None and kid in bundle.keys:
+                return False  # the key is there: the token is bad for another reason
+            if now < self._wanted.get(td, -WANTED_GAP) + WANTED_GAP:
+                return False
+            self._wanted[td] = now
+            self._due[td] = min(self._due[td], now)
+            return True
 
     def refresh_due(self) -> int:
         """Fetch every issuer whose keys are due (all of them, the first time); how many were

@@ -35,8 +35,10 @@ from server.oauth.trusted import TrustedBundles
 from server.oauth.workers import Workers
 from svid._bundle import JwtBundle
 from svid._clock import Clock
+from svid._errors import JwtSvidError, SpiffeIdError
 from svid._jose import PublicKey, alg_for_key
-from svid._spiffe_id import TrustDomain
+from svid._jwt import split_and_check_header
+from svid._spiffe_id import SpiffeId, TrustDomain
 
 _log = logging.getLogger("svid.server.oauth")
 PRUNE_INTERVAL = 60.0
@@ -149,12 +151,25 @@ def build(
             memo[0], memo[1] = current, current.jwt_bundle()
         return memo[1]  # type: ignore[return-value]
 
+    def refused(token: str) -> None:
+        # A discovered issuer may have rotated to a key not fetched yet: read the token only
+        # for its trust domain and key id (it is refused either way).
+        try:
+            split = split_and_check_header(token)
+            sub = split.claims.get("sub")
+            td = SpiffeId.parse(sub).trust_domain if isinstance(sub, str) else None
+        except (JwtSvidError, SpiffeIdError):
+            return
+        if td is not None:
+            issuers.key_wanted(td, split.kid)
+
     checker = AssertionChecker(
         bundles=bundles,
         audiences=(settings.issuer, settings.issuer + TOKEN_PATH),
         known_issuers=known_issuers,
         reserve_jti=replay.reserve,
         clock=clock,
+        on_refused=refused if issuers else None,
     )
     grants = Grants(
         checker=checker,

@@ -26,12 +26,14 @@ from server.oauth.issuers import (
     MAX_REFRESH,
     MIN_REFRESH,
     RETRY,
+    WANTED_GAP,
     DiscoveredIssuers,
     IssuerError,
     fetch_keys,
     next_refresh,
 )
 from server.oauth.settings import TrustedIssuer, parse_trusted_issuers
+from server.oauth.wiring import ISSUER_TICK
 from svid._jwk import public_key_members
 from svid._spiffe_id import SpiffeId, TrustDomain
 from tests.server.fixtures import short_tmpdir, write_tls_files
@@ -176,6 +178,27 @@ def test_keys_follow_the_issuer_as_its_max_age_runs_out(issuer: Issuer) -> None:
         assert _exchange(server, issuer.assertion("p2", server.issuer, clock)).status_code == 200
 
 
+def test_a_key_the_issuer_published_since_is_fetched_when_a_token_names_it(
+    issuer: Issuer,
+) -> None:
+    issuer.add_key("p1")
+    with _serving(issuer) as server:
+        clock = server.running.clock
+        _eventually(lambda: issuer.fetches.get("/jwks", 0) == 1)
+        issuer.add_key("p2")  # published, and used at once; the clock has not moved
+        first = _exchange(server, issuer.assertion("p2", server.issuer, clock))
+        assert first.status_code == 400
+        assert "kid 'p2'" in first.json()["error_description"]
+        _eventually(lambda: issuer.fetches.get("/jwks", 0) == 2)
+        assert _exchange(server, issuer.assertion("p2", server.issuer, clock)).status_code == 200
+        # A bad signature under a key that is there fetches nothing.
+        stranger = Issuer(url=issuer.url)
+        stranger.add_key("p1")
+        assert _exchange(server, stranger.assertion("p1", server.issuer, clock)).status_code == 400
+        time.sleep(2 * ISSUER_TICK)
+        assert issuer.fetches["/jwks"] == 2
+
+
 def test_an_issuer_down_at_start_is_tried_again_and_its_keys_kept_when_it_fails_later(
     issuer: Issuer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -271,6 +294,17 @@ def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
     found.refresh_due()
     assert len(calls) == 2
     assert found.get(PARTNER) is None
+    # An unknown key makes the keys due at once, but not more often than WANTED_GAP.
+    assert found.key_wanted(PARTNER, "k9")
+    assert found.refresh_due() == 0
+    assert len(calls) == 3
+    clock.t += 1
+    assert not found.key_wanted(PARTNER, "k9")
+    assert found.refresh_due() == 0
+    assert len(calls) == 3
+    clock.t += WANTED_GAP
+    assert found.key_wanted(PARTNER, "k9")
+    assert not found.key_wanted(TrustDomain.parse("other.org"), "k9")  # not an issuer's
 
 
 @pytest.mark.parametrize(
