@@ -1,6 +1,7 @@
-"""Other trust domains trusted by their issuer URL, their keys found by OIDC discovery: a real
-svidd server with its token endpoint on HTTPS, and another issuer served over HTTPS from a
-thread here (its discovery document and JWKS), each with a test CA of its own."""
+"""Other trust domains at the token endpoint: trusted by their issuer URL, their keys found by
+OIDC discovery (a real svidd server with its token endpoint on HTTPS, and another issuer served
+over HTTPS from a thread here, its discovery document and JWKS, each with a test CA of its
+own), or by a bundle file."""
 
 from __future__ import annotations
 
@@ -321,3 +322,23 @@ def test_bad_trusted_issuers_name_their_key(items: list[str], says: str) -> None
     with pytest.raises(ConfigError, match="oauth_trusted_issuers") as raised:
         parse_trusted_issuers(tuple(items))
     assert says in str(raised.value)
+
+
+def test_a_trust_domain_trusted_by_a_bundle_file_gets_an_access_token(tmp_path: Path) -> None:
+    # The other way to trust a domain: its keys in a file (here a JWKS), read at start.
+    partner = Issuer(url="")
+    partner.add_key("f1")
+    jwks = partner.answer("/jwks")[1]
+    bundle = tmp_path / "partner.jwks"
+    bundle.write_bytes(jwks.replace(b'"use": "sig"', b'"use": "jwt-svid"'))
+    with serving_oauth("otb", [RESOURCE], oauth_trusted_bundles=[f"{PARTNER}={bundle}"]) as server:
+        clock = server.running.clock
+        signer = JwtSigner(partner.keys["f1"], "f1", clock, int(clock.now()) + 3600)
+        token = signer.sign(WORKLOAD, [server.issuer], 120).token  # no iss: its trust domain's
+        assert _exchange(server, token).status_code == 200
+        other = Issuer(url="")
+        other.add_key("f1")
+        forged = JwtSigner(other.keys["f1"], "f1", clock, int(clock.now()) + 3600)
+        assert (
+            _exchange(server, forged.sign(WORKLOAD, [server.issuer], 120).token).status_code == 400
+        )
