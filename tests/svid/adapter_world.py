@@ -124,3 +124,38 @@ def serving(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+async def call_asgi(
+    app: Any,
+    token: str,
+    *,
+    method: str = "GET",
+    path: str = "/",
+    parts: tuple[bytes, ...] = (b"",),
+    on_read: Callable[[], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """One request straight through an ASGI ``app`` with a bearer ``token``, its body in
+    ``parts`` (one ASGI message each; ``on_read`` runs at each read): the messages sent back."""
+    messages = [
+        {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
+        for i, part in enumerate(parts)
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if on_read is not None:
+            on_read()
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": [(b"authorization", f"Bearer {token}".encode())],
+    }
+    await app(scope, receive, send)
+    return sent

@@ -17,6 +17,7 @@ from tests.svid.adapter_world import (
     AUDIENCE,
     RUNTIME,
     RevokingSource,
+    call_asgi,
     serving,
     task_token,
     workload_token,
@@ -190,25 +191,6 @@ class _RevokingRule:
         return ()
 
 
-async def _call(middleware: Any, token: str) -> list[dict[str, Any]]:
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/",
-        "headers": [(b"authorization", f"Bearer {token}".encode())],
-    }
-    await middleware(scope, receive, send)
-    return sent
-
-
 @pytest.mark.parametrize(("revoked", "status"), [("j1", 401), ("another", 200)])
 def test_a_revocation_between_verification_and_admission_is_not_missed(
     source: RevokingSource, revoked: str, status: int
@@ -218,7 +200,7 @@ def test_a_revocation_between_verification_and_admission_is_not_missed(
     middleware = svid.asgi.SvidAuthMiddleware(
         app, audience=AUDIENCE, source=source, required_scopes=_RevokingRule(source, revoked)
     )
-    sent = asyncio.run(_call(middleware, task_token()))
+    sent = asyncio.run(call_asgi(middleware, task_token()))
     assert sent[0]["status"] == status
     if status == 401:
         assert dict(sent[0]["headers"])[b"www-authenticate"].endswith(

@@ -20,7 +20,7 @@ from mcp.shared.exceptions import MCPError
 
 import svid.mcp
 from svid.asgi import DEFAULT_MAX_BODY
-from tests.svid.adapter_world import AUDIENCE, RevokingSource, serving, task_token
+from tests.svid.adapter_world import AUDIENCE, RevokingSource, call_asgi, serving, task_token
 
 SEEN: list[Any] = []
 
@@ -265,30 +265,12 @@ def _tool_call(tool: str) -> bytes:
     return json.dumps(message).encode()
 
 
-async def _post(protected: Any, token: str, parts: list[bytes], on_read: Any = None) -> Any:
-    """POST ``parts`` (one ASGI message each) through ``protected``; what was sent back."""
-    messages = [
-        {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
-        for i, part in enumerate(parts)
-    ]
-    sent: list[Any] = []
-
-    async def receive() -> Any:
-        if on_read is not None:
-            on_read()
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/mcp",
-        "headers": [(b"authorization", f"Bearer {token}".encode())],
-    }
-    await protected(scope, receive, send)
-    return sent
+async def _post(
+    protected: Any, token: str, parts: list[bytes], on_read: Any = None
+) -> list[dict[str, Any]]:
+    return await call_asgi(
+        protected, token, method="POST", path="/mcp", parts=tuple(parts), on_read=on_read
+    )
 
 
 def _protected_app(source: RevokingSource, bodies: list[bytes]) -> Any:

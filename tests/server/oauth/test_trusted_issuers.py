@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.ca.signer import JwtSigner
 from server.errors import ConfigError
+from server.oauth.discovery import JWT_BEARER
 from server.oauth.issuers import (
     DEFAULT_REFRESH,
     MAX_REFRESH,
@@ -42,7 +43,6 @@ from tests.server.oauth.conftest import RESOURCE, OAuthServer, serving_oauth
 
 PARTNER = TrustDomain.parse("partner.org")
 WORKLOAD = SpiffeId.parse("spiffe://partner.org/ci/deployer")
-JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
 
 @dataclass
