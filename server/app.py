@@ -466,6 +466,7 @@ class Server:
             ledger=Ledger(self.tasks.audit),
             tasks=self.tasks.service,
             clock=self.clock,
+            audit=self.tasks.audit.append,
         )
         try:
             await service.start()

@@ -3,6 +3,9 @@ discovery, as workload identity federation for MCP (SEP-1933) expects of an auth
 server: ``<issuer>/.well-known/openid-configuration`` names the ``jwks_uri``, whose JWKS holds
 the keys.
 
+Every change of an issuer's keys is an audit event before the keys are used (if it cannot be
+recorded, they are not), and so is every failed fetch.
+
 Each issuer is fetched at start and again when its JWKS's ``Cache-Control: max-age`` runs out
 (held within [MIN_REFRESH, MAX_REFRESH]), or sooner when a token names a key it did not
 publish (at most once per WANTED_GAP); a failed fetch keeps the keys fetched last and is tried
@@ -47,6 +50,13 @@ WANTED_GAP = 10.0
 # A JWKS served for OIDC marks its keys "sig"; one served as a SPIFFE bundle, "jwt-svid".
 KEY_USES = ("sig", USE_JWT)
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)\s*(?:,|$)", re.IGNORECASE)
+
+
+ISSUER_KEYS_CHANGED = "oauth_issuer_keys_changed"
+ISSUER_KEYS_REFUSED = "oauth_issuer_keys_refused"
+
+# AuditLog.append: (kind, **EventDraft fields); durable when it returns.
+Audit = Callable[..., object]
 
 
 class IssuerError(Exception):
@@ -138,8 +148,10 @@ class DiscoveredIssuers:
         clock: Clock,
         ca_file: Path | None = None,
         fetch: Fetch = fetch_keys,
+        audit: Audit | None = None,
     ) -> None:
         self._issuers = issuers
+        self._audit = audit
         self._clock = clock
         self._fetch = fetch
         self._ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
@@ -191,6 +203,9 @@ class DiscoveredIssuers:
         td = issuer.trust_domain
         try:
             keys = self._fetch(issuer, self._ctx)
+            changed = self._bundles.get(td) != keys.bundle
+            if changed and self._audit is not None:
+                self._audit_change(issuer, keys.bundle)
         except IssuerError as exc:
             held = "keeping the keys fetched before" if td in self._bundles else "no keys yet"
             _log.warning(
@@ -200,16 +215,26 @@ class DiscoveredIssuers:
                 held,
                 RETRY,
             )
+            if self._audit is not None:
+                try:
+                    self._audit(
+                        ISSUER_KEYS_REFUSED,
+                        reason=str(exc)[:500],
+                        extra={"trust_domain": td.name, "issuer": issuer.url},
+                    )
+                except Exception:  # the refusal stands; only its record is missing
+                    _log.exception(
+                        "trusted issuer %s: the failed fetch was not audited", issuer.url
+                    )
             with self._lock:
                 self._due[td] = self._clock.now() + RETRY
             return False
         with self._lock:
-            previous = self._bundles.get(td)
             # The same keys keep the same object: the verifier's key checks stay memoised.
-            if previous != keys.bundle:
+            if changed:
                 self._bundles[td] = keys.bundle
             self._due[td] = self._clock.now() + next_refresh(keys.max_age)
-        if previous != keys.bundle:
+        if changed:
             _log.info(
                 "trusted issuer %s: %d keys for %s (%s)",
                 issuer.url,
@@ -218,3 +243,20 @@ class DiscoveredIssuers:
                 ", ".join(sorted(keys.bundle.keys))[:200],
             )
         return True
+
+    def _audit_change(self, issuer: TrustedIssuer, bundle: JwtBundle) -> None:
+        """On the ledger before the keys are used: keys nobody recorded never verify a token."""
+        assert self._audit is not None
+        kids = sorted(bundle.keys)
+        try:
+            self._audit(
+                ISSUER_KEYS_CHANGED,
+                reason=f"{len(kids)} keys from {issuer.url}"[:500],
+                extra={
+                    "trust_domain": issuer.trust_domain.name,
+                    "issuer": issuer.url,
+                    "kids": kids,
+                },
+            )
+        except Exception as exc:
+            raise IssuerError(f"{issuer.url}: its new keys could not be audited ({exc})") from None

@@ -27,7 +27,7 @@ from server.oauth.discovery import (
 from server.oauth.endpoint import authorize, document, static_document, token_endpoint
 from server.oauth.grants import Grants, TaskExchanges
 from server.oauth.http import HttpListener
-from server.oauth.issuers import DiscoveredIssuers
+from server.oauth.issuers import Audit, DiscoveredIssuers
 from server.oauth.jwks import PublishedKey, cache_max_age, jwks_document
 from server.oauth.replay import ReplayGuard
 from server.oauth.settings import OAuthSettings
@@ -128,11 +128,13 @@ def build(
     ledger: Ledger,
     tasks: TaskExchanges,
     clock: Clock,
+    audit: Audit | None = None,
 ) -> OAuthService:
+    """``audit``: AuditLog.append, for events of the service's own (trusted issuers' keys)."""
     own = ca.trust_domain
     replay = ReplayGuard()
     trusted = TrustedBundles(settings.trusted)
-    issuers = DiscoveredIssuers(settings.issuers, clock, settings.issuers_ca)
+    issuers = DiscoveredIssuers(settings.issuers, clock, settings.issuers_ca, audit=audit)
     known_issuers: dict[str, TrustDomain] = {
         settings.issuer: own,
         **trusted.issuers(),

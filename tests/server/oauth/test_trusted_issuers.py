@@ -133,6 +133,11 @@ def _exchange(server: OAuthServer, assertion: str) -> httpx.Response:
     return httpx.post(server.issuer + "/token", data=form, verify=server.ssl_context())
 
 
+def _audited(server: OAuthServer, kind: str) -> list[dict[str, Any]]:
+    rows = server.running.server.datastore.audit_rows()
+    return [{**r, **json.loads(r.get("extra") or "{}")} for r in rows if r["kind"] == kind]
+
+
 def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -154,6 +159,10 @@ def test_a_jwt_svid_of_a_discovered_issuer_gets_an_access_token(issuer: Issuer) 
             if r["kind"] == "oauth_jwt_bearer"
         ]
         assert event["decision"] == "allow"
+        (keys,) = _audited(server, "oauth_issuer_keys_changed")
+        assert keys["trust_domain"] == "partner.org"
+        assert keys["issuer"] == issuer.url
+        assert keys["kids"] == ["p1"]
         # A key the issuer does not publish, and one of ours naming the partner as its iss,
         # are refused: the keys are the issuer's, found through its own URL.
         stranger = Issuer(url=issuer.url)
@@ -212,6 +221,8 @@ def test_an_issuer_down_at_start_is_tried_again_and_its_keys_kept_when_it_fails_
         assert refused.status_code == 400
         assert "no JWT bundle for trust domain partner.org" in refused.json()["error_description"]
         _eventually(lambda: "HTTP 503" in caplog.text and "no keys yet" in caplog.text)
+        (failed,) = _audited(server, "oauth_issuer_keys_refused")[:1]
+        assert "HTTP 503" in failed["reason"]
         issuer.status = 200
         clock.advance(RETRY + 1)
         _eventually(lambda: issuer.fetches.get("/jwks", 0) == 1)
@@ -306,6 +317,38 @@ def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
     clock.t += WANTED_GAP
     assert found.key_wanted(PARTNER, "k9")
     assert not found.key_wanted(TrustDomain.parse("other.org"), "k9")  # not an issuer's
+
+
+def test_keys_that_cannot_be_audited_are_not_used(issuer: Issuer) -> None:
+    issuer.add_key("p1")
+    written: list[tuple[str, dict[str, Any]]] = []
+    ledger_up = False
+
+    def audit(kind: str, **fields: Any) -> None:
+        if kind == "oauth_issuer_keys_changed" and not ledger_up:
+            raise OSError("disk full")
+        written.append((kind, fields))
+
+    class Clock:
+        def now(self) -> float:
+            return time.time()
+
+    found = DiscoveredIssuers(
+        (TrustedIssuer(PARTNER, issuer.url),),
+        Clock(),  # type: ignore[arg-type]
+        issuer.ca_file,
+        audit=audit,
+    )
+    assert found.refresh_due() == 0
+    assert found.get(PARTNER) is None
+    assert [k for k, _ in written] == ["oauth_issuer_keys_refused"]
+    assert "could not be audited" in written[0][1]["reason"]
+    ledger_up = True
+    found._due[PARTNER] = 0.0
+    assert found.refresh_due() == 1
+    assert found.get(PARTNER) is not None
+    assert written[-1][0] == "oauth_issuer_keys_changed"
+    assert written[-1][1]["extra"]["kids"] == ["p1"]
 
 
 @pytest.mark.parametrize(
