@@ -38,7 +38,7 @@ def _quick_grant(claims: Mapping[str, Any], sub: str, scope: str) -> bool | None
     return None if tokens is None else _decide(tokens, scope)
 
 
-def _decide(tokens: list[str], scope: str) -> bool | None:
+def _decide(tokens: tuple[str, ...], scope: str) -> bool | None:
     """Whether a plain task token's scope `tokens` grant `scope` (a tool's, or an action), as
     TaskClaims decides; None for a "tool:" that names no tool (the full read decides)."""
     if not scope.startswith(TOOL_SCOPE_PREFIX):
@@ -48,7 +48,7 @@ def _decide(tokens: list[str], scope: str) -> bool | None:
     return scope in tokens or INVOKE_TOOL in tokens
 
 
-def _plain_task_scope(claims: Mapping[str, Any], sub: str) -> list[str] | None:
+def _plain_task_scope(claims: Mapping[str, Any], sub: str) -> tuple[str, ...] | None:
     """The scope tokens of a task token whose claims all have the plain shape the full read
     accepts; None when anything is unusual (the full read then decides)."""
     get = claims.get
@@ -96,7 +96,7 @@ def _plain_task_scope(claims: Mapping[str, Any], sub: str) -> list[str] | None:
         if type(actor) is not str or not actor:
             return None
         act = act.get("act")
-    return granted.split()
+    return tuple(granted.split())
 
 
 class Caller:
@@ -107,7 +107,7 @@ class Caller:
     TaskClaimsError, a VerificationError, and scope checks refuse it.
     """
 
-    __slots__ = ("_task", "audience", "jwt", "spiffe_id", "x509")
+    __slots__ = ("_scope", "_task", "audience", "jwt", "spiffe_id", "x509")
 
     def __init__(
         self,
@@ -122,6 +122,7 @@ class Caller:
         self.x509 = x509
         self.audience = audience
         self._task: TaskClaims | None = _UNREAD if jwt is not None else None
+        self._scope: tuple[str, ...] | None = _UNREAD if jwt is not None else None
 
     @property
     def task(self) -> TaskClaims | None:
@@ -152,9 +153,16 @@ class Caller:
         txn = self.claims.get("txn")
         return txn if isinstance(txn, str) and txn else None
 
-    def _quick_scope(self) -> list[str] | None:
+    def _quick_scope(self) -> tuple[str, ...] | None:
         """The scope tokens of a plain task token whose claims were not read yet (per request on
-        the adapters' path: no full claims read); None when the full read has to decide."""
+        the adapters' path: no full claims read); None when the full read has to decide. Read
+        once per Caller (an adapter keeps one per cached token)."""
+        tokens = self._scope
+        if tokens is _UNREAD:
+            tokens = self._scope = self._read_quick_scope()
+        return tokens
+
+    def _read_quick_scope(self) -> tuple[str, ...] | None:
         if self._task is not _UNREAD:
             return None
         jwt = self.jwt

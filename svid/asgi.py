@@ -184,6 +184,7 @@ class SvidAuthMiddleware:
         self._rule = required_scopes
         self._max_body = max_body
         self.open_requests = OpenRequests()
+        self._callers: dict[str, Caller] = {}
         revocations = getattr(source, "revocations", None)
         self._revocations = revocations if isinstance(revocations, RevocationSet) else None
         self._unsubscribe: Callable[[], None] | None = None
@@ -256,11 +257,25 @@ class SvidAuthMiddleware:
             raise _RefusedError(invalid_token("the Authorization header is not a Bearer token"))
         if self._jwt is None:
             raise _RefusedError(invalid_token("this service takes no bearer tokens"))
+        jwt = self._jwt
         try:
-            verified = self._jwt.verify(token, self.audience)
+            verified = jwt.verify(token, self.audience)
         except VerificationError as exc:
             raise _RefusedError(invalid_token(str(exc))) from None
-        return token, Caller(verified.spiffe_id, jwt=verified, audience=self.audience)
+        limit = jwt.cache.max_entries
+        if not limit:  # the verifier remembers no token: neither does this
+            return token, Caller(verified.spiffe_id, jwt=verified, audience=self.audience)
+        # One Caller per token the verifier remembers (checked again above, every request):
+        # what a Caller reads of its token once (its task claims, its scope) is read once.
+        callers = self._callers
+        caller = callers.get(token)
+        if caller is None or caller.jwt is not verified:
+            if len(callers) >= limit:
+                callers.clear()
+            caller = callers[token] = Caller(
+                verified.spiffe_id, jwt=verified, audience=self.audience
+            )
+        return token, caller
 
     def _peer_caller(self, scope: Scope) -> Caller | None:
         if self._x509 is None:

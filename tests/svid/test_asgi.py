@@ -209,3 +209,32 @@ def test_a_revocation_between_verification_and_admission_is_not_missed(
         assert SEEN == []
     else:
         assert len(SEEN) == 1
+
+
+@pytest.mark.parametrize("cache_size", [0, 2])
+def test_a_token_the_verifier_remembers_keeps_one_caller_and_is_still_checked_each_time(
+    source: RevokingSource, cache_size: int
+) -> None:
+    # What a Caller reads of its token (task claims, scope) is read once per remembered token;
+    # verification (expiry, revocation) still runs on every request.
+    middleware = svid.asgi.SvidAuthMiddleware(
+        app,
+        audience=AUDIENCE,
+        jwt_verifier=source.jwt_verifier(cache_size=cache_size),
+        source=source,
+    )
+    first, other, third = task_token(), task_token("t2", jti="j2"), task_token("t3", jti="j3")
+    for token in (first, first, other, first):
+        assert asyncio.run(call_asgi(middleware, token))[0]["status"] == 200
+    assert SEEN[0].task is not None  # read through the first request's Caller
+    if cache_size:
+        assert SEEN[1] is SEEN[0] is SEEN[3]
+        assert SEEN[2] is not SEEN[0]
+    else:
+        assert len({id(c) for c in SEEN}) == 4
+    asyncio.run(call_asgi(middleware, third))  # past the bound: the remembered ones go
+    assert len(middleware._callers) <= max(cache_size, 1)
+    source.revoke("jwt_id", "j1")
+    refused = asyncio.run(call_asgi(middleware, first))
+    assert refused[0]["status"] == 401
+    assert len(SEEN) == 5
