@@ -58,6 +58,7 @@ _HEX = frozenset("0123456789abcdef")
 END_GRACE = 60
 # Bound on the per-task facts kept for mints and exchanges (about one per active task).
 _FACTS_CACHE_SIZE = 4096
+MAX_VIOLATION_COUNTS = 4096
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,11 @@ class TaskService:
         self._crl = CrlCache()
         # Per task ID: (the Task object, its intent, its tools split), see _facts_of.
         self._facts: dict[str, tuple[Task, Intent, tuple[tuple[str, str, str], ...]]] = {}
+        # Per runtime: (window start, violations since then), read from the store at most once
+        # per clock second; this server's own violations drop the entry at once. Other servers'
+        # (one datastore) count here within a second.
+        self._violation_counts: dict[str, tuple[int, int]] = {}
+        self._violations_added = 0  # moves with each of this server's violations
 
     @property
     def policy(self) -> PolicyEngine:
@@ -186,7 +192,20 @@ class TaskService:
         return self._active.get(spiffe_id)
 
     def violations(self, runtime_id: str) -> int:
-        return self._store.violations(runtime_id, self._now() - self.settings.violation_window)
+        """The runtime's violations in the window (a risk signal every decision reads): from
+        the store, or as read from it in this clock second."""
+        since = self._now() - self.settings.violation_window
+        counts = self._violation_counts
+        held = counts.get(runtime_id)
+        if held is not None and held[0] == since:
+            return held[1]
+        added = self._violations_added
+        count = self._store.violations(runtime_id, since)
+        if added == self._violations_added:  # else a violation came in meanwhile: not kept
+            if len(counts) >= MAX_VIOLATION_COUNTS:
+                counts.clear()
+            counts[runtime_id] = (since, count)
+        return count
 
     # -- begin --------------------------------------------------------------------------------
 
@@ -265,6 +284,8 @@ class TaskService:
         `audience`: a refused mint, recorded as asked for those audiences."""
         if flag is not None:
             self._store.add_violation(runtime_id, self._now())
+            self._violations_added += 1
+            self._violation_counts.pop(runtime_id, None)
         fields: dict[str, Any] = {"decision": "deny", "reason": reason}
         if decision is not None:
             fields.update(decision.audit_fields())

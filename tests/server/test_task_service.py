@@ -232,6 +232,34 @@ def test_repeated_violations_stop_issuance(world: World) -> None:
         world.begin()
 
 
+def test_violations_are_read_once_per_clock_second_and_this_servers_at_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every decision reads the risk signal; the store is asked once per clock second.
+    reads: list[str] = []
+    read = world.store.violations
+
+    def counted(runtime_id: str, since: int) -> int:
+        reads.append(runtime_id)
+        return read(runtime_id, since)
+
+    monkeypatch.setattr(world.store, "violations", counted)
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    for _ in range(5):
+        world.mint_jwt(entry, ["docs"])
+    assert reads == [RUNTIME]
+    # This server's own violation counts at once, without waiting for the second to pass.
+    with pytest.raises(PermissionDeniedError):
+        world.mint_jwt(entry, ["elsewhere"])
+    assert world.service.violations(RUNTIME) == 1
+    # Another server's (written to the shared store) counts once the clock has moved on.
+    world.store.add_violation(RUNTIME, int(world.clock.now()))
+    assert world.service.violations(RUNTIME) == 1
+    world.clock.advance(1)
+    assert world.service.violations(RUNTIME) == 2
+
+
 def test_restricted_export_without_a_policy_is_denied(world: World) -> None:
     with pytest.raises(PermissionDeniedError, match="export_data"):
         world.begin(
