@@ -35,6 +35,7 @@ from server.oauth.issuers import (
     next_refresh,
 )
 from server.oauth.settings import TrustedIssuer, parse_trusted_issuers
+from svid._clock import FakeClock
 from svid._jwk import public_key_members
 from svid._spiffe_id import SpiffeId, TrustDomain
 from tests.server.fixtures import short_tmpdir, write_tls_files
@@ -274,13 +275,7 @@ def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
     assert next_refresh(10**9) == MAX_REFRESH
     assert next_refresh(600) == 600
 
-    class Clock:
-        t = 1000.0
-
-        def now(self) -> float:
-            return self.t
-
-    clock = Clock()
+    clock = FakeClock()
     calls: list[str] = []
 
     def failing(item: TrustedIssuer, ctx: ssl.SSLContext) -> Any:
@@ -295,7 +290,7 @@ def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
     assert found.refresh_due() == 0
     assert found.refresh_due() == 0  # not due again before RETRY
     assert calls == ["https://partner.example"]
-    clock.t += RETRY
+    clock.advance(RETRY)
     found.refresh_due()
     assert len(calls) == 2
     assert found.get(PARTNER) is None
@@ -303,11 +298,11 @@ def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
     assert found.key_wanted(PARTNER, "k9")
     assert found.refresh_due() == 0
     assert len(calls) == 3
-    clock.t += 1
+    clock.advance(1)
     assert not found.key_wanted(PARTNER, "k9")
     assert found.refresh_due() == 0
     assert len(calls) == 3
-    clock.t += WANTED_GAP
+    clock.advance(WANTED_GAP)
     assert found.key_wanted(PARTNER, "k9")
     assert not found.key_wanted(TrustDomain.parse("other.org"), "k9")  # not an issuer's
 
@@ -315,20 +310,14 @@ def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
 def test_a_bad_signature_under_a_key_held_fetches_nothing(issuer: Issuer) -> None:
     issuer.add_key("p1")
 
-    class Clock:
-        t = 1000.0
-
-        def now(self) -> float:
-            return self.t
-
-    clock = Clock()
+    clock = FakeClock()
     found = DiscoveredIssuers(
         (TrustedIssuer(PARTNER, issuer.url),),
-        clock,  # type: ignore[arg-type]
+        clock,
         issuer.ca_file,
     )
     assert found.refresh_due() == 1
-    clock.t += WANTED_GAP
+    clock.advance(WANTED_GAP)
     assert not found.key_wanted(PARTNER, "p1")  # held: the token is bad for another reason
     assert found.refresh_due() == 0
     assert found.key_wanted(PARTNER, "p2")
@@ -345,13 +334,9 @@ def test_keys_that_cannot_be_audited_are_not_used(issuer: Issuer) -> None:
             raise OSError("disk full")
         written.append((kind, fields))
 
-    class Clock:
-        def now(self) -> float:
-            return time.time()
-
     found = DiscoveredIssuers(
         (TrustedIssuer(PARTNER, issuer.url),),
-        Clock(),  # type: ignore[arg-type]
+        FakeClock(),
         issuer.ca_file,
         audit=audit,
     )
