@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from server.audit import AuditLog
-from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile, CheckpointSigner
 from server.audit.checkpointer import Checkpointer
 from server.audit.retention import Cut, Pruner, RetentionPolicy
 from server.datastore.records import Credential
@@ -41,10 +40,9 @@ def _setup(path: Path) -> tuple[SqliteDataStore, AuditLog, Pruner]:
     log = AuditLog(store, clock)
     for start in range(0, EVENTS, 1000):
         log.append_tuples([_draft(start + i) for i in range(1000)])
-    checkpointer = Checkpointer(
+    checkpointer = Checkpointer.in_data_dir(
         log,
-        CheckpointSigner.load_or_create(path),
-        CheckpointFile(path / CHECKPOINT_FILE),
+        path,
         clock,
         interval=60.0,
     )

@@ -24,10 +24,12 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from server.audit.checkpoint import (
     CHECKPOINT,
+    CHECKPOINT_FILE,
     PRUNE,
     Checkpoint,
     CheckpointError,
@@ -102,6 +104,21 @@ class Checkpointer:
         if records is not None:
             # What the servers sharing the datastore signed while this one was down.
             self.adopt(records.audit_records())
+
+    @classmethod
+    def in_data_dir(
+        cls, audit: AuditLog, data_dir: Path, clock: Clock, interval: float, **options: Any
+    ) -> Checkpointer:
+        """A Checkpointer with the data directory's own checkpoint key (made on first use) and
+        checkpoint file; ``options`` as for the constructor."""
+        return cls(
+            audit,
+            CheckpointSigner.load_or_create(data_dir),
+            CheckpointFile(data_dir / CHECKPOINT_FILE),
+            clock,
+            interval,
+            **options,
+        )
 
     @property
     def last(self) -> Checkpoint | None:

@@ -230,11 +230,8 @@ def _export(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
 
 def _prune(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> None:
     from server.audit.checkpoint import (  # noqa: PLC0415 - only this command
-        CHECKPOINT_FILE,
         KEY_DIR,
         KEY_SLOT,
-        CheckpointFile,
-        CheckpointSigner,
     )
     from server.audit.checkpointer import Checkpointer  # noqa: PLC0415
     from server.audit.log import AuditLog  # noqa: PLC0415
@@ -272,10 +269,9 @@ def _prune(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]
     store = SqliteDataStore(db, clock)
     try:
         log = AuditLog(store, clock)
-        checkpointer = Checkpointer(
+        checkpointer = Checkpointer.in_data_dir(
             log,
-            CheckpointSigner.load_or_create(data_dir),
-            CheckpointFile(data_dir / CHECKPOINT_FILE),
+            data_dir,
             clock,
             interval=3600.0,
         )

@@ -14,8 +14,6 @@ from server.audit import AuditLog
 from server.audit.checkpoint import (
     CHECKPOINT_FILE,
     PUBLIC_KEY_FILE,
-    CheckpointFile,
-    CheckpointSigner,
 )
 from server.audit.checkpointer import Checkpointer
 from server.audit.retention import Pruner, RetentionPolicy
@@ -65,10 +63,9 @@ def make_setup(tmp_path: Path, clock: FakeClock) -> Setup:
     data_dir.mkdir()
     store = SqliteDataStore(data_dir / "datastore.sqlite3", clock)
     log = AuditLog(store, clock)
-    checkpointer = Checkpointer(
+    checkpointer = Checkpointer.in_data_dir(
         log,
-        CheckpointSigner.load_or_create(data_dir),
-        CheckpointFile(data_dir / CHECKPOINT_FILE),
+        data_dir,
         clock,
         interval=60.0,
     )

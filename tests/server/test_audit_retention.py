@@ -183,10 +183,9 @@ def test_only_a_prefix_goes_even_when_a_clock_step_wrote_older_events_later(
     clock = SteppedClock(1_800_000_000.0)
     store = SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
     log = AuditLog(store, clock)
-    checkpointer = Checkpointer(
+    checkpointer = Checkpointer.in_data_dir(
         log,
-        CheckpointSigner.load_or_create(tmp_path),
-        CheckpointFile(tmp_path / CHECKPOINT_FILE),
+        tmp_path,
         clock,
         interval=60.0,
     )

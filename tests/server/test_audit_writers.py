@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.audit import AuditLog, EventDraft, Head, LedgerError
-from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile, CheckpointSigner
+from server.audit.checkpoint import CHECKPOINT_FILE
 from server.audit.checkpointer import Checkpointer
 from server.audit.log import _RESEALS
 from server.cli import main
@@ -248,10 +248,9 @@ def test_audit_verify_and_checkpoints_pass_after_two_writers(
     data_dir.mkdir()
     logs = [AuditLog(SqliteDataStore(data_dir / "datastore.sqlite3", clock), clock) for _ in "ab"]
     checkpointers = [
-        Checkpointer(
+        Checkpointer.in_data_dir(
             log,
-            CheckpointSigner.load_or_create(data_dir),
-            CheckpointFile(data_dir / CHECKPOINT_FILE),
+            data_dir,
             clock,
             interval=60.0,
         )

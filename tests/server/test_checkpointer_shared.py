@@ -53,10 +53,9 @@ class Shared:
     ) -> Checkpointer:
         data_dir = self.root / name
         data_dir.mkdir(exist_ok=True)
-        return Checkpointer(
+        return Checkpointer.in_data_dir(
             log,
-            CheckpointSigner.load_or_create(data_dir),
-            CheckpointFile(data_dir / CHECKPOINT_FILE),
+            data_dir,
             self.clock,
             60.0,
             records=store,
@@ -242,10 +241,9 @@ def test_a_prune_signed_beside_the_server_into_its_file_is_a_start_too(shared: S
     fill(log_b, 4)
     # `svid-server audit prune`: the data dir's key and file, no datastore sharing.
     data_dir = shared.root / "a"
-    beside = Checkpointer(
+    beside = Checkpointer.in_data_dir(
         AuditLog(store_b, shared.clock),
-        CheckpointSigner.load_or_create(data_dir),
-        CheckpointFile(data_dir / CHECKPOINT_FILE),
+        data_dir,
         shared.clock,
         60.0,
     )
