@@ -401,11 +401,7 @@ def _bytes(pem: Any) -> bytes:
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes, Receive]:
     """The whole request body (at most ``limit`` bytes), and a receive that hands it to the app
     again before passing on whatever comes next (a disconnect)."""
-    return await _body_from(await receive(), receive, limit)
-
-
-async def _body_from(message: Message, receive: Receive, limit: int) -> tuple[bytes, Receive]:
-    """``_read_body`` once its first message has come."""
+    message = await receive()
     if message["type"] != "http.request":
         raise _RefusedError(Refusal(400, "invalid_request", "the request body did not arrive"))
     body = message.get("body", b"")

@@ -59,9 +59,8 @@ from svid.asgi import (
     Scope,
     Send,
     SvidAuthMiddleware,
-    _body_from,
+    _read_body,
     _RefusedError,
-    _Replay,
 )
 
 __all__ = ["AccessTokenAuth", "McpAuth", "TaskAccessToken", "TaskAuth", "http_client"]
@@ -174,12 +173,7 @@ class _ToolRule:
     def missing(self, caller: Caller, body: bytes) -> tuple[str, ...]:
         """The scopes of the tools a POST's body calls that ``caller`` is not granted: what
         ``caller.missing(self.scopes(...))`` says, in one step."""
-        names = called_tools(body)
-        if not names:
-            return ()
-        if not self.every_tool:
-            names = tuple(name for name in names if name in self.required)
-        return caller.missing_tools(names)
+        return caller.missing_tools(self.tools(body))
 
 
 class TaskAuth:
@@ -311,16 +305,7 @@ class _McpMiddleware(SvidAuthMiddleware):
             if self._authorize is not None:
                 self._check_authorized(caller)
             if scope.get("method") == "POST":  # tool calls come in a POST's JSON-RPC body
-                message = await receive()
-                body = message.get("body", b"")
-                if (
-                    message["type"] == "http.request"
-                    and not message.get("more_body", False)
-                    and len(body) <= self._max_body
-                ):  # the whole body in one message (the common case): handed on as it came
-                    receive = _Replay(message, receive).receive
-                else:
-                    body, receive = await _body_from(message, receive, self._max_body)
+                body, receive = await _read_body(receive, self._max_body)
                 try:  # what the rule's scopes() would ask of caller.missing(), in one step
                     missing = self._tools.missing(caller, body)
                 except ValueError as exc:  # a body that cannot be read is refused, not passed
