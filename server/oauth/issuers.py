@@ -154,8 +154,8 @@ class DiscoveredIssuers:
         self._audit = audit
         self._clock = clock
         self._fetch = fetch
-        self._ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        self._ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._ca_file = ca_file
+        self._ctx: ssl.SSLContext | None = None  # made at the first fetch: none without issuers
         self._lock = threading.Lock()
         self._bundles: dict[TrustDomain, JwtBundle] = {}
         self._due: dict[TrustDomain, float] = {i.trust_domain: 0.0 for i in issuers}
@@ -202,7 +202,7 @@ class DiscoveredIssuers:
     def _refresh(self, issuer: TrustedIssuer) -> bool:
         td = issuer.trust_domain
         try:
-            keys = self._fetch(issuer, self._ctx)
+            keys = self._fetch(issuer, self._context())
             changed = self._bundles.get(td) != keys.bundle
             if changed and self._audit is not None:
                 self._audit_change(issuer, keys.bundle)
@@ -243,6 +243,17 @@ class DiscoveredIssuers:
                 ", ".join(sorted(keys.bundle.keys))[:200],
             )
         return True
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ctx is None:
+            try:
+                ca_file = self._ca_file
+                ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            except (OSError, ssl.SSLError) as exc:  # an unreadable or non-PEM CA file
+                raise IssuerError(f"oauth_trusted_issuers_ca: {exc}") from None
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._ctx = ctx
+        return self._ctx
 
     def _audit_change(self, issuer: TrustedIssuer, bundle: JwtBundle) -> None:
         """On the ledger before the keys are used: keys nobody recorded never verify a token."""
