@@ -386,3 +386,17 @@ def test_a_trust_domain_trusted_by_a_bundle_file_gets_an_access_token(tmp_path: 
         assert (
             _exchange(server, forged.sign(WORKLOAD, [server.issuer], 120).token).status_code == 400
         )
+
+
+def test_a_ca_file_that_is_not_pem_is_a_failed_fetch_not_a_crash(
+    issuer: Issuer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    issuer.add_key("p1")
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    found = DiscoveredIssuers((TrustedIssuer(PARTNER, issuer.url),), FakeClock(), bad)
+    with caplog.at_level(logging.WARNING, "svid.server.oauth"):
+        assert found.refresh_due() == 0
+    assert found.get(PARTNER) is None
+    assert "oauth_trusted_issuers_ca" in caplog.text
+    assert issuer.fetches == {}
