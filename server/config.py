@@ -105,7 +105,9 @@ class ServerConfig:
     # for. Trusted bundles: "trust_domain=path" of other domains whose JWT-SVIDs are accepted.
     # Trusted issuers: "trust_domain=issuer URL" of others whose keys are found by OIDC
     # discovery (refreshed as their JWKS's max-age says), over HTTPS checked against the
-    # system roots or oauth_trusted_issuers_ca.
+    # system roots or oauth_trusted_issuers_ca. Resource workloads: "resource=SPIFFE ID" of the
+    # workload serving a resource, which may exchange the tokens it receives (RFC 8693
+    # actor_token) for tokens to other resources of the same task.
     oidc_issuer: str = ""
     oauth_bind_address: str = ""
     oauth_tls_cert: Path | None = None
@@ -114,6 +116,7 @@ class ServerConfig:
     oauth_trusted_bundles: tuple[str, ...] = ()
     oauth_trusted_issuers: tuple[str, ...] = ()
     oauth_trusted_issuers_ca: Path | None = None
+    oauth_resource_workloads: tuple[str, ...] = ()
     oauth_access_token_ttl: int = 300
     # SPIFFE federation (server/federation; README "Federation"). bundle_endpoint_address ("" =
     # off) serves our bundle, profile https_spiffe (our server SVID) or https_web (cert/key
@@ -300,6 +303,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "oauth_trusted_bundles": _as_str_list,
     "oauth_trusted_issuers": _as_str_list,
     "oauth_trusted_issuers_ca": _as_path,
+    "oauth_resource_workloads": _as_str_list,
     "oauth_access_token_ttl": _positive,
     "bundle_endpoint_address": _as_optional_address,
     "bundle_endpoint_profile": _as_choice(("https_spiffe", "https_web")),

@@ -27,6 +27,7 @@ from server.datastore.errors import DataStoreError
 from server.datastore.records import (
     FEED_AGENT,
     FEED_ENTRY,
+    REVOKED_JWT_ID,
     AttestedAgent,
     Entry,
     Revocation,
@@ -54,6 +55,7 @@ class ServerState:
         # renewing; that serial stays acceptable until the certificate expires.
         self._previous_serials: dict[str, tuple[str, int]] = {}
         self._revocations: tuple[Revocation, ...] = ()
+        self._revoked_jtis: tuple[tuple[Revocation, ...], frozenset[str]] = ((), frozenset())
         self._bundle: SpiffeBundle | None = None
         # Foreign trust domain name -> its bundle (server/federation); rides with ours.
         self._foreign: Mapping[str, SpiffeBundle] = MappingProxyType({})
@@ -151,6 +153,18 @@ class ServerState:
     @property
     def revocations(self) -> tuple[Revocation, ...]:
         return self._revocations
+
+    def is_jwt_revoked(self, jti: str) -> bool:
+        """Whether a JWT's ``jti`` is among the revocations (from any thread): the set is made
+        once per change of the revocations, not per question."""
+        current = self._revocations
+        memo = self._revoked_jtis
+        if memo[0] is not current:
+            memo = self._revoked_jtis = (
+                current,
+                frozenset(r.value for r in current if r.kind == REVOKED_JWT_ID),
+            )
+        return jti in memo[1]
 
     @property
     def bundle(self) -> SpiffeBundle:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from server.errors import ConfigError
 from svid._errors import SpiffeIdError
-from svid._spiffe_id import TrustDomain
+from svid._spiffe_id import SpiffeId, TrustDomain
 
 if TYPE_CHECKING:
     from server.config import ServerConfig
@@ -97,6 +98,35 @@ def parse_trusted_issuers(items: tuple[str, ...]) -> tuple[TrustedIssuer, ...]:
     return tuple(out.values())
 
 
+def parse_resource_workloads(
+    items: tuple[str, ...], resources: frozenset[str], domains: frozenset[TrustDomain]
+) -> dict[str, str]:
+    """Resource -> the SPIFFE ID of the workload serving it (the only one that may act for
+    the tokens issued for it). A SPIFFE ID has no "=", so the last one splits the item."""
+    out: dict[str, str] = {}
+    key = "oauth_resource_workloads"
+    for item in items:
+        resource, sep, workload = item.rpartition("=")
+        resource, workload = resource.strip(), workload.strip()
+        if not sep or not resource or not workload:
+            raise ConfigError(f"{key}: expected RESOURCE=SPIFFE_ID, got {item!r}")
+        if resource not in resources:
+            raise ConfigError(f"{key}: {resource!r} is not one of oauth_resources")
+        if resource in out:
+            raise ConfigError(f"{key}: {resource!r} is named twice")
+        try:
+            sid = SpiffeId.parse(workload)
+        except SpiffeIdError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        if sid.trust_domain not in domains:
+            raise ConfigError(
+                f"{key}: {sid} is of a trust domain whose JWT-SVIDs are not accepted (this "
+                "one's, or one of oauth_trusted_bundles / oauth_trusted_issuers)"
+            )
+        out[resource] = str(sid)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class OAuthSettings:
     issuer: str
@@ -110,6 +140,7 @@ class OAuthSettings:
     jwt_key_ttl: int
     issuers: tuple[TrustedIssuer, ...] = ()
     issuers_ca: Path | None = None
+    resource_workloads: Mapping[str, str] = field(default_factory=dict)
 
 
 def check_server_config(config: ServerConfig) -> OAuthSettings:
@@ -150,16 +181,26 @@ def check_server_config(config: ServerConfig) -> OAuthSettings:
     ca_file = config.oauth_trusted_issuers_ca
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError(f"oauth_trusted_issuers_ca: no such file {ca_file}")
+    resources = frozenset(config.oauth_resources)
+    domains = frozenset(
+        (
+            config.trust_domain,
+            *(b.trust_domain for b in trusted),
+            *(i.trust_domain for i in issuers),
+        )
+    )
+    workloads = parse_resource_workloads(config.oauth_resource_workloads, resources, domains)
     return OAuthSettings(
         issuer=issuer,
         host=host.strip("[]"),
         port=int(port),
         tls_cert=config.oauth_tls_cert,
         tls_key=config.oauth_tls_key,
-        resources=frozenset(config.oauth_resources),
+        resources=resources,
         trusted=trusted,
         access_token_ttl=config.oauth_access_token_ttl,
         jwt_key_ttl=config.jwt_key_ttl,
         issuers=issuers,
         issuers_ca=config.oauth_trusted_issuers_ca,
+        resource_workloads=workloads,
     )

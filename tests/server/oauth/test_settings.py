@@ -117,3 +117,44 @@ def test_jwks_cache_follows_the_rotation_lead() -> None:
     assert cache_max_age(86400) == 3600  # lead 8 h, half capped at an hour
     assert cache_max_age(3600) == 600  # lead 20 min, half of it
     assert cache_max_age(60) == 10
+
+
+PLAIN = {"oidc_issuer": "http://127.0.0.1:1", "oauth_bind_address": "127.0.0.1:1"}
+MCP = "https://mcp.example/mcp?v=1"
+
+
+def test_resource_workloads_name_who_serves_each_resource() -> None:
+    settings = _settings(
+        **PLAIN,
+        oauth_resources=[MCP, "https://b.example"],
+        oauth_resource_workloads=[f"{MCP} = spiffe://example.org/mcp"],
+    )
+    # A resource may carry "=" of its own: the SPIFFE ID is after the last one.
+    assert settings.resource_workloads == {MCP: "spiffe://example.org/mcp"}
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["spiffe://example.org/mcp"], "expected RESOURCE=SPIFFE_ID"),
+        ([f"{MCP}="], "expected RESOURCE=SPIFFE_ID"),
+        (["https://other.example=spiffe://example.org/mcp"], "not one of oauth_resources"),
+        ([f"{MCP}=spiffe://example.org/a", f"{MCP}=spiffe://example.org/b"], "named twice"),
+        ([f"{MCP}=https://example.org/mcp"], "oauth_resource_workloads: "),
+        ([f"{MCP}=spiffe://elsewhere.example/mcp"], "are not accepted"),
+    ],
+)
+def test_bad_resource_workloads_are_refused_naming_the_key(items: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match="oauth_resource_workloads") as caught:
+        _settings(**PLAIN, oauth_resources=[MCP], oauth_resource_workloads=items)
+    assert message in str(caught.value)
+
+
+def test_a_workload_of_a_trusted_domain_may_serve_a_resource(tmp_path: Any) -> None:
+    settings = _settings(
+        **PLAIN,
+        oauth_resources=[MCP],
+        oauth_trusted_bundles=[f"partner.org={tmp_path / 'b.json'}"],
+        oauth_resource_workloads=[f"{MCP}=spiffe://partner.org/mcp"],
+    )
+    assert settings.resource_workloads == {MCP: "spiffe://partner.org/mcp"}
