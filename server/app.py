@@ -467,6 +467,7 @@ class Server:
             tasks=self.tasks.service,
             clock=self.clock,
             audit=self.tasks.audit.append,
+            revoked=self.state.is_jwt_revoked,
         )
         try:
             await service.start()

@@ -7,6 +7,10 @@
   `sub` is the principal the task works for, `act` the task's chain of SPIFFE IDs, `scope` the
   granted actions and tools; or, with the Txn-Token requested_token_type, a Transaction Token
   (draft-ietf-oauth-transaction-tokens) for calls inside the trust domain.
+- RFC 8693 delegation: the workload serving a resource (configured) presents an access token
+  it received (`subject_token`, naming it in `may_act`) and its own JWT-SVID (`actor_token`);
+  the task layer decides afresh for the other resource, and the token out keeps the principal
+  and the task, with the workload added as the current actor (`act`).
 
 Every token is a credential on the ledger (of its task, so ending the task revokes it) with an
 audit event naming the decision, committed before the token leaves; every refusal is an event.
@@ -41,6 +45,9 @@ from server.oauth.errors import (
 from server.oauth.replay import ReplayGuard
 from server.tasks.model import TASK_PATH, Task, is_task_id
 from svid._clock import Clock
+from svid._errors import VerificationError
+from svid._task_claims import _MAX_ACT_DEPTH
+from svid._verify_access import AccessTokenVerifier, VerifiedAccessToken
 
 _log = logging.getLogger("svid.server.oauth")
 
@@ -60,6 +67,26 @@ class TaskExchanges(Protocol):
     """The task layer's side of an exchange (server.tasks.service.TaskService)."""
 
     def exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceWorkload:
+    """The workload serving a resource: it alone may act for the tokens issued for it, which
+    ``verifier`` checks (this issuer's access tokens for that resource)."""
+
+    spiffe_id: str
+    verifier: AccessTokenVerifier
+
+
+@dataclass(frozen=True, slots=True)
+class _Issue:
+    """A task token to mint: for whom, where, with what, asked as which type, audited as."""
+
+    sub: str
+    resource: str
+    claims: dict[str, Any]
+    requested: str
+    kind: str
 
 
 class Recorder(Protocol):
@@ -122,7 +149,11 @@ class Grants:
         trust_domain: str,
         access_token_ttl: int,
         clock: Clock,
+        workloads: Mapping[str, ResourceWorkload] | None = None,
+        revoked: Callable[[str], bool] = lambda jti: False,
     ) -> None:
+        """``workloads``: resource -> the workload that may act for its tokens (delegation);
+        ``revoked``: whether a JWT's ``jti`` is revoked on this server."""
         self._checker = checker
         self._signer = signer
         self._recorder = recorder
@@ -132,6 +163,8 @@ class Grants:
         self._trust_domain = trust_domain
         self._ttl = access_token_ttl
         self._clock = clock
+        self._workloads = dict(workloads or {})
+        self._revoked = revoked
 
     # -- RFC 7523 ----------------------------------------------------------------------------
 
@@ -182,12 +215,15 @@ class Grants:
 
     def token_exchange(self, params: Mapping[str, list[str]]) -> TokenResponse:
         started = time.perf_counter()
+        if "actor_token" in params or "actor_token_type" in params:
+            return self._delegation(params, started)
         try:
             token_type = _one(params, "subject_token_type")
             if token_type != JWT_TOKEN_TYPE:
-                raise InvalidRequestError(f"subject_token_type must be {JWT_TOKEN_TYPE}")
-            if "actor_token" in params:
-                raise InvalidRequestError("actor_token is not supported: the task is the actor")
+                raise InvalidRequestError(
+                    f"subject_token_type must be {JWT_TOKEN_TYPE} (or {ACCESS_TOKEN_TYPE} "
+                    "with an actor_token)"
+                )
             requested = params.get("requested_token_type", [ACCESS_TOKEN_TYPE])
             if requested not in ([ACCESS_TOKEN_TYPE], [TXN_TOKEN_TYPE], [JWT_TOKEN_TYPE]):
                 raise InvalidRequestError(f"requested_token_type {requested[:1]!r} not supported")
@@ -201,6 +237,99 @@ class Grants:
             self._refused(EVENT_EXCHANGE, exc, started, subject.claim)
             raise
         return self._task_token(subject, resource, requested[0], EVENT_EXCHANGE, started)
+
+    def _delegation(self, params: Mapping[str, list[str]], started: float) -> TokenResponse:
+        """RFC 8693 §2.1 with an actor: the workload a task's access token was issued to, acting
+        for that task towards another resource. Raises OAuthError (audited)."""
+        try:
+            if _one(params, "subject_token_type") != ACCESS_TOKEN_TYPE:
+                raise InvalidRequestError(
+                    f"with an actor_token, subject_token_type must be {ACCESS_TOKEN_TYPE}"
+                )
+            if _one(params, "actor_token_type") != JWT_TOKEN_TYPE:
+                raise InvalidRequestError(f"actor_token_type must be {JWT_TOKEN_TYPE}")
+            requested = params.get("requested_token_type", [ACCESS_TOKEN_TYPE])
+            if requested not in ([ACCESS_TOKEN_TYPE], [JWT_TOKEN_TYPE]):
+                raise InvalidRequestError("with an actor_token, only an access token is issued")
+            subject_token = _one(params, "subject_token")
+            actor = self._checker.check(_one(params, "actor_token"), "actor_token")
+        except OAuthError as exc:
+            self._refused(EVENT_EXCHANGE, exc, started)
+            raise
+        try:
+            resource = _single_resource(params, self._resources)
+            actor_id = str(actor.verified.spiffe_id)
+            subject = self._acted_for(subject_token, actor_id)
+            task_id = subject.task_id
+            if task_id is None:
+                raise InvalidGrantError("subject_token was not issued for a task")
+            # The task is in the chain the subject token names: its SPIFFE ID ends in its txn.
+            task_sid = next(
+                (a for a in subject.act_chain if is_task_id(a) and a.endswith(TASK_PATH + task_id)),
+                None,
+            )
+            if task_sid is None:
+                raise InvalidGrantError("subject_token names no task in its act chain")
+            if len(subject.act_chain) >= _MAX_ACT_DEPTH:
+                raise InvalidGrantError(f"delegation deeper than {_MAX_ACT_DEPTH} actors")
+            try:
+                task, grant = self._tasks.exchange_grant(task_sid, resource)
+            except PermissionDeniedError as exc:  # the task layer audited its own denial
+                raise InvalidGrantError(f"task decision: {exc}") from None
+        except OAuthError as exc:
+            self._refused(EVENT_EXCHANGE, exc, started, actor.claim)
+            raise
+        claims: dict[str, Any] = {
+            "client_id": actor_id,
+            "scope": grant.scope,
+            "act": {"sub": actor_id, "act": subject.claims["act"]},
+            "txn": task.task_id,
+        }
+        self._add_may_act(claims, resource)
+        return self._issue_for_task(
+            task,
+            grant,
+            _Issue(subject.subject, resource, claims, ACCESS_TOKEN_TYPE, EVENT_EXCHANGE),
+            actor.claim,
+            started,
+            reason=f"task decision allowed {actor_id[:200]} to act for the task",
+            extra={
+                "subject_jti": subject.jti,
+                "actor": actor_id,
+                "actor_jti": str(actor.verified.claims.get("jti")),
+            },
+        )
+
+    def _acted_for(self, token: str, actor_id: str) -> VerifiedAccessToken:
+        """The access token ``actor_id`` acts for: one this issuer made for a resource that
+        workload serves, naming it in ``may_act``, not revoked."""
+        served = [w for w in self._workloads.values() if w.spiffe_id == actor_id]
+        if not served:
+            raise InvalidGrantError(f"actor {actor_id[:200]} serves no resource: it may not act")
+        reasons = []
+        for workload in served:
+            try:
+                subject = workload.verifier.verify(token)
+                break
+            except VerificationError as exc:
+                reasons.append(str(exc))
+        else:
+            raise InvalidGrantError(
+                f"subject_token refused: not an access token for a resource of the actor "
+                f"({'; '.join(reasons)[:300]})"
+            )
+        may_act = subject.claims.get("may_act")
+        if not isinstance(may_act, dict) or may_act.get("sub") != actor_id:
+            raise InvalidGrantError(f"subject_token does not let {actor_id[:200]} act (may_act)")
+        if self._revoked(subject.jti):
+            raise InvalidGrantError("subject_token is revoked")
+        return subject
+
+    def _add_may_act(self, claims: dict[str, Any], resource: str) -> None:
+        # RFC 8693 §4.4: the workload serving the resource may act for this token's subject.
+        workload = self._workloads.get(resource)
+        if workload is not None:
+            claims["may_act"] = {"sub": workload.spiffe_id}
 
     def _task_token(
         self,
@@ -218,7 +347,6 @@ class Grants:
         txn = requested == TXN_TOKEN_TYPE
         principal = task.on_behalf_of or task.runtime_id
         act = task.act if task.act.get("sub") == task.spiffe_id else {"sub": task.spiffe_id}
-        ttl = min(self._ttl, grant.ttl)
         if txn:
             claims: dict[str, Any] = {
                 "txn": task.task_id,
@@ -235,25 +363,48 @@ class Grants:
                 "act": act,
                 "txn": task.task_id,
             }
-        issued = self._mint(principal, resource, ttl, claims, subject.claim, txn=txn)
+            self._add_may_act(claims, resource)
+        return self._issue_for_task(
+            task,
+            grant,
+            _Issue(principal, resource, claims, requested, kind),
+            subject.claim,
+            started,
+            reason="task decision allowed the exchange",
+            extra={"subject_jti": str(subject.verified.claims.get("jti"))},
+        )
+
+    def _issue_for_task(
+        self,
+        task: Task,
+        grant: TaskJwtGrant,
+        issue: _Issue,
+        claim: JtiClaim,
+        started: float,
+        *,
+        reason: str,
+        extra: dict[str, Any],
+    ) -> TokenResponse:
+        """Mint a token of ``task``, record it as the task's credential with its event (and the
+        presented token's ``claim``), and answer with it."""
+        txn = issue.requested == TXN_TOKEN_TYPE
+        ttl = min(self._ttl, grant.ttl)
+        issued = self._mint(issue.sub, issue.resource, ttl, issue.claims, claim, txn=txn)
         event = EventDraft(
-            kind=kind,
+            kind=issue.kind,
             agent_id=task.runtime_id,
             node_id=task.agent_id,
             on_behalf_of=task.on_behalf_of or None,
-            resource=resource,
+            resource=issue.resource,
             action=grant.scope or "token",
             decision="allow",
-            reason="task decision allowed the exchange",
+            reason=reason,
             task_id=task.task_id,
             credential_id=issued.jti,
             policy_set_hash=grant.policy_set_hash,
             ttl=issued.expires_at - issued.issued_at,
             latency_us=(time.perf_counter() - started) * 1e6,
-            extra={
-                "subject_jti": str(subject.verified.claims.get("jti")),
-                "token_type": requested,
-            },
+            extra={**extra, "token_type": issue.requested},
         )
         credential = Credential(
             REVOKED_JWT_ID,
@@ -263,7 +414,7 @@ class Grants:
             task.task_id,
             issued.expires_at,
         )
-        self._record([credential], [event], subject.claim, kind, started)
+        self._record([credential], [event], claim, issue.kind, started)
         return TokenResponse(
             issued.token,
             TXN_TOKEN_TYPE if txn else ACCESS_TOKEN_TYPE,

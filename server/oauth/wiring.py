@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.serialization import load_der_public_key
@@ -16,7 +17,7 @@ from server.datastore.base import DataStore
 from server.datastore.records import JWT_KIND
 from server.ledger import Ledger
 from server.oauth import discovery
-from server.oauth.assertions import AssertionChecker
+from server.oauth.assertions import LEEWAY, AssertionChecker
 from server.oauth.discovery import (
     AS_METADATA_PATH,
     AUTHORIZE_PATH,
@@ -25,7 +26,7 @@ from server.oauth.discovery import (
     TOKEN_PATH,
 )
 from server.oauth.endpoint import authorize, document, static_document, token_endpoint
-from server.oauth.grants import Grants, TaskExchanges
+from server.oauth.grants import Grants, ResourceWorkload, TaskExchanges
 from server.oauth.http import HttpListener
 from server.oauth.issuers import Audit, DiscoveredIssuers
 from server.oauth.jwks import PublishedKey, cache_max_age, jwks_document
@@ -39,6 +40,7 @@ from svid._errors import JwtSvidError, SpiffeIdError
 from svid._jose import PublicKey, alg_for_key
 from svid._jwt import split_and_check_header
 from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._verify_access import AccessTokenVerifier
 
 _log = logging.getLogger("svid.server.oauth")
 PRUNE_INTERVAL = 60.0
@@ -129,8 +131,10 @@ def build(
     tasks: TaskExchanges,
     clock: Clock,
     audit: Audit | None = None,
+    revoked: Callable[[str], bool] = lambda jti: False,
 ) -> OAuthService:
-    """``audit``: AuditLog.append, for events of the service's own (trusted issuers' keys)."""
+    """``audit``: AuditLog.append, for events of the service's own (trusted issuers' keys);
+    ``revoked``: whether a JWT ``jti`` is revoked (a delegation's subject token)."""
     own = ca.trust_domain
     replay = ReplayGuard()
     trusted = TrustedBundles(settings.trusted)
@@ -173,6 +177,23 @@ def build(
         clock=clock,
         on_refused=refused if issuers else None,
     )
+    # Delegation: each resource's workload acts only for this issuer's tokens for it (checked
+    # uncached: each is presented once, with an actor token used once).
+    workloads = {
+        resource: ResourceWorkload(
+            workload,
+            AccessTokenVerifier(
+                bundles,
+                issuer=settings.issuer,
+                audience=resource,
+                trust_domain=own,
+                clock=clock,
+                leeway=LEEWAY,
+                cache_size=0,
+            ),
+        )
+        for resource, workload in settings.resource_workloads.items()
+    }
     grants = Grants(
         checker=checker,
         signer=ca.jwt_signer,
@@ -183,6 +204,8 @@ def build(
         trust_domain=own.name,
         access_token_ttl=settings.access_token_ttl,
         clock=clock,
+        workloads=workloads,
+        revoked=revoked,
     )
     listener = HttpListener(server_ssl_context(settings))
     # Grants block on the ledger's commit, holding no GIL while they wait: enough threads that

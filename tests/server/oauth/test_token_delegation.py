@@ -1,0 +1,199 @@
+"""RFC 8693 delegation on a running server: the workload serving a resource (configured in
+oauth_resource_workloads) presents a task's access token it received and its own JWT-SVID, and
+gets a token for another resource, decided afresh for the task, with itself as the current
+actor; only that workload may, each actor token once, and the task's end revokes the result."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from server.datastore.records import REVOKED_JWT_ID, Revocation
+from svid._spiffe_id import SpiffeId
+from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer, serving_oauth
+from tests.server.oauth.test_token_exchange import EXCHANGE, JWT_TYPE, TaskWorld, begin_task
+
+ACCESS_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+MCP_ID = "spiffe://example.org/mcp-tickets"
+OTHER_ID = "spiffe://example.org/orders"
+
+
+@pytest.fixture
+def oauth_server() -> Iterator[OAuthServer]:
+    with serving_oauth(
+        "odl",
+        [RESOURCE, OTHER_RESOURCE],
+        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def world(oauth_server: OAuthServer) -> TaskWorld:
+    # The task may reach both resources: the MCP server's, and the one it calls on.
+    return begin_task(oauth_server, resources=(oauth_server.issuer, RESOURCE, OTHER_RESOURCE))
+
+
+def actor_token(oauth: OAuthServer, spiffe_id: str = MCP_ID) -> str:
+    signer = oauth.running.server.ca.jwt_signer()
+    return str(signer.sign(SpiffeId.parse(spiffe_id), [oauth.issuer], 60).token)
+
+
+def delegate(
+    world: TaskWorld, subject: str, actor: str, resource: str = OTHER_RESOURCE, **extra: str
+) -> httpx.Response:
+    form = {
+        "grant_type": EXCHANGE,
+        "subject_token": subject,
+        "subject_token_type": ACCESS_TYPE,
+        "actor_token": actor,
+        "actor_token_type": JWT_TYPE,
+        "resource": resource,
+        **extra,
+    }
+    oauth = world.oauth
+    return httpx.post(oauth.issuer + "/token", data=form, verify=oauth.ssl_context())
+
+
+def exchange_events(world: TaskWorld) -> list[dict[str, Any]]:
+    return [{**e, **json.loads(e.get("extra") or "{}")} for e in world.events(EXCHANGE_KIND)]
+
+
+EXCHANGE_KIND = "oauth_token_exchange"
+
+
+def refused(reply: httpx.Response, error: str, words: str) -> None:
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == error
+    assert words in reply.json()["error_description"]
+
+
+def test_the_resource_workload_acts_for_the_task_towards_another_resource(
+    world: TaskWorld,
+) -> None:
+    first = world.exchange().json()["access_token"]
+    assert world.decode(first, RESOURCE)["may_act"] == {"sub": MCP_ID}
+    reply = delegate(world, first, actor_token(world.oauth))
+    assert reply.status_code == 200, reply.text
+    claims = world.decode(reply.json()["access_token"], OTHER_RESOURCE)
+    task = world.task
+    assert claims["sub"] == "user:alice"  # still the principal the task works for
+    assert claims["act"] == {"sub": MCP_ID, "act": {"sub": task.spiffe_id}}
+    assert claims["client_id"] == MCP_ID
+    assert claims["txn"] == task.task_id
+    assert claims["scope"] == "read"  # the task's grant on this resource, decided afresh
+    assert "may_act" not in claims  # nobody serves OTHER_RESOURCE in this config
+    event = exchange_events(world)[-1]
+    assert event["decision"] == "allow"
+    assert event["actor"] == MCP_ID
+    assert event["task_id"] == task.task_id
+    assert event["credential_id"] == claims["jti"]
+    assert event["subject_jti"] == world.decode(first, RESOURCE)["jti"]
+    store = world.oauth.running.server.datastore
+    assert claims["jti"] in {c.value for c in store.task_credentials(task.task_id, 0)}
+
+    # The task ends: the delegated token is revoked with it, and no delegation is granted.
+    running = world.oauth.running
+    running.call(running.server.tasks.service.end(world.agent, task.task_id, ()))
+    revoked = {r.value for r in running.server.state.revocations if r.kind == REVOKED_JWT_ID}
+    assert claims["jti"] in revoked
+    refused(delegate(world, first, actor_token(world.oauth)), "invalid_grant", "")
+
+
+def test_only_the_workload_serving_the_resource_may_act(world: TaskWorld) -> None:
+    first = world.exchange().json()["access_token"]
+    refused(
+        delegate(world, first, actor_token(world.oauth, OTHER_ID)),
+        "invalid_grant",
+        "serves no resource",
+    )
+    # A token for another resource (no may_act for MCP_ID), or a JWT-SVID, is not acted for.
+    other = world.exchange(OTHER_RESOURCE).json()["access_token"]
+    refused(
+        delegate(world, other, actor_token(world.oauth)),
+        "invalid_grant",
+        "not an access token for a resource of the actor",
+    )
+    refused(
+        delegate(world, world.subject_token(), actor_token(world.oauth)),
+        "invalid_grant",
+        "not an access token for a resource of the actor",
+    )
+    denials = [e for e in exchange_events(world) if e["decision"] == "deny"]
+    assert len(denials) == 3
+    assert all("invalid_grant" in e["reason"] for e in denials)
+
+
+def test_an_actor_token_is_used_once(world: TaskWorld) -> None:
+    first = world.exchange().json()["access_token"]
+    actor = actor_token(world.oauth)
+    assert delegate(world, first, actor).status_code == 200
+    refused(delegate(world, first, actor), "invalid_grant", "replay")
+    # The subject token itself may be acted for again, with a fresh actor token.
+    assert delegate(world, first, actor_token(world.oauth)).status_code == 200
+
+
+def test_a_revoked_subject_token_is_not_acted_for(world: TaskWorld) -> None:
+    first = world.exchange().json()["access_token"]
+    jti = world.decode(first, RESOURCE)["jti"]
+    running = world.oauth.running
+    now = int(time.time())
+    revocation = Revocation(REVOKED_JWT_ID, jti, "", now + 600, "test", now)
+    running.call(running.server.state.add_revocations((revocation,)))
+    refused(delegate(world, first, actor_token(world.oauth)), "invalid_grant", "revoked")
+
+
+def test_a_resource_outside_the_task_is_refused_by_the_task_decision(
+    oauth_server: OAuthServer,
+) -> None:
+    world = begin_task(oauth_server)  # its intent names RESOURCE, not OTHER_RESOURCE
+    first = world.exchange().json()["access_token"]
+    refused(delegate(world, first, actor_token(oauth_server)), "invalid_grant", "task decision")
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"subject_token_type": JWT_TYPE}, "subject_token_type must be"),
+        ({"actor_token_type": ACCESS_TYPE}, "actor_token_type must be"),
+        ({"requested_token_type": "urn:ietf:params:oauth:token-type:txn_token"}, "only an access"),
+        ({"actor_token": ""}, "actor_token: exactly one value"),
+    ],
+)
+def test_a_malformed_delegation_is_refused(
+    world: TaskWorld, change: dict[str, str], words: str
+) -> None:
+    first = world.exchange().json()["access_token"]
+    form = {
+        "grant_type": EXCHANGE,
+        "subject_token": first,
+        "subject_token_type": ACCESS_TYPE,
+        "actor_token": actor_token(world.oauth),
+        "actor_token_type": JWT_TYPE,
+        "resource": OTHER_RESOURCE,
+        **change,
+    }
+    oauth = world.oauth
+    reply = httpx.post(oauth.issuer + "/token", data=form, verify=oauth.ssl_context())
+    refused(reply, "invalid_request", words)
+    assert exchange_events(world)[-1]["decision"] == "deny"
+
+
+def test_a_token_that_names_another_actor_in_may_act_is_not_acted_for(world: TaskWorld) -> None:
+    # Issued while another workload served the resource (or before any did): its may_act, not
+    # today's config alone, says who may act for it.
+    task = world.task
+    claims = {"client_id": task.runtime_id, "scope": "read", "act": {"sub": task.spiffe_id}}
+    signer = world.oauth.running.server.ca.jwt_signer()
+    now = int(world.oauth.running.server.clock.now())
+    for may_act in ({"sub": OTHER_ID}, None):
+        extra = {**claims, "txn": task.task_id}
+        if may_act is not None:
+            extra["may_act"] = may_act
+        token = signer.mint_access_token("user:alice", RESOURCE, 60, now, extra).token
+        refused(delegate(world, token, actor_token(world.oauth)), "invalid_grant", "may_act")
