@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from server import https_get
 from server.datastore.records import HTTPS_SPIFFE, HTTPS_WEB, FederationRelationship
 from server.federation.errors import FederationError
 from svid._bundle import SpiffeBundle
@@ -88,21 +89,23 @@ def fetch_bundle(rel: FederationRelationship, known: SpiffeBundle | None) -> Spi
     url = urlsplit(rel.endpoint_url)
     if url.scheme != "https" or not url.hostname:
         raise FederationError(f"{td}: bundle endpoint URL {rel.endpoint_url!r} is not https://")
-    conn = http.client.HTTPSConnection(
-        url.hostname, url.port or 443, timeout=TIMEOUT, context=tls_context(rel, known)
-    )
+
+    def check_peer(der: bytes | None) -> None:
+        presented = endpoint_id_of(der)
+        if presented != rel.endpoint_spiffe_id:
+            raise FederationError(
+                f"{td}: bundle endpoint presented {presented or 'no SPIFFE ID'}, "
+                f"expected {rel.endpoint_spiffe_id}"
+            )
+
     try:
-        conn.request("GET", url.path or "/", headers={"Accept": "application/json"})
-        if rel.profile == HTTPS_SPIFFE:
-            sock = conn.sock
-            presented = endpoint_id_of(sock.getpeercert(binary_form=True) if sock else None)
-            if presented != rel.endpoint_spiffe_id:
-                raise FederationError(
-                    f"{td}: bundle endpoint presented {presented or 'no SPIFFE ID'}, "
-                    f"expected {rel.endpoint_spiffe_id}"
-                )
-        response = conn.getresponse()
-        body = response.read(MAX_BUNDLE_BYTES + 1)
+        response = https_get.get(
+            rel.endpoint_url,
+            context=tls_context(rel, known),
+            limit=MAX_BUNDLE_BYTES,
+            timeout=TIMEOUT,
+            check_peer=check_peer if rel.profile == HTTPS_SPIFFE else None,
+        )
     except ssl.SSLError as exc:
         why = getattr(exc, "verify_message", None) or exc.reason
         raise FederationError(f"{td}: bundle endpoint not authenticated: {why}") from None
@@ -110,8 +113,7 @@ def fetch_bundle(rel: FederationRelationship, known: SpiffeBundle | None) -> Spi
         raise FederationError(
             f"{td}: bundle endpoint {rel.endpoint_url} unreachable: {exc}"
         ) from None
-    finally:
-        conn.close()
+    body = response.body
     if response.status != 200:
         raise FederationError(f"{td}: bundle endpoint answered HTTP {response.status}")
     if len(body) > MAX_BUNDLE_BYTES:

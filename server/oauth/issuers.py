@@ -25,8 +25,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
+from server import https_get
 from server.errors import ConfigError
 from server.oauth.discovery import OIDC_PATH
 from server.oauth.settings import TrustedIssuer, check_issuer
@@ -107,29 +107,16 @@ def fetch_keys(issuer: TrustedIssuer, ctx: ssl.SSLContext) -> FetchedKeys:
 
 
 def _get(url: str, ctx: ssl.SSLContext) -> tuple[bytes, float | None]:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(host, parts.port, timeout=TIMEOUT, context=ctx)
-    else:  # check_issuer let plain http through only for a loopback host
-        conn = http.client.HTTPConnection(host, parts.port, timeout=TIMEOUT)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        conn.request("GET", path, headers={"Accept": "application/json"})
-        reply = conn.getresponse()
-        if reply.status != 200:  # a redirect too: the URL is the one configured or published
-            raise IssuerError(f"{url}: HTTP {reply.status}")
-        body = reply.read(MAX_DOCUMENT_BYTES + 1)
-        cache_control = reply.getheader("Cache-Control") or ""
+        reply = https_get.get(url, context=ctx, limit=MAX_DOCUMENT_BYTES, timeout=TIMEOUT)
     except (OSError, http.client.HTTPException) as exc:
         raise IssuerError(f"{url}: {type(exc).__name__}: {exc}") from None
-    finally:
-        conn.close()
-    if len(body) > MAX_DOCUMENT_BYTES:
+    if reply.status != 200:  # a redirect too: the URL is the one configured or published
+        raise IssuerError(f"{url}: HTTP {reply.status}")
+    if len(reply.body) > MAX_DOCUMENT_BYTES:
         raise IssuerError(f"{url}: the document is over {MAX_DOCUMENT_BYTES} bytes")
-    found = _MAX_AGE.search(cache_control)
-    return body, float(found.group(1)) if found else None
+    found = _MAX_AGE.search(reply.headers.get("Cache-Control") or "")
+    return reply.body, float(found.group(1)) if found else None
 
 
 def next_refresh(max_age: float | None) -> float:
