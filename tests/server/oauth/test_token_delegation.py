@@ -197,3 +197,30 @@ def test_a_token_that_names_another_actor_in_may_act_is_not_acted_for(world: Tas
             extra["may_act"] = may_act
         token = signer.mint_access_token("user:alice", RESOURCE, 60, now, extra).token
         refused(delegate(world, token, actor_token(world.oauth)), "invalid_grant", "may_act")
+
+
+def test_a_delegated_token_can_be_acted_for_again_by_the_next_resource_workload() -> None:
+    third = "https://ledger.example/api"
+    with serving_oauth(
+        "od2",
+        [RESOURCE, OTHER_RESOURCE, third],
+        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"],
+    ) as oauth:
+        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE, third))
+        first = world.exchange().json()["access_token"]
+        second = delegate(world, first, actor_token(oauth)).json()["access_token"]
+        assert world.decode(second, OTHER_RESOURCE)["may_act"] == {"sub": OTHER_ID}
+        reply = delegate(world, second, actor_token(oauth, OTHER_ID), third)
+        assert reply.status_code == 200, reply.text
+        claims = world.decode(reply.json()["access_token"], third)
+        task = world.task
+        assert claims["act"] == {
+            "sub": OTHER_ID,
+            "act": {"sub": MCP_ID, "act": {"sub": task.spiffe_id}},
+        }
+        assert claims["sub"] == "user:alice"
+        assert claims["txn"] == task.task_id
+        # The first workload cannot skip a hop: the second token is not for a resource it serves.
+        refused(
+            delegate(world, second, actor_token(oauth), third), "invalid_grant", "not an access"
+        )
