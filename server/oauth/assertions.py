@@ -57,6 +57,15 @@ class AssertionChecker:
         self._verifier = JwtVerifier(bundles, clock=clock, leeway=LEEWAY, cache_size=0)
 
     def check(self, token: str, what: str) -> CheckedAssertion:
+        """An assertion: verified, and its ``jti`` reserved (used once)."""
+        checked = self.authenticate(token, what)
+        if not self._reserve_jti(checked.claim, int(self._clock.now())):
+            raise InvalidGrantError(replayed(what, checked.claim.jti))
+        return checked
+
+    def authenticate(self, token: str, what: str) -> CheckedAssertion:
+        """A JWT-SVID that proves who presents it (an actor token): verified as an assertion
+        is, its ``jti`` not reserved, so the token a workload's agent caches serves again."""
         if not token:
             raise InvalidGrantError(f"{what} is missing")
         if len(token) > MAX_ASSERTION_BYTES:
@@ -73,10 +82,7 @@ class AssertionChecker:
         jti = verified.claims.get("jti")
         if not isinstance(jti, str) or not jti:
             raise InvalidGrantError(f"{what} has no jti: it could be replayed")
-        claim = JtiClaim(issuer, jti, verified.expires_at)
-        if not self._reserve_jti(claim, int(self._clock.now())):
-            raise InvalidGrantError(replayed(what, jti))
-        return CheckedAssertion(verified, issuer, claim)
+        return CheckedAssertion(verified, issuer, JtiClaim(issuer, jti, verified.expires_at))
 
     def _verify(self, token: str, what: str) -> VerifiedJwt:
         # One verification for any of our names (a parse first, only to pick the name, was a

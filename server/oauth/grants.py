@@ -252,7 +252,9 @@ class Grants:
             if requested not in ([ACCESS_TOKEN_TYPE], [JWT_TOKEN_TYPE]):
                 raise InvalidRequestError("with an actor_token, only an access token is issued")
             subject_token = _one(params, "subject_token")
-            actor = self._checker.check(_one(params, "actor_token"), "actor_token")
+            # It proves who acts, as the JWT-SVID its agent caches: not used up (what it may
+            # get is bounded by the subject token, which names it in may_act).
+            actor = self._checker.authenticate(_one(params, "actor_token"), "actor_token")
         except OAuthError as exc:
             self._refused(EVENT_EXCHANGE, exc, started)
             raise
@@ -277,7 +279,7 @@ class Grants:
             except PermissionDeniedError as exc:  # the task layer audited its own denial
                 raise InvalidGrantError(f"task decision: {exc}") from None
         except OAuthError as exc:
-            self._refused(EVENT_EXCHANGE, exc, started, actor.claim)
+            self._refused(EVENT_EXCHANGE, exc, started)
             raise
         claims: dict[str, Any] = {
             "client_id": actor_id,
@@ -290,7 +292,7 @@ class Grants:
             task,
             grant,
             _Issue(subject.subject, resource, claims, ACCESS_TOKEN_TYPE, EVENT_EXCHANGE),
-            actor.claim,
+            None,
             started,
             reason=f"task decision allowed {actor_id[:200]} to act for the task",
             extra={
@@ -379,7 +381,7 @@ class Grants:
         task: Task,
         grant: TaskJwtGrant,
         issue: _Issue,
-        claim: JtiClaim,
+        claim: JtiClaim | None,
         started: float,
         *,
         reason: str,
@@ -441,7 +443,7 @@ class Grants:
         resource: str,
         ttl: int,
         claims: dict[str, Any],
-        assertion: JtiClaim,
+        assertion: JtiClaim | None,
         *,
         txn: bool = False,
     ) -> IssuedJwt:
@@ -456,14 +458,15 @@ class Grants:
             return signer.mint_access_token(sub, resource, ttl, now, claims)
         except CaUnavailableError as exc:
             # Nothing was issued: the assertion may be presented again once the CA is back.
-            self._replay.release(assertion)
+            if assertion is not None:
+                self._replay.release(assertion)
             raise UnavailableError(str(exc)) from None
 
     def _record(
         self,
         credentials: list[Credential],
         events: list[EventDraft],
-        assertion: JtiClaim,
+        assertion: JtiClaim | None,
         kind: str,
         started: float,
     ) -> None:
@@ -473,11 +476,13 @@ class Grants:
             self._commit(credentials, events, assertion)
         except JtiHeldError:
             # Another server accepted this assertion first: the token is not sent.
+            assert assertion is not None  # nothing else is claimed
             exc = InvalidGrantError(replayed("assertion", assertion.jti))
             self._refused(kind, exc, started)
             raise exc from None
         except LedgerError:
-            self._replay.release(assertion)
+            if assertion is not None:
+                self._replay.release(assertion)
             _log.exception("OAuth token not recorded: refused")
             raise UnavailableError("the audit log cannot be written") from None
 
