@@ -11,6 +11,13 @@ for mutual TLS with ``svid.tls``.
 
 The same ``JwtAuth`` works with ``httpx.Client`` and ``httpx.AsyncClient`` (an asyncio task's
 or client's token is awaited; a sync one is fetched off the event loop).
+
+A service that received an svidd access token (an MCP server, say) calls another resource for
+the same task with ``DelegatedAuth``: RFC 8693 delegation at svidd's token endpoint, with its own
+JWT-SVID as the actor token (``oauth_resource_workloads`` must name it for its resource):
+
+    auth = svid.httpx.DelegatedAuth(client, issuer, received_token, "https://orders.example")
+    await http.get("https://orders.example/orders/7", auth=auth)
 """
 
 from __future__ import annotations
@@ -22,11 +29,17 @@ import httpx
 
 from svid import tls
 from svid._bearer_tokens import BearerTokens
-from svid._clock import Clock
+from svid._clock import Clock, SystemClock
+from svid._errors import SvidError
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._tls_authorize import Authorizer
 
-__all__ = ["JwtAuth", "async_mtls_client", "mtls_client"]
+__all__ = ["DelegatedAuth", "JwtAuth", "TokenExchangeError", "async_mtls_client", "mtls_client"]
+
+# RFC 8693 names.
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a name
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 - a name
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 - a name
 
 
 class JwtAuth(httpx.Auth):
@@ -56,6 +69,99 @@ class JwtAuth(httpx.Auth):
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         request.headers["Authorization"] = f"Bearer {await self.tokens.atoken()}"
+        yield request
+
+
+class TokenExchangeError(SvidError):
+    """The token endpoint refused a delegation: ``error`` is its RFC 6749 code."""
+
+    def __init__(self, error: str, description: str) -> None:
+        super().__init__(f"token exchange refused: {error}: {description}")
+        self.error = error
+        self.description = description
+
+
+class DelegatedAuth(httpx.Auth):
+    """Sends ``Authorization: Bearer <access token for resource>``, the token got by RFC 8693
+    delegation: ``subject_token`` (an svidd access token this workload received, naming it in
+    ``may_act``) and this workload's own JWT-SVID for ``issuer`` as the actor token. The token
+    is kept until half its life; the exchange goes through the same client (its TLS settings
+    must trust the issuer). A refusal raises ``TokenExchangeError``.
+
+    ``provider``: as for ``JwtAuth`` (a ``WorkloadApiClient`` / ``AsyncWorkloadApiClient``, or a
+    callable taking the audience), giving this workload's JWT-SVID for the issuer.
+    """
+
+    def __init__(
+        self,
+        provider: Any,
+        issuer: str,
+        subject_token: str,
+        resource: str,
+        *,
+        spiffe_id: SpiffeId | str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if not subject_token or not resource:
+            raise ValueError("a subject token and a resource are required")
+        self.resource = resource
+        self._endpoint = issuer.rstrip("/") + "/token"
+        self._subject = subject_token
+        self._actor = BearerTokens(provider, issuer.rstrip("/"), spiffe_id=spiffe_id, clock=clock)
+        self._clock = clock or SystemClock()
+        self._token: tuple[str, float] | None = None  # the token, and when to exchange again
+
+    def _fresh(self) -> str | None:
+        kept = self._token
+        return kept[0] if kept is not None and self._clock.now() < kept[1] else None
+
+    def _exchange(self, actor_token: str) -> httpx.Request:
+        form = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": self._subject,
+            "subject_token_type": ACCESS_TOKEN_TYPE,
+            "actor_token": actor_token,
+            "actor_token_type": JWT_TOKEN_TYPE,
+            "resource": self.resource,
+        }
+        return httpx.Request("POST", self._endpoint, data=form)
+
+    def _keep(self, reply: httpx.Response, asked_at: float) -> str:
+        try:
+            body = reply.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise TokenExchangeError("invalid_response", f"HTTP {reply.status_code}, not JSON")
+        token = body.get("access_token")
+        if reply.status_code != 200 or not isinstance(token, str) or not token:
+            error = str(body.get("error") or f"HTTP {reply.status_code}")
+            raise TokenExchangeError(error, str(body.get("error_description", ""))[:500])
+        lifetime = body.get("expires_in")
+        lifetime = lifetime if isinstance(lifetime, int) and lifetime > 0 else 0
+        self._token = (token, asked_at + lifetime / 2)
+        return token
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        token = self._fresh()
+        if token is None:
+            asked_at = self._clock.now()
+            reply = yield self._exchange(self._actor.token())
+            reply.read()
+            token = self._keep(reply, asked_at)
+        request.headers["Authorization"] = f"Bearer {token}"
+        yield request
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        token = self._fresh()
+        if token is None:
+            asked_at = self._clock.now()
+            reply = yield self._exchange(await self._actor.atoken())
+            await reply.aread()
+            token = self._keep(reply, asked_at)
+        request.headers["Authorization"] = f"Bearer {token}"
         yield request
 
 

@@ -5,7 +5,10 @@ actor; only that workload may, and the task's end revokes the result."""
 
 from __future__ import annotations
 
+import asyncio
+import http.server
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+import svid.httpx
 from server.datastore.records import REVOKED_JWT_ID, Revocation
 from svid._spiffe_id import SpiffeId
 from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer, serving_oauth
@@ -231,3 +235,117 @@ def test_a_delegated_token_can_be_acted_for_again_by_the_next_resource_workload(
         refused(
             delegate(world, second, actor_token(oauth), third), "invalid_grant", "not an access"
         )
+
+
+class _Downstream:
+    """The resource the workload calls on the task's behalf: answers 200, keeps each
+    request's Authorization header."""
+
+    def __init__(self) -> None:
+        seen: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append(self.headers.get("Authorization", ""))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.seen = seen
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/orders/7"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def tokens(self) -> list[str]:
+        return [h.removeprefix("Bearer ") for h in self.seen]
+
+
+@pytest.fixture
+def downstream() -> Iterator[_Downstream]:
+    served = _Downstream()
+    yield served
+    served.server.shutdown()
+    served.server.server_close()
+
+
+def test_delegated_auth_sends_the_delegated_token_and_keeps_it(
+    world: TaskWorld, downstream: _Downstream
+) -> None:
+    first = world.exchange().json()["access_token"]
+    oauth = world.oauth
+    actors: list[str] = []
+
+    def own_jwt(audience: str) -> str:  # what a WorkloadApiClient gives: this workload's own
+        actors.append(audience)
+        return actor_token(oauth)
+
+    auth = svid.httpx.DelegatedAuth(own_jwt, oauth.issuer, first, OTHER_RESOURCE)
+    with httpx.Client(verify=oauth.ssl_context(), auth=auth) as http_client:
+        assert http_client.get(downstream.url).status_code == 200
+        assert http_client.get(downstream.url).status_code == 200
+    one, two = downstream.tokens()
+    assert one == two  # kept, not exchanged per request
+    claims = world.decode(one, OTHER_RESOURCE)
+    assert claims["act"] == {"sub": MCP_ID, "act": {"sub": world.task.spiffe_id}}
+    assert actors == [oauth.issuer]
+    delegations = [e for e in exchange_events(world) if e.get("actor") == MCP_ID]
+    assert len(delegations) == 1
+
+
+def test_delegated_auth_raises_the_refusal_and_sends_nothing(
+    world: TaskWorld, downstream: _Downstream
+) -> None:
+    first = world.exchange().json()["access_token"]
+    oauth = world.oauth
+    auth = svid.httpx.DelegatedAuth(
+        lambda audience: actor_token(oauth, OTHER_ID), oauth.issuer, first, OTHER_RESOURCE
+    )
+    with (
+        httpx.Client(verify=oauth.ssl_context(), auth=auth) as http_client,
+        pytest.raises(svid.httpx.TokenExchangeError) as caught,
+    ):
+        http_client.get(downstream.url)
+    assert caught.value.error == "invalid_grant"
+    assert "serves no resource" in caught.value.description
+    assert downstream.seen == []
+
+
+def test_delegated_auth_in_an_asyncio_client(world: TaskWorld, downstream: _Downstream) -> None:
+    first = world.exchange().json()["access_token"]
+    oauth = world.oauth
+
+    async def own_jwt(audience: str) -> str:
+        return actor_token(oauth)
+
+    async def call() -> int:
+        auth = svid.httpx.DelegatedAuth(own_jwt, oauth.issuer, first, OTHER_RESOURCE)
+        async with httpx.AsyncClient(verify=oauth.ssl_context(), auth=auth) as http_client:
+            return (await http_client.get(downstream.url)).status_code
+
+    assert asyncio.run(call()) == 200
+    (token,) = downstream.tokens()
+    assert world.decode(token, OTHER_RESOURCE)["client_id"] == MCP_ID
+
+
+def test_delegated_auth_exchanges_again_at_half_the_tokens_life(
+    world: TaskWorld, downstream: _Downstream
+) -> None:
+    first = world.exchange().json()["access_token"]
+    oauth = world.oauth
+    clock = svid.FakeClock()
+    auth = svid.httpx.DelegatedAuth(
+        lambda audience: actor_token(oauth), oauth.issuer, first, OTHER_RESOURCE, clock=clock
+    )
+    with httpx.Client(verify=oauth.ssl_context(), auth=auth) as http_client:
+        http_client.get(downstream.url)
+        life = world.decode(downstream.tokens()[0], OTHER_RESOURCE)
+        clock.advance((life["exp"] - life["iat"]) / 2 - 1)
+        http_client.get(downstream.url)
+        clock.advance(2)
+        http_client.get(downstream.url)
+    one, two, three = downstream.tokens()
+    assert one == two != three
