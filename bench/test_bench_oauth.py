@@ -7,7 +7,9 @@ Rows:
   over TLS, connected once: the load shares the machine's cores with the server), as a ratio
   to raw ES256 signing on one core in the same rounds (goal >= 0.2x), the rate itself, and
   the server's CPU per exchange (this process's CPU time over a window: the server runs here);
-- one exchange's latency from a client that waits for each answer (p50 / p99);
+- one exchange's latency from a client that waits for each answer (p50 / p99), and one RFC 8693
+  delegation's (the resource's workload acting for the task towards another resource: two
+  token checks, the task decision, signing, commit);
 - task end -> the exchanged access token refused by svid.AccessTokenVerifier on a
   WorkloadApiSource fed revocations by a real svid-agent (goal p99 <= 1 s), and refused (401)
   by the example MCP server, a process that verifies with the same class.
@@ -31,7 +33,8 @@ from bench.report import Rounds, Row, Table, at_least, at_most, latency_row, rat
 from svid import AccessTokenVerifier, RevokedError, WorkloadApiSource
 from svid.tasks import TaskClient
 from tests.e2e.test_oauth_mcp import RUNTIME, Stack, oauth_mcp_stack
-from tests.server.oauth.conftest import RESOURCE, serving_oauth
+from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, serving_oauth
+from tests.server.oauth.test_token_delegation import ACCESS_TYPE, MCP_ID, actor_token
 from tests.server.oauth.test_token_exchange import EXCHANGE, JWT_TYPE, TaskWorld, begin_task
 
 LOAD_PROCESSES = 2
@@ -49,8 +52,13 @@ VERIFIER_POLL = 0.001  # a verify is a cache hit and a set lookup: poll it close
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[TaskWorld]:
-    with serving_oauth("oab", [RESOURCE], signing_processes=0) as server:
-        yield begin_task(server, ttl=900)
+    with serving_oauth(
+        "oab",
+        [RESOURCE, OTHER_RESOURCE],
+        signing_processes=0,
+        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
+    ) as server:
+        yield begin_task(server, ttl=900, resources=(server.issuer, RESOURCE, OTHER_RESOURCE))
 
 
 def _subject_tokens(world: TaskWorld, n: int) -> list[str]:
@@ -218,6 +226,28 @@ def test_token_exchange_rate_against_raw_es256(
             note="process CPU of the in-process server over each window / exchanges",
         ),
         latency_row("one token exchange (client waits)", latencies, note="HTTPS keep-alive"),
+    )
+
+
+def test_delegation_latency(benchmark: Any, table: Table, world: TaskWorld) -> None:
+    form = {
+        "grant_type": EXCHANGE,
+        "subject_token": world.exchange().json()["access_token"],  # what the MCP server got
+        "subject_token_type": ACCESS_TYPE,
+        "actor_token": actor_token(world.oauth),  # its own JWT-SVID, as its agent caches it
+        "actor_token_type": JWT_TYPE,
+        "resource": OTHER_RESOURCE,
+    }
+    latencies = []
+    with httpx.Client(verify=world.oauth.ssl_context()) as client:
+        for _ in range(LATENCY_SAMPLES):
+            started = time.perf_counter()
+            reply = client.post(world.oauth.issuer + "/token", data=form)
+            latencies.append(time.perf_counter() - started)
+            assert reply.status_code == 200, reply.text
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    table.add(
+        latency_row("one RFC 8693 delegation (client waits)", latencies, note="HTTPS keep-alive")
     )
 
 
