@@ -56,11 +56,16 @@ class AssertionChecker:
         # No cache: every assertion is checked for replay anyway, and one is used once.
         self._verifier = JwtVerifier(bundles, clock=clock, leeway=LEEWAY, cache_size=0)
 
-    def check(self, token: str, what: str) -> CheckedAssertion:
-        """An assertion: verified, and its ``jti`` reserved (used once)."""
+    def check(self, token: str, what: str, once_per: str = "") -> CheckedAssertion:
+        """An assertion: verified, and its ``jti`` reserved: used once, or once per
+        ``once_per`` (what it is exchanged for)."""
         checked = self.authenticate(token, what)
-        if not self._reserve_jti(checked.claim, int(self._clock.now())):
-            raise InvalidGrantError(replayed(what, checked.claim.jti))
+        claim = checked.claim
+        if once_per:
+            claim = JtiClaim(f"{claim.issuer} {once_per}", claim.jti, claim.expires_at)
+            checked = CheckedAssertion(checked.verified, checked.issuer, claim)
+        if not self._reserve_jti(claim, int(self._clock.now())):
+            raise InvalidGrantError(replayed(what, claim.jti))
         return checked
 
     def authenticate(self, token: str, what: str) -> CheckedAssertion:

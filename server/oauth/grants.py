@@ -227,14 +227,15 @@ class Grants:
             requested = params.get("requested_token_type", [ACCESS_TOKEN_TYPE])
             if requested not in ([ACCESS_TOKEN_TYPE], [TXN_TOKEN_TYPE], [JWT_TOKEN_TYPE]):
                 raise InvalidRequestError(f"requested_token_type {requested[:1]!r} not supported")
-            subject = self._checker.check(_one(params, "subject_token"), "subject_token")
+            resource = _single_resource(params, self._resources)
+            # Once per resource and kind of token: a runtime's cached task JWT-SVID serves for
+            # each resource it reaches, and the same exchange again is a replay.
+            kind = "txn" if requested == [TXN_TOKEN_TYPE] else "access"
+            subject = self._checker.check(
+                _one(params, "subject_token"), "subject_token", once_per=f"{resource} {kind}"
+            )
         except OAuthError as exc:
             self._refused(EVENT_EXCHANGE, exc, started)
-            raise
-        try:
-            resource = _single_resource(params, self._resources)
-        except OAuthError as exc:
-            self._refused(EVENT_EXCHANGE, exc, started, subject.claim)
             raise
         return self._task_token(subject, resource, requested[0], EVENT_EXCHANGE, started)
 

@@ -198,3 +198,31 @@ def test_a_task_assertion_in_the_jwt_bearer_grant_gets_the_task_decision(
     form["resource"] = OTHER_RESOURCE
     refused = httpx.post(world.oauth.issuer + "/token", data=form, verify=world.oauth.ssl_context())
     assert refused.json()["error"] == "invalid_grant"
+
+
+def test_a_subject_token_is_exchanged_once_per_resource_and_kind_of_token(
+    oauth_server: OAuthServer,
+) -> None:
+    # A runtime's task JWT-SVID for the issuer is cached until half its life: it has to serve
+    # for each resource the task reaches. The same exchange again is a replay.
+    world = begin_task(oauth_server, resources=(oauth_server.issuer, RESOURCE, OTHER_RESOURCE))
+    subject = world.subject_token()
+
+    def exchange(resource: str, requested: str = "") -> httpx.Response:
+        form = {
+            "grant_type": EXCHANGE,
+            "subject_token": subject,
+            "subject_token_type": JWT_TYPE,
+            "resource": resource,
+        }
+        if requested:
+            form["requested_token_type"] = requested
+        oauth = world.oauth
+        return httpx.post(oauth.issuer + "/token", data=form, verify=oauth.ssl_context())
+
+    assert exchange(RESOURCE).status_code == 200
+    assert exchange(OTHER_RESOURCE).status_code == 200
+    assert exchange(RESOURCE, TXN_TYPE).status_code == 200
+    for again in (exchange(RESOURCE), exchange(RESOURCE, JWT_TYPE), exchange(RESOURCE, TXN_TYPE)):
+        assert again.status_code == 400
+        assert "replay" in again.json()["error_description"]
