@@ -1,10 +1,12 @@
-"""Checking an incoming JWT-SVID (a JWT-bearer assertion or a token exchange subject token).
+"""Checking an incoming JWT-SVID (a JWT-bearer assertion, a token exchange's subject token, a
+delegation's actor token).
 
 Accepted: a JWT-SVID signed by a key of this trust domain's bundle or of a configured trusted
 bundle, for the audience named (this server's token endpoint or its issuer URL), not expired,
-carrying a `jti` this server did not accept before (server/oauth/replay.py: the datastore,
-claiming it with the token's ledger record, has the last word across servers), and when it has
-`iss`, an issuer this server knows.
+and when it has `iss`, an issuer this server knows. An assertion or subject token must also
+carry a `jti` this server did not accept before (a subject token: for the same resource and
+kind of token; server/oauth/replay.py: the datastore, claiming it with the token's ledger
+record, has the last word across servers); an actor token only proves who acts.
 """
 
 from __future__ import annotations
