@@ -45,7 +45,8 @@ from server.oauth.errors import (
 from server.oauth.replay import ReplayGuard
 from server.tasks.model import TASK_PATH, Task, is_task_id
 from svid._clock import Clock
-from svid._errors import VerificationError
+from svid._errors import JwtSvidError, VerificationError
+from svid._jwt import split_typed_token
 from svid._task_claims import _MAX_ACT_DEPTH
 from svid._verify_access import AccessTokenVerifier, VerifiedAccessToken
 
@@ -306,11 +307,15 @@ class Grants:
     def _acted_for(self, token: str, actor_id: str) -> VerifiedAccessToken:
         """The access token ``actor_id`` acts for: one this issuer made for a resource that
         workload serves, naming it in ``may_act``, not revoked."""
-        served = [w for w in self._workloads.values() if w.spiffe_id == actor_id]
+        served = {r: w for r, w in self._workloads.items() if w.spiffe_id == actor_id}
         if not served:
             raise InvalidGrantError(f"actor {actor_id[:200]} serves no resource: it may not act")
-        reasons = []
-        for workload in served:
+        # Only the checks of the resources the token names are run: one signature check, not
+        # one per resource the actor serves. (What is read unverified only picks the check.)
+        named = _audiences_named(token)
+        candidates = [w for r, w in served.items() if r in named]
+        reasons = [] if candidates else ["it names none of them"]
+        for workload in candidates:
             try:
                 subject = workload.verifier.verify(token)
                 break
@@ -524,6 +529,18 @@ class Grants:
                 self._commit([], [event], None)
         except (AuditError, LedgerError):  # AuditError: the reason looked like a credential
             _log.exception("an OAuth refusal could not be audited")
+
+
+def _audiences_named(token: str) -> tuple[str, ...]:
+    """The ``aud`` an access token claims, unverified; () for anything else."""
+    try:
+        _, split = split_typed_token(token)
+    except JwtSvidError:
+        return ()
+    aud = split.claims.get("aud")
+    if isinstance(aud, str):
+        return (aud,)
+    return tuple(a for a in aud if isinstance(a, str)) if isinstance(aud, list) else ()
 
 
 def _check_client_id(params: Mapping[str, list[str]], sub: str) -> None:

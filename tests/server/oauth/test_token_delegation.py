@@ -349,3 +349,32 @@ def test_delegated_auth_exchanges_again_at_half_the_tokens_life(
         http_client.get(downstream.url)
     one, two, three = downstream.tokens()
     assert one == two != three
+
+
+def test_a_workload_serving_several_resources_acts_for_tokens_of_each() -> None:
+    third = "https://ledger.example/api"
+    with serving_oauth(
+        "od3",
+        [RESOURCE, OTHER_RESOURCE, third],
+        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}", f"{third}={MCP_ID}"],
+    ) as oauth:
+        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE, third))
+        for resource in (RESOURCE, third):
+            received = world.exchange(resource).json()["access_token"]
+            reply = delegate(world, received, actor_token(oauth))
+            assert reply.status_code == 200, reply.text
+
+
+def test_audiences_named_reads_only_an_access_tokens_aud() -> None:
+    from server.oauth.grants import _audiences_named
+    from svid import sign_jws
+    from tests.svid.certs import ec_key
+
+    key = ec_key()
+    header = {"kid": "k", "typ": "at+jwt"}
+    one = sign_jws(header, {"aud": "https://a.example"}, key)
+    two = sign_jws(header, {"aud": ["https://a.example", 7, "https://b.example"]}, key)
+    assert _audiences_named(one) == ("https://a.example",)
+    assert _audiences_named(two) == ("https://a.example", "https://b.example")
+    assert _audiences_named(sign_jws(header, {"aud": 7}, key)) == ()
+    assert _audiences_named("not.a.token") == ()
