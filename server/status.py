@@ -181,6 +181,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     TaskRequestError: _SERVER_FAULT,
     TaskNotFoundError: _SERVER_FAULT,
     TaskEndedError: _SERVER_FAULT,
+    # The OAuth client side (svid.httpx): no handler of this server exchanges tokens.
+    svid_errors.TokenExchangeError: _SERVER_FAULT,
     # Task claims that do not read are a refused credential, like any failed verification.
     TaskClaimsError: Rule(Code.PERMISSION_DENIED),
     PeerRefusedError: Rule(Code.PERMISSION_DENIED),

@@ -42,3 +42,13 @@ class ExpiredError(VerificationError):
 class StaleRevocationsError(VerificationError):
     """Revocation data is older than the verifier allows (``max_revocation_staleness``): its feed,
     usually the local agent, has been unreachable for too long to rule a revocation out."""
+
+
+class TokenExchangeError(SvidError):
+    """An OAuth token endpoint refused an exchange (client side, svid.httpx.DelegatedAuth):
+    ``error`` is its RFC 6749 code, ``description`` what it said."""
+
+    def __init__(self, error: str, description: str = "") -> None:
+        super().__init__(f"token exchange refused: {error}: {description}")
+        self.error = error
+        self.description = description

@@ -30,7 +30,7 @@ import httpx
 from svid import tls
 from svid._bearer_tokens import BearerTokens
 from svid._clock import Clock, SystemClock
-from svid._errors import SvidError
+from svid._errors import TokenExchangeError
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._tls_authorize import Authorizer
 
@@ -70,15 +70,6 @@ class JwtAuth(httpx.Auth):
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         request.headers["Authorization"] = f"Bearer {await self.tokens.atoken()}"
         yield request
-
-
-class TokenExchangeError(SvidError):
-    """The token endpoint refused a delegation: ``error`` is its RFC 6749 code."""
-
-    def __init__(self, error: str, description: str) -> None:
-        super().__init__(f"token exchange refused: {error}: {description}")
-        self.error = error
-        self.description = description
 
 
 class DelegatedAuth(httpx.Auth):
