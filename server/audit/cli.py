@@ -124,26 +124,42 @@ def _audit_db(args: argparse.Namespace, config: Callable[[argparse.Namespace], A
     return legacy if legacy.is_file() else data_dir / DATASTORE_FILE
 
 
+# A verify racing a live server's prune reads the checkpoint file and the log again this often.
+VERIFY_ATTEMPTS = 3
+
+
 def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> None:
     from server.audit.store import SqliteAuditStore  # noqa: PLC0415 - only this command
     from server.audit.verify import Break, VerifyResult, verify_store  # noqa: PLC0415
 
     note = ""
+    store: AuditStore | None = None
     try:
-        # Anchors first: the log only grows, so what they name is never ahead of the snapshot.
-        anchors, note = _anchors(args.anchor, args.anchor_key)
-    except AuditError as e:
-        result = VerifyResult(
-            ok=False, checked=0, head=None, problem=Break.BAD_ANCHOR, detail=str(e)
-        )
-    else:
-        dsn = _postgres_dsn(args, config)
-        store: AuditStore = (
-            SqliteAuditStore(_audit_db(args, config)) if dsn is None else _open_postgres(dsn)
-        )
-        try:
+        for _ in range(VERIFY_ATTEMPTS):
+            try:
+                # Anchors first: the log only grows, so what they name is never ahead of the
+                # snapshot.
+                anchors, note = _anchors(args.anchor, args.anchor_key)
+            except AuditError as e:
+                result = VerifyResult(
+                    ok=False, checked=0, head=None, problem=Break.BAD_ANCHOR, detail=str(e)
+                )
+                break
+            if store is None:
+                dsn = _postgres_dsn(args, config)
+                store = (
+                    SqliteAuditStore(_audit_db(args, config))
+                    if dsn is None
+                    else _open_postgres(dsn)
+                )
             result = verify_store(store, anchors)
-        finally:
+            # But a live server's prune moves the base past the prune record it appended after
+            # the anchors were read: read both again. A base that no signed record reaches
+            # stays so, and is reported.
+            if result.ok or result.problem != Break.FORGED_BASE:
+                break
+    finally:
+        if store is not None:
             store.close()
     if getattr(args, "output", "text") == "json":
         print(json.dumps({**result.to_json(), "anchor_key": note or None}))

@@ -268,6 +268,32 @@ def test_a_base_moved_further_without_a_prune_record_is_forged(
     assert "no signed prune record reaches that far" in out
 
 
+def test_a_prune_between_the_reading_of_the_anchors_and_the_snapshot_is_no_false_alarm(
+    setup: Setup, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verify of a live server reads the checkpoint file, then the log; a prune that signs
+    its record and moves the base in between must not read as a forged base."""
+    import server.audit.cli as audit_cli
+
+    fill(setup.log, setup.clock, 10)
+    setup.checkpointer.checkpoint()
+    read_anchors = audit_cli._anchors
+    reads: list[int] = []
+
+    def read_then_prune(anchor: str | None, key: Path | None) -> tuple[list[object], str]:
+        found = read_anchors(anchor, key)
+        reads.append(len(found[0]))
+        if len(reads) == 1:  # the server prunes right after the verify read its file
+            assert setup.pruner(RetentionPolicy(max_age=4.5 * DAY)).prune().removed == 6
+        return found
+
+    monkeypatch.setattr(audit_cli, "_anchors", read_then_prune)
+    code, out = pinned_verify(setup, capsys)
+    assert code == 0, out
+    assert "6 events pruned through seq 6 (signed by the prune record of" in out
+    assert reads == [1, 2]  # read again, with the prune record
+
+
 def test_a_base_with_another_hash_is_forged(
     pruned: Setup, capsys: pytest.CaptureFixture[str]
 ) -> None:
