@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -210,20 +211,29 @@ def test_a_token_that_names_another_actor_in_may_act_is_not_acted_for(world: Tas
         refused(delegate(world, token, actor_token(world.oauth)), "invalid_grant", "may_act")
 
 
-def test_a_delegated_token_can_be_acted_for_again_by_the_next_resource_workload() -> None:
-    third = "https://ledger.example/api"
+THIRD = "https://ledger.example/api"
+
+
+@contextmanager
+def three_resources(prefix: str, workloads: list[str]) -> Iterator[TaskWorld]:
+    """A server for RESOURCE, OTHER_RESOURCE and THIRD with these resource workloads, and a
+    task that may reach all three."""
     with serving_oauth(
-        "od2",
-        [RESOURCE, OTHER_RESOURCE, third],
-        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"],
+        prefix, [RESOURCE, OTHER_RESOURCE, THIRD], oauth_resource_workloads=workloads
     ) as oauth:
-        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE, third))
+        yield begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE, THIRD))
+
+
+def test_a_delegated_token_can_be_acted_for_again_by_the_next_resource_workload() -> None:
+    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
+    with three_resources("od2", workloads) as world:
+        oauth = world.oauth
         first = world.exchange().json()["access_token"]
         second = delegate(world, first, actor_token(oauth)).json()["access_token"]
         assert world.decode(second, OTHER_RESOURCE)["may_act"] == {"sub": OTHER_ID}
-        reply = delegate(world, second, actor_token(oauth, OTHER_ID), third)
+        reply = delegate(world, second, actor_token(oauth, OTHER_ID), THIRD)
         assert reply.status_code == 200, reply.text
-        claims = world.decode(reply.json()["access_token"], third)
+        claims = world.decode(reply.json()["access_token"], THIRD)
         task = world.task
         assert claims["act"] == {
             "sub": OTHER_ID,
@@ -233,7 +243,7 @@ def test_a_delegated_token_can_be_acted_for_again_by_the_next_resource_workload(
         assert claims["txn"] == task.task_id
         # The first workload cannot skip a hop: the second token is not for a resource it serves.
         refused(
-            delegate(world, second, actor_token(oauth), third), "invalid_grant", "not an access"
+            delegate(world, second, actor_token(oauth), THIRD), "invalid_grant", "not an access"
         )
 
 
@@ -352,16 +362,10 @@ def test_delegated_auth_exchanges_again_at_half_the_tokens_life(
 
 
 def test_a_workload_serving_several_resources_acts_for_tokens_of_each() -> None:
-    third = "https://ledger.example/api"
-    with serving_oauth(
-        "od3",
-        [RESOURCE, OTHER_RESOURCE, third],
-        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}", f"{third}={MCP_ID}"],
-    ) as oauth:
-        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE, third))
-        for resource in (RESOURCE, third):
+    with three_resources("od3", [f"{RESOURCE}={MCP_ID}", f"{THIRD}={MCP_ID}"]) as world:
+        for resource in (RESOURCE, THIRD):
             received = world.exchange(resource).json()["access_token"]
-            reply = delegate(world, received, actor_token(oauth))
+            reply = delegate(world, received, actor_token(world.oauth))
             assert reply.status_code == 200, reply.text
 
 
