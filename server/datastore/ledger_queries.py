@@ -6,9 +6,10 @@ only the placeholder syntax differs between drivers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from server.datastore.records import AUDIT_COLUMNS, EventFilter
+from server.datastore.records import AUDIT_COLUMNS, EventFilter, TaskCursor
 
 _TASK_COLUMNS = "task_id, agent_id, runtime_id, state, expires_at, created_at, body"
 UPSERT_TASK = (
@@ -61,6 +62,34 @@ def list_tasks(
         arms = [arm([f"runtime_id = :r{i}", *common]) for i in range(runtime_count)]
     sql = " UNION ALL ".join(arms) + " ORDER BY created_at, task_id"
     return sql + " LIMIT :limit" if limit else sql
+
+
+def task_page(
+    *,
+    agent_id: str,
+    state: str,
+    runtime_ids: Sequence[str] | None,
+    after: TaskCursor | None,
+    limit: int,
+) -> tuple[str, dict[str, Any]] | None:
+    """The statement and parameters of a DataStore.list_tasks call; None when it asks for no
+    runtime at all (an empty `runtime_ids`), which matches nothing."""
+    runtimes = None if runtime_ids is None else sorted(set(runtime_ids))
+    if runtimes is not None and not runtimes:
+        return None
+    params: dict[str, Any] = {"agent_id": agent_id, "state": state, "limit": limit}
+    if runtimes is not None:
+        params.update({f"r{i}": r for i, r in enumerate(runtimes)})
+    if after is not None:
+        params.update(after_created_at=after.created_at, after_task_id=after.task_id)
+    sql = list_tasks(
+        agent=bool(agent_id),
+        state=bool(state),
+        runtime_count=None if runtimes is None else len(runtimes),
+        after=after is not None,
+        limit=limit > 0,
+    )
+    return sql, params
 
 
 CREDENTIAL_COLUMNS = ("kind", "value", "agent_id", "spiffe_id", "task_id", "expires_at")

@@ -100,22 +100,12 @@ class PostgresLedger:
         after: TaskCursor | None = None,
         limit: int = 0,
     ) -> list[TaskRecord]:
-        runtimes = None if runtime_ids is None else sorted(set(runtime_ids))
-        if runtimes is not None and not runtimes:
-            return []
-        params: dict[str, Any] = {"agent_id": agent_id, "state": state, "limit": limit}
-        if runtimes is not None:
-            params.update({f"r{i}": r for i, r in enumerate(runtimes)})
-        if after is not None:
-            params.update(after_created_at=after.created_at, after_task_id=after.task_id)
-        sql = lq.list_tasks(
-            agent=bool(agent_id),
-            state=bool(state),
-            runtime_count=None if runtimes is None else len(runtimes),
-            after=after is not None,
-            limit=limit > 0,
+        page = lq.task_page(
+            agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
         )
-        return [_task_from(r) for r in self._rows("list tasks", sql, params)]
+        if page is None:
+            return []
+        return [_task_from(r) for r in self._rows("list tasks", *page)]
 
     def due_tasks(self, state: str, now: int) -> list[TaskRecord]:
         rows = self._rows("list due tasks", lq.DUE_TASKS, {"state": state, "now": now})
