@@ -5,8 +5,9 @@ Rows:
   (TLS, h11, JWT-SVID check, jti replay insert, Cedar decision, at+jwt signing, ledger commit),
   CLIENTS keep-alive clients at once in load processes of their own (lean HTTP/1.1 clients
   over TLS, connected once: the load shares the machine's cores with the server), as a ratio
-  to raw ES256 signing on one core in the same rounds (goal >= 0.2x), the rate itself, and
-  the server's CPU per exchange (this process's CPU time over a window: the server runs here);
+  to raw ES256 signing on one core in the same rounds (goal >= 0.2x), and (shown) to one raw
+  ES256 verify + sign, the signature work an exchange cannot skip; the rate itself, and the
+  server's CPU per exchange (this process's CPU time over a window: the server runs here);
 - one exchange's latency from a client that waits for each answer (p50 / p99), and one RFC 8693
   delegation's (the resource's workload acting for the task towards another resource: two
   token checks, the task decision, signing, commit);
@@ -21,12 +22,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.cores import _es256
 from bench.report import Rounds, Row, Table, at_least, at_most, latency_row, rate, rounds, samples
@@ -188,14 +191,35 @@ class Exchangers:
         self.pool.shutdown()
 
 
+def _es256_verify_and_sign() -> Callable[[], object]:
+    """The signature work an exchange cannot do without: check one ES256 signature (the
+    subject token's) and make one (the access token's)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key()
+    message = b"eyJhbGciOiJFUzI1NiJ9." + b"x" * 200
+    signature = key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+    def op() -> object:
+        public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        return key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+    return op
+
+
 def test_token_exchange_rate_against_raw_es256(
     benchmark: Any, table: Table, world: TaskWorld
 ) -> None:
     sign = _es256()
+    verify_and_sign = _es256_verify_and_sign()
     exchangers = Exchangers(world)
     try:
         measured = Rounds(
-            {"es256": lambda: rate(sign, WINDOW), "exchange": exchangers.window}, ROUNDS
+            {
+                "es256": lambda: rate(sign, WINDOW),
+                "crypto": lambda: rate(verify_and_sign, WINDOW),
+                "exchange": exchangers.window,
+            },
+            ROUNDS,
         )
         cpu_us = exchangers.cpu_us[1:]  # the first window only started the load processes
         latencies = []
@@ -215,8 +239,15 @@ def test_token_exchange_rate_against_raw_es256(
             goal=at_least(GOAL_RATIO),
             note=note,
         ),
+        measured.ratio_row(
+            "token exchange / raw ES256 verify + sign, shown (an exchange's own signature work)",
+            "exchange",
+            "crypto",
+            note=note,
+        ),
         measured.rate_row("token exchanges", "exchange", note=note),
         measured.rate_row("raw ES256 sign (one core)", "es256"),
+        measured.rate_row("raw ES256 verify + sign (one core)", "crypto"),
         Row(
             "server CPU per token exchange (us)",
             statistics.median(cpu_us),
