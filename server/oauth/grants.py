@@ -251,8 +251,10 @@ class Grants:
             if _one(params, "actor_token_type") != JWT_TOKEN_TYPE:
                 raise InvalidRequestError(f"actor_token_type must be {JWT_TOKEN_TYPE}")
             requested = params.get("requested_token_type", [ACCESS_TOKEN_TYPE])
-            if requested not in ([ACCESS_TOKEN_TYPE], [JWT_TOKEN_TYPE]):
-                raise InvalidRequestError("with an actor_token, only an access token is issued")
+            if requested not in ([ACCESS_TOKEN_TYPE], [JWT_TOKEN_TYPE], [TXN_TOKEN_TYPE]):
+                raise InvalidRequestError(
+                    "with an actor_token, an access token or a Txn-Token is issued"
+                )
             subject_token = _one(params, "subject_token")
             # It proves who acts, as the JWT-SVID its agent caches: not used up (what it may
             # get is bounded by the subject token, which names it in may_act).
@@ -283,17 +285,28 @@ class Grants:
         except OAuthError as exc:
             self._refused(EVENT_EXCHANGE, exc, started)
             raise
-        claims: dict[str, Any] = {
-            "client_id": actor_id,
-            "scope": grant.scope,
-            "act": {"sub": actor_id, "act": subject.claims["act"]},
-            "txn": task.task_id,
-        }
-        self._add_may_act(claims, resource)
+        act = {"sub": actor_id, "act": subject.claims["act"]}
+        issued_type = TXN_TOKEN_TYPE if requested == [TXN_TOKEN_TYPE] else ACCESS_TOKEN_TYPE
+        claims: dict[str, Any]
+        if issued_type == TXN_TOKEN_TYPE:
+            # The Txn-Token draft's own case: a workload that received an access token calls
+            # on inside the trust domain for the same transaction. It requests (req_wl), and
+            # proved who it is with its JWT-SVID.
+            claims = {
+                "txn": task.task_id,
+                "scope": grant.scope,
+                "tctx": {**grant.claims["tctx"], "resource": resource},
+                "req_wl": actor_id,
+                "rctx": {"authn": "spiffe-jwt-svid", "req_wl": actor_id},
+                "act": act,
+            }
+        else:
+            claims = {"client_id": actor_id, "scope": grant.scope, "act": act, "txn": task.task_id}
+            self._add_may_act(claims, resource)
         return self._issue_for_task(
             task,
             grant,
-            _Issue(subject.subject, resource, claims, ACCESS_TOKEN_TYPE, EVENT_EXCHANGE),
+            _Issue(subject.subject, resource, claims, issued_type, EVENT_EXCHANGE),
             None,
             started,
             reason=f"task decision allowed {actor_id[:200]} to act for the task",

@@ -15,13 +15,20 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import jwt as pyjwt
 import pytest
 
 import svid.httpx
 from server.datastore.records import REVOKED_JWT_ID, Revocation
 from svid._spiffe_id import SpiffeId
 from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer, serving_oauth
-from tests.server.oauth.test_token_exchange import EXCHANGE, JWT_TYPE, TaskWorld, begin_task
+from tests.server.oauth.test_token_exchange import (
+    EXCHANGE,
+    JWT_TYPE,
+    TXN_TYPE,
+    TaskWorld,
+    begin_task,
+)
 
 ACCESS_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 MCP_ID = "spiffe://example.org/mcp-tickets"
@@ -110,6 +117,37 @@ def test_the_resource_workload_acts_for_the_task_towards_another_resource(
     refused(delegate(world, first, actor_token(world.oauth)), "invalid_grant", "")
 
 
+def test_the_resource_workload_gets_a_txn_token_for_the_task(world: TaskWorld) -> None:
+    # The Txn-Token draft's case: the workload that received the task's access token calls on
+    # inside the trust domain, for the same transaction, as the requesting workload.
+    first = world.exchange().json()["access_token"]
+    reply = delegate(world, first, actor_token(world.oauth), requested_token_type=TXN_TYPE)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["issued_token_type"] == TXN_TYPE
+    token = reply.json()["access_token"]
+    assert pyjwt.get_unverified_header(token)["typ"] == "txntoken+jwt"
+    claims = world.decode(token, "example.org")  # a Txn-Token's audience is the trust domain
+    task = world.task
+    assert claims["sub"] == "user:alice"
+    assert claims["txn"] == task.task_id
+    assert claims["req_wl"] == MCP_ID
+    assert claims["rctx"] == {"authn": "spiffe-jwt-svid", "req_wl": MCP_ID}
+    assert claims["act"] == {"sub": MCP_ID, "act": {"sub": task.spiffe_id}}
+    assert claims["tctx"]["resource"] == OTHER_RESOURCE
+    assert claims["scope"] == "read"  # decided afresh for OTHER_RESOURCE
+    assert "may_act" not in claims
+    event = exchange_events(world)[-1]
+    assert (event["decision"], event["actor"], event["token_type"]) == ("allow", MCP_ID, TXN_TYPE)
+    store = world.oauth.running.server.datastore
+    assert claims["jti"] in {c.value for c in store.task_credentials(task.task_id, 0)}
+    # Another workload cannot ask for one.
+    refused(
+        delegate(world, first, actor_token(world.oauth, OTHER_ID), requested_token_type=TXN_TYPE),
+        "invalid_grant",
+        "serves no resource",
+    )
+
+
 def test_only_the_workload_serving_the_resource_may_act(world: TaskWorld) -> None:
     first = world.exchange().json()["access_token"]
     refused(
@@ -173,7 +211,7 @@ def test_a_resource_outside_the_task_is_refused_by_the_task_decision(
     [
         ({"subject_token_type": JWT_TYPE}, "subject_token_type must be"),
         ({"actor_token_type": ACCESS_TYPE}, "actor_token_type must be"),
-        ({"requested_token_type": "urn:ietf:params:oauth:token-type:txn_token"}, "only an access"),
+        ({"requested_token_type": "urn:ietf:params:oauth:token-type:id_token"}, "or a Txn-Token"),
         ({"actor_token": ""}, "actor_token: exactly one value"),
     ],
 )
