@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 from server.changelog import Change, ChangeLog, EntryTouch, touches
 from server.datastore.base import DataStore
-from server.datastore.errors import DataStoreError
+from server.datastore.errors import DataStoreError, StorageError
 from server.datastore.records import (
     FEED_AGENT,
     FEED_ENTRY,
@@ -212,7 +212,13 @@ class ServerState:
     # -- writes -------------------------------------------------------------------------------
 
     async def _after_write(self) -> None:
-        self._revision = await asyncio.to_thread(self._datastore.revision)
+        # The write is committed and installed: a failed read of the revision after it (a
+        # database connection cut in between) must not answer the write as failed, which would
+        # send its client to retry a write that is there.
+        try:
+            self._revision = await asyncio.to_thread(self._datastore.revision)
+        except StorageError as exc:
+            _log.warning("could not read the datastore revision after a write: %s", exc)
         self.notifier.notify()
 
     def _change_entries(self, put: Sequence[Entry] = (), removed: Sequence[str] = ()) -> None:
