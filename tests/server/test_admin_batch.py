@@ -3,21 +3,13 @@ one transaction and one change notification per batch, the single-entry validati
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-from server.datastore.errors import StorageError
-from server.datastore.records import Entry
-from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
-from server.events import ChangeNotifier
-from server.state import ServerState
-from svid._clock import FakeClock
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from tests.server.fixtures import TRUST_DOMAIN, RunningServer, managed_server, running_server
 
@@ -231,23 +223,3 @@ def test_a_storage_failure_fails_the_batch_whole_and_changes_nothing() -> None:
             .results
         )
         assert _codes(results) == [OK]
-
-
-def test_a_write_that_committed_is_answered_as_done_when_the_read_after_it_fails(
-    tmp_path: Path,
-) -> None:
-    # The revision is read after the write's own transaction: a database connection cut in
-    # between (seen on PostgreSQL) used to answer a committed write UNAVAILABLE, and a client
-    # that retried then found it there (ALREADY_EXISTS).
-    clock = FakeClock(1000)
-    faulty = FaultInjectingDataStore(SqliteDataStore(tmp_path / "ds.sqlite3", clock))
-    state = ServerState(faulty, clock, ChangeNotifier())  # type: ignore[arg-type]
-    state.load()
-    before = state.notifier.version
-    faulty.inject(StorageError("cannot read the revision: connection lost"), "revision")
-    made = asyncio.run(state.create_entry(Entry("", f"{TD}/a1", _agent("after1"), ())))
-    assert faulty.calls[-2:] == ["create_entry", "revision"]  # the read after it failed
-    assert made.spiffe_id == f"{TD}/a1"
-    assert made.id in state.entries.by_id
-    assert faulty.inner.get_entry(made.id) == made
-    assert state.notifier.version > before  # Sync streams still hear of it
