@@ -22,9 +22,15 @@ P256_TBS = "p256-tbs"  # ECDSA P-256 / SHA-256 over an SVID-sized TBSCertificate
 # What issuing from a CSR cannot do without: check the CSR's signature, sign the TBS. P-256
 # verification costs about twice a signature, so signing alone is no limit this work can reach.
 P256_CSR_ISSUE = "p256-csr-issue"
+# What a token exchange cannot do without: check the subject token's ES256 signature, sign the
+# new token.
+ES256_VERIFY_SIGN = "es256-verify-sign"
 CERT_BUILDER = "cert-builder"  # cryptography's CertificateBuilder build + sign of an SVID leaf
 TBS_BYTES = 445  # the TBSCertificate of a leaf svid-server issues for spiffe://example.org/bench/w0
 CSR_INFO_BYTES = 180  # the CertificationRequestInfo of an agent's CSR for the same ID
+
+
+JWT_SIGNING_INPUT = b"eyJhbGciOiJFUzI1NiJ9." + b"x" * 200
 
 
 def _es256() -> Callable[[], object]:
@@ -32,8 +38,22 @@ def _es256() -> Callable[[], object]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
-    message = b"eyJhbGciOiJFUzI1NiJ9." + b"x" * 200
-    return lambda: key.sign(message, ec.ECDSA(hashes.SHA256()))
+    return lambda: key.sign(JWT_SIGNING_INPUT, ec.ECDSA(hashes.SHA256()))
+
+
+def _es256_verify_sign() -> Callable[[], object]:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key()
+    signature = key.sign(JWT_SIGNING_INPUT, ec.ECDSA(hashes.SHA256()))
+
+    def exchange() -> bytes:
+        public.verify(signature, JWT_SIGNING_INPUT, ec.ECDSA(hashes.SHA256()))
+        return key.sign(JWT_SIGNING_INPUT, ec.ECDSA(hashes.SHA256()))
+
+    return exchange
 
 
 def _p256_tbs() -> Callable[[], object]:
@@ -110,6 +130,7 @@ def _cert_builder() -> Callable[[], object]:
 
 OPS: dict[str, Callable[[], Callable[[], object]]] = {
     ES256: _es256,
+    ES256_VERIFY_SIGN: _es256_verify_sign,
     P256_TBS: _p256_tbs,
     P256_CSR_ISSUE: _p256_csr_issue,
     CERT_BUILDER: _cert_builder,

@@ -22,16 +22,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench.cores import _es256
+from bench.cores import _es256, _es256_verify_sign
 from bench.report import Rounds, Row, Table, at_least, at_most, latency_row, rate, rounds, samples
 from svid import AccessTokenVerifier, RevokedError, WorkloadApiSource
 from svid.tasks import TaskClient
@@ -191,26 +189,11 @@ class Exchangers:
         self.pool.shutdown()
 
 
-def _es256_verify_and_sign() -> Callable[[], object]:
-    """The signature work an exchange cannot do without: check one ES256 signature (the
-    subject token's) and make one (the access token's)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    public = key.public_key()
-    message = b"eyJhbGciOiJFUzI1NiJ9." + b"x" * 200
-    signature = key.sign(message, ec.ECDSA(hashes.SHA256()))
-
-    def op() -> object:
-        public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-        return key.sign(message, ec.ECDSA(hashes.SHA256()))
-
-    return op
-
-
 def test_token_exchange_rate_against_raw_es256(
     benchmark: Any, table: Table, world: TaskWorld
 ) -> None:
     sign = _es256()
-    verify_and_sign = _es256_verify_and_sign()
+    verify_and_sign = _es256_verify_sign()
     exchangers = Exchangers(world)
     try:
         measured = Rounds(
