@@ -287,22 +287,17 @@ class Grants:
             raise
         act = {"sub": actor_id, "act": subject.claims["act"]}
         issued_type = TXN_TOKEN_TYPE if requested == [TXN_TOKEN_TYPE] else ACCESS_TOKEN_TYPE
-        claims: dict[str, Any]
-        if issued_type == TXN_TOKEN_TYPE:
-            # The Txn-Token draft's own case: a workload that received an access token calls
-            # on inside the trust domain for the same transaction. It requests (req_wl), and
-            # proved who it is with its JWT-SVID.
-            claims = {
-                "txn": task.task_id,
-                "scope": grant.scope,
-                "tctx": {**grant.claims["tctx"], "resource": resource},
-                "req_wl": actor_id,
-                "rctx": {"authn": "spiffe-jwt-svid", "req_wl": actor_id},
-                "act": act,
-            }
-        else:
-            claims = {"client_id": actor_id, "scope": grant.scope, "act": act, "txn": task.task_id}
-            self._add_may_act(claims, resource)
+        # A Txn-Token here is the draft's own case: a workload that received an access token
+        # calls on inside the trust domain for the same transaction, as the requester.
+        claims = self._task_claims(
+            task,
+            grant,
+            resource,
+            act,
+            txn=issued_type == TXN_TOKEN_TYPE,
+            client=actor_id,
+            requester=actor_id,
+        )
         return self._issue_for_task(
             task,
             grant,
@@ -346,11 +341,35 @@ class Grants:
             raise InvalidGrantError("subject_token is revoked")
         return subject
 
-    def _add_may_act(self, claims: dict[str, Any], resource: str) -> None:
-        # RFC 8693 §4.4: the workload serving the resource may act for this token's subject.
+    def _task_claims(
+        self,
+        task: Task,
+        grant: TaskJwtGrant,
+        resource: str,
+        act: dict[str, Any],
+        *,
+        txn: bool,
+        client: str,
+        requester: str,
+    ) -> dict[str, Any]:
+        """The claims of a token issued for ``task``: a Txn-Token's (``req_wl`` the
+        ``requester``; ``client``, the workload that authenticated with its JWT-SVID, in
+        ``rctx``), or an access token's (``client_id``; ``may_act`` for the resource's
+        workload, RFC 8693 §4.4)."""
+        if txn:
+            return {
+                "txn": task.task_id,
+                "scope": grant.scope,
+                "tctx": {**grant.claims["tctx"], "resource": resource},
+                "req_wl": requester,
+                "rctx": {"authn": "spiffe-jwt-svid", "req_wl": client},
+                "act": act,
+            }
+        claims = {"client_id": client, "scope": grant.scope, "act": act, "txn": task.task_id}
         workload = self._workloads.get(resource)
         if workload is not None:
             claims["may_act"] = {"sub": workload.spiffe_id}
+        return claims
 
     def _task_token(
         self,
@@ -365,26 +384,17 @@ class Grants:
         except OAuthError as exc:
             self._refused(kind, exc, started, subject.claim)
             raise
-        txn = requested == TXN_TOKEN_TYPE
         principal = task.on_behalf_of or task.runtime_id
         act = task.act if task.act.get("sub") == task.spiffe_id else {"sub": task.spiffe_id}
-        if txn:
-            claims: dict[str, Any] = {
-                "txn": task.task_id,
-                "scope": grant.scope,
-                "tctx": {**grant.claims["tctx"], "resource": resource},
-                "req_wl": task.spiffe_id,
-                "rctx": {"authn": "spiffe-jwt-svid", "req_wl": task.runtime_id},
-                "act": act,
-            }
-        else:
-            claims = {
-                "client_id": task.runtime_id,
-                "scope": grant.scope,
-                "act": act,
-                "txn": task.task_id,
-            }
-            self._add_may_act(claims, resource)
+        claims = self._task_claims(
+            task,
+            grant,
+            resource,
+            act,
+            txn=requested == TXN_TOKEN_TYPE,
+            client=task.runtime_id,
+            requester=task.spiffe_id,
+        )
         return self._issue_for_task(
             task,
             grant,
