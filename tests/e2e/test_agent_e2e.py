@@ -254,18 +254,7 @@ def test_metrics_and_health_endpoint(stack: tuple[ServerProcess, AgentProcess]) 
     _server, agent = stack
     agent.stop()
     agent.start("--metrics-address", "127.0.0.1:0")
-    assert agent.proc is not None
-    pid = agent.proc.pid
-
-    def runtime_info() -> dict[str, Any] | None:
-        # The socket comes first (clients need it); agent.json follows once metrics listen.
-        try:
-            info: dict[str, Any] = json.loads((agent.data_dir / "agent.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return info if info.get("pid") == pid else None
-
-    info = wait_for(runtime_info, 30, "agent.json of the restarted agent")
+    info = agent.runtime()  # this run's: the stopped run's file named another pid
     base = f"http://{info['metrics_address']}"
 
     def healthy() -> bool:

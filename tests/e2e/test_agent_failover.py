@@ -11,7 +11,6 @@ other through the datastore's change feed: any server serves any agent.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -49,7 +48,7 @@ def addresses(server: ServerProcess) -> tuple[str, str]:
 
 def agent_metrics(agent: AgentProcess) -> tuple[int, str, int]:
     """(Sync stream up, current server, moves) from the agent's /metrics."""
-    runtime = json.loads((agent.data_dir / "agent.json").read_text())
+    runtime = agent.runtime()
     with urllib.request.urlopen(f"http://{runtime['metrics_address']}/metrics", timeout=5) as r:
         text = r.read().decode()
     up, server, moves = 0, "", 0

@@ -74,10 +74,7 @@ def verify(server: ServerProcess, anchor: Path) -> subprocess.CompletedProcess[s
 
 
 def metric(agent: AgentProcess, name: str) -> float | None:
-    runtime_file = agent.data_dir / "agent.json"
-    if not runtime_file.exists():
-        return None  # written just after the socket appears
-    runtime = json.loads(runtime_file.read_text())
+    runtime = agent.runtime()
     with urllib.request.urlopen(f"http://{runtime['metrics_address']}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
             if line.startswith(name + " "):
