@@ -49,10 +49,11 @@ from psycopg_pool import ConnectionPool
 from server.datastore import postgres_sql as ps
 from server.datastore import queries as q
 from server.datastore.base import JtiClaim
+from server.datastore.entry_writes import REVISION as _REVISION
+from server.datastore.entry_writes import EntryWrites
 from server.datastore.errors import (
     AlreadyExistsError,
     ConflictError,
-    DataStoreError,
     NotFoundError,
     StorageError,
 )
@@ -68,7 +69,6 @@ from server.datastore.postgres_ledger import PostgresLedger
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
     FEED_AGENT,
-    FEED_ENTRY,
     FEED_KEY_SLOT,
     FEED_REVOCATION,
     REVOCATION_KINDS,
@@ -100,7 +100,6 @@ MAX_CONNECTIONS = 4
 CONNECT_TIMEOUT = 10.0
 # Runs of one transaction that PostgreSQL failed for a deadlock or a serialization failure.
 ATTEMPTS = 3
-_REVISION = "revision"
 _BUNDLE_SEQUENCE = "bundle_sequence"
 _FEED = "feed"
 # Ids bound in one `get_entries` read.
@@ -111,7 +110,9 @@ FEED_WAIT_SLICE = 0.25
 _RETRY = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
 
-class PostgresDataStore(PostgresLedger, PostgresFederation, PostgresCheckpoints):
+class PostgresDataStore(
+    EntryWrites[Cursor], PostgresLedger, PostgresFederation, PostgresCheckpoints
+):
     """`DataStore` on one PostgreSQL database (the DSN's search_path picks the schema). Build
     once per process; `close()` at shutdown."""
 
@@ -184,7 +185,7 @@ class PostgresDataStore(PostgresLedger, PostgresFederation, PostgresCheckpoints)
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _write_entries(self, what: str, work: Callable[[Cursor], T]) -> T:
+    def _entry_transaction(self, what: str, work: Callable[[Cursor], T]) -> T:
         """`_write` taking its turn among entry writes (ps.LOCK_ENTRIES)."""
 
         def locked(cur: Cursor) -> T:
@@ -274,11 +275,6 @@ class PostgresDataStore(PostgresLedger, PostgresFederation, PostgresCheckpoints)
 
     # -- entries --------------------------------------------------------------------------------
 
-    def _stored_new(self, entry: Entry) -> Entry:
-        return replace(
-            entry, id=entry.id or self._new_entry_id(), revision=1, created_at=self._now()
-        )
-
     @staticmethod
     def _insert_in(cur: Cursor, stored: Entry) -> None:
         params = _entry_params(stored)
@@ -319,89 +315,6 @@ class PostgresDataStore(PostgresLedger, PostgresFederation, PostgresCheckpoints)
     def _delete_in(cur: Cursor, entry_id: str) -> None:
         if cur.execute(pg(q.DELETE_ENTRY), {"id": entry_id}).rowcount != 1:
             raise NotFoundError(f"entry {entry_id} not found")
-
-    def create_entry(self, entry: Entry) -> Entry:
-        stored = self._stored_new(entry)
-
-        def work(cur: Cursor) -> Entry:
-            self._insert_in(cur, stored)
-            self._bump(cur, _REVISION)
-            self._append_feed(cur, FEED_ENTRY, (stored.id,))
-            return stored
-
-        return self._write_entries("create the entry", work)
-
-    def update_entry(self, entry: Entry) -> Entry:
-        def work(cur: Cursor) -> Entry:
-            stored = self._update_in(cur, entry)
-            self._bump(cur, _REVISION)
-            self._append_feed(cur, FEED_ENTRY, (stored.id,))
-            return stored
-
-        return self._write_entries("update the entry", work)
-
-    def delete_entry(self, entry_id: str) -> None:
-        def work(cur: Cursor) -> None:
-            self._delete_in(cur, entry_id)
-            self._bump(cur, _REVISION)
-            self._append_feed(cur, FEED_ENTRY, (entry_id,))
-
-        self._write_entries("delete the entry", work)
-
-    # A batch is one transaction whose items succeed or fail each on their own: every check of
-    # an item precedes its one write, so a refused item leaves nothing (as on SQLite).
-
-    def create_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
-        stored = [self._stored_new(e) for e in entries]
-
-        def work(cur: Cursor) -> list[Entry | DataStoreError]:
-            results: list[Entry | DataStoreError] = []
-            for item in stored:
-                try:
-                    self._insert_in(cur, item)
-                except AlreadyExistsError as exc:
-                    results.append(exc)
-                    continue
-                results.append(item)
-            if any(isinstance(r, Entry) for r in results):
-                self._bump(cur, _REVISION)
-                self._append_feed(cur, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
-            return results
-
-        return self._write_entries("create entries", work)
-
-    def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
-        def work(cur: Cursor) -> list[Entry | DataStoreError]:
-            results: list[Entry | DataStoreError] = []
-            for entry in entries:
-                try:
-                    results.append(self._update_in(cur, entry))
-                except (NotFoundError, ConflictError, AlreadyExistsError) as exc:
-                    results.append(exc)
-            if any(isinstance(r, Entry) for r in results):
-                self._bump(cur, _REVISION)
-                self._append_feed(cur, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
-            return results
-
-        return self._write_entries("update entries", work)
-
-    def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
-        def work(cur: Cursor) -> list[DataStoreError | None]:
-            results: list[DataStoreError | None] = []
-            for entry_id in entry_ids:
-                try:
-                    self._delete_in(cur, entry_id)
-                except NotFoundError as exc:
-                    results.append(exc)
-                    continue
-                results.append(None)
-            if any(r is None for r in results):
-                self._bump(cur, _REVISION)
-                done = (i for i, r in zip(entry_ids, results, strict=True) if r is None)
-                self._append_feed(cur, FEED_ENTRY, done)
-            return results
-
-        return self._write_entries("delete entries", work)
 
     def get_entry(self, entry_id: str) -> Entry:
         rows = self._rows("read the entry", q.SELECT_ENTRY, {"id": entry_id})

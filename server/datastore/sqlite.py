@@ -23,27 +23,27 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
 from server.datastore import queries as q
 from server.datastore import sqlite_audit
 from server.datastore.base import JtiClaim
+from server.datastore.entry_writes import REVISION as _REVISION
+from server.datastore.entry_writes import EntryWrites
 from server.datastore.errors import (
     AlreadyExistsError,
     ConflictError,
-    DataStoreError,
     NotFoundError,
 )
 from server.datastore.migrations import CREATE_MIGRATIONS_TABLE, MIGRATIONS, Migration
 from server.datastore.records import (
     FEED_AGENT,
-    FEED_ENTRY,
     FEED_KEY_SLOT,
     FEED_REVOCATION,
     REVOCATION_KINDS,
@@ -64,7 +64,7 @@ from server.datastore.sqlite_ledger import SqliteLedger
 from svid._clock import Clock
 
 BUSY_TIMEOUT_MS = 10_000
-_REVISION = "revision"
+T = TypeVar("T")
 _BUNDLE_SEQUENCE = "bundle_sequence"
 _FEED = "feed"
 # Ids bound in one `get_entries` read (SQLite's parameter limit is 999 on old builds).
@@ -194,7 +194,9 @@ def _create_private_file(path: Path) -> None:
         os.close(fd)
 
 
-class SqliteDataStore(SqliteLedger, SqliteFederation, SqliteCheckpoints):
+class SqliteDataStore(
+    EntryWrites[sqlite_utils.Database], SqliteLedger, SqliteFederation, SqliteCheckpoints
+):
     """`DataStore` on one SQLite file. Build once per process; `close()` at shutdown."""
 
     def __init__(self, path: Path, clock: Clock) -> None:
@@ -317,14 +319,6 @@ class SqliteDataStore(SqliteLedger, SqliteFederation, SqliteCheckpoints):
 
     # -- entries --------------------------------------------------------------------------------
 
-    def _stored_new(self, entry: Entry) -> Entry:
-        return replace(
-            entry,
-            id=entry.id or self._new_entry_id(),
-            revision=1,
-            created_at=self._now(),
-        )
-
     @staticmethod
     def _insert_in(db: sqlite_utils.Database, stored: Entry) -> None:
         """Insert within the caller's transaction; AlreadyExistsError (nothing written) for a
@@ -368,74 +362,9 @@ class SqliteDataStore(SqliteLedger, SqliteFederation, SqliteCheckpoints):
         if db.execute(q.DELETE_ENTRY, {"id": entry_id}).rowcount != 1:
             raise NotFoundError(f"entry {entry_id} not found")
 
-    def create_entry(self, entry: Entry) -> Entry:
-        stored = self._stored_new(entry)
+    def _entry_transaction(self, what: str, work: Callable[[sqlite_utils.Database], T]) -> T:
         with self._transaction() as db:
-            self._insert_in(db, stored)
-            self._bump(db, _REVISION)
-            self._append_feed(db, FEED_ENTRY, (stored.id,))
-        return stored
-
-    def update_entry(self, entry: Entry) -> Entry:
-        with self._transaction() as db:
-            stored = self._update_in(db, entry)
-            self._bump(db, _REVISION)
-            self._append_feed(db, FEED_ENTRY, (stored.id,))
-        return stored
-
-    def delete_entry(self, entry_id: str) -> None:
-        with self._transaction() as db:
-            self._delete_in(db, entry_id)
-            self._bump(db, _REVISION)
-            self._append_feed(db, FEED_ENTRY, (entry_id,))
-
-    # A batch is one transaction (one fsync, one revision) whose items succeed or fail each on
-    # its own: every check of an item precedes its one write, so a refused item leaves nothing.
-
-    def create_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
-        stored = [self._stored_new(e) for e in entries]
-        results: list[Entry | DataStoreError] = []
-        with self._transaction() as db:
-            for item in stored:
-                try:
-                    self._insert_in(db, item)
-                except AlreadyExistsError as exc:
-                    results.append(exc)
-                    continue
-                results.append(item)
-            if any(isinstance(r, Entry) for r in results):
-                self._bump(db, _REVISION)
-                self._append_feed(db, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
-        return results
-
-    def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
-        results: list[Entry | DataStoreError] = []
-        with self._transaction() as db:
-            for entry in entries:
-                try:
-                    results.append(self._update_in(db, entry))
-                except (NotFoundError, ConflictError, AlreadyExistsError) as exc:
-                    results.append(exc)
-            if any(isinstance(r, Entry) for r in results):
-                self._bump(db, _REVISION)
-                self._append_feed(db, FEED_ENTRY, (r.id for r in results if isinstance(r, Entry)))
-        return results
-
-    def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
-        results: list[DataStoreError | None] = []
-        with self._transaction() as db:
-            for entry_id in entry_ids:
-                try:
-                    self._delete_in(db, entry_id)
-                except NotFoundError as exc:
-                    results.append(exc)
-                    continue
-                results.append(None)
-            if any(r is None for r in results):
-                self._bump(db, _REVISION)
-                done = (i for i, r in zip(entry_ids, results, strict=True) if r is None)
-                self._append_feed(db, FEED_ENTRY, done)
-        return results
+            return work(db)
 
     def get_entry(self, entry_id: str) -> Entry:
         rows = self._rows(q.SELECT_ENTRY, {"id": entry_id})

@@ -1,0 +1,152 @@
+"""Registration entry writes, one at a time and in batches, for every datastore backend.
+
+What a write checks, what a refused item of a batch leaves (nothing), and what a committed
+write tells the store's revision and change feed are the same on SQLite and PostgreSQL, so
+they are written once here. A backend supplies its transaction and, inside it, the statements
+of one insert, update and delete (each checking before its one write), a counter bump and
+the feed's append.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Generic, TypeVar
+
+from server.datastore.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    DataStoreError,
+    NotFoundError,
+)
+from server.datastore.records import FEED_ENTRY, Entry
+
+H = TypeVar("H")  # what a backend's statements run on inside its transaction
+T = TypeVar("T")
+
+REVISION = "revision"  # the counter every committed entry write moves (Sync streams follow it)
+
+
+class EntryWrites(Generic[H]):
+    """A datastore mixin: the entry writes of the DataStore protocol."""
+
+    # -- the backend's ----------------------------------------------------------------------
+
+    def _entry_transaction(self, what: str, work: Callable[[H], T]) -> T:
+        """``work`` in one transaction, taking its turn among entry writes; committed when it
+        returns, rolled back when it raises (a DataStoreError reaches the caller as it is)."""
+        raise NotImplementedError
+
+    def _insert_in(self, h: H, stored: Entry) -> None:
+        """AlreadyExistsError, with nothing written, for a clash of id or identity."""
+        raise NotImplementedError
+
+    def _update_in(self, h: H, entry: Entry) -> Entry:
+        """The entry as stored; NotFoundError, ConflictError (an older revision) or
+        AlreadyExistsError (another entry's identity), with nothing written."""
+        raise NotImplementedError
+
+    def _delete_in(self, h: H, entry_id: str) -> None:
+        """NotFoundError, with nothing written, for an entry that is not there."""
+        raise NotImplementedError
+
+    def _bump(self, h: H, counter: str) -> int:
+        raise NotImplementedError
+
+    def _append_feed(self, h: H, kind: str, keys: Iterable[str]) -> None:
+        raise NotImplementedError
+
+    def _new_entry_id(self) -> str:
+        raise NotImplementedError
+
+    def _now(self) -> int:
+        raise NotImplementedError
+
+    # -- the writes ---------------------------------------------------------------------------
+
+    def _stored_new(self, entry: Entry) -> Entry:
+        return replace(
+            entry, id=entry.id or self._new_entry_id(), revision=1, created_at=self._now()
+        )
+
+    def _changed(self, h: H, entry_ids: Iterable[str]) -> None:
+        self._bump(h, REVISION)
+        self._append_feed(h, FEED_ENTRY, entry_ids)
+
+    def create_entry(self, entry: Entry) -> Entry:
+        stored = self._stored_new(entry)
+
+        def work(h: H) -> Entry:
+            self._insert_in(h, stored)
+            self._changed(h, (stored.id,))
+            return stored
+
+        return self._entry_transaction("create the entry", work)
+
+    def update_entry(self, entry: Entry) -> Entry:
+        def work(h: H) -> Entry:
+            stored = self._update_in(h, entry)
+            self._changed(h, (stored.id,))
+            return stored
+
+        return self._entry_transaction("update the entry", work)
+
+    def delete_entry(self, entry_id: str) -> None:
+        def work(h: H) -> None:
+            self._delete_in(h, entry_id)
+            self._changed(h, (entry_id,))
+
+        self._entry_transaction("delete the entry", work)
+
+    # A batch is one transaction (one commit, one revision) whose items succeed or fail each on
+    # its own: every check of an item precedes its one write, so a refused item leaves nothing.
+
+    def create_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
+        stored = [self._stored_new(e) for e in entries]
+
+        def work(h: H) -> list[Entry | DataStoreError]:
+            results: list[Entry | DataStoreError] = []
+            for item in stored:
+                try:
+                    self._insert_in(h, item)
+                except AlreadyExistsError as exc:
+                    results.append(exc)
+                    continue
+                results.append(item)
+            self._changed_in_batch(h, [r.id for r in results if isinstance(r, Entry)])
+            return results
+
+        return self._entry_transaction("create entries", work)
+
+    def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
+        def work(h: H) -> list[Entry | DataStoreError]:
+            results: list[Entry | DataStoreError] = []
+            for entry in entries:
+                try:
+                    results.append(self._update_in(h, entry))
+                except (NotFoundError, ConflictError, AlreadyExistsError) as exc:
+                    results.append(exc)
+            self._changed_in_batch(h, [r.id for r in results if isinstance(r, Entry)])
+            return results
+
+        return self._entry_transaction("update entries", work)
+
+    def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
+        def work(h: H) -> list[DataStoreError | None]:
+            results: list[DataStoreError | None] = []
+            for entry_id in entry_ids:
+                try:
+                    self._delete_in(h, entry_id)
+                except NotFoundError as exc:
+                    results.append(exc)
+                    continue
+                results.append(None)
+            done = [i for i, r in zip(entry_ids, results, strict=True) if r is None]
+            self._changed_in_batch(h, done)
+            return results
+
+        return self._entry_transaction("delete entries", work)
+
+    def _changed_in_batch(self, h: H, entry_ids: list[str]) -> None:
+        if entry_ids:  # a batch refused whole changes nothing, not even the revision
+            self._changed(h, entry_ids)
