@@ -6,6 +6,9 @@ import pytest
 
 from tests import postgres
 
+# Loaded in every process of a run, the one that prints the summary included (pytest-xdist).
+pytest_plugins = ["tests.fuzz.summary"]
+
 
 @pytest.fixture
 def postgres_dsn() -> Iterator[str]:

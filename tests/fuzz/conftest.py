@@ -2,7 +2,8 @@
 
 Without ``FUZZ_SECONDS`` every target runs once with the smoke profile (see _profile.py). With
 ``FUZZ_SECONDS=N`` each target is called again and again, each round with a fresh random seed,
-until N seconds have passed; the terminal summary lists how many examples each target ran.
+until N seconds have passed; the terminal summary lists how many examples each target ran
+(summary.py, from what each target's report carries).
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from typing import Any
 import pytest
 
 from tests.fuzz._profile import FUZZ_SECONDS, LONG
-
-# nodeid -> (examples, rounds, seconds)
-_COUNTS: dict[str, tuple[int, int, float]] = {}
+from tests.fuzz.summary import PROPERTY
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -55,23 +54,6 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, o
         return (yield)  # the ordinary call: the last round
     finally:
         handle.inner_test = inner
-        _COUNTS[pyfuncitem.nodeid] = (examples, rounds, time.monotonic() - started)
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _COUNTS:
-        return
-    total = sum(n for n, _, _ in _COUNTS.values())
-    seconds = sum(s for _, _, s in _COUNTS.values())
-    if not LONG:
-        terminalreporter.write_line(
-            f"fuzz smoke: {len(_COUNTS)} targets, {total} examples in {seconds:.1f} s "
-            "(make fuzz FUZZ_SECONDS=N for a long run)"
+        pyfuncitem.user_properties.append(
+            (PROPERTY, (examples, rounds, time.monotonic() - started))
         )
-        return
-    terminalreporter.section("fuzz: examples per target")
-    for nodeid, (examples, rounds, secs) in sorted(_COUNTS.items()):
-        terminalreporter.write_line(
-            f"{examples:>9} examples {rounds:>5} rounds {secs:>7.1f} s  {nodeid}"
-        )
-    terminalreporter.write_line(f"{total:>9} examples in all, {seconds:.0f} s")
