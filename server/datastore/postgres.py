@@ -33,9 +33,9 @@ replaces the dead ones, so the next call gets a fresh one and the server keeps s
 from __future__ import annotations
 
 import hmac
-import math
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -132,7 +132,8 @@ class PostgresDataStore(
         self._closed = False
         self._closing = threading.Event()
         self._listen_lock = threading.Lock()
-        self._listener: psycopg.Connection[Any] | None = None
+        # wait_feed's LISTEN connection, and the schema whose notifications are this store's.
+        self._listener: tuple[psycopg.Connection[Any], str] | None = None
         # One connection first: if the database cannot be reached, this is the error that
         # says why (the pool would only time out), and it migrates before the pool serves.
         try:
@@ -267,7 +268,7 @@ class PostgresDataStore(
         self._closing.set()
         with self._listen_lock:  # a wait_feed sees the flag within one slice
             if self._listener is not None:
-                self._listener.close()
+                self._listener[0].close()
                 self._listener = None
         if not self._closed:
             self._closed = True
@@ -569,19 +570,23 @@ class PostgresDataStore(
 
     def wait_feed(self, after: int, timeout: float) -> bool:
         # LISTEN first, then look: a commit between the look and the wait is still heard.
-        slice_ = min(FEED_WAIT_SLICE, timeout) if timeout > 0 else FEED_WAIT_SLICE
+        # The wait runs to its deadline in slices (a close is seen within one); a notification
+        # of another schema on this database neither ends it nor costs a look at the feed.
+        deadline = time.monotonic() + timeout
+        slice_ = FEED_WAIT_SLICE
         try:
             with self._listen_lock:
                 if self._closing.is_set():
                     return False
-                listener = self._listener or self._listen()
+                listener, schema = self._listener or self._listen()
                 if self.feed_head() > after:
                     return True
-                for _ in range(max(1, math.ceil(timeout / slice_))):
-                    woke = any(True for _ in listener.notifies(timeout=slice_, stop_after=1))
+                while (left := deadline - time.monotonic()) > 0:
+                    heard = listener.notifies(timeout=min(slice_, left), stop_after=1)
+                    ours = any(n.payload == schema for n in heard)
                     if self._closing.is_set():
                         return False
-                    if woke and self.feed_head() > after:
+                    if ours and self.feed_head() > after:
                         return True
                 return self.feed_head() > after
         except (psycopg.Error, StorageError):
@@ -591,14 +596,21 @@ class PostgresDataStore(
             self._closing.wait(slice_)
             return False
 
-    def _listen(self) -> psycopg.Connection[Any]:
+    def _listen(self) -> tuple[psycopg.Connection[Any], str]:
+        """A connection listening on the feed's channel, and the schema whose notifications
+        are this store's (the payload NOTIFY_FEED sends, from the same DSN's search_path)."""
         conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
-        conn.execute(ps.LISTEN_FEED)
-        self._listener = conn
-        return conn
+        try:
+            row = conn.execute(ps.OWN_SCHEMA).fetchone()
+            conn.execute(ps.LISTEN_FEED)
+        except BaseException:
+            conn.close()
+            raise
+        self._listener = (conn, str(row[0]) if row else "")
+        return self._listener
 
     def _drop_listener(self) -> None:
         with self._listen_lock:
             if self._listener is not None:
-                self._listener.close()
+                self._listener[0].close()
                 self._listener = None

@@ -53,8 +53,9 @@ COPY_FEED = "COPY feed (revision, at, kind, key) FROM STDIN"
 BUMP_COUNTER_BY = "UPDATE counters SET value = value + :n WHERE name = :name RETURNING value"
 # Sent at COMMIT (never for a rolled-back write): servers on this schema waiting in wait_feed
 # wake up. One channel per database; the payload names the schema, so tests (a schema each)
-# and deployments sharing a database only cost each other a wake-up.
+# and deployments sharing a database tell their notifications apart.
 FEED_CHANNEL = "svidd_feed"
+OWN_SCHEMA = "SELECT coalesce(current_schema(), '')"
 NOTIFY_FEED = f"SELECT pg_notify('{FEED_CHANNEL}', coalesce(current_schema(), ''))"
 LISTEN_FEED = f"LISTEN {FEED_CHANNEL}"
 # Revocations actually added (a revocation already there is kept as is, and not fed).

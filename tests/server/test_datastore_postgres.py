@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TypeVar
@@ -458,3 +459,34 @@ def test_pruning_revocations_reads_the_expiry_index(postgres_dsn: str, clock: Fa
         ).fetchall()
     assert "revocations_expires_at" in " ".join(r[0] for r in plan)
     assert needed_from(100.5 + 600) - needed_from(100 + 600) == 1  # ceil, never floor
+
+
+def test_writes_on_another_schema_neither_end_nor_shorten_a_feed_wait(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """NOTIFY is per database: a deployment (or test) on another schema of the same database
+    is heard on the feed's channel. Its notifications must not end this store's wait."""
+    reader = PostgresDataStore(postgres_dsn, clock)
+    stop = threading.Event()
+    written: list[str] = []
+    with postgres.fresh_schema(postgres.server_dsn()) as other_dsn:
+        other = PostgresDataStore(other_dsn, clock)
+
+        def write_there() -> None:
+            while not stop.wait(0.02):
+                written.append(other.create_entry(entry(f"/other/{len(written)}")).id)
+
+        writer = threading.Thread(target=write_there)
+        try:
+            head = reader.feed_head()
+            writer.start()
+            started = time.monotonic()
+            assert not reader.wait_feed(head, 1.0)
+            waited = time.monotonic() - started
+        finally:
+            stop.set()
+            writer.join(10)
+            other.close()
+            reader.close()
+    assert waited >= 0.95, f"the wait ended after {waited:.2f} s of 1 s"
+    assert len(written) >= 10  # the other schema's writes went on all through the wait
