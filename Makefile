@@ -28,8 +28,10 @@ example: $(STAMP)
 	@echo "==> Running examples/: an MCP server and an agent runtime with task tokens, and mTLS"
 	@$(BIN)/python -m examples.run
 
+# Test files in parallel (one worker a core, at most 4; each file on one worker, so its
+# module fixtures start once): most of the suite waits on real servers and agents, not on CPU.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 # One judged table (bench/report.py has the legend), also in bench/results/table.txt; about 8
 # minutes on 2 cores. SVIDD_BENCH_SCALE multiplies every round and sample count (0.2 to iterate).
