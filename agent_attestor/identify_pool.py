@@ -81,4 +81,9 @@ class IdentifyPool:
             del self._shares[uid]
 
     def shutdown(self) -> None:
+        """Start no more jobs; those not yet running are dropped. Does not wait."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def join(self) -> None:
+        """Block until the jobs already running have finished (after shutdown)."""
+        self._executor.shutdown(wait=True)

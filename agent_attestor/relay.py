@@ -347,6 +347,13 @@ class WorkloadRelay:
                     side.transport.abort()
             link.release()
         self.pool.shutdown()
+        # An identification already running ends by itself: wait for it, as long as a caller
+        # would, so that nothing of the relay works (or logs) once it is closed. A hung one
+        # does not hold the close up longer than that.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.to_thread(self.pool.join), self.settings.identify_timeout
+            )
         with contextlib.suppress(FileNotFoundError):
             self.public_path.unlink()
 

@@ -11,13 +11,16 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from agent_attestor.model import Selector
 from agent_attestor.peer import CallerRegistry
-from agent_attestor.relay import READ_BUFFER, WorkloadRelay
+from agent_attestor.relay import READ_BUFFER, RelaySettings, WorkloadRelay
 
 
 @pytest.fixture
@@ -166,3 +169,64 @@ def test_a_workload_that_hangs_up_at_once_leaves_nothing_behind(root: Path) -> N
         assert relay.admission.total == 0
 
     asyncio.run(_with_relay(root, _echo, body))
+
+
+class _HeldAttestor:
+    """An attestor that holds each identification until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.finished = threading.Event()
+
+    def attest(self, pid: int, uid: int, gid: int) -> list[Selector]:
+        self.started.set()
+        self.release.wait(30)
+        self.finished.set()
+        return []
+
+
+async def _close_while_identifying(
+    root: Path, attestor: _HeldAttestor, settings: RelaySettings
+) -> tuple[float, bool]:
+    """Seconds the relay's close took, called while a caller's identification runs, and
+    whether that identification had finished when the close returned."""
+    internal = root / "api.sock"
+    server = await asyncio.start_unix_server(_echo, str(internal))
+    relay = WorkloadRelay(
+        root / "public.sock", internal, CallerRegistry(), [attestor], settings=settings
+    )
+    await relay.start()
+    try:
+        _reader, writer = await asyncio.open_unix_connection(str(root / "public.sock"))
+        await asyncio.to_thread(attestor.started.wait, 10)
+        assert attestor.started.is_set()
+        started = time.monotonic()
+        await relay.close()
+        took, finished = time.monotonic() - started, attestor.finished.is_set()
+        writer.close()
+        return took, finished
+    finally:
+        attestor.release.set()
+        server.close()
+        await server.wait_closed()
+
+
+def test_close_waits_for_an_identification_already_running(root: Path) -> None:
+    attestor = _HeldAttestor()
+    threading.Timer(0.3, attestor.release.set).start()
+    took, finished = asyncio.run(_close_while_identifying(root, attestor, RelaySettings()))
+    # Nothing of the relay runs once it is closed: the identification ended before close did.
+    assert finished
+    assert 0.2 <= took < 5
+
+
+def test_close_does_not_wait_longer_than_a_caller_would_for_a_hung_identification(
+    root: Path,
+) -> None:
+    attestor = _HeldAttestor()
+    took, finished = asyncio.run(
+        _close_while_identifying(root, attestor, RelaySettings(identify_timeout=0.5))
+    )
+    assert not finished  # still held: the close gave up on it after identify_timeout
+    assert 0.4 <= took < 5
