@@ -23,6 +23,8 @@ from server.datastore.records import FEED_ENTRY, Entry
 
 H = TypeVar("H")  # what a backend's statements run on inside its transaction
 T = TypeVar("T")
+Item = TypeVar("Item")  # an item of a batch
+R = TypeVar("R")  # what a batch answers for an item it wrote
 
 REVISION = "revision"  # the counter every committed entry write moves (Sync streams follow it)
 
@@ -102,51 +104,50 @@ class EntryWrites(Generic[H]):
     # its own: every check of an item precedes its one write, so a refused item leaves nothing.
 
     def create_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
+        def insert(h: H, stored: Entry) -> tuple[Entry, str]:
+            self._insert_in(h, stored)
+            return stored, stored.id
+
         stored = [self._stored_new(e) for e in entries]
-
-        def work(h: H) -> list[Entry | DataStoreError]:
-            results: list[Entry | DataStoreError] = []
-            for item in stored:
-                try:
-                    self._insert_in(h, item)
-                except AlreadyExistsError as exc:
-                    results.append(exc)
-                    continue
-                results.append(item)
-            self._changed_in_batch(h, [r.id for r in results if isinstance(r, Entry)])
-            return results
-
-        return self._entry_transaction("create entries", work)
+        return self._batch("create entries", stored, insert, (AlreadyExistsError,))
 
     def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
-        def work(h: H) -> list[Entry | DataStoreError]:
-            results: list[Entry | DataStoreError] = []
-            for entry in entries:
-                try:
-                    results.append(self._update_in(h, entry))
-                except (NotFoundError, ConflictError, AlreadyExistsError) as exc:
-                    results.append(exc)
-            self._changed_in_batch(h, [r.id for r in results if isinstance(r, Entry)])
-            return results
+        def update(h: H, entry: Entry) -> tuple[Entry, str]:
+            stored = self._update_in(h, entry)
+            return stored, stored.id
 
-        return self._entry_transaction("update entries", work)
+        refused = (NotFoundError, ConflictError, AlreadyExistsError)
+        return self._batch("update entries", entries, update, refused)
 
     def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
-        def work(h: H) -> list[DataStoreError | None]:
-            results: list[DataStoreError | None] = []
-            for entry_id in entry_ids:
+        def delete(h: H, entry_id: str) -> tuple[None, str]:
+            self._delete_in(h, entry_id)
+            return None, entry_id
+
+        return self._batch("delete entries", entry_ids, delete, (NotFoundError,))
+
+    def _batch(
+        self,
+        what: str,
+        items: Sequence[Item],
+        write: Callable[[H, Item], tuple[R, str]],
+        refused: tuple[type[DataStoreError], ...],
+    ) -> list[R | DataStoreError]:
+        """Each item's ``write`` (its result and the id it changed) or its refusal, in order."""
+
+        def work(h: H) -> list[R | DataStoreError]:
+            results: list[R | DataStoreError] = []
+            changed: list[str] = []
+            for item in items:
                 try:
-                    self._delete_in(h, entry_id)
-                except NotFoundError as exc:
+                    result, entry_id = write(h, item)
+                except refused as exc:
                     results.append(exc)
                     continue
-                results.append(None)
-            done = [i for i, r in zip(entry_ids, results, strict=True) if r is None]
-            self._changed_in_batch(h, done)
+                results.append(result)
+                changed.append(entry_id)
+            if changed:  # a batch refused whole changes nothing, not even the revision
+                self._changed(h, changed)
             return results
 
-        return self._entry_transaction("delete entries", work)
-
-    def _changed_in_batch(self, h: H, entry_ids: list[str]) -> None:
-        if entry_ids:  # a batch refused whole changes nothing, not even the revision
-            self._changed(h, entry_ids)
+        return self._entry_transaction(what, work)
