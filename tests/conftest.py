@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -8,6 +9,26 @@ from tests import postgres
 
 # Loaded in every process of a run, the one that prints the summary included (pytest-xdist).
 pytest_plugins = ["tests.fuzz.summary"]
+
+# The logger trees the server's and the agent's `logs.configure` route to a stream of their own.
+CONFIGURED_LOGGERS = ("svid", "agent_attestor")
+
+
+@pytest.fixture(autouse=True)
+def _loggers_as_they_were() -> Iterator[None]:
+    """A test that runs a CLI or app in-process configures its logger tree with a handler on
+    the sys.stderr of that moment: pytest's capture of that one test, closed when it ends. Put
+    the trees back, or a later test's log lines (and those of threads still running) go to a
+    closed stream."""
+    saved = []
+    for name in CONFIGURED_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.level, logger.propagate))
+    yield
+    for logger, handlers, level, propagate in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.fixture
