@@ -216,7 +216,7 @@ class ServerState:
         # database connection cut in between) must not answer the write as failed, which would
         # send its client to retry a write that is there.
         try:
-            self._revision = await asyncio.to_thread(self._datastore.revision)
+            await self.refresh_revision()
         except StorageError as exc:
             _log.warning("could not read the datastore revision after a write: %s", exc)
         self.notifier.notify()
@@ -315,19 +315,15 @@ class ServerState:
     async def add_revocations(self, items: tuple[Revocation, ...]) -> None:
         await asyncio.to_thread(self._datastore.add_revocations, items)
         try:
-            current: Iterable[Revocation] = await asyncio.to_thread(
-                self._datastore.list_revocations
-            )
+            current = await asyncio.to_thread(self._datastore.list_revocations)
         except StorageError as exc:
             # They are committed: they must reach the agents now, not at the next revocation
             # (a caller that sees an error may not try again: a task already ended). Other
             # servers' revocations come with the next full read.
             _log.warning("could not read the revocations back after adding them: %s", exc)
-            known = {(r.kind, r.value): r for r in self._revocations}
-            for r in items:
-                known.setdefault((r.kind, r.value), r)
-            current = known.values()
-        self._set_revocations(current)
+            self.add_revocations_seen(items)
+        else:
+            self._set_revocations(current)
         await self._after_write()
 
     def _set_revocations(self, current: Iterable[Revocation]) -> None:
