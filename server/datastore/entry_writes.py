@@ -9,6 +9,8 @@ the feed's append.
 
 from __future__ import annotations
 
+import secrets
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Generic, TypeVar
@@ -20,6 +22,7 @@ from server.datastore.errors import (
     NotFoundError,
 )
 from server.datastore.records import FEED_ENTRY, Entry
+from svid._clock import Clock
 
 H = TypeVar("H")  # what a backend's statements run on inside its transaction
 T = TypeVar("T")
@@ -58,13 +61,24 @@ class EntryWrites(Generic[H]):
     def _append_feed(self, h: H, kind: str, keys: Iterable[str]) -> None:
         raise NotImplementedError
 
-    def _new_entry_id(self) -> str:
-        raise NotImplementedError
-
     def _now(self) -> int:
         raise NotImplementedError
 
+    _clock: Clock
+    _id_lock: threading.Lock  # the backend makes it, with _last_id_millis = 0
+    _last_id_millis: int
+
     # -- the writes ---------------------------------------------------------------------------
+
+    def _new_entry_id(self) -> str:
+        """32 hex digits: milliseconds of creation, then 80 random bits. Workloads get their
+        default identity by (created_at, id), and created_at counts seconds: an id that sorts
+        in creation order keeps two entries made within one second in the order they were made
+        (within this process; across servers, by the millisecond)."""
+        with self._id_lock:
+            millis = max(int(self._clock.now() * 1000), self._last_id_millis + 1)
+            self._last_id_millis = millis
+        return f"{millis & (1 << 48) - 1:012x}{secrets.token_hex(10)}"
 
     def _stored_new(self, entry: Entry) -> Entry:
         return replace(

@@ -33,7 +33,6 @@ replaces the dead ones, so the next call gets a fresh one and the server keeps s
 from __future__ import annotations
 
 import hmac
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -205,14 +204,6 @@ class PostgresDataStore(
 
     def _now(self) -> int:
         return int(self._clock.now())
-
-    def _new_entry_id(self) -> str:
-        """32 hex digits: milliseconds of creation, then 80 random bits (as SQLite's, so ids
-        sort in creation order within this process; across servers, by the millisecond)."""
-        with self._id_lock:
-            millis = max(int(self._clock.now() * 1000), self._last_id_millis + 1)
-            self._last_id_millis = millis
-        return f"{millis & (1 << 48) - 1:012x}{secrets.token_hex(10)}"
 
     @staticmethod
     def _bump(cur: Cursor, counter: str) -> int:
@@ -573,7 +564,6 @@ class PostgresDataStore(
         # The wait runs to its deadline in slices (a close is seen within one); a notification
         # of another schema on this database neither ends it nor costs a look at the feed.
         deadline = time.monotonic() + timeout
-        slice_ = FEED_WAIT_SLICE
         try:
             with self._listen_lock:
                 if self._closing.is_set():
@@ -582,7 +572,7 @@ class PostgresDataStore(
                 if self.feed_head() > after:
                     return True
                 while (left := deadline - time.monotonic()) > 0:
-                    heard = listener.notifies(timeout=min(slice_, left), stop_after=1)
+                    heard = listener.notifies(timeout=min(FEED_WAIT_SLICE, left), stop_after=1)
                     ours = any(n.payload == schema for n in heard)
                     if self._closing.is_set():
                         return False
@@ -593,7 +583,7 @@ class PostgresDataStore(
             # A hint only: the reader polls the feed anyway. Listen again next time, and do
             # not spin while the database is away.
             self._drop_listener()
-            self._closing.wait(slice_)
+            self._closing.wait(FEED_WAIT_SLICE)
             return False
 
     def _listen(self) -> tuple[psycopg.Connection[Any], str]:

@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -203,6 +202,7 @@ class SqliteDataStore(
         self._path = Path(path)
         self._clock = clock
         self._lock = threading.RLock()
+        self._id_lock = threading.Lock()
         self._last_id_millis = 0
         _create_private_file(self._path)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly
@@ -254,16 +254,6 @@ class SqliteDataStore(
 
     def _now(self) -> int:
         return int(self._clock.now())
-
-    def _new_entry_id(self) -> str:
-        """32 hex digits: milliseconds of creation, then 80 random bits. Workloads get their
-        default identity by (created_at, id), and created_at counts seconds: an id that sorts
-        in creation order keeps two entries made within one second in the order they were made.
-        """
-        with self._lock:
-            millis = max(int(self._clock.now() * 1000), self._last_id_millis + 1)
-            self._last_id_millis = millis
-        return f"{millis & (1 << 48) - 1:012x}{secrets.token_hex(10)}"
 
     @staticmethod
     def _bump(db: sqlite_utils.Database, counter: str) -> int:
