@@ -55,8 +55,9 @@ BUMP_COUNTER_BY = "UPDATE counters SET value = value + :n WHERE name = :name RET
 # wake up. One channel per database; the payload names the schema, so tests (a schema each)
 # and deployments sharing a database tell their notifications apart.
 FEED_CHANNEL = "svidd_feed"
-OWN_SCHEMA = "SELECT coalesce(current_schema(), '')"
-NOTIFY_FEED = f"SELECT pg_notify('{FEED_CHANNEL}', coalesce(current_schema(), ''))"
+_SCHEMA = "coalesce(current_schema(), '')"  # a notification's payload, and what a listener reads
+OWN_SCHEMA = f"SELECT {_SCHEMA}"
+NOTIFY_FEED = f"SELECT pg_notify('{FEED_CHANNEL}', {_SCHEMA})"
 LISTEN_FEED = f"LISTEN {FEED_CHANNEL}"
 # Revocations actually added (a revocation already there is kept as is, and not fed).
 INSERT_REVOCATION_RETURNING = q.INSERT_REVOCATION + " RETURNING kind, value"
