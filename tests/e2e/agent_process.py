@@ -117,17 +117,7 @@ class AgentProcess(ChildProcess):
         """This run's agent.json (its metrics address, its pid). The agent writes it just after
         its socket appears, which is all start() waits for; a file left by an earlier run of
         the same data directory names another pid and is not taken."""
-        assert self.proc is not None
-        pid = self.proc.pid
-
-        def read() -> dict[str, Any] | None:
-            try:
-                info: dict[str, Any] = json.loads((self.data_dir / "agent.json").read_text())
-            except FileNotFoundError:  # written atomically: absent or whole
-                return None
-            return info if info.get("pid") == pid else None
-
-        return dict(wait_for(read, timeout, "the agent's runtime file (agent.json)"))
+        return self.wait_runtime_file(self.data_dir / "agent.json", "agent", timeout)
 
     def agent_id(self, timeout: float = START_TIMEOUT) -> str:
         """The agent's SPIFFE ID, from the server's agent list (attestation done)."""

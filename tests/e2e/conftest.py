@@ -48,7 +48,8 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
 
 
 class ChildProcess:
-    """What the server and agent process helpers share: stopping the child they started."""
+    """What the server and agent process helpers share: the runtime file of the child they
+    started, and stopping it."""
 
     proc: subprocess.Popen[bytes] | None
 
@@ -68,6 +69,26 @@ class ChildProcess:
         code = self.proc.returncode
         self.proc = None
         return code
+
+    def logs(self) -> str:
+        raise NotImplementedError
+
+    def wait_runtime_file(self, path: Path, what: str, timeout: float) -> dict[str, Any]:
+        """The runtime file (JSON, written atomically) of the child running now: one left by
+        an earlier run names another pid and is not taken. Fails at once if the child exits."""
+        assert self.proc is not None
+        proc = self.proc
+
+        def read() -> dict[str, Any] | None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{self.logs()[-4000:]}")
+            try:
+                info: dict[str, Any] = json.loads(path.read_text())
+            except FileNotFoundError:
+                return None
+            return info if info.get("pid") == proc.pid else None
+
+        return dict(wait_for(read, timeout, f"the {what}'s runtime file ({path.name})"))
 
 
 @dataclass
@@ -91,19 +112,7 @@ class ServerProcess(ChildProcess):
             cwd=str(self.root),
         )
         log.close()
-
-        def ready() -> dict[str, Any] | None:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}"
-                )
-            if not runtime_file.exists():
-                return None
-            info: dict[str, Any] = json.loads(runtime_file.read_text())
-            return info if info.get("pid") == self.proc.pid else None
-
-        self.runtime = wait_for(ready, START_TIMEOUT, "the server's runtime file")
+        self.runtime = self.wait_runtime_file(runtime_file, "server", START_TIMEOUT)
         return self
 
     def cli(
