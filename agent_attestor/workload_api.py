@@ -24,13 +24,22 @@ from agent_attestor.peer import Caller, CallerRegistry
 from agent_attestor.signer import MintedJwt
 from agent_attestor.watchers import Watch
 from svid._clock import Clock
-from svid._errors import VerificationError
+from svid._errors import SpiffeIdError, VerificationError
 from svid._limits import audience_problem
 from svid._proto import workload_pb2, workload_pb2_grpc
+from svid._spiffe_id import SpiffeId
 
 log = logging.getLogger(__name__)
 _Msg = TypeVar("_Msg", workload_pb2.X509BundlesResponse, workload_pb2.JWTBundlesResponse)
 _REPORTED_CHARS = 2048  # a SPIFFE ID's own limit; any longer claim is not a valid one
+# gRPC refuses a status message over 16 KiB as sent (percent-encoded: up to 12 bytes for a
+# character outside ASCII), and the client then hears RESOURCE_EXHAUSTED instead of the code.
+_DETAIL_CHARS = 1024
+
+
+def _details(text: str) -> str:
+    """Status details quoting what a caller sent, cut to a size gRPC carries."""
+    return text if len(text) <= _DETAIL_CHARS else text[:_DETAIL_CHARS] + "..."
 
 
 def _td_key(name: str) -> str:
@@ -302,6 +311,11 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         too_big = audience_problem(audience)
         if too_big:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
+        if request.spiffe_id:
+            try:
+                SpiffeId.parse(request.spiffe_id)
+            except SpiffeIdError as exc:  # as SPIRE: the request's fault, not entitlement's
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(f"spiffe_id: {exc}"))
         problem = _not_serving(snap)
         if problem is not None:
             await context.abort(*problem)

@@ -278,6 +278,31 @@ def test_fetch_jwt_for_an_id_not_entitled_is_denied(agent: Harness) -> None:
     assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.parametrize(
+    "spiffe_id",
+    [
+        "not-an-id",
+        "spiffe://EXAMPLE.org/w",
+        "spiffe://example.org/w/",
+        "spiffe://example.org/" + "a" * 100_000,  # answered as the code, not a too-big status
+        "spiffe://example.org/w" + "é" * 5_000,  # its error quotes the ID; percent-encoded x6
+    ],
+)
+def test_fetch_jwt_for_an_invalid_spiffe_id_is_invalid_argument(
+    agent: Harness, spiffe_id: str
+) -> None:
+    # As SPIRE: a malformed ID is the request's fault (INVALID_ARGUMENT, not retried by
+    # clients), not a question of entitlement; and the details stay small enough for gRPC to
+    # carry (over 16 KiB the client hears RESOURCE_EXHAUSTED instead).
+    agent.add_entry("/w")
+    req = workload_pb2.JWTSVIDRequest(audience=["a"], spiffe_id=spiffe_id)
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().FetchJWTSVID(req, metadata=HEADER)
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spiffe_id" in (exc.value.details() or "")  # type: ignore[attr-defined]
+    assert agent.signer.jwt_calls == 0
+
+
 def test_fetch_jwt_one_per_identity_or_the_named_one(agent: Harness) -> None:
     agent.add_entry("/a", created_at=1)
     agent.add_entry("/b", created_at=2)
