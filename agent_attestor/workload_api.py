@@ -428,7 +428,9 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
             result = self._validator.validate(request.svid, request.audience)
         except VerificationError as exc:  # ExpiredError and RevokedError included
             self._report(snap, caller, request, unverified_claims(request.svid), str(exc))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token is invalid: {exc}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, _details(f"token is invalid: {exc}")
+            )
         td = result.spiffe_id.trust_domain.name
         if td not in snap.bundles_for(snap.entries_for(caller.selectors)):
             # The cache holds every foreign bundle any local workload federates with; a caller

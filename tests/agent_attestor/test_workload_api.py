@@ -429,6 +429,25 @@ def test_validate_jwt_rejects_bad_tokens(agent: Harness, case: str) -> None:
     assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("header", [{"kid": "k" * 30_000}, {"typ": "t" * 30_000}])
+def test_validate_jwt_refusal_of_a_token_with_a_huge_header_value_is_invalid_argument(
+    agent: Harness, header: dict[str, str]
+) -> None:
+    # The refusal quotes the token's kid or typ; quoted whole (up to the 64 KiB token limit)
+    # it overran gRPC's 16 KiB status message and the client heard RESOURCE_EXHAUSTED.
+    agent.add_entry("/w")
+    ca = agent.ca
+    claims = {"sub": "spiffe://example.org/w", "aud": "svc", "exp": int(agent.clock.now()) + 60}
+    token = sign_jws({"kid": ca.jwt_kid, **header}, claims, ca.jwt_key)
+    stub = agent.stub()
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="svc", svid=token), metadata=HEADER
+        )
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (exc.value.details() or "").startswith("token is invalid: ")  # type: ignore[attr-defined]
+
+
 def test_validate_jwt_refuses_a_token_whose_jti_the_server_revoked(agent: Harness) -> None:
     seen: list[dict[str, object]] = []
     agent.api._on_validate = lambda **kw: seen.append(kw)
