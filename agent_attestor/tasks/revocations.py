@@ -50,6 +50,16 @@ def revocation_list(
     return revocation_pb2.RevocationList(items=items, crl=list(snap.crl))
 
 
+async def _held_list(context: grpc.aio.ServicerContext, snap: Snapshot) -> None:
+    """Abort unless `snap` holds the server's revocation list. Every message replaces a
+    verifier's whole set, so the empty one of an agent not yet synced, or refused (its list
+    dropped), would tell it that nothing is revoked; an error keeps what it has."""
+    if snap.refused:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, snap.refused)
+    if not snap.synced:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "agent is not ready yet")
+
+
 class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[misc]
     def __init__(
         self, cache: Cache, registry: CallerRegistry, expiries: Expiries | None = None
@@ -67,6 +77,7 @@ class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[m
         while True:
             seen = self._cache.shared_version  # revocations live there, not with the SVIDs
             snap = self._cache.snapshot()
+            await _held_list(context, snap)
             msg = revocation_list(
                 snap, self._expiries() if self._expiries else snap.revocation_expiry
             )

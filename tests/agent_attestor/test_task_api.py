@@ -259,6 +259,28 @@ def test_revocation_watch_pushes_full_state_on_change(ta: TaskAgent) -> None:
     stream.cancel()
 
 
+def test_revocation_watch_never_sends_a_list_the_agent_does_not_hold(ta: TaskAgent) -> None:
+    # Each message replaces a verifier's whole revocation set. Before the first Sync (a fresh
+    # or restarted agent, perhaps with the server down) and after the server refused the agent,
+    # the cache holds no revocations: an empty list then told verifiers nothing is revoked.
+    stub = revocation_pb2_grpc.RevocationsStub(ta.channel())
+    with pytest.raises(grpc.RpcError) as err:
+        next(stub.Watch(revocation_pb2.WatchRequest(), metadata=HEADER, timeout=10))
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    ta.h.revoked = frozenset({"abc123"})
+    ta.h.add_entry("/bot")
+    stream = stub.Watch(revocation_pb2.WatchRequest(), metadata=HEADER, timeout=10)
+    assert [i.value for i in next(stream).items] == ["abc123"]
+    ta.h.lt.call(lambda: ta.h.cache.refuse("evicted or banned: re-attest"))
+    with pytest.raises(grpc.RpcError) as err:
+        next(stream)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert err.value.details() == "evicted or banned: re-attest"
+    with pytest.raises(grpc.RpcError) as err:
+        next(stub.Watch(revocation_pb2.WatchRequest(), metadata=HEADER, timeout=10))
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
 def test_validation_reporter_batches_and_retries_after_a_failure() -> None:
     sent: list[task_pb2.ReportValidationsRequest] = []
     fail = [True]
