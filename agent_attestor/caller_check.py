@@ -8,6 +8,7 @@ import logging
 
 import grpc
 
+from agent_attestor.cache import Snapshot
 from agent_attestor.peer import Caller, CallerRegistry
 
 log = logging.getLogger(__name__)
@@ -31,3 +32,14 @@ async def checked_caller(context: grpc.aio.ServicerContext, registry: CallerRegi
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "caller could not be identified")
     assert caller is not None  # abort() raises
     return caller
+
+
+def not_serving(snap: Snapshot) -> tuple[grpc.StatusCode, str] | None:
+    """Why no call may be answered from `snap` (None: it may be); a plain check, so that the
+    per-call path pays for an abort only when there is one. Before the first Sync, or once
+    refused, the cache holds nothing for anyone: "no identity" would be a wrong answer then."""
+    if snap.refused:
+        return grpc.StatusCode.PERMISSION_DENIED, snap.refused
+    if not snap.synced or snap.bundle is None:
+        return grpc.StatusCode.UNAVAILABLE, "agent is not ready yet"
+    return None

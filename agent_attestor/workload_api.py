@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from agent_attestor.cache import Cache, Identity, Snapshot
-from agent_attestor.caller_check import checked_caller
+from agent_attestor.caller_check import checked_caller, not_serving
 from agent_attestor.errors import BadRequestError, NoIdentityError
 from agent_attestor.jwt_answers import JwtAnswers, answer_key, split_budget
 from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, refresh_point
@@ -44,16 +44,6 @@ def _details(text: str) -> str:
 
 def _td_key(name: str) -> str:
     return f"spiffe://{name}"
-
-
-def _not_serving(snap: Snapshot) -> tuple[grpc.StatusCode, str] | None:
-    """Why no call may be answered from `snap` (None: it may be); a plain check, so that the
-    per-call path pays for an abort only when there is one."""
-    if snap.refused:
-        return grpc.StatusCode.PERMISSION_DENIED, snap.refused
-    if not snap.synced or snap.bundle is None:
-        return grpc.StatusCode.UNAVAILABLE, "agent is not ready yet"
-    return None
 
 
 def _own_identities(entries: Sequence[Entry]) -> list[Entry]:
@@ -134,7 +124,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Snapshot:
         snap = self._cache.snapshot()
-        problem = _not_serving(snap)
+        problem = not_serving(snap)
         if problem is not None:
             await context.abort(*problem)
         return snap
@@ -316,7 +306,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 SpiffeId.parse(request.spiffe_id)
             except SpiffeIdError as exc:  # as SPIRE: the request's fault, not entitlement's
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(f"spiffe_id: {exc}"))
-        problem = _not_serving(snap)
+        problem = not_serving(snap)
         if problem is not None:
             await context.abort(*problem)
         entries = snap.index.match(caller.selectors)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from agent_attestor.cache import Cache
-from agent_attestor.caller_check import checked_caller
+from agent_attestor.caller_check import checked_caller, not_serving
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.tasks.client import TaskClient
@@ -91,6 +91,9 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         """The caller's own identities (not task identities), default first; aborts if none."""
         caller = await checked_caller(context, self._registry)
         snap = self._cache.snapshot()
+        problem = not_serving(snap)
+        if problem is not None:
+            await context.abort(*problem)
         held = [e.spiffe_id for e in snap.entries_for(caller.selectors) if not e.is_task]
         if not held:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import grpc
 
 from agent_attestor.cache import Cache, Snapshot
-from agent_attestor.caller_check import checked_caller
+from agent_attestor.caller_check import checked_caller, not_serving
 from agent_attestor.peer import CallerRegistry
 from svid._proto import revocation_pb2, revocation_pb2_grpc
 from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL
@@ -54,10 +54,9 @@ async def _held_list(context: grpc.aio.ServicerContext, snap: Snapshot) -> None:
     """Abort unless `snap` holds the server's revocation list. Every message replaces a
     verifier's whole set, so the empty one of an agent not yet synced, or refused (its list
     dropped), would tell it that nothing is revoked; an error keeps what it has."""
-    if snap.refused:
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, snap.refused)
-    if not snap.synced:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "agent is not ready yet")
+    problem = not_serving(snap)
+    if problem is not None:
+        await context.abort(*problem)
 
 
 class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[misc]

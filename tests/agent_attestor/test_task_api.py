@@ -181,6 +181,7 @@ def test_begin_under_an_identity_not_held_is_refused_locally(ta: TaskAgent) -> N
 
 
 def test_caller_without_identity_or_header_is_refused(ta: TaskAgent) -> None:
+    ta.h.sync()  # ready, with no entry for this caller
     with pytest.raises(grpc.RpcError) as err:
         begin(ta)
     assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
@@ -188,6 +189,29 @@ def test_caller_without_identity_or_header_is_refused(ta: TaskAgent) -> None:
     with pytest.raises(grpc.RpcError) as err:
         ta.tasks().ListTasks(task_pb2.ListTasksRequest(), timeout=10)
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_an_agent_not_ready_or_refused_says_so_rather_than_no_identity(ta: TaskAgent) -> None:
+    # Before the first Sync the cache holds no entry for anyone: "no identity issued" would
+    # tell the workload it is not entitled (svid raises TaskDeniedError) when it should retry.
+    stub = ta.tasks()
+    calls = [
+        lambda: begin(ta),
+        lambda: stub.EndTask(task_pb2.EndTaskRequest(task_id="t1"), metadata=HEADER, timeout=10),
+        lambda: stub.ListTasks(task_pb2.ListTasksRequest(), metadata=HEADER, timeout=10),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    ta.h.add_entry("/bot")
+    ta.h.lt.call(lambda: ta.h.cache.refuse("evicted or banned: re-attest"))
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.details() == "evicted or banned: re-attest"
+    assert ta.client.begun == ta.client.ended == ta.client.listed == []
 
 
 def test_server_denial_reaches_the_workload_with_its_reason(ta: TaskAgent) -> None:
