@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 0.5
 MAX_QUEUED = 10_000
 MAX_BATCH = 1000
+# Reports of refused tokens carry up to 2,048 characters of several claims each: 1,000 of them
+# are over the server's default 4 MiB message limit, a batch it could never take.
+MAX_BATCH_BYTES = 1024 * 1024
+_FRAMING = 4  # a report's field tag and length inside the request, at most
 
 Send = Callable[[task_pb2.ReportValidationsRequest], Awaitable[object]]
 
@@ -65,7 +69,7 @@ class ValidationReporter:
 
     async def flush(self) -> None:
         while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            batch = self._next_batch()
             try:
                 await self._send(task_pb2.ReportValidationsRequest(validations=batch))
             except grpc.aio.AioRpcError as exc:
@@ -85,6 +89,19 @@ class ValidationReporter:
                 log.warning("cannot report validations to the server", extra={"error": str(exc)})
                 return
             self.sent += len(batch)
+
+    def _next_batch(self) -> list[task_pb2.Validation]:
+        """The oldest reports: at most MAX_BATCH, and MAX_BATCH_BYTES together (one at least)."""
+        queue = self._queue
+        batch: list[task_pb2.Validation] = []
+        size = 0
+        while queue and len(batch) < MAX_BATCH:
+            item = queue[0].ByteSize() + _FRAMING
+            if batch and size + item > MAX_BATCH_BYTES:
+                break
+            batch.append(queue.popleft())
+            size += item
+        return batch
 
     async def run(self) -> None:
         while True:

@@ -7,6 +7,7 @@ import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from agent_attestor.cache import Cache
 from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.model import Entry
 from agent_attestor.tasks.api import TasksApi
+from agent_attestor.tasks.client import GrpcTaskClient
 from agent_attestor.tasks.reporter import ValidationReporter
 from agent_attestor.tasks.revocations import RevocationsApi
 from agent_attestor.workload_attestor import UnixAttestor
@@ -325,6 +327,51 @@ def test_validation_reporter_batches_and_retries_after_a_failure() -> None:
     got = [(v.jti, v.ok, v.at) for v in batch.validations]
     assert got == [("j1", True, 1000), ("", False, 1000)]
     assert reporter.sent == 2
+
+
+class _Recorder(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.validations: list[task_pb2.Validation] = []
+
+    async def ReportValidations(
+        self, request: task_pb2.ReportValidationsRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.ReportValidationsResponse:
+        self.validations.extend(request.validations)
+        return task_pb2.ReportValidationsResponse()
+
+
+def test_validation_reports_of_long_refused_tokens_reach_a_server_with_the_default_size_limit(
+    tmp_path: Path,
+) -> None:
+    # ValidateJWTSVID reports up to 2,048 characters of a refused token's sub, jti, txn and
+    # reason: 1,000 such reports are 9 MB, over the server's 4 MiB message limit. Sent as one
+    # batch, it was refused with RESOURCE_EXHAUSTED, put back and sent again at every flush:
+    # any local process could stop the agent's validation audit for good.
+    long = "x" * 2048
+
+    async def run() -> list[task_pb2.Validation]:
+        recorder = _Recorder()
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+        task_pb2_grpc.add_NodeTasksServicer_to_server(recorder, server)
+        address = f"unix:{tmp_path / 'node.sock'}"
+        server.add_insecure_port(address)
+        await server.start()
+        channel = grpc.aio.insecure_channel(address)
+        try:
+            reporter = ValidationReporter(GrpcTaskClient(lambda: channel).report, FakeClock(1000))
+            for _ in range(1000):
+                reporter.report(
+                    subject=long, audience=["a" * 1024], ok=False, reason=long, jti=long, txn=long
+                )
+            for _ in range(20):
+                await reporter.flush()
+            assert reporter.dropped == 0
+            return recorder.validations
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    assert len(asyncio.run(run())) == 1000
 
 
 def test_revocation_watch_names_whose_credential_each_revocation_is(ta: TaskAgent) -> None:
