@@ -90,9 +90,12 @@ class JwtCache:
         hit = self._hit(key)
         if hit is not None:
             return hit
-        pending = self._pending.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
+        while (pending := self._pending.get(key)) is not None:
+            # asyncio.wait leaves `pending` alone when this caller is cancelled, as shield did.
+            await asyncio.wait((pending,))
+            if not pending.cancelled():
+                return pending.result()
+            # Its minting caller went away, not this one: mint here (or wait for who does now).
         fut: asyncio.Future[MintedJwt] = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
         try:

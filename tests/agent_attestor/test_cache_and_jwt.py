@@ -73,6 +73,36 @@ def test_jwt_cache_mints_once_under_concurrency_and_surfaces_errors() -> None:
     assert "token=" not in repr(asyncio.run(jwts.get("spiffe://example.org/w", ["a"], "e")))
 
 
+def test_a_caller_gone_while_its_jwt_is_minted_does_not_fail_those_waiting_for_it() -> None:
+    # The first caller mints; the others wait for its token. When the first went away (its
+    # client's deadline, a hang-up), every waiter got CancelledError: their FetchJWTSVID ended
+    # CANCELLED, which clients do not retry, though they had asked for nothing of the kind.
+    clock = FakeClock(start=time.time())
+    signer = FakeSigner(LocalCa(clock))
+    jwts = JwtCache(signer, clock)
+    gate = asyncio.Event()
+    new_jwt = signer.new_jwt
+
+    async def slow_new_jwt(spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        await gate.wait()
+        return await new_jwt(spiffe_id, audience, entry_id)
+
+    signer.new_jwt = slow_new_jwt  # type: ignore[method-assign]
+
+    async def scenario() -> MintedJwt:
+        first = asyncio.create_task(jwts.get("spiffe://example.org/w", ["a"], "e"))
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(jwts.get("spiffe://example.org/w", ["a"], "e"))
+        await asyncio.sleep(0)
+        first.cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.wait_for(waiter, 5)
+
+    assert asyncio.run(scenario()).token
+    assert signer.jwt_calls == 1
+
+
 def test_jwt_cache_evicts_least_recently_used() -> None:
     clock = FakeClock(start=time.time())
     signer = FakeSigner(LocalCa(clock))
