@@ -15,14 +15,24 @@ log = logging.getLogger(__name__)
 
 HEADER_KEY = "workload.spiffe.io"
 HEADER_VALUE = "true"
-_HEADER = (HEADER_KEY, HEADER_VALUE)
+
+
+def _has_header(metadata: tuple[tuple[str, str | bytes], ...] | None) -> bool:
+    """Exactly one security header, saying "true": what SPIRE accepts, so that a client which
+    passes here passes there too (a second value, even "true", is refused by both)."""
+    seen = False
+    for key, value in metadata or ():
+        if key == HEADER_KEY:
+            if seen or value != HEADER_VALUE:
+                return False
+            seen = True
+    return seen
 
 
 async def checked_caller(context: grpc.aio.ServicerContext, registry: CallerRegistry) -> Caller:
     """The caller of this call; aborts with INVALID_ARGUMENT without the security header and
     PERMISSION_DENIED for a connection the relay did not identify."""
-    # grpc gives (key, value) pairs: one tuple comparison each, no generator per call.
-    if _HEADER not in (context.invocation_metadata() or ()):
+    if not _has_header(context.invocation_metadata()):
         await context.abort(
             grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request"
         )

@@ -56,6 +56,11 @@ def test_a_relayed_caller_with_the_header_is_identified() -> None:
     [
         ((), "unix-abstract:svid-agent/1/a", BAD),
         ((("workload.spiffe.io", "false"),), "unix-abstract:svid-agent/1/a", BAD),
+        (
+            (("workload.spiffe.io", "false"), ("workload.spiffe.io", "true")),
+            "unix-abstract:svid-agent/1/a",
+            BAD,
+        ),
         ((("workload.spiffe.io", "true"),), "unix-abstract:svid-agent/1/b", DENIED),
         # The same name as a path is a file its owner could rebind: never the registered caller.
         ((("workload.spiffe.io", "true"),), "unix:svid-agent/1/a", DENIED),

@@ -20,7 +20,14 @@ from svid._verify_jwt import DEFAULT_LEEWAY
 from svid._x509 import spiffe_id_from_cert
 from tests.agent_attestor.harness import HEADER, Harness
 
-BAD_HEADERS = [(), (("workload.spiffe.io", "false"),), (("other", "true"),)]
+BAD_HEADERS = [
+    (),
+    (("workload.spiffe.io", "false"),),
+    (("other", "true"),),
+    # Exactly one value, as SPIRE asks: a second one, whatever it says, is refused.
+    (("workload.spiffe.io", "true"), ("workload.spiffe.io", "false")),
+    (("workload.spiffe.io", "true"), ("workload.spiffe.io", "true")),
+]
 
 
 def _code(exc: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
