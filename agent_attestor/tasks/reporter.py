@@ -78,17 +78,23 @@ class ValidationReporter:
                     self.dropped += len(batch)
                     log.warning("server refused a validation report; dropped it")
                     continue
-                self._queue.extendleft(reversed(batch))
+                self._put_back(batch)
                 log.warning(
                     "cannot report validations to the server", extra={"error": exc.code().name}
                 )
                 return
             except Exception as exc:
-                # Put them back (oldest first) and try again next round.
-                self._queue.extendleft(reversed(batch))
+                self._put_back(batch)
                 log.warning("cannot report validations to the server", extra={"error": str(exc)})
                 return
             self.sent += len(batch)
+
+    def _put_back(self, batch: list[task_pb2.Validation]) -> None:
+        """Return a batch that was not sent to the front of the queue (oldest first), for the
+        next round. Reports made while it was out may have filled the queue: the newest ones
+        it then pushes out are counted as dropped, as a report into a full queue is."""
+        self.dropped += max(0, len(self._queue) + len(batch) - MAX_QUEUED)
+        self._queue.extendleft(reversed(batch))
 
     def _next_batch(self) -> list[task_pb2.Validation]:
         """The oldest reports: at most MAX_BATCH, and MAX_BATCH_BYTES together (one at least)."""

@@ -17,7 +17,7 @@ from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.model import Entry
 from agent_attestor.tasks.api import TasksApi
 from agent_attestor.tasks.client import GrpcTaskClient
-from agent_attestor.tasks.reporter import ValidationReporter
+from agent_attestor.tasks.reporter import MAX_QUEUED, ValidationReporter
 from agent_attestor.tasks.revocations import RevocationsApi
 from agent_attestor.workload_attestor import UnixAttestor
 from svid._clock import FakeClock
@@ -327,6 +327,26 @@ def test_validation_reporter_batches_and_retries_after_a_failure() -> None:
     got = [(v.jti, v.ok, v.at) for v in batch.validations]
     assert got == [("j1", True, 1000), ("", False, 1000)]
     assert reporter.sent == 2
+
+
+def test_validation_reports_put_back_into_a_full_queue_are_counted_as_dropped() -> None:
+    # While a batch is out, new reports fill the queue; the batch then fails and goes back in
+    # front, pushing out as many of the newest. Every report is sent, queued or counted.
+    reporter: ValidationReporter
+
+    async def send(request: task_pb2.ReportValidationsRequest) -> None:
+        for i in range(MAX_QUEUED):
+            reporter.report(subject="", audience=["docs"], ok=False, reason=f"r{i}")
+        raise ConnectionError("server away")
+
+    reporter = ValidationReporter(send, FakeClock(1000))
+    for i in range(10):
+        reporter.report(subject="", audience=["docs"], ok=True, jti=f"j{i}")
+    asyncio.run(reporter.flush())
+    queued = list(reporter._queue)
+    assert len(queued) == MAX_QUEUED
+    assert [v.jti for v in queued[:10]] == [f"j{i}" for i in range(10)]  # the oldest kept
+    assert reporter.sent + len(queued) + reporter.dropped == 10 + MAX_QUEUED
 
 
 class _Recorder(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
