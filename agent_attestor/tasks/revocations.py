@@ -71,18 +71,32 @@ class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[m
     async def Watch(
         self, request: revocation_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[revocation_pb2.RevocationList]:
-        await checked_caller(context, self._registry)
-        sent: revocation_pb2.RevocationList | None = None
-        while True:
-            seen = self._cache.shared_version  # revocations live there, not with the SVIDs
-            snap = self._cache.snapshot()
-            await _held_list(context, snap)
-            msg = revocation_list(
-                snap, self._expiries() if self._expiries else snap.revocation_expiry
-            )
-            if msg != sent:
-                sent = revocation_pb2.RevocationList()
-                sent.CopyFrom(msg)
-                msg.version = snap.version
-                yield msg
-            await self._cache.wait_shared_change(seen)
+        caller = await checked_caller(context, self._registry)
+        # The caller's own watch, as its bundle streams have: it wakes when what every caller
+        # shares changes (revocations among it) and when the caller's identities do.
+        watch = self._cache.watchers.open(caller.selectors)
+        try:
+            sent: revocation_pb2.RevocationList | None = None
+            built = -1  # the shared version the last list was made from
+            while True:
+                woke = watch.signal.version
+                shared = self._cache.shared_version
+                snap = self._cache.snapshot()
+                await _held_list(context, snap)
+                if not watch.entry_ids:
+                    # The list names whose credentials are revoked: like the bundles, it is
+                    # for workloads this agent holds an identity for, not any local process.
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+                if shared != built:
+                    built = shared
+                    msg = revocation_list(
+                        snap, self._expiries() if self._expiries else snap.revocation_expiry
+                    )
+                    if msg != sent:
+                        sent = revocation_pb2.RevocationList()
+                        sent.CopyFrom(msg)
+                        msg.version = snap.version
+                        yield msg
+                await watch.signal.wait(woke)
+        finally:
+            self._cache.watchers.close(watch)

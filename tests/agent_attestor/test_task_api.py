@@ -307,6 +307,25 @@ def test_revocation_watch_never_sends_a_list_the_agent_does_not_hold(ta: TaskAge
     assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_revocation_watch_is_for_callers_that_hold_an_identity(ta: TaskAgent) -> None:
+    # The list names whose credentials are revoked (tasks' SPIFFE IDs): like the bundles, it is
+    # served to workloads the agent holds an identity for, not to any process on the machine.
+    ta.h.revoked = frozenset({"abc123"})
+    ta.h.sync(issue=False)
+    stub = revocation_pb2_grpc.RevocationsStub(ta.channel())
+    with pytest.raises(grpc.RpcError) as err:
+        next(stub.Watch(revocation_pb2.WatchRequest(), metadata=HEADER, timeout=10))
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert err.value.details() == "no identity issued"
+    entry = ta.h.add_entry("/bot")
+    stream = stub.Watch(revocation_pb2.WatchRequest(), metadata=HEADER, timeout=10)
+    assert [i.value for i in next(stream).items] == ["abc123"]
+    ta.h.remove_entry(entry.id)  # its last identity gone: the stream ends
+    with pytest.raises(grpc.RpcError) as err:
+        next(stream)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
 def test_validation_reporter_batches_and_retries_after_a_failure() -> None:
     sent: list[task_pb2.ReportValidationsRequest] = []
     fail = [True]
