@@ -333,9 +333,18 @@ class _AnchorIndex:
                 subject = tbs_names(cert.tbs_certificate_bytes)[1]
                 self.by_subject.setdefault(subject, []).append(anchor)
 
-    def issuer_of(self, cert: x509.Certificate | None, facts: der.CertFacts) -> _Anchor | None:
-        """The anchor that signed ``facts``; ``cert`` (the same certificate) may be None only if
-        its signature algorithm is one of _EC_SIGS and _RSA_SIGS."""
+    def issuer_of(
+        self, cert: x509.Certificate | None, facts: der.CertFacts, now: float
+    ) -> _Anchor | None:
+        """The anchor that signed ``facts``, one valid at ``now`` if any is; ``cert`` (the same
+        certificate) may be None only if its signature algorithm is one of _EC_SIGS and
+        _RSA_SIGS.
+
+        Several anchors can sign alike: a root renewed with the same key and name sits in the
+        bundle beside the expired certificate it replaces, in either order. Path validation
+        (OpenSSL's, go-spiffe's) builds on the one valid now, so the first match is not enough.
+        """
+        outside = None
         for anchor in self.by_subject.get(facts.issuer, ()):
             # _facts_signature_ok, with the anchor's key family known: the common case inline.
             prehashed = _EC_SIGS_PREHASHED.get(facts.signature_algorithm)
@@ -346,10 +355,13 @@ class _AnchorIndex:
                     ec_key.verify(facts.signature, digest(facts.tbs).digest(), ecdsa)
                 except InvalidSignature:
                     continue
+            elif not _facts_signature_ok(cert, facts, anchor.public_key):
+                continue
+            if anchor.not_before <= now <= anchor.not_after:
                 return anchor
-            if _facts_signature_ok(cert, facts, anchor.public_key):
-                return anchor
-        return None
+            if outside is None:
+                outside = anchor  # refused later for its validity, unless a valid one signed too
+        return outside
 
 
 class X509Verifier:
@@ -513,7 +525,8 @@ class X509Verifier:
         try:
             memo = self._indexes.get(td.name)
             index = memo[1] if memo is not None and memo[0] is bundle else self._index(bundle)
-            anchor = index.issuer_of(None, facts)  # templates have an algorithm of _EC/_RSA_SIGS
+            # No certificate: templates have an algorithm of _EC_SIGS or _RSA_SIGS.
+            anchor = index.issuer_of(None, facts, now)
             if anchor is None:
                 raise _no_authority(facts, td)
             # _finish for a lone leaf, which it still judges whenever something is wrong (it
@@ -602,7 +615,7 @@ class X509Verifier:
             _check_critical_facts(leaf_facts)
         path, path_facts = [leaf], [leaf_facts]
         current = leaf_facts
-        anchor = index.issuer_of(leaf, current)
+        anchor = index.issuer_of(leaf, current, now)
         i = 1
         while anchor is None:
             if i >= len(certs):
@@ -632,7 +645,7 @@ class X509Verifier:
             path.append(nxt)
             path_facts.append(nxt_facts)
             current = nxt_facts
-            anchor = index.issuer_of(nxt, current)
+            anchor = index.issuer_of(nxt, current, now)
 
         return self._finish(sid, bundle, anchor, tuple(path), path_facts, now=now)
 

@@ -158,6 +158,29 @@ def test_expired_authority_is_refused(clock: FakeClock) -> None:
         v.verify([make_leaf(ca).cert])
 
 
+@pytest.mark.parametrize("expired_first", [True, False])
+def test_a_renewed_authority_beside_its_expired_predecessor_anchors(
+    clock: FakeClock, expired_first: bool
+) -> None:
+    # A root renewed with the same key and name (the usual way to extend a root) sits in the
+    # bundle beside the expired certificate it replaces; both verify the leaf's signature, and
+    # path validation (OpenSSL's, go-spiffe's) takes the one valid now, whatever the order.
+    old = make_ca(not_before=T0 - 2 * 86400, not_after=T0 - 1)
+    renewed = reissue(old, old, 12345, not_before=T0 - 3600, not_after=T0 + 86400)
+    authorities = (old.cert, renewed) if expired_first else (renewed, old.cert)
+    v = X509Verifier(
+        MemoryBundleSource.of(SpiffeBundle(TD, authorities)).x509_bundle_for, clock=clock
+    )
+    leaf = der_concat([make_leaf(old).cert])
+    assert str(v.verify_der(leaf).spiffe_id) == "spiffe://example.org/workload"
+    assert str(v.verify_der(leaf).spiffe_id) == "spiffe://example.org/workload"  # a template now
+    v.cache.clear()
+    assert str(v.verify_der(leaf).spiffe_id) == "spiffe://example.org/workload"
+    inter = make_ca("intermediate", parent=old, spiffe_id=None)
+    chain = der_concat([make_leaf(inter).cert, inter.cert])
+    assert str(v.verify_der(chain).spiffe_id) == "spiffe://example.org/workload"
+
+
 def _duplicate_key_usage(cert: x509.Certificate) -> x509.Certificate:
     """``cert`` with its SubjectKeyIdentifier renamed KeyUsage: two KeyUsage extensions."""
     der = cert.public_bytes(serialization.Encoding.DER)
