@@ -107,7 +107,8 @@ class JwtBundle:
         for i, jwk in enumerate(doc["keys"]):
             where = f"JWT bundle for {trust_domain}, key #{i}"
             use = jwk.get("use", USE_JWT)
-            if use not in uses or not _known_kty(jwk):
+            # A string first: "in" on a set hashes it, and a JSON list or object is unhashable.
+            if not isinstance(use, str) or use not in uses or not _known_kty(jwk):
                 continue
             kid, key = _jwt_key(jwk, where)
             keys[kid] = key

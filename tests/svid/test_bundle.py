@@ -215,6 +215,19 @@ def test_an_oidc_jwks_gives_its_sig_keys_when_asked_and_never_its_enc_keys(
     assert list(taken.keys) == [first["kid"]]
 
 
+def test_a_jwks_use_that_is_no_string_is_skipped_whatever_collection_names_the_uses(
+    full_bundle: SpiffeBundle,
+) -> None:
+    # A JWKS is read from the network (an OIDC issuer's): a "use" of [] or {} once reached a
+    # set's hash and raised TypeError instead of skipping the key.
+    doc = json.loads(full_bundle.jwt_bundle().to_jwks())
+    (first, *rest) = doc["keys"]
+    data = json.dumps({"keys": [{**first, "use": []}, {**rest[0], "use": {}}, *rest[1:]]})
+    for uses in (("jwt-svid",), frozenset({"sig", "jwt-svid"}), {"jwt-svid"}):
+        taken = JwtBundle.parse_jwks(TD, data.encode(), uses=uses)
+        assert set(taken.keys) == {k["kid"] for k in rest[1:]}
+
+
 def test_jwks_key_without_kid_is_an_error() -> None:
     with pytest.raises(BundleError, match="kid"):
         JwtBundle.parse_jwks(TD, b'{"keys": [{"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}]}')
