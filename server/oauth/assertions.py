@@ -11,6 +11,7 @@ record, has the last word across servers); an actor token only proves who acts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -89,7 +90,10 @@ class AssertionChecker:
         jti = verified.claims.get("jti")
         if not isinstance(jti, str) or not jti:
             raise InvalidGrantError(f"{what} has no jti: it could be replayed")
-        return CheckedAssertion(verified, issuer, JtiClaim(issuer, jti, verified.expires_at))
+        # Held for as long as the token is accepted (its exp plus the leeway), not just to its
+        # exp: a replay in the leeway's seconds would otherwise find the jti released.
+        held_until = verified.expires_at + math.ceil(LEEWAY)
+        return CheckedAssertion(verified, issuer, JtiClaim(issuer, jti, held_until))
 
     def _verify(self, token: str, what: str) -> VerifiedJwt:
         # One verification for any of our names (a parse first, only to pick the name, was a

@@ -343,3 +343,15 @@ def test_a_jti_claim_survives_a_reseal_when_another_server_moved_the_chain(
     finally:
         here.close()
         there.close()
+
+
+def test_an_assertion_is_held_for_as_long_as_it_is_accepted(oauth_server: OAuthServer) -> None:
+    """An assertion is accepted up to the leeway past its exp: its jti is held that long too,
+    or a replay in those seconds would get a second token."""
+    assertion = _assertion(oauth_server, ttl=30)
+    first = _post(oauth_server, grant_type=JWT_BEARER, assertion=assertion, resource=RESOURCE)
+    assert first.status_code == 200, first.text
+    oauth_server.running.clock.advance(32)  # past exp, within the verifier's leeway
+    again = _post(oauth_server, grant_type=JWT_BEARER, assertion=assertion, resource=RESOURCE)
+    assert again.status_code == 400, again.text
+    assert "replay" in again.json()["error_description"]
