@@ -112,7 +112,8 @@ class HttpListener:
                 return
             handler = self._routes.get(request.path)
             response = _NOT_FOUND if handler is None else await self._answer(handler, request)
-            await self._send(conn, writer, response, close=False)
+            head_only = request.method == "HEAD"
+            await self._send(conn, writer, response, close=False, head_only=head_only)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -162,6 +163,7 @@ class HttpListener:
         response: Response,
         *,
         close: bool,
+        head_only: bool = False,
     ) -> None:
         headers = [
             ("content-type", response.content_type),
@@ -172,6 +174,8 @@ class HttpListener:
             headers.append(("connection", "close"))
         # One write: one TLS record and one send for the whole answer, not three.
         head = conn.send(h11.Response(status_code=response.status, headers=headers))
-        body = conn.send(h11.Data(data=response.body))
+        # An answer to HEAD has GET's headers and no body: h11 refuses to send one (and the
+        # connection was cut with nothing answered).
+        body = b"" if head_only else conn.send(h11.Data(data=response.body))
         writer.write(b"".join((head or b"", body or b"", conn.send(h11.EndOfMessage()) or b"")))
         await writer.drain()

@@ -102,3 +102,15 @@ def test_the_authorization_endpoint_refuses_everything(oauth_server: OAuthServer
     )
     assert reply.status_code == 400
     assert reply.json()["error"] == "unsupported_response_type"
+
+
+def test_head_is_answered_with_the_get_headers_and_no_body(oauth_server: OAuthServer) -> None:
+    """The document handlers take HEAD: it gets GET's status and headers, and the connection
+    serves on (a body is not sent on a HEAD answer, RFC 9110 §9.3.2)."""
+    with httpx.Client(verify=oauth_server.ssl_context()) as client:
+        head = client.head(oauth_server.issuer + "/keys")
+        assert head.status_code == 200
+        assert head.content == b""
+        get = client.get(oauth_server.issuer + "/keys")
+        assert head.headers["content-length"] == get.headers["content-length"]
+        assert client.head(oauth_server.issuer + "/nothing").status_code == 404
