@@ -104,7 +104,11 @@ class HttpListener:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         while True:
-            request = await self._read_request(conn, reader)
+            # One deadline for the whole request (or the wait for the next one), not one for
+            # each read: a client trickling a byte now and then would hold its connection for
+            # ever. asyncio.timeout, not wait_for: no task of its own for every request.
+            async with asyncio.timeout(READ_TIMEOUT):
+                request = await self._read_request(conn, reader)
             if request is None:
                 return
             if isinstance(request, Response):  # refused while reading (too large)
@@ -136,10 +140,7 @@ class HttpListener:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                # asyncio.timeout, not wait_for: no task of its own for every read.
-                async with asyncio.timeout(READ_TIMEOUT):
-                    data = await reader.read(_CHUNK)
-                conn.receive_data(data)
+                conn.receive_data(await reader.read(_CHUNK))
                 continue
             if isinstance(event, h11.Request):
                 head = event

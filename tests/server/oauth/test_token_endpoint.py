@@ -355,3 +355,36 @@ def test_an_assertion_is_held_for_as_long_as_it_is_accepted(oauth_server: OAuthS
     again = _post(oauth_server, grant_type=JWT_BEARER, assertion=assertion, resource=RESOURCE)
     assert again.status_code == 400, again.text
     assert "replay" in again.json()["error_description"]
+
+
+def test_a_request_trickled_in_is_cut_at_the_read_timeout(
+    oauth_server: OAuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read timeout bounds a whole request, not each read: a client sending a byte now and
+    then (slowloris) would otherwise hold its connection, and its memory, for ever."""
+    import socket
+    import time
+
+    from server.oauth import http
+
+    monkeypatch.setattr(http, "READ_TIMEOUT", 0.5)
+    port = int(oauth_server.issuer.rsplit(":", 1)[1])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with oauth_server.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        started = time.monotonic()
+        cut = False
+        while not cut and time.monotonic() - started < 4:
+            time.sleep(0.1)
+            try:
+                tls.sendall(b"a")
+            except OSError:
+                cut = True
+        if not cut:
+            tls.settimeout(0.5)
+            try:
+                cut = tls.recv(1024) == b""
+            except OSError:
+                cut = False
+        assert cut, "a trickled request held its connection past the read timeout"
+        assert time.monotonic() - started < 3
