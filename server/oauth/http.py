@@ -52,6 +52,14 @@ def json_response(status: int, body: bytes, *headers: tuple[str, str]) -> Respon
 _NOT_FOUND = Response(404, b'{"error":"not_found"}')
 
 
+def _framed_twice(head: h11.Request) -> bool:
+    """Both Content-Length and Transfer-Encoding: h11 reads the body as chunked, an
+    intermediary may read the Content-Length, and what one takes for a body the other takes for
+    the next request (smuggling). RFC 9112 §6.1: refuse it, and close the connection."""
+    names = {name for name, _ in head.headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
 class HttpListener:
     """Serves mounted handlers on one address, over TLS when given an SSL context."""
 
@@ -111,7 +119,7 @@ class HttpListener:
                 request = await self._read_request(conn, reader)
             if request is None:
                 return
-            if isinstance(request, Response):  # refused while reading (too large)
+            if isinstance(request, Response):  # refused while reading (too large, framed twice)
                 await self._send(conn, writer, request, close=True)
                 return
             handler = self._routes.get(request.path)
@@ -143,6 +151,8 @@ class HttpListener:
                 conn.receive_data(await reader.read(_CHUNK))
                 continue
             if isinstance(event, h11.Request):
+                if _framed_twice(event):
+                    return Response(400, b'{"error":"invalid_request"}')
                 head = event
             elif isinstance(event, h11.Data):
                 body += event.data

@@ -388,3 +388,27 @@ def test_a_request_trickled_in_is_cut_at_the_read_timeout(
                 cut = False
         assert cut, "a trickled request held its connection past the read timeout"
         assert time.monotonic() - started < 3
+
+
+def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and_closed(
+    oauth_server: OAuthServer,
+) -> None:
+    """RFC 9112 §6.1: such a request is a smuggling attempt through any intermediary that reads
+    the other header; the connection must close after it, nothing that follows is served."""
+    import socket
+
+    port = int(oauth_server.issuer.rsplit(":", 1)[1])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with oauth_server.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        smuggled = b"GET /keys HTTP/1.1\r\nHost: x\r\n\r\n"
+        tls.sendall(
+            b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
+            b"\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n%s"
+            % (5 + len(smuggled), smuggled)
+        )
+        seen = b""
+        while chunk := tls.recv(65536):
+            seen += chunk
+    assert seen.startswith(b"HTTP/1.1 400"), seen[:200]
+    assert seen.count(b"HTTP/1.1") == 1
+    assert b'"keys"' not in seen
