@@ -23,6 +23,7 @@ MAX_HEADER_BYTES = 16 * 1024
 READ_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 1.0
 _CHUNK = 65536
+_CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,7 @@ class HttpListener:
             # each read: a client trickling a byte now and then would hold its connection for
             # ever. asyncio.timeout, not wait_for: no task of its own for every request.
             async with asyncio.timeout(READ_TIMEOUT):
-                request = await self._read_request(conn, reader)
+                request = await self._read_request(conn, reader, writer)
             if request is None:
                 return
             if isinstance(request, Response):  # refused while reading (too large, framed twice)
@@ -141,13 +142,17 @@ class HttpListener:
             return Response(500, b'{"error":"server_error"}')
 
     async def _read_request(
-        self, conn: h11.Connection, reader: asyncio.StreamReader
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> Request | Response | None:
         head: h11.Request | None = None
         body = bytearray()
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    # RFC 9110 §10.1.1: the body is read, so say so at once (curl would wait a
+                    # second before sending it anyway).
+                    writer.write(conn.send(_CONTINUE) or b"")
                 conn.receive_data(await reader.read(_CHUNK))
                 continue
             if isinstance(event, h11.Request):

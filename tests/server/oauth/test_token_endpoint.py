@@ -412,3 +412,27 @@ def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and
     assert seen.startswith(b"HTTP/1.1 400"), seen[:200]
     assert seen.count(b"HTTP/1.1") == 1
     assert b'"keys"' not in seen
+
+
+def test_a_client_expecting_100_continue_is_told_to_send_its_body(
+    oauth_server: OAuthServer,
+) -> None:
+    """RFC 9110 §10.1.1: a server that reads the body sends 100 (Continue) at once; curl, which
+    asks for it on larger POSTs, otherwise waits a second before sending the body anyway."""
+    import socket
+
+    port = int(oauth_server.issuer.rsplit(":", 1)[1])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with oauth_server.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        body = b"grant_type=password"
+        tls.sendall(
+            b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
+            b"\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        tls.settimeout(2)
+        assert tls.recv(65536).startswith(b"HTTP/1.1 100 ")
+        tls.sendall(body)
+        seen = b""
+        while b"unsupported_grant_type" not in seen:
+            seen += tls.recv(65536)
+        assert seen.startswith(b"HTTP/1.1 400")
