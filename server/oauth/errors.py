@@ -7,12 +7,25 @@ Not SvidErrors: they never cross gRPC, and their messages go to the client as
 
 from __future__ import annotations
 
+from server.audit.errors import SecretInAuditError
+from server.audit.event import check_no_secret
+
+# What a description becomes when a value it quotes from the request looks like a credential.
+DROPPED = "a value of the request looks like a credential: not repeated here"
+
 
 class OAuthError(Exception):
     error = "invalid_request"
     status = 400
 
     def __init__(self, description: str) -> None:
+        # Descriptions quote what the client sent (a resource, a token type); one that sent a
+        # token there must not get it echoed back, nor make the refusal's audit event, which
+        # refuses such a value, fail.
+        try:
+            check_no_secret("error_description", description)
+        except SecretInAuditError:
+            description = DROPPED
         super().__init__(description)
         self.description = description
 

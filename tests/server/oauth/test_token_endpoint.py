@@ -436,3 +436,25 @@ def test_a_client_expecting_100_continue_is_told_to_send_its_body(
         while b"unsupported_grant_type" not in seen:
             seen += tls.recv(65536)
         assert seen.startswith(b"HTTP/1.1 400")
+
+
+def test_a_refusal_whose_reason_looks_like_a_token_is_answered_and_audited(
+    oauth_server: OAuthServer,
+) -> None:
+    """A request's values are echoed in the refusal's description; one that looks like a JWT (a
+    client sending its token as the resource) must neither turn the answer into a server error
+    nor keep the refusal off the audit log, nor be echoed back: it is left out of both."""
+    looks_like_a_jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.sig"
+    reply = _post(
+        oauth_server,
+        grant_type=JWT_BEARER,
+        assertion=_assertion(oauth_server),
+        resource=looks_like_a_jwt,
+    )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == "invalid_target"
+    assert "eyJ" not in reply.text
+    (event,) = _events(oauth_server, "oauth_jwt_bearer")
+    assert event["decision"] == "deny"
+    assert event["reason"].startswith("invalid_target")
+    assert "eyJ" not in event["reason"]
