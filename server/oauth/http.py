@@ -107,8 +107,13 @@ class HttpListener:
         finally:
             self._connections.pop(task, None)
             writer.close()
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+            except TimeoutError:
+                # Answers its client does not read would keep the socket for ever.
+                writer.transport.abort()
+            except Exception:  # noqa: S110 - the connection is going away either way
+                pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
@@ -194,4 +199,7 @@ class HttpListener:
         # connection was cut with nothing answered).
         body = b"" if head_only else conn.send(h11.Data(data=response.body))
         writer.write(b"".join((head or b"", body or b"", conn.send(h11.EndOfMessage()) or b"")))
-        await writer.drain()
+        # Bounded as a read is: a client that sends requests but never reads the answers would
+        # otherwise hold its connection for ever once the buffers are full.
+        async with asyncio.timeout(READ_TIMEOUT):
+            await writer.drain()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import httpx
@@ -458,3 +459,57 @@ def test_a_refusal_whose_reason_looks_like_a_token_is_answered_and_audited(
     assert event["decision"] == "deny"
     assert event["reason"].startswith("invalid_target")
     assert "eyJ" not in event["reason"]
+
+
+def test_a_client_that_never_reads_its_answers_is_cut_at_the_timeout(
+    oauth_server: OAuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests sent on one connection whose answers are never read fill the buffers, and
+    writing the next answer waits: bounded by the same timeout, or the connection (one more
+    each time) is held for ever."""
+    import socket
+    import time
+
+    from server.oauth import http
+
+    monkeypatch.setattr(http, "READ_TIMEOUT", 0.5)
+    assert oauth_server.running.server.oauth is not None
+    connections = oauth_server.running.server.oauth.listener._connections
+    port = int(oauth_server.issuer.rsplit(":", 1)[1])
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(5)
+    raw.connect(("127.0.0.1", port))
+    with oauth_server.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        deadline = time.monotonic() + 4
+        while not connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert connections  # served, so the cut below is the server's
+        tls.settimeout(1)
+        with contextlib.suppress(OSError):  # the server stops reading, then hangs up
+            tls.sendall(b"GET /keys HTTP/1.1\r\nHost: x\r\n\r\n" * 20000)
+        deadline = time.monotonic() + 4
+        while connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not connections, "a connection whose answers are never read is held"
+        # and its socket let go of, though the answers in it were never sent
+        client_port = tls.getsockname()[1]
+        deadline = time.monotonic() + http.CLOSE_TIMEOUT + 2
+        while _socket_owned(port, client_port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _socket_owned(port, client_port)
+
+
+def _socket_owned(local_port: int, remote_port: int) -> bool:
+    """Whether a process still holds the TCP socket local_port -> remote_port (Linux: an
+    orphaned one, closed by its process with data unsent, has inode 0 in /proc/net/tcp)."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if (int(local.split(":")[1], 16), int(remote.split(":")[1], 16)) == (
+                local_port,
+                remote_port,
+            ):
+                return inode != "0"
+    return False
