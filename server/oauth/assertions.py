@@ -3,10 +3,11 @@ delegation's actor token).
 
 Accepted: a JWT-SVID signed by a key of this trust domain's bundle or of a configured trusted
 bundle, for the audience named (this server's token endpoint or its issuer URL), not expired,
-and when it has `iss`, an issuer this server knows. An assertion or subject token must also
-carry a `jti` this server did not accept before (a subject token: for the same resource and
-kind of token; server/oauth/replay.py: the datastore, claiming it with the token's ledger
-record, has the last word across servers); an actor token only proves who acts.
+its `jti` not revoked, and when it has `iss`, an issuer this server knows. An assertion or
+subject token must also carry a `jti` this server did not accept before (a subject token: for
+the same resource and kind of token; server/oauth/replay.py: the datastore, claiming it with
+the token's ledger record, has the last word across servers); an actor token only proves who
+acts.
 """
 
 from __future__ import annotations
@@ -46,12 +47,15 @@ class AssertionChecker:
         audiences: tuple[str, ...],
         known_issuers: Mapping[str, TrustDomain],
         reserve_jti: ReserveJti,
+        revoked: Callable[[str], bool],
         clock: Clock,
         on_refused: Callable[[str], object] | None = None,
     ) -> None:
-        """``on_refused``: told of each token whose verification failed (to fetch keys an
-        issuer has published since)."""
+        """``revoked``: whether a JWT's ``jti`` is revoked on this server; ``on_refused``:
+        told of each token whose verification failed (to fetch keys an issuer has published
+        since)."""
         self._on_refused = on_refused
+        self._revoked = revoked
         self._audiences = audiences
         self._known_issuers = dict(known_issuers)
         self._reserve_jti = reserve_jti
@@ -90,6 +94,10 @@ class AssertionChecker:
         jti = verified.claims.get("jti")
         if not isinstance(jti, str) or not jti:
             raise InvalidGrantError(f"{what} has no jti: it could be replayed")
+        # Revoked (its task ended, its agent evicted): every verifier refuses it, so it may not
+        # be traded here for a fresh token that outlives the revocation either.
+        if self._revoked(jti):
+            raise InvalidGrantError(f"{what} jti {jti[:64]!r} is revoked")
         # Held for as long as the token is accepted (its exp plus the leeway), not just to its
         # exp: a replay in the leeway's seconds would otherwise find the jti released.
         held_until = verified.expires_at + math.ceil(LEEWAY)

@@ -174,6 +174,7 @@ def build(
         audiences=(settings.issuer, settings.issuer + TOKEN_PATH),
         known_issuers=known_issuers,
         reserve_jti=replay.reserve,
+        revoked=revoked,
         clock=clock,
         on_refused=refused if issuers else None,
     )

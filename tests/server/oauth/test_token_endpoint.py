@@ -513,3 +513,20 @@ def _socket_owned(local_port: int, remote_port: int) -> bool:
             ):
                 return inode != "0"
     return False
+
+
+def test_a_revoked_jwt_svid_gets_no_token(oauth_server: OAuthServer) -> None:
+    """A JWT-SVID whose jti the server revoked (its agent evicted or banned) is refused by
+    every verifier: the token endpoint must not turn it into a fresh access token."""
+    from server.datastore.records import REVOKED_JWT_ID, Revocation
+
+    assertion = _assertion(oauth_server)
+    jti = pyjwt.decode(assertion, options={"verify_signature": False})["jti"]
+    running = oauth_server.running
+    now = int(running.clock.now())
+    revocation = Revocation(REVOKED_JWT_ID, jti, str(WORKLOAD), now + 600, "agent banned", now)
+    running.call(running.server.state.add_revocations((revocation,)))
+    reply = _post(oauth_server, grant_type=JWT_BEARER, assertion=assertion, resource=RESOURCE)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == "invalid_grant"
+    assert "revoked" in reply.json()["error_description"]
