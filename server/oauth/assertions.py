@@ -66,7 +66,11 @@ class AssertionChecker:
     def check(self, token: str, what: str, once_per: str = "") -> CheckedAssertion:
         """An assertion: verified, and its ``jti`` reserved: used once, or once per
         ``once_per`` (what it is exchanged for)."""
-        checked = self.authenticate(token, what)
+        return self.claim(self.authenticate(token, what), what, once_per)
+
+    def claim(self, checked: CheckedAssertion, what: str, once_per: str = "") -> CheckedAssertion:
+        """An authenticated assertion with its ``jti`` reserved, as ``check`` does, for a grant
+        that reads the request before it knows what the assertion is used for."""
         claim = checked.claim
         if once_per:
             claim = JtiClaim(f"{claim.issuer} {once_per}", claim.jti, claim.expires_at)

@@ -172,13 +172,19 @@ class Grants:
     def jwt_bearer(self, params: Mapping[str, list[str]]) -> TokenResponse:
         started = time.perf_counter()
         try:
-            assertion = self._checker.check(_one(params, "assertion"), "assertion")
+            assertion = self._checker.authenticate(_one(params, "assertion"), "assertion")
+            sub = str(assertion.verified.spiffe_id)
+            # A task's JWT-SVID buys an access token once per resource, under the claim its
+            # exchange for one makes (token_exchange): the two grants share the allowance.
+            once_per = ""
+            if is_task_id(sub):
+                once_per = f"{_single_resource(params, self._resources)} access"
+            assertion = self._checker.claim(assertion, "assertion", once_per)
         except OAuthError as exc:
             self._refused(EVENT_JWT_BEARER, exc, started)
             raise
         try:
             resource = _single_resource(params, self._resources)
-            sub = str(assertion.verified.spiffe_id)
             _check_client_id(params, sub)
         except OAuthError as exc:
             self._refused(EVENT_JWT_BEARER, exc, started, assertion.claim)

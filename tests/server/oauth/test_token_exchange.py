@@ -226,3 +226,37 @@ def test_a_subject_token_is_exchanged_once_per_resource_and_kind_of_token(
     for again in (exchange(RESOURCE), exchange(RESOURCE, JWT_TYPE), exchange(RESOURCE, TXN_TYPE)):
         assert again.status_code == 400
         assert "replay" in again.json()["error_description"]
+
+
+def test_a_task_jwt_svid_is_used_once_per_resource_whichever_grant_presents_it(
+    oauth_server: OAuthServer,
+) -> None:
+    # RFC 7523's grant and RFC 8693's exchange take the same task JWT-SVID for the same
+    # access token: one token per resource in all, not one per grant.
+    world = begin_task(oauth_server, resources=(oauth_server.issuer, RESOURCE, OTHER_RESOURCE))
+    subject = world.subject_token()
+    oauth = world.oauth
+
+    def bearer(resource: str) -> httpx.Response:
+        form = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+            "assertion": subject,
+            "resource": resource,
+        }
+        return httpx.post(oauth.issuer + "/token", data=form, verify=oauth.ssl_context())
+
+    def exchange(resource: str) -> httpx.Response:
+        form = {
+            "grant_type": EXCHANGE,
+            "subject_token": subject,
+            "subject_token_type": JWT_TYPE,
+            "resource": resource,
+        }
+        return httpx.post(oauth.issuer + "/token", data=form, verify=oauth.ssl_context())
+
+    assert bearer(RESOURCE).status_code == 200
+    assert exchange(OTHER_RESOURCE).status_code == 200
+    for again in (exchange(RESOURCE), bearer(OTHER_RESOURCE), bearer(RESOURCE)):
+        assert again.status_code == 400, again.text
+        assert "replay" in again.json()["error_description"]
+    assert len(world.events("oauth_jwt_bearer")) + len(world.events("oauth_token_exchange")) == 5
