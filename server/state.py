@@ -49,6 +49,10 @@ class ServerState:
         self._clock = clock
         self.notifier = notifier
         self._lock = threading.Lock()
+        # Agent records are read, then written after an await (the datastore's thread): one
+        # write at a time, so a ban or an eviction is never undone by a renewal or re-attestation
+        # that read the record before it.
+        self._agent_writes = asyncio.Lock()
         self._entries = EntryIndex()
         self._agents: Mapping[str, AttestedAgent] = MappingProxyType({})
         # An agent keeps using its previous certificate on open connections for a while after
@@ -275,7 +279,21 @@ class ServerState:
         self, agent: AttestedAgent, previous: AttestedAgent | None, token: TokenUse | None = None
     ) -> bool:
         """Save the agent's record; with `token`, only by spending that join token in the same
-        transaction. False (nothing written) when the token could not be spent."""
+        transaction. False (nothing written) when the token could not be spent.
+        PermissionDeniedError, nothing written, when the agent `previous` names was banned or
+        evicted since it was read (its signing took a while): that decision stands."""
+        async with self._agent_writes:
+            return await self._save_agent(agent, previous, token)
+
+    async def _save_agent(
+        self, agent: AttestedAgent, previous: AttestedAgent | None, token: TokenUse | None
+    ) -> bool:
+        if previous is not None:
+            current = self._agents.get(agent.spiffe_id)
+            if current is None:
+                raise PermissionDeniedError(f"agent {agent.spiffe_id} was evicted: attest again")
+            if current.banned:
+                raise PermissionDeniedError(f"agent {agent.spiffe_id} is banned")
         if token is None:
             await asyncio.to_thread(self._datastore.upsert_agent, agent)
         else:
@@ -291,6 +309,10 @@ class ServerState:
         return True
 
     async def evict_agent(self, spiffe_id: str) -> None:
+        async with self._agent_writes:
+            await self._evict_agent(spiffe_id)
+
+    async def _evict_agent(self, spiffe_id: str) -> None:
         if spiffe_id not in self._agents:
             raise NotFoundError(f"agent {spiffe_id} not found")
         await asyncio.to_thread(self._datastore.delete_agent, spiffe_id)
@@ -303,6 +325,10 @@ class ServerState:
         await self._after_write()
 
     async def ban_agent(self, spiffe_id: str) -> None:
+        async with self._agent_writes:
+            await self._ban_agent(spiffe_id)
+
+    async def _ban_agent(self, spiffe_id: str) -> None:
         agent = self._agents.get(spiffe_id)
         if agent is None:
             raise NotFoundError(f"agent {spiffe_id} not found")

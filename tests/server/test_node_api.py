@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from server.ca.signer import IssuedSvid, X509Request, X509Signer
+from server.issuance import AgentAdmission
 from svid._jose import b64url_decode, verify_jws_signature
 from svid._proto import admin_pb2, common_pb2, node_pb2, node_pb2_grpc
 from svid._x509 import check_leaf_profile
@@ -241,6 +243,45 @@ def test_renew_with_bad_csr(srv: RunningServer) -> None:
     with pytest.raises(grpc.RpcError) as exc:
         srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=b"junk"), timeout=10)
     assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("removal", ["ban", "evict"])
+def test_an_agent_removed_while_its_renewal_is_signed_stays_removed(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch, removal: str
+) -> None:
+    agent = srv.attest()
+    signing, release = threading.Event(), threading.Event()
+    sign = AgentAdmission._sign_sync
+
+    def held_sign(self: AgentAdmission, csr: x509.CertificateSigningRequest, agent_id: Any) -> Any:
+        signing.set()
+        release.wait(10)
+        return sign(self, csr, agent_id)
+
+    monkeypatch.setattr(AgentAdmission, "_sign_sync", held_sign)
+    renewal = srv.node_stub(agent).RenewAgent.future(
+        node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=20
+    )
+    assert signing.wait(10)
+    admin = srv.admin()
+    if removal == "ban":
+        admin.BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+    else:
+        admin.EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+    release.set()
+    with pytest.raises(grpc.RpcError) as exc:
+        renewal.result()
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    # Neither memory nor the datastore got the renewed record back.
+    if removal == "ban":
+        assert srv.server.state.agents[agent.spiffe_id].banned
+        assert srv.server.datastore.get_agent(agent.spiffe_id).banned
+    else:
+        assert agent.spiffe_id not in srv.server.state.agents
+        assert agent.spiffe_id not in {a.spiffe_id for a in srv.server.datastore.list_agents()}
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10)
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
 
 
 # -- Sync ------------------------------------------------------------------------------------
