@@ -177,8 +177,14 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
         existing = self._state.entries.by_id.get(_entry_id(entry.id))
         if existing is None:
             raise NotFoundError(f"entry {entry.id} not found")
+        # The caller's revision, when given, is the one the datastore must find (a write made
+        # since the caller read the entry is not overwritten); 0 means whatever is stored.
         clean = validate_entry(
-            replace(entry, revision=existing.revision, created_at=existing.created_at),
+            replace(
+                entry,
+                revision=entry.revision or existing.revision,
+                created_at=existing.created_at,
+            ),
             self._ids,
             self._state.entries,
             replaces=entry.id,

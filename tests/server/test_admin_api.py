@@ -76,6 +76,30 @@ def test_entry_crud(srv: RunningServer) -> None:
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
 
 
+def test_update_based_on_a_stale_revision_is_aborted(srv: RunningServer) -> None:
+    """Read, change, write (as `entry update` does): a write made in between is not lost."""
+    admin = srv.admin()
+    created = admin.CreateEntry(
+        admin_pb2.CreateEntryRequest(entry=_entry(spiffe_id=f"{TD}/admin/stale"))
+    ).entry
+    first, second = common_pb2.Entry(), common_pb2.Entry()
+    first.CopyFrom(created)
+    second.CopyFrom(created)
+    first.hint = "first"
+    admin.UpdateEntry(admin_pb2.UpdateEntryRequest(entry=first))
+    second.x509_svid_ttl = 90
+    with pytest.raises(grpc.RpcError) as exc:
+        admin.UpdateEntry(admin_pb2.UpdateEntryRequest(entry=second))
+    assert exc.value.code() == grpc.StatusCode.ABORTED  # type: ignore[attr-defined]
+    assert "revision 2, update was based on 1" in exc.value.details()  # type: ignore[attr-defined]
+    stored = admin.GetEntry(admin_pb2.GetEntryRequest(id=created.id))
+    assert (stored.hint, stored.x509_svid_ttl, stored.revision) == ("first", 0, 2)
+    # Revision 0: whatever is stored.
+    second.revision = 0
+    updated = admin.UpdateEntry(admin_pb2.UpdateEntryRequest(entry=second)).entry
+    assert (updated.x509_svid_ttl, updated.revision) == (90, 3)
+
+
 def test_duplicate_entry_is_already_exists(srv: RunningServer) -> None:
     admin = srv.admin()
     entry = _entry(spiffe_id=f"{TD}/admin/dup")

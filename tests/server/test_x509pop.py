@@ -183,21 +183,27 @@ def test_an_alias_edit_sends_its_entries_only_to_agents_it_moves(
         edited = common_pb2.Entry()
         edited.CopyFrom(alias)
         edited.dns_names.append("rack9.example.org")
-        srv.admin().UpdateEntry(admin_pb2.UpdateEntryRequest(entry=edited), timeout=10)
+        edited.CopyFrom(_update(srv, edited))
         fingerprint = next(s for s in _selectors(srv, kept_agent) if s.value.startswith("ca:"))
         edited.selectors.append(fingerprint)
-        srv.admin().UpdateEntry(admin_pb2.UpdateEntryRequest(entry=edited), timeout=10)
+        edited.CopyFrom(_update(srv, edited))
         marker = srv.create_entry("/rack9/marker", kept_agent.spiffe_id)
         update = next(stream)
         assert ([e.id for e in update.entries], list(update.removed_entry_ids)) == ([marker.id], [])
         # An edit the agent no longer matches: everything under the alias goes.
         del edited.selectors[:]
         edited.selectors.append(common_pb2.Selector(type="x509pop", value="subject:cn:other"))
-        srv.admin().UpdateEntry(admin_pb2.UpdateEntryRequest(entry=edited), timeout=10)
+        _update(srv, edited)
         update = next(stream)
         assert (len(update.entries), len(update.removed_entry_ids)) == (0, 300)
     finally:
         stream.cancel()
+
+
+def _update(srv: RunningServer, entry: common_pb2.Entry) -> common_pb2.Entry:
+    """The entry as stored after the update (its new revision: the next edit is based on it)."""
+    reply = srv.admin().UpdateEntry(admin_pb2.UpdateEntryRequest(entry=entry), timeout=10)
+    return reply.entry
 
 
 def _selectors(srv: RunningServer, agent: Agent) -> list[common_pb2.Selector]:
