@@ -32,7 +32,7 @@ from server.errors import (
 from server.ids import ServerIds
 from server.issuance import AgentAdmission, Issuer, JwtRequest
 from server.metrics import Metrics
-from server.peer import PeerCache, peer_host
+from server.peer import AgentPeer, PeerCache, peer_host
 from server.propagation import Propagator
 from server.ratelimit import KeyedLimiter
 from server.state import ServerState
@@ -110,6 +110,13 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             expires_at=_expires(chain),
             bundle=self._bundle_proto(),
         )
+
+    def _still_authorized(self, peer: AgentPeer) -> None:
+        """Checked again once an issuance is recorded, before anything is sent: a ban or an
+        eviction meanwhile revoked the agent's credentials as the ledger held them then,
+        perhaps without these. Refused now, they stay on record and never leave; a ban after
+        this check finds them in the ledger and revokes them."""
+        self._state.authorize_agent(peer.spiffe_id, peer.serial)
 
     # -- Attest -------------------------------------------------------------------------------
 
@@ -327,6 +334,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         outcomes = await self._issuer.issue_x509(
             agent, [(item.entry_id, item.csr) for item in params]
         )
+        self._still_authorized(peer)
         response = node_pb2.BatchNewX509SVIDResponse()
         add = response.results.add
         for outcome in outcomes:
@@ -355,6 +363,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if not self._limits.jwt.try_take(agent.spiffe_id):
             raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
         issued = await self._issuer.issue_jwt(agent, entry, wanted.audience)
+        self._still_authorized(peer)
         return node_pb2.NewJWTSVIDResponse(
             token=issued.token, issued_at=int(issued.issued_at), expires_at=int(issued.expires_at)
         )
@@ -370,6 +379,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if not self._limits.jwt.try_take(agent.spiffe_id, len(requests)):
             raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
         outcomes = await self._issuer.issue_jwts(agent, requests)
+        self._still_authorized(peer)
         response = node_pb2.BatchNewJWTSVIDResponse()
         add = response.results.add
         for outcome in outcomes:

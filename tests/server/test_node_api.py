@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from server.ca.signer import IssuedSvid, X509Request, X509Signer
-from server.issuance import AgentAdmission
+from server.issuance import AgentAdmission, Issuer
 from svid._jose import b64url_decode, verify_jws_signature
 from svid._proto import admin_pb2, common_pb2, node_pb2, node_pb2_grpc
 from svid._x509 import check_leaf_profile
@@ -433,6 +433,37 @@ def test_batch_signs_entitled_and_refuses_the_rest_per_item(
     assert results[0].expires_at == int(leaf.not_valid_after_utc.timestamp())
     assert str(check_leaf_profile(leaf)) == mine.spiffe_id
     assert "OK" in _openssl_verify(tmp_path, srv.bundle(), chain)
+
+
+def test_an_agent_banned_while_its_svids_are_signed_gets_none_of_them(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ban's revocation of the agent's credentials read the ledger before this batch was
+    recorded: the batch must not reach the agent."""
+    agent = srv.attest()
+    entry = srv.create_entry("/x509/banned-midway", agent.spiffe_id)
+    signing, release = threading.Event(), threading.Event()
+    sign = Issuer._sign_x509_batch
+
+    def held_sign(self: Issuer, *args: Any) -> Any:
+        signing.set()
+        release.wait(10)
+        return sign(self, *args)
+
+    monkeypatch.setattr(Issuer, "_sign_x509_batch", held_sign)
+    batch = srv.node_stub(agent).BatchNewX509SVID.future(
+        node_pb2.BatchNewX509SVIDRequest(
+            params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])]
+        ),
+        timeout=20,
+    )
+    assert signing.wait(10)
+    srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+    release.set()
+    with pytest.raises(grpc.RpcError) as exc:
+        batch.result()
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "banned" in exc.value.details()  # type: ignore[attr-defined]
 
 
 def test_batch_uses_entry_ttl_or_default(srv: RunningServer) -> None:
