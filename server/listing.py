@@ -61,7 +61,8 @@ def decode_token(token: str, query: Sequence[object]) -> str:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         version, after, digest = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError):
+    # RecursionError: JSON nested deeper than the parser goes (a forged token, not our fault).
+    except (binascii.Error, ValueError, TypeError, RecursionError):
         raise InvalidRequestError(
             "page_token: not a token this server issued (pass next_page_token as it came)"
         ) from None

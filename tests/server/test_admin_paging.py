@@ -3,6 +3,7 @@ filters by parent, SPIFFE ID, path-segment prefix and selectors."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -197,6 +198,20 @@ def test_bad_paging_and_filters_are_invalid_argument(srv: RunningServer) -> None
         admin_pb2.ListEntriesRequest(parent_id=parent, page_size=1, page_token=token)
     )
     assert len(reply.entries) == 1
+
+
+def test_a_deeply_nested_page_token_is_invalid_argument(srv: RunningServer) -> None:
+    """JSON nested past the recursion limit: the caller's bad input, not a server fault."""
+    token = base64.urlsafe_b64encode(b"[" * 100_000).decode()
+    admin = srv.admin()
+    _invalid(
+        lambda: admin.ListEntries(admin_pb2.ListEntriesRequest(page_token=token)),
+        "page_token: not a token this server issued",
+    )
+    _invalid(
+        lambda: admin.ListAgents(admin_pb2.ListAgentsRequest(page_token=token)),
+        "page_token: not a token this server issued",
+    )
 
 
 def test_pages_of_big_entries_stay_far_below_the_4_mib_limit(srv: RunningServer) -> None:
