@@ -16,7 +16,7 @@ import grpc
 
 from server import listing, status
 from server.datastore.records import AttestedAgent, TaskCursor
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, PermissionDeniedError
 from server.peer import PeerCache
 from server.policy import PolicyEngine
 from server.state import ServerState
@@ -178,7 +178,18 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
                 elevate=request.elevate,
             ),
         )
+        await self._still_authorized(context, task)
         return task_pb2.BeginTaskResponse(task=task_to_proto(task))
+
+    async def _still_authorized(self, context: grpc.aio.ServicerContext, task: Task) -> None:
+        """A ban or an eviction while the task began revoked the agent's tasks as stored then,
+        perhaps before this one: it is revoked here instead of outliving its agent (an x509pop
+        node attesting again would hold it). A removal after this check finds it stored."""
+        try:
+            self._agent(context)
+        except PermissionDeniedError:
+            await self._service.revoke(task.task_id, "its agent was removed while it began")
+            raise
 
     @status.unary
     async def EndTask(

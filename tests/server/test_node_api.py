@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives import serialization
 
 from server.ca.signer import IssuedSvid, X509Request, X509Signer
 from server.issuance import AgentAdmission, Issuer
+from server.tasks.model import TaskState
+from server.tasks.service import TaskService
 from svid._jose import b64url_decode, verify_jws_signature
-from svid._proto import admin_pb2, common_pb2, node_pb2, node_pb2_grpc
+from svid._proto import admin_pb2, common_pb2, node_pb2, node_pb2_grpc, task_pb2, task_pb2_grpc
 from svid._x509 import check_leaf_profile
 from tests.server.fixtures import (
     PEM,
@@ -282,6 +284,54 @@ def test_an_agent_removed_while_its_renewal_is_signed_stays_removed(
     with pytest.raises(grpc.RpcError) as exc:
         srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10)
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("removal", ["ban", "evict"])
+def test_a_task_begun_while_its_agent_is_removed_is_revoked(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch, removal: str
+) -> None:
+    """The removal revoked the agent's tasks as stored then, before this one was: it must not
+    outlive the agent (an x509pop agent attesting again would hold it)."""
+    agent = srv.attest()
+    runtime = srv.create_entry("/tasks/removed-midway", agent.spiffe_id)
+    deciding, release = threading.Event(), threading.Event()
+    decide = TaskService._decide_begin
+
+    def held_decide(self: TaskService, *args: Any) -> Any:
+        deciding.set()
+        release.wait(10)
+        return decide(self, *args)
+
+    monkeypatch.setattr(TaskService, "_decide_begin", held_decide)
+    channel = grpc.secure_channel(
+        srv.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
+    )
+    begin = task_pb2_grpc.NodeTasksStub(channel).BeginTask.future(
+        task_pb2.NodeBeginTaskRequest(
+            runtime_id=runtime.spiffe_id,
+            intent=task_pb2.Intent(actions=["read"], resources=["docs"]),
+            ttl=600,
+        ),
+        timeout=20,
+    )
+    assert deciding.wait(10)
+    admin = srv.admin()
+    if removal == "ban":
+        admin.BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+    else:
+        admin.EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+    release.set()
+    with pytest.raises(grpc.RpcError) as exc:
+        begin.result()
+    channel.close()
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    tasks = srv.server.tasks.store.list_tasks(agent_id=agent.spiffe_id)
+    assert [t.state for t in tasks] == [TaskState.REVOKED]
+    assert not [
+        e
+        for e in srv.server.state.entries.by_id.values()
+        if "/task/" in e.spiffe_id and e.parent_id == agent.spiffe_id
+    ]
 
 
 # -- Sync ------------------------------------------------------------------------------------
