@@ -155,7 +155,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             result = await attestor.attest(bytes(params.data.payload), challenge)
             previous = self._agents.check(result)
         except Exception as exc:
-            await self._agents.refused(kind, str(exc))
+            # Past the budget a refusal is counted, not written: the budget's worth of this
+            # host's refusals is on record, and a flood of guesses costs no write each.
+            await self._agents.refused(kind, str(exc), on_record=within_budget)
             if not within_budget:
                 raise RateLimitedError(_ATTEST_LIMITED) from None
             raise

@@ -106,9 +106,13 @@ class AgentAdmission:
         )
         return chain
 
-    async def refused(self, attestation_type: str, reason: str) -> None:
-        """Record a refused attestation. Best effort: the caller is refused either way."""
+    async def refused(self, attestation_type: str, reason: str, *, on_record: bool = True) -> None:
+        """Record a refused attestation. Best effort: the caller is refused either way. Only
+        counted with `on_record` False (a host past its attestation budget: a write per guess
+        is what the budget bounds)."""
         self._metrics.attestations.labels(type=attestation_type, result="refused").inc()
+        if not on_record:
+            return
         event = attestation_event("", attestation_type, "", ok=False, reason=reason[:500])
         # Counted and logged where the ledger is metered (MeteredLedger, wired in app.py).
         with contextlib.suppress(LedgerUnavailableError):

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from server.ca.signer import IssuedSvid, X509Request, X509Signer
+from server.datastore.records import EventFilter
 from server.issuance import AgentAdmission, Issuer
 from server.tasks.model import TaskState
 from server.tasks.service import TaskService
@@ -941,6 +942,29 @@ def test_guesses_from_the_same_host_never_lock_the_owner_out(limited: RunningSer
     with pytest.raises(grpc.RpcError) as exc:  # single use still holds over budget
         limited.attest(token)
     assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_guesses_over_the_hosts_budget_are_counted_not_each_written(
+    limited: RunningServer,
+) -> None:
+    """A host over its budget is still checked (join_token checks cheaply), but its refusals
+    past the budget cost no write each: they are counted, and the budget's worth is on record."""
+    limited.clock.advance(10)
+    token_id = limited.join_token().partition(".")[0]
+    guess = _params("join_token", f"{token_id}.wrong".encode())
+
+    def refused() -> tuple[int, float]:
+        rows = limited.server.datastore.audit_rows(EventFilter(kind="node_attestation"))
+        count = limited.server.metrics.registry.get_sample_value(
+            "svid_server_attestations_total", {"type": "join_token", "result": "refused"}
+        )
+        return sum(r["decision"] == "deny" for r in rows), count or 0.0
+
+    events, counted = refused()
+    for _ in range(20):
+        with pytest.raises(grpc.RpcError):
+            _attest_rpc(limited, guess)
+    assert refused() == (events + 3, counted + 20)
 
 
 def test_jwt_rate_limit(limited: RunningServer) -> None:
