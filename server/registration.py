@@ -18,6 +18,7 @@ from server.datastore.records import Entry, Selector
 from server.entitlement import EntryIndex
 from server.errors import AlreadyExistsError, InvalidRequestError, NotFoundError, ServerError
 from server.ids import SERVER_DNS_NAME, ServerIds
+from server.tasks.model import is_task_id
 from svid._errors import SpiffeIdError
 from svid._spiffe_id import SpiffeId, TrustDomain
 
@@ -100,6 +101,13 @@ def validate_entry(
         raise InvalidRequestError(
             f"spiffe_id: {spiffe_id} is reserved (/svid/server and /svid/agent/... belong to "
             "the server and its agents)"
+        )
+    if is_task_id(str(spiffe_id)):
+        # The issuer serves such an ID only as an active task's (and agents list it as one):
+        # an operator's entry with it would be refused every SVID.
+        raise InvalidRequestError(
+            f"spiffe_id: a /task/ segment is reserved for task identities "
+            f"(<runtime ID>/task/<task id>, made by BeginTask): {spiffe_id}"
         )
     if parent_id.trust_domain != ids.trust_domain:
         raise InvalidRequestError(

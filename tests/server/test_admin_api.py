@@ -119,6 +119,8 @@ BAD_CREATES = [
     (_entry(spiffe_id="spiffe://other.org/x"), "not in trust domain"),
     (_entry(spiffe_id=f"{TD}/svid/server"), "reserved"),
     (_entry(spiffe_id=f"{TD}/svid/agent/join_token/x"), "reserved"),
+    # Served only as the identity of an active task (its SVIDs would always be refused).
+    (_entry(spiffe_id=f"{TD}/ci/task/nightly"), "spiffe_id: a /task/ segment is reserved"),
     (_entry(parent_id=f"{TD}/nobody"), "parent_id: unknown parent"),
     (_entry(parent_id="spiffe://"), "parent_id: trust domain is missing"),
     (_entry(selectors=[]), "selectors: at least one"),
