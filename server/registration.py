@@ -137,6 +137,10 @@ def validate_entry(
         raise InvalidRequestError("expires_at: must be 0 (never) or a unix time")
     if len(entry.hint.encode()) > MAX_HINT_BYTES:
         raise InvalidRequestError(f"hint: at most {MAX_HINT_BYTES} bytes")
+    if "\x00" in entry.hint:
+        # PostgreSQL text holds no NUL: refused as input, on either backend, not as a failure
+        # of storage.
+        raise InvalidRequestError("hint: may not contain NUL (0x00)")
     dns_names = tuple(dict.fromkeys(_check_dns(n) for n in entry.dns_names))
     return Entry(
         id=entry.id,

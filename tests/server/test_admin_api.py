@@ -128,6 +128,8 @@ BAD_CREATES = [
     (_entry(dns_names=["-bad-.example"]), "not a valid DNS name"),
     (_entry(x509_svid_ttl=-1), "x509_svid_ttl"),
     (_entry(expires_at=-1), "expires_at"),
+    # PostgreSQL stores no NUL in text: it was a storage failure there (UNAVAILABLE), stored here.
+    (_entry(hint="a\x00b"), "hint: may not contain NUL"),
     (_entry(id="bad id!"), "id:"),
 ]
 
