@@ -14,12 +14,12 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Collection, Container, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
-from server.audit import AuditError, AuditLog, EventDraft, EventKind
+from server.audit import AuditError, AuditLog, EventDraft, EventKind, SecretInAuditError
 from server.ca.manager import CaManager
 from server.datastore.records import (
     AttestedAgent,
@@ -319,6 +319,13 @@ class TaskService:
                 raise InvalidRequestError(
                     f"intent: action/resource/tool {name[:80]!r} is empty or too long"
                 )
+        _check_no_nul(
+            ("intent.actions", req.actions),
+            ("intent.resources", req.resources),
+            ("intent.tools", req.tools),
+            ("intent.environment", (req.environment,)),
+            ("intent.on_behalf_of", (req.on_behalf_of,)),
+        )
         if req.elevate and not req.parent_task_id:
             raise InvalidRequestError(
                 "elevate: an elevated step runs inside a task; set parent_task_id"
@@ -426,28 +433,30 @@ class TaskService:
             expires_at=now + ttl,
         )
         # Appended by `begin` once the task's entry and row exist (see there).
-        begun = EventDraft(
-            kind=EventKind.TASK_BEGIN,
-            agent_id=req.runtime_id,
-            node_id=agent.spiffe_id,
-            on_behalf_of=intent.on_behalf_of or None,
-            resource=",".join((*task.resources, *task.tools)),
-            action=",".join(task.actions),
-            task_id=task_id,
-            risk=self.violations(req.runtime_id),
-            extra={
-                "spiffe_id": spiffe_id,
-                "parent_task": task.parent_task_id,
-                "depth": task.depth,
-                "goal_sha256": req.goal_sha256,
-                "declared_actions": sorted(intent.actions),
-                "declared_resources": sorted(intent.resources),
-                "declared_tools": sorted(intent.tools),
-                "elevated": intent.elevated,
-                "classification": intent.classification,
-                "environment": intent.environment,
-            },
-            **decision.audit_fields(),  # type: ignore[arg-type]
+        begun = _recordable(
+            lambda: EventDraft(
+                kind=EventKind.TASK_BEGIN,
+                agent_id=req.runtime_id,
+                node_id=agent.spiffe_id,
+                on_behalf_of=intent.on_behalf_of or None,
+                resource=",".join((*task.resources, *task.tools)),
+                action=",".join(task.actions),
+                task_id=task_id,
+                risk=self.violations(req.runtime_id),
+                extra={
+                    "spiffe_id": spiffe_id,
+                    "parent_task": task.parent_task_id,
+                    "depth": task.depth,
+                    "goal_sha256": req.goal_sha256,
+                    "declared_actions": sorted(intent.actions),
+                    "declared_resources": sorted(intent.resources),
+                    "declared_tools": sorted(intent.tools),
+                    "elevated": intent.elevated,
+                    "classification": intent.classification,
+                    "environment": intent.environment,
+                },
+                **decision.audit_fields(),  # type: ignore[arg-type]
+            )
         )
         return task, entry, begun
 
@@ -869,6 +878,25 @@ class TaskService:
             # Past its expiry a task is refused anyway (and expired on every server).
             self._ended = {k: at for k, at in self._ended.items() if at >= now}
         await asyncio.to_thread(self._store.prune, self._now(), self.settings.violation_window)
+
+
+def _check_no_nul(*fields: tuple[str, Sequence[str]]) -> None:
+    """A NUL in what the task's records carry is refused as input, on either backend
+    (PostgreSQL text holds none: there it failed as storage unavailable)."""
+    for name, values in fields:
+        if any("\x00" in value for value in values):
+            raise InvalidRequestError(f"{name}: may not contain NUL (0x00)")
+
+
+def _recordable(draft: Callable[[], EventDraft]) -> EventDraft:
+    """The task-begin event, or InvalidRequestError when the intent it records is too large
+    for an audit event (the caller's to shrink, not an audit log failure)."""
+    try:
+        return draft()
+    except SecretInAuditError:
+        raise  # already the caller's (INVALID_ARGUMENT), with its own message
+    except AuditError as exc:
+        raise InvalidRequestError(f"intent: too large to record in the audit log: {exc}") from None
 
 
 def follow_tasks(

@@ -445,6 +445,28 @@ def test_runtime_must_be_entitled_and_not_a_task(world: World) -> None:
         world.begin(parent_task_id="nope")
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        # Recorded in the task-begin event's extra, which has a size limit: it was refused as
+        # "audit log unavailable" (UNAVAILABLE, a server fault logged), not as the caller's.
+        ("environment", "e" * 5000, "intent: too large to record"),
+        ("resources", tuple(f"https://api.example.org/v1/{n:03d}" for n in range(200)), "large"),
+        # PostgreSQL text holds no NUL: there the event's write failed as storage unavailable.
+        ("on_behalf_of", "user:\x00alice", "intent.on_behalf_of: may not contain NUL"),
+        ("environment", "prod\x00", "intent.environment: may not contain NUL"),
+        ("resources", ("do\x00cs",), "may not contain NUL"),
+    ],
+)
+def test_an_intent_that_cannot_be_recorded_is_a_bad_request(
+    world: World, field: str, value: object, needle: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=needle):
+        world.begin(**{field: value})
+    assert world.store.list_tasks() == []
+    assert world.events("task_begin") == []
+
+
 def test_policy_ttl_cap_constrains_the_grant(world: World) -> None:
     task = world.begin(ttl=3600)
     assert task.ttl == 900
