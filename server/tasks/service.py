@@ -658,7 +658,9 @@ class TaskService:
         """
 
         def text(value: str, limit: int = 512) -> str | None:
-            return value[:limit] or None
+            # PostgreSQL text holds no NUL: one in a claim would fail the whole report as
+            # storage unavailable, which the agent retries, so no later report would land.
+            return value[:limit].replace("\x00", "\ufffd") or None
 
         events = []
         for v in validations:

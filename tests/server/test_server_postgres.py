@@ -89,3 +89,36 @@ def test_the_server_keeps_serving_when_its_database_connections_die(
         assert failures in ([], [grpc.StatusCode.UNAVAILABLE]), failures
         agent = server.attest()  # a join token, the agent's record, its SVID: all fresh writes
         assert agent.spiffe_id
+
+
+def test_a_validation_report_with_a_nul_is_recorded(postgres_dsn: str, tmp_path: Path) -> None:
+    """The claims of a refused token are anyone's: one with a NUL in its `sub` (PostgreSQL text
+    holds none) failed the agent's whole report as storage unavailable, and the agent, which
+    retries such a report, then sent no validation to the audit log again."""
+    import grpc
+
+    from server.datastore.records import EventFilter
+    from svid._proto import task_pb2, task_pb2_grpc
+    from tests.server.fixtures import TLS_NAME
+
+    with managed_server(
+        datastore=postgres_dsn, key_encryption_key_file=str(kek_file(tmp_path))
+    ) as server:
+        agent = server.attest()
+        reports = [
+            task_pb2.Validation(subject="spiffe://example.org/x\x00", audience=["a\x00"], at=1),
+            task_pb2.Validation(subject="spiffe://example.org/ok", audience=["svc"], ok=True),
+        ]
+        channel = grpc.secure_channel(
+            server.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
+        )
+        task_pb2_grpc.NodeTasksStub(channel).ReportValidations(
+            task_pb2.ReportValidationsRequest(validations=reports), timeout=10
+        )
+        channel.close()
+        rows = server.server.datastore.audit_rows(EventFilter(kind="jwt_validated"))
+        recorded = sorted((r["agent_id"], r["resource"]) for r in rows)
+    assert recorded == [
+        ("spiffe://example.org/ok", "svc"),
+        ("spiffe://example.org/x\ufffd", "a\ufffd"),
+    ]
