@@ -67,6 +67,9 @@ def task_to_proto(task: Task, credentials: int = 0) -> task_pb2.Task:
 def _runtime_ids(values: list[str]) -> list[str]:
     if len(values) > MAX_RUNTIME_IDS:
         raise InvalidRequestError(f"runtime_ids: at most {MAX_RUNTIME_IDS}")
+    # No SPIFFE ID holds a NUL (nor can PostgreSQL text: the query would fail as storage).
+    if any("\x00" in value for value in values):
+        raise InvalidRequestError("runtime_ids: a SPIFFE ID holds no NUL (0x00)")
     return values
 
 
@@ -99,6 +102,7 @@ def _cursor(after: str) -> TaskCursor | None:
         not (created_at.isascii() and created_at.isdigit())
         or len(created_at) > _MAX_CURSOR_DIGITS
         or not task_id
+        or "\x00" in task_id
     ):
         raise InvalidRequestError("page_token: not a token this server issued")
     return TaskCursor(int(created_at), task_id)

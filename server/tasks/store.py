@@ -64,6 +64,8 @@ class TaskStore:
         self._rows.put_task(_record(task))
 
     def get_task(self, task_id: str) -> Task | None:
+        if "\x00" in task_id:
+            return None  # no task id holds one (and PostgreSQL text cannot: a query fails)
         record = self._rows.get_task(task_id)
         return None if record is None else _task_from(record)
 

@@ -122,3 +122,57 @@ def test_a_validation_report_with_a_nul_is_recorded(postgres_dsn: str, tmp_path:
         ("spiffe://example.org/ok", "svc"),
         ("spiffe://example.org/x\ufffd", "a\ufffd"),
     ]
+
+
+def test_task_calls_naming_a_nul_are_refused_as_input(postgres_dsn: str, tmp_path: Path) -> None:
+    """No task id, runtime or cursor holds a NUL; on PostgreSQL (whose text holds none) a call
+    naming one failed as storage unavailable, which a caller retries."""
+    import grpc
+
+    from server import listing
+    from svid._proto import task_pb2, task_pb2_grpc
+    from tests.server.fixtures import TLS_NAME
+
+    with managed_server(
+        datastore=postgres_dsn, key_encryption_key_file=str(kek_file(tmp_path))
+    ) as server:
+        agent = server.attest()
+        node_channel = grpc.secure_channel(
+            server.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
+        )
+        admin_channel = grpc.insecure_channel(f"unix:{server.runtime.admin_socket}")
+        node = task_pb2_grpc.NodeTasksStub(node_channel)
+        admin = task_pb2_grpc.TaskAdminStub(admin_channel)
+        query = ["tasks", "", "", ""]
+        forged = listing.encode_token("1:a\x00", query)
+        calls = {
+            "end": (
+                lambda: node.EndTask(task_pb2.NodeEndTaskRequest(task_id="t\x00"), timeout=10),
+                grpc.StatusCode.NOT_FOUND,
+            ),
+            "show": (
+                lambda: admin.ShowTask(task_pb2.AdminTaskRequest(task_id="t\x00"), timeout=10),
+                grpc.StatusCode.NOT_FOUND,
+            ),
+            "list": (
+                lambda: node.ListTasks(
+                    task_pb2.NodeListTasksRequest(runtime_ids=["spiffe://example.org/a\x00"]),
+                    timeout=10,
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+            "page": (
+                lambda: admin.ListTasks(
+                    task_pb2.AdminListTasksRequest(page_token=forged), timeout=10
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+        }
+        codes = {}
+        for name, (call, _) in calls.items():
+            with pytest.raises(grpc.RpcError) as exc:
+                call()
+            codes[name] = exc.value.code()  # type: ignore[attr-defined]
+        node_channel.close()
+        admin_channel.close()
+    assert codes == {name: code for name, (_, code) in calls.items()}
