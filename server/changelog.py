@@ -56,6 +56,7 @@ class Change:
     revocations_removed: tuple[Revocation, ...] = ()
     agents: tuple[str, ...] = ()  # agents whose record changed (attested, renewed, banned, evicted)
     audit_checkpoint: bool = False  # the server signed a new audit checkpoint
+    crl: bool = False  # the CRLs were signed again, nothing else changed (their nextUpdate neared)
 
 
 class ChangeLog:
@@ -91,6 +92,7 @@ class ChangeLog:
         revocations_removed: Iterable[Revocation] = (),
         agents: Iterable[str] = (),
         audit_checkpoint: bool = False,
+        crl: bool = False,
     ) -> Change:
         with self._lock:
             self._head += 1
@@ -102,6 +104,7 @@ class ChangeLog:
                 tuple(revocations_removed),
                 tuple(agents),
                 audit_checkpoint,
+                crl,
             )
             self._ring.append(change)
             while len(self._ring) > self._capacity:

@@ -242,27 +242,30 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         )
         added: dict[tuple[str, str], Revocation] = {}
         removed: dict[tuple[str, str], Revocation] = {}
-        bundle = checkpoint = False
+        bundle = checkpoint = crl = False
         for change in window:
             bundle = bundle or change.bundle or _federation_touched(change)
             checkpoint = checkpoint or change.audit_checkpoint
+            crl = crl or change.crl
             for item in change.revocations_added:
                 added[item.kind, item.value] = item
                 removed.pop((item.kind, item.value), None)
             for item in change.revocations_removed:
                 removed[item.kind, item.value] = item
                 added.pop((item.kind, item.value), None)
-        if not (entries.upserts or entries.removed_ids or added or removed or bundle or checkpoint):
+        # The CRL is signed by the CA and lists the revoked serials: it follows both, and is
+        # signed again before its nextUpdate passes (TaskService.refresh_crl).
+        crl = crl or bool(bundle or added or removed)
+        if not (entries.upserts or entries.removed_ids or crl or checkpoint):
             return []
         return delta_messages(
             entries.upserts,
             entries.removed_ids,
             added.values(),
             removed.values(),
-            # The CRL is signed by the CA and lists the revoked serials: it follows both.
             self._shared(
                 bundle=bundle,
-                crl=bool(bundle or added or removed),
+                crl=crl,
                 checkpoint=checkpoint,
                 federates_with=self._federates_with(agent) if bundle else (),
             ),

@@ -142,6 +142,7 @@ class Propagator:
             or change.revocations_added
             or change.revocations_removed
             or change.audit_checkpoint
+            or change.crl
         ):
             targets = set(self._all)
         else:

@@ -144,6 +144,10 @@ class ServerState:
             self._audit_records = MappingProxyType({**self._audit_records, record.kind: record})
         self._record(audit_checkpoint=True)
 
+    def crl_refreshed(self) -> None:
+        """The CRLs were signed again with nothing else changed: every agent takes them."""
+        self._record(crl=True)
+
     # -- reads --------------------------------------------------------------------------------
 
     @property

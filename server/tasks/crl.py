@@ -1,8 +1,10 @@
 """The signed X.509 CRLs agents put in the Workload API `crl` fields.
 
 Built from the revocation list's X.509 serials and signed by the active X.509 CA key, so any
-relying party holding the trust bundle can check them. Rebuilt only when the revocation list or
-the CA changes.
+relying party holding the trust bundle can check them. Rebuilt when the revocation list or the
+CA changes, and once half their validity has passed (see CrlCache.due): a CRL past its
+nextUpdate is refused by relying parties that check it (OpenSSL does), however quiet the
+revocation list has been.
 
 A serial is listed only while its certificate is still valid: past its expiry no verifier takes
 the certificate, revoked or not. (The revocation list keeps it a while longer, as it keeps a
@@ -28,8 +30,11 @@ from server.datastore.records import REVOKED_X509_SERIAL, Revocation
 
 # Signs a CRL with the CA key (server.ca.signer.X509Signer.sign_crl): the key never leaves the CA.
 SignCrl = Callable[[x509.CertificateRevocationListBuilder], x509.CertificateRevocationList]
-# How long a CRL stays authoritative when nothing changes; agents get a new one on every change.
+# How long a CRL stays authoritative when nothing changes; agents get a new one on every change,
+# and one re-signed once this much of it has passed (half: an agent out of touch for a while
+# still holds one that is current).
 CRL_VALIDITY = 3600
+REFRESH_AFTER = CRL_VALIDITY // 2
 # Half a Sync message (server.sync_messages.MAX_BYTES): a CRL, the bundle and whatever else the
 # message holds fit in one. About 13,000 serials.
 CRL_MAX_BYTES = 512 * 1024
@@ -144,7 +149,13 @@ class CrlCache:
     max_bytes: int = CRL_MAX_BYTES
     _key: tuple[object, ...] | None = None
     _ders: tuple[bytes, ...] = ()
+    _built_at: float = 0.0
     _entries: _Entries = field(default_factory=_Entries)
+
+    def due(self, now: float) -> bool:
+        """Whether the CRLs last built list something and have passed REFRESH_AFTER: the next
+        ``get`` signs them again (nothing to refresh while nothing is listed)."""
+        return bool(self._ders) and now - self._built_at >= REFRESH_AFTER
 
     def get(
         self,
@@ -154,7 +165,7 @@ class CrlCache:
         now: float,
     ) -> tuple[bytes, ...]:
         cache_key: tuple[object, ...] = (revocations, issuer.serial_number)
-        if cache_key != self._key:
+        if cache_key != self._key or self.due(now):
             # Monotonic across restarts too: a relying party keeps the highest number it saw.
             self.number = max(self.number + 1, int(now))
             self._ders = build_crls(
@@ -167,4 +178,5 @@ class CrlCache:
                 entries=self._entries,
             )
             self._key = cache_key
+            self._built_at = now
         return self._ders

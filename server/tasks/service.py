@@ -873,6 +873,16 @@ class TaskService:
             signer.ca_certificate, signer.sign_crl, self._state.revocations, self._clock.now()
         )
 
+    def refresh_crl(self) -> bool:
+        """Sign the CRLs again once half their validity has passed, and have every agent take
+        them (True when it did): agents get CRLs with each revocation, and a quiet revocation
+        list would leave them one whose nextUpdate has passed."""
+        if not self._crl.due(self._clock.now()):
+            return False
+        self.crl()
+        self._state.crl_refreshed()
+        return True
+
     async def housekeeping(self) -> None:
         await self.expire_due()
         now = self._now()

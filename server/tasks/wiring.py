@@ -87,6 +87,7 @@ class TaskLayer:
         while not stop.is_set():
             try:
                 await self.service.expire_due()
+                self.service.refresh_crl()
                 if clock.monotonic() - last_prune >= HOUSEKEEPING_INTERVAL:
                     last_prune = clock.monotonic()
                     await self.service.housekeeping()

@@ -10,7 +10,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from server.datastore.records import Revocation
 from server.sync_messages import MAX_BYTES
-from server.tasks.crl import CRL_MAX_BYTES, CrlCache, SignCrl, build_crls
+from server.tasks.crl import (
+    CRL_MAX_BYTES,
+    CRL_VALIDITY,
+    REFRESH_AFTER,
+    CrlCache,
+    SignCrl,
+    build_crls,
+)
 from tests.svid.certs import T0, Issued, make_ca
 
 NOW = int(T0)
@@ -99,3 +106,25 @@ def test_the_cache_rebuilds_only_when_the_list_changes_and_numbers_grow() -> Non
     # A restart starts from the clock, not from 1: numbers never go back.
     assert _number(first[0]) >= NOW
     assert CrlCache().get(ca.cert, _signer(ca), (_serial(1, NOW - 1),), NOW) == ()
+
+
+def test_the_cache_signs_again_once_half_the_validity_has_passed() -> None:
+    # A quiet revocation list must not leave relying parties a CRL past its nextUpdate.
+    ca = make_ca()
+    cache = CrlCache()
+    listed = (_serial(1, NOW + 10 * CRL_VALIDITY),)
+    first = cache.get(ca.cert, _signer(ca), listed, NOW)
+    assert not cache.due(NOW + REFRESH_AFTER - 1)
+    assert cache.get(ca.cert, _signer(ca), listed, NOW + REFRESH_AFTER - 1) is first
+    assert cache.due(NOW + REFRESH_AFTER)
+    second = cache.get(ca.cert, _signer(ca), listed, NOW + REFRESH_AFTER)
+    assert not cache.due(NOW + REFRESH_AFTER)
+    old, new = (x509.load_der_x509_crl(d[0]) for d in (first, second))
+    assert new.next_update_utc > old.next_update_utc
+    assert new.next_update_utc.timestamp() == NOW + REFRESH_AFTER + CRL_VALIDITY
+    assert _number(second[0]) > _number(first[0])
+    assert _listed(second) == _listed(first)
+    # Nothing listed, nothing to keep current.
+    empty = CrlCache()
+    assert empty.get(ca.cert, _signer(ca), (), NOW) == ()
+    assert not empty.due(NOW + 10 * CRL_VALIDITY)

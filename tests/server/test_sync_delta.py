@@ -190,6 +190,25 @@ def test_revocations_reach_every_stream_as_deltas(srv: RunningServer) -> None:
         stream.cancel()
 
 
+def test_crls_signed_again_reach_every_stream_alone(srv: RunningServer) -> None:
+    agent = srv.attest()
+    stream = _sync(srv, agent)
+    try:
+        next(stream)
+        srv.call(srv.server.state.add_revocations((_revocation("x509_serial", "1234"),)))
+        first = next(stream)
+        srv.server.state.crl_refreshed()  # what TaskService.refresh_crl does once due
+        update = next(stream)
+        assert update.kind == DELTA
+        assert update.crl_changed
+        assert list(update.crl) == list(first.crl)  # the cache's own; signed again once due
+        assert not update.revocations
+        assert not update.entries
+        assert not update.HasField("bundle")
+    finally:
+        stream.cancel()
+
+
 def _revocation(kind: str, value: str) -> Revocation:
     return Revocation(kind, value, f"{TD}/x", int(time.time()) + 600, "test", int(time.time()))
 

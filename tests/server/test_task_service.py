@@ -23,7 +23,7 @@ from server.ca.manager import CaManager
 from server.ca.signer import IssuedJwt
 from server.datastore.base import DataStore
 from server.datastore.errors import StorageError
-from server.datastore.records import AttestedAgent, Entry, Selector
+from server.datastore.records import AttestedAgent, Entry, Revocation, Selector
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -35,6 +35,7 @@ from server.ledger import Ledger
 from server.metrics import Metrics
 from server.policy import PolicyEngine
 from server.state import ServerState
+from server.tasks.crl import REFRESH_AFTER
 from server.tasks.model import TaskState
 from server.tasks.service import BeginRequest, TaskService
 from server.tasks.store import TaskStore
@@ -496,6 +497,27 @@ def test_crl_der_is_stable_until_the_list_changes(world: World) -> None:
     first = world.service.crl()
     assert world.service.crl() == first
     assert x509.load_der_x509_crl(first[0]).public_bytes(Encoding.DER) == first[0]
+
+
+def test_crls_are_signed_again_and_pushed_before_their_next_update(world: World) -> None:
+    assert not world.service.refresh_crl()  # nothing revoked: no CRL to keep current
+    now = int(world.clock.now())
+    # A certificate living past the refresh (a task's own would have expired, and left no CRL).
+    expires_at = now + 4 * REFRESH_AFTER
+    revoked = Revocation("x509_serial", "7b", "spiffe://example.org/w", expires_at, "test", now)
+    world.run(world.state.add_revocations((revoked,)))
+    first = x509.load_der_x509_crl(world.service.crl()[0])
+    head = world.state.changes.head
+    world.clock.advance(REFRESH_AFTER - 1)
+    assert not world.service.refresh_crl()
+    world.clock.advance(1)
+    assert world.service.refresh_crl()
+    (change,) = world.state.changes.since(head, world.state.changes.epoch) or []
+    assert change.crl  # every agent's stream takes the CRLs again
+    second = x509.load_der_x509_crl(world.service.crl()[0])
+    assert second.next_update_utc > first.next_update_utc > second.last_update_utc
+    assert [e.serial_number for e in second] == [e.serial_number for e in first]
+    assert not world.service.refresh_crl()
 
 
 def test_workload_issuance_is_recorded_and_audited_in_batches(world: World) -> None:
