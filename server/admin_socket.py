@@ -23,6 +23,15 @@ def prepare(path: Path) -> None:
     if info.st_uid != os.geteuid():
         raise ConfigError(f"admin_socket: directory {directory} belongs to another user")
     if stat.S_IMODE(info.st_mode) & 0o077:
+        # Made private only if it is the socket's own: tightening a directory others use
+        # (/run, say, for a server running as root) would lock them out of it.
+        others = [p.name for p in directory.iterdir() if p != path]
+        if others:
+            raise ConfigError(
+                f"admin_socket: directory {directory} is open to other users (mode "
+                f"{stat.S_IMODE(info.st_mode):o}) and holds other files ({others[0]!r}...): "
+                "put the socket in a directory of its own, which svid-server makes private"
+            )
         os.chmod(directory, 0o700)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
