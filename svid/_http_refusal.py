@@ -66,6 +66,12 @@ def invalid_token(why: str) -> Refusal:
     return Refusal(401, INVALID_TOKEN, why)
 
 
+def several_credentials() -> Refusal:
+    # RFC 6750 section 3.1: a request with more than one credential is invalid_request. Only
+    # one of them is verified; an app or proxy reading another would trust what nobody checked.
+    return Refusal(400, INVALID_REQUEST, "the request has more than one Authorization header")
+
+
 def not_authorised(why: str) -> Refusal:
     return Refusal(403, INSUFFICIENT_SCOPE, why)
 

@@ -40,6 +40,7 @@ from svid._http_refusal import (
     invalid_token,
     no_credentials,
     not_authorised,
+    several_credentials,
 )
 from svid._open_requests import Key, OpenRequests, caller_keys
 from svid._revocation import RevocationSet
@@ -244,7 +245,7 @@ class SvidAuthMiddleware:
                 )
 
     def _bearer_caller(self, scope: Scope) -> Caller | None:
-        header = _header(scope, b"authorization")
+        header = _only_header(scope, b"authorization")
         if header is None:
             return None
         return self._bearer(header)[1]
@@ -385,13 +386,17 @@ class SvidAuthMiddleware:
         await send({"type": "http.response.body", "body": refusal.body()})
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def _only_header(scope: Scope, name: bytes) -> str | None:
+    """The value of the request's one header ``name``; refused when it has several."""
     size = len(name)
+    found = None
     for key, value in scope.get("headers", ()):
         # Names of another length cannot match: no lowered copy of every header's name.
         if len(key) == size and (key == name or key.lower() == name):
-            return bytes(value).decode("latin-1")
-    return None
+            if found is not None:
+                raise _RefusedError(several_credentials())
+            found = value
+    return None if found is None else bytes(found).decode("latin-1")
 
 
 def _bytes(pem: Any) -> bytes:

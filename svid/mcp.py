@@ -43,7 +43,7 @@ from svid._bearer_tokens import BearerTokens
 from svid._caller import Caller
 from svid._clock import Clock
 from svid._errors import VerificationError
-from svid._http_refusal import Refusal, insufficient_scope, no_credentials
+from svid._http_refusal import Refusal, insufficient_scope, no_credentials, several_credentials
 from svid._mcp_tools import called_tools
 from svid._open_requests import Admission, OpenRequests, caller_keys
 from svid._source_state import RevocationEvent
@@ -285,13 +285,17 @@ class _McpMiddleware(SvidAuthMiddleware):
             return
         seen = self._revocations_seen()
         header = session = None
+        several = False  # Authorization headers: refused (RFC 6750 section 3.1)
         for key, value in scope.get("headers", ()):
             # Only names of these lengths can match: no lowered copy of every header's name.
-            # The first of each counts, as for the SDK (Starlette's headers.get).
+            # The first session header counts, as for the SDK (Starlette's headers.get).
             size = len(key)
             if size == 13:  # len(b"authorization")
-                if header is None and (key == _AUTHORIZATION or key.lower() == _AUTHORIZATION):
-                    header = value
+                if key == _AUTHORIZATION or key.lower() == _AUTHORIZATION:
+                    if header is None:
+                        header = value
+                    else:
+                        several = True
             elif (
                 size == 14  # len(SESSION_HEADER)
                 and session is None
@@ -301,6 +305,8 @@ class _McpMiddleware(SvidAuthMiddleware):
         try:
             if header is None:
                 raise _RefusedError(no_credentials())
+            if several:
+                raise _RefusedError(several_credentials())
             token, caller = self._bearer(bytes(header).decode("latin-1"))
             if self._authorize is not None:
                 self._check_authorized(caller)

@@ -134,9 +134,11 @@ async def call_asgi(
     path: str = "/",
     parts: tuple[bytes, ...] = (b"",),
     on_read: Callable[[], Any] | None = None,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> list[dict[str, Any]]:
-    """One request straight through an ASGI ``app`` with a bearer ``token``, its body in
-    ``parts`` (one ASGI message each; ``on_read`` runs at each read): the messages sent back."""
+    """One request straight through an ASGI ``app`` with a bearer ``token`` (and ``headers``
+    after it), its body in ``parts`` (one ASGI message each; ``on_read`` runs at each read):
+    the messages sent back."""
     messages = [
         {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
         for i, part in enumerate(parts)
@@ -155,7 +157,7 @@ async def call_asgi(
         "type": "http",
         "method": method,
         "path": path,
-        "headers": [(b"authorization", f"Bearer {token}".encode())],
+        "headers": [(b"authorization", f"Bearer {token}".encode()), *headers],
     }
     await app(scope, receive, send)
     return sent

@@ -238,3 +238,21 @@ def test_a_token_the_verifier_remembers_keeps_one_caller_and_is_still_checked_ea
     refused = asyncio.run(call_asgi(middleware, first))
     assert refused[0]["status"] == 401
     assert len(SEEN) == 5
+
+
+@pytest.mark.parametrize("second", ["same", "other", "garbage"])
+def test_a_request_with_two_authorization_headers_is_400_invalid_request(
+    source: RevokingSource, second: str
+) -> None:
+    # RFC 6750 section 3.1: more than one credential is invalid_request. Taking the first
+    # would let an app or proxy that reads the last one act on a token nobody verified.
+    token = task_token()
+    other = {"same": token, "other": workload_token(), "garbage": "not-a-token"}[second]
+    middleware = svid.asgi.SvidAuthMiddleware(app, audience=AUDIENCE, source=source)
+    extra = ((b"authorization", f"Bearer {other}".encode()),)
+    sent = asyncio.run(call_asgi(middleware, token, headers=extra))
+    assert sent[0]["status"] == 400
+    challenge = dict(sent[0]["headers"])[b"www-authenticate"].decode()
+    assert 'error="invalid_request"' in challenge
+    assert token not in challenge
+    assert SEEN == []

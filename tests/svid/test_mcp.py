@@ -333,3 +333,27 @@ def test_a_revocation_during_the_body_read_refuses_the_request(source: RevokingS
     assert sent[0]["status"] == 401
     assert b"credential revoked" in dict(sent[0]["headers"])[b"www-authenticate"]
     assert bodies == []
+
+
+def test_a_request_with_two_authorization_headers_is_400_invalid_request(
+    source: RevokingSource,
+) -> None:
+    # The SDK reads the first one too, but an app or proxy that reads the last one would act
+    # on a token nobody verified: RFC 6750 section 3.1 makes it invalid_request.
+    bodies: list[bytes] = []
+    protected = _protected_app(source, bodies)
+    token = task_token()
+    extra = ((b"authorization", b"Bearer not-a-token"),)
+    sent = asyncio.run(
+        call_asgi(
+            protected,
+            token,
+            method="POST",
+            path="/mcp",
+            parts=(_tool_call("read_ticket"),),
+            headers=extra,
+        )
+    )
+    assert sent[0]["status"] == 400
+    assert b'error="invalid_request"' in dict(sent[0]["headers"])[b"www-authenticate"]
+    assert bodies == []
