@@ -148,8 +148,8 @@ class SourceState:
                 log.info("agent has no revocation stream; using CRLs from the bundles only")
                 self._feed_switched()
                 return True
-            if stream == X509_SVIDS.name and exc.code == "PERMISSION_DENIED":
-                self.svids = ()  # no identity any more: present none rather than a revoked one
+            if exc.code == "PERMISSION_DENIED":
+                self._identity_gone(stream)
             self.errors[stream] = str(exc)
             log.warning("Workload API %s: %s", stream, exc)
         elif exc is not None:  # an update we could not apply: reconnect for a fresh one
@@ -158,6 +158,18 @@ class SourceState:
         else:
             self.errors[stream] = "stream ended"
         return False
+
+    def _identity_gone(self, stream: str) -> None:
+        """The agent holds no identity for this workload any more (or is itself refused): drop
+        what ``stream`` gave. It no longer backs it: SVIDs that may be revoked, and bundles
+        that would verify peers for ever, never updated, with keys since withdrawn."""
+        if stream == X509_SVIDS.name:
+            self.svids = ()
+        elif stream == X509_BUNDLES.name:
+            self.bundles.set_x509_bundles(BundleSet())
+        elif stream == JWT_BUNDLES.name:
+            self.bundles.set_jwt_bundles(BundleSet())
+        # The revocation set is left alone: forgetting revocations could only admit more.
 
     def _revocation_feed(self) -> str:
         """The stream whose liveness says whether the revocation set is complete."""

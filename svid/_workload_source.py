@@ -47,8 +47,9 @@ def streams_for(
 class WorkloadApiSource(SourceViews):
     """Bundles and revocations from the Workload API, kept current by background threads.
 
-    ``x509_bundle_for`` / ``jwt_bundle_for`` never block; until the first message they return
-    None (so verification fails closed). Unchanged bundles keep their identity across messages,
+    ``x509_bundle_for`` / ``jwt_bundle_for`` never block; until the first message, and once the
+    agent says this workload has no identity (PERMISSION_DENIED), they return None (so
+    verification fails closed). Unchanged bundles keep their identity across messages,
     so verifier caches survive updates. CRLs are trusted only after their signature verifies
     against the X.509 bundle of the issuer's trust domain. With ``x509_svids=True`` it also
     keeps this workload's own SVIDs (``svid``, ``svids``): see X509Source.

@@ -19,6 +19,7 @@ from svid import (
     RevocationEvent,
     RevokedError,
     StaleRevocationsError,
+    VerificationError,
     der_concat,
 )
 from svid._proto import revocation_pb2
@@ -168,3 +169,30 @@ def test_verification_fails_closed_while_the_agent_is_away(agent: Agent, source:
     agent.server.start()
     eventually(lambda: source.revocation_staleness() == 0.0, "fresh again")
     verifier.verify_der(chain)
+
+
+def test_bundles_are_dropped_when_the_agent_says_the_identity_is_gone(
+    agent: Agent, flavor: str
+) -> None:
+    # The agent ends every stream with PERMISSION_DENIED once this workload holds no identity
+    # (or the agent is banned): it no longer backs those bundles, which would go on verifying
+    # peers and tokens, never updated again, with keys the trust domain may have withdrawn.
+    agent.state.change(jwt={"spiffe://example.org": b'{"keys": []}'})
+    src = new_source(flavor, agent.server.address, x509=True, jwt_bundles=True, backoff=FAST)
+    with src:
+        src.require_ready(10)
+        td = agent.pki.trust_domain
+        chain = src.svid.chain_der()
+        verifier = src.x509_verifier()
+        verifier.verify_der(chain)
+        assert src.jwt_bundle_for(td) is not None
+        agent.state.change(deny=True)
+        eventually(lambda: src.svids == (), "SVIDs dropped")
+        eventually(lambda: src.x509_bundle_for(td) is None, "X.509 bundles dropped")
+        eventually(lambda: src.jwt_bundle_for(td) is None, "JWT bundles dropped")
+        with pytest.raises(VerificationError):
+            verifier.verify_der(chain)
+        agent.state.change(deny=False)
+        eventually(lambda: src.x509_bundle_for(td) is not None, "X.509 bundles back")
+        verifier.verify_der(chain)
+    assert stopped(src)
