@@ -162,8 +162,9 @@ def mtls_client(
     **client_options: Any,
 ) -> httpx.Client:
     """An ``httpx.Client`` that presents the source's newest X.509-SVID and admits only servers
-    ``authorize`` accepts (``svid.tls.client_context``; options such as ``spiffe_id=`` and
-    ``max_revocation_staleness=`` go there, the rest to ``httpx.Client``)."""
+    ``authorize`` accepts (``svid.tls.client_context``; its options, such as ``spiffe_id=``,
+    ``max_revocation_staleness=`` and ``trust_domains=``, go there, the rest to
+    ``httpx.Client``)."""
     context_options = _context_options(client_options)
     ctx = tls.client_context(source, authorize, **context_options)
     return httpx.Client(verify=ctx, **client_options)
@@ -181,5 +182,13 @@ def async_mtls_client(
 
 
 def _context_options(options: dict[str, Any]) -> dict[str, Any]:
-    names = ("spiffe_id", "verifier", "max_revocation_staleness", "clock")
+    # Every keyword of svid.tls.client_context: httpx.Client takes none of them.
+    names = (
+        "spiffe_id",
+        "verifier",
+        "max_revocation_staleness",
+        "clock",
+        "trust_domains",
+        "federated",
+    )
     return {name: options.pop(name) for name in names if name in options}

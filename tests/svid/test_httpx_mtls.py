@@ -11,10 +11,11 @@ import httpx
 import pytest
 
 import svid.httpx
-from svid import VerifiedX509, tls
+from svid import VerifiedX509, der_concat, tls
 from tests.svid.tls_pki import make_pki
 from tests.svid.tls_world import CLIENT, INTRUDER, SERVER, Workload, https_server, sock_root
 from tests.svid.tls_world import workload as fake_workload
+from tests.svid.workload_fake import eventually
 
 
 @dataclass
@@ -120,3 +121,38 @@ def test_async_mtls_client_works_and_refuses_like_the_sync_one(world: World) -> 
     assert _refused_in_tls(refused)
     assert seen.requests == ["/a"]
     assert seen.peers == [CLIENT]
+
+
+def test_mtls_clients_take_the_federated_trust_domains_their_server_is_in() -> None:
+    # client_context's options go to it from the mtls clients (their docstring says so): a
+    # server of a federated trust domain is reached only when named, as svid.tls asks.
+    home, other = make_pki(), make_pki("other.org")
+    bundles = {str(p.trust_domain.id): der_concat([p.root.cert]) for p in (home, other)}
+    remote = "spiffe://other.org/docs"
+    with (
+        sock_root() as root,
+        fake_workload(other, remote, root) as server,
+        fake_workload(home, CLIENT, root) as client,
+    ):
+        for each in (server, client):
+            each.state.change(x509=bundles)
+        eventually(
+            lambda: len(server.source.x509_bundles) == len(client.source.x509_bundles) == 2,
+            "both bundles at both workloads",
+        )
+        sctx = tls.server_context(server.source, CLIENT, trust_domains=["example.org"])
+        with https_server(sctx) as (port, seen, _httpd):
+            url = f"https://127.0.0.1:{port}"
+            with svid.httpx.mtls_client(
+                client.source, remote, trust_domains=["other.org"], base_url=url, timeout=5
+            ) as http:
+                assert http.get("/sync").text == "hello"
+
+            async def fetch() -> str:
+                async with svid.httpx.async_mtls_client(
+                    client.source, remote, federated=True, base_url=url, timeout=5
+                ) as http:
+                    return (await http.get("/async")).text
+
+            assert asyncio.run(fetch()) == "hello"
+    assert seen.peers == [CLIENT, CLIENT]
