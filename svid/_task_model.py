@@ -215,4 +215,5 @@ def fresh(jwt: JwtSvid, fetched_at: float, now: float) -> bool:
     issued = fetched_at
     if isinstance(iat, int | float) and not isinstance(iat, bool):
         issued = float(iat)
-    return now < issued + (jwt.expires_at - issued) / 2
+    # Never past exp, whatever iat says (an iat after exp put the half-way point beyond it).
+    return now < jwt.expires_at and now < issued + (jwt.expires_at - issued) / 2

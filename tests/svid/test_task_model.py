@@ -28,6 +28,13 @@ def test_a_cached_task_jwt_is_refreshed_once_half_its_lifetime_has_passed() -> N
     assert not fresh(untimed, T0, T0 + 30)
 
 
+def test_a_cached_task_jwt_is_never_handed_out_at_or_past_its_exp() -> None:
+    # An iat after exp (a bad issuer clock) put "half its lifetime" past the exp itself.
+    skewed = jwt(int(T0) + 600, int(T0) + 300)
+    assert not fresh(skewed, T0, T0 + 300)
+    assert not fresh(skewed, T0, T0 + 400)
+
+
 def test_tools_as_a_mapping_or_as_refs() -> None:
     assert tool_refs({"mcp-a": ["read", "list"], "mcp-b": ()}) == ["mcp-a#read", "mcp-a#list"]
     assert tool_refs(["mcp-a#read"]) == ["mcp-a#read"]
