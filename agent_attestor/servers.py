@@ -148,13 +148,6 @@ def should_move(code: str | None) -> bool:
     return code not in _DECISIONS
 
 
-def backoff_delay(attempt: int, low: float, high: float, rand: random.Random) -> float:
-    """Exponential backoff with full jitter, capped: attempt n waits uniformly in
-    [0, min(high, low * 2**n)]."""
-    ceiling = min(high, low * 2.0 ** min(attempt, 62))
-    return rand.uniform(0.0, ceiling)
-
-
 async def system_resolver(host: str) -> list[str]:
     """The host's addresses from the system resolver, asked anew each time (a changed DNS
     answer is honoured at the next pick)."""

@@ -29,11 +29,11 @@ from agent_attestor.servers import (
     Resolver,
     ServerChooser,
     Target,
-    backoff_delay,
     should_move,
     system_resolver,
 )
 from agent_attestor.signer import MintedJwt, X509Result
+from svid._backoff import backoff_delay
 from svid._clock import Clock
 from svid._der import certs_to_pem
 

@@ -5,10 +5,12 @@ and TLS contexts stay current without ever waiting on the network.
 
 from __future__ import annotations
 
+import random
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+from svid._backoff import backoff_delay
 from svid._clock import Clock, SystemClock
 from svid._errors import SvidError
 from svid._revocation import RevocationSet
@@ -21,15 +23,15 @@ from svid._workload_errors import WorkloadApiUnavailableError
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Capped exponential reconnect delays: initial, doubled after each failure, at most ``cap``."""
+    """Reconnect delays: retry n (0 for the first) waits a random time up to
+    min(``cap``, ``initial`` * 2**n). The jitter keeps the workloads of an agent that restarted
+    from coming back all at once."""
 
     initial: float = 0.2
     cap: float = 30.0
 
-    def next(self, previous: float | None) -> float:
-        if previous is None:
-            return self.initial
-        return min(self.cap, previous * 2)
+    def delay(self, attempt: int, rand: random.Random) -> float:
+        return backoff_delay(attempt, self.initial, self.cap, rand)
 
 
 def streams_for(
@@ -78,6 +80,7 @@ class WorkloadApiSource(SourceViews):
             clock or SystemClock(),
         )
         self._backoff = backoff or Backoff()
+        self._rand = random.Random()  # noqa: S311 - jitter, not a secret
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -130,7 +133,7 @@ class WorkloadApiSource(SourceViews):
     # --- stream loops ---
 
     def _run(self, call: StreamCall[Any]) -> None:
-        delay: float | None = None
+        attempt = 0  # failed connections since the last message
         state = self._state
         while not self._stop.is_set():
             error: SvidError | None = None
@@ -142,7 +145,7 @@ class WorkloadApiSource(SourceViews):
                     watch.cancel()
                 for update in watch:
                     state.delivered(call.name, update)
-                    delay = None  # a message arrived: the connection is good again
+                    attempt = 0  # a message arrived: the connection is good again
                     with self._changed:
                         self._changed.notify_all()
                 if self._stop.is_set():
@@ -154,8 +157,8 @@ class WorkloadApiSource(SourceViews):
                     self._watches.pop(call.name, None)
             if state.failed(call.name, error):
                 return
-            delay = self._backoff.next(delay)
-            self._stop.wait(delay)
+            self._stop.wait(self._backoff.delay(attempt, self._rand))
+            attempt += 1
 
 
 class X509Source(WorkloadApiSource):

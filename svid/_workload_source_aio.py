@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from typing import Any
 
 from svid._clock import Clock, SystemClock
@@ -54,6 +55,7 @@ class AsyncWorkloadApiSource(SourceViews):
             schedule=self._spawn,
         )
         self._backoff = backoff or Backoff()
+        self._rand = random.Random()  # noqa: S311 - jitter, not a secret
         self._tasks: list[asyncio.Task[None]] = []
         self._callbacks: set[asyncio.Task[Any]] = set()
         self._changed: asyncio.Condition | None = None
@@ -123,7 +125,7 @@ class AsyncWorkloadApiSource(SourceViews):
 
     async def _run(self, call: StreamCall[Any]) -> None:
         assert self._client is not None
-        delay: float | None = None
+        attempt = 0  # failed connections since the last message
         state = self._state
         while not self._stopping:
             error: SvidError | None = None
@@ -131,7 +133,7 @@ class AsyncWorkloadApiSource(SourceViews):
                 async with self._client.watch(call) as watch:
                     async for update in watch:
                         state.delivered(call.name, update)
-                        delay = None
+                        attempt = 0
                         await self._notify()
             except SvidError as exc:
                 error = exc
@@ -139,8 +141,8 @@ class AsyncWorkloadApiSource(SourceViews):
                 return
             if state.failed(call.name, error):
                 return
-            delay = self._backoff.next(delay)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self._backoff.delay(attempt, self._rand))
+            attempt += 1
 
 
 class AsyncX509Source(AsyncWorkloadApiSource):

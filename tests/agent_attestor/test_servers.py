@@ -19,7 +19,6 @@ from agent_attestor.servers import (
     Server,
     ServerChooser,
     Target,
-    backoff_delay,
     expand,
     first_pick,
     join_host_port,
@@ -29,6 +28,7 @@ from agent_attestor.servers import (
     split_host_port,
 )
 from agent_attestor.sync import Syncer, SyncSettings
+from svid._backoff import backoff_delay
 from svid._clock import FakeClock
 
 A, B, C = (Server(f"10.0.0.{n}:8081", f"10.0.0.{n}:8082") for n in (1, 2, 3))

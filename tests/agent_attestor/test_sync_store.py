@@ -18,8 +18,9 @@ from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient, sync_state
-from agent_attestor.servers import Target, backoff_delay
+from agent_attestor.servers import Target
 from agent_attestor.sync import Syncer, SyncSettings
+from svid._backoff import backoff_delay
 from svid._clock import FakeClock
 from svid._der import certs_to_pem
 from svid._proto import common_pb2, node_pb2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import tempfile
 import time
@@ -211,12 +212,13 @@ def test_watch_delivers_updates_and_cancels(world: World, client: Any) -> None:
 # --- source -----------------------------------------------------------------------------------
 
 
-def test_backoff_doubles_up_to_the_cap() -> None:
+def test_backoff_ceiling_doubles_up_to_the_cap_with_full_jitter() -> None:
     b = Backoff(initial=0.5, cap=3.0)
-    delays = [b.next(None)]
-    for _ in range(4):
-        delays.append(b.next(delays[-1]))
-    assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
+    for attempt, ceiling in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 3.0), (40, 3.0)]:
+        delays = [b.delay(attempt, random.Random(n)) for n in range(200)]
+        assert max(delays) <= ceiling
+        assert max(delays) > ceiling * 0.9
+        assert min(delays) < ceiling * 0.1  # workloads of a restarted agent come back spread
 
 
 @pytest.fixture
