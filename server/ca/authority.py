@@ -127,15 +127,41 @@ def load_upstream(cert_path: Path, key_path: Path) -> UpstreamCa:
         raise CaConfigError(
             f"upstream_key: {key_path} does not match the certificate in {cert_path}"
         )
-    try:
-        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        basic = None
-    if basic is None or not basic.ca:
-        raise CaConfigError(f"upstream_cert: {cert_path} is not a CA certificate (cA=false)")
+    _check_room_below(certs, cert_path)
     root = certs[-1]
     intermediates = tuple(certs[:-1]) if len(certs) > 1 else ()
     if len(certs) == 1 and cert.issuer != cert.subject:
         # No root in the file: the upstream CA itself becomes the trust anchor.
         root = cert
     return UpstreamCa(cert=cert, key=key, intermediates=intermediates, root=root)
+
+
+def _check_room_below(certs: list[x509.Certificate], cert_path: Path) -> None:
+    """Each upstream certificate signs the one before it, the first signs our CA: each must be
+    a CA allowed to sign certificates, with a pathLenConstraint that leaves room for every CA
+    below it (ours included). Verifiers refuse the SVIDs of a chain that breaks either, so such
+    a file is a configuration error, not a CA to serve."""
+    for index, cert in enumerate(certs):
+        subject = cert.subject.rfc4514_string()
+        what = f"upstream_cert: {cert_path}: certificate {index + 1} ({subject})"
+        try:
+            basic: x509.BasicConstraints | None = cert.extensions.get_extension_for_class(
+                x509.BasicConstraints
+            ).value
+        except x509.ExtensionNotFound:
+            basic = None
+        if basic is None or not basic.ca:
+            raise CaConfigError(f"{what} is not a CA certificate (cA=false)")
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = None
+        if usage is not None and not usage.key_cert_sign:
+            raise CaConfigError(f"{what} has no keyCertSign key usage: it cannot sign a CA")
+        # RFC 5280 §4.2.1.9: self-issued certificates below do not count.
+        below = 1 + sum(1 for c in certs[:index] if c.issuer != c.subject)
+        if basic.path_length is not None and basic.path_length < below:
+            raise CaConfigError(
+                f"{what} has pathLenConstraint {basic.path_length}, but {below} CA "
+                f"certificate(s) would sit below it (the upstream chain and svidd's own CA)"
+            )

@@ -164,6 +164,8 @@ def _ca_cert(
     start: float,
     days: int,
     ca: bool = True,
+    path_length: int | None = None,
+    cert_sign: bool = True,
 ) -> x509.Certificate:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_name, signing_key = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
@@ -175,12 +177,13 @@ def _ca_cert(
         .serial_number(x509.random_serial_number())
         .not_valid_before(to_datetime(start - 60))
         .not_valid_after(to_datetime(start + days * 86400))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     if ca:
         builder = builder.add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+            x509.KeyUsage(True, False, False, False, False, cert_sign, True, False, False),
+            critical=True,
         )
     if issuer is not None:
         builder = builder.add_extension(
@@ -283,6 +286,44 @@ def test_upstream_must_be_a_ca(tmp_path: Path, clock: FakeClock) -> None:
     leaf = _ca_cert("Not A CA", key, None, start=clock.now(), days=365, ca=False)
     with pytest.raises(CaConfigError, match="not a CA certificate"):
         _upstream_manager(tmp_path, clock, *_write(tmp_path, [leaf], key))
+
+
+@pytest.mark.parametrize("root_path_length", [0, 1])
+def test_upstream_chain_with_no_room_for_our_ca_is_refused(
+    tmp_path: Path, clock: FakeClock, root_path_length: int
+) -> None:
+    # Our CA sits below every certificate of the upstream file: a pathLenConstraint that
+    # leaves it no room makes every SVID fail path validation (OpenSSL: "path length
+    # constraint exceeded"), so the configuration is refused rather than served.
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert(
+        "Root", root_key, None, start=clock.now(), days=365, path_length=root_path_length
+    )
+    certs, key = [root], root_key
+    if root_path_length == 1:  # root -> mid -> ours: two CAs below the root
+        key = ec.generate_private_key(ec.SECP256R1())
+        certs = [_ca_cert("Mid", key, (root, root_key), start=clock.now(), days=30), root]
+    with pytest.raises(CaConfigError, match="pathLenConstraint"):
+        _upstream_manager(tmp_path, clock, *_write(tmp_path, certs, key))
+
+
+def test_upstream_chain_with_room_for_our_ca_is_accepted(tmp_path: Path, clock: FakeClock) -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("Root", root_key, None, start=clock.now(), days=365, path_length=2)
+    mid_key = ec.generate_private_key(ec.SECP256R1())
+    mid = _ca_cert("Mid", mid_key, (root, root_key), start=clock.now(), days=30, path_length=1)
+    manager, store = _upstream_manager(tmp_path, clock, *_write(tmp_path, [mid, root], mid_key))
+    leaf, ours, theirs = leaf_for(manager)
+    result = openssl_verify(tmp_path, leaf, [root], [ours, theirs], at=clock.now())
+    assert result.returncode == 0, result.stderr
+    store.close()
+
+
+def test_upstream_without_cert_sign_usage_is_refused(tmp_path: Path, clock: FakeClock) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("No Cert Sign", key, None, start=clock.now(), days=365, cert_sign=False)
+    with pytest.raises(CaConfigError, match="keyCertSign"):
+        _upstream_manager(tmp_path, clock, *_write(tmp_path, [root], key))
 
 
 def test_expired_upstream_is_refused(tmp_path: Path, clock: FakeClock) -> None:
