@@ -13,6 +13,10 @@ _log = logging.getLogger("svid.server.ca")
 
 MAX_SLEEP_SECONDS = 10.0
 MIN_SLEEP_SECONDS = 0.05
+# After a failed tick, wait this long before the next, doubling per failure up to max_sleep:
+# its event stays due, so without it an outage was retried (key made, traceback logged) every
+# MIN_SLEEP_SECONDS.
+FIRST_RETRY_SECONDS = 1.0
 
 
 class Rotator:
@@ -22,6 +26,7 @@ class Rotator:
         self._manager = manager
         self._clock = clock
         self._max_sleep = max_sleep
+        self._retry: float | None = None  # the back-off after the last tick, if it failed
 
     def tick(self) -> bool:
         """Rotate if due; True when the bundle changed."""
@@ -32,6 +37,8 @@ class Rotator:
     def delay(self) -> float:
         """Seconds until the next tick; capped so a jumped wall clock is noticed soon."""
         wait = self._manager.next_rotation_check() - self._clock.now()
+        if self._retry is not None:
+            wait = max(wait, self._retry)
         return max(MIN_SLEEP_SECONDS, min(self._max_sleep, wait))
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -44,5 +51,9 @@ class Rotator:
             try:
                 await asyncio.to_thread(self.tick)
             except Exception:
-                # Keep serving with the current keys; the next tick retries.
-                _log.exception("CA rotation failed; retrying")
+                # Keep serving with the current keys; the next tick retries, backing off.
+                retry = FIRST_RETRY_SECONDS if self._retry is None else self._retry * 2
+                self._retry = min(self._max_sleep, retry)
+                _log.exception("CA rotation failed; retrying in %g s", self.delay())
+            else:
+                self._retry = None

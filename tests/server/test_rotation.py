@@ -405,3 +405,57 @@ def test_rotator_run_rotates_and_stops(short_ca: CaManager, clock: FakeClock) ->
         return short_ca.bundle().sequence - sequence
 
     assert asyncio.run(scenario()) == 1
+
+
+def _run_rotator_for(rotator: Rotator, seconds: float) -> None:
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(rotator.run(stop))
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+
+    asyncio.run(scenario())
+
+
+def test_rotator_backs_off_while_rotation_keeps_failing(
+    datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
+) -> None:
+    import sqlite3
+
+    from server.datastore.testing import FaultInjectingDataStore
+
+    # A tick that fails leaves its event due: without a back-off the next came 0.05 s later,
+    # each making a key and logging a traceback, 20 times a second for the whole outage.
+    faulty = FaultInjectingDataStore(datastore)
+    manager = CaManager(
+        CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL), faulty, keystore, clock
+    )
+    manager.initialize()
+    clock.set(manager.next_rotation_check())
+    faulty.inject(sqlite3.OperationalError("disk I/O error"), method="save_key_slot", count=100)
+    rotator = Rotator(manager, clock)
+    _run_rotator_for(rotator, 0.6)
+    assert 100 - faulty.pending() == 1
+    assert rotator.delay() >= 1
+
+
+def test_rotator_retries_a_failed_tick_and_then_rotates(
+    datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
+) -> None:
+    import sqlite3
+
+    from server.datastore.testing import FaultInjectingDataStore
+
+    faulty = FaultInjectingDataStore(datastore)
+    manager = CaManager(
+        CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL), faulty, keystore, clock
+    )
+    manager.initialize()
+    clock.set(manager.next_rotation_check())
+    sequence = manager.bundle().sequence
+    faulty.inject(sqlite3.OperationalError("disk I/O error"), method="save_key_slot")
+    rotator = Rotator(manager, clock)
+    _run_rotator_for(rotator, 1.5)
+    assert faulty.pending() == 0
+    assert manager.bundle().sequence == sequence + 1
