@@ -18,6 +18,11 @@ from server.ca.server_svid import server_svid
 from svid._clock import Clock
 from svid._der import certs_to_pem
 
+# A failed renewal is retried after this long, doubling per failure up to the cap: the
+# server's loop sleeps until renew_at, which a failure would leave in the past.
+FIRST_RETRY_SECONDS = 1.0
+MAX_RETRY_SECONDS = 10.0
+
 
 class ServerTls:
     def __init__(self, ca: CaManager, clock: Clock, ttl: int) -> None:
@@ -31,6 +36,7 @@ class ServerTls:
         self._key_pem = b""
         self._roots_pem = b""
         self._renew_at = 0.0
+        self._retry: float | None = None  # the back-off after the last renewal, if it failed
 
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
@@ -64,10 +70,19 @@ class ServerTls:
                 self._rebuild()
 
     def maybe_renew(self) -> bool:
-        if not self._chain or self._clock.now() >= self._renew_at:
+        """Renew when due; on failure keep the current identity and move renew_at on by a
+        back-off before raising."""
+        if self._chain and self._clock.now() < self._renew_at:
+            return False
+        try:
             self.renew()
-            return True
-        return False
+        except Exception:
+            retry = FIRST_RETRY_SECONDS if self._retry is None else self._retry * 2
+            self._retry = min(MAX_RETRY_SECONDS, retry)
+            self._renew_at = self._clock.now() + self._retry
+            raise
+        self._retry = None
+        return True
 
     def _rebuild(self) -> None:
         self._config = grpc.ssl_server_certificate_configuration(
