@@ -60,8 +60,9 @@ def build_ca_certificate(
     ttl: int,
     upstream: UpstreamCa | None = None,
 ) -> x509.Certificate:
-    """A signing certificate for `key`: self-signed, or signed by `upstream` (capped at its
-    NotAfter). Carries the trust domain's ID (no path) as its one URI SAN."""
+    """A signing certificate for `key`: self-signed, or signed by `upstream` (capped at the
+    earliest NotAfter of its chain). Carries the trust domain's ID (no path) as its one URI
+    SAN."""
     public_key: PublicKey = key.public_key()
     not_after = now + ttl
     if upstream is None:
@@ -72,9 +73,13 @@ def build_ca_certificate(
         issuer_name = upstream.cert.subject
         signing_key = upstream.key
         akid = _akid_for(upstream.cert)
-        not_after = min(not_after, int(upstream.cert.not_valid_after_utc.timestamp()))
+        # Up to the root: a CA outliving any certificate above it chains to nothing then.
+        above = (upstream.cert, *upstream.intermediates, upstream.root)
+        not_after = min(not_after, *(int(c.not_valid_after_utc.timestamp()) for c in above))
     if not_after <= now:
-        raise CaConfigError("upstream CA certificate has expired: cannot sign a CA under it")
+        raise CaConfigError(
+            "the upstream CA certificate, or one above it, has expired: cannot sign a CA under it"
+        )
     return (
         x509.CertificateBuilder()
         .subject_name(_subject(trust_domain, slot_id))

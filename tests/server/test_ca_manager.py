@@ -256,6 +256,22 @@ def test_upstream_caps_our_ca_lifetime(tmp_path: Path, clock: FakeClock) -> None
     store.close()
 
 
+def test_upstream_chain_above_caps_our_ca_lifetime(tmp_path: Path, clock: FakeClock) -> None:
+    # The root above the upstream intermediate expires first: a CA (and leaves) outliving it
+    # chain to nothing, and rotation would not notice it coming.
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("Short Root", root_key, None, start=clock.now(), days=1)
+    mid_key = ec.generate_private_key(ec.SECP256R1())
+    mid = _ca_cert("Mid", mid_key, (root, root_key), start=clock.now(), days=30)
+    manager, store = _upstream_manager(
+        tmp_path, clock, *_write(tmp_path, [mid, root], mid_key), ca_ttl=7 * 86400
+    )
+    assert manager.x509_signer().ca_certificate.not_valid_after_utc == root.not_valid_after_utc
+    leaf, *_ = leaf_for(manager, ttl=30 * 86400)
+    assert leaf.not_valid_after_utc == root.not_valid_after_utc
+    store.close()
+
+
 def test_upstream_mode_rotation_keeps_the_x509_bundle(tmp_path: Path, clock: FakeClock) -> None:
     root_key = ec.generate_private_key(ec.SECP256R1())
     root = _ca_cert("Upstream Root", root_key, None, start=clock.now(), days=365)
