@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
@@ -121,7 +122,7 @@ def load_upstream(cert_path: Path, key_path: Path) -> UpstreamCa:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except OSError as exc:
         raise CaConfigError(f"upstream_key: cannot read {key_path}: {exc.strerror}") from None
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # the last: an unknown key type
         raise CaConfigError(
             f"upstream_key: {key_path} is not an unencrypted PEM private key"
         ) from None

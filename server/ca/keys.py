@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -94,7 +95,7 @@ class KeyStore:
             raise KeyStoreError(f"no key file for slot {slot_id} in {self._dir}") from None
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):  # the last: an unknown key type
             raise KeyStoreError(f"key file {path} is not an unencrypted PKCS#8 PEM key") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise KeyStoreError(f"key file {path} holds a {type(key).__name__}, not EC or RSA")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.ca.errors import CaConfigError, KeyStoreError
@@ -75,3 +77,26 @@ def test_corrupt_key_file_is_a_typed_error_without_content(tmp_path: Path) -> No
     with pytest.raises(KeyStoreError, match="not an unencrypted PKCS#8") as info:
         store.load("bad")
     assert "secretstuff" not in str(info.value)
+
+
+def unsupported_key_pem() -> bytes:
+    """A PKCS#8 PEM key on a curve OID cryptography does not know (it raises
+    UnsupportedAlgorithm, which is neither ValueError nor TypeError)."""
+    der = bytearray(
+        generate_key().private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    at = der.index(bytes.fromhex("2a8648ce3d030107"))  # prime256v1
+    der[at + 7] = 0x20
+    body = base64.encodebytes(bytes(der))
+    return b"-----BEGIN PRIVATE KEY-----\n" + body + b"-----END PRIVATE KEY-----\n"
+
+
+def test_key_file_of_an_unsupported_algorithm_is_a_typed_error(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    (tmp_path / "odd.pem").write_bytes(unsupported_key_pem())
+    with pytest.raises(KeyStoreError, match="not an unencrypted PKCS#8"):
+        store.load("odd")

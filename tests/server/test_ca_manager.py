@@ -297,6 +297,19 @@ def test_upstream_key_must_match_the_certificate(tmp_path: Path, clock: FakeCloc
         _upstream_manager(tmp_path, clock, cert_path, key_path)
 
 
+def test_upstream_key_of_an_unsupported_algorithm_is_a_config_error(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    from tests.server.test_ca_keys import unsupported_key_pem
+
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("Upstream Root", root_key, None, start=clock.now(), days=365)
+    cert_path, key_path = _write(tmp_path, [root], root_key)
+    key_path.write_bytes(unsupported_key_pem())
+    with pytest.raises(CaConfigError, match="not an unencrypted PEM private key"):
+        _upstream_manager(tmp_path, clock, cert_path, key_path)
+
+
 def test_upstream_must_be_a_ca(tmp_path: Path, clock: FakeClock) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = _ca_cert("Not A CA", key, None, start=clock.now(), days=365, ca=False)
