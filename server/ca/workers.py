@@ -347,15 +347,7 @@ class SigningWorkers:
             except queue.Empty:
                 break
         try:
-            ready: list[_Worker] = []
-            for i, slot in enumerate(taken):
-                started = slot if slot is not None else self._start()
-                taken[i] = started
-                if started.ready():
-                    ready.append(started)
-        except OSError:  # closed meanwhile: this process signs
-            ready = []
-        try:
+            ready = self._ready_workers(taken)
             if not ready:
                 return [here(r) for r in requests]
             shares = _shares(list(requests), len(ready))
@@ -383,6 +375,24 @@ class SigningWorkers:
                 self._idle.put(slot)
             with self._lock:
                 self._batches -= 1
+
+    def _ready_workers(self, taken: list[_Worker | None]) -> list[_Worker]:
+        """The workers of `taken` ready to sign, starting any place still empty. One that died
+        before it was ready (its pipe reads EOF) is discarded like any failed worker; none at
+        all once the pool is closed (this process signs)."""
+        ready: list[_Worker] = []
+        for i, slot in enumerate(taken):
+            try:
+                worker = slot if slot is not None else self._start()
+            except OSError:
+                return []
+            taken[i] = worker
+            try:
+                if worker.ready():
+                    ready.append(worker)
+            except (OSError, EOFError) as exc:
+                self._failed(worker, taken, exc)
+        return ready
 
     def _failed(self, worker: _Worker, taken: list[_Worker | None], exc: BaseException) -> None:
         """Discard a worker that failed; its slot in `taken` empties, so a later batch starts

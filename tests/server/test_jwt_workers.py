@@ -3,6 +3,7 @@ checked by signature."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -113,6 +114,29 @@ def test_a_killed_worker_costs_speed_not_answers(
     (second,) = workers.pids()
     assert second != first
     assert all(_claims(jwt, signer) for jwt in workers.mint(signer, _requests(MIN_BATCH)))
+
+
+def test_a_worker_dead_before_it_was_ready_costs_speed_not_answers(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The worker's pipe then reads as EOF where "ready" was awaited: that batch failed with
+    # EOFError and its worker's place in the pool was never given back, so once every place
+    # was lost each big batch waited for a worker for ever.
+    pool = SigningWorkers(1, clock)
+    try:
+        signer = _signer(clock)
+        pool.mint(signer, _requests(MIN_BATCH))  # starts the worker; signed here meanwhile
+        (first,) = pool.pids()
+        os.kill(first, signal.SIGKILL)  # well before its imports are done
+        _wait_gone(first)
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            for _ in range(3):
+                out = executor.submit(pool.mint, signer, _requests(MIN_BATCH)).result(timeout=30)
+                assert all(_claims(jwt, signer) for jwt in out)
+        assert "signing worker failed" in caplog.text
+        assert first not in pool.pids()
+    finally:
+        pool.close()
 
 
 def test_small_batches_stay_in_the_server_and_start_no_worker(clock: FakeClock) -> None:
