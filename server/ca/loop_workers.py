@@ -264,6 +264,10 @@ class LoopSigningWorkers:
                 sock.close()
                 proc.kill()
                 raise
+        except OSError as exc:  # no fd or process left, or no interpreter: sign elsewhere
+            self._next_start = self._clock.monotonic() + RESTART_BACKOFF
+            _log.warning("cannot start a signing worker (%s); retrying later", exc)
+            return
         finally:
             self._starting -= 1
         worker = _LoopWorker(proc, reader, writer)

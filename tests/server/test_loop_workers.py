@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -198,6 +199,35 @@ def test_a_killed_worker_costs_its_batches_not_answers_and_is_replaced(
         assert all(_claims(jwt, signer) for jwt in out)
 
     _in_pool(clock, 1, body)
+
+
+def test_a_worker_that_cannot_be_started_leaves_batches_to_the_caller(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The interpreter gone (a venv rebuilt under a running server), or no fd or process left:
+    # spawn's OSError failed the caller's batch instead of leaving it to be signed elsewhere.
+    signer = _signer(clock)
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+
+    async def main() -> None:
+        pool = LoopSigningWorkers(1, clock)
+        try:
+            assert await _mint(pool, signer, _requests(MIN_BATCH)) is None
+            assert pool.pids() == []
+            assert "cannot start a signing worker" in caplog.text
+            monkeypatch.undo()
+            # Not retried before the backoff: a process per batch is what it must not cost.
+            assert await _mint(pool, signer, _requests(MIN_BATCH)) is None
+            assert pool.pids() == []
+            clock.advance(RESTART_BACKOFF)
+            assert await pool.warm_up(30)
+            out = await _mint(pool, signer, _requests(MIN_BATCH))
+            assert out is not None
+            assert all(_claims(jwt, signer) for jwt in out)
+        finally:
+            pool.close()
+
+    asyncio.run(main())
 
 
 def test_batches_waiting_for_room_hear_when_the_last_worker_is_given_up(
