@@ -15,6 +15,7 @@ from cryptography import x509
 
 from server.ca.manager import CaManager
 from server.ca.server_svid import server_svid
+from svid._backoff import Retry
 from svid._clock import Clock
 from svid._der import certs_to_pem
 
@@ -36,7 +37,7 @@ class ServerTls:
         self._key_pem = b""
         self._roots_pem = b""
         self._renew_at = 0.0
-        self._retry: float | None = None  # the back-off after the last renewal, if it failed
+        self._retry = Retry(FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS)
 
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
@@ -77,11 +78,9 @@ class ServerTls:
         try:
             self.renew()
         except Exception:
-            retry = FIRST_RETRY_SECONDS if self._retry is None else self._retry * 2
-            self._retry = min(MAX_RETRY_SECONDS, retry)
-            self._renew_at = self._clock.now() + self._retry
+            self._renew_at = self._clock.now() + self._retry.failed()
             raise
-        self._retry = None
+        self._retry.succeeded()
         return True
 
     def _rebuild(self) -> None:

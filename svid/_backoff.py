@@ -10,3 +10,21 @@ def backoff_delay(attempt: int, low: float, high: float, rand: random.Random) ->
     """Retry ``attempt`` (0 for the first) waits uniformly in [0, min(high, low * 2**attempt)]."""
     ceiling = min(high, low * 2.0 ** min(attempt, 62))
     return rand.uniform(0.0, ceiling)
+
+
+class Retry:
+    """The wait before the next try of one job that keeps failing (a rotation, a renewal):
+    ``first`` after a failure, doubled after each further one, at most ``cap``; none once it
+    succeeds. Without it a job whose deadline stays due is retried as fast as its loop turns."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self._first = first
+        self._cap = cap
+        self.wait: float | None = None
+
+    def failed(self) -> float:
+        self.wait = self._first if self.wait is None else min(self._cap, self.wait * 2)
+        return self.wait
+
+    def succeeded(self) -> None:
+        self.wait = None

@@ -7,6 +7,7 @@ import contextlib
 import logging
 
 from server.ca.manager import CaManager
+from svid._backoff import Retry
 from svid._clock import Clock
 
 _log = logging.getLogger("svid.server.ca")
@@ -26,7 +27,7 @@ class Rotator:
         self._manager = manager
         self._clock = clock
         self._max_sleep = max_sleep
-        self._retry: float | None = None  # the back-off after the last tick, if it failed
+        self._retry = Retry(FIRST_RETRY_SECONDS, max_sleep)
 
     def tick(self) -> bool:
         """Rotate if due; True when the bundle changed."""
@@ -37,8 +38,8 @@ class Rotator:
     def delay(self) -> float:
         """Seconds until the next tick; capped so a jumped wall clock is noticed soon."""
         wait = self._manager.next_rotation_check() - self._clock.now()
-        if self._retry is not None:
-            wait = max(wait, self._retry)
+        if self._retry.wait is not None:
+            wait = max(wait, self._retry.wait)
         return max(MIN_SLEEP_SECONDS, min(self._max_sleep, wait))
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -52,8 +53,7 @@ class Rotator:
                 await asyncio.to_thread(self.tick)
             except Exception:
                 # Keep serving with the current keys; the next tick retries, backing off.
-                retry = FIRST_RETRY_SECONDS if self._retry is None else self._retry * 2
-                self._retry = min(self._max_sleep, retry)
+                self._retry.failed()
                 _log.exception("CA rotation failed; retrying in %g s", self.delay())
             else:
-                self._retry = None
+                self._retry.succeeded()
