@@ -55,6 +55,12 @@ class Break(StrEnum):
     BAD_ANCHOR = "bad_anchor"  # the anchor itself is unreadable, unsigned or contradictory
 
 
+# What decoding a row, or encoding it again to hash it, raises on a value no event holds (text
+# that is not hex or JSON, a blob, JSON that is not an object, a float out of JSON's range, JSON
+# nested past the parser's depth): the row is reported, never a crash of the walk.
+_UNREADABLE = (AuditError, ValueError, TypeError, RecursionError)
+
+
 @dataclass(frozen=True)
 class Anchor:
     """A head recorded outside the database: the event at `seq` must still have `hash`."""
@@ -175,9 +181,10 @@ def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> 
         seq, event_id = row.get("seq"), row.get("event_id")
         try:
             event = event_from_row(row)
-        except (AuditError, ValueError, TypeError) as e:
+            digest = event.compute_hash()
+        except _UNREADABLE as e:
             return _broken(checked, seq, event_id, Break.UNREADABLE, str(e))
-        if event.compute_hash() != event.hash:
+        if digest != event.hash:
             return _broken(
                 checked, seq, event_id, Break.EDITED, "content does not match the stored hash"
             )
@@ -299,9 +306,10 @@ def verify_segment(start: Head, rows: Iterable[dict[str, Any]], head: Head) -> V
         seq, event_id = row.get("seq"), row.get("event_id")
         try:
             event = event_from_row(row)
-        except (AuditError, ValueError, TypeError) as e:
+            digest = event.compute_hash()
+        except _UNREADABLE as e:
             return _broken(checked, seq, event_id, Break.UNREADABLE, str(e))
-        if event.compute_hash() != event.hash:
+        if digest != event.hash:
             return _broken(
                 checked, seq, event_id, Break.EDITED, "content does not match the stored hash"
             )

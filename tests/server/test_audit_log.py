@@ -24,6 +24,7 @@ from server.audit import (
 )
 from server.audit.event import CANONICAL_FIELDS, canonical_json, chain_hash
 from server.audit.log import event_from_row
+from server.audit.verify import verify_segment
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
 
@@ -387,3 +388,32 @@ def test_tuple_drafts_are_checked(log: AuditLog, draft: tuple[object, ...], mess
     with pytest.raises(AuditError, match=message):
         log.append_tuples([draft])
     assert log.head() is None
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("prev_hash", "'not hex'"),
+        ("prev_hash", "X'00'"),  # a blob where text was: JSON cannot encode it
+        ("extra", "'[1, 2]'"),  # JSON, but not an object
+        ("extra", "'\"text\"'"),
+        ("extra", "'{\"n\": NaN}'"),  # out of canonical JSON's range
+        ("event_id", "X'41'"),
+        ("ts", "9e999"),  # stored as infinity
+        pytest.param("extra", "'" + "[" * 100_000 + "]" * 100_000 + "'", id="extra-too-deep"),
+    ],
+)
+def test_a_row_that_cannot_be_hashed_is_unreadable(
+    db: Path, log: AuditLog, clock: FakeClock, column: str, value: str
+) -> None:
+    fill(log, clock)
+    sql(db, f"UPDATE audit_events SET {column} = {value} WHERE seq = 2")
+    result = log.verify()
+    assert (result.ok, result.problem, result.broken_seq) == (False, Break.UNREADABLE, 2)
+    # The checkpointer's forward check reads rows the same way.
+    rows = [r for r in log.store.audit_rows() if r["seq"] > 1]
+    first = next(r for r in log.store.audit_rows() if r["seq"] == 1)
+    head = log.head()
+    assert head is not None
+    segment = verify_segment(Head(1, str(first["hash"])), rows, head)
+    assert (segment.ok, segment.problem, segment.broken_seq) == (False, Break.UNREADABLE, 2)
