@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -127,6 +127,9 @@ def load_public_der(der: bytes) -> ec.EllipticCurvePublicKey:
         key = serialization.load_der_public_key(der)
     except ValueError:
         raise AuditCheckpointError("public_key is not a DER public key") from None
+    except UnsupportedAlgorithm:
+        # Well-formed DER of a curve or algorithm the library lacks: not a ValueError.
+        raise AuditCheckpointError("public_key is not an ECDSA P-256 key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise AuditCheckpointError("public_key is not an ECDSA P-256 key")
     return key

@@ -6,6 +6,7 @@ the server writes."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import stat
@@ -28,6 +29,7 @@ from agent_attestor.checkpoint_store import (
 )
 from server.audit.checkpoint import PRUNE, CheckpointFile, CheckpointSigner
 from svid import AuditCheckpoint, AuditCheckpointError
+from svid._audit_checkpoint import key_id_of
 
 T0 = 1_700_000_000.0
 HASHES = [f"{n:064x}" for n in range(100)]
@@ -238,3 +240,25 @@ def test_a_checkpoint_after_a_prune_naming_less_than_it_removed_is_refused(
         ("prune", 20),
     ]
     CheckpointFile(store.path).anchors()  # and audit verify reads it as consistent
+
+
+def unknown_curve_line(signer: CheckpointSigner, count: int) -> PushedCheckpoint:
+    """A checkpoint line carrying, with its matching key id, a P-256 key whose curve OID was
+    changed to one no library knows: what a damaged or hostile line holds."""
+    der = signer.sign(count, HASHES[count], count, T0).public_key_der()
+    p256 = bytes.fromhex("06082a8648ce3d030107")  # OID 1.2.840.10045.3.1.7
+    der = der.replace(p256, bytes.fromhex("06082a8648ce3d030163"))
+    forged = dataclasses.replace(
+        signer.sign(count, HASHES[count], count, T0),
+        key_id=key_id_of(der),
+        public_key=base64.b64encode(der).decode("ascii"),
+    )
+    return PushedCheckpoint(forged.to_line(), der)
+
+
+def test_a_checkpoint_with_a_key_on_an_unknown_curve_is_refused(
+    store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    assert not store.offer(unknown_curve_line(signer, 5))
+    assert refused == [INVALID]
+    assert store.offer(push(signer, 6))

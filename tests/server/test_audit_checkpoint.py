@@ -4,6 +4,7 @@ rewrites: a cut tail with its head fixed, a wipe, dropped tables, an edit re-has
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import os
@@ -28,6 +29,7 @@ from server.audit.checkpointer import Checkpointer
 from server.audit.event import CANONICAL_FIELDS, GENESIS_HASH
 from server.audit.log import event_from_row
 from server.datastore.sqlite import SqliteDataStore
+from svid._audit_checkpoint import key_id_of
 from svid._clock import FakeClock
 from tests.server.audit_setup import START, Setup, fill, make_setup, sql, verify
 
@@ -354,3 +356,25 @@ def test_a_start_behind_the_last_checkpoint_is_logged(
     (record,) = caplog.records
     assert "behind its last checkpoint" in record.getMessage()
     assert (record.head_seq, record.checkpoint_seq) == (3, 5)  # type: ignore[attr-defined]
+
+
+def test_a_line_with_a_key_on_an_unknown_curve_is_a_bad_anchor(
+    setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, clock, 2)
+    setup.checkpointer.checkpoint()
+    signer = CheckpointSigner.load_or_create(setup.data_dir)
+    der = signer.sign(2, "a" * 64, 2, clock.now()).public_key_der()
+    p256 = bytes.fromhex("06082a8648ce3d030107")  # OID 1.2.840.10045.3.1.7
+    der = der.replace(p256, bytes.fromhex("06082a8648ce3d030163"))  # a curve no one knows
+    forged = dataclasses.replace(
+        signer.sign(9, "a" * 64, 9, clock.now()),
+        key_id=key_id_of(der),
+        public_key=base64.b64encode(der).decode("ascii"),
+    )
+    with setup.checkpoints.open("a") as f:
+        f.write(forged.to_line() + "\n")
+    code, out = anchored(setup, capsys)
+    assert code == 1
+    assert f"{Break.BAD_ANCHOR}: " in out
+    assert "line 2: public_key is not an ECDSA P-256 key" in out
