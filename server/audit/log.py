@@ -449,6 +449,14 @@ class AuditLog:
                     error.__cause__ = e
                     self._fail(tickets, error)
                 return
+            except Exception as unexpected:
+                # Every waiter must hear of it (an int SQLite cannot store raises
+                # OverflowError): else the callers queued with this one were told their rows
+                # were committed, and record_later's futures were never settled.
+                error = LedgerError(f"cannot commit the audit batch: {unexpected}")
+                error.__cause__ = unexpected
+                self._fail(tickets, error)
+                return
             else:
                 if resealed:  # what the store wrote in the batch's place
                     batch = resealed[-1]

@@ -353,6 +353,46 @@ def test_a_failed_commit_leaves_no_hole(db: Path, clock: FakeClock) -> None:
     assert log.verify().ok
 
 
+class GatedStore(SqliteDataStore):
+    """Holds its next write until `release` is set, so others queue behind it."""
+
+    def __init__(self, db: Path, clock: FakeClock) -> None:
+        super().__init__(db, clock)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.gated = False
+
+    def write_ledger(self, credentials, audit_rows, *args, **kw):  # type: ignore[no-untyped-def]
+        if self.gated:
+            self.gated = False
+            self.entered.set()
+            self.release.wait(5)
+        super().write_ledger(credentials, audit_rows, *args, **kw)
+
+
+def test_a_commit_failing_unexpectedly_fails_every_caller_it_held(
+    db: Path, clock: FakeClock
+) -> None:
+    store = GatedStore(db, clock)
+    log = AuditLog(store, clock)
+    store.gated = True
+    first = threading.Thread(target=log.append, args=("task_begin",), kwargs={"agent_id": AGENT})
+    first.start()
+    assert store.entered.wait(5)
+    # Both queue behind the held commit and are written together; SQLite cannot store the
+    # second one's risk (past a 64-bit integer: OverflowError, not a sqlite3.Error).
+    good = log.record_later([], [EventDraft("task_end", agent_id=AGENT)])
+    bad = log.record_later([], [EventDraft("task_end", agent_id=OTHER, risk=2**64)])
+    store.release.set()
+    first.join(5)
+    for future in (good, bad):
+        with pytest.raises(AuditError):  # LedgerError: nothing of the batch kept
+            future.result(timeout=5)
+    assert [r["seq"] for r in store.audit_rows()] == [1]
+    assert log.append("task_end", agent_id=AGENT).seq == 2
+    assert log.verify().ok
+
+
 def test_unopenable_database_is_an_audit_error(tmp_path: Path) -> None:
     (tmp_path / "dir.db").mkdir()
     with pytest.raises(AuditError, match=r"dir\.db"):
