@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from server.audit import AuditError, AuditLog, EventDraft, EventKind, SecretInAuditError
+from server.audit.event import check_no_secret
 from server.ca.manager import CaManager
 from server.datastore.records import (
     AttestedAgent,
@@ -700,6 +701,10 @@ class TaskService:
         return await self._finish(task, TaskState.ENDED, "ended by its runtime")
 
     async def revoke(self, task_id: str, reason: str) -> Task:
+        # Refused before the end is claimed: its revocation and task-end events carry the
+        # reason, and one refused after it left the task ended without them, its end never
+        # settled (settle_ends failed on the same reason every time).
+        check_no_secret("reason", reason)
         task = await asyncio.to_thread(self._store.get_task, task_id)
         if task is None:
             raise NotFoundError(f"task {task_id[:80]!r} not found")

@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from server.audit import AuditError, AuditLog
+from server.audit import AuditError, AuditLog, SecretInAuditError
 from server.ca.manager import CaManager
 from server.ca.signer import IssuedJwt
 from server.datastore.base import DataStore
@@ -757,3 +757,23 @@ def test_an_exchange_decides_on_the_task_as_held_now_not_a_remembered_copy(world
     world.service._set_active(narrowed, True)
     _, grant = world.service.exchange_grant(task.spiffe_id, "docs")
     assert set(grant.scope.split()) == {"read", "tool:read_doc"}
+
+
+def test_a_revocation_reason_quoting_a_token_is_refused_before_anything_is_done(
+    world: World,
+) -> None:
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    issued = world.mint_jwt(entry, ["docs"])
+    # An operator pastes the leaked token into the reason: the audit log must not keep it.
+    with pytest.raises(SecretInAuditError, match="reason looks like a JWT"):
+        world.run(world.service.revoke(task.task_id, f"leaked: {issued.token}"))
+    # Nothing half done: no end without its events, left for settle_ends to fail on for ever.
+    assert world.service.active_task(task.spiffe_id) is not None
+    assert world.store.unsettled(int(world.clock.now()) + 3600) == []
+    assert world.events("revocation") == []
+    world.run(world.service.revoke(task.task_id, "its token leaked"))
+    assert [e["credential_id"] for e in world.events("revocation")] == [issued.jti]
+    (end,) = world.events("task_end")
+    assert end["reason"] == "its token leaked"
+    assert world.audit.verify().ok
