@@ -246,15 +246,16 @@ class CheckpointFile:
         line = (checkpoint.to_line() + "\n").encode("utf-8")
         try:
             created = not self.path.exists()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                # Released by the close below.
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 if unless_behind:
-                    # Released by the close below.
-                    fcntl.flock(fd, fcntl.LOCK_EX)
                     newest = self._newest_signed_by(checkpoint.key_id)
                     if newest is not None and newest.seq > checkpoint.seq:
                         return newest
-                os.write(fd, line)
+                _cut_torn_tail(fd)
+                _write_all(fd, line)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -374,6 +375,32 @@ def _check_order(path: Path, checkpoints: Sequence[tuple[int, Checkpoint]]) -> N
                 f"{before.seq} ({before.count} events): the log was cut back in between"
             )
         before = cp
+
+
+def _cut_torn_tail(fd: int) -> None:
+    """Cut off a last line without its newline (a crash or a full disk cut its write short):
+    it never counted as a checkpoint, and the next line appended to it would make one line
+    no parser reads, so the file would fail as an anchor for good and lose that checkpoint.
+    Under the file's lock: no other writer is mid-line."""
+    end = os.fstat(fd).st_size
+    at = end
+    while at > 0:
+        start = max(0, at - 4096)
+        chunk = os.pread(fd, at - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            at = start + newline + 1
+            break
+        at = start
+    if at < end:
+        os.ftruncate(fd, at)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write part of `data` (a disk filling up): write the rest, or raise."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(directory: Path) -> None:

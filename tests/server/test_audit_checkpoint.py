@@ -18,6 +18,7 @@ from server.audit import AuditLog, Break, Head, SqliteAuditStore
 from server.audit.checkpoint import (
     CHECKPOINT_FILE,
     KEY_DIR,
+    PRUNE,
     PUBLIC_KEY_FILE,
     Checkpoint,
     CheckpointError,
@@ -312,6 +313,30 @@ def test_a_torn_last_line_is_not_a_checkpoint_yet(setup: Setup, clock: FakeClock
         f.write('{"count":3,"hash":"ab')  # a crash in the middle of the next write
     anchors, _ = CheckpointFile(setup.checkpoints).anchors()
     assert [(a.seq, a.count) for a in anchors] == [(2, 2)]
+
+
+def test_the_next_checkpoint_after_a_torn_line_is_a_line_of_its_own(
+    setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, clock, 2)
+    setup.checkpointer.checkpoint()
+    with setup.checkpoints.open("a") as f:
+        f.write('{"count":3,"hash":"ab')  # a crash (or a full disk) in the middle of a write
+    fill(setup.log, clock, 2)
+    assert setup.checkpointer.checkpoint().seq == 4
+    # Not glued to the torn line: the file stays an anchor, its newest checkpoint readable.
+    anchors, _ = CheckpointFile(setup.checkpoints).anchors()
+    assert [(a.seq, a.count) for a in anchors] == [(2, 2), (4, 4)]
+    last = CheckpointFile(setup.checkpoints).last()
+    assert last is not None
+    assert last.seq == 4
+    code, out = anchored(setup, capsys)
+    assert code == 0, out
+    # A prune record (the other way lines are written) after a torn line too.
+    with setup.checkpoints.open("a") as f:
+        f.write('{"count":')
+    setup.checkpointer.sign_prune(1, "a" * 64, 1)
+    assert CheckpointFile(setup.checkpoints).last(PRUNE) is not None
 
 
 def test_a_bad_anchor_argument_is_named(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
