@@ -27,6 +27,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -92,6 +93,9 @@ def load_public_key(path: Path) -> tuple[str, ec.EllipticCurvePublicKey]:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     except ValueError:
         raise CheckpointError(f"{path} holds no PEM public key") from None
+    except UnsupportedAlgorithm:
+        # Well-formed PEM of a curve or algorithm the library lacks: not a ValueError.
+        raise CheckpointError(f"{path} holds no ECDSA P-256 public key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise CheckpointError(f"{path} holds no ECDSA P-256 public key")
     return key_id_of(spki_der(key)), key

@@ -339,6 +339,25 @@ def test_the_next_checkpoint_after_a_torn_line_is_a_line_of_its_own(
     assert CheckpointFile(setup.checkpoints).last(PRUNE) is not None
 
 
+def test_a_pinned_key_file_on_an_unknown_curve_is_refused(
+    setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup.checkpointer.checkpoint()
+    der = base64.b64decode(b"".join(setup.pinned.read_bytes().splitlines()[1:-1]))
+    p256 = bytes.fromhex("06082a8648ce3d030107")  # OID 1.2.840.10045.3.1.7
+    der = der.replace(p256, bytes.fromhex("06082a8648ce3d030163"))  # a curve no one knows
+    pinned = tmp_path / "odd.pub.pem"
+    body = base64.encodebytes(der).decode("ascii")
+    pinned.write_text(f"-----BEGIN PUBLIC KEY-----\n{body}-----END PUBLIC KEY-----\n")
+    with pytest.raises(CheckpointError, match="holds no ECDSA P-256 public key"):
+        load_public_key(pinned)
+    code, out = verify(
+        setup, capsys, "--anchor", str(setup.checkpoints), "--anchor-key", str(pinned)
+    )
+    assert code == 1
+    assert "holds no ECDSA P-256 public key" in out
+
+
 def test_a_bad_anchor_argument_is_named(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     code, out = verify(setup, capsys, "--anchor", "7:nothex")
     assert code == 1
