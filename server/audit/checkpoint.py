@@ -283,6 +283,20 @@ class CheckpointFile:
             return cp
         return None
 
+    def newest_signed_through(self, key_id: str, seq: int) -> Checkpoint | None:
+        """The last line, checkpoint or prune record, that `key_id`'s key signed (its signature
+        verified) for an event at or before `seq`."""
+        for line in reversed(self._lines()):
+            try:
+                cp = Checkpoint.parse(line)
+                if cp.key_id != key_id or cp.seq > seq:
+                    continue
+                cp.verify_signature(cp.public_key_object())
+            except AuditCheckpointError:
+                continue
+            return cp
+        return None
+
     def last(self, kind: str = CHECKPOINT) -> Checkpoint | None:
         """The newest complete, parsable line of `kind` (not verified): what the writer
         continues from."""

@@ -129,6 +129,20 @@ class Checkpointer:
         with self._lock:
             return self._file.last(PRUNE)
 
+    def signed_through(self, seq: int) -> Head | None:
+        """The newest (seq, hash) this key signed, in a checkpoint or a prune record of the file
+        or the datastore, at or before `seq`: what a prune through `seq` must chain from."""
+        with self._lock:
+            found = self._file.newest_signed_through(self._signer.key_id, seq)
+            for stored in self._stored_records():
+                if stored.seq <= seq and (found is None or stored.seq > found.seq):
+                    found = stored
+            return None if found is None else Head(found.seq, found.hash)
+
+    def refuse(self, reason: str, why: str) -> CheckpointError:
+        """Count and log a refusal to sign (`reason` is the metric's label); the error to raise."""
+        return self._refuse(reason, why)
+
     def sign_prune(self, seq: int, digest: str, count: int) -> Checkpoint:
         """Sign and append a prune record: events through `seq` (whose hash is `digest`) may
         go, `count` of them in this prune. Durable in the file, and stored in the datastore
@@ -268,7 +282,7 @@ class Checkpointer:
                 REFUSED_BROKEN,
                 f"the audit log is empty but seq {start.seq} was signed: it was wiped",
             )
-        result = verify_segment(start, self._rows_after(start.seq, stored.seq), stored)
+        result = verify_segment(start, rows_after(self._records, start.seq, stored.seq), stored)
         if not result.ok:
             base = self._records.audit_base()
             if base is not None and base.seq > start.seq:
@@ -318,15 +332,6 @@ class Checkpointer:
             if self._signed_by_me(record):
                 mine.append(record)
         return mine
-
-    def _rows_after(self, after: int, through: int) -> Iterator[dict[str, object]]:
-        assert self._records is not None
-        while after < through:
-            page = self._records.audit_rows_after(after, min(SEGMENT_PAGE, through - after))
-            yield from page
-            if not page:
-                return
-            after = int(page[-1]["seq"])  # type: ignore[call-overload]
 
     def _refuse(self, reason: str, why: str) -> CheckpointError:
         self._on_refused(reason)
@@ -400,3 +405,13 @@ class _PrunedMeanwhileError(Exception):
 def _newer(record: Checkpoint, than: Checkpoint | None) -> bool:
     """A later event, or the same one signed later."""
     return than is None or (record.seq, record.time) > (than.seq, than.time)
+
+
+def rows_after(store: AuditRetentionStore, after: int, through: int) -> Iterator[dict[str, object]]:
+    """The stored events after seq `after` through seq `through`, page by page."""
+    while after < through:
+        page = store.audit_rows_after(after, min(SEGMENT_PAGE, through - after))
+        yield from page
+        if not page:
+            return
+        after = int(page[-1]["seq"])  # type: ignore[call-overload]

@@ -11,13 +11,18 @@ A prune, keeping the chain verifiable:
 
 1. plan: read (seq, ts, hash) marks from the current base on, batch by batch, to find the last
    event P the policy removes, and the event at the end of every batch;
-2. sign a prune record for P with the checkpoint key and append it to the checkpoint file,
+2. read the chain back from the newest (seq, hash) this key signed at or before P (else from
+   the base) to P, and refuse (CheckpointError, nothing signed or deleted) unless it links: a
+   prune record vouches for P's hash, and a history rewritten behind the last checkpoint, which
+   the checkpointer refuses to sign over, would otherwise be signed here once retention passed
+   that checkpoint, and verify from then on;
+3. sign a prune record for P with the checkpoint key and append it to the checkpoint file,
    fsynced, before anything is deleted (server/audit/checkpoint.py describes the line);
-3. delete batch by batch, each one transaction that removes events through the batch's last
+4. delete batch by batch, each one transaction that removes events through the batch's last
    seq and moves the `audit_base` row to that event's (seq, hash), pausing between batches so
    issuance's group commits get the writer lock.
 
-A crash (or a failed batch) anywhere leaves a verifiable state: before step 2 nothing changed;
+A crash (or a failed batch) anywhere leaves a verifiable state: before step 3 nothing changed;
 after it the base sits at or before P, the events after it still link to it, and `audit
 verify` accepts a base at P (the record signs its hash) or before P (the chain must reach P
 with the signed hash). The next run carries on from the base, reusing the record when it
@@ -34,8 +39,10 @@ import threading
 from dataclasses import dataclass
 
 from server.audit.checkpoint import Checkpoint
-from server.audit.checkpointer import Checkpointer
+from server.audit.checkpointer import REFUSED_BROKEN, Checkpointer, rows_after
+from server.audit.event import GENESIS_HASH
 from server.audit.log import AuditLog
+from server.audit.verify import verify_segment
 from server.datastore.base import AuditRetentionStore
 from server.datastore.records import AuditMark, Head
 from svid._clock import Clock
@@ -198,9 +205,28 @@ class Pruner:
             # a signed record, the chain from it reaching the record's hash); signing a lower
             # seq after it would read as the log going back.
             return last
+        self._check_chain(target, base_seq)
         record = self._checkpointer.sign_prune(target.seq, target.hash, target.seq - base_seq)
         self._last_record = record
         return record
+
+    def _check_chain(self, target: AuditMark, base_seq: int) -> None:
+        """Step 2 of the module doc: CheckpointError unless the stored chain runs to `target`
+        from the newest head this key signed at or before it (else from the base, or genesis,
+        as the checkpointer takes them before anything is signed)."""
+        signed = self._checkpointer.signed_through(target.seq)
+        if signed is not None and signed.seq >= base_seq:
+            start = signed
+        else:
+            start = self._store.audit_base() or Head(0, GENESIS_HASH)
+        end = Head(target.seq, target.hash)
+        result = verify_segment(start, rows_after(self._store, start.seq, end.seq), end)
+        if not result.ok:
+            raise self._checkpointer.refuse(
+                REFUSED_BROKEN,
+                f"the stored audit chain does not run from the signed seq {start.seq} to seq "
+                f"{end.seq}, which a prune record would sign: {result}",
+            )
 
     def _covers(self, record: Checkpoint | None, target: AuditMark) -> bool:
         return (

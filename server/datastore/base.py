@@ -333,6 +333,11 @@ class AuditRetentionStore(Protocol):
         """(seq, ts, hash) of up to `limit` events with seq > `after`, in seq order."""
         ...
 
+    def audit_rows_after(self, after: int, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` raw audit rows with seq > `after`, in seq order (as audit_rows): what
+        a checkpoint or a prune record is verified against before it is signed."""
+        ...
+
     def prune_audit(self, through: Head, now: float) -> int:
         """In one transaction: delete every event with seq <= through.seq and record `through`
         as the base. Returns how many rows went; 0 when the base is already there or past it.
@@ -344,8 +349,8 @@ class AuditRetentionStore(Protocol):
 class AuditCheckpointStore(Protocol):
     """What the servers sharing this datastore share of the audit checkpoints
     (server/audit/checkpointer.py): the newest signed checkpoint and prune record, the key that
-    signs them (sealed), and the chain's rows after a point, which the signer verifies before
-    it signs a head other servers wrote."""
+    signs them (sealed). The chain's rows after a point, which the signer verifies before it
+    signs a head other servers wrote, come from AuditRetentionStore."""
 
     def save_audit_record(self, record: AuditRecord) -> bool:
         """Keep `record` as the newest of its kind, in one atomic step, unless the one stored
@@ -360,10 +365,6 @@ class AuditCheckpointStore(Protocol):
     def offer_audit_key(self, key: SealedAuditKey) -> SealedAuditKey:
         """Store `key` as the trust domain's checkpoint key unless one is stored already;
         returns the one stored (of several concurrent offers exactly one stands)."""
-        ...
-
-    def audit_rows_after(self, after: int, limit: int) -> list[dict[str, Any]]:
-        """Up to `limit` raw audit rows with seq > `after`, in seq order (as audit_rows)."""
         ...
 
 

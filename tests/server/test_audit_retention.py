@@ -385,6 +385,26 @@ def rechain_from_base(db: Path, edit_seq: int) -> None:
     con.close()
 
 
+def test_a_chain_rewritten_behind_a_checkpoint_is_not_signed_away_by_a_prune(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The checkpointer refuses to sign over a rewritten history; a prune past its last good
+    # checkpoint would sign the forged hash instead, and from then on the forgery would verify.
+    fill(setup.log, setup.clock, 5)
+    setup.checkpointer.checkpoint()  # seq 5, signed
+    fill(setup.log, setup.clock, 5)
+    rechain_from_base(setup.db, edit_seq=3)
+    before = setup.checkpoints.read_text()
+    with pytest.raises(CheckpointError, match="from the signed seq 5 to seq 7"):
+        setup.pruner(RetentionPolicy(max_age=0, max_events=3)).prune()
+    assert seqs(setup.db) == list(range(1, 11))  # nothing went
+    assert base_row(setup.db) is None
+    assert setup.checkpoints.read_text() == before  # and nothing was signed
+    code, out = pinned_verify(setup, capsys)
+    assert code == 1
+    assert str(Break.RECHAINED) in out
+
+
 def test_the_anchor_file_must_keep_prunes_and_checkpoints_in_order(
     setup: Setup, clock: FakeClock
 ) -> None:
