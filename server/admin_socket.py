@@ -1,18 +1,21 @@
 """The admin socket's file-system guard.
 
 grpc does not expose the peer's SO_PEERCRED, so access control is the file mode: the socket
-lives in a 0700 directory owned by the server's user and is itself 0600. Only that user (and
-root) can connect.
+lives in a directory owned by the server's user, made 0700 when it is the socket's own, and is
+itself 0600. Only that user (and root) can connect.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
 from pathlib import Path
 
 from server.errors import ConfigError
+
+_log = logging.getLogger("svid.server")
 
 
 def prepare(path: Path) -> None:
@@ -22,17 +25,20 @@ def prepare(path: Path) -> None:
     info = directory.stat()
     if info.st_uid != os.geteuid():
         raise ConfigError(f"admin_socket: directory {directory} belongs to another user")
-    if stat.S_IMODE(info.st_mode) & 0o077:
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
         # Made private only if it is the socket's own: tightening a directory others use
-        # (/run, say, for a server running as root) would lock them out of it.
-        others = [p.name for p in directory.iterdir() if p != path]
-        if others:
-            raise ConfigError(
-                f"admin_socket: directory {directory} is open to other users (mode "
-                f"{stat.S_IMODE(info.st_mode):o}) and holds other files ({others[0]!r}...): "
-                "put the socket in a directory of its own, which svid-server makes private"
+        # (/run, say, for a server running as root) would lock them out of it. The socket
+        # itself is 0600 either way (lock_down).
+        if any(p != path for p in directory.iterdir()):
+            _log.warning(
+                "admin_socket: directory %s is open to other users (mode %o) and holds other "
+                "files: left as it is; a directory of its own is made private",
+                directory,
+                mode,
             )
-        os.chmod(directory, 0o700)
+        else:
+            os.chmod(directory, 0o700)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"admin_socket: {path} exists and is not a socket")
