@@ -14,6 +14,7 @@ The join token is a credential: it comes from a 0600 file (``join_token_file``),
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import tomllib
@@ -154,12 +155,7 @@ def _convert(key: str, value: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if key in _FLOAT_KEYS or key in _INT_KEYS:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            number = float(value) if key in _FLOAT_KEYS else int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        number = _number(key, value)
         if number < 0 or (number == 0 and key not in _ZERO_ALLOWED):
             raise ConfigError(f"{key}: must be positive, got {value!r}")
         return number
@@ -168,6 +164,24 @@ def _convert(key: str, value: Any) -> Any:
     if key in _PATH_KEYS:
         return Path(value).expanduser() if value else None
     return value
+
+
+def _number(key: str, value: Any) -> float | int:
+    """A finite number (a whole one for a count). TOML and float() read nan and inf: a NaN
+    backoff or timeout makes every wait end at once, and int() would cut 0.5 to 0 silently."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        number = float(value) if key in _FLOAT_KEYS or isinstance(value, float) else int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if isinstance(number, int):
+        return number
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if key not in _FLOAT_KEYS and not number.is_integer():
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+    return number if key in _FLOAT_KEYS else int(number)
 
 
 def _convert_list(key: str, value: Any) -> tuple[str, ...]:

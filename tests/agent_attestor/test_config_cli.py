@@ -147,6 +147,27 @@ def test_bad_values_name_their_key(values: dict[str, object], key: str) -> None:
         build_config(values, {})
 
 
+@pytest.mark.parametrize(
+    ("values", "flags", "key"),
+    [
+        # TOML writes nan and inf as floats: a NaN backoff sleeps not at all (a reconnect loop
+        # with no pause), a NaN timeout expires at once, an infinite one never.
+        ({"reconnect_min": float("nan")}, {}, "reconnect_min"),
+        ({"reconnect_max": float("inf")}, {}, "reconnect_max"),
+        ({}, {"connect_timeout": "nan"}, "connect_timeout"),
+        ({}, {"identify_timeout": "inf"}, "identify_timeout"),
+        # A count given with a fraction was cut to an integer (0.5 connections: no limit).
+        ({"max_connections": 0.5}, {}, "max_connections"),
+        ({"jwt_cache_size": 1.7}, {}, "jwt_cache_size"),
+    ],
+)
+def test_numbers_that_are_not_finite_or_not_whole_are_refused(
+    values: dict[str, object], flags: dict[str, object], key: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        build_config(values, flags)
+
+
 def test_caller_limits_have_defaults_and_take_flags() -> None:
     default = build_config({}, {})
     assert default.max_connections_per_uid == 256
