@@ -151,7 +151,12 @@ def should_move(code: str | None) -> bool:
 async def system_resolver(host: str) -> list[str]:
     """The host's addresses from the system resolver, asked anew each time (a changed DNS
     answer is honoured at the next pick)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except UnicodeError as exc:
+        # A name IDNA cannot encode (an empty or over-long label) never resolves: it is the
+        # OSError of the Resolver contract, not an error that ends the Sync loop.
+        raise OSError(f"{host!r} is not a valid host name: {exc}") from exc
     return sorted({str(info[4][0]) for info in infos})
 
 

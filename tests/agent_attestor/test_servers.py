@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
 import socket
 import time
@@ -258,3 +260,28 @@ def test_a_single_server_is_reconnected_without_a_move() -> None:
     assert syncer.server == A.node
     assert events == []
     assert syncer.moves == 0
+
+
+def test_a_server_name_the_resolver_cannot_encode_is_retried_not_fatal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An empty label (a typo) fails IDNA encoding with UnicodeError, not OSError: it ended the
+    # Sync task for good, and the agent ran on serving nothing, with no word as to why.
+    bad = Target("svid..example.org:8081", "svid..example.org:8082")
+    settings = SyncSettings((bad,), reconnect_min=0.01, reconnect_max=0.01)
+    store = AgentStore(Path("/nonexistent/svid"), Path("/nonexistent/key"), Path("/nonexistent/b"))
+    syncer = Syncer(settings, store, Cache(), FakeClock())
+
+    async def scenario() -> bool:
+        task = asyncio.create_task(syncer.run())
+        await asyncio.sleep(0.3)
+        alive = not task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return alive
+
+    with caplog.at_level(logging.WARNING, logger="agent_attestor"):
+        assert asyncio.run(scenario())
+    assert "cannot resolve the server name" in caplog.text
+    assert syncer.server == bad.node  # dialled as written, as with any name that fails
