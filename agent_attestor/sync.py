@@ -148,7 +148,8 @@ class Syncer:
             self._store.save_bundle(bundle.x509_authorities)
 
     def _install(self, svid: AgentSvid, bundle: TrustBundle | None) -> None:
-        """Use `svid` (already on disk) from now on; `bundle` too, if one came with it."""
+        """Use `svid` (on disk, unless the disk refused a renewal) from now on; `bundle` too,
+        if one came with it."""
         if bundle is not None and bundle.x509_authorities:
             self._cache.set_bundle(bundle)
         self._svid = svid
@@ -217,7 +218,17 @@ class Syncer:
         if self._client is None:
             return
         svid, bundle = await self._client.renew()
-        self._persist(svid, bundle)
+        try:
+            self._persist(svid, bundle)
+        except OSError as exc:
+            # The server has replaced the old SVID already (it works only until it expires):
+            # dropping the new one too would leave nothing to renew with. Used from memory;
+            # the next renewal saves again.
+            log.error(
+                "cannot save the renewed agent SVID; using it from memory (a restart before "
+                "the next renewal is saved finds only the old one)",
+                extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
+            )
         log.info("agent SVID renewed", extra={"agent_id": svid.spiffe_id})
         self._install(svid, bundle)
         self._on_change("renewed")

@@ -161,3 +161,34 @@ def test_a_stop_during_attestation_keeps_the_identity_the_token_bought(
     assert saved is not None
     assert saved.spiffe_id == svid.spiffe_id
     assert store.load_bundle() == [root]
+
+
+def test_a_renewal_the_disk_cannot_save_is_used_from_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server has replaced the agent's SVID once it answers a renewal (the old one works
+    only until it expires): a disk that is full or gone at that moment must not lose the new
+    one too. Its OSError ended the renewal loop, and nothing renewed the agent SVID again."""
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    store.key_path.mkdir()  # where the key goes, the write fails as on a full disk
+    old, new = _svid(tmp_path), _svid(tmp_path)
+    root = LocalCa(FakeClock(start=time.time())).cert
+
+    async def renew(self: NodeClient, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
+        return new, TrustBundle("example.org", (root.public_bytes(Encoding.DER),))
+
+    monkeypatch.setattr(NodeClient, "renew", renew)
+
+    async def scenario() -> AgentSvid | None:
+        settings = SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),))
+        syncer = Syncer(settings, store, Cache(), FakeClock(start=time.time()))
+        syncer.set_bootstrap_roots(certs_to_pem([root]))
+        await syncer._servers.first()
+        syncer._install(old, None)
+        await syncer.renew_once()
+        await syncer.close()
+        return syncer.agent_svid
+
+    with caplog.at_level(logging.ERROR, logger="agent_attestor.sync"):
+        assert asyncio.run(scenario()) is new
+    assert "cannot save the renewed agent SVID" in caplog.text
