@@ -295,13 +295,12 @@ class Syncer:
                     continue
                 state = join_parts(parts)
                 parts = []
-                if state.bundle.x509_authorities:
-                    self._store.save_bundle(state.bundle.x509_authorities)
+                self._save_bundle(state.bundle)
                 self._cache.apply_sync(state)
             else:
                 crls, delta = hold_crl(crls, message)
-                if delta.bundle is not None and delta.bundle.x509_authorities:
-                    self._store.save_bundle(delta.bundle.x509_authorities)
+                if delta.bundle is not None:
+                    self._save_bundle(delta.bundle)
                 self._cache.apply_delta(delta)
                 if delta.more:
                     continue  # applied; the revision is reached with the last part
@@ -314,6 +313,21 @@ class Syncer:
             self.syncs += 1
             self._on_change("sync")
         raise ConnectionError("server ended the Sync stream")
+
+    def _save_bundle(self, bundle: TrustBundle) -> None:
+        """The roots for the next start to verify the server with. A failed write (a full
+        disk) is logged, not raised: ending the stream here kept the message from being
+        applied, and every reconnect asked for it again, so no entry or revocation came in."""
+        if not bundle.x509_authorities:
+            return
+        try:
+            self._store.save_bundle(bundle.x509_authorities)
+        except OSError as exc:
+            log.error(
+                "cannot save the trust bundle; a restart verifies the server with the one saved "
+                "before",
+                extra={"bundle_file": str(self._store.bundle_path), "error": str(exc)[:200]},
+            )
 
     def _refused(self, code: grpc.StatusCode, details: str | None) -> None:
         """The server no longer recognises this agent (evicted, banned, or its SVID superseded):

@@ -4,6 +4,7 @@ reconnect asks for what came after the last revision it reached."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -151,3 +152,37 @@ def test_crls_spread_over_a_run_replace_the_agents_together_at_its_end(tmp_path:
         asyncio.run(syncer._consume(cast(NodeClient, CrlClient(cache, script))))
     assert syncer.revision == 7
     assert set(cache.entries()) == {"e1", "e2", "e3"}
+
+
+def test_a_bundle_the_disk_cannot_save_does_not_stop_the_sync(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bundle on disk is for the next start; its write failing (a full disk) ended the
+    stream before the message was applied, and every reconnect asked for the same message
+    again: no entry, and no revocation, reached the agent until the disk had room."""
+    cache = Cache()
+    syncer = _syncer(tmp_path, cache)
+    syncer._store.bundle_path.mkdir()  # where the bundle goes, the write fails
+    bundle = TrustBundle("example.org", x509_authorities=(b"ca-1",))
+    revoked = {("x509_serial", "ab12"): 99}
+    script: list[tuple[SyncState | SyncDelta, set[str]]] = [
+        (SyncState((_entry(1),), bundle, revision=3, epoch="ep"), {"e1"}),
+        (
+            SyncDelta(
+                upserts=(_entry(2),),
+                bundle=TrustBundle("example.org", x509_authorities=(b"ca-2",)),
+                revocations_added=revoked,
+                revision=4,
+                epoch="ep",
+            ),
+            {"e1", "e2"},
+        ),
+    ]
+    with (
+        caplog.at_level(logging.WARNING, logger="agent_attestor.sync"),
+        pytest.raises(ConnectionError, match="server ended the Sync stream"),
+    ):
+        asyncio.run(syncer._consume(cast(NodeClient, FakeClient(cache, script))))
+    assert (syncer.revision, syncer.epoch) == (4, "ep")
+    assert cache.snapshot().revoked_serials == frozenset({"ab12"})
+    assert "cannot save the trust bundle" in caplog.text
