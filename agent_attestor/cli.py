@@ -19,6 +19,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 
 from agent_attestor import _crypto
+from agent_attestor.agent_store import _write_private
 from agent_attestor.app import AgentApp
 from agent_attestor.checkpoint_store import read_records
 from agent_attestor.config import (
@@ -157,13 +158,6 @@ def _page_size(text: str) -> int:
     return value
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
-
-
 def _x509_summary(msg: Any) -> list[dict[str, Any]]:
     out = []
     for svid in msg.svids:
@@ -189,6 +183,8 @@ def _cmd_fetch_x509(args: argparse.Namespace, client: WorkloadClient) -> int:
                 certs_to_pem(parse_der_certs(svid.x509_svid))
             )
             key = _crypto.key_pem(serialization.load_der_private_key(svid.x509_svid_key, None))
+            # A fresh 0600 file renamed into place: a file or symlink already there (planted
+            # in a directory others can write) never receives the key.
             _write_private(args.write / f"svid.{i}.key", key)
             (args.write / f"bundle.{i}.pem").write_bytes(certs_to_pem(parse_der_certs(svid.bundle)))
     summary = _x509_summary(msg)

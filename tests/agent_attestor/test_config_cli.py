@@ -222,6 +222,28 @@ def test_cli_fetch_x509_write_and_json(
     assert (out / "bundle.0.pem").read_bytes().count(b"BEGIN CERTIFICATE") == 1
 
 
+def test_cli_fetch_x509_write_never_puts_the_key_in_a_file_already_there(
+    agent: Harness, tmp_path: Path
+) -> None:
+    """--write into a directory another user can write to (a /tmp path): a file or symlink
+    planted as svid.0.key got the key written into it, readable until (or, another user's
+    file, after) the chmod that came too late."""
+    agent.add_entry("/w")
+    out = tmp_path / "out"
+    out.mkdir()
+    planted = tmp_path / "planted"
+    planted.write_bytes(b"")
+    planted.chmod(0o666)
+    (out / "svid.0.key").symlink_to(planted)
+    args = ["--socket-path", str(agent.socket_path), "--write", str(out)]
+    assert cli.main(["api", "fetch", "x509", *args]) == 0
+    assert planted.read_bytes() == b""
+    key = out / "svid.0.key"
+    assert not key.is_symlink()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
 def test_cli_jwt_fetch_validate_and_errors(
     agent: Harness, capsys: pytest.CaptureFixture[str]
 ) -> None:
