@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
 
-from svid._metrics_http import MetricsEndpoint
+from svid._metrics_http import READ_TIMEOUT, MetricsEndpoint
 
 
 class Metrics:
@@ -60,11 +60,14 @@ class Metrics:
 
 
 class MetricsHttpServer(MetricsEndpoint):
-    def __init__(self, metrics: Metrics, healthy: Callable[[], bool]) -> None:
+    def __init__(
+        self, metrics: Metrics, healthy: Callable[[], bool], *, read_timeout: float = READ_TIMEOUT
+    ) -> None:
         super().__init__(
             metrics.render,
             healthy,
             content_type="text/plain; version=0.0.4",
             unhealthy=b"not ready\n",
             thread_name="agent-metrics",
+            read_timeout=read_timeout,
         )

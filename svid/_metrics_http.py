@@ -7,6 +7,10 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+# Seconds a connection may take over each read or write. Every connection holds a thread until
+# its request is read: without a bound, idle connections held threads without limit.
+READ_TIMEOUT = 10.0
+
 
 class MetricsEndpoint:
     """GET /metrics: what `render` returns, as `content_type`; GET /healthz: 200 `ok` while
@@ -20,8 +24,10 @@ class MetricsEndpoint:
         content_type: str,
         unhealthy: bytes,
         thread_name: str,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
         self._render = render
+        self._read_timeout = read_timeout
         self._healthy = healthy
         self._content_type = content_type
         self._unhealthy = unhealthy
@@ -36,6 +42,8 @@ class MetricsEndpoint:
         content_type, unhealthy = self._content_type, self._unhealthy
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = self._read_timeout  # socketserver sets it on the connection
+
             def do_GET(self) -> None:
                 if self.path == "/metrics":
                     body, ctype, code = render(), content_type, 200
