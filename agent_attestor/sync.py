@@ -38,6 +38,9 @@ from svid._clock import Clock
 from svid._der import certs_to_pem
 
 log = logging.getLogger(__name__)
+# Seconds between readings of the wall clock while the agent SVID's rotation point is ahead: a
+# clock stepped forward (NTP after a boot with a wrong RTC, a VM resumed) is noticed this soon.
+RECHECK = 30.0
 # What workloads are told while the server refuses this agent.
 REFUSED = (
     "this node agent was evicted or banned by the server and serves no identities until it is "
@@ -239,7 +242,10 @@ class Syncer:
         while True:
             due = rotation_point(svid.not_before, svid.not_after) - self._clock.now()
             if due > 0:
-                await asyncio.sleep(due)
+                # Not one long sleep: it counts monotonic seconds, and a wall clock stepped
+                # forward meanwhile would let the SVID expire unrenewed.
+                await asyncio.sleep(min(due, RECHECK))
+                continue
             try:
                 await self.renew_once()
                 return

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from agent_attestor import _crypto
+from agent_attestor import _crypto, sync
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache
 from agent_attestor.model import TrustBundle
@@ -192,3 +192,32 @@ def test_a_renewal_the_disk_cannot_save_is_used_from_memory(
     with caplog.at_level(logging.ERROR, logger="agent_attestor.sync"):
         assert asyncio.run(scenario()) is new
     assert "cannot save the renewed agent SVID" in caplog.text
+
+
+def test_the_agent_svid_is_renewed_when_the_wall_clock_steps_past_its_rotation_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewal waited out the seconds to its rotation point as read at the start: a wall
+    clock stepped forward meanwhile (NTP after a boot with a wrong RTC, a VM resumed) let the
+    agent SVID expire unrenewed, and with a join token spent the agent could not attest again."""
+    monkeypatch.setattr(sync, "RECHECK", 0.05)
+    clock = FakeClock(start=time.time())
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    syncer = Syncer(SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),)), store, Cache(), clock)
+    svid = _svid(tmp_path)  # its rotation point is half an hour away
+    renewed = asyncio.Event()
+
+    async def renew_once() -> None:
+        renewed.set()
+
+    monkeypatch.setattr(syncer, "renew_once", renew_once)
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(syncer._renew_loop(svid))
+        await asyncio.sleep(0.1)
+        assert not renewed.is_set()
+        clock.advance(svid.not_after - svid.not_before - 60)  # a minute before it expires
+        await asyncio.wait_for(renewed.wait(), 5)
+        await asyncio.wait_for(loop, 5)
+
+    asyncio.run(scenario())
