@@ -63,10 +63,18 @@ class AgentStore:
         self.key_path = key_path
         self.bundle_path = bundle_path
 
+    @property
+    def _next_key_path(self) -> Path:
+        return self.key_path.with_name(self.key_path.name + ".next")
+
     def save_svid(self, svid: AgentSvid) -> None:
-        # Key first: a chain on disk always has its key.
-        _write_private(self.key_path, _crypto.key_der(svid.key))
+        # The new key waits beside the old one until its chain is in place: a crash between
+        # the files leaves the old pair, or the new chain with its key still under the `.next`
+        # name, which load_svid also tries. Replacing the key first left the old chain with
+        # a key that does not fit: an identity lost, and a join token works once.
+        _write_private(self._next_key_path, _crypto.key_der(svid.key))
         _write_private(self.svid_path, der_concat(svid.chain))
+        os.replace(self._next_key_path, self.key_path)
 
     def load_svid(self) -> AgentSvid | None:
         """The saved identity, or None: none saved yet, or one that cannot be used (logged)."""
@@ -74,19 +82,22 @@ class AgentStore:
             chain_der = self.svid_path.read_bytes()
         except FileNotFoundError:
             return None
-        try:
-            key_der = self.key_path.read_bytes()
-        except FileNotFoundError:
-            self._unusable("its private key file is missing")
-            return None
-        try:
-            chain = tuple(parse_der_certs(chain_der))
-            key = serialization.load_der_private_key(key_der, None)
-            svid = _crypto.issued_svid("agent", chain_der, key)
-        except (ValueError, TypeError, UnsupportedAlgorithm, SvidParseError) as exc:
-            self._unusable(str(exc))
-            return None
-        return AgentSvid(spiffe_id=svid.spiffe_id, chain=chain, key=key)
+        problem = "its private key file is missing"
+        for key_path in (self.key_path, self._next_key_path):
+            try:
+                key_der = key_path.read_bytes()
+            except FileNotFoundError:
+                continue
+            try:
+                chain = tuple(parse_der_certs(chain_der))
+                key = serialization.load_der_private_key(key_der, None)
+                svid = _crypto.issued_svid("agent", chain_der, key)
+            except (ValueError, TypeError, UnsupportedAlgorithm, SvidParseError) as exc:
+                problem = str(exc)
+                continue
+            return AgentSvid(spiffe_id=svid.spiffe_id, chain=chain, key=key)
+        self._unusable(problem)
+        return None
 
     def _unusable(self, problem: str) -> None:
         # Without this line the agent just attests again, and with a join token already spent

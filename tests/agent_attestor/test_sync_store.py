@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from agent_attestor import _crypto, sync
+from agent_attestor import _crypto, agent_store, sync
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache
 from agent_attestor.model import TrustBundle
@@ -221,3 +221,37 @@ def test_the_agent_svid_is_renewed_when_the_wall_clock_steps_past_its_rotation_p
         await asyncio.wait_for(loop, 5)
 
     asyncio.run(scenario())
+
+
+class _KilledError(Exception):
+    """The process killed (kill -9, power lost) right after a file reached the disk."""
+
+
+@pytest.mark.parametrize("writes_done", [1, 2])
+def test_a_crash_while_a_renewed_identity_is_saved_leaves_a_usable_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writes_done: int
+) -> None:
+    """Key and chain are two files: the new key beside the old chain was an identity whose key
+    does not fit, so the agent had to attest again, and a join token works once."""
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    old, new = _svid(tmp_path), _svid(tmp_path)
+    store.save_svid(old)
+    real = agent_store._write_private
+    done = 0
+
+    def write_then_die(path: Path, data: bytes) -> None:
+        nonlocal done
+        real(path, data)
+        done += 1
+        if done == writes_done:
+            raise _KilledError
+
+    monkeypatch.setattr(agent_store, "_write_private", write_then_die)
+    with pytest.raises(_KilledError):
+        store.save_svid(new)
+    monkeypatch.undo()
+    loaded = AgentStore(store.svid_path, store.key_path, store.bundle_path).load_svid()
+    assert loaded is not None
+    assert loaded.chain in (old.chain, new.chain)
+    saved = new if loaded.chain == new.chain else old
+    assert _crypto.key_der(loaded.key) == _crypto.key_der(saved.key)
