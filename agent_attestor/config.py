@@ -218,6 +218,14 @@ def load_toml(path: Path) -> dict[str, Any]:
     agent = data.get("agent", data)  # accept a bare table or an [agent] section
     if not isinstance(agent, dict):
         raise ConfigError("agent: expected a table")
+    if agent is not data:
+        # Other tables may be other daemons' ([server]); a plain key here is read by no one.
+        stray = sorted(key for key, value in data.items() if not isinstance(value, dict))
+        if stray:
+            raise ConfigError(
+                f"{stray[0]}: outside the [agent] table, where it is not read: move it below "
+                "the [agent] header"
+            )
     return agent
 
 

@@ -117,6 +117,18 @@ def test_an_agent_table_is_accepted(tmp_path: Path) -> None:
     assert build_config(load_toml(f), {}).data_dir == Path("/var/lib/x")
 
 
+def test_a_key_outside_the_agent_table_is_refused_naming_it(tmp_path: Path) -> None:
+    """Beside an [agent] table, a key at the top of the file (above the table's header) was
+    read by nobody: the agent ran on its default server or data dir without a word."""
+    f = tmp_path / "agent.toml"
+    f.write_text('server_address = "svid.example.org:8081"\n[agent]\ndata_dir = "/var/lib/x"\n')
+    with pytest.raises(ConfigError, match=r"^server_address: .*outside the \[agent\] table"):
+        load_toml(f)
+    # Other tables (a [server] one in a file both daemons read) are not the agent's.
+    f.write_text('[server]\ntrust_domain = "example.org"\n[agent]\ndata_dir = "/var/lib/x"\n')
+    assert load_toml(f) == {"data_dir": "/var/lib/x"}
+
+
 @pytest.mark.parametrize(
     ("values", "key"),
     [
