@@ -171,7 +171,12 @@ class CheckpointStore:
 def read_records(path: Path) -> list[AuditCheckpoint]:
     """The checkpoint and prune record stored at `path` (one of each at most, oldest first),
     each checked against the key it carries (FileNotFoundError when there is no file)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        # Damaged, not a checkpoint: refused like any other unreadable file, not raised as a
+        # bare ValueError that stopped the agent's start.
+        raise AuditCheckpointError(f"{path} is not UTF-8 text") from None
     records = [AuditCheckpoint.parse(line) for line in lines]
     kinds = [r.kind for r in records]
     if not records or len(set(kinds)) != len(kinds):

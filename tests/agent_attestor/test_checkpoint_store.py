@@ -197,6 +197,21 @@ def test_an_unreadable_stored_checkpoint_is_moved_aside_not_trusted(
     assert store.offer(push(signer, 4))
 
 
+def test_a_stored_checkpoint_that_is_not_text_is_moved_aside_and_the_agent_starts(
+    tmp_path: Path, signer: CheckpointSigner
+) -> None:
+    """A damaged file (bytes that are not UTF-8) raised UnicodeDecodeError from the store's
+    constructor: the agent could not start at all."""
+    path = tmp_path / FILE_NAME
+    path.write_bytes(b"\xff\xfe" + push(signer, 9).line.encode()[:40])
+    with pytest.raises(AuditCheckpointError, match="UTF-8"):
+        read_records(path)
+    store = CheckpointStore(path)
+    assert store.held is None
+    assert (tmp_path / (FILE_NAME + ".invalid")).exists()
+    assert store.offer(push(signer, 4))
+
+
 def prune(signer: CheckpointSigner, seq: int, time: float, removed: int = 0) -> PushedCheckpoint:
     record = signer.sign(seq, HASHES[seq], removed or seq, time, PRUNE)
     return PushedCheckpoint(record.to_line(), record.public_key_der())
