@@ -3,6 +3,7 @@ serve their own metrics, in their own words, through this one small threaded HTT
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,6 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 # Seconds a connection may take over each read or write. Every connection holds a thread until
 # its request is read: without a bound, idle connections held threads without limit.
 READ_TIMEOUT = 10.0
+
+
+class _Ipv6HttpServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 class MetricsEndpoint:
@@ -38,6 +43,7 @@ class MetricsEndpoint:
     def start(self, address: str) -> str:
         """Listen on `address` (host:port, port 0 for any) and serve; returns the bound one."""
         host, _, port = address.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")  # [::1]:9090, as the config takes it
         render, healthy = self._render, self._healthy
         content_type, unhealthy = self._content_type, self._unhealthy
 
@@ -65,13 +71,16 @@ class MetricsEndpoint:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        self._httpd = ThreadingHTTPServer((host, int(port)), Handler)
+        server_class = _Ipv6HttpServer if ":" in host else ThreadingHTTPServer
+        self._httpd = server_class((host, int(port)), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name=self._thread_name, daemon=True
         )
         self._thread.start()
         bound_host, bound_port = self._httpd.server_address[:2]
+        if ":" in str(bound_host):
+            return f"[{bound_host!s}]:{bound_port}"
         return f"{bound_host!s}:{bound_port}"
 
     def stop(self) -> None:

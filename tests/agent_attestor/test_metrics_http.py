@@ -32,3 +32,16 @@ def test_a_connection_that_sends_no_request_is_closed(endpoint: tuple[str, int])
     host, port = endpoint
     with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=5) as answer:
         assert answer.read() == b"ok\n"
+
+
+def test_an_ipv6_address_is_served() -> None:
+    """The config takes [::1]:port as a metrics_address; the endpoint gave it, brackets and
+    all, to an IPv4 server, and the agent failed to start with a resolver traceback."""
+    server = MetricsHttpServer(Metrics(), lambda: True)
+    bound = server.start("[::1]:0")
+    try:
+        assert bound.startswith("[::1]:")
+        with urllib.request.urlopen(f"http://{bound}/healthz", timeout=5) as answer:
+            assert answer.read() == b"ok\n"
+    finally:
+        server.stop()
