@@ -51,7 +51,7 @@ REFUSED = (
 @dataclass
 class SyncSettings:
     servers: tuple[Target, ...]
-    join_token: str = ""
+    join_token: str = field(default="", repr=False)  # a credential, as in AgentConfig
     x509pop: tuple[list[x509.Certificate], PrivateKeyTypes] | None = None
     bootstrap_root_pem: bytes = b""
     reconnect_min: float = 1.0

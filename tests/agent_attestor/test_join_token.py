@@ -15,6 +15,7 @@ import pytest
 from agent_attestor import cli
 from agent_attestor.config import JOIN_TOKEN_ENV, build_config, read_join_token_file
 from agent_attestor.errors import ConfigError
+from agent_attestor.sync import SyncSettings
 
 TOKEN = "tok-id.s3cr3t-value"
 
@@ -88,6 +89,14 @@ def test_a_token_and_a_token_file_together_are_refused(tmp_path: Path) -> None:
 def test_the_config_repr_never_shows_the_token(tmp_path: Path) -> None:
     config = build_config({}, {"join_token_file": str(_token_file(tmp_path))})
     assert "s3cr3t" not in repr(config)
+
+
+def test_the_sync_settings_repr_never_shows_the_token(tmp_path: Path) -> None:
+    """The config hides it; the settings the syncer is built from carried it into their repr
+    (a traceback with locals, a debugger, an error reporter)."""
+    config = build_config({}, {"join_token_file": str(_token_file(tmp_path))})
+    assert "s3cr3t" in config.join_token
+    assert "s3cr3t" not in repr(SyncSettings(config.servers, join_token=config.join_token))
 
 
 class _NoAgent:
