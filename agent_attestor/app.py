@@ -227,12 +227,18 @@ class AgentApp:
             self.jwts.forget()  # tokens minted under an identity the server no longer backs
 
     async def _health_loop(self) -> None:
-        """Health follows readiness: SERVING once the first full state has arrived."""
-        seen = -1
-        while not self.ready():
+        """Health follows readiness, as /healthz does: SERVING once the first full state has
+        arrived, NOT_SERVING again while the server refuses the agent (it serves nothing)."""
+        seen, serving = -1, False  # start() set NOT_SERVING
+        while True:
             seen = await self.cache.wait_change(seen)
-        for service in ("", HEALTH_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            ready = self.ready()
+            if ready == serving:
+                continue
+            serving = ready
+            status = health_pb2.HealthCheckResponse
+            for service in ("", HEALTH_SERVICE):
+                await self.health.set(service, status.SERVING if ready else status.NOT_SERVING)
 
     async def start(self) -> None:
         self.syncer.set_bootstrap_roots(await asyncio.to_thread(bootstrap_roots, self.config))

@@ -1,15 +1,24 @@
-"""The agent's /metrics and /healthz endpoint over a real socket."""
+"""The agent's health: the /metrics and /healthz endpoint over a real socket, and the gRPC
+health service beside the Workload API."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 
+from agent_attestor.app import HEALTH_SERVICE, AgentApp
+from agent_attestor.cache import SyncState
+from agent_attestor.config import build_config
 from agent_attestor.metrics import Metrics, MetricsHttpServer
+from agent_attestor.model import TrustBundle
 
 
 @pytest.fixture
@@ -45,3 +54,44 @@ def test_an_ipv6_address_is_served() -> None:
             assert answer.read() == b"ok\n"
     finally:
         server.stop()
+
+
+def test_grpc_health_follows_readiness_after_the_first_sync_too(tmp_path: Path) -> None:
+    """It was set SERVING once, at the first Sync message, and never again: an agent the
+    server then refused (evicted, banned), serving nothing, still said SERVING there while
+    /healthz said 503."""
+
+    async def scenario() -> list[tuple[bool, int]]:
+        app = AgentApp(build_config({"data_dir": str(tmp_path / "agent")}, {}))
+        seen: list[tuple[bool, int]] = []
+
+        async def status() -> int:
+            request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
+            answer = await app.health.Check(request, cast(Any, None))
+            return cast(int, answer.status)
+
+        async def settled(ready: bool) -> None:
+            status_of = health_pb2.HealthCheckResponse
+            want = status_of.SERVING if ready else status_of.NOT_SERVING
+            for _ in range(100):
+                if await status() == want:
+                    break
+                await asyncio.sleep(0.01)
+            seen.append((app.ready(), await status()))
+
+        await app.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        loop = asyncio.create_task(app._health_loop())
+        app.cache.apply_sync(SyncState((), TrustBundle("example.org", (b"ca",))))
+        await settled(True)
+        app.cache.refuse("evicted")
+        await settled(False)
+        app.cache.apply_sync(SyncState((), TrustBundle("example.org", (b"ca",))))
+        await settled(True)
+        loop.cancel()
+        return seen
+
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    assert asyncio.run(scenario()) == [(True, serving), (False, not_serving), (True, serving)]
