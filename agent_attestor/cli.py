@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import os
+import signal
 import stat
 import sys
 from collections.abc import Sequence
@@ -317,6 +319,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f"other local users can read; use {safer}"
             )
     print(f"SPIFFE_ENDPOINT_SOCKET={socket_uri(config.socket_path)}", flush=True)
+    # `kill -USR1 <pid>`: every thread's stack to stderr, the daemon running on (what a stop
+    # or a request that hangs is waiting for).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     asyncio.run(AgentApp(config).run_until_signalled())
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import gc
 import os
 import signal
@@ -613,6 +614,9 @@ def _run(args: argparse.Namespace) -> None:
     # Cycles are still collected; only less often.
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(DAEMON_GC_THRESHOLD, older, oldest)
+
+    # `kill -USR1 <pid>`: every thread's stack to stderr, the daemon running on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     async def main() -> None:
         stop = asyncio.Event()

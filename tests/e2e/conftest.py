@@ -55,16 +55,20 @@ class ChildProcess:
 
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM and wait; returns the exit code. One still running after `timeout` is
-        killed, and the TimeoutExpired raised."""
+        killed, and the TimeoutExpired raised with the end of its log, where it wrote every
+        thread's stack first (SIGUSR1): what its stop was waiting for."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as exc:
+                self.proc.send_signal(signal.SIGUSR1)
+                time.sleep(1.0)
                 self.proc.kill()
                 self.proc.wait(5)
+                exc.add_note(f"{type(self).__name__}'s log ends:\n{self.logs()[-8000:]}")
                 raise
         code = self.proc.returncode
         self.proc = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import time
 from collections.abc import Iterator
@@ -269,6 +270,21 @@ def test_metrics_and_health_endpoint(stack: tuple[ServerProcess, AgentProcess]) 
     body = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
     assert "svid_agent_server_connected 1.0" in body
     assert "svid_agent_workload_connections" in body
+
+
+def test_sigusr1_writes_every_threads_stack_and_both_daemons_serve_on(
+    stack: tuple[ServerProcess, AgentProcess],
+) -> None:
+    # What an operator (and a test whose daemon will not stop) reads a hang from.
+    server, agent = stack
+    for daemon in (server, agent):
+        assert daemon.proc is not None
+        os.kill(daemon.proc.pid, signal.SIGUSR1)
+        wait_for(lambda d=daemon: "most recent call first" in d.logs(), 10, "a stack dump")
+        assert "Thread 0x" in daemon.logs()
+        assert daemon.proc.poll() is None
+    create_entry(server, "spiffe://example.org/after", agent.agent_id(), UID_SELECTOR)
+    agent.wait_svid("spiffe://example.org/after")
 
 
 @pytest.mark.parametrize("removal", ["evict", "ban"])
