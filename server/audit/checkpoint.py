@@ -24,7 +24,7 @@ import base64
 import fcntl
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -272,24 +272,20 @@ class CheckpointFile:
     def _newest_signed_by(self, key_id: str) -> Checkpoint | None:
         """The newest checkpoint line whose signature verifies under `key_id`'s key: a line
         anyone could have added must not stop a real checkpoint from being written."""
-        for line in reversed(self._lines()):
-            try:
-                cp = Checkpoint.parse(line)
-                if cp.kind != CHECKPOINT or cp.key_id != key_id:
-                    continue
-                cp.verify_signature(cp.public_key_object())
-            except AuditCheckpointError:
-                continue
-            return cp
-        return None
+        return self._newest_verified(key_id, lambda cp: cp.kind == CHECKPOINT)
 
     def newest_signed_through(self, key_id: str, seq: int) -> Checkpoint | None:
         """The last line, checkpoint or prune record, that `key_id`'s key signed (its signature
         verified) for an event at or before `seq`."""
+        return self._newest_verified(key_id, lambda cp: cp.seq <= seq)
+
+    def _newest_verified(
+        self, key_id: str, wanted: Callable[[Checkpoint], bool]
+    ) -> Checkpoint | None:
         for line in reversed(self._lines()):
             try:
                 cp = Checkpoint.parse(line)
-                if cp.key_id != key_id or cp.seq > seq:
+                if cp.key_id != key_id or not wanted(cp):
                     continue
                 cp.verify_signature(cp.public_key_object())
             except AuditCheckpointError:
