@@ -248,20 +248,29 @@ def test_renew_with_bad_csr(srv: RunningServer) -> None:
     assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def _held(
+    monkeypatch: pytest.MonkeyPatch, owner: type, name: str
+) -> tuple[threading.Event, threading.Event]:
+    """Hold each call of `owner.name` (a method) until `release` is set; `entered` is set once
+    one is held: the window an admin call is slipped into."""
+    entered, release = threading.Event(), threading.Event()
+    original = getattr(owner, name)
+
+    def held(self: Any, *args: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        return original(self, *args)
+
+    monkeypatch.setattr(owner, name, held)
+    return entered, release
+
+
 @pytest.mark.parametrize("removal", ["ban", "evict"])
 def test_an_agent_removed_while_its_renewal_is_signed_stays_removed(
     srv: RunningServer, monkeypatch: pytest.MonkeyPatch, removal: str
 ) -> None:
     agent = srv.attest()
-    signing, release = threading.Event(), threading.Event()
-    sign = AgentAdmission._sign_sync
-
-    def held_sign(self: AgentAdmission, csr: x509.CertificateSigningRequest, agent_id: Any) -> Any:
-        signing.set()
-        release.wait(10)
-        return sign(self, csr, agent_id)
-
-    monkeypatch.setattr(AgentAdmission, "_sign_sync", held_sign)
+    signing, release = _held(monkeypatch, AgentAdmission, "_sign_sync")
     renewal = srv.node_stub(agent).RenewAgent.future(
         node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=20
     )
@@ -295,15 +304,7 @@ def test_a_task_begun_while_its_agent_is_removed_is_revoked(
     outlive the agent (an x509pop agent attesting again would hold it)."""
     agent = srv.attest()
     runtime = srv.create_entry("/tasks/removed-midway", agent.spiffe_id)
-    deciding, release = threading.Event(), threading.Event()
-    decide = TaskService._decide_begin
-
-    def held_decide(self: TaskService, *args: Any) -> Any:
-        deciding.set()
-        release.wait(10)
-        return decide(self, *args)
-
-    monkeypatch.setattr(TaskService, "_decide_begin", held_decide)
+    deciding, release = _held(monkeypatch, TaskService, "_decide_begin")
     channel = grpc.secure_channel(
         srv.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
     )
@@ -493,15 +494,7 @@ def test_an_agent_banned_while_its_svids_are_signed_gets_none_of_them(
     recorded: the batch must not reach the agent."""
     agent = srv.attest()
     entry = srv.create_entry("/x509/banned-midway", agent.spiffe_id)
-    signing, release = threading.Event(), threading.Event()
-    sign = Issuer._sign_x509_batch
-
-    def held_sign(self: Issuer, *args: Any) -> Any:
-        signing.set()
-        release.wait(10)
-        return sign(self, *args)
-
-    monkeypatch.setattr(Issuer, "_sign_x509_batch", held_sign)
+    signing, release = _held(monkeypatch, Issuer, "_sign_x509_batch")
     batch = srv.node_stub(agent).BatchNewX509SVID.future(
         node_pb2.BatchNewX509SVIDRequest(
             params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])]
