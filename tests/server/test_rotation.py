@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from server.ca.rotation import (
 from server.ca.rotator import Rotator
 from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
 from server.datastore.sqlite import SqliteDataStore
+from server.datastore.testing import FaultInjectingDataStore
 from svid._clock import FakeClock
 from svid._spiffe_id import SpiffeId
 from tests.server.conftest import TRUST_DOMAIN, openssl_verify
@@ -418,21 +420,25 @@ def _run_rotator_for(rotator: Rotator, seconds: float) -> None:
     asyncio.run(scenario())
 
 
-def test_rotator_backs_off_while_rotation_keeps_failing(
+def _due_on_a_faulty_store(
     datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
-) -> None:
-    import sqlite3
-
-    from server.datastore.testing import FaultInjectingDataStore
-
-    # A tick that fails leaves its event due: without a back-off the next came 0.05 s later,
-    # each making a key and logging a traceback, 20 times a second for the whole outage.
+) -> tuple[CaManager, FaultInjectingDataStore]:
+    """A CA whose rotation is due, on a store whose faults the test injects."""
     faulty = FaultInjectingDataStore(datastore)
     manager = CaManager(
         CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL), faulty, keystore, clock
     )
     manager.initialize()
     clock.set(manager.next_rotation_check())
+    return manager, faulty
+
+
+def test_rotator_backs_off_while_rotation_keeps_failing(
+    datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
+) -> None:
+    # A tick that fails leaves its event due: without a back-off the next came 0.05 s later,
+    # each making a key and logging a traceback, 20 times a second for the whole outage.
+    manager, faulty = _due_on_a_faulty_store(datastore, keystore, clock)
     faulty.inject(sqlite3.OperationalError("disk I/O error"), method="save_key_slot", count=100)
     rotator = Rotator(manager, clock)
     _run_rotator_for(rotator, 0.6)
@@ -443,16 +449,7 @@ def test_rotator_backs_off_while_rotation_keeps_failing(
 def test_rotator_retries_a_failed_tick_and_then_rotates(
     datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
 ) -> None:
-    import sqlite3
-
-    from server.datastore.testing import FaultInjectingDataStore
-
-    faulty = FaultInjectingDataStore(datastore)
-    manager = CaManager(
-        CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL), faulty, keystore, clock
-    )
-    manager.initialize()
-    clock.set(manager.next_rotation_check())
+    manager, faulty = _due_on_a_faulty_store(datastore, keystore, clock)
     sequence = manager.bundle().sequence
     faulty.inject(sqlite3.OperationalError("disk I/O error"), method="save_key_slot")
     rotator = Rotator(manager, clock)
