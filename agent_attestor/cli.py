@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import faulthandler
 import json
 import logging
 import os
-import signal
 import stat
 import sys
 from collections.abc import Sequence
@@ -40,6 +38,7 @@ from svid._audit_checkpoint import CHECKPOINT
 from svid._clock import format_utc, unix_times_as_numbers
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
+from svid._logs import stacks_on_sigusr1
 from svid._proto import task_pb2
 from svid._stdout import flush_stdout, stdout_closed_by_reader
 
@@ -319,9 +318,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f"other local users can read; use {safer}"
             )
     print(f"SPIFFE_ENDPOINT_SOCKET={socket_uri(config.socket_path)}", flush=True)
-    # `kill -USR1 <pid>`: every thread's stack to stderr, the daemon running on (what a stop
-    # or a request that hangs is waiting for).
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    stacks_on_sigusr1()
     asyncio.run(AgentApp(config).run_until_signalled())
     return 0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import faulthandler
 import gc
 import os
 import signal
@@ -27,6 +26,7 @@ from server.errors import CliError, ConfigError, ServerError
 from server.tasks import cli as task_cli
 from svid._clock import parse_utc
 from svid._errors import SvidError
+from svid._logs import stacks_on_sigusr1
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
 from svid._stdout import flush_stdout, stdout_closed_by_reader
 from svid._unix_socket import SocketProblem, socket_problem
@@ -615,8 +615,7 @@ def _run(args: argparse.Namespace) -> None:
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(DAEMON_GC_THRESHOLD, older, oldest)
 
-    # `kill -USR1 <pid>`: every thread's stack to stderr, the daemon running on.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    stacks_on_sigusr1()
 
     async def main() -> None:
         stop = asyncio.Event()

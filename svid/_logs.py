@@ -7,8 +7,12 @@ keys or tokens.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import io
 import json
 import logging
+import signal
 import sys
 from typing import IO, Any
 
@@ -66,3 +70,11 @@ def configure_logger(name: str, log_format: str, level: str, stream: IO[str] | N
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+
+
+def stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` writes every thread's stack to stderr and the daemon runs on: what a
+    stop or a request that hangs is waiting for. Nothing where stderr is no file (a daemon's
+    main run in-process, under a test's capture)."""
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
