@@ -244,10 +244,18 @@ class AgentApp:
         self.syncer.set_bootstrap_roots(await asyncio.to_thread(bootstrap_roots, self.config))
         for service in ("", HEALTH_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.config.metrics_address:
+            # First: an address it cannot listen on is the operator's to fix, before anything
+            # else starts (its /healthz says 503 until the first Sync).
+            try:
+                self.metrics_address = self.http.start(self.config.metrics_address)
+            except OSError as exc:
+                raise ConfigError(
+                    f"metrics_address: cannot listen on {self.config.metrics_address} "
+                    f"({exc.strerror or exc})"
+                ) from None
         # The socket exists before anything announces readiness (py-spiffe needs the file).
         await self.endpoint.start()
-        if self.config.metrics_address:
-            self.metrics_address = self.http.start(self.config.metrics_address)
         RuntimeInfo(str(self.config.socket_path), self.metrics_address, os.getpid()).write(
             self.runtime_file
         )

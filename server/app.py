@@ -272,6 +272,18 @@ class Server:
 
     async def start(self) -> RuntimeInfo:
         cfg = self.config
+        metrics_address = ""
+        if cfg.metrics_address:
+            # First: an address it cannot listen on is the operator's to fix, before anything
+            # else starts (its /healthz says 503 until the server serves).
+            self._metrics_http = MetricsHttpServer(self.metrics, lambda: self._serving)
+            try:
+                metrics_address = self._metrics_http.start(cfg.metrics_address)
+            except OSError as exc:
+                raise ConfigError(
+                    f"metrics_address: cannot listen on {cfg.metrics_address} "
+                    f"({exc.strerror or exc})"
+                ) from None
         await asyncio.to_thread(self._build_core)
         loop = asyncio.get_running_loop()
         self.propagator = Propagator(self.state, str(self.ids.server), self.clock)
@@ -402,11 +414,6 @@ class Server:
 
         if cfg.oidc_issuer:
             self.oauth = await self._start_oauth()
-
-        metrics_address = ""
-        if cfg.metrics_address:
-            self._metrics_http = MetricsHttpServer(self.metrics, lambda: self._serving)
-            metrics_address = self._metrics_http.start(cfg.metrics_address)
 
         # Which of these run on every server sharing the datastore, and which on one of them
         # (and why): the table in server/housekeeping.py.

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -270,6 +271,26 @@ def test_metrics_and_health_endpoint(stack: tuple[ServerProcess, AgentProcess]) 
     body = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
     assert "svid_agent_server_connected 1.0" in body
     assert "svid_agent_workload_connections" in body
+
+
+def test_a_metrics_port_in_use_is_a_configuration_error_before_anything_starts(
+    stack: tuple[ServerProcess, AgentProcess],
+) -> None:
+    _server, agent = stack
+    agent.stop()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match="agent exited with 2") as exited:
+            agent.start("--metrics-address", address)
+    finally:
+        busy.close()
+    message = f"configuration error: metrics_address: cannot listen on {address}"
+    assert message in str(exited.value)
+    assert "Traceback" not in agent.logs()
+    assert not agent.socket_path.exists()  # nothing was started
 
 
 def test_sigusr1_writes_every_threads_stack_and_both_daemons_serve_on(
