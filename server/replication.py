@@ -127,9 +127,12 @@ def plan(items: Sequence[FeedItem]) -> FeedWork:
 
 def pruned_past(cursor: int, head: int, items: Sequence[FeedItem]) -> bool:
     """Whether rows after `cursor` are gone: `head` was read before `items` (the rows after
-    the cursor), and revisions have no gaps, so the first row must be cursor + 1."""
+    the cursor), and revisions have no gaps, so they must be cursor + 1, cursor + 2, ...
+    Not only the first: rows are pruned by their writer's clock, and a row of a server whose
+    clock runs behind goes before older rows of one whose clock runs ahead (a hole between
+    kept rows)."""
     if items:
-        return items[0].revision != cursor + 1
+        return items[0].revision != cursor + 1 or items[-1].revision != cursor + len(items)
     return head > cursor
 
 

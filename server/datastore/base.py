@@ -384,9 +384,10 @@ class ChangeFeed(Protocol):
         ...
 
     def feed_since(self, after: int, limit: int) -> list[FeedItem]:
-        """Up to `limit` rows with revision > `after`, oldest first. When the first one is not
-        `after + 1` (or there is none while feed_head() > after), rows were pruned meanwhile:
-        reload everything."""
+        """Up to `limit` rows with revision > `after`, oldest first. When they are not
+        `after + 1`, `after + 2`, ... (or there is none while feed_head() > after), rows were
+        pruned meanwhile (rows go by their writer's clock, so a hole may sit between kept
+        rows): reload everything."""
         ...
 
     def prune_feed(self, before: int) -> int:

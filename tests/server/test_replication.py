@@ -108,6 +108,19 @@ def test_rows_pruned_past_the_cursor_are_seen(
     assert pruned_past(cursor, head, items) is pruned
 
 
+@pytest.mark.parametrize(
+    ("revisions", "pruned"),
+    [
+        ((6, 7, 8), False),
+        ((6, 8), True),  # 7 gone between rows still kept
+        ((6, 7, 9, 10), True),
+    ],
+)
+def test_a_hole_within_the_rows_is_seen(revisions: tuple[int, ...], pruned: bool) -> None:
+    items = [FeedItem(r, NOW, "entry", "e") for r in revisions]
+    assert pruned_past(5, 10, items) is pruned
+
+
 def test_diff_rows_puts_what_differs_and_removes_what_is_gone() -> None:
     current = {"a": 1, "b": 2, "c": 3}
     put, removed = diff_rows(current, {"a": 1, "b": 20, "c": None, "d": 4, "e": None})
@@ -401,6 +414,34 @@ def test_a_cursor_behind_pruned_rows_reloads_everything(
         assert b.follower.full_reloads == 1
 
     asyncio.run(scenario())
+
+
+def test_a_row_pruned_between_kept_rows_reloads_everything(tmp_path: Path) -> None:
+    """Rows are pruned by their writer's clock, and servers' clocks differ: a row written by a
+    server running behind can go while an older row from a server running ahead stays. The
+    hole in the middle of a page must not be read past (its change would be lost)."""
+    ahead, behind = FakeClock(NOW + 10), FakeClock(NOW)
+    a = Side(tmp_path / "db", ahead)
+    c = Side(tmp_path / "db", behind)
+    b = Side(tmp_path / "db", ahead)
+
+    async def scenario() -> None:
+        await a.state.create_entry(entry("/first"))
+        missed = await c.state.create_entry(entry("/from-the-late-clock"))
+        await a.state.create_entry(entry("/last"))
+        # Retention runs out between the two clocks: only the late clock's row goes.
+        ahead.advance(55)
+        assert await a.follower.prune() == 1
+        await b.follower.catch_up()
+        assert missed.id in b.state.entries.by_id
+        assert b.follower.full_reloads == 1
+        assert b.follower.cursor == a.store.feed_head()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for side in (a, b, c):
+            side.store.close()
 
 
 def test_a_row_read_before_a_local_write_does_not_undo_it(tmp_path: Path, clock: FakeClock) -> None:
