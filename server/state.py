@@ -32,6 +32,7 @@ from server.datastore.records import (
     Entry,
     Revocation,
     TokenUse,
+    revocation_needed_from,
 )
 from server.entitlement import EntryIndex
 from server.errors import NotFoundError, PermissionDeniedError
@@ -371,7 +372,10 @@ class ServerState:
         await asyncio.to_thread(self._datastore.prune_join_tokens, now)
         removed = await asyncio.to_thread(self._datastore.prune_revocations, now)
         self._previous_serials = {k: v for k, v in self._previous_serials.items() if v[1] > now}
-        if removed:
+        # Another server sharing the datastore may have pruned them first (removed == 0
+        # here): what memory holds past the same bound goes all the same.
+        needed_from = revocation_needed_from(now)
+        if removed or any(r.expires_at < needed_from for r in self._revocations):
             self._set_revocations(await asyncio.to_thread(self._datastore.list_revocations))
             await self._after_write()
 

@@ -41,6 +41,7 @@ from server.replication import (
 from server.state import ServerState
 from server.tasks.model import Task, TaskState
 from server.tasks.service import follow_tasks
+from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
 
 NOW = 1_700_000_000
@@ -442,6 +443,29 @@ def test_a_row_pruned_between_kept_rows_reloads_everything(tmp_path: Path) -> No
     finally:
         for side in (a, b, c):
             side.store.close()
+
+
+def test_revocations_pruned_by_another_server_leave_this_ones_memory(
+    sides: tuple[Side, Side], clock: FakeClock
+) -> None:
+    """Housekeeping prunes on every server; the first one's delete leaves nothing for the
+    others to delete, and they must still drop what expired from memory (and tell agents)."""
+    a, b = sides
+
+    async def scenario() -> None:
+        revoked = Revocation("jwt_id", "j1", "spiffe://example.org/web", NOW + 60, "r", NOW)
+        await a.state.add_revocations((revoked,))
+        await b.follower.catch_up()
+        assert b.state.revocations == (revoked,)
+        clock.advance(61 + MAX_VERIFIER_LEEWAY)
+        await a.state.prune()
+        assert a.state.revocations == ()
+        b.listen()
+        await b.state.prune()
+        assert not b.state.revocations
+        assert [c.revocations_removed for c in b.changes] == [(revoked,)]
+
+    asyncio.run(scenario())
 
 
 def test_a_row_read_before_a_local_write_does_not_undo_it(tmp_path: Path, clock: FakeClock) -> None:
