@@ -130,7 +130,10 @@ def pruned_past(cursor: int, head: int, items: Sequence[FeedItem]) -> bool:
     the cursor), and revisions have no gaps, so they must be cursor + 1, cursor + 2, ...
     Not only the first: rows are pruned by their writer's clock, and a row of a server whose
     clock runs behind goes before older rows of one whose clock runs ahead (a hole between
-    kept rows)."""
+    kept rows). A head behind the cursor is a feed that went back (the database restored from
+    a backup, or reset): what follows the cursor there is other history, read again whole."""
+    if head < cursor:
+        return True
     if items:
         return items[0].revision != cursor + 1 or items[-1].revision != cursor + len(items)
     return head > cursor

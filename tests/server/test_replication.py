@@ -122,6 +122,13 @@ def test_a_hole_within_the_rows_is_seen(revisions: tuple[int, ...], pruned: bool
     assert pruned_past(5, 10, items) is pruned
 
 
+def test_a_feed_that_went_back_behind_the_cursor_is_read_again_whole() -> None:
+    # A database restored from a backup: its revisions start again below what was applied.
+    assert pruned_past(10, 4, [])
+    assert pruned_past(10, 9, [FeedItem(11, NOW, "entry", "e")])
+    assert not pruned_past(10, 10, [])
+
+
 def test_diff_rows_puts_what_differs_and_removes_what_is_gone() -> None:
     current = {"a": 1, "b": 2, "c": 3}
     put, removed = diff_rows(current, {"a": 1, "b": 20, "c": None, "d": 4, "e": None})
