@@ -143,6 +143,10 @@ class JwtCache:
             self._bytes -= held[2]
             self.generation += 1
 
+    def forget_under(self, prefix: str) -> None:
+        """Drop cached tokens of every ID that begins with `prefix` (a runtime's tasks)."""
+        self.forget({k[0] for k in (*self._tokens, *self._pending) if k[0].startswith(prefix)})
+
     def forget(self, spiffe_ids: set[str] | None = None) -> None:
         """Drop cached tokens (all, or of these IDs): after an entry is removed or revoked."""
         if spiffe_ids is None:

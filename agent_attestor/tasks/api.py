@@ -20,6 +20,7 @@ import grpc
 from agent_attestor.cache import Cache
 from agent_attestor.caller_check import checked_caller, not_serving
 from agent_attestor.jwt_cache import JwtCache
+from agent_attestor.model import TASK_PATH
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.tasks.client import TaskClient
 from svid._proto import task_pb2, task_pb2_grpc
@@ -175,8 +176,17 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
             ),
         )
         # Do not wait for the server's revocation push: no cached token of it is served again.
-        self._jwts.forget({task.spiffe_id})
+        self._forget_tokens(task)
         return task_pb2.EndTaskResponse(task=task)
+
+    def _forget_tokens(self, task: task_pb2.Task) -> None:
+        """Drop the cached JWTs of an ended task and of its sub-tasks: the server ended those
+        with it, and their entries leave this agent only with a later Sync message. Which tasks
+        are its sub-tasks is not known here, so the tokens of every task of its runtime identity
+        go; the others' are minted again when next asked for."""
+        if task.runtime_id:
+            self._jwts.forget_under(f"{task.runtime_id}{TASK_PATH}")
+        self._jwts.forget({task.spiffe_id})
 
     async def ListTasks(
         self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext

@@ -14,6 +14,7 @@ import pytest
 
 from agent_attestor.cache import Cache
 from agent_attestor.endpoint import WorkloadEndpoint
+from agent_attestor.errors import NoIdentityError
 from agent_attestor.model import Entry
 from agent_attestor.tasks.api import TasksApi
 from agent_attestor.tasks.client import GrpcTaskClient
@@ -75,7 +76,12 @@ class FakeClient:
     async def end(self, request: task_pb2.NodeEndTaskRequest) -> task_pb2.Task:
         self._check()
         self.ended.append(request)
-        return task_pb2.Task(task_id=request.task_id, spiffe_id=f"{TD}/bot/task/t1", state="ended")
+        return task_pb2.Task(
+            task_id=request.task_id,
+            spiffe_id=f"{TD}/bot/task/{request.task_id}",
+            runtime_id=f"{TD}/bot",
+            state="ended",
+        )
 
     async def list(self, request: task_pb2.NodeListTasksRequest) -> task_pb2.ListTasksResponse:
         self._check()
@@ -244,6 +250,22 @@ def test_end_sends_the_callers_identities_and_forgets_cached_task_jwts(ta: TaskA
     assert ta.h.jwts.cached(task_entry.spiffe_id, ["docs"]) is None
     listed = ta.tasks().ListTasks(task_pb2.ListTasksRequest(), metadata=HEADER, timeout=10)
     assert [t.task_id for t in listed.tasks] == ["t1"]
+
+
+def test_end_forgets_the_cached_jwts_of_the_tasks_sub_tasks_too(ta: TaskAgent) -> None:
+    # The server ends a task's sub-tasks with it. Their entries leave this agent only with a
+    # later Sync message: until then a sub-task's cached token was served after EndTask.
+    ta.h.add_entry("/bot")
+    ta.h.add_entry("/bot/task/t1")
+    sub = ta.h.add_entry("/bot/task/t2")
+    request = workload_pb2.JWTSVIDRequest(audience=["docs"], spiffe_id=sub.spiffe_id)
+    ta.h.stub().FetchJWTSVID(request, metadata=HEADER, timeout=10)
+    ta.tasks().EndTask(task_pb2.EndTaskRequest(task_id="t1"), metadata=HEADER, timeout=10)
+    # As the server answers a mint for an ended task.
+    ta.h.signer.refuse_jwt = NoIdentityError(f"task identity {sub.spiffe_id} is not active")
+    with pytest.raises(grpc.RpcError) as err:
+        ta.h.stub().FetchJWTSVID(request, metadata=HEADER, timeout=10)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_list_forwards_paging_and_filters_for_the_callers_identities(ta: TaskAgent) -> None:
