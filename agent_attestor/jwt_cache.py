@@ -64,6 +64,8 @@ class JwtCache:
         self._tokens: OrderedDict[Key, tuple[MintedJwt, float, int]] = OrderedDict()
         self._bytes = 0
         self._pending: dict[Key, asyncio.Future[MintedJwt]] = {}
+        # Mints whose identity was forgotten while they were out: their token is not kept.
+        self._void: set[asyncio.Future[MintedJwt]] = set()
         self.mints = 0
         # Bumped whenever a held token is dropped (evicted, replaced, forgotten): whoever keeps
         # something built from held tokens knows by it that they may be gone.
@@ -108,9 +110,15 @@ class JwtCache:
             fut.exception()  # mark retrieved: waiters (if any) re-raise it themselves
             raise
         finally:
-            self._pending.pop(key, None)
+            if self._pending.get(key) is fut:
+                del self._pending[key]
+            forgotten = fut in self._void
+            self._void.discard(fut)
         fut.set_result(jwt)
         self.mints += 1
+        if forgotten:
+            # Asked for before the forget, so handed to those callers; never to a later one.
+            return jwt
         self._drop(key)
         size = entry_size(key, jwt)
         self._tokens[key] = (jwt, refresh_point(jwt), size)
@@ -148,7 +156,14 @@ class JwtCache:
         self.forget({k[0] for k in (*self._tokens, *self._pending) if k[0].startswith(prefix)})
 
     def forget(self, spiffe_ids: set[str] | None = None) -> None:
-        """Drop cached tokens (all, or of these IDs): after an entry is removed or revoked."""
+        """Drop cached tokens (all, or of these IDs): after an entry is removed or revoked.
+        A mint of theirs still out is not kept when it comes back, and later callers do not
+        wait for it: the task may have ended after the server signed it."""
+        for key, fut in list(self._pending.items()):
+            if spiffe_ids is None or key[0] in spiffe_ids:
+                del self._pending[key]
+                self._void.add(fut)
+                self.generation += 1
         if spiffe_ids is None:
             self._tokens.clear()
             self._bytes = 0

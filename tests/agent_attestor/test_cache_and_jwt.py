@@ -103,6 +103,42 @@ def test_a_caller_gone_while_its_jwt_is_minted_does_not_fail_those_waiting_for_i
     assert signer.jwt_calls == 1
 
 
+def test_a_token_minted_while_its_identity_is_forgotten_is_not_kept() -> None:
+    # EndTask forgets a task's tokens while a mint for it may be out at the server. The token
+    # that came back was cached after the forget (and later callers waited for it), so it was
+    # served after the task's end until the task's entry left the agent.
+    clock = FakeClock(start=time.time())
+    signer = FakeSigner(LocalCa(clock))
+    jwts = JwtCache(signer, clock)
+    sid = "spiffe://example.org/bot/task/t1"
+    gate = asyncio.Event()
+    new_jwt = signer.new_jwt
+
+    async def slow_new_jwt(spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        await gate.wait()
+        return await new_jwt(spiffe_id, audience, entry_id)
+
+    signer.new_jwt = slow_new_jwt  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[MintedJwt, MintedJwt]:
+        minting = asyncio.create_task(jwts.get(sid, ["a"], "e"))
+        await asyncio.sleep(0)
+        generation = jwts.generation
+        jwts.forget({sid})
+        assert jwts.generation > generation  # answers built from it are dropped too
+        later = asyncio.create_task(jwts.get(sid, ["a"], "e"))
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.wait_for(minting, 5), await asyncio.wait_for(later, 5)
+
+    before, after = asyncio.run(scenario())
+    assert before.token != after.token
+    assert signer.jwt_calls == 2
+    assert jwts.cached(sid, ["a"]) == after
+    jwts.forget({sid})
+    assert jwts.cached(sid, ["a"]) is None
+
+
 def test_jwt_cache_evicts_least_recently_used() -> None:
     clock = FakeClock(start=time.time())
     signer = FakeSigner(LocalCa(clock))
