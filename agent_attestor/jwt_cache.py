@@ -7,11 +7,14 @@ thousands of times the size of another (issue 11: big audiences took the agent f
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from agent_attestor.signer import MintedJwt, SvidSigner
 from svid._clock import Clock
+from svid._errors import JwtSvidError
+from svid._jwt import split_token
 from svid._limits import utf8_size
 
 Key = tuple[str, tuple[str, ...]]
@@ -22,7 +25,7 @@ DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 ENTRY_OVERHEAD = 460
 
 
-def entry_size(key: Key, jwt: MintedJwt) -> int:
+def entry_size(key: Key, jwt: MintedJwt, jti: str = "") -> int:
     """What one cached token costs, counted against the cache's byte budget."""
     spiffe_id, audience = key
     return (
@@ -30,12 +33,22 @@ def entry_size(key: Key, jwt: MintedJwt) -> int:
         + len(jwt.token)  # compact JWS: ASCII
         + utf8_size(spiffe_id)
         + sum(utf8_size(a) for a in audience)
+        + (sys.getsizeof(jti) if jti else 0)  # a str of its own, kept beside the token
     )
 
 
 def refresh_point(jwt: MintedJwt) -> float:
     """When a token stops being handed out and a new one is minted: half its life (SPIFFE.md)."""
     return jwt.issued_at + (jwt.expires_at - jwt.issued_at) / 2
+
+
+def token_id(jwt: MintedJwt) -> str:
+    """The token's `jti` ("" if it has none): what a revocation of it names."""
+    try:
+        jti = split_token(jwt.token).claims.get("jti")
+    except JwtSvidError:
+        return ""
+    return jti if isinstance(jti, str) else ""
 
 
 def audience_key(audience: Sequence[str]) -> tuple[str, ...]:
@@ -59,9 +72,10 @@ class JwtCache:
         self._clock = clock
         self._max = max_entries
         self._max_bytes = max_bytes
-        # key -> (token, the moment it stops being handed out, its entry_size): the refresh
-        # point is computed once at insertion, so a hit costs one clock read and one comparison.
-        self._tokens: OrderedDict[Key, tuple[MintedJwt, float, int]] = OrderedDict()
+        # key -> (token, the moment it stops being handed out, its entry_size, its jti): the
+        # refresh point is computed once at insertion, so a hit costs one clock read and one
+        # comparison.
+        self._tokens: OrderedDict[Key, tuple[MintedJwt, float, int, str]] = OrderedDict()
         self._bytes = 0
         self._pending: dict[Key, asyncio.Future[MintedJwt]] = {}
         # Mints whose identity was forgotten while they were out: their token is not kept.
@@ -75,9 +89,19 @@ class JwtCache:
     def key(spiffe_id: str, audience: Sequence[str]) -> Key:
         return (spiffe_id, audience_key(audience))
 
-    def cached(self, spiffe_id: str, audience: Sequence[str]) -> MintedJwt | None:
-        """A fresh token for (ID, audiences) if one is held; never mints."""
-        return self._hit((spiffe_id, audience_key(audience)))
+    def cached(
+        self, spiffe_id: str, audience: Sequence[str], revoked: frozenset[str] = frozenset()
+    ) -> MintedJwt | None:
+        """A fresh token for (ID, audiences) if one is held; never mints. One whose jti is in
+        `revoked` is dropped: the server revokes a task's tokens before its entry leaves the
+        agent (a later Sync message), and the agent must not hand out what it knows revoked."""
+        key = (spiffe_id, audience_key(audience))
+        if revoked:
+            held = self._tokens.get(key)
+            if held is not None and held[3] in revoked:
+                self._drop(key)
+                return None
+        return self._hit(key)
 
     def _hit(self, key: Key) -> MintedJwt | None:
         held = self._tokens.get(key)
@@ -120,12 +144,13 @@ class JwtCache:
             # Asked for before the forget, so handed to those callers; never to a later one.
             return jwt
         self._drop(key)
-        size = entry_size(key, jwt)
-        self._tokens[key] = (jwt, refresh_point(jwt), size)
+        jti = token_id(jwt)
+        size = entry_size(key, jwt, jti)
+        self._tokens[key] = (jwt, refresh_point(jwt), size, jti)
         self._bytes += size
         # A token bigger than the whole budget is handed out but not kept (it evicts itself).
         while self._tokens and (len(self._tokens) > self._max or self._bytes > self._max_bytes):
-            _, (_, _, gone) = self._tokens.popitem(last=False)
+            _, (_, _, gone, _) = self._tokens.popitem(last=False)
             self._bytes -= gone
             self.generation += 1
         return jwt

@@ -330,7 +330,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         add = reply.svids.add
         tokens = []
         for entry in chosen:
-            jwt = self._jwts.cached(entry.spiffe_id, audience)
+            jwt = self._jwts.cached(entry.spiffe_id, audience, snap.revoked_jtis)
             if jwt is None:
                 jwt = await self._mint(context, entry, audience)
             tokens.append((JwtCache.key(entry.spiffe_id, audience), refresh_point(jwt)))

@@ -473,6 +473,23 @@ def test_validate_jwt_refuses_a_token_whose_jti_the_server_revoked(agent: Harnes
     assert [(s["ok"], s["jti"]) for s in seen] == [(True, jti), (False, jti)]
 
 
+def test_fetch_jwt_never_serves_a_cached_token_whose_jti_the_server_revoked(
+    agent: Harness,
+) -> None:
+    # A task's end revokes its tokens' jtis first and deletes its entry after (a later Sync
+    # message; much later when the deletion failed and a sweep finishes it). Meanwhile the
+    # agent handed out the cached token it knew revoked, which its own ValidateJWTSVID refuses.
+    entry = agent.add_entry("/w/task/t1")
+    stub = agent.stub()
+    request = workload_pb2.JWTSVIDRequest(audience=["docs"], spiffe_id=entry.spiffe_id)
+    first = stub.FetchJWTSVID(request, metadata=HEADER).svids[0].svid
+    assert stub.FetchJWTSVID(request, metadata=HEADER).svids[0].svid == first
+    agent.revoked_jtis = frozenset({json.loads(b64url_decode(first.split(".")[1]))["jti"]})
+    agent.sync(issue=False)
+    assert stub.FetchJWTSVID(request, metadata=HEADER).svids[0].svid != first
+    assert agent.signer.jwt_calls == 2
+
+
 # ---- WIT and garbage ------------------------------------------------------------------------
 
 
