@@ -20,7 +20,7 @@ import grpc
 from agent_attestor.cache import Cache
 from agent_attestor.caller_check import checked_caller, not_serving
 from agent_attestor.jwt_cache import JwtCache
-from agent_attestor.model import TASK_PATH
+from agent_attestor.model import TASK_PATH, Entry
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.tasks.client import TaskClient
 from svid._proto import task_pb2, task_pb2_grpc
@@ -47,6 +47,13 @@ _PASS_THROUGH = frozenset(
 
 def goal_hash(goal: str) -> str:
     return hashlib.sha256(goal.encode("utf-8")).hexdigest() if goal else ""
+
+
+def _runtime_entry(mine: list[Entry]) -> Entry:
+    """Of the caller's entries with the task's runtime ID, the one the task's entry takes its
+    selectors from: the most specific, so that no more workloads than need be are given the
+    task (several entries may give one ID to different workloads)."""
+    return max(mine, key=lambda e: len(e.selectors))
 
 
 class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
@@ -90,12 +97,16 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
 
     async def _held(self, context: grpc.aio.ServicerContext) -> list[str]:
         """The caller's own identities (not task identities), default first; aborts if none."""
+        return list(dict.fromkeys(e.spiffe_id for e in await self._held_entries(context)))
+
+    async def _held_entries(self, context: grpc.aio.ServicerContext) -> list[Entry]:
+        """The caller's own entries (not task entries), default first; aborts if none."""
         caller = await checked_caller(context, self._registry)
         snap = self._cache.snapshot()
         problem = not_serving(snap)
         if problem is not None:
             await context.abort(*problem)
-        held = [e.spiffe_id for e in snap.entries_for(caller.selectors) if not e.is_task]
+        held = [e for e in snap.entries_for(caller.selectors) if not e.is_task]
         if not held:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
         return held
@@ -134,9 +145,10 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
     async def BeginTask(
         self, request: task_pb2.BeginTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.BeginTaskResponse:
-        held = await self._held(context)
-        runtime_id = request.spiffe_id or held[0]
-        if runtime_id not in held:
+        entries = await self._held_entries(context)
+        runtime_id = request.spiffe_id or entries[0].spiffe_id
+        mine = [e for e in entries if e.spiffe_id == runtime_id]
+        if not mine:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"caller does not hold {runtime_id[:200]!r}; a task runs under one of its own "
@@ -157,6 +169,7 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
                     parent_task_id=request.parent_task_id,
                     goal_sha256=goal_hash(request.intent.goal),
                     elevate=request.elevate,
+                    runtime_entry_id=_runtime_entry(mine).id,
                 )
             ),
         )

@@ -180,6 +180,7 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
                 goal_sha256=request.goal_sha256,
                 tools=tuple(request.intent.tools),
                 elevate=request.elevate,
+                runtime_entry_id=request.runtime_entry_id,
             ),
         )
         await self._still_authorized(context, task)

@@ -29,7 +29,7 @@ from server.datastore.records import (
     Revocation,
     TaskCursor,
 )
-from server.entitlement import entitled_entry
+from server.entitlement import agent_parents, entitled_entry, live
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.issuance import TaskGrant, TaskJwtGrant
 from server.policy import (
@@ -89,6 +89,8 @@ class BeginRequest:
     tools: tuple[str, ...] = ()
     # With parent_task_id: an elevated step (see TaskService._decide_begin).
     elevate: bool = False
+    # The caller's entry with runtime_id, as its agent found it ("" = the lowest id's).
+    runtime_entry_id: str = ""
 
 
 class TaskService:
@@ -210,7 +212,11 @@ class TaskService:
 
     # -- begin --------------------------------------------------------------------------------
 
-    def _runtime_entry(self, agent: AttestedAgent, runtime_id: str) -> Entry:
+    def _runtime_entry(self, agent: AttestedAgent, runtime_id: str, entry_id: str = "") -> Entry:
+        """The entry the task's entry takes its selectors from, so that its SVIDs reach the
+        workload that began it: the one its agent names, else the lowest id with the ID.
+        Several entries may give one ID to different workloads (other selectors): the lowest
+        id's gave a task one workload began to another, and none of it to the first."""
         try:
             wanted = str(SpiffeId.parse(runtime_id))
         except Exception:
@@ -221,12 +227,29 @@ class TaskService:
             raise InvalidRequestError(
                 f"runtime_id: {wanted} is a task identity; begin a sub-task with parent_task_id"
             )
+        now = self._now()
+        if entry_id:
+            named = self._state.entries.by_id.get(entry_id)
+            parents = agent_parents(
+                self._state.entries, agent.spiffe_id, agent.selectors, self._server_id, now
+            )
+            if (
+                named is not None
+                and named.spiffe_id == wanted
+                and named.parent_id in parents
+                and live(named, now)
+            ):
+                return named
+            raise PermissionDeniedError(
+                f"{wanted} is not the identity of an entry {entry_id[:80]!r} that agent "
+                f"{agent.spiffe_id} may serve"
+            )
         entry = entitled_entry(
             self._state.entries,
             agent.spiffe_id,
             agent.selectors,
             self._server_id,
-            self._now(),
+            now,
             spiffe_id=wanted,
         )
         if entry is not None:
@@ -333,7 +356,7 @@ class TaskService:
             )
         if req.goal_sha256 and (len(req.goal_sha256) != 64 or set(req.goal_sha256) - _HEX):
             raise InvalidRequestError("goal_sha256: must be 64 lowercase hex digits")
-        runtime = self._runtime_entry(agent, req.runtime_id)
+        runtime = self._runtime_entry(agent, req.runtime_id, req.runtime_entry_id)
         parent = self._parent(agent, req)
         intent = self._child_intent(req, parent)  # RequestError -> INVALID_ARGUMENT
         ttl = req.ttl or self.settings.default_ttl

@@ -132,20 +132,22 @@ class ListTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class NodeBeginTaskRequest(_message.Message):
-    __slots__ = ("runtime_id", "intent", "ttl", "parent_task_id", "goal_sha256", "elevate")
+    __slots__ = ("runtime_id", "intent", "ttl", "parent_task_id", "goal_sha256", "elevate", "runtime_entry_id")
     RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]
     INTENT_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
     PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_SHA256_FIELD_NUMBER: _ClassVar[int]
     ELEVATE_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     runtime_id: str
     intent: Intent
     ttl: int
     parent_task_id: str
     goal_sha256: str
     elevate: bool
-    def __init__(self, runtime_id: _Optional[str] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., ttl: _Optional[int] = ..., parent_task_id: _Optional[str] = ..., goal_sha256: _Optional[str] = ..., elevate: _Optional[bool] = ...) -> None: ...
+    runtime_entry_id: str
+    def __init__(self, runtime_id: _Optional[str] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., ttl: _Optional[int] = ..., parent_task_id: _Optional[str] = ..., goal_sha256: _Optional[str] = ..., elevate: _Optional[bool] = ..., runtime_entry_id: _Optional[str] = ...) -> None: ...
 
 class NodeEndTaskRequest(_message.Message):
     __slots__ = ("task_id", "runtime_ids")

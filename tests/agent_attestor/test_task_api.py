@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import pytest
 from agent_attestor.cache import Cache
 from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.errors import NoIdentityError
-from agent_attestor.model import Entry
+from agent_attestor.model import Entry, Selector
 from agent_attestor.tasks.api import TasksApi
 from agent_attestor.tasks.client import GrpcTaskClient
 from agent_attestor.tasks.reporter import MAX_QUEUED, ValidationReporter
@@ -153,6 +154,20 @@ def test_begin_forwards_the_default_identity_and_only_the_goal_hash(ta: TaskAgen
     assert list(sent.intent.actions) == ["read"]
     begin(ta, spiffe_id=f"{TD}/bot-other")
     assert ta.client.begun[1].runtime_id == f"{TD}/bot-other"
+
+
+def test_begin_names_the_callers_own_entry_for_the_task_to_take_its_selectors(
+    ta: TaskAgent,
+) -> None:
+    # Two entries give /bot to two workloads. The server gave the task the selectors of the
+    # entry with the lowest id, another workload's here: that one got the task's SVIDs.
+    other = ta.h.add_entry("/bot", selectors=frozenset({Selector("unix", "uid:4294967294")}))
+    mine = ta.h.add_entry("/bot")
+    narrower = ta.h.add_entry("/bot", selectors=me() | {Selector("unix", f"gid:{os.getgid()}")})
+    begin(ta)
+    (sent,) = ta.client.begun
+    assert sent.runtime_entry_id == narrower.id
+    assert other.id < mine.id < narrower.id
 
 
 def test_begin_answers_once_the_task_entry_is_served_here(ta: TaskAgent) -> None:

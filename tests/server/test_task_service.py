@@ -446,6 +446,29 @@ def test_runtime_must_be_entitled_and_not_a_task(world: World) -> None:
         world.begin(parent_task_id="nope")
 
 
+def test_a_task_entry_takes_the_selectors_of_the_callers_entry_its_agent_names(
+    world: World,
+) -> None:
+    # Two workloads given one ID by two entries: the task's entry took the selectors of the
+    # entry with the lowest id, so a task one began went (X.509 pushed, JWTs on request) to the
+    # other, and the one that began it could fetch nothing of it.
+    def add(path: str) -> Entry:
+        selectors = (*SELECTORS, Selector("unix", f"path:{path}"))
+        created: Entry = world.run(world.state.create_entry(Entry("", RUNTIME, AGENT, selectors)))
+        return created
+
+    first, second = sorted((add("/opt/a"), add("/opt/b")), key=lambda e: e.id)
+    task = world.begin(runtime_entry_id=second.id)
+    assert world.state.entries.by_id[task.entry_id].selectors == second.selectors
+    sub = world.begin(parent_task_id=task.task_id, runtime_entry_id=second.id)
+    assert world.state.entries.by_id[sub.entry_id].selectors == second.selectors
+    other = world.run(world.state.create_entry(Entry("", f"{RUNTIME}-2", AGENT, SELECTORS)))
+    for wrong in ("nope", other.id):
+        with pytest.raises(PermissionDeniedError, match="may serve"):
+            world.begin(runtime_entry_id=wrong)
+    assert first.id < second.id
+
+
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
     [
