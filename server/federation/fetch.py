@@ -27,16 +27,27 @@ from svid._spiffe_id import TrustDomain
 
 TIMEOUT = 10.0
 MAX_BUNDLE_BYTES = 1024 * 1024
+# The agents are sent a foreign bundle's sequence and refresh hint as int64 (common.Bundle): a
+# larger one, installed, failed every Sync that carried the bundle.
+MAX_BUNDLE_NUMBER = 2**63 - 1
 
 
 def check_bundle(trust_domain: TrustDomain, body: bytes) -> SpiffeBundle:
     """The bundle `body` holds, if it is one of `trust_domain`: parsed, and every X.509
     authority that names a trust domain (a URI SAN, as SPIFFE CA certificates carry) naming
-    this one. FederationError otherwise."""
+    this one, and its numbers within what the agents are sent. FederationError otherwise."""
     try:
         bundle = SpiffeBundle.parse(trust_domain, body)
     except SvidError as exc:
         raise FederationError(f"bundle of {trust_domain} refused: {exc}") from None
+    for name, value in (
+        ("spiffe_sequence", bundle.sequence),
+        ("spiffe_refresh_hint", bundle.refresh_hint),
+    ):
+        if value > MAX_BUNDLE_NUMBER:
+            raise FederationError(
+                f"bundle of {trust_domain} refused: {name} is past {MAX_BUNDLE_NUMBER}"
+            )
     for cert in bundle.x509_authorities:
         for uri in _uris(cert):
             if uri != str(trust_domain.id):

@@ -270,3 +270,31 @@ def test_a_bootstrapped_relationship_fetches_at_once(home: tuple[RunningServer, 
         while not fetched():
             assert time.monotonic() < deadline, "the bootstrap did not trigger a fetch"
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize("member", ["spiffe_sequence", "spiffe_refresh_hint"])
+def test_a_bundle_whose_numbers_outgrow_the_sync_protocol_is_refused(member: str) -> None:
+    """The agents are sent a foreign bundle's sequence and refresh hint as int64: a bundle past
+    that is refused when set (or fetched), and the agents' Sync goes on."""
+    with managed_server() as home, managed_server(trust_domain="other.org") as other:
+        doc = json.loads(home.server.state.bundle.to_json())
+        doc[member] = 2**63
+        with pytest.raises(FederationError, match=member):
+            check_bundle(HOME, json.dumps(doc).encode())
+        admin = other.admin()
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.SetFederatedBundle(
+                admin_pb2.SetFederatedBundleRequest(
+                    bundle=admin_pb2.FederatedBundle(
+                        trust_domain="example.org", bundle=json.dumps(doc).encode()
+                    )
+                ),
+                timeout=10,
+            )
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert member in str(refused.value.details())
+        agent = other.attest()
+        _other_entry(other, agent.spiffe_id, ("spiffe://example.org",))
+        stream = other.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
+        assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+        stream.cancel()
