@@ -4,8 +4,10 @@ Both profiles of the SPIFFE Federation API are an HTTPS GET answered with SPIFFE
 they differ in how the endpoint is authenticated:
   https_web     the endpoint's certificate, by web PKI (system roots) or a configured CA file,
                 with the host name checked;
-  https_spiffe  the endpoint's X.509-SVID, chained to the last bundle we hold for the foreign
-                trust domain, and its URI SAN equal to the configured endpoint SPIFFE ID.
+  https_spiffe  the endpoint's X.509-SVID, chained to the last bundle we hold for the trust
+                domain of the configured endpoint SPIFFE ID (the foreign trust domain's own
+                when the endpoint serves its own bundle, another's when it does not: SPIFFE
+                Federation 5.2.2.4), and its URI SAN equal to that ID.
 The fetch is blocking (http.client): the refresher runs it in a worker thread.
 """
 
@@ -23,7 +25,7 @@ from server.federation.errors import FederationError
 from svid._bundle import SpiffeBundle
 from svid._der import certs_to_pem
 from svid._errors import SvidError
-from svid._spiffe_id import TrustDomain
+from svid._spiffe_id import SpiffeId, TrustDomain
 
 TIMEOUT = 10.0
 MAX_BUNDLE_BYTES = 1024 * 1024
@@ -66,15 +68,23 @@ def _uris(cert: x509.Certificate) -> list[str]:
     return [str(u) for u in san.value.get_values_for_type(x509.UniformResourceIdentifier)]
 
 
+def endpoint_trust_domain(rel: FederationRelationship) -> TrustDomain:
+    """The trust domain whose bundle authenticates an https_spiffe endpoint: its SPIFFE ID's."""
+    return SpiffeId.parse(rel.endpoint_spiffe_id).trust_domain
+
+
 def tls_context(rel: FederationRelationship, known: SpiffeBundle | None) -> ssl.SSLContext:
-    """How to authenticate the relationship's endpoint (see the module)."""
+    """How to authenticate the relationship's endpoint (see the module); `known` is the bundle
+    of the endpoint's trust domain (https_spiffe)."""
     if rel.profile == HTTPS_WEB:
         return ssl.create_default_context(cafile=rel.ca_file or None)
     if rel.profile != HTTPS_SPIFFE:
         raise FederationError(f"{rel.trust_domain}: unknown profile {rel.profile!r}")
-    if known is None or not known.x509_authorities:
+    authority = endpoint_trust_domain(rel)
+    # Another trust domain's CAs would vouch for an endpoint ID that is not theirs to name.
+    if known is None or known.trust_domain != authority or not known.x509_authorities:
         raise FederationError(
-            f"{rel.trust_domain}: https_spiffe needs a bundle of {rel.trust_domain} to "
+            f"{rel.trust_domain}: https_spiffe needs a bundle of {authority} to "
             "authenticate its endpoint: set one first (svid-server bundle set)"
         )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -40,7 +40,7 @@ from server.datastore.records import (
 )
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.federation.errors import FederationError
-from server.federation.fetch import check_bundle, fetch_bundle
+from server.federation.fetch import check_bundle, endpoint_trust_domain, fetch_bundle
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock
 from svid._errors import SpiffeIdError
@@ -335,7 +335,7 @@ class FederationService:
             asked = self._due.get(td)
             self.fetches += 1
             try:
-                fetched = await asyncio.to_thread(self._fetch, rel, known)
+                fetched = await asyncio.to_thread(self._fetch, rel, self._endpoint_bundle(rel))
                 if is_stale(self._bundles.get(td), fetched):
                     raise FederationError(
                         f"{td}: bundle endpoint served spiffe_sequence {fetched.sequence}, "
@@ -355,6 +355,13 @@ class FederationService:
             changed = await self._install(fetched, source=rel.endpoint_url)
             self._reschedule(td, asked, next_refresh(fetched, ok=True))
             return Refreshed(changed, fetched)
+
+    def _endpoint_bundle(self, rel: FederationRelationship) -> SpiffeBundle | None:
+        """The bundle that authenticates the relationship's endpoint: for https_spiffe, that of
+        the endpoint ID's trust domain, which need not be the one whose bundle it serves."""
+        if rel.profile != HTTPS_SPIFFE:
+            return self._bundles.get(rel.trust_domain)
+        return self._bundles.get(endpoint_trust_domain(rel).name)
 
     def _reschedule(self, td: str, asked: float | None, delay: float) -> None:
         """Schedule the next fetch, unless a fetch was asked for while this one ran (a bundle

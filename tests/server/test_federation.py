@@ -4,7 +4,11 @@ checked, recorded on the ledger and pushed on the Sync stream; refusals keep the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from server.datastore.records import (
     HTTPS_SPIFFE,
@@ -23,10 +28,12 @@ from server.federation.errors import FederationError
 from server.federation.fetch import check_bundle, fetch_bundle
 from server.federation.service import BUNDLE_CHANGED, BUNDLE_REFUSED
 from svid._bundle import SpiffeBundle
-from svid._proto import admin_pb2, common_pb2, node_pb2
+from svid._der import certs_to_pem
+from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2
 from svid._spiffe_id import TrustDomain
 from tests.ports import free_port
-from tests.server.fixtures import RunningServer, managed_server, write_tls_files
+from tests.server.fixtures import RunningServer, managed_server, short_tmpdir, write_tls_files
+from tests.svid.certs import Issued, make_ca, make_leaf
 
 HOME = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -298,3 +305,114 @@ def test_a_bundle_whose_numbers_outgrow_the_sync_protocol_is_refused(member: str
         stream = other.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
         assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
         stream.cancel()
+
+
+class SvidEndpoint:
+    """A bundle endpoint of our own making: presents `leaf` (an X.509-SVID) and answers every
+    GET with `body`, until closed."""
+
+    def __init__(self, leaf: Issued, issuer: Issued, body: bytes) -> None:
+        tmp = short_tmpdir("fed")
+        (tmp / "chain.pem").write_bytes(certs_to_pem([leaf.cert, issuer.cert]))
+        (tmp / "key.pem").write_bytes(
+            leaf.key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tmp / "chain.pem", tmp / "key.pem")
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}/"
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+        def serve() -> None:
+            while True:
+                try:
+                    raw, _ = self._listener.accept()
+                except OSError:  # closed
+                    return
+                try:
+                    with context.wrap_socket(raw, server_side=True) as conn:
+                        conn.recv(65536)
+                        conn.sendall(answer)
+                except OSError:  # a client that refused us
+                    pass
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        # Closing alone does not wake the accept() blocked in the thread; a shutdown does.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(10)
+
+
+def _now_ca(name: str) -> Issued:
+    return make_ca(name, not_before=time.time() - 60, not_after=time.time() + 3600)
+
+
+def _now_leaf(issuer: Issued, spiffe_id: str) -> Issued:
+    now = time.time()
+    return make_leaf(issuer, uris=[spiffe_id], not_before=now - 60, not_after=now + 3600)
+
+
+def _set_bundle(admin: admin_pb2_grpc.AdminStub, td: str, *authorities: Issued) -> None:
+    bundle = SpiffeBundle(TrustDomain(td), tuple(a.cert for a in authorities), sequence=1)
+    admin.SetFederatedBundle(
+        admin_pb2.SetFederatedBundleRequest(
+            bundle=admin_pb2.FederatedBundle(trust_domain=td, bundle=bundle.to_json())
+        ),
+        timeout=10,
+    )
+
+
+def test_a_non_self_serving_endpoint_is_authenticated_by_its_own_trust_domains_bundle() -> None:
+    """example.org's bundle is served by hub.org's endpoint (SPIFFE Federation 5.2.2.4): the
+    endpoint's SVID is checked against hub.org's bundle, whatever example.org's holds."""
+    hub, home = _now_ca("hub.org"), _now_ca("example.org")
+    endpoint_id = "spiffe://hub.org/bundle-server"
+    served = SpiffeBundle(HOME, (home.cert,), sequence=2).to_json()
+    genuine = SvidEndpoint(_now_leaf(hub, endpoint_id), hub, served)
+    # example.org's CA names an endpoint of hub.org: not hub.org's to trust.
+    forged = SvidEndpoint(_now_leaf(home, endpoint_id), home, served)
+    try:
+        with managed_server(trust_domain="other.org") as other:
+            admin = other.admin()
+            _set_bundle(admin, "hub.org", hub)
+
+            def relate(url: str) -> None:
+                rel = admin_pb2.FederationRelationship(
+                    trust_domain="example.org",
+                    bundle_endpoint_url=url,
+                    profile=HTTPS_SPIFFE,
+                    endpoint_spiffe_id=endpoint_id,
+                )
+                admin.CreateFederationRelationship(
+                    admin_pb2.CreateFederationRelationshipRequest(relationship=rel), timeout=10
+                )
+
+            def refresh() -> admin_pb2.RefreshFederatedBundleResponse:
+                return admin.RefreshFederatedBundle(  # type: ignore[no-any-return]
+                    admin_pb2.RefreshFederatedBundleRequest(trust_domain="example.org"),
+                    timeout=30,
+                )
+
+            relate(genuine.url)
+            got = SpiffeBundle.parse(HOME, refresh().bundle.bundle)
+            assert got.x509_authorities == (home.cert,)
+            admin.DeleteFederationRelationship(
+                admin_pb2.DeleteFederationRelationshipRequest(trust_domain="example.org"),
+                timeout=10,
+            )
+            relate(forged.url)
+            with pytest.raises(grpc.RpcError) as refused:
+                refresh()
+            assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert "not authenticated" in str(refused.value.details())
+    finally:
+        genuine.close()
+        forged.close()
