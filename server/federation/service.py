@@ -49,6 +49,10 @@ from svid._spiffe_id import SpiffeId, TrustDomain
 _log = logging.getLogger("svid.server.federation")
 DEFAULT_REFRESH = 300
 MIN_REFRESH = 1
+# The hint is a hint (SPIFFE Trust Domain and Bundle 4.1.2): one answer announcing years would
+# stop the fetches, and hold the fetch lease, that long, and keys the foreign domain drops would
+# stay trusted here. An hour is cheap to poll and bounds how late such a drop arrives.
+MAX_REFRESH = 3600
 # After a failed fetch, try again after this long (or the hint, if shorter).
 RETRY = 5.0
 BUNDLE_CHANGED = "federated_bundle_changed"
@@ -138,8 +142,10 @@ def lease_ttl(bundle: SpiffeBundle | None) -> int:
 
 
 def next_refresh(bundle: SpiffeBundle | None, ok: bool) -> float:
-    """Seconds until the next fetch: the bundle's refresh hint, sooner after a failure."""
-    hint = float(max(MIN_REFRESH, bundle.refresh_hint if bundle and bundle.refresh_hint else 0))
+    """Seconds until the next fetch: the bundle's refresh hint (within MIN_REFRESH and
+    MAX_REFRESH), sooner after a failure."""
+    held = bundle.refresh_hint if bundle and bundle.refresh_hint else 0
+    hint = float(min(MAX_REFRESH, max(MIN_REFRESH, held)))
     if bundle is None or not bundle.refresh_hint:
         hint = DEFAULT_REFRESH
     return hint if ok else min(hint, RETRY)

@@ -24,8 +24,10 @@ from server.federation.service import (
     BUNDLE_REFUSED,
     DEFAULT_REFRESH,
     FOLLOWED_DELAY,
+    MAX_REFRESH,
     RETRY,
     FederationService,
+    lease_ttl,
     next_refresh,
     parse_static,
 )
@@ -135,6 +137,17 @@ def test_the_next_fetch_follows_the_refresh_hint_and_retries_sooner() -> None:
     assert next_refresh(_bundle(1, hint=2), ok=False) == 2
     assert next_refresh(_bundle(1, hint=0), ok=True) == DEFAULT_REFRESH
     assert next_refresh(None, ok=True) == DEFAULT_REFRESH
+
+
+@pytest.mark.parametrize("hint", [10 * 365 * 86400, 2**63 - 1])
+def test_a_refresh_hint_of_years_is_not_waited_out(world: World, hint: int) -> None:
+    """One answer with a hint of years would stop the fetches (and hold the fetch lease) that
+    long: keys the foreign domain drops meanwhile would stay trusted here."""
+    assert next_refresh(_bundle(1, hint=hint), ok=True) == MAX_REFRESH
+    assert lease_ttl(_bundle(1, hint=hint)) == 2 * MAX_REFRESH + 5
+    world.answers = [_bundle(1, hint=hint)]
+    world.run(world.service.refresh("example.org"))
+    assert world.service.next_fetch("example.org") == world.clock.now() + MAX_REFRESH
 
 
 @pytest.mark.parametrize(
