@@ -26,6 +26,7 @@ from svid._bundle import SpiffeBundle
 from svid._der import certs_to_pem
 from svid._errors import SvidError
 from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._x509 import extensions_of
 
 TIMEOUT = 10.0
 MAX_BUNDLE_BYTES = 1024 * 1024
@@ -51,7 +52,11 @@ def check_bundle(trust_domain: TrustDomain, body: bytes) -> SpiffeBundle:
                 f"bundle of {trust_domain} refused: {name} is past {MAX_BUNDLE_NUMBER}"
             )
     for cert in bundle.x509_authorities:
-        for uri in _uris(cert):
+        try:
+            uris = _uris(cert)
+        except SvidError as exc:  # the parse reads no extension: a SAN that does not parse
+            raise FederationError(f"bundle of {trust_domain} refused: {exc}") from None
+        for uri in uris:
             if uri != str(trust_domain.id):
                 raise FederationError(
                     f"bundle of {trust_domain} refused: its X.509 authority "
@@ -62,7 +67,7 @@ def check_bundle(trust_domain: TrustDomain, body: bytes) -> SpiffeBundle:
 
 def _uris(cert: x509.Certificate) -> list[str]:
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        san = extensions_of(cert).get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
     return [str(u) for u in san.value.get_values_for_type(x509.UniformResourceIdentifier)]

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtensionOID
 
 from server.datastore.records import (
     HTTPS_SPIFFE,
@@ -416,3 +418,34 @@ def test_a_non_self_serving_endpoint_is_authenticated_by_its_own_trust_domains_b
     finally:
         genuine.close()
         forged.close()
+
+
+def test_a_bundle_whose_authority_has_a_malformed_san_is_refused() -> None:
+    """A foreign CA certificate whose SAN does not parse: the bundle is refused as any other
+    bad one is (an invalid argument when set), not an internal error."""
+    ca = _now_ca("example.org")
+    garbled = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x04\x00junk")
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(ca.cert.subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(ca.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(ca.cert.not_valid_before_utc)
+        .not_valid_after(ca.cert.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(garbled, critical=False)
+    )
+    body = SpiffeBundle(HOME, (builder.sign(ca.key, hashes.SHA256()),)).to_json()
+    with pytest.raises(FederationError, match="malformed extensions"):
+        check_bundle(HOME, body)
+    with managed_server(trust_domain="other.org") as other:
+        with pytest.raises(grpc.RpcError) as refused:
+            other.admin().SetFederatedBundle(
+                admin_pb2.SetFederatedBundleRequest(
+                    bundle=admin_pb2.FederatedBundle(trust_domain="example.org", bundle=body)
+                ),
+                timeout=10,
+            )
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed extensions" in str(refused.value.details())
