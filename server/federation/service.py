@@ -26,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit
 
 from server.audit.log import AuditLog
 from server.datastore.base import DataStore
@@ -94,6 +96,7 @@ def validate_relationship(rel: FederationRelationship, own: TrustDomain) -> Fede
         raise InvalidRequestError(
             f"bundle_endpoint_url: {rel.endpoint_url!r} must be an https:// URL"
         )
+    _check_authority(rel.endpoint_url)
     if rel.profile not in (HTTPS_WEB, HTTPS_SPIFFE):
         raise InvalidRequestError(f"profile: {rel.profile!r}; one of {HTTPS_WEB}, {HTTPS_SPIFFE}")
     endpoint_id = ""
@@ -107,6 +110,19 @@ def validate_relationship(rel: FederationRelationship, own: TrustDomain) -> Fede
     if rel.ca_file and rel.profile != HTTPS_WEB:
         raise InvalidRequestError("ca_file: only for the https_web profile")
     return replace(rel, trust_domain=td.name, endpoint_spiffe_id=endpoint_id)
+
+
+def _check_authority(url: str) -> None:
+    """A bundle endpoint URL names a host and no userinfo (SPIFFE Federation 5.2.1.1, 5.2.2.1):
+    what it carries would be logged and put on the ledger with the URL, so it is not echoed."""
+    if "@" in re.split(r"[/?#]", url.removeprefix("https://"), maxsplit=1)[0]:
+        raise InvalidRequestError("bundle_endpoint_url: must not hold userinfo (user@ or user:pw@)")
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:  # an unclosed IPv6 bracket
+        host = None
+    if not host:
+        raise InvalidRequestError(f"bundle_endpoint_url: {url!r} names no host")
 
 
 def parse_static(text: str, own: TrustDomain) -> FederationRelationship:

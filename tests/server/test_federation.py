@@ -210,6 +210,7 @@ def test_dynamic_relationships_round_trip_and_are_validated() -> None:
         for bad, field in (
             ({"profile": "ftp"}, "profile"),
             ({"bundle_endpoint_url": "http://x/"}, "bundle_endpoint_url"),
+            ({"bundle_endpoint_url": "https://u:secret@x/"}, "userinfo"),
             ({"trust_domain": "other.org"}, "own trust domain"),
             ({"profile": "https_spiffe", "endpoint_spiffe_id": "nope"}, "endpoint_spiffe_id"),
         ):
@@ -223,6 +224,7 @@ def test_dynamic_relationships_round_trip_and_are_validated() -> None:
                 )
             assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert field in str(refused.value.details())
+            assert "secret" not in str(refused.value.details())
         admin.DeleteFederationRelationship(
             admin_pb2.DeleteFederationRelationshipRequest(trust_domain="example.org"), timeout=10
         )

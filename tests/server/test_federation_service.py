@@ -157,6 +157,12 @@ def test_a_refresh_hint_of_years_is_not_waited_out(world: World, hint: int) -> N
         ({"federation_relationships": ["example.org ftp https://x/"]}, "profile"),
         ({"federation_relationships": ["example.org https_spiffe https://x/ nope"]}, "endpoint"),
         ({"federation_relationships": ["other.org https_web https://x/"]}, "own trust domain"),
+        # SPIFFE Federation 5.2.1.1 / 5.2.2.1: no userinfo (it went to the log and the ledger).
+        (
+            {"federation_relationships": ["example.org https_web https://u:secret@x/"]},
+            "userinfo",
+        ),
+        ({"federation_relationships": ["example.org https_web https:///bundle"]}, "host"),
         (
             {"bundle_endpoint_address": "127.0.0.1:1", "bundle_endpoint_profile": "https_web"},
             "bundle_endpoint_cert",
