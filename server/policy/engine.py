@@ -14,6 +14,7 @@ from server.policy.decision import Decision, DecisionRequest, Outcome, PairResul
 from server.policy.errors import PolicyError, Problem
 from server.policy.intent import Intent
 from server.policy.loader import LoadedSet
+from server.policy.schema import SchemaInfo
 from svid._clock import Clock
 
 DEFAULT_HIGH_RISK_TTL_CAP = 60
@@ -56,7 +57,10 @@ class PolicyEngine:
         self._trust_domain = trust_domain
         self._high_risk_ttl_cap = high_risk_ttl_cap
         self._reload_lock = threading.Lock()
-        self._entities: dict[tuple[str, str, int, Intent], cedarpy.Entities] = {}
+        # Parsed entities of the serving schema, by (agent, node, risk, intent): see decide().
+        self._entities: tuple[
+            SchemaInfo | None, dict[tuple[str, str, int, Intent], cedarpy.Entities]
+        ] = (None, {})
         self._state = self._load(policy_dir)
         # Decisions of the serving set, by (request, whole second): see decide().
         self._decisions: tuple[LoadedSet | None, dict[tuple[DecisionRequest, int], Decision]] = (
@@ -145,19 +149,24 @@ class PolicyEngine:
                 [Problem(loaded.schema.name, f"schema rejects svidd's request: {bad[0]}")]
             )
 
-    def _agent_entities(self, request: DecisionRequest) -> cedarpy.Entities:
-        # One parsed handle per (agent, intent): a task's mints all reuse the same one.
+    def _agent_entities(self, schema: SchemaInfo, request: DecisionRequest) -> cedarpy.Entities:
+        # One parsed handle per (agent, intent): a task's mints all reuse the same one. It adds
+        # to the schema's action entities, so it is only good for the schema it was made with.
+        held, handles = self._entities
+        if held is not schema:
+            handles = {}
+            self._entities = (schema, handles)
         key = (request.agent_id, request.node_id, request.risk, request.intent)
-        handle = self._entities.get(key)
+        handle = handles.get(key)
         if handle is None:
-            if len(self._entities) >= _ENTITY_CACHE_SIZE:
-                self._entities.clear()
-            handle = cedarpy.Entities.from_json_str(
+            if len(handles) >= _ENTITY_CACHE_SIZE:
+                handles.clear()
+            handle = schema.action_entities.with_added_json_str(
                 cedar_request.entities_json(
                     request.agent_id, request.node_id, request.risk, request.intent
                 )
             )
-            self._entities[key] = handle
+            handles[key] = handle
         return handle
 
     def decide(self, request: DecisionRequest) -> Decision:
@@ -199,7 +208,7 @@ class PolicyEngine:
             answers = cedarpy.is_authorized_batch(
                 cedar_request.cedar_requests(request, known, ctx),
                 loaded.policy_set,
-                self._agent_entities(request),
+                self._agent_entities(schema, request),
             )
             results.extend(
                 self._pair(loaded, a, r, ans) for (a, r), ans in zip(known, answers, strict=True)

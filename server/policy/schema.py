@@ -28,6 +28,9 @@ class SchemaInfo:
     handle: cedarpy.Schema
     actions: frozenset[str]
     high_risk: frozenset[str]
+    # The schema's actions and their groups as entities: Cedar reads `action in Action::"g"`
+    # from the entities it is handed, never from a schema it is not given at decision time.
+    action_entities: cedarpy.Entities
 
 
 def builtin_schema_text() -> str:
@@ -44,6 +47,7 @@ def load_schema(name: str, text: str) -> SchemaInfo | Problem:
         return Problem(name, 'the schema must declare exactly the empty namespace ""')
     try:
         handle = cedarpy.Schema.from_json_str(text)
+        action_entities = cedarpy.Entities.from_json_str("[]", handle)
     except ValueError as e:
         return Problem(name, f"invalid Cedar schema: {e}")
     actions: set[str] = set()
@@ -58,4 +62,4 @@ def load_schema(name: str, text: str) -> SchemaInfo | Problem:
             high_risk.add(action)
     if not actions:
         return Problem(name, f"no action applies to principal type {PRINCIPAL_TYPE}")
-    return SchemaInfo(name, text, handle, frozenset(actions), frozenset(high_risk))
+    return SchemaInfo(name, text, handle, frozenset(actions), frozenset(high_risk), action_entities)

@@ -147,6 +147,24 @@ def test_a_permit_on_the_high_risk_group_is_not_explicit(tmp_path: Path) -> None
     assert ask(engine, {"fetch_secret"}, {"vault"}).outcome is Outcome.DENY
 
 
+def test_a_forbid_on_the_high_risk_group_overrides_a_permit_naming_the_action(
+    tmp_path: Path,
+) -> None:
+    write(
+        tmp_path,
+        "p.cedar",
+        '@id("secrets")\npermit (principal, action == Action::"fetch_secret", resource);\n'
+        '@id("no_high_risk_in_prod")\n'
+        'forbid (principal, action in Action::"high_risk", resource)\n'
+        'when { context.intent.environment == "prod" };\n',
+    )
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    d = ask(engine, {"fetch_secret", "read"}, {"vault"}, environment="prod")
+    assert d.outcome is Outcome.DENY
+    assert "forbidden by p.cedar:no_high_risk_in_prod" in d.reason
+    assert ask(engine, {"fetch_secret"}, {"vault"}, environment="dev").allowed
+
+
 def test_a_permit_naming_the_action_grants_it_with_the_high_risk_cap(tmp_path: Path) -> None:
     write(
         tmp_path,
