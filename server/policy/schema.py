@@ -52,14 +52,28 @@ def load_schema(name: str, text: str) -> SchemaInfo | Problem:
         return Problem(name, f"invalid Cedar schema: {e}")
     actions: set[str] = set()
     high_risk: set[str] = set()
-    for action, decl in (doc[""].get("actions") or {}).items():
+    decls = doc[""].get("actions") or {}
+    for action, decl in decls.items():
         applies = (decl or {}).get("appliesTo") or {}
         if PRINCIPAL_TYPE not in applies.get("principalTypes", ()):
             continue  # an action group such as high_risk: not requestable on its own
         actions.add(action)
-        groups = {m.get("id") for m in (decl.get("memberOf") or ())}
-        if HIGH_RISK_GROUP in groups:
+        if HIGH_RISK_GROUP in _groups(decls, action):
             high_risk.add(action)
     if not actions:
         return Problem(name, f"no action applies to principal type {PRINCIPAL_TYPE}")
     return SchemaInfo(name, text, handle, frozenset(actions), frozenset(high_risk), action_entities)
+
+
+def _groups(decls: dict[str, Any], action: str) -> set[str]:
+    """Every action group `action` is in, directly or through groups it is in: Cedar's
+    `action in Action::"g"` holds for all of them."""
+    found: set[str] = set()
+    todo = [action]
+    while todo:
+        for member in (decls.get(todo.pop()) or {}).get("memberOf") or ():
+            group = member.get("id")
+            if group not in found:
+                found.add(group)
+                todo.append(group)
+    return found

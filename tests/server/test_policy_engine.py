@@ -413,6 +413,24 @@ def test_an_operator_schema_can_add_actions(tmp_path: Path) -> None:
     assert ask(engine, {"deploy"}, {"k8s"}).granted_actions == ("deploy",)
 
 
+def test_an_action_in_a_group_of_the_high_risk_group_is_high_risk(tmp_path: Path) -> None:
+    import json
+
+    doc = json.loads(
+        (Path(__file__).parents[2] / "server/policy/svid.cedarschema.json").read_text()
+    )
+    actions = doc[""]["actions"]
+    actions["secrets"] = {"memberOf": [{"id": "high_risk"}]}
+    actions["fetch_secret"]["memberOf"] = [{"id": "secrets"}]
+    write(tmp_path, "site.cedarschema.json", json.dumps(doc))
+    write(tmp_path, "broad.cedar", "permit (principal, action, resource);\n")
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    assert "fetch_secret" in engine.high_risk_actions
+    d = ask(engine, {"fetch_secret"}, {"vault"}, ttl=3600)
+    assert d.outcome is Outcome.DENY
+    assert "fetch_secret is high-risk and no permit names it explicitly" in d.reason
+
+
 def test_a_schema_that_does_not_fit_svidd_requests_is_refused(tmp_path: Path) -> None:
     import json
 
