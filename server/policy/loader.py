@@ -141,7 +141,8 @@ def _meta_for(file: str, local_id: str, policy: pst.Template) -> tuple[PolicyMet
     ttl_cap: int | None = None
     if "ttl_cap" in ann:
         raw = ann["ttl_cap"]
-        if not raw.isdigit() or int(raw) <= 0:
+        # isdecimal, not isdigit: "²" is a digit that int() refuses (a ValueError, not a Problem).
+        if not raw.isdecimal() or int(raw) <= 0:
             complaints.append(f"@ttl_cap({raw!r}) is not a positive number of seconds")
         elif policy.effect != "permit":
             complaints.append("@ttl_cap on a forbid policy has no effect")

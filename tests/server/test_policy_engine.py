@@ -307,6 +307,8 @@ def test_schema_invalid_policy_is_refused(tmp_path: Path) -> None:
     [
         ('@ttl_cap("soon")\npermit (principal, action, resource);', "not a positive number"),
         ('@ttl_cap("0")\npermit (principal, action, resource);', "not a positive number"),
+        # A digit to str.isdigit, not to int(): superscript two.
+        ('@ttl_cap("\u00b2")\npermit (principal, action, resource);', "not a positive number"),
         ('@ttl_cap("5")\nforbid (principal, action, resource);', "no effect"),
         (
             '@id("x")\npermit (principal, action, resource);\n'
