@@ -491,8 +491,9 @@ class TaskService:
         The log never records a task whose row failed, and no agent hears of a task before it
         is active (an SVID it asked for earlier would be refused, or recorded without its task
         and outlive the task's end). If the row or the event cannot be written, the task never
-        becomes active; if the entry cannot be created, the task ends at once (row revoked,
-        a task-end event saying why) and nothing was issued for it."""
+        becomes active; if the entry cannot be created, or a sub-task's parent ended
+        meanwhile, the task ends at once (row revoked, a task-end event saying why) and nothing
+        was issued for it."""
         task, entry, begun = await asyncio.to_thread(self._decide_begin, agent, req)
         # Shielded: a caller hanging up midway must not leave a task half begun (an event
         # committing in its thread while the task is undone, or a row never made active).
@@ -509,13 +510,19 @@ class TaskService:
             await self._undo_begin(task, stored=stored, why="not recorded in the audit log")
             raise
         self._set_active(task, True)
+        why = "its parent task ended while it began"
         try:
+            if await asyncio.to_thread(self._parent_ended, task):
+                raise PermissionDeniedError(
+                    f"parent task {task.parent_task_id} ended while this sub-task began"
+                )
+            why = "its entry could not be created"
             await self._state.create_entry(entry)
         except Exception:
             self._set_active(task, False)
-            # Ended meanwhile by another server's sweep (a TTL shorter than this begin): that
-            # one recorded the end.
-            if await self._undo_begin(task, stored=True, why="its entry could not be created"):
+            # Ended meanwhile by another server's sweep (a TTL shorter than this begin), or
+            # with its parent: that one recorded the end.
+            if await self._undo_begin(task, stored=True, why=why):
                 try:
                     await self._record_end(task, TaskState.REVOKED, "begin failed", revoked=0)
                 except Exception:
@@ -525,6 +532,15 @@ class TaskService:
             raise
         _log.info("task begun", extra={"task_id": task.task_id, "agent_id": task.runtime_id})
         return task
+
+    def _parent_ended(self, task: Task) -> bool:
+        """Whether a sub-task being begun, stored now, lost its parent meanwhile. Its parent's
+        end ends the sub-tasks it finds stored once that end is claimed (_carry_out_end): one
+        stored after that is this check's to refuse."""
+        if not task.parent_task_id:
+            return False
+        parent = self._store.get_task(task.parent_task_id)
+        return parent is None or not parent.active
 
     async def _undo_begin(self, task: Task, *, stored: bool, why: str) -> bool:
         """Best effort after a failed begin: the caller gets the original error either way.
@@ -803,13 +819,6 @@ class TaskService:
         it ended already (an EndTask racing an expiry sweep, two servers sweeping the same due
         task) only forgets it here and returns the row as the winner left it. A CAS rather
         than a lease: expiry does not wait for any one server to be alive."""
-        # Sub-tasks live inside their parent: they end with it (each once, by the same CAS).
-        children = await asyncio.to_thread(
-            self._store.list_tasks, agent_id=task.agent_id, state=TaskState.ACTIVE.value
-        )
-        for child in children:
-            if child.parent_task_id == task.task_id:
-                await self._finish(child, state, f"parent task {task.task_id} ended")
         self._set_active(task, False)
         now = self._now()
         done = await asyncio.to_thread(self._store.finish, task, state, now, reason)
@@ -825,6 +834,15 @@ class TaskService:
         entry, record the task-end event, then settle the row (TaskStore.settle). Until then
         the end can be finished by another server (`settle_ends`); `again` is that: what the
         server before did already (revocations, the event) is not done twice."""
+        # Sub-tasks live inside their parent: they end with it (each once, by the same CAS).
+        # Listed only now that the parent's end is claimed: a sub-task stored after this
+        # finds its parent ended and ends itself (_parent_ended).
+        children = await asyncio.to_thread(
+            self._store.list_tasks, agent_id=done.agent_id, state=TaskState.ACTIVE.value
+        )
+        for child in children:
+            if child.parent_task_id == done.task_id:
+                await self._finish(child, done.state, f"parent task {done.task_id} ended")
         now = self._now()
         creds = await asyncio.to_thread(self._store.task_credentials, done.task_id, now)
         fresh = creds

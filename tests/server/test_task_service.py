@@ -414,6 +414,28 @@ def test_ending_a_parent_ends_its_sub_tasks(world: World) -> None:
     assert world.service.active_task(child.spiffe_id) is None
 
 
+def test_a_sub_task_whose_parent_ends_while_it_begins_does_not_outlive_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent's end lands after the sub-task was decided (its parent active) and before
+    it was stored: the end found no such sub-task to end with it."""
+    parent = world.begin(actions=("read", "write"))
+    write_begin = world.service._write_begin
+
+    async def parent_ends_first(task: Any, entry: Entry, begun: Any) -> Any:
+        await world.service.end(world.agent, parent.task_id, [RUNTIME])
+        return await write_begin(task, entry, begun)
+
+    monkeypatch.setattr(world.service, "_write_begin", parent_ends_first)
+    with pytest.raises(PermissionDeniedError, match=f"parent task {parent.task_id}"):
+        world.begin(actions=("read",), parent_task_id=parent.task_id)
+    (child,) = [t for t in world.store.list_tasks() if t.parent_task_id == parent.task_id]
+    assert child.state is TaskState.REVOKED
+    assert world.service.active_task(child.spiffe_id) is None
+    assert child.entry_id not in world.state.entries.by_id
+    assert {e["task_id"] for e in world.events("task_end")} == {parent.task_id, child.task_id}
+
+
 def test_ttl_expiry_revokes(world: World) -> None:
     task = world.begin(ttl=60)
     issue_x509(world, task.spiffe_id)
