@@ -188,6 +188,7 @@ class Issuer:
         parsed_id = entitled.parsed_id
         planned: list[tuple[Entry, TaskGrant | None] | SvidError] = []
         wanted: list[X509Request] = []
+        asked_at = int(self._clock.now())
         for entry_id, csr in requests:
             try:
                 entry = self._entitled_entry(agent_id, entitled, entry_id)
@@ -197,6 +198,10 @@ class Issuer:
                 continue
             planned.append((entry, task))
             ttl = entry.x509_svid_ttl or default_ttl
+            if task is not None:
+                # The entry's TTL is the whole task's: an SVID renewed late in the task would
+                # outlive it (by up to that TTL) for any peer that reads no CRL.
+                ttl = max(1, min(ttl, task.expires_at - asked_at))
             wanted.append((csr, parsed_id(entry), ttl, tuple(entry.dns_names)))
         signed = self._sign_x509(signer, wanted) if wanted else []
         now = int(self._clock.now())

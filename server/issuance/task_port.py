@@ -20,6 +20,8 @@ class TaskGrant:
 
     task_id: str
     runtime_id: str
+    # When the task runs out: its SVID, however late in the task it is renewed, ends by then.
+    expires_at: int
 
 
 @dataclass(frozen=True, slots=True)

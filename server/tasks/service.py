@@ -649,7 +649,7 @@ class TaskService:
 
     def x509_grant(self, agent_id: str, entry: Entry) -> TaskGrant:
         task = self._held_task(agent_id, entry)
-        return TaskGrant(task.task_id, task.runtime_id)
+        return TaskGrant(task.task_id, task.runtime_id, task.expires_at)
 
     def jwt_grant(self, agent_id: str, entry: Entry, audience: Sequence[str]) -> TaskJwtGrant:
         """A task JWT-SVID decided again: its txn/scope/tctx/act claims and TTL."""

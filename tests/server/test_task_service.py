@@ -436,6 +436,15 @@ def test_a_sub_task_whose_parent_ends_while_it_begins_does_not_outlive_it(
     assert {e["task_id"] for e in world.events("task_end")} == {parent.task_id, child.task_id}
 
 
+def test_a_task_x509_svid_renewed_late_in_its_task_ends_with_the_task(world: World) -> None:
+    task = world.begin(ttl=600)
+    first = issue_x509(world, task.spiffe_id)
+    assert first.not_valid_after_utc.timestamp() == task.expires_at
+    world.clock.advance(500)  # the agent renews at half of the SVID's life, and later
+    renewed = issue_x509(world, task.spiffe_id)
+    assert renewed.not_valid_after_utc.timestamp() <= task.expires_at
+
+
 def test_ttl_expiry_revokes(world: World) -> None:
     task = world.begin(ttl=60)
     issue_x509(world, task.spiffe_id)
