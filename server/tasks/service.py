@@ -364,6 +364,9 @@ class TaskService:
             raise InvalidRequestError(f"ttl: {ttl} is negative")
         ttl = min(ttl, self.settings.max_ttl)
         now = self._now()
+        if runtime.expires_at:
+            # A task is its runtime's unit of work: it ends when the runtime's entry does.
+            ttl = max(1, min(ttl, runtime.expires_at - now))
         if parent is not None:
             # A sub-task only narrows its parent. An elevated step may go beyond it (policy
             # decides its scope alone, seeing `elevated`), for a short time inside the parent's.

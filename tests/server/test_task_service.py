@@ -445,6 +445,15 @@ def test_a_task_x509_svid_renewed_late_in_its_task_ends_with_the_task(world: Wor
     assert renewed.not_valid_after_utc.timestamp() <= task.expires_at
 
 
+def test_a_task_ends_no_later_than_its_runtimes_entry(world: World) -> None:
+    runtime = "spiffe://example.org/agents/contractor"
+    until = int(world.clock.now()) + 100
+    world.run(world.state.create_entry(Entry("", runtime, AGENT, SELECTORS, expires_at=until)))
+    task = world.begin(runtime_id=runtime, ttl=600)
+    assert (task.ttl, task.expires_at) == (100, until)
+    assert world.state.entries.by_id[task.entry_id].expires_at == until
+
+
 def test_ttl_expiry_revokes(world: World) -> None:
     task = world.begin(ttl=60)
     issue_x509(world, task.spiffe_id)
