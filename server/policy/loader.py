@@ -71,6 +71,9 @@ def read_sources(policy_dir: Path | None) -> tuple[list[SourceFile], SourceFile 
     if policy_dir is not None and policy_dir.is_dir():
         for path in sorted(policy_dir.iterdir()):
             if path.name.startswith(".") or not path.is_file():
+                if _dangling_source(path):
+                    # Skipped, its policies (a forbid, say) would be gone without a word.
+                    raise PolicyError([Problem(path.name, "a symbolic link to no file")])
                 continue
             if path.name.endswith(SCHEMA_SUFFIX):
                 if schema is not None:
@@ -85,6 +88,12 @@ def read_sources(policy_dir: Path | None) -> tuple[list[SourceFile], SourceFile 
         text = resources.files("server.policy").joinpath(BUILTIN_POLICY_NAME).read_bytes()
         policies = [SourceFile(BUILTIN_POLICY_NAME, text)]
     return policies, schema, source
+
+
+def _dangling_source(path: Path) -> bool:
+    """A policy or schema file name that is a symbolic link to nothing (a moved target)."""
+    named = path.suffix == POLICY_SUFFIX or path.name.endswith(SCHEMA_SUFFIX)
+    return named and not path.name.startswith(".") and path.is_symlink() and not path.exists()
 
 
 def policy_set_hash(policies: list[SourceFile], schema: SourceFile) -> str:

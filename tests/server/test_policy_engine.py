@@ -446,6 +446,16 @@ def test_a_schema_that_does_not_fit_svidd_requests_is_refused(tmp_path: Path) ->
         PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
 
 
+def test_a_policy_file_linking_to_nothing_is_refused_not_skipped(tmp_path: Path) -> None:
+    write(tmp_path, "p.cedar", READ_ONLY)
+    (tmp_path / "site.cedar").symlink_to(tmp_path / "moved" / "site.cedar")
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "moved" / "notes.txt")  # not a policy
+    with pytest.raises(PolicyError, match="a symbolic link to no file") as exc:
+        PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    (problem,) = exc.value.problems
+    assert problem.file == "site.cedar"
+
+
 def test_validate_policy_dir_without_an_engine(tmp_path: Path) -> None:
     write(tmp_path, "p.cedar", READ_ONLY)
     assert validate_policy_dir(tmp_path, trust_domain=TD, clock=FakeClock()) == []
