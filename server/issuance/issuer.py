@@ -174,7 +174,14 @@ class Issuer:
         if credentials:
             await self._ledger.commit(credentials, events)
             self._x509_issued.inc(len(credentials))
+            if any(c.task_id for c in credentials):
+                return [self._unless_ended(o) for o in outcomes]
         return outcomes
+
+    def _unless_ended(self, outcome: X509Outcome) -> X509Outcome:
+        if outcome.error is None and self._tasks.ended(outcome.spiffe_id):
+            return X509Outcome(outcome.entry_id, "", b"", 0, _ended_meanwhile(outcome.spiffe_id))
+        return outcome
 
     def _sign_x509_batch(
         self, requests: Sequence[tuple[str, bytes]], entitled: Entitlement, agent_id: str
@@ -333,6 +340,8 @@ class Issuer:
         issued, credential, event = minted
         await self._ledger.commit((credential,), (event,))
         self._jwt_issued.inc()
+        if credential.task_id and self._tasks.ended(entry.spiffe_id):
+            raise _ended_meanwhile(entry.spiffe_id)
         return issued
 
     async def issue_jwts(
@@ -363,6 +372,11 @@ class Issuer:
             # Nothing goes back before the commit holding this batch's records is done.
             await asyncio.wrap_future(recorded)
             self._jwt_issued.inc(count)
+            for at, item in enumerate(plan.items):
+                if not isinstance(item, _TaskItem) or not isinstance(outcomes[at], IssuedJwt):
+                    continue
+                if self._tasks.ended(item.entry.spiffe_id):
+                    outcomes[at] = _ended_meanwhile(item.entry.spiffe_id)
         return outcomes
 
     async def _mint_on_loop(
@@ -472,6 +486,11 @@ class Issuer:
             else:
                 outcomes.append(cast(SvidError, item))
         return outcomes, credentials, events, drafted
+
+
+def _ended_meanwhile(spiffe_id: str) -> PermissionDeniedError:
+    """A task credential on record but not sent: its task ended while it was issued."""
+    return PermissionDeniedError(f"task identity {spiffe_id} ended while it was issued")
 
 
 class _TaskItem(NamedTuple):

@@ -52,3 +52,9 @@ class TaskDecisions(Protocol):
         """A fresh policy decision for a JWT of an owned entry: the grant, or
         PermissionDeniedError (the task layer audits its own denials)."""
         ...
+
+    def ended(self, spiffe_id: str) -> bool:
+        """Whether `spiffe_id` is a task identity whose task is no longer active: asked once a
+        credential granted for it is on record. Its task's end revoked what was on record then,
+        perhaps before this one, so a credential it names must not leave. In memory."""
+        ...

@@ -650,6 +650,11 @@ class TaskService:
             raise PermissionDeniedError(f"task identity {entry.spiffe_id} is not active")
         return task
 
+    def ended(self, spiffe_id: str) -> bool:
+        # Sound against this server's ends: one drops the task from `_active` before it reads
+        # the credentials on record to revoke them.
+        return is_task_id(spiffe_id) and spiffe_id not in self._active
+
     def x509_grant(self, agent_id: str, entry: Entry) -> TaskGrant:
         task = self._held_task(agent_id, entry)
         return TaskGrant(task.task_id, task.runtime_id, task.expires_at)

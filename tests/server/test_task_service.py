@@ -31,6 +31,7 @@ from server.events import ChangeNotifier
 from server.ids import ServerIds
 from server.issuance import Issuer, MeteredLedger
 from server.issuance.datastore_ledger import DatastoreLedger
+from server.issuance.issuer import JwtRequest
 from server.ledger import Ledger
 from server.metrics import Metrics
 from server.policy import PolicyEngine
@@ -317,6 +318,66 @@ def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
     assert [e["decision"] for e in world.events("revocation")] == ["revoked", "revoked"]
     assert world.events("task_end")[0]["decision"] == "ended"
     assert world.audit.verify().ok
+
+
+def _end_before_commit(
+    world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, task: Any
+) -> None:
+    """The task ends after its credential was granted and signed, before it is on record:
+    the end's revocations cannot name it."""
+    ledger = world.issuer._ledger
+    commit, record_later = ledger.commit, ledger.record_later
+
+    async def ending_commit(credentials: Any, events: Any) -> None:
+        await world.service.end(world.agent, task.task_id, [RUNTIME])
+        await commit(credentials, events)
+
+    def ending_record_later(credentials: Any, events: Any, *rest: Any) -> Any:
+        asyncio.run_coroutine_threadsafe(
+            world.service.end(world.agent, task.task_id, [RUNTIME]), loop
+        ).result()
+        return record_later(credentials, events, *rest)
+
+    # One loop for the calls, so a signing thread can end the task on it.
+    loop = asyncio.new_event_loop()
+    request.addfinalizer(loop.close)
+    monkeypatch.setattr(ledger, "commit", ending_commit)
+    monkeypatch.setattr(ledger, "record_later", ending_record_later)
+    monkeypatch.setattr(world, "run", loop.run_until_complete)
+
+
+def test_a_credential_of_a_task_that_ends_while_it_is_issued_is_not_handed_out(
+    world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    _end_before_commit(world, monkeypatch, request, task)
+    with pytest.raises(PermissionDeniedError, match="ended while"):
+        world.mint_jwt(entry, ["docs"])
+    assert world.store.get_task(task.task_id).state is TaskState.ENDED  # type: ignore[union-attr]
+
+
+def test_an_x509_svid_of_a_task_that_ends_while_it_is_issued_is_not_handed_out(
+    world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    task = world.begin()
+    _end_before_commit(world, monkeypatch, request, task)
+    with pytest.raises(PermissionDeniedError, match="ended while"):
+        issue_x509(world, task.spiffe_id)
+
+
+def test_a_batch_jwt_of_a_task_that_ends_while_it_is_issued_is_not_handed_out(
+    world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    task = world.begin()
+    entry = world.state.entries.by_id[task.entry_id]
+    runtime = next(e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME)
+    _end_before_commit(world, monkeypatch, request, task)
+    asks = [JwtRequest(runtime.id, "", ("docs",)), JwtRequest(entry.id, "", ("docs",))]
+    plain, of_task = world.run(world.issuer.issue_jwts(world.agent, asks))
+    assert isinstance(plain, IssuedJwt)
+    assert isinstance(of_task, PermissionDeniedError)
+    assert "ended while" in str(of_task)
 
 
 def _second_server(world: World) -> TaskService:
