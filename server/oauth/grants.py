@@ -69,6 +69,8 @@ class TaskExchanges(Protocol):
 
     def exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]: ...
 
+    def ended(self, spiffe_id: str) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class ResourceWorkload:
@@ -452,6 +454,11 @@ class Grants:
             issued.expires_at,
         )
         self._record([credential], [event], claim, issue.kind, started)
+        if self._tasks.ended(task.spiffe_id):
+            # On record, never sent: the task's end revoked what was on record before it.
+            exc = InvalidGrantError("task decision: the task ended while its token was issued")
+            self._refused(issue.kind, exc, started)
+            raise exc
         return TokenResponse(
             issued.token,
             TXN_TOKEN_TYPE if txn else ACCESS_TOKEN_TYPE,

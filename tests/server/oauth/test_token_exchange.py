@@ -144,6 +144,34 @@ def test_task_end_revokes_the_exchanged_token_and_refuses_new_ones(world: TaskWo
     assert again.json()["error"] == "invalid_grant"
 
 
+def test_a_token_of_a_task_that_ends_while_it_is_issued_is_not_handed_out(
+    world: TaskWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task ends after the exchange's decision, before its token is on record: the end's
+    revocations cannot name it."""
+    subject = world.subject_token()
+    running = world.oauth.running
+    service = running.server.tasks.service
+    exchange_grant = service.exchange_grant
+
+    def ending_after(spiffe_id: str, resource: str) -> Any:
+        decided = exchange_grant(spiffe_id, resource)
+        running.call(service.end(world.agent, world.task.task_id, ()))
+        return decided
+
+    monkeypatch.setattr(service, "exchange_grant", ending_after)
+    form = {
+        "grant_type": EXCHANGE,
+        "subject_token": subject,
+        "subject_token_type": JWT_TYPE,
+        "resource": RESOURCE,
+    }
+    reply = httpx.post(world.oauth.issuer + "/token", data=form, verify=world.oauth.ssl_context())
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == "invalid_grant"
+    assert "ended while" in reply.json()["error_description"]
+
+
 def test_txn_token_carries_the_task_context(world: TaskWorld) -> None:
     reply = world.exchange(requested_token_type=TXN_TYPE)
     assert reply.status_code == 200, reply.text
