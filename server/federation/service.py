@@ -43,6 +43,7 @@ from server.datastore.records import (
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.federation.errors import FederationError
 from server.federation.fetch import check_bundle, endpoint_trust_domain, fetch_bundle
+from svid._backoff import Retry
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock
 from svid._errors import SpiffeIdError
@@ -55,8 +56,11 @@ MIN_REFRESH = 1
 # stop the fetches, and hold the fetch lease, that long, and keys the foreign domain drops would
 # stay trusted here. An hour is cheap to poll and bounds how late such a drop arrives.
 MAX_REFRESH = 3600
-# After a failed fetch, try again after this long (or the hint, if shorter).
+# After a failed fetch, try again after this long (or the hint, if shorter), doubling after each
+# further failure up to MAX_RETRY: an endpoint down for a day was fetched, and the failure put on
+# the ledger, 17,000 times.
 RETRY = 5.0
+MAX_RETRY = 300.0
 BUNDLE_CHANGED = "federated_bundle_changed"
 BUNDLE_REFUSED = "federated_bundle_refused"
 
@@ -157,14 +161,14 @@ def lease_ttl(bundle: SpiffeBundle | None) -> int:
     return int(2 * next_refresh(bundle, ok=True)) + 5
 
 
-def next_refresh(bundle: SpiffeBundle | None, ok: bool) -> float:
+def next_refresh(bundle: SpiffeBundle | None, ok: bool, retry: float = RETRY) -> float:
     """Seconds until the next fetch: the bundle's refresh hint (within MIN_REFRESH and
-    MAX_REFRESH), sooner after a failure."""
+    MAX_REFRESH), after a failure `retry` if that is sooner."""
     held = bundle.refresh_hint if bundle and bundle.refresh_hint else 0
     hint = float(min(MAX_REFRESH, max(MIN_REFRESH, held)))
     if bundle is None or not bundle.refresh_hint:
         hint = DEFAULT_REFRESH
-    return hint if ok else min(hint, RETRY)
+    return hint if ok else min(hint, retry)
 
 
 class FederationService:
@@ -191,6 +195,7 @@ class FederationService:
         self._bundles: dict[str, SpiffeBundle] = {}
         self._updated: dict[str, int] = {}  # when each foreign bundle last changed (unix s)
         self._due: dict[str, float] = {}
+        self._retries: dict[str, Retry] = {}  # relationships whose last fetch failed
         self._wake = asyncio.Event()
         self._locks: dict[str, asyncio.Lock] = {}
         # Scheduled fetches someone asked for here: they skip the lease.
@@ -364,7 +369,8 @@ class FederationService:
                         f"older than the {self._bundles[td].sequence} held"
                     )
             except FederationError as exc:
-                self._reschedule(td, asked, next_refresh(known, ok=False))
+                retry = self._retries.setdefault(td, Retry(RETRY, MAX_RETRY)).failed()
+                self._reschedule(td, asked, next_refresh(known, ok=False, retry=retry))
                 _log.warning("foreign bundle not refreshed", extra={"td": td, "error": str(exc)})
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(
@@ -375,6 +381,7 @@ class FederationService:
                     )
                 raise
             changed = await self._install(fetched, source=rel.endpoint_url)
+            self._retries.pop(td, None)
             self._reschedule(td, asked, next_refresh(fetched, ok=True))
             return Refreshed(changed, fetched)
 

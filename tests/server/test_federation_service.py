@@ -25,6 +25,7 @@ from server.federation.service import (
     DEFAULT_REFRESH,
     FOLLOWED_DELAY,
     MAX_REFRESH,
+    MAX_RETRY,
     RETRY,
     FederationService,
     lease_ttl,
@@ -94,6 +95,25 @@ def test_a_refresh_installs_records_and_publishes_a_changed_bundle(world: World)
     assert not again.changed  # type: ignore[attr-defined]
     assert world.changes() == 1
     assert len(world.published) == 2  # load() and the change
+
+
+def test_an_endpoint_that_keeps_failing_is_fetched_less_and_less_often(world: World) -> None:
+    # Each failed fetch is also a ledger event: at a fixed 5 s, a day's outage wrote 17,000.
+    world.answers = [_bundle(1, hint=3600)]
+    world.run(world.service.refresh("example.org"))
+    waits = []
+    for _ in range(8):
+        world.answers = [FederationError("example.org: unreachable")]
+        with pytest.raises(FederationError):
+            world.run(world.service.refresh("example.org"))
+        waits.append(world.service.next_fetch("example.org") - world.clock.now())
+    assert waits == [RETRY, 10, 20, 40, 80, 160, MAX_RETRY, MAX_RETRY]
+    world.answers = [_bundle(2, hint=3600)]
+    world.run(world.service.refresh("example.org"))  # back: the hint again, and a fresh start
+    world.answers = [FederationError("example.org: unreachable")]
+    with pytest.raises(FederationError):
+        world.run(world.service.refresh("example.org"))
+    assert world.service.next_fetch("example.org") == world.clock.now() + RETRY
 
 
 def test_a_failed_fetch_keeps_the_last_good_bundle(world: World) -> None:
