@@ -204,7 +204,7 @@ class Issuer:
                 planned.append(exc)
                 continue
             planned.append((entry, task))
-            ttl = entry.x509_svid_ttl or default_ttl
+            ttl = _within_entry(entry, entry.x509_svid_ttl or default_ttl, asked_at)
             if task is not None:
                 # The entry's TTL is the whole task's: an SVID renewed late in the task would
                 # outlive it (by up to that TTL) for any peer that reads no CRL.
@@ -269,6 +269,7 @@ class Issuer:
         self, entitled: Entitlement, entry: Entry, audience: Sequence[str]
     ) -> MintRequest:
         ttl = entry.jwt_svid_ttl or self._settings.default_jwt_svid_ttl
+        ttl = _within_entry(entry, ttl, int(self._clock.now()))
         sub, audiences = check_jwt_request(entitled.parsed_id(entry), list(audience), ttl)
         return sub, audiences, ttl
 
@@ -486,6 +487,14 @@ class Issuer:
             else:
                 outcomes.append(cast(SvidError, item))
         return outcomes, credentials, events, drafted
+
+
+def _within_entry(entry: Entry, ttl: int, now: int) -> int:
+    """`ttl`, cut to end when the entry does: an SVID outliving its entry kept the identity
+    for its whole TTL after the entry left the agent (and the admin meant it gone)."""
+    if entry.expires_at:
+        return max(1, min(ttl, entry.expires_at - now))
+    return ttl
 
 
 def _ended_meanwhile(spiffe_id: str) -> PermissionDeniedError:

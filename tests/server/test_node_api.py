@@ -536,6 +536,31 @@ def test_batch_uses_entry_ttl_or_default(srv: RunningServer) -> None:
     assert 300 <= lives[1] <= 330
 
 
+def test_svids_of_an_expiring_entry_end_with_it(srv: RunningServer) -> None:
+    agent = srv.attest()
+    until = int(srv.clock.now()) + 60
+    entry = srv.create_entry("/expiring/both", agent.spiffe_id, expires_at=until)
+    stub = srv.node_stub(agent)
+    x509_reply = stub.BatchNewX509SVID(
+        node_pb2.BatchNewX509SVIDRequest(
+            params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])]
+        ),
+        timeout=10,
+    )
+    (result,) = x509_reply.results
+    leaf = der_chain(result.cert_chain)[0]
+    assert result.expires_at == int(leaf.not_valid_after_utc.timestamp()) == until
+    jwt = stub.NewJWTSVID(node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["a"]), timeout=10)
+    assert jwt.expires_at == until
+    batch = stub.BatchNewJWTSVID(
+        node_pb2.BatchNewJWTSVIDRequest(
+            requests=[node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["a"])] * 2
+        ),
+        timeout=10,
+    )
+    assert [r.svid.expires_at for r in batch.results] == [until, until]
+
+
 @pytest.mark.parametrize(("count", "message"), [(0, "at least one"), (1001, "at most 1000")])
 def test_batch_size_limits(srv: RunningServer, count: int, message: str) -> None:
     agent = srv.attest()
