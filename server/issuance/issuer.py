@@ -19,6 +19,8 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import NamedTuple, ParamSpec, Protocol, TypeVar, cast
 
+from server.audit.errors import SecretInAuditError
+from server.audit.event import check_no_secret
 from server.ca.loop_workers import LoopSigningWorkers
 from server.ca.manager import CaManager
 from server.ca.signer import IssuedJwt, IssuedSvid, X509Request, X509Signer, check_jwt_request
@@ -525,3 +527,12 @@ def _check_audience(audience: Sequence[str]) -> None:
     too_big = audience_problem(audience)
     if too_big:
         raise InvalidRequestError(too_big)
+    for index, value in enumerate(audience):
+        # The audit log refuses to record what looks like a credential: refused here, such an
+        # audience fails its own request, not the batch it came in (after its JWTs were signed).
+        try:
+            check_no_secret("audience", value)
+        except SecretInAuditError:
+            raise InvalidRequestError(
+                f"audience[{index}]: looks like a JWT or a PEM block, not a relying party"
+            ) from None

@@ -688,6 +688,43 @@ def test_jwt_audience_size_is_capped_per_call_and_per_batch_item(
     assert reply.results[1].svid.token  # 1,024 bytes exactly is within the cap
 
 
+@pytest.mark.parametrize("audience", ["eyJhbGciOi.eyJzdWIiOi.c2ln", "-----BEGIN PRIVATE KEY-----"])
+def test_a_jwt_audience_that_looks_like_a_credential_is_refused_per_item(
+    srv: RunningServer, audience: str
+) -> None:
+    # The audit log refuses to record such a value: refused up front, it fails only its own
+    # item, never the batch it came in, and is not echoed back.
+    agent = srv.attest()
+    entry = srv.create_entry("/jwt/aud-secret", agent.spiffe_id)
+    stub = srv.node_stub(agent)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.NewJWTSVID(
+            node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["ok", audience]), timeout=10
+        )
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    details = exc.value.details()  # type: ignore[attr-defined]
+    assert "audience[1]" in details
+    assert audience not in details
+    reply = stub.BatchNewJWTSVID(
+        node_pb2.BatchNewJWTSVIDRequest(
+            requests=[
+                node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["a"]),
+                node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=[audience]),
+                node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["b"]),
+            ]
+        ),
+        timeout=10,
+    )
+    assert [r.error.code for r in reply.results] == [
+        0,
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        0,
+    ]
+    assert "audience[0]" in reply.results[1].error.message
+    assert reply.results[0].svid.token
+    assert reply.results[2].svid.token
+
+
 def test_batch_jwt_svids_with_per_item_errors(srv: RunningServer) -> None:
     agent = srv.attest()
     entry = srv.create_entry("/jwt/batch", agent.spiffe_id)
