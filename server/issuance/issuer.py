@@ -528,6 +528,10 @@ def _check_audience(audience: Sequence[str]) -> None:
     if too_big:
         raise InvalidRequestError(too_big)
     for index, value in enumerate(audience):
+        if "\x00" in value:
+            # PostgreSQL text holds no NUL: refused as input, on either backend (recorded, it
+            # failed the ledger's commit, and every concurrent caller's sharing it).
+            raise InvalidRequestError(f"audience[{index}]: may not contain NUL (0x00)")
         # The audit log refuses to record what looks like a credential: refused here, such an
         # audience fails its own request, not the batch it came in (after its JWTs were signed).
         try:

@@ -725,6 +725,20 @@ def test_a_jwt_audience_that_looks_like_a_credential_is_refused_per_item(
     assert reply.results[2].svid.token
 
 
+def test_a_jwt_audience_with_a_nul_is_refused_as_input(srv: RunningServer) -> None:
+    # PostgreSQL text holds no NUL: recorded, it failed the ledger's commit, shared with every
+    # concurrent caller's, and was answered UNAVAILABLE as if the storage were down.
+    agent = srv.attest()
+    entry = srv.create_entry("/jwt/aud-nul", agent.spiffe_id)
+    stub = srv.node_stub(agent)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.NewJWTSVID(
+            node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["ok", "a\x00b"]), timeout=10
+        )
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "audience[1]: may not contain NUL" in exc.value.details()  # type: ignore[attr-defined]
+
+
 def test_batch_jwt_svids_with_per_item_errors(srv: RunningServer) -> None:
     agent = srv.attest()
     entry = srv.create_entry("/jwt/batch", agent.spiffe_id)
