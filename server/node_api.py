@@ -253,6 +253,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             for item in change.revocations_removed:
                 removed[item.kind, item.value] = item
                 added.pop((item.kind, item.value), None)
+        # An entry federating that reaches the agent (moved to it, or under a node alias it now
+        # matches) may bring foreign trust domains its agent had no bundle of, though no
+        # entry's own federates_with changed.
+        bundle = bundle or any(e.federates_with for e in entries.upserts)
         # The CRL is signed by the CA and lists the revoked serials: it follows both, and is
         # signed again before its nextUpdate passes (TaskService.refresh_crl).
         crl = crl or bool(bundle or added or removed)

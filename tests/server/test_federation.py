@@ -451,3 +451,29 @@ def test_a_bundle_whose_authority_has_a_malformed_san_is_refused() -> None:
             )
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "malformed extensions" in str(refused.value.details())
+
+
+def test_an_entry_that_moves_to_an_agent_brings_its_foreign_bundles_on_the_stream() -> None:
+    # The entry's foreign trust domains did not change, but the agent's set did: it must be
+    # sent the bundles the entry's workloads are to be given.
+    now = time.time()
+    foreign = make_ca("example.org", not_before=now - 3600, not_after=now + 86400)
+    body = SpiffeBundle(HOME, (foreign.cert,)).to_json()
+    with managed_server(trust_domain="other.org") as other:
+        admin = other.admin()
+        admin.SetFederatedBundle(
+            admin_pb2.SetFederatedBundleRequest(
+                bundle=admin_pb2.FederatedBundle(trust_domain="spiffe://example.org", bundle=body)
+            ),
+            timeout=10,
+        )
+        agent = other.attest()
+        made = _other_entry(other, other.attest().spiffe_id, ("example.org",))
+        stream = other.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
+        assert dict(next(stream).federated_bundles) == {}
+        made.parent_id = agent.spiffe_id
+        admin.UpdateEntry(admin_pb2.UpdateEntryRequest(entry=made), timeout=10)
+        moved = next(stream)
+        assert [e.id for e in moved.entries] == [made.id]
+        assert set(moved.federated_bundles) == {"spiffe://example.org"}
+        stream.cancel()
