@@ -22,7 +22,7 @@ from server.attestation.base import NodeAttestor
 from server.ca.signer import verify_csr
 from server.changelog import Change
 from server.convert import bundle_to_proto
-from server.datastore.records import AttestedAgent, Revocation
+from server.datastore.records import AttestedAgent, Entry, Revocation
 from server.entitlement import entitled_entries
 from server.errors import (
     InvalidRequestError,
@@ -253,10 +253,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             for item in change.revocations_removed:
                 removed[item.kind, item.value] = item
                 added.pop((item.kind, item.value), None)
-        # An entry federating that reaches the agent (moved to it, or under a node alias it now
-        # matches) may bring foreign trust domains its agent had no bundle of, though no
-        # entry's own federates_with changed.
-        bundle = bundle or any(e.federates_with for e in entries.upserts)
+        bundle = bundle or self._reach_federates(entries.upserts, entries.removed_ids)
         # The CRL is signed by the CA and lists the revoked serials: it follows both, and is
         # signed again before its nextUpdate passes (TaskService.refresh_crl).
         crl = crl or bool(bundle or added or removed)
@@ -276,6 +273,15 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             revision=self._state.changes.head,
             epoch=self._state.changes.epoch,
         )
+
+    def _reach_federates(self, upserts: Iterable[Entry], removed_ids: Iterable[str]) -> bool:
+        """Whether an entry federating came into or went out of the agent's reach: moved to or
+        from it, or under a node alias it now matches or no longer does. Its foreign trust
+        domains may join or leave the agent's set though no entry's federates_with changed."""
+        if any(e.federates_with for e in upserts):
+            return True
+        by_id = self._state.entries.by_id
+        return any((e := by_id.get(i)) is not None and e.federates_with for i in removed_ids)
 
     def _federates_with(self, agent: AttestedAgent) -> set[str]:
         """The foreign trust domains the agent's entries federate with (a bundle change, or

@@ -477,3 +477,30 @@ def test_an_entry_that_moves_to_an_agent_brings_its_foreign_bundles_on_the_strea
         assert [e.id for e in moved.entries] == [made.id]
         assert set(moved.federated_bundles) == {"spiffe://example.org"}
         stream.cancel()
+
+
+def test_an_entry_that_leaves_an_agent_takes_its_foreign_bundles_off_the_stream() -> None:
+    # Kept, the agent went on validating the foreign domain's JWTs (ValidateJWTSVID) for
+    # workloads none of whose entries federate with it.
+    now = time.time()
+    foreign = make_ca("example.org", not_before=now - 3600, not_after=now + 86400)
+    body = SpiffeBundle(HOME, (foreign.cert,)).to_json()
+    with managed_server(trust_domain="other.org") as other:
+        admin = other.admin()
+        admin.SetFederatedBundle(
+            admin_pb2.SetFederatedBundleRequest(
+                bundle=admin_pb2.FederatedBundle(trust_domain="spiffe://example.org", bundle=body)
+            ),
+            timeout=10,
+        )
+        agent = other.attest()
+        made = _other_entry(other, agent.spiffe_id, ("example.org",))
+        stream = other.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
+        assert set(next(stream).federated_bundles) == {"spiffe://example.org"}
+        made.parent_id = other.attest().spiffe_id
+        admin.UpdateEntry(admin_pb2.UpdateEntryRequest(entry=made), timeout=10)
+        moved = next(stream)
+        assert list(moved.removed_entry_ids) == [made.id]
+        assert moved.HasField("bundle")
+        assert dict(moved.federated_bundles) == {}
+        stream.cancel()
