@@ -8,6 +8,7 @@ how to reach the server's admin socket, and stops both cleanly on Ctrl-C or SIGT
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pwd
@@ -26,6 +27,7 @@ from agent_attestor.relay import MAX_UNIX_PATH
 
 TRUST_DOMAIN = "example.org"
 START_TIMEOUT = 30.0
+LOCK = "demo.lock"  # held by the running demo
 
 
 def _wait(what: str, check: Callable[[], Any], procs: list[subprocess.Popen[bytes]]) -> Any:
@@ -276,9 +278,36 @@ def supervise(demo: Demo, work: Callable[[Demo], int], name: str) -> int:
 
 def fresh_root(root: Path | None) -> Path:
     root = (root or Path.cwd() / ".run").resolve()
+    _refuse_if_held(root / LOCK)
     shutil.rmtree(root, ignore_errors=True)  # a fresh trust domain every run
     root.mkdir(parents=True, mode=0o700)
+    _hold(root / LOCK)
     return root
+
+
+def _refuse_if_held(lock: Path) -> None:
+    """Wiping the directory of a demo still running deleted its datastore and sockets under it,
+    and its stop later removed the next demo's sockets: that one ran on, unreachable."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip()
+        raise SystemExit(
+            f"a demo is already running in {lock.parent} (pid {pid}); stop it first (Ctrl-C)"
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def _hold(lock: Path) -> None:
+    """Lock ``lock`` for as long as this process lives (the descriptor is not inherited)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\n".encode())
 
 
 def _serve(demo: Demo) -> int:

@@ -115,3 +115,29 @@ def test_demo_daemons_exit_when_the_demo_is_killed() -> None:
         wait_for(lambda: not any(alive(pid) for pid in children), 40, "the daemons to exit")
     finally:
         demo.close()
+
+
+def test_a_second_demo_in_the_same_directory_is_refused_and_leaves_the_first_running() -> None:
+    first = DemoProcess()
+    try:
+        first.start()
+        children = first.children()
+        sockets = sorted(first.run_dir.rglob("*.sock"))
+        assert sockets, first.output()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SVID_", "SPIFFE_"))}
+        second = subprocess.run(
+            [sys.executable, "-m", "agent_attestor.demo"],
+            cwd=first.root,
+            env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert "already running" in second.stderr
+        # Wiping .run/ under the first demo deleted its data and sockets: alive, unreachable.
+        assert sorted(first.run_dir.rglob("*.sock")) == sockets
+        assert first.children() == children
+    finally:
+        first.close()
