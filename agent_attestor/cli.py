@@ -175,19 +175,32 @@ def _x509_summary(msg: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _write_public(path: Path, data: bytes) -> None:
+    """A fresh file renamed into place, like the key: writing to the name followed a symlink
+    planted there (a directory others can write) and overwrote whatever file it named."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def _cmd_fetch_x509(args: argparse.Namespace, client: WorkloadClient) -> int:
     msg = client.fetch_x509()
     if args.write is not None:
         args.write.mkdir(parents=True, exist_ok=True)
         for i, svid in enumerate(msg.svids):
-            (args.write / f"svid.{i}.pem").write_bytes(
-                certs_to_pem(parse_der_certs(svid.x509_svid))
+            _write_public(
+                args.write / f"svid.{i}.pem", certs_to_pem(parse_der_certs(svid.x509_svid))
             )
             key = _crypto.key_pem(serialization.load_der_private_key(svid.x509_svid_key, None))
             # A fresh 0600 file renamed into place: a file or symlink already there (planted
             # in a directory others can write) never receives the key.
             _write_private(args.write / f"svid.{i}.key", key)
-            (args.write / f"bundle.{i}.pem").write_bytes(certs_to_pem(parse_der_certs(svid.bundle)))
+            _write_public(
+                args.write / f"bundle.{i}.pem", certs_to_pem(parse_der_certs(svid.bundle))
+            )
     summary = _x509_summary(msg)
     if args.output == "json":
         print(json.dumps({"svids": summary}, indent=2))

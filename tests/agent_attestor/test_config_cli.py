@@ -256,6 +256,27 @@ def test_cli_fetch_x509_write_never_puts_the_key_in_a_file_already_there(
     assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
 
 
+def test_cli_fetch_x509_write_never_writes_through_a_planted_certificate_or_bundle(
+    agent: Harness, tmp_path: Path
+) -> None:
+    """The same directory: a symlink planted as svid.0.pem or bundle.0.pem made the write
+    overwrite the file it named, any file of the caller's (a shell profile, a trust store)."""
+    agent.add_entry("/w")
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {}
+    for name in ("svid.0.pem", "bundle.0.pem"):
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_bytes(b"the caller's own file\n")
+        (out / name).symlink_to(victims[name])
+    args = ["--socket-path", str(agent.socket_path), "--write", str(out)]
+    assert cli.main(["api", "fetch", "x509", *args]) == 0
+    for name, victim in victims.items():
+        assert victim.read_bytes() == b"the caller's own file\n"
+        assert not (out / name).is_symlink()
+        assert (out / name).read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+
+
 def test_cli_jwt_fetch_validate_and_errors(
     agent: Harness, capsys: pytest.CaptureFixture[str]
 ) -> None:
