@@ -66,3 +66,20 @@ def test_task_list_follows_pages_and_filters(setup: Setup) -> None:  # noqa: F81
         refused = setup.server.cli("task", "list", *flags, check=False)
         assert refused.returncode == 1
         assert message in refused.stderr
+
+
+def test_ending_a_task_answers_with_its_credentials_counted(setup: Setup) -> None:  # noqa: F811
+    """`svid-agent task end` printed "Credentials : 0" for a task that had been issued two:
+    the node API's EndTask answered without counting them (every other view counts)."""
+    task = setup.begin()
+    setup.jwt(task.spiffe_id, "docs")
+    setup.jwt(task.spiffe_id, "docs")
+
+    def shown_count() -> int:
+        return int(setup.server.cli_json("task", "show", task.task_id)["credentials"])
+
+    wait_for(lambda: shown_count() == 2, 10, "the task's credentials to be recorded")
+    request = task_pb2.NodeEndTaskRequest(task_id=task.task_id, runtime_ids=[RUNTIME])
+    ended = setup.tasks.EndTask(request, timeout=10).task
+    assert ended.state == "ended"
+    assert ended.credentials == 2
