@@ -7,6 +7,7 @@ one place, `build_config`, and each error names the key it is about.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tomllib
 import urllib.parse
@@ -160,7 +161,7 @@ def _as_int(key: str, value: Any, minimum: int = 0) -> int:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: TOML's inf
         raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if isinstance(value, float) and number != value:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -176,6 +177,10 @@ def _as_float(key: str, value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        # TOML and float() read nan and inf: a NaN compares false with everything (no wait,
+        # no limit), an infinite grace or timeout never ends.
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     if number < 0:
         raise ConfigError(f"{key}: must not be negative, got {number}")
     return number

@@ -96,6 +96,24 @@ def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
         build_config(values)
 
 
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        # TOML writes nan and inf as floats: int(inf) raised OverflowError (a traceback), and a
+        # NaN grace, timeout or rate compares false with everything (no wait, no limit).
+        ({"ca_ttl": float("inf")}, "ca_ttl"),
+        ({"audit_max_events": float("-inf")}, "audit_max_events"),
+        ({"shutdown_grace": float("nan")}, "shutdown_grace"),
+        ({"attest_timeout": float("inf")}, "attest_timeout"),
+        ({"x509_rate_per_agent": "nan"}, "x509_rate_per_agent"),
+        ({"audit_retention_days": float("nan")}, "audit_retention_days"),
+    ],
+)
+def test_numbers_that_are_not_finite_are_refused(values: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        build_config({"trust_domain": "example.org", **values})
+
+
 def test_the_old_worker_key_still_works_under_its_new_name(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
