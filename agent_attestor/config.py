@@ -203,7 +203,9 @@ def _check_address(key: str, value: str, *, optional: bool = False, listen: bool
         return
     host, sep, port = value.rpartition(":")
     lowest = 0 if listen else 1  # a listener may ask for any free port
-    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
+    # isascii: str.isdigit also takes "²" (int() raises) and other scripts' digits.
+    digits = port.isascii() and port.isdigit()
+    if not sep or not host or not digits or not lowest <= int(port) < 65536:
         raise ConfigError(f"{key}: expected host:port, got {value!r}")
 
 

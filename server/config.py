@@ -212,7 +212,8 @@ def _as_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
 def _as_address(key: str, value: Any) -> str:
     text = _as_str(key, value)
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    # isascii: str.isdigit also takes "²" (int() raises) and other scripts' digits.
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError(f"{key}: expected HOST:PORT (port 0 picks a free one), got {text!r}")
     return text
 

@@ -144,6 +144,9 @@ def test_a_key_outside_the_agent_table_is_refused_naming_it(tmp_path: Path) -> N
         ({"insecure_bootstrap": True, "trust_bundle": "/b.pem"}, "insecure_bootstrap"),
         ({"x509pop_cert": "/c.pem"}, "x509pop_key"),
         ({"bogus": "1"}, "bogus"),
+        # str.isdigit takes "²" and int() raised: a bare ValueError, a traceback from `run`.
+        ({"server_address": "h:\u00b2"}, "server_address"),
+        ({"server_attest_addresses": ["h:1", "h:\u00b2"]}, "server_attest_addresses"),
         ({"jwt_cache_size": "many"}, "jwt_cache_size"),
         ({"jwt_cache_max_bytes": "0"}, "jwt_cache_max_bytes"),
         ({"identify_threads": 0}, "identify_threads"),

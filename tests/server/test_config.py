@@ -64,6 +64,9 @@ def test_config_is_frozen() -> None:
         ({"trust_domain": "example.org", "log_format": "xml"}, "log_format"),
         ({"trust_domain": "example.org", "bind_address": "localhost"}, "bind_address"),
         ({"trust_domain": "example.org", "bind_address": "h:99999"}, "bind_address"),
+        # str.isdigit takes "²" and int() raised: a bare ValueError out of load_config.
+        ({"trust_domain": "example.org", "bind_address": "h:\u00b2"}, "bind_address"),
+        ({"trust_domain": "example.org", "attest_bind_address": "h:\u0661"}, "attest_bind_address"),
         ({"trust_domain": "example.org", "metrics_address": "nope"}, "metrics_address"),
         ({"trust_domain": "example.org", "upstream_ca_cert": "/a.pem"}, "upstream_ca_key"),
         ({"trust_domain": "example.org", "color": "blue"}, "color"),
