@@ -326,9 +326,12 @@ assert set(CONFIG_KEYS) == set(_CONVERTERS), "every config key needs a converter
 def read_toml(path: Path) -> dict[str, Any]:
     """The raw table of a TOML config file (top level, or a ``[server]`` table)."""
     try:
-        data = tomllib.loads(path.read_text())
+        # TOML is UTF-8, whatever the locale.
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
     if isinstance(data.get("server"), dict):

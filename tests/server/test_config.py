@@ -134,6 +134,15 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_config(bad)
 
 
+def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    # TOML is UTF-8: the bytes were decoded by the locale, and a bad one raised
+    # UnicodeDecodeError, a traceback from `run` and from every admin command given --config.
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'trust_domain = "caf\xe9.org"\n')
+    with pytest.raises(ConfigError, match=f"config file {bad}: not UTF-8"):
+        load_config(bad)
+
+
 # -- the datastore ------------------------------------------------------------------------------
 
 
