@@ -215,6 +215,10 @@ def load_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config: file {path} does not exist") from None
+    except OSError as exc:  # a directory, a file this user may not read
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8
+        raise ConfigError(f"config: {path} is not UTF-8 (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
     agent = data.get("agent", data)  # accept a bare table or an [agent] section

@@ -207,6 +207,21 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
         load_toml(bad)
 
 
+def test_a_config_that_cannot_be_read_or_is_not_utf8_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only a missing file was a ConfigError: a directory, an unreadable file or a bad byte
+    # (TOML is UTF-8) was a traceback from `run`.
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[agent]\ntrust_domain = "caf\xe9.org"\n')
+    with pytest.raises(ConfigError, match=f"^config: {latin1} is not UTF-8"):
+        load_toml(latin1)
+    with pytest.raises(ConfigError, match=f"^config: cannot read {tmp_path}"):
+        load_toml(tmp_path)
+    assert cli.main(["run", "--config", str(tmp_path)]) == 2
+    assert "configuration error: config: cannot read" in capsys.readouterr().err
+
+
 def test_endpoint_address_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix:///run/a.sock")
     assert endpoint(None).target == "unix:///run/a.sock"
