@@ -29,6 +29,7 @@ from agent_attestor.config import (
     LIST_KEYS,
     AgentConfig,
     build_config,
+    expand_path,
     load_toml,
 )
 from agent_attestor.errors import AgentError, ConfigError
@@ -343,7 +344,7 @@ def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or file_values.get("data_dir") or AgentConfig.data_dir
     if not isinstance(data_dir, (str, Path)):
         raise ConfigError(f"data_dir: expected a string, got {data_dir!r}")
-    path = AgentConfig(data_dir=Path(data_dir).expanduser()).audit_checkpoint_path
+    path = AgentConfig(data_dir=expand_path("data_dir", data_dir)).audit_checkpoint_path
     try:
         records = read_records(path)
     except FileNotFoundError:

@@ -162,8 +162,16 @@ def _convert(key: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if key in _PATH_KEYS:
-        return Path(value).expanduser() if value else None
+        return expand_path(key, value) if value else None
     return value
+
+
+def expand_path(key: str, value: str | Path) -> Path:
+    """`value` with a leading ~ or ~user expanded; a user with no home is refused naming `key`."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # Path.expanduser: "Could not determine home directory."
+        raise ConfigError(f"{key}: cannot expand {str(value)!r}: no such user's home") from None
 
 
 def _number(key: str, value: Any) -> float | int:

@@ -155,6 +155,9 @@ def test_a_key_outside_the_agent_table_is_refused_naming_it(tmp_path: Path) -> N
         ({"identify_timeout": "0"}, "identify_timeout"),
         ({"max_prefetched_svids": -1}, "max_prefetched_svids"),
         ({"max_prefetched_svids": "all"}, "max_prefetched_svids"),
+        # Path.expanduser raised RuntimeError for a ~user with no home: a traceback from run.
+        ({"data_dir": "~no-such-user-svidd/x"}, "data_dir"),
+        ({"join_token_file": "~no-such-user-svidd/token"}, "join_token_file"),
     ],
 )
 def test_bad_values_name_their_key(values: dict[str, object], key: str) -> None:
@@ -220,6 +223,14 @@ def test_a_config_that_cannot_be_read_or_is_not_utf8_is_refused_naming_it(
         load_toml(tmp_path)
     assert cli.main(["run", "--config", str(tmp_path)]) == 2
     assert "configuration error: config: cannot read" in capsys.readouterr().err
+
+
+def test_audit_checkpoint_with_a_data_dir_of_no_users_home_is_a_configuration_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["audit", "checkpoint", "--data-dir", "~no-such-user-svidd/x"]
+    assert cli.main(argv) == 2
+    assert "configuration error: data_dir:" in capsys.readouterr().err
 
 
 def test_endpoint_address_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
