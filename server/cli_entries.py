@@ -65,6 +65,14 @@ def _selector(where: str, value: object) -> object:
     return {"type": kind, "value": rest}
 
 
+def _loads(where: str, text: str) -> Any:
+    """json.loads, with a document nested past Python's recursion limit refused naming it."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CliError(f"{where}: JSON nested too deeply") from None
+
+
 def read_entries(path: str) -> list[Item]:
     """Every entry of the file (`-` for stdin), or a CliError naming the first bad one."""
     name = "stdin" if path == "-" else path
@@ -73,7 +81,7 @@ def read_entries(path: str) -> list[Item]:
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"--file: cannot read {name}: {exc}") from None
     try:
-        whole: Any = json.loads(text)
+        whole: Any = _loads(name, text)
     except json.JSONDecodeError:
         whole = None  # not one JSON document: JSON Lines
     if isinstance(whole, dict) and isinstance(whole.get("entries"), list):
@@ -87,7 +95,7 @@ def read_entries(path: str) -> list[Item]:
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
+            data = _loads(f"{name}:{number}", line)
         except json.JSONDecodeError as exc:
             raise CliError(f"{name}:{number}: not JSON ({exc.msg}, column {exc.colno})") from None
         items.append(_entry(f"{name}:{number}", data))

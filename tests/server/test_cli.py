@@ -261,3 +261,24 @@ def test_entry_ttl_flags_say_seconds_and_that_0_is_the_default(
         help_text = text.split(flag, 1)[1]
         assert "seconds" in help_text.split("--", 1)[0], flag
         assert "0 = the server default" in help_text.split("--", 1)[0], flag
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        '{"id": "a"}\n' + '{"hint": ' * 100_000 + "1" + "}" * 100_000 + "\n",
+    ],
+    ids=["document", "json-lines"],
+)
+def test_an_entry_file_nested_too_deep_is_one_line_naming_it(
+    capsys: pytest.CaptureFixture[str], srv: RunningServer, tmp_path: Path, text: str
+) -> None:
+    # json.loads raised RecursionError out of main: a traceback.
+    source = tmp_path / "deep.json"
+    source.write_text(text)
+    code, out, err = _run(capsys, srv, "entry", "create", "--file", str(source))
+    assert (code, out) == (1, "")
+    assert err.startswith(f"svid-server: error: {source}")
+    assert "nested too deeply" in err
+    assert err.count("\n") == 1
