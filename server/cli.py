@@ -361,9 +361,12 @@ def _emit(args: argparse.Namespace, text: str, json_text: str) -> None:
 
 def _parse_time(text: str) -> int:
     try:
-        return int(parse_utc(text))
+        when = int(parse_utc(text))
     except ValueError as exc:
         raise CliError(f"--expires-at: {exc}") from None
+    if when >= 2**63:  # expires_at is an int64: protobuf raised a bare ValueError
+        raise CliError(f"--expires-at: {text!r} is past the last time an entry can hold")
+    return when
 
 
 def _selector(text: str) -> common_pb2.Selector:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from datetime import UTC, datetime
@@ -83,9 +84,13 @@ def parse_utc(text: str) -> float:
     Raises ValueError naming the text when it is neither.
     """
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):  # float() reads nan and inf: no time at all
+            raise ValueError(f"{text!r} is not a time")
+        return seconds
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

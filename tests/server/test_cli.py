@@ -145,6 +145,25 @@ def test_entry_lifecycle_text_and_json(
             ],
             "--x509-ttl",
         ),
+        # inf raised OverflowError and 1e30 a protobuf ValueError out of main: a traceback.
+        *(
+            (
+                [
+                    "entry",
+                    "create",
+                    "--spiffe-id",
+                    f"{TD}/x",
+                    "--parent-id",
+                    PARENT,
+                    "--selector",
+                    "unix:uid:1",
+                    "--expires-at",
+                    when,
+                ],
+                "--expires-at",
+            )
+            for when in ("inf", "1e30", "nan")
+        ),
         (["entry", "delete", "--id", "nosuch"], "NOT_FOUND: entry nosuch not found"),
         (["agent", "show", "--spiffe-id", f"{TD}/svid/agent/x/y"], "NOT_FOUND"),
         (["agent", "evict", "--spiffe-id", "nonsense"], "INVALID_ARGUMENT: spiffe_id"),
