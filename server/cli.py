@@ -36,6 +36,9 @@ ADMIN_SOCKET_ENV = "SVID_SERVER_ADMIN_SOCKET"
 # `make run` writes its server's config here; admin commands run from the checkout use it.
 DEMO_CONFIG = Path(".run") / "server.toml"
 RPC_TIMEOUT = 15.0
+# gRPC ends a call whose deadline is out of its range (from about 1e10 s) at once, which read
+# as a hung server; a day is more than any admin call needs.
+MAX_RPC_TIMEOUT = 86400.0
 
 
 # -- argument parsing ------------------------------------------------------------------------
@@ -280,8 +283,10 @@ def _where(args: argparse.Namespace) -> str:
 
 def _timeout(args: argparse.Namespace) -> float:
     timeout = float(getattr(args, "timeout", RPC_TIMEOUT))
-    if not timeout > 0:
-        raise CliError(f"--timeout: {timeout:g} must be more than 0 seconds")
+    if not 0 < timeout <= MAX_RPC_TIMEOUT:
+        raise CliError(
+            f"--timeout: {timeout:g} must be more than 0 and at most {MAX_RPC_TIMEOUT:g} seconds"
+        )
     return timeout
 
 

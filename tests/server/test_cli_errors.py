@@ -124,3 +124,13 @@ def test_a_hung_server_ends_at_the_timeout(sock_dir: Path, argv: tuple[str, ...]
 def test_a_bad_timeout_is_refused(sock_dir: Path) -> None:
     _, err, _ = _server_cli("entry", "show", "--timeout", "0", "--admin-socket", str(sock_dir))
     assert "--timeout" in err
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "1e10"])
+def test_a_timeout_grpc_cannot_wait_is_refused(sock_dir: Path, timeout: str) -> None:
+    # gRPC ends a call with a deadline this far off at once: the CLI said the server was hung.
+    code, err, _ = _server_cli(
+        "entry", "show", "--timeout", timeout, "--admin-socket", str(sock_dir)
+    )
+    assert code == 1
+    assert err.startswith(f"svid-server: error: --timeout: {float(timeout):g} must be")
