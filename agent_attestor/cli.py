@@ -45,6 +45,9 @@ from svid._stdout import flush_stdout, stdout_closed_by_reader
 
 _BOOL_FLAGS = {"insecure_bootstrap"}
 _OUTPUT_HELP = "text (times in RFC 3339 UTC) or json (times in Unix seconds)"
+# gRPC ends a call whose deadline is out of its range (from about 1e10 s) at once, which read
+# as a hung agent; a day is more than any Workload API call needs.
+MAX_TIMEOUT = 86400.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -383,6 +386,13 @@ def _client_command(args: argparse.Namespace, client: WorkloadClient) -> int:
     return _cmd_watch(args, client)
 
 
+def _check_timeout(timeout: float) -> None:
+    if not 0 < timeout <= MAX_TIMEOUT:  # NaN too
+        raise ConfigError(
+            f"--timeout: {timeout:g} must be more than 0 and at most {MAX_TIMEOUT:g} seconds"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -390,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "audit":
             return _cmd_audit_checkpoint(args)
+        _check_timeout(args.timeout)
         with WorkloadClient(endpoint(args.socket_path), args.timeout) as client:
             code = _client_command(args, client)
         flush_stdout()

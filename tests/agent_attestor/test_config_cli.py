@@ -378,3 +378,17 @@ def test_watch_works_with_an_agent_without_the_health_service(agent: Harness) ->
     with WorkloadClient(endpoint(agent.socket_path), timeout=5) as client:
         first = next(iter(client.watch_x509()))
     assert first.svids[0].spiffe_id == "spiffe://example.org/w"
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "1e10"])
+def test_a_timeout_no_call_can_wait_is_a_configuration_error(
+    agent: Harness, capsys: pytest.CaptureFixture[str], timeout: str
+) -> None:
+    # Taken as given, gRPC ended the call at once (0, a past or out-of-range deadline) and the
+    # agent was reported unreachable or hung; a NaN one too.
+    agent.add_entry("/w")
+    argv = ["api", "fetch", "x509", "--socket-path", str(agent.socket_path), "--timeout", timeout]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("svid-agent: configuration error: --timeout:")
