@@ -637,6 +637,34 @@ def _run(args: argparse.Namespace) -> None:
 
 # -- entry point ----------------------------------------------------------------------------
 
+# Arguments the CLI only opens as local files, whatever bytes their names hold.
+_LOCAL_PATHS = frozenset({"file", "anchor"})
+_POSITIONALS = frozenset({"task_id"})
+
+
+def _check_text(args: argparse.Namespace) -> None:
+    """Every text argument is UTF-8, as protobuf and the datastore need it to be.
+
+    A shell passes any bytes; Python keeps one that is not UTF-8 as a lone surrogate, on which
+    protobuf raised UnicodeEncodeError: a traceback. The value is not shown: it may be a URL
+    with a password.
+    """
+    for name, value in vars(args).items():
+        if name in _LOCAL_PATHS:
+            continue
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not _is_utf8(text):
+                label = name if name in _POSITIONALS else f"--{name.replace('_', '-')}"
+                raise CliError(f"{label}: not UTF-8 text")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -644,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             if args.command not in ("run", "keys"):  # these read only what they are given
+                _check_text(args)
                 _discover_config(args)
                 _timeout(args)  # a bad --timeout is reported before anything is opened
             if args.command == "run":

@@ -164,6 +164,25 @@ def test_entry_lifecycle_text_and_json(
             )
             for when in ("inf", "1e30", "nan")
         ),
+        # A byte that is not UTF-8 (Python keeps it as a lone surrogate): protobuf raised
+        # UnicodeEncodeError out of main, a traceback.
+        (
+            [
+                "entry",
+                "create",
+                "--spiffe-id",
+                f"{TD}/x",
+                "--parent-id",
+                PARENT,
+                "--selector",
+                "unix:uid:1",
+                "--hint",
+                "caf\udce9",
+            ],
+            "--hint: not UTF-8 text",
+        ),
+        (["entry", "show", "--selector", "unix:uid:\udcff"], "--selector: not UTF-8 text"),
+        (["task", "show", "t\udcff"], "task_id: not UTF-8 text"),
         (["entry", "delete", "--id", "nosuch"], "NOT_FOUND: entry nosuch not found"),
         (["agent", "show", "--spiffe-id", f"{TD}/svid/agent/x/y"], "NOT_FOUND"),
         (["agent", "evict", "--spiffe-id", "nonsense"], "INVALID_ARGUMENT: spiffe_id"),
