@@ -393,6 +393,26 @@ def _check_timeout(timeout: float) -> None:
         )
 
 
+def _check_text(args: argparse.Namespace) -> None:
+    """Every text argument is UTF-8, as protobuf needs it to be.
+
+    A shell passes any bytes; Python keeps one that is not UTF-8 as a lone surrogate, on which
+    protobuf raised UnicodeEncodeError: a traceback. The value is not shown: --svid is a token.
+    """
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not _is_utf8(text):
+                raise ConfigError(f"--{name.replace('_', '-')}: not UTF-8 text")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -401,6 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "audit":
             return _cmd_audit_checkpoint(args)
         _check_timeout(args.timeout)
+        _check_text(args)
         with WorkloadClient(endpoint(args.socket_path), args.timeout) as client:
             code = _client_command(args, client)
         flush_stdout()

@@ -392,3 +392,22 @@ def test_a_timeout_no_call_can_wait_is_a_configuration_error(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("svid-agent: configuration error: --timeout:")
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["api", "fetch", "jwt", "--audience", "caf\udce9"], "--audience"),
+        (["api", "validate", "jwt", "--audience", "a", "--svid", "e\udcff.x.y"], "--svid"),
+        (["task", "begin", "--action", "read", "--goal", "caf\udce9"], "--goal"),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_a_configuration_error_naming_its_flag(
+    agent: Harness, capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
+    # A byte the shell passed as is (a lone surrogate in Python) raised UnicodeEncodeError
+    # out of main: a traceback. The value is not shown: --svid is a credential.
+    assert cli.main([*argv, "--socket-path", str(agent.socket_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"svid-agent: configuration error: {flag}: not UTF-8 text\n"
