@@ -48,6 +48,7 @@ _OUTPUT_HELP = "text (times in RFC 3339 UTC) or json (times in Unix seconds)"
 # gRPC ends a call whose deadline is out of its range (from about 1e10 s) at once, which read
 # as a hung agent; a day is more than any Workload API call needs.
 MAX_TIMEOUT = 86400.0
+_INT32_MAX = 2**31 - 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     begin.add_argument("--environment", default="")
     begin.add_argument("--on-behalf-of", default="")
     begin.add_argument("--goal", default="", help="free text; only its sha256 leaves this node")
-    begin.add_argument("--ttl", type=int, default=300, help="requested seconds")
+    begin.add_argument("--ttl", type=_int32, default=300, help="requested seconds")
     begin.add_argument("--parent-task", default="")
     begin.add_argument(
         "--elevate",
@@ -153,11 +154,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _page_size(text: str) -> int:
+def _int32(text: str) -> int:
+    """A number that fits the int32 it is sent as (protobuf raises a bare ValueError past it)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value > _INT32_MAX:
+        raise argparse.ArgumentTypeError(f"{value} must be at most {_INT32_MAX}")
+    if value < -_INT32_MAX - 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {-_INT32_MAX - 1}")
+    return value
+
+
+def _page_size(text: str) -> int:
+    value = _int32(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value

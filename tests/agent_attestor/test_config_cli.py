@@ -411,3 +411,21 @@ def test_an_argument_that_is_not_utf8_is_a_configuration_error_naming_its_flag(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == f"svid-agent: configuration error: {flag}: not UTF-8 text\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["task", "begin", "--action", "read", "--ttl", "99999999999"], "--ttl"),
+        (["task", "list", "--page-size", "99999999999"], "--page-size"),
+    ],
+)
+def test_a_number_past_int32_is_a_usage_error_naming_its_flag(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
+    # Both are int32 on the wire: protobuf raised a bare ValueError out of main, a traceback.
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*argv, "--socket-path", "/nonexistent/agent.sock"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: 99999999999 must be at most 2147483647" in err
