@@ -335,6 +335,13 @@ def read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
     if isinstance(data.get("server"), dict):
+        # Other tables may be other daemons' ([agent]); a plain key here is read by no one.
+        stray = sorted(key for key, value in data.items() if not isinstance(value, dict))
+        if stray:
+            raise ConfigError(
+                f"{stray[0]}: outside the [server] table of {path}, where it is not read: "
+                "move it below the [server] header"
+            )
         return dict(data["server"])
     return data
 

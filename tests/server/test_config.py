@@ -134,6 +134,18 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_config(bad)
 
 
+def test_a_key_outside_the_server_table_is_refused_naming_it(tmp_path: Path) -> None:
+    # Beside a [server] table, a key above its header was read by nobody: the server ran with
+    # the default for it without a word (the agent refuses the same for its [agent] table).
+    path = tmp_path / "server.toml"
+    path.write_text('log_level = "debug"\n[server]\ntrust_domain = "example.org"\n')
+    with pytest.raises(ConfigError, match=r"^log_level: .*outside the \[server\] table"):
+        load_config(path)
+    # Other tables (an [agent] one in a file both daemons read) are not the server's.
+    path.write_text('[agent]\ndata_dir = "/x"\n[server]\ntrust_domain = "example.org"\n')
+    assert load_config(path).trust_domain == TrustDomain("example.org")
+
+
 def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
     # TOML is UTF-8: the bytes were decoded by the locale, and a bad one raised
     # UnicodeDecodeError, a traceback from `run` and from every admin command given --config.
