@@ -201,21 +201,25 @@ def _write_public(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _write_x509(directory: Path, msg: Any) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, svid in enumerate(msg.svids):
+        _write_public(directory / f"svid.{i}.pem", certs_to_pem(parse_der_certs(svid.x509_svid)))
+        key = _crypto.key_pem(serialization.load_der_private_key(svid.x509_svid_key, None))
+        # A fresh 0600 file renamed into place: a file or symlink already there (planted
+        # in a directory others can write) never receives the key.
+        _write_private(directory / f"svid.{i}.key", key)
+        _write_public(directory / f"bundle.{i}.pem", certs_to_pem(parse_der_certs(svid.bundle)))
+
+
 def _cmd_fetch_x509(args: argparse.Namespace, client: WorkloadClient) -> int:
     msg = client.fetch_x509()
     if args.write is not None:
-        args.write.mkdir(parents=True, exist_ok=True)
-        for i, svid in enumerate(msg.svids):
-            _write_public(
-                args.write / f"svid.{i}.pem", certs_to_pem(parse_der_certs(svid.x509_svid))
-            )
-            key = _crypto.key_pem(serialization.load_der_private_key(svid.x509_svid_key, None))
-            # A fresh 0600 file renamed into place: a file or symlink already there (planted
-            # in a directory others can write) never receives the key.
-            _write_private(args.write / f"svid.{i}.key", key)
-            _write_public(
-                args.write / f"bundle.{i}.pem", certs_to_pem(parse_der_certs(svid.bundle))
-            )
+        try:
+            _write_x509(args.write, msg)
+        except OSError as exc:  # a file in the way, no permission, a full disk
+            where = exc.filename or args.write
+            raise AgentError(f"--write: cannot write {where}: {exc.strerror or exc}") from None
     summary = _x509_summary(msg)
     if args.output == "json":
         print(json.dumps({"svids": summary}, indent=2))

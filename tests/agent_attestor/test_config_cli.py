@@ -429,3 +429,18 @@ def test_a_number_past_int32_is_a_usage_error_naming_its_flag(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: 99999999999 must be at most 2147483647" in err
+
+
+def test_fetch_x509_write_where_no_directory_can_be_is_one_line(
+    agent: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The OSError of mkdir (a file in the way, no permission) was a traceback.
+    agent.add_entry("/w")
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    argv = ["api", "fetch", "x509", "--socket-path", str(agent.socket_path)]
+    assert cli.main([*argv, "--write", str(blocker / "out")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"svid-agent: --write: cannot write {blocker / 'out'}: ")
+    assert captured.err.count("\n") == 1
