@@ -321,11 +321,11 @@ def _cmd_task(args: argparse.Namespace, client: WorkloadClient) -> int:
     return 0
 
 
-def _cmd_healthcheck(client: WorkloadClient) -> int:
+def _cmd_healthcheck(args: argparse.Namespace, client: WorkloadClient) -> int:
     if client.health() != health_pb2.HealthCheckResponse.SERVING:
         print("svid-agent: the agent answers but is not ready yet", file=sys.stderr)
         return 1
-    print("Agent is healthy.")
+    print('{"status": "SERVING"}' if args.output == "json" else "Agent is healthy.")
     return 0
 
 
@@ -389,7 +389,7 @@ def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
 
 def _client_command(args: argparse.Namespace, client: WorkloadClient) -> int:
     if args.command == "healthcheck":
-        return _cmd_healthcheck(client)
+        return _cmd_healthcheck(args, client)
     if args.command == "task":
         return _cmd_task(args, client)
     if args.api == "fetch" and args.kind == "x509":

@@ -67,6 +67,9 @@ def test_cli_fetch_write_jwt_validate_and_health(
     create_entry(server, "spiffe://example.org/cli", agent.agent_id(), UID_SELECTOR)
     agent.wait_svid("spiffe://example.org/cli")
     assert agent.cli("healthcheck").returncode == 0
+    # --output json is JSON, as for every command (it printed the text line).
+    health = agent.cli("healthcheck", "--output", "json")
+    assert json.loads(health.stdout) == {"status": "SERVING"}
     out = agent.cli("api", "fetch", "x509", "--write", str(tmp_path), "--output", "json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["svids"][0]["spiffe_id"] == "spiffe://example.org/cli"
