@@ -160,7 +160,9 @@ def _convert(key: str, value: Any) -> Any:
             raise ConfigError(f"{key}: must be positive, got {value!r}")
         return number
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        # The join token is a credential: its type is named, never its value.
+        shown = type(value).__name__ if key == "join_token" else repr(value)
+        raise ConfigError(f"{key}: expected a string, got {shown}")
     if key in _PATH_KEYS:
         return expand_path(key, value) if value else None
     return value

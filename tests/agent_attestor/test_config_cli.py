@@ -444,3 +444,13 @@ def test_fetch_x509_write_where_no_directory_can_be_is_one_line(
     assert captured.out == ""
     assert captured.err.startswith(f"svid-agent: --write: cannot write {blocker / 'out'}: ")
     assert captured.err.count("\n") == 1
+
+
+def test_a_join_token_of_the_wrong_type_is_refused_without_printing_it() -> None:
+    # A token written as a TOML list or number was put in the error as given: a credential on
+    # the terminal and in the service's log.
+    for value in (["abc123.s3cretpart"], 123456789):
+        with pytest.raises(ConfigError, match=r"^join_token: expected a string") as refused:
+            build_config({"join_token": value}, {})
+        assert "s3cret" not in str(refused.value)
+        assert "123456789" not in str(refused.value)
