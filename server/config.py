@@ -231,7 +231,9 @@ def _as_trust_domain(key: str, value: Any) -> TrustDomain:
 
 
 def _as_datastore(key: str, value: Any) -> str:
-    text = _as_str(key, value)
+    if not isinstance(value, str):  # its type only: a URL in it may hold a password
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+    text = value
     if not is_postgres_dsn(text):
         return text  # a SQLite file ("" for the default one)
     try:

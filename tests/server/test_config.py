@@ -193,6 +193,11 @@ def test_the_datastore_password_stays_out_of_errors_and_the_repr() -> None:
         {"trust_domain": "example.org", "datastore": "postgresql://u:pw-9@h/d", **KEK}
     )
     assert "pw-9" not in repr(config)
+    # A URL written as a TOML list (or inline table) went into the error as given.
+    for value in (["postgresql://u:pw-9@h/db"], {"url": "postgresql://u:pw-9@h/db"}):
+        with pytest.raises(ConfigError, match=r"^datastore: expected a string") as caught:
+            build_config({"trust_domain": "example.org", "datastore": value})
+        assert "pw-9" not in str(caught.value)
 
 
 WITHOUT_PSYCOPG = """
