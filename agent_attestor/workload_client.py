@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 from agent_attestor.config import DEFAULT_SOCKET
 from agent_attestor.errors import AgentError, ConfigError
 from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
-from svid._unix_socket import SocketProblem, socket_problem
+from svid._unix_socket import SocketProblem, grpc_unix_target, socket_problem
 from svid._workload_address import ENV_SOCKET, WorkloadApiAddressError, grpc_target
 from svid._workload_errors import unreachable
 
@@ -56,11 +56,13 @@ def endpoint(socket_path: Path | None) -> Endpoint:
     """--socket-path, else SPIFFE_ENDPOINT_SOCKET, else the default path."""
     if socket_path is not None:
         path = socket_path.resolve()
-        return Endpoint(f"unix:{path}", "--socket-path", path)
+        return Endpoint(grpc_unix_target(path), "--socket-path", path)
     value = os.environ.get(ENV_SOCKET, "")
     if not value:
         return Endpoint(
-            f"unix:{DEFAULT_SOCKET}", f"the default; {ENV_SOCKET} is not set", DEFAULT_SOCKET
+            grpc_unix_target(DEFAULT_SOCKET),
+            f"the default; {ENV_SOCKET} is not set",
+            DEFAULT_SOCKET,
         )
     try:
         target = grpc_target(value)

@@ -29,7 +29,7 @@ from svid._errors import SvidError
 from svid._logs import stacks_on_sigusr1
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
 from svid._stdout import flush_stdout, stdout_closed_by_reader
-from svid._unix_socket import SocketProblem, socket_problem
+from svid._unix_socket import SocketProblem, grpc_unix_target, socket_problem
 from svid._workload_errors import unreachable
 
 ADMIN_SOCKET_ENV = "SVID_SERVER_ADMIN_SOCKET"
@@ -340,7 +340,7 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
             f"cannot open admin socket {_where(args)}: permission denied (the socket and its "
             "directory are only for the server's user); run the command as that user"
         )
-    return grpc.insecure_channel(f"unix:{path}")
+    return grpc.insecure_channel(grpc_unix_target(path))
 
 
 def _rpc_error(exc: grpc.RpcError, args: argparse.Namespace) -> CliError:

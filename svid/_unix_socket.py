@@ -1,4 +1,5 @@
-"""Why a Unix socket path cannot be connected to, as the file system tells it.
+"""Why a Unix socket path cannot be connected to, as the file system tells it; and the gRPC
+target that names one.
 
 gRPC reports all of these as "failed to connect" (and retries some until the deadline); the
 command lines check first so that their one-line error names the exact problem.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import enum
 import os
 import stat
+import urllib.parse
 from pathlib import Path
 
 
@@ -33,3 +35,12 @@ def socket_problem(path: Path) -> SocketProblem | None:
     if not os.access(path, os.R_OK | os.W_OK):
         return SocketProblem.SOCKET_DENIED
     return None
+
+
+def grpc_unix_target(path: Path) -> str:
+    """The gRPC target of the Unix socket at ``path``.
+
+    gRPC reads the target as a URI: a "?" or "#" in the path began a query or fragment, and a
+    "%" an escape, so the path is percent-encoded (its bytes, whatever the locale).
+    """
+    return "unix:" + urllib.parse.quote(os.fsencode(path), safe="/")

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from server.cli import main
-from tests.server.fixtures import TRUST_DOMAIN, RunningServer, running_server
+from tests.server.fixtures import (
+    TRUST_DOMAIN,
+    RunningServer,
+    managed_server,
+    running_server,
+    short_tmpdir,
+)
 
 TD = f"spiffe://{TRUST_DOMAIN}"
 PARENT = f"{TD}/svid/agent/join_token/cli"
@@ -320,3 +327,19 @@ def test_an_entry_file_nested_too_deep_is_one_line_naming_it(
     assert err.startswith(f"svid-server: error: {source}")
     assert "nested too deeply" in err
     assert err.count("\n") == 1
+
+
+def test_an_admin_socket_whose_path_has_uri_characters_is_reached(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The target was "unix:" + the path, which gRPC reads as a URI: "?" and "#" began a query
+    # or fragment and the CLI dialled the path cut there ("failed to connect").
+    root = short_tmpdir()
+    try:
+        socket = root / "ops 1?#" / "admin.sock"
+        with managed_server(admin_socket=str(socket)):
+            code = main(["healthcheck", "--admin-socket", str(socket)])
+            out, err = capsys.readouterr()
+            assert (code, out, err) == (0, "Server is healthy.\n", "")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
