@@ -156,7 +156,7 @@ class ServerConfig:
         return self.data_dir / "server.json"
 
 
-def _as_int(key: str, value: Any, minimum: int = 0) -> int:
+def _as_int(key: str, value: Any, minimum: int = 0, maximum: int | None = None) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     try:
@@ -167,6 +167,8 @@ def _as_int(key: str, value: Any, minimum: int = 0) -> int:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if number < minimum:
         raise ConfigError(f"{key}: must be at least {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"{key}: must be at most {maximum}, got {number}")
     return number
 
 
@@ -252,8 +254,13 @@ def _as_str_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(i.strip() for i in items if i.strip())
 
 
+# TTLs and sizes fit an int32 (68 years, 2 GiB): a time that far off is past what a
+# certificate or datetime can hold, and gRPC takes no bigger message.
+MAX_INT32 = 2**31 - 1
+
+
 def _positive(key: str, value: Any) -> int:
-    return _as_int(key, value, minimum=1)
+    return _as_int(key, value, minimum=1, maximum=MAX_INT32)
 
 
 def _as_positive_float(key: str, value: Any) -> float:

@@ -117,6 +117,17 @@ def test_numbers_that_are_not_finite_are_refused(values: dict[str, object], key:
         build_config({"trust_domain": "example.org", **values})
 
 
+@pytest.mark.parametrize(
+    "key",
+    ["ca_ttl", "jwt_key_ttl", "join_token_ttl", "oauth_access_token_ttl", "max_message_bytes"],
+)
+def test_a_duration_or_size_past_int32_is_refused_naming_the_key(key: str) -> None:
+    # A ca_ttl of 1e14 s passed, and the server's start raised "year 3170900 is out of range"
+    # as it made its CA: a traceback, after its listeners were up.
+    with pytest.raises(ConfigError, match=f"^{key}: must be at most 2147483647"):
+        build_config({"trust_domain": "example.org", key: 10**14})
+
+
 def test_the_old_worker_key_still_works_under_its_new_name(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
