@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import signal
 import sys
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="FILE",
         help="created 0600; an existing file is never overwritten",
+    )
+    kek.add_argument(
+        "--output", choices=("text", "json"), default=argparse.SUPPRESS, help="default text"
     )
     task_cli.add_commands(sub, common)
     return parser
@@ -591,7 +595,11 @@ def _keys(args: argparse.Namespace) -> None:
     from server.ca.sealing import KeyEncryptionKey  # noqa: PLC0415 - admin commands stay light
 
     KeyEncryptionKey.generate().write_new(args.out)
-    print(f"Wrote a new key-encryption key to {args.out} (mode 0600).")
+    _emit(
+        args,
+        f"Wrote a new key-encryption key to {args.out} (mode 0600).",
+        json.dumps({"key_encryption_key_file": str(args.out)}),
+    )
 
 
 # -- run ------------------------------------------------------------------------------------

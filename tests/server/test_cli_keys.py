@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -35,3 +36,18 @@ def test_new_kek_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert err.count("\n") == 1
     assert f"{out} already exists; refusing to overwrite" in err
     assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_new_kek_output_json_is_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    # --output json is JSON for every command: before the command it printed the text line;
+    # after it, argparse refused the flag.
+    out = tmp_path / "kek"
+    flag = ["--output", "json"]
+    argv = ["keys", "new-kek", "--out", str(out)]
+    assert main([*flag, *argv] if where == "before" else [*argv, *flag]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"key_encryption_key_file": str(out)}
+    KeyEncryptionKey.load(out)
