@@ -76,7 +76,10 @@ def _validate(args: argparse.Namespace) -> None:
         for problem in problems:
             print(str(problem), file=sys.stderr)
         raise CliError(f"policy directory {directory} is invalid ({len(problems)} problems)")
-    print(f"policy directory {directory} is valid")
+    if getattr(args, "output", "text") == "json":
+        print(json.dumps({"policy_dir": str(directory), "valid": True}))
+    else:
+        print(f"policy directory {directory} is valid")
 
 
 def _task_text(task: task_pb2.Task) -> str:

@@ -82,3 +82,12 @@ def test_a_demo_config_others_can_write_is_ignored_with_a_note(
     err = capsys.readouterr().err
     assert f"ignoring {Path('.run/server.toml').absolute()}" in err
     assert "not writable by you alone" in err
+
+
+def test_policy_validate_output_json_is_json(
+    checkout: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --output json is JSON for every command: this one printed its text line.
+    assert main(["policy", "validate", "--output", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"policy_dir": str(checkout / ".run" / "policy"), "valid": True}
