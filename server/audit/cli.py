@@ -124,6 +124,8 @@ def _audit_db(args: argparse.Namespace, config: Callable[[argparse.Namespace], A
     return legacy if legacy.is_file() else data_dir / DATASTORE_FILE
 
 
+MAX_INT64 = 2**63 - 1
+
 # A verify racing a live server's prune reads the checkpoint file and the log again this often.
 VERIFY_ATTEMPTS = 3
 
@@ -269,6 +271,8 @@ def _prune(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]
         raise CliError(f"no audit checkpoint key in {data_dir / KEY_DIR}: start the server once")
     if args.batch is not None and args.batch < 1:
         raise CliError("--batch: must be at least 1")
+    if args.batch is not None and args.batch > MAX_INT64:  # SQLite raised OverflowError
+        raise CliError(f"--batch: must be at most {MAX_INT64}")
     cut: Cut | None = None
     policy = RetentionPolicy(0, 0)
     if args.before is not None:

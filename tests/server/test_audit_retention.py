@@ -607,6 +607,17 @@ def test_the_prune_command_needs_the_servers_key(
     assert seqs(tmp_path / "datastore.sqlite3") == [1, 2, 3]
 
 
+def test_the_prune_command_refuses_a_batch_past_int64(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SQLite raised OverflowError binding it: a traceback, with nothing pruned.
+    fill(setup.log, setup.clock, 3)
+    argv = ["audit", "prune", "--data-dir", str(setup.data_dir), "--through-seq", "2"]
+    assert main([*argv, "--batch", str(2**63)]) == 1
+    assert capsys.readouterr().err == f"svid-server: error: --batch: must be at most {2**63 - 1}\n"
+    assert seqs(setup.db) == [1, 2, 3]
+
+
 def test_the_prune_command_takes_a_time(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     fill(setup.log, setup.clock, 5)
     before = 1_800_000_000.0 + 2.5 * DAY
