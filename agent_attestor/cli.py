@@ -36,6 +36,7 @@ from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
 from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
 from svid._audit_checkpoint import CHECKPOINT
+from svid._cli_args import non_utf8_argument
 from svid._clock import format_utc, unix_times_as_numbers
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
@@ -409,23 +410,11 @@ def _check_timeout(timeout: float) -> None:
 
 
 def _check_text(args: argparse.Namespace) -> None:
-    """Every text argument is UTF-8, as protobuf needs it to be.
-
-    A shell passes any bytes; Python keeps one that is not UTF-8 as a lone surrogate, on which
-    protobuf raised UnicodeEncodeError: a traceback. The value is not shown: --svid is a token.
-    """
-    for name, value in vars(args).items():
-        for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str) and not _is_utf8(text):
-                raise ConfigError(f"--{name.replace('_', '-')}: not UTF-8 text")
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    """Every text argument is UTF-8, as protobuf needs it to be (the value is not shown: --svid
+    is a token)."""
+    name = non_utf8_argument(args)
+    if name is not None:
+        raise ConfigError(f"--{name.replace('_', '-')}: not UTF-8 text")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from server import cli_output as out
 from server.config import CONFIG_KEYS, DEFAULT_ADMIN_SOCKET, ServerConfig, load_config, read_toml
 from server.errors import CliError, ConfigError, ServerError
 from server.tasks import cli as task_cli
+from svid._cli_args import non_utf8_argument
 from svid._clock import parse_utc
 from svid._errors import SvidError
 from svid._logs import stacks_on_sigusr1
@@ -651,27 +652,12 @@ _POSITIONALS = frozenset({"task_id"})
 
 
 def _check_text(args: argparse.Namespace) -> None:
-    """Every text argument is UTF-8, as protobuf and the datastore need it to be.
-
-    A shell passes any bytes; Python keeps one that is not UTF-8 as a lone surrogate, on which
-    protobuf raised UnicodeEncodeError: a traceback. The value is not shown: it may be a URL
-    with a password.
-    """
-    for name, value in vars(args).items():
-        if name in _LOCAL_PATHS:
-            continue
-        for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str) and not _is_utf8(text):
-                label = name if name in _POSITIONALS else f"--{name.replace('_', '-')}"
-                raise CliError(f"{label}: not UTF-8 text")
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    """Every text argument is UTF-8, as protobuf and the datastore need it to be (the value is
+    not shown: it may be a URL with a password)."""
+    name = non_utf8_argument(args, skip=_LOCAL_PATHS)
+    if name is not None:
+        label = name if name in _POSITIONALS else f"--{name.replace('_', '-')}"
+        raise CliError(f"{label}: not UTF-8 text")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
