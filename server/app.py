@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 from server.tls import ServerTls
 from svid._clock import Clock, SystemClock
 from svid._proto import admin_pb2_grpc, node_pb2_grpc
+from svid._unix_socket import grpc_unix_target
 
 _log = logging.getLogger("svid.server")
 NODE_SERVICE = "svid.node.v1.Node"
@@ -406,7 +407,8 @@ class Server:
         _bind(
             "admin_socket",
             str(cfg.admin_socket),
-            lambda: admin_server.add_insecure_port(f"unix:{cfg.admin_socket}"),
+            # As a URI, like the CLI's target: "%" (or "?", "#") in the path stays itself.
+            lambda: admin_server.add_insecure_port(grpc_unix_target(cfg.admin_socket)),
         )
         await self._node_server.start()
         await self._admin_server.start()

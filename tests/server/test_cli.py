@@ -336,7 +336,7 @@ def test_an_admin_socket_whose_path_has_uri_characters_is_reached(
     # or fragment and the CLI dialled the path cut there ("failed to connect").
     root = short_tmpdir()
     try:
-        socket = root / "ops 1?#" / "admin.sock"
+        socket = root / "ops 1?#%41" / "admin.sock"
         with managed_server(admin_socket=str(socket)):
             code = main(["healthcheck", "--admin-socket", str(socket)])
             out, err = capsys.readouterr()
