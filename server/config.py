@@ -195,10 +195,15 @@ def _as_str(key: str, value: Any) -> str:
 
 
 def _as_path(key: str, value: Any) -> Path:
+    """A path, with a leading ~ or ~user expanded as the agent's config does (taken literally,
+    `data_dir = "~/svid"` made a directory named "~" wherever the server was started)."""
     text = _as_str(key, value)
     if not text:
         raise ConfigError(f"{key}: must not be empty")
-    return Path(text)
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        raise ConfigError(f"{key}: cannot expand {text!r}: no such user's home") from None
 
 
 def _as_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:

@@ -181,6 +181,13 @@ def test_the_datastore_is_sqlite_in_the_data_dir_unless_set() -> None:
 KEK = {"key_encryption_key_file": "/etc/svid/kek"}  # servers sharing PostgreSQL share the CA
 
 
+def test_paths_expand_a_leading_tilde_as_the_agents_do(tmp_path: Path) -> None:
+    config = build_config({"trust_domain": "example.org", "data_dir": "~/svid-data"})
+    assert config.data_dir == Path.home() / "svid-data"
+    with pytest.raises(ConfigError, match="data_dir: cannot expand '~nosuchuser/x'"):
+        build_config({"trust_domain": "example.org", "data_dir": "~nosuchuser/x"})
+
+
 def test_a_postgresql_url_selects_postgresql_and_the_flag_wins(tmp_path: Path) -> None:
     path = tmp_path / "server.toml"
     path.write_text(
