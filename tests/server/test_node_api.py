@@ -487,6 +487,31 @@ def test_batch_signs_entitled_and_refuses_the_rest_per_item(
     assert "OK" in _openssl_verify(tmp_path, srv.bundle(), chain)
 
 
+def test_a_jwt_asked_by_entry_for_an_id_the_entry_no_longer_names_is_refused(
+    srv: RunningServer,
+) -> None:
+    # The agent names the entry and the ID its workload asked for; an operator changed the
+    # entry's ID meanwhile. A token for the new ID would be handed out as the old one's.
+    agent = srv.attest()
+    entry = srv.create_entry("/renamed/before", agent.spiffe_id)
+    changed = common_pb2.Entry()
+    changed.CopyFrom(entry)
+    changed.spiffe_id = f"spiffe://{TRUST_DOMAIN}/renamed/after"
+    srv.admin().UpdateEntry(admin_pb2.UpdateEntryRequest(entry=changed), timeout=10)
+    stub = srv.node_stub(agent)
+    asked = node_pb2.NewJWTSVIDRequest(entry_id=entry.id, spiffe_id=entry.spiffe_id, audience=["a"])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.NewJWTSVID(asked, timeout=10)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "/renamed/after" in err.value.details()
+    batch = stub.BatchNewJWTSVID(node_pb2.BatchNewJWTSVIDRequest(requests=[asked]), timeout=10)
+    (result,) = batch.results
+    assert result.error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert not result.svid.token
+    asked.spiffe_id = changed.spiffe_id
+    assert stub.NewJWTSVID(asked, timeout=10).token
+
+
 def test_an_agent_banned_while_its_svids_are_signed_gets_none_of_them(
     srv: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
