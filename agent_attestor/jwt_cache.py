@@ -38,8 +38,9 @@ def entry_size(key: Key, jwt: MintedJwt, jti: str = "") -> int:
 
 
 def refresh_point(jwt: MintedJwt) -> float:
-    """When a token stops being handed out and a new one is minted: half its life (SPIFFE.md)."""
-    return jwt.issued_at + (jwt.expires_at - jwt.issued_at) / 2
+    """When a token stops being handed out and a new one is minted: half its life (SPIFFE.md),
+    and never past its exp, whatever its issued_at says (as svid's task cache)."""
+    return min(jwt.expires_at, jwt.issued_at + (jwt.expires_at - jwt.issued_at) / 2)
 
 
 def token_id(jwt: MintedJwt) -> str:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from agent_attestor import _crypto
 from agent_attestor import jwt_cache as jwt_cache_module
 from agent_attestor.cache import Cache, SyncState
-from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, entry_size
+from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, entry_size, refresh_point
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
 from agent_attestor.model import Entry, JwtKey, Selector
 from agent_attestor.signer import MintedJwt, X509Result
@@ -137,6 +137,12 @@ def test_a_token_minted_while_its_identity_is_forgotten_is_not_kept() -> None:
     assert jwts.cached(sid, ["a"]) == after
     jwts.forget({sid})
     assert jwts.cached(sid, ["a"]) is None
+
+
+def test_a_token_is_never_handed_out_at_or_past_its_exp() -> None:
+    # Half its life, but never past exp: an issued_at after expires_at put that point beyond it.
+    assert refresh_point(MintedJwt("t", issued_at=1000, expires_at=1300)) == 1150
+    assert refresh_point(MintedJwt("t", issued_at=1600, expires_at=1300)) == 1300
 
 
 def test_jwt_cache_evicts_least_recently_used() -> None:
