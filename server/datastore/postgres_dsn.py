@@ -25,15 +25,31 @@ def is_postgres_dsn(text: str) -> bool:
     return text.lower().startswith(SCHEMES)
 
 
+def _split_userinfo(dsn: str) -> tuple[str, str, str]:
+    """(scheme, user part, the rest) of a URL DSN; the user part is "" when there is none.
+
+    Not urlsplit's reading: libpq ends the user part at its '@' and takes '?' and '#' in a
+    password as they are, where urlsplit ends it at the first '?', '#' or '/' and shows the
+    password as host, query or path. The user part here runs to the last '@' before the first
+    '/' after an '@': a password with an unescaped '/' (which libpq refuses) is hidden too."""
+    scheme, _, rest = dsn.partition("://")
+    first = rest.find("@")
+    if first < 0:
+        return scheme, "", rest
+    slash = rest.find("/", first)
+    at = rest.rfind("@", 0, len(rest) if slash < 0 else slash)
+    return scheme, rest[:at], rest[at + 1 :]
+
+
 def _url_password(dsn: str) -> str | None:
+    _, userinfo, rest = _split_userinfo(dsn)
+    _user, sep, password = userinfo.partition(":")
+    if sep and password:
+        return urllib.parse.unquote(password)
     try:
-        parts = urllib.parse.urlsplit(dsn)
-        password = parts.password
-        query = urllib.parse.parse_qs(parts.query)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(f"x://{rest}").query)
     except ValueError:
         return None
-    if password:
-        return urllib.parse.unquote(password)
     found = query.get("password")
     return found[0] if found else None
 
@@ -43,15 +59,15 @@ def redact_dsn(dsn: str) -> str:
     `password=` parameter) replaced by ***."""
     if not is_postgres_dsn(dsn):  # libpq's key=value form
         return _KEYWORD_PASSWORD.sub(rf"\g<1>{_HIDDEN}", dsn)
+    scheme, userinfo, rest = _split_userinfo(dsn)
     try:
-        parts = urllib.parse.urlsplit(dsn)
-        netloc = parts.netloc
+        parts = urllib.parse.urlsplit(f"{scheme}://{rest}")
     except ValueError:
-        return f"{dsn.split('://', 1)[0]}://{_HIDDEN}"  # unreadable: show nothing of it
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
+        return f"{scheme}://{_HIDDEN}"  # unreadable: show nothing of it
+    netloc = parts.netloc
+    if userinfo:
         user, sep, _password = userinfo.partition(":")
-        netloc = f"{user}{':' + _HIDDEN if sep else ''}@{hostport}"
+        netloc = f"{user}{':' + _HIDDEN if sep else ''}@{netloc}"
     query = "&".join(
         f"{k}={_HIDDEN}" if k.lower() == "password" else f"{k}={urllib.parse.quote(v, safe='')}"
         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)

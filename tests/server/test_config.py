@@ -218,6 +218,19 @@ def test_the_datastore_password_stays_out_of_errors_and_the_repr() -> None:
         assert "pw-9" not in str(caught.value)
 
 
+def test_a_password_holding_a_url_delimiter_stays_out_of_errors_and_the_log_line() -> None:
+    # libpq takes '?' and '#' in a password as they are; urlsplit read them as the query or
+    # fragment, so redaction found no password and showed it whole.
+    for dsn in ("postgresql://u:pw#9@h/db", "postgresql://u:pw?9@h/db", "postgresql://u:pw/9@h/db"):
+        with pytest.raises(ConfigError) as caught:
+            build_config({"trust_domain": "example.org", "datastore": dsn})
+        assert "pw" not in str(caught.value)
+    config = build_config(
+        {"trust_domain": "example.org", "datastore": "postgresql://u:12#pw@h/db", **KEK}
+    )
+    assert config.datastore_shown == "postgresql://u:***@h/db"
+
+
 WITHOUT_PSYCOPG = """
 import sys
 
