@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -78,7 +78,15 @@ _admitted: contextvars.ContextVar[tuple[str, Caller] | None] = contextvars.Conte
 )
 
 
-class TaskAccessToken(AccessToken):
+class _UnprintedAccessToken(AccessToken):
+    """The SDK's ``AccessToken`` without its bearer token in repr or str: the SDK's model
+    shows every field, so a tool logging ``get_access_token()`` logged the token."""
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        return [(name, value) for name, value in super().__repr_args__() if name != "token"]
+
+
+class TaskAccessToken(_UnprintedAccessToken):
     """The SDK's ``AccessToken`` for a verified JWT-SVID: ``client_id`` and ``subject`` are its
     SPIFFE ID, ``scopes`` its ``scope``, ``resource`` the audience, and ``task`` the typed
     ``svid.TaskClaims`` (None for a token that is not a task token)."""
@@ -444,7 +452,7 @@ class AccessTokenAuth:
             verified = self.verifier.verify(token)
         except VerificationError:
             return None
-        return AccessToken(
+        return _UnprintedAccessToken(
             token=token,
             client_id=verified.client_id or verified.subject,
             scopes=sorted(verified.scopes),

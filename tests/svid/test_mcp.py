@@ -70,6 +70,9 @@ def test_a_granted_tool_runs_with_typed_task_claims(source: RevokingSource) -> N
     assert token.task.task_id == "t1"
     assert token.task.grants_tool("read_ticket")
     assert token.spiffe_id.endswith("/task/t1")
+    # The SDK's model shows every field: the bearer token went into any log of it.
+    assert token.token.split(".")[2] not in repr(token) + str(token)
+    assert "spiffe_id=" in repr(token)
 
 
 def test_a_tool_the_task_was_not_granted_is_403_insufficient_scope(

@@ -249,6 +249,8 @@ def test_the_mcp_token_verifier_hands_the_sdk_the_verified_token(
     assert got.subject == "user:alice"
     assert set(got.scopes) == {"read", "tool:read_ticket"}
     assert got.claims == {"iss": ISSUER, "act": {"sub": TASK}, "txn": "t1"}
+    # A tool that logs what get_access_token() returns logs no bearer token.
+    assert got.token.split(".")[2] not in repr(got) + str(got)
     assert asyncio.run(auth.verify_token(token(aud="https://other.example.org"))) is None
     assert asyncio.run(auth.verify_token(token(typ="JWT"))) is None
     assert str(auth.settings.issuer_url).rstrip("/") == ISSUER
