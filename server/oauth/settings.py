@@ -39,11 +39,14 @@ def check_issuer(issuer: str, key: str = "oidc_issuer") -> str:
     except ValueError as exc:
         raise ConfigError(f"{key}: not a URL ({exc})") from None
     del port
+    if parts.username or parts.password:
+        # Never the URL itself: its user info may hold a password.
+        raise ConfigError(f"{key}: no user info (user@ or user:pw@) allowed in an issuer URL")
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigError(f"{key}: must be an https:// URL with a host, got {issuer!r}")
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ConfigError(f"{key}: plain http is allowed only on loopback, got {issuer!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
+    if parts.query or parts.fragment:
         raise ConfigError(f"{key}: no query, fragment or user info allowed: {issuer!r}")
     return issuer.rstrip("/")
 

@@ -108,6 +108,25 @@ def test_bad_oauth_settings_name_their_key(values: dict[str, Any], key: str) -> 
         build_config({**BASE, **values})
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"oidc_issuer": "https://u:pw-7@x.example", "oauth_bind_address": "127.0.0.1:1", **TLS},
+        {"oidc_issuer": "http://u:pw-7@x.example", "oauth_bind_address": "127.0.0.1:1"},
+        {
+            "oidc_issuer": "http://127.0.0.1:1",
+            "oauth_bind_address": "127.0.0.1:1",
+            "oauth_trusted_issuers": ["partner.org=https://u:pw-7@oidc.partner.example"],
+        },
+    ],
+)
+def test_an_issuer_url_with_a_password_is_refused_without_it(values: dict[str, Any]) -> None:
+    # The error quoted the URL it refused for holding user info: the password with it.
+    with pytest.raises(ConfigError, match="user info") as caught:
+        build_config({**BASE, **values})
+    assert "pw-7" not in str(caught.value)
+
+
 def test_plain_http_only_for_loopback_issuer_and_listener() -> None:
     settings = _settings(oidc_issuer="http://127.0.0.1:9000", oauth_bind_address="127.0.0.1:9000")
     assert settings.tls_cert is None
