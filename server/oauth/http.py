@@ -31,14 +31,15 @@ class Request:
     method: str
     path: str
     query: str
-    headers: Mapping[str, str]  # lower-case names; a repeated header keeps its last value
-    body: bytes
+    # Credentials travel in both (an Authorization header, a form's assertion): not in a repr.
+    headers: Mapping[str, str] = field(repr=False)  # lower-case names; the last of a repeat
+    body: bytes = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Response:
     status: int
-    body: bytes = b""
+    body: bytes = field(default=b"", repr=False)  # a token endpoint's answer holds its token
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = field(default=())
 

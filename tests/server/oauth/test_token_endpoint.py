@@ -530,3 +530,19 @@ def test_a_revoked_jwt_svid_gets_no_token(oauth_server: OAuthServer) -> None:
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"] == "invalid_grant"
     assert "revoked" in reply.json()["error_description"]
+
+
+def test_a_request_and_an_answer_show_no_credential_in_their_repr() -> None:
+    # The form carries the assertion or subject token, a header may carry a bearer token, and
+    # the answer's body the access token: none may reach a log line that shows either object.
+    from server.oauth.http import Request, Response
+
+    token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+    request = Request(
+        "POST", "/token", "", {"authorization": f"Bearer {token}"}, f"assertion={token}".encode()
+    )
+    answer = Response(200, f'{{"access_token":"{token}"}}'.encode())
+    for shown in (repr(request), repr(answer)):
+        assert "eyJ" not in shown
+    assert "'/token'" in repr(request)
+    assert "status=200" in repr(answer)
