@@ -258,14 +258,14 @@ class Issuer:
     def _jwt_entry(self, agent_id: str, entitled: Entitlement, request: JwtAsk) -> Entry:
         _check_audience(request.audience)
         if request.entry_id:
-            entry = self._entitled_entry(agent_id, entitled, request.entry_id)
-            if request.spiffe_id and request.spiffe_id != entry.spiffe_id:
+            named = self._entitled_entry(agent_id, entitled, request.entry_id)
+            if request.spiffe_id and request.spiffe_id != named.spiffe_id:
                 # Renamed since the agent looked: its workload asked for the old ID, and a token
                 # for the new one would be handed out as that.
                 raise PermissionDeniedError(
-                    f"entry {entry.id} names {entry.spiffe_id} now, not {request.spiffe_id[:2048]}"
+                    f"entry {named.id} names {named.spiffe_id} now, not {request.spiffe_id[:2048]}"
                 )
-            return entry
+            return named
         if not request.spiffe_id:
             raise InvalidRequestError("spiffe_id: required (or entry_id)")
         entry = entitled.by_spiffe_id(request.spiffe_id)
