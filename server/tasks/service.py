@@ -356,8 +356,18 @@ class TaskService:
             )
         if req.goal_sha256 and (len(req.goal_sha256) != 64 or set(req.goal_sha256) - _HEX):
             raise InvalidRequestError("goal_sha256: must be 64 lowercase hex digits")
-        runtime = self._runtime_entry(agent, req.runtime_id, req.runtime_entry_id)
-        parent = self._parent(agent, req)
+        try:
+            runtime = self._runtime_entry(agent, req.runtime_id, req.runtime_entry_id)
+            parent = self._parent(agent, req)
+        except PermissionDeniedError as exc:
+            # Refused before any policy decision, and an identity decision all the same.
+            raise self._deny(
+                agent=agent,
+                runtime_id=req.runtime_id,
+                intent=self._child_intent(req, None),
+                reason=str(exc),
+                flag=None,
+            ) from None
         intent = self._child_intent(req, parent)  # RequestError -> INVALID_ARGUMENT
         ttl = req.ttl or self.settings.default_ttl
         if ttl < 0:

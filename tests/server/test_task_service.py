@@ -535,6 +535,24 @@ def test_evicting_an_agent_revokes_its_outstanding_credentials(world: World) -> 
     assert world.store.get_task(task.task_id).state is TaskState.REVOKED  # type: ignore[union-attr]
 
 
+def test_a_begin_refused_before_the_policy_decision_is_on_the_ledger_too(world: World) -> None:
+    # Every identity decision is audited: refusing a runtime its agent may not serve, or a
+    # parent task of another runtime, is one as much as a policy denial.
+    other = "spiffe://example.org/agents/someone-else"
+    with pytest.raises(PermissionDeniedError, match="may serve"):
+        world.begin(runtime_id=other)
+    parent = world.begin()
+    (refused,) = world.events("denial")
+    assert refused["agent_id"] == other
+    assert refused["node_id"] == AGENT
+    assert "may serve" in refused["reason"]
+    world.run(world.service.end(world.agent, parent.task_id, [RUNTIME]))
+    with pytest.raises(PermissionDeniedError, match="is ended"):
+        world.begin(parent_task_id=parent.task_id)
+    assert [e["reason"] for e in world.events("denial")][1].endswith("is ended")
+    assert world.audit.verify().ok
+
+
 def test_runtime_must_be_entitled_and_not_a_task(world: World) -> None:
     with pytest.raises(PermissionDeniedError, match="may serve"):
         world.begin(runtime_id="spiffe://example.org/agents/someone-else")
