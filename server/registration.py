@@ -18,6 +18,7 @@ from server.datastore.records import Entry, Selector
 from server.entitlement import EntryIndex
 from server.errors import AlreadyExistsError, InvalidRequestError, NotFoundError, ServerError
 from server.ids import SERVER_DNS_NAME, ServerIds
+from server.input_text import refuse_nul
 from server.tasks.model import is_task_id
 from svid._errors import SpiffeIdError
 from svid._spiffe_id import SpiffeId, TrustDomain
@@ -137,10 +138,7 @@ def validate_entry(
         raise InvalidRequestError("expires_at: must be 0 (never) or a unix time")
     if len(entry.hint.encode()) > MAX_HINT_BYTES:
         raise InvalidRequestError(f"hint: at most {MAX_HINT_BYTES} bytes")
-    if "\x00" in entry.hint:
-        # PostgreSQL text holds no NUL: refused as input, on either backend, not as a failure
-        # of storage.
-        raise InvalidRequestError("hint: may not contain NUL (0x00)")
+    refuse_nul("hint", entry.hint)
     dns_names = tuple(dict.fromkeys(_check_dns(n) for n in entry.dns_names))
     return Entry(
         id=entry.id,

@@ -29,6 +29,7 @@ from server.datastore.records import AttestedAgent, Entry
 from server.entitlement import Entitlement, SpiffeIdCache, agent_parents
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.ids import ServerIds
+from server.input_text import refuse_nul
 from server.issuance.ledger import Credential, EventTuple, Ledger
 from server.issuance.records import (
     task_jwt_record,
@@ -535,10 +536,7 @@ def _check_audience(audience: Sequence[str]) -> None:
     if too_big:
         raise InvalidRequestError(too_big)
     for index, value in enumerate(audience):
-        if "\x00" in value:
-            # PostgreSQL text holds no NUL: refused as input, on either backend (recorded, it
-            # failed the ledger's commit, and every concurrent caller's sharing it).
-            raise InvalidRequestError(f"audience[{index}]: may not contain NUL (0x00)")
+        refuse_nul(f"audience[{index}]", value)
         # The audit log refuses to record what looks like a credential: refused here, such an
         # audience fails its own request, not the batch it came in (after its JWTs were signed).
         try:

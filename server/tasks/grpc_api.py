@@ -17,6 +17,7 @@ import grpc
 from server import listing, status
 from server.datastore.records import AttestedAgent, TaskCursor
 from server.errors import InvalidRequestError, PermissionDeniedError
+from server.input_text import refuse_nul
 from server.peer import PeerCache
 from server.policy import PolicyEngine
 from server.state import ServerState
@@ -67,9 +68,7 @@ def task_to_proto(task: Task, credentials: int = 0) -> task_pb2.Task:
 def _runtime_ids(values: list[str]) -> list[str]:
     if len(values) > MAX_RUNTIME_IDS:
         raise InvalidRequestError(f"runtime_ids: at most {MAX_RUNTIME_IDS}")
-    # No SPIFFE ID holds a NUL (nor can PostgreSQL text: the query would fail as storage).
-    if any("\x00" in value for value in values):
-        raise InvalidRequestError("runtime_ids: a SPIFFE ID holds no NUL (0x00)")
+    refuse_nul("runtime_ids", *values)
     return values
 
 

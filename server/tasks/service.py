@@ -31,6 +31,7 @@ from server.datastore.records import (
 )
 from server.entitlement import agent_parents, entitled_entry, live
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from server.input_text import refuse_nul
 from server.issuance import TaskGrant, TaskJwtGrant
 from server.policy import (
     INVOKE_TOOL,
@@ -343,13 +344,11 @@ class TaskService:
                 raise InvalidRequestError(
                     f"intent: action/resource/tool {name[:80]!r} is empty or too long"
                 )
-        _check_no_nul(
-            ("intent.actions", req.actions),
-            ("intent.resources", req.resources),
-            ("intent.tools", req.tools),
-            ("intent.environment", (req.environment,)),
-            ("intent.on_behalf_of", (req.on_behalf_of,)),
-        )
+        refuse_nul("intent.actions", *req.actions)
+        refuse_nul("intent.resources", *req.resources)
+        refuse_nul("intent.tools", *req.tools)
+        refuse_nul("intent.environment", req.environment)
+        refuse_nul("intent.on_behalf_of", req.on_behalf_of)
         if req.elevate and not req.parent_task_id:
             raise InvalidRequestError(
                 "elevate: an elevated step runs inside a task; set parent_task_id"
@@ -954,14 +953,6 @@ class TaskService:
             # Past its expiry a task is refused anyway (and expired on every server).
             self._ended = {k: at for k, at in self._ended.items() if at >= now}
         await asyncio.to_thread(self._store.prune, self._now(), self.settings.violation_window)
-
-
-def _check_no_nul(*fields: tuple[str, Sequence[str]]) -> None:
-    """A NUL in what the task's records carry is refused as input, on either backend
-    (PostgreSQL text holds none: there it failed as storage unavailable)."""
-    for name, values in fields:
-        if any("\x00" in value for value in values):
-            raise InvalidRequestError(f"{name}: may not contain NUL (0x00)")
 
 
 def _recordable(draft: Callable[[], EventDraft]) -> EventDraft:

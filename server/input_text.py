@@ -1,0 +1,13 @@
+"""Text a request carries that no datastore can hold: PostgreSQL text takes no NUL, so one is
+refused as input (INVALID_ARGUMENT), on either backend, rather than met as a storage failure
+that callers retry (and, in a shared commit, fails its neighbours too)."""
+
+from __future__ import annotations
+
+from server.errors import InvalidRequestError
+
+
+def refuse_nul(name: str, *values: str) -> None:
+    """InvalidRequestError naming `name` when any of `values` holds a NUL."""
+    if any("\x00" in value for value in values):
+        raise InvalidRequestError(f"{name}: may not contain NUL (0x00)")
