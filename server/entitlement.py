@@ -179,15 +179,21 @@ def entitled_entry(
     now: int,
     *,
     spiffe_id: str,
+    entry_id: str = "",
 ) -> Entry | None:
     """The live entry with this SPIFFE ID the agent may serve (the lowest id of several), the
-    one `entitled_entries` lists first.
+    one `entitled_entries` lists first; with `entry_id`, that entry if it is such a one.
 
     Walks the smaller of two sets: the entries carrying the ID, or the entries of the agent and
     its node aliases. Either may be large (an agent holding 100k entries; one ID given on every
     node, an entry per agent), rarely both.
     """
     parents = agent_parents(index, agent_id, agent_selectors, server_id, now)
+    if entry_id:
+        named = index.by_id.get(entry_id)
+        if named is None or named.spiffe_id != spiffe_id:
+            return None
+        return named if named.parent_id in parents and live(named, now) else None
     same_id = index.by_spiffe_id.get(spiffe_id, ())
     held = sum(len(index.by_parent.get(p, ())) for p in parents)
     if len(same_id) <= held:

@@ -29,7 +29,7 @@ from server.datastore.records import (
     Revocation,
     TaskCursor,
 )
-from server.entitlement import agent_parents, entitled_entry, live
+from server.entitlement import entitled_entry
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.input_text import refuse_nul
 from server.issuance import TaskGrant, TaskJwtGrant
@@ -228,33 +228,22 @@ class TaskService:
             raise InvalidRequestError(
                 f"runtime_id: {wanted} is a task identity; begin a sub-task with parent_task_id"
             )
-        now = self._now()
-        if entry_id:
-            named = self._state.entries.by_id.get(entry_id)
-            parents = agent_parents(
-                self._state.entries, agent.spiffe_id, agent.selectors, self._server_id, now
-            )
-            if (
-                named is not None
-                and named.spiffe_id == wanted
-                and named.parent_id in parents
-                and live(named, now)
-            ):
-                return named
-            raise PermissionDeniedError(
-                f"{wanted} is not the identity of an entry {entry_id[:80]!r} that agent "
-                f"{agent.spiffe_id} may serve"
-            )
         entry = entitled_entry(
             self._state.entries,
             agent.spiffe_id,
             agent.selectors,
             self._server_id,
-            now,
+            self._now(),
             spiffe_id=wanted,
+            entry_id=entry_id,
         )
         if entry is not None:
             return entry
+        if entry_id:
+            raise PermissionDeniedError(
+                f"{wanted} is not the identity of an entry {entry_id[:80]!r} that agent "
+                f"{agent.spiffe_id} may serve"
+            )
         raise PermissionDeniedError(
             f"{wanted} is not an identity agent {agent.spiffe_id} may serve"
         )
