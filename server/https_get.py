@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import socket
 import ssl
 import threading
@@ -84,3 +85,11 @@ def _cut(conn: http.client.HTTPConnection, fired: threading.Event) -> None:
 
 def _late(timeout: float) -> TimeoutError:
     return TimeoutError(f"no whole answer within {timeout:g} s")
+
+
+def holds_userinfo(url: str) -> bool:
+    """Whether `url`'s authority (what follows the scheme, up to the first /, ? or #) holds
+    user info (user@ or user:pw@): a URL of another party to fetch never should, and the
+    password it may carry must not be logged or quoted with the URL."""
+    authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    return "@" in authority

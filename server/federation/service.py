@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
@@ -43,6 +42,7 @@ from server.datastore.records import (
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.federation.errors import FederationError
 from server.federation.fetch import check_bundle, endpoint_trust_domain, fetch_bundle
+from server.https_get import holds_userinfo
 from svid._backoff import Retry
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock
@@ -119,7 +119,7 @@ def validate_relationship(rel: FederationRelationship, own: TrustDomain) -> Fede
 def _check_authority(url: str) -> None:
     """A bundle endpoint URL names a host and no userinfo (SPIFFE Federation 5.2.1.1, 5.2.2.1):
     what it carries would be logged and put on the ledger with the URL, so it is not echoed."""
-    if "@" in re.split(r"[/?#]", url.removeprefix("https://"), maxsplit=1)[0]:
+    if holds_userinfo(url):
         raise InvalidRequestError("bundle_endpoint_url: must not hold userinfo (user@ or user:pw@)")
     try:
         host = urlsplit(url).hostname

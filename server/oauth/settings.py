@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from server.errors import ConfigError
+from server.https_get import holds_userinfo
 from svid._errors import SpiffeIdError
 from svid._spiffe_id import SpiffeId, TrustDomain
 
@@ -33,15 +34,15 @@ def check_issuer(issuer: str, key: str = "oidc_issuer") -> str:
     """An OIDC issuer URL (OpenID Discovery §3 / RFC 8414 §2): https, a host, no query or
     fragment; http only for a loopback host (a local demo or test). No trailing slash. Errors
     name the config ``key``."""
+    if holds_userinfo(issuer):
+        # Never the URL itself: its user info may hold a password.
+        raise ConfigError(f"{key}: no user info (user@ or user:pw@) allowed in an issuer URL")
     try:
         parts = urlsplit(issuer)
         port = parts.port
     except ValueError as exc:
         raise ConfigError(f"{key}: not a URL ({exc})") from None
     del port
-    if parts.username or parts.password:
-        # Never the URL itself: its user info may hold a password.
-        raise ConfigError(f"{key}: no user info (user@ or user:pw@) allowed in an issuer URL")
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigError(f"{key}: must be an https:// URL with a host, got {issuer!r}")
     if parts.scheme == "http" and not is_loopback(parts.hostname):
