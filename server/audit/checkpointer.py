@@ -139,10 +139,6 @@ class Checkpointer:
                     found = stored
             return None if found is None else Head(found.seq, found.hash)
 
-    def refuse(self, reason: str, why: str) -> CheckpointError:
-        """Count and log a refusal to sign (`reason` is the metric's label); the error to raise."""
-        return self._refuse(reason, why)
-
     def sign_prune(self, seq: int, digest: str, count: int) -> Checkpoint:
         """Sign and append a prune record: events through `seq` (whose hash is `digest`) may
         go, `count` of them in this prune. Durable in the file, and stored in the datastore
@@ -265,7 +261,7 @@ class Checkpointer:
                 stored = self._records.audit_head()
             else:
                 return head, own if own is not None and head == own.head else None
-        raise self._refuse(
+        raise self.refuse(
             REFUSED_PRUNED,
             "events after the last signed checkpoint were removed without a signed prune "
             "record: the log was cut behind the server",
@@ -278,7 +274,7 @@ class Checkpointer:
         if stored is None:
             if start.seq == 0:
                 return None
-            raise self._refuse(
+            raise self.refuse(
                 REFUSED_BROKEN,
                 f"the audit log is empty but seq {start.seq} was signed: it was wiped",
             )
@@ -287,7 +283,7 @@ class Checkpointer:
             base = self._records.audit_base()
             if base is not None and base.seq > start.seq:
                 raise _PrunedMeanwhileError
-            raise self._refuse(
+            raise self.refuse(
                 REFUSED_BROKEN,
                 f"the stored audit chain does not run from the last signed seq {start.seq} to "
                 f"the stored head seq {stored.seq}: {result}",
@@ -333,7 +329,8 @@ class Checkpointer:
                 mine.append(record)
         return mine
 
-    def _refuse(self, reason: str, why: str) -> CheckpointError:
+    def refuse(self, reason: str, why: str) -> CheckpointError:
+        """Count and log a refusal to sign (`reason` is the metric's label); the error to raise."""
         self._on_refused(reason)
         _log.error(
             "refused to sign an audit checkpoint: %s; run `svid-server audit verify --anchor`",
