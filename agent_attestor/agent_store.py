@@ -45,11 +45,17 @@ class AgentSvid:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write via a 0600 temp file and rename, so a crash never leaves a half-written key."""
+    write_file(path, data, 0o600)
+
+
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """`data` in a fresh file of `mode`, fsynced and renamed over `path`: a crash never leaves
+    it half written, and a file or symlink planted at the name never receives it."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()

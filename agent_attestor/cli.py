@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 
 from agent_attestor import _crypto
-from agent_attestor.agent_store import _write_private
+from agent_attestor.agent_store import _write_private, write_file
 from agent_attestor.app import AgentApp
 from agent_attestor.checkpoint_store import read_records
 from agent_attestor.config import (
@@ -191,26 +191,17 @@ def _x509_summary(msg: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _write_public(path: Path, data: bytes) -> None:
-    """A fresh file renamed into place, like the key: writing to the name followed a symlink
-    planted there (a directory others can write) and overwrote whatever file it named."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _write_x509(directory: Path, msg: Any) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for i, svid in enumerate(msg.svids):
-        _write_public(directory / f"svid.{i}.pem", certs_to_pem(parse_der_certs(svid.x509_svid)))
+        write_file(
+            directory / f"svid.{i}.pem", certs_to_pem(parse_der_certs(svid.x509_svid)), 0o644
+        )
         key = _crypto.key_pem(serialization.load_der_private_key(svid.x509_svid_key, None))
         # A fresh 0600 file renamed into place: a file or symlink already there (planted
         # in a directory others can write) never receives the key.
         _write_private(directory / f"svid.{i}.key", key)
-        _write_public(directory / f"bundle.{i}.pem", certs_to_pem(parse_der_certs(svid.bundle)))
+        write_file(directory / f"bundle.{i}.pem", certs_to_pem(parse_der_certs(svid.bundle)), 0o644)
 
 
 def _cmd_fetch_x509(args: argparse.Namespace, client: WorkloadClient) -> int:
