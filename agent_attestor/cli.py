@@ -36,7 +36,7 @@ from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.logs import configure
 from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
 from svid._audit_checkpoint import CHECKPOINT
-from svid._cli_args import non_utf8_argument
+from svid._cli_args import non_utf8_argument, timeout_problem
 from svid._clock import format_utc, unix_times_as_numbers
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
@@ -46,9 +46,6 @@ from svid._stdout import flush_stdout, stdout_closed_by_reader
 
 _BOOL_FLAGS = {"insecure_bootstrap"}
 _OUTPUT_HELP = "text (times in RFC 3339 UTC) or json (times in Unix seconds)"
-# gRPC ends a call whose deadline is out of its range (from about 1e10 s) at once, which read
-# as a hung agent; a day is more than any Workload API call needs.
-MAX_TIMEOUT = 86400.0
 _INT32_MAX = 2**31 - 1
 
 
@@ -394,10 +391,9 @@ def _client_command(args: argparse.Namespace, client: WorkloadClient) -> int:
 
 
 def _check_timeout(timeout: float) -> None:
-    if not 0 < timeout <= MAX_TIMEOUT:  # NaN too
-        raise ConfigError(
-            f"--timeout: {timeout:g} must be more than 0 and at most {MAX_TIMEOUT:g} seconds"
-        )
+    problem = timeout_problem(timeout)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def _check_text(args: argparse.Namespace) -> None:

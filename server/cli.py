@@ -25,7 +25,7 @@ from server import cli_output as out
 from server.config import CONFIG_KEYS, DEFAULT_ADMIN_SOCKET, ServerConfig, load_config, read_toml
 from server.errors import CliError, ConfigError, ServerError
 from server.tasks import cli as task_cli
-from svid._cli_args import non_utf8_argument
+from svid._cli_args import non_utf8_argument, timeout_problem
 from svid._clock import parse_utc
 from svid._errors import SvidError
 from svid._logs import stacks_on_sigusr1
@@ -38,9 +38,6 @@ ADMIN_SOCKET_ENV = "SVID_SERVER_ADMIN_SOCKET"
 # `make run` writes its server's config here; admin commands run from the checkout use it.
 DEMO_CONFIG = Path(".run") / "server.toml"
 RPC_TIMEOUT = 15.0
-# gRPC ends a call whose deadline is out of its range (from about 1e10 s) at once, which read
-# as a hung server; a day is more than any admin call needs.
-MAX_RPC_TIMEOUT = 86400.0
 
 
 # -- argument parsing ------------------------------------------------------------------------
@@ -288,10 +285,9 @@ def _where(args: argparse.Namespace) -> str:
 
 def _timeout(args: argparse.Namespace) -> float:
     timeout = float(getattr(args, "timeout", RPC_TIMEOUT))
-    if not 0 < timeout <= MAX_RPC_TIMEOUT:
-        raise CliError(
-            f"--timeout: {timeout:g} must be more than 0 and at most {MAX_RPC_TIMEOUT:g} seconds"
-        )
+    problem = timeout_problem(timeout)
+    if problem is not None:
+        raise CliError(problem)
     return timeout
 
 

@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Collection
 
+# gRPC ends a call whose deadline is out of its range (from about 1e10 s) at once, which read as
+# a hung server or agent; a day is more than any call of the command lines needs.
+MAX_TIMEOUT = 86400.0
+
+
+def timeout_problem(timeout: float) -> str | None:
+    """What is wrong with a --timeout of `timeout` seconds (NaN too), or None."""
+    if 0 < timeout <= MAX_TIMEOUT:
+        return None
+    return f"--timeout: {timeout:g} must be more than 0 and at most {MAX_TIMEOUT:g} seconds"
+
 
 def non_utf8_argument(args: argparse.Namespace, skip: Collection[str] = ()) -> str | None:
     """The name of the first text argument (lists included) that is not UTF-8, else None.
