@@ -176,7 +176,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
         if not self._limits.x509.try_take(peer.spiffe_id):
             raise RateLimitedError(f"X.509 signing rate limit exceeded for {peer.spiffe_id}")
-        chain = await self._agents.renew(agent, verify_csr(request.csr))
+        chain = await self._agents.renew(agent, peer.serial, verify_csr(request.csr))
         agent_id = SpiffeId.parse(agent.spiffe_id)
         return node_pb2.RenewAgentResponse(svid=self._agent_svid(agent_id, chain))
 

@@ -56,9 +56,6 @@ class ServerState:
         self._agent_writes = asyncio.Lock()
         self._entries = EntryIndex()
         self._agents: Mapping[str, AttestedAgent] = MappingProxyType({})
-        # An agent keeps using its previous certificate on open connections for a while after
-        # renewing; that serial stays acceptable until the certificate expires.
-        self._previous_serials: dict[str, tuple[str, int]] = {}
         self._revocations: tuple[Revocation, ...] = ()
         self._revoked_jtis: tuple[tuple[Revocation, ...], frozenset[str]] = ((), frozenset())
         self._bundle: SpiffeBundle | None = None
@@ -207,15 +204,15 @@ class ServerState:
             )
         if agent.banned:
             raise PermissionDeniedError(f"agent {spiffe_id} is banned")
-        if serial == agent.serial and 0 < agent.expires_at <= self._clock.now():
-            raise PermissionDeniedError(f"agent {spiffe_id} has an expired SVID: attest again")
-        if serial != agent.serial:
-            previous = self._previous_serials.get(spiffe_id)
-            if previous is None or previous[0] != serial or previous[1] <= self._clock.now():
-                raise PermissionDeniedError(
-                    f"agent {spiffe_id} presented a superseded certificate (serial {serial}): "
-                    "reconnect with the latest agent SVID"
-                )
+        now = self._clock.now()
+        if serial == agent.serial:
+            if 0 < agent.expires_at <= now:
+                raise PermissionDeniedError(f"agent {spiffe_id} has an expired SVID: attest again")
+        elif not (agent.previous_serial == serial and agent.previous_expires_at > now):
+            raise PermissionDeniedError(
+                f"agent {spiffe_id} presented a superseded certificate (serial {serial}): "
+                "reconnect with the latest agent SVID"
+            )
         return agent
 
     # -- writes -------------------------------------------------------------------------------
@@ -305,8 +302,6 @@ class ServerState:
             now = int(self._clock.now())
             if not await asyncio.to_thread(self._datastore.admit_agent, agent, token, now):
                 return False
-        if previous is not None and previous.serial != agent.serial:
-            self._previous_serials[agent.spiffe_id] = (previous.serial, previous.expires_at)
         self._touch(FEED_AGENT, (agent.spiffe_id,))
         self._put_agent(agent)
         self._record(agents=(agent.spiffe_id,))
@@ -325,7 +320,6 @@ class ServerState:
         agents = dict(self._agents)
         agents.pop(spiffe_id, None)
         self._agents = MappingProxyType(agents)
-        self._previous_serials.pop(spiffe_id, None)
         self._record(agents=(spiffe_id,))
         await self._after_write()
 
@@ -371,7 +365,6 @@ class ServerState:
         now = int(self._clock.now())
         await asyncio.to_thread(self._datastore.prune_join_tokens, now)
         removed = await asyncio.to_thread(self._datastore.prune_revocations, now)
-        self._previous_serials = {k: v for k, v in self._previous_serials.items() if v[1] > now}
         # Another server sharing the datastore may have pruned them first (removed == 0
         # here): what memory holds past the same bound goes all the same.
         needed_from = revocation_needed_from(now)
@@ -408,19 +401,15 @@ class ServerState:
             self.notifier.notify()
 
     def apply_agents(self, put: Sequence[AttestedAgent], removed: Sequence[str]) -> None:
-        """Agent records another server wrote. A renewed agent's previous certificate stays
-        acceptable here too, as on the server that renewed it."""
+        """Agent records another server wrote (a renewed agent's previous certificate rides in
+        its record, acceptable here as on the server that renewed it)."""
         if not put and not removed:
             return
         agents = dict(self._agents)
         for agent in put:
-            previous = agents.get(agent.spiffe_id)
-            if previous is not None and previous.serial != agent.serial:
-                self._previous_serials[agent.spiffe_id] = (previous.serial, previous.expires_at)
             agents[agent.spiffe_id] = agent
         for spiffe_id in removed:
             agents.pop(spiffe_id, None)
-            self._previous_serials.pop(spiffe_id, None)
         self._agents = MappingProxyType(agents)
         self._record(agents=[a.spiffe_id for a in put] + list(removed))
         self.notifier.notify()

@@ -301,6 +301,13 @@ def _audit_records(execute: Execute) -> None:
         )""")
 
 
+def _agent_previous_serial(execute: Execute) -> None:
+    """The certificate an agent renewed with stays good until it expires (AttestedAgent): kept
+    with the agent's record, where memory alone lost it on a restart or a failover."""
+    execute("ALTER TABLE agents ADD COLUMN previous_serial TEXT NOT NULL DEFAULT ''")
+    execute("ALTER TABLE agents ADD COLUMN previous_expires_at BIGINT NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
@@ -311,6 +318,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "oauth: replayed assertion jtis", _oauth_jtis),
     Migration(8, "federation: relationships, foreign bundles, entries federate with", _federation),
     Migration(9, "audit checkpoints shared: records and the signing key", _audit_records),
+    Migration(10, "agents: the previous SVID serial", _agent_previous_serial),
 )
 
 

@@ -62,13 +62,18 @@ CONSUME_JOIN_TOKEN = (
 )
 PRUNE_JOIN_TOKENS = "DELETE FROM join_tokens WHERE expires_at <= :now"
 
-_AGENT_COLUMNS = "spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors"
+_AGENT_COLUMNS = (
+    "spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors, "
+    "previous_serial, previous_expires_at"
+)
 # A ban is sticky: re-attestation racing a ban must not lift it.
 UPSERT_AGENT = (
     f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (:spiffe_id, :attestation_type, :serial, "
-    ":expires_at, :banned, :attested_at, :selectors) ON CONFLICT (spiffe_id) DO UPDATE SET "
+    ":expires_at, :banned, :attested_at, :selectors, :previous_serial, :previous_expires_at) "
+    "ON CONFLICT (spiffe_id) DO UPDATE SET "
     "attestation_type = excluded.attestation_type, serial = excluded.serial, "
-    "expires_at = excluded.expires_at, "
+    "expires_at = excluded.expires_at, previous_serial = excluded.previous_serial, "
+    "previous_expires_at = excluded.previous_expires_at, "
     "banned = CASE WHEN agents.banned = 1 THEN 1 ELSE excluded.banned END, "
     "attested_at = excluded.attested_at, selectors = excluded.selectors"
 )

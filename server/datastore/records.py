@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from svid import MAX_VERIFIER_LEEWAY
@@ -94,7 +94,12 @@ class ForeignBundle:
 
 @dataclass(frozen=True, slots=True)
 class AttestedAgent:
-    """A node agent that attested; `serial` is the serial of its current agent SVID."""
+    """A node agent that attested; `serial` is the serial of its newest agent SVID.
+
+    `previous_serial` (until `previous_expires_at`) is the one it renewed with: it is still
+    good for open connections, and it is all the agent holds when the renewal's answer was lost.
+    Kept in the record, so a server restart or a failover does not lock such an agent out.
+    """
 
     spiffe_id: str
     attestation_type: str
@@ -103,6 +108,24 @@ class AttestedAgent:
     banned: bool = False
     attested_at: int = 0
     selectors: tuple[Selector, ...] = ()
+    previous_serial: str = ""
+    previous_expires_at: int = 0
+
+    def renewed(self, serial: str, expires_at: int, held: str) -> AttestedAgent:
+        """This record once the agent, presenting its certificate `held`, got a new one.
+
+        The previous certificate is always the one presented, never simply the last one issued:
+        an agent that never received a renewal's answer presents the older one again, and
+        must keep it (SPIRE keeps its current serial until the new one is used, for the same
+        reason)."""
+        held_expires = self.expires_at if held == self.serial else self.previous_expires_at
+        return replace(
+            self,
+            serial=serial,
+            expires_at=expires_at,
+            previous_serial=held,
+            previous_expires_at=held_expires,
+        )
 
 
 @dataclass(frozen=True, slots=True)

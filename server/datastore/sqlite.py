@@ -136,6 +136,8 @@ def _agent_from(row: Row) -> AttestedAgent:
         banned=bool(row["banned"]),
         attested_at=row["attested_at"],
         selectors=_selectors_from(row["selectors"]),
+        previous_serial=row["previous_serial"],
+        previous_expires_at=row["previous_expires_at"],
     )
 
 
@@ -181,6 +183,8 @@ def _agent_params(agent: AttestedAgent) -> dict[str, Any]:
         "banned": int(agent.banned),
         "attested_at": agent.attested_at,
         "selectors": _selectors_json(agent.selectors),
+        "previous_serial": agent.previous_serial,
+        "previous_expires_at": agent.previous_expires_at,
     }
 
 

@@ -93,6 +93,9 @@ class AgentAdmission:
             banned=False,
             attested_at=int(self._clock.now()),
             selectors=result.selectors,
+            # Attesting again, it may still hold connections made with its certificate.
+            previous_serial=previous.serial if previous else "",
+            previous_expires_at=previous.expires_at if previous else 0,
         )
         event = attestation_event(agent.spiffe_id, result.attestation_type, agent.serial, ok=True)
         await self._ledger.commit((), (event,))
@@ -118,19 +121,13 @@ class AgentAdmission:
         with contextlib.suppress(LedgerUnavailableError):
             await self._ledger.commit((), (event,))
 
-    async def renew(self, agent: AttestedAgent, csr: x509.CertificateSigningRequest) -> Chain:
-        """A fresh SVID for an authorised agent; the previous one stays usable until replaced
-        (ServerState keeps its serial)."""
+    async def renew(
+        self, agent: AttestedAgent, held: str, csr: x509.CertificateSigningRequest
+    ) -> Chain:
+        """A fresh SVID for an authorised agent presenting its certificate of serial `held`,
+        which stays usable until it expires (AttestedAgent.renewed)."""
         chain = await self._sign(csr, SpiffeId.parse(agent.spiffe_id))
-        renewed = AttestedAgent(
-            spiffe_id=agent.spiffe_id,
-            attestation_type=agent.attestation_type,
-            serial=_serial_hex(chain),
-            expires_at=_expires(chain),
-            banned=False,
-            attested_at=agent.attested_at,
-            selectors=agent.selectors,
-        )
+        renewed = agent.renewed(_serial_hex(chain), _expires(chain), held)
         await self._state.save_agent(renewed, agent)
         _log.info("agent SVID renewed", extra={"agent_id": agent.spiffe_id})
         return chain

@@ -261,9 +261,13 @@ def test_agent_upsert_get_list_delete(datastore: DataStore) -> None:
     first = agent(selectors=(Selector("join_token", "t1"),), attested_at=5)
     datastore.upsert_agent(first)
     assert datastore.get_agent(AGENT) == first
-    renewed = agent(serial="2")
+    renewed = first.renewed("2", first.expires_at + 60, held=first.serial)
     datastore.upsert_agent(renewed)
     assert datastore.get_agent(AGENT) == renewed
+    assert (renewed.previous_serial, renewed.previous_expires_at) == (
+        first.serial,
+        first.expires_at,
+    )
     other = agent("spiffe://example.org/svid/agent/x509pop/abc")
     datastore.upsert_agent(other)
     assert [a.spiffe_id for a in datastore.list_agents()] == [AGENT, other.spiffe_id]

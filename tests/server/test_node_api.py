@@ -233,12 +233,52 @@ def test_renew_agent_rotates_serial_and_keeps_previous_usable(srv: RunningServer
     assert new_agent.serial != agent.serial
     stored = srv.admin().GetAgent(admin_pb2.GetAgentRequest(spiffe_id=agent.spiffe_id))
     assert stored.serial == new_agent.serial
-    # The previous certificate still works (open connections), two generations back does not.
-    srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10)
+    # The previous certificate still works (open connections)...
+    stream = srv.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=10)
+    assert next(stream).revision
+    stream.cancel()
+    # ...until the agent renews with the new one: two generations back does not.
+    _renew(srv, new_agent)
     with pytest.raises(grpc.RpcError) as exc:
-        srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10)
+        _renew(srv, agent)
     assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
     assert "superseded" in exc.value.details()  # type: ignore[attr-defined]
+
+
+def _renew(srv: RunningServer, agent: Agent) -> Agent:
+    key, csr = make_csr()
+    svid = srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=csr), timeout=10).svid
+    return Agent(agent.spiffe_id, key, der_chain(svid.cert_chain), svid.bundle)
+
+
+def test_renewals_whose_answers_were_lost_leave_the_held_certificate_usable(
+    srv: RunningServer,
+) -> None:
+    # The agent never received the SVIDs of two renewals in a row (answers lost on the way):
+    # the certificate it holds must still be good for a third try, or it is locked out and must
+    # attest again (a join token is spent by then).
+    agent = srv.attest()
+    _renew(srv, agent)
+    _renew(srv, agent)
+    renewed = _renew(srv, agent)
+    assert renewed.serial != agent.serial
+    _renew(srv, renewed)
+
+
+def test_the_previous_certificate_stays_usable_across_a_server_restart() -> None:
+    root = short_tmpdir()
+    server = start_server(root)
+    try:
+        agent = server.attest()
+        _renew(server, agent)  # the answer is lost: the agent still holds `agent`
+    finally:
+        server.stop()
+    server = start_server(root)
+    try:
+        _renew(server, agent)
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_renew_with_bad_csr(srv: RunningServer) -> None:

@@ -303,7 +303,7 @@ def test_writes_through_one_side_reach_the_other_as_changes(sides: tuple[Side, S
         assert [c.revocations_added for c in b.changes if c.revocations_added] == [(revoked,)]
         # Updates, renewals (the old certificate stays acceptable) and deletes follow too.
         await a.state.update_entry(replace(made, hint="new", revision=0))
-        await a.state.save_agent(replace(agent, serial="2"), agent)
+        await a.state.save_agent(agent.renewed("2", NOW + 3600, held="1"), agent)
         await a.state.delete_entries([batch[0].id])  # type: ignore[union-attr]
         await b.follower.catch_up()
         assert b.state.entries.by_id == a.state.entries.by_id
