@@ -18,6 +18,7 @@ costs about as much as the decision itself).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from server.policy.decision import DecisionRequest
@@ -30,7 +31,11 @@ from svid._spiffe_id import SpiffeId
 INTENT_ID = "intent"
 
 
-def entities_json(agent_id: str, node_id: str, risk: int, intent: Intent) -> str:
+def entities_json(
+    agent_id: str, node_id: str, risk: int, intent: Intent, tools: Iterable[str] = ()
+) -> str:
+    """The agent, its intent and the intent's tools; `tools` adds other Tool entities (never
+    one of the intent's) that a request may name."""
     try:
         sid = SpiffeId.parse(agent_id)
     except SpiffeIdError as e:
@@ -63,17 +68,17 @@ def entities_json(agent_id: str, node_id: str, risk: int, intent: Intent) -> str
         },
         "parents": [],
     }
-    tools = []
-    for ref in sorted(intent.tools):
-        server, name = split_tool(ref)
-        tools.append(
-            {
-                "uid": {"type": TOOL_TYPE, "id": ref},
-                "attrs": {"server": server, "name": name},
-                "parents": [{"type": RESOURCE_TYPE, "id": server}],
-            }
-        )
-    return json.dumps([agent, declared, *tools])
+    refs = (*sorted(intent.tools), *tools)
+    return json.dumps([agent, declared, *(_tool(ref) for ref in refs)])
+
+
+def _tool(ref: str) -> dict[str, Any]:
+    server, name = split_tool(ref)
+    return {
+        "uid": {"type": TOOL_TYPE, "id": ref},
+        "attrs": {"server": server, "name": name},
+        "parents": [{"type": RESOURCE_TYPE, "id": server}],
+    }
 
 
 def context_json(request: DecisionRequest, trust_domain: str, now: float) -> str:
@@ -88,10 +93,15 @@ def context_json(request: DecisionRequest, trust_domain: str, now: float) -> str
 
 
 def cedar_requests(
-    request: DecisionRequest, pairs: list[tuple[str, str]], context: str
+    request: DecisionRequest,
+    pairs: list[tuple[str, str]],
+    context: str,
+    tools: frozenset[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """One Cedar request a pair; a resource among `tools` (default: the intent's) is a Tool."""
     principal = {"type": PRINCIPAL_TYPE, "id": request.agent_id}
-    tools = request.intent.tools  # never also a resource: Intent refuses that
+    if tools is None:
+        tools = request.intent.tools  # never also a resource: Intent refuses that
     return [
         {
             "principal": principal,

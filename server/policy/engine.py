@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import cedarpy
 from server.policy import cedar_request, loader
 from server.policy.decision import Decision, DecisionRequest, Outcome, PairResult
 from server.policy.errors import PolicyError, Problem
-from server.policy.intent import Intent
+from server.policy.intent import INVOKE_TOOL, Intent
 from server.policy.loader import LoadedSet
 from server.policy.schema import SchemaInfo
 from svid._clock import Clock
@@ -20,6 +21,7 @@ from svid._clock import Clock
 DEFAULT_HIGH_RISK_TTL_CAP = 60
 _ENTITY_CACHE_SIZE = 4096
 _DECISION_CACHE_SIZE = 4096
+_EntityKey = tuple[str, str, int, Intent, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,9 @@ class PolicyEngine:
         self._trust_domain = trust_domain
         self._high_risk_ttl_cap = high_risk_ttl_cap
         self._reload_lock = threading.Lock()
-        # Parsed entities of the serving schema, by (agent, node, risk, intent): see decide().
-        self._entities: tuple[
-            SchemaInfo | None, dict[tuple[str, str, int, Intent], cedarpy.Entities]
-        ] = (None, {})
+        # Parsed entities of the serving schema, by (agent, node, risk, intent, extra tools):
+        # see _agent_entities().
+        self._entities: tuple[SchemaInfo | None, dict[_EntityKey, cedarpy.Entities]] = (None, {})
         self._state = self._load(policy_dir)
         # Decisions of the serving set, by (request, whole second): see decide().
         self._decisions: tuple[LoadedSet | None, dict[tuple[DecisionRequest, int], Decision]] = (
@@ -149,21 +150,24 @@ class PolicyEngine:
                 [Problem(loaded.schema.name, f"schema rejects svidd's request: {bad[0]}")]
             )
 
-    def _agent_entities(self, schema: SchemaInfo, request: DecisionRequest) -> cedarpy.Entities:
-        # One parsed handle per (agent, intent): a task's mints all reuse the same one. It adds
-        # to the schema's action entities, so it is only good for the schema it was made with.
+    def _agent_entities(
+        self, schema: SchemaInfo, request: DecisionRequest, tools: tuple[str, ...] = ()
+    ) -> cedarpy.Entities:
+        # One parsed handle per (agent, intent, tools asked about beyond the intent's): a task's
+        # mints all reuse the same one. It adds to the schema's action entities, so it is only
+        # good for the schema it was made with.
         held, handles = self._entities
         if held is not schema:
             handles = {}
             self._entities = (schema, handles)
-        key = (request.agent_id, request.node_id, request.risk, request.intent)
+        key = (request.agent_id, request.node_id, request.risk, request.intent, tools)
         handle = handles.get(key)
         if handle is None:
             if len(handles) >= _ENTITY_CACHE_SIZE:
                 handles.clear()
             handle = schema.action_entities.with_added_json_str(
                 cedar_request.entities_json(
-                    request.agent_id, request.node_id, request.risk, request.intent
+                    request.agent_id, request.node_id, request.risk, request.intent, tools
                 )
             )
             handles[key] = handle
@@ -203,16 +207,46 @@ class PolicyEngine:
             for a, r in pairs
             if a not in schema.actions
         ]
-        if known:
-            ctx = cedar_request.context_json(request, self._trust_domain, now)
-            answers = cedarpy.is_authorized_batch(
-                cedar_request.cedar_requests(request, known, ctx),
-                loaded.policy_set,
-                self._agent_entities(schema, request),
+        if not known:
+            return self._combine(loaded, request, results, started)
+        # A grant of a server's every tool is asked about the server; Cedar never sees its
+        # tools, so a forbid on one of them is asked about here too, in the same batch.
+        tools = request.intent.tools
+        servers = {
+            s: loaded.tool_probes.for_server(s)
+            for a, s in known
+            if a == INVOKE_TOOL and s not in tools
+        }
+        in_batch = {r for a, r in known if a == INVOKE_TOOL and r in tools}
+        probes = sorted({r for refs in servers.values() for r in refs} - in_batch)
+        ctx = cedar_request.context_json(request, self._trust_domain, now)
+        answers = cedarpy.is_authorized_batch(
+            cedar_request.cedar_requests(request, known, ctx)
+            + cedar_request.cedar_requests(
+                request, [(INVOKE_TOOL, r) for r in probes], ctx, tools=frozenset(probes)
+            ),
+            loaded.policy_set,
+            self._agent_entities(schema, request, tuple(r for r in probes if r not in tools)),
+        )
+        asked = [
+            self._pair(loaded, a, r, ans)
+            for (a, r), ans in zip(known, answers[: len(known)], strict=True)
+        ]
+        results.extend(asked)
+        if servers:
+            as_tools = {
+                p.resource: p for p in asked if p.action == INVOKE_TOOL and p.resource in in_batch
+            }
+            as_tools.update(
+                (r, self._pair(loaded, INVOKE_TOOL, r, ans))
+                for r, ans in zip(probes, answers[len(known) :], strict=True)
             )
-            results.extend(
-                self._pair(loaded, a, r, ans) for (a, r), ans in zip(known, answers, strict=True)
-            )
+            results = [
+                _whole_server(p, servers[p.resource], as_tools)
+                if p.allowed and p.action == INVOKE_TOOL and p.resource in servers
+                else p
+                for p in results
+            ]
         return self._combine(loaded, request, results, started)
 
     def _pair(
@@ -290,6 +324,25 @@ class PolicyEngine:
             latency_us=(time.perf_counter_ns() - started) / 1000,
             pairs=tuple(results),
         )
+
+
+def _whole_server(
+    grant: PairResult, refs: tuple[str, ...], answers: Mapping[str, PairResult]
+) -> PairResult:
+    """`grant` (every tool of a server), refused when a forbid keeps one of `refs` out (a
+    denial that names policies is a forbid's: a missing permit names none)."""
+    for ref in refs:
+        tool = answers[ref]
+        if not tool.allowed and tool.policy_ids:
+            return PairResult(
+                INVOKE_TOOL,
+                grant.resource,
+                False,
+                tool.policy_ids,
+                f"every tool of {grant.resource}: {ref} is {tool.reason}; name the tools the "
+                "task needs in intent.tools",
+            )
+    return grant
 
 
 def _scope(pairs: list[PairResult]) -> str:

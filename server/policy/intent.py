@@ -21,7 +21,7 @@ DEFAULT_MAX_DELEGATION_DEPTH = 3
 INVOKE_TOOL = "invoke_tool"
 TOOL_SEPARATOR = "#"
 # MCP's tool-name alphabet: the name goes into the token's space-separated `scope` as is.
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,128}")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,128}")
 
 
 def split_tool(ref: str) -> tuple[str, str]:
@@ -32,7 +32,7 @@ def split_tool(ref: str) -> tuple[str, str]:
             f"intent.tools: {ref[:200]!r} is not <server>#<tool> (a server audience without "
             "spaces, then a tool name)"
         )
-    if not _TOOL_NAME.fullmatch(name):
+    if not TOOL_NAME.fullmatch(name):
         raise RequestError(
             f"intent.tools: tool name {name[:200]!r} must be 1-128 of A-Z a-z 0-9 _ - . /"
         )

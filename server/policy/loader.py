@@ -29,6 +29,7 @@ from server.policy.schema import (
     builtin_schema_text,
     load_schema,
 )
+from server.policy.tool_probes import ToolProbes, find_tool_probes
 
 POLICY_SUFFIX = ".cedar"
 BUILTIN_POLICY_NAME = "default.cedar"
@@ -62,6 +63,8 @@ class LoadedSet:
     hash: str
     files: tuple[str, ...]
     source: str
+    # The tools a forbid names, asked about for a grant of a server's every tool.
+    tool_probes: ToolProbes
 
 
 def read_sources(policy_dir: Path | None) -> tuple[list[SourceFile], SourceFile | None, str]:
@@ -252,4 +255,6 @@ def load(policy_dir: Path | None) -> LoadedSet:
         hash=policy_set_hash(policies, schema_src),
         files=tuple(f.name for f in [*policies, schema_src]),
         source=source,
+        # Decoded and parsed above: every file here is good UTF-8 Cedar.
+        tool_probes=find_tool_probes(src.data.decode("utf-8") for src in policies),
     )

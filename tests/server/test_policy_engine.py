@@ -518,3 +518,84 @@ def test_a_decision_is_reused_only_for_the_same_question_set_and_second(tmp_path
     write(tmp_path, "p.cedar", 'permit(principal, action == Action::"read", resource);')
     engine.reload()
     assert ask(engine, {"read"}, {"docs"}).outcome is Outcome.ALLOW
+
+
+# -- a server's every tool (invoke_tool on the server as a resource) -------------------------
+
+WHOLE_SERVER = """
+permit (principal, action == Action::"invoke_tool", resource in Resource::"mcp-a");
+"""
+
+
+@pytest.mark.parametrize(
+    ("forbid", "named"),
+    [
+        # The documented form: one tool named.
+        ('forbid (principal, action, resource == Tool::"mcp-a#export");', "mcp-a#export"),
+        # Named in a set, in a condition.
+        (
+            "forbid (principal, action, resource is Tool) "
+            'when { [Tool::"mcp-a#export"].contains(resource) };',
+            "mcp-a#export",
+        ),
+        # By name, or by a pattern of names.
+        (
+            'forbid (principal, action, resource is Tool) when { resource.name == "export" };',
+            "mcp-a#export",
+        ),
+        (
+            'forbid (principal, action, resource is Tool) when { resource.name like "drop_*" };',
+            "mcp-a#drop_",
+        ),
+        # Every tool but one.
+        (
+            'forbid (principal, action, resource is Tool) unless { resource.name == "read" };',
+            "mcp-a#",
+        ),
+    ],
+)
+def test_a_forbidden_tool_keeps_a_whole_server_grant_out(
+    tmp_path: Path, forbid: str, named: str
+) -> None:
+    # invoke_tool on a server grants every tool of it. A forbid on one of its tools never saw
+    # such a request (its resource is the server, not the tool), so the task got the forbidden
+    # tool all the same: the server-wide grant is refused while a forbid keeps a tool of it out.
+    write(tmp_path, "p.cedar", WHOLE_SERVER + forbid)
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    decision = ask(engine, {"invoke_tool"}, {"mcp-a"})
+    assert decision.outcome is Outcome.DENY
+    (pair,) = decision.pairs
+    assert not pair.allowed
+    assert f"every tool of mcp-a: {named}" in pair.reason
+    assert "name the tools" in pair.reason
+    # Naming the tools it needs, the task gets those.
+    named_ok = ask(engine, set(), set(), tools=frozenset({"mcp-a#read"}))
+    assert named_ok.outcome is Outcome.ALLOW
+
+
+def test_a_whole_server_grant_stands_when_no_forbid_reaches_its_tools(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "p.cedar",
+        WHOLE_SERVER
+        + 'forbid (principal, action, resource == Tool::"mcp-b#export");'
+        + 'forbid (principal, action, resource is Tool) when { resource.server == "mcp-b" };',
+    )
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    decision = ask(engine, {"invoke_tool"}, {"mcp-a"})
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.granted == (("invoke_tool", "mcp-a"),)
+
+
+def test_the_default_policy_tool_forbid_example_holds_for_a_whole_server(
+    engine: PolicyEngine, tmp_path: Path
+) -> None:
+    default = (Path(__file__).parents[2] / "server/policy/default.cedar").read_text()
+    example = default.split("// One tool of a server stays out of reach")[1].split("\n//\n")[0]
+    policy = "\n".join(line.removeprefix("// ") for line in example.splitlines()[1:])
+    assert "forbid" in policy
+    write(tmp_path, "default.cedar", default + "\n" + policy)
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    decision = ask(engine, {"invoke_tool", "read"}, {"mcp-tickets"})
+    assert decision.outcome is Outcome.ALLOW_CONSTRAINED
+    assert decision.granted == (("read", "mcp-tickets"),)

@@ -20,6 +20,7 @@ from tests.server.test_task_service import RUNTIME, World, decode, make_world
 TICKETS = "mcp-tickets"
 READ = f"{TICKETS}#read_ticket"
 EXPORT = f"{TICKETS}#export_customer_data"
+WIKI = "mcp-wiki"  # no forbid names a tool of it
 SECRET = "vault:reports/api-key"
 
 # Added to the shipped default policy: one tool is out of reach, and a secret may be fetched
@@ -88,8 +89,21 @@ def test_declaring_tools_grants_no_other_tool_of_the_server(world: World) -> Non
 
 
 def test_invoke_tool_on_a_server_grants_every_tool_of_it(world: World) -> None:
-    task = world.begin(actions=("invoke_tool",), resources=(TICKETS,))
-    assert mint(world, task.entry_id, TICKETS)["scope"] == "invoke_tool"
+    task = world.begin(actions=("invoke_tool",), resources=(WIKI,))
+    assert mint(world, task.entry_id, WIKI)["scope"] == "invoke_tool"
+
+
+def test_every_tool_of_a_server_is_refused_while_a_forbid_keeps_one_out(world: World) -> None:
+    # Every tool of mcp-tickets would include export_customer_data, which a forbid keeps out.
+    with pytest.raises(PermissionDeniedError, match="every tool of mcp-tickets") as exc:
+        world.begin(actions=("invoke_tool",), resources=(TICKETS,))
+    assert "export_customer_data is not for agents" in str(exc.value)
+    assert "name the tools the task needs" in str(exc.value)
+    # A task asking for more keeps the rest; naming the tool it needs, it gets that.
+    task = world.begin(actions=("invoke_tool", "read"), resources=(TICKETS,))
+    assert mint(world, task.entry_id, TICKETS)["scope"] == "read"
+    task = world.begin(actions=(), resources=(), tools=(READ,))
+    assert mint(world, task.entry_id, TICKETS)["scope"] == "tool:read_ticket"
 
 
 @pytest.mark.parametrize(
@@ -116,9 +130,10 @@ def test_a_sub_task_may_narrow_to_tools_but_never_add_one(world: World) -> None:
     child = world.begin(actions=(), resources=(), tools=(READ,), parent_task_id=parent.task_id)
     assert child.tools == (READ,)
     # A server's every tool (invoke_tool on it) covers a sub-task naming one of them.
-    whole = world.begin(actions=("invoke_tool",), resources=(TICKETS,))
-    one = world.begin(actions=(), resources=(), tools=(READ,), parent_task_id=whole.task_id)
-    assert mint(world, one.entry_id, TICKETS)["scope"] == "tool:read_ticket"
+    whole = world.begin(actions=("invoke_tool",), resources=(WIKI,))
+    page = f"{WIKI}#read_page"
+    one = world.begin(actions=(), resources=(), tools=(page,), parent_task_id=whole.task_id)
+    assert mint(world, one.entry_id, WIKI)["scope"] == "tool:read_page"
 
 
 # -- elevated steps ------------------------------------------------------------------------------
