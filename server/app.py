@@ -51,6 +51,7 @@ from server.node_api import Limiters, NodeServicer, NodeSettings
 from server.peer import PeerCache
 from server.propagation import Propagator
 from server.ratelimit import KeyedLimiter
+from server.refusal_budget import RefusalBudget
 from server.replication import FeedFollower, FollowSettings
 from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
@@ -477,6 +478,13 @@ class Server:
             clock=self.clock,
             audit=self.tasks.audit.append,
             revoked=self.state.is_jwt_revoked,
+            refusals=RefusalBudget(
+                "oauth",
+                rate=self.config.oauth_refusal_rate_per_host,
+                burst=self.config.oauth_refusal_burst_per_host,
+                clock=self.clock,
+                dropped=self.metrics.refusals_unrecorded.labels(source="oauth").inc,
+            ),
         )
         try:
             await service.start()

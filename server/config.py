@@ -119,6 +119,11 @@ class ServerConfig:
     oauth_trusted_issuers_ca: Path | None = None
     oauth_resource_workloads: tuple[str, ...] = ()
     oauth_access_token_ttl: int = 300
+    # Token endpoint refusals written to the audit log per client address (an IPv6 one by its
+    # /64), as a token bucket: past it they are only counted (svid_server_refusals_unrecorded)
+    # and a log line a minute says so. 0 writes them all. Grants are always written.
+    oauth_refusal_rate_per_host: float = 1.0
+    oauth_refusal_burst_per_host: int = 20
     # SPIFFE federation (server/federation; README "Federation"). bundle_endpoint_address ("" =
     # off) serves our bundle, profile https_spiffe (our server SVID) or https_web (cert/key
     # files), announcing bundle_endpoint_refresh_hint. Static relationships, one string each:
@@ -325,6 +330,8 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "oauth_trusted_issuers_ca": _as_path,
     "oauth_resource_workloads": _as_str_list,
     "oauth_access_token_ttl": _positive,
+    "oauth_refusal_rate_per_host": _as_float,
+    "oauth_refusal_burst_per_host": _as_int,
     "bundle_endpoint_address": _as_optional_address,
     "bundle_endpoint_profile": _as_choice(("https_spiffe", "https_web")),
     "bundle_endpoint_cert": _as_path,

@@ -68,6 +68,13 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.refusals_unrecorded = Counter(
+            "svid_server_refusals_unrecorded",
+            "Refusals counted but not written to the audit log: their caller had spent its "
+            "budget of refusals on record (server/refusal_budget.py), by source",
+            ["source"],
+            registry=self.registry,
+        )
         self.sync_streams = Gauge(
             "svid_server_sync_streams", "Open agent Sync streams", registry=self.registry
         )

@@ -21,6 +21,7 @@ from server.oauth.errors import (
 from server.oauth.grants import Grants, TokenResponse
 from server.oauth.http import Handler, Request, Response, json_response
 from server.oauth.workers import Workers
+from server.refusal_budget import address_key
 
 _log = logging.getLogger("svid.server.oauth")
 _NO_STORE = (("cache-control", "no-store"), ("pragma", "no-cache"))
@@ -87,8 +88,10 @@ def token_endpoint(grants: Grants, workers: Workers) -> Handler:
                 raise UnsupportedGrantTypeError(
                     f"grant_type {grant_type[0][:100]!r} is not supported"
                 )
-            # Verifying, signing and the ledger commit block: off the event loop.
-            answer: TokenResponse = await workers.run(grant, params)
+            # Verifying, signing and the ledger commit block: off the event loop. The client
+            # is known by its address: all else in the request is its own to choose.
+            client = address_key(request.client_host)
+            answer: TokenResponse = await workers.run(lambda p: grant(p, client), params)
         except OAuthError as exc:
             return error_response(exc)
         body = json.dumps(answer.body(), separators=(",", ":")).encode()

@@ -43,6 +43,7 @@ from server.oauth.errors import (
     UnavailableError,
 )
 from server.oauth.replay import ReplayGuard
+from server.refusal_budget import RefusalBudget
 from server.tasks.model import TASK_PATH, Task, is_task_id
 from svid._clock import Clock
 from svid._errors import JwtSvidError, VerificationError
@@ -79,6 +80,18 @@ class ResourceWorkload:
 
     spiffe_id: str
     verifier: AccessTokenVerifier
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One token request: when it began (its events' latency) and its client's budget key
+    (RefusalBudget: which of its refusals are written)."""
+
+    started: float
+    client: str
+
+    def latency_us(self) -> float:
+        return (time.perf_counter() - self.started) * 1e6
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +167,11 @@ class Grants:
         clock: Clock,
         workloads: Mapping[str, ResourceWorkload] | None = None,
         revoked: Callable[[str], bool] = lambda jti: False,
+        budget: RefusalBudget | None = None,
     ) -> None:
         """``workloads``: resource -> the workload that may act for its tokens (delegation);
-        ``revoked``: whether a JWT's ``jti`` is revoked on this server."""
+        ``revoked``: whether a JWT's ``jti`` is revoked on this server; ``budget``: which
+        refusals of a client are written (None: all of them)."""
         self._checker = checker
         self._signer = signer
         self._recorder = recorder
@@ -168,11 +183,12 @@ class Grants:
         self._clock = clock
         self._workloads = dict(workloads or {})
         self._revoked = revoked
+        self._budget = budget or RefusalBudget("oauth", rate=0, burst=1, clock=clock)
 
     # -- RFC 7523 ----------------------------------------------------------------------------
 
-    def jwt_bearer(self, params: Mapping[str, list[str]]) -> TokenResponse:
-        started = time.perf_counter()
+    def jwt_bearer(self, params: Mapping[str, list[str]], client: str = "") -> TokenResponse:
+        call = _Call(time.perf_counter(), client)
         try:
             assertion = self._checker.authenticate(_one(params, "assertion"), "assertion")
             sub = str(assertion.verified.spiffe_id)
@@ -183,20 +199,18 @@ class Grants:
                 once_per = f"{_single_resource(params, self._resources)} access"
             assertion = self._checker.claim(assertion, "assertion", once_per)
         except OAuthError as exc:
-            self._refused(EVENT_JWT_BEARER, exc, started)
+            self._refused(EVENT_JWT_BEARER, exc, call)
             raise
         try:
             resource = _single_resource(params, self._resources)
             _check_client_id(params, sub)
         except OAuthError as exc:
-            self._refused(EVENT_JWT_BEARER, exc, started, assertion.claim)
+            self._refused(EVENT_JWT_BEARER, exc, call, assertion.claim)
             raise
         if is_task_id(sub):
             # A task's JWT-SVID as the assertion: the same task decision as an exchange, so a
             # client that only speaks RFC 7523 (the MCP SDK's) gets a task-scoped token too.
-            return self._task_token(
-                assertion, resource, ACCESS_TOKEN_TYPE, EVENT_JWT_BEARER, started
-            )
+            return self._task_token(assertion, resource, ACCESS_TOKEN_TYPE, EVENT_JWT_BEARER, call)
         claims = {"client_id": sub}
         issued = self._mint(sub, resource, self._ttl, claims, assertion.claim)
         event = EventDraft(
@@ -208,24 +222,24 @@ class Grants:
             reason="JWT-SVID from a trusted issuer",
             credential_id=issued.jti,
             ttl=issued.expires_at - issued.issued_at,
-            latency_us=(time.perf_counter() - started) * 1e6,
+            latency_us=call.latency_us(),
             extra={
                 "assertion_jti": str(assertion.verified.claims.get("jti")),
                 "iss": assertion.issuer,
             },
         )
         credential = Credential(REVOKED_JWT_ID, issued.jti, "", sub, "", issued.expires_at)
-        self._record([credential], [event], assertion.claim, EVENT_JWT_BEARER, started)
+        self._record([credential], [event], assertion.claim, EVENT_JWT_BEARER, call)
         return TokenResponse(
             issued.token, ACCESS_TOKEN_TYPE, issued.expires_at - issued.issued_at, ""
         )
 
     # -- RFC 8693 ----------------------------------------------------------------------------
 
-    def token_exchange(self, params: Mapping[str, list[str]]) -> TokenResponse:
-        started = time.perf_counter()
+    def token_exchange(self, params: Mapping[str, list[str]], client: str = "") -> TokenResponse:
+        call = _Call(time.perf_counter(), client)
         if "actor_token" in params or "actor_token_type" in params:
-            return self._delegation(params, started)
+            return self._delegation(params, call)
         try:
             token_type = _one(params, "subject_token_type")
             if token_type != JWT_TOKEN_TYPE:
@@ -244,11 +258,11 @@ class Grants:
                 _one(params, "subject_token"), "subject_token", once_per=f"{resource} {kind}"
             )
         except OAuthError as exc:
-            self._refused(EVENT_EXCHANGE, exc, started)
+            self._refused(EVENT_EXCHANGE, exc, call)
             raise
-        return self._task_token(subject, resource, requested[0], EVENT_EXCHANGE, started)
+        return self._task_token(subject, resource, requested[0], EVENT_EXCHANGE, call)
 
-    def _delegation(self, params: Mapping[str, list[str]], started: float) -> TokenResponse:
+    def _delegation(self, params: Mapping[str, list[str]], call: _Call) -> TokenResponse:
         """RFC 8693 §2.1 with an actor: the workload a task's access token was issued to, acting
         for that task towards another resource. Raises OAuthError (audited)."""
         try:
@@ -268,7 +282,7 @@ class Grants:
             # get is bounded by the subject token, which names it in may_act).
             actor = self._checker.authenticate(_one(params, "actor_token"), "actor_token")
         except OAuthError as exc:
-            self._refused(EVENT_EXCHANGE, exc, started)
+            self._refused(EVENT_EXCHANGE, exc, call)
             raise
         try:
             resource = _single_resource(params, self._resources)
@@ -291,7 +305,7 @@ class Grants:
             except PermissionDeniedError as exc:  # the task layer audited its own denial
                 raise InvalidGrantError(f"task decision: {exc}") from None
         except OAuthError as exc:
-            self._refused(EVENT_EXCHANGE, exc, started)
+            self._refused(EVENT_EXCHANGE, exc, call)
             raise
         act = {"sub": actor_id, "act": subject.claims["act"]}
         issued_type = TXN_TOKEN_TYPE if requested == [TXN_TOKEN_TYPE] else ACCESS_TOKEN_TYPE
@@ -311,7 +325,7 @@ class Grants:
             grant,
             _Issue(subject.subject, resource, claims, issued_type, EVENT_EXCHANGE),
             None,
-            started,
+            call,
             reason=f"task decision allowed {actor_id[:200]} to act for the task",
             extra={
                 "subject_jti": subject.jti,
@@ -385,12 +399,12 @@ class Grants:
         resource: str,
         requested: str,
         kind: str,
-        started: float,
+        call: _Call,
     ) -> TokenResponse:
         try:
             task, grant = self._decide(subject, resource)
         except OAuthError as exc:
-            self._refused(kind, exc, started, subject.claim)
+            self._refused(kind, exc, call, subject.claim)
             raise
         principal = task.on_behalf_of or task.runtime_id
         act = task.act if task.act.get("sub") == task.spiffe_id else {"sub": task.spiffe_id}
@@ -408,7 +422,7 @@ class Grants:
             grant,
             _Issue(principal, resource, claims, requested, kind),
             subject.claim,
-            started,
+            call,
             reason="task decision allowed the exchange",
             extra={"subject_jti": str(subject.verified.claims.get("jti"))},
         )
@@ -419,7 +433,7 @@ class Grants:
         grant: TaskJwtGrant,
         issue: _Issue,
         claim: JtiClaim | None,
-        started: float,
+        call: _Call,
         *,
         reason: str,
         extra: dict[str, Any],
@@ -442,7 +456,7 @@ class Grants:
             credential_id=issued.jti,
             policy_set_hash=grant.policy_set_hash,
             ttl=issued.expires_at - issued.issued_at,
-            latency_us=(time.perf_counter() - started) * 1e6,
+            latency_us=call.latency_us(),
             extra={**extra, "token_type": issue.requested},
         )
         credential = Credential(
@@ -453,11 +467,11 @@ class Grants:
             task.task_id,
             issued.expires_at,
         )
-        self._record([credential], [event], claim, issue.kind, started)
+        self._record([credential], [event], claim, issue.kind, call)
         if self._tasks.ended(task.spiffe_id):
             # On record, never sent: the task's end revoked what was on record before it.
             exc = InvalidGrantError("task decision: the task ended while its token was issued")
-            self._refused(issue.kind, exc, started)
+            self._refused(issue.kind, exc, call)
             raise exc
         return TokenResponse(
             issued.token,
@@ -510,7 +524,7 @@ class Grants:
         events: list[EventDraft],
         assertion: JtiClaim | None,
         kind: str,
-        started: float,
+        call: _Call,
     ) -> None:
         """The token's record and its event, with the claim of the assertion it was issued
         for, in one commit; only then may the token leave."""
@@ -520,7 +534,7 @@ class Grants:
             # Another server accepted this assertion first: the token is not sent.
             assert assertion is not None  # nothing else is claimed
             exc = InvalidGrantError(replayed("assertion", assertion.jti))
-            self._refused(kind, exc, started)
+            self._refused(kind, exc, call)
             raise exc from None
         except LedgerError:
             if assertion is not None:
@@ -547,22 +561,31 @@ class Grants:
                     raise held from None
 
     def _refused(
-        self, kind: str, exc: OAuthError, started: float, assertion: JtiClaim | None = None
+        self, kind: str, exc: OAuthError, call: _Call, assertion: JtiClaim | None = None
     ) -> None:
-        """Audit a refusal. An assertion that was checked is used up by it: its claim goes
-        into the same commit, as it would with a token."""
-        event = EventDraft(
-            kind=kind,
-            action="token",
-            decision="deny",
-            reason=f"{exc.error}: {exc.description}"[:500],
-            latency_us=(time.perf_counter() - started) * 1e6,
-        )
+        """Audit a refusal, while its client has budget for refusals on record (past it, only
+        counted: a write per bad request is what the budget bounds). An assertion that was
+        checked is used up by it either way: its claim goes into the same commit, as it would
+        with a token."""
+        events = []
+        if self._budget.on_record(call.client):
+            events.append(
+                EventDraft(
+                    kind=kind,
+                    action="token",
+                    decision="deny",
+                    reason=f"{exc.error}: {exc.description}"[:500],
+                    latency_us=call.latency_us(),
+                )
+            )
+        elif assertion is None:
+            return
         try:
             try:
-                self._commit([], [event], assertion)
+                self._commit([], events, assertion)
             except JtiHeldError:  # used up already, elsewhere: the refusal is still recorded
-                self._commit([], [event], None)
+                if events:
+                    self._commit([], events, None)
         except (AuditError, LedgerError):  # AuditError: the reason looked like a credential
             _log.exception("an OAuth refusal could not be audited")
 

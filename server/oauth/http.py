@@ -34,6 +34,9 @@ class Request:
     # Credentials travel in both (an Authorization header, a form's assertion): not in a repr.
     headers: Mapping[str, str] = field(repr=False)  # lower-case names; the last of a repeat
     body: bytes = field(repr=False)
+    # The client's address as the socket has it ("" when unknown): what a client cannot
+    # choose by what it sends, unlike any header (X-Forwarded-For) or form field.
+    client_host: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,11 @@ def json_response(status: int, body: bytes, *headers: tuple[str, str]) -> Respon
 
 
 _NOT_FOUND = Response(404, b'{"error":"not_found"}')
+
+
+def _host(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
 def _framed_twice(head: h11.Request) -> bool:
@@ -174,7 +182,9 @@ class HttpListener:
                 target = head.target.decode("ascii", "replace")
                 path, _, query = target.partition("?")
                 headers = {k.decode("ascii").lower(): v.decode("latin-1") for k, v in head.headers}
-                return Request(head.method.decode("ascii"), path, query, headers, bytes(body))
+                return Request(
+                    head.method.decode("ascii"), path, query, headers, bytes(body), _host(writer)
+                )
             elif isinstance(event, h11.ConnectionClosed):
                 return None
 

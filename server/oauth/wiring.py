@@ -34,6 +34,7 @@ from server.oauth.replay import ReplayGuard
 from server.oauth.settings import OAuthSettings
 from server.oauth.trusted import TrustedBundles
 from server.oauth.workers import Workers
+from server.refusal_budget import RefusalBudget
 from svid._bundle import JwtBundle
 from svid._clock import Clock
 from svid._errors import JwtSvidError, SpiffeIdError
@@ -132,9 +133,11 @@ def build(
     clock: Clock,
     audit: Audit | None = None,
     revoked: Callable[[str], bool] = lambda jti: False,
+    refusals: RefusalBudget | None = None,
 ) -> OAuthService:
     """``audit``: AuditLog.append, for events of the service's own (trusted issuers' keys);
-    ``revoked``: whether a JWT ``jti`` is revoked (a delegation's subject token)."""
+    ``revoked``: whether a JWT ``jti`` is revoked (a delegation's subject token);
+    ``refusals``: which of a client's refusals are written to the audit log (None: all)."""
     own = ca.trust_domain
     replay = ReplayGuard()
     trusted = TrustedBundles(settings.trusted)
@@ -207,6 +210,7 @@ def build(
         clock=clock,
         workloads=workloads,
         revoked=revoked,
+        budget=refusals,
     )
     listener = HttpListener(server_ssl_context(settings))
     # Grants block on the ledger's commit, holding no GIL while they wait: enough threads that

@@ -546,3 +546,53 @@ def test_a_request_and_an_answer_show_no_credential_in_their_repr() -> None:
         assert "eyJ" not in shown
     assert "'/token'" in repr(request)
     assert "status=200" in repr(answer)
+
+
+def test_a_flood_of_refusals_is_on_record_up_to_the_clients_budget_then_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from server.datastore.base import JtiClaim
+    from tests.server.oauth.conftest import serving_oauth
+
+    limits = {"oauth_refusal_rate_per_host": 1, "oauth_refusal_burst_per_host": 3}
+    with (
+        caplog.at_level(logging.WARNING, "svid.server.audit"),
+        serving_oauth("oaf", [RESOURCE], **limits) as server,
+    ):
+        bad = [_assertion(server, audience="https://someone.else") for _ in range(10)]
+        for assertion in bad:
+            reply = _post(server, grant_type=JWT_BEARER, assertion=assertion, resource=RESOURCE)
+            assert reply.status_code == 400  # every one refused, on record or not
+            assert reply.json()["error"] == "invalid_grant"
+        events = _events(server, "oauth_jwt_bearer")
+        assert [e["decision"] for e in events] == ["deny"] * 3
+        metrics = server.running.server.metrics.render().decode()
+        assert 'svid_server_refusals_unrecorded_total{source="oauth"} 7.0' in metrics
+        (line,) = [r for r in caplog.records if r.name == "svid.server.audit"]
+        assert line.source == "oauth"  # type: ignore[attr-defined]
+        assert line.caller == "127.0.0.1"  # type: ignore[attr-defined]
+        assert not any(a in caplog.text for a in bad)  # no token in the log
+        # Past the budget, an assertion refused once checked is still used up by its refusal.
+        checked = _assertion(server)
+        wrong = _post(server, grant_type=JWT_BEARER, assertion=checked, resource="https://x/")
+        assert wrong.json()["error"] == "invalid_target"
+        again = _post(server, grant_type=JWT_BEARER, assertion=checked, resource=RESOURCE)
+        assert "replay" in again.json()["error_description"]
+        claims = pyjwt.decode(checked, options={"verify_signature": False})
+        claim = JtiClaim(claims["iss"], claims["jti"], claims["exp"])
+        now = int(server.running.clock.now())
+        assert server.running.server.datastore.claim_jtis([claim], now) == [False]  # held
+        # A grant is never left off the record, budget or not.
+        good = _post(server, grant_type=JWT_BEARER, assertion=_assertion(server), resource=RESOURCE)
+        assert good.status_code == 200, good.text
+        decisions = [e["decision"] for e in _events(server, "oauth_jwt_bearer")]
+        assert decisions == ["deny"] * 3 + ["allow"]
+        # The budget refills at its rate: the client's next refusal is on record again.
+        server.running.clock.advance(1)
+        _post(server, grant_type=JWT_BEARER, assertion=bad[0], resource=RESOURCE)
+        assert len(_events(server, "oauth_jwt_bearer")) == 5
+        assert 'refusals_unrecorded_total{source="oauth"} 9.0' in (
+            server.running.server.metrics.render().decode()
+        )

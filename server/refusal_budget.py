@@ -1,0 +1,88 @@
+"""Which refusals go on the audit record: each caller's first ones, then a trickle.
+
+    budget = RefusalBudget("oauth", rate=1.0, burst=20, clock=clock, dropped=counter.inc)
+    if budget.on_record(address_key(host)):
+        ...  # write the refusal's audit event
+    # else: it was counted (dropped()), and logged at most once per window
+
+Why: a refusal is written for a caller nobody has authenticated yet (a bad assertion, a
+guessed join token). Without a bound, whoever reaches the listener writes audit rows as fast
+as it can send requests, and the log grows until retention catches up. With one, each caller's
+first `burst` refusals (then `rate` per second) are on record, so an operator sees who is
+attacking; the rest only move a metric, and a log line once per `window` says that refusals
+are being left off the record, and for which source. Grants and other decisions that let
+something out are never asked about: only refusals spend the budget.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable
+
+from server.ratelimit import KeyedLimiter
+from svid._clock import Clock
+
+_log = logging.getLogger("svid.server.audit")
+LOG_WINDOW = 60.0
+# An IPv6 host usually holds a whole /64: one caller, however many addresses it picks from it.
+_V6_PREFIX = 64
+
+
+def address_key(host: str) -> str:
+    """The budget key of a client address: an IPv4 address as it is (an IPv4-mapped IPv6
+    one too), an IPv6 address as its /64; anything else (a Unix socket peer) as given."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]").partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, _V6_PREFIX), strict=False))
+    return str(address)
+
+
+class RefusalBudget:
+    """Per key, whether a refusal is written to the audit log (see the module)."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        rate: float,
+        burst: int,
+        clock: Clock,
+        dropped: Callable[[], None] = lambda: None,
+        window: float = LOG_WINDOW,
+    ) -> None:
+        """`source` names the refusals in the log line; `dropped` counts one left off the
+        record (a metric); a `rate` of 0 keeps every refusal on record."""
+        self._source = source
+        self._limiter = KeyedLimiter(rate, burst, clock)
+        self._clock = clock
+        self._dropped = dropped
+        self._window = window
+        self._lock = threading.Lock()
+        self._next_line = float("-inf")
+        self._unlogged = 0
+
+    def on_record(self, key: str) -> bool:
+        """True if this refusal of `key` is to be written; False (counted, maybe logged) if
+        `key` spent its budget."""
+        if self._limiter.try_take(key):
+            return True
+        self._dropped()
+        now = self._clock.monotonic()
+        with self._lock:
+            self._unlogged += 1
+            if now < self._next_line:
+                return False
+            self._next_line = now + self._window
+            count, self._unlogged = self._unlogged, 0
+        _log.warning(
+            "refusals past their caller's budget are counted, not written to the audit log",
+            extra={"source": self._source, "caller": key, "dropped": count},
+        )
+        return False

@@ -1,0 +1,79 @@
+"""Which refusals go on the audit record, on a fake clock: each caller's first ones, then its
+rate; the rest counted, and logged once per window."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from server.refusal_budget import RefusalBudget, address_key
+from svid._clock import FakeClock
+
+
+def _budget(clock: FakeClock, dropped: list[int], **kw: float) -> RefusalBudget:
+    return RefusalBudget(
+        "test",
+        rate=kw.get("rate", 1.0),
+        burst=int(kw.get("burst", 3)),
+        clock=clock,
+        dropped=lambda: dropped.append(1),
+        window=kw.get("window", 60.0),
+    )
+
+
+def test_each_caller_has_its_first_refusals_on_record_then_its_rate() -> None:
+    clock, dropped = FakeClock(), []
+    budget = _budget(clock, dropped)
+    assert [budget.on_record("a") for _ in range(5)] == [True, True, True, False, False]
+    assert budget.on_record("b")  # another caller's budget is its own
+    assert len(dropped) == 2
+    clock.advance(1)
+    assert budget.on_record("a")
+    assert not budget.on_record("a")
+    assert len(dropped) == 3
+
+
+def test_a_rate_of_zero_records_every_refusal() -> None:
+    dropped: list[int] = []
+    budget = _budget(FakeClock(), dropped, rate=0, burst=1)
+    assert all(budget.on_record("a") for _ in range(100))
+    assert dropped == []
+
+
+def test_dropped_refusals_are_logged_once_per_window(caplog: pytest.LogCaptureFixture) -> None:
+    clock, dropped = FakeClock(), []
+    budget = _budget(clock, dropped, rate=0.001, burst=1, window=60)
+    with caplog.at_level(logging.WARNING, "svid.server.audit"):
+        for _ in range(11):
+            budget.on_record("10.0.0.9")
+        assert len(caplog.records) == 1
+        first = caplog.records[0]
+        assert first.source == "test"  # type: ignore[attr-defined]
+        assert first.caller == "10.0.0.9"  # type: ignore[attr-defined]
+        assert first.dropped == 1  # type: ignore[attr-defined]
+        clock.advance(59)
+        budget.on_record("10.0.0.9")
+        assert len(caplog.records) == 1
+        clock.advance(1)
+        budget.on_record("10.0.0.9")
+    assert len(caplog.records) == 2
+    assert caplog.records[1].dropped == 11  # type: ignore[attr-defined]  # every one since
+    assert len(dropped) == 12
+
+
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:fffe", "2001:db8:1:2::/64"),
+        ("[2001:db8:1:3::1]", "2001:db8:1:3::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("", ""),
+        ("unix:/run/x.sock", "unix:/run/x.sock"),
+    ],
+)
+def test_a_client_is_known_by_its_address_an_ipv6_one_by_its_64(host: str, key: str) -> None:
+    assert address_key(host) == key
