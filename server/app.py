@@ -386,7 +386,17 @@ class Server:
         self._node_server = grpc.aio.server(options=self._grpc_options())
         node_pb2_grpc.add_NodeServicer_to_server(node, self._node_server)
         self._node_server.add_generic_rpc_handlers(
-            self.tasks.node_handlers(self.state, PeerCache(self.ids))
+            self.tasks.node_handlers(
+                self.state,
+                PeerCache(self.ids),
+                RefusalBudget(
+                    "validation",
+                    rate=cfg.validation_refusal_rate_per_agent,
+                    burst=cfg.validation_refusal_burst_per_agent,
+                    clock=self.clock,
+                    dropped=self.metrics.refusals_unrecorded.labels(source="validation").inc,
+                ),
+            )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._node_server)
         node_port = _bind(

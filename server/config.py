@@ -63,6 +63,11 @@ class ServerConfig:
     jwt_burst_per_agent: int = 1000
     attest_rate_per_host: float = 10.0
     attest_burst_per_host: int = 50
+    # Reports of refused tokens (ValidateJWTSVID, forwarded by agents) written to the audit
+    # log per agent, as a token bucket: any local process may have forged tokens validated,
+    # and past this they are only counted (svid_server_refusals_unrecorded). 0 writes them all.
+    validation_refusal_rate_per_agent: float = 10.0
+    validation_refusal_burst_per_agent: int = 1000
     # Threads that run issuance batches (and sign the small ones, and agent SVIDs). Big
     # batches wait on a signing worker here; one per CPU keeps every worker fed.
     signing_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -309,6 +314,8 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "jwt_burst_per_agent": _as_int,
     "attest_rate_per_host": _as_float,
     "attest_burst_per_host": _as_int,
+    "validation_refusal_rate_per_agent": _as_float,
+    "validation_refusal_burst_per_agent": _as_int,
     "signing_threads": _positive,
     "signing_processes": _as_int,
     "policy_dir": _as_path,

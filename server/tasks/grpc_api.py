@@ -20,6 +20,7 @@ from server.errors import InvalidRequestError, PermissionDeniedError
 from server.input_text import refuse_nul
 from server.peer import PeerCache
 from server.policy import PolicyEngine
+from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.model import Task, TaskState
 from server.tasks.service import BeginRequest, TaskService
@@ -149,10 +150,19 @@ class _Page:
 class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
     """What an attested agent may ask on behalf of the workloads it attested."""
 
-    def __init__(self, service: TaskService, state: ServerState, peers: PeerCache) -> None:
+    def __init__(
+        self,
+        service: TaskService,
+        state: ServerState,
+        peers: PeerCache,
+        refused_validations: RefusalBudget,
+    ) -> None:
+        """`refused_validations`: which of an agent's reports of a refused token are
+        written."""
         self._service = service
         self._state = state
         self._peers = peers
+        self._refused_validations = refused_validations
 
     def _agent(self, context: grpc.aio.ServicerContext) -> AttestedAgent:
         peer = self._peers.agent_peer(context)
@@ -231,9 +241,12 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         agent = self._agent(context)
         if len(request.validations) > MAX_VALIDATIONS:
             raise InvalidRequestError(f"validations: at most {MAX_VALIDATIONS} per report")
-        await asyncio.to_thread(
-            self._service.record_validations, agent.spiffe_id, list(request.validations)
-        )
+        # Any local process may have any token validated, a forged one as well as a real one:
+        # refusals are written up to the agent's budget, and only counted past it.
+        budget = self._refused_validations
+        kept = [v for v in request.validations if v.ok or budget.on_record(agent.spiffe_id)]
+        if kept:
+            await asyncio.to_thread(self._service.record_validations, agent.spiffe_id, kept)
         return task_pb2.ReportValidationsResponse()
 
 

@@ -1,0 +1,52 @@
+"""Agents' ValidateJWTSVID reports on a running server: refusals on the audit log up to the
+agent's budget, then only counted; validations that passed always written."""
+
+from __future__ import annotations
+
+import grpc
+
+from server.datastore.records import EventFilter
+from svid._proto import task_pb2, task_pb2_grpc
+from tests.server.fixtures import TLS_NAME, Agent, RunningServer, managed_server
+
+
+def _report(server: RunningServer, agent: Agent, validations: list[task_pb2.Validation]) -> None:
+    channel = grpc.secure_channel(
+        server.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
+    )
+    try:
+        task_pb2_grpc.NodeTasksStub(channel).ReportValidations(
+            task_pb2.ReportValidationsRequest(validations=validations), timeout=10
+        )
+    finally:
+        channel.close()
+
+
+def _refused(n: int) -> list[task_pb2.Validation]:
+    # What a local process gets by having forged tokens validated: one report each.
+    return [
+        task_pb2.Validation(subject=f"spiffe://example.org/forged/{i}", audience=["svc"], at=1)
+        for i in range(n)
+    ]
+
+
+def test_refused_token_reports_are_on_record_up_to_the_agents_budget() -> None:
+    limits = {"validation_refusal_rate_per_agent": 1, "validation_refusal_burst_per_agent": 3}
+    with managed_server(**limits) as server:
+        agent, other = server.attest(), server.attest()
+        passed = task_pb2.Validation(subject="spiffe://example.org/ok", audience=["svc"], ok=True)
+        _report(server, agent, [*_refused(5), passed])
+        _report(server, agent, [*_refused(5), passed])
+        _report(server, other, _refused(2))
+
+        def decisions(node: Agent) -> list[str]:
+            rows = server.server.datastore.audit_rows(EventFilter(kind="jwt_validated"))
+            return sorted(r["decision"] for r in rows if r["node_id"] == node.spiffe_id)
+
+        assert decisions(agent) == ["allow", "allow", "deny", "deny", "deny"]
+        assert decisions(other) == ["deny", "deny"]  # its budget is its own
+        metrics = server.server.metrics.render().decode()
+        assert 'svid_server_refusals_unrecorded_total{source="validation"} 7.0' in metrics
+        server.clock.advance(1)
+        _report(server, agent, _refused(2))
+        assert decisions(agent).count("deny") == 4
