@@ -178,6 +178,13 @@ class Server:
             ca=self.ca,
             server_id=str(self.ids.server),
             clock=self.clock,
+            denials=RefusalBudget(
+                "task",
+                rate=cfg.task_denial_rate_per_agent,
+                burst=cfg.task_denial_burst_per_agent,
+                clock=self.clock,
+                dropped=self.metrics.refusals_unrecorded.labels(source="task").inc,
+            ),
         )
         # With a KEK the checkpoint key is the trust domain's, like the CA's: every server
         # signs with it, so one pinned key checks all of their checkpoints.

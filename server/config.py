@@ -68,6 +68,10 @@ class ServerConfig:
     # and past this they are only counted (svid_server_refusals_unrecorded). 0 writes them all.
     validation_refusal_rate_per_agent: float = 10.0
     validation_refusal_burst_per_agent: int = 1000
+    # Task denials (a begin or a mint its policy refuses) written to the audit log per agent,
+    # likewise: a node's workloads may ask again and again. 0 writes them all.
+    task_denial_rate_per_agent: float = 10.0
+    task_denial_burst_per_agent: int = 1000
     # Threads that run issuance batches (and sign the small ones, and agent SVIDs). Big
     # batches wait on a signing worker here; one per CPU keeps every worker fed.
     signing_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -316,6 +320,8 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "attest_burst_per_host": _as_int,
     "validation_refusal_rate_per_agent": _as_float,
     "validation_refusal_burst_per_agent": _as_int,
+    "task_denial_rate_per_agent": _as_float,
+    "task_denial_burst_per_agent": _as_int,
     "signing_threads": _positive,
     "signing_processes": _as_int,
     "policy_dir": _as_path,

@@ -45,6 +45,7 @@ from server.policy import (
     narrow,
     split_tool,
 )
+from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.crl import CrlCache
 from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id
@@ -106,7 +107,9 @@ class TaskService:
         server_id: str,
         clock: Clock,
         settings: TaskSettings | None = None,
+        denials: RefusalBudget | None = None,
     ) -> None:
+        """`denials`: which of an agent's denials are written to the audit log (None: all)."""
         self._state = state
         self._store = store
         self._policy = policy
@@ -115,6 +118,7 @@ class TaskService:
         self._server_id = server_id
         self._clock = clock
         self.settings = settings or TaskSettings()
+        self._denials = denials or RefusalBudget("task", rate=0, burst=1, clock=clock)
         self._lock = threading.Lock()
         # Active tasks by task SPIFFE ID: the per-mint lookup never touches SQLite.
         self._active: Mapping[str, Task] = MappingProxyType({})
@@ -293,13 +297,18 @@ class TaskService:
         extra: Mapping[str, Any] | None = None,
         audience: Sequence[str] | None = None,
     ) -> PermissionDeniedError:
-        """Audit a refusal (and count it against the agent when flagged); return the error.
+        """Audit a refusal while its agent has budget for denials on record (past it, only
+        counted: what a node's workloads ask for is theirs to repeat), and count it against
+        the runtime when flagged; return the error.
 
         `audience`: a refused mint, recorded as asked for those audiences."""
         if flag is not None:
+            # Whatever the budget: the count is an input of the next decisions (risk).
             self._store.add_violation(runtime_id, self._now())
             self._violations_added += 1
             self._violation_counts.pop(runtime_id, None)
+        if not self._denials.on_record(agent.spiffe_id):
+            return PermissionDeniedError(reason)
         fields: dict[str, Any] = {"decision": "deny", "reason": reason}
         if decision is not None:
             fields.update(decision.audit_fields())

@@ -113,6 +113,7 @@ def build_task_layer(
     server_id: str,
     clock: Clock,
     settings: TaskSettings | None = None,
+    denials: RefusalBudget | None = None,
 ) -> TaskLayer:
     """Raises PolicyError (an invalid policy set) or AuditError before anything is served."""
     policy = PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
@@ -127,6 +128,7 @@ def build_task_layer(
         server_id=server_id,
         clock=clock,
         settings=settings,
+        denials=denials,
     )
     service.load()
     return TaskLayer(policy, audit, store, service)

@@ -1,0 +1,50 @@
+"""Task denials on a running server: on the audit log up to the agent's budget, then only
+counted."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from server.datastore.records import EventFilter
+from svid._proto import task_pb2, task_pb2_grpc
+from tests.server.fixtures import TLS_NAME, Agent, RunningServer, managed_server
+
+
+def _begin_refused(server: RunningServer, agent: Agent, times: int) -> None:
+    """BeginTask for a runtime the agent serves no entry of, as a local workload may ask
+    again and again: PERMISSION_DENIED each time."""
+    channel = grpc.secure_channel(
+        server.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
+    )
+    request = task_pb2.NodeBeginTaskRequest(
+        runtime_id="spiffe://example.org/agents/nobody",
+        intent=task_pb2.Intent(actions=["read"], resources=["https://api.example/x"]),
+    )
+    try:
+        for _ in range(times):
+            with pytest.raises(grpc.RpcError) as caught:
+                task_pb2_grpc.NodeTasksStub(channel).BeginTask(request, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        channel.close()
+
+
+def test_task_denials_are_on_record_up_to_the_agents_budget() -> None:
+    limits = {"task_denial_rate_per_agent": 1, "task_denial_burst_per_agent": 3}
+    with managed_server(**limits) as server:
+        agent, other = server.attest(), server.attest()
+        _begin_refused(server, agent, 8)
+        _begin_refused(server, other, 2)
+
+        def denials(node: Agent) -> int:
+            rows = server.server.datastore.audit_rows(EventFilter(kind="denial"))
+            return sum(r["node_id"] == node.spiffe_id for r in rows)
+
+        assert denials(agent) == 3
+        assert denials(other) == 2  # its budget is its own
+        metrics = server.server.metrics.render().decode()
+        assert 'svid_server_refusals_unrecorded_total{source="task"} 5.0' in metrics
+        server.clock.advance(1)
+        _begin_refused(server, agent, 2)
+        assert denials(agent) == 4
