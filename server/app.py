@@ -55,6 +55,7 @@ from server.refusal_budget import RefusalBudget
 from server.replication import FeedFollower, FollowSettings
 from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
+from server.tasks.service import TaskSettings
 from server.tasks.wiring import TaskLayer, build_task_layer
 
 if TYPE_CHECKING:
@@ -178,6 +179,7 @@ class Server:
             ca=self.ca,
             server_id=str(self.ids.server),
             clock=self.clock,
+            settings=TaskSettings(max_active_per_runtime=cfg.max_active_tasks_per_runtime),
             denials=RefusalBudget(
                 "task",
                 rate=cfg.task_denial_rate_per_agent,
@@ -402,6 +404,9 @@ class Server:
                     burst=cfg.validation_refusal_burst_per_agent,
                     clock=self.clock,
                     dropped=self.metrics.refusals_unrecorded.labels(source="validation").inc,
+                ),
+                KeyedLimiter(
+                    cfg.task_begin_rate_per_runtime, cfg.task_begin_burst_per_runtime, self.clock
                 ),
             )
         )

@@ -72,6 +72,12 @@ class ServerConfig:
     # likewise: a node's workloads may ask again and again. 0 writes them all.
     task_denial_rate_per_agent: float = 10.0
     task_denial_burst_per_agent: int = 1000
+    # Tasks a runtime (a workload beginning tasks through its agent) may begin, and hold active
+    # at once. Each begin writes a task row, an entry pushed to its agent and audit events: one
+    # workload must neither flood the server nor crowd out its node's others. 0 lifts a limit.
+    task_begin_rate_per_runtime: float = 20.0
+    task_begin_burst_per_runtime: int = 200
+    max_active_tasks_per_runtime: int = 1000
     # Threads that run issuance batches (and sign the small ones, and agent SVIDs). Big
     # batches wait on a signing worker here; one per CPU keeps every worker fed.
     signing_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -322,6 +328,9 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "validation_refusal_burst_per_agent": _as_int,
     "task_denial_rate_per_agent": _as_float,
     "task_denial_burst_per_agent": _as_int,
+    "task_begin_rate_per_runtime": _as_float,
+    "task_begin_burst_per_runtime": _as_int,
+    "max_active_tasks_per_runtime": _as_int,
     "signing_threads": _positive,
     "signing_processes": _as_int,
     "policy_dir": _as_path,

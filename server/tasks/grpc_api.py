@@ -16,10 +16,11 @@ import grpc
 
 from server import listing, status
 from server.datastore.records import AttestedAgent, TaskCursor
-from server.errors import InvalidRequestError, PermissionDeniedError
+from server.errors import InvalidRequestError, PermissionDeniedError, RateLimitedError
 from server.input_text import refuse_nul
 from server.peer import PeerCache
 from server.policy import PolicyEngine
+from server.ratelimit import KeyedLimiter
 from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.model import Task, TaskState
@@ -156,13 +157,15 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         state: ServerState,
         peers: PeerCache,
         refused_validations: RefusalBudget,
+        begins: KeyedLimiter,
     ) -> None:
         """`refused_validations`: which of an agent's reports of a refused token are
-        written."""
+        written. `begins`: the task begins allowed to each runtime of each agent."""
         self._service = service
         self._state = state
         self._peers = peers
         self._refused_validations = refused_validations
+        self._begins = begins
 
     def _agent(self, context: grpc.aio.ServicerContext) -> AttestedAgent:
         peer = self._peers.agent_peer(context)
@@ -175,6 +178,12 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         agent = self._agent(context)
         if request.intent.goal:
             raise InvalidRequestError("intent.goal: send only goal_sha256, never the goal text")
+        # Before anything is decided or written: a refusal here costs the server nothing.
+        if not self._begins.try_take(f"{agent.spiffe_id} {request.runtime_id}"):
+            raise RateLimitedError(
+                f"runtime {request.runtime_id[:300]!r} begins tasks faster than "
+                "task_begin_rate_per_runtime allows: retry later"
+            )
         task = await self._service.begin(
             agent,
             BeginRequest(

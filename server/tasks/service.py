@@ -14,6 +14,7 @@ import contextlib
 import logging
 import secrets
 import threading
+from collections import Counter
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -30,7 +31,12 @@ from server.datastore.records import (
     TaskCursor,
 )
 from server.entitlement import entitled_entry
-from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from server.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitedError,
+)
 from server.input_text import refuse_nul
 from server.issuance import TaskGrant, TaskJwtGrant
 from server.policy import (
@@ -75,6 +81,8 @@ class TaskSettings:
     violation_window: int = 3600
     # An elevated step lives at most this long (and never past its parent, nor past policy caps).
     max_elevated_ttl: int = 300
+    # Tasks one runtime may hold active at once (0: no cap).
+    max_active_per_runtime: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,8 @@ class TaskService:
         self._lock = threading.Lock()
         # Active tasks by task SPIFFE ID: the per-mint lookup never touches SQLite.
         self._active: Mapping[str, Task] = MappingProxyType({})
+        # How many of them each runtime holds (max_active_per_runtime), moved with _active.
+        self._held: Counter[str] = Counter()
         # Tasks this server ended (id -> expires_at): an end is final, so a row the change
         # feed read before the end never makes one active again here.
         self._ended: dict[str, int] = {}
@@ -150,6 +160,7 @@ class TaskService:
         """Start-up: active tasks from the store into memory."""
         tasks = self._store.list_tasks(state=TaskState.ACTIVE.value)
         self._active = MappingProxyType({t.spiffe_id: t for t in tasks})
+        self._held = Counter(t.runtime_id for t in self._active.values())
 
     def _now(self) -> int:
         return int(self._clock.now())
@@ -158,11 +169,23 @@ class TaskService:
         with self._lock:
             tasks = dict(self._active)
             if active:
-                tasks[task.spiffe_id] = task
+                self._put(tasks, task)
             else:
-                tasks.pop(task.spiffe_id, None)
+                self._drop(tasks, task)
                 self._ended[task.task_id] = task.expires_at
             self._active = MappingProxyType(tasks)
+
+    def _put(self, tasks: dict[str, Task], task: Task) -> None:
+        if task.spiffe_id not in tasks:
+            self._held[task.runtime_id] += 1
+        tasks[task.spiffe_id] = task
+
+    def _drop(self, tasks: dict[str, Task], task: Task) -> None:
+        gone = tasks.pop(task.spiffe_id, None)
+        if gone is not None:
+            self._held[gone.runtime_id] -= 1
+            if not self._held[gone.runtime_id]:
+                del self._held[gone.runtime_id]
 
     # -- tasks begun or ended through other servers (server.replication) ------------------------
 
@@ -187,9 +210,9 @@ class TaskService:
                 return
             tasks = dict(self._active)
             for task in ended:
-                tasks.pop(task.spiffe_id, None)
+                self._drop(tasks, task)
             for task in begun:
-                tasks[task.spiffe_id] = task
+                self._put(tasks, task)
             self._active = MappingProxyType(tasks)
 
     def next_expiry(self) -> float:
@@ -365,6 +388,14 @@ class TaskService:
                 reason=str(exc),
                 flag=None,
             ) from None
+        cap = self.settings.max_active_per_runtime
+        if cap and self._held[req.runtime_id] >= cap:
+            # Not a decision about the intent: nothing for the log (a runtime that keeps asking
+            # would fill it); its running tasks are all on record.
+            raise RateLimitedError(
+                f"runtime {req.runtime_id} holds {cap} active tasks "
+                "(max_active_tasks_per_runtime): end one first"
+            )
         intent = self._child_intent(req, parent)  # RequestError -> INVALID_ARGUMENT
         ttl = req.ttl or self.settings.default_ttl
         if ttl < 0:

@@ -21,6 +21,7 @@ from server.ca.manager import CaManager
 from server.issuance import TaskDecisions
 from server.peer import PeerCache
 from server.policy import PolicyEngine
+from server.ratelimit import KeyedLimiter
 from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.grpc_api import NodeTasksServicer, TaskAdminServicer
@@ -71,9 +72,13 @@ class TaskLayer:
         await self.service.revoke_agent(agent_id, why, banned=why == "agent banned")
 
     def node_handlers(
-        self, state: ServerState, peers: PeerCache, refused_validations: RefusalBudget
+        self,
+        state: ServerState,
+        peers: PeerCache,
+        refused_validations: RefusalBudget,
+        begins: KeyedLimiter,
     ) -> list[Any]:
-        servicer = NodeTasksServicer(self.service, state, peers, refused_validations)
+        servicer = NodeTasksServicer(self.service, state, peers, refused_validations, begins)
         return _handlers(task_pb2_grpc.add_NodeTasksServicer_to_server, servicer)
 
     def admin_handlers(self) -> list[Any]:
