@@ -831,16 +831,27 @@ class TaskService:
         return len(creds)
 
     async def _revoke(
-        self, creds: Sequence[Credential], reason: str, *, agent_id: str, task: Task | None
+        self,
+        creds: Sequence[Credential],
+        reason: str,
+        *,
+        agent_id: str,
+        task: Task | None,
+        unrecorded: Sequence[Credential] | None = None,
     ) -> None:
-        if not creds:
-            return
+        """Revoke `creds`, then record a revocation event for each of `unrecorded` (default:
+        `creds`; a finishing end passes those whose event is not on the log yet)."""
+        events = creds if unrecorded is None else unrecorded
         now = self._now()
-        await self._state.add_revocations(
-            tuple(
-                Revocation(c.kind, c.value, c.spiffe_id, c.expires_at, reason, now) for c in creds
+        if creds:
+            await self._state.add_revocations(
+                tuple(
+                    Revocation(c.kind, c.value, c.spiffe_id, c.expires_at, reason, now)
+                    for c in creds
+                )
             )
-        )
+        if not events:
+            return
         await asyncio.to_thread(
             self._audit.append_many,
             [
@@ -854,7 +865,7 @@ class TaskService:
                     credential_id=c.value,
                     extra={"kind": c.kind, "spiffe_id": c.spiffe_id, "expires_at": c.expires_at},
                 )
-                for c in creds
+                for c in events
             ],
         )
 
@@ -891,11 +902,18 @@ class TaskService:
                 await self._finish(child, done.state, f"parent task {done.task_id} ended")
         now = self._now()
         creds = await asyncio.to_thread(self._store.task_credentials, done.task_id, now)
-        fresh = creds
+        fresh = unrecorded = creds
         if again:
+            # Stored and on the log are two commits: the server before may have died between
+            # them, so each is looked for on its own (a revocation stored without its event
+            # would otherwise never reach the log).
             already = {(r.kind, r.value) for r in self._state.revocations}
             fresh = [c for c in creds if (c.kind, c.value) not in already]
-        await self._revoke(fresh, done.end_reason, agent_id=done.agent_id, task=done)
+            recorded = await asyncio.to_thread(self._revocations_recorded, done.task_id)
+            unrecorded = [c for c in creds if c.value not in recorded]
+        await self._revoke(
+            fresh, done.end_reason, agent_id=done.agent_id, task=done, unrecorded=unrecorded
+        )
         if done.entry_id and done.entry_id in self._state.entries.by_id:
             # LookupError: deleted meanwhile (an operator's `entry delete`).
             with contextlib.suppress(LookupError):
@@ -907,6 +925,11 @@ class TaskService:
             "task finished",
             extra={"task_id": done.task_id, "state": done.state.value, "revoked": len(creds)},
         )
+
+    def _revocations_recorded(self, task_id: str) -> set[str]:
+        """The credential ids the log holds a revocation event of, for task `task_id`."""
+        rows = self._audit.store.audit_rows(EventFilter(kind=EventKind.REVOCATION, task_id=task_id))
+        return {str(row["credential_id"]) for row in rows}
 
     def _end_recorded(self, task_id: str) -> bool:
         rows = self._audit.store.audit_rows(EventFilter(kind=EventKind.TASK_END, task_id=task_id))

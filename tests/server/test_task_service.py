@@ -862,6 +862,33 @@ def test_an_end_cut_short_after_its_event_is_not_recorded_twice(
     assert world.audit.verify().ok
 
 
+def test_an_end_cut_short_between_its_revocations_and_their_events_records_them_later(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = world.begin()
+    issued = world.mint_jwt(world.state.entries.by_id[task.entry_id], ["docs"])
+    append_many = world.audit.append_many
+
+    def dies(drafts: Any) -> Any:
+        if any(d.kind == "revocation" for d in drafts):
+            raise StorageError("the server died here")
+        return append_many(drafts)
+
+    # The revocations are stored (and pushed); the server dies before their events commit.
+    monkeypatch.setattr(world.audit, "append_many", dies)
+    with pytest.raises(StorageError):
+        world.run(world.service.end(world.agent, task.task_id, ()))
+    monkeypatch.setattr(world.audit, "append_many", append_many)
+    assert ("jwt_id", issued.jti) in {(r.kind, r.value) for r in world.state.revocations}
+    assert world.events("revocation") == []
+    world.clock.advance(61)
+    assert world.run(world.service.settle_ends()) == 1
+    # The revocation the first try stored is on the log too, once.
+    assert [e["credential_id"] for e in world.events("revocation")] == [issued.jti]
+    assert len(world.events("task_end")) == 1
+    assert world.audit.verify().ok
+
+
 # -- tasks begun or ended through another server (the change feed) --------------------------------
 
 
