@@ -65,6 +65,8 @@ TOOL_SCOPE_PREFIX = "tool:"
 _HEX = frozenset("0123456789abcdef")
 # An end claimed this long ago and never settled was left half done (its server died midway).
 END_GRACE = 60
+# The end reason of a task whose begin a dead server left half done (cut_short_begins).
+BEGIN_CUT_SHORT = "its begin was cut short: the server stopped before the task had its entry"
 # Bound on the per-task facts kept for mints and exchanges (about one per active task).
 _FACTS_CACHE_SIZE = 4096
 MAX_VIOLATION_COUNTS = 4096
@@ -936,15 +938,22 @@ class TaskService:
         return next(iter(rows), None) is not None
 
     async def settle_ends(self, grace: int = END_GRACE) -> int:
-        """Finish the ends claimed more than `grace` seconds ago and never settled: the server
-        that claimed one died (or failed) midway. One server at a time runs this (app.py: the
-        housekeeping lease holder); returns how many it finished."""
-        stale = await asyncio.to_thread(self._store.unsettled, self._now() - grace)
+        """Finish the ends claimed more than `grace` seconds ago and never settled, and end
+        the tasks whose begin was cut short more than `grace` seconds ago: the server that
+        claimed or began one died (or failed) midway. One server at a time runs this (app.py:
+        the housekeeping lease holder); returns how many tasks it finished."""
+        now = self._now()
+        stale = await asyncio.to_thread(self._store.unsettled, now - grace)
         for task in stale:
             self._set_active(task, False)
             _log.warning("finishing a task end left half done", extra={"task_id": task.task_id})
             await self._carry_out_end(task, again=True)
-        return len(stale)
+        active = await asyncio.to_thread(self._store.list_tasks, state=TaskState.ACTIVE.value)
+        cut_short = cut_short_begins(active, self._state.entries.by_id, now, now - grace)
+        for task in cut_short:
+            _log.warning("ending a task whose begin was cut short", extra={"task_id": task.task_id})
+            await self._finish(task, TaskState.REVOKED, BEGIN_CUT_SHORT)
+        return len(stale) + len(cut_short)
 
     async def _record_end(self, task: Task, state: TaskState, reason: str, *, revoked: int) -> None:
         await asyncio.to_thread(
@@ -1016,6 +1025,23 @@ def _recordable(draft: Callable[[], EventDraft]) -> EventDraft:
         raise  # already the caller's (INVALID_ARGUMENT), with its own message
     except AuditError as exc:
         raise InvalidRequestError(f"intent: too large to record in the audit log: {exc}") from None
+
+
+def cut_short_begins(
+    active: Collection[Task], entry_ids: Container[str], now: int, before: int
+) -> list[Task]:
+    """The active tasks, begun before `before` and not due yet at `now`, that have no entry.
+
+    A begin stores the task's row (active), then its event, and creates its entry last; the
+    runtime hears of the task only after all three. A row left active without its entry is a
+    begin cut short (the server died midway): no one holds the task, nothing can be issued
+    for it, yet it stayed active, its begin maybe never on the log, until its TTL ran out. Due
+    tasks are left to the expiry (their entry expires with them)."""
+    return [
+        t
+        for t in active
+        if t.created_at < before and t.expires_at > now and t.entry_id not in entry_ids
+    ]
 
 
 def follow_tasks(

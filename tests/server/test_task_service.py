@@ -814,6 +814,65 @@ def test_a_task_whose_begin_event_cannot_be_written_is_undone(
     world.close()
 
 
+class _Killed(BaseException):
+    """The server process died here: no handler of it runs (not an Exception)."""
+
+
+def _restarted(world: World, datastore: DataStore) -> World:
+    """A new server process on the same datastore: memory as load() finds it."""
+    state = ServerState(datastore, world.clock, ChangeNotifier())
+    state.load()
+    state.set_bundle(world.ca.bundle(), {})
+    audit = AuditLog(datastore, world.clock)
+    store = TaskStore(datastore)
+    service = TaskService(
+        state=state,
+        store=store,
+        policy=PolicyEngine(None, world.clock, trust_domain="example.org"),
+        audit=audit,
+        ca=world.ca,
+        server_id="spiffe://example.org/svid/server",
+        clock=world.clock,
+    )
+    service.load()
+    return dataclasses.replace(world, service=service, state=state, audit=audit, store=store)
+
+
+@pytest.mark.parametrize("dies_at", ["write_ledger", "create_entry"])
+def test_a_begin_cut_short_by_a_crash_ends_on_record_after_the_restart(
+    tmp_path: Path,
+    clock: FakeClock,
+    datastore: SqliteDataStore,
+    ca_manager: CaManager,
+    dies_at: str,
+) -> None:
+    """The server dies after the task's row is stored, before its begin event (write_ledger)
+    or before its entry (create_entry): the runtime never got the task. After the restart it
+    must not stay active without an entry until its TTL runs out: it ends on record."""
+    faulty = FaultInjectingDataStore(datastore)
+    world = make_world(tmp_path, clock, faulty, ca_manager)
+    faulty.inject(_Killed(), method=dies_at)
+    with pytest.raises(_Killed):
+        world.begin(ttl=3600)
+    (row,) = world.store.list_tasks()
+    assert row.active  # as the dead server left it
+
+    world = _restarted(world, datastore)
+    assert world.service.active_task(row.spiffe_id) is not None
+    assert world.run(world.service.settle_ends()) == 0  # it may be a begin still under way
+    clock.advance(61)
+    assert world.run(world.service.settle_ends()) == 1
+    assert world.service.active_task(row.spiffe_id) is None
+    (ended,) = world.store.list_tasks()
+    assert ended.state is TaskState.REVOKED
+    (end,) = world.events("task_end")
+    assert end["task_id"] == row.task_id
+    assert "begin was cut short" in end["reason"]
+    assert [e.spiffe_id for e in world.state.entries.by_id.values()] == [RUNTIME]
+    assert world.run(world.service.settle_ends()) == 0
+    assert world.audit.verify().ok
+
+
 def test_an_end_whose_event_failed_is_finished_once_later(
     tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
 ) -> None:
