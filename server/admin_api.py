@@ -112,6 +112,7 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
         metrics: Metrics,
         join_token_ttl: int,
         on_agent_removed: Callable[[str, str], Awaitable[None]] | None = None,
+        finish_removal: Callable[[str, str], Awaitable[bool]] | None = None,
         audit_checkpoint: Callable[[], Awaitable[Checkpoint]] | None = None,
         federation: FederationService | None = None,
     ) -> None:
@@ -123,6 +124,7 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
         self._metrics = metrics
         self._join_token_ttl = join_token_ttl
         self._on_agent_removed = on_agent_removed
+        self._finish_removal = finish_removal
         self._audit_checkpoint = audit_checkpoint
         # Sorted listing keys, per snapshot: paging through a snapshot sorts it once.
         self._entry_keys: tuple[EntryIndex | None, dict[str, tuple[str, ...]]] = (None, {})
@@ -349,7 +351,18 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
         self, request: admin_pb2.EvictAgentRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.EvictAgentResponse:
         spiffe_id = _agent_id(request.spiffe_id)
-        await self._state.evict_agent(spiffe_id)
+        try:
+            await self._state.evict_agent(spiffe_id)
+        except NotFoundError:
+            # The row goes before the revocations: an eviction the server died in the middle
+            # of left the agent gone and what it holds live. The operator's retry finishes it;
+            # an agent with nothing left is not found.
+            if self._finish_removal is None or not await self._finish_removal(
+                spiffe_id, "agent evicted"
+            ):
+                raise
+            _log.warning("finished an agent eviction left half done", extra={"agent_id": spiffe_id})
+            return admin_pb2.EvictAgentResponse()
         if self._on_agent_removed is not None:
             await self._on_agent_removed(spiffe_id, "agent evicted")
         _log.info("agent evicted", extra={"agent_id": spiffe_id})

@@ -382,6 +382,7 @@ class Server:
         )
         admin = AdminServicer(
             on_agent_removed=self.tasks.agent_removed,
+            finish_removal=self.tasks.removal_finished,
             state=self.state,
             datastore=self.datastore,
             ids=self.ids,

@@ -832,6 +832,24 @@ class TaskService:
         )
         return len(creds)
 
+    async def finish_removal(self, agent_id: str, reason: str) -> bool:
+        """For an agent whose row is gone already: revoke what it still holds, as its removal
+        does (revoke_agent), when anything is left (an active task, a credential some verifier
+        may still accept and not revoked); False, doing nothing, when nothing is.
+
+        A removal deletes the agent's row first (it can mint nothing more), then revokes: a
+        server that died in between left the agent gone and its credentials and tasks live,
+        and the operator, never answered, evicts again."""
+        tasks = await asyncio.to_thread(
+            self._store.list_tasks, agent_id=agent_id, state=TaskState.ACTIVE.value
+        )
+        creds = await asyncio.to_thread(self._store.agent_credentials, agent_id, self._now())
+        already = {(r.kind, r.value) for r in self._state.revocations}
+        if not tasks and all((c.kind, c.value) in already for c in creds):
+            return False
+        await self.revoke_agent(agent_id, reason)
+        return True
+
     async def _revoke(
         self,
         creds: Sequence[Credential],

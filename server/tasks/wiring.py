@@ -71,6 +71,10 @@ class TaskLayer:
         # admin_api passes "agent evicted" or "agent banned".
         await self.service.revoke_agent(agent_id, why, banned=why == "agent banned")
 
+    async def removal_finished(self, agent_id: str, why: str) -> bool:
+        """An eviction retried after one cut short: see TaskService.finish_removal."""
+        return await self.service.finish_removal(agent_id, why)
+
     def node_handlers(
         self,
         state: ServerState,

@@ -11,12 +11,16 @@ import grpc
 import pytest
 
 from server.audit.checkpoint import CHECKPOINT_FILE, Checkpoint
-from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
+from server.datastore.errors import StorageError
+from server.datastore.records import EventFilter
+from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2
 from tests.server.fixtures import (
     TLS_NAME,
     TRUST_DOMAIN,
     RunningServer,
     bundle_pem,
+    der_chain,
+    make_csr,
     managed_server,
     running_server,
 )
@@ -207,6 +211,53 @@ def test_agents_list_evict_ban(srv: RunningServer) -> None:
     listed_after = {a.spiffe_id: a for a in admin.ListAgents(admin_pb2.ListAgentsRequest()).agents}
     assert one.spiffe_id not in listed_after
     assert listed_after[two.spiffe_id].banned
+
+
+def test_an_eviction_cut_short_after_the_agent_went_is_finished_by_a_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agent's row goes first (so it can mint nothing more), then what it holds is revoked:
+    a server that dies in between has not answered the operator, who evicts again."""
+    with managed_server() as srv:
+        admin = srv.admin()
+        agent = srv.attest()
+        entry = srv.create_entry("/evict/cut-short", agent.spiffe_id)
+        (result,) = (
+            srv.node_stub(agent)
+            .BatchNewX509SVID(
+                node_pb2.BatchNewX509SVIDRequest(
+                    params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])]
+                ),
+                timeout=10,
+            )
+            .results
+        )
+        serial = format(der_chain(result.cert_chain)[0].serial_number, "x")
+        service = srv.server.tasks.service
+
+        async def dies(*_args: object, **_kwargs: object) -> int:
+            raise StorageError("the server died here")
+
+        monkeypatch.setattr(service, "revoke_agent", dies)
+        with pytest.raises(grpc.RpcError):
+            admin.EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+        monkeypatch.undo()
+        assert agent.spiffe_id not in srv.server.state.agents
+        assert serial not in {r.value for r in srv.server.state.revocations}
+
+        # The retry finishes what the first one left: the SVID the agent held is revoked.
+        admin.EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+        assert serial in {r.value for r in srv.server.state.revocations}
+        audit = srv.server.tasks.audit.store
+        evicted = list(
+            audit.audit_rows(EventFilter(agent_id=agent.spiffe_id, kind="agent_evicted"))
+        )
+        assert len(evicted) == 1
+        # Then there is nothing left: the agent is not found, as one never seen is.
+        for spiffe_id in (agent.spiffe_id, f"{TD}/svid/agent/join_token/never"):
+            with pytest.raises(grpc.RpcError) as exc:
+                admin.EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=spiffe_id), timeout=10)
+            assert exc.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
 
 
 def test_bundle(srv: RunningServer) -> None:
