@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 HEALTH_SERVICE = "svid.agent"
 # Seconds a stop waits for an attestation in flight: its join token is already spent.
 ATTEST_SETTLE = 10.0
+# Seconds a stop gives the last ValidateJWTSVID reports to reach the server's audit log.
+REPORT_SETTLE = 5.0
 
 
 def resolve_private_dir(config: AgentConfig) -> Path:
@@ -283,6 +285,11 @@ class AgentApp:
         await self.state_writer.flush()
         await asyncio.to_thread(self.state.close)
         await self.endpoint.stop(1.0)
+        # The socket is closed: no more validations. Those answered since the last batch are
+        # still queued (the reporter's loop is cancelled above), so they go to the server's
+        # audit log now, over the channel closed next.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.task_layer.reporter.flush(), REPORT_SETTLE)
         await self.syncer.close()
         self.http.stop()
         self.runtime_file.unlink(missing_ok=True)

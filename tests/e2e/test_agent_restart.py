@@ -4,6 +4,7 @@ while it was down."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import urllib.request
@@ -169,3 +170,28 @@ def test_only_the_svids_missing_from_the_saved_state_are_minted(stack: Stack) ->
     after = held_all(stack)
     assert {sid for sid in after if after[sid] != before[sid]} == set(lost)
     assert x509_minted(stack.server) == minted + len(lost)
+
+
+def test_a_stopped_agent_reports_the_validations_it_answered(stack: Stack) -> None:
+    """ValidateJWTSVID answers go to the server's audit log in batches (every 0.5 s): a clean
+    stop right after some were answered must not drop the batch still gathering."""
+    held_all(stack)
+    stub = stack.agent.stub()
+    subject = "spiffe://example.org/w00"
+    (svid,) = stub.FetchJWTSVID(
+        workload_pb2.JWTSVIDRequest(audience=["db"], spiffe_id=subject),
+        metadata=HEADER,
+        timeout=10,
+    ).svids
+    for _ in range(3):
+        stub.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="db", svid=svid.svid),
+            metadata=HEADER,
+            timeout=10,
+        )
+    stop(stack.agent, "SIGTERM")
+    out = stack.server.cli(
+        "audit", "export", "--data-dir", str(stack.server.data_dir), "--kind", "jwt_validated"
+    ).stdout
+    events = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [(e["agent_id"], e["decision"]) for e in events] == [(subject, "allow")] * 3
