@@ -110,6 +110,13 @@ class KeyStore:
     def slot_ids(self) -> list[str]:
         return sorted(p.stem for p in self._dir.glob("*.pem"))
 
+    def remove_unfinished(self) -> None:
+        """Delete the temporary files of saves a crash cut short: each holds a private key
+        no slot names (the rename had not happened), and no later save of a new slot id
+        would ever replace it."""
+        for path in self._dir.glob("*.tmp"):
+            path.unlink(missing_ok=True)
+
     def _sync_dir(self) -> None:
         fd = os.open(self._dir, os.O_RDONLY)
         try:

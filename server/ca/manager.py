@@ -4,8 +4,9 @@ and never runs a loop (the `Rotator` ticks it).
 
 Crash safety: a new key is written to the KeyStore (fsynced) before its slot is journaled, and a
 slot is deleted from the journal before its key file, so the journal never names a missing key
-(a key file with no slot is an orphan, removed at start-up). A restart always publishes a fresh
-bundle sequence, because a crash may have landed between a slot change and its sequence bump.
+(a key file with no slot is an orphan, removed at start-up, as is the temporary file of a save
+a crash cut short). A restart always publishes a fresh bundle sequence, because a crash may have
+landed between a slot change and its sequence bump.
 
 Shared keys (a key-encryption key given): several servers of one trust domain share ONE CA and
 ONE JWT key set, so the bundle and the JWKS hold at most three keys of each kind however many
@@ -491,6 +492,7 @@ class CaManager:
                 self._ds.delete_key_slot(slot.slot_id)
 
     def _remove_orphan_key_files(self) -> None:
+        self._keys.remove_unfinished()
         known = {s.slot_id for k in (X509_KIND, JWT_KIND) for s in self._ds.list_key_slots(k)}
         for slot_id in self._keys.slot_ids():
             if slot_id not in known:

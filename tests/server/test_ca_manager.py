@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +131,35 @@ def test_orphan_key_files_are_removed(
     CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock).initialize()
     assert "orphan" not in keystore.slot_ids()
     assert len(keystore.slot_ids()) == 2
+
+
+SAVE_THEN_DIE = """
+import os, signal, sys
+from pathlib import Path
+from cryptography.hazmat.primitives.asymmetric import ec
+from server.ca import keys
+
+def killed(_src, _dst):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+keys.os.replace = killed  # the key is written and fsynced, not yet renamed into place
+keys.KeyStore(Path(sys.argv[1])).save("cut", ec.generate_private_key(ec.SECP256R1()))
+"""
+
+
+def test_a_key_whose_save_was_cut_short_by_a_kill_is_not_left_on_disk(
+    ca_manager: CaManager, datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
+) -> None:
+    died = subprocess.run(
+        [sys.executable, "-c", SAVE_THEN_DIE, str(keystore.directory)],
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    assert (keystore.directory / "cut.tmp").exists()  # a private key no slot names
+    CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock).initialize()
+    assert sorted(p.suffix for p in keystore.directory.iterdir()) == [".pem", ".pem"]
 
 
 # -- configuration -------------------------------------------------------------------------------
