@@ -968,6 +968,13 @@ class TaskService:
             await self._carry_out_end(task, again=True)
         active = await asyncio.to_thread(self._store.list_tasks, state=TaskState.ACTIVE.value)
         cut_short = cut_short_begins(active, self._state.entries.by_id, now, now - grace)
+        if cut_short:
+            # Memory may be behind the datastore (another server's entries reach it through
+            # the change feed): only an entry missing from the datastore too tells.
+            stored = await asyncio.to_thread(
+                self._store.stored_entry_ids, [t.entry_id for t in cut_short]
+            )
+            cut_short = cut_short_begins(cut_short, stored, now, now - grace)
         for task in cut_short:
             _log.warning("ending a task whose begin was cut short", extra={"task_id": task.task_id})
             await self._finish(task, TaskState.REVOKED, BEGIN_CUT_SHORT)

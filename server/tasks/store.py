@@ -12,13 +12,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, replace
 from typing import Protocol
 
-from server.datastore.base import AuditStore, CredentialStore, TaskRecordStore
+from server.datastore.base import AuditStore, CredentialStore, RegistrationStore, TaskRecordStore
 from server.datastore.records import TaskCursor, TaskRecord
 from server.tasks.model import Credential, Task, TaskState
 
 
-class TaskRows(TaskRecordStore, CredentialStore, AuditStore, Protocol):
-    """The datastore roles the task layer uses."""
+class TaskRows(TaskRecordStore, CredentialStore, AuditStore, RegistrationStore, Protocol):
+    """The datastore roles the task layer uses (entries: read only, see stored_entry_ids)."""
 
 
 def _task_from(record: TaskRecord) -> Task:
@@ -107,6 +107,10 @@ class TaskStore:
             for task in (_task_from(r) for r in self._rows.list_tasks(state=ENDING))
             if task.ended_at < before
         ]
+
+    def stored_entry_ids(self, entry_ids: Sequence[str]) -> set[str]:
+        """The ids among `entry_ids` of entries stored now (whichever server made them)."""
+        return {e.id for e in self._rows.get_entries(entry_ids)}
 
     # -- credentials ----------------------------------------------------------------------------
 

@@ -873,6 +873,19 @@ def test_a_begin_cut_short_by_a_crash_ends_on_record_after_the_restart(
     assert world.audit.verify().ok
 
 
+def test_a_task_whose_entry_this_server_has_not_seen_yet_is_not_taken_for_a_cut_short_begin(
+    world: World,
+) -> None:
+    """Servers sharing a datastore learn of each other's entries through the change feed: a
+    follower behind (or down) must not make a live task look like a begin cut short."""
+    task = world.begin(ttl=3600)
+    world.state.apply_entries((), [task.entry_id])  # as if this server had not caught up
+    world.clock.advance(61)
+    assert world.run(world.service.settle_ends()) == 0
+    assert world.service.active_task(task.spiffe_id) is not None
+    assert world.events("task_end") == []
+
+
 def test_an_end_whose_event_failed_is_finished_once_later(
     tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
 ) -> None:
