@@ -44,7 +44,7 @@ class SvidSource(Protocol):
 
 
 @contextlib.contextmanager
-def _private_pem(data: bytes) -> Iterator[str]:
+def private_pem(data: bytes) -> Iterator[str]:
     """A path ``load_cert_chain`` can read ``data`` (a private key) from, readable by no one
     else and gone afterwards: an anonymous memory file where Linux has them, else a 0600 file
     in a fresh 0700 directory."""
@@ -111,7 +111,7 @@ class ContextFactory:
     def _build(self, svid: X509Svid, bundles: BundleSet[X509Bundle]) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if self._server else ssl.PROTOCOL_TLS_CLIENT)
         configure(ctx)
-        with _private_pem(svid.chain_pem() + svid.key_pem()) as path:
+        with private_pem(svid.chain_pem() + svid.key_pem()) as path:
             ctx.load_cert_chain(path)
         # OpenSSL's check is the first gate only (svid's verifier pins each peer's chain to its
         # own trust domain): it needs every trusted authority.

@@ -8,9 +8,7 @@ is replaced in place, and each new handshake takes the new one.
 
 from __future__ import annotations
 
-import os
 import ssl
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from server.oauth.http import Request, Response, json_response
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock
 from svid._der import certs_to_pem
+from svid._tls_contexts import private_pem
 
 _METHOD_NOT_ALLOWED = Response(405, b'{"error":"method_not_allowed"}', headers=(("allow", "GET"),))
 
@@ -70,12 +69,8 @@ class SvidContext:
         leaf = svid.chain[0]
         start = leaf.not_valid_before_utc.timestamp()
         self.renew_at = start + (leaf.not_valid_after_utc.timestamp() - start) / 2
-        # ssl loads keys from files only: a private directory, gone once loaded.
-        with tempfile.TemporaryDirectory(prefix="svid-bundle-endpoint-") as tmp:
-            chain, key = Path(tmp) / "chain.pem", Path(tmp) / "key.pem"
-            chain.write_bytes(certs_to_pem(svid.chain))
-            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(svid.key_pem())
-            self.context.load_cert_chain(chain, key)
+        # ssl loads keys from a path only: an anonymous memory file (svid's TLS contexts do the
+        # same), so no key is ever on disk, not even a temporary file a kill would leave.
+        with private_pem(certs_to_pem(svid.chain) + svid.key_pem()) as path:
+            self.context.load_cert_chain(path)
         return True

@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -504,3 +508,46 @@ def test_an_entry_that_leaves_an_agent_takes_its_foreign_bundles_off_the_stream(
         assert moved.HasField("bundle")
         assert dict(moved.federated_bundles) == {}
         stream.cancel()
+
+
+SVID_LOAD_THEN_DIE = """
+import os, signal, ssl, sys
+from pathlib import Path
+from server.ca.keys import KeyStore
+from server.ca.manager import CaConfig, CaManager
+from server.datastore.sqlite import SqliteDataStore
+from server.federation.endpoint import SvidContext
+from svid._clock import SystemClock
+
+root = Path(sys.argv[1])
+clock = SystemClock()
+ca = CaManager(
+    CaConfig("example.org"), SqliteDataStore(root / "ds.sqlite3", clock), KeyStore(root / "keys"),
+    clock,
+)
+ca.initialize()
+
+def killed(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ssl.SSLContext.load_cert_chain = killed  # the server SVID's key is handed to ssl here
+SvidContext(ca, clock, 3600).maybe_renew()
+"""
+
+
+def test_a_server_killed_while_loading_its_endpoint_svid_leaves_no_key_file(
+    tmp_path: Path,
+) -> None:
+    """ssl reads a key from a path only: the bundle endpoint's server SVID key must not sit in a
+    file a kill at that moment leaves behind (in the temp directory, for good)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    died = subprocess.run(
+        [sys.executable, "-c", SVID_LOAD_THEN_DIE, str(tmp_path)],
+        capture_output=True,
+        check=False,
+        timeout=60,
+        env={**os.environ, "TMPDIR": str(temp)},
+    )
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    assert list(temp.rglob("*")) == []

@@ -29,7 +29,7 @@ from svid import (
     der_concat,
     tls,
 )
-from svid._tls_contexts import _private_pem
+from svid._tls_contexts import private_pem
 from svid._tls_gate import VerifyingSSLObject
 from svid._verify_x509 import VerifiedX509
 from svid.workloadapi import WorkloadApiUnavailableError
@@ -455,11 +455,11 @@ def test_shorthands_and_bad_authorize(world: World) -> None:
 
 
 def test_private_key_never_lands_in_a_shared_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    with _private_pem(b"secret") as path:
+    with private_pem(b"secret") as path:
         assert path.startswith("/proc/self/fd/")  # an anonymous memory file
         assert Path(path).read_bytes() == b"secret"
     monkeypatch.delattr(os, "memfd_create")
-    with _private_pem(b"secret") as path:
+    with private_pem(b"secret") as path:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
         kept = path
