@@ -203,10 +203,12 @@ class Syncer:
             svid, bundle = await client.attest(
                 join_token=self._s.join_token, x509pop=self._s.x509pop
             )
+            # On disk before anything else: the server has spent the join token, and a kill
+            # before this line leaves the agent with no identity and no way to get one.
+            self._token_used = bool(self._s.join_token)
+            self._persist(svid, bundle)
         finally:
             await client.close()
-        self._token_used = bool(self._s.join_token)
-        self._persist(svid, bundle)
         log.info("agent attested", extra={"agent_id": svid.spiffe_id, "server": server.attest})
         return svid, bundle
 

@@ -4,9 +4,12 @@ while it was down."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sqlite3
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +18,14 @@ import grpc
 import pytest
 
 from svid._proto import workload_pb2
-from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entries
+from tests.e2e import agent_process
+from tests.e2e.agent_process import (
+    HEADER,
+    AgentProcess,
+    agent_stack,
+    create_entries,
+    create_entry,
+)
 from tests.e2e.conftest import (
     ServerProcess,
     make_restartable_server,
@@ -195,3 +205,41 @@ def test_a_stopped_agent_reports_the_validations_it_answered(stack: Stack) -> No
     ).stdout
     events = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert [(e["agent_id"], e["decision"]) for e in events] == [(subject, "allow")] * 3
+
+
+# The agent, killed as it closes the channel its attestation came over: the server has spent
+# the join token and answered, nothing else has happened yet.
+KILLED_AFTER_ATTESTING = """
+import os, signal, sys
+from agent_attestor import node_client
+from agent_attestor.cli import main
+
+async def killed(self):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+node_client.NodeClient.close = killed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_agent_killed_right_after_attesting_comes_back_without_a_new_join_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = short_tmpdir()
+    server = make_restartable_server(root).start()
+    with agent_stack(root, server, start=False) as agent:
+        monkeypatch.setattr(
+            agent_process, "agent_command", lambda: [sys.executable, "-c", KILLED_AFTER_ATTESTING]
+        )
+        with contextlib.suppress(RuntimeError):  # it may die before start() sees its socket
+            agent.start()
+        assert agent.proc is not None
+        assert agent.proc.wait(30) == -signal.SIGKILL
+        agent.proc = None
+        agent.socket_path.unlink(missing_ok=True)
+        agent_id = agent.agent_id()  # the server admitted it: its join token is spent
+        monkeypatch.undo()
+        spiffe_id = "spiffe://example.org/after-attest-kill"
+        create_entry(server, spiffe_id, agent_id, UID_SELECTOR)
+        agent.start()
+        agent.wait_svid(spiffe_id)
