@@ -3,6 +3,12 @@
 A CRL names its issuer by a distinguished name, not a SPIFFE ID, so the issuer's trust domain is
 the one whose bundle holds an authority with that exact subject whose key verifies the CRL. A CRL
 no authority vouches for is dropped: anyone could otherwise revoke (deny service to) anything.
+
+Its entries revoke only that issuer's certificates: serials are unique per issuer, not across
+issuers (RFC 5280 4.1.2.2, 5.2.3), so each entry is keyed by (trust domain, issuer name, serial).
+The trust domain is part of the key because a name is whatever each trust domain's operator
+chose: a federated CA that takes our CA's name still signs only for its own trust domain. The
+signing key is not, as RFC 5280 lets a CA sign its CRLs with another key than its certificates.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from svid._bundle import X509Bundle
-from svid._revocation import KIND_X509_SERIAL, Revoked
+from svid._der import tbs_names
+from svid._revocation import KIND_X509_SERIAL, CertIssuer, Revoked
 from svid._spiffe_id import TrustDomain
 
 
@@ -38,10 +45,13 @@ def _can_sign_crls(cert: x509.Certificate) -> bool:
     return usage.crl_sign
 
 
-def _issuer_trust_domain(
+def _issuers(
     crl: x509.CertificateRevocationList, bundles: Mapping[TrustDomain, X509Bundle]
-) -> TrustDomain | None:
+) -> list[CertIssuer]:
+    """The issuer ``crl`` speaks for in each trust domain that holds an authority of its name
+    whose key verifies it (an authority two trust domains share speaks for both)."""
     issuer = crl.issuer.public_bytes()
+    found: list[CertIssuer] = []
     for td, bundle in bundles.items():
         for authority in bundle.authorities:
             if authority.subject.public_bytes() != issuer or not _can_sign_crls(authority):
@@ -54,16 +64,22 @@ def _issuer_trust_domain(
                 continue
             try:
                 if crl.is_signature_valid(key):
-                    return td
+                    # The subject as the authority's own bytes have it: those are what the
+                    # certificates it issued carry as their issuer (svid._verify_x509 chains
+                    # them by these bytes).
+                    name = tbs_names(authority.tbs_certificate_bytes)[1]
+                    found.append(CertIssuer(td.name, name))
+                    break
             except (ValueError, TypeError, UnsupportedAlgorithm):
                 continue
-    return None
+    return found
 
 
 def revoked_from_crls(
     crls: Iterable[bytes], bundles: Mapping[TrustDomain, X509Bundle]
 ) -> CrlResult:
-    """The revoked serials of every CRL in ``crls`` signed by an authority in ``bundles``.
+    """The revoked serials of every CRL in ``crls`` signed by an authority in ``bundles``, each
+    limited to the certificates of the CRL's issuer.
 
     Entries carry no expiry of their own (a CRL lists serials, not certificates), so they are kept
     until the next full-state update drops them.
@@ -73,16 +89,18 @@ def revoked_from_crls(
     for n, der in enumerate(crls):
         try:
             crl = x509.load_der_x509_crl(der)
-            td = _issuer_trust_domain(crl, bundles)
-            if td is None:
+            issuers = _issuers(crl, bundles)
+            if not issuers:
                 rejected.append(
                     f"CRL {n} (issuer {crl.issuer.rfc4514_string()}) is not signed by any "
                     "authority of a known trust domain"
                 )
                 continue
+            serials = [format(entry.serial_number, "x") for entry in crl]
             revoked.extend(
-                Revoked(KIND_X509_SERIAL, format(entry.serial_number, "x"), math.inf)
-                for entry in crl
+                Revoked(KIND_X509_SERIAL, serial, math.inf, issuer=issuer)
+                for issuer in issuers
+                for serial in serials
             )
         except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
             rejected.append(f"CRL {n} is not a readable DER CRL: {exc}")

@@ -13,11 +13,13 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from svid._caller import Caller
-from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL
+from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL, CertKey, cert_key
 from svid._source_state import RevocationEvent
 
-Key = tuple[str, str]
+Key = tuple[str, str | CertKey]
 TXN = "txn"  # a task: every credential of an ended task is revoked together
+# A certificate by issuer and serial, as a CRL's entry revokes it (svid._revocation.CertKey).
+X509_ISSUED = "x509_issued"
 
 
 def caller_keys(caller: Caller) -> tuple[Key, ...]:
@@ -30,13 +32,21 @@ def caller_keys(caller: Caller) -> tuple[Key, ...]:
     task_id = caller.task_id
     if task_id is not None:
         keys.append((TXN, task_id))
-    if caller.x509 is not None:
-        keys.extend((KIND_X509_SERIAL, format(c.serial_number, "x")) for c in caller.x509.chain)
+    peer = caller.x509
+    if peer is not None:
+        td = peer.spiffe_id.trust_domain.name
+        for cert in peer.chain:
+            issued = cert_key(td, cert)
+            keys.append((KIND_X509_SERIAL, issued[2]))
+            keys.append((X509_ISSUED, issued))
     return tuple(keys)
 
 
 def event_keys(event: RevocationEvent) -> tuple[Key, ...]:
-    keys: list[Key] = [(event.kind, event.value)]
+    issuer = event.issuer
+    keys: list[Key] = [
+        (event.kind, event.value) if issuer is None else (X509_ISSUED, issuer.key(event.value))
+    ]
     if event.txn is not None:
         keys.append((TXN, event.txn))
     return tuple(keys)

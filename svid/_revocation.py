@@ -3,6 +3,10 @@ can accept the credential any more (its expiry plus `MAX_VERIFIER_LEEWAY`).
 
 Reads happen on every verification, so they take no lock: writers build a new dict and swap the
 reference (copy-on-write), and a reader always sees one whole version.
+
+An X.509 serial names a certificate only together with its issuer (RFC 5280 4.1.2.2). A CRL's
+entries therefore revoke only certificates of the CRL's issuer (a `CertIssuer`); a serial the
+agent's revocation list sends bare (its own server's) revokes that serial under any issuer.
 """
 
 from __future__ import annotations
@@ -12,7 +16,11 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TypeVar
 
+from cryptography import x509
+
+from svid._der import tbs_names
 from svid._errors import StaleRevocationsError, SvidError
 
 KIND_X509_SERIAL = "x509_serial"
@@ -50,15 +58,49 @@ def normalize_serial(serial: str | int) -> str:
         raise SvidError(f"certificate serial {serial!r} is not hexadecimal") from None
 
 
+# What names one certificate for revocation: its trust domain's name, its issuer's DER Name (as
+# the certificate carries it) and its serial (normalized hex). A plain tuple: the verifier builds
+# one per certificate it checks.
+CertKey = tuple[str, bytes, str]
+
+
+@dataclass(frozen=True, slots=True)
+class CertIssuer:
+    """The issuer whose certificates a CRL speaks for: the CA named ``name`` (DER) among the
+    authorities of ``trust_domain`` (its name). Names are chosen by each trust domain's operator,
+    so a name means nothing outside the trust domain whose authority signed the CRL."""
+
+    trust_domain: str
+    name: bytes
+
+    def key(self, serial: str) -> CertKey:
+        return self.trust_domain, self.name, serial
+
+
 @dataclass(frozen=True, slots=True)
 class Revoked:
     """One revoked credential: its kind, its serial (hex) or jti, when it lapses anyway, and
-    whose it is when the sender says ("" otherwise; informational, never used to match)."""
+    whose it is when the sender says ("" otherwise; informational, never used to match).
+
+    ``issuer`` (X.509 only) limits a serial to that issuer's certificates, as a CRL's entries
+    are; None revokes the serial whoever issued it."""
 
     kind: str
     value: str
     expires_at: float
     spiffe_id: str = ""
+    issuer: CertIssuer | None = None
+
+    def revokes(self, key: CertKey) -> bool:
+        """Whether this revokes the certificate ``key`` names."""
+        if self.kind != KIND_X509_SERIAL or normalize_serial(self.value) != key[2]:
+            return False
+        return self.issuer is None or self.issuer.key(key[2]) == key
+
+
+def cert_key(trust_domain: str, cert: x509.Certificate) -> CertKey:
+    """The revocation key of ``cert``, a certificate of a chain verified in ``trust_domain``."""
+    return trust_domain, tbs_names(cert.tbs_certificate_bytes)[0], format(cert.serial_number, "x")
 
 
 class RevocationSet:
@@ -71,7 +113,8 @@ class RevocationSet:
 
     def __init__(self, items: Iterable[Revoked] = ()) -> None:
         self._lock = threading.Lock()
-        self._serials: Mapping[str, float] = MappingProxyType({})
+        self._serials: Mapping[str, float] = MappingProxyType({})  # whoever the issuer
+        self._issued: Mapping[CertKey, float] = MappingProxyType({})  # of one issuer (CRLs)
         self._jtis: Mapping[str, float] = MappingProxyType({})
         self.version = 0
         self.updated_at: float | None = None
@@ -103,38 +146,43 @@ class RevocationSet:
         return max(0.0, now - until)
 
     @staticmethod
-    def _split(items: Iterable[Revoked]) -> tuple[dict[str, float], dict[str, float]]:
+    def _split(items: Iterable[Revoked]) -> _Parts:
         serials: dict[str, float] = {}
+        issued: dict[CertKey, float] = {}
         jtis: dict[str, float] = {}
         for item in items:
             if item.kind == KIND_X509_SERIAL:
-                key = normalize_serial(item.value)
-                serials[key] = max(item.expires_at, serials.get(key, item.expires_at))
+                serial = normalize_serial(item.value)
+                if item.issuer is None:
+                    _keep(serials, serial, item.expires_at)
+                else:
+                    _keep(issued, item.issuer.key(serial), item.expires_at)
             elif item.kind == KIND_JWT_ID:
-                jtis[item.value] = max(item.expires_at, jtis.get(item.value, item.expires_at))
+                _keep(jtis, item.value, item.expires_at)
             else:
                 raise SvidError(f"unknown revocation kind {item.kind!r}")
-        return serials, jtis
+        return serials, issued, jtis
 
     def replace(self, items: Iterable[Revoked]) -> None:
         """Make the set exactly ``items`` (a full-state update from the agent or server)."""
-        serials, jtis = self._split(items)
+        serials, issued, jtis = self._split(items)
         with self._lock:
-            self._serials, self._jtis = MappingProxyType(serials), MappingProxyType(jtis)
+            self._serials, self._issued, self._jtis = (
+                MappingProxyType(serials),
+                MappingProxyType(issued),
+                MappingProxyType(jtis),
+            )
             self.version += 1
 
     def add(self, items: Iterable[Revoked]) -> None:
-        serials, jtis = self._split(items)
-        if not serials and not jtis:
+        parts = self._split(items)
+        if not any(parts):
             return
+        serials, issued, jtis = parts
         with self._lock:
-            merged_s = dict(self._serials)
-            for k, v in serials.items():
-                merged_s[k] = max(v, merged_s.get(k, v))
-            merged_j = dict(self._jtis)
-            for k, v in jtis.items():
-                merged_j[k] = max(v, merged_j.get(k, v))
-            self._serials, self._jtis = MappingProxyType(merged_s), MappingProxyType(merged_j)
+            self._serials = _merged(self._serials, serials)
+            self._issued = _merged(self._issued, issued)
+            self._jtis = _merged(self._jtis, jtis)
             self.version += 1
 
     def revoke_serial(self, serial: str | int, expires_at: float) -> None:
@@ -144,8 +192,18 @@ class RevocationSet:
         self.add([Revoked(KIND_JWT_ID, jti, expires_at)])
 
     def is_serial_revoked(self, serial: str) -> bool:
-        """``serial`` must already be normalized (``format(cert.serial_number, 'x')``)."""
+        """Whether ``serial`` is revoked whoever issued it; ``serial`` must already be
+        normalized (``format(cert.serial_number, 'x')``). A CRL's entries are not: they revoke
+        one issuer's certificates, which `is_revoked` asks about."""
         return serial in self._serials
+
+    def is_revoked(self, key: CertKey) -> bool:
+        """Whether the certificate ``key`` names is revoked: its serial whoever the issuer, or
+        its serial under its issuer (a CRL's entry). The serial must already be normalized."""
+        if key[2] in self._serials:
+            return True
+        issued = self._issued
+        return bool(issued) and key in issued  # most sets hold no CRL: no tuple to hash then
 
     def is_jti_revoked(self, jti: str) -> bool:
         return jti in self._jtis
@@ -155,21 +213,44 @@ class RevocationSet:
         how many went."""
         with self._lock:
             serials = {k: v for k, v in self._serials.items() if revocation_needed(v, now)}
+            issued = {k: v for k, v in self._issued.items() if revocation_needed(v, now)}
             jtis = {k: v for k, v in self._jtis.items() if revocation_needed(v, now)}
-            gone = len(self._serials) - len(serials) + len(self._jtis) - len(jtis)
+            gone = len(self) - len(serials) - len(issued) - len(jtis)
             if gone:
                 self._serials, self._jtis = MappingProxyType(serials), MappingProxyType(jtis)
+                self._issued = MappingProxyType(issued)
                 self.version += 1
             return gone
 
     def items(self) -> list[Revoked]:
-        serials, jtis = self._serials, self._jtis
-        return [Revoked(KIND_X509_SERIAL, k, v) for k, v in serials.items()] + [
-            Revoked(KIND_JWT_ID, k, v) for k, v in jtis.items()
-        ]
+        serials, issued, jtis = self._serials, self._issued, self._jtis
+        return (
+            [Revoked(KIND_X509_SERIAL, k, v) for k, v in serials.items()]
+            + [
+                Revoked(KIND_X509_SERIAL, serial, v, issuer=CertIssuer(td, name))
+                for (td, name, serial), v in issued.items()
+            ]
+            + [Revoked(KIND_JWT_ID, k, v) for k, v in jtis.items()]
+        )
 
     def __len__(self) -> int:
-        return len(self._serials) + len(self._jtis)
+        return len(self._serials) + len(self._issued) + len(self._jtis)
+
+
+_Parts = tuple[dict[str, float], dict[CertKey, float], dict[str, float]]
+_K = TypeVar("_K", str, CertKey)
+
+
+def _keep(into: dict[_K, float], key: _K, expires_at: float) -> None:
+    """Record ``key`` in ``into``, for the later of two expiries when it is there already."""
+    into[key] = max(expires_at, into.get(key, expires_at))
+
+
+def _merged(old: Mapping[_K, float], new: dict[_K, float]) -> Mapping[_K, float]:
+    merged = dict(old)
+    for key, expires_at in new.items():
+        _keep(merged, key, expires_at)
+    return MappingProxyType(merged)
 
 
 def check_max_staleness(seconds: float | None) -> float | None:

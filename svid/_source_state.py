@@ -20,7 +20,15 @@ from svid._bundle import BundleSet, JwtBundle
 from svid._clock import Clock
 from svid._crl import revoked_from_crls
 from svid._errors import SpiffeIdError, SvidError
-from svid._revocation import KIND_X509_SERIAL, RevocationSet, Revoked, normalize_serial
+from svid._revocation import (
+    KIND_X509_SERIAL,
+    CertIssuer,
+    CertKey,
+    RevocationSet,
+    Revoked,
+    cert_key,
+    normalize_serial,
+)
 from svid._source import MemoryBundleSource
 from svid._spiffe_id import SpiffeId
 from svid._workload_calls import (
@@ -46,13 +54,19 @@ class RevocationEvent:
     ``value`` is the X.509 serial (lowercase hex) or the JWT ``jti``. ``spiffe_id`` is the
     credential's identity when known (the agent sent it, or it is one of this workload's own
     SVIDs), else None; for a task's credential, ``task_id`` and ``txn`` (a task token's ``txn``
-    is its task id) follow.
+    is its task id) follow. ``issuer``: the one issuer whose serial it is (a CRL's entry), or
+    None for the serial whoever issued it; ``revokes`` tells whether it hits a certificate.
     """
 
     kind: str
     value: str
     expires_at: float
     spiffe_id: SpiffeId | None = None
+    issuer: CertIssuer | None = None
+
+    def revokes(self, key: CertKey) -> bool:
+        """Whether this revocation hits the certificate ``key`` names (svid._revocation)."""
+        return Revoked(self.kind, self.value, self.expires_at, issuer=self.issuer).revokes(key)
 
     @property
     def task_id(self) -> str | None:
@@ -101,7 +115,7 @@ class SourceState:
         self._stream_crls: tuple[bytes, ...] = ()
         self._stream_items: tuple[Revoked, ...] = ()
         self._have_x509 = False  # CRLs are judged against bundles only once there are some
-        self._revoked: frozenset[tuple[str, str]] = frozenset()
+        self._revoked: frozenset[tuple[str, str, CertIssuer | None]] = frozenset()
         self._subscribers: list[RevokedCallback] = []
         # Until the feed delivers, the set is not known to be complete.
         self.revocations.feed_lost(None)
@@ -221,7 +235,14 @@ class SourceState:
             items = self._stream_items + result.revoked
             self.revocations.replace(items)
             keys = {_key(item): item for item in items}
-            added = [item for key, item in keys.items() if key not in self._revoked]
+            # A CRL's entry for a serial the agent's list revokes whoever the issuer adds nothing
+            # (ending a task puts its serial in both): announced, it would end things twice.
+            bare = {key[1] for key in keys if key[0] == KIND_X509_SERIAL and key[2] is None}
+            added = [
+                item
+                for key, item in keys.items()
+                if key not in self._revoked and not (key[2] is not None and key[1] in bare)
+            ]
             self._revoked = frozenset(keys)
             subscribers = list(self._subscribers)
         if added and subscribers:
@@ -241,11 +262,11 @@ class SourceState:
         return unsubscribe
 
     def _announce(self, added: list[Revoked], subscribers: list[RevokedCallback]) -> None:
-        own = {format(s.leaf.serial_number, "x"): s.spiffe_id for s in self.svids}
+        own = [(cert_key(s.spiffe_id.trust_domain.name, s.leaf), s.spiffe_id) for s in self.svids]
         for item in added:
             value = _key(item)[1]
-            spiffe_id = _said(item) or (own.get(value) if item.kind == KIND_X509_SERIAL else None)
-            event = RevocationEvent(item.kind, value, item.expires_at, spiffe_id)
+            spiffe_id = _said(item) or next((sid for k, sid in own if item.revokes(k)), None)
+            event = RevocationEvent(item.kind, value, item.expires_at, spiffe_id, item.issuer)
             for callback in subscribers:
                 try:
                     result = callback(event)
@@ -274,10 +295,10 @@ def _said(item: Revoked) -> SpiffeId | None:
         return None
 
 
-def _key(item: Revoked) -> tuple[str, str]:
+def _key(item: Revoked) -> tuple[str, str, CertIssuer | None]:
     if item.kind == KIND_X509_SERIAL:
-        return item.kind, normalize_serial(item.value)
-    return item.kind, item.value
+        return item.kind, normalize_serial(item.value), item.issuer
+    return item.kind, item.value, None
 
 
 def _usable(items: Iterable[Revoked]) -> Iterable[Revoked]:

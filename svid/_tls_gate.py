@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from svid._cache import LruCache
 from svid._errors import VerificationError
-from svid._revocation import KIND_X509_SERIAL, RevocationSet
+from svid._revocation import KIND_X509_SERIAL, CertKey, RevocationSet, cert_key
 from svid._source_state import RevocationEvent
 from svid._ssl_peer import peer_chain_der
 from svid._tls_authorize import Authorizer, describe
@@ -62,12 +62,15 @@ class PeerPolicy:
         self.authorizer = authorizer
         self.revocations = revocations
         self._lock = threading.Lock()
-        self._open: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+        # Each open connection's peer chain, as what revokes it (svid._revocation.CertKey).
+        self._open: weakref.WeakKeyDictionary[Any, tuple[CertKey, ...]] = (
+            weakref.WeakKeyDictionary()
+        )
         # Leaf DER -> the chain it came with. A resumed session carries the peer's leaf but not
         # its intermediates; the chain it was first verified with is verified again instead.
         self._chains: LruCache[bytes, bytes] = LruCache(_CHAINS_KEPT)
 
-    def admit(self, conn: Any) -> tuple[VerifiedX509, tuple[str, ...]]:
+    def admit(self, conn: Any) -> tuple[VerifiedX509, tuple[CertKey, ...]]:
         """Verify and authorise the peer of ``conn`` (handshake done); PeerRefusedError if not."""
         try:
             ders = peer_chain_der(conn)
@@ -88,21 +91,24 @@ class PeerPolicy:
                 f"TLS peer {peer.spiffe_id} is not authorised (allowed: "
                 f"{describe(self.authorizer)})"
             )
-        serials = tuple(format(c.serial_number, "x") for c in peer.chain)
+        td = peer.spiffe_id.trust_domain.name
+        keys = tuple(cert_key(td, c) for c in peer.chain)
         with self._lock:
-            self._open[conn] = serials
-        return peer, serials
+            self._open[conn] = keys
+        return peer, keys
 
-    def revoked(self, serials: tuple[str, ...]) -> bool:
-        is_revoked = self.revocations.is_serial_revoked
-        return any(is_revoked(s) for s in serials)
+    def revoked(self, keys: tuple[CertKey, ...]) -> bool:
+        is_revoked = self.revocations.is_revoked
+        return any(is_revoked(k) for k in keys)
 
     def on_revoked(self, event: RevocationEvent) -> None:
-        """Refuse the open connections whose peer chain holds the revoked serial."""
+        """Refuse the open connections whose peer chain holds the revoked certificate."""
         if event.kind != KIND_X509_SERIAL:
             return
         with self._lock:
-            hit = [conn for conn, serials in self._open.items() if event.value in serials]
+            hit = [conn for conn, keys in self._open.items() if any(event.revokes(k) for k in keys)]
+            for conn in hit:  # refused for good: another revocation of it has nothing to end
+                del self._open[conn]
         for conn in hit:
             conn._svid_refuse(
                 PeerRefusedError(f"TLS peer certificate serial {event.value} has been revoked")
@@ -116,7 +122,7 @@ class _Gate:
 
     _svid_policy: ClassVar[PeerPolicy]
     _svid_peer: VerifiedX509 | None = None
-    _svid_serials: tuple[str, ...] = ()
+    _svid_keys: tuple[CertKey, ...] = ()
     _svid_refused: PeerRefusedError | None = None
 
     do_handshake: Callable[..., None]
@@ -127,7 +133,7 @@ class _Gate:
         if self._svid_peer is not None:
             return
         try:
-            self._svid_peer, self._svid_serials = self._svid_policy.admit(self)
+            self._svid_peer, self._svid_keys = self._svid_policy.admit(self)
         except PeerRefusedError as exc:
             self._svid_refuse(exc)
             raise
@@ -138,7 +144,7 @@ class _Gate:
             self.do_handshake()
         if self._svid_refused is not None:
             raise self._svid_refused
-        if self._svid_policy.revoked(self._svid_serials):
+        if self._svid_policy.revoked(self._svid_keys):
             self._svid_refuse(PeerRefusedError("TLS peer certificate has been revoked"))
             raise self._svid_refused  # type: ignore[misc]
 

@@ -1,5 +1,5 @@
 """X.509-SVID verification: path validation against the leaf's own trust domain, SPIFFE leaf rules,
-validity times from an injectable clock, revocation by serial, and a result cache.
+validity times from an injectable clock, revocation by issuer and serial, and a result cache.
 
 Path validation is done here rather than by a general-purpose verifier because SPIFFE needs what
 those don't offer cheaply: the anchor set chosen per trust domain, URI-SAN identities, and a cost
@@ -48,7 +48,7 @@ from svid._errors import (
     VerificationError,
     X509SvidError,
 )
-from svid._revocation import RevocationSet, check_max_staleness, refuse_if_stale
+from svid._revocation import CertKey, RevocationSet, check_max_staleness, refuse_if_stale
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._ssl_peer import peer_chain_der
 from svid._x509 import check_leaf_facts, check_signing_profile
@@ -189,11 +189,11 @@ class _Entry(NamedTuple):
     bundle: X509Bundle
     not_before: float
     not_after: float
-    serials: tuple[str, ...]
+    keys: tuple[CertKey, ...]  # what revokes the path: each certificate's issuer and serial
 
 
 # _Entry's fields as a plain tuple: verifications build the _Entry only when they are cached.
-_EntryFields = tuple[VerifiedX509, TrustDomain, X509Bundle, float, float, tuple[str, ...]]
+_EntryFields = tuple[VerifiedX509, TrustDomain, X509Bundle, float, float, tuple[CertKey, ...]]
 
 
 def _serial(cert: x509.Certificate) -> str:
@@ -457,9 +457,9 @@ class X509Verifier:
             return False
         if self._bundles(entry.trust_domain) is not entry.bundle:
             return False
-        is_revoked = self._revocations.is_serial_revoked
-        for serial in entry.serials:  # noqa: SIM110 - no generator frame on every cache hit
-            if is_revoked(serial):
+        is_revoked = self._revocations.is_revoked
+        for key in entry.keys:  # noqa: SIM110 - no generator frame on every cache hit
+            if is_revoked(key):
                 return False
         return True
 
@@ -533,12 +533,13 @@ class X509Verifier:
             # raises the error the general path would). No path length: no CA below the anchor.
             not_before, not_after = facts.not_before, facts.not_after
             serial = format(facts.serial, "x")
+            key = (td.name, facts.issuer, serial)
             if (
                 now < not_before
                 or now > not_after
                 or now < anchor.not_before
                 or now > anchor.not_after
-                or self._revocations.is_serial_revoked(serial)
+                or self._revocations.is_revoked(key)
             ):
                 return self._finish(sid, bundle, anchor, _ChainDer((d,)), [facts], now=now)
             result = _verified_x509(sid, _ChainDer((d,)), serial, not_after)
@@ -548,7 +549,7 @@ class X509Verifier:
                 bundle,
                 max(anchor.not_before, not_before),
                 min(anchor.not_after, not_after),
-                (serial,),
+                (key,),
             )
         except SvidError:
             raise
@@ -681,16 +682,20 @@ class X509Verifier:
                 f"authority serial {_serial(anchor.cert)} of trust domain {td} is outside its "
                 "validity period"
             )
+        # Each certificate by its issuer and serial: a CRL revokes only its issuer's serials, and
+        # an intermediate's revocation ends every path through it (RFC 5280 6.3).
+        name = td.name
         if len(path_facts) == 1:
-            serials: tuple[str, ...] = (format(path_facts[0].serial, "x"),)
+            f = path_facts[0]
+            keys: tuple[CertKey, ...] = ((name, f.issuer, format(f.serial, "x")),)
         else:
-            serials = tuple([format(f.serial, "x") for f in path_facts])
-        is_revoked = self._revocations.is_serial_revoked
-        for serial in serials:
-            if is_revoked(serial):
-                raise RevokedError(f"certificate serial {serial} of {sid} is revoked")
-        result = _verified_x509(sid, chain, serials[0], path_facts[0].not_after)
-        return result, td, bundle, not_before, not_after, serials
+            keys = tuple([(name, f.issuer, format(f.serial, "x")) for f in path_facts])
+        is_revoked = self._revocations.is_revoked
+        for key in keys:
+            if is_revoked(key):
+                raise RevokedError(f"certificate serial {key[2]} of {sid} is revoked")
+        result = _verified_x509(sid, chain, keys[0][2], path_facts[0].not_after)
+        return result, td, bundle, not_before, not_after, keys
 
 
 def _no_authority(leaf: der.CertFacts, td: TrustDomain) -> VerificationError:

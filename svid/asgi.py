@@ -43,7 +43,7 @@ from svid._http_refusal import (
     several_credentials,
 )
 from svid._open_requests import Key, OpenRequests, caller_keys
-from svid._revocation import RevocationSet
+from svid._revocation import RevocationSet, cert_key
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._tls_authorize import as_authorizer, describe
 from svid._verify_jwt import JwtVerifier
@@ -361,7 +361,10 @@ class SvidAuthMiddleware:
             if isinstance(jti, str) and revocations.is_jti_revoked(jti):
                 return True
         peer = caller.x509
-        return peer is not None and revocations.is_serial_revoked(peer.serial)
+        if peer is None:
+            return False
+        td = peer.spiffe_id.trust_domain.name
+        return any(revocations.is_revoked(cert_key(td, cert)) for cert in peer.chain)
 
     async def _end_revoked(self, kind: str, send: Send, served: _Served) -> None:
         with contextlib.suppress(Exception):  # the client may be gone already

@@ -29,6 +29,7 @@ from svid import (
     der_concat,
     sign_jws,
 )
+from svid._revocation import cert_key
 from svid._source_state import SourceState
 from svid._workload_calls import (
     REVOCATIONS,
@@ -158,7 +159,7 @@ def test_crls_before_the_bundles_are_kept_without_a_warning(
         state.delivered(REVOCATIONS.name, _revoked(crls=(signed_crl(ca, [0xBEEF]),)))
         assert state.rejected_crls == ()
         state.delivered(X509_BUNDLES.name, _x509(ca))
-    assert state.revocations.is_serial_revoked("beef")
+    assert state.revocations.is_revoked(cert_key(TD.name, make_leaf(ca, serial=0xBEEF).cert))
     assert state.rejected_crls == ()
     assert "ignoring CRL" not in caplog.text
 
@@ -189,7 +190,8 @@ def test_on_revoked_announces_each_revocation_once_with_what_is_known() -> None:
     assert [e.value for e in events] == ["j-1", "ab"]
     assert str(events[1].spiffe_id) == "spiffe://example.org/agents/bot/task/t-42"
     assert events[1].task_id == events[1].txn == "t-42"
-    assert state.revocations.is_serial_revoked("ab")  # refused before it is announced
+    # Refused before it is announced (a CRL's entry: by its issuer and serial).
+    assert state.revocations.is_revoked(cert_key(TD.name, task_leaf.cert))
     state.delivered(REVOCATIONS.name, _revoked(Revoked("jwt_id", "j-1", now + 60)))
     assert len(events) == 2
 

@@ -33,6 +33,7 @@ from svid._tls_contexts import private_pem
 from svid._tls_gate import VerifyingSSLObject
 from svid._verify_x509 import VerifiedX509
 from svid.workloadapi import WorkloadApiUnavailableError
+from tests.svid.certs import make_ca
 from tests.svid.tls_pki import Pki, make_pki, plain_context
 from tests.svid.tls_world import (
     CLIENT,
@@ -46,7 +47,7 @@ from tests.svid.tls_world import (
     sock_root,
     workload,
 )
-from tests.svid.workload_fake import eventually
+from tests.svid.workload_fake import eventually, signed_crl
 
 
 @dataclass
@@ -546,5 +547,38 @@ def test_an_open_connection_checks_revocation_on_every_read_and_write(world: Wor
     world.server.revoke(svid.leaf.serial_number)
     serial = format(svid.leaf.serial_number, "x")
     eventually(lambda: world.server.source.revocations.is_serial_revoked(serial), "revoked")
+    with pytest.raises(tls.PeerRefusedError, match="revoked"):
+        server.write(b"pong")
+
+
+def test_an_open_connection_is_ended_by_its_issuers_crl_only(world: World) -> None:
+    # A federated CA may take our CA's name and list our peer's serial in its CRL: that revokes
+    # the foreign CA's certificate of that serial, not our peer's (serials are per issuer).
+    svid = world.pki.svid(CLIENT, under_root=True)  # CRLs come from the bundle's authorities
+    serial = svid.leaf.serial_number
+    sctx = tls.server_context(world.server.source, CLIENT)
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    server = sctx.wrap_bio(s_in, s_out, server_side=True)
+    client = plain_context(svid, world.pki, server=False).wrap_bio(c_in, c_out, server_hostname="x")
+    for _ in range(3):
+        _step(client, "do_handshake")
+        _pump(c_out, s_in)
+        _step(server, "do_handshake")
+        _pump(s_out, c_in)
+    announced: list[Any] = []
+    world.server.source.on_revoked(announced.append)  # called after the TLS policy's callback
+    twin = make_ca("example.org", spiffe_id="spiffe://foreign.org")
+    assert twin.cert.subject == world.pki.root.cert.subject
+    world.server.state.change(
+        x509={
+            "spiffe://example.org": der_concat([world.pki.root.cert]),
+            "spiffe://foreign.org": der_concat([twin.cert]),
+        },
+        crls=[signed_crl(twin, [serial])],
+    )
+    eventually(lambda: announced, "the foreign CRL announced")
+    server.write(b"pong")  # still open
+    world.server.state.change(crls=[signed_crl(world.pki.root, [serial])])
+    eventually(lambda: len(announced) == 2, "our CRL announced")
     with pytest.raises(tls.PeerRefusedError, match="revoked"):
         server.write(b"pong")

@@ -1,0 +1,160 @@
+"""A CRL revokes only what its issuer issued: serials are unique per issuer (RFC 5280 4.1.2.2),
+so a CRL's entries apply to certificates whose issuer is the CRL's issuer, in the trust domain
+whose authority vouched for the CRL. Real certificates, real CRLs, the real source state."""
+
+from __future__ import annotations
+
+import pytest
+
+from svid import RevokedError, X509Bundle, X509Svid, X509Verifier, certs_to_pem, der_concat
+from svid._bundle import BundleSet
+from svid._caller import Caller
+from svid._clock import FakeClock
+from svid._crl import revoked_from_crls
+from svid._open_requests import OpenRequests, caller_keys
+from svid._revocation import KIND_X509_SERIAL, RevocationSet, Revoked
+from svid._source import MemoryBundleSource
+from svid._source_state import RevocationEvent, SourceState
+from svid._spiffe_id import TrustDomain
+from svid._workload_calls import (
+    REVOCATIONS,
+    X509_BUNDLES,
+    X509_SVIDS,
+    RevocationsUpdate,
+    X509BundlesUpdate,
+)
+from tests.svid.certs import T0, Issued, make_ca, make_leaf
+from tests.svid.tls_pki import key_pem
+from tests.svid.workload_fake import signed_crl
+
+TD = TrustDomain("example.org")
+FOREIGN = TrustDomain("foreign.org")
+
+
+def _foreign_twin(ours: Issued) -> Issued:
+    """A federated trust domain's CA that took our CA's subject name: names are the foreign
+    operator's to choose, so they prove nothing across trust domains."""
+    twin = make_ca("example.org", spiffe_id="spiffe://foreign.org")
+    assert twin.cert.subject == ours.cert.subject
+    return twin
+
+
+def _verifier(bundles: dict[TrustDomain, X509Bundle], crls: list[bytes]) -> X509Verifier:
+    result = revoked_from_crls(crls, bundles)
+    assert result.rejected == ()
+    revocations = RevocationSet(result.revoked)
+    source = MemoryBundleSource()
+    source.set_x509_bundles(BundleSet(dict(bundles)))
+    return X509Verifier(source.x509_bundle_for, clock=FakeClock(T0), revocations=revocations)
+
+
+def test_a_foreign_crl_does_not_revoke_our_certificate_of_the_same_serial() -> None:
+    ours = make_ca()
+    foreign = _foreign_twin(ours)
+    leaf = make_leaf(ours)
+    foreign_leaf = make_leaf(
+        foreign, uris=["spiffe://foreign.org/w"], serial=leaf.cert.serial_number
+    )
+    bundles = {TD: X509Bundle(TD, (ours.cert,)), FOREIGN: X509Bundle(FOREIGN, (foreign.cert,))}
+    verifier = _verifier(bundles, [signed_crl(foreign, [leaf.cert.serial_number])])
+    assert verifier.verify_der(der_concat([leaf.cert])).spiffe_id.trust_domain == TD
+    with pytest.raises(RevokedError):  # what the foreign CA issued, it may revoke
+        verifier.verify_der(der_concat([foreign_leaf.cert]))
+
+
+def test_our_crl_revokes_our_certificate_and_not_a_foreign_one_of_the_same_serial() -> None:
+    ours = make_ca()
+    foreign = _foreign_twin(ours)
+    leaf = make_leaf(ours)
+    foreign_leaf = make_leaf(
+        foreign, uris=["spiffe://foreign.org/w"], serial=leaf.cert.serial_number
+    )
+    bundles = {TD: X509Bundle(TD, (ours.cert,)), FOREIGN: X509Bundle(FOREIGN, (foreign.cert,))}
+    verifier = _verifier(bundles, [signed_crl(ours, [leaf.cert.serial_number])])
+    with pytest.raises(RevokedError):
+        verifier.verify_der(der_concat([leaf.cert]))
+    verifier.verify_der(der_concat([foreign_leaf.cert]))
+
+
+def test_a_crl_does_not_revoke_a_certificate_of_another_ca_of_its_trust_domain() -> None:
+    ca = make_ca()
+    other = make_ca("example.org-2", spiffe_id="spiffe://example.org")  # another name
+    leaf = make_leaf(ca)
+    bundles = {TD: X509Bundle(TD, (ca.cert, other.cert))}
+    verifier = _verifier(bundles, [signed_crl(other, [leaf.cert.serial_number])])
+    verifier.verify_der(der_concat([leaf.cert]))
+
+
+def test_a_revoked_intermediate_revokes_the_leaves_under_it() -> None:
+    # RFC 5280 6.3: a path through a revoked CA certificate is no path.
+    root = make_ca()
+    inter = make_ca(parent=root)
+    leaf = make_leaf(inter)
+    verifier = _verifier(
+        {TD: X509Bundle(TD, (root.cert,))}, [signed_crl(root, [inter.cert.serial_number])]
+    )
+    with pytest.raises(RevokedError, match=format(inter.cert.serial_number, "x")):
+        verifier.verify_der(der_concat([leaf.cert, inter.cert]))
+    with pytest.raises(RevokedError):
+        verifier.verify([leaf.cert, inter.cert])
+
+
+def test_a_foreign_crl_revoking_our_serial_announces_nothing_of_ours() -> None:
+    # on_revoked subscribers (TLS gate, ASGI, MCP) end connections and requests by what the
+    # event names: a foreign CA's serial must not be told as our own SVID's.
+    ours = make_ca()
+    foreign = _foreign_twin(ours)
+    leaf = make_leaf(ours, not_before=T0 - 10)
+    own = X509Svid.load_pem(certs_to_pem([leaf.cert]), key_pem(leaf))
+    state = SourceState((X509_SVIDS.name, X509_BUNDLES.name), RevocationSet(), FakeClock(T0))
+    events: list[RevocationEvent] = []
+    state.subscribe(events.append)
+    state.delivered(X509_SVIDS.name, [own])
+    bundles = BundleSet.of(X509Bundle(TD, (ours.cert,)), X509Bundle(FOREIGN, (foreign.cert,)))
+    state.delivered(
+        X509_BUNDLES.name,
+        X509BundlesUpdate(bundles, (signed_crl(foreign, [leaf.cert.serial_number]),)),
+    )
+    assert len(events) == 1
+    assert events[0].spiffe_id is None
+    assert events[0].issuer is not None
+    assert events[0].issuer.trust_domain == FOREIGN.name
+    state.delivered(
+        X509_BUNDLES.name,
+        X509BundlesUpdate(bundles, (signed_crl(ours, [leaf.cert.serial_number]),)),
+    )
+    assert str(events[-1].spiffe_id) == "spiffe://example.org/workload"
+
+
+def test_an_open_request_is_ended_by_its_issuers_crl_only() -> None:
+    # The ASGI and MCP adapters end open requests by the keys their caller was admitted with.
+    ours = make_ca()
+    foreign = _foreign_twin(ours)
+    leaf = make_leaf(ours)
+    bundles = BundleSet.of(X509Bundle(TD, (ours.cert,)), X509Bundle(FOREIGN, (foreign.cert,)))
+    peer = _verifier(dict(bundles), []).verify_der(der_concat([leaf.cert]))
+    requests = OpenRequests()
+    ended: list[str] = []
+    requests.open(caller_keys(Caller(peer.spiffe_id, x509=peer)), lambda: ended.append("ours"))
+    state = SourceState((X509_BUNDLES.name,), RevocationSet(), FakeClock(T0))
+    state.subscribe(requests.on_revoked)
+    serial = leaf.cert.serial_number
+    state.delivered(X509_BUNDLES.name, X509BundlesUpdate(bundles, (signed_crl(foreign, [serial]),)))
+    assert ended == []
+    state.delivered(X509_BUNDLES.name, X509BundlesUpdate(bundles, (signed_crl(ours, [serial]),)))
+    assert ended == ["ours"]
+
+
+def test_a_crl_entry_for_a_serial_the_agent_revokes_anyway_is_announced_once() -> None:
+    # Ending a task puts its serial on the agent's list and in the CRL: one revocation.
+    ca = make_ca()
+    serial = make_leaf(ca).cert.serial_number
+    state = SourceState((X509_BUNDLES.name, REVOCATIONS.name), RevocationSet(), FakeClock(T0))
+    events: list[RevocationEvent] = []
+    state.subscribe(events.append)
+    state.delivered(
+        X509_BUNDLES.name, X509BundlesUpdate(BundleSet.of(X509Bundle(TD, (ca.cert,))), ())
+    )
+    bare = Revoked(KIND_X509_SERIAL, format(serial, "x"), T0 + 60)
+    state.delivered(REVOCATIONS.name, RevocationsUpdate((bare,), (signed_crl(ca, [serial]),), 1))
+    assert [(e.value, e.issuer) for e in events] == [(format(serial, "x"), None)]
