@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -29,10 +29,15 @@ from svid._spiffe_id import TrustDomain
 
 @dataclass(frozen=True, slots=True)
 class CrlResult:
-    """Revocations from the CRLs that verified, and one message per CRL that did not."""
+    """Revocations from the CRLs that verified, and one message per CRL that did not.
+
+    ``next_update``: by when each issuer promised a newer CRL (the earliest nextUpdate of its
+    CRLs); an issuer whose CRLs carry none is absent.
+    """
 
     revoked: tuple[Revoked, ...]
     rejected: tuple[str, ...]
+    next_update: Mapping[CertIssuer, float] = field(default_factory=dict)
 
 
 def _can_sign_crls(cert: x509.Certificate) -> bool:
@@ -82,10 +87,12 @@ def revoked_from_crls(
     limited to the certificates of the CRL's issuer.
 
     Entries carry no expiry of their own (a CRL lists serials, not certificates), so they are kept
-    until the next full-state update drops them.
+    until the next full-state update drops them; a CRL past its nextUpdate still counts (dropping
+    it would un-revoke), and its staleness is its issuer's (RevocationSet.crl_staleness).
     """
     revoked: list[Revoked] = []
     rejected: list[str] = []
+    next_updates: dict[CertIssuer, float] = {}
     for n, der in enumerate(crls):
         try:
             crl = x509.load_der_x509_crl(der)
@@ -102,6 +109,11 @@ def revoked_from_crls(
                 for issuer in issuers
                 for serial in serials
             )
+            next_update = crl.next_update_utc
+            if next_update is not None:
+                for issuer in issuers:
+                    until = next_update.timestamp()
+                    next_updates[issuer] = min(until, next_updates.get(issuer, until))
         except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
             rejected.append(f"CRL {n} is not a readable DER CRL: {exc}")
-    return CrlResult(tuple(revoked), tuple(rejected))
+    return CrlResult(tuple(revoked), tuple(rejected), next_updates)

@@ -116,6 +116,9 @@ class RevocationSet:
         self._serials: Mapping[str, float] = MappingProxyType({})  # whoever the issuer
         self._issued: Mapping[CertKey, float] = MappingProxyType({})  # of one issuer (CRLs)
         self._jtis: Mapping[str, float] = MappingProxyType({})
+        # (trust domain, issuer name) -> its CRLs' nextUpdate: past it, what they do not list
+        # may have been revoked since.
+        self._crl_until: Mapping[tuple[str, bytes], float] = MappingProxyType({})
         self.version = 0
         self.updated_at: float | None = None
         # Feed state: None = not fed (static); otherwise when the feed was last known live,
@@ -163,10 +166,15 @@ class RevocationSet:
                 raise SvidError(f"unknown revocation kind {item.kind!r}")
         return serials, issued, jtis
 
-    def replace(self, items: Iterable[Revoked]) -> None:
-        """Make the set exactly ``items`` (a full-state update from the agent or server)."""
+    def replace(
+        self, items: Iterable[Revoked], crl_next_update: Mapping[CertIssuer, float] | None = None
+    ) -> None:
+        """Make the set exactly ``items`` (a full-state update from the agent or server), with
+        ``crl_next_update`` the nextUpdate of the CRLs that gave its entries, by issuer."""
         serials, issued, jtis = self._split(items)
+        until = {(i.trust_domain, i.name): t for i, t in (crl_next_update or {}).items()}
         with self._lock:
+            self._crl_until = MappingProxyType(until)
             self._serials, self._issued, self._jtis = (
                 MappingProxyType(serials),
                 MappingProxyType(issued),
@@ -207,6 +215,17 @@ class RevocationSet:
 
     def is_jti_revoked(self, jti: str) -> bool:
         return jti in self._jtis
+
+    @property
+    def holds_crls(self) -> bool:
+        """Whether some of the entries came from CRLs that carry a nextUpdate."""
+        return bool(self._crl_until)
+
+    def crl_staleness(self, key: CertKey, now: float) -> float:
+        """Seconds past the nextUpdate of the CRLs of the issuer of the certificate ``key``
+        names (0 before it, or when that issuer has given no CRL)."""
+        until = self._crl_until.get((key[0], key[1]))
+        return 0.0 if until is None else max(0.0, now - until)
 
     def prune(self, now: float) -> int:
         """Forget entries no verifier can accept any more (see `MAX_VERIFIER_LEEWAY`); returns
@@ -262,6 +281,29 @@ def check_max_staleness(seconds: float | None) -> float | None:
             f"max_revocation_staleness must be a positive number of seconds or None, got {seconds}"
         )
     return float(seconds)
+
+
+def refuse_if_stale_crl(
+    revocations: RevocationSet, keys: Iterable[CertKey], now: float, max_staleness: float
+) -> None:
+    """Raise StaleRevocationsError when a certificate of ``keys`` has an issuer whose CRLs are
+    past their nextUpdate by more than ``max_staleness``.
+
+    Only that issuer's certificates: one CA's CRL lapsing says nothing of another's (and a
+    federated trust domain could otherwise deny service to ours by letting its CRL lapse). The
+    CRL's entries keep revoking meanwhile; a fresh CRL lifts the refusal.
+    """
+    if not revocations.holds_crls:  # most sets hold none: nothing to look up per certificate
+        return
+    for key in keys:
+        staleness = revocations.crl_staleness(key, now)
+        if staleness > max_staleness:
+            raise StaleRevocationsError(
+                f"the CRL of the issuer of certificate serial {key[2]} (trust domain {key[0]}) "
+                f"is {staleness:.1f}s past its nextUpdate (max_revocation_staleness "
+                f"{max_staleness:g}s): refusing rather than accepting a certificate it may have "
+                "revoked since"
+            )
 
 
 def refuse_if_stale(revocations: RevocationSet, now: float, max_staleness: float) -> None:

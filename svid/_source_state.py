@@ -233,7 +233,17 @@ class SourceState:
             for message in result.rejected:
                 log.warning("ignoring CRL: %s", message)
             items = self._stream_items + result.revoked
-            self.revocations.replace(items)
+            self.revocations.replace(items, result.next_update)
+            now = self.clock.now()
+            for issuer, until in result.next_update.items():
+                if now > until:
+                    log.warning(
+                        "a CRL of trust domain %s is %.0fs past its nextUpdate: its entries still "
+                        "apply; verifiers with max_revocation_staleness refuse its certificates "
+                        "past that bound",
+                        issuer.trust_domain,
+                        now - until,
+                    )
             keys = {_key(item): item for item in items}
             # A CRL's entry for a serial the agent's list revokes whoever the issuer adds nothing
             # (ending a task puts its serial in both): announced, it would end things twice.

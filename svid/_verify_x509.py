@@ -48,7 +48,13 @@ from svid._errors import (
     VerificationError,
     X509SvidError,
 )
-from svid._revocation import CertKey, RevocationSet, check_max_staleness, refuse_if_stale
+from svid._revocation import (
+    CertKey,
+    RevocationSet,
+    check_max_staleness,
+    refuse_if_stale,
+    refuse_if_stale_crl,
+)
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._ssl_peer import peer_chain_der
 from svid._x509 import check_leaf_facts, check_signing_profile
@@ -400,13 +406,16 @@ class X509Verifier:
         if type(chain_der) is not bytes:
             chain_der = bytes(chain_der)  # a hashable, immutable cache key
         now = self._clock.now()
-        if self._max_staleness is not None:
-            refuse_if_stale(self._revocations, now, self._max_staleness)
+        max_staleness = self._max_staleness
+        if max_staleness is not None:
+            refuse_if_stale(self._revocations, now, max_staleness)
         cache = self._cache
         if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
             entry = cache.get(chain_der)
             if entry is not None:
                 if self._still_valid(entry, now):
+                    if max_staleness is not None:
+                        refuse_if_stale_crl(self._revocations, entry.keys, now, max_staleness)
                     return entry.result
                 cache.discard(chain_der)
         if not chain_der:
@@ -418,6 +427,8 @@ class X509Verifier:
             except SvidParseError as exc:
                 raise VerificationError(f"X.509-SVID chain is unreadable: {exc}") from exc
             fields = self._verify_guarded(ders, None, now)
+        if max_staleness is not None:
+            refuse_if_stale_crl(self._revocations, fields[5], now, max_staleness)
         if cache.max_entries:
             cache.put(chain_der, tuple.__new__(_Entry, fields))
         return fields[0]
@@ -428,16 +439,19 @@ class X509Verifier:
             raise VerificationError("X.509-SVID chain is empty")
         key = b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain)
         now = self._clock.now()
-        if self._max_staleness is not None:
-            refuse_if_stale(self._revocations, now, self._max_staleness)
+        max_staleness = self._max_staleness
+        if max_staleness is not None:
+            refuse_if_stale(self._revocations, now, max_staleness)
         entry = self._cache.get(key)
-        if entry is not None:
-            if self._still_valid(entry, now):
-                return entry.result
+        if entry is not None and not self._still_valid(entry, now):
             self._cache.discard(key)
-        ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
-        entry = tuple.__new__(_Entry, self._verify_guarded(ders, list(chain), now))
-        self._cache.put(key, entry)
+            entry = None
+        if entry is None:
+            ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
+            entry = tuple.__new__(_Entry, self._verify_guarded(ders, list(chain), now))
+            self._cache.put(key, entry)
+        if max_staleness is not None:
+            refuse_if_stale_crl(self._revocations, entry.keys, now, max_staleness)
         return entry.result
 
     def verify_ssl_peer(self, conn: ssl.SSLSocket | ssl.SSLObject | Any) -> VerifiedX509:

@@ -1,0 +1,110 @@
+"""A CRL past its nextUpdate: its issuer promised a newer one by then, so what it does not list
+may have been revoked since. Its entries keep revoking (dropping them would un-revoke), and a
+verifier with max_revocation_staleness refuses that issuer's certificates once the CRL is older
+than the bound, as it refuses everything when its agent is gone that long; a fresh CRL restores
+service. Real certificates, real CRLs, the real source state, a fake clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from svid import RevokedError, StaleRevocationsError, X509Bundle, X509Verifier, der_concat
+from svid._bundle import BundleSet
+from svid._clock import FakeClock
+from svid._revocation import RevocationSet
+from svid._source_state import SourceState
+from svid._spiffe_id import TrustDomain
+from svid._workload_calls import X509_BUNDLES, X509BundlesUpdate
+from tests.svid.certs import T0, Issued, make_ca, make_leaf
+
+TD = TrustDomain("example.org")
+FOREIGN = TrustDomain("foreign.org")
+MAX_STALENESS = 60.0
+
+
+def _crl(issuer: Issued, serials: list[int], next_update: float) -> bytes:
+    stamp = dt.datetime.fromtimestamp(next_update - 3600, tz=dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.cert.subject)
+        .last_update(stamp)
+        .next_update(dt.datetime.fromtimestamp(next_update, tz=dt.UTC))
+    )
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(stamp).build()
+        )
+    crl = builder.sign(issuer.key, hashes.SHA256())  # type: ignore[arg-type]
+    return crl.public_bytes(serialization.Encoding.DER)
+
+
+class _World:
+    def __init__(self) -> None:
+        self.clock = FakeClock(T0)
+        self.ca = make_ca()
+        self.foreign = make_ca("foreign.org")
+        self.bundles = BundleSet.of(
+            X509Bundle(TD, (self.ca.cert,)), X509Bundle(FOREIGN, (self.foreign.cert,))
+        )
+        self.state = SourceState((X509_BUNDLES.name,), RevocationSet(), self.clock)
+        self.deliver()
+
+    def deliver(self, *crls: bytes) -> None:
+        self.state.delivered(X509_BUNDLES.name, X509BundlesUpdate(self.bundles, crls))
+
+    def verifier(self, max_staleness: float | None = MAX_STALENESS) -> X509Verifier:
+        return X509Verifier(
+            self.state.bundles.x509_bundle_for,
+            clock=self.clock,
+            revocations=self.state.revocations,
+            max_revocation_staleness=max_staleness,
+        )
+
+
+def test_a_crl_past_its_next_update_by_more_than_the_bound_refuses_its_issuers_certificates() -> (
+    None
+):
+    world = _World()
+    leaf = der_concat([make_leaf(world.ca).cert])
+    world.deliver(_crl(world.ca, [1], next_update=T0 + 30))
+    verifier = world.verifier()
+    verifier.verify_der(leaf)  # current
+    world.clock.advance(30 + MAX_STALENESS)  # past nextUpdate, within the bound
+    verifier.verify_der(leaf)
+    world.clock.advance(1)
+    with pytest.raises(StaleRevocationsError, match="nextUpdate"):
+        verifier.verify_der(leaf)  # the cached answer too
+    with pytest.raises(StaleRevocationsError):
+        world.verifier().verify_der(leaf)
+    # A fresh CRL: served again (the stale one denied service only until it was replaced).
+    world.deliver(_crl(world.ca, [1], next_update=world.clock.now() + 3600))
+    verifier.verify_der(leaf)
+
+
+def test_a_stale_crl_of_another_issuer_refuses_nothing_of_ours() -> None:
+    # One trust domain's CRL going stale says nothing of another's (nor lets a federated
+    # trust domain deny service to ours by letting its CRL lapse).
+    world = _World()
+    leaf = der_concat([make_leaf(world.ca).cert])
+    world.deliver(
+        _crl(world.ca, [1], next_update=T0 + 3600),
+        _crl(world.foreign, [1], next_update=T0 - 3600),
+    )
+    world.verifier().verify_der(leaf)
+    foreign_leaf = der_concat([make_leaf(world.foreign, uris=["spiffe://foreign.org/w"]).cert])
+    with pytest.raises(StaleRevocationsError):
+        world.verifier().verify_der(foreign_leaf)
+
+
+def test_a_stale_crls_entries_keep_revoking() -> None:
+    # Dropping them would un-revoke what the issuer revoked: staleness never admits more.
+    world = _World()
+    revoked = make_leaf(world.ca)
+    world.deliver(_crl(world.ca, [revoked.cert.serial_number], next_update=T0 - 86400))
+    with pytest.raises(RevokedError):
+        world.verifier(max_staleness=None).verify_der(der_concat([revoked.cert]))
+    world.verifier(max_staleness=None).verify_der(der_concat([make_leaf(world.ca).cert]))
