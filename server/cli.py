@@ -22,7 +22,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 
 from server import cli_entries, cli_federation
 from server import cli_output as out
-from server.config import CONFIG_KEYS, DEFAULT_ADMIN_SOCKET, ServerConfig, load_config, read_toml
+from server.config import (
+    CONFIG_KEYS,
+    DEFAULT_ADMIN_SOCKET,
+    ServerConfig,
+    file_value,
+    load_config,
+    read_toml,
+)
 from server.errors import CliError, ConfigError, ServerError
 from server.tasks import cli as task_cli
 from svid._cli_args import non_utf8_argument, timeout_problem
@@ -265,9 +272,10 @@ def _admin_socket_and_origin(args: argparse.Namespace) -> tuple[Path, str]:
         return Path(args.admin_socket), "--admin-socket"
     config = getattr(args, "config", None)
     if config is not None:
-        raw = read_toml(config)
-        if "admin_socket" in raw:
-            return Path(str(raw["admin_socket"])), f"admin_socket in {config}"
+        # Read as the server reads it (~ expanded), or it is not the socket the server binds.
+        path: Path | None = file_value(read_toml(config), "admin_socket")
+        if path is not None:
+            return path, f"admin_socket in {config}"
     env = os.environ.get(ADMIN_SOCKET_ENV)
     if env:
         return Path(env), f"${ADMIN_SOCKET_ENV}"

@@ -465,5 +465,11 @@ def _check_consistency(config: ServerConfig) -> None:
         )
 
 
+def file_value(file_values: Mapping[str, Any], key: str) -> Any:
+    """`key` of a config file's table as `run` takes it (checked; a path with ~ expanded), or
+    None where the file does not give it: for a command that needs that one key, not a config."""
+    return _CONVERTERS[key](key, file_values[key]) if key in file_values else None
+
+
 def load_config(path: Path | None, flag_values: Mapping[str, Any] | None = None) -> ServerConfig:
     return build_config(read_toml(path) if path is not None else {}, flag_values)

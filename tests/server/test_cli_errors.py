@@ -28,11 +28,17 @@ def sock_dir() -> Iterator[Path]:
 
 
 def _server_cli(
-    *argv: str, env: str | None = None, limit: float = 30.0, prefix: list[str] | None = None
+    *argv: str,
+    env: str | None = None,
+    limit: float = 30.0,
+    prefix: list[str] | None = None,
+    home: Path | None = None,
 ) -> tuple[int, str, float]:
     environ = {k: v for k, v in os.environ.items() if k != ENV}
     if env is not None:
         environ[ENV] = env
+    if home is not None:
+        environ["HOME"] = str(home)
     started = time.monotonic()
     done = subprocess.run(
         [*(prefix or []), sys.executable, "-m", "server.cli", *argv],
@@ -63,6 +69,19 @@ def test_missing_socket_names_the_path_its_origin_and_what_to_try(sock_dir: Path
     config.write_text(f'admin_socket = "{path}"\n')
     _, err, _ = _server_cli("healthcheck", "--config", str(config))
     assert f"{path} (from admin_socket in {config})" in err
+
+
+def test_an_admin_socket_under_home_in_the_config_is_dialled_where_the_server_binds_it(
+    sock_dir: Path,
+) -> None:
+    # The server expands a leading ~ in admin_socket (server/config.py), but admin commands
+    # took the config's value literally: they dialled ./~/admin.sock, never the server's socket.
+    (sock_dir / "admin.sock").write_text("")  # not a socket: the error says where it looked
+    config = sock_dir / "server.toml"
+    config.write_text('admin_socket = "~/admin.sock"\n')
+    _, err, _ = _server_cli("agent", "list", "--config", str(config), home=sock_dir)
+    expected = f"admin socket {sock_dir / 'admin.sock'} (from admin_socket in {config})"
+    assert f"{expected} is not a socket" in err
 
 
 def test_a_file_that_is_not_a_socket(sock_dir: Path) -> None:
