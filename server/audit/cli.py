@@ -112,7 +112,13 @@ def run(
 
 
 def _data_dir(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> Path:
-    return Path(str(args.data_dir or config(args).get("data_dir") or DEFAULT_DATA_DIR))
+    from server.config import file_value  # noqa: PLC0415 - as build_config below
+
+    if args.data_dir:
+        return Path(args.data_dir)
+    # Read as the server reads it (~ expanded), or it is not the server's data_dir.
+    path: Path | None = file_value(config(args), "data_dir")
+    return DEFAULT_DATA_DIR if path is None else path
 
 
 def _audit_db(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> Path:

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from server import cli_entries
 from server.audit import cli as audit_cli
-from server.config import read_toml
+from server.config import file_value, read_toml
 from server.errors import CliError
 from svid._clock import SystemClock, format_utc, unix_times_as_numbers
 from svid._proto import task_pb2, task_pb2_grpc
@@ -65,7 +65,8 @@ def _validate(args: argparse.Namespace) -> None:
     from server.policy import validate_policy_dir  # noqa: PLC0415
 
     raw = _config(args)
-    directory = args.policy_dir or raw.get("policy_dir")
+    # Read as the server reads it (~ expanded), or it is not the server's policy_dir.
+    directory = args.policy_dir or file_value(raw, "policy_dir")
     if not directory:
         raise CliError("--policy-dir: no policy directory given (flag or config policy_dir)")
     trust_domain = args.trust_domain or raw.get("trust_domain") or "example.org"

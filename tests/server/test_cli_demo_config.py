@@ -91,3 +91,32 @@ def test_policy_validate_output_json_is_json(
     assert main(["policy", "validate", "--output", "json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == {"policy_dir": str(checkout / ".run" / "policy"), "valid": True}
+
+
+def test_path_keys_of_a_config_are_read_with_home_expanded_as_the_server_reads_them(
+    srv: RunningServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The server expands a leading ~ in data_dir and policy_dir; `audit verify` and `policy
+    # validate` took them from --config literally: they looked under ./~/, not where the
+    # server keeps its datastore and reads its policies.
+    home = srv.config.data_dir.parent
+    (home / "policy").mkdir(exist_ok=True)
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'trust_domain = "{TRUST_DOMAIN}"\n'
+        f'data_dir = "~/{srv.config.data_dir.name}"\n'
+        f'admin_socket = "{srv.runtime.admin_socket}"\n'
+        'policy_dir = "~/policy"\n'
+    )
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert main(["token", "generate", "--config", str(config)]) == 0  # an audited event
+    capsys.readouterr()
+    assert main(["audit", "verify", "--config", str(config), "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert main(["policy", "validate", "--config", str(config), "--output", "json"]) == 0
+    validated = json.loads(capsys.readouterr().out)
+    assert validated == {"policy_dir": str(home / "policy"), "valid": True}
