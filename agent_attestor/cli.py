@@ -29,7 +29,6 @@ from agent_attestor.config import (
     LIST_KEYS,
     AgentConfig,
     build_config,
-    expand_path,
     load_toml,
 )
 from agent_attestor.errors import AgentError, ConfigError
@@ -38,6 +37,7 @@ from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
 from svid._audit_checkpoint import CHECKPOINT
 from svid._cli_args import non_utf8_argument, timeout_problem
 from svid._clock import format_utc, unix_times_as_numbers
+from svid._daemon_config import expand_path
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
 from svid._logs import stacks_on_sigusr1
@@ -351,7 +351,8 @@ def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or file_values.get("data_dir") or AgentConfig.data_dir
     if not isinstance(data_dir, (str, Path)):
         raise ConfigError(f"data_dir: expected a string, got {data_dir!r}")
-    path = AgentConfig(data_dir=expand_path("data_dir", data_dir)).audit_checkpoint_path
+    data_dir = expand_path("data_dir", data_dir, ConfigError)
+    path = AgentConfig(data_dir=data_dir).audit_checkpoint_path
     try:
         records = read_records(path)
     except FileNotFoundError:

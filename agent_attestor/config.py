@@ -14,10 +14,8 @@ The join token is a credential: it comes from a 0600 file (``join_token_file``),
 
 from __future__ import annotations
 
-import math
 import os
 import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,9 +24,17 @@ from typing import Any
 from agent_attestor.checkpoint_store import FILE_NAME as CHECKPOINT_FILE
 from agent_attestor.errors import ConfigError
 from agent_attestor.servers import Target, pair_targets
+from svid._daemon_config import (
+    FileWords,
+    as_finite,
+    as_whole,
+    check_address,
+    expand_path,
+    read_table,
+    refuse_unknown,
+)
+from svid._logs import LOG_FORMATS, LOG_LEVELS
 
-LOG_FORMATS = ("json", "text")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_SOCKET = Path("/tmp/svid-agent/public/api.sock")  # noqa: S108 - SPIRE's layout
 DEFAULT_SERVER = "127.0.0.1:8081"
 DEFAULT_ATTEST = "127.0.0.1:8082"
@@ -155,7 +161,12 @@ def _convert(key: str, value: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if key in _FLOAT_KEYS or key in _INT_KEYS:
-        number = _number(key, value)
+        # A whole number for a count: int() would cut 0.5 connections to 0 (no limit).
+        number = (
+            as_finite(key, value, ConfigError)
+            if key in _FLOAT_KEYS
+            else as_whole(key, value, ConfigError)
+        )
         if number < 0 or (number == 0 and key not in _ZERO_ALLOWED):
             raise ConfigError(f"{key}: must be positive, got {value!r}")
         return number
@@ -164,34 +175,8 @@ def _convert(key: str, value: Any) -> Any:
         shown = type(value).__name__ if key == "join_token" else repr(value)
         raise ConfigError(f"{key}: expected a string, got {shown}")
     if key in _PATH_KEYS:
-        return expand_path(key, value) if value else None
+        return expand_path(key, value, ConfigError) if value else None
     return value
-
-
-def expand_path(key: str, value: str | Path) -> Path:
-    """`value` with a leading ~ or ~user expanded; a user with no home is refused naming `key`."""
-    try:
-        return Path(value).expanduser()
-    except RuntimeError:  # Path.expanduser: "Could not determine home directory."
-        raise ConfigError(f"{key}: cannot expand {str(value)!r}: no such user's home") from None
-
-
-def _number(key: str, value: Any) -> float | int:
-    """A finite number (a whole one for a count). TOML and float() read nan and inf: a NaN
-    backoff or timeout makes every wait end at once, and int() would cut 0.5 to 0 silently."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    try:
-        number = float(value) if key in _FLOAT_KEYS or isinstance(value, float) else int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if isinstance(number, int):
-        return number
-    if not math.isfinite(number):
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    if key not in _FLOAT_KEYS and not number.is_integer():
-        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
-    return number if key in _FLOAT_KEYS else int(number)
 
 
 def _convert_list(key: str, value: Any) -> tuple[str, ...]:
@@ -204,45 +189,21 @@ def _convert_list(key: str, value: Any) -> tuple[str, ...]:
     if not out:
         raise ConfigError(f"{key}: expected at least one host:port, got {value!r}")
     for address in out:
-        _check_address(key, address)
+        check_address(key, address, ConfigError, listen=False)
     return tuple(dict.fromkeys(out))
 
 
-def _check_address(key: str, value: str, *, optional: bool = False, listen: bool = False) -> None:
-    if optional and not value:
-        return
-    host, sep, port = value.rpartition(":")
-    lowest = 0 if listen else 1  # a listener may ask for any free port
-    # isascii: str.isdigit also takes "²" (int() raises) and other scripts' digits.
-    digits = port.isascii() and port.isdigit()
-    if not sep or not host or not digits or not lowest <= int(port) < 65536:
-        raise ConfigError(f"{key}: expected host:port, got {value!r}")
+_FILE_WORDS = FileWords(
+    missing="config: file {path} does not exist",
+    unreadable="config: cannot read {path}: {reason}",
+    not_utf8="config: {path} is not UTF-8 (byte {reason})",
+    not_toml="config: {path} is not valid TOML: {reason}",
+)
 
 
 def load_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config: file {path} does not exist") from None
-    except OSError as exc:  # a directory, a file this user may not read
-        raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:  # TOML is UTF-8
-        raise ConfigError(f"config: {path} is not UTF-8 (byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
-    agent = data.get("agent", data)  # accept a bare table or an [agent] section
-    if not isinstance(agent, dict):
-        raise ConfigError("agent: expected a table")
-    if agent is not data:
-        # Other tables may be other daemons' ([server]); a plain key here is read by no one.
-        stray = sorted(key for key, value in data.items() if not isinstance(value, dict))
-        if stray:
-            raise ConfigError(
-                f"{stray[0]}: outside the [agent] table, where it is not read: move it below "
-                "the [agent] header"
-            )
-    return agent
+    """The agent's values in a TOML config file: a bare table, or an [agent] one."""
+    return read_table(path, "agent", ConfigError, _FILE_WORDS)
 
 
 def read_join_token_file(path: Path) -> str:
@@ -319,7 +280,7 @@ def _addresses(
             return _convert(plural, many), ""
         if one is not None:
             converted = _convert(single, one)
-            _check_address(single, converted)
+            check_address(single, converted, ConfigError, listen=False)
             return (converted,), converted
     return None, ""
 
@@ -333,9 +294,7 @@ def build_config(
 
     Flags win (None = not given); the environment only carries the join token.
     """
-    unknown = sorted(set(file_values) - set(KEYS))
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown configuration key")
+    refuse_unknown(file_values, KEYS, ConfigError)
     values: dict[str, Any] = {}
     values["join_token"], values["join_token_file"] = _join_token(file_values, flags, env or {})
     for plural, single in _SPELLINGS.items():
@@ -363,7 +322,8 @@ def build_config(
             f"server_attest_addresses: {len(attests)} given for {len(nodes)} server_addresses: "
             "give one for all, or one per server in the same order"
         )
-    _check_address("metrics_address", config.metrics_address, optional=True, listen=True)
+    if config.metrics_address:
+        check_address("metrics_address", config.metrics_address, ConfigError, listen=True)
     if config.log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format: expected one of {LOG_FORMATS}, got {config.log_format!r}")
     if config.log_level not in LOG_LEVELS:

@@ -7,9 +7,7 @@ one place, `build_config`, and each error names the key it is about.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import tomllib
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -18,14 +16,22 @@ from typing import Any
 
 from server.datastore.postgres_dsn import is_postgres_dsn, redact_dsn
 from server.errors import ConfigError
+from svid._daemon_config import (
+    FileWords,
+    as_finite,
+    as_whole,
+    check_address,
+    expand_path,
+    read_table,
+    refuse_unknown,
+)
 from svid._errors import SpiffeIdError
+from svid._logs import LOG_FORMATS, LOG_LEVELS
 from svid._spiffe_id import TrustDomain
 
 log = logging.getLogger(__name__)
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
-LOG_FORMATS = ("json", "text")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_ADMIN_SOCKET = Path("/tmp/svid-server/private/admin.sock")  # noqa: S108 - SPIRE's layout
 MAX_UNIX_PATH = 107
 
@@ -177,14 +183,7 @@ class ServerConfig:
 
 
 def _as_int(key: str, value: Any, minimum: int = 0, maximum: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: TOML's inf
-        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-    if isinstance(value, float) and number != value:
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    number = as_whole(key, value, ConfigError)
     if number < minimum:
         raise ConfigError(f"{key}: must be at least {minimum}, got {number}")
     if maximum is not None and number > maximum:
@@ -193,16 +192,7 @@ def _as_int(key: str, value: Any, minimum: int = 0, maximum: int | None = None) 
 
 
 def _as_float(key: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if not math.isfinite(number):
-        # TOML and float() read nan and inf: a NaN compares false with everything (no wait,
-        # no limit), an infinite grace or timeout never ends.
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    number = as_finite(key, value, ConfigError)
     if number < 0:
         raise ConfigError(f"{key}: must not be negative, got {number}")
     return number
@@ -220,10 +210,7 @@ def _as_path(key: str, value: Any) -> Path:
     text = _as_str(key, value)
     if not text:
         raise ConfigError(f"{key}: must not be empty")
-    try:
-        return Path(text).expanduser()
-    except RuntimeError:  # "Could not determine home directory."
-        raise ConfigError(f"{key}: cannot expand {text!r}: no such user's home") from None
+    return expand_path(key, text, ConfigError)
 
 
 def _as_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
@@ -237,11 +224,9 @@ def _as_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
 
 
 def _as_address(key: str, value: Any) -> str:
+    """An address the server listens on (every one of its addresses is)."""
     text = _as_str(key, value)
-    host, sep, port = text.rpartition(":")
-    # isascii: str.isdigit also takes "²" (int() raises) and other scripts' digits.
-    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ConfigError(f"{key}: expected HOST:PORT (port 0 picks a free one), got {text!r}")
+    check_address(key, text, ConfigError, listen=True)
     return text
 
 
@@ -366,27 +351,17 @@ CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))
 assert set(CONFIG_KEYS) == set(_CONVERTERS), "every config key needs a converter"
 
 
+_FILE_WORDS = FileWords(
+    missing="config file {path}: {reason}",
+    unreadable="config file {path}: {reason}",
+    not_utf8="config file {path}: not UTF-8 (byte {reason})",
+    not_toml="config file {path}: not valid TOML: {reason}",
+)
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """The raw table of a TOML config file (top level, or a ``[server]`` table)."""
-    try:
-        # TOML is UTF-8, whatever the locale.
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path}: not UTF-8 (byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
-    if isinstance(data.get("server"), dict):
-        # Other tables may be other daemons' ([agent]); a plain key here is read by no one.
-        stray = sorted(key for key, value in data.items() if not isinstance(value, dict))
-        if stray:
-            raise ConfigError(
-                f"{stray[0]}: outside the [server] table of {path}, where it is not read: "
-                "move it below the [server] header"
-            )
-        return dict(data["server"])
-    return data
+    return read_table(path, "server", ConfigError, _FILE_WORDS)
 
 
 # Keys an earlier release read: still accepted, with a warning, under their new names.
@@ -407,9 +382,7 @@ def build_config(
     for key, value in (flag_values or {}).items():
         if value is not None:
             merged[key] = value
-    unknown = sorted(set(merged) - set(CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown configuration key")
+    refuse_unknown(merged, CONFIG_KEYS, ConfigError)
     if "trust_domain" not in merged:
         raise ConfigError('trust_domain: required (e.g. trust_domain = "example.org")')
     values = {key: _CONVERTERS[key](key, value) for key, value in merged.items()}

@@ -18,6 +18,10 @@ from typing import IO, Any
 
 from svid._clock import format_utc
 
+# What both daemons' log_format and log_level take.
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 _STANDARD = frozenset(vars(logging.LogRecord("x", logging.INFO, "x", 0, "", None, None))) | {
     "message",
     "asctime",
