@@ -35,6 +35,7 @@ from agent_attestor.tasks.wiring import build_task_layer
 from agent_attestor.workload_api import WorkloadApi
 from agent_attestor.workload_attestor import ExeHashCache, UnixAttestor
 from svid._clock import Clock, SystemClock
+from svid._daemon_config import listening
 
 log = logging.getLogger(__name__)
 HEALTH_SERVICE = "svid.agent"
@@ -249,13 +250,8 @@ class AgentApp:
         if self.config.metrics_address:
             # First: an address it cannot listen on is the operator's to fix, before anything
             # else starts (its /healthz says 503 until the first Sync).
-            try:
+            with listening("metrics_address", self.config.metrics_address, ConfigError):
                 self.metrics_address = self.http.start(self.config.metrics_address)
-            except OSError as exc:
-                raise ConfigError(
-                    f"metrics_address: cannot listen on {self.config.metrics_address} "
-                    f"({exc.strerror or exc})"
-                ) from None
         # The socket exists before anything announces readiness (py-spiffe needs the file).
         await self.endpoint.start()
         RuntimeInfo(str(self.config.socket_path), self.metrics_address, os.getpid()).write(

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from server.oauth.wiring import OAuthService
 from server.tls import ServerTls
 from svid._clock import Clock, SystemClock
+from svid._daemon_config import listening
 from svid._proto import admin_pb2_grpc, node_pb2_grpc
 from svid._unix_socket import grpc_unix_target
 
@@ -288,13 +289,8 @@ class Server:
             # First: an address it cannot listen on is the operator's to fix, before anything
             # else starts (its /healthz says 503 until the server serves).
             self._metrics_http = MetricsHttpServer(self.metrics, lambda: self._serving)
-            try:
+            with listening("metrics_address", cfg.metrics_address, ConfigError):
                 metrics_address = self._metrics_http.start(cfg.metrics_address)
-            except OSError as exc:
-                raise ConfigError(
-                    f"metrics_address: cannot listen on {cfg.metrics_address} "
-                    f"({exc.strerror or exc})"
-                ) from None
         await asyncio.to_thread(self._build_core)
         loop = asyncio.get_running_loop()
         self.propagator = Propagator(self.state, str(self.ids.server), self.clock)
@@ -509,13 +505,8 @@ class Server:
                 dropped=self.metrics.refusals_unrecorded.labels(source="oauth").inc,
             ),
         )
-        try:
+        with listening("oauth_bind_address", self.config.oauth_bind_address, ConfigError):
             await service.start()
-        except OSError as exc:
-            raise ConfigError(
-                f"oauth_bind_address: cannot listen on {self.config.oauth_bind_address} "
-                f"({exc.strerror})"
-            ) from None
         return service
 
     def _node_server_add(self, address: str, *, require_client_auth: bool) -> int:

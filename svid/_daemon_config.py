@@ -1,5 +1,6 @@
-"""What the server's and the node agent's configurations check alike: their TOML file, and the
-paths, numbers and host:port addresses in it or in their flags.
+"""What the server's and the node agent's configurations check alike: their TOML file, the
+paths, numbers and host:port addresses in it or in their flags, and an address they are given
+but cannot listen on.
 
 Each daemon keeps its own keys, its own table in the file, and its own ConfigError (the server's
 is a ServerError, mapped to a gRPC status; the agent's an AgentError, on which its command line
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,3 +127,13 @@ def check_address(key: str, value: str, error: ErrorType, *, listen: bool) -> No
     if not sep or not host or not digits or not lowest <= int(port) <= MAX_PORT:
         hint = " (port 0 picks a free one)" if listen else ""
         raise error(f"{key}: expected host:port{hint}, got {value!r}")
+
+
+@contextmanager
+def listening(key: str, address: str, error: ErrorType) -> Iterator[None]:
+    """Around starting a listener on `address`, the value of `key`: an OSError (in use, no such
+    address) is the operator's to fix, and is refused as a configuration error naming the key."""
+    try:
+        yield
+    except OSError as exc:
+        raise error(f"{key}: cannot listen on {address} ({exc.strerror or exc})") from None

@@ -20,6 +20,7 @@ from server.federation.service import FederationService, parse_static
 from server.oauth.http import HttpListener
 from server.state import ServerState
 from svid._clock import Clock
+from svid._daemon_config import listening
 
 _log = logging.getLogger("svid.server.federation")
 BUNDLE_PATH = "/"
@@ -84,13 +85,8 @@ class Federation:
         assert self._handler is not None
         self._listener.mount(BUNDLE_PATH, self._handler)
         host, _, port = cfg.bundle_endpoint_address.rpartition(":")
-        try:
+        with listening("bundle_endpoint_address", cfg.bundle_endpoint_address, ConfigError):
             self.endpoint_port = await self._listener.start(host.strip("[]"), int(port))
-        except OSError as exc:
-            raise ConfigError(
-                f"bundle_endpoint_address: cannot listen on {cfg.bundle_endpoint_address} "
-                f"({exc.strerror})"
-            ) from None
         _log.info(
             "bundle endpoint serving",
             extra={"address": cfg.bundle_endpoint_address, "profile": cfg.bundle_endpoint_profile},

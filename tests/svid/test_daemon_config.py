@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from svid._daemon_config import (
     as_whole,
     check_address,
     expand_path,
+    listening,
     read_table,
     refuse_unknown,
 )
@@ -209,3 +211,41 @@ def test_what_is_no_host_port_is_refused_naming_the_key(value: str) -> None:
         check_address("bind_address", value, RefusedError, listen=True)
     with pytest.raises(RefusedError, match=r"^server_address: expected host:port, got "):
         check_address("server_address", value, RefusedError, listen=False)
+
+
+# -- listening -------------------------------------------------------------------------------
+
+
+def test_an_address_in_use_is_refused_naming_the_key_and_why() -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    address = f"127.0.0.1:{busy.getsockname()[1]}"
+    second = socket.socket()
+    try:
+        with (
+            pytest.raises(RefusedError) as refused,
+            listening("metrics_address", address, RefusedError),
+        ):
+            second.bind(("127.0.0.1", busy.getsockname()[1]))
+    finally:
+        second.close()
+        busy.close()
+    assert (
+        str(refused.value)
+        == f"metrics_address: cannot listen on {address} (Address already in use)"
+    )
+    assert refused.value.__suppress_context__  # one line, not the OSError's traceback too
+
+
+def test_an_error_without_strerror_is_shown_whole() -> None:
+    refused = pytest.raises(RefusedError, match=r"^k: cannot listen on h:1 \(no way\)$")
+    with refused, listening("k", "h:1", RefusedError):
+        raise OSError("no way")
+
+
+def test_a_listener_that_starts_is_left_alone_and_other_errors_pass() -> None:
+    with listening("k", "h:1", RefusedError):
+        pass
+    with pytest.raises(ValueError, match="not mine"), listening("k", "h:1", RefusedError):
+        raise ValueError("not mine")
