@@ -28,12 +28,12 @@ from svid._daemon_config import (
 from svid._errors import SpiffeIdError
 from svid._logs import LOG_FORMATS, LOG_LEVELS
 from svid._spiffe_id import TrustDomain
+from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
 
 log = logging.getLogger(__name__)
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
 DEFAULT_ADMIN_SOCKET = Path("/tmp/svid-server/private/admin.sock")  # noqa: S108 - SPIRE's layout
-MAX_UNIX_PATH = 107
 
 
 @dataclass(frozen=True)
@@ -406,10 +406,11 @@ def _check_consistency(config: ServerConfig) -> None:
     if (config.upstream_ca_cert is None) != (config.upstream_ca_key is None):
         missing = "upstream_ca_key" if config.upstream_ca_key is None else "upstream_ca_cert"
         raise ConfigError(f"{missing}: required when the other upstream_ca_* key is set")
-    if len(str(config.admin_socket)) > MAX_UNIX_PATH:
+    size = unix_path_size(config.admin_socket)  # bytes, not characters
+    if size > MAX_UNIX_PATH:
         raise ConfigError(
-            f"admin_socket: path is {len(str(config.admin_socket))} bytes, a Unix socket path "
-            f"may have at most {MAX_UNIX_PATH}"
+            f"admin_socket: path is {size} bytes, a Unix socket path may have at most "
+            f"{MAX_UNIX_PATH}"
         )
     for key in ("default_x509_svid_ttl", "agent_svid_ttl", "server_svid_ttl"):
         if getattr(config, key) > config.ca_ttl:

@@ -1,5 +1,5 @@
-"""Why a Unix socket path cannot be connected to, as the file system tells it; and the gRPC
-target that names one.
+"""Why a Unix socket path cannot be connected to, as the file system tells it; how long a path
+one may have; and the gRPC target that names one.
 
 gRPC reports all of these as "failed to connect" (and retries some until the deadline); the
 command lines check first so that their one-line error names the exact problem.
@@ -12,6 +12,15 @@ import os
 import stat
 import urllib.parse
 from pathlib import Path
+
+# sun_path holds 108 bytes, the last the terminating NUL.
+MAX_UNIX_PATH = 107
+
+
+def unix_path_size(path: Path) -> int:
+    """The bytes `path` takes in sun_path, as the kernel counts them: a non-ASCII character is
+    two to four, and a name that is no UTF-8 (a surrogate-escaped byte) its own bytes."""
+    return len(os.fsencode(path))
 
 
 class SocketProblem(enum.Enum):

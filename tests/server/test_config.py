@@ -128,6 +128,15 @@ def test_a_duration_or_size_past_int32_is_refused_naming_the_key(key: str) -> No
         build_config({"trust_domain": "example.org", key: 10**14})
 
 
+def test_an_admin_socket_path_is_measured_in_bytes_as_the_kernel_measures_it() -> None:
+    # 60 "é" are 60 characters but 120 bytes of sun_path: the length was counted in characters,
+    # the path passed, and gRPC's bind failed later as "in use, or no such address/directory".
+    path = "/tmp/" + "\u00e9" * 60 + ".sock"
+    with pytest.raises(ConfigError, match=r"^admin_socket: path is 130 bytes, a Unix socket"):
+        build_config({"trust_domain": "example.org", "admin_socket": path})
+    build_config({"trust_domain": "example.org", "admin_socket": "/tmp/" + "\u00e9" * 48 + ".s"})
+
+
 def test_the_old_worker_key_still_works_under_its_new_name(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
