@@ -26,7 +26,7 @@ from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.metrics import Metrics, MetricsHttpServer
 from agent_attestor.node_client import insecure_fetch_server_root, load_x509pop
 from agent_attestor.peer import CallerRegistry
-from agent_attestor.relay import MAX_UNIX_PATH, RelaySettings
+from agent_attestor.relay import RelaySettings
 from agent_attestor.rotation import Rotator
 from agent_attestor.state_store import StateStore
 from agent_attestor.state_writer import StateWriter
@@ -36,6 +36,7 @@ from agent_attestor.workload_api import WorkloadApi
 from agent_attestor.workload_attestor import ExeHashCache, UnixAttestor
 from svid._clock import Clock, SystemClock
 from svid._daemon_config import listening
+from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
 
 log = logging.getLogger(__name__)
 HEALTH_SERVICE = "svid.agent"
@@ -49,7 +50,7 @@ def resolve_private_dir(config: AgentConfig) -> Path:
     if config.private_dir is not None:
         return config.private_dir.resolve()
     candidate = (config.data_dir / "private").resolve()
-    if len(str(candidate / "api.sock").encode()) <= MAX_UNIX_PATH:
+    if unix_path_size(candidate / "api.sock") <= MAX_UNIX_PATH:
         return candidate
     # Unix socket paths are short; a deep data_dir gets a private dir under /tmp instead.
     return Path(tempfile.mkdtemp(prefix="svid-agent-"))

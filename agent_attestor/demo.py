@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_attestor import parent_death
-from agent_attestor.relay import MAX_UNIX_PATH
+from svid._unix_socket import MAX_UNIX_PATH
 
 TRUST_DOMAIN = "example.org"
 START_TIMEOUT = 30.0

@@ -34,10 +34,10 @@ from agent_attestor.peer import Caller, CallerRegistry, abstract_peer
 from agent_attestor.unix_diag import UnixDiagError, peer_inode
 from agent_attestor.workload_attestor import WorkloadAttestor
 from svid._clock import Clock, SystemClock
+from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
 
 log = logging.getLogger(__name__)
 
-MAX_UNIX_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
 _ID_BYTES = 12
 READ_BUFFER = 256 * 1024  # asyncio's own read size
 ACCEPT_BATCH = 64
@@ -209,7 +209,7 @@ class WorkloadRelay:
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         for key, path in (("socket_path", public_path), ("private_dir", internal_path)):
-            if len(str(path).encode()) > MAX_UNIX_PATH:
+            if unix_path_size(path) > MAX_UNIX_PATH:
                 raise ConfigError(f"{key}: {path} is longer than {MAX_UNIX_PATH} bytes")
 
     async def start(self) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,6 +226,27 @@ def test_a_config_that_cannot_be_read_or_is_not_utf8_is_refused_naming_it(
         load_toml(tmp_path)
     assert cli.main(["run", "--config", str(tmp_path)]) == 2
     assert "configuration error: config: cannot read" in capsys.readouterr().err
+
+
+def test_socket_paths_that_are_not_utf8_are_measured_not_a_traceback(tmp_path: Path) -> None:
+    # A file name is any bytes; the lengths of socket_path and of <data_dir>/private/api.sock
+    # were measured with str.encode(), which raised UnicodeEncodeError for a byte that is no
+    # UTF-8: a traceback from `run`, where a too long path is one line naming the key.
+    data_dir = os.fsencode(tmp_path) + b"/d\xff"
+    socket_path = os.fsencode(tmp_path) + b"/" + b"\xff" * 120 + b"/api.sock"
+    run = [sys.executable, "-m", "agent_attestor.cli", "run", "--server-address", "127.0.0.1:1"]
+    paths = [b"--data-dir", data_dir, b"--socket-path", socket_path]
+    done = subprocess.run(
+        [*run, "--insecure-bootstrap", *paths],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    err = done.stderr.decode(errors="replace")
+    assert "Traceback" not in err
+    assert done.returncode == 2, err
+    assert err.startswith("svid-agent: configuration error: socket_path: ")
+    assert err.rstrip().endswith("is longer than 107 bytes")
 
 
 def test_audit_checkpoint_with_a_data_dir_of_no_users_home_is_a_configuration_error(
