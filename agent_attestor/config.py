@@ -26,6 +26,7 @@ from agent_attestor.errors import ConfigError
 from agent_attestor.servers import Target, pair_targets
 from svid._daemon_config import (
     FileWords,
+    as_choice,
     as_finite,
     as_whole,
     check_address,
@@ -127,6 +128,7 @@ _PATH_KEYS = {
     "private_dir",
 }
 _BOOL_KEYS = {"insecure_bootstrap"}
+_CHOICES = {"log_format": LOG_FORMATS, "log_level": LOG_LEVELS}
 _FLOAT_KEYS = {"reconnect_min", "reconnect_max", "connect_timeout", "identify_timeout"}
 # Lists: a TOML array, or strings of comma-separated items (a flag may be repeated).
 LIST_KEYS = {"server_addresses", "server_attest_addresses"}
@@ -154,6 +156,8 @@ def _convert(key: str, value: Any) -> Any:
         return None
     if key in LIST_KEYS:
         return _convert_list(key, value)
+    if key in _CHOICES:
+        return as_choice(key, value, _CHOICES[key], ConfigError)
     if key in _BOOL_KEYS:
         if isinstance(value, bool):
             return value
@@ -324,10 +328,6 @@ def build_config(
         )
     if config.metrics_address:
         check_address("metrics_address", config.metrics_address, ConfigError, listen=True)
-    if config.log_format not in LOG_FORMATS:
-        raise ConfigError(f"log_format: expected one of {LOG_FORMATS}, got {config.log_format!r}")
-    if config.log_level not in LOG_LEVELS:
-        raise ConfigError(f"log_level: expected one of {LOG_LEVELS}, got {config.log_level!r}")
     if config.trust_bundle is not None and config.insecure_bootstrap:
         raise ConfigError("insecure_bootstrap: cannot be combined with trust_bundle")
     if (config.x509pop_cert is None) != (config.x509pop_key is None):

@@ -18,6 +18,7 @@ from server.datastore.postgres_dsn import is_postgres_dsn, redact_dsn
 from server.errors import ConfigError
 from svid._daemon_config import (
     FileWords,
+    as_choice,
     as_finite,
     as_whole,
     check_address,
@@ -214,13 +215,7 @@ def _as_path(key: str, value: Any) -> Path:
 
 
 def _as_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
-    def check(key: str, value: Any) -> str:
-        text = _as_str(key, value).lower()
-        if text not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
-        return text
-
-    return check
+    return lambda key, value: as_choice(key, value, choices, ConfigError)
 
 
 def _as_address(key: str, value: Any) -> str:

@@ -117,6 +117,17 @@ def as_whole(key: str, value: Any, error: ErrorType) -> int:
     return int(number)
 
 
+def as_choice(key: str, value: Any, choices: Collection[str], error: ErrorType) -> str:
+    """One of `choices` (lower case), given in any case: logging's own level names are upper
+    case, and one file may serve both daemons, which must not read it apart."""
+    if not isinstance(value, str):
+        raise error(f"{key}: expected a string, got {value!r}")
+    text = value.lower()
+    if text not in choices:
+        raise error(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+    return text
+
+
 def check_address(key: str, value: str, error: ErrorType, *, listen: bool) -> None:
     """`value` is host:port (an IPv6 host in brackets); a port from 1, or from 0 (any free one)
     for an address the daemon listens on."""

@@ -478,3 +478,11 @@ def test_a_join_token_of_the_wrong_type_is_refused_without_printing_it() -> None
             build_config({"join_token": value}, {})
         assert "s3cret" not in str(refused.value)
         assert "123456789" not in str(refused.value)
+
+
+def test_log_format_and_level_take_any_case_as_the_servers_do() -> None:
+    # One file serves both daemons: log_level = "INFO" ran the server and refused the agent.
+    config = build_config({"log_level": "WARNING"}, {"log_format": "Text"})
+    assert (config.log_format, config.log_level) == ("text", "warning")
+    with pytest.raises(ConfigError, match=r"^log_level: must be one of debug, info, "):
+        build_config({"log_level": "LOUD"}, {})

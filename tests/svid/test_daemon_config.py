@@ -12,6 +12,7 @@ import pytest
 
 from svid._daemon_config import (
     FileWords,
+    as_choice,
     as_finite,
     as_whole,
     check_address,
@@ -185,6 +186,26 @@ def test_infinity_and_nan_are_refused_where_a_whole_number_is_wanted(value: floa
     # int(inf) raised OverflowError: a traceback, not a line naming the key.
     with pytest.raises(RefusedError, match=r"^size: expected a finite number, got "):
         as_whole("size", value, RefusedError)
+
+
+# -- choices ---------------------------------------------------------------------------------
+
+
+def test_a_choice_is_taken_in_any_case_and_given_back_in_lower_case() -> None:
+    assert as_choice("log_level", "WARNING", ("info", "warning"), RefusedError) == "warning"
+    assert as_choice("log_level", "info", ("info", "warning"), RefusedError) == "info"
+
+
+@pytest.mark.parametrize("value", ["loud", "", " info"])
+def test_what_is_no_choice_is_refused_naming_the_key_and_the_choices(value: str) -> None:
+    with pytest.raises(RefusedError) as refused:
+        as_choice("log_level", value, ("info", "warning"), RefusedError)
+    assert str(refused.value) == f"log_level: must be one of info, warning, got {value!r}"
+
+
+def test_a_choice_that_is_no_string_is_refused() -> None:
+    with pytest.raises(RefusedError, match=r"^log_level: expected a string, got 3$"):
+        as_choice("log_level", 3, ("info",), RefusedError)
 
 
 # -- addresses -------------------------------------------------------------------------------
