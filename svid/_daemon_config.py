@@ -75,7 +75,10 @@ def refuse_unknown(values: Mapping[str, Any], keys: Collection[str], error: Erro
 
 def expand_path(key: str, value: str | Path, error: ErrorType) -> Path:
     """`value` with a leading ~ or ~user expanded; a user with no home is refused naming `key`
-    (Path.expanduser raises RuntimeError: a traceback)."""
+    (Path.expanduser raises RuntimeError: a traceback), and so is a NUL, which a TOML escape
+    can write and no system call takes (each raised ValueError: a traceback)."""
+    if "\x00" in str(value):
+        raise error(f"{key}: may not contain NUL (0x00)")
     try:
         return Path(value).expanduser()
     except RuntimeError:  # "Could not determine home directory."

@@ -161,6 +161,9 @@ def test_a_key_outside_the_agent_table_is_refused_naming_it(tmp_path: Path) -> N
         # Path.expanduser raised RuntimeError for a ~user with no home: a traceback from run.
         ({"data_dir": "~no-such-user-svidd/x"}, "data_dir"),
         ({"join_token_file": "~no-such-user-svidd/token"}, "join_token_file"),
+        # TOML writes NUL as \u0000: os.mkdir and os.open raised ValueError, a traceback.
+        ({"data_dir": "/var/a\x00b"}, "data_dir"),
+        ({"join_token_file": "/etc/token\x00"}, "join_token_file"),
     ],
 )
 def test_bad_values_name_their_key(values: dict[str, object], key: str) -> None:

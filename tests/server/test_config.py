@@ -71,6 +71,9 @@ def test_config_is_frozen() -> None:
         ({"trust_domain": "example.org", "upstream_ca_cert": "/a.pem"}, "upstream_ca_key"),
         ({"trust_domain": "example.org", "color": "blue"}, "color"),
         ({"trust_domain": "example.org", "admin_socket": "/" + "a" * 120}, "admin_socket"),
+        # TOML writes NUL as \u0000: os.mkdir raised ValueError, a traceback from `run`.
+        ({"trust_domain": "example.org", "data_dir": "/var/a\x00b"}, "data_dir"),
+        ({"trust_domain": "example.org", "policy_dir": "\x00"}, "policy_dir"),
         ({"trust_domain": "example.org", "ca_ttl": 100}, "default_x509_svid_ttl"),
         ({"trust_domain": "example.org", "jwt_key_ttl": 100}, "default_jwt_svid_ttl"),
         ({"trust_domain": "example.org", "shutdown_grace": -1}, "shutdown_grace"),

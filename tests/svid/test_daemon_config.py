@@ -142,6 +142,13 @@ def test_a_tilde_user_with_no_home_is_refused_naming_the_key() -> None:
     )
 
 
+def test_a_path_holding_nul_is_refused_naming_the_key() -> None:
+    # No system call takes one: os.mkdir and open raised ValueError, a traceback from `run`.
+    with pytest.raises(RefusedError) as refused:
+        expand_path("data_dir", "/var/a\x00b", RefusedError)
+    assert str(refused.value) == "data_dir: may not contain NUL (0x00)"
+
+
 # -- numbers ---------------------------------------------------------------------------------
 
 
