@@ -242,7 +242,8 @@ def _as_datastore(key: str, value: Any) -> str:
         raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
     text = value
     if not is_postgres_dsn(text):
-        return text  # a SQLite file ("" for the default one)
+        # A SQLite file ("" for the default one), its path read as data_dir's is (~ expanded).
+        return str(expand_path(key, text, ConfigError)) if text else text
     try:
         _ = urllib.parse.urlsplit(text).port  # raises for a port that is no number
     except ValueError:

@@ -190,6 +190,18 @@ def test_the_datastore_is_sqlite_in_the_data_dir_unless_set() -> None:
     assert moved.datastore_path == Path("/srv/ds.sqlite3")
 
 
+def test_a_datastore_file_under_home_is_found_there_as_data_dir_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # data_dir expanded a leading ~ and datastore, the other path of the datastore, did not:
+    # datastore = "~/svid/ds.sqlite3" made ./~/svid/ds.sqlite3 wherever the server started.
+    monkeypatch.setenv("HOME", "/home/svid")
+    config = build_config({"trust_domain": "example.org", "datastore": "~/svid/ds.sqlite3"})
+    assert config.datastore_path == Path("/home/svid/svid/ds.sqlite3")
+    with pytest.raises(ConfigError, match=r"^datastore: may not contain NUL"):
+        build_config({"trust_domain": "example.org", "datastore": "/srv/ds\x00.sqlite3"})
+
+
 KEK = {"key_encryption_key_file": "/etc/svid/kek"}  # servers sharing PostgreSQL share the CA
 
 
