@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +121,25 @@ def _data_dir(args: argparse.Namespace, config: Callable[[argparse.Namespace], A
     return DEFAULT_DATA_DIR if path is None else path
 
 
+def _datastore_file(data_dir: Path, file_values: Mapping[str, Any]) -> Path:
+    """The server's SQLite datastore (ServerConfig.datastore_path): the config's `datastore`
+    file when it names one, else the one in `data_dir`."""
+    from server.config import file_value  # noqa: PLC0415 - as build_config below
+    from server.datastore.postgres_dsn import is_postgres_dsn  # noqa: PLC0415
+
+    configured: str | None = file_value(file_values, "datastore")
+    if configured and not is_postgres_dsn(configured):
+        return Path(configured)
+    return data_dir / DATASTORE_FILE
+
+
 def _audit_db(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]) -> Path:
     if args.audit_db is not None:
         return Path(args.audit_db)
     data_dir = _data_dir(args, config)
     # An older version's audit.db stays the log until the server's next start imports it.
     legacy = data_dir / LEGACY_AUDIT_FILE
-    return legacy if legacy.is_file() else data_dir / DATASTORE_FILE
+    return legacy if legacy.is_file() else _datastore_file(data_dir, config(args))
 
 
 MAX_INT64 = 2**63 - 1
@@ -267,7 +279,7 @@ def _prune(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]
     from svid._clock import SystemClock  # noqa: PLC0415
 
     data_dir = _data_dir(args, config)
-    db = data_dir / DATASTORE_FILE
+    db = _datastore_file(data_dir, config(args))
     if (data_dir / LEGACY_AUDIT_FILE).is_file():
         raise CliError(f"{data_dir / LEGACY_AUDIT_FILE} is not imported yet: start the server once")
     if not db.is_file():

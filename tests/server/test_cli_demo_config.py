@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from server.cli import ADMIN_SOCKET_ENV, main
-from tests.server.fixtures import TRUST_DOMAIN, RunningServer, running_server
+from tests.server.fixtures import TRUST_DOMAIN, RunningServer, managed_server, running_server
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,29 @@ def test_path_keys_of_a_config_are_read_with_home_expanded_as_the_server_reads_t
     assert main(["policy", "validate", "--config", str(config), "--output", "json"]) == 0
     validated = json.loads(capsys.readouterr().out)
     assert validated == {"policy_dir": str(home / "policy"), "valid": True}
+
+
+def test_audit_commands_read_the_datastore_file_the_config_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A config's `datastore` file is where the server keeps its log, but `audit verify` and
+    # `audit export` (and `audit prune`) looked for <data_dir>/datastore.sqlite3 whatever it
+    # said: "no audit database", or, where an older datastore lay there, that one verified,
+    # exported and pruned.
+    datastore = tmp_path / "elsewhere.sqlite3"
+    with managed_server(datastore=str(datastore)) as server:
+        config = tmp_path / "server.toml"
+        config.write_text(
+            f'trust_domain = "{TRUST_DOMAIN}"\n'
+            f'data_dir = "{server.config.data_dir}"\n'
+            f'datastore = "{datastore}"\n'
+            f'admin_socket = "{server.runtime.admin_socket}"\n'
+        )
+        # The configured file is the only datastore there is: each command opened it.
+        assert not (server.config.data_dir / "datastore.sqlite3").exists()
+        assert main(["audit", "verify", "--config", str(config), "--output", "json"]) == 0
+        assert json.loads(capsys.readouterr().out)["ok"] is True
+        assert main(["audit", "export", "--config", str(config)]) == 0
+        assert main(["audit", "prune", "--config", str(config)]) == 0
+        assert "no datastore" not in capsys.readouterr().err
+        assert not (server.config.data_dir / "datastore.sqlite3").exists()
