@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 
@@ -25,6 +26,7 @@ from svid._workload_address import address_of, grpc_target
 from svid._workload_calls import CHANNEL_OPTIONS, METADATA
 from svid._workload_errors import WorkloadApiError
 
+T = TypeVar("T")
 log = logging.getLogger("svid.tasks")
 DEFAULT_TIMEOUT = 10.0
 
@@ -50,8 +52,13 @@ class AsyncTaskClient:
         self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._tasks = task_pb2_grpc.TasksStub(self._channel)
         self._workload = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
+        # Calls that go on after their caller was cancelled (see _carried_on).
+        self._carrying_on: set[asyncio.Task[object]] = set()
 
     async def close(self) -> None:
+        # A cancelled begin's or end's call finishes first: it ends a task it would leave open.
+        if self._carrying_on:
+            await asyncio.gather(*self._carrying_on, return_exceptions=True)
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncTaskClient:
@@ -88,11 +95,44 @@ class AsyncTaskClient:
         )
 
         async def begun() -> AsyncTask:
-            return AsyncTask(self, await self._begin(request))
+            return AsyncTask(self, await self._begin_or_end(request))
 
         return Beginning(begun)
 
     # -- calls ---------------------------------------------------------------------------------
+
+    def _carried_on(self, call: Coroutine[object, None, T]) -> asyncio.Task[T]:
+        """``call`` as a task of its own, kept (and awaited by close()) until it is done."""
+        task = asyncio.ensure_future(call)
+        self._carrying_on.add(task)  # type: ignore[arg-type]
+        task.add_done_callback(self._carrying_on.discard)
+        return task
+
+    async def _begin_or_end(self, request: task_pb2.BeginTaskRequest) -> TaskInfo:
+        """BeginTask, not cancelled with its caller: the server may have granted the task
+        already, and cancelling the call would only lose its answer, leaving the task open
+        (its SVIDs valid) until its TTL runs out. On cancellation the granted task is ended
+        once the answer comes, and then the cancellation goes on."""
+        began = self._carried_on(self._begin(request))
+        try:
+            return await asyncio.shield(began)
+        except asyncio.CancelledError:
+            # A second cancellation stops this wait, not the end.
+            await asyncio.shield(self._carried_on(self._end_granted(began)))
+            raise
+
+    async def _end_granted(self, began: asyncio.Task[TaskInfo]) -> None:
+        try:
+            info = await began
+        except SvidError:
+            return  # refused or failed: nothing to end
+        try:
+            await self._end(info.task_id)
+        except SvidError as exc:
+            log.warning(
+                "could not end a task whose begin was cancelled; it runs out at its TTL",
+                extra={"task_id": info.task_id, "error": str(exc)},
+            )
 
     async def _begin(self, request: task_pb2.BeginTaskRequest) -> TaskInfo:
         try:
@@ -254,7 +294,7 @@ class AsyncTask(TaskView):
         async def begun() -> AsyncTask:
             if self._ended:
                 raise TaskEndedError(f"task {self.task_id} has ended; it begins no sub-tasks")
-            child = AsyncTask(self._client, await self._client._begin(request))
+            child = AsyncTask(self._client, await self._client._begin_or_end(request))
             self._children.append(child)
             return child
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,7 @@ from svid.tasks import (
 )
 from tests.e2e.agent_process import AgentProcess, create_entry, new_token
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
+from tests.e2e.held_socket import HeldSocket
 
 pytestmark = pytest.mark.e2e
 RUNTIME = f"spiffe://{TRUST_DOMAIN}/agents/research-bot"
@@ -67,6 +70,17 @@ class Stack:
     def task_state(self, task_id: str) -> str:
         shown = self.server.cli_json("task", "show", task_id)
         return str(shown.get("task", shown)["state"])
+
+    def task_for(self, on_behalf_of: str) -> dict[str, Any] | None:
+        """The server's task working for `on_behalf_of` (a name one test gives one task)."""
+        listed = self.server.cli_json("task", "list", "--runtime-id", RUNTIME)["tasks"]
+        return next((t for t in listed if t.get("on_behalf_of") == on_behalf_of), None)
+
+    def held(self) -> HeldSocket:
+        """A socket in front of the agent's that can hold either direction's bytes back."""
+        return HeldSocket(
+            self.agent.root / f"held-{uuid.uuid4().hex[:8]}.sock", self.agent.socket_path
+        )
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +273,28 @@ def test_the_async_api_has_the_same_semantics(stack: Stack) -> None:
         return False
 
     wait_for(refused, 10, "the task's token to be revoked at the verifier")
+
+
+def test_a_begin_cancelled_in_flight_ends_the_task_the_server_granted(stack: Stack) -> None:
+    # The server grants the task, its answer is on the way, the caller is cancelled (a timeout,
+    # a shutdown): the task must not stay open until its TTL with nobody to end it.
+    principal = f"user:cancelled-{uuid.uuid4().hex[:8]}"
+
+    async def run(held: HeldSocket) -> None:
+        async with AsyncTaskClient(held.address) as client:
+            await (await client.begin(actions=["read"], resources=["docs"])).end()  # connected
+            held.hold_answers()
+            beginning = asyncio.ensure_future(
+                client.begin(actions=["read"], resources=["docs"], on_behalf_of=principal)
+            )
+            await asyncio.to_thread(wait_for, lambda: stack.task_for(principal), 20, "the grant")
+            beginning.cancel()
+            held.release()
+            with pytest.raises(asyncio.CancelledError):
+                await beginning
+
+    with stack.held() as held:
+        asyncio.run(run(held))
+    granted = stack.task_for(principal)
+    assert granted is not None
+    assert granted["state"] == "ended"

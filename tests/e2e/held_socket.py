@@ -1,0 +1,100 @@
+"""A Unix socket in front of another that can hold back the bytes of one direction: a slow link
+or a stalled peer, for real, so a test can act (cancel, interrupt) while a call is in flight.
+
+    with HeldSocket(root / "held.sock", agent.socket_path) as held:
+        held.hold_answers()           # what the agent sends waits here
+        ...                           # start a call, cancel it
+        held.release()                # everything held goes on, in order
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+from types import TracebackType
+
+
+class _Gate:
+    """Open or closed; a pump waits at a closed gate, counting what it holds."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.open.set()
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def pass_through(self, size: int) -> None:
+        if not self.open.is_set():
+            with self._lock:
+                self.held += size
+        self.open.wait()
+
+
+class HeldSocket:
+    def __init__(self, path: Path, target: Path) -> None:
+        self.path = path
+        self.target = target
+        self.requests = _Gate()  # caller -> target
+        self.answers = _Gate()  # target -> caller
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sockets: list[socket.socket] = []
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return f"unix://{self.path}"
+
+    def __enter__(self) -> HeldSocket:
+        self._listener.bind(str(self.path))
+        self._listener.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closed = True
+        self.release()
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+    def hold_requests(self) -> None:
+        self.requests.open.clear()
+
+    def hold_answers(self) -> None:
+        self.answers.open.clear()
+
+    def release(self) -> None:
+        self.requests.open.set()
+        self.answers.open.set()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                caller, _ = self._listener.accept()
+            except OSError:
+                return
+            far = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            far.connect(str(self.target))
+            self._sockets += [caller, far]
+            threading.Thread(
+                target=self._pump, args=(caller, far, self.requests), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(far, caller, self.answers), daemon=True
+            ).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, gate: _Gate) -> None:
+        try:
+            while data := source.recv(65536):
+                gate.pass_through(len(data))
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
