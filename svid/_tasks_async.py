@@ -95,7 +95,7 @@ class AsyncTaskClient:
         )
 
         async def begun() -> AsyncTask:
-            return AsyncTask(self, await self._begin_or_end(request))
+            return AsyncTask(self, await self._begin_task(request))
 
         return Beginning(begun)
 
@@ -108,30 +108,39 @@ class AsyncTaskClient:
         task.add_done_callback(self._carrying_on.discard)
         return task
 
-    async def _begin_or_end(self, request: task_pb2.BeginTaskRequest) -> TaskInfo:
-        """BeginTask, not cancelled with its caller: the server may have granted the task
-        already, and cancelling the call would only lose its answer, leaving the task open
-        (its SVIDs valid) until its TTL runs out. On cancellation the granted task is ended
-        once the answer comes, and then the cancellation goes on."""
-        began = self._carried_on(self._begin(request))
+    async def _uncancelled(
+        self,
+        call: Coroutine[object, None, T],
+        abandoned: Callable[[asyncio.Task[T]], Coroutine[object, None, None]] | None = None,
+    ) -> T:
+        """``call``'s result; ``call`` is not cancelled with its caller. A cancelled caller
+        waits for it to finish (and then for ``abandoned(call)``, which undoes what the caller
+        will never see), then gets its CancelledError; a second cancellation stops only the
+        wait. Cancelling a BeginTask or EndTask would lose its effect at the server, not stop
+        it: a granted task nobody knows of, or a task left open, its SVIDs valid to its TTL."""
+        task = self._carried_on(call)
         try:
-            return await asyncio.shield(began)
+            return await asyncio.shield(task)
         except asyncio.CancelledError:
-            # A second cancellation stops this wait, not the end.
-            await asyncio.shield(self._carried_on(self._end_granted(began)))
+            await asyncio.wait([task])
+            if abandoned is not None:
+                await asyncio.wait([self._carried_on(abandoned(task))])
             raise
 
+    async def _begin_task(self, request: task_pb2.BeginTaskRequest) -> TaskInfo:
+        return await self._uncancelled(self._begin(request), self._end_granted)
+
     async def _end_granted(self, began: asyncio.Task[TaskInfo]) -> None:
-        try:
-            info = await began
-        except SvidError:
+        """End the task a cancelled begin was granted."""
+        if began.cancelled() or began.exception() is not None:
             return  # refused or failed: nothing to end
+        task_id = began.result().task_id
         try:
-            await self._end(info.task_id)
+            await self._end(task_id)
         except SvidError as exc:
             log.warning(
                 "could not end a task whose begin was cancelled; it runs out at its TTL",
-                extra={"task_id": info.task_id, "error": str(exc)},
+                extra={"task_id": task_id, "error": str(exc)},
             )
 
     async def _begin(self, request: task_pb2.BeginTaskRequest) -> TaskInfo:
@@ -294,15 +303,19 @@ class AsyncTask(TaskView):
         async def begun() -> AsyncTask:
             if self._ended:
                 raise TaskEndedError(f"task {self.task_id} has ended; it begins no sub-tasks")
-            child = AsyncTask(self._client, await self._client._begin_or_end(request))
+            child = AsyncTask(self._client, await self._client._begin_task(request))
             self._children.append(child)
             return child
 
         return Beginning(begun)
 
     async def end(self) -> TaskInfo:
+        """End the task (idempotent). Once sent, a cancellation waits for it to be done."""
         if self._ended:
             return self._info
+        return await self._client._uncancelled(self._ending())
+
+    async def _ending(self) -> TaskInfo:
         info = await self._client._end(self.task_id)
         self._mark_ended(info)
         return info

@@ -298,3 +298,24 @@ def test_a_begin_cancelled_in_flight_ends_the_task_the_server_granted(stack: Sta
     granted = stack.task_for(principal)
     assert granted is not None
     assert granted["state"] == "ended"
+
+
+def test_an_end_cancelled_in_flight_still_ends_the_task(stack: Stack) -> None:
+    # Leaving `async with` while being cancelled: the EndTask must reach the server anyway.
+    async def run(held: HeldSocket) -> str:
+        async with AsyncTaskClient(held.address) as client:
+            task = await client.begin(actions=["read"], resources=["docs"])
+            held.hold_requests()
+            ending = asyncio.ensure_future(task.__aexit__(None, None, None))
+            await asyncio.to_thread(wait_for, lambda: held.requests.held, 10, "the EndTask")
+            ending.cancel()
+            await asyncio.sleep(0.3)  # what the cancellation sends is held too
+            held.release()
+            with pytest.raises(asyncio.CancelledError):
+                await ending
+            assert task.ended
+            return task.task_id
+
+    with stack.held() as held:
+        task_id = asyncio.run(run(held))
+    assert stack.task_state(task_id) == "ended"
