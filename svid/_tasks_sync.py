@@ -91,11 +91,32 @@ class TaskClient:
     # -- calls ---------------------------------------------------------------------------------
 
     def _begin(self, request: task_pb2.BeginTaskRequest) -> TaskInfo:
+        call = self._tasks.BeginTask.future(request, metadata=METADATA, timeout=self.timeout)
         try:
-            reply = self._tasks.BeginTask(request, metadata=METADATA, timeout=self.timeout)
+            reply = call.result()
         except grpc.RpcError as exc:
             raise translate(exc, "BeginTask", self.address) from exc
+        except BaseException:
+            # Interrupted (Ctrl-C) while the server may be granting the task: the call goes on,
+            # and its answer is the only record of the task's ID. Without ending it here the
+            # task would stay open, its SVIDs valid, until its TTL. A second interrupt stops it.
+            self._end_granted(call)
+            raise
         return TaskInfo.from_proto(reply.task)
+
+    def _end_granted(self, call: grpc.Future) -> None:
+        """End the task an interrupted begin was granted."""
+        try:
+            task_id = call.result().task.task_id
+        except grpc.RpcError:
+            return  # refused or failed: nothing to end
+        try:
+            self._end(task_id)
+        except SvidError as exc:
+            log.warning(
+                "could not end a task whose begin was interrupted; it runs out at its TTL",
+                extra={"task_id": task_id, "error": str(exc)},
+            )
 
     def _end(self, task_id: str) -> TaskInfo:
         try:

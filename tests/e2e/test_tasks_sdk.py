@@ -5,8 +5,10 @@ client, no svid._proto."""
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -319,3 +321,26 @@ def test_an_end_cancelled_in_flight_still_ends_the_task(stack: Stack) -> None:
     with stack.held() as held:
         task_id = asyncio.run(run(held))
     assert stack.task_state(task_id) == "ended"
+
+
+def test_a_begin_interrupted_in_flight_ends_the_task_the_server_granted(stack: Stack) -> None:
+    # Ctrl-C while the server's grant is on its way: the sync twin of the cancelled begin.
+    principal = f"user:interrupted-{uuid.uuid4().hex[:8]}"
+
+    def interrupt_once_granted() -> None:
+        wait_for(lambda: stack.task_for(principal), 20, "the grant")
+        _thread.interrupt_main()  # as a SIGINT does: KeyboardInterrupt in the main thread
+        time.sleep(0.5)  # it lands while the answer is still held (gRPC checks every 0.2 s)
+        held.release()
+
+    with stack.held() as held, TaskClient(held.address) as client:
+        client.begin(actions=["read"], resources=["docs"]).end()  # connected
+        held.hold_answers()
+        interrupter = threading.Thread(target=interrupt_once_granted)
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.begin(actions=["read"], resources=["docs"], on_behalf_of=principal)
+        interrupter.join()
+    granted = stack.task_for(principal)
+    assert granted is not None
+    assert granted["state"] == "ended"
