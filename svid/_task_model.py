@@ -3,6 +3,7 @@ an intent, and when a cached task JWT is due for refresh."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -68,6 +69,22 @@ class TaskView:
     """The granted task's values, read from ``info`` (shared by the sync and asyncio handles)."""
 
     _info: TaskInfo
+    _ended: bool
+
+    def __del__(self) -> None:
+        # A task nobody ended stays active, its SVIDs valid, until its TTL: say so, as an
+        # unclosed file does. No RPC here (a finalizer may run on any thread, on a closed
+        # loop, or at interpreter exit), so it is not ended.
+        if getattr(self, "_ended", True):
+            return
+        info = self._info
+        warnings.warn(
+            f"task {info.task_id} was never ended: it stays active, its SVIDs valid, until its "
+            f"TTL runs out (expires_at {info.expires_at}); begin it with `with` or call end()",
+            ResourceWarning,
+            stacklevel=2,
+            source=self,
+        )
 
     @property
     def info(self) -> TaskInfo:

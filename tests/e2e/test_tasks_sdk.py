@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -344,3 +345,28 @@ def test_a_begin_interrupted_in_flight_ends_the_task_the_server_granted(stack: S
     granted = stack.task_for(principal)
     assert granted is not None
     assert granted["state"] == "ended"
+
+
+def test_a_task_dropped_without_being_ended_warns_naming_it(stack: Stack) -> None:
+    # A forgotten end leaves the task active, its SVIDs valid, until its TTL: say so, as an
+    # unclosed file does, naming the task and what to do; an ended one is dropped silently.
+    with TaskClient(stack.address) as client:
+        forgotten = client.begin(actions=["read"], resources=["docs"])
+        task_id = forgotten.task_id
+        with pytest.warns(ResourceWarning, match=f"task {task_id} was never ended") as seen:
+            del forgotten  # its last reference
+        assert "end()" in str(seen[0].message)
+        assert stack.task_state(task_id) == "active"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            with client.begin(actions=["read"], resources=["docs"]) as ended:
+                ended.subtask()
+            del ended
+
+    async def dropped() -> str:
+        async with AsyncTaskClient(stack.address) as client:
+            task = await client.begin(actions=["read"], resources=["docs"])
+            return task.task_id
+
+    with pytest.warns(ResourceWarning, match="was never ended"):
+        asyncio.run(dropped())
