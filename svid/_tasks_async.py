@@ -34,7 +34,8 @@ DEFAULT_TIMEOUT = 10.0
 class AsyncTaskClient:
     """Begins tasks for this workload at the agent's Workload API socket, on asyncio.
 
-    Build it inside the event loop it is used on; ``await close()`` (or ``async with``) when done.
+    It connects on first use and serves that event loop only (a gRPC asyncio channel is bound
+    to one): make one client per loop. ``await close()`` (or ``async with``) when done.
     """
 
     def __init__(
@@ -49,9 +50,13 @@ class AsyncTaskClient:
         self.address = address_of(socket, environ)
         self.timeout = timeout
         self.clock: Clock = clock or SystemClock()
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-        self._tasks = task_pb2_grpc.TasksStub(self._channel)
-        self._workload = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
+        # Made on first use, in the loop it then serves: a client made at import time, outside
+        # any loop, still works under asyncio.run.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stubs: (
+            tuple[task_pb2_grpc.TasksStub, workload_pb2_grpc.SpiffeWorkloadAPIStub] | None
+        ) = None
         # Calls that go on after their caller was cancelled (see _carried_on).
         self._carrying_on: set[asyncio.Task[object]] = set()
 
@@ -59,7 +64,38 @@ class AsyncTaskClient:
         # A cancelled begin's or end's call finishes first: it ends a task it would leave open.
         if self._carrying_on:
             await asyncio.gather(*self._carrying_on, return_exceptions=True)
-        await self._channel.close()
+        if self._channel is not None:
+            self._check_loop()
+            await self._channel.close()
+
+    def _check_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and loop is not self._loop:
+            raise RuntimeError(
+                "this AsyncTaskClient was first used on another event loop, and its gRPC "
+                "channel is bound to that loop: make one client per event loop (in the "
+                "coroutine asyncio.run runs, say), and use its tasks on that loop only"
+            )
+        return loop
+
+    @property
+    def _tasks(self) -> task_pb2_grpc.TasksStub:
+        return self._connect()[0]
+
+    @property
+    def _workload(self) -> workload_pb2_grpc.SpiffeWorkloadAPIStub:
+        return self._connect()[1]
+
+    def _connect(self) -> tuple[task_pb2_grpc.TasksStub, workload_pb2_grpc.SpiffeWorkloadAPIStub]:
+        loop = self._check_loop()
+        if self._stubs is None:
+            self._loop = loop
+            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            self._stubs = (
+                task_pb2_grpc.TasksStub(self._channel),
+                workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel),
+            )
+        return self._stubs
 
     async def __aenter__(self) -> AsyncTaskClient:
         return self

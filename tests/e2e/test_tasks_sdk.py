@@ -370,3 +370,20 @@ def test_a_task_dropped_without_being_ended_warns_naming_it(stack: Stack) -> Non
 
     with pytest.warns(ResourceWarning, match="was never ended"):
         asyncio.run(dropped())
+
+
+def test_an_async_client_serves_the_loop_it_is_first_used_on_and_names_a_wrong_one(
+    stack: Stack,
+) -> None:
+    # Made outside any loop (at import time, say) and used under asyncio.run: it works.
+    client = AsyncTaskClient(stack.address)
+
+    async def use() -> None:
+        async with client.begin(actions=["read"], resources=["docs"]) as task:
+            await task.jwt("docs")
+
+    asyncio.run(use())
+    # A gRPC asyncio channel serves one loop: another loop is told so, not "attached to a
+    # different loop" from deep inside asyncio (or "Event loop is closed").
+    with pytest.raises(RuntimeError, match=r"another event loop.*one client per event loop"):
+        asyncio.run(use())
