@@ -20,7 +20,9 @@ Tools = Mapping[str, Iterable[str]] | Iterable[str]
 class TaskInfo:
     """A task as the server granted it. ``actions``/``resources``/``tools`` are the granted scope
     (maybe narrower than declared: then ``decision`` is ``allow_constrained`` and ``reason``
-    says what was cut); ``ttl`` is the granted lifetime in seconds."""
+    says what was cut); ``ttl`` is the granted lifetime in seconds. Once it has ended,
+    ``state`` says how (``ended``, ``revoked``, ``expired``) and ``end_reason`` why (an
+    operator's revocation reason, say); times are Unix seconds."""
 
     task_id: str
     spiffe_id: SpiffeId
@@ -40,6 +42,9 @@ class TaskInfo:
     depth: int
     state: str
     policy_ids: tuple[str, ...]
+    created_at: int = 0
+    ended_at: int = 0
+    end_reason: str = ""
 
     @classmethod
     def from_proto(cls, msg: task_pb2.Task) -> TaskInfo:
@@ -62,6 +67,9 @@ class TaskInfo:
             depth=msg.depth,
             state=msg.state,
             policy_ids=tuple(msg.policy_ids),
+            created_at=msg.created_at,
+            ended_at=msg.ended_at,
+            end_reason=msg.end_reason,
         )
 
 

@@ -387,3 +387,17 @@ def test_an_async_client_serves_the_loop_it_is_first_used_on_and_names_a_wrong_o
     # different loop" from deep inside asyncio (or "Event loop is closed").
     with pytest.raises(RuntimeError, match=r"another event loop.*one client per event loop"):
         asyncio.run(use())
+
+
+def test_a_task_revoked_at_the_server_says_why_when_the_runtime_ends_it(stack: Stack) -> None:
+    # An operator revokes the task while the runtime still works in it: leaving the block must
+    # tell the runtime that, and why, not only that the task is no longer active.
+    with TaskClient(stack.address) as client:
+        with client.begin(actions=["read"], resources=["docs"]) as task:
+            stack.server.cli("task", "revoke", task.task_id, "--reason", "suspected misuse")
+        assert task.info.state == "revoked"
+        assert task.info.end_reason == "suspected misuse"
+        with client.begin(actions=["read"], resources=["docs"]) as ended:
+            pass
+        assert ended.info.end_reason == "ended by its runtime"
+        assert ended.info.ended_at >= ended.info.created_at > 0
