@@ -43,6 +43,17 @@ class TaskEndedError(TaskError):
         super().__init__(message, "FAILED_PRECONDITION")
 
 
+def closed_client(name: str) -> TaskError:
+    """A call through a client that was closed: gRPC's own error for it (a ValueError or a
+    UsageError) is neither an svid error nor says what to do, and replaced the error a task's
+    block raised when leaving it tried to end the task."""
+    return TaskError(
+        f"this {name} was closed, so its tasks can make no more calls: close the client only "
+        "after the tasks it began have ended (use the task's block inside the client's)",
+        "CANCELLED",
+    )
+
+
 def _code_and_details(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     # grpc.RpcError from a sync stub is also a grpc.Call; grpc.aio.AioRpcError has the same
     # two methods without being one.

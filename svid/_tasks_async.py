@@ -20,7 +20,7 @@ from svid._errors import SvidError
 from svid._jwt import JwtSvid
 from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
 from svid._spiffe_id import SpiffeId
-from svid._task_errors import TaskEndedError, TaskError, translate
+from svid._task_errors import TaskEndedError, TaskError, closed_client, translate
 from svid._task_model import TaskInfo, TaskView, Tools, audience_key, begin_request, fresh
 from svid._workload_address import address_of, grpc_target
 from svid._workload_calls import CHANNEL_OPTIONS, METADATA
@@ -59,11 +59,13 @@ class AsyncTaskClient:
         ) = None
         # Calls that go on after their caller was cancelled (see _carried_on).
         self._carrying_on: set[asyncio.Task[object]] = set()
+        self._closed = False
 
     async def close(self) -> None:
         # A cancelled begin's or end's call finishes first: it ends a task it would leave open.
         if self._carrying_on:
             await asyncio.gather(*self._carrying_on, return_exceptions=True)
+        self._closed = True
         if self._channel is not None:
             self._check_loop()
             await self._channel.close()
@@ -88,6 +90,8 @@ class AsyncTaskClient:
 
     def _connect(self) -> tuple[task_pb2_grpc.TasksStub, workload_pb2_grpc.SpiffeWorkloadAPIStub]:
         loop = self._check_loop()
+        if self._closed:
+            raise closed_client("AsyncTaskClient")
         if self._stubs is None:
             self._loop = loop
             self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)

@@ -14,7 +14,7 @@ from svid._errors import SvidError
 from svid._jwt import JwtSvid
 from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
 from svid._spiffe_id import SpiffeId
-from svid._task_errors import TaskEndedError, TaskError, translate
+from svid._task_errors import TaskEndedError, TaskError, closed_client, translate
 from svid._task_model import TaskInfo, TaskView, Tools, audience_key, begin_request, fresh
 from svid._workload_address import address_of, grpc_target
 from svid._workload_calls import CHANNEL_OPTIONS, METADATA
@@ -44,11 +44,25 @@ class TaskClient:
         self.timeout = timeout
         self.clock: Clock = clock or SystemClock()
         self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-        self._tasks = task_pb2_grpc.TasksStub(self._channel)
-        self._workload = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
+        self._tasks_stub = task_pb2_grpc.TasksStub(self._channel)
+        self._workload_stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
+        self._closed = False
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
+
+    @property
+    def _tasks(self) -> task_pb2_grpc.TasksStub:
+        if self._closed:
+            raise closed_client("TaskClient")
+        return self._tasks_stub
+
+    @property
+    def _workload(self) -> workload_pb2_grpc.SpiffeWorkloadAPIStub:
+        if self._closed:
+            raise closed_client("TaskClient")
+        return self._workload_stub
 
     def __enter__(self) -> TaskClient:
         return self

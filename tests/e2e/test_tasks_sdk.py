@@ -25,6 +25,7 @@ from svid.tasks import (
     TaskClient,
     TaskDeniedError,
     TaskEndedError,
+    TaskError,
 )
 from tests.e2e.agent_process import AgentProcess, create_entry, new_token
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
@@ -401,3 +402,31 @@ def test_a_task_revoked_at_the_server_says_why_when_the_runtime_ends_it(stack: S
             pass
         assert ended.info.end_reason == "ended by its runtime"
         assert ended.info.ended_at >= ended.info.created_at > 0
+
+
+def test_a_task_outliving_its_client_says_so_and_keeps_the_blocks_own_error(stack: Stack) -> None:
+    # A task used after its client was closed got gRPC's own ValueError / UsageError ("Cannot
+    # invoke RPC on closed channel!"), which also replaced the exception raised in its block.
+    with TaskClient(stack.address) as client:
+        task = client.begin(actions=["read"], resources=["docs"])
+    with pytest.raises(TaskError, match="TaskClient was closed"):
+        task.jwt("docs")
+    with pytest.raises(RuntimeError, match="tool crashed"), task:
+        raise RuntimeError("tool crashed")
+    with pytest.raises(TaskError, match="TaskClient was closed"):
+        client.begin(actions=["read"], resources=["docs"])
+    stack.server.cli("task", "revoke", task.task_id)
+
+    async def run() -> None:
+        async with AsyncTaskClient(stack.address) as client:
+            task = await client.begin(actions=["read"], resources=["docs"])
+        with pytest.raises(TaskError, match="AsyncTaskClient was closed"):
+            await task.jwt("docs")
+        with pytest.raises(RuntimeError, match="tool crashed"):
+            async with task:
+                raise RuntimeError("tool crashed")
+        stack.server.cli("task", "revoke", task.task_id)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # those tasks were never ended
+        asyncio.run(run())
