@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from svid._jwt import JwtSvid
 from svid._proto import task_pb2
 from svid._spiffe_id import SpiffeId
+from svid._task_errors import TaskEndedError
 
 TOOL_SEPARATOR = "#"
 
@@ -71,6 +72,29 @@ class TaskInfo:
             ended_at=msg.ended_at,
             end_reason=msg.end_reason,
         )
+
+
+def ended_error(info: TaskInfo) -> TaskEndedError:
+    """What a call on the ended task ``info`` raises: how and why it ended, and what to do."""
+    how = info.state if info.state != "active" else "ended"  # "active": ended with its parent
+    why = f": {info.end_reason}" if info.end_reason else ""
+    return TaskEndedError(
+        f"task {info.task_id} has ended ({how}{why}); it mints no more tokens and begins no "
+        "sub-tasks: begin a new task"
+    )
+
+
+ACTIVE = "active"
+# Page size for the runtime's active tasks when a denial is checked against them (the most
+# the API gives).
+ACTIVE_PAGE = 5000
+
+
+def active_tasks_request(info: TaskInfo) -> task_pb2.ListTasksRequest:
+    """The first page of the active tasks of ``info``'s runtime identity."""
+    return task_pb2.ListTasksRequest(
+        spiffe_id=str(info.runtime_id), state=ACTIVE, page_size=ACTIVE_PAGE
+    )
 
 
 class TaskView:

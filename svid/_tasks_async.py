@@ -20,8 +20,23 @@ from svid._errors import SvidError
 from svid._jwt import JwtSvid
 from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
 from svid._spiffe_id import SpiffeId
-from svid._task_errors import TaskEndedError, TaskError, closed_client, translate
-from svid._task_model import TaskInfo, TaskView, Tools, audience_key, begin_request, fresh
+from svid._task_errors import (
+    TaskDeniedError,
+    TaskEndedError,
+    TaskError,
+    closed_client,
+    translate,
+)
+from svid._task_model import (
+    TaskInfo,
+    TaskView,
+    Tools,
+    active_tasks_request,
+    audience_key,
+    begin_request,
+    ended_error,
+    fresh,
+)
 from svid._workload_address import address_of, grpc_target
 from svid._workload_calls import CHANNEL_OPTIONS, METADATA
 from svid._workload_errors import WorkloadApiError
@@ -199,6 +214,23 @@ class AsyncTaskClient:
             raise translate(exc, "EndTask", self.address) from exc
         return TaskInfo.from_proto(reply.task)
 
+    async def _ended_info(self, info: TaskInfo) -> TaskInfo | None:
+        """As TaskClient._ended_info: the task's final state if it is no longer active."""
+        request = active_tasks_request(info)
+        try:
+            while True:
+                reply = await self._tasks.ListTasks(
+                    request, metadata=METADATA, timeout=self.timeout
+                )
+                if any(t.task_id == info.task_id for t in reply.tasks):
+                    return None
+                if not reply.next_page_token:
+                    break
+                request.page_token = reply.next_page_token
+            return await self._end(info.task_id)
+        except (grpc.aio.AioRpcError, SvidError):
+            return None
+
     async def _fetch_jwt(self, spiffe_id: SpiffeId, audience: tuple[str, ...]) -> JwtSvid:
         request = workload_pb2.JWTSVIDRequest(audience=list(audience), spiffe_id=str(spiffe_id))
         try:
@@ -263,10 +295,19 @@ class AsyncTask(TaskView):
 
     async def jwt_svid(self, audience: str | Iterable[str]) -> JwtSvid:
         key = audience_key(audience)
+        try:
+            return await self._jwt_svid(key)
+        except TaskDeniedError as denied:
+            ended = await self._ended_instead()
+            if ended is None:
+                raise
+            raise ended from denied
+
+    async def _jwt_svid(self, key: tuple[str, ...]) -> JwtSvid:
         # One fetch at a time: concurrent callers for one audience share the fetched token.
         async with self._lock:
             if self._ended:
-                raise TaskEndedError(f"task {self.task_id} has ended; it mints no more tokens")
+                raise ended_error(self._info)
             now = self._client.clock.now()
             cached = self._jwts.get(key)
             if cached is not None and fresh(cached[0], cached[1], now):
@@ -274,6 +315,14 @@ class AsyncTask(TaskView):
             jwt = await self._client._fetch_jwt(self.spiffe_id, key)
             self._jwts[key] = (jwt, now)
             return jwt
+
+    async def _ended_instead(self) -> TaskEndedError | None:
+        """As Task._ended_instead: a denial for a task the server has ended says so."""
+        info = await self._client._ended_info(self._info)
+        if info is None:
+            return None
+        self._mark_ended(info)
+        return ended_error(info)
 
     async def jwt(self, audience: str | Iterable[str]) -> str:
         return (await self.jwt_svid(audience)).token
@@ -342,8 +391,14 @@ class AsyncTask(TaskView):
 
         async def begun() -> AsyncTask:
             if self._ended:
-                raise TaskEndedError(f"task {self.task_id} has ended; it begins no sub-tasks")
-            child = AsyncTask(self._client, await self._client._begin_task(request))
+                raise ended_error(self._info)
+            try:
+                child = AsyncTask(self._client, await self._client._begin_task(request))
+            except TaskDeniedError as denied:
+                ended = await self._ended_instead()
+                if ended is None:
+                    raise
+                raise ended from denied
             self._children.append(child)
             return child
 

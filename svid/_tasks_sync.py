@@ -14,8 +14,23 @@ from svid._errors import SvidError
 from svid._jwt import JwtSvid
 from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
 from svid._spiffe_id import SpiffeId
-from svid._task_errors import TaskEndedError, TaskError, closed_client, translate
-from svid._task_model import TaskInfo, TaskView, Tools, audience_key, begin_request, fresh
+from svid._task_errors import (
+    TaskDeniedError,
+    TaskEndedError,
+    TaskError,
+    closed_client,
+    translate,
+)
+from svid._task_model import (
+    TaskInfo,
+    TaskView,
+    Tools,
+    active_tasks_request,
+    audience_key,
+    begin_request,
+    ended_error,
+    fresh,
+)
 from svid._workload_address import address_of, grpc_target
 from svid._workload_calls import CHANNEL_OPTIONS, METADATA
 from svid._workload_errors import WorkloadApiError
@@ -141,6 +156,23 @@ class TaskClient:
             raise translate(exc, "EndTask", self.address) from exc
         return TaskInfo.from_proto(reply.task)
 
+    def _ended_info(self, info: TaskInfo) -> TaskInfo | None:
+        """The task's final state if the server no longer has it active, else None (None too
+        when that cannot be learnt: the caller then raises the error it has)."""
+        request = active_tasks_request(info)
+        try:
+            while True:
+                reply = self._tasks.ListTasks(request, metadata=METADATA, timeout=self.timeout)
+                if any(t.task_id == info.task_id for t in reply.tasks):
+                    return None
+                if not reply.next_page_token:
+                    break
+                request.page_token = reply.next_page_token
+            # Not active: EndTask changes nothing and answers how and why it ended.
+            return self._end(info.task_id)
+        except (grpc.RpcError, SvidError):
+            return None
+
     def _fetch_jwt(self, spiffe_id: SpiffeId, audience: tuple[str, ...]) -> JwtSvid:
         request = workload_pb2.JWTSVIDRequest(audience=list(audience), spiffe_id=str(spiffe_id))
         try:
@@ -181,11 +213,21 @@ class Task(TaskView):
     # -- tokens --------------------------------------------------------------------------------
 
     def jwt_svid(self, audience: str | Iterable[str]) -> JwtSvid:
-        """A task JWT-SVID for ``audience`` (each mint is a policy decision at the server)."""
+        """A task JWT-SVID for ``audience`` (each mint is a policy decision at the server).
+        Raises TaskEndedError once the task has ended, however it ended."""
         key = audience_key(audience)
+        try:
+            return self._jwt_svid(key)
+        except TaskDeniedError as denied:
+            ended = self._ended_instead()
+            if ended is None:
+                raise
+            raise ended from denied
+
+    def _jwt_svid(self, key: tuple[str, ...]) -> JwtSvid:
         with self._lock:
             if self._ended:
-                raise TaskEndedError(f"task {self.task_id} has ended; it mints no more tokens")
+                raise ended_error(self._info)
             now = self._client.clock.now()
             cached = self._jwts.get(key)
             if cached is not None and fresh(cached[0], cached[1], now):
@@ -193,6 +235,16 @@ class Task(TaskView):
             jwt = self._client._fetch_jwt(self.spiffe_id, key)
             self._jwts[key] = (jwt, now)
             return jwt
+
+    def _ended_instead(self) -> TaskEndedError | None:
+        """What to raise instead of a denial when the server has ended this task (an
+        operator's revocation, its TTL, its parent's end): the denial was then the agent no
+        longer serving its identity, not a policy decision. None while it is active."""
+        info = self._client._ended_info(self._info)
+        if info is None:
+            return None
+        self._mark_ended(info)
+        return ended_error(info)
 
     def jwt(self, audience: str | Iterable[str]) -> str:
         """The bearer token of ``jwt_svid(audience)``."""
@@ -258,7 +310,7 @@ class Task(TaskView):
         elevate: bool,
     ) -> Task:
         if self._ended:
-            raise TaskEndedError(f"task {self.task_id} has ended; it begins no sub-tasks")
+            raise ended_error(self._info)
         request = self._child_request(
             actions=actions,
             resources=resources,
@@ -268,7 +320,13 @@ class Task(TaskView):
             ttl=ttl,
             elevate=elevate,
         )
-        child = Task(self._client, self._client._begin(request))
+        try:
+            child = Task(self._client, self._client._begin(request))
+        except TaskDeniedError as denied:
+            ended = self._ended_instead()
+            if ended is None:
+                raise
+            raise ended from denied
         with self._lock:
             self._children.append(child)
         return child

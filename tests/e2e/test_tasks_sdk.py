@@ -430,3 +430,50 @@ def test_a_task_outliving_its_client_says_so_and_keeps_the_blocks_own_error(stac
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)  # those tasks were never ended
         asyncio.run(run())
+
+
+def test_a_task_revoked_while_in_use_refuses_further_tokens_as_ended_saying_why(
+    stack: Stack,
+) -> None:
+    # The agent no longer serves a revoked task's identity: its refusal ("caller is not
+    # entitled to ...") read as a policy denial, which a runtime may retry or report as one.
+    def unserved(task_id: svid.SpiffeId) -> None:
+        def gone() -> bool:
+            try:
+                with svid.WorkloadApiClient(stack.address) as workload:
+                    workload.fetch_jwt_svid("docs", task_id)
+            except svid.workloadapi.WorkloadApiPermissionError:
+                return True
+            return False
+
+        wait_for(gone, 10, "the agent to stop serving the revoked task")
+
+    with (
+        TaskClient(stack.address) as client,
+        client.begin(actions=["read"], resources=["docs", "wiki"]) as task,
+    ):
+        task.jwt("docs")
+        stack.server.cli("task", "revoke", task.task_id, "--reason", "suspected misuse")
+        unserved(task.spiffe_id)
+        with pytest.raises(TaskEndedError, match="revoked: suspected misuse") as err:
+            task.jwt("wiki")
+        assert "begin a new task" in str(err.value)
+        assert task.ended
+        assert task.info.state == "revoked"
+        with pytest.raises(TaskEndedError, match="revoked: suspected misuse"):
+            task.subtask()
+
+    async def run() -> None:
+        async with (
+            AsyncTaskClient(stack.address) as client,
+            client.begin(actions=["read"], resources=["docs"]) as task,
+        ):
+            await asyncio.to_thread(stack.server.cli, "task", "revoke", task.task_id)
+            await asyncio.to_thread(unserved, task.spiffe_id)
+            with pytest.raises(TaskEndedError, match="revoked: revoked by an operator"):
+                await task.jwt("docs")
+            assert task.ended
+            with pytest.raises(TaskEndedError, match="revoked by an operator"):
+                await task.elevate(actions=["read"], resources=["docs"])
+
+    asyncio.run(run())
