@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -15,6 +19,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,7 +60,18 @@ permit (
   resource == Resource::"{SECRET}"
 )
 when {{ context.intent.elevated && context.intent.on_behalf_of != "" }};
+
+@id("readme_elevated_step")
+@ttl_cap("30")
+permit (
+  principal == Agent::"{RUNTIME}",
+  action == Action::"fetch_secret",
+  resource == Resource::"vault:x"
+)
+when {{ context.intent.elevated }};
 """
+README = Path(__file__).resolve().parents[2] / "README.md"
+README_MARKER = "<!-- tests/e2e/test_tasks_sdk.py runs this block -->"
 
 
 @dataclass
@@ -477,3 +493,25 @@ def test_a_task_revoked_while_in_use_refuses_further_tokens_as_ended_saying_why(
                 await task.elevate(actions=["read"], resources=["docs"])
 
     asyncio.run(run())
+
+
+def test_the_readmes_task_block_runs_as_written(stack: Stack) -> None:
+    text = README.read_text()
+    assert README_MARKER in text, "README.md lost the svid.tasks block's marker"
+    found = re.search(r"```python\n(.*?)```", text[text.index(README_MARKER) :], re.DOTALL)
+    assert found is not None
+    code = found.group(1) + "print('done', task.ended, step.ended, bool(secret_token))\n"
+    env = {**os.environ, "SPIFFE_ENDPOINT_SOCKET": stack.address}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "allow ('read',) ('mcp-tickets#read_ticket',) 900",
+        "done True True True",
+    ]
