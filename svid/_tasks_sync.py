@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -135,10 +136,10 @@ class TaskClient:
 
     def _end_granted(self, call: grpc.Future) -> None:
         """End the task an interrupted begin was granted."""
-        try:
-            task_id = call.result().task.task_id
-        except grpc.RpcError:
+        granted = _settled(call)
+        if granted is None:
             return  # refused or failed: nothing to end
+        task_id = granted.task.task_id
         try:
             self._end(task_id)
         except SvidError as exc:
@@ -147,14 +148,26 @@ class TaskClient:
                 extra={"task_id": task_id, "error": str(exc)},
             )
 
-    def _end(self, task_id: str) -> TaskInfo:
+    def _end(self, task_id: str, ended: Callable[[TaskInfo], object] | None = None) -> TaskInfo:
+        """EndTask; ``ended`` is given the ended task, also when an interrupt (Ctrl-C) comes
+        while waiting. A blocking call is cancelled when interrupted, leaving the task open,
+        its SVIDs valid, until its TTL: this one is a future, waited for then (a second
+        interrupt stops the wait) before the interrupt goes on."""
+        request = task_pb2.EndTaskRequest(task_id=task_id)
+        call = self._tasks.EndTask.future(request, metadata=METADATA, timeout=self.timeout)
         try:
-            reply = self._tasks.EndTask(
-                task_pb2.EndTaskRequest(task_id=task_id), metadata=METADATA, timeout=self.timeout
-            )
+            reply = call.result()
         except grpc.RpcError as exc:
             raise translate(exc, "EndTask", self.address) from exc
-        return TaskInfo.from_proto(reply.task)
+        except BaseException:
+            done = _settled(call)
+            if done is not None and ended is not None:
+                ended(TaskInfo.from_proto(done.task))
+            raise
+        info = TaskInfo.from_proto(reply.task)
+        if ended is not None:
+            ended(info)
+        return info
 
     def _ended_info(self, info: TaskInfo) -> TaskInfo | None:
         """The task's final state if the server no longer has it active, else None (None too
@@ -185,6 +198,14 @@ class TaskClient:
             return JwtSvid.parse_insecure(reply.svids[0].svid)  # from the agent: trusted
         except SvidError as exc:
             raise TaskError(f"FetchJWTSVID sent an unusable token: {exc}", "BAD_RESPONSE") from exc
+
+
+def _settled(call: grpc.Future) -> Any:
+    """The reply of a call its caller was interrupted waiting for, or None if it failed."""
+    try:
+        return call.result()
+    except grpc.RpcError:
+        return None
 
 
 class Task(TaskView):
@@ -338,9 +359,7 @@ class Task(TaskView):
         with self._lock:
             if self._ended:
                 return self._info
-        info = self._client._end(self.task_id)
-        self._mark_ended(info)
-        return info
+        return self._client._end(self.task_id, self._mark_ended)
 
     def _mark_ended(self, info: TaskInfo | None = None) -> None:
         with self._lock:

@@ -515,3 +515,24 @@ def test_the_readmes_task_block_runs_as_written(stack: Stack) -> None:
         "allow ('read',) ('mcp-tickets#read_ticket',) 900",
         "done True True True",
     ]
+
+
+def test_an_end_interrupted_in_flight_still_ends_the_task(stack: Stack) -> None:
+    # Ctrl-C while leaving a task's block: the interrupted EndTask was dropped, the task left
+    # open at the server and not ended in the runtime either.
+    def interrupt_once_sent() -> None:
+        wait_for(lambda: held.requests.held, 10, "the EndTask")
+        _thread.interrupt_main()
+        time.sleep(0.5)  # it lands while the request is still held
+        held.release()
+
+    with stack.held() as held, TaskClient(held.address) as client:
+        task = client.begin(actions=["read"], resources=["docs"])
+        held.hold_requests()
+        interrupter = threading.Thread(target=interrupt_once_sent)
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt), task:
+            pass
+        interrupter.join()
+        assert task.ended
+    assert stack.task_state(task.task_id) == "ended"
