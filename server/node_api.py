@@ -32,7 +32,7 @@ from server.errors import (
 from server.ids import ServerIds
 from server.issuance import AgentAdmission, Issuer, JwtRequest
 from server.metrics import Metrics
-from server.peer import AgentPeer, PeerCache, peer_host
+from server.peer import AgentPeer, PeerCache, peer_key
 from server.propagation import Propagator
 from server.ratelimit import KeyedLimiter
 from server.state import ServerState
@@ -124,7 +124,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     async def Attest(  # type: ignore[override]
         self, request_iterator: object, context: grpc.aio.ServicerContext
     ) -> None:
-        within_budget = self._limits.attest.try_take(peer_host(context))
+        within_budget = self._limits.attest.try_take(peer_key(context))
         first = await _read_step(context, self._settings.attest_timeout)
         if first is grpc.aio.EOF or first.WhichOneof("step") != "params":
             raise InvalidRequestError("attest: the first message must carry params")

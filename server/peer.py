@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 import grpc
@@ -59,11 +60,31 @@ class PeerCache:
         return peer
 
 
-def peer_host(context: grpc.aio.ServicerContext) -> str:
-    """The caller's address without the port ('ipv4:1.2.3.4:5' -> '1.2.3.4'), for limits."""
+# An IPv6 host usually holds a whole /64: one caller, however many addresses it picks from it.
+_V6_PREFIX = 64
+
+
+def address_key(host: str) -> str:
+    """The budget key of a client address: an IPv4 address as it is (an IPv4-mapped IPv6
+    one too), an IPv6 address as its /64; anything else (a Unix socket peer) as given."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]").partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, _V6_PREFIX), strict=False))
+    return str(address)
+
+
+def peer_key(context: grpc.aio.ServicerContext) -> str:
+    """The key of the caller's budgets: its address without the port, grouped as address_key
+    groups it ('ipv4:1.2.3.4:5' -> '1.2.3.4'; an IPv6 address as its /64, which one host
+    holds whole and can pick a fresh address from for each try)."""
     peer = context.peer() or ""
     kind, _, rest = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
         host, _, _ = rest.rpartition(":")
-        return host or rest
+        return address_key(host or rest)
     return peer

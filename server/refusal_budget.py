@@ -16,7 +16,6 @@ something out are never asked about: only refusals spend the budget.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from collections.abc import Callable
@@ -26,22 +25,6 @@ from svid._clock import Clock
 
 _log = logging.getLogger("svid.server.audit")
 LOG_WINDOW = 60.0
-# An IPv6 host usually holds a whole /64: one caller, however many addresses it picks from it.
-_V6_PREFIX = 64
-
-
-def address_key(host: str) -> str:
-    """The budget key of a client address: an IPv4 address as it is (an IPv4-mapped IPv6
-    one too), an IPv6 address as its /64; anything else (a Unix socket peer) as given."""
-    try:
-        address = ipaddress.ip_address(host.strip("[]").partition("%")[0])
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, _V6_PREFIX), strict=False))
-    return str(address)
 
 
 class RefusalBudget:

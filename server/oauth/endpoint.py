@@ -21,7 +21,7 @@ from server.oauth.errors import (
 from server.oauth.grants import Grants, TokenResponse
 from server.oauth.http import Handler, Request, Response, json_response
 from server.oauth.workers import Workers
-from server.refusal_budget import address_key
+from server.peer import address_key
 
 _log = logging.getLogger("svid.server.oauth")
 _NO_STORE = (("cache-control", "no-store"), ("pragma", "no-cache"))

@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from server.refusal_budget import RefusalBudget, address_key
+from server.peer import address_key
+from server.refusal_budget import RefusalBudget
 from svid._clock import FakeClock
 
 
