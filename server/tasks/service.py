@@ -540,7 +540,24 @@ class TaskService:
         task, entry, begun = await asyncio.to_thread(self._decide_begin, agent, req)
         # Shielded: a caller hanging up midway must not leave a task half begun (an event
         # committing in its thread while the task is undone, or a row never made active).
-        return await asyncio.shield(self._write_begin(task, entry, begun))
+        write = asyncio.ensure_future(self._write_begin(task, entry, begun))
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # ...and then nobody ever hears this task's ID: end it once it is written, rather
+            # than leave it (and its SVIDs) to run out its TTL.
+            await asyncio.shield(self._end_unheard(write))
+            raise
+
+    async def _end_unheard(self, write: asyncio.Future[Task]) -> None:
+        try:
+            task = await write
+        except Exception:  # not begun: nothing to end (the write undid it)
+            return
+        try:
+            await self._finish(task, TaskState.REVOKED, "its caller hung up before the answer")
+        except Exception:
+            _log.exception("ending a task nobody heard of failed", extra={"task_id": task.task_id})
 
     async def _write_begin(self, task: Task, entry: Entry, begun: EventDraft) -> Task:
         task = replace(task, entry_id=entry.id)

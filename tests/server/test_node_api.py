@@ -24,6 +24,7 @@ from server.datastore.records import EventFilter
 from server.issuance import AgentAdmission, Issuer
 from server.tasks.model import TaskState
 from server.tasks.service import TaskService
+from server.tasks.store import TaskStore
 from svid._jose import b64url_decode, verify_jws_signature
 from svid._proto import admin_pb2, common_pb2, node_pb2, node_pb2_grpc, task_pb2, task_pb2_grpc
 from svid._x509 import check_leaf_profile
@@ -374,6 +375,42 @@ def test_a_task_begun_while_its_agent_is_removed_is_revoked(
         for e in srv.server.state.entries.by_id.values()
         if "/task/" in e.spiffe_id and e.parent_id == agent.spiffe_id
     ]
+
+
+def test_a_task_whose_begin_the_agent_hung_up_on_midway_is_ended(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write of a granted begin goes on when its caller hangs up (it must not be left half
+    done), but nobody will ever hear the task's ID: it is ended, not left to run its TTL."""
+    agent = srv.attest()
+    runtime = srv.create_entry("/tasks/hung-up", agent.spiffe_id)
+    writing, release = _held(monkeypatch, TaskStore, "put_task")
+    channel = grpc.secure_channel(
+        srv.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
+    )
+    begin = task_pb2_grpc.NodeTasksStub(channel).BeginTask.future(
+        task_pb2.NodeBeginTaskRequest(
+            runtime_id=runtime.spiffe_id,
+            intent=task_pb2.Intent(actions=["read"], resources=["docs"]),
+            ttl=600,
+        ),
+        timeout=20,
+    )
+    assert writing.wait(10)
+    begin.cancel()
+    time.sleep(0.2)  # the server hears of the cancel while the row is being written
+    release.set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        tasks = srv.server.tasks.store.list_tasks(agent_id=agent.spiffe_id)
+        if tasks and not tasks[0].active:
+            break
+        time.sleep(0.05)
+    channel.close()
+    (task,) = srv.server.tasks.store.list_tasks(agent_id=agent.spiffe_id)
+    assert task.state is TaskState.REVOKED
+    assert "hung up" in task.end_reason
+    assert srv.server.tasks.service.active_task(task.spiffe_id) is None
 
 
 # -- Sync ------------------------------------------------------------------------------------
