@@ -173,8 +173,25 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
                 )
             ),
         )
-        await self._until_served(context, task.spiffe_id)
+        try:
+            await self._until_served(context, task.spiffe_id)
+        except asyncio.CancelledError:
+            # The workload hung up (or ran out its deadline) after the server granted: it never
+            # learns this task's ID, so nobody else would end the task before its TTL.
+            await asyncio.shield(self._end_unheard(task))
+            raise
         return task_pb2.BeginTaskResponse(task=task)
+
+    async def _end_unheard(self, task: task_pb2.Task) -> None:
+        try:
+            await self._client.end(
+                task_pb2.NodeEndTaskRequest(task_id=task.task_id, runtime_ids=[task.runtime_id])
+            )
+        except Exception as exc:  # the task still ends at its TTL
+            log.warning(
+                "could not end a task its caller never heard of",
+                extra={"task_id": task.task_id, "error": str(exc)},
+            )
 
     async def EndTask(
         self, request: task_pb2.EndTaskRequest, context: grpc.aio.ServicerContext

@@ -193,6 +193,37 @@ def test_begin_answers_anyway_when_the_entry_is_late(ta: TaskAgent) -> None:
     assert 1.0 <= time.monotonic() - started < 5
 
 
+def test_a_begin_the_workload_hangs_up_on_after_the_grant_ends_the_task(ta: TaskAgent) -> None:
+    # The server granted the task; the workload is gone (cancelled, or out of its deadline)
+    # before the agent answered: it never learns the task's ID, so only the agent can end it
+    # before its TTL.
+    ta.h.add_entry("/bot")
+    ta.client.entry_delay = None  # the agent waits for the task's entry, and the caller leaves
+    request = task_pb2.BeginTaskRequest(
+        intent=task_pb2.Intent(actions=["read"], resources=["docs"]), ttl=60
+    )
+    call = ta.tasks().BeginTask.future(request, metadata=HEADER, timeout=10)
+    deadline = time.monotonic() + 5
+    while not ta.client.begun and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ta.client.begun
+    call.cancel()
+    while not ta.client.ended and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (ended,) = ta.client.ended
+    assert ended.task_id == "t1"
+    assert list(ended.runtime_ids) == [f"{TD}/bot"]
+
+
+def test_a_begin_the_server_refuses_ends_nothing(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    ta.client.refuse = "denied: no"
+    with pytest.raises(grpc.RpcError):
+        begin(ta)
+    time.sleep(0.2)
+    assert ta.client.ended == []
+
+
 def test_begin_under_an_identity_not_held_is_refused_locally(ta: TaskAgent) -> None:
     ta.h.add_entry("/bot")
     ta.h.add_entry("/bot/task/abc")
