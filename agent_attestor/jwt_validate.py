@@ -65,6 +65,7 @@ class CacheJwtValidator:
         cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
         self._cache = cache
+        self._leeway = leeway
         self.bundles = CacheJwtBundles(cache)
         self._revocations = RevocationSet()
         self._revoked_jtis: frozenset[str] = frozenset()
@@ -80,6 +81,10 @@ class CacheJwtValidator:
         """Raise svid's VerificationError (ExpiredError, RevokedError) naming the failed check."""
         self._follow_revocations(self._cache.snapshot())
         return self._verifier.verify(token, audience)
+
+    def usable_until(self, result: VerifiedJwt) -> float:
+        """When the token `result` came from is refused as expired (past its exp's leeway)."""
+        return result.expires_at + self._leeway
 
     def _follow_revocations(self, snap: Snapshot) -> None:
         jtis = snap.revoked_jtis

@@ -63,7 +63,8 @@ def _own_identities(entries: Sequence[Entry]) -> list[Entry]:
 
 
 class ValidationHook(Protocol):
-    """Told about every ValidateJWTSVID answer (the task layer reports them for audit)."""
+    """Told about every ValidateJWTSVID answer (the task layer reports them for audit).
+    `until`, for a token accepted: when it can no longer be validated (0 for a refusal)."""
 
     def __call__(
         self,
@@ -75,6 +76,7 @@ class ValidationHook(Protocol):
         jti: str = "",
         txn: str = "",
         caller_id: str = "",
+        until: float = 0.0,
     ) -> None: ...
 
 
@@ -378,6 +380,8 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         request: workload_pb2.ValidateJWTSVIDRequest,
         claims: dict[str, Any],
         failure: str,
+        *,
+        until: float = 0.0,
     ) -> None:
         if self._on_validate is None:
             return
@@ -398,6 +402,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 jti=text("jti"),
                 txn=text("txn"),
                 caller_id=entries[0].spiffe_id if entries else "",
+                until=until,
             )
         except Exception as exc:  # auditing must never change the answer
             log.warning("validation hook failed", extra={"error": str(exc)})
@@ -437,5 +442,6 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
             failure = "its claims hold a value a protobuf Struct cannot carry"
             self._report(snap, caller, request, dict(result.claims), failure)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token is invalid: {failure}")
-        self._report(snap, caller, request, dict(result.claims), "")
+        until = self._validator.usable_until(result)
+        self._report(snap, caller, request, dict(result.claims), "", until=until)
         return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(result.spiffe_id), claims=claims)

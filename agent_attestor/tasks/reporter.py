@@ -6,6 +6,10 @@ tokens), and one place is what makes the chain meaningful. Validation is a hot p
 Workload API only enqueues; a background task sends what gathered every FLUSH_INTERVAL. Best
 effort: if the server is unreachable the batch is kept (bounded) and retried; an agent crash
 loses at most one interval of validation events, never a credential decision.
+
+A successful validation is reported once per token, caller and audience while the token can be
+validated (tasks/reported.py): repeats are only counted (`repeated`), so a workload checking the
+same token on every request does not write an audit row a request.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from agent_attestor.tasks.reported import ReportedValidations, report_key
 from svid._clock import Clock
 from svid._proto import task_pb2
 
@@ -38,8 +43,10 @@ class ValidationReporter:
         self._send = send
         self._clock = clock
         self._queue: deque[task_pb2.Validation] = deque(maxlen=MAX_QUEUED)
+        self._reported = ReportedValidations(clock)
         self.dropped = 0
         self.sent = 0
+        self.repeated = 0
 
     def report(
         self,
@@ -51,7 +58,15 @@ class ValidationReporter:
         jti: str = "",
         txn: str = "",
         caller_id: str = "",
+        until: float = 0.0,
     ) -> None:
+        """`until`: for a successful validation, when its token can no longer be validated;
+        a report like one made before then is counted, not sent. 0: always sent."""
+        if ok and until:
+            key = report_key(subject, audience, jti, txn, caller_id)
+            if not self._reported.first(key, until):
+                self.repeated += 1
+                return
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
         self._queue.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -13,9 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent_attestor.model import Selector
+from agent_attestor.tasks.reporter import ValidationReporter
 from svid._der import parse_der_certs
 from svid._jose import b64url_decode, b64url_encode, sign_jws
-from svid._proto import workload_pb2
+from svid._proto import task_pb2, workload_pb2
 from svid._verify_jwt import DEFAULT_LEEWAY
 from svid._x509 import spiffe_id_from_cert
 from tests.agent_attestor.harness import HEADER, Harness
@@ -558,6 +560,45 @@ def test_validation_answers_are_reported_to_the_hook(agent: Harness) -> None:
     ]
     assert "audience" in str(seen[1]["reason"])
     assert all(token not in str(s) for s in seen)
+
+
+def test_a_token_validated_again_and_again_is_reported_once_while_it_can_be_validated(
+    agent: Harness,
+) -> None:
+    # A server checking its client's token on every request: each call was one audit row.
+    sent: list[task_pb2.Validation] = []
+
+    async def send(request: task_pb2.ReportValidationsRequest) -> None:
+        sent.extend(request.validations)
+
+    reporter = ValidationReporter(send, agent.clock)
+    agent.api._on_validate = reporter.report
+    agent.add_entry("/w")
+    stub = agent.stub()
+    minted = agent.ca.mint_jwt("spiffe://example.org/w", ["svc", "db"], ttl=60)
+
+    def validate(audience: str) -> None:
+        stub.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=minted.token),
+            metadata=HEADER,
+        )
+
+    for _ in range(5):
+        validate("svc")
+    validate("db")  # another audience: its own report
+    agent.clock.set(minted.expires_at + DEFAULT_LEEWAY)  # the last moment it is accepted
+    validate("svc")
+    asyncio.run(reporter.flush())
+    assert [(v.audience[:], v.ok) for v in sent] == [(["svc"], True), (["db"], True)]
+    assert reporter.repeated == 5
+    # Past it, every call is a refusal, reported as ever (the server budgets those).
+    agent.clock.advance(1)
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError):
+            validate("svc")
+    asyncio.run(reporter.flush())
+    assert [v.ok for v in sent[2:]] == [False, False]
+    assert reporter.repeated == 5
 
 
 def test_validation_reports_of_a_huge_forged_token_stay_small(agent: Harness) -> None:
