@@ -156,6 +156,10 @@ class ServerConfig:
     bundle_endpoint_key: Path | None = None
     bundle_endpoint_refresh_hint: int = 300
     federation_relationships: tuple[str, ...] = ()
+    # The floor (seconds) on a foreign endpoint's refresh hint: each relationship is fetched,
+    # and its bundle change put on the audit log, at most this often (an operator's refresh
+    # excepted). SPIRE's floor is a minute too; at most an hour.
+    federation_min_refresh: int = 60
 
     @property
     def datastore_dsn(self) -> str | None:
@@ -341,6 +345,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "bundle_endpoint_key": _as_path,
     "bundle_endpoint_refresh_hint": _positive,
     "federation_relationships": _as_str_list,
+    "federation_min_refresh": _positive,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))
@@ -420,10 +425,15 @@ def _check_consistency(config: ServerConfig) -> None:
         for key in ("bundle_endpoint_cert", "bundle_endpoint_key"):
             if getattr(config, key) is None:
                 raise ConfigError(f"{key}: required for bundle_endpoint_profile https_web")
-    for text in config.federation_relationships:
-        # Imported here: a relationship is checked by the federation package's own rules.
-        from server.federation.service import parse_static  # noqa: PLC0415
+    # Imported here: federation keys are checked by the federation package's own rules.
+    from server.federation.service import MAX_REFRESH, parse_static  # noqa: PLC0415
 
+    if config.federation_min_refresh > MAX_REFRESH:
+        raise ConfigError(
+            f"federation_min_refresh: at most {MAX_REFRESH} s (the longest a foreign bundle "
+            f"goes unfetched), got {config.federation_min_refresh}"
+        )
+    for text in config.federation_relationships:
         try:
             parse_static(text, config.trust_domain)
         except ValueError as exc:

@@ -51,7 +51,10 @@ from svid._spiffe_id import SpiffeId, TrustDomain
 
 _log = logging.getLogger("svid.server.federation")
 DEFAULT_REFRESH = 300
-MIN_REFRESH = 1
+# A foreign endpoint's hint below this is taken as this (SPIRE's bundle client floors it at a
+# minute too): one announcing 1 s and serving a new bundle on every fetch wrote a
+# federated_bundle_changed audit row a second. A change still takes effect within this.
+MIN_REFRESH = 60
 # The hint is a hint (SPIFFE Trust Domain and Bundle 4.1.2): one answer announcing years would
 # stop the fetches, and hold the fetch lease, that long, and keys the foreign domain drops would
 # stay trusted here. An hour is cheap to poll and bounds how late such a drop arrives.
@@ -155,19 +158,20 @@ def is_stale(held: SpiffeBundle | None, fetched: SpiffeBundle) -> bool:
     return held is not None and bool(fetched.sequence) and fetched.sequence < held.sequence
 
 
-def lease_ttl(bundle: SpiffeBundle | None) -> int:
+def lease_ttl(bundle: SpiffeBundle | None, floor: float = MIN_REFRESH) -> int:
     """How long a fetch claim lasts: past the holder's next fetch (the hint, or the retry
     after a failure, which is sooner), so a live holder renews it before it lapses."""
-    return int(2 * next_refresh(bundle, ok=True)) + 5
+    return int(2 * next_refresh(bundle, ok=True, floor=floor)) + 5
 
 
-def next_refresh(bundle: SpiffeBundle | None, ok: bool, retry: float = RETRY) -> float:
-    """Seconds until the next fetch: the bundle's refresh hint (within MIN_REFRESH and
-    MAX_REFRESH), after a failure `retry` if that is sooner."""
-    held = bundle.refresh_hint if bundle and bundle.refresh_hint else 0
-    hint = float(min(MAX_REFRESH, max(MIN_REFRESH, held)))
-    if bundle is None or not bundle.refresh_hint:
-        hint = DEFAULT_REFRESH
+def next_refresh(
+    bundle: SpiffeBundle | None, ok: bool, retry: float = RETRY, floor: float = MIN_REFRESH
+) -> float:
+    """Seconds until the next fetch: the bundle's refresh hint (DEFAULT_REFRESH without one),
+    within `floor` and MAX_REFRESH; after a failure `retry` if that is sooner. A failure
+    installs nothing, so bundle changes stay at least `floor` apart either way."""
+    held = bundle.refresh_hint if bundle is not None and bundle.refresh_hint else DEFAULT_REFRESH
+    hint = float(min(MAX_REFRESH, max(floor, held)))
     return hint if ok else min(hint, retry)
 
 
@@ -183,8 +187,11 @@ class FederationService:
         static: tuple[FederationRelationship, ...] = (),
         fetch: Fetch = fetch_bundle,
         holder: str = "",
+        min_refresh: float = MIN_REFRESH,
     ) -> None:
+        """`min_refresh`: the floor on a foreign endpoint's refresh hint (see MIN_REFRESH)."""
         self._own = own
+        self._min_refresh = min_refresh
         self._datastore = datastore
         self._audit = audit
         self._clock = clock
@@ -370,7 +377,7 @@ class FederationService:
                     )
             except FederationError as exc:
                 retry = self._retries.setdefault(td, Retry(RETRY, MAX_RETRY)).failed()
-                self._reschedule(td, asked, next_refresh(known, ok=False, retry=retry))
+                self._reschedule(td, asked, self._next(known, ok=False, retry=retry))
                 _log.warning("foreign bundle not refreshed", extra={"td": td, "error": str(exc)})
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(
@@ -382,7 +389,7 @@ class FederationService:
                 raise
             changed = await self._install(fetched, source=rel.endpoint_url)
             self._retries.pop(td, None)
-            self._reschedule(td, asked, next_refresh(fetched, ok=True))
+            self._reschedule(td, asked, self._next(fetched))
             return Refreshed(changed, fetched)
 
     def _endpoint_bundle(self, rel: FederationRelationship) -> SpiffeBundle | None:
@@ -391,6 +398,9 @@ class FederationService:
         if rel.profile != HTTPS_SPIFFE:
             return self._bundles.get(rel.trust_domain)
         return self._bundles.get(endpoint_trust_domain(rel).name)
+
+    def _next(self, bundle: SpiffeBundle | None, *, ok: bool = True, retry: float = RETRY) -> float:
+        return next_refresh(bundle, ok, retry, self._min_refresh)
 
     def _reschedule(self, td: str, asked: float | None, delay: float) -> None:
         """Schedule the next fetch, unless a fetch was asked for while this one ran (a bundle
@@ -419,7 +429,7 @@ class FederationService:
                 LEASE_PREFIX + td,
                 self._holder,
                 int(self._clock.now()),
-                lease_ttl(self._bundles.get(td)),
+                lease_ttl(self._bundles.get(td), self._min_refresh),
             )
         except Exception:
             # The datastore is down: fetching anyway keeps the bundle fresh; the write of
@@ -496,7 +506,7 @@ class FederationService:
             changed = True
             # Another server just fetched (or set) it: the next look is a hint away.
             if td not in self._asked:
-                self._schedule(td, next_refresh(bundle, ok=True))
+                self._schedule(td, self._next(bundle))
         if changed:
             self._publish(dict(self._bundles))
         return skipped
@@ -510,7 +520,7 @@ class FederationService:
             try:
                 if not await self._claim(td):
                     # Another server fetches it; its result comes through the feed.
-                    self._schedule(td, next_refresh(self._bundles.get(td), ok=True))
+                    self._schedule(td, self._next(self._bundles.get(td)))
                     continue
                 await self.refresh(td)
             except FederationError:

@@ -61,6 +61,7 @@ class Federation:
             publish=state.set_foreign_bundles,
             static=static,
             holder=holder,
+            min_refresh=config.federation_min_refresh,
         )
         svid = None
         if config.bundle_endpoint_address and config.bundle_endpoint_profile == "https_spiffe":

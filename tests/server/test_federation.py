@@ -287,6 +287,34 @@ def test_a_bootstrapped_relationship_fetches_at_once(home: tuple[RunningServer, 
             time.sleep(0.05)
 
 
+@pytest.mark.parametrize(("floor", "wait"), [({}, 60), ({"federation_min_refresh": 5}, 7)])
+def test_the_refresh_hint_of_an_endpoint_is_floored_as_configured(
+    home: tuple[RunningServer, int], floor: dict[str, int], wait: int
+) -> None:
+    # The endpoint announces 7 s: below the default floor (a minute) it is fetched a minute on.
+    server, port = home
+    static = f"example.org https_spiffe https://127.0.0.1:{port}/ spiffe://example.org/svid/server"
+    with managed_server(
+        trust_domain="other.org", federation_relationships=[static], **floor
+    ) as other:
+        service = other.server.federation.service  # type: ignore[union-attr]
+        other.admin().SetFederatedBundle(
+            admin_pb2.SetFederatedBundleRequest(
+                bundle=admin_pb2.FederatedBundle(
+                    trust_domain="example.org", bundle=server.server.state.bundle.to_json()
+                )
+            ),
+            timeout=10,
+        )
+        done = other.admin().RefreshFederatedBundle(
+            admin_pb2.RefreshFederatedBundleRequest(trust_domain="example.org"), timeout=30
+        )
+        assert SpiffeBundle.parse(HOME, done.bundle.bundle).refresh_hint == 7
+        due = service.next_fetch("example.org")
+        assert due is not None
+        assert due == other.clock.now() + wait
+
+
 @pytest.mark.parametrize("member", ["spiffe_sequence", "spiffe_refresh_hint"])
 def test_a_bundle_whose_numbers_outgrow_the_sync_protocol_is_refused(member: str) -> None:
     """The agents are sent a foreign bundle's sequence and refresh hint as int64: a bundle past

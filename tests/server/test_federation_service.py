@@ -26,6 +26,7 @@ from server.federation.service import (
     FOLLOWED_DELAY,
     MAX_REFRESH,
     MAX_RETRY,
+    MIN_REFRESH,
     RETRY,
     FederationService,
     lease_ttl,
@@ -41,7 +42,7 @@ HOME = TrustDomain("example.org")
 STATIC = "example.org https_spiffe https://127.0.0.1:1/ spiffe://example.org/svid/server"
 
 
-def _bundle(sequence: int, hint: int = 30) -> SpiffeBundle:
+def _bundle(sequence: int, hint: int = 90) -> SpiffeBundle:
     key = ec.generate_private_key(ec.SECP256R1()).public_key()
     return SpiffeBundle(HOME, (), {f"k{sequence}": key}, sequence=sequence, refresh_hint=hint)
 
@@ -152,11 +153,35 @@ def test_static_relationships_stay_and_bundles_of_our_own_domain_are_refused(
 
 
 def test_the_next_fetch_follows_the_refresh_hint_and_retries_sooner() -> None:
-    assert next_refresh(_bundle(1, hint=30), ok=True) == 30
-    assert next_refresh(_bundle(1, hint=30), ok=False) == RETRY
-    assert next_refresh(_bundle(1, hint=2), ok=False) == 2
+    assert next_refresh(_bundle(1, hint=90), ok=True) == 90
+    assert next_refresh(_bundle(1, hint=90), ok=False) == RETRY
+    assert next_refresh(_bundle(1, hint=2), ok=True) == MIN_REFRESH
+    assert next_refresh(_bundle(1, hint=2), ok=True, floor=1) == 2
+    assert next_refresh(_bundle(1, hint=2), ok=False, floor=1) == 2
     assert next_refresh(_bundle(1, hint=0), ok=True) == DEFAULT_REFRESH
     assert next_refresh(None, ok=True) == DEFAULT_REFRESH
+
+
+def test_an_endpoint_announcing_a_tiny_hint_changes_its_bundle_at_most_once_a_floor(
+    world: World,
+) -> None:
+    """An endpoint announcing a refresh hint of 1 s and a new bundle at every fetch wrote a
+    federated_bundle_changed audit row a second, for as long as the relationship lasted."""
+    served = iter(range(1, 10_000))
+    world.answers = []
+
+    def fetch(rel: FederationRelationship, known: SpiffeBundle | None) -> SpiffeBundle:
+        return _bundle(next(served), hint=1)
+
+    world.service._fetch = fetch
+    minutes = 10
+    for _ in range(minutes * 60):
+        world.run(world.service.refresh_due())
+        # The newest bundle is in force, and the next one never waits more than the floor.
+        assert world.service.next_fetch("example.org") <= world.clock.now() + MIN_REFRESH
+        world.clock.advance(1)
+    assert world.changes() <= minutes + 1
+    assert world.service.bundle("example.org").sequence == world.service.fetches
 
 
 @pytest.mark.parametrize("hint", [10 * 365 * 86400, 2**63 - 1])
@@ -183,6 +208,8 @@ def test_a_refresh_hint_of_years_is_not_waited_out(world: World, hint: int) -> N
             "userinfo",
         ),
         ({"federation_relationships": ["example.org https_web https:///bundle"]}, "host"),
+        ({"federation_min_refresh": 0}, "federation_min_refresh"),
+        ({"federation_min_refresh": MAX_REFRESH + 1}, "federation_min_refresh: at most"),
         (
             {"bundle_endpoint_address": "127.0.0.1:1", "bundle_endpoint_profile": "https_web"},
             "bundle_endpoint_cert",
@@ -251,7 +278,7 @@ def test_one_server_makes_each_scheduled_fetch_and_another_takes_over(tmp_path: 
             rel: FederationRelationship, known: SpiffeBundle | None, name: str = name
         ) -> SpiffeBundle:
             counts[name] += 1
-            return _bundle(sum(counts.values()), hint=30)
+            return _bundle(sum(counts.values()), hint=90)
 
         services[name] = FederationService(
             own=OWN,
@@ -275,19 +302,19 @@ def test_one_server_makes_each_scheduled_fetch_and_another_takes_over(tmp_path: 
         tick(b)
         assert counts == {"a": 1, "b": 0}
         assert b.bundle("example.org").sequence == 1  # adopted from the store
-        assert b.next_fetch("example.org") == clock.now() + 30
-        clock.advance(31)
+        assert b.next_fetch("example.org") == clock.now() + 90
+        clock.advance(91)
         tick(a)  # the holder fetches again and keeps the lease
         tick(b)
         assert counts == {"a": 2, "b": 0}
-        clock.advance(200)  # A has died: its lease lapses, B takes the fetch over
+        clock.advance(200)  # A has died: its lease (185 s) lapses, B takes the fetch over
         tick(b)
         assert counts == {"a": 2, "b": 1}
         assert a.bundle("example.org").sequence == 2
         tick(a)
         assert a.bundle("example.org").sequence == 3  # B's, adopted
         b.release_leases()
-        clock.advance(31)
+        clock.advance(91)
         tick(a)  # handed over at once, not when the lease would lapse
         assert counts == {"a": 3, "b": 1}
     finally:
