@@ -402,6 +402,16 @@ class Server:
                     clock=self.clock,
                     dropped=self.metrics.refusals_unrecorded.labels(source="validation").inc,
                 ),
+                RefusalBudget(
+                    "validation_accepted",
+                    rate=cfg.validation_accepted_rate_per_agent,
+                    burst=cfg.validation_accepted_burst_per_agent,
+                    clock=self.clock,
+                    dropped=self.metrics.refusals_unrecorded.labels(
+                        source="validation_accepted"
+                    ).inc,
+                    kind="reports of accepted tokens",
+                ),
                 KeyedLimiter(
                     cfg.task_begin_rate_per_runtime, cfg.task_begin_burst_per_runtime, self.clock
                 ),

@@ -75,6 +75,11 @@ class ServerConfig:
     # and past this they are only counted (svid_server_refusals_unrecorded). 0 writes them all.
     validation_refusal_rate_per_agent: float = 10.0
     validation_refusal_burst_per_agent: int = 1000
+    # Reports of accepted tokens, likewise but more generous: an agent reports each token,
+    # caller and audience once while the token is valid, and only a compromised one reports
+    # faster (svid_server_refusals_unrecorded{source="validation_accepted"}). 0 writes them all.
+    validation_accepted_rate_per_agent: float = 100.0
+    validation_accepted_burst_per_agent: int = 10_000
     # Task denials (a begin or a mint its policy refuses) written to the audit log per agent,
     # likewise: a node's workloads may ask again and again. 0 writes them all.
     task_denial_rate_per_agent: float = 10.0
@@ -311,6 +316,8 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "attest_burst_per_host": _as_int,
     "validation_refusal_rate_per_agent": _as_float,
     "validation_refusal_burst_per_agent": _as_int,
+    "validation_accepted_rate_per_agent": _as_float,
+    "validation_accepted_burst_per_agent": _as_int,
     "task_denial_rate_per_agent": _as_float,
     "task_denial_burst_per_agent": _as_int,
     "task_begin_rate_per_runtime": _as_float,

@@ -71,7 +71,8 @@ class Metrics:
         self.refusals_unrecorded = Counter(
             "svid_server_refusals_unrecorded",
             "Refusals counted but not written to the audit log: their caller had spent its "
-            "budget of refusals on record (server/refusal_budget.py), by source",
+            "budget of refusals on record (server/refusal_budget.py), by source "
+            "(validation_accepted: agents' reports of accepted tokens, budgeted alike)",
             ["source"],
             registry=self.registry,
         )

@@ -12,6 +12,11 @@ first `burst` refusals (then `rate` per second) are on record, so an operator se
 attacking; the rest only move a metric, and a log line once per `window` says that refusals
 are being left off the record, and for which source. Grants and other decisions that let
 something out are never asked about: only refusals spend the budget.
+
+The one exception is what an agent says its workloads accepted (ReportValidations, ok=True):
+not a decision of this server, and a compromised agent can forge such reports as fast as
+refusals. They spend a budget of their own (`kind` names them in the log line), generous,
+since an honest agent reports each token, caller and audience only once while it is valid.
 """
 
 from __future__ import annotations
@@ -39,10 +44,14 @@ class RefusalBudget:
         clock: Clock,
         dropped: Callable[[], None] = lambda: None,
         window: float = LOG_WINDOW,
+        kind: str = "refusals",
     ) -> None:
-        """`source` names the refusals in the log line; `dropped` counts one left off the
-        record (a metric); a `rate` of 0 keeps every refusal on record."""
+        """`source` names the refusals in the log line (`kind`: what they are); `dropped`
+        counts one left off the record (a metric); a `rate` of 0 keeps every one on record."""
         self._source = source
+        self._message = (
+            f"{kind} past their caller's budget are counted, not written to the audit log"
+        )
         self._limiter = KeyedLimiter(rate, burst, clock)
         self._clock = clock
         self._dropped = dropped
@@ -65,7 +74,7 @@ class RefusalBudget:
             self._next_line = now + self._window
             count, self._unlogged = self._unlogged, 0
         _log.warning(
-            "refusals past their caller's budget are counted, not written to the audit log",
+            self._message,
             extra={"source": self._source, "caller": key, "dropped": count},
         )
         return False

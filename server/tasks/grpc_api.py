@@ -156,15 +156,19 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         service: TaskService,
         state: ServerState,
         peers: PeerCache,
+        *,
         refused_validations: RefusalBudget,
+        accepted_validations: RefusalBudget,
         begins: KeyedLimiter,
     ) -> None:
-        """`refused_validations`: which of an agent's reports of a refused token are
-        written. `begins`: the task begins allowed to each runtime of each agent."""
+        """`refused_validations`, `accepted_validations`: which of an agent's reports of a
+        refused token, of an accepted one, are written. `begins`: the task begins allowed to
+        each runtime of each agent."""
         self._service = service
         self._state = state
         self._peers = peers
         self._refused_validations = refused_validations
+        self._accepted_validations = accepted_validations
         self._begins = begins
 
     def _agent(self, context: grpc.aio.ServicerContext) -> AttestedAgent:
@@ -251,9 +255,14 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         if len(request.validations) > MAX_VALIDATIONS:
             raise InvalidRequestError(f"validations: at most {MAX_VALIDATIONS} per report")
         # Any local process may have any token validated, a forged one as well as a real one:
-        # refusals are written up to the agent's budget, and only counted past it.
-        budget = self._refused_validations
-        kept = [v for v in request.validations if v.ok or budget.on_record(agent.spiffe_id)]
+        # refusals are written up to the agent's budget, and only counted past it. Accepted
+        # ones have a budget of their own: the agent could forge those reports just as fast.
+        refused, accepted = self._refused_validations, self._accepted_validations
+        kept = [
+            v
+            for v in request.validations
+            if (accepted if v.ok else refused).on_record(agent.spiffe_id)
+        ]
         if kept:
             await asyncio.to_thread(self._service.record_validations, agent.spiffe_id, kept)
         return task_pb2.ReportValidationsResponse()

@@ -80,9 +80,17 @@ class TaskLayer:
         state: ServerState,
         peers: PeerCache,
         refused_validations: RefusalBudget,
+        accepted_validations: RefusalBudget,
         begins: KeyedLimiter,
     ) -> list[Any]:
-        servicer = NodeTasksServicer(self.service, state, peers, refused_validations, begins)
+        servicer = NodeTasksServicer(
+            self.service,
+            state,
+            peers,
+            refused_validations=refused_validations,
+            accepted_validations=accepted_validations,
+            begins=begins,
+        )
         return _handlers(task_pb2_grpc.add_NodeTasksServicer_to_server, servicer)
 
     def admin_handlers(self) -> list[Any]:

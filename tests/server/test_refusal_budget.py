@@ -63,6 +63,21 @@ def test_dropped_refusals_are_logged_once_per_window(caplog: pytest.LogCaptureFi
     assert len(dropped) == 12
 
 
+def test_the_log_line_names_what_was_left_off(caplog: pytest.LogCaptureFixture) -> None:
+    budget = RefusalBudget(
+        "validation_accepted",
+        rate=0.001,
+        burst=1,
+        clock=FakeClock(),
+        kind="reports of accepted tokens",
+    )
+    with caplog.at_level(logging.WARNING, "svid.server.audit"):
+        budget.on_record("a")
+        budget.on_record("a")
+    (line,) = caplog.records
+    assert line.getMessage().startswith("reports of accepted tokens past their caller's budget")
+
+
 @pytest.mark.parametrize(
     ("host", "key"),
     [

@@ -1,5 +1,5 @@
 """Agents' ValidateJWTSVID reports on a running server: refusals on the audit log up to the
-agent's budget, then only counted; validations that passed always written."""
+agent's budget, then only counted; validations that passed likewise, on a budget of their own."""
 
 from __future__ import annotations
 
@@ -50,3 +50,43 @@ def test_refused_token_reports_are_on_record_up_to_the_agents_budget() -> None:
         server.clock.advance(1)
         _report(server, agent, _refused(2))
         assert decisions(agent).count("deny") == 4
+
+
+def _accepted(n: int) -> list[task_pb2.Validation]:
+    # What a compromised agent can claim its workloads accepted, as fast as it likes.
+    return [
+        task_pb2.Validation(
+            subject="spiffe://example.org/w", audience=["svc"], ok=True, jti=f"j{i}", at=1
+        )
+        for i in range(n)
+    ]
+
+
+def test_accepted_token_reports_are_on_record_up_to_a_budget_of_their_own() -> None:
+    limits = {"validation_accepted_rate_per_agent": 1, "validation_accepted_burst_per_agent": 3}
+    with managed_server(**limits) as server:
+        agent, other = server.attest(), server.attest()
+        _report(server, agent, [*_accepted(5), *_refused(2)])
+        _report(server, agent, _accepted(5))
+        _report(server, other, _accepted(2))
+
+        def decisions(node: Agent) -> list[str]:
+            rows = server.server.datastore.audit_rows(EventFilter(kind="jwt_validated"))
+            return sorted(r["decision"] for r in rows if r["node_id"] == node.spiffe_id)
+
+        # The refusals spend the other budget: both on record.
+        assert decisions(agent) == ["allow", "allow", "allow", "deny", "deny"]
+        assert decisions(other) == ["allow", "allow"]
+        metrics = server.server.metrics.render().decode()
+        assert 'svid_server_refusals_unrecorded_total{source="validation_accepted"} 7.0' in metrics
+        server.clock.advance(1)
+        _report(server, agent, _accepted(2))
+        assert decisions(agent).count("allow") == 4
+
+
+def test_accepted_token_reports_are_all_on_record_with_a_rate_of_zero() -> None:
+    with managed_server(validation_accepted_rate_per_agent=0) as server:
+        agent = server.attest()
+        _report(server, agent, _accepted(50))
+        rows = server.server.datastore.audit_rows(EventFilter(kind="jwt_validated"))
+        assert sum(r["decision"] == "allow" for r in rows) == 50
