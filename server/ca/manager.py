@@ -141,6 +141,8 @@ class CaManager:
         self._lock = threading.RLock()
         self._slots: dict[str, list[KeySlot]] = {X509_KIND: [], JWT_KIND: []}
         self._x509_signer: X509Signer | None = None
+        # Every X.509 CA this server can sign CRLs for, by slot id (x509_crl_signers).
+        self._crl_signers: dict[str, X509Signer] = {}
         self._jwt_signer: JwtSigner | None = None
         self._bundle: SpiffeBundle | None = None
         self._published: tuple[tuple[bytes, ...], tuple[tuple[str, bytes], ...]] = ((), ())
@@ -254,6 +256,16 @@ class CaManager:
         if signer is None:
             raise CaUnavailableError("no active X.509 CA: the CA manager is not initialised")
         return signer
+
+    def x509_crl_signers(self) -> tuple[X509Signer, ...]:
+        """A signer for each X.509 CA whose leaves may still be live and whose key this server
+        holds: the active CA and a retired one until it expires (a leaf's NotAfter is capped at
+        its CA's). A CRL revokes only its issuer's certificates, so each CA signs its own."""
+        with self._lock:
+            signers = tuple(self._crl_signers.values())
+        if not signers:
+            raise CaUnavailableError("no active X.509 CA: the CA manager is not initialised")
+        return signers
 
     def jwt_signer(self) -> JwtSigner:
         signer = self._jwt_signer
@@ -536,6 +548,7 @@ class CaManager:
                 self._clock,
             )
             _log.info("X.509 CA active", extra={"slot_id": x509_slot.slot_id})
+        self._refresh_crl_signers()
         if jwt_slot is not None and (
             self._jwt_signer is None or self._jwt_signer.kid != jwt_slot.kid
         ):
@@ -547,6 +560,39 @@ class CaManager:
                 self._config.jwt_issuer,
             )
             _log.info("JWT key active", extra={"slot_id": jwt_slot.slot_id, "kid": jwt_slot.kid})
+
+    def _refresh_crl_signers(self) -> None:
+        """One signer per X.509 slot that may have issued a live leaf (not a prepared one: it
+        has issued nothing), reusing those already built. A key that cannot be loaded costs
+        only its own CA's CRL, never the active CA's."""
+        active = self._x509_signer
+        signers: dict[str, X509Signer] = {}
+        for slot in self._slots[X509_KIND]:
+            if slot.status == PREPARED:
+                continue
+            known = self._crl_signers.get(slot.slot_id)
+            if known is not None:
+                signers[slot.slot_id] = known
+                continue
+            cert = x509.load_der_x509_certificate(slot.public_der)
+            if active is not None and active.ca_certificate == cert:
+                signers[slot.slot_id] = active
+                continue
+            try:
+                key = self._load_key(slot)
+            except (CaUnavailableError, SealedKeyError) as exc:
+                _log.warning(
+                    "cannot sign CRLs for this CA: its key does not load",
+                    extra={"slot_id": slot.slot_id, "error": str(exc)},
+                )
+                continue
+            chain_above = self._upstream.intermediates if self._upstream else ()
+            signers[slot.slot_id] = X509Signer(cert, key, chain_above, self._clock)
+        if active is not None and all(s is not active for s in signers.values()):
+            # Signing on with no slot marked active (see above): it still issues.
+            signers[""] = active
+        with self._lock:
+            self._crl_signers = signers
 
     def _authorities(self) -> tuple[x509.Certificate, ...]:
         if self._upstream is not None:

@@ -310,6 +310,7 @@ class X509Signer:
         self._ca_not_before = int(ca_cert.not_valid_before_utc.timestamp())
         self._ca_not_after = int(ca_cert.not_valid_after_utc.timestamp())
         ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        self._key_id = ski.digest.hex()
         akid = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         # Everything but key, serial, validity, SKID and SAN is the same in every leaf.
         self._akid = _pre_encoded(akid, critical=False)
@@ -326,6 +327,12 @@ class X509Signer:
     @property
     def ca_certificate(self) -> x509.Certificate:
         return self._ca_cert
+
+    @property
+    def key_id(self) -> str:
+        """This CA's subject key id (hex; its slot's kid): what each issued serial is recorded
+        with, so a CRL lists it only under the CA that issued it (server.tasks.crl)."""
+        return self._key_id
 
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:

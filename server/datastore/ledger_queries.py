@@ -92,7 +92,15 @@ def task_page(
     return sql, params
 
 
-CREDENTIAL_COLUMNS = ("kind", "value", "agent_id", "spiffe_id", "task_id", "expires_at")
+CREDENTIAL_COLUMNS = (
+    "kind",
+    "value",
+    "agent_id",
+    "spiffe_id",
+    "task_id",
+    "expires_at",
+    "issuer",
+)
 CREDENTIALS_INTO = f"INSERT INTO credentials ({', '.join(CREDENTIAL_COLUMNS)})"
 _CREDENTIALS = f"SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM credentials"
 TASK_CREDENTIALS = (

@@ -138,6 +138,12 @@ def _snapshot_of(db: sqlite3.Connection) -> AuditSnapshot:
     return AuditSnapshot((), head, rows)
 
 
+# The old task store's credential rows have no issuer: they go in with '' (server.tasks.crl
+# lists such a serial under every CA).
+_LEGACY_CREDENTIAL_COLUMNS = ", ".join(c for c in lq.CREDENTIAL_COLUMNS if c != "issuer")
+_LEGACY_CREDENTIALS_INTO = f"INSERT INTO credentials ({_LEGACY_CREDENTIAL_COLUMNS})"
+
+
 def _tables(src: sqlite3.Connection) -> set[str]:
     return {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
@@ -174,7 +180,7 @@ def _import_tasks(store: SqliteDataStore, path: Path, now: int) -> str:
                     )
                     counts["tasks"] += 1
             for table, into, columns in (
-                ("credentials", lq.CREDENTIALS_INTO, ", ".join(lq.CREDENTIAL_COLUMNS)),
+                ("credentials", _LEGACY_CREDENTIALS_INTO, _LEGACY_CREDENTIAL_COLUMNS),
                 ("violations", "INSERT INTO violations (agent_id, at)", "agent_id, at"),
             ):
                 if table not in tables:

@@ -308,6 +308,14 @@ def _agent_previous_serial(execute: Execute) -> None:
     execute("ALTER TABLE agents ADD COLUMN previous_expires_at BIGINT NOT NULL DEFAULT 0")
 
 
+def _revocation_issuer(execute: Execute) -> None:
+    """The CA that issued each X.509-SVID, by its subject key id (hex): serials are unique per
+    issuer only, so a CRL lists a serial only when the CA signing it issued the certificate
+    (server.tasks.crl). '' on JWT rows and on rows recorded before this column."""
+    execute("ALTER TABLE credentials ADD COLUMN issuer TEXT NOT NULL DEFAULT ''")
+    execute("ALTER TABLE revocations ADD COLUMN issuer TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
@@ -319,6 +327,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "federation: relationships, foreign bundles, entries federate with", _federation),
     Migration(9, "audit checkpoints shared: records and the signing key", _audit_records),
     Migration(10, "agents: the previous SVID serial", _agent_previous_serial),
+    Migration(11, "credentials and revocations: the issuing CA", _revocation_issuer),
 )
 
 

@@ -490,6 +490,7 @@ class PostgresDataStore(
                 "expires_at": item.expires_at,
                 "reason": item.reason,
                 "revoked_at": item.revoked_at,
+                "issuer": item.issuer,
             }
             for item in sorted(items, key=lambda r: (r.kind, r.value))
         ]

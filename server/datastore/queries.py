@@ -107,10 +107,10 @@ ACQUIRE_LEASE = (
 )
 RELEASE_LEASE = "DELETE FROM leases WHERE name = :name AND holder = :holder"
 
-_REVOCATION_COLUMNS = "kind, value, spiffe_id, expires_at, reason, revoked_at"
+_REVOCATION_COLUMNS = "kind, value, spiffe_id, expires_at, reason, revoked_at, issuer"
 INSERT_REVOCATION = (
     f"INSERT INTO revocations ({_REVOCATION_COLUMNS}) VALUES (:kind, :value, :spiffe_id, "
-    ":expires_at, :reason, :revoked_at) ON CONFLICT (kind, value) DO NOTHING"
+    ":expires_at, :reason, :revoked_at, :issuer) ON CONFLICT (kind, value) DO NOTHING"
 )
 LIST_REVOCATIONS = f"SELECT {_REVOCATION_COLUMNS} FROM revocations ORDER BY kind, value"
 PRUNE_REVOCATIONS = "DELETE FROM revocations WHERE expires_at < :needed_from"

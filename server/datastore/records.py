@@ -184,6 +184,9 @@ class Revocation:
     expires_at: int
     reason: str
     revoked_at: int
+    # The issuing CA's subject key id (hex) for an X.509 serial; '' for a JWT, and for a serial
+    # recorded before issuers were (server.tasks.crl lists those under every CA).
+    issuer: str = ""
 
 
 def revocation_needed_from(now: float) -> float:
@@ -243,6 +246,7 @@ class Credential(NamedTuple):
     spiffe_id: str
     task_id: str  # "" for a workload (non-task) credential
     expires_at: int
+    issuer: str = ""  # X.509: the issuing CA's subject key id (hex); "" for a JWT
 
 
 @dataclass(frozen=True, slots=True)

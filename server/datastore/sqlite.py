@@ -163,6 +163,7 @@ def _revocation_from(row: Row) -> Revocation:
         expires_at=row["expires_at"],
         reason=row["reason"],
         revoked_at=row["revoked_at"],
+        issuer=row["issuer"],
     )
 
 
@@ -517,6 +518,7 @@ class SqliteDataStore(
                         "expires_at": item.expires_at,
                         "reason": item.reason,
                         "revoked_at": item.revoked_at,
+                        "issuer": item.issuer,
                     },
                 )
                 if cursor.rowcount == 1:

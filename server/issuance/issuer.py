@@ -236,6 +236,7 @@ class Issuer:
                 expires_at=svid.expires_at,
                 now=now,
                 task=task,
+                issuer=signer.key_id,
             )
             credentials.append(credential)
             events.append(event)

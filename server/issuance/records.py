@@ -24,10 +24,12 @@ def x509_record(
     expires_at: int,
     now: int,
     task: TaskGrant | None,
+    issuer: str,
 ) -> tuple[Credential, EventTuple]:
+    """`issuer`: the signing CA's key id (X509Signer.key_id), kept for the CRLs."""
     task_id = task.task_id if task is not None else ""
     credential = Credential(
-        REVOKED_X509_SERIAL, serial_hex, agent_id, spiffe_id, task_id, expires_at
+        REVOKED_X509_SERIAL, serial_hex, agent_id, spiffe_id, task_id, expires_at, issuer
     )
     event: EventTuple = (
         "x509_issued",

@@ -1,7 +1,12 @@
 """The signed X.509 CRLs agents put in the Workload API `crl` fields.
 
-Built from the revocation list's X.509 serials and signed by the active X.509 CA key, so any
-relying party holding the trust bundle can check them. Rebuilt when the revocation list or the
+Built from the revocation list's X.509 serials: one set of CRLs per CA the server holds the key
+of (the active CA, and a retired one while its leaves live), each signed by that CA and listing
+only the serials it issued. A CRL revokes only its issuer's certificates (RFC 5280 4.1.2.2,
+5.2.3: serials are unique per issuer), as OpenSSL, Go and svid apply it, so a serial listed by
+another CA's CRL revoked nothing. A revocation recorded before issuers were (issuer '') is
+listed in every CA's CRL: which CA issued it is unknown, and leaving it out would un-revoke it;
+serials are random, so it names no other CA's certificate. Rebuilt when the revocation list or the
 CA changes, and once half their validity has passed (see CrlCache.due): a CRL past its
 nextUpdate is refused by relying parties that check it (OpenSSL does), however quiet the
 revocation list has been.
@@ -24,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from server.datastore.records import REVOKED_X509_SERIAL, Revocation
@@ -41,6 +47,8 @@ CRL_MAX_BYTES = 512 * 1024
 # A CRL's size besides its entries, past the issuer name: version, algorithm identifiers, dates,
 # extensions, an RSA-4096 signature and the headers around them come to about 750 bytes.
 _CRL_OVERHEAD = 1024
+# Names each CA certificate in the cache's key.
+_FINGERPRINT = SHA256()
 
 
 def _utc(ts: float) -> datetime.datetime:
@@ -57,6 +65,21 @@ def listed_serials(revocations: Iterable[Revocation], now: float) -> list[Revoca
     """The X.509 serial revocations a CRL built at `now` lists: those whose certificate is still
     valid (a verifier takes a certificate through its notAfter second)."""
     return [r for r in revocations if r.kind == REVOKED_X509_SERIAL and r.expires_at >= now]
+
+
+def key_id(ca: x509.Certificate) -> str:
+    """A CA certificate's subject key id in hex, as revocations record their issuer; '' for
+    one without (it signs CRLs of the issuer-less revocations only)."""
+    try:
+        return ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    except x509.ExtensionNotFound:
+        return ""
+
+
+def issued_by(revocations: Iterable[Revocation], issuer: str) -> list[Revocation]:
+    """The revocations a CA of key id `issuer` lists: its own, and those of no recorded
+    issuer (see the module's docstring)."""
+    return [r for r in revocations if r.issuer in ("", issuer)]
 
 
 @dataclass
@@ -93,9 +116,11 @@ def build_crls(
     max_bytes: int = CRL_MAX_BYTES,
     entries: _Entries | None = None,
 ) -> tuple[bytes, ...]:
-    """DER CRLs listing every still-valid revoked X.509 serial (hex in the list) once, with its
-    revocation time, in serial order; each at most `max_bytes`. No CRL when nothing is listed."""
-    listed = {int(r.value, 16): int(r.revoked_at or now) for r in listed_serials(revocations, now)}
+    """DER CRLs listing every still-valid revoked X.509 serial (hex in the list) `issuer` issued
+    once, with its revocation time, in serial order; each at most `max_bytes`. No CRL when
+    nothing is listed."""
+    mine = issued_by(listed_serials(revocations, now), key_id(issuer))
+    listed = {int(r.value, 16): int(r.revoked_at or now) for r in mine}
     items = sorted(listed.items())
     revoked = (entries or _Entries()).take(items)
     extensions: list[x509.Extension[x509.ExtensionType]] = [
@@ -142,15 +167,16 @@ def _signed(
 
 @dataclass
 class CrlCache:
-    """One set of CRLs per (revocation list, CA certificate); the number grows with every
-    rebuild, and all CRLs of one build carry the same number."""
+    """One build of CRLs per (revocation list, CA certificates): each CA's, one after the
+    other. The number grows with every rebuild, and all CRLs of one build carry the same
+    number."""
 
     number: int = 0
     max_bytes: int = CRL_MAX_BYTES
     _key: tuple[object, ...] | None = None
     _ders: tuple[bytes, ...] = ()
     _built_at: float = 0.0
-    _entries: _Entries = field(default_factory=_Entries)
+    _entries: dict[bytes, _Entries] = field(default_factory=dict)
 
     def due(self, now: float) -> bool:
         """Whether the CRLs last built list something and have passed REFRESH_AFTER: the next
@@ -159,24 +185,31 @@ class CrlCache:
 
     def get(
         self,
-        issuer: x509.Certificate,
-        sign: SignCrl,
+        issuers: Sequence[tuple[x509.Certificate, SignCrl]],
         revocations: tuple[Revocation, ...],
         now: float,
     ) -> tuple[bytes, ...]:
-        cache_key: tuple[object, ...] = (revocations, issuer.serial_number)
+        """The CRLs of each of `issuers` (a CA certificate and what signs with its key)."""
+        names = tuple(cert.fingerprint(_FINGERPRINT) for cert, _ in issuers)
+        cache_key: tuple[object, ...] = (revocations, names)
         if cache_key != self._key or self.due(now):
             # Monotonic across restarts too: a relying party keeps the highest number it saw.
             self.number = max(self.number + 1, int(now))
-            self._ders = build_crls(
-                issuer,
-                sign,
-                revocations,
-                now,
-                self.number,
-                max_bytes=self.max_bytes,
-                entries=self._entries,
+            entries = {name: self._entries.get(name) or _Entries() for name in names}
+            self._ders = tuple(
+                der
+                for name, (issuer, sign) in zip(names, issuers, strict=True)
+                for der in build_crls(
+                    issuer,
+                    sign,
+                    revocations,
+                    now,
+                    self.number,
+                    max_bytes=self.max_bytes,
+                    entries=entries[name],
+                )
             )
+            self._entries = entries  # a CA no longer given takes its entries with it
             self._key = cache_key
             self._built_at = now
         return self._ders

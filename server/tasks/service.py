@@ -883,7 +883,7 @@ class TaskService:
         if creds:
             await self._state.add_revocations(
                 tuple(
-                    Revocation(c.kind, c.value, c.spiffe_id, c.expires_at, reason, now)
+                    Revocation(c.kind, c.value, c.spiffe_id, c.expires_at, reason, now, c.issuer)
                     for c in creds
                 )
             )
@@ -1032,12 +1032,10 @@ class TaskService:
         )
 
     def crl(self) -> tuple[bytes, ...]:
-        """The CA-signed CRLs of the revoked X.509 serials whose certificates are still valid
-        (server.tasks.crl); none while there are none."""
-        signer = self._ca.x509_signer()
-        return self._crl.get(
-            signer.ca_certificate, signer.sign_crl, self._state.revocations, self._clock.now()
-        )
+        """The CRLs of the revoked X.509 serials whose certificates are still valid, each CA's
+        signed by that CA (server.tasks.crl); none while there are none."""
+        issuers = [(s.ca_certificate, s.sign_crl) for s in self._ca.x509_crl_signers()]
+        return self._crl.get(issuers, self._state.revocations, self._clock.now())
 
     def refresh_crl(self) -> bool:
         """Sign the CRLs again once half their validity has passed, and have every agent take

@@ -60,9 +60,13 @@ def openssl_verify(
     leaf: x509.Certificate,
     authorities: Sequence[x509.Certificate],
     intermediates: Sequence[x509.Certificate] = (),
+    *,
     at: float | None = None,
+    crls: Sequence[bytes] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """`openssl verify -x509_strict` of `leaf` against `authorities`: an independent verifier."""
+    """`openssl verify -x509_strict` of `leaf` against `authorities`: an independent verifier.
+    With `crls` (DER), `-crl_check` too: the leaf's issuer must have a CRL among them, and the
+    leaf must not be on it."""
     pem = serialization.Encoding.PEM
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(b"".join(c.public_bytes(pem) for c in authorities))
@@ -75,4 +79,10 @@ def openssl_verify(
         argv += ["-untrusted", str(untrusted)]
     if at is not None:
         argv += ["-attime", str(int(at))]
+    if crls:
+        crl_file = tmp_path / "crls.pem"
+        crl_file.write_bytes(
+            b"".join(x509.load_der_x509_crl(der).public_bytes(pem) for der in crls)
+        )
+        argv += ["-crl_check", "-CRLfile", str(crl_file)]
     return subprocess.run([*argv, str(leaf_file)], capture_output=True, text=True, check=False)

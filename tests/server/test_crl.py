@@ -4,6 +4,8 @@ certificates and keys (EC and RSA-4096), real DER."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -17,6 +19,7 @@ from server.tasks.crl import (
     CrlCache,
     SignCrl,
     build_crls,
+    key_id,
 )
 from tests.svid.certs import T0, Issued, make_ca
 
@@ -95,17 +98,17 @@ def test_the_cache_rebuilds_only_when_the_list_changes_and_numbers_grow() -> Non
     ca = make_ca()
     cache = CrlCache(max_bytes=8 * 1024)
     first_list = tuple(_serial(n) for n in range(500))
-    first = cache.get(ca.cert, _signer(ca), first_list, NOW)
+    first = cache.get([(ca.cert, _signer(ca))], first_list, NOW)
     assert len(first) > 1
     # Same list: the same DER (no re-signing: ECDSA signatures differ every time).
-    assert cache.get(ca.cert, _signer(ca), first_list, NOW + 10) is first
-    second = cache.get(ca.cert, _signer(ca), (*first_list, _serial(500)), NOW + 20)
+    assert cache.get([(ca.cert, _signer(ca))], first_list, NOW + 10) is first
+    second = cache.get([(ca.cert, _signer(ca))], (*first_list, _serial(500)), NOW + 20)
     (number,) = {_number(d) for d in second}
     assert number > _number(first[0])
     assert len(_listed(second)) == 501
     # A restart starts from the clock, not from 1: numbers never go back.
     assert _number(first[0]) >= NOW
-    assert CrlCache().get(ca.cert, _signer(ca), (_serial(1, NOW - 1),), NOW) == ()
+    assert CrlCache().get([(ca.cert, _signer(ca))], (_serial(1, NOW - 1),), NOW) == ()
 
 
 def test_the_cache_signs_again_once_half_the_validity_has_passed() -> None:
@@ -113,11 +116,11 @@ def test_the_cache_signs_again_once_half_the_validity_has_passed() -> None:
     ca = make_ca()
     cache = CrlCache()
     listed = (_serial(1, NOW + 10 * CRL_VALIDITY),)
-    first = cache.get(ca.cert, _signer(ca), listed, NOW)
+    first = cache.get([(ca.cert, _signer(ca))], listed, NOW)
     assert not cache.due(NOW + REFRESH_AFTER - 1)
-    assert cache.get(ca.cert, _signer(ca), listed, NOW + REFRESH_AFTER - 1) is first
+    assert cache.get([(ca.cert, _signer(ca))], listed, NOW + REFRESH_AFTER - 1) is first
     assert cache.due(NOW + REFRESH_AFTER)
-    second = cache.get(ca.cert, _signer(ca), listed, NOW + REFRESH_AFTER)
+    second = cache.get([(ca.cert, _signer(ca))], listed, NOW + REFRESH_AFTER)
     assert not cache.due(NOW + REFRESH_AFTER)
     old, new = (x509.load_der_x509_crl(d[0]) for d in (first, second))
     assert new.next_update_utc > old.next_update_utc
@@ -126,5 +129,37 @@ def test_the_cache_signs_again_once_half_the_validity_has_passed() -> None:
     assert _listed(second) == _listed(first)
     # Nothing listed, nothing to keep current.
     empty = CrlCache()
-    assert empty.get(ca.cert, _signer(ca), (), NOW) == ()
+    assert empty.get([(ca.cert, _signer(ca))], (), NOW) == ()
     assert not empty.due(NOW + 10 * CRL_VALIDITY)
+
+
+def _issued(n: int, ca: Issued) -> Revocation:
+    return dataclasses.replace(_serial(n), issuer=key_id(ca.cert))
+
+
+def _by_issuer(ders: tuple[bytes, ...], *cas: Issued) -> dict[str, list[int]]:
+    """What each CRL lists, by the key id of the CA among `cas` whose key signed it."""
+    listed: dict[str, list[int]] = {}
+    for der in ders:
+        crl = x509.load_der_x509_crl(der)
+        (ca,) = [c for c in cas if crl.is_signature_valid(c.cert.public_key())]  # type: ignore[arg-type]
+        assert crl.issuer == ca.cert.subject
+        listed.setdefault(key_id(ca.cert), []).extend(e.serial_number for e in crl)
+    return listed
+
+
+def test_each_ca_lists_only_what_it_issued_and_every_ca_what_has_no_issuer() -> None:
+    # Two CAs of one trust domain (a rotation): a CRL revokes only its issuer's certificates.
+    old, new = make_ca(), make_ca()
+    assert "" != key_id(old.cert) != key_id(new.cert) != ""
+    mine, theirs = _issued(1, old), _issued(2, new)
+    legacy = _serial(3)  # recorded before issuers were: which CA issued it is not known
+    both = [(old.cert, _signer(old)), (new.cert, _signer(new))]
+    ders = CrlCache().get(both, (mine, theirs, legacy), NOW)
+    assert _by_issuer(ders, old, new) == {
+        key_id(old.cert): sorted(int(r.value, 16) for r in (mine, legacy)),
+        key_id(new.cert): sorted(int(r.value, 16) for r in (theirs, legacy)),
+    }
+    # A CA with nothing of its own to list, and no issuer-less serial, signs no CRL.
+    ders = CrlCache().get(both, (theirs,), NOW)
+    assert _by_issuer(ders, old, new) == {key_id(new.cert): [int(theirs.value, 16)]}

@@ -445,6 +445,33 @@ def test_a_datastore_of_the_previous_schema_gains_the_ledger_tables(
     store.close()
 
 
+def test_serials_recorded_before_migration_11_read_back_with_no_issuer(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:10])
+        SqliteDataStore(tmp_path / "db", clock).close()
+    # Written as version 10 wrote them: no issuer column yet.
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute(
+        "INSERT INTO revocations (kind, value, spiffe_id, expires_at, reason, revoked_at) "
+        "VALUES ('x509_serial', '7b', 'spiffe://example.org/web', 900, 'r', 5)"
+    )
+    db.execute(
+        "INSERT INTO credentials (kind, value, agent_id, spiffe_id, task_id, expires_at) "
+        "VALUES ('x509_serial', '7b', ?, 'spiffe://example.org/web', '', 900)",
+        (AGENT,),
+    )
+    db.commit()
+    db.close()
+    store = SqliteDataStore(tmp_path / "db", clock)
+    assert store.schema_versions() == [m.version for m in MIGRATIONS]
+    # No issuer on record: server.tasks.crl lists such a serial under every CA, as before.
+    assert [(r.value, r.issuer) for r in store.list_revocations()] == [("7b", "")]
+    assert [(c.value, c.issuer) for c in store.agent_credentials(AGENT, 0)] == [("7b", "")]
+    store.close()
+
+
 @pytest.mark.parametrize("runtimes", [None, 1, 3])
 @pytest.mark.parametrize("after", [False, True])
 def test_every_task_page_reads_an_index_in_order(

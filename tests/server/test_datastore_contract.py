@@ -211,6 +211,29 @@ def test_key_slots_bundle_and_revocations(store: DataStore) -> None:
     assert store.prune_revocations(NOW + int(MAX_VERIFIER_LEEWAY) + 1) == 1
 
 
+def test_an_x509_serial_keeps_the_ca_that_issued_it(open_store: Opener) -> None:
+    """Recorded with the credential and with its revocation, across a restart: the CRLs list
+    a serial only under its issuer (server.tasks.crl)."""
+    store = open_store()
+    issued = Credential("x509_serial", "7b", AGENT, RUNTIME, "", NOW + 300, "5ca1ab1e")
+    store.write_ledger([issued, cred("j1")], [])
+    store.add_revocations(
+        [
+            Revocation("x509_serial", "7b", RUNTIME, NOW + 300, "r", NOW, "5ca1ab1e"),
+            Revocation("jwt_id", "j1", RUNTIME, NOW + 300, "r", NOW),
+        ]
+    )
+    again = open_store()
+    assert {(c.value, c.issuer) for c in again.agent_credentials(AGENT, NOW)} == {
+        ("7b", "5ca1ab1e"),
+        ("j1", ""),
+    }
+    assert [(r.value, r.issuer) for r in again.list_revocations()] == [
+        ("j1", ""),
+        ("7b", "5ca1ab1e"),
+    ]
+
+
 def test_a_key_slot_keeps_its_sealed_key(open_store: Opener) -> None:
     store = open_store()
     plain = KeySlot("p", "x509", "active", b"cert", "kid-p", NOW, NOW + 10, NOW)

@@ -114,7 +114,8 @@ def write_old_files(data_dir: Path, clock: FakeClock) -> dict[str, object]:
             "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?)",
             (t.task_id, t.agent_id, t.runtime_id, t.state.value, t.expires_at, bodies[t.task_id]),
         )
-    old.executemany("INSERT INTO credentials VALUES (?, ?, ?, ?, ?, ?)", creds)
+    # The old file's rows have no issuer (the last field; '' in `creds`).
+    old.executemany("INSERT INTO credentials VALUES (?, ?, ?, ?, ?, ?)", [c[:6] for c in creds])
     old.executemany("INSERT INTO violations VALUES (?, ?)", [(RUNTIME, 10), (RUNTIME, 20)])
     old.commit()
     old.close()

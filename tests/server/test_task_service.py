@@ -19,11 +19,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from server.audit import AuditError, AuditLog, SecretInAuditError
-from server.ca.manager import CaManager
+from server.ca.keys import KeyStore
+from server.ca.manager import CaConfig, CaManager
+from server.ca.rotation import activate_at
 from server.ca.signer import IssuedJwt
 from server.datastore.base import DataStore
 from server.datastore.errors import StorageError
-from server.datastore.records import AttestedAgent, Entry, Revocation, Selector
+from server.datastore.records import X509_KIND, AttestedAgent, Entry, Revocation, Selector
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -40,10 +42,15 @@ from server.tasks.crl import REFRESH_AFTER
 from server.tasks.model import TaskState
 from server.tasks.service import BeginRequest, TaskService
 from server.tasks.store import TaskStore
-from svid import MAX_VERIFIER_LEEWAY
+from svid import MAX_VERIFIER_LEEWAY, RevokedError, X509Bundle, X509Verifier
+from svid._bundle import BundleSet
 from svid._clock import FakeClock
+from svid._crl import revoked_from_crls
+from svid._revocation import RevocationSet
+from svid._source import MemoryBundleSource
 from svid._spiffe_id import TrustDomain
 from svid._verify_jwt import DEFAULT_LEEWAY
+from tests.server.conftest import TRUST_DOMAIN, openssl_verify
 from tests.server.fixtures import make_csr
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
@@ -660,6 +667,64 @@ def test_crls_are_signed_again_and_pushed_before_their_next_update(world: World)
     assert second.next_update_utc > first.next_update_utc > second.last_update_utc
     assert [e.serial_number for e in second] == [e.serial_number for e in first]
     assert not world.service.refresh_crl()
+
+
+def _crl_verifier(world: World, crls: tuple[bytes, ...]) -> X509Verifier:
+    """A relying party as svid makes one: the trust bundle, and the CRLs the server signed."""
+    bundles = {TRUST_DOMAIN: X509Bundle(TRUST_DOMAIN, world.ca.bundle().x509_authorities)}
+    result = revoked_from_crls(crls, bundles)
+    assert result.rejected == ()
+    source = MemoryBundleSource()
+    source.set_x509_bundles(BundleSet(bundles))
+    return X509Verifier(
+        source.x509_bundle_for, clock=world.clock, revocations=RevocationSet(result.revoked)
+    )
+
+
+def test_each_ca_signs_a_crl_of_the_serials_it_issued_after_a_rotation(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, keystore: KeyStore
+) -> None:
+    ca = CaManager(CaConfig(TRUST_DOMAIN, ca_ttl=1200), datastore, keystore, clock)
+    ca.initialize()
+    world = make_world(tmp_path, clock, datastore, ca)
+    try:
+        (first,) = ca.key_slots(X509_KIND)
+        clock.set(activate_at(first.not_before, first.not_after) - 100)
+        ca.rotate()
+        old_leaf = issue_x509(world, RUNTIME)  # by the first CA, good past the rotation
+        clock.advance(101)
+        ca.rotate()
+        old_ca, new_ca = (
+            x509.load_der_x509_certificate(s.public_der) for s in ca.key_slots(X509_KIND)
+        )
+        assert ca.x509_signer().ca_certificate == new_ca
+        new_leaf = issue_x509(world, RUNTIME)
+        assert (old_leaf.issuer, new_leaf.issuer) == (old_ca.subject, new_ca.subject)
+        world.state.set_bundle(ca.bundle(), {})
+        world.run(world.service.revoke_agent(AGENT, "evicted"))
+
+        crls = world.service.crl()
+        by_issuer = {}
+        for der in crls:
+            crl = x509.load_der_x509_crl(der)
+            by_issuer[crl.issuer] = [e.serial_number for e in crl]
+        # Each CA lists what it issued, and nothing another CA did.
+        assert by_issuer == {
+            old_ca.subject: [old_leaf.serial_number],
+            new_ca.subject: [new_leaf.serial_number],
+        }
+        verifier = _crl_verifier(world, crls)
+        for leaf in (old_leaf, new_leaf):
+            with pytest.raises(RevokedError):
+                verifier.verify_der(leaf.public_bytes(Encoding.DER))
+            # And as OpenSSL reads them: the leaf's own CA's CRL is found, and lists it.
+            result = openssl_verify(
+                tmp_path, leaf, ca.bundle().x509_authorities, at=clock.now(), crls=crls
+            )
+            assert result.returncode != 0
+            assert "certificate revoked" in result.stdout + result.stderr
+    finally:
+        world.close()
 
 
 def test_workload_issuance_is_recorded_and_audited_in_batches(world: World) -> None:
