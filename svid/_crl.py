@@ -9,6 +9,13 @@ issuers (RFC 5280 4.1.2.2, 5.2.3), so each entry is keyed by (trust domain, issu
 The trust domain is part of the key because a name is whatever each trust domain's operator
 chose: a federated CA that takes our CA's name still signs only for its own trust domain. The
 signing key is not, as RFC 5280 lets a CA sign its CRLs with another key than its certificates.
+
+A CRL may also come from an intermediate CA (a server under an upstream CA signs its leaves,
+and so its CRLs, with a CA that is not in the bundle): RFC 5280 6.3.3 (f) takes it once the
+CRL issuer's own certificate validates to the trust anchor, and OpenSSL finds that certificate
+in the chain it is verifying. Such a CRL is kept aside (``CrlResult.pending``) until a chain
+verified in a trust domain carries a CA of its name whose key verifies it (RevocationSet
+.note_intermediates); its entries then revoke that CA's certificates in that trust domain.
 """
 
 from __future__ import annotations
@@ -38,6 +45,30 @@ class CrlResult:
     revoked: tuple[Revoked, ...]
     rejected: tuple[str, ...]
     next_update: Mapping[CertIssuer, float] = field(default_factory=dict)
+    # The CRLs no bundle authority signed, for an intermediate CA of a verified chain to vouch
+    # for (PendingCrl); each is in ``rejected`` too, until one does.
+    pending: tuple[PendingCrl, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PendingCrl:
+    """A readable CRL whose issuer is no bundle authority: possibly an intermediate CA's."""
+
+    crl: x509.CertificateRevocationList
+
+    def vouched_by(
+        self, trust_domain: str, ca: x509.Certificate
+    ) -> tuple[tuple[Revoked, ...], float | None] | None:
+        """This CRL's entries, as revoking the certificates of ``ca`` in ``trust_domain``, and
+        its nextUpdate; None unless ``ca`` (a CA of a chain verified in that trust domain) is
+        its issuer: its subject, allowed to sign CRLs, and its key verifies the signature."""
+        issuer = _issuer_of(self.crl, ca, trust_domain)
+        if issuer is None:
+            return None
+        next_update = self.crl.next_update_utc
+        return _entries(self.crl, [issuer]), (
+            None if next_update is None else next_update.timestamp()
+        )
 
 
 def _can_sign_crls(cert: x509.Certificate) -> bool:
@@ -55,29 +86,45 @@ def _issuers(
 ) -> list[CertIssuer]:
     """The issuer ``crl`` speaks for in each trust domain that holds an authority of its name
     whose key verifies it (an authority two trust domains share speaks for both)."""
-    issuer = crl.issuer.public_bytes()
     found: list[CertIssuer] = []
     for td, bundle in bundles.items():
         for authority in bundle.authorities:
-            if authority.subject.public_bytes() != issuer or not _can_sign_crls(authority):
-                continue
-            try:
-                key = authority.public_key()
-            except (ValueError, UnsupportedAlgorithm):
-                continue  # an authority whose key cannot be read vouches for nothing
-            if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-                continue
-            try:
-                if crl.is_signature_valid(key):
-                    # The subject as the authority's own bytes have it: those are what the
-                    # certificates it issued carry as their issuer (svid._verify_x509 chains
-                    # them by these bytes).
-                    name = tbs_names(authority.tbs_certificate_bytes)[1]
-                    found.append(CertIssuer(td.name, name))
-                    break
-            except (ValueError, TypeError, UnsupportedAlgorithm):
-                continue
+            issuer = _issuer_of(crl, authority, td.name)
+            if issuer is not None:
+                found.append(issuer)
+                break
     return found
+
+
+def _issuer_of(
+    crl: x509.CertificateRevocationList, ca: x509.Certificate, trust_domain: str
+) -> CertIssuer | None:
+    """The issuer ``crl`` speaks for when ``ca`` signed it: ``ca``'s name, in ``trust_domain``."""
+    if ca.subject.public_bytes() != crl.issuer.public_bytes() or not _can_sign_crls(ca):
+        return None
+    try:
+        key = ca.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return None  # a CA whose key cannot be read vouches for nothing
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        return None
+    try:
+        if not crl.is_signature_valid(key):
+            return None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    # The subject as the CA's own bytes have it: those are what the certificates it issued
+    # carry as their issuer (svid._verify_x509 chains them by these bytes).
+    return CertIssuer(trust_domain, tbs_names(ca.tbs_certificate_bytes)[1])
+
+
+def _entries(crl: x509.CertificateRevocationList, issuers: list[CertIssuer]) -> tuple[Revoked, ...]:
+    serials = [format(entry.serial_number, "x") for entry in crl]
+    return tuple(
+        Revoked(KIND_X509_SERIAL, serial, math.inf, issuer=issuer)
+        for issuer in issuers
+        for serial in serials
+    )
 
 
 def revoked_from_crls(
@@ -92,6 +139,7 @@ def revoked_from_crls(
     """
     revoked: list[Revoked] = []
     rejected: list[str] = []
+    pending: list[PendingCrl] = []
     next_updates: dict[CertIssuer, float] = {}
     for n, der in enumerate(crls):
         try:
@@ -100,15 +148,12 @@ def revoked_from_crls(
             if not issuers:
                 rejected.append(
                     f"CRL {n} (issuer {crl.issuer.rfc4514_string()}) is not signed by any "
-                    "authority of a known trust domain"
+                    "authority of a known trust domain, nor yet by an intermediate CA of a "
+                    "verified chain"
                 )
+                pending.append(PendingCrl(crl))
                 continue
-            serials = [format(entry.serial_number, "x") for entry in crl]
-            revoked.extend(
-                Revoked(KIND_X509_SERIAL, serial, math.inf, issuer=issuer)
-                for issuer in issuers
-                for serial in serials
-            )
+            revoked.extend(_entries(crl, issuers))
             next_update = crl.next_update_utc
             if next_update is not None:
                 for issuer in issuers:
@@ -116,4 +161,4 @@ def revoked_from_crls(
                     next_updates[issuer] = min(until, next_updates.get(issuer, until))
         except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
             rejected.append(f"CRL {n} is not a readable DER CRL: {exc}")
-    return CrlResult(tuple(revoked), tuple(rejected), next_updates)
+    return CrlResult(tuple(revoked), tuple(rejected), next_updates, tuple(pending))

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from cryptography import x509
 
@@ -98,6 +98,21 @@ class Revoked:
         return self.issuer is None or self.issuer.key(key[2]) == key
 
 
+class Vouchable(Protocol):
+    """A CRL no bundle authority signed, waiting for an intermediate CA to vouch for it
+    (svid._crl.PendingCrl)."""
+
+    def vouched_by(
+        self, trust_domain: str, ca: x509.Certificate
+    ) -> tuple[tuple[Revoked, ...], float | None] | None: ...
+
+
+# How many intermediate CAs of verified chains a set remembers, for pending CRLs to be checked
+# against: a trust domain has a few (its server CAs, a rotation's two); a bound keeps a peer
+# sending ever new intermediates from growing the set.
+MAX_INTERMEDIATES = 64
+
+
 def cert_key(trust_domain: str, cert: x509.Certificate) -> CertKey:
     """The revocation key of ``cert``, a certificate of a chain verified in ``trust_domain``."""
     return trust_domain, tbs_names(cert.tbs_certificate_bytes)[0], format(cert.serial_number, "x")
@@ -119,6 +134,10 @@ class RevocationSet:
         # (trust domain, issuer name) -> its CRLs' nextUpdate: past it, what they do not list
         # may have been revoked since.
         self._crl_until: Mapping[tuple[str, bytes], float] = MappingProxyType({})
+        # CRLs of no bundle authority, and the intermediate CAs (trust domain, DER) of chains
+        # verified so far: a CRL one of them signed revokes its certificates (svid._crl).
+        self._pending: tuple[Vouchable, ...] = ()
+        self._intermediates: dict[tuple[str, bytes], None] = {}
         self.version = 0
         self.updated_at: float | None = None
         # Feed state: None = not fed (static); otherwise when the feed was last known live,
@@ -167,13 +186,24 @@ class RevocationSet:
         return serials, issued, jtis
 
     def replace(
-        self, items: Iterable[Revoked], crl_next_update: Mapping[CertIssuer, float] | None = None
+        self,
+        items: Iterable[Revoked],
+        crl_next_update: Mapping[CertIssuer, float] | None = None,
+        pending: Sequence[Vouchable] = (),
     ) -> None:
         """Make the set exactly ``items`` (a full-state update from the agent or server), with
-        ``crl_next_update`` the nextUpdate of the CRLs that gave its entries, by issuer."""
-        serials, issued, jtis = self._split(items)
-        until = {(i.trust_domain, i.name): t for i, t in (crl_next_update or {}).items()}
+        ``crl_next_update`` the nextUpdate of the CRLs that gave its entries, by issuer, and
+        ``pending`` the CRLs an intermediate CA may yet vouch for (the entries of those the
+        intermediates of chains verified so far vouch for are in the set at once)."""
         with self._lock:
+            known = list(self._intermediates)
+        vouched, vouched_until = _vouched(pending, known)
+        serials, issued, jtis = self._split((*items, *vouched))
+        until = {(i.trust_domain, i.name): t for i, t in (crl_next_update or {}).items()}
+        for key, t in vouched_until.items():
+            until[key] = min(t, until.get(key, t))
+        with self._lock:
+            self._pending = tuple(pending)
             self._crl_until = MappingProxyType(until)
             self._serials, self._issued, self._jtis = (
                 MappingProxyType(serials),
@@ -191,6 +221,32 @@ class RevocationSet:
             self._serials = _merged(self._serials, serials)
             self._issued = _merged(self._issued, issued)
             self._jtis = _merged(self._jtis, jtis)
+            self.version += 1
+
+    def note_intermediates(self, trust_domain: str, ders: Iterable[bytes]) -> None:
+        """The intermediate CAs (DER) of a chain just verified in ``trust_domain``: a pending
+        CRL one of them signed now revokes that CA's certificates (RFC 5280 6.3.3 (f): the
+        CRL issuer's certificate validates to the trust anchor). Called before the chain's
+        own revocation check, so such a CRL revokes that very chain."""
+        fresh = [(trust_domain, d) for d in ders if (trust_domain, d) not in self._intermediates]
+        if not fresh:
+            return
+        with self._lock:
+            for key in fresh:
+                self._intermediates[key] = None
+            while len(self._intermediates) > MAX_INTERMEDIATES:
+                del self._intermediates[next(iter(self._intermediates))]
+            pending = self._pending
+        vouched, vouched_until = _vouched(pending, fresh)
+        if not vouched:
+            return
+        _, issued, _ = self._split(vouched)
+        with self._lock:
+            self._issued = _merged(self._issued, issued)
+            until = dict(self._crl_until)
+            for key, t in vouched_until.items():
+                until[key] = min(t, until.get(key, t))
+            self._crl_until = MappingProxyType(until)
             self.version += 1
 
     def revoke_serial(self, serial: str | int, expires_at: float) -> None:
@@ -254,6 +310,34 @@ class RevocationSet:
 
     def __len__(self) -> int:
         return len(self._serials) + len(self._issued) + len(self._jtis)
+
+
+def _vouched(
+    pending: Sequence[Vouchable], cas: Sequence[tuple[str, bytes]]
+) -> tuple[list[Revoked], dict[tuple[str, bytes], float]]:
+    """The entries of the ``pending`` CRLs that one of ``cas`` (trust domain, DER) signed, and
+    their nextUpdate by (trust domain, issuer name)."""
+    found: list[Revoked] = []
+    until: dict[tuple[str, bytes], float] = {}
+    if not pending:
+        return found, until
+    for trust_domain, der in cas:
+        try:
+            ca = x509.load_der_x509_certificate(der)
+        except ValueError:
+            continue
+        for crl in pending:
+            vouched = crl.vouched_by(trust_domain, ca)
+            if vouched is None:
+                continue
+            entries, next_update = vouched
+            found.extend(entries)
+            if next_update is not None and entries:
+                issuer = entries[0].issuer
+                if issuer is not None:
+                    key = (issuer.trust_domain, issuer.name)
+                    until[key] = min(next_update, until.get(key, next_update))
+    return found, until
 
 
 _Parts = tuple[dict[str, float], dict[CertKey, float], dict[str, float]]

@@ -233,7 +233,7 @@ class SourceState:
             for message in result.rejected:
                 log.warning("ignoring CRL: %s", message)
             items = self._stream_items + result.revoked
-            self.revocations.replace(items, result.next_update)
+            self.revocations.replace(items, result.next_update, result.pending)
             now = self.clock.now()
             for issuer, until in result.next_update.items():
                 if now > until:

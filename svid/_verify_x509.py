@@ -704,6 +704,15 @@ class X509Verifier:
             keys: tuple[CertKey, ...] = ((name, f.issuer, format(f.serial, "x")),)
         else:
             keys = tuple([(name, f.issuer, format(f.serial, "x")) for f in path_facts])
+        if len(path_facts) > 1:
+            # Its CAs may have signed CRLs no bundle authority did (svid._crl): before the
+            # check below, so such a CRL revokes this chain too.
+            ders = (
+                chain.ders[1:]
+                if type(chain) is _ChainDer
+                else tuple(c.public_bytes(serialization.Encoding.DER) for c in chain[1:])
+            )
+            self._revocations.note_intermediates(name, ders)
         is_revoked = self._revocations.is_revoked
         for key in keys:
             if is_revoked(key):

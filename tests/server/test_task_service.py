@@ -16,7 +16,10 @@ from typing import Any
 import jwt as pyjwt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
 
 from server.audit import AuditError, AuditLog, SecretInAuditError
 from server.ca.keys import KeyStore
@@ -44,14 +47,14 @@ from server.tasks.service import BeginRequest, TaskService
 from server.tasks.store import TaskStore
 from svid import MAX_VERIFIER_LEEWAY, RevokedError, X509Bundle, X509Verifier
 from svid._bundle import BundleSet
-from svid._clock import FakeClock
+from svid._clock import FakeClock, to_datetime
 from svid._crl import revoked_from_crls
 from svid._revocation import RevocationSet
 from svid._source import MemoryBundleSource
 from svid._spiffe_id import TrustDomain
 from svid._verify_jwt import DEFAULT_LEEWAY
 from tests.server.conftest import TRUST_DOMAIN, openssl_verify
-from tests.server.fixtures import make_csr
+from tests.server.fixtures import der_chain, make_csr
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
 RUNTIME = "spiffe://example.org/agents/research-bot"
@@ -670,15 +673,15 @@ def test_crls_are_signed_again_and_pushed_before_their_next_update(world: World)
 
 
 def _crl_verifier(world: World, crls: tuple[bytes, ...]) -> X509Verifier:
-    """A relying party as svid makes one: the trust bundle, and the CRLs the server signed."""
+    """A relying party as svid's source makes one: the trust bundle, and the CRLs the server
+    signed (those of no bundle authority pending, for an intermediate CA to vouch for)."""
     bundles = {TRUST_DOMAIN: X509Bundle(TRUST_DOMAIN, world.ca.bundle().x509_authorities)}
     result = revoked_from_crls(crls, bundles)
-    assert result.rejected == ()
+    revocations = RevocationSet()
+    revocations.replace(result.revoked, result.next_update, result.pending)
     source = MemoryBundleSource()
     source.set_x509_bundles(BundleSet(bundles))
-    return X509Verifier(
-        source.x509_bundle_for, clock=world.clock, revocations=RevocationSet(result.revoked)
-    )
+    return X509Verifier(source.x509_bundle_for, clock=world.clock, revocations=revocations)
 
 
 def test_each_ca_signs_a_crl_of_the_serials_it_issued_after_a_rotation(
@@ -713,6 +716,8 @@ def test_each_ca_signs_a_crl_of_the_serials_it_issued_after_a_rotation(
             old_ca.subject: [old_leaf.serial_number],
             new_ca.subject: [new_leaf.serial_number],
         }
+        authorities = {TRUST_DOMAIN: X509Bundle(TRUST_DOMAIN, ca.bundle().x509_authorities)}
+        assert revoked_from_crls(crls, authorities).rejected == ()
         verifier = _crl_verifier(world, crls)
         for leaf in (old_leaf, new_leaf):
             with pytest.raises(RevokedError):
@@ -723,6 +728,58 @@ def test_each_ca_signs_a_crl_of_the_serials_it_issued_after_a_rotation(
             )
             assert result.returncode != 0
             assert "certificate revoked" in result.stdout + result.stderr
+    finally:
+        world.close()
+
+
+def test_an_upstream_servers_crls_revoke_its_leaves_for_svid_and_openssl(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, keystore: KeyStore
+) -> None:
+    # The bundle holds the upstream root only; the server's own CA, under it, signs the leaves
+    # and their CRLs, and travels in every SVID's chain.
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Upstream Root")])
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(root_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(to_datetime(clock.now() - 60))
+        .not_valid_after(to_datetime(clock.now() + 86400 * 30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "upstream.pem", tmp_path / "upstream.key"
+    cert_path.write_bytes(root.public_bytes(Encoding.PEM))
+    key_path.write_bytes(root_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    config = CaConfig(TRUST_DOMAIN, upstream_cert=cert_path, upstream_key=key_path)
+    ca = CaManager(config, datastore, keystore, clock)
+    ca.initialize()
+    world = make_world(tmp_path, clock, datastore, ca)
+    try:
+        assert ca.bundle().x509_authorities == (root,)
+        task = world.begin()
+        (entry,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == task.spiffe_id]
+        (outcome,) = world.run(world.issuer.issue_x509(world.agent, [(entry.id, make_csr()[1])]))
+        leaf, server_ca = der_chain(outcome.chain_der)
+        assert server_ca == ca.x509_signer().ca_certificate
+        world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
+        crls = world.service.crl()
+        assert [x509.load_der_x509_crl(d).issuer for d in crls] == [server_ca.subject]
+
+        with pytest.raises(RevokedError):
+            _crl_verifier(world, crls).verify_der(outcome.chain_der)
+        result = openssl_verify(tmp_path, leaf, [root], [server_ca], at=clock.now(), crls=crls)
+        assert result.returncode != 0
+        assert "certificate revoked" in result.stdout + result.stderr
     finally:
         world.close()
 

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from svid import RevokedError, X509Bundle, X509Svid, X509Verifier, certs_to_pem, der_concat
+from svid import (
+    RevokedError,
+    SvidError,
+    X509Bundle,
+    X509Svid,
+    X509Verifier,
+    certs_to_pem,
+    der_concat,
+)
 from svid._bundle import BundleSet
 from svid._caller import Caller
 from svid._clock import FakeClock
@@ -158,3 +166,84 @@ def test_a_crl_entry_for_a_serial_the_agent_revokes_anyway_is_announced_once() -
     bare = Revoked(KIND_X509_SERIAL, format(serial, "x"), T0 + 60)
     state.delivered(REVOCATIONS.name, RevocationsUpdate((bare,), (signed_crl(ca, [serial]),), 1))
     assert [(e.value, e.issuer) for e in events] == [(format(serial, "x"), None)]
+
+
+def _intermediate_setup() -> tuple[Issued, Issued, Issued]:
+    """A root in the bundle, an intermediate CA under it (a server under an upstream CA), and
+    a leaf of the intermediate: the intermediate signs the leaf's CRL, and is in no bundle."""
+    root = make_ca()
+    inter = make_ca("server.example.org", parent=root, spiffe_id="spiffe://example.org")
+    return root, inter, make_leaf(inter)
+
+
+def _pending_verifier(
+    bundles: dict[TrustDomain, X509Bundle], crls: list[bytes]
+) -> tuple[X509Verifier, RevocationSet]:
+    """A verifier whose set takes the CRLs as a source does: a CRL of no bundle authority is
+    pending until an intermediate of a verified chain vouches for it."""
+    revocations = RevocationSet()
+    source = MemoryBundleSource()
+    source.set_x509_bundles(BundleSet(dict(bundles)))
+    verifier = X509Verifier(source.x509_bundle_for, clock=FakeClock(T0), revocations=revocations)
+    _give_crls(revocations, bundles, crls)
+    return verifier, revocations
+
+
+def _give_crls(
+    revocations: RevocationSet, bundles: dict[TrustDomain, X509Bundle], crls: list[bytes]
+) -> None:
+    result = revoked_from_crls(crls, bundles)
+    revocations.replace(result.revoked, result.next_update, result.pending)
+
+
+def test_an_intermediate_cas_crl_revokes_its_leaf_once_a_chain_through_it_verifies() -> None:
+    # RFC 5280 6.3.3 (f), as OpenSSL applies it: the CRL issuer's certificate (here in the
+    # chain) validates to the trust anchor the leaf validates to.
+    root, inter, leaf = _intermediate_setup()
+    other = make_leaf(inter)
+    bundles = {TD: X509Bundle(TD, (root.cert,))}
+    verifier, _ = _pending_verifier(bundles, [signed_crl(inter, [leaf.cert.serial_number])])
+    with pytest.raises(RevokedError, match=format(leaf.cert.serial_number, "x")):
+        verifier.verify_der(der_concat([leaf.cert, inter.cert]))
+    with pytest.raises(RevokedError):
+        verifier.verify([leaf.cert, inter.cert])
+    verifier.verify_der(der_concat([other.cert, inter.cert]))  # what it does not list
+
+
+def test_an_intermediates_crl_arriving_after_its_chain_verified_revokes_it() -> None:
+    # The verified chain is cached: the CRL must revoke it on the cached path as well.
+    root, inter, leaf = _intermediate_setup()
+    bundles = {TD: X509Bundle(TD, (root.cert,))}
+    verifier, revocations = _pending_verifier(bundles, [])
+    chain = der_concat([leaf.cert, inter.cert])
+    verifier.verify_der(chain)
+    _give_crls(revocations, bundles, [signed_crl(inter, [leaf.cert.serial_number])])
+    with pytest.raises(RevokedError):
+        verifier.verify_der(chain)
+
+
+def test_a_crl_in_an_intermediates_name_no_verified_chain_vouches_for_revokes_nothing() -> None:
+    root, inter, leaf = _intermediate_setup()
+    # The intermediate's name with another key, under no authority of the bundle: anyone
+    # could make one, and revoke (deny service to) anything.
+    impostor = make_ca("server.example.org", spiffe_id="spiffe://example.org")
+    assert impostor.cert.subject == inter.cert.subject
+    bundles = {TD: X509Bundle(TD, (root.cert,))}
+    verifier, _ = _pending_verifier(bundles, [signed_crl(impostor, [leaf.cert.serial_number])])
+    verifier.verify_der(der_concat([leaf.cert, inter.cert]))
+    # Nor once the impostor's own chain is offered: it chains to no authority.
+    with pytest.raises(SvidError):
+        verifier.verify_der(der_concat([make_leaf(impostor).cert, impostor.cert]))
+    verifier.verify_der(der_concat([leaf.cert, inter.cert]))
+
+
+def test_an_intermediates_crl_speaks_only_for_the_trust_domain_its_chain_verified_in() -> None:
+    root, inter, leaf = _intermediate_setup()
+    foreign_root = make_ca("foreign.org", spiffe_id="spiffe://foreign.org")
+    bundles = {TD: X509Bundle(TD, (root.cert,)), FOREIGN: X509Bundle(FOREIGN, (foreign_root.cert,))}
+    verifier, revocations = _pending_verifier(
+        bundles, [signed_crl(inter, [leaf.cert.serial_number])]
+    )
+    with pytest.raises(RevokedError):
+        verifier.verify_der(der_concat([leaf.cert, inter.cert]))
+    assert {r.issuer.trust_domain for r in revocations.items() if r.issuer} == {"example.org"}
