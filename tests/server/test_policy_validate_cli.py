@@ -1,0 +1,46 @@
+"""`svid-server policy validate` with the server stopped: what it calls valid is a policy
+directory that exists, checked under the trust domain `run` would serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+
+READ_ONLY = 'permit (principal, action == Action::"read", resource);\n'
+
+
+def test_a_policy_dir_that_does_not_exist_is_not_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A typo in --policy-dir validated the shipped default policy and answered "valid": true.
+    missing = tmp_path / "polciy"
+    assert main(["policy", "validate", "--policy-dir", str(missing), "--output", "json"]) == 1
+    out, err = capsys.readouterr()
+    assert '"valid"' not in out
+    assert str(missing) in err
+    assert "no such directory" in err
+
+
+def test_a_policy_dir_that_is_a_file_is_not_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy_file = tmp_path / "site.cedar"
+    policy_file.write_text(READ_ONLY)
+    assert main(["policy", "validate", "--policy-dir", str(policy_file)]) == 1
+    out, err = capsys.readouterr()
+    assert "is valid" not in out
+    assert "not a directory" in err
+
+
+def test_an_existing_policy_dir_with_a_good_trust_domain_is_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "site.cedar").write_text(READ_ONLY)
+    config = tmp_path / "server.toml"
+    config.write_text(f'trust_domain = "example.org"\npolicy_dir = "{tmp_path}"\n')
+    assert main(["policy", "validate", "--config", str(config), "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"policy_dir": str(tmp_path), "valid": True}
