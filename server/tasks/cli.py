@@ -22,7 +22,9 @@ from server.audit import cli as audit_cli
 from server.config import file_value, read_toml
 from server.errors import CliError
 from svid._clock import SystemClock, format_utc, unix_times_as_numbers
+from svid._errors import SpiffeIdError
 from svid._proto import task_pb2, task_pb2_grpc
+from svid._spiffe_id import TrustDomain
 
 COMMANDS = ("task", "audit", "policy")
 
@@ -69,9 +71,8 @@ def _validate(args: argparse.Namespace) -> None:
     directory = args.policy_dir or file_value(raw, "policy_dir")
     if not directory:
         raise CliError("--policy-dir: no policy directory given (flag or config policy_dir)")
-    trust_domain = args.trust_domain or raw.get("trust_domain") or "example.org"
     problems = validate_policy_dir(
-        Path(str(directory)), trust_domain=trust_domain, clock=SystemClock()
+        Path(str(directory)), trust_domain=_trust_domain(args, raw), clock=SystemClock()
     )
     if problems:
         for problem in problems:
@@ -81,6 +82,18 @@ def _validate(args: argparse.Namespace) -> None:
         print(json.dumps({"policy_dir": str(directory), "valid": True}))
     else:
         print(f"policy directory {directory} is valid")
+
+
+def _trust_domain(args: argparse.Namespace, raw: dict[str, Any]) -> str:
+    """The trust domain the policies are checked under, refused as `run` refuses it: policies
+    see it as context.trust_domain, so one the server would never serve validates nothing."""
+    if args.trust_domain is not None:
+        try:
+            return TrustDomain.parse(args.trust_domain).name
+        except SpiffeIdError as exc:
+            raise CliError(f"--trust-domain: {exc}") from None
+    configured = file_value(raw, "trust_domain")
+    return configured.name if configured is not None else "example.org"
 
 
 def _task_text(task: task_pb2.Task) -> str:

@@ -36,6 +36,31 @@ def test_a_policy_dir_that_is_a_file_is_not_valid(
     assert "not a directory" in err
 
 
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [("42", "expected a string"), ('"bad domain"', "trust_domain: ")],
+)
+def test_the_configs_trust_domain_is_checked_as_run_checks_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, complaint: str
+) -> None:
+    # It was passed on unchecked (raw.get): a trust domain `run` refuses validated the policies.
+    (tmp_path / "policy").mkdir()
+    config = tmp_path / "server.toml"
+    config.write_text(f'trust_domain = {value}\npolicy_dir = "{tmp_path / "policy"}"\n')
+    assert main(["policy", "validate", "--config", str(config)]) == 1
+    out, err = capsys.readouterr()
+    assert "is valid" not in out
+    assert complaint in err
+
+
+def test_the_trust_domain_flag_is_checked_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["policy", "validate", "--policy-dir", str(tmp_path), "--trust-domain", "Bad Domain"]
+    assert main(argv) == 1
+    assert "--trust-domain: " in capsys.readouterr().err
+
+
 def test_an_existing_policy_dir_with_a_good_trust_domain_is_valid(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
