@@ -14,8 +14,6 @@ The join token is a credential: it comes from a 0600 file (``join_token_file``),
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,12 +33,17 @@ from svid._daemon_config import (
     refuse_unknown,
 )
 from svid._logs import LOG_FORMATS, LOG_LEVELS
+from svid._secret_file import SecretFile, read_owner_only
 
 DEFAULT_SOCKET = Path("/tmp/svid-agent/public/api.sock")  # noqa: S108 - SPIRE's layout
 DEFAULT_SERVER = "127.0.0.1:8081"
 DEFAULT_ATTEST = "127.0.0.1:8082"
 JOIN_TOKEN_ENV = "SVID_AGENT_JOIN_TOKEN"  # noqa: S105 - the variable's name, not a token
-_MAX_TOKEN_FILE = 4096  # a join token is <id>.<secret>; anything this big is the wrong file
+_TOKEN_FILE = SecretFile(
+    setting="join_token_file",
+    owner="the agent's user",
+    max_bytes=4096,  # a join token is <id>.<secret>; anything this big is the wrong file
+)
 
 
 @dataclass(frozen=True)
@@ -215,33 +218,7 @@ def read_join_token_file(path: Path) -> str:
 
     Errors name the file and its mode, never its content.
     """
-    try:
-        # No O_NOFOLLOW: Kubernetes mounts secrets through symlinks. fstat checks what was opened.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(f"join_token_file: {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"join_token_file: cannot open {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"join_token_file: {path} is not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise ConfigError(
-                f"join_token_file: {path} has mode {mode:04o}; a join token file must be "
-                f"accessible to its owner only (chmod 600 {path})"
-            )
-        if st.st_uid != os.geteuid():
-            raise ConfigError(
-                f"join_token_file: {path} is owned by uid {st.st_uid}, not by the agent's "
-                f"user (uid {os.geteuid()}), who could change the token under it"
-            )
-        data = os.read(fd, _MAX_TOKEN_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > _MAX_TOKEN_FILE:
-        raise ConfigError(f"join_token_file: {path} is over {_MAX_TOKEN_FILE} bytes")
+    data = read_owner_only(path, _TOKEN_FILE, ConfigError)
     try:
         token = data.decode("utf-8").strip()
     except UnicodeDecodeError:

@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from server.ca.errors import CaConfigError, SealedKeyError
 from server.ca.keys import PrivateKey, spki_der
+from svid._secret_file import SecretFile, read_owner_only
 
 KEK_SETTING = "key_encryption_key_file"
 KEK_BYTES = 32
@@ -34,7 +34,12 @@ NONCE_BYTES = 12
 _HEADER = len(MAGIC) + KEK_ID_BYTES + NONCE_BYTES
 _TAG_BYTES = 16
 _AAD_PREFIX = b"svidd sealed key v1\0"
-_MAX_KEK_FILE = 4096
+_KEK_FILE = SecretFile(
+    setting=KEK_SETTING,
+    owner="this server's user",
+    max_bytes=4096,
+    missing="cannot read {path}: {reason}",
+)
 
 
 class KeyEncryptionKey:
@@ -62,27 +67,7 @@ class KeyEncryptionKey:
         """Read a KEK file: owner-only (no group or other bits), owned by this process's user,
         holding the key as base64 text (what `svid-server keys new-kek` writes) or 32 raw bytes.
         The checks look at the file actually opened, not at a name that could be swapped."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOCTTY)
-        except OSError as exc:
-            raise CaConfigError(f"{KEK_SETTING}: cannot read {path}: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CaConfigError(f"{KEK_SETTING}: {path} is not a regular file")
-            if st.st_uid != os.geteuid():
-                raise CaConfigError(
-                    f"{KEK_SETTING}: {path} is owned by uid {st.st_uid}, not by this server's "
-                    f"user (uid {os.geteuid()})"
-                )
-            if st.st_mode & 0o077:
-                raise CaConfigError(
-                    f"{KEK_SETTING}: {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be "
-                    "readable by its owner alone (chmod 600)"
-                )
-            data = os.read(fd, _MAX_KEK_FILE + 1)
-        finally:
-            os.close(fd)
+        data = read_owner_only(path, _KEK_FILE, CaConfigError)
         return cls(_decode_kek(data, path), source=str(path))
 
     def write_new(self, path: Path) -> None:
@@ -162,8 +147,6 @@ def _decode_kek(data: bytes, path: Path) -> bytes:
         f"{KEK_SETTING}: {path} must hold {KEK_BYTES} random bytes as base64 text "
         "(`svid-server keys new-kek --out FILE` writes one)"
     )
-    if len(data) > _MAX_KEK_FILE:
-        raise bad
     if len(data) == KEK_BYTES:  # raw bytes (base64 of 32 bytes is 44 characters)
         return data
     try:

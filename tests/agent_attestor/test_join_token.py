@@ -16,6 +16,7 @@ from agent_attestor import cli
 from agent_attestor.config import JOIN_TOKEN_ENV, build_config, read_join_token_file
 from agent_attestor.errors import ConfigError
 from agent_attestor.sync import SyncSettings
+from tests.fifo import make_fifo, raised_without_blocking
 
 TOKEN = "tok-id.s3cr3t-value"
 
@@ -158,3 +159,11 @@ def test_run_warns_when_a_config_file_others_can_read_holds_the_token(
     assert "s3cr3t" not in err
     config.chmod(0o600)
     assert "holds join_token" not in _run(["--config", str(config)], capsys)
+
+
+def test_a_token_file_that_is_a_named_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
+    # os.open without O_NONBLOCK waited for a writer: the agent hung at start, saying nothing.
+    fifo = make_fifo(tmp_path / "join-token")
+    raised = raised_without_blocking(lambda: read_join_token_file(fifo), fifo)
+    assert isinstance(raised, ConfigError)
+    assert str(raised) == f"join_token_file: {fifo} is not a regular file"

@@ -11,6 +11,7 @@ import pytest
 from server.ca.errors import CaConfigError, SealedKeyError
 from server.ca.keys import EC_P384, RSA_2048, generate_key, spki_der
 from server.ca.sealing import KEK_SETTING, KeyEncryptionKey
+from tests.fifo import make_fifo, raised_without_blocking
 
 SPKI = spki_der
 
@@ -166,3 +167,11 @@ def test_a_missing_kek_file_or_a_directory_is_named(tmp_path: Path) -> None:
     tmp_path.chmod(0o700)
     with pytest.raises(CaConfigError, match="is not a regular file"):
         KeyEncryptionKey.load(tmp_path)
+
+
+def test_a_kek_file_that_is_a_named_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
+    # os.open without O_NONBLOCK waited for a writer: the server hung at start, saying nothing.
+    fifo = make_fifo(tmp_path / "kek")
+    raised = raised_without_blocking(lambda: KeyEncryptionKey.load(fifo), fifo)
+    assert isinstance(raised, CaConfigError)
+    assert str(raised) == f"{KEK_SETTING}: {fifo} is not a regular file"
