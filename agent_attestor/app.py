@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.metrics import Metrics, MetricsHttpServer
 from agent_attestor.node_client import insecure_fetch_server_root, load_x509pop
 from agent_attestor.peer import CallerRegistry
+from agent_attestor.private_dir import release, resolve_private_dir
 from agent_attestor.relay import RelaySettings
 from agent_attestor.rotation import Rotator
 from agent_attestor.state_store import StateStore
@@ -36,7 +36,6 @@ from agent_attestor.workload_api import WorkloadApi
 from agent_attestor.workload_attestor import ExeHashCache, UnixAttestor
 from svid._clock import Clock, SystemClock
 from svid._daemon_config import listening
-from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
 
 log = logging.getLogger(__name__)
 HEALTH_SERVICE = "svid.agent"
@@ -44,16 +43,6 @@ HEALTH_SERVICE = "svid.agent"
 ATTEST_SETTLE = 10.0
 # Seconds a stop gives the last ValidateJWTSVID reports to reach the server's audit log.
 REPORT_SETTLE = 5.0
-
-
-def resolve_private_dir(config: AgentConfig) -> Path:
-    if config.private_dir is not None:
-        return config.private_dir.resolve()
-    candidate = (config.data_dir / "private").resolve()
-    if unix_path_size(candidate / "api.sock") <= MAX_UNIX_PATH:
-        return candidate
-    # Unix socket paths are short; a deep data_dir gets a private dir under /tmp instead.
-    return Path(tempfile.mkdtemp(prefix="svid-agent-"))
 
 
 def bootstrap_roots(config: AgentConfig) -> bytes:
@@ -148,9 +137,10 @@ class AgentApp:
             answer_bytes=answer_bytes,
         )
         self.health = health.aio.HealthServicer()
+        self.private_dir = resolve_private_dir(config)
         self.endpoint = WorkloadEndpoint(
             socket_path=config.socket_path,
-            private_dir=resolve_private_dir(config),
+            private_dir=self.private_dir.path,
             servicer=self.api,
             registry=self.registry,
             attestors=[UnixAttestor(hashes=ExeHashCache(max_size=config.max_hash_size))],
@@ -282,6 +272,7 @@ class AgentApp:
         await self.state_writer.flush()
         await asyncio.to_thread(self.state.close)
         await self.endpoint.stop(1.0)
+        release(self.private_dir)
         # The socket is closed: no more validations. Those answered since the last batch are
         # still queued (the reporter's loop is cancelled above), so they go to the server's
         # audit log now, over the channel closed next.

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,13 @@ class AgentProcess(ChildProcess):
     # (node, attest) address of each server, for an agent that fails over between several;
     # empty: `server`'s own.
     servers: tuple[tuple[str, str], ...] = ()
+    # Variables set for the agent process on top of the test's own environment.
+    environment: dict[str, str] = field(default_factory=dict)
+    data_dir_name: str = "agent"  # under root
 
     @property
     def data_dir(self) -> Path:
-        return self.root / "agent"
+        return self.root / self.data_dir_name
 
     @property
     def socket_path(self) -> Path:
@@ -88,7 +91,8 @@ class AgentProcess(ChildProcess):
             token_file.chmod(0o600)
             args += ["--join-token-file", str(token_file)]
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=str(self.root))
+        env = {**os.environ, **self.environment}
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=str(self.root), env=env)
         log.close()
         wait_for(self._socket_ready, START_TIMEOUT, "the agent's socket")
         return self
