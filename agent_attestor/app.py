@@ -235,7 +235,10 @@ class AgentApp:
                 await self.health.set(service, status.SERVING if ready else status.NOT_SERVING)
 
     async def start(self) -> None:
-        self.syncer.set_bootstrap_roots(await asyncio.to_thread(bootstrap_roots, self.config))
+        self.syncer.set_bootstrap_roots(
+            await asyncio.to_thread(bootstrap_roots, self.config),
+            given=self.config.trust_bundle is not None,
+        )
         for service in ("", HEALTH_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config.metrics_address:

@@ -17,6 +17,11 @@ class AttestationError(AgentError):
     """Node attestation with the server failed."""
 
 
+class ServerNotVerifiedError(AttestationError):
+    """The server's certificate did not verify against the roots the agent attested with: the
+    TLS handshake failed, so nothing (no join token) reached the server."""
+
+
 class ProcessGoneError(AgentError):
     """The calling process exited, or its pid now names another process."""
 

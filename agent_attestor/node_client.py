@@ -25,6 +25,7 @@ from agent_attestor.errors import (
     BadRequestError,
     ConfigError,
     NoIdentityError,
+    ServerNotVerifiedError,
 )
 from agent_attestor.model import Entry, TrustBundle
 from agent_attestor.signer import MintedJwt, X509Result
@@ -108,6 +109,16 @@ def _revocation_spiffe_ids(
     return {
         _key(r): r.spiffe_id for r in items if r.kind in (_X509_SERIAL, _JWT_ID) and r.spiffe_id
     }
+
+
+def server_not_verified(exc: grpc.RpcError) -> bool:
+    """Whether the call failed because the TLS handshake refused the server's certificate (no
+    root of ours issued it). gRPC reports that only in words: UNAVAILABLE, with the TLS
+    library's reason, which names the verification failure."""
+    code = exc.code()  # type: ignore[attr-defined]
+    return code == grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in (
+        exc.details() or ""  # type: ignore[attr-defined]
+    )
 
 
 def insecure_fetch_server_root(address: str) -> bytes:
@@ -238,9 +249,13 @@ class NodeClient:
                     break
                 await call.done_writing()
             except grpc.RpcError as exc:
-                raise AttestationError(
-                    f"attestation refused: {exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
-                ) from exc
+                said = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+                if server_not_verified(exc):
+                    raise ServerNotVerifiedError(
+                        f"the server's certificate does not verify against the trust bundle "
+                        f"used: {said}"
+                    ) from exc
+                raise AttestationError(f"attestation refused: {said}") from exc
         return self._agent_svid(result, key), TrustBundle.from_proto(result.bundle)
 
     @staticmethod

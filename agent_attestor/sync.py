@@ -21,12 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache, SyncPosition, SyncState, hold_crl, join_parts
 from agent_attestor.checkpoint_store import PushedCheckpoint
-from agent_attestor.errors import AttestationError, NotReadyError
+from agent_attestor.errors import AttestationError, NotReadyError, ServerNotVerifiedError
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient
 from agent_attestor.rotation import rotation_point
 from agent_attestor.servers import (
     Resolver,
+    Server,
     ServerChooser,
     Target,
     should_move,
@@ -54,6 +55,8 @@ class SyncSettings:
     join_token: str = field(default="", repr=False)  # a credential, as in AgentConfig
     x509pop: tuple[list[x509.Certificate], PrivateKeyTypes] | None = None
     bootstrap_root_pem: bytes = b""
+    # bootstrap_root_pem is the operator's trust_bundle, not roots fetched unverified.
+    bootstrap_given: bool = False
     reconnect_min: float = 1.0
     reconnect_max: float = 10.0
     connect_timeout: float = 5.0
@@ -69,6 +72,16 @@ def failure_code(exc: BaseException) -> str | None:
             return cause.code().name  # type: ignore[attr-defined,no-any-return]
         cause = cause.__cause__
     return None
+
+
+def rebootstrap_roots(tried: bytes, given: bytes, given_by_operator: bool) -> bytes | None:
+    """The roots to attest with again after `tried` (the saved bundle) did not verify the
+    server: the operator's trust bundle, if there is one and it is not what failed. Never roots
+    fetched unverified (insecure_bootstrap): a server the saved bundle cannot verify is then
+    one nothing verifies, and the agent stays refused rather than trust it."""
+    if not given_by_operator or not given or given == tried:
+        return None
+    return given
 
 
 class Syncer:
@@ -128,9 +141,11 @@ class Syncer:
         self._revision_of = position.agent_id
         self.revision, self.epoch = position.revision, position.epoch
 
-    def set_bootstrap_roots(self, pem: bytes) -> None:
-        """Roots to verify the server with until it has handed us a bundle (read at start-up)."""
+    def set_bootstrap_roots(self, pem: bytes, *, given: bool = False) -> None:
+        """Roots to verify the server with until it has handed us a bundle (read at start-up);
+        `given`: the operator's trust_bundle, which may stand in for a stale saved bundle."""
         self._s.bootstrap_root_pem = pem
+        self._s.bootstrap_given = given
 
     # ---- identity ---------------------------------------------------------------------------
 
@@ -196,8 +211,27 @@ class Syncer:
     async def _attest_and_save(self) -> tuple[AgentSvid, TrustBundle]:
         server = self._servers.current
         assert server is not None
+        roots = self._root_pem()
+        try:
+            return await self._attest_and_save_with(server, roots)
+        except ServerNotVerifiedError as exc:
+            given = rebootstrap_roots(roots, self._s.bootstrap_root_pem, self._s.bootstrap_given)
+            if given is None:
+                raise
+            # The handshake failed: the join token never left the agent, and is tried again
+            # with the operator's bundle, which must verify the server in turn.
+            log.warning(
+                "the saved trust bundle does not verify the server (its CA replaced while the "
+                "agent was away?); attesting with the trust bundle given (trust_bundle)",
+                extra={"server": server.attest, "error": str(exc)[:300]},
+            )
+            return await self._attest_and_save_with(server, given)
+
+    async def _attest_and_save_with(
+        self, server: Server, roots: bytes
+    ) -> tuple[AgentSvid, TrustBundle]:
         client = NodeClient(
-            server.node, server.attest, self._root_pem(), connect_timeout=self._s.connect_timeout
+            server.node, server.attest, roots, connect_timeout=self._s.connect_timeout
         )
         try:
             svid, bundle = await client.attest(
