@@ -188,14 +188,15 @@ def test_a_stopped_agent_reports_the_validations_it_answered(stack: Stack) -> No
     held_all(stack)
     stub = stack.agent.stub()
     subject = "spiffe://example.org/w00"
-    (svid,) = stub.FetchJWTSVID(
-        workload_pb2.JWTSVIDRequest(audience=["db"], spiffe_id=subject),
-        metadata=HEADER,
-        timeout=10,
-    ).svids
-    for _ in range(3):
+    # Three tokens: one token validated again is reported once while it is valid.
+    for audience in ("db1", "db2", "db3"):
+        (svid,) = stub.FetchJWTSVID(
+            workload_pb2.JWTSVIDRequest(audience=[audience], spiffe_id=subject),
+            metadata=HEADER,
+            timeout=10,
+        ).svids
         stub.ValidateJWTSVID(
-            workload_pb2.ValidateJWTSVIDRequest(audience="db", svid=svid.svid),
+            workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=svid.svid),
             metadata=HEADER,
             timeout=10,
         )

@@ -35,6 +35,8 @@ REFRESH_HINT = 2
 CA_TTL = 60
 SHORT = {
     "bundle_endpoint_refresh_hint": REFRESH_HINT,
+    # The floor on a peer's hint (a minute, as SPIRE's) would outlast the CA lives below.
+    "federation_min_refresh": REFRESH_HINT,
     "ca_ttl": CA_TTL,
     "jwt_key_ttl": CA_TTL,
     "default_x509_svid_ttl": 20,
