@@ -337,6 +337,24 @@ def test_an_agent_removed_while_its_renewal_is_signed_stays_removed(
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
 
 
+def _begin_in_flight(
+    srv: RunningServer, agent: Agent, runtime_id: str
+) -> tuple[grpc.Channel, grpc.Future]:
+    """A BeginTask the agent sends and the test holds the answer of (close the channel)."""
+    channel = grpc.secure_channel(
+        srv.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
+    )
+    begin = task_pb2_grpc.NodeTasksStub(channel).BeginTask.future(
+        task_pb2.NodeBeginTaskRequest(
+            runtime_id=runtime_id,
+            intent=task_pb2.Intent(actions=["read"], resources=["docs"]),
+            ttl=600,
+        ),
+        timeout=20,
+    )
+    return channel, begin
+
+
 @pytest.mark.parametrize("removal", ["ban", "evict"])
 def test_a_task_begun_while_its_agent_is_removed_is_revoked(
     srv: RunningServer, monkeypatch: pytest.MonkeyPatch, removal: str
@@ -346,17 +364,7 @@ def test_a_task_begun_while_its_agent_is_removed_is_revoked(
     agent = srv.attest()
     runtime = srv.create_entry("/tasks/removed-midway", agent.spiffe_id)
     deciding, release = _held(monkeypatch, TaskService, "_decide_begin")
-    channel = grpc.secure_channel(
-        srv.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
-    )
-    begin = task_pb2_grpc.NodeTasksStub(channel).BeginTask.future(
-        task_pb2.NodeBeginTaskRequest(
-            runtime_id=runtime.spiffe_id,
-            intent=task_pb2.Intent(actions=["read"], resources=["docs"]),
-            ttl=600,
-        ),
-        timeout=20,
-    )
+    channel, begin = _begin_in_flight(srv, agent, runtime.spiffe_id)
     assert deciding.wait(10)
     admin = srv.admin()
     if removal == "ban":
@@ -385,17 +393,7 @@ def test_a_task_whose_begin_the_agent_hung_up_on_midway_is_ended(
     agent = srv.attest()
     runtime = srv.create_entry("/tasks/hung-up", agent.spiffe_id)
     writing, release = _held(monkeypatch, TaskStore, "put_task")
-    channel = grpc.secure_channel(
-        srv.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
-    )
-    begin = task_pb2_grpc.NodeTasksStub(channel).BeginTask.future(
-        task_pb2.NodeBeginTaskRequest(
-            runtime_id=runtime.spiffe_id,
-            intent=task_pb2.Intent(actions=["read"], resources=["docs"]),
-            ttl=600,
-        ),
-        timeout=20,
-    )
+    channel, begin = _begin_in_flight(srv, agent, runtime.spiffe_id)
     assert writing.wait(10)
     begin.cancel()
     time.sleep(0.2)  # the server hears of the cancel while the row is being written
