@@ -362,11 +362,6 @@ def _summarize(denied: list[PairResult], limit: int = 3) -> str:
 
 def validate_policy_dir(policy_dir: Path, *, trust_domain: str, clock: Clock) -> list[Problem]:
     """Problems of a policy directory, with no engine running (`svid-server policy validate`)."""
-    # The loader falls back to the shipped default for a directory it cannot list: here that
-    # would validate the default, and call a mistyped path valid.
-    if not policy_dir.is_dir():
-        why = "not a directory" if policy_dir.exists() else "no such directory"
-        return [Problem(str(policy_dir), why)]
     try:
         PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
     except PolicyError as e:

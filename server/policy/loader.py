@@ -68,10 +68,17 @@ class LoadedSet:
 
 
 def read_sources(policy_dir: Path | None) -> tuple[list[SourceFile], SourceFile | None, str]:
-    """Policy files and schema file of a directory; the shipped defaults fill in what is missing."""
+    """Policy files and schema file of a directory; the shipped defaults fill in what is missing.
+
+    A directory named but not there is an error, never the default: a mistyped path (or one
+    moved away under a running server, then reloaded) would trade the operator's policies, their
+    forbids with them, for the shipped ones. Only no directory at all means the default."""
     policies: list[SourceFile] = []
     schema: SourceFile | None = None
-    if policy_dir is not None and policy_dir.is_dir():
+    if policy_dir is not None and not policy_dir.is_dir():
+        why = "not a directory" if policy_dir.exists() else "no such directory"
+        raise PolicyError([Problem(str(policy_dir), why)])
+    if policy_dir is not None:
         for path in sorted(policy_dir.iterdir()):
             if path.name.startswith(".") or not path.is_file():
                 if _dangling_source(path):

@@ -390,8 +390,9 @@ def test_validate_reports_problems_without_swapping(tmp_path: Path) -> None:
     assert engine.info.policy_ids == ("p.cedar:read_docs",)
 
 
-def test_empty_or_missing_dir_serves_the_shipped_default(tmp_path: Path) -> None:
-    for d in (tmp_path / "missing", tmp_path):
+def test_no_dir_or_an_empty_one_serves_the_shipped_default(tmp_path: Path) -> None:
+    # A configured directory that is missing is an error (test_a_policy_dir_that_is_gone...).
+    for d in (None, tmp_path):
         engine = PolicyEngine(d, FakeClock(), trust_domain=TD)
         assert engine.info.source == "builtin default"
         assert "default.cedar:work_within_intent" in engine.info.policy_ids
@@ -599,3 +600,25 @@ def test_the_default_policy_tool_forbid_example_holds_for_a_whole_server(
     decision = ask(engine, {"invoke_tool", "read"}, {"mcp-tickets"})
     assert decision.outcome is Outcome.ALLOW_CONSTRAINED
     assert decision.granted == (("read", "mcp-tickets"),)
+
+
+def test_a_policy_dir_that_is_gone_is_an_error_not_the_default_policy(tmp_path: Path) -> None:
+    # A mistyped policy_dir, or one moved away under a running server, must not swap the
+    # operator's policies (their forbids with them) for the shipped default.
+    missing = tmp_path / "polices"
+    with pytest.raises(PolicyError, match="no such directory"):
+        PolicyEngine(missing, FakeClock(), trust_domain=TD)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PolicyError, match="not a directory"):
+        PolicyEngine(tmp_path / "file", FakeClock(), trust_domain=TD)
+    policies = tmp_path / "policies"
+    write(policies, "p.cedar", READ_ONLY)
+    engine = PolicyEngine(policies, FakeClock(), trust_domain=TD)
+    serving = engine.policy_set_hash
+    policies.rename(tmp_path / "moved")
+    with pytest.raises(PolicyError, match="no such directory"):
+        engine.reload()
+    assert engine.policy_set_hash == serving  # the operator's set keeps serving
+    assert ask(engine, {"write"}, {"docs"}).outcome is Outcome.DENY  # READ_ONLY, not default
+    # No directory configured at all: the shipped default, as documented.
+    assert PolicyEngine(None, FakeClock(), trust_domain=TD).info.source == "builtin default"
