@@ -147,6 +147,7 @@ def audit_page(where: EventFilter) -> tuple[str, dict[str, Any]]:
         ("task_id", where.task_id),
         ("decision", where.decision),
         ("kind", where.kind),
+        ("node_id", where.node_id),
     ):
         if value is not None:
             clauses.append(f"{column} = :{column}")

@@ -325,6 +325,8 @@ class EventFilter:
     until: float | None = None
     decision: str | None = None
     kind: str | None = None
+    # The node (agent) an event happened on or to: revocations of an agent's credentials.
+    node_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -506,6 +506,27 @@ def test_every_task_page_reads_an_index_in_order(
         db.close()
 
 
+def test_the_revocation_events_of_a_node_are_read_by_index(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """An agent's removal looks up the revocation events of its node: an index search, not a
+    scan of the whole audit log."""
+    SqliteDataStore(tmp_path / "db", clock).close()
+    db = sqlite3.connect(tmp_path / "db")
+    sql, params = ledger_queries.audit_page(EventFilter(kind="revocation", node_id=AGENT))
+    try:
+        steps = [
+            row[3]
+            for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", {**params, "after": 0, "limit": 10})
+        ]
+    finally:
+        db.close()
+    assert [s for s in steps if s.startswith(("SCAN", "SEARCH"))] == [
+        "SEARCH audit_events USING INDEX audit_events_node_revocations (node_id=? AND seq>?)"
+    ], steps
+    assert not [s for s in steps if "TEMP B-TREE" in s], steps
+
+
 def test_the_shared_sql_has_no_sqlite_only_syntax() -> None:
     """queries, ledger_queries and the migrations are what a PostgreSQL backend reuses: only the
     dialect words the migrations module names (BLOB, SEQ_KEY) may be SQLite's."""
@@ -515,7 +536,9 @@ def test_the_shared_sql_has_no_sqlite_only_syntax() -> None:
     statements.append(
         ledger_queries.list_tasks(agent=True, state=True, runtime_count=2, after=True, limit=True)
     )
-    statements.append(ledger_queries.audit_page(EventFilter("a", "t", 1.0, 2.0, "allow", "k"))[0])
+    statements.append(
+        ledger_queries.audit_page(EventFilter("a", "t", 1.0, 2.0, "allow", "k", "n"))[0]
+    )
     for migration in MIGRATIONS:
         migration.apply(statements.append)
     sqlite_only = (

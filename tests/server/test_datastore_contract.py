@@ -571,6 +571,24 @@ def test_audit_rows_filter_and_page(store: DataStore) -> None:
     assert [r["seq"] for r in timed] == [10, 11, 12]
 
 
+def test_audit_rows_filter_by_node(store: DataStore) -> None:
+    """An agent's removal finds the revocation events of its credentials by node."""
+    rows = []
+    for row in audit_rows(1, 6):
+        values = dict(zip(AUDIT_COLUMNS, row, strict=True))
+        seq = int(values["seq"])  # type: ignore[call-overload]
+        values.update(
+            kind="revocation" if seq % 2 else "jwt_minted",
+            node_id=AGENT if seq <= 3 else OTHER_AGENT,
+        )
+        rows.append(tuple(values[c] for c in AUDIT_COLUMNS))
+    store.write_ledger([], rows)
+    mine = store.audit_rows(EventFilter(kind="revocation", node_id=AGENT))
+    assert [r["credential_id"] for r in mine] == ["jti-1", "jti-3"]
+    theirs = store.audit_rows(EventFilter(node_id=OTHER_AGENT))
+    assert [r["seq"] for r in theirs] == [4, 5, 6]
+
+
 def test_an_audit_snapshot_is_one_instant(store: DataStore) -> None:
     store.write_ledger([], audit_rows(1, 3))
     with store.audit_snapshot() as snap:

@@ -28,10 +28,12 @@ from server.datastore import (
 from server.datastore import postgres as postgres_module
 from server.datastore.base import JtiClaim
 from server.datastore.errors import JtiHeldError
+from server.datastore.ledger_queries import audit_page
 from server.datastore.migrations import MIGRATIONS, Migration, postgres_ddl, postgres_migrations
 from server.datastore.postgres import PostgresDataStore
 from server.datastore.postgres_dsn import redact_dsn, scrub
-from server.datastore.records import Head, TokenUse
+from server.datastore.postgres_sql import pg
+from server.datastore.records import EventFilter, Head, TokenUse
 from svid._clock import FakeClock
 from tests import postgres
 
@@ -274,6 +276,19 @@ def test_a_migration_appended_to_the_shared_list_applies_to_postgres(
             ).fetchall()
         )
     assert types == {"id": "bigint", "body": "bytea"}
+
+
+def test_the_revocation_events_of_a_node_are_read_by_index(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """Migration 12's partial index serves the node's revocation lookup on PostgreSQL too
+    (sequential scans off: on a tiny table the planner would rightly prefer one)."""
+    PostgresDataStore(postgres_dsn, clock).close()
+    sql, params = audit_page(EventFilter(kind="revocation", node_id="spiffe://example.org/n"))
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = conn.execute(f"EXPLAIN {pg(sql)}", {**params, "after": 0, "limit": 10}).fetchall()
+    assert "audit_events_node_revocations" in " ".join(row[0] for row in plan), plan
 
 
 def test_the_translation_changes_only_sqlites_words() -> None:
