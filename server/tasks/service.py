@@ -841,31 +841,47 @@ class TaskService:
             await self._finish(task, TaskState.REVOKED, reason)
         creds = await asyncio.to_thread(self._store.agent_credentials, agent_id, self._now())
         already = {(r.kind, r.value) for r in self._state.revocations}
+        # Stored and on the log are two commits: a removal cut short between them left
+        # revocations without their events, so those are looked for on the log, not inferred.
+        recorded = await asyncio.to_thread(self._agent_revocations_recorded, agent_id)
         await self._revoke(
             [c for c in creds if (c.kind, c.value) not in already],
             reason,
             agent_id=agent_id,
             task=None,
+            unrecorded=[c for c in creds if c.value not in recorded],
         )
         return len(creds)
 
     async def finish_removal(self, agent_id: str, reason: str) -> bool:
         """For an agent whose row is gone already: revoke what it still holds, as its removal
         does (revoke_agent), when anything is left (an active task, a credential some verifier
-        may still accept and not revoked); False, doing nothing, when nothing is.
+        may still accept and not revoked, or revoked with no revocation event on the log);
+        False, doing nothing, when nothing is.
 
-        A removal deletes the agent's row first (it can mint nothing more), then revokes: a
-        server that died in between left the agent gone and its credentials and tasks live,
-        and the operator, never answered, evicts again."""
+        A removal deletes the agent's row first (it can mint nothing more), then revokes, then
+        logs the revocations: a server that died in between left the agent gone and its
+        credentials and tasks live, or revoked off the record, and the operator, never
+        answered, evicts again."""
         tasks = await asyncio.to_thread(
             self._store.list_tasks, agent_id=agent_id, state=TaskState.ACTIVE.value
         )
         creds = await asyncio.to_thread(self._store.agent_credentials, agent_id, self._now())
         already = {(r.kind, r.value) for r in self._state.revocations}
         if not tasks and all((c.kind, c.value) in already for c in creds):
-            return False
+            recorded = await asyncio.to_thread(self._agent_revocations_recorded, agent_id)
+            if all(c.value in recorded for c in creds):
+                return False
         await self.revoke_agent(agent_id, reason)
         return True
+
+    def _agent_revocations_recorded(self, agent_id: str) -> set[str]:
+        """The credential ids the log holds a revocation event of, for agent `agent_id`'s
+        credentials (its tasks' too: every revocation event names the node as node_id)."""
+        rows = self._audit.store.audit_rows(
+            EventFilter(kind=EventKind.REVOCATION, node_id=agent_id)
+        )
+        return {str(row["credential_id"]) for row in rows}
 
     async def _revoke(
         self,

@@ -6,6 +6,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -258,6 +259,53 @@ def test_an_eviction_cut_short_after_the_agent_went_is_finished_by_a_retry(
             with pytest.raises(grpc.RpcError) as exc:
                 admin.EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=spiffe_id), timeout=10)
             assert exc.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("removal", ["EvictAgent", "BanAgent"])
+def test_a_removal_whose_revocation_events_failed_is_finished_by_a_retry(
+    removal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's revocations are stored, then the write of their events fails: the
+    operator's retry logs them, each once, where an eviction's answered NOT_FOUND (the row
+    was gone) and a ban's logged none (they were revoked already)."""
+    with managed_server() as srv:
+        admin = srv.admin()
+        agent = srv.attest()
+        entry = srv.create_entry(f"/{removal}/events", agent.spiffe_id)
+        (result,) = (
+            srv.node_stub(agent)
+            .BatchNewX509SVID(
+                node_pb2.BatchNewX509SVIDRequest(
+                    params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])]
+                ),
+                timeout=10,
+            )
+            .results
+        )
+        serial = format(der_chain(result.cert_chain)[0].serial_number, "x")
+        audit = srv.server.tasks.audit
+        append_many = audit.append_many
+
+        def fails(drafts: Any) -> Any:
+            if any(d.kind == "revocation" for d in drafts):
+                raise StorageError("disk I/O error")
+            return append_many(drafts)
+
+        if removal == "EvictAgent":
+            request: Any = admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id)
+        else:
+            request = admin_pb2.BanAgentRequest(spiffe_id=agent.spiffe_id)
+        monkeypatch.setattr(audit, "append_many", fails)
+        with pytest.raises(grpc.RpcError):
+            getattr(admin, removal)(request, timeout=10)
+        monkeypatch.undo()
+        assert serial in {r.value for r in srv.server.state.revocations}
+        where = EventFilter(kind="revocation", agent_id=entry.spiffe_id)
+        assert list(audit.store.audit_rows(where)) == []
+
+        getattr(admin, removal)(request, timeout=10)
+        assert [r["credential_id"] for r in audit.store.audit_rows(where)] == [serial]
+        assert audit.verify().ok
 
 
 def test_bundle(srv: RunningServer) -> None:

@@ -1140,3 +1140,69 @@ def test_a_revocation_reason_quoting_a_token_is_refused_before_anything_is_done(
     (end,) = world.events("task_end")
     assert end["reason"] == "its token leaked"
     assert world.audit.verify().ok
+
+
+# -- an agent's removal cut short ------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_datastore(
+    request: pytest.FixtureRequest, clock: FakeClock, datastore: SqliteDataStore
+) -> Iterator[DataStore]:
+    """The task world's datastore on either backend (the CA keeps its keys on SQLite)."""
+    if request.param == "sqlite":
+        yield datastore
+        return
+    from server.datastore.postgres import PostgresDataStore
+
+    store = PostgresDataStore(request.getfixturevalue("postgres_dsn"), clock)
+    yield store
+    store.close()
+
+
+def _dies_before_agent_revocation_events(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server dies once the agent's own revocations are stored, before their events."""
+    append_many = world.audit.append_many
+
+    def dies(drafts: Any) -> Any:
+        if any(d.kind == "revocation" and d.task_id is None for d in drafts):
+            raise _Killed()
+        return append_many(drafts)
+
+    monkeypatch.setattr(world.audit, "append_many", dies)
+
+
+def test_an_eviction_cut_short_before_its_revocation_events_is_finished_by_a_retry(
+    tmp_path: Path,
+    clock: FakeClock,
+    any_datastore: DataStore,
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = make_world(tmp_path, clock, any_datastore, ca_manager)
+    task = world.begin()
+    in_task = world.mint_jwt(world.state.entries.by_id[task.entry_id], ["docs"])
+    plain = format(issue_x509(world, RUNTIME).serial_number, "x")
+    (runtime_entry,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
+    jwt = world.mint_jwt(runtime_entry, ["docs"])
+    _dies_before_agent_revocation_events(world, monkeypatch)
+    world.run(world.state.evict_agent(AGENT))
+    with pytest.raises(_Killed):
+        world.run(world.service.revoke_agent(AGENT, "agent evicted"))
+    monkeypatch.undo()
+    revoked = {r.value for r in world.state.revocations}
+    assert {in_task.jti, plain, jwt.jti} <= revoked
+    assert [e["credential_id"] for e in world.events("revocation")] == [in_task.jti]
+
+    # Restarted, the operator evicts again: the agent is gone, its revocations are stored,
+    # and still the retry has work to do: their events.
+    world = _restarted(world, any_datastore)
+    assert world.run(world.service.finish_removal(AGENT, "agent evicted"))
+    events = world.events("revocation")
+    assert sorted(e["credential_id"] for e in events) == sorted([in_task.jti, plain, jwt.jti])
+    assert {e["node_id"] for e in events} == {AGENT}
+    assert len(world.events("task_end")) == 1
+    # Then nothing is left: a second retry is NOT_FOUND (admin_api), and logs nothing more.
+    assert not world.run(world.service.finish_removal(AGENT, "agent evicted"))
+    assert len(world.events("revocation")) == 3
+    assert world.audit.verify().ok
