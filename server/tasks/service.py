@@ -825,15 +825,19 @@ class TaskService:
         return len(due)
 
     async def revoke_agent(self, agent_id: str, reason: str, *, banned: bool = False) -> int:
-        """Eviction or ban: end the agent's tasks, revoke every credential it still holds."""
-        await asyncio.to_thread(
-            self._audit.append,
-            EventKind.AGENT_BANNED if banned else EventKind.AGENT_EVICTED,
-            agent_id=agent_id,
-            node_id=agent_id,
-            decision="revoked",
-            reason=reason,
-        )
+        """Eviction or ban: end the agent's tasks, revoke every credential it still holds.
+        Run again (a removal retried after one cut short), it does what is left, and logs the
+        removal itself only if the first run did not."""
+        kind = EventKind.AGENT_BANNED if banned else EventKind.AGENT_EVICTED
+        if not await asyncio.to_thread(self._removal_recorded, agent_id, kind):
+            await asyncio.to_thread(
+                self._audit.append,
+                kind,
+                agent_id=agent_id,
+                node_id=agent_id,
+                decision="revoked",
+                reason=reason,
+            )
         tasks = await asyncio.to_thread(
             self._store.list_tasks, agent_id=agent_id, state=TaskState.ACTIVE.value
         )
@@ -874,6 +878,18 @@ class TaskService:
                 return False
         await self.revoke_agent(agent_id, reason)
         return True
+
+    def _removal_recorded(self, agent_id: str, kind: str) -> bool:
+        """Whether the log holds a `kind` event (eviction, ban) of the agent since it last
+        attested: that removal is on the log. One from before the agent came back is another
+        removal's. Reads the agent's own events (its attestations and removals) by index."""
+        recorded = False
+        for row in self._audit.store.audit_rows(EventFilter(agent_id=agent_id)):
+            if row["kind"] == kind:
+                recorded = True
+            elif row["kind"] == EventKind.NODE_ATTESTATION and row["decision"] == "allow":
+                recorded = False
+        return recorded
 
     def _agent_revocations_recorded(self, agent_id: str) -> set[str]:
         """The credential ids the log holds a revocation event of, for agent `agent_id`'s

@@ -305,6 +305,10 @@ def test_a_removal_whose_revocation_events_failed_is_finished_by_a_retry(
 
         getattr(admin, removal)(request, timeout=10)
         assert [r["credential_id"] for r in audit.store.audit_rows(where)] == [serial]
+        kind = "agent_evicted" if removal == "EvictAgent" else "agent_banned"
+        assert (
+            len(list(audit.store.audit_rows(EventFilter(agent_id=agent.spiffe_id, kind=kind)))) == 1
+        )
         assert audit.verify().ok
 
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import NameOID
 
-from server.audit import AuditError, AuditLog, SecretInAuditError
+from server.audit import AuditError, AuditLog, EventKind, SecretInAuditError
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
 from server.ca.rotation import activate_at
@@ -1201,8 +1201,25 @@ def test_an_eviction_cut_short_before_its_revocation_events_is_finished_by_a_ret
     events = world.events("revocation")
     assert sorted(e["credential_id"] for e in events) == sorted([in_task.jti, plain, jwt.jti])
     assert {e["node_id"] for e in events} == {AGENT}
+    assert len(world.events("agent_evicted")) == 1
     assert len(world.events("task_end")) == 1
     # Then nothing is left: a second retry is NOT_FOUND (admin_api), and logs nothing more.
     assert not world.run(world.service.finish_removal(AGENT, "agent evicted"))
     assert len(world.events("revocation")) == 3
     assert world.audit.verify().ok
+
+
+def test_an_agent_evicted_again_after_it_attested_again_is_logged_again(world: World) -> None:
+    """A retried removal logs its eviction once; a new one (the agent came back) is new."""
+    issue_x509(world, RUNTIME)
+    world.run(world.state.evict_agent(AGENT))
+    world.run(world.service.revoke_agent(AGENT, "agent evicted"))
+    world.run(world.service.revoke_agent(AGENT, "agent evicted"))  # a retry: nothing new
+    assert len(world.events("agent_evicted")) == 1
+    world.audit.append(EventKind.NODE_ATTESTATION, agent_id=AGENT, node_id=AGENT, decision="allow")
+    world.run(world.state.save_agent(world.agent, None))
+    issue_x509(world, RUNTIME)
+    world.run(world.state.evict_agent(AGENT))
+    world.run(world.service.revoke_agent(AGENT, "agent evicted"))
+    assert len(world.events("agent_evicted")) == 2
+    assert len(world.events("revocation")) == 2
