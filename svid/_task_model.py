@@ -250,6 +250,20 @@ def begin_request(
     )
 
 
+# As the server bounds it (server/tasks/end_reason.py): checked here first, so a bad reason
+# is the caller's ValueError before the end is sent, not a refused end leaving the task open.
+MAX_END_REASON = 200
+
+
+def end_request(task_id: str, reason: str) -> task_pb2.EndTaskRequest:
+    """EndTask for ``task_id``, saying ``reason`` why ("" for a plain end)."""
+    if len(reason) > MAX_END_REASON:
+        raise ValueError(f"reason must be at most {MAX_END_REASON} characters")
+    if "\x00" in reason:
+        raise ValueError("reason must not contain NUL (0x00)")
+    return task_pb2.EndTaskRequest(task_id=task_id, reason=reason)
+
+
 def audience_key(audience: str | Iterable[str]) -> tuple[str, ...]:
     audiences = (audience,) if isinstance(audience, str) else tuple(audience)
     if not audiences or not all(audiences):

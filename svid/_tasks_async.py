@@ -34,6 +34,7 @@ from svid._task_model import (
     active_tasks_request,
     audience_key,
     begin_request,
+    end_request,
     ended_error,
     fresh,
 )
@@ -205,11 +206,10 @@ class AsyncTaskClient:
             raise translate(exc, "BeginTask", self.address) from exc
         return TaskInfo.from_proto(reply.task)
 
-    async def _end(self, task_id: str) -> TaskInfo:
+    async def _end(self, task_id: str, reason: str = "") -> TaskInfo:
+        request = end_request(task_id, reason)
         try:
-            reply = await self._tasks.EndTask(
-                task_pb2.EndTaskRequest(task_id=task_id), metadata=METADATA, timeout=self.timeout
-            )
+            reply = await self._tasks.EndTask(request, metadata=METADATA, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "EndTask", self.address) from exc
         return TaskInfo.from_proto(reply.task)
@@ -404,14 +404,15 @@ class AsyncTask(TaskView):
 
         return Beginning(begun)
 
-    async def end(self) -> TaskInfo:
-        """End the task (idempotent). Once sent, a cancellation waits for it to be done."""
+    async def end(self, reason: str = "") -> TaskInfo:
+        """End the task (idempotent), saying ``reason`` as Task.end does. Once sent, a
+        cancellation waits for it to be done."""
         if self._ended:
             return self._info
-        return await self._client._uncancelled(self._ending())
+        return await self._client._uncancelled(self._ending(reason))
 
-    async def _ending(self) -> TaskInfo:
-        info = await self._client._end(self.task_id)
+    async def _ending(self, reason: str) -> TaskInfo:
+        info = await self._client._end(self.task_id, reason)
         self._mark_ended(info)
         return info
 

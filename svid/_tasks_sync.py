@@ -29,6 +29,7 @@ from svid._task_model import (
     active_tasks_request,
     audience_key,
     begin_request,
+    end_request,
     ended_error,
     fresh,
 )
@@ -148,12 +149,17 @@ class TaskClient:
                 extra={"task_id": task_id, "error": str(exc)},
             )
 
-    def _end(self, task_id: str, ended: Callable[[TaskInfo], object] | None = None) -> TaskInfo:
-        """EndTask; ``ended`` is given the ended task, also when an interrupt (Ctrl-C) comes
-        while waiting. A blocking call is cancelled when interrupted, leaving the task open,
-        its SVIDs valid, until its TTL: this one is a future, waited for then (a second
-        interrupt stops the wait) before the interrupt goes on."""
-        request = task_pb2.EndTaskRequest(task_id=task_id)
+    def _end(
+        self,
+        task_id: str,
+        ended: Callable[[TaskInfo], object] | None = None,
+        reason: str = "",
+    ) -> TaskInfo:
+        """EndTask saying ``reason``; ``ended`` is given the ended task, also when an interrupt
+        (Ctrl-C) comes while waiting. A blocking call is cancelled when interrupted, leaving the
+        task open, its SVIDs valid, until its TTL: this one is a future, waited for then (a
+        second interrupt stops the wait) before the interrupt goes on."""
+        request = end_request(task_id, reason)
         call = self._tasks.EndTask.future(request, metadata=METADATA, timeout=self.timeout)
         try:
             reply = call.result()
@@ -354,12 +360,14 @@ class Task(TaskView):
 
     # -- end -----------------------------------------------------------------------------------
 
-    def end(self) -> TaskInfo:
-        """End the task (idempotent): the server revokes every SVID of it and its sub-tasks."""
+    def end(self, reason: str = "") -> TaskInfo:
+        """End the task (idempotent): the server revokes every SVID of it and its sub-tasks.
+        ``reason`` (short plain text, never a secret: it goes to the audit log) says why; the
+        server records "ended by its runtime: <reason>"."""
         with self._lock:
             if self._ended:
                 return self._info
-        return self._client._end(self.task_id, self._mark_ended)
+        return self._client._end(self.task_id, self._mark_ended, reason)
 
     def _mark_ended(self, info: TaskInfo | None = None) -> None:
         with self._lock:

@@ -202,7 +202,9 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         task = await self._forward(
             context,
             self._client.end(
-                task_pb2.NodeEndTaskRequest(task_id=request.task_id, runtime_ids=held)
+                task_pb2.NodeEndTaskRequest(
+                    task_id=request.task_id, runtime_ids=held, reason=request.reason
+                )
             ),
         )
         # Do not wait for the server's revocation push: no cached token of it is served again.

@@ -224,7 +224,7 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
     ) -> task_pb2.EndTaskResponse:
         agent = self._agent(context)
         runtime_ids = _runtime_ids(list(request.runtime_ids))
-        task = await self._service.end(agent, request.task_id, runtime_ids)
+        task = await self._service.end(agent, request.task_id, runtime_ids, request.reason)
         # What the end revoked, as the admin views count it (`svid-agent task end` prints it).
         count = await asyncio.to_thread(self._service.store.count_credentials, task.task_id)
         return task_pb2.EndTaskResponse(task=task_to_proto(task, count))

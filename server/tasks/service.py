@@ -54,6 +54,7 @@ from server.policy import (
 from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.crl import CrlCache
+from server.tasks.end_reason import runtime_end_reason
 from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id
 from server.tasks.store import TaskStore
 from svid._clock import Clock
@@ -794,7 +795,11 @@ class TaskService:
 
     # -- end and revocation ---------------------------------------------------------------------
 
-    async def end(self, agent: AttestedAgent, task_id: str, runtime_ids: Sequence[str]) -> Task:
+    async def end(
+        self, agent: AttestedAgent, task_id: str, runtime_ids: Sequence[str], reason: str = ""
+    ) -> Task:
+        """End the task as its runtime: `reason` is the runtime's own (runtime_end_reason)."""
+        end_reason = runtime_end_reason(reason)
         task = await asyncio.to_thread(self._store.get_task, task_id)
         if task is None or task.agent_id != agent.spiffe_id:
             raise NotFoundError(f"task {task_id[:80]!r} not found")
@@ -802,7 +807,7 @@ class TaskService:
             raise PermissionDeniedError(f"task {task_id} belongs to another workload")
         if not task.active:
             return task
-        return await self._finish(task, TaskState.ENDED, "ended by its runtime")
+        return await self._finish(task, TaskState.ENDED, end_reason)
 
     async def revoke(self, task_id: str, reason: str) -> Task:
         # Refused before the end is claimed: its revocation and task-end events carry the

@@ -100,10 +100,12 @@ class BeginTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
 
 class EndTaskRequest(_message.Message):
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "reason")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     task_id: str
-    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class EndTaskResponse(_message.Message):
     __slots__ = ("task",)
@@ -150,12 +152,14 @@ class NodeBeginTaskRequest(_message.Message):
     def __init__(self, runtime_id: _Optional[str] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., ttl: _Optional[int] = ..., parent_task_id: _Optional[str] = ..., goal_sha256: _Optional[str] = ..., elevate: _Optional[bool] = ..., runtime_entry_id: _Optional[str] = ...) -> None: ...
 
 class NodeEndTaskRequest(_message.Message):
-    __slots__ = ("task_id", "runtime_ids")
+    __slots__ = ("task_id", "runtime_ids", "reason")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_IDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     runtime_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_id: _Optional[str] = ..., runtime_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    reason: str
+    def __init__(self, task_id: _Optional[str] = ..., runtime_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class NodeListTasksRequest(_message.Message):
     __slots__ = ("runtime_ids", "page_size", "page_token", "state")

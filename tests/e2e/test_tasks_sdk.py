@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -90,6 +91,21 @@ class Stack:
     def task_state(self, task_id: str) -> str:
         shown = self.server.cli_json("task", "show", task_id)
         return str(shown.get("task", shown)["state"])
+
+    def end_event_reason(self, task_id: str) -> str:
+        """The reason on the server's task_end audit event of `task_id`."""
+        out = self.server.cli(
+            "audit",
+            "export",
+            "--data-dir",
+            str(self.server.data_dir),
+            "--task",
+            task_id,
+            "--kind",
+            "task_end",
+        ).stdout
+        (event,) = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return str(event["reason"])
 
     def task_for(self, on_behalf_of: str) -> dict[str, Any] | None:
         """The server's task working for `on_behalf_of` (a name one test gives one task)."""
@@ -536,3 +552,36 @@ def test_an_end_interrupted_in_flight_still_ends_the_task(stack: Stack) -> None:
         interrupter.join()
         assert task.ended
     assert stack.task_state(task.task_id) == "ended"
+
+
+def test_a_runtime_ends_a_task_saying_why_and_the_server_records_it(stack: Stack) -> None:
+    # EndTask carried no reason: every end by the runtime read "ended by its runtime".
+    with TaskClient(stack.address) as client:
+        task = client.begin(actions=["read"], resources=["docs"])
+        with pytest.raises(ValueError, match="at most 200"):
+            task.end(reason="x" * 201)
+        with pytest.raises(ValueError, match="NUL"):
+            task.end(reason="gave\x00up")
+        assert not task.ended
+        info = task.end(reason="user cancelled")
+        assert info.end_reason == "ended by its runtime: user cancelled"
+        assert stack.end_event_reason(task.task_id) == "ended by its runtime: user cancelled"
+        # A reason that looks like a credential is dropped by the server; the task still ends.
+        leaky = client.begin(actions=["read"], resources=["docs"])
+        jwt_shaped = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlc2lnbmF0dXJl"
+        info = leaky.end(reason=f"bad token {jwt_shaped}")
+        assert info.state == "ended"
+        assert "eyJ" not in info.end_reason
+        assert "eyJ" not in stack.end_event_reason(leaky.task_id)
+
+    async def run() -> str:
+        async with AsyncTaskClient(stack.address) as client:
+            task = await client.begin(actions=["read"], resources=["docs"])
+            with pytest.raises(ValueError, match="at most 200"):
+                await task.end(reason="x" * 201)
+            info = await task.end(reason="plan finished early")
+            assert info.end_reason == "ended by its runtime: plan finished early"
+            return task.task_id
+
+    task_id = asyncio.run(run())
+    assert stack.end_event_reason(task_id) == "ended by its runtime: plan finished early"

@@ -477,6 +477,51 @@ def test_only_the_owning_runtime_may_end_a_task(world: World) -> None:
         world.run(world.service.end(other, task.task_id, [RUNTIME]))
 
 
+def test_an_end_records_the_runtimes_reason_on_the_task_and_its_event(world: World) -> None:
+    plain, failed = world.begin(), world.begin()
+    done = world.run(world.service.end(world.agent, plain.task_id, [RUNTIME]))
+    assert done.end_reason == "ended by its runtime"
+    done = world.run(
+        world.service.end(world.agent, failed.task_id, [RUNTIME], "block raised ValueError")
+    )
+    assert done.end_reason == "ended by its runtime: block raised ValueError"
+    reasons = {e["task_id"]: e["reason"] for e in world.events("task_end")}
+    assert reasons == {
+        plain.task_id: "ended by its runtime",
+        failed.task_id: "ended by its runtime: block raised ValueError",
+    }
+    assert world.audit.verify().ok
+
+
+def test_an_end_reason_that_looks_like_a_credential_is_dropped_and_the_task_still_ends(
+    world: World,
+) -> None:
+    task = world.begin()
+    leaked = "bad token eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlc2lnbmF0dXJl"
+    done = world.run(world.service.end(world.agent, task.task_id, [RUNTIME], leaked))
+    assert done.state is TaskState.ENDED
+    assert done.end_reason == (
+        "ended by its runtime: its reason was dropped: it looked like a credential"
+    )
+    (event,) = [e for e in world.events("task_end") if e["task_id"] == task.task_id]
+    assert "eyJ" not in event["reason"]
+    assert world.store.unsettled(int(world.clock.now()) + 3600) == []  # the end was settled
+
+
+@pytest.mark.parametrize(
+    ("reason", "refusal"),
+    [("x" * 201, "at most 200 characters"), ("block\x00raised", "NUL")],
+)
+def test_an_end_reason_too_long_or_holding_nul_is_refused_before_anything_ends(
+    world: World, reason: str, refusal: str
+) -> None:
+    task = world.begin()
+    with pytest.raises(InvalidRequestError, match=refusal):
+        world.run(world.service.end(world.agent, task.task_id, [RUNTIME], reason))
+    assert world.store.get_task(task.task_id).state is TaskState.ACTIVE  # type: ignore[union-attr]
+    assert world.events("task_end") == []
+
+
 def test_ending_a_parent_ends_its_sub_tasks(world: World) -> None:
     parent = world.begin(actions=("read", "write"))
     child = world.begin(actions=("read",), parent_task_id=parent.task_id)
