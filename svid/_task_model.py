@@ -264,6 +264,15 @@ def end_request(task_id: str, reason: str) -> task_pb2.EndTaskRequest:
     return task_pb2.EndTaskRequest(task_id=task_id, reason=reason)
 
 
+def raised_reason(exc_type: type[BaseException] | None) -> str:
+    """The end reason of a task whose block raised ``exc_type``: its type's name only. The
+    exception's message may quote anything the block held, a secret among it, and the reason
+    goes to the server's audit log."""
+    if exc_type is None:
+        return ""
+    return f"block raised {exc_type.__name__}"[:MAX_END_REASON]
+
+
 def audience_key(audience: str | Iterable[str]) -> tuple[str, ...]:
     audiences = (audience,) if isinstance(audience, str) else tuple(audience)
     if not audiences or not all(audiences):

@@ -37,6 +37,7 @@ from svid._task_model import (
     end_request,
     ended_error,
     fresh,
+    raised_reason,
 )
 from svid._workload_address import address_of, grpc_target
 from svid._workload_calls import CHANNEL_OPTIONS, METADATA
@@ -438,7 +439,7 @@ class AsyncTask(TaskView):
             await self.end()
             return
         try:
-            await self.end()
+            await self.end(raised_reason(exc_type))
         except SvidError as end_error:
             log.warning(
                 "could not end task after an error",

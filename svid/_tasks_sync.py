@@ -32,6 +32,7 @@ from svid._task_model import (
     end_request,
     ended_error,
     fresh,
+    raised_reason,
 )
 from svid._workload_address import address_of, grpc_target
 from svid._workload_calls import CHANNEL_OPTIONS, METADATA
@@ -215,7 +216,8 @@ def _settled(call: grpc.Future) -> Any:
 
 
 class Task(TaskView):
-    """A granted task. ``with`` ends it on exit (on an exception too); ``end()`` does it by hand.
+    """A granted task. ``with`` ends it on exit (on an exception too, recorded at the server as
+    "block raised <exception type>"); ``end()`` does it by hand.
 
     ``jwt(audience)`` gives a task JWT-SVID, cached and fetched again once half its lifetime has
     passed. ``subtask(...)`` narrows this task; ``elevate(...)`` begins a short elevated step
@@ -392,7 +394,7 @@ class Task(TaskView):
             self.end()
             return
         try:
-            self.end()
+            self.end(raised_reason(exc_type))
         except SvidError as end_error:
             # The body's exception is the one to see; the task still runs out at its TTL.
             log.warning(

@@ -585,3 +585,33 @@ def test_a_runtime_ends_a_task_saying_why_and_the_server_records_it(stack: Stack
 
     task_id = asyncio.run(run())
     assert stack.end_event_reason(task_id) == "ended by its runtime: plan finished early"
+
+
+def test_a_task_whose_block_raised_is_recorded_so_naming_only_the_exception_type(
+    stack: Stack,
+) -> None:
+    # A block that raised ended its task as "ended by its runtime", as a clean end does. The
+    # exception's message may hold a secret: only its type goes to the server.
+    secret = "password=hunter2"
+    with TaskClient(stack.address) as client:
+        with (
+            pytest.raises(ValueError, match="hunter2"),
+            client.begin(actions=["read"], resources=["docs"]) as task,
+        ):
+            raise ValueError(secret)
+        assert task.info.end_reason == "ended by its runtime: block raised ValueError"
+        assert stack.end_event_reason(task.task_id) == task.info.end_reason
+        with client.begin(actions=["read"], resources=["docs"]) as clean:
+            pass
+        assert clean.info.end_reason == "ended by its runtime"
+
+    async def run() -> str:
+        async with AsyncTaskClient(stack.address) as client:
+            with pytest.raises(KeyError):
+                async with client.begin(actions=["read"], resources=["docs"]) as task:
+                    raise KeyError(secret)
+            assert task.info.end_reason == "ended by its runtime: block raised KeyError"
+            return task.task_id
+
+    task_id = asyncio.run(run())
+    assert stack.end_event_reason(task_id) == "ended by its runtime: block raised KeyError"
