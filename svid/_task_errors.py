@@ -54,6 +54,9 @@ def closed_client(name: str) -> TaskError:
     )
 
 
+_DENIED = "denied: "
+
+
 def _code_and_details(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     # grpc.RpcError from a sync stub is also a grpc.Call; grpc.aio.AioRpcError has the same
     # two methods without being one.
@@ -71,7 +74,9 @@ def translate(exc: BaseException, call: str, address: str) -> TaskError | Worklo
     code, details = _code_and_details(exc)
     at = f" at {address}" if address else ""
     if code is grpc.StatusCode.PERMISSION_DENIED:
-        return TaskDeniedError(f"{call} denied: {details}", details)
+        # A policy decision's reason says "denied: ..." itself; other refusals do not.
+        said = details if details.startswith(_DENIED) else _DENIED + details
+        return TaskDeniedError(f"{call} {said}", details)
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         return TaskRequestError(f"{call}: bad request: {details}", code.name)
     if code is grpc.StatusCode.NOT_FOUND:

@@ -196,6 +196,9 @@ def test_a_denial_raises_a_typed_error_carrying_the_decisions_reason(stack: Stac
             )
         assert "no_restricted_export" in err.value.reason
         assert err.value.code == "PERMISSION_DENIED"
+        # The decision's reason begins "denied: ": the message says so once.
+        assert err.value.reason.startswith("denied: ")
+        assert str(err.value) == f"BeginTask {err.value.reason}"
 
 
 def test_a_task_jwt_is_fetched_again_once_half_its_lifetime_has_passed(stack: Stack) -> None:
