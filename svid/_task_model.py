@@ -250,6 +250,11 @@ def begin_request(
     )
 
 
+def child_call(elevate: bool) -> str:
+    """What a sub-task's or elevated step's errors name: the method called, not the RPC."""
+    return "task.elevate" if elevate else "task.subtask"
+
+
 # As the server bounds it (server/tasks/end_reason.py): checked here first, so a bad reason
 # is the caller's ValueError before the end is sent, not a refused end leaving the task open.
 MAX_END_REASON = 200

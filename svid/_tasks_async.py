@@ -34,6 +34,7 @@ from svid._task_model import (
     active_tasks_request,
     audience_key,
     begin_request,
+    child_call,
     end_request,
     ended_error,
     fresh,
@@ -184,8 +185,11 @@ class AsyncTaskClient:
                 await asyncio.wait([self._carried_on(abandoned(task))])
             raise
 
-    async def _begin_task(self, request: task_pb2.BeginTaskRequest) -> TaskInfo:
-        return await self._uncancelled(self._begin(request), self._end_granted)
+    async def _begin_task(
+        self, request: task_pb2.BeginTaskRequest, name: str = "BeginTask"
+    ) -> TaskInfo:
+        """BeginTask; its errors name ``name``, the method the caller called."""
+        return await self._uncancelled(self._begin(request, name), self._end_granted)
 
     async def _end_granted(self, began: asyncio.Task[TaskInfo]) -> None:
         """End the task a cancelled begin was granted."""
@@ -200,11 +204,11 @@ class AsyncTaskClient:
                 extra={"task_id": task_id, "error": str(exc)},
             )
 
-    async def _begin(self, request: task_pb2.BeginTaskRequest) -> TaskInfo:
+    async def _begin(self, request: task_pb2.BeginTaskRequest, name: str) -> TaskInfo:
         try:
             reply = await self._tasks.BeginTask(request, metadata=METADATA, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
-            raise translate(exc, "BeginTask", self.address) from exc
+            raise translate(exc, name, self.address) from exc
         return TaskInfo.from_proto(reply.task)
 
     async def _end(self, task_id: str, reason: str = "") -> TaskInfo:
@@ -394,7 +398,8 @@ class AsyncTask(TaskView):
             if self._ended:
                 raise ended_error(self._info)
             try:
-                child = AsyncTask(self._client, await self._client._begin_task(request))
+                began = await self._client._begin_task(request, child_call(elevate))
+                child = AsyncTask(self._client, began)
             except TaskDeniedError as denied:
                 ended = await self._ended_instead()
                 if ended is None:

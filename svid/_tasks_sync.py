@@ -29,6 +29,7 @@ from svid._task_model import (
     active_tasks_request,
     audience_key,
     begin_request,
+    child_call,
     end_request,
     ended_error,
     fresh,
@@ -122,12 +123,13 @@ class TaskClient:
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def _begin(self, request: task_pb2.BeginTaskRequest) -> TaskInfo:
+    def _begin(self, request: task_pb2.BeginTaskRequest, name: str = "BeginTask") -> TaskInfo:
+        """BeginTask; its errors name ``name``, the method the caller called."""
         call = self._tasks.BeginTask.future(request, metadata=METADATA, timeout=self.timeout)
         try:
             reply = call.result()
         except grpc.RpcError as exc:
-            raise translate(exc, "BeginTask", self.address) from exc
+            raise translate(exc, name, self.address) from exc
         except BaseException:
             # Interrupted (Ctrl-C) while the server may be granting the task: the call goes on,
             # and its answer is the only record of the task's ID. Without ending it here the
@@ -350,7 +352,7 @@ class Task(TaskView):
             elevate=elevate,
         )
         try:
-            child = Task(self._client, self._client._begin(request))
+            child = Task(self._client, self._client._begin(request, child_call(elevate)))
         except TaskDeniedError as denied:
             ended = self._ended_instead()
             if ended is None:

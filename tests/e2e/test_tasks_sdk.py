@@ -32,6 +32,7 @@ from svid.tasks import (
     TaskDeniedError,
     TaskEndedError,
     TaskError,
+    TaskRequestError,
 )
 from tests.e2e.agent_process import AgentProcess, create_entry, new_token
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
@@ -228,8 +229,13 @@ def test_a_sub_task_token_carries_its_parents_txn_and_ends_with_it(stack: Stack)
             assert claims.parent_task_id == task.task_id
             assert claims.delegation_chain == (str(sub.spiffe_id), str(task.spiffe_id))
             assert claims.on_behalf_of == "user:alice"
-            with pytest.raises(TaskDeniedError, match="privilege chaining"):
+            with pytest.raises(TaskDeniedError, match="privilege chaining") as err:
                 task.subtask(actions=["read"], resources=["payroll"])
+            # Named as the method called, not the RPC under it.
+            assert str(err.value).startswith("task.subtask denied: ")
+            with pytest.raises(TaskDeniedError) as err:
+                task.elevate(actions=["export_data"], resources=["s3:reports"])
+            assert str(err.value).startswith("task.elevate denied: ")
         assert sub.ended
         assert stack.task_state(sub.task_id) == "ended"
 
@@ -290,6 +296,11 @@ def test_the_async_api_has_the_same_semantics(stack: Stack) -> None:
                 claims = stack.verify(await sub.jwt("docs"), "docs").task
                 assert claims is not None
                 assert claims.parent_task_id == task.task_id
+                # (A malformed request: a refused sub-task would count against the runtime.)
+                with pytest.raises(TaskRequestError, match=r"^task\.subtask: bad request: "):
+                    await task.subtask(actions=["read"], tools=["no-server-named"])
+                with pytest.raises(TaskDeniedError, match=r"^task\.elevate denied: "):
+                    await task.elevate(actions=["export_data"], resources=["s3:reports"])
                 async with task.elevate(actions=["fetch_secret"], resources=[SECRET]) as step:
                     assert step.ttl == 30
                     await step.jwt(SECRET)
