@@ -57,6 +57,6 @@ def build(source: svid.WorkloadApiSource, port: int, issuer: str) -> MCPServer:
 if __name__ == "__main__":
     port, issuer = int(sys.argv[1]), sys.argv[2]
     source = svid.WorkloadApiSource().start()  # bundles and revocations from the local agent
-    source.wait_ready(10)
+    source.require_ready(10)  # no bundles in 10 s: raises, saying why, and serves nothing
     app = build(source, port, issuer).streamable_http_app()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

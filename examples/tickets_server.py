@@ -13,7 +13,7 @@ import svid
 import svid.mcp
 
 source = svid.WorkloadApiSource().start()  # bundles and revocations from the local agent
-source.wait_ready(10)
+source.require_ready(10)  # no bundles in 10 s: raises, saying why, and serves nothing
 auth = svid.mcp.TaskAuth(source, audience="mcp-tickets")
 server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
 

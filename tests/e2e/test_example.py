@@ -20,6 +20,7 @@ import pytest
 
 from tests.e2e.conftest import short_tmpdir, wait_for
 from tests.e2e.demo_process import REPO, alive
+from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
 RUN_TIMEOUT = 90.0
@@ -139,3 +140,62 @@ def test_ctrl_c_stops_every_process_of_the_example(example: Example) -> None:
     assert "stopping the agent and the server" in example.output
     assert "Traceback" not in example.output
     wait_for(lambda: not any(alive(pid) for pid in children), 10, "every child to exit")
+
+
+# The README's MCP server block, found by the line before it.
+README_MCP = "An MCP server whose every tool call needs a task token granting that tool"
+# A stand-in for uvicorn.run: what the README block reaches if it goes on to serve.
+SERVED = "import uvicorn\nuvicorn.run = lambda *a, **k: print('served')\n"
+
+
+def _readme_mcp_block() -> str:
+    text = (REPO / "README.md").read_text()
+    found = re.search(r"```python\n(.*?)```", text[text.index(README_MCP) :], re.DOTALL)
+    assert found is not None, "README.md lost its MCP server block"
+    return found.group(1)
+
+
+def test_the_mcp_servers_refuse_to_start_saying_why_when_the_agent_gives_no_bundles() -> None:
+    # They called wait_ready(10) and ignored its False: with no agent they served anyway,
+    # refusing every token (fail closed) without a word of why.
+    root = short_tmpdir("svn")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SVID_", "SPIFFE_"))}
+    env |= {"PYTHONPATH": str(REPO), "SPIFFE_ENDPOINT_SOCKET": f"unix://{root}/no-agent.sock"}
+    examples = REPO / "examples"
+    commands = {
+        "tickets_server.py": [str(examples / "tickets_server.py"), str(free_port())],
+        "oauth_tickets_server.py": [
+            str(examples / "oauth_tickets_server.py"),
+            str(free_port()),
+            "https://127.0.0.1:1",
+        ],
+        "README": ["-c", SERVED + _readme_mcp_block()],
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, *args],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, args in commands.items()
+    }
+    try:
+        for name, proc in procs.items():
+            try:
+                out, _ = proc.communicate(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+                pytest.fail(f"{name} served with no agent:\n{out}")
+            assert proc.returncode != 0, f"{name}:\n{out}"
+            assert "served" not in out.splitlines(), name
+            assert f"Workload API at unix://{root}/no-agent.sock" in out, f"{name}:\n{out}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
