@@ -348,7 +348,7 @@ def test_node_tasks(world: World, data: st.DataObject) -> None:
         _check(world, lambda: stub.BeginTask(request, timeout=TIMEOUT))
     elif which == "end":
         request = task_pb2.NodeEndTaskRequest(
-            task_id=data.draw(texts), runtime_ids=data.draw(runtime_ids)
+            task_id=data.draw(texts), runtime_ids=data.draw(runtime_ids), reason=data.draw(texts)
         )
         _check(world, lambda: stub.EndTask(request, timeout=TIMEOUT))
     elif which == "list":
