@@ -266,6 +266,8 @@ def end_request(task_id: str, reason: str) -> task_pb2.EndTaskRequest:
         raise ValueError(f"reason must be at most {MAX_END_REASON} characters")
     if "\x00" in reason:
         raise ValueError("reason must not contain NUL (0x00)")
+    if not reason.isprintable():
+        raise ValueError("reason must be one line of printable text")
     return task_pb2.EndTaskRequest(task_id=task_id, reason=reason)
 
 

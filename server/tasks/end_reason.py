@@ -1,6 +1,7 @@
 """The end reason a runtime gives with EndTask, as the task's end_reason and task_end event
-record it: bounded, no NUL (refused: a malformed request), and never a credential (dropped,
-the end still made: refusing it would leave the task, and its SVIDs, valid until its TTL)."""
+record it: bounded, one printable line, no NUL (each refused: a malformed request), and never
+a credential (dropped, the end still made: refusing it would leave the task, and its SVIDs,
+valid until its TTL)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def runtime_end_reason(given: str) -> str:
     refuse_nul("reason", given)
     if len(given) > MAX_REASON:
         raise InvalidRequestError(f"reason: at most {MAX_REASON} characters")
+    if not given.isprintable():
+        # A workload's text on an operator's terminal (`task show`): a newline would forge a
+        # line of the view, an escape sequence rewrite the screen.
+        raise InvalidRequestError("reason: one line of printable text")
     if not given:
         return BY_RUNTIME
     try:

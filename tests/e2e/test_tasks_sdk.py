@@ -576,6 +576,8 @@ def test_a_runtime_ends_a_task_saying_why_and_the_server_records_it(stack: Stack
             task.end(reason="x" * 201)
         with pytest.raises(ValueError, match="NUL"):
             task.end(reason="gave\x00up")
+        with pytest.raises(ValueError, match="one line of printable text"):
+            task.end(reason="gave up\nState          : active")
         assert not task.ended
         info = task.end(reason="user cancelled")
         assert info.end_reason == "ended by its runtime: user cancelled"

@@ -510,9 +510,15 @@ def test_an_end_reason_that_looks_like_a_credential_is_dropped_and_the_task_stil
 
 @pytest.mark.parametrize(
     ("reason", "refusal"),
-    [("x" * 201, "at most 200 characters"), ("block\x00raised", "NUL")],
+    [
+        ("x" * 201, "at most 200 characters"),
+        ("block\x00raised", "NUL"),
+        # Shown on an operator's terminal by `task show`: no forged lines, no escapes.
+        ("done)\nCredentials    : 0", "one line of printable text"),
+        ("\x1b[2Jdone", "one line of printable text"),
+    ],
 )
-def test_an_end_reason_too_long_or_holding_nul_is_refused_before_anything_ends(
+def test_an_end_reason_too_long_or_not_one_printable_line_is_refused(
     world: World, reason: str, refusal: str
 ) -> None:
     task = world.begin()
