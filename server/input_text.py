@@ -11,3 +11,12 @@ def refuse_nul(name: str, *values: str) -> None:
     """InvalidRequestError naming `name` when any of `values` holds a NUL."""
     if any("\x00" in value for value in values):
         raise InvalidRequestError(f"{name}: may not contain NUL (0x00)")
+
+
+def refuse_unprintable(name: str, *values: str) -> None:
+    """InvalidRequestError naming `name` unless each of `values` is one line of printable text
+    (a NUL named as such). For text a workload gives that an operator's terminal shows (`task
+    show`): a newline would forge a line of the view, an escape sequence rewrite the screen."""
+    refuse_nul(name, *values)
+    if not all(value.isprintable() for value in values):
+        raise InvalidRequestError(f"{name}: one line of printable text")

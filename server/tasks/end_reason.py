@@ -8,7 +8,7 @@ from __future__ import annotations
 from server.audit.errors import SecretInAuditError
 from server.audit.event import check_no_secret
 from server.errors import InvalidRequestError
-from server.input_text import refuse_nul
+from server.input_text import refuse_unprintable
 
 BY_RUNTIME = "ended by its runtime"
 # The SDK's reasons ("block raised <exception type>") are far shorter; room for a sentence.
@@ -18,13 +18,9 @@ DROPPED = "its reason was dropped: it looked like a credential"
 
 def runtime_end_reason(given: str) -> str:
     """The end reason of a task its runtime ends, saying `given` why ("" for none)."""
-    refuse_nul("reason", given)
     if len(given) > MAX_REASON:
         raise InvalidRequestError(f"reason: at most {MAX_REASON} characters")
-    if not given.isprintable():
-        # A workload's text on an operator's terminal (`task show`): a newline would forge a
-        # line of the view, an escape sequence rewrite the screen.
-        raise InvalidRequestError("reason: one line of printable text")
+    refuse_unprintable("reason", given)
     if not given:
         return BY_RUNTIME
     try:

@@ -37,7 +37,7 @@ from server.errors import (
     PermissionDeniedError,
     RateLimitedError,
 )
-from server.input_text import refuse_nul
+from server.input_text import refuse_unprintable
 from server.issuance import TaskGrant, TaskJwtGrant
 from server.policy import (
     INVOKE_TOOL,
@@ -368,11 +368,11 @@ class TaskService:
                 raise InvalidRequestError(
                     f"intent: action/resource/tool {name[:80]!r} is empty or too long"
                 )
-        refuse_nul("intent.actions", *req.actions)
-        refuse_nul("intent.resources", *req.resources)
-        refuse_nul("intent.tools", *req.tools)
-        refuse_nul("intent.environment", req.environment)
-        refuse_nul("intent.on_behalf_of", req.on_behalf_of)
+        refuse_unprintable("intent.actions", *req.actions)
+        refuse_unprintable("intent.resources", *req.resources)
+        refuse_unprintable("intent.tools", *req.tools)
+        refuse_unprintable("intent.environment", req.environment)
+        refuse_unprintable("intent.on_behalf_of", req.on_behalf_of)
         if req.elevate and not req.parent_task_id:
             raise InvalidRequestError(
                 "elevate: an elevated step runs inside a task; set parent_task_id"

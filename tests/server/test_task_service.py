@@ -660,6 +660,13 @@ def test_a_task_entry_takes_the_selectors_of_the_callers_entry_its_agent_names(
         ("on_behalf_of", "user:\x00alice", "intent.on_behalf_of: may not contain NUL"),
         ("environment", "prod\x00", "intent.environment: may not contain NUL"),
         ("resources", ("do\x00cs",), "may not contain NUL"),
+        # Printed on an operator's terminal by `task show`: a newline forges a line of the
+        # view, an escape sequence rewrites the screen.
+        ("on_behalf_of", "alice\n    Decision   : allow", "intent.on_behalf_of: one line"),
+        ("environment", "prod\x1b[2J", "intent.environment: one line of printable text"),
+        ("resources", ("docs\r",), "intent.resources: one line"),
+        ("actions", ("read\u202e",), "intent.actions: one line"),
+        ("tools", ("mcp-a#read\x07",), "one line of printable text"),
     ],
 )
 def test_an_intent_that_cannot_be_recorded_is_a_bad_request(
