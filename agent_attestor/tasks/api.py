@@ -185,7 +185,11 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
     async def _end_unheard(self, task: task_pb2.Task) -> None:
         try:
             await self._client.end(
-                task_pb2.NodeEndTaskRequest(task_id=task.task_id, runtime_ids=[task.runtime_id])
+                task_pb2.NodeEndTaskRequest(
+                    task_id=task.task_id,
+                    runtime_ids=[task.runtime_id],
+                    reason="its workload hung up before the answer",
+                )
             )
         except Exception as exc:  # the task still ends at its TTL
             log.warning(

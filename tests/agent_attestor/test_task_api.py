@@ -213,6 +213,7 @@ def test_a_begin_the_workload_hangs_up_on_after_the_grant_ends_the_task(ta: Task
     (ended,) = ta.client.ended
     assert ended.task_id == "t1"
     assert list(ended.runtime_ids) == [f"{TD}/bot"]
+    assert ended.reason == "its workload hung up before the answer"
 
 
 def test_a_begin_the_server_refuses_ends_nothing(ta: TaskAgent) -> None:
