@@ -165,7 +165,7 @@ class SourceState:
             if exc.code == "PERMISSION_DENIED":
                 self._identity_gone(stream)
             self.errors[stream] = str(exc)
-            log.warning("Workload API %s: %s", stream, exc)
+            log.warning("%s", exc)  # it names the call: "Workload API <call>: ..."
         elif exc is not None:  # an update we could not apply: reconnect for a fresh one
             self.errors[stream] = str(exc)
             log.warning("Workload API %s: unusable update: %s", stream, exc)

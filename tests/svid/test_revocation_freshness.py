@@ -214,3 +214,17 @@ def test_coroutine_callbacks_need_an_asyncio_source(caplog: pytest.LogCaptureFix
     state.delivered(REVOCATIONS.name, _revoked(Revoked("jwt_id", "j-2", T0)))
     assert len(scheduled) == 1
     scheduled[0].close()
+
+
+def test_a_broken_stream_is_logged_naming_the_call_once(caplog: pytest.LogCaptureFixture) -> None:
+    # The error already says "Workload API <call>: ...": the log line said it twice.
+    state = _state("FetchX509Bundles")
+    error = WorkloadApiError(
+        "Workload API FetchX509Bundles: cannot connect to the agent (refused): is it running?",
+        "UNAVAILABLE",
+    )
+    with caplog.at_level(logging.WARNING, logger="svid"):
+        state.failed("FetchX509Bundles", error)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == str(error)
+    assert line.count("FetchX509Bundles") == 1
