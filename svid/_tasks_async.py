@@ -197,7 +197,7 @@ class AsyncTaskClient:
             return  # refused or failed: nothing to end
         task_id = began.result().task_id
         try:
-            await self._end(task_id)
+            await self._end(task_id, reason="its begin was cancelled before the answer")
         except SvidError as exc:
             log.warning(
                 "could not end a task whose begin was cancelled; it runs out at its TTL",

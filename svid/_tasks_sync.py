@@ -145,7 +145,7 @@ class TaskClient:
             return  # refused or failed: nothing to end
         task_id = granted.task.task_id
         try:
-            self._end(task_id)
+            self._end(task_id, reason="its begin was interrupted before the answer")
         except SvidError as exc:
             log.warning(
                 "could not end a task whose begin was interrupted; it runs out at its TTL",

@@ -348,6 +348,7 @@ def test_a_begin_cancelled_in_flight_ends_the_task_the_server_granted(stack: Sta
     granted = stack.task_for(principal)
     assert granted is not None
     assert granted["state"] == "ended"
+    assert granted["end_reason"].endswith("its begin was cancelled before the answer")
 
 
 def test_an_end_cancelled_in_flight_still_ends_the_task(stack: Stack) -> None:
@@ -392,6 +393,7 @@ def test_a_begin_interrupted_in_flight_ends_the_task_the_server_granted(stack: S
     granted = stack.task_for(principal)
     assert granted is not None
     assert granted["state"] == "ended"
+    assert granted["end_reason"].endswith("its begin was interrupted before the answer")
 
 
 def test_a_task_dropped_without_being_ended_warns_naming_it(stack: Stack) -> None:
