@@ -18,6 +18,7 @@ from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2
 from tests.server.fixtures import (
     TLS_NAME,
     TRUST_DOMAIN,
+    Agent,
     RunningServer,
     bundle_pem,
     der_chain,
@@ -214,6 +215,21 @@ def test_agents_list_evict_ban(srv: RunningServer) -> None:
     assert listed_after[two.spiffe_id].banned
 
 
+def _x509_serial(srv: RunningServer, agent: Agent, entry_id: str) -> str:
+    """The serial (hex) of an X.509-SVID the agent gets for the entry."""
+    (result,) = (
+        srv.node_stub(agent)
+        .BatchNewX509SVID(
+            node_pb2.BatchNewX509SVIDRequest(
+                params=[node_pb2.X509SVIDParams(entry_id=entry_id, csr=make_csr()[1])]
+            ),
+            timeout=10,
+        )
+        .results
+    )
+    return format(der_chain(result.cert_chain)[0].serial_number, "x")
+
+
 def test_an_eviction_cut_short_after_the_agent_went_is_finished_by_a_retry(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -223,17 +239,7 @@ def test_an_eviction_cut_short_after_the_agent_went_is_finished_by_a_retry(
         admin = srv.admin()
         agent = srv.attest()
         entry = srv.create_entry("/evict/cut-short", agent.spiffe_id)
-        (result,) = (
-            srv.node_stub(agent)
-            .BatchNewX509SVID(
-                node_pb2.BatchNewX509SVIDRequest(
-                    params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])]
-                ),
-                timeout=10,
-            )
-            .results
-        )
-        serial = format(der_chain(result.cert_chain)[0].serial_number, "x")
+        serial = _x509_serial(srv, agent, entry.id)
         service = srv.server.tasks.service
 
         async def dies(*_args: object, **_kwargs: object) -> int:
@@ -272,17 +278,7 @@ def test_a_removal_whose_revocation_events_failed_is_finished_by_a_retry(
         admin = srv.admin()
         agent = srv.attest()
         entry = srv.create_entry(f"/{removal}/events", agent.spiffe_id)
-        (result,) = (
-            srv.node_stub(agent)
-            .BatchNewX509SVID(
-                node_pb2.BatchNewX509SVIDRequest(
-                    params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])]
-                ),
-                timeout=10,
-            )
-            .results
-        )
-        serial = format(der_chain(result.cert_chain)[0].serial_number, "x")
+        serial = _x509_serial(srv, agent, entry.id)
         audit = srv.server.tasks.audit
         append_many = audit.append_many
 
