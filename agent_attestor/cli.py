@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     begin.add_argument("--spiffe-id", default="", help="identity to act under (default: first)")
     end = tasks.add_parser("end", parents=[client, output], help="end a task and revoke its SVIDs")
     end.add_argument("--id", required=True)
+    end.add_argument(
+        "--reason", default="", help="why, on the task and its audit event (one printable line)"
+    )
     tlist = tasks.add_parser("list", parents=[client, output], help="the calling workload's tasks")
     tlist.add_argument("--state", default="", choices=("", "active", "ended", "revoked", "expired"))
     tlist.add_argument(
@@ -277,6 +280,8 @@ def _print_tasks(args: argparse.Namespace, tasks: list[task_pb2.Task]) -> None:
         print(f"Actions     : {', '.join(t.actions)}")
         print(f"Resources   : {', '.join(t.resources)}")
         print(f"Expires     : {format_utc(t.expires_at) if t.expires_at else '-'}")
+        if t.end_reason:
+            print(f"Ended       : {t.end_reason}")
         print(f"Credentials : {t.credentials}")
         print()
 
@@ -301,7 +306,7 @@ def _cmd_task(args: argparse.Namespace, client: WorkloadClient) -> int:
         )
         _print_tasks(args, [client.begin_task(request)])
     elif args.task == "end":
-        _print_tasks(args, [client.end_task(args.id)])
+        _print_tasks(args, [client.end_task(args.id, args.reason)])
     else:
         _print_tasks(
             args,

@@ -207,10 +207,12 @@ class WorkloadClient:
             raise self._error(exc) from exc
         return resp.task
 
-    def end_task(self, task_id: str) -> task_pb2.Task:
+    def end_task(self, task_id: str, reason: str = "") -> task_pb2.Task:
         try:
             resp: task_pb2.EndTaskResponse = self._tasks.EndTask(
-                task_pb2.EndTaskRequest(task_id=task_id), metadata=HEADER, timeout=self._timeout
+                task_pb2.EndTaskRequest(task_id=task_id, reason=reason),
+                metadata=HEADER,
+                timeout=self._timeout,
             )
         except grpc.RpcError as exc:
             raise self._error(exc) from exc

@@ -340,9 +340,16 @@ def test_task_commands_of_the_agent_cli(path3: Path3) -> None:
     assert "PERMISSION_DENIED" in denied.stderr
     assert "lateral movement" in denied.stderr
 
-    ended = _agent_cli(path3, "task", "end", "--id", task["task_id"], "--output", "json")
+    ended = _agent_cli(
+        path3, "task", "end", "--id", task["task_id"], "--reason", "plan done", "--output", "json"
+    )
     assert ended.returncode == 0, ended.stderr
-    assert json.loads(ended.stdout)["tasks"][0]["state"] == "ended"
+    (shown,) = json.loads(ended.stdout)["tasks"]
+    assert shown["state"] == "ended"
+    assert shown["end_reason"] == "ended by its runtime: plan done"
+
+    shown_text = _agent_cli(path3, "task", "list", "--state", "ended")
+    assert "Ended       : ended by its runtime: plan done" in shown_text.stdout
 
     unknown = _agent_cli(path3, "task", "end", "--id", "0000000000000000")
     assert unknown.returncode == 1
