@@ -18,10 +18,15 @@ from svid._clock import Clock
 from svid._proto import workload_pb2_grpc
 
 MAX_MESSAGE = 4 * 1024 * 1024
+# Each open stream holds memory and a subscription here: one workload connection opening them
+# without end would take the agent's memory from the whole node. Past this, HTTP/2 makes its
+# client wait for one of its streams to close; an SDK's source holds a handful.
+MAX_STREAMS_PER_CONNECTION = 100
 # The internal server's gRPC options (bench/test_bench_agent.py gives its no-op baseline the same).
 SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.so_reuseport", 0),
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
 )
 
 

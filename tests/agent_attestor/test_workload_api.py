@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent_attestor.endpoint import MAX_STREAMS_PER_CONNECTION
 from agent_attestor.model import Selector
 from agent_attestor.tasks.reporter import ValidationReporter
 from svid._der import parse_der_certs
@@ -641,3 +642,28 @@ def test_server_decisions_on_jwt_minting_reach_the_workload(
     with pytest.raises(grpc.RpcError) as exc:
         agent.stub().FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
     assert _code(exc) == code
+
+
+def test_one_connection_holds_a_bounded_number_of_streams(agent: Harness) -> None:
+    # Each open stream holds memory and a subscription in the agent: one connection opening
+    # streams without end would take the agent's memory from every workload on the node. Past
+    # the bound, HTTP/2 makes the client wait for a stream to close (nothing is refused).
+    agent.add_entry("/w")
+    stub = agent.stub()
+    streams = [
+        stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER, timeout=30)
+        for _ in range(MAX_STREAMS_PER_CONNECTION)
+    ]
+    for stream in streams:
+        next(stream)
+    extra = stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER, timeout=30)
+    first = threading.Thread(target=lambda: next(extra), daemon=True)
+    first.start()
+    first.join(1.0)
+    assert first.is_alive()  # waiting for a stream of its connection to close
+    streams[0].cancel()
+    first.join(10)
+    assert not first.is_alive()
+    for stream in streams[1:]:
+        stream.cancel()
+    extra.cancel()
