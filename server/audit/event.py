@@ -81,6 +81,20 @@ class EventDraft:
         object.__setattr__(self, "policy_ids", tuple(self.policy_ids))
         if not _KIND.match(kind):
             raise AuditError(f"kind {kind!r} is not a lowercase identifier")
+        # Hashed as given, read back as the column stores it: a number of the other kind (5
+        # for 5.0) would verify as EDITED. So each is made its column's kind here.
+        for name in ("risk", "ttl"):
+            value = getattr(self, name)
+            if value is not None and type(value) is not int:
+                whole = type(value) is float and value.is_integer()
+                if not whole:
+                    raise AuditError(f"{name}: {value!r} is not a whole number")
+                object.__setattr__(self, name, int(value))
+        latency = self.latency_us
+        if latency is not None and type(latency) is not float:
+            if type(latency) is not int:
+                raise AuditError(f"latency_us: {latency!r} is not a number")
+            object.__setattr__(self, "latency_us", float(latency))
         for name, value in self.__dict__.items():
             # Plain text without either marker (nearly every value) needs no closer look.
             if type(value) is str and "eyJ" not in value and "-----BEGIN" not in value:

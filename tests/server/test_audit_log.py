@@ -457,3 +457,15 @@ def test_a_row_that_cannot_be_hashed_is_unreadable(
     assert head is not None
     segment = verify_segment(Head(1, str(first["hash"])), rows, head)
     assert (segment.ok, segment.problem, segment.broken_seq) == (False, Break.UNREADABLE, 2)
+
+
+def test_numbers_of_the_other_kind_verify_as_their_columns_store_them(log: AuditLog) -> None:
+    # latency_us is stored as a float and risk and ttl as integers: an event hashed with the
+    # value as given (5, not 5.0) read back as EDITED, a false alarm of tampering.
+    event = log.append("probe", latency_us=5, risk=3.0, ttl=300.0)
+    assert (event.latency_us, event.risk, event.ttl) == (5.0, 3, 300)
+    assert log.verify().ok
+    with pytest.raises(AuditError, match="ttl"):
+        log.append("probe", ttl=2.5)
+    with pytest.raises(AuditError, match="risk"):
+        log.append("probe", risk=True)
