@@ -822,11 +822,19 @@ class TaskService:
         return await self._finish(task, TaskState.REVOKED, reason or "revoked by an operator")
 
     async def expire_due(self) -> int:
-        due = await asyncio.to_thread(self._store.due, self._now())
-        for task in due:
+        now = self._now()
+        stored = await asyncio.to_thread(self._store.due, now)
+        # Memory's due tasks too: one another server's sweep or EndTask ended first is no
+        # longer due in the store, and stayed served here (and kept next_expiry in the past)
+        # until the change feed brought its end.
+        held = [t for t in self._active.values() if t.expires_at <= now]
+        due = {t.task_id: t for t in (*held, *stored)}
+        for task in due.values():
             current = await asyncio.to_thread(self._store.get_task, task.task_id)
             if current is not None and current.active:
                 await self._finish(current, TaskState.EXPIRED, "task TTL ran out")
+            else:
+                self._set_active(task, False)
         return len(due)
 
     async def revoke_agent(self, agent_id: str, reason: str, *, banned: bool = False) -> int:

@@ -424,6 +424,20 @@ def test_two_servers_expiring_one_task_end_it_once(world: World) -> None:
     assert world.service.active_task(task.spiffe_id) is None
 
 
+def test_a_sweep_forgets_a_due_task_another_server_ended_first(world: World) -> None:
+    """The other server's sweep claimed and settled the end before this one's read the row
+    (the store no longer lists it as due): this server must not go on serving it."""
+    task = world.begin(ttl=60)
+    other = _second_server(world)
+    world.clock.advance(61)
+    world.run(other.expire_due())
+    assert world.service.active_task(task.spiffe_id) is not None  # the change feed lags
+    world.run(world.service.expire_due())
+    assert world.service.active_task(task.spiffe_id) is None
+    assert world.service.next_expiry() == float("inf")
+    assert len(world.events("task_end")) == 1
+
+
 def test_an_end_racing_another_servers_sweep_ends_the_task_once(world: World) -> None:
     task = world.begin(ttl=60)
     entry = world.state.entries.by_id[task.entry_id]
