@@ -5,15 +5,14 @@ client, no svid._proto."""
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -372,24 +371,80 @@ def test_an_end_cancelled_in_flight_still_ends_the_task(stack: Stack) -> None:
     assert stack.task_state(task_id) == "ended"
 
 
+# A runtime pressing Ctrl-C is a child process given a real SIGINT: a simulated one in this
+# process (_thread.interrupt_main) could land after the test's `raises` block, or never, and a
+# stray KeyboardInterrupt ends the whole test session.
+BEGIN_INTERRUPTED = """
+import sys
+from svid.tasks import TaskClient
+with TaskClient(sys.argv[1]) as client:
+    client.begin(actions=["read"], resources=["docs"]).end()  # connected
+    print("ready", flush=True)
+    sys.stdin.readline()
+    try:
+        client.begin(actions=["read"], resources=["docs"], on_behalf_of=sys.argv[2])
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(0)
+print("not interrupted", flush=True)
+sys.exit(1)
+"""
+
+END_INTERRUPTED = """
+import sys
+from svid.tasks import TaskClient
+with TaskClient(sys.argv[1]) as client:
+    task = client.begin(actions=["read"], resources=["docs"])
+    print(task.task_id, flush=True)
+    sys.stdin.readline()
+    try:
+        with task:
+            pass
+    except KeyboardInterrupt:
+        print("interrupted", task.ended, flush=True)
+        sys.exit(0)
+print("not interrupted", flush=True)
+sys.exit(1)
+"""
+
+
+def _runtime(code: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _interrupt(runtime: subprocess.Popen[str], held: HeldSocket) -> list[str]:
+    """Ctrl-C for the runtime while its call is held, then the call let through: what the
+    runtime printed after."""
+    runtime.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # it lands while the call is still held (gRPC checks every 0.2 s)
+    held.release()
+    out, err = runtime.communicate(timeout=30)
+    assert runtime.returncode == 0, err
+    return out.splitlines()
+
+
 def test_a_begin_interrupted_in_flight_ends_the_task_the_server_granted(stack: Stack) -> None:
     # Ctrl-C while the server's grant is on its way: the sync twin of the cancelled begin.
     principal = f"user:interrupted-{uuid.uuid4().hex[:8]}"
-
-    def interrupt_once_granted() -> None:
-        wait_for(lambda: stack.task_for(principal), 20, "the grant")
-        _thread.interrupt_main()  # as a SIGINT does: KeyboardInterrupt in the main thread
-        time.sleep(0.5)  # it lands while the answer is still held (gRPC checks every 0.2 s)
-        held.release()
-
-    with stack.held() as held, TaskClient(held.address) as client:
-        client.begin(actions=["read"], resources=["docs"]).end()  # connected
-        held.hold_answers()
-        interrupter = threading.Thread(target=interrupt_once_granted)
-        interrupter.start()
-        with pytest.raises(KeyboardInterrupt):
-            client.begin(actions=["read"], resources=["docs"], on_behalf_of=principal)
-        interrupter.join()
+    with stack.held() as held:
+        runtime = _runtime(BEGIN_INTERRUPTED, held.address, principal)
+        try:
+            assert runtime.stdout is not None
+            assert runtime.stdin is not None
+            assert runtime.stdout.readline().strip() == "ready"
+            held.hold_answers()
+            runtime.stdin.write("go\n")
+            runtime.stdin.flush()
+            wait_for(lambda: stack.task_for(principal), 20, "the grant")
+            assert _interrupt(runtime, held) == ["interrupted"]
+        finally:
+            runtime.kill()
     granted = stack.task_for(principal)
     assert granted is not None
     assert granted["state"] == "ended"
@@ -552,22 +607,20 @@ def test_the_readmes_task_block_runs_as_written(stack: Stack) -> None:
 def test_an_end_interrupted_in_flight_still_ends_the_task(stack: Stack) -> None:
     # Ctrl-C while leaving a task's block: the interrupted EndTask was dropped, the task left
     # open at the server and not ended in the runtime either.
-    def interrupt_once_sent() -> None:
-        wait_for(lambda: held.requests.held, 10, "the EndTask")
-        _thread.interrupt_main()
-        time.sleep(0.5)  # it lands while the request is still held
-        held.release()
-
-    with stack.held() as held, TaskClient(held.address) as client:
-        task = client.begin(actions=["read"], resources=["docs"])
-        held.hold_requests()
-        interrupter = threading.Thread(target=interrupt_once_sent)
-        interrupter.start()
-        with pytest.raises(KeyboardInterrupt), task:
-            pass
-        interrupter.join()
-        assert task.ended
-    assert stack.task_state(task.task_id) == "ended"
+    with stack.held() as held:
+        runtime = _runtime(END_INTERRUPTED, held.address)
+        try:
+            assert runtime.stdout is not None
+            assert runtime.stdin is not None
+            task_id = runtime.stdout.readline().strip()
+            held.hold_requests()
+            runtime.stdin.write("go\n")
+            runtime.stdin.flush()
+            wait_for(lambda: held.requests.held, 10, "the EndTask")
+            assert _interrupt(runtime, held) == ["interrupted True"]
+        finally:
+            runtime.kill()
+    assert stack.task_state(task_id) == "ended"
 
 
 def test_a_runtime_ends_a_task_saying_why_and_the_server_records_it(stack: Stack) -> None:
