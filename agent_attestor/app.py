@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[i
 
 from agent_attestor.agent_store import AgentStore
 from agent_attestor.cache import Cache
+from agent_attestor.cancel import cancel_all
 from agent_attestor.checkpoint_store import CheckpointStore
 from agent_attestor.config import AgentConfig
 from agent_attestor.endpoint import WorkloadEndpoint
@@ -265,11 +266,7 @@ class AgentApp:
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self._tasks)
         await self.syncer.settle(ATTEST_SETTLE)
         # What changed since the last batch, so a clean restart mints nothing it held.
         await self.state_writer.flush()

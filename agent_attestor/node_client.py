@@ -151,8 +151,8 @@ async def wait_connected(channel: grpc.aio.Channel, address: str, timeout: float
     state = channel.get_state(try_to_connect=True)
     while state not in settled and state != grpc.ChannelConnectivity.SHUTDOWN:
         try:
-            remaining = max(0.0, deadline - loop.time())
-            await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+            async with asyncio.timeout_at(deadline):  # not wait_for: see cancel.py
+                await channel.wait_for_state_change(state)
         except TimeoutError:
             raise ConnectionError(f"no connection to {address} within {timeout:g} s") from None
         state = channel.get_state()

@@ -319,6 +319,9 @@ class Rotator:
                 self._wake.clear()
                 continue
             wait = idle if delay is None else min(idle, max(delay, self._batch_window))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow this task's
+            # cancellation when the wake-up comes with it, and the loop then ran on (cancel.py).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
             self._wake.clear()
