@@ -95,78 +95,46 @@ def test_entry_lifecycle_text_and_json(
     assert "NOT_FOUND" in err
 
 
+def _create(
+    *extra: str, spiffe_id: str = f"{TD}/x", parent_id: str = PARENT, selector: str = "unix:uid:1"
+) -> list[str]:
+    """`entry create` with one selector, then `extra` flags."""
+    return [
+        "entry",
+        "create",
+        "--spiffe-id",
+        spiffe_id,
+        "--parent-id",
+        parent_id,
+        "--selector",
+        selector,
+        *extra,
+    ]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (
-            [
-                "entry",
-                "create",
-                "--spiffe-id",
-                "spiffe://bad/x/",
-                "--parent-id",
-                PARENT,
-                "--selector",
-                "unix:uid:1",
-            ],
+            _create(spiffe_id="spiffe://bad/x/"),
             "INVALID_ARGUMENT: spiffe_id: path has a trailing slash",
         ),
         (
-            [
-                "entry",
-                "create",
-                "--spiffe-id",
-                f"{TD}/x",
-                "--parent-id",
-                PARENT,
-                "--selector",
-                "nocolon",
-            ],
+            _create(selector="nocolon"),
             "--selector: 'nocolon' must be TYPE:VALUE",
         ),
         (
-            [
-                "entry",
-                "create",
-                "--spiffe-id",
-                f"{TD}/x",
-                "--parent-id",
-                f"{TD}/ghost",
-                "--selector",
-                "unix:uid:1",
-            ],
+            _create(parent_id=f"{TD}/ghost"),
             "INVALID_ARGUMENT: parent_id: unknown parent",
         ),
         (
-            [
-                "entry",
-                "create",
-                "--spiffe-id",
-                f"{TD}/x",
-                "--parent-id",
-                PARENT,
-                "--selector",
-                "unix:uid:1",
-                "--x509-ttl",
-                "-4",
-            ],
+            _create("--x509-ttl", "-4"),
             "--x509-ttl",
         ),
         # inf raised OverflowError and 1e30 a protobuf ValueError out of main: a traceback.
         *(
             (
-                [
-                    "entry",
-                    "create",
-                    "--spiffe-id",
-                    f"{TD}/x",
-                    "--parent-id",
-                    PARENT,
-                    "--selector",
-                    "unix:uid:1",
-                    "--expires-at",
-                    when,
-                ],
+                _create("--expires-at", when),
                 "--expires-at",
             )
             for when in ("inf", "1e30", "nan")
@@ -174,18 +142,7 @@ def test_entry_lifecycle_text_and_json(
         # A byte that is not UTF-8 (Python keeps it as a lone surrogate): protobuf raised
         # UnicodeEncodeError out of main, a traceback.
         (
-            [
-                "entry",
-                "create",
-                "--spiffe-id",
-                f"{TD}/x",
-                "--parent-id",
-                PARENT,
-                "--selector",
-                "unix:uid:1",
-                "--hint",
-                "caf\udce9",
-            ],
+            _create("--hint", "caf\udce9"),
             "--hint: not UTF-8 text",
         ),
         (["entry", "show", "--selector", "unix:uid:\udcff"], "--selector: not UTF-8 text"),
@@ -194,18 +151,7 @@ def test_entry_lifecycle_text_and_json(
         (["agent", "show", "--spiffe-id", f"{TD}/svid/agent/x/y"], "NOT_FOUND"),
         (["agent", "evict", "--spiffe-id", "nonsense"], "INVALID_ARGUMENT: spiffe_id"),
         (
-            [
-                "entry",
-                "create",
-                "--spiffe-id",
-                f"{TD}/x",
-                "--parent-id",
-                PARENT,
-                "--selector",
-                "unix:uid:1",
-                "--expires-at",
-                "tomorrow",
-            ],
+            _create("--expires-at", "tomorrow"),
             "--expires-at",
         ),
     ],
