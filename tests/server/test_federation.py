@@ -490,15 +490,9 @@ def test_an_entry_that_moves_to_an_agent_brings_its_foreign_bundles_on_the_strea
     # sent the bundles the entry's workloads are to be given.
     now = time.time()
     foreign = make_ca("example.org", not_before=now - 3600, not_after=now + 86400)
-    body = SpiffeBundle(HOME, (foreign.cert,)).to_json()
     with managed_server(trust_domain="other.org") as other:
         admin = other.admin()
-        admin.SetFederatedBundle(
-            admin_pb2.SetFederatedBundleRequest(
-                bundle=admin_pb2.FederatedBundle(trust_domain="spiffe://example.org", bundle=body)
-            ),
-            timeout=10,
-        )
+        _set_bundle(admin, "example.org", foreign)
         agent = other.attest()
         made = _other_entry(other, other.attest().spiffe_id, ("example.org",))
         stream = other.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
@@ -516,15 +510,9 @@ def test_an_entry_that_leaves_an_agent_takes_its_foreign_bundles_off_the_stream(
     # workloads none of whose entries federate with it.
     now = time.time()
     foreign = make_ca("example.org", not_before=now - 3600, not_after=now + 86400)
-    body = SpiffeBundle(HOME, (foreign.cert,)).to_json()
     with managed_server(trust_domain="other.org") as other:
         admin = other.admin()
-        admin.SetFederatedBundle(
-            admin_pb2.SetFederatedBundleRequest(
-                bundle=admin_pb2.FederatedBundle(trust_domain="spiffe://example.org", bundle=body)
-            ),
-            timeout=10,
-        )
+        _set_bundle(admin, "example.org", foreign)
         agent = other.attest()
         made = _other_entry(other, agent.spiffe_id, ("example.org",))
         stream = other.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
