@@ -56,7 +56,10 @@ def _verifier(bundles: dict[TrustDomain, X509Bundle], crls: list[bytes]) -> X509
     return X509Verifier(source.x509_bundle_for, clock=FakeClock(T0), revocations=revocations)
 
 
-def test_a_foreign_crl_does_not_revoke_our_certificate_of_the_same_serial() -> None:
+def _same_serial_in_two_domains() -> tuple[
+    Issued, Issued, Issued, Issued, dict[TrustDomain, X509Bundle]
+]:
+    """Our CA and a foreign one of the same name, a leaf of each with one serial, both bundles."""
     ours = make_ca()
     foreign = _foreign_twin(ours)
     leaf = make_leaf(ours)
@@ -64,6 +67,11 @@ def test_a_foreign_crl_does_not_revoke_our_certificate_of_the_same_serial() -> N
         foreign, uris=["spiffe://foreign.org/w"], serial=leaf.cert.serial_number
     )
     bundles = {TD: X509Bundle(TD, (ours.cert,)), FOREIGN: X509Bundle(FOREIGN, (foreign.cert,))}
+    return ours, foreign, leaf, foreign_leaf, bundles
+
+
+def test_a_foreign_crl_does_not_revoke_our_certificate_of_the_same_serial() -> None:
+    _ours, foreign, leaf, foreign_leaf, bundles = _same_serial_in_two_domains()
     verifier = _verifier(bundles, [signed_crl(foreign, [leaf.cert.serial_number])])
     assert verifier.verify_der(der_concat([leaf.cert])).spiffe_id.trust_domain == TD
     with pytest.raises(RevokedError):  # what the foreign CA issued, it may revoke
@@ -71,13 +79,7 @@ def test_a_foreign_crl_does_not_revoke_our_certificate_of_the_same_serial() -> N
 
 
 def test_our_crl_revokes_our_certificate_and_not_a_foreign_one_of_the_same_serial() -> None:
-    ours = make_ca()
-    foreign = _foreign_twin(ours)
-    leaf = make_leaf(ours)
-    foreign_leaf = make_leaf(
-        foreign, uris=["spiffe://foreign.org/w"], serial=leaf.cert.serial_number
-    )
-    bundles = {TD: X509Bundle(TD, (ours.cert,)), FOREIGN: X509Bundle(FOREIGN, (foreign.cert,))}
+    ours, _foreign, leaf, foreign_leaf, bundles = _same_serial_in_two_domains()
     verifier = _verifier(bundles, [signed_crl(ours, [leaf.cert.serial_number])])
     with pytest.raises(RevokedError):
         verifier.verify_der(der_concat([leaf.cert]))
