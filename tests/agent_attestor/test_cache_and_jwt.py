@@ -73,21 +73,26 @@ def test_jwt_cache_mints_once_under_concurrency_and_surfaces_errors() -> None:
     assert "token=" not in repr(asyncio.run(jwts.get("spiffe://example.org/w", ["a"], "e")))
 
 
+def _held_mints() -> tuple[FakeSigner, JwtCache, asyncio.Event]:
+    """A JWT cache whose signer holds each mint until the event is set."""
+    clock = FakeClock(start=time.time())
+    signer = FakeSigner(LocalCa(clock))
+    new_jwt = signer.new_jwt
+    gate = asyncio.Event()
+
+    async def held_new_jwt(spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        await gate.wait()
+        return await new_jwt(spiffe_id, audience, entry_id)
+
+    signer.new_jwt = held_new_jwt  # type: ignore[method-assign]
+    return signer, JwtCache(signer, clock), gate
+
+
 def test_a_caller_gone_while_its_jwt_is_minted_does_not_fail_those_waiting_for_it() -> None:
     # The first caller mints; the others wait for its token. When the first went away (its
     # client's deadline, a hang-up), every waiter got CancelledError: their FetchJWTSVID ended
     # CANCELLED, which clients do not retry, though they had asked for nothing of the kind.
-    clock = FakeClock(start=time.time())
-    signer = FakeSigner(LocalCa(clock))
-    jwts = JwtCache(signer, clock)
-    gate = asyncio.Event()
-    new_jwt = signer.new_jwt
-
-    async def slow_new_jwt(spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
-        await gate.wait()
-        return await new_jwt(spiffe_id, audience, entry_id)
-
-    signer.new_jwt = slow_new_jwt  # type: ignore[method-assign]
+    signer, jwts, gate = _held_mints()
 
     async def scenario() -> MintedJwt:
         first = asyncio.create_task(jwts.get("spiffe://example.org/w", ["a"], "e"))
@@ -107,18 +112,8 @@ def test_a_token_minted_while_its_identity_is_forgotten_is_not_kept() -> None:
     # EndTask forgets a task's tokens while a mint for it may be out at the server. The token
     # that came back was cached after the forget (and later callers waited for it), so it was
     # served after the task's end until the task's entry left the agent.
-    clock = FakeClock(start=time.time())
-    signer = FakeSigner(LocalCa(clock))
-    jwts = JwtCache(signer, clock)
+    signer, jwts, gate = _held_mints()
     sid = "spiffe://example.org/bot/task/t1"
-    gate = asyncio.Event()
-    new_jwt = signer.new_jwt
-
-    async def slow_new_jwt(spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
-        await gate.wait()
-        return await new_jwt(spiffe_id, audience, entry_id)
-
-    signer.new_jwt = slow_new_jwt  # type: ignore[method-assign]
 
     async def scenario() -> tuple[MintedJwt, MintedJwt]:
         minting = asyncio.create_task(jwts.get(sid, ["a"], "e"))
