@@ -30,6 +30,7 @@ async def cancel_all(
         await asyncio.wait(running, timeout=patience)
         running = [t for t in running if not t.done()]
     for task in tasks:
+        # Retrieved, as awaiting them did: else asyncio warns "exception was never retrieved".
         if task.done() and not task.cancelled() and task.exception() is not None:
             log.debug("task %s ended with %r", task.get_name(), task.exception())
     if running:
