@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
 import grpc
 
+from svid._call_setup import CallSetup
 from svid._clock import Clock, SystemClock
 from svid._errors import SvidError
 from svid._jwt import JwtSvid
@@ -65,10 +67,12 @@ class TaskClient:
         self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._tasks_stub = task_pb2_grpc.TasksStub(self._channel)
         self._workload_stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
+        self._setup = CallSetup("svid-tasks")
         self._closed = False
 
     def close(self) -> None:
         self._closed = True
+        self._setup.close()
         self._channel.close()
 
     @property
@@ -125,9 +129,9 @@ class TaskClient:
 
     def _begin(self, request: task_pb2.BeginTaskRequest, name: str = "BeginTask") -> TaskInfo:
         """BeginTask; its errors name ``name``, the method the caller called."""
-        call = self._tasks.BeginTask.future(request, metadata=METADATA, timeout=self.timeout)
+        call = self._start(self._tasks.BeginTask, request)
         try:
-            reply = call.result()
+            reply = call.result().result()
         except grpc.RpcError as exc:
             raise translate(exc, name, self.address) from exc
         except BaseException:
@@ -138,7 +142,11 @@ class TaskClient:
             raise
         return TaskInfo.from_proto(reply.task)
 
-    def _end_granted(self, call: grpc.Future) -> None:
+    def _start(self, method: Any, request: Any) -> Future[grpc.Future]:
+        """``method`` called with ``request`` as a future, set up out of a Ctrl-C's reach."""
+        return self._setup.start(method.future, request, metadata=METADATA, timeout=self.timeout)
+
+    def _end_granted(self, call: Future[grpc.Future]) -> None:
         """End the task an interrupted begin was granted."""
         granted = _settled(call)
         if granted is None:
@@ -163,9 +171,9 @@ class TaskClient:
         task open, its SVIDs valid, until its TTL: this one is a future, waited for then (a
         second interrupt stops the wait) before the interrupt goes on."""
         request = end_request(task_id, reason)
-        call = self._tasks.EndTask.future(request, metadata=METADATA, timeout=self.timeout)
+        call = self._start(self._tasks.EndTask, request)
         try:
-            reply = call.result()
+            reply = call.result().result()
         except grpc.RpcError as exc:
             raise translate(exc, "EndTask", self.address) from exc
         except BaseException:
@@ -209,10 +217,10 @@ class TaskClient:
             raise TaskError(f"FetchJWTSVID sent an unusable token: {exc}", "BAD_RESPONSE") from exc
 
 
-def _settled(call: grpc.Future) -> Any:
+def _settled(call: Future[grpc.Future]) -> Any:
     """The reply of a call its caller was interrupted waiting for, or None if it failed."""
     try:
-        return call.result()
+        return call.result().result()
     except grpc.RpcError:
         return None
 

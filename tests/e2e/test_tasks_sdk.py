@@ -36,6 +36,7 @@ from svid.tasks import (
 from tests.e2e.agent_process import AgentProcess, create_entry, new_token
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
 from tests.e2e.held_socket import HeldSocket
+from tests.e2e.interrupted_setup import PRELUDE
 
 pytestmark = pytest.mark.e2e
 RUNTIME = f"spiffe://{TRUST_DOMAIN}/agents/research-bot"
@@ -408,6 +409,29 @@ sys.exit(1)
 """
 
 
+# Ctrl-C while gRPC is still setting the EndTask up. Landing there on the main thread left the
+# call with no thread to complete it: the task stayed open, and the client's close() waited
+# forever.
+END_INTERRUPTED_IN_SETUP = (
+    PRELUDE
+    + """
+import sys
+from svid.tasks import TaskClient
+with TaskClient(sys.argv[1]) as client:
+    task = client.begin(actions=["read"], resources=["docs"])
+    interrupt_next_call_setup()
+    try:
+        with task:
+            pass
+    except KeyboardInterrupt:
+        print(task.task_id, task.ended, flush=True)
+        sys.exit(0)
+print("not interrupted", flush=True)
+sys.exit(1)
+"""
+)
+
+
 def _runtime(code: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
@@ -620,6 +644,18 @@ def test_an_end_interrupted_in_flight_still_ends_the_task(stack: Stack) -> None:
             assert _interrupt(runtime, held) == ["interrupted True"]
         finally:
             runtime.kill()
+    assert stack.task_state(task_id) == "ended"
+
+
+def test_an_interrupt_while_the_end_is_being_set_up_still_ends_the_task(stack: Stack) -> None:
+    runtime = _runtime(END_INTERRUPTED_IN_SETUP, stack.address)
+    try:
+        out, err = runtime.communicate(timeout=30)
+    finally:
+        runtime.kill()
+    assert runtime.returncode == 0, err
+    task_id, ended = out.split()
+    assert ended == "True"
     assert stack.task_state(task_id) == "ended"
 
 

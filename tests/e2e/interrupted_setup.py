@@ -1,0 +1,18 @@
+"""A Ctrl-C raised from inside gRPC's setup of the next future or streaming call, for a child
+process to run before its calls: that moment is a few Python steps wide, too narrow to hit
+with a signal from outside. It wraps a private gRPC function, in the child alone."""
+
+PRELUDE = """
+import signal
+import grpc._channel
+
+_setup = grpc._channel._run_channel_spin_thread
+
+def _interrupted_setup(state):
+    grpc._channel._run_channel_spin_thread = _setup
+    signal.raise_signal(signal.SIGINT)
+    _setup(state)
+
+def interrupt_next_call_setup():
+    grpc._channel._run_channel_spin_thread = _interrupted_setup
+"""
