@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 import grpc
 
 from svid._bundle import BundleSet, JwtBundle, X509Bundle
+from svid._call_setup import CallSetup
 from svid._jwt import JwtSvid
 from svid._proto import revocation_pb2_grpc, workload_pb2_grpc
 from svid._spiffe_id import SpiffeId
@@ -109,8 +111,10 @@ class WorkloadApiClient:
             "workload": self._workload,
             "revocations": revocation_pb2_grpc.RevocationsStub(self._channel),
         }
+        self._setup = CallSetup("svid-workload")
 
     def close(self) -> None:
+        self._setup.close()
         self._channel.close()
 
     def __enter__(self) -> WorkloadApiClient:
@@ -172,7 +176,13 @@ class WorkloadApiClient:
     def watch(self, spec: StreamCall[T], timeout: float | None = None) -> Watch[T]:
         """Open the stream ``spec`` (one of svid._workload_calls' calls)."""
         method = getattr(self._stubs[spec.service], spec.method)
-        call = method(spec.request(), metadata=METADATA, timeout=timeout)
+        opening = self._setup.start(method, spec.request(), metadata=METADATA, timeout=timeout)
+        try:
+            call = opening.result()
+        except BaseException:
+            # Interrupted while it opens: the stream, once open, is no one's to read.
+            opening.add_done_callback(_cancel_opened)
+            raise
         return Watch(call, spec, self.address)
 
     def watch_x509_svids(self) -> Watch[list[X509Svid]]:
@@ -188,3 +198,8 @@ class WorkloadApiClient:
     def watch_revocations(self) -> Watch[RevocationsUpdate]:
         """The agent's revocation list (svid.revocation.v1.Revocations/Watch), full state each."""
         return self.watch(REVOCATIONS)
+
+
+def _cancel_opened(opening: Future[Any]) -> None:
+    if opening.exception() is None:
+        opening.result().cancel()

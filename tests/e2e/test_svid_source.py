@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +13,7 @@ from svid import TrustDomain, VerificationError, der_concat
 from svid.workloadapi import ENV_SOCKET, Backoff, WorkloadApiClient, WorkloadApiSource
 from tests.e2e.agent_process import AgentProcess, agent_stack, create_entry
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
+from tests.e2e.interrupted_setup import PRELUDE
 
 pytestmark = pytest.mark.e2e
 WORKLOAD = "spiffe://example.org/svid-source"
@@ -53,3 +56,38 @@ def test_source_and_client_against_the_real_agent(
         )
         assert source.revocation_stream_supported is True
         assert not source.rejected_crls
+
+
+OPEN_INTERRUPTED = (
+    PRELUDE
+    + """
+import sys
+from svid.workloadapi import WorkloadApiClient
+try:
+    with WorkloadApiClient(sys.argv[1]) as client:
+        interrupt_next_call_setup()
+        client.fetch_x509_bundles()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(0)
+print("not interrupted", flush=True)
+sys.exit(1)
+"""
+)
+
+
+def test_a_ctrl_c_while_a_stream_opens_leaves_a_client_that_closes(
+    stack: tuple[ServerProcess, AgentProcess],
+) -> None:
+    # Landing in gRPC's setup of the stream, the interrupt left a call no thread completed,
+    # and the client's close() waited for it forever: the program could not exit.
+    _, agent = stack
+    runtime = subprocess.Popen(
+        [sys.executable, "-c", OPEN_INTERRUPTED, f"unix://{agent.socket_path}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        out, err = runtime.communicate(timeout=30)
+    finally:
+        runtime.kill()
+    assert (runtime.returncode, out) == (0, "interrupted\n"), err
