@@ -21,6 +21,10 @@ _log = logging.getLogger("svid.server.oauth")
 MAX_BODY_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 READ_TIMEOUT = 30.0
+# A client gets this long to finish its TLS handshake (asyncio's default is 60 s): a connection
+# that never sends its ClientHello still holds a descriptor, and a real client needs one round
+# trip or two.
+HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0
 _CHUNK = 65536
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
@@ -87,7 +91,12 @@ class HttpListener:
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (port 0 picks a free one)."""
         self._server = await asyncio.start_server(
-            self._accept, host, port, ssl=self._ssl, limit=_CHUNK
+            self._accept,
+            host,
+            port,
+            ssl=self._ssl,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self._ssl is not None else None,
+            limit=_CHUNK,
         )
         return int(self._server.sockets[0].getsockname()[1])
 
