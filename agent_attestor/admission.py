@@ -11,7 +11,6 @@ opens.
 from __future__ import annotations
 
 import logging
-import resource
 from dataclasses import dataclass
 
 from svid._clock import Clock
@@ -23,27 +22,6 @@ FD_HEADROOM = 128  # the agent's own files, its server channel, grpc's internals
 RESERVE_FRACTION = 8  # 1/8 of the capacity is kept for callers holding few connections
 FEW_CONNECTIONS = 2  # a uid with fewer than this many may use the reserve
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between refusal log lines for one uid
-
-
-def raise_descriptor_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (capped by fs.nr_open); the new soft
-    limit. Each connection costs descriptors, and the default soft limit (often 1024) is small."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard
-    if hard == resource.RLIM_INFINITY:
-        try:
-            with open("/proc/sys/fs/nr_open", "rb") as f:
-                target = int(f.read())
-        except (OSError, ValueError):
-            target = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (OSError, ValueError) as exc:
-            log.warning("could not raise the descriptor limit", extra={"error": str(exc)})
-            return soft
-        return target
-    return soft
 
 
 def capacity_for(descriptor_limit: int) -> int:

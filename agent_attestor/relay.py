@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent_attestor.admission import Admission, capacity_for, raise_descriptor_limit
+from agent_attestor.admission import Admission, capacity_for
 from agent_attestor.errors import ConfigError
 from agent_attestor.identify import identify, peer_credentials
 from agent_attestor.identify_pool import IdentifyPool
@@ -34,6 +34,7 @@ from agent_attestor.peer import Caller, CallerRegistry, abstract_peer
 from agent_attestor.unix_diag import UnixDiagError, peer_inode
 from agent_attestor.workload_attestor import WorkloadAttestor
 from svid._clock import Clock, SystemClock
+from svid._descriptors import raise_descriptor_limit
 from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
 
 log = logging.getLogger(__name__)

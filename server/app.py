@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 from server.tls import ServerTls
 from svid._clock import Clock, SystemClock
 from svid._daemon_config import listening
+from svid._descriptors import raise_descriptor_limit
 from svid._proto import admin_pb2_grpc, node_pb2_grpc
 from svid._unix_socket import grpc_unix_target
 
@@ -131,6 +132,7 @@ class Server:
         self.propagator: Propagator | None = None
         self.follower: FeedFollower | None = None
         self.oauth: OAuthService | None = None
+        self.descriptor_limit = 0  # the soft RLIMIT_NOFILE once started
         self.federation: Federation | None = None
 
     # -- construction -------------------------------------------------------------------------
@@ -284,6 +286,9 @@ class Server:
 
     async def start(self) -> RuntimeInfo:
         cfg = self.config
+        # Every agent's stream and every HTTP client holds a descriptor: the soft limit (often
+        # 1024) would run out long before the hard one.
+        self.descriptor_limit = raise_descriptor_limit()
         metrics_address = ""
         if cfg.metrics_address:
             # First: an address it cannot listen on is the operator's to fix, before anything
@@ -489,6 +494,7 @@ class Server:
                 "attest_address": self.runtime.attest_address,
                 "admin_socket": self.runtime.admin_socket,
                 "metrics_address": metrics_address,
+                "descriptor_limit": self.descriptor_limit,
             },
         )
         return self.runtime

@@ -16,23 +16,19 @@ from typing import Any
 import grpc
 
 from svid._proto import workload_pb2, workload_pb2_grpc
-from tests.e2e.conftest import START_TIMEOUT, ChildProcess, ServerProcess, wait_for
+from tests.e2e.conftest import (
+    START_TIMEOUT,
+    ChildProcess,
+    ServerProcess,
+    wait_for,
+    with_descriptor_limit,
+)
 
 HEADER = (("workload.spiffe.io", "true"),)
 
 
 def agent_command() -> list[str]:
     return [sys.executable, "-m", "agent_attestor.cli"]
-
-
-def _with_descriptor_limit(limit: int) -> list[str]:
-    """A prefix that sets RLIMIT_NOFILE and execs the rest of the command line."""
-    code = (
-        "import os, resource, sys; "
-        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
-        "os.execv(sys.argv[1], sys.argv[1:])"
-    )
-    return [sys.executable, "-c", code]
 
 
 @dataclass
@@ -71,7 +67,7 @@ class AgentProcess(ChildProcess):
     def start(self, *extra: str) -> AgentProcess:
         limit = self.descriptor_limit
         args = [
-            *(_with_descriptor_limit(limit) if limit is not None else []),
+            *(with_descriptor_limit(limit, limit) if limit is not None else []),
             *agent_command(),
             "run",
             *self._server_flags(),

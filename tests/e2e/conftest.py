@@ -35,6 +35,16 @@ def server_command() -> list[str]:
     return [sys.executable, "-m", "server.cli"]
 
 
+def with_descriptor_limit(soft: int, hard: int) -> list[str]:
+    """A prefix that sets RLIMIT_NOFILE and execs the rest of the command line."""
+    code = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", code]
+
+
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll `predicate` until it returns a truthy value (bounded)."""
     deadline = time.monotonic() + timeout
@@ -104,13 +114,21 @@ class ServerProcess(ChildProcess):
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     runtime: dict[str, Any] = field(default_factory=dict)
+    descriptor_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE (soft, hard) it starts with
 
     def start(self) -> ServerProcess:
         runtime_file = self.data_dir / "server.json"
         runtime_file.unlink(missing_ok=True)
         log = self.log_path.open("ab")
+        limit = self.descriptor_limit
         self.proc = subprocess.Popen(
-            [*server_command(), "run", "--config", str(self.config_path)],
+            [
+                *(with_descriptor_limit(*limit) if limit is not None else []),
+                *server_command(),
+                "run",
+                "--config",
+                str(self.config_path),
+            ],
             stdout=log,
             stderr=log,
             cwd=str(self.root),
