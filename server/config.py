@@ -165,6 +165,14 @@ class ServerConfig:
     # and its bundle change put on the audit log, at most this often (an operator's refresh
     # excepted). SPIRE's floor is a minute too; at most an hour.
     federation_min_refresh: int = 60
+    # Open connections each HTTP listener (oauth_bind_address, bundle_endpoint_address) takes
+    # from one client address (an IPv6 one by its /64), and in all: past either, a new one is
+    # closed at once, before TLS, and counted (svid_server_http_connections_refused). Each
+    # holds a descriptor the agents' gRPC streams need too, for up to the 10 s TLS handshake
+    # or the 30 s request deadline even if its client never sends a byte. Per host: more than
+    # an HTTP client's pool keeps (httpx: 100); a NAT or proxy in front needs more.
+    http_max_connections: int = 1024
+    http_max_connections_per_host: int = 128
 
     @property
     def datastore_dsn(self) -> str | None:
@@ -353,6 +361,8 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "bundle_endpoint_refresh_hint": _positive,
     "federation_relationships": _as_str_list,
     "federation_min_refresh": _positive,
+    "http_max_connections": _positive,
+    "http_max_connections_per_host": _positive,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))
@@ -445,6 +455,11 @@ def _check_consistency(config: ServerConfig) -> None:
             parse_static(text, config.trust_domain)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    if config.http_max_connections_per_host > config.http_max_connections:
+        raise ConfigError(
+            f"http_max_connections_per_host: {config.http_max_connections_per_host} is more "
+            f"than http_max_connections ({config.http_max_connections})"
+        )
     if config.default_jwt_svid_ttl > config.jwt_key_ttl:
         raise ConfigError(
             f"default_jwt_svid_ttl: {config.default_jwt_svid_ttl} s exceeds jwt_key_ttl "

@@ -76,12 +76,23 @@ class Metrics:
             ["source"],
             registry=self.registry,
         )
+        self.http_connections_refused = Counter(
+            "svid_server_http_connections_refused",
+            "New connections to an HTTP listener (oauth, bundle_endpoint) closed unserved: a "
+            "cap on open connections was reached, by listener and reason (per_host, total)",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
         self.sync_streams = Gauge(
             "svid_server_sync_streams", "Open agent Sync streams", registry=self.registry
         )
 
     def record_error(self, code: grpc.StatusCode) -> None:
         self.errors.labels(code=code.name).inc()
+
+    def http_refused(self, listener: str) -> Callable[[str], None]:
+        """What an HTTP listener calls with the reason of each connection its caps refuse."""
+        return lambda reason: self.http_connections_refused.labels(listener, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from server.audit.log import AuditLog
 from server.ca.manager import CaManager
@@ -17,6 +18,7 @@ from server.datastore.base import DataStore
 from server.errors import ConfigError
 from server.federation.endpoint import BundleHandler, SvidContext, web_context
 from server.federation.service import FederationService, parse_static
+from server.oauth.admission import ConnectionCaps
 from server.oauth.http import HttpListener
 from server.state import ServerState
 from svid._clock import Clock
@@ -29,9 +31,16 @@ MAX_TIMER = 3600.0
 
 class Federation:
     def __init__(
-        self, config: ServerConfig, service: FederationService, svid: SvidContext | None
+        self,
+        config: ServerConfig,
+        service: FederationService,
+        svid: SvidContext | None,
+        clock: Clock,
+        connections_refused: Callable[[str], None] | None = None,
     ) -> None:
         self._config = config
+        self._clock = clock
+        self._connections_refused = connections_refused
         self.service = service
         self._svid = svid
         self._listener: HttpListener | None = None
@@ -49,7 +58,10 @@ class Federation:
         ca: CaManager,
         clock: Clock,
         holder: str = "",
+        connections_refused: Callable[[str], None] | None = None,
     ) -> Federation:
+        """``connections_refused``: called with the reason of each connection the bundle
+        endpoint's caps refuse (a metric)."""
         static = tuple(
             parse_static(t, config.trust_domain) for t in config.federation_relationships
         )
@@ -66,7 +78,7 @@ class Federation:
         svid = None
         if config.bundle_endpoint_address and config.bundle_endpoint_profile == "https_spiffe":
             svid = SvidContext(ca, clock, config.server_svid_ttl)
-        self = cls(config, service, svid)
+        self = cls(config, service, svid, clock, connections_refused)
         self._handler = BundleHandler(lambda: state.bundle, config.bundle_endpoint_refresh_hint)
         return self
 
@@ -82,7 +94,13 @@ class Federation:
             assert cfg.bundle_endpoint_cert is not None
             assert cfg.bundle_endpoint_key is not None
             context = web_context(cfg.bundle_endpoint_cert, cfg.bundle_endpoint_key)
-        self._listener = HttpListener(context)
+        self._listener = HttpListener(
+            context,
+            caps=ConnectionCaps(cfg.http_max_connections, cfg.http_max_connections_per_host),
+            name="bundle_endpoint",
+            clock=self._clock,
+            refused=self._connections_refused,
+        )
         assert self._handler is not None
         self._listener.mount(BUNDLE_PATH, self._handler)
         host, _, port = cfg.bundle_endpoint_address.rpartition(":")
@@ -90,7 +108,12 @@ class Federation:
             self.endpoint_port = await self._listener.start(host.strip("[]"), int(port))
         _log.info(
             "bundle endpoint serving",
-            extra={"address": cfg.bundle_endpoint_address, "profile": cfg.bundle_endpoint_profile},
+            extra={
+                "address": cfg.bundle_endpoint_address,
+                "profile": cfg.bundle_endpoint_profile,
+                "max_connections": cfg.http_max_connections,
+                "max_connections_per_host": cfg.http_max_connections_per_host,
+            },
         )
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -9,13 +9,17 @@ bundle endpoint) share the listener.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import h11
+
+from server.oauth.admission import Admission, ConnectionCaps
+from server.oauth.sockets import listening_sockets
+from svid._clock import Clock, SystemClock
 
 _log = logging.getLogger("svid.server.oauth")
 MAX_BODY_BYTES = 64 * 1024
@@ -25,6 +29,8 @@ READ_TIMEOUT = 30.0
 # that never sends its ClientHello still holds a descriptor, and a real client needs one round
 # trip or two.
 HANDSHAKE_TIMEOUT = 10.0
+ACCEPT_BATCH = 64
+ACCEPT_RETRY_DELAY = 1.0
 CLOSE_TIMEOUT = 1.0
 _CHUNK = 65536
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
@@ -75,13 +81,28 @@ def _framed_twice(head: h11.Request) -> bool:
 
 
 class HttpListener:
-    """Serves mounted handlers on one address, over TLS when given an SSL context."""
+    """Serves mounted handlers on one address, over TLS when given an SSL context.
 
-    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
+    It accepts connections itself: one over its client's cap, or the listener's, is closed as
+    soon as it is accepted, before any TLS (server/oauth/admission.py)."""
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        caps: ConnectionCaps,
+        name: str = "http",
+        clock: Clock | None = None,
+        refused: Callable[[str], None] | None = None,
+    ) -> None:
+        """``name``: the listener's in logs; ``refused``: called with the reason of each
+        connection refused by a cap (a metric)."""
         self._ssl = ssl_context
         self._routes: dict[str, Handler] = {}
-        self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._sockets: list[socket.socket] = []
+        self.admission = Admission(caps, name, clock or SystemClock(), refused)
+        # Each connection's task, and its writer once its handshake is done.
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter | None] = {}
 
     def mount(self, path: str, handler: Handler) -> None:
         if path in self._routes:
@@ -90,40 +111,102 @@ class HttpListener:
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (port 0 picks a free one)."""
-        self._server = await asyncio.start_server(
-            self._accept,
-            host,
-            port,
-            ssl=self._ssl,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self._ssl is not None else None,
-            limit=_CHUNK,
-        )
-        return int(self._server.sockets[0].getsockname()[1])
+        loop = asyncio.get_running_loop()
+        self._sockets = listening_sockets(host, port)
+        for sock in self._sockets:
+            loop.add_reader(sock.fileno(), self._accept_ready, sock)
+        return int(self._sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        loop = asyncio.get_running_loop()
+        for sock in self._sockets:
+            if sock.fileno() != -1:
+                loop.remove_reader(sock.fileno())
+                sock.close()
         # Idle keep-alive clients would hold a TLS close handshake open: cut them.
         for task, writer in list(self._connections.items()):
-            writer.transport.abort()
+            if writer is not None:
+                writer.transport.abort()
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept_ready(self, sock: socket.socket) -> None:
+        """Accept what is waiting (up to a batch, then let the loop run other work), refusing
+        each connection over a cap before anything else is done with it."""
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # Out of descriptors or buffers all the same: wait a moment instead of spinning
+                # on a socket that stays readable (asyncio's own server does so too).
+                _log.warning("accepting an HTTP connection failed", extra={"error": str(exc)})
+                loop.remove_reader(sock.fileno())
+                loop.call_later(ACCEPT_RETRY_DELAY, self._resume, sock)
+                return
+            host = str(address[0]) if isinstance(address, tuple) and address else ""
+            key = self.admission.admit(host)
+            if key is None:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._connection(conn, key))
+            self._connections[task] = None
+
+    def _resume(self, sock: socket.socket) -> None:
+        if sock.fileno() != -1:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_ready, sock)
+
+    async def _connection(self, conn: socket.socket, key: str) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections[task] = writer
         try:
-            await self._serve(reader, writer)
+            reader, writer = await self._open(conn)
+            self._connections[task] = writer
+            await self._handle(reader, writer)
         except (TimeoutError, ConnectionError, ssl.SSLError, h11.ProtocolError):
-            pass  # a client that went away or spoke no HTTP: nothing to answer
+            pass  # a client that went away or spoke no HTTP (nor TLS): nothing to answer
         except asyncio.CancelledError:
             pass
         finally:
             self._connections.pop(task, None)
+            self.admission.release(key)
+
+    async def _open(self, conn: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The streams of an accepted socket, once its TLS handshake (if any) is done; the
+        socket is closed if they cannot be had."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_CHUNK)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        taken = False
+
+        def factory() -> asyncio.StreamReaderProtocol:
+            # Called as the loop makes the socket its transport's (no await between): from then
+            # on the loop closes it, and closing it here too would pull it from under the
+            # loop's selector. Before (cancelled at once), nothing but us would close it.
+            nonlocal taken
+            taken = True
+            return protocol
+
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                factory,
+                conn,
+                ssl=self._ssl,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self._ssl is not None else None,
+            )
+        except BaseException:
+            if not taken:
+                conn.close()
+            raise
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve(reader, writer)
+        finally:
             writer.close()
             try:
                 await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from server.errors import ConfigError
 from server.https_get import holds_userinfo
+from server.oauth.admission import ConnectionCaps
 from svid._errors import SpiffeIdError
 from svid._spiffe_id import SpiffeId, TrustDomain
 
@@ -142,6 +143,7 @@ class OAuthSettings:
     trusted: tuple[TrustedBundle, ...]
     access_token_ttl: int
     jwt_key_ttl: int
+    connection_caps: ConnectionCaps
     issuers: tuple[TrustedIssuer, ...] = ()
     issuers_ca: Path | None = None
     resource_workloads: Mapping[str, str] = field(default_factory=dict)
@@ -207,4 +209,7 @@ def check_server_config(config: ServerConfig) -> OAuthSettings:
         issuers=issuers,
         issuers_ca=config.oauth_trusted_issuers_ca,
         resource_workloads=workloads,
+        connection_caps=ConnectionCaps(
+            config.http_max_connections, config.http_max_connections_per_host
+        ),
     )

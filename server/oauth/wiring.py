@@ -85,7 +85,16 @@ class OAuthService:
     async def start(self) -> int:
         self.bundle_changed()
         self.port = await self.listener.start(self.settings.host, self.settings.port)
-        _log.info("OIDC/OAuth listening", extra={"issuer": self.settings.issuer, "port": self.port})
+        caps = self.settings.connection_caps
+        _log.info(
+            "OIDC/OAuth listening",
+            extra={
+                "issuer": self.settings.issuer,
+                "port": self.port,
+                "max_connections": caps.total,
+                "max_connections_per_host": caps.per_host,
+            },
+        )
         return self.port
 
     async def stop(self) -> None:
@@ -134,10 +143,13 @@ def build(
     audit: Audit | None = None,
     revoked: Callable[[str], bool] = lambda jti: False,
     refusals: RefusalBudget | None = None,
+    connections_refused: Callable[[str], None] | None = None,
 ) -> OAuthService:
     """``audit``: AuditLog.append, for events of the service's own (trusted issuers' keys);
     ``revoked``: whether a JWT ``jti`` is revoked (a delegation's subject token);
-    ``refusals``: which of a client's refusals are written to the audit log (None: all)."""
+    ``refusals``: which of a client's refusals are written to the audit log (None: all);
+    ``connections_refused``: called with the reason of each connection the listener's caps
+    refuse (a metric)."""
     own = ca.trust_domain
     replay = ReplayGuard()
     trusted = TrustedBundles(settings.trusted)
@@ -212,7 +224,13 @@ def build(
         revoked=revoked,
         budget=refusals,
     )
-    listener = HttpListener(server_ssl_context(settings))
+    listener = HttpListener(
+        server_ssl_context(settings),
+        caps=settings.connection_caps,
+        name="oauth",
+        clock=clock,
+        refused=connections_refused,
+    )
     # Grants block on the ledger's commit, holding no GIL while they wait: enough threads that
     # every request in flight joins the commit under way (the default executor has cpus+4).
     workers = Workers(GRANT_THREADS, "oauth-grant")

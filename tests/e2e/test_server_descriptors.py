@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import socket
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.e2e.conftest import make_server, short_tmpdir
+from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -49,5 +54,68 @@ def test_the_server_raises_its_soft_descriptor_limit_to_the_hard_one_and_logs_it
         assert server.proc is not None
         assert _open_files_limit(server.proc.pid) == (4096, 4096)
         assert _started_line(server.logs())["descriptor_limit"] == 4096
+    finally:
+        server.stop()
+
+
+SERVER_FDS = 400
+FLOOD = 600  # idle connections from one address: more than the server has descriptors
+PER_HOST = 16
+WAIT = 10.0  # the old lockout lasted until the held connections timed out (30 s)
+FLOOD_CONNECT = 5.0
+
+
+def _get(url: str, source: str) -> bytes:
+    """GET `url` from the local address `source`; TLS unverified (what is checked is that the
+    server answers at all, not who it is)."""
+    transport = httpx.HTTPTransport(local_address=source, verify=False)
+    with httpx.Client(transport=transport, timeout=WAIT) as client:
+        reply = client.get(url)
+    assert reply.status_code == 200, reply.text
+    return reply.content
+
+
+def test_idle_connections_from_one_address_leave_the_server_serving_others(root: Path) -> None:
+    oauth_port, bundle_port = free_port(), free_port()
+    issuer = f"http://127.0.0.1:{oauth_port}"
+    server = make_server(
+        root,
+        oidc_issuer=issuer,
+        oauth_bind_address=f"127.0.0.1:{oauth_port}",
+        bundle_endpoint_address=f"127.0.0.1:{bundle_port}",
+        metrics_address="127.0.0.1:0",
+        http_max_connections=64,
+        http_max_connections_per_host=PER_HOST,
+    )
+    server.descriptor_limit = (SERVER_FDS, SERVER_FDS)
+    server.start()
+    try:
+        with ExitStack() as flood:
+            opened = 0
+            for _ in range(FLOOD):
+                held = flood.enter_context(socket.socket())
+                held.settimeout(FLOOD_CONNECT)
+                try:
+                    held.connect(("127.0.0.1", oauth_port))
+                except OSError:
+                    break  # the server stopped accepting and its backlog is full
+                opened += 1
+            assert opened > SERVER_FDS  # the flood did get in
+            # Another client, another address: the discovery document, the bundle endpoint
+            # and the admin API (the same process's descriptors) all still answer.
+            document = json.loads(_get(issuer + "/.well-known/openid-configuration", "127.0.0.2"))
+            assert document["issuer"] == issuer
+            bundle = json.loads(_get(f"https://127.0.0.1:{bundle_port}/", "127.0.0.2"))
+            assert bundle["keys"]
+            server.cli("bundle", "show")
+        metrics = _get(f"http://{server.runtime['metrics_address']}/metrics", "127.0.0.1")
+        refused = re.search(
+            rb'^svid_server_http_connections_refused_total\{listener="oauth",reason="per_host"\} '
+            rb"(\S+)$",
+            metrics,
+            re.MULTILINE,
+        )
+        assert refused is not None, metrics.decode()
+        assert float(refused.group(1)) == opened - PER_HOST
     finally:
         server.stop()

@@ -26,6 +26,7 @@ def test_defaults_from_minimal_file(tmp_path: Path) -> None:
     assert (config.audit_retention_days, config.audit_max_events) == (30.0, 0)
     assert config.audit_prune_interval == 3600.0
     assert config.signing_processes == (os.cpu_count() or 1)
+    assert (config.http_max_connections, config.http_max_connections_per_host) == (1024, 128)
 
 
 def test_signing_processes_zero_signs_in_the_server() -> None:
@@ -95,6 +96,24 @@ def test_config_is_frozen() -> None:
             "jwt_mint_processes",
         ),
         ({"trust_domain": "example.org", "jwt_mint_processes": -1}, "signing_processes"),
+        ({"trust_domain": "example.org", "http_max_connections": 0}, "http_max_connections"),
+        ({"trust_domain": "example.org", "http_max_connections": "many"}, "http_max_connections"),
+        (
+            {"trust_domain": "example.org", "http_max_connections_per_host": -1},
+            "http_max_connections_per_host",
+        ),
+        (
+            {"trust_domain": "example.org", "http_max_connections_per_host": 2.5},
+            "http_max_connections_per_host",
+        ),
+        (
+            {
+                "trust_domain": "example.org",
+                "http_max_connections": 10,
+                "http_max_connections_per_host": 11,
+            },
+            "http_max_connections_per_host",
+        ),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import ssl
 from collections.abc import Iterator
@@ -11,7 +12,9 @@ from dataclasses import dataclass
 import pytest
 
 from server.oauth import http
+from server.oauth.admission import REFUSAL_LOG_INTERVAL, Admission, ConnectionCaps
 from server.oauth.http import HttpListener, Request, Response, json_response
+from svid._clock import FakeClock
 from tests.server.fixtures import short_tmpdir, write_tls_files
 
 WAIT = 15.0  # generous: the machine may be loaded; a lockout still fails after it
@@ -33,6 +36,14 @@ def tls() -> Iterator[Tls]:
         yield Tls(server, ssl.create_default_context(cafile=str(ca_file)))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _listener(
+    context: ssl.SSLContext | None, caps: ConnectionCaps, refused: list[str]
+) -> HttpListener:
+    listener = HttpListener(context, caps=caps, name="test", refused=refused.append)
+    listener.mount("/", _hello)
+    return listener
 
 
 async def _hello(request: Request) -> Response:
@@ -73,8 +84,7 @@ def test_a_client_that_never_starts_its_tls_handshake_is_cut_at_the_handshake_ti
     monkeypatch.setattr(http, "HANDSHAKE_TIMEOUT", 0.5)
 
     async def main() -> None:
-        listener = HttpListener(tls.server)
-        listener.mount("/", _hello)
+        listener = _listener(tls.server, ConnectionCaps(8, 8), [])
         port = await listener.start("127.0.0.1", 0)
         try:
             # A TCP connection and no ClientHello: asyncio's own default waits 60 s for it.
@@ -88,3 +98,103 @@ def test_a_client_that_never_starts_its_tls_handshake_is_cut_at_the_handshake_ti
             await listener.stop()
 
     asyncio.run(main())
+
+
+async def _hold(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An idle TCP connection from `source` (no TLS handshake, no request)."""
+    async with asyncio.timeout(WAIT):
+        return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def _served_again(port: int, tls: Tls, source: str) -> bool:
+    """Whether a GET from `source` is answered within WAIT: a connection closed on the client's
+    side is released once the server has seen it go, so a refusal until then is retried."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                if (await _get(port, tls, source)).startswith(b"HTTP/1.1 200 "):
+                    return True
+            except (ConnectionError, ssl.SSLError):
+                pass
+            await asyncio.sleep(0.05)
+
+
+def test_a_connection_past_its_clients_cap_is_closed_before_tls_and_others_are_served(
+    tls: Tls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The held connections must outlast the test, not be cut at the handshake timeout.
+    monkeypatch.setattr(http, "HANDSHAKE_TIMEOUT", 120.0)
+
+    async def main() -> None:
+        refused: list[str] = []
+        listener = _listener(tls.server, ConnectionCaps(total=8, per_host=2), refused)
+        port = await listener.start("127.0.0.1", 0)
+        held = [await _hold(port, "127.0.0.1") for _ in range(2)]
+        try:
+            reader, writer = await _hold(port, "127.0.0.1")
+            try:
+                # Closed unanswered while the client has not sent a ClientHello: no TLS spent.
+                assert await _closed_by_server(reader)
+            finally:
+                writer.close()
+            assert refused == ["per_host"]
+            assert (await _get(port, tls, "127.0.0.2")).startswith(b"HTTP/1.1 200 ")
+            # The client's cap is of connections open: one ended, it may open another.
+            held.pop()[1].close()
+            assert await _served_again(port, tls, "127.0.0.1")
+        finally:
+            for _, w in held:
+                w.close()
+            await listener.stop()
+
+    asyncio.run(main())
+
+
+def test_a_connection_past_the_listeners_cap_is_closed_whoever_it_is_from() -> None:
+    async def main() -> None:
+        refused: list[str] = []
+        listener = _listener(None, ConnectionCaps(total=3, per_host=2), refused)
+        port = await listener.start("127.0.0.1", 0)
+        held = [await _hold(port, source) for source in ("127.0.0.1", "127.0.0.1", "127.0.0.2")]
+        try:
+            reader, writer = await _hold(port, "127.0.0.3")
+            try:
+                assert await _closed_by_server(reader)
+            finally:
+                writer.close()
+            assert refused == ["total"]
+        finally:
+            for _, w in held:
+                w.close()
+            await listener.stop()
+        assert listener.admission.total == 0  # every admitted connection released
+
+    asyncio.run(main())
+
+
+def test_an_ipv6_client_is_capped_by_its_64_not_by_each_address() -> None:
+    admission = Admission(ConnectionCaps(total=10, per_host=2), "test", FakeClock())
+    assert admission.admit("2001:db8::1") == admission.admit("2001:db8::2") == "2001:db8::/64"
+    assert admission.admit("2001:db8::ffff:1") is None  # the same /64: a third
+    assert admission.admit("2001:db8:0:1::1") == "2001:db8:0:1::/64"  # another /64
+    admission.release("2001:db8::/64")
+    assert admission.admit("2001:db8::3") == "2001:db8::/64"
+
+
+def test_a_flood_of_refusals_logs_one_line_per_interval_and_counts_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    refused: list[str] = []
+    admission = Admission(ConnectionCaps(total=1, per_host=1), "test", clock, refused.append)
+    assert admission.admit("10.0.0.1") is not None
+    with caplog.at_level(logging.WARNING, logger="svid.server.oauth"):
+        for _ in range(50):
+            assert admission.admit("10.0.0.2") is None
+        clock.advance(REFUSAL_LOG_INTERVAL)
+        assert admission.admit("10.0.0.2") is None
+    assert refused == ["total"] * 51
+    lines = [r for r in caplog.records if "refused new HTTP connections" in r.getMessage()]
+    # The first refusal at once, then one line for the 50 after it.
+    assert [getattr(r, "refused", None) for r in lines] == [1, 50]
+    assert {getattr(r, "client", None) for r in lines} == {"10.0.0.2"}
