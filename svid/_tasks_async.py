@@ -18,7 +18,13 @@ import grpc
 from svid._clock import Clock, SystemClock
 from svid._errors import SvidError
 from svid._jwt import JwtSvid
-from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
+from svid._proto import (
+    revocation_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+    workload_pb2,
+    workload_pb2_grpc,
+)
 from svid._spiffe_id import SpiffeId
 from svid._task_errors import (
     TaskDeniedError,
@@ -27,6 +33,7 @@ from svid._task_errors import (
     closed_client,
     translate,
 )
+from svid._task_feed_aio import AsyncRevocationFeed
 from svid._task_model import (
     TaskInfo,
     TaskView,
@@ -40,8 +47,10 @@ from svid._task_model import (
     fresh,
     raised_reason,
 )
+from svid._task_revocations import LiveTasks, cached_jtis, ended_with_parent, unconfirmed_end
 from svid._workload_address import address_of, grpc_target
-from svid._workload_calls import CHANNEL_OPTIONS, METADATA
+from svid._workload_calls import CHANNEL_OPTIONS, METADATA, REVOCATIONS, RevocationsUpdate
+from svid._workload_client_aio import AsyncWatch
 from svid._workload_errors import WorkloadApiError
 
 T = TypeVar("T")
@@ -54,6 +63,9 @@ class AsyncTaskClient:
 
     It connects on first use and serves that event loop only (a gRPC asyncio channel is bound
     to one): make one client per loop. ``await close()`` (or ``async with``) when done.
+
+    From its first task on, a task of its own on that loop watches the agent's revocation
+    stream, as TaskClient's thread does (not with ``watch_revocations=False``).
     """
 
     def __init__(
@@ -63,6 +75,7 @@ class AsyncTaskClient:
         timeout: float = DEFAULT_TIMEOUT,
         environ: Mapping[str, str] | None = None,
         clock: Clock | None = None,
+        watch_revocations: bool = True,
     ) -> None:
         self.target = grpc_target(socket, environ)
         self.address = address_of(socket, environ)
@@ -78,6 +91,11 @@ class AsyncTaskClient:
         # Calls that go on after their caller was cancelled (see _carried_on).
         self._carrying_on: set[asyncio.Task[object]] = set()
         self._closed = False
+        self._watch_revocations = watch_revocations
+        self._live: LiveTasks[AsyncTask] = LiveTasks()
+        self._feed = AsyncRevocationFeed(
+            self._open_revocations, self._revocations_seen, self.address
+        )
 
     async def close(self) -> None:
         # A cancelled begin's or end's call finishes first: it ends a task it would leave open.
@@ -85,7 +103,8 @@ class AsyncTaskClient:
             await asyncio.gather(*self._carrying_on, return_exceptions=True)
         self._closed = True
         if self._channel is not None:
-            self._check_loop()
+            self._check_loop()  # the feed's task, as the channel, is of the loop checked
+            await self._feed.close()
             await self._channel.close()
 
     def _check_loop(self) -> asyncio.AbstractEventLoop:
@@ -118,6 +137,29 @@ class AsyncTaskClient:
                 workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel),
             )
         return self._stubs
+
+    def _watching(self, task: AsyncTask) -> None:
+        """``task`` is live: it learns of its end from the revocation stream (opened now if it
+        is not yet)."""
+        self._live.add(task)
+        if self._watch_revocations:
+            self._feed.start()
+
+    def _open_revocations(self) -> AsyncWatch[RevocationsUpdate]:
+        self._connect()
+        stub = revocation_pb2_grpc.RevocationsStub(self._channel)
+        call = stub.Watch(REVOCATIONS.request(), metadata=METADATA)
+        return AsyncWatch(call, REVOCATIONS, self.address)
+
+    async def _revocations_seen(self, update: RevocationsUpdate) -> None:
+        """The agent's revocation list: every live task it names is over."""
+        named = self._live.named_by(update)
+        for task in named:  # at once, before any of them waits on the server
+            task._drop_tokens()
+        for task in named:
+            if self._closed:
+                return
+            await task._revoked()
 
     async def __aenter__(self) -> AsyncTaskClient:
         return self
@@ -290,13 +332,32 @@ class AsyncTask(TaskView):
         self._jwts: dict[tuple[str, ...], tuple[JwtSvid, float]] = {}
         self._children: list[AsyncTask] = []
         self._ended = False
+        client._watching(self)
 
     def __repr__(self) -> str:
         return f"AsyncTask({self._info.spiffe_id}, {self._info.decision}, ttl={self._info.ttl})"
 
     @property
     def ended(self) -> bool:
+        """As Task.ended: ended by its runtime, or seen ended at the server."""
         return self._ended
+
+    def _cached_jtis(self) -> frozenset[str]:
+        return cached_jtis(self._jwts.values())
+
+    def _drop_tokens(self) -> None:
+        self._jwts.clear()
+
+    async def _revoked(self) -> None:
+        """As Task._revoked: the revocation list names this task's credentials."""
+        if self._ended:
+            return
+        self._drop_tokens()
+        info: TaskInfo | None = None
+        try:
+            info = await self._client._ended_info(self._info)
+        finally:
+            self._mark_ended(info or unconfirmed_end(self._info))
 
     async def jwt_svid(self, audience: str | Iterable[str]) -> JwtSvid:
         key = audience_key(audience)
@@ -428,8 +489,9 @@ class AsyncTask(TaskView):
         if info is not None:
             self._info = info
         children, self._children = self._children, []
+        self._client._live.discard(self)
         for child in children:
-            child._mark_ended()
+            child._mark_ended(ended_with_parent(child._info, self._info))
 
     async def __aenter__(self) -> AsyncTask:
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from types import TracebackType
@@ -15,7 +16,14 @@ from svid._call_setup import CallSetup
 from svid._clock import Clock, SystemClock
 from svid._errors import SvidError
 from svid._jwt import JwtSvid
-from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
+from svid._proto import (
+    revocation_pb2,
+    revocation_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+    workload_pb2,
+    workload_pb2_grpc,
+)
 from svid._spiffe_id import SpiffeId
 from svid._task_errors import (
     TaskDeniedError,
@@ -24,6 +32,7 @@ from svid._task_errors import (
     closed_client,
     translate,
 )
+from svid._task_feed import RevocationFeed
 from svid._task_model import (
     TaskInfo,
     TaskView,
@@ -37,8 +46,10 @@ from svid._task_model import (
     fresh,
     raised_reason,
 )
+from svid._task_revocations import LiveTasks, cached_jtis, ended_with_parent, unconfirmed_end
 from svid._workload_address import address_of, grpc_target
-from svid._workload_calls import CHANNEL_OPTIONS, METADATA
+from svid._workload_calls import CHANNEL_OPTIONS, METADATA, REVOCATIONS, RevocationsUpdate
+from svid._workload_client import Watch
 from svid._workload_errors import WorkloadApiError
 
 log = logging.getLogger("svid.tasks")
@@ -50,6 +61,12 @@ class TaskClient:
 
     ``socket`` is ``unix:///path`` or ``tcp://IP:port`` (default: SPIFFE_ENDPOINT_SOCKET).
     Thread-safe; close() it, or use it as a context manager, when done.
+
+    From its first task on, a background thread watches the agent's revocation stream: a task
+    the server ends behind the runtime's back (an operator's revocation, its TTL, its parent's
+    end) is marked ended as soon as the agent pushes the revocation of its credentials.
+    ``watch_revocations=False`` goes without: such an end is then learnt when the task's next
+    token is refused.
     """
 
     def __init__(
@@ -59,6 +76,7 @@ class TaskClient:
         timeout: float = DEFAULT_TIMEOUT,
         environ: Mapping[str, str] | None = None,
         clock: Clock | None = None,
+        watch_revocations: bool = True,
     ) -> None:
         self.target = grpc_target(socket, environ)
         self.address = address_of(socket, environ)
@@ -69,11 +87,40 @@ class TaskClient:
         self._workload_stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
         self._setup = CallSetup("svid-tasks")
         self._closed = False
+        self._watch_revocations = watch_revocations
+        self._live: LiveTasks[Task] = LiveTasks()
+        self._feed = RevocationFeed(
+            _stream_opener(revocation_pb2_grpc.RevocationsStub(self._channel), self.address),
+            _deliverer(weakref.ref(self)),
+            self.address,
+        )
+        # A client dropped unclosed: its feed thread stops rather than hold the stream open.
+        weakref.finalize(self, self._feed.close)
 
     def close(self) -> None:
         self._closed = True
+        self._feed.close()
         self._setup.close()
         self._channel.close()
+        # After the channel's close, which ends any call the feed's thread is waiting on.
+        self._feed.join(self.timeout)
+
+    def _watching(self, task: Task) -> None:
+        """``task`` is live: it learns of its end from the revocation stream (opened now if it
+        is not yet)."""
+        self._live.add(task)
+        if self._watch_revocations:
+            self._feed.start()
+
+    def _revocations_seen(self, update: RevocationsUpdate) -> None:
+        """The agent's revocation list: every live task it names is over."""
+        named = self._live.named_by(update)
+        for task in named:  # at once, before any of them waits on the server
+            task._drop_tokens()
+        for task in named:
+            if self._closed:
+                return
+            task._revoked()
 
     @property
     def _tasks(self) -> task_pb2_grpc.TasksStub:
@@ -217,6 +264,29 @@ class TaskClient:
             raise TaskError(f"FetchJWTSVID sent an unusable token: {exc}", "BAD_RESPONSE") from exc
 
 
+def _stream_opener(
+    stub: revocation_pb2_grpc.RevocationsStub, address: str
+) -> Callable[[], Watch[RevocationsUpdate]]:
+    def open_watch() -> Watch[RevocationsUpdate]:
+        call = stub.Watch(revocation_pb2.WatchRequest(), metadata=METADATA)
+        return Watch(call, REVOCATIONS, address)
+
+    return open_watch
+
+
+def _deliverer(client: weakref.ref[TaskClient]) -> Callable[[RevocationsUpdate], bool]:
+    """Deliveries to ``client`` while it exists, without keeping it alive."""
+
+    def deliver(update: RevocationsUpdate) -> bool:
+        held = client()
+        if held is None:
+            return False
+        held._revocations_seen(update)
+        return True
+
+    return deliver
+
+
 def _settled(call: Future[grpc.Future]) -> Any:
     """The reply of a call its caller was interrupted waiting for, or None if it failed."""
     try:
@@ -230,8 +300,10 @@ class Task(TaskView):
     "block raised <exception type>"); ``end()`` does it by hand.
 
     ``jwt(audience)`` gives a task JWT-SVID, cached and fetched again once half its lifetime has
-    passed. ``subtask(...)`` narrows this task; ``elevate(...)`` begins a short elevated step
-    inside it, decided by policy on its own, whose end leaves this task running.
+    passed; once the agent's revocation stream says the server ended the task, ``ended`` is
+    True and ``jwt`` raises TaskEndedError saying how it ended (its sub-tasks with it).
+    ``subtask(...)`` narrows this task; ``elevate(...)`` begins a short elevated step inside
+    it, decided by policy on its own, whose end leaves this task running.
     """
 
     def __init__(self, client: TaskClient, info: TaskInfo) -> None:
@@ -241,13 +313,38 @@ class Task(TaskView):
         self._jwts: dict[tuple[str, ...], tuple[JwtSvid, float]] = {}
         self._children: list[Task] = []
         self._ended = False
+        client._watching(self)
 
     def __repr__(self) -> str:
         return f"Task({self._info.spiffe_id}, {self._info.decision}, ttl={self._info.ttl})"
 
     @property
     def ended(self) -> bool:
+        """Whether the task has ended: by its runtime, or at the server (seen on the agent's
+        revocation stream, or when a token was refused)."""
         return self._ended
+
+    def _cached_jtis(self) -> frozenset[str]:
+        # A copy in one step (dict.copy holds the GIL): the hot path fills the cache under the
+        # task's lock, which a revocation check must not wait for behind a fetch in flight.
+        return cached_jtis(self._jwts.copy().values())
+
+    def _drop_tokens(self) -> None:
+        # dict.clear is one step: no lock, so no wait behind a token fetch in flight.
+        self._jwts.clear()
+
+    def _revoked(self) -> None:
+        """The agent's revocation list names this task's credentials: the server has ended it.
+        How it ended is asked of the server (the list says only that it did); without an
+        answer it is ended all the same (fail closed)."""
+        if self._ended:
+            return
+        self._drop_tokens()
+        info: TaskInfo | None = None
+        try:
+            info = self._client._ended_info(self._info)
+        finally:
+            self._mark_ended(info or unconfirmed_end(self._info))
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -387,9 +484,11 @@ class Task(TaskView):
             self._jwts.clear()
             if info is not None:
                 self._info = info
+            info = self._info
             children, self._children = self._children, []
+        self._client._live.discard(self)
         for child in children:  # the server ended them with this task
-            child._mark_ended()
+            child._mark_ended(ended_with_parent(child._info, info))
 
     def __enter__(self) -> Task:
         return self

@@ -23,6 +23,11 @@
 On asyncio, ``AsyncTaskClient`` does the same (``async with client.begin(...) as task``,
 ``await task.jwt(...)``).
 
+A task the server ends behind the runtime's back (``svid-server task revoke``, its TTL, its
+parent's end) is ended in the runtime as soon as the agent pushes the revocation of its
+credentials (each client watches the agent's revocation stream): ``task.ended`` turns True, its
+cached tokens are dropped, and ``task.jwt`` raises ``TaskEndedError`` saying how it ended.
+
 On the receiving side, ``svid.JwtVerifier`` verifies the token and ``verified.task`` gives its
 ``TaskClaims``; ``claims.grants_tool("read_ticket", audience="mcp-tickets")`` answers whether it
 may call that tool, and ``tool_scope(name)`` is the scope to name in an ``insufficient_scope``

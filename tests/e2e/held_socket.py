@@ -9,6 +9,7 @@ or a stalled peer, for real, so a test can act (cancel, interrupt) while a call 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from pathlib import Path
@@ -72,6 +73,19 @@ class HeldSocket:
     def release(self) -> None:
         self.requests.open.set()
         self.answers.open.set()
+
+    @property
+    def connections(self) -> int:
+        """How many connections callers have made through it so far."""
+        return len(self._sockets) // 2
+
+    def cut(self) -> None:
+        """Drop every connection made so far, as a network failure or the agent's restart
+        would; new ones are still accepted."""
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def _accept(self) -> None:
         while not self._closed:

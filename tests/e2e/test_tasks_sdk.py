@@ -417,7 +417,9 @@ END_INTERRUPTED_IN_SETUP = (
     + """
 import sys
 from svid.tasks import TaskClient
-with TaskClient(sys.argv[1]) as client:
+# Without the revocation stream: open, it keeps gRPC's call thread running, and the moment
+# under test, that thread's start for the end, never comes.
+with TaskClient(sys.argv[1], watch_revocations=False) as client:
     task = client.begin(actions=["read"], resources=["docs"])
     interrupt_next_call_setup()
     try:

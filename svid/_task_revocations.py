@@ -1,0 +1,101 @@
+"""Which of a task client's live tasks the agent's revocation list says are over.
+
+The server revokes a task's credentials (its X.509 serial, its tokens' jtis) only when the task
+ends, however it ends (its runtime, an operator, its TTL, its parent's end, its agent's removal),
+and the agent lists each with the task's SPIFFE ID when the server named it. So a list naming a
+task's SPIFFE ID, or the jti of a token the task holds, means the task is over. Shared by the
+sync and asyncio clients; no I/O here.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Generic, Protocol, TypeVar
+
+from svid._jwt import JwtSvid
+from svid._revocation import KIND_JWT_ID
+from svid._spiffe_id import SpiffeId
+from svid._task_model import TaskInfo
+from svid._workload_calls import RevocationsUpdate
+
+# Said when the server could not tell how the task ended: its credentials are revoked all the
+# same, so the task is treated as over (fail closed).
+UNCONFIRMED_REASON = "the agent's revocation list names its credentials"
+
+
+class Watched(Protocol):
+    """A task as the revocation watch sees it."""
+
+    @property
+    def spiffe_id(self) -> SpiffeId: ...
+
+    @property
+    def info(self) -> TaskInfo: ...
+
+    def _cached_jtis(self) -> frozenset[str]: ...
+
+
+T = TypeVar("T", bound=Watched)
+
+
+class LiveTasks(Generic[T]):
+    """A client's tasks not yet known to be over, by SPIFFE ID. Held weakly: a task its runtime
+    dropped without ending is still collected, and warns that it was never ended."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tasks: weakref.WeakValueDictionary[str, T] = weakref.WeakValueDictionary()
+
+    def add(self, task: T) -> None:
+        with self._lock:
+            self._tasks[str(task.spiffe_id)] = task
+
+    def discard(self, task: T) -> None:
+        key = str(task.spiffe_id)
+        with self._lock:
+            if self._tasks.get(key) is task:
+                del self._tasks[key]
+
+    def named_by(self, update: RevocationsUpdate) -> list[T]:
+        """The live tasks ``update`` revokes a credential of, parents before their sub-tasks
+        (a parent's end then ends its sub-tasks without asking the server about each)."""
+        with self._lock:
+            tasks = list(self._tasks.items())
+        if not tasks:
+            return []
+        ids = {item.spiffe_id for item in update.items if item.spiffe_id}
+        jtis = {item.value for item in update.items if item.kind == KIND_JWT_ID}
+        hit = [
+            task
+            for key, task in tasks
+            if key in ids or (jtis and not jtis.isdisjoint(task._cached_jtis()))
+        ]
+        return sorted(hit, key=lambda task: task.info.depth)
+
+
+def cached_jtis(cached: Iterable[tuple[JwtSvid, float]]) -> frozenset[str]:
+    """The jtis of a task's cached tokens (as its ``_jwts`` values hold them)."""
+    jtis = (jwt.claims.get("jti") for jwt, _ in cached)
+    return frozenset(jti for jti in jtis if isinstance(jti, str) and jti)
+
+
+def unconfirmed_end(info: TaskInfo) -> TaskInfo:
+    """``info`` of a task whose credentials are revoked but whose end the server could not be
+    asked about (unreachable, or not yet showing it)."""
+    return replace(info, end_reason=info.end_reason or UNCONFIRMED_REASON)
+
+
+def ended_with_parent(child: TaskInfo, parent: TaskInfo) -> TaskInfo:
+    """A sub-task's info once its parent has ended: the server ends it the same way, saying
+    so (server/tasks/service.py)."""
+    if child.state != "active":
+        return child
+    return replace(
+        child,
+        state=parent.state,
+        end_reason=f"parent task {parent.task_id} ended",
+        ended_at=parent.ended_at,
+    )

@@ -1,0 +1,99 @@
+"""Which of a client's live tasks an agent's revocation list ends (svid._task_revocations)."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, replace
+
+from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL, Revoked
+from svid._spiffe_id import SpiffeId
+from svid._task_model import TaskInfo
+from svid._task_revocations import LiveTasks, ended_with_parent, unconfirmed_end
+from svid._workload_calls import RevocationsUpdate
+
+RUNTIME = "spiffe://example.org/agents/bot"
+
+
+def info(task_id: str, depth: int = 0, parent: str = "") -> TaskInfo:
+    return TaskInfo(
+        task_id=task_id,
+        spiffe_id=SpiffeId.parse(f"{RUNTIME}/task/{task_id}"),
+        runtime_id=SpiffeId.parse(RUNTIME),
+        actions=("read",),
+        resources=("docs",),
+        tools=(),
+        ttl=300,
+        expires_at=2_000_000_000,
+        decision="allow",
+        reason="",
+        parent_task_id=parent,
+        elevated=False,
+        on_behalf_of="",
+        classification="",
+        environment="",
+        depth=depth,
+        state="active",
+        policy_ids=(),
+    )
+
+
+@dataclass(eq=False)
+class Held:
+    """A task as the watch sees it: its info and the jtis of the tokens it holds."""
+
+    info: TaskInfo
+    jtis: frozenset[str] = frozenset()
+
+    @property
+    def spiffe_id(self) -> SpiffeId:
+        return self.info.spiffe_id
+
+    def _cached_jtis(self) -> frozenset[str]:
+        return self.jtis
+
+
+def update(*items: Revoked) -> RevocationsUpdate:
+    return RevocationsUpdate(items, (), 1)
+
+
+def test_a_task_is_named_by_its_spiffe_id_or_by_a_cached_tokens_jti_parents_first() -> None:
+    live: LiveTasks[Held] = LiveTasks()
+    sub = Held(info("t2", depth=1, parent="t1"))
+    parent = Held(info("t1"))
+    by_jti = Held(info("t3"), frozenset({"jti-3"}))
+    other = Held(info("t4"), frozenset({"jti-4"}))
+    for task in (sub, parent, by_jti, other):
+        live.add(task)
+    listed = update(
+        Revoked(KIND_X509_SERIAL, "0a", 0.0, f"{RUNTIME}/task/t2"),
+        Revoked(KIND_JWT_ID, "jti-1", 0.0, f"{RUNTIME}/task/t1"),
+        Revoked(KIND_JWT_ID, "jti-3", 0.0, ""),  # whose it is not said: the jti matches
+        Revoked(KIND_JWT_ID, "jti-9", 0.0, f"{RUNTIME}/task/t9"),
+        Revoked(KIND_X509_SERIAL, "jti-4", 0.0, ""),  # a serial, not a jti
+    )
+    assert live.named_by(listed) == [parent, by_jti, sub]
+    live.discard(parent)
+    live.discard(Held(info("t2")))  # another object with the same ID is not the task
+    assert live.named_by(listed) == [by_jti, sub]
+
+
+def test_a_task_dropped_by_its_runtime_is_not_held_alive() -> None:
+    live: LiveTasks[Held] = LiveTasks()
+    live.add(Held(info("t1")))
+    gc.collect()
+    assert live.named_by(update(Revoked(KIND_JWT_ID, "j", 0.0, f"{RUNTIME}/task/t1"))) == []
+
+
+def test_an_end_the_server_did_not_confirm_says_why_and_a_sub_task_follows_its_parent() -> None:
+    assert unconfirmed_end(info("t1")).end_reason == (
+        "the agent's revocation list names its credentials"
+    )
+    parent = replace(info("t1"), state="revoked", end_reason="misuse", ended_at=1_700_000_000)
+    child = ended_with_parent(info("t2", depth=1, parent="t1"), parent)
+    assert (child.state, child.end_reason, child.ended_at) == (
+        "revoked",
+        "parent task t1 ended",
+        1_700_000_000,
+    )
+    ended = replace(info("t3"), state="ended", end_reason="done")
+    assert ended_with_parent(ended, parent) is ended  # one that ended first keeps its own end
