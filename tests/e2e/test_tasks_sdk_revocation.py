@@ -148,3 +148,18 @@ def test_a_client_closed_while_its_stream_reconnects_leaves_nothing_running(
 
         asyncio.run(closed_while_reconnecting())
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_an_end_made_while_the_agent_was_down_is_learnt_once_it_is_back(
+    stack: sdk.Stack,
+) -> None:
+    with TaskClient(stack.address) as client:
+        task = client.begin(actions=["read"], resources=["docs"])
+        task.jwt("docs")
+        assert stack.agent.stop() == 0
+        stack.server.cli("task", "revoke", task.task_id, "--reason", "while the agent was down")
+        stack.agent.start()
+        wait_for(_learnt(task), LEARN, "the end, from the restarted agent's list")
+        with pytest.raises(TaskEndedError, match="revoked: while the agent was down"):
+            task.jwt("docs")
+    stack.agent.wait_svid(sdk.RUNTIME)  # the module's agent serves the runtime again
