@@ -41,6 +41,9 @@ class HeldSocket:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sockets: list[socket.socket] = []
         self._closed = False
+        # A connection accepted as the test ends must be closed by one side or the other, or
+        # its sockets are left to the collector (a ResourceWarning, which fails the test).
+        self._lock = threading.Lock()
 
     @property
     def address(self) -> str:
@@ -58,11 +61,11 @@ class HeldSocket:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
         self.release()
         self._listener.close()
-        for sock in self._sockets:
-            sock.close()
+        self.cut()
 
     def hold_requests(self) -> None:
         self.requests.open.clear()
@@ -77,25 +80,40 @@ class HeldSocket:
     @property
     def connections(self) -> int:
         """How many connections callers have made through it so far."""
-        return len(self._sockets) // 2
+        with self._lock:
+            return len(self._sockets) // 2
 
     def cut(self) -> None:
         """Drop every connection made so far, as a network failure or the agent's restart
-        would; new ones are still accepted."""
-        for sock in list(self._sockets):
+        would; new ones are still accepted. Shut down, not only closed: a pump blocked reading
+        a socket would keep its connection up, unseen by either end."""
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
     def _accept(self) -> None:
-        while not self._closed:
+        while True:
             try:
                 caller, _ = self._listener.accept()
             except OSError:
                 return
             far = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            far.connect(str(self.target))
-            self._sockets += [caller, far]
+            with self._lock:
+                closed = self._closed
+                self._sockets += [caller, far]
+            if closed:
+                caller.close()
+                far.close()
+                return
+            try:
+                far.connect(str(self.target))
+            except OSError:  # the target is down: the caller sees its connection closed
+                caller.close()
+                far.close()
+                continue
             threading.Thread(
                 target=self._pump, args=(caller, far, self.requests), daemon=True
             ).start()
