@@ -9,6 +9,7 @@ bundle endpoint) share the listener.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
@@ -72,6 +73,15 @@ def _host(writer: asyncio.StreamWriter) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
+@dataclass(slots=True)
+class _Connection:
+    """An accepted connection's socket, until its task takes it, and its writer once its
+    handshake is done."""
+
+    sock: socket.socket | None
+    writer: asyncio.StreamWriter | None = None
+
+
 def _framed_twice(head: h11.Request) -> bool:
     """Both Content-Length and Transfer-Encoding: h11 reads the body as chunked, an
     intermediary may read the Content-Length, and what one takes for a body the other takes for
@@ -101,8 +111,7 @@ class HttpListener:
         self._routes: dict[str, Handler] = {}
         self._sockets: list[socket.socket] = []
         self.admission = Admission(caps, name, clock or SystemClock(), refused)
-        # Each connection's task, and its writer once its handshake is done.
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter | None] = {}
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
 
     def mount(self, path: str, handler: Handler) -> None:
         if path in self._routes:
@@ -124,9 +133,9 @@ class HttpListener:
                 loop.remove_reader(sock.fileno())
                 sock.close()
         # Idle keep-alive clients would hold a TLS close handshake open: cut them.
-        for task, writer in list(self._connections.items()):
-            if writer is not None:
-                writer.transport.abort()
+        for task, connection in list(self._connections.items()):
+            if connection.writer is not None:
+                connection.writer.transport.abort()
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
 
@@ -152,27 +161,35 @@ class HttpListener:
                 conn.close()
                 continue
             conn.setblocking(False)
-            task = loop.create_task(self._connection(conn, key))
-            self._connections[task] = None
+            connection = _Connection(conn)
+            task = loop.create_task(self._connection(connection))
+            self._connections[task] = connection
+            # Not the coroutine's finally: a task cancelled (by stop()) before its first step
+            # never runs it, and would keep its socket and its client's slot for ever.
+            task.add_done_callback(functools.partial(self._ended, connection, key))
 
     def _resume(self, sock: socket.socket) -> None:
         if sock.fileno() != -1:
             asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_ready, sock)
 
-    async def _connection(self, conn: socket.socket, key: str) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _ended(self, connection: _Connection, key: str, task: asyncio.Task[None]) -> None:
+        self._connections.pop(task, None)
+        if connection.sock is not None:  # never taken: the task was cancelled at once
+            connection.sock.close()
+        self.admission.release(key)
+
+    async def _connection(self, connection: _Connection) -> None:
+        # From here on the socket is ours to close (_open does, if it cannot be served).
+        conn, connection.sock = connection.sock, None
+        assert conn is not None
         try:
             reader, writer = await self._open(conn)
-            self._connections[task] = writer
+            connection.writer = writer
             await self._handle(reader, writer)
         except (TimeoutError, ConnectionError, ssl.SSLError, h11.ProtocolError):
             pass  # a client that went away or spoke no HTTP (nor TLS): nothing to answer
         except asyncio.CancelledError:
             pass
-        finally:
-            self._connections.pop(task, None)
-            self.admission.release(key)
 
     async def _open(self, conn: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The streams of an accepted socket, once its TLS handshake (if any) is done; the

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -198,3 +200,35 @@ def test_a_flood_of_refusals_logs_one_line_per_interval_and_counts_each(
     # The first refusal at once, then one line for the 50 after it.
     assert [getattr(r, "refused", None) for r in lines] == [1, 50]
     assert {getattr(r, "client", None) for r in lines} == {"10.0.0.2"}
+
+
+def _open_descriptors() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def test_stop_closes_connections_whose_task_had_not_started(tls: Tls) -> None:
+    async def main() -> None:
+        listener = _listener(tls.server, ConnectionCaps(total=16, per_host=16), [])
+        before = _open_descriptors()
+        port = await listener.start("127.0.0.1", 0)
+        # Blocking connects: each is done (in the backlog) before the loop runs again.
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(4)]
+        try:
+            async with asyncio.timeout(WAIT):
+                # This step is queued before the accept callback's, so once the count shows
+                # the accept, the connections' tasks are queued and have not run: stop() now
+                # cancels them before their first step.
+                while listener.admission.total == 0:
+                    await asyncio.sleep(0)
+            await listener.stop()
+            assert listener.admission.total == 0  # every admitted connection released
+            # Every socket the listener opened (listening and accepted) is closed.
+            assert _open_descriptors() - before == {client.fileno() for client in clients}
+            for client in clients:
+                client.settimeout(WAIT)
+                assert client.recv(1) == b""  # closed by the server, not left to a finaliser
+        finally:
+            for client in clients:
+                client.close()
+
+    asyncio.run(main())
