@@ -310,7 +310,7 @@ class Server:
             clock=self.clock,
             # Scheduled fetches of a foreign bundle: one server per relationship (a lease).
             holder=default_holder(),
-            connections_refused=self.metrics.http_refused("bundle_endpoint"),
+            connection_metrics=self.metrics.http_listener("bundle_endpoint"),
         )
         await self.federation.start()
         self.follower = FeedFollower(
@@ -521,7 +521,7 @@ class Server:
                 clock=self.clock,
                 dropped=self.metrics.refusals_unrecorded.labels(source="oauth").inc,
             ),
-            connections_refused=self.metrics.http_refused("oauth"),
+            connection_metrics=self.metrics.http_listener("oauth"),
         )
         with listening("oauth_bind_address", self.config.oauth_bind_address, ConfigError):
             await service.start()

@@ -10,6 +10,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from server.oauth.admission import ConnectionMetrics
 from svid._metrics_http import MetricsEndpoint
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -83,6 +84,13 @@ class Metrics:
             ["listener", "reason"],
             registry=self.registry,
         )
+        self.http_connections_open = Gauge(
+            "svid_server_http_connections_open",
+            "Connections open on an HTTP listener (oauth, bundle_endpoint), each holding a file "
+            "descriptor: from accept to close, its TLS handshake included",
+            ["listener"],
+            registry=self.registry,
+        )
         self.sync_streams = Gauge(
             "svid_server_sync_streams", "Open agent Sync streams", registry=self.registry
         )
@@ -90,9 +98,12 @@ class Metrics:
     def record_error(self, code: grpc.StatusCode) -> None:
         self.errors.labels(code=code.name).inc()
 
-    def http_refused(self, listener: str) -> Callable[[str], None]:
-        """What an HTTP listener calls with the reason of each connection its caps refuse."""
-        return lambda reason: self.http_connections_refused.labels(listener, reason).inc()
+    def http_listener(self, listener: str) -> ConnectionMetrics:
+        """What the HTTP listener `listener` reports of its connections, to these metrics."""
+        return ConnectionMetrics(
+            refused=lambda reason: self.http_connections_refused.labels(listener, reason).inc(),
+            open=self.http_connections_open.labels(listener).set,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 
 from server.audit.log import AuditLog
 from server.ca.manager import CaManager
@@ -18,7 +17,7 @@ from server.datastore.base import DataStore
 from server.errors import ConfigError
 from server.federation.endpoint import BundleHandler, SvidContext, web_context
 from server.federation.service import FederationService, parse_static
-from server.oauth.admission import ConnectionCaps
+from server.oauth.admission import ConnectionCaps, ConnectionMetrics
 from server.oauth.http import HttpListener
 from server.state import ServerState
 from svid._clock import Clock
@@ -36,11 +35,11 @@ class Federation:
         service: FederationService,
         svid: SvidContext | None,
         clock: Clock,
-        connections_refused: Callable[[str], None] | None = None,
+        connection_metrics: ConnectionMetrics | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
-        self._connections_refused = connections_refused
+        self._connection_metrics = connection_metrics
         self.service = service
         self._svid = svid
         self._listener: HttpListener | None = None
@@ -58,10 +57,9 @@ class Federation:
         ca: CaManager,
         clock: Clock,
         holder: str = "",
-        connections_refused: Callable[[str], None] | None = None,
+        connection_metrics: ConnectionMetrics | None = None,
     ) -> Federation:
-        """``connections_refused``: called with the reason of each connection the bundle
-        endpoint's caps refuse (a metric)."""
+        """``connection_metrics``: what the bundle endpoint reports of its connections."""
         static = tuple(
             parse_static(t, config.trust_domain) for t in config.federation_relationships
         )
@@ -78,7 +76,7 @@ class Federation:
         svid = None
         if config.bundle_endpoint_address and config.bundle_endpoint_profile == "https_spiffe":
             svid = SvidContext(ca, clock, config.server_svid_ttl)
-        self = cls(config, service, svid, clock, connections_refused)
+        self = cls(config, service, svid, clock, connection_metrics)
         self._handler = BundleHandler(lambda: state.bundle, config.bundle_endpoint_refresh_hint)
         return self
 
@@ -99,7 +97,7 @@ class Federation:
             caps=ConnectionCaps(cfg.http_max_connections, cfg.http_max_connections_per_host),
             name="bundle_endpoint",
             clock=self._clock,
-            refused=self._connections_refused,
+            metrics=self._connection_metrics,
         )
         assert self._handler is not None
         self._listener.mount(BUNDLE_PATH, self._handler)

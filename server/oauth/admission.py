@@ -25,6 +25,19 @@ PER_HOST = "per_host"  # the metric's reasons
 TOTAL = "total"
 
 
+def _unreported(*_: object) -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionMetrics:
+    """What a listener reports, for the server's metrics (server/metrics.py); each left out is
+    not reported."""
+
+    refused: Callable[[str], None] = _unreported  # the reason of each connection refused
+    open: Callable[[int], None] = _unreported  # the connections open, on each change
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionCaps:
     """server/config.py's http_max_connections and http_max_connections_per_host."""
@@ -48,12 +61,12 @@ class Admission:
         caps: ConnectionCaps,
         listener: str,
         clock: Clock,
-        refused: Callable[[str], None] | None = None,
+        metrics: ConnectionMetrics | None = None,
     ) -> None:
         self.caps = caps
         self._listener = listener
         self._clock = clock
-        self._refused = refused
+        self._metrics = metrics or ConnectionMetrics()
         self._open: dict[str, int] = {}
         self.total = 0
         self._last_log: float | None = None
@@ -75,6 +88,7 @@ class Admission:
             return None
         self._open[key] = held + 1
         self.total += 1
+        self._metrics.open(self.total)
         return key
 
     def release(self, key: str) -> None:
@@ -86,10 +100,10 @@ class Admission:
         else:
             self._open[key] = held - 1
         self.total -= 1
+        self._metrics.open(self.total)
 
     def _refuse(self, key: str, reason: str) -> None:
-        if self._refused is not None:
-            self._refused(reason)
+        self._metrics.refused(reason)
         self._unlogged += 1
         now = self._clock.monotonic()
         if self._last_log is not None and now - self._last_log < REFUSAL_LOG_INTERVAL:

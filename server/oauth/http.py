@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import h11
 
-from server.oauth.admission import Admission, ConnectionCaps
+from server.oauth.admission import Admission, ConnectionCaps, ConnectionMetrics
 from server.oauth.sockets import listening_sockets
 from svid._clock import Clock, SystemClock
 
@@ -103,14 +103,13 @@ class HttpListener:
         caps: ConnectionCaps,
         name: str = "http",
         clock: Clock | None = None,
-        refused: Callable[[str], None] | None = None,
+        metrics: ConnectionMetrics | None = None,
     ) -> None:
-        """``name``: the listener's in logs; ``refused``: called with the reason of each
-        connection refused by a cap (a metric)."""
+        """``name``: the listener's in logs; ``metrics``: what it reports of its connections."""
         self._ssl = ssl_context
         self._routes: dict[str, Handler] = {}
         self._sockets: list[socket.socket] = []
-        self.admission = Admission(caps, name, clock or SystemClock(), refused)
+        self.admission = Admission(caps, name, clock or SystemClock(), metrics)
         self._connections: dict[asyncio.Task[None], _Connection] = {}
 
     def mount(self, path: str, handler: Handler) -> None:

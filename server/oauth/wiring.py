@@ -17,6 +17,7 @@ from server.datastore.base import DataStore
 from server.datastore.records import JWT_KIND
 from server.ledger import Ledger
 from server.oauth import discovery
+from server.oauth.admission import ConnectionMetrics
 from server.oauth.assertions import LEEWAY, AssertionChecker
 from server.oauth.discovery import (
     AS_METADATA_PATH,
@@ -143,13 +144,12 @@ def build(
     audit: Audit | None = None,
     revoked: Callable[[str], bool] = lambda jti: False,
     refusals: RefusalBudget | None = None,
-    connections_refused: Callable[[str], None] | None = None,
+    connection_metrics: ConnectionMetrics | None = None,
 ) -> OAuthService:
     """``audit``: AuditLog.append, for events of the service's own (trusted issuers' keys);
     ``revoked``: whether a JWT ``jti`` is revoked (a delegation's subject token);
     ``refusals``: which of a client's refusals are written to the audit log (None: all);
-    ``connections_refused``: called with the reason of each connection the listener's caps
-    refuse (a metric)."""
+    ``connection_metrics``: what the listener reports of its connections."""
     own = ca.trust_domain
     replay = ReplayGuard()
     trusted = TrustedBundles(settings.trusted)
@@ -229,7 +229,7 @@ def build(
         caps=settings.connection_caps,
         name="oauth",
         clock=clock,
-        refused=connections_refused,
+        metrics=connection_metrics,
     )
     # Grants block on the ledger's commit, holding no GIL while they wait: enough threads that
     # every request in flight joins the commit under way (the default executor has cpus+4).

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import make_server, short_tmpdir
+from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir
 from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -75,6 +75,13 @@ def _get(url: str, source: str) -> bytes:
     return reply.content
 
 
+def _metric(server: ServerProcess, name: bytes) -> float:
+    metrics = _get(f"http://{server.runtime['metrics_address']}/metrics", "127.0.0.1")
+    found = re.search(rb"^" + name + rb" (\S+)$", metrics, re.MULTILINE)
+    assert found is not None, metrics.decode()
+    return float(found.group(1))
+
+
 def test_idle_connections_from_one_address_leave_the_server_serving_others(root: Path) -> None:
     oauth_port, bundle_port = free_port(), free_port()
     issuer = f"http://127.0.0.1:{oauth_port}"
@@ -101,6 +108,9 @@ def test_idle_connections_from_one_address_leave_the_server_serving_others(root:
                     break  # the server stopped accepting and its backlog is full
                 opened += 1
             assert opened > SERVER_FDS  # the flood did get in
+            # Those the cap let in are open, and shown (the metrics listener is another one).
+            shown = _metric(server, rb'svid_server_http_connections_open\{listener="oauth"\}')
+            assert shown == PER_HOST
             # Another client, another address: the discovery document, the bundle endpoint
             # and the admin API (the same process's descriptors) all still answer.
             document = json.loads(_get(issuer + "/.well-known/openid-configuration", "127.0.0.2"))
@@ -108,14 +118,10 @@ def test_idle_connections_from_one_address_leave_the_server_serving_others(root:
             bundle = json.loads(_get(f"https://127.0.0.1:{bundle_port}/", "127.0.0.2"))
             assert bundle["keys"]
             server.cli("bundle", "show")
-        metrics = _get(f"http://{server.runtime['metrics_address']}/metrics", "127.0.0.1")
-        refused = re.search(
-            rb'^svid_server_http_connections_refused_total\{listener="oauth",reason="per_host"\} '
-            rb"(\S+)$",
-            metrics,
-            re.MULTILINE,
+        refused = _metric(
+            server,
+            rb'svid_server_http_connections_refused_total\{listener="oauth",reason="per_host"\}',
         )
-        assert refused is not None, metrics.decode()
-        assert float(refused.group(1)) == opened - PER_HOST
+        assert refused == opened - PER_HOST
     finally:
         server.stop()

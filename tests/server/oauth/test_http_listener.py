@@ -8,13 +8,18 @@ import os
 import shutil
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from server.oauth import http
-from server.oauth.admission import REFUSAL_LOG_INTERVAL, Admission, ConnectionCaps
+from server.oauth.admission import (
+    REFUSAL_LOG_INTERVAL,
+    Admission,
+    ConnectionCaps,
+    ConnectionMetrics,
+)
 from server.oauth.http import HttpListener, Request, Response, json_response
 from svid._clock import FakeClock
 from tests.server.fixtures import short_tmpdir, write_tls_files
@@ -43,7 +48,9 @@ def tls() -> Iterator[Tls]:
 def _listener(
     context: ssl.SSLContext | None, caps: ConnectionCaps, refused: list[str]
 ) -> HttpListener:
-    listener = HttpListener(context, caps=caps, name="test", refused=refused.append)
+    listener = HttpListener(
+        context, caps=caps, name="test", metrics=ConnectionMetrics(refused=refused.append)
+    )
     listener.mount("/", _hello)
     return listener
 
@@ -188,7 +195,12 @@ def test_a_flood_of_refusals_logs_one_line_per_interval_and_counts_each(
 ) -> None:
     clock = FakeClock()
     refused: list[str] = []
-    admission = Admission(ConnectionCaps(total=1, per_host=1), "test", clock, refused.append)
+    admission = Admission(
+        ConnectionCaps(total=1, per_host=1),
+        "test",
+        clock,
+        ConnectionMetrics(refused=refused.append),
+    )
     assert admission.admit("10.0.0.1") is not None
     with caplog.at_level(logging.WARNING, logger="svid.server.oauth"):
         for _ in range(50):
@@ -230,5 +242,58 @@ def test_stop_closes_connections_whose_task_had_not_started(tls: Tls) -> None:
         finally:
             for client in clients:
                 client.close()
+
+    asyncio.run(main())
+
+
+async def _until(condition: Callable[[], bool]) -> bool:
+    """Whether `condition` holds within WAIT (checked as the loop runs)."""
+    try:
+        async with asyncio.timeout(WAIT):
+            while not condition():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_the_open_connections_gauge_goes_back_down_however_a_connection_ends(tls: Tls) -> None:
+    async def main() -> None:
+        open_now: list[int] = [0]
+        refused: list[str] = []
+        listener = HttpListener(
+            tls.server,
+            caps=ConnectionCaps(total=8, per_host=3),
+            name="test",
+            metrics=ConnectionMetrics(refused=refused.append, open=open_now.append),
+        )
+        listener.mount("/", _hello)
+        port = await listener.start("127.0.0.1", 0)
+        held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        try:
+            # Served, then closed.
+            assert (await _get(port, tls)).startswith(b"HTTP/1.1 200 ")
+            assert await _until(lambda: open_now[-1] == 0)
+            # A failed TLS handshake: the client speaks plain HTTP to the TLS port.
+            reader, writer = await _hold(port, "127.0.0.1")
+            writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert await _closed_by_server(reader)
+            writer.close()
+            assert await _until(lambda: open_now[-1] == 0)
+            # Held open (no handshake yet), then a refusal, which never counts as open.
+            held += [await _hold(port, "127.0.0.1") for _ in range(3)]
+            assert await _until(lambda: open_now[-1] == 3)
+            reader, writer = await _hold(port, "127.0.0.1")
+            assert await _closed_by_server(reader)
+            writer.close()
+            assert refused == ["per_host"]
+            assert open_now[-1] == 3
+            assert max(open_now) == 3
+        finally:
+            await listener.stop()
+        # Stopped with connections still open: each is counted out.
+        assert open_now[-1] == 0
+        for _, w in held:
+            w.close()
 
     asyncio.run(main())
