@@ -91,6 +91,13 @@ class Metrics:
             ["listener"],
             registry=self.registry,
         )
+        self.http_accept_failures = Counter(
+            "svid_server_http_accept_failures",
+            "Connections an HTTP listener could not accept (out of file descriptors or "
+            "memory); it stops accepting for a second after each, by listener",
+            ["listener"],
+            registry=self.registry,
+        )
         self.sync_streams = Gauge(
             "svid_server_sync_streams", "Open agent Sync streams", registry=self.registry
         )
@@ -103,6 +110,7 @@ class Metrics:
         return ConnectionMetrics(
             refused=lambda reason: self.http_connections_refused.labels(listener, reason).inc(),
             open=self.http_connections_open.labels(listener).set,
+            accept_failed=self.http_accept_failures.labels(listener).inc,
         )
 
     def render(self) -> bytes:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from server.oauth.log_throttle import LogThrottle
 from server.peer import address_key
 from svid._clock import Clock
 
@@ -36,6 +37,7 @@ class ConnectionMetrics:
 
     refused: Callable[[str], None] = _unreported  # the reason of each connection refused
     open: Callable[[int], None] = _unreported  # the connections open, on each change
+    accept_failed: Callable[[], None] = _unreported  # each accept() that failed (descriptors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +67,10 @@ class Admission:
     ) -> None:
         self.caps = caps
         self._listener = listener
-        self._clock = clock
         self._metrics = metrics or ConnectionMetrics()
         self._open: dict[str, int] = {}
         self.total = 0
-        self._last_log: float | None = None
-        self._unlogged = 0
+        self._log = LogThrottle(REFUSAL_LOG_INTERVAL, clock)
 
     def held_by(self, host: str) -> int:
         return self._open.get(address_key(host), 0)
@@ -104,9 +104,8 @@ class Admission:
 
     def _refuse(self, key: str, reason: str) -> None:
         self._metrics.refused(reason)
-        self._unlogged += 1
-        now = self._clock.monotonic()
-        if self._last_log is not None and now - self._last_log < REFUSAL_LOG_INTERVAL:
+        count = self._log.due()
+        if not count:
             return
         # One line for a flood, not one per connection: the metric has the count.
         _log.warning(
@@ -115,10 +114,8 @@ class Admission:
                 "listener": self._listener,
                 "reason": reason,
                 "client": key,
-                "refused": self._unlogged,
+                "refused": count,
                 "max_connections": self.caps.total,
                 "max_connections_per_host": self.caps.per_host,
             },
         )
-        self._last_log = now
-        self._unlogged = 0

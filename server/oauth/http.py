@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import h11
 
 from server.oauth.admission import Admission, ConnectionCaps, ConnectionMetrics
+from server.oauth.log_throttle import LogThrottle
 from server.oauth.sockets import listening_sockets
 from svid._clock import Clock, SystemClock
 
@@ -32,6 +33,9 @@ READ_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 10.0
 ACCEPT_BATCH = 64
 ACCEPT_RETRY_DELAY = 1.0
+# Out of descriptors, accept fails again at each retry, for as long as it lasts: a line a minute
+# says so, and svid_server_http_accept_failures counts each.
+ACCEPT_FAILURE_LOG_INTERVAL = 60.0
 CLOSE_TIMEOUT = 1.0
 _CHUNK = 65536
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
@@ -109,7 +113,11 @@ class HttpListener:
         self._ssl = ssl_context
         self._routes: dict[str, Handler] = {}
         self._sockets: list[socket.socket] = []
-        self.admission = Admission(caps, name, clock or SystemClock(), metrics)
+        clock = clock or SystemClock()
+        self._name = name
+        self._metrics = metrics or ConnectionMetrics()
+        self.admission = Admission(caps, name, clock, self._metrics)
+        self._accept_failures = LogThrottle(ACCEPT_FAILURE_LOG_INTERVAL, clock)
         self._connections: dict[asyncio.Task[None], _Connection] = {}
 
     def mount(self, path: str, handler: Handler) -> None:
@@ -150,7 +158,7 @@ class HttpListener:
             except OSError as exc:
                 # Out of descriptors or buffers all the same: wait a moment instead of spinning
                 # on a socket that stays readable (asyncio's own server does so too).
-                _log.warning("accepting an HTTP connection failed", extra={"error": str(exc)})
+                self._accept_failed(exc)
                 loop.remove_reader(sock.fileno())
                 loop.call_later(ACCEPT_RETRY_DELAY, self._resume, sock)
                 return
@@ -166,6 +174,15 @@ class HttpListener:
             # Not the coroutine's finally: a task cancelled (by stop()) before its first step
             # never runs it, and would keep its socket and its client's slot for ever.
             task.add_done_callback(functools.partial(self._ended, connection, key))
+
+    def _accept_failed(self, exc: OSError) -> None:
+        self._metrics.accept_failed()
+        count = self._accept_failures.due()
+        if count:
+            _log.warning(
+                "accepting an HTTP connection failed",
+                extra={"listener": self._name, "error": str(exc), "failures": count},
+            )
 
     def _resume(self, sock: socket.socket) -> None:
         if sock.fileno() != -1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import shutil
 import socket
 import ssl
@@ -20,7 +21,13 @@ from server.oauth.admission import (
     ConnectionCaps,
     ConnectionMetrics,
 )
-from server.oauth.http import HttpListener, Request, Response, json_response
+from server.oauth.http import (
+    ACCEPT_FAILURE_LOG_INTERVAL,
+    HttpListener,
+    Request,
+    Response,
+    json_response,
+)
 from svid._clock import FakeClock
 from tests.server.fixtures import short_tmpdir, write_tls_files
 
@@ -297,3 +304,60 @@ def test_the_open_connections_gauge_goes_back_down_however_a_connection_ends(tls
             w.close()
 
     asyncio.run(main())
+
+
+def _lowest_free_descriptor() -> int:
+    probe = os.dup(0)
+    os.close(probe)
+    return probe
+
+
+def test_accept_failures_out_of_descriptors_log_one_line_per_interval_and_count_each(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http, "ACCEPT_RETRY_DELAY", 0.01)  # many failures, quickly
+    clock = FakeClock()
+    failures: list[None] = []
+    metrics = ConnectionMetrics(accept_failed=lambda: failures.append(None))
+
+    async def main() -> None:
+        listener = HttpListener(
+            None, caps=ConnectionCaps(8, 8), name="test", clock=clock, metrics=metrics
+        )
+        listener.mount("/", _hello)
+        port = await listener.start("127.0.0.1", 0)
+        client = socket.socket()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            # No descriptor left for this process (its open ones stay usable): each accept
+            # fails with EMFILE, retried after ACCEPT_RETRY_DELAY, for as long as it lasts.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_descriptor(), hard))
+            try:
+                client.settimeout(WAIT)
+                client.connect(("127.0.0.1", port))  # into the backlog: no descriptor of ours
+                assert await _until(lambda: len(failures) >= 5)
+                clock.advance(ACCEPT_FAILURE_LOG_INTERVAL)
+                seen = len(failures)
+                assert await _until(lambda: len(failures) > seen)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            # With descriptors back, the waiting connection is accepted and served.
+            client.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=client)
+            writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            async with asyncio.timeout(WAIT):
+                assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
+            writer.close()
+        finally:
+            client.close()
+            await listener.stop()
+        lines = [
+            r for r in caplog.records if r.getMessage() == "accepting an HTTP connection failed"
+        ]
+        # The first at once, then one for those after it once the interval passed.
+        assert [getattr(r, "failures", None) for r in lines] == [1, seen]
+        assert {getattr(r, "listener", None) for r in lines} == {"test"}
+        assert "Too many open files" in str(getattr(lines[0], "error", ""))
+
+    with caplog.at_level(logging.WARNING, logger="svid.server.oauth"):
+        asyncio.run(main())

@@ -1,0 +1,28 @@
+"""At most one log line per interval for a condition that can repeat as fast as clients (or a
+loop retrying) make it: the first at once, then one per interval saying how many it stands for.
+A metric counts each; the log only has to say it is happening."""
+
+from __future__ import annotations
+
+from svid._clock import Clock
+
+
+class LogThrottle:
+    """Used from the event loop only: no lock."""
+
+    def __init__(self, interval: float, clock: Clock) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last: float | None = None
+        self._unlogged = 0
+
+    def due(self) -> int:
+        """Count one more occurrence; how many the line to write now stands for (this one and
+        those not written since the last), or 0: no line now."""
+        self._unlogged += 1
+        now = self._clock.monotonic()
+        if self._last is not None and now - self._last < self._interval:
+            return 0
+        self._last = now
+        count, self._unlogged = self._unlogged, 0
+        return count
