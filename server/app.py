@@ -33,6 +33,7 @@ from server.datastore.base import DataStore
 from server.datastore.legacy_import import import_legacy_files
 from server.datastore.postgres_dsn import open_postgres
 from server.datastore.sqlite import SqliteDataStore
+from server.descriptor_budget import warn_if_short
 from server.errors import ConfigError
 from server.events import ChangeNotifier
 from server.federation.wiring import Federation
@@ -289,6 +290,7 @@ class Server:
         # Every agent's stream and every HTTP client holds a descriptor: the soft limit (often
         # 1024) would run out long before the hard one.
         self.descriptor_limit = raise_descriptor_limit()
+        warn_if_short(cfg, self.descriptor_limit)
         metrics_address = ""
         if cfg.metrics_address:
             # First: an address it cannot listen on is the operator's to fix, before anything

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.descriptor_budget import HEADROOM
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir
 from tests.ports import free_port
 
@@ -54,6 +55,37 @@ def test_the_server_raises_its_soft_descriptor_limit_to_the_hard_one_and_logs_it
         assert server.proc is not None
         assert _open_files_limit(server.proc.pid) == (4096, 4096)
         assert _started_line(server.logs())["descriptor_limit"] == 4096
+        assert _short_line(server.logs()) is None  # no HTTP listener: the headroom fits
+    finally:
+        server.stop()
+
+
+def _short_line(log: str) -> dict[str, object] | None:
+    for line in log.splitlines():
+        if "http_max_connections or raise the hard RLIMIT_NOFILE" in line:
+            record: dict[str, object] = json.loads(line)
+            return record
+    return None
+
+
+def test_caps_past_the_descriptor_limit_are_warned_of_at_start(root: Path) -> None:
+    server = make_server(
+        root,
+        oidc_issuer=f"http://127.0.0.1:{free_port()}",
+        oauth_bind_address="127.0.0.1:0",
+        bundle_endpoint_address="127.0.0.1:0",
+        http_max_connections=1000,
+    )
+    server.descriptor_limit = (2048, 2048)  # not 2 x 1000 and the headroom
+    server.start()
+    try:
+        warning = _short_line(server.logs())
+        assert warning is not None, server.logs()[-4000:]
+        assert warning["descriptor_limit"] == 2048
+        assert warning["http_max_connections"] == 1000
+        assert warning["listeners"] == "oauth_bind_address,bundle_endpoint_address"
+        assert warning["needed"] == 2000 + HEADROOM
+        server.cli("bundle", "show")  # a warning, not a refusal: it serves
     finally:
         server.stop()
 
