@@ -67,6 +67,7 @@ from svid._daemon_config import listening
 from svid._descriptors import raise_descriptor_limit
 from svid._proto import admin_pb2_grpc, node_pb2_grpc
 from svid._unix_socket import grpc_unix_target
+from svid._waits import set_within
 
 _log = logging.getLogger("svid.server")
 NODE_SERVICE = "svid.node.v1.Node"
@@ -538,8 +539,7 @@ class Server:
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds`; True when the server is stopping."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=max(0.05, seconds))
+        await set_within(self._stop, max(0.05, seconds))
         return self._stop.is_set()
 
     async def _tls_loop(self) -> None:

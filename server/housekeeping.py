@@ -49,7 +49,6 @@ server that takes it over checkpoints at once, as a start does. Its holder is un
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -60,6 +59,7 @@ from server.audit.log import AuditLog
 from server.audit.retention import Cut, Pruner, PruneReport, RetentionPolicy
 from server.datastore.base import AuditRetentionStore
 from svid._clock import Clock
+from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.housekeeping")
 HOUSEKEEPING_LEASE = "housekeeping"
@@ -161,8 +161,7 @@ class LeasedCheckpointer(Checkpointer):
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every interval until `stop`; checkpoint when holding the lease."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._tick)
+            await set_within(stop, self._tick)
             if stop.is_set():
                 return
             if not self.lease.held:

@@ -14,7 +14,6 @@ is logged like any other change (ServerState.record_expired).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from server.changelog import Change
 from server.datastore.records import AttestedAgent, Entry, Selector
 from server.entitlement import EntryIndex, agent_parents
 from svid._clock import Clock
+from svid._waits import set_within
 
 # The expiry sweep re-reads the clock at least this often (seconds): a test's fake clock may
 # jump ahead while the sweep waits.
@@ -214,8 +214,7 @@ class Propagator:
             if self._expiries:
                 delay = min(delay, max(0.05, self._expiries[0][0] - self._clock.now()))
             self._expiry_moved.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._expiry_moved.wait(), timeout=delay)
+            await set_within(self._expiry_moved, delay)
 
 
 def _drop(index: dict[_K, set[Subscription]], key: _K, sub: Subscription) -> None:

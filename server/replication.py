@@ -23,7 +23,6 @@ a reload changes) are pure functions; `FeedFollower` is the loop around them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from server.federation.service import Stored
 from server.state import ServerState
 from server.tasks.model import Task
 from svid._clock import Clock
+from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.replication")
 _V = TypeVar("_V")
@@ -240,8 +240,7 @@ class FeedFollower:
             except Exception:
                 _log.exception("following the change feed failed; retrying")
             if self._pending:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), RETRY_DELAY)
+                await set_within(stop, RETRY_DELAY)
                 continue
             # A wake-up is a hint: after the poll interval the feed is read anyway.
             waiting = asyncio.ensure_future(

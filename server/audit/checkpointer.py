@@ -19,7 +19,6 @@ it to its agents (`adopt`, called by the change feed's follower).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +43,7 @@ from server.datastore.errors import StorageError
 from server.datastore.records import AuditRecord, Head
 from svid import AuditCheckpointError
 from svid._clock import Clock
+from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.audit")
 # Rows read back per datastore call when verifying forward.
@@ -215,8 +215,7 @@ class Checkpointer:
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every interval until `stop`; a failed write is logged and tried next tick."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._interval)
+            await set_within(stop, self._interval)
             if stop.is_set():
                 return
             try:

@@ -46,6 +46,7 @@ from server.audit.verify import verify_segment
 from server.datastore.base import AuditRetentionStore
 from server.datastore.records import AuditMark, Head
 from svid._clock import Clock
+from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.audit")
 DAY = 86400.0
@@ -238,8 +239,7 @@ class Pruner:
     async def run(self, stop: asyncio.Event) -> None:
         """Prune every interval until `stop`; a failed run is logged and retried next tick."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._interval)
+            await set_within(stop, self._interval)
             if stop.is_set():
                 return
             job = asyncio.ensure_future(asyncio.to_thread(self.prune))

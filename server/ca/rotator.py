@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from server.ca.manager import CaManager
 from svid._backoff import Retry
 from svid._clock import Clock
+from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.ca")
 
@@ -45,8 +45,7 @@ class Rotator:
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until `stop` is set. Key generation and fsyncs run in a worker thread."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.delay())
+            await set_within(stop, self.delay())
             if stop.is_set():
                 return
             try:

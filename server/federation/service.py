@@ -48,6 +48,7 @@ from svid._bundle import SpiffeBundle
 from svid._clock import Clock
 from svid._errors import SpiffeIdError
 from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.federation")
 DEFAULT_REFRESH = 300
@@ -537,5 +538,4 @@ class FederationService:
             await self.refresh_due()
             wait = min((d - self._clock.now() for d in self._due.values()), default=60.0)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, min(wait, 60.0)))
+            await set_within(self._wake, max(0.05, min(wait, 60.0)))

@@ -7,7 +7,6 @@ its loops and stops it; nothing else here is wired from outside.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from server.audit.log import AuditLog
@@ -22,6 +21,7 @@ from server.oauth.http import HttpListener
 from server.state import ServerState
 from svid._clock import Clock
 from svid._daemon_config import listening
+from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.federation")
 BUNDLE_PATH = "/"
@@ -129,8 +129,7 @@ class Federation:
         assert svid is not None
         while not stop.is_set():
             delay = max(0.05, min(MAX_TIMER, svid.renew_at - svid.clock.now()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+            await set_within(stop, delay)
             try:
                 await asyncio.to_thread(svid.maybe_renew)
             except Exception:

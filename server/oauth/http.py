@@ -242,7 +242,10 @@ class HttpListener:
         finally:
             writer.close()
             try:
-                await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+                # cancellation of the listener's stop (CPython gh-86296).
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await writer.wait_closed()
             except TimeoutError:
                 # Answers its client does not read would keep the socket for ever.
                 writer.transport.abort()

@@ -4,7 +4,6 @@ oauth.start()`, `oauth.bundle_changed()` on rotation, `await oauth.stop()`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from svid._jose import PublicKey, alg_for_key
 from svid._jwt import split_and_check_header
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._verify_access import AccessTokenVerifier
+from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.oauth")
 PRUNE_INTERVAL = 60.0
@@ -116,13 +116,11 @@ class OAuthService:
                 await asyncio.to_thread(self.issuers.refresh_due)
             except Exception:  # a bug, not a fetch failure (those are logged and retried)
                 _log.exception("refreshing the trusted issuers' keys failed; retrying later")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), ISSUER_TICK)
+            await set_within(stop, ISSUER_TICK)
 
     async def _prune(self, stop: asyncio.Event) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), PRUNE_INTERVAL)
+            await set_within(stop, PRUNE_INTERVAL)
             if stop.is_set():
                 return
             now = int(self.clock.now())

@@ -9,7 +9,6 @@ the task layer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from server.tasks.service import TaskService, TaskSettings
 from server.tasks.store import TaskRows, TaskStore
 from svid._clock import Clock
 from svid._proto import task_pb2_grpc
+from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.tasks")
 HOUSEKEEPING_INTERVAL = 60.0
@@ -116,8 +116,7 @@ class TaskLayer:
             except Exception:
                 _log.exception("task housekeeping failed; retrying")
             wait = min(MAX_EXPIRY_WAIT, max(0.05, self.service.next_expiry() - clock.now()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=wait)
+            await set_within(stop, wait)
 
 
 def build_task_layer(
