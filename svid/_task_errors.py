@@ -54,6 +54,16 @@ def closed_client(name: str) -> TaskError:
     )
 
 
+def no_answer(call: str, address: str) -> WorkloadApiUnavailableError:
+    """``call`` to the agent at ``address`` got no answer before its deadline."""
+    at = f" at {address}" if address else ""
+    return WorkloadApiUnavailableError(
+        f"{call}: no answer from the agent{at} before the deadline; retry, or allow a longer "
+        "timeout",
+        "DEADLINE_EXCEEDED",
+    )
+
+
 _DENIED = "denied: "
 
 
@@ -91,11 +101,7 @@ def translate(exc: BaseException, call: str, address: str) -> TaskError | Worklo
             )
         return WorkloadApiUnavailableError(f"{call}{at}: {details}", code.name)
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return WorkloadApiUnavailableError(
-            f"{call}: no answer from the agent{at} before the deadline; retry, or allow a "
-            "longer timeout",
-            code.name,
-        )
+        return no_answer(call, address)
     if code is grpc.StatusCode.UNIMPLEMENTED:
         return TaskError(
             f"{call}: the agent{at} does not serve the task API (is it an svid agent?)", code.name

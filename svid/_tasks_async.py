@@ -294,6 +294,13 @@ class AsyncTaskClient:
             raise TaskError(f"FetchJWTSVID sent an unusable token: {exc}", "BAD_RESPONSE") from exc
 
 
+def _read_outcome(flight: asyncio.Task[JwtSvid]) -> None:
+    """Read a token fetch's error: one whose every caller was cancelled fails unreported,
+    rather than warn that its exception was never retrieved."""
+    if not flight.cancelled():
+        flight.exception()
+
+
 class Beginning:
     """A task being begun: await it for the task, or ``async with`` it to end the task on exit."""
 
@@ -330,6 +337,8 @@ class AsyncTask(TaskView):
         self._info = info
         self._lock = asyncio.Lock()
         self._jwts: dict[tuple[str, ...], tuple[JwtSvid, float]] = {}
+        # Fetches in flight by audience: callers of one await its fetch rather than make theirs.
+        self._fetching: dict[tuple[str, ...], asyncio.Task[JwtSvid]] = {}
         self._children: list[AsyncTask] = []
         self._ended = False
         client._watching(self)
@@ -370,17 +379,35 @@ class AsyncTask(TaskView):
             raise ended from denied
 
     async def _jwt_svid(self, key: tuple[str, ...]) -> JwtSvid:
-        # One fetch at a time: concurrent callers for one audience share the fetched token.
-        async with self._lock:
-            if self._ended:
-                raise ended_error(self._info)
-            now = self._client.clock.now()
-            cached = self._jwts.get(key)
-            if cached is not None and fresh(cached[0], cached[1], now):
-                return cached[0]
+        # No lock: nothing here awaits between reading the cache and joining or starting a
+        # fetch, so one loop's callers cannot interleave there.
+        if self._ended:
+            raise ended_error(self._info)
+        now = self._client.clock.now()
+        cached = self._jwts.get(key)
+        if cached is not None and fresh(cached[0], cached[1], now):
+            return cached[0]
+        flight = self._fetching.get(key)
+        if flight is None or flight.done():  # done: cancelled before it could run
+            flight = self._fetching[key] = asyncio.ensure_future(self._fetch(key, now))
+            flight.add_done_callback(_read_outcome)
+        # Shielded: a caller cancelled leaves the fetch to the others waiting for it.
+        jwt = await asyncio.shield(flight)
+        if self._ended:
+            raise ended_error(self._info)  # ended while it was being fetched
+        return jwt
+
+    async def _fetch(self, key: tuple[str, ...], now: float) -> JwtSvid:
+        """As Task._fetch: a token fetched after the task ended is neither kept nor handed out."""
+        try:
             jwt = await self._client._fetch_jwt(self.spiffe_id, key)
-            self._jwts[key] = (jwt, now)
-            return jwt
+        finally:
+            if self._fetching.get(key) is asyncio.current_task():
+                del self._fetching[key]
+        if self._ended:
+            raise ended_error(self._info)
+        self._jwts[key] = (jwt, now)
+        return jwt
 
     async def _ended_instead(self) -> TaskEndedError | None:
         """As Task._ended_instead: a denial for a task the server has ended says so."""

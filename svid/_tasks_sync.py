@@ -30,6 +30,7 @@ from svid._task_errors import (
     TaskEndedError,
     TaskError,
     closed_client,
+    no_answer,
     translate,
 )
 from svid._task_feed import RevocationFeed
@@ -301,7 +302,10 @@ class Task(TaskView):
 
     ``jwt(audience)`` gives a task JWT-SVID, cached and fetched again once half its lifetime has
     passed; once the agent's revocation stream says the server ended the task, ``ended`` is
-    True and ``jwt`` raises TaskEndedError saying how it ended (its sub-tasks with it).
+    True and ``jwt`` raises TaskEndedError saying how it ended (its sub-tasks with it). Threads
+    asking for one audience at once share one fetch; a fetch in flight holds up no other
+    audience and no end. A ``jwt`` whose fetch answers after the task ended raises
+    TaskEndedError: the token is neither handed out nor kept.
     ``subtask(...)`` narrows this task; ``elevate(...)`` begins a short elevated step inside
     it, decided by policy on its own, whose end leaves this task running.
     """
@@ -311,6 +315,8 @@ class Task(TaskView):
         self._info = info
         self._lock = threading.Lock()
         self._jwts: dict[tuple[str, ...], tuple[JwtSvid, float]] = {}
+        # Fetches in flight by audience: callers of one join its fetch rather than make theirs.
+        self._fetching: dict[tuple[str, ...], Future[JwtSvid | None]] = {}
         self._children: list[Task] = []
         self._ended = False
         client._watching(self)
@@ -325,13 +331,12 @@ class Task(TaskView):
         return self._ended
 
     def _cached_jtis(self) -> frozenset[str]:
-        # A copy in one step (dict.copy holds the GIL): the hot path fills the cache under the
-        # task's lock, which a revocation check must not wait for behind a fetch in flight.
-        return cached_jtis(self._jwts.copy().values())
+        with self._lock:  # never held across a call: a revocation check does not wait on one
+            return cached_jtis(self._jwts.values())
 
     def _drop_tokens(self) -> None:
-        # dict.clear is one step: no lock, so no wait behind a token fetch in flight.
-        self._jwts.clear()
+        with self._lock:
+            self._jwts.clear()
 
     def _revoked(self) -> None:
         """The agent's revocation list names this task's credentials: the server has ended it.
@@ -361,16 +366,70 @@ class Task(TaskView):
             raise ended from denied
 
     def _jwt_svid(self, key: tuple[str, ...]) -> JwtSvid:
-        with self._lock:
-            if self._ended:
-                raise ended_error(self._info)
-            now = self._client.clock.now()
-            cached = self._jwts.get(key)
-            if cached is not None and fresh(cached[0], cached[1], now):
-                return cached[0]
+        while True:
+            with self._lock:
+                if self._ended:
+                    raise ended_error(self._info)
+                now = self._client.clock.now()
+                cached = self._jwts.get(key)
+                if cached is not None and fresh(cached[0], cached[1], now):
+                    return cached[0]
+                flight = self._fetching.get(key)
+                lead = flight is None
+                if flight is None:
+                    flight = self._fetching[key] = Future()
+            if lead:
+                return self._fetch(key, now, flight)
+            jwt = self._join(key, flight)
+            if jwt is not None:
+                return jwt
+            # None: the caller fetching it was interrupted; round again, to fetch it here.
+
+    def _fetch(self, key: tuple[str, ...], now: float, flight: Future[JwtSvid | None]) -> JwtSvid:
+        """The token for ``key`` from the agent, shared with the callers that joined
+        ``flight``; no lock is held meanwhile. One fetched after the task ended is neither
+        kept nor handed out: the end may have come before the agent minted it."""
+        try:
             jwt = self._client._fetch_jwt(self.spiffe_id, key)
-            self._jwts[key] = (jwt, now)
-            return jwt
+        except Exception as exc:
+            self._landed(key, flight)
+            flight.set_exception(exc)
+            raise
+        except BaseException:
+            # A Ctrl-C: it is this caller's alone, the others fetch again.
+            self._landed(key, flight)
+            flight.set_result(None)
+            raise
+        with self._lock:
+            ended = self._ended
+            if not ended:
+                self._jwts[key] = (jwt, now)
+            if self._fetching.get(key) is flight:
+                del self._fetching[key]
+        if ended:
+            error = ended_error(self._info)
+            flight.set_exception(error)
+            raise error
+        flight.set_result(jwt)
+        return jwt
+
+    def _landed(self, key: tuple[str, ...], flight: Future[JwtSvid | None]) -> None:
+        with self._lock:
+            if self._fetching.get(key) is flight:
+                del self._fetching[key]
+
+    def _join(self, key: tuple[str, ...], flight: Future[JwtSvid | None]) -> JwtSvid | None:
+        """The token another caller is fetching for ``key``; None if it was interrupted."""
+        try:
+            jwt = flight.result(self._client.timeout)
+        except TimeoutError:
+            # Its fetch has its own deadline, as long: a Ctrl-C that struck its caller between
+            # two steps left it unsettled. Gone, the next caller fetches again.
+            self._landed(key, flight)
+            raise no_answer("FetchJWTSVID", self._client.address) from None
+        if jwt is not None and self._ended:
+            raise ended_error(self._info)  # ended while it was being fetched
+        return jwt
 
     def _ended_instead(self) -> TaskEndedError | None:
         """What to raise instead of a denial when the server has ended this task (an

@@ -5,6 +5,12 @@ or a stalled peer, for real, so a test can act (cancel, interrupt) while a call 
         held.hold_answers()           # what the agent sends waits here
         ...                           # start a call, cancel it
         held.release()                # everything held goes on, in order
+
+or only one gRPC call's request while the others on the same connection go on:
+
+        held.hold_next_call()         # the next call's request message waits here
+        ...                           # start it, make other calls, count held.calls
+        held.release()
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -32,12 +39,86 @@ class _Gate:
         self.open.wait()
 
 
+# HTTP/2 (RFC 9113): what a client sends first, and the frame types that carry a header block.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+FRAME_HEADER = 9
+HEADERS = 0x1
+CONTINUATION = 0x9
+
+
+class _Calls:
+    """The gRPC calls (HTTP/2 streams) callers open through the socket; the next one opened
+    after hold_next() has its frames kept back, but for its header block: header blocks are
+    compressed against each other (HPACK), so they must reach the target in their order. The
+    target then waits for the call's request message, while later calls pass. One lock for
+    every connection's sends: a release sends what it kept back before anything newer."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.opened = 0
+        self.hold_next = False
+        # (the connection's target side, stream ID) -> its frames kept back, in order.
+        self.held: dict[tuple[socket.socket, int], list[bytes]] = {}
+
+    def release(self) -> None:
+        with self.lock:
+            for (sink, _), frames in self.held.items():
+                with contextlib.suppress(OSError):
+                    sink.sendall(b"".join(frames))
+            self.held = {}
+
+
+class _RequestLink:
+    """One connection's caller -> target bytes, cut into HTTP/2 frames on their way."""
+
+    def __init__(self, sink: socket.socket, calls: _Calls) -> None:
+        self.sink = sink
+        self.calls = calls
+        self._pending = b""
+        self._preface = True
+        self._last_stream = 0
+
+    def forward(self, data: bytes) -> None:
+        self._pending += data
+        if self._preface:
+            if len(self._pending) < len(PREFACE):
+                return
+            with self.calls.lock:
+                self.sink.sendall(self._pending[: len(PREFACE)])
+            self._pending = self._pending[len(PREFACE) :]
+            self._preface = False
+        while len(self._pending) >= FRAME_HEADER:
+            size = FRAME_HEADER + int.from_bytes(self._pending[:3], "big")
+            if len(self._pending) < size:
+                return
+            frame, self._pending = self._pending[:size], self._pending[size:]
+            self._send(frame)
+
+    def _send(self, frame: bytes) -> None:
+        kind = frame[3]
+        stream = int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF
+        calls = self.calls
+        with calls.lock:
+            if kind == HEADERS and stream > self._last_stream:
+                self._last_stream = stream
+                calls.opened += 1
+                if calls.hold_next:
+                    calls.hold_next = False
+                    calls.held[(self.sink, stream)] = []
+            kept = calls.held.get((self.sink, stream))
+            if kept is not None and kind not in (HEADERS, CONTINUATION):
+                kept.append(frame)
+                return
+            self.sink.sendall(frame)
+
+
 class HeldSocket:
     def __init__(self, path: Path, target: Path) -> None:
         self.path = path
         self.target = target
         self.requests = _Gate()  # caller -> target
         self.answers = _Gate()  # target -> caller
+        self._calls = _Calls()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sockets: list[socket.socket] = []
         self._closed = False
@@ -73,9 +154,28 @@ class HeldSocket:
     def hold_answers(self) -> None:
         self.answers.open.clear()
 
+    def hold_next_call(self) -> None:
+        """Keep back the request message of the next gRPC call made through the socket (until
+        release()); the calls made after it go on."""
+        with self._calls.lock:
+            self._calls.hold_next = True
+
+    @property
+    def call_held(self) -> bool:
+        """Whether a call's request message is being kept back now."""
+        with self._calls.lock:
+            return any(self._calls.held.values())
+
+    @property
+    def calls(self) -> int:
+        """How many gRPC calls (HTTP/2 streams) callers have opened through it so far."""
+        with self._calls.lock:
+            return self._calls.opened
+
     def release(self) -> None:
         self.requests.open.set()
         self.answers.open.set()
+        self._calls.release()
 
     @property
     def connections(self) -> int:
@@ -114,19 +214,22 @@ class HeldSocket:
                 caller.close()
                 far.close()
                 continue
+            link = _RequestLink(far, self._calls)
             threading.Thread(
-                target=self._pump, args=(caller, far, self.requests), daemon=True
+                target=self._pump, args=(caller, far, self.requests, link.forward), daemon=True
             ).start()
             threading.Thread(
-                target=self._pump, args=(far, caller, self.answers), daemon=True
+                target=self._pump, args=(far, caller, self.answers, caller.sendall), daemon=True
             ).start()
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, gate: _Gate) -> None:
+    def _pump(
+        source: socket.socket, sink: socket.socket, gate: _Gate, send: Callable[[bytes], None]
+    ) -> None:
         try:
             while data := source.recv(65536):
                 gate.pass_through(len(data))
-                sink.sendall(data)
+                send(data)
             sink.shutdown(socket.SHUT_WR)
         except OSError:
             return
