@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import TypeVar
 
@@ -152,14 +160,16 @@ class AsyncTaskClient:
         return AsyncWatch(call, REVOCATIONS, self.address)
 
     async def _revocations_seen(self, update: RevocationsUpdate) -> None:
-        """The agent's revocation list: every live task it names is over."""
-        named = self._live.named_by(update)
-        for task in named:  # at once, before any of them waits on the server
-            task._drop_tokens()
-        for task in named:
-            if self._closed:
-                return
-            await task._revoked()
+        """As TaskClient._revocations_seen: every live task named is ended at once, then how
+        they ended is asked of the server once for all, within one timeout."""
+        ended = [task for task in self._live.named_by(update) if task._revoked()]
+        if not ended or self._closed:
+            return
+        learnt = await self._ended_infos([task.info for task in ended])
+        for task in ended:
+            info = learnt.get(task.task_id)
+            if info is not None:
+                task._learnt_end(info)
 
     async def __aenter__(self) -> AsyncTaskClient:
         return self
@@ -263,20 +273,35 @@ class AsyncTaskClient:
 
     async def _ended_info(self, info: TaskInfo) -> TaskInfo | None:
         """As TaskClient._ended_info: the task's final state if it is no longer active."""
-        request = active_tasks_request(info)
+        return (await self._ended_infos([info])).get(info.task_id)
+
+    async def _ended_infos(self, infos: Sequence[TaskInfo]) -> dict[str, TaskInfo]:
+        """As TaskClient._ended_infos: asked once for all, within one timeout in all."""
+        learnt: dict[str, TaskInfo] = {}
         try:
+            async with asyncio.timeout(self.timeout):
+                active = await self._active_ids(infos)
+                for info in infos:
+                    if info.task_id not in active:
+                        learnt[info.task_id] = await self._end(info.task_id)
+        except (TimeoutError, grpc.aio.AioRpcError, SvidError):
+            pass  # what was learnt so far stands
+        return learnt
+
+    async def _active_ids(self, infos: Iterable[TaskInfo]) -> set[str]:
+        """The IDs of the active tasks of the runtime identities of ``infos``."""
+        active: set[str] = set()
+        for first in {info.runtime_id: info for info in infos}.values():
+            request = active_tasks_request(first)
             while True:
                 reply = await self._tasks.ListTasks(
                     request, metadata=METADATA, timeout=self.timeout
                 )
-                if any(t.task_id == info.task_id for t in reply.tasks):
-                    return None
+                active.update(t.task_id for t in reply.tasks)
                 if not reply.next_page_token:
                     break
                 request.page_token = reply.next_page_token
-            return await self._end(info.task_id)
-        except (grpc.aio.AioRpcError, SvidError):
-            return None
+        return active
 
     async def _fetch_jwt(self, spiffe_id: SpiffeId, audience: tuple[str, ...]) -> JwtSvid:
         request = workload_pb2.JWTSVIDRequest(audience=list(audience), spiffe_id=str(spiffe_id))
@@ -341,6 +366,7 @@ class AsyncTask(TaskView):
         self._fetching: dict[tuple[str, ...], asyncio.Task[JwtSvid]] = {}
         self._children: list[AsyncTask] = []
         self._ended = False
+        self._confirmed = True  # as Task's
         client._watching(self)
 
     def __repr__(self) -> str:
@@ -354,19 +380,16 @@ class AsyncTask(TaskView):
     def _cached_jtis(self) -> frozenset[str]:
         return cached_jtis(self._jwts.values())
 
-    def _drop_tokens(self) -> None:
-        self._jwts.clear()
-
-    async def _revoked(self) -> None:
-        """As Task._revoked: the revocation list names this task's credentials."""
+    def _revoked(self) -> bool:
+        """As Task._revoked: ended at once, how it ended asked after; False if ended already."""
         if self._ended:
-            return
-        self._drop_tokens()
-        info: TaskInfo | None = None
-        try:
-            info = await self._client._ended_info(self._info)
-        finally:
-            self._mark_ended(info or unconfirmed_end(self._info))
+            return False
+        self._mark_ended(unconfirmed_end(self._info), confirmed=False)
+        return True
+
+    def _learnt_end(self, info: TaskInfo) -> None:
+        self._info = info
+        self._confirmed = True
 
     async def jwt_svid(self, audience: str | Iterable[str]) -> JwtSvid:
         key = audience_key(audience)
@@ -501,17 +524,25 @@ class AsyncTask(TaskView):
     async def end(self, reason: str = "") -> TaskInfo:
         """End the task (idempotent), saying ``reason`` as Task.end does. Once sent, a
         cancellation waits for it to be done."""
-        if self._ended:
+        if self._ended and self._confirmed:
             return self._info
-        return await self._client._uncancelled(self._ending(reason))
+        # As Task.end: one ended by the revocation list alone asks the server how.
+        revoked = self._ended
+        try:
+            return await self._client._uncancelled(self._ending(reason))
+        except SvidError:
+            if not revoked:
+                raise
+            return self._info
 
     async def _ending(self, reason: str) -> TaskInfo:
         info = await self._client._end(self.task_id, reason)
         self._mark_ended(info)
         return info
 
-    def _mark_ended(self, info: TaskInfo | None = None) -> None:
+    def _mark_ended(self, info: TaskInfo | None = None, *, confirmed: bool = True) -> None:
         self._ended = True
+        self._confirmed = confirmed
         self._jwts.clear()
         if info is not None:
             self._info = info

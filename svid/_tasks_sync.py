@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
@@ -114,14 +114,17 @@ class TaskClient:
             self._feed.start()
 
     def _revocations_seen(self, update: RevocationsUpdate) -> None:
-        """The agent's revocation list: every live task it names is over."""
-        named = self._live.named_by(update)
-        for task in named:  # at once, before any of them waits on the server
-            task._drop_tokens()
-        for task in named:
-            if self._closed:
-                return
-            task._revoked()
+        """The agent's revocation list: every live task it names is over. All are ended at
+        once (parents first: theirs end with them); then how they ended is asked of the server
+        once for all, within one timeout, not one task after another."""
+        ended = [task for task in self._live.named_by(update) if task._revoked()]
+        if not ended or self._closed:
+            return
+        learnt = self._ended_infos([task.info for task in ended])
+        for task in ended:
+            info = learnt.get(task.task_id)
+            if info is not None:
+                task._learnt_end(info)
 
     @property
     def _tasks(self) -> task_pb2_grpc.TasksStub:
@@ -190,9 +193,13 @@ class TaskClient:
             raise
         return TaskInfo.from_proto(reply.task)
 
-    def _start(self, method: Any, request: Any) -> Future[grpc.Future]:
+    def _start(
+        self, method: Any, request: Any, timeout: float | None = None
+    ) -> Future[grpc.Future]:
         """``method`` called with ``request`` as a future, set up out of a Ctrl-C's reach."""
-        return self._setup.start(method.future, request, metadata=METADATA, timeout=self.timeout)
+        return self._setup.start(
+            method.future, request, metadata=METADATA, timeout=timeout or self.timeout
+        )
 
     def _end_granted(self, call: Future[grpc.Future]) -> None:
         """End the task an interrupted begin was granted."""
@@ -213,13 +220,14 @@ class TaskClient:
         task_id: str,
         ended: Callable[[TaskInfo], object] | None = None,
         reason: str = "",
+        timeout: float | None = None,
     ) -> TaskInfo:
         """EndTask saying ``reason``; ``ended`` is given the ended task, also when an interrupt
         (Ctrl-C) comes while waiting. A blocking call is cancelled when interrupted, leaving the
         task open, its SVIDs valid, until its TTL: this one is a future, waited for then (a
         second interrupt stops the wait) before the interrupt goes on."""
         request = end_request(task_id, reason)
-        call = self._start(self._tasks.EndTask, request)
+        call = self._start(self._tasks.EndTask, request, timeout)
         try:
             reply = call.result().result()
         except grpc.RpcError as exc:
@@ -237,19 +245,44 @@ class TaskClient:
     def _ended_info(self, info: TaskInfo) -> TaskInfo | None:
         """The task's final state if the server no longer has it active, else None (None too
         when that cannot be learnt: the caller then raises the error it has)."""
-        request = active_tasks_request(info)
+        return self._ended_infos([info]).get(info.task_id)
+
+    def _ended_infos(self, infos: Sequence[TaskInfo]) -> dict[str, TaskInfo]:
+        """By task ID, the final state of those of ``infos`` the server no longer has active,
+        asked once for all and within one timeout in all (a server that does not answer then
+        costs one timeout, not one per task); one left out is active, or was not learnt."""
+        deadline = self.clock.monotonic() + self.timeout
+        learnt: dict[str, TaskInfo] = {}
         try:
+            active = self._active_ids(infos, deadline)
+            for info in infos:
+                if info.task_id not in active:
+                    # Not active: EndTask changes nothing and answers how and why it ended.
+                    learnt[info.task_id] = self._end(info.task_id, timeout=self._left(deadline))
+        except (grpc.RpcError, SvidError):
+            pass  # what was learnt so far stands
+        return learnt
+
+    def _active_ids(self, infos: Iterable[TaskInfo], deadline: float) -> set[str]:
+        """The IDs of the active tasks of the runtime identities of ``infos``."""
+        active: set[str] = set()
+        for first in {info.runtime_id: info for info in infos}.values():
+            request = active_tasks_request(first)
             while True:
-                reply = self._tasks.ListTasks(request, metadata=METADATA, timeout=self.timeout)
-                if any(t.task_id == info.task_id for t in reply.tasks):
-                    return None
+                reply = self._tasks.ListTasks(
+                    request, metadata=METADATA, timeout=self._left(deadline)
+                )
+                active.update(t.task_id for t in reply.tasks)
                 if not reply.next_page_token:
                     break
                 request.page_token = reply.next_page_token
-            # Not active: EndTask changes nothing and answers how and why it ended.
-            return self._end(info.task_id)
-        except (grpc.RpcError, SvidError):
-            return None
+        return active
+
+    def _left(self, deadline: float) -> float:
+        left = deadline - self.clock.monotonic()
+        if left <= 0:
+            raise no_answer("ListTasks", self.address)
+        return left
 
     def _fetch_jwt(self, spiffe_id: SpiffeId, audience: tuple[str, ...]) -> JwtSvid:
         request = workload_pb2.JWTSVIDRequest(audience=list(audience), spiffe_id=str(spiffe_id))
@@ -302,7 +335,10 @@ class Task(TaskView):
 
     ``jwt(audience)`` gives a task JWT-SVID, cached and fetched again once half its lifetime has
     passed; once the agent's revocation stream says the server ended the task, ``ended`` is
-    True and ``jwt`` raises TaskEndedError saying how it ended (its sub-tasks with it). Threads
+    True and ``jwt`` raises TaskEndedError (its sub-tasks with it). ``info`` then says how it
+    ended once the server has told (within the client's timeout); until then, or when it
+    cannot be asked, its ``end_reason`` says only that the agent's revocation list names the
+    task's credentials, and ``end()`` asks again. Threads
     asking for one audience at once share one fetch; a fetch in flight holds up no other
     audience and no end. A ``jwt`` whose fetch answers after the task ended raises
     TaskEndedError: the token is neither handed out nor kept.
@@ -319,6 +355,8 @@ class Task(TaskView):
         self._fetching: dict[tuple[str, ...], Future[JwtSvid | None]] = {}
         self._children: list[Task] = []
         self._ended = False
+        # False while how it ended is not known: ended by the revocation list alone.
+        self._confirmed = True
         client._watching(self)
 
     def __repr__(self) -> str:
@@ -334,22 +372,21 @@ class Task(TaskView):
         with self._lock:  # never held across a call: a revocation check does not wait on one
             return cached_jtis(self._jwts.values())
 
-    def _drop_tokens(self) -> None:
-        with self._lock:
-            self._jwts.clear()
-
-    def _revoked(self) -> None:
+    def _revoked(self) -> bool:
         """The agent's revocation list names this task's credentials: the server has ended it.
-        How it ended is asked of the server (the list says only that it did); without an
-        answer it is ended all the same (fail closed)."""
-        if self._ended:
-            return
-        self._drop_tokens()
-        info: TaskInfo | None = None
-        try:
-            info = self._client._ended_info(self._info)
-        finally:
-            self._mark_ended(info or unconfirmed_end(self._info))
+        Ended at once, fail closed, saying only that (the list does not say how: the client
+        asks the server, then _learnt_end); False if it had ended already."""
+        with self._lock:
+            if self._ended:
+                return False
+        self._mark_ended(unconfirmed_end(self._info), confirmed=False)
+        return True
+
+    def _learnt_end(self, info: TaskInfo) -> None:
+        """How the server says this task, ended by the revocation list, ended."""
+        with self._lock:
+            self._info = info
+            self._confirmed = True
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -533,13 +570,22 @@ class Task(TaskView):
         ``reason`` (short plain text, never a secret: it goes to the audit log) says why; the
         server records "ended by its runtime: <reason>"."""
         with self._lock:
-            if self._ended:
+            if self._ended and self._confirmed:
                 return self._info
-        return self._client._end(self.task_id, self._mark_ended, reason)
+            # Ended by the revocation list, how not yet known: EndTask changes nothing, and
+            # says; if it cannot, the task is ended all the same.
+            revoked = self._ended
+        try:
+            return self._client._end(self.task_id, self._mark_ended, reason)
+        except SvidError:
+            if not revoked:
+                raise
+            return self._info
 
-    def _mark_ended(self, info: TaskInfo | None = None) -> None:
+    def _mark_ended(self, info: TaskInfo | None = None, *, confirmed: bool = True) -> None:
         with self._lock:
             self._ended = True
+            self._confirmed = confirmed
             self._jwts.clear()
             if info is not None:
                 self._info = info

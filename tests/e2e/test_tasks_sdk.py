@@ -566,6 +566,7 @@ def test_a_task_revoked_while_in_use_refuses_further_tokens_as_ended_saying_why(
 ) -> None:
     # The agent no longer serves a revoked task's identity: its refusal ("caller is not
     # entitled to ...") read as a policy denial, which a runtime may retry or report as one.
+    # Without the revocation stream, which would otherwise often tell first.
     def unserved(task_id: svid.SpiffeId) -> None:
         def gone() -> bool:
             try:
@@ -578,7 +579,7 @@ def test_a_task_revoked_while_in_use_refuses_further_tokens_as_ended_saying_why(
         wait_for(gone, 10, "the agent to stop serving the revoked task")
 
     with (
-        TaskClient(stack.address) as client,
+        TaskClient(stack.address, watch_revocations=False) as client,
         client.begin(actions=["read"], resources=["docs", "wiki"]) as task,
     ):
         task.jwt("docs")
@@ -594,7 +595,7 @@ def test_a_task_revoked_while_in_use_refuses_further_tokens_as_ended_saying_why(
 
     async def run() -> None:
         async with (
-            AsyncTaskClient(stack.address) as client,
+            AsyncTaskClient(stack.address, watch_revocations=False) as client,
             client.begin(actions=["read"], resources=["docs"]) as task,
         ):
             await asyncio.to_thread(stack.server.cli, "task", "revoke", task.task_id)

@@ -5,16 +5,21 @@ socket in front of the agent, tests/e2e/held_socket.py, while every other call g
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
 
+import grpc
 import pytest
 
-from svid.tasks import AsyncTaskClient, TaskClient, TaskEndedError
+from svid._proto import revocation_pb2, revocation_pb2_grpc
+from svid.tasks import AsyncTask, AsyncTaskClient, Task, TaskClient, TaskEndedError
 from tests.e2e import test_tasks_sdk as sdk
+from tests.e2e.agent_process import HEADER
 from tests.e2e.conftest import wait_for
 from tests.e2e.held_socket import HeldSocket
 
@@ -26,6 +31,7 @@ T = TypeVar("T")
 PATIENT = 300.0
 # Generous, for a loaded 2-core machine: what is waited for takes milliseconds when it works.
 WAIT = 60.0
+UNCONFIRMED = "the agent's revocation list names its credentials"
 
 
 class _Call(Generic[T]):
@@ -194,6 +200,87 @@ def test_async_callers_of_one_audience_share_one_fetch_while_others_are_served(
             link.release()
             assert await first == await second
             assert link.calls - before == 2
+
+    with stack.held() as link:
+        asyncio.run(run(link))
+
+
+def _agent_lists(stack: sdk.Stack, tasks: list[str]) -> None:
+    """Wait until the agent's revocation list names every one of ``tasks`` (SPIFFE IDs)."""
+    with grpc.insecure_channel(f"unix:{stack.agent.socket_path}") as channel:
+        stream = revocation_pb2_grpc.RevocationsStub(channel).Watch(
+            revocation_pb2.WatchRequest(), metadata=HEADER, timeout=WAIT
+        )
+        for update in stream:
+            if set(tasks) <= {item.spiffe_id for item in update.items}:
+                stream.cancel()
+                return
+    raise AssertionError("the agent's revocation stream ended before naming the tasks")
+
+
+@contextmanager
+def _server_stopped(stack: sdk.Stack) -> Iterator[None]:
+    """The server process stopped (SIGSTOP): its connections stay open, nothing answers."""
+    proc = stack.server.proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+def _revoked_while_unanswered(
+    stack: sdk.Stack, link: HeldSocket, tasks: list[Task] | list[AsyncTask]
+) -> None:
+    """Revoke ``tasks`` at the server while the runtime behind ``link`` hears nothing; once the
+    agent lists them all, cut the runtime's connection: its revocation stream, opened again,
+    is sent the whole list in one message."""
+    link.hold_answers()
+    for task in tasks:
+        stack.server.cli("task", "revoke", task.task_id, "--reason", "one of many")
+    _agent_lists(stack, [str(task.spiffe_id) for task in tasks])
+    link.cut()  # what was held for the old connection goes with it
+
+
+# Asked one after another, the server stopped, each task's end would wait for the agent to
+# give up on the server (10 s): this many take far longer than ENDED, when all end at once.
+MANY = 8
+ENDED = 30.0
+
+
+def test_tasks_revoked_together_are_all_ended_at_once_with_the_server_unreachable(
+    stack: sdk.Stack,
+) -> None:
+    with stack.held() as link, TaskClient(link.address, timeout=PATIENT) as client:
+        tasks = [client.begin(actions=["read"], resources=["docs"]) for _ in range(MANY)]
+        wait_for(lambda: link.calls == MANY + 1, WAIT, "the revocation stream to open")
+        _revoked_while_unanswered(stack, link, tasks)
+        with _server_stopped(stack):
+            link.release()
+            wait_for(lambda: all(t.ended for t in tasks), ENDED, "every task to be ended")
+            # How they ended cannot be learnt: ended all the same, saying why.
+            assert {t.info.end_reason for t in tasks} == {UNCONFIRMED}
+            with pytest.raises(TaskEndedError, match=UNCONFIRMED):
+                tasks[-1].jwt("docs")
+
+
+def test_async_tasks_revoked_together_are_all_ended_at_once_with_the_server_unreachable(
+    stack: sdk.Stack,
+) -> None:
+    async def run(link: HeldSocket) -> None:
+        async with AsyncTaskClient(link.address, timeout=PATIENT) as client:
+            tasks = [await client.begin(actions=["read"], resources=["docs"]) for _ in range(MANY)]
+            await asyncio.to_thread(
+                wait_for, lambda: link.calls == MANY + 1, WAIT, "the revocation stream to open"
+            )
+            await asyncio.to_thread(_revoked_while_unanswered, stack, link, tasks)
+            with _server_stopped(stack):
+                link.release()
+                async with asyncio.timeout(ENDED):
+                    while not all(t.ended for t in tasks):
+                        await asyncio.sleep(0.05)
+                assert {t.info.end_reason for t in tasks} == {UNCONFIRMED}
 
     with stack.held() as link:
         asyncio.run(run(link))

@@ -24,7 +24,9 @@ LEARN = 30.0
 
 
 def _learnt(task: Task | AsyncTask) -> Callable[[], bool]:
-    return lambda: task.ended
+    """The task is ended, and how is known: the stream ends it at once, the server's answer
+    to how follows."""
+    return lambda: task.ended and task.info.state != "active"
 
 
 def _feed_threads() -> set[threading.Thread]:
