@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,15 @@ pytest_plugins = ["tests.fuzz.summary"]
 
 # The logger trees the server's and the agent's `logs.configure` route to a stream of their own.
 CONFIGURED_LOGGERS = ("svid", "agent_attestor")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The daemons and CLIs the tests start (`python -m server.cli`, from a temporary directory
+    # as often as not) must import this checkout's code, not that of whichever checkout the
+    # virtualenv was installed from: a run from a git worktree tests the worktree.
+    checkout = str(Path(__file__).resolve().parents[1])
+    others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != checkout]
+    os.environ["PYTHONPATH"] = os.pathsep.join([checkout, *others])
 
 
 @pytest.fixture(autouse=True)

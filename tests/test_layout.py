@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,14 @@ def test_task_layer_check_detects_an_import(tmp_path: Path) -> None:
     sample.write_text("from server.tasks.wiring import NodeHooks\nfrom server import tasks\n")
     found = {m for m in _imported_modules(sample) if m.split(".")[:2] == ["server", "tasks"]}
     assert found == {"server.tasks.wiring", "server.tasks.wiring.NodeHooks", "server.tasks"}
+
+
+def test_a_process_the_tests_start_imports_this_checkout(tmp_path: Path) -> None:
+    # Started from elsewhere (the daemons' temporary directories), it imported the checkout the
+    # virtualenv was installed from: from a git worktree, the tests ran another tree's code.
+    done = subprocess.run(
+        [sys.executable, "-c", "import server, svid; print(server.__file__, svid.__file__)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    for module in done.stdout.split():
+        assert Path(module).resolve().is_relative_to(ROOT), module
