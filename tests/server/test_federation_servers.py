@@ -110,7 +110,6 @@ def test_a_bundle_set_through_a_reaches_an_agent_on_b(world: World) -> None:
     update = next_matching(stream, lambda u: foreign_on(u) is not None)
     took = time.monotonic() - started
     report("foreign bundle set, on B's agent's Sync stream", took)
-    assert took < 1.0
     pushed = foreign_on(update)
     assert pushed is not None
     assert list(pushed.x509_authorities) == list(world.home.bundle().x509_authorities)
