@@ -308,6 +308,15 @@ def test_the_translation_changes_only_sqlites_words() -> None:
 # -- connections --------------------------------------------------------------------------------
 
 
+def _backends(dsn_app: str) -> int:
+    with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (dsn_app,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def _terminate(dsn_app: str) -> int:
     with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
         row = admin.execute(
@@ -326,6 +335,10 @@ def test_a_call_on_a_dead_connection_fails_and_the_next_one_gets_a_fresh_one(
     store = PostgresDataStore(f"{postgres_dsn}&application_name={app}", clock, min_connections=3)
     try:
         store.create_entry(entry("/before"))
+        # The pool opens its connections in the background: kill them once all three are up.
+        deadline = time.monotonic() + 30
+        while _backends(app) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _terminate(app) >= 3  # the migration's own connection is long gone
         with pytest.raises(StorageError, match="cannot list entries"):
             store.list_entries()
