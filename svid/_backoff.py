@@ -4,6 +4,7 @@ the many clients that lost one server (or agent) at once do not come back at onc
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 
 def backoff_delay(attempt: int, low: float, high: float, rand: random.Random) -> float:
@@ -28,3 +29,16 @@ class Retry:
 
     def succeeded(self) -> None:
         self.wait = None
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Reconnect delays: retry n (0 for the first) waits a random time up to
+    min(``cap``, ``initial`` * 2**n). The jitter keeps the workloads of an agent that restarted
+    from coming back all at once."""
+
+    initial: float = 0.2
+    cap: float = 30.0
+
+    def delay(self, attempt: int, rand: random.Random) -> float:
+        return backoff_delay(attempt, self.initial, self.cap, rand)

@@ -11,16 +11,15 @@ import random
 import threading
 from collections.abc import Callable
 
-from svid._backoff import backoff_delay
+from svid._backoff import Backoff
 from svid._workload_calls import RevocationsUpdate
 from svid._workload_client import Watch
 from svid._workload_errors import WorkloadApiError
 
 log = logging.getLogger("svid.tasks")
 
-# Reconnect delays as the Workload API sources use (svid._workload_source.Backoff).
-BACKOFF_INITIAL = 0.2
-BACKOFF_CAP = 30.0
+# Reconnect delays as the Workload API sources use.
+BACKOFF = Backoff()
 
 OpenWatch = Callable[[], Watch[RevocationsUpdate]]
 # Takes an update; False once there is no one left to tell (the client was collected).
@@ -106,7 +105,7 @@ class RevocationFeed:
             finally:
                 with self._lock:
                     self._watch = None
-            self._stop.wait(backoff_delay(self._attempt, BACKOFF_INITIAL, BACKOFF_CAP, self._rand))
+            self._stop.wait(BACKOFF.delay(self._attempt, self._rand))
             self._attempt += 1
 
     def _read(self) -> None:

@@ -9,8 +9,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from svid._backoff import backoff_delay
-from svid._task_feed import BACKOFF_CAP, BACKOFF_INITIAL, unimplemented
+from svid._task_feed import BACKOFF, unimplemented
 from svid._workload_calls import RevocationsUpdate
 from svid._workload_client_aio import AsyncWatch
 from svid._workload_errors import WorkloadApiError
@@ -66,9 +65,7 @@ class AsyncRevocationFeed:
                 log.debug("task revocation stream lost, reconnecting: %s", exc)
             except Exception as exc:  # a background task: log, go on
                 log.warning("task revocation stream failed, reconnecting: %r", exc)
-            await asyncio.sleep(
-                backoff_delay(self._attempt, BACKOFF_INITIAL, BACKOFF_CAP, self._rand)
-            )
+            await asyncio.sleep(BACKOFF.delay(self._attempt, self._rand))
             self._attempt += 1
 
     async def _read(self) -> None:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import random
 import threading
-from dataclasses import dataclass
 from typing import Any
 
-from svid._backoff import backoff_delay
+from svid._backoff import Backoff
 from svid._clock import Clock, SystemClock
 from svid._errors import SvidError
 from svid._revocation import RevocationSet
@@ -19,19 +18,6 @@ from svid._source_views import SourceViews
 from svid._workload_calls import JWT_BUNDLES, REVOCATIONS, X509_BUNDLES, X509_SVIDS, StreamCall
 from svid._workload_client import Watch, WorkloadApiClient
 from svid._workload_errors import WorkloadApiUnavailableError
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Reconnect delays: retry n (0 for the first) waits a random time up to
-    min(``cap``, ``initial`` * 2**n). The jitter keeps the workloads of an agent that restarted
-    from coming back all at once."""
-
-    initial: float = 0.2
-    cap: float = 30.0
-
-    def delay(self, attempt: int, rand: random.Random) -> float:
-        return backoff_delay(attempt, self.initial, self.cap, rand)
 
 
 def streams_for(

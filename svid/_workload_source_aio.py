@@ -12,6 +12,7 @@ import contextlib
 import random
 from typing import Any
 
+from svid._backoff import Backoff
 from svid._clock import Clock, SystemClock
 from svid._errors import SvidError
 from svid._revocation import RevocationSet
@@ -20,7 +21,7 @@ from svid._source_views import SourceViews
 from svid._workload_calls import StreamCall
 from svid._workload_client_aio import AsyncWorkloadApiClient
 from svid._workload_errors import WorkloadApiUnavailableError
-from svid._workload_source import Backoff, streams_for
+from svid._workload_source import streams_for
 
 
 class AsyncWorkloadApiSource(SourceViews):

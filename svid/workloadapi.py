@@ -10,6 +10,7 @@ verifiers and TLS contexts current from a running agent — with threads or with
         ctx = svid.tls.server_context(source, authorize="spiffe://example.org/billing")
 """
 
+from svid._backoff import Backoff
 from svid._crl import CrlResult, revoked_from_crls
 from svid._source_state import RevocationEvent
 from svid._workload_address import ENV_SOCKET, WorkloadApiAddressError, grpc_target
@@ -27,7 +28,7 @@ from svid._workload_errors import (
     WorkloadApiPermissionError,
     WorkloadApiUnavailableError,
 )
-from svid._workload_source import Backoff, WorkloadApiSource, X509Source
+from svid._workload_source import WorkloadApiSource, X509Source
 from svid._workload_source_aio import AsyncWorkloadApiSource, AsyncX509Source
 
 __all__ = [
