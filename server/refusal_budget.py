@@ -25,6 +25,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from server.log_throttle import LogThrottle
 from server.ratelimit import KeyedLimiter
 from svid._clock import Clock
 
@@ -53,12 +54,9 @@ class RefusalBudget:
             f"{kind} past their caller's budget are counted, not written to the audit log"
         )
         self._limiter = KeyedLimiter(rate, burst, clock)
-        self._clock = clock
         self._dropped = dropped
-        self._window = window
         self._lock = threading.Lock()
-        self._next_line = float("-inf")
-        self._unlogged = 0
+        self._lines = LogThrottle(window, clock)
 
     def on_record(self, key: str) -> bool:
         """True if this refusal of `key` is to be written; False (counted, maybe logged) if
@@ -66,13 +64,10 @@ class RefusalBudget:
         if self._limiter.try_take(key):
             return True
         self._dropped()
-        now = self._clock.monotonic()
         with self._lock:
-            self._unlogged += 1
-            if now < self._next_line:
-                return False
-            self._next_line = now + self._window
-            count, self._unlogged = self._unlogged, 0
+            count = self._lines.due()
+        if not count:
+            return False
         _log.warning(
             self._message,
             extra={"source": self._source, "caller": key, "dropped": count},

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server.oauth.log_throttle import LogThrottle
+from server.log_throttle import LogThrottle
 from server.peer import address_key
 from svid._clock import Clock
 

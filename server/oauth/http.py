@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import h11
 
+from server.log_throttle import LogThrottle
 from server.oauth.admission import Admission, ConnectionCaps, ConnectionMetrics
-from server.oauth.log_throttle import LogThrottle
 from server.oauth.sockets import listening_sockets
 from svid._clock import Clock, SystemClock
 

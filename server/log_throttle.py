@@ -8,7 +8,7 @@ from svid._clock import Clock
 
 
 class LogThrottle:
-    """Used from the event loop only: no lock."""
+    """Not thread-safe: used from one event loop, or under its owner's lock."""
 
     def __init__(self, interval: float, clock: Clock) -> None:
         self._interval = interval
