@@ -33,7 +33,12 @@ from server.datastore.base import DataStore
 from server.datastore.legacy_import import import_legacy_files
 from server.datastore.postgres_dsn import open_postgres
 from server.datastore.sqlite import SqliteDataStore
-from server.descriptor_budget import warn_if_short
+from server.descriptor_budget import (
+    GRPC_IDLE_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+    budget,
+    warn_if_short,
+)
 from server.errors import ConfigError
 from server.events import ChangeNotifier
 from server.federation.wiring import Federation
@@ -135,6 +140,7 @@ class Server:
         self.follower: FeedFollower | None = None
         self.oauth: OAuthService | None = None
         self.descriptor_limit = 0  # the soft RLIMIT_NOFILE once started
+        self.grpc_max_connections = 0  # the agents' ports' connection cap once started
         self.federation: Federation | None = None
 
     # -- construction -------------------------------------------------------------------------
@@ -284,6 +290,17 @@ class Server:
             *KEEPALIVE_OPTIONS,
         ]
 
+    def _node_grpc_options(self) -> list[tuple[str, int]]:
+        # The agents' ports are open to the network: a connection past the cap is closed at
+        # once, a silent one at the handshake timeout, one calling nothing when idle. The
+        # admin socket's are the operator's, behind file permissions.
+        return [
+            *self._grpc_options(),
+            ("grpc.max_allowed_incoming_connections", self.grpc_max_connections),
+            ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT * 1000)),
+            ("grpc.max_connection_idle_ms", int(GRPC_IDLE_TIMEOUT * 1000)),
+        ]
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> RuntimeInfo:
@@ -292,6 +309,7 @@ class Server:
         # 1024) would run out long before the hard one.
         self.descriptor_limit = raise_descriptor_limit()
         warn_if_short(cfg, self.descriptor_limit)
+        self.grpc_max_connections = budget(cfg).grpc_cap(self.descriptor_limit)
         metrics_address = ""
         if cfg.metrics_address:
             # First: an address it cannot listen on is the operator's to fix, before anything
@@ -398,7 +416,7 @@ class Server:
             federation=self.federation.service,
         )
         # Two gRPC servers: the admin service must never be reachable over the network ports.
-        self._node_server = grpc.aio.server(options=self._grpc_options())
+        self._node_server = grpc.aio.server(options=self._node_grpc_options())
         node_pb2_grpc.add_NodeServicer_to_server(node, self._node_server)
         self._node_server.add_generic_rpc_handlers(
             self.tasks.node_handlers(
@@ -499,6 +517,7 @@ class Server:
                 "admin_socket": self.runtime.admin_socket,
                 "metrics_address": metrics_address,
                 "descriptor_limit": self.descriptor_limit,
+                "grpc_max_connections": self.grpc_max_connections,
             },
         )
         return self.runtime

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import h11
 
+from server.descriptor_budget import HANDSHAKE_TIMEOUT
 from server.log_throttle import LogThrottle
 from server.oauth.admission import Admission, ConnectionCaps, ConnectionMetrics
 from server.oauth.sockets import listening_sockets
@@ -27,10 +28,6 @@ _log = logging.getLogger("svid.server.oauth")
 MAX_BODY_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 READ_TIMEOUT = 30.0
-# A client gets this long to finish its TLS handshake (asyncio's default is 60 s): a connection
-# that never sends its ClientHello still holds a descriptor, and a real client needs one round
-# trip or two.
-HANDSHAKE_TIMEOUT = 10.0
 ACCEPT_BATCH = 64
 ACCEPT_RETRY_DELAY = 1.0
 # Out of descriptors, accept fails again at each retry, for as long as it lasts: a line a minute

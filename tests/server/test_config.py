@@ -27,6 +27,7 @@ def test_defaults_from_minimal_file(tmp_path: Path) -> None:
     assert config.audit_prune_interval == 3600.0
     assert config.signing_processes == (os.cpu_count() or 1)
     assert (config.http_max_connections, config.http_max_connections_per_host) == (1024, 128)
+    assert config.grpc_max_connections == 0  # derived from the descriptor limit at start
 
 
 def test_signing_processes_zero_signs_in_the_server() -> None:
@@ -114,6 +115,8 @@ def test_config_is_frozen() -> None:
             },
             "http_max_connections_per_host",
         ),
+        ({"trust_domain": "example.org", "grpc_max_connections": -1}, "grpc_max_connections"),
+        ({"trust_domain": "example.org", "grpc_max_connections": 1.5}, "grpc_max_connections"),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
