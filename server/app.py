@@ -142,8 +142,23 @@ class Server:
         self.descriptor_limit = 0  # the soft RLIMIT_NOFILE once started
         self.grpc_max_connections = 0  # the agents' ports' connection cap once started
         self.federation: Federation | None = None
+        self._budgets: list[RefusalBudget] = []
 
     # -- construction -------------------------------------------------------------------------
+
+    def _refusal_budget(
+        self, source: str, rate: float, burst: int, kind: str = "refusals"
+    ) -> RefusalBudget:
+        budget = RefusalBudget(
+            source,
+            rate=rate,
+            burst=burst,
+            clock=self.clock,
+            dropped=self.metrics.refusals_unrecorded.labels(source=source).inc,
+            kind=kind,
+        )
+        self._budgets.append(budget)  # its tally goes on the audit log (_record_unrecorded)
+        return budget
 
     def _build_core(self) -> None:
         cfg = self.config
@@ -191,12 +206,8 @@ class Server:
             server_id=str(self.ids.server),
             clock=self.clock,
             settings=TaskSettings(max_active_per_runtime=cfg.max_active_tasks_per_runtime),
-            denials=RefusalBudget(
-                "task",
-                rate=cfg.task_denial_rate_per_agent,
-                burst=cfg.task_denial_burst_per_agent,
-                clock=self.clock,
-                dropped=self.metrics.refusals_unrecorded.labels(source="task").inc,
+            denials=self._refusal_budget(
+                "task", cfg.task_denial_rate_per_agent, cfg.task_denial_burst_per_agent
             ),
         )
         # With a KEK the checkpoint key is the trust domain's, like the CA's: every server
@@ -422,21 +433,15 @@ class Server:
             self.tasks.node_handlers(
                 self.state,
                 PeerCache(self.ids),
-                RefusalBudget(
+                self._refusal_budget(
                     "validation",
-                    rate=cfg.validation_refusal_rate_per_agent,
-                    burst=cfg.validation_refusal_burst_per_agent,
-                    clock=self.clock,
-                    dropped=self.metrics.refusals_unrecorded.labels(source="validation").inc,
+                    cfg.validation_refusal_rate_per_agent,
+                    cfg.validation_refusal_burst_per_agent,
                 ),
-                RefusalBudget(
+                self._refusal_budget(
                     "validation_accepted",
-                    rate=cfg.validation_accepted_rate_per_agent,
-                    burst=cfg.validation_accepted_burst_per_agent,
-                    clock=self.clock,
-                    dropped=self.metrics.refusals_unrecorded.labels(
-                        source="validation_accepted"
-                    ).inc,
+                    cfg.validation_accepted_rate_per_agent,
+                    cfg.validation_accepted_burst_per_agent,
                     kind="reports of accepted tokens",
                 ),
                 KeyedLimiter(
@@ -536,12 +541,10 @@ class Server:
             clock=self.clock,
             audit=self.tasks.audit.append,
             revoked=self.state.is_jwt_revoked,
-            refusals=RefusalBudget(
+            refusals=self._refusal_budget(
                 "oauth",
-                rate=self.config.oauth_refusal_rate_per_host,
-                burst=self.config.oauth_refusal_burst_per_host,
-                clock=self.clock,
-                dropped=self.metrics.refusals_unrecorded.labels(source="oauth").inc,
+                self.config.oauth_refusal_rate_per_host,
+                self.config.oauth_refusal_burst_per_host,
             ),
             connection_metrics=self.metrics.http_listener("oauth"),
         )
@@ -573,6 +576,7 @@ class Server:
     async def _housekeeping_loop(self) -> None:
         while not await self._sleep(HOUSEKEEPING_INTERVAL):
             await self._guarded(self.state.prune)
+            await self._guarded(self._record_unrecorded)
             if self.follower is not None:
                 await self._guarded(self._prune_feed)
 
@@ -591,6 +595,14 @@ class Server:
     async def _prune_feed(self) -> None:
         if self.follower is not None:
             await self.follower.prune()
+
+    async def _record_unrecorded(self) -> None:
+        """One audit event per refusal budget that left refusals off the record since the
+        last: the log counts every refusal, if not each one in a row of its own. On every
+        server (each has its own budgets)."""
+        tallies = [t for t in (b.take_unrecorded() for b in self._budgets) if t is not None]
+        if tallies:
+            await asyncio.to_thread(self.tasks.audit.append_many, [t.draft() for t in tallies])
 
     async def _guarded(self, job: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -621,6 +633,7 @@ class Server:
             await self.oauth.stop()
         if self.federation is not None:
             await self.federation.stop()
+        await self._guarded(self._record_unrecorded)  # nothing refuses any more: the last
         if self._metrics_http is not None:
             self._metrics_http.stop()
         for executor in (self._executor, self._jwt_executor):

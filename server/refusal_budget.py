@@ -9,9 +9,11 @@ Why: a refusal is written for a caller nobody has authenticated yet (a bad asser
 guessed join token). Without a bound, whoever reaches the listener writes audit rows as fast
 as it can send requests, and the log grows until retention catches up. With one, each caller's
 first `burst` refusals (then `rate` per second) are on record, so an operator sees who is
-attacking; the rest only move a metric, and a log line once per `window` says that refusals
-are being left off the record, and for which source. Grants and other decisions that let
-something out are never asked about: only refusals spend the budget.
+attacking; the rest move a metric, a log line once per `window` says that refusals are being
+left off the record, and for which source, and the server writes one audit event a minute per
+source (`take_unrecorded`) counting those it left off and naming the callers that left the
+most: the log still accounts for every refusal, in a bounded number of rows. Grants and other
+decisions that let something out are never asked about: only refusals spend the budget.
 
 The one exception is what an agent says its workloads accepted (ReportValidations, ok=True):
 not a decision of this server, and a compromised agent can forge such reports as fast as
@@ -24,13 +26,50 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from server.audit.event import EventDraft
 from server.log_throttle import LogThrottle
 from server.ratelimit import KeyedLimiter
 from svid._clock import Clock
 
 _log = logging.getLogger("svid.server.audit")
 LOG_WINDOW = 60.0
+UNRECORDED_KIND = "refusals_unrecorded"
+# Callers counted one by one in a tally: past this many, the rest are counted together (a
+# caller cycling addresses must not grow the server's memory or the event).
+MAX_TALLIED_CALLERS = 1024
+TOP_CALLERS = 5  # named in the event, with their counts
+
+
+@dataclass(frozen=True, slots=True)
+class Unrecorded:
+    """What a budget left off the record since the last tally."""
+
+    source: str
+    kind: str
+    count: int
+    callers: int  # distinct callers, counted up to MAX_TALLIED_CALLERS
+    more_callers: bool  # more callers than that: the rest share `others`
+    top: tuple[tuple[str, int], ...]  # the callers that left the most, most first
+    since: float  # wall clock of the first one left off
+    until: float  # of the tally
+
+    def draft(self) -> EventDraft:
+        return EventDraft(
+            kind=UNRECORDED_KIND,
+            decision="not_recorded",
+            reason=f"{self.kind} past their caller's budget, counted, not written one by one",
+            extra={
+                "source": self.source,
+                "count": self.count,
+                "callers": self.callers,
+                "more_callers": self.more_callers,
+                "top": [{"caller": key, "count": n} for key, n in self.top],
+                "since": round(self.since, 3),
+                "until": round(self.until, 3),
+            },
+        )
 
 
 class RefusalBudget:
@@ -50,6 +89,11 @@ class RefusalBudget:
         """`source` names the refusals in the log line (`kind`: what they are); `dropped`
         counts one left off the record (a metric); a `rate` of 0 keeps every one on record."""
         self._source = source
+        self._kind = kind
+        self._clock = clock
+        self._tally: dict[str, int] = {}
+        self._others = 0  # left off by callers past MAX_TALLIED_CALLERS
+        self._since: float | None = None
         self._message = (
             f"{kind} past their caller's budget are counted, not written to the audit log"
         )
@@ -65,6 +109,12 @@ class RefusalBudget:
             return True
         self._dropped()
         with self._lock:
+            if self._since is None:
+                self._since = self._clock.now()
+            if key in self._tally or len(self._tally) < MAX_TALLIED_CALLERS:
+                self._tally[key] = self._tally.get(key, 0) + 1
+            else:
+                self._others += 1
             count = self._lines.due()
         if not count:
             return False
@@ -73,3 +123,22 @@ class RefusalBudget:
             extra={"source": self._source, "caller": key, "dropped": count},
         )
         return False
+
+    def take_unrecorded(self) -> Unrecorded | None:
+        """What was left off the record since the last call (None: nothing), and start anew."""
+        with self._lock:
+            if self._since is None:
+                return None
+            tally, others, since = self._tally, self._others, self._since
+            self._tally, self._others, self._since = {}, 0, None
+        top = sorted(tally.items(), key=lambda item: (-item[1], item[0]))[:TOP_CALLERS]
+        return Unrecorded(
+            source=self._source,
+            kind=self._kind,
+            count=sum(tally.values()) + others,
+            callers=len(tally),
+            more_callers=others > 0,
+            top=tuple(top),
+            since=since,
+            until=self._clock.now(),
+        )

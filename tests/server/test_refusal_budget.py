@@ -93,3 +93,65 @@ def test_the_log_line_names_what_was_left_off(caplog: pytest.LogCaptureFixture) 
 )
 def test_a_client_is_known_by_its_address_an_ipv6_one_by_its_64(host: str, key: str) -> None:
     assert address_key(host) == key
+
+
+def test_the_tally_counts_what_was_left_off_by_caller_and_starts_anew() -> None:
+    clock, dropped = FakeClock(start=1000.0), []
+    budget = _budget(clock, dropped, rate=0.001, burst=1)
+    assert budget.take_unrecorded() is None  # nothing left off yet
+    for key, times in (("a", 4), ("b", 2), ("c", 7)):
+        for _ in range(times):
+            budget.on_record(key)
+    clock.advance(30)
+    tally = budget.take_unrecorded()
+    assert tally is not None
+    assert (tally.source, tally.count, tally.callers) == ("test", 3 + 1 + 6, 3)
+    assert tally.top == (("c", 6), ("a", 3), ("b", 1))  # the first of each was on record
+    assert (tally.since, tally.until) == (1000.0, 1030.0)
+    assert not tally.more_callers
+    assert budget.take_unrecorded() is None  # taken: the next tally starts from nothing
+    budget.on_record("a")
+    again = budget.take_unrecorded()
+    assert again is not None
+    assert (again.count, again.top) == (1, (("a", 1),))
+    assert len(dropped) == 11  # the metric counts every one, tallied or not
+
+
+def test_the_tally_holds_a_bounded_number_of_callers_and_counts_the_rest() -> None:
+    from server.refusal_budget import MAX_TALLIED_CALLERS, TOP_CALLERS
+
+    budget = _budget(FakeClock(), [], rate=0.001, burst=1)
+    callers = MAX_TALLIED_CALLERS + 50
+    for i in range(callers):
+        budget.on_record(f"10.0.{i // 256}.{i % 256}")
+        budget.on_record(f"10.0.{i // 256}.{i % 256}")
+    tally = budget.take_unrecorded()
+    assert tally is not None
+    assert tally.count == callers  # every caller's second refusal, named or not
+    assert tally.callers == MAX_TALLIED_CALLERS
+    assert tally.more_callers
+    assert len(tally.top) == TOP_CALLERS
+
+
+def test_the_tally_event_names_the_source_and_counts_never_a_request() -> None:
+    budget = RefusalBudget(
+        "validation_accepted",
+        rate=0.001,
+        burst=1,
+        clock=FakeClock(),
+        kind="reports of accepted tokens",
+    )
+    for _ in range(3):
+        budget.on_record("spiffe://example.org/svid/agent/join_token/x")
+    tally = budget.take_unrecorded()
+    assert tally is not None
+    draft = tally.draft()
+    assert draft.kind == "refusals_unrecorded"
+    assert draft.decision == "not_recorded"
+    assert draft.reason is not None
+    assert draft.reason.startswith("reports of accepted tokens")
+    assert draft.extra["source"] == "validation_accepted"
+    assert draft.extra["count"] == 2
+    assert draft.extra["top"] == [
+        {"caller": "spiffe://example.org/svid/agent/join_token/x", "count": 2}
+    ]
