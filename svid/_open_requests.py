@@ -133,6 +133,20 @@ class OpenRequests:
                     by_key[key] = {held, admission}
         self._unindexed.clear()
 
+    def empty(self) -> bool:
+        """Whether nothing is open (read without the lock: a watcher's hint, not a count)."""
+        return not self._unindexed and not self._by_key
+
+    def take_all(self) -> list[Revocable]:
+        """Remove and return every open request."""
+        with self._lock:
+            found = set(self._unindexed)
+            for held in self._by_key.values():
+                found.update(held if isinstance(held, set) else (held,))
+            self._unindexed = set()
+            self._by_key = {}
+        return list(found)
+
     def hit(self, keys: Iterable[Key]) -> list[Revocable]:
         """Remove and return the requests admitted with any of ``keys``."""
         with self._lock:

@@ -390,6 +390,14 @@ def refuse_if_stale_crl(
             )
 
 
+def fresh_for(revocations: RevocationSet, now: float, max_staleness: float | None) -> float | None:
+    """Seconds a verifier with ``max_staleness`` still accepts before ``revocations`` is too
+    old (0: it refuses now); None when it has no such setting."""
+    if max_staleness is None:
+        return None
+    return max(0.0, max_staleness - revocations.staleness(now))
+
+
 def refuse_if_stale(revocations: RevocationSet, now: float, max_staleness: float) -> None:
     """Raise StaleRevocationsError when ``revocations`` is older than ``max_staleness``."""
     staleness = revocations.staleness(now)

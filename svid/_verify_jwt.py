@@ -20,6 +20,7 @@ from svid._revocation import (
     MAX_VERIFIER_LEEWAY,
     RevocationSet,
     check_max_staleness,
+    fresh_for,
     refuse_if_stale,
 )
 from svid._spiffe_id import SpiffeId, TrustDomain
@@ -110,6 +111,11 @@ class JwtVerifier:
     @property
     def cache(self) -> LruCache[str, _Entry]:
         return self._cache
+
+    def revocations_fresh_for(self) -> float | None:
+        """Seconds until this verifier refuses everything for stale revocation data
+        (``max_revocation_staleness``; 0: it does now); None without that setting."""
+        return fresh_for(self._revocations, self._clock.now(), self._max_staleness)
 
     def verify(self, token: str, audience: str) -> VerifiedJwt:
         """Verify ``token`` for ``audience``, which must be among its ``aud``.

@@ -52,6 +52,7 @@ from svid._revocation import (
     CertKey,
     RevocationSet,
     check_max_staleness,
+    fresh_for,
     refuse_if_stale,
     refuse_if_stale_crl,
 )
@@ -400,6 +401,11 @@ class X509Verifier:
     @property
     def cache(self) -> LruCache[bytes, _Entry]:
         return self._cache
+
+    def revocations_fresh_for(self) -> float | None:
+        """Seconds until this verifier refuses everything for stale revocation data
+        (``max_revocation_staleness``; 0: it does now); None without that setting."""
+        return fresh_for(self._revocations, self._clock.now(), self._max_staleness)
 
     def verify_der(self, chain_der: bytes) -> VerifiedX509:
         """Verify concatenated DER certificates, leaf first (the Workload API / TLS form)."""

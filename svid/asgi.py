@@ -20,7 +20,8 @@ Refusals follow RFC 6750: 401 with ``WWW-Authenticate: Bearer realm=...`` (plus
 ``error="insufficient_scope", scope="<the scope to ask for>"``. Nothing of the request reaches
 the app. A response still open when its caller's credential is revoked (its ``jti``, its task,
 its peer's certificate; the source's ``on_revoked``) is ended at once: a streamed body is closed,
-one not started yet becomes a 401.
+one not started yet becomes a 401. With verifiers that fail closed on stale revocation data
+(``max_revocation_staleness``), every open response is ended as the data grows too old.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from svid._http_refusal import (
 from svid._open_requests import Key, OpenRequests, caller_keys
 from svid._revocation import RevocationSet, cert_key
 from svid._spiffe_id import SpiffeId, TrustDomain
+from svid._staleness_watch import StalenessWatch
 from svid._tls_authorize import as_authorizer, describe
 from svid._verify_jwt import JwtVerifier
 from svid._verify_x509 import VerifiedX509, X509Verifier
@@ -185,6 +187,13 @@ class SvidAuthMiddleware:
         self._rule = required_scopes
         self._max_body = max_body
         self.open_requests = OpenRequests()
+        # Verifiers that fail closed on stale revocation data end open requests then too.
+        fresh_for = [v.revocations_fresh_for for v in (self._jwt, self._x509) if v is not None]
+        self._watch = (
+            StalenessWatch(fresh_for, self.open_requests)
+            if any(f() is not None for f in fresh_for)
+            else None
+        )
         self._callers: dict[str, Caller] = {}
         revocations = getattr(source, "revocations", None)
         self._revocations = revocations if isinstance(revocations, RevocationSet) else None
@@ -198,6 +207,8 @@ class SvidAuthMiddleware:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._watch is not None:
+            self._watch.stop()
 
     # --- the request path ---
 
@@ -325,6 +336,9 @@ class SvidAuthMiddleware:
         served = _Served(send, task, caller)
         open_requests = self.open_requests
         open_requests.add(served)
+        watch = self._watch
+        if watch is not None:
+            watch.admitted()
         cancelling = task.cancelling()
         try:
             # Revoked between verification and registration: refuse (the verifier would now).
@@ -350,6 +364,8 @@ class SvidAuthMiddleware:
         finally:
             served.done = True
             open_requests.close(served)
+            if watch is not None:
+                watch.closed()
 
     def _still_revoked(self, caller: Caller) -> bool:
         revocations = self._revocations

@@ -175,6 +175,43 @@ def test_a_revocation_of_someone_else_leaves_the_stream_open(
         assert [next(lines) for _ in range(5)] == ["tick"] * 5
 
 
+STALE = 0.5  # max_revocation_staleness of the verifier below
+GIVE_UP = 15.0  # a stream still open this long after the data went stale was never ended
+
+
+def test_open_streams_end_once_revocation_data_is_older_than_the_verifier_allows(
+    source: RevokingSource,
+) -> None:
+    source.revocations.feed_delivered(time.time())  # the agent's stream is up
+    verifier = source.jwt_verifier(max_revocation_staleness=STALE)
+    middleware = svid.asgi.SvidAuthMiddleware(
+        app, audience=AUDIENCE, source=source, jwt_verifier=verifier
+    )
+    with (
+        serving(middleware) as url,
+        httpx.Client(timeout=5) as client,
+        client.stream("GET", f"{url}/stream", headers=bearer(task_token())) as reply,
+    ):
+        lines = reply.iter_lines()
+        # While the feed is live the stream goes on, well past the staleness allowed.
+        assert [next(lines) for _ in range(3 * int(STALE / 0.05))] == ["tick"] * 30
+        lost_at = time.monotonic()
+        source.revocations.feed_lost(time.time())  # the agent went away
+        ended = False
+        for _ in lines:
+            if time.monotonic() - lost_at > GIVE_UP:
+                break
+        else:
+            ended = True
+        took = time.monotonic() - lost_at
+        refused = httpx.get(url, headers=bearer(task_token(jti="j9")))
+    assert ended, f"the stream was still open {took:.1f} s after the data went stale"
+    assert took >= STALE - 0.05  # not before the verifier would refuse it
+    assert refused.status_code == 401  # and new requests are refused, as before
+    assert "max_revocation_staleness" in refused.headers["www-authenticate"]
+    assert middleware.open_requests.empty()
+
+
 class _RevokingRule:
     """A scope rule that lets a revocation in while the request is between its verification
     and its admission (as one arriving during a body read would)."""
