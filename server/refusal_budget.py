@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.audit.event import EventDraft
-from server.log_throttle import LogThrottle
 from server.ratelimit import KeyedLimiter
 from svid._clock import Clock
+from svid._log_throttle import LogThrottle
 
 _log = logging.getLogger("svid.server.audit")
 LOG_WINDOW = 60.0

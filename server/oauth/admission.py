@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server.log_throttle import LogThrottle
 from server.peer import address_key
 from svid._clock import Clock
+from svid._log_throttle import LogThrottle
 
 _log = logging.getLogger("svid.server.oauth")
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import h11
 
 from server.descriptor_budget import HANDSHAKE_TIMEOUT
-from server.log_throttle import LogThrottle
 from server.oauth.admission import Admission, ConnectionCaps, ConnectionMetrics
 from server.oauth.sockets import listening_sockets
 from svid._clock import Clock, SystemClock
+from svid._log_throttle import LogThrottle
 
 _log = logging.getLogger("svid.server.oauth")
 MAX_BODY_BYTES = 64 * 1024
