@@ -23,7 +23,7 @@ from agent_attestor.cache import Cache, SyncPosition, SyncState, hold_crl, join_
 from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.errors import AttestationError, NotReadyError, ServerNotVerifiedError
 from agent_attestor.model import TrustBundle
-from agent_attestor.node_client import NodeClient
+from agent_attestor.node_client import NodeClient, server_not_verified
 from agent_attestor.rotation import rotation_point
 from agent_attestor.servers import (
     Resolver,
@@ -37,6 +37,7 @@ from agent_attestor.signer import MintedJwt, X509Result
 from svid._backoff import backoff_delay
 from svid._clock import Clock
 from svid._der import certs_to_pem
+from svid._log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 # Seconds between readings of the wall clock while the agent SVID's rotation point is ahead: a
@@ -47,6 +48,9 @@ REFUSED = (
     "this node agent was evicted or banned by the server and serves no identities until it is "
     "attested again"
 )
+# Seconds between two log lines saying that no bundle the agent has verifies the server: the
+# loop retries every few seconds, and the line has only to tell the operator what to do.
+UNVERIFIED_LOG_INTERVAL = 300.0
 
 
 @dataclass
@@ -109,6 +113,13 @@ class Syncer:
         self._token_used = False
         # An attestation in flight: a stop lets it finish (see settle).
         self._attesting: asyncio.Task[tuple[AgentSvid, TrustBundle]] | None = None
+        # The operator's trust bundle, to attest with instead of using the saved SVID: the
+        # saved bundle did not verify the server (its CA replaced), so the SVID that came with
+        # it is one the server no longer accepts either. None: a valid saved SVID is used.
+        self._fallback: bytes | None = None
+        # A given bundle that fails too makes the loop set the saved SVID aside at every retry.
+        self._set_aside_log = LogThrottle(UNVERIFIED_LOG_INTERVAL, clock)
+        self._unverified_log = LogThrottle(UNVERIFIED_LOG_INTERVAL, clock)
         self.connected = False
         self.syncs = 0
         # Where the last Sync stream left off: a reconnect asks only for what came after. It
@@ -187,16 +198,20 @@ class Syncer:
             server = await self._servers.first()
             log.info("chose a server", extra={"server": server.node})
         now = self._clock.now()
-        if self._svid is not None and self._svid.not_after > now:
-            return self._svid
-        stored = self._store.load_svid()
+        if self._fallback is None:
+            if self._svid is not None and self._svid.not_after > now:
+                return self._svid
+            stored = self._store.load_svid()
+        else:
+            stored = None  # set aside: see _set_aside_saved_svid
         if stored is not None and stored.not_after > now + 1:
             log.info("loaded agent SVID from disk", extra={"agent_id": stored.spiffe_id})
             self._install(stored, None)
             return stored
         if self._s.join_token and self._token_used:
             raise AttestationError(
-                "agent SVID expired or was refused and the join token was already used: "
+                "agent SVID expired, was refused or its CA replaced, and the join token was "
+                "already used: "
                 "give a new join token (--join-token-file or $SVID_AGENT_JOIN_TOKEN)"
             )
         # Its own task, shielded: a join token is spent once the server answers, so a stop
@@ -211,6 +226,9 @@ class Syncer:
     async def _attest_and_save(self) -> tuple[AgentSvid, TrustBundle]:
         server = self._servers.current
         assert server is not None
+        if self._fallback is not None:
+            # The saved bundle failed on this server already (_set_aside_saved_svid).
+            return await self._attest_and_save_with(server, self._fallback)
         roots = self._root_pem()
         try:
             return await self._attest_and_save_with(server, roots)
@@ -241,6 +259,7 @@ class Syncer:
             # before this line leaves the agent with no identity and no way to get one.
             self._token_used = bool(self._s.join_token)
             self._persist(svid, bundle)
+            self._fallback = None  # the saved SVID and bundle are the new ones
         finally:
             await client.close()
         log.info("agent attested", extra={"agent_id": svid.spiffe_id, "server": server.attest})
@@ -399,11 +418,22 @@ class Syncer:
                 continue
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
+                details = exc.details() or ""  # type: ignore[attr-defined]
                 if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-                    self._refused(code, exc.details())  # type: ignore[attr-defined]
+                    self._refused(code, details)
+                elif server_not_verified(exc):
+                    if self._set_aside_saved_svid(details):
+                        continue  # attest at this very server, at once: it failed no attempt
+                    self._unverified(details)
                 else:
                     log.warning("lost the server", extra={"server": self.server, "code": code.name})
                 await self._after_failure(code.name, code.name)
+            except ServerNotVerifiedError as exc:
+                # An attestation: neither the saved bundle nor the given one verified the server.
+                # A saved SVID set aside is tried again next: the server may be a stray one.
+                self._fallback = None
+                self._unverified(str(exc))
+                await self._after_failure(failure_code(exc), "server not verified")
             except (AttestationError, ConnectionError, OSError) as exc:
                 log.warning(
                     "cannot reach or attest to the server",
@@ -418,6 +448,40 @@ class Syncer:
             )
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _set_aside_saved_svid(self, details: str) -> bool:
+        """The bundle the agent holds did not verify the server on its SVID's connection. True:
+        the operator gave another, and the agent attests with it instead of using that SVID."""
+        tried = self._client.root_pem if self._client is not None else b""
+        given = rebootstrap_roots(tried, self._s.bootstrap_root_pem, self._s.bootstrap_given)
+        if given is None:
+            return False
+        # Nothing on disk changes unless the attestation succeeds: a given bundle that does not
+        # verify the server either leaves the saved SVID as it was.
+        count = self._set_aside_log.due()
+        if count:
+            log.warning(
+                "the saved trust bundle does not verify the server (its CA replaced while the "
+                "agent was away?): setting the saved agent SVID aside, attesting with the trust "
+                "bundle given (trust_bundle)",
+                extra={"server": self.server, "times": count, "error": details[:300]},
+            )
+        self._fallback = given
+        return True
+
+    def _unverified(self, error: str) -> None:
+        """No bundle the agent has verifies the server: only the operator can change that, and
+        every retry would say so again."""
+        count = self._unverified_log.due()
+        if not count:
+            return
+        log.error(
+            "no trust bundle this agent has verifies the server's certificate: if the server's "
+            "CA was replaced, give the agent the server's current bundle (--trust-bundle FILE, "
+            "from `svid-server bundle show --format pem`) and a new join token (an x509pop "
+            "agent needs only the bundle); retrying meanwhile",
+            extra={"server": self.server, "failures": count, "error": error[:300]},
+        )
 
     async def _after_failure(self, code: str | None, reason: str) -> None:
         """Move to another server unless the failure was this one's decision about us."""

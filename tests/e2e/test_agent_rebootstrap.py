@@ -1,20 +1,36 @@
 """A real agent back from a downtime in which its trust domain's CA was replaced outright: its
 saved bundle no longer verifies the server, and the operator's new join token and current
---trust-bundle get it attested again, without deleting anything by hand. Without a bundle from
-the operator it trusts nothing it cannot verify."""
+--trust-bundle get it attested again, without deleting anything by hand, whether its saved SVID
+expired meanwhile or not. Without a bundle from the operator it trusts nothing it cannot verify;
+a server merely out of reach never costs it its saved SVID."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
-from tests.e2e.agent_process import AgentProcess, agent_stack, new_token
-from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
+from svid._clock import SystemClock
+from svid._der import certs_to_pem, parse_der_certs
+from tests.agent_attestor.pki import LocalCa
+from tests.e2e.agent_process import AgentProcess, agent_stack, create_entry, new_token
+from tests.e2e.conftest import (
+    TRUST_DOMAIN,
+    ServerProcess,
+    make_restartable_server,
+    make_server,
+    short_tmpdir,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
+# The agent's error when nothing it trusts verifies the server.
+UNVERIFIED = "no trust bundle this agent has verifies the server"
 
 
 @dataclass
@@ -24,8 +40,8 @@ class Downtime:
     new_server: ServerProcess  # a new CA: none of the old one's roots
 
 
-@pytest.fixture
-def downtime() -> Iterator[Downtime]:
+@contextmanager
+def ca_replaced_while_away(*, svid_expired: bool) -> Iterator[Downtime]:
     root, new_root = short_tmpdir(), short_tmpdir()
     with agent_stack(root, make_server(root).start()) as agent:
         agent.agent_id()
@@ -35,9 +51,10 @@ def downtime() -> Iterator[Downtime]:
         agent.server.stop()
         new_server = make_server(new_root).start()
         try:
-            # Long enough away that its SVID expired: the agent attests again.
-            for name in ("agent_svid.der", "agent_key.der"):
-                (agent.data_dir / name).unlink()
+            if svid_expired:
+                # Long enough away that its SVID expired: the agent attests again.
+                for name in ("agent_svid.der", "agent_key.der"):
+                    (agent.data_dir / name).unlink()
             agent.server = new_server
             agent.join_token = new_token(new_server)
             (agent.root / "bundle.pem").unlink()  # bundle_file() writes the new server's
@@ -46,6 +63,19 @@ def downtime() -> Iterator[Downtime]:
             agent.stop()
             new_server.stop()
             shutil.rmtree(new_root, ignore_errors=True)
+
+
+@pytest.fixture
+def downtime() -> Iterator[Downtime]:
+    with ca_replaced_while_away(svid_expired=True) as away:
+        yield away
+
+
+@pytest.fixture
+def short_downtime() -> Iterator[Downtime]:
+    """Back before its saved SVID expired: an SVID the new CA never issued."""
+    with ca_replaced_while_away(svid_expired=False) as away:
+        yield away
 
 
 def test_a_new_join_token_and_the_given_bundle_attest_past_a_stale_saved_bundle(
@@ -66,9 +96,97 @@ def test_without_a_given_bundle_a_stale_saved_bundle_is_not_bypassed(
     agent = downtime.agent
     agent.use_trust_bundle = False
     agent.start()
-    wait_for(lambda: "cannot reach or attest" in agent.logs(), 20, "a refused attestation")
+    wait_for(lambda: UNVERIFIED in agent.logs(), 20, "a refused attestation")
     token_id = agent.join_token.split(".")[0]
     agents = downtime.new_server.cli_json("agent", "list")
     items = agents.get("agents", agents) if isinstance(agents, dict) else agents
     assert not any(token_id in item["spiffe_id"] for item in items)
     assert (agent.data_dir / "bundle.der").read_bytes() == downtime.old_bundle
+
+
+def test_a_saved_svid_still_valid_gives_way_to_the_given_bundle_and_a_new_join_token(
+    short_downtime: Downtime,
+) -> None:
+    agent = short_downtime.agent
+    saved_svid = (agent.data_dir / "agent_svid.der").read_bytes()
+    agent.start()
+    # The saved SVID came from a CA the server no longer has: the agent attests again with the
+    # operator's bundle and token, and serves workloads under its new ID.
+    agent_id = agent.agent_id(timeout=30)
+    spiffe_id = f"spiffe://{TRUST_DOMAIN}/after-ca-replaced"
+    create_entry(short_downtime.new_server, spiffe_id, agent_id)
+    agent.wait_svid(spiffe_id)
+    # The new SVID and bundle replaced the saved ones, for the next start.
+    assert (agent.data_dir / "agent_svid.der").read_bytes() != saved_svid
+    assert (agent.data_dir / "bundle.der").read_bytes() != short_downtime.old_bundle
+
+
+def test_without_a_given_bundle_a_saved_svid_still_valid_is_kept_and_one_error_says_why(
+    short_downtime: Downtime,
+) -> None:
+    agent = short_downtime.agent
+    agent.use_trust_bundle = False
+    saved_svid = (agent.data_dir / "agent_svid.der").read_bytes()
+    agent.start()
+    wait_for(lambda: UNVERIFIED in agent.logs(), 20, "the error naming what to do")
+    time.sleep(4)  # reconnect_max 1 s: several more attempts fail the same way
+    logs = agent.logs()
+    assert logs.count(UNVERIFIED) == 1, logs[-4000:]
+    assert "--trust-bundle FILE" in logs
+    token_id = agent.join_token.split(".")[0]
+    agents = short_downtime.new_server.cli_json("agent", "list")
+    items = agents.get("agents", agents) if isinstance(agents, dict) else agents
+    assert not any(token_id in item["spiffe_id"] for item in items)
+    assert (agent.data_dir / "bundle.der").read_bytes() == short_downtime.old_bundle
+    assert (agent.data_dir / "agent_svid.der").read_bytes() == saved_svid
+
+
+def test_a_server_out_of_reach_costs_the_agent_nothing_of_its_saved_svid() -> None:
+    root = short_tmpdir()
+    server = make_restartable_server(root).start()
+    with agent_stack(root, server) as agent:
+        old_id = agent.agent_id()
+        assert agent.stop() == 0
+        # A new token and a given bundle unlike the saved one: all a fallback would need.
+        agent.join_token = new_token(server)
+        other_ca = LocalCa(SystemClock()).cert.public_bytes(serialization.Encoding.PEM)
+        agent.bundle_file().write_bytes(agent.bundle_file().read_bytes() + other_ca)
+        server.stop()
+        agent.start()
+        wait_for(
+            lambda: "lost the server" in agent.logs() or "cannot reach" in agent.logs(),
+            20,
+            "a failed connection",
+        )
+        time.sleep(3)  # a few more
+        server.start()
+        spiffe_id = f"spiffe://{TRUST_DOMAIN}/after-an-outage"
+        create_entry(server, spiffe_id, old_id)
+        agent.wait_svid(spiffe_id)
+        token_id = agent.join_token.split(".")[0]
+        agents = server.cli_json("agent", "list")
+        items = agents.get("agents", agents) if isinstance(agents, dict) else agents
+        assert not any(token_id in item["spiffe_id"] for item in items)
+
+
+def test_a_given_bundle_that_verifies_no_more_than_the_saved_one_costs_nothing(
+    short_downtime: Downtime,
+) -> None:
+    agent = short_downtime.agent
+    # The old CA's roots again, unlike the saved bundle only in bytes: no stand-in at all.
+    old_roots = certs_to_pem(parse_der_certs(short_downtime.old_bundle))
+    other_ca = LocalCa(SystemClock()).cert.public_bytes(serialization.Encoding.PEM)
+    (agent.root / "bundle.pem").write_bytes(old_roots + other_ca)
+    saved_svid = (agent.data_dir / "agent_svid.der").read_bytes()
+    agent.start()
+    wait_for(lambda: UNVERIFIED in agent.logs(), 20, "the error naming what to do")
+    time.sleep(3)  # the saved SVID and the given bundle tried again, and again
+    logs = agent.logs()
+    assert logs.count("setting the saved agent SVID aside") == 1, logs[-4000:]
+    assert logs.count(UNVERIFIED) == 1, logs[-4000:]
+    token_id = agent.join_token.split(".")[0]
+    agents = short_downtime.new_server.cli_json("agent", "list")
+    items = agents.get("agents", agents) if isinstance(agents, dict) else agents
+    assert not any(token_id in item["spiffe_id"] for item in items)
+    assert (agent.data_dir / "agent_svid.der").read_bytes() == saved_svid
+    assert (agent.data_dir / "bundle.der").read_bytes() == short_downtime.old_bundle
