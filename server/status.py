@@ -31,7 +31,13 @@ from server.ca.errors import (
     SigningRequestError,
 )
 from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
-from server.datastore.errors import ChainMovedError, DataStoreError, JtiHeldError, StorageError
+from server.datastore.errors import (
+    ChainMovedError,
+    DataStoreError,
+    JtiHeldError,
+    RemovalUnderWayError,
+    StorageError,
+)
 from server.datastore.errors import ConflictError as DsConflictError
 from server.datastore.errors import NotFoundError as DsNotFoundError
 from server.datastore.legacy_import import LegacyImportError
@@ -137,6 +143,9 @@ RULES: Mapping[type[BaseException], Rule] = {
     DsNotFoundError: Rule(Code.NOT_FOUND),
     DsAlreadyExistsError: Rule(Code.ALREADY_EXISTS),
     DsConflictError: Rule(Code.ABORTED),
+    # The agent's earlier removal is still being finished (a server died midway): a retry
+    # soon gets through, and the message says so.
+    RemovalUnderWayError: Rule(Code.UNAVAILABLE),
     DataStoreError: _STORAGE,
     StorageError: _STORAGE,
     # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).

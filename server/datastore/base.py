@@ -35,6 +35,7 @@ from server.datastore.records import (
     Head,
     JoinToken,
     KeySlot,
+    Removal,
     Revocation,
     SealedAuditKey,
     TaskCursor,
@@ -117,7 +118,8 @@ class RegistrationStore(Protocol):
     # -- attested agents ------------------------------------------------------------------------
 
     def upsert_agent(self, agent: AttestedAgent) -> None:
-        """Insert or replace by spiffe_id. A ban is sticky: upsert never clears `banned`."""
+        """Insert or replace by spiffe_id. A ban is sticky: upsert never clears `banned`.
+        RemovalUnderWayError, nothing written, while a removal of the agent is stored."""
         ...
 
     def admit_agent(self, agent: AttestedAgent, token: TokenUse, now: int) -> bool:
@@ -125,7 +127,8 @@ class RegistrationStore(Protocol):
         deleted the token, having found it unexpired (expires_at > now) with this hash, and
         saved the agent with it. Anything else returns False and writes nothing (the token
         stays as it was). Exactly one of several concurrent callers with the right hash gets
-        True."""
+        True. RemovalUnderWayError, nothing written (the token unspent), while a removal of
+        the agent is stored."""
         ...
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
@@ -136,12 +139,31 @@ class RegistrationStore(Protocol):
         """All agents, ordered by spiffe_id."""
         ...
 
-    def delete_agent(self, spiffe_id: str) -> None:
-        """Evict: the agent must attest again. NotFoundError for an unknown agent."""
+    def delete_agent(self, spiffe_id: str, removal: Removal | None = None) -> None:
+        """Evict: the agent must attest again. NotFoundError for an unknown agent. With
+        `removal` (of this agent; ValueError otherwise), it is stored in the same transaction,
+        replacing any stored for the agent: no moment has the agent gone and no removal."""
         ...
 
-    def set_agent_banned(self, spiffe_id: str, banned: bool) -> None:
-        """NotFoundError for an unknown agent."""
+    def set_agent_banned(
+        self, spiffe_id: str, banned: bool, removal: Removal | None = None
+    ) -> None:
+        """NotFoundError for an unknown agent. `removal` as for delete_agent."""
+        ...
+
+    # -- agent removals under way (records.Removal) ----------------------------------------------
+
+    def removal_of(self, agent_id: str) -> Removal | None:
+        """The stored removal of the agent, if any."""
+        ...
+
+    def list_removals(self, before: int) -> list[Removal]:
+        """The stored removals with started_at <= before, oldest first."""
+        ...
+
+    def end_removal(self, removal: Removal) -> bool:
+        """Delete the stored removal if it is still `removal` (same agent, reason and
+        started_at): True when this call deleted it. A newer removal of the agent stays."""
         ...
 
     # -- CA and JWT key slots -------------------------------------------------------------------

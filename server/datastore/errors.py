@@ -24,6 +24,19 @@ class ConflictError(DataStoreError):
     """The write lost a race: the record changed since the caller read it."""
 
 
+class RemovalUnderWayError(DataStoreError):
+    """The agent's removal (records.Removal) is still being finished: the agent is not saved,
+    admitted again least of all, until everything it held is revoked on record. The message
+    names the agent, and how the caller gets past it."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(
+            f"agent {agent_id} is still being removed (an eviction or ban cut short is being "
+            "finished): attest again in a few minutes, or have an operator evict it again"
+        )
+        self.agent_id = agent_id
+
+
 class StorageError(DataStoreError):
     """The backend could not complete a write or a read (I/O error, disk full, locked file).
 

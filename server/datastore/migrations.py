@@ -327,6 +327,19 @@ def _audit_node_revocations(execute: Execute) -> None:
     )
 
 
+def _removals(execute: Execute) -> None:
+    """Agent removals under way (records.Removal): a row is written in the same transaction as
+    the agent's delete or ban and deleted once its revocations and their events are all
+    written, so one a dead server left behind is found, and finished, by the housekeeping
+    lease holder. Few rows, each short-lived: the primary key is all a lookup needs."""
+    execute("""
+        CREATE TABLE removals (
+            agent_id TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            started_at BIGINT NOT NULL
+        )""")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
@@ -340,6 +353,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(10, "agents: the previous SVID serial", _agent_previous_serial),
     Migration(11, "credentials and revocations: the issuing CA", _revocation_issuer),
     Migration(12, "audit: revocation events by node", _audit_node_revocations),
+    Migration(13, "agents: removals under way", _removals),
 )
 
 

@@ -54,6 +54,7 @@ from server.datastore.errors import (
     AlreadyExistsError,
     ConflictError,
     NotFoundError,
+    RemovalUnderWayError,
     StorageError,
 )
 from server.datastore.migrations import (
@@ -76,6 +77,7 @@ from server.datastore.records import (
     FeedItem,
     JoinToken,
     KeySlot,
+    Removal,
     Revocation,
     TokenUse,
     key_slot_params,
@@ -85,6 +87,9 @@ from server.datastore.sqlite import (
     _agent_params,
     _entry_from,
     _entry_params,
+    _removal_from,
+    _removal_of,
+    _removal_params,
     _revocation_from,
     _slot_from,
 )
@@ -364,6 +369,7 @@ class PostgresDataStore(
     def upsert_agent(self, agent: AttestedAgent) -> None:
         def work(cur: Cursor) -> None:
             cur.execute(pg(q.UPSERT_AGENT), _agent_params(agent))
+            self._refuse_under_removal(cur, agent.spiffe_id)
             self._bump(cur, _REVISION)
             self._append_feed(cur, FEED_AGENT, (agent.spiffe_id,))
 
@@ -381,11 +387,21 @@ class PostgresDataStore(
             if int(cur.execute(pg(q.CONSUME_JOIN_TOKEN), spend).rowcount) != 1:
                 return False
             cur.execute(pg(q.UPSERT_AGENT), _agent_params(agent))
+            self._refuse_under_removal(cur, agent.spiffe_id)  # rolls the token's spend back
             self._bump(cur, _REVISION)
             self._append_feed(cur, FEED_AGENT, (agent.spiffe_id,))
             return True
 
         return self._write("admit the agent", work)
+
+    @staticmethod
+    def _refuse_under_removal(cur: Cursor, agent_id: str) -> None:
+        """After the agent's write, in its transaction: a stored removal of the agent rolls it
+        back. Read after the write, not before: a delete or ban of the agent committing
+        meanwhile held the agent's row (or its key) until it committed, removal row and all,
+        and this statement's snapshot, taken after that wait, sees the row."""
+        if cur.execute(pg(q.SELECT_REMOVAL), {"agent_id": agent_id}).fetchone() is not None:
+            raise RemovalUnderWayError(agent_id)
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
         rows = self._rows("read the agent", q.SELECT_AGENT, {"spiffe_id": spiffe_id})
@@ -396,25 +412,49 @@ class PostgresDataStore(
     def list_agents(self) -> list[AttestedAgent]:
         return [_agent_from(r) for r in self._rows("list agents", q.LIST_AGENTS, {})]
 
-    def delete_agent(self, spiffe_id: str) -> None:
+    def delete_agent(self, spiffe_id: str, removal: Removal | None = None) -> None:
+        row = _removal_of(spiffe_id, removal)
+
         def work(cur: Cursor) -> None:
             if cur.execute(pg(q.DELETE_AGENT), {"spiffe_id": spiffe_id}).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
+            if row is not None:
+                cur.execute(pg(q.UPSERT_REMOVAL), row)
             self._bump(cur, _REVISION)
             self._append_feed(cur, FEED_AGENT, (spiffe_id,))
 
         self._write("delete the agent", work)
 
-    def set_agent_banned(self, spiffe_id: str, banned: bool) -> None:
+    def set_agent_banned(
+        self, spiffe_id: str, banned: bool, removal: Removal | None = None
+    ) -> None:
         params = {"spiffe_id": spiffe_id, "banned": int(banned)}
+        row = _removal_of(spiffe_id, removal)
 
         def work(cur: Cursor) -> None:
             if cur.execute(pg(q.SET_AGENT_BANNED), params).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
+            if row is not None:
+                cur.execute(pg(q.UPSERT_REMOVAL), row)
             self._bump(cur, _REVISION)
             self._append_feed(cur, FEED_AGENT, (spiffe_id,))
 
         self._write("ban the agent", work)
+
+    def removal_of(self, agent_id: str) -> Removal | None:
+        rows = self._rows("read the removal", q.SELECT_REMOVAL, {"agent_id": agent_id})
+        return _removal_from(rows[0]) if rows else None
+
+    def list_removals(self, before: int) -> list[Removal]:
+        rows = self._rows("list removals", q.LIST_REMOVALS, {"before": before})
+        return [_removal_from(r) for r in rows]
+
+    def end_removal(self, removal: Removal) -> bool:
+        params = _removal_params(removal)
+        return self._write(
+            "end the removal",
+            lambda cur: int(cur.execute(pg(q.END_REMOVAL), params).rowcount) == 1,
+        )
 
     # -- key slots ------------------------------------------------------------------------------
 

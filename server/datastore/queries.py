@@ -82,6 +82,25 @@ LIST_AGENTS = f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY spiffe_id"
 DELETE_AGENT = "DELETE FROM agents WHERE spiffe_id = :spiffe_id"
 SET_AGENT_BANNED = "UPDATE agents SET banned = :banned WHERE spiffe_id = :spiffe_id"
 
+_REMOVAL_COLUMNS = "agent_id, reason, started_at"
+# A removal of an agent replaces any older one of it: the newer covers everything the agent
+# holds, the older's credentials too.
+UPSERT_REMOVAL = (
+    f"INSERT INTO removals ({_REMOVAL_COLUMNS}) VALUES (:agent_id, :reason, :started_at) "
+    "ON CONFLICT (agent_id) DO UPDATE SET reason = excluded.reason, "
+    "started_at = excluded.started_at"
+)
+SELECT_REMOVAL = f"SELECT {_REMOVAL_COLUMNS} FROM removals WHERE agent_id = :agent_id"
+LIST_REMOVALS = (
+    f"SELECT {_REMOVAL_COLUMNS} FROM removals WHERE started_at <= :before "
+    "ORDER BY started_at, agent_id"
+)
+# Only the removal the finisher read: a newer one of the same agent is not finished yet.
+END_REMOVAL = (
+    "DELETE FROM removals WHERE agent_id = :agent_id AND reason = :reason "
+    "AND started_at = :started_at"
+)
+
 _SLOT_COLUMNS = (
     "slot_id, kind, status, public_der, kid, not_before, not_after, created_at, sealed_key"
 )

@@ -128,6 +128,35 @@ class AttestedAgent:
         )
 
 
+# The reasons an agent is removed; its removal's events and revocations carry them.
+REMOVAL_EVICTED = "agent evicted"
+REMOVAL_BANNED = "agent banned"
+REMOVAL_REASONS = (REMOVAL_EVICTED, REMOVAL_BANNED)
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """An agent's removal (eviction or ban) under way: stored with the write that evicts or
+    bans the agent, deleted once everything it held is revoked on record. One still stored
+    long after it began was cut short (its server died midway) and is finished by another.
+    While it is stored the agent is not admitted again, so finishing it never revokes what a
+    later admission was issued."""
+
+    agent_id: str
+    reason: str  # REMOVAL_EVICTED | REMOVAL_BANNED
+    started_at: int
+
+    def __post_init__(self) -> None:
+        if self.reason not in REMOVAL_REASONS:
+            raise ValueError(
+                f"removal reason must be one of {REMOVAL_REASONS}, got {self.reason!r}"
+            )
+
+    @property
+    def banned(self) -> bool:
+        return self.reason == REMOVAL_BANNED
+
+
 @dataclass(frozen=True, slots=True)
 class JoinToken:
     """A single-use join token. Only a hash of the secret is kept, never the secret."""

@@ -39,6 +39,7 @@ from server.datastore.errors import (
     AlreadyExistsError,
     ConflictError,
     NotFoundError,
+    RemovalUnderWayError,
 )
 from server.datastore.migrations import CREATE_MIGRATIONS_TABLE, MIGRATIONS, Migration
 from server.datastore.records import (
@@ -51,6 +52,7 @@ from server.datastore.records import (
     FeedItem,
     JoinToken,
     KeySlot,
+    Removal,
     Revocation,
     Selector,
     TokenUse,
@@ -139,6 +141,27 @@ def _agent_from(row: Row) -> AttestedAgent:
         previous_serial=row["previous_serial"],
         previous_expires_at=row["previous_expires_at"],
     )
+
+
+def _removal_from(row: Row) -> Removal:
+    return Removal(row["agent_id"], row["reason"], int(row["started_at"]))
+
+
+def _removal_params(removal: Removal) -> dict[str, Any]:
+    return {
+        "agent_id": removal.agent_id,
+        "reason": removal.reason,
+        "started_at": removal.started_at,
+    }
+
+
+def _removal_of(agent_id: str, removal: Removal | None) -> dict[str, Any] | None:
+    """The row to store with the agent's delete or ban; ValueError for another agent's."""
+    if removal is None:
+        return None
+    if removal.agent_id != agent_id:
+        raise ValueError(f"removal of {removal.agent_id} stored with agent {agent_id}")
+    return _removal_params(removal)
 
 
 def _slot_from(row: Row) -> KeySlot:
@@ -414,6 +437,7 @@ class SqliteDataStore(
     def upsert_agent(self, agent: AttestedAgent) -> None:
         with self._transaction() as db:
             db.execute(q.UPSERT_AGENT, _agent_params(agent))
+            self._refuse_under_removal(db, agent.spiffe_id)
             self._bump(db, _REVISION)
             self._append_feed(db, FEED_AGENT, (agent.spiffe_id,))
 
@@ -429,9 +453,17 @@ class SqliteDataStore(
             if int(db.execute(q.CONSUME_JOIN_TOKEN, spend).rowcount) != 1:
                 return False
             db.execute(q.UPSERT_AGENT, _agent_params(agent))
+            self._refuse_under_removal(db, agent.spiffe_id)  # rolls the token's spend back
             self._bump(db, _REVISION)
             self._append_feed(db, FEED_AGENT, (agent.spiffe_id,))
         return True
+
+    @staticmethod
+    def _refuse_under_removal(db: sqlite_utils.Database, agent_id: str) -> None:
+        """After the agent's write, in its transaction: a stored removal of the agent rolls it
+        back (the write lock makes the two one step against the removal's write)."""
+        if db.execute(q.SELECT_REMOVAL, {"agent_id": agent_id}).fetchone() is not None:
+            raise RemovalUnderWayError(agent_id)
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
         rows = self._rows(q.SELECT_AGENT, {"spiffe_id": spiffe_id})
@@ -442,20 +474,39 @@ class SqliteDataStore(
     def list_agents(self) -> list[AttestedAgent]:
         return [_agent_from(r) for r in self._rows(q.LIST_AGENTS)]
 
-    def delete_agent(self, spiffe_id: str) -> None:
+    def delete_agent(self, spiffe_id: str, removal: Removal | None = None) -> None:
+        row = _removal_of(spiffe_id, removal)
         with self._transaction() as db:
             if db.execute(q.DELETE_AGENT, {"spiffe_id": spiffe_id}).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
+            if row is not None:
+                db.execute(q.UPSERT_REMOVAL, row)
             self._bump(db, _REVISION)
             self._append_feed(db, FEED_AGENT, (spiffe_id,))
 
-    def set_agent_banned(self, spiffe_id: str, banned: bool) -> None:
+    def set_agent_banned(
+        self, spiffe_id: str, banned: bool, removal: Removal | None = None
+    ) -> None:
         params = {"spiffe_id": spiffe_id, "banned": int(banned)}
+        row = _removal_of(spiffe_id, removal)
         with self._transaction() as db:
             if db.execute(q.SET_AGENT_BANNED, params).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
+            if row is not None:
+                db.execute(q.UPSERT_REMOVAL, row)
             self._bump(db, _REVISION)
             self._append_feed(db, FEED_AGENT, (spiffe_id,))
+
+    def removal_of(self, agent_id: str) -> Removal | None:
+        rows = self._rows(q.SELECT_REMOVAL, {"agent_id": agent_id})
+        return _removal_from(rows[0]) if rows else None
+
+    def list_removals(self, before: int) -> list[Removal]:
+        return [_removal_from(r) for r in self._rows(q.LIST_REMOVALS, {"before": before})]
+
+    def end_removal(self, removal: Removal) -> bool:
+        with self._transaction() as db:
+            return int(db.execute(q.END_REMOVAL, _removal_params(removal)).rowcount) == 1
 
     # -- key slots ------------------------------------------------------------------------------
 

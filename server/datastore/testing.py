@@ -34,6 +34,7 @@ from server.datastore.records import (
     Head,
     JoinToken,
     KeySlot,
+    Removal,
     Revocation,
     SealedAuditKey,
     TaskCursor,
@@ -138,13 +139,27 @@ class FaultInjectingDataStore:
         self._enter("list_agents")
         return self.inner.list_agents()
 
-    def delete_agent(self, spiffe_id: str) -> None:
+    def delete_agent(self, spiffe_id: str, removal: Removal | None = None) -> None:
         self._enter("delete_agent")
-        self.inner.delete_agent(spiffe_id)
+        self.inner.delete_agent(spiffe_id, removal)
 
-    def set_agent_banned(self, spiffe_id: str, banned: bool) -> None:
+    def set_agent_banned(
+        self, spiffe_id: str, banned: bool, removal: Removal | None = None
+    ) -> None:
         self._enter("set_agent_banned")
-        self.inner.set_agent_banned(spiffe_id, banned)
+        self.inner.set_agent_banned(spiffe_id, banned, removal)
+
+    def removal_of(self, agent_id: str) -> Removal | None:
+        self._enter("removal_of")
+        return self.inner.removal_of(agent_id)
+
+    def list_removals(self, before: int) -> list[Removal]:
+        self._enter("list_removals")
+        return self.inner.list_removals(before)
+
+    def end_removal(self, removal: Removal) -> bool:
+        self._enter("end_removal")
+        return self.inner.end_removal(removal)
 
     def save_key_slot(self, slot: KeySlot) -> None:
         self._enter("save_key_slot")

@@ -32,16 +32,19 @@ from server.datastore import (
     TaskRecord,
 )
 from server.datastore.base import JtiClaim
-from server.datastore.errors import JtiHeldError
+from server.datastore.errors import JtiHeldError, RemovalUnderWayError
 from server.datastore.records import (
     AUDIT_COLUMNS,
     HTTPS_SPIFFE,
     HTTPS_WEB,
+    REMOVAL_BANNED,
+    REMOVAL_EVICTED,
     AuditRecord,
     EventFilter,
     FederationRelationship,
     ForeignBundle,
     Head,
+    Removal,
     SealedAuditKey,
     TaskCursor,
     TokenUse,
@@ -194,6 +197,70 @@ def test_agents_keep_a_ban(store: DataStore) -> None:
     store.delete_agent(AGENT)
     with pytest.raises(NotFoundError):
         store.get_agent(AGENT)
+
+
+def test_a_removal_is_stored_with_the_agents_delete_or_ban_until_it_ends(
+    open_store: Opener,
+) -> None:
+    store = open_store()
+    for agent_id in (AGENT, OTHER_AGENT):
+        store.upsert_agent(AttestedAgent(agent_id, "join_token", "1", NOW + 3600))
+    evicted = Removal(AGENT, REMOVAL_EVICTED, NOW)
+    banned = Removal(OTHER_AGENT, REMOVAL_BANNED, NOW + 5)
+    store.delete_agent(AGENT, evicted)
+    store.set_agent_banned(OTHER_AGENT, True, banned)
+    # Durable with the delete and the ban: a restart finds them.
+    store = open_store()
+    assert store.removal_of(AGENT) == evicted
+    assert store.removal_of(RUNTIME) is None
+    assert store.list_removals(NOW + 5) == [evicted, banned]  # oldest first
+    assert store.list_removals(NOW + 4) == [evicted]
+    assert store.list_removals(NOW - 1) == []
+    # Only a removal of the agent written: a refused delete or ban stores none.
+    with pytest.raises(NotFoundError):
+        store.delete_agent(AGENT, Removal(AGENT, REMOVAL_EVICTED, NOW + 1))
+    with pytest.raises(ValueError, match="removal of"):
+        store.set_agent_banned(OTHER_AGENT, True, Removal(AGENT, REMOVAL_BANNED, NOW + 1))
+    assert store.list_removals(2**62) == [evicted, banned]
+
+
+def test_an_agent_under_removal_is_neither_admitted_nor_saved(store: DataStore) -> None:
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+    store.upsert_agent(AttestedAgent(OTHER_AGENT, "join_token", "1", NOW + 3600))
+    evicted = Removal(AGENT, REMOVAL_EVICTED, NOW)
+    store.delete_agent(AGENT, evicted)
+    store.set_agent_banned(OTHER_AGENT, True, Removal(OTHER_AGENT, REMOVAL_BANNED, NOW))
+    back = AttestedAgent(AGENT, "join_token", "2", NOW + 3600)
+    store.create_join_token(JoinToken("t", b"h" * 32, NOW + 60))
+    revision = store.revision()
+    with pytest.raises(RemovalUnderWayError, match=AGENT):
+        store.admit_agent(back, TokenUse("t", b"h" * 32), NOW)
+    with pytest.raises(RemovalUnderWayError):
+        store.upsert_agent(back)
+    with pytest.raises(RemovalUnderWayError):  # a renewal of the banned agent
+        store.upsert_agent(AttestedAgent(OTHER_AGENT, "join_token", "2", NOW + 3600))
+    # Nothing written: the token unspent, no agent back, the banned one as it was.
+    assert store.check_join_token("t", b"h" * 32, NOW)
+    assert [(a.spiffe_id, a.serial) for a in store.list_agents()] == [(OTHER_AGENT, "1")]
+    assert store.revision() == revision
+    # Once the removal ends, the agent may come back.
+    assert store.end_removal(evicted)
+    assert store.admit_agent(back, TokenUse("t", b"h" * 32), NOW)
+    assert store.get_agent(AGENT) == back
+
+
+def test_ending_a_removal_leaves_a_newer_one_of_the_agent(store: DataStore) -> None:
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+    first = Removal(AGENT, REMOVAL_BANNED, NOW)
+    store.set_agent_banned(AGENT, True, first)
+    newer = Removal(AGENT, REMOVAL_BANNED, NOW + 9)  # banned again: it replaces the first
+    store.set_agent_banned(AGENT, True, newer)
+    assert store.list_removals(2**62) == [newer]
+    assert not store.end_removal(first)  # a finisher of the first, late
+    assert store.removal_of(AGENT) == newer
+    assert store.end_removal(newer)
+    assert not store.end_removal(newer)
+    assert store.list_removals(2**62) == []
 
 
 def test_key_slots_bundle_and_revocations(store: DataStore) -> None:
