@@ -20,7 +20,7 @@ from server.audit.checkpoint import Checkpoint
 from server.convert import agent_to_proto, bundle_to_proto, entry_from_proto, entry_to_proto
 from server.datastore.base import DataStore
 from server.datastore.errors import DataStoreError
-from server.datastore.records import AttestedAgent, Entry, Selector
+from server.datastore.records import REMOVAL_EVICTED, AttestedAgent, Entry, Removal, Selector
 from server.entitlement import EntryIndex
 from server.errors import InvalidRequestError, NotFoundError, UnavailableError
 from server.federation.service import FederationService
@@ -111,7 +111,7 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
         clock: Clock,
         metrics: Metrics,
         join_token_ttl: int,
-        on_agent_removed: Callable[[str, str], Awaitable[None]] | None = None,
+        on_agent_removed: Callable[[Removal], Awaitable[None]] | None = None,
         finish_removal: Callable[[str, str], Awaitable[bool]] | None = None,
         audit_checkpoint: Callable[[], Awaitable[Checkpoint]] | None = None,
         federation: FederationService | None = None,
@@ -352,19 +352,19 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
     ) -> admin_pb2.EvictAgentResponse:
         spiffe_id = _agent_id(request.spiffe_id)
         try:
-            await self._state.evict_agent(spiffe_id)
+            removal = await self._state.evict_agent(spiffe_id)
         except NotFoundError:
             # The row goes before the revocations: an eviction the server died in the middle
-            # of left the agent gone and what it holds live. The operator's retry finishes it;
-            # an agent with nothing left is not found.
+            # of left the agent gone and what it holds live. Housekeeping finishes it a minute
+            # on (server/tasks/removals.py); the operator's retry finishes it now. An agent
+            # with nothing left is not found.
             if self._finish_removal is None or not await self._finish_removal(
-                spiffe_id, "agent evicted"
+                spiffe_id, REMOVAL_EVICTED
             ):
                 raise
             _log.warning("finished an agent eviction left half done", extra={"agent_id": spiffe_id})
             return admin_pb2.EvictAgentResponse()
-        if self._on_agent_removed is not None:
-            await self._on_agent_removed(spiffe_id, "agent evicted")
+        await self._carry_out(removal)
         _log.info("agent evicted", extra={"agent_id": spiffe_id})
         return admin_pb2.EvictAgentResponse()
 
@@ -373,11 +373,18 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
         self, request: admin_pb2.BanAgentRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.BanAgentResponse:
         spiffe_id = _agent_id(request.spiffe_id)
-        await self._state.ban_agent(spiffe_id)
-        if self._on_agent_removed is not None:
-            await self._on_agent_removed(spiffe_id, "agent banned")
+        removal = await self._state.ban_agent(spiffe_id)
+        await self._carry_out(removal)
         _log.info("agent banned", extra={"agent_id": spiffe_id})
         return admin_pb2.BanAgentResponse()
+
+    async def _carry_out(self, removal: Removal) -> None:
+        """The rest of a removal just stored: the task layer revokes what the agent holds and
+        then forgets the removal; with no task layer there is nothing to revoke here."""
+        if self._on_agent_removed is not None:
+            await self._on_agent_removed(removal)
+        else:
+            await self._state.end_removal(removal)
 
     @status.unary
     async def GetBundle(  # type: ignore[override]

@@ -15,6 +15,7 @@ Each job app.py schedules, decided on its own:
 | audit checkpoints (start, interval, stop)  | `housekeeping` holder   | (5) |
 | audit retention (prune)                    | `housekeeping` holder   | (5) |
 | finish task ends left half done            | `housekeeping` holder   | (6) |
+| finish agent removals left half done       | `housekeeping` holder   | (6) |
 | scheduled fetch of a foreign bundle        | `federation-fetch:<td>` | (7) |
 
 1. The end is a compare-and-set on the task row (TaskStore.finish): only the write that moves
@@ -34,7 +35,10 @@ Each job app.py schedules, decided on its own:
    check every server's records against one pinned key.
 6. A task's end is claimed by the CAS (its row goes to `ending`) and settled once its
    revocations and event are written; one a server left half done (it died midway) is
-   finished, a minute later, by one server: the others would record its end again.
+   finished, a minute later, by one server: the others would record its end again. An agent's
+   removal (eviction, ban) likewise: its row is stored with the agent's delete or ban and
+   deleted once the agent's credentials are revoked on record; one still there a minute on is
+   finished (server/tasks/removals.py).
 7. One fetch of each foreign bundle endpoint per refresh hint, not one per server; the others
    adopt its result from the change feed (server/federation/service.py). A fetch someone asked
    for (admin refresh, relationship written, bundle set) runs on the server asked.

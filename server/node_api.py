@@ -154,6 +154,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         try:
             result = await attestor.attest(bytes(params.data.payload), challenge)
             previous = self._agents.check(result)
+            if previous is None:
+                await self._agents.not_being_removed(result)
         except Exception as exc:
             # Past the budget a refusal is counted, not written: the budget's worth of this
             # host's refusals is on record, and a flood of guesses costs no write each.

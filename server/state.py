@@ -27,9 +27,12 @@ from server.datastore.errors import DataStoreError, StorageError
 from server.datastore.records import (
     FEED_AGENT,
     FEED_ENTRY,
+    REMOVAL_BANNED,
+    REMOVAL_EVICTED,
     REVOKED_JWT_ID,
     AttestedAgent,
     Entry,
+    Removal,
     Revocation,
     TokenUse,
     revocation_needed_from,
@@ -308,34 +311,57 @@ class ServerState:
         await self._after_write()
         return True
 
-    async def evict_agent(self, spiffe_id: str) -> None:
+    async def evict_agent(self, spiffe_id: str) -> Removal:
+        """Delete the agent's row, storing its removal with it: once the caller has revoked
+        what the agent holds, `end_removal(removal)`; one left stored (the server died midway)
+        is finished by housekeeping (server/tasks/removals.py)."""
         async with self._agent_writes:
-            await self._evict_agent(spiffe_id)
+            return await self._evict_agent(spiffe_id)
 
-    async def _evict_agent(self, spiffe_id: str) -> None:
+    async def _evict_agent(self, spiffe_id: str) -> Removal:
         if spiffe_id not in self._agents:
             raise NotFoundError(f"agent {spiffe_id} not found")
-        await asyncio.to_thread(self._datastore.delete_agent, spiffe_id)
+        removal = Removal(spiffe_id, REMOVAL_EVICTED, int(self._clock.now()))
+        await asyncio.to_thread(self._datastore.delete_agent, spiffe_id, removal)
         self._touch(FEED_AGENT, (spiffe_id,))
         agents = dict(self._agents)
         agents.pop(spiffe_id, None)
         self._agents = MappingProxyType(agents)
         self._record(agents=(spiffe_id,))
         await self._after_write()
+        return removal
 
-    async def ban_agent(self, spiffe_id: str) -> None:
+    async def ban_agent(self, spiffe_id: str) -> Removal:
+        """Ban the agent, storing its removal with the ban: as `evict_agent`."""
         async with self._agent_writes:
-            await self._ban_agent(spiffe_id)
+            return await self._ban_agent(spiffe_id)
 
-    async def _ban_agent(self, spiffe_id: str) -> None:
+    async def _ban_agent(self, spiffe_id: str) -> Removal:
         agent = self._agents.get(spiffe_id)
         if agent is None:
             raise NotFoundError(f"agent {spiffe_id} not found")
-        await asyncio.to_thread(self._datastore.set_agent_banned, spiffe_id, True)
+        removal = Removal(spiffe_id, REMOVAL_BANNED, int(self._clock.now()))
+        await asyncio.to_thread(self._datastore.set_agent_banned, spiffe_id, True, removal)
         self._touch(FEED_AGENT, (spiffe_id,))
         self._put_agent(replace(agent, banned=True))
         self._record(agents=(spiffe_id,))
         await self._after_write()
+        return removal
+
+    # Removals under way are not held in memory: only the few jobs that finish them read them.
+
+    async def end_removal(self, removal: Removal) -> bool:
+        """The removal is done (everything the agent held is revoked on record): forget it, so
+        the agent may be admitted again. False when a newer removal of the agent replaced it
+        (that one stays) or it was ended already."""
+        return await asyncio.to_thread(self._datastore.end_removal, removal)
+
+    async def removal_of(self, agent_id: str) -> Removal | None:
+        return await asyncio.to_thread(self._datastore.removal_of, agent_id)
+
+    async def removals_before(self, before: int) -> list[Removal]:
+        """The removals under way that began at or before `before`, oldest first."""
+        return await asyncio.to_thread(self._datastore.list_removals, before)
 
     async def add_revocations(self, items: tuple[Revocation, ...]) -> None:
         await asyncio.to_thread(self._datastore.add_revocations, items)

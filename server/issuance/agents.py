@@ -21,6 +21,7 @@ from cryptography import x509
 from server.attestation.base import AttestationResult
 from server.attestation.join_token import REFUSED as TOKEN_REFUSED
 from server.ca.manager import CaManager
+from server.datastore.errors import RemovalUnderWayError
 from server.datastore.records import AttestedAgent
 from server.errors import PermissionDeniedError
 from server.issuance.ledger import Ledger, LedgerUnavailableError
@@ -74,6 +75,15 @@ class AgentAdmission:
                 f"agent {result.agent_id} is already attested; evict it before attesting again"
             )
         return existing
+
+    async def not_being_removed(self, result: AttestationResult) -> None:
+        """RemovalUnderWayError while a removal of the agent is stored (one cut short, not yet
+        finished): asked before anything is signed or recorded, so such an attempt leaves no
+        allowed attestation on the log. The save refuses it as well, should a removal be
+        stored meanwhile."""
+        agent_id = str(result.agent_id)
+        if await self._state.removal_of(agent_id) is not None:
+            raise RemovalUnderWayError(agent_id)
 
     async def admit(
         self,

@@ -17,6 +17,7 @@ from typing import Any
 
 from server.audit import AuditLog
 from server.ca.manager import CaManager
+from server.datastore.records import Removal
 from server.issuance import TaskDecisions
 from server.peer import PeerCache
 from server.policy import PolicyEngine
@@ -24,6 +25,7 @@ from server.ratelimit import KeyedLimiter
 from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.grpc_api import NodeTasksServicer, TaskAdminServicer
+from server.tasks.removals import AgentRemovals
 from server.tasks.service import TaskService, TaskSettings
 from server.tasks.store import TaskRows, TaskStore
 from svid._clock import Clock
@@ -58,6 +60,7 @@ class TaskLayer:
     audit: AuditLog
     store: TaskStore
     service: TaskService
+    removals: AgentRemovals
 
     @property
     def decisions(self) -> TaskDecisions:
@@ -67,13 +70,13 @@ class TaskLayer:
         """The CA-signed CRLs for Sync (none while no valid X.509-SVID is revoked)."""
         return self.service.crl()
 
-    async def agent_removed(self, agent_id: str, why: str) -> None:
-        # admin_api passes "agent evicted" or "agent banned".
-        await self.service.revoke_agent(agent_id, why, banned=why == "agent banned")
+    async def agent_removed(self, removal: Removal) -> None:
+        """An eviction or ban just stored (admin_api): see AgentRemovals.carry_out."""
+        await self.removals.carry_out(removal)
 
     async def removal_finished(self, agent_id: str, why: str) -> bool:
-        """An eviction retried after one cut short: see TaskService.finish_removal."""
-        return await self.service.finish_removal(agent_id, why)
+        """An eviction retried after one cut short: see AgentRemovals.retried."""
+        return await self.removals.retried(agent_id, why)
 
     def node_handlers(
         self,
@@ -101,8 +104,8 @@ class TaskLayer:
         self, stop: asyncio.Event, clock: Clock, *, settles: Callable[[], bool] = lambda: True
     ) -> None:
         """Expire tasks on time; prune old records now and then, and then also finish the task
-        ends other servers left half done while `settles()` (one server of those sharing the
-        datastore: app.py asks the housekeeping lease)."""
+        ends and agent removals servers left half done while `settles()` (one server of those
+        sharing the datastore: app.py asks the housekeeping lease)."""
         last_prune = clock.monotonic()
         while not stop.is_set():
             try:
@@ -113,6 +116,7 @@ class TaskLayer:
                     await self.service.housekeeping()
                     if settles():
                         await self.service.settle_ends()
+                        await self.removals.finish_cut_short()
             except Exception:
                 _log.exception("task housekeeping failed; retrying")
             wait = min(MAX_EXPIRY_WAIT, max(0.05, self.service.next_expiry() - clock.now()))
@@ -147,4 +151,4 @@ def build_task_layer(
         denials=denials,
     )
     service.load()
-    return TaskLayer(policy, audit, store, service)
+    return TaskLayer(policy, audit, store, service, AgentRemovals(state, service, clock))

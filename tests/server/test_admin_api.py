@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from server import app as server_app
 from server.audit.checkpoint import CHECKPOINT_FILE, Checkpoint
 from server.datastore.errors import StorageError
 from server.datastore.records import EventFilter
@@ -26,6 +28,7 @@ from tests.server.fixtures import (
     managed_server,
     running_server,
 )
+from tests.server.test_replication_servers import wait_until
 
 TD = f"spiffe://{TRUST_DOMAIN}"
 AGENT = f"{TD}/svid/agent/join_token/a1"
@@ -305,6 +308,76 @@ def test_a_removal_whose_revocation_events_failed_is_finished_by_a_retry(
         assert (
             len(list(audit.store.audit_rows(EventFilter(agent_id=agent.spiffe_id, kind=kind)))) == 1
         )
+        assert audit.verify().ok
+
+
+def _housekeeping_minutes(srv: RunningServer) -> None:
+    """90 s of the server's clock, in steps its lease renews at: the task layer's housekeeping
+    (every 60 s) runs at least once, on the lease holder (server_app.MAX_LEASE_WAIT patched
+    short, so a renewal follows each step at once)."""
+    lease = srv.server.housekeeping
+    for _ in range(6):
+        srv.clock.advance(15)
+        wait_until(lambda: lease.next_renewal() > srv.clock.now(), 3, "the lease renewal")
+
+
+@pytest.mark.parametrize("removal", ["EvictAgent", "BanAgent"])
+@pytest.mark.parametrize("dies", ["before revoking", "before the revocation events"])
+def test_a_removal_cut_short_is_finished_by_housekeeping_with_no_retry(
+    removal: str, dies: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server fails midway through an eviction or a ban (before it revokes anything, or
+    with the revocations stored and their events not), and no operator ever retries: the
+    housekeeping lease holder finishes it once it is a minute old. Each credential the agent
+    held is revoked, each revocation and the removal itself on the log once."""
+    # The lease loop notices a jump of the test's clock within this much real time.
+    monkeypatch.setattr(server_app, "MAX_LEASE_WAIT", 0.05)
+    with managed_server() as srv:
+        admin = srv.admin()
+        agent = srv.attest()
+        entry = srv.create_entry(f"/{removal}/cut-short", agent.spiffe_id)
+        serials = {_x509_serial(srv, agent, entry.id) for _ in range(2)}
+        audit = srv.server.tasks.audit
+        append_many = audit.append_many
+
+        async def dies_at_once(*_args: object, **_kwargs: object) -> int:
+            raise StorageError("the server died here")
+
+        def dies_at_the_events(drafts: Any) -> Any:
+            if any(d.kind == "revocation" for d in drafts):
+                raise StorageError("the server died here")
+            return append_many(drafts)
+
+        if removal == "EvictAgent":
+            request: Any = admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id)
+        else:
+            request = admin_pb2.BanAgentRequest(spiffe_id=agent.spiffe_id)
+        with monkeypatch.context() as fault:
+            if dies == "before revoking":
+                fault.setattr(srv.server.tasks.service, "revoke_agent", dies_at_once)
+            else:
+                fault.setattr(audit, "append_many", dies_at_the_events)
+            with pytest.raises(grpc.RpcError):
+                getattr(admin, removal)(request, timeout=10)
+        where = EventFilter(kind="revocation", agent_id=entry.spiffe_id)
+        assert list(audit.store.audit_rows(where)) == []
+
+        # Nobody retries: housekeeping runs, a minute on.
+        _housekeeping_minutes(srv)
+
+        def logged() -> list[str]:
+            return [r["credential_id"] for r in audit.store.audit_rows(where)]
+
+        wait_until(lambda: len(logged()) >= len(serials), 10, "the revocation events")
+        assert serials <= {r.value for r in srv.server.state.revocations}
+        kind = "agent_evicted" if removal == "EvictAgent" else "agent_banned"
+        removed = EventFilter(agent_id=agent.spiffe_id, kind=kind)
+        wait_until(lambda: srv.server.datastore.list_removals(2**62) == [], 5, "the removal")
+        # Once each, housekeeping having run again since.
+        _housekeeping_minutes(srv)
+        time.sleep(1.5)
+        assert sorted(logged()) == sorted(serials)
+        assert len(list(audit.store.audit_rows(removed))) == 1
         assert audit.verify().ok
 
 

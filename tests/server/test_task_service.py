@@ -27,7 +27,7 @@ from server.ca.manager import CaConfig, CaManager
 from server.ca.rotation import activate_at
 from server.ca.signer import IssuedJwt
 from server.datastore.base import DataStore
-from server.datastore.errors import StorageError
+from server.datastore.errors import RemovalUnderWayError, StorageError
 from server.datastore.records import X509_KIND, AttestedAgent, Entry, Revocation, Selector
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
@@ -43,6 +43,7 @@ from server.policy import PolicyEngine
 from server.state import ServerState
 from server.tasks.crl import REFRESH_AFTER
 from server.tasks.model import TaskState
+from server.tasks.removals import AgentRemovals
 from server.tasks.service import BeginRequest, TaskService
 from server.tasks.store import TaskStore
 from svid import MAX_VERIFIER_LEEWAY, RevokedError, X509Bundle, X509Verifier
@@ -1283,15 +1284,153 @@ def test_an_eviction_cut_short_before_its_revocation_events_is_finished_by_a_ret
 
 def test_an_agent_evicted_again_after_it_attested_again_is_logged_again(world: World) -> None:
     """A retried removal logs its eviction once; a new one (the agent came back) is new."""
+    removals = AgentRemovals(world.state, world.service, world.clock)
     issue_x509(world, RUNTIME)
-    world.run(world.state.evict_agent(AGENT))
-    world.run(world.service.revoke_agent(AGENT, "agent evicted"))
+    world.run(removals.carry_out(world.run(world.state.evict_agent(AGENT))))
     world.run(world.service.revoke_agent(AGENT, "agent evicted"))  # a retry: nothing new
     assert len(world.events("agent_evicted")) == 1
     world.audit.append(EventKind.NODE_ATTESTATION, agent_id=AGENT, node_id=AGENT, decision="allow")
     world.run(world.state.save_agent(world.agent, None))
     issue_x509(world, RUNTIME)
-    world.run(world.state.evict_agent(AGENT))
-    world.run(world.service.revoke_agent(AGENT, "agent evicted"))
+    world.run(removals.carry_out(world.run(world.state.evict_agent(AGENT))))
     assert len(world.events("agent_evicted")) == 2
     assert len(world.events("revocation")) == 2
+
+
+# -- an agent's removal cut short, finished by housekeeping ----------------------------------------
+
+
+def _dies_before_the_removal_event(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server dies once the agent's row is written, before anything is revoked."""
+    append = world.audit.append
+
+    def dies(kind: str, **fields: Any) -> Any:
+        if kind in ("agent_evicted", "agent_banned"):
+            raise _Killed()
+        return append(kind, **fields)
+
+    monkeypatch.setattr(world.audit, "append", dies)
+
+
+def _holdings(world: World) -> tuple[Any, set[str]]:
+    """A task with a JWT-SVID, and a workload X.509- and JWT-SVID, through the agent."""
+    task = world.begin()
+    in_task = world.mint_jwt(world.state.entries.by_id[task.entry_id], ["docs"])
+    plain = format(issue_x509(world, RUNTIME).serial_number, "x")
+    (runtime_entry,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
+    jwt = world.mint_jwt(runtime_entry, ["docs"])
+    return task, {in_task.jti, plain, jwt.jti}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("evict", "revocation events"),
+        ("evict", "removal event"),
+        ("ban", "revocation events"),
+        ("ban", "removal event"),
+    ],
+)
+def test_a_removal_cut_short_is_finished_by_housekeeping_after_a_restart(
+    tmp_path: Path,
+    clock: FakeClock,
+    any_datastore: DataStore,
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    case: tuple[str, str],
+) -> None:
+    """The server dies midway through an eviction or a ban; restarted, nobody retries. The
+    housekeeping run finishes it once it is a minute old (younger, it may be another live
+    server's): every credential the agent held revoked, each on the log once."""
+    removal, dies_at = case
+    world = make_world(tmp_path, clock, any_datastore, ca_manager)
+    task, held = _holdings(world)
+    if dies_at == "revocation events":
+        _dies_before_agent_revocation_events(world, monkeypatch)
+    else:
+        _dies_before_the_removal_event(world, monkeypatch)
+    remove = world.state.evict_agent if removal == "evict" else world.state.ban_agent
+    stored = world.run(remove(AGENT))
+    with pytest.raises(_Killed):
+        world.run(AgentRemovals(world.state, world.service, clock).carry_out(stored))
+    monkeypatch.undo()
+
+    world = _restarted(world, any_datastore)
+    removals = AgentRemovals(world.state, world.service, clock)
+    assert world.run(removals.finish_cut_short()) == 0  # it may be a removal under way
+    clock.advance(61)
+    assert world.run(removals.finish_cut_short()) == 1
+    assert held <= {r.value for r in world.state.revocations}
+    events = world.events("revocation")
+    assert sorted(e["credential_id"] for e in events) == sorted(held)
+    assert {e["node_id"] for e in events} == {AGENT}
+    kind = "agent_evicted" if removal == "evict" else "agent_banned"
+    assert len(world.events(kind)) == 1
+    (end,) = world.events("task_end")
+    assert end["task_id"] == task.task_id
+    assert any_datastore.list_removals(2**62) == []
+    # Done: a later run finds nothing, and logs nothing more.
+    clock.advance(61)
+    assert world.run(removals.finish_cut_short()) == 0
+    assert len(world.events("revocation")) == len(held)
+    assert world.audit.verify().ok
+
+
+def test_an_agent_is_not_admitted_again_before_its_removal_cut_short_is_finished(
+    tmp_path: Path,
+    clock: FakeClock,
+    any_datastore: DataStore,
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Were it admitted, the finisher would list what the new admission was issued with what
+    the removed agent held, and revoke it all: it is refused until the removal is done."""
+    world = make_world(tmp_path, clock, any_datastore, ca_manager)
+    _, held = _holdings(world)
+    _dies_before_the_removal_event(world, monkeypatch)
+    stored = world.run(world.state.evict_agent(AGENT))
+    with pytest.raises(_Killed):
+        world.run(AgentRemovals(world.state, world.service, clock).carry_out(stored))
+    monkeypatch.undo()
+    world = _restarted(world, any_datastore)
+    with pytest.raises(RemovalUnderWayError, match=AGENT):
+        world.run(world.state.save_agent(world.agent, None))
+    assert AGENT not in world.state.agents
+
+    clock.advance(61)
+    removals = AgentRemovals(world.state, world.service, clock)
+    assert world.run(removals.finish_cut_short()) == 1
+    # Finished: the agent comes back, and what it is issued now stays good.
+    world.run(world.state.save_agent(world.agent, None))
+    fresh = format(issue_x509(world, RUNTIME).serial_number, "x")
+    clock.advance(61)
+    assert world.run(removals.finish_cut_short()) == 0
+    revoked = {r.value for r in world.state.revocations}
+    assert held <= revoked
+    assert fresh not in revoked
+
+
+def test_a_retried_eviction_finishes_the_removal_under_way_and_forgets_it(
+    tmp_path: Path,
+    clock: FakeClock,
+    datastore: SqliteDataStore,
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The operator's retry (admin_api: the agent is not found) does at once what housekeeping
+    would a minute on, removal event included when the agent held nothing."""
+    world = make_world(tmp_path, clock, datastore, ca_manager)
+    _dies_before_the_removal_event(world, monkeypatch)
+    stored = world.run(world.state.evict_agent(AGENT))
+    with pytest.raises(_Killed):
+        world.run(AgentRemovals(world.state, world.service, clock).carry_out(stored))
+    monkeypatch.undo()
+    removals = AgentRemovals(world.state, world.service, clock)
+    assert world.run(removals.retried(AGENT, "agent evicted"))
+    assert len(world.events("agent_evicted")) == 1
+    assert datastore.list_removals(2**62) == []
+    assert not world.run(removals.retried(AGENT, "agent evicted"))  # then NOT_FOUND
+    clock.advance(61)
+    assert world.run(removals.finish_cut_short()) == 0
+    assert len(world.events("agent_evicted")) == 1

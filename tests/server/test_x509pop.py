@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from server.attestation.x509pop import sign_challenge
+from server.datastore.errors import StorageError
+from server.datastore.records import EventFilter
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from tests.server.fixtures import (
     DER,
@@ -144,6 +146,41 @@ def test_x509pop_attests_and_sets_selectors(srv: RunningServer, pki: Any) -> Non
     # Re-attestation of a non-banned x509pop node is allowed.
     again = _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
     assert again.spiffe_id == result.spiffe_id
+
+
+def test_a_node_whose_eviction_was_cut_short_attests_again_once_it_is_finished(
+    srv: RunningServer, pki: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admitted again before its removal is finished, the node's new SVIDs would be revoked
+    with the old ones: it is refused (UNAVAILABLE, nothing on record, its attempt allowed on
+    no log) until the removal is finished, here by the operator's retry."""
+    cert, key = _node(*pki, "node-cut-short")
+    agent_id = _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce)).spiffe_id
+    admin = srv.admin()
+    evict = admin_pb2.EvictAgentRequest(spiffe_id=agent_id)
+
+    async def dies(*_args: object, **_kwargs: object) -> int:
+        raise StorageError("the server died here")
+
+    with monkeypatch.context() as fault:
+        fault.setattr(srv.server.tasks.service, "revoke_agent", dies)
+        with pytest.raises(grpc.RpcError):
+            admin.EvictAgent(evict, timeout=10)
+    audit = srv.server.tasks.audit.store
+    where = EventFilter(kind="node_attestation", agent_id=agent_id)
+    allowed = [r["seq"] for r in audit.audit_rows(where) if r["decision"] == "allow"]
+
+    with pytest.raises(grpc.RpcError) as refused:
+        _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert "still being removed" in refused.value.details()  # type: ignore[attr-defined]
+    assert agent_id not in srv.server.state.agents
+    assert [r["seq"] for r in audit.audit_rows(where) if r["decision"] == "allow"] == allowed
+
+    admin.EvictAgent(evict, timeout=10)  # finishes the removal
+    assert len(list(audit.audit_rows(EventFilter(kind="agent_evicted", agent_id=agent_id)))) == 1
+    again = _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
+    assert again.spiffe_id == agent_id
 
 
 def test_node_alias_entitles_x509pop_agents(srv: RunningServer, pki: Any) -> None:
