@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from server import app as server_app
@@ -32,8 +33,11 @@ from server.datastore.errors import StorageError
 from server.datastore.records import EventFilter
 from server.housekeeping import HOUSEKEEPING_LEASE
 from server.tasks.model import Task, TaskState
+from server.tasks.removals import REMOVAL_GRACE
 from server.tasks.service import END_GRACE, BeginRequest
+from svid._proto import admin_pb2
 from tests.server.fixtures import RunningServer, short_tmpdir, start_server
+from tests.server.test_admin_api import _x509_serial
 from tests.server.test_replication_servers import wait_until
 
 LEASE_TTL = 30
@@ -307,3 +311,52 @@ def test_only_the_lease_holder_finishes_an_end_left_half_done(
     wait_until(lambda: not service_a.store.unsettled(2**62), 20, "A to finish the end")
     assert b_tries == []  # B ran its housekeeping too, but the lease is A's
     assert [e["decision"] for e in _ends_on_record(pair, task)] == ["ended"]
+
+
+def test_a_removal_cut_short_on_b_is_finished_by_the_lease_holder_alone(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B evicts an agent and fails midway (before revoking anything); nobody retries. A, the
+    housekeeping lease holder, finishes the removal a minute on; B, running its housekeeping
+    too, does not."""
+    agent = pair.a.attest()
+    entry = pair.a.create_entry("/evicted-through-b", agent.spiffe_id)
+    serial = _x509_serial(pair.a, agent, entry.id)
+    b = pair.start_b()
+
+    async def dies(*_args: object, **_kwargs: object) -> int:
+        raise StorageError("B died here")
+
+    with monkeypatch.context() as fault:
+        fault.setattr(b.server.tasks.service, "revoke_agent", dies)
+        with pytest.raises(grpc.RpcError):
+            b.admin().EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+    b_tries: list[int] = []
+    finish_on_b = b.server.tasks.removals.finish_cut_short
+
+    async def spy(grace: int = REMOVAL_GRACE) -> int:
+        b_tries.append(grace)
+        return await finish_on_b(grace)
+
+    monkeypatch.setattr(b.server.tasks.removals, "finish_cut_short", spy)
+    monkeypatch.setattr(server_app, "MAX_LEASE_WAIT", 0.05)
+    lease = pair.a.server.housekeeping
+    # 90 s on both clocks, A renewing its lease on the way: housekeeping runs once at least.
+    for _ in range(6):
+        for server in (pair.a, b):
+            server.clock.advance(15)
+        wait_until(lambda: lease.next_renewal() > pair.a.clock.now(), 3, "A to renew")
+    store = pair.a.server.datastore
+    wait_until(lambda: store.list_removals(2**62) == [], 20, "A to finish the removal")
+    where = EventFilter(kind="revocation", agent_id=entry.spiffe_id)
+    assert [r["credential_id"] for r in store.audit_rows(where)] == [serial]
+    evicted = EventFilter(kind="agent_evicted", agent_id=agent.spiffe_id)
+    assert len(list(store.audit_rows(evicted))) == 1
+    # Every server serves the revocation (B through the change feed).
+    for server in (pair.a, b):
+        wait_until(
+            lambda s=server: serial in {r.value for r in s.server.state.revocations},  # type: ignore[misc]
+            5,
+            "the revocation to be served",
+        )
+    assert b_tries == []  # B ran its housekeeping too, but the lease is A's
