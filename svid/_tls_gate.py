@@ -12,7 +12,10 @@ contexts create, before either side can read or write application data:
 * a refused connection stays refused: every later read or write raises the refusal again, so
   the peer's buffered request is never delivered, whatever the caller does with the error;
 * a peer revoked after the handshake is refused on its next read or write, and blocking sockets
-  are shut down at once so a thread waiting on them wakes up.
+  are shut down at once so a thread waiting on them wakes up;
+* with a verifier that fails closed on stale revocation data (``max_revocation_staleness``), a
+  connection is refused on its first read or write once the data is too old, as a new peer
+  would be: it was admitted on data that can no longer vouch for it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from svid._cache import LruCache
-from svid._errors import VerificationError
+from svid._errors import StaleRevocationsError, VerificationError
 from svid._revocation import KIND_X509_SERIAL, CertKey, RevocationSet, cert_key
 from svid._source_state import RevocationEvent
 from svid._ssl_peer import peer_chain_der
@@ -61,6 +64,10 @@ class PeerPolicy:
         self.verifier = verifier
         self.authorizer = authorizer
         self.revocations = revocations
+        # Read per read or write of every open connection: None unless the verifier can refuse.
+        self.check_fresh: Callable[[tuple[CertKey, ...]], None] | None = (
+            verifier.check_fresh if verifier.revocations_fresh_for() is not None else None
+        )
         self._lock = threading.Lock()
         # Each open connection's peer chain, as what revokes it (svid._revocation.CertKey).
         self._open: weakref.WeakKeyDictionary[Any, tuple[CertKey, ...]] = (
@@ -144,9 +151,17 @@ class _Gate:
             self.do_handshake()
         if self._svid_refused is not None:
             raise self._svid_refused
-        if self._svid_policy.revoked(self._svid_keys):
+        policy = self._svid_policy
+        if policy.revoked(self._svid_keys):
             self._svid_refuse(PeerRefusedError("TLS peer certificate has been revoked"))
             raise self._svid_refused  # type: ignore[misc]
+        check_fresh = policy.check_fresh
+        if check_fresh is not None:
+            try:
+                check_fresh(self._svid_keys)
+            except StaleRevocationsError as exc:
+                self._svid_refuse(PeerRefusedError(f"TLS peer refused: {exc}"))
+                raise self._svid_refused from None  # type: ignore[misc]
 
     def _svid_refuse(self, exc: PeerRefusedError) -> None:
         self._svid_refused = exc

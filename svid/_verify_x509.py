@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -406,6 +406,18 @@ class X509Verifier:
         """Seconds until this verifier refuses everything for stale revocation data
         (``max_revocation_staleness``; 0: it does now); None without that setting."""
         return fresh_for(self._revocations, self._clock.now(), self._max_staleness)
+
+    def check_fresh(self, keys: Iterable[CertKey] = ()) -> None:
+        """Raise StaleRevocationsError if this verifier would now refuse, for stale revocation
+        data, a chain of certificates ``keys`` (``VerifiedX509.chain`` as ``cert_key``s) it
+        verified before; nothing without ``max_revocation_staleness``. For connections that
+        outlive their handshake."""
+        max_staleness = self._max_staleness
+        if max_staleness is None:
+            return
+        now = self._clock.now()
+        refuse_if_stale(self._revocations, now, max_staleness)
+        refuse_if_stale_crl(self._revocations, keys, now, max_staleness)
 
     def verify_der(self, chain_der: bytes) -> VerifiedX509:
         """Verify concatenated DER certificates, leaf first (the Workload API / TLS form)."""

@@ -385,6 +385,48 @@ def test_new_peers_are_refused_while_revocation_data_is_stale(world: World) -> N
         assert raw_request(client, port).startswith(b"HTTP/1.1 200")
 
 
+def test_an_open_stream_ends_once_revocation_data_is_stale(world: World) -> None:
+    """A peer admitted while the data was fresh is refused at its next write once the data is
+    older than the server allows, as a new peer is: a stream does not outlive the feed."""
+    stale = 0.3
+
+    async def main() -> tuple[int, float]:
+        async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while True:  # an SSE-like stream: an event every 20 ms
+                    writer.write(b"data: tick\n\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.02)
+
+        sctx = tls.server_context(world.server.source, CLIENT, max_revocation_staleness=stale)
+        server = await asyncio.start_server(stream, "127.0.0.1", 0, ssl=sctx)
+        port = server.sockets[0].getsockname()[1]
+        cctx = tls.client_context(world.client.source, SERVER)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=cctx)
+        ticks = 0
+        while ticks < 50:  # a second of ticks: fresh data keeps the stream going
+            assert await reader.readuntil(b"\n\n") == b"data: tick\n\n"
+            ticks += 1
+        world.server.agent.stop()
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            while await reader.readline():
+                ticks += 1
+        elapsed = time.monotonic() - started
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return ticks, elapsed
+
+    try:
+        ticks, elapsed = asyncio.run(asyncio.wait_for(main(), 15))
+    finally:
+        world.server.agent.start()
+    assert ticks >= 50
+    # Not before the data is too old (the source notices the agent gone at once).
+    assert elapsed >= stale - 0.05, f"the stream ended {elapsed:.3f}s after the agent stopped"
+
+
 # --- the asyncio source, and failing closed without an SVID ----------------------------------
 
 
