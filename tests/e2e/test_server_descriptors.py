@@ -103,6 +103,21 @@ WAIT = 10.0  # the old lockout lasted until the held connections timed out (30 s
 FLOOD_CONNECT = 5.0
 
 
+def _flood(held: ExitStack, host: str, port: int) -> int:
+    """Open up to FLOOD silent connections to ``host:port``, held until ``held`` closes; how
+    many the server took (accepted, or left in its backlog)."""
+    opened = 0
+    for _ in range(FLOOD):
+        conn = held.enter_context(socket.socket())
+        conn.settimeout(FLOOD_CONNECT)
+        try:
+            conn.connect((host, port))
+        except OSError:
+            break  # the server stopped accepting and its backlog is full
+        opened += 1
+    return opened
+
+
 def _get(url: str, source: str) -> bytes:
     """GET `url` from the local address `source`; TLS unverified (what is checked is that the
     server answers at all, not who it is)."""
@@ -136,15 +151,7 @@ def test_idle_connections_from_one_address_leave_the_server_serving_others(root:
     server.start()
     try:
         with ExitStack() as flood:
-            opened = 0
-            for _ in range(FLOOD):
-                held = flood.enter_context(socket.socket())
-                held.settimeout(FLOOD_CONNECT)
-                try:
-                    held.connect(("127.0.0.1", oauth_port))
-                except OSError:
-                    break  # the server stopped accepting and its backlog is full
-                opened += 1
+            opened = _flood(flood, "127.0.0.1", oauth_port)
             assert opened > SERVER_FDS  # the flood did get in
             # Those the cap let in are open, and shown (the metrics listener is another one).
             shown = _metric(server, rb'svid_server_http_connections_open\{listener="oauth"\}')
@@ -181,15 +188,7 @@ def test_silent_connections_to_the_agents_ports_are_capped_and_cut(root: Path) -
     agent.bundle_file()  # read before the flood: the test's own CLI calls are not the point
     try:
         with ExitStack() as flood:
-            opened = 0
-            for _ in range(FLOOD):
-                held = flood.enter_context(socket.socket())
-                held.settimeout(FLOOD_CONNECT)
-                try:
-                    held.connect((host, int(port)))
-                except OSError:
-                    break  # the server stopped accepting and its backlog is full
-                opened += 1
+            opened = _flood(flood, host, int(port))
             assert opened > SERVER_FDS  # the flood did get in
             server.cli("bundle", "show")  # the same process's admin API still answers
             started = time.monotonic()

@@ -63,14 +63,18 @@ def test_dropped_refusals_are_logged_once_per_window(caplog: pytest.LogCaptureFi
     assert len(dropped) == 12
 
 
-def test_the_log_line_names_what_was_left_off(caplog: pytest.LogCaptureFixture) -> None:
-    budget = RefusalBudget(
+def _accepted_reports() -> RefusalBudget:
+    return RefusalBudget(
         "validation_accepted",
         rate=0.001,
         burst=1,
         clock=FakeClock(),
         kind="reports of accepted tokens",
     )
+
+
+def test_the_log_line_names_what_was_left_off(caplog: pytest.LogCaptureFixture) -> None:
+    budget = _accepted_reports()
     with caplog.at_level(logging.WARNING, "svid.server.audit"):
         budget.on_record("a")
         budget.on_record("a")
@@ -134,13 +138,7 @@ def test_the_tally_holds_a_bounded_number_of_callers_and_counts_the_rest() -> No
 
 
 def test_the_tally_event_names_the_source_and_counts_never_a_request() -> None:
-    budget = RefusalBudget(
-        "validation_accepted",
-        rate=0.001,
-        burst=1,
-        clock=FakeClock(),
-        kind="reports of accepted tokens",
-    )
+    budget = _accepted_reports()
     for _ in range(3):
         budget.on_record("spiffe://example.org/svid/agent/join_token/x")
     tally = budget.take_unrecorded()

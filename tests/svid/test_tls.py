@@ -338,17 +338,19 @@ def test_revoked_peer_loses_its_keep_alive_connection(world: World) -> None:
     assert elapsed < 1.0, f"revocation took {elapsed:.3f}s to close the connection"
 
 
+async def _ticks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An SSE-like stream: an event every 20 ms, until the connection fails."""
+    with contextlib.suppress(OSError):
+        while True:
+            writer.write(b"data: tick\n\n")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+
+
 def test_revoked_peer_stream_ends_on_an_asyncio_server(world: World) -> None:
     async def main() -> float:
-        async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while True:  # an SSE-like stream: an event every 20 ms
-                    writer.write(b"data: tick\n\n")
-                    await writer.drain()
-                    await asyncio.sleep(0.02)
-
         sctx = tls.server_context(world.server.source, CLIENT)
-        server = await asyncio.start_server(stream, "127.0.0.1", 0, ssl=sctx)
+        server = await asyncio.start_server(_ticks, "127.0.0.1", 0, ssl=sctx)
         port = server.sockets[0].getsockname()[1]
         cctx = tls.client_context(world.client.source, SERVER)
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=cctx)
@@ -391,15 +393,8 @@ def test_an_open_stream_ends_once_revocation_data_is_stale(world: World) -> None
     stale = 0.3
 
     async def main() -> tuple[int, float]:
-        async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while True:  # an SSE-like stream: an event every 20 ms
-                    writer.write(b"data: tick\n\n")
-                    await writer.drain()
-                    await asyncio.sleep(0.02)
-
         sctx = tls.server_context(world.server.source, CLIENT, max_revocation_staleness=stale)
-        server = await asyncio.start_server(stream, "127.0.0.1", 0, ssl=sctx)
+        server = await asyncio.start_server(_ticks, "127.0.0.1", 0, ssl=sctx)
         port = server.sockets[0].getsockname()[1]
         cctx = tls.client_context(world.client.source, SERVER)
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=cctx)
