@@ -37,6 +37,7 @@ from server.descriptor_budget import (
     GRPC_IDLE_TIMEOUT,
     HANDSHAKE_TIMEOUT,
     budget,
+    per_port,
     warn_if_short,
 )
 from server.errors import ConfigError
@@ -307,7 +308,7 @@ class Server:
         # admin socket's are the operator's, behind file permissions.
         return [
             *self._grpc_options(),
-            ("grpc.max_allowed_incoming_connections", self.grpc_max_connections),
+            ("grpc.max_allowed_incoming_connections", per_port(self.grpc_max_connections)),
             ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT * 1000)),
             ("grpc.max_connection_idle_ms", int(GRPC_IDLE_TIMEOUT * 1000)),
         ]

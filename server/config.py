@@ -173,11 +173,12 @@ class ServerConfig:
     # an HTTP client's pool keeps (httpx: 100); a NAT or proxy in front needs more.
     http_max_connections: int = 1024
     http_max_connections_per_host: int = 128
-    # Open connections the agents' ports (bind_address and attest_bind_address together) take:
-    # past it, gRPC closes a new one at once. A silent one is cut after the 10 s TLS handshake,
-    # one with no call after 5 minutes. 0: what the descriptor limit leaves once the HTTP
-    # listeners' caps and a headroom for the server's own files are set aside (logged at start),
-    # so no flood of connections can take the descriptors the admin API and datastore need.
+    # Open connections the agents' ports (bind_address and attest_bind_address together, half
+    # each) take: past its half, a port closes a new connection at once. A silent one is cut
+    # after the 10 s TLS handshake, one with no call after 5 minutes. 0: what the descriptor
+    # limit leaves once the HTTP listeners' caps and a headroom for the server's own files are
+    # set aside (logged at start), so no flood of connections can take the descriptors the
+    # admin API and datastore need.
     grpc_max_connections: int = 0
 
     @property

@@ -38,6 +38,15 @@ HEADROOM = 1024
 # second (an unlimited descriptor limit).
 GRPC_MIN_CONNECTIONS = 256
 GRPC_MAX_DERIVED = 65_536
+# The agents' ports (bind_address, attest_bind_address). gRPC counts its connection cap
+# (grpc.max_allowed_incoming_connections) per listening port, not per server: given the whole
+# cap, the two ports together would hold twice what the budget sets aside for them.
+NODE_PORTS = 2
+
+
+def per_port(cap: int) -> int:
+    """The connection cap to give gRPC for each of the agents' ports: its share of `cap`."""
+    return max(1, cap // NODE_PORTS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,3 +199,40 @@ def test_silent_connections_to_the_agents_ports_are_capped_and_cut(root: Path) -
     finally:
         agent.stop()
         server.stop()
+
+
+def _still_open(held: list[socket.socket]) -> int:
+    """How many of `held` the server has not closed (a closed one reads EOF at once)."""
+    still = 0
+    for sock in held:
+        sock.setblocking(False)
+        try:
+            still += sock.recv(1) != b""
+        except BlockingIOError:
+            still += 1  # nothing to read: open, waiting for our TLS handshake
+        except OSError:
+            pass  # reset by the server
+    return still
+
+
+def test_the_agents_two_ports_hold_no_more_connections_together_than_the_cap(
+    root: Path,
+) -> None:
+    """gRPC counts its connection cap per listening port: the server splits
+    grpc_max_connections between the node API port and the attestation port, so the two
+    together never hold more descriptors than the descriptor budget set aside for them."""
+    cap = 4
+    server = make_server(root, grpc_max_connections=cap)
+    server.start()
+    try:
+        with ExitStack() as stack:
+            held = []
+            for name in ("node_address", "attest_address"):
+                host, _, port = server.runtime[name].rpartition(":")
+                for _ in range(cap):
+                    sock = stack.enter_context(socket.create_connection((host, int(port)), 5))
+                    held.append(sock)
+            time.sleep(1.0)  # the ones past the cap are closed at once; the rest wait 10 s
+            assert _still_open(held) == cap
+    finally:
+        server.stop()

@@ -14,6 +14,7 @@ from server.descriptor_budget import (
     GRPC_MIN_CONNECTIONS,
     HEADROOM,
     budget,
+    per_port,
     warn_if_short,
 )
 from svid._spiffe_id import TrustDomain
@@ -75,3 +76,10 @@ def test_an_unlimited_descriptor_limit_fits_any_caps(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING, logger="svid.server"):
         assert warn_if_short(config, resource.RLIM_INFINITY)
     assert not caplog.records
+
+
+def test_each_of_the_agents_two_ports_gets_half_the_cap() -> None:
+    # gRPC counts the cap per listening port: the whole cap on each would double it.
+    assert per_port(3072) == 1536
+    assert per_port(5) == 2
+    assert per_port(1) == 1  # a port that takes nothing would be a server nothing reaches
