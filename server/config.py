@@ -293,6 +293,11 @@ def _positive(key: str, value: Any) -> int:
     return _as_int(key, value, minimum=1, maximum=MAX_INT32)
 
 
+def _count(key: str, value: Any) -> int:
+    """0 or more, within what gRPC and C take (a channel argument is a C int)."""
+    return _as_int(key, value, minimum=0, maximum=MAX_INT32)
+
+
 def _as_positive_float(key: str, value: Any) -> float:
     number = _as_float(key, value)
     if not number > 0:
@@ -370,7 +375,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "federation_min_refresh": _positive,
     "http_max_connections": _positive,
     "http_max_connections_per_host": _positive,
-    "grpc_max_connections": _as_int,
+    "grpc_max_connections": _count,
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ServerConfig))

@@ -153,6 +153,13 @@ def test_a_duration_or_size_past_int32_is_refused_naming_the_key(key: str) -> No
         build_config({"trust_domain": "example.org", key: 10**14})
 
 
+def test_a_grpc_connection_cap_past_int32_is_refused_naming_the_key() -> None:
+    # gRPC takes its channel arguments as C ints: 2**32 raised OverflowError as the server
+    # built its node API (a traceback at start), and 2**31 - 1 on one port aborts the process.
+    with pytest.raises(ConfigError, match=r"^grpc_max_connections: must be at most 2147483647"):
+        build_config({"trust_domain": "example.org", "grpc_max_connections": 2**32})
+
+
 def test_an_admin_socket_path_is_measured_in_bytes_as_the_kernel_measures_it() -> None:
     # 60 "é" are 60 characters but 120 bytes of sun_path: the length was counted in characters,
     # the path passed, and gRPC's bind failed later as "in use, or no such address/directory".
