@@ -601,9 +601,16 @@ class Server:
         """One audit event per refusal budget that left refusals off the record since the
         last: the log counts every refusal, if not each one in a row of its own. On every
         server (each has its own budgets)."""
-        tallies = [t for t in (b.take_unrecorded() for b in self._budgets) if t is not None]
-        if tallies:
-            await asyncio.to_thread(self.tasks.audit.append_many, [t.draft() for t in tallies])
+        taken = [(b, t) for b in self._budgets if (t := b.take_unrecorded()) is not None]
+        if not taken:
+            return
+        try:
+            await asyncio.to_thread(self.tasks.audit.append_many, [t.draft() for _, t in taken])
+        except Exception:
+            # One transaction, none written: the next run counts these too.
+            for budget, tally in taken:
+                budget.restore(tally)
+            raise
 
     async def _guarded(self, job: Callable[[], Awaitable[None]]) -> None:
         try:

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from server.audit.event import EventDraft
 from server.ratelimit import KeyedLimiter
@@ -54,6 +54,9 @@ class Unrecorded:
     top: tuple[tuple[str, int], ...]  # the callers that left the most, most first
     since: float  # wall clock of the first one left off
     until: float  # of the tally
+    # Every caller's count and the rest's, for `RefusalBudget.restore` (not in the event).
+    tally: Mapping[str, int] = field(default_factory=dict, repr=False)
+    others: int = 0
 
     def draft(self) -> EventDraft:
         return EventDraft(
@@ -111,10 +114,7 @@ class RefusalBudget:
         with self._lock:
             if self._since is None:
                 self._since = self._clock.now()
-            if key in self._tally or len(self._tally) < MAX_TALLIED_CALLERS:
-                self._tally[key] = self._tally.get(key, 0) + 1
-            else:
-                self._others += 1
+            self._count(key, 1)
             count = self._lines.due()
         if not count:
             return False
@@ -123,6 +123,22 @@ class RefusalBudget:
             extra={"source": self._source, "caller": key, "dropped": count},
         )
         return False
+
+    def restore(self, lost: Unrecorded) -> None:
+        """Put back a tally taken whose audit event was not written (the datastore failed):
+        the next tally counts its refusals too, so the log still accounts for every one."""
+        with self._lock:
+            if self._since is None or lost.since < self._since:
+                self._since = lost.since
+            for key, count in lost.tally.items():
+                self._count(key, count)
+            self._others += lost.others
+
+    def _count(self, key: str, count: int) -> None:
+        if key in self._tally or len(self._tally) < MAX_TALLIED_CALLERS:
+            self._tally[key] = self._tally.get(key, 0) + count
+        else:
+            self._others += count
 
     def take_unrecorded(self) -> Unrecorded | None:
         """What was left off the record since the last call (None: nothing), and start anew."""
@@ -141,4 +157,6 @@ class RefusalBudget:
             top=tuple(top),
             since=since,
             until=self._clock.now(),
+            tally=tally,
+            others=others,
         )
