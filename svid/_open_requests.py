@@ -80,7 +80,7 @@ class OpenRequests:
     A request is indexed only when a revocation arrives while it is still open: until then it
     waits in a plain set, and most requests (answered before any revocation) are closed from
     there. Admission is then a set insert, and a request's keys are read only if it lives to
-    meet a revocation; each one is indexed at most once."""
+    meet a revocation; each one is indexed at most once (one with no keys stays in the set)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -121,8 +121,15 @@ class OpenRequests:
     def _index(self) -> None:
         """Index every request admitted since the last revocation (under the lock)."""
         by_key = self._by_key
+        # One with no keys (a token without jti or task) no revocation can name, but it is still
+        # open: left where take_all and empty (the staleness watch) see it.
+        keyless: set[Revocable] = set()
         for admission in self._unindexed:
-            for key in admission.keys:
+            keys = admission.keys
+            if not keys:
+                keyless.add(admission)
+                continue
+            for key in keys:
                 # One lookup for a key of its own too (get, then set, would take two).
                 held = by_key.setdefault(key, admission)
                 if held is admission:
@@ -131,7 +138,7 @@ class OpenRequests:
                     held.add(admission)
                 else:
                     by_key[key] = {held, admission}
-        self._unindexed.clear()
+        self._unindexed = keyless
 
     def empty(self) -> bool:
         """Whether nothing is open (read without the lock: a watcher's hint, not a count)."""

@@ -12,9 +12,10 @@ import httpx
 import pytest
 
 import svid.asgi
-from svid import tool_scope
+from svid import sign_jws, tool_scope
 from tests.svid.adapter_world import (
     AUDIENCE,
+    KEY,
     RUNTIME,
     RevokingSource,
     call_asgi,
@@ -209,6 +210,40 @@ def test_open_streams_end_once_revocation_data_is_older_than_the_verifier_allows
     assert took >= STALE - 0.05  # not before the verifier would refuse it
     assert refused.status_code == 401  # and new requests are refused, as before
     assert "max_revocation_staleness" in refused.headers["www-authenticate"]
+    assert middleware.open_requests.empty()
+
+
+def test_a_stream_with_nothing_to_revoke_it_by_still_ends_once_the_data_is_stale(
+    source: RevokingSource,
+) -> None:
+    """A token with no jti and no task: no revocation can name it, so a revocation of anything
+    else used to drop it from the open requests, and the staleness watch no longer saw it."""
+    source.revocations.feed_delivered(time.time())
+    verifier = source.jwt_verifier(max_revocation_staleness=STALE)
+    middleware = svid.asgi.SvidAuthMiddleware(
+        app, audience=AUDIENCE, source=source, jwt_verifier=verifier
+    )
+    now = int(time.time())
+    claims = {"sub": "spiffe://example.org/svc", "aud": [AUDIENCE], "exp": now + 300, "iat": now}
+    token = sign_jws({"kid": "k1", "typ": "JWT"}, claims, KEY)
+    with (
+        serving(middleware) as url,
+        httpx.Client(timeout=5) as client,
+        client.stream("GET", f"{url}/stream", headers=bearer(token)) as reply,
+    ):
+        lines = reply.iter_lines()
+        assert next(lines) == "tick"
+        source.revoke("jwt_id", "another")  # someone else's
+        assert [next(lines) for _ in range(5)] == ["tick"] * 5
+        lost_at = time.monotonic()
+        source.revocations.feed_lost(time.time())
+        ended = False
+        for _ in lines:
+            if time.monotonic() - lost_at > 5.0:
+                break
+        else:
+            ended = True
+    assert ended, "the stream outlived the revocation data it was admitted on"
     assert middleware.open_requests.empty()
 
 
