@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,14 +111,20 @@ class TaskLayer:
             try:
                 await self.service.expire_due()
                 self.service.refresh_crl()
-                if clock.monotonic() - last_prune >= HOUSEKEEPING_INTERVAL:
-                    last_prune = clock.monotonic()
-                    await self.service.housekeeping()
-                    if settles():
-                        await self.service.settle_ends()
-                        await self.removals.finish_cut_short()
             except Exception:
                 _log.exception("task housekeeping failed; retrying")
+            if clock.monotonic() - last_prune >= HOUSEKEEPING_INTERVAL:
+                last_prune = clock.monotonic()
+                jobs: list[Callable[[], Awaitable[object]]] = [self.service.housekeeping]
+                if settles():
+                    jobs += [self.service.settle_ends, self.removals.finish_cut_short]
+                # Each on its own: one failing run after run holds up no other (a removal left
+                # stored keeps its agent from being admitted again).
+                for job in jobs:
+                    try:
+                        await job()
+                    except Exception:
+                        _log.exception("task housekeeping failed; retrying")
             wait = min(MAX_EXPIRY_WAIT, max(0.05, self.service.next_expiry() - clock.now()))
             await set_within(stop, wait)
 

@@ -381,6 +381,37 @@ def test_a_removal_cut_short_is_finished_by_housekeeping_with_no_retry(
         assert audit.verify().ok
 
 
+def test_a_removal_cut_short_is_finished_while_another_housekeeping_job_fails_every_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Until its removal is finished the agent is not admitted again: a job run in the same
+    slot that fails run after run (settling task ends, here) must not hold it up."""
+    monkeypatch.setattr(server_app, "MAX_LEASE_WAIT", 0.05)
+    with managed_server() as srv:
+        agent = srv.attest()
+        entry = srv.create_entry("/evicted/next-to-a-failing-job", agent.spiffe_id)
+        serial = _x509_serial(srv, agent, entry.id)
+        service = srv.server.tasks.service
+        store = srv.server.datastore
+
+        async def fails(*_args: object, **_kwargs: object) -> int:
+            raise StorageError("this job fails every run")
+
+        with monkeypatch.context() as fault:
+            fault.setattr(service, "revoke_agent", fails)
+            with pytest.raises(grpc.RpcError):
+                srv.admin().EvictAgent(
+                    admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id), timeout=10
+                )
+        assert [r.agent_id for r in store.list_removals(2**62)] == [agent.spiffe_id]
+        monkeypatch.setattr(service, "settle_ends", fails)
+
+        _housekeeping_minutes(srv)
+        wait_until(lambda: not store.list_removals(2**62), 10, "the removal to be finished")
+        where = EventFilter(kind="revocation", agent_id=entry.spiffe_id)
+        assert [r["credential_id"] for r in store.audit_rows(where)] == [serial]
+
+
 def test_bundle(srv: RunningServer) -> None:
     bundle = srv.bundle()
     assert bundle.trust_domain == TRUST_DOMAIN
