@@ -410,11 +410,15 @@ class Syncer:
     async def run(self) -> None:
         """Hold the Sync stream forever, reconnecting with jittered, capped backoff."""
         attempt = 0
+        # A saved SVID set aside attests at once, the first time only: a server that no bundle
+        # it hands out verifies would otherwise be attested to in a loop that never waits.
+        hurried = False
         while True:
             started = self._clock.monotonic()
             try:
                 await self._sync_once()
                 attempt = 0
+                hurried = False
                 continue
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
@@ -422,9 +426,11 @@ class Syncer:
                 if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                     self._refused(code, details)
                 elif server_not_verified(exc):
-                    if self._set_aside_saved_svid(details):
+                    if not self._set_aside_saved_svid(details):
+                        self._unverified(details)
+                    elif not hurried:
+                        hurried = True
                         continue  # attest at this very server, at once: it failed no attempt
-                    self._unverified(details)
                 else:
                     log.warning("lost the server", extra={"server": self.server, "code": code.name})
                 await self._after_failure(code.name, code.name)

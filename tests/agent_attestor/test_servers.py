@@ -285,3 +285,46 @@ def test_a_server_name_the_resolver_cannot_encode_is_retried_not_fatal(
         assert asyncio.run(scenario())
     assert "cannot resolve the server name" in caplog.text
     assert syncer.server == bad.node  # dialled as written, as with any name that fails
+
+
+class _NotVerified(grpc.RpcError):
+    """What a channel whose roots refuse the server's certificate raises."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "failed to connect: CERTIFICATE_VERIFY_FAILED"
+
+
+def test_a_saved_svid_set_aside_again_and_again_backs_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A server whose own bundle does not verify its certificate: each attestation with the
+    # given bundle succeeds, each stream then fails verification, and the saved SVID is set
+    # aside again. Only the first set-aside may skip the backoff, or the agent spins.
+    settings = SyncSettings((A,), reconnect_min=0.1, reconnect_max=0.1)
+    store = AgentStore(Path("/nonexistent/svid"), Path("/nonexistent/key"), Path("/nonexistent/b"))
+    syncer = Syncer(settings, store, Cache(), FakeClock())
+    calls = 0
+
+    async def sync_once() -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1000:  # a loop that never awaits never lets the test's timer fire
+            raise asyncio.CancelledError
+        raise _NotVerified()
+
+    monkeypatch.setattr(syncer, "_sync_once", sync_once)
+    monkeypatch.setattr(syncer, "_set_aside_saved_svid", lambda details: True)
+
+    async def scenario() -> None:
+        await syncer._servers.first()
+        task = asyncio.create_task(syncer.run())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert calls <= 15, f"{calls} streams in 0.5 s: the set-aside skipped every backoff"
