@@ -512,7 +512,8 @@ class Server:
             metrics_address=metrics_address,
             pid=os.getpid(),
         )
-        self.runtime.write(cfg.runtime_file)
+        # Logged before the runtime file is written: whoever waits for the file (tests, the
+        # demo) finds the line already in the log.
         _log.info(
             "server started",
             extra={
@@ -526,6 +527,7 @@ class Server:
                 "grpc_max_connections": self.grpc_max_connections,
             },
         )
+        self.runtime.write(cfg.runtime_file)
         return self.runtime
 
     async def _start_oauth(self) -> OAuthService:
