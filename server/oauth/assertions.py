@@ -2,12 +2,12 @@
 delegation's actor token).
 
 Accepted: a JWT-SVID signed by a key of this trust domain's bundle or of a configured trusted
-bundle, for the audience named (this server's token endpoint or its issuer URL), not expired,
-its `jti` not revoked, and when it has `iss`, an issuer this server knows. An assertion or
-subject token must also carry a `jti` this server did not accept before (a subject token: for
-the same resource and kind of token; server/oauth/replay.py: the datastore, claiming it with
-the token's ledger record, has the last word across servers); an actor token only proves who
-acts.
+bundle, for this server alone (its token endpoint or its issuer URL, no other audience), not
+expired, its `jti` not revoked, and when it has `iss`, an issuer this server knows. An assertion
+or subject token must also carry a `jti` this server did not accept before (a subject token:
+for the same resource and kind of token; server/oauth/replay.py: the datastore, claiming it
+with the token's ledger record, has the last word across servers); an actor token only proves
+who acts.
 """
 
 from __future__ import annotations
@@ -87,6 +87,13 @@ class AssertionChecker:
         if len(token) > MAX_ASSERTION_BYTES:
             raise InvalidGrantError(f"{what} is longer than {MAX_ASSERTION_BYTES} bytes")
         verified = self._verify(token, what)
+        others = [a for a in verified.audience if a not in self._audiences]
+        if others:
+            # Every audience of a JWT-SVID holds it: a service it was also for could trade it
+            # here as the workload or task it names (RFC 7523bis: this server as sole audience).
+            raise InvalidGrantError(
+                f"{what} is also for {others[0][:200]!r}: it must be for this server alone"
+            )
         td = verified.spiffe_id.trust_domain
         iss = verified.claims.get("iss")
         if iss is not None:

@@ -517,6 +517,21 @@ def _socket_owned(local_port: int, remote_port: int) -> bool:
     return False
 
 
+def test_an_assertion_also_for_another_audience_is_refused(oauth_server: OAuthServer) -> None:
+    """The service a JWT-SVID was also for holds it too: it could trade it here for the
+    workload's access token. This server's two names are one audience."""
+    signer = oauth_server.running.server.ca.jwt_signer()
+    issuer = oauth_server.issuer
+    shared = signer.sign(WORKLOAD, [issuer, "https://svc.example"], 60).token
+    reply = _post(oauth_server, grant_type=JWT_BEARER, assertion=shared, resource=RESOURCE)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == "invalid_grant"
+    assert "https://svc.example" in reply.json()["error_description"]
+    ours = signer.sign(WORKLOAD, [issuer, issuer + "/token"], 60).token
+    reply = _post(oauth_server, grant_type=JWT_BEARER, assertion=ours, resource=RESOURCE)
+    assert reply.status_code == 200, reply.text
+
+
 def test_a_revoked_jwt_svid_gets_no_token(oauth_server: OAuthServer) -> None:
     """A JWT-SVID whose jti the server revoked (its agent evicted or banned) is refused by
     every verifier: the token endpoint must not turn it into a fresh access token."""

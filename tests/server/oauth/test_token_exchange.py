@@ -288,3 +288,24 @@ def test_a_task_jwt_svid_is_used_once_per_resource_whichever_grant_presents_it(
         assert again.status_code == 400, again.text
         assert "replay" in again.json()["error_description"]
     assert len(world.events("oauth_jwt_bearer")) + len(world.events("oauth_token_exchange")) == 5
+
+
+def test_a_task_jwt_svid_also_for_a_resource_is_not_traded_by_that_resource(
+    oauth_server: OAuthServer,
+) -> None:
+    # Every audience of a JWT-SVID holds it: one for the issuer and a resource, presented to
+    # that resource, would let its server trade it here as the task (for any resource the task
+    # reaches) instead of acting for it by delegation, where it is named in `act`.
+    world = begin_task(oauth_server, resources=(oauth_server.issuer, RESOURCE, OTHER_RESOURCE))
+    running, oauth = oauth_server.running, world.oauth
+    both = running.call(
+        running.server.issuer.issue_jwt(world.agent, world.entry, [oauth.issuer, RESOURCE])
+    )
+    exchange = {"grant_type": EXCHANGE, "subject_token_type": JWT_TYPE}
+    bearer = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer"}
+    for form in ({**exchange, "subject_token": both.token}, {**bearer, "assertion": both.token}):
+        form["resource"] = OTHER_RESOURCE
+        reply = httpx.post(oauth.issuer + "/token", data=form, verify=oauth.ssl_context())
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"] == "invalid_grant"
+        assert RESOURCE in reply.json()["error_description"]
