@@ -16,6 +16,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from server.audit.errors import SecretInAuditError
+from server.audit.event import check_no_secret
 from server.datastore.base import JtiClaim
 from server.oauth.errors import InvalidGrantError
 from svid._bundle import JwtBundle
@@ -105,6 +107,15 @@ class AssertionChecker:
         jti = verified.claims.get("jti")
         if not isinstance(jti, str) or not jti:
             raise InvalidGrantError(f"{what} has no jti: it could be replayed")
+        # Both go on the audit log, which refuses a value shaped like a credential: such a token
+        # (a trusted partner's; ours never mint one) is refused here, not failed there.
+        for claim, value in (("jti", jti), ("sub", str(verified.spiffe_id))):
+            try:
+                check_no_secret(claim, value)
+            except SecretInAuditError:
+                raise InvalidGrantError(
+                    f"{what} {claim} looks like a token or key: it cannot be recorded"
+                ) from None
         # Revoked (its task ended, its agent evicted): every verifier refuses it, so it may not
         # be traded here for a fresh token that outlives the revocation either.
         if self._revoked(jti):

@@ -413,3 +413,33 @@ def test_a_ca_file_that_is_not_pem_is_a_failed_fetch_not_a_crash(
     assert found.get(PARTNER) is None
     assert "oauth_trusted_issuers_ca" in caplog.text
     assert issuer.fetches == {}
+
+
+@pytest.mark.parametrize("claim", ["jti", "sub"])
+def test_a_partner_token_whose_claim_looks_like_a_token_is_refused_not_a_server_error(
+    issuer: Issuer, claim: str
+) -> None:
+    # The audit log refuses any value that looks like a JWT: a partner's jti (or a path of its
+    # sub) shaped like one made the grant's audit event fail, and the client got a 500.
+    from svid import sign_jws
+
+    key = issuer.add_key("p1")
+    jwt_like = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    with _serving(issuer) as server:
+        _eventually(lambda: _holds(server, "p1"))
+        now = int(server.running.clock.now())
+        claims = {
+            "sub": f"{WORKLOAD}/{jwt_like}" if claim == "sub" else str(WORKLOAD),
+            "aud": [server.issuer],
+            "iss": issuer.url,
+            "exp": now + 120,
+            "iat": now,
+            "jti": jwt_like if claim == "jti" else "partner-jti-1",
+        }
+        reply = _exchange(server, sign_jws({"kid": "p1", "typ": "JWT"}, claims, key))
+        refusals = [e["decision"] for e in _audited(server, "oauth_jwt_bearer")]
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == "invalid_grant"
+    assert claim in reply.json()["error_description"]
+    assert jwt_like not in reply.text
+    assert refusals == ["deny"]  # on the record, without the value
