@@ -176,6 +176,14 @@ def check_server_config(config: ServerConfig) -> OAuthSettings:
             raise ConfigError(f"oauth_resources: {resource!r} is not an absolute URI (RFC 8707)")
     trusted = parse_trusted_bundles(config.oauth_trusted_bundles)
     issuers = parse_trusted_issuers(config.oauth_trusted_issuers)
+    # Our own JWT-SVIDs are checked against our own keys only: a second source of them would
+    # be ignored, and an operator would believe it was in use.
+    for key, named in (
+        ("oauth_trusted_bundles", [b.trust_domain for b in trusted]),
+        ("oauth_trusted_issuers", [i.trust_domain for i in issuers]),
+    ):
+        if config.trust_domain in named:
+            raise ConfigError(f"{key}: {config.trust_domain} is this server's own trust domain")
     for item in issuers:
         if item.url == issuer:
             raise ConfigError(f"oauth_trusted_issuers: {item.url} is this server's own issuer")

@@ -96,6 +96,22 @@ def test_https_issuer_with_certificate() -> None:
             {
                 "oidc_issuer": "http://127.0.0.1:1",
                 "oauth_bind_address": "127.0.0.1:1",
+                "oauth_trusted_issuers": ["example.org=https://oidc.example.net"],
+            },
+            "oauth_trusted_issuers: example.org is this server's own trust domain",
+        ),
+        (
+            {
+                "oidc_issuer": "http://127.0.0.1:1",
+                "oauth_bind_address": "127.0.0.1:1",
+                "oauth_trusted_bundles": ["example.org=/etc/ours.json"],
+            },
+            "oauth_trusted_bundles: example.org is this server's own trust domain",
+        ),
+        (
+            {
+                "oidc_issuer": "http://127.0.0.1:1",
+                "oauth_bind_address": "127.0.0.1:1",
                 "oauth_trusted_issuers": ["partner.org=https://oidc.partner.example"],
                 "oauth_trusted_issuers_ca": "/no/such/ca.pem",
             },
