@@ -286,6 +286,11 @@ class CredentialStore(Protocol):
         """Credentials issued through the agent some verifier may still accept at `now`."""
         ...
 
+    def workload_jwt(self, jti: str, expires_at: int) -> Credential | None:
+        """The workload (not task) JWT recorded with this jti and expiry (its `exp`), or None:
+        one lookup by index (migration 14), made per JWT-bearer grant."""
+        ...
+
     def count_credentials(self, task_id: str) -> int: ...
 
     def prune_credentials(self, now: int) -> int:

@@ -109,6 +109,11 @@ TASK_CREDENTIALS = (
 AGENT_CREDENTIALS = (
     f"{_CREDENTIALS} WHERE agent_id = :agent_id AND expires_at >= :needed_from ORDER BY kind, value"
 )
+# The literals match migration 14's partial index, which a bound parameter could not use.
+WORKLOAD_JWT = (
+    f"{_CREDENTIALS} WHERE kind = 'jwt_id' AND task_id = '' "
+    "AND expires_at = :expires_at AND value = :jti LIMIT 1"
+)
 COUNT_CREDENTIALS = "SELECT COUNT(*) AS n FROM credentials WHERE task_id = :task_id"
 PRUNE_CREDENTIALS = "DELETE FROM credentials WHERE expires_at < :needed_from"
 

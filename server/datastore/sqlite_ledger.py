@@ -194,6 +194,10 @@ class SqliteLedger:
         params = {"agent_id": agent_id, "needed_from": revocation_needed_from(now)}
         return self._credentials(lq.AGENT_CREDENTIALS, params)
 
+    def workload_jwt(self, jti: str, expires_at: int) -> Credential | None:
+        found = self._credentials(lq.WORKLOAD_JWT, {"jti": jti, "expires_at": expires_at})
+        return found[0] if found else None
+
     def count_credentials(self, task_id: str) -> int:
         rows = self._read("count credentials", lq.COUNT_CREDENTIALS, {"task_id": task_id})
         return int(rows[0]["n"])

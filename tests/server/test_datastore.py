@@ -527,6 +527,25 @@ def test_the_revocation_events_of_a_node_are_read_by_index(
     assert not [s for s in steps if "TEMP B-TREE" in s], steps
 
 
+def test_a_workload_jwt_is_read_by_index(tmp_path: Path, clock: FakeClock) -> None:
+    """The JWT-bearer grant's lookup of its assertion's record is a search of migration 14's
+    partial index, not a scan of the credentials."""
+    SqliteDataStore(tmp_path / "db", clock).close()
+    db = sqlite3.connect(tmp_path / "db")
+    try:
+        steps = [
+            row[3]
+            for row in db.execute(
+                f"EXPLAIN QUERY PLAN {ledger_queries.WORKLOAD_JWT}", {"jti": "j", "expires_at": 1}
+            )
+        ]
+    finally:
+        db.close()
+    assert steps == [
+        "SEARCH credentials USING INDEX credentials_workload_jwt (expires_at=? AND value=?)"
+    ], steps
+
+
 def test_the_shared_sql_has_no_sqlite_only_syntax() -> None:
     """queries, ledger_queries and the migrations are what a PostgreSQL backend reuses: only the
     dialect words the migrations module names (BLOB, SEQ_KEY) may be SQLite's."""

@@ -538,6 +538,21 @@ def test_credentials_are_read_back_while_a_verifier_may_accept_them(store: DataS
     assert len(store.agent_credentials(AGENT, NOW)) == 3
 
 
+def test_a_workload_jwt_is_found_by_its_jti_and_exp(store: DataStore) -> None:
+    """The token endpoint finds the agent a workload's JWT-SVID came through by its jti and
+    exp: only a workload's JWT, not a task's nor an X.509 serial of the same value."""
+    exp = NOW + 300
+    serial = Credential("x509_serial", "s1", OTHER_AGENT, RUNTIME, "", exp, "ca")
+    store.write_ledger([cred("j1"), cred("j2", agent=OTHER_AGENT), cred("t1", task_id="t")], [])
+    store.write_ledger([serial], [])
+    assert store.workload_jwt("j1", exp) == cred("j1")
+    assert store.workload_jwt("j2", exp) == cred("j2", agent=OTHER_AGENT)
+    assert store.workload_jwt("j1", exp + 1) is None
+    assert store.workload_jwt("t1", exp) is None
+    assert store.workload_jwt("s1", exp) is None
+    assert store.workload_jwt("unknown", exp) is None
+
+
 def test_a_ledger_write_is_credentials_events_and_head_together(store: DataStore) -> None:
     assert store.audit_head() is None
     rows = audit_rows(1, 3)
