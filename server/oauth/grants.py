@@ -12,8 +12,10 @@
   the task layer decides afresh for the other resource, and the token out keeps the principal
   and the task, with the workload added as the current actor (`act`).
 
-Every token is a credential on the ledger (of its task, so ending the task revokes it) with an
-audit event naming the decision, committed before the token leaves; every refusal is an event.
+Every token is a credential on the ledger (of its task, so ending the task revokes it; a
+workload's, of the agent its JWT-SVID was minted through, so removing that agent revokes it)
+with an audit event naming the decision, committed before the token leaves; every refusal is an
+event.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from server.audit.event import EventDraft
 from server.ca.errors import CaUnavailableError
 from server.ca.signer import IssuedJwt, JwtSigner
 from server.datastore.base import JtiClaim
-from server.datastore.errors import JtiHeldError
+from server.datastore.errors import JtiHeldError, StorageError
 from server.datastore.records import REVOKED_JWT_ID, Credential
 from server.errors import PermissionDeniedError
 from server.issuance import TaskJwtGrant
@@ -167,11 +169,14 @@ class Grants:
         clock: Clock,
         workloads: Mapping[str, ResourceWorkload] | None = None,
         revoked: Callable[[str], bool] = lambda jti: False,
+        minted_through: Callable[[str, int], str] = lambda jti, exp: "",
         budget: RefusalBudget | None = None,
     ) -> None:
         """``workloads``: resource -> the workload that may act for its tokens (delegation);
-        ``revoked``: whether a JWT's ``jti`` is revoked on this server; ``budget``: which
-        refusals of a client are written (None: all of them)."""
+        ``revoked``: whether a JWT's ``jti`` is revoked on this server; ``minted_through``: the
+        agent a workload JWT-SVID of this trust domain was minted through, by its ``jti`` and
+        ``exp`` ("" when none is on record; StorageError when the record cannot be read);
+        ``budget``: which refusals of a client are written (None: all of them)."""
         self._checker = checker
         self._signer = signer
         self._recorder = recorder
@@ -183,6 +188,7 @@ class Grants:
         self._clock = clock
         self._workloads = dict(workloads or {})
         self._revoked = revoked
+        self._minted_through = minted_through
         self._budget = budget or RefusalBudget("oauth", rate=0, burst=1, clock=clock)
 
     # -- RFC 7523 ----------------------------------------------------------------------------
@@ -211,11 +217,13 @@ class Grants:
             # A task's JWT-SVID as the assertion: the same task decision as an exchange, so a
             # client that only speaks RFC 7523 (the MCP SDK's) gets a task-scoped token too.
             return self._task_token(assertion, resource, ACCESS_TOKEN_TYPE, EVENT_JWT_BEARER, call)
+        agent_id = self._agent_of(assertion)
         claims = {"client_id": sub}
         issued = self._mint(sub, resource, self._ttl, claims, assertion.claim)
         event = EventDraft(
             kind=EVENT_JWT_BEARER,
             agent_id=sub,
+            node_id=agent_id or None,
             resource=resource,
             action="token",
             decision="allow",
@@ -228,7 +236,9 @@ class Grants:
                 "iss": assertion.issuer,
             },
         )
-        credential = Credential(REVOKED_JWT_ID, issued.jti, "", sub, "", issued.expires_at)
+        # Of the agent the assertion came through: evicting or banning it revokes the token
+        # with the JWT-SVID it was traded for (server.tasks.service revoke_agent).
+        credential = Credential(REVOKED_JWT_ID, issued.jti, agent_id, sub, "", issued.expires_at)
         self._record([credential], [event], assertion.claim, EVENT_JWT_BEARER, call)
         return TokenResponse(
             issued.token, ACCESS_TOKEN_TYPE, issued.expires_at - issued.issued_at, ""
@@ -490,6 +500,24 @@ class Grants:
             return self._tasks.exchange_grant(sub, resource)
         except PermissionDeniedError as exc:  # the task layer audited its own denial
             raise InvalidGrantError(f"task decision: {exc}") from None
+
+    def _agent_of(self, assertion: CheckedAssertion) -> str:
+        """The agent a workload's assertion was minted through ("" for one of a trusted
+        foreign issuer, or none on record): one indexed read. A record that cannot be read
+        refuses the grant (the assertion may be presented again): a token recorded with no
+        agent would outlive that agent's eviction."""
+        if assertion.verified.spiffe_id.trust_domain.name != self._trust_domain:
+            return ""  # signed by another domain's keys: no credential of ours
+        try:
+            verified = assertion.verified
+            return self._minted_through(str(verified.claims["jti"]), verified.expires_at)
+        except StorageError as exc:
+            self._replay.release(assertion.claim)
+            _log.warning(
+                "OAuth token refused: its assertion's record could not be read",
+                extra={"error": str(exc)},
+            )
+            raise UnavailableError("the credential ledger cannot be read") from None
 
     # -- shared -------------------------------------------------------------------------------
 

@@ -208,6 +208,11 @@ def build(
         )
         for resource, workload in settings.resource_workloads.items()
     }
+
+    def minted_through(jti: str, expires_at: int) -> str:
+        credential = datastore.workload_jwt(jti, expires_at)
+        return "" if credential is None else credential.agent_id
+
     grants = Grants(
         checker=checker,
         signer=ca.jwt_signer,
@@ -220,6 +225,7 @@ def build(
         clock=clock,
         workloads=workloads,
         revoked=revoked,
+        minted_through=minted_through,
         budget=refusals,
     )
     listener = HttpListener(

@@ -1,0 +1,141 @@
+"""Access tokens traded for a workload's JWT-SVID at the token endpoint of a running server are
+revoked with the rest of what its node agent holds when the agent is evicted or banned; an
+assertion of a trusted foreign issuer is of no agent of ours."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt as pyjwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.datastore.errors import StorageError
+from server.datastore.records import REVOKED_JWT_ID, EventFilter
+from server.oauth.discovery import JWT_BEARER
+from svid import AccessTokenVerifier, MemoryBundleSource, RevocationSet, Revoked, RevokedError
+from svid._jwk import public_key_members
+from svid._proto import admin_pb2, node_pb2
+from tests.server.fixtures import Agent
+from tests.server.oauth.conftest import RESOURCE, OAuthServer, serving_oauth
+
+WORKLOAD_PATH = "/billing/reporter"
+PARTNER_ID = "spiffe://partner.org/ci/deployer"
+
+
+def _jwt_svid(server: OAuthServer, agent: Agent, entry_id: str) -> str:
+    """A JWT-SVID for the token endpoint, minted for the workload through its agent."""
+    request = node_pb2.NewJWTSVIDRequest(entry_id=entry_id, audience=[server.issuer])
+    return str(server.running.node_stub(agent).NewJWTSVID(request, timeout=10).token)
+
+
+def _access_token(server: OAuthServer, assertion: str) -> str:
+    form = {"grant_type": JWT_BEARER, "assertion": assertion, "resource": RESOURCE}
+    reply = httpx.post(server.issuer + "/token", data=form, verify=server.ssl_context())
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["access_token"])
+
+
+def _jti(token: str) -> str:
+    return _jti_exp(token)[0]
+
+
+def _jti_exp(token: str) -> tuple[str, int]:
+    claims = pyjwt.decode(token, options={"verify_signature": False})
+    return str(claims["jti"]), int(claims["exp"])
+
+
+def _verifier(server: OAuthServer, revocations: RevocationSet) -> AccessTokenVerifier:
+    bundle = server.running.server.ca.bundle()
+    return AccessTokenVerifier(
+        MemoryBundleSource.of(bundle).jwt_bundle_for,
+        issuer=server.issuer,
+        audience=RESOURCE,
+        trust_domain=bundle.trust_domain,
+        revocations=revocations,
+    )
+
+
+@pytest.mark.parametrize("removal", ["EvictAgent", "BanAgent"])
+def test_an_access_token_traded_for_a_workloads_jwt_svid_is_revoked_with_its_agent(
+    removal: str,
+) -> None:
+    with serving_oauth("oar", [RESOURCE]) as server:
+        running = server.running
+        agent = running.attest()
+        entry = running.create_entry(WORKLOAD_PATH, agent.spiffe_id)
+        token = _access_token(server, _jwt_svid(server, agent, entry.id))
+        jti = _jti(token)
+        revocations = RevocationSet()
+        verifier = _verifier(server, revocations)
+        assert verifier.verify(token).subject == entry.spiffe_id
+
+        request = getattr(admin_pb2, f"{removal}Request")(spiffe_id=agent.spiffe_id)
+        getattr(running.admin(), removal)(request, timeout=10)
+
+        revoked = [r for r in running.server.state.revocations if r.value == jti]
+        assert [(r.kind, r.spiffe_id) for r in revoked] == [(REVOKED_JWT_ID, entry.spiffe_id)]
+        revocations.add([Revoked(r.kind, r.value, r.expires_at) for r in revoked])
+        with pytest.raises(RevokedError):
+            verifier.verify(token)
+        store = running.server.tasks.audit.store
+        events = store.audit_rows(EventFilter(kind="revocation", node_id=agent.spiffe_id))
+        assert [e["agent_id"] for e in events if e["credential_id"] == jti] == [entry.spiffe_id]
+
+
+def _partner_assertion(key: ec.EllipticCurvePrivateKey, server: OAuthServer, jti: str) -> str:
+    """A JWT-SVID of the trusted partner domain, whose issuer chose its `jti`."""
+    now, audience = int(server.running.clock.now()), server.issuer
+    claims = {"sub": PARTNER_ID, "aud": audience, "iat": now, "exp": now + 120, "jti": jti}
+    return pyjwt.encode(claims, key, algorithm="ES256", headers={"kid": "p1", "typ": "JWT"})
+
+
+def test_an_assertion_of_a_trusted_foreign_issuer_is_of_no_agent(tmp_path: Path) -> None:
+    """Its jti is the foreign issuer's to choose, even one of ours: the token it buys is not
+    taken for a credential of our agent (nor revoked by that agent's eviction)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    member: dict[str, Any] = {**public_key_members(key.public_key()), "kid": "p1"}
+    bundle = tmp_path / "partner.jwks"
+    bundle.write_text(json.dumps({"keys": [{**member, "use": "jwt-svid"}]}))
+    with serving_oauth(
+        "oaf", [RESOURCE], oauth_trusted_bundles=[f"partner.org={bundle}"]
+    ) as server:
+        running = server.running
+        agent = running.attest()
+        entry = running.create_entry(WORKLOAD_PATH, agent.spiffe_id)
+        ours = _jti(_jwt_svid(server, agent, entry.id))
+        token = _access_token(server, _partner_assertion(key, server, ours))
+        store = running.server.datastore
+        recorded = store.workload_jwt(*_jti_exp(token))
+        assert recorded is not None
+        assert (recorded.spiffe_id, recorded.agent_id) == (PARTNER_ID, "")
+        assert ours in {c.value for c in store.agent_credentials(agent.spiffe_id, 0)}
+
+
+def test_no_token_leaves_while_the_assertions_record_cannot_be_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A token recorded with no agent would outlive the agent's eviction: refused as
+    unavailable instead, and the assertion, not used up, buys the token once the read works."""
+    with serving_oauth("oau", [RESOURCE]) as server:
+        running = server.running
+        agent = running.attest()
+        entry = running.create_entry(WORKLOAD_PATH, agent.spiffe_id)
+        assertion = _jwt_svid(server, agent, entry.id)
+
+        def broken(jti: str, expires_at: int) -> None:
+            raise StorageError("cannot read credentials: disk I/O error")
+
+        monkeypatch.setattr(running.server.datastore, "workload_jwt", broken)
+        form = {"grant_type": JWT_BEARER, "assertion": assertion, "resource": RESOURCE}
+        reply = httpx.post(server.issuer + "/token", data=form, verify=server.ssl_context())
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"] == "temporarily_unavailable"
+        monkeypatch.undo()
+        token = _access_token(server, assertion)
+        recorded = running.server.datastore.workload_jwt(*_jti_exp(token))
+        assert recorded is not None
+        assert recorded.agent_id == agent.spiffe_id
