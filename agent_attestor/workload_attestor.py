@@ -80,12 +80,25 @@ class ExeHashCache:
         return value
 
 
+def _namespace(link: str) -> tuple[int, int]:
+    """What names a namespace (/proc/<pid>/ns/<kind>): its nsfs device and inode."""
+    st = os.stat(link)
+    return st.st_dev, st.st_ino
+
+
 class UnixAttestor:
-    """`unix:uid`, `unix:user`, `unix:gid`, `unix:group`, `unix:path`, `unix:sha256`."""
+    """`unix:uid`, `unix:user`, `unix:gid`, `unix:group`, `unix:path`, `unix:sha256`.
+
+    The executable selectors are given only to a process in the agent's own user namespace.
+    In a user namespace of its own any user holds CAP_CHECKPOINT_RESTORE, which is all that
+    prctl(PR_SET_MM_MAP) asks to point /proc/<pid>/exe at any file it can open: both the path
+    and the hash would then be another program's. A process cannot leave such a namespace
+    for its parent, so one seen in the agent's namespace has not done that."""
 
     def __init__(self, proc_root: str = "/proc", hashes: ExeHashCache | None = None) -> None:
         self._proc_root = proc_root
         self._hashes = hashes or ExeHashCache()
+        self._user_ns = _namespace(f"{proc_root}/self/ns/user")
 
     def attest(self, pid: int, uid: int, gid: int) -> list[Selector]:
         out = [Selector("unix", f"uid:{uid}"), Selector("unix", f"gid:{gid}")]
@@ -94,6 +107,19 @@ class UnixAttestor:
         with contextlib.suppress(KeyError):
             out.append(Selector("unix", f"group:{grp.getgrgid(gid).gr_name}"))
         if pid > 0:
+            # Before the exe is read: a process that enters a namespace and then changes its
+            # exe is seen in that namespace by this check, or by identify's second reading.
+            try:
+                own_namespace = _namespace(f"{self._proc_root}/{pid}/ns/user") == self._user_ns
+            except OSError as exc:
+                log.debug("no executable selectors", extra={"pid": pid, "reason": exc.strerror})
+                return out
+            if not own_namespace:
+                log.info(
+                    "no executable selectors: the caller is in another user namespace",
+                    extra={"pid": pid},
+                )
+                return out
             exe_link = f"{self._proc_root}/{pid}/exe"
             try:
                 path = os.readlink(exe_link)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import grp
 import hashlib
 import os
+import platform
 import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,9 @@ from agent_attestor import proc
 from agent_attestor.errors import ProcessGoneError
 from agent_attestor.model import Selector
 from agent_attestor.workload_attestor import ExeHashCache, ExeTooLargeError, UnixAttestor
+from tests.users import as_another_user
+
+_MASK_C = Path(__file__).with_name("exe_mask.c")
 
 
 def test_selectors_for_this_process() -> None:
@@ -135,3 +141,52 @@ def test_rewritten_bytes_with_the_old_mtime_are_hashed_again(tmp_path: Path) -> 
     assert f.stat().st_size == st.st_size
     assert f.stat().st_mtime_ns == st.st_mtime_ns
     assert cache.sha256(str(f)) == hashlib.sha256(b"evil").hexdigest()
+
+
+@pytest.fixture(scope="module")
+def exe_mask() -> Iterator[Path]:
+    """tests/agent_attestor/exe_mask.c built where `nobody` may run it."""
+    compiler = shutil.which("cc")
+    if compiler is None or platform.machine() != "x86_64":
+        pytest.skip("needs a C compiler for x86_64")
+    where = Path(tempfile.mkdtemp(prefix="exe-mask-", dir="/tmp"))
+    try:
+        os.chmod(where, 0o755)
+        binary = where / "exe_mask"
+        subprocess.run(
+            [compiler, "-static", "-O1", "-fno-stack-protector", "-o", str(binary), str(_MASK_C)],
+            check=True,
+            capture_output=True,
+        )
+        yield binary
+    finally:
+        shutil.rmtree(where)
+
+
+def test_a_process_in_a_user_namespace_of_its_own_gets_no_executable_selectors(
+    exe_mask: Path,
+) -> None:
+    """Inside a user namespace of its own any user may point its /proc/<pid>/exe at a file it
+    can read (prctl PR_SET_MM_MAP): path and hash would then be another program's."""
+    target = os.path.realpath(shutil.which("sleep") or "/bin/sleep")
+    child = subprocess.Popen(
+        [*as_another_user(), str(exe_mask), target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        answer = child.stdout.read(1)
+        if answer != b"y":
+            child.kill()
+            pytest.skip(f"this kernel lets no user namespace set its exe: {child.stderr.read()!r}")
+        assert os.readlink(f"/proc/{child.pid}/exe") == target  # the trick worked
+        st = os.stat(f"/proc/{child.pid}/status")
+        sels = UnixAttestor().attest(child.pid, st.st_uid, st.st_gid)
+    finally:
+        child.kill()
+        child.wait()
+    digest = hashlib.sha256(Path(target).read_bytes()).hexdigest()
+    assert Selector("unix", f"path:{target}") not in sels
+    assert Selector("unix", f"sha256:{digest}") not in sels
+    assert Selector("unix", f"uid:{st.st_uid}") in sels  # what the kernel recorded still counts
