@@ -86,6 +86,17 @@ def _namespace(link: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def _names(path: str, runs: os.stat_result) -> bool:
+    """Whether `path`, looked up by the agent, is the file `runs` describes. The exe link names
+    the file as the process's own mount namespace has it: in a container, or under a bind
+    mount, that path here may be another program (or none, for a file since deleted)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL, which no path here holds
+        return False
+    return (st.st_dev, st.st_ino) == (runs.st_dev, runs.st_ino)
+
+
 class UnixAttestor:
     """`unix:uid`, `unix:user`, `unix:gid`, `unix:group`, `unix:path`, `unix:sha256`.
 
@@ -123,18 +134,28 @@ class UnixAttestor:
             exe_link = f"{self._proc_root}/{pid}/exe"
             try:
                 path = os.readlink(exe_link)
+                runs = os.stat(exe_link)
             except OSError as exc:
                 log.debug("no executable selectors", extra={"pid": pid, "reason": exc.strerror})
                 return out
-            out.append(Selector("unix", f"path:{path}"))
+            exe: list[Selector] = []
+            if _names(path, runs):
+                exe.append(Selector("unix", f"path:{path}"))
+            else:
+                log.info(
+                    "no unix:path selector: the path the caller runs names another file here",
+                    extra={"pid": pid},
+                )
             try:
                 # Opening the /proc link reads the very file the process runs, even if replaced.
                 digest = self._hashes.sha256(exe_link)
             except ExeTooLargeError as exc:
                 log.info("no unix:sha256 selector", extra={"pid": pid, "reason": str(exc)})
             except OSError as exc:
-                out.pop()  # path and hash go together, as before: the process is going away
+                # Path and hash go together, as before: the process is going away.
                 log.debug("no executable selectors", extra={"pid": pid, "reason": exc.strerror})
+                return out
             else:
-                out.append(Selector("unix", f"sha256:{digest}"))
+                exe.append(Selector("unix", f"sha256:{digest}"))
+            out.extend(exe)
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import os
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,3 +192,44 @@ def test_a_process_in_a_user_namespace_of_its_own_gets_no_executable_selectors(
     assert Selector("unix", f"path:{target}") not in sels
     assert Selector("unix", f"sha256:{digest}") not in sels
     assert Selector("unix", f"uid:{st.st_uid}") in sels  # what the kernel recorded still counts
+
+
+def test_a_path_that_names_another_file_here_is_no_unix_path(tmp_path: Path) -> None:
+    """/proc/<pid>/exe names the file as the process's own mount namespace has it (a
+    container's image, a bind mount): that path here may be another program."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to make a mount namespace")
+    trusted = tmp_path / "trusted-tool"
+    shutil.copy("/bin/sleep", trusted)
+    other = tmp_path / "other-tool"
+    shutil.copy("/bin/sleep", other)
+    with open(other, "ab") as f:
+        f.write(b"another program")  # the ELF loader ignores trailing bytes
+    child = subprocess.Popen(
+        [
+            "unshare",
+            "--mount",
+            "--propagation=private",
+            "sh",
+            "-c",
+            'mount --bind "$1" "$2" && exec "$2" 30',
+            "sh",
+            str(other),
+            str(trusted),
+        ]
+    )
+    try:
+        for _ in range(500):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{child.pid}/exe") == str(trusted):
+                    break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the child did not exec the bound path")
+        sels = UnixAttestor().attest(child.pid, os.getuid(), os.getgid())
+    finally:
+        child.kill()
+        child.wait()
+    assert Selector("unix", f"path:{trusted}") not in sels
+    # The hash is of the very file it runs, whatever its namespace calls it.
+    assert Selector("unix", f"sha256:{hashlib.sha256(other.read_bytes()).hexdigest()}") in sels
