@@ -10,6 +10,12 @@ loses at most one interval of validation events, never a credential decision.
 A successful validation is reported once per token, caller and audience while the token can be
 validated (tasks/reported.py): repeats are only counted (`repeated`), so a workload checking the
 same token on every request does not write an audit row a request.
+
+Refusals wait in a queue of their own. Any local process may have made-up tokens refused as fast
+as it can send them, where an acceptance needs a token the server signed: one queue for both let
+a flood of refusals, while the server was away, push out the acceptances waiting to be sent. So a
+refusal takes only room no acceptance needs, and an acceptance that needs room takes it from the
+oldest refusal first.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ class ValidationReporter:
     def __init__(self, send: Send, clock: Clock) -> None:
         self._send = send
         self._clock = clock
-        self._queue: deque[task_pb2.Validation] = deque(maxlen=MAX_QUEUED)
+        # Together at most MAX_QUEUED reports, each queue oldest first.
+        self._accepted: deque[task_pb2.Validation] = deque()
+        self._refused: deque[task_pb2.Validation] = deque()
         self._reported = ReportedValidations(clock)
         self.dropped = 0
         self.sent = 0
@@ -67,9 +75,12 @@ class ValidationReporter:
             if not self._reported.first(key, until):
                 self.repeated += 1
                 return
-        if len(self._queue) == self._queue.maxlen:
+        if self.pending >= MAX_QUEUED:
             self.dropped += 1
-        self._queue.append(
+            if not ok:
+                return  # the queued ones are as good a sample of a flood as this one
+            (self._refused or self._accepted).popleft()
+        (self._accepted if ok else self._refused).append(
             task_pb2.Validation(
                 subject=subject,
                 audience=audience,
@@ -82,8 +93,17 @@ class ValidationReporter:
             )
         )
 
+    @property
+    def pending(self) -> int:
+        """How many reports wait to be sent."""
+        return len(self._accepted) + len(self._refused)
+
+    def queued(self) -> list[task_pb2.Validation]:
+        """What waits to be sent, in the order it will be: acceptances, then refusals."""
+        return [*self._accepted, *self._refused]
+
     async def flush(self) -> None:
-        while self._queue:
+        while self.pending:
             batch = self._next_batch()
             try:
                 await self._send(task_pb2.ReportValidationsRequest(validations=batch))
@@ -105,23 +125,27 @@ class ValidationReporter:
             self.sent += len(batch)
 
     def _put_back(self, batch: list[task_pb2.Validation]) -> None:
-        """Return a batch that was not sent to the front of the queue (oldest first), for the
-        next round. Reports made while it was out may have filled the queue: the newest ones
-        it then pushes out are counted as dropped, as a report into a full queue is."""
-        self.dropped += max(0, len(self._queue) + len(batch) - MAX_QUEUED)
-        self._queue.extendleft(reversed(batch))
+        """Return a batch that was not sent to the front of its queues (oldest first), for the
+        next round. Reports made while it was out may have filled them: the newest ones it then
+        pushes out, refusals first, are counted as dropped, as a report into a full queue is."""
+        self._accepted.extendleft(reversed([v for v in batch if v.ok]))
+        self._refused.extendleft(reversed([v for v in batch if not v.ok]))
+        while self.pending > MAX_QUEUED:
+            (self._refused or self._accepted).pop()
+            self.dropped += 1
 
     def _next_batch(self) -> list[task_pb2.Validation]:
-        """The oldest reports: at most MAX_BATCH, and MAX_BATCH_BYTES together (one at least)."""
-        queue = self._queue
+        """The oldest reports, acceptances first: at most MAX_BATCH, and MAX_BATCH_BYTES
+        together (one at least)."""
         batch: list[task_pb2.Validation] = []
         size = 0
-        while queue and len(batch) < MAX_BATCH:
-            item = queue[0].ByteSize() + _FRAMING
-            if batch and size + item > MAX_BATCH_BYTES:
-                break
-            batch.append(queue.popleft())
-            size += item
+        for queue in (self._accepted, self._refused):
+            while queue and len(batch) < MAX_BATCH:
+                item = queue[0].ByteSize() + _FRAMING
+                if batch and size + item > MAX_BATCH_BYTES:
+                    return batch
+                batch.append(queue.popleft())
+                size += item
         return batch
 
     async def run(self) -> None:

@@ -431,10 +431,42 @@ def test_validation_reports_put_back_into_a_full_queue_are_counted_as_dropped() 
     for i in range(10):
         reporter.report(subject="", audience=["docs"], ok=True, jti=f"j{i}")
     asyncio.run(reporter.flush())
-    queued = list(reporter._queue)
+    queued = reporter.queued()
     assert len(queued) == MAX_QUEUED
     assert [v.jti for v in queued[:10]] == [f"j{i}" for i in range(10)]  # the oldest kept
     assert reporter.sent + len(queued) + reporter.dropped == 10 + MAX_QUEUED
+
+
+def test_a_flood_of_refused_tokens_does_not_push_accepted_ones_out_of_the_queue() -> None:
+    """Any local process may have made-up tokens refused as fast as it can send them, where an
+    acceptance needs a token the server signed. While the server is away, a flood of refusals
+    must not push queued acceptances out: the audit log would lose who validated a task's
+    tokens, with nothing to show for it."""
+    sent: list[task_pb2.ReportValidationsRequest] = []
+    up = [False]
+
+    async def send(request: task_pb2.ReportValidationsRequest) -> None:
+        if not up[0]:
+            raise ConnectionError("server away")
+        sent.append(request)
+
+    reporter = ValidationReporter(send, FakeClock(1000))
+    reporter.report(
+        subject=f"{TD}/bot/task/t1", audience=["docs"], ok=True, jti="j1", txn="t1", until=2000
+    )
+    asyncio.run(reporter.flush())
+    for i in range(MAX_QUEUED):
+        reporter.report(subject="", audience=["docs"], ok=False, reason=f"r{i}")
+    # Into a queue full of refusals, an acceptance still comes in: the oldest refusal goes.
+    reporter.report(
+        subject=f"{TD}/bot/task/t1", audience=["api"], ok=True, jti="j2", txn="t1", until=2000
+    )
+    up[0] = True
+    asyncio.run(reporter.flush())
+    reported = [v for request in sent for v in request.validations]
+    assert [v.jti for v in reported if v.ok] == ["j1", "j2"]
+    assert [v.reason for v in reported if not v.ok][:1] == ["r1"]
+    assert len(reported) + reporter.dropped == 2 + MAX_QUEUED
 
 
 class _Recorder(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
