@@ -31,6 +31,7 @@ from agent_attestor.relay import RelaySettings
 from agent_attestor.rotation import Rotator
 from agent_attestor.state_store import StateStore
 from agent_attestor.state_writer import StateWriter
+from agent_attestor.stream_budget import StreamBudget
 from agent_attestor.sync import Syncer, SyncSettings
 from agent_attestor.tasks.wiring import build_task_layer
 from agent_attestor.workload_api import WorkloadApi
@@ -119,6 +120,8 @@ class AgentApp:
         # One byte budget for the tokens and the FetchJWTSVID answers built from them.
         token_bytes, answer_bytes = split_budget(config.jwt_cache_max_bytes)
         self.jwts = JwtCache(self.syncer, self.clock, config.jwt_cache_size, token_bytes)
+        # Every stream on the Workload API socket counts against its uid's one budget.
+        streams = StreamBudget(self.clock)
         # The task layer (issue 6): Tasks and Revocations services on the same socket.
         self.task_layer = build_task_layer(
             cache=self.cache,
@@ -126,6 +129,7 @@ class AgentApp:
             jwts=self.jwts,
             clock=self.clock,
             channel=self.syncer.channel,
+            streams=streams,
         )
         self.api = WorkloadApi(
             self.cache,
@@ -136,6 +140,7 @@ class AgentApp:
             on_validate=self.task_layer.reporter.report,
             demand=self.rotator,
             answer_bytes=answer_bytes,
+            streams=streams,
         )
         self.health = health.aio.HealthServicer()
         self.private_dir = resolve_private_dir(config)

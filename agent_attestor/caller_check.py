@@ -10,6 +10,7 @@ import grpc
 
 from agent_attestor.cache import Snapshot
 from agent_attestor.peer import Caller, CallerRegistry
+from agent_attestor.stream_budget import StreamBudget
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,16 @@ async def checked_caller(context: grpc.aio.ServicerContext, registry: CallerRegi
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "caller could not be identified")
     assert caller is not None  # abort() raises
     return caller
+
+
+async def open_stream(
+    context: grpc.aio.ServicerContext, streams: StreamBudget, caller: Caller
+) -> None:
+    """Count one more open stream of the caller's uid; aborts with RESOURCE_EXHAUSTED at its
+    maximum. The stream's handler gives it back (`streams.give_back`) when it ends."""
+    refusal = streams.take(caller.uid)
+    if refusal is not None:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
 
 
 def not_serving(snap: Snapshot) -> tuple[grpc.StatusCode, str] | None:

@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from agent_attestor.cache import Cache, Identity, Snapshot
-from agent_attestor.caller_check import checked_caller, not_serving
+from agent_attestor.caller_check import checked_caller, not_serving, open_stream
 from agent_attestor.errors import BadRequestError, NoIdentityError
 from agent_attestor.jwt_answers import JwtAnswers, answer_key, split_budget
 from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, refresh_point
@@ -22,6 +22,7 @@ from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
 from agent_attestor.model import Entry, Selector
 from agent_attestor.peer import Caller, CallerRegistry
 from agent_attestor.signer import MintedJwt
+from agent_attestor.stream_budget import StreamBudget
 from agent_attestor.watchers import Watch
 from svid._clock import Clock
 from svid._errors import SpiffeIdError, VerificationError
@@ -106,7 +107,10 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         demand: SvidDemand | None = None,
         first_wait: float = FIRST_MESSAGE_WAIT,
         answer_bytes: int = split_budget(DEFAULT_MAX_BYTES)[1],
+        streams: StreamBudget | None = None,
     ) -> None:
+        # Shared with the other services on the socket that stream (the revocation Watch).
+        self.streams = streams or StreamBudget(clock)
         self._demand = demand
         self._first_wait = first_wait
         self._on_call = on_call or (lambda _method: None)
@@ -201,6 +205,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
     ) -> AsyncIterator[workload_pb2.X509SVIDResponse]:
         caller = await self._caller(context, "FetchX509SVID")
         await self._ready(context)
+        await open_stream(context, self.streams, caller)
         watch = self._cache.watchers.open(caller.selectors)
         try:
             first = self._cache.snapshot().awaiting(caller.selectors, self._clock.now())
@@ -238,6 +243,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 await watch.signal.wait(seen)
         finally:
             self._cache.watchers.close(watch)
+            self.streams.give_back(caller.uid)
 
     async def _bundle_stream(
         self,
@@ -250,6 +256,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         caller = await self._caller(context, method)
         snap = await self._ready(context)
         await self._entitled(context, snap, caller)
+        await open_stream(context, self.streams, caller)
         watch = self._cache.watchers.open(caller.selectors)
         try:
             sent: _Msg | None = None
@@ -266,6 +273,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 await watch.signal.wait(seen)
         finally:
             self._cache.watchers.close(watch)
+            self.streams.give_back(caller.uid)
 
     async def FetchX509Bundles(  # noqa: N802 - gRPC method name
         self, request: workload_pb2.X509BundlesRequest, context: grpc.aio.ServicerContext

@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import grpc
 
 from agent_attestor.cache import Cache, Snapshot
-from agent_attestor.caller_check import checked_caller, not_serving
+from agent_attestor.caller_check import checked_caller, not_serving, open_stream
 from agent_attestor.peer import CallerRegistry
+from agent_attestor.stream_budget import StreamBudget
 from svid._proto import revocation_pb2, revocation_pb2_grpc
 from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL
 
@@ -61,10 +62,15 @@ async def _held_list(context: grpc.aio.ServicerContext, snap: Snapshot) -> None:
 
 class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[misc]
     def __init__(
-        self, cache: Cache, registry: CallerRegistry, expiries: Expiries | None = None
+        self,
+        cache: Cache,
+        registry: CallerRegistry,
+        streams: StreamBudget,
+        expiries: Expiries | None = None,
     ) -> None:
         self._cache = cache
         self._registry = registry
+        self._streams = streams
         # Default: the expiries the server sent with the list (kept in the cache).
         self._expiries = expiries
 
@@ -72,6 +78,7 @@ class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[m
         self, request: revocation_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[revocation_pb2.RevocationList]:
         caller = await checked_caller(context, self._registry)
+        await open_stream(context, self._streams, caller)
         # The caller's own watch, as its bundle streams have: it wakes when what every caller
         # shares changes (revocations among it) and when the caller's identities do.
         watch = self._cache.watchers.open(caller.selectors)
@@ -100,3 +107,4 @@ class RevocationsApi(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[m
                 await watch.signal.wait(woke)
         finally:
             self._cache.watchers.close(watch)
+            self._streams.give_back(caller.uid)

@@ -113,7 +113,7 @@ def ta() -> Iterator[TaskAgent]:
     h = Harness()
     client = FakeClient(cache=h.cache, entry_delay=0.0)
     tasks = TasksApi(h.cache, h.registry, client, h.jwts, entry_wait=1.0)
-    revs = RevocationsApi(h.cache, h.registry)
+    revs = RevocationsApi(h.cache, h.registry, h.api.streams)
     endpoint = WorkloadEndpoint(
         socket_path=h.root / "public" / "tasks.sock",
         private_dir=h.root / "private2",

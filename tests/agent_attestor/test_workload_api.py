@@ -7,6 +7,8 @@ import json
 import os
 import socket
 import threading
+import time
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -15,10 +17,11 @@ from cryptography.hazmat.primitives import serialization
 
 from agent_attestor.endpoint import MAX_STREAMS_PER_CONNECTION
 from agent_attestor.model import Selector
+from agent_attestor.stream_budget import MAX_STREAMS_PER_UID
 from agent_attestor.tasks.reporter import ValidationReporter
 from svid._der import parse_der_certs
 from svid._jose import b64url_decode, b64url_encode, sign_jws
-from svid._proto import task_pb2, workload_pb2
+from svid._proto import task_pb2, workload_pb2, workload_pb2_grpc
 from svid._verify_jwt import DEFAULT_LEEWAY
 from svid._x509 import spiffe_id_from_cert
 from tests.agent_attestor.harness import HEADER, Harness
@@ -35,6 +38,13 @@ BAD_HEADERS = [
 
 def _code(exc: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
     return exc.value.code()  # type: ignore[attr-defined]
+
+
+def _until(check: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 # ---- the header rule ------------------------------------------------------------------------
@@ -667,3 +677,49 @@ def test_one_connection_holds_a_bounded_number_of_streams(agent: Harness) -> Non
     for stream in streams[1:]:
         stream.cancel()
     extra.cancel()
+
+
+def test_one_uid_holds_a_bounded_number_of_streams_across_its_connections(
+    agent: Harness,
+) -> None:
+    # A uid may hold 256 connections of 100 streams each: 25,000 streams held 650 MB of the
+    # agent's memory for one unprivileged user. Past its maximum, a stream of any kind, on any
+    # of its connections, is refused; one that closes makes room.
+    agent.add_entry("/w")
+    stubs = []
+    for _ in range(MAX_STREAMS_PER_UID // MAX_STREAMS_PER_CONNECTION + 2):
+        # A subchannel of its own: channels to one target share a connection otherwise.
+        channel = grpc.insecure_channel(
+            f"unix:{agent.socket_path}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        agent.channels.append(channel)
+        stubs.append(workload_pb2_grpc.SpiffeWorkloadAPIStub(channel))
+    held = []
+    try:
+        for i in range(MAX_STREAMS_PER_UID):
+            stub = stubs[i // MAX_STREAMS_PER_CONNECTION]
+            stream = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=60)
+            held.append(stream)
+            next(stream)
+        extra = stubs[-1].FetchJWTBundles(
+            workload_pb2.JWTBundlesRequest(), metadata=HEADER, timeout=30
+        )
+        with pytest.raises(grpc.RpcError) as exc:
+            next(extra)
+        assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"holds its maximum of {MAX_STREAMS_PER_UID} open streams" in exc.value.details()  # type: ignore[attr-defined]
+        held.pop().cancel()
+        _until(
+            lambda: (
+                agent.lt.call(lambda: agent.api.streams.held_by(os.getuid())) < MAX_STREAMS_PER_UID
+            )
+        )
+        again = stubs[-1].FetchJWTBundles(
+            workload_pb2.JWTBundlesRequest(), metadata=HEADER, timeout=30
+        )
+        held.append(again)
+        assert next(again).bundles
+    finally:
+        for stream in held:
+            stream.cancel()
+    _until(lambda: agent.lt.call(lambda: agent.api.streams.held_by(os.getuid())) == 0)
