@@ -109,7 +109,10 @@ class UnixAttestor:
     def __init__(self, proc_root: str = "/proc", hashes: ExeHashCache | None = None) -> None:
         self._proc_root = proc_root
         self._hashes = hashes or ExeHashCache()
-        self._user_ns = _namespace(f"{proc_root}/self/ns/user")
+        # None: a kernel without user namespaces (no ns/user link), so every process is in ours.
+        self._user_ns: tuple[int, int] | None = None
+        with contextlib.suppress(FileNotFoundError):
+            self._user_ns = _namespace(f"{proc_root}/self/ns/user")
 
     def attest(self, pid: int, uid: int, gid: int) -> list[Selector]:
         out = [Selector("unix", f"uid:{uid}"), Selector("unix", f"gid:{gid}")]
@@ -121,7 +124,10 @@ class UnixAttestor:
             # Before the exe is read: a process that enters a namespace and then changes its
             # exe is seen in that namespace by this check, or by identify's second reading.
             try:
-                own_namespace = _namespace(f"{self._proc_root}/{pid}/ns/user") == self._user_ns
+                own_namespace = (
+                    self._user_ns is None
+                    or _namespace(f"{self._proc_root}/{pid}/ns/user") == self._user_ns
+                )
             except OSError as exc:
                 log.debug("no executable selectors", extra={"pid": pid, "reason": exc.strerror})
                 return out

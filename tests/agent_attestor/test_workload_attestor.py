@@ -233,3 +233,16 @@ def test_a_path_that_names_another_file_here_is_no_unix_path(tmp_path: Path) -> 
     assert Selector("unix", f"path:{trusted}") not in sels
     # The hash is of the very file it runs, whatever its namespace calls it.
     assert Selector("unix", f"sha256:{hashlib.sha256(other.read_bytes()).hexdigest()}") in sels
+
+
+def test_without_user_namespaces_in_the_kernel_every_process_is_in_the_agents(
+    tmp_path: Path,
+) -> None:
+    """A kernel built without CONFIG_USER_NS has no ns/user link: the agent still starts, and
+    its callers keep their executable selectors."""
+    proc_root = tmp_path / "proc"
+    (proc_root / "self").mkdir(parents=True)
+    (proc_root / "42").mkdir()
+    (proc_root / "42" / "exe").symlink_to(os.path.realpath(sys.executable))
+    sels = UnixAttestor(proc_root=str(proc_root)).attest(42, os.getuid(), os.getgid())
+    assert Selector("unix", f"path:{os.path.realpath(sys.executable)}") in sels
