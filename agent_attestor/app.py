@@ -149,7 +149,9 @@ class AgentApp:
             private_dir=self.private_dir.path,
             servicer=self.api,
             registry=self.registry,
-            attestors=[UnixAttestor(hashes=ExeHashCache(max_size=config.max_hash_size))],
+            attestors=[
+                UnixAttestor(hashes=ExeHashCache(max_size=config.max_hash_size), clock=self.clock)
+            ],
             relay_settings=RelaySettings(
                 max_connections_per_uid=config.max_connections_per_uid,
                 max_connections=config.max_connections,

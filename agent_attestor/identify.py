@@ -26,8 +26,13 @@ from agent_attestor.model import Selector
 from agent_attestor.peer import Caller
 from agent_attestor.unix_diag import UnixDiagError, peer_inode
 from agent_attestor.workload_attestor import WorkloadAttestor
+from svid._clock import Clock
+from svid._log_throttle import ThrottledLines
 
 log = logging.getLogger(__name__)
+# Any local process can connect as often as it likes: what is said about each caller is said
+# once, then once per this many seconds with how many callers it stands for.
+CALLER_LOG_INTERVAL = 60.0
 
 _UCRED = struct.Struct("3i")
 
@@ -39,6 +44,11 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def caller_log(clock: Clock) -> ThrottledLines:
+    """The throttled lines `identify` writes about callers; one for all its calls."""
+    return ThrottledLines(log, CALLER_LOG_INTERVAL, clock)
+
+
 def _attest(
     attestors: Sequence[WorkloadAttestor], pid: int, uid: int, gid: int
 ) -> frozenset[Selector]:
@@ -48,7 +58,12 @@ def _attest(
     return frozenset(found)
 
 
-def identify(sock: socket.socket, conn_id: str, attestors: Sequence[WorkloadAttestor]) -> Caller:
+def identify(
+    sock: socket.socket,
+    conn_id: str,
+    attestors: Sequence[WorkloadAttestor],
+    lines: ThrottledLines,
+) -> Caller:
     """Attest the peer of `sock`. A process that is gone (or whose pid was reused) gets no
     selectors at all: an identity must never come from a process other than the caller. One
     that may have exec'd since it connected gets only its connect-time credentials."""
@@ -73,12 +88,12 @@ def identify(sock: socket.socket, conn_id: str, attestors: Sequence[WorkloadAtte
         try:
             selectors = proc.read_stable(pid, pidfd, read)
         except ProcessGoneError as exc:
-            log.info("caller has no identity", extra={"pid": pid, "reason": str(exc)})
+            lines.info("caller has no identity", {"pid": pid, "reason": str(exc)})
             selectors = frozenset()
         if selectors is None:
-            log.info(
+            lines.info(
                 "caller does not hold its connection close-on-exec: no executable selectors",
-                extra={"pid": pid, "uid": uid},
+                {"pid": pid, "uid": uid},
             )
             # pid 0 tells attestors there is no process to read: kernel credentials only.
             selectors = _attest(attestors, 0, uid, gid)

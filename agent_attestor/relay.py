@@ -28,13 +28,14 @@ from pathlib import Path
 
 from agent_attestor.admission import Admission, capacity_for
 from agent_attestor.errors import ConfigError
-from agent_attestor.identify import identify, peer_credentials
+from agent_attestor.identify import caller_log, identify, peer_credentials
 from agent_attestor.identify_pool import IdentifyPool
 from agent_attestor.peer import Caller, CallerRegistry, abstract_peer
 from agent_attestor.unix_diag import UnixDiagError, peer_inode
 from agent_attestor.workload_attestor import WorkloadAttestor
 from svid._clock import Clock, SystemClock
 from svid._descriptors import raise_descriptor_limit
+from svid._log_throttle import ThrottledLines
 from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,16 @@ class _Descriptor:
 
 
 def _identify_copy(
-    copy: _Descriptor, conn_id: str, attestors: Sequence[WorkloadAttestor]
+    copy: _Descriptor,
+    conn_id: str,
+    attestors: Sequence[WorkloadAttestor],
+    lines: ThrottledLines,
 ) -> Caller:
     fd = copy.take()
     if fd is None:
         raise ConnectionAbortedError("the connection was given up before identification")
     with socket.socket(fileno=fd) as sock:
-        return identify(sock, conn_id, attestors)
+        return identify(sock, conn_id, attestors, lines)
 
 
 class _Pipe(asyncio.BufferedProtocol):
@@ -203,6 +207,7 @@ class WorkloadRelay:
         self.links: set[_Link] = set()
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
         self.pool = IdentifyPool(self.settings.identify_threads, self.settings.identify_per_uid)
+        self._caller_log = caller_log(self.clock)
         # Replaced in start(), once the descriptor limit is known.
         self.admission = Admission(self.settings.max_connections_per_uid, 1, self.clock)
         # Names differ between agents on one host; conn ids are unguessable within one.
@@ -296,7 +301,10 @@ class WorkloadRelay:
             copy = _Descriptor(os.dup(outer.get_extra_info("socket").fileno()))
             try:
                 caller = await asyncio.wait_for(
-                    self.pool.run(uid, lambda: _identify_copy(copy, conn_id, self.attestors)),
+                    self.pool.run(
+                        uid,
+                        lambda: _identify_copy(copy, conn_id, self.attestors, self._caller_log),
+                    ),
                     self.settings.identify_timeout,
                 )
             except TimeoutError:

@@ -13,8 +13,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent_attestor.model import Selector
+from svid._clock import Clock, SystemClock
+from svid._log_throttle import ThrottledLines
 
 log = logging.getLogger(__name__)
+# What is said about a caller is said once, then once per this many seconds (any local process
+# can connect as often as it likes).
+SELECTOR_LOG_INTERVAL = 60.0
 
 _HASH_CHUNK = 1 << 20
 DEFAULT_MAX_HASH_SIZE = 256 * 1024 * 1024
@@ -106,9 +111,15 @@ class UnixAttestor:
     and the hash would then be another program's. A process cannot leave such a namespace
     for its parent, so one seen in the agent's namespace has not done that."""
 
-    def __init__(self, proc_root: str = "/proc", hashes: ExeHashCache | None = None) -> None:
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        hashes: ExeHashCache | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self._proc_root = proc_root
         self._hashes = hashes or ExeHashCache()
+        self._lines = ThrottledLines(log, SELECTOR_LOG_INTERVAL, clock or SystemClock())
         # None: a kernel without user namespaces (no ns/user link), so every process is in ours.
         self._user_ns: tuple[int, int] | None = None
         with contextlib.suppress(FileNotFoundError):
@@ -132,9 +143,9 @@ class UnixAttestor:
                 log.debug("no executable selectors", extra={"pid": pid, "reason": exc.strerror})
                 return out
             if not own_namespace:
-                log.info(
+                self._lines.info(
                     "no executable selectors: the caller is in another user namespace",
-                    extra={"pid": pid},
+                    {"pid": pid},
                 )
                 return out
             exe_link = f"{self._proc_root}/{pid}/exe"
@@ -148,15 +159,15 @@ class UnixAttestor:
             if _names(path, runs):
                 exe.append(Selector("unix", f"path:{path}"))
             else:
-                log.info(
+                self._lines.info(
                     "no unix:path selector: the path the caller runs names another file here",
-                    extra={"pid": pid},
+                    {"pid": pid},
                 )
             try:
                 # Opening the /proc link reads the very file the process runs, even if replaced.
                 digest = self._hashes.sha256(exe_link)
             except ExeTooLargeError as exc:
-                log.info("no unix:sha256 selector", extra={"pid": pid, "reason": str(exc)})
+                self._lines.info("no unix:sha256 selector", {"pid": pid, "reason": str(exc)})
             except OSError as exc:
                 # Path and hash go together, as before: the process is going away.
                 log.debug("no executable selectors", extra={"pid": pid, "reason": exc.strerror})

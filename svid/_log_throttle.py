@@ -4,6 +4,10 @@ A metric counts each; the log only has to say it is happening."""
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Mapping
+
 from svid._clock import Clock
 
 
@@ -26,3 +30,25 @@ class LogThrottle:
         self._last = now
         count, self._unlogged = self._unlogged, 0
         return count
+
+
+class ThrottledLines:
+    """A LogThrottle for each of a few fixed info messages of one logger, usable from any
+    thread: the first of each is written at once, then one per interval with `times`, how many
+    it stands for."""
+
+    def __init__(self, logger: logging.Logger, interval: float, clock: Clock) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._throttles: dict[str, LogThrottle] = {}  # keyed by messages written in code
+
+    def info(self, msg: str, extra: Mapping[str, object]) -> None:
+        with self._lock:
+            throttle = self._throttles.get(msg)
+            if throttle is None:
+                throttle = self._throttles[msg] = LogThrottle(self._interval, self._clock)
+            times = throttle.due()
+        if times:
+            self._logger.info(msg, extra={**extra, "times": times})

@@ -7,11 +7,12 @@ are held at a gate, as slow hashes of huge binaries would hold them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -23,6 +24,14 @@ from agent_attestor.workload_attestor import UnixAttestor
 from svid._clock import FakeClock
 from tests.agent_attestor.harness import Harness, fetch_ids
 from tests.users import NOBODY, hold_connections_as_nobody
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
 
@@ -160,3 +169,24 @@ def test_a_uid_runs_at_most_its_share_and_a_timed_out_job_keeps_its_slot() -> No
     finally:
         release.set()
         pool.shutdown()
+
+
+def test_a_flood_of_callers_without_a_close_on_exec_end_writes_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any local process can connect as fast as it likes holding its end without close-on-exec
+    (or exit at once): one info line each filled the agent's log at hundreds of lines a second.
+    The first is written, then one a minute saying how many it stands for."""
+    h = Harness()
+    try:
+        caplog.set_level(logging.INFO, logger="agent_attestor")
+        for _ in range(30):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.set_inheritable(True)
+                s.connect(str(h.socket_path))
+            # One at a time, each identified and gone before the next: no refusal in between.
+            _wait_for(lambda: not h.lt.call(lambda: len(h.endpoint.relay.links)))
+        lines = [r for r in caplog.records if "close-on-exec" in r.getMessage()]
+        assert len(lines) == 1
+    finally:
+        h.close()

@@ -16,10 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent_attestor.identify import identify
+from agent_attestor.identify import caller_log, identify
 from agent_attestor.model import Selector
 from agent_attestor.peer import Caller, CallerRegistry
 from agent_attestor.workload_attestor import UnixAttestor
+from svid._clock import SystemClock
 from svid._proto import workload_pb2, workload_pb2_grpc
 from tests.agent_attestor.harness import HEADER, Harness, fetch_ids
 
@@ -240,7 +241,7 @@ def test_a_caller_that_exited_before_attestation_gets_no_selectors(tmp_path: Pat
         conn, _ = listener.accept()
         child.wait(30)
         with conn:
-            caller = identify(conn, "c1", [UnixAttestor()])
+            caller = identify(conn, "c1", [UnixAttestor()], caller_log(SystemClock()))
     assert caller.pid == child.pid
     assert caller.selectors == frozenset()
 
@@ -248,7 +249,7 @@ def test_a_caller_that_exited_before_attestation_gets_no_selectors(tmp_path: Pat
 def test_a_live_caller_gets_uid_gid_path_and_sha256(tmp_path: Path) -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
-        caller = identify(a, "c1", [UnixAttestor()])
+        caller = identify(a, "c1", [UnixAttestor()], caller_log(SystemClock()))
     values = {s.value.split(":", 1)[0] for s in caller.selectors}
     assert {"uid", "gid", "path", "sha256", "user", "group"} <= values
     assert Selector("unix", f"path:{os.path.realpath(sys.executable)}") in caller.selectors

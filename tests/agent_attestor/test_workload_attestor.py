@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import hashlib
+import logging
 import os
 import platform
 import pwd
@@ -22,6 +23,7 @@ from agent_attestor import proc
 from agent_attestor.errors import ProcessGoneError
 from agent_attestor.model import Selector
 from agent_attestor.workload_attestor import ExeHashCache, ExeTooLargeError, UnixAttestor
+from svid._clock import FakeClock
 from tests.users import as_another_user
 
 _MASK_C = Path(__file__).with_name("exe_mask.c")
@@ -246,3 +248,26 @@ def test_without_user_namespaces_in_the_kernel_every_process_is_in_the_agents(
     (proc_root / "42" / "exe").symlink_to(os.path.realpath(sys.executable))
     sels = UnixAttestor(proc_root=str(proc_root)).attest(42, os.getuid(), os.getgid())
     assert Selector("unix", f"path:{os.path.realpath(sys.executable)}") in sels
+
+
+def test_what_is_said_about_callers_is_said_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any local process can connect as often as it likes: a line each would flood the log."""
+    exe = tmp_path / "huge"
+    shutil.copy("/bin/sleep", exe)
+    os.truncate(exe, 2 << 30)
+    clock = FakeClock()
+    attestor = UnixAttestor(hashes=ExeHashCache(), clock=clock)
+    caplog.set_level(logging.INFO, logger="agent_attestor")
+    child = subprocess.Popen([str(exe), "30"])
+    try:
+        for _ in range(5):
+            attestor.attest(child.pid, os.getuid(), os.getgid())
+        clock.advance(60)
+        attestor.attest(child.pid, os.getuid(), os.getgid())
+    finally:
+        child.kill()
+        child.wait()
+    lines = [r for r in caplog.records if r.getMessage() == "no unix:sha256 selector"]
+    assert [getattr(r, "times", 1) for r in lines] == [1, 5]
