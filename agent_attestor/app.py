@@ -121,7 +121,7 @@ class AgentApp:
         token_bytes, answer_bytes = split_budget(config.jwt_cache_max_bytes)
         self.jwts = JwtCache(self.syncer, self.clock, config.jwt_cache_size, token_bytes)
         # Every stream on the Workload API socket counts against its uid's one budget.
-        streams = StreamBudget(self.clock)
+        streams = StreamBudget(self.clock, config.max_streams_per_uid)
         # The task layer (issue 6): Tasks and Revocations services on the same socket.
         self.task_layer = build_task_layer(
             cache=self.cache,

@@ -79,6 +79,9 @@ class AgentConfig:
     # Workload API connections (issue 11): a share per uid, a deadline to be identified, a
     # capacity (0: what the descriptor limit carries), and a bounded executable hash.
     max_connections_per_uid: int = 256
+    # Open Workload API streams of one uid across its connections, each about 25 KiB of the
+    # agent's memory (stream_budget.py): four per connection of max_connections_per_uid.
+    max_streams_per_uid: int = 1024
     max_connections: int = 0
     identify_timeout: float = 10.0
     identify_threads: int = 6
@@ -144,6 +147,7 @@ _INT_KEYS = {
     "jwt_cache_size",
     "jwt_cache_max_bytes",
     "max_connections_per_uid",
+    "max_streams_per_uid",
     "max_connections",
     "identify_threads",
     "identify_per_uid",

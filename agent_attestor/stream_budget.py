@@ -5,7 +5,7 @@ of the agent's memory while it lives. A connection holds at most 100 (endpoint.p
 256 connections (admission.py), so one unprivileged user could hold 25,600 streams: 25,000 held
 650 MB of the agent's memory (measured), and more for each uid it can run processes as. A
 workload's SDK holds a handful of streams, so a uid running many workloads still fits under
-MAX_STREAMS_PER_UID.
+MAX_STREAMS_PER_UID (the agent's max_streams_per_uid): four per connection a uid may hold.
 
 Used from the event loop only (the gRPC handlers): no lock.
 """

@@ -173,7 +173,9 @@ class Agent:
         """A workload's FetchX509SVID stream, served in process."""
         self._callers += 1
         peer = abstract_peer(f"bench-{self._callers}")
-        self.registry.add(peer, Caller(peer, 1, 1000, 1000, selectors))
+        # A uid each, as pods of their own: one uid's streams are capped (max_streams_per_uid).
+        uid = 100_000 + self._callers
+        self.registry.add(peer, Caller(peer, 1, uid, uid, selectors))
         return self.api.FetchX509SVID(workload_pb2.X509SVIDRequest(), StubContext(peer))  # type: ignore[no-any-return]
 
 

@@ -154,6 +154,7 @@ def test_a_key_outside_the_agent_table_is_refused_naming_it(tmp_path: Path) -> N
         ({"jwt_cache_max_bytes": "0"}, "jwt_cache_max_bytes"),
         ({"identify_threads": 0}, "identify_threads"),
         ({"max_connections_per_uid": -1}, "max_connections_per_uid"),
+        ({"max_streams_per_uid": 0}, "max_streams_per_uid"),
         ({"max_connections": -1}, "max_connections"),
         ({"identify_timeout": "0"}, "identify_timeout"),
         ({"max_prefetched_svids": -1}, "max_prefetched_svids"),
@@ -195,6 +196,7 @@ def test_numbers_that_are_not_finite_or_not_whole_are_refused(
 def test_caller_limits_have_defaults_and_take_flags() -> None:
     default = build_config({}, {})
     assert default.max_connections_per_uid == 256
+    assert default.max_streams_per_uid == 1024
     assert default.max_connections == 0  # from the descriptor limit
     assert default.max_hash_size == 256 * 1024 * 1024
     config = build_config({"max_connections": 0}, {"identify_per_uid": "1", "max_hash_size": "9"})
