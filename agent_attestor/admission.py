@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 
 from svid._clock import Clock
+from svid._key_counts import KeyCounts
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,15 @@ class Admission:
         self.capacity = capacity
         self.reserve = capacity // RESERVE_FRACTION
         self._clock = clock
-        self._open: dict[int, int] = {}
-        self.total = 0
+        self._open: KeyCounts[int] = KeyCounts("admitted connection")
         self._last_refusal_log: dict[int, float] = {}
 
+    @property
+    def total(self) -> int:
+        return self._open.total
+
     def held_by(self, uid: int) -> int:
-        return self._open.get(uid, 0)
+        return self._open.held_by(uid)
 
     def decide(self, uid: int) -> Refusal | None:
         """None to admit `uid`'s new connection, else why not. Pure: counts nothing."""
@@ -69,8 +73,7 @@ class Admission:
         and return False."""
         refusal = self.decide(uid)
         if refusal is None:
-            self._open[uid] = self.held_by(uid) + 1
-            self.total += 1
+            self._open.add(uid)
             return True
         self.log_refusal(uid, refusal.reason)
         return False
@@ -86,11 +89,4 @@ class Admission:
             log.warning("refused a workload connection", extra={"uid": uid, "reason": reason})
 
     def release(self, uid: int) -> None:
-        held = self.held_by(uid)
-        if held <= 0:
-            raise ValueError(f"uid {uid} holds no admitted connection")
-        if held == 1:
-            del self._open[uid]
-        else:
-            self._open[uid] = held - 1
-        self.total -= 1
+        self._open.remove(uid)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from svid._clock import Clock
+from svid._key_counts import KeyCounts
 from svid._log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,11 @@ class StreamBudget:
         if per_uid < 1:
             raise ValueError("per_uid must be positive")
         self.per_uid = per_uid
-        self._open: dict[int, int] = {}
+        self._open: KeyCounts[int] = KeyCounts("open stream")
         self._refusals = LogThrottle(REFUSAL_LOG_INTERVAL, clock)
 
     def held_by(self, uid: int) -> int:
-        return self._open.get(uid, 0)
+        return self._open.held_by(uid)
 
     def take(self, uid: int) -> str | None:
         """Count one more stream of `uid` and return None, or say why it may not have one."""
@@ -45,14 +46,8 @@ class StreamBudget:
                     extra={"uid": uid, "maximum": self.per_uid, "refused": count},
                 )
             return f"uid {uid} holds its maximum of {self.per_uid} open streams"
-        self._open[uid] = held + 1
+        self._open.add(uid)
         return None
 
     def give_back(self, uid: int) -> None:
-        held = self.held_by(uid)
-        if held <= 0:
-            raise ValueError(f"uid {uid} holds no open stream")
-        if held == 1:
-            del self._open[uid]
-        else:
-            self._open[uid] = held - 1
+        self._open.remove(uid)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from server.peer import address_key
 from svid._clock import Clock
+from svid._key_counts import KeyCounts
 from svid._log_throttle import LogThrottle
 
 _log = logging.getLogger("svid.server.oauth")
@@ -68,38 +69,33 @@ class Admission:
         self.caps = caps
         self._listener = listener
         self._metrics = metrics or ConnectionMetrics()
-        self._open: dict[str, int] = {}
-        self.total = 0
+        self._open: KeyCounts[str] = KeyCounts("admitted connection")
         self._log = LogThrottle(REFUSAL_LOG_INTERVAL, clock)
 
+    @property
+    def total(self) -> int:
+        return self._open.total
+
     def held_by(self, host: str) -> int:
-        return self._open.get(address_key(host), 0)
+        return self._open.held_by(address_key(host))
 
     def admit(self, host: str) -> str | None:
         """The key to `release` once the connection from `host` ends, or None: refused (counted,
         and logged at most once per REFUSAL_LOG_INTERVAL)."""
         key = address_key(host)
-        held = self._open.get(key, 0)
+        held = self._open.held_by(key)
         if self.total >= self.caps.total:
             self._refuse(key, TOTAL)
             return None
         if held >= self.caps.per_host:
             self._refuse(key, PER_HOST)
             return None
-        self._open[key] = held + 1
-        self.total += 1
+        self._open.add(key)
         self._metrics.open(self.total)
         return key
 
     def release(self, key: str) -> None:
-        held = self._open.get(key, 0)
-        if held <= 0:
-            raise ValueError(f"{key} holds no admitted connection")
-        if held == 1:
-            del self._open[key]
-        else:
-            self._open[key] = held - 1
-        self.total -= 1
+        self._open.remove(key)
         self._metrics.open(self.total)
 
     def _refuse(self, key: str, reason: str) -> None:
