@@ -9,11 +9,13 @@ is `REMOVAL_GRACE` old (younger, it may be a removal another server is still doi
 finishes a task end left half done (TaskService.settle_ends). Finishing is revoke_agent run
 again: it does what is left and logs nothing twice. While the row stands the agent is not
 admitted again (the datastore refuses it), so what a finisher lists is the removed agent's
-only, never what a later admission was issued.
+only, never what a later admission was issued. A finish still running on this server is joined
+rather than begun again; one running on another server is not seen (see the README).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from server.datastore.records import Removal
@@ -31,6 +33,9 @@ class AgentRemovals:
         self._state = state
         self._service = service
         self._clock = clock
+        # Finishes running here, by agent: an operator's removal still running at the grace
+        # is joined, not run twice (which could log its revocations twice).
+        self._running: dict[str, asyncio.Future[None]] = {}
 
     async def carry_out(self, removal: Removal) -> None:
         """The rest of a removal just stored: revoke what the agent holds, then forget it."""
@@ -69,5 +74,14 @@ class AgentRemovals:
         return finished
 
     async def _finish(self, removal: Removal) -> None:
+        key = removal.agent_id
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = asyncio.ensure_future(self._carry(removal))
+            running.add_done_callback(lambda _: self._running.pop(key, None))
+        # Shielded: a caller that gives up (a hung-up operator) leaves the finish running.
+        await asyncio.shield(running)
+
+    async def _carry(self, removal: Removal) -> None:
         await self._service.revoke_agent(removal.agent_id, removal.reason, banned=removal.banned)
         await self._state.end_removal(removal)
