@@ -122,7 +122,7 @@ class OpenRequests:
         """Index every request admitted since the last revocation (under the lock)."""
         by_key = self._by_key
         # One with no keys (a token without jti or task) no revocation can name, but it is still
-        # open: left where take_all and empty (the staleness watch) see it.
+        # open: left where take_where and empty (the staleness watch) see it.
         keyless: set[Revocable] = set()
         for admission in self._unindexed:
             keys = admission.keys
@@ -144,14 +144,14 @@ class OpenRequests:
         """Whether nothing is open (read without the lock: a watcher's hint, not a count)."""
         return not self._unindexed and not self._by_key
 
-    def take_all(self) -> list[Revocable]:
-        """Remove and return every open request."""
+    def take_where(self, wanted: Callable[[Revocable], bool]) -> list[Revocable]:
+        """Remove and return the open requests ``wanted`` says yes to."""
         with self._lock:
-            found = set(self._unindexed)
+            found = {a for a in self._unindexed if wanted(a)}
             for held in self._by_key.values():
-                found.update(held if isinstance(held, set) else (held,))
-            self._unindexed = set()
-            self._by_key = {}
+                found.update(a for a in (held if isinstance(held, set) else (held,)) if wanted(a))
+        for admission in found:
+            self.close(admission)
         return list(found)
 
     def hit(self, keys: Iterable[Key]) -> list[Revocable]:

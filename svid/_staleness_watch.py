@@ -5,35 +5,41 @@ while the agent was unreachable would otherwise keep its open SSE stream for as 
 client holds it.
 
 One asyncio task per loop, running only while requests are open: it sleeps until the data
-could be too old (the time the verifiers say is left), looks again, and ends every open
-request when none is left.
+could be too old (the time the verifiers say is left), looks again, and ends the open requests
+a verifier that now refuses had admitted (a JWT verifier's, an X.509 verifier's: their limits
+may differ).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from svid._open_requests import OpenRequests
 
 # Past the moment the verifiers refuse: the feed's own clock and the loop's may differ by this.
 SLACK = 0.01
+# While one verifier refuses, how often the watch looks again: it may accept again, and admit
+# requests its staleness limit then has to catch.
+STALE_RECHECK = 1.0
 
 
 class StalenessWatch:
     def __init__(
-        self, fresh_for: Sequence[Callable[[], float | None]], open_requests: OpenRequests
+        self, fresh_for: Mapping[str, Callable[[], float | None]], open_requests: OpenRequests
     ) -> None:
-        """``fresh_for``: each verifier's ``revocations_fresh_for``; the least of them counts."""
-        self._fresh_for = tuple(fresh_for)
+        """``fresh_for``: by what admitted a request (``"jwt"``, ``"x509"``: the request's
+        ``admitted_by``), that verifier's ``revocations_fresh_for``."""
+        self._fresh_for = dict(fresh_for)
         self._open = open_requests
         self._task: asyncio.Task[None] | None = None
 
-    def left(self) -> float | None:
-        """Seconds until the first verifier refuses for staleness; None if none ever does."""
-        times = [t for t in (f() for f in self._fresh_for) if t is not None]
-        return min(times) if times else None
+    def left(self) -> dict[str, float]:
+        """Seconds until each verifier with a staleness limit refuses (0: it does now)."""
+        left = {kind: f() for kind, f in self._fresh_for.items()}
+        return {kind: t for kind, t in left.items() if t is not None}
 
     def admitted(self) -> None:
         """A request was opened on the running loop: watch, if no one is watching there."""
@@ -59,10 +65,18 @@ class StalenessWatch:
     async def _watch(self) -> None:
         while not self._open.empty():
             left = self.left()
-            if left is None:
-                return
-            if left <= 0:
-                for request in self._open.take_all():
+            stale = frozenset(kind for kind, t in left.items() if t <= 0)
+            if stale:
+                # Only what a refusing verifier admitted: the other still accepts its own.
+                for request in self._open.take_where(_admitted_by(stale)):
                     request.end()
+            waits = [t for t in left.values() if t > 0]
+            if stale:
+                waits.append(STALE_RECHECK)
+            if not waits:
                 return
-            await asyncio.sleep(left + SLACK)
+            await asyncio.sleep(min(waits) + SLACK)
+
+
+def _admitted_by(kinds: frozenset[str]) -> Callable[[Any], bool]:
+    return lambda request: getattr(request, "admitted_by", None) in kinds

@@ -68,6 +68,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 CallerAuthorizer = Callable[[Caller], bool]
 
 CALLER = "svid.caller"  # the scope key of the verified Caller
+JWT, X509 = "jwt", "x509"  # what admitted a request (_Served.admitted_by)
 DEFAULT_MAX_BODY = 1 << 20  # what a body-reading scope rule buffers at most
 
 
@@ -127,6 +128,11 @@ class _Served:
     def keys(self) -> tuple[Key, ...]:
         # Read only by a revocation that finds the request open: most never are.
         return caller_keys(self._caller)
+
+    @property
+    def admitted_by(self) -> str:
+        """Which verifier admitted it (the staleness watch ends a refusing one's only)."""
+        return JWT if self._caller.jwt is not None else X509
 
     def send(self, message: Message) -> Awaitable[None]:
         # Not a coroutine of its own: the server's send is what the app awaits.
@@ -188,12 +194,12 @@ class SvidAuthMiddleware:
         self._max_body = max_body
         self.open_requests = OpenRequests()
         # Verifiers that fail closed on stale revocation data end open requests then too.
-        fresh_for = [v.revocations_fresh_for for v in (self._jwt, self._x509) if v is not None]
-        self._watch = (
-            StalenessWatch(fresh_for, self.open_requests)
-            if any(f() is not None for f in fresh_for)
-            else None
-        )
+        fresh_for = {
+            kind: v.revocations_fresh_for
+            for kind, v in ((JWT, self._jwt), (X509, self._x509))
+            if v is not None and v.revocations_fresh_for() is not None
+        }
+        self._watch = StalenessWatch(fresh_for, self.open_requests) if fresh_for else None
         self._callers: dict[str, Caller] = {}
         revocations = getattr(source, "revocations", None)
         self._revocations = revocations if isinstance(revocations, RevocationSet) else None

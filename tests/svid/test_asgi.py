@@ -247,6 +247,36 @@ def test_a_stream_with_nothing_to_revoke_it_by_still_ends_once_the_data_is_stale
     assert middleware.open_requests.empty()
 
 
+def test_stale_data_ends_only_what_a_verifier_that_refuses_admitted(
+    source: RevokingSource,
+) -> None:
+    # Only the X.509 verifier fails closed: a bearer token's stream, which its JWT verifier
+    # would still admit, goes on.
+    source.revocations.feed_delivered(time.time())
+    middleware = svid.asgi.SvidAuthMiddleware(
+        app,
+        audience=AUDIENCE,
+        source=source,
+        jwt_verifier=source.jwt_verifier(),
+        x509_verifier=source.x509_verifier(max_revocation_staleness=STALE),
+    )
+    with (
+        serving(middleware) as url,
+        httpx.Client(timeout=5) as client,
+        client.stream("GET", f"{url}/stream", headers=bearer(task_token())) as reply,
+    ):
+        lines = reply.iter_lines()
+        assert next(lines) == "tick"
+        lost_at = time.monotonic()
+        source.revocations.feed_lost(time.time())
+        ticks = 0
+        while time.monotonic() - lost_at < 4 * STALE:  # well past the X.509 limit
+            assert next(lines) == "tick"
+            ticks += 1
+        assert httpx.get(url, headers=bearer(task_token(jti="j9"))).status_code == 200
+    assert ticks > 10
+
+
 class _RevokingRule:
     """A scope rule that lets a revocation in while the request is between its verification
     and its admission (as one arriving during a body read would)."""
