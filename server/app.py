@@ -57,13 +57,13 @@ from server.metrics import Metrics, MetricsHttpServer
 from server.node_api import Limiters, NodeServicer, NodeSettings
 from server.peer import PeerCache
 from server.propagation import Propagator
-from server.ratelimit import KeyedLimiter
 from server.refusal_budget import RefusalBudget
 from server.replication import FeedFollower, FollowSettings
 from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
 from server.tasks.service import TaskSettings
 from server.tasks.wiring import TaskLayer, build_task_layer
+from svid._ratelimit import KeyedLimiter
 
 if TYPE_CHECKING:
     from server.oauth.wiring import OAuthService

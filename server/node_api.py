@@ -34,7 +34,6 @@ from server.issuance import AgentAdmission, Issuer, JwtRequest
 from server.metrics import Metrics
 from server.peer import AgentPeer, PeerCache, peer_key
 from server.propagation import Propagator
-from server.ratelimit import KeyedLimiter
 from server.state import ServerState
 from server.sync_delta import entry_delta
 from server.sync_messages import DELTA, Shared, delta_messages, snapshot_messages
@@ -42,6 +41,7 @@ from svid._clock import Clock
 from svid._der import der_concat
 from svid._errors import SvidError
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
+from svid._ratelimit import KeyedLimiter
 from svid._spiffe_id import SpiffeId
 
 MAX_BATCH = 1000

@@ -29,9 +29,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from server.audit.event import EventDraft
-from server.ratelimit import KeyedLimiter
 from svid._clock import Clock
 from svid._log_throttle import LogThrottle
+from svid._ratelimit import KeyedLimiter
 
 _log = logging.getLogger("svid.server.audit")
 LOG_WINDOW = 60.0

@@ -20,13 +20,13 @@ from server.errors import InvalidRequestError, PermissionDeniedError, RateLimite
 from server.input_text import refuse_nul
 from server.peer import PeerCache
 from server.policy import PolicyEngine
-from server.ratelimit import KeyedLimiter
 from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.model import Task, TaskState
 from server.tasks.service import BeginRequest, TaskService
 from svid._errors import SpiffeIdError
 from svid._proto import task_pb2, task_pb2_grpc
+from svid._ratelimit import KeyedLimiter
 from svid._spiffe_id import SpiffeId
 
 _log = logging.getLogger("svid.server.tasks")

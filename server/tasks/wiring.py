@@ -21,7 +21,6 @@ from server.datastore.records import Removal
 from server.issuance import TaskDecisions
 from server.peer import PeerCache
 from server.policy import PolicyEngine
-from server.ratelimit import KeyedLimiter
 from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.grpc_api import NodeTasksServicer, TaskAdminServicer
@@ -30,6 +29,7 @@ from server.tasks.service import TaskService, TaskSettings
 from server.tasks.store import TaskRows, TaskStore
 from svid._clock import Clock
 from svid._proto import task_pb2_grpc
+from svid._ratelimit import KeyedLimiter
 from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.tasks")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from server.ratelimit import KeyedLimiter, TokenBucket
 from svid._clock import FakeClock
+from svid._ratelimit import KeyedLimiter, TokenBucket
 
 
 def test_bucket_refills_at_rate() -> None:
