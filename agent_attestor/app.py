@@ -24,6 +24,7 @@ from agent_attestor.errors import ConfigError
 from agent_attestor.jwt_answers import split_budget
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.metrics import Metrics, MetricsHttpServer
+from agent_attestor.mint_budget import MintBudget
 from agent_attestor.node_client import insecure_fetch_server_root, load_x509pop
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.private_dir import release, resolve_private_dir
@@ -122,6 +123,9 @@ class AgentApp:
         self.jwts = JwtCache(self.syncer, self.clock, config.jwt_cache_size, token_bytes)
         # Every stream on the Workload API socket counts against its uid's one budget.
         streams = StreamBudget(self.clock, config.max_streams_per_uid)
+        mints = MintBudget(
+            self.clock, config.jwt_mints_per_uid_rate, config.jwt_mints_per_uid_burst
+        )
         # The task layer (issue 6): Tasks and Revocations services on the same socket.
         self.task_layer = build_task_layer(
             cache=self.cache,
@@ -141,6 +145,7 @@ class AgentApp:
             demand=self.rotator,
             answer_bytes=answer_bytes,
             streams=streams,
+            mints=mints,
         )
         self.health = health.aio.HealthServicer()
         self.private_dir = resolve_private_dir(config)

@@ -76,6 +76,10 @@ class AgentConfig:
     # Tokens plus their keys, LRU out past it; a sixteenth of it holds the FetchJWTSVID answers
     # built from them (jwt_answers.split_budget).
     jwt_cache_max_bytes: int = 16 * 1024 * 1024
+    # Tokens not in that cache that one uid may have minted (mint_budget.py): a second's rate
+    # (0: no limit) and a burst, each a fifth of the server's default per-agent limit.
+    jwt_mints_per_uid_rate: float = 100.0
+    jwt_mints_per_uid_burst: int = 200
     # Workload API connections (issue 11): a share per uid, a deadline to be identified, a
     # capacity (0: what the descriptor limit carries), and a bounded executable hash.
     max_connections_per_uid: int = 256
@@ -135,7 +139,13 @@ _PATH_KEYS = {
 }
 _BOOL_KEYS = {"insecure_bootstrap"}
 _CHOICES = {"log_format": LOG_FORMATS, "log_level": LOG_LEVELS}
-_FLOAT_KEYS = {"reconnect_min", "reconnect_max", "connect_timeout", "identify_timeout"}
+_FLOAT_KEYS = {
+    "reconnect_min",
+    "reconnect_max",
+    "connect_timeout",
+    "identify_timeout",
+    "jwt_mints_per_uid_rate",
+}
 # Lists: a TOML array, or strings of comma-separated items (a flag may be repeated).
 LIST_KEYS = {"server_addresses", "server_attest_addresses"}
 # Each list and its legacy single spelling: one or the other.
@@ -146,6 +156,7 @@ _SPELLINGS = {
 _INT_KEYS = {
     "jwt_cache_size",
     "jwt_cache_max_bytes",
+    "jwt_mints_per_uid_burst",
     "max_connections_per_uid",
     "max_streams_per_uid",
     "max_connections",
@@ -154,7 +165,7 @@ _INT_KEYS = {
     "max_hash_size",
     "max_prefetched_svids",
 }
-_ZERO_ALLOWED = {"max_connections", "max_prefetched_svids"}
+_ZERO_ALLOWED = {"max_connections", "max_prefetched_svids", "jwt_mints_per_uid_rate"}
 KEYS = tuple(f.name for f in fields(AgentConfig))
 
 

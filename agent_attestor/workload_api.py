@@ -19,6 +19,7 @@ from agent_attestor.errors import BadRequestError, NoIdentityError
 from agent_attestor.jwt_answers import JwtAnswers, answer_key, split_budget
 from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, refresh_point
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
+from agent_attestor.mint_budget import MintBudget
 from agent_attestor.model import Entry, Selector
 from agent_attestor.peer import Caller, CallerRegistry
 from agent_attestor.signer import MintedJwt
@@ -108,9 +109,11 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         first_wait: float = FIRST_MESSAGE_WAIT,
         answer_bytes: int = split_budget(DEFAULT_MAX_BYTES)[1],
         streams: StreamBudget | None = None,
+        mints: MintBudget | None = None,
     ) -> None:
         # Shared with the other services on the socket that stream (the revocation Watch).
         self.streams = streams or StreamBudget(clock)
+        self.mints = mints or MintBudget(clock)
         self._demand = demand
         self._first_wait = first_wait
         self._on_call = on_call or (lambda _method: None)
@@ -342,6 +345,11 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         for entry in chosen:
             jwt = self._jwts.cached(entry.spiffe_id, audience, snap.revoked_jtis)
             if jwt is None:
+                # Only a miss costs the caller's budget: it is what the server's per-agent
+                # limit counts, and what one workload could spend for all the others.
+                refused = self.mints.take(caller.uid)
+                if refused is not None:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
                 jwt = await self._mint(context, entry, audience)
             tokens.append((JwtCache.key(entry.spiffe_id, audience), refresh_point(jwt)))
             # An empty hint left out: upb pays for every keyword, set or not.

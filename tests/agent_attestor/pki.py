@@ -126,6 +126,9 @@ class FakeSigner:
         self.batches: list[int] = []
         self.requested: list[list[str]] = []  # entry ids of each batch, in order
         self.jwt_calls = 0
+        # The server's per-agent JWT limit, as a count (the tests' clock stands still): past
+        # it a mint fails as the server's RESOURCE_EXHAUSTED does (any error but a decision).
+        self.jwt_budget: int | None = None
 
     async def batch_new_x509(self, params: list[tuple[str, bytes]]) -> list[X509Result]:
         if self.fail:
@@ -151,5 +154,7 @@ class FakeSigner:
             raise ConnectionError("server unreachable")
         if self.refuse_jwt is not None:
             raise self.refuse_jwt
+        if self.jwt_budget is not None and self.jwt_calls >= self.jwt_budget:
+            raise ConnectionError("RESOURCE_EXHAUSTED: JWT rate limit exceeded for this agent")
         self.jwt_calls += 1
         return self.ca.mint_jwt(spiffe_id, audience)

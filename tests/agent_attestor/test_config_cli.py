@@ -155,6 +155,9 @@ def test_a_key_outside_the_agent_table_is_refused_naming_it(tmp_path: Path) -> N
         ({"identify_threads": 0}, "identify_threads"),
         ({"max_connections_per_uid": -1}, "max_connections_per_uid"),
         ({"max_streams_per_uid": 0}, "max_streams_per_uid"),
+        ({"jwt_mints_per_uid_rate": -1}, "jwt_mints_per_uid_rate"),
+        ({"jwt_mints_per_uid_burst": 0}, "jwt_mints_per_uid_burst"),
+        ({"jwt_mints_per_uid_burst": 2.5}, "jwt_mints_per_uid_burst"),
         ({"max_connections": -1}, "max_connections"),
         ({"identify_timeout": "0"}, "identify_timeout"),
         ({"max_prefetched_svids": -1}, "max_prefetched_svids"),
@@ -181,6 +184,7 @@ def test_bad_values_name_their_key(values: dict[str, object], key: str) -> None:
         ({"reconnect_max": float("inf")}, {}, "reconnect_max"),
         ({}, {"connect_timeout": "nan"}, "connect_timeout"),
         ({}, {"identify_timeout": "inf"}, "identify_timeout"),
+        ({}, {"jwt_mints_per_uid_rate": "inf"}, "jwt_mints_per_uid_rate"),
         # A count given with a fraction was cut to an integer (0.5 connections: no limit).
         ({"max_connections": 0.5}, {}, "max_connections"),
         ({"jwt_cache_size": 1.7}, {}, "jwt_cache_size"),
@@ -201,6 +205,13 @@ def test_caller_limits_have_defaults_and_take_flags() -> None:
     assert default.max_hash_size == 256 * 1024 * 1024
     config = build_config({"max_connections": 0}, {"identify_per_uid": "1", "max_hash_size": "9"})
     assert (config.identify_per_uid, config.max_hash_size) == (1, 9)
+
+
+def test_jwt_mints_per_uid_have_defaults_and_a_zero_rate_means_no_limit() -> None:
+    default = build_config({}, {})
+    assert (default.jwt_mints_per_uid_rate, default.jwt_mints_per_uid_burst) == (100.0, 200)
+    config = build_config({"jwt_mints_per_uid_rate": 0}, {"jwt_mints_per_uid_burst": "50"})
+    assert (config.jwt_mints_per_uid_rate, config.jwt_mints_per_uid_burst) == (0, 50)
 
 
 def test_prefetched_svids_are_capped_by_default_and_zero_means_every_entry() -> None:
