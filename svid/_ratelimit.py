@@ -31,6 +31,11 @@ class TokenBucket:
         self._tokens -= needed
         return True
 
+    def full(self) -> bool:
+        """Refilled to its burst by now: no different from a new bucket."""
+        elapsed = self._clock.monotonic() - self._stamp
+        return self._tokens + elapsed * self._rate >= self._burst
+
 
 class KeyedLimiter:
     """One bucket per key (agent ID, peer host); the least recently used keys are forgotten."""
@@ -43,14 +48,24 @@ class KeyedLimiter:
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        """How many keys' buckets are held."""
+        return len(self._buckets)
+
     def try_take(self, key: str, cost: float = 1.0) -> bool:
         if self._rate <= 0:
             return True
         with self._lock:
             bucket = self._buckets.get(key)
             if bucket is None:
+                # Buckets refilled since their last use are forgotten (a new one starts full:
+                # nothing changes), so those held are the keys of the last few seconds (their
+                # burst over their rate), not every key ever seen up to max_keys.
+                buckets = self._buckets
+                while buckets and next(iter(buckets.values())).full():
+                    buckets.popitem(last=False)
                 bucket = TokenBucket(self._rate, self._burst, self._clock)
-                self._buckets[key] = bucket
+                buckets[key] = bucket
                 if len(self._buckets) > self._max_keys:
                     self._buckets.popitem(last=False)
             else:

@@ -40,3 +40,19 @@ def test_keys_are_independent_and_bounded() -> None:
     assert limiter.try_take("b")
     assert limiter.try_take("c")  # evicts "a", the least recently used
     assert limiter.try_take("a")
+
+
+def test_buckets_refilled_since_their_last_use_are_forgotten() -> None:
+    # The agent keys buckets by uid: what it holds follows the uids active, not all ever seen.
+    clock = FakeClock()
+    limiter = KeyedLimiter(10, 20, clock)
+    for key in range(1000):
+        assert limiter.try_take(str(key), 5)
+    assert len(limiter) == 1000
+    clock.advance(0.4)  # 4 of the 5 tokens taken are back: none is full yet
+    assert limiter.try_take("new", 5)
+    assert len(limiter) == 1001
+    clock.advance(0.1)
+    assert limiter.try_take("newer")
+    assert len(limiter) == 2  # "new" took 5 tokens 0.1 s ago: 1 is back
+    assert sum(limiter.try_take("new") for _ in range(30)) == 16  # its bucket was kept
