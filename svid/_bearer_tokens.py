@@ -14,7 +14,7 @@ from typing import Any
 from svid._clock import Clock, SystemClock
 from svid._jwt import JwtSvid
 from svid._spiffe_id import SpiffeId
-from svid._task_model import fresh
+from svid._task_model import fresh_token
 
 
 class BearerTokens:
@@ -52,10 +52,8 @@ class BearerTokens:
         self.is_async = inspect.iscoroutinefunction(method)
 
     def _fresh(self) -> str | None:
-        cached = self._cached
-        if cached is not None and fresh(cached[0], cached[1], self._clock.now()):
-            return cached[0].token
-        return None
+        token = fresh_token(self._cached, self._clock.now())
+        return None if token is None else token.token
 
     def _keep(self, value: Any, fetched_at: float) -> str:
         if isinstance(value, JwtSvid):

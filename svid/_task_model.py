@@ -296,3 +296,10 @@ def fresh(jwt: JwtSvid, fetched_at: float, now: float) -> bool:
         issued = float(iat)
     # Never past exp, whatever iat says (an iat after exp put the half-way point beyond it).
     return now < jwt.expires_at and now < issued + (jwt.expires_at - issued) / 2
+
+
+def fresh_token(cached: tuple[JwtSvid, float] | None, now: float) -> JwtSvid | None:
+    """The token of a cache entry (token, fetched at) while it is ``fresh``; else None."""
+    if cached is not None and fresh(cached[0], cached[1], now):
+        return cached[0]
+    return None

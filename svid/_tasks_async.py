@@ -52,7 +52,7 @@ from svid._task_model import (
     child_call,
     end_request,
     ended_error,
-    fresh,
+    fresh_token,
     raised_reason,
 )
 from svid._task_revocations import LiveTasks, cached_jtis, ended_with_parent, unconfirmed_end
@@ -407,9 +407,9 @@ class AsyncTask(TaskView):
         if self._ended:
             raise ended_error(self._info)
         now = self._client.clock.now()
-        cached = self._jwts.get(key)
-        if cached is not None and fresh(cached[0], cached[1], now):
-            return cached[0]
+        cached = fresh_token(self._jwts.get(key), now)
+        if cached is not None:
+            return cached
         flight = self._fetching.get(key)
         if flight is None or flight.done():  # done: cancelled before it could run
             flight = self._fetching[key] = asyncio.ensure_future(self._fetch(key, now))

@@ -44,7 +44,7 @@ from svid._task_model import (
     child_call,
     end_request,
     ended_error,
-    fresh,
+    fresh_token,
     raised_reason,
 )
 from svid._task_revocations import LiveTasks, cached_jtis, ended_with_parent, unconfirmed_end
@@ -408,9 +408,9 @@ class Task(TaskView):
                 if self._ended:
                     raise ended_error(self._info)
                 now = self._client.clock.now()
-                cached = self._jwts.get(key)
-                if cached is not None and fresh(cached[0], cached[1], now):
-                    return cached[0]
+                cached = fresh_token(self._jwts.get(key), now)
+                if cached is not None:
+                    return cached
                 flight = self._fetching.get(key)
                 lead = flight is None
                 if flight is None:
