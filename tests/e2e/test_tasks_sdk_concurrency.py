@@ -9,8 +9,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Generic, TypeVar
 
 import grpc
@@ -76,6 +76,27 @@ def _released_first(link: HeldSocket) -> Iterator[None]:
         link.release()
 
 
+@contextmanager
+def _docs_and_wiki(link: HeldSocket) -> Iterator[Task]:
+    """A task that may read docs and wiki, through ``link`` (no revocation stream: its call
+    would be held with the one under test)."""
+    with (
+        TaskClient(link.address, timeout=PATIENT, watch_revocations=False) as client,
+        client.begin(actions=["read"], resources=["docs", "wiki"]) as task,
+    ):
+        yield task
+
+
+@asynccontextmanager
+async def _async_docs_and_wiki(link: HeldSocket) -> AsyncIterator[AsyncTask]:
+    """``_docs_and_wiki`` on asyncio."""
+    async with (
+        AsyncTaskClient(link.address, timeout=PATIENT, watch_revocations=False) as client,
+        client.begin(actions=["read"], resources=["docs", "wiki"]) as task,
+    ):
+        yield task
+
+
 def _held(link: HeldSocket) -> None:
     wait_for(lambda: link.call_held, WAIT, "the FetchJWTSVID to be held at the socket")
 
@@ -83,8 +104,7 @@ def _held(link: HeldSocket) -> None:
 def test_a_fetch_in_flight_does_not_stop_another_audiences_cached_token(stack: sdk.Stack) -> None:
     with (
         stack.held() as link,
-        TaskClient(link.address, timeout=PATIENT, watch_revocations=False) as client,
-        client.begin(actions=["read"], resources=["docs", "wiki"]) as task,
+        _docs_and_wiki(link) as task,
         _released_first(link),
     ):
         wiki = task.jwt("wiki")
@@ -101,8 +121,7 @@ def test_an_async_fetch_in_flight_does_not_stop_another_audiences_cached_token(
 ) -> None:
     async def run(link: HeldSocket) -> None:
         async with (
-            AsyncTaskClient(link.address, timeout=PATIENT, watch_revocations=False) as client,
-            client.begin(actions=["read"], resources=["docs", "wiki"]) as task,
+            _async_docs_and_wiki(link) as task,
         ):
             wiki = await task.jwt("wiki")
             link.hold_next_call()
@@ -164,8 +183,7 @@ def test_callers_of_one_audience_share_one_fetch_while_others_are_served(
 ) -> None:
     with (
         stack.held() as link,
-        TaskClient(link.address, timeout=PATIENT, watch_revocations=False) as client,
-        client.begin(actions=["read"], resources=["docs", "wiki"]) as task,
+        _docs_and_wiki(link) as task,
         _released_first(link),
     ):
         before = link.calls
@@ -186,8 +204,7 @@ def test_async_callers_of_one_audience_share_one_fetch_while_others_are_served(
 ) -> None:
     async def run(link: HeldSocket) -> None:
         async with (
-            AsyncTaskClient(link.address, timeout=PATIENT, watch_revocations=False) as client,
-            client.begin(actions=["read"], resources=["docs", "wiki"]) as task,
+            _async_docs_and_wiki(link) as task,
         ):
             before = link.calls
             link.hold_next_call()
