@@ -1,16 +1,20 @@
 """What the adapter tests share: task tokens signed by a test key, a source that revokes on
 demand (the real RevocationSet and RevocationEvents; only the agent's stream is left out), and
-a real uvicorn server on a free port in a thread."""
+a real uvicorn server on a free port in a thread (plain HTTP, or mTLS with the ASGI TLS
+extension filled in)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from svid import (
     JwtVerifier,
@@ -24,6 +28,7 @@ from svid import (
     X509Verifier,
     sign_jws,
 )
+from svid._ssl_peer import peer_chain_der
 from tests.ports import free_port
 from tests.svid.certs import ec_key
 
@@ -97,10 +102,42 @@ class RevokingSource:
         thread.join()
 
 
+class _TlsExtensionProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus what uvicorn leaves out: the ASGI TLS extension's
+    ``client_cert_chain`` (PEM, leaf first), read from the connection's own TLS session."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        chain = tuple(
+            ssl.DER_cert_to_PEM_cert(der)
+            for der in peer_chain_der(transport.get_extra_info("ssl_object"))
+        )
+        inner = self.app
+
+        async def with_tls(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] in ("http", "websocket"):
+                extensions = dict(scope.get("extensions") or {})
+                extensions["tls"] = {"client_cert_chain": chain}
+                scope["extensions"] = extensions
+            await inner(scope, receive, send)
+
+        self.app = with_tls
+
+
 @contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on 127.0.0.1; yields the base URL."""
+def serving(app: Any, ssl_context: ssl.SSLContext | None = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1; yields the base URL. With ``ssl_context`` (one
+    requiring a client certificate), over TLS, each request carrying its client's chain in the
+    ASGI TLS extension."""
     port = free_port()
+    tls: dict[str, Any] = (
+        {}
+        if ssl_context is None
+        else {
+            "http": _TlsExtensionProtocol,
+            "ssl_context_factory": lambda config, default: ssl_context,
+        }
+    )
     # A stream a test left open (its app never ends one by itself) is cancelled a second into
     # the shutdown, rather than holding the join below for its whole 10 s.
     config = uvicorn.Config(
@@ -110,6 +147,7 @@ def serving(app: Any) -> Iterator[str]:
         log_level="warning",
         lifespan="auto",
         timeout_graceful_shutdown=1,
+        **tls,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -120,7 +158,7 @@ def serving(app: Any) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'http' if ssl_context is None else 'https'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)

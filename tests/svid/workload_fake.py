@@ -36,13 +36,20 @@ def eventually(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -
         time.sleep(0.01)
 
 
-def signed_crl(issuer: Issued, serials: list[int]) -> bytes:
+def signed_crl(issuer: Issued, serials: list[int], next_update: float | None = None) -> bytes:
+    """A CRL of ``issuer`` listing ``serials``, promising the next by ``next_update`` (a
+    timestamp; default: in an hour)."""
     now = dt.datetime.now(dt.UTC)
+    until = (
+        now + dt.timedelta(hours=1)
+        if next_update is None
+        else dt.datetime.fromtimestamp(next_update, tz=dt.UTC)
+    )
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer.cert.subject)
-        .last_update(now)
-        .next_update(now + dt.timedelta(hours=1))
+        .last_update(min(now, until))
+        .next_update(until)
     )
     for serial in serials:
         builder = builder.add_revoked_certificate(
