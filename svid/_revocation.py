@@ -277,6 +277,11 @@ class RevocationSet:
         """Whether some of the entries came from CRLs that carry a nextUpdate."""
         return bool(self._crl_until)
 
+    def crl_next_update(self, key: CertKey) -> float | None:
+        """The nextUpdate of the CRLs of the issuer of the certificate ``key`` names (None: that
+        issuer has given none with one)."""
+        return self._crl_until.get((key[0], key[1]))
+
     def crl_staleness(self, key: CertKey, now: float) -> float:
         """Seconds past the nextUpdate of the CRLs of the issuer of the certificate ``key``
         names (0 before it, or when that issuer has given no CRL)."""
@@ -396,6 +401,22 @@ def fresh_for(revocations: RevocationSet, now: float, max_staleness: float | Non
     if max_staleness is None:
         return None
     return max(0.0, max_staleness - revocations.staleness(now))
+
+
+def crl_fresh_for(
+    revocations: RevocationSet, keys: Iterable[CertKey], now: float, max_staleness: float
+) -> float:
+    """Seconds until refuse_if_stale_crl refuses the certificates ``keys`` (0: it does now;
+    inf while none of their issuers' CRLs carries a nextUpdate)."""
+    left = math.inf
+    if not revocations.holds_crls:
+        return left
+    next_update = revocations.crl_next_update
+    for key in keys:
+        until = next_update(key)
+        if until is not None:
+            left = min(left, until + max_staleness - now)
+    return max(0.0, left)
 
 
 def refuse_if_stale(revocations: RevocationSet, now: float, max_staleness: float) -> None:

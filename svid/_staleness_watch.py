@@ -7,17 +7,23 @@ client holds it.
 One asyncio task per loop, running only while requests are open: it sleeps until the data
 could be too old (the time the verifiers say is left), looks again, and ends the open requests
 a verifier that now refuses had admitted (a JWT verifier's, an X.509 verifier's: their limits
-may differ).
+may differ). An X.509 verifier also refuses the certificates of an issuer whose CRL is too far
+past its nextUpdate while the feed is current, so each request it admitted is looked at by its
+own chain: the one whose issuer's CRL lapsed ends, other callers' go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from svid._open_requests import OpenRequests
+from svid._revocation import CertKey
+
+ChainFreshFor = Callable[[tuple[CertKey, ...]], float | None]
 
 # Past the moment the verifiers refuse: the feed's own clock and the loop's may differ by this.
 SLACK = 0.01
@@ -28,11 +34,17 @@ STALE_RECHECK = 1.0
 
 class StalenessWatch:
     def __init__(
-        self, fresh_for: Mapping[str, Callable[[], float | None]], open_requests: OpenRequests
+        self,
+        fresh_for: Mapping[str, Callable[[], float | None]],
+        open_requests: OpenRequests,
+        chain_fresh_for: Mapping[str, ChainFreshFor] | None = None,
     ) -> None:
         """``fresh_for``: by what admitted a request (``"jwt"``, ``"x509"``: the request's
-        ``admitted_by``), that verifier's ``revocations_fresh_for``."""
+        ``admitted_by``), that verifier's ``revocations_fresh_for``. ``chain_fresh_for``: for
+        what admits certificate chains, the same for one chain (the request's ``cert_keys``):
+        its issuers' CRLs may lapse sooner."""
         self._fresh_for = dict(fresh_for)
+        self._chain_fresh_for = dict(chain_fresh_for or {})
         self._open = open_requests
         self._task: asyncio.Task[None] | None = None
 
@@ -73,9 +85,33 @@ class StalenessWatch:
             waits = [t for t in left.values() if t > 0]
             if stale:
                 waits.append(STALE_RECHECK)
+            for kind, chain_left in self._chain_fresh_for.items():
+                if kind not in stale:  # else all it admitted has just been ended
+                    waits.extend(self._end_stale_chains(kind, chain_left))
             if not waits:
                 return
             await asyncio.sleep(min(waits) + SLACK)
+
+    def _end_stale_chains(self, kind: str, chain_left: ChainFreshFor) -> list[float]:
+        """End the requests ``kind`` admitted whose chain it now refuses (the same check as
+        for a new request of that chain); the soonest any other one may be, as a wait."""
+        soonest = math.inf
+
+        def refused(request: Any) -> bool:
+            nonlocal soonest
+            if getattr(request, "admitted_by", None) != kind:
+                return False
+            t = chain_left(request.cert_keys)
+            if t is None:
+                return False
+            if t <= 0:
+                return True
+            soonest = min(soonest, t)
+            return False
+
+        for request in self._open.take_where(refused):
+            request.end()
+        return [] if math.isinf(soonest) else [soonest]
 
 
 def _admitted_by(kinds: frozenset[str]) -> Callable[[Any], bool]:

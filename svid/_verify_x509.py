@@ -52,7 +52,7 @@ from svid._revocation import (
     CertKey,
     RevocationSet,
     check_max_staleness,
-    fresh_for,
+    crl_fresh_for,
     refuse_if_stale,
     refuse_if_stale_crl,
 )
@@ -402,10 +402,17 @@ class X509Verifier:
     def cache(self) -> LruCache[bytes, _Entry]:
         return self._cache
 
-    def revocations_fresh_for(self) -> float | None:
+    def revocations_fresh_for(self, keys: Iterable[CertKey] = ()) -> float | None:
         """Seconds until this verifier refuses everything for stale revocation data
-        (``max_revocation_staleness``; 0: it does now); None without that setting."""
-        return fresh_for(self._revocations, self._clock.now(), self._max_staleness)
+        (``max_revocation_staleness``; 0: it does now); None without that setting. With
+        ``keys`` (a chain it verified before, as for ``check_fresh``): until it refuses that
+        chain, which the CRL of one of its issuers lapsing brings sooner."""
+        max_staleness = self._max_staleness
+        if max_staleness is None:
+            return None
+        now = self._clock.now()
+        left = max(0.0, max_staleness - self._revocations.staleness(now))
+        return min(left, crl_fresh_for(self._revocations, keys, now, max_staleness))
 
     def check_fresh(self, keys: Iterable[CertKey] = ()) -> None:
         """Raise StaleRevocationsError if this verifier would now refuse, for stale revocation

@@ -21,7 +21,8 @@ Refusals follow RFC 6750: 401 with ``WWW-Authenticate: Bearer realm=...`` (plus
 the app. A response still open when its caller's credential is revoked (its ``jti``, its task,
 its peer's certificate; the source's ``on_revoked``) is ended at once: a streamed body is closed,
 one not started yet becomes a 401. With verifiers that fail closed on stale revocation data
-(``max_revocation_staleness``), every open response is ended as the data grows too old.
+(``max_revocation_staleness``), every open response is ended as the data grows too old, and
+an mTLS caller's as its issuer's CRL grows too far past its nextUpdate.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from svid._http_refusal import (
     several_credentials,
 )
 from svid._open_requests import Key, OpenRequests, caller_keys
-from svid._revocation import RevocationSet, cert_key
+from svid._revocation import CertKey, RevocationSet, cert_key
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._staleness_watch import StalenessWatch
 from svid._tls_authorize import as_authorizer, describe
@@ -116,18 +117,43 @@ class _Served:
     """One response in flight: what was sent, and whether a revocation ended it. It is also
     the request's entry in OpenRequests (``keys``, ``end``)."""
 
-    __slots__ = ("_caller", "_send", "_task", "done", "finished", "revoked", "started")
+    __slots__ = (
+        "_caller",
+        "_cert_keys",
+        "_send",
+        "_task",
+        "done",
+        "finished",
+        "revoked",
+        "started",
+    )
 
     def __init__(self, send: Send, task: asyncio.Task[Any], caller: Caller) -> None:
         self._send = send
         self._task = task
         self._caller = caller
+        self._cert_keys: tuple[CertKey, ...] | None = None
         self.started = self.finished = self.revoked = self.done = False
 
     @property
     def keys(self) -> tuple[Key, ...]:
         # Read only by a revocation that finds the request open: most never are.
         return caller_keys(self._caller)
+
+    @property
+    def cert_keys(self) -> tuple[CertKey, ...]:
+        """Its mTLS peer's chain as CertKeys (none for a bearer token): the staleness watch
+        reads them at each look, so they are made once."""
+        keys = self._cert_keys
+        if keys is None:
+            peer = self._caller.x509
+            if peer is None:
+                keys = ()
+            else:
+                td = peer.spiffe_id.trust_domain.name
+                keys = tuple(cert_key(td, cert) for cert in peer.chain)
+            self._cert_keys = keys
+        return keys
 
     @property
     def admitted_by(self) -> str:
@@ -199,7 +225,12 @@ class SvidAuthMiddleware:
             for kind, v in ((JWT, self._jwt), (X509, self._x509))
             if v is not None and v.revocations_fresh_for() is not None
         }
-        self._watch = StalenessWatch(fresh_for, self.open_requests) if fresh_for else None
+        # An mTLS caller's chain is refused sooner when its issuer's CRL lapses: its own.
+        x509 = self._x509
+        chain_fresh_for = {X509: x509.revocations_fresh_for} if x509 and X509 in fresh_for else {}
+        self._watch = (
+            StalenessWatch(fresh_for, self.open_requests, chain_fresh_for) if fresh_for else None
+        )
         self._callers: dict[str, Caller] = {}
         revocations = getattr(source, "revocations", None)
         self._revocations = revocations if isinstance(revocations, RevocationSet) else None

@@ -1,5 +1,6 @@
 """svid.asgi.SvidAuthMiddleware behind a real uvicorn server, called with a real httpx client:
-who gets in, what the refusals say (RFC 6750), and open streams ended by a revocation."""
+who gets in, what the refusals say (RFC 6750), and open streams ended by a revocation or by
+stale revocation data."""
 
 from __future__ import annotations
 
@@ -12,17 +13,23 @@ import httpx
 import pytest
 
 import svid.asgi
-from svid import sign_jws, tool_scope
+from svid import MemoryBundleSource, SpiffeBundle, X509Bundle, sign_jws, tool_scope
+from svid._clock import FakeClock
+from svid._crl import revoked_from_crls
 from tests.svid.adapter_world import (
     AUDIENCE,
     KEY,
     RUNTIME,
+    TD,
     RevokingSource,
     call_asgi,
     serving,
     task_token,
     workload_token,
 )
+from tests.svid.certs import make_ca
+from tests.svid.tls_pki import Pki, plain_context
+from tests.svid.workload_fake import signed_crl
 
 SEEN: list[svid.asgi.Caller] = []
 
@@ -275,6 +282,77 @@ def test_stale_data_ends_only_what_a_verifier_that_refuses_admitted(
             ticks += 1
         assert httpx.get(url, headers=bearer(task_token(jti="j9"))).status_code == 200
     assert ticks > 10
+
+
+def test_an_mtls_stream_ends_once_its_issuers_crl_is_stale_and_no_other_callers_does(
+    source: RevokingSource,
+) -> None:
+    """What refuses a new request from an mTLS caller, its issuer's CRL being past its
+    nextUpdate by more than max_revocation_staleness, ends the stream it has open too; a
+    caller of another issuer, whose CRL is current, keeps its own. The feed itself stays
+    current throughout."""
+    now = time.time()
+    since, until = now - 3600, now + 86400
+    root = make_ca(not_before=since, not_after=until)
+    pkis = [
+        Pki(TD, root, make_ca(name, parent=root, spiffe_id=None, not_before=since, not_after=until))
+        for name in ("a.example.org", "b.example.org")
+    ]
+    a_pki, b_pki = pkis
+    source.bundles = MemoryBundleSource.of(SpiffeBundle(TD, (root.cert,), {"k1": KEY.public_key()}))
+    # Each intermediate CA signs its own CRL: a's promises the next one in a minute, b's in a
+    # day. Neither CA is in the bundle: the chains through them vouch for their CRLs.
+    crls = revoked_from_crls(
+        [
+            signed_crl(a_pki.intermediate, [1], next_update=now + 60),
+            signed_crl(b_pki.intermediate, [1], next_update=now + 86400),
+        ],
+        {TD: X509Bundle(TD, (root.cert,))},
+    )
+    source.revocations.replace(crls.revoked, crls.next_update, crls.pending)
+    clock = FakeClock(now)
+    middleware = svid.asgi.SvidAuthMiddleware(
+        app,
+        audience=AUDIENCE,
+        source=source,
+        jwt_verifier=source.jwt_verifier(),
+        x509_verifier=source.x509_verifier(clock=clock, max_revocation_staleness=STALE),
+    )
+    server_tls = plain_context(a_pki.svid("spiffe://example.org/server"), a_pki, server=True)
+    a_tls, b_tls = (
+        plain_context(pki.svid(f"spiffe://example.org/{name}"), pki, server=False)
+        for name, pki in (("a", a_pki), ("b", b_pki))
+    )
+    with (
+        serving(middleware, server_tls) as url,
+        httpx.Client(verify=a_tls, timeout=5) as a,
+        httpx.Client(verify=b_tls, timeout=5) as b,
+        a.stream("GET", f"{url}/stream") as a_reply,
+        b.stream("GET", f"{url}/stream") as b_reply,
+    ):
+        assert a_reply.status_code == b_reply.status_code == 200
+        a_lines, b_lines = a_reply.iter_lines(), b_reply.iter_lines()
+        # While both CRLs are current both streams go on, well past the staleness allowed.
+        for _ in range(3 * int(STALE / 0.05)):
+            assert next(a_lines) == next(b_lines) == "tick"
+        clock.advance(61)  # a's CRL is now a second past its nextUpdate: more than STALE
+        stale_at = time.monotonic()
+        ended = False
+        for _ in a_lines:
+            if time.monotonic() - stale_at > 5.0:
+                break
+        else:
+            ended = True
+        took = time.monotonic() - stale_at
+        assert ended, f"a's stream was still open {took:.1f} s after its issuer's CRL went stale"
+        ended_at = time.monotonic()
+        while time.monotonic() - ended_at < 4 * STALE:  # well past the next looks of the watch
+            assert next(b_lines) == "tick"
+        refused, admitted = a.get(url), b.get(url)
+    assert refused.status_code == 401  # as a new request from a is refused
+    assert "nextUpdate" in refused.headers["www-authenticate"]
+    assert admitted.status_code == 200
+    assert middleware.open_requests.empty()
 
 
 class _RevokingRule:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from svid import RevokedError, StaleRevocationsError, X509Bundle, X509Verifier, der_concat
 from svid._bundle import BundleSet
 from svid._clock import FakeClock
-from svid._revocation import RevocationSet
+from svid._revocation import RevocationSet, cert_key
 from svid._source_state import SourceState
 from svid._spiffe_id import TrustDomain
 from svid._workload_calls import X509_BUNDLES, X509BundlesUpdate
@@ -108,3 +108,25 @@ def test_a_stale_crls_entries_keep_revoking() -> None:
     with pytest.raises(RevokedError):
         world.verifier(max_staleness=None).verify_der(der_concat([revoked.cert]))
     world.verifier(max_staleness=None).verify_der(der_concat([make_leaf(world.ca).cert]))
+
+
+def test_the_time_a_chain_has_left_runs_to_its_issuers_crl_refusing_it() -> None:
+    # What a watch over an open connection or response sleeps for: to the moment check_fresh
+    # on that chain raises, and not past it.
+    world = _World()
+    leaf = make_leaf(world.ca).cert
+    keys = (cert_key(TD.name, leaf),)
+    verifier = world.verifier()
+    world.deliver(_crl(world.ca, [1], next_update=T0 + 30))
+    world.clock.advance(40)
+    assert verifier.revocations_fresh_for(keys) == pytest.approx(30 + MAX_STALENESS - 40)
+    assert verifier.revocations_fresh_for() == MAX_STALENESS  # everything else: the feed's
+    foreign_leaf = make_leaf(world.foreign, uris=["spiffe://foreign.org/w"]).cert
+    assert verifier.revocations_fresh_for([cert_key(FOREIGN.name, foreign_leaf)]) == MAX_STALENESS
+    world.clock.advance(30 + MAX_STALENESS - 40)
+    assert verifier.revocations_fresh_for(keys) == 0
+    verifier.check_fresh(keys)  # at the bound itself, not yet
+    world.clock.advance(0.5)
+    with pytest.raises(StaleRevocationsError):
+        verifier.check_fresh(keys)
+    assert verifier.revocations_fresh_for(keys) == 0
