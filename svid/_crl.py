@@ -58,16 +58,19 @@ class PendingCrl:
 
     def vouched_by(
         self, trust_domain: str, ca: x509.Certificate
-    ) -> tuple[tuple[Revoked, ...], float | None] | None:
-        """This CRL's entries, as revoking the certificates of ``ca`` in ``trust_domain``, and
-        its nextUpdate; None unless ``ca`` (a CA of a chain verified in that trust domain) is
-        its issuer: its subject, allowed to sign CRLs, and its key verifies the signature."""
+    ) -> tuple[CertIssuer, tuple[Revoked, ...], float | None] | None:
+        """The issuer this CRL speaks for, its entries, as revoking the certificates of ``ca``
+        in ``trust_domain``, and its nextUpdate; None unless ``ca`` (a CA of a chain verified
+        in that trust domain) is its issuer: its subject, allowed to sign CRLs, and its key
+        verifies the signature."""
         issuer = _issuer_of(self.crl, ca, trust_domain)
         if issuer is None:
             return None
         next_update = self.crl.next_update_utc
-        return _entries(self.crl, [issuer]), (
-            None if next_update is None else next_update.timestamp()
+        return (
+            issuer,
+            _entries(self.crl, [issuer]),
+            None if next_update is None else next_update.timestamp(),
         )
 
 

@@ -104,7 +104,7 @@ class Vouchable(Protocol):
 
     def vouched_by(
         self, trust_domain: str, ca: x509.Certificate
-    ) -> tuple[tuple[Revoked, ...], float | None] | None: ...
+    ) -> tuple[CertIssuer, tuple[Revoked, ...], float | None] | None: ...
 
 
 # How many intermediate CAs of verified chains a set remembers, for pending CRLs to be checked
@@ -238,7 +238,7 @@ class RevocationSet:
                 del self._intermediates[next(iter(self._intermediates))]
             pending = self._pending
         vouched, vouched_until = _vouched(pending, fresh)
-        if not vouched:
+        if not vouched and not vouched_until:
             return
         _, issued, _ = self._split(vouched)
         with self._lock:
@@ -335,13 +335,12 @@ def _vouched(
             vouched = crl.vouched_by(trust_domain, ca)
             if vouched is None:
                 continue
-            entries, next_update = vouched
+            issuer, entries, next_update = vouched
             found.extend(entries)
-            if next_update is not None and entries:
-                issuer = entries[0].issuer
-                if issuer is not None:
-                    key = (issuer.trust_domain, issuer.name)
-                    until[key] = min(next_update, until.get(key, next_update))
+            # A CRL that lists nothing still promises a newer one by its nextUpdate.
+            if next_update is not None:
+                key = (issuer.trust_domain, issuer.name)
+                until[key] = min(next_update, until.get(key, next_update))
     return found, until
 
 

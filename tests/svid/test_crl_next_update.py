@@ -130,3 +130,25 @@ def test_the_time_a_chain_has_left_runs_to_its_issuers_crl_refusing_it() -> None
     with pytest.raises(StaleRevocationsError):
         verifier.check_fresh(keys)
     assert verifier.revocations_fresh_for(keys) == 0
+
+
+@pytest.mark.parametrize("crl_first", [True, False])
+def test_an_intermediates_stale_crl_refuses_its_certificates_even_when_it_lists_none(
+    crl_first: bool,
+) -> None:
+    # An intermediate CA (no bundle authority) whose CRL revokes nothing still promised a
+    # newer one by its nextUpdate: past that by more than the bound, its leaves are refused
+    # as a bundle authority's would be, whether its chain or its CRL came first.
+    world = _World()
+    inter = make_ca("server.example.org", parent=world.ca, spiffe_id=None)
+    chain = der_concat([make_leaf(inter).cert, inter.cert])
+    verifier = world.verifier()
+    if crl_first:
+        world.deliver(_crl(inter, [], next_update=T0 + 30))
+        verifier.verify_der(chain)  # vouches for the CRL
+    else:
+        verifier.verify_der(chain)
+        world.deliver(_crl(inter, [], next_update=T0 + 30))
+    world.clock.advance(30 + MAX_STALENESS + 1)
+    with pytest.raises(StaleRevocationsError, match="nextUpdate"):
+        verifier.verify_der(chain)
