@@ -283,7 +283,9 @@ class CredentialStore(Protocol):
         ...
 
     def agent_credentials(self, agent_id: str, now: int) -> list[Credential]:
-        """Credentials issued through the agent some verifier may still accept at `now`."""
+        """Credentials issued through the agent some verifier may still accept at `now`, and
+        the delegated tokens a workload of it acts with (its `actor_agent_id`), by (kind,
+        value)."""
         ...
 
     def workload_jwt(self, jti: str, expires_at: int) -> Credential | None:

@@ -100,14 +100,20 @@ CREDENTIAL_COLUMNS = (
     "task_id",
     "expires_at",
     "issuer",
+    "actor_agent_id",
 )
 CREDENTIALS_INTO = f"INSERT INTO credentials ({', '.join(CREDENTIAL_COLUMNS)})"
 _CREDENTIALS = f"SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM credentials"
 TASK_CREDENTIALS = (
     f"{_CREDENTIALS} WHERE task_id = :task_id AND expires_at >= :needed_from ORDER BY kind, value"
 )
+# Those of its own tasks and workloads, then the delegated tokens a workload of it acts with
+# (migration 15's partial index): one row each, as a token's actor_agent_id is never its
+# agent_id (server.oauth.grants).
 AGENT_CREDENTIALS = (
-    f"{_CREDENTIALS} WHERE agent_id = :agent_id AND expires_at >= :needed_from ORDER BY kind, value"
+    f"{_CREDENTIALS} WHERE agent_id = :agent_id AND expires_at >= :needed_from "
+    f"UNION ALL {_CREDENTIALS} WHERE actor_agent_id = :agent_id AND expires_at >= :needed_from "
+    "ORDER BY kind, value"
 )
 # The literals match migration 14's partial index, which a bound parameter could not use.
 WORKLOAD_JWT = (

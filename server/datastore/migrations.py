@@ -354,6 +354,19 @@ def _workload_jwt_by_jti(execute: Execute) -> None:
     )
 
 
+def _actor_agent(execute: Execute) -> None:
+    """A delegated access token is held by the workload acting for the task as well as by the
+    task: recorded with the acting workload's agent too, so removing that agent revokes it.
+    NULL on every other row (nothing to bind per insert; the column is added without a rewrite
+    on both backends) and left out of the index, which only those few rows pay for; a query
+    naming the column with '=' implies IS NOT NULL, so it reads the index."""
+    execute("ALTER TABLE credentials ADD COLUMN actor_agent_id TEXT")
+    execute(
+        "CREATE INDEX credentials_actor_agent ON credentials (actor_agent_id) "
+        "WHERE actor_agent_id IS NOT NULL"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
@@ -369,6 +382,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(12, "audit: revocation events by node", _audit_node_revocations),
     Migration(13, "agents: removals under way", _removals),
     Migration(14, "credentials: a workload's JWT by its exp and jti", _workload_jwt_by_jti),
+    Migration(15, "credentials: a delegated token's acting workload's agent", _actor_agent),
 )
 
 

@@ -276,6 +276,10 @@ class Credential(NamedTuple):
     task_id: str  # "" for a workload (non-task) credential
     expires_at: int
     issuer: str = ""  # X.509: the issuing CA's subject key id (hex); "" for a JWT
+    # A delegated token's: the agent of the workload acting for the task, which holds it too
+    # (removing either agent revokes it). None for every other credential: a column NULL in
+    # every row of a batch is written as a literal, costing the insert nothing.
+    actor_agent_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

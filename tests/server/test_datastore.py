@@ -546,6 +546,51 @@ def test_a_workload_jwt_is_read_by_index(tmp_path: Path, clock: FakeClock) -> No
     ], steps
 
 
+def test_an_agents_credentials_are_read_by_index_with_the_tokens_it_acts_with(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """An agent's removal reads its credentials and the delegated tokens its workloads act with
+    by two index searches (migration 15's partial index for the second), no scan."""
+    SqliteDataStore(tmp_path / "db", clock).close()
+    db = sqlite3.connect(tmp_path / "db")
+    try:
+        plan = db.execute(
+            f"EXPLAIN QUERY PLAN {ledger_queries.AGENT_CREDENTIALS}",
+            {"agent_id": AGENT, "needed_from": 1},
+        )
+        steps = [row[3] for row in plan]
+    finally:
+        db.close()
+    assert [s for s in steps if s.startswith(("SCAN", "SEARCH"))] == [
+        "SEARCH credentials USING INDEX credentials_agent (agent_id=?)",
+        "SEARCH credentials USING INDEX credentials_actor_agent (actor_agent_id=?)",
+    ], steps
+
+
+def test_credentials_recorded_before_migration_15_read_back_with_no_actor_agent(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:14])
+        SqliteDataStore(tmp_path / "db", clock).close()
+    # Written as version 14 wrote it: no actor_agent_id column yet.
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute(
+        "INSERT INTO credentials (kind, value, agent_id, spiffe_id, task_id, expires_at, issuer) "
+        "VALUES ('jwt_id', 'j1', ?, 'spiffe://example.org/web', 't1', 900, '')",
+        (AGENT,),
+    )
+    db.commit()
+    db.close()
+    store = SqliteDataStore(tmp_path / "db", clock)
+    assert store.schema_versions() == [m.version for m in MIGRATIONS]
+    assert [(c.value, c.actor_agent_id) for c in store.agent_credentials(AGENT, 0)] == [
+        ("j1", None)
+    ]
+    assert store.agent_credentials("spiffe://example.org/agent/other", 0) == []
+    store.close()
+
+
 def test_the_shared_sql_has_no_sqlite_only_syntax() -> None:
     """queries, ledger_queries and the migrations are what a PostgreSQL backend reuses: only the
     dialect words the migrations module names (BLOB, SEQ_KEY) may be SQLite's."""

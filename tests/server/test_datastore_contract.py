@@ -553,6 +553,22 @@ def test_a_workload_jwt_is_found_by_its_jti_and_exp(store: DataStore) -> None:
     assert store.workload_jwt("unknown", exp) is None
 
 
+def test_a_delegated_token_is_listed_with_the_acting_workloads_agent_too(
+    store: DataStore,
+) -> None:
+    """A delegated token is held by its task (of AGENT) and by the workload acting for it (of
+    OTHER_AGENT): each agent's credentials list it once, its task's once."""
+    delegated = cred("d1", task_id="t1")._replace(actor_agent_id=OTHER_AGENT)
+    gone = cred("d0", task_id="t1", expires_at=NOW - 10_000)._replace(actor_agent_id=OTHER_AGENT)
+    store.write_ledger([cred("j1"), delegated, gone, cred("x", agent=OTHER_AGENT)], [])
+    assert store.agent_credentials(AGENT, NOW) == [delegated, cred("j1")]
+    assert store.agent_credentials(OTHER_AGENT, NOW) == [delegated, cred("x", agent=OTHER_AGENT)]
+    assert store.task_credentials("t1", NOW) == [delegated]
+    assert store.count_credentials("t1") == 2  # the expired one is still on record
+    assert store.agent_credentials("spiffe://example.org/agent/third", NOW) == []
+    assert cred("j1").actor_agent_id is None
+
+
 def test_a_ledger_write_is_credentials_events_and_head_together(store: DataStore) -> None:
     assert store.audit_head() is None
     rows = audit_rows(1, 3)

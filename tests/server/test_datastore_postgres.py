@@ -303,6 +303,20 @@ def test_a_workload_jwt_is_read_by_index(postgres_dsn: str, clock: FakeClock) ->
     assert "credentials_workload_jwt" in " ".join(row[0] for row in plan), plan
 
 
+def test_an_agents_credentials_are_read_by_index(postgres_dsn: str, clock: FakeClock) -> None:
+    """Its own credentials and, by migration 15's partial index, the delegated tokens its
+    workloads act with."""
+    from server.datastore.ledger_queries import AGENT_CREDENTIALS
+
+    PostgresDataStore(postgres_dsn, clock).close()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute("SET enable_seqscan = off")
+        params = {"agent_id": "a", "needed_from": 1}
+        plan = " ".join(row[0] for row in conn.execute(f"EXPLAIN {pg(AGENT_CREDENTIALS)}", params))
+    assert "credentials_agent" in plan, plan
+    assert "credentials_actor_agent" in plan, plan
+
+
 def test_the_translation_changes_only_sqlites_words() -> None:
     assert postgres_ddl("seq INTEGER PRIMARY KEY, b blob, blobs TEXT") == (
         "seq BIGINT PRIMARY KEY, b BYTEA, blobs TEXT"
