@@ -13,9 +13,10 @@
   and the task, with the workload added as the current actor (`act`).
 
 Every token is a credential on the ledger (of its task, so ending the task revokes it; a
-workload's, of the agent its JWT-SVID was minted through, so removing that agent revokes it)
-with an audit event naming the decision, committed before the token leaves; every refusal is an
-event.
+workload's, of the agent its JWT-SVID was minted through, so removing that agent revokes it; a
+delegated one, of the task's agent and of the acting workload's, so removing either revokes
+it) with an audit event naming the decision, committed before the token leaves; every refusal
+is an event.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class _Issue:
     claims: dict[str, Any]
     requested: str
     kind: str
+    # Delegation: the agent the acting workload's JWT-SVID was minted through ("" when none).
+    actor_agent: str = ""
 
 
 class Recorder(Protocol):
@@ -310,10 +313,14 @@ class Grants:
                 raise InvalidGrantError("subject_token names no task in its act chain")
             if len(subject.act_chain) >= _MAX_ACT_DEPTH:
                 raise InvalidGrantError(f"delegation deeper than {_MAX_ACT_DEPTH} actors")
+            # The acting workload holds the token too: its agent's removal is to revoke it.
+            actor_agent = self._agent_of(actor, claimed=False)
             try:
                 task, grant = self._tasks.exchange_grant(task_sid, resource)
             except PermissionDeniedError as exc:  # the task layer audited its own denial
                 raise InvalidGrantError(f"task decision: {exc}") from None
+        except UnavailableError:  # the ledger cannot be read: not the request's fault
+            raise
         except OAuthError as exc:
             self._refused(EVENT_EXCHANGE, exc, call)
             raise
@@ -333,7 +340,7 @@ class Grants:
         return self._issue_for_task(
             task,
             grant,
-            _Issue(subject.subject, resource, claims, issued_type, EVENT_EXCHANGE),
+            _Issue(subject.subject, resource, claims, issued_type, EVENT_EXCHANGE, actor_agent),
             None,
             call,
             reason=f"task decision allowed {actor_id[:200]} to act for the task",
@@ -341,6 +348,7 @@ class Grants:
                 "subject_jti": subject.jti,
                 "actor": actor_id,
                 "actor_jti": str(actor.verified.claims.get("jti")),
+                "actor_node": actor_agent,
             },
         )
 
@@ -469,6 +477,9 @@ class Grants:
             latency_us=call.latency_us(),
             extra={**extra, "token_type": issue.requested},
         )
+        # A delegated token is the acting workload's too: recorded with its agent as well,
+        # unless that is the task's own (one agent, read once: AGENT_CREDENTIALS).
+        actor_agent = issue.actor_agent if issue.actor_agent != task.agent_id else ""
         credential = Credential(
             REVOKED_JWT_ID,
             issued.jti,
@@ -476,6 +487,7 @@ class Grants:
             task.spiffe_id,
             task.task_id,
             issued.expires_at,
+            actor_agent_id=actor_agent or None,
         )
         self._record([credential], [event], claim, issue.kind, call)
         if self._tasks.ended(task.spiffe_id):
@@ -501,18 +513,20 @@ class Grants:
         except PermissionDeniedError as exc:  # the task layer audited its own denial
             raise InvalidGrantError(f"task decision: {exc}") from None
 
-    def _agent_of(self, assertion: CheckedAssertion) -> str:
-        """The agent a workload's assertion was minted through ("" for one of a trusted
-        foreign issuer, or none on record): one indexed read. A record that cannot be read
-        refuses the grant (the assertion may be presented again): a token recorded with no
-        agent would outlive that agent's eviction."""
+    def _agent_of(self, assertion: CheckedAssertion, *, claimed: bool = True) -> str:
+        """The agent a workload's assertion (or actor token) was minted through ("" for one
+        of a trusted foreign issuer, or none on record): one indexed read. A record that
+        cannot be read refuses the grant (the assertion, its claim released when this grant
+        ``claimed`` it, may be presented again): a token recorded with no agent would outlive
+        that agent's eviction."""
         if assertion.verified.spiffe_id.trust_domain.name != self._trust_domain:
             return ""  # signed by another domain's keys: no credential of ours
         try:
             verified = assertion.verified
             return self._minted_through(str(verified.claims["jti"]), verified.expires_at)
         except StorageError as exc:
-            self._replay.release(assertion.claim)
+            if claimed:  # an actor token is not claimed: its jti may be another grant's
+                self._replay.release(assertion.claim)
             _log.warning(
                 "OAuth token refused: its assertion's record could not be read",
                 extra={"error": str(exc)},

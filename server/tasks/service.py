@@ -860,7 +860,7 @@ class TaskService:
         already = {(r.kind, r.value) for r in self._state.revocations}
         # Stored and on the log are two commits: a removal cut short between them left
         # revocations without their events, so those are looked for on the log, not inferred.
-        recorded = await asyncio.to_thread(self._agent_revocations_recorded, agent_id)
+        recorded = await asyncio.to_thread(self._agent_revocations_recorded, agent_id, creds)
         await self._revoke(
             [c for c in creds if (c.kind, c.value) not in already],
             reason,
@@ -886,7 +886,7 @@ class TaskService:
         creds = await asyncio.to_thread(self._store.agent_credentials, agent_id, self._now())
         already = {(r.kind, r.value) for r in self._state.revocations}
         if not tasks and all((c.kind, c.value) in already for c in creds):
-            recorded = await asyncio.to_thread(self._agent_revocations_recorded, agent_id)
+            recorded = await asyncio.to_thread(self._agent_revocations_recorded, agent_id, creds)
             if all(c.value in recorded for c in creds):
                 return False
         await self.revoke_agent(agent_id, reason)
@@ -904,13 +904,19 @@ class TaskService:
                 recorded = False
         return recorded
 
-    def _agent_revocations_recorded(self, agent_id: str) -> set[str]:
+    def _agent_revocations_recorded(self, agent_id: str, creds: Sequence[Credential]) -> set[str]:
         """The credential ids the log holds a revocation event of, for agent `agent_id`'s
-        credentials (its tasks' too: every revocation event names the node as node_id)."""
+        credentials `creds` (its tasks' too: every revocation event names the node as node_id).
+        A delegated token a workload of the agent acts with is its task's too: the end of that
+        task, on another node, logged its revocation under that node and the task."""
         rows = self._audit.store.audit_rows(
             EventFilter(kind=EventKind.REVOCATION, node_id=agent_id)
         )
-        return {str(row["credential_id"]) for row in rows}
+        recorded = {str(row["credential_id"]) for row in rows}
+        acted_for = {c.task_id for c in creds if c.agent_id != agent_id and c.value not in recorded}
+        for task_id in sorted(acted_for):
+            recorded |= self._revocations_recorded(task_id)
+        return recorded
 
     async def _revoke(
         self,

@@ -1,10 +1,13 @@
 """Access tokens traded for a workload's JWT-SVID at the token endpoint of a running server are
 revoked with the rest of what its node agent holds when the agent is evicted or banned; an
-assertion of a trusted foreign issuer is of no agent of ours."""
+assertion of a trusted foreign issuer is of no agent of ours. A delegated token (a workload
+acting for a task) is revoked with either agent: the task's, or the acting workload's."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from server.ca.sealing import KeyEncryptionKey
 from server.datastore.errors import StorageError
 from server.datastore.records import REVOKED_JWT_ID, EventFilter
 from server.oauth.discovery import JWT_BEARER
@@ -20,7 +24,9 @@ from svid import AccessTokenVerifier, MemoryBundleSource, RevocationSet, Revoked
 from svid._jwk import public_key_members
 from svid._proto import admin_pb2, node_pb2
 from tests.server.fixtures import Agent
-from tests.server.oauth.conftest import RESOURCE, OAuthServer, serving_oauth
+from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer, serving_oauth
+from tests.server.oauth.test_token_delegation import MCP_ID, delegate
+from tests.server.oauth.test_token_exchange import begin_task
 
 WORKLOAD_PATH = "/billing/reporter"
 PARTNER_ID = "spiffe://partner.org/ci/deployer"
@@ -48,12 +54,14 @@ def _jti_exp(token: str) -> tuple[str, int]:
     return str(claims["jti"]), int(claims["exp"])
 
 
-def _verifier(server: OAuthServer, revocations: RevocationSet) -> AccessTokenVerifier:
+def _verifier(
+    server: OAuthServer, revocations: RevocationSet, audience: str = RESOURCE
+) -> AccessTokenVerifier:
     bundle = server.running.server.ca.bundle()
     return AccessTokenVerifier(
         MemoryBundleSource.of(bundle).jwt_bundle_for,
         issuer=server.issuer,
-        audience=RESOURCE,
+        audience=audience,
         trust_domain=bundle.trust_domain,
         revocations=revocations,
     )
@@ -139,3 +147,134 @@ def test_no_token_leaves_while_the_assertions_record_cannot_be_read(
         recorded = running.server.datastore.workload_jwt(*_jti_exp(token))
         assert recorded is not None
         assert recorded.agent_id == agent.spiffe_id
+
+
+@contextmanager
+def _delegating_server(
+    request: pytest.FixtureRequest, backend: str, where: Path
+) -> Iterator[OAuthServer]:
+    """A server whose RESOURCE is served by the workload MCP_ID, which may act for a task
+    towards OTHER_RESOURCE; on SQLite or PostgreSQL."""
+    overrides: dict[str, Any] = {}
+    if backend == "postgresql":
+        KeyEncryptionKey.generate().write_new(where / "kek")
+        overrides["datastore"] = request.getfixturevalue("postgres_dsn")
+        overrides["key_encryption_key_file"] = str(where / "kek")
+    with serving_oauth(
+        "odr",
+        [RESOURCE, OTHER_RESOURCE],
+        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
+        **overrides,
+    ) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("backend", "removed", "removal"),
+    [
+        ("sqlite", "actor", "EvictAgent"),
+        ("sqlite", "actor", "BanAgent"),
+        ("sqlite", "task", "EvictAgent"),
+        ("postgresql", "actor", "EvictAgent"),
+        ("postgresql", "task", "EvictAgent"),
+    ],
+)
+def test_a_delegated_token_is_revoked_with_the_acting_workloads_agent_or_the_tasks(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, removed: str, removal: str
+) -> None:
+    """The workload MCP_ID, on a node of its own, acts for a task of another node: the token it
+    gets is held by a workload of each node, so removing either revokes it, the revocation on
+    the log under the node removed. A compromised acting workload's token does not outlive its
+    agent's eviction."""
+    with _delegating_server(request, backend, tmp_path) as server:
+        running = server.running
+        world = begin_task(server, resources=(server.issuer, RESOURCE, OTHER_RESOURCE))
+        actor_agent = running.attest()
+        mcp = running.create_entry("/mcp-tickets", actor_agent.spiffe_id)
+        assert mcp.spiffe_id == MCP_ID
+        actor = _jwt_svid(server, actor_agent, mcp.id)  # minted through the actor's agent
+        subject = world.exchange().json()["access_token"]
+        reply = delegate(world, subject, actor)
+        assert reply.status_code == 200, reply.text
+        token = str(reply.json()["access_token"])
+        jti = _jti(token)
+        revocations = RevocationSet()
+        verifier = _verifier(server, revocations, OTHER_RESOURCE)
+        assert verifier.verify(token).claims["client_id"] == MCP_ID
+
+        node = actor_agent.spiffe_id if removed == "actor" else world.agent.spiffe_id
+        request_type = getattr(admin_pb2, f"{removal}Request")
+        getattr(running.admin(), removal)(request_type(spiffe_id=node), timeout=10)
+
+        revoked = [r for r in running.server.state.revocations if r.value == jti]
+        assert [(r.kind, r.spiffe_id) for r in revoked] == [(REVOKED_JWT_ID, world.task.spiffe_id)]
+        revocations.add([Revoked(r.kind, r.value, r.expires_at) for r in revoked])
+        with pytest.raises(RevokedError):
+            verifier.verify(token)
+        store = running.server.tasks.audit.store
+        events = store.audit_rows(EventFilter(kind="revocation", node_id=node))
+        assert [e["task_id"] for e in events if e["credential_id"] == jti] == [world.task.task_id]
+        if removed == "actor":
+            # The task itself goes on: only what the acting workload holds was revoked.
+            assert running.server.tasks.service.get(world.task.task_id).active
+
+
+def test_a_delegated_token_its_task_revoked_is_not_logged_again_by_the_actors_removal(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The task's end revoked the delegated token and logged it (under the task's node): the
+    acting workload's agent, evicted after, holds nothing left to log, and evicting it again
+    finds nothing to do."""
+    with _delegating_server(request, "sqlite", tmp_path) as server:
+        running = server.running
+        world = begin_task(server, resources=(server.issuer, RESOURCE, OTHER_RESOURCE))
+        actor_agent = running.attest()
+        mcp = running.create_entry("/mcp-tickets", actor_agent.spiffe_id)
+        subject = world.exchange().json()["access_token"]
+        reply = delegate(world, subject, _jwt_svid(server, actor_agent, mcp.id))
+        assert reply.status_code == 200, reply.text
+        jti = _jti(reply.json()["access_token"])
+        service = running.server.tasks.service
+        running.call(service.end(world.agent, world.task.task_id, ()))
+
+        evict = admin_pb2.EvictAgentRequest(spiffe_id=actor_agent.spiffe_id)
+        running.admin().EvictAgent(evict, timeout=10)
+        store = running.server.tasks.audit.store
+        events = store.audit_rows(EventFilter(kind="revocation"))
+        assert [e["node_id"] for e in events if e["credential_id"] == jti] == [
+            world.agent.spiffe_id
+        ]
+        assert not running.call(service.finish_removal(actor_agent.spiffe_id, "again"))
+
+
+def test_no_delegated_token_leaves_while_the_actor_tokens_record_cannot_be_read(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delegated token recorded without the acting workload's agent would outlive that
+    agent's eviction: refused as unavailable (not a refusal of the request on the log), and
+    the same tokens, the actor token not used up, get it once the read works."""
+    with _delegating_server(request, "sqlite", tmp_path) as server:
+        running = server.running
+        world = begin_task(server, resources=(server.issuer, RESOURCE, OTHER_RESOURCE))
+        actor_agent = running.attest()
+        mcp = running.create_entry("/mcp-tickets", actor_agent.spiffe_id)
+        actor = _jwt_svid(server, actor_agent, mcp.id)
+        subject = world.exchange().json()["access_token"]
+
+        def broken(jti: str, expires_at: int) -> None:
+            raise StorageError("cannot read credentials: disk I/O error")
+
+        monkeypatch.setattr(running.server.datastore, "workload_jwt", broken)
+        reply = delegate(world, subject, actor)
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"] == "temporarily_unavailable"
+        monkeypatch.undo()
+        reply = delegate(world, subject, actor)
+        assert reply.status_code == 200, reply.text
+        jti = _jti(reply.json()["access_token"])
+        held = running.server.datastore.agent_credentials(actor_agent.spiffe_id, 0)
+        assert [c.task_id for c in held if c.value == jti] == [world.task.task_id]
+        events = world.events("oauth_token_exchange")
+        assert not [e for e in events if e["decision"] == "deny"]
+        (granted,) = [e for e in events if e["credential_id"] == jti]
+        assert json.loads(granted["extra"])["actor_node"] == actor_agent.spiffe_id
