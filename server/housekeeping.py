@@ -38,7 +38,8 @@ Each job app.py schedules, decided on its own:
    finished, a minute later, by one server: the others would record its end again. An agent's
    removal (eviction, ban) likewise: its row is stored with the agent's delete or ban and
    deleted once the agent's credentials are revoked on record; one still there a minute on is
-   finished (server/tasks/removals.py).
+   finished (server/tasks/removals.py), unless another finisher's claim on it runs (an
+   operator's removal still under way, on any server).
 7. One fetch of each foreign bundle endpoint per refresh hint, not one per server; the others
    adopt its result from the change feed (server/federation/service.py). A fetch someone asked
    for (admin refresh, relationship written, bundle set) runs on the server asked.

@@ -356,6 +356,15 @@ class ServerState:
         (that one stays) or it was ended already."""
         return await asyncio.to_thread(self._datastore.end_removal, removal)
 
+    async def claim_removal(self, agent_id: str, holder: str, ttl: int) -> bool:
+        """Claim (or keep claiming) the agent's stored removal for `holder` for `ttl` seconds
+        from now: see DataStore.claim_removal."""
+        now = int(self._clock.now())
+        return await asyncio.to_thread(self._datastore.claim_removal, agent_id, holder, now, ttl)
+
+    async def release_removal_claim(self, agent_id: str, holder: str) -> None:
+        await asyncio.to_thread(self._datastore.release_removal_claim, agent_id, holder)
+
     async def removal_of(self, agent_id: str) -> Removal | None:
         return await asyncio.to_thread(self._datastore.removal_of, agent_id)
 

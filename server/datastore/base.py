@@ -166,6 +166,19 @@ class RegistrationStore(Protocol):
         started_at): True when this call deleted it. A newer removal of the agent stays."""
         ...
 
+    def claim_removal(self, agent_id: str, holder: str, now: int, ttl: int) -> bool:
+        """Atomically claim the agent's stored removal for `holder` until now + ttl, or keep
+        claiming it: True when it was unclaimed, its claim lapsed (claimed_until <= now: its
+        finisher died) or `holder` has it. False, changing nothing, while another holder's
+        claim runs, or when no removal of the agent is stored. Exactly one of several
+        concurrent callers gets True. ValueError for ttl <= 0."""
+        ...
+
+    def release_removal_claim(self, agent_id: str, holder: str) -> None:
+        """Let the claim go at once if `holder` has it (a finisher that failed, or finished a
+        removal a newer one replaced); anyone's else, or none, is left as it is."""
+        ...
+
     # -- CA and JWT key slots -------------------------------------------------------------------
 
     def save_key_slot(self, slot: KeySlot) -> None:

@@ -367,6 +367,15 @@ def _actor_agent(execute: Execute) -> None:
     )
 
 
+def _removal_claims(execute: Execute) -> None:
+    """Who is finishing a removal, and until when (server/tasks/removals.py): servers sharing
+    the datastore each log a revocation once only if one finisher at a time works on it. The
+    claim is a lease on the row, so a finisher that died is taken over once it lapses, and it
+    goes with the row. '' and 0: claimed by no one."""
+    execute("ALTER TABLE removals ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''")
+    execute("ALTER TABLE removals ADD COLUMN claimed_until BIGINT NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
@@ -383,6 +392,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(13, "agents: removals under way", _removals),
     Migration(14, "credentials: a workload's JWT by its exp and jti", _workload_jwt_by_jti),
     Migration(15, "credentials: a delegated token's acting workload's agent", _actor_agent),
+    Migration(16, "agents: removals claimed by their finisher", _removal_claims),
 )
 
 

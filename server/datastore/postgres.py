@@ -85,6 +85,7 @@ from server.datastore.records import (
 from server.datastore.sqlite import (
     _agent_from,
     _agent_params,
+    _claim_params,
     _entry_from,
     _entry_params,
     _removal_from,
@@ -454,6 +455,21 @@ class PostgresDataStore(
         return self._write(
             "end the removal",
             lambda cur: int(cur.execute(pg(q.END_REMOVAL), params).rowcount) == 1,
+        )
+
+    def claim_removal(self, agent_id: str, holder: str, now: int, ttl: int) -> bool:
+        params = _claim_params(agent_id, holder, now, ttl)
+        # One statement decides (a concurrent caller waits on the row, then re-checks it).
+        return self._write(
+            "claim the removal",
+            lambda cur: int(cur.execute(pg(q.CLAIM_REMOVAL), params).rowcount) == 1,
+        )
+
+    def release_removal_claim(self, agent_id: str, holder: str) -> None:
+        params = {"agent_id": agent_id, "holder": holder}
+        self._write(
+            "release the removal claim",
+            lambda cur: cur.execute(pg(q.RELEASE_REMOVAL_CLAIM), params),
         )
 
     # -- key slots ------------------------------------------------------------------------------

@@ -95,6 +95,16 @@ LIST_REMOVALS = (
     f"SELECT {_REMOVAL_COLUMNS} FROM removals WHERE started_at <= :before "
     "ORDER BY started_at, agent_id"
 )
+# One statement decides: a claim lapsed (or this holder's own) is taken, a running one is
+# not. A concurrent caller waits on the row (PostgreSQL) or the write lock (SQLite), then
+# finds it taken.
+CLAIM_REMOVAL = (
+    "UPDATE removals SET claimed_by = :holder, claimed_until = :until "
+    "WHERE agent_id = :agent_id AND (claimed_by = :holder OR claimed_until <= :now)"
+)
+RELEASE_REMOVAL_CLAIM = (
+    "UPDATE removals SET claimed_until = 0 WHERE agent_id = :agent_id AND claimed_by = :holder"
+)
 # Only the removal the finisher read: a newer one of the same agent is not finished yet.
 END_REMOVAL = (
     "DELETE FROM removals WHERE agent_id = :agent_id AND reason = :reason "

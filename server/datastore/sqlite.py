@@ -155,6 +155,12 @@ def _removal_params(removal: Removal) -> dict[str, Any]:
     }
 
 
+def _claim_params(agent_id: str, holder: str, now: int, ttl: int) -> dict[str, Any]:
+    if ttl <= 0:
+        raise ValueError(f"removal claim ttl must be positive, got {ttl}")
+    return {"agent_id": agent_id, "holder": holder, "now": now, "until": now + ttl}
+
+
 def _removal_of(agent_id: str, removal: Removal | None) -> dict[str, Any] | None:
     """The row to store with the agent's delete or ban; ValueError for another agent's."""
     if removal is None:
@@ -507,6 +513,15 @@ class SqliteDataStore(
     def end_removal(self, removal: Removal) -> bool:
         with self._transaction() as db:
             return int(db.execute(q.END_REMOVAL, _removal_params(removal)).rowcount) == 1
+
+    def claim_removal(self, agent_id: str, holder: str, now: int, ttl: int) -> bool:
+        params = _claim_params(agent_id, holder, now, ttl)
+        with self._transaction() as db:
+            return int(db.execute(q.CLAIM_REMOVAL, params).rowcount) == 1
+
+    def release_removal_claim(self, agent_id: str, holder: str) -> None:
+        with self._transaction() as db:
+            db.execute(q.RELEASE_REMOVAL_CLAIM, {"agent_id": agent_id, "holder": holder})
 
     # -- key slots ------------------------------------------------------------------------------
 

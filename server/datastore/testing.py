@@ -161,6 +161,14 @@ class FaultInjectingDataStore:
         self._enter("end_removal")
         return self.inner.end_removal(removal)
 
+    def claim_removal(self, agent_id: str, holder: str, now: int, ttl: int) -> bool:
+        self._enter("claim_removal")
+        return self.inner.claim_removal(agent_id, holder, now, ttl)
+
+    def release_removal_claim(self, agent_id: str, holder: str) -> None:
+        self._enter("release_removal_claim")
+        self.inner.release_removal_claim(agent_id, holder)
+
     def save_key_slot(self, slot: KeySlot) -> None:
         self._enter("save_key_slot")
         self.inner.save_key_slot(slot)

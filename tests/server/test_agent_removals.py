@@ -32,6 +32,12 @@ class _State:
         self.stored.remove(removal)
         return True
 
+    async def claim_removal(self, agent_id: str, holder: str, ttl: int) -> bool:
+        return any(r.agent_id == agent_id for r in self.stored)
+
+    async def release_removal_claim(self, agent_id: str, holder: str) -> None:
+        pass
+
 
 def test_a_removal_still_running_at_its_grace_is_joined_not_run_again() -> None:
     clock = FakeClock(start=10_000.0)

@@ -249,6 +249,61 @@ def test_an_agent_under_removal_is_neither_admitted_nor_saved(store: DataStore) 
     assert store.get_agent(AGENT) == back
 
 
+def test_a_removal_is_claimed_by_one_finisher_at_a_time_until_its_claim_lapses(
+    open_store: Opener,
+) -> None:
+    store = open_store()
+    assert not store.claim_removal(AGENT, "a", NOW, 30)  # no removal stored: nothing to claim
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+    banned = Removal(AGENT, REMOVAL_BANNED, NOW)
+    store.set_agent_banned(AGENT, True, banned)
+    with pytest.raises(ValueError, match="ttl"):
+        store.claim_removal(AGENT, "a", NOW, 0)
+    assert store.claim_removal(AGENT, "a", NOW, 30)
+    assert not store.claim_removal(AGENT, "b", NOW + 29, 30)  # a's claim runs
+    assert store.claim_removal(AGENT, "a", NOW + 20, 30)  # renewed, until NOW + 50
+    # Evicted while a finishes the ban: the newer removal stays a's to finish (its claim,
+    # across a restart too).
+    evicted = Removal(AGENT, REMOVAL_EVICTED, NOW + 25)
+    store.delete_agent(AGENT, evicted)
+    store = open_store()
+    assert not store.claim_removal(AGENT, "b", NOW + 49, 30)
+    assert store.removal_of(AGENT) == evicted
+    # a died: its claim lapses and b takes it over; a, back, cannot take it again.
+    assert store.claim_removal(AGENT, "b", NOW + 50, 30)
+    assert not store.claim_removal(AGENT, "a", NOW + 51, 30)
+    store.release_removal_claim(AGENT, "a")  # not a's: left as it is
+    assert not store.claim_removal(AGENT, "a", NOW + 51, 30)
+    store.release_removal_claim(AGENT, "b")  # b failed: free at once
+    assert store.claim_removal(AGENT, "a", NOW + 51, 30)
+    assert store.end_removal(evicted)
+    assert not store.claim_removal(AGENT, "a", NOW + 52, 30)
+
+
+def test_one_of_several_finishers_claiming_a_removal_at_once_gets_it(
+    open_store: Opener,
+) -> None:
+    store = open_store()
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+    store.delete_agent(AGENT, Removal(AGENT, REMOVAL_EVICTED, NOW))
+    stores = [open_store() for _ in range(4)]  # one per server
+    start = threading.Barrier(len(stores))
+    got: list[bool] = []
+
+    def claim(one: DataStore, holder: str) -> None:
+        start.wait()
+        got.append(one.claim_removal(AGENT, holder, NOW, 30))
+
+    threads = [
+        threading.Thread(target=claim, args=(one, f"server-{i}")) for i, one in enumerate(stores)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert sorted(got) == [False, False, False, True]
+
+
 def test_ending_a_removal_leaves_a_newer_one_of_the_agent(store: DataStore) -> None:
     store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
     first = Removal(AGENT, REMOVAL_BANNED, NOW)

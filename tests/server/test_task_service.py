@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -1434,3 +1435,130 @@ def test_a_retried_eviction_finishes_the_removal_under_way_and_forgets_it(
     clock.advance(61)
     assert world.run(removals.finish_cut_short()) == 0
     assert len(world.events("agent_evicted")) == 1
+
+
+# -- one removal, two servers finishing it -------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def two_stores(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore
+) -> Iterator[tuple[DataStore, DataStore]]:
+    """Two servers' own datastores on one database (the CA keeps its keys on SQLite)."""
+    if request.param == "sqlite":
+        other = SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
+        yield datastore, other
+        other.close()
+        return
+    from server.datastore.postgres import PostgresDataStore
+
+    dsn = request.getfixturevalue("postgres_dsn")
+    first, second = PostgresDataStore(dsn, clock), PostgresDataStore(dsn, clock)
+    yield first, second
+    first.close()
+    second.close()
+
+
+def _held_before_agent_revocation_events(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """The removal of an agent with very much to revoke: the agent's own revocations are
+    stored, their events wait until the test releases them. (reached, release)"""
+    reached, release = threading.Event(), threading.Event()
+    append_many = world.audit.append_many
+
+    def held(drafts: Any) -> Any:
+        if any(d.kind == "revocation" and d.task_id is None for d in drafts):
+            reached.set()
+            assert release.wait(20)
+        return append_many(drafts)
+
+    monkeypatch.setattr(world.audit, "append_many", held)
+    return reached, release
+
+
+def _logged_once(world: World, held: set[str]) -> None:
+    events = world.events("revocation")
+    assert sorted(e["credential_id"] for e in events) == sorted(held)  # each once
+    assert len(world.events("agent_evicted")) == 1
+    assert len(world.events("task_end")) == 1
+    assert world.audit.store.list_removals(2**62) == []  # type: ignore[attr-defined]
+    assert world.audit.verify().ok
+
+
+@pytest.mark.parametrize("second", ["housekeeping", "retry"])
+def test_two_servers_finishing_one_removal_log_each_revocation_once(
+    tmp_path: Path,
+    clock: FakeClock,
+    two_stores: tuple[DataStore, DataStore],
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    second: str,
+) -> None:
+    """An operator's eviction on server A runs past the grace (very much to revoke); server
+    B's housekeeping, or the operator's retry on B, comes upon it. A's claim, renewed as it
+    works, keeps B from finishing it too: B's housekeeping leaves it, B's retry waits for it,
+    and every revocation is logged once."""
+    store_a, store_b = two_stores
+    world = make_world(tmp_path, clock, store_a, ca_manager)
+    _, held = _holdings(world)
+    reached, release = _held_before_agent_revocation_events(world, monkeypatch)
+    other = _restarted(world, store_b)
+    quick = {"renew_every": 0.01, "wait_every": 0.01}
+    on_a = AgentRemovals(world.state, world.service, clock, holder="a", **quick)  # type: ignore[arg-type]
+    on_b = AgentRemovals(other.state, other.service, clock, holder="b", **quick)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        removal = await world.state.evict_agent(AGENT)
+        evicting = asyncio.create_task(on_a.carry_out(removal))
+        assert await asyncio.to_thread(reached.wait, 20)  # revoked on A, not yet logged
+        clock.advance(61)  # past the grace, and past the claim's first life
+        await asyncio.sleep(0.3)  # A's renewals run meanwhile
+        retrying = None
+        if second == "housekeeping":
+            assert await on_b.finish_cut_short() == 0  # A's to finish
+        else:
+            retrying = asyncio.create_task(on_b.retried(AGENT, "agent evicted"))
+            await asyncio.sleep(0.2)
+            assert not retrying.done()  # waiting for A, as for its own
+        release.set()
+        await asyncio.wait_for(evicting, 20)
+        if retrying is not None:
+            assert await asyncio.wait_for(retrying, 20)  # done: A finished it
+
+    world.run(scenario())
+    _logged_once(world, held)
+
+
+def test_a_removal_whose_finisher_died_is_taken_over_once_its_claim_lapses(
+    tmp_path: Path,
+    clock: FakeClock,
+    two_stores: tuple[DataStore, DataStore],
+    ca_manager: CaManager,
+) -> None:
+    """Server A claimed the removal and died before revoking anything (no renewal, no
+    release). While its claim runs, B's housekeeping leaves the removal alone and the
+    operator's retry on B waits; once it lapses, the retry takes it over and finishes it."""
+    store_a, store_b = two_stores
+    world = make_world(tmp_path, clock, store_a, ca_manager)
+    _, held = _holdings(world)
+    world.run(world.state.evict_agent(AGENT))
+    assert store_a.claim_removal(AGENT, "a", int(clock.now()), 300)
+    other = _restarted(world, store_b)
+    on_b = AgentRemovals(other.state, other.service, clock, holder="b", wait_every=0.01)
+    clock.advance(61)
+    assert world.run(on_b.finish_cut_short()) == 0
+    assert world.events("revocation") == []
+
+    async def retry() -> bool:
+        retrying = asyncio.create_task(on_b.retried(AGENT, "agent evicted"))
+        await asyncio.sleep(0.2)
+        assert not retrying.done()
+        clock.advance(240)  # A's claim lapses
+        return await asyncio.wait_for(retrying, 20)
+
+    assert world.run(retry())
+    _logged_once(world, held)
+    clock.advance(61)
+    assert world.run(on_b.finish_cut_short()) == 0
