@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 from server.changelog import Change, ChangeLog, EntryTouch, touches
 from server.datastore.base import DataStore
-from server.datastore.errors import DataStoreError, StorageError
+from server.datastore.errors import DataStoreError, RemovalUnderWayError, StorageError
 from server.datastore.records import (
     FEED_AGENT,
     FEED_ENTRY,
@@ -290,15 +290,29 @@ class ServerState:
         async with self._agent_writes:
             return await self._save_agent(agent, previous, token)
 
+    async def refuse_save(self, spiffe_id: str, previous: AttestedAgent | None) -> None:
+        """Raise now what save_agent would for the agent: RemovalUnderWayError while a removal
+        of it is stored (read from the datastore: another server's counts), PermissionDeniedError
+        when the agent `previous` names was evicted or banned since it was read. An admission
+        asks before its allowed attestation is logged, so a refusal is not preceded on the log
+        by an admission that did not take; save_agent still refuses what comes after this."""
+        if await self.removal_of(spiffe_id) is not None:
+            raise RemovalUnderWayError(spiffe_id)
+        if previous is not None:
+            self._refuse_replaced(spiffe_id)
+
+    def _refuse_replaced(self, spiffe_id: str) -> None:
+        current = self._agents.get(spiffe_id)
+        if current is None:
+            raise PermissionDeniedError(f"agent {spiffe_id} was evicted: attest again")
+        if current.banned:
+            raise PermissionDeniedError(f"agent {spiffe_id} is banned")
+
     async def _save_agent(
         self, agent: AttestedAgent, previous: AttestedAgent | None, token: TokenUse | None
     ) -> bool:
         if previous is not None:
-            current = self._agents.get(agent.spiffe_id)
-            if current is None:
-                raise PermissionDeniedError(f"agent {agent.spiffe_id} was evicted: attest again")
-            if current.banned:
-                raise PermissionDeniedError(f"agent {agent.spiffe_id} is banned")
+            self._refuse_replaced(agent.spiffe_id)
         if token is None:
             await asyncio.to_thread(self._datastore.upsert_agent, agent)
         else:

@@ -1,8 +1,10 @@
 """Agent SVIDs: admit an attested node agent (or refuse it, on record) and renew its SVID.
 
-Admission fails closed in this order: sign the SVID; commit the attestation's audit event;
-then save the agent's record, spending its join token in that same transaction. If the event
-cannot be committed, nothing else is written: the agent is refused and its token still works.
+Admission fails closed in this order: sign the SVID; ask whether the save would be refused
+(the agent's removal stored, the agent evicted or banned meanwhile), refusing it on record if
+so; commit the attestation's audit event; then save the agent's record, spending its join
+token in that same transaction. If the event cannot be committed, nothing else is written: the
+agent is refused and its token still works.
 If the token is gone by then (a concurrent attestation with it won), the agent is refused on
 record and the SVID signed for it never leaves, as for any credential on record and never sent
 (server/issuance/ledger.py).
@@ -107,10 +109,27 @@ class AgentAdmission:
             previous_serial=previous.serial if previous else "",
             previous_expires_at=previous.expires_at if previous else 0,
         )
-        event = attestation_event(agent.spiffe_id, result.attestation_type, agent.serial, ok=True)
+        kind = result.attestation_type
+        # Asked again after the signing (which may take a while), before the allowed
+        # attestation is logged: a removal stored, or the agent evicted or banned, since the
+        # attestation was checked is refused here, not by the save after it (the log then
+        # showed an admission that did not take).
+        try:
+            await self._state.refuse_save(agent.spiffe_id, previous)
+        except (RemovalUnderWayError, PermissionDeniedError) as exc:
+            await self.refused(kind, str(exc), agent_id=agent.spiffe_id)
+            raise
+        event = attestation_event(agent.spiffe_id, kind, agent.serial, ok=True)
         await self._ledger.commit((), (event,))
-        if not await self._state.save_agent(agent, previous, result.token):
-            await self.refused(result.attestation_type, TOKEN_REFUSED)
+        try:
+            saved = await self._state.save_agent(agent, previous, result.token)
+        except (RemovalUnderWayError, PermissionDeniedError) as exc:
+            # Removed in the moment between the check and the save: a deny of the same
+            # serial follows the allow, so the log says the admission did not take.
+            await self.refused(kind, str(exc), agent_id=agent.spiffe_id, serial=agent.serial)
+            raise
+        if not saved:
+            await self.refused(kind, TOKEN_REFUSED)
             raise PermissionDeniedError(TOKEN_REFUSED)
         self._metrics.attestations.labels(type=result.attestation_type, result="ok").inc()
         _log.info(
@@ -119,14 +138,23 @@ class AgentAdmission:
         )
         return chain
 
-    async def refused(self, attestation_type: str, reason: str, *, on_record: bool = True) -> None:
+    async def refused(
+        self,
+        attestation_type: str,
+        reason: str,
+        *,
+        on_record: bool = True,
+        agent_id: str = "",
+        serial: str = "",
+    ) -> None:
         """Record a refused attestation. Best effort: the caller is refused either way. Only
         counted with `on_record` False (a host past its attestation budget: a write per guess
-        is what the budget bounds)."""
+        is what the budget bounds). `agent_id` only once the attestor proved it (an admission
+        refused), and `serial` only for an SVID whose allowed attestation is on the log."""
         self._metrics.attestations.labels(type=attestation_type, result="refused").inc()
         if not on_record:
             return
-        event = attestation_event("", attestation_type, "", ok=False, reason=reason[:500])
+        event = attestation_event(agent_id, attestation_type, serial, ok=False, reason=reason[:500])
         # Counted and logged where the ledger is metered (MeteredLedger, wired in app.py).
         with contextlib.suppress(LedgerUnavailableError):
             await self._ledger.commit((), (event,))

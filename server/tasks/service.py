@@ -897,11 +897,19 @@ class TaskService:
         attested: that removal is on the log. One from before the agent came back is another
         removal's. Reads the agent's own events (its attestations and removals) by index."""
         recorded = False
+        # As it stood before the last allowed attestation, and that attestation's SVID: a deny
+        # of the same SVID after it says the admission did not take (the save refused it, the
+        # agent removed meanwhile: AgentAdmission.admit), so the agent did not come back.
+        before_allow, allowed = False, None
         for row in self._audit.store.audit_rows(EventFilter(agent_id=agent_id)):
             if row["kind"] == kind:
                 recorded = True
-            elif row["kind"] == EventKind.NODE_ATTESTATION and row["decision"] == "allow":
-                recorded = False
+            elif row["kind"] != EventKind.NODE_ATTESTATION:
+                continue
+            elif row["decision"] == "allow":
+                before_allow, recorded, allowed = recorded, False, row["credential_id"]
+            elif allowed is not None and row["credential_id"] == allowed:
+                recorded, allowed = before_allow, None
         return recorded
 
     def _agent_revocations_recorded(self, agent_id: str, creds: Sequence[Credential]) -> set[str]:

@@ -1298,6 +1298,22 @@ def test_an_agent_evicted_again_after_it_attested_again_is_logged_again(world: W
     assert len(world.events("revocation")) == 2
 
 
+def test_an_admission_denied_after_its_allow_does_not_hide_the_agents_removal(
+    world: World,
+) -> None:
+    """The agent was removed while its admission's allow was committed: the save refused it
+    and a deny of the same SVID followed (AgentAdmission.admit). That agent did not come back,
+    so the removal's eviction on the log is still its own, and a finisher logs it once."""
+    issue_x509(world, RUNTIME)
+    world.run(world.state.evict_agent(AGENT))
+    world.run(world.service.revoke_agent(AGENT, "agent evicted"))
+    fields = {"agent_id": AGENT, "node_id": AGENT, "credential_id": "5e"}
+    world.audit.append(EventKind.NODE_ATTESTATION, decision="allow", **fields)
+    world.audit.append(EventKind.NODE_ATTESTATION, decision="deny", reason="removed", **fields)
+    world.run(world.service.revoke_agent(AGENT, "agent evicted"))  # the removal finished again
+    assert len(world.events("agent_evicted")) == 1
+
+
 # -- an agent's removal cut short, finished by housekeeping ----------------------------------------
 
 

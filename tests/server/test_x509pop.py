@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import queue
 import shutil
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from cryptography.x509.oid import NameOID
 from server.attestation.x509pop import sign_challenge
 from server.datastore.errors import StorageError
 from server.datastore.records import EventFilter
+from server.issuance import AgentAdmission
+from server.state import ServerState
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from tests.server.fixtures import (
     DER,
@@ -181,6 +185,103 @@ def test_a_node_whose_eviction_was_cut_short_attests_again_once_it_is_finished(
     assert len(list(audit.audit_rows(EventFilter(kind="agent_evicted", agent_id=agent_id)))) == 1
     again = _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
     assert again.spiffe_id == agent_id
+
+
+def _held_signing(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Hold the agent SVID's signing until `release`; `entered` once it is held."""
+    entered, release = threading.Event(), threading.Event()
+    original = AgentAdmission._sign_sync
+
+    def held(self: AgentAdmission, *args: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        return original(self, *args)
+
+    monkeypatch.setattr(AgentAdmission, "_sign_sync", held)
+    return entered, release
+
+
+@pytest.mark.parametrize("removal", ["ban", "evict", "evict-cut-short"])
+def test_a_node_removed_while_it_attests_again_is_refused_with_no_allow_on_the_log(
+    srv: RunningServer, pki: Any, monkeypatch: pytest.MonkeyPatch, removal: str
+) -> None:
+    """The node attests again and an operator removes it while its SVID is signed: it is
+    refused, and the audit log says so (a deny naming it), with no allowed attestation of an
+    admission that did not take. An eviction whose revocations are still being finished is
+    answered UNAVAILABLE, as for an attestation that begins then."""
+    cert, key = _node(*pki, f"node-{removal}")
+    signer = lambda nonce: sign_challenge(key, nonce)  # noqa: E731
+    agent_id = _attest(srv, [cert], signer).spiffe_id
+    audit = srv.server.tasks.audit.store
+    where = EventFilter(kind="node_attestation", agent_id=agent_id)
+    before = {r["seq"] for r in audit.audit_rows(where)}
+    admin = srv.admin()
+    evict = admin_pb2.EvictAgentRequest(spiffe_id=agent_id)
+    signing, release = _held_signing(monkeypatch)
+
+    async def dies(*_args: object, **_kwargs: object) -> int:
+        raise StorageError("the server died here")
+
+    with ThreadPoolExecutor(1) as pool:
+        again = pool.submit(_attest, srv, [cert], signer)
+        assert signing.wait(10)
+        if removal == "ban":
+            admin.BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent_id), timeout=10)
+        elif removal == "evict":
+            admin.EvictAgent(evict, timeout=10)
+        else:
+            with monkeypatch.context() as fault:
+                fault.setattr(srv.server.tasks.service, "revoke_agent", dies)
+                with pytest.raises(grpc.RpcError):
+                    admin.EvictAgent(evict, timeout=10)
+        release.set()
+        with pytest.raises(grpc.RpcError) as refused:
+            again.result(20)
+    code = refused.value.code()  # type: ignore[attr-defined]
+    if removal == "evict-cut-short":
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "still being removed" in refused.value.details()  # type: ignore[attr-defined]
+    else:
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+    after = [r for r in audit.audit_rows(where) if r["seq"] not in before]
+    assert [r["decision"] for r in after] == ["deny"]
+    assert after[0]["reason"] == refused.value.details()  # type: ignore[attr-defined]
+    if removal == "evict-cut-short":
+        admin.EvictAgent(evict, timeout=10)  # finishes the removal
+    assert (agent_id in srv.server.state.agents) == (removal == "ban")
+
+
+def test_a_node_removed_between_its_check_and_its_save_is_denied_after_its_allow(
+    srv: RunningServer, pki: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The removal lands after the admission asked (ServerState.refuse_save, stood in for
+    here by a check that passes), as its allow is committed: the save refuses it, and a deny
+    of the same serial follows the allow, so the log says that admission did not take."""
+    cert, key = _node(*pki, "node-between")
+    signer = lambda nonce: sign_challenge(key, nonce)  # noqa: E731
+    agent_id = _attest(srv, [cert], signer).spiffe_id
+    audit = srv.server.tasks.audit.store
+    where = EventFilter(kind="node_attestation", agent_id=agent_id)
+    before = {r["seq"] for r in audit.audit_rows(where)}
+    signing, release = _held_signing(monkeypatch)
+
+    async def passes(*_args: object) -> None:
+        return None
+
+    monkeypatch.setattr(ServerState, "refuse_save", passes)
+    with ThreadPoolExecutor(1) as pool:
+        again = pool.submit(_attest, srv, [cert], signer)
+        assert signing.wait(10)
+        srv.admin().EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=agent_id), timeout=10)
+        release.set()
+        with pytest.raises(grpc.RpcError) as refused:
+            again.result(20)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    allow, deny = [r for r in audit.audit_rows(where) if r["seq"] not in before]
+    assert (allow["decision"], deny["decision"]) == ("allow", "deny")
+    assert deny["credential_id"] == allow["credential_id"]
+    assert deny["reason"] == refused.value.details()  # type: ignore[attr-defined]
+    assert agent_id not in srv.server.state.agents
 
 
 def test_node_alias_entitles_x509pop_agents(srv: RunningServer, pki: Any) -> None:
