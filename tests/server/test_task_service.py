@@ -1520,6 +1520,17 @@ def test_two_servers_finishing_one_removal_log_each_revocation_once(
     world = make_world(tmp_path, clock, store_a, ca_manager)
     _, held = _holdings(world)
     reached, release = _held_before_agent_revocation_events(world, monkeypatch)
+    claims_on_a: list[float] = []  # when A's claim, or a renewal of it, was taken (clock time)
+    claim = world.state.claim_removal
+
+    async def counted(*args: Any) -> bool:
+        when = clock.now()
+        taken = await claim(*args)
+        if taken:
+            claims_on_a.append(when)
+        return taken
+
+    monkeypatch.setattr(world.state, "claim_removal", counted)
     other = _restarted(world, store_b)
     quick = {"renew_every": 0.01, "wait_every": 0.01}
     on_a = AgentRemovals(world.state, world.service, clock, holder="a", **quick)  # type: ignore[arg-type]
@@ -1530,7 +1541,9 @@ def test_two_servers_finishing_one_removal_log_each_revocation_once(
         evicting = asyncio.create_task(on_a.carry_out(removal))
         assert await asyncio.to_thread(reached.wait, 20)  # revoked on A, not yet logged
         clock.advance(61)  # past the grace, and past the claim's first life
-        await asyncio.sleep(0.3)  # A's renewals run meanwhile
+        async with asyncio.timeout(20):
+            while claims_on_a and claims_on_a[-1] < clock.now():  # A renews it, as it works
+                await asyncio.sleep(0.01)
         retrying = None
         if second == "housekeeping":
             assert await on_b.finish_cut_short() == 0  # A's to finish
