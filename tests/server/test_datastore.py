@@ -472,6 +472,29 @@ def test_serials_recorded_before_migration_11_read_back_with_no_issuer(
     store.close()
 
 
+def test_a_removal_stored_before_migration_15_is_unclaimed(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal a server of the previous version left (it died midway) is free to claim and
+    finish once the claim columns are added."""
+    with monkeypatch.context() as m:
+        m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:14])
+        SqliteDataStore(tmp_path / "db", clock).close()
+    # Written as version 14 wrote it: no claim columns yet.
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute(
+        "INSERT INTO removals (agent_id, reason, started_at) VALUES (?, 'agent evicted', 5)",
+        (AGENT,),
+    )
+    db.commit()
+    db.close()
+    store = SqliteDataStore(tmp_path / "db", clock)
+    assert store.schema_versions() == [m.version for m in MIGRATIONS]
+    assert store.claim_removal(AGENT, "a", 10, 30)
+    assert not store.claim_removal(AGENT, "b", 10, 30)
+    store.close()
+
+
 @pytest.mark.parametrize("runtimes", [None, 1, 3])
 @pytest.mark.parametrize("after", [False, True])
 def test_every_task_page_reads_an_index_in_order(
