@@ -472,7 +472,7 @@ def test_serials_recorded_before_migration_11_read_back_with_no_issuer(
     store.close()
 
 
-def test_a_removal_stored_before_migration_15_is_unclaimed(
+def test_a_removal_stored_before_migration_16_is_unclaimed(
     tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A removal a server of the previous version left (it died midway) is free to claim and
