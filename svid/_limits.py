@@ -1,11 +1,12 @@
-"""Size limits on JWT-SVID audiences, one set for the agent's Workload API and the server's
-node API, so a request the agent lets through is never refused by the server for its size.
+"""Size limits on JWT-SVID audiences and on a task's declared intent, one set for the agent
+and the server, so a request the agent lets through is never refused by the server for its size.
 
-Why these numbers: a JWT travels in an HTTP header, and common servers refuse headers over 8 KB
-(nginx's default buffer, Apache's LimitRequestFieldSize). 4,096 bytes of audiences grow to about
-5.5 KB in base64url, leaving room for the other claims, the header and the signature. 1,024 bytes
-holds any realistic URL or service name; 32 values is more than any relying party checks. The
-cap also bounds every audit record and cached token that carries the audiences.
+Why the audience numbers: a JWT travels in an HTTP header, and common servers refuse headers
+over 8 KB (nginx's default buffer, Apache's LimitRequestFieldSize). 4,096 bytes of audiences grow
+to about 5.5 KB in base64url, leaving room for the other claims, the header and the signature.
+1,024 bytes holds any realistic URL or service name; 32 values is more than any relying party
+checks. The cap also bounds every audit record and cached token that carries the audiences. The
+intent's numbers are explained where they are set.
 """
 
 from __future__ import annotations
@@ -40,4 +41,81 @@ def audience_problem(audience: Sequence[str]) -> str:
             f"audience: {total} bytes in all, at most {MAX_AUDIENCE_TOTAL_BYTES} bytes (UTF-8) "
             "allowed per request"
         )
+    return ""
+
+
+# Size limits on a task's declared intent, one set for the agent's Tasks API and the server's
+# NodeTasks, checked before anything is decided: the server asks Cedar every action on every
+# resource (and each tool), so the intent's size is the decision's cost, and the task-begin
+# audit event records the declared lists in its `extra` (at most 4,096 bytes encoded).
+#
+# Why these numbers: a task is one unit of work; it names the few actions it takes (the shipped
+# schema has six; 32 leaves room for an operator's own) and the APIs and tools it calls, a
+# handful usually, 64 of each at most. 512 pairs bound a decision to about 0.1 s of server CPU
+# (the shipped policy, measured) where 6 x 5,000 took 10 s. 2,048 bytes of names together keep
+# the task-begin event within its 4,096 bytes with everything else it records; 256 bytes hold
+# any realistic resource or tool name. `on_behalf_of` names a user (an OIDC `sub` is at most 255
+# characters) or an upstream agent's SPIFFE ID, and travels in every JWT of the task (`obo`) and
+# every mint's audit event: 512 bytes. `environment` and `classification` are short labels.
+MAX_INTENT_ACTIONS = 32
+MAX_INTENT_RESOURCES = 64
+MAX_INTENT_TOOLS = 64
+MAX_INTENT_DECISIONS = 512  # actions x resources + tools: the pairs policy is asked about
+MAX_INTENT_NAME_BYTES = 256  # each action, resource and tool, UTF-8
+MAX_INTENT_NAMES_BYTES = 2048  # all actions, resources and tools of one intent together, UTF-8
+MAX_ON_BEHALF_OF_BYTES = 512
+MAX_INTENT_LABEL_BYTES = 256  # environment, classification
+
+
+def intent_problem(
+    actions: Sequence[str],
+    resources: Sequence[str],
+    tools: Sequence[str],
+    *,
+    classification: str = "",
+    environment: str = "",
+    on_behalf_of: str = "",
+) -> str:
+    """What makes an intent too big ("" when nothing): names the field and the limit, never
+    echoes a value. Counts are of the values sent, duplicates included."""
+    lists = (
+        ("actions", actions, MAX_INTENT_ACTIONS),
+        ("resources", resources, MAX_INTENT_RESOURCES),
+        ("tools", tools, MAX_INTENT_TOOLS),
+    )
+    for name, values, most in lists:
+        if len(values) > most:
+            return f"intent.{name}: {len(values)} values, at most {most} allowed"
+    decisions = len(actions) * len(resources) + len(tools)
+    if decisions > MAX_INTENT_DECISIONS:
+        return (
+            f"intent: {len(actions)} actions x {len(resources)} resources + {len(tools)} tools "
+            f"are {decisions} policy decisions, at most {MAX_INTENT_DECISIONS} allowed"
+        )
+    total = 0
+    for name, values, _ in lists:
+        for index, value in enumerate(values):
+            size = utf8_size(value)
+            if not size:
+                return f"intent.{name}[{index}]: empty"
+            if size > MAX_INTENT_NAME_BYTES:
+                return (
+                    f"intent.{name}[{index}]: {size} bytes, at most {MAX_INTENT_NAME_BYTES} "
+                    "bytes (UTF-8) allowed per name"
+                )
+            total += size
+    if total > MAX_INTENT_NAMES_BYTES:
+        return (
+            f"intent: actions, resources and tools are {total} bytes in all, at most "
+            f"{MAX_INTENT_NAMES_BYTES} bytes (UTF-8) allowed"
+        )
+    texts = (
+        ("on_behalf_of", on_behalf_of, MAX_ON_BEHALF_OF_BYTES),
+        ("environment", environment, MAX_INTENT_LABEL_BYTES),
+        ("classification", classification, MAX_INTENT_LABEL_BYTES),
+    )
+    for name, text, most in texts:
+        size = utf8_size(text)
+        if size > most:
+            return f"intent.{name}: {size} bytes, at most {most} bytes (UTF-8) allowed"
     return ""

@@ -23,6 +23,7 @@ from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.model import TASK_PATH, Entry
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.tasks.client import TaskClient
+from svid._limits import intent_problem
 from svid._proto import task_pb2, task_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,18 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
             )
         if len(request.intent.goal) > MAX_GOAL:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "intent.goal: too long")
+        # The server's own limits, checked here so that an intent it would refuse for its size
+        # never leaves the node (nor costs the agent's connection to the server a large call).
+        too_big = intent_problem(
+            request.intent.actions,
+            request.intent.resources,
+            request.intent.tools,
+            classification=request.intent.classification,
+            environment=request.intent.environment,
+            on_behalf_of=request.intent.on_behalf_of,
+        )
+        if too_big:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
         intent = task_pb2.Intent()
         intent.CopyFrom(request.intent)
         intent.goal = ""

@@ -58,6 +58,7 @@ from server.tasks.end_reason import runtime_end_reason
 from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id
 from server.tasks.store import TaskStore
 from svid._clock import Clock
+from svid._limits import intent_problem
 from svid._spiffe_id import SpiffeId
 
 _log = logging.getLogger("svid.server.tasks")
@@ -363,11 +364,18 @@ class TaskService:
     ) -> tuple[Task, Entry, EventDraft]:
         """Everything of `begin` that is synchronous: checks, decision, the records to write
         and the task-begin event to append once they are written."""
-        for name in (*req.actions, *req.resources, *req.tools):
-            if not name or len(name) > 256:
-                raise InvalidRequestError(
-                    f"intent: action/resource/tool {name[:80]!r} is empty or too long"
-                )
+        # First of all: the intent's size is what the decision costs (every action on every
+        # resource is asked of Cedar) and what every record of the task carries.
+        too_big = intent_problem(
+            req.actions,
+            req.resources,
+            req.tools,
+            classification=req.classification,
+            environment=req.environment,
+            on_behalf_of=req.on_behalf_of,
+        )
+        if too_big:
+            raise InvalidRequestError(too_big)
         refuse_unprintable("intent.actions", *req.actions)
         refuse_unprintable("intent.resources", *req.resources)
         refuse_unprintable("intent.tools", *req.tools)

@@ -235,6 +235,41 @@ def test_begin_under_an_identity_not_held_is_refused_locally(ta: TaskAgent) -> N
     assert ta.client.begun == []
 
 
+def test_an_intent_past_the_servers_limits_is_refused_here_naming_the_limit(
+    ta: TaskAgent,
+) -> None:
+    """The server's own limits (svid._limits): such an intent never leaves the node."""
+    ta.h.add_entry("/bot")
+    cases = [
+        (
+            task_pb2.Intent(actions=["read"], resources=[f"r{i}" for i in range(5000)]),
+            "intent.resources: 5000 values, at most 64 allowed",
+        ),
+        (
+            task_pb2.Intent(actions=["read"], resources=["docs"], on_behalf_of="u" * 513),
+            "intent.on_behalf_of: 513 bytes, at most 512 bytes (UTF-8) allowed",
+        ),
+        (
+            task_pb2.Intent(actions=["read"], resources=["docs"], environment="é" * 129),
+            "intent.environment: 258 bytes, at most 256 bytes (UTF-8) allowed",
+        ),
+    ]
+    for intent, named in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            ta.tasks().BeginTask(
+                task_pb2.BeginTaskRequest(intent=intent, ttl=60), metadata=HEADER, timeout=10
+            )
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == named
+    assert ta.client.begun == []
+    # At the limits, forwarded.
+    most = task_pb2.Intent(actions=["read"], resources=[f"r{i}" for i in range(64)])
+    ta.tasks().BeginTask(
+        task_pb2.BeginTaskRequest(intent=most, ttl=60), metadata=HEADER, timeout=10
+    )
+    assert len(ta.client.begun) == 1
+
+
 def test_caller_without_identity_or_header_is_refused(ta: TaskAgent) -> None:
     ta.h.sync()  # ready, with no entry for this caller
     with pytest.raises(grpc.RpcError) as err:

@@ -1,35 +1,53 @@
-"""How many tasks a runtime may begin, and hold, on a running server: one workload beginning
-tasks through its agent must neither flood the server (a task row, an entry pushed to the
-agent and audit events each) nor crowd out the node's other workloads."""
+"""How many tasks a runtime may begin, and hold, and how large an intent it may declare, on a
+running server: one workload beginning tasks through its agent must neither flood the server (a
+task row, an entry pushed to the agent and audit events each; policy decisions as many as its
+intent's pairs) nor crowd out the node's other workloads."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 import pytest
 
-from svid._proto import task_pb2, task_pb2_grpc
+from server.audit import EventKind
+from server.datastore.records import EventFilter
+from svid._limits import MAX_ON_BEHALF_OF_BYTES
+from svid._proto import node_pb2, task_pb2, task_pb2_grpc
 from tests.server.fixtures import TLS_NAME, Agent, RunningServer, managed_server
 
+# Every action of the shipped schema: the pairs Cedar would be asked are actions x resources.
+ACTIONS = ["read", "write", "invoke_tool", "fetch_secret", "export_data", "change_infra"]
+_READ_DOCS = task_pb2.Intent(actions=["read"], resources=["docs"])
 
-def _begin(server: RunningServer, agent: Agent, runtime_id: str) -> task_pb2.Task:
+
+def _begin(
+    server: RunningServer,
+    agent: Agent,
+    runtime_id: str,
+    intent: task_pb2.Intent = _READ_DOCS,
+    timeout: float = 10,
+) -> task_pb2.Task:
     with grpc.secure_channel(
         server.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
     ) as channel:
         reply = task_pb2_grpc.NodeTasksStub(channel).BeginTask(
-            task_pb2.NodeBeginTaskRequest(
-                runtime_id=runtime_id,
-                intent=task_pb2.Intent(actions=["read"], resources=["docs"]),
-                ttl=300,
-            ),
-            timeout=10,
+            task_pb2.NodeBeginTaskRequest(runtime_id=runtime_id, intent=intent, ttl=300),
+            timeout=timeout,
         )
     task: task_pb2.Task = reply.task
     return task
 
 
-def _refused(server: RunningServer, agent: Agent, runtime_id: str) -> grpc.RpcError:
+def _refused(
+    server: RunningServer,
+    agent: Agent,
+    runtime_id: str,
+    intent: task_pb2.Intent = _READ_DOCS,
+    timeout: float = 10,
+) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
-        _begin(server, agent, runtime_id)
+        _begin(server, agent, runtime_id, intent, timeout)
     return caught.value
 
 
@@ -77,3 +95,111 @@ def test_a_runtime_holds_at_most_its_cap_of_active_tasks() -> None:
         server.clock.advance(301)
         server.call(server.server.tasks.service.expire_due())
         _begin(server, agent, runtime)
+
+
+def test_an_intent_of_thousands_of_resources_is_refused_at_once_naming_the_limit() -> None:
+    """About 50 KB on the wire, far below any message limit, and 30,000 pairs for Cedar: the
+    decision alone held the server's CPU (and the GIL) for 10 s before the begin was refused
+    for its audit event's size. Refused now before anything is decided or written."""
+    with managed_server() as server:
+        agent = server.attest()
+        runtime = server.create_entry("/agents/greedy", agent.spiffe_id).spiffe_id
+        intent = task_pb2.Intent(actions=ACTIONS, resources=[f"r{i:06d}" for i in range(5000)])
+        started = time.monotonic()
+        refused = _refused(server, agent, runtime, intent, timeout=120)
+        took = time.monotonic() - started
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        details = refused.details()  # type: ignore[attr-defined]
+        assert details == "intent.resources: 5000 values, at most 64 allowed"
+        assert took < 2.0, f"refused only after {took:.1f}s"
+        assert server.server.tasks.store.list_tasks(runtime_ids=[runtime]) == []
+        store = server.server.tasks.service.audit.store
+        assert list(store.audit_rows(EventFilter(kind=EventKind.DENIAL))) == []
+        # At the limits, a task is begun.
+        most = task_pb2.Intent(actions=ACTIONS, resources=[f"r{i:02d}" for i in range(64)])
+        assert _begin(server, agent, runtime, most).resources
+
+
+# Each limit past by one, and how the refusal names it.
+PAST_A_LIMIT = [
+    (
+        task_pb2.Intent(actions=[f"a{i}" for i in range(33)], resources=["docs"]),
+        "intent.actions: 33 values, at most 32 allowed",
+    ),
+    (
+        task_pb2.Intent(tools=[f"mcp#t{i}" for i in range(65)]),
+        "intent.tools: 65 values, at most 64 allowed",
+    ),
+    (
+        task_pb2.Intent(
+            actions=[f"a{i}" for i in range(9)], resources=[f"r{i}" for i in range(57)]
+        ),
+        "intent: 9 actions x 57 resources + 0 tools are 513 policy decisions, at most 512 allowed",
+    ),
+    (
+        task_pb2.Intent(actions=["read"], resources=["docs", "d" * 257]),
+        "intent.resources[1]: 257 bytes, at most 256 bytes (UTF-8) allowed per name",
+    ),
+    (
+        task_pb2.Intent(actions=["read"], resources=[f"{i:02d}" + "r" * 198 for i in range(11)]),
+        "intent: actions, resources and tools are 2204 bytes in all, at most 2048 bytes (UTF-8) "
+        "allowed",
+    ),
+    (
+        task_pb2.Intent(actions=["read"], resources=["docs"], environment="e" * 257),
+        "intent.environment: 257 bytes, at most 256 bytes (UTF-8) allowed",
+    ),
+    (
+        task_pb2.Intent(actions=["read"], resources=["docs"], classification="c" * 257),
+        "intent.classification: 257 bytes, at most 256 bytes (UTF-8) allowed",
+    ),
+]
+
+
+def test_each_limit_of_an_intent_is_named_when_it_is_passed() -> None:
+    with managed_server() as server:
+        agent = server.attest()
+        runtime = server.create_entry("/agents/sized", agent.spiffe_id).spiffe_id
+        for intent, named in PAST_A_LIMIT:
+            refused = _refused(server, agent, runtime, intent)
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            assert refused.details() == named  # type: ignore[attr-defined]
+
+
+def test_on_behalf_of_is_at_most_512_bytes() -> None:
+    """It was checked for printable text only: a 1 MB principal was granted, and went as is
+    into the task-begin event, every JWT of the task (`obo`, 1.3 MB tokens) and each mint's
+    event."""
+    with managed_server() as server:
+        agent = server.attest()
+        runtime = server.create_entry("/agents/obo", agent.spiffe_id).spiffe_id
+        for size in (MAX_ON_BEHALF_OF_BYTES + 1, 1_000_000):
+            principal = "user:" + "a" * (size - 5)
+            intent = task_pb2.Intent(actions=["read"], resources=["docs"], on_behalf_of=principal)
+            refused = _refused(server, agent, runtime, intent, timeout=30)
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            assert refused.details() == (  # type: ignore[attr-defined]
+                f"intent.on_behalf_of: {size} bytes, at most 512 bytes (UTF-8) allowed"
+            )
+        assert server.server.tasks.store.list_tasks(runtime_ids=[runtime]) == []
+        # 512 bytes are granted, and go into the task's JWTs.
+        principal = "user:" + "a" * (MAX_ON_BEHALF_OF_BYTES - 5)
+        task = _begin(
+            server,
+            agent,
+            runtime,
+            task_pb2.Intent(actions=["read"], resources=["docs"], on_behalf_of=principal),
+        )
+        assert task.on_behalf_of == principal
+        entry_id = f"task-{task.task_id}"
+        deadline = time.monotonic() + 10
+        while entry_id not in server.server.state.entries.by_id:
+            assert time.monotonic() < deadline, "the task's entry never came"
+            time.sleep(0.01)
+        minted = server.node_stub(agent).NewJWTSVID(
+            node_pb2.NewJWTSVIDRequest(
+                spiffe_id=task.spiffe_id, audience=["docs"], entry_id=entry_id
+            ),
+            timeout=10,
+        )
+        assert len(minted.token) < 4096

@@ -668,10 +668,21 @@ def test_a_task_entry_takes_the_selectors_of_the_callers_entry_its_agent_names(
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
     [
-        # Recorded in the task-begin event's extra, which has a size limit: it was refused as
-        # "audit log unavailable" (UNAVAILABLE, a server fault logged), not as the caller's.
-        ("environment", "e" * 5000, "intent: too large to record"),
-        ("resources", tuple(f"https://api.example.org/v1/{n:03d}" for n in range(200)), "large"),
+        # Past the intent's limits (svid._limits), refused before anything is decided.
+        ("environment", "e" * 5000, "intent.environment: 5000 bytes, at most 256 bytes"),
+        (
+            "resources",
+            tuple(f"https://api.example.org/v1/{n:03d}" for n in range(200)),
+            "intent.resources: 200 values, at most 64 allowed",
+        ),
+        # Recorded in the task-begin event's extra, which has a size limit: within the
+        # intent's limits, names that JSON escapes may still pass it. It was refused as "audit
+        # log unavailable" (UNAVAILABLE, a server fault logged), not as the caller's.
+        (
+            "resources",
+            (*(f"{n}" + '"' * 255 for n in range(7)), "7" + '"' * 239),
+            "intent: too large to record",
+        ),
         # PostgreSQL text holds no NUL: there the event's write failed as storage unavailable.
         ("on_behalf_of", "user:\x00alice", "intent.on_behalf_of: may not contain NUL"),
         ("environment", "prod\x00", "intent.environment: may not contain NUL"),
