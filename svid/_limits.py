@@ -119,3 +119,13 @@ def intent_problem(
         if size > most:
             return f"intent.{name}: {size} bytes, at most {most} bytes (UTF-8) allowed"
     return ""
+
+
+def cut_text(text: str, max_bytes: int, mark: str = " ... (cut)") -> str:
+    """`text` if it fits `max_bytes` (UTF-8), else its start and `mark` within them: for free
+    text built from a request (a refusal's reason) that goes into a log line, an audit event
+    and a gRPC status message (a trailer, refused past 16 KiB)."""
+    if utf8_size(text) <= max_bytes:
+        return text
+    head = text.encode("utf-8", "surrogatepass")[: max(max_bytes - utf8_size(mark), 0)]
+    return head.decode("utf-8", "ignore") + mark

@@ -17,8 +17,14 @@ from server.policy.intent import INVOKE_TOOL, Intent
 from server.policy.loader import LoadedSet
 from server.policy.schema import SchemaInfo
 from svid._clock import Clock
+from svid._limits import cut_text
 
 DEFAULT_HIGH_RISK_TTL_CAP = 60
+# Pairs a decision's reason names in each of its clauses, the rest counted.
+LISTED_PAIRS = 5
+# A decision's reason at most: a gRPC status message of a few KB at most (percent-encoded, a
+# trailer: refused past 16 KiB, the caller then hears RESOURCE_EXHAUSTED, not the denial).
+MAX_REASON_BYTES = 2048
 _ENTITY_CACHE_SIZE = 4096
 _DECISION_CACHE_SIZE = 4096
 _EntityKey = tuple[str, str, int, Intent, tuple[str, ...]]
@@ -314,7 +320,8 @@ class PolicyEngine:
             reason = f"allowed by {', '.join(policy_ids)}"
         return Decision(
             outcome=outcome,
-            reason=reason,
+            # Names of 256 bytes each could still make a few listed pairs long.
+            reason=cut_text(reason, MAX_REASON_BYTES),
             policy_ids=policy_ids,
             policy_set_hash=loaded.hash,
             granted_actions=tuple(sorted({p.action for p in granted})),
@@ -345,8 +352,13 @@ def _whole_server(
     return grant
 
 
-def _scope(pairs: list[PairResult]) -> str:
-    return ", ".join(f"{p.action} on {p.resource}" for p in pairs)
+def _scope(pairs: list[PairResult], limit: int = LISTED_PAIRS) -> str:
+    """The first `limit` pairs by name, then how many more: a reason goes into the task's
+    record, its audit event, a log line and, for a denial, the gRPC status (a trailer)."""
+    named = ", ".join(f"{p.action} on {p.resource}" for p in pairs[:limit])
+    if len(pairs) > limit:
+        named += f" and {len(pairs) - limit} more"
+    return named
 
 
 def _summarize(denied: list[PairResult], limit: int = 3) -> str:

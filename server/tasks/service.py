@@ -51,6 +51,7 @@ from server.policy import (
     narrow,
     split_tool,
 )
+from server.policy.engine import MAX_REASON_BYTES
 from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.crl import CrlCache
@@ -58,7 +59,7 @@ from server.tasks.end_reason import runtime_end_reason
 from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id
 from server.tasks.store import TaskStore
 from svid._clock import Clock
-from svid._limits import intent_problem
+from svid._limits import cut_text, intent_problem
 from svid._spiffe_id import SpiffeId
 
 _log = logging.getLogger("svid.server.tasks")
@@ -72,6 +73,8 @@ BEGIN_CUT_SHORT = "its begin was cut short: the server stopped before the task h
 # Bound on the per-task facts kept for mints and exchanges (about one per active task).
 _FACTS_CACHE_SIZE = 4096
 MAX_VIOLATION_COUNTS = 4096
+# A denial event's `resource`: what the intent (svid._limits) or a mint's audiences hold at most.
+MAX_DENIED_RESOURCE_BYTES = 8192
 
 
 @dataclass(frozen=True)
@@ -329,6 +332,9 @@ class TaskService:
         the runtime when flagged; return the error.
 
         `audience`: a refused mint, recorded as asked for those audiences."""
+        # Bounded whatever built it: the reason goes to the log line, the event and the gRPC
+        # status (a trailer, refused past 16 KiB: the caller would not hear the denial).
+        reason = cut_text(reason, MAX_REASON_BYTES)
         if flag is not None:
             # Whatever the budget: the count is an input of the next decisions (risk).
             self._store.add_violation(runtime_id, self._now())
@@ -344,8 +350,13 @@ class TaskService:
             agent_id=runtime_id,
             node_id=agent.spiffe_id,
             on_behalf_of=intent.on_behalf_of or None,
-            resource=",".join(
-                sorted(audience if audience is not None else (*intent.resources, *intent.tools))
+            # Within the intent's (or the audiences') limits already; cut all the same, as
+            # only `extra` is bounded by the log itself.
+            resource=cut_text(
+                ",".join(
+                    sorted(audience if audience is not None else (*intent.resources, *intent.tools))
+                ),
+                MAX_DENIED_RESOURCE_BYTES,
             ),
             action=",".join(sorted(intent.actions or {INVOKE_TOOL})),
             task_id=task_id or None,

@@ -17,6 +17,7 @@ from server.policy import (
     validate_policy_dir,
 )
 from server.policy.cedar_request import cedar_requests, context_json, entities_json
+from server.policy.engine import MAX_REASON_BYTES
 from svid._clock import FakeClock
 
 TD = "example.org"
@@ -217,6 +218,31 @@ def test_an_action_unknown_to_the_schema_is_denied(engine: PolicyEngine) -> None
     d = ask(engine, {"teleport", "read"}, {"docs"})
     assert d.outcome is Outcome.ALLOW_CONSTRAINED
     assert "teleport is not an action of the policy schema" in d.reason
+
+
+def test_a_reason_names_a_few_pairs_of_each_clause_and_counts_the_rest(
+    engine: PolicyEngine,
+) -> None:
+    """It went whole into the task's record, its event, a log line and a denial's gRPC status:
+    every granted pair and every refused pair of a reason."""
+    resources = {f"https://api.example/{i:03d}" for i in range(60)}
+    d = ask(engine, {"read", "teleport"}, resources)
+    assert d.outcome is Outcome.ALLOW_CONSTRAINED
+    assert len(d.granted) == 60  # all granted, as the reason lists only a few
+    assert d.reason.startswith(
+        "allowed constrained: granted read on https://api.example/000, "
+        + ", ".join(f"read on https://api.example/{i:03d}" for i in range(1, 5))
+        + " and 55 more; refused teleport on https://api.example/000, "
+    )
+    assert "teleport on https://api.example/004 and 55 more: teleport is not an action" in (
+        d.reason
+    )
+    # Long names listed still make a short reason: cut, and said to be.
+    long = {f"{i:02d}" + "r" * 254 for i in range(8)}
+    d = ask(engine, {"teleport", "warp", "jump", "fly"}, long)
+    assert d.outcome is Outcome.DENY
+    assert len(d.reason.encode()) <= MAX_REASON_BYTES
+    assert d.reason.endswith(" ... (cut)")
 
 
 def test_pairs_restrict_evaluation_to_one_mint(engine: PolicyEngine) -> None:
