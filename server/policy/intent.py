@@ -194,6 +194,7 @@ def check_elevation(
     requested_ttl: int,
     max_ttl: int,
     max_depth: int = DEFAULT_MAX_DELEGATION_DEPTH,
+    elevated_above: str = "",
 ) -> Verdict:
     """Check an elevated step (`step`) against the task it runs inside.
 
@@ -201,9 +202,19 @@ def check_elevation(
     `elevated`. What it must keep is the parent's frame: the same principal and environment,
     one level deeper, no elevation inside an elevation, and a lifetime within both the parent's
     remaining one and `max_ttl` (clamped, like a sub-task's, rather than refused).
+
+    `elevated_above`: the ID of an elevated step further up the parent's chain ("" if none).
+    A plain sub-task of a step must not open the way to a step of its own: that would be an
+    elevation inside an elevation all the same.
     """
     if parent.elevated:
         return _deny(Flag.PRIVILEGE_CHAINING, "an elevated step cannot begin another elevated step")
+    if elevated_above:
+        return _deny(
+            Flag.PRIVILEGE_CHAINING,
+            f"an elevated step cannot begin inside another elevated step ({elevated_above}, "
+            "above its parent)",
+        )
     frame = _check_frame(parent, step, "elevated step", "depth", max_depth)
     if frame is not None:
         return frame

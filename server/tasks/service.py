@@ -314,6 +314,20 @@ class TaskService:
             raise PermissionDeniedError(f"parent task {parent.task_id} is {parent.state.value}")
         return parent
 
+    def _elevated_above(self, parent: Task) -> str:
+        """The ID of an elevated step above `parent` in its chain ("" if none). The chain is
+        at most max_depth long, so a few reads; an ancestor no longer stored ends the walk
+        (a parent's end ends its sub-tasks, so an active parent's ancestors are active)."""
+        above = parent.parent_task_id
+        for _ in range(self.settings.max_depth + 1):
+            task = self._store.get_task(above) if above else None
+            if task is None:
+                return ""
+            if task.elevated:
+                return task.task_id
+            above = task.parent_task_id
+        return ""
+
     def _deny(
         self,
         *,
@@ -438,6 +452,7 @@ class TaskService:
                     requested_ttl=ttl,
                     max_ttl=self.settings.max_elevated_ttl,
                     max_depth=self.settings.max_depth,
+                    elevated_above=self._elevated_above(parent),
                 )
             else:
                 verdict = narrow(

@@ -203,6 +203,25 @@ def test_an_elevated_step_keeps_its_parents_principal_and_never_nests(world: Wor
     assert not inner.elevated
 
 
+def test_no_elevated_step_anywhere_inside_an_elevated_step(world: World) -> None:
+    """The parent alone was looked at: elevated step -> plain sub-task -> elevated step was
+    granted, an elevation inside an elevation one level removed."""
+    task = world.begin()
+    step = world.begin(parent_task_id=task.task_id, elevate=True, ttl=60)
+    sub = world.begin(parent_task_id=step.task_id)
+    assert not sub.elevated
+    with pytest.raises(
+        PermissionDeniedError,
+        match=f"cannot begin inside another elevated step \\({step.task_id}, above its parent",
+    ):
+        world.begin(parent_task_id=sub.task_id, elevate=True, ttl=60)
+    (denial,) = [e for e in world.events("denial") if e["reason"].find(step.task_id) >= 0]
+    assert '"privilege_chaining"' in denial["extra"]
+    # Beside the step, under the task itself, another step is fine (after the first ends).
+    world.run(world.service.end(world.agent, step.task_id, (RUNTIME,)))
+    assert world.begin(parent_task_id=task.task_id, elevate=True, ttl=60).elevated
+
+
 def test_high_risk_actions_still_need_a_permit_in_an_elevated_step(world: World) -> None:
     parent = world.begin(on_behalf_of="")
     with pytest.raises(PermissionDeniedError, match="fetch_secret"):
