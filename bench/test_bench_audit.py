@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from server.audit import AuditLog, EventDraft
+from server.datastore import AttestedAgent
 from server.datastore.records import Credential
 from server.datastore.sqlite import SqliteDataStore
 from server.ledger import Ledger
@@ -70,7 +71,10 @@ def test_audit_append_cost(benchmark: Any, tmp_path: Path) -> None:
     raw_us = _raw_us_per_row(tmp_path / "raw.db", N)
 
     clock = SystemClock()
-    log = AuditLog(SqliteDataStore(tmp_path / "datastore.sqlite3", clock), clock)
+    store = SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
+    # The ledger records credentials only of an agent admitted.
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", 2**40))
+    log = AuditLog(store, clock)
     start = time.perf_counter()
     for i in range(N):
         log.append("jwt_minted", **_fields(i))

@@ -21,6 +21,7 @@ from typing import Any
 from server.audit import AuditLog
 from server.audit.checkpointer import Checkpointer
 from server.audit.retention import Cut, Pruner, RetentionPolicy
+from server.datastore import AttestedAgent
 from server.datastore.records import Credential
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import SystemClock
@@ -39,6 +40,8 @@ def _draft(i: int) -> tuple[Any, ...]:
 def _setup(path: Path) -> tuple[SqliteDataStore, AuditLog, Pruner]:
     clock = SystemClock()
     store = SqliteDataStore(path / "datastore.sqlite3", clock)
+    # The ledger records credentials only of an agent admitted.
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", 2**40))
     log = AuditLog(store, clock)
     for start in range(0, EVENTS, 1000):
         log.append_tuples([_draft(start + i) for i in range(1000)])

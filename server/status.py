@@ -30,14 +30,15 @@ from server.ca.errors import (
     SealedKeyError,
     SigningRequestError,
 )
-from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
 from server.datastore.errors import (
+    AgentRemovedError,
     ChainMovedError,
     DataStoreError,
     JtiHeldError,
     RemovalUnderWayError,
     StorageError,
 )
+from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
 from server.datastore.errors import ConflictError as DsConflictError
 from server.datastore.errors import NotFoundError as DsNotFoundError
 from server.datastore.legacy_import import LegacyImportError
@@ -150,6 +151,9 @@ RULES: Mapping[type[BaseException], Rule] = {
     StorageError: _STORAGE,
     # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).
     JtiHeldError: _STORAGE,
+    # The agent was evicted or banned while its credentials were being issued: nothing was
+    # issued, and the message (naming the caller's own agent) says why.
+    AgentRemovedError: Rule(Code.PERMISSION_DENIED),
     # Another server moved the audit chain; the audit log reseals and retries, so one reaching
     # here is a storage failure like any other.
     ChainMovedError: _STORAGE,

@@ -343,7 +343,14 @@ class AuditStore(Protocol):
         in the same transaction, each as claim_jtis would at `now`: a token and the claim of
         the assertion it was issued for are durable together or not at all. When any of them
         is held already (a replay, or a repeat within `jtis`), nothing is written and
-        JtiHeldError names the held ones."""
+        JtiHeldError names the held ones.
+
+        The credentials' agents (Credential.agent_id; "" is of no agent) must be admitted at
+        the commit: stored, not banned, no removal under way. A removal revokes what its
+        agent holds as read after its own commit, so a credential committed later would never
+        be revoked: nothing is written and AgentRemovedError names those agents. The check and
+        the write are one step against removals (SQLite: BEGIN IMMEDIATE's write lock;
+        PostgreSQL: the agents' rows locked FOR SHARE until the commit)."""
         ...
 
     def audit_head(self) -> Head | None:

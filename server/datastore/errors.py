@@ -66,6 +66,23 @@ class JtiHeldError(StorageError):
         self.held = frozenset(held)
 
 
+class AgentRemovedError(StorageError):
+    """A ledger write held credentials issued through agents no longer admitted: deleted
+    (evicted), banned, or with a removal under way. Their issuance was decided before the
+    removal committed, but the removal's revocations read the agent's credentials before this
+    write could land, so the credentials would never be revoked: the whole write was rolled
+    back and nothing of it kept. `agents` names them, so the callers whose rows shared the
+    write can tell their own refusal from a neighbour's and record again."""
+
+    def __init__(self, agents: Iterable[str]) -> None:
+        self.agents = frozenset(agents)
+        names = ", ".join(sorted(self.agents)[:4])
+        super().__init__(
+            f"agent(s) {names} were evicted or banned while credentials were being issued "
+            "through them: nothing was issued; attest again once the removal is finished"
+        )
+
+
 def held_message(held: Iterable[tuple[str, str]]) -> str:
     """JtiHeldError's message: the first few held jtis (names of assertions, not secrets)."""
     names = sorted(jti[:64] for _, jti in held)

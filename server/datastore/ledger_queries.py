@@ -115,6 +115,22 @@ AGENT_CREDENTIALS = (
     f"UNION ALL {_CREDENTIALS} WHERE actor_agent_id = :agent_id AND expires_at >= :needed_from "
     "ORDER BY kind, value"
 )
+# The agents of a ledger write's credentials (:agent_ids, a JSON array) that it may not record
+# any for: no row (evicted), banned, or a removal under way. A removal reads the agent's
+# credentials to revoke them only after its delete or ban committed, so a credential written
+# after that commit would never be revoked (SQLite: run under BEGIN IMMEDIATE's write lock,
+# no removal can commit between this read and the write's commit).
+NOT_ADMITTED_AGENTS = (
+    "SELECT ids.value FROM json_each(:agent_ids) AS ids WHERE NOT EXISTS "
+    "(SELECT 1 FROM agents WHERE spiffe_id = ids.value AND banned = 0) "
+    "OR EXISTS (SELECT 1 FROM removals WHERE agent_id = ids.value)"
+)
+# PostgreSQL's two steps of the same check, see PostgresLedger.write_ledger.
+LOCK_ADMITTED_AGENTS = (
+    "SELECT spiffe_id FROM agents WHERE spiffe_id = ANY(:agent_ids) AND banned = 0 "
+    "ORDER BY spiffe_id FOR SHARE"
+)
+REMOVALS_AMONG = "SELECT agent_id FROM removals WHERE agent_id = ANY(:agent_ids)"
 # The literals match migration 14's partial index, which a bound parameter could not use.
 WORKLOAD_JWT = (
     f"{_CREDENTIALS} WHERE kind = 'jwt_id' AND task_id = '' "

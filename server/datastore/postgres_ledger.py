@@ -19,7 +19,12 @@ from server.datastore import postgres_sql as ps
 from server.datastore import queries as q
 from server.datastore.base import JtiClaim
 from server.datastore.chain import Resealer, rows_to_write
-from server.datastore.errors import JtiHeldError, StorageError, held_message
+from server.datastore.errors import (
+    AgentRemovedError,
+    JtiHeldError,
+    StorageError,
+    held_message,
+)
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
     AUDIT_COLUMNS,
@@ -33,12 +38,33 @@ from server.datastore.records import (
     Head,
     TaskCursor,
     TaskRecord,
+    credential_agents,
 )
 from server.datastore.sqlite_audit import PAGE, page_rows
 from server.datastore.sqlite_ledger import _task_from, _task_params
 
 T = TypeVar("T")
 Cursor = psycopg.Cursor[Any]
+
+
+def _refuse_removed(cur: Cursor, agents: list[str]) -> None:
+    """AgentRemovedError, before anything is written, when any of `agents` (sorted) is no
+    longer admitted: its row gone, banned, or its removal under way.
+
+    Their rows stay locked FOR SHARE until this write commits, so a delete or ban of one waits
+    for it, and the removal's revocations, which read the agent's credentials after that
+    commit, find these. A delete or ban not yet committed makes this statement wait for it
+    instead; read committed then judges the row as the removal left it (gone, or re-checked
+    for `banned`). The removal row it stored is read by the next statement, whose snapshot
+    is taken after that wait. The locks are taken in agent order, first in the write: a removal
+    locks one agent row and then only counters, and other ledger writes share these locks, so
+    no cycle of waits can form."""
+    ids = {"agent_ids": agents}
+    admitted = {r[0] for r in cur.execute(pg(lq.LOCK_ADMITTED_AGENTS), ids).fetchall()}
+    removing = {r[0] for r in cur.execute(pg(lq.REMOVALS_AMONG), ids).fetchall()}
+    refused = [a for a in agents if a not in admitted or a in removing]
+    if refused:
+        raise AgentRemovedError(refused)
 
 
 class PostgresLedger:
@@ -135,8 +161,11 @@ class PostgresLedger:
             return
         # In key order, as claim_jtis: writes of several servers lock jti rows in one order.
         claims = sorted(jtis, key=lambda c: (c.issuer, c.jti))
+        agents = credential_agents(credentials)
 
         def work(cur: Cursor) -> None:
+            if agents:
+                _refuse_removed(cur, agents)
             held = [
                 (c.issuer, c.jti)
                 for c in claims

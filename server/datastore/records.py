@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -280,6 +280,14 @@ class Credential(NamedTuple):
     # (removing either agent revokes it). None for every other credential: a column NULL in
     # every row of a batch is written as a literal, costing the insert nothing.
     actor_agent_id: str | None = None
+
+
+def credential_agents(credentials: Sequence[Credential]) -> list[str]:
+    """The agents `credentials` were issued through, each once, sorted (the order a ledger
+    write locks their rows in); "" (of no agent here) left out."""
+    agents = {c[2] for c in credentials}  # agent_id: by index, a write may hold thousands
+    agents.discard("")
+    return sorted(agents)
 
 
 @dataclass(frozen=True, slots=True)

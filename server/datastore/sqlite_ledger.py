@@ -6,6 +6,7 @@ lock and the transactions: one file, one writer, one migration runner for every 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,7 +21,12 @@ from server.datastore import queries as q
 from server.datastore import sqlite_audit
 from server.datastore.base import JtiClaim
 from server.datastore.chain import Resealer, rows_to_write
-from server.datastore.errors import JtiHeldError, StorageError, held_message
+from server.datastore.errors import (
+    AgentRemovedError,
+    JtiHeldError,
+    StorageError,
+    held_message,
+)
 from server.datastore.records import (
     FEED_TASK,
     AuditMark,
@@ -31,6 +37,7 @@ from server.datastore.records import (
     Head,
     TaskCursor,
     TaskRecord,
+    credential_agents,
     revocation_needed_from,
 )
 
@@ -154,8 +161,16 @@ class SqliteLedger:
     ) -> None:
         if not credentials and not audit_rows and not jtis:
             return
+        agents = credential_agents(credentials)
         try:
             with self._transaction() as db:
+                if agents:
+                    # Under the write lock: a removal commits before this read or after this
+                    # write, and then its revocations find these credentials.
+                    params = {"agent_ids": json.dumps(agents)}
+                    refused = [r[0] for r in db.execute(lq.NOT_ADMITTED_AGENTS, params)]
+                    if refused:
+                        raise AgentRemovedError(refused)
                 if audit_rows:
                     # Under the write lock BEGIN IMMEDIATE took: no other writer can move the
                     # head between this read and the commit.

@@ -29,6 +29,8 @@ from cryptography.x509.oid import NameOID
 
 from server.app import Server
 from server.config import ServerConfig, build_config
+from server.datastore import AttestedAgent, DataStore
+from server.datastore.sqlite import SqliteDataStore
 from server.runtime import RuntimeInfo
 from svid._clock import FakeClock
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2, node_pb2_grpc
@@ -38,6 +40,23 @@ PEM = serialization.Encoding.PEM
 DER = serialization.Encoding.DER
 TLS_NAME = (("grpc.ssl_target_name_override", "svid-server"),)
 CLOCK_LAG = 30.0
+
+
+def admit_agents(store: DataStore, *agent_ids: str) -> None:
+    """Store the agents a test records credentials of: the ledger refuses the credentials of
+    an agent not admitted (evicted, banned or never attested: AgentRemovedError)."""
+    for agent_id in agent_ids:
+        store.upsert_agent(AttestedAgent(agent_id, "join_token", "1", 2**40))
+
+
+def sqlite_with_agents(path: Path, *agent_ids: str) -> Path:
+    """A SQLite datastore file at `path` with `agent_ids` admitted (admit_agents)."""
+    store = SqliteDataStore(path, FakeClock(0))
+    try:
+        admit_agents(store, *agent_ids)
+    finally:
+        store.close()
+    return path
 
 
 def short_tmpdir(prefix: str = "svs") -> Path:

@@ -42,6 +42,7 @@ from svid import AuditCheckpointError
 from svid._clock import FakeClock
 from tests.server.audit_setup import AGENT, START, Setup, make_setup, sql, verify
 from tests.server.audit_setup import fill as fill_events
+from tests.server.fixtures import admit_agents
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -496,6 +497,7 @@ def test_issuance_goes_on_while_a_prune_runs(
     for _ in range(10):
         setup.log.append_tuples(rows)
     setup.clock.advance(DAY)
+    admit_agents(setup.store, AGENT)
     stop = threading.Event()
     appended: list[float] = []
     errors: list[BaseException] = []

@@ -19,6 +19,7 @@ from server.datastore import ChainMovedError, Credential
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from svid._clock import FakeClock, SystemClock
+from tests.server.fixtures import admit_agents, sqlite_with_agents
 
 AGENT = "spiffe://example.org/svid/agent/join_token/n1"
 WORKLOAD = "spiffe://example.org/w"
@@ -53,7 +54,7 @@ def credential_values(db: Path) -> list[str]:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    return tmp_path / "datastore.sqlite3"
+    return sqlite_with_agents(tmp_path / "datastore.sqlite3", AGENT)
 
 
 @pytest.fixture
@@ -176,6 +177,7 @@ def test_three_servers_recording_at_once_on_postgresql_never_give_up(postgres_ds
 
     clock = SystemClock()
     stores = [PostgresDataStore(postgres_dsn, clock) for _ in range(3)]
+    admit_agents(stores[0], AGENT)
     logs = [AuditLog(s, clock) for s in stores]
     failures: list[BaseException] = []
     go = threading.Barrier(9)

@@ -32,7 +32,7 @@ from server.datastore import (
     TaskRecord,
 )
 from server.datastore.base import JtiClaim
-from server.datastore.errors import JtiHeldError, RemovalUnderWayError
+from server.datastore.errors import AgentRemovedError, JtiHeldError, RemovalUnderWayError
 from server.datastore.records import (
     AUDIT_COLUMNS,
     HTTPS_SPIFFE,
@@ -96,6 +96,14 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opene
 @pytest.fixture
 def store(open_store: Opener) -> DataStore:
     return open_store()
+
+
+def admit(store: DataStore, *agents: str) -> DataStore:
+    """Store the agents (AGENT and OTHER_AGENT unless named) the ledger records credentials of:
+    a ledger write refuses those of an agent not admitted."""
+    for agent_id in agents or (AGENT, OTHER_AGENT):
+        store.upsert_agent(AttestedAgent(agent_id, "join_token", "1", NOW + 3600))
+    return store
 
 
 def task(task_id: str, *, agent: str = AGENT, runtime: str = RUNTIME, **kw: object) -> TaskRecord:
@@ -336,7 +344,7 @@ def test_key_slots_bundle_and_revocations(store: DataStore) -> None:
 def test_an_x509_serial_keeps_the_ca_that_issued_it(open_store: Opener) -> None:
     """Recorded with the credential and with its revocation, across a restart: the CRLs list
     a serial only under its issuer (server.tasks.crl)."""
-    store = open_store()
+    store = admit(open_store())
     issued = Credential("x509_serial", "7b", AGENT, RUNTIME, "", NOW + 300, "5ca1ab1e")
     store.write_ledger([issued, cred("j1")], [])
     store.add_revocations(
@@ -432,7 +440,7 @@ def test_a_ledger_write_claims_its_jtis_with_the_rest_or_nothing(open_store: Ope
     """The token endpoint's one commit: a token's record, its event and the claim of the
     assertion it was issued for. A held jti (here: held through another store on the same
     database, as another server would) keeps the whole write out."""
-    store, other = open_store(), open_store()
+    store, other = admit(open_store()), open_store()
     iss = "spiffe://example.org"
     store.write_ledger([cred("t1")], audit_rows(1, 1), [JtiClaim(iss, "a", NOW + 60)], NOW)
     assert store.claim_jtis([JtiClaim(iss, "a", NOW + 60)], NOW) == [False]
@@ -454,6 +462,64 @@ def test_a_ledger_write_claims_its_jtis_with_the_rest_or_nothing(open_store: Ope
     store.write_ledger([cred("t3")], [], [JtiClaim(iss, "a", NOW + 90)], NOW + 60)
     store.write_ledger([cred("t4")], [])
     assert len(store.agent_credentials(AGENT, NOW)) == 3
+
+
+def _remove(store: DataStore, how: str) -> None:
+    """AGENT no longer admitted, in one of the ways a removal leaves it."""
+    if how == "evicted":
+        store.delete_agent(AGENT, Removal(AGENT, REMOVAL_EVICTED, NOW))
+    elif how == "banned":
+        store.set_agent_banned(AGENT, True, Removal(AGENT, REMOVAL_BANNED, NOW))
+    elif how == "deleted, its removal finished":
+        store.delete_agent(AGENT)
+    else:  # unbanned, its removal (revocations of what it held) not finished yet
+        store.set_agent_banned(AGENT, True, Removal(AGENT, REMOVAL_BANNED, NOW))
+        store.set_agent_banned(AGENT, False)
+
+
+@pytest.mark.parametrize(
+    "how", ["evicted", "banned", "deleted, its removal finished", "removal under way"]
+)
+def test_a_removed_agents_credentials_are_refused_with_the_whole_ledger_write(
+    store: DataStore, how: str
+) -> None:
+    """A grant decided before the agent's removal committed, written after: the removal's
+    revocations read the agent's credentials already, so the write must keep nothing."""
+    admit(store, AGENT, OTHER_AGENT)
+    store.write_ledger([cred("before")], audit_rows(1, 1))
+    head = store.audit_head()
+    _remove(store, how)
+    iss = "spiffe://example.org"
+    with pytest.raises(AgentRemovedError) as refused:
+        store.write_ledger(
+            [cred("other", agent=OTHER_AGENT), cred("late"), cred("foreign", agent="")],
+            audit_rows(2, 3, prev=f"{1:064x}"),
+            [JtiClaim(iss, "a", NOW + 60)],
+            NOW,
+        )
+    assert refused.value.agents == {AGENT}  # the neighbour's agent is not named
+    assert AGENT in str(refused.value)
+    assert isinstance(refused.value, StorageError)
+    # Nothing of it: no credential, no event, the head and the jti as they were.
+    assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["before"]
+    assert store.agent_credentials(OTHER_AGENT, NOW) == []
+    assert store.audit_head() == head
+    assert [r["seq"] for r in store.audit_rows()] == [1]
+    assert store.claim_jtis([JtiClaim(iss, "a", NOW + 60)], NOW) == [True]
+    # Without the removed agent's credential the rest goes in; events alone are of no agent.
+    store.write_ledger(
+        [cred("other", agent=OTHER_AGENT), cred("foreign", agent="")],
+        audit_rows(2, 3, prev=f"{1:064x}"),
+    )
+    assert [c.value for c in store.agent_credentials(OTHER_AGENT, NOW)] == ["other"]
+    assert store.audit_head() == Head(4, f"{4:064x}")
+
+
+def test_credentials_of_an_agent_never_admitted_are_refused(store: DataStore) -> None:
+    with pytest.raises(AgentRemovedError) as refused:
+        store.write_ledger([cred("j1"), cred("j2", agent=OTHER_AGENT)], [])
+    assert refused.value.agents == {AGENT, OTHER_AGENT}
+    assert store.agent_credentials(AGENT, NOW) == []
 
 
 # -- tasks and violations -----------------------------------------------------------------------
@@ -581,6 +647,7 @@ def test_violations_count_within_a_window_and_prune(store: DataStore) -> None:
 
 
 def test_credentials_are_read_back_while_a_verifier_may_accept_them(store: DataStore) -> None:
+    admit(store)
     creds = [cred(f"j{i}", task_id="t1" if i % 2 else "", expires_at=NOW + i) for i in range(6)]
     store.write_ledger([*creds, cred("x", agent=OTHER_AGENT)], [])
     assert store.count_credentials("t1") == 3
@@ -596,6 +663,7 @@ def test_credentials_are_read_back_while_a_verifier_may_accept_them(store: DataS
 def test_a_workload_jwt_is_found_by_its_jti_and_exp(store: DataStore) -> None:
     """The token endpoint finds the agent a workload's JWT-SVID came through by its jti and
     exp: only a workload's JWT, not a task's nor an X.509 serial of the same value."""
+    admit(store)
     exp = NOW + 300
     serial = Credential("x509_serial", "s1", OTHER_AGENT, RUNTIME, "", exp, "ca")
     store.write_ledger([cred("j1"), cred("j2", agent=OTHER_AGENT), cred("t1", task_id="t")], [])
@@ -625,6 +693,7 @@ def test_a_delegated_token_is_listed_with_the_acting_workloads_agent_too(
 
 
 def test_a_ledger_write_is_credentials_events_and_head_together(store: DataStore) -> None:
+    admit(store)
     assert store.audit_head() is None
     rows = audit_rows(1, 3)
     store.write_ledger([cred("j1"), cred("j2")], rows)
@@ -634,6 +703,7 @@ def test_a_ledger_write_is_credentials_events_and_head_together(store: DataStore
 
 
 def test_a_failed_ledger_write_keeps_nothing(store: DataStore) -> None:
+    admit(store)
     store.write_ledger([cred("j1")], audit_rows(1, 2))
     head = store.audit_head()
     # seq 2 again: the events' key refuses it, and the credentials of the batch go too.
@@ -658,6 +728,7 @@ def test_a_failed_ledger_write_keeps_nothing(store: DataStore) -> None:
 def test_a_batch_sealed_on_another_head_is_refused_and_writes_nothing(
     store: DataStore, first_seq: int, prev: str, why: str
 ) -> None:
+    admit(store)
     store.write_ledger([cred("j1")], audit_rows(1, 2))
     head = store.audit_head()
     with pytest.raises(ChainMovedError) as refused:
@@ -673,6 +744,7 @@ def test_a_batch_sealed_on_another_head_is_refused_and_writes_nothing(
 
 
 def test_an_empty_chain_takes_only_seq_1(store: DataStore) -> None:
+    admit(store)
     with pytest.raises(ChainMovedError) as refused:
         store.write_ledger([cred("j1")], audit_rows(2, 1))
     assert refused.value.head is None
@@ -681,6 +753,7 @@ def test_an_empty_chain_takes_only_seq_1(store: DataStore) -> None:
 
 
 def test_credentials_alone_do_not_need_the_head(store: DataStore) -> None:
+    admit(store)
     store.write_ledger([], audit_rows(1, 2))
     store.write_ledger([cred("j1")], [])
     assert store.audit_head() == Head(2, f"{2:064x}")
@@ -689,7 +762,7 @@ def test_credentials_alone_do_not_need_the_head(store: DataStore) -> None:
 def test_two_writers_on_one_head_one_wins_the_other_is_refused(open_store: Opener) -> None:
     """Two stores on the same data (two servers): both seal on the same head, in threads; the
     head check and the write are one step, so exactly one batch lands."""
-    first, second = open_store(), open_store()
+    first, second = admit(open_store()), open_store()
     first.write_ledger([], audit_rows(1, 1))
     go = threading.Barrier(2)
     outcomes: dict[str, str] = {}
@@ -754,6 +827,8 @@ def test_an_audit_snapshot_is_one_instant(store: DataStore) -> None:
 
 
 def test_concurrent_ledger_writes_all_land(store: DataStore) -> None:
+    admit(store)
+
     def write(k: int) -> None:
         store.write_ledger([cred(f"{k}-{i}") for i in range(20)], [])
 

@@ -26,16 +26,18 @@ from server.datastore import (
     StorageError,
 )
 from server.datastore import postgres as postgres_module
+from server.datastore import queries as q
 from server.datastore.base import JtiClaim
-from server.datastore.errors import JtiHeldError
+from server.datastore.errors import AgentRemovedError, JtiHeldError
 from server.datastore.ledger_queries import audit_page
 from server.datastore.migrations import MIGRATIONS, Migration, postgres_ddl, postgres_migrations
 from server.datastore.postgres import PostgresDataStore
 from server.datastore.postgres_dsn import redact_dsn, scrub
 from server.datastore.postgres_sql import pg
-from server.datastore.records import EventFilter, Head, TokenUse
+from server.datastore.records import REMOVAL_EVICTED, EventFilter, Head, Removal, TokenUse
 from svid._clock import FakeClock
 from tests import postgres
+from tests.server.test_datastore_contract import audit_rows
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -157,6 +159,8 @@ def test_a_concurrent_update_with_a_stale_revision_conflicts(
 def test_revisions_are_monotonic_and_no_write_is_lost_across_servers(
     stores: list[PostgresDataStore],
 ) -> None:
+    # The credentials' agent: a ledger write refuses those of an agent not admitted.
+    stores[0].upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
     start = stores[0].revision()
     seen: list[int] = []
     stop = threading.Event()
@@ -480,7 +484,9 @@ def _call(store: PostgresDataStore, items: list[Revocation]) -> BaseException | 
     return None
 
 
-def _wait_for_a_lock_wait(dsn: str, app: str) -> None:
+def _wait_for_a_lock_wait(
+    dsn: str, app: str, why: str = "the batch never waited for the other transaction's key"
+) -> None:
     with psycopg.connect(dsn, autocommit=True) as watcher:
         for _ in range(200):
             row = watcher.execute(
@@ -491,7 +497,105 @@ def _wait_for_a_lock_wait(dsn: str, app: str) -> None:
             if row is not None and row[0] > 0:
                 return
             threading.Event().wait(0.05)
-    raise AssertionError("the batch never waited for the other transaction's key")
+    raise AssertionError(why)
+
+
+# -- a removal racing a grant ------------------------------------------------------------------
+
+
+def _store_as(dsn: str, clock: FakeClock, role: str) -> tuple[PostgresDataStore, str]:
+    """A store whose connections carry an application name of their own (to see them wait)."""
+    app = f"svidd-test-{role}-{secrets.token_hex(4)}"
+    return PostgresDataStore(f"{dsn}&application_name={app}", clock), app
+
+
+@pytest.mark.parametrize("how", ["evicted", "banned"])
+def test_a_ledger_write_waits_for_a_removal_under_way_and_then_refuses(
+    postgres_dsn: str, clock: FakeClock, how: str
+) -> None:
+    """The grant was decided before the removal committed; its ledger write comes while the
+    removal's transaction holds the agent's row. It waits for it, then keeps nothing: the
+    removal reads the agent's credentials right after its commit, before this write could
+    have landed."""
+    store, app = _store_as(postgres_dsn, clock, "ledger")
+    late = Credential("jwt_id", "late", AGENT, "spiffe://x/y", "", NOW + 60)
+    try:
+        store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+        outcome: list[BaseException | None] = [None]
+
+        def write() -> None:
+            try:
+                store.write_ledger([late], audit_rows(1, 1))
+            except Exception as e:
+                outcome[0] = e
+
+        with psycopg.connect(postgres_dsn) as removal:
+            if how == "evicted":
+                removal.execute(pg(q.DELETE_AGENT), {"spiffe_id": AGENT})
+            else:
+                removal.execute(pg(q.SET_AGENT_BANNED), {"spiffe_id": AGENT, "banned": 1})
+            removal.execute(
+                pg(q.UPSERT_REMOVAL), {"agent_id": AGENT, "reason": how, "started_at": NOW}
+            )
+            writer = threading.Thread(target=write)
+            writer.start()
+            _wait_for_a_lock_wait(postgres_dsn, app, "the ledger write did not wait")
+            removal.commit()
+            writer.join(30)
+        assert isinstance(outcome[0], AgentRemovedError), outcome[0]
+        assert outcome[0].agents == {AGENT}
+        assert store.agent_credentials(AGENT, NOW) == []
+        assert store.audit_head() is None
+    finally:
+        store.close()
+
+
+def test_a_removal_waits_for_a_ledger_write_under_way_and_then_finds_its_credentials(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """The reverse order: the ledger write holds the agent's row (here stopped in its
+    transaction, where it seals its events again on another server's head) when the eviction
+    comes. The delete waits for the write's commit, so the removal's read of what to revoke,
+    right after its own commit, lists the credential."""
+    ledger, _ = _store_as(postgres_dsn, clock, "ledger")
+    remover, remover_app = _store_as(postgres_dsn, clock, "removal")
+    late = Credential("jwt_id", "late", AGENT, "spiffe://x/y", "", NOW + 60)
+    inside, release = threading.Event(), threading.Event()
+    found: list[list[str] | BaseException] = []
+
+    def reseal(stored: Head | None) -> list[tuple[object, ...]]:
+        inside.set()
+        release.wait(30)
+        return audit_rows(1, 1)
+
+    def evict() -> None:
+        try:
+            remover.delete_agent(AGENT, Removal(AGENT, REMOVAL_EVICTED, NOW))
+            found.append([c.value for c in remover.agent_credentials(AGENT, NOW)])
+        except Exception as e:
+            found.append(e)
+
+    try:
+        ledger.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+        # Sealed on a head the (empty) chain is not at: the store calls reseal, mid-write.
+        writer = threading.Thread(
+            target=ledger.write_ledger, args=([late], audit_rows(5, 1)), kwargs={"reseal": reseal}
+        )
+        writer.start()
+        assert inside.wait(30)
+        evictor = threading.Thread(target=evict)
+        evictor.start()
+        try:
+            _wait_for_a_lock_wait(postgres_dsn, remover_app, "the removal did not wait")
+        finally:
+            release.set()
+            writer.join(30)
+            evictor.join(30)
+        assert found == [["late"]]
+        assert ledger.audit_head() == Head(1, f"{1:064x}")
+    finally:
+        ledger.close()
+        remover.close()
 
 
 def test_pruning_revocations_reads_the_expiry_index(postgres_dsn: str, clock: FakeClock) -> None:

@@ -23,6 +23,7 @@ from server.issuance import Credential, LedgerUnavailableError
 from server.issuance.datastore_ledger import DatastoreLedger, failure_reason
 from server.ledger import Ledger
 from svid._clock import FakeClock
+from tests.server.fixtures import admit_agents
 
 AGENT = "spiffe://example.org/svid/agent/join_token/abc"
 WORKLOAD = "spiffe://example.org/w"
@@ -44,6 +45,7 @@ class Parts:
         self.path = tmp / "datastore.sqlite3"
         clock = FakeClock(1_800_000_000)
         self.datastore = SqliteDataStore(self.path, clock)
+        admit_agents(self.datastore, AGENT)
         self.audit = AuditLog(self.datastore, clock)
         self.ledger = DatastoreLedger(Ledger(self.audit))
 

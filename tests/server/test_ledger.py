@@ -24,6 +24,7 @@ from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.ledger import Ledger
 from svid._clock import FakeClock
+from tests.server.fixtures import sqlite_with_agents
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = "spiffe://example.org/svid/agent/join_token/n1"
@@ -55,7 +56,8 @@ def on_disk(db: Path, jtis: list[str]) -> tuple[int, int]:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    return tmp_path / "datastore.sqlite3"
+    # "a": the agent of the kill -9 child's credentials.
+    return sqlite_with_agents(tmp_path / "datastore.sqlite3", AGENT, "a")
 
 
 @pytest.fixture

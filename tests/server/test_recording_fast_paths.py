@@ -38,6 +38,7 @@ from server.tasks.model import Credential
 from server.tasks.store import TaskStore
 from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
+from tests.server.fixtures import sqlite_with_agents
 
 AGENT = "spiffe://example.org/svid/agent/join_token/abc"
 WORKLOAD = "spiffe://example.org/bench/w0"
@@ -250,7 +251,9 @@ def test_insert_many_writes_none_as_executemany_does(rows: list[tuple[Any, ...]]
 
 
 def test_credentials_are_recorded_and_read_back(tmp_path: Path) -> None:
-    store = TaskStore(SqliteDataStore(tmp_path / "datastore.sqlite3", FakeClock(1000)))
+    store = TaskStore(
+        SqliteDataStore(sqlite_with_agents(tmp_path / "datastore.sqlite3", AGENT), FakeClock(1000))
+    )
     creds = [
         Credential("x509_serial", format(i, "x"), AGENT, WORKLOAD, "task-1" if i % 3 else "", 2000)
         for i in range(400)
@@ -316,7 +319,7 @@ def test_events_recorded_with_drafted_bodies_are_the_events_recorded_without(
     bodies[3] = None  # a draft left to the log: checked and encoded there
     stored = []
     for name, given_bodies in (("plain", None), ("drafted", bodies)):
-        store = SqliteDataStore(tmp_path / f"{name}.sqlite3", clock)
+        store = SqliteDataStore(sqlite_with_agents(tmp_path / f"{name}.sqlite3", AGENT), clock)
         log = AuditLog(store, clock)
         log.record_later(credentials, events, given_bodies).result(10)
         assert log.verify().ok
