@@ -36,7 +36,7 @@ from server.audit.event import (
 )
 from server.audit.verify import Anchor, VerifyResult, verify_store
 from server.datastore.base import AuditStore, JtiClaim
-from server.datastore.errors import ChainMovedError, StorageError
+from server.datastore.errors import AgentRemovedError, ChainMovedError, StorageError
 from server.datastore.records import AUDIT_COLUMNS, Credential, EventFilter, Head
 from svid._clock import Clock
 
@@ -49,9 +49,10 @@ DraftTuple = tuple[Any, ...]
 
 class _Ticket:
     """One caller's share of a group commit: its drafts (kept until committed, so they can be
-    sealed again on another writer's head), their timestamp, and its rows as last sealed."""
+    sealed again on another writer's head), their timestamp, its rows as last sealed, and its
+    credentials and jtis (kept to write again without a neighbour the store refused)."""
 
-    __slots__ = ("bodies", "done", "drafts", "error", "future", "rows", "ts")
+    __slots__ = ("bodies", "credentials", "done", "drafts", "error", "future", "jtis", "rows", "ts")
 
     def __init__(
         self,
@@ -65,6 +66,8 @@ class _Ticket:
         self.bodies = bodies
         self.ts = 0.0
         self.rows: list[tuple[Any, ...]] = []
+        self.credentials: Sequence[Credential] = ()
+        self.jtis: Sequence[JtiClaim] = ()
         # A caller of record_later waits on this instead of on the commit itself.
         self.future = future
 
@@ -153,6 +156,10 @@ class AuditLog:
     pending draft sealed again and the write retried, at most _RESEALS times. Callers only
     return a little later, with their final seqs and ids. A single writer pays nothing but
     the store's head check.
+
+    A group holding credentials of an agent removed meanwhile is refused whole by the store
+    (AgentRemovedError): only the callers of that agent fail, and the rest are sealed again
+    on the stored head and written in the next try (`_drop_removed`).
     """
 
     def __init__(self, store: AuditStore, clock: Clock) -> None:
@@ -242,7 +249,12 @@ class AuditLog:
         `jtis` (the assertions the credentials were issued for, server/oauth) are claimed in
         that transaction (AuditStore.write_ledger): when one is held already, the whole shared
         commit fails with a LedgerError caused by JtiHeldError, which names the held ones; the
-        callers whose own jtis are not among them may simply record again."""
+        callers whose own jtis are not among them may simply record again.
+
+        A credential of an agent evicted or banned since its issuance was decided is refused
+        by the store (AgentRemovedError): the callers holding such credentials get a
+        LedgerError caused by one naming their own agents, and the others sharing the
+        commit are written again without them, before this returns."""
         tuples = [d if isinstance(d, tuple) else _draft_values(d) for d in drafts]
         for values in tuples:
             check_draft_tuple(values)
@@ -316,6 +328,7 @@ class AuditLog:
                 ticket.ts = self._clock.now()
                 # A draft that cannot be encoded raises here, before anything moved.
                 ticket.rows = self._seal(drafts, ticket.ts, ticket.bodies)
+            ticket.credentials, ticket.jtis = credentials, jtis
             self._pending.extend(ticket.rows)
             self._pending_credentials.extend(credentials)
             self._pending_jtis.extend(jtis)
@@ -441,6 +454,21 @@ class AuditLog:
                     error.__cause__ = unexpected
                     self._fail(tickets, error)
                     return
+            except AgentRemovedError as e:
+                # Only the callers issuing through the removed agents are refused; the rest
+                # are written again without them (nothing of the batch was kept).
+                try:
+                    batch, credentials, jtis, tickets = self._drop_removed(e, tickets)
+                except LedgerError as gave_up:
+                    self._fail([t for t in tickets if not t.done], gave_up)
+                    return
+                except Exception as unexpected:  # every waiter must hear of it
+                    error = LedgerError(f"cannot commit the audit batch: {unexpected}")
+                    error.__cause__ = unexpected
+                    self._fail([t for t in tickets if not t.done], error)
+                    return
+                if not tickets:
+                    return
             except (StorageError, AuditError) as e:
                 if isinstance(e, LedgerError):
                     self._fail(tickets, e)
@@ -539,6 +567,31 @@ class AuditLog:
                     t.rows = self._seal(t.drafts, t.ts, t.bodies)
                     batch.extend(t.rows)
         return batch, credentials, jtis, tickets
+
+    def _drop_removed(
+        self, removed: AgentRemovedError, tickets: list[_Ticket]
+    ) -> tuple[list[tuple[Any, ...]], list[Credential], list[JtiClaim], list[_Ticket]]:
+        """The store refused the group for credentials of agents no longer admitted: fail the
+        tickets holding any (each told of its own agents only), and seal the others, with
+        everything queued after them, again on the stored head; returns the group to write in
+        their place. One agent evicted mid-issuance must not cost the others theirs."""
+        kept: list[_Ticket] = []
+        for t in tickets:
+            own = {c.agent_id for c in t.credentials} & removed.agents
+            if not own:
+                kept.append(t)
+                continue
+            cause = AgentRemovedError(own)
+            error = LedgerError(str(cause))
+            error.__cause__ = cause
+            t.fail(error)
+        if len(kept) == len(tickets):  # none of the group's: writing it again would loop
+            raise LedgerError(f"the ledger refused agents the batch does not hold: {removed}")
+        credentials = [c for t in kept for c in t.credentials]
+        jtis = [j for t in kept for j in t.jtis]
+        # Nothing was written: the stored head is the one to seal on again (the refused
+        # tickets' rows, sealed in memory, are dropped from the chain).
+        return self._reseal(self._store.audit_head(), credentials, jtis, kept)
 
     def _fail(self, tickets: list[_Ticket], error: LedgerError) -> None:
         """A failed commit voids its batch and all chained after it; resume from the store."""

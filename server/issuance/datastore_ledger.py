@@ -1,6 +1,8 @@
 """The Ledger port over the datastore's ledger (server.ledger): credential rows and their audit
 events in one transaction, group-committed with concurrent callers. This module only turns
-that ledger's LedgerError into the port's LedgerUnavailableError, with a short reason."""
+that ledger's LedgerError into the port's LedgerUnavailableError, with a short reason, or,
+when the ledger refused the credentials because their agent was removed meanwhile, into the
+AgentRemovedError the port lets through."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 
 from server.audit.errors import LedgerError
+from server.datastore.errors import AgentRemovedError
 from server.issuance.ledger import Credential, EventTuple, LedgerUnavailableError
 from server.ledger import Ledger as DatastoreLedgerWriter
 
@@ -19,6 +22,18 @@ _REASONS = (
     ("I/O error", ("disk i/o error", "input/output error")),
 )
 _ERRNO_REASONS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only", errno.EIO: "I/O error"}
+
+
+def _refusal(exc: LedgerError) -> Exception:
+    """What the port raises for a failed commit (see the module)."""
+    removed = exc.__cause__
+    error: Exception
+    if isinstance(removed, AgentRemovedError):
+        error = AgentRemovedError(removed.agents)
+    else:
+        error = LedgerUnavailableError(failure_reason(exc))
+    error.__cause__ = exc
+    return error
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -47,7 +62,7 @@ class DatastoreLedger:
         try:
             await self._ledger.commit(credentials, events)
         except LedgerError as exc:
-            raise LedgerUnavailableError(failure_reason(exc)) from exc
+            raise _refusal(exc) from exc
 
     def record(self, credentials: Sequence[Credential], events: Sequence[EventTuple]) -> None:
         if not credentials and not events:
@@ -55,7 +70,7 @@ class DatastoreLedger:
         try:
             self._ledger.record(credentials, events)
         except LedgerError as exc:
-            raise LedgerUnavailableError(failure_reason(exc)) from exc
+            raise _refusal(exc) from exc
 
     def record_later(
         self,
@@ -74,9 +89,7 @@ class DatastoreLedger:
             if exc is None:
                 settled.set_result(None)
             elif isinstance(exc, LedgerError):
-                error = LedgerUnavailableError(failure_reason(exc))
-                error.__cause__ = exc
-                settled.set_exception(error)
+                settled.set_exception(_refusal(exc))
             else:
                 settled.set_exception(exc)
 

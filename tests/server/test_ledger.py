@@ -19,21 +19,25 @@ import pytest
 
 from server.audit import AuditLog, EventDraft, LedgerError
 from server.datastore import Credential, StorageError
-from server.datastore.records import AuditRow
+from server.datastore.errors import AgentRemovedError
+from server.datastore.records import REMOVAL_EVICTED, AuditRow, Removal
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
+from server.issuance.datastore_ledger import DatastoreLedger
+from server.issuance.records import workload_jwt_record
 from server.ledger import Ledger
 from svid._clock import FakeClock
-from tests.server.fixtures import sqlite_with_agents
+from tests.server.fixtures import admit_agents, sqlite_with_agents
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = "spiffe://example.org/svid/agent/join_token/n1"
+OTHER = "spiffe://example.org/svid/agent/join_token/n2"
 WORKLOAD = "spiffe://example.org/w"
 EXPIRES = 2_000_000_000
 
 
-def cred(jti: str) -> Credential:
-    return Credential("jwt_id", jti, AGENT, WORKLOAD, "", EXPIRES)
+def cred(jti: str, agent: str = AGENT) -> Credential:
+    return Credential("jwt_id", jti, agent, WORKLOAD, "", EXPIRES)
 
 
 def event(jti: str) -> EventDraft:
@@ -191,6 +195,93 @@ def test_a_failed_commit_fails_every_waiting_caller_and_keeps_nothing(
     assert result.ok, str(result)
     assert result.checked == 2
     gated.close()
+
+
+class HeldStore(FaultInjectingDataStore):
+    """Holds the next ledger write until `release` is set, then writes it."""
+
+    def __init__(self, inner: SqliteDataStore) -> None:
+        super().__init__(inner)
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write_ledger(
+        self, credentials: object, audit_rows: object, *a: object, **kw: object
+    ) -> None:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(10)
+        super().write_ledger(credentials, audit_rows, *a, **kw)  # type: ignore[arg-type]
+
+
+def test_a_removed_agents_callers_are_refused_and_their_neighbours_written_again(
+    db: Path, clock: FakeClock
+) -> None:
+    """An agent evicted while its credentials wait for a group commit with other agents': the
+    store refuses the whole write, only that agent's callers fail (with the typed error), and
+    the rest are written in the next commit, the chain without a hole."""
+    store = SqliteDataStore(db, clock)
+    admit_agents(store, OTHER)
+    held = HeldStore(store)
+    log = AuditLog(held, clock)
+    ledger = Ledger(log)
+    port = DatastoreLedger(ledger)
+    ledger.record([cred("before")], [event("before")])
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(name: str, credentials: list[Credential]) -> None:
+        try:
+            ledger.record(credentials, [event(c.value) for c in credentials] or [event(name)])
+            outcomes[name] = None
+        except BaseException as e:
+            outcomes[name] = e
+
+    held.armed = True
+    lead = threading.Thread(target=call, args=("lead", [cred("lead", OTHER)]))
+    lead.start()
+    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
+    calls = {f"w{i}": [cred(f"w{i}", OTHER)] for i in range(4)}
+    calls["late"] = [cred("late"), cred("late2")]
+    calls["events-only"] = []
+    others = [threading.Thread(target=call, args=item) for item in calls.items()]
+    for t in others:
+        t.start()
+
+    def jwt(jti: str, agent: str) -> tuple[Credential, tuple[object, ...]]:
+        return workload_jwt_record(
+            agent, WORKLOAD, jti=jti, issued_at=EXPIRES - 60, expires_at=EXPIRES, audience="a"
+        )
+
+    kept, refused = jwt("p-kept", OTHER), jwt("p-late", AGENT)
+    port_kept = port.record_later([kept[0]], [kept[1]])
+    port_refused = port.record_later([refused[0]], [refused[1]])
+    deadline = time.monotonic() + 10
+    while len(log._tickets) < len(calls) + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    store.delete_agent(AGENT, Removal(AGENT, REMOVAL_EVICTED, 0))  # committed meanwhile
+    held.release.set()
+    for t in [lead, *others]:
+        t.join(10)
+    late = outcomes.pop("late")
+    assert isinstance(late, LedgerError)
+    assert isinstance(late.__cause__, AgentRemovedError)
+    assert late.__cause__.agents == {AGENT}
+    assert outcomes == dict.fromkeys(["lead", *(f"w{i}" for i in range(4)), "events-only"])
+    assert port_kept.result(10) is None
+    with pytest.raises(AgentRemovedError):  # the port's own error, not "unavailable"
+        port_refused.result(10)
+    # One refused commit, then one with everyone else: no caller of another agent failed.
+    assert held.calls.count("write_ledger") == 4
+    assert on_disk(db, ["late", "late2", "p-late"]) == (0, 0)
+    written = ["lead", *(f"w{i}" for i in range(4)), "p-kept"]
+    assert on_disk(db, written) == (len(written), len(written))
+    assert [c.value for c in store.agent_credentials(AGENT, 0)] == ["before"]
+    result = log.verify()
+    assert result.ok, str(result)
+    assert result.checked == 1 + len(written) + 1  # "before", the written, the events-only
+    held.close()
 
 
 def test_a_batch_that_fails_inside_the_transaction_leaves_nothing(
