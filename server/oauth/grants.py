@@ -32,7 +32,7 @@ from server.audit.event import EventDraft
 from server.ca.errors import CaUnavailableError
 from server.ca.signer import IssuedJwt, JwtSigner
 from server.datastore.base import JtiClaim
-from server.datastore.errors import JtiHeldError, StorageError
+from server.datastore.errors import AgentRemovedError, JtiHeldError, StorageError
 from server.datastore.records import REVOKED_JWT_ID, Credential
 from server.errors import PermissionDeniedError
 from server.issuance import TaskJwtGrant
@@ -578,7 +578,16 @@ class Grants:
             exc = InvalidGrantError(replayed("assertion", assertion.jti))
             self._refused(kind, exc, call)
             raise exc from None
-        except LedgerError:
+        except LedgerError as failed:
+            if isinstance(failed.__cause__, AgentRemovedError):
+                # Evicted or banned since the grant checked it, and its removal may have read
+                # what to revoke already: the token is not sent, and the assertion is spent.
+                exc = InvalidGrantError(
+                    "the agent the token was to be recorded under was evicted or banned "
+                    "meanwhile: nothing was issued"
+                )
+                self._refused(kind, exc, call, assertion)
+                raise exc from None
             if assertion is not None:
                 self._replay.release(assertion)
             _log.exception("OAuth token not recorded: refused")

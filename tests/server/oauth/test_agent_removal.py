@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from server.ca.sealing import KeyEncryptionKey
 from server.datastore.errors import StorageError
 from server.datastore.records import REVOKED_JWT_ID, EventFilter
 from server.oauth.discovery import JWT_BEARER
+from server.oauth.grants import Grants
 from svid import AccessTokenVerifier, MemoryBundleSource, RevocationSet, Revoked, RevokedError
 from svid._jwk import public_key_members
 from svid._proto import admin_pb2, node_pb2
@@ -92,6 +94,57 @@ def test_an_access_token_traded_for_a_workloads_jwt_svid_is_revoked_with_its_age
         store = running.server.tasks.audit.store
         events = store.audit_rows(EventFilter(kind="revocation", node_id=agent.spiffe_id))
         assert [e["agent_id"] for e in events if e["credential_id"] == jti] == [entry.spiffe_id]
+
+
+@pytest.mark.parametrize("removal", ["EvictAgent", "BanAgent"])
+def test_a_token_granted_while_its_agent_is_removed_does_not_leave(
+    removal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grant checked the assertion (its JWT-SVID not revoked yet) before the removal
+    committed, and reaches the ledger after the removal read what the agent holds: a token
+    recorded then would never be revoked. It is refused, on record, and nothing is issued."""
+    with serving_oauth("oag", [RESOURCE]) as server:
+        running = server.running
+        agent = running.attest()
+        entry = running.create_entry(WORKLOAD_PATH, agent.spiffe_id)
+        assertion = _jwt_svid(server, agent, entry.id)
+        minting, release = threading.Event(), threading.Event()
+        mint = Grants._mint
+
+        def held(self: Grants, *args: Any, **kwargs: Any) -> Any:
+            minting.set()
+            release.wait(20)
+            return mint(self, *args, **kwargs)
+
+        monkeypatch.setattr(Grants, "_mint", held)
+        form = {"grant_type": JWT_BEARER, "assertion": assertion, "resource": RESOURCE}
+        replies: list[httpx.Response] = []
+
+        def post() -> None:
+            context = server.ssl_context()
+            replies.append(httpx.post(server.issuer + "/token", data=form, verify=context))
+
+        poster = threading.Thread(target=post)
+        poster.start()
+        try:
+            assert minting.wait(10)
+            request = getattr(admin_pb2, f"{removal}Request")(spiffe_id=agent.spiffe_id)
+            getattr(running.admin(), removal)(request, timeout=10)  # revoked what it held
+        finally:
+            release.set()
+            poster.join(30)
+        (reply,) = replies
+        if reply.status_code == 200:  # then it must at least have been revoked
+            revoked = {r.value for r in running.server.state.revocations}
+            assert _jti(reply.json()["access_token"]) in revoked, "a live token of a removed agent"
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"] == "invalid_grant"
+        assert "evicted or banned" in reply.json()["error_description"]
+        store = running.server.tasks.audit.store
+        refused = store.audit_rows(EventFilter(kind="oauth_jwt_bearer", decision="deny"))
+        assert [e["reason"] for e in refused if "evicted or banned" in e["reason"]]
+        held_now = store.agent_credentials(agent.spiffe_id, 0)
+        assert {c.spiffe_id for c in held_now} == {entry.spiffe_id}  # the JWT-SVID alone
 
 
 def _partner_assertion(key: ec.EllipticCurvePrivateKey, server: OAuthServer, jti: str) -> str:
