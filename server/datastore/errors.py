@@ -79,7 +79,8 @@ class AgentRemovedError(StorageError):
         names = ", ".join(sorted(self.agents)[:4])
         super().__init__(
             f"agent(s) {names} were evicted or banned while credentials were being issued "
-            "through them: nothing was issued; attest again once the removal is finished"
+            "through them: nothing was issued (an evicted agent may attest again once its "
+            "removal is finished)"
         )
 
 
