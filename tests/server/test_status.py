@@ -13,6 +13,7 @@ from server import errors
 from server.audit import AuditError
 from server.ca.errors import CaUnavailableError, CsrError, KeyStoreError
 from server.datastore import AlreadyExistsError, NotFoundError
+from server.datastore.errors import AgentRemovedError
 from server.policy.errors import PolicyError, Problem, RequestError
 from server.status import RULES, status_for
 from svid._errors import SpiffeIdError, SvidError, SvidParseError
@@ -35,6 +36,8 @@ from svid._task_errors import TaskDeniedError
         (SvidParseError("garbage at offset 3"), grpc.StatusCode.INVALID_ARGUMENT),
         (CsrError("csr signature does not verify"), grpc.StatusCode.INVALID_ARGUMENT),
         (CaUnavailableError("the active CA certificate has expired"), grpc.StatusCode.UNAVAILABLE),
+        # Not a storage outage: the caller's own agent was removed while it asked.
+        (AgentRemovedError(["spiffe://example.org/a"]), grpc.StatusCode.PERMISSION_DENIED),
     ],
 )
 def test_domain_errors_map_to_codes_with_their_message(
