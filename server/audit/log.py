@@ -37,7 +37,13 @@ from server.audit.event import (
 from server.audit.verify import Anchor, VerifyResult, verify_store
 from server.datastore.base import AuditStore, JtiClaim
 from server.datastore.errors import AgentRemovedError, ChainMovedError, StorageError
-from server.datastore.records import AUDIT_COLUMNS, Credential, EventFilter, Head
+from server.datastore.records import (
+    AUDIT_COLUMNS,
+    Credential,
+    EventFilter,
+    Head,
+    credential_agents,
+)
 from svid._clock import Clock
 
 _DRAFT_FIELDS = frozenset(DRAFT_FIELDS)
@@ -577,7 +583,7 @@ class AuditLog:
         their place. One agent evicted mid-issuance must not cost the others theirs."""
         kept: list[_Ticket] = []
         for t in tickets:
-            own = {c.agent_id for c in t.credentials} & removed.agents
+            own = set(credential_agents(t.credentials)) & removed.agents
             if not own:
                 kept.append(t)
                 continue

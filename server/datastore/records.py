@@ -284,8 +284,13 @@ class Credential(NamedTuple):
 
 def credential_agents(credentials: Sequence[Credential]) -> list[str]:
     """The agents `credentials` were issued through, each once, sorted (the order a ledger
-    write locks their rows in); "" (of no agent here) left out."""
+    write locks their rows in): each one's own and, for a delegated token, its acting
+    workload's (its removal revokes the token too, so it must be admitted as well); "" and
+    None (of no agent here) left out."""
     agents = {c[2] for c in credentials}  # agent_id: by index, a write may hold thousands
+    agents.update(
+        c[7] for c in credentials if c[7]
+    )  # actor_agent_id, set on a few only  # actor_agent_id, set on a few only
     agents.discard("")
     return sorted(agents)
 

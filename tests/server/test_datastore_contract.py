@@ -515,6 +515,21 @@ def test_a_removed_agents_credentials_are_refused_with_the_whole_ledger_write(
     assert store.audit_head() == Head(4, f"{4:064x}")
 
 
+def test_a_delegated_token_of_a_removed_acting_agent_is_refused(store: DataStore) -> None:
+    """A delegated token is revoked with its acting workload's agent too (its second holder):
+    once that agent is removed, a write of one is refused as its own agent's would be."""
+    admit(store, AGENT, OTHER_AGENT)
+    delegated = cred("delegated")._replace(actor_agent_id=OTHER_AGENT)
+    store.write_ledger([delegated], [])
+    store.delete_agent(OTHER_AGENT, Removal(OTHER_AGENT, REMOVAL_EVICTED, NOW))
+    with pytest.raises(AgentRemovedError) as refused:
+        store.write_ledger([cred("late")._replace(actor_agent_id=OTHER_AGENT)], [])
+    assert refused.value.agents == {OTHER_AGENT}
+    assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["delegated"]
+    store.write_ledger([cred("own")], [])  # the task's agent still admitted for its own
+    assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["delegated", "own"]
+
+
 def test_credentials_of_an_agent_never_admitted_are_refused(store: DataStore) -> None:
     with pytest.raises(AgentRemovedError) as refused:
         store.write_ledger([cred("j1"), cred("j2", agent=OTHER_AGENT)], [])
@@ -681,6 +696,7 @@ def test_a_delegated_token_is_listed_with_the_acting_workloads_agent_too(
 ) -> None:
     """A delegated token is held by its task (of AGENT) and by the workload acting for it (of
     OTHER_AGENT): each agent's credentials list it once, its task's once."""
+    admit(store, AGENT, OTHER_AGENT)
     delegated = cred("d1", task_id="t1")._replace(actor_agent_id=OTHER_AGENT)
     gone = cred("d0", task_id="t1", expires_at=NOW - 10_000)._replace(actor_agent_id=OTHER_AGENT)
     store.write_ledger([cred("j1"), delegated, gone, cred("x", agent=OTHER_AGENT)], [])

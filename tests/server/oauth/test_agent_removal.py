@@ -6,9 +6,9 @@ acting for a task) is revoked with either agent: the task's, or the acting workl
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-import threading
 from pathlib import Path
 from typing import Any
 
