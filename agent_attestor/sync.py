@@ -228,7 +228,11 @@ class Syncer:
         assert server is not None
         if self._fallback is not None:
             # The saved bundle failed on this server already (_set_aside_saved_svid).
-            return await self._attest_and_save_with(server, self._fallback)
+            try:
+                return await self._attest_and_save_with(server, self._fallback)
+            except Exception:
+                self._take_back_saved_svid()
+                raise
         roots = self._root_pem()
         try:
             return await self._attest_and_save_with(server, roots)
@@ -264,6 +268,19 @@ class Syncer:
             await client.close()
         log.info("agent attested", extra={"agent_id": svid.spiffe_id, "server": server.attest})
         return svid, bundle
+
+    def _take_back_saved_svid(self) -> None:
+        """The attestation a set-aside led to failed, whatever the reason (the server out of
+        reach, busy, or refusing the join token): the next attempt is with the saved SVID again,
+        on a channel of its own. It is only ever used over a connection its saved bundle
+        verified, so nothing reaches the cache from a server no bundle verified; and if that
+        bundle fails again, it is set aside again and the attestation retried after a backoff.
+        Kept aside, a server that answered in the real one's place for a while (a stray DNS
+        answer or load balancer) would cost the agent an SVID that works again once the real
+        one is back: attested anew under another ID, or not at all with a join token spent."""
+        self._fallback = None
+        if self._svid is not None:
+            self._install(self._svid, None)  # the old channel may hold the stray's failure
 
     async def settle(self, timeout: float) -> None:
         """Let an attestation in flight finish (up to `timeout` s), so its SVID is on disk."""
@@ -436,8 +453,7 @@ class Syncer:
                 await self._after_failure(code.name, code.name)
             except ServerNotVerifiedError as exc:
                 # An attestation: neither the saved bundle nor the given one verified the server.
-                # A saved SVID set aside is tried again next: the server may be a stray one.
-                self._fallback = None
+                # A saved SVID set aside is tried again next (_take_back_saved_svid).
                 self._unverified(str(exc))
                 await self._after_failure(failure_code(exc), "server not verified")
             except (AttestationError, ConnectionError, OSError) as exc:

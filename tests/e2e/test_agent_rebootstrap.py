@@ -2,7 +2,8 @@
 saved bundle no longer verifies the server, and the operator's new join token and current
 --trust-bundle get it attested again, without deleting anything by hand, whether its saved SVID
 expired meanwhile or not. Without a bundle from the operator it trusts nothing it cannot verify;
-a server merely out of reach never costs it its saved SVID."""
+a server merely out of reach never costs it its saved SVID, nor does an attestation with the
+given bundle that fails for any reason but that bundle (a stray server answered first)."""
 
 from __future__ import annotations
 
@@ -190,3 +191,76 @@ def test_a_given_bundle_that_verifies_no_more_than_the_saved_one_costs_nothing(
     assert not any(token_id in item["spiffe_id"] for item in items)
     assert (agent.data_dir / "agent_svid.der").read_bytes() == saved_svid
     assert (agent.data_dir / "bundle.der").read_bytes() == short_downtime.old_bundle
+
+
+@contextmanager
+def stray_in_place_of(server: ServerProcess, *, attest: bool) -> Iterator[ServerProcess]:
+    """Another server of the trust domain, with a CA of its own, at `server`'s node address
+    (and at its Attest address if `attest`) while `server` is down: a DNS name or a load
+    balancer pointing at the wrong installation for a while."""
+    root = short_tmpdir()
+    rt = server.runtime
+    stray = make_server(
+        root,
+        bind_address=rt["node_address"],
+        attest_bind_address=rt["attest_address"] if attest else "127.0.0.1:0",
+    ).start()
+    try:
+        yield stray
+    finally:
+        stray.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _set_aside_then(agent: AgentProcess, server: ServerProcess, *, attest: bool) -> None:
+    """Start `agent` (stopped, its saved SVID valid) while a stray server stands in for
+    `server`, until it has set its saved SVID aside and its attestation failed; then bring
+    `server` back."""
+    server.stop()
+    with stray_in_place_of(server, attest=attest) as stray:
+        # The operator's bundle trusts both installations: unlike the saved one in bytes, and
+        # a stand-in the agent attests with once the saved bundle fails on the stray.
+        stray_roots = stray.cli("bundle", "show", "--format", "pem").stdout.encode()
+        agent.bundle_file().write_bytes(agent.bundle_file().read_bytes() + stray_roots)
+        agent.start()
+        wait_for(lambda: "setting the saved agent SVID aside" in agent.logs(), 30, "a set-aside")
+        time.sleep(3)  # its attestation (at once) and a few more rounds fail on the stray
+    # Longer than a backoff (reconnect_max 1 s): an attestation that followed a set-aside on
+    # the stray has failed by now, and what follows tries only the saved SVID.
+    time.sleep(3)
+    server.start()
+
+
+@pytest.mark.parametrize(
+    "attest",
+    [
+        pytest.param(True, id="the stray refuses the spent join token"),
+        pytest.param(False, id="the stray has no Attest listener: unreachable"),
+    ],
+)
+def test_an_attestation_failing_after_the_set_aside_gives_the_saved_svid_back(
+    attest: bool,
+) -> None:
+    root = short_tmpdir()
+    server = make_restartable_server(root).start()
+    with agent_stack(root, server) as agent:
+        old_id = agent.agent_id()
+        wait_for((agent.data_dir / "bundle.der").exists, 30, "the agent's saved bundle")
+        assert agent.stop() == 0
+        saved_svid = (agent.data_dir / "agent_svid.der").read_bytes()
+        saved_bundle = (agent.data_dir / "bundle.der").read_bytes()
+        if not attest:
+            # A fresh token the real server would take: spending it would trade the agent's
+            # ID (and the entries parented to it) for a new one it did not need.
+            agent.join_token = new_token(server)
+        _set_aside_then(agent, server, attest=attest)
+        # The real server is back: the saved SVID, checked against the saved bundle, serves
+        # again under the agent's old ID; the join token is not spent on a new one.
+        spiffe_id = f"spiffe://{TRUST_DOMAIN}/after-a-stray-server"
+        create_entry(server, spiffe_id, old_id)
+        agent.wait_svid(spiffe_id)
+        agents = server.cli_json("agent", "list")
+        items = agents.get("agents", agents) if isinstance(agents, dict) else agents
+        assert [item["spiffe_id"] for item in items] == [old_id]
+        assert (agent.data_dir / "agent_svid.der").read_bytes() == saved_svid
+        assert (agent.data_dir / "bundle.der").read_bytes() == saved_bundle
