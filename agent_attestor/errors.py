@@ -22,6 +22,12 @@ class ServerNotVerifiedError(AttestationError):
     TLS handshake failed, so nothing (no join token) reached the server."""
 
 
+class JoinTokenRefusedError(AttestationError):
+    """The join token cannot attest the agent: the server refused it (never issued, expired or
+    already used), or this agent spent it already. Only a new token helps; the message never
+    holds the token."""
+
+
 class ProcessGoneError(AgentError):
     """The calling process exited, or its pid now names another process."""
 

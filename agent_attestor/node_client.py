@@ -24,6 +24,7 @@ from agent_attestor.errors import (
     AttestationError,
     BadRequestError,
     ConfigError,
+    JoinTokenRefusedError,
     NoIdentityError,
     ServerNotVerifiedError,
 )
@@ -119,6 +120,15 @@ def server_not_verified(exc: grpc.RpcError) -> bool:
     return code == grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in (
         exc.details() or ""  # type: ignore[attr-defined]
     )
+
+
+def _redacted(text: str, join_token: str) -> str:
+    """`text` (what a server said, logged) without the join token or its secret: ours never
+    echoes it, but a credential in a log is one every reader of the log holds."""
+    for secret in (join_token, join_token.partition(".")[2]):
+        if secret:
+            text = text.replace(secret, "<join token>")
+    return text
 
 
 def insecure_fetch_server_root(address: str) -> bytes:
@@ -249,11 +259,16 @@ class NodeClient:
                     break
                 await call.done_writing()
             except grpc.RpcError as exc:
-                said = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+                code = exc.code()  # type: ignore[attr-defined]
+                said = f"{code.name}: {exc.details()}"  # type: ignore[attr-defined]
                 if server_not_verified(exc):
                     raise ServerNotVerifiedError(
                         f"the server's certificate does not verify against the trust bundle "
                         f"used: {said}"
+                    ) from exc
+                if join_token and code == grpc.StatusCode.PERMISSION_DENIED:
+                    raise JoinTokenRefusedError(
+                        f"the server refused the join token: {_redacted(said, join_token)}"
                     ) from exc
                 raise AttestationError(f"attestation refused: {said}") from exc
         return self._agent_svid(result, key), TrustBundle.from_proto(result.bundle)

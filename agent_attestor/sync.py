@@ -21,7 +21,12 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache, SyncPosition, SyncState, hold_crl, join_parts
 from agent_attestor.checkpoint_store import PushedCheckpoint
-from agent_attestor.errors import AttestationError, NotReadyError, ServerNotVerifiedError
+from agent_attestor.errors import (
+    AttestationError,
+    JoinTokenRefusedError,
+    NotReadyError,
+    ServerNotVerifiedError,
+)
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient, server_not_verified
 from agent_attestor.rotation import rotation_point
@@ -48,9 +53,10 @@ REFUSED = (
     "this node agent was evicted or banned by the server and serves no identities until it is "
     "attested again"
 )
-# Seconds between two log lines saying that no bundle the agent has verifies the server: the
-# loop retries every few seconds, and the line has only to tell the operator what to do.
-UNVERIFIED_LOG_INTERVAL = 300.0
+# Seconds between two log lines about what only the operator can mend (no bundle the agent has
+# verifies the server, a join token that cannot attest): the loop retries every few seconds,
+# and the line has only to tell the operator what to do, then that it is still so.
+OPERATOR_LOG_INTERVAL = 300.0
 
 
 @dataclass
@@ -118,8 +124,9 @@ class Syncer:
         # it is one the server no longer accepts either. None: a valid saved SVID is used.
         self._fallback: bytes | None = None
         # A given bundle that fails too makes the loop set the saved SVID aside at every retry.
-        self._set_aside_log = LogThrottle(UNVERIFIED_LOG_INTERVAL, clock)
-        self._unverified_log = LogThrottle(UNVERIFIED_LOG_INTERVAL, clock)
+        self._set_aside_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
+        self._unverified_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
+        self._token_refused_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self.connected = False
         self.syncs = 0
         # Where the last Sync stream left off: a reconnect asks only for what came after. It
@@ -209,10 +216,9 @@ class Syncer:
             self._install(stored, None)
             return stored
         if self._s.join_token and self._token_used:
-            raise AttestationError(
-                "agent SVID expired, was refused or its CA replaced, and the join token was "
-                "already used: "
-                "give a new join token (--join-token-file or $SVID_AGENT_JOIN_TOKEN)"
+            raise JoinTokenRefusedError(
+                "agent SVID expired, was refused or its CA replaced, and this agent spent its "
+                "join token already"
             )
         # Its own task, shielded: a join token is spent once the server answers, so a stop
         # that cancelled the exchange midway would leave the agent with no identity and no
@@ -451,6 +457,9 @@ class Syncer:
                 else:
                     log.warning("lost the server", extra={"server": self.server, "code": code.name})
                 await self._after_failure(code.name, code.name)
+            except JoinTokenRefusedError as exc:
+                # Not a move: every server of the trust domain reads the same tokens.
+                self._token_refused(str(exc))
             except ServerNotVerifiedError as exc:
                 # An attestation: neither the saved bundle nor the given one verified the server.
                 # A saved SVID set aside is tried again next (_take_back_saved_svid).
@@ -503,6 +512,19 @@ class Syncer:
             "from `svid-server bundle show --format pem`) and a new join token (an x509pop "
             "agent needs only the bundle); retrying meanwhile",
             extra={"server": self.server, "failures": count, "error": error[:300]},
+        )
+
+    def _token_refused(self, error: str) -> None:
+        """The join token cannot attest the agent: every retry until the operator gives a new
+        one is refused the same way, and says so once per interval."""
+        count = self._token_refused_log.due()
+        if not count:
+            return
+        log.error(
+            "the join token cannot attest this agent (never issued, expired, or already used): "
+            "issue a new one (svid-server token generate) and give it to the agent "
+            "(--join-token-file FILE or $SVID_AGENT_JOIN_TOKEN); retrying meanwhile",
+            extra={"server": self.server, "times": count, "error": error[:300]},
         )
 
     async def _after_failure(self, code: str | None, reason: str) -> None:

@@ -6,16 +6,28 @@ spends it first attests as this node (issue 11, item 3).
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
 
 from agent_attestor import cli
 from agent_attestor.config import JOIN_TOKEN_ENV, build_config, read_join_token_file
-from agent_attestor.errors import ConfigError
+from agent_attestor.errors import ConfigError, JoinTokenRefusedError
+from agent_attestor.node_client import SERVER_NAME, NodeClient
 from agent_attestor.sync import SyncSettings
+from svid._clock import SystemClock, to_datetime
+from svid._proto import node_pb2, node_pb2_grpc
+from tests.agent_attestor.pki import LocalCa
 from tests.fifo import make_fifo, raised_without_blocking
 
 TOKEN = "tok-id.s3cr3t-value"
@@ -167,3 +179,57 @@ def test_a_token_file_that_is_a_named_pipe_is_refused_without_blocking(tmp_path:
     raised = raised_without_blocking(lambda: read_join_token_file(fifo), fifo)
     assert isinstance(raised, ConfigError)
     assert str(raised) == f"join_token_file: {fifo} is not a regular file"
+
+
+class _EchoingNode(node_pb2_grpc.NodeServicer):
+    """A server that refuses every join token quoting it, as a careless one might."""
+
+    async def Attest(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[node_pb2.AttestRequest], context: Any
+    ) -> None:
+        async for request in request_iterator:
+            said = request.params.data.payload.decode()
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unknown token {said}")
+
+
+def _server_tls(ca: LocalCa) -> grpc.ServerCredentials:
+    """A certificate the agent's attestation channel accepts: by `ca`, for the name it checks."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = ca.clock.now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(to_datetime(now - 60))
+        .not_valid_after(to_datetime(now + 3600))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(SERVER_NAME)]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    return grpc.ssl_server_credentials([(key_pem, cert.public_bytes(Encoding.PEM))])
+
+
+def test_what_a_server_says_refusing_the_token_is_kept_without_the_token() -> None:
+    ca = LocalCa(SystemClock())
+
+    async def scenario() -> JoinTokenRefusedError:
+        server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServicer_to_server(_EchoingNode(), server)
+        port = server.add_secure_port("127.0.0.1:0", _server_tls(ca))
+        await server.start()
+        address = f"127.0.0.1:{port}"
+        client = NodeClient(address, address, ca.cert.public_bytes(Encoding.PEM))
+        try:
+            with pytest.raises(JoinTokenRefusedError) as refused:
+                await client.attest(join_token=TOKEN)
+            return refused.value
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    error = asyncio.run(scenario())
+    assert "PERMISSION_DENIED: unknown token" in str(error)  # the server's words, kept
+    assert "s3cr3t" not in str(error)
+    assert "tok-id" not in str(error)  # the whole token went, not only its secret
