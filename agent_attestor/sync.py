@@ -215,11 +215,6 @@ class Syncer:
             log.info("loaded agent SVID from disk", extra={"agent_id": stored.spiffe_id})
             self._install(stored, None)
             return stored
-        if self._s.join_token and self._token_used:
-            raise JoinTokenRefusedError(
-                "agent SVID expired, was refused or its CA replaced, and this agent spent its "
-                "join token already"
-            )
         # Its own task, shielded: a join token is spent once the server answers, so a stop
         # that cancelled the exchange midway would leave the agent with no identity and no
         # token. The SVID it bought is saved even when the caller is cancelled.
@@ -258,6 +253,13 @@ class Syncer:
     async def _attest_and_save_with(
         self, server: Server, roots: bytes
     ) -> tuple[AgentSvid, TrustBundle]:
+        if self._s.join_token and self._token_used:
+            # Here, not before the attestation: a saved SVID set aside is given back (see
+            # _attest_and_save) whether the server or the agent itself refused the token.
+            raise JoinTokenRefusedError(
+                "agent SVID expired, was refused or its CA replaced, and this agent spent its "
+                "join token already"
+            )
         client = NodeClient(
             server.node, server.attest, roots, connect_timeout=self._s.connect_timeout
         )

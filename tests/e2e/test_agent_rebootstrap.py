@@ -264,3 +264,28 @@ def test_an_attestation_failing_after_the_set_aside_gives_the_saved_svid_back(
         assert [item["spiffe_id"] for item in items] == [old_id]
         assert (agent.data_dir / "agent_svid.der").read_bytes() == saved_svid
         assert (agent.data_dir / "bundle.der").read_bytes() == saved_bundle
+
+
+def test_a_stray_server_met_after_the_join_token_was_spent_costs_the_running_agent_nothing() -> (
+    None
+):
+    # The agent attested in this run: its join token is spent, so the set-aside can attest
+    # with nothing. That refusal, too, gives the saved SVID back.
+    root = short_tmpdir()
+    server = make_restartable_server(root).start()
+    with agent_stack(root, server, start=False) as agent:
+        other_ca = LocalCa(SystemClock()).cert.public_bytes(serialization.Encoding.PEM)
+        agent.bundle_file().write_bytes(agent.bundle_file().read_bytes() + other_ca)
+        agent.start()
+        agent_id = agent.agent_id()
+        server.stop()
+        with stray_in_place_of(server, attest=True):
+            wait_for(
+                lambda: "setting the saved agent SVID aside" in agent.logs(), 30, "a set-aside"
+            )
+            time.sleep(3)  # a few more rounds on the stray
+        time.sleep(3)  # longer than a backoff: see _set_aside_then
+        server.start()
+        spiffe_id = f"spiffe://{TRUST_DOMAIN}/after-a-stray-server-met-running"
+        create_entry(server, spiffe_id, agent_id)
+        agent.wait_svid(spiffe_id)
