@@ -2,7 +2,9 @@
 
 The caller is identified exactly as for the Workload API (the relay's registry) and may begin a
 task only under an identity it holds now. The agent forwards the request to the server, which
-decides; the goal text is hashed here and never leaves the node.
+decides; the goal text is hashed here and never leaves the node. The caller's entries go with
+each request: several workloads may hold one SPIFFE ID through several entries, and each ends,
+lists and begins sub-tasks of only the tasks it began itself.
 """
 
 # ruff: noqa: N802 - gRPC method names are fixed by the proto
@@ -50,6 +52,11 @@ def goal_hash(goal: str) -> str:
     return hashlib.sha256(goal.encode("utf-8")).hexdigest() if goal else ""
 
 
+def _ids(entries: list[Entry]) -> list[str]:
+    """The SPIFFE IDs of `entries`, each once, in their order (the default first)."""
+    return list(dict.fromkeys(e.spiffe_id for e in entries))
+
+
 def _runtime_entry(mine: list[Entry]) -> Entry:
     """Of the caller's entries with the task's runtime ID, the one the task's entry takes its
     selectors from: the most specific, so that no more workloads than need be are given the
@@ -95,10 +102,6 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
             log.info("task entry not here yet", extra={"spiffe_id": spiffe_id, "after": budget})
             return False
         return True
-
-    async def _held(self, context: grpc.aio.ServicerContext) -> list[str]:
-        """The caller's own identities (not task identities), default first; aborts if none."""
-        return list(dict.fromkeys(e.spiffe_id for e in await self._held_entries(context)))
 
     async def _held_entries(self, context: grpc.aio.ServicerContext) -> list[Entry]:
         """The caller's own entries (not task entries), default first; aborts if none."""
@@ -172,6 +175,7 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         intent = task_pb2.Intent()
         intent.CopyFrom(request.intent)
         intent.goal = ""
+        runtime_entry = _runtime_entry(mine)
         task = await self._forward(
             context,
             self._client.begin(
@@ -182,7 +186,7 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
                     parent_task_id=request.parent_task_id,
                     goal_sha256=goal_hash(request.intent.goal),
                     elevate=request.elevate,
-                    runtime_entry_id=_runtime_entry(mine).id,
+                    runtime_entry_id=runtime_entry.id,
                 )
             ),
         )
@@ -191,16 +195,17 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         except asyncio.CancelledError:
             # The workload hung up (or ran out its deadline) after the server granted: it never
             # learns this task's ID, so nobody else would end the task before its TTL.
-            await asyncio.shield(self._end_unheard(task))
+            await asyncio.shield(self._end_unheard(task, runtime_entry.id))
             raise
         return task_pb2.BeginTaskResponse(task=task)
 
-    async def _end_unheard(self, task: task_pb2.Task) -> None:
+    async def _end_unheard(self, task: task_pb2.Task, runtime_entry_id: str) -> None:
         try:
             await self._client.end(
                 task_pb2.NodeEndTaskRequest(
                     task_id=task.task_id,
                     runtime_ids=[task.runtime_id],
+                    runtime_entry_ids=[runtime_entry_id],
                     reason="its workload hung up before the answer",
                 )
             )
@@ -213,14 +218,19 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
     async def EndTask(
         self, request: task_pb2.EndTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.EndTaskResponse:
-        held = await self._held(context)
+        entries = await self._held_entries(context)
         if not request.task_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "task_id: required")
+        # Its entries as well as its identities: another workload holding one of them through
+        # another entry began its own tasks, and the server keeps those from this caller.
         task = await self._forward(
             context,
             self._client.end(
                 task_pb2.NodeEndTaskRequest(
-                    task_id=request.task_id, runtime_ids=held, reason=request.reason
+                    task_id=request.task_id,
+                    runtime_ids=_ids(entries),
+                    runtime_entry_ids=[e.id for e in entries],
+                    reason=request.reason,
                 )
             ),
         )
@@ -242,21 +252,21 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
     ) -> task_pb2.ListTasksResponse:
         """One page of the caller's tasks; the server pages, checks the filters and the token
         (bound to the identities listed for: a token of another workload is refused)."""
-        held = await self._held(context)
-        runtime_ids = held
+        entries = await self._held_entries(context)
         if request.spiffe_id:
-            if request.spiffe_id not in held:
+            if request.spiffe_id not in _ids(entries):
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"caller does not hold {request.spiffe_id[:200]!r}; list the tasks of one "
                     "of its own identities, or of all of them with no spiffe_id",
                 )
-            runtime_ids = [request.spiffe_id]
+            entries = [e for e in entries if e.spiffe_id == request.spiffe_id]
         return await self._forward(
             context,
             self._client.list(
                 task_pb2.NodeListTasksRequest(
-                    runtime_ids=runtime_ids,
+                    runtime_ids=_ids(entries),
+                    runtime_entry_ids=[e.id for e in entries],
                     page_size=request.page_size,
                     page_token=request.page_token,
                     state=request.state,

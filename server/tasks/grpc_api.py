@@ -67,10 +67,10 @@ def task_to_proto(task: Task, credentials: int = 0) -> task_pb2.Task:
     )
 
 
-def _runtime_ids(values: list[str]) -> list[str]:
+def _runtime_ids(values: list[str], name: str = "runtime_ids") -> list[str]:
     if len(values) > MAX_RUNTIME_IDS:
-        raise InvalidRequestError(f"runtime_ids: at most {MAX_RUNTIME_IDS}")
-    refuse_nul("runtime_ids", *values)
+        raise InvalidRequestError(f"{name}: at most {MAX_RUNTIME_IDS}")
+    refuse_nul(name, *values)
     return values
 
 
@@ -128,6 +128,7 @@ class _Page:
         agent_id: str,
         state: str,
         runtime_ids: Sequence[str] | None,
+        runtime_entry_ids: Sequence[str] = (),
     ) -> task_pb2.ListTasksResponse:
         """Blocking (SQLite): run it off the event loop. One task past the limit says whether
         a later page exists. Every view of a task (list, show, revoke) counts its credentials
@@ -136,6 +137,7 @@ class _Page:
             agent_id=agent_id,
             state=state,
             runtime_ids=runtime_ids,
+            runtime_entry_ids=runtime_entry_ids,
             after=self.after,
             limit=self.limit + 1,
         )
@@ -224,7 +226,10 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
     ) -> task_pb2.EndTaskResponse:
         agent = self._agent(context)
         runtime_ids = _runtime_ids(list(request.runtime_ids))
-        task = await self._service.end(agent, request.task_id, runtime_ids, request.reason)
+        entry_ids = _runtime_ids(list(request.runtime_entry_ids), "runtime_entry_ids")
+        task = await self._service.end(
+            agent, request.task_id, runtime_ids, request.reason, runtime_entry_ids=entry_ids
+        )
         # What the end revoked, as the admin views count it (`svid-agent task end` prints it).
         count = await asyncio.to_thread(self._service.store.count_credentials, task.task_id)
         return task_pb2.EndTaskResponse(task=task_to_proto(task, count))
@@ -235,16 +240,20 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
     ) -> task_pb2.ListTasksResponse:
         agent = self._agent(context)
         runtime_ids = sorted(set(_runtime_ids(list(request.runtime_ids))))
+        entry_ids = sorted(set(_runtime_ids(list(request.runtime_entry_ids), "runtime_entry_ids")))
         state = _state(request.state)
         # Bound to the caller too: a token is refused when the agent, or the workload's set of
-        # identities it lists for, changed since it was issued.
-        page = _Page(request, ["node-tasks", agent.spiffe_id, runtime_ids, state])
+        # identities or entries it lists for, changed since it was issued (entries only when
+        # sent, so that an older agent's tokens stay good).
+        query: list[object] = ["node-tasks", agent.spiffe_id, runtime_ids, state]
+        page = _Page(request, [*query, entry_ids] if entry_ids else query)
         return await asyncio.to_thread(
             page.read,
             self._service,
             agent_id=agent.spiffe_id,
             state=state,
             runtime_ids=runtime_ids,
+            runtime_entry_ids=entry_ids,
         )
 
     @status.unary

@@ -57,6 +57,10 @@ class Task:
     tools: tuple[str, ...] = ()
     # A short elevated step inside its parent (see TaskService.begin).
     elevated: bool = False
+    # The registration entry of the workload that began it (its runtime_id may be several
+    # workloads' through several entries): only that workload ends it, lists it, or begins
+    # sub-tasks of it. "" for a task begun before it was recorded (see service.owned_by).
+    runtime_entry_id: str = ""
 
     def __post_init__(self) -> None:
         # Rows come back from JSON with lists.

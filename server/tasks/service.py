@@ -300,7 +300,11 @@ class TaskService:
             elevated=req.elevate,
         )
 
-    def _parent(self, agent: AttestedAgent, req: BeginRequest) -> Task | None:
+    def _parent(self, agent: AttestedAgent, req: BeginRequest, runtime: Entry) -> Task | None:
+        """The active parent of a sub-task or elevated step, begun by the same workload:
+        `runtime` is the caller's entry (_runtime_entry). Its ID is public (every token's `txn`
+        and `sub`), and another workload of the same SPIFFE ID would otherwise take a sub-task,
+        delivered to itself, inside it (its on_behalf_of, its `act` chain)."""
         if not req.parent_task_id:
             return None
         parent = self._store.get_task(req.parent_task_id)
@@ -310,6 +314,15 @@ class TaskService:
             raise PermissionDeniedError(
                 f"parent task {parent.task_id} belongs to {parent.runtime_id}, not {req.runtime_id}"
             )
+        if not parent.runtime_entry_id:
+            # Begun before tasks recorded their workload: whose it is cannot be told, so
+            # nothing more is begun inside it (it ends by its TTL; a new task may be begun).
+            raise PermissionDeniedError(
+                f"parent task {parent.task_id} was begun before tasks recorded their workload; "
+                "begin a new task instead of a sub-task of it"
+            )
+        if parent.runtime_entry_id != runtime.id:
+            raise PermissionDeniedError(f"parent task {parent.task_id} belongs to another workload")
         if not parent.active:
             raise PermissionDeniedError(f"parent task {parent.task_id} is {parent.state.value}")
         return parent
@@ -414,7 +427,7 @@ class TaskService:
             raise InvalidRequestError("goal_sha256: must be 64 lowercase hex digits")
         try:
             runtime = self._runtime_entry(agent, req.runtime_id, req.runtime_entry_id)
-            parent = self._parent(agent, req)
+            parent = self._parent(agent, req, runtime)
         except PermissionDeniedError as exc:
             # Refused before any policy decision, and an identity decision all the same.
             raise self._deny(
@@ -501,6 +514,7 @@ class TaskService:
             task_id=task_id,
             spiffe_id=spiffe_id,
             runtime_id=req.runtime_id,
+            runtime_entry_id=runtime.id,
             agent_id=agent.spiffe_id,
             entry_id="",
             actions=tuple(sorted({a for a, _ in scope})),
@@ -830,14 +844,23 @@ class TaskService:
     # -- end and revocation ---------------------------------------------------------------------
 
     async def end(
-        self, agent: AttestedAgent, task_id: str, runtime_ids: Sequence[str], reason: str = ""
+        self,
+        agent: AttestedAgent,
+        task_id: str,
+        runtime_ids: Sequence[str],
+        reason: str = "",
+        runtime_entry_ids: Sequence[str] = (),
     ) -> Task:
-        """End the task as its runtime: `reason` is the runtime's own (runtime_end_reason)."""
+        """End the task as its runtime: `reason` is the runtime's own (runtime_end_reason).
+        `runtime_ids`, `runtime_entry_ids`: the caller's identities and entries, as its agent
+        found them (none: not checked; an agent from before entries were sent sends none)."""
         end_reason = runtime_end_reason(reason)
         task = await asyncio.to_thread(self._store.get_task, task_id)
         if task is None or task.agent_id != agent.spiffe_id:
             raise NotFoundError(f"task {task_id[:80]!r} not found")
-        if runtime_ids and task.runtime_id not in runtime_ids:
+        if (runtime_ids and task.runtime_id not in runtime_ids) or not owned_by(
+            task, runtime_entry_ids
+        ):
             raise PermissionDeniedError(f"task {task_id} belongs to another workload")
         if not task.active:
             return task
@@ -1117,12 +1140,26 @@ class TaskService:
         agent_id: str = "",
         state: str = "",
         runtime_ids: Sequence[str] | None = None,
+        runtime_entry_ids: Sequence[str] = (),
         after: TaskCursor | None = None,
         limit: int = 0,
     ) -> list[Task]:
-        return self._store.list_tasks(
-            agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
-        )
+        """Oldest first, after `after`, at most `limit` (0: all). With `runtime_entry_ids`,
+        only the tasks those workloads own (owned_by): the entry is in a task's body, not a
+        column, so rows are read a batch at a time until `limit` of theirs are found."""
+        if not runtime_entry_ids:
+            return self._store.list_tasks(
+                agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
+            )
+        found: list[Task] = []
+        while True:
+            batch = self._store.list_tasks(
+                agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
+            )
+            found.extend(t for t in batch if owned_by(t, runtime_entry_ids))
+            if not limit or len(batch) < limit or len(found) >= limit:
+                return found[:limit] if limit else found
+            after = TaskCursor(batch[-1].created_at, batch[-1].task_id)
 
     def crl(self) -> tuple[bytes, ...]:
         """The CRLs of the revoked X.509 serials whose certificates are still valid, each CA's
@@ -1195,6 +1232,17 @@ def follow_tasks(
         elif held is not None:
             gone.append(held)
     return begun, gone
+
+
+def owned_by(task: Task, runtime_entry_ids: Sequence[str]) -> bool:
+    """Whether the workload of those entries (one caller's, as its agent found them) may end
+    or list `task`: it began it under one of them. No entries: not checked (an agent from
+    before entries were sent). A task begun before its entry was recorded has none to check:
+    any workload of its runtime ID may end and list it, as before; ending only takes away,
+    and refusing would leave its own workload unable to end it before its TTL."""
+    if not runtime_entry_ids or not task.runtime_entry_id:
+        return True
+    return task.runtime_entry_id in runtime_entry_ids
 
 
 def actor_chain(spiffe_id: str, parent: Task | None, on_behalf_of: str) -> dict[str, Any]:

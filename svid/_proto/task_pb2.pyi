@@ -152,26 +152,30 @@ class NodeBeginTaskRequest(_message.Message):
     def __init__(self, runtime_id: _Optional[str] = ..., intent: _Optional[_Union[Intent, _Mapping]] = ..., ttl: _Optional[int] = ..., parent_task_id: _Optional[str] = ..., goal_sha256: _Optional[str] = ..., elevate: _Optional[bool] = ..., runtime_entry_id: _Optional[str] = ...) -> None: ...
 
 class NodeEndTaskRequest(_message.Message):
-    __slots__ = ("task_id", "runtime_ids", "reason")
+    __slots__ = ("task_id", "runtime_ids", "reason", "runtime_entry_ids")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_IDS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     runtime_ids: _containers.RepeatedScalarFieldContainer[str]
     reason: str
-    def __init__(self, task_id: _Optional[str] = ..., runtime_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    runtime_entry_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_id: _Optional[str] = ..., runtime_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., runtime_entry_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeListTasksRequest(_message.Message):
-    __slots__ = ("runtime_ids", "page_size", "page_token", "state")
+    __slots__ = ("runtime_ids", "page_size", "page_token", "state", "runtime_entry_ids")
     RUNTIME_IDS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
     runtime_ids: _containers.RepeatedScalarFieldContainer[str]
     page_size: int
     page_token: str
     state: str
-    def __init__(self, runtime_ids: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    runtime_entry_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, runtime_ids: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[str] = ..., runtime_entry_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Validation(_message.Message):
     __slots__ = ("subject", "audience", "ok", "reason", "jti", "txn", "at", "caller_id")

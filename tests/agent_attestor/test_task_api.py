@@ -213,6 +213,7 @@ def test_a_begin_the_workload_hangs_up_on_after_the_grant_ends_the_task(ta: Task
     (ended,) = ta.client.ended
     assert ended.task_id == "t1"
     assert list(ended.runtime_ids) == [f"{TD}/bot"]
+    assert list(ended.runtime_entry_ids) == [ta.client.begun[0].runtime_entry_id]
     assert ended.reason == "its workload hung up before the answer"
 
 
@@ -332,6 +333,26 @@ def test_end_sends_the_callers_identities_and_forgets_cached_task_jwts(ta: TaskA
     assert ta.h.jwts.cached(task_entry.spiffe_id, ["docs"]) is None
     listed = ta.tasks().ListTasks(task_pb2.ListTasksRequest(), metadata=HEADER, timeout=10)
     assert [t.task_id for t in listed.tasks] == ["t1"]
+
+
+def test_end_and_list_name_the_callers_own_entries_not_another_workloads_of_its_identity(
+    ta: TaskAgent,
+) -> None:
+    # Two entries give /bot to two workloads: the server keeps each one's tasks from the other
+    # by the entries the agent names, so the other workload's entry must never be among them.
+    other = ta.h.add_entry("/bot", selectors=frozenset({Selector("unix", "uid:4294967294")}))
+    mine = ta.h.add_entry("/bot")
+    helper = ta.h.add_entry("/helper")
+    ta.tasks().EndTask(task_pb2.EndTaskRequest(task_id="t1"), metadata=HEADER, timeout=10)
+    (ended,) = ta.client.ended
+    assert sorted(ended.runtime_entry_ids) == sorted([mine.id, helper.id])
+    ta.tasks().ListTasks(task_pb2.ListTasksRequest(), metadata=HEADER, timeout=10)
+    assert sorted(ta.client.listed[-1].runtime_entry_ids) == sorted([mine.id, helper.id])
+    request = task_pb2.ListTasksRequest(spiffe_id=f"{TD}/bot")
+    ta.tasks().ListTasks(request, metadata=HEADER, timeout=10)
+    assert list(ta.client.listed[-1].runtime_entry_ids) == [mine.id]
+    assert list(ta.client.listed[-1].runtime_ids) == [f"{TD}/bot"]
+    assert other.id not in {*ended.runtime_entry_ids, *ta.client.listed[0].runtime_entry_ids}
 
 
 def test_end_forgets_the_cached_jwts_of_the_tasks_sub_tasks_too(ta: TaskAgent) -> None:

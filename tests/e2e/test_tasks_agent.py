@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,13 @@ from svid._proto import (
     workload_pb2_grpc,
 )
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
+from tests.users import NOBODY
 
 pytestmark = pytest.mark.e2e
 TD = f"spiffe://{TRUST_DOMAIN}"
 RUNTIME = f"{TD}/agents/research-bot"
 HEADER = (("workload.spiffe.io", "true"),)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -402,3 +405,85 @@ def test_fetch_jwt_without_spiffe_id_ignores_open_tasks_and_never_counts_against
     assert [json.loads(line) for line in out.splitlines() if line.strip()] == []
     again = path3.begin()
     assert again.spiffe_id == f"{RUNTIME}/task/{again.task_id}"
+
+
+def _tasks_as_nobody(socket_path: Path, calls: str) -> dict[str, Any]:
+    """Run `calls` (Python, with `tasks` a TasksStub on the agent's socket and `out` a dict
+    printed as JSON) as `nobody`, once the agent serves it an identity."""
+    script = textwrap.dedent(
+        f"""
+        import json, os, time, grpc
+        from svid._proto import task_pb2, task_pb2_grpc
+        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+        tasks = task_pb2_grpc.TasksStub(grpc.insecure_channel("unix:{socket_path}"))
+        H = {HEADER!r}
+        def code(call):
+            try:
+                call()
+                return "OK"
+            except grpc.RpcError as exc:
+                return exc.code().name
+        for _ in range(200):  # its entry reaches the agent over Sync
+            if code(lambda: tasks.ListTasks(task_pb2.ListTasksRequest(), metadata=H)) == "OK":
+                break
+            time.sleep(0.1)
+        out = {{}}
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script + textwrap.dedent(calls) + "\nprint(json.dumps(out))\n"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(ROOT),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+def test_a_workload_ends_lists_and_extends_only_its_own_tasks_of_a_shared_identity(
+    path3: Path3,
+) -> None:
+    """This test (root) and `nobody` hold RUNTIME through two entries. The task ID is public
+    (every token's `txn`): `nobody` can name this test's task but not end it, list it or begin
+    a sub-task inside it; and this test cannot end nobody's task."""
+    agent_id = path3.server.cli_json("agent", "list")["agents"][0]["spiffe_id"]
+    path3.server.cli(
+        "entry", "create", "--spiffe-id", RUNTIME, "--parent-id", agent_id,
+        "--selector", f"unix:uid:{NOBODY}",
+    )  # fmt: skip
+    for path in (path3.agent.root, path3.agent.socket_path.parent):
+        path.chmod(0o755)
+    mine = path3.begin()
+    theirs = _tasks_as_nobody(
+        path3.agent.socket_path,
+        f"""
+        intent = task_pb2.Intent(actions=["read"], resources=["docs"], on_behalf_of="user:eve")
+        out["sub"] = code(lambda: tasks.BeginTask(task_pb2.BeginTaskRequest(
+            intent=task_pb2.Intent(actions=["read"], resources=["docs"]),
+            parent_task_id={mine.task_id!r}, ttl=60), metadata=H, timeout=10))
+        out["end"] = code(lambda: tasks.EndTask(
+            task_pb2.EndTaskRequest(task_id={mine.task_id!r}), metadata=H, timeout=10))
+        out["own"] = tasks.BeginTask(
+            task_pb2.BeginTaskRequest(intent=intent, ttl=300), metadata=H, timeout=10
+        ).task.task_id
+        listed = tasks.ListTasks(task_pb2.ListTasksRequest(), metadata=H, timeout=10)
+        out["listed"] = [t.task_id for t in listed.tasks]
+        """,
+    )
+    assert (theirs["sub"], theirs["end"]) == ("PERMISSION_DENIED", "PERMISSION_DENIED")
+    assert theirs["listed"] == [theirs["own"]]
+    listed = path3.tasks.ListTasks(task_pb2.ListTasksRequest(), metadata=HEADER, timeout=10)
+    assert [(t.task_id, t.state) for t in listed.tasks] == [(mine.task_id, "active")]
+    with pytest.raises(grpc.RpcError) as err:
+        path3.tasks.EndTask(
+            task_pb2.EndTaskRequest(task_id=theirs["own"]), metadata=HEADER, timeout=10
+        )
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    ended = path3.tasks.EndTask(
+        task_pb2.EndTaskRequest(task_id=mine.task_id), metadata=HEADER, timeout=10
+    ).task
+    assert ended.state == "ended"

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from server import listing
-from svid._proto import task_pb2, task_pb2_grpc
+from svid._proto import common_pb2, task_pb2, task_pb2_grpc
 from tests.server.fixtures import TLS_NAME, TRUST_DOMAIN, Agent, RunningServer, running_server
 
 TD = f"spiffe://{TRUST_DOMAIN}"
@@ -288,3 +288,59 @@ def test_bad_and_foreign_page_tokens_are_refused(world: World, tasks: list[task_
     # The right token with the same filters pages on.
     reply = admin.ListTasks(task_pb2.AdminListTasksRequest(page_size=1, page_token=token))
     assert len(reply.tasks) == 1
+
+
+def test_node_ends_and_pages_only_the_tasks_of_the_callers_own_entry() -> None:
+    """Two workloads hold one SPIFFE ID through two entries of one agent: each lists and ends
+    only the tasks it began (the agent sends the caller's entries), however they interleave."""
+    gen = _world()
+    world = next(gen)
+    try:
+        shared = f"{TD}/agents/shared"
+        a, b = (
+            world.srv.create_entry(
+                "/agents/shared",
+                world.first.spiffe_id,
+                selectors=[common_pb2.Selector(type="unix", value=f"uid:{uid}")],
+            )
+            for uid in (1001, 1002)
+        )
+        node = world.node(world.first)
+        begun: dict[str, list[task_pb2.Task]] = {a.id: [], b.id: []}
+        for n in range(9):
+            if n % 4 == 3:
+                world.srv.clock.advance(1)
+            entry = b if n % 3 else a  # B's tasks lie between A's: filtered pages skip them
+            request = task_pb2.NodeBeginTaskRequest(
+                runtime_id=shared,
+                intent=task_pb2.Intent(actions=["read"], resources=["docs"]),
+                ttl=600,
+                runtime_entry_id=entry.id,
+            )
+            begun[entry.id].append(node.BeginTask(request, timeout=10).task)
+        for entry in (a, b):
+            request = task_pb2.NodeListTasksRequest(
+                runtime_ids=[shared], runtime_entry_ids=[entry.id], page_size=2
+            )
+            pages = _pages(node.ListTasks, request)
+            assert [i for p in pages for i in p] == _ordered(begun[entry.id])
+            assert all(len(p) <= 2 for p in pages)
+        theirs = begun[a.id][0]
+        with pytest.raises(grpc.RpcError) as exc:
+            node.EndTask(
+                task_pb2.NodeEndTaskRequest(
+                    task_id=theirs.task_id, runtime_ids=[shared], runtime_entry_ids=[b.id]
+                ),
+                timeout=10,
+            )
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        assert "belongs to another workload" in exc.value.details()  # type: ignore[attr-defined]
+        ended = node.EndTask(
+            task_pb2.NodeEndTaskRequest(
+                task_id=theirs.task_id, runtime_ids=[shared], runtime_entry_ids=[a.id]
+            ),
+            timeout=10,
+        ).task
+        assert ended.state == "ended"
+    finally:
+        next(gen, None)

@@ -4,18 +4,20 @@ test_task_service (SQLite, CA, Cedar, the issuance spine) with an operator's pol
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from server.ca.manager import CaManager
+from server.datastore.records import Entry, Selector
 from server.datastore.sqlite import SqliteDataStore
 from server.errors import InvalidRequestError, PermissionDeniedError
 from server.policy import RequestError
 from server.tasks.model import TaskState
 from svid._clock import FakeClock
-from tests.server.test_task_service import RUNTIME, World, decode, make_world
+from tests.server.test_task_service import AGENT, RUNTIME, World, decode, make_world
 
 TICKETS = "mcp-tickets"
 READ = f"{TICKETS}#read_ticket"
@@ -232,3 +234,79 @@ def test_high_risk_actions_still_need_a_permit_in_an_elevated_step(world: World)
             parent_task_id=parent.task_id,
             elevate=True,
         )
+
+
+# -- whose task ----------------------------------------------------------------------------------
+
+
+def _workload(world: World, uid: int) -> Entry:
+    """An entry giving RUNTIME to the workload of `uid`: two of them are two workloads of one
+    SPIFFE ID."""
+    made: Entry = world.run(
+        world.state.create_entry(Entry("", RUNTIME, AGENT, (Selector("unix", f"uid:{uid}"),)))
+    )
+    return made
+
+
+def test_only_the_workload_that_began_a_task_begins_its_sub_tasks_and_elevated_steps(
+    world: World,
+) -> None:
+    """The task ID is public (every token's `txn` and `sub`): one workload naming another's
+    task as parent would get a sub-task delivered to itself inside the other's task (its
+    on_behalf_of, its `act` chain). Refused as a task of another runtime is."""
+    mine, theirs = _workload(world, 1001), _workload(world, 1002)
+    their_task = world.begin(runtime_entry_id=theirs.id, on_behalf_of="user:bob")
+    assert their_task.runtime_entry_id == theirs.id
+    for elevate in (False, True):
+        with pytest.raises(PermissionDeniedError, match="belongs to another workload"):
+            world.begin(
+                runtime_entry_id=mine.id,
+                parent_task_id=their_task.task_id,
+                on_behalf_of="",
+                elevate=elevate,
+                ttl=60,
+            )
+    assert [t.task_id for t in world.service.list(agent_id=AGENT)] == [their_task.task_id]
+    # Its own workload still may.
+    sub = world.begin(
+        runtime_entry_id=theirs.id, parent_task_id=their_task.task_id, on_behalf_of="", ttl=60
+    )
+    assert sub.on_behalf_of == "user:bob"
+    assert world.state.entries.by_id[sub.entry_id].selectors == theirs.selectors
+
+
+def test_a_task_begun_before_its_workload_was_recorded_gets_no_sub_task_but_still_ends(
+    world: World,
+) -> None:
+    """A task stored before tasks recorded their entry cannot say whose it is: nothing more is
+    begun inside it, and any workload of its runtime ID lists and ends it, as before."""
+    mine, theirs = _workload(world, 1001), _workload(world, 1002)
+    old = replace(world.begin(runtime_entry_id=theirs.id), runtime_entry_id="")
+    world.store.put_task(old)
+    assert world.store.get_task(old.task_id) == old
+    for entry in (mine, theirs):
+        with pytest.raises(PermissionDeniedError, match="before tasks recorded their workload"):
+            world.begin(runtime_entry_id=entry.id, parent_task_id=old.task_id, on_behalf_of="")
+    listed = world.service.list(agent_id=AGENT, runtime_ids=[RUNTIME], runtime_entry_ids=[mine.id])
+    assert [t.task_id for t in listed] == [old.task_id]
+    ended = world.run(world.service.end(world.agent, old.task_id, [RUNTIME], "", [mine.id]))
+    assert ended.state is TaskState.ENDED
+
+
+def test_a_workload_ends_and_lists_only_the_tasks_it_began(world: World) -> None:
+    mine, theirs = _workload(world, 1001), _workload(world, 1002)
+    their_task = world.begin(runtime_entry_id=theirs.id)
+    my_task = world.begin(runtime_entry_id=mine.id)
+
+    def listed(entry: Entry) -> list[str]:
+        tasks = world.service.list(runtime_ids=[RUNTIME], runtime_entry_ids=[entry.id], limit=1)
+        return [t.task_id for t in tasks]
+
+    assert (listed(mine), listed(theirs)) == ([my_task.task_id], [their_task.task_id])
+    with pytest.raises(PermissionDeniedError, match="belongs to another workload"):
+        world.run(world.service.end(world.agent, their_task.task_id, [RUNTIME], "", [mine.id]))
+    assert world.service.get(their_task.task_id).active
+    ended = world.run(
+        world.service.end(world.agent, their_task.task_id, [RUNTIME], "", [theirs.id])
+    )
+    assert ended.state is TaskState.ENDED
