@@ -7,10 +7,12 @@ itself 0600. Only that user (and root) can connect.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from server.errors import ConfigError
@@ -51,6 +53,19 @@ def prepare(path: Path) -> None:
             raise ConfigError(f"admin_socket: another server is listening on {path}")
         finally:
             probe.close()
+
+
+@contextlib.contextmanager
+def created_private() -> Iterator[None]:
+    """The socket made under this is 0600 from its creation. gRPC binds and listens at once, and
+    a file's mode is checked at connect() only: a socket made under a looser umask and locked
+    down after the server started let another user connect in between and keep that
+    connection. The umask is the process's, so this is held only around the bind, at start-up."""
+    old = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def lock_down(path: Path) -> None:

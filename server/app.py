@@ -467,12 +467,13 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self._admin_health, self._admin_server)
         admin_socket.prepare(cfg.admin_socket)
         admin_server = self._admin_server
-        _bind(
-            "admin_socket",
-            str(cfg.admin_socket),
-            # As a URI, like the CLI's target: "%" (or "?", "#") in the path stays itself.
-            lambda: admin_server.add_insecure_port(grpc_unix_target(cfg.admin_socket)),
-        )
+        with admin_socket.created_private():
+            _bind(
+                "admin_socket",
+                str(cfg.admin_socket),
+                # As a URI, like the CLI's target: "%" (or "?", "#") in the path stays itself.
+                lambda: admin_server.add_insecure_port(grpc_unix_target(cfg.admin_socket)),
+            )
         await self._node_server.start()
         await self._admin_server.start()
         admin_socket.lock_down(cfg.admin_socket)
