@@ -11,7 +11,7 @@ intent's numbers are explained where they are set.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 MAX_AUDIENCES = 32
 MAX_AUDIENCE_BYTES = 1024  # each, UTF-8
@@ -119,6 +119,24 @@ def intent_problem(
         if size > most:
             return f"intent.{name}: {size} bytes, at most {most} bytes (UTF-8) allowed"
     return ""
+
+
+def principal_problem(on_behalf_of: str, runtime_id: str, chain: Iterable[str] = ()) -> str:
+    """Why a task may not declare `on_behalf_of` ("" when it may). The principal becomes the
+    `sub` of the task's exchanged tokens: a user or an upstream agent, as the runtime declares
+    it. A SPIFFE ID there is the subject that workload's own tokens carry, so it is taken only
+    when the task's chain proves it: the runtime itself, or one of `chain` (the SPIFFE IDs of
+    the tasks above it and their runtimes; read lazily, only for such a principal).
+    Any case and surrounding blanks count as a SPIFFE ID: a resource server may fold them."""
+    if not on_behalf_of.strip().lower().startswith("spiffe:"):
+        return ""
+    if on_behalf_of == runtime_id or on_behalf_of in chain:
+        return ""
+    return (
+        f"intent.on_behalf_of: {cut_text(on_behalf_of, 200)!r} is a SPIFFE ID the task's "
+        "chain does not prove: a task acts for a workload only when it is the task's runtime, "
+        "a task it is a sub-task of or that task's runtime"
+    )
 
 
 def cut_text(text: str, max_bytes: int, mark: str = " ... (cut)") -> str:

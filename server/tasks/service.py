@@ -15,7 +15,7 @@ import logging
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Container, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -59,7 +59,7 @@ from server.tasks.end_reason import runtime_end_reason
 from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id
 from server.tasks.store import TaskStore
 from svid._clock import Clock
-from svid._limits import cut_text, intent_problem
+from svid._limits import cut_text, intent_problem, principal_problem
 from svid._spiffe_id import SpiffeId
 
 _log = logging.getLogger("svid.server.tasks")
@@ -327,6 +327,18 @@ class TaskService:
             raise PermissionDeniedError(f"parent task {parent.task_id} is {parent.state.value}")
         return parent
 
+    def _chain_ids(self, parent: Task | None) -> Iterator[str]:
+        """The SPIFFE IDs of the tasks above a new task and of their runtimes, parent first:
+        what its chain proves it may act for. A generator: read only when asked, at most
+        max_depth + 1 tasks; an ancestor no longer stored ends the walk."""
+        task = parent
+        for _ in range(self.settings.max_depth + 1):
+            if task is None:
+                return
+            yield task.runtime_id
+            yield task.spiffe_id
+            task = self._store.get_task(task.parent_task_id) if task.parent_task_id else None
+
     def _elevated_above(self, parent: Task) -> str:
         """The ID of an elevated step above `parent` in its chain ("" if none). The chain is
         at most max_depth long, so a few reads; an ancestor no longer stored ends the walk
@@ -446,6 +458,13 @@ class TaskService:
                 "(max_active_tasks_per_runtime): end one first"
             )
         intent = self._child_intent(req, parent)  # RequestError -> INVALID_ARGUMENT
+        # Checked on the principal the task gets, inherited ones too: a parent begun before
+        # this check may hold one its chain does not prove.
+        unproven = principal_problem(intent.on_behalf_of, req.runtime_id, self._chain_ids(parent))
+        if unproven:
+            raise self._deny(
+                agent=agent, runtime_id=req.runtime_id, intent=intent, reason=unproven, flag=None
+            )
         ttl = req.ttl or self.settings.default_ttl
         if ttl < 0:
             raise InvalidRequestError(f"ttl: {ttl} is negative")

@@ -12,6 +12,7 @@ import jwt as pyjwt
 import pytest
 
 from server.datastore.records import REVOKED_JWT_ID, Entry
+from server.errors import PermissionDeniedError
 from server.tasks.model import Task
 from server.tasks.service import BeginRequest
 from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer
@@ -187,6 +188,89 @@ def test_txn_token_carries_the_task_context(world: TaskWorld) -> None:
     assert claims["tctx"]["resource"] == RESOURCE
     assert "rctx" in claims
     assert set(claims["scope"].split()) == {"read", "tool:read_ticket"}
+
+
+def sub_task(parent: TaskWorld, **overrides: Any) -> TaskWorld:
+    """A sub-task of `parent`, begun by its workload."""
+    running = parent.oauth.running
+    values: dict[str, Any] = {
+        "runtime_id": parent.task.runtime_id,
+        "actions": ("read",),
+        "resources": (parent.oauth.issuer, RESOURCE),
+        "tools": (f"{RESOURCE}#read_ticket",),
+        "parent_task_id": parent.task.task_id,
+        "runtime_entry_id": parent.task.runtime_entry_id,
+        "ttl": 300,
+    }
+    values.update(overrides)
+    service = running.server.tasks.service
+    task = running.call(service.begin(parent.agent, BeginRequest(**values)))
+    entry = running.server.state.entries.by_id[task.entry_id]
+    return TaskWorld(parent.oauth, parent.agent, task, entry)
+
+
+def test_a_task_cannot_declare_another_workload_as_its_principal(
+    oauth_server: OAuthServer,
+) -> None:
+    """The principal is the `sub` of the task's exchanged tokens: another workload's SPIFFE ID
+    there gave a token whose `sub` is what that workload's own JWT-bearer token carries. A
+    SPIFFE ID is taken only when the task's chain proves it; refused at begin, on record."""
+    world = begin_task(oauth_server)
+    running = oauth_server.running
+    billing = running.create_entry("/billing-service", world.agent.spiffe_id)
+    store = running.server.datastore
+    before = len(store.list_tasks())
+    for posing in (
+        billing.spiffe_id,
+        billing.spiffe_id.upper(),
+        f" {billing.spiffe_id}",
+        "spiffe://other.example/billing-service",
+        f"{world.task.spiffe_id}x",
+    ):
+        with pytest.raises(PermissionDeniedError) as refused:
+            begin_task(oauth_server, on_behalf_of=posing)
+        assert "intent.on_behalf_of" in str(refused.value)
+        assert "the task's chain does not prove" in str(refused.value)
+    assert len(store.list_tasks()) == before
+    denials = [e for e in world.events("denial") if "on_behalf_of" in (e["reason"] or "")]
+    assert denials[0]["on_behalf_of"] == billing.spiffe_id
+    # A sub-task cannot name it either, declared or not: its parent's is the runtime's.
+    parent = begin_task(oauth_server, on_behalf_of=world.task.runtime_id)
+    with pytest.raises(PermissionDeniedError):
+        sub_task(parent, on_behalf_of=billing.spiffe_id)
+
+
+def test_a_sub_task_acts_for_the_runtime_its_chain_began_with(oauth_server: OAuthServer) -> None:
+    """The runtime acting for itself, and its sub-tasks for it: proven by the chain, the
+    exchanged tokens' `sub` (access and Txn-Token), `act` the task chain."""
+    runtime_id = f"spiffe://example.org{RUNTIME_PATH}"
+    parent = begin_task(oauth_server, on_behalf_of=runtime_id)
+    child = sub_task(parent, on_behalf_of=runtime_id)
+    assert child.task.on_behalf_of == runtime_id
+    reply = child.exchange()
+    assert reply.status_code == 200, reply.text
+    claims = child.decode(reply.json()["access_token"], RESOURCE)
+    assert claims["sub"] == runtime_id
+    assert claims["act"] == {"sub": child.task.spiffe_id, "act": {"sub": parent.task.spiffe_id}}
+    txn = child.exchange(requested_token_type=TXN_TYPE)
+    assert txn.status_code == 200, txn.text
+    txn_claims = child.decode(txn.json()["access_token"], "example.org")
+    assert txn_claims["sub"] == runtime_id
+    assert txn_claims["act"] == claims["act"]
+
+
+def test_an_exchanged_token_always_names_its_acting_task(oauth_server: OAuthServer) -> None:
+    """`act` marks a token as delegated whatever its `sub` says: a user as declared, or the
+    runtime itself when the task works for nobody else."""
+    txn = {"requested_token_type": TXN_TYPE}
+    for principal, sub in (("user:alice", "user:alice"), ("", None)):
+        world = begin_task(oauth_server, on_behalf_of=principal)
+        for extra, audience in (({}, RESOURCE), (txn, "example.org")):
+            reply = world.exchange(**extra)
+            assert reply.status_code == 200, reply.text
+            claims = world.decode(reply.json()["access_token"], audience)
+            assert claims["sub"] == (sub or world.task.runtime_id)
+            assert claims["act"] == {"sub": world.task.spiffe_id}
 
 
 def test_a_workload_jwt_svid_cannot_be_exchanged(oauth_server: OAuthServer) -> None:
