@@ -25,7 +25,7 @@ from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.model import TASK_PATH, Entry
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.tasks.client import TaskClient
-from svid._limits import intent_problem
+from svid._limits import intent_problem, principal_problem
 from svid._proto import task_pb2, task_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,12 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         )
         if too_big:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
+        if not request.parent_task_id:
+            # A task with no parent has no chain to prove a SPIFFE ID as its principal but its
+            # runtime's; a sub-task's chain only the server holds.
+            unproven = principal_problem(request.intent.on_behalf_of, runtime_id)
+            if unproven:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, unproven)
         intent = task_pb2.Intent()
         intent.CopyFrom(request.intent)
         intent.goal = ""

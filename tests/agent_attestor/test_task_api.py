@@ -236,6 +236,34 @@ def test_begin_under_an_identity_not_held_is_refused_locally(ta: TaskAgent) -> N
     assert ta.client.begun == []
 
 
+def test_a_task_declaring_another_workload_as_its_principal_is_refused_here(
+    ta: TaskAgent,
+) -> None:
+    """The server's own rule (svid._limits.principal_problem): a task with no parent acts for
+    no SPIFFE ID but its runtime's; a sub-task's chain is the server's to check."""
+    ta.h.add_entry("/bot")
+
+    def acting_for(principal: str, parent: str = "") -> task_pb2.BeginTaskResponse:
+        intent = task_pb2.Intent(actions=["read"], resources=["docs"], on_behalf_of=principal)
+        request = task_pb2.BeginTaskRequest(intent=intent, ttl=60, parent_task_id=parent)
+        return ta.tasks().BeginTask(request, metadata=HEADER, timeout=10)  # type: ignore[no-any-return]
+
+    for posing in (f"{TD}/billing-service", "SPIFFE://example.org/billing-service"):
+        with pytest.raises(grpc.RpcError) as err:
+            acting_for(posing)
+        assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "intent.on_behalf_of" in (err.value.details() or "")
+    assert ta.client.begun == []
+    acting_for(f"{TD}/bot")
+    acting_for("user:alice")
+    acting_for(f"{TD}/billing-service", parent="t0")
+    assert [r.intent.on_behalf_of for r in ta.client.begun] == [
+        f"{TD}/bot",
+        "user:alice",
+        f"{TD}/billing-service",
+    ]
+
+
 def test_an_intent_past_the_servers_limits_is_refused_here_naming_the_limit(
     ta: TaskAgent,
 ) -> None:
