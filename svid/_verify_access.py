@@ -63,6 +63,13 @@ class VerifiedAccessToken:
     claims: Mapping[str, Any]
 
     @property
+    def delegated(self) -> bool:
+        """The token carries ``act``: a party (a task) acts for ``subject``, the principal as
+        the task's runtime declared it and policy allowed, not as anyone authenticated it.
+        Every token svidd exchanges for a task is one; a workload's own (JWT bearer) is not."""
+        return bool(self.act_chain)
+
+    @property
     def tools(self) -> frozenset[str]:
         """The tools the scope grants by name (``tool:<name>``)."""
         return frozenset(tools_from_scope(" ".join(self.scopes)))

@@ -63,7 +63,14 @@ from svid.asgi import (
     _RefusedError,
 )
 
-__all__ = ["AccessTokenAuth", "McpAuth", "TaskAccessToken", "TaskAuth", "http_client"]
+__all__ = [
+    "AccessTokenAuth",
+    "McpAuth",
+    "OAuthAccessToken",
+    "TaskAccessToken",
+    "TaskAuth",
+    "http_client",
+]
 
 log = logging.getLogger("svid.mcp")
 
@@ -84,6 +91,19 @@ class _UnprintedAccessToken(AccessToken):
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         return [(name, value) for name, value in super().__repr_args__() if name != "token"]
+
+
+class OAuthAccessToken(_UnprintedAccessToken):
+    """The SDK's ``AccessToken`` for a verified svidd access token (``AccessTokenAuth``):
+    ``act_chain`` the RFC 8693 actors, the current one first, empty unless ``delegated``."""
+
+    act_chain: tuple[str, ...] = ()
+
+    @property
+    def delegated(self) -> bool:
+        """A task acts for ``subject``: the principal as its runtime declared it and policy
+        allowed, not an authenticated user (``svid.VerifiedAccessToken.delegated``)."""
+        return bool(self.act_chain)
 
 
 class TaskAccessToken(_UnprintedAccessToken):
@@ -430,8 +450,9 @@ class AccessTokenAuth:
         auth = svid.mcp.AccessTokenAuth(source, issuer="https://svidd.example", resource=url)
         server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
 
-    In a tool, ``get_access_token()`` has ``subject`` (the principal), ``scopes``, and in
-    ``claims`` the ``act`` chain and the task id (``txn``)."""
+    In a tool, ``get_access_token()`` is an ``OAuthAccessToken``: ``subject`` (the principal),
+    ``scopes``, ``delegated`` (a task acts for the subject, which is then as declared, not
+    authenticated), ``act_chain``, and in ``claims`` the ``act`` and the task id (``txn``)."""
 
     def __init__(self, source: SourceViews, *, issuer: str, resource: str, **options: Any) -> None:
         """Options go to ``source.access_token_verifier`` (trust_domain, leeway, ...)."""
@@ -447,18 +468,19 @@ class AccessTokenAuth:
             validate_token_resource=True,
         )
 
-    async def verify_token(self, token: str) -> AccessToken | None:
+    async def verify_token(self, token: str) -> OAuthAccessToken | None:
         try:
             verified = self.verifier.verify(token)
         except VerificationError:
             return None
-        return _UnprintedAccessToken(
+        return OAuthAccessToken(
             token=token,
             client_id=verified.client_id or verified.subject,
             scopes=sorted(verified.scopes),
             expires_at=verified.expires_at,
             resource=self._resource,
             subject=verified.subject,
+            act_chain=verified.act_chain,
             # `iss` binds MCP sessions to the issuer too (the SDK's principal_components).
             claims={
                 "iss": verified.issuer,

@@ -89,6 +89,7 @@ def test_accepts_an_access_token_with_typed_claims(verifier: AccessTokenVerifier
     assert result.subject == "user:alice"
     assert result.issuer == ISSUER
     assert result.act_chain == (TASK,)
+    assert result.delegated
     assert result.scopes == {"read", "tool:read_ticket"}
     assert result.grants_tool("read_ticket")
     assert not result.grants_tool("export_customer_data")
@@ -106,6 +107,13 @@ def test_accepts_what_the_servers_signer_mints(
     assert verifier.verify(issued.token).jti == issued.jti
     txn = signer.mint_access_token("user:alice", TD.name, 300, int(T0), extra, typ="txntoken+jwt")
     assert verifier.verify_txn_token(txn.token).task_id == "t1"
+
+
+def test_a_token_without_act_is_not_delegated(verifier: AccessTokenVerifier) -> None:
+    """A workload's own token (JWT bearer): its `sub` is the workload that authenticated."""
+    result = verifier.verify(token(sub="spiffe://example.org/billing", act=None, txn=None))
+    assert result.act_chain == ()
+    assert not result.delegated
 
 
 def test_media_type_forms_of_typ_are_accepted(verifier: AccessTokenVerifier) -> None:
@@ -249,6 +257,13 @@ def test_the_mcp_token_verifier_hands_the_sdk_the_verified_token(
     assert got.subject == "user:alice"
     assert set(got.scopes) == {"read", "tool:read_ticket"}
     assert got.claims == {"iss": ISSUER, "act": {"sub": TASK}, "txn": "t1"}
+    # A tool tells a principal a task acts for from a workload that authenticated itself.
+    assert got.delegated
+    assert got.act_chain == (TASK,)
+    own = asyncio.run(auth.verify_token(token(sub="spiffe://example.org/billing", act=None)))
+    assert own is not None
+    assert not own.delegated
+    assert own.subject == "spiffe://example.org/billing"
     # A tool that logs what get_access_token() returns logs no bearer token.
     assert got.token.split(".")[2] not in repr(got) + str(got)
     assert asyncio.run(auth.verify_token(token(aud="https://other.example.org"))) is None

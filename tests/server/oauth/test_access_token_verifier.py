@@ -50,6 +50,7 @@ def test_an_exchanged_token_is_accepted_and_refused_after_its_task_ends(
     task = world.task
     assert verified.subject == "user:alice"
     assert verified.act_chain == (task.spiffe_id,)
+    assert verified.delegated  # `sub` is the principal as declared, not authenticated
     assert verified.task_id == task.task_id
     assert verified.client_id == task.runtime_id
     assert verified.scopes == {"read", "tool:read_ticket"}
@@ -66,4 +67,5 @@ def test_an_exchanged_txn_token_is_verified_as_one(world: TaskWorld) -> None:
     assert reply.status_code == 200, reply.text
     txn = verifier.verify_txn_token(reply.json()["access_token"])
     assert txn.task_id == world.task.task_id
+    assert txn.delegated
     assert txn.claims["req_wl"] == world.task.spiffe_id
