@@ -4,7 +4,7 @@ credential of the task (revoked when it ends); Txn-Tokens by requested_token_typ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -15,6 +15,7 @@ from server.datastore.records import REVOKED_JWT_ID, Entry
 from server.errors import PermissionDeniedError
 from server.tasks.model import Task
 from server.tasks.service import BeginRequest
+from server.tasks.store import TaskStore
 from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -238,6 +239,19 @@ def test_a_task_cannot_declare_another_workload_as_its_principal(
     parent = begin_task(oauth_server, on_behalf_of=world.task.runtime_id)
     with pytest.raises(PermissionDeniedError):
         sub_task(parent, on_behalf_of=billing.spiffe_id)
+
+
+def test_a_sub_task_does_not_inherit_a_principal_its_chain_does_not_prove(
+    oauth_server: OAuthServer,
+) -> None:
+    """A parent stored before the check may hold another workload as its principal: its
+    sub-tasks, which inherit it, are refused rather than carry it on."""
+    parent = begin_task(oauth_server)
+    billing = oauth_server.running.create_entry("/billing-service", parent.agent.spiffe_id)
+    parent.task = replace(parent.task, on_behalf_of=billing.spiffe_id)
+    TaskStore(oauth_server.running.server.datastore).put_task(parent.task)
+    with pytest.raises(PermissionDeniedError, match=r"intent\.on_behalf_of"):
+        sub_task(parent, on_behalf_of="")
 
 
 def test_a_sub_task_acts_for_the_runtime_its_chain_began_with(oauth_server: OAuthServer) -> None:
