@@ -648,3 +648,56 @@ def test_a_policy_dir_that_is_gone_is_an_error_not_the_default_policy(tmp_path: 
     assert ask(engine, {"write"}, {"docs"}).outcome is Outcome.DENY  # READ_ONLY, not default
     # No directory configured at all: the shipped default, as documented.
     assert PolicyEngine(None, FakeClock(), trust_domain=TD).info.source == "builtin default"
+
+
+def test_attack_a_forbid_on_tools_matching_two_name_patterns_keeps_a_whole_server_grant_out(
+    tmp_path: Path,
+) -> None:
+    """ATTACK REPRO (fails on purpose until fixed): the tool probes miss a forbid whose
+    condition is a conjunction of two name patterns.
+
+    server/policy/tool_probes.py collects one probe name per `like` pattern (its literals
+    joined), so `like "admin_*" && like "*_write"` yields the probes "admin_" and "_write",
+    neither of which matches both. The forbid is never seen to keep a tool out, so
+    `invoke_tool` on the server itself is granted, and its token's `invoke_tool` scope lets
+    the holder call `admin_db_write` (TaskClaims.grants_tool), the very tool the forbid
+    refuses when it is named.
+    """
+    write(
+        tmp_path,
+        "p.cedar",
+        WHOLE_SERVER
+        + 'forbid (principal, action, resource is Tool) when { resource.name like "admin_*" '
+        '&& resource.name like "*_write" };',
+    )
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    # The tool named alone is forbidden ...
+    named = ask(engine, set(), set(), tools=frozenset({"mcp-a#admin_db_write"}))
+    assert named.outcome is Outcome.DENY
+    # ... so the grant of every tool of mcp-a, admin_db_write among them, must not stand.
+    whole = ask(engine, {"invoke_tool"}, {"mcp-a"})
+    assert whole.outcome is Outcome.DENY, whole.reason
+
+
+def test_attack_a_forbid_that_fails_to_evaluate_does_not_leave_the_permit_granting(
+    tmp_path: Path,
+) -> None:
+    """ATTACK REPRO (fails on purpose until fixed): Cedar evaluation errors fail open.
+
+    Cedar skips a policy whose condition errors at run time (here a Long overflow, which
+    schema validation passes). A skipped forbid no longer overrides the permit, and
+    PolicyEngine._pair grants on `answer.allowed` without looking at
+    `answer.diagnostics.errors`: the pair is granted, nothing says the forbid was not applied.
+    A decision with evaluation errors is to be a denial (fail closed).
+    """
+    write(
+        tmp_path,
+        "p.cedar",
+        READ_ONLY
+        + '@id("no_long_tasks")\n@reason("no long tasks")\n'
+        + "forbid (principal, action, resource) "
+        "when { context.requested_ttl * 100000000000000000 > 500000000000000000 };",
+    )
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    decision = ask(engine, {"read"}, {"docs"}, ttl=300)
+    assert decision.outcome is Outcome.DENY, decision.reason
