@@ -701,3 +701,32 @@ def test_attack_a_forbid_that_fails_to_evaluate_does_not_leave_the_permit_granti
     engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
     decision = ask(engine, {"read"}, {"docs"}, ttl=300)
     assert decision.outcome is Outcome.DENY, decision.reason
+
+
+def test_attack_two_files_cannot_give_one_policy_id_and_drop_a_forbid(tmp_path: Path) -> None:
+    """ATTACK REPRO (fails on purpose until fixed): a policy id made in two files drops one.
+
+    Policy ids are `<file>:<@id>`, and both parts may hold ":": `@id("b.cedar:guard")` in
+    a.cedar and `@id("guard")` in a file named `a.cedar:b.cedar` are both
+    `a.cedar:b.cedar:guard`. loader.load() merges files into a dict by id, so the later
+    file's permit silently replaces the earlier file's forbid: the forbid is gone from the
+    serving set and `policy validate` reports no problem. (Duplicates within one file are
+    refused; across files they are not.)
+    """
+    write(
+        tmp_path,
+        "a.cedar",
+        'permit (principal, action == Action::"read", resource);\n'
+        '@id("b.cedar:guard")\n'
+        'forbid (principal, action == Action::"read", resource == Resource::"payroll");\n',
+    )
+    write(
+        tmp_path,
+        "a.cedar:b.cedar",
+        '@id("guard")\npermit (principal, action == Action::"write", resource == Resource::"x");\n',
+    )
+    problems = validate_policy_dir(tmp_path, trust_domain=TD, clock=FakeClock())
+    if not problems:
+        engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+        decision = ask(engine, {"read"}, {"payroll"})
+        assert decision.outcome is Outcome.DENY, decision.reason
