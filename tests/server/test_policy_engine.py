@@ -650,8 +650,20 @@ def test_a_policy_dir_that_is_gone_is_an_error_not_the_default_policy(tmp_path: 
     assert PolicyEngine(None, FakeClock(), trust_domain=TD).info.source == "builtin default"
 
 
+@pytest.mark.parametrize(
+    ("condition", "tool"),
+    [
+        # Two patterns at once: the probes "admin_" and "_write" each match only one.
+        ('when { resource.name like "admin_*" && resource.name like "*_write" }', "admin_db_write"),
+        # A pattern with its own shortest instance exempted: the probe "export" is let through.
+        (
+            'when { resource.name like "export*" } unless { resource.name == "export" }',
+            "export_all",
+        ),
+    ],
+)
 def test_attack_a_forbid_on_tools_matching_two_name_patterns_keeps_a_whole_server_grant_out(
-    tmp_path: Path,
+    tmp_path: Path, condition: str, tool: str
 ) -> None:
     """ATTACK REPRO (fails on purpose until fixed): the tool probes miss a forbid whose
     condition is a conjunction of two name patterns.
@@ -661,20 +673,19 @@ def test_attack_a_forbid_on_tools_matching_two_name_patterns_keeps_a_whole_serve
     neither of which matches both. The forbid is never seen to keep a tool out, so
     `invoke_tool` on the server itself is granted, and its token's `invoke_tool` scope lets
     the holder call `admin_db_write` (TaskClaims.grants_tool), the very tool the forbid
-    refuses when it is named.
+    refuses when it is named. Likewise `like "export*"` unless `== "export"`: its one probe,
+    "export", is exempted, and "svidd.unnamed-tool" matches no pattern.
     """
     write(
         tmp_path,
         "p.cedar",
-        WHOLE_SERVER
-        + 'forbid (principal, action, resource is Tool) when { resource.name like "admin_*" '
-        '&& resource.name like "*_write" };',
+        WHOLE_SERVER + f"forbid (principal, action, resource is Tool) {condition};",
     )
     engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
     # The tool named alone is forbidden ...
-    named = ask(engine, set(), set(), tools=frozenset({"mcp-a#admin_db_write"}))
+    named = ask(engine, set(), set(), tools=frozenset({f"mcp-a#{tool}"}))
     assert named.outcome is Outcome.DENY
-    # ... so the grant of every tool of mcp-a, admin_db_write among them, must not stand.
+    # ... so the grant of every tool of mcp-a, that one among them, must not stand.
     whole = ask(engine, {"invoke_tool"}, {"mcp-a"})
     assert whole.outcome is Outcome.DENY, whole.reason
 
