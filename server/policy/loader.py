@@ -1,9 +1,10 @@
 """Read an operator's policy directory into a validated, parsed, ready-to-serve policy set.
 
 Policy ids are `<file>:<@id>` (or `<file>:policyN`, Cedar's positional id, when a policy has no
-@id), so a decision names the file an operator has to open. Annotations svidd reads:
+@id), so a decision names the file an operator has to open. Neither part may hold `:`, so one id
+comes from one file only. Annotations svidd reads:
 
-- `@id("name")`: the policy's name in decisions and the audit log (unique per file).
+- `@id("name")`: the policy's name in decisions and the audit log (unique per file, no `:`).
 - `@ttl_cap("seconds")`: on a permit, the longest TTL it grants; the effective cap is the minimum
   over the determining policies.
 - `@reason("text")`: on a forbid, the sentence a denial carries.
@@ -32,6 +33,8 @@ from server.policy.schema import (
 from server.policy.tool_probes import ToolProbes, find_tool_probes
 
 POLICY_SUFFIX = ".cedar"
+# Between a policy's file name and its name in its id: neither may hold it.
+ID_SEPARATOR = ":"
 BUILTIN_POLICY_NAME = "default.cedar"
 _HASH_DOMAIN = b"svidd-policy-set-v1\x00"
 
@@ -157,6 +160,10 @@ def _meta_for(file: str, local_id: str, policy: pst.Template) -> tuple[PolicyMet
     ann = policy.annotations
     name = ann.get("id") or local_id
     complaints: list[str] = []
+    if ID_SEPARATOR in name:
+        # `a.cedar` with @id("b:x") and a file `a.cedar:b` with @id("x") would both be
+        # `a.cedar:b:x`, and one policy (a forbid, say) would be gone from the set.
+        complaints.append(f"@id({name!r}) holds {ID_SEPARATOR!r}, which separates file and name")
     ttl_cap: int | None = None
     if "ttl_cap" in ann:
         raw = ann["ttl_cap"]
@@ -168,7 +175,7 @@ def _meta_for(file: str, local_id: str, policy: pst.Template) -> tuple[PolicyMet
         else:
             ttl_cap = int(raw)
     meta = PolicyMeta(
-        policy_id=f"{file}:{name}",
+        policy_id=f"{file}{ID_SEPARATOR}{name}",
         file=file,
         effect=str(policy.effect),
         named_actions=_named_actions(policy.action),
@@ -230,6 +237,28 @@ def _parse_file(
     return found
 
 
+def merge_files(
+    parsed: list[tuple[str, dict[str, tuple[pst.Template, PolicyMeta]]]], problems: list[Problem]
+) -> tuple[dict[str, pst.Template], dict[str, PolicyMeta]]:
+    """One policy set of the files' policies; a policy id given by two files is a problem.
+
+    Ids without `:` in either part cannot collide, but a merge that kept the last of two would
+    drop the other (a forbid, say) without a word, so it is checked here whatever made them."""
+    merged: dict[str, pst.Template] = {}
+    meta: dict[str, PolicyMeta] = {}
+    for file, found in parsed:
+        for pid, (policy, m) in found.items():
+            first = meta.get(pid)
+            if first is not None:
+                problems.append(
+                    Problem(file, f"policy id {pid!r} is also given by {first.file}", None, pid)
+                )
+                continue
+            merged[pid] = policy
+            meta[pid] = m
+    return merged, meta
+
+
 def load(policy_dir: Path | None) -> LoadedSet:
     """Load, validate (syntax, schema, svidd annotations) and parse; PolicyError lists problems."""
     try:
@@ -242,12 +271,18 @@ def load(policy_dir: Path | None) -> LoadedSet:
     if isinstance(schema, Problem):
         raise PolicyError([schema])
     problems: list[Problem] = []
-    merged: dict[str, pst.Template] = {}
-    meta: dict[str, PolicyMeta] = {}
+    parsed: list[tuple[str, dict[str, tuple[pst.Template, PolicyMeta]]]] = []
     for src in policies:
-        for pid, (policy, m) in _parse_file(src, schema, problems).items():
-            merged[pid] = policy
-            meta[pid] = m
+        if ID_SEPARATOR in src.name:
+            problems.append(
+                Problem(
+                    src.name,
+                    f"a policy file name must not hold {ID_SEPARATOR!r}: it separates the file "
+                    "and the policy's name in a policy id",
+                )
+            )
+        parsed.append((src.name, _parse_file(src, schema, problems)))
+    merged, meta = merge_files(parsed, problems)
     if problems:
         raise PolicyError(problems)
     tree = pst.PolicySet(templates={}, static_policies=merged, template_links=())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cedarpy
 import pytest
+from cedarpy import pst
 
 from server.policy import (
     Decision,
@@ -18,6 +19,8 @@ from server.policy import (
 )
 from server.policy.cedar_request import cedar_requests, context_json, entities_json
 from server.policy.engine import MAX_REASON_BYTES
+from server.policy.errors import Problem
+from server.policy.loader import PolicyMeta, merge_files
 from svid._clock import FakeClock
 
 TD = "example.org"
@@ -714,30 +717,57 @@ def test_attack_a_forbid_that_fails_to_evaluate_does_not_leave_the_permit_granti
     assert decision.outcome is Outcome.DENY, decision.reason
 
 
-def test_attack_two_files_cannot_give_one_policy_id_and_drop_a_forbid(tmp_path: Path) -> None:
-    """ATTACK REPRO (fails on purpose until fixed): a policy id made in two files drops one.
-
-    Policy ids are `<file>:<@id>`, and both parts may hold ":": `@id("b.cedar:guard")` in
-    a.cedar and `@id("guard")` in a file named `a.cedar:b.cedar` are both
-    `a.cedar:b.cedar:guard`. loader.load() merges files into a dict by id, so the later
-    file's permit silently replaces the earlier file's forbid: the forbid is gone from the
-    serving set and `policy validate` reports no problem. (Duplicates within one file are
-    refused; across files they are not.)
-    """
-    write(
-        tmp_path,
-        "a.cedar",
+def test_a_colon_in_a_policy_file_name_or_id_is_refused_so_no_two_files_give_one_id(
+    tmp_path: Path,
+) -> None:
+    # Ids are `<file>:<@id>`: `@id("b.cedar:guard")` in a.cedar and `@id("guard")` in a file
+    # named `a.cedar:b.cedar` were both `a.cedar:b.cedar:guard`, and merging the files by id
+    # kept the permit and dropped the forbid without a problem.
+    guarded = (
         'permit (principal, action == Action::"read", resource);\n'
-        '@id("b.cedar:guard")\n'
-        'forbid (principal, action == Action::"read", resource == Resource::"payroll");\n',
+        '@id("guard")\n'
+        'forbid (principal, action == Action::"read", resource == Resource::"payroll");\n'
     )
+    write(tmp_path, "a.cedar", guarded)
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    serving = engine.policy_set_hash
+    write(tmp_path, "a.cedar", guarded.replace('@id("guard")', '@id("b.cedar:guard")'))
     write(
         tmp_path,
         "a.cedar:b.cedar",
         '@id("guard")\npermit (principal, action == Action::"write", resource == Resource::"x");\n',
     )
     problems = validate_policy_dir(tmp_path, trust_domain=TD, clock=FakeClock())
-    if not problems:
-        engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
-        decision = ask(engine, {"read"}, {"payroll"})
-        assert decision.outcome is Outcome.DENY, decision.reason
+    found = {(p.file, p.line, p.policy_id): p.message for p in problems}
+    assert found.keys() == {
+        ("a.cedar", 2, "a.cedar:b.cedar:guard"),  # the @id
+        ("a.cedar:b.cedar", None, None),  # the file name
+        ("a.cedar:b.cedar", None, "a.cedar:b.cedar:guard"),  # and the id both give
+    }
+    assert "':'" in found["a.cedar", 2, "a.cedar:b.cedar:guard"]
+    assert "':'" in found["a.cedar:b.cedar", None, None]
+    assert "also given by a.cedar" in found["a.cedar:b.cedar", None, "a.cedar:b.cedar:guard"]
+    with pytest.raises(PolicyError):
+        engine.reload()
+    # The set before keeps serving, its forbid with it.
+    assert engine.policy_set_hash == serving
+    assert ask(engine, {"read"}, {"payroll"}).outcome is Outcome.DENY
+
+
+def test_one_policy_id_from_two_files_is_a_problem_naming_both() -> None:
+    # Unreachable through file names and @ids once neither holds ':', and checked all the same:
+    # a merge keeping the last of two would drop the other policy without a word.
+    def parsed(file: str, effect: str) -> dict[str, tuple[pst.Template, PolicyMeta]]:
+        tree = cedarpy.policies_to_pst(f"{effect} (principal, action, resource);")
+        (policy,) = tree.static_policies.values()
+        meta = PolicyMeta("x.cedar:p", file, effect, frozenset(), None, None)
+        return {meta.policy_id: (policy, meta)}
+
+    problems: list[Problem] = []
+    _, meta = merge_files(
+        [("x.cedar", parsed("x.cedar", "forbid")), ("y.cedar", parsed("y.cedar", "permit"))],
+        problems,
+    )
+    assert meta["x.cedar:p"].effect == "forbid"
+    assert [(p.file, p.policy_id) for p in problems] == [("y.cedar", "x.cedar:p")]
+    assert "also given by x.cedar" in problems[0].message
