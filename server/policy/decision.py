@@ -52,6 +52,8 @@ class PairResult:
     allowed: bool
     policy_ids: tuple[str, ...]
     reason: str
+    # A policy failed to evaluate: denied, as its forbid could have been (Cedar skips it).
+    evaluation_error: bool = False
 
 
 @dataclass(frozen=True)

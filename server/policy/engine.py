@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -18,6 +20,9 @@ from server.policy.loader import LoadedSet
 from server.policy.schema import SchemaInfo
 from svid._clock import Clock
 from svid._limits import cut_text
+from svid._log_throttle import LogThrottle
+
+_log = logging.getLogger("svid.server.policy")
 
 DEFAULT_HIGH_RISK_TTL_CAP = 60
 # Pairs a decision's reason names in each of its clauses, the rest counted.
@@ -26,6 +31,13 @@ LISTED_PAIRS = 5
 # trailer: refused past 16 KiB, the caller then hears RESOURCE_EXHAUSTED, not the denial).
 MAX_REASON_BYTES = 2048
 _ENTITY_CACHE_SIZE = 4096
+# An evaluation error as a pair's reason at most: Cedar's message may quote request values.
+MAX_ERROR_BYTES = 256
+# One log line per failing policy per interval: every request it meets fails the same way.
+EVALUATION_ERROR_LOG_INTERVAL = 60.0
+_THROTTLED_POLICIES = 1024
+# Cedar names the policy it could not evaluate: "error while evaluating policy `<id>`: ...".
+_ERROR_POLICY = re.compile(r"policy `([^`]+)`")
 _DECISION_CACHE_SIZE = 4096
 _EntityKey = tuple[str, str, int, Intent, tuple[str, ...]]
 
@@ -65,6 +77,8 @@ class PolicyEngine:
         self._trust_domain = trust_domain
         self._high_risk_ttl_cap = high_risk_ttl_cap
         self._reload_lock = threading.Lock()
+        self._error_lock = threading.Lock()
+        self._error_logs: dict[str, LogThrottle] = {}  # by policy id
         # Parsed entities of the serving schema, by (agent, node, risk, intent, extra tools):
         # see _agent_entities().
         self._entities: tuple[SchemaInfo | None, dict[_EntityKey, cedarpy.Entities]] = (None, {})
@@ -258,6 +272,8 @@ class PolicyEngine:
     def _pair(
         self, loaded: LoadedSet, action: str, resource: str, answer: cedarpy.AuthzResult
     ) -> PairResult:
+        if answer.diagnostics.errors:
+            return self._failed(loaded, action, resource, answer.diagnostics.errors)
         ids = tuple(sorted(answer.diagnostics.reasons))
         if answer.allowed:
             if action not in loaded.schema.high_risk:
@@ -278,9 +294,41 @@ class PolicyEngine:
             text = f"forbidden by {', '.join(ids)}" + (f" ({'; '.join(why)})" if why else "")
             return PairResult(action, resource, False, ids, text)
         text = f"no policy permits {action} on {resource} (default deny)"
-        if answer.diagnostics.errors:
-            text += f"; evaluation errors: {answer.diagnostics.errors[0]}"
         return PairResult(action, resource, False, (), text)
+
+    def _failed(
+        self, loaded: LoadedSet, action: str, resource: str, errors: list[str]
+    ) -> PairResult:
+        """A pair some policy failed to evaluate on (an overflow, say): denied. Cedar skips
+        such a policy, and a skipped forbid would leave the permits it overrides granting."""
+        ids = tuple(sorted({pid for e in errors if (pid := _error_policy(loaded, e))}))
+        first = cut_text(errors[0], MAX_ERROR_BYTES)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        for pid in ids or ("unknown",):
+            self._log_failure(pid, first)
+        return PairResult(
+            action,
+            resource,
+            False,
+            ids,
+            f"denied as a policy failed to evaluate: {first}{more}",
+            evaluation_error=True,
+        )
+
+    def _log_failure(self, policy_id: str, error: str) -> None:
+        with self._error_lock:
+            throttle = self._error_logs.get(policy_id)
+            if throttle is None:
+                if len(self._error_logs) >= _THROTTLED_POLICIES:
+                    self._error_logs.clear()  # ids of sets no longer serving, mostly
+                throttle = LogThrottle(EVALUATION_ERROR_LOG_INTERVAL, self._clock)
+                self._error_logs[policy_id] = throttle
+            times = throttle.due()
+        if times:
+            _log.warning(
+                "a policy failed to evaluate; the requests it met are denied",
+                extra={"policy_id": policy_id, "error": error, "times": times},
+            )
 
     def _combine(
         self,
@@ -337,10 +385,11 @@ def _whole_server(
     grant: PairResult, refs: tuple[str, ...], answers: Mapping[str, PairResult]
 ) -> PairResult:
     """`grant` (every tool of a server), refused when a forbid keeps one of `refs` out (a
-    denial that names policies is a forbid's: a missing permit names none)."""
+    denial that names policies is a forbid's: a missing permit names none), or when a policy
+    failed to evaluate on one (it may be a forbid that would)."""
     for ref in refs:
         tool = answers[ref]
-        if not tool.allowed and tool.policy_ids:
+        if not tool.allowed and (tool.policy_ids or tool.evaluation_error):
             return PairResult(
                 INVOKE_TOOL,
                 grant.resource,
@@ -350,6 +399,15 @@ def _whole_server(
                 "task needs in intent.tools",
             )
     return grant
+
+
+def _error_policy(loaded: LoadedSet, error: str) -> str | None:
+    """The id of the policy a Cedar evaluation error names, if it is one of the set's."""
+    found = _ERROR_POLICY.search(error)
+    if found is not None and found.group(1) in loaded.meta:
+        return found.group(1)
+    # An id holding a backquote: look for each of the set's (only on this rare path).
+    return next((pid for pid in loaded.meta if f"`{pid}`" in error), None)
 
 
 def _scope(pairs: list[PairResult], limit: int = LISTED_PAIRS) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import cedarpy
@@ -18,7 +19,7 @@ from server.policy import (
     validate_policy_dir,
 )
 from server.policy.cedar_request import cedar_requests, context_json, entities_json
-from server.policy.engine import MAX_REASON_BYTES
+from server.policy.engine import EVALUATION_ERROR_LOG_INTERVAL, MAX_REASON_BYTES
 from server.policy.errors import Problem
 from server.policy.loader import PolicyMeta, merge_files
 from svid._clock import FakeClock
@@ -693,28 +694,53 @@ def test_attack_a_forbid_on_tools_matching_two_name_patterns_keeps_a_whole_serve
     assert whole.outcome is Outcome.DENY, whole.reason
 
 
-def test_attack_a_forbid_that_fails_to_evaluate_does_not_leave_the_permit_granting(
-    tmp_path: Path,
+def test_a_policy_that_fails_to_evaluate_denies_and_is_logged_once_an_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """ATTACK REPRO (fails on purpose until fixed): Cedar evaluation errors fail open.
-
-    Cedar skips a policy whose condition errors at run time (here a Long overflow, which
-    schema validation passes). A skipped forbid no longer overrides the permit, and
-    PolicyEngine._pair grants on `answer.allowed` without looking at
-    `answer.diagnostics.errors`: the pair is granted, nothing says the forbid was not applied.
-    A decision with evaluation errors is to be a denial (fail closed).
-    """
+    # Cedar skips a policy whose condition errors at run time (a Long overflow here, which the
+    # schema passes): a skipped forbid no longer overrides the permit. Any evaluation error is
+    # a denial, with the error in its reason.
+    overflow = "context.requested_ttl * 100000000000000000 > 500000000000000000"
     write(
         tmp_path,
         "p.cedar",
         READ_ONLY
+        + WHOLE_SERVER
         + '@id("no_long_tasks")\n@reason("no long tasks")\n'
-        + "forbid (principal, action, resource) "
-        "when { context.requested_ttl * 100000000000000000 > 500000000000000000 };",
+        + f"forbid (principal, action, resource) when {{ {overflow} }};",
     )
-    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    clock = FakeClock()
+    engine = PolicyEngine(tmp_path, clock, trust_domain=TD)
+    caplog.set_level(logging.WARNING, "svid.server.policy")
     decision = ask(engine, {"read"}, {"docs"}, ttl=300)
     assert decision.outcome is Outcome.DENY, decision.reason
+    assert decision.policy_ids == ("p.cedar:no_long_tasks",)
+    assert "failed to evaluate" in decision.reason
+    assert "integer overflow" in decision.reason
+    # Below the overflow the forbid applies as written, and lets 4 s through.
+    assert ask(engine, {"read"}, {"docs"}, ttl=4).outcome is Outcome.ALLOW
+    # Logged once for the policy, then once an interval saying how many it stands for.
+    (line,) = caplog.records
+    assert line.policy_id == "p.cedar:no_long_tasks"  # type: ignore[attr-defined]
+    assert "integer overflow" in line.error  # type: ignore[attr-defined]
+    ask(engine, {"read"}, {"docs"}, ttl=301)
+    clock.advance(EVALUATION_ERROR_LOG_INTERVAL)
+    ask(engine, {"read"}, {"docs"}, ttl=302)
+    assert [r.times for r in caplog.records] == [1, 2]  # type: ignore[attr-defined]
+    # A grant of a server's every tool, with the forbid on its tools only: their probes fail.
+    tools_only = tmp_path / "tools_only"
+    write(
+        tools_only,
+        "p.cedar",
+        WHOLE_SERVER + f"forbid (principal, action, resource is Tool) when {{ {overflow} }};",
+    )
+    engine = PolicyEngine(tools_only, clock, trust_domain=TD)
+    whole = ask(engine, {"invoke_tool"}, {"mcp-a"}, ttl=300)
+    assert whole.outcome is Outcome.DENY
+    assert "every tool of mcp-a: mcp-a#svidd.unnamed-tool is denied as a policy failed" in (
+        whole.reason
+    )
+    assert ask(engine, {"invoke_tool"}, {"mcp-a"}, ttl=4).outcome is Outcome.ALLOW
 
 
 def test_a_colon_in_a_policy_file_name_or_id_is_refused_so_no_two_files_give_one_id(
