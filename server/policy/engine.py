@@ -18,6 +18,7 @@ from server.policy.errors import PolicyError, Problem
 from server.policy.intent import INVOKE_TOOL, Intent
 from server.policy.loader import LoadedSet
 from server.policy.schema import SchemaInfo
+from server.policy.tool_probes import ToolProbes
 from svid._clock import Clock
 from svid._limits import cut_text
 from svid._log_throttle import LogThrottle
@@ -262,7 +263,7 @@ class PolicyEngine:
                 for r, ans in zip(probes, answers[len(known) :], strict=True)
             )
             results = [
-                _whole_server(p, servers[p.resource], as_tools)
+                _whole_server(p, servers[p.resource], as_tools, loaded.tool_probes)
                 if p.allowed and p.action == INVOKE_TOOL and p.resource in servers
                 else p
                 for p in results
@@ -382,11 +383,26 @@ class PolicyEngine:
 
 
 def _whole_server(
-    grant: PairResult, refs: tuple[str, ...], answers: Mapping[str, PairResult]
+    grant: PairResult,
+    refs: tuple[str, ...],
+    answers: Mapping[str, PairResult],
+    probes: ToolProbes,
 ) -> PairResult:
-    """`grant` (every tool of a server), refused when a forbid keeps one of `refs` out (a
-    denial that names policies is a forbid's: a missing permit names none), or when a policy
-    failed to evaluate on one (it may be a forbid that would)."""
+    """`grant` (every tool of a server), refused when a forbid the probes `refs` cannot decide
+    could reach a tool of it, when a forbid keeps one of `refs` out (a denial that names
+    policies is a forbid's: a missing permit names none), or when a policy failed to evaluate
+    on one (it may be a forbid that would)."""
+    undecided = probes.undecided_for(grant.resource)
+    if undecided is not None:
+        return PairResult(
+            INVOKE_TOOL,
+            grant.resource,
+            False,
+            (undecided.policy_id,),
+            f"every tool of {grant.resource}: forbid {undecided.policy_id} may keep some of "
+            f"them out, and svidd cannot tell which ({undecided.why}); name the tools the task "
+            "needs in intent.tools",
+        )
     for ref in refs:
         tool = answers[ref]
         if not tool.allowed and (tool.policy_ids or tool.evaluation_error):

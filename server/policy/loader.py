@@ -66,7 +66,8 @@ class LoadedSet:
     hash: str
     files: tuple[str, ...]
     source: str
-    # The tools a forbid names, asked about for a grant of a server's every tool.
+    # The tools asked about for a grant of a server's every tool, and the forbids that refuse
+    # such a grant as the probes cannot decide them.
     tool_probes: ToolProbes
 
 
@@ -297,6 +298,5 @@ def load(policy_dir: Path | None) -> LoadedSet:
         hash=policy_set_hash(policies, schema_src),
         files=tuple(f.name for f in [*policies, schema_src]),
         source=source,
-        # Decoded and parsed above: every file here is good UTF-8 Cedar.
-        tool_probes=find_tool_probes(src.data.decode("utf-8") for src in policies),
+        tool_probes=find_tool_probes(merged),
     )

@@ -655,31 +655,45 @@ def test_a_policy_dir_that_is_gone_is_an_error_not_the_default_policy(tmp_path: 
 
 
 @pytest.mark.parametrize(
-    ("condition", "tool"),
+    ("condition", "tool", "why"),
     [
-        # Two patterns at once: the probes "admin_" and "_write" each match only one.
-        ('when { resource.name like "admin_*" && resource.name like "*_write" }', "admin_db_write"),
-        # A pattern with its own shortest instance exempted: the probe "export" is let through.
+        # Two patterns at once: a probe for each ("admin_", "_write") matches only one of them,
+        # so such a forbid is not left to the probes.
+        (
+            'when { resource.name like "admin_*" && resource.name like "*_write" }',
+            "admin_db_write",
+            "forbid p.cedar:policy1 may keep some of them out, and svidd cannot tell which "
+            "(two `like` patterns",
+        ),
+        # A pattern with its own shortest instance exempted: "export" is let through, so a
+        # longer name the pattern matches is asked too.
         (
             'when { resource.name like "export*" } unless { resource.name == "export" }',
             "export_all",
+            "mcp-a#exporta is forbidden by p.cedar:policy1",
+        ),
+        # Every tool but a pattern's and one: the made-up name matches the pattern, so a name
+        # matching neither is asked too.
+        (
+            'unless { resource.name like "*-tool" || resource.name == "read" }',
+            "write",
+            "mcp-a#a is forbidden by p.cedar:policy1",
+        ),
+        # The name against the request: no probe can stand for every tool.
+        (
+            "when { resource.name == context.intent.environment }",
+            "prod",
+            "forbid p.cedar:policy1 may keep some of them out, and svidd cannot tell which "
+            "(it reads the tool other than",
         ),
     ],
 )
-def test_attack_a_forbid_on_tools_matching_two_name_patterns_keeps_a_whole_server_grant_out(
-    tmp_path: Path, condition: str, tool: str
+def test_a_whole_server_grant_is_refused_while_a_forbid_could_keep_a_tool_out_unasked(
+    tmp_path: Path, condition: str, tool: str, why: str
 ) -> None:
-    """ATTACK REPRO (fails on purpose until fixed): the tool probes miss a forbid whose
-    condition is a conjunction of two name patterns.
-
-    server/policy/tool_probes.py collects one probe name per `like` pattern (its literals
-    joined), so `like "admin_*" && like "*_write"` yields the probes "admin_" and "_write",
-    neither of which matches both. The forbid is never seen to keep a tool out, so
-    `invoke_tool` on the server itself is granted, and its token's `invoke_tool` scope lets
-    the holder call `admin_db_write` (TaskClaims.grants_tool), the very tool the forbid
-    refuses when it is named. Likewise `like "export*"` unless `== "export"`: its one probe,
-    "export", is exempted, and "svidd.unnamed-tool" matches no pattern.
-    """
+    # A server-wide invoke_tool grant lets its token call any tool of the server
+    # (TaskClaims.grants_tool). The probes asked for it once stood for a forbid's patterns one
+    # by one (literals joined), so a forbid no probe met kept its tool out only when named.
     write(
         tmp_path,
         "p.cedar",
@@ -687,11 +701,33 @@ def test_attack_a_forbid_on_tools_matching_two_name_patterns_keeps_a_whole_serve
     )
     engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
     # The tool named alone is forbidden ...
-    named = ask(engine, set(), set(), tools=frozenset({f"mcp-a#{tool}"}))
+    named = ask(engine, set(), set(), tools=frozenset({f"mcp-a#{tool}"}), environment="prod")
     assert named.outcome is Outcome.DENY
-    # ... so the grant of every tool of mcp-a, that one among them, must not stand.
-    whole = ask(engine, {"invoke_tool"}, {"mcp-a"})
+    # ... so the grant of every tool of mcp-a, that one among them, does not stand.
+    whole = ask(engine, {"invoke_tool"}, {"mcp-a"}, environment="prod")
     assert whole.outcome is Outcome.DENY, whole.reason
+    assert f"every tool of mcp-a: {why}" in whole.reason
+    assert whole.reason.endswith("name the tools the task needs in intent.tools")
+    assert whole.policy_ids == ("p.cedar:policy1",)
+
+
+@pytest.mark.parametrize(
+    "forbid",
+    [
+        # Its scope is another server's tools, or another action than invoke_tool.
+        'forbid (principal, action, resource is Tool in Resource::"mcp-b") '
+        'when { resource.name like "a*" && resource.name like "*b" };',
+        'forbid (principal, action == Action::"read", resource) '
+        'when { resource is Tool && resource.name like "a*" && resource.name like "*b" };',
+    ],
+)
+def test_a_forbid_the_probes_cannot_decide_leaves_grants_it_cannot_reach_standing(
+    tmp_path: Path, forbid: str
+) -> None:
+    write(tmp_path, "p.cedar", WHOLE_SERVER + forbid)
+    engine = PolicyEngine(tmp_path, FakeClock(), trust_domain=TD)
+    whole = ask(engine, {"invoke_tool"}, {"mcp-a"})
+    assert whole.outcome is Outcome.ALLOW, whole.reason
 
 
 def test_a_policy_that_fails_to_evaluate_denies_and_is_logged_once_an_interval(
