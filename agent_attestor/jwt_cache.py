@@ -2,6 +2,16 @@
 
 Bounded twice, least recently used out first: by count, and by bytes, because one token can be
 thousands of times the size of another (issue 11: big audiences took the agent from 77 to 804 MB).
+
+Each uid has a share of both bounds (`uid_share`). Without one, a uid asking for ever-new
+audiences at its minting rate (100/s) pushed every other workload's tokens out of a full cache
+within about 40 s, and each had to be minted again, on its own budget. When the cache must make
+room, an entry of a uid past its share goes first: the inserting uid's own oldest if it is past,
+else the oldest of another uid past its share (its least recently used when that is the least
+recently used of all, as when it is alone); only when no uid is past its share does the least
+recently used entry go. So a flooding uid recycles its own slots, while a lone busy uid may still
+use the whole cache. An entry belongs to the uid whose mint inserted it. The books are kept on
+insert and drop only: a hit does no more than before.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ import asyncio
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from agent_attestor.signer import MintedJwt, SvidSigner
 from svid._clock import Clock
@@ -21,8 +32,23 @@ Key = tuple[str, tuple[str, ...]]
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 # The objects around one cached token's strings (key and value tuples, the dict slot, the
 # MintedJwt, str headers); measured with tracemalloc on CPython 3.11: 1,105 bytes held per entry
-# of a 606-byte token, a 30-byte ID and a 10-byte audience.
-ENTRY_OVERHEAD = 460
+# of a 606-byte token, a 30-byte ID and a 10-byte audience, and 38 more since the entry is on its
+# uid's books too (a second dict slot, the owner in the value tuple).
+ENTRY_OVERHEAD = 500
+# A uid's share of the cache: an eighth of each bound, so that at least eight uids fill it before
+# any is pushed out by another, but never fewer than 64 tokens (a workload's usual handful of
+# audiences, many times over) when the cache is small.
+SHARE_DIVISOR = 8
+SHARE_FLOOR = 64
+
+
+def uid_share(max_entries: int, max_bytes: int) -> tuple[int, int]:
+    """(entries, bytes) one uid may hold before its entries are the first to make room. The
+    byte share is the same fraction of max_bytes as the entries' share is of max_entries."""
+    entries = max(SHARE_FLOOR, max_entries // SHARE_DIVISOR)
+    if entries >= max_entries:
+        return max_entries, max_bytes
+    return entries, max_bytes * entries // max_entries
 
 
 def entry_size(key: Key, jwt: MintedJwt, jti: str = "") -> int:
@@ -59,6 +85,14 @@ def audience_key(audience: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(set(audience)))
 
 
+@dataclass(slots=True)
+class _Books:
+    """One uid's entries, oldest inserted first (a hit does not reorder them), and their bytes."""
+
+    keys: dict[Key, None] = field(default_factory=dict)
+    bytes: int = 0
+
+
 class JwtCache:
     """Tokens are served from here until half their lifetime has passed, then minted anew."""
 
@@ -68,16 +102,22 @@ class JwtCache:
         clock: Clock,
         max_entries: int = 4096,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        share: tuple[int, int] | None = None,
     ) -> None:
+        """`share`: (entries, bytes) of each uid, uid_share's unless given (tests)."""
         self._signer = signer
         self._clock = clock
         self._max = max_entries
         self._max_bytes = max_bytes
-        # key -> (token, the moment it stops being handed out, its entry_size, its jti): the
-        # refresh point is computed once at insertion, so a hit costs one clock read and one
-        # comparison.
-        self._tokens: OrderedDict[Key, tuple[MintedJwt, float, int, str]] = OrderedDict()
+        self._share_entries, self._share_bytes = share or uid_share(max_entries, max_bytes)
+        # key -> (token, the moment it stops being handed out, its entry_size, its jti, the uid
+        # that owns it): the refresh point is computed once at insertion, so a hit costs one
+        # clock read and one comparison.
+        self._tokens: OrderedDict[Key, tuple[MintedJwt, float, int, str, int]] = OrderedDict()
         self._bytes = 0
+        self._books: dict[int, _Books] = {}
+        # The uids past their share, in the order they went past it: who makes room first.
+        self._over: dict[int, None] = {}
         self._pending: dict[Key, asyncio.Future[MintedJwt]] = {}
         # Mints whose identity was forgotten while they were out: their token is not kept.
         self._void: set[asyncio.Future[MintedJwt]] = set()
@@ -111,8 +151,11 @@ class JwtCache:
             return held[0]
         return None
 
-    async def get(self, spiffe_id: str, audience: Sequence[str], entry_id: str) -> MintedJwt:
-        """A token for (ID, audiences): from the cache, or minted once even under concurrency."""
+    async def get(
+        self, spiffe_id: str, audience: Sequence[str], entry_id: str, uid: int
+    ) -> MintedJwt:
+        """A token for (ID, audiences): from the cache, or minted once even under concurrency.
+        `uid` is the caller's: a token minted for it is counted in its share."""
         key = (spiffe_id, audience_key(audience))
         hit = self._hit(key)
         if hit is not None:
@@ -145,16 +188,40 @@ class JwtCache:
             # Asked for before the forget, so handed to those callers; never to a later one.
             return jwt
         self._drop(key)
+        self._insert(key, jwt, uid)
+        return jwt
+
+    def _insert(self, key: Key, jwt: MintedJwt, uid: int) -> None:
         jti = token_id(jwt)
         size = entry_size(key, jwt, jti)
-        self._tokens[key] = (jwt, refresh_point(jwt), size, jti)
+        self._tokens[key] = (jwt, refresh_point(jwt), size, jti, uid)
         self._bytes += size
-        # A token bigger than the whole budget is handed out but not kept (it evicts itself).
+        books = self._books.get(uid)
+        if books is None:
+            books = self._books[uid] = _Books()
+        books.keys[key] = None
+        books.bytes += size
+        self._weigh(uid, books)
+        # A token bigger than the whole budget is handed out but not kept (it evicts itself,
+        # its uid being past its share, after that uid's older ones).
         while self._tokens and (len(self._tokens) > self._max or self._bytes > self._max_bytes):
-            _, (_, _, gone, _) = self._tokens.popitem(last=False)
-            self._bytes -= gone
-            self.generation += 1
-        return jwt
+            self._drop(self._victim(uid))
+
+    def _victim(self, uid: int) -> Key:
+        """The entry that makes room for one of `uid`'s."""
+        over = self._over
+        heavy = uid if uid in over else next(iter(over), None)
+        lru = next(iter(self._tokens))
+        if heavy is None or self._tokens[lru][4] == heavy:
+            return lru  # the least recently used of all, or of that uid (as when it is alone)
+        # Its oldest inserted, not its least recently used: a hit does not reorder the books.
+        return next(iter(self._books[heavy].keys))
+
+    def _weigh(self, uid: int, books: _Books) -> None:
+        if len(books.keys) > self._share_entries or books.bytes > self._share_bytes:
+            self._over.setdefault(uid)
+        else:
+            self._over.pop(uid, None)
 
     def touch(self, keys: Iterable[Key]) -> None:
         """Mark these tokens used, as a hit does (something built from them was served)."""
@@ -173,9 +240,19 @@ class JwtCache:
 
     def _drop(self, key: Key) -> None:
         held = self._tokens.pop(key, None)
-        if held is not None:
-            self._bytes -= held[2]
-            self.generation += 1
+        if held is None:
+            return
+        _, _, size, _, uid = held
+        self._bytes -= size
+        self.generation += 1
+        books = self._books[uid]
+        del books.keys[key]
+        books.bytes -= size
+        if books.keys:
+            self._weigh(uid, books)
+        else:
+            del self._books[uid]
+            self._over.pop(uid, None)
 
     def forget_under(self, prefix: str) -> None:
         """Drop cached tokens of every ID that begins with `prefix` (a runtime's tasks)."""
@@ -193,6 +270,8 @@ class JwtCache:
         if spiffe_ids is None:
             self._tokens.clear()
             self._bytes = 0
+            self._books.clear()
+            self._over.clear()
             self.generation += 1
             return
         for key in [k for k in self._tokens if k[0] in spiffe_ids]:

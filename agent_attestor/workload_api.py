@@ -350,7 +350,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 refused = self.mints.take(caller.uid)
                 if refused is not None:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
-                jwt = await self._mint(context, entry, audience)
+                jwt = await self._mint(context, entry, audience, caller.uid)
             tokens.append((JwtCache.key(entry.spiffe_id, audience), refresh_point(jwt)))
             # An empty hint left out: upb pays for every keyword, set or not.
             if entry.hint:
@@ -361,11 +361,12 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         return reply
 
     async def _mint(
-        self, context: grpc.aio.ServicerContext, entry: Entry, audience: list[str]
+        self, context: grpc.aio.ServicerContext, entry: Entry, audience: list[str], uid: int
     ) -> MintedJwt:
-        """A token not in the cache: minted by the server (once, however many callers wait)."""
+        """A token not in the cache: minted by the server (once, however many callers wait),
+        and kept in the share of the caller's uid."""
         try:
-            return await self._jwts.get(entry.spiffe_id, audience, entry.id)
+            return await self._jwts.get(entry.spiffe_id, audience, entry.id, uid)
         except NoIdentityError as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except BadRequestError as exc:

@@ -87,6 +87,7 @@ class Harness:
         max_prefetched: int = 0,
         on_demand: bool = False,
         first_wait: float = FIRST_MESSAGE_WAIT,
+        jwt_cache_size: int = 4096,
     ) -> None:
         self.root = short_tmpdir()
         self.socket_path = self.root / "public" / "agent.sock"
@@ -95,7 +96,7 @@ class Harness:
         self.signer = FakeSigner(self.ca)
         self.cache = Cache()
         self.registry = CallerRegistry()
-        self.jwts = JwtCache(self.signer, self.clock)
+        self.jwts = JwtCache(self.signer, self.clock, max_entries=jwt_cache_size)
         self.rotator = Rotator(self.cache, self.signer, self.clock, max_prefetched=max_prefetched)
         # on_demand: the API asks the rotator for missing SVIDs and waits for them, as the
         # agent does; run_rotator() then mints them.

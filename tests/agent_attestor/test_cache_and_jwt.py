@@ -61,7 +61,7 @@ def test_jwt_cache_mints_once_under_concurrency_and_surfaces_errors() -> None:
 
     async def scenario() -> set[str]:
         got = await asyncio.gather(
-            *(jwts.get("spiffe://example.org/w", ["a"], "e") for _ in range(20))
+            *(jwts.get("spiffe://example.org/w", ["a"], "e", 0) for _ in range(20))
         )
         return {j.token for j in got}
 
@@ -69,8 +69,8 @@ def test_jwt_cache_mints_once_under_concurrency_and_surfaces_errors() -> None:
     assert signer.jwt_calls == 1
     signer.fail = True
     with pytest.raises(ConnectionError):
-        asyncio.run(jwts.get("spiffe://example.org/w", ["b"], "e"))
-    assert "token=" not in repr(asyncio.run(jwts.get("spiffe://example.org/w", ["a"], "e")))
+        asyncio.run(jwts.get("spiffe://example.org/w", ["b"], "e", 0))
+    assert "token=" not in repr(asyncio.run(jwts.get("spiffe://example.org/w", ["a"], "e", 0)))
 
 
 def _held_mints() -> tuple[FakeSigner, JwtCache, asyncio.Event]:
@@ -95,9 +95,9 @@ def test_a_caller_gone_while_its_jwt_is_minted_does_not_fail_those_waiting_for_i
     signer, jwts, gate = _held_mints()
 
     async def scenario() -> MintedJwt:
-        first = asyncio.create_task(jwts.get("spiffe://example.org/w", ["a"], "e"))
+        first = asyncio.create_task(jwts.get("spiffe://example.org/w", ["a"], "e", 0))
         await asyncio.sleep(0)
-        waiter = asyncio.create_task(jwts.get("spiffe://example.org/w", ["a"], "e"))
+        waiter = asyncio.create_task(jwts.get("spiffe://example.org/w", ["a"], "e", 0))
         await asyncio.sleep(0)
         first.cancel()
         await asyncio.sleep(0)
@@ -116,12 +116,12 @@ def test_a_token_minted_while_its_identity_is_forgotten_is_not_kept() -> None:
     sid = "spiffe://example.org/bot/task/t1"
 
     async def scenario() -> tuple[MintedJwt, MintedJwt]:
-        minting = asyncio.create_task(jwts.get(sid, ["a"], "e"))
+        minting = asyncio.create_task(jwts.get(sid, ["a"], "e", 0))
         await asyncio.sleep(0)
         generation = jwts.generation
         jwts.forget({sid})
         assert jwts.generation > generation  # answers built from it are dropped too
-        later = asyncio.create_task(jwts.get(sid, ["a"], "e"))
+        later = asyncio.create_task(jwts.get(sid, ["a"], "e", 0))
         await asyncio.sleep(0)
         gate.set()
         return await asyncio.wait_for(minting, 5), await asyncio.wait_for(later, 5)
@@ -145,7 +145,7 @@ def test_jwt_cache_evicts_least_recently_used() -> None:
     signer = FakeSigner(LocalCa(clock))
     jwts = JwtCache(signer, clock, max_entries=2)
     for aud in ("a", "b", "c"):
-        asyncio.run(jwts.get("spiffe://example.org/w", [aud], "e"))
+        asyncio.run(jwts.get("spiffe://example.org/w", [aud], "e", 0))
     assert jwts.cached("spiffe://example.org/w", ["a"]) is None
     assert jwts.cached("spiffe://example.org/w", ["c"]) is not None
 
@@ -173,7 +173,7 @@ def test_jwt_cache_counts_bytes_and_evicts_least_recently_used_to_stay_in_budget
     jwts = JwtCache(signer, FakeClock(start=0), max_bytes=3 * one)
 
     def get(aud: str) -> MintedJwt:
-        return asyncio.run(jwts.get(sid, [aud], "e"))
+        return asyncio.run(jwts.get(sid, [aud], "e", 0))
 
     for aud in ("a", "b", "c"):
         get(aud)
@@ -210,7 +210,7 @@ def test_jwt_cache_memory_stays_near_its_default_byte_budget() -> None:
     try:
         before = traced()
         for i in range(400):  # 25 MB of tokens offered
-            asyncio.run(jwts.get("spiffe://example.org/w", [f"aud-{i}"], "e"))
+            asyncio.run(jwts.get("spiffe://example.org/w", [f"aud-{i}"], "e", 0))
         held = traced() - before
     finally:
         tracemalloc.stop()

@@ -351,7 +351,7 @@ def test_end_sends_the_callers_identities_and_forgets_cached_task_jwts(ta: TaskA
     task_entry = ta.h.add_entry("/bot/task/t1")
 
     async def mint() -> None:
-        await ta.h.jwts.get(task_entry.spiffe_id, ["docs"], task_entry.id)
+        await ta.h.jwts.get(task_entry.spiffe_id, ["docs"], task_entry.id, 0)
 
     ta.h.lt.run(mint())
     assert ta.h.jwts.cached(task_entry.spiffe_id, ["docs"]) is not None
