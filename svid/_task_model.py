@@ -8,9 +8,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from svid._jwt import JwtSvid
+from svid._limits import intent_problem
 from svid._proto import task_pb2
 from svid._spiffe_id import SpiffeId
-from svid._task_errors import TaskEndedError
+from svid._task_errors import TaskEndedError, TaskRequestError
 
 TOOL_SEPARATOR = "#"
 
@@ -231,19 +232,32 @@ def begin_request(
     parent_task_id: str = "",
     elevate: bool = False,
 ) -> task_pb2.BeginTaskRequest:
+    """BeginTask for this intent; TaskRequestError when it is past the limits the agent and
+    the server enforce, named in their words, so such an intent never leaves the process."""
     if ttl < 0:
         raise ValueError(f"ttl must not be negative, got {ttl}")
+    intent = task_pb2.Intent(
+        actions=_names(actions, "actions"),
+        resources=_names(resources, "resources"),
+        tools=tool_refs(tools),
+        classification=classification,
+        environment=environment,
+        on_behalf_of=on_behalf_of,
+        goal=goal,
+    )
+    too_big = intent_problem(
+        intent.actions,
+        intent.resources,
+        intent.tools,
+        classification=classification,
+        environment=environment,
+        on_behalf_of=on_behalf_of,
+    )
+    if too_big:
+        raise TaskRequestError(too_big, "INVALID_ARGUMENT")
     return task_pb2.BeginTaskRequest(
         spiffe_id=str(spiffe_id) if spiffe_id else "",
-        intent=task_pb2.Intent(
-            actions=_names(actions, "actions"),
-            resources=_names(resources, "resources"),
-            tools=tool_refs(tools),
-            classification=classification,
-            environment=environment,
-            on_behalf_of=on_behalf_of,
-            goal=goal,
-        ),
+        intent=intent,
         ttl=ttl,
         parent_task_id=parent_task_id,
         elevate=elevate,

@@ -161,7 +161,8 @@ class TaskClient:
 
         ``tools`` maps a server (its audience) to tool names, or lists ``"<server>#<tool>"``.
         ``goal`` is hashed by the agent; only the hash leaves the node. ``ttl`` 0 takes the
-        server's default. Raises TaskDeniedError (with the decision's ``reason``) when refused.
+        server's default. Raises TaskDeniedError (with the decision's ``reason``) when refused,
+        and TaskRequestError, before any call, for an intent past the agent's limits.
         """
         request = begin_request(
             actions=actions,
