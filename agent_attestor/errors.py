@@ -22,10 +22,46 @@ class ServerNotVerifiedError(AttestationError):
     TLS handshake failed, so nothing (no join token) reached the server."""
 
 
-class JoinTokenRefusedError(AttestationError):
+class AttestationRefusedError(AttestationError):
+    """The server refused to attest the agent by what it was given (PERMISSION_DENIED), or the
+    agent knows it would: every retry is refused alike until the operator mends it. `problem`
+    and `remedy` are what the agent tells the operator; the message is what the server said,
+    with no secret of the agent's."""
+
+    problem = "the server refuses to attest this agent"
+    remedy = "see what the server said (error) and its log"
+
+
+class JoinTokenRefusedError(AttestationRefusedError):
     """The join token cannot attest the agent: the server refused it (never issued, expired or
     already used), or this agent spent it already. Only a new token helps; the message never
     holds the token."""
+
+    problem = "the join token cannot attest this agent (never issued, expired, or already used)"
+    remedy = (
+        "issue a new one (svid-server token generate) and give it to the agent "
+        "(--join-token-file FILE or $SVID_AGENT_JOIN_TOKEN)"
+    )
+
+
+class X509PopRefusedError(AttestationRefusedError):
+    """The server refused the agent's x509pop certificate: not from a CA it trusts for x509pop,
+    not proven with its key, or naming an agent that is banned (its ID is the certificate's)."""
+
+    problem = (
+        "the server refuses this agent's x509pop certificate (not issued by a CA the server "
+        "trusts for x509pop, not matching x509pop_key, or the agent it names is banned)"
+    )
+    remedy = (
+        "give the agent a certificate and its key that the server accepts (x509pop_cert, "
+        "x509pop_key; a new certificate is a new agent ID, a banned one stays banned), or add "
+        "the certificate's CA to the server's x509pop_ca_bundle"
+    )
+
+
+class AttestationLimitedError(AttestationError):
+    """The server's attestation budget for the agent's host is spent (RESOURCE_EXHAUSTED): it
+    refills with time, so a later attempt, or another server, may succeed."""
 
 
 class ProcessGoneError(AgentError):

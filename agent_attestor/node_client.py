@@ -22,11 +22,13 @@ from agent_attestor.cache import SyncDelta, SyncState
 from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.errors import (
     AttestationError,
+    AttestationLimitedError,
     BadRequestError,
     ConfigError,
     JoinTokenRefusedError,
     NoIdentityError,
     ServerNotVerifiedError,
+    X509PopRefusedError,
 )
 from agent_attestor.model import Entry, TrustBundle
 from agent_attestor.signer import MintedJwt, X509Result
@@ -269,6 +271,14 @@ class NodeClient:
                 if join_token and code == grpc.StatusCode.PERMISSION_DENIED:
                     raise JoinTokenRefusedError(
                         f"the server refused the join token: {_redacted(said, join_token)}"
+                    ) from exc
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    raise X509PopRefusedError(
+                        f"the server refused the x509pop certificate: {said}"
+                    ) from exc
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise AttestationLimitedError(
+                        f"attestation over this host's budget: {_redacted(said, join_token)}"
                     ) from exc
                 raise AttestationError(f"attestation refused: {said}") from exc
         return self._agent_svid(result, key), TrustBundle.from_proto(result.bundle)

@@ -23,6 +23,8 @@ from agent_attestor.cache import Cache, SyncPosition, SyncState, hold_crl, join_
 from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.errors import (
     AttestationError,
+    AttestationLimitedError,
+    AttestationRefusedError,
     JoinTokenRefusedError,
     NotReadyError,
     ServerNotVerifiedError,
@@ -54,8 +56,9 @@ REFUSED = (
     "attested again"
 )
 # Seconds between two log lines about what only the operator can mend (no bundle the agent has
-# verifies the server, a join token that cannot attest): the loop retries every few seconds,
-# and the line has only to tell the operator what to do, then that it is still so.
+# verifies the server, an attestation the server refuses) or that lasts a while (the host's
+# attestation budget spent): the loop retries every few seconds, and the line has only to tell
+# the operator what to do, then that it is still so.
 OPERATOR_LOG_INTERVAL = 300.0
 
 
@@ -126,7 +129,8 @@ class Syncer:
         # A given bundle that fails too makes the loop set the saved SVID aside at every retry.
         self._set_aside_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._unverified_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
-        self._token_refused_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
+        self._attest_refused_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
+        self._attest_limited_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self.connected = False
         self.syncs = 0
         # Where the last Sync stream left off: a reconnect asks only for what came after. It
@@ -459,9 +463,14 @@ class Syncer:
                 else:
                     log.warning("lost the server", extra={"server": self.server, "code": code.name})
                 await self._after_failure(code.name, code.name)
-            except JoinTokenRefusedError as exc:
-                # Not a move: every server of the trust domain reads the same tokens.
-                self._token_refused(str(exc))
+            except AttestationRefusedError as exc:
+                # Not a move: every server of the trust domain reads the same tokens, agents
+                # and x509pop CAs.
+                self._attestation_refused(exc)
+            except AttestationLimitedError as exc:
+                # Each server keeps its own budget: another one may have room.
+                self._attestation_limited(str(exc))
+                await self._after_failure(failure_code(exc), "attestation budget spent")
             except ServerNotVerifiedError as exc:
                 # An attestation: neither the saved bundle nor the given one verified the server.
                 # A saved SVID set aside is tried again next (_take_back_saved_svid).
@@ -516,16 +525,31 @@ class Syncer:
             extra={"server": self.server, "failures": count, "error": error[:300]},
         )
 
-    def _token_refused(self, error: str) -> None:
-        """The join token cannot attest the agent: every retry until the operator gives a new
-        one is refused the same way, and says so once per interval."""
-        count = self._token_refused_log.due()
+    def _attestation_refused(self, exc: AttestationRefusedError) -> None:
+        """The server refuses to attest the agent (its join token, its x509pop certificate):
+        every retry until the operator mends it is refused the same way, and says so once per
+        interval. Its problem and remedy are the error's, written in code: the line's text is
+        the same at every reminder, what the server said is apart."""
+        count = self._attest_refused_log.due()
         if not count:
             return
         log.error(
-            "the join token cannot attest this agent (never issued, expired, or already used): "
-            "issue a new one (svid-server token generate) and give it to the agent "
-            "(--join-token-file FILE or $SVID_AGENT_JOIN_TOKEN); retrying meanwhile",
+            "%s: %s; retrying meanwhile",
+            exc.problem,
+            exc.remedy,
+            extra={"server": self.server, "times": count, "error": str(exc)[:300]},
+        )
+
+    def _attestation_limited(self, error: str) -> None:
+        """The server's attestation budget for this host is spent: it refills with time (or
+        another server has room), so a warning, once per interval, rather than at each retry."""
+        count = self._attest_limited_log.due()
+        if not count:
+            return
+        log.warning(
+            "the server's attestation budget for this host is spent (agents sharing its "
+            "address, or many attempts): retrying with backoff; if it lasts, raise the server's "
+            "attest_rate_per_host and attest_burst_per_host",
             extra={"server": self.server, "times": count, "error": error[:300]},
         )
 
