@@ -44,10 +44,15 @@ class KnownEntries(Protocol):
     def has_spiffe_id(self, spiffe_id: str, *, excluding: str = "") -> bool: ...
 
 
+def is_entry_id(text: str) -> bool:
+    """Whether `text` has the shape of an entry ID (an operator's, or one the datastore made)."""
+    return _ENTRY_ID.fullmatch(text) is not None
+
+
 def validate_entry_id(text: str) -> str:
     if not text:
         raise InvalidRequestError("id: required")
-    if not _ENTRY_ID.match(text):
+    if not is_entry_id(text):
         raise InvalidRequestError(f"id: {text[:80]!r} is not an entry ID (1-64 of A-Z a-z 0-9 _ -)")
     return text
 

@@ -21,13 +21,14 @@ from server.input_text import refuse_nul
 from server.peer import PeerCache
 from server.policy import PolicyEngine
 from server.refusal_budget import RefusalBudget
+from server.registration import is_entry_id
 from server.state import ServerState
-from server.tasks.model import Task, TaskState
+from server.tasks.model import Task, TaskState, is_task_key
 from server.tasks.service import BeginRequest, TaskService
 from svid._errors import SpiffeIdError
 from svid._proto import task_pb2, task_pb2_grpc
 from svid._ratelimit import KeyedLimiter
-from svid._spiffe_id import SpiffeId
+from svid._spiffe_id import MAX_ID_BYTES, SpiffeId
 
 _log = logging.getLogger("svid.server.tasks")
 MAX_RUNTIME_IDS = 256
@@ -67,11 +68,52 @@ def task_to_proto(task: Task, credentials: int = 0) -> task_pb2.Task:
     )
 
 
-def _runtime_ids(values: list[str], name: str = "runtime_ids") -> list[str]:
+# The IDs a request names are checked for their shape before anything is looked up or keyed
+# by them (the store's queries, the begin limiter), and a refusal names the field only: the
+# value may be megabytes.
+
+
+def _runtime_id(name: str, value: str) -> str:
+    """`value`, unless it is longer than any SPIFFE ID may be (it is parsed later)."""
+    if len(value) > MAX_ID_BYTES or len(value.encode()) > MAX_ID_BYTES:
+        raise InvalidRequestError(f"{name}: longer than a SPIFFE ID may be ({MAX_ID_BYTES} bytes)")
+    return value
+
+
+def _runtime_ids(values: list[str]) -> list[str]:
     if len(values) > MAX_RUNTIME_IDS:
-        raise InvalidRequestError(f"{name}: at most {MAX_RUNTIME_IDS}")
-    refuse_nul(name, *values)
+        raise InvalidRequestError(f"runtime_ids: at most {MAX_RUNTIME_IDS}")
+    refuse_nul("runtime_ids", *values)
+    for value in values:
+        _runtime_id("runtime_ids", value)
     return values
+
+
+def _entry_ids(values: list[str]) -> list[str]:
+    if len(values) > MAX_RUNTIME_IDS:
+        raise InvalidRequestError(f"runtime_entry_ids: at most {MAX_RUNTIME_IDS}")
+    if not all(is_entry_id(value) for value in values):
+        raise InvalidRequestError(
+            "runtime_entry_ids: each must be an entry ID (1-64 of A-Z a-z 0-9 _ -)"
+        )
+    return values
+
+
+def _entry_id(value: str) -> str:
+    """A BeginTask's runtime_entry_id ("" = none named)."""
+    if value and not is_entry_id(value):
+        raise InvalidRequestError("runtime_entry_id: not an entry ID (1-64 of A-Z a-z 0-9 _ -)")
+    return value
+
+
+def _task_id(name: str, value: str, *, required: bool = True) -> str:
+    if not value:
+        if required:
+            raise InvalidRequestError(f"{name}: required")
+        return value
+    if not is_task_key(value):
+        raise InvalidRequestError(f"{name}: not a task ID (16 lowercase hex digits)")
+    return value
 
 
 def _state(value: str) -> str:
@@ -184,27 +226,30 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         agent = self._agent(context)
         if request.intent.goal:
             raise InvalidRequestError("intent.goal: send only goal_sha256, never the goal text")
+        runtime_id = _runtime_id("runtime_id", request.runtime_id)
+        parent_task_id = _task_id("parent_task_id", request.parent_task_id, required=False)
+        runtime_entry_id = _entry_id(request.runtime_entry_id)
         # Before anything is decided or written: a refusal here costs the server nothing.
-        if not self._begins.try_take(f"{agent.spiffe_id} {request.runtime_id}"):
+        if not self._begins.try_take(f"{agent.spiffe_id} {runtime_id}"):
             raise RateLimitedError(
-                f"runtime {request.runtime_id[:300]!r} begins tasks faster than "
+                f"runtime {runtime_id[:300]!r} begins tasks faster than "
                 "task_begin_rate_per_runtime allows: retry later"
             )
         task = await self._service.begin(
             agent,
             BeginRequest(
-                runtime_id=request.runtime_id,
+                runtime_id=runtime_id,
                 actions=tuple(request.intent.actions),
                 resources=tuple(request.intent.resources),
                 classification=request.intent.classification,
                 environment=request.intent.environment,
                 on_behalf_of=request.intent.on_behalf_of,
                 ttl=request.ttl,
-                parent_task_id=request.parent_task_id,
+                parent_task_id=parent_task_id,
                 goal_sha256=request.goal_sha256,
                 tools=tuple(request.intent.tools),
                 elevate=request.elevate,
-                runtime_entry_id=request.runtime_entry_id,
+                runtime_entry_id=runtime_entry_id,
             ),
         )
         await self._still_authorized(context, task)
@@ -225,10 +270,11 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         self, request: task_pb2.NodeEndTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.EndTaskResponse:
         agent = self._agent(context)
+        task_id = _task_id("task_id", request.task_id)
         runtime_ids = _runtime_ids(list(request.runtime_ids))
-        entry_ids = _runtime_ids(list(request.runtime_entry_ids), "runtime_entry_ids")
+        entry_ids = _entry_ids(list(request.runtime_entry_ids))
         task = await self._service.end(
-            agent, request.task_id, runtime_ids, request.reason, runtime_entry_ids=entry_ids
+            agent, task_id, runtime_ids, request.reason, runtime_entry_ids=entry_ids
         )
         # What the end revoked, as the admin views count it (`svid-agent task end` prints it).
         count = await asyncio.to_thread(self._service.store.count_credentials, task.task_id)
@@ -240,7 +286,7 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
     ) -> task_pb2.ListTasksResponse:
         agent = self._agent(context)
         runtime_ids = sorted(set(_runtime_ids(list(request.runtime_ids))))
-        entry_ids = sorted(set(_runtime_ids(list(request.runtime_entry_ids), "runtime_entry_ids")))
+        entry_ids = sorted(set(_entry_ids(list(request.runtime_entry_ids))))
         state = _state(request.state)
         # Bound to the caller too: a token is refused when the agent, or the workload's set of
         # identities or entries it lists for, changed since it was issued (entries only when
@@ -302,7 +348,7 @@ class TaskAdminServicer(task_pb2_grpc.TaskAdminServicer):  # type: ignore[misc]
     async def ShowTask(
         self, request: task_pb2.AdminTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.Task:
-        task = await asyncio.to_thread(self._service.get, request.task_id)
+        task = await asyncio.to_thread(self._service.get, _task_id("task_id", request.task_id))
         count = await asyncio.to_thread(self._service.store.count_credentials, task.task_id)
         return task_to_proto(task, count)
 
@@ -311,7 +357,7 @@ class TaskAdminServicer(task_pb2_grpc.TaskAdminServicer):  # type: ignore[misc]
         self, request: task_pb2.AdminTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.Task:
         task = await self._service.revoke(
-            request.task_id, request.reason or "revoked by an operator"
+            _task_id("task_id", request.task_id), request.reason or "revoked by an operator"
         )
         count = await asyncio.to_thread(self._service.store.count_credentials, task.task_id)
         return task_to_proto(task, count)

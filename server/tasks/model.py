@@ -3,6 +3,8 @@ record that names a task)."""
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -10,9 +12,19 @@ from typing import Any
 from server.datastore.records import Credential
 from server.policy import Intent
 
-__all__ = ["TASK_PATH", "Credential", "Task", "TaskState", "is_task_id"]
+__all__ = [
+    "TASK_PATH",
+    "Credential",
+    "Task",
+    "TaskState",
+    "is_task_id",
+    "is_task_key",
+    "new_task_id",
+]
 
 TASK_PATH = "/task/"
+# Every task ID this server ever made (new_task_id): 64 random bits in lowercase hex.
+_TASK_KEY = re.compile(r"[0-9a-f]{16}")
 
 
 class TaskState(StrEnum):
@@ -90,3 +102,13 @@ class Task:
 
 def is_task_id(spiffe_id: str) -> bool:
     return TASK_PATH in spiffe_id
+
+
+def new_task_id() -> str:
+    return secrets.token_hex(8)
+
+
+def is_task_key(text: str) -> bool:
+    """Whether `text` has the shape of a task ID new_task_id makes (not a task's SPIFFE ID:
+    see is_task_id). What a caller names a task by is checked with it before any lookup."""
+    return _TASK_KEY.fullmatch(text) is not None

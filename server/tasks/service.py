@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import threading
 from collections import Counter
 from collections.abc import Callable, Collection, Container, Iterator, Mapping, Sequence
@@ -56,7 +55,7 @@ from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.crl import CrlCache
 from server.tasks.end_reason import runtime_end_reason
-from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id
+from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id, new_task_id
 from server.tasks.store import TaskStore
 from svid._clock import Clock
 from svid._limits import cut_text, intent_problem, principal_problem
@@ -524,7 +523,7 @@ class TaskService:
                 decision=decision,
             )
         granted = decision.granted
-        task_id = secrets.token_hex(8)
+        task_id = new_task_id()
         spiffe_id = f"{req.runtime_id.rstrip('/')}{TASK_PATH}{task_id}"
         ttl = max(1, min(decision.ttl, ttl))
         tools = {r for a, r in granted if a == INVOKE_TOOL and r in intent.tools}

@@ -344,3 +344,89 @@ def test_node_ends_and_pages_only_the_tasks_of_the_callers_own_entry() -> None:
         assert ended.state == "ended"
     finally:
         next(gen, None)
+
+
+def test_task_and_entry_ids_of_a_malformed_shape_are_refused_before_any_lookup(
+    world: World, tasks: list[task_pb2.Task], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Task IDs are the server's own (16 lowercase hex digits) and entry IDs 1-64 of
+    A-Z a-z 0-9 _ -: anything else, a megabyte of it included, is INVALID_ARGUMENT naming the
+    field, never echoing it, and never reaches the datastore."""
+    store = world.srv.server.tasks.service.store
+    looked_up: list[int] = []
+    for name in ("get_task", "list_tasks"):
+        real = getattr(store, name)
+
+        def spy(*args: object, _real: Callable[..., object] = real, **kwargs: object) -> object:
+            looked_up.append(sum(len(str(a)) for a in (*args, *kwargs.values())))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(store, name, spy)
+    huge = "a" * 1_000_000
+    mine = next(t for t in tasks if t.agent_id == world.first.spiffe_id)
+    node, admin = world.node(world.first), world.admin()
+
+    def begin(**fields: object) -> object:
+        request = task_pb2.NodeBeginTaskRequest(
+            runtime_id=BOT, intent=task_pb2.Intent(actions=["read"], resources=["docs"]), ttl=60
+        )
+        for key, value in fields.items():
+            setattr(request, key, value)
+        return node.BeginTask(request, timeout=10)
+
+    calls: list[tuple[Callable[[], object], str]] = [
+        (lambda: begin(parent_task_id=huge), "parent_task_id"),
+        (lambda: begin(parent_task_id=mine.task_id.upper()), "parent_task_id"),
+        (lambda: begin(parent_task_id=mine.task_id + "0"), "parent_task_id"),
+        (lambda: begin(runtime_entry_id=huge), "runtime_entry_id"),
+        (lambda: begin(runtime_entry_id="a/b"), "runtime_entry_id"),
+        (lambda: begin(runtime_id=BOT + "/" + huge), "runtime_id"),
+        (
+            lambda: node.EndTask(task_pb2.NodeEndTaskRequest(task_id=huge), timeout=10),
+            "task_id",
+        ),
+        (lambda: node.EndTask(task_pb2.NodeEndTaskRequest(), timeout=10), "task_id"),
+        (
+            lambda: node.EndTask(
+                task_pb2.NodeEndTaskRequest(task_id=mine.task_id, runtime_entry_ids=[huge]),
+                timeout=10,
+            ),
+            "runtime_entry_ids",
+        ),
+        (
+            lambda: node.EndTask(
+                task_pb2.NodeEndTaskRequest(task_id=mine.task_id, runtime_ids=[BOT + huge]),
+                timeout=10,
+            ),
+            "runtime_ids",
+        ),
+        (
+            lambda: node.ListTasks(
+                task_pb2.NodeListTasksRequest(runtime_ids=[BOT], runtime_entry_ids=[huge]),
+                timeout=10,
+            ),
+            "runtime_entry_ids",
+        ),
+        (
+            lambda: node.ListTasks(
+                task_pb2.NodeListTasksRequest(runtime_ids=[BOT + huge]), timeout=10
+            ),
+            "runtime_ids",
+        ),
+        (lambda: admin.ShowTask(task_pb2.AdminTaskRequest(task_id=huge), timeout=10), "task_id"),
+        (
+            lambda: admin.RevokeTask(task_pb2.AdminTaskRequest(task_id=huge), timeout=10),
+            "task_id",
+        ),
+    ]
+    for call, field in calls:
+        with pytest.raises(grpc.RpcError) as exc:
+            call()
+        code, details = exc.value.code(), exc.value.details()  # type: ignore[attr-defined]
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (field, code, details[:200])
+        assert details.startswith(f"{field}: "), (field, details[:200])
+        assert len(details) < 200, field
+    assert looked_up == []
+    # The well-formed ones still go through.
+    assert admin.ShowTask(task_pb2.AdminTaskRequest(task_id=mine.task_id)).task_id == mine.task_id
+    assert looked_up
