@@ -132,8 +132,8 @@ def _spiffe_id(name: str, value: str) -> str:
         raise InvalidRequestError(f"{name}: {exc}") from None
 
 
-def _key(task: Task) -> str:
-    return f"{task.created_at}:{task.task_id}"
+def _key(at: Task | TaskCursor) -> str:
+    return f"{at.created_at}:{at.task_id}"
 
 
 def _cursor(after: str) -> TaskCursor | None:
@@ -175,7 +175,7 @@ class _Page:
         """Blocking (SQLite): run it off the event loop. One task past the limit says whether
         a later page exists. Every view of a task (list, show, revoke) counts its credentials
         the same way, so `task list` and `task show` never disagree."""
-        tasks = service.list(
+        found = service.list(
             agent_id=agent_id,
             state=state,
             runtime_ids=runtime_ids,
@@ -184,10 +184,15 @@ class _Page:
             limit=self.limit + 1,
         )
         page, last = listing.take_page(
-            ((_key(t), t) for t in tasks),
+            ((_key(t), t) for t in found.tasks),
             self.limit,
             lambda t: task_to_proto(t, service.store.count_credentials(t.task_id)),
         )
+        if not last and found.read_to is not None:
+            # Every task found is on the page, and the read stopped at its bound on rows: the
+            # next page reads on from the last row read (this page may be short, even empty;
+            # callers follow tokens until there is none).
+            last = _key(found.read_to)
         token = listing.encode_token(last, self.query) if last else ""
         return task_pb2.ListTasksResponse(tasks=page, next_page_token=token)
 

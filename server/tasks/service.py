@@ -89,6 +89,20 @@ class TaskSettings:
     max_elevated_ttl: int = 300
     # Tasks one runtime may hold active at once (0: no cap).
     max_active_per_runtime: int = 0
+    # Rows one page of a workload's own tasks reads at most (TaskService.list with entries):
+    # the page skips the tasks of the other workloads of its SPIFFE ID, which may be any number.
+    max_scanned_rows: int = 5000
+
+
+@dataclass(frozen=True)
+class TaskList:
+    """What TaskService.list found, oldest first."""
+
+    tasks: list[Task]
+    # A read of some workloads' tasks that stopped at max_scanned_rows before it found its
+    # limit of them: the last row it read (after every task found). A later read goes on after
+    # it; None when the rows ran out or the limit was found.
+    read_to: TaskCursor | None = None
 
 
 @dataclass(frozen=True)
@@ -1161,23 +1175,36 @@ class TaskService:
         runtime_entry_ids: Sequence[str] = (),
         after: TaskCursor | None = None,
         limit: int = 0,
-    ) -> list[Task]:
+    ) -> TaskList:
         """Oldest first, after `after`, at most `limit` (0: all). With `runtime_entry_ids`,
         only the tasks those workloads own (owned_by): the entry is in a task's body, not a
-        column, so rows are read a batch at a time until `limit` of theirs are found."""
-        if not runtime_entry_ids:
-            return self._store.list_tasks(
+        column, so rows are read in growing batches until `limit` of theirs are found, the rows
+        run out, or max_scanned_rows (at least `limit`) are read: then fewer are found, and
+        `read_to` says where the next read goes on."""
+        if not runtime_entry_ids or not limit:
+            tasks = self._store.list_tasks(
                 agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
             )
+            return TaskList([t for t in tasks if owned_by(t, runtime_entry_ids)])
+        bound = max(limit, self.settings.max_scanned_rows)
         found: list[Task] = []
+        read = 0
+        size = limit
         while True:
+            # Growing: a page of a workload whose tasks are dense reads little more than its
+            # own, one of a sparse workload few queries.
+            size = min(size, bound - read)
             batch = self._store.list_tasks(
-                agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
+                agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=size
             )
+            read += len(batch)
             found.extend(t for t in batch if owned_by(t, runtime_entry_ids))
-            if not limit or len(batch) < limit or len(found) >= limit:
-                return found[:limit] if limit else found
+            if len(batch) < size or len(found) >= limit:
+                return TaskList(found[:limit])
             after = TaskCursor(batch[-1].created_at, batch[-1].task_id)
+            if read >= bound:
+                return TaskList(found, read_to=after)
+            size *= 2
 
     def crl(self) -> tuple[bytes, ...]:
         """The CRLs of the revoked X.509 serials whose certificates are still valid, each CA's

@@ -5,7 +5,8 @@ with its SQLite datastore, over real gRPC."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import grpc
 import pytest
@@ -430,3 +431,68 @@ def test_task_and_entry_ids_of_a_malformed_shape_are_refused_before_any_lookup(
     # The well-formed ones still go through.
     assert admin.ShowTask(task_pb2.AdminTaskRequest(task_id=mine.task_id)).task_id == mine.task_id
     assert looked_up
+
+
+def test_a_page_of_the_callers_own_tasks_reads_a_bounded_number_of_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another workload of the caller's SPIFFE ID may hold any number of tasks on the node,
+    and a page of the caller's own skips them: it reads at most max_scanned_rows rows (or the
+    page size + 1, if more), then hands a token on from the last row read, so a page may be
+    short, even empty. Following the tokens to the end yields exactly the caller's tasks."""
+    gen = _world()
+    world = next(gen)
+    try:
+        shared = f"{TD}/agents/shared"
+        a, b = (
+            world.srv.create_entry(
+                "/agents/shared",
+                world.first.spiffe_id,
+                selectors=[common_pb2.Selector(type="unix", value=f"uid:{uid}")],
+            )
+            for uid in (1001, 1002)
+        )
+        node = world.node(world.first)
+        mine: list[task_pb2.Task] = []
+        for n in range(43):
+            if n % 10 == 9:
+                world.srv.clock.advance(1)
+            entry = a if n in (0, 20, 21, 42) else b
+            request = task_pb2.NodeBeginTaskRequest(
+                runtime_id=shared,
+                intent=task_pb2.Intent(actions=["read"], resources=["docs"]),
+                ttl=600,
+                runtime_entry_id=entry.id,
+            )
+            task = node.BeginTask(request, timeout=10).task
+            if entry is a:
+                mine.append(task)
+        service = world.srv.server.tasks.service
+        scanned = 8
+        monkeypatch.setattr(service, "settings", replace(service.settings, max_scanned_rows=8))
+        reads: list[int] = []
+        real = service.store.list_tasks
+
+        def counted(**kwargs: Any) -> list[Any]:
+            rows: list[Any] = real(**kwargs)
+            reads[-1] += len(rows)
+            return rows
+
+        monkeypatch.setattr(service.store, "list_tasks", counted)
+        request = task_pb2.NodeListTasksRequest(
+            runtime_ids=[shared], runtime_entry_ids=[a.id], page_size=2
+        )
+        pages: list[list[str]] = []
+        while True:
+            reads.append(0)
+            reply = node.ListTasks(request, timeout=10)
+            pages.append([t.task_id for t in reply.tasks])
+            if not reply.next_page_token:
+                break
+            request.page_token = reply.next_page_token
+        assert [i for p in pages for i in p] == _ordered(mine)
+        assert max(reads) <= scanned, reads
+        assert any(len(p) < 2 for p in pages[:-1]), pages  # short pages went on with a token
+        assert sum(reads) < 43 + 3 * len(pages)  # no row read over and over
+    finally:
+        next(gen, None)

@@ -7,15 +7,16 @@ from collections.abc import Iterator
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from server.ca.manager import CaManager
-from server.datastore.records import Entry, Selector
+from server.datastore.records import Entry, Selector, TaskCursor
 from server.datastore.sqlite import SqliteDataStore
 from server.errors import InvalidRequestError, PermissionDeniedError
 from server.policy import RequestError
-from server.tasks.model import TaskState
+from server.tasks.model import Task, TaskState
 from svid._clock import FakeClock
 from tests.server.test_task_service import AGENT, RUNTIME, World, decode, make_world
 
@@ -266,7 +267,7 @@ def test_only_the_workload_that_began_a_task_begins_its_sub_tasks_and_elevated_s
                 elevate=elevate,
                 ttl=60,
             )
-    assert [t.task_id for t in world.service.list(agent_id=AGENT)] == [their_task.task_id]
+    assert [t.task_id for t in world.service.list(agent_id=AGENT).tasks] == [their_task.task_id]
     # Its own workload still may.
     sub = world.begin(
         runtime_entry_id=theirs.id, parent_task_id=their_task.task_id, on_behalf_of="", ttl=60
@@ -287,7 +288,9 @@ def test_a_task_begun_before_its_workload_was_recorded_gets_no_sub_task_but_stil
     for entry in (mine, theirs):
         with pytest.raises(PermissionDeniedError, match="before tasks recorded their workload"):
             world.begin(runtime_entry_id=entry.id, parent_task_id=old.task_id, on_behalf_of="")
-    listed = world.service.list(agent_id=AGENT, runtime_ids=[RUNTIME], runtime_entry_ids=[mine.id])
+    listed = world.service.list(
+        agent_id=AGENT, runtime_ids=[RUNTIME], runtime_entry_ids=[mine.id]
+    ).tasks
     assert [t.task_id for t in listed] == [old.task_id]
     ended = world.run(world.service.end(world.agent, old.task_id, [RUNTIME], "", [mine.id]))
     assert ended.state is TaskState.ENDED
@@ -299,7 +302,9 @@ def test_a_workload_ends_and_lists_only_the_tasks_it_began(world: World) -> None
     my_task = world.begin(runtime_entry_id=mine.id)
 
     def listed(entry: Entry) -> list[str]:
-        tasks = world.service.list(runtime_ids=[RUNTIME], runtime_entry_ids=[entry.id], limit=1)
+        tasks = world.service.list(
+            runtime_ids=[RUNTIME], runtime_entry_ids=[entry.id], limit=1
+        ).tasks
         return [t.task_id for t in tasks]
 
     assert (listed(mine), listed(theirs)) == ([my_task.task_id], [their_task.task_id])
@@ -310,3 +315,49 @@ def test_a_workload_ends_and_lists_only_the_tasks_it_began(world: World) -> None
         world.service.end(world.agent, their_task.task_id, [RUNTIME], "", [theirs.id])
     )
     assert ended.state is TaskState.ENDED
+
+
+def test_a_list_of_a_workloads_tasks_reads_at_most_its_bound_of_rows(
+    world: World, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another workload of the same SPIFFE ID with many tasks: one read of the caller's own
+    stops at max_scanned_rows rows (the limit, if more) and says where it got to; reading on
+    from there, or from the last task found, yields exactly the caller's tasks in order."""
+    mine, theirs = _workload(world, 1001), _workload(world, 1002)
+    own: list[str] = []
+    for n in range(60):
+        clock.advance(1)  # listed in the order begun
+        task = world.begin(runtime_entry_id=mine.id if n % 25 == 7 else theirs.id)
+        if task.runtime_entry_id == mine.id:
+            own.append(task.task_id)
+    world.service.settings = replace(world.service.settings, max_scanned_rows=10)
+    reads: list[int] = []
+    real = world.store.list_tasks
+
+    def counted(**kwargs: Any) -> list[Task]:
+        rows: list[Task] = real(**kwargs)
+        reads.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(world.store, "list_tasks", counted)
+    for limit, bound in ((2, 10), (3, 10), (12, 12)):
+        found: list[str] = []
+        after = None
+        while True:
+            reads.clear()
+            got = world.service.list(
+                runtime_ids=[RUNTIME], runtime_entry_ids=[mine.id], after=after, limit=limit
+            )
+            assert sum(reads) <= bound, (limit, reads)
+            assert len(got.tasks) <= limit
+            found.extend(t.task_id for t in got.tasks)
+            if got.read_to is not None:
+                assert not got.tasks or (got.tasks[-1].created_at, got.tasks[-1].task_id) <= (
+                    got.read_to
+                )
+                after = got.read_to
+            elif len(got.tasks) == limit:
+                after = TaskCursor(got.tasks[-1].created_at, got.tasks[-1].task_id)
+            else:
+                break
+        assert found == own, limit
