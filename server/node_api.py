@@ -151,15 +151,20 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 raise InvalidRequestError("attest: expected a challenge_response")
             return bytes(answer.challenge_response)
 
+        # The agent's ID once the attestor proved it: the checks after it (a ban, a join
+        # token's agent attested already, a removal still being finished) name the agent on
+        # their deny event, as the admission's later refusals do.
+        proven = ""
         try:
             result = await attestor.attest(bytes(params.data.payload), challenge)
+            proven = str(result.agent_id)
             previous = self._agents.check(result)
             if previous is None:
                 await self._agents.not_being_removed(result)
         except Exception as exc:
             # Past the budget a refusal is counted, not written: the budget's worth of this
             # host's refusals is on record, and a flood of guesses costs no write each.
-            await self._agents.refused(kind, str(exc), on_record=within_budget)
+            await self._agents.refused(kind, str(exc), on_record=within_budget, agent_id=proven)
             if not within_budget:
                 raise RateLimitedError(_ATTEST_LIMITED) from None
             raise

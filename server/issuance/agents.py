@@ -149,8 +149,9 @@ class AgentAdmission:
     ) -> None:
         """Record a refused attestation. Best effort: the caller is refused either way. Only
         counted with `on_record` False (a host past its attestation budget: a write per guess
-        is what the budget bounds). `agent_id` only once the attestor proved it (an admission
-        refused), and `serial` only for an SVID whose allowed attestation is on the log."""
+        is what the budget bounds). `agent_id` only once the attestor proved it (a check after
+        the attestor's, an admission refused), and `serial` only for an SVID whose allowed
+        attestation is on the log."""
         self._metrics.attestations.labels(type=attestation_type, result="refused").inc()
         if not on_record:
             return

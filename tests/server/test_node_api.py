@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from server.ca.signer import IssuedSvid, X509Request, X509Signer
-from server.datastore.records import EventFilter
+from server.datastore.records import REMOVAL_EVICTED, EventFilter, Removal
 from server.issuance import AgentAdmission, Issuer
 from server.tasks.model import TaskState
 from server.tasks.service import TaskService
@@ -198,6 +198,56 @@ def test_banned_agent_cannot_reattest(srv: RunningServer) -> None:
     with pytest.raises(grpc.RpcError) as exc:
         srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10)
     assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def _last_attestation_event(srv: RunningServer) -> dict[str, Any]:
+    rows = list(srv.server.datastore.audit_rows(EventFilter(kind="node_attestation")))
+    return dict(rows[-1])
+
+
+@pytest.mark.parametrize("why", ["removal under way", "banned", "already attested"])
+def test_an_agent_refused_before_its_admission_is_named_on_its_deny_event(
+    srv: RunningServer, why: str
+) -> None:
+    """The attestor proved the agent's ID before the checks that refuse it (a removal still
+    being finished, a ban, a join token agent already attested): the deny event names it, as
+    the refusals of a later step of the admission do, so an operator finds it by agent."""
+    name = f"named-{why.replace(' ', '-')}"
+    agent = srv.attest(srv.join_token(agent_id=name))
+    if why == "removal under way":
+        # An eviction whose revocations its server died before finishing: the agent is gone,
+        # its removal still stored.
+        started = int(srv.clock.now())
+        srv.server.datastore.delete_agent(
+            agent.spiffe_id, Removal(agent.spiffe_id, REMOVAL_EVICTED, started)
+        )
+        deadline = time.monotonic() + 10
+        while agent.spiffe_id in srv.server.state.agents:
+            assert time.monotonic() < deadline, "the server never saw the eviction"
+            time.sleep(0.05)
+    elif why == "banned":
+        srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.attest(srv.join_token(agent_id=name))
+    # A removal being finished passes: the agent may attest again in a few minutes.
+    retry = why == "removal under way"
+    assert _code(exc) == (
+        grpc.StatusCode.UNAVAILABLE if retry else grpc.StatusCode.PERMISSION_DENIED
+    )
+    event = _last_attestation_event(srv)
+    assert event["decision"] == "deny"
+    assert event["reason"] == exc.value.details()  # type: ignore[attr-defined]
+    assert event["agent_id"] == agent.spiffe_id
+    assert event["node_id"] == agent.spiffe_id
+    assert event["credential_id"] is None  # no SVID was signed for it
+
+
+def test_a_refusal_before_the_attestor_proved_an_agent_names_none(srv: RunningServer) -> None:
+    token = srv.join_token(agent_id="never-proved")
+    with pytest.raises(grpc.RpcError):
+        _attest_rpc(srv, _params("join_token", f"{token.partition('.')[0]}.wrong".encode()))
+    event = _last_attestation_event(srv)
+    assert (event["decision"], event["agent_id"]) == ("deny", None)
 
 
 def test_node_calls_on_the_attest_port_are_unauthenticated(srv: RunningServer) -> None:
