@@ -2,8 +2,17 @@
 process to run before its calls: that moment is a few Python steps wide, too narrow to hit
 with a signal from outside. It wraps a private gRPC function, in the child alone."""
 
-PRELUDE = """
+# Ctrl-C raises KeyboardInterrupt in the child, whatever it inherited: a test run started in the
+# background by a non-interactive shell (`make test &`) hands every process SIGINT ignored, and
+# Python then installs no handler of its own, so the Ctrl-C under test did nothing.
+CTRL_C = """
 import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
+"""
+
+PRELUDE = (
+    CTRL_C
+    + """
 import grpc._channel
 
 _setup = grpc._channel._run_channel_spin_thread
@@ -16,3 +25,4 @@ def _interrupted_setup(state):
 def interrupt_next_call_setup():
     grpc._channel._run_channel_spin_thread = _interrupted_setup
 """
+)

@@ -36,7 +36,7 @@ from svid.tasks import (
 from tests.e2e.agent_process import AgentProcess, create_entry, new_token
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
 from tests.e2e.held_socket import HeldSocket
-from tests.e2e.interrupted_setup import PRELUDE
+from tests.e2e.interrupted_setup import CTRL_C, PRELUDE
 
 pytestmark = pytest.mark.e2e
 RUNTIME = f"spiffe://{TRUST_DOMAIN}/agents/research-bot"
@@ -376,7 +376,9 @@ def test_an_end_cancelled_in_flight_still_ends_the_task(stack: Stack) -> None:
 # process (_thread.interrupt_main) could land after the test's `raises` block, or never, and a
 # stray KeyboardInterrupt ends the whole test session. The runtimes watch no revocations: the
 # stream's own request, opened at the first task, would be held with the call under test.
-BEGIN_INTERRUPTED = """
+BEGIN_INTERRUPTED = (
+    CTRL_C
+    + """
 import sys
 from svid.tasks import TaskClient
 with TaskClient(sys.argv[1], watch_revocations=False) as client:
@@ -391,8 +393,11 @@ with TaskClient(sys.argv[1], watch_revocations=False) as client:
 print("not interrupted", flush=True)
 sys.exit(1)
 """
+)
 
-END_INTERRUPTED = """
+END_INTERRUPTED = (
+    CTRL_C
+    + """
 import sys
 from svid.tasks import TaskClient
 with TaskClient(sys.argv[1], watch_revocations=False) as client:
@@ -408,6 +413,7 @@ with TaskClient(sys.argv[1], watch_revocations=False) as client:
 print("not interrupted", flush=True)
 sys.exit(1)
 """
+)
 
 
 # Ctrl-C while gRPC is still setting the EndTask up. Landing there on the main thread left the
