@@ -998,7 +998,8 @@ class TaskService:
             elif row["decision"] == "allow":
                 before_allow, recorded, allowed = recorded, False, row["credential_id"]
             elif allowed is not None and row["credential_id"] == allowed:
-                recorded, allowed = before_allow, None
+                # A removal logged between that allow and this deny is on the log all the same.
+                recorded, allowed = before_allow or recorded, None
         return recorded
 
     def _agent_revocations_recorded(self, agent_id: str, creds: Sequence[Credential]) -> set[str]:

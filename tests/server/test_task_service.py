@@ -1325,6 +1325,23 @@ def test_an_admission_denied_after_its_allow_does_not_hide_the_agents_removal(
     assert len(world.events("agent_evicted")) == 1
 
 
+def test_an_eviction_logged_between_an_allow_and_the_deny_voiding_it_is_not_logged_again(
+    world: World,
+) -> None:
+    """The agent attests again and its allow is committed; the operator's eviction commits and
+    is logged; then the save refuses that SVID (a deny of it). The eviction is on the log all
+    the same: the removal run again (cut short, retried) does not log it twice."""
+    fields = {"agent_id": AGENT, "node_id": AGENT}
+    world.audit.append(EventKind.NODE_ATTESTATION, decision="allow", credential_id="51", **fields)
+    world.audit.append(EventKind.NODE_ATTESTATION, decision="allow", credential_id="52", **fields)
+    world.run(world.service.revoke_agent(AGENT, "agent evicted"))
+    world.audit.append(
+        EventKind.NODE_ATTESTATION, decision="deny", reason="removed", credential_id="52", **fields
+    )
+    world.run(world.service.revoke_agent(AGENT, "agent evicted"))
+    assert len(world.events("agent_evicted")) == 1
+
+
 # -- an agent's removal cut short, finished by housekeeping ----------------------------------------
 
 
