@@ -288,9 +288,7 @@ def credential_agents(credentials: Sequence[Credential]) -> list[str]:
     workload's (its removal revokes the token too, so it must be admitted as well); "" and
     None (of no agent here) left out."""
     agents = {c[2] for c in credentials}  # agent_id: by index, a write may hold thousands
-    agents.update(
-        c[7] for c in credentials if c[7]
-    )  # actor_agent_id, set on a few only  # actor_agent_id, set on a few only
+    agents.update(c[7] for c in credentials if c[7])  # actor_agent_id, set on a few only
     agents.discard("")
     return sorted(agents)
 
