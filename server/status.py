@@ -34,9 +34,11 @@ from server.datastore.errors import (
     AgentRemovedError,
     ChainMovedError,
     DataStoreError,
+    HolderGoneError,
     JtiHeldError,
     RemovalUnderWayError,
     StorageError,
+    TaskEndedMeanwhileError,
 )
 from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
 from server.datastore.errors import ConflictError as DsConflictError
@@ -151,9 +153,15 @@ RULES: Mapping[type[BaseException], Rule] = {
     StorageError: _STORAGE,
     # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).
     JtiHeldError: _STORAGE,
+    # A credential's holder left while it was being issued (the two below): nothing was issued.
+    HolderGoneError: Rule(Code.PERMISSION_DENIED),
     # The agent was evicted or banned while its credentials were being issued: nothing was
     # issued, and the message (naming the caller's own agent) says why.
     AgentRemovedError: Rule(Code.PERMISSION_DENIED),
+    # The task ended (through any server) while its credential was being issued: nothing was
+    # issued. The issuer answers its own callers as for a task it knows ended; this is the rule
+    # for any other caller the error reaches.
+    TaskEndedMeanwhileError: Rule(Code.PERMISSION_DENIED),
     # Another server moved the audit chain; the audit log reseals and retries, so one reaching
     # here is a storage failure like any other.
     ChainMovedError: _STORAGE,

@@ -36,14 +36,8 @@ from server.audit.event import (
 )
 from server.audit.verify import Anchor, VerifyResult, verify_store
 from server.datastore.base import AuditStore, JtiClaim
-from server.datastore.errors import AgentRemovedError, ChainMovedError, StorageError
-from server.datastore.records import (
-    AUDIT_COLUMNS,
-    Credential,
-    EventFilter,
-    Head,
-    credential_agents,
-)
+from server.datastore.errors import ChainMovedError, HolderGoneError, StorageError
+from server.datastore.records import AUDIT_COLUMNS, Credential, EventFilter, Head
 from svid._clock import Clock
 
 _DRAFT_FIELDS = frozenset(DRAFT_FIELDS)
@@ -163,9 +157,9 @@ class AuditLog:
     return a little later, with their final seqs and ids. A single writer pays nothing but
     the store's head check.
 
-    A group holding credentials of an agent removed meanwhile is refused whole by the store
-    (AgentRemovedError): only the callers of that agent fail, and the rest are sealed again
-    on the stored head and written in the next try (`_drop_removed`).
+    A group holding credentials of an agent removed, or of a task ended, meanwhile is refused
+    whole by the store (HolderGoneError): only the callers holding such credentials fail, and
+    the rest are sealed again on the stored head and written in the next try (`_drop_gone`).
     """
 
     def __init__(self, store: AuditStore, clock: Clock) -> None:
@@ -257,10 +251,11 @@ class AuditLog:
         commit fails with a LedgerError caused by JtiHeldError, which names the held ones; the
         callers whose own jtis are not among them may simply record again.
 
-        A credential of an agent evicted or banned since its issuance was decided is refused
-        by the store (AgentRemovedError): the callers holding such credentials get a
-        LedgerError caused by one naming their own agents, and the others sharing the
-        commit are written again without them, before this returns."""
+        A credential of an agent evicted or banned, or of a task ended, since its issuance
+        was decided is refused by the store (HolderGoneError: AgentRemovedError,
+        TaskEndedMeanwhileError): the callers holding such credentials get a LedgerError
+        caused by one naming their own agents or tasks, and the others sharing the commit
+        are written again without them, before this returns."""
         tuples = [d if isinstance(d, tuple) else _draft_values(d) for d in drafts]
         for values in tuples:
             check_draft_tuple(values)
@@ -460,11 +455,12 @@ class AuditLog:
                     error.__cause__ = unexpected
                     self._fail(tickets, error)
                     return
-            except AgentRemovedError as e:
-                # Only the callers issuing through the removed agents are refused; the rest
-                # are written again without them (nothing of the batch was kept).
+            except HolderGoneError as e:
+                # Only the callers issuing through the removed agents, or for the ended tasks,
+                # are refused; the rest are written again without them (nothing of the batch
+                # was kept).
                 try:
-                    batch, credentials, jtis, tickets = self._drop_removed(e, tickets)
+                    batch, credentials, jtis, tickets = self._drop_gone(e, tickets)
                 except LedgerError as gave_up:
                     self._fail([t for t in tickets if not t.done], gave_up)
                     return
@@ -574,25 +570,25 @@ class AuditLog:
                     batch.extend(t.rows)
         return batch, credentials, jtis, tickets
 
-    def _drop_removed(
-        self, removed: AgentRemovedError, tickets: list[_Ticket]
+    def _drop_gone(
+        self, gone: HolderGoneError, tickets: list[_Ticket]
     ) -> tuple[list[tuple[Any, ...]], list[Credential], list[JtiClaim], list[_Ticket]]:
-        """The store refused the group for credentials of agents no longer admitted: fail the
-        tickets holding any (each told of its own agents only), and seal the others, with
-        everything queued after them, again on the stored head; returns the group to write in
-        their place. One agent evicted mid-issuance must not cost the others theirs."""
+        """The store refused the group for credentials of agents no longer admitted or tasks
+        no longer active: fail the tickets holding any (each told of its own only), and seal
+        the others, with everything queued after them, again on the stored head; returns the
+        group to write in their place. One agent evicted, or one task ended, mid-issuance must
+        not cost the others theirs."""
         kept: list[_Ticket] = []
         for t in tickets:
-            own = set(credential_agents(t.credentials)) & removed.agents
-            if not own:
+            own = gone.among(t.credentials)
+            if own is None:
                 kept.append(t)
                 continue
-            cause = AgentRemovedError(own)
-            error = LedgerError(str(cause))
-            error.__cause__ = cause
+            error = LedgerError(str(own))
+            error.__cause__ = own
             t.fail(error)
         if len(kept) == len(tickets):  # none of the group's: writing it again would loop
-            raise LedgerError(f"the ledger refused agents the batch does not hold: {removed}")
+            raise LedgerError(f"the ledger refused holders the batch does not hold: {gone}")
         credentials = [c for t in kept for c in t.credentials]
         jtis = [j for t in kept for j in t.jtis]
         # Nothing was written: the stored head is the one to seal on again (the refused

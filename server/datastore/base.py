@@ -348,9 +348,13 @@ class AuditStore(Protocol):
         The credentials' agents (Credential.agent_id; "" is of no agent) must be admitted at
         the commit: stored, not banned, no removal under way. A removal revokes what its
         agent holds as read after its own commit, so a credential committed later would never
-        be revoked: nothing is written and AgentRemovedError names those agents. The check and
-        the write are one step against removals (SQLite: BEGIN IMMEDIATE's write lock;
-        PostgreSQL: the agents' rows locked FOR SHARE until the commit)."""
+        be revoked: nothing is written and AgentRemovedError names those agents. Likewise the
+        credentials' tasks (Credential.task_id; "" is of no task) must be active at the commit:
+        an end moves the task's row out of 'active' and then reads its credentials to revoke
+        them, so nothing is written and TaskEndedMeanwhileError names the tasks that are not. The
+        checks and the write are one step against removals and ends (SQLite: BEGIN
+        IMMEDIATE's write lock; PostgreSQL: the agents' rows, then the tasks' rows, locked FOR
+        SHARE until the commit)."""
         ...
 
     def audit_head(self) -> Head | None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from server.datastore.records import Head
+from server.datastore.records import (
+    Credential,
+    Head,
+    credential_agents,
+    credential_tasks,
+)
 from svid._errors import SvidError
 
 
@@ -66,13 +71,24 @@ class JtiHeldError(StorageError):
         self.held = frozenset(held)
 
 
-class AgentRemovedError(StorageError):
-    """A ledger write held credentials issued through agents no longer admitted: deleted
-    (evicted), banned, or with a removal under way. Their issuance was decided before the
-    removal committed, but the removal's revocations read the agent's credentials before this
-    write could land, so the credentials would never be revoked: the whole write was rolled
-    back and nothing of it kept. `agents` names them, so the callers whose rows shared the
-    write can tell their own refusal from a neighbour's and record again."""
+class HolderGoneError(StorageError):
+    """A ledger write held credentials whose holder is no longer admitted: an agent evicted,
+    banned or under removal (AgentRemovedError), or a task no longer active
+    (TaskEndedMeanwhileError).
+    Their issuance was decided before that change committed, but its revocations read the
+    holder's credentials after that commit, before this write could land, so the credentials
+    would never be revoked: the whole write was rolled back and nothing of it kept."""
+
+    def among(self, credentials: Sequence[Credential]) -> HolderGoneError | None:
+        """The refusal as it concerns `credentials` only (None: none of theirs), so the
+        callers whose rows shared the write can tell their own refusal from a neighbour's
+        and record again."""
+        raise NotImplementedError
+
+
+class AgentRemovedError(HolderGoneError):
+    """HolderGoneError for agents deleted (evicted), banned, or with a removal under way;
+    `agents` names them."""
 
     def __init__(self, agents: Iterable[str]) -> None:
         self.agents = frozenset(agents)
@@ -82,6 +98,27 @@ class AgentRemovedError(StorageError):
             "through them: nothing was issued (an evicted agent may attest again once its "
             "removal is finished)"
         )
+
+    def among(self, credentials: Sequence[Credential]) -> AgentRemovedError | None:
+        own = self.agents.intersection(credential_agents(credentials))
+        return AgentRemovedError(own) if own else None
+
+
+class TaskEndedMeanwhileError(HolderGoneError):
+    """HolderGoneError for tasks whose row is no longer active (its end claimed: ending, then
+    ended, revoked or expired; or no row at all); `tasks` names them (task ids)."""
+
+    def __init__(self, tasks: Iterable[str]) -> None:
+        self.tasks = frozenset(tasks)
+        names = ", ".join(sorted(self.tasks)[:4])
+        super().__init__(
+            f"task(s) {names} ended while credentials were being issued for them: "
+            "nothing was issued"
+        )
+
+    def among(self, credentials: Sequence[Credential]) -> TaskEndedMeanwhileError | None:
+        own = self.tasks.intersection(credential_tasks(credentials))
+        return TaskEndedMeanwhileError(own) if own else None
 
 
 def held_message(held: Iterable[tuple[str, str]]) -> str:

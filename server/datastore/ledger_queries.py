@@ -131,6 +131,20 @@ LOCK_ADMITTED_AGENTS = (
     "ORDER BY spiffe_id FOR SHARE"
 )
 REMOVALS_AMONG = "SELECT agent_id FROM removals WHERE agent_id = ANY(:agent_ids)"
+# The tasks of a ledger write's credentials (:task_ids, a JSON array) that it may not record
+# any for: no row, or a row no longer 'active' (TaskState.ACTIVE). An end moves the row out of
+# 'active' (to 'ending', TaskStore.finish) and only then reads the task's credentials to revoke
+# them, so a credential written after that commit would never be revoked (SQLite: run under
+# BEGIN IMMEDIATE's write lock, as NOT_ADMITTED_AGENTS).
+NOT_ACTIVE_TASKS = (
+    "SELECT ids.value FROM json_each(:task_ids) AS ids WHERE NOT EXISTS "
+    "(SELECT 1 FROM tasks WHERE task_id = ids.value AND state = 'active')"
+)
+# PostgreSQL's: the active ones, their rows locked FOR SHARE (PostgresLedger.write_ledger).
+LOCK_ACTIVE_TASKS = (
+    "SELECT task_id FROM tasks WHERE task_id = ANY(:task_ids) AND state = 'active' "
+    "ORDER BY task_id FOR SHARE"
+)
 # The literals match migration 14's partial index, which a bound parameter could not use.
 WORKLOAD_JWT = (
     f"{_CREDENTIALS} WHERE kind = 'jwt_id' AND task_id = '' "

@@ -23,6 +23,7 @@ from server.datastore.errors import (
     AgentRemovedError,
     JtiHeldError,
     StorageError,
+    TaskEndedMeanwhileError,
     held_message,
 )
 from server.datastore.postgres_sql import pg
@@ -39,6 +40,7 @@ from server.datastore.records import (
     TaskCursor,
     TaskRecord,
     credential_agents,
+    credential_tasks,
 )
 from server.datastore.sqlite_audit import PAGE, page_rows
 from server.datastore.sqlite_ledger import _task_from, _task_params
@@ -47,24 +49,38 @@ T = TypeVar("T")
 Cursor = psycopg.Cursor[Any]
 
 
-def _refuse_removed(cur: Cursor, agents: list[str]) -> None:
+def _refuse_gone(cur: Cursor, agents: list[str], tasks: list[str]) -> None:
     """AgentRemovedError, before anything is written, when any of `agents` (sorted) is no
-    longer admitted: its row gone, banned, or its removal under way.
+    longer admitted: its row gone, banned, or its removal under way; then
+    TaskEndedMeanwhileError when any of `tasks` (sorted) has no row, or one no longer
+    'active'.
 
-    Their rows stay locked FOR SHARE until this write commits, so a delete or ban of one waits
-    for it, and the removal's revocations, which read the agent's credentials after that
-    commit, find these. A delete or ban not yet committed makes this statement wait for it
-    instead; read committed then judges the row as the removal left it (gone, or re-checked
-    for `banned`). The removal row it stored is read by the next statement, whose snapshot
-    is taken after that wait. The locks are taken in agent order, first in the write: a removal
-    locks one agent row and then only counters, and other ledger writes share these locks, so
-    no cycle of waits can form."""
-    ids = {"agent_ids": agents}
-    admitted = {r[0] for r in cur.execute(pg(lq.LOCK_ADMITTED_AGENTS), ids).fetchall()}
-    removing = {r[0] for r in cur.execute(pg(lq.REMOVALS_AMONG), ids).fetchall()}
-    refused = [a for a in agents if a not in admitted or a in removing]
-    if refused:
-        raise AgentRemovedError(refused)
+    Their rows stay locked FOR SHARE until this write commits, so a delete or ban of an agent,
+    or the end of a task (its row's compare-and-set out of 'active'), waits for it, and the
+    revocations, which read the agent's or task's credentials after that commit, find these.
+    A delete, ban or end not yet committed makes the locking statement wait for it instead;
+    read committed then judges the row as the change left it (gone, or re-checked for
+    `banned` or `state`). The removal row a removal stored is read by the next statement,
+    whose snapshot is taken after that wait.
+
+    Lock order: agent rows in agent order, then task rows in task order, first in the write
+    (then jti rows, then the audit append lock). A removal locks one agent row, then only
+    counters; an end or a task's begin locks one task row, then only counters; other ledger
+    writes share these locks and take them in the same order: no cycle of waits can form."""
+    if agents:
+        ids = {"agent_ids": agents}
+        admitted = {r[0] for r in cur.execute(pg(lq.LOCK_ADMITTED_AGENTS), ids).fetchall()}
+        removing = {r[0] for r in cur.execute(pg(lq.REMOVALS_AMONG), ids).fetchall()}
+        refused = [a for a in agents if a not in admitted or a in removing]
+        if refused:
+            raise AgentRemovedError(refused)
+    if tasks:
+        active = {
+            r[0] for r in cur.execute(pg(lq.LOCK_ACTIVE_TASKS), {"task_ids": tasks}).fetchall()
+        }
+        ended = [t for t in tasks if t not in active]
+        if ended:
+            raise TaskEndedMeanwhileError(ended)
 
 
 class PostgresLedger:
@@ -162,10 +178,11 @@ class PostgresLedger:
         # In key order, as claim_jtis: writes of several servers lock jti rows in one order.
         claims = sorted(jtis, key=lambda c: (c.issuer, c.jti))
         agents = credential_agents(credentials)
+        tasks = credential_tasks(credentials)
 
         def work(cur: Cursor) -> None:
-            if agents:
-                _refuse_removed(cur, agents)
+            if agents or tasks:
+                _refuse_gone(cur, agents, tasks)
             held = [
                 (c.issuer, c.jti)
                 for c in claims

@@ -293,6 +293,14 @@ def credential_agents(credentials: Sequence[Credential]) -> list[str]:
     return sorted(agents)
 
 
+def credential_tasks(credentials: Sequence[Credential]) -> list[str]:
+    """The tasks `credentials` were issued for, each once, sorted (the order a ledger write
+    locks their rows in, after the agents'); "" (a workload's) left out."""
+    tasks = {c[4] for c in credentials}  # task_id: by index, as credential_agents
+    tasks.discard("")
+    return sorted(tasks)
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
     """A task as the datastore keeps it: the columns it is looked up by, and the task itself

@@ -25,6 +25,7 @@ from server.datastore.errors import (
     AgentRemovedError,
     JtiHeldError,
     StorageError,
+    TaskEndedMeanwhileError,
     held_message,
 )
 from server.datastore.records import (
@@ -38,6 +39,7 @@ from server.datastore.records import (
     TaskCursor,
     TaskRecord,
     credential_agents,
+    credential_tasks,
     revocation_needed_from,
 )
 
@@ -162,15 +164,21 @@ class SqliteLedger:
         if not credentials and not audit_rows and not jtis:
             return
         agents = credential_agents(credentials)
+        tasks = credential_tasks(credentials)
         try:
             with self._transaction() as db:
+                # Under the write lock: a removal or a task's end commits before these reads
+                # or after this write, and then its revocations find these credentials.
                 if agents:
-                    # Under the write lock: a removal commits before this read or after this
-                    # write, and then its revocations find these credentials.
                     params = {"agent_ids": json.dumps(agents)}
                     refused = [r[0] for r in db.execute(lq.NOT_ADMITTED_AGENTS, params)]
                     if refused:
                         raise AgentRemovedError(refused)
+                if tasks:
+                    params = {"task_ids": json.dumps(tasks)}
+                    refused = [r[0] for r in db.execute(lq.NOT_ACTIVE_TASKS, params)]
+                    if refused:
+                        raise TaskEndedMeanwhileError(refused)
                 if audit_rows:
                     # Under the write lock BEGIN IMMEDIATE took: no other writer can move the
                     # head between this read and the commit.

@@ -1,8 +1,8 @@
 """The Ledger port over the datastore's ledger (server.ledger): credential rows and their audit
 events in one transaction, group-committed with concurrent callers. This module only turns
 that ledger's LedgerError into the port's LedgerUnavailableError, with a short reason, or,
-when the ledger refused the credentials because their agent was removed meanwhile, into the
-AgentRemovedError the port lets through."""
+when the ledger refused the credentials because their agent was removed, or their task ended,
+meanwhile, into the AgentRemovedError or TaskEndedMeanwhileError the port lets through."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 
 from server.audit.errors import LedgerError
-from server.datastore.errors import AgentRemovedError
+from server.datastore.errors import HolderGoneError
 from server.issuance.ledger import Credential, EventTuple, LedgerUnavailableError
 from server.ledger import Ledger as DatastoreLedgerWriter
 
@@ -24,13 +24,13 @@ _REASONS = (
 _ERRNO_REASONS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only", errno.EIO: "I/O error"}
 
 
-def _refusal(exc: LedgerError) -> Exception:
-    """What the port raises for a failed commit (see the module)."""
-    removed = exc.__cause__
-    error: Exception
-    if isinstance(removed, AgentRemovedError):
-        error = AgentRemovedError(removed.agents)
-    else:
+def _refusal(exc: LedgerError, credentials: Sequence[Credential]) -> Exception:
+    """What the port raises for a failed commit of `credentials` (see the module)."""
+    gone = exc.__cause__
+    error: Exception | None = None
+    if isinstance(gone, HolderGoneError):
+        error = gone.among(credentials)
+    if error is None:
         error = LedgerUnavailableError(failure_reason(exc))
     error.__cause__ = exc
     return error
@@ -62,7 +62,7 @@ class DatastoreLedger:
         try:
             await self._ledger.commit(credentials, events)
         except LedgerError as exc:
-            raise _refusal(exc) from exc
+            raise _refusal(exc, credentials) from exc
 
     def record(self, credentials: Sequence[Credential], events: Sequence[EventTuple]) -> None:
         if not credentials and not events:
@@ -70,7 +70,7 @@ class DatastoreLedger:
         try:
             self._ledger.record(credentials, events)
         except LedgerError as exc:
-            raise _refusal(exc) from exc
+            raise _refusal(exc, credentials) from exc
 
     def record_later(
         self,
@@ -89,7 +89,7 @@ class DatastoreLedger:
             if exc is None:
                 settled.set_result(None)
             elif isinstance(exc, LedgerError):
-                settled.set_exception(_refusal(exc))
+                settled.set_exception(_refusal(exc, credentials))
             else:
                 settled.set_exception(exc)
 

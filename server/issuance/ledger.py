@@ -20,8 +20,10 @@ event are committed:
   drops to 0, and one log line per outage says why (MeteredLedger).
 - If the credentials' agent was evicted or banned after the call checked it, and its removal
   may already have read what to revoke, `commit` raises the datastore's `AgentRemovedError`
-  (PERMISSION_DENIED, server.status) and nothing of the call is kept or sent. Calls of other
-  agents sharing the commit are written again without it; the ledger stays available.
+  (PERMISSION_DENIED, server.status) and nothing of the call is kept or sent. Likewise
+  `TaskEndedMeanwhileError` when a credential's task ended (on any server) after the call
+  decided it: the end reads what to revoke once its row left 'active'. Calls of other agents
+  or tasks sharing the commit are written again without them; the ledger stays available.
 - Nothing has to be reset by hand: every call tries the storage again, so issuance resumes by
   itself as soon as the storage accepts writes.
 

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 from server.app import Server
 from server.config import ServerConfig, build_config
 from server.datastore import AttestedAgent, DataStore
+from server.datastore.records import TaskRecord
 from server.datastore.sqlite import SqliteDataStore
 from server.runtime import RuntimeInfo
 from svid._clock import FakeClock
@@ -49,11 +50,20 @@ def admit_agents(store: DataStore, *agent_ids: str) -> None:
         store.upsert_agent(AttestedAgent(agent_id, "join_token", "1", 2**40))
 
 
-def sqlite_with_agents(path: Path, *agent_ids: str) -> Path:
-    """A SQLite datastore file at `path` with `agent_ids` admitted (admit_agents)."""
+def admit_tasks(store: DataStore, agent_id: str, *task_ids: str) -> None:
+    """Store the tasks (of `agent_id`, active) a test records credentials of: the ledger
+    refuses the credentials of a task not active (TaskEndedMeanwhileError)."""
+    for task_id in task_ids:
+        store.put_task(TaskRecord(task_id, agent_id, "", "active", 2**40, 0, "{}"))
+
+
+def sqlite_with_agents(path: Path, *agent_ids: str, tasks: Sequence[str] = ()) -> Path:
+    """A SQLite datastore file at `path` with `agent_ids` admitted (admit_agents), and `tasks`
+    active, of the first of them (admit_tasks)."""
     store = SqliteDataStore(path, FakeClock(0))
     try:
         admit_agents(store, *agent_ids)
+        admit_tasks(store, agent_ids[0] if agent_ids else "", *tasks)
     finally:
         store.close()
     return path

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +32,12 @@ from server.datastore import (
     TaskRecord,
 )
 from server.datastore.base import JtiClaim
-from server.datastore.errors import AgentRemovedError, JtiHeldError, RemovalUnderWayError
+from server.datastore.errors import (
+    AgentRemovedError,
+    JtiHeldError,
+    RemovalUnderWayError,
+    TaskEndedMeanwhileError,
+)
 from server.datastore.records import (
     AUDIT_COLUMNS,
     HTTPS_SPIFFE,
@@ -98,11 +103,14 @@ def store(open_store: Opener) -> DataStore:
     return open_store()
 
 
-def admit(store: DataStore, *agents: str) -> DataStore:
-    """Store the agents (AGENT and OTHER_AGENT unless named) the ledger records credentials of:
-    a ledger write refuses those of an agent not admitted."""
+def admit(store: DataStore, *agents: str, tasks: Sequence[str] = ()) -> DataStore:
+    """Store the agents (AGENT and OTHER_AGENT unless named) the ledger records credentials of,
+    and `tasks` active (of AGENT): a ledger write refuses those of an agent not admitted, or
+    of a task not active."""
     for agent_id in agents or (AGENT, OTHER_AGENT):
         store.upsert_agent(AttestedAgent(agent_id, "join_token", "1", NOW + 3600))
+    for task_id in tasks:
+        store.put_task(task(task_id))
     return store
 
 
@@ -537,6 +545,62 @@ def test_credentials_of_an_agent_never_admitted_are_refused(store: DataStore) ->
     assert store.agent_credentials(AGENT, NOW) == []
 
 
+@pytest.mark.parametrize("how", ["ending", "ended", "revoked", "expired", "never stored"])
+def test_an_ended_tasks_credentials_are_refused_with_the_whole_ledger_write(
+    store: DataStore, how: str
+) -> None:
+    """A task credential decided before the task's end was claimed (its row out of 'active',
+    through any server), written after: the end reads the task's credentials to revoke them
+    once its claim committed, so the write must keep nothing; others' writes go on."""
+    admit(store, AGENT, OTHER_AGENT, tasks=["t1", "t2"])
+    store.write_ledger([cred("before", task_id="t1")], audit_rows(1, 1))
+    head = store.audit_head()
+    if how != "never stored":
+        # The end's claim (TaskStore.finish), or the row as an end settled it.
+        assert store.swap_task(task("t1", state=how), "active")
+    iss = "spiffe://example.org"
+    late = cred("late", task_id="t1")
+    others = [cred("t2-own", task_id="t2"), cred("workload"), cred("x", agent=OTHER_AGENT)]
+    with pytest.raises(TaskEndedMeanwhileError) as refused:
+        store.write_ledger(
+            [*others, late] if how != "never stored" else [*others, late._replace(task_id="t9")],
+            audit_rows(2, 3, prev=f"{1:064x}"),
+            [JtiClaim(iss, "a", NOW + 60)],
+            NOW,
+        )
+    assert refused.value.tasks == ({"t1"} if how != "never stored" else {"t9"})
+    assert isinstance(refused.value, StorageError)
+    # Nothing of it: no credential, no event, the head and the jti as they were.
+    assert [c.value for c in store.agent_credentials(AGENT, NOW)] == ["before"]
+    assert store.agent_credentials(OTHER_AGENT, NOW) == []
+    assert store.audit_head() == head
+    assert store.claim_jtis([JtiClaim(iss, "a", NOW + 60)], NOW) == [True]
+    # Without the ended task's credential the rest goes in: another task's, workloads'.
+    store.write_ledger(others, audit_rows(2, 3, prev=f"{1:064x}"))
+    assert [c.value for c in store.task_credentials("t2", NOW)] == ["t2-own"]
+    assert [c.value for c in store.task_credentials("t1", NOW)] == ["before"]
+    assert store.audit_head() == Head(4, f"{4:064x}")
+
+
+def test_a_ledger_write_refused_for_an_agent_and_a_task_names_the_agent_first(
+    store: DataStore,
+) -> None:
+    """Agents are checked (and on PostgreSQL locked) before tasks: one refusal at a time, the
+    writer drops its holders and writes again (AuditLog), so both are refused in turn."""
+    admit(store, AGENT, OTHER_AGENT, tasks=["t1"])
+    store.swap_task(task("t1", state="ended"), "active")
+    store.delete_agent(OTHER_AGENT, Removal(OTHER_AGENT, REMOVAL_EVICTED, NOW))
+    both = [cred("late", task_id="t1"), cred("x", agent=OTHER_AGENT)]
+    with pytest.raises(AgentRemovedError) as first:
+        store.write_ledger(both, [])
+    assert first.value.agents == {OTHER_AGENT}
+    assert first.value.among([both[0]]) is None
+    with pytest.raises(TaskEndedMeanwhileError) as second:
+        store.write_ledger(both[:1], [])
+    assert second.value.among(both[1:]) is None
+    assert store.agent_credentials(AGENT, NOW) == []
+
+
 # -- tasks and violations -----------------------------------------------------------------------
 
 
@@ -662,7 +726,7 @@ def test_violations_count_within_a_window_and_prune(store: DataStore) -> None:
 
 
 def test_credentials_are_read_back_while_a_verifier_may_accept_them(store: DataStore) -> None:
-    admit(store)
+    admit(store, tasks=["t1"])
     creds = [cred(f"j{i}", task_id="t1" if i % 2 else "", expires_at=NOW + i) for i in range(6)]
     store.write_ledger([*creds, cred("x", agent=OTHER_AGENT)], [])
     assert store.count_credentials("t1") == 3
@@ -678,7 +742,7 @@ def test_credentials_are_read_back_while_a_verifier_may_accept_them(store: DataS
 def test_a_workload_jwt_is_found_by_its_jti_and_exp(store: DataStore) -> None:
     """The token endpoint finds the agent a workload's JWT-SVID came through by its jti and
     exp: only a workload's JWT, not a task's nor an X.509 serial of the same value."""
-    admit(store)
+    admit(store, tasks=["t"])
     exp = NOW + 300
     serial = Credential("x509_serial", "s1", OTHER_AGENT, RUNTIME, "", exp, "ca")
     store.write_ledger([cred("j1"), cred("j2", agent=OTHER_AGENT), cred("t1", task_id="t")], [])
@@ -696,7 +760,7 @@ def test_a_delegated_token_is_listed_with_the_acting_workloads_agent_too(
 ) -> None:
     """A delegated token is held by its task (of AGENT) and by the workload acting for it (of
     OTHER_AGENT): each agent's credentials list it once, its task's once."""
-    admit(store, AGENT, OTHER_AGENT)
+    admit(store, AGENT, OTHER_AGENT, tasks=["t1"])
     delegated = cred("d1", task_id="t1")._replace(actor_agent_id=OTHER_AGENT)
     gone = cred("d0", task_id="t1", expires_at=NOW - 10_000)._replace(actor_agent_id=OTHER_AGENT)
     store.write_ledger([cred("j1"), delegated, gone, cred("x", agent=OTHER_AGENT)], [])

@@ -25,19 +25,21 @@ from server.datastore import (
     Selector,
     StorageError,
 )
+from server.datastore import ledger_queries as lq
 from server.datastore import postgres as postgres_module
 from server.datastore import queries as q
 from server.datastore.base import JtiClaim
-from server.datastore.errors import AgentRemovedError, JtiHeldError
+from server.datastore.errors import AgentRemovedError, JtiHeldError, TaskEndedMeanwhileError
 from server.datastore.ledger_queries import audit_page
 from server.datastore.migrations import MIGRATIONS, Migration, postgres_ddl, postgres_migrations
 from server.datastore.postgres import PostgresDataStore
 from server.datastore.postgres_dsn import redact_dsn, scrub
 from server.datastore.postgres_sql import pg
 from server.datastore.records import REMOVAL_EVICTED, EventFilter, Head, Removal, TokenUse
+from server.datastore.sqlite_ledger import _task_params
 from svid._clock import FakeClock
 from tests import postgres
-from tests.server.test_datastore_contract import audit_rows
+from tests.server.test_datastore_contract import audit_rows, task
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -596,6 +598,164 @@ def test_a_removal_waits_for_a_ledger_write_under_way_and_then_finds_its_credent
     finally:
         ledger.close()
         remover.close()
+
+
+# -- a task's end racing a grant ---------------------------------------------------------------
+
+
+def test_a_ledger_write_waits_for_a_task_end_under_way_and_then_refuses(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """The task JWT was decided before the task's end committed (on another server, say); its
+    ledger write comes while the end's transaction holds the task's row. It waits for it,
+    then keeps nothing: the end reads the task's credentials right after its commit, before
+    this write could have landed."""
+    store, app = _store_as(postgres_dsn, clock, "ledger")
+    late = Credential("jwt_id", "late", AGENT, "spiffe://x/y", "t1", NOW + 60)
+    try:
+        store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+        store.put_task(task("t1", agent=AGENT))
+        outcome: list[BaseException | None] = [None]
+
+        def write() -> None:
+            try:
+                store.write_ledger([late], audit_rows(1, 1))
+            except Exception as e:
+                outcome[0] = e
+
+        with psycopg.connect(postgres_dsn) as end:
+            # The end's claim (TaskStore.finish), not committed yet.
+            params = {
+                **_task_params(task("t1", agent=AGENT, state="ending")),
+                "expected_state": "active",
+            }
+            assert end.execute(pg(lq.SWAP_TASK), params).rowcount == 1
+            writer = threading.Thread(target=write)
+            writer.start()
+            _wait_for_a_lock_wait(postgres_dsn, app, "the ledger write did not wait")
+            end.commit()
+            writer.join(30)
+        assert isinstance(outcome[0], TaskEndedMeanwhileError), outcome[0]
+        assert outcome[0].tasks == {"t1"}
+        assert store.task_credentials("t1", NOW) == []
+        assert store.audit_head() is None
+    finally:
+        store.close()
+
+
+def test_a_task_end_waits_for_a_ledger_write_under_way_and_then_finds_its_credentials(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """The reverse order: the ledger write holds the agent's and the task's rows (stopped in
+    its transaction, where it seals its events again on another server's head) when the end
+    comes. The end's claim waits for the write's commit, so its read of what to revoke, right
+    after its own commit, lists the credential."""
+    ledger, _ = _store_as(postgres_dsn, clock, "ledger")
+    ender, ender_app = _store_as(postgres_dsn, clock, "end")
+    late = Credential("jwt_id", "late", AGENT, "spiffe://x/y", "t1", NOW + 60)
+    inside, release = threading.Event(), threading.Event()
+    found: list[list[str] | BaseException] = []
+
+    def reseal(stored: Head | None) -> list[tuple[object, ...]]:
+        inside.set()
+        release.wait(30)
+        return audit_rows(1, 1)
+
+    def end() -> None:
+        try:
+            assert ender.swap_task(task("t1", agent=AGENT, state="ending"), "active")
+            found.append([c.value for c in ender.task_credentials("t1", NOW)])
+        except Exception as e:
+            found.append(e)
+
+    try:
+        ledger.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+        ledger.put_task(task("t1", agent=AGENT))
+        # Sealed on a head the (empty) chain is not at: the store calls reseal, mid-write.
+        writer = threading.Thread(
+            target=ledger.write_ledger, args=([late], audit_rows(5, 1)), kwargs={"reseal": reseal}
+        )
+        writer.start()
+        assert inside.wait(30)
+        ender_thread = threading.Thread(target=end)
+        ender_thread.start()
+        try:
+            _wait_for_a_lock_wait(postgres_dsn, ender_app, "the end did not wait")
+        finally:
+            release.set()
+            writer.join(30)
+            ender_thread.join(30)
+        assert found == [["late"]]
+        assert ledger.audit_head() == Head(1, f"{1:064x}")
+    finally:
+        ledger.close()
+        ender.close()
+
+
+def test_ledger_writes_and_ends_of_several_tasks_at_once_never_deadlock(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """Writes holding credentials of several tasks and agents (their rows locked in one order)
+    while those tasks end and the agents' other writes go on: every call returns, each write
+    either whole or refused, and every credential on record of an ended task is found by
+    the read its end makes after its claim."""
+    stores = [PostgresDataStore(postgres_dsn, clock) for _ in range(3)]
+    other = "spiffe://example.org/svid/agent/join_token/t2"
+    tasks = [f"t{n}" for n in range(6)]
+    try:
+        for agent in (AGENT, other):
+            stores[0].upsert_agent(AttestedAgent(agent, "join_token", "1", NOW + 3600))
+        for n, task_id in enumerate(tasks):
+            stores[0].put_task(task(task_id, agent=AGENT if n % 2 else other))
+        errors: list[BaseException] = []
+        read_at_end: dict[str, set[str]] = {}
+
+        def writes(store: PostgresDataStore, order: int) -> None:
+            for i in range(30):
+                picked = tasks[::order] if i % 2 else list(reversed(tasks))[::order]
+                creds = [
+                    Credential("jwt_id", f"{order}-{i}-{t}", AGENT, "spiffe://x/y", t, NOW + 60)
+                    for t in picked
+                ]
+                creds.append(
+                    Credential("jwt_id", f"{order}-{i}", other, "spiffe://x/z", "", NOW + 60)
+                )
+                try:
+                    store.write_ledger(creds, [])
+                except TaskEndedMeanwhileError:
+                    pass
+                except Exception as e:
+                    errors.append(e)
+                    return
+
+        def ends() -> None:
+            for task_id in tasks:
+                threading.Event().wait(0.02)
+                try:
+                    assert stores[2].swap_task(task(task_id, state="ending"), "active")
+                    read_at_end[task_id] = {
+                        c.value for c in stores[2].task_credentials(task_id, NOW)
+                    }
+                except Exception as e:
+                    errors.append(e)
+
+        threads = [
+            threading.Thread(target=writes, args=(stores[0], 1)),
+            threading.Thread(target=writes, args=(stores[1], 2)),
+            threading.Thread(target=ends),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        for task_id in tasks:
+            on_record = {c.value for c in stores[0].task_credentials(task_id, NOW)}
+            assert on_record == read_at_end[task_id], task_id
+    finally:
+        for store in stores:
+            store.close()
 
 
 def test_pruning_revocations_reads_the_expiry_index(postgres_dsn: str, clock: FakeClock) -> None:

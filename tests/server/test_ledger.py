@@ -19,8 +19,8 @@ import pytest
 
 from server.audit import AuditLog, EventDraft, LedgerError
 from server.datastore import Credential, StorageError
-from server.datastore.errors import AgentRemovedError
-from server.datastore.records import REMOVAL_EVICTED, AuditRow, Removal
+from server.datastore.errors import AgentRemovedError, TaskEndedMeanwhileError
+from server.datastore.records import REMOVAL_EVICTED, AuditRow, Removal, TaskRecord
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.issuance.datastore_ledger import DatastoreLedger
@@ -36,8 +36,8 @@ WORKLOAD = "spiffe://example.org/w"
 EXPIRES = 2_000_000_000
 
 
-def cred(jti: str, agent: str = AGENT) -> Credential:
-    return Credential("jwt_id", jti, agent, WORKLOAD, "", EXPIRES)
+def cred(jti: str, agent: str = AGENT, task_id: str = "") -> Credential:
+    return Credential("jwt_id", jti, agent, WORKLOAD, task_id, EXPIRES)
 
 
 def event(jti: str) -> EventDraft:
@@ -281,6 +281,83 @@ def test_a_removed_agents_callers_are_refused_and_their_neighbours_written_again
     result = log.verify()
     assert result.ok, str(result)
     assert result.checked == 1 + len(written) + 1  # "before", the written, the events-only
+    held.close()
+
+
+def _task_row(task_id: str, state: str = "active") -> TaskRecord:
+    return TaskRecord(task_id, AGENT, WORKLOAD, state, EXPIRES, 0, "{}")
+
+
+def test_an_ended_tasks_callers_are_refused_and_their_neighbours_written_again(
+    db: Path, clock: FakeClock
+) -> None:
+    """A task ended (on another server, say) while its credentials wait for a group commit
+    with others, of the same agent too: the store refuses the whole write, only the callers
+    holding that task's credentials fail (with the typed error), and the rest are written in
+    the next commit, the chain without a hole."""
+    store = SqliteDataStore(db, clock)
+    for task_id in ("ending", "going-on"):
+        store.put_task(_task_row(task_id))
+    held = HeldStore(store)
+    log = AuditLog(held, clock)
+    ledger = Ledger(log)
+    port = DatastoreLedger(ledger)
+    ledger.record([cred("before", task_id="ending")], [event("before")])
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(name: str, credentials: list[Credential]) -> None:
+        try:
+            ledger.record(credentials, [event(c.value) for c in credentials])
+            outcomes[name] = None
+        except BaseException as e:
+            outcomes[name] = e
+
+    held.armed = True
+    lead = threading.Thread(target=call, args=("lead", [cred("lead", task_id="ending")]))
+    lead.start()
+    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
+    calls = {f"w{i}": [cred(f"w{i}")] for i in range(3)}  # the same agent's workloads
+    calls["other-task"] = [cred("other-task", task_id="going-on")]
+    calls["late"] = [cred("late", task_id="going-on"), cred("late2", task_id="ending")]
+    others = [threading.Thread(target=call, args=item) for item in calls.items()]
+    for t in others:
+        t.start()
+
+    def jwt(jti: str, task_id: str) -> tuple[Credential, tuple[object, ...]]:
+        credential, record = workload_jwt_record(
+            AGENT, WORKLOAD, jti=jti, issued_at=EXPIRES - 60, expires_at=EXPIRES, audience="a"
+        )
+        return credential._replace(task_id=task_id), record
+
+    p_kept, p_late = jwt("p-kept", "going-on"), jwt("p-late", "ending")
+    kept = port.record_later([p_kept[0]], [p_kept[1]])
+    refused = port.record_later([p_late[0]], [p_late[1]])
+    deadline = time.monotonic() + 10
+    while len(log._tickets) < len(calls) + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The end's claim (TaskStore.finish), committed meanwhile: it reads what to revoke next.
+    assert store.swap_task(_task_row("ending", "ending"), "active")
+    held.release.set()
+    for t in [lead, *others]:
+        t.join(10)
+    for name in ("lead", "late"):
+        failed = outcomes.pop(name)
+        assert isinstance(failed, LedgerError), name
+        assert isinstance(failed.__cause__, TaskEndedMeanwhileError)
+        assert failed.__cause__.tasks == {"ending"}  # never its neighbour's "going-on"
+    assert outcomes == dict.fromkeys([*(f"w{i}" for i in range(3)), "other-task"])
+    assert kept.result(10) is None
+    with pytest.raises(TaskEndedMeanwhileError):  # the port's own error, not "unavailable"
+        refused.result(10)
+    # The lead's commit refused (and the lead with it), then one with everyone else's.
+    assert held.calls.count("write_ledger") == 4
+    assert on_disk(db, ["lead", "late", "late2", "p-late"]) == (0, 0)
+    written = [*(f"w{i}" for i in range(3)), "other-task", "p-kept"]
+    assert on_disk(db, written) == (len(written), len(written))
+    assert [c.value for c in store.task_credentials("ending", 0)] == ["before"]
+    result = log.verify()
+    assert result.ok, str(result)
+    assert result.checked == 1 + len(written)
     held.close()
 
 

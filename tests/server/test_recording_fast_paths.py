@@ -252,7 +252,10 @@ def test_insert_many_writes_none_as_executemany_does(rows: list[tuple[Any, ...]]
 
 def test_credentials_are_recorded_and_read_back(tmp_path: Path) -> None:
     store = TaskStore(
-        SqliteDataStore(sqlite_with_agents(tmp_path / "datastore.sqlite3", AGENT), FakeClock(1000))
+        SqliteDataStore(
+            sqlite_with_agents(tmp_path / "datastore.sqlite3", AGENT, tasks=["task-1"]),
+            FakeClock(1000),
+        )
     )
     creds = [
         Credential("x509_serial", format(i, "x"), AGENT, WORKLOAD, "task-1" if i % 3 else "", 2000)
