@@ -25,6 +25,7 @@ from server.ca.loop_workers import LoopSigningWorkers
 from server.ca.manager import CaManager
 from server.ca.signer import IssuedJwt, IssuedSvid, X509Request, X509Signer, check_jwt_request
 from server.ca.workers import MintRequest, SigningWorkers
+from server.datastore.errors import TaskEndedMeanwhileError
 from server.datastore.records import AttestedAgent, Entry
 from server.entitlement import Entitlement, SpiffeIdCache, agent_parents
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -175,16 +176,49 @@ class Issuer:
             self._executor, self._sign_x509_batch, requests, entitled, agent.spiffe_id
         )
         if credentials:
-            await self._ledger.commit(credentials, events)
-            self._x509_issued.inc(len(credentials))
+            ended, committed = await self._commit_live(credentials, events)
+            self._x509_issued.inc(committed)
             if any(c.task_id for c in credentials):
-                return [self._unless_ended(o) for o in outcomes]
+                return [self._unless_ended(o, ended) for o in outcomes]
         return outcomes
 
-    def _unless_ended(self, outcome: X509Outcome) -> X509Outcome:
-        if outcome.error is None and self._tasks.ended(outcome.spiffe_id):
+    def _unless_ended(self, outcome: X509Outcome, ended: frozenset[str]) -> X509Outcome:
+        if outcome.error is None and (
+            outcome.spiffe_id in ended or self._tasks.ended(outcome.spiffe_id)
+        ):
             return X509Outcome(outcome.entry_id, "", b"", 0, _ended_meanwhile(outcome.spiffe_id))
         return outcome
+
+    async def _commit_live(
+        self,
+        credentials: Sequence[Credential],
+        events: Sequence[EventTuple],
+        recorded: Future[None] | None = None,
+    ) -> tuple[frozenset[str], int]:
+        """Commit `credentials` and their `events` (the same index: one event per credential),
+        or await `recorded`, their commit under way. The ledger refuses, whole, a commit
+        holding credentials of a task whose end (through any server) was claimed before it
+        (TaskEndedMeanwhileError: that end may have read what to revoke already); then the
+        rest are committed again without them, so one task ending costs no other item of a
+        batch. Returns the SPIFFE IDs of the task identities left out, and how many were
+        committed."""
+        left_out: set[str] = set()
+        while credentials:
+            try:
+                if recorded is not None:
+                    first, recorded = recorded, None
+                    await asyncio.wrap_future(first)
+                else:
+                    await self._ledger.commit(credentials, events)
+                break
+            except TaskEndedMeanwhileError as refused:
+                kept = [i for i, c in enumerate(credentials) if c.task_id not in refused.tasks]
+                if len(kept) == len(credentials):  # none of ours: committing again would loop
+                    raise
+                left_out.update(c.spiffe_id for c in credentials if c.task_id in refused.tasks)
+                credentials = [credentials[i] for i in kept]
+                events = [events[i] for i in kept]
+        return frozenset(left_out), len(credentials)
 
     def _sign_x509_batch(
         self, requests: Sequence[tuple[str, bytes]], entitled: Entitlement, agent_id: str
@@ -350,7 +384,9 @@ class Issuer:
             )
             minted = outcome, credential, event
         issued, credential, event = minted
-        await self._ledger.commit((credential,), (event,))
+        ended, _ = await self._commit_live((credential,), (event,))
+        if ended:
+            raise _ended_meanwhile(entry.spiffe_id)
         self._jwt_issued.inc()
         if credential.task_id and self._tasks.ended(entry.spiffe_id):
             raise _ended_meanwhile(entry.spiffe_id)
@@ -377,18 +413,19 @@ class Issuer:
                     await asyncio.wrap_future(commit)
                     self._jwt_issued.inc(len(credentials))
                 return outcomes
-        outcomes, recorded, count = await self._run(
+        outcomes, recorded, credentials, events = await self._run(
             self._jwt_executor, self._issue_jwt_batch, plan, agent_id
         )
         if recorded is not None:
             # Nothing goes back before the commit holding this batch's records is done.
-            await asyncio.wrap_future(recorded)
+            ended, count = await self._commit_live(credentials, events, recorded)
             self._jwt_issued.inc(count)
             for at, item in enumerate(plan.items):
                 if not isinstance(item, _TaskItem) or not isinstance(outcomes[at], IssuedJwt):
                     continue
-                if self._tasks.ended(item.entry.spiffe_id):
-                    outcomes[at] = _ended_meanwhile(item.entry.spiffe_id)
+                spiffe_id = item.entry.spiffe_id
+                if spiffe_id in ended or self._tasks.ended(spiffe_id):
+                    outcomes[at] = _ended_meanwhile(spiffe_id)
         return outcomes
 
     async def _mint_on_loop(
@@ -407,15 +444,15 @@ class Issuer:
 
     def _issue_jwt_batch(
         self, plan: _JwtPlan, agent_id: str
-    ) -> tuple[list[JwtOutcome], Future[None] | None, int]:
+    ) -> tuple[list[JwtOutcome], Future[None] | None, list[Credential], list[EventTuple]]:
         # Recorded from the thread that signed (handing the records to the loop first cost the
         # main process ~2 us per JWT), but not waited for here: the commit runs on the ledger's
         # writer while this thread signs the next batch, and the loop awaits it.
         workload = self._mint_workload(plan.wanted) if plan.wanted else []
         outcomes, credentials, events, _ = self._finish_jwts(plan, workload, agent_id)
         if not credentials:
-            return outcomes, None, 0
-        return outcomes, self._ledger.record_later(credentials, events), len(credentials)
+            return outcomes, None, [], []
+        return outcomes, self._ledger.record_later(credentials, events), credentials, events
 
     def _plan_jwts(
         self, requests: Sequence[JwtAsk], entitled: Entitlement, agent_id: str

@@ -55,6 +55,8 @@ class TaskDecisions(Protocol):
 
     def ended(self, spiffe_id: str) -> bool:
         """Whether `spiffe_id` is a task identity whose task is no longer active: asked once a
-        credential granted for it is on record. Its task's end revoked what was on record then,
-        perhaps before this one, so a credential it names must not leave. In memory."""
+        credential granted for it is on record. In memory, so it knows of this server's ends
+        only: one recorded after an end was claimed, on any server, is refused by the ledger
+        instead (TaskEndedMeanwhileError); this withholds one recorded just before this
+        server's end, which that end revokes."""
         ...

@@ -32,7 +32,12 @@ from server.audit.event import EventDraft
 from server.ca.errors import CaUnavailableError
 from server.ca.signer import IssuedJwt, JwtSigner
 from server.datastore.base import JtiClaim
-from server.datastore.errors import AgentRemovedError, JtiHeldError, StorageError
+from server.datastore.errors import (
+    AgentRemovedError,
+    JtiHeldError,
+    StorageError,
+    TaskEndedMeanwhileError,
+)
 from server.datastore.records import REVOKED_JWT_ID, Credential
 from server.errors import PermissionDeniedError
 from server.issuance import TaskJwtGrant
@@ -66,6 +71,8 @@ EVENT_JWT_BEARER = "oauth_jwt_bearer"
 EVENT_EXCHANGE = "oauth_token_exchange"
 # A shared commit failed by a neighbour's replayed assertion is tried again this many times.
 RECORD_ATTEMPTS = 4
+# What a client hears for a token of a task that ended while it was issued (never sent).
+_TASK_ENDED = "task decision: the task ended while its token was issued"
 
 
 class TaskExchanges(Protocol):
@@ -491,8 +498,10 @@ class Grants:
         )
         self._record([credential], [event], claim, issue.kind, call)
         if self._tasks.ended(task.spiffe_id):
-            # On record, never sent: the task's end revoked what was on record before it.
-            exc = InvalidGrantError("task decision: the task ended while its token was issued")
+            # On record, never sent: this server's end of the task revokes what it reads on
+            # record, this token among them (the ledger refuses one recorded after the end
+            # was claimed, on any server: _record).
+            exc = InvalidGrantError(_TASK_ENDED)
             self._refused(issue.kind, exc, call)
             raise exc
         return TokenResponse(
@@ -586,6 +595,13 @@ class Grants:
                     "the agent the token was to be recorded under was evicted or banned "
                     "meanwhile: nothing was issued"
                 )
+                self._refused(kind, exc, call, assertion)
+                raise exc from None
+            if isinstance(failed.__cause__, TaskEndedMeanwhileError):
+                # Its task's end was claimed (through any server, memory here may not know
+                # yet) before this commit, and may have read what to revoke already: refused
+                # as a token of a task known ended, and the assertion is spent.
+                exc = InvalidGrantError(_TASK_ENDED)
                 self._refused(kind, exc, call, assertion)
                 raise exc from None
             if assertion is not None:

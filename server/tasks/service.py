@@ -789,8 +789,11 @@ class TaskService:
         return task
 
     def ended(self, spiffe_id: str) -> bool:
-        # Sound against this server's ends: one drops the task from `_active` before it reads
-        # the credentials on record to revoke them.
+        # Not what keeps a token of an ended task from leaving unrevoked: the ledger refuses a
+        # credential recorded after the end was claimed, through any server (TaskStore.finish,
+        # AuditStore.write_ledger). This withholds one recorded just before this server's own
+        # end claimed it (`_finish` drops the task from `_active` first): that end revokes it,
+        # and its caller is better told the task ended than handed a token revoked at once.
         return is_task_id(spiffe_id) and spiffe_id not in self._active
 
     def x509_grant(self, agent_id: str, entry: Entry) -> TaskGrant:

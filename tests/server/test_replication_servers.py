@@ -268,3 +268,54 @@ def test_a_key_prepared_by_a_reaches_bs_bundle_and_agents() -> None:
         b.stop()
         a.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_task_jwt_b_mints_after_a_ended_the_task_is_refused_before_b_hears_of_the_end(
+    pair: Pair,
+) -> None:
+    """A ends the task and revokes what is on record when it reads it; B, whose change feed
+    has not brought that end yet (held here, as a slow poll would), still holds the task
+    active and decides a JWT for it. Its ledger write comes after A's end committed: the
+    datastore refuses it (the task's row is no longer active), so B answers as for a task it
+    knows ended, and no token of the ended task exists that A's revocations missed."""
+    agent = attested_on_both(pair)
+    runtime = pair.a.create_entry("/bot", agent.spiffe_id)
+    record: AttestedAgent = pair.a.server.state.agents[agent.spiffe_id]
+    request = BeginRequest(runtime_id=runtime.spiffe_id, actions=("read",), resources=("docs",))
+    task = pair.a.call(pair.a.server.tasks.service.begin(record, request))
+    service_b = pair.b.server.tasks.service
+    wait_until(lambda: service_b.active_task(task.spiffe_id), 1.0, "B to hold the task")
+    state_b = pair.b.server.state
+    wait_until(lambda: task.entry_id in state_b.entries.by_id, 1.0, "B to hold the task's entry")
+
+    # B's feed lags behind A from here: held at its next apply.
+    follower = pair.b.server.follower
+    assert follower is not None
+    original = follower._apply
+
+    async def lagging(work: Any) -> None:
+        while held:
+            await asyncio.sleep(0.01)
+        await original(work)
+
+    held = True
+    follower._apply = lagging  # type: ignore[method-assign]
+    try:
+        ended = pair.a.call(pair.a.server.tasks.service.end(record, task.task_id, ()))
+        assert ended.state.value == "ended"
+        assert service_b.active_task(task.spiffe_id) is not None  # B has not heard
+        with pytest.raises(grpc.RpcError) as refused:
+            pair.b.node_stub(agent).NewJWTSVID(
+                node_pb2.NewJWTSVIDRequest(
+                    spiffe_id=task.spiffe_id, audience=["docs"], entry_id=task.entry_id
+                ),
+                timeout=10,
+            )
+    finally:
+        held = False
+    # What B answers for a task it knows ended while the token was issued.
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "ended while it was issued" in refused.value.details()  # type: ignore[attr-defined]
+    wait_until(lambda: service_b.active_task(task.spiffe_id) is None, 1.0, "B to drop the task")
+    # Nothing of the task was recorded after its end: nothing left to revoke.
+    assert pair.a.server.tasks.service.store.count_credentials(task.task_id) == 0

@@ -332,22 +332,42 @@ def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
     assert world.audit.verify().ok
 
 
+# Where the task's end happens: through this server, or through another one sharing the
+# datastore whose end this server has not heard of (memory still holds the task active; only
+# the ledger, refusing the record, can tell).
+ENDS = ["here", "elsewhere"]
+
+
 def _end_before_commit(
-    world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, task: Any
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    task: Any,
+    where: str = "here",
 ) -> None:
     """The task ends after its credential was granted and signed, before it is on record:
     the end's revocations cannot name it."""
     ledger = world.issuer._ledger
     commit, record_later = ledger.commit, ledger.record_later
 
+    async def end() -> None:
+        if where == "here":
+            await world.service.end(world.agent, task.task_id, [RUNTIME])
+        else:  # the other server's claim (TaskService._finish there); it revokes what it reads
+            ended = world.store.finish(task, TaskState.ENDED, int(world.clock.now()), "ended")
+            assert ended is not None
+            assert world.store.task_credentials(task.task_id, 0) == []
+
+    ends = [end]  # once: the issuer commits again without the refused credentials
+
     async def ending_commit(credentials: Any, events: Any) -> None:
-        await world.service.end(world.agent, task.task_id, [RUNTIME])
+        while ends:
+            await ends.pop()()
         await commit(credentials, events)
 
     def ending_record_later(credentials: Any, events: Any, *rest: Any) -> Any:
-        asyncio.run_coroutine_threadsafe(
-            world.service.end(world.agent, task.task_id, [RUNTIME]), loop
-        ).result()
+        while ends:
+            asyncio.run_coroutine_threadsafe(ends.pop()(), loop).result()
         return record_later(credentials, events, *rest)
 
     # One loop for the calls, so a signing thread can end the task on it.
@@ -358,38 +378,62 @@ def _end_before_commit(
     monkeypatch.setattr(world, "run", loop.run_until_complete)
 
 
+def _task_credentials_recorded(world: World, task: Any) -> list[str]:
+    return [c.value for c in world.store.task_credentials(task.task_id, 0)]
+
+
+@pytest.mark.parametrize("where", ENDS)
 def test_a_credential_of_a_task_that_ends_while_it_is_issued_is_not_handed_out(
-    world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, where: str
 ) -> None:
     task = world.begin()
     entry = world.state.entries.by_id[task.entry_id]
-    _end_before_commit(world, monkeypatch, request, task)
+    _end_before_commit(world, monkeypatch, request, task, where)
     with pytest.raises(PermissionDeniedError, match="ended while"):
         world.mint_jwt(entry, ["docs"])
-    assert world.store.get_task(task.task_id).state is TaskState.ENDED  # type: ignore[union-attr]
+    stored = world.store.get_task(task.task_id)
+    assert stored is not None
+    assert not stored.active
+    assert _task_credentials_recorded(world, task) == []  # nothing the end missed
 
 
+@pytest.mark.parametrize("where", ENDS)
 def test_an_x509_svid_of_a_task_that_ends_while_it_is_issued_is_not_handed_out(
-    world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, where: str
 ) -> None:
+    """In a batch with the runtime's own SVID, which is issued and recorded all the same."""
     task = world.begin()
-    _end_before_commit(world, monkeypatch, request, task)
-    with pytest.raises(PermissionDeniedError, match="ended while"):
-        issue_x509(world, task.spiffe_id)
+    _end_before_commit(world, monkeypatch, request, task, where)
+    entries = world.state.entries.by_id.values()
+    (runtime,) = [e for e in entries if e.spiffe_id == RUNTIME]
+    (of_task,) = [e for e in entries if e.spiffe_id == task.spiffe_id]
+    asks = [(runtime.id, make_csr()[1]), (of_task.id, make_csr()[1])]
+    plain, refused = world.run(world.issuer.issue_x509(world.agent, asks))
+    assert plain.error is None
+    assert isinstance(refused.error, PermissionDeniedError)
+    assert "ended while" in str(refused.error)
+    assert _task_credentials_recorded(world, task) == []
+    serial = format(x509.load_der_x509_certificate(plain.chain_der).serial_number, "x")
+    held = world.store.agent_credentials(world.agent.spiffe_id, 0)
+    assert serial in {c.value.lower() for c in held}
 
 
+@pytest.mark.parametrize("where", ENDS)
 def test_a_batch_jwt_of_a_task_that_ends_while_it_is_issued_is_not_handed_out(
-    world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, where: str
 ) -> None:
     task = world.begin()
     entry = world.state.entries.by_id[task.entry_id]
     runtime = next(e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME)
-    _end_before_commit(world, monkeypatch, request, task)
+    _end_before_commit(world, monkeypatch, request, task, where)
     asks = [JwtRequest(runtime.id, "", ("docs",)), JwtRequest(entry.id, "", ("docs",))]
     plain, of_task = world.run(world.issuer.issue_jwts(world.agent, asks))
     assert isinstance(plain, IssuedJwt)
     assert isinstance(of_task, PermissionDeniedError)
     assert "ended while" in str(of_task)
+    assert _task_credentials_recorded(world, task) == []
+    held = world.store.agent_credentials(world.agent.spiffe_id, 0)
+    assert plain.jti in {c.value for c in held}
 
 
 def _second_server(world: World) -> TaskService:

@@ -4,6 +4,7 @@ credential of the task (revoked when it ends); Txn-Tokens by requested_token_typ
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from server.datastore.records import REVOKED_JWT_ID, Entry
 from server.errors import PermissionDeniedError
-from server.tasks.model import Task
+from server.tasks.model import Task, TaskState
 from server.tasks.service import BeginRequest
 from server.tasks.store import TaskStore
 from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer
@@ -172,6 +173,51 @@ def test_a_token_of_a_task_that_ends_while_it_is_issued_is_not_handed_out(
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"] == "invalid_grant"
     assert "ended while" in reply.json()["error_description"]
+
+
+def test_a_token_of_a_task_another_server_ended_while_it_is_issued_is_refused(
+    world: TaskWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task's end is claimed through another server after the exchange's decision, and
+    this server has not heard of it (its memory still holds the task active): the ledger
+    refuses the token's record, so it is refused as one of a task known ended, on record,
+    with its assertion spent, and nothing of it is recorded for the end to have missed."""
+    subject = world.subject_token()
+    running = world.oauth.running
+    service = running.server.tasks.service
+    exchange_grant = service.exchange_grant
+    # The change feed has not brought the end here (as on a server whose poll lags).
+    monkeypatch.setattr(service, "apply_tasks", lambda loaded: None)
+
+    def ended_elsewhere_after(spiffe_id: str, resource: str) -> Any:
+        decided = exchange_grant(spiffe_id, resource)
+        # Another server's end claims the task's row (TaskService._finish, there).
+        assert service.store.finish(world.task, TaskState.ENDED, 0, "ended") is not None
+        return decided
+
+    monkeypatch.setattr(service, "exchange_grant", ended_elsewhere_after)
+    form = {
+        "grant_type": EXCHANGE,
+        "subject_token": subject,
+        "subject_token_type": JWT_TYPE,
+        "resource": RESOURCE,
+    }
+    post = functools.partial(
+        httpx.post, world.oauth.issuer + "/token", data=form, verify=world.oauth.ssl_context()
+    )
+    reply = post()
+    assert service.active_task(world.task.spiffe_id) is not None  # memory never heard
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == "invalid_grant"
+    assert "ended while" in reply.json()["error_description"]
+    (refusal,) = world.events("oauth_token_exchange")
+    assert refusal["decision"] == "deny"
+    assert "ended while" in refusal["reason"]
+    recorded = running.server.datastore.task_credentials(world.task.task_id, 0)
+    assert {c.spiffe_id for c in recorded} == {world.task.spiffe_id}  # the subject token only
+    again = post()  # the assertion was spent with the refusal
+    assert again.status_code == 400
+    assert "ended while" not in again.json()["error_description"]
 
 
 def test_txn_token_carries_the_task_context(world: TaskWorld) -> None:
