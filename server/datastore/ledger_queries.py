@@ -140,10 +140,13 @@ NOT_ACTIVE_TASKS = (
     "SELECT ids.value FROM json_each(:task_ids) AS ids WHERE NOT EXISTS "
     "(SELECT 1 FROM tasks WHERE task_id = ids.value AND state = 'active')"
 )
-# PostgreSQL's: the active ones, their rows locked FOR SHARE (PostgresLedger.write_ledger).
-LOCK_ACTIVE_TASKS = (
-    "SELECT task_id FROM tasks WHERE task_id = ANY(:task_ids) AND state = 'active' "
-    "ORDER BY task_id FOR SHARE"
+# PostgreSQL's: the active ones, their rows locked FOR SHARE, and, in the same statement (one
+# round trip less), REMOVALS_AMONG's rows, tagged (PostgresLedger.write_ledger).
+LOCK_ACTIVE_TASKS_AND_REMOVALS = (
+    "WITH active AS (SELECT task_id FROM tasks WHERE task_id = ANY(:task_ids) "
+    "AND state = 'active' ORDER BY task_id FOR SHARE) "
+    "SELECT 't', task_id FROM active "
+    "UNION ALL SELECT 'r', agent_id FROM removals WHERE agent_id = ANY(:agent_ids)"
 )
 # The literals match migration 14's partial index, which a bound parameter could not use.
 WORKLOAD_JWT = (

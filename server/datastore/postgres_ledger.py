@@ -67,20 +67,25 @@ def _refuse_gone(cur: Cursor, agents: list[str], tasks: list[str]) -> None:
     (then jti rows, then the audit append lock). A removal locks one agent row, then only
     counters; an end or a task's begin locks one task row, then only counters; other ledger
     writes share these locks and take them in the same order: no cycle of waits can form."""
+    ids = {"agent_ids": agents, "task_ids": tasks}
+    admitted: set[str] = set()
     if agents:
-        ids = {"agent_ids": agents}
         admitted = {r[0] for r in cur.execute(pg(lq.LOCK_ADMITTED_AGENTS), ids).fetchall()}
-        removing = {r[0] for r in cur.execute(pg(lq.REMOVALS_AMONG), ids).fetchall()}
-        refused = [a for a in agents if a not in admitted or a in removing]
-        if refused:
-            raise AgentRemovedError(refused)
     if tasks:
-        active = {
-            r[0] for r in cur.execute(pg(lq.LOCK_ACTIVE_TASKS), {"task_ids": tasks}).fetchall()
-        }
-        ended = [t for t in tasks if t not in active]
-        if ended:
-            raise TaskEndedMeanwhileError(ended)
+        # The tasks' locks and the removals' read in one round trip: the agents' rows are
+        # held already, so no removal of theirs can commit while this waits for an end.
+        rows = cur.execute(pg(lq.LOCK_ACTIVE_TASKS_AND_REMOVALS), ids).fetchall()
+        active = {key for tag, key in rows if tag == "t"}
+        removing = {key for tag, key in rows if tag == "r"}
+    else:
+        active = set()
+        removing = {r[0] for r in cur.execute(pg(lq.REMOVALS_AMONG), ids).fetchall()}
+    refused = [a for a in agents if a not in admitted or a in removing]
+    if refused:
+        raise AgentRemovedError(refused)
+    ended = [t for t in tasks if t not in active]
+    if ended:
+        raise TaskEndedMeanwhileError(ended)
 
 
 class PostgresLedger:
