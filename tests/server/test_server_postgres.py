@@ -148,11 +148,11 @@ def test_task_calls_naming_a_nul_are_refused_as_input(postgres_dsn: str, tmp_pat
         calls = {
             "end": (
                 lambda: node.EndTask(task_pb2.NodeEndTaskRequest(task_id="t\x00"), timeout=10),
-                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.INVALID_ARGUMENT,  # not the shape of a task id
             ),
             "show": (
                 lambda: admin.ShowTask(task_pb2.AdminTaskRequest(task_id="t\x00"), timeout=10),
-                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.INVALID_ARGUMENT,
             ),
             "list": (
                 lambda: node.ListTasks(
