@@ -130,11 +130,12 @@ def test_async_commits_share_commits_too(db: Path, clock: FakeClock) -> None:
     counting.close()
 
 
-class GatedStore(FaultInjectingDataStore):
-    """Holds the next ledger write until `release` is set, then fails it."""
+class HeldStore(FaultInjectingDataStore):
+    """Holds the next ledger write until `release` is set, then writes it (`fails`: fails it)."""
 
-    def __init__(self, inner: SqliteDataStore) -> None:
+    def __init__(self, inner: SqliteDataStore, *, fails: bool = False) -> None:
         super().__init__(inner)
+        self.fails = fails
         self.armed = False
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -146,14 +147,15 @@ class GatedStore(FaultInjectingDataStore):
             self.armed = False
             self.entered.set()
             self.release.wait(10)
-            raise StorageError("cannot commit: disk I/O error")
+            if self.fails:
+                raise StorageError("cannot commit: disk I/O error")
         super().write_ledger(credentials, audit_rows, *a, **kw)  # type: ignore[arg-type]
 
 
 def test_a_failed_commit_fails_every_waiting_caller_and_keeps_nothing(
     db: Path, clock: FakeClock
 ) -> None:
-    gated = GatedStore(SqliteDataStore(db, clock))
+    gated = HeldStore(SqliteDataStore(db, clock), fails=True)
     log = AuditLog(gated, clock)
     ledger = Ledger(log)
     ledger.record([cred("before")], [event("before")])
@@ -195,25 +197,6 @@ def test_a_failed_commit_fails_every_waiting_caller_and_keeps_nothing(
     assert result.ok, str(result)
     assert result.checked == 2
     gated.close()
-
-
-class HeldStore(FaultInjectingDataStore):
-    """Holds the next ledger write until `release` is set, then writes it."""
-
-    def __init__(self, inner: SqliteDataStore) -> None:
-        super().__init__(inner)
-        self.armed = False
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def write_ledger(
-        self, credentials: object, audit_rows: object, *a: object, **kw: object
-    ) -> None:
-        if self.armed:
-            self.armed = False
-            self.entered.set()
-            self.release.wait(10)
-        super().write_ledger(credentials, audit_rows, *a, **kw)  # type: ignore[arg-type]
 
 
 def test_a_removed_agents_callers_are_refused_and_their_neighbours_written_again(
