@@ -53,6 +53,19 @@ class World:
     def end(self, agent: Agent, task_id: str) -> None:
         self.node(agent).EndTask(task_pb2.NodeEndTaskRequest(task_id=task_id), timeout=10)
 
+    def shared_entries(self) -> tuple[Any, Any]:
+        """Two entries of one SPIFFE ID (`/agents/shared`) on the first agent, for two
+        workloads (uids 1001 and 1002)."""
+        a, b = (
+            self.srv.create_entry(
+                "/agents/shared",
+                self.first.spiffe_id,
+                selectors=[common_pb2.Selector(type="unix", value=f"uid:{uid}")],
+            )
+            for uid in (1001, 1002)
+        )
+        return a, b
+
 
 def _world() -> Iterator[World]:
     gen = running_server()
@@ -298,14 +311,7 @@ def test_node_ends_and_pages_only_the_tasks_of_the_callers_own_entry() -> None:
     world = next(gen)
     try:
         shared = f"{TD}/agents/shared"
-        a, b = (
-            world.srv.create_entry(
-                "/agents/shared",
-                world.first.spiffe_id,
-                selectors=[common_pb2.Selector(type="unix", value=f"uid:{uid}")],
-            )
-            for uid in (1001, 1002)
-        )
+        a, b = world.shared_entries()
         node = world.node(world.first)
         begun: dict[str, list[task_pb2.Task]] = {a.id: [], b.id: []}
         for n in range(9):
@@ -444,14 +450,7 @@ def test_a_page_of_the_callers_own_tasks_reads_a_bounded_number_of_rows(
     world = next(gen)
     try:
         shared = f"{TD}/agents/shared"
-        a, b = (
-            world.srv.create_entry(
-                "/agents/shared",
-                world.first.spiffe_id,
-                selectors=[common_pb2.Selector(type="unix", value=f"uid:{uid}")],
-            )
-            for uid in (1001, 1002)
-        )
+        a, b = world.shared_entries()
         node = world.node(world.first)
         mine: list[task_pb2.Task] = []
         for n in range(43):
