@@ -5,8 +5,6 @@ never shows the token."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -16,14 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_attestor.agent_store import AgentStore, AgentSvid
-from agent_attestor.cache import Cache
-from agent_attestor.model import TrustBundle
-from agent_attestor.node_client import NodeClient
-from agent_attestor.servers import Target
-from agent_attestor.sync import OPERATOR_LOG_INTERVAL, Syncer, SyncSettings
 from svid._clock import FakeClock
 from tests.e2e.agent_process import agent_stack
+from tests.e2e.attestation_retries import Attempts, in_process_syncer, reminded
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -92,21 +85,6 @@ def test_an_evicted_agent_whose_token_is_spent_says_so_once(server: ServerProces
         _assert_said_once_and_never_the_token(agent.logs(), agent.join_token)
 
 
-def _syncer(server: ServerProcess, tmp_path: Path, clock: FakeClock, token: str) -> Syncer:
-    rt = server.runtime
-    settings = SyncSettings(
-        (Target(rt["node_address"], rt["attest_address"]),),
-        join_token=token,
-        bootstrap_root_pem=server.cli("bundle", "show", "--format", "pem").stdout.encode(),
-        bootstrap_given=True,
-        # Quick retries, yet well inside the server's attestation budget per host (burst 50).
-        reconnect_min=0.05,
-        reconnect_max=0.05,
-    )
-    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
-    return Syncer(settings, store, Cache(), clock)
-
-
 def test_the_refused_token_is_said_again_after_the_interval_with_the_attempts_since(
     server: ServerProcess,
     tmp_path: Path,
@@ -115,50 +93,10 @@ def test_the_refused_token_is_said_again_after_the_interval_with_the_attempts_si
 ) -> None:
     clock = FakeClock(start=time.time())
     token = _unknown_token()
-    syncer = _syncer(server, tmp_path, clock, token)
-    refusals = 0
-    real_attest = NodeClient.attest
-
-    async def attest(self: NodeClient, **kwargs: object) -> tuple[AgentSvid, TrustBundle]:
-        nonlocal refusals
-        try:
-            return await real_attest(self, **kwargs)  # type: ignore[arg-type]
-        finally:
-            refusals += 1
-
-    monkeypatch.setattr(NodeClient, "attest", attest)
-
-    def lines() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if REFUSED in r.getMessage()]
-
-    async def until(predicate: object, what: str) -> None:
-        deadline = time.monotonic() + 20
-        while not predicate():  # type: ignore[operator]
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.01)
-
-    async def scenario() -> None:
-        task = asyncio.create_task(syncer.run())
-        try:
-            await until(lambda: refusals >= 6, "six refusals")
-            assert len(lines()) == 1  # the first at once, the others held back
-            clock.advance(OPERATOR_LOG_INTERVAL)
-            await until(lambda: len(lines()) == 2, "the reminder")
-            said = refusals
-            await until(lambda: refusals >= said + 3, "three refusals more")
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await syncer.close()
-
+    syncer = in_process_syncer(server, tmp_path, clock, join_token=token)
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
-        asyncio.run(scenario())
-    first, reminder = lines()
+        first, reminder = reminded(syncer, clock, Attempts(monkeypatch), caplog, REFUSED)
     assert first.levelno == reminder.levelno == logging.ERROR
-    assert getattr(first, "times", None) == 1
-    # Every refusal up to the reminder, counted once: those held back and its own.
-    assert getattr(reminder, "times", 0) >= 5
     for record in caplog.records:
         text = record.getMessage() + " " + " ".join(str(v) for v in record.__dict__.values())
         assert token.partition(".")[2] not in text
