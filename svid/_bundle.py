@@ -17,10 +17,11 @@ from typing import Any, Generic, TypeVar
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from svid._der import certs_to_pem, der_concat, load_pem_certs, parse_der_certs
 from svid._errors import BundleError, SvidParseError
-from svid._jose import PublicKey
+from svid._jose import PublicKey, rsa_key_problem
 from svid._jwk import KNOWN_KTY, public_key_from_jwk, public_key_members
 from svid._spiffe_id import SpiffeId, TrustDomain
 
@@ -40,6 +41,27 @@ def _spki(key: object) -> bytes:
     )
 
 
+def _checked_authorities(
+    trust_domain: TrustDomain, certs: Collection[x509.Certificate]
+) -> tuple[x509.Certificate, ...]:
+    """``certs``, refused (BundleError) if one holds an RSA key out of bounds (rsa_key_problem)."""
+    for cert in certs:
+        _check_authority_key(cert, f"X.509 bundle for {trust_domain}")
+    return tuple(certs)
+
+
+def _check_authority_key(cert: x509.Certificate, where: str) -> None:
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return  # a key that does not load signs nothing: the verifier skips such an authority
+    if isinstance(key, rsa.RSAPublicKey):
+        problem = rsa_key_problem(key)
+        if problem is not None:
+            subject = cert.subject.rfc4514_string()
+            raise BundleError(f"{where}: X.509 authority {subject!r}: {problem}")
+
+
 def _same_keys(a: Mapping[str, PublicKey], b: Mapping[str, PublicKey]) -> bool:
     return a.keys() == b.keys() and all(_spki(a[k]) == _spki(b[k]) for k in a)
 
@@ -57,16 +79,18 @@ class X509Bundle:
         if not data:
             return cls(trust_domain, ())
         try:
-            return cls(trust_domain, tuple(parse_der_certs(data)))
+            certs = parse_der_certs(data)
         except SvidParseError as exc:
             raise BundleError(f"X.509 bundle for {trust_domain}: {exc}") from None
+        return cls(trust_domain, _checked_authorities(trust_domain, certs))
 
     @classmethod
     def parse_pem(cls, trust_domain: TrustDomain, data: bytes) -> X509Bundle:
         try:
-            return cls(trust_domain, tuple(load_pem_certs(data)))
+            certs = load_pem_certs(data)
         except SvidParseError as exc:
             raise BundleError(f"X.509 bundle for {trust_domain}: {exc}") from None
+        return cls(trust_domain, _checked_authorities(trust_domain, certs))
 
     def to_der(self) -> bytes:
         return der_concat(self.authorities)
@@ -162,6 +186,7 @@ def _x509_key(jwk: Mapping[str, Any], where: str) -> x509.Certificate:
         cert_key = cert.public_key()
     except (binascii.Error, ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
         raise BundleError(f"{where}: 'x5c' is not a base64 DER certificate: {exc}") from None
+    _check_authority_key(cert, where)
     declared = public_key_from_jwk(jwk, where)
     if _spki(declared) != _spki(cert_key):
         raise BundleError(f"{where}: the JWK key members do not match the x5c certificate's key")

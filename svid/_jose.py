@@ -53,6 +53,25 @@ _ECDSA_PREHASHED: dict[str, tuple[Callable[[bytes], Any], ec.ECDSA]] = {
 }
 # RSA keys below 2048 bits are refused on both sides (RFC 7518 §3.3).
 MIN_RSA_BITS = 2048
+# Foreign RSA keys past these bounds are refused where they enter (JWKs, X.509 authorities and
+# intermediates): a signature check costs with the exponent's and the modulus's size, and OpenSSL
+# bounds the exponent only above 3072 bits, so a 3072-bit key with an exponent near its modulus
+# makes each check (of any garbage signature naming it) ~130x dearer. Go's crypto/rsa, and so
+# SPIRE, refuses an exponent over 2**31-1: no interoperable bundle carries one.
+MAX_RSA_BITS = 8192
+MAX_RSA_EXPONENT = 2**31 - 1
+
+
+def rsa_key_problem(key: rsa.RSAPublicKey) -> str | None:
+    """Why ``key`` is refused as a foreign RSA key (see MAX_RSA_BITS), or None if it is not."""
+    numbers = key.public_numbers()
+    bits, e = numbers.n.bit_length(), numbers.e
+    if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+        return f"RSA modulus has {bits} bits, {MIN_RSA_BITS} to {MAX_RSA_BITS} accepted"
+    if e < 3 or e % 2 == 0 or e > MAX_RSA_EXPONENT:
+        shown = e if e.bit_length() <= 64 else f"a {e.bit_length()}-bit number"
+        return f"RSA public exponent is {shown}, an odd number from 3 to 2**31-1 accepted"
+    return None
 
 
 def b64url_encode(data: bytes) -> str:

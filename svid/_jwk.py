@@ -8,7 +8,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from svid._errors import BundleError, JwtSvidError
-from svid._jose import PublicKey, b64url_decode, b64url_encode
+from svid._jose import PublicKey, b64url_decode, b64url_encode, rsa_key_problem
 
 KNOWN_KTY = frozenset({"EC", "RSA"})
 
@@ -81,7 +81,11 @@ def public_key_from_jwk(jwk: Mapping[str, Any], where: str) -> PublicKey:
     if kty == "RSA":
         n, e = _member(jwk, "n", where), _member(jwk, "e", where)
         try:
-            return rsa.RSAPublicNumbers(_uint(e), _uint(n)).public_key()
+            key = rsa.RSAPublicNumbers(_uint(e), _uint(n)).public_key()
         except ValueError as exc:
             raise BundleError(f"{where}: invalid RSA key: {exc}") from None
+        problem = rsa_key_problem(key)
+        if problem is not None:
+            raise BundleError(f"{where}: {problem}")
+        return key
     raise BundleError(f"{where}: unsupported key type {kty!r}")

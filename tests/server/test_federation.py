@@ -35,11 +35,12 @@ from server.federation.fetch import check_bundle, fetch_bundle
 from server.federation.service import BUNDLE_CHANGED, BUNDLE_REFUSED
 from svid._bundle import SpiffeBundle
 from svid._der import certs_to_pem
+from svid._jose import b64url_encode
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2
 from svid._spiffe_id import TrustDomain
 from tests.ports import free_port
 from tests.server.fixtures import RunningServer, managed_server, short_tmpdir, write_tls_files
-from tests.svid.certs import Issued, make_ca, make_leaf
+from tests.svid.certs import Issued, make_ca, make_leaf, slow_rsa_key
 
 HOME = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -103,6 +104,20 @@ def test_a_bundle_of_another_trust_domain_is_refused(home: tuple[RunningServer, 
     assert check_bundle(HOME, body).x509_authorities
     with pytest.raises(FederationError, match=r"belongs to spiffe://example\.org"):
         check_bundle(OTHER, body)
+
+
+def test_a_foreign_jwt_key_with_an_rsa_exponent_near_its_modulus_is_refused() -> None:
+    # Each check of any signature naming such a kid would cost ~6 ms (3072 bits): a CPU toll
+    # anyone could levy with garbage tokens. SPIRE's Go refuses e > 2**31-1 alike.
+    n = slow_rsa_key().public_key().public_numbers().n
+    jwk = {"kty": "RSA", "n": _b64uint(n), "e": _b64uint((n - 2) | 1), "kid": "slow"}
+    body = json.dumps({"keys": [{**jwk, "use": "jwt-svid"}], "spiffe_sequence": 1}).encode()
+    with pytest.raises(FederationError, match=r"kid 'slow'.*2\*\*31-1"):
+        check_bundle(OTHER, body)
+
+
+def _b64uint(value: int) -> str:
+    return b64url_encode(value.to_bytes((value.bit_length() + 7) // 8, "big"))
 
 
 def test_a_foreign_bundle_is_fetched_recorded_and_pushed_and_outlives_its_endpoint(

@@ -6,6 +6,7 @@ Other test packages may import it: ``from tests.svid.certs import make_ca, make_
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +38,29 @@ def rsa_key() -> rsa.RSAPrivateKey:
         return _RSA_CACHE[-1]
     _RSA_CACHE.reverse()
     return _RSA_CACHE[0]
+
+
+def slow_rsa_key(e: int | None = None) -> rsa.RSAPrivateKey:
+    """A valid 2048-bit RSA key whose public exponent is ``e``, by default one as long as its
+    modulus (each signature check then costs ~100x a usual key's): what a hostile bundle
+    could publish. ``e`` must be odd and coprime to the modulus's lambda."""
+    base = rsa_key().private_numbers()
+    p, q, n = base.p, base.q, base.public_numbers.n
+    lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    if e is None:
+        e = (n - 2) | 1
+        while math.gcd(e, lam) != 1:
+            e -= 2
+    d = pow(e, -1, lam)
+    return rsa.RSAPrivateNumbers(
+        p,
+        q,
+        d,
+        rsa.rsa_crt_dmp1(d, p),
+        rsa.rsa_crt_dmq1(d, q),
+        rsa.rsa_crt_iqmp(p, q),
+        rsa.RSAPublicNumbers(e, n),
+    ).private_key()
 
 
 @dataclass

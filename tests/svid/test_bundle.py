@@ -22,7 +22,7 @@ from svid import (
     X509Bundle,
     der_concat,
 )
-from tests.svid.certs import ec_key, make_ca, rsa_key
+from tests.svid.certs import ec_key, make_ca, rsa_key, slow_rsa_key
 
 TD = TrustDomain("example.org")
 
@@ -341,3 +341,58 @@ def test_parsers_raise_only_bundle_error_on_arbitrary_json(doc: object) -> None:
     for parse in (SpiffeBundle.parse, JwtBundle.parse_jwks):
         with contextlib.suppress(BundleError):
             parse(TD, data)
+
+
+def _b64uint(value: int) -> str:
+    return (
+        base64.urlsafe_b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+        .rstrip(b"=")
+        .decode()
+    )
+
+
+_N_2048 = rsa_key().public_key().public_numbers().n
+
+
+@pytest.mark.parametrize(
+    ("n", "e", "bound"),
+    [
+        # An exponent as long as the modulus: each signature check costs ~130x (SPIRE refuses).
+        (_N_2048, (_N_2048 - 2) | 1, r"2\*\*31-1"),
+        (_N_2048, 2**31 + 1, r"2\*\*31-1"),
+        ((1 << 8200) | 1, 65537, "2048 to 8192"),  # a bigger modulus costs alike
+        ((1 << 1500) | 1, 65537, "2048 to 8192"),
+    ],
+    ids=[
+        "exponent-near-modulus",
+        "exponent-past-2**31-1",
+        "modulus-8201-bits",
+        "modulus-1501-bits",
+    ],
+)
+def test_rsa_jwt_keys_past_the_exponent_and_modulus_bounds_are_refused(
+    n: int, e: int, bound: str
+) -> None:
+    jwk = {"kty": "RSA", "n": _b64uint(n), "e": _b64uint(e), "use": "jwt-svid", "kid": "slow"}
+    body = json.dumps({"keys": [jwk]}).encode()
+    with pytest.raises(BundleError, match=f"kid 'slow'.*{bound}"):
+        JwtBundle.parse_jwks(TD, body)
+    with pytest.raises(BundleError, match=f"kid 'slow'.*{bound}"):
+        SpiffeBundle.parse(TD, body)
+
+
+def test_rsa_jwt_keys_at_the_bounds_are_accepted() -> None:
+    jwk = {"kty": "RSA", "n": _b64uint(_N_2048), "e": _b64uint(2**31 - 1), "kid": "edge"}
+    bundle = JwtBundle.parse_jwks(TD, json.dumps({"keys": [jwk]}).encode())
+    assert bundle.keys["edge"].public_numbers().e == 2**31 - 1  # type: ignore[union-attr]
+
+
+def test_x509_authorities_with_an_rsa_key_past_the_bounds_are_refused() -> None:
+    slow = make_ca(key=slow_rsa_key()).cert
+    for parse in (
+        lambda: X509Bundle.parse_der(TD, der_concat([make_ca().cert, slow])),
+        lambda: X509Bundle.parse_pem(TD, slow.public_bytes(serialization.Encoding.PEM)),
+        lambda: SpiffeBundle.parse(TD, SpiffeBundle(TD, (slow,)).to_json()),
+    ):
+        with pytest.raises(BundleError, match=r"'CN=CA example\.org'.*2\*\*31-1"):
+            parse()

@@ -23,7 +23,7 @@ from svid import (
     X509Verifier,
     der_concat,
 )
-from tests.svid.certs import T0, Issued, make_ca, make_leaf, reissue, rsa_key
+from tests.svid.certs import T0, Issued, make_ca, make_leaf, reissue, rsa_key, slow_rsa_key
 
 TD = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -444,3 +444,23 @@ def test_malformed_extension_is_a_verification_error(verifier: X509Verifier, ca:
     cert = reissue(leaf, ca, 11, not_before=T0 - 10, not_after=T0 + 10, critical=[garbled])
     with pytest.raises(VerificationError, match="malformed extensions"):
         verifier.verify([cert])
+
+
+def test_an_authority_with_a_huge_rsa_exponent_anchors_nothing(clock: FakeClock) -> None:
+    # A bundle built by hand skips the parsers' refusal; its anchor would cost ~6 ms a check.
+    slow = make_ca(key=slow_rsa_key())
+    v = X509Verifier(
+        MemoryBundleSource.of(SpiffeBundle(TD, (slow.cert,))).x509_bundle_for, clock=clock
+    )
+    with pytest.raises(VerificationError, match="does not lead to an authority"):
+        v.verify([make_leaf(slow).cert])
+
+
+def test_an_intermediate_with_a_huge_rsa_exponent_is_refused_before_its_signature_check(
+    verifier: X509Verifier, ca: Issued
+) -> None:
+    # The peer picks the intermediate, unsigned by anything yet: its key is checked first.
+    inter = make_ca(parent=ca, key=slow_rsa_key())
+    leaf = make_leaf(inter)
+    with pytest.raises(VerificationError, match=r"intermediate serial .* 2\*\*31-1"):
+        verifier.verify_der(der_concat([leaf.cert, inter.cert]))
