@@ -652,18 +652,21 @@ class TaskService:
             raise
         self._set_active(task, True)
         why = "its parent task ended while it began"
+        entry_tried = False
         try:
             if await asyncio.to_thread(self._parent_ended, task):
                 raise PermissionDeniedError(
                     f"parent task {task.parent_task_id} ended while this sub-task began"
                 )
             why = "its entry could not be created"
+            entry_tried = True
             await self._state.create_entry(entry)
         except Exception:
             self._set_active(task, False)
             # Ended meanwhile by another server's sweep (a TTL shorter than this begin), or
-            # with its parent: that one recorded the end.
-            if await self._undo_begin(task, stored=True, why=why):
+            # with its parent: that one recorded the end. Ended here with the entry maybe
+            # stored: the undo recorded it with the rest of the end's work.
+            if await self._undo_begin(task, stored=True, why=why, entry_tried=entry_tried):
                 try:
                     await self._record_end(task, TaskState.REVOKED, "begin failed", revoked=0)
                 except Exception:
@@ -683,9 +686,17 @@ class TaskService:
         parent = self._store.get_task(task.parent_task_id)
         return parent is None or not parent.active
 
-    async def _undo_begin(self, task: Task, *, stored: bool, why: str) -> bool:
+    async def _undo_begin(
+        self, task: Task, *, stored: bool, why: str, entry_tried: bool = False
+    ) -> bool:
         """Best effort after a failed begin: the caller gets the original error either way.
-        True when this call ended the stored row."""
+        True when this call ended the stored row and left its task-end event to the caller.
+
+        ``entry_tried``: the entry's write failed, yet it may have committed (its answer lost
+        at COMMIT). Then other servers may have followed the feed to an active task with an
+        entry and issued for it (the ledger took those, the row being active): the end is
+        carried out in full (revocations, the entry deleted, the event), as any end is. If
+        that fails midway, the claimed end is left unsettled for `settle_ends` to finish."""
         try:
             if stored:
                 self._set_active(task, False)
@@ -694,7 +705,11 @@ class TaskService:
                 )
                 if done is None:
                     return False
-                # Nothing was issued for it, and its end (if any) is recorded by the caller.
+                if entry_tried:
+                    await self._carry_out_end(done)
+                    return False
+                # No entry was ever written: nothing was issued for it, and its end is
+                # recorded by the caller.
                 await asyncio.to_thread(self._store.settle, done)
                 return True
         except Exception:
@@ -1103,8 +1118,11 @@ class TaskService:
         await self._revoke(
             fresh, done.end_reason, agent_id=done.agent_id, task=done, unrecorded=unrecorded
         )
-        if done.entry_id and done.entry_id in self._state.entries.by_id:
-            # LookupError: deleted meanwhile (an operator's `entry delete`).
+        if done.entry_id:
+            # Deleted in the datastore whether or not this server's memory holds it: the feed
+            # may not have brought it here yet (begun on another server), or its write's answer
+            # was lost (_undo_begin). LookupError: none stored, or deleted meanwhile (an
+            # operator's `entry delete`).
             with contextlib.suppress(LookupError):
                 await self._state.delete_entry(done.entry_id)
         if not again or not await asyncio.to_thread(self._end_recorded, done.task_id):

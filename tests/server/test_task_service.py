@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -29,7 +30,15 @@ from server.ca.rotation import activate_at
 from server.ca.signer import IssuedJwt
 from server.datastore.base import DataStore
 from server.datastore.errors import RemovalUnderWayError, StorageError
-from server.datastore.records import X509_KIND, AttestedAgent, Entry, Revocation, Selector
+from server.datastore.records import (
+    REVOKED_X509_SERIAL,
+    X509_KIND,
+    AttestedAgent,
+    Credential,
+    Entry,
+    Revocation,
+    Selector,
+)
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -987,11 +996,66 @@ def test_a_task_whose_entry_cannot_be_created_ends_on_record(
     (begun,) = world.events("task_begin")
     (ended,) = world.events("task_end")
     assert ended["task_id"] == begun["task_id"]
-    assert (ended["decision"], ended["reason"]) == ("revoked", "begin failed")
+    assert (ended["decision"], ended["reason"]) == (
+        "revoked",
+        "begin failed: its entry could not be created",
+    )
+    assert json.loads(ended["extra"])["revoked"] == 0
     assert [e.spiffe_id for e in world.state.entries.by_id.values()] == [RUNTIME]
     (task,) = world.store.list_tasks()
     assert task.state is TaskState.REVOKED
     assert world.service.active_task(task.spiffe_id) is None
+    assert world.audit.verify().ok
+    world.close()
+
+
+def test_a_begin_whose_entry_commit_went_unanswered_revokes_what_was_issued_meanwhile(
+    tmp_path: Path,
+    clock: FakeClock,
+    datastore: SqliteDataStore,
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The entry's write commits but its answer is lost (a connection cut at COMMIT). Between
+    that commit and the undo's claim of the end, another server that followed the change feed
+    (task row active, entry there) issued the runtime an X.509-SVID for the task, the ledger
+    taking it. The undo carries out the end in full: that SVID is revoked, the entry deleted
+    from the datastore, and the end recorded once."""
+    world = make_world(tmp_path, clock, datastore, ca_manager)
+    create = datastore.create_entry
+    minted: list[Credential] = []
+
+    def committed_then_lost(entry: Entry) -> Entry:
+        create(entry)
+        (task,) = [t for t in world.store.list_tasks() if t.entry_id == entry.id]
+        assert task.active
+        credential = Credential(
+            REVOKED_X509_SERIAL,
+            "abc123",
+            AGENT,
+            entry.spiffe_id,
+            task.task_id,
+            int(clock.now()) + 300,
+        )
+        world.store.record([credential])  # the other server's mint: accepted, task active
+        minted.append(credential)
+        raise StorageError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(datastore, "create_entry", committed_then_lost)
+    with pytest.raises(StorageError):
+        world.begin()
+    (task,) = world.store.list_tasks()
+    assert task.state is TaskState.REVOKED
+    (credential,) = minted
+    assert (credential.kind, credential.value) in {
+        (r.kind, r.value) for r in world.state.revocations
+    }
+    assert datastore.get_entries([task.entry_id]) == []
+    (ended,) = world.events("task_end")
+    assert (ended["task_id"], json.loads(ended["extra"])["revoked"]) == (task.task_id, 1)
+    (revoked,) = world.events("revocation")
+    assert revoked["credential_id"] == "abc123"
+    assert world.store.unsettled(clock.now() + 3600) == []
     assert world.audit.verify().ok
     world.close()
 
