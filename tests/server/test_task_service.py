@@ -1060,6 +1060,59 @@ def test_a_begin_whose_entry_commit_went_unanswered_revokes_what_was_issued_mean
     world.close()
 
 
+def test_a_begin_undo_cut_short_after_its_claim_is_finished_by_the_settle_sweep(
+    tmp_path: Path,
+    clock: FakeClock,
+    datastore: SqliteDataStore,
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, and the datastore fails again while the undo carries out the end: the end
+    stays claimed and unsettled, and the sweep finishes it (revocation, entry, one event)."""
+    world = make_world(tmp_path, clock, datastore, ca_manager)
+    create = datastore.create_entry
+    read_credentials = world.store.task_credentials
+    minted: list[Credential] = []
+
+    def committed_then_lost(entry: Entry) -> Entry:
+        create(entry)
+        (task,) = world.store.list_tasks()
+        credential = Credential(
+            REVOKED_X509_SERIAL,
+            "abc123",
+            AGENT,
+            entry.spiffe_id,
+            task.task_id,
+            int(clock.now()) + 300,
+        )
+        world.store.record([credential])
+        minted.append(credential)
+        raise StorageError("server closed the connection unexpectedly")
+
+    def down(task_id: str, now: float) -> Any:
+        monkeypatch.setattr(world.store, "task_credentials", read_credentials)
+        raise StorageError("could not connect to server")
+
+    monkeypatch.setattr(datastore, "create_entry", committed_then_lost)
+    monkeypatch.setattr(world.store, "task_credentials", down)
+    with pytest.raises(StorageError):
+        world.begin()
+    (task,) = world.store.list_tasks()
+    assert task.state is TaskState.REVOKED
+    assert world.events("task_end") == []  # neither the undo nor its caller recorded it
+    (credential,) = minted
+    clock.advance(61)
+    assert world.run(world.service.settle_ends()) == 1
+    assert (credential.kind, credential.value) in {
+        (r.kind, r.value) for r in world.state.revocations
+    }
+    assert datastore.get_entries([task.entry_id]) == []
+    (ended,) = world.events("task_end")
+    assert json.loads(ended["extra"])["revoked"] == 1
+    assert world.run(world.service.settle_ends()) == 0
+    world.close()
+
+
 def test_a_task_entry_reaches_agents_only_once_its_task_is_active(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
