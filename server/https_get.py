@@ -12,6 +12,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -35,52 +36,132 @@ def get(
     """GET ``url`` (https with ``context``; plain http only where the caller allowed it).
     ``check_peer`` is given the server's certificate (DER) before the request is read: it
     raises to refuse the server. ``timeout`` bounds the whole GET, not each read: a server
-    that trickles its answer a byte at a time would otherwise hold the caller for ever."""
+    that trickles its answer a byte at a time would otherwise hold the caller for ever. It
+    bounds the connect too: each address the name resolves to is given only the time left
+    (the name resolution itself is the system resolver's, bounded by its own timeouts)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    tls = parts.scheme == "https"
     conn: http.client.HTTPConnection
-    if parts.scheme == "https":
+    if tls:
         conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=context)
     else:
         conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    fired = threading.Event()
-    deadline = threading.Timer(timeout, _cut, (conn, fired))
+    ends = time.monotonic() + timeout
+    cutter = _Cutter()
+    deadline = threading.Timer(timeout, cutter.cut)
     deadline.daemon = True
     deadline.start()
     try:
         try:
+            # Connected here, not by http.client: its connect (socket.create_connection)
+            # gives every address the whole timeout, with no socket the deadline could cut.
+            sock = _connect(host, conn.port, ends, cutter, timeout)
+            if tls:
+                sock = _handshake(sock, host, context, cutter)
+            conn.sock = sock  # http.client sends on it and does not connect again
             conn.request("GET", path, headers={"Accept": "application/json"})
             if check_peer is not None:
-                sock = conn.sock
                 check_peer(
                     sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
                 )
             response = conn.getresponse()
             reply = Reply(response.status, response.read(limit + 1), response.headers)
         except (OSError, http.client.HTTPException):
-            if fired.is_set():  # what the cut made of the read (EOF, a TLS error) is not news
+            if cutter.fired:  # what the cut made of the read (EOF, a TLS error) is not news
                 raise _late(timeout) from None
             raise
-        if fired.is_set():  # cut short: what was read may end anywhere
+        if cutter.fired:  # cut short: what was read may end anywhere
             raise _late(timeout)
         return reply
     finally:
         deadline.cancel()
         deadline.join()  # a cut under way finishes before the socket is closed and let go
+        cutter.hold(None)
         conn.close()
 
 
-def _cut(conn: http.client.HTTPConnection, fired: threading.Event) -> None:
-    """At the deadline: end the reads the GET's thread is blocked in. Shutting the socket down
-    (not closing it: its descriptor stays the GET's) is what another thread may safely do; the
-    plain socket's shutdown, as a TLS socket's own would drop its TLS state under the reader."""
-    fired.set()
-    sock = conn.sock
-    if sock is not None:
-        # OSError: not connected yet, or closed already; nothing is read from it then.
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+class _Cutter:
+    """The deadline's hold on the GET's socket of the moment (each connect attempt's, then the
+    connected one's): the GET's thread hands each over before it blocks on it, so the deadline
+    always finds the socket to cut, and a socket handed over after the deadline is cut at once.
+    Shutting the socket down (not closing it: its descriptor stays the GET's) is what another
+    thread may safely do; the plain socket's shutdown, as a TLS socket's own would drop its TLS
+    state under the reader."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.fired = False
+
+    def hold(self, sock: socket.socket | None) -> None:
+        """`sock` is the one to cut from now on (None: the one held is about to be closed)."""
+        with self._lock:
+            self._sock = sock
+            if self.fired:
+                self._shut()
+
+    def cut(self) -> None:
+        with self._lock:
+            self.fired = True
+            self._shut()
+
+    def _shut(self) -> None:
+        if self._sock is not None:
+            # OSError: not connected (yet), or closed already; nothing is read from it then.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+
+
+def _connect(host: str, port: int, ends: float, cutter: _Cutter, timeout: float) -> socket.socket:
+    """A TCP connection to the first of `host`'s addresses that answers, each attempt given
+    only what is left of the GET's time; the socket's timeout then is what remains."""
+    error: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        left = ends - time.monotonic()
+        if left <= 0 or cutter.fired:
+            break
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(left)
+            cutter.hold(sock)
+            sock.connect(address)
+        except OSError as exc:
+            cutter.hold(None)  # let go before closing: the cut never sees a closed descriptor
+            sock.close()
+            error = exc
+            continue
+        # A cut that came as connect returned has shut this socket down: the request's first
+        # send fails, and get() reports the deadline.
+        sock.settimeout(max(ends - time.monotonic(), 0.001))
+        return sock
+    if cutter.fired or time.monotonic() >= ends:
+        raise _late(timeout)
+    raise error if error is not None else OSError(f"{host}: no address to connect to")
+
+
+def _handshake(
+    sock: socket.socket, host: str, context: ssl.SSLContext | None, cutter: _Cutter
+) -> ssl.SSLSocket:
+    """TLS over the connected socket, the handshake under the deadline too: wrapping takes
+    the socket's descriptor over, so the TLS socket is handed to the cutter before the
+    handshake blocks on it."""
+    ctx = context if context is not None else ssl.create_default_context()
+    try:
+        tls = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    except BaseException:
+        cutter.hold(None)
+        sock.close()
+        raise
+    cutter.hold(tls)
+    try:
+        tls.do_handshake()
+    except BaseException:
+        cutter.hold(None)
+        tls.close()
+        raise
+    return tls
 
 
 def _late(timeout: float) -> TimeoutError:

@@ -92,3 +92,60 @@ def test_a_trickled_answer_is_cut_at_the_timeout_for_the_whole_get(
 def test_a_prompt_answer_is_read_whole(peer_of: Callable[..., Peer]) -> None:
     reply = peer_of(_prompt).get(timeout=5.0)
     assert (reply.status, reply.body) == (200, b'{"keys":[]}')
+
+
+def test_the_whole_get_keeps_its_deadline_past_a_blackholed_first_address_and_a_trickling_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The name resolves to two addresses (only the resolution is stood in for: no name has two
+    # here). The first is a listener that never accepts, its queue full: a connect to it hangs
+    # (SYNs dropped). http.client's connect gave it the whole timeout while the deadline had no
+    # socket to cut, so the deadline was lost and the second address trickled for 20 s.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    filler = socket.create_connection(blackhole.getsockname(), timeout=1.0)
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        server.settimeout(3)  # the GET may never come here: its deadline passed first
+        try:
+            raw, _ = server.accept()
+        except OSError:
+            return
+        with raw:
+            try:
+                raw.recv(65536)  # the request
+                raw.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                for _ in range(200):  # 20 s, each byte well inside the per-read timeout
+                    if stop.is_set():
+                        return
+                    raw.sendall(b"x")
+                    time.sleep(0.1)
+            except OSError:  # the client went away: what a working deadline does
+                pass
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    real = socket.getaddrinfo
+    addresses = [blackhole.getsockname(), server.getsockname()]
+
+    def two_addresses(host: str, *args: object, **kwargs: object) -> list[tuple]:  # type: ignore[type-arg]
+        if host != "partner.test":
+            return real(host, *args, **kwargs)  # type: ignore[arg-type]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", a) for a in addresses]
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    url = f"http://partner.test:{server.getsockname()[1]}/"
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="no whole answer within 1 s"):
+            https_get.get(url, context=None, limit=1 << 20, timeout=1.0)
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(30)
+        for sock in (filler, blackhole, server):
+            sock.close()
+    assert elapsed < 5, f"GET with timeout=1 s held {elapsed:.1f} s (the deadline fired unseen)"
