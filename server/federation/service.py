@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -67,6 +68,10 @@ RETRY = 5.0
 MAX_RETRY = 300.0
 BUNDLE_CHANGED = "federated_bundle_changed"
 BUNDLE_REFUSED = "federated_bundle_refused"
+
+# Scheduled fetches run at once, each relationship's in a task of its own: one endpoint that
+# answers slowly holds its own relationship up to the whole-GET deadline, not the others.
+FETCHES_AT_ONCE = 4
 
 LEASE_PREFIX = "federation-fetch:"
 # A relationship another server wrote is due here this much later (seconds): see apply_stored.
@@ -214,6 +219,8 @@ class FederationService:
         # Local writes, numbered, by trust domain: what the follower must not undo.
         self._writes = 0
         self._written: dict[str, int] = {}
+        # Scheduled fetches under way (run concurrently, FETCHES_AT_ONCE at most).
+        self._running: dict[str, asyncio.Task[None]] = {}
         # For tests and metrics: fetches made by this server.
         self.fetches = 0
 
@@ -513,29 +520,67 @@ class FederationService:
         return skipped
 
     async def refresh_due(self) -> None:
-        """Fetch every relationship that is due and whose fetch this server claims."""
+        """Fetch every relationship that is due and whose fetch this server claims, at most
+        FETCHES_AT_ONCE at a time, and wait for those fetches."""
+        done: set[str] = set()
+        while started := self._start_due(done):
+            done.update(started)
+            await asyncio.gather(*started.values())
+
+    def _start_due(
+        self, skip: set[str] | frozenset[str] = frozenset()
+    ) -> dict[str, asyncio.Task[None]]:
+        """Start the scheduled fetch of each due relationship not being fetched already, the
+        longest due first, while fewer than FETCHES_AT_ONCE run: each in a task of its own, so
+        an endpoint that answers slowly (held up to the whole-GET deadline) holds up only its
+        own relationship."""
         now = self._clock.now()
-        for td, due in list(self._due.items()):
-            if due > now:
+        started: dict[str, asyncio.Task[None]] = {}
+        for td, due in sorted(self._due.items(), key=lambda item: item[1]):
+            if len(self._running) >= FETCHES_AT_ONCE:
+                break
+            if due > now or td in self._running or td in skip:
                 continue
-            try:
-                if not await self._claim(td):
-                    # Another server fetches it; its result comes through the feed.
-                    self._schedule(td, self._next(self._bundles.get(td)))
-                    continue
-                await self.refresh(td)
-            except FederationError:
-                pass  # logged, audited and rescheduled by refresh
-            except NotFoundError:
-                self._due.pop(td, None)
-            except Exception:
-                _log.exception("foreign bundle refresh failed", extra={"td": td})
-                self._schedule(td, RETRY)
+            task = asyncio.create_task(self._refresh_scheduled(td), name=f"federation-fetch:{td}")
+            self._running[td] = task
+            task.add_done_callback(functools.partial(self._fetch_ended, td))
+            started[td] = task
+        return started
+
+    def _fetch_ended(self, td: str, task: asyncio.Task[None]) -> None:
+        if self._running.get(td) is task:
+            del self._running[td]
+        self._wake.set()  # a slot is free, and `td` has its next fetch scheduled
+
+    async def _refresh_scheduled(self, td: str) -> None:
+        try:
+            if not await self._claim(td):
+                # Another server fetches it; its result comes through the feed.
+                self._schedule(td, self._next(self._bundles.get(td)))
+                return
+            await self.refresh(td)
+        except FederationError:
+            pass  # logged, audited and rescheduled by refresh
+        except NotFoundError:
+            self._due.pop(td, None)
+        except Exception:
+            _log.exception("foreign bundle refresh failed", extra={"td": td})
+            self._schedule(td, RETRY)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """The loop that only ticks: refresh what is due, sleep until the next is."""
-        while not stop.is_set():
-            await self.refresh_due()
-            wait = min((d - self._clock.now() for d in self._due.values()), default=60.0)
-            self._wake.clear()
-            await set_within(self._wake, max(0.05, min(wait, 60.0)))
+        """The loop that only ticks: start what is due, sleep until the next is due or a fetch
+        ends. At a stop, the fetches under way are finished (each bounded by its deadline)."""
+        try:
+            while not stop.is_set():
+                self._start_due()
+                waiting = [d for td, d in self._due.items() if td not in self._running]
+                wait = min((d - self._clock.now() for d in waiting), default=60.0)
+                self._wake.clear()
+                await set_within(self._wake, max(0.05, min(wait, 60.0)))
+        except asyncio.CancelledError:
+            running = list(self._running.values())
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
+        await asyncio.gather(*self._running.values(), return_exceptions=True)

@@ -302,6 +302,76 @@ def test_a_bootstrapped_relationship_fetches_at_once(home: tuple[RunningServer, 
             time.sleep(0.05)
 
 
+class SilentEndpoint:
+    """A bundle endpoint that takes connections and never answers (not even the TLS
+    handshake): a fetch of it is held until its whole-GET deadline (fetch.TIMEOUT, 10 s)."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}/"
+        self.held = threading.Event()
+        self._conns: list[socket.socket] = []
+
+        def serve() -> None:
+            while True:
+                try:
+                    raw, _ = self._listener.accept()
+                except OSError:  # closed
+                    return
+                self._conns.append(raw)
+                self.held.set()
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(10)
+        for conn in self._conns:
+            conn.close()
+
+
+def test_a_relationship_whose_endpoint_never_answers_does_not_hold_up_another_ones_refresh(
+    home: tuple[RunningServer, int],
+) -> None:
+    # hang.org comes first: fetched one after the other, example.org's fetch waited out
+    # hang.org's whole deadline (10 s) on every round, and its asked-for fetch too.
+    server, port = home
+    silent = SilentEndpoint()
+    relationships = [
+        f"hang.org https_web {silent.url}",
+        f"example.org https_spiffe https://127.0.0.1:{port}/ spiffe://example.org/svid/server",
+    ]
+    try:
+        with managed_server(
+            trust_domain="other.org", federation_relationships=relationships
+        ) as other:
+            assert silent.held.wait(10), "hang.org's endpoint was never fetched"
+            exported = server.server.state.bundle.to_json()
+            assert server.server.state.bundle.refresh_hint != 7
+            other.admin().SetFederatedBundle(
+                admin_pb2.SetFederatedBundleRequest(
+                    bundle=admin_pb2.FederatedBundle(trust_domain="example.org", bundle=exported)
+                ),
+                timeout=10,
+            )
+            asked = time.monotonic()
+
+            def fetched() -> bool:
+                got = other.admin().GetFederatedBundle(
+                    admin_pb2.GetFederatedBundleRequest(trust_domain="example.org"), timeout=10
+                )
+                return SpiffeBundle.parse(HOME, got.bundle).refresh_hint == 7
+
+            while not fetched():
+                assert time.monotonic() < asked + 4, "example.org waited for hang.org's fetch"
+                time.sleep(0.05)
+    finally:
+        silent.close()
+
+
 @pytest.mark.parametrize(("floor", "wait"), [({}, 60), ({"federation_min_refresh": 5}, 7)])
 def test_the_refresh_hint_of_an_endpoint_is_floored_as_configured(
     home: tuple[RunningServer, int], floor: dict[str, int], wait: int
