@@ -501,8 +501,11 @@ class FederationStore(Protocol):
         """NotFoundError when there is none; its foreign bundle stays (delete that apart)."""
         ...
 
-    def put_foreign_bundle(self, bundle: ForeignBundle) -> None:
-        """Store (or replace) a foreign trust domain's bundle."""
+    def put_foreign_bundle(self, bundle: ForeignBundle, *, over_newer: bool = False) -> bool:
+        """Store (or replace) a foreign trust domain's bundle, in one atomic step, unless the
+        stored one carries a higher sequence (a bundle with sequence 0 is not ordered and
+        replaces it; `over_newer`: replace it whatever its sequence, a bundle set by hand).
+        True when stored, and then a feed row (FEED_FOREIGN_BUNDLE) is written with it."""
         ...
 
     def list_foreign_bundles(self) -> list[ForeignBundle]:

@@ -376,6 +376,15 @@ def _removal_claims(execute: Execute) -> None:
     execute("ALTER TABLE removals ADD COLUMN claimed_until BIGINT NOT NULL DEFAULT 0")
 
 
+def _foreign_bundle_sequence(execute: Execute) -> None:
+    """A foreign bundle's spiffe_sequence beside its JSON: a write carrying a lower one than the
+    stored row's is refused in the same statement (put_foreign_bundle), so a server whose copy
+    lags the change feed cannot store an older bundle, fetched from a lagging endpoint replica,
+    that every other server would then adopt. Rows stored before carry 0 until their next
+    write: 0 orders nothing, as before."""
+    execute("ALTER TABLE foreign_bundles ADD COLUMN spiffe_sequence BIGINT NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
@@ -393,6 +402,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(14, "credentials: a workload's JWT by its exp and jti", _workload_jwt_by_jti),
     Migration(15, "credentials: a delegated token's acting workload's agent", _actor_agent),
     Migration(16, "agents: removals claimed by their finisher", _removal_claims),
+    Migration(17, "federation: a foreign bundle's spiffe_sequence", _foreign_bundle_sequence),
 )
 
 

@@ -94,22 +94,33 @@ class PostgresFederation:
 
         self._write("delete the federation relationship", work)
 
-    def put_foreign_bundle(self, bundle: ForeignBundle) -> None:
+    def put_foreign_bundle(self, bundle: ForeignBundle, *, over_newer: bool = False) -> bool:
+        sql = q.UPSERT_FOREIGN_BUNDLE if over_newer else q.UPSERT_FOREIGN_BUNDLE_NOT_OLDER
         params = {
             "trust_domain": bundle.trust_domain,
             "bundle": bundle.bundle,
             "updated_at": bundle.updated_at,
+            "sequence": bundle.sequence,
         }
 
-        def work(cur: Cursor) -> None:
-            cur.execute(pg(q.UPSERT_FOREIGN_BUNDLE), params)
-            self._append_feed(cur, FEED_FOREIGN_BUNDLE, (bundle.trust_domain,))
+        def work(cur: Cursor) -> bool:
+            # A concurrent write of the same trust domain waits on its row, then compares with
+            # what that one stored.
+            stored = int(cur.execute(pg(sql), params).rowcount) == 1
+            if stored:
+                self._append_feed(cur, FEED_FOREIGN_BUNDLE, (bundle.trust_domain,))
+            return stored
 
-        self._write("store the foreign bundle", work)
+        return self._write("store the foreign bundle", work)
 
     def list_foreign_bundles(self) -> list[ForeignBundle]:
         rows = self._rows("list foreign bundles", q.LIST_FOREIGN_BUNDLES, {})
-        return [ForeignBundle(r["trust_domain"], bytes(r["bundle"]), r["updated_at"]) for r in rows]
+        return [
+            ForeignBundle(
+                r["trust_domain"], bytes(r["bundle"]), r["updated_at"], r["spiffe_sequence"]
+            )
+            for r in rows
+        ]
 
     def delete_foreign_bundle(self, trust_domain: str) -> None:
         def work(cur: Cursor) -> None:

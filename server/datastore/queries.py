@@ -188,11 +188,19 @@ LIST_RELATIONSHIPS = (
 )
 DELETE_RELATIONSHIP = "DELETE FROM federation_relationships WHERE trust_domain = :trust_domain"
 UPSERT_FOREIGN_BUNDLE = (
-    "INSERT INTO foreign_bundles (trust_domain, bundle, updated_at) VALUES (:trust_domain, "
-    ":bundle, :updated_at) ON CONFLICT (trust_domain) DO UPDATE SET bundle = excluded.bundle, "
-    "updated_at = excluded.updated_at"
+    "INSERT INTO foreign_bundles (trust_domain, bundle, updated_at, spiffe_sequence) VALUES "
+    "(:trust_domain, :bundle, :updated_at, :sequence) ON CONFLICT (trust_domain) DO UPDATE SET "
+    "bundle = excluded.bundle, updated_at = excluded.updated_at, "
+    "spiffe_sequence = excluded.spiffe_sequence"
+)
+# The same, unless the stored bundle's sequence is higher (a bundle without one, 0, is not
+# ordered: it replaces what is stored, as it did before sequences were compared).
+UPSERT_FOREIGN_BUNDLE_NOT_OLDER = (
+    UPSERT_FOREIGN_BUNDLE + " WHERE excluded.spiffe_sequence = 0 "
+    "OR excluded.spiffe_sequence >= foreign_bundles.spiffe_sequence"
 )
 LIST_FOREIGN_BUNDLES = (
-    "SELECT trust_domain, bundle, updated_at FROM foreign_bundles ORDER BY trust_domain"
+    "SELECT trust_domain, bundle, updated_at, spiffe_sequence FROM foreign_bundles "
+    "ORDER BY trust_domain"
 )
 DELETE_FOREIGN_BUNDLE = "DELETE FROM foreign_bundles WHERE trust_domain = :trust_domain"

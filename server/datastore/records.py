@@ -90,6 +90,9 @@ class ForeignBundle:
     trust_domain: str
     bundle: bytes
     updated_at: int = 0
+    # The bundle's spiffe_sequence (0: it has none), kept apart so the store can order writes
+    # by it (put_foreign_bundle) without reading the JSON.
+    sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)

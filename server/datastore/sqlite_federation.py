@@ -99,21 +99,30 @@ class SqliteFederation:
                 raise NotFoundError(f"no federation relationship with {trust_domain}")
             self._append_feed(db, FEED_RELATIONSHIP, (trust_domain,))
 
-    def put_foreign_bundle(self, bundle: ForeignBundle) -> None:
+    def put_foreign_bundle(self, bundle: ForeignBundle, *, over_newer: bool = False) -> bool:
+        sql = q.UPSERT_FOREIGN_BUNDLE if over_newer else q.UPSERT_FOREIGN_BUNDLE_NOT_OLDER
         with self._transaction() as db:
-            db.execute(
-                q.UPSERT_FOREIGN_BUNDLE,
-                {
-                    "trust_domain": bundle.trust_domain,
-                    "bundle": bundle.bundle,
-                    "updated_at": bundle.updated_at,
-                },
+            stored = (
+                db.execute(
+                    sql,
+                    {
+                        "trust_domain": bundle.trust_domain,
+                        "bundle": bundle.bundle,
+                        "updated_at": bundle.updated_at,
+                        "sequence": bundle.sequence,
+                    },
+                ).rowcount
+                == 1
             )
-            self._append_feed(db, FEED_FOREIGN_BUNDLE, (bundle.trust_domain,))
+            if stored:
+                self._append_feed(db, FEED_FOREIGN_BUNDLE, (bundle.trust_domain,))
+            return stored
 
     def list_foreign_bundles(self) -> list[ForeignBundle]:
         return [
-            ForeignBundle(r["trust_domain"], bytes(r["bundle"]), r["updated_at"])
+            ForeignBundle(
+                r["trust_domain"], bytes(r["bundle"]), r["updated_at"], r["spiffe_sequence"]
+            )
             for r in self._rows(q.LIST_FOREIGN_BUNDLES)
         ]
 

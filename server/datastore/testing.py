@@ -370,9 +370,9 @@ class FaultInjectingDataStore:
         self._enter("delete_relationship")
         self.inner.delete_relationship(trust_domain)
 
-    def put_foreign_bundle(self, bundle: ForeignBundle) -> None:
+    def put_foreign_bundle(self, bundle: ForeignBundle, *, over_newer: bool = False) -> bool:
         self._enter("put_foreign_bundle")
-        self.inner.put_foreign_bundle(bundle)
+        return self.inner.put_foreign_bundle(bundle, over_newer=over_newer)
 
     def list_foreign_bundles(self) -> list[ForeignBundle]:
         self._enter("list_foreign_bundles")

@@ -67,6 +67,7 @@ MAX_REFRESH = 3600
 RETRY = 5.0
 MAX_RETRY = 300.0
 BUNDLE_CHANGED = "federated_bundle_changed"
+SET_BY_HAND = "set"  # the source of a bundle set through the admin API
 BUNDLE_REFUSED = "federated_bundle_refused"
 
 # Scheduled fetches run at once, each relationship's in a task of its own: one endpoint that
@@ -324,7 +325,7 @@ class FederationService:
             bundle = check_bundle(td, body)
         except FederationError as exc:
             raise InvalidRequestError(f"bundle: {exc}") from None
-        await self._install(bundle, source="set")
+        await self._install(bundle, source=SET_BY_HAND)
         # A relationship waiting for its first bundle (https_spiffe needs one to authenticate
         # the endpoint) fetches now rather than at its retry.
         self._schedule(td.name, 0, asked=True)
@@ -358,8 +359,18 @@ class FederationService:
                 "jwt_authorities": len(bundle.jwt_authorities),
             },
         )
-        row = ForeignBundle(td, bundle.to_json(), int(self._clock.now()))
-        await asyncio.to_thread(self._datastore.put_foreign_bundle, row)
+        row = ForeignBundle(td, bundle.to_json(), int(self._clock.now()), bundle.sequence)
+        # Set by hand, it stands; fetched, it is not stored over a higher sequence that another
+        # server stored meanwhile (this server's copy lagging the feed): an older bundle from
+        # a lagging endpoint replica would be adopted by every server. The ledger row above
+        # then records an attempt, followed by its refusal (refresh).
+        if not await asyncio.to_thread(
+            self._datastore.put_foreign_bundle, row, over_newer=source == SET_BY_HAND
+        ):
+            raise FederationError(
+                f"{td}: bundle endpoint served spiffe_sequence {bundle.sequence}, older than "
+                "the one another server stored"
+            )
         self._wrote(td)
         self._bundles[td] = bundle
         self._updated[td] = row.updated_at
@@ -383,6 +394,7 @@ class FederationService:
                         f"{td}: bundle endpoint served spiffe_sequence {fetched.sequence}, "
                         f"older than the {self._bundles[td].sequence} held"
                     )
+                changed = await self._install(fetched, source=rel.endpoint_url)
             except FederationError as exc:
                 retry = self._retries.setdefault(td, Retry(RETRY, MAX_RETRY)).failed()
                 self._reschedule(td, asked, self._next(known, ok=False, retry=retry))
@@ -395,7 +407,6 @@ class FederationService:
                         extra={"trust_domain": td},
                     )
                 raise
-            changed = await self._install(fetched, source=rel.endpoint_url)
             self._retries.pop(td, None)
             self._reschedule(td, asked, self._next(fetched))
             return Refreshed(changed, fetched)

@@ -1211,6 +1211,36 @@ def test_foreign_bundles_are_replaced_and_survive_a_reopen(open_store: Opener) -
         store.delete_foreign_bundle("a.org")
 
 
+def test_a_foreign_bundle_is_not_stored_over_one_of_a_higher_sequence(store: DataStore) -> None:
+    """A server whose copy lags the change feed fetched an older bundle from a lagging endpoint
+    replica: the store keeps the newer one (every other server adopts what is stored)."""
+
+    def put(sequence: int, hint: int = 0, *, over_newer: bool = False) -> bool:
+        body = b'{"keys":[],"spiffe_sequence":%d,"spiffe_refresh_hint":%d}' % (sequence, hint)
+        bundle = ForeignBundle("other.org", body, NOW, sequence)
+        return store.put_foreign_bundle(bundle, over_newer=over_newer)
+
+    def stored() -> tuple[int, bytes]:
+        (row,) = store.list_foreign_bundles()
+        return row.sequence, row.bundle
+
+    assert put(2)
+    head = store.feed_head()
+    assert not put(1)
+    assert stored() == (2, b'{"keys":[],"spiffe_sequence":2,"spiffe_refresh_hint":0}')
+    assert store.feed_head() == head  # nothing written, nothing for the others to adopt
+    assert put(2, hint=7)  # the same sequence (a new refresh hint, say) replaces it
+    assert stored()[1].endswith(b"7}")
+    # A bundle without a sequence cannot be ordered: taken as it comes, as before.
+    assert put(0)
+    assert put(1)
+    # Set by hand: it stands whatever the stored sequence.
+    assert put(5)
+    assert put(3, over_newer=True)
+    assert stored()[0] == 3
+    assert _feed(store, head) == [("foreign_bundle", "other.org")] * 5
+
+
 def test_feed_names_federation_writes_and_not_failed_ones(store: DataStore) -> None:
     rel = FederationRelationship("other.org", "https://other.example:8443/", HTTPS_WEB)
     store.create_relationship(rel)

@@ -320,3 +320,54 @@ def test_one_server_makes_each_scheduled_fetch_and_another_takes_over(tmp_path: 
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_server_lagging_the_feed_does_not_store_an_older_bundle_over_a_newer_one(
+    tmp_path: Path,
+) -> None:
+    """B has not yet followed A's write of sequence 3 when its own fetch, from a lagging
+    endpoint replica, brings sequence 2: newer than B's copy, older than what is stored. The
+    store keeps 3; without that every server would adopt 2 (stored rows are the truth)."""
+    clock = FakeClock(1_700_000_000)
+    answers: dict[str, list[SpiffeBundle]] = {"a": [], "b": []}
+    services: dict[str, FederationService] = {}
+    stores = []
+    for name in ("a", "b"):
+        store = SqliteDataStore(tmp_path / "db", clock)
+        stores.append(store)
+
+        def fetch(
+            rel: FederationRelationship, known: SpiffeBundle | None, name: str = name
+        ) -> SpiffeBundle:
+            return answers[name].pop(0)
+
+        services[name] = FederationService(
+            own=OWN,
+            datastore=store,
+            audit=AuditLog(store, clock),
+            clock=clock,
+            publish=lambda _bundles: None,
+            static=(parse_static(STATIC, OWN),),
+            fetch=fetch,
+        )
+        services[name].load()
+    a, b = services["a"], services["b"]
+    try:
+        answers["a"] = [_bundle(1), _bundle(3)]
+        asyncio.run(a.refresh("example.org"))
+        b.apply_stored(b.read_stored(), b.follow_mark())
+        assert b.bundle("example.org").sequence == 1
+        asyncio.run(a.refresh("example.org"))  # 3, stored; B has not followed it yet
+        answers["b"] = [_bundle(2)]
+        with pytest.raises(FederationError, match="older than the one another server stored"):
+            asyncio.run(b.refresh("example.org"))
+        for service in (a, b):
+            service.apply_stored(service.read_stored(), service.follow_mark())
+            assert service.bundle("example.org").sequence == 3
+        # Set by hand, a lower sequence stands (an operator undoing a bad bundle).
+        asyncio.run(b.set_bundle("example.org", _bundle(1).to_json()))
+        a.apply_stored(a.read_stored(), a.follow_mark())
+        assert a.bundle("example.org").sequence == 1
+    finally:
+        for store in stores:
+            store.close()
