@@ -586,6 +586,8 @@ class FederationService:
                 self._start_due()
                 waiting = [d for td, d in self._due.items() if td not in self._running]
                 wait = min((d - self._clock.now() for d in waiting), default=60.0)
+                if len(self._running) >= FETCHES_AT_ONCE:
+                    wait = 60.0  # nothing starts before a fetch ends, and its end wakes us
                 self._wake.clear()
                 await set_within(self._wake, max(0.05, min(wait, 60.0)))
         except asyncio.CancelledError:
