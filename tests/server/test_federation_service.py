@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from server.federation.service import (
     BUNDLE_CHANGED,
     BUNDLE_REFUSED,
     DEFAULT_REFRESH,
+    FETCHES_AT_ONCE,
     FOLLOWED_DELAY,
     MAX_REFRESH,
     MAX_RETRY,
@@ -371,3 +373,56 @@ def test_a_server_lagging_the_feed_does_not_store_an_older_bundle_over_a_newer_o
     finally:
         for store in stores:
             store.close()
+
+
+def test_due_relationships_are_fetched_side_by_side_a_few_at_a_time(tmp_path: Path) -> None:
+    """Six relationships due, each fetch held: FETCHES_AT_ONCE run together (not one after the
+    other, which let one slow endpoint hold every other up), the rest as slots free."""
+    clock = FakeClock(1_700_000_000)
+    store = SqliteDataStore(tmp_path / "db", clock)
+    lock = threading.Lock()
+    running: list[str] = []
+    most = 0
+    release = threading.Event()
+
+    def fetch(rel: FederationRelationship, known: SpiffeBundle | None) -> SpiffeBundle:
+        nonlocal most
+        with lock:
+            running.append(rel.trust_domain)
+            most = max(most, len(running))
+        release.wait(10)
+        with lock:
+            running.remove(rel.trust_domain)
+        raise FederationError(f"{rel.trust_domain}: held, then down")
+
+    domains = [f"d{i}.org" for i in range(6)]
+    service = FederationService(
+        own=OWN,
+        datastore=store,
+        audit=AuditLog(store, clock),
+        clock=clock,
+        publish=lambda _bundles: None,
+        static=tuple(parse_static(f"{d} https_web https://127.0.0.1:1/", OWN) for d in domains),
+        fetch=fetch,
+    )
+    service.load()
+
+    async def scenario() -> None:
+        refreshing = asyncio.create_task(service.refresh_due())
+        for _ in range(200):
+            if len(running) == FETCHES_AT_ONCE:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # a fifth would have started by now
+        assert len(running) == FETCHES_AT_ONCE
+        release.set()
+        await asyncio.wait_for(refreshing, 10)
+
+    try:
+        asyncio.run(scenario())
+        assert most == FETCHES_AT_ONCE
+        assert service.fetches == len(domains)
+        assert all(service.next_fetch(d) == clock.now() + RETRY for d in domains)
+    finally:
+        release.set()
+        store.close()
