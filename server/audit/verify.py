@@ -80,7 +80,13 @@ class Anchor:
     def parse(cls, text: str) -> Anchor:
         """`SEQ:HASH`, as printed by a verify or a checkpoint."""
         seq, _, digest = text.partition(":")
-        if not seq.isdigit() or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+        # ASCII digits only: str.isdigit also takes "²" (which int() refuses) and "٣" (which
+        # int() reads as 3, an anchor the operator never noted).
+        if (
+            not (seq.isascii() and seq.isdigit())
+            or len(digest) != 64
+            or set(digest) - set("0123456789abcdef")
+        ):
             raise AuditError(f"anchor {text[:100]!r} is not SEQ:HASH (a number, 64 hex digits)")
         return cls(int(seq), digest, source=f"the anchor seq {int(seq)}")
 

@@ -364,6 +364,18 @@ def test_a_bad_anchor_argument_is_named(setup: Setup, capsys: pytest.CaptureFixt
     assert "is not SEQ:HASH" in out
 
 
+@pytest.mark.parametrize("seq", ["\u00b2", "\u0663", "+7", " 7"])
+def test_an_anchor_seq_of_other_digits_is_a_bad_anchor(
+    setup: Setup, capsys: pytest.CaptureFixture[str], seq: str
+) -> None:
+    """str.isdigit takes a superscript two or an Arabic-Indic three, int() refuses them: the
+    seq must be ASCII digits, refused as a bad anchor, not a traceback."""
+    code, out = verify(setup, capsys, "--anchor", f"{seq}:{'a' * 64}")
+    assert code == 1
+    assert f"{Break.BAD_ANCHOR}: " in out
+    assert "is not SEQ:HASH" in out
+
+
 def test_verify_reads_one_snapshot_while_appends_go_on(setup: Setup, clock: FakeClock) -> None:
     fill(setup.log, clock, 3)
     store = SqliteAuditStore(setup.db)
