@@ -81,20 +81,11 @@ class EventDraft:
         object.__setattr__(self, "policy_ids", tuple(self.policy_ids))
         if not _KIND.match(kind):
             raise AuditError(f"kind {kind!r} is not a lowercase identifier")
-        # Hashed as given, read back as the column stores it: a number of the other kind (5
-        # for 5.0) would verify as EDITED. So each is made its column's kind here.
-        for name in ("risk", "ttl"):
+        for name in NUMBER_FIELDS:
             value = getattr(self, name)
-            if value is not None and type(value) is not int:
-                whole = type(value) is float and value.is_integer()
-                if not whole:
-                    raise AuditError(f"{name}: {value!r} is not a whole number")
-                object.__setattr__(self, name, int(value))
-        latency = self.latency_us
-        if latency is not None and type(latency) is not float:
-            if type(latency) is not int:
-                raise AuditError(f"latency_us: {latency!r} is not a number")
-            object.__setattr__(self, "latency_us", float(latency))
+            number = column_number(name, value)
+            if number is not value:
+                object.__setattr__(self, name, number)
         for name, value in self.__dict__.items():
             # Plain text without either marker (nearly every value) needs no closer look.
             if type(value) is str and "eyJ" not in value and "-----BEGIN" not in value:
@@ -105,6 +96,30 @@ class EventDraft:
 
 
 DRAFT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EventDraft))
+# The numeric fields, each of its column's kind (see column_number).
+NUMBER_FIELDS: tuple[str, ...] = ("risk", "ttl", "latency_us")
+
+
+def column_number(name: str, value: Any) -> Any:
+    """`value` of the numeric field `name` as its column stores it: an event is hashed as
+    given and read back as the column holds it, so a number of the other kind (300.0 for a
+    ttl, 5 for a latency) would verify as EDITED. Whole floats become ints for risk and ttl,
+    ints become floats for latency_us; None, or a value already of its kind, is returned
+    itself; anything else (a bool, a fraction for a ttl, text) is refused."""
+    if value is None:
+        return value
+    kind = type(value)
+    if name == "latency_us":
+        if kind is float:
+            return value
+        if kind is not int:
+            raise AuditError(f"latency_us: {value!r} is not a number")
+        return float(value)
+    if kind is int:
+        return value
+    if not (kind is float and value.is_integer()):
+        raise AuditError(f"{name}: {value!r} is not a whole number")
+    return int(value)
 
 
 @dataclass(frozen=True)

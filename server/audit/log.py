@@ -26,12 +26,14 @@ from server.audit.event import (
     CANONICAL_FIELDS,
     DRAFT_FIELDS,
     GENESIS_HASH,
+    NUMBER_FIELDS,
     AuditEvent,
     EventDraft,
     canonical_encoder,
     canonical_json,
     check_no_secret,
     checked_extra_text,
+    column_number,
     event_from_row,
 )
 from server.audit.verify import Anchor, VerifyResult, verify_store
@@ -82,8 +84,10 @@ class _Ticket:
             self.future.set_exception(error)
 
 
-def check_draft_tuple(values: DraftTuple) -> None:
-    """The checks EventDraft makes, for a draft given as a tuple (see AuditLog.append_tuples)."""
+def check_draft_tuple(values: DraftTuple) -> DraftTuple:
+    """The checks and conversions EventDraft makes, for a draft given as a tuple (see
+    AuditLog.append_tuples): the draft to record, `values` itself unless a number had to be
+    made its column's kind (column_number)."""
     if len(values) != len(DRAFT_FIELDS):
         raise AuditError(f"a draft tuple has {len(DRAFT_FIELDS)} values, not {len(values)}")
     kind = values[0]
@@ -94,7 +98,16 @@ def check_draft_tuple(values: DraftTuple) -> None:
         if type(kind) is str and len(_GOOD_KINDS) < _MAX_GOOD_KINDS:
             _GOOD_KINDS.add(kind)
     # _plainly_safe inlined for the values issuance drafts hold (a call per value cost half of
-    # this check); the first other one sends the draft through the full loop below.
+    # this check); the first other one sends the draft through the full loop below. An int is
+    # plainly safe but for latency_us, which is stored as a float, and text but for the
+    # numbers: the three are checked apart.
+    risk, ttl, latency = values[_RISK_AT], values[_TTL_AT], values[_LATENCY_AT]
+    if not (
+        (risk is None or type(risk) is int)
+        and (ttl is None or type(ttl) is int)
+        and (latency is None or type(latency) is float)
+    ):
+        return _checked_slowly(values)
     for value in values:
         type_of = type(value)
         if type_of is str:
@@ -108,10 +121,23 @@ def check_draft_tuple(values: DraftTuple) -> None:
         ):
             break
     else:
-        return
+        return values
+    return _checked_slowly(values)
+
+
+def _checked_slowly(values: DraftTuple) -> DraftTuple:
+    """check_draft_tuple for a draft holding a value not plainly safe: every such value through
+    check_no_secret, every number made its column's kind."""
     for index, value in enumerate(values):
         if not _plainly_safe(value):
             check_no_secret(DRAFT_FIELDS[index], value)
+    numbers = [column_number(name, values[index]) for index, name in _NUMBERS_AT]
+    if all(n is values[index] for n, (index, _) in zip(numbers, _NUMBERS_AT, strict=True)):
+        return values
+    converted = list(values)
+    for number, (index, _) in zip(numbers, _NUMBERS_AT, strict=True):
+        converted[index] = number
+    return tuple(converted)
 
 
 def _plainly_safe(value: Any) -> bool:
@@ -232,9 +258,7 @@ class AuditLog:
         For hot paths (every issued SVID): a tuple costs far less to build than an EventDraft.
         Each is checked as an EventDraft would be; durable when this returns.
         """
-        for values in drafts:
-            check_draft_tuple(values)
-        self._append(drafts)
+        self._append([check_draft_tuple(values) for values in drafts])
 
     def record(
         self,
@@ -256,9 +280,9 @@ class AuditLog:
         TaskEndedMeanwhileError): the callers holding such credentials get a LedgerError
         caused by one naming their own agents or tasks, and the others sharing the commit
         are written again without them, before this returns."""
-        tuples = [d if isinstance(d, tuple) else _draft_values(d) for d in drafts]
-        for values in tuples:
-            check_draft_tuple(values)
+        tuples = [
+            check_draft_tuple(d if isinstance(d, tuple) else _draft_values(d)) for d in drafts
+        ]
         self._append(tuples, credentials, jtis)
 
     def record_later(
@@ -282,12 +306,12 @@ class AuditLog:
         """
         tuples = [d if isinstance(d, tuple) else _draft_values(d) for d in drafts]
         if bodies is None:
-            for values in tuples:
-                check_draft_tuple(values)
+            tuples = [check_draft_tuple(values) for values in tuples]
         else:
-            for values, body in zip(tuples, bodies, strict=True):
-                if body is None:
-                    check_draft_tuple(values)
+            tuples = [
+                values if body is not None else check_draft_tuple(values)
+                for values, body in zip(tuples, bodies, strict=True)
+            ]
         future: Future[None] = Future()
         # Running: a waiter that gives up cannot cancel it, so the writer can always settle it.
         future.set_running_or_notify_cancel()
@@ -659,6 +683,10 @@ _COLUMNS = AUDIT_COLUMNS
 if (*CANONICAL_FIELDS, "hash") != _COLUMNS:  # pragma: no cover - a guard for editors
     raise ImportError("server.datastore.records.AUDIT_COLUMNS must follow CANONICAL_FIELDS")
 _DRAFT_POLICY_AT = DRAFT_FIELDS.index("policy_ids")
+_RISK_AT = DRAFT_FIELDS.index("risk")
+_TTL_AT = DRAFT_FIELDS.index("ttl")
+_LATENCY_AT = DRAFT_FIELDS.index("latency_us")
+_NUMBERS_AT = tuple((DRAFT_FIELDS.index(name), name) for name in NUMBER_FIELDS)
 # How many times one group is sealed again on another writer's head before its callers get
 # LedgerError. Each retry follows a commit by another server, so running out means the others
 # kept committing in the few microseconds between this one's reseal and its write.

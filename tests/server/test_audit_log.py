@@ -469,3 +469,26 @@ def test_numbers_of_the_other_kind_verify_as_their_columns_store_them(log: Audit
         log.append("probe", ttl=2.5)
     with pytest.raises(AuditError, match="risk"):
         log.append("probe", risk=True)
+
+
+def test_tuple_drafts_make_numbers_their_columns_kind(log: AuditLog) -> None:
+    """A tuple draft gets EventDraft's conversions (one shared conversion): a ttl of 300.0
+    hashed as `300.0` but stored in an integer column read back as 300, a false EDITED."""
+    values = ("jwt_minted", AGENT, None, None, "aud", None, "allow", None, None)
+    log.append_tuples([(*values, 3.0, "jti-1", (), None, 300.0, None, {})])
+    log.append_tuples([(*values, None, "jti-2", (), None, 300, 5, {})])
+    log.record([], [(*values, None, "jti-3", (), None, 60.0, 7, {})])
+    events = [event_from_row(r) for r in log.store.audit_rows()]
+    assert [(e.risk, e.ttl, e.latency_us) for e in events] == [
+        (3, 300, None),
+        (None, 300, 5.0),
+        (None, 60, 7.0),
+    ]
+    assert [type(e.latency_us) for e in events[1:]] == [float, float]
+    assert log.verify().ok, log.verify()
+    for bad, message in ((2.5, "ttl"), (True, "ttl"), ("300", "ttl")):
+        with pytest.raises(AuditError, match=message):
+            log.append_tuples([(*values, None, "jti-4", (), None, bad, None, {})])
+    with pytest.raises(AuditError, match="latency_us"):
+        log.append_tuples([(*values, None, "jti-4", (), None, None, "5", {})])
+    assert log.verify().checked == 3

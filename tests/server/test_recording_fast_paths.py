@@ -22,9 +22,11 @@ from server.audit import AuditError, AuditLog
 from server.audit.event import (
     _ENCODER,
     DRAFT_FIELDS,
+    NUMBER_FIELDS,
     SECRET_MARKERS,
     canonical_encoder,
     check_no_secret,
+    column_number,
 )
 from server.audit.log import check_draft_tuple, event_from_row
 from server.datastore.sqlite import SqliteDataStore
@@ -111,8 +113,9 @@ def test_canonical_encoder_equals_the_json_encoder() -> None:
         assert _outcome(encode, value) == _outcome(_ENCODER.encode, value), value
 
 
-def _reference_check(values: tuple[Any, ...]) -> None:
-    """check_draft_tuple before its fast path: every value through check_no_secret."""
+def _reference_check(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """check_draft_tuple before its fast path: every value through check_no_secret, every
+    number through EventDraft's conversion."""
     if len(values) != len(DRAFT_FIELDS):
         raise AuditError(f"a draft tuple has {len(DRAFT_FIELDS)} values, not {len(values)}")
     kind = values[0]
@@ -122,6 +125,10 @@ def _reference_check(values: tuple[Any, ...]) -> None:
         raise AuditError(f"kind {kind!r} is not a lowercase identifier")
     for name, value in zip(DRAFT_FIELDS, values, strict=True):
         check_no_secret(name, value)
+    return tuple(
+        column_number(name, value) if name in NUMBER_FIELDS else value
+        for name, value in zip(DRAFT_FIELDS, values, strict=True)
+    )
 
 
 def _draft(**changes: Any) -> tuple[Any, ...]:
@@ -152,6 +159,12 @@ class _Str(str):
         _draft(credential_id=b"raw bytes"),
         _draft(risk=True),
         _draft(latency_us=1.25),
+        _draft(latency_us=5),
+        _draft(latency_us="5"),
+        _draft(ttl=300.0),
+        _draft(ttl=2.5),
+        _draft(ttl="300"),
+        _draft(risk=3.0),
         _draft(agent_id=_Str(PEM)),
         _draft(agent_id=_Str("plain")),
         _draft(kind="Bad-Kind"),
@@ -276,7 +289,7 @@ def logs_own_body(values: tuple[Any, ...]) -> str | None:
     """What AuditLog.record_later takes as a draft's body, the slow way: the log's own check,
     then every value but `extra` through its canonical encoder; None where the check refuses."""
     try:
-        check_draft_tuple(values)
+        values = check_draft_tuple(values)
     except AuditError:
         return None
     return canonical_encoder()(values[:-1])
