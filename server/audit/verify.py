@@ -17,8 +17,10 @@ Without a checkpoint file the base is taken as it is (the output says so). With 
 must be vouched for by a prune record signed with the trusted key: one at the base's seq with
 its hash, or a later one the chain from the base reaches with that record's hash (a prune whose
 batches were cut short). A base no signed record reaches is FORGED_BASE: events were removed
-without a prune. Anchors at or before the base name pruned events and are not looked for; every
-check above holds for the events kept.
+without a prune. Anchors at or before a base a signed record vouches for name pruned events and
+are not looked for; every check above holds for the events kept. A `seq:hash` noted by hand at or
+before a base no signed record vouches for is FORGED_BASE too: nothing shows those events were
+pruned rather than deleted.
 
 What it does not prove: anything about events after the newest anchor (someone who can write
 the database can still rewrite or drop those); that an anchor file was not replaced wholesale
@@ -175,6 +177,21 @@ def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> 
     cover = _base_cover(base_seq, base_hash, anchors)
     if isinstance(cover, VerifyResult):
         return cover
+    if cover is None and base_seq:
+        # An anchor noted by hand behind a base nothing signed: a base row and a DELETE are
+        # all it takes to make it name "pruned" events, so it is not dropped unseen.
+        behind = next((a for a in anchors if not a.signed and a.seq <= base_seq), None)
+        if behind is not None:
+            return _broken(
+                0,
+                base_seq,
+                None,
+                Break.FORGED_BASE,
+                f"{behind.source} names seq {behind.seq}, at or before the log's base row "
+                f"(seq {base_seq}), and no signed prune record vouches for that base: events "
+                f"1..{base_seq} may have been removed without a prune; verify against the "
+                "checkpoint file, which holds the prune records",
+            )
     # Anchors at or before the base name events retention removed: the prune record that
     # covers the base vouches for that removal, so they are not looked for.
     by_seq = {a.seq: a for a in anchors if a.seq > base_seq}

