@@ -81,6 +81,7 @@ class EventDraft:
         object.__setattr__(self, "policy_ids", tuple(self.policy_ids))
         if not _KIND.match(kind):
             raise AuditError(f"kind {kind!r} is not a lowercase identifier")
+        check_policy_ids(self.policy_ids)
         for name in NUMBER_FIELDS:
             value = getattr(self, name)
             number = column_number(name, value)
@@ -98,6 +99,16 @@ class EventDraft:
 DRAFT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EventDraft))
 # The numeric fields, each of its column's kind (see column_number).
 NUMBER_FIELDS: tuple[str, ...] = ("risk", "ttl", "latency_us")
+
+
+def check_policy_ids(policy_ids: Any) -> None:
+    """Refuse policy ids other than text: verify reads a stored policy_ids as an array of
+    strings only (anything else there would have been written behind the log)."""
+    if type(policy_ids) is not tuple and type(policy_ids) is not list:
+        raise AuditError(f"policy_ids: a {type(policy_ids).__name__}, not a tuple of text")
+    for value in policy_ids:
+        if type(value) is not str:
+            raise AuditError(f"policy_ids: {value!r} is not text")
 
 
 def column_number(name: str, value: Any) -> Any:

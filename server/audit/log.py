@@ -32,6 +32,7 @@ from server.audit.event import (
     canonical_encoder,
     canonical_json,
     check_no_secret,
+    check_policy_ids,
     checked_extra_text,
     column_number,
     event_from_row,
@@ -100,9 +101,9 @@ def check_draft_tuple(values: DraftTuple) -> DraftTuple:
     # _plainly_safe inlined for the values issuance drafts hold (a call per value cost half of
     # this check); the first other one sends the draft through the full loop below. An int is
     # plainly safe but for latency_us, which is stored as a float, and text but for the
-    # numbers: the three are checked apart.
+    # numbers and policy_ids (a tuple of text): these are checked apart.
     risk, ttl, latency = values[_RISK_AT], values[_TTL_AT], values[_LATENCY_AT]
-    if not (
+    if type(values[_DRAFT_POLICY_AT]) is not tuple or not (
         (risk is None or type(risk) is int)
         and (ttl is None or type(ttl) is int)
         and (latency is None or type(latency) is float)
@@ -131,6 +132,7 @@ def _checked_slowly(values: DraftTuple) -> DraftTuple:
     for index, value in enumerate(values):
         if not _plainly_safe(value):
             check_no_secret(DRAFT_FIELDS[index], value)
+    check_policy_ids(values[_DRAFT_POLICY_AT])
     numbers = [column_number(name, values[index]) for index, name in _NUMBERS_AT]
     if all(n is values[index] for n, (index, _) in zip(numbers, _NUMBERS_AT, strict=True)):
         return values

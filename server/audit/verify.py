@@ -2,9 +2,10 @@
 
 What a verify proves, from one consistent snapshot of the database:
 
-- Without an anchor: every row hashes to its stored hash, rows are consecutive from seq 1 and
-  each names the hash of the one before, and the head row names the last row. An edit, a
-  deleted or reordered row, or a deleted tail whose head row was left alone is found.
+- Without an anchor: every row hashes to its stored hash and stores policy_ids and extra as
+  the canonical text of what was hashed (the hash covers them decoded), rows are consecutive
+  from seq 1 and each names the hash of the one before, and the head row names the last row.
+  An edit, a deleted or reordered row, or a deleted tail whose head row was left alone is found.
 - With anchors (signed checkpoints, or a `seq:hash` an operator noted): also that the log
   still holds, at each anchor's seq, the event with the anchor's hash. That finds a deleted
   tail with a rewritten head (TRUNCATED), an emptied log (WIPED), dropped tables
@@ -36,7 +37,7 @@ from enum import StrEnum
 from typing import Any
 
 from server.audit.errors import AuditError
-from server.audit.event import GENESIS_HASH, AuditEvent, event_from_row
+from server.audit.event import GENESIS_HASH, AuditEvent, canonical_json, event_from_row
 from server.datastore.base import AuditStore
 from server.datastore.records import AuditSnapshot, Head
 
@@ -211,6 +212,9 @@ def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> 
             return _broken(
                 checked, seq, event_id, Break.EDITED, "content does not match the stored hash"
             )
+        uncanonical = _uncanonical(row, event)
+        if uncanonical:
+            return _broken(checked, seq, event_id, Break.EDITED, uncanonical)
         if event.seq != expected_seq:
             if event.seq <= base_seq:
                 return _broken(
@@ -336,6 +340,9 @@ def verify_segment(start: Head, rows: Iterable[dict[str, Any]], head: Head) -> V
             return _broken(
                 checked, seq, event_id, Break.EDITED, "content does not match the stored hash"
             )
+        uncanonical = _uncanonical(row, event)
+        if uncanonical:
+            return _broken(checked, seq, event_id, Break.EDITED, uncanonical)
         if event.seq != expected_seq:
             return _broken(
                 checked,
@@ -378,6 +385,26 @@ def verify_segment(start: Head, rows: Iterable[dict[str, Any]], head: Head) -> V
             else f"the stored head gives seq {head.seq} another hash than the one signed",
         )
     return VerifyResult(ok=True, checked=checked, head=head)
+
+
+def _uncanonical(row: dict[str, Any], event: AuditEvent) -> str:
+    """Why the row's stored policy_ids or extra is not the text the log writes for what was
+    hashed, or "" when both are. The hash covers the decoded values, not the stored text: an
+    object of the attacker's text as policy_ids (whose keys decode as the same ids), or an
+    extra with a duplicate key (SQLite's JSON functions read the first, Python the last),
+    would hash as the event did while a reader of the row sees something else."""
+    policy_text, extra_text = row.get("policy_ids"), row.get("extra")
+    # Nearly every row: nothing to decode again.
+    if policy_text != "[]" and (
+        any(type(p) is not str for p in event.policy_ids)
+        or policy_text != canonical_json(list(event.policy_ids)).decode()
+    ):
+        return "policy_ids is stored as other text than the array of strings that was hashed"
+    if extra_text != "{}" and (
+        type(event.extra) is not dict or extra_text != canonical_json(event.extra).decode()
+    ):
+        return "extra is stored as other text than the object that was hashed"
+    return ""
 
 
 def _base_cover(

@@ -69,30 +69,6 @@ def rows(db: Path) -> list[dict[str, object]]:
     return out
 
 
-def test_stored_policy_ids_and_extra_can_be_rewritten_without_an_edit_showing(
-    db: Path, log: AuditLog, clock: FakeClock
-) -> None:
-    """FAILS ON PURPOSE. The hash covers the decoded values (event_from_row: tuple(json.loads),
-    dict(json.loads)), not the stored text, and the stored text is never checked to be the
-    canonical form. So policy_ids may become an object carrying text of the attacker's, and
-    extra may hold a duplicate key that SQLite's own JSON reader (first key wins) reads as
-    another value than Python (last key wins): verify says intact."""
-    fill(log, clock)
-    sql(
-        db,
-        "UPDATE audit_events SET policy_ids = ?, extra = ? WHERE seq = 2",
-        '{"default.cedar:permit_docs":"approved by security@, ticket SEC-1"}',
-        '{"aud":"payroll","aud":"docs"}',
-    )
-    con = sqlite3.connect(db)
-    seen_by_sql = con.execute("SELECT json_extract(extra, '$.aud') FROM audit_events WHERE seq = 2")
-    assert seen_by_sql.fetchone()[0] == "payroll"  # what a SQL reader of the log now sees
-    con.close()
-    result = log.verify()
-    assert not result.ok, f"rewritten row, yet: {result}"
-    assert result.problem is Break.EDITED
-
-
 def test_one_audience_with_a_comma_is_recorded_as_two_audiences() -> None:
     """FAILS ON PURPOSE. A field boundary lost before hashing: the event's resource is the
     audiences joined with commas (records.py task_jwt_record, workload_jwt_record via

@@ -459,6 +459,116 @@ def test_a_row_that_cannot_be_hashed_is_unreadable(
     assert (segment.ok, segment.problem, segment.broken_seq) == (False, Break.UNREADABLE, 2)
 
 
+POLICY = '["default.cedar:work_within_intent"]'
+
+
+@pytest.mark.parametrize(
+    ("column", "text"),
+    [
+        # An object whose keys decode as the same ids, carrying text of the attacker's.
+        ("policy_ids", '{"default.cedar:work_within_intent":"approved by security@, SEC-1"}'),
+        ("policy_ids", POLICY.replace(",", ", ") + " "),
+        # A duplicate key: SQLite's JSON functions read the first, Python the last.
+        ("extra", '{"n":"payroll","n":1,"note":"ünïcode"}'),
+        ("extra", '{"n":1,"note":"\\u00fcn\\u00efcode"}'),
+        ("extra", '{"note":"ünïcode","n":1}'),
+    ],
+)
+def test_stored_text_other_than_what_was_hashed_is_an_edit(
+    db: Path, log: AuditLog, clock: FakeClock, column: str, text: str
+) -> None:
+    """The hash covers policy_ids and extra decoded, not their stored text: each rewrite here
+    hashes as the event did, yet a reader of the row sees another text."""
+    fill(log, clock)
+    sql(db, f"UPDATE audit_events SET {column} = ? WHERE seq = 2", text)
+    first = next(r for r in log.store.audit_rows() if r["seq"] == 1)
+    assert event_from_row(first).compute_hash() == first["hash"]
+    result = log.verify()
+    assert (result.ok, result.problem, result.broken_seq) == (False, Break.EDITED, 2), result
+    assert column in result.detail
+    # The checkpointer's forward check reads rows the same way.
+    rows = [r for r in log.store.audit_rows() if r["seq"] > 1]
+    head = log.head()
+    assert head is not None
+    segment = verify_segment(Head(1, str(first["hash"])), rows, head)
+    assert (segment.ok, segment.problem, segment.broken_seq) == (False, Break.EDITED, 2)
+
+
+def test_a_duplicate_key_sqlite_reads_otherwise_is_an_edit(
+    db: Path, log: AuditLog, clock: FakeClock
+) -> None:
+    fill(log, clock)
+    sql(
+        db,
+        "UPDATE audit_events SET extra = ? WHERE seq = 2",
+        '{"n":"payroll","n":1,"note":"ünïcode"}',
+    )
+    con = sqlite3.connect(db)
+    seen = con.execute("SELECT json_extract(extra, '$.n') FROM audit_events WHERE seq = 2")
+    assert seen.fetchone()[0] == "payroll"  # what a SQL reader of the log sees
+    con.close()
+    assert (log.verify().problem, log.verify().broken_seq) == (Break.EDITED, 2)
+
+
+def test_policy_ids_other_than_text_are_refused(log: AuditLog) -> None:
+    """Verify reads policy_ids as an array of strings only: a draft with another value is
+    refused, not recorded as an event that would read as an edit."""
+    with pytest.raises(AuditError, match="policy_ids"):
+        log.append("probe", policy_ids=("p", 1))
+    values = ("jwt_minted", AGENT) + (None,) * 9
+    with pytest.raises(AuditError, match="policy_ids"):
+        log.append_tuples([(*values, (None,), None, None, None, {})])
+    for wrong in ("p1", None):
+        with pytest.raises(AuditError, match="policy_ids"):
+            log.append_tuples([(*values, wrong, None, None, None, {})])
+    assert log.head() is None
+
+
+def honest_drafts(log: AuditLog, clock: FakeClock) -> None:
+    """Events of every shape the log writes: empty and full policy_ids and extra, text that
+    JSON escapes, non-ASCII, nested values, floats, through every way in."""
+    fill(log, clock)
+    log.append("probe")
+    log.append(
+        "probe",
+        policy_ids=("a", "é", 'q"\\', "\u2028", ""),
+        extra={"z": [1.5, 1e300, -0.0, None, True], "a": {"y": "\n\x01", "b": []}, "é": ""},
+    )
+    values = ("jwt_minted", AGENT, None, None, "aud,x", None, "allow", None, None, 2)
+    log.append_tuples([(*values, "jti-t", ("p1", "p2"), None, 300.0, 3, {"k": "ü"})])
+    log.record([], [(*values, "jti-r", (), None, 60, None, {})])
+
+
+def test_honest_rows_are_stored_as_hashed_on_sqlite(log: AuditLog, clock: FakeClock) -> None:
+    honest_drafts(log, clock)
+    result = log.verify()
+    assert (result.ok, result.checked) == (True, 9), result
+
+
+def test_stored_text_is_checked_on_postgresql(postgres_dsn: str, clock: FakeClock) -> None:
+    """PostgreSQL stores policy_ids and extra as TEXT too: honest rows read back as written,
+    and a duplicate key written behind the log is an edit there as well."""
+    import psycopg
+
+    from server.datastore.postgres import PostgresDataStore
+
+    store = PostgresDataStore(postgres_dsn, clock)
+    try:
+        log = AuditLog(store, clock)
+        honest_drafts(log, clock)
+        result = log.verify()
+        assert (result.ok, result.checked) == (True, 9), result
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE audit_events SET extra = %s WHERE seq = 2",
+                ('{"n":"payroll","n":1,"note":"ünïcode"}',),
+            )
+        result = log.verify()
+        assert (result.ok, result.problem, result.broken_seq) == (False, Break.EDITED, 2)
+    finally:
+        store.close()
+
+
 def test_numbers_of_the_other_kind_verify_as_their_columns_store_them(log: AuditLog) -> None:
     # latency_us is stored as a float and risk and ttl as integers: an event hashed with the
     # value as given (5, not 5.0) read back as EDITED, a false alarm of tampering.

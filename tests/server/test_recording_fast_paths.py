@@ -26,6 +26,7 @@ from server.audit.event import (
     SECRET_MARKERS,
     canonical_encoder,
     check_no_secret,
+    check_policy_ids,
     column_number,
 )
 from server.audit.log import check_draft_tuple, event_from_row
@@ -125,6 +126,7 @@ def _reference_check(values: tuple[Any, ...]) -> tuple[Any, ...]:
         raise AuditError(f"kind {kind!r} is not a lowercase identifier")
     for name, value in zip(DRAFT_FIELDS, values, strict=True):
         check_no_secret(name, value)
+    check_policy_ids(values[DRAFT_FIELDS.index("policy_ids")])
     return tuple(
         column_number(name, value) if name in NUMBER_FIELDS else value
         for name, value in zip(DRAFT_FIELDS, values, strict=True)
@@ -156,6 +158,10 @@ class _Str(str):
         _draft(extra={"n": 1, "ok": "fine"}),
         _draft(policy_ids=("p1", "p2")),
         _draft(policy_ids=(JWT,)),
+        _draft(policy_ids=("p", 1)),
+        _draft(policy_ids="p1"),
+        _draft(policy_ids=None),
+        _draft(policy_ids=["p1"]),
         _draft(credential_id=b"raw bytes"),
         _draft(risk=True),
         _draft(latency_us=1.25),
