@@ -23,8 +23,14 @@ def utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def audience_problem(audience: Sequence[str]) -> str:
-    """What makes `audience` too big ("" when nothing): names the limit, never echoes a value."""
+def audience_problem(audience: Sequence[str], *, commas: bool = False) -> str:
+    """What makes `audience` too big, or one of its values hold a comma ("" when nothing):
+    names the limit and the index, never echoes a value.
+
+    No comma, because the audit log records a token's audiences joined with commas: the one
+    relying party "a,b" and the two "a" and "b" would leave identical events. `commas` lets
+    them through where nothing is minted (the audience a token is validated for).
+    """
     if len(audience) > MAX_AUDIENCES:
         return f"audience: {len(audience)} values, at most {MAX_AUDIENCES} allowed"
     total = 0
@@ -34,6 +40,11 @@ def audience_problem(audience: Sequence[str]) -> str:
             return (
                 f"audience[{index}]: {size} bytes, at most {MAX_AUDIENCE_BYTES} bytes "
                 "(UTF-8) allowed per audience"
+            )
+        if not commas and "," in value:
+            return (
+                f"audience[{index}]: holds a comma; one relying party per audience value "
+                "(several are several values)"
             )
         total += size
     if total > MAX_AUDIENCE_TOTAL_BYTES:

@@ -810,6 +810,9 @@ def test_jwt_bad_requests(
         (["é" * 513], "at most 1024 bytes"),  # 1,026 bytes of UTF-8 in 513 characters
         ([f"a{i}" for i in range(33)], "at most 32"),
         (["a" * 1000] * 5, "at most 4096 bytes"),
+        # The audit log joins audiences with commas: "a,b" would read as "a" and "b".
+        (["a", "b,c"], "audience[1]: holds a comma"),
+        (["x" * 1000 + ","], "audience[0]: holds a comma"),
     ],
 )
 def test_jwt_audience_size_is_capped_per_call_and_per_batch_item(
