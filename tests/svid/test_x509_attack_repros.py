@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from svid import (
+    RevocationSet,
     RevokedError,
     TrustDomain,
     VerificationError,
@@ -236,3 +237,36 @@ def test_rsa_1024_authority_is_refused() -> None:
     ca = make_ca(key=rsa.generate_private_key(65537, 1024))
     with pytest.raises(VerificationError):
         _verifier(X509Bundle(TD, (ca.cert,))).verify_der(der_concat([make_leaf(ca).cert]))
+
+
+# --- 3. another trust domain's intermediates push ours out of the set's memory ---
+
+
+def test_a_foreign_trust_domains_intermediates_do_not_keep_our_intermediates_crl_pending() -> None:
+    """FAILS ON PURPOSE: RevocationSet remembers the intermediates of verified chains in one
+    FIFO of MAX_INTERMEDIATES (64) shared by every trust domain (svid/_revocation.py:231-238);
+    replace() vouches for a pending CRL only with the intermediates still remembered
+    (svid/_revocation.py:199-200). A federated trust domain mints 64 intermediates and has a
+    chain through each verified: our intermediate is forgotten, its next CRL stays pending,
+    and our chain verified before (cached, or an open svid.tls connection) is accepted although
+    that CRL revokes its leaf."""
+    root = make_ca()
+    inter = make_ca("server.example.org", parent=root, spiffe_id=None)
+    leaf = make_leaf(inter)
+    foreign_root = make_ca("foreign.org")
+    bundles = {
+        TD: X509Bundle(TD, (root.cert,)),
+        FOREIGN: X509Bundle(FOREIGN, (foreign_root.cert,)),
+    }
+    revocations = RevocationSet()
+    verifier = X509Verifier(bundles.get, clock=FakeClock(T0), revocations=revocations)
+    chain = der_concat([leaf.cert, inter.cert])
+    verifier.verify_der(chain)
+    for n in range(64):
+        foreign_inter = make_ca(f"i{n}.foreign.org", parent=foreign_root, spiffe_id=None)
+        foreign_leaf = make_leaf(foreign_inter, uris=["spiffe://foreign.org/w"])
+        verifier.verify_der(der_concat([foreign_leaf.cert, foreign_inter.cert]))
+    crls = revoked_from_crls([signed_crl(inter, [leaf.cert.serial_number])], bundles)
+    revocations.replace(crls.revoked, crls.next_update, crls.pending)
+    with pytest.raises(RevokedError):
+        verifier.verify_der(chain)
