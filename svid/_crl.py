@@ -79,8 +79,8 @@ def _can_sign_crls(cert: x509.Certificate) -> bool:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return True
-    except (ValueError, x509.DuplicateExtension):  # DuplicateExtension is no ValueError
-        return False
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        return False  # neither of the last two is a ValueError: a CA unreadable signs nothing
     return usage.crl_sign
 
 

