@@ -150,8 +150,14 @@ class SourceState:
         if stream == self._revocation_feed():
             self.revocations.feed_delivered(self.clock.now())
 
-    def failed(self, stream: str, exc: SvidError | None) -> bool:
-        """``stream`` broke (``exc`` None: it ended); True when it should not be opened again."""
+    def failed(self, stream: str, exc: Exception | None) -> bool:
+        """``stream`` broke (``exc`` None: it ended); True when it should not be opened again.
+
+        Both sources' loops hand every exception here, not only SvidErrors: one from applying
+        an update (a bug, or a library raising what we did not foresee) makes that update
+        unusable like any other. The stream is reopened with backoff for a fresh full state,
+        and the revocation data ages meanwhile (a loop that died instead would leave the
+        bundles and revocations frozen while still counted as live)."""
         with self._lock:
             self._live.pop(stream, None)
         if stream == self._revocation_feed():
@@ -166,9 +172,12 @@ class SourceState:
                 self._identity_gone(stream)
             self.errors[stream] = str(exc)
             log.warning("%s", exc)  # it names the call: "Workload API <call>: ..."
-        elif exc is not None:  # an update we could not apply: reconnect for a fresh one
+        elif isinstance(exc, SvidError):  # an update we could not apply: reconnect for a fresh one
             self.errors[stream] = str(exc)
             log.warning("Workload API %s: unusable update: %s", stream, exc)
+        elif exc is not None:  # unforeseen: the traceback says where
+            self.errors[stream] = f"{type(exc).__name__}: {exc}"
+            log.error("Workload API %s: unusable update", stream, exc_info=exc)
         else:
             self.errors[stream] = "stream ended"
         return False

@@ -11,7 +11,6 @@ from typing import Any
 
 from svid._backoff import Backoff
 from svid._clock import Clock, SystemClock
-from svid._errors import SvidError
 from svid._revocation import RevocationSet
 from svid._source_state import SourceState
 from svid._source_views import SourceViews
@@ -122,7 +121,7 @@ class WorkloadApiSource(SourceViews):
         attempt = 0  # failed connections since the last message
         state = self._state
         while not self._stop.is_set():
-            error: SvidError | None = None
+            error: Exception | None = None
             try:
                 watch = self._client.watch(call)
                 with self._lock:
@@ -136,7 +135,7 @@ class WorkloadApiSource(SourceViews):
                         self._changed.notify_all()
                 if self._stop.is_set():
                     return
-            except SvidError as exc:
+            except Exception as exc:  # any: a dead loop would leave its data frozen yet live
                 error = exc
             finally:
                 with self._lock:

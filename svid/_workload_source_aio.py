@@ -14,7 +14,6 @@ from typing import Any
 
 from svid._backoff import Backoff
 from svid._clock import Clock, SystemClock
-from svid._errors import SvidError
 from svid._revocation import RevocationSet
 from svid._source_state import SourceState
 from svid._source_views import SourceViews
@@ -129,14 +128,14 @@ class AsyncWorkloadApiSource(SourceViews):
         attempt = 0  # failed connections since the last message
         state = self._state
         while not self._stopping:
-            error: SvidError | None = None
+            error: Exception | None = None
             try:
                 async with self._client.watch(call) as watch:
                     async for update in watch:
                         state.delivered(call.name, update)
                         attempt = 0
                         await self._notify()
-            except SvidError as exc:
+            except Exception as exc:  # any: a dead loop would leave its data frozen yet live
                 error = exc
             if self._stopping:
                 return

@@ -17,6 +17,7 @@ import pytest
 
 from svid import (
     RevocationEvent,
+    RevocationSet,
     RevokedError,
     StaleRevocationsError,
     TrustDomain,
@@ -198,6 +199,46 @@ def test_bundles_are_dropped_when_the_agent_says_the_identity_is_gone(
         agent.state.change(deny=False)
         eventually(lambda: src.x509_bundle_for(td) is not None, "X.509 bundles back")
         verifier.verify_der(chain)
+    assert stopped(src)
+
+
+class _BrokenWhileArmed(RevocationSet):
+    """A revocation set whose replace fails with no SvidError while ``armed``: any fault of
+    applying an update (a bug, an exception a library raises that we did not foresee)."""
+
+    armed = False
+
+    def replace(self, *args: Any, **kwargs: Any) -> None:
+        if self.armed:
+            raise RuntimeError("applying this update failed")
+        super().replace(*args, **kwargs)
+
+
+def test_an_update_that_cannot_be_applied_makes_the_revocations_stale_and_the_stream_retries(
+    agent: Agent, flavor: str
+) -> None:
+    # Any exception from applying an update counts as an unusable update: the stream is
+    # reopened (a fresh full state may apply) and the revocation data ages meanwhile, so
+    # max_revocation_staleness refuses; a loop that died instead would leave the set frozen
+    # and counted as live for ever.
+    revocations = _BrokenWhileArmed()
+    src = new_source(flavor, agent.server.address, x509=True, revocations=revocations, backoff=FAST)
+    with src:
+        src.require_ready(10)
+        chain = src.svid.chain_der()
+        verifier = src.x509_verifier(max_revocation_staleness=0.3)
+        eventually(lambda: src.revocation_staleness() == 0.0, "first revocation update")
+        verifier.verify_der(chain)
+        revocations.armed = True
+        serial = format(src.svid.leaf.serial_number, "x")
+        agent.state.change(revoked=[revocation_pb2.Revoked(kind="x509_serial", value=serial)])
+        eventually(lambda: src.revocation_staleness() > 0.3, "stale revocation data")
+        with pytest.raises(StaleRevocationsError):
+            verifier.verify_der(chain)
+        revocations.armed = False
+        eventually(lambda: src.revocation_staleness() == 0.0, "fresh again")
+        with pytest.raises(RevokedError):
+            verifier.verify_der(chain)
     assert stopped(src)
 
 
