@@ -109,6 +109,9 @@ _RSA_SIGS: dict[bytes, hashes.HashAlgorithm] = {
     b"\x30\x0d" + _RSA_OID + b"\x0d\x05\x00": hashes.SHA512(),
 }
 _PKCS1 = padding.PKCS1v15()
+_SHA2 = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+# rsaEncryption as a full DER OID: in a leaf's TBS (almost always) only as its key's algorithm.
+_RSA_KEY_OID = b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01"
 # What cryptography raises reading a certificate it cannot make sense of (DuplicateExtension
 # and UnsupportedGeneralNameType are no ValueError): each is a malformed chain to a verifier.
 _MALFORMED = (
@@ -234,6 +237,17 @@ def _check_critical(cert: x509.Certificate, what: str, is_ca: bool) -> None:
 
 
 def _signature_ok(cert: x509.Certificate, tbs: bytes, key: object) -> bool:
+    # The algorithms read from the DER alone (_EC_SIGS, _RSA_SIGS) hash with SHA-2; this path
+    # takes the rest (RSA-PSS, unusual encodings), which name any hash: SHA-1 or MD5 would let
+    # a collision forge a certificate, so only SHA-2 is accepted here too.
+    hash_alg = cert.signature_hash_algorithm
+    if hash_alg is None:
+        return False  # EdDSA: neither an EC nor an RSA key (the only ones anchored) signs it
+    if not isinstance(hash_alg, _SHA2):
+        raise VerificationError(
+            f"certificate serial {_serial(cert)} is signed with {hash_alg.name}: only "
+            "SHA-256, SHA-384 and SHA-512 are accepted"
+        )
     params = cert.signature_algorithm_parameters
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
@@ -242,8 +256,7 @@ def _signature_ok(cert: x509.Certificate, tbs: bytes, key: object) -> bool:
             key.verify(cert.signature, tbs, params)
             return True
         if isinstance(key, rsa.RSAPublicKey):
-            hash_alg = cert.signature_hash_algorithm
-            if not isinstance(params, padding.PKCS1v15 | padding.PSS) or hash_alg is None:
+            if not isinstance(params, padding.PKCS1v15 | padding.PSS):
                 return False
             key.verify(cert.signature, tbs, params, hash_alg)
             return True
@@ -274,6 +287,16 @@ def _facts_signature_ok(cert: x509.Certificate | None, facts: der.CertFacts, key
     if cert is None:
         raise ValueError("an unusual signature algorithm needs the certificate")  # not reached
     return _signature_ok(cert, facts.tbs, key)
+
+
+def _leaf_key_problem(facts: der.CertFacts, cert: x509.Certificate) -> str | None:
+    """Why the leaf's key (``cert``'s, whose facts are ``facts``) is refused, or None: an RSA key
+    outside rsa_key_problem's bounds (a 1024-bit one proves little of the identity). Its key is
+    decoded only when its TBS names rsaEncryption somewhere, so EC leaves cost one search."""
+    if _RSA_KEY_OID not in facts.tbs:
+        return None
+    key = cert.public_key()
+    return rsa_key_problem(key) if isinstance(key, rsa.RSAPublicKey) else None
 
 
 def _check_critical_facts(facts: der.CertFacts) -> None:
@@ -578,6 +601,10 @@ class X509Verifier:
         if bundle is None:
             return None
         try:
+            if _RSA_KEY_OID in facts.tbs and (
+                _leaf_key_problem(facts, x509.load_der_x509_certificate(d)) is not None
+            ):
+                return None  # the general path says why
             memo = self._indexes.get(td.name)
             index = memo[1] if memo is not None and memo[0] is bundle else self._index(bundle)
             # No certificate: templates have an algorithm of _EC_SIGS or _RSA_SIGS.
@@ -669,6 +696,9 @@ class X509Verifier:
 
         if not checked_critical:
             _check_critical_facts(leaf_facts)
+        problem = _leaf_key_problem(leaf_facts, leaf)
+        if problem is not None:
+            raise VerificationError(f"leaf serial {leaf_facts.serial:x} is refused: {problem}")
         path, path_facts = [leaf], [leaf_facts]
         current = leaf_facts
         anchor = index.issuer_of(leaf, current, now)

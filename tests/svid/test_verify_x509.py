@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from svid import (
     BundleSet,
@@ -24,7 +25,7 @@ from svid import (
     der_concat,
 )
 from tests.svid.certs import T0, Issued, make_ca, make_leaf, reissue, rsa_key, slow_rsa_key
-from tests.svid.resigned import edi_party_twin
+from tests.svid.resigned import RSA_SHA1, edi_party_twin, resigned
 
 TD = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -480,3 +481,69 @@ def test_an_intermediate_with_a_huge_rsa_exponent_is_refused_before_its_signatur
     leaf = make_leaf(inter)
     with pytest.raises(VerificationError, match=r"intermediate serial .* 2\*\*31-1"):
         verifier.verify_der(der_concat([leaf.cert, inter.cert]))
+
+
+def _rsa_1024() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(65537, 1024)
+
+
+def test_an_rsa_1024_authority_anchors_nothing(clock: FakeClock) -> None:
+    weak = make_ca(key=_rsa_1024())
+    v = X509Verifier(
+        MemoryBundleSource.of(SpiffeBundle(TD, (weak.cert,))).x509_bundle_for, clock=clock
+    )
+    with pytest.raises(VerificationError, match="does not lead to an authority"):
+        v.verify_der(der_concat([make_leaf(weak).cert]))
+
+
+def test_an_rsa_1024_intermediate_is_refused(verifier: X509Verifier, ca: Issued) -> None:
+    inter = make_ca(parent=ca, key=_rsa_1024())
+    with pytest.raises(VerificationError, match=r"intermediate serial .* 1024 bits"):
+        verifier.verify_der(der_concat([make_leaf(inter).cert, inter.cert]))
+
+
+def test_an_rsa_1024_leaf_is_refused_also_where_a_template_matches(
+    verifier: X509Verifier, ca: Issued
+) -> None:
+    # Its key is what the peer proves possession of: as weak as it is, so is the identity.
+    # Checked on both paths: a 2048-bit leaf first makes the template a 1024-bit one of the
+    # same shape could match (their keys' lengths differ, so it should not, but the rule
+    # must not hang on that).
+    strong = make_leaf(ca, key=rsa_key())
+    verifier.verify_der(der_concat([strong.cert]))
+    weak = make_leaf(ca, key=_rsa_1024())
+    with pytest.raises(VerificationError, match=r"leaf serial .* 1024 bits"):
+        verifier.verify_der(der_concat([weak.cert]))
+    with pytest.raises(VerificationError, match=r"leaf serial .* 1024 bits"):
+        verifier.verify([weak.cert])
+
+
+def test_a_sha1_signed_leaf_is_refused(clock: FakeClock) -> None:
+    # sha1WithRSAEncryption is outside the algorithms read from the DER alone; the fallback
+    # through cryptography verified with whatever hash the certificate named.
+    key = rsa_key()
+    ca = make_ca(key=key)
+    sha1 = resigned(
+        make_leaf(ca).cert, RSA_SHA1, lambda tbs: key.sign(tbs, padding.PKCS1v15(), hashes.SHA1())
+    )
+    v = X509Verifier(
+        MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,))).x509_bundle_for, clock=clock
+    )
+    with pytest.raises(
+        VerificationError, match="signed with sha1: only SHA-256, SHA-384 and SHA-512"
+    ):
+        v.verify_der(sha1)
+
+
+def test_a_sha1_signed_intermediate_is_refused(clock: FakeClock) -> None:
+    root_key = rsa_key()
+    root = make_ca(key=root_key)
+    inter = make_ca(parent=root, spiffe_id=None)
+    sha1 = resigned(
+        inter.cert, RSA_SHA1, lambda tbs: root_key.sign(tbs, padding.PKCS1v15(), hashes.SHA1())
+    )
+    v = X509Verifier(
+        MemoryBundleSource.of(SpiffeBundle(TD, (root.cert,))).x509_bundle_for, clock=clock
+    )
+    with pytest.raises(VerificationError, match="signed with sha1"):
+        v.verify_der(der_concat([make_leaf(inter).cert]) + sha1)

