@@ -107,10 +107,19 @@ class Vouchable(Protocol):
     ) -> tuple[CertIssuer, tuple[Revoked, ...], float | None] | None: ...
 
 
-# How many intermediate CAs of verified chains a set remembers, for pending CRLs to be checked
-# against: a trust domain has a few (its server CAs, a rotation's two); a bound keeps a peer
-# sending ever new intermediates from growing the set.
+# How many intermediate CAs of verified chains a set remembers per trust domain, for pending
+# CRLs to be checked against: a trust domain has a few (its server CAs, a rotation's two); a
+# bound keeps a peer sending ever new intermediates from growing the set. Per trust domain, so
+# a federated one minting intermediates only ever displaces its own, never ours (their CRLs
+# would stay pending, and chains verified before, cached or on open connections, go on being
+# accepted though those CRLs revoke them).
 MAX_INTERMEDIATES = 64
+# How many trust domains' intermediates it remembers. Only a trust domain with a bundle has
+# chains verified, so the federation (the operator's choice) bounds them already; this is a
+# backstop. Past it the trust domain noted least recently goes, and one whose intermediates
+# vouch for a CRL in force only after every other: the set cannot tell which trust domain is
+# its own, but ours verifies chains (our workloads' peers) and its CAs' CRLs apply.
+MAX_INTERMEDIATE_TRUST_DOMAINS = 256
 
 
 def cert_key(trust_domain: str, cert: x509.Certificate) -> CertKey:
@@ -137,7 +146,11 @@ class RevocationSet:
         # CRLs of no bundle authority, and the intermediate CAs (trust domain, DER) of chains
         # verified so far: a CRL one of them signed revokes its certificates (svid._crl).
         self._pending: tuple[Vouchable, ...] = ()
-        self._intermediates: dict[tuple[str, bytes], None] = {}
+        # trust domain -> its intermediates (DER), in the order they were noted; trust domains
+        # in the order they last noted one (least recent first).
+        self._intermediates: dict[str, dict[bytes, None]] = {}
+        self._vouching: frozenset[str] = frozenset()  # trust domains with a CRL vouched for
+        self._last_noted: str | None = None  # the last trust domain of _intermediates
         self.version = 0
         self.updated_at: float | None = None
         # Feed state: None = not fed (static); otherwise when the feed was last known live,
@@ -196,7 +209,7 @@ class RevocationSet:
         ``pending`` the CRLs an intermediate CA may yet vouch for (the entries of those the
         intermediates of chains verified so far vouch for are in the set at once)."""
         with self._lock:
-            known = list(self._intermediates)
+            known = [(td, d) for td, ders in self._intermediates.items() for d in ders]
         vouched, vouched_until = _vouched(pending, known)
         serials, issued, jtis = self._split((*items, *vouched))
         until = {(i.trust_domain, i.name): t for i, t in (crl_next_update or {}).items()}
@@ -204,6 +217,7 @@ class RevocationSet:
             until[key] = min(t, until.get(key, t))
         with self._lock:
             self._pending = tuple(pending)
+            self._vouching = frozenset(td for td, _ in vouched_until)
             self._crl_until = MappingProxyType(until)
             self._serials, self._issued, self._jtis = (
                 MappingProxyType(serials),
@@ -223,31 +237,56 @@ class RevocationSet:
             self._jtis = _merged(self._jtis, jtis)
             self.version += 1
 
-    def note_intermediates(self, trust_domain: str, ders: Iterable[bytes]) -> None:
+    def note_intermediates(self, trust_domain: str, ders: Sequence[bytes]) -> None:
         """The intermediate CAs (DER) of a chain just verified in ``trust_domain``: a pending
         CRL one of them signed now revokes that CA's certificates (RFC 5280 6.3.3 (f): the
         CRL issuer's certificate validates to the trust anchor). Called before the chain's
         own revocation check, so such a CRL revokes that very chain."""
-        fresh = [(trust_domain, d) for d in ders if (trust_domain, d) not in self._intermediates]
-        if not fresh:
+        remembered = self._intermediates
+        known = remembered.get(trust_domain)
+        if known is not None and all(d in known for d in ders):
+            # The usual case, without the lock: nothing new. Only a trust domain that was not
+            # the last to note one is moved (it is in use: the last to go).
+            if self._last_noted != trust_domain:
+                with self._lock:
+                    if trust_domain in remembered:
+                        remembered[trust_domain] = remembered.pop(trust_domain)
+                        self._last_noted = trust_domain
             return
         with self._lock:
-            for key in fresh:
-                self._intermediates[key] = None
-            while len(self._intermediates) > MAX_INTERMEDIATES:
-                del self._intermediates[next(iter(self._intermediates))]
+            self._last_noted = trust_domain
+            known = remembered.pop(trust_domain, None)
+            if known is None:
+                known = {}
+            remembered[trust_domain] = known  # the most recent
+            fresh = [(trust_domain, d) for d in ders if d not in known]
+            for _, d in fresh:
+                known[d] = None
+            while len(known) > MAX_INTERMEDIATES:
+                del known[next(iter(known))]
+            if len(remembered) > MAX_INTERMEDIATE_TRUST_DOMAINS:
+                del remembered[self._least_needed_trust_domain()]
             pending = self._pending
         vouched, vouched_until = _vouched(pending, fresh)
         if not vouched and not vouched_until:
             return
         _, issued, _ = self._split(vouched)
         with self._lock:
+            self._vouching |= {td for td, _ in vouched_until}
             self._issued = _merged(self._issued, issued)
             until = dict(self._crl_until)
             for key, t in vouched_until.items():
                 until[key] = min(t, until.get(key, t))
             self._crl_until = MappingProxyType(until)
             self.version += 1
+
+    def _least_needed_trust_domain(self) -> str:
+        """The trust domain whose intermediates go first (the lock held): the least recently
+        noted one whose intermediates vouch for no CRL in force, else the least recent."""
+        for td in self._intermediates:
+            if td not in self._vouching:
+                return td
+        return next(iter(self._intermediates))
 
     def revoke_serial(self, serial: str | int, expires_at: float) -> None:
         self.add([Revoked(KIND_X509_SERIAL, normalize_serial(serial), expires_at)])

@@ -15,12 +15,13 @@ from svid import (
     certs_to_pem,
     der_concat,
 )
+from svid import _revocation as revocation_module
 from svid._bundle import BundleSet
 from svid._caller import Caller
 from svid._clock import FakeClock
 from svid._crl import revoked_from_crls
 from svid._open_requests import OpenRequests, caller_keys
-from svid._revocation import KIND_X509_SERIAL, RevocationSet, Revoked
+from svid._revocation import KIND_X509_SERIAL, MAX_INTERMEDIATES, RevocationSet, Revoked
 from svid._source import MemoryBundleSource
 from svid._source_state import RevocationEvent, SourceState
 from svid._spiffe_id import TrustDomain
@@ -264,3 +265,55 @@ def test_an_intermediates_crl_speaks_only_for_the_trust_domain_its_chain_verifie
     with pytest.raises(RevokedError):
         verifier.verify_der(der_concat([leaf.cert, inter.cert]))
     assert {r.issuer.trust_domain for r in revocations.items() if r.issuer} == {"example.org"}
+
+
+def _foreign_chain(name: str) -> tuple[X509Bundle, bytes]:
+    """A bundle of trust domain ``name`` and a chain through a fresh intermediate of it."""
+    root = make_ca(name, spiffe_id=f"spiffe://{name}")
+    inter = make_ca(f"i.{name}", parent=root, spiffe_id=None)
+    leaf = make_leaf(inter, uris=[f"spiffe://{name}/w"])
+    return X509Bundle(TrustDomain(name), (root.cert,)), der_concat([leaf.cert, inter.cert])
+
+
+def test_a_foreign_trust_domains_intermediates_do_not_displace_ours() -> None:
+    # The set remembers intermediates per trust domain: a federated one that has chains
+    # through MAX_INTERMEDIATES fresh intermediates verified only displaces its own. Ours
+    # stays, so its next CRL is vouched for at once and revokes our chain verified before
+    # (cached here; on svid.tls, an open connection).
+    root, inter, leaf = _intermediate_setup()
+    foreign_root = make_ca("foreign.org", spiffe_id="spiffe://foreign.org")
+    bundles = {TD: X509Bundle(TD, (root.cert,)), FOREIGN: X509Bundle(FOREIGN, (foreign_root.cert,))}
+    verifier, revocations = _pending_verifier(bundles, [])
+    chain = der_concat([leaf.cert, inter.cert])
+    verifier.verify_der(chain)
+    for n in range(MAX_INTERMEDIATES):
+        foreign_inter = make_ca(f"i{n}.foreign.org", parent=foreign_root, spiffe_id=None)
+        foreign_leaf = make_leaf(foreign_inter, uris=["spiffe://foreign.org/w"])
+        verifier.verify_der(der_concat([foreign_leaf.cert, foreign_inter.cert]))
+    _give_crls(revocations, bundles, [signed_crl(inter, [leaf.cert.serial_number])])
+    with pytest.raises(RevokedError):
+        verifier.verify_der(chain)
+
+
+def test_past_the_trust_domain_bound_one_whose_intermediate_vouches_for_a_crl_stays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Past MAX_INTERMEDIATE_TRUST_DOMAINS the least recently noted trust domain is forgotten,
+    # but one whose intermediates vouch for a CRL in force only after all others: the set
+    # cannot tell which is its own, but ours has its CAs' CRLs applied.
+    monkeypatch.setattr(revocation_module, "MAX_INTERMEDIATE_TRUST_DOMAINS", 2)
+    root, inter, leaf = _intermediate_setup()
+    bundles = {TD: X509Bundle(TD, (root.cert,))}
+    chains = []
+    for name in ("a.org", "b.org"):
+        bundle, foreign = _foreign_chain(name)
+        bundles[bundle.trust_domain] = bundle
+        chains.append(foreign)
+    verifier, revocations = _pending_verifier(bundles, [signed_crl(inter, [])])
+    chain = der_concat([leaf.cert, inter.cert])
+    verifier.verify_der(chain)  # the least recent from now on, and vouching for its CRL
+    for foreign in chains:
+        verifier.verify_der(foreign)
+    _give_crls(revocations, bundles, [signed_crl(inter, [leaf.cert.serial_number])])
+    with pytest.raises(RevokedError):
+        verifier.verify_der(chain)
