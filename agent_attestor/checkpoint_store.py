@@ -1,10 +1,10 @@
-"""The newest audit checkpoint the server pushed, checked and kept on disk, never going back.
+"""Every audit checkpoint the server pushed, checked and kept on disk, never going back.
 
 The server signs checkpoints of its audit chain head and pushes each new one over the Sync
 stream, with the public key that signed it; the same for the prune records retention signs
 before it removes old events. A copy on every node is one the server's operator (or an intruder
 on the server) cannot quietly rewrite: `svid-server audit verify --anchor` on it proves the
-server's log still holds the head it names (and, once the log was pruned, that its start is
+server's log still holds every head it names (and, once the log was pruned, that its start is
 where a signed prune record put it).
 
 What the copy proves: the server that this agent reached over mTLS (its certificate chaining to
@@ -14,22 +14,33 @@ key is refused. It proves nothing about a server already compromised when it sig
 what it holds), nor about events after the checkpoint.
 
 A pushed checkpoint (or prune record) is kept when it verifies under the key it came with and
-is newer than the one of its kind held: a later event, or the same one signed later. One that
+is newer than the newest of its kind held: a later event, or the same one signed later. One that
 goes back, gives an event another hash, names fewer events than a prune before it removed, or
 comes under another key is a red flag (the log was cut back or rewritten, or the server's key
-replaced): it is refused, logged as a warning and counted, and what is held stays. The file
-holds those lines (oldest first) in the server's checkpoint-file format, so it is itself an
-anchor file for `audit verify --anchor`; it is replaced atomically (temp file, fsync, rename),
-mode 0600.
+replaced): it is refused, logged as a warning and counted, and what is held stays.
+
+Every one kept stays, not only the newest: the agent holds no events, so it cannot tell a head
+that extends the one it holds from one signed over a rewritten chain (a server holding the
+shared key can sign either). Only verify, given both heads, can: the old one no longer matches.
+The file is append-only JSON lines in the server's checkpoint-file format, each line fsynced
+before it counts, mode 0600, so it is itself an anchor file for `audit verify --anchor`. Lines
+are in an order that file's checks accept (checkpoints' seq and count never going back, a
+checkpoint never after a prune that removed more); a crash mid-line leaves a last line without
+its newline, which is not a checkpoint and is cut off before the next one is appended. Beyond
+MAX_LINES the oldest are dropped (the newest prune record kept: a pruned log's start needs it),
+with a warning, by writing the rest to a new file renamed over the old.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor.agent_store import _write_private
 from svid import AuditCheckpoint, AuditCheckpointError
@@ -44,6 +55,8 @@ BACKWARDS = "backwards"
 FORKED = "forked"
 KEY_CHANGED = "key_changed"
 UNWRITABLE = "unwritable"  # verified and newer, but it could not be stored
+# About 40 MB of lines: at one checkpoint a minute (a head that moves every minute) ten weeks.
+MAX_LINES = 100_000
 
 
 @dataclass(frozen=True)
@@ -55,13 +68,22 @@ class PushedCheckpoint:
 
 
 class CheckpointStore:
-    """Holds the newest checkpoint and prune record (in memory and in one file). Used from one
-    thread."""
+    """Holds every checkpoint and prune record kept (in one file; in memory only the newest of
+    each kind and the line count). Used from one thread."""
 
-    def __init__(self, path: Path, on_refused: Callable[[str], None] = lambda _r: None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        on_refused: Callable[[str], None] = lambda _r: None,
+        max_lines: int = MAX_LINES,
+    ) -> None:
         self.path = path
         self._on_refused = on_refused
-        self._held: dict[str, AuditCheckpoint] = {r.kind: r for r in self._load()}
+        self._max_lines = max_lines
+        self._held: dict[str, AuditCheckpoint] = {}
+        self._lines = 0
+        for record in self._load():
+            self._note(record)
 
     @property
     def held(self) -> AuditCheckpoint | None:
@@ -70,12 +92,13 @@ class CheckpointStore:
 
     @property
     def records(self) -> list[AuditCheckpoint]:
-        """What the file holds: the newest checkpoint and prune record kept, oldest first."""
+        """The newest checkpoint and prune record kept, oldest first (the file holds them all:
+        read_records)."""
         return sorted(self._held.values(), key=lambda r: r.time)
 
     def offer(self, pushed: PushedCheckpoint) -> bool:
-        """Keep `pushed` if it verifies and is newer than the one of its kind held; True when
-        kept."""
+        """Keep `pushed` if it verifies and is newer than the newest of its kind held; True
+        when kept."""
         try:
             record = _verified(pushed)
         except AuditCheckpointError as e:
@@ -119,22 +142,66 @@ class CheckpointStore:
                 "server's audit log may have been cut back",
                 record,
             )
-        lines = "".join(r.to_line() + "\n" for r in sorted(kept.values(), key=lambda r: r.time))
         try:
-            _write_private(self.path, lines.encode("utf-8"))
-            _fsync_dir(self.path.parent)
+            self._store(record)
         except OSError as e:
             # Serving identities matters more than this copy: the stream goes on, and the next
             # checkpoint (or the snapshot after a reconnect) tries again.
             self._on_refused(UNWRITABLE)
             log.error("cannot store the audit checkpoint", extra={"error": str(e)})
             return False
-        self._held = kept
+        self._note(record)
         log.info(
             f"audit {record.kind} kept",
             extra={"seq": record.seq, "count": record.count, "hash": record.hash},
         )
         return True
+
+    def _note(self, record: AuditCheckpoint) -> None:
+        self._lines += 1
+        held = self._held.get(record.kind)
+        if held is None or (record.seq, record.time) >= (held.seq, held.time):
+            self._held[record.kind] = record
+
+    def _store(self, record: AuditCheckpoint) -> None:
+        prune = self._held.get(PRUNE)
+        before_prune = record.kind == CHECKPOINT and prune is not None and record.seq < prune.seq
+        if before_prune or self._lines + 1 > self._max_lines:
+            self._rewrite(record)
+        else:
+            _append_line(self.path, record.to_line())
+
+    def _rewrite(self, record: AuditCheckpoint) -> None:
+        """The file again with `record` where the anchor file's order allows it, and the oldest
+        lines dropped beyond the cap: rare (a checkpoint signed before a prune that removed
+        more, which goes before that prune; or the cap reached), so written whole."""
+        records = _read_unverified(self.path) if self._lines else []
+        # A checkpoint signed before a prune that removed more goes before that prune: verify
+        # reads a checkpoint after a prune naming less as the log cut back.
+        at = len(records)
+        if record.kind == CHECKPOINT:
+            at = next(
+                (i for i, r in enumerate(records) if r.kind == PRUNE and r.seq > record.seq),
+                at,
+            )
+        records.insert(at, record)
+        if len(records) > self._max_lines:
+            # Down to nine tenths, so the next lines append rather than rewrite the file again.
+            room = max(2, self._max_lines * 9 // 10)
+            prunes = [r for r in records if r.kind == PRUNE]
+            keep = records[len(records) - room :]
+            if prunes and prunes[-1] not in keep:
+                # A pruned log's start is vouched for by the newest prune record only.
+                keep = [prunes[-1], *records[len(records) - room + 1 :]]
+            dropped = len(records) - len(keep)
+            log.warning(
+                "the agent's copy of the audit checkpoints reached its cap: dropped the oldest",
+                extra={"dropped": dropped, "kept": len(keep), "cap": self._max_lines},
+            )
+            records = keep
+        _write_private(self.path, "".join(r.to_line() + "\n" for r in records).encode("utf-8"))
+        _fsync_dir(self.path.parent)
+        self._lines = len(records) - 1  # _note counts `record`
 
     def _refuse(self, reason: str, why: str, record: AuditCheckpoint | None = None) -> bool:
         self._on_refused(reason)
@@ -169,23 +236,75 @@ class CheckpointStore:
 
 
 def read_records(path: Path) -> list[AuditCheckpoint]:
-    """The checkpoint and prune record stored at `path` (one of each at most, oldest first),
-    each checked against the key it carries (FileNotFoundError when there is no file)."""
+    """The checkpoints and prune records stored at `path`, in file order, each checked against
+    the key it carries, all one key (FileNotFoundError when there is no file). A last line
+    without its newline (a write cut short) is not one."""
+    records = _read_unverified(path)
+    if not records:
+        raise AuditCheckpointError(f"{path} holds no checkpoint")
+    keys: dict[tuple[str, str], ec.EllipticCurvePublicKey] = {}
+    for record in records:
+        if record.key_id != records[0].key_id:
+            raise AuditCheckpointError(f"{path} holds lines signed by two keys")
+        # One key for every line: decode it once, not 100,000 times.
+        key = keys.get((record.key_id, record.public_key))
+        if key is None:
+            key = keys[(record.key_id, record.public_key)] = record.public_key_object()
+        record.verify_signature(key)
+    return records
+
+
+def _read_unverified(path: Path) -> list[AuditCheckpoint]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         # Damaged, not a checkpoint: refused like any other unreadable file, not raised as a
         # bare ValueError that stopped the agent's start.
         raise AuditCheckpointError(f"{path} is not UTF-8 text") from None
-    records = [AuditCheckpoint.parse(line) for line in lines]
-    kinds = [r.kind for r in records]
-    if not records or len(set(kinds)) != len(kinds):
-        raise AuditCheckpointError(f"{path} does not hold one checkpoint (and one prune record)")
-    for record in records:
-        if record.key_id != records[0].key_id:
-            raise AuditCheckpointError(f"{path} holds lines signed by two keys")
-        record.verify_signature(record.public_key_object())
-    return records
+    # An agent before every line was kept wrote its one or two lines the same way.
+    return [AuditCheckpoint.parse(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
+def _append_line(path: Path, line: str) -> None:
+    """`line` appended and fsynced; on failure the file is cut back to what it held, so a line
+    the store did not keep never counts. Never follows a link planted at the name."""
+    data = (line + "\n").encode("utf-8")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    created = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        _cut_torn_tail(fd)
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write part (a disk filling up)
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+    if created:
+        _fsync_dir(path.parent)
+
+
+def _cut_torn_tail(fd: int) -> None:
+    """Cut off a last line without its newline: it never counted, and a line appended to it
+    would make one no parser reads."""
+    end = os.fstat(fd).st_size
+    at = end
+    while at > 0:
+        start = max(0, at - 4096)
+        chunk = os.pread(fd, at - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            at = start + newline + 1
+            break
+        at = start
+    if at < end:
+        os.ftruncate(fd, at)
 
 
 def _cut_back(records: dict[str, AuditCheckpoint]) -> bool:

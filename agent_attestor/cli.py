@@ -147,8 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     audit_actions = audit.add_subparsers(dest="audit", required=True)
     checkpoint = audit_actions.add_parser(
         "checkpoint",
-        help="print the newest audit checkpoint (and prune record) the server pushed to this "
-        "agent, as lines of its checkpoint file: an anchor for svid-server audit verify --anchor",
+        help="print every audit checkpoint and prune record the server pushed to this agent "
+        "and it kept, as lines of its checkpoint file: an anchor for svid-server audit verify "
+        "--anchor",
     )
     checkpoint.add_argument("--config", type=Path, help="agent TOML config file (for data_dir)")
     checkpoint.add_argument("--data-dir", type=Path, help="the agent's data_dir")
@@ -372,7 +373,10 @@ def _cmd_audit_checkpoint(args: argparse.Namespace) -> int:
         return 1
     for record in records:
         print(record.to_line())
-    for record in records:
+    # Every line is kept: the summary names the newest of each kind, not 100,000 lines.
+    newest = {r.kind: r for r in sorted(records, key=lambda r: (r.seq, r.time))}
+    print(f"audit checkpoint file: {len(records)} line(s)", file=sys.stderr)
+    for record in newest.values():
         what = "events" if record.kind == CHECKPOINT else "events removed"
         print(
             f"audit {record.kind}: seq {record.seq} ({record.count} {what}), signed "

@@ -4,7 +4,7 @@ A hash chain stops no one who can rewrite the whole database: they re-hash it. A
 is the head (seq, hash, event count) at a moment, signed by a key whose clear form never
 enters the datastore (servers sharing one keep it there sealed under the key-encryption key
 only: CheckpointSigner.load_shared), and written to a JSON-lines file an operator can ship
-elsewhere (and pushed to node agents, which keep the latest: server/node_api.py). `audit
+elsewhere (and pushed to node agents, which keep each one they accept: server/node_api.py). `audit
 verify --anchor FILE` then proves the log still holds what each checkpoint names.
 
 The line format, its signature and its parser are svid's AuditCheckpoint

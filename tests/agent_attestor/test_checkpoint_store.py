@@ -1,5 +1,6 @@
-"""The agent's copy of the server's audit checkpoint: the newest wins, it never goes back, only a
-checkpoint that verifies under the key it came with is kept, and the file is replaced whole.
+"""The agent's copy of the server's audit checkpoints: every one kept stays, it never goes back,
+only a checkpoint that verifies under the key it came with is kept, and the file only grows (but
+for its cap).
 
 Checkpoints are signed by the server's own CheckpointSigner: the agent must read exactly what
 the server writes."""
@@ -9,13 +10,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+import sqlite3
 import stat
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent_attestor import agent_store
+from agent_attestor import checkpoint_store
 from agent_attestor.checkpoint_store import (
     BACKWARDS,
     FILE_NAME,
@@ -27,9 +29,14 @@ from agent_attestor.checkpoint_store import (
     PushedCheckpoint,
     read_records,
 )
+from server.audit import AuditLog, Break, EventKind
 from server.audit.checkpoint import PRUNE, CheckpointFile, CheckpointSigner
+from server.audit.event import GENESIS_HASH, canonical_json, event_from_row
+from server.datastore.records import AUDIT_COLUMNS
+from server.datastore.sqlite import SqliteDataStore
 from svid import AuditCheckpoint, AuditCheckpointError
 from svid._audit_checkpoint import key_id_of
+from svid._clock import FakeClock
 
 T0 = 1_700_000_000.0
 HASHES = [f"{n:064x}" for n in range(100)]
@@ -70,7 +77,7 @@ def test_the_first_checkpoint_is_kept_in_the_servers_file_format(
     assert [(a.seq, a.hash) for a in anchors] == [(5, HASHES[5])]
 
 
-def test_a_newer_checkpoint_replaces_the_one_held(
+def test_a_newer_checkpoint_is_held_and_kept_beside_the_older_ones(
     store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
 ) -> None:
     assert store.offer(push(signer, 5))
@@ -84,7 +91,12 @@ def test_a_newer_checkpoint_replaces_the_one_held(
     assert not store.offer(push(signer, 9, T0 + 120))
     assert not store.offer(push(signer, 9, T0 + 90))
     assert refused == []
-    assert read_records(store.path) == [store.held]
+    assert [(r.seq, r.time) for r in read_records(store.path)] == [
+        (5, T0),
+        (9, T0 + 60),
+        (9, T0 + 120),
+    ]
+    assert read_records(store.path)[-1] == store.held
 
 
 def test_a_checkpoint_naming_fewer_events_is_refused_and_the_held_one_kept(
@@ -157,20 +169,21 @@ def test_the_held_checkpoint_and_its_key_survive_a_restart(
     assert refused == [BACKWARDS, KEY_CHANGED]
 
 
-def test_a_write_that_fails_before_the_rename_leaves_the_previous_file_whole(
+def test_a_write_that_fails_leaves_the_previous_file_whole(
     store: CheckpointStore,
     signer: CheckpointSigner,
     refused: list[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A crash or a full disk between writing the new file and renaming it over the old."""
+    """A full disk between writing the new line and fsyncing it: the line is cut off again, so
+    the file never holds one the store did not keep (a later, lower one would follow it)."""
     assert store.offer(push(signer, 5))
     before = store.path.read_bytes()
 
-    def disk_full(src: object, dst: object) -> None:
+    def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(agent_store.os, "replace", disk_full)
+    monkeypatch.setattr(checkpoint_store.os, "fsync", disk_full)
     assert not store.offer(push(signer, 9))
     monkeypatch.undo()
     assert refused == [UNWRITABLE]
@@ -178,8 +191,67 @@ def test_a_write_that_fails_before_the_rename_leaves_the_previous_file_whole(
     assert store.held is not None
     assert store.held.count == 5
     # The next one is stored, whatever the failed attempt left behind.
-    assert store.offer(push(signer, 10))
-    assert read_records(store.path)[0].count == 10
+    assert store.offer(push(signer, 7))
+    assert [r.count for r in read_records(store.path)] == [5, 7]
+
+
+def test_a_line_cut_short_by_a_crash_is_not_read_and_is_cut_off_before_the_next(
+    tmp_path: Path, store: CheckpointStore, signer: CheckpointSigner
+) -> None:
+    assert store.offer(push(signer, 5))
+    with store.path.open("a") as f:
+        f.write(push(signer, 9).line[:50])
+    again = CheckpointStore(store.path)
+    assert again.held is not None
+    assert again.held.count == 5
+    assert again.offer(push(signer, 7))
+    assert [r.count for r in read_records(store.path)] == [5, 7]
+    CheckpointFile(store.path).anchors()
+
+
+def test_an_agents_one_line_file_is_read_and_grown(
+    tmp_path: Path, signer: CheckpointSigner
+) -> None:
+    """An agent before every checkpoint was kept wrote the newest checkpoint and prune record,
+    oldest first, replaced whole: the upgraded agent holds them and appends after them."""
+    path = tmp_path / FILE_NAME
+    held = AuditCheckpoint.parse(push(signer, 9, T0 + 10).line)
+    path.write_text(prune(signer, 4, T0).line + "\n" + held.to_line() + "\n")
+    store = CheckpointStore(path)
+    assert store.held == held
+    assert store.offer(push(signer, 12, T0 + 20))
+    assert not store.offer(push(signer, 8, T0 + 30))
+    assert [(r.kind, r.seq) for r in read_records(path)] == [
+        ("prune", 4),
+        ("checkpoint", 9),
+        ("checkpoint", 12),
+    ]
+    CheckpointFile(path).anchors()
+
+
+def test_beyond_the_cap_the_oldest_are_dropped_but_the_newest_prune_record(
+    tmp_path: Path, signer: CheckpointSigner, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CheckpointStore(tmp_path / FILE_NAME, max_lines=10)
+    assert store.offer(prune(signer, 2, T0))
+    for n in range(3, 12):
+        assert store.offer(push(signer, n, T0 + n))
+    assert len(read_records(store.path)) == 10
+    caplog.set_level(logging.WARNING, logger="agent_attestor.checkpoint_store")
+    assert store.offer(push(signer, 12, T0 + 12))
+    # Down to nine tenths of the cap, the prune record kept ahead of the newest.
+    assert [r.seq for r in read_records(store.path)] == [2, *range(5, 13)]
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "cap" in warning.getMessage()
+    # Then lines append again up to the cap...
+    assert store.offer(push(signer, 13, T0 + 13))
+    assert [r.seq for r in read_records(store.path)] == [2, *range(5, 14)]
+    assert len(caplog.records) == 1
+    # ...counted across a restart.
+    again = CheckpointStore(store.path, max_lines=10)
+    assert again.offer(push(signer, 14, T0 + 14))
+    assert [r.seq for r in read_records(store.path)] == [2, *range(7, 15)]
+    CheckpointFile(store.path).anchors()
 
 
 def test_an_unreadable_stored_checkpoint_is_moved_aside_not_trusted(
@@ -217,27 +289,28 @@ def prune(signer: CheckpointSigner, seq: int, time: float, removed: int = 0) -> 
     return PushedCheckpoint(record.to_line(), record.public_key_der())
 
 
-def test_the_newest_prune_record_is_kept_beside_the_checkpoint(
+def test_prune_records_are_kept_beside_the_checkpoints(
     store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
 ) -> None:
-    """A pruned log's start is vouched for only by a prune record: the copy keeps the newest,
-    and the file, oldest line first, is an anchor file audit verify accepts as such."""
+    """A pruned log's start is vouched for only by a prune record: the copy keeps them, and the
+    file, oldest line first, is an anchor file audit verify accepts as such."""
     assert store.offer(push(signer, 9))
     assert store.offer(prune(signer, 4, T0 + 10))
     assert store.offer(push(signer, 12, T0 + 20))
     assert store.offer(prune(signer, 8, T0 + 30, removed=4))
     kinds = [(r.kind, r.seq) for r in read_records(store.path)]
-    assert kinds == [("checkpoint", 12), ("prune", 8)]
+    assert kinds == [("checkpoint", 9), ("prune", 4), ("checkpoint", 12), ("prune", 8)]
     assert store.held is not None
     assert store.held.count == 12
     anchors, _ = CheckpointFile(store.path).anchors()
-    assert [(a.seq, a.pruned) for a in anchors] == [(12, False), (8, True)]
+    assert [(a.seq, a.pruned) for a in anchors] == [(9, False), (4, True), (12, False), (8, True)]
     # An older prune record, or one forking a pruned event, is refused.
     assert not store.offer(prune(signer, 6, T0 + 40))
     forked = signer.sign(8, HASHES[1], 4, T0 + 50, PRUNE)
     assert not store.offer(PushedCheckpoint(forked.to_line(), forked.public_key_der()))
     assert refused == [BACKWARDS, FORKED]
     assert [r.seq for r in store.records] == [12, 8]
+    assert len(read_records(store.path)) == 4
 
 
 def test_a_checkpoint_after_a_prune_naming_less_than_it_removed_is_refused(
@@ -277,3 +350,78 @@ def test_a_checkpoint_with_a_key_on_an_unknown_curve_is_refused(
     assert not store.offer(unknown_curve_line(signer, 5))
     assert refused == [INVALID]
     assert store.offer(push(signer, 6))
+
+
+AGENT = "spiffe://example.org/agents/research-bot"
+
+
+def test_a_head_that_does_not_extend_the_held_one_leaves_the_held_one_for_verify_to_check(
+    tmp_path: Path,
+) -> None:
+    """Threat: one server of several is taken over; it holds the trust domain's shared
+    checkpoint key (CheckpointSigner.load_shared) and SQL access. It rewrites event 2, re-hashes
+    the chain after it, signs the new head (one seq further) and pushes it. The agent cannot
+    tell (it holds no events), but it keeps the honest head beside the new one, so verify
+    --anchor on its copy finds the rewrite as it does on the server's own file."""
+    db = tmp_path / "datastore.sqlite3"
+    clock = FakeClock(1_800_000_000.0)
+    audit = AuditLog(SqliteDataStore(db, clock), clock)
+    for i in range(4):
+        audit.append(
+            EventKind.JWT_MINTED,
+            agent_id=AGENT,
+            credential_id=f"jti-{i}",
+            decision="allow",
+            policy_ids=("default.cedar:permit_docs",),
+            extra={"aud": "docs"},
+        )
+        clock.advance(10)
+    signer = CheckpointSigner(ec.generate_private_key(ec.SECP256R1()))
+    agent = CheckpointStore(tmp_path / FILE_NAME)
+    head = audit.head()
+    assert head is not None
+    honest = signer.sign(head.seq, head.hash, head.seq, clock.now())
+    assert agent.offer(PushedCheckpoint(honest.to_line(), honest.public_key_der()))
+
+    # The rogue server: event 2 rewritten, every later one re-hashed, one event appended.
+    con = sqlite3.connect(db)
+    found = con.execute(f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_events ORDER BY seq")
+    events = [event_from_row(dict(zip(AUDIT_COLUMNS, r, strict=True))) for r in found]
+    events.append(dataclasses.replace(events[-1], seq=5, event_id=events[-1].event_id + "x"))
+    prev = GENESIS_HASH
+    for original in events:
+        event = original
+        if event.seq == 2:
+            event = dataclasses.replace(event, decision="deny", reason="no such token")
+        event = dataclasses.replace(event, prev_hash=prev)
+        event = dataclasses.replace(event, hash=event.compute_hash())
+        con.execute("DELETE FROM audit_events WHERE seq = ?", (event.seq,))
+        con.execute(
+            f"INSERT INTO audit_events ({', '.join(AUDIT_COLUMNS)}) VALUES "
+            f"({', '.join('?' for _ in AUDIT_COLUMNS)})",
+            [
+                canonical_json(list(event.policy_ids)).decode()
+                if name == "policy_ids"
+                else canonical_json(dict(event.extra)).decode()
+                if name == "extra"
+                else getattr(event, name)
+                for name in AUDIT_COLUMNS
+            ],
+        )
+        prev = event.hash
+    con.execute("UPDATE audit_head SET seq = 5, hash = ?", (prev,))
+    con.commit()
+    con.close()
+    forged = signer.sign(5, prev, 5, clock.now() + 60)
+    assert agent.offer(PushedCheckpoint(forged.to_line(), forged.public_key_der()))
+
+    # The server's own file (every line kept) shows the rewrite:
+    server_file = CheckpointFile(tmp_path / "server-checkpoints.jsonl")
+    server_file.append(honest)
+    server_file.append(forged)
+    assert audit.verify(anchors=server_file.anchors()[0]).problem is Break.RECHAINED
+    # ...and so does the agent's copy, which still holds the honest head:
+    assert [r.seq for r in read_records(agent.path)] == [4, 5]
+    result = audit.verify(anchors=CheckpointFile(agent.path).anchors()[0])
+    assert result.problem is Break.RECHAINED
+    assert result.broken_seq == 4  # the honest head no longer matches
