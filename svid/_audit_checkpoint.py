@@ -12,6 +12,9 @@ SubjectPublicKeyInfo; `public_key` is that DER in base64, so a line verifies on 
 to trust that key is the reader's decision (a pinned key file, or the server's Sync stream).
 A prune record has one more signed field, `"kind":"prune"`; a line without `kind` is a
 checkpoint, and a reader that predates prune records rejects one (its signature covers `kind`).
+Prune records signed since also carry `"last_ts"`, signed: the time the last removed event was
+written, so a prune of history younger than the retention is seen as one (readers before it
+reject such a line; records without it still verify).
 
 Both daemons read and write lines through this one type, so they cannot drift apart.
 """
@@ -22,6 +25,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,13 +57,31 @@ class AuditCheckpoint:
     public_key: str
     sig: str
     kind: str = CHECKPOINT
+    # A prune record's last removed event's `ts` (None: a checkpoint, or an older record).
+    last_ts: float | None = None
 
     def signed_bytes(self) -> bytes:
-        return signed_bytes(self.seq, self.hash, self.count, self.time, self.key_id, kind=self.kind)
+        return signed_bytes(
+            self.seq,
+            self.hash,
+            self.count,
+            self.time,
+            self.key_id,
+            kind=self.kind,
+            last_ts=self.last_ts,
+        )
 
     def to_line(self) -> str:
         """The line, without its newline."""
-        body = _body(self.seq, self.hash, self.count, self.time, self.key_id, kind=self.kind)
+        body = _body(
+            self.seq,
+            self.hash,
+            self.count,
+            self.time,
+            self.key_id,
+            kind=self.kind,
+            last_ts=self.last_ts,
+        )
         body["public_key"] = self.public_key
         body["sig"] = self.sig
         return _ENCODER.encode(body)
@@ -78,7 +100,10 @@ class AuditCheckpoint:
         kind = data.get("kind", CHECKPOINT)
         if "kind" in data and kind != PRUNE:
             raise AuditCheckpointError(f"unknown kind {str(kind)[:40]!r}")
+        if "last_ts" in data and kind != PRUNE:
+            raise AuditCheckpointError("last_ts on a checkpoint: only prune records carry it")
         try:
+            last_ts = None if "last_ts" not in data else _time(data["last_ts"])
             return cls(
                 seq=_count(data["seq"]),
                 hash=str(data["hash"]),
@@ -88,6 +113,7 @@ class AuditCheckpoint:
                 public_key=str(data["public_key"]),
                 sig=str(data["sig"]),
                 kind=kind,
+                last_ts=last_ts,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise AuditCheckpointError(f"missing or malformed field {e}") from None
@@ -136,10 +162,25 @@ def load_public_der(der: bytes) -> ec.EllipticCurvePublicKey:
 
 
 def signed_bytes(
-    seq: int, digest: str, count: int, time: float, key_id: str, *, kind: str = CHECKPOINT
+    seq: int,
+    digest: str,
+    count: int,
+    time: float,
+    key_id: str,
+    *,
+    kind: str = CHECKPOINT,
+    last_ts: float | None = None,
 ) -> bytes:
     """What a checkpoint's signature covers."""
-    return _ENCODER.encode(_body(seq, digest, count, time, key_id, kind=kind)).encode("utf-8")
+    body = _body(seq, digest, count, time, key_id, kind=kind, last_ts=last_ts)
+    return _ENCODER.encode(body).encode("utf-8")
+
+
+def _time(value: Any) -> float:
+    # bool is an int; NaN and infinities are not JSON and not times.
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a time")
+    return float(value)
 
 
 def _count(value: Any) -> int:
@@ -149,7 +190,14 @@ def _count(value: Any) -> int:
 
 
 def _body(
-    seq: int, digest: str, count: int, time: float, key_id: str, *, kind: str
+    seq: int,
+    digest: str,
+    count: int,
+    time: float,
+    key_id: str,
+    *,
+    kind: str,
+    last_ts: float | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "v": VERSION,
@@ -162,4 +210,7 @@ def _body(
     # Checkpoints keep the exact bytes they were signed over before prune records existed.
     if kind != CHECKPOINT:
         body["kind"] = kind
+    # Prune records signed before it existed keep their exact bytes too.
+    if last_ts is not None:
+        body["last_ts"] = last_ts
     return body

@@ -15,7 +15,8 @@ shows the file is self-consistent.
 Prune records (server/audit/retention.py) share the file, the key and the format, with one
 more signed field, `"kind":"prune"`: `seq`/`hash` name the last event retention removes (the
 remaining chain links to that hash), `count` how many events this prune removes, `time` when it
-was signed, which is before anything is deleted.
+was signed, which is before anything is deleted, and (records signed since it existed)
+`last_ts` the `ts` of the last event it removes (server/audit/prune_age.py checks it).
 """
 
 from __future__ import annotations
@@ -174,10 +175,17 @@ class CheckpointSigner:
         )
 
     def sign(
-        self, seq: int, digest: str, count: int, time: float, kind: str = CHECKPOINT
+        self,
+        seq: int,
+        digest: str,
+        count: int,
+        time: float,
+        kind: str = CHECKPOINT,
+        *,
+        last_ts: float | None = None,
     ) -> Checkpoint:
         signature = self._key.sign(
-            signed_bytes(seq, digest, count, time, self.key_id, kind=kind),
+            signed_bytes(seq, digest, count, time, self.key_id, kind=kind, last_ts=last_ts),
             ec.ECDSA(hashes.SHA256()),
         )
         return Checkpoint(
@@ -189,6 +197,7 @@ class CheckpointSigner:
             public_key=self.public_key_b64,
             sig=base64.b64encode(signature).decode("ascii"),
             kind=kind,
+            last_ts=last_ts,
         )
 
     def _publish(self, path: Path) -> None:

@@ -139,13 +139,15 @@ class Checkpointer:
                     found = stored
             return None if found is None else Head(found.seq, found.hash)
 
-    def sign_prune(self, seq: int, digest: str, count: int) -> Checkpoint:
-        """Sign and append a prune record: events through `seq` (whose hash is `digest`) may
-        go, `count` of them in this prune. Durable in the file, and stored in the datastore
-        for the other servers (a new housekeeping holder verifies from it), when this returns,
-        which is before retention deletes anything."""
+    def sign_prune(self, seq: int, digest: str, count: int, last_ts: float) -> Checkpoint:
+        """Sign and append a prune record: events through `seq` (whose hash is `digest`, written
+        at `last_ts`) may go, `count` of them in this prune. Durable in the file, and stored in
+        the datastore for the other servers (a new housekeeping holder verifies from it), when
+        this returns, which is before retention deletes anything."""
         with self._lock:
-            record = self._signer.sign(seq, digest, count, self._clock.now(), PRUNE)
+            record = self._signer.sign(
+                seq, digest, count, self._clock.now(), PRUNE, last_ts=last_ts
+            )
             self._file.append(record)
             self._prune = record
             self._share(record, required=True)

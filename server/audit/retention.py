@@ -207,7 +207,9 @@ class Pruner:
             # seq after it would read as the log going back.
             return last
         self._check_chain(target, base_seq)
-        record = self._checkpointer.sign_prune(target.seq, target.hash, target.seq - base_seq)
+        record = self._checkpointer.sign_prune(
+            target.seq, target.hash, target.seq - base_seq, target.ts
+        )
         self._last_record = record
         return record
 

@@ -335,7 +335,7 @@ def test_the_next_checkpoint_after_a_torn_line_is_a_line_of_its_own(
     # A prune record (the other way lines are written) after a torn line too.
     with setup.checkpoints.open("a") as f:
         f.write('{"count":')
-    setup.checkpointer.sign_prune(1, "a" * 64, 1)
+    setup.checkpointer.sign_prune(1, "a" * 64, 1, 0.0)
     assert CheckpointFile(setup.checkpoints).last(PRUNE) is not None
 
 

@@ -151,6 +151,31 @@ def test_the_prune_record_is_signed_with_the_pinned_key_before_anything_goes(
         Checkpoint.parse(json.dumps(line))
 
 
+def test_the_prune_record_signs_the_time_its_last_removed_event_was_written(
+    setup: Setup,
+) -> None:
+    """Without it a key holder's prune of the last hour reads like one of last year's."""
+    fill(setup.log, setup.clock, 9)
+    written = START + 4 * DAY  # seq 5, the fifth of one event a day
+    setup.pruner(RetentionPolicy(max_age=0, max_events=4)).prune()
+    (record,) = [cp for cp in lines(setup) if cp.kind == PRUNE]
+    assert record.last_ts == written
+    _, key = load_public_key(setup.pinned)
+    record.verify_signature(key)
+    with pytest.raises(AuditCheckpointError, match="signature does not verify"):
+        dataclasses.replace(record, last_ts=written - 400 * DAY).verify_signature(key)
+    # A record signed before it existed (no last_ts) still verifies: its bytes are unchanged.
+    signer = CheckpointSigner.load_or_create(setup.data_dir)
+    old = signer.sign(5, record.hash, 5, record.time, PRUNE)
+    assert "last_ts" not in old.to_line()
+    Checkpoint.parse(old.to_line()).verify_signature(key)
+    # Only prune records carry it.
+    line = json.loads(signer.sign(5, record.hash, 5, record.time).to_line())
+    line["last_ts"] = written
+    with pytest.raises(AuditCheckpointError, match="only prune records"):
+        Checkpoint.parse(json.dumps(line))
+
+
 def test_a_count_bound_keeps_the_newest_events(setup: Setup) -> None:
     fill(setup.log, setup.clock, 11, step=1)
     report = setup.pruner(RetentionPolicy(max_age=0, max_events=3)).prune()

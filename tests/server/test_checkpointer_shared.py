@@ -205,7 +205,7 @@ def test_after_a_signed_prune_past_the_checkpoint_the_chain_is_read_from_the_pru
     checkpointer.checkpoint()
     fill(log_b, 4)
     marks = store_a.audit_marks(0, 10)
-    record = checkpointer.sign_prune(5, marks[4].hash, 5)
+    record = checkpointer.sign_prune(5, marks[4].hash, 5, marks[4].ts)
     assert store_a.audit_records()[-1].line == record.to_line()  # shared before any delete
     store_a.prune_audit(Head(5, marks[4].hash), shared.clock.now())
     fill(log_b, 2)
@@ -248,7 +248,7 @@ def test_a_prune_signed_beside_the_server_into_its_file_is_a_start_too(shared: S
         60.0,
     )
     marks = store_b.audit_marks(0, 10)
-    beside.sign_prune(5, marks[4].hash, 5)
+    beside.sign_prune(5, marks[4].hash, 5, marks[4].ts)
     store_b.prune_audit(Head(5, marks[4].hash), shared.clock.now())
     fill(log_b, 1)
     assert checkpointer.checkpoint().seq == 7
