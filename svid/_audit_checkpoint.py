@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from svid._clock import format_utc
 from svid._errors import SvidError
 
 VERSION = 1
@@ -214,3 +215,35 @@ def _body(
     if last_ts is not None:
         body["last_ts"] = last_ts
     return body
+
+
+# Clocks of the servers and the agent differ, and an event's ts is taken just before its commit
+# (a checkpoint names committed heads): a prune that many seconds younger is no finding.
+PRUNE_AGE_SLACK = 300.0
+
+
+def young_prune(
+    prune: AuditCheckpoint, min_age: float, at: float, signed_before: float | None
+) -> str | None:
+    """Why `prune` removed events younger than `min_age` seconds at `at`, or None.
+
+    Two signs, either enough: its signed `last_ts` (a key holder may sign a false one), and
+    `signed_before`, the newest signing time of a checkpoint by the same key naming fewer
+    events than it removes: the head was then before the last removed event, so that event
+    was written after it, whatever `last_ts` says. `min_age` 0 checks nothing."""
+    if min_age <= 0:
+        return None
+    limit = at - min_age + PRUNE_AGE_SLACK
+    days = f"{min_age / 86400:g} days"
+    if prune.last_ts is not None and prune.last_ts > limit:
+        return (
+            f"the prune record through seq {prune.seq} removes events written less than {days} "
+            f"before {format_utc(at)} (its last one at {format_utc(prune.last_ts)})"
+        )
+    if signed_before is not None and signed_before > limit:
+        return (
+            f"the prune record through seq {prune.seq} removes events written after a "
+            f"checkpoint signed at {format_utc(signed_before)}, less than {days} before "
+            f"{format_utc(at)}"
+        )
+    return None

@@ -181,12 +181,48 @@ def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
     finally:
         if store is not None:
             store.close()
+    if result.ok and args.anchor is not None and Path(args.anchor).is_file():
+        result = _young_prune(args, config, result)
     if getattr(args, "output", "text") == "json":
         print(json.dumps({**result.to_json(), "anchor_key": note or None}))
     if not result.ok:
         raise CliError(str(result))
     if getattr(args, "output", "text") != "json":
         print(str(result) + (f" (checkpoints signed by {note})" if note else ""))
+
+
+def _young_prune(
+    args: argparse.Namespace, config: Callable[[argparse.Namespace], Any], result: Any
+) -> Any:
+    """`result`, or a YOUNG_PRUNE break when a prune record of the anchor file removed events
+    younger than the configured retention (server/audit/prune_age.py)."""
+    from server.audit.checkpoint import load_public_key  # noqa: PLC0415 - only this command
+    from server.audit.prune_age import young_prunes_in_file  # noqa: PLC0415
+    from server.audit.retention import DAY  # noqa: PLC0415
+    from server.audit.verify import Break, VerifyResult  # noqa: PLC0415
+    from server.config import build_config  # noqa: PLC0415
+
+    file_values = config(args)
+    # Only a retention the config states: the default would flag every `audit prune
+    # --through-seq` of recent events an operator ran without one.
+    if "audit_retention_days" not in file_values:
+        return result
+    values = {"trust_domain": "unused.example", **file_values}
+    cfg = build_config({k: v for k, v in values.items() if k.startswith(("audit_", "trust"))})
+    # A count bound removes young events by design: only the age bound alone is checked.
+    min_age = cfg.audit_retention_days * DAY if cfg.audit_max_events == 0 else 0.0
+    pinned = load_public_key(args.anchor_key)[0] if args.anchor_key is not None else None
+    why = young_prunes_in_file(Path(args.anchor), pinned, min_age)
+    if why is None:
+        return result
+    return VerifyResult(
+        ok=False,
+        checked=result.checked,
+        head=None,
+        problem=Break.YOUNG_PRUNE,
+        detail=f"{why}: audit_retention_days is {cfg.audit_retention_days:g}; a holder of "
+        "the checkpoint key may have pruned recent history away",
+    )
 
 
 def _postgres_dsn(

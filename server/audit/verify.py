@@ -56,6 +56,7 @@ class Break(StrEnum):
     RECHAINED = "rechained"  # a self-consistent chain whose hash at an anchor's seq differs
     FORGED_BASE = "forged_base"  # the chain starts after a base no signed prune record names
     BAD_ANCHOR = "bad_anchor"  # the anchor itself is unreadable, unsigned or contradictory
+    YOUNG_PRUNE = "young_prune"  # a prune removed events younger than the retention (prune_age)
 
 
 # What decoding a row, or encoding it again to hash it, raises on a value no event holds (text

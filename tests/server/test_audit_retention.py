@@ -87,9 +87,15 @@ def lines(setup: Setup) -> list[Checkpoint]:
     return [Checkpoint.parse(line) for line in setup.checkpoints.read_text().splitlines()]
 
 
-def pinned_verify(setup: Setup, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+def pinned_verify(setup: Setup, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
     return verify(
-        setup, capsys, "--anchor", str(setup.checkpoints), "--anchor-key", str(setup.pinned)
+        setup,
+        capsys,
+        "--anchor",
+        str(setup.checkpoints),
+        "--anchor-key",
+        str(setup.pinned),
+        *extra,
     )
 
 
@@ -710,6 +716,65 @@ def test_the_prune_command_applies_the_configured_policy(
     assert main(["audit", "prune", "--config", str(config)]) == 0
     assert "removed 4 events; the log starts after seq 4" in capsys.readouterr().out
     assert seqs(setup.db) == [5, 6]
+
+
+def retention_verify(
+    setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> tuple[int, str]:
+    """verify --anchor with the server's config stating a 30-day retention."""
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'trust_domain = "example.org"\ndata_dir = "{setup.data_dir}"\naudit_retention_days = 30\n'
+    )
+    return pinned_verify(setup, capsys, "--config", str(config))
+
+
+def test_a_prune_of_events_younger_than_the_retention_is_a_young_prune(
+    setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A key holder prunes through the head: the log and its record verify, but the record
+    says when the removed events were written, and verify holds that against the retention."""
+    fill(setup.log, setup.clock, 10)
+    setup.checkpointer.checkpoint()
+    setup.pruner(RetentionPolicy(max_age=30 * DAY)).prune(Cut(through=10))
+    assert seqs(setup.db) == []
+    code, out = retention_verify(setup, capsys, tmp_path)
+    assert code == 1, out
+    assert f"BROKEN: {Break.YOUNG_PRUNE}" in out
+    assert "the prune record through seq 10 removes events written less than 30 days" in out
+    # Without a retention in the config (every manual prune of recent events) it is not held
+    # against one.
+    assert pinned_verify(setup, capsys)[0] == 0
+
+
+def test_a_prune_record_signing_a_false_time_is_caught_by_a_checkpoint_before_it(
+    setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The key holder signs its prune's last removed event as a year old: a checkpoint signed
+    a week ago names fewer events, so the events it removes were written since."""
+    fill(setup.log, setup.clock, 3)
+    setup.checkpointer.checkpoint()
+    fill(setup.log, setup.clock, 7)
+    signer = CheckpointSigner.load_or_create(setup.data_dir)
+    lie = signer.sign(
+        10, hash_at(setup.db, 10), 10, setup.clock.now(), PRUNE, last_ts=START - 365 * DAY
+    )
+    CheckpointFile(setup.checkpoints).append(lie)
+    code, out = retention_verify(setup, capsys, tmp_path)
+    assert code == 1, out
+    assert f"BROKEN: {Break.YOUNG_PRUNE}" in out
+    assert "removes events written after a checkpoint signed at" in out
+
+
+def test_a_prune_of_events_older_than_the_retention_verifies(
+    setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fill(setup.log, setup.clock, 40)
+    setup.checkpointer.checkpoint()
+    assert setup.pruner(RetentionPolicy(max_age=30 * DAY)).prune().removed == 10
+    code, out = retention_verify(setup, capsys, tmp_path)
+    assert code == 0, out
+    assert "10 events pruned through seq 10" in out
 
 
 # -- the ticker -------------------------------------------------------------------------------
