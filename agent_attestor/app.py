@@ -89,6 +89,8 @@ class AgentApp:
         self.checkpoints = CheckpointStore(
             config.audit_checkpoint_path,
             on_refused=lambda reason: self.metrics.checkpoints_refused.labels(reason=reason).inc(),
+            clock=self.clock,
+            min_prune_age=config.audit_prune_min_age_days * 86400.0,
         )
         x509pop = (
             load_x509pop(config.x509pop_cert, config.x509pop_key)

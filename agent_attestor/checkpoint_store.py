@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor.agent_store import _write_private
 from svid import AuditCheckpoint, AuditCheckpointError
-from svid._audit_checkpoint import CHECKPOINT, PRUNE, key_id_of, load_public_der
+from svid._audit_checkpoint import CHECKPOINT, PRUNE, key_id_of, load_public_der, young_prune
+from svid._clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 FILE_NAME = "audit-checkpoint.jsonl"
@@ -55,6 +57,7 @@ BACKWARDS = "backwards"
 FORKED = "forked"
 KEY_CHANGED = "key_changed"
 UNWRITABLE = "unwritable"  # verified and newer, but it could not be stored
+YOUNG_PRUNE = "young_prune"  # a prune record removing events younger than the retention
 # About 40 MB of lines: at one checkpoint a minute (a head that moves every minute) ten weeks.
 MAX_LINES = 100_000
 
@@ -76,12 +79,21 @@ class CheckpointStore:
         path: Path,
         on_refused: Callable[[str], None] = lambda _r: None,
         max_lines: int = MAX_LINES,
+        *,
+        clock: Clock | None = None,
+        min_prune_age: float = 0.0,
     ) -> None:
         self.path = path
         self._on_refused = on_refused
         self._max_lines = max_lines
+        self._clock = clock or SystemClock()
+        self._min_prune_age = min_prune_age
         self._held: dict[str, AuditCheckpoint] = {}
         self._lines = 0
+        # Every held checkpoint's seq and signing time, compactly (16 bytes each): what a
+        # pushed prune record's age is checked against.
+        self._checkpoint_seqs = array("q")
+        self._checkpoint_times = array("d")
         for record in self._load():
             self._note(record)
 
@@ -134,6 +146,17 @@ class CheckpointStore:
                 )
             if record.seq == held.seq and record.time <= held.time:
                 return False  # the same head, not signed later: nothing new
+        if record.kind == PRUNE:
+            # A future signing time would push the limit forward: the agent's own clock caps it.
+            at = min(self._clock.now(), record.time)
+            young = young_prune(record, self._min_prune_age, at, self._signed_before(record.seq))
+            if young is not None:
+                return self._refuse(
+                    YOUNG_PRUNE,
+                    f"{young}: a holder of the checkpoint key may be pruning recent history",
+                    record,
+                    level=logging.ERROR,
+                )
         kept = {**self._held, record.kind: record}
         if _cut_back(kept):
             return self._refuse(
@@ -157,8 +180,17 @@ class CheckpointStore:
         )
         return True
 
+    def _signed_before(self, seq: int) -> float | None:
+        """The newest signing time of a held checkpoint naming fewer than `seq` events."""
+        pairs = zip(self._checkpoint_seqs, self._checkpoint_times, strict=True)
+        times = (t for s, t in pairs if s < seq)
+        return max(times, default=None)
+
     def _note(self, record: AuditCheckpoint) -> None:
         self._lines += 1
+        if record.kind == CHECKPOINT:
+            self._checkpoint_seqs.append(record.seq)
+            self._checkpoint_times.append(record.time)
         held = self._held.get(record.kind)
         if held is None or (record.seq, record.time) >= (held.seq, held.time):
             self._held[record.kind] = record
@@ -201,12 +233,26 @@ class CheckpointStore:
             records = keep
         _write_private(self.path, "".join(r.to_line() + "\n" for r in records).encode("utf-8"))
         _fsync_dir(self.path.parent)
-        self._lines = len(records) - 1  # _note counts `record`
+        # What the file now holds but `record`, which _note adds.
+        self._lines = 0
+        self._checkpoint_seqs = array("q")
+        self._checkpoint_times = array("d")
+        for r in records:
+            if r is not record:
+                self._note(r)
 
-    def _refuse(self, reason: str, why: str, record: AuditCheckpoint | None = None) -> bool:
+    def _refuse(
+        self,
+        reason: str,
+        why: str,
+        record: AuditCheckpoint | None = None,
+        *,
+        level: int = logging.WARNING,
+    ) -> bool:
         self._on_refused(reason)
         held = self.held
-        log.warning(
+        log.log(
+            level,
             f"refused an audit checkpoint from the server: {why}; kept the one held. Compare "
             "the server's log with this node's copy: svid-agent audit checkpoint > anchor.jsonl; "
             "svid-server audit verify --anchor anchor.jsonl",

@@ -100,6 +100,10 @@ class AgentConfig:
     # limit, and renewing them at a 5 min TTL takes 133 CSRs/s, an eighth of that limit, leaving
     # the rest for minting on demand. Each held SVID costs ~2 KB.
     max_prefetched_svids: int = 20_000
+    # The servers' audit_retention_days: a pushed prune record removing events younger than
+    # this is refused (a holder of the checkpoint key pruning recent history). 0: not checked,
+    # the default, since a count bound or a manual prune may remove recent events by design.
+    audit_prune_min_age_days: float = 0.0
 
     @property
     def servers(self) -> tuple[Target, ...]:
@@ -145,6 +149,7 @@ _FLOAT_KEYS = {
     "connect_timeout",
     "identify_timeout",
     "jwt_mints_per_uid_rate",
+    "audit_prune_min_age_days",
 }
 # Lists: a TOML array, or strings of comma-separated items (a flag may be repeated).
 LIST_KEYS = {"server_addresses", "server_attest_addresses"}
@@ -165,7 +170,12 @@ _INT_KEYS = {
     "max_hash_size",
     "max_prefetched_svids",
 }
-_ZERO_ALLOWED = {"max_connections", "max_prefetched_svids", "jwt_mints_per_uid_rate"}
+_ZERO_ALLOWED = {
+    "max_connections",
+    "max_prefetched_svids",
+    "jwt_mints_per_uid_rate",
+    "audit_prune_min_age_days",
+}
 KEYS = tuple(f.name for f in fields(AgentConfig))
 
 

@@ -50,7 +50,8 @@ class Metrics:
         self.checkpoints_refused = Counter(
             "svid_agent_audit_checkpoints_refused_total",
             "audit checkpoints pushed by the server and not kept, by reason (backwards, "
-            "forked, key_changed, invalid: red flags; unwritable: a local disk problem)",
+            "forked, key_changed, invalid, young_prune: red flags; unwritable: a local disk "
+            "problem)",
             ["reason"],
             registry=self.registry,
         )

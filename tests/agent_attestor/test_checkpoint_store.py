@@ -25,6 +25,7 @@ from agent_attestor.checkpoint_store import (
     INVALID,
     KEY_CHANGED,
     UNWRITABLE,
+    YOUNG_PRUNE,
     CheckpointStore,
     PushedCheckpoint,
     read_records,
@@ -425,3 +426,65 @@ def test_a_head_that_does_not_extend_the_held_one_leaves_the_held_one_for_verify
     result = audit.verify(anchors=CheckpointFile(agent.path).anchors()[0])
     assert result.problem is Break.RECHAINED
     assert result.broken_seq == 4  # the honest head no longer matches
+
+
+DAY = 86400.0
+
+
+def young_store(tmp_path: Path, refused: list[str], now: float) -> CheckpointStore:
+    """A store told the servers keep 30 days of audit events, its clock at `now`."""
+    return CheckpointStore(
+        tmp_path / FILE_NAME, refused.append, clock=FakeClock(now), min_prune_age=30 * DAY
+    )
+
+
+def signed_prune(
+    signer: CheckpointSigner, seq: int, time: float, last_ts: float | None
+) -> PushedCheckpoint:
+    record = signer.sign(seq, HASHES[seq], seq, time, PRUNE, last_ts=last_ts)
+    return PushedCheckpoint(record.to_line(), record.public_key_der())
+
+
+def test_a_prune_record_removing_events_younger_than_the_retention_is_refused(
+    tmp_path: Path,
+    signer: CheckpointSigner,
+    refused: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A holder of the key prunes through the head: the agent keeps what it holds."""
+    now = T0 + 100 * DAY
+    store = young_store(tmp_path, refused, now)
+    assert store.offer(push(signer, 9, T0))
+    before = store.path.read_bytes()
+    caplog.set_level(logging.ERROR, logger="agent_attestor.checkpoint_store")
+    assert not store.offer(signed_prune(signer, 9, now, last_ts=now - DAY))
+    assert refused == [YOUNG_PRUNE]
+    assert store.path.read_bytes() == before
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR
+    assert "removes events written less than 30 days" in record.getMessage()
+    # Events older than the retention go as they should; a record without last_ts (an older
+    # server's) is judged by the checkpoints held.
+    assert store.offer(signed_prune(signer, 5, now, last_ts=now - 40 * DAY))
+    assert store.offer(signed_prune(signer, 7, now + 60, last_ts=None))
+    assert refused == [YOUNG_PRUNE]
+
+
+def test_a_prune_record_signing_a_false_time_is_refused_by_a_checkpoint_held(
+    tmp_path: Path, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    """Its last_ts says a year ago, but a checkpoint signed two days ago named fewer events:
+    the events it removes were written since. Dating the record itself back does not help."""
+    now = T0 + 100 * DAY
+    store = young_store(tmp_path, refused, now)
+    assert store.offer(push(signer, 3, now - 2 * DAY))
+    assert store.offer(push(signer, 9, now - DAY))
+    assert not store.offer(signed_prune(signer, 5, now, last_ts=now - 365 * DAY))
+    assert not store.offer(signed_prune(signer, 5, now - 300 * DAY, last_ts=None))
+    # ...and a restart remembers the checkpoints it is judged by.
+    again = young_store(tmp_path, refused, now)
+    assert not again.offer(signed_prune(signer, 5, now, last_ts=None))
+    assert refused == [YOUNG_PRUNE] * 3
+    assert [r.kind for r in read_records(store.path)] == ["checkpoint", "checkpoint"]
+    # Through seq 3, which the old checkpoint named, it says nothing against a prune.
+    assert again.offer(signed_prune(signer, 3, now, last_ts=now - 40 * DAY))
