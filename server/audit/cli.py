@@ -70,6 +70,15 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="PUBFILE",
         help="the checkpoint public key (PEM) to trust; default: the key in the file itself",
     )
+    verify.add_argument(
+        "--min-prune-age-days",
+        type=_non_negative_days,
+        default=None,
+        metavar="DAYS",
+        help="with an anchor file: the smallest audit_retention_days ever in force; a prune "
+        "record that removed events younger than that when signed (by its signed last_ts, or "
+        "a checkpoint naming fewer events signed since) is young_prune (default: not checked)",
+    )
     export = audit.choices["export"]
     export.add_argument("--agent", default=None)
     export.add_argument("--task", default=None)
@@ -181,8 +190,8 @@ def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
     finally:
         if store is not None:
             store.close()
-    if result.ok and args.anchor is not None and Path(args.anchor).is_file():
-        result = _young_prune(args, config, result)
+    if getattr(args, "min_prune_age_days", None) is not None and result.ok:
+        result = _young_prune(args, result)
     if getattr(args, "output", "text") == "json":
         print(json.dumps({**result.to_json(), "anchor_key": note or None}))
     if not result.ok:
@@ -191,28 +200,31 @@ def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
         print(str(result) + (f" (checkpoints signed by {note})" if note else ""))
 
 
-def _young_prune(
-    args: argparse.Namespace, config: Callable[[argparse.Namespace], Any], result: Any
-) -> Any:
+def _non_negative_days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not days >= 0 or days == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a finite number of days, 0 or more")
+    return days
+
+
+def _young_prune(args: argparse.Namespace, result: Any) -> Any:
     """`result`, or a YOUNG_PRUNE break when a prune record of the anchor file removed events
-    younger than the configured retention (server/audit/prune_age.py)."""
+    younger than --min-prune-age-days when it was signed (server/audit/prune_age.py)."""
     from server.audit.checkpoint import load_public_key  # noqa: PLC0415 - only this command
     from server.audit.prune_age import young_prunes_in_file  # noqa: PLC0415
     from server.audit.retention import DAY  # noqa: PLC0415
     from server.audit.verify import Break, VerifyResult  # noqa: PLC0415
-    from server.config import build_config  # noqa: PLC0415
 
-    file_values = config(args)
-    # Only a retention the config states: the default would flag every `audit prune
-    # --through-seq` of recent events an operator ran without one.
-    if "audit_retention_days" not in file_values:
-        return result
-    values = {"trust_domain": "unused.example", **file_values}
-    cfg = build_config({k: v for k, v in values.items() if k.startswith(("audit_", "trust"))})
-    # A count bound removes young events by design: only the age bound alone is checked.
-    min_age = cfg.audit_retention_days * DAY if cfg.audit_max_events == 0 else 0.0
+    # The operator states the age, not the config: a retention raised since (or a count bound
+    # removed) would judge every honest past prune against a setting it was not made under.
+    if args.anchor is None or not Path(args.anchor).is_file():
+        raise CliError("--min-prune-age-days: needs --anchor FILE (the prune records it judges)")
+    days = float(args.min_prune_age_days)
     pinned = load_public_key(args.anchor_key)[0] if args.anchor_key is not None else None
-    why = young_prunes_in_file(Path(args.anchor), pinned, min_age)
+    why = young_prunes_in_file(Path(args.anchor), pinned, days * DAY)
     if why is None:
         return result
     return VerifyResult(
@@ -220,8 +232,8 @@ def _young_prune(
         checked=result.checked,
         head=None,
         problem=Break.YOUNG_PRUNE,
-        detail=f"{why}: audit_retention_days is {cfg.audit_retention_days:g}; a holder of "
-        "the checkpoint key may have pruned recent history away",
+        detail=f"{why}: --min-prune-age-days is {days:g}; a holder of the checkpoint key may "
+        "have pruned recent history away",
     )
 
 

@@ -6,8 +6,10 @@ delete what it wanted gone behind a record every verify and agent accepts. Such 
 flagged here, from the anchor file alone (svid/_audit_checkpoint.py young_prune gives the two
 signs): each prune record is judged at its own signing time.
 
-Only with the age bound alone: a count bound (`audit_max_events`) removes young events by
-design, and `audit prune --through-seq N` of young events is flagged as what it is.
+The age is the operator's (`audit verify --min-prune-age-days`, the smallest retention ever in
+force), not today's config: a retention raised since would flag every honest past prune. A count
+bound (`audit_max_events`) removes young events by design, and `audit prune --through-seq N` of
+young events is flagged as what it is.
 """
 
 from __future__ import annotations

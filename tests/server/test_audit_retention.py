@@ -721,12 +721,8 @@ def test_the_prune_command_applies_the_configured_policy(
 def retention_verify(
     setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> tuple[int, str]:
-    """verify --anchor with the server's config stating a 30-day retention."""
-    config = tmp_path / "server.toml"
-    config.write_text(
-        f'trust_domain = "example.org"\ndata_dir = "{setup.data_dir}"\naudit_retention_days = 30\n'
-    )
-    return pinned_verify(setup, capsys, "--config", str(config))
+    """verify --anchor stating a 30-day retention was always in force."""
+    return pinned_verify(setup, capsys, "--min-prune-age-days", "30")
 
 
 def test_a_prune_of_events_younger_than_the_retention_is_a_young_prune(
@@ -742,8 +738,7 @@ def test_a_prune_of_events_younger_than_the_retention_is_a_young_prune(
     assert code == 1, out
     assert f"BROKEN: {Break.YOUNG_PRUNE}" in out
     assert "the prune record through seq 10 removes events written less than 30 days" in out
-    # Without a retention in the config (every manual prune of recent events) it is not held
-    # against one.
+    # Without the flag (every manual prune of recent events) it is not held against one.
     assert pinned_verify(setup, capsys)[0] == 0
 
 
@@ -775,6 +770,40 @@ def test_a_prune_of_events_older_than_the_retention_verifies(
     code, out = retention_verify(setup, capsys, tmp_path)
     assert code == 0, out
     assert "10 events pruned through seq 10" in out
+
+
+def test_an_honest_prune_under_a_shorter_retention_still_verifies_after_raising_it(
+    setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Retention was 10 days when the prune was signed; the operator raised it to 30 since.
+    The config's value today does not judge past records: only --min-prune-age-days does,
+    and the operator states the smallest retention ever in force."""
+    fill(setup.log, setup.clock, 40)
+    setup.checkpointer.checkpoint()
+    assert setup.pruner(RetentionPolicy(max_age=10 * DAY)).prune().removed == 30
+    setup.checkpointer.checkpoint()
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'trust_domain = "example.org"\ndata_dir = "{setup.data_dir}"\naudit_retention_days = 30\n'
+    )
+    code, out = pinned_verify(setup, capsys, "--config", str(config))
+    assert code == 0, out
+    code, out = pinned_verify(setup, capsys, "--config", str(config), "--min-prune-age-days", "10")
+    assert code == 0, out
+    # Stating a longer retention than the one the prune ran under flags it, as it should.
+    code, out = pinned_verify(setup, capsys, "--min-prune-age-days", "30")
+    assert code == 1, out
+    assert f"BROKEN: {Break.YOUNG_PRUNE}" in out
+    assert "--min-prune-age-days is 30" in out
+
+
+def test_min_prune_age_days_needs_an_anchor_file(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(setup.log, setup.clock, 3)
+    code, out = verify(setup, capsys, "--min-prune-age-days", "10")
+    assert code != 0
+    assert "--min-prune-age-days: needs --anchor FILE" in out
 
 
 # -- the ticker -------------------------------------------------------------------------------
