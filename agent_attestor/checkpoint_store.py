@@ -28,7 +28,9 @@ are in an order that file's checks accept (checkpoints' seq and count never goin
 checkpoint never after a prune that removed more); a crash mid-line leaves a last line without
 its newline, which is not a checkpoint and is cut off before the next one is appended. Beyond
 MAX_LINES the oldest are dropped (the newest prune record kept: a pruned log's start needs it),
-with a warning, by writing the rest to a new file renamed over the old.
+with a warning, by writing the rest to a new file renamed over the old. A file found damaged
+(at start, or by that rewrite) is moved aside as <name>.invalid, logged as an error, and the
+copy starts again from the next checkpoint that verifies: offer never raises for it.
 """
 
 from __future__ import annotations
@@ -166,7 +168,14 @@ class CheckpointStore:
                 record,
             )
         try:
-            self._store(record)
+            try:
+                self._store(record)
+            except AuditCheckpointError as e:
+                # Damaged since start (only a rewrite reads the file whole): raised, it ended
+                # the Sync stream on every reconnect. Set aside as at start, and the copy
+                # starts again from the record just verified.
+                self._move_aside(e)
+                _append_line(self.path, record.to_line())
         except OSError as e:
             # Serving identities matters more than this copy: the stream goes on, and the next
             # checkpoint (or the snapshot after a reconnect) tries again.
@@ -207,7 +216,11 @@ class CheckpointStore:
         """The file again with `record` where the anchor file's order allows it, and the oldest
         lines dropped beyond the cap: rare (a checkpoint signed before a prune that removed
         more, which goes before that prune; or the cap reached), so written whole."""
-        records = _read_unverified(self.path) if self._lines else []
+        try:
+            records = _read_unverified(self.path) if self._lines else []
+        except FileNotFoundError:
+            # Removed since start: the lines counted are gone; another way a copy is damaged.
+            raise AuditCheckpointError(f"{self.path} is gone") from None
         # A checkpoint signed before a prune that removed more goes before that prune: verify
         # reads a checkpoint after a prune naming less as the log cut back.
         at = len(records)
@@ -270,15 +283,25 @@ class CheckpointStore:
         except FileNotFoundError:
             return []
         except (OSError, AuditCheckpointError) as e:
-            # Kept aside, not overwritten: it may be the evidence someone wanted gone.
-            aside = self.path.with_name(self.path.name + ".invalid")
-            log.error(
-                "the stored audit checkpoint is unreadable; moved aside, keeping the next one "
-                "the server pushes",
-                extra={"error": str(e), "moved_to": str(aside)},
-            )
-            os.replace(self.path, aside)
+            self._move_aside(e)
             return []
+
+    def _move_aside(self, damage: Exception) -> None:
+        """The damaged file renamed to <name>.invalid, and nothing held: what it held can no
+        longer be trusted, and the copy starts again from the next checkpoint kept."""
+        # Kept aside, not overwritten: it may be the evidence someone wanted gone.
+        aside = self.path.with_name(self.path.name + ".invalid")
+        log.error(
+            "the stored audit checkpoint is unreadable; moved aside, keeping the next one "
+            "the server pushes",
+            extra={"error": str(damage), "moved_to": str(aside)},
+        )
+        with contextlib.suppress(FileNotFoundError):  # already gone: nothing to keep
+            os.replace(self.path, aside)
+        self._held = {}
+        self._lines = 0
+        self._checkpoint_seqs = array("q")
+        self._checkpoint_times = array("d")
 
 
 def read_records(path: Path, verify_all: bool = True) -> list[AuditCheckpoint]:

@@ -368,6 +368,18 @@ class Syncer:
                     await task
             self.connected = False
 
+    def _offer_checkpoint(self, pushed: PushedCheckpoint) -> None:
+        """checkpoint_store.CheckpointStore.offer, which refuses rather than raises; anything it
+        still raises is logged, not raised: ending the stream here ended every reconnect too
+        (the server pushes the same checkpoint on each), and entries stopped coming in."""
+        try:
+            self._on_checkpoint(pushed)
+        except Exception as exc:  # the node's copy never stops the sync
+            log.error(
+                "cannot keep the audit checkpoint the server pushed; the sync goes on",
+                extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"},
+            )
+
     async def _consume(self, client: NodeClient) -> None:
         parts: list[SyncState] = []
         crls: tuple[bytes, ...] | None = None
@@ -376,7 +388,7 @@ class Syncer:
             self.revision, self.epoch = 0, ""
         async for message in client.sync(self.revision, self.epoch):
             if isinstance(message, PushedCheckpoint):
-                self._on_checkpoint(message)  # checkpoint_store.CheckpointStore.offer
+                self._offer_checkpoint(message)
                 continue
             if isinstance(message, SyncState):
                 # A snapshot replaces everything at once, when its last part is in.

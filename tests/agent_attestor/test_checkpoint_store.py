@@ -488,3 +488,78 @@ def test_a_prune_record_signing_a_false_time_is_refused_by_a_checkpoint_held(
     assert [r.kind for r in read_records(store.path)] == ["checkpoint", "checkpoint"]
     # Through seq 3, which the old checkpoint named, it says nothing against a prune.
     assert again.offer(signed_prune(signer, 3, now, last_ts=now - 40 * DAY))
+
+
+# -- a copy damaged after start -----------------------------------------------------------------
+
+
+def test_a_line_damaged_after_start_is_moved_aside_at_the_cap_and_the_copy_starts_again(
+    tmp_path: Path,
+    signer: CheckpointSigner,
+    refused: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only a rewrite (the cap, or a checkpoint going before a prune) reads the file whole: one
+    unparsable line raised AuditCheckpointError out of offer, which ended the agent's Sync
+    stream, and the server pushed the same checkpoint on each reconnect."""
+    store = CheckpointStore(tmp_path / FILE_NAME, on_refused=refused.append, max_lines=5)
+    for n in range(1, 6):
+        assert store.offer(push(signer, n, T0 + n))
+    lines = store.path.read_text().split("\n")
+    lines[1] = lines[1][:-10]  # one byte range lost in the middle of the file
+    damaged = "\n".join(lines)
+    store.path.write_text(damaged)
+    caplog.set_level(logging.WARNING, logger="agent_attestor.checkpoint_store")
+    pushed = push(signer, 6, T0 + 6)
+    assert store.offer(pushed)
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    aside = tmp_path / (FILE_NAME + ".invalid")
+    assert error.__dict__["moved_to"] == str(aside)
+    assert aside.read_text() == damaged  # the evidence, as it was
+    assert store.path.read_text() == pushed.line + "\n"
+    assert [r.seq for r in read_records(store.path)] == [6]
+    assert refused == []
+    # The copy goes on from there: it appends, and a restart reads it.
+    assert store.offer(push(signer, 7, T0 + 7))
+    assert [r.seq for r in read_records(store.path)] == [6, 7]
+    assert CheckpointStore(store.path).held == store.held
+
+
+def test_a_copy_no_longer_utf8_before_a_prune_is_moved_aside_and_the_checkpoint_kept(
+    store: CheckpointStore, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    """A checkpoint signed before a held prune that removed more is written before it, by a
+    rewrite: a non-UTF-8 byte there raised out of offer too."""
+    assert store.offer(prune(signer, 20, T0))
+    store.path.write_bytes(b"\xff" + store.path.read_bytes())
+    assert store.offer(push(signer, 15, T0 - 10))
+    assert (store.path.parent / (FILE_NAME + ".invalid")).read_bytes()[:1] == b"\xff"
+    assert [(r.kind, r.seq) for r in read_records(store.path)] == [("checkpoint", 15)]
+    assert refused == []
+
+
+def test_a_copy_removed_after_start_starts_again_at_the_cap(
+    tmp_path: Path, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    """Without the file the lines counted were gone: every offer at the cap was unwritable
+    until the agent restarted."""
+    store = CheckpointStore(tmp_path / FILE_NAME, on_refused=refused.append, max_lines=3)
+    for n in range(1, 4):
+        assert store.offer(push(signer, n, T0 + n))
+    store.path.unlink()
+    assert store.offer(push(signer, 4, T0 + 4))
+    assert [r.seq for r in read_records(store.path)] == [4]
+    assert refused == []
+
+
+def test_a_damaged_copy_that_cannot_be_moved_aside_is_unwritable_not_raised(
+    tmp_path: Path, signer: CheckpointSigner, refused: list[str]
+) -> None:
+    store = CheckpointStore(tmp_path / FILE_NAME, on_refused=refused.append, max_lines=2)
+    for n in range(1, 3):
+        assert store.offer(push(signer, n, T0 + n))
+    store.path.write_bytes(b"\xff\n")
+    (tmp_path / (FILE_NAME + ".invalid")).mkdir()  # the rename over it fails
+    (tmp_path / (FILE_NAME + ".invalid") / "x").touch()
+    assert not store.offer(push(signer, 3, T0 + 3))
+    assert refused == [UNWRITABLE]

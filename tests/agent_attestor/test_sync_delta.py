@@ -15,10 +15,12 @@ import pytest
 
 from agent_attestor.agent_store import AgentStore
 from agent_attestor.cache import Cache, SyncDelta, SyncState
+from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.model import Entry, Selector, TrustBundle
 from agent_attestor.node_client import NodeClient, sync_delta
 from agent_attestor.servers import Target
 from agent_attestor.sync import Syncer, SyncSettings
+from svid import AuditCheckpointError
 from svid._clock import FakeClock
 from svid._proto import common_pb2, node_pb2
 
@@ -186,3 +188,33 @@ def test_a_bundle_the_disk_cannot_save_does_not_stop_the_sync(
     assert (syncer.revision, syncer.epoch) == (4, "ep")
     assert cache.snapshot().revoked_serials == frozenset({"ab12"})
     assert "cannot save the trust bundle" in caplog.text
+
+
+def test_a_checkpoint_the_agent_cannot_keep_does_not_stop_the_sync(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint offer raising ended the stream before the messages after it, and the server
+    pushes the same checkpoint on each reconnect: no entry reached the agent until a restart."""
+    cache = Cache()
+
+    def offer(_pushed: PushedCheckpoint) -> bool:
+        raise AuditCheckpointError("a damaged copy")
+
+    syncer = Syncer(
+        SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),)),
+        AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"),
+        cache,
+        FakeClock(start=time.time()),
+        on_checkpoint=offer,
+    )
+    script: list[tuple[Any, set[str]]] = [
+        (PushedCheckpoint("{}", b""), set()),
+        (SyncState((_entry(1),), BUNDLE, revision=3, epoch="ep"), {"e1"}),
+    ]
+    with (
+        caplog.at_level(logging.ERROR, logger="agent_attestor.sync"),
+        pytest.raises(ConnectionError, match="server ended the Sync stream"),
+    ):
+        asyncio.run(syncer._consume(cast(NodeClient, FakeClient(cache, script))))
+    assert set(cache.entries()) == {"e1"}
+    assert "cannot keep the audit checkpoint" in caplog.text
