@@ -47,7 +47,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor.agent_store import _write_private
 from svid import AuditCheckpoint, AuditCheckpointError
-from svid._audit_checkpoint import CHECKPOINT, PRUNE, key_id_of, load_public_der, young_prune
+from svid._audit_checkpoint import (
+    CHECKPOINT,
+    PRUNE,
+    cut_torn_tail,
+    key_id_of,
+    load_public_der,
+    young_prune,
+)
 from svid._clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
@@ -351,7 +358,7 @@ def _append_line(path: Path, line: str) -> None:
     created = not path.exists()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        _cut_torn_tail(fd)
+        cut_torn_tail(fd)
         size = os.fstat(fd).st_size
         try:
             view = memoryview(data)
@@ -366,23 +373,6 @@ def _append_line(path: Path, line: str) -> None:
         os.close(fd)
     if created:
         _fsync_dir(path.parent)
-
-
-def _cut_torn_tail(fd: int) -> None:
-    """Cut off a last line without its newline: it never counted, and a line appended to it
-    would make one no parser reads."""
-    end = os.fstat(fd).st_size
-    at = end
-    while at > 0:
-        start = max(0, at - 4096)
-        chunk = os.pread(fd, at - start, start)
-        newline = chunk.rfind(b"\n")
-        if newline >= 0:
-            at = start + newline + 1
-            break
-        at = start
-    if at < end:
-        os.ftruncate(fd, at)
 
 
 def _cut_back(records: dict[str, AuditCheckpoint]) -> bool:

@@ -26,6 +26,7 @@ import binascii
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,3 +248,22 @@ def young_prune(
             f"{format_utc(at)}"
         )
     return None
+
+
+def cut_torn_tail(fd: int) -> None:
+    """Cut off a checkpoint file's last line if it has no newline (a crash or a full disk cut
+    its write short): it never counted as a record, and the next line appended to it would make
+    one line no parser reads, so the file would fail as an anchor for good. The caller holds
+    the file so that no other writer is mid-line (the server's lock, the agent's one writer)."""
+    end = os.fstat(fd).st_size
+    at = end
+    while at > 0:
+        start = max(0, at - 4096)
+        chunk = os.pread(fd, at - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            at = start + newline + 1
+            break
+        at = start
+    if at < end:
+        os.ftruncate(fd, at)

@@ -39,7 +39,7 @@ from server.ca.sealing import KeyEncryptionKey
 from server.datastore.base import AuditCheckpointStore
 from server.datastore.records import SealedAuditKey
 from svid import AuditCheckpoint, AuditCheckpointError
-from svid._audit_checkpoint import CHECKPOINT, PRUNE, key_id_of, signed_bytes
+from svid._audit_checkpoint import CHECKPOINT, PRUNE, cut_torn_tail, key_id_of, signed_bytes
 from svid._clock import format_utc
 
 _log = logging.getLogger("svid.server.audit")
@@ -267,7 +267,7 @@ class CheckpointFile:
                     newest = self._newest_signed_by(checkpoint.key_id)
                     if newest is not None and newest.seq > checkpoint.seq:
                         return newest
-                _cut_torn_tail(fd)
+                cut_torn_tail(fd)
                 _write_all(fd, line)
                 os.fsync(fd)
             finally:
@@ -398,25 +398,6 @@ def _check_order(path: Path, checkpoints: Sequence[tuple[int, Checkpoint]]) -> N
                 f"{before.seq} ({before.count} events): the log was cut back in between"
             )
         before = cp
-
-
-def _cut_torn_tail(fd: int) -> None:
-    """Cut off a last line without its newline (a crash or a full disk cut its write short):
-    it never counted as a checkpoint, and the next line appended to it would make one line
-    no parser reads, so the file would fail as an anchor for good and lose that checkpoint.
-    Under the file's lock: no other writer is mid-line."""
-    end = os.fstat(fd).st_size
-    at = end
-    while at > 0:
-        start = max(0, at - 4096)
-        chunk = os.pread(fd, at - start, start)
-        newline = chunk.rfind(b"\n")
-        if newline >= 0:
-            at = start + newline + 1
-            break
-        at = start
-    if at < end:
-        os.ftruncate(fd, at)
 
 
 def _write_all(fd: int, data: bytes) -> None:
