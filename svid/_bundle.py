@@ -193,10 +193,14 @@ def _x509_key(jwk: Mapping[str, Any], where: str) -> x509.Certificate:
     return cert
 
 
-def _non_negative_int(doc: Mapping[str, Any], name: str, trust_domain: TrustDomain) -> int:
+def _non_negative_int(
+    doc: Mapping[str, Any], name: str, trust_domain: TrustDomain, *, below: int | None = None
+) -> int:
     value = doc.get(name, 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise BundleError(f"bundle for {trust_domain}: {name!r} must be a non-negative integer")
+    if below is not None and value >= below:
+        raise BundleError(f"bundle for {trust_domain}: {name!r} must be below {below}")
     return value
 
 
@@ -249,7 +253,8 @@ class SpiffeBundle:
             trust_domain,
             tuple(cas),
             jwt_keys,
-            sequence=_non_negative_int(doc, "spiffe_sequence", trust_domain),
+            # The spec's spiffe_sequence is a uint64: a bundle past it is no bundle.
+            sequence=_non_negative_int(doc, "spiffe_sequence", trust_domain, below=2**64),
             refresh_hint=_non_negative_int(doc, "spiffe_refresh_hint", trust_domain),
         )
 

@@ -385,6 +385,17 @@ def _foreign_bundle_sequence(execute: Execute) -> None:
     execute("ALTER TABLE foreign_bundles ADD COLUMN spiffe_sequence BIGINT NOT NULL DEFAULT 0")
 
 
+def _foreign_bundle_sequence_uint64(execute: Execute) -> None:
+    """spiffe_sequence is a uint64 and the column a signed BIGINT: from here the column holds
+    the sequence minus 2**63 (queries.stored_sequence), so the whole range fits and orders.
+    Rows written under 17 hold sequences below 2**63 as they are (0: none) and are shifted
+    alike. The column's DEFAULT 0 no longer means "none", but every write names the value."""
+    # 2**63 as 2**63 - 1 and 1: the literal 2**63 is no BIGINT on either backend.
+    execute(
+        "UPDATE foreign_bundles SET spiffe_sequence = spiffe_sequence - 9223372036854775807 - 1"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
@@ -403,6 +414,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(15, "credentials: a delegated token's acting workload's agent", _actor_agent),
     Migration(16, "agents: removals claimed by their finisher", _removal_claims),
     Migration(17, "federation: a foreign bundle's spiffe_sequence", _foreign_bundle_sequence),
+    Migration(
+        18,
+        "federation: a foreign bundle's spiffe_sequence as a uint64",
+        _foreign_bundle_sequence_uint64,
+    ),
 )
 
 

@@ -100,7 +100,8 @@ class PostgresFederation:
             "trust_domain": bundle.trust_domain,
             "bundle": bundle.bundle,
             "updated_at": bundle.updated_at,
-            "sequence": bundle.sequence,
+            "sequence": q.stored_sequence(bundle.sequence),
+            "no_sequence": q.NO_SEQUENCE,
         }
 
         def work(cur: Cursor) -> bool:
@@ -117,7 +118,10 @@ class PostgresFederation:
         rows = self._rows("list foreign bundles", q.LIST_FOREIGN_BUNDLES, {})
         return [
             ForeignBundle(
-                r["trust_domain"], bytes(r["bundle"]), r["updated_at"], r["spiffe_sequence"]
+                r["trust_domain"],
+                bytes(r["bundle"]),
+                r["updated_at"],
+                q.read_sequence(r["spiffe_sequence"]),
             )
             for r in rows
         ]

@@ -7,6 +7,8 @@ Upserts use `INSERT ... ON CONFLICT ... DO UPDATE`, never SQLite's `INSERT OR RE
 
 from __future__ import annotations
 
+from server.datastore.errors import DataStoreError
+
 MIGRATION_VERSIONS = "SELECT version FROM schema_migrations"
 RECORD_MIGRATION = (
     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (:version, :name, :now)"
@@ -187,16 +189,35 @@ LIST_RELATIONSHIPS = (
     f"SELECT {_RELATIONSHIP_COLUMNS} FROM federation_relationships ORDER BY trust_domain"
 )
 DELETE_RELATIONSHIP = "DELETE FROM federation_relationships WHERE trust_domain = :trust_domain"
+# A spiffe_sequence is a uint64 and the column a signed BIGINT: it is stored shifted down by
+# 2**63 (migration 18), so the whole range fits and orders as the sequences do. 0 (no sequence)
+# is stored as the lowest BIGINT, NO_SEQUENCE.
+_SEQUENCE_SHIFT = 2**63
+NO_SEQUENCE = -_SEQUENCE_SHIFT
+
+
+def stored_sequence(sequence: int) -> int:
+    """The column's value for a bundle's spiffe_sequence (0 to 2**64 - 1)."""
+    if not 0 <= sequence < 2**64:
+        raise DataStoreError(f"spiffe_sequence {sequence} is not a uint64")
+    return sequence - _SEQUENCE_SHIFT
+
+
+def read_sequence(stored: int) -> int:
+    """The spiffe_sequence a column's value stands for (stored_sequence undone)."""
+    return int(stored) + _SEQUENCE_SHIFT
+
+
 UPSERT_FOREIGN_BUNDLE = (
     "INSERT INTO foreign_bundles (trust_domain, bundle, updated_at, spiffe_sequence) VALUES "
     "(:trust_domain, :bundle, :updated_at, :sequence) ON CONFLICT (trust_domain) DO UPDATE SET "
     "bundle = excluded.bundle, updated_at = excluded.updated_at, "
     "spiffe_sequence = excluded.spiffe_sequence"
 )
-# The same, unless the stored bundle's sequence is higher (a bundle without one, 0, is not
-# ordered: it replaces what is stored, as it did before sequences were compared).
+# The same, unless the stored bundle's sequence is higher (a bundle without one, NO_SEQUENCE,
+# is not ordered: it replaces what is stored, as it did before sequences were compared).
 UPSERT_FOREIGN_BUNDLE_NOT_OLDER = (
-    UPSERT_FOREIGN_BUNDLE + " WHERE excluded.spiffe_sequence = 0 "
+    UPSERT_FOREIGN_BUNDLE + " WHERE excluded.spiffe_sequence = :no_sequence "
     "OR excluded.spiffe_sequence >= foreign_bundles.spiffe_sequence"
 )
 LIST_FOREIGN_BUNDLES = (

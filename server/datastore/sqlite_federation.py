@@ -109,7 +109,8 @@ class SqliteFederation:
                         "trust_domain": bundle.trust_domain,
                         "bundle": bundle.bundle,
                         "updated_at": bundle.updated_at,
-                        "sequence": bundle.sequence,
+                        "sequence": q.stored_sequence(bundle.sequence),
+                        "no_sequence": q.NO_SEQUENCE,
                     },
                 ).rowcount
                 == 1
@@ -121,7 +122,10 @@ class SqliteFederation:
     def list_foreign_bundles(self) -> list[ForeignBundle]:
         return [
             ForeignBundle(
-                r["trust_domain"], bytes(r["bundle"]), r["updated_at"], r["spiffe_sequence"]
+                r["trust_domain"],
+                bytes(r["bundle"]),
+                r["updated_at"],
+                q.read_sequence(r["spiffe_sequence"]),
             )
             for r in self._rows(q.LIST_FOREIGN_BUNDLES)
         ]

@@ -55,8 +55,9 @@ from server.datastore.records import (
     TokenUse,
 )
 from server.datastore.sqlite import SqliteDataStore
-from svid import MAX_VERIFIER_LEEWAY
+from svid import MAX_VERIFIER_LEEWAY, SpiffeBundle
 from svid._clock import FakeClock
+from svid._spiffe_id import TrustDomain
 
 NOW = 1_700_000_000
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
@@ -1239,6 +1240,33 @@ def test_a_foreign_bundle_is_not_stored_over_one_of_a_higher_sequence(store: Dat
     assert put(3, over_newer=True)
     assert stored()[0] == 3
     assert _feed(store, head) == [("foreign_bundle", "other.org")] * 5
+
+
+def test_a_foreign_bundle_sequence_orders_across_the_whole_uint64_range(store: DataStore) -> None:
+    """spiffe_sequence is a uint64 (SPIFFE bundle format): one past int64 is stored, read back
+    as it was, and ordered against those below it in the conditional write."""
+    top = 2**64 - 1
+
+    def put(sequence: int) -> bool:
+        body = b'{"keys":[],"spiffe_sequence":%d}' % sequence
+        bundle = SpiffeBundle.parse(TrustDomain.parse("other.org"), body)
+        assert bundle.sequence == sequence
+        return store.put_foreign_bundle(ForeignBundle("other.org", body, NOW, bundle.sequence))
+
+    def stored() -> int:
+        (row,) = store.list_foreign_bundles()
+        return row.sequence
+
+    assert put(2**63)
+    assert stored() == 2**63
+    assert not put(2**63 - 1)  # below it: refused
+    assert stored() == 2**63
+    assert put(top)
+    assert stored() == top
+    assert not put(1)
+    assert put(0)  # no sequence: taken as it comes, as before
+    assert stored() == 0
+    assert put(1)
 
 
 def test_feed_names_federation_writes_and_not_failed_ones(store: DataStore) -> None:

@@ -35,7 +35,14 @@ from server.datastore.migrations import MIGRATIONS, Migration, postgres_ddl, pos
 from server.datastore.postgres import PostgresDataStore
 from server.datastore.postgres_dsn import redact_dsn, scrub
 from server.datastore.postgres_sql import pg
-from server.datastore.records import REMOVAL_EVICTED, EventFilter, Head, Removal, TokenUse
+from server.datastore.records import (
+    REMOVAL_EVICTED,
+    EventFilter,
+    ForeignBundle,
+    Head,
+    Removal,
+    TokenUse,
+)
 from server.datastore.sqlite_ledger import _task_params
 from svid._clock import FakeClock
 from tests import postgres
@@ -282,6 +289,39 @@ def test_a_migration_appended_to_the_shared_list_applies_to_postgres(
             ).fetchall()
         )
     assert types == {"id": "bigint", "body": "bytea"}
+
+
+def test_foreign_bundle_sequences_stored_under_migration_17_read_back_and_order(
+    postgres_dsn: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 18 shifts the sequences 17 stored as they were (a uint64 in a signed BIGINT):
+    each reads back as written and still orders the next write."""
+    with monkeypatch.context() as m:
+        m.setattr(postgres_module, "MIGRATIONS", MIGRATIONS[:17])
+        PostgresDataStore(postgres_dsn, clock).close()
+    rows = {"none.org": 0, "five.org": 5, "top.org": 2**63 - 1}
+    with psycopg.connect(postgres_dsn) as conn:
+        for td, sequence in rows.items():
+            conn.execute(
+                "INSERT INTO foreign_bundles (trust_domain, bundle, updated_at, spiffe_sequence) "
+                "VALUES (%s, %s, 5, %s)",
+                (td, b"{}", sequence),
+            )
+    store = PostgresDataStore(postgres_dsn, clock)
+    try:
+        assert store.schema_versions() == [m.version for m in MIGRATIONS]
+        assert {b.trust_domain: b.sequence for b in store.list_foreign_bundles()} == rows
+
+        def put(td: str, sequence: int) -> bool:
+            return store.put_foreign_bundle(ForeignBundle(td, b"{}", 6, sequence))
+
+        assert not put("five.org", 4)
+        assert put("five.org", 6)
+        assert put("none.org", 1)  # a row of no sequence orders nothing
+        assert not put("top.org", 2**63 - 2)
+        assert put("top.org", 2**63)
+    finally:
+        store.close()
 
 
 def test_the_revocation_events_of_a_node_are_read_by_index(

@@ -102,6 +102,8 @@ def test_unknown_use_and_kty_are_ignored(full_bundle: SpiffeBundle) -> None:
         (b'{"keys": [1]}', "key #0 is not a JSON object"),
         (b'{"keys": [], "spiffe_sequence": -1}', "spiffe_sequence"),
         (b'{"keys": [], "spiffe_sequence": "1"}', "spiffe_sequence"),
+        # The format's spiffe_sequence is a uint64.
+        (b'{"keys": [], "spiffe_sequence": 18446744073709551616}', "spiffe_sequence"),
         (b'{"keys": [], "spiffe_refresh_hint": true}', "spiffe_refresh_hint"),
         (
             b'{"keys": [{"kty": "EC", "use": "jwt-svid", "crv": "P-256"}]}',
