@@ -44,7 +44,7 @@ from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
 from server.datastore.errors import ConflictError as DsConflictError
 from server.datastore.errors import NotFoundError as DsNotFoundError
 from server.datastore.legacy_import import LegacyImportError
-from server.federation.errors import FederationError
+from server.federation.errors import BundleNotStoredError, FederationError
 from server.issuance.ledger import LedgerUnavailableError
 from server.policy.errors import PolicyError, RequestError
 from svid import _errors as svid_errors
@@ -133,6 +133,7 @@ RULES: Mapping[type[BaseException], Rule] = {
     errors.ServerError: _SERVER_FAULT,
     # Federation: a foreign bundle endpoint that is down or serves what we must refuse.
     FederationError: Rule(Code.FAILED_PRECONDITION),
+    BundleNotStoredError: _STORAGE,
     # The CA: a bad CSR or request is the caller's; keys and configuration are the server's.
     CsrError: Rule(Code.INVALID_ARGUMENT),
     SigningRequestError: Rule(Code.INVALID_ARGUMENT),

@@ -41,7 +41,7 @@ from server.datastore.records import (
     ForeignBundle,
 )
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
-from server.federation.errors import FederationError
+from server.federation.errors import BundleNotStoredError, FederationError
 from server.federation.fetch import check_bundle, endpoint_trust_domain, fetch_bundle
 from server.https_get import holds_userinfo
 from svid._backoff import Retry
@@ -325,7 +325,18 @@ class FederationService:
             bundle = check_bundle(td, body)
         except FederationError as exc:
             raise InvalidRequestError(f"bundle: {exc}") from None
-        await self._install(bundle, source=SET_BY_HAND)
+        try:
+            await self._install(bundle, source=SET_BY_HAND)
+        except BundleNotStoredError as exc:
+            # The ledger holds the attempt: it holds the refusal too.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(
+                    self._audit.append,
+                    BUNDLE_REFUSED,
+                    reason=str(exc)[:500],
+                    extra={"trust_domain": td.name},
+                )
+            raise
         # A relationship waiting for its first bundle (https_spiffe needs one to authenticate
         # the endpoint) fetches now rather than at its retry.
         self._schedule(td.name, 0, asked=True)
@@ -364,9 +375,17 @@ class FederationService:
         # server stored meanwhile (this server's copy lagging the feed): an older bundle from
         # a lagging endpoint replica would be adopted by every server. The ledger row above
         # then records an attempt, followed by its refusal (refresh).
-        if not await asyncio.to_thread(
-            self._datastore.put_foreign_bundle, row, over_newer=source == SET_BY_HAND
-        ):
+        try:
+            stored = await asyncio.to_thread(
+                self._datastore.put_foreign_bundle, row, over_newer=source == SET_BY_HAND
+            )
+        except Exception as exc:
+            # Whatever the store raised (an outage, a driver's own error for a value it cannot
+            # hold): a refused refresh, backed off and its refusal put on the ledger after the
+            # attempt above, not an unknown error retried every few seconds.
+            _log.error("foreign bundle not stored", extra={"td": td}, exc_info=True)
+            raise BundleNotStoredError(f"{td}: the bundle could not be stored") from exc
+        if not stored:
             raise FederationError(
                 f"{td}: bundle endpoint served spiffe_sequence {bundle.sequence}, older than "
                 "the one another server stored"

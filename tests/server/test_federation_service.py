@@ -9,17 +9,19 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.audit.errors import LedgerError
 from server.audit.log import AuditLog
 from server.config import build_config
+from server.datastore.errors import StorageError
 from server.datastore.records import EventFilter, FederationRelationship
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.errors import ConfigError, InvalidRequestError, PermissionDeniedError
-from server.federation.errors import FederationError
+from server.federation.errors import BundleNotStoredError, FederationError
 from server.federation.service import (
     BUNDLE_CHANGED,
     BUNDLE_REFUSED,
@@ -35,6 +37,7 @@ from server.federation.service import (
     next_refresh,
     parse_static,
 )
+from server.status import status_for
 from svid._bundle import SpiffeBundle
 from svid._clock import FakeClock
 from svid._spiffe_id import TrustDomain
@@ -127,13 +130,30 @@ def test_a_failed_fetch_keeps_the_last_good_bundle(world: World) -> None:
     assert world.service.bundle("example.org").sequence == 1
 
 
-def test_a_bundle_not_stored_is_not_served(world: World) -> None:
-    world.answers = [_bundle(1)]
-    world.store.inject(sqlite3.OperationalError("disk I/O error"), method="put_foreign_bundle")
-    with pytest.raises(sqlite3.OperationalError):
-        world.run(world.service.refresh("example.org"))
+def test_a_bundle_not_stored_is_not_served_and_its_retries_back_off(world: World) -> None:
+    """A store refusing the write (of any error: a driver's own, a value out of range) is a
+    refused refresh: backed off like a failed fetch, and its ledger attempt followed by the
+    refusal, not a change every 5 s."""
+    waits = []
+    for _ in range(3):
+        world.answers = [_bundle(1)]
+        world.store.inject(OverflowError("int too big"), method="put_foreign_bundle")
+        with pytest.raises(BundleNotStoredError):
+            world.run(world.service.refresh("example.org"))
+        waits.append(world.service.next_fetch("example.org") - world.clock.now())
+    assert waits == [RETRY, 10, 20]
     assert world.service.bundles() == {}
     assert [dict(p) for p in world.published] == [{}]
+    kinds = [e["kind"] for e in world.store.inner.audit_rows(EventFilter())]
+    assert kinds[-6:] == [BUNDLE_CHANGED, BUNDLE_REFUSED] * 3
+    # Set by hand: refused as unavailable (not the caller's fault), and on the ledger too.
+    world.store.inject(StorageError("store the foreign bundle"), method="put_foreign_bundle")
+    with pytest.raises(BundleNotStoredError) as raised:
+        world.run(world.service.set_bundle("example.org", _bundle(1).to_json()))
+    assert status_for(raised.value)[0] == grpc.StatusCode.UNAVAILABLE
+    kinds = [e["kind"] for e in world.store.inner.audit_rows(EventFilter())]
+    assert kinds[-2:] == [BUNDLE_CHANGED, BUNDLE_REFUSED]
+    assert world.service.bundles() == {}
 
 
 def test_a_bundle_not_on_the_ledger_is_not_stored_or_served(world: World) -> None:
