@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
@@ -224,6 +226,16 @@ class FederationService:
         self._running: dict[str, asyncio.Task[None]] = {}
         # For tests and metrics: fetches made by this server.
         self.fetches = 0
+        # Fetches wait on foreign endpoints (up to their deadline each, when those hang): in
+        # threads of their own, not the loop's default pool, which entry writes, agent
+        # admission and the admin API share. Threads start as needed; closed by close().
+        self._fetch_pool = ThreadPoolExecutor(
+            FETCHES_AT_ONCE, thread_name_prefix="federation-fetch"
+        )
+
+    def close(self) -> None:
+        """Let the fetch threads go (at stop): a fetch under way ends at its deadline."""
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
     def load(self) -> None:
         """Read relationships and bundles from the datastore (start-up; synchronous)."""
@@ -407,7 +419,15 @@ class FederationService:
             asked = self._due.get(td)
             self.fetches += 1
             try:
-                fetched = await asyncio.to_thread(self._fetch, rel, self._endpoint_bundle(rel))
+                fetched = await asyncio.get_running_loop().run_in_executor(
+                    self._fetch_pool,
+                    functools.partial(
+                        contextvars.copy_context().run,
+                        self._fetch,
+                        rel,
+                        self._endpoint_bundle(rel),
+                    ),
+                )
                 if is_stale(self._bundles.get(td), fetched):
                     raise FederationError(
                         f"{td}: bundle endpoint served spiffe_sequence {fetched.sequence}, "

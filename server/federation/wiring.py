@@ -138,5 +138,6 @@ class Federation:
     async def stop(self) -> None:
         # Another server takes the scheduled fetches over at once, not when the leases lapse.
         await asyncio.to_thread(self.service.release_leases)
+        self.service.close()
         if self._listener is not None:
             await self._listener.stop()

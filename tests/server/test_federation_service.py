@@ -4,6 +4,7 @@ kept, served, recorded and scheduled; and the configuration's federation keys.""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -445,4 +446,55 @@ def test_due_relationships_are_fetched_side_by_side_a_few_at_a_time(tmp_path: Pa
         assert all(service.next_fetch(d) == clock.now() + RETRY for d in domains)
     finally:
         release.set()
+        store.close()
+
+
+def test_hanging_fetches_leave_the_default_thread_pool_to_the_rest_of_the_server(
+    tmp_path: Path,
+) -> None:
+    """FETCHES_AT_ONCE endpoints hanging hold threads of the service's own pool: a call the
+    rest of the server makes through asyncio.to_thread (entry writes, admission, the admin
+    API) still runs at once, even were the default pool no bigger than FETCHES_AT_ONCE."""
+    clock = FakeClock(1_700_000_000)
+    store = SqliteDataStore(tmp_path / "db", clock)
+    lock = threading.Lock()
+    running: list[str] = []
+    release = threading.Event()
+
+    def fetch(rel: FederationRelationship, known: SpiffeBundle | None) -> SpiffeBundle:
+        with lock:
+            running.append(rel.trust_domain)
+        release.wait(10)
+        raise FederationError(f"{rel.trust_domain}: hung, then down")
+
+    domains = [f"d{i}.org" for i in range(FETCHES_AT_ONCE)]
+    service = FederationService(
+        own=OWN,
+        datastore=store,
+        audit=AuditLog(store, clock),
+        clock=clock,
+        publish=lambda _bundles: None,
+        static=tuple(parse_static(f"{d} https_web https://127.0.0.1:1/", OWN) for d in domains),
+        fetch=fetch,
+    )
+    service.load()
+
+    async def scenario() -> None:
+        default = concurrent.futures.ThreadPoolExecutor(FETCHES_AT_ONCE)
+        asyncio.get_running_loop().set_default_executor(default)
+        refreshing = asyncio.create_task(service.refresh_due())
+        for _ in range(200):
+            if len(running) == FETCHES_AT_ONCE:
+                break
+            await asyncio.sleep(0.01)
+        assert len(running) == FETCHES_AT_ONCE
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "ran"), 2) == "ran"
+        release.set()
+        await asyncio.wait_for(refreshing, 10)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        service.close()
         store.close()
