@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import shutil
@@ -445,3 +446,43 @@ def test_a_host_over_its_budget_is_refused_before_the_chain_is_checked(tmp_path:
                 list(server.attest_stub().Attest(iter([params]), timeout=10))
             codes.append(exc.value.code())  # type: ignore[attr-defined]
         assert codes == [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED]
+
+
+def test_a_renewal_in_flight_across_an_eviction_does_not_overwrite_the_node_attested_again(
+    srv: RunningServer, pki: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FAILS ON PURPOSE (attack-node repro): ServerState._refuse_replaced only asks whether
+    the agent exists and is unbanned, not whether its record is still the one the renewal
+    read. A holder of the node's SVID whose RenewAgent is being signed while the admin evicts
+    the node and the node attests again gets a fresh agent SVID after the eviction, its
+    evicted certificate comes back as `previous`, and the re-attested node is locked out."""
+    cert, key = _node(*pki, "node-renewal-race")
+    stolen = _agent_from(srv, cert, key)
+    entered, release = threading.Event(), threading.Event()
+    original = AgentAdmission._sign_sync
+    calls = {"n": 0}
+
+    def held_once(self: AgentAdmission, *args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            entered.set()
+            release.wait(10)
+        return original(self, *args)
+
+    monkeypatch.setattr(AgentAdmission, "_sign_sync", held_once)
+    renewal = srv.node_stub(stolen).RenewAgent.future(
+        node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=20
+    )
+    assert entered.wait(10)
+    srv.admin().EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=stolen.spiffe_id), timeout=10)
+    node = _agent_from(srv, cert, key)  # the node attests again after its eviction
+    release.set()
+    with contextlib.suppress(grpc.RpcError):
+        renewal.result()
+    record = srv.server.state.agents[stolen.spiffe_id]
+    # The re-attested node keeps its own certificate...
+    assert record.serial == node.serial, "the stale renewal replaced the node's record"
+    # ...and the evicted certificate stays dead on the node API.
+    with pytest.raises(grpc.RpcError) as denied:
+        next(iter(srv.node_stub(stolen).Sync(node_pb2.SyncRequest(), timeout=10)))
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
