@@ -285,8 +285,10 @@ class ServerState:
     ) -> bool:
         """Save the agent's record; with `token`, only by spending that join token in the same
         transaction. False (nothing written) when the token could not be spent.
-        PermissionDeniedError, nothing written, when the agent `previous` names was banned or
-        evicted since it was read (its signing took a while): that decision stands."""
+        PermissionDeniedError (AgentReplacedError when only the datastore tells), nothing
+        written, when the record `previous` was banned, evicted or replaced by another
+        attestation since it was read (its signing took a while): a compare-and-swap, so a
+        stale renewal never overwrites the record of the node that attested again."""
         async with self._agent_writes:
             return await self._save_agent(agent, previous, token)
 
@@ -299,25 +301,36 @@ class ServerState:
         if await self.removal_of(spiffe_id) is not None:
             raise RemovalUnderWayError(spiffe_id)
         if previous is not None:
-            self._refuse_replaced(spiffe_id)
+            self._refuse_replaced(spiffe_id, previous)
 
-    def _refuse_replaced(self, spiffe_id: str) -> None:
+    def _refuse_replaced(self, spiffe_id: str, previous: AttestedAgent) -> None:
         current = self._agents.get(spiffe_id)
         if current is None:
             raise PermissionDeniedError(f"agent {spiffe_id} was evicted: attest again")
         if current.banned:
             raise PermissionDeniedError(f"agent {spiffe_id} is banned")
+        # Another admission (evicted and attested again, or a second attestation) or another
+        # renewal since `previous` was read: its record is not this caller's to overwrite.
+        if (current.serial, current.attested_at) != (previous.serial, previous.attested_at):
+            raise PermissionDeniedError(
+                f"agent {spiffe_id} attested again or renewed meanwhile: attest again"
+            )
 
     async def _save_agent(
         self, agent: AttestedAgent, previous: AttestedAgent | None, token: TokenUse | None
     ) -> bool:
         if previous is not None:
-            self._refuse_replaced(agent.spiffe_id)
+            self._refuse_replaced(agent.spiffe_id, previous)
+        # The datastore compares again: another server sharing it may have replaced the record
+        # this server's snapshot still shows.
         if token is None:
-            await asyncio.to_thread(self._datastore.upsert_agent, agent)
+            await asyncio.to_thread(self._datastore.upsert_agent, agent, previous)
         else:
             now = int(self._clock.now())
-            if not await asyncio.to_thread(self._datastore.admit_agent, agent, token, now):
+            admitted = await asyncio.to_thread(
+                self._datastore.admit_agent, agent, token, now, previous
+            )
+            if not admitted:
                 return False
         self._touch(FEED_AGENT, (agent.spiffe_id,))
         self._put_agent(agent)

@@ -32,6 +32,7 @@ from server.ca.errors import (
 )
 from server.datastore.errors import (
     AgentRemovedError,
+    AgentReplacedError,
     ChainMovedError,
     DataStoreError,
     HolderGoneError,
@@ -150,6 +151,9 @@ RULES: Mapping[type[BaseException], Rule] = {
     # The agent's earlier removal is still being finished (a server died midway): a retry
     # soon gets through, and the message says so.
     RemovalUnderWayError: Rule(Code.UNAVAILABLE),
+    # The agent's record changed (evicted, banned, attested again) while its renewal or
+    # re-attestation was signed: nothing was saved or returned; the agent attests again.
+    AgentReplacedError: Rule(Code.PERMISSION_DENIED),
     DataStoreError: _STORAGE,
     StorageError: _STORAGE,
     # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).

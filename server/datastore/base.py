@@ -117,18 +117,28 @@ class RegistrationStore(Protocol):
 
     # -- attested agents ------------------------------------------------------------------------
 
-    def upsert_agent(self, agent: AttestedAgent) -> None:
+    def upsert_agent(self, agent: AttestedAgent, replacing: AttestedAgent | None = None) -> None:
         """Insert or replace by spiffe_id. A ban is sticky: upsert never clears `banned`.
-        RemovalUnderWayError, nothing written, while a removal of the agent is stored."""
+        RemovalUnderWayError, nothing written, while a removal of the agent is stored.
+        With `replacing` (the record the caller read), a compare-and-swap: only that record,
+        still stored unbanned with the same serial and attested_at, is replaced;
+        AgentReplacedError, nothing written, otherwise (evicted, banned, attested again)."""
         ...
 
-    def admit_agent(self, agent: AttestedAgent, token: TokenUse, now: int) -> bool:
+    def admit_agent(
+        self,
+        agent: AttestedAgent,
+        token: TokenUse,
+        now: int,
+        replacing: AttestedAgent | None = None,
+    ) -> bool:
         """Spend the join token and upsert the agent in ONE transaction: True when this call
         deleted the token, having found it unexpired (expires_at > now) with this hash, and
         saved the agent with it. Anything else returns False and writes nothing (the token
         stays as it was). Exactly one of several concurrent callers with the right hash gets
         True. RemovalUnderWayError, nothing written (the token unspent), while a removal of
-        the agent is stored."""
+        the agent is stored; AgentReplacedError likewise when `replacing` is not the stored
+        record (as upsert_agent)."""
         ...
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:

@@ -42,6 +42,19 @@ class RemovalUnderWayError(DataStoreError):
         self.agent_id = agent_id
 
 
+class AgentReplacedError(DataStoreError):
+    """An agent save conditioned on the record its caller read found another (the agent was
+    evicted, banned or attested again since): nothing was written. The message names the
+    agent, and how the caller gets past it."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(
+            f"agent {agent_id} was evicted, banned or attested again while this request was "
+            "being served: attest again"
+        )
+        self.agent_id = agent_id
+
+
 class StorageError(DataStoreError):
     """The backend could not complete a write or a read (I/O error, disk full, locked file).
 

@@ -51,6 +51,7 @@ from server.datastore.base import JtiClaim
 from server.datastore.entry_writes import REVISION as _REVISION
 from server.datastore.entry_writes import EntryWrites
 from server.datastore.errors import (
+    AgentReplacedError,
     AlreadyExistsError,
     ConflictError,
     NotFoundError,
@@ -88,6 +89,7 @@ from server.datastore.sqlite import (
     _claim_params,
     _entry_from,
     _entry_params,
+    _read_params,
     _removal_from,
     _removal_of,
     _removal_params,
@@ -367,16 +369,22 @@ class PostgresDataStore(
 
     # -- agents ---------------------------------------------------------------------------------
 
-    def upsert_agent(self, agent: AttestedAgent) -> None:
+    def upsert_agent(self, agent: AttestedAgent, replacing: AttestedAgent | None = None) -> None:
         def work(cur: Cursor) -> None:
-            cur.execute(pg(q.UPSERT_AGENT), _agent_params(agent))
+            self._write_agent(cur, agent, replacing)
             self._refuse_under_removal(cur, agent.spiffe_id)
             self._bump(cur, _REVISION)
             self._append_feed(cur, FEED_AGENT, (agent.spiffe_id,))
 
         self._write("save the agent", work)
 
-    def admit_agent(self, agent: AttestedAgent, token: TokenUse, now: int) -> bool:
+    def admit_agent(
+        self,
+        agent: AttestedAgent,
+        token: TokenUse,
+        now: int,
+        replacing: AttestedAgent | None = None,
+    ) -> bool:
         spend = {"token_id": token.token_id, "secret_hash": token.secret_hash, "now": now}
         # The comparison is a read first: a wrong hash takes no lock.
         if not self.check_join_token(token.token_id, token.secret_hash, now):
@@ -387,13 +395,25 @@ class PostgresDataStore(
             # servers holding the secret, the others wait on the row lock, then find it gone.
             if int(cur.execute(pg(q.CONSUME_JOIN_TOKEN), spend).rowcount) != 1:
                 return False
-            cur.execute(pg(q.UPSERT_AGENT), _agent_params(agent))
+            self._write_agent(cur, agent, replacing)  # a refusal rolls the token's spend back
             self._refuse_under_removal(cur, agent.spiffe_id)  # rolls the token's spend back
             self._bump(cur, _REVISION)
             self._append_feed(cur, FEED_AGENT, (agent.spiffe_id,))
             return True
 
         return self._write("admit the agent", work)
+
+    @staticmethod
+    def _write_agent(cur: Cursor, agent: AttestedAgent, replacing: AttestedAgent | None) -> None:
+        if replacing is None:
+            cur.execute(pg(q.UPSERT_AGENT), _agent_params(agent))
+            return
+        params = _agent_params(agent) | _read_params(replacing)
+        # The UPDATE's WHERE is evaluated again on the row as a concurrent writer left it
+        # (READ COMMITTED waits on the row lock), and a row deleted and inserted again is a
+        # new row this statement does not match: the comparison and the write are one step.
+        if int(cur.execute(pg(q.REPLACE_AGENT), params).rowcount) != 1:
+            raise AgentReplacedError(agent.spiffe_id)
 
     @staticmethod
     def _refuse_under_removal(cur: Cursor, agent_id: str) -> None:

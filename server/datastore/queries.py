@@ -79,6 +79,16 @@ UPSERT_AGENT = (
     "banned = CASE WHEN agents.banned = 1 THEN 1 ELSE excluded.banned END, "
     "attested_at = excluded.attested_at, selectors = excluded.selectors"
 )
+# A compare-and-swap: the agent's record is replaced only while it is still the admission the
+# caller read (same serial and attestation time, not banned). An eviction and a new attestation
+# meanwhile left another record (or none), which a stale renewal must not overwrite.
+REPLACE_AGENT = (
+    "UPDATE agents SET attestation_type = :attestation_type, serial = :serial, "
+    "expires_at = :expires_at, previous_serial = :previous_serial, "
+    "previous_expires_at = :previous_expires_at, attested_at = :attested_at, "
+    "selectors = :selectors WHERE spiffe_id = :spiffe_id AND serial = :read_serial "
+    "AND attested_at = :read_attested_at AND banned = 0"
+)
 SELECT_AGENT = f"SELECT {_AGENT_COLUMNS} FROM agents WHERE spiffe_id = :spiffe_id"
 LIST_AGENTS = f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY spiffe_id"
 DELETE_AGENT = "DELETE FROM agents WHERE spiffe_id = :spiffe_id"

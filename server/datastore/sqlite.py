@@ -36,6 +36,7 @@ from server.datastore.base import JtiClaim
 from server.datastore.entry_writes import REVISION as _REVISION
 from server.datastore.entry_writes import EntryWrites
 from server.datastore.errors import (
+    AgentReplacedError,
     AlreadyExistsError,
     ConflictError,
     NotFoundError,
@@ -216,6 +217,11 @@ def _agent_params(agent: AttestedAgent) -> dict[str, Any]:
         "previous_serial": agent.previous_serial,
         "previous_expires_at": agent.previous_expires_at,
     }
+
+
+def _read_params(replacing: AttestedAgent) -> dict[str, Any]:
+    """What identifies the admission a conditional agent save read (q.REPLACE_AGENT)."""
+    return {"read_serial": replacing.serial, "read_attested_at": replacing.attested_at}
 
 
 def _create_private_file(path: Path) -> None:
@@ -440,14 +446,20 @@ class SqliteDataStore(
 
     # -- agents ---------------------------------------------------------------------------------
 
-    def upsert_agent(self, agent: AttestedAgent) -> None:
+    def upsert_agent(self, agent: AttestedAgent, replacing: AttestedAgent | None = None) -> None:
         with self._transaction() as db:
-            db.execute(q.UPSERT_AGENT, _agent_params(agent))
+            self._write_agent(db, agent, replacing)
             self._refuse_under_removal(db, agent.spiffe_id)
             self._bump(db, _REVISION)
             self._append_feed(db, FEED_AGENT, (agent.spiffe_id,))
 
-    def admit_agent(self, agent: AttestedAgent, token: TokenUse, now: int) -> bool:
+    def admit_agent(
+        self,
+        agent: AttestedAgent,
+        token: TokenUse,
+        now: int,
+        replacing: AttestedAgent | None = None,
+    ) -> bool:
         spend = {"token_id": token.token_id, "secret_hash": token.secret_hash, "now": now}
         # The comparison is a read first: a wrong hash takes no write lock.
         if not self.check_join_token(token.token_id, token.secret_hash, now):
@@ -458,11 +470,23 @@ class SqliteDataStore(
             # sees rowcount 1, and a row that expired since the read stays refused.
             if int(db.execute(q.CONSUME_JOIN_TOKEN, spend).rowcount) != 1:
                 return False
-            db.execute(q.UPSERT_AGENT, _agent_params(agent))
+            self._write_agent(db, agent, replacing)  # a refusal rolls the token's spend back
             self._refuse_under_removal(db, agent.spiffe_id)  # rolls the token's spend back
             self._bump(db, _REVISION)
             self._append_feed(db, FEED_AGENT, (agent.spiffe_id,))
         return True
+
+    @staticmethod
+    def _write_agent(
+        db: sqlite_utils.Database, agent: AttestedAgent, replacing: AttestedAgent | None
+    ) -> None:
+        if replacing is None:
+            db.execute(q.UPSERT_AGENT, _agent_params(agent))
+            return
+        params = _agent_params(agent) | _read_params(replacing)
+        # Under the write lock: no other writer comes between the comparison and the write.
+        if int(db.execute(q.REPLACE_AGENT, params).rowcount) != 1:
+            raise AgentReplacedError(agent.spiffe_id)
 
     @staticmethod
     def _refuse_under_removal(db: sqlite_utils.Database, agent_id: str) -> None:

@@ -123,13 +123,19 @@ class FaultInjectingDataStore:
         self._enter("prune_join_tokens")
         return self.inner.prune_join_tokens(now)
 
-    def upsert_agent(self, agent: AttestedAgent) -> None:
+    def upsert_agent(self, agent: AttestedAgent, replacing: AttestedAgent | None = None) -> None:
         self._enter("upsert_agent")
-        self.inner.upsert_agent(agent)
+        self.inner.upsert_agent(agent, replacing)
 
-    def admit_agent(self, agent: AttestedAgent, token: TokenUse, now: int) -> bool:
+    def admit_agent(
+        self,
+        agent: AttestedAgent,
+        token: TokenUse,
+        now: int,
+        replacing: AttestedAgent | None = None,
+    ) -> bool:
         self._enter("admit_agent")
-        return self.inner.admit_agent(agent, token, now)
+        return self.inner.admit_agent(agent, token, now, replacing)
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
         self._enter("get_agent")

@@ -23,7 +23,7 @@ from cryptography import x509
 from server.attestation.base import AttestationResult
 from server.attestation.join_token import REFUSED as TOKEN_REFUSED
 from server.ca.manager import CaManager
-from server.datastore.errors import RemovalUnderWayError
+from server.datastore.errors import AgentReplacedError, RemovalUnderWayError
 from server.datastore.records import AttestedAgent
 from server.errors import PermissionDeniedError
 from server.issuance.ledger import Ledger, LedgerUnavailableError
@@ -116,14 +116,14 @@ class AgentAdmission:
         # showed an admission that did not take).
         try:
             await self._state.refuse_save(agent.spiffe_id, previous)
-        except (RemovalUnderWayError, PermissionDeniedError) as exc:
+        except (RemovalUnderWayError, PermissionDeniedError, AgentReplacedError) as exc:
             await self.refused(kind, str(exc), agent_id=agent.spiffe_id)
             raise
         event = attestation_event(agent.spiffe_id, kind, agent.serial, ok=True)
         await self._ledger.commit((), (event,))
         try:
             saved = await self._state.save_agent(agent, previous, result.token)
-        except (RemovalUnderWayError, PermissionDeniedError) as exc:
+        except (RemovalUnderWayError, PermissionDeniedError, AgentReplacedError) as exc:
             # Removed in the moment between the check and the save: a deny of the same
             # serial follows the allow, so the log says the admission did not take.
             await self.refused(kind, str(exc), agent_id=agent.spiffe_id, serial=agent.serial)
@@ -164,7 +164,10 @@ class AgentAdmission:
         self, agent: AttestedAgent, held: str, csr: x509.CertificateSigningRequest
     ) -> Chain:
         """A fresh SVID for an authorised agent presenting its certificate of serial `held`,
-        which stays usable until it expires (AttestedAgent.renewed)."""
+        which stays usable until it expires (AttestedAgent.renewed). PermissionDeniedError or
+        AgentReplacedError when `agent` is no longer the stored record once signed (evicted,
+        banned, attested again): the chain is dropped, never saved nor returned, and the serial
+        it carries is unknown to the node API."""
         chain = await self._sign(csr, SpiffeId.parse(agent.spiffe_id))
         renewed = agent.renewed(_serial_hex(chain), _expires(chain), held)
         await self._state.save_agent(renewed, agent)

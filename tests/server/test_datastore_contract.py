@@ -34,6 +34,7 @@ from server.datastore import (
 from server.datastore.base import JtiClaim
 from server.datastore.errors import (
     AgentRemovedError,
+    AgentReplacedError,
     JtiHeldError,
     RemovalUnderWayError,
     TaskEndedMeanwhileError,
@@ -239,6 +240,51 @@ def test_a_removal_is_stored_with_the_agents_delete_or_ban_until_it_ends(
     with pytest.raises(ValueError, match="removal of"):
         store.set_agent_banned(OTHER_AGENT, True, Removal(AGENT, REMOVAL_BANNED, NOW + 1))
     assert store.list_removals(2**62) == [evicted, banned]
+
+
+def test_an_agent_save_with_the_record_read_replaces_only_that_record(store: DataStore) -> None:
+    """The compare-and-swap a renewal or a re-attestation saves with: the record read is
+    replaced while it is still stored; evicted and admitted again, renewed by another server,
+    or banned meanwhile, nothing is written (a join token's spend rolled back with it)."""
+    read = AttestedAgent(AGENT, "x509pop", "1", NOW + 3600, attested_at=NOW)
+    store.upsert_agent(read)
+    renewed = read.renewed("2", NOW + 7200, "1")
+    store.upsert_agent(renewed, read)
+    assert store.get_agent(AGENT) == renewed
+    # Read before that renewal: stale, whatever it carries.
+    with pytest.raises(AgentReplacedError, match=AGENT):
+        store.upsert_agent(read.renewed("3", NOW + 7200, "1"), read)
+    # Evicted, then attested again with a new serial (the attack-node race).
+    store.delete_agent(AGENT)
+    again = AttestedAgent(AGENT, "x509pop", "4", NOW + 3600, attested_at=NOW + 10)
+    store.upsert_agent(again)
+    with pytest.raises(AgentReplacedError):
+        store.upsert_agent(renewed.renewed("5", NOW + 7200, "2"), renewed)
+    # Attested again with the same serial number is another admission all the same.
+    with pytest.raises(AgentReplacedError):
+        store.upsert_agent(again, replace(again, attested_at=NOW))
+    store.create_join_token(JoinToken("t", b"h" * 32, NOW + 60))
+    with pytest.raises(AgentReplacedError):
+        store.admit_agent(replace(again, serial="6"), TokenUse("t", b"h" * 32), NOW, renewed)
+    assert store.check_join_token("t", b"h" * 32, NOW)
+    assert store.get_agent(AGENT) == again
+    # Evicted and not back: nothing to replace, and nothing inserted.
+    store.delete_agent(AGENT)
+    with pytest.raises(AgentReplacedError):
+        store.upsert_agent(again.renewed("7", NOW + 7200, "4"), again)
+    assert store.list_agents() == []
+    # Banned meanwhile: the ban stands.
+    store.upsert_agent(again)
+    store.set_agent_banned(AGENT, True)
+    with pytest.raises(AgentReplacedError):
+        store.upsert_agent(again.renewed("8", NOW + 7200, "4"), again)
+    assert store.get_agent(AGENT) == replace(again, banned=True)
+    # The token admission whose record is still the one read goes through.
+    store.upsert_agent(AttestedAgent(OTHER_AGENT, "join_token", "1", NOW + 3600))
+    other = store.get_agent(OTHER_AGENT)
+    admitted = replace(other, serial="9", previous_serial="1", previous_expires_at=NOW + 3600)
+    assert store.admit_agent(admitted, TokenUse("t", b"h" * 32), NOW, other)
+    assert store.get_agent(OTHER_AGENT) == admitted
 
 
 def test_an_agent_under_removal_is_neither_admitted_nor_saved(store: DataStore) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import queue
 import shutil
@@ -148,9 +147,14 @@ def test_x509pop_attests_and_sets_selectors(srv: RunningServer, pki: Any) -> Non
     ca_fp = hashlib.sha1(pki[0].public_bytes(DER), usedforsecurity=False).hexdigest()
     assert "x509pop:subject:cn:node1" in selectors
     assert f"x509pop:ca:fingerprint:{ca_fp}" in selectors
-    # Re-attestation of a non-banned x509pop node is allowed.
+    # Re-attestation of a non-banned x509pop node is allowed, and replaces its record (the
+    # save compares the record read, which nothing changed meanwhile).
+    before = srv.server.state.agents[result.spiffe_id]
     again = _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
     assert again.spiffe_id == result.spiffe_id
+    after = srv.server.state.agents[result.spiffe_id]
+    assert after.serial != before.serial
+    assert after.previous_serial == before.serial
 
 
 def test_a_node_whose_eviction_was_cut_short_attests_again_once_it_is_finished(
@@ -448,14 +452,14 @@ def test_a_host_over_its_budget_is_refused_before_the_chain_is_checked(tmp_path:
         assert codes == [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED]
 
 
-def test_a_renewal_in_flight_across_an_eviction_does_not_overwrite_the_node_attested_again(
-    srv: RunningServer, pki: Any, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("evicted", [True, False], ids=["evicted", "attested-again-only"])
+def test_a_renewal_signed_while_the_node_attests_again_is_refused_and_saves_nothing(
+    srv: RunningServer, pki: Any, monkeypatch: pytest.MonkeyPatch, evicted: bool
 ) -> None:
-    """FAILS ON PURPOSE (attack-node repro): ServerState._refuse_replaced only asks whether
-    the agent exists and is unbanned, not whether its record is still the one the renewal
-    read. A holder of the node's SVID whose RenewAgent is being signed while the admin evicts
-    the node and the node attests again gets a fresh agent SVID after the eviction, its
-    evicted certificate comes back as `previous`, and the re-attested node is locked out."""
+    """The agent save is a compare-and-swap on the record the renewal read: a holder of the
+    node's SVID whose RenewAgent is being signed while the node attests again (after an
+    eviction or not) is refused, gets no SVID, and neither overwrites the node's new record
+    nor brings its own certificate back (attack-node repro)."""
     cert, key = _node(*pki, "node-renewal-race")
     stolen = _agent_from(srv, cert, key)
     entered, release = threading.Event(), threading.Event()
@@ -474,15 +478,22 @@ def test_a_renewal_in_flight_across_an_eviction_does_not_overwrite_the_node_atte
         node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=20
     )
     assert entered.wait(10)
-    srv.admin().EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=stolen.spiffe_id), timeout=10)
-    node = _agent_from(srv, cert, key)  # the node attests again after its eviction
+    if evicted:
+        srv.admin().EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=stolen.spiffe_id), timeout=10)
+    node = _agent_from(srv, cert, key)  # the node attests again
     release.set()
-    with contextlib.suppress(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as refused:
         renewal.result()
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "attest again" in refused.value.details()  # type: ignore[attr-defined]
+    # The re-attested node keeps its own record, in memory and stored...
     record = srv.server.state.agents[stolen.spiffe_id]
-    # The re-attested node keeps its own certificate...
     assert record.serial == node.serial, "the stale renewal replaced the node's record"
-    # ...and the evicted certificate stays dead on the node API.
-    with pytest.raises(grpc.RpcError) as denied:
-        next(iter(srv.node_stub(stolen).Sync(node_pb2.SyncRequest(), timeout=10)))
-    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    stored = srv.server.state._datastore.get_agent(stolen.spiffe_id)
+    assert (stored.serial, stored.previous_serial) == (record.serial, record.previous_serial)
+    # ...its certificate works, and the evicted one stays dead on the node API.
+    next(iter(srv.node_stub(node).Sync(node_pb2.SyncRequest(), timeout=10)))
+    if evicted:
+        with pytest.raises(grpc.RpcError) as denied:
+            next(iter(srv.node_stub(stolen).Sync(node_pb2.SyncRequest(), timeout=10)))
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
