@@ -1132,6 +1132,24 @@ def test_per_agent_signing_rate_limit(limited: RunningServer) -> None:
     limited.node_stub(other).RenewAgent(node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10)
 
 
+def test_a_batch_bigger_than_the_burst_is_charged_in_full(limited: RunningServer) -> None:
+    """FAILS ON PURPOSE (attack-node repro): TokenBucket.try_take charges min(cost, burst), so
+    a batch bigger than the burst costs only the burst. With x509_rate_per_agent=1 and
+    x509_burst_per_agent=3, one agent mints a 50-SVID batch every 3 s (~17/s, and 333/s at
+    MAX_BATCH), however many connections it uses or none."""
+    agent = limited.attest()
+    entry = limited.create_entry("/rl/big", agent.spiffe_id)
+    stub = limited.node_stub(agent)
+    batch = node_pb2.BatchNewX509SVIDRequest(
+        params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])] * 50
+    )
+    stub.BatchNewX509SVID(batch, timeout=30)  # let through on a full bucket, as designed
+    limited.clock.advance(3)  # three tokens' worth of time: 47 SVIDs short of paying back
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.BatchNewX509SVID(batch, timeout=30)
+    assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_per_host_attestation_rate_limit(limited: RunningServer) -> None:
     limited.clock.advance(10)
     token_id = limited.join_token().partition(".")[0]
