@@ -303,13 +303,19 @@ def audience_key(audience: str | Iterable[str]) -> tuple[str, ...]:
 
 def fresh(jwt: JwtSvid, fetched_at: float, now: float) -> bool:
     """Whether a cached JWT-SVID may still be handed out at ``now``: until half its lifetime
-    has passed (as SPIRE's caches refresh), so a token in use always has the other half left."""
+    has passed (as SPIRE's caches refresh), so a token in use always has the other half left.
+
+    The half-life is counted from ``fetched_at`` on this process's clock: iat and exp are the
+    issuer's clock, and comparing either with ``now`` lets a skew hand out a token past its exp
+    (this clock behind) or never cache at all (this clock ahead). Only the lifetime, exp - iat,
+    is taken from the token, a difference on one clock."""
     iat = jwt.claims.get("iat")
-    issued = fetched_at
     if isinstance(iat, int | float) and not isinstance(iat, bool):
-        issued = float(iat)
-    # Never past exp, whatever iat says (an iat after exp put the half-way point beyond it).
-    return now < jwt.expires_at and now < issued + (jwt.expires_at - issued) / 2
+        lifetime = jwt.expires_at - float(iat)
+    else:
+        lifetime = jwt.expires_at - fetched_at  # no iat: the best guess left
+    # Never past exp by this clock either (a lifetime the issuer lied about).
+    return now < jwt.expires_at and now < fetched_at + lifetime / 2
 
 
 def fresh_token(cached: tuple[JwtSvid, float] | None, now: float) -> JwtSvid | None:

