@@ -22,7 +22,7 @@ JWT-SVID as the actor token (``oauth_resource_workloads`` must name it for its r
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from typing import Any
 
 import httpx
@@ -72,12 +72,39 @@ class JwtAuth(httpx.Auth):
         yield request
 
 
+class _SentOnce(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """The exchange's form body, which holds the subject token and the actor's JWT-SVID: given
+    to the transport once. An auth flow's requests follow redirects as the caller's client does
+    (httpx has no per-request switch for them, and the MCP SDK's client follows), and on a 307
+    or 308 httpx re-sends the same body to the Location, any origin (it strips only the
+    Authorization header). A second read ends the redirected request before its body leaves."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self._sent = False
+
+    def _take(self) -> bytes:
+        if self._sent:
+            raise TokenExchangeError(
+                "redirected", "the token endpoint answered HTTP 307 or 308; not followed"
+            )
+        self._sent = True
+        return self._body
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._take()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self._take()
+
+
 class DelegatedAuth(httpx.Auth):
     """Sends ``Authorization: Bearer <access token for resource>``, the token got by RFC 8693
     delegation: ``subject_token`` (an svidd access token this workload received, naming it in
     ``may_act``) and this workload's own JWT-SVID for ``issuer`` as the actor token. The token
     is kept until half its life; the exchange goes through the same client (its TLS settings
-    must trust the issuer). A refusal raises ``TokenExchangeError``.
+    must trust the issuer), never following a redirect: any 3xx answer raises
+    ``TokenExchangeError``, as a refusal does.
 
     ``provider``: as for ``JwtAuth`` (a ``WorkloadApiClient`` / ``AsyncWorkloadApiClient``, or a
     callable taking the audience), giving this workload's JWT-SVID for the issuer.
@@ -115,9 +142,19 @@ class DelegatedAuth(httpx.Auth):
             "actor_token_type": JWT_TOKEN_TYPE,
             "resource": self.resource,
         }
-        return httpx.Request("POST", self._endpoint, data=form)
+        request = httpx.Request("POST", self._endpoint, data=form)  # its headers, Host among them
+        request.stream = _SentOnce(request.read())
+        return request
 
     def _keep(self, reply: httpx.Response, asked_at: float) -> str:
+        # A 301/302/303 turned into a GET without the body, followed by a client that follows;
+        # any other 3xx not followed. Either way, whatever answered last is not the issuer's.
+        redirect = reply.history[0] if reply.history else reply
+        if redirect.is_redirect:
+            raise TokenExchangeError(
+                "redirected",
+                f"the token endpoint answered HTTP {redirect.status_code}; not followed",
+            )
         try:
             body = reply.json()
         except ValueError:

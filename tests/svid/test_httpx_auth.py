@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import httpx
+import pytest
 
 import svid.asgi
 import svid.httpx
@@ -50,6 +51,82 @@ def test_jwt_auth_sends_the_provider_s_token_sync_and_async() -> None:
     assert async_reply == "t9"
     assert task.asked == [AUDIENCE]
     assert unauthenticated.status_code == 401
+
+
+def _recorder(bodies: list[bytes]) -> Any:
+    """An ASGI app keeping every request body it receives (its disconnects too, as b"")."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError("no lifespan")
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        bodies.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"access_token": "FORGED"}'})
+
+    return app
+
+
+def _redirecting(status: int, location: str) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError("no lifespan")
+        headers = [(b"location", location.encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("status", "follow", "use_async"),
+    [
+        (307, True, False),
+        (308, True, True),
+        (303, True, False),
+        (302, True, True),
+        (307, False, False),
+        (301, False, True),
+    ],
+)
+def test_delegated_auth_s_exchange_never_sends_its_tokens_on_to_a_redirect(
+    status: int, follow: bool, use_async: bool
+) -> None:
+    # The exchange goes through the caller's client (the MCP SDK's follows redirects), and on a
+    # 307/308 httpx re-posts the same body, subject token and actor JWT-SVID, to the Location
+    # on any origin. It is refused instead, naming the status and neither token.
+    elsewhere: list[bytes] = []
+    with serving(_recorder(elsewhere)) as other_url:
+        other = other_url.replace("127.0.0.1", "localhost") + "/collect"
+        with serving(_redirecting(status, other)) as issuer_url:
+            auth = svid.httpx.DelegatedAuth(
+                lambda audience: "ACTOR-JWT-SVID",
+                issuer_url,
+                "SUBJECT-ACCESS-TOKEN",
+                "https://orders.example",
+            )
+
+            async def call_async() -> None:
+                async with httpx.AsyncClient(auth=auth, follow_redirects=follow) as client:
+                    await client.get(issuer_url + "/orders/7")
+
+            def call_sync() -> None:
+                with httpx.Client(auth=auth, follow_redirects=follow) as client:
+                    client.get(issuer_url + "/orders/7")
+
+            with pytest.raises(svid.httpx.TokenExchangeError) as refused:
+                asyncio.run(call_async()) if use_async else call_sync()
+    assert refused.value.error == "redirected"
+    assert str(status) in str(refused.value)
+    assert "TOKEN" not in str(refused.value)
+    # A 301/302/303 turns the POST into a body-less GET, which a following client sends on;
+    # its answer is not taken as the issuer's.
+    assert not any(elsewhere), f"the exchange's body went on: {elsewhere!r}"
 
 
 def test_import_svid_imports_no_adapter_dependency() -> None:
