@@ -24,15 +24,18 @@ class TokenBucket:
         now = self._clock.monotonic()
         self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
-        # A single request bigger than the burst could never pass; let it through on a full bucket.
-        needed = min(cost, self._burst)
-        if self._tokens < needed:
+        # A single request bigger than the burst could never pass; let it through on a full
+        # bucket, but charge all of it: the bucket goes below zero and the next call waits until
+        # the rate has paid the whole cost back (charging only the burst let one batch of
+        # MAX_BATCH through every burst / rate seconds).
+        if self._tokens < min(cost, self._burst):
             return False
-        self._tokens -= needed
+        self._tokens -= cost
         return True
 
     def full(self) -> bool:
-        """Refilled to its burst by now: no different from a new bucket."""
+        """Refilled to its burst by now: no different from a new bucket (one in debt from a
+        cost above its burst is not, until the debt is paid)."""
         elapsed = self._clock.monotonic() - self._stamp
         return self._tokens + elapsed * self._rate >= self._burst
 
