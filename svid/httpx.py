@@ -72,6 +72,14 @@ class JwtAuth(httpx.Auth):
         yield request
 
 
+# httpcore's trace events that start a request's exchange with a server.
+_BEFORE_SENDING = (
+    ".connect_tcp.started",
+    ".connect_unix_socket.started",
+    ".send_request_headers.started",
+)
+
+
 class _SentOnce(httpx.SyncByteStream, httpx.AsyncByteStream):
     """The exchange's form body, which holds the subject token and the actor's JWT-SVID: given
     to the transport once. An auth flow's requests follow redirects as the caller's client does
@@ -82,14 +90,32 @@ class _SentOnce(httpx.SyncByteStream, httpx.AsyncByteStream):
     def __init__(self, body: bytes) -> None:
         self._body = body
         self._sent = False
+        self._status = "307 or 308"  # what re-reads a body; the trace names it where it can
 
     def _take(self) -> bytes:
-        if self._sent:
-            raise TokenExchangeError(
-                "redirected", "the token endpoint answered HTTP 307 or 308; not followed"
-            )
+        self.refuse_resend()
         self._sent = True
         return self._body
+
+    def refuse_resend(self) -> None:
+        if self._sent:
+            raise TokenExchangeError(
+                "redirected", f"the token endpoint answered HTTP {self._status}; not followed"
+            )
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's ``trace`` extension, which httpx copies to a redirected request: stops
+        it before it connects or sends its headers, so the Location hears nothing (on httpx's
+        own transports; on others ``_take`` still keeps the body from going again)."""
+        if event.endswith(_BEFORE_SENDING):
+            self.refuse_resend()
+        elif event.endswith(".receive_response_headers.complete") and not self._status.isdigit():
+            # (http_version, status, ...) on HTTP/1.1, (status, headers) on HTTP/2.
+            answer = info.get("return_value") or ()
+            self._status = next((str(v) for v in answer if isinstance(v, int)), self._status)
+
+    async def atrace(self, event: str, info: dict[str, Any]) -> None:
+        self.trace(event, info)
 
     def __iter__(self) -> Iterator[bytes]:
         yield self._take()
@@ -133,7 +159,7 @@ class DelegatedAuth(httpx.Auth):
         kept = self._token
         return kept[0] if kept is not None and self._clock.now() < kept[1] else None
 
-    def _exchange(self, actor_token: str) -> httpx.Request:
+    def _exchange(self, actor_token: str, *, asynchronous: bool) -> httpx.Request:
         form = {
             "grant_type": TOKEN_EXCHANGE,
             "subject_token": self._subject,
@@ -142,9 +168,18 @@ class DelegatedAuth(httpx.Auth):
             "actor_token_type": JWT_TOKEN_TYPE,
             "resource": self.resource,
         }
-        request = httpx.Request("POST", self._endpoint, data=form)  # its headers, Host among them
-        request.stream = _SentOnce(request.read())
-        return request
+        encoded = httpx.Request("POST", self._endpoint, data=form)  # its headers, Host among them
+        body = _SentOnce(encoded.read())
+        # A new request, its body not held read: a transport reading it (a MockTransport, an
+        # ASGITransport) takes it from the stream, so a second read is seen.
+        trace = body.atrace if asynchronous else body.trace
+        return httpx.Request(
+            "POST",
+            self._endpoint,
+            headers=encoded.headers,
+            stream=body,
+            extensions={"trace": trace},
+        )
 
     def _keep(self, reply: httpx.Response, asked_at: float) -> str:
         # A 301/302/303 turned into a GET without the body, followed by a client that follows;
@@ -174,7 +209,7 @@ class DelegatedAuth(httpx.Auth):
         token = self._fresh()
         if token is None:
             asked_at = self._clock.now()
-            reply = yield self._exchange(self._actor.token())
+            reply = yield self._exchange(self._actor.token(), asynchronous=False)
             reply.read()
             token = self._keep(reply, asked_at)
         request.headers["Authorization"] = f"Bearer {token}"
@@ -186,7 +221,7 @@ class DelegatedAuth(httpx.Auth):
         token = self._fresh()
         if token is None:
             asked_at = self._clock.now()
-            reply = yield self._exchange(await self._actor.atoken())
+            reply = yield self._exchange(await self._actor.atoken(), asynchronous=True)
             await reply.aread()
             token = self._keep(reply, asked_at)
         request.headers["Authorization"] = f"Bearer {token}"

@@ -124,9 +124,39 @@ def test_delegated_auth_s_exchange_never_sends_its_tokens_on_to_a_redirect(
     assert refused.value.error == "redirected"
     assert str(status) in str(refused.value)
     assert "TOKEN" not in str(refused.value)
-    # A 301/302/303 turns the POST into a body-less GET, which a following client sends on;
-    # its answer is not taken as the issuer's.
-    assert not any(elsewhere), f"the exchange's body went on: {elsewhere!r}"
+    # A 301/302/303 turns the POST into a body-less GET; none is sent on, nor a 307/308's POST.
+    assert elsewhere == [], f"the exchange went on: {elsewhere!r}"
+
+
+def test_delegated_auth_s_exchange_body_is_not_sent_again_by_a_transport_without_trace() -> None:
+    # httpx's own transports stop the redirected request at its first trace event; another
+    # transport iterating the body (here an ASGITransport, which ignores the trace) gets none.
+    bodies: list[tuple[str, bytes]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        bodies.append((scope["path"], body))
+        location = [(b"location", b"https://elsewhere.example/collect")]
+        await send({"type": "http.response.start", "status": 307, "headers": location})
+        await send({"type": "http.response.body", "body": b""})
+
+    auth = svid.httpx.DelegatedAuth(
+        lambda audience: "ACTOR-JWT-SVID", "https://issuer.example", "SUBJECT", "https://r.example"
+    )
+
+    async def call() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(auth=auth, follow_redirects=True, transport=transport) as c:
+            await c.get("https://issuer.example/orders/7")
+
+    with pytest.raises(svid.httpx.TokenExchangeError, match="redirected"):
+        asyncio.run(call())
+    assert [path for path, _ in bodies] == ["/token"]
 
 
 def test_import_svid_imports_no_adapter_dependency() -> None:
