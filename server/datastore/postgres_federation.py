@@ -116,15 +116,7 @@ class PostgresFederation:
 
     def list_foreign_bundles(self) -> list[ForeignBundle]:
         rows = self._rows("list foreign bundles", q.LIST_FOREIGN_BUNDLES, {})
-        return [
-            ForeignBundle(
-                r["trust_domain"],
-                bytes(r["bundle"]),
-                r["updated_at"],
-                q.read_sequence(r["spiffe_sequence"]),
-            )
-            for r in rows
-        ]
+        return [q.foreign_bundle_of(r) for r in rows]
 
     def delete_foreign_bundle(self, trust_domain: str) -> None:
         def work(cur: Cursor) -> None:

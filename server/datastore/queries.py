@@ -7,7 +7,11 @@ Upserts use `INSERT ... ON CONFLICT ... DO UPDATE`, never SQLite's `INSERT OR RE
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from server.datastore.errors import DataStoreError
+from server.datastore.records import ForeignBundle
 
 MIGRATION_VERSIONS = "SELECT version FROM schema_migrations"
 RECORD_MIGRATION = (
@@ -216,6 +220,16 @@ def stored_sequence(sequence: int) -> int:
 def read_sequence(stored: int) -> int:
     """The spiffe_sequence a column's value stands for (stored_sequence undone)."""
     return int(stored) + _SEQUENCE_SHIFT
+
+
+def foreign_bundle_of(row: Mapping[str, Any]) -> ForeignBundle:
+    """A LIST_FOREIGN_BUNDLES row, on either backend."""
+    return ForeignBundle(
+        row["trust_domain"],
+        bytes(row["bundle"]),
+        row["updated_at"],
+        read_sequence(row["spiffe_sequence"]),
+    )
 
 
 UPSERT_FOREIGN_BUNDLE = (

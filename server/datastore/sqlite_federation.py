@@ -120,15 +120,7 @@ class SqliteFederation:
             return stored
 
     def list_foreign_bundles(self) -> list[ForeignBundle]:
-        return [
-            ForeignBundle(
-                r["trust_domain"],
-                bytes(r["bundle"]),
-                r["updated_at"],
-                q.read_sequence(r["spiffe_sequence"]),
-            )
-            for r in self._rows(q.LIST_FOREIGN_BUNDLES)
-        ]
+        return [q.foreign_bundle_of(r) for r in self._rows(q.LIST_FOREIGN_BUNDLES)]
 
     def delete_foreign_bundle(self, trust_domain: str) -> None:
         with self._transaction() as db:
