@@ -301,17 +301,22 @@ class ServerState:
         if await self.removal_of(spiffe_id) is not None:
             raise RemovalUnderWayError(spiffe_id)
         if previous is not None:
-            self._refuse_replaced(spiffe_id, previous)
+            self._refuse_replaced(spiffe_id, previous.serial, previous)
 
-    def _refuse_replaced(self, spiffe_id: str, previous: AttestedAgent) -> None:
+    def _refuse_replaced(self, spiffe_id: str, held: str, previous: AttestedAgent) -> None:
+        """`held`: the certificate the save carries on as previous (see q.REPLACE_AGENT)."""
         current = self._agents.get(spiffe_id)
         if current is None:
             raise PermissionDeniedError(f"agent {spiffe_id} was evicted: attest again")
         if current.banned:
             raise PermissionDeniedError(f"agent {spiffe_id} is banned")
-        # Another admission (evicted and attested again, or a second attestation) or another
-        # renewal since `previous` was read: its record is not this caller's to overwrite.
-        if (current.serial, current.attested_at) != (previous.serial, previous.attested_at):
+        # Another admission since `previous` was read (evicted and attested again, or a second
+        # attestation), or the certificate this save carries on no longer the record's (the
+        # same test as the datastore's, q.REPLACE_AGENT): not this caller's to overwrite.
+        if current.attested_at != previous.attested_at or held not in (
+            current.serial,
+            current.previous_serial,
+        ):
             raise PermissionDeniedError(
                 f"agent {spiffe_id} attested again or renewed meanwhile: attest again"
             )
@@ -320,7 +325,9 @@ class ServerState:
         self, agent: AttestedAgent, previous: AttestedAgent | None, token: TokenUse | None
     ) -> bool:
         if previous is not None:
-            self._refuse_replaced(agent.spiffe_id, previous)
+            self._refuse_replaced(
+                agent.spiffe_id, agent.previous_serial or previous.serial, previous
+            )
         # The datastore compares again: another server sharing it may have replaced the record
         # this server's snapshot still shows.
         if token is None:

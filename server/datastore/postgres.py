@@ -408,7 +408,7 @@ class PostgresDataStore(
         if replacing is None:
             cur.execute(pg(q.UPSERT_AGENT), _agent_params(agent))
             return
-        params = _agent_params(agent) | _read_params(replacing)
+        params = _agent_params(agent) | _read_params(agent, replacing)
         # The UPDATE's WHERE is evaluated again on the row as a concurrent writer left it
         # (READ COMMITTED waits on the row lock), and a row deleted and inserted again is a
         # new row this statement does not match: the comparison and the write are one step.

@@ -90,8 +90,8 @@ REPLACE_AGENT = (
     "UPDATE agents SET attestation_type = :attestation_type, serial = :serial, "
     "expires_at = :expires_at, previous_serial = :previous_serial, "
     "previous_expires_at = :previous_expires_at, attested_at = :attested_at, "
-    "selectors = :selectors WHERE spiffe_id = :spiffe_id AND serial = :read_serial "
-    "AND attested_at = :read_attested_at AND banned = 0"
+    "selectors = :selectors WHERE spiffe_id = :spiffe_id AND attested_at = :read_attested_at "
+    "AND banned = 0 AND (serial = :held OR previous_serial = :held)"
 )
 SELECT_AGENT = f"SELECT {_AGENT_COLUMNS} FROM agents WHERE spiffe_id = :spiffe_id"
 LIST_AGENTS = f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY spiffe_id"

@@ -219,9 +219,16 @@ def _agent_params(agent: AttestedAgent) -> dict[str, Any]:
     }
 
 
-def _read_params(replacing: AttestedAgent) -> dict[str, Any]:
-    """What identifies the admission a conditional agent save read (q.REPLACE_AGENT)."""
-    return {"read_serial": replacing.serial, "read_attested_at": replacing.attested_at}
+def _read_params(agent: AttestedAgent, replacing: AttestedAgent) -> dict[str, Any]:
+    """What a conditional agent save (q.REPLACE_AGENT) asks of the stored record: the admission
+    it read (attested_at), and the certificate the save carries on as previous (a renewal's
+    presented one; a re-attestation's the record's serial) still its serial or its previous.
+    Not the read serial alone: a renewal whose answer was lost, retried through a server whose
+    copy lags the datastore, read a serial already renewed, and is the same agent's."""
+    return {
+        "read_attested_at": replacing.attested_at,
+        "held": agent.previous_serial or replacing.serial,
+    }
 
 
 def _create_private_file(path: Path) -> None:
@@ -483,7 +490,7 @@ class SqliteDataStore(
         if replacing is None:
             db.execute(q.UPSERT_AGENT, _agent_params(agent))
             return
-        params = _agent_params(agent) | _read_params(replacing)
+        params = _agent_params(agent) | _read_params(agent, replacing)
         # Under the write lock: no other writer comes between the comparison and the write.
         if int(db.execute(q.REPLACE_AGENT, params).rowcount) != 1:
             raise AgentReplacedError(agent.spiffe_id)

@@ -103,7 +103,9 @@ class AgentAdmission:
             serial=_serial_hex(chain),
             expires_at=_expires(chain),
             banned=False,
-            attested_at=int(self._clock.now()),
+            # Always later than the admission it replaces, even within its second: a save
+            # compares attested_at to tell another admission from a renewal (q.REPLACE_AGENT).
+            attested_at=max(int(self._clock.now()), previous.attested_at + 1 if previous else 0),
             selectors=result.selectors,
             # Attesting again, it may still hold connections made with its certificate.
             previous_serial=previous.serial if previous else "",

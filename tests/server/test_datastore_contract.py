@@ -251,9 +251,16 @@ def test_an_agent_save_with_the_record_read_replaces_only_that_record(store: Dat
     renewed = read.renewed("2", NOW + 7200, "1")
     store.upsert_agent(renewed, read)
     assert store.get_agent(AGENT) == renewed
-    # Read before that renewal: stale, whatever it carries.
+    # Retried after its answer was lost, through a server whose copy still shows the record
+    # read before that renewal: the same admission, carrying a certificate still the
+    # record's (its previous), so it goes through.
+    retried = read.renewed("3", NOW + 7200, "1")
+    store.upsert_agent(retried, read)
+    assert store.get_agent(AGENT) == retried
+    # Carrying a certificate the record no longer holds (2 was replaced by that retry): stale.
     with pytest.raises(AgentReplacedError, match=AGENT):
-        store.upsert_agent(read.renewed("3", NOW + 7200, "1"), read)
+        store.upsert_agent(renewed.renewed("x", NOW + 7200, "2"), renewed)
+    assert store.get_agent(AGENT) == retried
     # Evicted, then attested again with a new serial (the attack-node race).
     store.delete_agent(AGENT)
     again = AttestedAgent(AGENT, "x509pop", "4", NOW + 3600, attested_at=NOW + 10)
