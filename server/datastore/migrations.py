@@ -10,8 +10,10 @@ POSTGRES_OVERRIDES. Never edit a released migration: append a new one.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from server.datastore.errors import StorageError
 
 Execute = Callable[[str], object]
 
@@ -21,6 +23,19 @@ class Migration:
     version: int
     name: str
     apply: Callable[[Execute], None]
+
+
+def refuse_newer(done: Iterable[int]) -> None:
+    """StorageError when the datastore holds migrations this server does not know: a newer
+    server migrated it, and this one would read and write its rows in the old meaning (a
+    foreign bundle's sequence, shifted by migration 18, compared raw), silently and for good."""
+    unknown = sorted(v for v in done if v > MIGRATIONS[-1].version)
+    if unknown:
+        raise StorageError(
+            f"the datastore's schema is at version {unknown[-1]}, newer than this server's "
+            f"({MIGRATIONS[-1].version}): run the newer svid-server (servers sharing a database "
+            "are upgraded together)"
+        )
 
 
 CREATE_MIGRATIONS_TABLE = """

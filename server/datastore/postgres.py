@@ -62,6 +62,7 @@ from server.datastore.migrations import (
     CREATE_MIGRATIONS_TABLE,
     MIGRATIONS,
     postgres_migrations,
+    refuse_newer,
 )
 from server.datastore.postgres_checkpoints import PostgresCheckpoints
 from server.datastore.postgres_dsn import redact_dsn, scrub
@@ -239,6 +240,7 @@ class PostgresDataStore(
         with conn.transaction():
             conn.execute(ps.LOCK_MIGRATIONS)
             conn.execute(CREATE_MIGRATIONS_TABLE)
+            refuse_newer(int(r[0]) for r in conn.execute(q.MIGRATION_VERSIONS).fetchall())
         applied: list[int] = []
         for migration in postgres_migrations(MIGRATIONS):
             with conn.transaction():

@@ -42,7 +42,12 @@ from server.datastore.errors import (
     NotFoundError,
     RemovalUnderWayError,
 )
-from server.datastore.migrations import CREATE_MIGRATIONS_TABLE, MIGRATIONS, Migration
+from server.datastore.migrations import (
+    CREATE_MIGRATIONS_TABLE,
+    MIGRATIONS,
+    Migration,
+    refuse_newer,
+)
 from server.datastore.records import (
     FEED_AGENT,
     FEED_KEY_SLOT,
@@ -327,6 +332,7 @@ class SqliteDataStore(
         applied: list[int] = []
         with self._lock:
             self._db.execute(CREATE_MIGRATIONS_TABLE)
+            refuse_newer(int(r[0]) for r in self._db.execute(q.MIGRATION_VERSIONS).fetchall())
             for migration in MIGRATIONS:
                 if self._apply(migration):
                     applied.append(migration.version)

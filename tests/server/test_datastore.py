@@ -29,6 +29,7 @@ from server.datastore import (
     queries,
 )
 from server.datastore import sqlite as sqlite_module
+from server.datastore.errors import StorageError
 from server.datastore.migrations import MIGRATIONS
 from server.datastore.records import EventFilter, ForeignBundle, TokenUse
 from server.datastore.sqlite import SqliteDataStore
@@ -493,6 +494,19 @@ def test_a_removal_stored_before_migration_16_is_unclaimed(
     assert store.claim_removal(AGENT, "a", 10, 30)
     assert not store.claim_removal(AGENT, "b", 10, 30)
     store.close()
+
+
+def test_a_datastore_a_newer_server_migrated_is_refused(tmp_path: Path, clock: FakeClock) -> None:
+    """A server older than the datastore's schema would read and write its rows in their old
+    meaning: it refuses to open it, naming both versions."""
+    SqliteDataStore(tmp_path / "db", clock).close()
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'n', 1)")
+    db.commit()
+    db.close()
+    latest = MIGRATIONS[-1].version
+    with pytest.raises(StorageError, match=rf"version 999, newer than this server's \({latest}\)"):
+        SqliteDataStore(tmp_path / "db", clock)
 
 
 def test_foreign_bundle_sequences_stored_under_migration_17_read_back_and_order(

@@ -291,6 +291,19 @@ def test_a_migration_appended_to_the_shared_list_applies_to_postgres(
     assert types == {"id": "bigint", "body": "bytea"}
 
 
+def test_a_datastore_a_newer_server_migrated_is_refused(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """As on SQLite: a schema newer than this server's is not opened."""
+    PostgresDataStore(postgres_dsn, clock).close()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'n', 1)"
+        )
+    with pytest.raises(StorageError, match="version 999, newer than this server's"):
+        PostgresDataStore(postgres_dsn, clock)
+
+
 def test_foreign_bundle_sequences_stored_under_migration_17_read_back_and_order(
     postgres_dsn: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
