@@ -440,11 +440,20 @@ class Syncer:
         self._store.svid_path.unlink(missing_ok=True)
         self._cache.refuse(REFUSED)
         self._on_change("refused")
+        if self._s.x509pop is not None:
+            # Its certificate still proves the node: it attests again by itself.
+            remedy = (
+                "It attests again with its x509pop certificate once the removal is finished; "
+                "a banned agent's ID is refused for good (a new certificate is a new agent ID)"
+            )
+        else:
+            remedy = (
+                "Re-attest it with a new join token (svid-server token generate; svid-agent "
+                "run --join-token-file FILE); a banned agent's ID is refused for good"
+            )
         log.error(
             "the server refused this agent (evicted or banned): dropped every cached SVID and "
-            "JWT-SVID, workloads are refused until it attests again. Re-attest it with a new "
-            "join token (svid-server token generate; svid-agent run --join-token-file FILE); "
-            "a banned agent's ID is refused for good",
+            "JWT-SVID, workloads are refused until it attests again. " + remedy,
             extra={"agent_id": agent_id, "code": code.name, "server_said": (details or "")[:300]},
         )
 

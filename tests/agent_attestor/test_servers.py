@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor.agent_store import AgentStore
 from agent_attestor.cache import Cache
@@ -337,3 +338,23 @@ def test_a_saved_svid_set_aside_again_and_again_backs_off(
 
     asyncio.run(scenario())
     assert calls <= 10, f"{calls} streams in 0.5 s: the set-aside skipped every backoff"
+
+
+@pytest.mark.parametrize("attestor", ["join_token", "x509pop"])
+def test_a_refused_agent_is_told_how_its_own_attestor_comes_back(
+    attestor: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An x509pop agent attests again by itself with its certificate; only a join-token agent
+    # needs a new token from the operator.
+    pop = ([], ec.generate_private_key(ec.SECP256R1())) if attestor == "x509pop" else None
+    settings = SyncSettings((A,), join_token="t.s" if pop is None else "", x509pop=pop)
+    store = AgentStore(tmp_path / "svid", tmp_path / "key", tmp_path / "bundle")
+    syncer = Syncer(settings, store, Cache(), FakeClock())
+    with caplog.at_level(logging.ERROR, logger="agent_attestor.sync"):
+        syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent evicted")
+    (line,) = [r.getMessage() for r in caplog.records if "evicted or banned" in r.getMessage()]
+    if attestor == "x509pop":
+        assert "join token" not in line
+        assert "attests again with its x509pop certificate" in line
+    else:
+        assert "--join-token-file" in line
