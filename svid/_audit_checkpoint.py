@@ -62,8 +62,8 @@ class AuditCheckpoint:
     # A prune record's last removed event's `ts` (None: a checkpoint, or an older record).
     last_ts: float | None = None
 
-    def signed_bytes(self) -> bytes:
-        return signed_bytes(
+    def _fields(self) -> dict[str, Any]:
+        return _body(
             self.seq,
             self.hash,
             self.count,
@@ -73,17 +73,12 @@ class AuditCheckpoint:
             last_ts=self.last_ts,
         )
 
+    def signed_bytes(self) -> bytes:
+        return _ENCODER.encode(self._fields()).encode("utf-8")
+
     def to_line(self) -> str:
         """The line, without its newline."""
-        body = _body(
-            self.seq,
-            self.hash,
-            self.count,
-            self.time,
-            self.key_id,
-            kind=self.kind,
-            last_ts=self.last_ts,
-        )
+        body = self._fields()
         body["public_key"] = self.public_key
         body["sig"] = self.sig
         return _ENCODER.encode(body)
