@@ -98,11 +98,7 @@ class CheckpointStore:
         self._clock = clock or SystemClock()
         self._min_prune_age = min_prune_age
         self._held: dict[str, AuditCheckpoint] = {}
-        self._lines = 0
-        # Every held checkpoint's seq and signing time, compactly (16 bytes each): what a
-        # pushed prune record's age is checked against.
-        self._checkpoint_seqs = array("q")
-        self._checkpoint_times = array("d")
+        self._count_none()
         for record in self._load():
             self._note(record)
 
@@ -254,9 +250,7 @@ class CheckpointStore:
         _write_private(self.path, "".join(r.to_line() + "\n" for r in records).encode("utf-8"))
         _fsync_dir(self.path.parent)
         # What the file now holds but `record`, which _note adds.
-        self._lines = 0
-        self._checkpoint_seqs = array("q")
-        self._checkpoint_times = array("d")
+        self._count_none()
         for r in records:
             if r is not record:
                 self._note(r)
@@ -306,7 +300,13 @@ class CheckpointStore:
         with contextlib.suppress(FileNotFoundError):  # already gone: nothing to keep
             os.replace(self.path, aside)
         self._held = {}
+        self._count_none()
+
+    def _count_none(self) -> None:
+        """No line counted, no checkpoint's seq and time held: what _note adds to."""
         self._lines = 0
+        # Every held checkpoint's seq and signing time, compactly (16 bytes each): what a
+        # pushed prune record's age is checked against.
         self._checkpoint_seqs = array("q")
         self._checkpoint_times = array("d")
 
