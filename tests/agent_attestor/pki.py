@@ -158,3 +158,20 @@ class FakeSigner:
             raise ConnectionError("RESOURCE_EXHAUSTED: JWT rate limit exceeded for this agent")
         self.jwt_calls += 1
         return self.ca.mint_jwt(spiffe_id, audience)
+
+
+class SizedSigner:
+    """Mints tokens of a chosen size that never reach their refresh point, and counts mints:
+    what a JWT cache's budgets see, with no crypto in the way."""
+
+    def __init__(self, size: int = 100) -> None:
+        self.size = size
+        self.calls = 0
+
+    async def batch_new_x509(self, params: list[tuple[str, bytes]]) -> list[X509Result]:
+        raise AssertionError("not used")
+
+    async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        self.calls += 1
+        body = f"{self.calls}.".ljust(self.size, "x")  # a fresh str each time, like a real mint
+        return MintedJwt(token=body, issued_at=0.0, expires_at=1e12)

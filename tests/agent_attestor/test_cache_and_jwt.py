@@ -18,13 +18,13 @@ from agent_attestor.cache import Cache, SyncState
 from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, entry_size, refresh_point
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
 from agent_attestor.model import Entry, JwtKey, Selector
-from agent_attestor.signer import MintedJwt, X509Result
+from agent_attestor.signer import MintedJwt
 from svid._clock import FakeClock
 from svid._errors import ExpiredError, RevokedError, VerificationError
 from svid._jose import b64url_encode
 from svid._spiffe_id import TrustDomain
 from svid._verify_jwt import DEFAULT_LEEWAY
-from tests.agent_attestor.pki import FakeSigner, LocalCa
+from tests.agent_attestor.pki import FakeSigner, LocalCa, SizedSigner
 
 SEL = frozenset({Selector("unix", "uid:1")})
 
@@ -148,22 +148,6 @@ def test_jwt_cache_evicts_least_recently_used() -> None:
         asyncio.run(jwts.get("spiffe://example.org/w", [aud], "e", 0))
     assert jwts.cached("spiffe://example.org/w", ["a"]) is None
     assert jwts.cached("spiffe://example.org/w", ["c"]) is not None
-
-
-class SizedSigner:
-    """Mints tokens of a chosen size: what the byte budget sees, with no crypto in the way."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.calls = 0
-
-    async def batch_new_x509(self, params: list[tuple[str, bytes]]) -> list[X509Result]:
-        raise AssertionError("not used")
-
-    async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
-        self.calls += 1
-        body = f"{self.calls}.".ljust(self.size, "x")  # a fresh str each time, like a real mint
-        return MintedJwt(token=body, issued_at=0.0, expires_at=1e12)
 
 
 def test_jwt_cache_counts_bytes_and_evicts_least_recently_used_to_stay_in_budget() -> None:

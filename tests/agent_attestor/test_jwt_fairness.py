@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, entry_size, uid_share
 from agent_attestor.mint_budget import MINTS_PER_UID_BURST, MINTS_PER_UID_RATE
 from agent_attestor.model import Selector
-from agent_attestor.signer import MintedJwt, X509Result
+from agent_attestor.signer import MintedJwt
 from svid._clock import FakeClock
 from svid._proto import workload_pb2
 from tests.agent_attestor.harness import HEADER, Harness
-from tests.agent_attestor.pki import FakeSigner, LocalCa
+from tests.agent_attestor.pki import FakeSigner, LocalCa, SizedSigner
 from tests.users import NOBODY
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
@@ -183,21 +183,6 @@ FLOODER, QUIET, NEWCOMER = 1001, 1002, 1003
 NOW = 1_800_000_000.0
 
 
-class CountingSigner:
-    """Mints tokens of a chosen size that never reach their refresh point, and counts mints."""
-
-    def __init__(self, size: int = 100) -> None:
-        self.size = size
-        self.calls = 0
-
-    async def batch_new_x509(self, params: list[tuple[str, bytes]]) -> list[X509Result]:
-        raise AssertionError("not used")
-
-    async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
-        self.calls += 1
-        return MintedJwt(token=f"{self.calls}.".ljust(self.size, "x"), issued_at=0, expires_at=1e12)
-
-
 def _get(jwts: JwtCache, uid: int, aud: str, sid: str = SID) -> MintedJwt:
     return asyncio.run(jwts.get(sid, [aud], "e", uid))
 
@@ -209,7 +194,7 @@ def test_a_uid_share_is_an_eighth_of_each_bound_and_never_under_64_tokens() -> N
 
 
 def test_a_uid_flooding_new_audiences_recycles_its_own_slots() -> None:
-    signer = CountingSigner()
+    signer = SizedSigner()
     jwts = JwtCache(signer, FakeClock(start=0), max_entries=256)  # a share of 64 entries
     quiet = {aud: _get(jwts, QUIET, aud) for aud in ("a", "b", "c")}
     for i in range(1_000):
@@ -231,7 +216,7 @@ def test_a_uid_flooding_new_audiences_recycles_its_own_slots() -> None:
 
 def test_a_uid_flooding_big_audiences_recycles_its_own_bytes() -> None:
     # 4 KB audiences: the byte bound is reached long before the count.
-    signer = CountingSigner(size=1_000)
+    signer = SizedSigner(size=1_000)
     big = "x" * 4_000
     one = entry_size(JwtCache.key(SID, [big + "0000"]), MintedJwt("x" * 1_000, 0, 1))
     jwts = JwtCache(signer, FakeClock(start=0), max_bytes=200 * one)
@@ -243,7 +228,7 @@ def test_a_uid_flooding_big_audiences_recycles_its_own_bytes() -> None:
 
 
 def test_a_lone_uid_still_uses_the_whole_cache_least_recently_used_out_first() -> None:
-    jwts = JwtCache(CountingSigner(), FakeClock(start=0), max_entries=256)
+    jwts = JwtCache(SizedSigner(), FakeClock(start=0), max_entries=256)
     for i in range(256):
         _get(jwts, FLOODER, f"a-{i}")
     assert jwts.cached(SID, ["a-0"]) is not None  # a hit: no longer the least recently used
