@@ -38,15 +38,19 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVER_BUDGET = 300  # above one uid's burst (200), below what the flood asks for
 
 
-@pytest.fixture
-def agent() -> Iterator[Harness]:
-    h = Harness()
+def _open_to_every_uid(h: Harness) -> Iterator[Harness]:
+    """``h``, its socket reachable by another uid, closed after the test."""
     os.chmod(h.root, 0o755)
     os.chmod(h.socket_path.parent, 0o755)
     try:
         yield h
     finally:
         h.close()
+
+
+@pytest.fixture
+def agent() -> Iterator[Harness]:
+    yield from _open_to_every_uid(Harness())
 
 
 def _fetch_as_nobody(socket_path: Path, audiences: list[str]) -> list[list[str]]:
@@ -135,13 +139,7 @@ QUIET_AUDIENCES = [f"quiet-{i}" for i in range(5)]
 
 @pytest.fixture
 def small_agent() -> Iterator[Harness]:
-    h = Harness(jwt_cache_size=SMALL_CACHE)
-    os.chmod(h.root, 0o755)
-    os.chmod(h.socket_path.parent, 0o755)
-    try:
-        yield h
-    finally:
-        h.close()
+    yield from _open_to_every_uid(Harness(jwt_cache_size=SMALL_CACHE))
 
 
 @as_root
