@@ -7,7 +7,7 @@ import asyncio
 import concurrent.futures
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -396,6 +396,26 @@ def test_a_server_lagging_the_feed_does_not_store_an_older_bundle_over_a_newer_o
             store.close()
 
 
+def _static_service(
+    store: SqliteDataStore,
+    clock: FakeClock,
+    domains: list[str],
+    fetch: Callable[[FederationRelationship, SpiffeBundle | None], SpiffeBundle],
+) -> FederationService:
+    """A loaded service with a static https_web relationship to each of `domains`."""
+    service = FederationService(
+        own=OWN,
+        datastore=store,
+        audit=AuditLog(store, clock),
+        clock=clock,
+        publish=lambda _bundles: None,
+        static=tuple(parse_static(f"{d} https_web https://127.0.0.1:1/", OWN) for d in domains),
+        fetch=fetch,
+    )
+    service.load()
+    return service
+
+
 def test_due_relationships_are_fetched_side_by_side_a_few_at_a_time(tmp_path: Path) -> None:
     """Six relationships due, each fetch held: FETCHES_AT_ONCE run together (not one after the
     other, which let one slow endpoint hold every other up), the rest as slots free."""
@@ -417,16 +437,7 @@ def test_due_relationships_are_fetched_side_by_side_a_few_at_a_time(tmp_path: Pa
         raise FederationError(f"{rel.trust_domain}: held, then down")
 
     domains = [f"d{i}.org" for i in range(6)]
-    service = FederationService(
-        own=OWN,
-        datastore=store,
-        audit=AuditLog(store, clock),
-        clock=clock,
-        publish=lambda _bundles: None,
-        static=tuple(parse_static(f"{d} https_web https://127.0.0.1:1/", OWN) for d in domains),
-        fetch=fetch,
-    )
-    service.load()
+    service = _static_service(store, clock, domains, fetch)
 
     async def scenario() -> None:
         refreshing = asyncio.create_task(service.refresh_due())
@@ -468,16 +479,7 @@ def test_hanging_fetches_leave_the_default_thread_pool_to_the_rest_of_the_server
         raise FederationError(f"{rel.trust_domain}: hung, then down")
 
     domains = [f"d{i}.org" for i in range(FETCHES_AT_ONCE)]
-    service = FederationService(
-        own=OWN,
-        datastore=store,
-        audit=AuditLog(store, clock),
-        clock=clock,
-        publish=lambda _bundles: None,
-        static=tuple(parse_static(f"{d} https_web https://127.0.0.1:1/", OWN) for d in domains),
-        fetch=fetch,
-    )
-    service.load()
+    service = _static_service(store, clock, domains, fetch)
 
     async def scenario() -> None:
         default = concurrent.futures.ThreadPoolExecutor(FETCHES_AT_ONCE)
