@@ -148,18 +148,15 @@ def _handshake(
     the socket's descriptor over, so the TLS socket is handed to the cutter before the
     handshake blocks on it."""
     ctx = context if context is not None else ssl.create_default_context()
+    held: socket.socket = sock
     try:
         tls = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
-    except BaseException:
-        cutter.hold(None)
-        sock.close()
-        raise
-    cutter.hold(tls)
-    try:
+        held = tls
+        cutter.hold(tls)
         tls.do_handshake()
     except BaseException:
         cutter.hold(None)
-        tls.close()
+        held.close()
         raise
     return tls
 
