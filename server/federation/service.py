@@ -341,13 +341,7 @@ class FederationService:
             await self._install(bundle, source=SET_BY_HAND)
         except BundleNotStoredError as exc:
             # The ledger holds the attempt: it holds the refusal too.
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(
-                    self._audit.append,
-                    BUNDLE_REFUSED,
-                    reason=str(exc)[:500],
-                    extra={"trust_domain": td.name},
-                )
+            await self._record_refused(td.name, exc)
             raise
         # A relationship waiting for its first bundle (https_spiffe needs one to authenticate
         # the endpoint) fetches now rather than at its retry.
@@ -438,17 +432,22 @@ class FederationService:
                 retry = self._retries.setdefault(td, Retry(RETRY, MAX_RETRY)).failed()
                 self._reschedule(td, asked, self._next(known, ok=False, retry=retry))
                 _log.warning("foreign bundle not refreshed", extra={"td": td, "error": str(exc)})
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(
-                        self._audit.append,
-                        BUNDLE_REFUSED,
-                        reason=str(exc)[:500],
-                        extra={"trust_domain": td},
-                    )
+                await self._record_refused(td, exc)
                 raise
             self._retries.pop(td, None)
             self._reschedule(td, asked, self._next(fetched))
             return Refreshed(changed, fetched)
+
+    async def _record_refused(self, trust_domain: str, exc: Exception) -> None:
+        """A refused bundle on the ledger, best effort: the refusal itself is what the caller
+        raises, whether or not it could be recorded."""
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(
+                self._audit.append,
+                BUNDLE_REFUSED,
+                reason=str(exc)[:500],
+                extra={"trust_domain": trust_domain},
+            )
 
     def _endpoint_bundle(self, rel: FederationRelationship) -> SpiffeBundle | None:
         """The bundle that authenticates the relationship's endpoint: for https_spiffe, that of
