@@ -31,12 +31,16 @@ from server.datastore import (
 from server.datastore import sqlite as sqlite_module
 from server.datastore.errors import StorageError
 from server.datastore.migrations import MIGRATIONS
-from server.datastore.records import EventFilter, ForeignBundle, TokenUse
+from server.datastore.records import EventFilter, TokenUse
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
-from tests.server.test_datastore_contract import BACKENDS
+from tests.server.test_datastore_contract import (
+    BACKENDS,
+    MIGRATION_17_SEQUENCES,
+    assert_migration_17_sequences_carried_over,
+)
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
 
@@ -517,28 +521,17 @@ def test_foreign_bundle_sequences_stored_under_migration_17_read_back_and_order(
     with monkeypatch.context() as m:
         m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:17])
         SqliteDataStore(tmp_path / "db", clock).close()
-    rows = {"none.org": 0, "five.org": 5, "top.org": 2**63 - 1}
     db = sqlite3.connect(tmp_path / "db")
     db.executemany(
         "INSERT INTO foreign_bundles (trust_domain, bundle, updated_at, spiffe_sequence) "
         "VALUES (?, X'7B7D', 5, ?)",
-        list(rows.items()),
+        list(MIGRATION_17_SEQUENCES.items()),
     )
     db.commit()
     db.close()
     store = SqliteDataStore(tmp_path / "db", clock)
     try:
-        assert store.schema_versions() == [m.version for m in MIGRATIONS]
-        assert {b.trust_domain: b.sequence for b in store.list_foreign_bundles()} == rows
-
-        def put(td: str, sequence: int) -> bool:
-            return store.put_foreign_bundle(ForeignBundle(td, b"{}", 6, sequence))
-
-        assert not put("five.org", 4)
-        assert put("five.org", 6)
-        assert put("none.org", 1)  # a row of no sequence orders nothing
-        assert not put("top.org", 2**63 - 2)
-        assert put("top.org", 2**63)
+        assert_migration_17_sequences_carried_over(store)
     finally:
         store.close()
 

@@ -39,6 +39,7 @@ from server.datastore.errors import (
     RemovalUnderWayError,
     TaskEndedMeanwhileError,
 )
+from server.datastore.migrations import MIGRATIONS
 from server.datastore.records import (
     AUDIT_COLUMNS,
     HTTPS_SPIFFE,
@@ -131,6 +132,27 @@ def cred(
     value: str, *, agent: str = AGENT, task_id: str = "", expires_at: int = NOW + 300
 ) -> Credential:
     return Credential("jwt_id", value, agent, RUNTIME, task_id, expires_at)
+
+
+# Sequences as migration 17 stored them (unshifted): 0 (none), a low one, the highest it could.
+MIGRATION_17_SEQUENCES = {"none.org": 0, "five.org": 5, "top.org": 2**63 - 1}
+
+
+def assert_migration_17_sequences_carried_over(store: DataStore) -> None:
+    """After migration 18, MIGRATION_17_SEQUENCES' rows read back as written and still order
+    the next write (the test of each backend stores them its own way)."""
+    assert store.schema_versions() == [m.version for m in MIGRATIONS]
+    found = {b.trust_domain: b.sequence for b in store.list_foreign_bundles()}
+    assert found == MIGRATION_17_SEQUENCES
+
+    def put(td: str, sequence: int) -> bool:
+        return store.put_foreign_bundle(ForeignBundle(td, b"{}", 6, sequence))
+
+    assert not put("five.org", 4)
+    assert put("five.org", 6)
+    assert put("none.org", 1)  # a row of no sequence orders nothing
+    assert not put("top.org", 2**63 - 2)
+    assert put("top.org", 2**63)
 
 
 def audit_rows(first_seq: int, count: int, prev: str = "0" * 64) -> list[tuple[object, ...]]:

@@ -38,7 +38,6 @@ from server.datastore.postgres_sql import pg
 from server.datastore.records import (
     REMOVAL_EVICTED,
     EventFilter,
-    ForeignBundle,
     Head,
     Removal,
     TokenUse,
@@ -46,7 +45,12 @@ from server.datastore.records import (
 from server.datastore.sqlite_ledger import _task_params
 from svid._clock import FakeClock
 from tests import postgres
-from tests.server.test_datastore_contract import audit_rows, task
+from tests.server.test_datastore_contract import (
+    MIGRATION_17_SEQUENCES,
+    assert_migration_17_sequences_carried_over,
+    audit_rows,
+    task,
+)
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -312,9 +316,8 @@ def test_foreign_bundle_sequences_stored_under_migration_17_read_back_and_order(
     with monkeypatch.context() as m:
         m.setattr(postgres_module, "MIGRATIONS", MIGRATIONS[:17])
         PostgresDataStore(postgres_dsn, clock).close()
-    rows = {"none.org": 0, "five.org": 5, "top.org": 2**63 - 1}
     with psycopg.connect(postgres_dsn) as conn:
-        for td, sequence in rows.items():
+        for td, sequence in MIGRATION_17_SEQUENCES.items():
             conn.execute(
                 "INSERT INTO foreign_bundles (trust_domain, bundle, updated_at, spiffe_sequence) "
                 "VALUES (%s, %s, 5, %s)",
@@ -322,17 +325,7 @@ def test_foreign_bundle_sequences_stored_under_migration_17_read_back_and_order(
             )
     store = PostgresDataStore(postgres_dsn, clock)
     try:
-        assert store.schema_versions() == [m.version for m in MIGRATIONS]
-        assert {b.trust_domain: b.sequence for b in store.list_foreign_bundles()} == rows
-
-        def put(td: str, sequence: int) -> bool:
-            return store.put_foreign_bundle(ForeignBundle(td, b"{}", 6, sequence))
-
-        assert not put("five.org", 4)
-        assert put("five.org", 6)
-        assert put("none.org", 1)  # a row of no sequence orders nothing
-        assert not put("top.org", 2**63 - 2)
-        assert put("top.org", 2**63)
+        assert_migration_17_sequences_carried_over(store)
     finally:
         store.close()
 
