@@ -598,16 +598,20 @@ def test_a_ledger_write_waits_for_a_removal_under_way_and_then_refuses(
         store.close()
 
 
-def test_a_removal_waits_for_a_ledger_write_under_way_and_then_finds_its_credentials(
-    postgres_dsn: str, clock: FakeClock
+def _a_change_waits_for_a_ledger_write(
+    postgres_dsn: str,
+    clock: FakeClock,
+    role: str,
+    late: Credential,
+    change: Callable[[PostgresDataStore], list[str]],
 ) -> None:
-    """The reverse order: the ledger write holds the agent's row (here stopped in its
-    transaction, where it seals its events again on another server's head) when the eviction
-    comes. The delete waits for the write's commit, so the removal's read of what to revoke,
-    right after its own commit, lists the credential."""
+    """The ledger write of `late` holds its agent's (and task's) rows, stopped in its
+    transaction where it seals its events again on another server's head, when `change` (a
+    removal or an end, on the `role` store) comes: the change waits for the write's commit,
+    so its read of what to revoke (what `change` returns), right after its own commit, lists
+    the credential."""
     ledger, _ = _store_as(postgres_dsn, clock, "ledger")
-    remover, remover_app = _store_as(postgres_dsn, clock, "removal")
-    late = Credential("jwt_id", "late", AGENT, "spiffe://x/y", "", NOW + 60)
+    changer, changer_app = _store_as(postgres_dsn, clock, role)
     inside, release = threading.Event(), threading.Event()
     found: list[list[str] | BaseException] = []
 
@@ -616,34 +620,50 @@ def test_a_removal_waits_for_a_ledger_write_under_way_and_then_finds_its_credent
         release.wait(30)
         return audit_rows(1, 1)
 
-    def evict() -> None:
+    def run() -> None:
         try:
-            remover.delete_agent(AGENT, Removal(AGENT, REMOVAL_EVICTED, NOW))
-            found.append([c.value for c in remover.agent_credentials(AGENT, NOW)])
+            found.append(change(changer))
         except Exception as e:
             found.append(e)
 
     try:
         ledger.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+        if late.task_id:
+            ledger.put_task(task(late.task_id, agent=AGENT))
         # Sealed on a head the (empty) chain is not at: the store calls reseal, mid-write.
         writer = threading.Thread(
             target=ledger.write_ledger, args=([late], audit_rows(5, 1)), kwargs={"reseal": reseal}
         )
         writer.start()
         assert inside.wait(30)
-        evictor = threading.Thread(target=evict)
-        evictor.start()
+        changer_thread = threading.Thread(target=run)
+        changer_thread.start()
         try:
-            _wait_for_a_lock_wait(postgres_dsn, remover_app, "the removal did not wait")
+            _wait_for_a_lock_wait(postgres_dsn, changer_app, f"the {role} did not wait")
         finally:
             release.set()
             writer.join(30)
-            evictor.join(30)
+            changer_thread.join(30)
         assert found == [["late"]]
         assert ledger.audit_head() == Head(1, f"{1:064x}")
     finally:
         ledger.close()
-        remover.close()
+        changer.close()
+
+
+def test_a_removal_waits_for_a_ledger_write_under_way_and_then_finds_its_credentials(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """The reverse order: the ledger write holds the agent's row when the eviction comes. The
+    delete waits for the write's commit, so the removal's read of what to revoke, right after
+    its own commit, lists the credential."""
+
+    def evict(remover: PostgresDataStore) -> list[str]:
+        remover.delete_agent(AGENT, Removal(AGENT, REMOVAL_EVICTED, NOW))
+        return [c.value for c in remover.agent_credentials(AGENT, NOW)]
+
+    late = Credential("jwt_id", "late", AGENT, "spiffe://x/y", "", NOW + 60)
+    _a_change_waits_for_a_ledger_write(postgres_dsn, clock, "removal", late, evict)
 
 
 # -- a task's end racing a grant ---------------------------------------------------------------
@@ -692,50 +712,16 @@ def test_a_ledger_write_waits_for_a_task_end_under_way_and_then_refuses(
 def test_a_task_end_waits_for_a_ledger_write_under_way_and_then_finds_its_credentials(
     postgres_dsn: str, clock: FakeClock
 ) -> None:
-    """The reverse order: the ledger write holds the agent's and the task's rows (stopped in
-    its transaction, where it seals its events again on another server's head) when the end
+    """The reverse order: the ledger write holds the agent's and the task's rows when the end
     comes. The end's claim waits for the write's commit, so its read of what to revoke, right
     after its own commit, lists the credential."""
-    ledger, _ = _store_as(postgres_dsn, clock, "ledger")
-    ender, ender_app = _store_as(postgres_dsn, clock, "end")
+
+    def end(ender: PostgresDataStore) -> list[str]:
+        assert ender.swap_task(task("t1", agent=AGENT, state="ending"), "active")
+        return [c.value for c in ender.task_credentials("t1", NOW)]
+
     late = Credential("jwt_id", "late", AGENT, "spiffe://x/y", "t1", NOW + 60)
-    inside, release = threading.Event(), threading.Event()
-    found: list[list[str] | BaseException] = []
-
-    def reseal(stored: Head | None) -> list[tuple[object, ...]]:
-        inside.set()
-        release.wait(30)
-        return audit_rows(1, 1)
-
-    def end() -> None:
-        try:
-            assert ender.swap_task(task("t1", agent=AGENT, state="ending"), "active")
-            found.append([c.value for c in ender.task_credentials("t1", NOW)])
-        except Exception as e:
-            found.append(e)
-
-    try:
-        ledger.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
-        ledger.put_task(task("t1", agent=AGENT))
-        # Sealed on a head the (empty) chain is not at: the store calls reseal, mid-write.
-        writer = threading.Thread(
-            target=ledger.write_ledger, args=([late], audit_rows(5, 1)), kwargs={"reseal": reseal}
-        )
-        writer.start()
-        assert inside.wait(30)
-        ender_thread = threading.Thread(target=end)
-        ender_thread.start()
-        try:
-            _wait_for_a_lock_wait(postgres_dsn, ender_app, "the end did not wait")
-        finally:
-            release.set()
-            writer.join(30)
-            ender_thread.join(30)
-        assert found == [["late"]]
-        assert ledger.audit_head() == Head(1, f"{1:064x}")
-    finally:
-        ledger.close()
-        ender.close()
+    _a_change_waits_for_a_ledger_write(postgres_dsn, clock, "end", late, end)
 
 
 def test_ledger_writes_and_ends_of_several_tasks_at_once_never_deadlock(
