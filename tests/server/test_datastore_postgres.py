@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -557,18 +557,20 @@ def _store_as(dsn: str, clock: FakeClock, role: str) -> tuple[PostgresDataStore,
     return PostgresDataStore(f"{dsn}&application_name={app}", clock), app
 
 
-@pytest.mark.parametrize("how", ["evicted", "banned"])
-def test_a_ledger_write_waits_for_a_removal_under_way_and_then_refuses(
-    postgres_dsn: str, clock: FakeClock, how: str
-) -> None:
-    """The grant was decided before the removal committed; its ledger write comes while the
-    removal's transaction holds the agent's row. It waits for it, then keeps nothing: the
-    removal reads the agent's credentials right after its commit, before this write could
-    have landed."""
+def _a_ledger_write_waiting_for(
+    postgres_dsn: str,
+    clock: FakeClock,
+    late: Credential,
+    change: Callable[[Any], None],  # a psycopg connection
+) -> BaseException | None:
+    """What the ledger write of `late` raised, started while `change` (a removal or an end,
+    made on its own connection) holds its agent's (or task's) row uncommitted, and asserted
+    to wait for its commit; after it, that nothing of the write was kept."""
     store, app = _store_as(postgres_dsn, clock, "ledger")
-    late = Credential("jwt_id", "late", AGENT, "spiffe://x/y", "", NOW + 60)
     try:
         store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+        if late.task_id:
+            store.put_task(task(late.task_id, agent=AGENT))
         outcome: list[BaseException | None] = [None]
 
         def write() -> None:
@@ -577,25 +579,43 @@ def test_a_ledger_write_waits_for_a_removal_under_way_and_then_refuses(
             except Exception as e:
                 outcome[0] = e
 
-        with psycopg.connect(postgres_dsn) as removal:
-            if how == "evicted":
-                removal.execute(pg(q.DELETE_AGENT), {"spiffe_id": AGENT})
-            else:
-                removal.execute(pg(q.SET_AGENT_BANNED), {"spiffe_id": AGENT, "banned": 1})
-            removal.execute(
-                pg(q.UPSERT_REMOVAL), {"agent_id": AGENT, "reason": how, "started_at": NOW}
-            )
+        with psycopg.connect(postgres_dsn) as conn:
+            change(conn)
             writer = threading.Thread(target=write)
             writer.start()
             _wait_for_a_lock_wait(postgres_dsn, app, "the ledger write did not wait")
-            removal.commit()
+            conn.commit()
             writer.join(30)
-        assert isinstance(outcome[0], AgentRemovedError), outcome[0]
-        assert outcome[0].agents == {AGENT}
-        assert store.agent_credentials(AGENT, NOW) == []
+        if late.task_id:
+            assert store.task_credentials(late.task_id, NOW) == []
+        else:
+            assert store.agent_credentials(AGENT, NOW) == []
         assert store.audit_head() is None
+        return outcome[0]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("how", ["evicted", "banned"])
+def test_a_ledger_write_waits_for_a_removal_under_way_and_then_refuses(
+    postgres_dsn: str, clock: FakeClock, how: str
+) -> None:
+    """The grant was decided before the removal committed; its ledger write comes while the
+    removal's transaction holds the agent's row. It waits for it, then keeps nothing: the
+    removal reads the agent's credentials right after its commit, before this write could
+    have landed."""
+
+    def remove(removal: Any) -> None:
+        if how == "evicted":
+            removal.execute(pg(q.DELETE_AGENT), {"spiffe_id": AGENT})
+        else:
+            removal.execute(pg(q.SET_AGENT_BANNED), {"spiffe_id": AGENT, "banned": 1})
+        removal.execute(pg(q.UPSERT_REMOVAL), {"agent_id": AGENT, "reason": how, "started_at": NOW})
+
+    late = Credential("jwt_id", "late", AGENT, "spiffe://x/y", "", NOW + 60)
+    outcome = _a_ledger_write_waiting_for(postgres_dsn, clock, late, remove)
+    assert isinstance(outcome, AgentRemovedError), outcome
+    assert outcome.agents == {AGENT}
 
 
 def _a_change_waits_for_a_ledger_write(
@@ -676,37 +696,19 @@ def test_a_ledger_write_waits_for_a_task_end_under_way_and_then_refuses(
     ledger write comes while the end's transaction holds the task's row. It waits for it,
     then keeps nothing: the end reads the task's credentials right after its commit, before
     this write could have landed."""
-    store, app = _store_as(postgres_dsn, clock, "ledger")
+
+    def end(conn: Any) -> None:
+        # The end's claim (TaskStore.finish), not committed yet.
+        params = {
+            **_task_params(task("t1", agent=AGENT, state="ending")),
+            "expected_state": "active",
+        }
+        assert conn.execute(pg(lq.SWAP_TASK), params).rowcount == 1
+
     late = Credential("jwt_id", "late", AGENT, "spiffe://x/y", "t1", NOW + 60)
-    try:
-        store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
-        store.put_task(task("t1", agent=AGENT))
-        outcome: list[BaseException | None] = [None]
-
-        def write() -> None:
-            try:
-                store.write_ledger([late], audit_rows(1, 1))
-            except Exception as e:
-                outcome[0] = e
-
-        with psycopg.connect(postgres_dsn) as end:
-            # The end's claim (TaskStore.finish), not committed yet.
-            params = {
-                **_task_params(task("t1", agent=AGENT, state="ending")),
-                "expected_state": "active",
-            }
-            assert end.execute(pg(lq.SWAP_TASK), params).rowcount == 1
-            writer = threading.Thread(target=write)
-            writer.start()
-            _wait_for_a_lock_wait(postgres_dsn, app, "the ledger write did not wait")
-            end.commit()
-            writer.join(30)
-        assert isinstance(outcome[0], TaskEndedMeanwhileError), outcome[0]
-        assert outcome[0].tasks == {"t1"}
-        assert store.task_credentials("t1", NOW) == []
-        assert store.audit_head() is None
-    finally:
-        store.close()
+    outcome = _a_ledger_write_waiting_for(postgres_dsn, clock, late, end)
+    assert isinstance(outcome, TaskEndedMeanwhileError), outcome
+    assert outcome.tasks == {"t1"}
 
 
 def test_a_task_end_waits_for_a_ledger_write_under_way_and_then_finds_its_credentials(
