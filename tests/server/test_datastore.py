@@ -421,14 +421,22 @@ def test_migrations_are_recorded_and_idempotent(tmp_path: Path, clock: FakeClock
     again.close()
 
 
+def _created_at_version(
+    path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, version: int
+) -> sqlite3.Connection:
+    """A connection to a datastore created at `path` by the migrations up to `version`, to
+    write rows as that version wrote them."""
+    with monkeypatch.context() as m:
+        m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:version])
+        SqliteDataStore(path, clock).close()
+    return sqlite3.connect(path)
+
+
 def test_a_datastore_of_the_previous_schema_gains_the_ledger_tables(
     tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with monkeypatch.context() as m:
-        m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:1])
-        SqliteDataStore(tmp_path / "db", clock).close()
     # Written as version 1 wrote it: today's statements name columns later migrations added.
-    db = sqlite3.connect(tmp_path / "db")
+    db = _created_at_version(tmp_path / "db", clock, monkeypatch, 1)
     db.execute(
         "INSERT INTO entries (id, spiffe_id, parent_id, identity_hash, selectors, x509_svid_ttl, "
         "jwt_svid_ttl, dns_names, hint, admin, expires_at, revision, created_at) VALUES "
@@ -453,11 +461,8 @@ def test_a_datastore_of_the_previous_schema_gains_the_ledger_tables(
 def test_serials_recorded_before_migration_11_read_back_with_no_issuer(
     tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with monkeypatch.context() as m:
-        m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:10])
-        SqliteDataStore(tmp_path / "db", clock).close()
     # Written as version 10 wrote them: no issuer column yet.
-    db = sqlite3.connect(tmp_path / "db")
+    db = _created_at_version(tmp_path / "db", clock, monkeypatch, 10)
     db.execute(
         "INSERT INTO revocations (kind, value, spiffe_id, expires_at, reason, revoked_at) "
         "VALUES ('x509_serial', '7b', 'spiffe://example.org/web', 900, 'r', 5)"
@@ -482,11 +487,8 @@ def test_a_removal_stored_before_migration_16_is_unclaimed(
 ) -> None:
     """A removal a server of the previous version left (it died midway) is free to claim and
     finish once the claim columns are added."""
-    with monkeypatch.context() as m:
-        m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:14])
-        SqliteDataStore(tmp_path / "db", clock).close()
     # Written as version 14 wrote it: no claim columns yet.
-    db = sqlite3.connect(tmp_path / "db")
+    db = _created_at_version(tmp_path / "db", clock, monkeypatch, 14)
     db.execute(
         "INSERT INTO removals (agent_id, reason, started_at) VALUES (?, 'agent evicted', 5)",
         (AGENT,),
@@ -518,10 +520,7 @@ def test_foreign_bundle_sequences_stored_under_migration_17_read_back_and_order(
 ) -> None:
     """Migration 18 shifts the sequences 17 stored as they were (a uint64 in a signed BIGINT):
     each reads back as written and still orders the next write."""
-    with monkeypatch.context() as m:
-        m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:17])
-        SqliteDataStore(tmp_path / "db", clock).close()
-    db = sqlite3.connect(tmp_path / "db")
+    db = _created_at_version(tmp_path / "db", clock, monkeypatch, 17)
     db.executemany(
         "INSERT INTO foreign_bundles (trust_domain, bundle, updated_at, spiffe_sequence) "
         "VALUES (?, X'7B7D', 5, ?)",
@@ -634,11 +633,8 @@ def test_an_agents_credentials_are_read_by_index_with_the_tokens_it_acts_with(
 def test_credentials_recorded_before_migration_15_read_back_with_no_actor_agent(
     tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with monkeypatch.context() as m:
-        m.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:14])
-        SqliteDataStore(tmp_path / "db", clock).close()
     # Written as version 14 wrote it: no actor_agent_id column yet.
-    db = sqlite3.connect(tmp_path / "db")
+    db = _created_at_version(tmp_path / "db", clock, monkeypatch, 14)
     db.execute(
         "INSERT INTO credentials (kind, value, agent_id, spiffe_id, task_id, expires_at, issuer) "
         "VALUES ('jwt_id', 'j1', ?, 'spiffe://example.org/web', 't1', 900, '')",
