@@ -95,14 +95,7 @@ class PostgresFederation:
         self._write("delete the federation relationship", work)
 
     def put_foreign_bundle(self, bundle: ForeignBundle, *, over_newer: bool = False) -> bool:
-        sql = q.UPSERT_FOREIGN_BUNDLE if over_newer else q.UPSERT_FOREIGN_BUNDLE_NOT_OLDER
-        params = {
-            "trust_domain": bundle.trust_domain,
-            "bundle": bundle.bundle,
-            "updated_at": bundle.updated_at,
-            "sequence": q.stored_sequence(bundle.sequence),
-            "no_sequence": q.NO_SEQUENCE,
-        }
+        sql, params = q.foreign_bundle_write(bundle, over_newer)
 
         def work(cur: Cursor) -> bool:
             # A concurrent write of the same trust domain waits on its row, then compares with

@@ -244,6 +244,21 @@ UPSERT_FOREIGN_BUNDLE_NOT_OLDER = (
     UPSERT_FOREIGN_BUNDLE + " WHERE excluded.spiffe_sequence = :no_sequence "
     "OR excluded.spiffe_sequence >= foreign_bundles.spiffe_sequence"
 )
+
+
+def foreign_bundle_write(bundle: ForeignBundle, over_newer: bool) -> tuple[str, dict[str, Any]]:
+    """put_foreign_bundle's statement and parameters, on either backend: one row changed when
+    the bundle is stored."""
+    sql = UPSERT_FOREIGN_BUNDLE if over_newer else UPSERT_FOREIGN_BUNDLE_NOT_OLDER
+    return sql, {
+        "trust_domain": bundle.trust_domain,
+        "bundle": bundle.bundle,
+        "updated_at": bundle.updated_at,
+        "sequence": stored_sequence(bundle.sequence),
+        "no_sequence": NO_SEQUENCE,
+    }
+
+
 LIST_FOREIGN_BUNDLES = (
     "SELECT trust_domain, bundle, updated_at, spiffe_sequence FROM foreign_bundles "
     "ORDER BY trust_domain"

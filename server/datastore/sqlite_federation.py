@@ -100,21 +100,9 @@ class SqliteFederation:
             self._append_feed(db, FEED_RELATIONSHIP, (trust_domain,))
 
     def put_foreign_bundle(self, bundle: ForeignBundle, *, over_newer: bool = False) -> bool:
-        sql = q.UPSERT_FOREIGN_BUNDLE if over_newer else q.UPSERT_FOREIGN_BUNDLE_NOT_OLDER
         with self._transaction() as db:
-            stored = (
-                db.execute(
-                    sql,
-                    {
-                        "trust_domain": bundle.trust_domain,
-                        "bundle": bundle.bundle,
-                        "updated_at": bundle.updated_at,
-                        "sequence": q.stored_sequence(bundle.sequence),
-                        "no_sequence": q.NO_SEQUENCE,
-                    },
-                ).rowcount
-                == 1
-            )
+            sql, params = q.foreign_bundle_write(bundle, over_newer)
+            stored = db.execute(sql, params).rowcount == 1
             if stored:
                 self._append_feed(db, FEED_FOREIGN_BUNDLE, (bundle.trust_domain,))
             return stored
