@@ -1009,19 +1009,12 @@ def test_a_task_whose_entry_cannot_be_created_ends_on_record(
     world.close()
 
 
-def test_a_begin_whose_entry_commit_went_unanswered_revokes_what_was_issued_meanwhile(
-    tmp_path: Path,
-    clock: FakeClock,
-    datastore: SqliteDataStore,
-    ca_manager: CaManager,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The entry's write commits but its answer is lost (a connection cut at COMMIT). Between
-    that commit and the undo's claim of the end, another server that followed the change feed
-    (task row active, entry there) issued the runtime an X.509-SVID for the task, the ledger
-    taking it. The undo carries out the end in full: that SVID is revoked, the entry deleted
-    from the datastore, and the end recorded once."""
-    world = make_world(tmp_path, clock, datastore, ca_manager)
+def _entry_committed_then_lost(
+    world: World, datastore: SqliteDataStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> list[Credential]:
+    """Make the next begin's entry write commit and then fail (its answer lost at COMMIT),
+    after another server following the feed minted an X.509-SVID for the task, the ledger
+    taking it (the task active). Returns the list that holds that credential once minted."""
     create = datastore.create_entry
     minted: list[Credential] = []
 
@@ -1042,6 +1035,23 @@ def test_a_begin_whose_entry_commit_went_unanswered_revokes_what_was_issued_mean
         raise StorageError("server closed the connection unexpectedly")
 
     monkeypatch.setattr(datastore, "create_entry", committed_then_lost)
+    return minted
+
+
+def test_a_begin_whose_entry_commit_went_unanswered_revokes_what_was_issued_meanwhile(
+    tmp_path: Path,
+    clock: FakeClock,
+    datastore: SqliteDataStore,
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The entry's write commits but its answer is lost (a connection cut at COMMIT). Between
+    that commit and the undo's claim of the end, another server that followed the change feed
+    (task row active, entry there) issued the runtime an X.509-SVID for the task, the ledger
+    taking it. The undo carries out the end in full: that SVID is revoked, the entry deleted
+    from the datastore, and the end recorded once."""
+    world = make_world(tmp_path, clock, datastore, ca_manager)
+    minted = _entry_committed_then_lost(world, datastore, clock, monkeypatch)
     with pytest.raises(StorageError):
         world.begin()
     (task,) = world.store.list_tasks()
@@ -1070,30 +1080,13 @@ def test_a_begin_undo_cut_short_after_its_claim_is_finished_by_the_settle_sweep(
     """As above, and the datastore fails again while the undo carries out the end: the end
     stays claimed and unsettled, and the sweep finishes it (revocation, entry, one event)."""
     world = make_world(tmp_path, clock, datastore, ca_manager)
-    create = datastore.create_entry
     read_credentials = world.store.task_credentials
-    minted: list[Credential] = []
-
-    def committed_then_lost(entry: Entry) -> Entry:
-        create(entry)
-        (task,) = world.store.list_tasks()
-        credential = Credential(
-            REVOKED_X509_SERIAL,
-            "abc123",
-            AGENT,
-            entry.spiffe_id,
-            task.task_id,
-            int(clock.now()) + 300,
-        )
-        world.store.record([credential])
-        minted.append(credential)
-        raise StorageError("server closed the connection unexpectedly")
+    minted = _entry_committed_then_lost(world, datastore, clock, monkeypatch)
 
     def down(task_id: str, now: float) -> Any:
         monkeypatch.setattr(world.store, "task_credentials", read_credentials)
         raise StorageError("could not connect to server")
 
-    monkeypatch.setattr(datastore, "create_entry", committed_then_lost)
     monkeypatch.setattr(world.store, "task_credentials", down)
     with pytest.raises(StorageError):
         world.begin()
