@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 from collections import Counter
@@ -340,31 +341,33 @@ class TaskService:
             raise PermissionDeniedError(f"parent task {parent.task_id} is {parent.state.value}")
         return parent
 
+    def _above(self, task: Task) -> Iterator[Task]:
+        """The stored tasks above `task`, parent first. A generator: read only when asked, at
+        most max_depth + 1 reads (the chain is at most max_depth long); an ancestor no longer
+        stored ends the walk."""
+        above = task.parent_task_id
+        for _ in range(self.settings.max_depth + 1):
+            found = self._store.get_task(above) if above else None
+            if found is None:
+                return
+            yield found
+            above = found.parent_task_id
+
     def _chain_ids(self, parent: Task | None) -> Iterator[str]:
         """The SPIFFE IDs of the tasks above a new task and of their runtimes, parent first:
-        what its chain proves it may act for. A generator: read only when asked, at most
-        max_depth + 1 tasks; an ancestor no longer stored ends the walk."""
-        task = parent
-        for _ in range(self.settings.max_depth + 1):
-            if task is None:
-                return
+        what its chain proves it may act for. Read only when asked, at most max_depth + 1
+        tasks."""
+        if parent is None:
+            return
+        chain = itertools.chain([parent], self._above(parent))
+        for task in itertools.islice(chain, self.settings.max_depth + 1):
             yield task.runtime_id
             yield task.spiffe_id
-            task = self._store.get_task(task.parent_task_id) if task.parent_task_id else None
 
     def _elevated_above(self, parent: Task) -> str:
-        """The ID of an elevated step above `parent` in its chain ("" if none). The chain is
-        at most max_depth long, so a few reads; an ancestor no longer stored ends the walk
-        (a parent's end ends its sub-tasks, so an active parent's ancestors are active)."""
-        above = parent.parent_task_id
-        for _ in range(self.settings.max_depth + 1):
-            task = self._store.get_task(above) if above else None
-            if task is None:
-                return ""
-            if task.elevated:
-                return task.task_id
-            above = task.parent_task_id
-        return ""
+        """The ID of an elevated step above `parent` in its chain ("" if none). A parent's end
+        ends its sub-tasks, so an active parent's ancestors are active."""
+        return next((task.task_id for task in self._above(parent) if task.elevated), "")
 
     def _deny(
         self,
