@@ -73,6 +73,11 @@ EVENT_EXCHANGE = "oauth_token_exchange"
 RECORD_ATTEMPTS = 4
 # What a client hears for a token of a task that ended while it was issued (never sent).
 _TASK_ENDED = "task decision: the task ended while its token was issued"
+# And for one recorded under an agent evicted or banned while it was issued (never sent).
+_AGENT_GONE = (
+    "the agent the token was to be recorded under was evicted or banned meanwhile: "
+    "nothing was issued"
+)
 
 
 class TaskExchanges(Protocol):
@@ -588,20 +593,15 @@ class Grants:
             self._refused(kind, exc, call)
             raise exc from None
         except LedgerError as failed:
-            if isinstance(failed.__cause__, AgentRemovedError):
-                # Evicted or banned since the grant checked it, and its removal may have read
-                # what to revoke already: the token is not sent, and the assertion is spent.
+            gone = failed.__cause__
+            if isinstance(gone, AgentRemovedError | TaskEndedMeanwhileError):
+                # The agent evicted or banned since the grant checked it, or its task's end
+                # claimed (through any server, memory here may not know yet) before this
+                # commit: that removal or end may have read what to revoke already. The token
+                # is not sent (a task's refused as one known ended), and the assertion is spent.
                 exc = InvalidGrantError(
-                    "the agent the token was to be recorded under was evicted or banned "
-                    "meanwhile: nothing was issued"
+                    _TASK_ENDED if isinstance(gone, TaskEndedMeanwhileError) else _AGENT_GONE
                 )
-                self._refused(kind, exc, call, assertion)
-                raise exc from None
-            if isinstance(failed.__cause__, TaskEndedMeanwhileError):
-                # Its task's end was claimed (through any server, memory here may not know
-                # yet) before this commit, and may have read what to revoke already: refused
-                # as a token of a task known ended, and the assertion is spent.
-                exc = InvalidGrantError(_TASK_ENDED)
                 self._refused(kind, exc, call, assertion)
                 raise exc from None
             if assertion is not None:
