@@ -3,6 +3,7 @@
 from server.policy.decision import Decision, DecisionRequest, Outcome, PairResult
 from server.policy.engine import (
     DEFAULT_HIGH_RISK_TTL_CAP,
+    PolicyCheck,
     PolicyEngine,
     PolicySetInfo,
     validate_policy_dir,
@@ -34,6 +35,7 @@ __all__ = [
     "Intent",
     "Outcome",
     "PairResult",
+    "PolicyCheck",
     "PolicyEngine",
     "PolicyError",
     "PolicySetInfo",

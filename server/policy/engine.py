@@ -103,6 +103,11 @@ class PolicyEngine:
         return self._state[1]
 
     @property
+    def warnings(self) -> tuple[Problem, ...]:
+        """What an operator should know of the serving set though it is valid."""
+        return _undecided_warnings(self._loaded)
+
+    @property
     def actions(self) -> frozenset[str]:
         return self._state[0].schema.actions
 
@@ -446,10 +451,33 @@ def _summarize(denied: list[PairResult], limit: int = 3) -> str:
     return "; ".join(clauses)
 
 
-def validate_policy_dir(policy_dir: Path, *, trust_domain: str, clock: Clock) -> list[Problem]:
-    """Problems of a policy directory, with no engine running (`svid-server policy validate`)."""
+@dataclass(frozen=True)
+class PolicyCheck:
+    """A policy directory checked: problems refuse it; warnings do not, yet change its grants."""
+
+    problems: tuple[Problem, ...]
+    warnings: tuple[Problem, ...] = ()
+
+
+def validate_policy_dir(policy_dir: Path, *, trust_domain: str, clock: Clock) -> PolicyCheck:
+    """A policy directory checked with no engine running (`svid-server policy validate`)."""
     try:
-        PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
+        engine = PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
     except PolicyError as e:
-        return list(e.problems)
-    return []
+        return PolicyCheck(e.problems)
+    return PolicyCheck((), engine.warnings)
+
+
+def _undecided_warnings(loaded: LoadedSet) -> tuple[Problem, ...]:
+    """One per forbid the tool probes cannot decide: a valid set, but every whole-server grant
+    such a forbid could reach is refused (see _whole_server), which surprises unannounced."""
+    return tuple(
+        Problem(
+            loaded.meta[u.policy_id].file,
+            f"a grant of every tool of {u.server or 'any server'} is refused while this forbid "
+            f"could reach it, as svidd cannot tell which tools it keeps out ({u.why}); tasks "
+            "must name the tools they need in intent.tools",
+            policy_id=u.policy_id,
+        )
+        for u in loaded.tool_probes.undecided
+    )

@@ -71,13 +71,16 @@ def _validate(args: argparse.Namespace) -> None:
     directory = args.policy_dir or file_value(raw, "policy_dir")
     if not directory:
         raise CliError("--policy-dir: no policy directory given (flag or config policy_dir)")
-    problems = validate_policy_dir(
+    check = validate_policy_dir(
         Path(str(directory)), trust_domain=_trust_domain(args, raw), clock=SystemClock()
     )
-    if problems:
-        for problem in problems:
+    if check.problems:
+        for problem in check.problems:
             print(str(problem), file=sys.stderr)
-        raise CliError(f"policy directory {directory} is invalid ({len(problems)} problems)")
+        raise CliError(f"policy directory {directory} is invalid ({len(check.problems)} problems)")
+    # On stderr, as problems are: stdout stays the one answer (`--output json` parses it).
+    for warning in check.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if getattr(args, "output", "text") == "json":
         print(json.dumps({"policy_dir": str(directory), "valid": True}))
     else:

@@ -489,9 +489,9 @@ def test_a_policy_file_linking_to_nothing_is_refused_not_skipped(tmp_path: Path)
 
 def test_validate_policy_dir_without_an_engine(tmp_path: Path) -> None:
     write(tmp_path, "p.cedar", READ_ONLY)
-    assert validate_policy_dir(tmp_path, trust_domain=TD, clock=FakeClock()) == []
+    assert validate_policy_dir(tmp_path, trust_domain=TD, clock=FakeClock()).problems == ()
     write(tmp_path, "q.cedar", "forbid (principal, action, resource) when { principal.nope };")
-    (problem,) = validate_policy_dir(tmp_path, trust_domain=TD, clock=FakeClock())
+    (problem,) = validate_policy_dir(tmp_path, trust_domain=TD, clock=FakeClock()).problems
     assert problem.file == "q.cedar"
     assert problem.line == 1
 
@@ -799,7 +799,7 @@ def test_a_colon_in_a_policy_file_name_or_id_is_refused_so_no_two_files_give_one
         "a.cedar:b.cedar",
         '@id("guard")\npermit (principal, action == Action::"write", resource == Resource::"x");\n',
     )
-    problems = validate_policy_dir(tmp_path, trust_domain=TD, clock=FakeClock())
+    problems = validate_policy_dir(tmp_path, trust_domain=TD, clock=FakeClock()).problems
     found = {(p.file, p.line, p.policy_id): p.message for p in problems}
     assert found.keys() == {
         ("a.cedar", 2, "a.cedar:b.cedar:guard"),  # the @id
