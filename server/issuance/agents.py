@@ -134,6 +134,7 @@ class AgentAdmission:
             await self.refused(kind, TOKEN_REFUSED)
             raise PermissionDeniedError(TOKEN_REFUSED)
         self._metrics.attestations.labels(type=result.attestation_type, result="ok").inc()
+        self._issued()
         _log.info(
             "agent attested",
             extra={"agent_id": agent.spiffe_id, "type": result.attestation_type},
@@ -173,6 +174,7 @@ class AgentAdmission:
         chain = await self._sign(csr, SpiffeId.parse(agent.spiffe_id))
         renewed = agent.renewed(_serial_hex(chain), _expires(chain), held)
         await self._state.save_agent(renewed, agent)
+        self._issued()
         _log.info("agent SVID renewed", extra={"agent_id": agent.spiffe_id})
         return chain
 
@@ -185,5 +187,10 @@ class AgentAdmission:
         started = time.perf_counter()
         chain = tuple(self._ca.x509_signer().sign_svid(csr, agent_id, self._ttl))
         self._metrics.signing_seconds.labels(kind="agent").observe(time.perf_counter() - started)
-        self._metrics.svids_issued.labels(kind="agent").inc()
         return chain
+
+    def _issued(self) -> None:
+        # Counted once saved, not once signed: a chain refused after its signing (the agent
+        # banned, evicted or replaced meanwhile, the ledger or the datastore refusing) never
+        # leaves the server, as the issuer counts only what its ledger committed.
+        self._metrics.svids_issued.labels(kind="agent").inc()

@@ -112,6 +112,7 @@ def test_no_agent_svid_leaves_while_its_agent_cannot_be_recorded(
     agent = srv.attest()
     entry = srv.create_entry("/ledger/audit", agent.spiffe_id)
     token = srv.join_token()
+    issued = metric(srv, "svid_server_svids_issued_total", kind="agent")
     read_only(srv, True)
     try:
         with pytest.raises(grpc.RpcError) as err:
@@ -121,8 +122,15 @@ def test_no_agent_svid_leaves_while_its_agent_cannot_be_recorded(
         with pytest.raises(grpc.RpcError) as err:
             calls(srv, agent, entry.id)["jwt_batch"]()
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError) as err:
+            srv.node_stub(agent).RenewAgent(
+                node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10
+            )
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         read_only(srv, False)
+    # Signed, then refused: none of those agent SVIDs was issued, so none is counted.
+    assert metric(srv, "svid_server_svids_issued_total", kind="agent") == issued
     # The refused attestation's own event could not be recorded either, and the JWT batch.
     assert metric(srv, "svid_server_ledger_failures_total", reason="read-only") == 2
     calls(srv, agent, entry.id)["jwt_batch"]()

@@ -356,11 +356,19 @@ def _held(
     return entered, release
 
 
+def _agent_svids_issued(srv: RunningServer) -> float:
+    value = srv.server.metrics.registry.get_sample_value(
+        "svid_server_svids_issued_total", {"kind": "agent"}
+    )
+    return value or 0.0
+
+
 @pytest.mark.parametrize("removal", ["ban", "evict"])
 def test_an_agent_removed_while_its_renewal_is_signed_stays_removed(
     srv: RunningServer, monkeypatch: pytest.MonkeyPatch, removal: str
 ) -> None:
     agent = srv.attest()
+    signed = _agent_svids_issued(srv)
     signing, release = _held(monkeypatch, AgentAdmission, "_sign_sync")
     renewal = srv.node_stub(agent).RenewAgent.future(
         node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=20
@@ -375,6 +383,8 @@ def test_an_agent_removed_while_its_renewal_is_signed_stays_removed(
     with pytest.raises(grpc.RpcError) as exc:
         renewal.result()
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    # Signed, but refused: no agent SVID left the server, and the metric says none was issued.
+    assert _agent_svids_issued(srv) == signed
     # Neither memory nor the datastore got the renewed record back.
     if removal == "ban":
         assert srv.server.state.agents[agent.spiffe_id].banned
