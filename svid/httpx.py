@@ -80,6 +80,40 @@ _BEFORE_SENDING = (
 )
 
 
+def _redirected(status: int | str, location: str | None, endpoint: str) -> TokenExchangeError:
+    """The refusal of a redirected exchange: its status and the host the redirect points to
+    (the endpoint's own for a relative location). Never the rest of the location: its path,
+    query or user part may carry anything."""
+    if location is None:
+        toward = ""
+    else:
+        try:
+            host = httpx.URL(endpoint).join(location).host
+        except httpx.InvalidURL:
+            host = ""
+        toward = f" to {host}" if host else " to a location that names no host"
+    return TokenExchangeError(
+        "redirected", f"the token endpoint answered HTTP {status}{toward}; not followed"
+    )
+
+
+def _redirect_answer(answer: Any) -> tuple[int, str | None] | None:
+    """The status and Location of a redirect in httpcore's response headers trace value,
+    (http_version, status, reason, headers) on HTTP/1.1 or (status, headers) on HTTP/2; None
+    for any other answer (a proxy's "200 Connection established" to the CONNECT, which shares
+    the request's trace)."""
+    parts = tuple(answer or ())
+    status = next((v for v in parts if isinstance(v, int)), None)
+    if status is None or not 300 <= status < 400:
+        return None
+    headers = next((v for v in parts if isinstance(v, list)), [])
+    location = next(
+        (bytes(value).decode("latin-1") for name, value in headers if name.lower() == b"location"),
+        None,
+    )
+    return status, location
+
+
 class _SentOnce(httpx.SyncByteStream, httpx.AsyncByteStream):
     """The exchange's form body, which holds the subject token and the actor's JWT-SVID: given
     to the transport once. An auth flow's requests follow redirects as the caller's client does
@@ -87,10 +121,12 @@ class _SentOnce(httpx.SyncByteStream, httpx.AsyncByteStream):
     or 308 httpx re-sends the same body to the Location, any origin (it strips only the
     Authorization header). A second read ends the redirected request before its body leaves."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, endpoint: str) -> None:
         self._body = body
+        self._endpoint = endpoint
         self._sent = False
-        self._status = "307 or 308"  # what re-reads a body; the trace names it where it can
+        # What re-reads a body, and where to; the trace names them where it can.
+        self._redirect: tuple[int | str, str | None] = ("307 or 308", None)
 
     def _take(self) -> bytes:
         self.refuse_resend()
@@ -99,9 +135,7 @@ class _SentOnce(httpx.SyncByteStream, httpx.AsyncByteStream):
 
     def refuse_resend(self) -> None:
         if self._sent:
-            raise TokenExchangeError(
-                "redirected", f"the token endpoint answered HTTP {self._status}; not followed"
-            )
+            raise _redirected(*self._redirect, self._endpoint)
 
     def trace(self, event: str, info: dict[str, Any]) -> None:
         """httpcore's ``trace`` extension, which httpx copies to a redirected request: stops
@@ -109,10 +143,10 @@ class _SentOnce(httpx.SyncByteStream, httpx.AsyncByteStream):
         own transports; on others ``_take`` still keeps the body from going again)."""
         if event.endswith(_BEFORE_SENDING):
             self.refuse_resend()
-        elif event.endswith(".receive_response_headers.complete") and not self._status.isdigit():
-            # (http_version, status, ...) on HTTP/1.1, (status, headers) on HTTP/2.
-            answer = info.get("return_value") or ()
-            self._status = next((str(v) for v in answer if isinstance(v, int)), self._status)
+        elif event.endswith(".receive_response_headers.complete"):
+            redirect = _redirect_answer(info.get("return_value"))
+            if redirect is not None:
+                self._redirect = redirect
 
     async def atrace(self, event: str, info: dict[str, Any]) -> None:
         self.trace(event, info)
@@ -169,7 +203,7 @@ class DelegatedAuth(httpx.Auth):
             "resource": self.resource,
         }
         encoded = httpx.Request("POST", self._endpoint, data=form)  # its headers, Host among them
-        body = _SentOnce(encoded.read())
+        body = _SentOnce(encoded.read(), self._endpoint)
         # A new request, its body not held read: a transport reading it (a MockTransport, an
         # ASGITransport) takes it from the stream, so a second read is seen.
         trace = body.atrace if asynchronous else body.trace
@@ -186,10 +220,8 @@ class DelegatedAuth(httpx.Auth):
         # any other 3xx not followed. Either way, whatever answered last is not the issuer's.
         redirect = reply.history[0] if reply.history else reply
         if redirect.is_redirect:
-            raise TokenExchangeError(
-                "redirected",
-                f"the token endpoint answered HTTP {redirect.status_code}; not followed",
-            )
+            location = redirect.headers.get("location")
+            raise _redirected(redirect.status_code, location, self._endpoint)
         try:
             body = reply.json()
         except ValueError:

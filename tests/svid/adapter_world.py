@@ -126,18 +126,15 @@ class _TlsExtensionProtocol(H11Protocol):
 
 @contextlib.contextmanager
 def serving(app: Any, ssl_context: ssl.SSLContext | None = None) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on 127.0.0.1; yields the base URL. With ``ssl_context`` (one
-    requiring a client certificate), over TLS, each request carrying its client's chain in the
+    """Serve ``app`` with uvicorn on 127.0.0.1; yields the base URL. With ``ssl_context``, over
+    TLS; when it requires a client certificate, each request carries its client's chain in the
     ASGI TLS extension."""
     port = free_port()
-    tls: dict[str, Any] = (
-        {}
-        if ssl_context is None
-        else {
-            "http": _TlsExtensionProtocol,
-            "ssl_context_factory": lambda config, default: ssl_context,
-        }
-    )
+    tls: dict[str, Any] = {}
+    if ssl_context is not None:
+        tls["ssl_context_factory"] = lambda config, default: ssl_context
+        if ssl_context.verify_mode == ssl.CERT_REQUIRED:
+            tls["http"] = _TlsExtensionProtocol
     # A stream a test left open (its app never ends one by itself) is cancelled a second into
     # the shutdown, rather than holding the join below for its whole 10 s.
     config = uvicorn.Config(

@@ -4,16 +4,25 @@ import staying free of every adapter's dependencies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import ssl
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 import svid.asgi
 import svid.httpx
 from tests.svid.adapter_world import AUDIENCE, RevokingSource, serving, task_token
+from tests.svid.certs import make_ca, make_leaf
 
 
 async def whoami(scope: Any, receive: Any, send: Any) -> None:
@@ -122,7 +131,7 @@ def test_delegated_auth_s_exchange_never_sends_its_tokens_on_to_a_redirect(
             with pytest.raises(svid.httpx.TokenExchangeError) as refused:
                 asyncio.run(call_async()) if use_async else call_sync()
     assert refused.value.error == "redirected"
-    assert str(status) in str(refused.value)
+    assert f"HTTP {status} to localhost;" in str(refused.value)
     assert "TOKEN" not in str(refused.value)
     # A 301/302/303 turns the POST into a body-less GET; none is sent on, nor a 307/308's POST.
     assert elsewhere == [], f"the exchange went on: {elsewhere!r}"
@@ -157,6 +166,112 @@ def test_delegated_auth_s_exchange_body_is_not_sent_again_by_a_transport_without
     with pytest.raises(svid.httpx.TokenExchangeError, match="redirected"):
         asyncio.run(call())
     assert [path for path, _ in bodies] == ["/token"]
+
+
+@contextlib.contextmanager
+def _tunnelling_proxy() -> Iterator[str]:
+    """An HTTP proxy that only tunnels (CONNECT), as one in front of HTTPS services does; yields
+    its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def tunnel(client: socket.socket) -> None:
+        with client, contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head:
+                if not (chunk := client.recv(4096)):
+                    return
+                head += chunk
+            host, _, port = head.split(b" ")[1].decode().rpartition(":")
+            with socket.create_connection((host, int(port)), timeout=10) as upstream:
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+                back.start()
+                pipe(client, upstream)
+                back.join(10)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                client, _ = listener.accept()
+                threading.Thread(target=tunnel, args=(client,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def _localhost_tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context for "localhost" and a client context trusting it, valid now (TLS
+    checks the wall clock)."""
+    now = time.time()
+    ca = make_ca(not_before=now - 60, not_after=now + 3600)
+    leaf = make_leaf(ca, uris=[], dns=["localhost"], not_before=now - 60, not_after=now + 3600)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(leaf.cert.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        leaf.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(
+        cadata=ca.cert.public_bytes(serialization.Encoding.PEM).decode()
+    )
+    return server, client
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_a_redirect_through_an_https_proxy_is_named_by_its_own_status_and_host(
+    tmp_path: Path, use_async: bool
+) -> None:
+    # Through a proxy the exchange first hears the proxy's "200 Connection established" (the
+    # CONNECT shares the request's trace), and the refusal named that: "answered HTTP 200".
+    server_tls, client_tls = _localhost_tls(tmp_path)
+    location = "https://collector.example:8443/collect?key=LOCATION-SECRET"
+    with serving(_redirecting(307, location), server_tls) as url, _tunnelling_proxy() as proxy:
+        issuer_url = url.replace("127.0.0.1", "localhost")
+        auth = svid.httpx.DelegatedAuth(
+            lambda audience: "ACTOR-JWT-SVID",
+            issuer_url,
+            "SUBJECT-ACCESS-TOKEN",
+            "https://orders.example",
+        )
+        options: dict[str, Any] = {
+            "auth": auth,
+            "follow_redirects": True,
+            "proxy": proxy,
+            "verify": client_tls,
+            "timeout": 10,
+        }
+
+        async def call_async() -> None:
+            async with httpx.AsyncClient(**options) as client:
+                await client.get(issuer_url + "/orders/7")
+
+        def call_sync() -> None:
+            with httpx.Client(**options) as client:
+                client.get(issuer_url + "/orders/7")
+
+        with pytest.raises(svid.httpx.TokenExchangeError) as refused:
+            asyncio.run(call_async()) if use_async else call_sync()
+    assert refused.value.error == "redirected"
+    message = str(refused.value)
+    assert "HTTP 307 to collector.example;" in message
+    assert "200" not in message
+    assert "SECRET" not in message
+    assert "TOKEN" not in message
 
 
 def test_import_svid_imports_no_adapter_dependency() -> None:
