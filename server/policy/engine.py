@@ -84,6 +84,7 @@ class PolicyEngine:
         # see _agent_entities().
         self._entities: tuple[SchemaInfo | None, dict[_EntityKey, cedarpy.Entities]] = (None, {})
         self._state = self._load(policy_dir)
+        self._announce()
         # Decisions of the serving set, by (request, whole second): see decide().
         self._decisions: tuple[LoadedSet | None, dict[tuple[DecisionRequest, int], Decision]] = (
             None,
@@ -121,7 +122,14 @@ class PolicyEngine:
             state = self._load(self._dir)
             # One attribute holds both, so a concurrent decide() sees the old or the new set whole.
             self._state = state
+            self._announce()
             return state[1]
+
+    def _announce(self) -> None:
+        # The server's operator may never run `policy validate`: the first refused task would
+        # be the first they hear of such a forbid.
+        for warning in self.warnings:
+            _log.warning("policy: %s", warning)
 
     def validate(self, path: Path | None = None) -> list[Problem]:
         """Problems of the policy directory at `path` (default: the engine's), without swapping."""

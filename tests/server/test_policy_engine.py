@@ -833,3 +833,32 @@ def test_one_policy_id_from_two_files_is_a_problem_naming_both() -> None:
     assert meta["x.cedar:p"].effect == "forbid"
     assert [(p.file, p.policy_id) for p in problems] == [("y.cedar", "x.cedar:p")]
     assert "also given by x.cedar" in problems[0].message
+
+
+UNDECIDED_FORBID = (
+    'permit (principal, action == Action::"invoke_tool", resource in Resource::"mcp-a");\n'
+    '@id("by-environment")\n'
+    'forbid (principal, action, resource is Tool in Resource::"mcp-a")\n'
+    "when { resource.name == context.intent.environment };\n"
+)
+
+
+def test_a_served_set_with_a_forbid_the_probes_cannot_decide_is_logged_at_load_and_reload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `policy validate` warns of it, but a server's operator may never run that: the server says
+    # so when it starts serving the set, and again when a reload brings one in.
+    policy_dir = tmp_path / "policy"
+    write(policy_dir, "site.cedar", READ_ONLY)
+    caplog.set_level(logging.WARNING, logger="svid.server.policy")
+    engine = PolicyEngine(policy_dir, FakeClock(), trust_domain=TD)
+    assert not [r for r in caplog.records if "forbid" in r.getMessage()]
+    write(policy_dir, "site.cedar", READ_ONLY + UNDECIDED_FORBID)
+    engine.reload()
+    (reloaded,) = [r.getMessage() for r in caplog.records]
+    assert "site.cedar [site.cedar:by-environment]" in reloaded
+    assert "every tool of mcp-a" in reloaded
+    caplog.clear()
+    PolicyEngine(policy_dir, FakeClock(), trust_domain=TD)
+    (started,) = [r.getMessage() for r in caplog.records]
+    assert started == reloaded
