@@ -87,8 +87,12 @@ def intent_problem(
     environment: str = "",
     on_behalf_of: str = "",
 ) -> str:
-    """What makes an intent too big ("" when nothing): names the field and the limit, never
-    echoes a value. Counts are of the values sent, duplicates included."""
+    """What makes an intent too big, or one of its names hold a comma ("" when nothing): names
+    the field and the limit, never echoes a value but a name refused for its comma (within the
+    per-name limit then). Counts are of the values sent, duplicates included.
+
+    No comma in an action, resource or tool, because the audit log records each list joined
+    with commas: the resource "a,b" and the two "a" and "b" would leave identical events."""
     lists = (
         ("actions", actions, MAX_INTENT_ACTIONS),
         ("resources", resources, MAX_INTENT_RESOURCES),
@@ -113,6 +117,11 @@ def intent_problem(
                 return (
                     f"intent.{name}[{index}]: {size} bytes, at most {MAX_INTENT_NAME_BYTES} "
                     "bytes (UTF-8) allowed per name"
+                )
+            if "," in value:
+                return (
+                    f"intent.{name}[{index}]: {value!r} holds a comma; one name per value "
+                    "(several are several values)"
                 )
             total += size
     if total > MAX_INTENT_NAMES_BYTES:

@@ -166,6 +166,48 @@ def test_each_limit_of_an_intent_is_named_when_it_is_passed() -> None:
             assert refused.details() == named  # type: ignore[attr-defined]
 
 
+# A name holding a comma, and how the refusal names it: the audit log joins each list with
+# commas, so "docs,secrets" would read as the two resources "docs" and "secrets".
+COMMA_NAMES = [
+    (
+        task_pb2.Intent(actions=["read"], resources=["docs", "docs,secrets"]),
+        "intent.resources[1]: 'docs,secrets' holds a comma; one name per value (several are "
+        "several values)",
+    ),
+    (
+        task_pb2.Intent(actions=["read,write"], resources=["docs"]),
+        "intent.actions[0]: 'read,write' holds a comma; one name per value (several are "
+        "several values)",
+    ),
+    (
+        task_pb2.Intent(tools=["mcp#search", "mcp,admin#search"]),
+        "intent.tools[1]: 'mcp,admin#search' holds a comma; one name per value (several are "
+        "several values)",
+    ),
+]
+
+
+def test_a_name_holding_a_comma_is_refused_naming_it() -> None:
+    with managed_server() as server:
+        agent = server.attest()
+        runtime = server.create_entry("/agents/commas", agent.spiffe_id).spiffe_id
+        for intent, named in COMMA_NAMES:
+            refused = _refused(server, agent, runtime, intent)
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            assert refused.details() == named  # type: ignore[attr-defined]
+        assert server.server.tasks.store.list_tasks(runtime_ids=[runtime]) == []
+        store = server.server.tasks.service.audit.store
+        assert list(store.audit_rows(EventFilter(kind=EventKind.TASK_BEGIN))) == []
+        # The same names as separate values are begun.
+        task = _begin(
+            server,
+            agent,
+            runtime,
+            task_pb2.Intent(actions=["read"], resources=["docs", "secrets"]),
+        )
+        assert sorted(task.resources) == ["docs", "secrets"]
+
+
 def test_on_behalf_of_is_at_most_512_bytes() -> None:
     """It was checked for printable text only: a 1 MB principal was granted, and went as is
     into the task-begin event, every JWT of the task (`obo`, 1.3 MB tokens) and each mint's
