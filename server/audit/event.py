@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -241,6 +241,16 @@ def checked_extra_text(text: str) -> str:
     if size > MAX_EXTRA_BYTES:
         raise AuditError(f"extra is {size} bytes encoded; at most {MAX_EXTRA_BYTES}")
     return text
+
+
+def joined_names(names: Iterable[str]) -> str:
+    """Names svidd does not control (the audience a workload validated a foreign token for)
+    as one event field that keeps their boundaries: joined with commas, each name's "%" and ","
+    written "%25" and "%2C", so one name holding a comma cannot read as two (split on "," and
+    percent-decode each to read them back). A name holding neither is written as is, so the
+    field reads as the plain join did. Names svidd accepts itself are refused a comma at intake
+    (svid._limits) and joined plainly."""
+    return ",".join(n.replace("%", "%25").replace(",", "%2C") for n in names)
 
 
 def chain_hash(prev_hash: str, canonical: bytes) -> str:

@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 from server.audit import AuditError, AuditLog, EventDraft, EventKind, SecretInAuditError
-from server.audit.event import check_no_secret
+from server.audit.event import check_no_secret, joined_names
 from server.ca.manager import CaManager
 from server.datastore.records import (
     AttestedAgent,
@@ -876,7 +876,8 @@ class TaskService:
                     kind=EventKind.JWT_VALIDATED,
                     agent_id=text(v.subject),
                     node_id=agent_id,
-                    resource=text(",".join(v.audience)),
+                    # Another issuer's audience may hold a comma (the agent lets it through).
+                    resource=text(joined_names(v.audience)),
                     decision="allow" if v.ok else "deny",
                     reason=text(v.reason),
                     task_id=text(v.txn),

@@ -3,6 +3,8 @@ agent's budget, then only counted; validations that passed likewise, on a budget
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 import grpc
 
 from server.datastore.records import EventFilter
@@ -90,3 +92,28 @@ def test_accepted_token_reports_are_all_on_record_with_a_rate_of_zero() -> None:
         _report(server, agent, _accepted(50))
         rows = server.server.datastore.audit_rows(EventFilter(kind="jwt_validated"))
         assert sum(r["decision"] == "allow" for r in rows) == 50
+
+
+def test_an_audience_holding_a_comma_cannot_pass_for_two() -> None:
+    """Another trust domain's token may name the audience "a,b", and the agent validates it
+    for that one audience: its event must not read as the two audiences "a" and "b"."""
+    audiences = [["svc,admin"], ["svc", "admin"], ["svc%2Cadmin"], ["docs"]]
+    with managed_server() as server:
+        agent = server.attest()
+        _report(
+            server,
+            agent,
+            [
+                task_pb2.Validation(subject=f"spiffe://other.org/w{i}", audience=names, at=1)
+                for i, names in enumerate(audiences)
+            ],
+        )
+        rows = server.server.datastore.audit_rows(EventFilter(kind="jwt_validated"))
+        recorded = {r["agent_id"]: r["resource"] for r in rows}
+        fields = [recorded[f"spiffe://other.org/w{i}"] for i in range(len(audiences))]
+        # Each list reads back as itself; a name without a comma or "%" is written as is.
+        assert [[unquote(n) for n in f.split(",")] for f in fields] == audiences
+        assert fields[1] == "svc,admin"
+        assert fields[3] == "docs"
+        assert len(set(fields)) == len(fields)
+        assert server.server.tasks.service.audit.verify().ok
