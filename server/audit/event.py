@@ -6,7 +6,8 @@ on_behalf_of, resource, action, decision, reason, task_id, risk, credential_id, 
 policy_set_hash, ttl, latency_us, extra, prev_hash), no insignificant whitespace (separators ","
 and ":"), non-ASCII characters kept as UTF-8 (ensure_ascii off), floats in Python's shortest
 round-trip form, absent values as null, `policy_ids` as an array and `extra` as an object with its
-keys sorted (at every depth); then encoded as UTF-8. An array in a fixed order rather than an object
+keys sorted (at every depth; keys are text, as JSON reads them back: text_keyed_extra); then
+encoded as UTF-8. An array in a fixed order rather than an object
 with sorted keys: same information, and it is encoded without building a dict per event.
 
     hash = sha256(bytes.fromhex(prev_hash) || canonical(event without hash)).hexdigest()
@@ -93,7 +94,7 @@ class EventDraft:
                 continue
             check_no_secret(name, value)
         if self.extra:
-            extra_text(self.extra)
+            object.__setattr__(self, "extra", text_keyed_extra(self.extra))
 
 
 DRAFT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EventDraft))
@@ -233,6 +234,35 @@ def extra_text(extra: Mapping[str, Any]) -> str:
     except (TypeError, ValueError) as e:
         raise AuditError(f"extra is not JSON-encodable: {e}") from e
     return checked_extra_text(text)
+
+
+def text_keyed_extra(extra: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`extra` as it reads back from the log; refuses what extra_text refuses.
+
+    An event is hashed as given but verified as read back from its stored JSON, whose keys
+    are text: {10: .., 9: ..} is hashed with its keys in number order ("9" first) and reads
+    back in text order ("10" first), a false EDITED. So an `extra` with a key other than text,
+    at any depth, is its canonical text decoded again (what the log then stores and hashes);
+    one whose keys are all text (nearly every one) is returned itself. Keys already in text
+    order are stored in the very text they were before: only events that could never verify
+    are recorded otherwise."""
+    text = extra_text(extra)
+    return extra if keys_are_text(extra) else json.loads(text)
+
+
+def keys_are_text(value: Any) -> bool:
+    """Whether every key of every object in `value` is text, at any depth."""
+    # A walk of its own, not recursion: 4 KiB of "[[[[" nest deeper than Python's stack.
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Mapping):
+            if not all(isinstance(k, str) for k in item):
+                return False
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return True
 
 
 def checked_extra_text(text: str) -> str:

@@ -36,6 +36,8 @@ from server.audit.event import (
     checked_extra_text,
     column_number,
     event_from_row,
+    keys_are_text,
+    text_keyed_extra,
 )
 from server.audit.verify import Anchor, VerifyResult, verify_store
 from server.datastore.base import AuditStore, JtiClaim
@@ -128,17 +130,24 @@ def check_draft_tuple(values: DraftTuple) -> DraftTuple:
 
 def _checked_slowly(values: DraftTuple) -> DraftTuple:
     """check_draft_tuple for a draft holding a value not plainly safe: every such value through
-    check_no_secret, every number made its column's kind."""
+    check_no_secret, every number made its column's kind and an `extra` keyed by other than
+    text made as it reads back (text_keyed_extra)."""
     for index, value in enumerate(values):
         if not _plainly_safe(value):
             check_no_secret(DRAFT_FIELDS[index], value)
     check_policy_ids(values[_DRAFT_POLICY_AT])
     numbers = [column_number(name, values[index]) for index, name in _NUMBERS_AT]
-    if all(n is values[index] for n, (index, _) in zip(numbers, _NUMBERS_AT, strict=True)):
+    extra = values[-1]
+    # Not encoded here when it has no key other than text: the seal encodes it anyway.
+    keyed = extra if not extra or keys_are_text(extra) else text_keyed_extra(extra)
+    if keyed is extra and all(
+        n is values[index] for n, (index, _) in zip(numbers, _NUMBERS_AT, strict=True)
+    ):
         return values
     converted = list(values)
     for number, (index, _) in zip(numbers, _NUMBERS_AT, strict=True):
         converted[index] = number
+    converted[-1] = keyed
     return tuple(converted)
 
 

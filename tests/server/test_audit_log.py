@@ -581,6 +581,42 @@ def test_numbers_of_the_other_kind_verify_as_their_columns_store_them(log: Audit
         log.append("probe", risk=True)
 
 
+def test_an_extra_keyed_by_numbers_verifies_as_it_is_stored(log: AuditLog) -> None:
+    """JSON keys are text: {10: .., 9: ..} was hashed with its keys sorted as numbers ("9"
+    first) but read back from its stored JSON sorted as text ("10" first), a false EDITED.
+    Its keys are made text before it is hashed, at every depth and on every way in."""
+    by_number = {10: "ten", 9: "nine"}
+    as_text = {"10": "ten", "9": "nine"}
+    appended = log.append("probe", extra=by_number)
+    log.append_many([EventDraft("probe", extra={"runs": [by_number, {True: 1}]})])
+    values = ("probe",) + (None,) * 10 + ((), None, None, None)
+    log.append_tuples([(*values, by_number)])
+    log.record([], [(*values, {"runs": [by_number]})])
+    result = log.verify()
+    assert (result.ok, result.checked) == (True, 4), result
+    assert appended.extra == as_text
+    assert [event_from_row(r).extra for r in log.store.audit_rows()] == [
+        as_text,
+        {"runs": [as_text, {"true": 1}]},
+        as_text,
+        {"runs": [as_text]},
+    ]
+    # Keys that JSON cannot order together are refused, as before.
+    with pytest.raises(AuditError, match="not JSON-encodable"):
+        log.append("probe", extra={1: "a", "b": 2})
+
+
+def test_an_extra_keyed_by_numbers_is_stored_as_before_when_it_verified(
+    log: AuditLog,
+) -> None:
+    """Only what could never verify is stored otherwise: keys already in text order are
+    written in the very text they were before the keys were made text."""
+    log.append("probe", extra={1: "a", 2: {3: "c"}})
+    (row,) = log.store.audit_rows()
+    assert row["extra"] == '{"1":"a","2":{"3":"c"}}'
+    assert log.verify().ok
+
+
 def test_tuple_drafts_make_numbers_their_columns_kind(log: AuditLog) -> None:
     """A tuple draft gets EventDraft's conversions (one shared conversion): a ttl of 300.0
     hashed as `300.0` but stored in an integer column read back as 300, a false EDITED."""
