@@ -10,7 +10,10 @@ What a verify proves, from one consistent snapshot of the database:
   still holds, at each anchor's seq, the event with the anchor's hash. That finds a deleted
   tail with a rewritten head (TRUNCATED), an emptied log (WIPED), dropped tables
   (MISSING_TABLES), and an edit followed by re-hashing every later event (RECHAINED: the
-  chain has no key, a checkpoint has).
+  chain has no key, a checkpoint has). Seq 0 is no event but the genesis before the first,
+  hash 0…0 in every chain: a checkpoint signed before the first event names it (and must name
+  that hash, else it is a BAD_ANCHOR); a `seq:hash` noted at seq 0 is refused, as it would pass
+  any log.
 
 After retention pruned the oldest events (server/audit/retention.py), the chain starts at the
 `audit_base` row: the (seq, hash) of the last pruned event, which the first kept event links to.
@@ -92,6 +95,14 @@ class Anchor:
             or set(digest) - set("0123456789abcdef")
         ):
             raise AuditError(f"anchor {text[:100]!r} is not SEQ:HASH (a number, 64 hex digits)")
+        if int(seq) == 0:
+            # Seq 0 is no event but the genesis before the first, the same in every chain:
+            # an anchor there would pass any log, emptied or rewritten, and protect nothing.
+            raise AuditError(
+                f"anchor {text[:100]!r} names seq 0, which is no event: events start at seq 1 "
+                "and seq 0 is the chain's genesis (hash 0…0 in every log), so it checks "
+                "nothing; give the head a verify printed (SEQ:HASH, seq 1 or more)"
+            )
         return cls(int(seq), digest, source=f"the anchor seq {int(seq)}")
 
 
@@ -169,6 +180,19 @@ def verify_store(store: AuditStore, anchors: Sequence[Anchor] = ()) -> VerifyRes
 
 def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> VerifyResult:
     """Walk the whole chain; the first break found is reported with its seq and event id."""
+    genesis = next((a for a in anchors if a.seq == 0 and a.hash != GENESIS_HASH), None)
+    if genesis is not None:
+        # Seq 0 is the genesis every chain starts from: an anchor there (a checkpoint of an
+        # empty log) must name its hash, else it is contradictory rather than merely unmet.
+        return _broken(
+            0,
+            None,
+            None,
+            Break.BAD_ANCHOR,
+            f"{genesis.source} names seq 0 with hash {genesis.hash[:16]}…, but seq 0 is "
+            f"no event: it is the chain's genesis, whose hash is {GENESIS_HASH[:16]}… in "
+            "every log",
+        )
     newest = max(anchors, key=lambda a: a.seq, default=None)
     if snapshot.missing_tables:
         names = " and ".join(snapshot.missing_tables)

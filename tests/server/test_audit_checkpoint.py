@@ -376,6 +376,35 @@ def test_an_anchor_seq_of_other_digits_is_a_bad_anchor(
     assert "is not SEQ:HASH" in out
 
 
+@pytest.mark.parametrize("digest", [GENESIS_HASH, "ab" * 32])
+def test_an_anchor_at_seq_0_is_a_bad_anchor(
+    setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str], digest: str
+) -> None:
+    """Seq 0 is no event but the genesis every chain starts from: `0:HASH` was dropped without
+    a word and the log reported OK "with no anchor", whatever it held or HASH said."""
+    fill(setup.log, clock, 3)
+    sql(setup.db, "DELETE FROM audit_events", "DELETE FROM audit_head")  # even a wiped log
+    code, out = verify(setup, capsys, "--anchor", f"0:{digest}")
+    assert code == 1
+    assert f"{Break.BAD_ANCHOR}: anchor '0:{digest}' names seq 0, which is no event" in out
+    assert "give the head a verify printed" in out
+
+
+def test_a_checkpoint_of_the_empty_log_anchors_at_the_genesis(
+    setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The one seq-0 anchor there is: a checkpoint signed before the first event, at the
+    genesis hash. It still verifies; a seq-0 anchor naming another hash contradicts itself."""
+    setup.checkpointer.checkpoint()
+    fill(setup.log, clock, 2)
+    code, out = anchored(setup, capsys)
+    assert code == 0, out
+    result = setup.log.verify(anchor=Head(0, "ab" * 32))
+    assert (result.ok, result.problem) == (False, Break.BAD_ANCHOR)
+    assert "names seq 0 with hash abababababababab…, but seq 0 is no event" in result.detail
+    assert setup.log.verify(anchor=Head(0, GENESIS_HASH)).ok
+
+
 def test_verify_reads_one_snapshot_while_appends_go_on(setup: Setup, clock: FakeClock) -> None:
     fill(setup.log, clock, 3)
     store = SqliteAuditStore(setup.db)
