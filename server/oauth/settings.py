@@ -174,6 +174,10 @@ def check_server_config(config: ServerConfig) -> OAuthSettings:
     for resource in config.oauth_resources:
         if not urlsplit(resource).scheme:
             raise ConfigError(f"oauth_resources: {resource!r} is not an absolute URI (RFC 8707)")
+        if "," in resource:
+            # Audit events list a request's resources joined by commas: one holding a comma
+            # would read as two there (task names and minted audiences refuse it too).
+            raise ConfigError(f"oauth_resources: {resource!r} holds a comma; give it %2C")
     trusted = parse_trusted_bundles(config.oauth_trusted_bundles)
     issuers = parse_trusted_issuers(config.oauth_trusted_issuers)
     # Our own JWT-SVIDs are checked against our own keys only: a second source of them would

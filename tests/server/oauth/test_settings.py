@@ -63,6 +63,14 @@ def test_https_issuer_with_certificate() -> None:
             {
                 "oidc_issuer": "http://127.0.0.1:1",
                 "oauth_bind_address": "127.0.0.1:1",
+                "oauth_resources": ["https://a.example/x,y"],
+            },
+            "oauth_resources: 'https://a.example/x,y' holds a comma",
+        ),
+        (
+            {
+                "oidc_issuer": "http://127.0.0.1:1",
+                "oauth_bind_address": "127.0.0.1:1",
                 "oauth_access_token_ttl": 7200,
             },
             "oauth_access_token_ttl",
