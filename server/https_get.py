@@ -14,8 +14,21 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+# How many of another party's documents one kind of fetch (foreign bundles, trusted issuers'
+# keys) waits on at once, each in a thread of its own pool (fetch_pool): one party that hangs
+# holds a thread up to its deadline, not the others' fetches.
+FETCHES_AT_ONCE = 4
+
+
+def fetch_pool(name: str, size: int = FETCHES_AT_ONCE) -> ThreadPoolExecutor:
+    """Threads for one kind of fetch, apart from the loop's default pool (which entry writes,
+    agent admission and the admin API share): fetches wait on other parties, up to their
+    deadline each when those hang. Threads start as needed; the owner shuts the pool down."""
+    return ThreadPoolExecutor(size, thread_name_prefix=name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,6 @@ import contextvars
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
@@ -45,7 +44,7 @@ from server.datastore.records import (
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.federation.errors import BundleNotStoredError, FederationError
 from server.federation.fetch import check_bundle, endpoint_trust_domain, fetch_bundle
-from server.https_get import holds_userinfo
+from server.https_get import FETCHES_AT_ONCE, fetch_pool, holds_userinfo
 from svid._backoff import Retry
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock
@@ -72,9 +71,9 @@ BUNDLE_CHANGED = "federated_bundle_changed"
 SET_BY_HAND = "set"  # the source of a bundle set through the admin API
 BUNDLE_REFUSED = "federated_bundle_refused"
 
-# Scheduled fetches run at once, each relationship's in a task of its own: one endpoint that
-# answers slowly holds its own relationship up to the whole-GET deadline, not the others.
-FETCHES_AT_ONCE = 4
+# Scheduled fetches run at once (FETCHES_AT_ONCE at most), each relationship's in a task of its
+# own: one endpoint that answers slowly holds its own relationship up to the whole-GET deadline,
+# not the others.
 
 LEASE_PREFIX = "federation-fetch:"
 # A relationship another server wrote is due here this much later (seconds): see apply_stored.
@@ -226,12 +225,8 @@ class FederationService:
         self._running: dict[str, asyncio.Task[None]] = {}
         # For tests and metrics: fetches made by this server.
         self.fetches = 0
-        # Fetches wait on foreign endpoints (up to their deadline each, when those hang): in
-        # threads of their own, not the loop's default pool, which entry writes, agent
-        # admission and the admin API share. Threads start as needed; closed by close().
-        self._fetch_pool = ThreadPoolExecutor(
-            FETCHES_AT_ONCE, thread_name_prefix="federation-fetch"
-        )
+        # Closed by close().
+        self._fetch_pool = fetch_pool("federation-fetch")
 
     def close(self) -> None:
         """Let the fetch threads go (at stop): a fetch under way ends at its deadline."""

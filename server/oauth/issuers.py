@@ -10,8 +10,8 @@ Each issuer is fetched at start and again when its JWKS's ``Cache-Control: max-a
 (held within [MIN_REFRESH, MAX_REFRESH]), or sooner when a token names a key it did not
 publish (at most once per WANTED_GAP); a failed fetch keeps the keys fetched last and is tried
 again after RETRY. Until a first fetch succeeds, that trust domain's tokens are refused
-(no keys). The fetch is blocking (http.client) and follows no redirect: the service runs it in
-a worker thread.
+(no keys). The fetch is blocking (http.client) and follows no redirect: the issuers due are
+fetched side by side, in threads of their own (https_get.fetch_pool).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import re
 import ssl
 import threading
 from collections.abc import Callable
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +73,12 @@ class FetchedKeys:
 Fetch = Callable[[TrustedIssuer, ssl.SSLContext], FetchedKeys]
 
 
-def fetch_keys(issuer: TrustedIssuer, ctx: ssl.SSLContext) -> FetchedKeys:
-    """The issuer's keys by OIDC discovery; IssuerError saying what went wrong."""
-    body, _ = _get(issuer.url + OIDC_PATH, ctx)
+def fetch_keys(
+    issuer: TrustedIssuer, ctx: ssl.SSLContext, *, timeout: float = TIMEOUT
+) -> FetchedKeys:
+    """The issuer's keys by OIDC discovery, each of its two GETs within ``timeout``;
+    IssuerError saying what went wrong."""
+    body, _ = _get(issuer.url + OIDC_PATH, ctx, timeout)
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -94,7 +98,7 @@ def fetch_keys(issuer: TrustedIssuer, ctx: ssl.SSLContext) -> FetchedKeys:
         check_issuer(jwks_uri, "jwks_uri")  # https (http on loopback only), a host
     except ConfigError as exc:
         raise IssuerError(f"{issuer.url}: {exc}") from None
-    keys, max_age = _get(jwks_uri, ctx)
+    keys, max_age = _get(jwks_uri, ctx, timeout)
     try:
         bundle = JwtBundle.parse_jwks(issuer.trust_domain, keys, uses=KEY_USES)
     except BundleError as exc:
@@ -106,9 +110,9 @@ def fetch_keys(issuer: TrustedIssuer, ctx: ssl.SSLContext) -> FetchedKeys:
     return FetchedKeys(bundle, max_age)
 
 
-def _get(url: str, ctx: ssl.SSLContext) -> tuple[bytes, float | None]:
+def _get(url: str, ctx: ssl.SSLContext, timeout: float) -> tuple[bytes, float | None]:
     try:
-        reply = https_get.get(url, context=ctx, limit=MAX_DOCUMENT_BYTES, timeout=TIMEOUT)
+        reply = https_get.get(url, context=ctx, limit=MAX_DOCUMENT_BYTES, timeout=timeout)
     except (OSError, http.client.HTTPException) as exc:
         raise IssuerError(f"{url}: {type(exc).__name__}: {exc}") from None
     if reply.status != 200:  # a redirect too: the URL is the one configured or published
@@ -147,6 +151,11 @@ class DiscoveredIssuers:
         self._bundles: dict[TrustDomain, JwtBundle] = {}
         self._due: dict[TrustDomain, float] = {i.trust_domain: 0.0 for i in issuers}
         self._wanted: dict[TrustDomain, float] = {}
+        self._pool = https_get.fetch_pool("issuer-fetch")
+
+    def close(self) -> None:
+        """Let the fetch threads go (at stop): a fetch under way ends at its deadline."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __bool__(self) -> bool:
         return bool(self._issuers)
@@ -175,16 +184,18 @@ class DiscoveredIssuers:
             return True
 
     def refresh_due(self) -> int:
-        """Fetch every issuer whose keys are due (all of them, the first time); how many were
-        fetched. Blocking: a worker thread's job."""
+        """Fetch every issuer whose keys are due (all of them, the first time), side by side
+        (https_get.FETCHES_AT_ONCE at most), each within its own deadline: issuers that hang hold up
+        only their own keys, for one deadline, not every issuer after them. How many were
+        fetched. Blocking, until every fetch has ended: a worker thread's job."""
         now = self._clock.now()
-        fetched = 0
-        for issuer in self._issuers:
-            with self._lock:
-                if self._due[issuer.trust_domain] > now:
-                    continue
-            fetched += self._refresh(issuer)
-        return fetched
+        with self._lock:
+            due = [i for i in self._issuers if self._due[i.trust_domain] <= now]
+        fetches = [self._pool.submit(self._refresh, issuer) for issuer in due]
+        wait(fetches)
+        # A fetch that raised (a bug: failed fetches are logged and retried) raises here, after
+        # the others have ended and taken their keys.
+        return sum(f.result() for f in fetches)
 
     def _refresh(self, issuer: TrustedIssuer) -> bool:
         td = issuer.trust_domain
@@ -232,6 +243,10 @@ class DiscoveredIssuers:
         return True
 
     def _context(self) -> ssl.SSLContext:
+        with self._lock:  # the fetch threads share one context
+            return self._made_context()
+
+    def _made_context(self) -> ssl.SSLContext:
         if self._ctx is None:
             try:
                 ca_file = self._ca_file

@@ -101,6 +101,7 @@ class OAuthService:
     async def stop(self) -> None:
         await self.listener.stop()
         self.workers.close()
+        self.issuers.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the trusted issuers' keys fresh, and forget replay records of assertions that

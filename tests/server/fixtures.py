@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import ipaddress
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -286,3 +287,35 @@ def running_server(**overrides: Any) -> Iterator[RunningServer]:
 
 # `with managed_server(**overrides) as server:` for a test that needs its own configuration.
 managed_server = contextlib.contextmanager(running_server)
+
+
+class SilentEndpoint:
+    """An HTTPS server (a bundle endpoint, an OIDC issuer) that takes connections and never
+    answers, not even the TLS handshake: a fetch of it is held until its whole-GET deadline
+    (10 s, unless the test gives the fetch a shorter one)."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}/"
+        self.held = threading.Event()
+        self._conns: list[socket.socket] = []
+
+        def serve() -> None:
+            while True:
+                try:
+                    raw, _ = self._listener.accept()
+                except OSError:  # closed
+                    return
+                self._conns.append(raw)
+                self.held.set()
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(10)
+        for conn in self._conns:
+            conn.close()

@@ -39,7 +39,13 @@ from svid._jose import b64url_encode
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2
 from svid._spiffe_id import TrustDomain
 from tests.ports import free_port
-from tests.server.fixtures import RunningServer, managed_server, short_tmpdir, write_tls_files
+from tests.server.fixtures import (
+    RunningServer,
+    SilentEndpoint,
+    managed_server,
+    short_tmpdir,
+    write_tls_files,
+)
 from tests.svid.certs import Issued, make_ca, make_leaf, slow_rsa_key
 
 HOME = TrustDomain("example.org")
@@ -300,37 +306,6 @@ def test_a_bootstrapped_relationship_fetches_at_once(home: tuple[RunningServer, 
         while not fetched():
             assert time.monotonic() < deadline, "the bootstrap did not trigger a fetch"
             time.sleep(0.05)
-
-
-class SilentEndpoint:
-    """A bundle endpoint that takes connections and never answers (not even the TLS
-    handshake): a fetch of it is held until its whole-GET deadline (fetch.TIMEOUT, 10 s)."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}/"
-        self.held = threading.Event()
-        self._conns: list[socket.socket] = []
-
-        def serve() -> None:
-            while True:
-                try:
-                    raw, _ = self._listener.accept()
-                except OSError:  # closed
-                    return
-                self._conns.append(raw)
-                self.held.set()
-
-        self._thread = threading.Thread(target=serve, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._thread.join(10)
-        for conn in self._conns:
-            conn.close()
 
 
 def test_a_relationship_whose_endpoint_never_answers_does_not_hold_up_another_ones_refresh(

@@ -5,6 +5,7 @@ own), or by a bundle file."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import ssl
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.ca.signer import JwtSigner
 from server.errors import ConfigError
+from server.https_get import FETCHES_AT_ONCE
 from server.oauth.discovery import JWT_BEARER
 from server.oauth.issuers import (
     DEFAULT_REFRESH,
@@ -38,7 +40,7 @@ from server.oauth.settings import TrustedIssuer, parse_trusted_issuers
 from svid._clock import FakeClock
 from svid._jwk import public_key_members
 from svid._spiffe_id import SpiffeId, TrustDomain
-from tests.server.fixtures import short_tmpdir, write_tls_files
+from tests.server.fixtures import SilentEndpoint, short_tmpdir, write_tls_files
 from tests.server.oauth.conftest import RESOURCE, OAuthServer, serving_oauth
 
 PARTNER = TrustDomain.parse("partner.org")
@@ -318,6 +320,39 @@ def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
     clock.advance(WANTED_GAP)
     assert found.key_wanted(PARTNER, "k9")
     assert not found.key_wanted(TrustDomain.parse("other.org"), "k9")  # not an issuer's
+
+
+def test_issuers_that_hang_hold_up_neither_each_other_nor_the_one_that_answers(
+    issuer: Issuer,
+) -> None:
+    """Fetched one after the other, each hanging issuer held the next one's keys back its
+    whole deadline: the last of N came after N deadlines. Side by side, every issuer's fetch
+    has ended (keys in, or a failure to retry) within about one."""
+    issuer.add_key("p1")
+    timeout = 1.0
+    silent = [SilentEndpoint() for _ in range(FETCHES_AT_ONCE)]
+    hanging = tuple(
+        TrustedIssuer(TrustDomain.parse(f"hang{i}.org"), s.url.rstrip("/"))
+        for i, s in enumerate(silent)
+    )
+    found = DiscoveredIssuers(
+        (*hanging, TrustedIssuer(PARTNER, issuer.url)),
+        FakeClock(),
+        issuer.ca_file,
+        fetch=functools.partial(fetch_keys, timeout=timeout),
+    )
+    try:
+        started = time.monotonic()
+        assert found.refresh_due() == 1
+        took = time.monotonic() - started
+        assert all(s.held.is_set() for s in silent)
+        assert took < 2 * timeout, f"the issuers' fetches took {took:.1f} s"
+        assert sorted(found.get(PARTNER).keys) == ["p1"]  # type: ignore[union-attr]
+        assert all(found.get(i.trust_domain) is None for i in hanging)
+    finally:
+        found.close()
+        for endpoint in silent:
+            endpoint.close()
 
 
 def test_a_bad_signature_under_a_key_held_fetches_nothing(issuer: Issuer) -> None:
