@@ -14,11 +14,13 @@ import datetime
 import ipaddress
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +289,43 @@ def running_server(**overrides: Any) -> Iterator[RunningServer]:
 
 # `with managed_server(**overrides) as server:` for a test that needs its own configuration.
 managed_server = contextlib.contextmanager(running_server)
+
+
+# What a test HTTPS server answers a GET of a path with: (status, body, extra headers).
+Answer = Callable[[str], tuple[int, bytes, dict[str, str]]]
+
+
+@contextlib.contextmanager
+def serving_https(answer: Answer, prefix: str = "hts") -> Iterator[tuple[str, Path]]:
+    """An HTTPS server on 127.0.0.1 (a bundle endpoint, an OIDC issuer), in a thread here,
+    with a certificate of a throwaway CA: its base URL (no trailing /) and the CA's PEM."""
+    ca_file, cert, key = write_tls_files(short_tmpdir(prefix))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body, headers = answer(self.path)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{httpd.server_address[1]}", ca_file
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 class SilentEndpoint:

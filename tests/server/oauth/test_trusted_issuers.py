@@ -9,11 +9,9 @@ import functools
 import json
 import logging
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from server.oauth.settings import TrustedIssuer, parse_trusted_issuers
 from svid._clock import FakeClock
 from svid._jwk import public_key_members
 from svid._spiffe_id import SpiffeId, TrustDomain
-from tests.server.fixtures import SilentEndpoint, short_tmpdir, write_tls_files
+from tests.server.fixtures import SilentEndpoint, serving_https, short_tmpdir, write_tls_files
 from tests.server.oauth.conftest import RESOURCE, OAuthServer, serving_oauth
 
 PARTNER = TrustDomain.parse("partner.org")
@@ -89,35 +87,8 @@ class Issuer:
 def issuer() -> Iterator[Issuer]:
     """The other issuer, serving on HTTPS with its own test CA's certificate for 127.0.0.1."""
     state = Issuer()
-    ca_file, cert, key = write_tls_files(short_tmpdir("iss"))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            status, body, headers = state.answer(self.path)
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    state.url = f"https://127.0.0.1:{httpd.server_address[1]}"
-    state.ca_file = ca_file
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving_https(state.answer, "iss") as (state.url, state.ca_file):
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def _serving(issuer: Issuer, **overrides: Any) -> Any:
