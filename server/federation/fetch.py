@@ -109,8 +109,11 @@ def endpoint_id_of(der: bytes | None) -> str:
     return uris[0] if len(uris) == 1 else ""
 
 
-def fetch_bundle(rel: FederationRelationship, known: SpiffeBundle | None) -> SpiffeBundle:
-    """GET the relationship's bundle endpoint and return the checked bundle (blocking)."""
+def fetch_bundle(
+    rel: FederationRelationship, known: SpiffeBundle | None, *, timeout: float = TIMEOUT
+) -> SpiffeBundle:
+    """GET the relationship's bundle endpoint, within ``timeout`` in all, and return the
+    checked bundle (blocking)."""
     td = TrustDomain.parse(rel.trust_domain)
     url = urlsplit(rel.endpoint_url)
     if url.scheme != "https" or not url.hostname:
@@ -129,7 +132,7 @@ def fetch_bundle(rel: FederationRelationship, known: SpiffeBundle | None) -> Spi
             rel.endpoint_url,
             context=tls_context(rel, known),
             limit=MAX_BUNDLE_BYTES,
-            timeout=TIMEOUT,
+            timeout=timeout,
             check_peer=check_peer if rel.profile == HTTPS_SPIFFE else None,
         )
     except ssl.SSLError as exc:

@@ -29,6 +29,7 @@ import contextvars
 import functools
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
@@ -74,6 +75,10 @@ BUNDLE_REFUSED = "federated_bundle_refused"
 # Scheduled fetches run at once (FETCHES_AT_ONCE at most), each relationship's in a task of its
 # own: one endpoint that answers slowly holds its own relationship up to the whole-GET deadline,
 # not the others.
+
+# An operator's refresh (the admin API) is waited for: it fetches in a lane of its own, not
+# behind FETCHES_AT_ONCE scheduled fetches of endpoints that hang (each up to its deadline).
+ASKED_AT_ONCE = 2
 
 LEASE_PREFIX = "federation-fetch:"
 # A relationship another server wrote is due here this much later (seconds): see apply_stored.
@@ -227,10 +232,12 @@ class FederationService:
         self.fetches = 0
         # Closed by close().
         self._fetch_pool = fetch_pool("federation-fetch")
+        self._asked_pool = fetch_pool("federation-asked", ASKED_AT_ONCE)
 
     def close(self) -> None:
         """Let the fetch threads go (at stop): a fetch under way ends at its deadline."""
-        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._fetch_pool, self._asked_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def load(self) -> None:
         """Read relationships and bundles from the datastore (start-up; synchronous)."""
@@ -399,7 +406,13 @@ class FederationService:
         return True
 
     async def refresh(self, trust_domain: str) -> Refreshed:
-        """Fetch the relationship's bundle now; FederationError (last good kept) on failure."""
+        """Fetch the relationship's bundle now, for an operator (its own lane, ASKED_AT_ONCE);
+        FederationError (last good kept) on failure."""
+        return await self._refresh(trust_domain, self._asked_pool)
+
+    async def _refresh(self, trust_domain: str, pool: ThreadPoolExecutor) -> Refreshed:
+        """Fetch the relationship's bundle in a thread of `pool`, install it if it changed,
+        and schedule the next fetch."""
         rel, _ = self.relationship(trust_domain)
         td = rel.trust_domain
         lock = self._locks.setdefault(td, asyncio.Lock())
@@ -409,7 +422,7 @@ class FederationService:
             self.fetches += 1
             try:
                 fetched = await asyncio.get_running_loop().run_in_executor(
-                    self._fetch_pool,
+                    pool,
                     functools.partial(
                         contextvars.copy_context().run,
                         self._fetch,
@@ -602,7 +615,7 @@ class FederationService:
                 # Another server fetches it; its result comes through the feed.
                 self._schedule(td, self._next(self._bundles.get(td)))
                 return
-            await self.refresh(td)
+            await self._refresh(td, self._fetch_pool)
         except FederationError:
             pass  # logged, audited and rescheduled by refresh
         except NotFoundError:

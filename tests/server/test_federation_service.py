@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.errors import ConfigError, InvalidRequestError, PermissionDeniedError
 from server.federation.errors import BundleNotStoredError, FederationError
+from server.federation.fetch import fetch_bundle
 from server.federation.service import (
     BUNDLE_CHANGED,
     BUNDLE_REFUSED,
@@ -42,6 +45,7 @@ from server.status import status_for
 from svid._bundle import SpiffeBundle
 from svid._clock import FakeClock
 from svid._spiffe_id import TrustDomain
+from tests.server.fixtures import SilentEndpoint, serving_https
 
 OWN = TrustDomain("other.org")
 HOME = TrustDomain("example.org")
@@ -500,3 +504,54 @@ def test_hanging_fetches_leave_the_default_thread_pool_to_the_rest_of_the_server
         release.set()
         service.close()
         store.close()
+
+
+def test_an_operators_refresh_answers_at_once_while_the_scheduled_fetches_hang(
+    tmp_path: Path,
+) -> None:
+    """FETCHES_AT_ONCE endpoints that never answer hold every thread of the scheduled fetches
+    up to their deadline: an operator's refresh of a healthy endpoint waited behind them (10 s
+    in service). It has a lane of its own and answers at once."""
+    timeout = 2.0
+    clock = FakeClock(1_700_000_000)
+    store = SqliteDataStore(tmp_path / "db", clock)
+    silent = [SilentEndpoint() for _ in range(FETCHES_AT_ONCE)]
+    served = _bundle(1).to_json()
+    with serving_https(lambda _path: (200, served, {}), "fla") as (url, ca_file):
+        service = FederationService(
+            own=OWN,
+            datastore=store,
+            audit=AuditLog(store, clock),
+            clock=clock,
+            publish=lambda _bundles: None,
+            static=(
+                *(
+                    parse_static(f"hang{i}.org https_web {s.url}", OWN)
+                    for i, s in enumerate(silent)
+                ),
+                parse_static(f"example.org https_web {url}/ {ca_file}", OWN),
+            ),
+            fetch=functools.partial(fetch_bundle, timeout=timeout),
+        )
+        service.load()
+
+        async def scenario() -> float:
+            scheduled = asyncio.create_task(service.refresh_due())
+            for endpoint in silent:
+                assert await asyncio.to_thread(endpoint.held.wait, timeout)
+            asked = time.monotonic()
+            done = await asyncio.wait_for(service.refresh("example.org"), timeout)
+            took = time.monotonic() - asked
+            assert done.changed
+            await asyncio.wait_for(scheduled, 3 * timeout)
+            return took
+
+        try:
+            took = asyncio.run(scenario())
+            assert took < timeout / 2, f"the operator's refresh took {took:.1f} s"
+            assert service.bundle("example.org").sequence == 1
+        finally:
+            service.close()
+            for endpoint in silent:
+                endpoint.close()
+            store.close()
