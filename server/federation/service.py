@@ -342,7 +342,7 @@ class FederationService:
         try:
             await self._install(bundle, source=SET_BY_HAND)
         except BundleNotStoredError as exc:
-            # The ledger holds the attempt: it holds the refusal too.
+            # An operator's bundle the store refused: on the ledger as a refusal.
             await self._record_refused(td.name, exc)
             raise
         # A relationship waiting for its first bundle (https_spiffe needs one to authenticate
@@ -363,47 +363,74 @@ class FederationService:
         self._publish(dict(self._bundles))
 
     async def _install(self, bundle: SpiffeBundle, source: str) -> bool:
+        """Store the bundle, put its change on the ledger, then serve it. Recorded only once
+        the store took it: a bundle the store refuses changed nothing, and its caller records
+        the refusal instead."""
         td = bundle.trust_domain.name
-        if self._bundles.get(td) == bundle:
+        held = self._bundles.get(td)
+        if held == bundle:
             return False
-        # On the ledger before it is served: a bundle nobody recorded never reaches a workload.
-        await asyncio.to_thread(
-            self._audit.append,
-            BUNDLE_CHANGED,
-            extra={
-                "trust_domain": td,
-                "sequence": bundle.sequence,
-                "source": source,
-                "x509_authorities": len(bundle.x509_authorities),
-                "jwt_authorities": len(bundle.jwt_authorities),
-            },
-        )
         row = ForeignBundle(td, bundle.to_json(), int(self._clock.now()), bundle.sequence)
-        # Set by hand, it stands; fetched, it is not stored over a higher sequence that another
-        # server stored meanwhile (this server's copy lagging the feed): an older bundle from
-        # a lagging endpoint replica would be adopted by every server. The ledger row above
-        # then records an attempt, followed by its refusal (refresh).
+        await self._store_bundle(row, over_newer=source == SET_BY_HAND)
         try:
-            stored = await asyncio.to_thread(
-                self._datastore.put_foreign_bundle, row, over_newer=source == SET_BY_HAND
+            # On the ledger before it is served: a bundle nobody recorded never reaches a
+            # workload.
+            await asyncio.to_thread(
+                self._audit.append,
+                BUNDLE_CHANGED,
+                extra={
+                    "trust_domain": td,
+                    "sequence": bundle.sequence,
+                    "source": source,
+                    "x509_authorities": len(bundle.x509_authorities),
+                    "jwt_authorities": len(bundle.jwt_authorities),
+                },
             )
-        except Exception as exc:
-            # Whatever the store raised (an outage, a driver's own error for a value it cannot
-            # hold): a refused refresh, backed off and its refusal put on the ledger after the
-            # attempt above, not an unknown error retried every few seconds.
-            _log.error("foreign bundle not stored", extra={"td": td}, exc_info=True)
-            raise BundleNotStoredError(f"{td}: the bundle could not be stored") from exc
-        if not stored:
-            raise FederationError(
-                f"{td}: bundle endpoint served spiffe_sequence {bundle.sequence}, older than "
-                "the one another server stored"
-            )
+        except Exception:
+            await self._restore(td, held)
+            raise
         self._wrote(td)
         self._bundles[td] = bundle
         self._updated[td] = row.updated_at
         self._publish(dict(self._bundles))
         _log.info("foreign bundle changed", extra={"td": td, "sequence": bundle.sequence})
         return True
+
+    async def _store_bundle(self, row: ForeignBundle, *, over_newer: bool) -> None:
+        """Store the row. Set by hand (`over_newer`), it stands; fetched, it is not stored over
+        a higher sequence that another server stored meanwhile (this server's copy lagging the
+        feed): an older bundle from a lagging endpoint replica would be adopted by every
+        server. FederationError when it is not stored."""
+        td = row.trust_domain
+        try:
+            stored = await asyncio.to_thread(
+                self._datastore.put_foreign_bundle, row, over_newer=over_newer
+            )
+        except Exception as exc:
+            # Whatever the store raised (an outage, a driver's own error for a value it cannot
+            # hold): a refused refresh, backed off and its refusal put on the ledger, not an
+            # unknown error retried every few seconds.
+            _log.error("foreign bundle not stored", extra={"td": td}, exc_info=True)
+            raise BundleNotStoredError(f"{td}: the bundle could not be stored") from exc
+        if not stored:
+            raise FederationError(
+                f"{td}: bundle endpoint served spiffe_sequence {row.sequence}, older than "
+                "the one another server stored"
+            )
+
+    async def _restore(self, td: str, held: SpiffeBundle | None) -> None:
+        """Set the store back to the bundle served here (none: no row) after its change could
+        not be recorded, best effort: a store that failed the ledger likely fails this too.
+        Until this lands, another server following the feed may adopt the unrecorded bundle."""
+        try:
+            if held is None:
+                with contextlib.suppress(StoreNotFound):
+                    await asyncio.to_thread(self._datastore.delete_foreign_bundle, td)
+                return
+            row = ForeignBundle(td, held.to_json(), self._updated.get(td, 0), held.sequence)
+            await asyncio.to_thread(self._datastore.put_foreign_bundle, row, over_newer=True)
+        except Exception:
+            _log.error("foreign bundle not set back", extra={"td": td}, exc_info=True)
 
     async def refresh(self, trust_domain: str) -> Refreshed:
         """Fetch the relationship's bundle now, for an operator (its own lane, ASKED_AT_ONCE);

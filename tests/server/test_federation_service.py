@@ -137,8 +137,8 @@ def test_a_failed_fetch_keeps_the_last_good_bundle(world: World) -> None:
 
 def test_a_bundle_not_stored_is_not_served_and_its_retries_back_off(world: World) -> None:
     """A store refusing the write (of any error: a driver's own, a value out of range) is a
-    refused refresh: backed off like a failed fetch, and its ledger attempt followed by the
-    refusal, not a change every 5 s."""
+    refused refresh: backed off like a failed fetch, and on the ledger as a refusal only, not
+    as a change (it changed nothing), let alone one every 5 s."""
     waits = []
     for _ in range(3):
         world.answers = [_bundle(1)]
@@ -150,24 +150,36 @@ def test_a_bundle_not_stored_is_not_served_and_its_retries_back_off(world: World
     assert world.service.bundles() == {}
     assert [dict(p) for p in world.published] == [{}]
     kinds = [e["kind"] for e in world.store.inner.audit_rows(EventFilter())]
-    assert kinds[-6:] == [BUNDLE_CHANGED, BUNDLE_REFUSED] * 3
+    assert kinds[-3:] == [BUNDLE_REFUSED] * 3
+    assert world.changes() == 0
     # Set by hand: refused as unavailable (not the caller's fault), and on the ledger too.
     world.store.inject(StorageError("store the foreign bundle"), method="put_foreign_bundle")
     with pytest.raises(BundleNotStoredError) as raised:
         world.run(world.service.set_bundle("example.org", _bundle(1).to_json()))
     assert status_for(raised.value)[0] == grpc.StatusCode.UNAVAILABLE
     kinds = [e["kind"] for e in world.store.inner.audit_rows(EventFilter())]
-    assert kinds[-2:] == [BUNDLE_CHANGED, BUNDLE_REFUSED]
+    assert kinds[-1] == BUNDLE_REFUSED
+    assert world.changes() == 0
     assert world.service.bundles() == {}
 
 
 def test_a_bundle_not_on_the_ledger_is_not_stored_or_served(world: World) -> None:
+    """The change goes on the ledger once the store took the bundle, and before it is served:
+    when it cannot be recorded, the store is set back to the bundle served before."""
     world.answers = [_bundle(1)]
     world.store.inject(sqlite3.OperationalError("disk full"), method="write_ledger")
     with pytest.raises((LedgerError, sqlite3.OperationalError)):
         world.run(world.service.refresh("example.org"))
     assert world.store.inner.list_foreign_bundles() == []
     assert world.service.bundles() == {}
+    world.answers = [_bundle(1), _bundle(2)]
+    world.run(world.service.refresh("example.org"))
+    world.store.inject(sqlite3.OperationalError("disk full"), method="write_ledger")
+    with pytest.raises((LedgerError, sqlite3.OperationalError)):
+        world.run(world.service.refresh("example.org"))
+    assert [b.sequence for b in world.store.inner.list_foreign_bundles()] == [1]
+    assert world.service.bundle("example.org").sequence == 1
+    assert world.changes() == 1
 
 
 def test_static_relationships_stay_and_bundles_of_our_own_domain_are_refused(
@@ -386,8 +398,12 @@ def test_a_server_lagging_the_feed_does_not_store_an_older_bundle_over_a_newer_o
         assert b.bundle("example.org").sequence == 1
         asyncio.run(a.refresh("example.org"))  # 3, stored; B has not followed it yet
         answers["b"] = [_bundle(2)]
+        changes = len(list(stores[0].audit_rows(EventFilter(kind=BUNDLE_CHANGED))))
         with pytest.raises(FederationError, match="older than the one another server stored"):
             asyncio.run(b.refresh("example.org"))
+        # Refused by the store: on the ledger as a refusal, not as a change that did not happen.
+        assert len(list(stores[0].audit_rows(EventFilter(kind=BUNDLE_CHANGED)))) == changes
+        assert [e["kind"] for e in stores[0].audit_rows(EventFilter())][-1] == BUNDLE_REFUSED
         for service in (a, b):
             service.apply_stored(service.read_stored(), service.follow_mark())
             assert service.bundle("example.org").sequence == 3
