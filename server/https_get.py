@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import ipaddress
+import queue
 import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
+
+# One address of a name, as socket.getaddrinfo gives it.
+_Address = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 
 # How many of another party's documents one kind of fetch (foreign bundles, trusted issuers'
 # keys) waits on at once, each in a thread of its own pool (fetch_pool): one party that hangs
@@ -50,8 +56,8 @@ def get(
     ``check_peer`` is given the server's certificate (DER) before the request is read: it
     raises to refuse the server. ``timeout`` bounds the whole GET, not each read: a server
     that trickles its answer a byte at a time would otherwise hold the caller for ever. It
-    bounds the connect too: each address the name resolves to is given only the time left
-    (the name resolution itself is the system resolver's, bounded by its own timeouts)."""
+    bounds the name's resolution and the connect too: the lookup, then each address the name
+    resolves to, is given only the time left."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     tls = parts.scheme == "https"
@@ -131,7 +137,7 @@ def _connect(host: str, port: int, ends: float, cutter: _Cutter, timeout: float)
     """A TCP connection to the first of `host`'s addresses that answers, each attempt given
     only what is left of the GET's time; the socket's timeout then is what remains."""
     error: OSError | None = None
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+    for family, kind, proto, _, address in _resolve(host, port, ends, timeout):
         left = ends - time.monotonic()
         if left <= 0 or cutter.fired:
             break
@@ -152,6 +158,35 @@ def _connect(host: str, port: int, ends: float, cutter: _Cutter, timeout: float)
     if cutter.fired or time.monotonic() >= ends:
         raise _late(timeout)
     raise error if error is not None else OSError(f"{host}: no address to connect to")
+
+
+def _resolve(host: str, port: int, ends: float, timeout: float) -> Sequence[_Address]:
+    """`host`'s addresses, looked up within what is left of the GET's time. The system
+    resolver gives up only after its own timeouts (resolv.conf), which may be far longer: the
+    lookup runs in a daemon thread of its own, left to end by itself once the deadline passes
+    (the resolver cannot be cut). An address literal needs no lookup, nor a thread."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    found: queue.SimpleQueue[Sequence[_Address] | Exception] = queue.SimpleQueue()
+
+    def lookup() -> None:
+        try:
+            found.put(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except Exception as exc:  # handed to the GET, which raises it as the lookup would
+            found.put(exc)
+
+    threading.Thread(target=lookup, name="https-get-resolve", daemon=True).start()
+    try:
+        answer = found.get(timeout=max(ends - time.monotonic(), 0))
+    except queue.Empty:
+        raise _late(timeout) from None
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 def _handshake(

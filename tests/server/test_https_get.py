@@ -149,3 +149,29 @@ def test_the_whole_get_keeps_its_deadline_past_a_blackholed_first_address_and_a_
         for sock in (filler, blackhole, server):
             sock.close()
     assert elapsed < 5, f"GET with timeout=1 s held {elapsed:.1f} s (the deadline fired unseen)"
+
+
+def test_a_name_the_resolver_is_slow_to_resolve_is_given_only_the_gets_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The resolver is stood in for (no name is slow here): one that takes 3 s, as a resolver
+    # whose servers do not answer takes its resolv.conf timeouts, held the GET those 3 s past
+    # its deadline of 0.5 s, the lookup coming before the deadline's clock.
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def slow(host: str, *args: object, **kwargs: object) -> list[tuple]:  # type: ignore[type-arg]
+        if host == "partner.test":
+            release.wait(3)
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match=r"no whole answer within 0\.5 s"):
+            https_get.get("https://partner.test:1/", context=None, limit=1 << 20, timeout=0.5)
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+    assert elapsed < 1.5, f"GET with timeout=0.5 s held {elapsed:.1f} s resolving its host"
