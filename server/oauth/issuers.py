@@ -22,6 +22,7 @@ import logging
 import re
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import wait
 from dataclasses import dataclass
@@ -76,8 +77,10 @@ Fetch = Callable[[TrustedIssuer, ssl.SSLContext], FetchedKeys]
 def fetch_keys(
     issuer: TrustedIssuer, ctx: ssl.SSLContext, *, timeout: float = TIMEOUT
 ) -> FetchedKeys:
-    """The issuer's keys by OIDC discovery, each of its two GETs within ``timeout``;
-    IssuerError saying what went wrong."""
+    """The issuer's keys by OIDC discovery, its two GETs within ``timeout`` together (an
+    issuer slow at each would otherwise hold its fetch for twice that); IssuerError saying
+    what went wrong."""
+    deadline = time.monotonic() + timeout
     body, _ = _get(issuer.url + OIDC_PATH, ctx, timeout)
     try:
         doc = json.loads(body)
@@ -98,7 +101,10 @@ def fetch_keys(
         check_issuer(jwks_uri, "jwks_uri")  # https (http on loopback only), a host
     except ConfigError as exc:
         raise IssuerError(f"{issuer.url}: {exc}") from None
-    keys, max_age = _get(jwks_uri, ctx, timeout)
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise IssuerError(f"{issuer.url}: no time left for its JWKS within the {timeout:g} s")
+    keys, max_age = _get(jwks_uri, ctx, left)
     try:
         bundle = JwtBundle.parse_jwks(issuer.trust_domain, keys, uses=KEY_USES)
     except BundleError as exc:

@@ -57,6 +57,7 @@ class Issuer:
     status: int = 200
     max_age: int = 120
     fetches: dict[str, int] = field(default_factory=dict)
+    delay: float = 0.0  # seconds before each answer
 
     def add_key(self, kid: str) -> ec.EllipticCurvePrivateKey:
         self.keys[kid] = ec.generate_private_key(ec.SECP256R1())
@@ -68,6 +69,7 @@ class Issuer:
 
     def answer(self, path: str) -> tuple[int, bytes, dict[str, str]]:
         self.fetches[path] = self.fetches.get(path, 0) + 1
+        time.sleep(self.delay)
         if self.status != 200:
             return self.status, b"{}", {}
         if path == "/.well-known/openid-configuration":
@@ -219,6 +221,18 @@ def test_an_issuer_down_at_start_is_tried_again_and_its_keys_kept_when_it_fails_
 def _fetch(issuer: Issuer, ca_file: Path | None = None) -> Any:
     ctx = ssl.create_default_context(cafile=str(ca_file or issuer.ca_file))
     return fetch_keys(TrustedIssuer(PARTNER, issuer.url), ctx)
+
+
+def test_an_issuer_slow_at_each_get_is_given_one_timeout_for_both(issuer: Issuer) -> None:
+    # Each GET alone answers within the timeout; together they must too, or an issuer slow on
+    # purpose holds its fetch (and a lane of the pool) for twice as long as configured.
+    issuer.add_key("p1")
+    issuer.delay = 0.6
+    ctx = ssl.create_default_context(cafile=str(issuer.ca_file))
+    started = time.monotonic()
+    with pytest.raises(IssuerError, match=issuer.url):
+        fetch_keys(TrustedIssuer(PARTNER, issuer.url), ctx, timeout=1.0)
+    assert time.monotonic() - started < 1.5
 
 
 def test_the_fetch_takes_sig_keys_and_the_max_age(issuer: Issuer) -> None:
