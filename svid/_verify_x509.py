@@ -59,7 +59,12 @@ from svid._revocation import (
 )
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._ssl_peer import peer_chain_der
-from svid._x509 import check_leaf_facts, check_signing_profile, extensions_of
+from svid._x509 import (
+    check_leaf_facts,
+    check_signing_profile,
+    extensions_of,
+    signature_hash_problem,
+)
 
 X509BundleGetter = Callable[[TrustDomain], X509Bundle | None]
 
@@ -109,7 +114,6 @@ _RSA_SIGS: dict[bytes, hashes.HashAlgorithm] = {
     b"\x30\x0d" + _RSA_OID + b"\x0d\x05\x00": hashes.SHA512(),
 }
 _PKCS1 = padding.PKCS1v15()
-_SHA2 = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 # rsaEncryption as a full DER OID: in a leaf's TBS (almost always) only as its key's algorithm.
 _RSA_KEY_OID = b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01"
 # What cryptography raises reading a certificate it cannot make sense of (DuplicateExtension
@@ -238,17 +242,15 @@ def _check_critical(cert: x509.Certificate, what: str, is_ca: bool) -> None:
 
 def _signature_ok(cert: x509.Certificate, tbs: bytes, key: object) -> bool:
     # The algorithms read from the DER alone (_EC_SIGS, _RSA_SIGS) hash with SHA-2; this path
-    # takes the rest (RSA-PSS, unusual encodings), which name any hash: SHA-1 or MD5 would let
-    # a collision forge a certificate, so only SHA-2 is accepted here too.
+    # takes the rest (RSA-PSS, unusual encodings), which name any hash (and RSA-PSS a second
+    # one, its MGF1's): signature_hash_problem holds them to SHA-2 here too.
     hash_alg = cert.signature_hash_algorithm
     if hash_alg is None:
         return False  # EdDSA: neither an EC nor an RSA key (the only ones anchored) signs it
-    if not isinstance(hash_alg, _SHA2):
-        raise VerificationError(
-            f"certificate serial {_serial(cert)} is signed with {hash_alg.name}: only "
-            "SHA-256, SHA-384 and SHA-512 are accepted"
-        )
     params = cert.signature_algorithm_parameters
+    problem = signature_hash_problem(hash_alg, params)
+    if problem is not None:
+        raise VerificationError(f"certificate serial {_serial(cert)} is {problem}")
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
             if not isinstance(params, ec.ECDSA):

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from svid import _cert_der as der
@@ -29,6 +29,28 @@ __all__ = [
 ]
 
 SvidPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_SHA2 = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+
+
+def signature_hash_problem(hash_alg: hashes.HashAlgorithm, parameters: object) -> str | None:
+    """Why a signature hashed with ``hash_alg`` and padded as ``parameters`` (a certificate's
+    or CRL's ``signature_hash_algorithm`` and ``signature_algorithm_parameters``) is refused,
+    or None: phrased to follow "is", e.g. "signed with sha1: ...".
+
+    SHA-1 or MD5 would let a collision forge what is signed, so only SHA-2 is accepted. An
+    RSA-PSS signature names a second hash, its MGF1's: it must be the signature's own hash, as
+    RFC 4055 recommends and Go's and BoringSSL's verifiers require, not any one it chose.
+    """
+    if not isinstance(hash_alg, _SHA2):
+        return f"signed with {hash_alg.name}: only SHA-256, SHA-384 and SHA-512 are accepted"
+    if isinstance(parameters, padding.PSS) and parameters.mgf != padding.MGF1(hash_alg):
+        # MGF1 has no public accessor for its hash, only equality: the name is for the message.
+        mgf_hash = getattr(getattr(parameters.mgf, "_algorithm", None), "name", "another hash")
+        return (
+            f"signed with RSA-PSS whose MGF1 uses {mgf_hash}: only MGF1 with the signature's "
+            f"own hash ({hash_alg.name}) is accepted"
+        )
+    return None
 
 
 def _serial(cert: x509.Certificate) -> str:

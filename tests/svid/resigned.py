@@ -1,5 +1,6 @@
-"""Certificates cryptography will not build (an ediPartyName GeneralName, a SHA-1 signature),
-assembled from a built one's DER and signed again with the real key."""
+"""Certificates and CRLs cryptography will not build (an ediPartyName GeneralName, a SHA-1
+signature, RSA-PSS with MGF1 over SHA-1), assembled from a built one's DER and signed again with
+the real key."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from svid import der_concat
 from svid._cert_der import read_tlv
@@ -16,6 +17,10 @@ from tests.svid.certs import Issued, make_ca
 _OID_SAN = bytes.fromhex("0603551d11")
 ECDSA_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")
 RSA_SHA1 = bytes.fromhex("300d06092a864886f70d0101050500")
+_OID_RSA_PSS = bytes.fromhex("06092a864886f70d01010a")
+_OID_MGF1 = bytes.fromhex("06092a864886f70d010108")
+_SHA1_ALG = bytes.fromhex("300906052b0e03021a0500")
+_SHA256_ALG = bytes.fromhex("300d06096086480165030402010500")
 
 
 def _tlv(tag: int, content: bytes) -> bytes:
@@ -38,6 +43,20 @@ def _elements(data: bytes, start: int, end: int) -> list[bytes]:
     return out
 
 
+def rsa_pss_sha256(mgf1_sha1: bool) -> bytes:
+    """The AlgorithmIdentifier of RSASSA-PSS with SHA-256 and a 32-byte salt, its mask made by
+    MGF1 over SHA-1 or over SHA-256 (RFC 4055; MGF1-SHA1 is the default, so DER omits it)."""
+    mgf = b"" if mgf1_sha1 else _tlv(0xA1, _tlv(0x30, _OID_MGF1 + _SHA256_ALG))
+    params = _tlv(0xA0, _SHA256_ALG) + mgf + _tlv(0xA2, b"\x02\x01\x20")
+    return _tlv(0x30, _OID_RSA_PSS + _tlv(0x30, params))
+
+
+def pss_signer(key: rsa.RSAPrivateKey, mgf1_sha1: bool) -> Callable[[bytes], bytes]:
+    """Signs as ``rsa_pss_sha256(mgf1_sha1)`` says, with ``key``."""
+    mgf = padding.MGF1(hashes.SHA1() if mgf1_sha1 else hashes.SHA256())
+    return lambda tbs: key.sign(tbs, padding.PSS(mgf, 32), hashes.SHA256())
+
+
 def resigned(
     cert: x509.Certificate,
     algorithm: bytes,
@@ -46,12 +65,31 @@ def resigned(
 ) -> bytes:
     """``cert``'s DER with its TBS fields edited, ``algorithm`` as signature algorithm, signed
     again by ``sign``."""
-    der = der_concat([cert])
+    return _resigned(der_concat([cert]), 2, algorithm, sign, edit)
+
+
+def resigned_crl(crl: bytes, algorithm: bytes, sign: Callable[[bytes], bytes]) -> bytes:
+    """The DER CRL ``crl`` with ``algorithm`` as signature algorithm, signed again by ``sign``."""
+    _, start, end = read_tlv(crl, 0, len(crl))
+    _, t_start, _ = read_tlv(crl, start, end)
+    at = 1 if crl[t_start] == 0x02 else 0  # after the version, when there is one
+    return _resigned(crl, at, algorithm, sign, lambda parts: parts)
+
+
+def _resigned(
+    der: bytes,
+    at: int,
+    algorithm: bytes,
+    sign: Callable[[bytes], bytes],
+    edit: Callable[[list[bytes]], list[bytes]],
+) -> bytes:
+    """A signed structure's DER (certificate or CRL) with ``algorithm`` as its TBS field ``at``
+    and as its outer signature algorithm, its TBS fields edited, signed again by ``sign``."""
     _, start, end = read_tlv(der, 0, len(der))
     tbs_full = _elements(der, start, end)[0]
     _, t_start, t_end = read_tlv(tbs_full, 0, len(tbs_full))
     parts = _elements(tbs_full, t_start, t_end)
-    parts[2] = algorithm
+    parts[at] = algorithm
     tbs = _tlv(0x30, b"".join(edit(parts)))
     return _tlv(0x30, tbs + algorithm + _tlv(0x03, b"\x00" + sign(tbs)))
 

@@ -25,7 +25,7 @@ from svid import (
     der_concat,
 )
 from tests.svid.certs import T0, Issued, make_ca, make_leaf, reissue, rsa_key, slow_rsa_key
-from tests.svid.resigned import RSA_SHA1, edi_party_twin, resigned
+from tests.svid.resigned import RSA_SHA1, edi_party_twin, pss_signer, resigned, rsa_pss_sha256
 
 TD = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -547,3 +547,40 @@ def test_a_sha1_signed_intermediate_is_refused(clock: FakeClock) -> None:
     )
     with pytest.raises(VerificationError, match="signed with sha1"):
         v.verify_der(der_concat([make_leaf(inter).cert]) + sha1)
+
+
+def test_an_rsa_pss_leaf_with_sha256_in_mgf1_verifies(clock: FakeClock) -> None:
+    key = rsa_key()
+    ca = make_ca(key=key)
+    pss = resigned(make_leaf(ca).cert, rsa_pss_sha256(False), pss_signer(key, False))
+    v = X509Verifier(
+        MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,))).x509_bundle_for, clock=clock
+    )
+    assert str(v.verify_der(pss).spiffe_id) == "spiffe://example.org/workload"
+
+
+def test_an_rsa_pss_leaf_whose_mgf1_hash_is_sha1_is_refused(clock: FakeClock) -> None:
+    # Its signature hash is SHA-256, which is all that was checked: the mask's hash, its
+    # MGF1's, is a second one the signer chose.
+    key = rsa_key()
+    ca = make_ca(key=key)
+    pss = resigned(make_leaf(ca).cert, rsa_pss_sha256(True), pss_signer(key, True))
+    v = X509Verifier(
+        MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,))).x509_bundle_for, clock=clock
+    )
+    with pytest.raises(
+        VerificationError, match=r"signed with RSA-PSS whose MGF1 uses sha1: only MGF1 with"
+    ):
+        v.verify_der(pss)
+
+
+def test_an_rsa_pss_intermediate_whose_mgf1_hash_is_sha1_is_refused(clock: FakeClock) -> None:
+    root_key = rsa_key()
+    root = make_ca(key=root_key)
+    inter = make_ca(parent=root, spiffe_id=None)
+    pss = resigned(inter.cert, rsa_pss_sha256(True), pss_signer(root_key, True))
+    v = X509Verifier(
+        MemoryBundleSource.of(SpiffeBundle(TD, (root.cert,))).x509_bundle_for, clock=clock
+    )
+    with pytest.raises(VerificationError, match="MGF1 uses sha1"):
+        v.verify_der(der_concat([make_leaf(inter).cert]) + pss)
