@@ -3,6 +3,8 @@
 A CRL names its issuer by a distinguished name, not a SPIFFE ID, so the issuer's trust domain is
 the one whose bundle holds an authority with that exact subject whose key verifies the CRL. A CRL
 no authority vouches for is dropped: anyone could otherwise revoke (deny service to) anything.
+So is one signed as no certificate may be (svid._x509.signature_hash_problem: SHA-1, say),
+whoever signed it.
 
 Its entries revoke only that issuer's certificates: serials are unique per issuer, not across
 issuers (RFC 5280 4.1.2.2, 5.2.3), so each entry is keyed by (trust domain, issuer name, serial).
@@ -32,6 +34,7 @@ from svid._bundle import X509Bundle
 from svid._der import tbs_names
 from svid._revocation import KIND_X509_SERIAL, CertIssuer, Revoked
 from svid._spiffe_id import TrustDomain
+from svid._x509 import signature_hash_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +55,8 @@ class CrlResult:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class PendingCrl:
-    """A readable CRL whose issuer is no bundle authority: possibly an intermediate CA's."""
+    """A readable CRL whose issuer is no bundle authority: possibly an intermediate CA's. Its
+    signature algorithm is one accepted (_signature_problem): only its signer is unknown."""
 
     crl: x509.CertificateRevocationList
 
@@ -72,6 +76,20 @@ class PendingCrl:
             _entries(self.crl, [issuer]),
             None if next_update is None else next_update.timestamp(),
         )
+
+
+def _signature_problem(crl: x509.CertificateRevocationList) -> str | None:
+    """Why ``crl`` is refused whoever signed it (as a certificate would be: a SHA-1 signature,
+    an RSA-PSS one whose MGF1 hash is another), or None. An algorithm cryptography cannot
+    name is None here too: no key verifies it, so it is dropped as signed by no authority."""
+    try:
+        hash_alg = crl.signature_hash_algorithm
+        parameters = crl.signature_algorithm_parameters
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    if hash_alg is None:
+        return None  # EdDSA: no EC or RSA key (the only ones that vouch) verifies it
+    return signature_hash_problem(hash_alg, parameters)
 
 
 def _can_sign_crls(cert: x509.Certificate) -> bool:
@@ -147,6 +165,11 @@ def revoked_from_crls(
     for n, der in enumerate(crls):
         try:
             crl = x509.load_der_x509_crl(der)
+            problem = _signature_problem(crl)
+            if problem is not None:
+                # Never pending: no intermediate CA's key makes such a signature worth more.
+                rejected.append(f"CRL {n} (issuer {crl.issuer.rfc4514_string()}) is {problem}")
+                continue
             issuers = _issuers(crl, bundles)
             if not issuers:
                 rejected.append(

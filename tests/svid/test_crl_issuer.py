@@ -5,6 +5,8 @@ whose authority vouched for the CRL. Real certificates, real CRLs, the real sour
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from svid import (
     RevokedError,
@@ -32,8 +34,8 @@ from svid._workload_calls import (
     RevocationsUpdate,
     X509BundlesUpdate,
 )
-from tests.svid.certs import T0, Issued, make_ca, make_leaf
-from tests.svid.resigned import edi_party_twin
+from tests.svid.certs import T0, Issued, make_ca, make_leaf, rsa_key
+from tests.svid.resigned import RSA_SHA1, edi_party_twin, pss_signer, resigned_crl, rsa_pss_sha256
 from tests.svid.tls_pki import key_pem
 from tests.svid.workload_fake import signed_crl
 
@@ -317,3 +319,57 @@ def test_past_the_trust_domain_bound_one_whose_intermediate_vouches_for_a_crl_st
     _give_crls(revocations, bundles, [signed_crl(inter, [leaf.cert.serial_number])])
     with pytest.raises(RevokedError):
         verifier.verify_der(chain)
+
+
+def _rsa_ca_and_leaf() -> tuple[Issued, rsa.RSAPrivateKey, Issued]:
+    key = rsa_key()
+    ca = make_ca(key=key)
+    return ca, key, make_leaf(ca)
+
+
+def test_a_sha1_signed_crl_is_ignored_naming_its_hash() -> None:
+    # As a SHA-1 certificate is refused. cryptography 51 fails its signature check too, but
+    # it was then said to be signed by no authority, and kept for an intermediate CA to vouch
+    # for; an older cryptography (pyproject takes 46 on) may have verified it.
+    ca, key, leaf = _rsa_ca_and_leaf()
+    crl = resigned_crl(
+        signed_crl(ca, [leaf.cert.serial_number]),
+        RSA_SHA1,
+        lambda tbs: key.sign(tbs, padding.PKCS1v15(), hashes.SHA1()),
+    )
+    result = revoked_from_crls([crl], {TD: X509Bundle(TD, (ca.cert,))})
+    assert result.revoked == ()
+    assert result.pending == ()
+    assert result.rejected == (
+        "CRL 0 (issuer CN=CA example.org) is signed with sha1: only SHA-256, SHA-384 and "
+        "SHA-512 are accepted",
+    )
+
+
+def test_an_rsa_pss_crl_whose_mgf1_hash_is_sha1_revokes_nothing() -> None:
+    ca, key, leaf = _rsa_ca_and_leaf()
+    bundles = {TD: X509Bundle(TD, (ca.cert,))}
+    crl = resigned_crl(
+        signed_crl(ca, [leaf.cert.serial_number]), rsa_pss_sha256(True), pss_signer(key, True)
+    )
+    result = revoked_from_crls([crl], bundles)
+    assert result.pending == ()
+    assert result.rejected == (
+        "CRL 0 (issuer CN=CA example.org) is signed with RSA-PSS whose MGF1 uses sha1: only "
+        "MGF1 with the signature's own hash (sha256) is accepted",
+    )
+    source = MemoryBundleSource()
+    source.set_x509_bundles(BundleSet(dict(bundles)))
+    verifier = X509Verifier(
+        source.x509_bundle_for, clock=FakeClock(T0), revocations=RevocationSet(result.revoked)
+    )
+    verifier.verify_der(der_concat([leaf.cert]))
+
+
+def test_an_rsa_pss_crl_with_sha256_in_mgf1_revokes() -> None:
+    ca, key, leaf = _rsa_ca_and_leaf()
+    crl = resigned_crl(
+        signed_crl(ca, [leaf.cert.serial_number]), rsa_pss_sha256(False), pss_signer(key, False)
+    )
+    with pytest.raises(RevokedError):
+        _verifier({TD: X509Bundle(TD, (ca.cert,))}, [crl]).verify_der(der_concat([leaf.cert]))
