@@ -2,9 +2,10 @@
 
 cryptography builds Python objects for every extension and re-encodes the TBSCertificate when
 asked for it; on the uncached verify path that costs about a quarter of one signature check. This
-reads the certificate's own bytes instead: TBS slice, serial, names, validity, extensions (raw) and
-the signature. It accepts DER only (definite minimal lengths, explicit FALSE refused) and raises
-SvidParseError for anything else, so it is never more lenient than the library it replaces.
+reads the certificate's own bytes instead: TBS slice, serial, names, validity, the
+SubjectPublicKeyInfo and extensions (raw), and the signature. It accepts DER only (definite
+minimal lengths, explicit FALSE refused) and raises SvidParseError for anything else, so it is
+never more lenient than the library it replaces.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class CertFacts(NamedTuple):
     extensions: dict[bytes, Extension]  # by OID body; duplicates are refused
     signature_algorithm: bytes  # the full DER AlgorithmIdentifier (outer, equal to the TBS one)
     signature: bytes  # BIT STRING contents without the unused-bits byte
+    spki: bytes  # the full DER SubjectPublicKeyInfo: a leaf's key is judged from it alone
 
 
 def _fail(what: str) -> SvidParseError:
@@ -287,6 +289,7 @@ def _parse_cert_unguarded(der: bytes) -> CertFacts:
     _, subj_end = _expect(der, v_end, t_end, _SEQUENCE, "subject")
     subject = der[v_end:subj_end]
     _, pos = _expect(der, subj_end, t_end, _SEQUENCE, "subject public key info")
+    spki = der[subj_end:pos]
     extensions: dict[bytes, Extension] = {}
     last = 0
     while pos < t_end:
@@ -309,6 +312,7 @@ def _parse_cert_unguarded(der: bytes) -> CertFacts:
         extensions,
         signature_algorithm,
         signature,
+        spki,
     )
 
 
@@ -435,6 +439,7 @@ def _parse_cert_fast(d: bytes) -> CertFacts | None:
         p = r + 4 + (d[r + 2] << 8 | d[r + 3])
     else:
         return None
+    spki = d[r:p]
     # extensions: [3] EXPLICIT SEQUENCE, the last element of the TBSCertificate; or nothing
     extensions: dict[bytes, Extension] = {}
     if p != t_end:
@@ -535,6 +540,7 @@ def _parse_cert_fast(d: bytes) -> CertFacts | None:
             extensions,
             algorithm,
             d[p + 1 :],
+            spki,
         ),
     )
 
@@ -742,6 +748,8 @@ def match_leaf(der: bytes, t: LeafTemplate) -> tuple[CertFacts, int] | None:
         extensions,
         algorithm,
         der[p + 1 : end],
+        # The template pins every header and the key's length: only its bits are this leaf's.
+        der[validity + _VALIDITY_SIZE + len(facts.subject) : spki_end],
     )
     return tuple.__new__(CertFacts, fresh), end
 

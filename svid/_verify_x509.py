@@ -291,13 +291,14 @@ def _facts_signature_ok(cert: x509.Certificate | None, facts: der.CertFacts, key
     return _signature_ok(cert, facts.tbs, key)
 
 
-def _leaf_key_problem(facts: der.CertFacts, cert: x509.Certificate) -> str | None:
-    """Why the leaf's key (``cert``'s, whose facts are ``facts``) is refused, or None: an RSA key
-    outside rsa_key_problem's bounds (a 1024-bit one proves little of the identity). Its key is
-    decoded only when its TBS names rsaEncryption somewhere, so EC leaves cost one search."""
+def _leaf_key_problem(facts: der.CertFacts) -> str | None:
+    """Why the leaf's key is refused, or None: an RSA key outside rsa_key_problem's bounds (a
+    1024-bit one proves little of the identity). Its key is decoded only when its TBS names
+    rsaEncryption somewhere, so EC leaves cost one search; and from its SubjectPublicKeyInfo
+    alone, which costs a fraction of loading the certificate (the template path loads none)."""
     if _RSA_KEY_OID not in facts.tbs:
         return None
-    key = cert.public_key()
+    key = serialization.load_der_public_key(facts.spki)
     return rsa_key_problem(key) if isinstance(key, rsa.RSAPublicKey) else None
 
 
@@ -603,9 +604,7 @@ class X509Verifier:
         if bundle is None:
             return None
         try:
-            if _RSA_KEY_OID in facts.tbs and (
-                _leaf_key_problem(facts, x509.load_der_x509_certificate(d)) is not None
-            ):
+            if _RSA_KEY_OID in facts.tbs and _leaf_key_problem(facts) is not None:
                 return None  # the general path says why
             memo = self._indexes.get(td.name)
             index = memo[1] if memo is not None and memo[0] is bundle else self._index(bundle)
@@ -698,7 +697,7 @@ class X509Verifier:
 
         if not checked_critical:
             _check_critical_facts(leaf_facts)
-        problem = _leaf_key_problem(leaf_facts, leaf)
+        problem = _leaf_key_problem(leaf_facts)
         if problem is not None:
             raise VerificationError(f"leaf serial {leaf_facts.serial:x} is refused: {problem}")
         path, path_facts = [leaf], [leaf_facts]

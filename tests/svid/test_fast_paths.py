@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -397,6 +397,41 @@ def test_mutated_leaves_get_the_same_verdict_from_both_paths(data: st.DataObject
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert _outcome(warm, bytes(cert)) == _outcome(general, bytes(cert))
+
+
+def test_facts_carry_the_certificates_own_public_key_info(ca: Issued) -> None:
+    # The leaf's key is judged from these bytes alone (svid._verify_x509._leaf_key_problem).
+    for data in _leaves(ca):
+        spki = (
+            x509.load_der_x509_certificate(data)
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        assert der.parse_cert(data).spki == spki
+        fast = der.parse_cert_fast(data)
+        assert fast is None or fast.spki == spki
+    rsa_leaves = [_der(make_leaf(ca, key=rsa_key()).cert) for _ in range(2)]
+    matched = der.match_leaf(rsa_leaves[1], _template(rsa_leaves[0]))
+    assert matched is not None
+    assert matched[0].spki == der.parse_cert(rsa_leaves[1]).spki
+
+
+def test_a_1024_bit_rsa_leaf_is_refused_on_the_template_path(ca: Issued) -> None:
+    # No template comes from such a leaf (it is refused), so one is planted: a leaf matching
+    # it must still be refused for its key, which the template path reads from its
+    # SubjectPublicKeyInfo without loading the certificate.
+    weak = rsa.generate_private_key(65537, 1024)
+    planted, leaf = (_der(make_leaf(ca, key=weak).cert) for _ in range(2))
+    source = MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,)))
+    verifier = X509Verifier(source.x509_bundle_for, clock=FakeClock(T0), cache_size=0)
+    verifier._remember_template(
+        planted, der.parse_cert(planted), SpiffeId.parse("spiffe://example.org/workload")
+    )
+    assert der.match_leaf(leaf, verifier._templates[der.template_key(leaf)][0][0]) is not None
+    with pytest.raises(VerificationError, match=r"leaf serial .* 1024 bits"):
+        verifier.verify_der(leaf)
 
 
 def test_verified_x509_without_init_equals_with_init(ca: Issued) -> None:
