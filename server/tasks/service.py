@@ -1110,13 +1110,15 @@ class TaskService:
                 await self._finish(child, done.state, f"parent task {done.task_id} ended")
         now = self._now()
         creds = await asyncio.to_thread(self._store.task_credentials, done.task_id, now)
-        fresh = unrecorded = creds
+        # One revoked already (a delegated token whose acting workload's agent was removed
+        # first) was logged by what revoked it, or is by that removal's finisher: neither
+        # stored nor logged again.
+        already = {(r.kind, r.value) for r in self._state.revocations}
+        fresh = unrecorded = [c for c in creds if (c.kind, c.value) not in already]
         if again:
             # Stored and on the log are two commits: the server before may have died between
             # them, so each is looked for on its own (a revocation stored without its event
             # would otherwise never reach the log).
-            already = {(r.kind, r.value) for r in self._state.revocations}
-            fresh = [c for c in creds if (c.kind, c.value) not in already]
             recorded = await asyncio.to_thread(self._revocations_recorded, done.task_id)
             unrecorded = [c for c in creds if c.value not in recorded]
         await self._revoke(

@@ -331,3 +331,39 @@ def test_no_delegated_token_leaves_while_the_actor_tokens_record_cannot_be_read(
         assert not [e for e in events if e["decision"] == "deny"]
         (granted,) = [e for e in events if e["credential_id"] == jti]
         assert json.loads(granted["extra"])["actor_node"] == actor_agent.spiffe_id
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_delegated_token_the_actors_removal_revoked_is_not_logged_again_by_its_tasks_end(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    """The acting workload's agent, evicted first, revoked the delegated token and logged it
+    (under that node): the task's end after it revokes the rest of what the task holds, and
+    the token is on the log once, stored revoked once."""
+    with _delegating_server(request, backend, tmp_path) as server:
+        running = server.running
+        world = begin_task(server, resources=(server.issuer, RESOURCE, OTHER_RESOURCE))
+        actor_agent = running.attest()
+        mcp = running.create_entry("/mcp-tickets", actor_agent.spiffe_id)
+        subject = world.exchange().json()["access_token"]
+        reply = delegate(world, subject, _jwt_svid(server, actor_agent, mcp.id))
+        assert reply.status_code == 200, reply.text
+        jti = _jti(reply.json()["access_token"])
+        evict = admin_pb2.EvictAgentRequest(spiffe_id=actor_agent.spiffe_id)
+        running.admin().EvictAgent(evict, timeout=10)
+        service = running.server.tasks.service
+        running.call(service.end(world.agent, world.task.task_id, ()))
+
+        store = running.server.tasks.audit.store
+        events = store.audit_rows(EventFilter(kind="revocation"))
+        assert [e["node_id"] for e in events if e["credential_id"] == jti] == [
+            actor_agent.spiffe_id
+        ]
+        # The subject token, the task's own, is revoked and logged by the end, once too.
+        subject_jti = _jti(subject)
+        events = store.audit_rows(EventFilter(kind="revocation", task_id=world.task.task_id))
+        assert [e["node_id"] for e in events if e["credential_id"] == subject_jti] == [
+            world.agent.spiffe_id
+        ]
+        stored = running.server.datastore.list_revocations()
+        assert [r.value for r in stored].count(jti) == 1
