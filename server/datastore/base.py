@@ -306,9 +306,9 @@ class CredentialStore(Protocol):
         ...
 
     def agent_credentials(self, agent_id: str, now: int) -> list[Credential]:
-        """Credentials issued through the agent some verifier may still accept at `now`, and
-        the delegated tokens a workload of it acts with (its `actor_agent_id`), by (kind,
-        value)."""
+        """Credentials issued through the agent some verifier may still accept at `now`, the
+        delegated tokens a workload of it acts with (its `actor_agent_id`) and, in turn, the
+        tokens derived from those (`derived_from`), each once, by (kind, value)."""
         ...
 
     def workload_jwt(self, jti: str, expires_at: int) -> Credential | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from server.datastore.records import (
     Credential,
@@ -101,10 +101,16 @@ class HolderGoneError(StorageError):
 
 class AgentRemovedError(HolderGoneError):
     """HolderGoneError for agents deleted (evicted), banned, or with a removal under way;
-    `agents` names them."""
+    `agents` names them. `chains`: of the tokens the write's credentials were exchanged for
+    (their `derived_from`, by jti), those whose chain holds any of them, with those agents
+    (the write's chains, of every agent holding each, are given; the rest are left out)."""
 
-    def __init__(self, agents: Iterable[str]) -> None:
+    def __init__(
+        self, agents: Iterable[str], chains: Mapping[str, Iterable[str]] | None = None
+    ) -> None:
         self.agents = frozenset(agents)
+        held = ((jti, self.agents.intersection(of)) for jti, of in (chains or {}).items())
+        self.chains = {jti: frozenset(of) for jti, of in held if of}
         names = ", ".join(sorted(self.agents)[:4])
         super().__init__(
             f"agent(s) {names} were evicted or banned while credentials were being issued "
@@ -113,8 +119,15 @@ class AgentRemovedError(HolderGoneError):
         )
 
     def among(self, credentials: Sequence[Credential]) -> AgentRemovedError | None:
-        own = self.agents.intersection(credential_agents(credentials))
-        return AgentRemovedError(own) if own else None
+        own = set(self.agents.intersection(credential_agents(credentials)))
+        # A token exchanged for one whose chain holds a removed agent is refused for it too.
+        chains = {
+            c.derived_from: self.chains[c.derived_from]
+            for c in credentials
+            if c.derived_from is not None and c.derived_from in self.chains
+        }
+        own.update(*chains.values())
+        return AgentRemovedError(own, chains) if own else None
 
 
 class TaskEndedMeanwhileError(HolderGoneError):

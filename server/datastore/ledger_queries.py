@@ -101,19 +101,39 @@ CREDENTIAL_COLUMNS = (
     "expires_at",
     "issuer",
     "actor_agent_id",
+    "derived_from",
 )
 CREDENTIALS_INTO = f"INSERT INTO credentials ({', '.join(CREDENTIAL_COLUMNS)})"
 _CREDENTIALS = f"SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM credentials"
 TASK_CREDENTIALS = (
     f"{_CREDENTIALS} WHERE task_id = :task_id AND expires_at >= :needed_from ORDER BY kind, value"
 )
+_C_COLUMNS = ", ".join(f"c.{column}" for column in CREDENTIAL_COLUMNS)
 # Those of its own tasks and workloads, then the delegated tokens a workload of it acts with
-# (migration 15's partial index): one row each, as a token's actor_agent_id is never its
-# agent_id (server.oauth.grants).
+# (migration 15's partial index) and, in turn, every token exchanged for one of those
+# (derived_from, migration 19's partial index): one row each, as a token's actor_agent_id is
+# never its agent_id (server.oauth.grants) and a derived token's agent_id is its subject's
+# (the task's agent), so none of the second part is of the first. One exchanged for a token
+# of the agent's own is of the same task, so of the first part already.
 AGENT_CREDENTIALS = (
+    f"WITH RECURSIVE acting ({', '.join(CREDENTIAL_COLUMNS)}) AS ("
+    f"{_CREDENTIALS} WHERE actor_agent_id = :agent_id AND expires_at >= :needed_from "
+    f"UNION SELECT {_C_COLUMNS} FROM credentials AS c JOIN acting AS a "
+    "ON c.derived_from = a.value AND c.task_id = a.task_id WHERE c.expires_at >= :needed_from) "
     f"{_CREDENTIALS} WHERE agent_id = :agent_id AND expires_at >= :needed_from "
-    f"UNION ALL {_CREDENTIALS} WHERE actor_agent_id = :agent_id AND expires_at >= :needed_from "
-    "ORDER BY kind, value"
+    f"UNION ALL SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM acting ORDER BY kind, value"
+)
+# The agents holding the token :jti of task :task_id or any it was exchanged for in turn: a
+# token exchanged for it depends on each (their removal revokes it, AGENT_CREDENTIALS), so a
+# ledger write admits them all. By the task's index: a chain is of one task.
+CHAIN_AGENTS = (
+    "WITH RECURSIVE chain (agent_id, actor_agent_id, derived_from) AS ("
+    "SELECT agent_id, actor_agent_id, derived_from FROM credentials "
+    "WHERE task_id = :task_id AND kind = 'jwt_id' AND value = :jti "
+    "UNION SELECT c.agent_id, c.actor_agent_id, c.derived_from FROM credentials AS c "
+    "JOIN chain ON c.task_id = :task_id AND c.kind = 'jwt_id' AND c.value = chain.derived_from) "
+    "SELECT agent_id FROM chain UNION "
+    "SELECT actor_agent_id FROM chain WHERE actor_agent_id IS NOT NULL"
 )
 # The agents of a ledger write's credentials (:agent_ids, a JSON array) that it may not record
 # any for: no row (evicted), banned, or a removal under way. A removal reads the agent's

@@ -139,9 +139,10 @@ def _snapshot_of(db: sqlite3.Connection) -> AuditSnapshot:
 
 
 # The old task store's credential rows have no issuer: they go in with '' (server.tasks.crl
-# lists such a serial under every CA); nor an acting workload's agent (it had no delegation).
+# lists such a serial under every CA); nor an acting workload's agent, nor the token one was
+# exchanged for (it had no delegation).
 _LEGACY_CREDENTIAL_COLUMNS = ", ".join(
-    c for c in lq.CREDENTIAL_COLUMNS if c not in ("issuer", "actor_agent_id")
+    c for c in lq.CREDENTIAL_COLUMNS if c not in ("issuer", "actor_agent_id", "derived_from")
 )
 _LEGACY_CREDENTIALS_INTO = f"INSERT INTO credentials ({_LEGACY_CREDENTIAL_COLUMNS})"
 

@@ -411,6 +411,18 @@ def _foreign_bundle_sequence_uint64(execute: Execute) -> None:
     )
 
 
+def _derived_from(execute: Execute) -> None:
+    """A token exchanged for another of this ledger (a delegation of a delegated token) depends
+    on every agent holding that one: the link to it, so removing any of them revokes the
+    derived tokens too (ledger_queries.AGENT_CREDENTIALS follows it). NULL on every other row
+    and left out of the index, as migration 15's column."""
+    execute("ALTER TABLE credentials ADD COLUMN derived_from TEXT")
+    execute(
+        "CREATE INDEX credentials_derived_from ON credentials (derived_from) "
+        "WHERE derived_from IS NOT NULL"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
@@ -434,6 +446,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "federation: a foreign bundle's spiffe_sequence as a uint64",
         _foreign_bundle_sequence_uint64,
     ),
+    Migration(19, "credentials: the token a delegated token was exchanged for", _derived_from),
 )
 
 

@@ -39,8 +39,9 @@ from server.datastore.records import (
     Head,
     TaskCursor,
     TaskRecord,
-    credential_agents,
+    credential_chains,
     credential_tasks,
+    holding_agents,
 )
 from server.datastore.sqlite_audit import PAGE, page_rows
 from server.datastore.sqlite_ledger import _task_from, _task_params
@@ -49,9 +50,12 @@ T = TypeVar("T")
 Cursor = psycopg.Cursor[Any]
 
 
-def _refuse_gone(cur: Cursor, agents: list[str], tasks: list[str]) -> None:
+def _refuse_gone(
+    cur: Cursor, agents: list[str], tasks: list[str], chains: Mapping[str, list[str]]
+) -> None:
     """AgentRemovedError, before anything is written, when any of `agents` (sorted) is no
-    longer admitted: its row gone, banned, or its removal under way; then
+    longer admitted: its row gone, banned, or its removal under way (`chains`: the agents of
+    the chains of the tokens some credential was exchanged for, which `agents` includes); then
     TaskEndedMeanwhileError when any of `tasks` (sorted) has no row, or one no longer
     'active'.
 
@@ -82,7 +86,7 @@ def _refuse_gone(cur: Cursor, agents: list[str], tasks: list[str]) -> None:
         removing = {r[0] for r in cur.execute(pg(lq.REMOVALS_AMONG), ids).fetchall()}
     refused = [a for a in agents if a not in admitted or a in removing]
     if refused:
-        raise AgentRemovedError(refused)
+        raise AgentRemovedError(refused, chains)
     ended = [t for t in tasks if t not in active]
     if ended:
         raise TaskEndedMeanwhileError(ended)
@@ -182,12 +186,18 @@ class PostgresLedger:
             return
         # In key order, as claim_jtis: writes of several servers lock jti rows in one order.
         claims = sorted(jtis, key=lambda c: (c.issuer, c.jti))
-        agents = credential_agents(credentials)
         tasks = credential_tasks(credentials)
 
         def work(cur: Cursor) -> None:
+            # Plain reads of rows no write changes, before the first lock: the lock order
+            # stays _refuse_gone's.
+            chains = {
+                jti: [r[0] for r in cur.execute(pg(lq.CHAIN_AGENTS), {"task_id": t, "jti": jti})]
+                for t, jti in credential_chains(credentials)
+            }
+            agents = holding_agents(credentials, chains)
             if agents or tasks:
-                _refuse_gone(cur, agents, tasks)
+                _refuse_gone(cur, agents, tasks, chains)
             held = [
                 (c.issuer, c.jti)
                 for c in claims

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -283,6 +283,10 @@ class Credential(NamedTuple):
     # (removing either agent revokes it). None for every other credential: a column NULL in
     # every row of a batch is written as a literal, costing the insert nothing.
     actor_agent_id: str | None = None
+    # A token exchanged for another of this ledger (delegation): that token's jti, of the same
+    # task. Removing an agent revokes what it holds and every token derived from those,
+    # following this link (AGENT_CREDENTIALS). None for every other credential.
+    derived_from: str | None = None
 
 
 def credential_agents(credentials: Sequence[Credential]) -> list[str]:
@@ -292,6 +296,22 @@ def credential_agents(credentials: Sequence[Credential]) -> list[str]:
     None (of no agent here) left out."""
     agents = {c[2] for c in credentials}  # agent_id: by index, a write may hold thousands
     agents.update(c[7] for c in credentials if c[7])  # actor_agent_id, set on a few only
+    agents.discard("")
+    return sorted(agents)
+
+
+def credential_chains(credentials: Sequence[Credential]) -> list[tuple[str, str]]:
+    """The (task_id, jti) of the tokens `credentials` were exchanged for (`derived_from`), each
+    once, sorted: a ledger write admits the agents of their chains too (CHAIN_AGENTS)."""
+    return sorted({(c[4], c[8]) for c in credentials if c[8]})  # task_id, derived_from
+
+
+def holding_agents(
+    credentials: Sequence[Credential], chains: Mapping[str, Iterable[str]]
+) -> list[str]:
+    """credential_agents, and the agents of the `chains` (jti -> agents, CHAIN_AGENTS) of the
+    tokens some were exchanged for: every agent whose removal revokes one, sorted."""
+    agents = set(credential_agents(credentials)).union(*chains.values())
     agents.discard("")
     return sorted(agents)
 

@@ -38,8 +38,9 @@ from server.datastore.records import (
     Head,
     TaskCursor,
     TaskRecord,
-    credential_agents,
+    credential_chains,
     credential_tasks,
+    holding_agents,
     revocation_needed_from,
 )
 
@@ -163,17 +164,21 @@ class SqliteLedger:
     ) -> None:
         if not credentials and not audit_rows and not jtis:
             return
-        agents = credential_agents(credentials)
         tasks = credential_tasks(credentials)
         try:
             with self._transaction() as db:
                 # Under the write lock: a removal or a task's end commits before these reads
                 # or after this write, and then its revocations find these credentials.
+                chains = {
+                    jti: [r[0] for r in db.execute(lq.CHAIN_AGENTS, {"task_id": t, "jti": jti})]
+                    for t, jti in credential_chains(credentials)
+                }
+                agents = holding_agents(credentials, chains)
                 if agents:
                     params = {"agent_ids": json.dumps(agents)}
                     refused = [r[0] for r in db.execute(lq.NOT_ADMITTED_AGENTS, params)]
                     if refused:
-                        raise AgentRemovedError(refused)
+                        raise AgentRemovedError(refused, chains)
                 if tasks:
                     params = {"task_ids": json.dumps(tasks)}
                     refused = [r[0] for r in db.execute(lq.NOT_ACTIVE_TASKS, params)]

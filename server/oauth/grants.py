@@ -15,8 +15,9 @@
 Every token is a credential on the ledger (of its task, so ending the task revokes it; a
 workload's, of the agent its JWT-SVID was minted through, so removing that agent revokes it; a
 delegated one, of the task's agent and of the acting workload's, so removing either revokes
-it) with an audit event naming the decision, committed before the token leaves; every refusal
-is an event.
+it, and derived from the token acted for, so removing an agent holding that one, or any it
+was derived from in turn, revokes it too) with an audit event naming the decision, committed
+before the token leaves; every refusal is an event.
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ EVENT_EXCHANGE = "oauth_token_exchange"
 RECORD_ATTEMPTS = 4
 # What a client hears for a token of a task that ended while it was issued (never sent).
 _TASK_ENDED = "task decision: the task ended while its token was issued"
-# And for one recorded under an agent evicted or banned while it was issued (never sent).
+# And for one recorded under an agent evicted or banned while it was issued, or derived from
+# a token such an agent holds (never sent).
 _AGENT_GONE = (
-    "the agent the token was to be recorded under was evicted or banned meanwhile: "
-    "nothing was issued"
+    "an agent the token was to be recorded under, or one holding the token it derives from, "
+    "was evicted or banned meanwhile: nothing was issued"
 )
 
 
@@ -118,8 +120,10 @@ class _Issue:
     claims: dict[str, Any]
     requested: str
     kind: str
-    # Delegation: the agent the acting workload's JWT-SVID was minted through ("" when none).
+    # Delegation: the agent the acting workload's JWT-SVID was minted through ("" when none),
+    # and the token acted for (its jti): the new token is derived from it.
     actor_agent: str = ""
+    subject_jti: str | None = None
 
 
 class Recorder(Protocol):
@@ -352,7 +356,15 @@ class Grants:
         return self._issue_for_task(
             task,
             grant,
-            _Issue(subject.subject, resource, claims, issued_type, EVENT_EXCHANGE, actor_agent),
+            _Issue(
+                subject.subject,
+                resource,
+                claims,
+                issued_type,
+                EVENT_EXCHANGE,
+                actor_agent,
+                subject.jti,
+            ),
             None,
             call,
             reason=f"task decision allowed {actor_id[:200]} to act for the task",
@@ -500,6 +512,7 @@ class Grants:
             task.task_id,
             issued.expires_at,
             actor_agent_id=actor_agent or None,
+            derived_from=issue.subject_jti,
         )
         self._record([credential], [event], claim, issue.kind, call)
         if self._tasks.ended(task.spiffe_id):

@@ -613,7 +613,9 @@ def test_an_agents_credentials_are_read_by_index_with_the_tokens_it_acts_with(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     """An agent's removal reads its credentials and the delegated tokens its workloads act with
-    by two index searches (migration 15's partial index for the second), no scan."""
+    by two index searches (migration 15's partial index for the second), and the tokens
+    derived from those by a search of migration 19's per step: no scan of the credentials
+    (only of the steps' own rows)."""
     SqliteDataStore(tmp_path / "db", clock).close()
     db = sqlite3.connect(tmp_path / "db")
     try:
@@ -627,7 +629,32 @@ def test_an_agents_credentials_are_read_by_index_with_the_tokens_it_acts_with(
     assert [s for s in steps if s.startswith(("SCAN", "SEARCH"))] == [
         "SEARCH credentials USING INDEX credentials_agent (agent_id=?)",
         "SEARCH credentials USING INDEX credentials_actor_agent (actor_agent_id=?)",
+        "SCAN a",
+        "SEARCH c USING INDEX credentials_derived_from (derived_from=?)",
+        "SCAN acting",
     ], steps
+
+
+def test_the_chain_a_token_was_derived_from_is_read_by_its_tasks_index(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A ledger write of a token exchanged for another reads the agents of that one's chain by a
+    search of the task's credentials per step, no scan of the credentials."""
+    SqliteDataStore(tmp_path / "db", clock).close()
+    db = sqlite3.connect(tmp_path / "db")
+    try:
+        plan = db.execute(
+            f"EXPLAIN QUERY PLAN {ledger_queries.CHAIN_AGENTS}", {"task_id": "t", "jti": "j"}
+        )
+        steps = [row[3] for row in plan]
+    finally:
+        db.close()
+    searches = [s for s in steps if s.startswith("SEARCH")]
+    assert searches == [
+        "SEARCH credentials USING INDEX credentials_task (task_id=?)",
+        "SEARCH c USING INDEX credentials_task (task_id=?)",
+    ], steps
+    assert not [s for s in steps if s.startswith("SCAN") and s != "SCAN chain"], steps
 
 
 def test_credentials_recorded_before_migration_15_read_back_with_no_actor_agent(

@@ -848,6 +848,60 @@ def test_a_delegated_token_is_listed_with_the_acting_workloads_agent_too(
     assert cred("j1").actor_agent_id is None
 
 
+THIRD_AGENT = "spiffe://example.org/svid/agent/join_token/t3"
+
+
+def delegated(
+    value: str, actor: str, derived_from: str | None, *, expires_at: int = NOW + 300
+) -> Credential:
+    """A token of task t1 (of AGENT) acted with by a workload of `actor`, exchanged for the
+    token `derived_from`."""
+    return cred(value, task_id="t1", expires_at=expires_at)._replace(
+        actor_agent_id=actor, derived_from=derived_from
+    )
+
+
+def test_the_tokens_derived_from_a_delegated_one_are_listed_with_its_acting_agent(
+    store: DataStore,
+) -> None:
+    """d2 was exchanged for d1 (acted with through OTHER_AGENT), d3 for d2: removing
+    OTHER_AGENT is to revoke all three, each listed once, though d3's own actor is another
+    agent; one expired beyond every verifier's leeway is not listed, nor what derives from a
+    token of another agent."""
+    admit(store, AGENT, OTHER_AGENT, THIRD_AGENT, tasks=["t1"])
+    t0 = cred("t0", task_id="t1")
+    d1 = delegated("d1", OTHER_AGENT, "t0")
+    d2 = delegated("d2", OTHER_AGENT, "d1")
+    d3 = delegated("d3", THIRD_AGENT, "d2")
+    old = delegated("d4", THIRD_AGENT, "d1", expires_at=NOW - 10_000)
+    store.write_ledger([t0, d1, d2, d3, old, cred("x", agent=THIRD_AGENT)], [])
+    assert store.agent_credentials(OTHER_AGENT, NOW) == [d1, d2, d3]
+    assert store.agent_credentials(THIRD_AGENT, NOW) == [d3, cred("x", agent=THIRD_AGENT)]
+    assert store.agent_credentials(AGENT, NOW) == [d1, d2, d3, t0]
+    assert store.task_credentials("t1", NOW) == [d1, d2, d3, t0]
+
+
+def test_a_token_derived_from_one_a_removed_agent_holds_is_refused(store: DataStore) -> None:
+    """d1 was acted with through OTHER_AGENT: once that agent is removed, a token exchanged
+    for d1, or for one exchanged for it in turn, is refused for it as d1 would be, though
+    neither names it; its refusal is of the credentials derived from it only."""
+    admit(store, AGENT, OTHER_AGENT, THIRD_AGENT, tasks=["t1"])
+    d1, d2 = delegated("d1", OTHER_AGENT, "t0"), delegated("d2", THIRD_AGENT, "d1")
+    store.write_ledger([cred("t0", task_id="t1"), d1, d2], [])
+    store.delete_agent(OTHER_AGENT, Removal(OTHER_AGENT, REMOVAL_EVICTED, NOW))
+    for late in (delegated("d3", THIRD_AGENT, "d1"), delegated("d3", THIRD_AGENT, "d2")):
+        mine = cred("mine", agent=THIRD_AGENT)
+        with pytest.raises(AgentRemovedError) as refused:
+            store.write_ledger([late, mine], [])
+        assert refused.value.agents == {OTHER_AGENT}
+        assert refused.value.among([mine]) is None  # written again without `late`
+        own = refused.value.among([late])
+        assert own is not None
+        assert own.agents == {OTHER_AGENT}
+    store.write_ledger([delegated("d5", THIRD_AGENT, "t0")], [])  # of admitted agents only
+    assert [c.value for c in store.task_credentials("t1", NOW)] == ["d1", "d2", "d5", "t0"]
+
+
 def test_a_ledger_write_is_credentials_events_and_head_together(store: DataStore) -> None:
     admit(store)
     assert store.audit_head() is None

@@ -357,7 +357,7 @@ def test_a_workload_jwt_is_read_by_index(postgres_dsn: str, clock: FakeClock) ->
 
 def test_an_agents_credentials_are_read_by_index(postgres_dsn: str, clock: FakeClock) -> None:
     """Its own credentials and, by migration 15's partial index, the delegated tokens its
-    workloads act with."""
+    workloads act with, and by migration 19's, the tokens derived from those."""
     from server.datastore.ledger_queries import AGENT_CREDENTIALS
 
     PostgresDataStore(postgres_dsn, clock).close()
@@ -367,6 +367,7 @@ def test_an_agents_credentials_are_read_by_index(postgres_dsn: str, clock: FakeC
         plan = " ".join(row[0] for row in conn.execute(f"EXPLAIN {pg(AGENT_CREDENTIALS)}", params))
     assert "credentials_agent" in plan, plan
     assert "credentials_actor_agent" in plan, plan
+    assert "credentials_derived_from" in plan, plan
 
 
 def test_the_translation_changes_only_sqlites_words() -> None:

@@ -9,6 +9,7 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from svid._jwk import public_key_members
 from svid._proto import admin_pb2, node_pb2
 from tests.server.fixtures import Agent
 from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer, serving_oauth
-from tests.server.oauth.test_token_delegation import MCP_ID, delegate
-from tests.server.oauth.test_token_exchange import begin_task
+from tests.server.oauth.test_token_delegation import MCP_ID, OTHER_ID, THIRD, delegate
+from tests.server.oauth.test_token_exchange import TaskWorld, begin_task
 
 WORKLOAD_PATH = "/billing/reporter"
 PARTNER_ID = "spiffe://partner.org/ci/deployer"
@@ -204,21 +205,21 @@ def test_no_token_leaves_while_the_assertions_record_cannot_be_read(
 
 @contextmanager
 def _delegating_server(
-    request: pytest.FixtureRequest, backend: str, where: Path
+    request: pytest.FixtureRequest, backend: str, where: Path, *, chained: bool = False
 ) -> Iterator[OAuthServer]:
     """A server whose RESOURCE is served by the workload MCP_ID, which may act for a task
-    towards OTHER_RESOURCE; on SQLite or PostgreSQL."""
+    towards OTHER_RESOURCE (`chained`: served by OTHER_ID, which may act on towards THIRD); on
+    SQLite or PostgreSQL."""
     overrides: dict[str, Any] = {}
     if backend == "postgresql":
         KeyEncryptionKey.generate().write_new(where / "kek")
         overrides["datastore"] = request.getfixturevalue("postgres_dsn")
         overrides["key_encryption_key_file"] = str(where / "kek")
-    with serving_oauth(
-        "odr",
-        [RESOURCE, OTHER_RESOURCE],
-        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
-        **overrides,
-    ) as server:
+    resources, workloads = [RESOURCE, OTHER_RESOURCE], [f"{RESOURCE}={MCP_ID}"]
+    if chained:
+        resources.append(THIRD)
+        workloads.append(f"{OTHER_RESOURCE}={OTHER_ID}")
+    with serving_oauth("odr", resources, oauth_resource_workloads=workloads, **overrides) as server:
         yield server
 
 
@@ -367,3 +368,115 @@ def test_a_delegated_token_the_actors_removal_revoked_is_not_logged_again_by_its
         ]
         stored = running.server.datastore.list_revocations()
         assert [r.value for r in stored].count(jti) == 1
+
+
+@dataclass
+class _Chain:
+    """A task's token acted for by MCP_ID (on a node of its own), whose token OTHER_ID (on a
+    third node) acts for in turn: `second`, derived from `first`."""
+
+    world: TaskWorld
+    first_agent: Agent
+    second_agent: Agent
+    first: str
+    second_actor: str
+
+    def second(self) -> httpx.Response:
+        return delegate(self.world, self.first, self.second_actor, THIRD)
+
+
+def _chain(server: OAuthServer) -> _Chain:
+    running = server.running
+    world = begin_task(server, resources=(server.issuer, RESOURCE, OTHER_RESOURCE, THIRD))
+    first_agent, second_agent = running.attest(), running.attest()
+    mcp = running.create_entry("/mcp-tickets", first_agent.spiffe_id)
+    orders = running.create_entry("/orders", second_agent.spiffe_id)
+    assert (mcp.spiffe_id, orders.spiffe_id) == (MCP_ID, OTHER_ID)
+    subject = world.exchange().json()["access_token"]
+    reply = delegate(world, subject, _jwt_svid(server, first_agent, mcp.id))
+    assert reply.status_code == 200, reply.text
+    second_actor = _jwt_svid(server, second_agent, orders.id)
+    return _Chain(world, first_agent, second_agent, reply.json()["access_token"], second_actor)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_token_derived_from_a_delegated_one_is_revoked_with_the_first_actors_agent(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    """OTHER_ID acts for the token MCP_ID got acting for the task: the token it gets derives
+    from MCP_ID's, so evicting MCP_ID's agent (compromised, say) revokes both, each on the log
+    under that node, and neither outlives it; the task and OTHER_ID's node go on."""
+    with _delegating_server(request, backend, tmp_path, chained=True) as server:
+        running = server.running
+        chain = _chain(server)
+        reply = chain.second()
+        assert reply.status_code == 200, reply.text
+        token = str(reply.json()["access_token"])
+        jtis = {_jti(chain.first), _jti(token)}
+        revocations = RevocationSet()
+        verifier = _verifier(server, revocations, THIRD)
+        assert verifier.verify(token).act_chain[:2] == (OTHER_ID, MCP_ID)
+
+        node = chain.first_agent.spiffe_id
+        running.admin().EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=node), timeout=10)
+
+        revoked = [r for r in running.server.state.revocations if r.value in jtis]
+        assert sorted(r.value for r in revoked) == sorted(jtis)
+        revocations.add([Revoked(r.kind, r.value, r.expires_at) for r in revoked])
+        with pytest.raises(RevokedError):
+            verifier.verify(token)
+        store = running.server.tasks.audit.store
+        events = store.audit_rows(EventFilter(kind="revocation", node_id=node))
+        assert sorted(e["credential_id"] for e in events if e["credential_id"] in jtis) == sorted(
+            jtis
+        )
+        assert running.server.tasks.service.get(chain.world.task.task_id).active
+        # OTHER_ID can no longer act for the token revoked.
+        refused = chain.second()
+        assert refused.status_code == 400, refused.text
+        assert "revoked" in refused.json()["error_description"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_token_derived_while_the_first_actors_agent_is_evicted_does_not_leave(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTHER_ID's exchange checked MCP_ID's token (not revoked yet) before MCP_ID's agent's
+    eviction committed, and reaches the ledger after the eviction read what that agent holds:
+    a token derived from it recorded then would never be revoked. It is refused, on record,
+    and nothing is issued."""
+    with _delegating_server(request, backend, tmp_path, chained=True) as server:
+        running = server.running
+        chain = _chain(server)
+        minting, release = threading.Event(), threading.Event()
+        mint = Grants._mint
+
+        def held(self: Grants, *args: Any, **kwargs: Any) -> Any:
+            minting.set()
+            release.wait(20)
+            return mint(self, *args, **kwargs)
+
+        monkeypatch.setattr(Grants, "_mint", held)
+        replies: list[httpx.Response] = []
+        poster = threading.Thread(target=lambda: replies.append(chain.second()))
+        poster.start()
+        try:
+            assert minting.wait(10)
+            evict = admin_pb2.EvictAgentRequest(spiffe_id=chain.first_agent.spiffe_id)
+            running.admin().EvictAgent(evict, timeout=10)  # revoked what it held
+        finally:
+            release.set()
+            poster.join(30)
+        (reply,) = replies
+        if reply.status_code == 200:  # then it must at least have been revoked
+            revoked = {r.value for r in running.server.state.revocations}
+            assert _jti(reply.json()["access_token"]) in revoked, "a live derived token"
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"] == "invalid_grant"
+        assert "evicted or banned" in reply.json()["error_description"]
+        store = running.server.tasks.audit.store
+        refused = store.audit_rows(EventFilter(kind="oauth_token_exchange", decision="deny"))
+        assert [e["reason"] for e in refused if "evicted or banned" in e["reason"]]
+        task_id = chain.world.task.task_id
+        held_now = running.server.datastore.task_credentials(task_id, 0)
+        assert not [c for c in held_now if c.derived_from == _jti(chain.first)]
