@@ -17,7 +17,8 @@ workload's, of the agent its JWT-SVID was minted through, so removing that agent
 delegated one, of the task's agent and of the acting workload's, so removing either revokes
 it, and derived from the token acted for, so removing an agent holding that one, or any it
 was derived from in turn, revokes it too) with an audit event naming the decision, committed
-before the token leaves; every refusal is an event.
+before the token leaves; every refusal is an event. A derived token expires with the token it
+was derived from at the latest.
 """
 
 from __future__ import annotations
@@ -121,9 +122,10 @@ class _Issue:
     requested: str
     kind: str
     # Delegation: the agent the acting workload's JWT-SVID was minted through ("" when none),
-    # and the token acted for (its jti): the new token is derived from it.
+    # and the token acted for (its jti and exp): the new token is derived from it.
     actor_agent: str = ""
     subject_jti: str | None = None
+    subject_expires_at: int | None = None
 
 
 class Recorder(Protocol):
@@ -329,6 +331,9 @@ class Grants:
                 raise InvalidGrantError("subject_token names no task in its act chain")
             if len(subject.act_chain) >= _MAX_ACT_DEPTH:
                 raise InvalidGrantError(f"delegation deeper than {_MAX_ACT_DEPTH} actors")
+            if subject.expires_at <= int(self._clock.now()):
+                # Accepted within the verifier's leeway: nothing is left for a token from it.
+                raise InvalidGrantError("subject_token has expired")
             # The acting workload holds the token too: its agent's removal is to revoke it.
             actor_agent = self._agent_of(actor, claimed=False)
             try:
@@ -364,6 +369,7 @@ class Grants:
                 EVENT_EXCHANGE,
                 actor_agent,
                 subject.jti,
+                subject.expires_at,
             ),
             None,
             call,
@@ -484,6 +490,11 @@ class Grants:
         presented token's ``claim``), and answer with it."""
         txn = issue.requested == TXN_TOKEN_TYPE
         ttl = min(self._ttl, grant.ttl)
+        if issue.subject_expires_at is not None:
+            # A token derived from another expires with it at the latest: its revocation
+            # follows the link to that one (AGENT_CREDENTIALS), which the ledger keeps only
+            # while a verifier may still accept it.
+            ttl = min(ttl, issue.subject_expires_at - int(self._clock.now()))
         issued = self._mint(issue.sub, issue.resource, ttl, issue.claims, claim, txn=txn)
         event = EventDraft(
             kind=issue.kind,

@@ -420,3 +420,29 @@ def test_audiences_named_reads_only_an_access_tokens_aud() -> None:
     assert _audiences_named(two) == ("https://a.example", "https://b.example")
     assert _audiences_named(sign_jws(header, {"aud": 7}, key)) == ()
     assert _audiences_named("not.a.token") == ()
+
+
+def test_a_delegated_token_expires_with_the_token_acted_for_at_the_latest() -> None:
+    """Its revocation with an agent holding the token acted for follows the ledger's link to
+    that one, kept only while a verifier may accept it: so it never outlives it. One presented
+    past its expiry (within the verifier's leeway) buys nothing."""
+    with serving_oauth(
+        "odt",
+        [RESOURCE, OTHER_RESOURCE],
+        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
+        oauth_access_token_ttl=60,
+    ) as oauth:
+        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE))
+        first = world.exchange().json()["access_token"]
+        first_exp = world.decode(first, RESOURCE)["exp"]
+        clock = oauth.running.clock
+        clock.advance(20)
+        reply = delegate(world, first, actor_token(oauth))
+        assert reply.status_code == 200, reply.text
+        claims = world.decode(reply.json()["access_token"], OTHER_RESOURCE)
+        assert claims["exp"] == first_exp  # not 20 seconds later, as its own ttl would have it
+        assert reply.json()["expires_in"] == first_exp - claims["iat"]
+
+        clock.advance(first_exp - int(clock.now()) + 1)
+        # Past its exp, still within the verifier's leeway: refused all the same.
+        refused(delegate(world, first, actor_token(oauth)), "invalid_grant", "subject_token has")
