@@ -17,6 +17,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from cryptography.x509.oid import NameOID
 
 from server.attestation.x509pop import sign_challenge
@@ -497,3 +501,56 @@ def test_a_renewal_signed_while_the_node_attests_again_is_refused_and_saves_noth
         with pytest.raises(grpc.RpcError) as denied:
             next(iter(srv.node_stub(stolen).Sync(node_pb2.SyncRequest(), timeout=10)))
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+
+
+# The order of P-256: an ECDSA signature (r, s) verifies as (r, n - s) too.
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def _der_tlv(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    if size < 0x80:
+        return bytes([tag, size]) + body
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(octets)]) + octets + body
+
+
+def _twin(cert: x509.Certificate) -> x509.Certificate:
+    """The same certificate with its CA signature's s flipped to n - s: still signed by the
+    CA, other DER bytes, so another SHA-1 fingerprint."""
+    r, s = decode_dss_signature(cert.signature)
+    flipped = encode_dss_signature(r, _P256_ORDER - s)
+    # Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue BIT STRING }
+    signature = _der_tlv(0x03, b"\x00" + cert.signature)
+    outer = cert.public_bytes(DER)
+    assert outer.endswith(signature)
+    tbs_and_algorithm = outer[outer.index(cert.tbs_certificate_bytes) : -len(signature)]
+    twin = _der_tlv(0x30, tbs_and_algorithm + _der_tlv(0x03, b"\x00" + flipped))
+    return x509.load_der_x509_certificate(twin)
+
+
+def test_a_banned_node_cannot_attest_again_with_its_certificate_re_signed(
+    srv: RunningServer, pki: Any
+) -> None:
+    """Anyone holding a node certificate from an ECDSA CA can make another valid encoding of
+    it (the CA's signature's s as n - s). The ban of the node's agent must still hold: the
+    node is the same certificate, subject, serial and key."""
+    cert, key = _node(*pki, "node-banned-twin")
+    twin = _twin(cert)
+    assert twin.public_bytes(DER) != cert.public_bytes(DER)
+    assert twin.tbs_certificate_bytes == cert.tbs_certificate_bytes
+    signer = lambda nonce: sign_challenge(key, nonce)  # noqa: E731
+    agent_id = _attest(srv, [cert], signer).spiffe_id
+    srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent_id), timeout=10)
+    with pytest.raises(grpc.RpcError) as refused:
+        _attest(srv, [cert], signer)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    # Before the refusal is asserted, the ID it would attest as, for the failure's message.
+    twin_id = (
+        f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/"
+        + hashlib.sha1(twin.public_bytes(DER), usedforsecurity=False).hexdigest()
+    )
+    assert twin_id != agent_id
+    with pytest.raises(grpc.RpcError) as twin_refused:
+        _attest(srv, [twin], signer)
+    assert twin_refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
