@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from svid._clock import FakeClock, to_datetime
 from svid._spiffe_id import SpiffeId
 from svid._x509 import check_leaf_profile
 from tests.server.conftest import TRUST_DOMAIN, openssl_verify
+from tests.server.fixtures import managed_server
 
 WORKLOAD = SpiffeId.parse("spiffe://example.org/web")
 PEM = serialization.Encoding.PEM
@@ -417,3 +419,19 @@ def test_unreadable_upstream_files(
         key_path.write_bytes(key_bytes)
     with pytest.raises(CaConfigError, match=message):
         _upstream_manager(tmp_path, clock, cert_path, key_path)
+
+
+def test_a_server_refuses_an_upstream_ca_key_file_others_can_read(tmp_path: Path) -> None:
+    """The upstream CA's key signs the trust domain's CA: a file of it that every local user
+    can read is refused at start-up, as a key-encryption key file or a join token file is,
+    naming the file and its mode, rather than used."""
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    # The server's clock is the wall clock's, a little behind.
+    root = _ca_cert("Upstream Root", root_key, None, start=time.time() - 3600, days=365)
+    cert_path, key_path = _write(tmp_path, [root], root_key)
+    os.chmod(key_path, 0o644)
+    with (
+        pytest.raises(CaConfigError, match=r"upstream.*mode 0644"),
+        managed_server(upstream_ca_cert=str(cert_path), upstream_ca_key=str(key_path)),
+    ):
+        pass
