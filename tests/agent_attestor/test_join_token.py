@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from cryptography.x509.oid import NameOID
 
 from agent_attestor import cli
+from agent_attestor.app import AgentApp
 from agent_attestor.config import JOIN_TOKEN_ENV, build_config, read_join_token_file
 from agent_attestor.errors import ConfigError, JoinTokenRefusedError
 from agent_attestor.node_client import SERVER_NAME, NodeClient
@@ -233,3 +234,30 @@ def test_what_a_server_says_refusing_the_token_is_kept_without_the_token() -> No
     assert "PERMISSION_DENIED: unknown token" in str(error)  # the server's words, kept
     assert "s3cr3t" not in str(error)
     assert "tok-id" not in str(error)  # the whole token went, not only its secret
+
+
+def test_an_x509pop_key_file_others_can_read_is_refused_naming_file_and_mode(
+    tmp_path: Path,
+) -> None:
+    """The x509pop node key attests this node as often as its holder likes, where a join
+    token works once: a key file every local user can read is refused as a token file is,
+    not used."""
+    ca = LocalCa(SystemClock())
+    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
+    cert.write_bytes(ca.cert.public_bytes(Encoding.PEM))
+    key.write_bytes(ca.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    key.chmod(0o644)
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(ca.cert.public_bytes(Encoding.PEM))
+    config = build_config(
+        {},
+        {
+            "x509pop_cert": str(cert),
+            "x509pop_key": str(key),
+            "data_dir": str(tmp_path / "data"),
+            "trust_bundle": str(bundle),
+        },
+    )
+    with pytest.raises(ConfigError) as caught:
+        AgentApp(config)
+    assert f"{key} has mode 0644" in str(caught.value)
