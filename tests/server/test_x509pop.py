@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
@@ -554,3 +554,34 @@ def test_a_banned_node_cannot_attest_again_with_its_certificate_re_signed(
     with pytest.raises(grpc.RpcError) as twin_refused:
         _attest(srv, [twin], signer)
     assert twin_refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+
+
+def test_an_svid_of_the_trust_domain_is_not_an_x509pop_node_certificate() -> None:
+    """One corporate root both signs the nodes' certificates (x509pop_ca_bundle) and is the
+    trust domain's upstream CA. Every SVID the server issues then chains to that root too: an
+    agent SVID (or a workload's) is no node certificate, and must not attest a node, which
+    would give its holder a second agent identity, one a ban of the first does not reach."""
+    root = short_tmpdir()
+    corporate, corporate_key = _ca("corporate-root")
+    root_file, key_file = root / "root.pem", root / "root.key"
+    root_file.write_bytes(corporate.public_bytes(PEM))
+    key_file.write_bytes(
+        corporate_key.private_bytes(
+            PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_file.chmod(0o600)
+    try:
+        with managed_server(
+            x509pop_ca_bundle=str(root_file),
+            upstream_ca_cert=str(root_file),
+            upstream_ca_key=str(key_file),
+            ca_ttl=3600,
+        ) as srv:
+            agent = srv.attest()
+            srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+            with pytest.raises(grpc.RpcError) as refused:
+                _attest(srv, agent.chain, lambda nonce: sign_challenge(agent.key, nonce))
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
