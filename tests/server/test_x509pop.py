@@ -585,3 +585,63 @@ def test_an_svid_of_the_trust_domain_is_not_an_x509pop_node_certificate() -> Non
             assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _sync_refused(srv: RunningServer, svid: node_pb2.AgentSVID, key: Any) -> bool:
+    agent = Agent(svid.spiffe_id, key, der_chain(svid.cert_chain), svid.bundle)
+    try:
+        next(iter(srv.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=10)))
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined,no-any-return]
+    return False
+
+
+def test_a_first_attestation_signed_across_a_ban_of_the_node_does_not_unban_it(
+    pki: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's first attestation is held in its signing while a second one of the same node
+    is admitted and the operator bans the agent. The first, saved after the ban, must be
+    refused, and the agent stay banned: not an admitted agent that only the datastore still
+    calls banned."""
+    root = short_tmpdir()
+    ca_file = root / "node-ca.pem"
+    ca_file.write_bytes(pki[0].public_bytes(PEM))
+    cert, key = _node(*pki, "node-ban-race")
+    signer = lambda nonce: sign_challenge(key, nonce)  # noqa: E731
+    payload = cert.public_bytes(DER)
+    entered, release = threading.Event(), threading.Event()
+    original = AgentAdmission._sign_sync
+    calls: list[int] = []
+
+    def first_held(self: AgentAdmission, *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            release.wait(10)
+        return original(self, *args)
+
+    monkeypatch.setattr(AgentAdmission, "_sign_sync", first_held)
+    csr_key, csr = make_csr()
+    try:
+        with (
+            managed_server(x509pop_ca_bundle=str(ca_file), signing_threads=4) as srv,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            first = pool.submit(_pop_exchange, srv, payload, csr, signer)
+            assert entered.wait(10)
+            agent_id = _attest(srv, [cert], signer).spiffe_id
+            srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent_id), timeout=10)
+            release.set()
+            try:
+                result = first.result(20)
+            except grpc.RpcError:
+                result = None
+            seen = {
+                "banned in the server's state": srv.server.state.agents[agent_id].banned,
+                "banned in the datastore": srv.server.datastore.get_agent(agent_id).banned,
+                "the first attestation refused": result is None,
+                "its SVID refused a Sync": result is None or _sync_refused(srv, result, csr_key),
+            }
+            assert seen == dict.fromkeys(seen, True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
