@@ -342,3 +342,20 @@ def test_a_postgresql_datastore_needs_the_key_encryption_key() -> None:
         check_key_encryption("postgres://db.internal/svid", None)  # libpq's other scheme
     check_key_encryption("", None)  # SQLite: a lone server keeps its own key files
     check_key_encryption("/var/lib/svid/datastore.sqlite3", None)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        # Every `token generate` without --ttl is then refused ("ttl: must be between 1 and
+        # 2592000 seconds"), naming a flag the operator never gave, not this setting.
+        ("join_token_ttl", 31 * 86400),
+        # Every attestation is then refused: "no message from the agent within 0 s".
+        ("attest_timeout", 0),
+    ],
+)
+def test_a_setting_that_refuses_every_attestation_or_token_is_refused_at_start(
+    key: str, value: int
+) -> None:
+    with pytest.raises(ConfigError, match=key):
+        build_config({"trust_domain": "example.org", key: value})
