@@ -4,19 +4,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent_attestor.errors import JoinTokenRefusedError, ServerNotVerifiedError
+from agent_attestor.errors import AttestationError, JoinTokenRefusedError, ServerNotVerifiedError
 from agent_attestor.node_client import NodeClient
-from svid._clock import to_datetime
+from svid._clock import SystemClock, to_datetime
+from svid._proto import node_pb2, node_pb2_grpc
+from tests.agent_attestor.pki import LocalCa
+from tests.agent_attestor.test_join_token import _server_tls as server_tls
 from tests.server.fixtures import PEM, bundle_pem, short_tmpdir, start_server
 
 
@@ -91,3 +99,52 @@ def test_an_agent_does_not_hand_its_join_token_to_a_server_of_another_trust_doma
         theirs.stop()
         for directory in (files, our_root, their_root):
             shutil.rmtree(directory, ignore_errors=True)
+
+
+# What a TLS 1.3 client signs to prove its certificate's key (RFC 8446 §4.4.3), over some
+# transcript hash: a message whoever asks an x509pop agent for a "challenge" may choose.
+_TLS13_CLIENT_VERIFY = b" " * 64 + b"TLS 1.3, client CertificateVerify\x00" + bytes(range(32))
+
+
+class _AskingNode(node_pb2_grpc.NodeServicer):
+    """A server that sends the x509pop agent a challenge of its choosing and keeps the answer."""
+
+    def __init__(self) -> None:
+        self.answers: list[bytes] = []
+
+    async def Attest(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[node_pb2.AttestRequest], context: Any
+    ) -> None:
+        await request_iterator.__anext__()
+        await context.write(node_pb2.AttestResponse(challenge=_TLS13_CLIENT_VERIFY))
+        answer = await request_iterator.__anext__()
+        self.answers.append(bytes(answer.challenge_response))
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+
+
+def test_an_x509pop_agent_signs_only_a_nonce_not_what_a_server_chooses() -> None:
+    """The node key is the node's certificate key, which the node may use elsewhere (its TLS
+    client identity in the same PKI). The agent's proof must not be a signature over any
+    bytes a server sends: a 32-byte nonce, signed in a form of its own, or nothing."""
+    ca = LocalCa(SystemClock())
+    node_key = ec.generate_private_key(ec.SECP256R1())
+    asking = _AskingNode()
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServicer_to_server(asking, server)
+        port = server.add_secure_port("127.0.0.1:0", server_tls(ca))
+        await server.start()
+        address = f"127.0.0.1:{port}"
+        client = NodeClient(address, address, ca.cert.public_bytes(PEM))
+        try:
+            with contextlib.suppress(AttestationError):
+                await client.attest(x509pop=([ca.cert], node_key), timeout=10)
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    for answer in asking.answers:
+        with pytest.raises(InvalidSignature):
+            node_key.public_key().verify(answer, _TLS13_CLIENT_VERIFY, ec.ECDSA(hashes.SHA256()))
