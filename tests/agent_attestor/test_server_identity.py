@@ -5,68 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from agent_attestor.errors import AttestationError, JoinTokenRefusedError, ServerNotVerifiedError
 from agent_attestor.node_client import NodeClient
-from svid._clock import SystemClock, to_datetime
+from svid._clock import SystemClock
 from svid._proto import node_pb2, node_pb2_grpc
 from tests.agent_attestor.pki import LocalCa
 from tests.agent_attestor.test_join_token import _server_tls as server_tls
-from tests.server.fixtures import PEM, bundle_pem, short_tmpdir, start_server
-
-
-def _ca(
-    name: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, signing_key = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
-    now = time.time()
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(to_datetime(now - 7200))
-        .not_valid_after(to_datetime(now + 365 * 86400))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(signing_key, hashes.SHA256())
-    )
-
-
-def _upstream(
-    directory: Path, name: str, root: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
-) -> dict[str, str]:
-    """An intermediate of the shared root for one server: its upstream_ca_* settings."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _ca(name, key, root)
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(PEM) + root[0].public_bytes(PEM))
-    key_path.write_bytes(
-        key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_path.chmod(0o600)
-    return {"upstream_ca_cert": str(cert_path), "upstream_ca_key": str(key_path)}
+from tests.server.fixtures import PEM, bundle_pem
+from tests.server.shared_root import two_trust_domains
 
 
 def test_an_agent_does_not_hand_its_join_token_to_a_server_of_another_trust_domain() -> None:
@@ -75,30 +30,17 @@ def test_an_agent_does_not_hand_its_join_token_to_a_server_of_another_trust_doma
     agent pointed at the other trust domain's server (a wrong address, a DNS answer someone
     forged) must refuse it as not its server before it sends its join token; whoever runs that
     server could otherwise spend the token, still valid, as this node."""
-    root_key = ec.generate_private_key(ec.SECP256R1())
-    root = (_ca("Corporate Root", root_key, None), root_key)
-    files, our_root, their_root = short_tmpdir(), short_tmpdir(), short_tmpdir()
-    ours = start_server(our_root, **_upstream(files, "ours", root))
-    theirs = start_server(
-        their_root, trust_domain="other.example", **_upstream(files, "theirs", root)
-    )
-    try:
-        token = ours.join_token()
-        agents_bundle = bundle_pem(ours.bundle())
-        client = NodeClient(
-            theirs.runtime.node_address, theirs.runtime.attest_address, agents_bundle
-        )
+    with two_trust_domains() as shared:
+        token = shared.ours.join_token()
+        agents_bundle = bundle_pem(shared.ours.bundle())
+        theirs = shared.theirs.runtime
+        client = NodeClient(theirs.node_address, theirs.attest_address, agents_bundle)
         # What the agent gets: a refusal of its token by the other server, which received it.
         with pytest.raises((ServerNotVerifiedError, JoinTokenRefusedError)) as caught:
             asyncio.run(client.attest(join_token=token, timeout=10))
         assert isinstance(caught.value, ServerNotVerifiedError), (
             f"the join token went to other.example's server: {caught.value}"
         )
-    finally:
-        ours.stop()
-        theirs.stop()
-        for directory in (files, our_root, their_root):
-            shutil.rmtree(directory, ignore_errors=True)
 
 
 # What a TLS 1.3 client signs to prove its certificate's key (RFC 8446 §4.4.3), over some
