@@ -2,11 +2,15 @@
 and hands out signers and the bundle. It decides nothing about timing itself (`rotation` does)
 and never runs a loop (the `Rotator` ticks it).
 
-Crash safety: a new key is written to the KeyStore (fsynced) before its slot is journaled, and a
-slot is deleted from the journal before its key file, so the journal never names a missing key
-(a key file with no slot is an orphan, removed at start-up, as is the temporary file of a save
-a crash cut short). A restart always publishes a fresh bundle sequence, because a crash may have
-landed between a slot change and its sequence bump.
+Crash safety: a new key is written to the KeyStore (fsynced) before its slot is journaled, so
+the journal never names a missing key of a live slot; a slot's key file goes just before its
+row when the schedule drops the slot, so the only keyless slot a crash leaves is one the next
+tick drops anyway. Any other journaled slot without its key file means the data_dir is not the
+one the CA was made in (or its keys were lost): the server refuses to start rather than replace
+the trust domain's CA, and it never deletes a key file the journal does not name (a key of
+another datastore's CA looks just like the orphan of a cut-short save; only the temporary file
+of a save a crash cut short is removed). A restart always publishes a fresh bundle sequence,
+because a crash may have landed between a slot change and its sequence bump.
 
 Shared keys (a key-encryption key given): several servers of one trust domain share ONE CA and
 ONE JWT key set, so the bundle and the JWKS hold at most three keys of each kind however many
@@ -169,8 +173,8 @@ class CaManager:
     # -- public API -----------------------------------------------------------------------------
 
     def initialize(self) -> None:
-        """Load the journal (dropping slots whose key file is gone), catch up with the schedule,
-        create the first keys on a fresh datastore, and publish the bundle.
+        """Check every journaled slot's key is at hand (CaConfigError if not), catch up with
+        the schedule, create the first keys on a fresh datastore, and publish the bundle.
 
         Shared keys: seal any key files of an earlier single server into the datastore, check
         every sealed slot was sealed under our KEK, then catch up with the schedule if we get
@@ -178,14 +182,12 @@ class CaManager:
         lease to lapse, on a fresh datastore)."""
         with self._lock:
             if self._kek is None:
-                for kind in (X509_KIND, JWT_KIND):
-                    self._forget_keyless_slots(kind)
-                self._remove_orphan_key_files()
+                self._check_key_files()
                 self._apply_schedule()
                 self._publish(self._ds.next_bundle_sequence())
                 return
             self._seal_key_files(self._kek)
-            self._remove_orphan_key_files()
+            self._check_key_files()
             self._check_kek(self._kek)
             owner = self._wait_for_keys()
             if owner:
@@ -407,8 +409,10 @@ class CaManager:
     ) -> None:
         by_id = {s.slot_id: s for s in slots}
         for slot_id in plan.drop:
-            self._ds.delete_key_slot(slot_id)
+            # The key first: a crash between the two leaves a slot this plan drops again at
+            # the next start, never a key file the journal no longer names.
             self._custody.forget(slot_id)
+            self._ds.delete_key_slot(slot_id)
             _log.info("key dropped", extra={"kind": kind, "slot_id": slot_id})
         # Activate before retiring: a reader between the two writes sees two active slots and
         # signs with the newer, never none (and a replay retires the older one).
@@ -423,8 +427,9 @@ class CaManager:
 
     def _drop_unsealed(self, kind: str, slots: list[KeySlot]) -> list[KeySlot]:
         """Shared keys: a slot with no sealed key is one no server can sign with (its key file,
-        if any, sat on a server that never sealed it): the holder drops it, as a lone server
-        drops a slot whose key file is gone."""
+        if any, sat on a server that never sealed it): the holder drops it. Start-up already
+        refused a live one missing here (`_check_key_files`), so this drops a retired one, or
+        one a server without the key-encryption key wrote since."""
         kept = []
         for slot in slots:
             if slot.sealed_key:
@@ -487,28 +492,61 @@ class CaManager:
 
     # -- start-up hygiene -----------------------------------------------------------------------
 
-    def _forget_keyless_slots(self, kind: str) -> None:
-        for slot in self._ds.list_key_slots(kind):
-            if slot.sealed_key and not self._keys.exists(slot.slot_id):
-                # Never drop a shared key: the other servers sign with it.
-                raise CaConfigError(
-                    f"{KEK_SETTING}: required: key slot {slot.slot_id} is sealed in the "
-                    "datastore (its keys are shared by several servers); give this server the "
-                    "trust domain's key-encryption key"
-                )
-            if not self._keys.exists(slot.slot_id):
-                _log.warning(
-                    "key file missing: dropping its slot",
-                    extra={"kind": kind, "slot_id": slot.slot_id},
-                )
-                self._ds.delete_key_slot(slot.slot_id)
+    def _check_key_files(self) -> None:
+        """Every journaled slot's private key must be at hand: sealed in its row, or (unsealed)
+        a file in this server's KeyStore. A live slot without either is refused, never dropped:
+        dropping it made a new CA for the trust domain, and the next start with the right
+        data_dir found the real keys unnamed. A retired one is kept with a warning (it signs
+        only its own CRLs until it expires); one the schedule drops now is no loss."""
+        now = self._clock.now()
+        for kind in (X509_KIND, JWT_KIND):
+            slots = self._ds.list_key_slots(kind)
+            dropping = set(rotation.plan_rotation(now, _times(slots)).drop)
+            for slot in slots:
+                if slot.sealed_key:
+                    self._check_sealed_usable(slot)
+                elif not self._keys.exists(slot.slot_id) and slot.slot_id not in dropping:
+                    self._refuse_or_warn_keyless(slot)
+        self._report_unknown_key_files()
 
-    def _remove_orphan_key_files(self) -> None:
+    def _check_sealed_usable(self, slot: KeySlot) -> None:
+        if self._kek is None and not self._keys.exists(slot.slot_id):
+            # Never drop a shared key: the other servers sign with it.
+            raise CaConfigError(
+                f"{KEK_SETTING}: required: key slot {slot.slot_id} is sealed in the "
+                "datastore (its keys are shared by several servers); give this server the "
+                "trust domain's key-encryption key"
+            )
+
+    def _refuse_or_warn_keyless(self, slot: KeySlot) -> None:
+        path = self._keys.path(slot.slot_id)
+        if slot.status == RETIRED:
+            _log.warning(
+                "key file of a retired slot missing: it signs no CRL until it expires",
+                extra={"kind": slot.kind, "slot_id": slot.slot_id, "path": str(path)},
+            )
+            return
+        raise CaConfigError(
+            f"key file {path} of the {slot.status} {slot.kind} key slot {slot.slot_id} in the "
+            f"datastore is missing: data_dir {self._keys.directory.parent} does not hold this "
+            "datastore's CA keys. Start the server with the data_dir they were made in (or "
+            "restore its keys there); the server does not replace the trust domain's CA"
+        )
+
+    def _report_unknown_key_files(self) -> None:
+        """Only the temporary file of a cut-short save is deleted: it holds a key no slot ever
+        named. A key file the journal does not name stays, whatever it is: the orphan of a save
+        whose slot never made it into the journal, or the CA of another datastore that this
+        data_dir also serves (a wrong `datastore` must not cost that CA its keys)."""
         self._keys.remove_unfinished()
         known = {s.slot_id for k in (X509_KIND, JWT_KIND) for s in self._ds.list_key_slots(k)}
-        for slot_id in self._keys.slot_ids():
-            if slot_id not in known:
-                self._keys.delete(slot_id)
+        unknown = [slot_id for slot_id in self._keys.slot_ids() if slot_id not in known]
+        if unknown:
+            _log.warning(
+                "key files no slot in the datastore names: kept (delete them by hand if they "
+                "belong to no datastore's CA)",
+                extra={"directory": str(self._keys.directory), "slot_ids": unknown},
+            )
 
     # -- signers and bundle ---------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -19,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from server.ca.errors import CaConfigError, CaUnavailableError
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
-from server.datastore.records import ACTIVE, JWT_KIND, X509_KIND
+from server.datastore.records import ACTIVE, JWT_KIND, RETIRED, X509_KIND, KeySlot
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock, to_datetime
 from svid._spiffe_id import SpiffeId
@@ -107,32 +108,61 @@ def test_subscribers_hear_bundle_changes_only(ca_manager: CaManager, clock: Fake
 # -- restart hygiene -----------------------------------------------------------------------------
 
 
-def test_lost_key_file_drops_its_slot_and_a_new_key_takes_over(
+def _journal(datastore: SqliteDataStore) -> dict[str, list[KeySlot]]:
+    return {kind: datastore.list_key_slots(kind) for kind in (X509_KIND, JWT_KIND)}
+
+
+@pytest.mark.parametrize("kind", [X509_KIND, JWT_KIND])
+def test_a_live_slot_whose_key_file_is_missing_refuses_the_start_and_keeps_the_journal(
     ca_manager: CaManager,
     datastore: SqliteDataStore,
     keystore: KeyStore,
     clock: FakeClock,
-    tmp_path: Path,
+    kind: str,
 ) -> None:
-    old = ca_manager.x509_signer().ca_certificate
-    keystore.delete(datastore.list_key_slots(X509_KIND)[0].slot_id)
+    """A journaled key with no file is a wrong data_dir (or lost keys), not a cue for a new
+    CA: the trust domain's agents trust the journaled one. The error names the file and the
+    data_dir to look at."""
+    journal = _journal(datastore)
+    lost = journal[kind][0].slot_id
+    keystore.delete(lost)
     again = CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock)
-    again.initialize()
-    assert again.x509_signer().ca_certificate != old
-    assert again.bundle().x509_authorities == (again.x509_signer().ca_certificate,)
-    result = openssl_verify(
-        tmp_path, leaf_for(again)[0], again.bundle().x509_authorities, at=clock.now()
+    expected = (
+        rf"key file {re.escape(str(keystore.path(lost)))} of the active {kind} key slot .*"
+        rf"data_dir {re.escape(str(keystore.directory.parent))} does not hold"
     )
-    assert result.returncode == 0, result.stderr
+    with pytest.raises(CaConfigError, match=expected):
+        again.initialize()
+    assert _journal(datastore) == journal
+    assert len(keystore.slot_ids()) == 1  # the other kind's key is untouched
 
 
-def test_orphan_key_files_are_removed(
+def test_a_retired_slot_whose_key_file_is_missing_stays_published(
     ca_manager: CaManager, datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
 ) -> None:
+    """A retired CA signs nothing but its own CRLs; agents still need it to check the leaves
+    it issued, so a lost key file of it costs its CRLs, not its place in the bundle."""
+    while not any(s.status == RETIRED for s in datastore.list_key_slots(X509_KIND)):
+        clock.set(ca_manager.next_rotation_check())  # prepare a successor, then activate it
+        ca_manager.rotate()
+    retired = [s for s in datastore.list_key_slots(X509_KIND) if s.status == RETIRED]
+    assert len(retired) == 1
+    keystore.delete(retired[0].slot_id)
+    again = CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock)
+    again.initialize()
+    assert again.bundle().x509_authorities == ca_manager.bundle().x509_authorities
+    assert len(again.bundle().x509_authorities) == 2
+
+
+def test_key_files_no_slot_names_are_kept(
+    ca_manager: CaManager, datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
+) -> None:
+    """An unnamed key file may be the CA of another datastore this data_dir also served: a
+    start on the wrong datastore must not delete it."""
     keystore.save("orphan", ec.generate_private_key(ec.SECP256R1()))
     CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock).initialize()
-    assert "orphan" not in keystore.slot_ids()
-    assert len(keystore.slot_ids()) == 2
+    assert "orphan" in keystore.slot_ids()
+    assert len(keystore.slot_ids()) == 3
 
 
 SAVE_THEN_DIE = """

@@ -428,6 +428,27 @@ def test_upgrade_seals_the_existing_key_files(
     store.close()
 
 
+def test_upgrade_from_another_data_dir_refuses_rather_than_drop_the_unsealed_ca(
+    tmp_path: Path, clock: FakeClock, kek_file: Path
+) -> None:
+    """Adding the key-encryption key seals the key files the data_dir holds. Given a data_dir
+    without them, the holder dropped the unsealed slots and made a new CA, and the keys the
+    agents trust were never sealed: it refuses to start instead, keeping the journal."""
+    store = SqliteDataStore(tmp_path / "db", clock)
+    keys = KeyStore(tmp_path / "keys")
+    CaManager(CaConfig(TRUST_DOMAIN), store, keys, clock).initialize()
+    journal = {kind: store.list_key_slots(kind) for kind in (X509_KIND, JWT_KIND)}
+    elsewhere = KeyStore(tmp_path / "other" / "keys")
+    shared = CaManager(
+        CaConfig(TRUST_DOMAIN), store, elsewhere, clock, kek=KeyEncryptionKey.load(kek_file)
+    )
+    with pytest.raises(CaConfigError, match=r"key file .* is missing: data_dir .*other"):
+        shared.initialize()
+    assert {kind: store.list_key_slots(kind) for kind in (X509_KIND, JWT_KIND)} == journal
+    assert len(keys.slot_ids()) == 2
+    store.close()
+
+
 def test_no_key_material_reaches_the_logs(
     nodes: Cluster, clock: FakeClock, kek_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

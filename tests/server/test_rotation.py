@@ -345,6 +345,62 @@ def test_rotation_survives_a_failing_datastore_write(
     assert set(keystore.slot_ids()) == live
 
 
+def _advance_to_a_drop(manager: CaManager, clock: FakeClock) -> None:
+    """Tick until the next tick drops an expired slot, and set the clock to it."""
+    while True:
+        clock.set(manager.next_rotation_check())
+        slots = [s for kind in (X509_KIND, JWT_KIND) for s in manager.key_slots(kind)]
+        if any(clock.now() >= s.not_after for s in slots):
+            return
+        manager.rotate()
+
+
+def test_a_drop_cut_short_after_the_key_file_is_finished_at_the_next_start(
+    short_ca: CaManager, datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
+) -> None:
+    """A dropped slot's key file goes before its row: a tick cut short between the two
+    leaves a keyless slot the schedule drops at the next start, which starts (a keyless slot
+    that is not due to go refuses the start: a wrong data_dir)."""
+    config = CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL)
+    faulty = FaultInjectingDataStore(datastore)
+    manager = CaManager(config, faulty, keystore, clock)
+    manager.initialize()
+    _advance_to_a_drop(manager, clock)
+    faulty.inject(sqlite3.OperationalError("disk I/O error"), method="delete_key_slot")
+    with pytest.raises(sqlite3.OperationalError):
+        manager.rotate()
+    again = CaManager(config, datastore, keystore, clock)
+    again.initialize()
+    live = {s.slot_id for k in (X509_KIND, JWT_KIND) for s in again.key_slots(k)}
+    assert set(keystore.slot_ids()) == live
+    _can_sign(again, clock, None)
+
+
+def test_a_drop_cut_short_before_the_key_file_leaves_no_key_behind(
+    short_ca: CaManager,
+    datastore: SqliteDataStore,
+    keystore: KeyStore,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Start-up deletes no key file the journal does not name, so a drop must never leave
+    one: the row stays until its key file is gone, and the next start finishes the drop."""
+    config = CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL)
+    _advance_to_a_drop(short_ca, clock)
+
+    def unlink_fails(slot_id: str) -> None:
+        raise OSError(f"cannot remove the key file of {slot_id}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(keystore, "delete", unlink_fails)
+        with pytest.raises(OSError, match="cannot remove"):
+            short_ca.rotate()
+    again = CaManager(config, datastore, keystore, clock)
+    again.initialize()
+    live = {s.slot_id for k in (X509_KIND, JWT_KIND) for s in again.key_slots(k)}
+    assert set(keystore.slot_ids()) == live
+
+
 def test_a_half_done_tick_is_published_by_the_next(
     short_ca: CaManager, datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
 ) -> None:
