@@ -14,6 +14,7 @@ from cryptography.x509.oid import NameOID
 from server.ca.errors import CaConfigError
 from server.ca.keys import PrivateKey, PublicKey, signature_hash, spki_der
 from svid._clock import to_datetime
+from svid._secret_file import SecretFile, read_owner_only
 from svid._spiffe_id import TrustDomain
 
 BACKDATE_SECONDS = 10
@@ -27,6 +28,13 @@ _CA_KEY_USAGE = x509.KeyUsage(
     crl_sign=True,
     encipher_only=False,
     decipher_only=False,
+)
+
+_UPSTREAM_KEY_FILE = SecretFile(
+    setting="upstream_key",
+    owner="this server's user",
+    max_bytes=64 * 1024,  # an RSA-16384 PKCS#8 PEM is under 13 KiB
+    missing="cannot read {path}: {reason}",
 )
 
 
@@ -111,17 +119,17 @@ def _akid_for(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
 
 def load_upstream(cert_path: Path, key_path: Path) -> UpstreamCa:
     """Read the upstream CA: `cert_path` holds its certificate first, then optionally the chain
-    up to the root; `key_path` its unencrypted private key (PEM)."""
+    up to the root; `key_path` its unencrypted private key (PEM), in a file of this server's
+    user that no one else can read (the key signs the trust domain's CAs)."""
     try:
         certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
     except OSError as exc:
         raise CaConfigError(f"upstream_cert: cannot read {cert_path}: {exc.strerror}") from None
     except ValueError:
         raise CaConfigError(f"upstream_cert: {cert_path} holds no PEM certificate") from None
+    pem = read_owner_only(key_path, _UPSTREAM_KEY_FILE, CaConfigError)
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except OSError as exc:
-        raise CaConfigError(f"upstream_key: cannot read {key_path}: {exc.strerror}") from None
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):  # the last: an unknown key type
         raise CaConfigError(
             f"upstream_key: {key_path} is not an unencrypted PEM private key"

@@ -265,6 +265,7 @@ def _write(
     key_path.write_bytes(
         key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
+    key_path.chmod(0o600)
     return cert_path, key_path
 
 

@@ -898,6 +898,7 @@ def test_an_upstream_servers_crls_revoke_its_leaves_for_svid_and_openssl(
     cert_path, key_path = tmp_path / "upstream.pem", tmp_path / "upstream.key"
     cert_path.write_bytes(root.public_bytes(Encoding.PEM))
     key_path.write_bytes(root_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    key_path.chmod(0o600)
     config = CaConfig(TRUST_DOMAIN, upstream_cert=cert_path, upstream_key=key_path)
     ca = CaManager(config, datastore, keystore, clock)
     ca.initialize()
