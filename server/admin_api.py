@@ -14,8 +14,8 @@ import grpc
 
 from server import listing, status
 from server.admin_federation import FederationAdmin
+from server.attestation.join_token import MAX_TOKEN_TTL, new_join_token
 from server.attestation.join_token import TYPE_NAME as JOIN_TOKEN
-from server.attestation.join_token import new_join_token
 from server.audit.checkpoint import Checkpoint
 from server.convert import agent_to_proto, bundle_to_proto, entry_from_proto, entry_to_proto
 from server.datastore.base import DataStore
@@ -42,7 +42,6 @@ from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
 from svid._spiffe_id import SpiffeId
 
 _log = logging.getLogger("svid.server.admin")
-MAX_TOKEN_TTL = 30 * 86400
 
 
 def _agent_id(text: str) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from server.attestation.join_token import MAX_TOKEN_TTL
 from server.datastore.postgres_dsn import is_postgres_dsn, redact_dsn
 from server.errors import ConfigError
 from svid._daemon_config import (
@@ -305,6 +306,12 @@ def _as_positive_float(key: str, value: Any) -> float:
     return number
 
 
+def _join_token_ttl(key: str, value: Any) -> int:
+    """Bounded as `token generate --ttl` is: past it, every `token generate` without --ttl
+    was refused, naming a flag the operator never gave."""
+    return _as_int(key, value, minimum=1, maximum=MAX_TOKEN_TTL)
+
+
 _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "trust_domain": _as_trust_domain,
     "data_dir": _as_path,
@@ -318,7 +325,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "server_svid_ttl": _positive,
     "ca_ttl": _positive,
     "jwt_key_ttl": _positive,
-    "join_token_ttl": _positive,
+    "join_token_ttl": _join_token_ttl,
     "key_type": _as_choice(KEY_TYPES),
     "upstream_ca_cert": _as_path,
     "upstream_ca_key": _as_path,
@@ -327,7 +334,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "log_level": _as_choice(LOG_LEVELS),
     "max_message_bytes": _positive,
     "shutdown_grace": _as_float,
-    "attest_timeout": _as_float,
+    "attest_timeout": _as_positive_float,
     "x509_rate_per_agent": _as_float,
     "x509_burst_per_agent": _as_int,
     "jwt_rate_per_agent": _as_float,

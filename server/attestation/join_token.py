@@ -24,6 +24,8 @@ from svid._clock import Clock
 
 TYPE_NAME = "join_token"
 REFUSED = "join token is invalid, expired or already used"
+# The longest a join token lives: `token generate --ttl` and join_token_ttl stop here.
+MAX_TOKEN_TTL = 30 * 86400
 _TOKEN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
