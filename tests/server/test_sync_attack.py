@@ -7,15 +7,19 @@ server that lost its datastore.
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
 
-from svid._proto import node_pb2
-from tests.server.fixtures import RunningServer, running_server
+from server.ca.sealing import KeyEncryptionKey
+from svid._proto import admin_pb2, node_pb2
+from tests.server.fixtures import Agent, RunningServer, running_server, short_tmpdir, start_server
+from tests.server.tcp_cut import CuttableRelay, upstream_of
 
 # Sync streams one agent can sensibly need at once: one per server connection, plus a few
 # while it reconnects or moves its stream to a renewed certificate.
@@ -64,3 +68,85 @@ def test_one_agent_cannot_hold_hundreds_of_sync_streams(srv: RunningServer) -> N
         for stream in streams:
             stream.cancel()
         time.sleep(0.1)
+
+
+@dataclass
+class Partitioned:
+    """A reaches PostgreSQL directly, B through a relay the test cuts."""
+
+    a: RunningServer
+    b: RunningServer
+    relay: CuttableRelay
+
+
+@pytest.fixture
+def partitioned(postgres_dsn: str) -> Iterator[Partitioned]:
+    root = short_tmpdir()
+    KeyEncryptionKey.generate().write_new(root / "kek")
+    relay = CuttableRelay(upstream_of(postgres_dsn))
+    shared = {"key_encryption_key_file": str(root / "kek")}
+    a = start_server(
+        root, admin_socket=str(root / "a" / "admin.sock"), datastore=postgres_dsn, **shared
+    )
+    b = start_server(
+        root,
+        admin_socket=str(root / "b" / "admin.sock"),
+        datastore=relay.dsn_through(postgres_dsn),
+        **shared,
+    )
+    try:
+        yield Partitioned(a, b, relay)
+    finally:
+        b.stop()
+        a.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _snapshot_ids(server: RunningServer, agent: Agent) -> set[str] | grpc.StatusCode:
+    """The entry ids of a fresh Sync snapshot on `server`, or the code it refused with."""
+    stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=5)
+    try:
+        ids: set[str] = set()
+        while True:
+            update = next(stream)
+            ids.update(e.id for e in update.entries)
+            if not update.more:
+                return ids
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[attr-defined,no-any-return]
+    finally:
+        stream.cancel()
+
+
+def test_a_server_cut_off_from_postgresql_does_not_serve_an_entry_deleted_meanwhile(
+    partitioned: Partitioned,
+) -> None:
+    """B loses its database (a partition); the entry is deleted through A, which still has it.
+    B's feed cannot bring the deletion, yet B goes on answering Sync from memory: a snapshot
+    made long after the deletion still hands the agent the deleted entry, and the agent,
+    connected, never moves to A. The README promises a change reaches every server's agents
+    within feed_poll_interval (1 s); failing closed, B would refuse Sync (UNAVAILABLE) once
+    its view can no longer be known fresh, and the agent would move to A."""
+    a, b = partitioned.a, partitioned.b
+    agent = a.attest()
+    entry = a.create_entry("/web", agent.spiffe_id)
+    _wait(lambda: entry.id in b.server.state.entries.by_id, "B to learn the entry")
+    assert _snapshot_ids(b, agent) == {entry.id}
+
+    partitioned.relay.cut()
+    a.admin().DeleteEntry(admin_pb2.DeleteEntryRequest(id=entry.id), timeout=10)
+    assert _snapshot_ids(a, agent) == set()
+    # Several feed poll intervals (1 s) later: B has had every chance to notice.
+    time.sleep(3.5)
+    served = _snapshot_ids(b, agent)
+    assert served in (set(), grpc.StatusCode.UNAVAILABLE), (
+        f"B, cut off from the database for 3.5 s, still serves the deleted entry: {served}"
+    )
