@@ -7,19 +7,40 @@ server that lost its datastore.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from server.attestation.x509pop import sign_challenge
 from server.ca.sealing import KeyEncryptionKey
-from svid._proto import admin_pb2, node_pb2
-from tests.server.fixtures import Agent, RunningServer, running_server, short_tmpdir, start_server
+from svid._proto import admin_pb2, common_pb2, node_pb2
+from tests.server.fixtures import (
+    DER,
+    PEM,
+    TRUST_DOMAIN,
+    Agent,
+    RunningServer,
+    der_chain,
+    make_csr,
+    managed_server,
+    running_server,
+    short_tmpdir,
+    start_server,
+)
 from tests.server.tcp_cut import CuttableRelay, upstream_of
+from tests.server.test_x509pop import _ca, _node, _pop_exchange
 
 # Sync streams one agent can sensibly need at once: one per server connection, plus a few
 # while it reconnects or moves its stream to a renewed certificate.
@@ -150,3 +171,89 @@ def test_a_server_cut_off_from_postgresql_does_not_serve_an_entry_deleted_meanwh
     assert served in (set(), grpc.StatusCode.UNAVAILABLE), (
         f"B, cut off from the database for 3.5 s, still serves the deleted entry: {served}"
     )
+
+
+def _intermediate(root: x509.Certificate, root_key: Any, key: Any) -> x509.Certificate:
+    """An intermediate CA over `key`: called twice with one key, two certificates of one CA
+    (re-issued, as an operator does when it nears its end), each with its own fingerprint."""
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node-intermediate")]))
+        .issuer_name(root.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+
+
+def _pop_agent(srv: RunningServer, chain: list[x509.Certificate], key: Any) -> Agent:
+    agent_key, csr = make_csr()
+    payload = b"".join(c.public_bytes(DER) for c in chain)
+    result = _pop_exchange(srv, payload, csr, lambda nonce: sign_challenge(key, nonce))
+    return Agent(result.spiffe_id, agent_key, der_chain(result.cert_chain), result.bundle)
+
+
+def _first_message(srv: RunningServer, agent: Agent, since: int, epoch: str) -> Any:
+    stream = srv.node_stub(agent).Sync(
+        node_pb2.SyncRequest(since_revision=since, epoch=epoch), timeout=10
+    )
+    try:
+        return next(stream)
+    finally:
+        stream.cancel()
+
+
+def test_a_catch_up_after_attesting_again_with_other_selectors_drops_what_they_no_longer_reach(
+    tmp_path: Path,
+) -> None:
+    """An x509pop node's intermediate CA is re-issued (same key) while the agent is away; its
+    SVID ran out, so it attests again with the same leaf (the same agent ID) and the new
+    intermediate: its `ca:fingerprint` selector changes, and the node alias it matched by the
+    old one no longer reaches it. It then asks Sync for what came after its saved revision,
+    as a restarted agent does. A live stream starts again from a snapshot when the agent's
+    selectors change (node_api.Sync); this catch-up does not: the delta covers only entries
+    touched in the window, so the workload entry under the alias is never removed and the
+    agent keeps serving it (and never gets what the new selectors reach)."""
+    root, root_key = _ca("node-root")
+    ca_file = tmp_path / "node-ca.pem"
+    ca_file.write_bytes(root.public_bytes(PEM))
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    old_inter = _intermediate(root, root_key, inter_key)
+    new_inter = _intermediate(root, root_key, inter_key)
+    leaf, leaf_key = _node(old_inter, inter_key, "rack3")
+    with managed_server(x509pop_ca_bundle=str(ca_file)) as srv:
+        agent = _pop_agent(srv, [leaf, old_inter], leaf_key)
+        old_fp = hashlib.sha1(old_inter.public_bytes(DER), usedforsecurity=False).hexdigest()
+        alias = srv.create_entry(
+            "/nodes/old-intermediate",
+            f"spiffe://{TRUST_DOMAIN}/svid/server",
+            selectors=[common_pb2.Selector(type="x509pop", value=f"ca:fingerprint:{old_fp}")],
+        )
+        workload = srv.create_entry("/rack3/web", alias.spiffe_id)
+        reached = _first_message(srv, agent, 0, "")
+        assert [e.id for e in reached.entries] == [workload.id]
+
+        again = _pop_agent(srv, [leaf, new_inter], leaf_key)
+        assert again.spiffe_id == agent.spiffe_id
+        assert _first_message(srv, again, 0, "").entries == []  # a snapshot: not reached
+        caught_up = _first_message(srv, again, reached.revision, reached.epoch)
+        assert caught_up.kind == node_pb2.SyncUpdate.SNAPSHOT or list(
+            caught_up.removed_entry_ids
+        ) == [workload.id], (
+            f"the catch-up after attesting again with other selectors leaves the agent its "
+            f"entry under the alias it no longer matches: kind {caught_up.kind}, removed "
+            f"{list(caught_up.removed_entry_ids)}, entries {[e.id for e in caught_up.entries]}"
+        )
