@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from server.attestation.x509pop import sign_challenge
 from server.ca.sealing import KeyEncryptionKey
+from server.datastore.records import Revocation
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from tests.server.fixtures import (
     DER,
@@ -131,45 +132,55 @@ def _wait(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> 
         time.sleep(0.01)
 
 
-def _snapshot_ids(server: RunningServer, agent: Agent) -> set[str] | grpc.StatusCode:
-    """The entry ids of a fresh Sync snapshot on `server`, or the code it refused with."""
+def _snapshot(server: RunningServer, agent: Agent) -> frozenset[str] | grpc.StatusCode:
+    """What a fresh Sync snapshot on `server` hands the agent ("entry <id>", "revoked <value>"),
+    or the code it refused with."""
     stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=5)
     try:
-        ids: set[str] = set()
+        held: set[str] = set()
         while True:
             update = next(stream)
-            ids.update(e.id for e in update.entries)
+            held.update(f"entry {e.id}" for e in update.entries)
+            held.update(f"revoked {r.value}" for r in update.revocations)
             if not update.more:
-                return ids
+                return frozenset(held)
     except grpc.RpcError as exc:
         return exc.code()  # type: ignore[attr-defined,no-any-return]
     finally:
         stream.cancel()
 
 
-def test_a_server_cut_off_from_postgresql_does_not_serve_an_entry_deleted_meanwhile(
+def test_a_server_cut_off_from_postgresql_goes_on_serving_its_stale_view_over_sync(
     partitioned: Partitioned,
 ) -> None:
-    """B loses its database (a partition); the entry is deleted through A, which still has it.
-    B's feed cannot bring the deletion, yet B goes on answering Sync from memory: a snapshot
-    made long after the deletion still hands the agent the deleted entry, and the agent,
-    connected, never moves to A. The README promises a change reaches every server's agents
-    within feed_poll_interval (1 s); failing closed, B would refuse Sync (UNAVAILABLE) once
-    its view can no longer be known fresh, and the agent would move to A."""
+    """B loses its database (a partition). Through A, which still has it, an entry is deleted
+    and a JWT revoked. B's feed cannot bring either, yet B goes on answering Sync from memory:
+    a snapshot made seconds later still hands the agent the deleted entry and lacks the
+    revocation (a snapshot replaces the agent's revocations: an agent failing over from A to
+    B loses one it held). Its open streams stay up, so its agents never move to A. The README
+    promises a change reaches every server's agents within feed_poll_interval (1 s); failing
+    closed, B would refuse Sync (UNAVAILABLE) once its view can no longer be known fresh."""
     a, b = partitioned.a, partitioned.b
     agent = a.attest()
     entry = a.create_entry("/web", agent.spiffe_id)
     _wait(lambda: entry.id in b.server.state.entries.by_id, "B to learn the entry")
-    assert _snapshot_ids(b, agent) == {entry.id}
+    assert _snapshot(b, agent) == {f"entry {entry.id}"}
 
     partitioned.relay.cut()
     a.admin().DeleteEntry(admin_pb2.DeleteEntryRequest(id=entry.id), timeout=10)
-    assert _snapshot_ids(a, agent) == set()
+    now = int(a.clock.now())
+    revoked = Revocation(
+        "jwt_id", "jti-stolen", f"spiffe://{TRUST_DOMAIN}/web", now + 300, "t", now
+    )
+    a.call(a.server.state.add_revocations((revoked,)))
+    fresh = _snapshot(a, agent)
+    assert fresh == {"revoked jti-stolen"}
     # Several feed poll intervals (1 s) later: B has had every chance to notice.
     time.sleep(3.5)
-    served = _snapshot_ids(b, agent)
-    assert served in (set(), grpc.StatusCode.UNAVAILABLE), (
-        f"B, cut off from the database for 3.5 s, still serves the deleted entry: {served}"
+    served = _snapshot(b, agent)
+    assert served in (fresh, grpc.StatusCode.UNAVAILABLE), (
+        f"B, cut off from the database for 3.5 s, still serves its stale view: {served}, "
+        f"where A serves {fresh}"
     )
 
 
