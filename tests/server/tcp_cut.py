@@ -11,7 +11,9 @@ import urllib.parse
 
 class CuttableRelay:
     """Relays 127.0.0.1:<port> to `upstream`; `cut()` drops every connection and refuses new
-    ones (connection refused), as a host cut off from the database sees."""
+    ones (connection refused), as a host cut off from the database sees; `freeze()` keeps every
+    connection open and drops what is sent on it, as a firewall dropping packets or a database
+    host gone silent does (no RST: only TCP's own timeouts, many minutes, would tell)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self._upstream = upstream
@@ -20,6 +22,7 @@ class CuttableRelay:
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         self._cut = False
+        self._frozen = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -41,7 +44,18 @@ class CuttableRelay:
                     continue
                 self._open += [client, server]
             for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if not self._frozen.is_set():
+                    dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def freeze(self) -> None:
+        self._frozen.set()
 
     def cut(self) -> None:
         with self._lock:
@@ -64,11 +78,3 @@ class CuttableRelay:
 def upstream_of(dsn: str) -> tuple[str, int]:
     parts = urllib.parse.urlsplit(dsn)
     return parts.hostname or "127.0.0.1", parts.port or 5432
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while data := src.recv(65536):
-            dst.sendall(data)
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)

@@ -119,6 +119,7 @@ def partitioned(postgres_dsn: str) -> Iterator[Partitioned]:
     try:
         yield Partitioned(a, b, relay)
     finally:
+        relay.cut()  # a frozen relay's calls fail now, rather than hold B's threads for ever
         b.stop()
         a.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -182,6 +183,44 @@ def test_a_server_cut_off_from_postgresql_goes_on_serving_its_stale_view_over_sy
         f"B, cut off from the database for 3.5 s, still serves its stale view: {served}, "
         f"where A serves {fresh}"
     )
+
+
+def _issue(server: RunningServer, agent: Agent, entry_id: str, timeout: float) -> str:
+    """The status code name of an X.509-SVID request through `server` ("OK": signed)."""
+    request = node_pb2.BatchNewX509SVIDRequest(
+        params=[node_pb2.X509SVIDParams(entry_id=entry_id, csr=make_csr()[1])]
+    )
+    try:
+        reply = server.node_stub(agent).BatchNewX509SVID(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        return str(exc.code().name)  # type: ignore[attr-defined]
+    return (
+        grpc.StatusCode.OK.name
+        if reply.results[0].error.code == 0
+        else str(reply.results[0].error.code)
+    )
+
+
+def test_a_server_whose_database_goes_silent_answers_issuance_unavailable_not_never(
+    partitioned: Partitioned,
+) -> None:
+    """B's database stops answering without closing its connections (packets dropped by a
+    firewall, its host frozen): no keepalive, statement or TCP user timeout is set on B's
+    connections, so a ledger write waits on TCP's retransmission timeout (about 15 minutes on
+    Linux), holding a worker thread. The README promises that a datastore that cannot commit
+    makes every issuing call answer UNAVAILABLE "the server cannot record issued credentials";
+    here the agent's call answers nothing until its own deadline."""
+    a, b = partitioned.a, partitioned.b
+    agent = a.attest()
+    entry = a.create_entry("/web", agent.spiffe_id)
+    _wait(lambda: entry.id in b.server.state.entries.by_id, "B to learn the entry")
+    assert _issue(b, agent, entry.id, timeout=10) == "OK"
+
+    partitioned.relay.freeze()
+    started = time.monotonic()
+    answer = _issue(b, agent, entry.id, timeout=8)
+    took = time.monotonic() - started
+    assert answer == "UNAVAILABLE", f"B answered {answer} after {took:.1f} s"
 
 
 def _intermediate(root: x509.Certificate, root_key: Any, key: Any) -> x509.Certificate:
