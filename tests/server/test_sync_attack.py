@@ -7,10 +7,13 @@ server that lost its datastore.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from server.attestation.x509pop import sign_challenge
 from server.ca.sealing import KeyEncryptionKey
-from server.datastore.records import Revocation
+from server.datastore.records import FeedItem, Revocation
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from tests.server.fixtures import (
     DER,
@@ -221,6 +224,64 @@ def test_a_server_whose_database_goes_silent_answers_issuance_unavailable_not_ne
     answer = _issue(b, agent, entry.id, timeout=8)
     took = time.monotonic() - started
     assert answer == "UNAVAILABLE", f"B answered {answer} after {took:.1f} s"
+
+
+def test_a_revocation_through_a_is_not_withdrawn_by_a_revocation_b_reads_back_before_it(
+    partitioned: Partitioned,
+) -> None:
+    """B adds a revocation and reads the list back (ServerState.add_revocations); A's
+    revocation commits after that read, and B's feed brings it before the read-back is
+    installed. `_set_revocations` then replaces memory with the list read earlier: A's
+    revocation is dropped and logged as removed, so B's agents are told the token is no
+    longer revoked. The feed's cursor is past A's row: nothing brings it back until the next
+    revocation anywhere. Only the interleaving is held here (B's feed reads its rows once A's is
+    committed; B's read-back returns once its feed has applied A's row)."""
+    a, b = partitioned.a, partitioned.b
+    agent = a.attest()
+    _wait(lambda: agent.spiffe_id in b.server.state.agents, "B to learn the agent")
+    state_b = b.server.state
+    follower = b.server.follower
+    assert follower is not None
+    original_page = follower._page
+    released = threading.Event()
+
+    def held_page(cursor: int) -> tuple[int, list[FeedItem]]:
+        # B's feed reads its next rows only once A's revocation is among them.
+        released.wait(10)
+        return original_page(cursor)
+
+    store_b = b.server.datastore
+    original_list = store_b.list_revocations
+    armed, read_back = threading.Event(), threading.Event()
+
+    def list_revocations() -> list[Revocation]:
+        rows = original_list()
+        if armed.is_set():
+            armed.clear()
+            read_back.set()
+            _wait(lambda: "jti-a" in {r.value for r in state_b.revocations}, "B to apply A's")
+        return rows
+
+    follower._page = held_page  # type: ignore[method-assign]
+    store_b.list_revocations = list_revocations  # type: ignore[method-assign]
+    now = int(a.clock.now())
+    web = f"spiffe://{TRUST_DOMAIN}/web"
+    through_b = Revocation("jwt_id", "jti-b", web, now + 300, "t", now)
+    through_a = Revocation("jwt_id", "jti-a", web, now + 300, "t", now)
+    armed.set()
+    with ThreadPoolExecutor(1) as pool:
+        adding = pool.submit(b.call, state_b.add_revocations((through_b,)))
+        assert read_back.wait(10)
+        a.call(a.server.state.add_revocations((through_a,)))
+        released.set()
+        adding.result(timeout=20)
+    assert _snapshot(a, agent) == {"revoked jti-a", "revoked jti-b"}
+    with contextlib.suppress(AssertionError):  # held or not, what B serves is checked below
+        _wait(lambda: "jti-a" in {r.value for r in state_b.revocations}, "A's on B", timeout=3)
+    served = _snapshot(b, agent)
+    assert served == {"revoked jti-a", "revoked jti-b"}, (
+        f"B withdrew the revocation made through A: its agents get {served}"
+    )
 
 
 def _intermediate(root: x509.Certificate, root_key: Any, key: Any) -> x509.Certificate:
