@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar
 from server.changelog import Change
 from server.datastore.records import AttestedAgent, Entry, Selector
 from server.entitlement import EntryIndex, agent_parents
+from server.errors import RateLimitedError
 from svid._clock import Clock
 from svid._waits import set_within
 
@@ -32,6 +33,12 @@ _K = TypeVar("_K", bound=Hashable)
 # A stream whose agent reads slower than changes come gives up its backlog past this many
 # changes and sends a snapshot instead: memory stays bounded whatever the agent does.
 MAX_INBOX = 10_000
+# Sync streams one agent may hold open on one server. A sound agent holds one, and for a moment
+# two while it moves to a renewed certificate; a connection that died unseen holds its stream
+# until keepalive notices (about 40 s). Each stream costs a snapshot, a subscription every
+# shared change wakes and an inbox of up to MAX_INBOX changes: a compromised agent must not
+# multiply them.
+MAX_STREAMS_PER_AGENT = 4
 
 
 class ChangeSource(Protocol):
@@ -66,10 +73,17 @@ class Subscription:
 
 
 class Propagator:
-    def __init__(self, state: ChangeSource, server_id: str, clock: Clock) -> None:
+    def __init__(
+        self,
+        state: ChangeSource,
+        server_id: str,
+        clock: Clock,
+        max_streams_per_agent: int = MAX_STREAMS_PER_AGENT,
+    ) -> None:
         self._state = state
         self._server_id = server_id
         self._clock = clock
+        self._max_streams_per_agent = max_streams_per_agent
         self._by_parent: dict[str, set[Subscription]] = {}
         self._by_selector: dict[Selector, set[Subscription]] = {}
         self._by_agent: dict[str, set[Subscription]] = {}
@@ -94,6 +108,15 @@ class Propagator:
     # -- subscriptions ------------------------------------------------------------------------
 
     def subscribe(self, agent: AttestedAgent) -> Subscription:
+        """A new stream's subscription; refused (RateLimitedError) while the agent holds as
+        many streams as it may. A stream that ends gives its place back (unsubscribe)."""
+        held = len(self._by_agent.get(agent.spiffe_id, ()))
+        if held >= self._max_streams_per_agent:
+            raise RateLimitedError(
+                f"agent {agent.spiffe_id} holds {held} open Sync streams on this server, the "
+                f"most one agent may; close one first (a stream whose connection died ends "
+                f"once keepalive notices, within a minute)"
+            )
         sub = Subscription(agent, self._parents(agent, self._state.entries))
         self._all.add(sub)
         self._by_agent.setdefault(agent.spiffe_id, set()).add(sub)

@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from server.attestation.x509pop import sign_challenge
 from server.ca.sealing import KeyEncryptionKey
 from server.datastore.records import FeedItem, Revocation
+from server.propagation import MAX_STREAMS_PER_AGENT
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from tests.server.fixtures import (
     DER,
@@ -93,6 +94,34 @@ def test_one_agent_cannot_hold_hundreds_of_sync_streams(srv: RunningServer) -> N
         for stream in streams:
             stream.cancel()
         time.sleep(0.1)
+
+
+def _renewed(srv: RunningServer, agent: Agent) -> Agent:
+    key, csr = make_csr()
+    reply = srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=csr), timeout=10)
+    return Agent(agent.spiffe_id, key, der_chain(reply.svid.cert_chain), reply.svid.bundle)
+
+
+def test_an_agent_moving_its_stream_again_and_again_is_never_refused(srv: RunningServer) -> None:
+    """A sound agent renews its SVID and moves its Sync stream to the new certificate at once,
+    on a new connection (agent_attestor.sync: renew_once, then _sync_once again), many times
+    over a server's life: each stream that ends gives its place back, so none is refused."""
+    agent = srv.attest()
+    stream = srv.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
+    first = next(stream)
+    assert first.kind == node_pb2.SyncUpdate.SNAPSHOT
+    propagator = srv.server.propagator
+    assert propagator is not None
+    try:
+        for _ in range(3 * MAX_STREAMS_PER_AGENT):
+            agent = _renewed(srv, agent)
+            stream.cancel()
+            request = node_pb2.SyncRequest(since_revision=first.revision, epoch=first.epoch)
+            stream = srv.node_stub(agent).Sync(request, timeout=30)
+            first = next(stream)  # refused: grpc.RpcError RESOURCE_EXHAUSTED
+        _wait(lambda: propagator.subscriber_count == 1, "the moved streams to end")
+    finally:
+        stream.cancel()
 
 
 @dataclass
