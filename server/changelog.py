@@ -55,6 +55,9 @@ class Change:
     revocations_added: tuple[Revocation, ...] = ()
     revocations_removed: tuple[Revocation, ...] = ()
     agents: tuple[str, ...] = ()  # agents whose record changed (attested, renewed, banned, evicted)
+    # Of `agents`, those whose selectors changed (attested anew with others, or first seen): the
+    # node aliases they match may all differ, which only a snapshot tells them.
+    selectors_changed: tuple[str, ...] = ()
     audit_checkpoint: bool = False  # the server signed a new audit checkpoint
     crl: bool = False  # the CRLs were signed again, nothing else changed (their nextUpdate neared)
 
@@ -91,6 +94,7 @@ class ChangeLog:
         revocations_added: Iterable[Revocation] = (),
         revocations_removed: Iterable[Revocation] = (),
         agents: Iterable[str] = (),
+        selectors_changed: Iterable[str] = (),
         audit_checkpoint: bool = False,
         crl: bool = False,
     ) -> Change:
@@ -103,6 +107,7 @@ class ChangeLog:
                 tuple(revocations_added),
                 tuple(revocations_removed),
                 tuple(agents),
+                tuple(selectors_changed),
                 audit_checkpoint,
                 crl,
             )

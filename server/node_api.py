@@ -301,6 +301,26 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _now(self) -> int:
         return int(self._clock.now())
 
+    def _first_messages(
+        self, agent: AttestedAgent, request: node_pb2.SyncRequest
+    ) -> Iterable[node_pb2.SyncUpdate]:
+        """What a new stream sends first: a delta after the agent's revision when the log still
+        holds what came after it, a snapshot otherwise."""
+        log = self._state.changes
+        window = log.since(request.since_revision, request.epoch)
+        if (
+            not request.since_revision
+            or window is None
+            # Attested again with other selectors since (a live stream starts again from a
+            # snapshot too): the node aliases it reached then may all differ, and entries
+            # under one it no longer matches are in no change of the window.
+            or any(agent.spiffe_id in change.selectors_changed for change in window)
+        ):
+            return self._snapshot(agent, log.head)
+        return self._delta(agent, window) or [
+            node_pb2.SyncUpdate(kind=DELTA, revision=log.head, epoch=log.epoch)
+        ]
+
     @status.stream
     async def Sync(  # type: ignore[override]
         self, request: node_pb2.SyncRequest, context: grpc.aio.ServicerContext
@@ -313,13 +333,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         sub = self._propagator.subscribe(agent)
         self._metrics.sync_streams.inc()
         try:
-            window = log.since(request.since_revision, request.epoch)
-            if request.since_revision and window is not None:
-                messages: Iterable[node_pb2.SyncUpdate] = self._delta(agent, window) or [
-                    node_pb2.SyncUpdate(kind=DELTA, revision=log.head, epoch=log.epoch)
-                ]
-            else:
-                messages = self._snapshot(agent, log.head)
+            messages = self._first_messages(agent, request)
             while True:
                 for message in messages:
                     yield message

@@ -321,6 +321,16 @@ class ServerState:
                 f"agent {spiffe_id} attested again or renewed meanwhile: attest again"
             )
 
+    def _selectors_changed(self, records: Iterable[AttestedAgent]) -> list[str]:
+        """The agents of `records` whose selectors differ from the records memory holds (a
+        renewal keeps them; an attestation may not)."""
+        out = []
+        for agent in records:
+            held = self._agents.get(agent.spiffe_id)
+            if held is None or held.selectors != agent.selectors:
+                out.append(agent.spiffe_id)
+        return out
+
     async def _save_agent(
         self, agent: AttestedAgent, previous: AttestedAgent | None, token: TokenUse | None
     ) -> bool:
@@ -340,8 +350,9 @@ class ServerState:
             if not admitted:
                 return False
         self._touch(FEED_AGENT, (agent.spiffe_id,))
+        moved = self._selectors_changed((agent,))
         self._put_agent(agent)
-        self._record(agents=(agent.spiffe_id,))
+        self._record(agents=(agent.spiffe_id,), selectors_changed=moved)
         await self._after_write()
         return True
 
@@ -474,13 +485,14 @@ class ServerState:
         its record, acceptable here as on the server that renewed it)."""
         if not put and not removed:
             return
+        moved = self._selectors_changed(put)
         agents = dict(self._agents)
         for agent in put:
             agents[agent.spiffe_id] = agent
         for spiffe_id in removed:
             agents.pop(spiffe_id, None)
         self._agents = MappingProxyType(agents)
-        self._record(agents=[a.spiffe_id for a in put] + list(removed))
+        self._record(agents=[a.spiffe_id for a in put] + list(removed), selectors_changed=moved)
         self.notifier.notify()
 
     def add_revocations_seen(self, stored: Iterable[Revocation]) -> None:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import grpc
 import pytest
 from cryptography import x509
 
 from server.changelog import ChangeLog
-from server.datastore.records import Revocation
+from server.datastore.records import AttestedAgent, Revocation, Selector
 from svid._proto import admin_pb2, common_pb2, node_pb2
-from tests.server.fixtures import Agent, RunningServer, running_server
+from tests.server.fixtures import Agent, RunningServer, der_chain, make_csr, running_server
 
 TD = "spiffe://example.org"
 SNAPSHOT = node_pb2.SyncUpdate.SNAPSHOT
@@ -135,6 +136,58 @@ def test_a_reconnect_with_nothing_missed_is_one_empty_delta(srv: RunningServer) 
         update = next(stream)
         assert update.kind == DELTA
         assert (list(update.entries), update.revision) == ([], first.revision)
+    finally:
+        stream.cancel()
+
+
+def test_a_reconnect_after_the_agents_renewal_is_still_a_delta(srv: RunningServer) -> None:
+    """A renewal changes the agent's record but not its selectors: the stream it moves to the
+    renewed certificate catches up with a delta, not a snapshot (an attestation with other
+    selectors gets one: test_sync_attack)."""
+    agent = srv.attest()
+    srv.create_entry("/renewing", agent.spiffe_id)
+    stream = _sync(srv, agent)
+    first = next(stream)
+    stream.cancel()
+    key, csr = make_csr()
+    reply = srv.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=csr), timeout=10)
+    renewed = Agent(agent.spiffe_id, key, der_chain(reply.svid.cert_chain), reply.svid.bundle)
+    stream = _sync(srv, renewed, first.revision, first.epoch)
+    try:
+        update = next(stream)
+        assert update.kind == DELTA
+        assert list(update.entries) == []
+    finally:
+        stream.cancel()
+
+
+def test_a_record_another_server_wrote_brings_a_snapshot_only_with_other_selectors(
+    srv: RunningServer,
+) -> None:
+    """The agent's record as the change feed brings it (ServerState.apply_agents): renewed
+    through another server, the catch-up stays a delta; attested again there with other
+    selectors, it is a snapshot, as on the server it attested to."""
+    agent = srv.attest()
+    state = srv.server.state
+    stream = _sync(srv, agent)
+    first = next(stream)
+    stream.cancel()
+    held = state.agents[agent.spiffe_id]
+
+    async def apply(record: AttestedAgent) -> None:
+        state.apply_agents([record], [])
+
+    srv.call(apply(replace(held, expires_at=held.expires_at + 60)))
+    stream = _sync(srv, agent, first.revision, first.epoch)
+    try:
+        assert next(stream).kind == DELTA
+    finally:
+        stream.cancel()
+    other = (*held.selectors, Selector("join_token", "rack:7"))
+    srv.call(apply(replace(held, selectors=other, attested_at=held.attested_at + 1)))
+    stream = _sync(srv, agent, first.revision, first.epoch)
+    try:
+        assert next(stream).kind == SNAPSHOT
     finally:
         stream.cancel()
 
