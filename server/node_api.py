@@ -23,7 +23,7 @@ from server.ca.signer import verify_csr
 from server.changelog import Change
 from server.convert import bundle_to_proto
 from server.datastore.records import AttestedAgent, Entry, Revocation
-from server.entitlement import entitled_entries
+from server.entitlement import agent_parents, entitled_entries
 from server.errors import (
     InvalidRequestError,
     RateLimitedError,
@@ -35,7 +35,7 @@ from server.metrics import Metrics
 from server.peer import AgentPeer, PeerCache, peer_key
 from server.propagation import Propagator
 from server.state import ServerState
-from server.sync_delta import entry_delta
+from server.sync_delta import entry_delta, outweighs
 from server.sync_messages import DELTA, Shared, delta_messages, snapshot_messages
 from svid._clock import Clock
 from svid._der import der_concat
@@ -301,6 +301,16 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _now(self) -> int:
         return int(self._clock.now())
 
+    def _snapshot_size(self, agent: AttestedAgent) -> int:
+        """The entries and revocations a snapshot for the agent holds, or a few more: the
+        entries under its parents are counted whole (expired ones too), visiting none."""
+        index = self._state.entries
+        parents = agent_parents(
+            index, agent.spiffe_id, agent.selectors, self._server_id, self._now()
+        )
+        entries = sum(len(index.by_parent.get(parent, ())) for parent in parents)
+        return entries + len(self._state.revocations)
+
     def _first_messages(
         self, agent: AttestedAgent, request: node_pb2.SyncRequest
     ) -> Iterable[node_pb2.SyncUpdate]:
@@ -311,6 +321,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if (
             not request.since_revision
             or window is None
+            # A long window (an agent long away, or one asking for the oldest revision on
+            # purpose) costs more on the event loop than the snapshot it may as well have.
+            # Asked first: it stops counting at the snapshot's size, and below it the window is
+            # short, so the scan after it is too.
+            or outweighs(window, self._snapshot_size(agent))
             # Attested again with other selectors since (a live stream starts again from a
             # snapshot too): the node aliases it reached then may all differ, and entries
             # under one it no longer matches are in no change of the window.

@@ -15,6 +15,28 @@ from server.changelog import Change
 from server.datastore.records import Entry, Selector
 from server.entitlement import EntryIndex, agent_parents, live
 
+# What a snapshot costs beyond its entries and revocations (the bundle, the CRLs, the audit
+# checkpoints), in window items: a window lighter than the snapshot plus this is a delta.
+SNAPSHOT_BASE = 1000
+
+
+def outweighs(window: Sequence[Change], snapshot_size: int) -> bool:
+    """Whether building a delta from `window` costs more than a snapshot of `snapshot_size`
+    entries and revocations: each change weighs one, plus its entry touches and revocations.
+    Stops counting once it does, so the answer costs no more than the snapshot would."""
+    bound = snapshot_size + SNAPSHOT_BASE
+    weight = 0
+    for change in window:
+        weight += (
+            1
+            + len(change.entries)
+            + len(change.revocations_added)
+            + len(change.revocations_removed)
+        )
+        if weight > bound:
+            return True
+    return False
+
 
 @dataclass(frozen=True, slots=True)
 class EntryDelta:

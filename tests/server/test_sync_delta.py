@@ -13,6 +13,7 @@ from cryptography import x509
 
 from server.changelog import ChangeLog
 from server.datastore.records import AttestedAgent, Revocation, Selector
+from server.sync_delta import SNAPSHOT_BASE
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from tests.server.fixtures import Agent, RunningServer, der_chain, make_csr, running_server
 
@@ -188,6 +189,27 @@ def test_a_record_another_server_wrote_brings_a_snapshot_only_with_other_selecto
     stream = _sync(srv, agent, first.revision, first.epoch)
     try:
         assert next(stream).kind == SNAPSHOT
+    finally:
+        stream.cancel()
+
+
+def test_a_catch_up_over_more_changes_than_its_snapshot_holds_is_the_snapshot(
+    srv: RunningServer,
+) -> None:
+    """Building a delta costs the window's touches on the event loop, a snapshot the agent's
+    entries: an agent asking for an old revision (away long, or on purpose, again and again)
+    over a window of 3,000 entries written for another agent gets its one-entry snapshot."""
+    agent, other = srv.attest(), srv.attest()
+    mine = srv.create_entry("/few/0", agent.spiffe_id)
+    stream = _sync(srv, agent)
+    first = next(stream)
+    stream.cancel()
+    _create(srv, list(_entries(other.spiffe_id, SNAPSHOT_BASE + 2000, "busy")))
+    stream = _sync(srv, agent, first.revision, first.epoch)
+    try:
+        update = next(stream)
+        assert update.kind == SNAPSHOT
+        assert [e.id for e in update.entries] == [mine.id]
     finally:
         stream.cancel()
 
