@@ -17,6 +17,7 @@ from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL, CertKey, cert_key
 from svid._source_state import RevocationEvent
 
 Key = tuple[str, str | CertKey]
+JWT, X509 = "jwt", "x509"  # what admitted a request (Admitted.admitted_by)
 TXN = "txn"  # a task: every credential of an ended task is revoked together
 # A certificate by issuer and serial, as a CRL's entry revokes it (svid._revocation.CertKey).
 X509_ISSUED = "x509_issued"
@@ -61,6 +62,43 @@ class Revocable(Protocol):
     def keys(self) -> tuple[Key, ...]: ...
 
     def end(self) -> None: ...
+
+
+class Admitted:
+    """What a request or session was admitted with, read from its verified Caller only when
+    asked (most requests are answered before anyone asks): the keys that revoke it, which
+    verifier admitted it and its mTLS peer's chain (what the staleness watch asks about)."""
+
+    __slots__ = ("_caller", "_cert_keys")
+
+    def __init__(self, caller: Caller) -> None:
+        self._caller = caller
+        self._cert_keys: tuple[CertKey, ...] | None = None
+
+    @property
+    def keys(self) -> tuple[Key, ...]:
+        # Read only by a revocation that finds it open: most requests never are.
+        return caller_keys(self._caller)
+
+    @property
+    def cert_keys(self) -> tuple[CertKey, ...]:
+        """Its mTLS peer's chain as CertKeys (none for a bearer token): the staleness watch
+        reads them at each look, so they are made once."""
+        keys = self._cert_keys
+        if keys is None:
+            peer = self._caller.x509
+            if peer is None:
+                keys = ()
+            else:
+                td = peer.spiffe_id.trust_domain.name
+                keys = tuple(cert_key(td, cert) for cert in peer.chain)
+            self._cert_keys = keys
+        return keys
+
+    @property
+    def admitted_by(self) -> str:
+        """Which verifier admitted it (the staleness watch ends a refusing one's only)."""
+        return JWT if self._caller.jwt is not None else X509
 
 
 class Admission:

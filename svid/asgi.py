@@ -44,8 +44,8 @@ from svid._http_refusal import (
     not_authorised,
     several_credentials,
 )
-from svid._open_requests import Key, OpenRequests, caller_keys
-from svid._revocation import CertKey, RevocationSet, cert_key
+from svid._open_requests import JWT, X509, Admitted, OpenRequests
+from svid._revocation import RevocationSet, cert_key
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._staleness_watch import StalenessWatch
 from svid._tls_authorize import as_authorizer, describe
@@ -69,7 +69,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 CallerAuthorizer = Callable[[Caller], bool]
 
 CALLER = "svid.caller"  # the scope key of the verified Caller
-JWT, X509 = "jwt", "x509"  # what admitted a request (_Served.admitted_by)
 DEFAULT_MAX_BODY = 1 << 20  # what a body-reading scope rule buffers at most
 
 
@@ -113,52 +112,19 @@ class _RefusedError(Exception):
         self.refusal = refusal
 
 
-class _Served:
+class _Served(Admitted):
     """One response in flight: what was sent, and whether a revocation ended it. It is also
     the request's entry in OpenRequests (``keys``, ``end``)."""
 
-    __slots__ = (
-        "_caller",
-        "_cert_keys",
-        "_send",
-        "_task",
-        "done",
-        "finished",
-        "revoked",
-        "started",
-    )
+    __slots__ = ("_send", "_task", "done", "finished", "revoked", "started")
 
     def __init__(self, send: Send, task: asyncio.Task[Any], caller: Caller) -> None:
+        # Admitted's fields set here: one call less per request.
+        self._caller = caller
+        self._cert_keys = None
         self._send = send
         self._task = task
-        self._caller = caller
-        self._cert_keys: tuple[CertKey, ...] | None = None
         self.started = self.finished = self.revoked = self.done = False
-
-    @property
-    def keys(self) -> tuple[Key, ...]:
-        # Read only by a revocation that finds the request open: most never are.
-        return caller_keys(self._caller)
-
-    @property
-    def cert_keys(self) -> tuple[CertKey, ...]:
-        """Its mTLS peer's chain as CertKeys (none for a bearer token): the staleness watch
-        reads them at each look, so they are made once."""
-        keys = self._cert_keys
-        if keys is None:
-            peer = self._caller.x509
-            if peer is None:
-                keys = ()
-            else:
-                td = peer.spiffe_id.trust_domain.name
-                keys = tuple(cert_key(td, cert) for cert in peer.chain)
-            self._cert_keys = keys
-        return keys
-
-    @property
-    def admitted_by(self) -> str:
-        """Which verifier admitted it (the staleness watch ends a refusing one's only)."""
-        return JWT if self._caller.jwt is not None else X509
 
     def send(self, message: Message) -> Awaitable[None]:
         # Not a coroutine of its own: the server's send is what the app awaits.
