@@ -1,6 +1,8 @@
 """The requests an adapter is serving, indexed by the credentials they were admitted with, so a
 revocation can end the ones it hits: a streamed response (SSE) of a task that has just ended
-must not keep flowing until the client hangs up.
+must not keep flowing until the client hangs up. The MCP sessions those requests open are held
+here too, with what admitted them, so revocation and stale revocation data (the staleness
+watch) end them the way they end requests.
 
 Revocation callbacks arrive on the source's thread or its loop; each request is ended on its
 own loop, through the callback it registered.
@@ -17,7 +19,7 @@ from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL, CertKey, cert_key
 from svid._source_state import RevocationEvent
 
 Key = tuple[str, str | CertKey]
-JWT, X509 = "jwt", "x509"  # what admitted a request (Admitted.admitted_by)
+JWT, X509 = "jwt", "x509"  # what admitted a request or session (Admitted.admitted_by)
 TXN = "txn"  # a task: every credential of an ended task is revoked together
 # A certificate by issuer and serial, as a CRL's entry revokes it (svid._revocation.CertKey).
 X509_ISSUED = "x509_issued"
@@ -101,8 +103,20 @@ class Admitted:
         return JWT if self._caller.jwt is not None else X509
 
 
+class CallerAdmission(Admitted):
+    """A session (or request) held open by ``caller``'s admission; ``end`` is called once,
+    from any thread, when a revocation hits it or its verifier would now refuse it."""
+
+    __slots__ = ("end",)
+
+    def __init__(self, caller: Caller, end: Callable[[], None]) -> None:
+        super().__init__(caller)
+        self.end = end
+
+
 class Admission:
-    """One request or session being served; ``end`` is called when revoked."""
+    """One request or session known by its keys alone (no verifier to ask about stale data:
+    only a revocation ends it); ``end`` is called when revoked."""
 
     __slots__ = ("end", "keys")
 
@@ -133,6 +147,13 @@ class OpenRequests:
 
     def open(self, keys: tuple[Key, ...], end: Callable[[], None]) -> Admission:
         admission = Admission(keys, end)
+        self.add(admission)
+        return admission
+
+    def admit(self, caller: Caller, end: Callable[[], None]) -> CallerAdmission:
+        """Hold what ``caller`` was admitted to until it closes: revocations of its
+        credentials, and the staleness watch, end it through ``end``."""
+        admission = CallerAdmission(caller, end)
         self.add(admission)
         return admission
 

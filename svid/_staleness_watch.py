@@ -10,6 +10,10 @@ a verifier that now refuses had admitted (a JWT verifier's, an X.509 verifier's:
 may differ). An X.509 verifier also refuses the certificates of an issuer whose CRL is too far
 past its nextUpdate while the feed is current, so each request it admitted is looked at by its
 own chain: the one whose issuer's CRL lapsed ends, other callers' go on.
+
+The MCP sessions those requests open are held in the same open requests, with the caller that
+opened each (svid.mcp), so they end alike and keep the watch running while they last; a look
+reads each session once, as it reads each request.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ error="insufficient_scope", scope="tool:<name>"``. ``TaskAuth(..., every_tool=Fa
 only the tools marked ``@auth.require_tool``. In a tool, ``get_access_token()`` (from
 ``mcp.server.auth.middleware.auth_context``) is a ``TaskAccessToken``: ``.task`` is the
 ``svid.TaskClaims``. When the task ends (any of its credentials revoked), its open SSE streams
-are closed and its MCP sessions ended at once.
+are closed and its MCP sessions ended at once; with a verifier that fails closed on stale
+revocation data (``max_revocation_staleness``), so are the streams and sessions it admitted
+once the data grows too old.
 
 A client (an agent runtime with a task):
 
@@ -45,8 +47,7 @@ from svid._clock import Clock
 from svid._errors import VerificationError
 from svid._http_refusal import Refusal, insufficient_scope, no_credentials, several_credentials
 from svid._mcp_tools import called_tools
-from svid._open_requests import Admission, OpenRequests, caller_keys
-from svid._source_state import RevocationEvent
+from svid._open_requests import CallerAdmission, OpenRequests
 from svid._source_views import SourceViews
 from svid._spiffe_id import SpiffeId
 from svid._task_claims import TaskClaims, tool_scope
@@ -278,19 +279,17 @@ class TaskAuth:
         return self._protected(server.streamable_http_app(**app_options), server)
 
     def _protected(self, app: ASGIApp, server: Any) -> ASGIApp:
-        middleware = _McpMiddleware(
+        # Its sessions are held in its open requests: the source's revocations and the
+        # staleness watch end them there, as they end its requests.
+        return _McpMiddleware(
             app,
-            _Sessions(server),
+            server,
             self._rule,
             audience=self.audience,
             source=self._source,
             jwt_verifier=self._jwt,
             accept_mtls=False,
         )
-        subscribe = getattr(self._source, "on_revoked", None)
-        if subscribe is not None:
-            subscribe(middleware.sessions.on_revoked)
-        return middleware
 
 
 _AUTHORIZATION = b"authorization"
@@ -302,9 +301,9 @@ class _McpMiddleware(SvidAuthMiddleware):
     headers, the MCP session the request uses kept (to end it when the task is revoked) and
     the admitted token handed to the SDK's own token check (``verify_token``)."""
 
-    def __init__(self, app: ASGIApp, sessions: _Sessions, tools: _ToolRule, **options: Any) -> None:
+    def __init__(self, app: ASGIApp, server: Any, tools: _ToolRule, **options: Any) -> None:
         super().__init__(app, required_scopes=tools, **options)
-        self.sessions = sessions
+        self.sessions = _Sessions(server, self.open_requests)
         self._tools = tools  # the rule reads bodies of POSTs only (the same as svid.asgi asks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -366,14 +365,17 @@ _FIRST_SWEEP = 64  # sessions kept before the first look for ended ones
 
 
 class _Sessions:
-    """The MCP sessions each task opened, to end them when the task is revoked (through the
-    SDK's session manager, as a client's DELETE would). Ended sessions are forgotten in
-    sweeps; until then a revocation that names one finds it gone and does nothing."""
+    """The MCP sessions each task opened, to end them when the task is revoked or the verifier
+    that admitted them would now refuse them for stale revocation data (through the SDK's
+    session manager, as a client's DELETE would). Each is held, with the caller that opened
+    it, in the middleware's open requests, where the source's revocations and the staleness
+    watch find it. Ended sessions are forgotten in sweeps; until then a revocation that names
+    one finds it gone and does nothing."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Any, open_requests: OpenRequests) -> None:
         self._server = server
-        self._open = OpenRequests()
-        self._admissions: dict[str, Admission] = {}
+        self._open = open_requests
+        self._admissions: dict[str, CallerAdmission] = {}
         self._ending: set[asyncio.Future[Any]] = set()
         self._sweep_at = _FIRST_SWEEP
 
@@ -408,7 +410,7 @@ class _Sessions:
         def end() -> None:
             loop.call_soon_threadsafe(self._end, session_id)
 
-        self._admissions[session_id] = self._open.open(caller_keys(caller), end)
+        self._admissions[session_id] = self._open.admit(caller, end)
 
     def _instances(self) -> dict[str, Any]:
         # The SDK keeps no public list of sessions; its manager's own table is read, not changed.
@@ -427,14 +429,15 @@ class _Sessions:
         transport = self._instances().get(session_id)
         if transport is None:
             return
-        log.info("ending MCP session %s: its task's credential was revoked", session_id[:16])
+        log.info(
+            "ending MCP session %s: its credential was revoked, or its verifier now refuses "
+            "the revocation data as too old",
+            session_id[:16],
+        )
         # The manager's own way of ending a session (what a client's DELETE leads to).
         ending = asyncio.ensure_future(manager._discard_session(session_id, transport))
         self._ending.add(ending)
         ending.add_done_callback(self._ending.discard)
-
-    def on_revoked(self, event: RevocationEvent) -> None:
-        self._open.on_revoked(event)
 
 
 # --- the client side ---

@@ -19,15 +19,34 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 
 import svid.mcp
+from svid import MemoryBundleSource, SpiffeBundle, X509Bundle
+from svid._clock import FakeClock
+from svid._crl import revoked_from_crls
+from svid._open_requests import X509, OpenRequests
+from svid._staleness_watch import StalenessWatch
 from svid.asgi import DEFAULT_MAX_BODY
-from tests.svid.adapter_world import AUDIENCE, RevokingSource, call_asgi, serving, task_token
+from tests.svid.adapter_world import (
+    AUDIENCE,
+    TD,
+    RevokingSource,
+    call_asgi,
+    serving,
+    task_token,
+)
+from tests.svid.certs import make_ca, make_leaf
+from tests.svid.workload_fake import signed_crl
 
 SEEN: list[Any] = []
 
 
 def build(source: RevokingSource) -> Any:
+    return tickets(source)[1]
+
+
+def tickets(source: RevokingSource, **auth_options: Any) -> tuple[MCPServer, Any]:
+    """The server (its session manager holds the sessions) and the app serving it."""
     # The README's server, as written there (its tools aside).
-    auth = svid.mcp.TaskAuth(source, audience="mcp-tickets")
+    auth = svid.mcp.TaskAuth(source, audience="mcp-tickets", **auth_options)
     server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
 
     @server.tool()
@@ -40,7 +59,7 @@ def build(source: RevokingSource) -> Any:
         SEEN.append(get_access_token())
         return "everything"
 
-    return auth.protect(server)
+    return server, auth.protect(server)
 
 
 @pytest.fixture
@@ -144,6 +163,52 @@ def test_a_revoked_task_s_session_and_stream_end(source: RevokingSource) -> None
     assert len(SEEN) == 1
 
 
+STALE = 0.5  # max_revocation_staleness of the verifier below
+
+
+def test_a_session_ends_once_revocation_data_is_older_than_the_verifier_allows(
+    source: RevokingSource,
+) -> None:
+    """The agent out of reach, a revoked task could not be heard of: once the verifier refuses
+    new requests for stale data, the sessions it admitted end too, as on a revocation, not
+    only their open streams. A session still open would keep its server-side state, and be
+    served again as soon as the feed came back."""
+    source.revocations.feed_delivered(time.time())  # the agent's stream is up
+    verifier = source.jwt_verifier(max_revocation_staleness=STALE)
+    server, app = tickets(source, jwt_verifier=verifier)
+    sessions = server.session_manager._server_instances  # the SDK's own table
+
+    async def scenario(url: str) -> tuple[float, bool]:
+        async with (
+            svid.mcp.http_client(lambda _aud: task_token(), AUDIENCE) as http,
+            streamable_http_client(f"{url}/mcp", http_client=http) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            await session.call_tool("read_ticket", {"ticket_id": "1"})
+            await asyncio.sleep(3 * STALE)  # while the feed is live the session goes on
+            assert len(sessions) == 1
+            lost_at = time.monotonic()
+            source.revocations.feed_lost(time.time())  # the agent went away
+            while sessions and time.monotonic() - lost_at < 5.0:
+                await asyncio.sleep(0.05)
+            took = time.monotonic() - lost_at
+            ended = not sessions
+            source.revocations.feed_delivered(time.time())  # it is back
+            with pytest.raises((MCPError, ExceptionGroup, httpx2.HTTPError)):
+                await asyncio.wait_for(session.call_tool("read_ticket", {"ticket_id": "2"}), 5)
+            return took, ended
+
+    with serving(app) as url:
+        took, ended = asyncio.run(scenario(url))
+        # A new session, the data current again, is served.
+        fresh = asyncio.run(call(url, task_token(), "read_ticket", {"ticket_id": "3"}))
+    assert ended, f"the session was still open {took:.1f} s after the data went stale"
+    assert took >= STALE - 0.05  # not before the verifier would refuse it
+    assert not fresh.is_error
+    assert [token.task.task_id for token in SEEN] == ["t1", "t1"]
+
+
 @pytest.mark.parametrize("scope", ["read tool:read_ticket", None])
 def test_the_per_request_access_token_is_what_model_construct_makes(
     source: RevokingSource, scope: str | None
@@ -238,7 +303,8 @@ def test_ended_sessions_are_forgotten_in_sweeps_that_stay_rare(source: RevokingS
     # Each task opens a session, which ends before the next one opens (a busy server's usual
     # day). Looking for ended sessions at every new one made opening sessions quadratic.
     manager = _Manager()
-    sessions = svid.mcp._Sessions(SimpleNamespace(session_manager=manager))
+    open_requests = OpenRequests()
+    sessions = svid.mcp._Sessions(SimpleNamespace(session_manager=manager), open_requests)
     verifier = source.jwt_verifier()
 
     async def scenario() -> None:
@@ -252,7 +318,7 @@ def test_ended_sessions_are_forgotten_in_sweeps_that_stay_rare(source: RevokingS
             manager.live = {f"s{i}": object()}  # the one session open now
             sessions.track(caller, f"s{i}")
         # The last task's session is still open: revoking the task ends it.
-        sessions.on_revoked(svid.RevocationEvent("jwt_id", "j1999", 0.0))
+        open_requests.on_revoked(svid.RevocationEvent("jwt_id", "j1999", 0.0))
         await asyncio.sleep(0.05)
 
     asyncio.run(scenario())
@@ -261,6 +327,65 @@ def test_ended_sessions_are_forgotten_in_sweeps_that_stay_rare(source: RevokingS
     assert manager.reads <= 2000 // 64 + 1
     assert len(sessions._admissions) <= 64  # ended ones were let go
     assert manager.discarded == ["s1999"]
+
+
+def test_an_mtls_caller_s_session_ends_once_its_issuers_crl_is_stale_and_no_other_callers_does(
+    source: RevokingSource,
+) -> None:
+    """A session is held with what admitted it, as a request is: the staleness watch ends the
+    one whose caller's issuer's CRL went too far past its nextUpdate (as a new request from
+    it would be refused), and leaves another issuer's caller's session open."""
+    now = time.time()
+    since, until = now - 3600, now + 86400
+    root = make_ca(not_before=since, not_after=until)
+    a_ca, b_ca = (
+        make_ca(name, parent=root, spiffe_id=None, not_before=since, not_after=until)
+        for name in ("a.example.org", "b.example.org")
+    )
+    # a's CRL promises the next one in a minute, b's in a day.
+    crls = revoked_from_crls(
+        [
+            signed_crl(a_ca, [1], next_update=now + 60),
+            signed_crl(b_ca, [1], next_update=now + 86400),
+        ],
+        {TD: X509Bundle(TD, (root.cert,))},
+    )
+    source.bundles = MemoryBundleSource.of(SpiffeBundle(TD, (root.cert,)))
+    source.revocations.replace(crls.revoked, crls.next_update, crls.pending)
+    clock = FakeClock(now)
+    verifier = source.x509_verifier(clock=clock, max_revocation_staleness=STALE)
+    callers = {}
+    for name, ca in (("a", a_ca), ("b", b_ca)):
+        leaf = make_leaf(
+            ca, uris=[f"spiffe://example.org/{name}"], not_before=since, not_after=until
+        )
+        peer = verifier.verify([leaf.cert, ca.cert])
+        callers[name] = svid.asgi.Caller(peer.spiffe_id, x509=peer, audience=AUDIENCE)
+    manager = _Manager()
+    manager.live = {"sa": object(), "sb": object()}
+    open_requests = OpenRequests()
+    sessions = svid.mcp._Sessions(SimpleNamespace(session_manager=manager), open_requests)
+    fresh_for = {X509: verifier.revocations_fresh_for}
+    watch = StalenessWatch(fresh_for, open_requests, fresh_for)
+
+    async def scenario() -> float:
+        for name, caller in callers.items():
+            sessions.track(caller, f"s{name}")
+        watch.admitted()
+        await asyncio.sleep(3 * STALE)  # both CRLs current: the watch looked, both go on
+        assert manager.discarded == []
+        clock.advance(61)  # a's CRL is now a second past its nextUpdate: more than STALE
+        stale_at = time.monotonic()
+        while not manager.discarded and time.monotonic() - stale_at < 5.0:
+            await asyncio.sleep(0.05)
+        took = time.monotonic() - stale_at
+        await asyncio.sleep(4 * STALE)  # well past the watch's next looks
+        watch.stop()
+        return took
+
+    took = asyncio.run(scenario())
+    assert manager.discarded == ["sa"], f"after {took:.1f} s"
+    assert len(open_requests) == 1  # b's session, still held
 
 
 def _tool_call(tool: str) -> bytes:
