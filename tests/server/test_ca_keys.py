@@ -49,6 +49,19 @@ def test_keys_are_saved_owner_only_and_load_back(tmp_path: Path) -> None:
     assert not list((tmp_path / "keys").glob("*.tmp"))
 
 
+def test_a_link_planted_at_the_temporary_name_never_receives_the_key(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys")
+    elsewhere = tmp_path / "elsewhere.pem"
+    elsewhere.write_bytes(b"not a key\n")
+    elsewhere.chmod(0o644)
+    (tmp_path / "keys" / "slot1.tmp").symlink_to(elsewhere)
+    path = store.save("slot1", generate_key())
+    assert elsewhere.read_bytes() == b"not a key\n"
+    assert not path.is_symlink()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert store.load("slot1") is not None
+
+
 def test_existing_directory_is_tightened(tmp_path: Path) -> None:
     (tmp_path / "keys").mkdir(mode=0o755)
     KeyStore(tmp_path / "keys")
