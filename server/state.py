@@ -300,8 +300,22 @@ class ServerState:
         by an admission that did not take; save_agent still refuses what comes after this."""
         if await self.removal_of(spiffe_id) is not None:
             raise RemovalUnderWayError(spiffe_id)
-        if previous is not None:
+        if previous is None:
+            self._refuse_present(spiffe_id)
+        else:
             self._refuse_replaced(spiffe_id, previous.serial, previous)
+
+    def _refuse_present(self, spiffe_id: str) -> None:
+        """A first admission (no record read) of an agent admitted since: that record, banned
+        or not, is another attestation's, not this one's to overwrite (see q.INSERT_AGENT)."""
+        current = self._agents.get(spiffe_id)
+        if current is None:
+            return
+        if current.banned:
+            raise PermissionDeniedError(f"agent {spiffe_id} is banned")
+        raise PermissionDeniedError(
+            f"agent {spiffe_id} was admitted by another attestation meanwhile: attest again"
+        )
 
     def _refuse_replaced(self, spiffe_id: str, held: str, previous: AttestedAgent) -> None:
         """`held`: the certificate the save carries on as previous (see q.REPLACE_AGENT)."""
@@ -334,12 +348,15 @@ class ServerState:
     async def _save_agent(
         self, agent: AttestedAgent, previous: AttestedAgent | None, token: TokenUse | None
     ) -> bool:
-        if previous is not None:
+        if previous is None:
+            self._refuse_present(agent.spiffe_id)
+        else:
             self._refuse_replaced(
                 agent.spiffe_id, agent.previous_serial or previous.serial, previous
             )
         # The datastore compares again: another server sharing it may have replaced the record
-        # this server's snapshot still shows.
+        # this server's snapshot still shows. Saved, the row is `agent` as it stands (a ban is
+        # never overwritten, only refused), so memory holds what the datastore holds.
         if token is None:
             await asyncio.to_thread(self._datastore.upsert_agent, agent, previous)
         else:

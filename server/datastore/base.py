@@ -118,11 +118,14 @@ class RegistrationStore(Protocol):
     # -- attested agents ------------------------------------------------------------------------
 
     def upsert_agent(self, agent: AttestedAgent, replacing: AttestedAgent | None = None) -> None:
-        """Insert or replace by spiffe_id. A ban is sticky: upsert never clears `banned`.
-        RemovalUnderWayError, nothing written, while a removal of the agent is stored.
-        With `replacing` (the record the caller read), a compare-and-swap: only that record,
-        still stored unbanned with the same serial and attested_at, is replaced;
-        AgentReplacedError, nothing written, otherwise (evicted, banned, attested again)."""
+        """Save the agent's record, a compare-and-swap against the record the caller read.
+        Without `replacing` (the caller read none), inserted only: AgentReplacedError, nothing
+        written, when the agent has a row (admitted meanwhile, perhaps banned since), so a
+        ban is never overwritten and the caller never holds a record other than the stored
+        one. With `replacing`, only that record, still stored unbanned with the same
+        attested_at and carrying the held serial, is replaced; AgentReplacedError, nothing
+        written, otherwise (evicted, banned, attested again). RemovalUnderWayError, nothing
+        written, while a removal of the agent is stored."""
         ...
 
     def admit_agent(
@@ -132,13 +135,13 @@ class RegistrationStore(Protocol):
         now: int,
         replacing: AttestedAgent | None = None,
     ) -> bool:
-        """Spend the join token and upsert the agent in ONE transaction: True when this call
+        """Spend the join token and save the agent in ONE transaction: True when this call
         deleted the token, having found it unexpired (expires_at > now) with this hash, and
         saved the agent with it. Anything else returns False and writes nothing (the token
         stays as it was). Exactly one of several concurrent callers with the right hash gets
         True. RemovalUnderWayError, nothing written (the token unspent), while a removal of
-        the agent is stored; AgentReplacedError likewise when `replacing` is not the stored
-        record (as upsert_agent)."""
+        the agent is stored; AgentReplacedError likewise when the save upsert_agent would
+        make is refused (a row there without `replacing`, or not the record `replacing`)."""
         ...
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:

@@ -408,7 +408,8 @@ class PostgresDataStore(
     @staticmethod
     def _write_agent(cur: Cursor, agent: AttestedAgent, replacing: AttestedAgent | None) -> None:
         if replacing is None:
-            cur.execute(pg(q.UPSERT_AGENT), _agent_params(agent))
+            if int(cur.execute(pg(q.INSERT_AGENT), _agent_params(agent)).rowcount) != 1:
+                raise AgentReplacedError(agent.spiffe_id)
             return
         params = _agent_params(agent) | _read_params(agent, replacing)
         # The UPDATE's WHERE is evaluated again on the row as a concurrent writer left it

@@ -72,16 +72,13 @@ _AGENT_COLUMNS = (
     "spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors, "
     "previous_serial, previous_expires_at"
 )
-# A ban is sticky: re-attestation racing a ban must not lift it.
-UPSERT_AGENT = (
+# A first admission (no record read): inserted only while the agent has no row. A row there
+# was written since the caller looked (another admission, perhaps banned since): overwriting it
+# would take its place, and a ban of it would no longer be the record the server holds.
+INSERT_AGENT = (
     f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (:spiffe_id, :attestation_type, :serial, "
     ":expires_at, :banned, :attested_at, :selectors, :previous_serial, :previous_expires_at) "
-    "ON CONFLICT (spiffe_id) DO UPDATE SET "
-    "attestation_type = excluded.attestation_type, serial = excluded.serial, "
-    "expires_at = excluded.expires_at, previous_serial = excluded.previous_serial, "
-    "previous_expires_at = excluded.previous_expires_at, "
-    "banned = CASE WHEN agents.banned = 1 THEN 1 ELSE excluded.banned END, "
-    "attested_at = excluded.attested_at, selectors = excluded.selectors"
+    "ON CONFLICT (spiffe_id) DO NOTHING"
 )
 # A compare-and-swap: the agent's record is replaced only while it is still the admission the
 # caller read (same serial and attestation time, not banned). An eviction and a new attestation

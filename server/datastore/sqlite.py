@@ -494,7 +494,8 @@ class SqliteDataStore(
         db: sqlite_utils.Database, agent: AttestedAgent, replacing: AttestedAgent | None
     ) -> None:
         if replacing is None:
-            db.execute(q.UPSERT_AGENT, _agent_params(agent))
+            if int(db.execute(q.INSERT_AGENT, _agent_params(agent)).rowcount) != 1:
+                raise AgentReplacedError(agent.spiffe_id)
             return
         params = _agent_params(agent) | _read_params(agent, replacing)
         # Under the write lock: no other writer comes between the comparison and the write.

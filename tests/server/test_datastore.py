@@ -29,7 +29,7 @@ from server.datastore import (
     queries,
 )
 from server.datastore import sqlite as sqlite_module
-from server.datastore.errors import StorageError
+from server.datastore.errors import AgentReplacedError, StorageError
 from server.datastore.migrations import MIGRATIONS
 from server.datastore.records import EventFilter, TokenUse
 from server.datastore.sqlite import SqliteDataStore
@@ -267,7 +267,7 @@ def test_agent_upsert_get_list_delete(datastore: DataStore) -> None:
     datastore.upsert_agent(first)
     assert datastore.get_agent(AGENT) == first
     renewed = first.renewed("2", first.expires_at + 60, held=first.serial)
-    datastore.upsert_agent(renewed)
+    datastore.upsert_agent(renewed, first)
     assert datastore.get_agent(AGENT) == renewed
     assert (renewed.previous_serial, renewed.previous_expires_at) == (
         first.serial,
@@ -283,12 +283,14 @@ def test_agent_upsert_get_list_delete(datastore: DataStore) -> None:
         datastore.delete_agent(AGENT)
 
 
-def test_ban_is_sticky_across_upserts(datastore: DataStore) -> None:
+def test_ban_is_sticky_across_saves(datastore: DataStore) -> None:
     datastore.upsert_agent(agent())
     datastore.set_agent_banned(AGENT, True)
-    datastore.upsert_agent(agent(serial="2"))  # a renewal racing the ban
-    assert datastore.get_agent(AGENT).banned
-    assert datastore.get_agent(AGENT).serial == "2"
+    with pytest.raises(AgentReplacedError):  # a renewal racing the ban
+        datastore.upsert_agent(agent().renewed("2", 1_700_007_200, held="1"), agent())
+    with pytest.raises(AgentReplacedError):  # a first admission that read no record
+        datastore.upsert_agent(agent(serial="3"))
+    assert datastore.get_agent(AGENT) == agent(banned=True)
     datastore.set_agent_banned(AGENT, False)
     assert not datastore.get_agent(AGENT).banned
     with pytest.raises(NotFoundError):

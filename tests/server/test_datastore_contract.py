@@ -231,9 +231,18 @@ def test_join_tokens_are_single_use(store: DataStore) -> None:
 def test_agents_keep_a_ban(store: DataStore) -> None:
     store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
     store.set_agent_banned(AGENT, True)
-    store.upsert_agent(AttestedAgent(AGENT, "join_token", "2", NOW + 3600))
+    # A first admission of the agent that read no record (it began before the one banned),
+    # saved after the ban: refused, not an overwrite of the banned record.
+    with pytest.raises(AgentReplacedError, match=AGENT):
+        store.upsert_agent(AttestedAgent(AGENT, "join_token", "2", NOW + 3600))
+    store.create_join_token(JoinToken("t", b"h" * 32, NOW + 60))
+    with pytest.raises(AgentReplacedError, match=AGENT):
+        store.admit_agent(
+            AttestedAgent(AGENT, "join_token", "3", NOW + 3600), TokenUse("t", b"h" * 32), NOW
+        )
+    assert store.check_join_token("t", b"h" * 32, NOW)  # its spend rolled back
     assert store.get_agent(AGENT).banned
-    assert [a.serial for a in store.list_agents()] == ["2"]
+    assert [a.serial for a in store.list_agents()] == ["1"]
     store.delete_agent(AGENT)
     with pytest.raises(NotFoundError):
         store.get_agent(AGENT)
@@ -329,8 +338,10 @@ def test_an_agent_under_removal_is_neither_admitted_nor_saved(store: DataStore) 
         store.admit_agent(back, TokenUse("t", b"h" * 32), NOW)
     with pytest.raises(RemovalUnderWayError):
         store.upsert_agent(back)
-    with pytest.raises(RemovalUnderWayError):  # a renewal of the banned agent
-        store.upsert_agent(AttestedAgent(OTHER_AGENT, "join_token", "2", NOW + 3600))
+    # A renewal of the banned agent: its ban refuses it, removal or not.
+    read = AttestedAgent(OTHER_AGENT, "join_token", "1", NOW + 3600)
+    with pytest.raises(AgentReplacedError):
+        store.upsert_agent(read.renewed("2", NOW + 3600, "1"), read)
     # Nothing written: the token unspent, no agent back, the banned one as it was.
     assert store.check_join_token("t", b"h" * 32, NOW)
     assert [(a.spiffe_id, a.serial) for a in store.list_agents()] == [(OTHER_AGENT, "1")]
