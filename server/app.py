@@ -261,7 +261,10 @@ class Server:
         }
         if self.config.x509pop_ca_bundle is not None:
             attestors["x509pop"] = X509PopAttestor(
-                _load_ca_file(self.config.x509pop_ca_bundle), self.ids, self.clock
+                _load_ca_file(self.config.x509pop_ca_bundle),
+                self.ids,
+                self.clock,
+                own_cas=self.ca.own_ca_certificates,
             )
         return attestors
 

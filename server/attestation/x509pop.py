@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import (
     ExtensionPolicy,
@@ -31,11 +32,27 @@ from server.errors import InvalidRequestError, PermissionDeniedError
 from server.ids import ServerIds
 from svid._clock import Clock
 from svid._errors import SvidError
-from svid._x509 import parse_der_certs
+from svid._x509 import extensions_of, parse_der_certs
 
 TYPE_NAME = "x509pop"
 NONCE_BYTES = 32
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+
+
+def _public_key_der(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def _spiffe_uris(cert: x509.Certificate) -> list[str]:
+    """The certificate's URI SANs naming a SPIFFE ID (an SVID's mark)."""
+    try:
+        san = extensions_of(cert).get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    except SvidError as exc:
+        raise PermissionDeniedError(f"x509pop: {exc}") from None
+    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+    return [u for u in uris if u.lower().startswith("spiffe:")]
 
 
 def _fingerprint(cert: x509.Certificate) -> str:
@@ -74,13 +91,21 @@ class X509PopAttestor:
     checks_cheaply = False
 
     def __init__(
-        self, ca_certs: tuple[x509.Certificate, ...], ids: ServerIds, clock: Clock
+        self,
+        ca_certs: tuple[x509.Certificate, ...],
+        ids: ServerIds,
+        clock: Clock,
+        *,
+        own_cas: Callable[[], tuple[x509.Certificate, ...]],
     ) -> None:
+        """`own_cas`: the trust domain's own X.509 CAs as they stand (CaManager), so no
+        certificate they issued passes as a node's, whatever the operator's bundle holds."""
         if not ca_certs:
             raise ValueError("x509pop needs at least one CA certificate")
         self._store = Store(list(ca_certs))
         self._ids = ids
         self._clock = clock
+        self._own_cas = own_cas
 
     def _verify_chain(self, chain: list[x509.Certificate]) -> list[x509.Certificate]:
         when = datetime.fromtimestamp(self._clock.now(), tz=UTC)
@@ -104,6 +129,20 @@ class X509PopAttestor:
             ) from None
         return list(verified.chain)
 
+    def _refuse_our_own(self, verified: list[x509.Certificate]) -> None:
+        """A node certificate is not an SVID. The bundle may hold a root that also signs this
+        trust domain's CA (it is the upstream root): every SVID the server issued then chains
+        to it, and one would attest its holder as a second agent a ban of the first misses."""
+        if _spiffe_uris(verified[0]):
+            raise PermissionDeniedError(
+                "x509pop: the certificate is an SVID (it names a SPIFFE ID), not a node certificate"
+            )
+        ours = {_public_key_der(ca) for ca in self._own_cas()}
+        if any(_public_key_der(ca) in ours for ca in verified[1:]):
+            raise PermissionDeniedError(
+                "x509pop: the certificate was issued by this trust domain's own CA, not a node CA"
+            )
+
     async def attest(self, payload: bytes, challenge: Challenge) -> AttestationResult:
         try:
             chain = parse_der_certs(payload)
@@ -112,6 +151,7 @@ class X509PopAttestor:
                 f"x509pop: payload is not a DER certificate chain: {exc}"
             ) from None
         verified = self._verify_chain(chain)
+        self._refuse_our_own(verified)
         leaf = chain[0]
         nonce = secrets.token_bytes(NONCE_BYTES)
         answer = await challenge(nonce)

@@ -281,6 +281,13 @@ class CaManager:
             raise CaUnavailableError("no bundle yet: the CA manager is not initialised")
         return bundle
 
+    def own_ca_certificates(self) -> tuple[x509.Certificate, ...]:
+        """The certificates of this trust domain's own X.509 CAs, every journaled slot's (not
+        an upstream root above them): whatever chains through one of them is ours."""
+        with self._lock:
+            slots = tuple(self._slots[X509_KIND])
+        return tuple(x509.load_der_x509_certificate(s.public_der) for s in slots)
+
     def key_slots(self, kind: str) -> tuple[KeySlot, ...]:
         """The journaled slots of one kind as of the last tick (for status output and tests)."""
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import queue
 import shutil
@@ -23,12 +24,17 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.x509.oid import NameOID
 
-from server.attestation.x509pop import sign_challenge
+from server.attestation.base import AttestationResult
+from server.attestation.x509pop import X509PopAttestor, sign_challenge
 from server.datastore.errors import StorageError
 from server.datastore.records import EventFilter
+from server.errors import PermissionDeniedError
+from server.ids import ServerIds
 from server.issuance import AgentAdmission
 from server.state import ServerState
+from svid._clock import SystemClock
 from svid._proto import admin_pb2, common_pb2, node_pb2
+from svid._spiffe_id import TrustDomain
 from tests.server.fixtures import (
     DER,
     PEM,
@@ -645,3 +651,53 @@ def test_a_first_attestation_signed_across_a_ban_of_the_node_does_not_unban_it(
             assert seen == dict.fromkeys(seen, True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _intermediate(root: x509.Certificate, root_key: Any, cn: str) -> tuple[x509.Certificate, Any]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(root.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def test_a_certificate_our_own_ca_issued_is_not_a_node_certificate_even_without_a_spiffe_id() -> (
+    None
+):
+    """The trust domain's CA sits under the x509pop root (the upstream root): a certificate it
+    issued is ours, whatever its SANs say, never a node's. The same chain under a CA that is
+    not ours attests."""
+    root, root_key = _ca("corporate-root")
+    ours, ours_key = _intermediate(root, root_key, "svidd-ca")
+    leaf, leaf_key = _node(ours, ours_key, "no-spiffe-id")
+    payload = leaf.public_bytes(DER) + ours.public_bytes(DER)
+
+    async def answer(nonce: bytes) -> bytes:
+        return sign_challenge(leaf_key, nonce)
+
+    def attest(own: tuple[x509.Certificate, ...]) -> AttestationResult:
+        ids = ServerIds(TrustDomain(TRUST_DOMAIN))
+        attestor = X509PopAttestor((root,), ids, SystemClock(), own_cas=lambda: own)
+        return asyncio.run(attestor.attest(payload, answer))
+
+    assert attest(()).attestation_type == "x509pop"
+    with pytest.raises(PermissionDeniedError, match="own CA"):
+        attest((ours,))
