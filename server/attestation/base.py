@@ -23,6 +23,9 @@ class AttestationResult:
     # A join token checked, not yet spent: the admission spends it with the agent's record,
     # once the attestation's audit event is committed, so a failure on the way spends nothing.
     token: TokenUse | None = None
+    # What an earlier version named this node's agent (a change of its ID's basis): a ban of
+    # the agent under such a name refuses the node as its ban would.
+    former_agent_ids: tuple[SpiffeId, ...] = ()
 
 
 class NodeAttestor(Protocol):

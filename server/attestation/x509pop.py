@@ -3,7 +3,8 @@
 Flow: the agent sends its DER chain (leaf first); the server verifies it against the configured
 CA bundle and sends a 32-byte nonce; the agent signs the nonce with the node key (ECDSA/SHA-256
 DER signature, RSA-PSS/SHA-256 with a 32-byte salt, or Ed25519); the server checks the signature
-with the leaf's public key.
+with the leaf's public key. The agent is named by the SHA-256 of the leaf's TBS bytes
+(node_id), not SPIRE's SHA-1 of the whole certificate, which the signature's encoding changes.
 """
 
 from __future__ import annotations
@@ -56,7 +57,15 @@ def _spiffe_uris(cert: x509.Certificate) -> list[str]:
 
 
 def _fingerprint(cert: x509.Certificate) -> str:
+    """SPIRE's: the SHA-1 of the whole DER, which the CA's signature's encoding changes (an
+    ECDSA s as n - s verifies all the same). Fine for a selector, never an identity."""
     return hashlib.sha1(cert.public_bytes(Encoding.DER), usedforsecurity=False).hexdigest()
+
+
+def node_id(cert: x509.Certificate) -> str:
+    """The node's name in its agent ID: the SHA-256 of what the CA signed (the TBS bytes),
+    which no re-encoding of the signature can change, so one certificate is one agent."""
+    return hashlib.sha256(cert.tbs_certificate_bytes).hexdigest()
 
 
 def sign_challenge(key: object, nonce: bytes) -> bytes:
@@ -165,8 +174,10 @@ class X509PopAttestor:
         for ca in verified[1:]:
             selectors.append(Selector(TYPE_NAME, f"ca:fingerprint:{_fingerprint(ca)}"))
         return AttestationResult(
-            agent_id=self._ids.agent(TYPE_NAME, _fingerprint(leaf)),
+            agent_id=self._ids.agent(TYPE_NAME, node_id(leaf)),
             attestation_type=TYPE_NAME,
             selectors=tuple(selectors),
             can_reattest=True,
+            # Named by the whole certificate's SHA-1 before: a ban of that agent still holds.
+            former_agent_ids=(self._ids.agent(TYPE_NAME, _fingerprint(leaf)),),
         )

@@ -67,6 +67,12 @@ class AgentAdmission:
 
     def check(self, result: AttestationResult) -> AttestedAgent | None:
         """The agent's current record if it may (re-)attest; PermissionDeniedError if not."""
+        for former in map(str, result.former_agent_ids):
+            record = self._state.agents.get(former)
+            if record is not None and record.banned:
+                raise PermissionDeniedError(
+                    f"agent {former}, as this node was named before {result.agent_id}, is banned"
+                )
         existing = self._state.agents.get(str(result.agent_id))
         if existing is None:
             return None

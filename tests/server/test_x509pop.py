@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from server.attestation.base import AttestationResult
 from server.attestation.x509pop import X509PopAttestor, sign_challenge
 from server.datastore.errors import StorageError
-from server.datastore.records import EventFilter
+from server.datastore.records import AttestedAgent, EventFilter
 from server.errors import PermissionDeniedError
 from server.ids import ServerIds
 from server.issuance import AgentAdmission
@@ -148,8 +148,9 @@ def _attest(srv: RunningServer, chain: list[x509.Certificate], signer: Any) -> n
 def test_x509pop_attests_and_sets_selectors(srv: RunningServer, pki: Any) -> None:
     cert, key = _node(*pki, "node1")
     result = _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
-    fp = hashlib.sha1(cert.public_bytes(DER), usedforsecurity=False).hexdigest()
-    assert result.spiffe_id == f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/{fp}"
+    # Named by what its CA signed (SHA-256 of the TBS bytes), which no re-encoding changes.
+    name = hashlib.sha256(cert.tbs_certificate_bytes).hexdigest()
+    assert result.spiffe_id == f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/{name}"
     from svid._proto import admin_pb2
 
     agent = srv.admin().GetAgent(admin_pb2.GetAgentRequest(spiffe_id=result.spiffe_id))
@@ -701,3 +702,20 @@ def test_a_certificate_our_own_ca_issued_is_not_a_node_certificate_even_without_
     assert attest(()).attestation_type == "x509pop"
     with pytest.raises(PermissionDeniedError, match="own CA"):
         attest((ours,))
+
+
+def test_a_node_banned_under_its_former_agent_id_stays_banned(srv: RunningServer, pki: Any) -> None:
+    """Agent IDs of x509pop nodes were the SHA-1 of the whole certificate before they were
+    the SHA-256 of what the CA signed: a node banned under its former ID is refused, not
+    admitted under its new one."""
+    cert, key = _node(*pki, "node-banned-before")
+    former = (
+        f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/"
+        + hashlib.sha1(cert.public_bytes(DER), usedforsecurity=False).hexdigest()
+    )
+    srv.call(srv.server.state.save_agent(AttestedAgent(former, "x509pop", "1", 2**40), None))
+    srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=former), timeout=10)
+    with pytest.raises(grpc.RpcError) as refused:
+        _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "is banned" in refused.value.details()  # type: ignore[attr-defined]
