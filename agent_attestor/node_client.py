@@ -12,8 +12,8 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor import _crypto
@@ -34,6 +34,7 @@ from agent_attestor.model import Entry, TrustBundle
 from agent_attestor.signer import MintedJwt, X509Result
 from svid._der import der_concat, parse_der_certs
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
+from svid._x509pop import sign_challenge as sign_x509pop_challenge
 
 SERVER_NAME = "svid-server"
 _OPTIONS = (
@@ -140,17 +141,15 @@ def insecure_fetch_server_root(address: str) -> bytes:
     return pem.encode()
 
 
-def sign_challenge(key: PrivateKeyTypes, nonce: bytes) -> bytes:
-    """x509pop proof of possession, in the form the server checks."""
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(nonce, ec.ECDSA(hashes.SHA256()))
-    if isinstance(key, rsa.RSAPrivateKey):
-        return key.sign(
-            nonce, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256()
-        )
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(nonce)
-    raise ConfigError(f"x509pop_key: unsupported key type {type(key).__name__}")
+def sign_challenge(key: PrivateKeyTypes, challenge: bytes) -> bytes:
+    """x509pop proof of possession, in the form the server checks (svid._x509pop): a nonce
+    signed behind x509pop's own context, never whatever bytes a server sends."""
+    try:
+        return sign_x509pop_challenge(key, challenge)
+    except TypeError:
+        raise ConfigError(f"x509pop_key: unsupported key type {type(key).__name__}") from None
+    except ValueError as exc:
+        raise AttestationError(f"refused to sign the server's x509pop challenge: {exc}") from None
 
 
 async def wait_connected(channel: grpc.aio.Channel, address: str, timeout: float) -> None:

@@ -2,7 +2,8 @@
 
 from server.attestation.base import AttestationResult, Challenge, NodeAttestor
 from server.attestation.join_token import JoinTokenAttestor, new_join_token
-from server.attestation.x509pop import X509PopAttestor, sign_challenge
+from server.attestation.x509pop import X509PopAttestor
+from svid._x509pop import sign_challenge
 
 __all__ = [
     "AttestationResult",

@@ -1,10 +1,10 @@
 """x509pop attestation: the agent proves possession of a key whose certificate chains to a CA.
 
 Flow: the agent sends its DER chain (leaf first); the server verifies it against the configured
-CA bundle and sends a 32-byte nonce; the agent signs the nonce with the node key (ECDSA/SHA-256
-DER signature, RSA-PSS/SHA-256 with a 32-byte salt, or Ed25519); the server checks the signature
-with the leaf's public key. The agent is named by the SHA-256 of the leaf's TBS bytes
-(node_id), not SPIRE's SHA-1 of the whole certificate, which the signature's encoding changes.
+CA bundle and sends a 32-byte nonce; the agent signs it, behind a context of its own, with the
+node key (svid._x509pop); the server checks the signature with the leaf's public key. The
+agent is named by the SHA-256 of the leaf's TBS bytes (node_id), not SPIRE's SHA-1 of the whole
+certificate, which the signature's encoding changes.
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import (
@@ -34,10 +31,9 @@ from server.ids import ServerIds
 from svid._clock import Clock
 from svid._errors import SvidError
 from svid._x509 import extensions_of, parse_der_certs
+from svid._x509pop import NONCE_BYTES, check_answer
 
 TYPE_NAME = "x509pop"
-NONCE_BYTES = 32
-_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 
 
 def _public_key_der(cert: x509.Certificate) -> bytes:
@@ -66,32 +62,6 @@ def node_id(cert: x509.Certificate) -> str:
     """The node's name in its agent ID: the SHA-256 of what the CA signed (the TBS bytes),
     which no re-encoding of the signature can change, so one certificate is one agent."""
     return hashlib.sha256(cert.tbs_certificate_bytes).hexdigest()
-
-
-def sign_challenge(key: object, nonce: bytes) -> bytes:
-    """What an agent sends back: the nonce signed with its node key (used by tests and agents)."""
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(nonce, ec.ECDSA(hashes.SHA256()))
-    if isinstance(key, rsa.RSAPrivateKey):
-        return key.sign(nonce, _PSS, hashes.SHA256())
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(nonce)
-    raise TypeError(f"unsupported node key type {type(key).__name__}")
-
-
-def _check_signature(public_key: object, nonce: bytes, signature: bytes) -> bool:
-    try:
-        if isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(signature, nonce, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(signature, nonce, _PSS, hashes.SHA256())
-        elif isinstance(public_key, ed25519.Ed25519PublicKey):
-            public_key.verify(signature, nonce)
-        else:
-            return False
-    except (InvalidSignature, ValueError):
-        return False
-    return True
 
 
 class X509PopAttestor:
@@ -164,7 +134,7 @@ class X509PopAttestor:
         leaf = chain[0]
         nonce = secrets.token_bytes(NONCE_BYTES)
         answer = await challenge(nonce)
-        if not _check_signature(leaf.public_key(), nonce, answer):
+        if not check_answer(leaf.public_key(), nonce, answer):
             raise PermissionDeniedError(
                 "x509pop: challenge signature does not match the certificate key"
             )

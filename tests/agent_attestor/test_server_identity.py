@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,26 +50,33 @@ _TLS13_CLIENT_VERIFY = b" " * 64 + b"TLS 1.3, client CertificateVerify\x00" + by
 class _AskingNode(node_pb2_grpc.NodeServicer):
     """A server that sends the x509pop agent a challenge of its choosing and keeps the answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, challenge: bytes) -> None:
+        self.challenge = challenge
         self.answers: list[bytes] = []
 
     async def Attest(  # type: ignore[override]
         self, request_iterator: AsyncIterator[node_pb2.AttestRequest], context: Any
     ) -> None:
         await request_iterator.__anext__()
-        await context.write(node_pb2.AttestResponse(challenge=_TLS13_CLIENT_VERIFY))
+        await context.write(node_pb2.AttestResponse(challenge=self.challenge))
         answer = await request_iterator.__anext__()
         self.answers.append(bytes(answer.challenge_response))
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
 
 
-def test_an_x509pop_agent_signs_only_a_nonce_not_what_a_server_chooses() -> None:
+# A TLS 1.3 CertificateVerify is refused unsigned (not a 32-byte nonce); 32 bytes a server
+# chose (another protocol's digest, say) are signed only behind x509pop's own context.
+@pytest.mark.parametrize(
+    "challenge", [_TLS13_CLIENT_VERIFY, bytes(range(32))], ids=["tls13-verify", "32-bytes"]
+)
+def test_an_x509pop_agent_signs_only_a_nonce_not_what_a_server_chooses(challenge: bytes) -> None:
     """The node key is the node's certificate key, which the node may use elsewhere (its TLS
     client identity in the same PKI). The agent's proof must not be a signature over any
     bytes a server sends: a 32-byte nonce, signed in a form of its own, or nothing."""
     ca = LocalCa(SystemClock())
     node_key = ec.generate_private_key(ec.SECP256R1())
-    asking = _AskingNode()
+    asking = _AskingNode(challenge)
+    refused: list[AttestationError] = []
 
     async def scenario() -> None:
         server = grpc.aio.server()
@@ -80,13 +86,21 @@ def test_an_x509pop_agent_signs_only_a_nonce_not_what_a_server_chooses() -> None
         address = f"127.0.0.1:{port}"
         client = NodeClient(address, address, ca.cert.public_bytes(PEM))
         try:
-            with contextlib.suppress(AttestationError):
-                await client.attest(x509pop=([ca.cert], node_key), timeout=10)
+            await client.attest(x509pop=([ca.cert], node_key), timeout=10)
+        except AttestationError as exc:
+            refused.append(exc)
         finally:
             await client.close()
             await server.stop(None)
 
     asyncio.run(scenario())
+    # The exchange took place: the agent got the challenge and came to an end of it.
+    assert len(refused) == 1
+    if len(challenge) == 32:
+        assert len(asking.answers) == 1
+    else:
+        assert asking.answers == []
+        assert "32-byte nonce" in str(refused[0])
     for answer in asking.answers:
         with pytest.raises(InvalidSignature):
-            node_key.public_key().verify(answer, _TLS13_CLIENT_VERIFY, ec.ECDSA(hashes.SHA256()))
+            node_key.public_key().verify(answer, challenge, ec.ECDSA(hashes.SHA256()))

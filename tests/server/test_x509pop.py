@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from cryptography.x509.oid import NameOID
 
 from server.attestation.base import AttestationResult
-from server.attestation.x509pop import X509PopAttestor, sign_challenge
+from server.attestation.x509pop import X509PopAttestor
 from server.datastore.errors import StorageError
 from server.datastore.records import AttestedAgent, EventFilter
 from server.errors import PermissionDeniedError
@@ -35,6 +35,7 @@ from server.state import ServerState
 from svid._clock import SystemClock
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from svid._spiffe_id import TrustDomain
+from svid._x509pop import sign_challenge
 from tests.server.fixtures import (
     DER,
     PEM,
@@ -385,8 +386,19 @@ def test_wrong_key_fails_the_challenge(srv: RunningServer, pki: Any) -> None:
 def test_signature_over_other_bytes_fails(srv: RunningServer, pki: Any) -> None:
     cert, key = _node(*pki, "node3")
     with pytest.raises(grpc.RpcError) as exc:
-        _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce + b"x"))
+        _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce[::-1]))
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+
+
+def test_a_signature_over_the_bare_nonce_is_refused(srv: RunningServer, pki: Any) -> None:
+    """The answer signs the nonce behind x509pop's own context: a signature over the bare
+    nonce could be one the node key made for another protocol's 32 bytes. It is what agents
+    before that context sent: they no longer attest x509pop against this server."""
+    cert, key = _node(*pki, "node-bare-nonce")
+    with pytest.raises(grpc.RpcError) as exc:
+        _attest(srv, [cert], lambda nonce: key.sign(nonce, ec.ECDSA(hashes.SHA256())))
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "challenge signature" in exc.value.details()  # type: ignore[attr-defined]
 
 
 def test_untrusted_chain_is_refused_before_the_challenge(srv: RunningServer) -> None:
