@@ -175,3 +175,35 @@ def test_a_name_the_resolver_is_slow_to_resolve_is_given_only_the_gets_time(
     finally:
         release.set()
     assert elapsed < 1.5, f"GET with timeout=0.5 s held {elapsed:.1f} s resolving its host"
+
+
+def test_lookups_of_a_resolver_that_never_answers_do_not_pile_up_a_thread_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A resolver that never answers (a hung NSS module, a dead nameserver with long
+    # resolv.conf timeouts): each GET gives up at its deadline, but its lookup thread cannot be
+    # cut. Fetches are retried (every issuer, every relationship, again and again): the threads
+    # they leave must stay bounded, by about the fetch pools' sizes, not grow one per GET.
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def hung(host: str, *args: object, **kwargs: object) -> list[tuple]:  # type: ignore[type-arg]
+        if host == "partner.test":
+            release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "temporary failure in name resolution")
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    def lookups() -> int:
+        return sum(t.name == "https-get-resolve" and t.is_alive() for t in threading.enumerate())
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    gets = 40
+    try:
+        for _ in range(gets):
+            with pytest.raises(TimeoutError):
+                https_get.get("https://partner.test:1/", context=None, limit=1 << 20, timeout=0.01)
+        held = lookups()
+    finally:
+        release.set()
+    bound = 3 * https_get.FETCHES_AT_ONCE  # every fetch pool's threads, each in a lookup
+    assert held <= bound, f"{gets} GETs of a hung resolver left {held} lookup threads running"
