@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from svid import (
     BundleSet,
@@ -24,8 +24,17 @@ from svid import (
     X509Verifier,
     der_concat,
 )
+from svid._cert_der import read_tlv
 from tests.svid.certs import T0, Issued, make_ca, make_leaf, reissue, rsa_key, slow_rsa_key
-from tests.svid.resigned import RSA_SHA1, edi_party_twin, pss_signer, resigned, rsa_pss_sha256
+from tests.svid.resigned import (
+    ECDSA_SHA256,
+    RSA_SHA1,
+    _tlv,
+    edi_party_twin,
+    pss_signer,
+    resigned,
+    rsa_pss_sha256,
+)
 
 TD = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -584,3 +593,32 @@ def test_an_rsa_pss_intermediate_whose_mgf1_hash_is_sha1_is_refused(clock: FakeC
     )
     with pytest.raises(VerificationError, match="MGF1 uses sha1"):
         v.verify_der(der_concat([make_leaf(inter).cert]) + pss)
+
+
+def test_an_rsa_1024_leaf_key_named_id_rsassa_pss_is_refused_too(
+    verifier: X509Verifier, ca: Issued
+) -> None:
+    # A leaf's RSA key may be published under id-RSASSA-PSS (RFC 4055) rather than
+    # rsaEncryption: cryptography loads it as the same RSA key, and a TLS peer proves
+    # possession of it all the same. Its weakness is the key's, not its algorithm name's.
+    weak = make_leaf(ca, key=_rsa_1024())
+    rsa_encryption = bytes.fromhex("300d06092a864886f70d0101010500")
+    id_rsassa_pss = bytes.fromhex("300b06092a864886f70d01010a")  # no parameters: any hash
+
+    def pss_named(parts: list[bytes]) -> list[bytes]:
+        spki = parts[6]
+        assert rsa_encryption in spki
+        _, start, end = read_tlv(spki, 0, len(spki))
+        parts[6] = _tlv(0x30, spki[start:end].replace(rsa_encryption, id_rsassa_pss))
+        return parts
+
+    key = ca.key
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    der = resigned(
+        weak.cert, ECDSA_SHA256, lambda tbs: key.sign(tbs, ec.ECDSA(hashes.SHA256())), pss_named
+    )
+    leaf = x509.load_der_x509_certificate(der)
+    assert isinstance(leaf.public_key(), rsa.RSAPublicKey)
+    assert leaf.public_key().key_size == 1024
+    with pytest.raises(VerificationError, match=r"leaf serial .* 1024 bits"):
+        verifier.verify_der(der)
