@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import http.client
 import ipaddress
-import queue
 import re
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -171,22 +171,56 @@ def _resolve(host: str, port: int, ends: float, timeout: float) -> Sequence[_Add
         pass
     else:
         return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    found: queue.SimpleQueue[Sequence[_Address] | Exception] = queue.SimpleQueue()
-
-    def lookup() -> None:
-        try:
-            found.put(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
-        except Exception as exc:  # handed to the GET, which raises it as the lookup would
-            found.put(exc)
-
-    threading.Thread(target=lookup, name="https-get-resolve", daemon=True).start()
     try:
-        answer = found.get(timeout=max(ends - time.monotonic(), 0))
-    except queue.Empty:
+        return _LOOKUPS.of(host, port).result(timeout=max(ends - time.monotonic(), 0))
+    except FutureTimeout:
         raise _late(timeout) from None
-    if isinstance(answer, Exception):
-        raise answer
-    return answer
+
+
+# Lookups the resolver has not answered yet, at most this many names at once: past it a GET
+# fails at once rather than leave one more thread the resolver may hold for minutes.
+LOOKUPS_AT_ONCE = 16
+
+
+class _Lookups:
+    """The name lookups under way, one per (host, port): GETs of a name already being looked
+    up wait on that lookup rather than start another, so a resolver that hangs holds one
+    thread per name (every fetch of an issuer or relationship is retried), not one per GET.
+    One for the process, as the resolver it shields is."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, int], Future[Sequence[_Address]]] = {}
+
+    def of(self, host: str, port: int) -> Future[Sequence[_Address]]:
+        key = (host, port)
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is not None:
+                return pending
+            if len(self._pending) >= self._limit:
+                raise OSError(
+                    f"{host}: {self._limit} name lookups are under way and unanswered; "
+                    "is the resolver down?"
+                )
+            future: Future[Sequence[_Address]] = Future()
+            self._pending[key] = future
+
+        def lookup() -> None:
+            try:
+                future.set_result(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+            except Exception as exc:  # handed to the GETs, which raise it as the lookup would
+                future.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._pending.pop(key, None)
+
+        threading.Thread(target=lookup, name="https-get-resolve", daemon=True).start()
+        return future
+
+
+_LOOKUPS = _Lookups(LOOKUPS_AT_ONCE)
 
 
 def _handshake(

@@ -207,3 +207,36 @@ def test_lookups_of_a_resolver_that_never_answers_do_not_pile_up_a_thread_each(
         release.set()
     bound = 3 * https_get.FETCHES_AT_ONCE  # every fetch pool's threads, each in a lookup
     assert held <= bound, f"{gets} GETs of a hung resolver left {held} lookup threads running"
+
+
+def test_past_its_bound_of_unanswered_names_a_get_fails_at_once_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Names are shared by their GETs; many names under one hung resolver are bounded too.
+    release = threading.Event()
+
+    def hung(host: str, *args: object, **kwargs: object) -> list[tuple]:  # type: ignore[type-arg]
+        release.wait(60)
+        raise socket.gaierror(socket.EAI_AGAIN, "temporary failure in name resolution")
+
+    _no_lookup_pending()  # an earlier test's, released, may still be ending
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    try:
+        for i in range(https_get.LOOKUPS_AT_ONCE):
+            with pytest.raises(TimeoutError):
+                https_get.get(f"https://p{i}.test:1/", context=None, limit=1 << 20, timeout=0.01)
+        started = time.monotonic()
+        with pytest.raises(OSError, match="name lookups are under way") as refused:
+            https_get.get("https://one-more.test:1/", context=None, limit=1 << 20, timeout=5)
+        assert not isinstance(refused.value, TimeoutError)
+        assert time.monotonic() - started < 1
+    finally:
+        release.set()
+    _no_lookup_pending()  # once the resolver answers, the names are free again
+
+
+def _no_lookup_pending() -> None:
+    deadline = time.monotonic() + 5
+    while https_get._LOOKUPS._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not https_get._LOOKUPS._pending
