@@ -115,7 +115,10 @@ _RSA_SIGS: dict[bytes, hashes.HashAlgorithm] = {
 }
 _PKCS1 = padding.PKCS1v15()
 # rsaEncryption as a full DER OID: in a leaf's TBS (almost always) only as its key's algorithm.
-_RSA_KEY_OID = b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01"
+# id-ecPublicKey, as DER; it starts the SubjectPublicKeyInfo's algorithm, within its first
+# bytes (two SEQUENCE headers of at most 4 bytes each before the OID's 9).
+_EC_KEY_OID = b"\x06\x07\x2a\x86\x48\xce\x3d\x02\x01"
+_SPKI_ALGORITHM_BYTES = 17
 # What cryptography raises reading a certificate it cannot make sense of (DuplicateExtension
 # and UnsupportedGeneralNameType are no ValueError): each is a malformed chain to a verifier.
 _MALFORMED = (
@@ -293,10 +296,11 @@ def _facts_signature_ok(cert: x509.Certificate | None, facts: der.CertFacts, key
 
 def _leaf_key_problem(facts: der.CertFacts) -> str | None:
     """Why the leaf's key is refused, or None: an RSA key outside rsa_key_problem's bounds (a
-    1024-bit one proves little of the identity). Its key is decoded only when its TBS names
-    rsaEncryption somewhere, so EC leaves cost one search; and from its SubjectPublicKeyInfo
-    alone, which costs a fraction of loading the certificate (the template path loads none)."""
-    if _RSA_KEY_OID not in facts.tbs:
+    1024-bit one proves little of the identity). Its key is decoded only when its
+    SubjectPublicKeyInfo's algorithm is not id-ecPublicKey, so EC leaves cost one short
+    search (an RSA key may be labelled rsaEncryption or id-RSASSA-PSS); and from that alone,
+    which costs a fraction of loading the certificate (the template path loads none)."""
+    if _EC_KEY_OID in facts.spki[:_SPKI_ALGORITHM_BYTES]:
         return None
     key = serialization.load_der_public_key(facts.spki)
     return rsa_key_problem(key) if isinstance(key, rsa.RSAPublicKey) else None
@@ -604,7 +608,7 @@ class X509Verifier:
         if bundle is None:
             return None
         try:
-            if _RSA_KEY_OID in facts.tbs and _leaf_key_problem(facts) is not None:
+            if _leaf_key_problem(facts) is not None:
                 return None  # the general path says why
             memo = self._indexes.get(td.name)
             index = memo[1] if memo is not None and memo[0] is bundle else self._index(bundle)
