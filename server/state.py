@@ -61,6 +61,10 @@ class ServerState:
         self._agents: Mapping[str, AttestedAgent] = MappingProxyType({})
         self._revocations: tuple[Revocation, ...] = ()
         self._revoked_jtis: tuple[tuple[Revocation, ...], frozenset[str]] = ((), frozenset())
+        self._revoked_keys: tuple[tuple[Revocation, ...], frozenset[tuple[str, str]]] = (
+            (),
+            frozenset(),
+        )
         self._bundle: SpiffeBundle | None = None
         # Foreign trust domain name -> its bundle (server/federation); rides with ours.
         self._foreign: Mapping[str, SpiffeBundle] = MappingProxyType({})
@@ -174,6 +178,15 @@ class ServerState:
                 frozenset(r.value for r in current if r.kind == REVOKED_JWT_ID),
             )
         return jti in memo[1]
+
+    def is_revoked(self, kind: str, value: str) -> bool:
+        """Whether a credential (its kind and value) is among the revocations, as
+        ``is_jwt_revoked`` asks of JWTs: each task end or removal asks of its credentials."""
+        current = self._revocations
+        memo = self._revoked_keys
+        if memo[0] is not current:
+            memo = self._revoked_keys = (current, frozenset((r.kind, r.value) for r in current))
+        return (kind, value) in memo[1]
 
     @property
     def bundle(self) -> SpiffeBundle:

@@ -968,12 +968,11 @@ class TaskService:
         for task in tasks:
             await self._finish(task, TaskState.REVOKED, reason)
         creds = await asyncio.to_thread(self._store.agent_credentials, agent_id, self._now())
-        already = {(r.kind, r.value) for r in self._state.revocations}
         # Stored and on the log are two commits: a removal cut short between them left
         # revocations without their events, so those are looked for on the log, not inferred.
         recorded = await asyncio.to_thread(self._agent_revocations_recorded, agent_id, creds)
         await self._revoke(
-            [c for c in creds if (c.kind, c.value) not in already],
+            [c for c in creds if not self._state.is_revoked(c.kind, c.value)],
             reason,
             agent_id=agent_id,
             task=None,
@@ -995,8 +994,7 @@ class TaskService:
             self._store.list_tasks, agent_id=agent_id, state=TaskState.ACTIVE.value
         )
         creds = await asyncio.to_thread(self._store.agent_credentials, agent_id, self._now())
-        already = {(r.kind, r.value) for r in self._state.revocations}
-        if not tasks and all((c.kind, c.value) in already for c in creds):
+        if not tasks and all(self._state.is_revoked(c.kind, c.value) for c in creds):
             recorded = await asyncio.to_thread(self._agent_revocations_recorded, agent_id, creds)
             if all(c.value in recorded for c in creds):
                 return False
@@ -1113,8 +1111,7 @@ class TaskService:
         # One revoked already (a delegated token whose acting workload's agent was removed
         # first) was logged by what revoked it, or is by that removal's finisher: neither
         # stored nor logged again.
-        already = {(r.kind, r.value) for r in self._state.revocations}
-        fresh = unrecorded = [c for c in creds if (c.kind, c.value) not in already]
+        fresh = unrecorded = [c for c in creds if not self._state.is_revoked(c.kind, c.value)]
         if again:
             # Stored and on the log are two commits: the server before may have died between
             # them, so each is looked for on its own (a revocation stored without its event
