@@ -59,6 +59,21 @@ class X509PopRefusedError(AttestationRefusedError):
     )
 
 
+class AttestationNotAcceptedError(AttestationRefusedError):
+    """The server refused the attestation request itself (INVALID_ARGUMENT): most often it does
+    not enable the agent's attestation type. No retry is answered otherwise until the server's
+    or the agent's configuration changes."""
+
+    problem = (
+        "the server does not accept this agent's attestation (its attestation type is not "
+        "enabled there, or the request is one it cannot read)"
+    )
+    remedy = (
+        "enable the agent's way of attesting on the server (x509pop: x509pop_ca_bundle), or "
+        "give the agent one the server enables (the server's answer, in error, lists them)"
+    )
+
+
 class AttestationLimitedError(AttestationError):
     """The server's attestation budget for the agent's host is spent (RESOURCE_EXHAUSTED): it
     refills with time, so a later attempt, or another server, may succeed."""

@@ -23,6 +23,7 @@ from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.errors import (
     AttestationError,
     AttestationLimitedError,
+    AttestationNotAcceptedError,
     BadRequestError,
     ConfigError,
     JoinTokenRefusedError,
@@ -274,6 +275,10 @@ class NodeClient:
                 if code == grpc.StatusCode.PERMISSION_DENIED:
                     raise X509PopRefusedError(
                         f"the server refused the x509pop certificate: {said}"
+                    ) from exc
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise AttestationNotAcceptedError(
+                        f"the server cannot take this attestation: {_redacted(said, join_token)}"
                     ) from exc
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise AttestationLimitedError(

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.e2e
 REFUSED = "the server refuses this agent's x509pop certificate"
 TOKEN_REFUSED = "the join token cannot attest this agent"
 LIMITED = "the server's attestation budget for this host is spent"
+NOT_ACCEPTED = "the server does not accept this agent's attestation"
 
 
 def _x509pop_agent(root: Path, server: ServerProcess, cert: Path, key: Path) -> AgentProcess:
@@ -110,6 +111,27 @@ def test_a_refused_certificate_is_said_again_after_the_interval_with_the_attempt
         _stop(root, server, None)
     assert first.levelno == reminder.levelno == logging.ERROR
     assert "does not chain to a trusted CA" in str(getattr(first, "error", ""))
+
+
+def test_an_attestation_type_the_server_does_not_enable_is_said_once_then_after_the_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INVALID_ARGUMENT (here: x509pop at a server with no x509pop_ca_bundle) is as much the
+    operator's to mend as a refused certificate: it was written at every retry."""
+    root = short_tmpdir()
+    _, cert, key = node_pki(root)
+    server = make_server(root).start()  # join_token only
+    try:
+        clock = FakeClock(start=time.time())
+        syncer = in_process_syncer(server, tmp_path, clock, x509pop=(cert, key))
+        first, reminder = reminded(syncer, clock, Attempts(monkeypatch), caplog, NOT_ACCEPTED)
+    finally:
+        _stop(root, server, None)
+    assert first.levelno == reminder.levelno == logging.ERROR
+    said = str(getattr(first, "error", ""))
+    assert "INVALID_ARGUMENT" in said
+    assert "'x509pop' is not enabled (enabled: join_token)" in said  # the server's words
+    assert "x509pop_ca_bundle" in first.getMessage()  # what to do
 
 
 def test_an_attestation_over_the_hosts_budget_is_said_as_such_not_as_a_refused_token(
