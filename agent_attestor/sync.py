@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache, SyncPosition, SyncState, hold_crl, join_parts
+from agent_attestor.cancel import cancel_all
 from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.errors import (
     AttestationError,
@@ -41,9 +42,9 @@ from agent_attestor.servers import (
     system_resolver,
 )
 from agent_attestor.signer import MintedJwt, X509Result
-from svid._backoff import backoff_delay
+from svid._backoff import Retry, backoff_delay
 from svid._clock import Clock
-from svid._der import certs_to_pem
+from svid._der import certs_to_pem, parse_der_certs
 from svid._log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ class SyncSettings:
     reconnect_min: float = 1.0
     reconnect_max: float = 10.0
     connect_timeout: float = 5.0
+    # An agent SVID the disk refused is saved again this many seconds later, doubling up to the
+    # cap: a full disk is freed, a read-only one remounted, by someone else and at any time.
+    save_retry_first: float = 1.0
+    save_retry_cap: float = 60.0
     rand: random.Random = field(default_factory=random.Random)
     resolver: Resolver = system_resolver
 
@@ -118,6 +123,11 @@ class Syncer:
         self._servers = ServerChooser(settings.servers, settings.rand, settings.resolver)
         self.moves = 0  # times the agent moved to another server
         self._svid: AgentSvid | None = None
+        # The agent SVID in use and its roots, when the disk refused them (_persist): saved
+        # again by _save_loop, woken by _save_wanted. Roots () once nothing is left to save.
+        self._unsaved: AgentSvid | None = None
+        self._unsaved_roots: tuple[bytes, ...] = ()
+        self._save_wanted = asyncio.Event()
         self._reconnect = asyncio.Event()
         self._token_used = False
         # An attestation in flight: a stop lets it finish (see settle).
@@ -172,6 +182,9 @@ class Syncer:
     # ---- identity ---------------------------------------------------------------------------
 
     def _root_pem(self) -> bytes:
+        if self._unsaved_roots:
+            # The roots the SVID in use came with: the disk's may be those a replaced CA left.
+            return certs_to_pem(parse_der_certs(b"".join(self._unsaved_roots)))
         stored = self._store.load_bundle()
         if stored:
             return certs_to_pem(stored)
@@ -181,14 +194,56 @@ class Syncer:
             "no trust bundle to verify the server: give --trust-bundle (or --insecure-bootstrap)"
         )
 
-    def _persist(self, svid: AgentSvid, bundle: TrustBundle) -> None:
-        """The agent SVID and the roots that came with it, on disk for the next start."""
-        self._store.save_svid(svid)
-        if bundle.x509_authorities:
-            self._store.save_bundle(bundle.x509_authorities)
+    def _persist(self, svid: AgentSvid, bundle: TrustBundle, how: str) -> None:
+        """The agent SVID (`how` it came) and the roots that came with it, on disk for the next
+        start. A disk that refuses them (full, read-only) must not lose them: the server has
+        spent the join token or replaced the old SVID already. So they are used from memory,
+        said once, and _save_loop saves them once the disk takes them."""
+        self._unsaved, self._unsaved_roots = svid, bundle.x509_authorities
+        try:
+            self._save_unsaved()
+        except OSError as exc:
+            log.error(
+                "cannot save the %s agent SVID; using it from memory and saving it again with "
+                "backoff (a restart before it is saved cannot use it)",
+                how,
+                extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
+            )
+            self._save_wanted.set()
+
+    def _save_unsaved(self) -> bool:
+        """Save what the disk refused before; False: nothing was waiting. OSError: refused again
+        (what was saved before it is not saved twice)."""
+        saved = False
+        if self._unsaved is not None:
+            self._store.save_svid(self._unsaved)
+            self._unsaved, saved = None, True
+        if self._unsaved_roots:
+            self._store.save_bundle(self._unsaved_roots)
+            self._unsaved_roots, saved = (), True
+        return saved
+
+    async def _save_loop(self) -> None:
+        """Save an agent SVID the disk refused, with backoff, until it takes it. Quiet while it
+        fails: _persist said so, and what it said holds until the line this writes."""
+        retry = Retry(self._s.save_retry_first, self._s.save_retry_cap)
+        while True:
+            await self._save_wanted.wait()
+            await asyncio.sleep(retry.failed())
+            try:
+                saved = self._save_unsaved()
+            except OSError:
+                continue
+            self._save_wanted.clear()
+            retry.succeeded()
+            if saved:
+                log.info(
+                    "saved the agent SVID the disk refused before",
+                    extra={"svid_file": str(self._store.svid_path)},
+                )
 
     def _install(self, svid: AgentSvid, bundle: TrustBundle | None) -> None:
-        """Use `svid` (on disk, unless the disk refused a renewal) from now on; `bundle` too,
+        """Use `svid` (on disk, unless the disk refused it: _persist) from now on; `bundle` too,
         if one came with it."""
         if bundle is not None and bundle.x509_authorities:
             self._cache.set_bundle(bundle)
@@ -274,8 +329,8 @@ class Syncer:
             # On disk before anything else: the server has spent the join token, and a kill
             # before this line leaves the agent with no identity and no way to get one.
             self._token_used = bool(self._s.join_token)
-            self._persist(svid, bundle)
-            self._fallback = None  # the saved SVID and bundle are the new ones
+            self._persist(svid, bundle, "attested")
+            self._fallback = None  # the SVID and bundle in use are the new ones
         finally:
             await client.close()
         log.info("agent attested", extra={"agent_id": svid.spiffe_id, "server": server.attest})
@@ -295,27 +350,29 @@ class Syncer:
             self._install(self._svid, None)  # the old channel may hold the stray's failure
 
     async def settle(self, timeout: float) -> None:
-        """Let an attestation in flight finish (up to `timeout` s), so its SVID is on disk."""
+        """Let an attestation in flight finish (up to `timeout` s), so its SVID is on disk; and
+        try once more to save an agent SVID the disk refused (run() saves it no more)."""
         task = self._attesting
         if task is not None and not task.done():
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), timeout)
+        try:
+            self._save_unsaved()
+        except OSError as exc:
+            log.error(
+                "stopping with the agent SVID in use unsaved: the next start cannot use it, only "
+                "one saved before it (which the server may no longer take), and may have to "
+                "attest again (with a join token, a new one: the one given is spent)",
+                extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
+            )
 
     async def renew_once(self) -> None:
         if self._client is None:
             return
         svid, bundle = await self._client.renew()
-        try:
-            self._persist(svid, bundle)
-        except OSError as exc:
-            # The server has replaced the old SVID already (it works only until it expires):
-            # dropping the new one too would leave nothing to renew with. Used from memory;
-            # the next renewal saves again.
-            log.error(
-                "cannot save the renewed agent SVID; using it from memory (a restart before "
-                "the next renewal is saved finds only the old one)",
-                extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
-            )
+        # The server has replaced the old SVID already (it works only until it expires):
+        # dropping the new one for a disk that refuses it would leave nothing to renew with.
+        self._persist(svid, bundle, "renewed")
         log.info("agent SVID renewed", extra={"agent_id": svid.spiffe_id})
         self._install(svid, bundle)
         self._on_change("renewed")
@@ -424,6 +481,7 @@ class Syncer:
             return
         try:
             self._store.save_bundle(bundle.x509_authorities)
+            self._unsaved_roots = ()  # newer than those: _save_loop must not write them over
         except OSError as exc:
             log.error(
                 "cannot save the trust bundle; a restart verifies the server with the one saved "
@@ -436,6 +494,7 @@ class Syncer:
         everything cached came under that identity, so none of it is served any more."""
         agent_id = self.agent_id
         self._svid = None
+        self._unsaved = None  # nothing backs it now: the next start must not find it
         self.revision, self.epoch = 0, ""  # the cache is emptied: the next stream starts afresh
         self._store.svid_path.unlink(missing_ok=True)
         self._cache.refuse(REFUSED)
@@ -458,6 +517,14 @@ class Syncer:
         )
 
     async def run(self) -> None:
+        """Hold the Sync stream forever; meanwhile save an agent SVID the disk refused."""
+        saver = asyncio.create_task(self._save_loop(), name="agent-svid-save")
+        try:
+            await self._hold_stream()
+        finally:
+            await cancel_all([saver])
+
+    async def _hold_stream(self) -> None:
         """Hold the Sync stream forever, reconnecting with jittered, capped backoff."""
         attempt = 0
         # A saved SVID set aside attests at once, the first time only: a server that no bundle

@@ -9,6 +9,7 @@ import stat
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -192,6 +193,69 @@ def test_a_renewal_the_disk_cannot_save_is_used_from_memory(
     with caplog.at_level(logging.ERROR, logger="agent_attestor.sync"):
         assert asyncio.run(scenario()) is new
     assert "cannot save the renewed agent SVID" in caplog.text
+
+
+def _unsaved_attestation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[AgentStore, Syncer, AgentSvid]:
+    """A join-token agent whose new SVID the disk refuses: a directory stands where the new key
+    is written first (the tests run as root, whom a read-only chmod does not stop)."""
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    (tmp_path / "key.der.next").mkdir()
+    (tmp_path / "key.der.next" / "in-the-way").write_text("")
+    svid = _svid(tmp_path)
+    root = LocalCa(FakeClock(start=time.time())).cert
+
+    async def attest(self: NodeClient, **_: object) -> tuple[AgentSvid, TrustBundle]:
+        return svid, TrustBundle("example.org", (root.public_bytes(Encoding.DER),))
+
+    monkeypatch.setattr(NodeClient, "attest", attest)
+    settings = SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),), join_token="t.secret")
+    syncer = Syncer(settings, store, Cache(), FakeClock(start=time.time()))
+    syncer.set_bootstrap_roots(certs_to_pem([root]))
+    return store, syncer, svid
+
+
+def _mend(tmp_path: Path) -> None:
+    (tmp_path / "key.der.next" / "in-the-way").unlink()
+    (tmp_path / "key.der.next").rmdir()
+
+
+def test_a_stop_with_the_agent_svid_unsaved_says_the_next_start_cannot_use_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, syncer, svid = _unsaved_attestation(tmp_path, monkeypatch)
+
+    async def scenario() -> None:
+        assert await syncer.ensure_identity() is svid  # served from memory meanwhile
+        await syncer.settle(1)  # the agent stops
+        await syncer.close()
+
+    with caplog.at_level(logging.ERROR, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    assert store.load_svid() is None
+    (stopping,) = [r for r in caplog.records if "stopping with" in r.getMessage()]
+    assert "the next start cannot use it" in stopping.getMessage()
+    assert "a new one" in stopping.getMessage()  # what a join-token agent will need
+    assert str(store.svid_path) in str(getattr(stopping, "svid_file", ""))
+    assert "secret" not in caplog.text
+
+
+def test_an_unsaved_agent_svid_the_server_refuses_is_not_saved_once_the_disk_mends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evicted meanwhile, it is no identity for the next start to find."""
+    store, syncer, _ = _unsaved_attestation(tmp_path, monkeypatch)
+
+    async def scenario() -> None:
+        await syncer.ensure_identity()
+        syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
+        _mend(tmp_path)
+        await syncer.settle(1)
+        await syncer.close()
+
+    asyncio.run(scenario())
+    assert store.load_svid() is None
 
 
 def test_the_agent_svid_is_renewed_when_the_wall_clock_steps_past_its_rotation_point(

@@ -48,6 +48,8 @@ def in_process_syncer(
         bootstrap_given=True,
         reconnect_min=0.05,
         reconnect_max=0.05,
+        save_retry_first=0.05,
+        save_retry_cap=0.2,
     )
     store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
     return Syncer(settings, store, Cache(), clock)

@@ -122,6 +122,31 @@ def test_a_saved_svid_still_valid_gives_way_to_the_given_bundle_and_a_new_join_t
     assert (agent.data_dir / "bundle.der").read_bytes() != short_downtime.old_bundle
 
 
+def test_an_svid_the_disk_refuses_after_the_set_aside_is_served_not_traded_for_the_saved_one(
+    short_downtime: Downtime,
+) -> None:
+    """The new SVID and bundle cannot be saved (a full disk): dropped, the agent went back to its
+    saved SVID, which the saved bundle cannot verify the server for, set it aside again and
+    attested with the join token it had spent, round and round, serving nothing."""
+    agent = short_downtime.agent
+    saved = agent.data_dir / "agent_svid.der"
+    old_svid = saved.read_bytes()
+    blocker = agent.data_dir / "agent_key.der.next"  # the new key's first write fails there
+    blocker.mkdir()
+    (blocker / "in-the-way").write_text("")
+    agent.start()
+    agent_id = agent.agent_id(timeout=30)
+    spiffe_id = f"spiffe://{TRUST_DOMAIN}/unsaved-agent-svid"
+    create_entry(short_downtime.new_server, spiffe_id, agent_id)
+    agent.wait_svid(spiffe_id)  # served under the new ID, from memory
+    logs = agent.logs()
+    assert logs.count("cannot save the attested agent SVID") == 1, logs[-4000:]
+    assert "the join token cannot attest this agent" not in logs
+    assert saved.read_bytes() == old_svid
+    shutil.rmtree(blocker)  # the disk mended: saved at the next retry
+    wait_for(lambda: saved.read_bytes() != old_svid, 30, "the new agent SVID saved")
+
+
 def test_without_a_given_bundle_a_saved_svid_still_valid_is_kept_and_one_error_says_why(
     short_downtime: Downtime,
 ) -> None:

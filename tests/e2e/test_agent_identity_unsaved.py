@@ -1,0 +1,82 @@
+"""An agent SVID the disk cannot take (full, read-only) right after the server issued it: the
+server has spent the join token and recorded the new SVID, so the agent serves with it from
+memory, says so once, and saves it as soon as the disk takes it, never attesting again for it.
+It dropped it, and then attested with the spent token at every retry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from agent_attestor.agent_store import AgentStore
+from svid._clock import FakeClock
+from tests.e2e.agent_process import new_token
+from tests.e2e.attestation_retries import EACH_TIME, Attempts, in_process_syncer, until
+from tests.e2e.conftest import make_server, short_tmpdir
+
+pytestmark = pytest.mark.e2e
+LOST = "cannot save the attested agent SVID"
+TOKEN_REFUSED = "the join token cannot attest this agent"
+
+
+def _block_the_key(state_dir: Path) -> Path:
+    """A directory where the new key is written first: the save fails there as on a full or
+    read-only disk (the tests run as root, whom a chmod does not stop)."""
+    blocker = state_dir / "key.der.next"
+    blocker.mkdir()
+    (blocker / "in-the-way").write_text("")
+    return blocker
+
+
+def test_an_attested_svid_the_disk_refuses_is_served_and_saved_once_the_disk_takes_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = short_tmpdir()
+    server = make_server(root).start()
+    try:
+        token = new_token(server)
+        syncer = in_process_syncer(server, tmp_path, FakeClock(start=time.time()), join_token=token)
+        store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+        attempts = Attempts(monkeypatch)
+        blocker = _block_the_key(tmp_path)
+
+        async def scenario() -> None:
+            task = asyncio.create_task(syncer.run())
+            try:
+                await until(lambda: syncer.syncs >= 1, "a Sync message on the unsaved SVID")
+                await asyncio.sleep(1.0)  # the save retried (0.05 s to 0.2 s apart) in vain
+                assert store.load_svid() is None
+                shutil.rmtree(blocker)  # the disk mended
+                await until(lambda: store.load_svid() is not None, "the save retried")
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await syncer.close()
+
+        with caplog.at_level(logging.INFO, logger="agent_attestor"):
+            asyncio.run(scenario())
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert attempts.count == 1  # the token spent once, never asked for again
+    saved, held = store.load_svid(), syncer.agent_svid
+    assert saved is not None
+    assert held is not None
+    assert saved.chain == held.chain  # the SVID the token bought, not another
+    (lost,) = [r for r in caplog.records if LOST in r.getMessage()]
+    assert lost.levelno == logging.ERROR
+    text = lost.getMessage() + " " + " ".join(str(v) for v in lost.__dict__.values())
+    assert str(store.svid_path) in text  # where
+    assert "Is a directory" in text  # and what the OS said
+    for record in caplog.records:
+        said = record.getMessage() + " " + " ".join(str(v) for v in record.__dict__.values())
+        assert token.partition(".")[2] not in said
+        assert TOKEN_REFUSED not in said
+        assert EACH_TIME not in said
