@@ -73,6 +73,27 @@ class AgentStore:
     def _next_key_path(self) -> Path:
         return self.key_path.with_name(self.key_path.name + ".next")
 
+    @property
+    def spending_path(self) -> Path:
+        return self.svid_path.with_name(self.svid_path.name + ".spending")
+
+    def note_spending(self, token_id: str) -> None:
+        """Before a join token is sent: its ID (never its secret), until the SVID it buys is
+        saved (forget_spending). Written first, it also proves the directory takes writes."""
+        write_file(self.spending_path, token_id.encode(), 0o600)
+
+    def spent_unsaved(self) -> str:
+        """The ID of the join token a run sent without saving what it bought ('' if none)."""
+        try:
+            return self.spending_path.read_text()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def forget_spending(self) -> None:
+        # Left behind, it only adds a reason to the message of that same token refused.
+        with contextlib.suppress(OSError):
+            self.spending_path.unlink(missing_ok=True)
+
     def save_svid(self, svid: AgentSvid) -> None:
         # The new key waits beside the old one until its chain is in place: a crash between
         # the files leaves the old pair, or the new chain with its key still under the `.next`

@@ -24,9 +24,9 @@ class ServerNotVerifiedError(AttestationError):
 
 class AttestationRefusedError(AttestationError):
     """The server refused to attest the agent by what it was given (PERMISSION_DENIED), or the
-    agent knows it would: every retry is refused alike until the operator mends it. `problem`
-    and `remedy` are what the agent tells the operator; the message is what the server said,
-    with no secret of the agent's."""
+    agent knows it would, or cannot attest yet: every retry fails alike until the operator
+    mends it. `problem` and `remedy` are what the agent tells the operator; the message is what
+    the server said, with no secret of the agent's."""
 
     problem = "the server refuses to attest this agent"
     remedy = "see what the server said (error) and its log"
@@ -72,6 +72,18 @@ class AttestationNotAcceptedError(AttestationRefusedError):
         "enable the agent's way of attesting on the server (x509pop: x509pop_ca_bundle), or "
         "give the agent one the server enables (the server's answer, in error, lists them)"
     )
+
+
+class StateNotWritableError(AttestationRefusedError):
+    """The agent's data directory refuses writes (read-only, full): a join token is not sent
+    until it takes them, since the SVID it buys could not be saved, and a restart would have
+    neither. The message names the file and what the system said."""
+
+    problem = (
+        "the agent cannot write its data directory, where the SVID a join token buys is kept: "
+        "the token is not sent until it can"
+    )
+    remedy = "make the directory writable or free space on its file system (see error)"
 
 
 class AttestationLimitedError(AttestationError):

@@ -29,6 +29,7 @@ from agent_attestor.errors import (
     JoinTokenRefusedError,
     NotReadyError,
     ServerNotVerifiedError,
+    StateNotWritableError,
 )
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient, server_not_verified
@@ -130,6 +131,9 @@ class Syncer:
         self._save_wanted = asyncio.Event()
         self._reconnect = asyncio.Event()
         self._token_used = False
+        # The ID of the join token an earlier run sent without saving what it bought, read at
+        # the first attestation (None: not yet), before this run notes its own.
+        self._spent_earlier: str | None = None
         # An attestation in flight: a stop lets it finish (see settle).
         self._attesting: asyncio.Task[tuple[AgentSvid, TrustBundle]] | None = None
         # The operator's trust bundle, to attest with instead of using the saved SVID: the
@@ -218,6 +222,7 @@ class Syncer:
         if self._unsaved is not None:
             self._store.save_svid(self._unsaved)
             self._unsaved, saved = None, True
+            self._store.forget_spending()
         if self._unsaved_roots:
             self._store.save_bundle(self._unsaved_roots)
             self._unsaved_roots, saved = (), True
@@ -319,13 +324,26 @@ class Syncer:
                 "agent SVID expired, was refused or its CA replaced, and this agent spent its "
                 "join token already"
             )
+        if self._s.join_token:
+            self._note_spending()
         client = NodeClient(
             server.node, server.attest, roots, connect_timeout=self._s.connect_timeout
         )
         try:
-            svid, bundle = await client.attest(
-                join_token=self._s.join_token, x509pop=self._s.x509pop
-            )
+            try:
+                svid, bundle = await client.attest(
+                    join_token=self._s.join_token, x509pop=self._s.x509pop
+                )
+            except JoinTokenRefusedError as exc:
+                raise self._refused_token(exc) from exc
+            except (
+                ServerNotVerifiedError,
+                AttestationRefusedError,
+                AttestationLimitedError,
+                ConnectionError,
+            ):
+                self._unspent()  # answered, or no handshake: the token was not admitted
+                raise
             # On disk before anything else: the server has spent the join token, and a kill
             # before this line leaves the agent with no identity and no way to get one.
             self._token_used = bool(self._s.join_token)
@@ -335,6 +353,41 @@ class Syncer:
             await client.close()
         log.info("agent attested", extra={"agent_id": svid.spiffe_id, "server": server.attest})
         return svid, bundle
+
+    @property
+    def _token_id(self) -> str:
+        """The join token's public part (its secret follows the dot)."""
+        return self._s.join_token.partition(".")[0]
+
+    def _note_spending(self) -> None:
+        """Note the join token about to be sent (see AgentStore.note_spending), after reading
+        what an earlier run noted."""
+        if self._spent_earlier is None:
+            self._spent_earlier = self._store.spent_unsaved()
+        try:
+            self._store.note_spending(self._token_id)
+        except OSError as exc:
+            raise StateNotWritableError(
+                f"cannot write {self._store.spending_path}: {str(exc)[:200]}"
+            ) from exc
+
+    def _refused_token(self, exc: JoinTokenRefusedError) -> JoinTokenRefusedError:
+        """The server refused the join token. If an earlier run sent it and never saved what
+        it bought, that is why, and no retry will be answered otherwise: asked no more."""
+        if self._spent_earlier != self._token_id:
+            self._store.forget_spending()  # refused for what it is, not spent by this agent
+            return exc
+        self._token_used = True
+        return JoinTokenRefusedError(
+            f"{exc}; an earlier run of this agent spent it and could not save the agent SVID "
+            f"it bought ({self._store.svid_path})"
+        )
+
+    def _unspent(self) -> None:
+        """The join token was not admitted by this attempt: its note goes, unless an earlier
+        run's says why the server refuses it (kept for the next start to say so too)."""
+        if self._s.join_token and self._spent_earlier != self._token_id:
+            self._store.forget_spending()
 
     def _take_back_saved_svid(self) -> None:
         """The attestation a set-aside led to failed, whatever the reason (the server out of

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from agent_attestor import _crypto, agent_store, sync
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache
+from agent_attestor.errors import StateNotWritableError
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient, sync_state
 from agent_attestor.servers import Target
@@ -256,6 +257,32 @@ def test_an_unsaved_agent_svid_the_server_refuses_is_not_saved_once_the_disk_men
 
     asyncio.run(scenario())
     assert store.load_svid() is None
+
+
+def test_a_join_token_is_not_sent_while_the_data_directory_refuses_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What it buys could not be saved: a restart would have neither the SVID nor the token."""
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    (tmp_path / "svid.der.spending").mkdir()  # what a join token's attestation writes first
+    (tmp_path / "svid.der.spending" / "in-the-way").write_text("")
+    root = LocalCa(FakeClock(start=time.time())).cert
+    sent: list[object] = []
+
+    async def attest(self: NodeClient, **kwargs: object) -> tuple[AgentSvid, TrustBundle]:
+        sent.append(kwargs)
+        raise AssertionError("the token was sent")
+
+    monkeypatch.setattr(NodeClient, "attest", attest)
+    settings = SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),), join_token="t.secret")
+    syncer = Syncer(settings, store, Cache(), FakeClock(start=time.time()))
+    syncer.set_bootstrap_roots(certs_to_pem([root]))
+    with pytest.raises(StateNotWritableError) as caught:
+        asyncio.run(syncer.ensure_identity())
+    assert sent == []
+    assert str(tmp_path / "svid.der.spending") in str(caught.value)
+    assert "Is a directory" in str(caught.value)
+    assert "secret" not in str(caught.value)
 
 
 def test_the_agent_svid_is_renewed_when_the_wall_clock_steps_past_its_rotation_point(

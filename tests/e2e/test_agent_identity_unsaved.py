@@ -10,11 +10,13 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from agent_attestor.agent_store import AgentStore
+from agent_attestor.sync import Syncer
 from svid._clock import FakeClock
 from tests.e2e.agent_process import new_token
 from tests.e2e.attestation_retries import EACH_TIME, Attempts, in_process_syncer, until
@@ -80,3 +82,53 @@ def test_an_attested_svid_the_disk_refuses_is_served_and_saved_once_the_disk_tak
         assert token.partition(".")[2] not in said
         assert TOKEN_REFUSED not in said
         assert EACH_TIME not in said
+
+
+async def _run_until(syncer: Syncer, predicate: Callable[[], bool], what: str) -> None:
+    """Run `syncer` until `predicate` holds, a second of retries (0.05 s apart) more, and stop
+    it as the agent does."""
+    task = asyncio.create_task(syncer.run())
+    try:
+        await until(predicate, what)
+        await asyncio.sleep(1.0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await syncer.settle(1)
+        await syncer.close()
+
+
+def test_a_restart_with_the_svid_the_token_bought_unsaved_says_why_and_stops_asking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It asked the server with the spent token at every retry, each refusal saying only that
+    the token was never issued, expired or used."""
+    root = short_tmpdir()
+    server = make_server(root).start()
+    try:
+        token = new_token(server)
+        _block_the_key(tmp_path)
+        attempts = Attempts(monkeypatch)
+
+        def refusals() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if TOKEN_REFUSED in r.getMessage()]
+
+        with caplog.at_level(logging.INFO, logger="agent_attestor"):
+            first = in_process_syncer(
+                server, tmp_path, FakeClock(start=time.time()), join_token=token
+            )
+            asyncio.run(_run_until(first, lambda: first.syncs >= 1, "a Sync message"))
+            again = in_process_syncer(
+                server, tmp_path, FakeClock(start=time.time()), join_token=token
+            )
+            asyncio.run(_run_until(again, lambda: bool(refusals()), "the refusal said"))
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert attempts.count == 2  # the restart asked the server once, and then no more
+    (refused,) = refusals()
+    said = str(getattr(refused, "error", ""))
+    assert "an earlier run of this agent" in said
+    assert str(tmp_path / "svid.der") in said
+    assert token.partition(".")[2] not in said
