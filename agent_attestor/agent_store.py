@@ -103,6 +103,10 @@ class AgentStore:
         _write_private(self.svid_path, der_concat(svid.chain))
         os.replace(self._next_key_path, self.key_path)
 
+    def remove_svid(self) -> None:
+        """Forget the saved identity (the server refused it); its key is useless without it."""
+        self.svid_path.unlink(missing_ok=True)
+
     def load_svid(self) -> AgentSvid | None:
         """The saved identity, or None: none saved yet, or one that cannot be used (logged)."""
         try:

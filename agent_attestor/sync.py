@@ -134,6 +134,8 @@ class Syncer:
         # The ID of the join token an earlier run sent without saving what it bought, read at
         # the first attestation (None: not yet), before this run notes its own.
         self._spent_earlier: str | None = None
+        # A refused agent SVID the disk could not remove: never loaded again by this run.
+        self._refused_chain: tuple[x509.Certificate, ...] = ()
         # An attestation in flight: a stop lets it finish (see settle).
         self._attesting: asyncio.Task[tuple[AgentSvid, TrustBundle]] | None = None
         # The operator's trust bundle, to attest with instead of using the saved SVID: the
@@ -273,6 +275,8 @@ class Syncer:
             if self._svid is not None and self._svid.not_after > now:
                 return self._svid
             stored = self._store.load_svid()
+            if stored is not None and stored.chain == self._refused_chain:
+                stored = None  # the server refused it, and would at every retry
         else:
             stored = None  # set aside: see _set_aside_saved_svid
         if stored is not None and stored.not_after > now + 1:
@@ -546,10 +550,18 @@ class Syncer:
         """The server no longer recognises this agent (evicted, banned, or its SVID superseded):
         everything cached came under that identity, so none of it is served any more."""
         agent_id = self.agent_id
-        self._svid = None
+        refused, self._svid = self._svid, None
         self._unsaved = None  # nothing backs it now: the next start must not find it
         self.revision, self.epoch = 0, ""  # the cache is emptied: the next stream starts afresh
-        self._store.svid_path.unlink(missing_ok=True)
+        try:
+            self._store.remove_svid()
+        except OSError as exc:
+            # Raised here, it ended the Sync loop with no word said.
+            self._refused_chain = refused.chain if refused is not None else ()
+            log.error(
+                "cannot remove the refused agent SVID; this run does not use it again",
+                extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
+            )
         self._cache.refuse(REFUSED)
         self._on_change("refused")
         if self._s.x509pop is not None:

@@ -285,6 +285,51 @@ def test_a_join_token_is_not_sent_while_the_data_directory_refuses_writes(
     assert "secret" not in str(caught.value)
 
 
+class _UndeletablePath(type(Path())):  # type: ignore[misc]
+    """The agent SVID's file made immutable (chattr +i): it cannot be removed, though the files
+    beside it can be written (the tests run as root, whom a chmod does not stop)."""
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        if self.name != "svid.der":
+            return super().unlink(missing_ok)
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+
+def test_a_refused_agent_svid_the_disk_cannot_remove_is_not_used_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its PermissionError ended the Sync loop, with no word said; left on disk and loaded
+    again, the server would refuse it at every retry."""
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    refused, new = _svid(tmp_path), _svid(tmp_path)
+    store.save_svid(refused)
+    store.svid_path = _UndeletablePath(store.svid_path)
+    root = LocalCa(FakeClock(start=time.time())).cert
+
+    async def attest(self: NodeClient, **_: object) -> tuple[AgentSvid, TrustBundle]:
+        return new, TrustBundle("example.org", (root.public_bytes(Encoding.DER),))
+
+    monkeypatch.setattr(NodeClient, "attest", attest)
+    settings = SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),), join_token="t.secret")
+    syncer = Syncer(settings, store, Cache(), FakeClock(start=time.time()))
+    syncer.set_bootstrap_roots(certs_to_pem([root]))
+
+    async def scenario() -> AgentSvid:
+        assert (await syncer.ensure_identity()).chain == refused.chain
+        syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
+        again = await syncer.ensure_identity()
+        await syncer.close()
+        return again
+
+    with caplog.at_level(logging.ERROR, logger="agent_attestor.sync"):
+        assert asyncio.run(scenario()) is new
+    (said,) = [
+        r for r in caplog.records if "cannot remove the refused agent SVID" in r.getMessage()
+    ]
+    assert "Operation not permitted" in str(getattr(said, "error", ""))
+    assert str(store.svid_path) in str(getattr(said, "svid_file", ""))
+
+
 def test_the_agent_svid_is_renewed_when_the_wall_clock_steps_past_its_rotation_point(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
