@@ -262,7 +262,8 @@ class NodeClient:
                 await call.done_writing()
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
-                said = f"{code.name}: {exc.details()}"  # type: ignore[attr-defined]
+                # Never the join token, whichever error carries it (ours never echoes it).
+                said = _redacted(f"{code.name}: {exc.details()}", join_token)  # type: ignore[attr-defined]
                 if server_not_verified(exc):
                     raise ServerNotVerifiedError(
                         f"the server's certificate does not verify against the trust bundle "
@@ -270,7 +271,7 @@ class NodeClient:
                     ) from exc
                 if join_token and code == grpc.StatusCode.PERMISSION_DENIED:
                     raise JoinTokenRefusedError(
-                        f"the server refused the join token: {_redacted(said, join_token)}"
+                        f"the server refused the join token: {said}"
                     ) from exc
                 if code == grpc.StatusCode.PERMISSION_DENIED:
                     raise X509PopRefusedError(
@@ -278,11 +279,11 @@ class NodeClient:
                     ) from exc
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise AttestationNotAcceptedError(
-                        f"the server cannot take this attestation: {_redacted(said, join_token)}"
+                        f"the server cannot take this attestation: {said}"
                     ) from exc
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise AttestationLimitedError(
-                        f"attestation over this host's budget: {_redacted(said, join_token)}"
+                        f"attestation over this host's budget: {said}"
                     ) from exc
                 raise AttestationError(f"attestation refused: {said}") from exc
         return self._agent_svid(result, key), TrustBundle.from_proto(result.bundle)
