@@ -206,6 +206,11 @@ class RegistrationStore(Protocol):
         """Deleting an absent slot is not an error (the journal may be replayed)."""
         ...
 
+    def delete_key_slots(self, slot_ids: Sequence[str]) -> None:
+        """delete_key_slot for each, all in one transaction (an operator's forget of lost
+        keys: all of them or none)."""
+        ...
+
     # -- leases (one server at a time does a job, e.g. CA rotation) ------------------------------
 
     def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:

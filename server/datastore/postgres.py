@@ -511,11 +511,18 @@ class PostgresDataStore(
         return [_slot_from(r) for r in rows]
 
     def delete_key_slot(self, slot_id: str) -> None:
-        def work(cur: Cursor) -> None:
-            if cur.execute(pg(q.DELETE_KEY_SLOT), {"slot_id": slot_id}).rowcount:
-                self._append_feed(cur, FEED_KEY_SLOT, (slot_id,))
+        self.delete_key_slots([slot_id])
 
-        self._write("delete the key slot", work)
+    def delete_key_slots(self, slot_ids: Sequence[str]) -> None:
+        def work(cur: Cursor) -> None:
+            gone = [
+                slot_id
+                for slot_id in slot_ids
+                if cur.execute(pg(q.DELETE_KEY_SLOT), {"slot_id": slot_id}).rowcount
+            ]
+            self._append_feed(cur, FEED_KEY_SLOT, gone)
+
+        self._write("delete key slots", work)
 
     # -- leases ---------------------------------------------------------------------------------
 

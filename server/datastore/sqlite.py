@@ -573,9 +573,16 @@ class SqliteDataStore(
         return [_slot_from(r) for r in self._rows(q.LIST_KEY_SLOTS, {"kind": kind})]
 
     def delete_key_slot(self, slot_id: str) -> None:
+        self.delete_key_slots([slot_id])
+
+    def delete_key_slots(self, slot_ids: Sequence[str]) -> None:
         with self._transaction() as db:
-            if db.execute(q.DELETE_KEY_SLOT, {"slot_id": slot_id}).rowcount:
-                self._append_feed(db, FEED_KEY_SLOT, (slot_id,))
+            gone = [
+                slot_id
+                for slot_id in slot_ids
+                if db.execute(q.DELETE_KEY_SLOT, {"slot_id": slot_id}).rowcount
+            ]
+            self._append_feed(db, FEED_KEY_SLOT, gone)
 
     # -- leases ---------------------------------------------------------------------------------
 

@@ -187,6 +187,10 @@ class FaultInjectingDataStore:
         self._enter("delete_key_slot")
         self.inner.delete_key_slot(slot_id)
 
+    def delete_key_slots(self, slot_ids: Sequence[str]) -> None:
+        self._enter("delete_key_slots")
+        self.inner.delete_key_slots(slot_ids)
+
     def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
         self._enter("acquire_lease")
         return self.inner.acquire_lease(name, holder, now, ttl)

@@ -436,6 +436,18 @@ def test_key_slots_bundle_and_revocations(store: DataStore) -> None:
     assert store.prune_revocations(NOW + int(MAX_VERIFIER_LEEWAY) + 1) == 1
 
 
+def test_key_slots_are_deleted_together(store: DataStore) -> None:
+    """An operator's forget of lost keys (server/cli_ca.py) drops several slots in one
+    transaction; the change feed names each one that was there."""
+    for slot_id, kind in (("a", "x509"), ("b", "x509"), ("c", "jwt")):
+        store.save_key_slot(KeySlot(slot_id, kind, "active", b"der", slot_id, NOW, NOW + 10, NOW))
+    after_saves = store.feed_head()
+    store.delete_key_slots(["a", "c", "absent"])
+    assert [s.slot_id for s in store.list_key_slots("x509")] == ["b"]
+    assert store.list_key_slots("jwt") == []
+    assert [i.key for i in store.feed_since(after_saves, 100)] == ["a", "c"]
+
+
 def test_an_x509_serial_keeps_the_ca_that_issued_it(open_store: Opener) -> None:
     """Recorded with the credential and with its revocation, across a restart: the CRLs list
     a serial only under its issuer (server.tasks.crl)."""
