@@ -94,6 +94,20 @@ def _load_ca_file(path: Path) -> tuple[x509.Certificate, ...]:
     return tuple(certs)
 
 
+def ca_config(cfg: ServerConfig) -> CaConfig:
+    """The CA manager's settings out of the server's (`svid-server ca` opens the CA offline
+    with the same)."""
+    return CaConfig(
+        trust_domain=cfg.trust_domain,
+        ca_ttl=cfg.ca_ttl,
+        jwt_key_ttl=cfg.jwt_key_ttl,
+        key_type=cfg.key_type,
+        upstream_cert=cfg.upstream_ca_cert,
+        upstream_key=cfg.upstream_ca_key,
+        jwt_issuer=cfg.oidc_issuer or None,
+    )
+
+
 def _bind(key: str, address: str, add: Callable[[], int]) -> int:
     try:
         return add()
@@ -180,15 +194,7 @@ class Server:
         kek_file = cfg.key_encryption_key_file
         kek = KeyEncryptionKey.load(kek_file) if kek_file is not None else None
         self.ca = CaManager(
-            CaConfig(
-                trust_domain=cfg.trust_domain,
-                ca_ttl=cfg.ca_ttl,
-                jwt_key_ttl=cfg.jwt_key_ttl,
-                key_type=cfg.key_type,
-                upstream_cert=cfg.upstream_ca_cert,
-                upstream_key=cfg.upstream_ca_key,
-                jwt_issuer=cfg.oidc_issuer or None,
-            ),
+            ca_config(cfg),
             self.datastore,
             self.keystore,
             self.clock,

@@ -1,4 +1,5 @@
-"""The svid-server command line: `run`, and admin commands over the admin Unix socket.
+"""The svid-server command line: `run`, and admin commands over the admin Unix socket (and a
+few that open the datastore themselves: `audit`, `ca forget-lost-keys`).
 
 Every admin command prints human-readable text, or JSON with `--output json`. Errors are one
 line on stderr and exit code 1, never a traceback.
@@ -20,7 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
-from server import cli_entries, cli_federation
+from server import cli_ca, cli_entries, cli_federation
 from server import cli_output as out
 from server.config import (
     CONFIG_KEYS,
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     kek.add_argument(
         "--output", choices=("text", "json"), default=argparse.SUPPRESS, help="default text"
     )
+    cli_ca.add_commands(sub, common)
     task_cli.add_commands(sub, common)
     return parser
 
@@ -679,6 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _keys(args)
             elif args.command == "healthcheck":
                 _healthcheck(args)
+            elif (args.command, getattr(args, "action", None)) in cli_ca.COMMANDS:
+                cli_ca.run_command(args, _run_config)
             elif args.command in task_cli.COMMANDS:
                 task_cli.run_command(args, _channel, _timeout)
             else:

@@ -52,6 +52,7 @@ class EventKind(StrEnum):
     POLICY_RELOAD = "policy_reload"
     AGENT_EVICTED = "agent_evicted"
     AGENT_BANNED = "agent_banned"
+    CA_KEYS_FORGOTTEN = "ca_keys_forgotten"
 
 
 @dataclass(frozen=True)

@@ -55,10 +55,13 @@ class KeyStore:
     whole key or none; the manager saves the key before journaling its slot.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, create: bool = True) -> None:
+        """`create=False` only reads what is there (an offline command that must not make a
+        data_dir a server has not)."""
         self._dir = Path(directory)
-        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self._dir, 0o700)
+        if create:
+            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self._dir, 0o700)
 
     @property
     def directory(self) -> Path:

@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -72,6 +72,8 @@ DEFAULT_LEASE_TTL = 30
 MIN_LEASE_TTL = 3
 # Start-up on a journal with no keys yet, while another server holds the lease: how often to look.
 STARTUP_POLL_SECONDS = 0.25
+# The operator's way out of a refused start whose keys are lost for good (server/cli_ca.py).
+FORGET_COMMAND = "svid-server ca forget-lost-keys --config FILE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,14 @@ class CaConfig:
             raise CaConfigError("refresh_hint: must not be negative")
         if self.lease_ttl < MIN_LEASE_TTL:
             raise CaConfigError(f"lease_ttl: must be at least {MIN_LEASE_TTL} seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class LostKey:
+    """A journaled slot whose private key is neither sealed in the datastore nor at `path`."""
+
+    slot: KeySlot
+    path: Path
 
 
 def _times(slots: list[KeySlot]) -> list[rotation.SlotTimes]:
@@ -287,6 +297,36 @@ class CaManager:
         with self._lock:
             slots = tuple(self._slots[X509_KIND])
         return tuple(x509.load_der_x509_certificate(s.public_der) for s in slots)
+
+    def lost_keys(self) -> tuple[LostKey, ...]:
+        """The journaled slots this server refuses to start on: live (active or prepared, and
+        not due to be dropped), their key neither sealed in the datastore nor a file in this
+        data_dir. Reads the datastore as it stands; needs no `initialize`."""
+        return tuple(
+            LostKey(slot, self._keys.path(slot.slot_id))
+            for slot in self._keyless_slots()
+            if slot.status != RETIRED
+        )
+
+    def forget_lost_keys(self, lost: Sequence[LostKey]) -> None:
+        """Drop these lost slots from the journal, in one transaction, so the next start makes
+        a new CA (or JWT key) as a first start would: the operator's way out when the keys are
+        gone for good. Every server on the datastore must be stopped: a running one would
+        rotate to a new key of its own. CaConfigError, and nothing dropped, when one of them
+        is not lost (any more)."""
+        with self._lock:
+            still = {item.slot.slot_id for item in self.lost_keys()}
+            not_lost = [item.slot.slot_id for item in lost if item.slot.slot_id not in still]
+            if not_lost:
+                raise CaConfigError(
+                    f"key slots {', '.join(not_lost)}: not lost (their key is at hand, or they "
+                    "are gone from the datastore); nothing forgotten"
+                )
+            self._ds.delete_key_slots([item.slot.slot_id for item in lost])
+        _log.info(
+            "lost key slots forgotten: the next start makes new keys",
+            extra={"slot_ids": [item.slot.slot_id for item in lost]},
+        )
 
     def key_slots(self, kind: str) -> tuple[KeySlot, ...]:
         """The journaled slots of one kind as of the last tick (for status output and tests)."""
@@ -503,18 +543,33 @@ class CaManager:
         """Every journaled slot's private key must be at hand: sealed in its row, or (unsealed)
         a file in this server's KeyStore. A live slot without either is refused, never dropped:
         dropping it made a new CA for the trust domain, and the next start with the right
-        data_dir found the real keys unnamed. A retired one is kept with a warning (it signs
-        only its own CRLs until it expires); one the schedule drops now is no loss."""
+        data_dir found the real keys unnamed (an operator whose keys are truly lost drops it
+        with `forget_lost_keys`). A retired one is kept with a warning (it signs only its own
+        CRLs until it expires); one the schedule drops now is no loss."""
+        for kind in (X509_KIND, JWT_KIND):
+            for slot in self._ds.list_key_slots(kind):
+                if slot.sealed_key:
+                    self._check_sealed_usable(slot)
+        for slot in self._keyless_slots():
+            self._refuse_or_warn_keyless(slot)
+        self._report_unknown_key_files()
+
+    def _keyless_slots(self) -> list[KeySlot]:
+        """Journaled slots with no sealed key and no key file here, but for those the schedule
+        drops now anyway."""
         now = self._clock.now()
+        keyless: list[KeySlot] = []
         for kind in (X509_KIND, JWT_KIND):
             slots = self._ds.list_key_slots(kind)
             dropping = set(rotation.plan_rotation(now, _times(slots)).drop)
-            for slot in slots:
-                if slot.sealed_key:
-                    self._check_sealed_usable(slot)
-                elif not self._keys.exists(slot.slot_id) and slot.slot_id not in dropping:
-                    self._refuse_or_warn_keyless(slot)
-        self._report_unknown_key_files()
+            keyless.extend(
+                slot
+                for slot in slots
+                if not slot.sealed_key
+                and slot.slot_id not in dropping
+                and not self._keys.exists(slot.slot_id)
+            )
+        return keyless
 
     def _check_sealed_usable(self, slot: KeySlot) -> None:
         if self._kek is None and not self._keys.exists(slot.slot_id):
@@ -537,7 +592,9 @@ class CaManager:
             f"key file {path} of the {slot.status} {slot.kind} key slot {slot.slot_id} in the "
             f"datastore is missing: data_dir {self._keys.directory.parent} does not hold this "
             "datastore's CA keys. Start the server with the data_dir they were made in (or "
-            "restore its keys there); the server does not replace the trust domain's CA"
+            "restore its keys there); the server does not replace the trust domain's CA. If "
+            f"the keys are lost for good: `{FORGET_COMMAND}` (with every server stopped) makes "
+            "the next start create a new CA, whose bundle every agent must then be given"
         )
 
     def _report_unknown_key_files(self) -> None:

@@ -137,6 +137,27 @@ def test_a_live_slot_whose_key_file_is_missing_refuses_the_start_and_keeps_the_j
     assert len(keystore.slot_ids()) == 1  # the other kind's key is untouched
 
 
+def test_forgetting_lost_keys_drops_only_the_slots_still_lost(
+    ca_manager: CaManager,
+    datastore: SqliteDataStore,
+    keystore: KeyStore,
+    clock: FakeClock,
+) -> None:
+    """`svid-server ca forget-lost-keys --yes` forgets the slots it listed; a key file put back
+    meanwhile keeps its slot, and then nothing is dropped."""
+    journal = _journal(datastore)
+    slot = journal[X509_KIND][0]
+    saved = keystore.path(slot.slot_id).read_bytes()
+    keystore.delete(slot.slot_id)
+    again = CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock)
+    lost = again.lost_keys()
+    assert [(i.slot, i.path) for i in lost] == [(slot, keystore.path(slot.slot_id))]
+    keystore.path(slot.slot_id).write_bytes(saved)
+    with pytest.raises(CaConfigError, match=f"key slots {slot.slot_id}: not lost"):
+        again.forget_lost_keys(lost)
+    assert _journal(datastore) == journal
+
+
 def test_a_retired_slot_whose_key_file_is_missing_stays_published(
     ca_manager: CaManager, datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
 ) -> None:

@@ -1,0 +1,223 @@
+"""`svid-server ca forget-lost-keys`: the operator's way out of a start refused for a lost CA key
+file, run as a user runs it (in-process `main`, a real server on a real SQLite datastore)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.ca.errors import CaConfigError
+from server.cli import main
+from server.config import load_config
+from server.datastore.records import ACTIVE, JWT_KIND, X509_KIND, KeySlot
+from server.datastore.sqlite import SqliteDataStore
+from svid._clock import FakeClock, SystemClock
+from tests.server.fixtures import CLOCK_LAG, TRUST_DOMAIN, RunningServer, short_tmpdir
+
+COMMAND = ("ca", "forget-lost-keys")
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = short_tmpdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _config_file(root: Path, *extra: str) -> Path:
+    path = root / "server.toml"
+    path.write_text(
+        "\n".join(
+            [
+                *extra,
+                f'trust_domain = "{TRUST_DOMAIN}"',
+                f'data_dir = "{root / "data"}"',
+                'bind_address = "127.0.0.1:0"',
+                'attest_bind_address = "127.0.0.1:0"',
+                f'admin_socket = "{root / "priv" / "admin.sock"}"',
+                'log_level = "warning"',
+                "shutdown_grace = 0.5",
+                "",
+            ]
+        )
+    )
+    return path
+
+
+def _start(config: Path, lag: float = CLOCK_LAG) -> RunningServer:
+    """`svid-server run --config FILE`, in-process."""
+    return RunningServer(load_config(config), FakeClock(start=time.time() - lag))
+
+
+def _datastore(root: Path) -> Path:
+    elsewhere = root / "datastore.sqlite3"
+    return elsewhere if elsewhere.exists() else root / "data" / "datastore.sqlite3"
+
+
+def _active_slot(root: Path, kind: str) -> KeySlot:
+    store = SqliteDataStore(_datastore(root), SystemClock())
+    try:
+        return next(s for s in store.list_key_slots(kind) if s.status == ACTIVE)
+    finally:
+        store.close()
+
+
+def _journaled(root: Path, slot_id: str) -> bool:
+    store = SqliteDataStore(_datastore(root), SystemClock())
+    try:
+        return any(
+            s.slot_id == slot_id for k in (X509_KIND, JWT_KIND) for s in store.list_key_slots(k)
+        )
+    finally:
+        store.close()
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _refused_start(config: Path) -> str:
+    with pytest.raises(CaConfigError) as refused:
+        _start(config)
+    return str(refused.value)
+
+
+def _audit_events(capsys: pytest.CaptureFixture[str], config: Path) -> list[dict[str, Any]]:
+    code, out, err = _cli(capsys, "audit", "export", "--config", str(config))
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_lost_ca_key_is_forgotten_and_the_next_start_makes_a_new_ca(
+    capsys: pytest.CaptureFixture[str], root: Path
+) -> None:
+    config = _config_file(root)
+    first = _start(config)
+    old_bundle = first.bundle()
+    first.stop()
+    lost = _active_slot(root, X509_KIND)
+    jwt = _active_slot(root, JWT_KIND)
+    key_file = root / "data" / "keys" / f"{lost.slot_id}.pem"
+    key_file.unlink()
+
+    refusal = _refused_start(config)
+    assert str(key_file) in refusal
+    assert "svid-server ca forget-lost-keys --config FILE" in refusal
+
+    # Without --yes: says what it would do, changes nothing.
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config))
+    assert (code, err) == (0, "")
+    assert f"x509 active   slot {lost.slot_id}  key file {key_file}" in out
+    assert jwt.slot_id not in out
+    assert "Nothing changed" in out
+    assert "re-bootstrapped" in out
+    assert _journaled(root, lost.slot_id)
+    assert lost.slot_id in _refused_start(config)
+
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config), "--yes", "--output", "json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {
+        "forgotten": True,
+        "slots": [
+            {"slot_id": lost.slot_id, "kind": "x509", "status": "active", "key_file": str(key_file)}
+        ],
+    }
+    assert not _journaled(root, lost.slot_id)
+    assert _journaled(root, jwt.slot_id)
+    forgotten = [e for e in _audit_events(capsys, config) if e["kind"] == "ca_keys_forgotten"]
+    assert [[s["slot_id"] for s in e["extra"]["slots"]] for e in forgotten] == [[lost.slot_id]]
+
+    again = _start(config)
+    try:
+        new_bundle = again.bundle()
+    finally:
+        again.stop()
+    assert len(new_bundle.x509_authorities) == 1
+    assert new_bundle.x509_authorities[0] not in old_bundle.x509_authorities
+    assert _active_slot(root, X509_KIND).slot_id != lost.slot_id
+    # The JWT key was not lost: it stays.
+    assert [k.kid for k in new_bundle.jwt_keys] == [k.kid for k in old_bundle.jwt_keys]
+    code, out, err = _cli(capsys, "audit", "verify", "--config", str(config))
+    assert code == 0, err
+
+
+def test_nothing_lost_is_refused_with_and_without_yes(
+    capsys: pytest.CaptureFixture[str], root: Path
+) -> None:
+    config = _config_file(root)
+    _start(config).stop()
+    slots = {_active_slot(root, k).slot_id for k in (X509_KIND, JWT_KIND)}
+    for extra in ((), ("--yes",)):
+        code, out, err = _cli(capsys, *COMMAND, "--config", str(config), *extra)
+        assert (code, out) == (1, "")
+        assert "no key slot is lost" in err
+    assert all(_journaled(root, slot_id) for slot_id in slots)
+    assert not [e for e in _audit_events(capsys, config) if e["kind"] == "ca_keys_forgotten"]
+
+
+def test_a_running_server_keeps_its_slots(capsys: pytest.CaptureFixture[str], root: Path) -> None:
+    """A key file deleted under a running server: forgetting its slot then would have the
+    server rotate to a CA of its own at its next tick, so the command waits for it to stop."""
+    config = _config_file(root)
+    server = _start(config, lag=0)  # the lease it holds is on the wall clock the CLI reads
+    try:
+        lost = _active_slot(root, X509_KIND)
+        (root / "data" / "keys" / f"{lost.slot_id}.pem").unlink()
+        code, out, err = _cli(capsys, *COMMAND, "--config", str(config), "--yes")
+        assert (code, out) == (1, "")
+        assert "a server is running on this datastore" in err
+        assert _journaled(root, lost.slot_id)
+    finally:
+        server.stop()
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config), "--yes")
+    assert code == 0, err
+    assert not _journaled(root, lost.slot_id)
+
+
+def test_a_missing_datastore_is_named_and_not_created(
+    capsys: pytest.CaptureFixture[str], root: Path
+) -> None:
+    config = _config_file(root)
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config))
+    assert (code, out) == (1, "")
+    assert f"no datastore at {root / 'data' / 'datastore.sqlite3'}" in err
+    assert not (root / "data").exists()
+
+
+def test_a_wiped_data_dir_lists_both_keys_and_a_dry_run_makes_no_data_dir(
+    capsys: pytest.CaptureFixture[str], root: Path
+) -> None:
+    """The datastore kept apart from a data_dir that is gone: both the CA's and the JWT key's
+    slots are lost; without --yes the command creates nothing, with it both are replaced."""
+    config = _config_file(root, f'datastore = "{root / "datastore.sqlite3"}"')
+    _start(config).stop()
+    slots = [_active_slot(root, kind) for kind in (X509_KIND, JWT_KIND)]
+    shutil.rmtree(root / "data")
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config), "--output", "json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {
+        "forgotten": False,
+        "slots": [
+            {
+                "slot_id": s.slot_id,
+                "kind": s.kind,
+                "status": "active",
+                "key_file": str(root / "data" / "keys" / f"{s.slot_id}.pem"),
+            }
+            for s in slots
+        ],
+    }
+    assert not (root / "data").exists()
+    assert _cli(capsys, *COMMAND, "--config", str(config), "--yes")[0] == 0
+    _start(config).stop()
+    assert {_active_slot(root, k).slot_id for k in (X509_KIND, JWT_KIND)}.isdisjoint(
+        s.slot_id for s in slots
+    )
