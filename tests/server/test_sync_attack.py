@@ -26,11 +26,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from server.attestation.x509pop import sign_challenge
 from server.ca.sealing import KeyEncryptionKey
 from server.datastore.records import FeedItem, Revocation
 from server.propagation import MAX_STREAMS_PER_AGENT
 from svid._proto import admin_pb2, common_pb2, node_pb2
+from svid._x509pop import sign_challenge
 from tests.server.fixtures import (
     DER,
     PEM,
