@@ -456,31 +456,44 @@ class ServerState:
             # (a caller that sees an error may not try again: a task already ended). Other
             # servers' revocations come with the next full read.
             _log.warning("could not read the revocations back after adding them: %s", exc)
-            self.add_revocations_seen(items)
+            self._join_revocations(items)
         else:
-            self._set_revocations(current)
+            # Joined, not installed as the list: another server's revocation committed after
+            # the read may be in memory already (the change feed brought it), and the feed's
+            # cursor is past it, so nothing would bring it back.
+            self._join_revocations(current)
         await self._after_write()
 
-    def _set_revocations(self, current: Iterable[Revocation]) -> None:
-        before = {(r.kind, r.value): r for r in self._revocations}
-        after = {(r.kind, r.value): r for r in current}
-        self._revocations = tuple(after.values())
-        added = [r for k, r in after.items() if before.get(k) != r]
-        removed = [r for k, r in before.items() if k not in after]
-        if added or removed:
-            self._record(revocations_added=added, revocations_removed=removed)
+    def _join_revocations(self, stored: Iterable[Revocation]) -> bool:
+        """Those of `stored` memory lacks join it; True when any did. Never removes one: a
+        list read before another write may lack a revocation memory holds, and only expiry
+        (prune) ends a revocation."""
+        current = {(r.kind, r.value) for r in self._revocations}
+        added = [r for r in stored if (r.kind, r.value) not in current]
+        if added:
+            self._revocations = (*self._revocations, *added)
+            self._record(revocations_added=added, revocations_removed=())
+        return bool(added)
 
     async def prune(self) -> None:
         """Drop expired join tokens and revocations (housekeeping)."""
         now = int(self._clock.now())
         await asyncio.to_thread(self._datastore.prune_join_tokens, now)
         removed = await asyncio.to_thread(self._datastore.prune_revocations, now)
-        # Another server sharing the datastore may have pruned them first (removed == 0
-        # here): what memory holds past the same bound goes all the same.
-        needed_from = revocation_needed_from(now)
-        if removed or any(r.expires_at < needed_from for r in self._revocations):
-            self._set_revocations(await asyncio.to_thread(self._datastore.list_revocations))
+        # Memory drops what the datastore's bound drops, and only that, whether this prune
+        # removed it or another server sharing the datastore did first: a revocation added
+        # meanwhile (here or through the change feed) stays.
+        dropped = self._drop_revocations_before(revocation_needed_from(now))
+        if removed or dropped:
             await self._after_write()
+
+    def _drop_revocations_before(self, needed_from: float) -> bool:
+        """Drop the revocations expiring before `needed_from`; True when any went."""
+        expired = [r for r in self._revocations if r.expires_at < needed_from]
+        if expired:
+            self._revocations = tuple(r for r in self._revocations if r.expires_at >= needed_from)
+            self._record(revocations_added=(), revocations_removed=expired)
+        return bool(expired)
 
     def _put_agent(self, agent: AttestedAgent) -> None:
         agents = dict(self._agents)
@@ -529,11 +542,7 @@ class ServerState:
         """Revocations another server added: those of `stored` memory lacks join it. Never
         removes one (a list read before a local add must not undo it); expiry prunes them on
         every server alike."""
-        current = {(r.kind, r.value) for r in self._revocations}
-        added = [r for r in stored if (r.kind, r.value) not in current]
-        if added:
-            self._revocations = (*self._revocations, *added)
-            self._record(revocations_added=added, revocations_removed=())
+        if self._join_revocations(stored):
             self.notifier.notify()
 
     async def refresh_revision(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,3 +101,46 @@ def test_revocation_goes_once_no_verifier_can_accept_the_token(
     # Without the revocation the token is still refused: even the widest leeway has run out.
     with pytest.raises(ExpiredError):
         _verifier(state, clock, MAX_VERIFIER_LEEWAY).verify(token, "svc")
+
+
+def test_a_prune_keeps_the_revocations_another_server_adds_while_it_runs(
+    state: ServerState, datastore: DataStore, clock: FakeClock
+) -> None:
+    """Another server's revocation commits while this one prunes, and this one's change feed
+    installs it before the prune is done (after each datastore call of the prune, here). The
+    prune drops what expired, and only that: a list read before the revocation committed must
+    not withdraw it from memory (the feed's cursor is past its row: nothing brings it back)."""
+    now = int(clock.now())
+    expired = Revocation("jwt_id", "old", SUB, now - MAX_VERIFIER_LEEWAY - 1, "t", 0)
+    asyncio.run(state.add_revocations((expired,)))
+    arrived: list[Revocation] = []
+
+    async def prune() -> None:
+        loop = asyncio.get_running_loop()
+
+        def another_server_revokes() -> None:
+            item = Revocation("jwt_id", f"elsewhere-{len(arrived)}", SUB, now + 300, "t", now)
+            datastore.add_revocations((item,))
+            applied = asyncio.run_coroutine_threadsafe(_feed_brings(state, item), loop)
+            applied.result(timeout=5)
+            arrived.append(item)
+
+        for name in ("prune_revocations", "list_revocations"):
+            original = getattr(datastore, name)
+
+            def hooked(*args: object, _original: Any = original) -> object:
+                result = _original(*args)
+                another_server_revokes()
+                return result
+
+            setattr(datastore, name, hooked)
+        await state.prune()
+
+    asyncio.run(prune())
+    assert arrived
+    assert {r.value for r in state.revocations} == {r.value for r in arrived}
+
+
+async def _feed_brings(state: ServerState, item: Revocation) -> None:
+    """What the change feed's follower does with another server's revocation."""
+    state.add_revocations_seen((item,))
