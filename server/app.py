@@ -63,6 +63,7 @@ from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
 from server.tasks.service import TaskSettings
 from server.tasks.wiring import TaskLayer, build_task_layer
+from server.view_freshness import ViewFreshness, stale_after
 from svid._ratelimit import KeyedLimiter
 
 if TYPE_CHECKING:
@@ -355,6 +356,12 @@ class Server:
             connection_metrics=self.metrics.http_listener("bundle_endpoint"),
         )
         await self.federation.start()
+        # Real time, whatever clock the server runs on: the feed's poll waits real seconds.
+        # Only a shared datastore has a feed that other servers write to.
+        view = ViewFreshness(
+            SystemClock(),
+            stale_after(cfg.feed_poll_interval) if cfg.datastore_dsn is not None else None,
+        )
         self.follower = FeedFollower(
             datastore=self.datastore,
             state=self.state,
@@ -365,6 +372,7 @@ class Server:
             settings=FollowSettings(cfg.feed_poll_interval, cfg.feed_retention),
             on_audit_records=self.checkpointer.adopt,
             federation=self.federation.service,
+            view=view,
         )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # JWT batches the loop's workers do not take (task identities, small batches, workers
@@ -423,6 +431,7 @@ class Server:
             metrics=self.metrics,
             crl=self.tasks.crl,
             propagator=self.propagator,
+            view=self.follower.view,
         )
         admin = AdminServicer(
             on_agent_removed=self.tasks.agent_removed,
@@ -506,6 +515,10 @@ class Server:
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
             asyncio.create_task(self.federation.run(self._stop), name="federation"),
             asyncio.create_task(self.follower.run(self._stop), name="change-feed"),
+            asyncio.create_task(
+                self.follower.view.watch(self._stop, self.propagator.wake_all),
+                name="view-freshness",
+            ),
         ]
         if self.oauth is not None:
             self._tasks.append(asyncio.create_task(self.oauth.run(self._stop), name="oauth"))

@@ -10,6 +10,7 @@ Each job app.py schedules, decided on its own:
 | prune join tokens, revocations             | every server            | (2) |
 | prune change-feed rows, OAuth jtis         | every server            | (2) |
 | entry expiry sweep, change-feed follower   | every server            | (3) |
+| view freshness watch (Sync refused stale)  | every server            | (3) |
 | server SVID renewal                        | every server            | (3) |
 | CA and JWT key rotation                    | `ca-rotation` holder    | (4) |
 | audit checkpoints (start, interval, stop)  | `housekeeping` holder   | (5) |

@@ -37,6 +37,7 @@ from server.propagation import Propagator
 from server.state import ServerState
 from server.sync_delta import entry_delta, outweighs
 from server.sync_messages import DELTA, Shared, delta_messages, snapshot_messages
+from server.view_freshness import ViewFreshness
 from svid._clock import Clock
 from svid._der import der_concat
 from svid._errors import SvidError
@@ -82,6 +83,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         metrics: Metrics,
         propagator: Propagator,
         crl: Callable[[], Sequence[bytes]] = list,
+        view: ViewFreshness | None = None,
     ) -> None:
         self._state = state
         self._issuer = issuer
@@ -96,6 +98,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._peers = PeerCache(ids)
         self._propagator = propagator
         self._server_id = str(ids.server)
+        # How old the view Sync serves is (servers sharing a datastore): stale, Sync refuses.
+        self._view = view or ViewFreshness(clock, None)
 
     def on_error(self, code: grpc.StatusCode) -> None:
         self._metrics.record_error(code)
@@ -342,6 +346,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     ) -> AsyncIterator[node_pb2.SyncUpdate]:
         peer = self._peers.agent_peer(context)
         agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        self._view.check()
         log = self._state.changes
         # Subscribed before reading the log, with no await between: every change after the
         # revision read here reaches this stream's inbox.
@@ -355,6 +360,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 window = await sub.next()
                 if self._state.shutting_down:
                     raise UnavailableError("server is shutting down; reconnect")
+                # Woken when the view turned stale: the agent moves to a server that reads.
+                self._view.check()
                 # Eviction and bans end the stream with PERMISSION_DENIED right here.
                 current = self._state.authorize_agent(peer.spiffe_id, peer.serial)
                 if current.selectors != agent.selectors or sub.overflowed:

@@ -48,6 +48,7 @@ from server.datastore.records import (
 from server.federation.service import Stored
 from server.state import ServerState
 from server.tasks.model import Task
+from server.view_freshness import ViewFreshness
 from svid._clock import Clock
 from svid._waits import set_within
 
@@ -212,6 +213,7 @@ class FeedFollower:
         settings: FollowSettings | None = None,
         on_audit_records: Callable[[Sequence[AuditRecord]], None] = lambda _records: None,
         federation: FollowedFederation | None = None,
+        view: ViewFreshness | None = None,
     ) -> None:
         self._ds = datastore
         self._state = state
@@ -222,6 +224,8 @@ class FeedFollower:
         self._clock = clock
         self._cursor = cursor
         self.settings = settings or FollowSettings()
+        # Marked at each catch-up that read the feed to its end (what Sync asks before serving).
+        self.view = view or ViewFreshness(clock, None)
         # Rows skipped last time (this server was writing them meanwhile): read again.
         self._pending = FeedWork()
         # For tests and metrics: rows read, full reloads done.
@@ -262,9 +266,12 @@ class FeedFollower:
         read = 0
         while True:
             cursor = self._cursor
+            # The view holds what committed before this read began, once it is applied.
+            as_of = self.view.now()
             head, items = await asyncio.to_thread(self._page, cursor)
             if pruned_past(cursor, head, items):
                 await self.reload_everything()
+                self.view.caught_up(as_of)
                 return read
             work = plan(items) | self._pending
             if work:
@@ -274,6 +281,7 @@ class FeedFollower:
                 read += len(items)
                 self.rows_read += len(items)
             if len(items) < FEED_PAGE:
+                self.view.caught_up(as_of)
                 return read
 
     def _page(self, cursor: int) -> tuple[int, list[FeedItem]]:

@@ -1,0 +1,95 @@
+"""How old this server's view of a shared datastore is, and refusing to serve it past a bound.
+
+Servers sharing one datastore learn each other's writes from its change feed
+(server.replication). A server that cannot read the feed (its database connection cut or
+silent) goes on holding the view it last read: an entry deleted and a token revoked through
+another server meanwhile are still served by it, over Sync, to its agents. Each successful
+catch-up of the feed marks the view fresh as of when that read began; once the last mark is
+older than the bound, Sync refuses new streams and ends the open ones (UNAVAILABLE), so
+agents move to a server that can read the datastore, and serves again at the next catch-up.
+
+The bound is a few feed polls: a healthy follower reads the feed at least every
+`feed_poll_interval`, so a view older than several polls means reads are failing. A single
+server on SQLite has no feed to lag and no bound.
+
+Time here is real time (the feed's poll waits real seconds, whatever a test's clock says):
+the server hands in a SystemClock; tests of this module a FakeClock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from server.errors import UnavailableError
+from svid._clock import Clock
+from svid._waits import set_within
+
+_log = logging.getLogger("svid.server.view_freshness")
+# A view is stale past this many feed polls without a successful read...
+STALE_POLLS = 3
+# ...and never sooner than this (seconds): a catch-up that reloads much, or a slow query on a
+# busy database, does not send every agent elsewhere.
+MIN_STALE_AFTER = 3.0
+# While stale, how often the watcher looks for the view to be fresh again (seconds).
+_STALE_RECHECK = 0.25
+
+
+def stale_after(poll_interval: float) -> float:
+    """The age (seconds) past which a view followed every `poll_interval` seconds is stale."""
+    return max(MIN_STALE_AFTER, STALE_POLLS * poll_interval)
+
+
+class ViewFreshness:
+    """The time of the last successful catch-up; `limit` None: never stale (no feed)."""
+
+    def __init__(self, clock: Clock, limit: float | None) -> None:
+        self._clock = clock
+        self.limit = limit
+        # Fresh as the state was loaded, just before this was built.
+        self._as_of = clock.monotonic()
+
+    def now(self) -> float:
+        """A mark to hand to `caught_up` once the read begun now succeeded."""
+        return self._clock.monotonic()
+
+    def caught_up(self, as_of: float) -> None:
+        """Every change committed before `as_of` (a `now()`) is in the view."""
+        self._as_of = max(self._as_of, as_of)
+
+    def age(self) -> float:
+        return max(0.0, self._clock.monotonic() - self._as_of)
+
+    def left(self) -> float:
+        """Seconds until the view turns stale (<= 0: stale); infinite without a limit."""
+        return float("inf") if self.limit is None else self.limit - self.age()
+
+    def check(self) -> None:
+        """UnavailableError when the view is stale: its agents should use another server."""
+        if self.left() <= 0:
+            raise UnavailableError(
+                f"this server's view is {self.age():.0f} s old: its datastore is unreachable; "
+                "use another server"
+            )
+
+    async def watch(self, stop: asyncio.Event, on_stale: Callable[[], None]) -> None:
+        """Until `stop`: call `on_stale` each time the view turns stale (the Sync streams,
+        woken by it, see `check` fail and end), and log the turns both ways."""
+        if self.limit is None:
+            return
+        stale = False
+        while not stop.is_set():
+            left = self.left()
+            if (left <= 0) != stale:
+                stale = not stale
+                if stale:
+                    _log.warning(
+                        "no change feed read for %.0f s: refusing Sync until the datastore "
+                        "answers again, so agents move to another server",
+                        self.age(),
+                    )
+                    on_stale()
+                else:
+                    _log.warning("the change feed is read again: serving Sync")
+            await set_within(stop, left if left > 0 else _STALE_RECHECK)

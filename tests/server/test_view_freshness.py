@@ -1,0 +1,114 @@
+"""A server that cannot read the shared datastore's change feed stops serving Sync from the view
+it last read: new streams are refused and open ones end (UNAVAILABLE), so its agents move to a
+server that reads; it serves again once a read of the feed succeeds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from server.errors import UnavailableError
+from server.view_freshness import MIN_STALE_AFTER, ViewFreshness, stale_after
+from svid._clock import FakeClock
+from svid._proto import node_pb2
+from tests.server import test_sync_attack
+from tests.server.test_sync_attack import Partitioned, _wait
+
+# The fixture: servers A and B on one PostgreSQL database, B reaching it through a relay a test
+# cuts.
+partitioned = test_sync_attack.partitioned
+
+
+def test_a_view_is_stale_past_its_bound_and_fresh_again_once_caught_up() -> None:
+    clock = FakeClock()
+    view = ViewFreshness(clock, 3.0)
+    clock.advance(2.9)
+    view.check()
+    read_began = view.now()
+    clock.advance(0.2)
+    with pytest.raises(UnavailableError, match=r"view is 3 s old: its datastore is unreachable"):
+        view.check()
+    view.caught_up(read_began)  # fresh as of when the read began: 0.2 s ago
+    view.check()
+    view.caught_up(read_began - 10)  # a slower read finishing late moves nothing back
+    assert view.age() == pytest.approx(0.2)
+
+
+def test_a_view_with_no_feed_to_lag_is_never_stale() -> None:
+    clock = FakeClock()
+    view = ViewFreshness(clock, None)
+    clock.advance(86_400)
+    view.check()
+
+
+def test_the_bound_is_a_few_polls_and_never_under_a_few_seconds() -> None:
+    assert stale_after(0.1) == MIN_STALE_AFTER
+    assert stale_after(5.0) == 15.0
+
+
+def test_the_watcher_wakes_the_streams_once_as_the_view_turns_stale() -> None:
+    clock = FakeClock()
+    view = ViewFreshness(clock, 3.0)
+    woken: list[float] = []
+
+    async def watch_a_while() -> None:
+        stop = asyncio.Event()
+        watching = asyncio.create_task(view.watch(stop, lambda: woken.append(view.age())))
+        await asyncio.sleep(0.05)
+        assert woken == []
+        clock.advance(4)  # due 0.01 s after it started: it looks again meanwhile
+        await asyncio.sleep(0.6)
+        stop.set()
+        await watching
+
+    clock.advance(2.99)
+    asyncio.run(watch_a_while())
+    assert woken == [pytest.approx(6.99)]
+
+
+def test_a_server_cut_off_from_postgresql_ends_its_open_sync_streams(
+    partitioned: Partitioned,
+) -> None:
+    """An agent on B holds a stream; B loses its database. Within a few feed polls the stream
+    ends with UNAVAILABLE naming why (the agent then moves to A), and a new one is refused."""
+    a, b = partitioned.a, partitioned.b
+    agent = a.attest()
+    _wait(lambda: agent.spiffe_id in b.server.state.agents, "B to learn the agent")
+    stream = b.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
+    try:
+        assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+        partitioned.relay.cut()
+        cut = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream)
+        took = time.monotonic() - cut
+    finally:
+        stream.cancel()
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert "datastore is unreachable" in ended.value.details()  # type: ignore[attr-defined]
+    assert took < stale_after(b.server.config.feed_poll_interval) + 2
+    again = b.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=5)
+    with pytest.raises(grpc.RpcError) as refused:
+        next(again)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_a_server_on_postgresql_that_reads_its_feed_goes_on_serving_sync(
+    partitioned: Partitioned,
+) -> None:
+    """No false alarm: an idle stream on a server whose feed reads succeed stays up well past
+    the bound, and is handed the next change."""
+    a, b = partitioned.a, partitioned.b
+    agent = a.attest()
+    _wait(lambda: agent.spiffe_id in b.server.state.agents, "B to learn the agent")
+    stream = b.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
+    try:
+        assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+        time.sleep(stale_after(b.server.config.feed_poll_interval) + 1)
+        entry = a.create_entry("/web", agent.spiffe_id)
+        assert [e.id for e in next(stream).entries] == [entry.id]
+    finally:
+        stream.cancel()
