@@ -40,6 +40,7 @@ from server.datastore.errors import (
     RemovalUnderWayError,
     StorageError,
     TaskEndedMeanwhileError,
+    UnreachableError,
 )
 from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
 from server.datastore.errors import ConflictError as DsConflictError
@@ -156,6 +157,7 @@ RULES: Mapping[type[BaseException], Rule] = {
     AgentReplacedError: Rule(Code.PERMISSION_DENIED),
     DataStoreError: _STORAGE,
     StorageError: _STORAGE,
+    UnreachableError: _STORAGE,
     # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).
     JtiHeldError: _STORAGE,
     # A credential's holder left while it was being issued (the two below): nothing was issued.

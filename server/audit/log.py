@@ -41,7 +41,12 @@ from server.audit.event import (
 )
 from server.audit.verify import Anchor, VerifyResult, verify_store
 from server.datastore.base import AuditStore, JtiClaim
-from server.datastore.errors import ChainMovedError, HolderGoneError, StorageError
+from server.datastore.errors import (
+    ChainMovedError,
+    HolderGoneError,
+    StorageError,
+    UnreachableError,
+)
 from server.datastore.records import AUDIT_COLUMNS, Credential, EventFilter, Head
 from svid._clock import Clock
 
@@ -638,8 +643,11 @@ class AuditLog:
             self._pending_credentials = []
             self._pending_jtis = []
             self._tickets = []
+            # A store that did not answer is not asked again: that would hold the callers
+            # (this thread is one) as long again before they hear their commit failed.
+            unreachable = isinstance(error.__cause__, UnreachableError)
             try:
-                head = self._store.audit_head()
+                head = self._committed if unreachable else self._store.audit_head()
             except (StorageError, AuditError):
                 # The store is down too (a database outage): go on after the last batch this
                 # process saw committed, never after the voided ones. Should the failed batch

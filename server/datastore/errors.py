@@ -63,6 +63,11 @@ class StorageError(DataStoreError):
     """
 
 
+class UnreachableError(StorageError):
+    """The backend did not answer in time, or the connection to it was lost: another request
+    now would most likely wait, or fail, the same way."""
+
+
 class ChainMovedError(StorageError):
     """An audit batch was sealed on a head the chain is no longer at: another writer sharing
     the database appended since. Nothing of the ledger write was kept; `head` is the stored

@@ -28,11 +28,21 @@ Connections: a small pool (the server's datastore calls are short; a few connect
 2-core machine). autocommit, so a read is one round trip and a write is an explicit transaction.
 A call whose connection died raises StorageError; the pool then checks its idle connections and
 replaces the dead ones, so the next call gets a fresh one and the server keeps serving.
+
+A database that goes silent without closing its connections (its host frozen, packets dropped,
+a proxy in front of it that still acknowledges) fails calls within seconds rather than holding
+them for TCP's retransmissions (a quarter of an hour) or for ever: PostgreSQL cancels a
+statement running past STATEMENT_TIMEOUT, every request on a connection is given up (and the
+connection closed) when no answer came within ANSWER_TIMEOUT, connecting gives up after
+CONNECT_TIMEOUT, and TCP keepalives and a user timeout find a dead peer under an idle LISTEN.
+Bulk work that may rightly run long on a big database (listing everything, prunes,
+migrations, an audit snapshot) asks for BULK_TIMEOUT instead (`bulk=True`).
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +52,9 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg.abc import PQGen
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -57,6 +70,7 @@ from server.datastore.errors import (
     NotFoundError,
     RemovalUnderWayError,
     StorageError,
+    UnreachableError,
 )
 from server.datastore.migrations import (
     CREATE_MIGRATIONS_TABLE,
@@ -104,8 +118,27 @@ Cursor = psycopg.Cursor[Any]
 
 MIN_CONNECTIONS = 1
 MAX_CONNECTIONS = 4
-# How long a call waits for a free (or a new) connection before it fails.
-CONNECT_TIMEOUT = 10.0
+# How long a call waits for a free (or a new) connection before it fails, and how long opening
+# one may take (seconds): an issuing call must fail, UNAVAILABLE, while its client still waits.
+CONNECT_TIMEOUT = 5.0
+# A statement of the server's own takes milliseconds: PostgreSQL cancels one past this (a lock
+# held by a server that went silent mid-transaction, say), and the connection stays usable.
+STATEMENT_TIMEOUT = 5.0
+# A request (a statement, a commit, a page of rows) with no answer this long: the database is
+# silent, the connection is closed and the call fails. Past STATEMENT_TIMEOUT, so a slow
+# statement is PostgreSQL's to cancel first.
+ANSWER_TIMEOUT = STATEMENT_TIMEOUT + 1.0
+# Both, for work that may rightly run long on a big database (`bulk=True`).
+BULK_TIMEOUT = 600.0
+# TCP: a peer that vanished under an idle connection (a LISTEN) is found within about
+# idle + interval x count seconds; data unacknowledged for the user timeout (ms) ends it.
+_TCP: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": int(ANSWER_TIMEOUT * 1000),
+}
 # Runs of one transaction that PostgreSQL failed for a deadlock or a serialization failure.
 ATTEMPTS = 3
 _BUNDLE_SEQUENCE = "bundle_sequence"
@@ -116,6 +149,56 @@ _IDS_PER_READ = 500
 # most, it reads the feed's head while notifications of other schemas wake it.
 FEED_WAIT_SLICE = 0.25
 _RETRY = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+
+
+class NoAnswerError(psycopg.OperationalError):
+    """The database did not answer a request in time; its connection is closed."""
+
+
+def _answered_by(gen: PQGen[T], deadline: float, timeout: float) -> PQGen[T]:
+    """`gen` (one request on a connection), failing once `deadline` has passed with nothing
+    to read or write: psycopg's wait resumes it every interval (0.1 s) with nothing ready."""
+    try:
+        waiting = next(gen)
+        while True:
+            ready = yield waiting
+            if not ready and time.monotonic() >= deadline:
+                gen.close()
+                raise NoAnswerError(f"no answer from the database within {timeout:g} s")
+            waiting = gen.send(ready)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+class AnsweredConnection(psycopg.Connection[Any]):
+    """A connection whose every request is answered within `answer_timeout` seconds, or which
+    is closed (NoAnswerError): unusable midway through a request, the pool replaces it."""
+
+    answer_timeout: float = ANSWER_TIMEOUT
+
+    def wait(self, gen: PQGen[T], *args: Any, **kwargs: Any) -> T:
+        timeout = self.answer_timeout
+        bounded = _answered_by(gen, time.monotonic() + timeout, timeout)
+        try:
+            return super().wait(bounded, *args, **kwargs)
+        except NoAnswerError:
+            self.pgconn.finish()
+            raise
+
+
+def connection_options(dsn: str) -> dict[str, Any]:
+    """libpq parameters bounding how long a silent database holds a call (the module's
+    docstring), each unless the DSN sets its own; the statement timeout joins the DSN's (or
+    PGOPTIONS') own `options`."""
+    given = conninfo_to_dict(dsn)
+    found: dict[str, Any] = {k: v for k, v in _TCP.items() if k not in given}
+    if "connect_timeout" not in given:
+        found["connect_timeout"] = max(2, int(CONNECT_TIMEOUT))
+    options = str(given.get("options") or os.environ.get("PGOPTIONS", ""))
+    if "statement_timeout" not in options:
+        timeout = f"-c statement_timeout={int(STATEMENT_TIMEOUT * 1000)}"
+        found["options"] = f"{options} {timeout}".strip()
+    return found
 
 
 class PostgresDataStore(
@@ -142,21 +225,27 @@ class PostgresDataStore(
         self._listen_lock = threading.Lock()
         # wait_feed's LISTEN connection, and the schema whose notifications are this store's.
         self._listener: tuple[psycopg.Connection[Any], str] | None = None
+        self._options = connection_options(dsn)
+        # A pool check runs at most once at a time, off the failing call's thread.
+        self._checking = threading.Lock()
         # One connection first: if the database cannot be reached, this is the error that
         # says why (the pool would only time out), and it migrates before the pool serves.
+        # A plain connection: a migration may rightly run long.
+        tcp = {k: v for k, v in self._options.items() if k != "options"}
         try:
-            with psycopg.connect(dsn, autocommit=True, connect_timeout=int(timeout)) as conn:
+            with psycopg.connect(dsn, autocommit=True, **tcp) as conn:
                 self._migrate(conn)
         except psycopg.Error as e:
             raise StorageError(
                 f"cannot open the PostgreSQL datastore at {redact_dsn(dsn)}: {scrub(str(e), dsn)}"
             ) from None
-        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+        self._pool: ConnectionPool[AnsweredConnection] = ConnectionPool(
             dsn,
+            connection_class=AnsweredConnection,
             min_size=min_connections,
             max_size=max_connections,
             timeout=timeout,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, **self._options},
             name="svidd-datastore",
             open=True,
         )
@@ -167,27 +256,58 @@ class PostgresDataStore(
         lost = isinstance(error, psycopg.OperationalError) and not isinstance(error, _RETRY)
         if lost and not self._closed:
             # The connection (or the server) may be gone: drop the dead idle connections now,
-            # so the next call gets a fresh one instead of failing on the next dead one.
-            self._pool.check()
-        return StorageError(f"cannot {what}: {scrub(str(error).strip(), self._dsn)}")
+            # so the next call gets a fresh one instead of failing on the next dead one. Not
+            # on this thread when the database is silent: each check would wait as long.
+            if isinstance(error, NoAnswerError):
+                self._check_pool_aside()
+            else:
+                self._pool.check()
+        failed = UnreachableError if lost else StorageError
+        return failed(f"cannot {what}: {scrub(str(error).strip(), self._dsn)}")
+
+    def _check_pool_aside(self) -> None:
+        """Check the idle connections in a thread of its own (one at a time): with a silent
+        database each check waits out ANSWER_TIMEOUT, which the failing call must not add to
+        its own."""
+        if not self._checking.acquire(blocking=False):
+            return  # one is under way
+
+        def check() -> None:
+            try:
+                if not self._closed:
+                    self._pool.check()
+            except psycopg.Error:
+                pass  # the pool logs what it discards; the next failure checks again
+            finally:
+                self._checking.release()
+
+        threading.Thread(target=check, name="svidd-datastore-check", daemon=True).start()
 
     @contextmanager
-    def _connection(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+    def _connection(self, what: str, *, bulk: bool = False) -> Iterator[AnsweredConnection]:
         if self._closed:
             raise StorageError(f"cannot {what}: the datastore is closed")
         try:
             with self._pool.connection() as conn:
-                yield conn
+                if not bulk:
+                    yield conn
+                    return
+                with _patient(conn):
+                    yield conn
         except psycopg.Error as e:
             raise self._failed(what, e) from e
 
-    def _write(self, what: str, work: Callable[[Cursor], T]) -> T:
+    def _write(self, what: str, work: Callable[[Cursor], T], *, bulk: bool = False) -> T:
         """`work` in one transaction, committed when it returns; run again (up to ATTEMPTS)
         when PostgreSQL failed it for a deadlock or a serialization failure. A DataStoreError
         of `work` rolls back and goes to the caller as it is."""
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                with self._connection(what) as conn, conn.transaction(), conn.cursor() as cur:
+                with (
+                    self._connection(what, bulk=bulk) as conn,
+                    conn.transaction(),
+                    conn.cursor() as cur,
+                ):
                     return work(cur)
             except StorageError as e:
                 if attempt == ATTEMPTS or not isinstance(e.__cause__, _RETRY):
@@ -203,12 +323,19 @@ class PostgresDataStore(
 
         return self._write(what, locked)
 
-    def _rows(self, what: str, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        with self._connection(what) as conn, conn.cursor(row_factory=dict_row) as cur:
+    def _rows(
+        self, what: str, sql: str, params: Mapping[str, Any], *, bulk: bool = False
+    ) -> list[dict[str, Any]]:
+        with (
+            self._connection(what, bulk=bulk) as conn,
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
             return cur.execute(pg(sql), dict(params)).fetchall()
 
-    def _tuples(self, what: str, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        with self._connection(what) as conn:
+    def _tuples(
+        self, what: str, sql: str, params: Mapping[str, Any], *, bulk: bool = False
+    ) -> list[tuple[Any, ...]]:
+        with self._connection(what, bulk=bulk) as conn:
             return conn.execute(pg(sql), dict(params)).fetchall()
 
     def _now(self) -> int:
@@ -258,7 +385,7 @@ class PostgresDataStore(
 
     def migrate(self) -> list[int]:
         """Apply pending migrations; returns the versions applied now (empty when up to date)."""
-        with self._connection("migrate the datastore") as conn:
+        with self._connection("migrate the datastore", bulk=True) as conn:
             return self._migrate(conn)
 
     def schema_versions(self) -> list[int]:
@@ -337,7 +464,8 @@ class PostgresDataStore(
         self, spiffe_id: str | None = None, parent_id: str | None = None
     ) -> list[Entry]:
         params = {"spiffe_id": spiffe_id, "parent_id": parent_id}
-        return [_entry_from(r) for r in self._rows("list entries", ps.LIST_ENTRIES, params)]
+        rows = self._rows("list entries", ps.LIST_ENTRIES, params, bulk=True)
+        return [_entry_from(r) for r in rows]
 
     # -- join tokens ----------------------------------------------------------------------------
 
@@ -367,6 +495,7 @@ class PostgresDataStore(
         return self._write(
             "prune join tokens",
             lambda cur: int(cur.execute(pg(q.PRUNE_JOIN_TOKENS), {"now": now}).rowcount),
+            bulk=True,
         )
 
     # -- agents ---------------------------------------------------------------------------------
@@ -434,7 +563,7 @@ class PostgresDataStore(
         return _agent_from(rows[0])
 
     def list_agents(self) -> list[AttestedAgent]:
-        return [_agent_from(r) for r in self._rows("list agents", q.LIST_AGENTS, {})]
+        return [_agent_from(r) for r in self._rows("list agents", q.LIST_AGENTS, {}, bulk=True)]
 
     def delete_agent(self, spiffe_id: str, removal: Removal | None = None) -> None:
         row = _removal_of(spiffe_id, removal)
@@ -602,7 +731,7 @@ class PostgresDataStore(
                 self._bump(cur, _REVISION)
             return removed
 
-        return self._write("prune revocations", work)
+        return self._write("prune revocations", work, bulk=True)
 
     # -- OAuth assertion replay -----------------------------------------------------------------
 
@@ -624,6 +753,7 @@ class PostgresDataStore(
         return self._write(
             "prune assertion jtis",
             lambda cur: int(cur.execute(pg(q.PRUNE_JTIS), {"now": now}).rowcount),
+            bulk=True,
         )
 
     # -- change tracking ------------------------------------------------------------------------
@@ -644,6 +774,7 @@ class PostgresDataStore(
         return self._write(
             "prune the change feed",
             lambda cur: int(cur.execute(pg(q.PRUNE_FEED), {"before": before}).rowcount),
+            bulk=True,
         )
 
     def wait_feed(self, after: int, timeout: float) -> bool:
@@ -676,7 +807,7 @@ class PostgresDataStore(
     def _listen(self) -> tuple[psycopg.Connection[Any], str]:
         """A connection listening on the feed's channel, and the schema whose notifications
         are this store's (the payload NOTIFY_FEED sends, from the same DSN's search_path)."""
-        conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+        conn = AnsweredConnection.connect(self._dsn, autocommit=True, **self._options)
         try:
             row = conn.execute(ps.OWN_SCHEMA).fetchone()
             conn.execute(ps.LISTEN_FEED)
@@ -691,3 +822,20 @@ class PostgresDataStore(
             if self._listener is not None:
                 self._listener[0].close()
                 self._listener = None
+
+
+@contextmanager
+def _patient(conn: AnsweredConnection) -> Iterator[None]:
+    """BULK_TIMEOUT for the statements run on `conn` meanwhile, then the session's own again."""
+    conn.execute(f"SET statement_timeout = {int(BULK_TIMEOUT * 1000)}")
+    conn.answer_timeout = BULK_TIMEOUT
+    try:
+        yield
+    finally:
+        conn.answer_timeout = ANSWER_TIMEOUT
+        if conn.closed:
+            pass
+        elif conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+            conn.execute("RESET statement_timeout")
+        else:
+            conn.close()  # the pool would keep it with the bulk timeout: it replaces it

@@ -95,10 +95,12 @@ def _refuse_gone(
 class PostgresLedger:
     """Task records, credential ledger and audit chain on the datastore's pool."""
 
-    def _connection(self, what: str) -> AbstractContextManager[psycopg.Connection[Any]]:
+    def _connection(
+        self, what: str, *, bulk: bool = False
+    ) -> AbstractContextManager[psycopg.Connection[Any]]:
         raise NotImplementedError  # PostgresDataStore's
 
-    def _write(self, what: str, work: Callable[[Cursor], T]) -> T:
+    def _write(self, what: str, work: Callable[[Cursor], T], *, bulk: bool = False) -> T:
         raise NotImplementedError  # PostgresDataStore's
 
     def _rows(self, what: str, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -113,8 +115,10 @@ class PostgresLedger:
     def _count(self, what: str, sql: str, params: Mapping[str, Any]) -> int:
         return int(self._tuples(what, sql, params)[0][0])
 
-    def _change(self, what: str, sql: str, params: Mapping[str, Any]) -> int:
-        return self._write(what, lambda cur: int(cur.execute(pg(sql), dict(params)).rowcount))
+    def _change(self, what: str, sql: str, params: Mapping[str, Any], *, bulk: bool = False) -> int:
+        return self._write(
+            what, lambda cur: int(cur.execute(pg(sql), dict(params)).rowcount), bulk=bulk
+        )
 
     # -- tasks ----------------------------------------------------------------------------------
 
@@ -170,7 +174,7 @@ class PostgresLedger:
         return self._count("count violations", lq.COUNT_VIOLATIONS, params)
 
     def prune_violations(self, before: int) -> int:
-        return self._change("prune violations", lq.PRUNE_VIOLATIONS, {"before": before})
+        return self._change("prune violations", lq.PRUNE_VIOLATIONS, {"before": before}, bulk=True)
 
     # -- credentials ----------------------------------------------------------------------------
 
@@ -245,7 +249,7 @@ class PostgresLedger:
 
     def prune_credentials(self, now: int) -> int:
         params = {"needed_from": ps.needed_from(now)}
-        return self._change("prune credentials", lq.PRUNE_CREDENTIALS, params)
+        return self._change("prune credentials", lq.PRUNE_CREDENTIALS, params, bulk=True)
 
     # -- audit chain ----------------------------------------------------------------------------
 
@@ -289,7 +293,7 @@ class PostgresLedger:
             cur.execute(pg(lq.UPSERT_AUDIT_BASE), params)
             return removed
 
-        return self._write("prune the audit log", work)
+        return self._write("prune the audit log", work, bulk=True)
 
     def audit_snapshot(self) -> AbstractContextManager[AuditSnapshot]:
         return self._snapshot()
@@ -299,7 +303,7 @@ class PostgresLedger:
         """One REPEATABLE READ, READ ONLY transaction on a pool connection of its own: every
         statement in it sees the state of its first, while writers go on. Rows stream through
         a server-side cursor, a page at a time. Creates nothing."""
-        with self._connection("read the audit log") as conn:
+        with self._connection("read the audit log", bulk=True) as conn:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             try:
                 names = {r[0] for r in conn.execute(ps.TABLES_IN_SCHEMA).fetchall()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -29,10 +30,15 @@ from server.datastore import ledger_queries as lq
 from server.datastore import postgres as postgres_module
 from server.datastore import queries as q
 from server.datastore.base import JtiClaim
-from server.datastore.errors import AgentRemovedError, JtiHeldError, TaskEndedMeanwhileError
+from server.datastore.errors import (
+    AgentRemovedError,
+    JtiHeldError,
+    TaskEndedMeanwhileError,
+    UnreachableError,
+)
 from server.datastore.ledger_queries import audit_page
 from server.datastore.migrations import MIGRATIONS, Migration, postgres_ddl, postgres_migrations
-from server.datastore.postgres import PostgresDataStore
+from server.datastore.postgres import AnsweredConnection, PostgresDataStore, connection_options
 from server.datastore.postgres_dsn import redact_dsn, scrub
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
@@ -45,6 +51,7 @@ from server.datastore.records import (
 from server.datastore.sqlite_ledger import _task_params
 from svid._clock import FakeClock
 from tests import postgres
+from tests.server.tcp_cut import CuttableRelay, upstream_of
 from tests.server.test_datastore_contract import (
     MIGRATION_17_SEQUENCES,
     assert_migration_17_sequences_carried_over,
@@ -843,3 +850,71 @@ def test_writes_on_another_schema_neither_end_nor_shorten_a_feed_wait(
             reader.close()
     assert waited >= 0.95, f"the wait ended after {waited:.2f} s of 1 s"
     assert len(written) >= 10  # the other schema's writes went on all through the wait
+
+
+# -- a database that stops answering ------------------------------------------------------------
+
+
+def _with_options(dsn: str, extra: str) -> str:
+    """`dsn` (a URL) with `extra` appended to its `options`."""
+    parts = urllib.parse.urlsplit(dsn)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    options = " ".join([v for k, v in query if k == "options"] + [extra])
+    query = [(k, v) for k, v in query if k != "options"] + [("options", options)]
+    return urllib.parse.urlunsplit(
+        parts._replace(query=urllib.parse.urlencode(query, quote_via=urllib.parse.quote))
+    )
+
+
+def test_a_database_gone_silent_fails_a_call_once_no_answer_came_in_time(
+    postgres_dsn: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its host frozen, or a proxy in front of it acknowledging what nobody answers: TCP sees
+    nothing wrong. The call fails (the store unreachable) once a request had no answer within
+    the answer timeout, and the connection is closed, not handed to the next call."""
+    monkeypatch.setattr(AnsweredConnection, "answer_timeout", 1.0)
+    relay = CuttableRelay(upstream_of(postgres_dsn))
+    store = PostgresDataStore(relay.dsn_through(postgres_dsn), clock, max_connections=1)
+    try:
+        store.create_entry(entry("/before"))
+        relay.freeze()
+        started = time.monotonic()
+        with pytest.raises(UnreachableError, match=r"cannot read .*: no answer .* within 1 s"):
+            store.revision()
+        assert time.monotonic() - started < 3
+    finally:
+        relay.cut()
+        store.close()
+
+
+def test_a_statement_past_the_timeout_is_cancelled_and_bulk_work_may_run_long(
+    postgres_dsn: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL cancels a statement running past the statement timeout (the DSN's own here,
+    kept over the server's), and the connection serves the next call; bulk work (prunes,
+    listing everything) runs under a long timeout, and gives it back after."""
+    monkeypatch.setattr(AnsweredConnection, "answer_timeout", 1.5)
+    store = PostgresDataStore(
+        _with_options(postgres_dsn, "-c statement_timeout=500"), clock, max_connections=1
+    )
+    sleep = "SELECT pg_sleep(:s)"
+    try:
+        with pytest.raises(StorageError, match="canceling statement due to statement timeout"):
+            store._tuples("sleep", sleep, {"s": 1})
+        assert store.revision() == 0  # the same (only) connection, still good
+        store._tuples("sleep", sleep, {"s": 2}, bulk=True)  # past both timeouts
+        with pytest.raises(StorageError, match="statement timeout"):
+            store._tuples("sleep", sleep, {"s": 1})
+    finally:
+        store.close()
+
+
+def test_connection_options_bound_every_wait_unless_the_dsn_sets_its_own() -> None:
+    found = connection_options("postgresql://u@h/db?options=-csearch_path%3Ds&keepalives_idle=60")
+    assert found["options"] == "-csearch_path=s -c statement_timeout=5000"
+    assert "keepalives_idle" not in found  # the DSN's 60 stands
+    assert found["keepalives"] == 1
+    assert found["tcp_user_timeout"] == 6000
+    assert found["connect_timeout"] == 5
+    own = connection_options("postgresql://u@h/db?options=-c%20statement_timeout%3D0")
+    assert "options" not in own
