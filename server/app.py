@@ -271,7 +271,7 @@ class Server:
                 _load_ca_file(self.config.x509pop_ca_bundle),
                 self.ids,
                 self.clock,
-                own_cas=self.ca.own_ca_certificates,
+                own_cas=self.ca.issuing_cas,
             )
         return attestors
 
@@ -419,6 +419,8 @@ class Server:
             executor=self._executor,
             agent_svid_ttl=cfg.agent_svid_ttl,
         )
+        # Who calls as an agent, for the node API and the task layer alike.
+        peers = PeerCache(self.ids, self.ca.issuing_cas)
         node = NodeServicer(
             state=self.state,
             issuer=self.issuer,
@@ -432,6 +434,7 @@ class Server:
             crl=self.tasks.crl,
             propagator=self.propagator,
             view=self.follower.view,
+            peers=peers,
         )
         admin = AdminServicer(
             on_agent_removed=self.tasks.agent_removed,
@@ -451,7 +454,7 @@ class Server:
         self._node_server.add_generic_rpc_handlers(
             self.tasks.node_handlers(
                 self.state,
-                PeerCache(self.ids),
+                peers,
                 self._refusal_budget(
                     "validation",
                     cfg.validation_refusal_rate_per_agent,

@@ -82,6 +82,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         clock: Clock,
         metrics: Metrics,
         propagator: Propagator,
+        peers: PeerCache,
         crl: Callable[[], Sequence[bytes]] = list,
         view: ViewFreshness | None = None,
     ) -> None:
@@ -95,7 +96,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._metrics = metrics
         # The CA-signed CRL(s) of revoked X.509-SVIDs, sent on Sync.
         self._crl = crl
-        self._peers = PeerCache(ids)
+        self._peers = peers
         self._propagator = propagator
         self._server_id = str(ids.server)
         # How old the view Sync serves is (servers sharing a datastore): stale, Sync refuses.

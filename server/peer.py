@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from server.errors import PermissionDeniedError, UnauthenticatedError
 from server.ids import ServerIds
@@ -20,7 +22,21 @@ class AgentPeer:
     serial: str  # lowercase hex
 
 
-def _parse_peer(pem: bytes, ids: ServerIds) -> AgentPeer:
+# The CAs whose certificates are our agents' (CaManager.issuing_cas), asked on each new one.
+IssuingCas = Callable[[], Sequence[x509.Certificate]]
+
+
+def _issued_by_any(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> bool:
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
+def _parse_peer(pem: bytes, ids: ServerIds, cas: IssuingCas) -> AgentPeer:
     try:
         cert = x509.load_pem_x509_certificate(pem)
         spiffe_id = spiffe_id_from_cert(cert)
@@ -30,15 +46,26 @@ def _parse_peer(pem: bytes, ids: ServerIds) -> AgentPeer:
         raise PermissionDeniedError(
             f"{spiffe_id} is not an agent ID of trust domain {ids.trust_domain}"
         )
-    return AgentPeer(str(spiffe_id), format(cert.serial_number, "x"))
+    serial = format(cert.serial_number, "x")
+    # The handshake checked the chain up to the bundle's roots, which under an upstream CA is
+    # a root other CAs (other trust domains') chain to as well: an agent's ID and serial are
+    # no secret, so only a certificate our own CA signed is one of our agents'.
+    if not _issued_by_any(cert, cas()):
+        raise UnauthenticatedError(
+            f"client certificate for {spiffe_id} (serial {serial}) was not issued by this "
+            f"server's CA but by {cert.issuer.rfc4514_string() or 'an unnamed issuer'}: "
+            "an agent presents the SVID it got by attesting"
+        )
+    return AgentPeer(str(spiffe_id), serial)
 
 
 class PeerCache:
     """Remembers parsed client certificates: every call on a connection presents the same one,
     and parsing it again would cost more than the JWT signature the call asks for."""
 
-    def __init__(self, ids: ServerIds, max_size: int = 4096) -> None:
+    def __init__(self, ids: ServerIds, cas: IssuingCas, max_size: int = 4096) -> None:
         self._ids = ids
+        self._cas = cas
         self._max = max_size
         self._known: dict[bytes, AgentPeer] = {}
 
@@ -53,7 +80,7 @@ class PeerCache:
         pem = pems[0]
         peer = self._known.get(pem)
         if peer is None:
-            peer = _parse_peer(pem, self._ids)
+            peer = _parse_peer(pem, self._ids, self._cas)
             if len(self._known) >= self._max:
                 self._known.clear()
             self._known[pem] = peer

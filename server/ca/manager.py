@@ -291,12 +291,18 @@ class CaManager:
             raise CaUnavailableError("no bundle yet: the CA manager is not initialised")
         return bundle
 
-    def own_ca_certificates(self) -> tuple[x509.Certificate, ...]:
-        """The certificates of this trust domain's own X.509 CAs, every journaled slot's (not
-        an upstream root above them): whatever chains through one of them is ours."""
+    def issuing_cas(self) -> tuple[x509.Certificate, ...]:
+        """The X.509 CAs whose leaves are this trust domain's own (its agents' SVIDs among
+        them): every journaled X.509 slot (a prepared one too, which another server sharing
+        the keys may have activated already) and the CA this server signs with. Under an
+        upstream root the bundle holds that root alone, which other CAs chain to as well."""
         with self._lock:
             slots = tuple(self._slots[X509_KIND])
-        return tuple(x509.load_der_x509_certificate(s.public_der) for s in slots)
+        cas = [x509.load_der_x509_certificate(slot.public_der) for slot in slots]
+        signer = self._x509_signer
+        if signer is not None and signer.ca_certificate not in cas:
+            cas.append(signer.ca_certificate)
+        return tuple(cas)
 
     def lost_keys(self) -> tuple[LostKey, ...]:
         """The journaled slots this server refuses to start on: live (active or prepared, and

@@ -45,7 +45,9 @@ def corporate_ca(
     )
 
 
-def _upstream(directory: Path, name: str, root: Issuer) -> tuple[dict[str, str], Issuer]:
+def upstream_intermediate(
+    directory: Path, name: str, root: Issuer
+) -> tuple[dict[str, str], Issuer]:
     """An intermediate of the root for one server: its upstream_ca_* settings, and itself."""
     key = ec.generate_private_key(ec.SECP256R1())
     cert = corporate_ca(name, key, root)
@@ -72,9 +74,9 @@ def two_trust_domains() -> Iterator[SharedRoot]:
     files, our_root, their_root = short_tmpdir(), short_tmpdir(), short_tmpdir()
     servers: list[RunningServer] = []
     try:
-        our_settings, _ = _upstream(files, "ours", root)
+        our_settings, _ = upstream_intermediate(files, "ours", root)
         servers.append(start_server(our_root, **our_settings))
-        their_settings, their_intermediate = _upstream(files, "theirs", root)
+        their_settings, their_intermediate = upstream_intermediate(files, "theirs", root)
         servers.append(start_server(their_root, trust_domain="other.example", **their_settings))
         yield SharedRoot(servers[0], servers[1], their_intermediate)
     finally:
