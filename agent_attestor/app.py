@@ -100,6 +100,7 @@ class AgentApp:
         self.syncer = Syncer(
             SyncSettings(
                 servers=config.servers,
+                trust_domain=config.trust_domain,
                 join_token=config.join_token,
                 x509pop=x509pop,
                 bootstrap_root_pem=b"",

@@ -32,8 +32,10 @@ from svid._daemon_config import (
     read_table,
     refuse_unknown,
 )
+from svid._errors import SvidError
 from svid._logs import LOG_FORMATS, LOG_LEVELS
 from svid._secret_file import SecretFile, read_owner_only
+from svid._spiffe_id import TrustDomain
 
 DEFAULT_SOCKET = Path("/tmp/svid-agent/public/api.sock")  # noqa: S108 - SPIRE's layout
 DEFAULT_SERVER = "127.0.0.1:8081"
@@ -54,7 +56,9 @@ class AgentConfig:
     server_attest_addresses: tuple[str, ...] = (DEFAULT_ATTEST,)
     server_address: str = ""  # the legacy single spelling, as given (read server_addresses)
     server_attest_address: str = ""  # likewise
-    trust_domain: str = ""  # learned from the server when empty
+    # Whose server alone the agent attests to; when empty, the one its trust bundle's roots name
+    # (an upstream root names none: then it must be set).
+    trust_domain: str = ""
     trust_bundle: Path | None = None  # PEM CA certificates to trust the server at first contact
     insecure_bootstrap: bool = False  # demo only: trust the first server certificate seen
     join_token: str = field(default="", repr=False)  # a credential: kept out of every repr
@@ -330,6 +334,11 @@ def build_config(
         )
     if config.metrics_address:
         check_address("metrics_address", config.metrics_address, ConfigError, listen=True)
+    if config.trust_domain:
+        try:
+            TrustDomain.parse(config.trust_domain)
+        except SvidError as exc:
+            raise ConfigError(f"trust_domain: {exc}") from None
     if config.trust_bundle is not None and config.insecure_bootstrap:
         raise ConfigError("insecure_bootstrap: cannot be combined with trust_bundle")
     if (config.x509pop_cert is None) != (config.x509pop_key is None):

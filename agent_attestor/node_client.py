@@ -32,12 +32,12 @@ from agent_attestor.errors import (
     X509PopRefusedError,
 )
 from agent_attestor.model import Entry, TrustBundle
+from agent_attestor.server_identity import SERVER_NAME, expected_server_id, server_certificate
 from agent_attestor.signer import MintedJwt, X509Result
 from svid._der import der_concat, parse_der_certs
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
 from svid._x509pop import sign_challenge as sign_x509pop_challenge
 
-SERVER_NAME = "svid-server"
 _OPTIONS = (
     ("grpc.ssl_target_name_override", SERVER_NAME),
     ("grpc.default_authority", SERVER_NAME),
@@ -180,8 +180,13 @@ class NodeClient:
         root_pem: bytes,
         svid: AgentSvid | None = None,
         connect_timeout: float = 5.0,
+        *,
+        trust_domain: str = "",
     ) -> None:
+        """`trust_domain`: the agent's, whose server alone it attests to (empty: the one the
+        roots name, see server_identity.expected_server_id)."""
         self._connect_timeout = connect_timeout
+        self._trust_domain = trust_domain
         self._server_address = server_address
         self._attest_address = attest_address
         self._root_pem = root_pem
@@ -239,7 +244,12 @@ class NodeClient:
             raise AttestationError(
                 "no way to attest: give a join token (--join-token) or x509pop_cert/x509pop_key"
             )
-        creds = grpc.ssl_channel_credentials(self._root_pem)
+        # The join token goes only to the server whose ID was checked, pinned by its certificate.
+        expected = expected_server_id(self._trust_domain, self._root_pem)
+        pinned = await server_certificate(
+            self._attest_address, self._root_pem, expected, self._connect_timeout
+        )
+        creds = grpc.ssl_channel_credentials(pinned)
         async with grpc.aio.secure_channel(self._attest_address, creds, _OPTIONS) as channel:
             await wait_connected(channel, self._attest_address, self._connect_timeout)
             call = node_pb2_grpc.NodeStub(channel).Attest(timeout=timeout)

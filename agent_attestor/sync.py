@@ -67,6 +67,8 @@ OPERATOR_LOG_INTERVAL = 300.0
 @dataclass
 class SyncSettings:
     servers: tuple[Target, ...]
+    # Whose server alone the agent attests to (empty: the trust domain its roots name).
+    trust_domain: str = ""
     join_token: str = field(default="", repr=False)  # a credential, as in AgentConfig
     x509pop: tuple[list[x509.Certificate], PrivateKeyTypes] | None = None
     bootstrap_root_pem: bytes = b""
@@ -331,7 +333,11 @@ class Syncer:
         if self._s.join_token:
             self._note_spending()
         client = NodeClient(
-            server.node, server.attest, roots, connect_timeout=self._s.connect_timeout
+            server.node,
+            server.attest,
+            roots,
+            connect_timeout=self._s.connect_timeout,
+            trust_domain=self._s.trust_domain,
         )
         try:
             try:

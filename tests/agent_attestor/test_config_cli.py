@@ -146,6 +146,8 @@ def test_a_key_outside_the_agent_table_is_refused_naming_it(tmp_path: Path) -> N
         ({"insecure_bootstrap": "maybe"}, "insecure_bootstrap"),
         ({"insecure_bootstrap": True, "trust_bundle": "/b.pem"}, "insecure_bootstrap"),
         ({"x509pop_cert": "/c.pem"}, "x509pop_key"),
+        # Which server the agent attests to: a name it could never match is no trust domain.
+        ({"trust_domain": "Example.org/x"}, "trust_domain"),
         ({"bogus": "1"}, "bogus"),
         # str.isdigit takes "²" and int() raised: a bare ValueError, a traceback from `run`.
         ({"server_address": "h:\u00b2"}, "server_address"),

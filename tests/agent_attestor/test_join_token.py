@@ -194,7 +194,8 @@ class _EchoingNode(node_pb2_grpc.NodeServicer):
 
 
 def _server_tls(ca: LocalCa) -> grpc.ServerCredentials:
-    """A certificate the agent's attestation channel accepts: by `ca`, for the name it checks."""
+    """A certificate the agent's attestation channel accepts: by `ca`, for the name it dials,
+    with the server ID of `ca`'s trust domain (a real server's)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = ca.clock.now()
     cert = (
@@ -205,7 +206,15 @@ def _server_tls(ca: LocalCa) -> grpc.ServerCredentials:
         .serial_number(x509.random_serial_number())
         .not_valid_before(to_datetime(now - 60))
         .not_valid_after(to_datetime(now + 3600))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(SERVER_NAME)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier(f"spiffe://{ca.trust_domain}/svid/server"),
+                    x509.DNSName(SERVER_NAME),
+                ]
+            ),
+            critical=False,
+        )
         .sign(ca.key, hashes.SHA256())
     )
     key_pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())

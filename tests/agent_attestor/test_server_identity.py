@@ -33,13 +33,42 @@ def test_an_agent_does_not_hand_its_join_token_to_a_server_of_another_trust_doma
         token = shared.ours.join_token()
         agents_bundle = bundle_pem(shared.ours.bundle())
         theirs = shared.theirs.runtime
-        client = NodeClient(theirs.node_address, theirs.attest_address, agents_bundle)
+        # The root names no trust domain: the agent is told its own (trust_domain).
+        client = NodeClient(
+            theirs.node_address, theirs.attest_address, agents_bundle, trust_domain="example.org"
+        )
         # What the agent gets: a refusal of its token by the other server, which received it.
         with pytest.raises((ServerNotVerifiedError, JoinTokenRefusedError)) as caught:
             asyncio.run(client.attest(join_token=token, timeout=10))
         assert isinstance(caught.value, ServerNotVerifiedError), (
             f"the join token went to other.example's server: {caught.value}"
         )
+        assert "carries spiffe://other.example/svid/server, where " in str(caught.value)
+        assert "spiffe://example.org/svid/server was expected" in str(caught.value)
+        # The token was never spent: the agent's own server takes it.
+        ours = shared.ours.runtime
+        own = NodeClient(
+            ours.node_address, ours.attest_address, agents_bundle, trust_domain="example.org"
+        )
+        svid, _bundle = asyncio.run(own.attest(join_token=token, timeout=10))
+        assert svid.spiffe_id.startswith("spiffe://example.org/svid/agent/")
+
+
+def test_an_agent_not_told_its_trust_domain_under_a_root_naming_none_sends_nothing() -> None:
+    """An upstream root names no trust domain, so nothing tells the agent which server under it
+    is its own: it refuses to attest, saying what to set, rather than trust any of them."""
+    with two_trust_domains() as shared:
+        token = shared.ours.join_token()
+        ours = shared.ours.runtime
+        client = NodeClient(
+            ours.node_address, ours.attest_address, bundle_pem(shared.ours.bundle())
+        )
+        with pytest.raises(ServerNotVerifiedError) as caught:
+            asyncio.run(client.attest(join_token=token, timeout=10))
+        assert "roots name no trust domain" in str(caught.value)
+        assert "set trust_domain" in str(caught.value)
+        # Nothing reached the server: the token still attests.
+        assert shared.ours.attest(token).spiffe_id.startswith("spiffe://example.org/")
 
 
 # What a TLS 1.3 client signs to prove its certificate's key (RFC 8446 §4.4.3), over some
