@@ -36,6 +36,7 @@ from agent_attestor.server_identity import SERVER_NAME, expected_server_id, serv
 from agent_attestor.signer import MintedJwt, X509Result
 from svid._der import der_concat, parse_der_certs
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
+from svid._secret_file import SecretFile, read_owner_only
 from svid._x509pop import sign_challenge as sign_x509pop_challenge
 
 _OPTIONS = (
@@ -363,10 +364,20 @@ class NodeClient:
         )
 
 
+# The node key attests this node as often as its holder likes (a join token, once): read as
+# the join token file is, refused when another local user could read it.
+_X509POP_KEY_FILE = SecretFile(
+    setting="x509pop_key",
+    owner="the agent's user",
+    max_bytes=64 * 1024,  # an RSA-8192 PEM key is under 7 KiB
+)
+
+
 def load_x509pop(cert_path: Path, key_path: Path) -> tuple[list[x509.Certificate], PrivateKeyTypes]:
+    key_pem = read_owner_only(key_path, _X509POP_KEY_FILE, ConfigError)
     try:
         certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+        key = serialization.load_pem_private_key(key_pem, None)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"x509pop_cert: cannot load node certificate or key: {exc}") from exc
     return certs, key

@@ -27,4 +27,5 @@ def node_pki(root: Path) -> tuple[Path, Path, Path]:
             serialization.NoEncryption(),
         )
     )
+    paths[2].chmod(0o600)  # the agent refuses a node key other local users can read
     return paths
