@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import sqlite3
 import threading
 import time
@@ -570,4 +571,77 @@ def test_an_operators_refresh_answers_at_once_while_the_scheduled_fetches_hang(
             service.close()
             for endpoint in silent:
                 endpoint.close()
+            store.close()
+
+
+class _AuditFailingOnce:
+    """An audit log whose next append first lets `meanwhile` run (another server's write), then
+    fails as a full disk would; the appends after it go through."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self._log = log
+        self.meanwhile: Callable[[], None] | None = None
+
+    def append(self, kind: str, **fields: object) -> object:
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile is None:
+            return self._log.append(kind, **fields)  # type: ignore[arg-type]
+        meanwhile()
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_a_change_not_recorded_does_not_set_back_a_newer_bundle_another_server_stored(
+    tmp_path: Path,
+) -> None:
+    """A stores sequence 2, then cannot record it; meanwhile B stored (and recorded) sequence 3
+    over it. A setting the store back to the 1 it served must not undo B's acknowledged write:
+    every server would then serve 1, while the ledger's last change says 3."""
+    clock = FakeClock(1_700_000_000)
+    answers: dict[str, list[SpiffeBundle]] = {"a": [], "b": []}
+    services: dict[str, FederationService] = {}
+    stores = []
+    audit_a: _AuditFailingOnce | None = None
+    for name in ("a", "b"):
+        store = SqliteDataStore(tmp_path / "db", clock)
+        stores.append(store)
+
+        def fetch(
+            rel: FederationRelationship, known: SpiffeBundle | None, name: str = name
+        ) -> SpiffeBundle:
+            return answers[name].pop(0)
+
+        audit: AuditLog | _AuditFailingOnce = AuditLog(store, clock)
+        if name == "a":
+            audit = audit_a = _AuditFailingOnce(audit)
+        services[name] = FederationService(
+            own=OWN,
+            datastore=store,
+            audit=audit,  # type: ignore[arg-type]
+            clock=clock,
+            publish=lambda _bundles: None,
+            static=(parse_static(STATIC, OWN),),
+            fetch=fetch,
+        )
+        services[name].load()
+    a, b = services["a"], services["b"]
+    assert audit_a is not None
+    try:
+        answers["a"] = [_bundle(1), _bundle(2)]
+        asyncio.run(a.refresh("example.org"))
+        b.apply_stored(b.read_stored(), b.follow_mark())
+        answers["b"] = [_bundle(3)]
+        # B's fetch lands between A's store of 2 and A's record of it.
+        audit_a.meanwhile = lambda: asyncio.run(b.refresh("example.org"))  # type: ignore[func-returns-value]
+        with pytest.raises(sqlite3.OperationalError):
+            asyncio.run(a.refresh("example.org"))
+        assert b.bundle("example.org").sequence == 3
+        changes = list(stores[1].audit_rows(EventFilter(kind=BUNDLE_CHANGED)))
+        assert json.loads(changes[-1]["extra"])["sequence"] == 3
+        assert [r.sequence for r in stores[1].list_foreign_bundles()] == [3], (
+            "A set the store back over B's newer, recorded bundle"
+        )
+    finally:
+        for service in (a, b):
+            service.close()
+        for store in stores:
             store.close()
