@@ -38,6 +38,7 @@ from server.federation.service import (
     MIN_REFRESH,
     RETRY,
     FederationService,
+    Stored,
     lease_ttl,
     next_refresh,
     parse_static,
@@ -645,3 +646,48 @@ def test_a_change_not_recorded_does_not_set_back_a_newer_bundle_another_server_s
             service.close()
         for store in stores:
             store.close()
+
+
+def test_a_bundle_whose_change_was_not_recorded_is_not_served_through_the_feed(
+    tmp_path: Path,
+) -> None:
+    """The store takes the bundle before its change is recorded: a read of the feed that falls
+    in between finds it there. When the change then cannot be recorded, the follower must not
+    install it as another server's write: this server would serve a bundle the ledger never
+    recorded (its own write, so it is not marked as one)."""
+    clock = FakeClock(1_700_000_000)
+    store = SqliteDataStore(tmp_path / "db", clock)
+    audit = _AuditFailingOnce(AuditLog(store, clock))
+    answers = [_bundle(1), _bundle(2)]
+    published: list[Mapping[str, SpiffeBundle]] = []
+    service = FederationService(
+        own=OWN,
+        datastore=store,
+        audit=audit,  # type: ignore[arg-type]
+        clock=clock,
+        publish=published.append,
+        static=(parse_static(STATIC, OWN),),
+        fetch=lambda rel, known: answers.pop(0),
+    )
+    service.load()
+    try:
+        asyncio.run(service.refresh("example.org"))
+        mark = service.follow_mark()
+        read: list[Stored] = []
+        # The follower's read of the store, between the store's write and the ledger's.
+        audit.meanwhile = lambda: read.append(service.read_stored())
+        with pytest.raises(sqlite3.OperationalError):
+            asyncio.run(service.refresh("example.org"))
+        (stored,) = read
+        assert stored.bundles["example.org"].sequence == 2
+        service.apply_stored(stored, mark)
+        recorded = [
+            json.loads(e["extra"])["sequence"]
+            for e in store.audit_rows(EventFilter(kind=BUNDLE_CHANGED))
+        ]
+        assert recorded == [1]
+        assert service.bundle("example.org").sequence == 1, "serves a bundle never recorded"
+        assert [p["example.org"].sequence for p in published if "example.org" in p] == [1]
+    finally:
+        service.close()
+        store.close()
