@@ -33,6 +33,7 @@ from server.ca.errors import (
 from server.datastore.errors import (
     AgentRemovedError,
     AgentReplacedError,
+    BundleRefusedError,
     ChainMovedError,
     DataStoreError,
     HolderGoneError,
@@ -169,6 +170,9 @@ RULES: Mapping[type[BaseException], Rule] = {
     # issued. The issuer answers its own callers as for a task it knows ended; this is the rule
     # for any other caller the error reaches.
     TaskEndedMeanwhileError: Rule(Code.PERMISSION_DENIED),
+    # A fetched foreign bundle lost to a newer one another server stored with its change's
+    # event (server/federation answers it as a refused bundle; this is for any other caller).
+    BundleRefusedError: Rule(Code.ABORTED),
     # Another server moved the audit chain; the audit log reseals and retries, so one reaching
     # here is a storage failure like any other.
     ChainMovedError: _STORAGE,

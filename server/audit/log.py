@@ -42,12 +42,13 @@ from server.audit.event import (
 from server.audit.verify import Anchor, VerifyResult, verify_store
 from server.datastore.base import AuditStore, JtiClaim
 from server.datastore.errors import (
+    BundleRefusedError,
     ChainMovedError,
     HolderGoneError,
     StorageError,
     UnreachableError,
 )
-from server.datastore.records import AUDIT_COLUMNS, Credential, EventFilter, Head
+from server.datastore.records import AUDIT_COLUMNS, BundleWrite, Credential, EventFilter, Head
 from svid._clock import Clock
 
 _DRAFT_FIELDS = frozenset(DRAFT_FIELDS)
@@ -60,9 +61,21 @@ DraftTuple = tuple[Any, ...]
 class _Ticket:
     """One caller's share of a group commit: its drafts (kept until committed, so they can be
     sealed again on another writer's head), their timestamp, its rows as last sealed, and its
-    credentials and jtis (kept to write again without a neighbour the store refused)."""
+    credentials, jtis and foreign bundles (kept to write again without a neighbour the store
+    refused)."""
 
-    __slots__ = ("bodies", "credentials", "done", "drafts", "error", "future", "jtis", "rows", "ts")
+    __slots__ = (
+        "bodies",
+        "bundles",
+        "credentials",
+        "done",
+        "drafts",
+        "error",
+        "future",
+        "jtis",
+        "rows",
+        "ts",
+    )
 
     def __init__(
         self,
@@ -78,6 +91,7 @@ class _Ticket:
         self.rows: list[tuple[Any, ...]] = []
         self.credentials: Sequence[Credential] = ()
         self.jtis: Sequence[JtiClaim] = ()
+        self.bundles: Sequence[BundleWrite] = ()
         # A caller of record_later waits on this instead of on the commit itself.
         self.future = future
 
@@ -200,8 +214,10 @@ class AuditLog:
     the store's head check.
 
     A group holding credentials of an agent removed, or of a task ended, meanwhile is refused
-    whole by the store (HolderGoneError): only the callers holding such credentials fail, and
-    the rest are sealed again on the stored head and written in the next try (`_drop_gone`).
+    whole by the store (HolderGoneError), and so is one holding a foreign bundle the store
+    refuses (BundleRefusedError, see `append_storing`): only the callers holding such
+    credentials or bundles fail, and the rest are sealed again on the stored head and written
+    in the next try (`_drop_refused`).
     """
 
     def __init__(self, store: AuditStore, clock: Clock) -> None:
@@ -262,6 +278,14 @@ class AuditLog:
     def append(self, kind: str, **fields_: Any) -> AuditEvent:
         """Record one event (fields of EventDraft); durable when this returns."""
         return self.append_many([self._draft(kind, fields_)])[0]
+
+    def append_storing(self, bundle: BundleWrite, kind: str, **fields_: Any) -> AuditEvent:
+        """Record one event and store the foreign bundle whose change it records in one
+        transaction: both are durable when this returns, and neither is stored when it raises.
+        A bundle the store refuses (a higher sequence stored) raises LedgerError caused by
+        BundleRefusedError, and its event is not on the chain."""
+        rows = self._append([_draft_values(self._draft(kind, fields_))], bundles=(bundle,))
+        return event_from_row(dict(zip(_COLUMNS, rows[0], strict=True)))
 
     def append_many(self, drafts: Sequence[EventDraft]) -> list[AuditEvent]:
         """Record several events in one transaction (e.g. every credential a revocation covers)."""
@@ -348,10 +372,14 @@ class AuditLog:
         drafts: Sequence[DraftTuple],
         credentials: Sequence[Credential] = (),
         jtis: Sequence[JtiClaim] = (),
+        bundles: Sequence[BundleWrite] = (),
     ) -> list[tuple[Any, ...]]:
         if not drafts and not credentials and not jtis:
             return []
-        ticket = self._enqueue(_Ticket(drafts), drafts, credentials, jtis)
+        ticket = _Ticket(drafts)
+        # Not queued apart as credentials are: a group's bundles are read from its tickets.
+        ticket.bundles = bundles
+        ticket = self._enqueue(ticket, drafts, credentials, jtis)
         self._commit_until(ticket)
         # The rows as committed: sealed again if another writer moved the chain meanwhile.
         return ticket.rows
@@ -470,8 +498,14 @@ class AuditLog:
                 out.append(self._reseal_under_lock(stored, group))
                 return out[-1]
 
+            bundles = [b for t in tickets for b in t.bundles]
             try:
-                if jtis:
+                if bundles:
+                    now = int(self._clock.now())
+                    self._store.write_ledger(
+                        credentials, batch, jtis, now, reseal=reseal, bundles=bundles
+                    )
+                elif jtis:
                     now = int(self._clock.now())
                     self._store.write_ledger(credentials, batch, jtis, now, reseal=reseal)
                 else:
@@ -495,12 +529,12 @@ class AuditLog:
                     error.__cause__ = unexpected
                     self._fail(tickets, error)
                     return
-            except HolderGoneError as e:
+            except (HolderGoneError, BundleRefusedError) as e:
                 # Only the callers issuing through the removed agents, or for the ended tasks,
-                # are refused; the rest are written again without them (nothing of the batch
-                # was kept).
+                # or storing the refused bundles, are refused; the rest are written again
+                # without them (nothing of the batch was kept).
                 try:
-                    batch, credentials, jtis, tickets = self._drop_gone(e, tickets)
+                    batch, credentials, jtis, tickets = self._drop_refused(e, tickets)
                 except LedgerError as gave_up:
                     self._fail([t for t in tickets if not t.done], gave_up)
                     return
@@ -610,17 +644,21 @@ class AuditLog:
                     batch.extend(t.rows)
         return batch, credentials, jtis, tickets
 
-    def _drop_gone(
-        self, gone: HolderGoneError, tickets: list[_Ticket]
+    def _drop_refused(
+        self, gone: HolderGoneError | BundleRefusedError, tickets: list[_Ticket]
     ) -> tuple[list[tuple[Any, ...]], list[Credential], list[JtiClaim], list[_Ticket]]:
         """The store refused the group for credentials of agents no longer admitted or tasks
-        no longer active: fail the tickets holding any (each told of its own only), and seal
-        the others, with everything queued after them, again on the stored head; returns the
-        group to write in their place. One agent evicted, or one task ended, mid-issuance must
-        not cost the others theirs."""
+        no longer active, or for foreign bundles older than those stored: fail the tickets
+        holding any (each told of its own only), and seal the others, with everything queued
+        after them, again on the stored head; returns the group to write in their place. One
+        agent evicted, or one task ended, mid-issuance must not cost the others theirs."""
         kept: list[_Ticket] = []
         for t in tickets:
-            own = gone.among(t.credentials)
+            own: HolderGoneError | BundleRefusedError | None
+            if isinstance(gone, BundleRefusedError):
+                own = gone.among(t.bundles)
+            else:
+                own = gone.among(t.credentials)
             if own is None:
                 kept.append(t)
                 continue
@@ -628,7 +666,7 @@ class AuditLog:
             error.__cause__ = own
             t.fail(error)
         if len(kept) == len(tickets):  # none of the group's: writing it again would loop
-            raise LedgerError(f"the ledger refused holders the batch does not hold: {gone}")
+            raise LedgerError(f"the ledger refused what the batch does not hold: {gone}")
         credentials = [c for t in kept for c in t.credentials]
         jtis = [j for t in kept for j in t.jtis]
         # Nothing was written: the stored head is the one to seal on again (the refused

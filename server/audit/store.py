@@ -28,6 +28,7 @@ from server.datastore.records import (
     AUDIT_TABLES,
     AuditRow,
     AuditSnapshot,
+    BundleWrite,
     Credential,
     EventFilter,
     Head,
@@ -69,8 +70,10 @@ class SqliteAuditStore:
         jtis: Sequence[JtiClaim] = (),
         now: int = 0,
         reseal: Resealer | None = None,
+        *,
+        bundles: Sequence[BundleWrite] = (),
     ) -> None:
-        del jtis, now, reseal
+        del jtis, now, reseal, bundles
         raise AuditError(f"audit database {self._path} is open read-only")
 
     def audit_head(self) -> Head | None:

@@ -26,6 +26,7 @@ from server.datastore.records import (
     AuditRecord,
     AuditRow,
     AuditSnapshot,
+    BundleWrite,
     Credential,
     Entry,
     EventFilter,
@@ -342,6 +343,8 @@ class AuditStore(Protocol):
         jtis: Sequence[JtiClaim] = (),
         now: int = 0,
         reseal: Resealer | None = None,
+        *,
+        bundles: Sequence[BundleWrite] = (),
     ) -> None:
         """Commit the credential rows, the sealed audit rows (consecutive seqs, AUDIT_COLUMNS)
         and the new audit head in ONE durable transaction: all of it is on disk when this
@@ -372,7 +375,13 @@ class AuditStore(Protocol):
         them, so nothing is written and TaskEndedMeanwhileError names the tasks that are not. The
         checks and the write are one step against removals and ends (SQLite: BEGIN
         IMMEDIATE's write lock; PostgreSQL: the agents' rows, then the tasks' rows, locked FOR
-        SHARE until the commit)."""
+        SHARE until the commit).
+
+        `bundles` (foreign bundles whose change the audit rows record, server/federation) are
+        stored in the same transaction, each as put_foreign_bundle would store it, feed row
+        and all: a bundle is stored only with the event recording its change, so none is
+        served that the ledger does not hold. When the store refuses one (it holds a higher
+        sequence), nothing is written and BundleRefusedError names its trust domain."""
         ...
 
     def audit_head(self) -> Head | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from server.datastore.records import (
+    BundleWrite,
     Credential,
     Head,
     credential_agents,
@@ -150,6 +151,26 @@ class TaskEndedMeanwhileError(HolderGoneError):
     def among(self, credentials: Sequence[Credential]) -> TaskEndedMeanwhileError | None:
         own = self.tasks.intersection(credential_tasks(credentials))
         return TaskEndedMeanwhileError(own) if own else None
+
+
+class BundleRefusedError(StorageError):
+    """A ledger write held foreign bundles (BundleWrite) the store did not take, as it holds
+    a higher spiffe_sequence for their trust domains (another server stored a newer one):
+    nothing of the write was kept, the events recording their change included;
+    `trust_domains` names them."""
+
+    def __init__(self, trust_domains: Iterable[str]) -> None:
+        self.trust_domains = frozenset(trust_domains)
+        names = ", ".join(sorted(self.trust_domains)[:4])
+        super().__init__(
+            f"foreign bundle(s) of {names} not stored: the stored one carries a higher "
+            "spiffe_sequence"
+        )
+
+    def among(self, bundles: Sequence[BundleWrite]) -> BundleRefusedError | None:
+        """The refusal as it concerns `bundles` only (None: none of theirs)."""
+        own = self.trust_domains.intersection(b.bundle.trust_domain for b in bundles)
+        return BundleRefusedError(own) if own else None
 
 
 def held_message(held: Iterable[tuple[str, str]]) -> str:

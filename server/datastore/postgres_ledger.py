@@ -21,6 +21,7 @@ from server.datastore.base import JtiClaim
 from server.datastore.chain import Resealer, rows_to_write
 from server.datastore.errors import (
     AgentRemovedError,
+    BundleRefusedError,
     JtiHeldError,
     StorageError,
     TaskEndedMeanwhileError,
@@ -30,10 +31,12 @@ from server.datastore.postgres_sql import pg
 from server.datastore.records import (
     AUDIT_COLUMNS,
     AUDIT_TABLES,
+    FEED_FOREIGN_BUNDLE,
     FEED_TASK,
     AuditMark,
     AuditRow,
     AuditSnapshot,
+    BundleWrite,
     Credential,
     EventFilter,
     Head,
@@ -185,8 +188,10 @@ class PostgresLedger:
         jtis: Sequence[JtiClaim] = (),
         now: int = 0,
         reseal: Resealer | None = None,
+        *,
+        bundles: Sequence[BundleWrite] = (),
     ) -> None:
-        if not credentials and not audit_rows and not jtis:
+        if not credentials and not audit_rows and not jtis and not bundles:
             return
         # In key order, as claim_jtis: writes of several servers lock jti rows in one order.
         claims = sorted(jtis, key=lambda c: (c.issuer, c.jti))
@@ -209,6 +214,8 @@ class PostgresLedger:
             ]
             if held:
                 raise JtiHeldError(held_message(held), held)
+            if bundles:
+                self._put_bundles(cur, bundles)
             if credentials:
                 with cur.copy(ps.COPY_CREDENTIALS) as copy:
                     for credential in credentials:
@@ -228,6 +235,20 @@ class PostgresLedger:
             f"commit {len(credentials)} credential record(s) and {len(audit_rows)} audit event(s)"
         )
         self._write(what, work)
+
+    def _put_bundles(self, cur: Cursor, bundles: Sequence[BundleWrite]) -> None:
+        """Store the foreign bundles in the ledger's transaction: one the store refuses (a
+        higher sequence stored) rolls the whole write back, the events recording it with it.
+        A concurrent write of the same trust domain waits on its row, then compares with what
+        that one stored."""
+        refused = []
+        for b in bundles:
+            sql, params = q.foreign_bundle_write(b.bundle, b.over_newer)
+            if int(cur.execute(pg(sql), params).rowcount) != 1:
+                refused.append(b.bundle.trust_domain)
+        if refused:
+            raise BundleRefusedError(refused)
+        self._append_feed(cur, FEED_FOREIGN_BUNDLE, [b.bundle.trust_domain for b in bundles])
 
     def _credentials(self, sql: str, params: Mapping[str, Any]) -> list[Credential]:
         return [Credential(*r) for r in self._tuples("read credentials", sql, params)]

@@ -96,6 +96,16 @@ class ForeignBundle:
 
 
 @dataclass(frozen=True, slots=True)
+class BundleWrite:
+    """A foreign bundle stored in the ledger write that records its change (write_ledger's
+    `bundles`), as put_foreign_bundle would store it: refused over a stored higher sequence
+    unless `over_newer` (a bundle set by hand)."""
+
+    bundle: ForeignBundle
+    over_newer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class AttestedAgent:
     """A node agent that attested; `serial` is the serial of its newest agent SVID.
 

@@ -23,16 +23,19 @@ from server.datastore.base import JtiClaim
 from server.datastore.chain import Resealer, rows_to_write
 from server.datastore.errors import (
     AgentRemovedError,
+    BundleRefusedError,
     JtiHeldError,
     StorageError,
     TaskEndedMeanwhileError,
     held_message,
 )
 from server.datastore.records import (
+    FEED_FOREIGN_BUNDLE,
     FEED_TASK,
     AuditMark,
     AuditRow,
     AuditSnapshot,
+    BundleWrite,
     Credential,
     EventFilter,
     Head,
@@ -161,8 +164,10 @@ class SqliteLedger:
         jtis: Sequence[JtiClaim] = (),
         now: int = 0,
         reseal: Resealer | None = None,
+        *,
+        bundles: Sequence[BundleWrite] = (),
     ) -> None:
-        if not credentials and not audit_rows and not jtis:
+        if not credentials and not audit_rows and not jtis and not bundles:
             return
         tasks = credential_tasks(credentials)
         try:
@@ -198,6 +203,8 @@ class SqliteLedger:
                     ]
                     if held:
                         raise JtiHeldError(held_message(held), held)
+                if bundles:
+                    self._put_bundles(db, bundles)
                 # Multi-row statements: see insert_many for why not executemany.
                 sqlite_audit.insert_many(db.conn, lq.CREDENTIALS_INTO, credentials)
                 if audit_rows:
@@ -209,6 +216,18 @@ class SqliteLedger:
                 f"cannot commit {len(credentials)} credential record(s) and {len(audit_rows)} "
                 f"audit event(s): {e}"
             ) from e
+
+    def _put_bundles(self, db: sqlite_utils.Database, bundles: Sequence[BundleWrite]) -> None:
+        """Store the foreign bundles in the ledger's transaction: one the store refuses (a
+        higher sequence stored) rolls the whole write back, the events recording it with it."""
+        refused = [
+            b.bundle.trust_domain
+            for b in bundles
+            if db.execute(*q.foreign_bundle_write(b.bundle, b.over_newer)).rowcount != 1
+        ]
+        if refused:
+            raise BundleRefusedError(refused)
+        self._append_feed(db, FEED_FOREIGN_BUNDLE, [b.bundle.trust_domain for b in bundles])
 
     def _credentials(self, sql: str, params: Mapping[str, Any]) -> list[Credential]:
         rows = self._read("read credentials", sql, params)

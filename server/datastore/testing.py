@@ -25,6 +25,7 @@ from server.datastore.records import (
     AuditRecord,
     AuditRow,
     AuditSnapshot,
+    BundleWrite,
     Credential,
     Entry,
     EventFilter,
@@ -308,9 +309,11 @@ class FaultInjectingDataStore:
         jtis: Sequence[JtiClaim] = (),
         now: int = 0,
         reseal: Resealer | None = None,
+        *,
+        bundles: Sequence[BundleWrite] = (),
     ) -> None:
         self._enter("write_ledger")
-        self.inner.write_ledger(credentials, audit_rows, jtis, now, reseal)
+        self.inner.write_ledger(credentials, audit_rows, jtis, now, reseal, bundles=bundles)
 
     def audit_head(self) -> Head | None:
         self._enter("audit_head")

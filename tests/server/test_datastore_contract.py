@@ -35,6 +35,7 @@ from server.datastore.base import JtiClaim
 from server.datastore.errors import (
     AgentRemovedError,
     AgentReplacedError,
+    BundleRefusedError,
     JtiHeldError,
     RemovalUnderWayError,
     TaskEndedMeanwhileError,
@@ -47,6 +48,7 @@ from server.datastore.records import (
     REMOVAL_BANNED,
     REMOVAL_EVICTED,
     AuditRecord,
+    BundleWrite,
     EventFilter,
     FederationRelationship,
     ForeignBundle,
@@ -1392,6 +1394,40 @@ def test_a_foreign_bundle_is_not_stored_over_one_of_a_higher_sequence(store: Dat
     assert put(3, over_newer=True)
     assert stored()[0] == 3
     assert _feed(store, head) == [("foreign_bundle", "other.org")] * 5
+
+
+def test_a_foreign_bundle_is_stored_with_the_events_recording_it_or_neither(
+    store: DataStore,
+) -> None:
+    """A bundle written with the audit event recording its change (write_ledger's `bundles`)
+    is stored, feed row and all, in the event's transaction; one the store refuses (a higher
+    sequence stored) takes the event, and everything else of the write, back with it."""
+
+    def bundle(sequence: int) -> ForeignBundle:
+        body = b'{"keys":[],"spiffe_sequence":%d}' % sequence
+        return ForeignBundle("other.org", body, NOW, sequence)
+
+    admit(store, AGENT)
+    feed = store.feed_head()
+    store.write_ledger([], audit_rows(1, 1), bundles=[BundleWrite(bundle(2))])
+    assert [b.sequence for b in store.list_foreign_bundles()] == [2]
+    assert _feed(store, feed) == [("foreign_bundle", "other.org")]
+    head, feed = store.audit_head(), store.feed_head()
+    with pytest.raises(BundleRefusedError) as refused:
+        store.write_ledger(
+            [cred("late")], audit_rows(2, 1, prev=f"{1:064x}"), bundles=[BundleWrite(bundle(1))]
+        )
+    assert refused.value.trust_domains == {"other.org"}
+    assert isinstance(refused.value, StorageError)
+    assert [b.sequence for b in store.list_foreign_bundles()] == [2]
+    assert store.audit_head() == head
+    assert store.agent_credentials(AGENT, NOW) == []
+    assert store.feed_head() == feed
+    # Set by hand, it stands whatever the stored sequence.
+    write = BundleWrite(bundle(1), over_newer=True)
+    store.write_ledger([], audit_rows(2, 1, prev=f"{1:064x}"), bundles=[write])
+    assert [b.sequence for b in store.list_foreign_bundles()] == [1]
+    assert store.audit_head() == Head(2, f"{2:064x}")
 
 
 def test_a_foreign_bundle_sequence_orders_across_the_whole_uint64_range(store: DataStore) -> None:

@@ -5,6 +5,7 @@ and a failed commit fails every caller waiting on it and keeps nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -19,8 +20,19 @@ import pytest
 
 from server.audit import AuditLog, EventDraft, LedgerError
 from server.datastore import Credential, StorageError
-from server.datastore.errors import AgentRemovedError, TaskEndedMeanwhileError
-from server.datastore.records import REMOVAL_EVICTED, AuditRow, Removal, TaskRecord
+from server.datastore.errors import (
+    AgentRemovedError,
+    BundleRefusedError,
+    TaskEndedMeanwhileError,
+)
+from server.datastore.records import (
+    REMOVAL_EVICTED,
+    AuditRow,
+    BundleWrite,
+    ForeignBundle,
+    Removal,
+    TaskRecord,
+)
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.issuance.datastore_ledger import DatastoreLedger
@@ -440,4 +452,62 @@ def test_acknowledged_ledger_writes_survive_kill_9(db: Path, clock: FakeClock) -
     result = AuditLog(store, clock).verify()
     assert result.ok, str(result)
     assert result.checked == len(stored)  # one event per credential, both or neither
+    store.close()
+
+
+def test_a_refused_foreign_bundles_caller_fails_and_its_neighbours_are_written_again(
+    db: Path, clock: FakeClock
+) -> None:
+    """A foreign bundle older than the one stored waits for a group commit with other callers'
+    events and bundles: the store refuses the whole write, only its caller fails (with the
+    typed error, its event not on the chain), and the rest are written in the next commit."""
+    store = SqliteDataStore(db, clock)
+    held = HeldStore(store)
+    log = AuditLog(held, clock)
+
+    def bundle(td: str, sequence: int) -> BundleWrite:
+        body = b'{"keys":[],"spiffe_sequence":%d}' % sequence
+        return BundleWrite(ForeignBundle(td, body, 1, sequence))
+
+    log.append_storing(bundle("a.org", 2), "federated_bundle_changed", extra={"s": 2})
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(name: str, write: BundleWrite | None) -> None:
+        try:
+            if write is None:
+                log.append("federated_bundle_changed", extra={"name": name})
+            else:
+                log.append_storing(write, "federated_bundle_changed", extra={"name": name})
+            outcomes[name] = None
+        except BaseException as e:
+            outcomes[name] = e
+
+    held.armed = True
+    lead = threading.Thread(target=call, args=("lead", None))
+    lead.start()
+    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
+    calls = {"older": bundle("a.org", 1), "other": bundle("b.org", 5), "plain": None}
+    others = [threading.Thread(target=call, args=item) for item in calls.items()]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(log._tickets) < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    held.release.set()
+    for t in [lead, *others]:
+        t.join(10)
+    older = outcomes.pop("older")
+    assert isinstance(older, LedgerError)
+    assert isinstance(older.__cause__, BundleRefusedError)
+    assert older.__cause__.trust_domains == {"a.org"}
+    assert outcomes == dict.fromkeys(["lead", "other", "plain"])
+    # The first bundle, the lead, one refused group, then the group without the older bundle.
+    assert held.calls.count("write_ledger") == 4
+    assert {b.trust_domain: b.sequence for b in store.list_foreign_bundles()} == {
+        "a.org": 2,
+        "b.org": 5,
+    }
+    names = [json.loads(e["extra"]).get("name") for e in store.audit_rows()]
+    assert sorted(n for n in names if n) == ["lead", "other", "plain"]
+    assert log.verify().ok
     store.close()
