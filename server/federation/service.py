@@ -3,9 +3,9 @@
 Each relationship's foreign bundle is fetched again at its refresh hint (server/federation/
 fetch.py). A failed fetch keeps the last good bundle in service and is retried sooner; a bundle
 that is refused (wrong trust domain, endpoint not authenticated) never replaces it. Every
-change of a foreign bundle is an audit event on the ledger, then reaches the state, whose
-change log takes it to the agents. Static relationships come from the configuration and
-cannot be changed through the API.
+change of a foreign bundle is stored in one transaction with the audit event recording it
+(AuditLog.append_storing), then reaches the state, whose change log takes it to the agents.
+Static relationships come from the configuration and cannot be changed through the API.
 
 Several servers on one datastore: every relationship and bundle write names its trust domain
 in the change feed, and each server's follower (server/replication.py) hands what is stored
@@ -35,10 +35,12 @@ from urllib.parse import urlsplit
 
 from server.audit.log import AuditLog
 from server.datastore.base import DataStore
+from server.datastore.errors import BundleRefusedError
 from server.datastore.errors import NotFoundError as StoreNotFound
 from server.datastore.records import (
     HTTPS_SPIFFE,
     HTTPS_WEB,
+    BundleWrite,
     FederationRelationship,
     ForeignBundle,
 )
@@ -363,20 +365,34 @@ class FederationService:
         self._publish(dict(self._bundles))
 
     async def _install(self, bundle: SpiffeBundle, source: str) -> bool:
-        """Store the bundle, put its change on the ledger, then serve it. Recorded only once
-        the store took it: a bundle the store refuses changed nothing, and its caller records
-        the refusal instead."""
+        """Store the bundle and put its change on the ledger, in one transaction, then serve
+        it: no server, this one or one following the feed, ever finds a bundle stored whose
+        change is not recorded, and a bundle the store refuses records nothing (its caller
+        records the refusal instead)."""
         td = bundle.trust_domain.name
-        held = self._bundles.get(td)
-        if held == bundle:
+        if self._bundles.get(td) == bundle:
             return False
         row = ForeignBundle(td, bundle.to_json(), int(self._clock.now()), bundle.sequence)
-        await self._store_bundle(row, over_newer=source == SET_BY_HAND)
+        await self._store_recorded(row, bundle, source)
+        self._wrote(td)
+        self._bundles[td] = bundle
+        self._updated[td] = row.updated_at
+        self._publish(dict(self._bundles))
+        _log.info("foreign bundle changed", extra={"td": td, "sequence": bundle.sequence})
+        return True
+
+    async def _store_recorded(self, row: ForeignBundle, bundle: SpiffeBundle, source: str) -> None:
+        """Store the row with the event recording its change (AuditLog.append_storing). Set by
+        hand, it stands; fetched, it is not stored over a higher sequence that another server
+        stored meanwhile (this server's copy lagging the feed): an older bundle from a lagging
+        endpoint replica would be adopted by every server. FederationError when it is not
+        stored, and then nothing is recorded."""
+        td = row.trust_domain
+        write = BundleWrite(row, over_newer=source == SET_BY_HAND)
         try:
-            # On the ledger before it is served: a bundle nobody recorded never reaches a
-            # workload.
             await asyncio.to_thread(
-                self._audit.append,
+                self._audit.append_storing,
+                write,
                 BUNDLE_CHANGED,
                 extra={
                     "trust_domain": td,
@@ -386,51 +402,17 @@ class FederationService:
                     "jwt_authorities": len(bundle.jwt_authorities),
                 },
             )
-        except Exception:
-            await self._restore(td, held)
-            raise
-        self._wrote(td)
-        self._bundles[td] = bundle
-        self._updated[td] = row.updated_at
-        self._publish(dict(self._bundles))
-        _log.info("foreign bundle changed", extra={"td": td, "sequence": bundle.sequence})
-        return True
-
-    async def _store_bundle(self, row: ForeignBundle, *, over_newer: bool) -> None:
-        """Store the row. Set by hand (`over_newer`), it stands; fetched, it is not stored over
-        a higher sequence that another server stored meanwhile (this server's copy lagging the
-        feed): an older bundle from a lagging endpoint replica would be adopted by every
-        server. FederationError when it is not stored."""
-        td = row.trust_domain
-        try:
-            stored = await asyncio.to_thread(
-                self._datastore.put_foreign_bundle, row, over_newer=over_newer
-            )
         except Exception as exc:
-            # Whatever the store raised (an outage, a driver's own error for a value it cannot
-            # hold): a refused refresh, backed off and its refusal put on the ledger, not an
-            # unknown error retried every few seconds.
+            if isinstance(exc.__cause__, BundleRefusedError):  # the ledger's LedgerError
+                raise FederationError(
+                    f"{td}: bundle endpoint served spiffe_sequence {row.sequence}, older than "
+                    "the one another server stored"
+                ) from None
+            # Whatever else the store or the ledger raised (an outage, a driver's own error
+            # for a value it cannot hold): a refused refresh, backed off and its refusal put on
+            # the ledger, not an unknown error retried every few seconds.
             _log.error("foreign bundle not stored", extra={"td": td}, exc_info=True)
             raise BundleNotStoredError(f"{td}: the bundle could not be stored") from exc
-        if not stored:
-            raise FederationError(
-                f"{td}: bundle endpoint served spiffe_sequence {row.sequence}, older than "
-                "the one another server stored"
-            )
-
-    async def _restore(self, td: str, held: SpiffeBundle | None) -> None:
-        """Set the store back to the bundle served here (none: no row) after its change could
-        not be recorded, best effort: a store that failed the ledger likely fails this too.
-        Until this lands, another server following the feed may adopt the unrecorded bundle."""
-        try:
-            if held is None:
-                with contextlib.suppress(StoreNotFound):
-                    await asyncio.to_thread(self._datastore.delete_foreign_bundle, td)
-                return
-            row = ForeignBundle(td, held.to_json(), self._updated.get(td, 0), held.sequence)
-            await asyncio.to_thread(self._datastore.put_foreign_bundle, row, over_newer=True)
-        except Exception:
-            _log.error("foreign bundle not set back", extra={"td": td}, exc_info=True)
 
     async def refresh(self, trust_domain: str) -> Refreshed:
         """Fetch the relationship's bundle now, for an operator (its own lane, ASKED_AT_ONCE);

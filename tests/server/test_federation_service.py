@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import functools
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -14,13 +15,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.audit.errors import LedgerError
 from server.audit.log import AuditLog
 from server.config import build_config
 from server.datastore.errors import StorageError
+from server.datastore.postgres import PostgresDataStore
 from server.datastore.records import EventFilter, FederationRelationship
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
@@ -62,7 +64,8 @@ def _bundle(sequence: int, hint: int = 90) -> SpiffeBundle:
 class World:
     def __init__(self, tmp_path: Path) -> None:
         self.clock = FakeClock(1_700_000_000)
-        self.store = FaultInjectingDataStore(SqliteDataStore(tmp_path / "db", self.clock))
+        self.db = SqliteDataStore(tmp_path / "db", self.clock)
+        self.store = FaultInjectingDataStore(self.db)
         self.published: list[Mapping[str, SpiffeBundle]] = []
         self.answers: list[SpiffeBundle | FederationError] = []
         self.service = FederationService(
@@ -144,7 +147,7 @@ def test_a_bundle_not_stored_is_not_served_and_its_retries_back_off(world: World
     waits = []
     for _ in range(3):
         world.answers = [_bundle(1)]
-        world.store.inject(OverflowError("int too big"), method="put_foreign_bundle")
+        world.store.inject(OverflowError("int too big"), method="write_ledger")
         with pytest.raises(BundleNotStoredError):
             world.run(world.service.refresh("example.org"))
         waits.append(world.service.next_fetch("example.org") - world.clock.now())
@@ -155,7 +158,7 @@ def test_a_bundle_not_stored_is_not_served_and_its_retries_back_off(world: World
     assert kinds[-3:] == [BUNDLE_REFUSED] * 3
     assert world.changes() == 0
     # Set by hand: refused as unavailable (not the caller's fault), and on the ledger too.
-    world.store.inject(StorageError("store the foreign bundle"), method="put_foreign_bundle")
+    world.store.inject(StorageError("store the foreign bundle"), method="write_ledger")
     with pytest.raises(BundleNotStoredError) as raised:
         world.run(world.service.set_bundle("example.org", _bundle(1).to_json()))
     assert status_for(raised.value)[0] == grpc.StatusCode.UNAVAILABLE
@@ -166,18 +169,18 @@ def test_a_bundle_not_stored_is_not_served_and_its_retries_back_off(world: World
 
 
 def test_a_bundle_not_on_the_ledger_is_not_stored_or_served(world: World) -> None:
-    """The change goes on the ledger once the store took the bundle, and before it is served:
-    when it cannot be recorded, the store is set back to the bundle served before."""
+    """The bundle is stored with the event recording its change, in one transaction, before
+    it is served: when the event cannot be recorded, the bundle is not stored either."""
     world.answers = [_bundle(1)]
-    world.store.inject(sqlite3.OperationalError("disk full"), method="write_ledger")
-    with pytest.raises((LedgerError, sqlite3.OperationalError)):
+    _fail_recording(world.db, 1, lambda _held: None)
+    with pytest.raises(BundleNotStoredError):
         world.run(world.service.refresh("example.org"))
     assert world.store.inner.list_foreign_bundles() == []
     assert world.service.bundles() == {}
     world.answers = [_bundle(1), _bundle(2)]
     world.run(world.service.refresh("example.org"))
     world.store.inject(sqlite3.OperationalError("disk full"), method="write_ledger")
-    with pytest.raises((LedgerError, sqlite3.OperationalError)):
+    with pytest.raises(BundleNotStoredError):
         world.run(world.service.refresh("example.org"))
     assert [b.sequence for b in world.store.inner.list_foreign_bundles()] == [1]
     assert world.service.bundle("example.org").sequence == 1
@@ -575,33 +578,56 @@ def test_an_operators_refresh_answers_at_once_while_the_scheduled_fetches_hang(
             store.close()
 
 
-class _AuditFailingOnce:
-    """An audit log whose next append first lets `meanwhile` run (another server's write), then
-    fails as a full disk would; the appends after it go through."""
-
-    def __init__(self, log: AuditLog) -> None:
-        self._log = log
-        self.meanwhile: Callable[[], None] | None = None
-
-    def append(self, kind: str, **fields: object) -> object:
-        meanwhile, self.meanwhile = self.meanwhile, None
-        if meanwhile is None:
-            return self._log.append(kind, **fields)  # type: ignore[arg-type]
-        meanwhile()
-        raise sqlite3.OperationalError("database or disk is full")
-
-
-def test_a_change_not_recorded_does_not_set_back_a_newer_bundle_another_server_stored(
-    tmp_path: Path,
+def _fail_recording(
+    store: SqliteDataStore, sequence: int, meanwhile: Callable[[bytes | None], None]
 ) -> None:
-    """A stores sequence 2, then cannot record it; meanwhile B stored (and recorded) sequence 3
-    over it. A setting the store back to the 1 it served must not undo B's acknowledged write:
-    every server would then serve 1, while the ledger's last change says 3."""
-    clock = FakeClock(1_700_000_000)
-    answers: dict[str, list[SpiffeBundle]] = {"a": [], "b": []}
-    services: dict[str, FederationService] = {}
+    """Make this server's (`store`'s connection's) next insert of the event recording a change
+    to `sequence` fail inside its transaction, as a full disk would, once `meanwhile` ran
+    there with the example.org bundle its own transaction holds at that point (another
+    server's look at the store goes in it)."""
+    fired: list[bool] = []
+
+    def fail(bundle: bytes | None) -> bool:
+        if fired:
+            return False
+        fired.append(True)
+        meanwhile(bundle)
+        return True
+
+    with store.transaction() as conn:
+        conn.create_function("fail_recording", 1, fail)
+        conn.execute(
+            "CREATE TEMP TRIGGER fail_recording BEFORE INSERT ON main.audit_events "
+            f"WHEN NEW.kind = '{BUNDLE_CHANGED}' "
+            f"AND json_extract(NEW.extra, '$.sequence') = {sequence} BEGIN "
+            "SELECT RAISE(ABORT, 'database or disk is full') WHERE fail_recording(("
+            "SELECT bundle FROM main.foreign_bundles WHERE trust_domain = 'example.org')); END"
+        )
+
+
+def _sequence_of(bundle: bytes | None) -> int | None:
+    return None if bundle is None else int(json.loads(bundle)["spiffe_sequence"])
+
+
+def _recorded(store: SqliteDataStore | PostgresDataStore) -> list[int]:
+    """The sequences of the bundle changes on the ledger, in order."""
+    changes = store.audit_rows(EventFilter(kind=BUNDLE_CHANGED))
+    return [json.loads(e["extra"])["sequence"] for e in changes]
+
+
+Answer = SpiffeBundle | Callable[[], SpiffeBundle]
+
+
+def _two_servers(
+    tmp_path: Path,
+    clock: FakeClock,
+    answers: dict[str, list[Answer]],
+    published: list[Mapping[str, SpiffeBundle]],
+) -> tuple[list[SqliteDataStore], FederationService, FederationService]:
+    """Servers A and B on one SQLite file, each fetching the next of its `answers` (a
+    callable: what it returns, once it ran); what A publishes goes to `published`."""
     stores = []
-    audit_a: _AuditFailingOnce | None = None
+    services = []
     for name in ("a", "b"):
         store = SqliteDataStore(tmp_path / "db", clock)
         stores.append(store)
@@ -609,38 +635,60 @@ def test_a_change_not_recorded_does_not_set_back_a_newer_bundle_another_server_s
         def fetch(
             rel: FederationRelationship, known: SpiffeBundle | None, name: str = name
         ) -> SpiffeBundle:
-            return answers[name].pop(0)
+            answer = answers[name].pop(0)
+            return answer if isinstance(answer, SpiffeBundle) else answer()
 
-        audit: AuditLog | _AuditFailingOnce = AuditLog(store, clock)
-        if name == "a":
-            audit = audit_a = _AuditFailingOnce(audit)
-        services[name] = FederationService(
+        service = FederationService(
             own=OWN,
             datastore=store,
-            audit=audit,  # type: ignore[arg-type]
+            audit=AuditLog(store, clock),
             clock=clock,
-            publish=lambda _bundles: None,
+            publish=published.append if name == "a" else lambda _bundles: None,
             static=(parse_static(STATIC, OWN),),
             fetch=fetch,
         )
-        services[name].load()
-    a, b = services["a"], services["b"]
-    assert audit_a is not None
+        service.load()
+        services.append(service)
+    return stores, services[0], services[1]
+
+
+def test_a_change_not_recorded_does_not_set_back_a_newer_bundle_another_server_stored(
+    tmp_path: Path,
+) -> None:
+    """A's write of sequence 2 fails with the event recording it (one transaction); B then
+    stores and records sequence 3. Nothing of A's failure may undo B's acknowledged write
+    (setting the store back to the 1 A served did): every server would serve 1 while the
+    ledger's last change says 3. And B storing 3 between A's fetch of 2 and A's write has
+    A's write refused whole, recorded as a refusal only."""
+    clock = FakeClock(1_700_000_000)
+    answers: dict[str, list[Answer]] = {"a": [_bundle(1), _bundle(2)], "b": [_bundle(3)]}
+    stores, a, b = _two_servers(tmp_path, clock, answers, [])
     try:
-        answers["a"] = [_bundle(1), _bundle(2)]
         asyncio.run(a.refresh("example.org"))
         b.apply_stored(b.read_stored(), b.follow_mark())
-        answers["b"] = [_bundle(3)]
-        # B's fetch lands between A's store of 2 and A's record of it.
-        audit_a.meanwhile = lambda: asyncio.run(b.refresh("example.org"))  # type: ignore[func-returns-value]
-        with pytest.raises(sqlite3.OperationalError):
+        _fail_recording(stores[0], 2, lambda _held: None)
+        with pytest.raises(BundleNotStoredError):
             asyncio.run(a.refresh("example.org"))
-        assert b.bundle("example.org").sequence == 3
-        changes = list(stores[1].audit_rows(EventFilter(kind=BUNDLE_CHANGED)))
-        assert json.loads(changes[-1]["extra"])["sequence"] == 3
-        assert [r.sequence for r in stores[1].list_foreign_bundles()] == [3], (
-            "A set the store back over B's newer, recorded bundle"
-        )
+        assert [r.sequence for r in stores[1].list_foreign_bundles()] == [1]
+        asyncio.run(b.refresh("example.org"))
+        assert [r.sequence for r in stores[1].list_foreign_bundles()] == [3]
+        assert _recorded(stores[1]) == [1, 3]
+        for service in (a, b):
+            service.apply_stored(service.read_stored(), service.follow_mark())
+            assert service.bundle("example.org").sequence == 3
+        # B stores 4 between A's fetch of 3 (from a lagging endpoint replica) and A's write.
+        answers["b"] = [_bundle(4)]
+
+        def fetched_while_b_stores() -> SpiffeBundle:
+            asyncio.run(b.refresh("example.org"))
+            return _bundle(3)
+
+        answers["a"] = [fetched_while_b_stores]
+        with pytest.raises(FederationError, match="older than the one another server stored"):
+            asyncio.run(a.refresh("example.org"))
+        assert [r.sequence for r in stores[0].list_foreign_bundles()] == [4]
+        assert _recorded(stores[0]) == [1, 3, 4]
+        assert [e["kind"] for e in stores[0].audit_rows(EventFilter())][-1] == BUNDLE_REFUSED
     finally:
         for service in (a, b):
             service.close()
@@ -651,43 +699,140 @@ def test_a_change_not_recorded_does_not_set_back_a_newer_bundle_another_server_s
 def test_a_bundle_whose_change_was_not_recorded_is_not_served_through_the_feed(
     tmp_path: Path,
 ) -> None:
-    """The store takes the bundle before its change is recorded: a read of the feed that falls
-    in between finds it there. When the change then cannot be recorded, the follower must not
-    install it as another server's write: this server would serve a bundle the ledger never
-    recorded (its own write, so it is not marked as one)."""
+    """The bundle and the event recording its change are stored in one transaction: another
+    server reading the store while this one writes finds the bundle before (what the ledger
+    holds), never the new one; when the event cannot be recorded, the bundle is gone with it,
+    so no follower installs and serves a bundle the ledger never recorded."""
     clock = FakeClock(1_700_000_000)
-    store = SqliteDataStore(tmp_path / "db", clock)
-    audit = _AuditFailingOnce(AuditLog(store, clock))
-    answers = [_bundle(1), _bundle(2)]
+    answers: dict[str, list[Answer]] = {"a": [_bundle(1), _bundle(2)], "b": []}
     published: list[Mapping[str, SpiffeBundle]] = []
-    service = FederationService(
-        own=OWN,
-        datastore=store,
-        audit=audit,  # type: ignore[arg-type]
-        clock=clock,
-        publish=published.append,
-        static=(parse_static(STATIC, OWN),),
-        fetch=lambda rel, known: answers.pop(0),
-    )
-    service.load()
+    stores, a, b = _two_servers(tmp_path, clock, answers, published)
     try:
-        asyncio.run(service.refresh("example.org"))
-        mark = service.follow_mark()
+        asyncio.run(a.refresh("example.org"))
+        mark, other_mark = a.follow_mark(), b.follow_mark()
+        held: list[int | None] = []
         read: list[Stored] = []
-        # The follower's read of the store, between the store's write and the ledger's.
-        audit.meanwhile = lambda: read.append(service.read_stored())
-        with pytest.raises(sqlite3.OperationalError):
-            asyncio.run(service.refresh("example.org"))
-        (stored,) = read
-        assert stored.bundles["example.org"].sequence == 2
-        service.apply_stored(stored, mark)
-        recorded = [
-            json.loads(e["extra"])["sequence"]
-            for e in store.audit_rows(EventFilter(kind=BUNDLE_CHANGED))
-        ]
-        assert recorded == [1]
-        assert service.bundle("example.org").sequence == 1, "serves a bundle never recorded"
+
+        def meanwhile(bundle: bytes | None) -> None:
+            held.append(_sequence_of(bundle))
+            read.append(b.read_stored())  # another server's look, mid-transaction
+
+        _fail_recording(stores[0], 2, meanwhile)
+        with pytest.raises(BundleNotStoredError):
+            asyncio.run(a.refresh("example.org"))
+        assert held == [2], "the bundle is written in the transaction that fails"
+        (seen,) = read
+        assert seen.bundles["example.org"].sequence == 1
+        b.apply_stored(seen, other_mark)
+        a.apply_stored(a.read_stored(), mark)
+        assert _recorded(stores[0]) == [1]
+        assert [r.sequence for r in stores[0].list_foreign_bundles()] == [1]
+        for service in (a, b):
+            assert service.bundle("example.org").sequence == 1, "serves a bundle never recorded"
         assert [p["example.org"].sequence for p in published if "example.org" in p] == [1]
+        assert [e["kind"] for e in stores[0].audit_rows(EventFilter())][-1] == BUNDLE_REFUSED
     finally:
-        service.close()
-        store.close()
+        for service in (a, b):
+            service.close()
+        for store in stores:
+            store.close()
+
+
+def _blocked_by(conn: psycopg.Connection[tuple[object, ...]], key: tuple[int, int]) -> list[int]:
+    """The backends (pids) waiting, directly or not, on the one waiting for advisory lock
+    `key`, that one first; [] while none waits for it."""
+    row = conn.execute(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND classid = %s AND objid = %s AND objsubid = 2",
+        key,
+    ).fetchone()
+    if row is None:
+        return []
+    waiting = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (row[0],)
+    ).fetchall()
+    return [int(str(row[0])), *(int(str(r[0])) for r in waiting)]
+
+
+def test_a_change_not_recorded_on_postgresql_keeps_a_bundle_another_server_stored_meanwhile(
+    postgres_dsn: str,
+) -> None:
+    """On PostgreSQL servers write at once: A's write of sequence 2 fails (a full disk) at the
+    event recording it, while B stores and records sequence 3. A's write goes whole: B's
+    acknowledged bundle stays stored, and no server serves A's 2 or falls back to 1."""
+    clock = FakeClock(1_700_000_000)
+    stores = [PostgresDataStore(postgres_dsn, clock) for _ in range(2)]
+    answers = {"a": [_bundle(1), _bundle(2)], "b": [_bundle(3)]}
+    services = []
+    for name, store in zip("ab", stores, strict=True):
+        service = FederationService(
+            own=OWN,
+            datastore=store,
+            audit=AuditLog(store, clock),
+            clock=clock,
+            publish=lambda _bundles: None,
+            static=(parse_static(STATIC, OWN),),
+            fetch=lambda rel, known, name=name: answers[name].pop(0),
+        )
+        service.load()
+        services.append(service)
+    a, b = services
+    key = (secrets.randbits(31), secrets.randbits(31))
+    outcome: dict[str, BaseException | None] = {}
+
+    def refresh(name: str, service: FederationService) -> threading.Thread:
+        def run() -> None:
+            try:
+                asyncio.run(service.refresh("example.org"))
+                outcome[name] = None
+            except BaseException as exc:
+                outcome[name] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def wait_for(blocked: int, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        deadline = time.monotonic() + 10
+        while len(_blocked_by(conn, key)) < blocked:
+            assert time.monotonic() < deadline, "the writes did not meet"
+            time.sleep(0.02)
+
+    try:
+        asyncio.run(a.refresh("example.org"))
+        with psycopg.connect(postgres_dsn, autocommit=True) as watch:
+            with psycopg.connect(postgres_dsn) as disk:
+                disk.execute("SELECT pg_advisory_xact_lock(%s, %s)", key)
+                # The full disk: A's event for 2 waits for the lock this test holds, then fails.
+                watch.execute(
+                    "CREATE FUNCTION fail_recording() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                    f"BEGIN IF NEW.kind = '{BUNDLE_CHANGED}' "
+                    "AND NEW.extra::jsonb ->> 'sequence' = '2' THEN "
+                    f"PERFORM pg_advisory_xact_lock({key[0]}, {key[1]}); "
+                    "RAISE EXCEPTION 'could not extend file: No space left on device' "
+                    "USING ERRCODE = 'disk_full'; END IF; RETURN NEW; END $$"
+                )
+                watch.execute(
+                    "CREATE TRIGGER fail_recording BEFORE INSERT ON audit_events "
+                    "FOR EACH ROW EXECUTE FUNCTION fail_recording()"
+                )
+                threads = [refresh("a", a)]
+                wait_for(1, watch)  # A is recording 2
+                threads.append(refresh("b", b))
+                wait_for(2, watch)  # B's write waits on A's
+            for thread in threads:
+                thread.join(timeout=30)
+        assert isinstance(outcome["a"], BundleNotStoredError)
+        assert outcome["b"] is None
+        assert [r.sequence for r in stores[0].list_foreign_bundles()] == [3], (
+            "A's failure set the store back over B's newer, recorded bundle"
+        )
+        assert _recorded(stores[0]) == [1, 3]
+        for service in (a, b):
+            service.apply_stored(service.read_stored(), service.follow_mark())
+            assert service.bundle("example.org").sequence == 3
+    finally:
+        for service in (a, b):
+            service.close()
+        for store in stores:
+            store.close()
