@@ -215,6 +215,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
             if first:
                 await self._await_first(watch, caller.selectors, first)
             sent: workload_pb2.X509SVIDResponse | None = None
+            sent_ids: frozenset[str] = frozenset()  # the entries whose SVIDs `sent` carries
             while True:
                 seen = watch.signal.version
                 snap = self._cache.snapshot()
@@ -233,8 +234,11 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                                 grpc.StatusCode.UNAVAILABLE, "SVIDs are being issued; retry"
                             )
                         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
-                    elif not pending:
-                        # Revoked or removed: say so, never send an empty list (clients choke).
+                    elif not sent_ids <= set(pending):
+                        # One sent is revoked or removed: the workload must drop it, and with
+                        # nothing left to send (an empty list chokes clients) only ending the
+                        # stream says so; another entry awaiting its SVID is no reason to wait.
+                        # One merely awaiting renewal keeps the stream: its SVID comes next.
                         await context.abort(
                             grpc.StatusCode.PERMISSION_DENIED, "no identity issued any more"
                         )
@@ -243,6 +247,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                     if msg != sent:
                         yield msg
                         sent = msg
+                        sent_ids = frozenset(i.entry.id for i in ids)
                 await watch.signal.wait(seen)
         finally:
             self._cache.watchers.close(watch)
