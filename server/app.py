@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[i
 
 from server import admin_socket
 from server.admin_api import AdminServicer
+from server.agent_authority import AgentAuthority, datastore_reader
 from server.attestation.base import NodeAttestor
 from server.attestation.join_token import JoinTokenAttestor
 from server.attestation.x509pop import X509PopAttestor
@@ -421,6 +422,7 @@ class Server:
         )
         # Who calls as an agent, for the node API and the task layer alike.
         peers = PeerCache(self.ids, self.ca.issuing_cas)
+        authority = AgentAuthority(self.state, datastore_reader(self.datastore), self.clock)
         node = NodeServicer(
             state=self.state,
             issuer=self.issuer,
@@ -435,6 +437,7 @@ class Server:
             propagator=self.propagator,
             view=self.follower.view,
             peers=peers,
+            authority=authority,
         )
         admin = AdminServicer(
             on_agent_removed=self.tasks.agent_removed,
@@ -469,6 +472,7 @@ class Server:
                 KeyedLimiter(
                     cfg.task_begin_rate_per_runtime, cfg.task_begin_burst_per_runtime, self.clock
                 ),
+                authority=authority,
             )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._node_server)

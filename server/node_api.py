@@ -18,6 +18,7 @@ import grpc
 from cryptography import x509
 
 from server import status
+from server.agent_authority import AgentAuthority
 from server.attestation.base import NodeAttestor
 from server.ca.signer import verify_csr
 from server.changelog import Change
@@ -83,6 +84,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         metrics: Metrics,
         propagator: Propagator,
         peers: PeerCache,
+        authority: AgentAuthority,
         crl: Callable[[], Sequence[bytes]] = list,
         view: ViewFreshness | None = None,
     ) -> None:
@@ -97,6 +99,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         # The CA-signed CRL(s) of revoked X.509-SVIDs, sent on Sync.
         self._crl = crl
         self._peers = peers
+        # Who may call as an agent: memory, and the datastore when memory is behind.
+        self._authority = authority
         self._propagator = propagator
         self._server_id = str(ids.server)
         # How old the view Sync serves is (servers sharing a datastore): stale, Sync refuses.
@@ -185,7 +189,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: node_pb2.RenewAgentRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.RenewAgentResponse:
         peer = self._peers.agent_peer(context)
-        agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        agent = await self._authority.authorize(peer)
         if not self._limits.x509.try_take(peer.spiffe_id):
             raise RateLimitedError(f"X.509 signing rate limit exceeded for {peer.spiffe_id}")
         chain = await self._agents.renew(agent, peer.serial, verify_csr(request.csr))
@@ -346,7 +350,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: node_pb2.SyncRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[node_pb2.SyncUpdate]:
         peer = self._peers.agent_peer(context)
-        agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        agent = await self._authority.authorize(peer)
         self._view.check()
         log = self._state.changes
         # Subscribed before reading the log, with no await between: every change after the
@@ -385,7 +389,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: node_pb2.BatchNewX509SVIDRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.BatchNewX509SVIDResponse:
         peer = self._peers.agent_peer(context)
-        agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        agent = await self._authority.authorize(peer)
         params = request.params
         _check_batch_size("params", len(params))
         if not self._limits.x509.try_take(agent.spiffe_id, len(params)):
@@ -415,7 +419,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: node_pb2.NewJWTSVIDRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.NewJWTSVIDResponse:
         peer = self._peers.agent_peer(context)
-        agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        agent = await self._authority.authorize(peer)
         wanted = _jwt_request(request)
         # A refused request is answered before it costs the agent a token of its budget.
         entry = self._issuer.jwt_entry(agent, wanted)
@@ -432,7 +436,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: node_pb2.BatchNewJWTSVIDRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.BatchNewJWTSVIDResponse:
         peer = self._peers.agent_peer(context)
-        agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        agent = await self._authority.authorize(peer)
         requests = request.requests
         _check_batch_size("requests", len(requests))
         if not self._limits.jwt.try_take(agent.spiffe_id, len(requests)):

@@ -47,6 +47,27 @@ from svid._clock import Clock
 _log = logging.getLogger("svid.server.state")
 
 
+def agent_refusal(
+    agent: AttestedAgent | None, spiffe_id: str, serial: str, now: float
+) -> str | None:
+    """Why `agent` (its record, None for none) may not call with the certificate `serial`, or
+    None when it may: attested, unbanned, and the certificate its current one, or the one it
+    renewed with while that is unexpired."""
+    if agent is None:
+        return f"agent {spiffe_id} is not attested (evicted or unknown): attest again"
+    if agent.banned:
+        return f"agent {spiffe_id} is banned"
+    if serial == agent.serial:
+        if 0 < agent.expires_at <= now:
+            return f"agent {spiffe_id} has an expired SVID: attest again"
+    elif not (agent.previous_serial == serial and agent.previous_expires_at > now):
+        return (
+            f"agent {spiffe_id} presented a superseded certificate (serial {serial}): "
+            "reconnect with the latest agent SVID"
+        )
+    return None
+
+
 class ServerState:
     def __init__(self, datastore: DataStore, clock: Clock, notifier: ChangeNotifier) -> None:
         self._datastore = datastore
@@ -214,21 +235,10 @@ class ServerState:
     def authorize_agent(self, spiffe_id: str, serial: str) -> AttestedAgent:
         """The attested, unbanned agent presenting a current certificate, or PermissionDenied."""
         agent = self._agents.get(spiffe_id)
-        if agent is None:
-            raise PermissionDeniedError(
-                f"agent {spiffe_id} is not attested (evicted or unknown): attest again"
-            )
-        if agent.banned:
-            raise PermissionDeniedError(f"agent {spiffe_id} is banned")
-        now = self._clock.now()
-        if serial == agent.serial:
-            if 0 < agent.expires_at <= now:
-                raise PermissionDeniedError(f"agent {spiffe_id} has an expired SVID: attest again")
-        elif not (agent.previous_serial == serial and agent.previous_expires_at > now):
-            raise PermissionDeniedError(
-                f"agent {spiffe_id} presented a superseded certificate (serial {serial}): "
-                "reconnect with the latest agent SVID"
-            )
+        refused = agent_refusal(agent, spiffe_id, serial, self._clock.now())
+        if refused is not None:
+            raise PermissionDeniedError(refused)
+        assert agent is not None  # agent_refusal refuses an agent with no record
         return agent
 
     # -- writes -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import grpc
 
 from server import listing, status
+from server.agent_authority import AgentAuthority
 from server.datastore.records import AttestedAgent, TaskCursor
 from server.errors import InvalidRequestError, PermissionDeniedError, RateLimitedError
 from server.input_text import refuse_nul
@@ -205,6 +206,7 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         service: TaskService,
         state: ServerState,
         peers: PeerCache,
+        authority: AgentAuthority,
         *,
         refused_validations: RefusalBudget,
         accepted_validations: RefusalBudget,
@@ -216,19 +218,19 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         self._service = service
         self._state = state
         self._peers = peers
+        self._authority = authority
         self._refused_validations = refused_validations
         self._accepted_validations = accepted_validations
         self._begins = begins
 
-    def _agent(self, context: grpc.aio.ServicerContext) -> AttestedAgent:
-        peer = self._peers.agent_peer(context)
-        return self._state.authorize_agent(peer.spiffe_id, peer.serial)
+    async def _agent(self, context: grpc.aio.ServicerContext) -> AttestedAgent:
+        return await self._authority.authorize(self._peers.agent_peer(context))
 
     @status.unary
     async def BeginTask(
         self, request: task_pb2.NodeBeginTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.BeginTaskResponse:
-        agent = self._agent(context)
+        agent = await self._agent(context)
         if request.intent.goal:
             raise InvalidRequestError("intent.goal: send only goal_sha256, never the goal text")
         runtime_id = _runtime_id("runtime_id", request.runtime_id)
@@ -264,8 +266,10 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         """A ban or an eviction while the task began revoked the agent's tasks as stored then,
         perhaps before this one: it is revoked here instead of outliving its agent (an x509pop
         node attesting again would hold it). A removal after this check finds it stored."""
+        peer = self._peers.agent_peer(context)
         try:
-            self._agent(context)
+            # Memory's word: it accepted the agent as the task began, so a refusal now is news.
+            self._state.authorize_agent(peer.spiffe_id, peer.serial)
         except PermissionDeniedError:
             await self._service.revoke(task.task_id, "its agent was removed while it began")
             raise
@@ -274,7 +278,7 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
     async def EndTask(
         self, request: task_pb2.NodeEndTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.EndTaskResponse:
-        agent = self._agent(context)
+        agent = await self._agent(context)
         task_id = _task_id("task_id", request.task_id)
         runtime_ids = _runtime_ids(list(request.runtime_ids))
         entry_ids = _entry_ids(list(request.runtime_entry_ids))
@@ -289,7 +293,7 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
     async def ListTasks(
         self, request: task_pb2.NodeListTasksRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
-        agent = self._agent(context)
+        agent = await self._agent(context)
         runtime_ids = sorted(set(_runtime_ids(list(request.runtime_ids))))
         entry_ids = sorted(set(_entry_ids(list(request.runtime_entry_ids))))
         state = _state(request.state)
@@ -311,7 +315,7 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
     async def ReportValidations(
         self, request: task_pb2.ReportValidationsRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ReportValidationsResponse:
-        agent = self._agent(context)
+        agent = await self._agent(context)
         if len(request.validations) > MAX_VALIDATIONS:
             raise InvalidRequestError(f"validations: at most {MAX_VALIDATIONS} per report")
         # Any local process may have any token validated, a forged one as well as a real one:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.agent_authority import AgentAuthority
 from server.audit import AuditLog
 from server.ca.manager import CaManager
 from server.datastore.records import Removal
@@ -85,11 +86,14 @@ class TaskLayer:
         refused_validations: RefusalBudget,
         accepted_validations: RefusalBudget,
         begins: KeyedLimiter,
+        *,
+        authority: AgentAuthority,
     ) -> list[Any]:
         servicer = NodeTasksServicer(
             self.service,
             state,
             peers,
+            authority,
             refused_validations=refused_validations,
             accepted_validations=accepted_validations,
             begins=begins,

@@ -1,0 +1,138 @@
+"""Whether an agent may call: this server's memory, and the datastore when memory says no.
+
+Servers sharing a datastore learn of each other's agents through the change feed: an agent
+that attested or renewed through another server may call here before the feed brought its
+record in. Memory then refuses it as it would an evicted agent, and an agent told
+PERMISSION_DENIED drops its SVID (agent_attestor/sync.py). So a refusal from memory is checked
+against the datastore's record: when that record accepts the certificate, the answer is
+UNAVAILABLE (not known here yet: the agent retries, here or at another server, SVID kept);
+only when it refuses too is the refusal said.
+
+Only a certificate this server's CA signed gets here (server/peer.py), and each one costs at
+most one datastore read per while: a refusal for one certificate is final (an agent's record
+only moves on to newer serials, written before the agent holds them), so it is remembered for
+long; an acceptance only for as long as the feed needs to bring the record in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from server.datastore.base import DataStore
+from server.datastore.errors import NotFoundError, StorageError
+from server.datastore.records import AttestedAgent
+from server.errors import PermissionDeniedError, UnavailableError
+from server.peer import AgentPeer
+from server.state import ServerState, agent_refusal
+from svid._clock import Clock
+
+# The stored record of an agent, None when there is none.
+ReadAgent = Callable[[str], Awaitable[AttestedAgent | None]]
+
+# How long (seconds) the datastore's word on one certificate is taken again without asking.
+REFUSAL_KEPT = 60.0
+ACCEPTANCE_KEPT = 1.0
+MAX_REMEMBERED = 4096
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    refusal: str | None  # the datastore's record's refusal of the certificate, None: accepted
+    until: float  # monotonic
+
+
+class AgentAuthority:
+    """Answers who may call as an agent, on every node API call that names one."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        read_agent: ReadAgent,
+        clock: Clock,
+        *,
+        refusal_kept: float = REFUSAL_KEPT,
+        acceptance_kept: float = ACCEPTANCE_KEPT,
+        max_remembered: int = MAX_REMEMBERED,
+    ) -> None:
+        self._state = state
+        self._read = read_agent
+        self._clock = clock
+        self._refusal_kept = refusal_kept
+        self._acceptance_kept = acceptance_kept
+        self._max = max_remembered
+        self._verdicts: dict[tuple[str, str], _Verdict] = {}
+        # One read per certificate at a time, however many of its calls wait on it.
+        self._reading: dict[tuple[str, str], asyncio.Future[str | None]] = {}
+
+    async def authorize(self, peer: AgentPeer) -> AttestedAgent:
+        """The agent's record in memory; PermissionDenied when the datastore refuses it too,
+        Unavailable when only memory does (its record not brought in yet)."""
+        try:
+            return self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        except PermissionDeniedError:
+            if not self._may_be_behind(peer):
+                raise
+        refusal = await self._stored_refusal(peer)
+        if refusal is not None:
+            raise PermissionDeniedError(refusal)
+        raise UnavailableError(
+            f"agent {peer.spiffe_id} attested or renewed through another server and this one "
+            "has not read it from the datastore yet: retry"
+        )
+
+    def _may_be_behind(self, peer: AgentPeer) -> bool:
+        """A refusal the feed can still change: no record here, or not this certificate's. A
+        ban, or this very certificate expired, stands whatever the datastore holds."""
+        known = self._state.agents.get(peer.spiffe_id)
+        return known is None or (
+            not known.banned and peer.serial not in (known.serial, known.previous_serial)
+        )
+
+    async def _stored_refusal(self, peer: AgentPeer) -> str | None:
+        key = (peer.spiffe_id, peer.serial)
+        now = self._clock.monotonic()
+        verdict = self._verdicts.get(key)
+        if verdict is not None and verdict.until > now:
+            return verdict.refusal
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = asyncio.ensure_future(self._ask(peer))
+            self._reading[key] = reading
+            reading.add_done_callback(lambda _: self._reading.pop(key, None))
+        return await asyncio.shield(reading)
+
+    async def _ask(self, peer: AgentPeer) -> str | None:
+        try:
+            stored = await self._read(peer.spiffe_id)
+        except StorageError as exc:
+            # Not knowing is no refusal: said as one, the agent would drop its SVID.
+            raise UnavailableError(
+                f"agent {peer.spiffe_id} is not known to this server and the datastore cannot "
+                "be read to tell: retry"
+            ) from exc
+        refusal = agent_refusal(stored, peer.spiffe_id, peer.serial, self._clock.now())
+        self._remember((peer.spiffe_id, peer.serial), refusal)
+        return refusal
+
+    def _remember(self, key: tuple[str, str], refusal: str | None) -> None:
+        now = self._clock.monotonic()
+        if len(self._verdicts) >= self._max:
+            self._verdicts = {k: v for k, v in self._verdicts.items() if v.until > now}
+            if len(self._verdicts) >= self._max:
+                self._verdicts.clear()
+        kept = self._acceptance_kept if refusal is None else self._refusal_kept
+        self._verdicts[key] = _Verdict(refusal, now + kept)
+
+
+def datastore_reader(datastore: DataStore) -> ReadAgent:
+    """A ReadAgent over the datastore, run in a worker thread as every read is."""
+
+    async def read(spiffe_id: str) -> AttestedAgent | None:
+        try:
+            return await asyncio.to_thread(datastore.get_agent, spiffe_id)
+        except NotFoundError:
+            return None
+
+    return read

@@ -1,0 +1,182 @@
+"""Servers sharing one PostgreSQL learn of each other's agents through the change feed. An agent
+that attested (or renewed) through A and calls B before B's feed brought in its record must not
+hear what an evicted agent hears (PERMISSION_DENIED): its agent takes that as eviction and drops
+its SVID. B asks the datastore first, and only refuses when the datastore agrees."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from server.ca.sealing import KeyEncryptionKey
+from svid._proto import admin_pb2, node_pb2
+from tests.server.fixtures import (
+    Agent,
+    RunningServer,
+    der_chain,
+    make_csr,
+    short_tmpdir,
+    start_server,
+)
+from tests.server.test_replication_servers import wait_until
+
+
+class FeedGate:
+    """Holds B's change feed reads: a feed that is behind, as when its notifications are lost
+    and the next poll is a minute away (feed_poll_interval 60 s)."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+        self.reading = 0  # reads past the gate, not finished yet
+
+    async def close(self) -> None:
+        self.open.clear()
+        while self.reading:  # a read that began before is let finish: nothing after it
+            await asyncio.sleep(0.01)
+
+    async def release(self) -> None:
+        self.open.set()
+
+    def wrap(
+        self, catch_up: Callable[[], Coroutine[Any, Any, int]]
+    ) -> Callable[[], Coroutine[Any, Any, int]]:
+        async def held() -> int:
+            await self.open.wait()
+            self.reading += 1
+            try:
+                return await catch_up()
+            finally:
+                self.reading -= 1
+
+        return held
+
+
+@dataclass
+class Behind:
+    """A and B on one PostgreSQL, B's change feed held between `hold` and `release`."""
+
+    a: RunningServer
+    b: RunningServer
+    gate: FeedGate
+    reads: list[str]  # the agent IDs B read from the datastore, one per read
+
+    def hold(self) -> None:
+        self.b.call(self.gate.close())
+
+    def release(self) -> None:
+        self.b.call(self.gate.release())
+
+
+@pytest.fixture
+def behind(postgres_dsn: str) -> Iterator[Behind]:
+    root = short_tmpdir()
+    KeyEncryptionKey.generate().write_new(root / "kek")
+    shared: dict[str, Any] = {
+        "datastore": postgres_dsn,
+        "key_encryption_key_file": str(root / "kek"),
+    }
+    a = start_server(root, admin_socket=str(root / "a" / "admin.sock"), **shared)
+    b = start_server(
+        root, admin_socket=str(root / "b" / "admin.sock"), feed_poll_interval=60.0, **shared
+    )
+    follower = b.server.follower
+    assert follower is not None
+    gate: FeedGate = b.call(_new_gate())
+    follower.catch_up = gate.wrap(follower.catch_up)  # type: ignore[method-assign]
+    reads: list[str] = []
+    get_agent = b.server.datastore.get_agent
+
+    def counted_get_agent(spiffe_id: str) -> Any:
+        reads.append(spiffe_id)
+        return get_agent(spiffe_id)
+
+    b.server.datastore.get_agent = counted_get_agent  # type: ignore[method-assign]
+    try:
+        yield Behind(a, b, gate, reads)
+    finally:
+        b.call(gate.release())
+        b.stop()
+        a.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _new_gate() -> FeedGate:
+    return FeedGate()  # its Event made on B's loop
+
+
+def _sync_code(server: RunningServer, agent: Agent) -> grpc.StatusCode:
+    """OK when a Sync on `server` starts with the agent's snapshot, or the code it ended with."""
+    stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=10)
+    try:
+        assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[attr-defined,no-any-return]
+    finally:
+        stream.cancel()
+
+
+def _renewed(server: RunningServer, agent: Agent) -> Agent:
+    key, csr = make_csr()
+    reply = server.node_stub(agent).RenewAgent(node_pb2.RenewAgentRequest(csr=csr), timeout=10)
+    return Agent(agent.spiffe_id, key, der_chain(reply.svid.cert_chain), agent.bundle)
+
+
+def test_an_agent_attested_through_a_is_not_refused_by_b_before_b_knows_it(
+    behind: Behind,
+) -> None:
+    behind.hold()
+    agent = behind.a.attest()
+    assert agent.spiffe_id not in behind.b.server.state.agents
+    # Not known here yet: the agent tries again (or another server), keeping its SVID.
+    assert _sync_code(behind.b, agent) == grpc.StatusCode.UNAVAILABLE
+    behind.release()
+    wait_until(lambda: agent.spiffe_id in behind.b.server.state.agents, 2, "B to learn the agent")
+    assert _sync_code(behind.b, agent) == grpc.StatusCode.OK
+
+
+def test_an_agent_renewed_through_a_is_not_refused_by_b_before_b_knows_its_new_serial(
+    behind: Behind,
+) -> None:
+    agent = behind.a.attest()
+    wait_until(lambda: agent.spiffe_id in behind.b.server.state.agents, 2, "B to learn the agent")
+    behind.hold()
+    renewed = _renewed(behind.a, agent)
+    assert _sync_code(behind.b, renewed) == grpc.StatusCode.UNAVAILABLE
+    behind.release()
+    wait_until(
+        lambda: behind.b.server.state.agents[agent.spiffe_id].serial == renewed.serial,
+        2,
+        "B to learn the renewal",
+    )
+    assert _sync_code(behind.b, renewed) == grpc.StatusCode.OK
+
+
+def test_an_agent_evicted_through_a_is_refused_by_b_once_the_datastore_agrees(
+    behind: Behind,
+) -> None:
+    behind.hold()
+    agent = behind.a.attest()
+    behind.a.admin().EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+    assert _sync_code(behind.a, agent) == grpc.StatusCode.PERMISSION_DENIED
+    # B never knew it and the datastore holds no record: an eviction, said as one.
+    assert _sync_code(behind.b, agent) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_calls_of_an_agent_b_does_not_know_read_the_datastore_once_a_while(
+    behind: Behind,
+) -> None:
+    behind.hold()
+    agent = behind.a.attest()
+    behind.a.admin().EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+    behind.reads.clear()
+    for _ in range(20):
+        assert _sync_code(behind.b, agent) == grpc.StatusCode.PERMISSION_DENIED
+    assert behind.reads == [agent.spiffe_id]
