@@ -284,8 +284,8 @@ class Cache:
 
     def restore(self, state: SyncState, svids: Iterable[IssuedSvid]) -> None:
         """Install what an earlier run saved, held but not served: the cache stays unsynced
-        until the server's first Sync message (a delta from the saved revision, or a snapshot)
-        has removed what was deleted or revoked meanwhile."""
+        until the server's first Sync message (a delta from the saved revision, all its parts,
+        or a snapshot) has removed what was deleted or revoked meanwhile."""
         self.apply_sync(state)
         self._synced = False
         self._changed(shared=True)
@@ -293,10 +293,13 @@ class Cache:
 
     def apply_delta(self, delta: SyncDelta) -> None:
         """Install a Sync delta: its cost follows what changed, not what is held."""
-        # The first message after a restore may be a delta (caught up from the saved revision):
-        # from then on the restored state is the server's word.
-        shared = not self._synced
-        self._synced = True
+        # The first message after a restore may be a delta (caught up from the saved revision),
+        # split in parts (upserts first, removals and revocations after): the restored state is
+        # the server's word only once its last part is in. A stream cut before that leaves it
+        # unsynced, serving nothing, rather than serving what the later parts would remove.
+        shared = not self._synced and not delta.more
+        if shared:
+            self._synced = True
         if delta.bundle is not None and delta.bundle != self._bundle:
             self._bundle = delta.bundle
             shared = True
