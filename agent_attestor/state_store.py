@@ -165,7 +165,14 @@ def _shared_blob(shared: SyncState) -> bytes:
         bundle=shared.bundle.to_proto(),
         federated_bundles={td: b.to_proto() for td, b in shared.federated.items()},
         revocations=[
-            common_pb2.Revocation(kind=_REVOCATION_KINDS[kind], value=value, expires_at=expiry)
+            common_pb2.Revocation(
+                kind=_REVOCATION_KINDS[kind],
+                value=value,
+                expires_at=expiry,
+                # Whose credential it is: the server says it once, and a verifier's callback
+                # after a restart needs it as much as before.
+                spiffe_id=shared.revocation_spiffe_ids.get((kind, value), ""),
+            )
             for (kind, value), expiry in shared.revocation_expiry.items()
             if kind in _REVOCATION_KINDS
         ],
@@ -301,6 +308,7 @@ class StateStore:
             crl=shared.crl,
             revision=position.revision,
             revocation_expiry=shared.revocation_expiry,
+            revocation_spiffe_ids=shared.revocation_spiffe_ids,
             epoch=position.epoch,
         )
         return SavedState(position, state, tuple(svids))

@@ -108,6 +108,7 @@ class StateWriter:
                     federated=dict(snap.federated),
                     crl=snap.crl,
                     revocation_expiry=dict(snap.revocation_expiry),
+                    revocation_spiffe_ids=dict(snap.revocation_spiffe_ids),
                 )
         change = StateChange(
             position=position,
