@@ -14,8 +14,9 @@ machine: a batch of 500 renewed SVIDs commits in 7-11 ms; the first save of 100k
 every renewal batch that: 2.5-3.3 s to pickle, write and fsync those 34 MB.
 
 Rows are taken as written: checking 20k keys against their chains again costs ~10 s (0.5 ms
-each), the time this file is there to save. A file SQLite finds damaged (quick_check), of
-another schema, agent ID or trust domain is deleted with a log line and the agent starts afresh.
+each), the time this file is there to save. A file SQLite finds damaged (quick_check), with a
+row the decoders refuse, or of another schema, agent ID or trust domain is deleted with a log line
+and the agent starts afresh.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from google.protobuf.message import DecodeError
 
 from agent_attestor.cache import SyncPosition, SyncState
 from agent_attestor.model import Entry, IssuedSvid, Selector
@@ -251,11 +250,17 @@ class StateStore:
             return None
         try:
             saved = self._read(agent_id, trust_domain, now)
-        except (sqlite3.Error, UnusableStateError, ValueError, TypeError, DecodeError) as exc:
+        except Exception as exc:  # whatever a damaged row raises: start afresh
+            # A row SQLite finds sound may still hold what the decoders cannot take, and what
+            # they raise for it is an open list (a TTL of 1e400: OverflowError; JSON nested past
+            # the recursion limit: RecursionError). Any of it failed every start, for good.
             log.warning(
                 "saved agent state not used; starting afresh (a snapshot from the server, "
                 "SVIDs minted again)",
-                extra={"state_file": str(self.path), "problem": str(exc)[:200]},
+                extra={
+                    "state_file": str(self.path),
+                    "problem": f"{type(exc).__name__}: {str(exc)[:200]}",
+                },
             )
             self.discard()
             return None
