@@ -81,7 +81,7 @@ class AgentApp:
         self.config = config
         self.clock = clock or SystemClock()
         self.metrics = Metrics()
-        self.cache = Cache()
+        self.cache = Cache(self.clock)
         self.registry = CallerRegistry()
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = AgentStore(config.agent_svid_path, config.agent_key_path, config.bundle_path)

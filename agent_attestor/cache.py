@@ -8,13 +8,18 @@ new SVID wakes only the streams served its entry (watchers).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from agent_attestor._crypto import unverifiable
 from agent_attestor.model import Entry, IssuedSvid, Selector, TrustBundle
 from agent_attestor.selector_index import SelectorIndex
 from agent_attestor.watchers import Signal, Watchers
+from svid import Clock, SystemClock
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +163,8 @@ _REBUILD_SHARE = 0.25
 
 
 class Cache:
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock: Clock = clock or SystemClock()
         self._synced = False
         self._entries: dict[str, Entry] = {}
         self._entry_tuple: tuple[Entry, ...] | None = ()
@@ -181,6 +187,7 @@ class Cache:
         self.watchers = Watchers(self._index.match)
         self._listeners: list[EntryListener] = []
         self._svid_listeners: list[SvidListener] = []
+        self._distrust_listeners: list[SvidListener] = []
 
     @property
     def version(self) -> int:
@@ -202,6 +209,11 @@ class Cache:
         """Call `listener(entry_ids)` after SVIDs were installed or dropped for these entries
         (those dropped with their entry are told through `on_entries`)."""
         self._svid_listeners.append(listener)
+
+    def on_distrusted(self, listener: SvidListener) -> None:
+        """Call `listener(entry_ids)` after these entries' SVIDs were dropped because the bundle
+        no longer verifies them: they need new ones now (after `on_svids` is told)."""
+        self._distrust_listeners.append(listener)
 
     def snapshot(self) -> Snapshot:
         snap = self._snapshot
@@ -267,6 +279,7 @@ class Cache:
         old = self._entries
         changed = [e for eid, e in entries.items() if old.get(eid) != e]
         removed = [old[eid] for eid in old.keys() - entries.keys()]
+        bundle_before = self._bundle
         if shared:
             self._synced = True
             self._refused = ""
@@ -281,6 +294,7 @@ class Cache:
             self._update_entries(entries, changed, removed, shared=shared)
         elif shared:
             self._changed(shared=True)
+        self._drop_unverifiable(bundle_before)
 
     def restore(self, state: SyncState, svids: Iterable[IssuedSvid]) -> None:
         """Install what an earlier run saved, held but not served: the cache stays unsynced
@@ -300,6 +314,7 @@ class Cache:
         shared = not self._synced and not delta.more
         if shared:
             self._synced = True
+        bundle_before = self._bundle
         if delta.bundle is not None and delta.bundle != self._bundle:
             self._bundle = delta.bundle
             shared = True
@@ -327,6 +342,34 @@ class Cache:
             # Revoked serials may hide SVIDs from callers: every stream recomputes.
             self._changed(shared=True)
         self.update_entries(delta.upserts, delta.removed_ids)
+        self._drop_unverifiable(bundle_before)
+
+    def _drop_unverifiable(self, before: TrustBundle | None) -> None:
+        """Drop the SVIDs the bundle no longer verifies, once it has lost an X.509 authority, and
+        have them minted again (on_distrusted).
+
+        A CA replaced outright while the agent was away leaves its restored SVIDs signed by a
+        root the new bundle lacks: served beside it they verify nowhere. A rotation adds its
+        new root first and keeps the old one while the old CA's SVIDs live, so those still
+        verify and stay; only a bundle losing an authority can condemn any, so nothing is
+        checked (a signature per SVID) otherwise.
+        """
+        bundle = self._bundle
+        if before is None or bundle is None or not self._svids:
+            return
+        removed = set(before.x509_authorities) - set(bundle.x509_authorities)
+        if not removed:
+            return
+        gone = self.drop_svids(unverifiable(self._svids.values(), bundle, removed, self._clock))
+        if not gone:
+            return
+        log.warning(
+            "X.509-SVIDs no longer verify with the trust bundle (their CA left it); minting "
+            "them again",
+            extra={"svids": len(gone)},
+        )
+        for listener in self._distrust_listeners:
+            listener(gone)
 
     def update_entries(self, upserts: Sequence[Entry], removed_ids: Iterable[str]) -> None:
         """Apply a change of some entries (a delta): what it costs follows what changed."""
@@ -438,8 +481,9 @@ class Cache:
     def set_bundle(self, bundle: TrustBundle) -> None:
         """The bundle alone (from attestation, before the first Sync message)."""
         if bundle != self._bundle:
-            self._bundle = bundle
+            before, self._bundle = self._bundle, bundle
             self._changed(shared=True)
+            self._drop_unverifiable(before)
 
 
 def join_parts(parts: Sequence[SyncState]) -> SyncState:

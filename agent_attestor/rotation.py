@@ -115,6 +115,7 @@ class Rotator:
         self._in_flight: set[str] = set()  # the batch at the server now
         self.issued_total = 0
         cache.on_entries(self._entries_changed)
+        cache.on_distrusted(self._distrusted)
         self._adopt(cache.snapshot().svids.values())
         self._entries_changed(cache.snapshot().entries, ())
 
@@ -144,6 +145,17 @@ class Rotator:
                     self._held[entry.id] = None
                     self._pending[entry.id] = None
         if changed or removed:
+            self._wake.set()
+
+    def _distrusted(self, entry_ids: Sequence[str]) -> None:
+        """These entries' SVIDs were dropped, the bundle no longer verifying them: mint them now,
+        not at their renewal point."""
+        for eid in entry_ids:
+            self._renew.discard(eid)
+            self._expire.discard(eid)
+            if self._cache.entry(eid) is not None:
+                self._pending[eid] = None
+        if entry_ids:
             self._wake.set()
 
     def _forget(self, eid: str) -> None:
