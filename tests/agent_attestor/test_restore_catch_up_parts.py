@@ -91,3 +91,28 @@ def test_a_catch_up_delta_cut_after_its_first_part_serves_no_deleted_or_revoked_
     )
     assert "deleted" not in served, "a restored SVID of an entry deleted meanwhile is served"
     assert "revoked" not in served, "a restored SVID revoked meanwhile is served"
+
+
+def test_a_restored_cache_serves_once_the_last_part_of_the_catch_up_is_in() -> None:
+    clock = FakeClock(start=time.time())
+    ca = LocalCa(clock)
+    kept = Entry("kept", "spiffe://example.org/w/kept", ME)
+    deleted = Entry("deleted", "spiffe://example.org/w/deleted", ME)
+    cache = Cache()
+    cache.restore(
+        SyncState((kept, deleted), ca.bundle(), revision=9, epoch="ep"),
+        [svid_for(ca, e) for e in (kept, deleted)],
+    )
+    added = records.Entry(
+        "added", "spiffe://example.org/w/added", AGENT, (records.Selector("unix", "uid:2"),)
+    )
+    messages = delta_messages(
+        [added], ["deleted"], [], [], Shared(), revision=12, epoch="ep", max_items=1
+    )
+    synced = []
+    for part in map(sync_delta, messages):
+        cache.apply_delta(part)
+        synced.append(cache.snapshot().synced)
+    assert synced == [False, True]
+    served = [i.entry.id for i in cache.snapshot().identities_for(ME, clock.now())]
+    assert served == ["kept"]
