@@ -144,3 +144,20 @@ def test_a_prune_keeps_the_revocations_another_server_adds_while_it_runs(
 async def _feed_brings(state: ServerState, item: Revocation) -> None:
     """What the change feed's follower does with another server's revocation."""
     state.add_revocations_seen((item,))
+
+
+def test_a_revocation_outlives_a_server_clock_running_a_little_ahead_of_the_verifiers(
+    state: ServerState, datastore: DataStore, clock: FakeClock
+) -> None:
+    """The leeway is there for clock skew, yet the server prunes at exactly exp + leeway by its
+    own clock: a server 5 s ahead of a verifier (NTP keeps hosts far closer than 300 s, not to
+    the second) drops the revocation while that verifier still takes the token."""
+    exp = int(clock.now()) + 300
+    token = _token(exp)
+    asyncio.run(state.add_revocations((Revocation("jwt_id", "leaked-1", SUB, exp, "leak", 0),)))
+
+    verifier_clock = FakeClock(exp + MAX_VERIFIER_LEEWAY - 4)  # 5 s behind the server
+    clock.set(exp + MAX_VERIFIER_LEEWAY + 1)
+    asyncio.run(state.prune())
+    with pytest.raises(RevokedError, match="leaked-1"):
+        _verifier(state, verifier_clock, MAX_VERIFIER_LEEWAY).verify(token, "svc")
