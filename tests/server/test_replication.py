@@ -570,3 +570,38 @@ def test_a_missed_wake_up_lands_within_the_safety_poll(tmp_path: Path, clock: Fa
         a.store.close()
         b.store.close()
     assert took < 0.3 + 0.5  # one poll interval, and slack for a busy machine
+
+
+def test_a_revocation_another_server_pruned_by_a_clock_ahead_stays_while_this_one_needs_it(
+    tmp_path: Path,
+) -> None:
+    """a's clock runs 30 s ahead of b's. a's housekeeping deletes the row at exp + leeway by
+    its clock; b's own prune rightly keeps the revocation in memory (b's clock says a verifier
+    may still take the token). Then b adds an unrelated revocation: reading the list back, b
+    drops the first from memory and tells its agents to forget it, though its own clock (and
+    every verifier's near it) still needs it for 29 s."""
+    ahead, behind = FakeClock(NOW + 30), FakeClock(NOW)
+    a = Side(tmp_path / "db", ahead)
+    b = Side(tmp_path / "db", behind)
+
+    async def scenario() -> None:
+        exp = NOW + 60
+        needed = Revocation("jwt_id", "j1", "spiffe://example.org/web", exp, "r", NOW)
+        await a.state.add_revocations((needed,))
+        await b.follower.catch_up()
+        ahead.set(exp + MAX_VERIFIER_LEEWAY + 1)
+        behind.set(exp + MAX_VERIFIER_LEEWAY - 29)
+        await a.state.prune()
+        await b.state.prune()
+        assert needed in b.state.revocations  # b's own prune keeps it: b's clock needs it
+        b.listen()
+        other = Revocation("jwt_id", "j2", "spiffe://example.org/web", exp + 600, "r", NOW)
+        await b.state.add_revocations((other,))
+        assert [c.revocations_removed for c in b.changes] == [()]
+        assert needed in b.state.revocations
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        a.store.close()
+        b.store.close()
