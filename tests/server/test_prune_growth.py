@@ -1,0 +1,61 @@
+"""What housekeeping never prunes: rows that no request can use again stay in the datastore
+(and in every server's memory) for ever. Real SQLite, fake clock, the housekeeping jobs app.py
+runs (ServerState.prune, TaskService.housekeeping)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from server.ca.manager import CaManager
+from server.datastore.records import AttestedAgent
+from server.datastore.sqlite import SqliteDataStore
+from server.events import ChangeNotifier
+from server.state import ServerState
+from server.tasks.model import TaskState
+from svid import MAX_VERIFIER_LEEWAY
+from svid._clock import FakeClock
+from tests.server.test_task_service import RUNTIME, make_world
+
+YEAR = 365 * 86400
+
+
+def test_an_agent_record_expired_a_year_ago_is_pruned(
+    datastore: SqliteDataStore, clock: FakeClock
+) -> None:
+    """A join-token agent's ID is new per token: once its SVID expired it cannot renew (the
+    server says attest again, as another agent), so its row serves nothing. An autoscaled fleet
+    leaves one such row per node it ever ran, loaded into every server's memory at start."""
+    state = ServerState(datastore, clock, ChangeNotifier())
+    state.load()
+    gone = AttestedAgent(
+        "spiffe://example.org/svid/agent/join_token/t-1", "join_token", "1", int(clock.now()) + 3600
+    )
+    asyncio.run(state.save_agent(gone, None))
+
+    clock.advance(YEAR)
+    asyncio.run(state.prune())
+    assert [a.spiffe_id for a in datastore.list_agents()] == []
+    restarted = ServerState(datastore, clock, ChangeNotifier())
+    restarted.load()
+    assert restarted.agents == {}
+
+
+def test_a_task_ended_a_year_ago_is_pruned(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> None:
+    """An ended task's row (its intent, on behalf of whom) outlives its credentials, their
+    records, and the audit events of its begin and end (30 days by default): nothing prunes
+    the tasks table."""
+    world = make_world(tmp_path, clock, datastore, ca_manager)
+    try:
+        task = world.begin(runtime_id=RUNTIME, ttl=60)
+        world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
+        assert world.store.get_task(task.task_id).state is TaskState.ENDED  # type: ignore[union-attr]
+
+        clock.advance(YEAR + MAX_VERIFIER_LEEWAY)
+        world.run(world.service.housekeeping())
+        world.run(world.state.prune())
+        assert world.store.list_tasks() == []
+    finally:
+        world.close()
