@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from agent_attestor.cache import Cache, SyncState
+from agent_attestor.node_client import sync_state
 from server.changelog import Change
 from server.datastore.records import (
     AttestedAgent,
@@ -39,10 +41,12 @@ from server.replication import (
     pruned_past,
 )
 from server.state import ServerState
+from server.sync_messages import Shared, snapshot_messages
 from server.tasks.model import Task, TaskState
 from server.tasks.service import follow_tasks
 from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
+from svid._proto import common_pb2
 
 NOW = 1_700_000_000
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
@@ -605,3 +609,35 @@ def test_a_revocation_another_server_pruned_by_a_clock_ahead_stays_while_this_on
     finally:
         a.store.close()
         b.store.close()
+
+
+def test_an_agent_failing_over_to_a_server_a_poll_behind_keeps_the_revocations_it_holds(
+    sides: tuple[Side, Side], clock: FakeClock
+) -> None:
+    """a revokes j1 and its agent takes the snapshot saying so; a dies, and the agent's next
+    Sync is on b, whose follower has not read the feed row yet (it polls; one failing reads
+    keeps polling). b's snapshot lacks j1, and the agent, installing it whole, forgets a
+    revocation of a token still valid: its workloads' verifiers take the token again."""
+    a, b = sides
+    bundle = common_pb2.Bundle(trust_domain="example.org")
+
+    def snapshot(side: Side) -> SyncState:
+        (message,) = snapshot_messages(
+            [],
+            side.state.revocations,
+            Shared(bundle=bundle),
+            revision=side.state.changes.head,
+            epoch=side.state.changes.epoch,
+        )
+        return sync_state(message)
+
+    async def scenario() -> None:
+        revoked = Revocation("jwt_id", "j1", "spiffe://example.org/web", NOW + 600, "r", NOW)
+        await a.state.add_revocations((revoked,))
+        cache = Cache()
+        cache.apply_sync(snapshot(a))
+        assert "j1" in cache.snapshot().revoked_jtis
+        cache.apply_sync(snapshot(b))  # failover: b's follower polls a moment later
+        assert "j1" in cache.snapshot().revoked_jtis
+
+    asyncio.run(scenario())
