@@ -163,3 +163,22 @@ def test_each_ca_lists_only_what_it_issued_and_every_ca_what_has_no_issuer() -> 
     # A CA with nothing of its own to list, and no issuer-less serial, signs no CRL.
     ders = CrlCache().get(both, (theirs,), NOW)
     assert _by_issuer(ders, old, new) == {key_id(new.cert): [int(theirs.value, 16)]}
+
+
+def test_a_crl_signed_after_a_restart_or_failover_numbers_higher_than_every_crl_before_it() -> None:
+    """Each rebuild takes max(number + 1, now): a burst of revocations (a ban's, one rebuild per
+    Sync message that carries them) runs the number ahead of the clock. Another server sharing
+    the CA, or this one restarted, starts again from its clock: its CRL, listing one revocation
+    more, carries a lower number than the one relying parties already hold, and one keeping the
+    highest number it saw (what the number is for, RFC 5280 5.2.3) keeps the older CRL."""
+    ca = make_ca()
+    issuers = [(ca.cert, _signer(ca))]
+    before = CrlCache()
+    listed: tuple[Revocation, ...] = ()
+    for n in range(5):  # five revocations in one second, each pushed to agents at once
+        listed = (*listed, _serial(n))
+        held = before.get(issuers, listed, NOW)
+    after = CrlCache()  # restarted, or the server agents fail over to
+    newer = after.get(issuers, (*listed, _serial(5)), NOW + 1)
+    assert len(_listed(newer)) == len(_listed(held)) + 1
+    assert _number(newer[0]) > _number(held[0])
