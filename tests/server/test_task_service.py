@@ -1774,3 +1774,31 @@ def test_a_removal_whose_finisher_died_is_taken_over_once_its_claim_lapses(
     _logged_once(world, held)
     clock.advance(61)
     assert world.run(on_b.finish_cut_short()) == 0
+
+
+def test_a_server_clock_running_ahead_does_not_prune_the_credential_records_an_end_needs(
+    world: World,
+) -> None:
+    """Two servers on one datastore, the other's clock 30 s ahead. Its housekeeping deletes
+    credential records at exp + MAX_VERIFIER_LEEWAY by its clock; an end through this server,
+    20 s before that by this server's (and the verifiers') clock, then finds no record of the
+    JWT and does not revoke it, while a verifier at that leeway still takes it."""
+    task = world.begin(ttl=3600)
+    entry = world.state.entries.by_id[task.entry_id]
+    issued = world.mint_jwt(entry, ["docs"])
+    ahead = FakeClock(issued.expires_at + MAX_VERIFIER_LEEWAY + 10)
+    other = TaskService(
+        state=world.state,
+        store=TaskStore(world.audit.store),  # type: ignore[arg-type]
+        policy=world.service.policy,
+        audit=world.audit,
+        ca=world.ca,
+        server_id="spiffe://example.org/svid/server",
+        clock=ahead,
+    )
+    other.load()
+    world.clock.set(issued.expires_at + MAX_VERIFIER_LEEWAY - 20)
+    world.run(other.housekeeping())
+    assert world.service.active_task(task.spiffe_id) is not None  # still running: not expired
+    world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
+    assert ("jwt_id", issued.jti) in {(r.kind, r.value) for r in world.state.revocations}
