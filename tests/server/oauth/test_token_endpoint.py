@@ -10,6 +10,8 @@ import httpx
 import jwt as pyjwt
 import pytest
 
+from server.datastore.base import JtiClaim
+from server.oauth.assertions import LEEWAY
 from svid._spiffe_id import SpiffeId
 from tests.server.oauth.conftest import RESOURCE, OAuthServer
 
@@ -613,3 +615,26 @@ def test_a_flood_of_refusals_is_on_record_up_to_the_clients_budget_then_counted(
         assert 'refusals_unrecorded_total{source="oauth"} 9.0' in (
             server.running.server.metrics.render().decode()
         )
+
+
+def test_an_assertion_another_server_accepted_stays_held_while_this_one_accepts_it(
+    oauth_server: OAuthServer,
+) -> None:
+    """Server a, sharing the datastore, runs 10 s ahead (the verifier's leeway is 5 s). It
+    accepted an assertion (its ledger write claimed the jti until exp + 5 by the token) and its
+    housekeeping deletes the claim once its own clock passes that. This server, 10 s behind,
+    still takes the assertion and finds nothing held: a replay through it gets a second token."""
+    clock = oauth_server.running.clock
+    datastore = oauth_server.running.server.datastore
+    assertion = _assertion(oauth_server, ttl=30)
+    claims = pyjwt.decode(assertion, options={"verify_signature": False})
+    held_until = claims["exp"] + int(LEEWAY)
+    ahead = 10
+    claim = JtiClaim(claims.get("iss", str(WORKLOAD.trust_domain.id)), claims["jti"], held_until)
+    assert datastore.claim_jtis([claim], int(clock.now()) + ahead) == [True]  # a took it
+
+    clock.advance(held_until - ahead - int(clock.now()))  # a's clock reads exp + leeway
+    datastore.prune_jtis(int(clock.now()) + ahead)  # a's housekeeping
+    again = _post(oauth_server, grant_type=JWT_BEARER, assertion=assertion, resource=RESOURCE)
+    assert again.status_code == 400, again.text
+    assert "replay" in again.json()["error_description"]
