@@ -1802,3 +1802,22 @@ def test_a_server_clock_running_ahead_does_not_prune_the_credential_records_an_e
     assert world.service.active_task(task.spiffe_id) is not None  # still running: not expired
     world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
     assert ("jwt_id", issued.jti) in {(r.kind, r.value) for r in world.state.revocations}
+
+
+def test_a_fresh_crl_is_taken_by_a_relying_party_whose_clock_is_a_few_seconds_behind(
+    world: World,
+) -> None:
+    """SVIDs are backdated 10 s for clock skew between machines (ca/signer.py); the CRLs are
+    not: their thisUpdate is the server's now. OpenSSL with CRL checks refuses a CRL whose
+    thisUpdate is in its future, so a relying party 5 s behind the server refuses every
+    unrevoked SVID for those 5 s after each revocation (each one signs the CRLs again)."""
+    leaf = issue_x509(world, RUNTIME)  # not revoked
+    task = world.begin()
+    issue_x509(world, task.spiffe_id)
+    world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
+    crls = world.service.crl()
+    assert crls
+    ca_cert = world.ca.x509_signer().ca_certificate
+    behind = world.clock.now() - 5
+    result = openssl_verify(world.tmp, leaf, [ca_cert], at=behind, crls=crls)
+    assert result.returncode == 0, result.stdout + result.stderr
