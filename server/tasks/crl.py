@@ -11,9 +11,14 @@ CA changes, and once half their validity has passed (see CrlCache.due): a CRL pa
 nextUpdate is refused by relying parties that check it (OpenSSL does), however quiet the
 revocation list has been.
 
-A serial is listed only while its certificate is still valid: past its expiry no verifier takes
-the certificate, revoked or not. (The revocation list keeps it a while longer, as it keeps a
-`jti`, for verifiers that allow some leeway past a JWT's `exp`; X.509 verifiers allow none.)
+A CRL's thisUpdate is backdated as SVIDs' notBefore is (BACKDATE_SECONDS): a relying party whose
+clock is a few seconds behind the server refuses a CRL from its future ("CRL is not yet valid"),
+and with it every certificate the CRL covers, after every revocation (each one signs the CRLs
+again). A serial is listed while its certificate may still be valid to such a relying party:
+through BACKDATE_SECONDS past its expiry, so the backdated CRL leaves no window in which a
+revoked certificate is taken; past that no verifier takes the certificate, revoked or not. (The
+revocation list keeps it a while longer, as it keeps a `jti`, for verifiers that allow some
+leeway past a JWT's `exp`; X.509 verifiers allow none.)
 
 The listed serials are split over as many CRLs as it takes to keep each under CRL_MAX_BYTES:
 one CRL of every serial can outgrow a Sync message (and gRPC's 4 MiB limit with it). The CRLs
@@ -32,6 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from server.ca.signer import BACKDATE_SECONDS
 from server.datastore.records import REVOKED_X509_SERIAL, Revocation
 
 # Signs a CRL with the CA key (server.ca.signer.X509Signer.sign_crl): the key never leaves the CA.
@@ -63,8 +69,10 @@ def _entry_size(serial: int) -> int:
 
 def listed_serials(revocations: Iterable[Revocation], now: float) -> list[Revocation]:
     """The X.509 serial revocations a CRL built at `now` lists: those whose certificate is still
-    valid (a verifier takes a certificate through its notAfter second)."""
-    return [r for r in revocations if r.kind == REVOKED_X509_SERIAL and r.expires_at >= now]
+    valid to a relying party as far behind as the CRL's thisUpdate (a verifier takes a
+    certificate through its notAfter second)."""
+    since = now - BACKDATE_SECONDS
+    return [r for r in revocations if r.kind == REVOKED_X509_SERIAL and r.expires_at >= since]
 
 
 def key_id(ca: x509.Certificate) -> str:
@@ -157,7 +165,7 @@ def _signed(
     # took a minute that way. Handing it the whole list is linear.
     builder = x509.CertificateRevocationListBuilder(
         issuer_name=issuer.subject,
-        last_update=_utc(now),
+        last_update=_utc(now - BACKDATE_SECONDS),
         next_update=_utc(now + CRL_VALIDITY),
         extensions=extensions,
         revoked_certificates=revoked,

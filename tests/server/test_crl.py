@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from server.ca.signer import BACKDATE_SECONDS
 from server.datastore.records import Revocation
 from server.sync_messages import MAX_BYTES
 from server.tasks.crl import (
@@ -49,16 +50,24 @@ def _number(der: bytes) -> int:
 
 
 def test_a_serial_is_listed_through_its_certificates_last_second_and_not_after() -> None:
+    """The CRL's thisUpdate is backdated BACKDATE_SECONDS: a relying party that far behind takes
+    it, and takes a certificate that expired up to that long ago by the server's clock, so the
+    CRL lists that certificate's serial too."""
     ca = make_ca()
-    expired, last_second, valid = _serial(1, NOW - 1), _serial(2, NOW), _serial(3, NOW + 1)
+    edge = NOW - BACKDATE_SECONDS
+    expired, last_second, valid = _serial(1, edge - 1), _serial(2, edge), _serial(3, NOW + 1)
     jti = Revocation("jwt_id", "jti-1", "spiffe://example.org/w", NOW + 600, "r", NOW)
     (der,) = build_crls(ca.cert, _signer(ca), [expired, last_second, valid, jti], NOW, 1)
     assert sorted(_listed((der,))) == sorted(int(r.value, 16) for r in (last_second, valid))
+    crl = x509.load_der_x509_crl(der)
+    assert crl.last_update_utc.timestamp() == edge
+    assert crl.next_update_utc is not None
+    assert crl.next_update_utc.timestamp() == NOW + CRL_VALIDITY
 
 
 def test_nothing_listed_is_no_crl_at_all() -> None:
     ca = make_ca()
-    assert build_crls(ca.cert, _signer(ca), [_serial(1, NOW - 1)], NOW, 1) == ()
+    assert build_crls(ca.cert, _signer(ca), [_serial(1, NOW - BACKDATE_SECONDS - 1)], NOW, 1) == ()
 
 
 def test_a_big_list_is_split_into_crls_under_the_budget_that_each_verify() -> None:
@@ -108,7 +117,10 @@ def test_the_cache_rebuilds_only_when_the_list_changes_and_numbers_grow() -> Non
     assert len(_listed(second)) == 501
     # A restart starts from the clock, not from 1: numbers never go back.
     assert _number(first[0]) >= NOW
-    assert CrlCache().get([(ca.cert, _signer(ca))], (_serial(1, NOW - 1),), NOW) == ()
+    assert (
+        CrlCache().get([(ca.cert, _signer(ca))], (_serial(1, NOW - BACKDATE_SECONDS - 1),), NOW)
+        == ()
+    )
 
 
 def test_the_cache_signs_again_once_half_the_validity_has_passed() -> None:
