@@ -53,6 +53,7 @@ CRL_MAX_BYTES = 512 * 1024
 # A CRL's size besides its entries, past the issuer name: version, algorithm identifiers, dates,
 # extensions, an RSA-4096 signature and the headers around them come to about 750 bytes.
 _CRL_OVERHEAD = 1024
+_MICROSECONDS = 1_000_000
 # Names each CA certificate in the cache's key.
 _FINGERPRINT = SHA256()
 
@@ -65,6 +66,16 @@ def _entry_size(serial: int) -> int:
     """The most one CRL entry takes in DER: a SEQUENCE of the serial INTEGER (a sign byte over
     its magnitude) and the revocation date (a GeneralizedTime at worst), with their headers."""
     return 2 + (2 + serial.bit_length() // 8 + 1) + 17
+
+
+def next_number(previous: int, now: float) -> int:
+    """The CRL number of a build at `now`: its time in microseconds, above `previous` (RFC 5280
+    5.2.3: a relying party keeps the highest number it saw). Seconds let a burst of builds in
+    one second (one per revocation) run the number ahead of the clock, and a restarted server,
+    or another one sharing the CA, started again below it; a build signs a CRL, which takes far
+    longer than a microsecond, so each build's number is its own time and the next server's
+    build, later, numbers higher. Across servers that holds as far as their clocks agree."""
+    return max(previous + 1, int(now * _MICROSECONDS))
 
 
 def listed_serials(revocations: Iterable[Revocation], now: float) -> list[Revocation]:
@@ -201,8 +212,7 @@ class CrlCache:
         names = tuple(cert.fingerprint(_FINGERPRINT) for cert, _ in issuers)
         cache_key: tuple[object, ...] = (revocations, names)
         if cache_key != self._key or self.due(now):
-            # Monotonic across restarts too: a relying party keeps the highest number it saw.
-            self.number = max(self.number + 1, int(now))
+            self.number = next_number(self.number, now)
             entries = {name: self._entries.get(name) or _Entries() for name in names}
             self._ders = tuple(
                 der
