@@ -22,11 +22,13 @@ was signed, which is before anything is deleted, and (records signed since it ex
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -51,11 +53,19 @@ SEALED_KIND = "audit"
 KEY_DIR = "audit-key"
 PUBLIC_KEY_FILE = "audit-checkpoint-key.pub.pem"
 CHECKPOINT_FILE = "audit-checkpoints.jsonl"
+# Past this the file is rotated to `<file>.1` (CheckpointFile): about 100,000 lines, as the
+# agent's copy keeps (agent_attestor/checkpoint_store.py MAX_LINES), ten weeks at one checkpoint
+# a minute. Bytes, not lines: servers sharing a data dir all write the file, and its size is
+# what fstat tells each of them under the lock, where a line count would need the whole file.
+MAX_BYTES = 40 * 1024 * 1024
+# How much of the file one read takes when reading it from the end.
+_CHUNK = 64 * 1024
 __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_FILE",
     "KEY_DIR",
     "KEY_SLOT",
+    "MAX_BYTES",
     "PRUNE",
     "PUBLIC_KEY_FILE",
     "Checkpoint",
@@ -235,10 +245,24 @@ class CheckpointFile:
     """The JSON-lines file checkpoints are appended to, each line fsynced before it counts.
 
     Mode 0644: it holds heads and signatures only, meant to be copied elsewhere.
+
+    Append-only, as the agent's copy is: no line is ever changed, so a copy shipped off the host
+    stays a prefix of the file until it is rotated. Bounded as that copy is, by dropping the
+    oldest: a line that would take the file past `max_bytes` goes to a new file that starts
+    with the newest checkpoint and prune record, and the full one becomes `<file>.1` (an older
+    `.1` is dropped; ship both off the host well within that time). Each file is an anchor file
+    on its own, and the writer, which reads the file from its end only, continues from its
+    newest lines.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int = MAX_BYTES) -> None:
         self.path = path
+        self._max_bytes = max_bytes
+
+    @property
+    def rotated(self) -> Path:
+        """Where the previous file goes when this one reaches its bound."""
+        return self.path.with_name(self.path.name + ".1")
 
     def append(self, checkpoint: Checkpoint) -> None:
         self._append(checkpoint, unless_behind=False)
@@ -259,17 +283,19 @@ class CheckpointFile:
         line = (checkpoint.to_line() + "\n").encode("utf-8")
         try:
             created = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = self._open_locked()
             try:
-                # Released by the close below.
-                fcntl.flock(fd, fcntl.LOCK_EX)
                 if unless_behind:
                     newest = self._newest_signed_by(checkpoint.key_id)
                     if newest is not None and newest.seq > checkpoint.seq:
                         return newest
                 cut_torn_tail(fd)
-                _write_all(fd, line)
-                os.fsync(fd)
+                if os.fstat(fd).st_size + len(line) > self._max_bytes:
+                    self._rotate(line)
+                    created = True
+                else:
+                    _write_all(fd, line)
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             if created:
@@ -277,6 +303,56 @@ class CheckpointFile:
         except OSError as e:
             raise CheckpointError(f"cannot write the checkpoint file: {e.strerror or e}") from None
         return checkpoint
+
+    def _open_locked(self) -> int:
+        """The file, open for appending under an exclusive lock (released by its close). One
+        another writer rotated while this one waited for the lock is `.1` by then: let go and
+        open the new one."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def _rotate(self, line: bytes) -> None:
+        """The full file becomes `.1` and a new one takes the newest checkpoint and prune record,
+        in file order (a subsequence of an anchor file is one too), then `line`. The path names
+        a complete file throughout: the full one is linked as `.1` before the new one is
+        renamed over it, so no other writer ever sees it missing."""
+        newest: dict[str, tuple[int, str]] = {}
+        for at, text in enumerate(self._lines_from_end()):
+            kind = _kind_of(text)
+            if kind is not None and kind not in newest:
+                newest[kind] = (at, text)
+            if len(newest) == 2:
+                break
+        carried = [text for _, text in sorted(newest.values(), reverse=True)]
+        head = "".join(text + "\n" for text in carried).encode("utf-8") + line
+        fresh = self.path.with_name(self.path.name + ".tmp")
+        linked = self.path.with_name(self.rotated.name + ".tmp")
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, head)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(linked)
+        os.link(self.path, linked)
+        os.replace(linked, self.rotated)
+        os.replace(fresh, self.path)
+        _log.warning(
+            "the audit checkpoint file reached its bound: moved it aside, the one before it "
+            "dropped; ship both off the host",
+            extra={"rotated_to": str(self.rotated), "max_bytes": self._max_bytes},
+        )
 
     def _newest_signed_by(self, key_id: str) -> Checkpoint | None:
         """The newest checkpoint line whose signature verifies under `key_id`'s key: a line
@@ -291,7 +367,7 @@ class CheckpointFile:
     def _newest_verified(
         self, key_id: str, wanted: Callable[[Checkpoint], bool]
     ) -> Checkpoint | None:
-        for line in reversed(self._lines()):
+        for line in self._lines_from_end():
             try:
                 cp = Checkpoint.parse(line)
                 if cp.key_id != key_id or not wanted(cp):
@@ -305,7 +381,7 @@ class CheckpointFile:
     def last(self, kind: str = CHECKPOINT) -> Checkpoint | None:
         """The newest complete, parsable line of `kind` (not verified): what the writer
         continues from."""
-        for line in reversed(self._lines()):
+        for line in self._lines_from_end():
             try:
                 cp = Checkpoint.parse(line)
             except AuditCheckpointError:
@@ -313,6 +389,34 @@ class CheckpointFile:
             if cp.kind == kind:
                 return cp
         return None
+
+    def _lines_from_end(self) -> Iterator[str]:
+        """The complete lines, newest first, read from the end of the file as far as the
+        caller goes: what the writer needs is near the end, and reading the whole file for it
+        made each checkpoint cost more than the one before."""
+        try:
+            with self.path.open("rb") as f:
+                end = _complete_end(f)
+                tail = b""  # the start of a line whose rest was read already
+                while end > 0:
+                    start = max(0, end - _CHUNK)
+                    f.seek(start)
+                    parts = (f.read(end - start) + tail).split(b"\n")
+                    end = start
+                    tail = parts.pop(0) if end > 0 else b""
+                    for raw in reversed(parts):
+                        if raw.strip():
+                            yield self._decoded(raw)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise CheckpointError(f"cannot read {self.path}: {e}") from None
+
+    def _decoded(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"cannot read {self.path}: {e}") from None
 
     def _lines(self) -> list[str]:
         try:
@@ -398,6 +502,28 @@ def _check_order(path: Path, checkpoints: Sequence[tuple[int, Checkpoint]]) -> N
                 f"{before.seq} ({before.count} events): the log was cut back in between"
             )
         before = cp
+
+
+def _complete_end(f: BinaryIO) -> int:
+    """Where the file's last complete line ends: a torn last line (a crash cut its write short,
+    no newline yet) is not a checkpoint."""
+    at = f.seek(0, os.SEEK_END)
+    while at > 0:
+        start = max(0, at - _CHUNK)
+        f.seek(start)
+        newline = f.read(at - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        at = start
+    return 0
+
+
+def _kind_of(line: str) -> str | None:
+    """A line's kind, None for one that does not parse (not carried into a new file)."""
+    try:
+        return Checkpoint.parse(line).kind
+    except AuditCheckpointError:
+        return None
 
 
 def _write_all(fd: int, data: bytes) -> None:

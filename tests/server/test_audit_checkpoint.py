@@ -463,3 +463,61 @@ def test_a_line_with_a_key_on_an_unknown_curve_is_a_bad_anchor(
     assert code == 1
     assert f"{Break.BAD_ANCHOR}: " in out
     assert "line 2: public_key is not an ECDSA P-256 key" in out
+
+
+def test_the_checkpoint_file_is_bounded_its_newest_lines_carried_into_the_next(
+    setup: Setup, clock: FakeClock
+) -> None:
+    """A checkpoint a minute while the head moves: unbounded, the file grows by ~500,000 lines a
+    year and every append and last() read it whole. Past its bound it is rotated to `<file>.1`
+    (the older one dropped, as the agent's copy drops its oldest lines), the new file starting
+    with the newest checkpoint and prune record: each file is an anchor file on its own, and
+    the writer continues from the newest lines."""
+    signer = CheckpointSigner.load_or_create(setup.data_dir)
+    line = len(signer.sign(100, "a" * 64, 100, clock.now()).to_line()) + 1
+    bound = 20 * line
+    file = CheckpointFile(setup.checkpoints, max_bytes=bound)
+    file.append(signer.sign(1, "f" * 64, 1, clock.now(), PRUNE, last_ts=clock.now()))
+    for seq in range(2, 200):
+        file.append_unless_behind(signer.sign(seq, f"{seq:064x}", seq, clock.now()))
+    rotated = setup.checkpoints.with_name(CHECKPOINT_FILE + ".1")
+    assert setup.checkpoints.stat().st_size <= bound
+    assert rotated.stat().st_size <= bound
+    assert stat.S_IMODE(setup.checkpoints.stat().st_mode) == 0o644
+    newest, prune = file.last(), file.last(PRUNE)
+    assert newest is not None
+    assert newest.seq == 199
+    assert prune is not None
+    assert prune.seq == 1
+    anchors, _ = file.anchors(signer.key_id)
+    assert anchors[0].pruned
+    assert anchors[0].seq == 1
+    assert [a.seq for a in anchors[1:]] == list(range(anchors[1].seq, 200))
+    older, _ = CheckpointFile(rotated).anchors(signer.key_id)
+    assert older[0].pruned  # carried into every file
+    assert older[-1].seq == anchors[1].seq  # the newest of the full file, carried over
+
+
+def test_the_newest_lines_are_read_from_the_end_of_a_long_file(
+    setup: Setup, clock: FakeClock
+) -> None:
+    """Lines longer than a read from the end, lines across reads, a torn line longer than one:
+    the writer still finds the newest complete line of each kind, and the one a prune chains
+    from deep in the file."""
+    signer = CheckpointSigner.load_or_create(setup.data_dir)
+    file = CheckpointFile(setup.checkpoints)
+    file.append(signer.sign(1, "f" * 64, 1, clock.now(), PRUNE, last_ts=clock.now()))
+    for seq in range(2, 400):  # ~160 KB: several reads from the end
+        file.append(signer.sign(seq, f"{seq:064x}", seq, clock.now()))
+    torn = signer.sign(400, f"{400:064x}", 400, clock.now()).to_line()
+    with setup.checkpoints.open("a") as f:
+        f.write(" " * 200_000 + torn)  # a whole line but for its newline, longer than a read
+    assert Checkpoint.parse(" " * 200_000 + torn).seq == 400  # only its newline is missing
+    newest, prune = file.last(), file.last(PRUNE)
+    assert newest is not None
+    assert newest.seq == 399
+    assert prune is not None
+    assert prune.seq == 1
+    deep = file.newest_signed_through(signer.key_id, 17)
+    assert deep is not None
+    assert (deep.seq, deep.hash) == (17, f"{17:064x}")
