@@ -64,7 +64,7 @@ from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
 from server.tasks.service import TaskSettings
 from server.tasks.wiring import TaskLayer, build_task_layer
-from server.view_freshness import ViewFreshness, stale_after
+from server.view_freshness import CurrentView, ViewFreshness, stale_after
 from svid._ratelimit import KeyedLimiter
 
 if TYPE_CHECKING:
@@ -435,7 +435,12 @@ class Server:
             metrics=self.metrics,
             crl=self.tasks.crl,
             propagator=self.propagator,
-            view=self.follower.view,
+            # Servers sharing a datastore: a snapshot is made of a view caught up as of the
+            # request, not one a feed poll behind the server the agent comes from.
+            view=CurrentView(
+                self.follower.view,
+                self.follower.catch_up if cfg.datastore_dsn is not None else None,
+            ),
             peers=peers,
             authority=authority,
         )

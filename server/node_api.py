@@ -38,7 +38,7 @@ from server.propagation import Propagator
 from server.state import ServerState
 from server.sync_delta import entry_delta, outweighs
 from server.sync_messages import DELTA, Shared, delta_messages, snapshot_messages
-from server.view_freshness import ViewFreshness
+from server.view_freshness import CurrentView, ViewFreshness
 from svid._clock import Clock
 from svid._der import der_concat
 from svid._errors import SvidError
@@ -86,7 +86,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         peers: PeerCache,
         authority: AgentAuthority,
         crl: Callable[[], Sequence[bytes]] = list,
-        view: ViewFreshness | None = None,
+        view: CurrentView | None = None,
     ) -> None:
         self._state = state
         self._issuer = issuer
@@ -103,8 +103,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._authority = authority
         self._propagator = propagator
         self._server_id = str(ids.server)
-        # How old the view Sync serves is (servers sharing a datastore): stale, Sync refuses.
-        self._view = view or ViewFreshness(clock, None)
+        # The view Sync serves (servers sharing a datastore): refused when stale, and caught
+        # up with the datastore before a snapshot is made of it.
+        self._view = view or CurrentView(ViewFreshness(clock, None))
 
     def on_error(self, code: grpc.StatusCode) -> None:
         self._metrics.record_error(code)
@@ -320,13 +321,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         entries = sum(len(index.by_parent.get(parent, ())) for parent in parents)
         return entries + len(self._state.revocations)
 
-    def _first_messages(
-        self, agent: AttestedAgent, request: node_pb2.SyncRequest
-    ) -> Iterable[node_pb2.SyncUpdate]:
-        """What a new stream sends first: a delta after the agent's revision when the log still
-        holds what came after it, a snapshot otherwise."""
-        log = self._state.changes
-        window = log.since(request.since_revision, request.epoch)
+    def _window(self, agent: AttestedAgent, request: node_pb2.SyncRequest) -> list[Change] | None:
+        """The changes a new stream sends first, after the agent's revision, when the log still
+        holds what came after it; None: it sends a snapshot."""
+        window = self._state.changes.since(request.since_revision, request.epoch)
         if (
             not request.since_revision
             or window is None
@@ -340,10 +338,27 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             # under one it no longer matches are in no change of the window.
             or any(agent.spiffe_id in change.selectors_changed for change in window)
         ):
+            return None
+        return window
+
+    def _first_messages(
+        self, agent: AttestedAgent, window: list[Change] | None
+    ) -> Iterable[node_pb2.SyncUpdate]:
+        """A snapshot (`window` None), or the delta of the window."""
+        log = self._state.changes
+        if window is None:
             return self._snapshot(agent, log.head)
         return self._delta(agent, window) or [
             node_pb2.SyncUpdate(kind=DELTA, revision=log.head, epoch=log.epoch)
         ]
+
+    async def _current(self, peer: AgentPeer) -> AttestedAgent:
+        """Before a snapshot: the view caught up with the datastore as of now. A snapshot
+        replaces what the agent holds: one made of a view a feed poll behind would take back
+        a revocation the agent took from the server it leaves (failing over, or a since_revision
+        of another server's log). The agent is authorized again after the wait."""
+        await self._view.current()
+        return self._state.authorize_agent(peer.spiffe_id, peer.serial)
 
     @status.stream
     async def Sync(  # type: ignore[override]
@@ -353,12 +368,15 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         agent = await self._authority.authorize(peer)
         self._view.check()
         log = self._state.changes
-        # Subscribed before reading the log, with no await between: every change after the
-        # revision read here reaches this stream's inbox.
+        window = self._window(agent, request)
+        if window is None:
+            agent = await self._current(peer)
+        # Subscribed and the log read with no await between: every change after the revision
+        # read here reaches this stream's inbox.
         sub = self._propagator.subscribe(agent)
         self._metrics.sync_streams.inc()
         try:
-            messages = self._first_messages(agent, request)
+            messages = self._first_messages(agent, window)
             while True:
                 for message in messages:
                     yield message
@@ -373,7 +391,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     # Attested again with other selectors (its node aliases may all differ),
                     # or too far behind to keep its backlog: start again from a snapshot.
                     self._propagator.unsubscribe(sub)
-                    agent = current
+                    agent = await self._current(peer)
                     sub = self._propagator.subscribe(agent)
                     messages = self._snapshot(agent, log.head)
                     continue

@@ -228,6 +228,9 @@ class FeedFollower:
         self.view = view or ViewFreshness(clock, None)
         # Rows skipped last time (this server was writing them meanwhile): read again.
         self._pending = FeedWork()
+        # The catch-up running (shared by whoever asks meanwhile), and how many have begun.
+        self._flight: asyncio.Task[int] | None = None
+        self._started = 0
         # For tests and metrics: rows read, full reloads done.
         self.rows_read = 0
         self.full_reloads = 0
@@ -262,7 +265,40 @@ class FeedFollower:
                 _log.warning("waiting on the change feed failed: %s", waiting.exception())
 
     async def catch_up(self) -> int:
-        """Apply every row after the cursor (and rows left pending); returns rows read."""
+        """Apply every row committed before this call (and rows left pending); returns the
+        rows read by the catch-up it waited on.
+
+        One catch-up runs at a time, shared by every caller (the loop here, and each Sync
+        stream about to send a snapshot): two at once would read the same rows and undo each
+        other's record of what this server wrote meanwhile (`follow_mark`). One already
+        running may have read the feed before this call: it is waited out, and the next one,
+        begun after this call, is shared by all who came meanwhile. However many callers,
+        a burst costs two reads of the feed at most."""
+        need = self._started + 1
+        while True:
+            flight = self._flight
+            if flight is None or flight.done():
+                flight = self._take_off()
+            if self._started >= need:
+                # Shielded: a caller that stops waiting (its own deadline) leaves the catch-up
+                # to finish for the others and for the view.
+                return await asyncio.shield(flight)
+            await asyncio.wait({flight})  # begun before this call: its outcome is not ours
+
+    def _take_off(self) -> asyncio.Task[int]:
+        self._started += 1
+        flight = asyncio.ensure_future(self._read_to_end())
+        self._flight = flight
+        flight.add_done_callback(self._landed)
+        return flight
+
+    def _landed(self, flight: asyncio.Task[int]) -> None:
+        if self._flight is flight:
+            self._flight = None
+        if not flight.cancelled():
+            flight.exception()  # its callers were told; nothing is left to say at exit
+
+    async def _read_to_end(self) -> int:
         read = 0
         while True:
             cursor = self._cursor

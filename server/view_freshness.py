@@ -8,6 +8,14 @@ catch-up of the feed marks the view fresh as of when that read began; once the l
 older than the bound, Sync refuses new streams and ends the open ones (UNAVAILABLE), so
 agents move to a server that can read the datastore, and serves again at the next catch-up.
 
+Staleness is not the only gap: a view read a moment ago may still lack a revocation committed
+through another server since (the follower reads the feed at each wake-up, at least every
+`feed_poll_interval`). A delta only adds to what an agent holds, but a snapshot replaces it
+whole: an agent failing over from the server that revoked a token would forget the revocation.
+So before Sync sends a snapshot, `CurrentView.current` catches the view up with the datastore
+as of the request (the follower's catch-up, one shared by all who ask at once), and refuses
+the stream (UNAVAILABLE) when that fails or takes longer than the bound.
+
 The bound is a few feed polls: a healthy follower reads the feed at least every
 `feed_poll_interval`, so a view older than several polls means reads are failing. A single
 server on SQLite has no feed to lag and no bound.
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from server.errors import UnavailableError
 from svid._clock import Clock
@@ -93,3 +101,41 @@ class ViewFreshness:
                 else:
                     _log.warning("the change feed is read again: serving Sync")
             await set_within(stop, left if left > 0 else _STALE_RECHECK)
+
+
+class CurrentView:
+    """The view Sync serves: refused when stale (`check`), and brought up to the datastore as of
+    the call before a snapshot is made of it (`current`). `catch_up` None: the view is all
+    there is (one server, no feed), and it is always current."""
+
+    def __init__(
+        self,
+        freshness: ViewFreshness,
+        catch_up: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        self.freshness = freshness
+        self._catch_up = catch_up
+        # A catch-up slower than the staleness bound is as good as none: the agent had better
+        # ask another server than wait longer.
+        self.bound = freshness.limit if freshness.limit is not None else MIN_STALE_AFTER
+
+    def check(self) -> None:
+        self.freshness.check()
+
+    async def current(self) -> None:
+        """Return once every change committed before the call is in the view; UnavailableError
+        when the datastore's feed cannot be read within the bound."""
+        if self._catch_up is None:
+            return
+        try:
+            await asyncio.wait_for(self._catch_up(), self.bound)
+        except TimeoutError as exc:
+            raise UnavailableError(
+                f"this server could not read its datastore's changes within {self.bound:g} s; "
+                "use another server"
+            ) from exc
+        except Exception as exc:
+            raise UnavailableError(
+                "this server could not read its datastore's changes: its datastore is "
+                "unreachable; use another server"
+            ) from exc

@@ -4,16 +4,18 @@ connections to one file (what two server processes on one datastore see)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent_attestor.cache import Cache, SyncState
+from agent_attestor.cache import Cache
 from agent_attestor.node_client import sync_state
 from server.changelog import Change
 from server.datastore.records import (
@@ -41,12 +43,14 @@ from server.replication import (
     pruned_past,
 )
 from server.state import ServerState
-from server.sync_messages import Shared, snapshot_messages
 from server.tasks.model import Task, TaskState
 from server.tasks.service import follow_tasks
 from svid import MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
-from svid._proto import common_pb2
+from svid._proto import node_pb2
+from tests.server import test_sync_attack
+from tests.server.fixtures import TRUST_DOMAIN, Agent, RunningServer
+from tests.server.test_sync_attack import Partitioned, _wait
 
 NOW = 1_700_000_000
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
@@ -611,33 +615,150 @@ def test_a_revocation_another_server_pruned_by_a_clock_ahead_stays_while_this_on
         b.store.close()
 
 
-def test_an_agent_failing_over_to_a_server_a_poll_behind_keeps_the_revocations_it_holds(
-    sides: tuple[Side, Side], clock: FakeClock
+def test_catch_ups_asked_at_once_share_one_begun_after_them(
+    tmp_path: Path, clock: FakeClock
 ) -> None:
-    """a revokes j1 and its agent takes the snapshot saying so; a dies, and the agent's next
-    Sync is on b, whose follower has not read the feed row yet (it polls; one failing reads
-    keeps polling). b's snapshot lacks j1, and the agent, installing it whole, forgets a
-    revocation of a token still valid: its workloads' verifiers take the token again."""
-    a, b = sides
-    bundle = common_pb2.Bundle(trust_domain="example.org")
+    """A catch-up under way read the feed before a's entry committed; the ten asked after
+    that commit (Sync streams about to send a snapshot) wait it out and share the next one,
+    which brings the entry: two reads of the feed in all, not eleven."""
+    a = Side(tmp_path / "db", clock)
+    b = Side(tmp_path / "db", clock)
+    reads: list[int] = []
+    read, go = threading.Event(), threading.Event()
+    real_page = b.follower._page
 
-    def snapshot(side: Side) -> SyncState:
-        (message,) = snapshot_messages(
-            [],
-            side.state.revocations,
-            Shared(bundle=bundle),
-            revision=side.state.changes.head,
-            epoch=side.state.changes.epoch,
-        )
-        return sync_state(message)
+    def held_page(cursor: int) -> tuple[int, list[FeedItem]]:
+        page = real_page(cursor)
+        reads.append(cursor)
+        if len(reads) == 1:
+            read.set()
+            go.wait(10)
+        return page
+
+    b.follower._page = held_page  # type: ignore[method-assign]
 
     async def scenario() -> None:
-        revoked = Revocation("jwt_id", "j1", "spiffe://example.org/web", NOW + 600, "r", NOW)
-        await a.state.add_revocations((revoked,))
+        under_way = asyncio.create_task(b.follower.catch_up())
+        await asyncio.to_thread(read.wait, 10)
+        made = await a.state.create_entry(entry("/web"))
+        asked = [asyncio.create_task(b.follower.catch_up()) for _ in range(10)]
+        await asyncio.sleep(0.05)
+        go.set()
+        await asyncio.gather(under_way, *asked)
+        assert made.id in b.state.entries.by_id
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        a.store.close()
+        b.store.close()
+    assert len(reads) == 2
+
+
+# -- Sync on servers sharing PostgreSQL -----------------------------------------------------------
+
+# Servers A and B on one PostgreSQL database (B reaches it through a relay; not cut here).
+partitioned = test_sync_attack.partitioned
+
+
+@contextlib.contextmanager
+def _a_poll_behind(server: RunningServer) -> Iterator[FeedFollower]:
+    """From its next wait on, the server's follower reads the feed no more on its own: its
+    wake-ups and safety poll never come, as between two polls."""
+    follower = server.server.follower
+    assert follower is not None
+    store = follower._ds
+    waiting, ended = threading.Event(), threading.Event()
+
+    def deaf(after: int, timeout: float) -> bool:
+        waiting.set()
+        ended.wait(timeout)
+        return False
+
+    store.wait_feed = deaf  # type: ignore[method-assign]
+    follower.settings = replace(follower.settings, poll_interval=60)
+    try:
+        assert waiting.wait(10), "the follower never waited on the feed again"
+        yield follower
+    finally:
+        ended.set()
+
+
+def _first(server: RunningServer, agent: Agent, request: node_pb2.SyncRequest) -> Any:
+    stream = server.node_stub(agent).Sync(request, timeout=10)
+    try:
+        return next(stream)
+    finally:
+        stream.cancel()
+
+
+def _revoke_through(server: RunningServer, jti: str) -> None:
+    now = int(server.clock.now())
+    revoked = Revocation("jwt_id", jti, f"spiffe://{TRUST_DOMAIN}/web", now + 600, "r", now)
+    server.call(server.server.state.add_revocations((revoked,)))
+
+
+def _revoked(update: Any) -> set[str]:
+    return {r.value for r in update.revocations}
+
+
+def test_an_agent_failing_over_to_a_server_a_poll_behind_keeps_the_revocations_it_holds(
+    partitioned: Partitioned,
+) -> None:
+    """A revokes j1 and its agent takes the snapshot saying so; A dies, and the agent's next
+    Sync is on B, whose follower has not read the feed row yet (it polls). A snapshot replaces
+    what the agent holds: made of B's view as it was, it would make the agent forget a
+    revocation of a token still valid. B catches up with the datastore before sending it."""
+    a, b = partitioned.a, partitioned.b
+    agent = a.attest()
+    _wait(lambda: agent.spiffe_id in b.server.state.agents, "B to learn the agent")
+    with _a_poll_behind(b):
+        _revoke_through(a, "j1")
         cache = Cache()
-        cache.apply_sync(snapshot(a))
+        on_a = _first(a, agent, node_pb2.SyncRequest())
+        cache.apply_sync(sync_state(on_a))
         assert "j1" in cache.snapshot().revoked_jtis
-        cache.apply_sync(snapshot(b))  # failover: b's follower polls a moment later
+        assert "j1" not in {r.value for r in b.server.state.revocations}  # a poll behind
+        # Failing over, the agent asks B for what came after A's revision: another log's.
+        request = node_pb2.SyncRequest(since_revision=on_a.revision, epoch=on_a.epoch)
+        on_b = _first(b, agent, request)
+        assert on_b.kind == node_pb2.SyncUpdate.SNAPSHOT
+        cache.apply_sync(sync_state(on_b))
         assert "j1" in cache.snapshot().revoked_jtis
 
-    asyncio.run(scenario())
+
+def test_sync_streams_opening_at_once_on_a_server_a_poll_behind_share_its_catch_ups(
+    partitioned: Partitioned,
+) -> None:
+    """Many agents fail over to B at once: each snapshot holds the revocation B's follower
+    had not read, yet the datastore is read by a couple of catch-ups, not one per stream."""
+    a, b = partitioned.a, partitioned.b
+    agents = [a.attest() for _ in range(12)]
+    _wait(lambda: all(x.spiffe_id in b.server.state.agents for x in agents), "B to learn them")
+    with _a_poll_behind(b) as follower:
+        _revoke_through(a, "j1")
+        reads: list[int] = []
+        reading, go = threading.Event(), threading.Event()
+        real_page = follower._page
+
+        def held_page(cursor: int) -> tuple[int, list[FeedItem]]:
+            reads.append(cursor)
+            if len(reads) == 1:  # the first read waits for the other streams to come
+                reading.set()
+                go.wait(10)
+            return real_page(cursor)
+
+        follower._page = held_page  # type: ignore[method-assign]
+        streams = 2 * len(agents)  # within the streams one agent may hold
+        with ThreadPoolExecutor(streams) as pool:
+            opening = [
+                pool.submit(_first, b, agent, node_pb2.SyncRequest())
+                for agent in agents
+                for _ in range(2)
+            ]
+            assert reading.wait(10)
+            time.sleep(0.5)
+            go.set()
+            firsts = [f.result(timeout=20) for f in opening]
+    assert all("j1" in _revoked(first) for first in firsts)
+    assert len(reads) <= 3, f"{streams} streams opening at once read the feed {len(reads)} times"

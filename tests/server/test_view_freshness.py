@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from server.errors import UnavailableError
-from server.view_freshness import MIN_STALE_AFTER, ViewFreshness, stale_after
+from server.view_freshness import MIN_STALE_AFTER, CurrentView, ViewFreshness, stale_after
 from svid._clock import FakeClock
 from svid._proto import node_pb2
 from tests.server import test_sync_attack
@@ -112,3 +112,32 @@ def test_a_server_on_postgresql_that_reads_its_feed_goes_on_serving_sync(
         assert [e.id for e in next(stream).entries] == [entry.id]
     finally:
         stream.cancel()
+
+
+def test_a_snapshot_waits_for_the_catch_up_and_is_refused_when_it_fails_or_lingers() -> None:
+    """Before a snapshot, the view is caught up with the datastore: a catch-up that fails, or
+    outlasts the staleness bound, refuses the stream rather than serve what memory holds."""
+    caught_up: list[str] = []
+
+    async def catch_up() -> None:
+        caught_up.append("read")
+
+    async def fails() -> None:
+        raise OSError("connection reset")
+
+    async def lingers() -> None:
+        await asyncio.sleep(30)
+
+    async def scenario() -> None:
+        view = ViewFreshness(FakeClock(), 0.1)
+        await CurrentView(view, catch_up).current()
+        assert caught_up == ["read"]
+        await CurrentView(ViewFreshness(FakeClock(), None)).current()  # no feed: nothing to do
+        with pytest.raises(UnavailableError, match="could not read its datastore's changes"):
+            await CurrentView(view, fails).current()
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match=r"within 0.1 s; use another server"):
+            await CurrentView(view, lingers).current()
+        assert time.monotonic() - started < 2
+
+    asyncio.run(scenario())
