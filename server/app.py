@@ -55,7 +55,13 @@ from server.issuance import AgentAdmission, Issuer, IssuerSettings, MeteredLedge
 from server.issuance.datastore_ledger import DatastoreLedger
 from server.ledger import Ledger
 from server.metrics import Metrics, MetricsHttpServer
-from server.node_api import Limiters, NodeServicer, NodeSettings
+from server.node_api import (
+    SYNC_OPENS_BURST,
+    SYNC_OPENS_PER_SECOND,
+    Limiters,
+    NodeServicer,
+    NodeSettings,
+)
 from server.peer import PeerCache
 from server.propagation import Propagator
 from server.refusal_budget import RefusalBudget
@@ -389,6 +395,7 @@ class Server:
             x509=KeyedLimiter(cfg.x509_rate_per_agent, cfg.x509_burst_per_agent, self.clock),
             jwt=KeyedLimiter(cfg.jwt_rate_per_agent, cfg.jwt_burst_per_agent, self.clock),
             attest=KeyedLimiter(cfg.attest_rate_per_host, cfg.attest_burst_per_host, self.clock),
+            sync=KeyedLimiter(SYNC_OPENS_PER_SECOND, SYNC_OPENS_BURST, self.clock),
         )
         # The spine: the node API calls the issuer; the issuer asks the task layer (its
         # TaskDecisions port) and records through the ledger port before anything is sent.

@@ -55,11 +55,20 @@ class NodeSettings:
     attest_timeout: float = 30.0
 
 
+# Sync streams one agent may open: each costs a snapshot or a catch-up, and the per-agent cap
+# on open streams (the Propagator's) does not bound an agent that opens and cancels in a loop.
+# An agent opens one per connection, renewal or failover; a few dozen in a burst is already far
+# past that.
+SYNC_OPENS_PER_SECOND = 2.0
+SYNC_OPENS_BURST = 20
+
+
 @dataclass(frozen=True)
 class Limiters:
     x509: KeyedLimiter
     jwt: KeyedLimiter
     attest: KeyedLimiter
+    sync: KeyedLimiter
 
 
 Chain = tuple[x509.Certificate, ...]
@@ -366,6 +375,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
     ) -> AsyncIterator[node_pb2.SyncUpdate]:
         peer = self._peers.agent_peer(context)
         agent = await self._authority.authorize(peer)
+        if not self._limits.sync.try_take(peer.spiffe_id):
+            raise RateLimitedError(
+                f"Sync stream rate limit exceeded for {peer.spiffe_id}: at most "
+                f"{SYNC_OPENS_BURST} at once, then {SYNC_OPENS_PER_SECOND:g} a second"
+            )
         self._view.check()
         log = self._state.changes
         window = self._window(agent, request)

@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from server.ca.sealing import KeyEncryptionKey
 from server.datastore.records import FeedItem, Revocation
+from server.node_api import SYNC_OPENS_BURST
 from server.propagation import MAX_STREAMS_PER_AGENT
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from svid._x509pop import sign_challenge
@@ -94,6 +95,28 @@ def test_one_agent_cannot_hold_hundreds_of_sync_streams(srv: RunningServer) -> N
         for stream in streams:
             stream.cancel()
         time.sleep(0.1)
+
+
+def test_an_agent_opening_and_cancelling_sync_in_a_loop_is_held_to_a_rate(
+    srv: RunningServer,
+) -> None:
+    """Under the cap on open streams an agent may still open and cancel Sync in a loop, each
+    open a snapshot built on the event loop: past a burst it is refused until time passes."""
+    agent = srv.attest()
+    stub = srv.node_stub(agent)
+    for _ in range(SYNC_OPENS_BURST):
+        stream = stub.Sync(node_pb2.SyncRequest(), timeout=30)
+        assert _refused(stream) == 0
+        stream.cancel()
+    refused = stub.Sync(node_pb2.SyncRequest(), timeout=30)
+    with pytest.raises(grpc.RpcError) as caught:
+        next(refused)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert "Sync stream rate limit" in caught.value.details()  # type: ignore[attr-defined]
+    srv.clock.advance(1)  # two more a second
+    stream = stub.Sync(node_pb2.SyncRequest(), timeout=30)
+    assert _refused(stream) == 0
+    stream.cancel()
 
 
 def _renewed(srv: RunningServer, agent: Agent) -> Agent:
