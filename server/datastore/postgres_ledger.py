@@ -230,6 +230,9 @@ class PostgresLedger:
                         copy.write_row(row)
                 last = rows[-1]
                 cur.execute(pg(lq.UPSERT_AUDIT_HEAD), {"seq": last[0], "hash": last[-1]})
+            # The feed's counter is the last lock a transaction takes (_append_feed): after the
+            # audit lock, as every other writer of both takes them.
+            self._append_feed(cur, FEED_FOREIGN_BUNDLE, [b.bundle.trust_domain for b in bundles])
 
         what = (
             f"commit {len(credentials)} credential record(s) and {len(audit_rows)} audit event(s)"
@@ -242,13 +245,14 @@ class PostgresLedger:
         A concurrent write of the same trust domain waits on its row, then compares with what
         that one stored."""
         refused = []
-        for b in bundles:
+        # In trust domain order, as the jti claims are in theirs: writes of several servers
+        # lock bundle rows in one order.
+        for b in sorted(bundles, key=lambda b: b.bundle.trust_domain):
             sql, params = q.foreign_bundle_write(b.bundle, b.over_newer)
             if int(cur.execute(pg(sql), params).rowcount) != 1:
                 refused.append(b.bundle.trust_domain)
         if refused:
             raise BundleRefusedError(refused)
-        self._append_feed(cur, FEED_FOREIGN_BUNDLE, [b.bundle.trust_domain for b in bundles])
 
     def _credentials(self, sql: str, params: Mapping[str, Any]) -> list[Credential]:
         return [Credential(*r) for r in self._tuples("read credentials", sql, params)]
