@@ -731,3 +731,23 @@ def test_a_node_banned_under_its_former_agent_id_stays_banned(srv: RunningServer
         _attest(srv, [cert], lambda nonce: sign_challenge(key, nonce))
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
     assert "is banned" in refused.value.details()  # type: ignore[attr-defined]
+
+
+def test_a_node_banned_under_its_former_agent_id_stays_banned_when_re_encoded(
+    srv: RunningServer, pki: Any
+) -> None:
+    """A node banned before the upgrade, under its former ID (the SHA-1 of the whole
+    certificate), presents its certificate with the CA's signature re-encoded (s as n - s):
+    the former ID checked for a ban is then the SHA-1 of those other bytes, no ban is found,
+    and the node attests as a new, unbanned agent. The ban must follow the certificate."""
+    cert, key = _node(*pki, "node-banned-before-twin")
+    former = (
+        f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/"
+        + hashlib.sha1(cert.public_bytes(DER), usedforsecurity=False).hexdigest()
+    )
+    srv.call(srv.server.state.save_agent(AttestedAgent(former, "x509pop", "1", 2**40), None))
+    srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=former), timeout=10)
+    twin = _twin(cert)
+    with pytest.raises(grpc.RpcError) as refused:
+        _attest(srv, [twin], lambda nonce: sign_challenge(key, nonce))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
