@@ -15,6 +15,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import (
@@ -25,15 +31,36 @@ from cryptography.x509.verification import (
 )
 
 from server.attestation.base import AttestationResult, Challenge
+from server.ca.leaf_der import tlv
 from server.datastore.records import Selector
 from server.errors import InvalidRequestError, PermissionDeniedError
 from server.ids import ServerIds
+from svid._cert_der import read_tlv
 from svid._clock import Clock
 from svid._errors import SvidError
 from svid._x509 import extensions_of, parse_der_certs
 from svid._x509pop import NONCE_BYTES, check_answer
 
 TYPE_NAME = "x509pop"
+
+_SEQUENCE = 0x30
+_BIT_STRING = 0x03
+_NULL = b"\x05\x00"
+# The orders n of the curves a CA's ECDSA signature can be on (the verifier takes no others):
+# (r, s) and (r, n - s) both verify.
+_CURVE_ORDERS = {
+    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "secp384r1": int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
+        "581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+    "secp521r1": int(
+        "01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFA51868783BF2F966B"
+        "7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+        16,
+    ),
+}
 
 
 def _public_key_der(cert: x509.Certificate) -> bytes:
@@ -56,6 +83,51 @@ def _fingerprint(cert: x509.Certificate) -> str:
     """SPIRE's: the SHA-1 of the whole DER, which the CA's signature's encoding changes (an
     ECDSA s as n - s verifies all the same). Fine for a selector, never an identity."""
     return hashlib.sha1(cert.public_bytes(Encoding.DER), usedforsecurity=False).hexdigest()
+
+
+def _algorithm_encodings(algorithm: bytes) -> set[bytes]:
+    """The outer AlgorithmIdentifier as sent and, when its parameters are NULL or absent (RSA
+    PKCS#1 v1.5, ECDSA), with the other of the two: parsers take both (Go's ignores them)."""
+    _, start, end = read_tlv(algorithm, 0, len(algorithm))
+    _, _, oid_end = read_tlv(algorithm, start, end)
+    if algorithm[oid_end:end] not in (b"", _NULL):
+        return {algorithm}
+    oid = algorithm[start:oid_end]
+    return {algorithm, tlv(_SEQUENCE, oid), tlv(_SEQUENCE, oid + _NULL)}
+
+
+def _signature_encodings(signature: bytes, issuer_key: CertificatePublicKeyTypes) -> set[bytes]:
+    """The CA's signature as sent and, for ECDSA, as (r, n - s): minimal DER both (verifiers
+    refuse any other encoding of the pair)."""
+    if not isinstance(issuer_key, ec.EllipticCurvePublicKey):
+        return {signature}
+    order = _CURVE_ORDERS.get(issuer_key.curve.name)
+    try:
+        r, s = decode_dss_signature(signature)
+    except ValueError:
+        return {signature}
+    if order is None or not 0 < s < order:
+        return {signature}
+    return {signature, encode_dss_signature(r, s), encode_dss_signature(r, order - s)}
+
+
+def _former_fingerprints(leaf: x509.Certificate, issuer: x509.Certificate) -> set[str]:
+    """Every SHA-1 fingerprint (the former agent ID) that ``leaf``, signed by ``issuer``, had
+    or could have had: the TBS is fixed, but a node can re-encode the signature and the outer
+    algorithm's parameters and still verify, so a ban under any of them must hold."""
+    der = leaf.public_bytes(Encoding.DER)
+    # Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue BIT STRING }
+    _, start, end = read_tlv(der, 0, len(der))
+    _, _, tbs_end = read_tlv(der, start, end)
+    _, _, algorithm_end = read_tlv(der, tbs_end, end)
+    tbs = der[start:tbs_end]
+    signatures = _signature_encodings(leaf.signature, issuer.public_key())
+    fingerprints = {_fingerprint(leaf)}
+    for algorithm in _algorithm_encodings(der[tbs_end:algorithm_end]):
+        for signature in signatures:
+            whole = tlv(_SEQUENCE, tbs + algorithm + tlv(_BIT_STRING, b"\x00" + signature))
+            fingerprints.add(hashlib.sha1(whole, usedforsecurity=False).hexdigest())
+    return fingerprints
 
 
 def node_id(cert: x509.Certificate) -> str:
@@ -141,6 +213,8 @@ class X509PopAttestor:
         selectors = [Selector(TYPE_NAME, f"serialnumber:{leaf.serial_number:x}")]
         for attr in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
             selectors.append(Selector(TYPE_NAME, f"subject:cn:{attr.value!s}"))
+        # The CA that signed the leaf (the leaf itself if it is an anchor of the bundle).
+        issuer = verified[1] if len(verified) > 1 else leaf
         for ca in verified[1:]:
             selectors.append(Selector(TYPE_NAME, f"ca:fingerprint:{_fingerprint(ca)}"))
         return AttestationResult(
@@ -148,6 +222,10 @@ class X509PopAttestor:
             attestation_type=TYPE_NAME,
             selectors=tuple(selectors),
             can_reattest=True,
-            # Named by the whole certificate's SHA-1 before: a ban of that agent still holds.
-            former_agent_ids=(self._ids.agent(TYPE_NAME, _fingerprint(leaf)),),
+            # Named by the whole certificate's SHA-1 before: a ban of that agent still holds,
+            # whichever encoding of the certificate it was made under.
+            former_agent_ids=tuple(
+                self._ids.agent(TYPE_NAME, fingerprint)
+                for fingerprint in sorted(_former_fingerprints(leaf, issuer))
+            ),
         )

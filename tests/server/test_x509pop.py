@@ -54,8 +54,8 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _ca(cn: str) -> tuple[x509.Certificate, Any]:
-    key = ec.generate_private_key(ec.SECP256R1())
+def _ca(cn: str, key: Any = None) -> tuple[x509.Certificate, Any]:
+    key = key or ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     cert = (
         x509.CertificateBuilder()
@@ -751,3 +751,39 @@ def test_a_node_banned_under_its_former_agent_id_stays_banned_when_re_encoded(
     with pytest.raises(grpc.RpcError) as refused:
         _attest(srv, [twin], lambda nonce: sign_challenge(key, nonce))
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+
+
+def _without_null_parameters(cert: x509.Certificate) -> bytes:
+    """The RSA-signed certificate's DER with its outer signatureAlgorithm's NULL parameters left
+    out: the same signed certificate, which Go (SPIRE) parses all the same, other bytes."""
+    outer = cert.public_bytes(DER)
+    with_null = bytes.fromhex("300d06092a864886f70d01010b0500")  # sha256WithRSAEncryption
+    signature = _der_tlv(0x03, b"\x00" + cert.signature)
+    assert outer.endswith(with_null + signature)
+    tbs = outer[outer.index(cert.tbs_certificate_bytes) : -len(with_null + signature)]
+    return _der_tlv(0x30, tbs + _der_tlv(0x30, with_null[2:-2]) + signature)
+
+
+def test_a_node_banned_under_its_former_agent_id_stays_banned_whatever_its_rsa_parameters(
+    tmp_path: Path,
+) -> None:
+    """A node certificate signed by an RSA CA was banned before the upgrade under the SHA-1 of
+    the encoding it presented then, its signatureAlgorithm's NULL parameters left out. With
+    them (as the CA wrote them) it is the same certificate: the ban holds."""
+    ca, ca_key = _ca("rsa-node-ca", rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    cert, key = _node(ca, ca_key, "rsa-signed-node-banned-before")
+    former = (
+        f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/"
+        + hashlib.sha1(_without_null_parameters(cert), usedforsecurity=False).hexdigest()
+    )
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(PEM))
+    with managed_server(x509pop_ca_bundle=str(ca_file)) as server:
+        server.call(
+            server.server.state.save_agent(AttestedAgent(former, "x509pop", "1", 2**40), None)
+        )
+        server.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=former), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            _attest(server, [cert], lambda nonce: sign_challenge(key, nonce))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "is banned" in refused.value.details()  # type: ignore[attr-defined]
