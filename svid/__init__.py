@@ -73,7 +73,13 @@ from svid._jose import (
     verify_jws_signature,
 )
 from svid._jwt import JwtSvid
-from svid._revocation import MAX_VERIFIER_LEEWAY, RevocationSet, Revoked, normalize_serial
+from svid._revocation import (
+    MAX_CLOCK_SKEW,
+    MAX_VERIFIER_LEEWAY,
+    RevocationSet,
+    Revoked,
+    normalize_serial,
+)
 from svid._source import BundleSource, MemoryBundleSource, load_bundle_file
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._task_claims import TaskClaims, TaskClaimsError, task_claims, tool_scope
@@ -95,6 +101,7 @@ from svid.workloadapi import (
 
 __all__ = [
     "ALLOWED_ALGS",
+    "MAX_CLOCK_SKEW",
     "MAX_VERIFIER_LEEWAY",
     "AccessTokenVerifier",
     "AsyncWorkloadApiClient",

@@ -34,6 +34,13 @@ KIND_JWT_ID = "jwt_id"
 # expired token live on for minutes, which the minute-scale TTLs are meant to prevent.
 MAX_VERIFIER_LEEWAY = 300.0
 
+# How far apart the clocks of two servers sharing a datastore, or of a server and a verifier, may
+# be (NTP keeps hosts well within a second; this covers a host whose sync lapsed for a while).
+# What a server prunes by its own clock another server, or a verifier, may still need by theirs:
+# every prune of a record that stays needed until some time ("expired" by a clock) waits this
+# much longer, so a server whose clock runs ahead never drops it early.
+MAX_CLOCK_SKEW = 60.0
+
 
 def revocation_needed(expires_at: float, now: float) -> bool:
     """Whether some verifier may still accept a credential expiring at ``expires_at``.

@@ -496,12 +496,13 @@ class AssertionReplayStore(Protocol):
     def claim_jtis(self, claims: Sequence[JtiClaim], now: int) -> list[bool]:
         """Record each (issuer, jti) until its expires_at, each by ONE atomic insert-if-absent,
         all in one transaction (one commit for a batch of concurrent requests); per claim True
-        when it was not held (or held only past its expiry), False for a replay (also for a
-        repeat within the batch). Durable when this returns."""
+        when it was not held (or held only more than MAX_CLOCK_SKEW past its expiry), False for
+        a replay (also for a repeat within the batch). Durable when this returns."""
         ...
 
     def prune_jtis(self, now: int) -> int:
-        """Forget jtis whose expiry is past; returns how many went."""
+        """Forget jtis more than MAX_CLOCK_SKEW past their expiry (a server whose clock runs
+        behind may still accept the assertion); returns how many went."""
         ...
 
 

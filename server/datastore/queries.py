@@ -12,6 +12,7 @@ from typing import Any
 
 from server.datastore.errors import DataStoreError
 from server.datastore.records import ForeignBundle
+from svid import MAX_CLOCK_SKEW
 
 MIGRATION_VERSIONS = "SELECT version FROM schema_migrations"
 RECORD_MIGRATION = (
@@ -173,11 +174,16 @@ PRUNE_FEED = "DELETE FROM feed WHERE at < :before"
 # One statement, so two servers on one database cannot both accept a jti: the row is inserted,
 # or an expired holder is overwritten; a live holder leaves the row unchanged (rowcount 0).
 # ON CONFLICT ... DO UPDATE ... WHERE is the same in SQLite (>= 3.24) and PostgreSQL.
-CLAIM_JTI = """
+# A claim is held until MAX_CLOCK_SKEW past its expiry by the clock of the server that reads it:
+# another server, whose clock runs behind, may still accept the assertion (and must find the
+# claim) after this one's clock passed the expiry. Neither a prune nor a re-claim lets it go
+# earlier.
+_JTI_GONE = f"expires_at <= :now - {int(MAX_CLOCK_SKEW)}"
+CLAIM_JTI = f"""
 INSERT INTO oauth_jtis (issuer, jti, expires_at) VALUES (:issuer, :jti, :expires_at)
 ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at
-WHERE oauth_jtis.expires_at <= :now"""
-PRUNE_JTIS = "DELETE FROM oauth_jtis WHERE expires_at <= :now"
+WHERE oauth_jtis.{_JTI_GONE}"""
+PRUNE_JTIS = f"DELETE FROM oauth_jtis WHERE {_JTI_GONE}"
 
 _RELATIONSHIP_COLUMNS = (
     "trust_domain, endpoint_url, profile, endpoint_spiffe_id, ca_file, created_at, updated_at"
