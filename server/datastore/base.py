@@ -248,7 +248,8 @@ class RegistrationStore(Protocol):
 
     def prune_revocations(self, now: int) -> int:
         """Delete revocations no verifier can need any more, expires_at + MAX_VERIFIER_LEEWAY
-        < now (a verifier accepts through exp + its leeway); returns how many went."""
+        + MAX_CLOCK_SKEW < now (a verifier accepts through exp + its leeway, by a clock that may
+        run behind this server's; see revocation_needed_from); returns how many went."""
         ...
 
     # -- change tracking ------------------------------------------------------------------------

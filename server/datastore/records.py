@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from svid import MAX_VERIFIER_LEEWAY
+from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY
 
 X509_KIND = "x509"
 JWT_KIND = "jwt"
@@ -235,9 +235,11 @@ def revocation_needed_from(now: float) -> float:
     """The earliest credential expiry some verifier may still accept at `now`.
 
     A verifier takes a token through exp + its leeway (at most MAX_VERIFIER_LEEWAY), so a
-    revocation, and the record of a credential that may need one, lives until then.
+    revocation, and the record of a credential that may need one, lives until then, by the
+    verifier's clock and by that of any server that may still end the credential's task: this
+    server's may run up to MAX_CLOCK_SKEW ahead of theirs.
     """
-    return now - MAX_VERIFIER_LEEWAY
+    return now - MAX_VERIFIER_LEEWAY - MAX_CLOCK_SKEW
 
 
 # -- the change feed: what another server must reload ----------------------------------------------

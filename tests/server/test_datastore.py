@@ -34,7 +34,7 @@ from server.datastore.migrations import MIGRATIONS
 from server.datastore.records import EventFilter, TokenUse
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
-from svid import MAX_VERIFIER_LEEWAY
+from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
 from tests.server.test_datastore_contract import (
     BACKENDS,
@@ -336,9 +336,9 @@ def test_revocations_add_list_prune(datastore: DataStore) -> None:
     datastore.add_revocations([a, b])
     datastore.add_revocations([Revocation("x509_serial", "123", "x", 999, "again", 60)])
     assert datastore.list_revocations() == [b, a]
-    # Kept through exp + the widest leeway a verifier may apply, gone the second after.
-    assert datastore.prune_revocations(100 + int(MAX_VERIFIER_LEEWAY)) == 0
-    assert datastore.prune_revocations(101 + int(MAX_VERIFIER_LEEWAY)) == 1
+    # Kept through exp + the widest leeway and clock skew, gone the second after.
+    assert datastore.prune_revocations(100 + int(MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW)) == 0
+    assert datastore.prune_revocations(101 + int(MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW)) == 1
     assert datastore.list_revocations() == [b]
     with pytest.raises(ValueError, match="kind"):
         datastore.add_revocations([Revocation("crl", "1", "x", 1, "", 1)])
@@ -367,7 +367,7 @@ def test_revision_moves_on_every_write_agents_care_about(datastore: DataStore) -
     assert moved()
     datastore.add_revocations([Revocation("jwt_id", "j", "s", 10, "", 1)])
     assert moved()
-    datastore.prune_revocations(11 + int(MAX_VERIFIER_LEEWAY))
+    datastore.prune_revocations(11 + int(MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW))
     assert moved()
     datastore.next_bundle_sequence()
     assert moved()
@@ -376,7 +376,7 @@ def test_revision_moves_on_every_write_agents_care_about(datastore: DataStore) -
     datastore.delete_entry(created.id)
     assert moved()
     datastore.create_join_token(JoinToken("t", b"h", 5))
-    datastore.prune_revocations(11 + int(MAX_VERIFIER_LEEWAY))  # nothing to prune
+    datastore.prune_revocations(11 + int(MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW))  # nothing to prune
     assert not moved()
 
 

@@ -435,7 +435,7 @@ def test_key_slots_bundle_and_revocations(store: DataStore) -> None:
     store.add_revocations([Revocation("jwt_id", "j", RUNTIME, NOW, "r", NOW)])
     assert [r.value for r in store.list_revocations()] == ["j"]
     assert store.revision() == before + 2
-    assert store.prune_revocations(NOW + int(MAX_VERIFIER_LEEWAY) + 1) == 1
+    assert store.prune_revocations(NOW + int(MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW) + 1) == 1
 
 
 def test_key_slots_are_deleted_together(store: DataStore) -> None:
@@ -838,8 +838,8 @@ def test_credentials_are_read_back_while_a_verifier_may_accept_them(store: DataS
     assert store.count_credentials("t1") == 3
     assert store.agent_credentials(AGENT, NOW) == sorted(creds)
     assert [c.value for c in store.task_credentials("t1", NOW)] == ["j1", "j3", "j5"]
-    # Through exp + the widest leeway, then gone.
-    late = NOW + 3 + int(MAX_VERIFIER_LEEWAY)
+    # Through exp + the widest leeway and clock skew, then gone.
+    late = NOW + 3 + int(MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW)
     assert [c.value for c in store.task_credentials("t1", late)] == ["j3", "j5"]
     assert store.prune_credentials(late) == 3
     assert len(store.agent_credentials(AGENT, NOW)) == 3

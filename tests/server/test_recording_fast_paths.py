@@ -39,7 +39,7 @@ from server.issuance.records import (
 )
 from server.tasks.model import Credential
 from server.tasks.store import TaskStore
-from svid import MAX_VERIFIER_LEEWAY
+from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
 from tests.server.fixtures import sqlite_with_agents
 
@@ -283,9 +283,11 @@ def test_credentials_are_recorded_and_read_back(tmp_path: Path) -> None:
     store.record(creds)
     assert store.count_credentials("task-1") == sum(1 for c in creds if c.task_id == "task-1")
     assert store.agent_credentials(AGENT, now=1000) == sorted(creds, key=lambda c: c.value)
-    # A verifier with the widest leeway may accept them until exp + MAX_VERIFIER_LEEWAY.
-    assert len(store.agent_credentials(AGENT, now=2000 + int(MAX_VERIFIER_LEEWAY))) == 400
-    assert store.agent_credentials(AGENT, now=2001 + int(MAX_VERIFIER_LEEWAY)) == []
+    # A verifier with the widest leeway may accept them until exp + MAX_VERIFIER_LEEWAY, by a
+    # clock up to MAX_CLOCK_SKEW behind this one.
+    kept = int(MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW)
+    assert len(store.agent_credentials(AGENT, now=2000 + kept)) == 400
+    assert store.agent_credentials(AGENT, now=2001 + kept) == []
 
 
 # -- audit bodies a signing worker drafts (server.issuance.records) -------------------------------

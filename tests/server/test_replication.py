@@ -45,7 +45,7 @@ from server.replication import (
 from server.state import ServerState
 from server.tasks.model import Task, TaskState
 from server.tasks.service import follow_tasks
-from svid import MAX_VERIFIER_LEEWAY
+from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
 from svid._proto import node_pb2
 from tests.server import test_sync_attack
@@ -472,7 +472,7 @@ def test_revocations_pruned_by_another_server_leave_this_ones_memory(
         await a.state.add_revocations((revoked,))
         await b.follower.catch_up()
         assert b.state.revocations == (revoked,)
-        clock.advance(61 + MAX_VERIFIER_LEEWAY)
+        clock.advance(61 + MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW)
         await a.state.prune()
         assert a.state.revocations == ()
         b.listen()

@@ -17,6 +17,7 @@ from server.datastore import DataStore, Revocation
 from server.events import ChangeNotifier
 from server.state import ServerState
 from svid import (
+    MAX_CLOCK_SKEW,
     MAX_VERIFIER_LEEWAY,
     ExpiredError,
     FakeClock,
@@ -90,11 +91,12 @@ def test_revocation_goes_once_no_verifier_can_accept_the_token(
     token = _token(exp)
     asyncio.run(state.add_revocations((Revocation("jwt_id", "leaked-1", SUB, exp, "leak", 0),)))
 
-    clock.set(exp + MAX_VERIFIER_LEEWAY)  # the widest verifier still accepts at this second
+    # The widest verifier still accepts at this second, by a clock MAX_CLOCK_SKEW behind.
+    clock.set(exp + MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW)
     asyncio.run(state.prune())
     assert len(state.revocations) == 1
 
-    clock.set(exp + MAX_VERIFIER_LEEWAY + 1)
+    clock.set(exp + MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW + 1)
     asyncio.run(state.prune())
     assert state.revocations == ()
     assert datastore.list_revocations() == []
@@ -111,7 +113,8 @@ def test_a_prune_keeps_the_revocations_another_server_adds_while_it_runs(
     prune drops what expired, and only that: a list read before the revocation committed must
     not withdraw it from memory (the feed's cursor is past its row: nothing brings it back)."""
     now = int(clock.now())
-    expired = Revocation("jwt_id", "old", SUB, now - MAX_VERIFIER_LEEWAY - 1, "t", 0)
+    gone = now - int(MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW) - 1
+    expired = Revocation("jwt_id", "old", SUB, gone, "t", 0)
     asyncio.run(state.add_revocations((expired,)))
     arrived: list[Revocation] = []
 

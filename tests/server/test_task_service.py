@@ -56,7 +56,7 @@ from server.tasks.model import TaskState
 from server.tasks.removals import AgentRemovals
 from server.tasks.service import BeginRequest, TaskService
 from server.tasks.store import TaskStore
-from svid import MAX_VERIFIER_LEEWAY, RevokedError, X509Bundle, X509Verifier
+from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY, RevokedError, X509Bundle, X509Verifier
 from svid._bundle import BundleSet
 from svid._clock import FakeClock, to_datetime
 from svid._crl import revoked_from_crls
@@ -529,10 +529,10 @@ def test_credential_records_go_once_no_verifier_can_accept_them(world: World) ->
     task = world.begin()
     entry = world.state.entries.by_id[task.entry_id]
     issued = world.mint_jwt(entry, ["docs"])
-    world.clock.set(issued.expires_at + MAX_VERIFIER_LEEWAY)
+    world.clock.set(issued.expires_at + MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW)
     world.run(world.service.housekeeping())
     assert world.store.count_credentials(task.task_id) == 1
-    world.clock.set(issued.expires_at + MAX_VERIFIER_LEEWAY + 1)
+    world.clock.set(issued.expires_at + MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW + 1)
     world.run(world.service.housekeeping())
     assert world.store.count_credentials(task.task_id) == 0
 
