@@ -6,8 +6,8 @@ Each job app.py schedules, decided on its own:
 | job                                        | runs on                 | why |
 |--------------------------------------------|-------------------------|-----|
 | task expiry and end                        | every server            | (1) |
-| prune task credentials, violations         | every server            | (2) |
-| prune join tokens, revocations             | every server            | (2) |
+| prune task credentials, violations, tasks  | every server            | (2) |
+| prune join tokens, revocations, old agents | every server            | (2) |
 | prune change-feed rows, OAuth jtis         | every server            | (2) |
 | entry expiry sweep, change-feed follower   | every server            | (3) |
 | view freshness watch (Sync refused stale)  | every server            | (3) |
@@ -23,7 +23,10 @@ Each job app.py schedules, decided on its own:
    it out of `active` revokes and records the one task-end event. No lease: expiry does not
    wait for any one server to be alive.
 2. Idempotent deletes by time: a second server deletes nothing (and each server drops pruned
-   revocations from its own memory).
+   revocations from its own memory; pruned agents, through the change feed). Each bound waits
+   MAX_CLOCK_SKEW past what another server or a verifier, by its own clock, may still need;
+   agents whose SVIDs expired and tasks over stay EXPIRED_RECORD_RETENTION (30 days) longer,
+   banned agents and those whose removal is stored for good.
 3. This server's own: its memory, its agents, its SVID.
 4. One journal of shared keys (server/ca/manager.py).
 5. One chain, one checkpointer: one key signs checkpoints in order, and retention signs a

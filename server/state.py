@@ -35,6 +35,7 @@ from server.datastore.records import (
     Removal,
     Revocation,
     TokenUse,
+    expired_record_kept_from,
     revocation_needed_from,
 )
 from server.entitlement import EntryIndex
@@ -486,7 +487,7 @@ class ServerState:
         return bool(added)
 
     async def prune(self) -> None:
-        """Drop expired join tokens and revocations (housekeeping)."""
+        """Drop expired join tokens and revocations, and agents expired long ago (housekeeping)."""
         now = int(self._clock.now())
         await asyncio.to_thread(self._datastore.prune_join_tokens, now)
         removed = await asyncio.to_thread(self._datastore.prune_revocations, now)
@@ -494,8 +495,26 @@ class ServerState:
         # removed it or another server sharing the datastore did first: a revocation added
         # meanwhile (here or through the change feed) stays.
         dropped = self._drop_revocations_before(revocation_needed_from(now))
-        if removed or dropped:
+        agents = await self._prune_agents(now)
+        if removed or dropped or agents:
             await self._after_write()
+
+    async def _prune_agents(self, now: int) -> bool:
+        """Delete the rows of agents whose SVIDs expired EXPIRED_RECORD_RETENTION ago (a
+        join-token agent's ID is new per token: such a row serves nothing again), and drop them
+        from memory; other servers drop them through the change feed. True when any went."""
+        async with self._agent_writes:
+            before = expired_record_kept_from(now)
+            gone = await asyncio.to_thread(self._datastore.prune_agents, before)
+            if not gone:
+                return False
+            self._touch(FEED_AGENT, gone)
+            pruned = set(gone)
+            self._agents = MappingProxyType(
+                {k: a for k, a in self._agents.items() if k not in pruned}
+            )
+            self._record(agents=tuple(gone))
+            return True
 
     def _drop_revocations_before(self, needed_from: float) -> bool:
         """Drop the revocations expiring before `needed_from`; True when any went."""

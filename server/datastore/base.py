@@ -165,6 +165,12 @@ class RegistrationStore(Protocol):
         """NotFoundError for an unknown agent. `removal` as for delete_agent."""
         ...
 
+    def prune_agents(self, before: int) -> list[str]:
+        """Delete the agents whose SVIDs (current and previous) expired before `before`,
+        except banned ones and those with a removal stored, in one transaction naming each
+        in the change feed; returns their SPIFFE IDs, sorted."""
+        ...
+
     # -- agent removals under way (records.Removal) ----------------------------------------------
 
     def removal_of(self, agent_id: str) -> Removal | None:
@@ -304,6 +310,10 @@ class TaskRecordStore(Protocol):
 
     def prune_violations(self, before: int) -> int:
         """Delete violations with at <= before; returns how many went."""
+        ...
+
+    def prune_tasks(self, state: str, before: int) -> int:
+        """Delete the tasks in `state` whose expires_at < before; returns how many went."""
         ...
 
 

@@ -175,6 +175,7 @@ WORKLOAD_JWT = (
 )
 COUNT_CREDENTIALS = "SELECT COUNT(*) AS n FROM credentials WHERE task_id = :task_id"
 PRUNE_CREDENTIALS = "DELETE FROM credentials WHERE expires_at < :needed_from"
+PRUNE_TASKS = "DELETE FROM tasks WHERE state = :state AND expires_at < :before"
 
 INSERT_VIOLATION = "INSERT INTO violations (agent_id, at) VALUES (:agent_id, :at)"
 COUNT_VIOLATIONS = "SELECT COUNT(*) AS n FROM violations WHERE agent_id = :agent_id AND at > :since"

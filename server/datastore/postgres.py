@@ -594,6 +594,17 @@ class PostgresDataStore(
 
         self._write("ban the agent", work)
 
+    def prune_agents(self, before: int) -> list[str]:
+        def work(cur: Cursor) -> list[str]:
+            rows = cur.execute(pg(q.PRUNE_AGENTS), {"before": before}).fetchall()
+            gone = sorted(str(r[0]) for r in rows)
+            if gone:
+                self._bump(cur, _REVISION)
+                self._append_feed(cur, FEED_AGENT, gone)
+            return gone
+
+        return self._write("prune agents", work, bulk=True)
+
     def removal_of(self, agent_id: str) -> Removal | None:
         rows = self._rows("read the removal", q.SELECT_REMOVAL, {"agent_id": agent_id})
         return _removal_from(rows[0]) if rows else None

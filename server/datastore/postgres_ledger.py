@@ -179,6 +179,10 @@ class PostgresLedger:
     def prune_violations(self, before: int) -> int:
         return self._change("prune violations", lq.PRUNE_VIOLATIONS, {"before": before}, bulk=True)
 
+    def prune_tasks(self, state: str, before: int) -> int:
+        params = {"state": state, "before": before}
+        return self._change("prune tasks", lq.PRUNE_TASKS, params, bulk=True)
+
     # -- credentials ----------------------------------------------------------------------------
 
     def write_ledger(

@@ -94,6 +94,15 @@ REPLACE_AGENT = (
 SELECT_AGENT = f"SELECT {_AGENT_COLUMNS} FROM agents WHERE spiffe_id = :spiffe_id"
 LIST_AGENTS = f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY spiffe_id"
 DELETE_AGENT = "DELETE FROM agents WHERE spiffe_id = :spiffe_id"
+# A banned agent stays (its ban must hold against a new attestation under its ID), and so does
+# one whose removal is stored (its finisher revokes what the agent holds, and it may be evicted
+# and attested again meanwhile: that agent is a current one).
+PRUNE_AGENTS = (
+    "DELETE FROM agents WHERE banned = 0 AND expires_at < :before "
+    "AND previous_expires_at < :before "
+    "AND NOT EXISTS (SELECT 1 FROM removals WHERE removals.agent_id = agents.spiffe_id) "
+    "RETURNING spiffe_id"
+)
 SET_AGENT_BANNED = "UPDATE agents SET banned = :banned WHERE spiffe_id = :spiffe_id"
 
 _REMOVAL_COLUMNS = "agent_id, reason, started_at"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -240,6 +241,20 @@ def revocation_needed_from(now: float) -> float:
     server's may run up to MAX_CLOCK_SKEW ahead of theirs.
     """
     return now - MAX_VERIFIER_LEEWAY - MAX_CLOCK_SKEW
+
+
+# How long the row of an agent whose SVID expired, and of a task that ended, outlives what could
+# still use it: no request can, yet each join token makes a new agent ID that every server loads
+# at start, and an operator looking into an incident reads both within the audit events' own
+# retention (30 days by default). SPIRE's `spire-server agent purge` takes agents expired as long.
+EXPIRED_RECORD_RETENTION = 30 * 86400
+
+
+def expired_record_kept_from(now: float) -> int:
+    """The earliest expiry (an agent's SVID, a task's TTL) whose row is kept at `now`: past it,
+    a credential issued under it may want a revocation until revocation_needed_from, and the
+    row stays EXPIRED_RECORD_RETENTION longer."""
+    return math.floor(revocation_needed_from(now)) - EXPIRED_RECORD_RETENTION
 
 
 # -- the change feed: what another server must reload ----------------------------------------------

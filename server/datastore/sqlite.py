@@ -541,6 +541,15 @@ class SqliteDataStore(
             self._bump(db, _REVISION)
             self._append_feed(db, FEED_AGENT, (spiffe_id,))
 
+    def prune_agents(self, before: int) -> list[str]:
+        with self._transaction() as db:
+            rows = db.execute(q.PRUNE_AGENTS, {"before": before}).fetchall()
+            gone = sorted(str(r[0]) for r in rows)
+            if gone:
+                self._bump(db, _REVISION)
+                self._append_feed(db, FEED_AGENT, gone)
+            return gone
+
     def removal_of(self, agent_id: str) -> Removal | None:
         rows = self._rows(q.SELECT_REMOVAL, {"agent_id": agent_id})
         return _removal_from(rows[0]) if rows else None

@@ -155,6 +155,10 @@ class SqliteLedger:
     def prune_violations(self, before: int) -> int:
         return self._write("prune violations", lq.PRUNE_VIOLATIONS, {"before": before})
 
+    def prune_tasks(self, state: str, before: int) -> int:
+        params = {"state": state, "before": before}
+        return self._write("prune tasks", lq.PRUNE_TASKS, params)
+
     # -- credentials ----------------------------------------------------------------------------
 
     def write_ledger(

@@ -282,6 +282,14 @@ class FaultInjectingDataStore:
         self._enter("prune_violations")
         return self.inner.prune_violations(before)
 
+    def prune_tasks(self, state: str, before: int) -> int:
+        self._enter("prune_tasks")
+        return self.inner.prune_tasks(state, before)
+
+    def prune_agents(self, before: int) -> list[str]:
+        self._enter("prune_agents")
+        return self.inner.prune_agents(before)
+
     def task_credentials(self, task_id: str, now: int) -> list[Credential]:
         self._enter("task_credentials")
         return self.inner.task_credentials(task_id, now)

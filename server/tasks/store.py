@@ -13,7 +13,7 @@ from dataclasses import asdict, replace
 from typing import Protocol
 
 from server.datastore.base import AuditStore, CredentialStore, RegistrationStore, TaskRecordStore
-from server.datastore.records import TaskCursor, TaskRecord
+from server.datastore.records import TaskCursor, TaskRecord, expired_record_kept_from
 from server.tasks.model import Credential, Task, TaskState
 
 
@@ -33,6 +33,8 @@ def _task_from(record: TaskRecord) -> Task:
 # task-end event): the body already holds the end; the column turns to it once that is written,
 # so an end a server left half done (it died midway) can be found and finished by another.
 ENDING = "ending"
+# The settled states of a task that is over: no credential is issued under it again.
+_OVER = (TaskState.ENDED, TaskState.REVOKED, TaskState.EXPIRED)
 
 
 def _record(task: Task, column: str = "") -> TaskRecord:
@@ -138,7 +140,10 @@ class TaskStore:
         return self._rows.count_violations(agent_id, since)
 
     def prune(self, now: int, violation_window: int) -> int:
-        """Forget credentials no verifier can accept any more and old violations; returns how
-        many rows went."""
+        """Forget credentials no verifier can accept any more, old violations, and tasks over
+        for EXPIRED_RECORD_RETENTION past the last use of a credential of theirs; returns how
+        many rows went. A task whose end is under way (ENDING) stays: its finisher reads it."""
         gone = self._rows.prune_credentials(now)
-        return gone + self._rows.prune_violations(now - violation_window)
+        gone += self._rows.prune_violations(now - violation_window)
+        before = expired_record_kept_from(now)
+        return gone + sum(self._rows.prune_tasks(s.value, before) for s in _OVER)

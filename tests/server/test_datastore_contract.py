@@ -250,6 +250,50 @@ def test_agents_keep_a_ban(store: DataStore) -> None:
         store.get_agent(AGENT)
 
 
+def test_agents_expired_long_ago_are_pruned_but_a_ban_or_a_removal_holds(
+    open_store: Opener,
+) -> None:
+    """Expired (current and previous SVID) before the bound: gone, each named in the change
+    feed. A banned agent stays (a new attestation under its ID must still be refused), and so
+    does one whose removal is stored (its finisher has work to do)."""
+    store = open_store()
+    old = NOW - 10
+    for name in ("gone-1", "gone-2", "banned", "removing"):
+        store.upsert_agent(AttestedAgent(f"{AGENT}-{name}", "join_token", "1", old))
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", old, previous_expires_at=NOW))
+    store.upsert_agent(AttestedAgent(OTHER_AGENT, "join_token", "1", NOW))
+    ban = Removal(f"{AGENT}-banned", REMOVAL_BANNED, old)
+    store.set_agent_banned(ban.agent_id, True, ban)
+    store.end_removal(ban)  # the ban outlives its removal
+    removing = Removal(f"{AGENT}-removing", REMOVAL_EVICTED, old)
+    store.set_agent_banned(removing.agent_id, False, removing)
+    head = store.feed_head()
+
+    assert store.prune_agents(NOW) == [f"{AGENT}-gone-1", f"{AGENT}-gone-2"]
+    assert [a.spiffe_id for a in store.list_agents()] == [
+        AGENT,
+        f"{AGENT}-banned",
+        f"{AGENT}-removing",
+        OTHER_AGENT,
+    ]
+    assert {i.key for i in store.feed_since(head, 10)} == {f"{AGENT}-gone-1", f"{AGENT}-gone-2"}
+    assert store.prune_agents(NOW) == []
+    assert store.feed_head() == head + 2
+
+
+def test_tasks_over_are_pruned_by_their_expiry_in_their_state(store: DataStore) -> None:
+    """Only the state asked for and an expiry before the bound: an active task, or one whose
+    end is under way, stays however old."""
+    admit(store)
+    store.put_task(task("ended", state="ended", expires_at=NOW - 1))
+    store.put_task(task("ended-late", state="ended", expires_at=NOW))
+    store.put_task(task("ending", state="ending", expires_at=NOW - 1))
+    store.put_task(task("active", expires_at=NOW - 1))
+    assert store.prune_tasks("ended", NOW) == 1
+    assert store.prune_tasks("ended", NOW) == 0
+    assert [t.task_id for t in store.list_tasks()] == ["active", "ended-late", "ending"]
+
+
 def test_a_removal_is_stored_with_the_agents_delete_or_ban_until_it_ends(
     open_store: Opener,
 ) -> None:

@@ -8,12 +8,12 @@ import asyncio
 from pathlib import Path
 
 from server.ca.manager import CaManager
-from server.datastore.records import AttestedAgent
+from server.datastore.records import EXPIRED_RECORD_RETENTION, AttestedAgent
 from server.datastore.sqlite import SqliteDataStore
 from server.events import ChangeNotifier
 from server.state import ServerState
 from server.tasks.model import TaskState
-from svid import MAX_VERIFIER_LEEWAY
+from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY
 from svid._clock import FakeClock
 from tests.server.test_task_service import RUNTIME, make_world
 
@@ -57,5 +57,38 @@ def test_a_task_ended_a_year_ago_is_pruned(
         world.run(world.service.housekeeping())
         world.run(world.state.prune())
         assert world.store.list_tasks() == []
+    finally:
+        world.close()
+
+
+def test_an_agent_and_a_task_stay_while_their_retention_runs_and_a_ban_holds(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> None:
+    """Up to EXPIRED_RECORD_RETENTION past the last second a credential of theirs may be
+    accepted (exp + MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW), an agent's and a task's rows stay;
+    a banned agent's row stays for good (a new attestation under its ID must be refused)."""
+    world = make_world(tmp_path, clock, datastore, ca_manager)
+    try:
+        task = world.begin(runtime_id=RUNTIME, ttl=60)
+        world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
+        agent = AttestedAgent(
+            "spiffe://example.org/svid/agent/join_token/t-2", "join_token", "1", task.expires_at
+        )
+        world.run(world.state.save_agent(agent, None))
+        removal = world.run(world.state.ban_agent(agent.spiffe_id))
+        datastore.end_removal(removal)  # the ban's work is done; the ban holds
+        kept = task.expires_at + MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW + EXPIRED_RECORD_RETENTION
+
+        clock.set(kept)
+        world.run(world.service.housekeeping())
+        world.run(world.state.prune())
+        assert [t.task_id for t in world.store.list_tasks()] == [task.task_id]
+
+        clock.set(kept + YEAR)
+        world.run(world.service.housekeeping())
+        world.run(world.state.prune())
+        assert world.store.list_tasks() == []
+        assert datastore.get_agent(agent.spiffe_id).banned
+        assert agent.spiffe_id in world.state.agents
     finally:
         world.close()

@@ -19,6 +19,7 @@ from agent_attestor.cache import Cache
 from agent_attestor.node_client import sync_state
 from server.changelog import Change
 from server.datastore.records import (
+    EXPIRED_RECORD_RETENTION,
     AttestedAgent,
     Entry,
     FederationRelationship,
@@ -458,6 +459,33 @@ def test_a_row_pruned_between_kept_rows_reloads_everything(tmp_path: Path) -> No
     finally:
         for side in (a, b, c):
             side.store.close()
+
+
+def test_an_agent_another_server_pruned_leaves_this_ones_memory(
+    sides: tuple[Side, Side], clock: FakeClock
+) -> None:
+    """An agent expired EXPIRED_RECORD_RETENTION ago goes from the datastore and the pruning
+    server's memory, and from every other server's through the change feed; a current one
+    stays everywhere."""
+    a, b = sides
+    old = "spiffe://example.org/svid/agent/join_token/old"
+
+    async def scenario() -> None:
+        await a.state.save_agent(AttestedAgent(old, "join_token", "1", NOW + 60), None)
+        await b.follower.catch_up()
+        assert old in b.state.agents
+        clock.advance(61 + MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW + EXPIRED_RECORD_RETENTION)
+        await a.state.save_agent(AttestedAgent(AGENT, "join_token", "1", int(clock.now())), None)
+        a.listen()
+        await a.state.prune()
+        assert set(a.state.agents) == {AGENT}
+        assert [c.agents for c in a.changes] == [(old,)]
+        b.listen()
+        await b.follower.catch_up()
+        assert set(b.state.agents) == {AGENT}
+        assert any(old in c.agents for c in b.changes)  # its agents are told
+
+    asyncio.run(scenario())
 
 
 def test_revocations_pruned_by_another_server_leave_this_ones_memory(
