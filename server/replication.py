@@ -241,6 +241,20 @@ class FeedFollower:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Catch up, then wait for the feed to move (or the safety poll), until `stop`."""
+        try:
+            await self._follow(stop)
+        finally:
+            await self._ground()
+
+    async def _ground(self) -> None:
+        # A catch-up a Sync stream began (shielded from its caller) may still be running at
+        # stop: it is ended here, not left pending on a loop about to close.
+        flight = self._flight
+        if flight is not None and not flight.done():
+            flight.cancel()
+            await asyncio.wait({flight})
+
+    async def _follow(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 await self.catch_up()
