@@ -133,3 +133,83 @@ def test_an_x509pop_agent_signs_only_a_nonce_not_what_a_server_chooses(challenge
     for answer in asking.answers:
         with pytest.raises(InvalidSignature):
             node_key.public_key().verify(answer, challenge, ec.ECDSA(hashes.SHA256()))
+
+
+class _Refusing(node_pb2_grpc.NodeServicer):
+    """A server of the agent's trust domain that hears the join token and refuses it."""
+
+    def __init__(self) -> None:
+        self.heard = 0
+
+    async def Attest(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[node_pb2.AttestRequest], context: Any
+    ) -> None:
+        await request_iterator.__anext__()
+        self.heard += 1
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "join token already used")
+
+
+async def _balancer(backends: list[int]) -> asyncio.Server:
+    """One address in front of several servers (an L4 load balancer, a virtual IP): each new
+    connection goes to the next backend, round robin."""
+    turn = 0
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal turn
+        port = backends[turn % len(backends)]
+        turn += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def test_an_agent_attests_through_one_attest_address_in_front_of_several_servers() -> None:
+    """`--server-attest-addresses` may give one Attest address for all servers, which is then
+    a load balancer in front of them. Each server of the trust domain has a certificate of its
+    own, all carrying the trust domain's server ID under the agent's bundle: whichever the
+    join token reaches is the agent's server. Pinning the gRPC channel to the certificate the
+    probe connection saw fails the handshake whenever the balancer sends the channel to
+    another server: the agent then reports the bundle as not verifying the server."""
+    ca = LocalCa(SystemClock())
+    servers = [_Refusing(), _Refusing()]
+    outcome: list[Exception] = []
+
+    async def scenario() -> None:
+        running, ports = [], []
+        for servicer in servers:
+            server = grpc.aio.server()
+            node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
+            ports.append(server.add_secure_port("127.0.0.1:0", server_tls(ca)))
+            await server.start()
+            running.append(server)
+        balancer = await _balancer(ports)
+        address = f"127.0.0.1:{balancer.sockets[0].getsockname()[1]}"
+        client = NodeClient(address, address, ca.cert.public_bytes(PEM))
+        try:
+            await client.attest(join_token="tok1.secret", timeout=10)
+        except AttestationError as exc:
+            outcome.append(exc)
+        finally:
+            await client.close()
+            balancer.close()
+            for server in running:
+                await server.stop(None)
+
+    asyncio.run(scenario())
+    assert len(outcome) == 1
+    # Reached one of the trust domain's servers, which answered for the token.
+    assert isinstance(outcome[0], JoinTokenRefusedError), (
+        f"{type(outcome[0]).__name__}: {outcome[0]}"
+    )
+    assert sum(s.heard for s in servers) == 1
