@@ -32,7 +32,7 @@ from agent_attestor.errors import (
     X509PopRefusedError,
 )
 from agent_attestor.model import Entry, TrustBundle
-from agent_attestor.server_identity import SERVER_NAME, expected_server_id, server_certificate
+from agent_attestor.server_identity import SERVER_NAME, expected_server_id, server_anchors
 from agent_attestor.signer import MintedJwt, X509Result
 from svid._der import der_concat, parse_der_certs
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
@@ -134,6 +134,31 @@ def _redacted(text: str, join_token: str) -> str:
         if secret:
             text = text.replace(secret, "<join token>")
     return text
+
+
+def attest_error(exc: grpc.RpcError, join_token: str, address: str) -> AttestationError:
+    """What a failed Attest call means to the agent, in the server's words (never the join
+    token, whichever error carries it: ours never echoes it)."""
+    code = exc.code()  # type: ignore[attr-defined]
+    said = _redacted(f"{code.name}: {exc.details()}", join_token)  # type: ignore[attr-defined]
+    if server_not_verified(exc):
+        # The probe verified a server at this address against the bundle; the channel's
+        # connection reached one whose certificate that server's CA did not sign.
+        return ServerNotVerifiedError(
+            f"the server the attestation channel reached at {address} is not the one checked "
+            "there: its certificate is not signed by the CA of the server whose ID was checked "
+            "(another trust domain's server behind the same address?); nothing was sent to it: "
+            f"{said}"
+        )
+    if join_token and code == grpc.StatusCode.PERMISSION_DENIED:
+        return JoinTokenRefusedError(f"the server refused the join token: {said}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return X509PopRefusedError(f"the server refused the x509pop certificate: {said}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return AttestationNotAcceptedError(f"the server cannot take this attestation: {said}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return AttestationLimitedError(f"attestation over this host's budget: {said}")
+    return AttestationError(f"attestation refused: {said}")
 
 
 def insecure_fetch_server_root(address: str) -> bytes:
@@ -245,59 +270,60 @@ class NodeClient:
             raise AttestationError(
                 "no way to attest: give a join token (--join-token) or x509pop_cert/x509pop_key"
             )
-        # The join token goes only to the server whose ID was checked, pinned by its certificate.
+        first = node_pb2.AttestRequest(params=node_pb2.AttestParams(data=data, csr=csr))
+        try:
+            result = await self._attest_checked(first, x509pop, timeout)
+        except grpc.RpcError as exc:
+            raise attest_error(exc, join_token, self._attest_address) from exc
+        return self._agent_svid(result, key), TrustBundle.from_proto(result.bundle)
+
+    async def _attest_checked(
+        self,
+        first: node_pb2.AttestRequest,
+        x509pop: tuple[Sequence[x509.Certificate], PrivateKeyTypes] | None,
+        timeout: float,
+    ) -> node_pb2.AgentSVID:
+        """The attestation, sent only to a server of the trust domain whose ID the probe checked
+        (pinned by the CA that signed it). A pinned handshake that fails sent nothing: the probe
+        runs once more, as the server the channel reached may hold a certificate of a CA
+        activated since, before the failure is reported."""
         expected = expected_server_id(self._trust_domain, self._root_pem)
-        pinned = await server_certificate(
-            self._attest_address, self._root_pem, expected, self._connect_timeout
-        )
+        for retry in (True, False):
+            pinned = await server_anchors(
+                self._attest_address, self._root_pem, expected, self._connect_timeout
+            )
+            try:
+                return await self._attest_pinned(pinned, first, x509pop, timeout)
+            except grpc.RpcError as exc:
+                if not (retry and server_not_verified(exc)):
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _attest_pinned(
+        self,
+        pinned: bytes,
+        first: node_pb2.AttestRequest,
+        x509pop: tuple[Sequence[x509.Certificate], PrivateKeyTypes] | None,
+        timeout: float,
+    ) -> node_pb2.AgentSVID:
         creds = grpc.ssl_channel_credentials(pinned)
         async with grpc.aio.secure_channel(self._attest_address, creds, _OPTIONS) as channel:
             await wait_connected(channel, self._attest_address, self._connect_timeout)
             call = node_pb2_grpc.NodeStub(channel).Attest(timeout=timeout)
-            try:
-                await call.write(
-                    node_pb2.AttestRequest(params=node_pb2.AttestParams(data=data, csr=csr))
-                )
-                while True:
-                    reply = await call.read()
-                    if reply is grpc.aio.EOF:
-                        raise AttestationError("server closed attestation without a result")
-                    if reply.WhichOneof("step") == "challenge":
-                        if x509pop is None:
-                            raise AttestationError("server sent a challenge to a join token")
-                        proof = sign_challenge(x509pop[1], reply.challenge)
-                        await call.write(node_pb2.AttestRequest(challenge_response=proof))
-                        continue
-                    result = reply.result
-                    break
+            await call.write(first)
+            while True:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    raise AttestationError("server closed attestation without a result")
+                if reply.WhichOneof("step") == "challenge":
+                    if x509pop is None:
+                        raise AttestationError("server sent a challenge to a join token")
+                    proof = sign_challenge(x509pop[1], reply.challenge)
+                    await call.write(node_pb2.AttestRequest(challenge_response=proof))
+                    continue
                 await call.done_writing()
-            except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
-                # Never the join token, whichever error carries it (ours never echoes it).
-                said = _redacted(f"{code.name}: {exc.details()}", join_token)  # type: ignore[attr-defined]
-                if server_not_verified(exc):
-                    raise ServerNotVerifiedError(
-                        f"the server's certificate does not verify against the trust bundle "
-                        f"used: {said}"
-                    ) from exc
-                if join_token and code == grpc.StatusCode.PERMISSION_DENIED:
-                    raise JoinTokenRefusedError(
-                        f"the server refused the join token: {said}"
-                    ) from exc
-                if code == grpc.StatusCode.PERMISSION_DENIED:
-                    raise X509PopRefusedError(
-                        f"the server refused the x509pop certificate: {said}"
-                    ) from exc
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise AttestationNotAcceptedError(
-                        f"the server cannot take this attestation: {said}"
-                    ) from exc
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise AttestationLimitedError(
-                        f"attestation over this host's budget: {said}"
-                    ) from exc
-                raise AttestationError(f"attestation refused: {said}") from exc
-        return self._agent_svid(result, key), TrustBundle.from_proto(result.bundle)
+                result: node_pb2.AgentSVID = reply.result
+                return result
 
     @staticmethod
     def _agent_svid(result: node_pb2.AgentSVID, key: ec.EllipticCurvePrivateKey) -> AgentSvid:

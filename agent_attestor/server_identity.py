@@ -5,8 +5,13 @@ Under an upstream CA the bundle is the upstream root alone, which other trust do
 may chain to as well, and their certificates carry the same DNS name. grpc's Python API neither
 hands a client the server's certificate nor takes a check of its own, so the agent meets the
 server first on a TLS connection of its own, reads the ID there, and then pins the gRPC channel
-to the very certificate it checked (grpc takes any certificate of its roots as a trust anchor,
-a leaf too): the join token goes to that server, or the handshake fails and nothing is sent.
+to the trust domain's own CA that signed the certificate it checked (grpc takes any certificate
+of its roots as a trust anchor, an intermediate too). Not to that certificate itself: one Attest
+address may balance several servers of the trust domain, each with a certificate of its own,
+and the channel's connection need not reach the server the probe did. A svidd CA names its
+trust domain and signs server IDs of that trust domain only, so any certificate it signed is
+one of the agent's servers; another trust domain's server under the same root has a CA of its
+own, fails the handshake, and nothing is sent.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent_attestor.errors import ServerNotVerifiedError
@@ -28,25 +35,79 @@ SERVER_NAME = "svid-server"
 SERVER_PATH = ("svid", "server")
 
 
+def _roots(root_pem: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(root_pem)
+    except ValueError:
+        return []
+
+
+def _named(cert: x509.Certificate) -> set[str]:
+    """The trust domains `cert`'s SPIFFE URI SANs name."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    named: set[str] = set()
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        try:
+            named.add(SpiffeId.parse(uri).trust_domain.name)
+        except (ValueError, SvidError):
+            continue
+    return named
+
+
 def _trust_domains_named(root_pem: bytes) -> set[str]:
     """The trust domains the roots' SPIFFE URI SANs name (svidd's own CAs carry theirs; an
     upstream root carries none)."""
+    return {name for root in _roots(root_pem) for name in _named(root)}
+
+
+def _is_ca_of(cert: x509.Certificate, trust_domain: str) -> bool:
+    """Whether `cert` is a CA of `trust_domain` alone (a svidd CA carries its trust domain's ID
+    as its one URI SAN; an upstream or corporate CA names none)."""
     try:
-        roots = x509.load_pem_x509_certificates(root_pem)
-    except ValueError:
-        return set()
-    named: set[str] = set()
-    for root in roots:
-        try:
-            sans = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.ca and _named(cert) == {trust_domain}
+
+
+def _issuers(
+    leaf: x509.Certificate, candidates: Sequence[x509.Certificate]
+) -> list[x509.Certificate]:
+    """The candidates whose key signed `leaf`."""
+    found: list[x509.Certificate] = []
+    for candidate in candidates:
+        if candidate == leaf or candidate in found:
             continue
-        for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
-            try:
-                named.add(SpiffeId.parse(uri).trust_domain.name)
-            except (ValueError, SvidError):
-                continue
-    return named
+        try:
+            leaf.verify_directly_issued_by(candidate)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        found.append(candidate)
+    return found
+
+
+def anchors(
+    leaf: x509.Certificate,
+    presented: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    trust_domain: str,
+) -> list[x509.Certificate]:
+    """What the Attest channel trusts once `leaf` (presented with `presented` above it, verified
+    under `roots`) was checked as the server of `trust_domain`: the trust domain's CA that
+    signed it, and beside it the bundle's other CAs of the trust domain (the CA prepared in a
+    rotation, which may have signed the certificate of the server the channel reaches). The
+    leaf itself where it is a root (insecure_bootstrap fetched it: nothing above it was
+    verified), or where its issuer is not the trust domain's own (a CA shared with other trust
+    domains would let their servers through)."""
+    if leaf in roots:
+        return [leaf]
+    ours = [ca for ca in _issuers(leaf, [*presented, *roots]) if _is_ca_of(ca, trust_domain)]
+    if not ours:
+        return [leaf]
+    return ours + [r for r in roots if r not in ours and _is_ca_of(r, trust_domain)]
 
 
 def expected_server_id(trust_domain: str, root_pem: bytes) -> SpiffeId:
@@ -79,12 +140,13 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def server_certificate(
+async def server_anchors(
     address: str, root_pem: bytes, expected: SpiffeId, timeout: float
 ) -> bytes:
-    """The PEM of the certificate the server at `address` presents: verified under `root_pem`
-    for the name `svid-server`, and carrying `expected`, or ServerNotVerifiedError naming the ID
-    it carries and the one expected. Nothing is sent but the TLS handshake."""
+    """The PEM of what the Attest channel to `address` trusts (see anchors), once the server
+    there presented a certificate verified under `root_pem` for the name `svid-server` and
+    carrying `expected`; else ServerNotVerifiedError naming the ID it carries and the one
+    expected. Nothing is sent but the TLS handshake."""
     host, port = _split(address)
     try:
         async with asyncio.timeout(timeout):
@@ -99,12 +161,15 @@ async def server_certificate(
             f"CERTIFICATE_VERIFY_FAILED: {exc.verify_message}"
         ) from exc
     try:
-        leaf_der = peer_chain_der(writer.get_extra_info("ssl_object"))[0]
+        chain = [
+            x509.load_der_x509_certificate(d)
+            for d in peer_chain_der(writer.get_extra_info("ssl_object"))
+        ]
     finally:
         writer.close()
         with contextlib.suppress(OSError):  # the server may refuse a client sending nothing
             await writer.wait_closed()
-    leaf = x509.load_der_x509_certificate(leaf_der)
+    leaf = chain[0]
     try:
         presented = str(spiffe_id_from_cert(leaf))
     except (ValueError, SvidError) as exc:
@@ -115,4 +180,5 @@ async def server_certificate(
             f"{presented}, where {expected} was expected (another trust domain's server under "
             "the same root?); nothing was sent to it"
         )
-    return leaf.public_bytes(Encoding.PEM)
+    pinned = anchors(leaf, chain[1:], _roots(root_pem), expected.trust_domain.name)
+    return b"".join(cert.public_bytes(Encoding.PEM) for cert in pinned)

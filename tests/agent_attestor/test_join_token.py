@@ -193,9 +193,10 @@ class _EchoingNode(node_pb2_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unknown token {said}")
 
 
-def _server_tls(ca: LocalCa) -> grpc.ServerCredentials:
+def _server_tls(ca: LocalCa, chain: bool = False) -> grpc.ServerCredentials:
     """A certificate the agent's attestation channel accepts: by `ca`, for the name it dials,
-    with the server ID of `ca`'s trust domain (a real server's)."""
+    with the server ID of `ca`'s trust domain (a real server's); `chain`: served with `ca`'s
+    certificate above it, as a server under an upstream root serves its CA's."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = ca.clock.now()
     cert = (
@@ -218,7 +219,10 @@ def _server_tls(ca: LocalCa) -> grpc.ServerCredentials:
         .sign(ca.key, hashes.SHA256())
     )
     key_pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    return grpc.ssl_server_credentials([(key_pem, cert.public_bytes(Encoding.PEM))])
+    served = cert.public_bytes(Encoding.PEM) + (
+        ca.cert.public_bytes(Encoding.PEM) if chain else b""
+    )
+    return grpc.ssl_server_credentials([(key_pem, served)])
 
 
 def test_what_a_server_says_refusing_the_token_is_kept_without_the_token() -> None:

@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from agent_attestor.errors import AttestationError, JoinTokenRefusedError, ServerNotVerifiedError
 from agent_attestor.node_client import NodeClient
-from svid._clock import SystemClock
+from agent_attestor.server_identity import anchors
+from svid._clock import SystemClock, to_datetime
 from svid._proto import node_pb2, node_pb2_grpc
 from tests.agent_attestor.pki import LocalCa
 from tests.agent_attestor.test_join_token import _server_tls as server_tls
@@ -149,9 +152,12 @@ class _Refusing(node_pb2_grpc.NodeServicer):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "join token already used")
 
 
-async def _balancer(backends: list[int]) -> asyncio.Server:
+async def _balancer(
+    backends: list[int], route: Callable[[int], int] | None = None
+) -> asyncio.Server:
     """One address in front of several servers (an L4 load balancer, a virtual IP): each new
-    connection goes to the next backend, round robin."""
+    connection goes to the next backend, round robin (or to the backend `route` picks for the
+    connection's number)."""
     turn = 0
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -166,12 +172,43 @@ async def _balancer(backends: list[int]) -> asyncio.Server:
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal turn
-        port = backends[turn % len(backends)]
+        port = backends[route(turn) if route else turn % len(backends)]
         turn += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def _attest_behind_one_address(
+    credentials: list[grpc.ServerCredentials],
+    root_pem: bytes,
+    route: Callable[[int], int] | None = None,
+) -> tuple[list[Exception], list[_Refusing]]:
+    """An agent attesting with a join token through one address in front of a refusing server
+    per credentials: what it raised, and the servers (which count the tokens they heard)."""
+    servers = [_Refusing() for _ in credentials]
+    outcome: list[Exception] = []
+    running, ports = [], []
+    for servicer, tls in zip(servers, credentials, strict=True):
+        server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
+        ports.append(server.add_secure_port("127.0.0.1:0", tls))
+        await server.start()
+        running.append(server)
+    balancer = await _balancer(ports, route)
+    address = f"127.0.0.1:{balancer.sockets[0].getsockname()[1]}"
+    client = NodeClient(address, address, root_pem, trust_domain="example.org")
+    try:
+        await client.attest(join_token="tok1.secret", timeout=10)
+    except AttestationError as exc:
+        outcome.append(exc)
+    finally:
+        await client.close()
+        balancer.close()
+        for server in running:
+            await server.stop(None)
+    return outcome, servers
 
 
 def test_an_agent_attests_through_one_attest_address_in_front_of_several_servers() -> None:
@@ -182,34 +219,132 @@ def test_an_agent_attests_through_one_attest_address_in_front_of_several_servers
     probe connection saw fails the handshake whenever the balancer sends the channel to
     another server: the agent then reports the bundle as not verifying the server."""
     ca = LocalCa(SystemClock())
-    servers = [_Refusing(), _Refusing()]
-    outcome: list[Exception] = []
-
-    async def scenario() -> None:
-        running, ports = [], []
-        for servicer in servers:
-            server = grpc.aio.server()
-            node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
-            ports.append(server.add_secure_port("127.0.0.1:0", server_tls(ca)))
-            await server.start()
-            running.append(server)
-        balancer = await _balancer(ports)
-        address = f"127.0.0.1:{balancer.sockets[0].getsockname()[1]}"
-        client = NodeClient(address, address, ca.cert.public_bytes(PEM))
-        try:
-            await client.attest(join_token="tok1.secret", timeout=10)
-        except AttestationError as exc:
-            outcome.append(exc)
-        finally:
-            await client.close()
-            balancer.close()
-            for server in running:
-                await server.stop(None)
-
-    asyncio.run(scenario())
+    outcome, servers = asyncio.run(
+        _attest_behind_one_address([server_tls(ca), server_tls(ca)], ca.cert.public_bytes(PEM))
+    )
     assert len(outcome) == 1
     # Reached one of the trust domain's servers, which answered for the token.
     assert isinstance(outcome[0], JoinTokenRefusedError), (
         f"{type(outcome[0]).__name__}: {outcome[0]}"
     )
     assert sum(s.heard for s in servers) == 1
+
+
+def _own_ca(issuer: LocalCa | None = None) -> LocalCa:
+    """A CA of example.org as svidd makes one per rotation: naming its trust domain, with a
+    subject of its own, self-signed or under an upstream root `issuer`."""
+    ca = LocalCa(SystemClock())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"example.org CA {id(ca)}")])
+    signer = issuer or ca
+    now = ca.clock.now()
+    ca.cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.cert.subject if issuer else name)
+        .public_key(ca.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(to_datetime(now - 3600))
+        .not_valid_after(to_datetime(now + 86400))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://example.org")]),
+            critical=False,
+        )
+        .sign(signer.key, hashes.SHA256())
+    )
+    return ca
+
+
+def test_an_agent_attests_through_one_address_to_servers_of_the_old_and_the_new_ca() -> None:
+    """In a CA rotation one server's certificate may already be signed by the new CA while
+    another's is still by the old: both are the trust domain's own, in the agent's bundle. The
+    probe meeting one and the channel reaching the other is no reason to refuse."""
+    old, new = _own_ca(), _own_ca()
+    bundle = old.cert.public_bytes(PEM) + new.cert.public_bytes(PEM)
+    outcome, servers = asyncio.run(
+        _attest_behind_one_address([server_tls(old), server_tls(new)], bundle)
+    )
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], JoinTokenRefusedError), (
+        f"{type(outcome[0]).__name__}: {outcome[0]}"
+    )
+    assert sum(s.heard for s in servers) == 1
+
+
+def test_an_agent_probes_again_when_the_server_it_reaches_has_a_ca_its_bundle_does_not_name() -> (
+    None
+):
+    """Under an upstream root the bundle is that root alone: it does not tell the agent the new
+    CA of a rotation. A server whose certificate the new CA signed fails the channel pinned to
+    the old CA the probe saw; nothing was sent, and the agent probes once more (meeting the
+    new CA) before giving up."""
+    root = LocalCa(SystemClock(), trust_domain="corporate.example")  # not a CA of ours
+    old, new = _own_ca(root), _own_ca(root)
+    outcome, servers = asyncio.run(
+        _attest_behind_one_address(
+            [server_tls(old, chain=True), server_tls(new, chain=True)],
+            root.cert.public_bytes(PEM),
+            route=lambda n: 0 if n == 0 else 1,  # the probe to the old CA's server, then the new
+        )
+    )
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], JoinTokenRefusedError), (
+        f"{type(outcome[0]).__name__}: {outcome[0]}"
+    )
+    assert [s.heard for s in servers] == [0, 1]
+
+
+def test_an_agent_behind_one_address_with_another_trust_domains_server_sends_it_nothing() -> None:
+    """One address in front of the agent's server and another trust domain's under the same
+    root (a balancer misconfigured, or someone's): the probe checks ours, the channel reaches
+    theirs, whose certificate our CA did not sign. The handshake fails, the token stays with
+    the agent, and the agent says the server reached is not the one it checked, rather than
+    blaming its bundle."""
+    with two_trust_domains() as shared:
+        token = shared.ours.join_token()
+        ports = [
+            int(r.attest_address.rpartition(":")[2])
+            for r in (shared.ours.runtime, shared.theirs.runtime)
+        ]
+
+        async def scenario() -> Exception:
+            balancer = await _balancer(ports)
+            address = f"127.0.0.1:{balancer.sockets[0].getsockname()[1]}"
+            client = NodeClient(
+                address, address, bundle_pem(shared.ours.bundle()), trust_domain="example.org"
+            )
+            try:
+                with pytest.raises(ServerNotVerifiedError) as caught:
+                    await client.attest(join_token=token, timeout=10)
+                return caught.value
+            finally:
+                await client.close()
+                balancer.close()
+
+        error = asyncio.run(scenario())
+        assert "is not the one checked there" in str(error)
+        assert "trust bundle" not in str(error)
+        # The token never left the agent: its own server takes it.
+        assert shared.ours.attest(token).spiffe_id.startswith("spiffe://example.org/")
+
+
+def test_the_attest_channel_trusts_a_ca_only_where_it_is_the_trust_domains_own() -> None:
+    """Pinning the CA that signed the checked server certificate lets through every certificate
+    that CA signed: only right for a CA of the agent's trust domain (svidd's, naming it). A
+    server certificate signed straight by a root other trust domains share keeps the pin on
+    that certificate alone, and the one insecure_bootstrap fetched as the bundle stays its own
+    anchor."""
+    server_id = "spiffe://example.org/svid/server"
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    shared = LocalCa(SystemClock(), trust_domain="corporate.example")
+    by_shared = shared.sign_leaf(key, server_id)
+    assert anchors(by_shared, [], [shared.cert], "example.org") == [by_shared]
+    active, prepared, other = _own_ca(), _own_ca(), _own_ca(shared)
+    by_active = active.sign_leaf(key, server_id)
+    assert anchors(by_active, [], [active.cert, prepared.cert], "example.org") == [
+        active.cert,
+        prepared.cert,
+    ]
+    assert anchors(by_active, [active.cert], [shared.cert], "example.org") == [active.cert]
+    assert anchors(by_active, [other.cert], [shared.cert], "example.org") == [by_active]
+    assert anchors(by_active, [], [by_active], "example.org") == [by_active]
