@@ -535,7 +535,9 @@ class Server:
             asyncio.create_task(self.federation.run(self._stop), name="federation"),
             asyncio.create_task(self.follower.run(self._stop), name="change-feed"),
             asyncio.create_task(
-                self.follower.view.watch(self._stop, self.propagator.wake_all),
+                self.follower.view.watch(
+                    self._stop, self.propagator.wake_all, self._node_health_follows
+                ),
                 name="view-freshness",
             ),
         ]
@@ -603,6 +605,13 @@ class Server:
             address, self.tls.credentials(require_client_auth=require_client_auth)
         )
         return port
+
+    async def _node_health_follows(self, stale: bool) -> None:
+        # A load balancer checking the node service's health sends no agent to a server whose
+        # view is stale (Sync refuses them there) and sends them again once it reads the feed.
+        status = health_pb2.HealthCheckResponse
+        for service in ("", NODE_SERVICE):
+            await self._health.set(service, status.NOT_SERVING if stale else status.SERVING)
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds`; True when the server is stopping."""

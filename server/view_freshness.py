@@ -81,9 +81,15 @@ class ViewFreshness:
                 "use another server"
             )
 
-    async def watch(self, stop: asyncio.Event, on_stale: Callable[[], None]) -> None:
+    async def watch(
+        self,
+        stop: asyncio.Event,
+        on_stale: Callable[[], None],
+        on_turn: Callable[[bool], Awaitable[object]] | None = None,
+    ) -> None:
         """Until `stop`: call `on_stale` each time the view turns stale (the Sync streams,
-        woken by it, see `check` fail and end), and log the turns both ways."""
+        woken by it, see `check` fail and end), await `on_turn(stale)` at each turn both ways
+        (the node service's health), and log the turns."""
         if self.limit is None:
             return
         stale = False
@@ -100,6 +106,8 @@ class ViewFreshness:
                     on_stale()
                 else:
                     _log.warning("the change feed is read again: serving Sync")
+                if on_turn is not None:
+                    await on_turn(stale)
             await set_within(stop, left if left > 0 else _STALE_RECHECK)
 
 

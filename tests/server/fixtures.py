@@ -221,12 +221,14 @@ class RunningServer:
         )
         return node_pb2_grpc.NodeStub(channel)
 
-    def node_stub(self, agent: Agent, **options: Any) -> node_pb2_grpc.NodeStub:
+    def node_channel(self, agent: Agent, **options: Any) -> grpc.Channel:
         opts = list(TLS_NAME) + list(options.items())
-        channel = self._keep(
+        return self._keep(
             grpc.secure_channel(self.runtime.node_address, agent.credentials(), options=opts)
         )
-        return node_pb2_grpc.NodeStub(channel)
+
+    def node_stub(self, agent: Agent, **options: Any) -> node_pb2_grpc.NodeStub:
+        return node_pb2_grpc.NodeStub(self.node_channel(agent, **options))
 
     def join_token(self, **kwargs: Any) -> str:
         return (

@@ -67,6 +67,13 @@ class CuttableRelay:
                 sock.close()
             self._open.clear()
 
+    def restore(self) -> None:
+        """Take connections again after `cut()`, on the same port."""
+        with self._lock:
+            self._cut = False
+            self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
     def dsn_through(self, dsn: str) -> str:
         """`dsn` (a URL) with its host and port this relay's."""
         parts = urllib.parse.urlsplit(dsn)

@@ -9,12 +9,15 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
+from server.app import NODE_SERVICE
 from server.errors import UnavailableError
 from server.view_freshness import MIN_STALE_AFTER, CurrentView, ViewFreshness, stale_after
 from svid._clock import FakeClock
 from svid._proto import node_pb2
 from tests.server import test_sync_attack
+from tests.server.fixtures import Agent, RunningServer
 from tests.server.test_sync_attack import Partitioned, _wait
 
 # The fixture: servers A and B on one PostgreSQL database, B reaching it through a relay a test
@@ -94,6 +97,19 @@ def test_a_server_cut_off_from_postgresql_ends_its_open_sync_streams(
     with pytest.raises(grpc.RpcError) as refused:
         next(again)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    # The node service's health says so too, for a load balancer, and turns back once B reads.
+    assert _node_health(b, agent) == health_pb2.HealthCheckResponse.NOT_SERVING
+    partitioned.relay.restore()
+    _wait(
+        lambda: _node_health(b, agent) == health_pb2.HealthCheckResponse.SERVING,
+        "B's node service to be healthy again",
+    )
+
+
+def _node_health(server: RunningServer, agent: Agent) -> int:
+    stub = health_pb2_grpc.HealthStub(server.node_channel(agent))
+    request = health_pb2.HealthCheckRequest(service=NODE_SERVICE)
+    return int(stub.Check(request, timeout=5).status)
 
 
 def test_a_server_on_postgresql_that_reads_its_feed_goes_on_serving_sync(
