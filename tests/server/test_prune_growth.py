@@ -92,3 +92,28 @@ def test_an_agent_and_a_task_stay_while_their_retention_runs_and_a_ban_holds(
         assert agent.spiffe_id in world.state.agents
     finally:
         world.close()
+
+
+def test_an_x509pop_agent_pruned_while_its_node_is_away_can_still_be_banned(
+    datastore: SqliteDataStore, clock: FakeClock
+) -> None:
+    """An x509pop agent's ID is its node certificate's (one certificate, one agent): unlike a
+    join-token agent's it attests again under the same ID for as long as that certificate
+    lasts (a year, typically). A node away for a month (powered off, its key stolen) must stay
+    bannable by that ID, so that it is refused when it comes back; pruning its row makes the
+    operator's ban fail as 'not found', and the node then attests afresh unhindered."""
+    state = ServerState(datastore, clock, ChangeNotifier())
+    state.load()
+    node = AttestedAgent(
+        "spiffe://example.org/svid/agent/x509pop/" + "ab" * 32,
+        "x509pop",
+        "1",
+        int(clock.now()) + 3600,
+    )
+    asyncio.run(state.save_agent(node, None))
+
+    clock.advance(EXPIRED_RECORD_RETENTION + 7 * 86400)
+    asyncio.run(state.prune())
+
+    asyncio.run(state.ban_agent(node.spiffe_id))
+    assert datastore.get_agent(node.spiffe_id).banned
