@@ -25,8 +25,8 @@ Each job app.py schedules, decided on its own:
 2. Idempotent deletes by time: a second server deletes nothing (and each server drops pruned
    revocations from its own memory; pruned agents, through the change feed). Each bound waits
    MAX_CLOCK_SKEW past what another server or a verifier, by its own clock, may still need;
-   agents whose SVIDs expired and tasks over stay EXPIRED_RECORD_RETENTION (30 days) longer,
-   banned agents and those whose removal is stored for good.
+   join-token agents whose SVIDs expired and tasks over stay EXPIRED_RECORD_RETENTION (30
+   days) longer; banned agents, x509pop nodes and those whose removal is stored, for good.
 3. This server's own: its memory, its agents, its SVID.
 4. One journal of shared keys (server/ca/manager.py).
 5. One chain, one checkpointer: one key signs checkpoints in order, and retention signs a

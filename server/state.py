@@ -500,8 +500,9 @@ class ServerState:
             await self._after_write()
 
     async def _prune_agents(self, now: int) -> bool:
-        """Delete the rows of agents whose SVIDs expired EXPIRED_RECORD_RETENTION ago (a
-        join-token agent's ID is new per token: such a row serves nothing again), and drop them
+        """Delete the rows of join-token agents whose SVIDs expired EXPIRED_RECORD_RETENTION
+        ago (an ID is new per token: such a row serves nothing again; an x509pop node's ID
+        comes back with its certificate, so its row stays, to be banned by ID), and drop them
         from memory; other servers drop them through the change feed. True when any went."""
         async with self._agent_writes:
             before = expired_record_kept_from(now)

@@ -97,8 +97,12 @@ DELETE_AGENT = "DELETE FROM agents WHERE spiffe_id = :spiffe_id"
 # A banned agent stays (its ban must hold against a new attestation under its ID), and so does
 # one whose removal is stored (its finisher revokes what the agent holds, and it may be evicted
 # and attested again meanwhile: that agent is a current one).
+# Join-token agents only: a join token is spent, so nothing attests under that ID again. An
+# x509pop node attests again under its ID for as long as its certificate lasts: its row stays,
+# so the operator can still ban it by ID while it is away.
 PRUNE_AGENTS = (
-    "DELETE FROM agents WHERE banned = 0 AND expires_at < :before "
+    "DELETE FROM agents WHERE attestation_type = 'join_token' AND banned = 0 "
+    "AND expires_at < :before "
     "AND previous_expires_at < :before "
     "AND NOT EXISTS (SELECT 1 FROM removals WHERE removals.agent_id = agents.spiffe_id) "
     "RETURNING spiffe_id"
