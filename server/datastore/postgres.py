@@ -315,13 +315,15 @@ class PostgresDataStore(
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _entry_transaction(self, what: str, work: Callable[[Cursor], T]) -> T:
-        """`_write` taking its turn among entry writes (ps.LOCK_ENTRIES)."""
+        """`_write` taking its turn among entry writes (ps.LOCK_ENTRIES). Under the bulk
+        limits: its turn may rightly come after seconds of other servers' batches, which is
+        no silent database."""
 
         def locked(cur: Cursor) -> T:
             cur.execute(ps.LOCK_ENTRIES)
             return work(cur)
 
-        return self._write(what, locked)
+        return self._write(what, locked, bulk=True)
 
     def _rows(
         self, what: str, sql: str, params: Mapping[str, Any], *, bulk: bool = False
@@ -576,7 +578,9 @@ class PostgresDataStore(
             self._bump(cur, _REVISION)
             self._append_feed(cur, FEED_AGENT, (spiffe_id,))
 
-        self._write("delete the agent", work)
+        # Bulk limits: the row waits for the issuances holding it FOR SHARE to commit, which
+        # under load takes longer than a statement of the server's own should.
+        self._write("delete the agent", work, bulk=True)
 
     def set_agent_banned(
         self, spiffe_id: str, banned: bool, removal: Removal | None = None
@@ -592,7 +596,7 @@ class PostgresDataStore(
             self._bump(cur, _REVISION)
             self._append_feed(cur, FEED_AGENT, (spiffe_id,))
 
-        self._write("ban the agent", work)
+        self._write("ban the agent", work, bulk=True)  # as "delete the agent"
 
     def prune_agents(self, before: int) -> list[str]:
         def work(cur: Cursor) -> list[str]:
