@@ -843,11 +843,11 @@ class PostgresDataStore(
 def _patient(conn: AnsweredConnection) -> Iterator[None]:
     """BULK_TIMEOUT for the statements run on `conn` meanwhile, then the session's own again."""
     conn.execute(f"SET statement_timeout = {int(BULK_TIMEOUT * 1000)}")
-    conn.answer_timeout = BULK_TIMEOUT
+    before, conn.answer_timeout = conn.answer_timeout, BULK_TIMEOUT
     try:
         yield
     finally:
-        conn.answer_timeout = ANSWER_TIMEOUT
+        conn.answer_timeout = before
         if conn.closed:
             pass
         elif conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
