@@ -42,6 +42,7 @@ from server.datastore.postgres import AnsweredConnection, PostgresDataStore, con
 from server.datastore.postgres_dsn import redact_dsn, scrub
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
+    REMOVAL_BANNED,
     REMOVAL_EVICTED,
     EventFilter,
     Head,
@@ -918,3 +919,99 @@ def test_connection_options_bound_every_wait_unless_the_dsn_sets_its_own() -> No
     assert found["connect_timeout"] == 5
     own = connection_options("postgresql://u@h/db?options=-c%20statement_timeout%3D0")
     assert "options" not in own
+
+
+def _settled(dsn: str, app: str, thread: threading.Thread) -> str:
+    """'waiting' once a connection of `app` waits for a lock, 'done' once `thread` ended
+    (whichever comes first)."""
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        for _ in range(600):
+            if not thread.is_alive():
+                return "done"
+            row = watcher.execute(
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                "WHERE NOT granted AND application_name = %s",
+                (app,),
+            ).fetchone()
+            if row is not None and row[0] > 0:
+                return "waiting"
+            threading.Event().wait(0.05)
+    raise AssertionError(f"{app} neither waited nor ended")
+
+
+@pytest.mark.parametrize("how", ["evicted", "banned"])
+def test_a_removal_waiting_for_a_ledger_write_goes_before_the_next_write(
+    postgres_dsn: str, clock: FakeClock, how: str
+) -> None:
+    """An agent issuing without pause always has some ledger write holding it. A removal
+    waiting for the one under way is not passed by the next write of the same agent: that
+    write waits behind the removal and is refused after it, so the eviction or ban is never
+    starved by overlapping writes from several servers."""
+    first, _ = _store_as(postgres_dsn, clock, "first")
+    second, second_app = _store_as(postgres_dsn, clock, "second")
+    remover, remover_app = _store_as(postgres_dsn, clock, "removal")
+    inside, release = threading.Event(), threading.Event()
+    outcomes: dict[str, BaseException | None] = {}
+
+    def reseal(stored: Head | None) -> list[tuple[object, ...]]:
+        inside.set()  # the first write holds the agent, uncommitted
+        release.wait(30)
+        return audit_rows(1, 1)
+
+    def run(name: str, call: Callable[[], object]) -> threading.Thread:
+        def target() -> None:
+            try:
+                call()
+                outcomes[name] = None
+            except Exception as e:
+                outcomes[name] = e
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    def remove() -> None:
+        if how == "evicted":
+            removal = Removal(AGENT, REMOVAL_EVICTED, NOW)
+            remover.delete_agent(AGENT, removal)
+        else:
+            removal = Removal(AGENT, REMOVAL_BANNED, NOW)
+            remover.set_agent_banned(AGENT, True, removal)
+
+    def credential(value: str) -> Credential:
+        return Credential("jwt_id", value, AGENT, "spiffe://x/y", "", NOW + 60)
+
+    threads: list[threading.Thread] = []
+    try:
+        first.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+        # Sealed on a head the (empty) chain is not at: the store calls reseal, mid-write.
+        threads.append(
+            run(
+                "first",
+                lambda: first.write_ledger([credential("a")], audit_rows(5, 1), reseal=reseal),
+            )
+        )
+        assert inside.wait(30)
+        threads.append(run("removal", remove))
+        _wait_for_a_lock_wait(postgres_dsn, remover_app, f"the removal did not wait: {outcomes}")
+        # No audit rows: the second write needs none of the locks the first holds but the
+        # agent's.
+        threads.append(run("second", lambda: second.write_ledger([credential("b")], [])))
+        try:
+            settled = _settled(postgres_dsn, second_app, threads[-1])
+            assert settled == "waiting", (
+                f"the second write ({outcomes.get('second')!r}) got in ahead of the removal "
+                f"still waiting ({threads[1].is_alive()})"
+            )
+        finally:
+            release.set()
+            for thread in threads:
+                thread.join(30)
+        assert outcomes["first"] is None
+        assert outcomes["removal"] is None
+        assert isinstance(outcomes["second"], AgentRemovedError), outcomes["second"]
+        assert [c.value for c in first.agent_credentials(AGENT, NOW)] == ["a"]
+    finally:
+        release.set()
+        for store in (first, second, remover):
+            store.close()
