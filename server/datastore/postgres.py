@@ -571,6 +571,7 @@ class PostgresDataStore(
         row = _removal_of(spiffe_id, removal)
 
         def work(cur: Cursor) -> None:
+            self._lock_agent_key(cur, spiffe_id)
             if cur.execute(pg(q.DELETE_AGENT), {"spiffe_id": spiffe_id}).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
             if row is not None:
@@ -582,6 +583,12 @@ class PostgresDataStore(
         # under load takes longer than a statement of the server's own should.
         self._write("delete the agent", work, bulk=True)
 
+    @staticmethod
+    def _lock_agent_key(cur: Cursor, agent_id: str) -> None:
+        """A removal's first lock: the agent's key, exclusive, so the ledger writes coming
+        while it waits for the one under way queue behind it (ps.SHARE_AGENT_KEYS)."""
+        cur.execute(pg(ps.LOCK_AGENT_KEY), {"spiffe_id": agent_id})
+
     def set_agent_banned(
         self, spiffe_id: str, banned: bool, removal: Removal | None = None
     ) -> None:
@@ -589,6 +596,7 @@ class PostgresDataStore(
         row = _removal_of(spiffe_id, removal)
 
         def work(cur: Cursor) -> None:
+            self._lock_agent_key(cur, spiffe_id)
             if cur.execute(pg(q.SET_AGENT_BANNED), params).rowcount != 1:
                 raise NotFoundError(f"agent {spiffe_id} not found")
             if row is not None:

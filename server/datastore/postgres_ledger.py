@@ -70,13 +70,20 @@ def _refuse_gone(
     `banned` or `state`). The removal row a removal stored is read by the next statement,
     whose snapshot is taken after that wait.
 
-    Lock order: agent rows in agent order, then task rows in task order, first in the write
-    (then jti rows, then the audit append lock). A removal locks one agent row, then only
-    counters; an end or a task's begin locks one task row, then only counters; other ledger
-    writes share these locks and take them in the same order: no cycle of waits can form."""
+    The agents' advisory keys are taken shared first (ps.SHARE_AGENT_KEYS): a removal takes
+    its agent's key exclusive before the row, and the key, unlike the row, is fair, so a write
+    coming while a removal waits queues behind it instead of keeping the row share-locked
+    for ever with the writes overlapping it.
+
+    Lock order: agent keys, then agent rows, in agent order, then task rows in task order,
+    first in the write (then jti rows, then the audit append lock). A removal locks one agent
+    key, then its row, then only counters; an end or a task's begin locks one task row, then
+    only counters; other ledger writes share these locks and take them in the same order: no
+    cycle of waits can form."""
     ids = {"agent_ids": agents, "task_ids": tasks}
     admitted: set[str] = set()
     if agents:
+        cur.execute(pg(ps.SHARE_AGENT_KEYS), ids)
         admitted = {r[0] for r in cur.execute(pg(lq.LOCK_ADMITTED_AGENTS), ids).fetchall()}
     if tasks:
         # The tasks' locks and the removals' read in one round trip: the agents' rows are

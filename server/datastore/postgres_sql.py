@@ -48,6 +48,25 @@ LOCK_AUDIT_APPEND = _LOCK % "'svidd.audit_append:'"
 # identities in different orders cannot deadlock on the UNIQUE key.
 LOCK_ENTRIES = _LOCK % "'svidd.entries:'"
 
+# One key per agent and schema. A row lock is not fair: a new FOR SHARE gets in ahead of a
+# delete or update waiting for the row, so ledger writes overlapping without pause (an agent
+# issuing through several servers) would starve its eviction or ban for ever. An advisory lock
+# is fair: a request that conflicts with a waiting one queues behind it. So a ledger write
+# takes its agents' keys shared (in agent order, before their rows) and a removal takes its
+# agent's key exclusive (before the row): the writes that come after a waiting removal wait
+# behind it, and find the agent removed.
+# The key: hashtextextended('svidd.agent:' || schema || ':' || agent ID, 0).
+# :agent_ids sorted; WITH ORDINALITY keeps the locks taken in that order.
+SHARE_AGENT_KEYS = (
+    "SELECT pg_advisory_xact_lock_shared(hashtextextended("
+    "'svidd.agent:' || coalesce(current_schema(), '') || ':' || a.id, 0)) "
+    "FROM unnest(CAST(:agent_ids AS text[])) WITH ORDINALITY AS a(id, n) ORDER BY a.n"
+)
+LOCK_AGENT_KEY = (
+    "SELECT pg_advisory_xact_lock(hashtextextended("
+    "'svidd.agent:' || coalesce(current_schema(), '') || ':' || :spiffe_id, 0))"
+)
+
 # The change feed's rows of one write, numbered from the counter it bumped (BUMP_COUNTER_BY).
 COPY_FEED = "COPY feed (revision, at, kind, key) FROM STDIN"
 BUMP_COUNTER_BY = "UPDATE counters SET value = value + :n WHERE name = :name RETURNING value"
