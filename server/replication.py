@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Container, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 from server.datastore.base import DataStore
 from server.datastore.errors import NotFoundError
@@ -54,6 +55,7 @@ from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.replication")
 _V = TypeVar("_V")
+_P = ParamSpec("_P")
 # Rows read per step: a page of reloads stays a few milliseconds of datastore work.
 FEED_PAGE = 1000
 # A row this server was writing while the follower reloaded it is read again this soon.
@@ -234,6 +236,12 @@ class FeedFollower:
         # For tests and metrics: rows read, full reloads done.
         self.rows_read = 0
         self.full_reloads = 0
+        # Threads of its own, not asyncio's default pool: that one is shared with every
+        # admin and node call touching the datastore, and under a burst of writes the feed
+        # read queued behind them past the view's staleness bound (Sync then refused).
+        # One thread holds wait_feed; the other reads the feed and the rows it names.
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="feed-wait")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="feed-read")
 
     @property
     def cursor(self) -> int:
@@ -253,6 +261,23 @@ class FeedFollower:
         if flight is not None and not flight.done():
             flight.cancel()
             await asyncio.wait({flight})
+        # Not waited for: wait_feed ends on its own (at its timeout, or when the datastore
+        # closes), as does a read under way.
+        self._waiter.shutdown(wait=False, cancel_futures=True)
+        self._reader.shutdown(wait=False, cancel_futures=True)
+
+    async def _read(self, call: Callable[_P, _V], *args: _P.args, **kwargs: _P.kwargs) -> _V:
+        """`call` on the follower's reading thread."""
+        return await self._on(self._reader, call, *args, **kwargs)
+
+    async def _on(
+        self, thread: Executor, call: Callable[_P, _V], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _V:
+        def follower_call() -> _V:
+            with self._ds.feed_reading():
+                return call(*args, **kwargs)
+
+        return await asyncio.get_running_loop().run_in_executor(thread, follower_call)
 
     async def _follow(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -265,7 +290,9 @@ class FeedFollower:
                 continue
             # A wake-up is a hint: after the poll interval the feed is read anyway.
             waiting = asyncio.ensure_future(
-                asyncio.to_thread(self._ds.wait_feed, self._cursor, self.settings.poll_interval)
+                self._on(
+                    self._waiter, self._ds.wait_feed, self._cursor, self.settings.poll_interval
+                )
             )
             stopping = asyncio.ensure_future(stop.wait())
             try:
@@ -318,7 +345,7 @@ class FeedFollower:
             cursor = self._cursor
             # The view holds what committed before this read began, once it is applied.
             as_of = self.view.now()
-            head, items = await asyncio.to_thread(self._page, cursor)
+            head, items = await self._read(self._page, cursor)
             if pruned_past(cursor, head, items):
                 await self.reload_everything()
                 self.view.caught_up(as_of)
@@ -341,7 +368,7 @@ class FeedFollower:
     async def _apply(self, work: FeedWork) -> None:
         self._state.follow_mark()
         mark = self._federation.follow_mark() if self._federation is not None else 0
-        loaded = await asyncio.to_thread(self._load, work)
+        loaded = await self._read(self._load, work)
         # From here to the end of the install, nothing else runs on the loop: memory and the
         # rows written meanwhile (`touched`) are one consistent picture.
         skip_entries = self._state.touched(FEED_ENTRY)
@@ -362,7 +389,7 @@ class FeedFollower:
             await self._key_slots_changed()
         if loaded.audit_records is not None:
             await self._audit_records_stored(loaded.audit_records)
-        await self._state.refresh_revision()
+        await self._state.refresh_revision(self._read)
 
     def _apply_federation(self, stored: Stored | None, mark: int) -> bool:
         """Hand the federation rows to the service; True when it asks to read them again."""
@@ -413,7 +440,7 @@ class FeedFollower:
         )
         self._state.follow_mark()
         mark = self._federation.follow_mark() if self._federation is not None else 0
-        head, entries, agents, revocations, tasks, records, federation = await asyncio.to_thread(
+        head, entries, agents, revocations, tasks, records, federation = await self._read(
             self._load_all
         )
         skip_entries = self._state.touched(FEED_ENTRY)
@@ -435,7 +462,7 @@ class FeedFollower:
         )
         await self._key_slots_changed()
         await self._audit_records_stored(records)
-        await self._state.refresh_revision()
+        await self._state.refresh_revision(self._read)
         self._cursor = head
 
     def _load_all(

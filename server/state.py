@@ -17,7 +17,7 @@ import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -575,5 +575,8 @@ class ServerState:
         if self._join_revocations(stored):
             self.notifier.notify()
 
-    async def refresh_revision(self) -> None:
-        self._revision = await asyncio.to_thread(self._datastore.revision)
+    async def refresh_revision(
+        self, run: Callable[[Callable[[], int]], Awaitable[int]] = asyncio.to_thread
+    ) -> None:
+        """Read the datastore's revision off the loop, through `run` (the follower's own)."""
+        self._revision = await run(self._datastore.revision)

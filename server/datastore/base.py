@@ -491,6 +491,13 @@ class ChangeFeed(Protocol):
         feed_since() now and then whatever this returns."""
         ...
 
+    def feed_reading(self) -> AbstractContextManager[None]:
+        """The calls this thread makes meanwhile are the follower's (its feed reads, the rows
+        they name, wait_feed): a store with a pool of connections serves them from
+        connections of their own, so they never wait behind a burst of other calls (the
+        server's view would turn stale meanwhile)."""
+        ...
+
 
 class JtiClaim(NamedTuple):
     issuer: str

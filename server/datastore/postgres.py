@@ -26,6 +26,8 @@ NOTIFY that COMMIT delivers; `wait_feed` listens on one more connection of its o
 
 Connections: a small pool (the server's datastore calls are short; a few connections serve a
 2-core machine). autocommit, so a read is one round trip and a write is an explicit transaction.
+The change feed's follower has connections of its own (`feed_reading`): a burst of writes
+holding the whole pool must not hold up its reads, or the server's view turns stale.
 A call whose connection died raises StorageError; the pool then checks its idle connections and
 replaces the dead ones, so the next call gets a fresh one and the server keeps serving.
 
@@ -118,6 +120,8 @@ Cursor = psycopg.Cursor[Any]
 
 MIN_CONNECTIONS = 1
 MAX_CONNECTIONS = 4
+# The follower's: one reading the feed and the rows it names, one for wait_feed's look at the head.
+FEED_CONNECTIONS = 2
 # How long a call waits for a free (or a new) connection before it fails, and how long opening
 # one may take (seconds): an issuing call must fail, UNAVAILABLE, while its client still waits.
 CONNECT_TIMEOUT = 5.0
@@ -239,33 +243,44 @@ class PostgresDataStore(
             raise StorageError(
                 f"cannot open the PostgreSQL datastore at {redact_dsn(dsn)}: {scrub(str(e), dsn)}"
             ) from None
-        self._pool: ConnectionPool[AnsweredConnection] = ConnectionPool(
-            dsn,
+        self._pool = self._open_pool("svidd-datastore", min_connections, max_connections, timeout)
+        # Opened on the follower's first read: a store no follower reads holds none.
+        self._feed_pool = self._open_pool("svidd-feed", 0, FEED_CONNECTIONS, timeout)
+        # Whether this thread is inside feed_reading (then it takes _feed_pool).
+        self._feeding = threading.local()
+
+    def _open_pool(
+        self, name: str, min_size: int, max_size: int, timeout: float
+    ) -> ConnectionPool[AnsweredConnection]:
+        return ConnectionPool(
+            self._dsn,
             connection_class=AnsweredConnection,
-            min_size=min_connections,
-            max_size=max_connections,
+            min_size=min_size,
+            max_size=max_size,
             timeout=timeout,
             kwargs={"autocommit": True, **self._options},
-            name="svidd-datastore",
+            name=name,
             open=True,
         )
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _failed(self, what: str, error: psycopg.Error) -> StorageError:
+    def _failed(
+        self, what: str, error: psycopg.Error, pool: ConnectionPool[AnsweredConnection]
+    ) -> StorageError:
         lost = isinstance(error, psycopg.OperationalError) and not isinstance(error, _RETRY)
         if lost and not self._closed:
             # The connection (or the server) may be gone: drop the dead idle connections now,
             # so the next call gets a fresh one instead of failing on the next dead one. Not
             # on this thread when the database is silent: each check would wait as long.
             if isinstance(error, NoAnswerError):
-                self._check_pool_aside()
+                self._check_pool_aside(pool)
             else:
-                self._pool.check()
+                pool.check()
         failed = UnreachableError if lost else StorageError
         return failed(f"cannot {what}: {scrub(str(error).strip(), self._dsn)}")
 
-    def _check_pool_aside(self) -> None:
+    def _check_pool_aside(self, pool: ConnectionPool[AnsweredConnection]) -> None:
         """Check the idle connections in a thread of its own (one at a time): with a silent
         database each check waits out ANSWER_TIMEOUT, which the failing call must not add to
         its own."""
@@ -275,7 +290,7 @@ class PostgresDataStore(
         def check() -> None:
             try:
                 if not self._closed:
-                    self._pool.check()
+                    pool.check()
             except psycopg.Error:
                 pass  # the pool logs what it discards; the next failure checks again
             finally:
@@ -284,18 +299,27 @@ class PostgresDataStore(
         threading.Thread(target=check, name="svidd-datastore-check", daemon=True).start()
 
     @contextmanager
+    def feed_reading(self) -> Iterator[None]:
+        self._feeding.on = True
+        try:
+            yield
+        finally:
+            self._feeding.on = False
+
+    @contextmanager
     def _connection(self, what: str, *, bulk: bool = False) -> Iterator[AnsweredConnection]:
         if self._closed:
             raise StorageError(f"cannot {what}: the datastore is closed")
+        pool = self._feed_pool if getattr(self._feeding, "on", False) else self._pool
         try:
-            with self._pool.connection() as conn:
+            with pool.connection() as conn:
                 if not bulk:
                     yield conn
                     return
                 with _patient(conn):
                     yield conn
         except psycopg.Error as e:
-            raise self._failed(what, e) from e
+            raise self._failed(what, e, pool) from e
 
     def _write(self, what: str, work: Callable[[Cursor], T], *, bulk: bool = False) -> T:
         """`work` in one transaction, committed when it returns; run again (up to ATTEMPTS)
@@ -403,6 +427,7 @@ class PostgresDataStore(
         if not self._closed:
             self._closed = True
             self._pool.close()
+            self._feed_pool.close()
 
     # -- entries --------------------------------------------------------------------------------
 

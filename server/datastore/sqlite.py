@@ -688,6 +688,11 @@ class SqliteDataStore(
         with self._transaction() as db:
             return int(db.execute(q.PRUNE_FEED, {"before": before}).rowcount)
 
+    def feed_reading(self) -> contextlib.nullcontext[None]:
+        # One connection under one lock, and SQLite admits one writer at a time anyway:
+        # there is no pool for the follower's reads to have a share of their own.
+        return contextlib.nullcontext()
+
     def wait_feed(self, after: int, timeout: float) -> bool:
         # SQLite tells no other process of a commit: look at the counter every few
         # milliseconds (steps of the poll, not a clock: a test's fake clock never moves here).

@@ -240,6 +240,9 @@ class FaultInjectingDataStore:
         self._enter("wait_feed")
         return self.inner.wait_feed(after, timeout)
 
+    def feed_reading(self) -> AbstractContextManager[None]:
+        return self.inner.feed_reading()
+
     def put_task(self, task: TaskRecord) -> None:
         self._enter("put_task")
         self.inner.put_task(task)

@@ -1,7 +1,4 @@
-"""Chaos findings: a healthy server on a shared PostgreSQL under a burst of ordinary load.
-
-These tests fail on purpose: each shows a defect found under load, not yet fixed.
-"""
+"""Chaos findings: a healthy server on a shared PostgreSQL under a burst of ordinary load."""
 
 from __future__ import annotations
 
@@ -62,10 +59,10 @@ def test_a_healthy_server_keeps_its_sync_streams_through_a_burst_of_its_own_entr
     pg_server: RunningServer,
 ) -> None:
     """The only server, its PostgreSQL healthy: 48 batches of 500 entries sent at once (all
-    acknowledged within a few seconds). The follower's feed read (about 0.15 s) waits behind
-    the batch writes in asyncio's default executor (6 threads on 2 cores, one of them held by
-    wait_feed), its view turns 'stale' past 3 s, and the server ends its agents' Sync streams
-    UNAVAILABLE: agents have no other server to go to."""
+    acknowledged within a few seconds). The follower reads the feed on threads and
+    connections of its own, not behind the batch writes (asyncio's default executor, the
+    pool's 4 connections): its view stays fresh and the agent's Sync stream stays up (ended
+    UNAVAILABLE, the agent would have no other server to go to)."""
     agent = pg_server.attest()
     ended: list[str] = []
     stream = threading.Thread(
