@@ -55,6 +55,9 @@ class ValidationReporter:
         self.dropped = 0
         self.sent = 0
         self.repeated = 0
+        # A batch out when the loop sending it was cancelled (the agent stopping): its send
+        # goes on, and the next flush learns how it ended before sending anything else.
+        self._in_flight: tuple[asyncio.Future[object], list[task_pb2.Validation]] | None = None
 
     def report(
         self,
@@ -103,26 +106,44 @@ class ValidationReporter:
         return [*self._accepted, *self._refused]
 
     async def flush(self) -> None:
+        if self._in_flight is not None:
+            send, batch = self._in_flight
+            self._in_flight = None
+            if not await self._landed(send, batch):
+                return
         while self.pending:
             batch = self._next_batch()
-            try:
-                await self._send(task_pb2.ReportValidationsRequest(validations=batch))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
-                    # The server will never take this batch: retrying would block the queue.
-                    self.dropped += len(batch)
-                    log.warning("server refused a validation report; dropped it")
-                    continue
-                self._put_back(batch)
-                log.warning(
-                    "cannot report validations to the server", extra={"error": exc.code().name}
-                )
+            send = asyncio.ensure_future(
+                self._send(task_pb2.ReportValidationsRequest(validations=batch))
+            )
+            # Shielded: cancelled meanwhile (the agent stopping), the batch is neither lost
+            # (taken from the queues, its send cut) nor sent twice (put back after it landed).
+            self._in_flight = (send, batch)
+            await asyncio.wait({send})
+            self._in_flight = None
+            if not await self._landed(send, batch):
                 return
-            except Exception as exc:
-                self._put_back(batch)
-                log.warning("cannot report validations to the server", extra={"error": str(exc)})
-                return
-            self.sent += len(batch)
+
+    async def _landed(self, send: asyncio.Future[object], batch: list[task_pb2.Validation]) -> bool:
+        """How `batch`'s send ended: counted sent, dropped, or put back for the next round
+        (False: stop this round)."""
+        try:
+            await send
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                # The server will never take this batch: retrying would block the queue.
+                self.dropped += len(batch)
+                log.warning("server refused a validation report; dropped it")
+                return True
+            self._put_back(batch)
+            log.warning("cannot report validations to the server", extra={"error": exc.code().name})
+            return False
+        except Exception as exc:
+            self._put_back(batch)
+            log.warning("cannot report validations to the server", extra={"error": str(exc)})
+            return False
+        self.sent += len(batch)
+        return True
 
     def _put_back(self, batch: list[task_pb2.Validation]) -> None:
         """Return a batch that was not sent to the front of its queues (oldest first), for the
