@@ -219,6 +219,8 @@ class FederationService:
         self._due: dict[str, float] = {}
         self._retries: dict[str, Retry] = {}  # relationships whose last fetch failed
         self._wake = asyncio.Event()
+        # How many times each relationship's next fetch was scheduled (see _reschedule).
+        self._schedules: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # Scheduled fetches someone asked for here: they skip the lease.
         self._asked: set[str] = set()
@@ -427,7 +429,7 @@ class FederationService:
         lock = self._locks.setdefault(td, asyncio.Lock())
         async with lock:
             known = self._bundles.get(td)
-            asked = self._due.get(td)
+            asked = self._schedules.get(td, 0)
             self.fetches += 1
             try:
                 fetched = await asyncio.get_running_loop().run_in_executor(
@@ -476,14 +478,17 @@ class FederationService:
     def _next(self, bundle: SpiffeBundle | None, *, ok: bool = True, retry: float = RETRY) -> float:
         return next_refresh(bundle, ok, retry, self._min_refresh)
 
-    def _reschedule(self, td: str, asked: float | None, delay: float) -> None:
+    def _reschedule(self, td: str, asked: int, delay: float) -> None:
         """Schedule the next fetch, unless a fetch was asked for while this one ran (a bundle
-        set by hand, the relationship changed): that one stands."""
-        if self._due.get(td) == asked:
+        set by hand, the relationship changed): that one stands. Told by a count of
+        schedulings, not by the due time: one asked "now" at the same clock reading as the
+        running fetch's was due looked like no ask at all, and was lost to the retry."""
+        if self._schedules.get(td, 0) == asked:
             self._schedule(td, delay)
 
     def _schedule(self, td: str, delay: float, *, asked: bool = False) -> None:
         if td in self._relationships:
+            self._schedules[td] = self._schedules.get(td, 0) + 1
             self._due[td] = self._clock.now() + delay
             if asked:
                 self._asked.add(td)
