@@ -82,7 +82,6 @@ class ServerState:
         self._entries = EntryIndex()
         self._agents: Mapping[str, AttestedAgent] = MappingProxyType({})
         self._revocations: tuple[Revocation, ...] = ()
-        self._revoked_jtis: tuple[tuple[Revocation, ...], frozenset[str]] = ((), frozenset())
         self._revoked_keys: tuple[tuple[Revocation, ...], frozenset[tuple[str, str]]] = (
             (),
             frozenset(),
@@ -190,20 +189,12 @@ class ServerState:
         return self._revocations
 
     def is_jwt_revoked(self, jti: str) -> bool:
-        """Whether a JWT's ``jti`` is among the revocations (from any thread): the set is made
-        once per change of the revocations, not per question."""
-        current = self._revocations
-        memo = self._revoked_jtis
-        if memo[0] is not current:
-            memo = self._revoked_jtis = (
-                current,
-                frozenset(r.value for r in current if r.kind == REVOKED_JWT_ID),
-            )
-        return jti in memo[1]
+        """Whether a JWT's ``jti`` is among the revocations (from any thread)."""
+        return self.is_revoked(REVOKED_JWT_ID, jti)
 
     def is_revoked(self, kind: str, value: str) -> bool:
-        """Whether a credential (its kind and value) is among the revocations, as
-        ``is_jwt_revoked`` asks of JWTs: each task end or removal asks of its credentials."""
+        """Whether a credential (its kind and value) is among the revocations, from any
+        thread: the set is made once per change of the revocations, not per question."""
         current = self._revocations
         memo = self._revoked_keys
         if memo[0] is not current:
