@@ -508,19 +508,55 @@ def join_parts(parts: Sequence[SyncState]) -> SyncState:
     )
 
 
-def hold_crl(
-    pending: tuple[bytes, ...] | None, delta: SyncDelta
-) -> tuple[tuple[bytes, ...] | None, SyncDelta]:
-    """The delta part to apply now, and the CRLs of its run held back so far.
+def join_deltas(parts: Sequence[SyncDelta]) -> SyncDelta:
+    """One delta from a run's parts, doing what applying them in turn would.
 
-    A run's CRLs may be spread over its parts, and they replace the agent's CRLs together, with
-    the last part: installing one part's share would drop the CRLs the other parts carry.
+    A run is applied whole, with its last part: workloads never see a run half applied (an
+    entry's replacement added but the entry not yet removed, a bundle without the entries that
+    came with it), and a stream cut before its end leaves nothing of it behind. Its CRLs may be
+    spread over its parts and replace the agent's together.
     """
-    if delta.crl is not None:
-        pending = (*(pending or ()), *delta.crl)
-    if delta.more:
-        return pending, replace(delta, crl=None)
-    return None, replace(delta, crl=pending)
+    last = parts[-1]
+    if len(parts) == 1:
+        return last
+    upserts: dict[str, Entry] = {}
+    removed: dict[str, None] = {}
+    added: dict[tuple[str, str], int] = {}
+    gone: set[tuple[str, str]] = set()
+    ids: dict[tuple[str, str], str] = {}
+    bundle: TrustBundle | None = None
+    federated: Mapping[str, TrustBundle] = {}
+    crl: tuple[bytes, ...] | None = None
+    for part in parts:
+        # In each part's order of application (Cache.apply_delta): a later part undoes an
+        # earlier one's upsert or revocation as applying it after would.
+        for entry in part.upserts:
+            upserts[entry.id] = entry
+            removed.pop(entry.id, None)
+        for entry_id in part.removed_ids:
+            upserts.pop(entry_id, None)
+            removed[entry_id] = None
+        for key in part.revocations_removed:
+            added.pop(key, None)
+            ids.pop(key, None)
+            gone.add(key)
+        added.update(part.revocations_added)
+        ids.update(part.revocation_spiffe_ids)
+        if part.bundle is not None:
+            bundle, federated = part.bundle, part.federated
+        if part.crl is not None:
+            crl = (*(crl or ()), *part.crl)
+    return replace(
+        last,
+        upserts=tuple(upserts.values()),
+        removed_ids=tuple(removed),
+        bundle=bundle,
+        federated=federated,
+        revocations_added=added,
+        revocations_removed=frozenset(gone),
+        revocation_spiffe_ids=ids,
+        crl=crl,
+    )
 
 
 def with_entry(state: SyncState, entry: Entry) -> SyncState:

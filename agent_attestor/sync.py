@@ -19,7 +19,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
-from agent_attestor.cache import Cache, SyncPosition, SyncState, hold_crl, join_parts
+from agent_attestor.cache import (
+    Cache,
+    SyncDelta,
+    SyncPosition,
+    SyncState,
+    join_deltas,
+    join_parts,
+)
 from agent_attestor.cancel import cancel_all
 from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.errors import (
@@ -501,8 +508,10 @@ class Syncer:
             )
 
     async def _consume(self, client: NodeClient) -> None:
+        # The parts of a run not yet complete: held off the cache, and dropped with the stream
+        # if it ends before the last one (the reconnect asks for the run again).
         parts: list[SyncState] = []
-        crls: tuple[bytes, ...] | None = None
+        deltas: list[SyncDelta] = []
         if self._revision_of != self.agent_id:
             # Attested anew under another ID: what the old one reached says nothing here.
             self.revision, self.epoch = 0, ""
@@ -520,12 +529,15 @@ class Syncer:
                 self._save_bundle(state.bundle)
                 self._cache.apply_sync(state)
             else:
-                crls, delta = hold_crl(crls, message)
+                # A delta in parts too is applied whole, when its last part is in.
+                deltas.append(message)
+                if message.more:
+                    continue
+                delta = join_deltas(deltas)
+                deltas = []
                 if delta.bundle is not None:
                     self._save_bundle(delta.bundle)
                 self._cache.apply_delta(delta)
-                if delta.more:
-                    continue  # applied; the revision is reached with the last part
             self.revision, self.epoch = message.revision, message.epoch
             self._revision_of = self.agent_id
             if not self.connected:

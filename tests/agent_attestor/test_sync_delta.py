@@ -1,4 +1,4 @@
-"""The agent's side of delta Sync: a snapshot in parts is applied whole, deltas in place, and a
+"""The agent's side of delta Sync: a snapshot or a delta in parts is applied whole, and a
 reconnect asks for what came after the last revision it reached."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from agent_attestor.agent_store import AgentStore
-from agent_attestor.cache import Cache, SyncDelta, SyncState
+from agent_attestor.cache import Cache, SyncDelta, SyncState, join_deltas
 from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.model import Entry, Selector, TrustBundle
 from agent_attestor.node_client import NodeClient, sync_delta
@@ -57,7 +57,7 @@ def _syncer(tmp_path: Path, cache: Cache) -> Syncer:
     )
 
 
-def test_a_snapshot_in_parts_is_applied_whole_then_deltas_in_place(tmp_path: Path) -> None:
+def test_a_snapshot_or_delta_in_parts_is_applied_whole(tmp_path: Path) -> None:
     cache = Cache()
     syncer = _syncer(tmp_path, cache)
     script: list[tuple[SyncState | SyncDelta, set[str]]] = [
@@ -67,8 +67,8 @@ def test_a_snapshot_in_parts_is_applied_whole_then_deltas_in_place(tmp_path: Pat
             SyncDelta(upserts=(_entry(4),), removed_ids=("e1",), revision=9, epoch="ep"),
             {"e2", "e3", "e4"},
         ),
-        # A delta in parts is applied as it comes; only its last part moves the revision.
-        (SyncDelta(removed_ids=("e2",), revision=12, epoch="ep", more=True), {"e3", "e4"}),
+        # A delta in parts is held until its last part: a cut one leaves no trace.
+        (SyncDelta(removed_ids=("e2",), revision=12, epoch="ep", more=True), {"e2", "e3", "e4"}),
     ]
     client = FakeClient(cache, script)
     with pytest.raises(ConnectionError):
@@ -154,6 +154,56 @@ def test_crls_spread_over_a_run_replace_the_agents_together_at_its_end(tmp_path:
         asyncio.run(syncer._consume(cast(NodeClient, CrlClient(cache, script))))
     assert syncer.revision == 7
     assert set(cache.entries()) == {"e1", "e2", "e3"}
+
+
+def test_a_run_joined_leaves_the_state_its_parts_applied_in_turn_leave() -> None:
+    """A later part may undo what an earlier one did (an entry removed then added back, a
+    revocation added then gone): the joined run must end where applying each part would."""
+    changed = Entry("e2", "spiffe://example.org/w/2b", frozenset({Selector("unix", "uid:2")}))
+    other = TrustBundle("other.org", x509_authorities=(b"other",))
+    run = [
+        SyncDelta(
+            upserts=(_entry(3),),
+            removed_ids=("e2",),
+            revocations_added={("x509_serial", "aa"): 9, ("jwt_id", "j1"): 9},
+            revocation_spiffe_ids={("x509_serial", "aa"): "spiffe://example.org/w/3"},
+            crl=(b"c1",),
+            revision=4,
+            more=True,
+        ),
+        SyncDelta(
+            upserts=(changed,),
+            removed_ids=("e3", "e1"),
+            revocations_removed=frozenset({("x509_serial", "aa"), ("jwt_id", "old")}),
+            revision=4,
+            more=True,
+        ),
+        SyncDelta(
+            upserts=(_entry(1),),
+            revocations_added={("x509_serial", "aa"): 10},
+            bundle=TrustBundle("example.org", x509_authorities=(b"ca-2",)),
+            federated={"other.org": other},
+            crl=(b"c2",),
+            revision=4,
+        ),
+    ]
+    start = SyncState(
+        (_entry(1), _entry(2)), BUNDLE, revocation_expiry={("jwt_id", "old"): 9}, crl=(b"c0",)
+    )
+    in_turn, joined = Cache(), Cache()
+    for cache in (in_turn, joined):
+        cache.apply_sync(start)
+    for part in run:
+        in_turn.apply_delta(part)
+    joined.apply_delta(join_deltas(run))
+    assert joined.entries() == in_turn.entries() == {"e1": _entry(1), "e2": changed}
+    a, b = joined.snapshot(), in_turn.snapshot()
+    assert (a.bundle, dict(a.federated)) == (b.bundle, dict(b.federated))
+    assert a.crl == (b"c1", b"c2")  # the run's CRLs together (each part's alone replaced them)
+    assert dict(a.revocation_expiry) == dict(b.revocation_expiry)
+    assert dict(a.revocation_expiry) == {("x509_serial", "aa"): 10, ("jwt_id", "j1"): 9}
+    assert dict(a.revocation_spiffe_ids) == dict(b.revocation_spiffe_ids) == {}
+    assert (a.revoked_serials, a.revoked_jtis) == (b.revoked_serials, b.revoked_jtis)
 
 
 def test_a_bundle_the_disk_cannot_save_does_not_stop_the_sync(

@@ -1,0 +1,173 @@
+"""A delta split in parts reaches workloads whole or not at all: a Sync stream cut between its
+parts (a server restarting, a connection reset) must leave the agent serving the last whole
+state until a reconnect brings the run again, not the parts that came before the cut."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
+
+from agent_attestor.agent_store import AgentStore, AgentSvid
+from agent_attestor.cache import Cache
+from agent_attestor.server_identity import SERVER_NAME
+from agent_attestor.servers import Target
+from agent_attestor.sync import Syncer, SyncSettings
+from server.datastore import records
+from server.sync_messages import Shared, delta_messages, snapshot_messages
+from svid._clock import FakeClock, to_datetime
+from svid._proto import common_pb2, node_pb2, node_pb2_grpc
+from tests.agent_attestor.pki import LocalCa
+
+AGENT = "spiffe://example.org/svid/agent/join_token/me"
+
+
+def _entry(name: str) -> records.Entry:
+    return records.Entry(
+        name, f"spiffe://example.org/w/{name}", AGENT, (records.Selector("unix", f"uid:{name}"),)
+    )
+
+
+def _mtls_server_credentials(ca: LocalCa) -> grpc.ServerCredentials:
+    """A server certificate by `ca` for the name the agent dials, asking for the agent's SVID."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = ca.clock.now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(to_datetime(now - 60))
+        .not_valid_after(to_datetime(now + 3600))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier(f"spiffe://{ca.trust_domain}/svid/server"),
+                    x509.DNSName(SERVER_NAME),
+                ]
+            ),
+            critical=False,
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    return grpc.ssl_server_credentials(
+        [
+            (
+                key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
+                cert.public_bytes(Encoding.PEM),
+            )
+        ],
+        root_certificates=ca.cert.public_bytes(Encoding.PEM),
+        require_client_auth=True,
+    )
+
+
+class _CutBetweenParts(node_pb2_grpc.NodeServicer):
+    """Sends a snapshot, then the first part of a two-part delta, and fails the stream; the
+    reconnect, once `resume` is set, gets the whole delta and stays open."""
+
+    def __init__(
+        self,
+        snapshot: list[node_pb2.SyncUpdate],
+        run: list[node_pb2.SyncUpdate],
+        resume: asyncio.Event,
+    ) -> None:
+        self.snapshot = snapshot
+        self.run = run
+        self.resume = resume
+        self.requests: list[tuple[int, str]] = []
+
+    async def Sync(  # type: ignore[override]
+        self, request: node_pb2.SyncRequest, context: Any
+    ) -> AsyncIterator[node_pb2.SyncUpdate]:
+        self.requests.append((request.since_revision, request.epoch))
+        if len(self.requests) == 1:
+            for message in self.snapshot:
+                yield message
+            yield self.run[0]
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server going away")
+        await self.resume.wait()
+        for message in self.run:
+            yield message
+        await asyncio.Event().wait()  # held open, as a server's stream is
+
+
+def test_a_delta_cut_between_its_parts_changes_nothing_workloads_see_until_it_comes_whole(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(start=time.time())
+    ca = LocalCa(clock)
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    key = ec.generate_private_key(ec.SECP256R1())
+    store.save_svid(AgentSvid(AGENT, (ca.sign_leaf(key.public_key(), AGENT, ttl=3600),), key))
+    bundle = common_pb2.Bundle(
+        trust_domain="example.org", x509_authorities=[ca.cert.public_bytes(Encoding.DER)]
+    )
+    store.save_bundle(tuple(bundle.x509_authorities))
+    # The entry "old" is replaced by "new": the server's own packing, one item a message, sends
+    # the upsert first and the removal in the second part.
+    snapshot = list(
+        snapshot_messages(
+            [_entry("kept"), _entry("old")], [], Shared(bundle=bundle), revision=5, epoch="ep"
+        )
+    )
+    run = list(
+        delta_messages(
+            [_entry("new")], ["old"], [], [], Shared(), revision=6, epoch="ep", max_items=1
+        )
+    )
+    assert [m.more for m in run] == [True, False]
+
+    async def scenario() -> tuple[Any, ...]:
+        resume = asyncio.Event()
+        node = _CutBetweenParts(snapshot, run, resume)
+        server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServicer_to_server(node, server)
+        port = server.add_secure_port("127.0.0.1:0", _mtls_server_credentials(ca))
+        await server.start()
+        address = f"127.0.0.1:{port}"
+        cache = Cache(clock)
+        seen: dict[str, tuple[int, set[str]]] = {}
+        resynced = asyncio.Event()
+
+        def on_change(event: str) -> None:
+            state = (cache.version, set(cache.entries()))
+            if event == "sync" and "synced" not in seen:
+                seen["synced"] = state
+            elif event == "disconnected" and "cut" not in seen:
+                seen["cut"] = state  # before the reconnect: what workloads meanwhile see
+                resume.set()
+            elif event == "sync" and "cut" in seen:
+                resynced.set()
+
+        settings = SyncSettings((Target(address, address),), reconnect_min=0.01, reconnect_max=0.02)
+        syncer = Syncer(settings, store, cache, clock, on_change)
+        task = asyncio.create_task(syncer.run())
+        try:
+            await asyncio.wait_for(resynced.wait(), 20)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await syncer.close()
+            await server.stop(None)
+        return seen, set(cache.entries()), syncer.position, node.requests
+
+    seen, held, position, requests = asyncio.run(scenario())
+    version, entries = seen["synced"]
+    assert entries == {"kept", "old"}
+    assert seen["cut"] == (version, entries), "the first part of a cut delta reached workloads"
+    assert requests == [(0, ""), (5, "ep")]  # the reconnect resumes from the last whole state
+    assert held == {"kept", "new"}
+    assert (position.revision, position.epoch) == (6, "ep")
