@@ -156,6 +156,9 @@ class Syncer:
         self._unverified_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._attest_refused_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._attest_limited_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
+        # A full disk refuses the bundle at every Sync message that carries one.
+        self._bundle_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
+        self._bundle_save_failures = 0  # since the last save that worked
         self.connected = False
         self.syncs = 0
         # Where the last Sync stream left off: a reconnect asks only for what came after. It
@@ -551,18 +554,39 @@ class Syncer:
     def _save_bundle(self, bundle: TrustBundle) -> None:
         """The roots for the next start to verify the server with. A failed write (a full
         disk) is logged, not raised: ending the stream here kept the message from being
-        applied, and every reconnect asked for it again, so no entry or revocation came in."""
+        applied, and every reconnect asked for it again, so no entry or revocation came in.
+        Logged once an interval (OPERATOR_LOG_INTERVAL), not at every message that fails."""
         if not bundle.x509_authorities:
             return
         try:
             self._store.save_bundle(bundle.x509_authorities)
-            self._unsaved_roots = ()  # newer than those: _save_loop must not write them over
         except OSError as exc:
-            log.error(
-                "cannot save the trust bundle; a restart verifies the server with the one saved "
-                "before",
-                extra={"bundle_file": str(self._store.bundle_path), "error": str(exc)[:200]},
+            # Said at the first failure, then once an interval with how many there were.
+            self._bundle_save_failures += 1
+            count = self._bundle_save_log.due()
+            if count:
+                log.error(
+                    "cannot save the trust bundle; a restart verifies the server with the one "
+                    "saved before",
+                    extra={
+                        "bundle_file": str(self._store.bundle_path),
+                        "failures": count,
+                        "error": str(exc)[:200],
+                    },
+                )
+            return
+        self._unsaved_roots = ()  # newer than those: _save_loop must not write them over
+        if self._bundle_save_failures:
+            log.info(
+                "saved the trust bundle again after failed saves",
+                extra={
+                    "bundle_file": str(self._store.bundle_path),
+                    "failures": self._bundle_save_failures,
+                },
             )
+            self._bundle_save_failures = 0
+            # A disk failing again later is said at once, not an interval after the last line.
+            self._bundle_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, self._clock)
 
     def _refused(self, code: grpc.StatusCode, details: str | None) -> None:
         """The server no longer recognises this agent (evicted, banned, or its SVID superseded):

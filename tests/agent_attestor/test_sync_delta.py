@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,7 +19,7 @@ from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.model import Entry, Selector, TrustBundle
 from agent_attestor.node_client import NodeClient, sync_delta
 from agent_attestor.servers import Target
-from agent_attestor.sync import Syncer, SyncSettings
+from agent_attestor.sync import OPERATOR_LOG_INTERVAL, Syncer, SyncSettings
 from svid import AuditCheckpointError
 from svid._clock import FakeClock
 from svid._proto import common_pb2, node_pb2
@@ -238,6 +238,96 @@ def test_a_bundle_the_disk_cannot_save_does_not_stop_the_sync(
     assert (syncer.revision, syncer.epoch) == (4, "ep")
     assert cache.snapshot().revoked_serials == frozenset({"ab12"})
     assert "cannot save the trust bundle" in caplog.text
+
+
+class _Steps:
+    """Yields each scripted message after doing its step (the disk failing or mended, time
+    passing), and records the bundle-save lines the syncer wrote for it."""
+
+    def __init__(
+        self,
+        script: list[tuple[Callable[[], object], SyncState | SyncDelta]],
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        self.script = script
+        self.caplog = caplog
+        self.lines: list[list[tuple[str, int]]] = []
+
+    async def sync(self, since_revision: int = 0, epoch: str = "") -> AsyncIterator[Any]:
+        for step, message in self.script:
+            step()
+            self.caplog.clear()
+            yield message
+            self.lines.append(
+                [
+                    (r.getMessage().split(";")[0], cast(int, getattr(r, "failures", 0)))
+                    for r in self.caplog.records
+                    if "trust bundle" in r.getMessage()
+                ]
+            )
+
+
+def test_bundle_saves_failing_at_every_message_are_said_once_per_interval_then_mended_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every snapshot, and every delta changing the bundle, saves it: a full disk logged an
+    error at each, flooding the log. Said at the first, then once an interval with how many
+    failed, and once when a save works again (a later failure is said at once again)."""
+    cache = Cache()
+    clock = FakeClock(start=time.time())
+    syncer = Syncer(
+        SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),)),
+        AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"),
+        cache,
+        clock,
+    )
+    path = syncer._store.bundle_path
+
+    def nothing() -> None:
+        pass
+
+    def later() -> None:
+        clock.advance(OPERATOR_LOG_INTERVAL + 1)
+
+    def soon() -> None:
+        clock.advance(1)
+
+    def fill() -> None:
+        path.unlink(missing_ok=True)
+        path.mkdir()  # where the bundle goes, the write fails as on a full disk
+
+    def mend() -> None:
+        path.rmdir()
+
+    def bundled(n: int) -> SyncDelta:
+        authorities = (f"ca-{n}".encode(),)
+        return SyncDelta(bundle=TrustBundle("example.org", authorities), revision=n, epoch="ep")
+
+    steps = [fill, nothing, soon, later, soon, nothing, mend, nothing, fill, soon]
+    messages: list[SyncState | SyncDelta] = [
+        SyncState((_entry(1),), TrustBundle("example.org", (b"ca-0",)), revision=1, epoch="ep")
+    ]
+    messages += [bundled(n) for n in range(2, len(steps) + 1)]
+    client = _Steps(list(zip(steps, messages, strict=True)), caplog)
+    with (
+        caplog.at_level(logging.INFO, logger="agent_attestor.sync"),
+        pytest.raises(ConnectionError, match="server ended the Sync stream"),
+    ):
+        asyncio.run(syncer._consume(cast(NodeClient, client)))
+    failed = ("cannot save the trust bundle", 1)
+    assert client.lines == [
+        [failed],  # the first failure, at once
+        [],
+        [],
+        [("cannot save the trust bundle", 3)],  # an interval on: it and the two unsaid
+        [],
+        [],
+        [("saved the trust bundle again after failed saves", 6)],  # said once, with all six
+        [],
+        [failed],  # failing anew: said at once
+        [],
+    ]
+    assert syncer.revision == len(steps)  # every message was applied all along
 
 
 def test_a_checkpoint_the_agent_cannot_keep_does_not_stop_the_sync(
