@@ -134,7 +134,8 @@ class Syncer:
         self.moves = 0  # times the agent moved to another server
         self._svid: AgentSvid | None = None
         # The agent SVID in use and its roots, when the disk refused them (_persist): saved
-        # again by _save_loop, woken by _save_wanted. Roots () once nothing is left to save.
+        # again by _save_loop, woken by _save_wanted. Roots () once nothing is left to save;
+        # roots a Sync message brought and the disk refused (_save_bundle) wait here too.
         self._unsaved: AgentSvid | None = None
         self._unsaved_roots: tuple[bytes, ...] = ()
         self._save_wanted = asyncio.Event()
@@ -229,37 +230,40 @@ class Syncer:
             )
             self._save_wanted.set()
 
-    def _save_unsaved(self) -> bool:
-        """Save what the disk refused before; False: nothing was waiting. OSError: refused again
-        (what was saved before it is not saved twice)."""
-        saved = False
+    def _save_unsaved(self) -> tuple[bool, bool]:
+        """Save what the disk refused before: whether an agent SVID, and whether roots, were
+        saved now. OSError: refused again (what was saved before it is not saved twice)."""
+        svid_saved = roots_saved = False
         if self._unsaved is not None:
             self._store.save_svid(self._unsaved)
-            self._unsaved, saved = None, True
+            self._unsaved, svid_saved = None, True
             self._store.forget_spending()
         if self._unsaved_roots:
             self._store.save_bundle(self._unsaved_roots)
-            self._unsaved_roots, saved = (), True
-        return saved
+            self._unsaved_roots, roots_saved = (), True
+        return svid_saved, roots_saved
 
     async def _save_loop(self) -> None:
-        """Save an agent SVID the disk refused, with backoff, until it takes it. Quiet while it
-        fails: _persist said so, and what it said holds until the line this writes."""
+        """Save an agent SVID or trust bundle the disk refused, with backoff, until it takes
+        it. Quiet while it fails: _persist and _save_bundle said so, and what they said holds
+        until the line this writes."""
         retry = Retry(self._s.save_retry_first, self._s.save_retry_cap)
         while True:
             await self._save_wanted.wait()
             await asyncio.sleep(retry.failed())
             try:
-                saved = self._save_unsaved()
+                svid_saved, roots_saved = self._save_unsaved()
             except OSError:
                 continue
             self._save_wanted.clear()
             retry.succeeded()
-            if saved:
+            if svid_saved:
                 log.info(
                     "saved the agent SVID the disk refused before",
                     extra={"svid_file": str(self._store.svid_path)},
                 )
+            if roots_saved:
+                self._bundle_saved()
 
     def _install(self, svid: AgentSvid, bundle: TrustBundle | None) -> None:
         """Use `svid` (on disk, unless the disk refused it: _persist) from now on; `bundle` too,
@@ -523,7 +527,9 @@ class Syncer:
                 self._offer_checkpoint(message)
                 continue
             if isinstance(message, SyncState):
-                # A snapshot replaces everything at once, when its last part is in.
+                # A snapshot replaces everything at once, when its last part is in; delta
+                # parts held before it (the server never sends them so) are replaced with it.
+                deltas = []
                 parts.append(message)
                 if message.more:
                     continue
@@ -533,6 +539,10 @@ class Syncer:
                 self._cache.apply_sync(state)
             else:
                 # A delta in parts too is applied whole, when its last part is in.
+                if parts:
+                    # Joined to a snapshot it does not follow, it would be applied to state
+                    # the agent never had: the reconnect asks for both again.
+                    raise ConnectionError("server sent a delta inside a snapshot's parts")
                 deltas.append(message)
                 if message.more:
                     continue
@@ -574,8 +584,16 @@ class Syncer:
                         "error": str(exc)[:200],
                     },
                 )
+            # Saved again by _save_loop: a delta brings the bundle only when it changes, so
+            # waiting for the next one could leave the file stale for the next start. Until
+            # then _root_pem verifies a reconnect's server with these newer roots.
+            self._unsaved_roots = bundle.x509_authorities
+            self._save_wanted.set()
             return
         self._unsaved_roots = ()  # newer than those: _save_loop must not write them over
+        self._bundle_saved()
+
+    def _bundle_saved(self) -> None:
         if self._bundle_save_failures:
             log.info(
                 "saved the trust bundle again after failed saves",

@@ -358,3 +358,88 @@ def test_a_checkpoint_the_agent_cannot_keep_does_not_stop_the_sync(
         asyncio.run(syncer._consume(cast(NodeClient, FakeClient(cache, script))))
     assert set(cache.entries()) == {"e1"}
     assert "cannot keep the audit checkpoint" in caplog.text
+
+
+def test_a_bundle_the_disk_refused_is_saved_once_it_has_room_without_another_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A delta brings the bundle only when it changes: a save the disk refused waited for the
+    next change (or a reconnect's snapshot), and a restart meanwhile verified the server with
+    the roots saved before. It is saved again with backoff, as a refused agent SVID is."""
+    cache = Cache()
+    settings = SyncSettings(
+        (Target("127.0.0.1:1", "127.0.0.1:1"),), save_retry_first=0.01, save_retry_cap=0.02
+    )
+    syncer = Syncer(
+        settings,
+        AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"),
+        cache,
+        FakeClock(start=time.time()),
+    )
+    path = syncer._store.bundle_path
+    path.mkdir()  # where the bundle goes, the write fails as on a full disk
+    script: list[tuple[SyncState | SyncDelta, set[str]]] = [
+        (
+            SyncDelta(
+                upserts=(_entry(1),),
+                bundle=TrustBundle("example.org", x509_authorities=(b"ca-1",)),
+                revision=2,
+                epoch="ep",
+            ),
+            {"e1"},
+        ),
+    ]
+
+    async def scenario() -> None:
+        saver = asyncio.create_task(syncer._save_loop())
+        try:
+            with pytest.raises(ConnectionError, match="server ended the Sync stream"):
+                await syncer._consume(cast(NodeClient, FakeClient(cache, script)))
+            await asyncio.sleep(0.1)
+            assert path.is_dir()  # still refused: nothing saved, nothing lost
+            path.rmdir()  # the disk has room again; no message follows
+            for _ in range(200):
+                if path.is_file():
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            saver.cancel()
+
+    with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    assert path.read_bytes() == b"ca-1"
+    assert syncer._unsaved_roots == ()
+    assert "saved the trust bundle again after failed saves" in caplog.text
+    assert "saved the agent SVID" not in caplog.text  # no agent SVID was waiting
+
+
+def test_delta_parts_held_when_a_snapshot_comes_are_dropped_with_the_state_it_replaces(
+    tmp_path: Path,
+) -> None:
+    cache = Cache()
+    syncer = _syncer(tmp_path, cache)
+    script: list[tuple[SyncState | SyncDelta, set[str]]] = [
+        (SyncState((_entry(1),), BUNDLE, revision=3, epoch="ep"), {"e1"}),
+        (SyncDelta(upserts=(_entry(2),), revision=4, epoch="ep", more=True), {"e1"}),
+        (SyncState((_entry(3),), BUNDLE, revision=5, epoch="ep"), {"e3"}),
+        (SyncDelta(upserts=(_entry(4),), revision=6, epoch="ep"), {"e3", "e4"}),
+    ]
+    with pytest.raises(ConnectionError, match="server ended the Sync stream"):
+        asyncio.run(syncer._consume(cast(NodeClient, FakeClient(cache, script))))
+    assert (syncer.revision, set(cache.entries())) == (6, {"e3", "e4"})
+
+
+def test_a_delta_inside_a_snapshots_parts_ends_the_stream_with_nothing_applied(
+    tmp_path: Path,
+) -> None:
+    cache = Cache()
+    syncer = _syncer(tmp_path, cache)
+    script: list[tuple[SyncState | SyncDelta, set[str]]] = [
+        (SyncState((_entry(1),), BUNDLE, revision=3, epoch="ep"), {"e1"}),
+        (SyncState((_entry(2),), BUNDLE, revision=5, epoch="ep", more=True), {"e1"}),
+        (SyncDelta(upserts=(_entry(4),), revision=6, epoch="ep"), {"e1"}),
+        (SyncState((_entry(3),), BUNDLE, revision=5, epoch="ep"), {"e2", "e3"}),
+    ]
+    with pytest.raises(ConnectionError, match="a delta inside a snapshot's parts"):
+        asyncio.run(syncer._consume(cast(NodeClient, FakeClient(cache, script))))
+    assert (syncer.revision, set(cache.entries())) == (3, {"e1"})
