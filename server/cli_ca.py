@@ -7,6 +7,11 @@ data_dir must not cost the trust domain its CA. When the keys are truly gone, th
 names those slots, and with --yes drops them from the journal and records that on the audit
 log, so that the next start makes new keys as a first start does. It opens the config, the
 datastore and the data_dir itself, as `audit prune` does: no admin socket, no server needed.
+
+Shared keys are sealed in the datastore under a key-encryption key (KEK): when that KEK is lost,
+every key sealed under it is. With --lost-kek (the config naming a new KEK, from
+`svid-server keys new-kek`), the slots sealed under any other KEK are the lost ones, retired
+ones too: no server could open them, and a start refuses on any of them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ _CONSEQUENCES = (
     "restarted server (and a new join token). SVIDs of the "
     "lost CA and JWT-SVIDs of a lost JWT key no longer verify once their keys leave the bundle."
 )
+_LOST_KEK_HELP = (
+    "the key-encryption key the datastore's keys were sealed with is lost for good: the lost "
+    "slots are those sealed under any other key than key_encryption_key_file's (make that a "
+    "new one first: `svid-server keys new-kek --out FILE`)"
+)
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -55,6 +65,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="drop the lost slots (default: only say what would be dropped, change nothing)",
     )
+    forget.add_argument("--lost-kek", action="store_true", help=_LOST_KEK_HELP)
 
 
 def run_command(
@@ -69,16 +80,27 @@ def run_command(
             "and datastore)"
         )
     cfg = config(args)
+    lost_kek = bool(getattr(args, "lost_kek", False))
+    if lost_kek and cfg.key_encryption_key_file is None:
+        # Without a KEK the next start would refuse on nothing, but then keep the keys as
+        # one server's files: a new KEK keeps the trust domain's keys shared and sealed.
+        raise CliError(
+            "ca forget-lost-keys --lost-kek: key_encryption_key_file is required: make a new "
+            "key-encryption key (`svid-server keys new-kek --out FILE`), name it in the "
+            "config, copy it to every server, then run this again"
+        )
     clock = SystemClock()
     datastore = _open_datastore(cfg, clock)
     try:
         ca = _manager(cfg, datastore, clock)
-        lost = _lost_or_refuse(ca, cfg)
+        lost = _lost_or_refuse(ca, cfg, lost_kek=lost_kek)
         if not args.yes:
             _emit(args, _plan_text(lost), _as_json(lost, forgotten=False))
             return
         with _servers_stopped(datastore, clock):
-            lost = _lost_or_refuse(ca, cfg)  # as it stands now no server can change it
+            lost = _lost_or_refuse(
+                ca, cfg, lost_kek=lost_kek
+            )  # as it stands now no server can change it
             _record(datastore, clock, lost)
             ca.forget_lost_keys(lost)
         _emit(args, _done_text(lost), _as_json(lost, forgotten=True))
@@ -110,8 +132,19 @@ def _manager(cfg: ServerConfig, datastore: DataStore, clock: Clock) -> CaManager
     return CaManager(ca_config(cfg), datastore, keystore, clock, kek=kek)
 
 
-def _lost_or_refuse(ca: CaManager, cfg: ServerConfig) -> tuple[LostKey, ...]:
-    lost = ca.lost_keys()
+def _lost_or_refuse(ca: CaManager, cfg: ServerConfig, *, lost_kek: bool) -> tuple[LostKey, ...]:
+    elsewhere = ca.lost_kek_keys()
+    if elsewhere and not lost_kek:
+        # Never taken as lost unasked: a wrong KEK file looks just the same.
+        ids = sorted({item.sealed_under or "" for item in elsewhere})
+        raise CliError(
+            f"key slots {', '.join(item.slot.slot_id for item in elsewhere)} are sealed under "
+            f"another key-encryption key (key id {', '.join(ids)}) than "
+            f"{cfg.key_encryption_key_file}: if the trust domain's key-encryption key is there, "
+            "name it in the config; if it is lost for good, run this again with --lost-kek; "
+            "nothing forgotten"
+        )
+    lost = (*ca.lost_keys(), *elsewhere)
     if not lost:
         raise CliError(
             "no key slot is lost: the datastore's every live key slot has its key (sealed in "
@@ -161,17 +194,16 @@ def _record(datastore: DataStore, clock: Clock, lost: Sequence[LostKey]) -> None
 
 def _slot_json(item: LostKey) -> dict[str, Any]:
     slot = item.slot
-    return {
-        "slot_id": slot.slot_id,
-        "kind": slot.kind,
-        "status": slot.status,
-        "key_file": str(item.path),
-    }
+    where = (
+        {"sealed_under": item.sealed_under} if item.sealed_under else {"key_file": str(item.path)}
+    )
+    return {"slot_id": slot.slot_id, "kind": slot.kind, "status": slot.status, **where}
 
 
 def _slot_lines(lost: Sequence[LostKey]) -> list[str]:
     return [
-        f"  {i.slot.kind:<4} {i.slot.status:<8} slot {i.slot.slot_id}  key file {i.path}"
+        f"  {i.slot.kind:<4} {i.slot.status:<8} slot {i.slot.slot_id}  "
+        + (f"sealed under key id {i.sealed_under}" if i.sealed_under else f"key file {i.path}")
         for i in lost
     ]
 
@@ -180,7 +212,8 @@ def _plan_text(lost: Sequence[LostKey]) -> str:
     return "\n".join(
         [
             "Key slots whose private key is lost (neither in data_dir nor sealed in the "
-            "datastore); the server refuses to start on them:",
+            "datastore, or sealed under a lost key-encryption key); the server refuses to "
+            "start on them:",
             *_slot_lines(lost),
             "",
             "Nothing changed. With --yes (every server on the datastore stopped), these slots "

@@ -52,7 +52,7 @@ from server.ca.keys import (
     generate_key,
     spki_der,
 )
-from server.ca.sealing import KEK_SETTING, KeyEncryptionKey
+from server.ca.sealing import KEK_SETTING, KeyEncryptionKey, sealed_kek_id
 from server.ca.signer import JwtSigner, X509Signer
 from server.datastore.base import DataStore
 from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
@@ -74,6 +74,7 @@ MIN_LEASE_TTL = 3
 STARTUP_POLL_SECONDS = 0.25
 # The operator's way out of a refused start whose keys are lost for good (server/cli_ca.py).
 FORGET_COMMAND = "svid-server ca forget-lost-keys --config FILE"
+FORGET_KEK_COMMAND = "svid-server ca forget-lost-keys --lost-kek --config FILE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +110,13 @@ class CaConfig:
 
 @dataclass(frozen=True, slots=True)
 class LostKey:
-    """A journaled slot whose private key is neither sealed in the datastore nor at `path`."""
+    """A journaled slot whose private key is neither sealed in the datastore nor at `path`, or
+    (`sealed_under` set) is sealed under a key-encryption key other than this server's: the
+    hex id of that KEK, lost when the operator says so (`lost_kek_keys`)."""
 
     slot: KeySlot
     path: Path
+    sealed_under: str | None = None
 
 
 def _times(slots: list[KeySlot]) -> list[rotation.SlotTimes]:
@@ -314,6 +318,22 @@ class CaManager:
             if slot.status != RETIRED
         )
 
+    def lost_kek_keys(self) -> tuple[LostKey, ...]:
+        """Every journaled slot (retired and due-to-drop ones too: the start checks them all)
+        sealed under another key-encryption key than this server's. They are lost only if that
+        KEK is: the operator says so; this reads only which KEK sealed each. Empty without a
+        KEK of our own."""
+        kek = self._kek
+        if kek is None:
+            return ()
+        lost: list[LostKey] = []
+        for kind in (X509_KIND, JWT_KIND):
+            for slot in self._ds.list_key_slots(kind):
+                kek_id = sealed_kek_id(slot.sealed_key) if slot.sealed_key else None
+                if kek_id is not None and kek_id != kek.kek_id:
+                    lost.append(LostKey(slot, self._keys.path(slot.slot_id), kek_id.hex()))
+        return tuple(lost)
+
     def forget_lost_keys(self, lost: Sequence[LostKey]) -> None:
         """Drop these lost slots from the journal, in one transaction, so the next start makes
         a new CA (or JWT key) as a first start would: the operator's way out when the keys are
@@ -321,7 +341,7 @@ class CaManager:
         rotate to a new key of its own. CaConfigError, and nothing dropped, when one of them
         is not lost (any more)."""
         with self._lock:
-            still = {item.slot.slot_id for item in self.lost_keys()}
+            still = {item.slot.slot_id for item in (*self.lost_keys(), *self.lost_kek_keys())}
             not_lost = [item.slot.slot_id for item in lost if item.slot.slot_id not in still]
             if not_lost:
                 raise CaConfigError(
@@ -438,6 +458,20 @@ class CaManager:
                 self._keys.delete(slot.slot_id)
 
     def _check_kek(self, kek: KeyEncryptionKey) -> None:
+        """Every sealed slot must be sealed under our KEK; refused, all named at once, when not:
+        either this is the wrong file, or the KEK they were sealed under is lost."""
+        elsewhere = self.lost_kek_keys()
+        if elsewhere:
+            slots = ", ".join(f"{i.slot.slot_id} (key id {i.sealed_under})" for i in elsewhere)
+            raise CaConfigError(
+                f"{KEK_SETTING}: {kek.source} is not the key-encryption key the datastore's "
+                f"keys are sealed with (this file is key id {kek.kek_id.hex()}; key slots "
+                f"{slots}). Give this server the trust domain's key-encryption key (the file "
+                "the other servers on this datastore read). If that key is lost for good, so "
+                f"are the keys sealed under it: `{FORGET_KEK_COMMAND}` (every server stopped, "
+                "this new key in the config) forgets them, and the next start makes a new CA "
+                "and JWT key, whose bundle every agent must then be given"
+            )
         for kind in (X509_KIND, JWT_KIND):
             for slot in self._ds.list_key_slots(kind):
                 if slot.sealed_key:
@@ -583,7 +617,8 @@ class CaManager:
             raise CaConfigError(
                 f"{KEK_SETTING}: required: key slot {slot.slot_id} is sealed in the "
                 "datastore (its keys are shared by several servers); give this server the "
-                "trust domain's key-encryption key"
+                "trust domain's key-encryption key (lost for good: give it a new one from "
+                f"`svid-server keys new-kek`, then `{FORGET_KEK_COMMAND}`)"
             )
 
     def _refuse_or_warn_keyless(self, slot: KeySlot) -> None:

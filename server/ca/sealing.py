@@ -38,7 +38,15 @@ _KEK_FILE = SecretFile(
     setting=KEK_SETTING,
     owner="this server's user",
     max_bytes=4096,
-    missing="cannot read {path}: {reason}",
+    # A KEK lost for good costs the keys sealed under it: say the way out where it is missed.
+    missing=(
+        "{path} does not exist: it holds the trust domain's key-encryption key, which every "
+        "key sealed in the datastore needs (restore it from where the other servers' copies "
+        "or a backup are). If it is lost for good, so are those keys: write a new one with "
+        "`svid-server keys new-kek --out {path}`, then, with every server stopped, "
+        "`svid-server ca forget-lost-keys --lost-kek --config FILE` forgets the keys sealed "
+        "under the lost one, and the next start makes a new CA and JWT key"
+    ),
 )
 
 
@@ -101,9 +109,9 @@ class KeyEncryptionKey:
         """Refuse, without decrypting, a sealed key that is malformed (SealedKeyError) or was
         sealed under another KEK (CaConfigError naming this KEK's file): what a server checks
         at start-up for every slot, so a wrong KEK stops it before it serves."""
-        if len(sealed) < _HEADER + _TAG_BYTES or not sealed.startswith(MAGIC):
+        kek_id = sealed_kek_id(sealed)
+        if kek_id is None:
             raise SealedKeyError(f"key slot {slot_id}: the sealed key is malformed")
-        kek_id = sealed[len(MAGIC) : len(MAGIC) + KEK_ID_BYTES]
         if not hmac.compare_digest(kek_id, self.kek_id):
             raise CaConfigError(
                 f"{KEK_SETTING}: {self.source} is not the key-encryption key the datastore's "
@@ -135,6 +143,13 @@ class KeyEncryptionKey:
                 f"key slot {slot_id}: the sealed key does not match the slot's public key"
             )
         return key
+
+
+def sealed_kek_id(sealed: bytes) -> bytes | None:
+    """The id of the KEK a sealed key was sealed under (None: not a sealed key at all)."""
+    if len(sealed) < _HEADER + _TAG_BYTES or not sealed.startswith(MAGIC):
+        return None
+    return sealed[len(MAGIC) : len(MAGIC) + KEK_ID_BYTES]
 
 
 def _aad(slot_id: str, kind: str, kid: str) -> bytes:

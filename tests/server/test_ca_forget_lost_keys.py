@@ -221,3 +221,105 @@ def test_a_wiped_data_dir_lists_both_keys_and_a_dry_run_makes_no_data_dir(
     assert {_active_slot(root, k).slot_id for k in (X509_KIND, JWT_KIND)}.isdisjoint(
         s.slot_id for s in slots
     )
+
+
+def _kek_config(root: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Path]:
+    """A lone server with shared (sealed) keys: its CA and JWT keys live in the datastore,
+    sealed under the KEK file, and nowhere else."""
+    kek = root / "kek"
+    assert _cli(capsys, "keys", "new-kek", "--out", str(kek))[0] == 0
+    return _config_file(root, f'key_encryption_key_file = "{kek}"'), kek
+
+
+def _slots(root: Path) -> list[KeySlot]:
+    store = SqliteDataStore(_datastore(root), SystemClock())
+    try:
+        return [s for k in (X509_KIND, JWT_KIND) for s in store.list_key_slots(k)]
+    finally:
+        store.close()
+
+
+def test_a_lost_kek_is_named_and_its_slots_are_forgotten_under_a_new_one(
+    capsys: pytest.CaptureFixture[str], root: Path
+) -> None:
+    config, kek = _kek_config(root, capsys)
+    first = _start(config)
+    old_bundle = first.bundle()
+    first.stop()
+    sealed = _slots(root)
+    assert sealed
+    assert all(s.sealed_key for s in sealed)
+    assert not list((root / "data" / "keys").glob("*.pem"))  # nothing to fall back on
+
+    # The KEK file is gone: the refusal says what that means and what to do.
+    kek.unlink()
+    refusal = _refused_start(config)
+    assert f"key_encryption_key_file: {kek} does not exist" in refusal
+    assert "svid-server keys new-kek" in refusal
+    assert "forget-lost-keys --lost-kek" in refusal
+    # The command reads the same file: it says the same before anything else.
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config), "--lost-kek")
+    assert (code, out) == (1, "")
+    assert "svid-server keys new-kek" in err
+
+    # A new KEK in its place: the start names the slots sealed under the lost one.
+    assert _cli(capsys, "keys", "new-kek", "--out", str(kek))[0] == 0
+    refusal = _refused_start(config)
+    assert "is not the key-encryption key the datastore's keys are sealed with" in refusal
+    assert all(s.slot_id in refusal for s in sealed)
+    assert "svid-server ca forget-lost-keys --lost-kek --config FILE" in refusal
+
+    # Without --lost-kek the command says why it forgets nothing, and changes nothing.
+    for extra in ((), ("--yes",)):
+        code, out, err = _cli(capsys, *COMMAND, "--config", str(config), *extra)
+        assert (code, out) == (1, "")
+        assert "sealed under another key-encryption key" in err
+        assert "--lost-kek" in err
+    # A dry run lists every slot sealed under the lost KEK, and changes nothing.
+    code, out, err = _cli(
+        capsys, *COMMAND, "--config", str(config), "--lost-kek", "--output", "json"
+    )
+    assert (code, err) == (0, "")
+    listed = json.loads(out)
+    assert listed["forgotten"] is False
+    assert {s["slot_id"] for s in listed["slots"]} == {s.slot_id for s in sealed}
+    assert all(s["sealed_under"] and "key_file" not in s for s in listed["slots"])
+    assert len(_slots(root)) == len(sealed)
+
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config), "--lost-kek", "--yes")
+    assert (code, err) == (0, "")
+    assert "sealed under key id" in out
+    assert _slots(root) == []
+    forgotten = [e for e in _audit_events(capsys, config) if e["kind"] == "ca_keys_forgotten"]
+    assert len(forgotten) == 1
+    assert {s["slot_id"] for s in forgotten[0]["extra"]["slots"]} == {s.slot_id for s in sealed}
+
+    again = _start(config)
+    try:
+        new_bundle = again.bundle()
+    finally:
+        again.stop()
+    assert new_bundle.x509_authorities[0] not in old_bundle.x509_authorities
+    assert not {k.kid for k in new_bundle.jwt_keys} & {k.kid for k in old_bundle.jwt_keys}
+    assert all(s.sealed_key for s in _slots(root))  # sealed under the new KEK
+    code, out, err = _cli(capsys, "audit", "verify", "--config", str(config))
+    assert code == 0, err
+
+
+def test_lost_kek_needs_a_new_kek_in_the_config(
+    capsys: pytest.CaptureFixture[str], root: Path
+) -> None:
+    config, kek = _kek_config(root, capsys)
+    _start(config).stop()
+    sealed = _slots(root)
+    bare = _config_file(root)  # the setting dropped instead of a new KEK given
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(bare), "--lost-kek", "--yes")
+    assert (code, out) == (1, "")
+    assert "--lost-kek: key_encryption_key_file is required" in err
+    assert len(_slots(root)) == len(sealed)
+    # With the KEK the keys were sealed under, nothing is lost.
+    config, _ = _config_file(root, f'key_encryption_key_file = "{kek}"'), kek
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config), "--lost-kek", "--yes")
+    assert (code, out) == (1, "")
+    assert "no key slot is lost" in err
+    assert len(_slots(root)) == len(sealed)
