@@ -21,7 +21,15 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.svids_issued = Counter(
             "svid_server_svids_issued",
-            "SVIDs issued, by kind (x509, jwt, agent, server)",
+            "SVIDs issued (handed out), by kind (x509, jwt, agent, server)",
+            ["kind"],
+            registry=self.registry,
+        )
+        # On the ledger but never sent (the task ended while they were issued): with
+        # svids_issued, this adds up to the credentials the ledger committed.
+        self.svids_withheld = Counter(
+            "svid_server_svids_withheld",
+            "SVIDs committed to the ledger but not handed out (their task ended meanwhile)",
             ["kind"],
             registry=self.registry,
         )

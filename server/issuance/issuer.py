@@ -126,6 +126,8 @@ class Issuer:
         self._jwt_seconds = metrics.signing_seconds.labels(kind="jwt")
         self._x509_issued = metrics.svids_issued.labels(kind="x509")
         self._jwt_issued = metrics.svids_issued.labels(kind="jwt")
+        self._x509_withheld = metrics.svids_withheld.labels(kind="x509")
+        self._jwt_withheld = metrics.svids_withheld.labels(kind="jwt")
         self._entitled_cache: dict[tuple[str, tuple[object, ...], int], Entitlement] = {}
         self._entitled_index: object = None
         self._spiffe_ids = SpiffeIdCache()
@@ -177,9 +179,14 @@ class Issuer:
         )
         if credentials:
             ended, committed = await self._commit_live(credentials, events)
-            self._x509_issued.inc(committed)
             if any(c.task_id for c in credentials):
-                return [self._unless_ended(o, ended) for o in outcomes]
+                outcomes = [self._unless_ended(o, ended) for o in outcomes]
+                # Counted once the answer is decided: a committed SVID whose task ended
+                # meanwhile is on the ledger but never leaves the server.
+                sent = sum(1 for o in outcomes if o.error is None)
+                self._x509_withheld.inc(max(0, committed - sent))
+                committed = sent
+            self._x509_issued.inc(committed)
         return outcomes
 
     def _unless_ended(self, outcome: X509Outcome, ended: frozenset[str]) -> X509Outcome:
@@ -387,9 +394,10 @@ class Issuer:
         ended, _ = await self._commit_live((credential,), (event,))
         if ended:
             raise _ended_meanwhile(entry.spiffe_id)
-        self._jwt_issued.inc()
         if credential.task_id and self._tasks.ended(entry.spiffe_id):
+            self._jwt_withheld.inc()  # on the ledger, never sent
             raise _ended_meanwhile(entry.spiffe_id)
+        self._jwt_issued.inc()
         return issued
 
     async def issue_jwts(
@@ -419,13 +427,18 @@ class Issuer:
         if recorded is not None:
             # Nothing goes back before the commit holding this batch's records is done.
             ended, count = await self._commit_live(credentials, events, recorded)
-            self._jwt_issued.inc(count)
             for at, item in enumerate(plan.items):
                 if not isinstance(item, _TaskItem) or not isinstance(outcomes[at], IssuedJwt):
                     continue
                 spiffe_id = item.entry.spiffe_id
                 if spiffe_id in ended or self._tasks.ended(spiffe_id):
                     outcomes[at] = _ended_meanwhile(spiffe_id)
+            if plan.tasks:
+                # As for X.509: only what is sent counts as issued.
+                sent = sum(1 for o in outcomes if isinstance(o, IssuedJwt))
+                self._jwt_withheld.inc(max(0, count - sent))
+                count = sent
+            self._jwt_issued.inc(count)
         return outcomes
 
     async def _mint_on_loop(
