@@ -5,7 +5,11 @@ neither sealed in the datastore nor a file in its data_dir (server/ca/manager.py
 data_dir must not cost the trust domain its CA. When the keys are truly gone, this command
 (run as the server's user, with the server's config, every server on the datastore stopped)
 names those slots, and with --yes drops them from the journal and records that on the audit
-log, so that the next start makes new keys as a first start does. It opens the config, the
+log, so that the next start makes new keys as a first start does. A retired slot whose key is
+lost is named and dropped too: the server starts with it, and publishes it until it expires
+(it verifies the SVIDs it signed), but an operator starting afresh would not keep the one CA
+of the lost ones whose SVIDs still verify, nor does a key file gone unaccounted for leave it
+trustworthy. It opens the config, the
 datastore and the data_dir itself, as `audit prune` does: no admin socket, no server needed.
 
 Shared keys are sealed in the datastore under a key-encryption key (KEK): when that KEK is lost,
@@ -43,7 +47,8 @@ _CONSEQUENCES = (
     "workload) that trusts only the lost CA must be given the new bundle: each agent "
     "re-bootstrapped with --trust-bundle holding `svid-server bundle show --format pem` of the "
     "restarted server (and a new join token). SVIDs of the "
-    "lost CA and JWT-SVIDs of a lost JWT key no longer verify once their keys leave the bundle."
+    "lost CA and JWT-SVIDs of a lost JWT key no longer verify once their keys leave the bundle "
+    "(those of a retired one too: the bundle the restarted servers send their agents drops it)."
 )
 _LOST_KEK_HELP = (
     "the key-encryption key the datastore's keys were sealed with is lost for good: the lost "
@@ -147,7 +152,7 @@ def _lost_or_refuse(ca: CaManager, cfg: ServerConfig, *, lost_kek: bool) -> tupl
     lost = (*ca.lost_keys(), *elsewhere)
     if not lost:
         raise CliError(
-            "no key slot is lost: the datastore's every live key slot has its key (sealed in "
+            "no key slot is lost: the datastore's every key slot has its key (sealed in "
             f"the datastore, or a file in {cfg.keys_dir}); nothing to forget"
         )
     return lost
@@ -213,7 +218,8 @@ def _plan_text(lost: Sequence[LostKey]) -> str:
         [
             "Key slots whose private key is lost (neither in data_dir nor sealed in the "
             "datastore, or sealed under a lost key-encryption key); the server refuses to "
-            "start on them:",
+            "start on an active or prepared one, and keeps a retired one in the bundle "
+            "(verifying the SVIDs it signed) until it expires:",
             *_slot_lines(lost),
             "",
             "Nothing changed. With --yes (every server on the datastore stopped), these slots "

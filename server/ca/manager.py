@@ -309,14 +309,13 @@ class CaManager:
         return tuple(cas)
 
     def lost_keys(self) -> tuple[LostKey, ...]:
-        """The journaled slots this server refuses to start on: live (active or prepared, and
-        not due to be dropped), their key neither sealed in the datastore nor a file in this
-        data_dir. Reads the datastore as it stands; needs no `initialize`."""
-        return tuple(
-            LostKey(slot, self._keys.path(slot.slot_id))
-            for slot in self._keyless_slots()
-            if slot.status != RETIRED
-        )
+        """The journaled slots not due to be dropped whose key is neither sealed in the
+        datastore nor a file in this data_dir: a live one (active or prepared) this server
+        refuses to start on, and a retired one, which stays in the bundle until it expires
+        unless the operator forgets it (it verifies the SVIDs it signed, but if its key is
+        gone, the operator may rather have them stop verifying, as those of a lost active CA
+        do). Reads the datastore as it stands; needs no `initialize`."""
+        return tuple(LostKey(slot, self._keys.path(slot.slot_id)) for slot in self._keyless_slots())
 
     def lost_kek_keys(self) -> tuple[LostKey, ...]:
         """Every journaled slot (retired and due-to-drop ones too: the start checks them all)
@@ -625,7 +624,9 @@ class CaManager:
         path = self._keys.path(slot.slot_id)
         if slot.status == RETIRED:
             _log.warning(
-                "key file of a retired slot missing: it signs no CRL until it expires",
+                "key file of a retired slot missing: it signs no CRL, and stays in the bundle "
+                "until it expires (or until `%s` forgets it)",
+                FORGET_COMMAND,
                 extra={"kind": slot.kind, "slot_id": slot.slot_id, "path": str(path)},
             )
             return

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from server.ca.errors import CaConfigError
 from server.cli import main
@@ -18,9 +19,11 @@ from server.config import load_config
 from server.datastore.records import ACTIVE, JWT_KIND, X509_KIND, KeySlot
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock, SystemClock
-from tests.server.fixtures import CLOCK_LAG, TRUST_DOMAIN, RunningServer, short_tmpdir
+from svid._proto import node_pb2
+from tests.server.fixtures import CLOCK_LAG, TRUST_DOMAIN, Agent, RunningServer, short_tmpdir
 
 COMMAND = ("ca", "forget-lost-keys")
+DER = Encoding.DER
 
 
 @pytest.fixture
@@ -323,3 +326,58 @@ def test_lost_kek_needs_a_new_kek_in_the_config(
     assert (code, out) == (1, "")
     assert "no key slot is lost" in err
     assert len(_slots(root)) == len(sealed)
+
+
+def _snapshot_bundle(server: RunningServer, agent: Agent) -> list[bytes]:
+    """The X.509 authorities an agent's Sync stream hands it: what it trusts from then on."""
+    stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=10)
+    try:
+        return list(next(stream).bundle.x509_authorities)
+    finally:
+        stream.cancel()
+
+
+def test_a_retired_ca_whose_key_is_lost_is_listed_and_forgotten_and_leaves_the_agents_bundle(
+    capsys: pytest.CaptureFixture[str], root: Path
+) -> None:
+    """A retired CA whose key file is lost stays published (it verifies the SVIDs it signed)
+    and the server starts; the command lists it, and once the operator forgets it, the
+    restarted server's bundle, and the one its agents are sent, no longer hold it."""
+    config = _config_file(root)
+    # Made 0.9 of its life ago; the two starts after prepare a successor, then activate it.
+    _start(config, lag=0.9 * 86400).stop()
+    retired = _active_slot(root, X509_KIND)
+    _start(config).stop()
+    _start(config).stop()
+    successor = _active_slot(root, X509_KIND)
+    assert successor.slot_id != retired.slot_id
+    key_file = root / "data" / "keys" / f"{retired.slot_id}.pem"
+    key_file.unlink()
+
+    server = _start(config)  # a retired slot's lost key costs its CRLs, not the start
+    try:
+        agent = server.attest()
+        before = _snapshot_bundle(server, agent)
+    finally:
+        server.stop()
+    assert retired.public_der in before
+    assert successor.public_der in before
+
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config))
+    assert (code, err) == (0, "")
+    assert f"x509 retired  slot {retired.slot_id}  key file {key_file}" in out
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config), "--yes")
+    assert (code, err) == (0, "")
+    assert not _journaled(root, retired.slot_id)
+    forgotten = [e for e in _audit_events(capsys, config) if e["kind"] == "ca_keys_forgotten"]
+    assert [[s["slot_id"] for s in e["extra"]["slots"]] for e in forgotten] == [[retired.slot_id]]
+
+    server = _start(config)
+    try:
+        assert [c.public_bytes(DER) for c in server.server.ca.bundle().x509_authorities] == [
+            successor.public_der
+        ]
+        after = _snapshot_bundle(server, agent)  # the same agent: its CA was not lost
+    finally:
+        server.stop()
+    assert after == [successor.public_der]
