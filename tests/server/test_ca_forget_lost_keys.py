@@ -381,3 +381,39 @@ def test_a_retired_ca_whose_key_is_lost_is_listed_and_forgotten_and_leaves_the_a
     finally:
         server.stop()
     assert after == [successor.public_der]
+
+
+def test_a_lost_kek_on_postgresql_is_forgotten_and_the_next_start_seals_new_keys(
+    capsys: pytest.CaptureFixture[str], root: Path, postgres_dsn: str
+) -> None:
+    """Where shared keys live: the slots sealed under the lost KEK in PostgreSQL are forgotten
+    under the lease guard, and the next server makes new ones sealed under the new KEK."""
+    from server.datastore.postgres import PostgresDataStore  # needs psycopg
+
+    kek = root / "kek"
+    assert _cli(capsys, "keys", "new-kek", "--out", str(kek))[0] == 0
+    config = _config_file(
+        root, f'datastore = "{postgres_dsn}"', f'key_encryption_key_file = "{kek}"'
+    )
+
+    def slots() -> list[KeySlot]:
+        store = PostgresDataStore(postgres_dsn, SystemClock())
+        try:
+            return [s for k in (X509_KIND, JWT_KIND) for s in store.list_key_slots(k)]
+        finally:
+            store.close()
+
+    _start(config).stop()
+    sealed = slots()
+    kek.unlink()
+    assert _cli(capsys, "keys", "new-kek", "--out", str(kek))[0] == 0
+    assert "forget-lost-keys --lost-kek" in _refused_start(config)
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config), "--lost-kek", "--yes")
+    assert (code, err) == (0, "")
+    assert all(s.slot_id in out for s in sealed)
+    assert slots() == []
+    _start(config).stop()
+    fresh = slots()
+    assert fresh
+    assert all(s.sealed_key for s in fresh)
+    assert not {s.slot_id for s in fresh} & {s.slot_id for s in sealed}
