@@ -391,8 +391,10 @@ class AuditStore(Protocol):
         `bundles` (foreign bundles whose change the audit rows record, server/federation) are
         stored in the same transaction, each as put_foreign_bundle would store it, feed row
         and all: a bundle is stored only with the event recording its change, so none is
-        served that the ledger does not hold. When the store refuses one (it holds a higher
-        sequence), nothing is written and BundleRefusedError names its trust domain."""
+        served that the ledger does not hold; a removal (BundleWrite.removal) is deleted
+        there as delete_foreign_bundle would, so none is dropped that the ledger does not say
+        was. When the store refuses one (it holds a higher sequence; a removal finds no
+        bundle), nothing is written and BundleRefusedError names its trust domain."""
         ...
 
     def audit_head(self) -> Head | None:

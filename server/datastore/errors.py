@@ -155,22 +155,35 @@ class TaskEndedMeanwhileError(HolderGoneError):
 
 class BundleRefusedError(StorageError):
     """A ledger write held foreign bundles (BundleWrite) the store did not take, as it holds
-    a higher spiffe_sequence for their trust domains (another server stored a newer one):
-    nothing of the write was kept, the events recording their change included;
-    `trust_domains` names them."""
+    a higher spiffe_sequence for their trust domains (another server stored a newer one), or
+    removals of bundles it does not hold (`missing`: never stored, or removed meanwhile):
+    nothing of the write was kept, the events recording their change included; `older` and
+    `missing` name the trust domains of each kind, `trust_domains` all of them."""
 
-    def __init__(self, trust_domains: Iterable[str]) -> None:
-        self.trust_domains = frozenset(trust_domains)
-        names = ", ".join(sorted(self.trust_domains)[:4])
-        super().__init__(
-            f"foreign bundle(s) of {names} not stored: the stored one carries a higher "
-            "spiffe_sequence"
-        )
+    def __init__(self, trust_domains: Iterable[str], missing: Iterable[str] = ()) -> None:
+        self.older = frozenset(trust_domains)
+        self.missing = frozenset(missing)
+        self.trust_domains = self.older | self.missing
+        said = []
+        if self.older:
+            said.append(
+                f"foreign bundle(s) of {', '.join(sorted(self.older)[:4])} not stored: the "
+                "stored one carries a higher spiffe_sequence"
+            )
+        if self.missing:
+            said.append(
+                f"no foreign bundle of {', '.join(sorted(self.missing)[:4])} stored to remove"
+            )
+        super().__init__("; ".join(said))
 
     def among(self, bundles: Sequence[BundleWrite]) -> BundleRefusedError | None:
-        """The refusal as it concerns `bundles` only (None: none of theirs)."""
-        own = self.trust_domains.intersection(b.bundle.trust_domain for b in bundles)
-        return BundleRefusedError(own) if own else None
+        """The refusal as it concerns `bundles` only (None: none of theirs): a trust domain
+        refused for a stored write's sequence is not one of a removal's, nor the reverse."""
+        own_older = self.older.intersection(b.bundle.trust_domain for b in bundles if not b.remove)
+        own_missing = self.missing.intersection(b.bundle.trust_domain for b in bundles if b.remove)
+        if not own_older and not own_missing:
+            return None
+        return BundleRefusedError(own_older, own_missing)
 
 
 def held_message(held: Iterable[tuple[str, str]]) -> str:

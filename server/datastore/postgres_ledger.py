@@ -251,19 +251,22 @@ class PostgresLedger:
         self._write(what, work)
 
     def _put_bundles(self, cur: Cursor, bundles: Sequence[BundleWrite]) -> None:
-        """Store the foreign bundles in the ledger's transaction: one the store refuses (a
-        higher sequence stored) rolls the whole write back, the events recording it with it.
-        A concurrent write of the same trust domain waits on its row, then compares with what
-        that one stored."""
+        """Store (or remove) the foreign bundles in the ledger's transaction: one the store
+        refuses (a higher sequence stored; no bundle to remove) rolls the whole write back,
+        the events recording it with it. A concurrent write of the same trust domain waits on
+        its row, then compares with what that one stored (or finds it gone)."""
         refused = []
         # In trust domain order, as the jti claims are in theirs: writes of several servers
-        # lock bundle rows in one order.
+        # lock bundle rows in one order. Stable: one domain's writes keep their callers' order.
         for b in sorted(bundles, key=lambda b: b.bundle.trust_domain):
-            sql, params = q.foreign_bundle_write(b.bundle, b.over_newer)
+            sql, params = q.ledger_bundle_write(b)
             if int(cur.execute(pg(sql), params).rowcount) != 1:
-                refused.append(b.bundle.trust_domain)
+                refused.append(b)
         if refused:
-            raise BundleRefusedError(refused)
+            raise BundleRefusedError(
+                [b.bundle.trust_domain for b in refused if not b.remove],
+                [b.bundle.trust_domain for b in refused if b.remove],
+            )
 
     def _credentials(self, sql: str, params: Mapping[str, Any]) -> list[Credential]:
         return [Credential(*r) for r in self._tuples("read credentials", sql, params)]

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from server.datastore.errors import DataStoreError
-from server.datastore.records import ForeignBundle
+from server.datastore.records import BundleWrite, ForeignBundle
 from svid import MAX_CLOCK_SKEW
 
 MIGRATION_VERSIONS = "SELECT version FROM schema_migrations"
@@ -273,6 +273,15 @@ def foreign_bundle_write(bundle: ForeignBundle, over_newer: bool) -> tuple[str, 
         "sequence": stored_sequence(bundle.sequence),
         "no_sequence": NO_SEQUENCE,
     }
+
+
+def ledger_bundle_write(write: BundleWrite) -> tuple[str, dict[str, Any]]:
+    """A ledger write's bundle (write_ledger's `bundles`) as a statement and its parameters,
+    on either backend: a store as put_foreign_bundle's, a removal as delete_foreign_bundle's;
+    one row changed when the store took it."""
+    if write.remove:
+        return DELETE_FOREIGN_BUNDLE, {"trust_domain": write.bundle.trust_domain}
+    return foreign_bundle_write(write.bundle, write.over_newer)
 
 
 LIST_FOREIGN_BUNDLES = (

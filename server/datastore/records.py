@@ -100,10 +100,17 @@ class ForeignBundle:
 class BundleWrite:
     """A foreign bundle stored in the ledger write that records its change (write_ledger's
     `bundles`), as put_foreign_bundle would store it: refused over a stored higher sequence
-    unless `over_newer` (a bundle set by hand)."""
+    unless `over_newer` (a bundle set by hand). A `remove` write (see `removal`) deletes the
+    trust domain's bundle instead, as delete_foreign_bundle would, and is refused when none
+    is stored: a removal is on the ledger only if it removed something."""
 
     bundle: ForeignBundle
     over_newer: bool = False
+    remove: bool = False
+
+    @classmethod
+    def removal(cls, trust_domain: str) -> BundleWrite:
+        return cls(ForeignBundle(trust_domain, b""), remove=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,15 +222,15 @@ class SqliteLedger:
             ) from e
 
     def _put_bundles(self, db: sqlite_utils.Database, bundles: Sequence[BundleWrite]) -> None:
-        """Store the foreign bundles in the ledger's transaction: one the store refuses (a
-        higher sequence stored) rolls the whole write back, the events recording it with it."""
-        refused = [
-            b.bundle.trust_domain
-            for b in bundles
-            if db.execute(*q.foreign_bundle_write(b.bundle, b.over_newer)).rowcount != 1
-        ]
+        """Store (or remove) the foreign bundles in the ledger's transaction: one the store
+        refuses (a higher sequence stored; no bundle to remove) rolls the whole write back,
+        the events recording it with it."""
+        refused = [b for b in bundles if db.execute(*q.ledger_bundle_write(b)).rowcount != 1]
         if refused:
-            raise BundleRefusedError(refused)
+            raise BundleRefusedError(
+                [b.bundle.trust_domain for b in refused if not b.remove],
+                [b.bundle.trust_domain for b in refused if b.remove],
+            )
         self._append_feed(db, FEED_FOREIGN_BUNDLE, [b.bundle.trust_domain for b in bundles])
 
     def _credentials(self, sql: str, params: Mapping[str, Any]) -> list[Credential]:

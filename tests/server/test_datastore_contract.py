@@ -1479,6 +1479,38 @@ def test_a_foreign_bundle_is_stored_with_the_events_recording_it_or_neither(
     assert store.audit_head() == Head(2, f"{2:064x}")
 
 
+def test_a_foreign_bundle_is_removed_with_the_event_recording_it_or_neither(
+    store: DataStore,
+) -> None:
+    """A removal written with the audit event recording it (BundleWrite.removal) deletes the
+    bundle, feed row and all, in the event's transaction; one of a bundle not stored is
+    refused, the event and everything else of the write with it."""
+    body = b'{"keys":[],"spiffe_sequence":2}'
+    store.write_ledger(
+        [], audit_rows(1, 1), bundles=[BundleWrite(ForeignBundle("other.org", body, NOW, 2))]
+    )
+    feed = store.feed_head()
+    store.write_ledger(
+        [], audit_rows(2, 1, prev=f"{1:064x}"), bundles=[BundleWrite.removal("other.org")]
+    )
+    assert store.list_foreign_bundles() == []
+    assert store.audit_head() == Head(2, f"{2:064x}")
+    assert _feed(store, feed) == [("foreign_bundle", "other.org")]
+    admit(store, AGENT)
+    head, feed = store.audit_head(), store.feed_head()
+    with pytest.raises(BundleRefusedError) as refused:
+        store.write_ledger(
+            [cred("late")],
+            audit_rows(3, 1, prev=f"{2:064x}"),
+            bundles=[BundleWrite.removal("other.org")],
+        )
+    assert refused.value.missing == refused.value.trust_domains == {"other.org"}
+    assert refused.value.older == set()
+    assert store.audit_head() == head
+    assert store.agent_credentials(AGENT, NOW) == []
+    assert store.feed_head() == feed
+
+
 def test_a_foreign_bundle_sequence_orders_across_the_whole_uint64_range(store: DataStore) -> None:
     """spiffe_sequence is a uint64 (SPIFFE bundle format): one past int64 is stored, read back
     as it was, and ordered against those below it in the conditional write."""

@@ -458,9 +458,10 @@ def test_acknowledged_ledger_writes_survive_kill_9(db: Path, clock: FakeClock) -
 def test_a_refused_foreign_bundles_caller_fails_and_its_neighbours_are_written_again(
     db: Path, clock: FakeClock
 ) -> None:
-    """A foreign bundle older than the one stored waits for a group commit with other callers'
-    events and bundles: the store refuses the whole write, only its caller fails (with the
-    typed error, its event not on the chain), and the rest are written in the next commit."""
+    """A foreign bundle older than the one stored, and a removal of one not stored, wait for a
+    group commit with other callers' events and bundles: the store refuses the whole write,
+    only their callers fail (each with the typed error naming its own, its event not on the
+    chain), and the rest are written in the next commit."""
     store = SqliteDataStore(db, clock)
     held = HeldStore(store)
     log = AuditLog(held, clock)
@@ -486,7 +487,12 @@ def test_a_refused_foreign_bundles_caller_fails_and_its_neighbours_are_written_a
     lead = threading.Thread(target=call, args=("lead", None))
     lead.start()
     assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
-    calls = {"older": bundle("a.org", 1), "other": bundle("b.org", 5), "plain": None}
+    calls = {
+        "older": bundle("a.org", 1),
+        "other": bundle("b.org", 5),
+        "plain": None,
+        "gone": BundleWrite.removal("c.org"),  # no bundle stored to remove
+    }
     others = [threading.Thread(target=call, args=item) for item in calls.items()]
     for t in others:
         t.start()
@@ -499,7 +505,11 @@ def test_a_refused_foreign_bundles_caller_fails_and_its_neighbours_are_written_a
     older = outcomes.pop("older")
     assert isinstance(older, LedgerError)
     assert isinstance(older.__cause__, BundleRefusedError)
-    assert older.__cause__.trust_domains == {"a.org"}
+    assert older.__cause__.trust_domains == older.__cause__.older == {"a.org"}
+    gone = outcomes.pop("gone")
+    assert isinstance(gone, LedgerError)
+    assert isinstance(gone.__cause__, BundleRefusedError)
+    assert gone.__cause__.trust_domains == gone.__cause__.missing == {"c.org"}
     assert outcomes == dict.fromkeys(["lead", "other", "plain"])
     # The first bundle, the lead, one refused group, then the group without the older bundle.
     assert held.calls.count("write_ledger") == 4
