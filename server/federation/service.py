@@ -33,10 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
+from server.audit.errors import LedgerError
 from server.audit.log import AuditLog
 from server.datastore.base import DataStore
 from server.datastore.errors import BundleRefusedError
-from server.datastore.errors import NotFoundError as StoreNotFound
 from server.datastore.records import (
     HTTPS_SPIFFE,
     HTTPS_WEB,
@@ -355,15 +355,25 @@ class FederationService:
         return bundle
 
     async def delete_bundle(self, trust_domain: str) -> None:
+        """Delete the foreign bundle with the event recording its removal, in one transaction
+        (as `_install` stores one): a server dying between the two left a removal no ledger
+        holds. LedgerError when it cannot be recorded: then the bundle stays, here and stored."""
         td = parse_trust_domain(trust_domain).name
         try:
-            await asyncio.to_thread(self._datastore.delete_foreign_bundle, td)
-        except StoreNotFound:
-            raise NotFoundError(f"no bundle for foreign trust domain {td}") from None
+            await asyncio.to_thread(
+                self._audit.append_storing,
+                BundleWrite.removal(td),
+                BUNDLE_CHANGED,
+                extra={"trust_domain": td},
+            )
+        except LedgerError as exc:
+            refused = exc.__cause__
+            if isinstance(refused, BundleRefusedError) and td in refused.missing:
+                raise NotFoundError(f"no bundle for foreign trust domain {td}") from None
+            raise
         self._wrote(td)
         self._bundles.pop(td, None)
         self._updated.pop(td, None)
-        await asyncio.to_thread(self._audit.append, BUNDLE_CHANGED, extra={"trust_domain": td})
         self._publish(dict(self._bundles))
 
     async def _install(self, bundle: SpiffeBundle, source: str) -> bool:

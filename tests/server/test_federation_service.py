@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from server.audit.errors import LedgerError
 from server.audit.log import AuditLog
 from server.config import build_config
 from server.datastore.errors import StorageError
@@ -27,7 +28,12 @@ from server.datastore.postgres import PostgresDataStore
 from server.datastore.records import EventFilter, FederationRelationship
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
-from server.errors import ConfigError, InvalidRequestError, PermissionDeniedError
+from server.errors import (
+    ConfigError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from server.federation.errors import BundleNotStoredError, FederationError
 from server.federation.fetch import fetch_bundle
 from server.federation.service import (
@@ -213,6 +219,107 @@ def test_a_bundle_not_on_the_ledger_is_not_stored_or_served(world: World) -> Non
     assert [b.sequence for b in world.store.inner.list_foreign_bundles()] == [1]
     assert world.service.bundle("example.org").sequence == 1
     assert world.changes() == 1
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[SqliteDataStore | PostgresDataStore, Callable[[], None]]]:
+    """A store of either backend and a way to make its next insert of a removal's event
+    (BUNDLE_CHANGED without a sequence) fail inside its transaction, as a full disk would."""
+    clock = FakeClock(1_700_000_000)
+    store: SqliteDataStore | PostgresDataStore
+    if request.param == "sqlite":
+        sqlite_store = store = SqliteDataStore(tmp_path / "db", clock)
+
+        def fail_removal() -> None:
+            with sqlite_store.transaction() as conn:
+                conn.execute(
+                    "CREATE TEMP TRIGGER fail_removal BEFORE INSERT ON main.audit_events "
+                    f"WHEN NEW.kind = '{BUNDLE_CHANGED}' "
+                    "AND json_extract(NEW.extra, '$.sequence') IS NULL BEGIN "
+                    "SELECT RAISE(ABORT, 'database or disk is full'); END"
+                )
+
+    else:
+        dsn: str = request.getfixturevalue("postgres_dsn")
+        store = PostgresDataStore(dsn, clock)
+
+        def fail_removal() -> None:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(
+                    "CREATE FUNCTION fail_removal() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                    f"BEGIN IF NEW.kind = '{BUNDLE_CHANGED}' "
+                    "AND NEW.extra::jsonb ->> 'sequence' IS NULL THEN "
+                    "RAISE EXCEPTION 'could not extend file: No space left on device' "
+                    "USING ERRCODE = 'disk_full'; END IF; RETURN NEW; END $$"
+                )
+                conn.execute(
+                    "CREATE TRIGGER fail_removal BEFORE INSERT ON audit_events "
+                    "FOR EACH ROW EXECUTE FUNCTION fail_removal()"
+                )
+
+    yield store, fail_removal
+    store.close()
+
+
+def test_a_bundle_is_deleted_with_the_event_recording_it_or_neither(
+    backend: tuple[SqliteDataStore | PostgresDataStore, Callable[[], None]],
+) -> None:
+    """The removal of a foreign bundle is stored with the event recording it, in one
+    transaction: when the event cannot be recorded, the bundle stays stored and served (a
+    server dying between a delete and its record left a removal no ledger holds)."""
+    store, fail_removal = backend
+    clock = FakeClock(1_700_000_000)
+    published: list[Mapping[str, SpiffeBundle]] = []
+    service = FederationService(
+        own=OWN,
+        datastore=store,
+        audit=AuditLog(store, clock),
+        clock=clock,
+        publish=published.append,
+        static=(parse_static(STATIC, OWN),),
+        fetch=lambda rel, known: _bundle(1),
+    )
+    service.load()
+    try:
+        asyncio.run(service.refresh("example.org"))
+
+        def changes() -> list[dict[str, Any]]:
+            return [
+                json.loads(e["extra"]) for e in store.audit_rows(EventFilter(kind=BUNDLE_CHANGED))
+            ]
+
+        assert len(changes()) == 1
+        fail_removal()
+        with pytest.raises(LedgerError) as failed:
+            asyncio.run(service.delete_bundle("example.org"))
+        assert status_for(failed.value)[0] == grpc.StatusCode.UNAVAILABLE
+        assert [b.sequence for b in store.list_foreign_bundles()] == [1], (
+            "the bundle was deleted though its removal is not on the ledger"
+        )
+        assert len(changes()) == 1
+        assert service.bundle("example.org").sequence == 1
+        assert published[-1]["example.org"].sequence == 1
+    finally:
+        service.close()
+
+
+def test_a_deleted_bundle_is_recorded_and_one_not_stored_is_not_found(world: World) -> None:
+    world.answers = [_bundle(1)]
+    world.run(world.service.refresh("example.org"))
+    feed = world.store.inner.feed_head()
+    world.run(world.service.delete_bundle("example.org"))
+    assert world.store.inner.list_foreign_bundles() == []
+    assert world.service.bundles() == {}
+    assert "example.org" not in world.published[-1]
+    last = list(world.store.inner.audit_rows(EventFilter(kind=BUNDLE_CHANGED)))[-1]
+    assert json.loads(last["extra"]) == {"trust_domain": "example.org"}
+    assert [i.key for i in world.store.inner.feed_since(feed, 10)] == ["example.org"]
+    assert world.changes() == 2
+    with pytest.raises(NotFoundError, match=r"no bundle for foreign trust domain example\.org"):
+        world.run(world.service.delete_bundle("example.org"))
+    assert world.changes() == 2
 
 
 def test_static_relationships_stay_and_bundles_of_our_own_domain_are_refused(
