@@ -51,13 +51,16 @@ def get(
     limit: int,
     timeout: float,
     check_peer: Callable[[bytes | None], None] | None = None,
+    party: str = "",
 ) -> Reply:
     """GET ``url`` (https with ``context``; plain http only where the caller allowed it).
     ``check_peer`` is given the server's certificate (DER) before the request is read: it
     raises to refuse the server. ``timeout`` bounds the whole GET, not each read: a server
     that trickles its answer a byte at a time would otherwise hold the caller for ever. It
     bounds the name's resolution and the connect too: the lookup, then each address the name
-    resolves to, is given only the time left."""
+    resolves to, is given only the time left. ``party`` (a federated trust domain, an
+    issuer; the URL's host when "") is whose names the lookup counts against: see
+    PARTY_LOOKUPS_AT_ONCE."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     tls = parts.scheme == "https"
@@ -76,7 +79,7 @@ def get(
         try:
             # Connected here, not by http.client: its connect (socket.create_connection)
             # gives every address the whole timeout, with no socket the deadline could cut.
-            sock = _connect(host, conn.port, ends, cutter, timeout)
+            sock = _connect(host, conn.port, ends, cutter, timeout, party=party or host)
             if tls:
                 sock = _handshake(sock, host, context, cutter)
             conn.sock = sock  # http.client sends on it and does not connect again
@@ -133,11 +136,13 @@ class _Cutter:
                 socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
 
 
-def _connect(host: str, port: int, ends: float, cutter: _Cutter, timeout: float) -> socket.socket:
+def _connect(
+    host: str, port: int, ends: float, cutter: _Cutter, timeout: float, *, party: str
+) -> socket.socket:
     """A TCP connection to the first of `host`'s addresses that answers, each attempt given
     only what is left of the GET's time; the socket's timeout then is what remains."""
     error: OSError | None = None
-    for family, kind, proto, _, address in _resolve(host, port, ends, timeout):
+    for family, kind, proto, _, address in _resolve(host, port, ends, timeout, party):
         left = ends - time.monotonic()
         if left <= 0 or cutter.fired:
             break
@@ -160,7 +165,7 @@ def _connect(host: str, port: int, ends: float, cutter: _Cutter, timeout: float)
     raise error if error is not None else OSError(f"{host}: no address to connect to")
 
 
-def _resolve(host: str, port: int, ends: float, timeout: float) -> Sequence[_Address]:
+def _resolve(host: str, port: int, ends: float, timeout: float, party: str) -> Sequence[_Address]:
     """`host`'s addresses, looked up within what is left of the GET's time. The system
     resolver gives up only after its own timeouts (resolv.conf), which may be far longer: the
     lookup runs in a daemon thread of its own, left to end by itself once the deadline passes
@@ -172,33 +177,47 @@ def _resolve(host: str, port: int, ends: float, timeout: float) -> Sequence[_Add
     else:
         return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     try:
-        return _LOOKUPS.of(host, port).result(timeout=max(ends - time.monotonic(), 0))
+        return _LOOKUPS.of(host, port, party).result(timeout=max(ends - time.monotonic(), 0))
     except FutureTimeout:
         raise _late(timeout) from None
 
 
-# Lookups the resolver has not answered yet, at most this many names at once: past it a GET
-# fails at once rather than leave one more thread the resolver may hold for minutes.
-LOOKUPS_AT_ONCE = 16
+# Lookups the resolver has not answered yet, at most this many for one party (a federated
+# trust domain, an issuer) at once: past it that party's GETs of other names fail at once.
+# A party whose names never resolve (its nameservers down, or names it made up to hang us)
+# then holds this many threads, and no more of the room the other parties' lookups need.
+PARTY_LOOKUPS_AT_ONCE = 4
+# And at most this many in all, whatever the parties: past it a GET fails at once rather than
+# leave one more thread the resolver may hold for minutes. Room for 16 parties whose names
+# all hang before a GET of another is refused (a single cap of 16 names was filled by one).
+LOOKUPS_AT_ONCE = 64
 
 
 class _Lookups:
     """The name lookups under way, one per (host, port): GETs of a name already being looked
     up wait on that lookup rather than start another, so a resolver that hangs holds one
     thread per name (every fetch of an issuer or relationship is retried), not one per GET.
-    One for the process, as the resolver it shields is."""
+    Each lookup counts against the party whose GET started it, up to `per_party`, and all
+    of them against `limit`. One for the process, as the resolver it shields is."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_party: int) -> None:
         self._limit = limit
+        self._per_party = per_party
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, int], Future[Sequence[_Address]]] = {}
+        self._held: dict[str, int] = {}  # pending lookups by the party that started them
 
-    def of(self, host: str, port: int) -> Future[Sequence[_Address]]:
+    def of(self, host: str, port: int, party: str) -> Future[Sequence[_Address]]:
         key = (host, port)
         with self._lock:
             pending = self._pending.get(key)
             if pending is not None:
                 return pending
+            if self._held.get(party, 0) >= self._per_party:
+                raise OSError(
+                    f"{host}: {self._per_party} name lookups for {party} are under way and "
+                    "unanswered; are its names' servers down?"
+                )
             if len(self._pending) >= self._limit:
                 raise OSError(
                     f"{host}: {self._limit} name lookups are under way and unanswered; "
@@ -206,6 +225,7 @@ class _Lookups:
                 )
             future: Future[Sequence[_Address]] = Future()
             self._pending[key] = future
+            self._held[party] = self._held.get(party, 0) + 1
 
         def lookup() -> None:
             try:
@@ -215,12 +235,15 @@ class _Lookups:
             finally:
                 with self._lock:
                     self._pending.pop(key, None)
+                    left = self._held.pop(party) - 1
+                    if left:
+                        self._held[party] = left
 
         threading.Thread(target=lookup, name="https-get-resolve", daemon=True).start()
         return future
 
 
-_LOOKUPS = _Lookups(LOOKUPS_AT_ONCE)
+_LOOKUPS = _Lookups(LOOKUPS_AT_ONCE, PARTY_LOOKUPS_AT_ONCE)
 
 
 def _handshake(

@@ -134,6 +134,9 @@ def fetch_bundle(
             limit=MAX_BUNDLE_BYTES,
             timeout=timeout,
             check_peer=check_peer if rel.profile == HTTPS_SPIFFE else None,
+            # Its names' lookups count against the relationship: a partner whose names hang
+            # holds a few, not the room every other relationship's fetch needs.
+            party=td.name,
         )
     except ssl.SSLError as exc:
         why = getattr(exc, "verify_message", None) or exc.reason

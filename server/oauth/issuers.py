@@ -81,7 +81,7 @@ def fetch_keys(
     issuer slow at each would otherwise hold its fetch for twice that); IssuerError saying
     what went wrong."""
     deadline = time.monotonic() + timeout
-    body, _ = _get(issuer.url + OIDC_PATH, ctx, timeout)
+    body, _ = _get(issuer.url + OIDC_PATH, ctx, timeout, issuer.url)
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -104,7 +104,9 @@ def fetch_keys(
     left = deadline - time.monotonic()
     if left <= 0:
         raise IssuerError(f"{issuer.url}: no time left for its JWKS within the {timeout:g} s")
-    keys, max_age = _get(jwks_uri, ctx, left)
+    # The JWKS's host is the one the issuer's document names: its lookups count against
+    # the issuer too, so names it makes up to hang hold its own room only.
+    keys, max_age = _get(jwks_uri, ctx, left, issuer.url)
     try:
         bundle = JwtBundle.parse_jwks(issuer.trust_domain, keys, uses=KEY_USES)
     except BundleError as exc:
@@ -116,9 +118,11 @@ def fetch_keys(
     return FetchedKeys(bundle, max_age)
 
 
-def _get(url: str, ctx: ssl.SSLContext, timeout: float) -> tuple[bytes, float | None]:
+def _get(url: str, ctx: ssl.SSLContext, timeout: float, party: str) -> tuple[bytes, float | None]:
     try:
-        reply = https_get.get(url, context=ctx, limit=MAX_DOCUMENT_BYTES, timeout=timeout)
+        reply = https_get.get(
+            url, context=ctx, limit=MAX_DOCUMENT_BYTES, timeout=timeout, party=party
+        )
     except (OSError, http.client.HTTPException) as exc:
         raise IssuerError(f"{url}: {type(exc).__name__}: {exc}") from None
     if reply.status != 200:  # a redirect too: the URL is the one configured or published

@@ -108,7 +108,8 @@ def der_chain(data: bytes) -> list[x509.Certificate]:
 
 
 def write_tls_files(directory: Path) -> tuple[Path, Path, Path]:
-    """(CA PEM, server cert PEM, server key PEM): a throwaway CA and a leaf for 127.0.0.1."""
+    """(CA PEM, server cert PEM, server key PEM): a throwaway CA and a leaf for 127.0.0.1 (and
+    localhost: a URL naming the server then has its name looked up)."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
@@ -133,7 +134,9 @@ def write_tls_files(directory: Path) -> tuple[Path, Path, Path]:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())

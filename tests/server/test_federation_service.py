@@ -8,18 +8,21 @@ import concurrent.futures
 import functools
 import json
 import secrets
+import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from server import https_get
 from server.audit.errors import LedgerError
 from server.audit.log import AuditLog
 from server.config import build_config
@@ -711,6 +714,65 @@ def test_an_operators_refresh_answers_at_once_while_the_scheduled_fetches_hang(
             for endpoint in silent:
                 endpoint.close()
             store.close()
+
+
+def test_a_partner_whose_names_never_resolve_does_not_fail_another_partners_fetch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A partner's nameservers that never answer hold a lookup thread per name of theirs
+    (each fetch gives up at its deadline; the resolver cannot be cut). Those counted against
+    one cap for the process: one partner's names (its endpoint moved from name to name) filled
+    it, and every other relationship's fetch failed at once while they hung. Counted against
+    the relationship, they fill its own few lookups, and the other's fetch goes through; the
+    threads they hold stay that few."""
+    # Only the resolver is stood in for (no name hangs here); localhost is looked up for real.
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def hung(host: str, *args: object, **kwargs: object) -> list[tuple]:  # type: ignore[type-arg]
+        if host.endswith(".hung.test"):
+            release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "temporary failure in name resolution")
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    _no_lookup_pending()  # another test's, released, may still be ending
+    before = _lookup_threads()
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    served = _bundle(1).to_json()
+    refusals: list[str] = []
+    with serving_https(lambda _path: (200, served, {}), "fpl") as (url, ca_file):
+        other = parse_static(
+            f"example.org https_web https://localhost:{urlsplit(url).port}/ {ca_file}", OWN
+        )
+        try:
+            # As many names as the process may look up at once, and more than it once could.
+            for i in range(https_get.LOOKUPS_AT_ONCE):
+                partner = parse_static(f"hung.org https_web https://n{i}.hung.test/", OWN)
+                with pytest.raises(FederationError) as failed:
+                    fetch_bundle(partner, None, timeout=0.05)
+                if "under way" in str(failed.value):
+                    refusals.append(str(failed.value))
+            held = _lookup_threads() - before
+            fetched = fetch_bundle(other, None, timeout=5)
+        finally:
+            release.set()
+    _no_lookup_pending()
+    assert fetched.sequence == 1
+    assert held <= https_get.PARTY_LOOKUPS_AT_ONCE
+    assert len(refusals) == https_get.LOOKUPS_AT_ONCE - https_get.PARTY_LOOKUPS_AT_ONCE
+    assert "name lookups for hung.org are under way" in refusals[0]
+
+
+def _lookup_threads() -> int:
+    return sum(t.name == "https-get-resolve" and t.is_alive() for t in threading.enumerate())
+
+
+def _no_lookup_pending() -> None:
+    """Wait for the lookups under way, and their threads, to end (an earlier test's)."""
+    deadline = time.monotonic() + 5
+    while (https_get._LOOKUPS._pending or _lookup_threads()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not https_get._LOOKUPS._pending
 
 
 def _fail_recording(
