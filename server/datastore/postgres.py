@@ -37,6 +37,8 @@ them for TCP's retransmissions (a quarter of an hour) or for ever: PostgreSQL ca
 statement running past STATEMENT_TIMEOUT, every request on a connection is given up (and the
 connection closed) when no answer came within ANSWER_TIMEOUT, connecting gives up after
 CONNECT_TIMEOUT, and TCP keepalives and a user timeout find a dead peer under an idle LISTEN.
+A thread of this process stalled inside a transaction would hold its locks for ever: PostgreSQL
+ends a session left idle in a transaction past IDLE_IN_TRANSACTION_TIMEOUT.
 Bulk work that may rightly run long on a big database (listing everything, prunes,
 migrations, an audit snapshot) asks for BULK_TIMEOUT instead (`bulk=True`).
 """
@@ -128,11 +130,19 @@ CONNECT_TIMEOUT = 5.0
 # A statement of the server's own takes milliseconds: PostgreSQL cancels one past this (a lock
 # held by a server that went silent mid-transaction, say), and the connection stays usable.
 STATEMENT_TIMEOUT = 5.0
+# A transaction of the server's own sits idle between its statements for milliseconds (Python
+# work, a reseal of audit rows). One idle this long belongs to a stalled thread or a paused
+# process, and holds its locks until it goes on, if ever: PostgreSQL ends its session (the
+# call fails when it goes on; the pool replaces the connection). Well past any pause of a live
+# process on a loaded host, and short enough that the rows it holds come back while the
+# servers waiting on them retry.
+IDLE_IN_TRANSACTION_TIMEOUT = 30.0
 # A request (a statement, a commit, a page of rows) with no answer this long: the database is
 # silent, the connection is closed and the call fails. Past STATEMENT_TIMEOUT, so a slow
 # statement is PostgreSQL's to cancel first.
 ANSWER_TIMEOUT = STATEMENT_TIMEOUT + 1.0
-# Both, for work that may rightly run long on a big database (`bulk=True`).
+# All three, for work that may rightly run long on a big database (`bulk=True`), or keep
+# a transaction open while its caller works through the rows (an audit snapshot).
 BULK_TIMEOUT = 600.0
 # TCP: a peer that vanished under an idle connection (a LISTEN) is found within about
 # idle + interval x count seconds; data unacknowledged for the user timeout (ms) ends it.
@@ -192,16 +202,24 @@ class AnsweredConnection(psycopg.Connection[Any]):
 
 def connection_options(dsn: str) -> dict[str, Any]:
     """libpq parameters bounding how long a silent database holds a call (the module's
-    docstring), each unless the DSN sets its own; the statement timeout joins the DSN's (or
-    PGOPTIONS') own `options`."""
+    docstring), each unless the DSN sets its own; the statement and idle-in-transaction
+    timeouts join the DSN's (or PGOPTIONS') own `options`."""
     given = conninfo_to_dict(dsn)
     found: dict[str, Any] = {k: v for k, v in _TCP.items() if k not in given}
     if "connect_timeout" not in given:
         found["connect_timeout"] = max(2, int(CONNECT_TIMEOUT))
     options = str(given.get("options") or os.environ.get("PGOPTIONS", ""))
-    if "statement_timeout" not in options:
-        timeout = f"-c statement_timeout={int(STATEMENT_TIMEOUT * 1000)}"
-        found["options"] = f"{options} {timeout}".strip()
+    timeouts = {
+        "statement_timeout": STATEMENT_TIMEOUT,
+        "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_TIMEOUT,
+    }
+    added = [
+        f"-c {name}={int(seconds * 1000)}"
+        for name, seconds in timeouts.items()
+        if name not in options
+    ]
+    if added:
+        found["options"] = " ".join([options, *added]).strip()
     return found
 
 
@@ -874,8 +892,13 @@ class PostgresDataStore(
 
 @contextmanager
 def _patient(conn: AnsweredConnection) -> Iterator[None]:
-    """BULK_TIMEOUT for the statements run on `conn` meanwhile, then the session's own again."""
-    conn.execute(f"SET statement_timeout = {int(BULK_TIMEOUT * 1000)}")
+    """BULK_TIMEOUT for the statements run on `conn` meanwhile, and for a transaction of
+    theirs left idle while its caller works (an audit snapshot's rows), then the session's own
+    again."""
+    bulk = int(BULK_TIMEOUT * 1000)
+    conn.execute(
+        f"SET statement_timeout = {bulk}; SET idle_in_transaction_session_timeout = {bulk}"
+    )
     before, conn.answer_timeout = conn.answer_timeout, BULK_TIMEOUT
     try:
         yield
@@ -884,6 +907,6 @@ def _patient(conn: AnsweredConnection) -> Iterator[None]:
         if conn.closed:
             pass
         elif conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
-            conn.execute("RESET statement_timeout")
+            conn.execute("RESET statement_timeout; RESET idle_in_transaction_session_timeout")
         else:
             conn.close()  # the pool would keep it with the bulk timeout: it replaces it

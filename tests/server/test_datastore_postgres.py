@@ -28,6 +28,7 @@ from server.datastore import (
 )
 from server.datastore import ledger_queries as lq
 from server.datastore import postgres as postgres_module
+from server.datastore import postgres_sql as ps
 from server.datastore import queries as q
 from server.datastore.base import JtiClaim
 from server.datastore.errors import (
@@ -910,15 +911,65 @@ def test_a_statement_past_the_timeout_is_cancelled_and_bulk_work_may_run_long(
         store.close()
 
 
+def test_a_transaction_left_idle_is_ended_by_the_server_and_its_locks_go(
+    postgres_dsn: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread stalled inside a transaction (its process paused, a callback that never
+    returns) holds the rows it wrote; PostgreSQL ends its session once it sat idle in the
+    transaction past the bound, so another server's write gets the row within its statement
+    timeout, and the stalled call fails when it goes on, keeping nothing."""
+    monkeypatch.setattr(postgres_module, "IDLE_IN_TRANSACTION_TIMEOUT", 0.5)
+    stalled = PostgresDataStore(postgres_dsn, clock, max_connections=1)
+    other = PostgresDataStore(postgres_dsn, clock)
+    held, resume = threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def stall(cur: Any) -> None:
+        cur.execute(pg(ps.BUMP_COUNTER), {"name": "revision"})  # every write's last lock
+        held.set()
+        resume.wait(30)
+        cur.execute("SELECT 1")
+
+    def run() -> None:
+        try:
+            stalled._write("stall", stall)
+            outcome.append(None)
+        except Exception as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run)
+    try:
+        thread.start()
+        assert held.wait(30)
+        started = time.monotonic()
+        other.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+        assert time.monotonic() - started < postgres_module.STATEMENT_TIMEOUT
+        resume.set()
+        thread.join(30)
+        assert isinstance(outcome[0], StorageError), outcome
+        assert "idle-in-transaction" in str(outcome[0])
+        assert other.revision() == 1  # the stalled bump was rolled back
+        assert stalled.revision() == 1  # and its pool serves again
+    finally:
+        resume.set()
+        thread.join(30)
+        stalled.close()
+        other.close()
+
+
 def test_connection_options_bound_every_wait_unless_the_dsn_sets_its_own() -> None:
     found = connection_options("postgresql://u@h/db?options=-csearch_path%3Ds&keepalives_idle=60")
-    assert found["options"] == "-csearch_path=s -c statement_timeout=5000"
+    assert found["options"] == (
+        "-csearch_path=s -c statement_timeout=5000 -c idle_in_transaction_session_timeout=30000"
+    )
     assert "keepalives_idle" not in found  # the DSN's 60 stands
     assert found["keepalives"] == 1
     assert found["tcp_user_timeout"] == 6000
     assert found["connect_timeout"] == 5
     own = connection_options("postgresql://u@h/db?options=-c%20statement_timeout%3D0")
-    assert "options" not in own
+    assert own["options"] == "-c statement_timeout=0 -c idle_in_transaction_session_timeout=30000"
+    both = "-c%20statement_timeout%3D0%20-c%20idle_in_transaction_session_timeout%3D0"
+    assert "options" not in connection_options(f"postgresql://u@h/db?options={both}")
 
 
 def _settled(dsn: str, app: str, thread: threading.Thread) -> str:
