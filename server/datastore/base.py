@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Protocol
 from server.datastore.chain import Resealer
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
+    AGENT_PRUNE_BATCH,
     AttestedAgent,
     AuditMark,
     AuditRecord,
@@ -165,10 +166,11 @@ class RegistrationStore(Protocol):
         """NotFoundError for an unknown agent. `removal` as for delete_agent."""
         ...
 
-    def prune_agents(self, before: int) -> list[str]:
+    def prune_agents(self, before: int, *, batch: int = AGENT_PRUNE_BATCH) -> list[str]:
         """Delete the agents whose SVIDs (current and previous) expired before `before`,
-        except banned ones and those with a removal stored, in one transaction naming each
-        in the change feed; returns their SPIFFE IDs, sorted."""
+        except banned ones and those with a removal stored, `batch` at most per transaction
+        (each naming its agents in the change feed), until a batch finds fewer; returns their
+        SPIFFE IDs, sorted."""
         ...
 
     # -- agent removals under way (records.Removal) ----------------------------------------------

@@ -88,6 +88,7 @@ from server.datastore.postgres_federation import PostgresFederation
 from server.datastore.postgres_ledger import PostgresLedger
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
+    AGENT_PRUNE_BATCH,
     FEED_AGENT,
     FEED_KEY_SLOT,
     FEED_REVOCATION,
@@ -101,6 +102,7 @@ from server.datastore.records import (
     Revocation,
     TokenUse,
     key_slot_params,
+    prune_in_batches,
 )
 from server.datastore.sqlite import (
     _agent_from,
@@ -649,9 +651,14 @@ class PostgresDataStore(
 
         self._write("ban the agent", work, bulk=True)  # as "delete the agent"
 
-    def prune_agents(self, before: int) -> list[str]:
+    def prune_agents(self, before: int, *, batch: int = AGENT_PRUNE_BATCH) -> list[str]:
+        return prune_in_batches(self._prune_agent_batch, before, batch)
+
+    def _prune_agent_batch(self, before: int, limit: int) -> list[str]:
+        params = {"before": before, "limit": limit}
+
         def work(cur: Cursor) -> list[str]:
-            rows = cur.execute(pg(q.PRUNE_AGENTS), {"before": before}).fetchall()
+            rows = cur.execute(pg(q.PRUNE_AGENTS), params).fetchall()
             gone = sorted(str(r[0]) for r in rows)
             if gone:
                 self._bump(cur, _REVISION)

@@ -100,11 +100,18 @@ DELETE_AGENT = "DELETE FROM agents WHERE spiffe_id = :spiffe_id"
 # Join-token agents only: a join token is spent, so nothing attests under that ID again. An
 # x509pop node attests again under its ID for as long as its certificate lasts: its row stays,
 # so the operator can still ban it by ID while it is away.
-PRUNE_AGENTS = (
-    "DELETE FROM agents WHERE attestation_type = 'join_token' AND banned = 0 "
+# At most :limit rows, the first in ID order: one batch of a prune. The DELETE repeats the
+# conditions, so a row re-attested (or banned) after the batch was picked is judged as that
+# write left it (PostgreSQL's READ COMMITTED re-checks an updated row) and stays.
+_PRUNABLE_AGENT = (
+    "attestation_type = 'join_token' AND banned = 0 "
     "AND expires_at < :before "
     "AND previous_expires_at < :before "
-    "AND NOT EXISTS (SELECT 1 FROM removals WHERE removals.agent_id = agents.spiffe_id) "
+    "AND NOT EXISTS (SELECT 1 FROM removals WHERE removals.agent_id = agents.spiffe_id)"
+)
+PRUNE_AGENTS = (
+    f"DELETE FROM agents WHERE {_PRUNABLE_AGENT} AND spiffe_id IN "
+    f"(SELECT spiffe_id FROM agents WHERE {_PRUNABLE_AGENT} ORDER BY spiffe_id LIMIT :limit) "
     "RETURNING spiffe_id"
 )
 SET_AGENT_BANNED = "UPDATE agents SET banned = :banned WHERE spiffe_id = :spiffe_id"

@@ -255,6 +255,23 @@ def revocation_needed_from(now: float) -> float:
 # at start, and an operator looking into an incident reads both within the audit events' own
 # retention (30 days by default). SPIRE's `spire-server agent purge` takes agents expired as long.
 EXPIRED_RECORD_RETENTION = 30 * 86400
+# Agents one prune transaction deletes at most: a large fleet's first prune commits batch after
+# batch instead of holding every row it deletes, and the revision and feed counters every other
+# write bumps last, in one long transaction.
+AGENT_PRUNE_BATCH = 1000
+
+
+def prune_in_batches(prune: Callable[[int, int], list[str]], before: int, batch: int) -> list[str]:
+    """`prune(before, limit)` (one transaction, the IDs it deleted) run again until a batch
+    deletes fewer than `batch`; every ID, sorted."""
+    if batch <= 0:
+        raise ValueError(f"a prune batch must be positive, got {batch}")
+    gone: list[str] = []
+    while True:
+        removed = prune(before, batch)
+        gone.extend(removed)
+        if len(removed) < batch:
+            return sorted(gone)
 
 
 def expired_record_kept_from(now: float) -> int:

@@ -49,6 +49,7 @@ from server.datastore.migrations import (
     refuse_newer,
 )
 from server.datastore.records import (
+    AGENT_PRUNE_BATCH,
     FEED_AGENT,
     FEED_KEY_SLOT,
     FEED_REVOCATION,
@@ -63,6 +64,7 @@ from server.datastore.records import (
     Selector,
     TokenUse,
     key_slot_params,
+    prune_in_batches,
     revocation_needed_from,
 )
 from server.datastore.sqlite_checkpoints import SqliteCheckpoints
@@ -541,9 +543,12 @@ class SqliteDataStore(
             self._bump(db, _REVISION)
             self._append_feed(db, FEED_AGENT, (spiffe_id,))
 
-    def prune_agents(self, before: int) -> list[str]:
+    def prune_agents(self, before: int, *, batch: int = AGENT_PRUNE_BATCH) -> list[str]:
+        return prune_in_batches(self._prune_agent_batch, before, batch)
+
+    def _prune_agent_batch(self, before: int, limit: int) -> list[str]:
         with self._transaction() as db:
-            rows = db.execute(q.PRUNE_AGENTS, {"before": before}).fetchall()
+            rows = db.execute(q.PRUNE_AGENTS, {"before": before, "limit": limit}).fetchall()
             gone = sorted(str(r[0]) for r in rows)
             if gone:
                 self._bump(db, _REVISION)

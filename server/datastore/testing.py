@@ -20,6 +20,7 @@ from server.datastore.base import DataStore, JtiClaim
 from server.datastore.chain import Resealer
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
+    AGENT_PRUNE_BATCH,
     AttestedAgent,
     AuditMark,
     AuditRecord,
@@ -289,9 +290,9 @@ class FaultInjectingDataStore:
         self._enter("prune_tasks")
         return self.inner.prune_tasks(state, before)
 
-    def prune_agents(self, before: int) -> list[str]:
+    def prune_agents(self, before: int, *, batch: int = AGENT_PRUNE_BATCH) -> list[str]:
         self._enter("prune_agents")
-        return self.inner.prune_agents(before)
+        return self.inner.prune_agents(before, batch=batch)
 
     def task_credentials(self, task_id: str, now: int) -> list[Credential]:
         self._enter("task_credentials")

@@ -281,6 +281,27 @@ def test_agents_expired_long_ago_are_pruned_but_a_ban_or_a_removal_holds(
     assert store.feed_head() == head + 2
 
 
+def test_a_prune_of_more_agents_than_a_batch_removes_them_all_a_batch_per_transaction(
+    store: DataStore,
+) -> None:
+    """A large fleet's first prune does not hold every row it deletes (and the feed's counter)
+    in one long transaction: it commits a batch at a time, each batch its own revision, and
+    names every agent it removed, in the feed and in its answer."""
+    old = NOW - 10
+    names = [f"{AGENT}-{n:02d}" for n in range(25)]
+    for name in names:
+        store.upsert_agent(AttestedAgent(name, "join_token", "1", old))
+    store.upsert_agent(AttestedAgent(OTHER_AGENT, "join_token", "1", NOW))
+    revision, head = store.revision(), store.feed_head()
+
+    assert store.prune_agents(NOW, batch=10) == names
+    assert [a.spiffe_id for a in store.list_agents()] == [OTHER_AGENT]
+    assert store.revision() == revision + 3  # 10 + 10 + 5: three transactions
+    assert sorted(i.key for i in store.feed_since(head, 100)) == names
+    assert store.prune_agents(NOW, batch=10) == []
+    assert store.revision() == revision + 3
+
+
 def test_tasks_over_are_pruned_by_their_expiry_in_their_state(store: DataStore) -> None:
     """Only the state asked for and an expiry before the bound: an active task, or one whose
     end is under way, stays however old."""
