@@ -583,6 +583,10 @@ class PostgresDataStore(
 
     @staticmethod
     def _write_agent(cur: Cursor, agent: AttestedAgent, replacing: AttestedAgent | None) -> None:
+        # The agent's key first, as a removal's (_lock_agent_key): a renewal waiting for the
+        # ledger write holding the row is not passed by the agent's next writes, which would
+        # keep the row share-locked past its statement timeout while the agent issues.
+        cur.execute(pg(ps.LOCK_AGENT_KEY), {"spiffe_id": agent.spiffe_id})
         if replacing is None:
             if int(cur.execute(pg(q.INSERT_AGENT), _agent_params(agent)).rowcount) != 1:
                 raise AgentReplacedError(agent.spiffe_id)
@@ -630,8 +634,9 @@ class PostgresDataStore(
 
     @staticmethod
     def _lock_agent_key(cur: Cursor, agent_id: str) -> None:
-        """A removal's first lock: the agent's key, exclusive, so the ledger writes coming
-        while it waits for the one under way queue behind it (ps.SHARE_AGENT_KEYS)."""
+        """A removal's first lock (and an admission's or renewal's, in _write_agent): the
+        agent's key, exclusive, so the ledger writes coming while it waits for the one under
+        way queue behind it (ps.SHARE_AGENT_KEYS)."""
         cur.execute(pg(ps.LOCK_AGENT_KEY), {"spiffe_id": agent_id})
 
     def set_agent_banned(

@@ -76,8 +76,9 @@ def _refuse_gone(
     for ever with the writes overlapping it.
 
     Lock order: agent keys, then agent rows, in agent order, then task rows in task order,
-    first in the write (then jti rows, then the audit append lock). A removal locks one agent
-    key, then its row, then only counters; an end or a task's begin locks one task row, then
+    first in the write (then jti rows, then the audit append lock). A removal, an agent's
+    admission or renewal lock one agent key (an admission its join token's row before), then
+    its row, then only counters; an end or a task's begin locks one task row, then
     only counters; other ledger writes share these locks and take them in the same order: no
     cycle of waits can form."""
     ids = {"agent_ids": agents, "task_ids": tasks}

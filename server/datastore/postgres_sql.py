@@ -54,7 +54,8 @@ LOCK_ENTRIES = _LOCK % "'svidd.entries:'"
 # is fair: a request that conflicts with a waiting one queues behind it. So a ledger write
 # takes its agents' keys shared (in agent order, before their rows) and a removal takes its
 # agent's key exclusive (before the row): the writes that come after a waiting removal wait
-# behind it, and find the agent removed.
+# behind it, and find the agent removed. An agent's admission or renewal (its row's write)
+# takes the key exclusive too, so the agent's own issuing cannot starve it either.
 # The key: hashtextextended('svidd.agent:' || schema || ':' || agent ID, 0).
 # :agent_ids sorted; WITH ORDINALITY keeps the locks taken in that order.
 SHARE_AGENT_KEYS = (

@@ -1066,3 +1066,80 @@ def test_a_removal_waiting_for_a_ledger_write_goes_before_the_next_write(
         release.set()
         for store in (first, second, remover):
             store.close()
+
+
+def test_a_reattestation_waiting_for_a_ledger_write_goes_before_the_next_write(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """An agent issuing without pause always has some ledger write holding its row. Its
+    re-attestation (the row's compare-and-swap to the new SVID) waiting for the one under way
+    is not passed by the next write of the agent, as a row lock would let it: that write waits
+    behind the re-attestation, so overlapping writes from several servers cannot starve the
+    agent's renewal past its statement timeout. The write after it still goes through: the
+    agent renewed is admitted."""
+    first, _ = _store_as(postgres_dsn, clock, "first")
+    second, second_app = _store_as(postgres_dsn, clock, "second")
+    renewer, renewer_app = _store_as(postgres_dsn, clock, "renewal")
+    inside, release = threading.Event(), threading.Event()
+    outcomes: dict[str, BaseException | None] = {}
+    held = AttestedAgent(AGENT, "join_token", "1", NOW + 3600, attested_at=NOW)
+    renewed = AttestedAgent(
+        AGENT,
+        "join_token",
+        "2",
+        NOW + 7200,
+        attested_at=NOW + 1,
+        previous_serial="1",
+        previous_expires_at=NOW + 3600,
+    )
+
+    def reseal(stored: Head | None) -> list[tuple[object, ...]]:
+        inside.set()  # the first write holds the agent, uncommitted
+        release.wait(30)
+        return audit_rows(1, 1)
+
+    def run(name: str, call: Callable[[], object]) -> threading.Thread:
+        def target() -> None:
+            try:
+                call()
+                outcomes[name] = None
+            except Exception as e:
+                outcomes[name] = e
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    def credential(value: str) -> Credential:
+        return Credential("jwt_id", value, AGENT, "spiffe://x/y", "", NOW + 60)
+
+    threads: list[threading.Thread] = []
+    try:
+        first.upsert_agent(held)
+        threads.append(
+            run(
+                "first",
+                lambda: first.write_ledger([credential("a")], audit_rows(5, 1), reseal=reseal),
+            )
+        )
+        assert inside.wait(30)
+        threads.append(run("renewal", lambda: renewer.upsert_agent(renewed, replacing=held)))
+        _wait_for_a_lock_wait(postgres_dsn, renewer_app, f"the renewal did not wait: {outcomes}")
+        threads.append(run("second", lambda: second.write_ledger([credential("b")], [])))
+        try:
+            settled = _settled(postgres_dsn, second_app, threads[-1])
+            assert settled == "waiting", (
+                f"the second write ({outcomes.get('second')!r}) got in ahead of the renewal "
+                f"still waiting ({threads[1].is_alive()})"
+            )
+        finally:
+            release.set()
+            for thread in threads:
+                thread.join(30)
+        assert outcomes == {"first": None, "renewal": None, "second": None}
+        assert first.get_agent(AGENT).serial == "2"
+        assert [c.value for c in first.agent_credentials(AGENT, NOW)] == ["a", "b"]
+    finally:
+        release.set()
+        for store in (first, second, renewer):
+            store.close()
