@@ -202,6 +202,17 @@ PRUNE_AUDIT_EVENTS = "DELETE FROM audit_events WHERE seq <= :seq"
 COUNT_AUDIT_EVENTS = "SELECT COUNT(*) AS n FROM audit_events"
 
 
+def audit_page_indexed(where: EventFilter) -> bool:
+    """Whether audit_page's pages of `where` are read through an index of audit_events (the
+    agent's, the task's, a node's revocations'), not by reading the log in seq order until a
+    page's worth matched, which on a very large log may take minutes."""
+    return (
+        where.agent_id is not None
+        or where.task_id is not None
+        or (where.node_id is not None and where.kind == "revocation")
+    )
+
+
 def audit_page(where: EventFilter) -> tuple[str, dict[str, Any]]:
     """One page of audit rows after :after (seq order, at most :limit rows) matching `where`;
     the caller binds :after and :limit."""

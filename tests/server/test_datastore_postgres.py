@@ -43,6 +43,7 @@ from server.datastore.postgres import AnsweredConnection, PostgresDataStore, con
 from server.datastore.postgres_dsn import redact_dsn, scrub
 from server.datastore.postgres_sql import pg
 from server.datastore.records import (
+    AUDIT_COLUMNS,
     REMOVAL_BANNED,
     REMOVAL_EVICTED,
     EventFilter,
@@ -1143,3 +1144,51 @@ def test_a_reattestation_waiting_for_a_ledger_write_goes_before_the_next_write(
         release.set()
         for store in (first, second, renewer):
             store.close()
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        (EventFilter(kind="svid_minted"), [2, 3]),
+        (EventFilter(decision="allow"), [1, 2, 3, 4]),
+        (None, [1, 2, 3, 4]),
+        # Through an index: a removal's or a task end's read keeps the short limit.
+        (EventFilter(agent_id=AGENT), None),
+        (EventFilter(kind="revocation", node_id=AGENT), None),
+    ],
+)
+def test_a_listing_of_the_audit_log_by_no_index_runs_under_the_bulk_limits(
+    postgres_dsn: str, clock: FakeClock, where: EventFilter | None, expected: list[int] | None
+) -> None:
+    """A listing by kind (no index: each page reads the log in seq order until it found a
+    page's worth) on a very large log takes longer than a statement of the server's own may:
+    it runs under the bulk limits. Here the page waits for a lock for longer than the DSN's
+    statement timeout, as such a scan takes, and still answers with the rows asked for; a
+    read an index serves is still cancelled at the statement timeout."""
+    store = PostgresDataStore(_with_options(postgres_dsn, "-c statement_timeout=300"), clock)
+    at = AUDIT_COLUMNS.index("kind")
+    rows = [
+        (*row[:at], "svid_minted" if row[0] in (2, 3) else row[at], *row[at + 1 :])
+        for row in audit_rows(1, 4)
+    ]
+    held = threading.Event()
+
+    def hold() -> None:
+        with psycopg.connect(postgres_dsn) as conn:
+            conn.execute("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+            held.set()
+            time.sleep(1.0)
+
+    holder = threading.Thread(target=hold)
+    try:
+        store.write_ledger([], rows)
+        holder.start()
+        assert held.wait(30)
+        if expected is None:
+            with pytest.raises(StorageError, match="statement timeout"):
+                list(store.audit_rows(where))
+        else:
+            assert [r["seq"] for r in store.audit_rows(where)] == expected
+    finally:
+        holder.join(30)
+        store.close()
