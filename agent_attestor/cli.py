@@ -19,7 +19,6 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 
 from agent_attestor import _crypto
-from agent_attestor.agent_store import _write_private, write_file
 from agent_attestor.app import AgentApp
 from agent_attestor.checkpoint_store import read_records
 from agent_attestor.config import (
@@ -32,6 +31,7 @@ from agent_attestor.config import (
     load_toml,
 )
 from agent_attestor.errors import AgentError, ConfigError
+from agent_attestor.file_set import NewFile, replace_together
 from agent_attestor.logs import configure
 from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
 from svid._audit_checkpoint import CHECKPOINT
@@ -194,15 +194,24 @@ def _x509_summary(msg: Any) -> list[dict[str, Any]]:
 
 def _write_x509(directory: Path, msg: Any) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    files = []
     for i, svid in enumerate(msg.svids):
-        write_file(
-            directory / f"svid.{i}.pem", certs_to_pem(parse_der_certs(svid.x509_svid)), 0o644
-        )
         key = _crypto.key_pem(serialization.load_der_private_key(svid.x509_svid_key, None))
-        # A fresh 0600 file renamed into place: a file or symlink already there (planted
-        # in a directory others can write) never receives the key.
-        _write_private(directory / f"svid.{i}.key", key)
-        write_file(directory / f"bundle.{i}.pem", certs_to_pem(parse_der_certs(svid.bundle)), 0o644)
+        # Certificate before key: a server reloading reads its certificate, then its key (nginx,
+        # Envoy). Renamed in this order, it meets a new certificate beside the old key only if
+        # both its reads fall between these two renames, microseconds apart; key first, any
+        # reload that read the old certificate before the key's rename and the key after it
+        # would pair them wrongly. No order of separate files closes the window entirely.
+        files += [
+            NewFile(f"svid.{i}.pem", certs_to_pem(parse_der_certs(svid.x509_svid)), 0o644),
+            NewFile(f"svid.{i}.key", key, 0o600),
+        ]
+    # The bundles after: a bundle pairs with no key.
+    files += [
+        NewFile(f"bundle.{i}.pem", certs_to_pem(parse_der_certs(svid.bundle)), 0o644)
+        for i, svid in enumerate(msg.svids)
+    ]
+    replace_together(directory, files)
 
 
 def _cmd_fetch_x509(args: argparse.Namespace, client: WorkloadClient) -> int:

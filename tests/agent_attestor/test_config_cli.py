@@ -10,8 +10,11 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from agent_attestor import cli
 from agent_attestor.config import KEYS, build_config, load_toml
@@ -504,3 +507,107 @@ def test_log_format_and_level_take_any_case_as_the_servers_do() -> None:
     assert (config.log_format, config.log_level) == ("text", "warning")
     with pytest.raises(ConfigError, match=r"^log_level: must be one of debug, info, "):
         build_config({"log_level": "LOUD"}, {})
+
+
+_OLD_SET = {
+    "svid.0.pem": b"the old certificate\n",
+    "svid.0.key": b"the old key\n",
+    "bundle.0.pem": b"the old bundle\n",
+}
+
+
+def _old_set(out: Path) -> None:
+    out.mkdir()
+    for name, data in _OLD_SET.items():
+        (out / name).write_bytes(data)
+    (out / "svid.0.key").chmod(0o600)
+
+
+@pytest.mark.parametrize("fails_at", ["svid.0.key", "bundle.0.pem"])
+def test_cli_fetch_x509_write_failing_at_a_later_rename_leaves_the_old_set_whole(
+    agent: Harness,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fails_at: str,
+) -> None:
+    """--write replaced svid.0.pem, then svid.0.key: a failure between left the new certificate
+    beside the old key, which a reloading server (nginx) took up as a pair that does not match."""
+    agent.add_entry("/w")
+    out = tmp_path / "out"
+    _old_set(out)
+    replace = os.replace
+
+    def fails(src: Any, dst: Any, **kwargs: Any) -> None:
+        if Path(dst) == out / fails_at:
+            raise OSError(28, "No space left on device", str(dst))
+        replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", fails)
+    argv = ["api", "fetch", "x509", "--socket-path", str(agent.socket_path), "--write", str(out)]
+    assert cli.main(argv) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err == f"svid-agent: --write: cannot write {out / fails_at}: No space left on device\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == _OLD_SET  # no temp file left
+    assert stat.S_IMODE((out / "svid.0.key").stat().st_mode) == 0o600
+
+
+def test_cli_fetch_x509_write_failing_at_a_later_write_leaves_the_old_set_whole(
+    agent: Harness,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The disk fills up at the bundle: nothing of the new set is in place yet."""
+    agent.add_entry("/w")
+    out = tmp_path / "out"
+    _old_set(out)
+    real_open = os.open
+
+    def full_at_the_bundle(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(path).parent == out and "bundle.0.pem" in Path(path).name:
+            raise OSError(28, "No space left on device", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", full_at_the_bundle)
+    argv = ["api", "fetch", "x509", "--socket-path", str(agent.socket_path), "--write", str(out)]
+    assert cli.main(argv) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"svid-agent: --write: cannot write {out / 'bundle.0.pem'}: No space left on device\n"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == _OLD_SET
+
+
+def test_cli_fetch_x509_write_replaces_the_set_with_a_key_0600_from_its_first_byte(
+    agent: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent.add_entry("/w")
+    out = tmp_path / "out"
+    _old_set(out)
+    modes_at_fsync: dict[str, int] = {}
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        # Each new file whole and on its way to the disk, under its temp name: which mode?
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path.parent == out and path.name.endswith(".tmp"):
+            modes_at_fsync[path.name[1:].rsplit(".", 2)[0]] = stat.S_IMODE(os.fstat(fd).st_mode)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    argv = ["api", "fetch", "x509", "--socket-path", str(agent.socket_path), "--write", str(out)]
+    assert cli.main(argv) == 0
+    monkeypatch.undo()
+    assert sorted(modes_at_fsync) == sorted(_OLD_SET)
+    assert modes_at_fsync["svid.0.key"] == 0o600
+    assert sorted(p.name for p in out.iterdir()) == sorted(_OLD_SET)
+    assert stat.S_IMODE((out / "svid.0.key").stat().st_mode) == 0o600
+    key = load_pem_private_key((out / "svid.0.key").read_bytes(), None)
+    (cert, *_) = x509.load_pem_x509_certificates((out / "svid.0.pem").read_bytes())
+    assert cert.public_key() == key.public_key()
+    (authority,) = x509.load_pem_x509_certificates((out / "bundle.0.pem").read_bytes())
+    assert cert.issuer == authority.subject
