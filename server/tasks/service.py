@@ -651,7 +651,9 @@ class TaskService:
             stored = True
             await asyncio.to_thread(self._audit.append_many, [begun])
         except Exception:
-            await self._undo_begin(task, stored=stored, why="not recorded in the audit log")
+            await self._undo_begin(
+                task, stored=stored, why="not recorded in the audit log", logged=False
+            )
             raise
         self._set_active(task, True)
         why = "its parent task ended while it began"
@@ -669,9 +671,13 @@ class TaskService:
             # Ended meanwhile by another server's sweep (a TTL shorter than this begin), or
             # with its parent: that one recorded the end. Ended here with the entry maybe
             # stored: the undo recorded it with the rest of the end's work.
-            if await self._undo_begin(task, stored=True, why=why, entry_tried=entry_tried):
+            done = await self._undo_begin(task, stored=True, why=why, entry_tried=entry_tried)
+            if done is not None:
                 try:
-                    await self._record_end(task, TaskState.REVOKED, "begin failed", revoked=0)
+                    # The row's reason, which says why the begin failed. Settled only once the
+                    # event is on the log: if it is not, settle_ends records it.
+                    await self._record_end(done, done.state, done.end_reason, revoked=0)
+                    await asyncio.to_thread(self._store.settle, done)
                 except Exception:
                     _log.exception(
                         "recording a failed begin failed", extra={"task_id": task.task_id}
@@ -690,10 +696,12 @@ class TaskService:
         return parent is None or not parent.active
 
     async def _undo_begin(
-        self, task: Task, *, stored: bool, why: str, entry_tried: bool = False
-    ) -> bool:
+        self, task: Task, *, stored: bool, why: str, entry_tried: bool = False, logged: bool = True
+    ) -> Task | None:
         """Best effort after a failed begin: the caller gets the original error either way.
-        True when this call ended the stored row and left its task-end event to the caller.
+        The row as this call ended it, when it left its task-end event and the row's settling
+        to the caller; None otherwise. ``logged``: the begin's event is on the log (else its
+        end is not recorded either: the log never heard of the task).
 
         ``entry_tried``: the entry's write failed, yet it may have committed (its answer lost
         at COMMIT). Then other servers may have followed the feed to an active task with an
@@ -707,17 +715,18 @@ class TaskService:
                     self._store.finish, task, TaskState.REVOKED, self._now(), f"begin failed: {why}"
                 )
                 if done is None:
-                    return False
+                    return None
                 if entry_tried:
                     await self._carry_out_end(done)
-                    return False
-                # No entry was ever written: nothing was issued for it, and its end is
-                # recorded by the caller.
-                await asyncio.to_thread(self._store.settle, done)
-                return True
+                    return None
+                # No entry was ever written: nothing was issued for it.
+                if not logged:
+                    await asyncio.to_thread(self._store.settle, done)
+                    return None
+                return done
         except Exception:
             _log.exception("undoing a failed task begin failed", extra={"task_id": task.task_id})
-        return False
+        return None
 
     # -- per-mint decisions ---------------------------------------------------------------------
 

@@ -627,6 +627,60 @@ def test_a_sub_task_whose_parent_ends_while_it_begins_does_not_outlive_it(
     assert {e["task_id"] for e in world.events("task_end")} == {parent.task_id, child.task_id}
 
 
+def _parent_ends_while_the_sub_task_begins(world: World, monkeypatch: pytest.MonkeyPatch) -> Any:
+    parent = world.begin(actions=("read", "write"))
+    write_begin = world.service._write_begin
+
+    async def parent_ends_first(task: Any, entry: Entry, begun: Any) -> Any:
+        await world.service.end(world.agent, parent.task_id, [RUNTIME])
+        return await write_begin(task, entry, begun)
+
+    monkeypatch.setattr(world.service, "_write_begin", parent_ends_first)
+    return parent
+
+
+def test_a_sub_task_refused_as_its_parent_ended_says_so_on_its_end_event(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its task-end event said only 'begin failed', the row why: the log, what an auditor
+    reads, lacked the reason."""
+    parent = _parent_ends_while_the_sub_task_begins(world, monkeypatch)
+    with pytest.raises(PermissionDeniedError):
+        world.begin(actions=("read",), parent_task_id=parent.task_id)
+    (child,) = [t for t in world.store.list_tasks() if t.parent_task_id == parent.task_id]
+    (end,) = [e for e in world.events("task_end") if e["task_id"] == child.task_id]
+    assert end["reason"] == child.end_reason
+    assert end["reason"] == "begin failed: its parent task ended while it began"
+    assert world.store.unsettled(world.clock.now() + 3600) == []
+
+
+def test_a_sub_task_end_event_that_fails_is_recorded_by_the_settle_sweep(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row was settled before its task-end event was appended: when the append failed (the
+    log's storage down a moment), nothing ever recorded the end of a task the log saw begin."""
+    parent = _parent_ends_while_the_sub_task_begins(world, monkeypatch)
+    append = world.audit.append
+
+    def log_down_for_the_sub_task(kind: str, **fields: Any) -> Any:
+        if kind == "task_end" and fields["task_id"] != parent.task_id:
+            raise AuditError("audit storage unavailable")
+        return append(kind, **fields)
+
+    monkeypatch.setattr(world.audit, "append", log_down_for_the_sub_task)
+    with pytest.raises(PermissionDeniedError):
+        world.begin(actions=("read",), parent_task_id=parent.task_id)
+    monkeypatch.setattr(world.audit, "append", append)
+    (child,) = [t for t in world.store.list_tasks() if t.parent_task_id == parent.task_id]
+    assert [e["task_id"] for e in world.events("task_end")] == [parent.task_id]
+    world.clock.advance(61)
+    assert world.run(world.service.settle_ends()) == 1
+    (end,) = [e for e in world.events("task_end") if e["task_id"] == child.task_id]
+    assert end["reason"] == "begin failed: its parent task ended while it began"
+    assert world.run(world.service.settle_ends()) == 0
+    assert world.audit.verify().ok
+
+
 def test_a_task_x509_svid_renewed_late_in_its_task_ends_with_the_task(world: World) -> None:
     task = world.begin(ttl=600)
     first = issue_x509(world, task.spiffe_id)
