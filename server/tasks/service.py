@@ -70,6 +70,10 @@ _HEX = frozenset("0123456789abcdef")
 END_GRACE = 60
 # The end reason of a task whose begin a dead server left half done (cut_short_begins).
 BEGIN_CUT_SHORT = "its begin was cut short: the server stopped before the task had its entry"
+# ...and before its task-begin event: settle_ends records that event from the row first.
+BEGIN_UNLOGGED = (
+    "its begin was cut short: the server stopped before the task's begin was on the audit log"
+)
 # Bound on the per-task facts kept for mints and exchanges (about one per active task).
 _FACTS_CACHE_SIZE = 4096
 MAX_VIOLATION_COUNTS = 4096
@@ -1150,6 +1154,10 @@ class TaskService:
         rows = self._audit.store.audit_rows(EventFilter(kind=EventKind.REVOCATION, task_id=task_id))
         return {str(row["credential_id"]) for row in rows}
 
+    def _begin_recorded(self, task_id: str) -> bool:
+        rows = self._audit.store.audit_rows(EventFilter(kind=EventKind.TASK_BEGIN, task_id=task_id))
+        return next(iter(rows), None) is not None
+
     def _end_recorded(self, task_id: str) -> bool:
         rows = self._audit.store.audit_rows(EventFilter(kind=EventKind.TASK_END, task_id=task_id))
         return next(iter(rows), None) is not None
@@ -1176,7 +1184,13 @@ class TaskService:
             cut_short = cut_short_begins(cut_short, stored, now, now - grace)
         for task in cut_short:
             _log.warning("ending a task whose begin was cut short", extra={"task_id": task.task_id})
-            await self._finish(task, TaskState.REVOKED, BEGIN_CUT_SHORT)
+            reason = BEGIN_CUT_SHORT
+            if not await asyncio.to_thread(self._begin_recorded, task.task_id):
+                # Else the log's only word of the task is its end: a task it never saw begin,
+                # though its row was active (its decision and grant are in the row).
+                await asyncio.to_thread(self._audit.append_many, [recovered_begin(task)])
+                reason = BEGIN_UNLOGGED
+            await self._finish(task, TaskState.REVOKED, reason)
         return len(stale) + len(cut_short)
 
     async def _record_end(self, task: Task, state: TaskState, reason: str, *, revoked: int) -> None:
@@ -1274,6 +1288,38 @@ def _recordable(draft: Callable[[], EventDraft]) -> EventDraft:
         raise  # already the caller's (INVALID_ARGUMENT), with its own message
     except AuditError as exc:
         raise InvalidRequestError(f"intent: too large to record in the audit log: {exc}") from None
+
+
+def recovered_begin(task: Task) -> EventDraft:
+    """The task-begin event of a begin cut short before its event, as its row keeps it: the
+    decision and what was granted. What was declared, and the risk read then, are not kept;
+    `recovered` says so, and `begun_at` when the task was stored (the event's own time is
+    the recovery's)."""
+    return EventDraft(
+        kind=EventKind.TASK_BEGIN,
+        agent_id=task.runtime_id,
+        node_id=task.agent_id,
+        on_behalf_of=task.on_behalf_of or None,
+        resource=",".join((*task.resources, *task.tools)),
+        action=",".join(task.actions),
+        task_id=task.task_id,
+        decision=task.decision,
+        reason=task.reason,
+        policy_ids=task.policy_ids,
+        policy_set_hash=task.policy_set_hash or None,
+        ttl=task.ttl,
+        extra={
+            "spiffe_id": task.spiffe_id,
+            "parent_task": task.parent_task_id,
+            "depth": task.depth,
+            "goal_sha256": task.goal_sha256,
+            "elevated": task.elevated,
+            "classification": task.classification,
+            "environment": task.environment,
+            "begun_at": task.created_at,
+            "recovered": "its server stopped before recording the begin; recorded from its row",
+        },
+    )
 
 
 def cut_short_begins(

@@ -54,7 +54,7 @@ from server.state import ServerState
 from server.tasks.crl import REFRESH_AFTER
 from server.tasks.model import TaskState
 from server.tasks.removals import AgentRemovals
-from server.tasks.service import BeginRequest, TaskService
+from server.tasks.service import BEGIN_CUT_SHORT, BEGIN_UNLOGGED, BeginRequest, TaskService
 from server.tasks.store import TaskStore
 from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY, RevokedError, X509Bundle, X509Verifier
 from svid._bundle import BundleSet
@@ -1285,6 +1285,50 @@ def test_a_begin_cut_short_by_a_crash_ends_on_record_after_the_restart(
     assert end["task_id"] == row.task_id
     assert "begin was cut short" in end["reason"]
     assert [e.spiffe_id for e in world.state.entries.by_id.values()] == [RUNTIME]
+    assert world.run(world.service.settle_ends()) == 0
+    assert world.audit.verify().ok
+
+
+@pytest.mark.parametrize(
+    ("dies_at", "reason"),
+    [("write_ledger", BEGIN_UNLOGGED), ("create_entry", BEGIN_CUT_SHORT)],
+)
+def test_a_begin_cut_short_before_its_event_is_on_the_log_begun_then_ended(
+    tmp_path: Path,
+    clock: FakeClock,
+    any_datastore: DataStore,
+    ca_manager: CaManager,
+    *,
+    dies_at: str,
+    reason: str,
+) -> None:
+    """Killed after the task's row, before its begin event (write_ledger): the sweep ended it
+    with a task-end event, the log's only word of a task it never saw begin, and its reason
+    said the begin lacked only its entry. The begin goes on the log first, from the row."""
+    faulty = FaultInjectingDataStore(any_datastore)
+    world = make_world(tmp_path, clock, faulty, ca_manager)
+    faulty.inject(_Killed(), method=dies_at)
+    with pytest.raises(_Killed):
+        world.begin(ttl=3600, goal_sha256="ab" * 32)
+    (row,) = world.store.list_tasks()
+
+    world = _restarted(world, any_datastore)
+    clock.advance(61)
+    assert world.run(world.service.settle_ends()) == 1
+    task_events = [r for r in world.audit.store.audit_rows() if r["task_id"] == row.task_id]
+    assert [e["kind"] for e in task_events] == ["task_begin", "task_end"]
+    begun, ended = task_events
+    assert ended["reason"] == reason
+    assert (begun["decision"], begun["agent_id"], begun["node_id"]) == (
+        row.decision,
+        RUNTIME,
+        AGENT,
+    )
+    assert begun["decision"].startswith("allow")
+    assert (begun["action"], begun["resource"]) == ("read", "docs")
+    extra = json.loads(begun["extra"])
+    assert (extra["spiffe_id"], extra["goal_sha256"]) == (row.spiffe_id, "ab" * 32)
+    assert ("recovered" in extra) == (dies_at == "write_ledger")
     assert world.run(world.service.settle_ends()) == 0
     assert world.audit.verify().ok
 
