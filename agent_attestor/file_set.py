@@ -6,8 +6,10 @@ the key of the old one."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +64,8 @@ def _write_new(temp: Path, target: Path, data: bytes, mode: int) -> None:
 
 def _rename_all(staged: list[tuple[Path, Path]]) -> None:
     """Renames each temp file over its target; if one fails, the targets already replaced get
-    their old file back (kept meanwhile as a hard link), or are removed if they had none."""
+    their old file back (kept meanwhile as a hard link or a copy), or are removed if they had
+    none."""
     kept: list[Path | None] = []
     try:
         for _, target in staged:
@@ -93,16 +96,42 @@ def _rename_all(staged: list[tuple[Path, Path]]) -> None:
 
 
 def _keep_old(target: Path) -> Path | None:
-    """A hard link to what `target` is now (a symlink as itself, not followed), or None when
-    there is nothing there."""
+    """A hard link to what `target` is now (a symlink as itself, not followed), or a copy of it
+    where the file system has no hard links; None when there is nothing there."""
     old = target.with_name(f".{target.name}.{secrets.token_hex(8)}.old")
     try:
-        os.link(target, old, follow_symlinks=False)
+        found = os.lstat(target)
+        if stat.S_ISDIR(found.st_mode):  # no rename replaces it: refused before any is made
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        try:
+            os.link(target, old, follow_symlinks=False)
+        except OSError:
+            _copy_old(target, old, found)
     except FileNotFoundError:
         return None
-    except OSError as exc:  # a directory in the way: refused before anything is replaced
+    except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(target)) from None
     return old
+
+
+def _copy_old(target: Path, old: Path, found: os.stat_result) -> None:
+    if stat.S_ISLNK(found.st_mode):
+        os.symlink(os.readlink(target), old)
+        return
+    if not stat.S_ISREG(found.st_mode):  # a FIFO would block the read
+        raise OSError(errno.EINVAL, "neither a file nor a symlink")
+    # O_NONBLOCK: one swapped for a FIFO since the lstat does not block the read either.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    with os.fdopen(os.open(target, flags), "rb") as f:
+        data = f.read()
+    # Its own mode from the first byte (an old key stays 0600).
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        with os.fdopen(os.open(old, flags, stat.S_IMODE(found.st_mode)), "wb") as f:
+            f.write(data)
+    except BaseException:
+        old.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_directory(directory: Path | None) -> None:

@@ -523,19 +523,30 @@ def _old_set(out: Path) -> None:
     (out / "svid.0.key").chmod(0o600)
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
 @pytest.mark.parametrize("fails_at", ["svid.0.key", "bundle.0.pem"])
 def test_cli_fetch_x509_write_failing_at_a_later_rename_leaves_the_old_set_whole(
     agent: Harness,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    *,
     fails_at: str,
+    hard_links: bool,
 ) -> None:
     """--write replaced svid.0.pem, then svid.0.key: a failure between left the new certificate
-    beside the old key, which a reloading server (nginx) took up as a pair that does not match."""
+    beside the old key, which a reloading server (nginx) took up as a pair that does not match.
+    The old files are kept as hard links until the set is in, or as copies on a file system
+    without them."""
     agent.add_entry("/w")
     out = tmp_path / "out"
     _old_set(out)
+    if not hard_links:
+
+        def no_links(*args: Any, **kwargs: Any) -> None:
+            raise OSError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
     replace = os.replace
 
     def fails(src: Any, dst: Any, **kwargs: Any) -> None:
@@ -611,3 +622,20 @@ def test_cli_fetch_x509_write_replaces_the_set_with_a_key_0600_from_its_first_by
     assert cert.public_key() == key.public_key()
     (authority,) = x509.load_pem_x509_certificates((out / "bundle.0.pem").read_bytes())
     assert cert.issuer == authority.subject
+
+
+def test_cli_fetch_x509_write_with_a_directory_in_the_way_of_the_key_replaces_nothing(
+    agent: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.add_entry("/w")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "svid.0.pem").write_bytes(b"the old certificate\n")
+    (out / "svid.0.key").mkdir()
+    argv = ["api", "fetch", "x509", "--socket-path", str(agent.socket_path), "--write", str(out)]
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.startswith(
+        f"svid-agent: --write: cannot write {out / 'svid.0.key'}: "
+    )
+    assert (out / "svid.0.pem").read_bytes() == b"the old certificate\n"
+    assert sorted(p.name for p in out.iterdir()) == ["svid.0.key", "svid.0.pem"]
