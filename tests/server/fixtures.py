@@ -263,7 +263,12 @@ class RunningServer:
         return self.admin().CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=10).entry
 
 
-def start_server(root: Path | None = None, **overrides: Any) -> RunningServer:
+def start_server(
+    root: Path | None = None, *, lag: float = CLOCK_LAG, **overrides: Any
+) -> RunningServer:
+    """`lag`: how far the server's clock starts behind the wall clock (a test moving it far on,
+    through a CA rotation, starts it further back, so the certificates issued then are valid
+    by the wall clock too)."""
     root = root or short_tmpdir()
     values: dict[str, Any] = {
         "trust_domain": TRUST_DOMAIN,
@@ -277,7 +282,7 @@ def start_server(root: Path | None = None, **overrides: Any) -> RunningServer:
     values.update(overrides)
     # A little behind the wall clock: tests may advance it by a few seconds and TLS peers,
     # which check validity against the real time, still accept the certificates.
-    clock = FakeClock(start=time.time() - CLOCK_LAG)
+    clock = FakeClock(start=time.time() - lag)
     return RunningServer(build_config(values), clock)
 
 
