@@ -22,6 +22,19 @@ class ServerNotVerifiedError(AttestationError):
     TLS handshake failed, so nothing (no join token) reached the server."""
 
 
+class ServerNotOursError(ServerNotVerifiedError):
+    """The server verified under the agent's roots, but is not its trust domain's: its
+    certificate carries another SPIFFE ID (another trust domain's server under the same upstream
+    root), or the channel pinned to the CA of the server checked reached one that CA did not
+    sign. Nothing was sent to it, nor taken from it."""
+
+
+class ChannelNotVerifiedError(ServerNotVerifiedError):
+    """The server the agent SVID's channel meets does not verify against the roots that SVID
+    came with (the trust domain's CA replaced while the agent was away, or a stray server):
+    nothing was sent to it."""
+
+
 class AttestationRefusedError(AttestationError):
     """The server refused to attest the agent by what it was given (PERMISSION_DENIED), or the
     agent knows it would, or cannot attest yet: every retry fails alike until the operator

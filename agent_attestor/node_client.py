@@ -25,18 +25,27 @@ from agent_attestor.errors import (
     AttestationLimitedError,
     AttestationNotAcceptedError,
     BadRequestError,
+    ChannelNotVerifiedError,
     ConfigError,
     JoinTokenRefusedError,
     NoIdentityError,
+    NotReadyError,
+    ServerNotOursError,
     ServerNotVerifiedError,
     X509PopRefusedError,
 )
 from agent_attestor.model import Entry, TrustBundle
-from agent_attestor.server_identity import SERVER_NAME, expected_server_id, server_anchors
+from agent_attestor.server_identity import (
+    SERVER_NAME,
+    SERVER_PATH,
+    expected_server_id,
+    server_anchors,
+)
 from agent_attestor.signer import MintedJwt, X509Result
 from svid._der import der_concat, parse_der_certs
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
 from svid._secret_file import SecretFile, read_owner_only
+from svid._spiffe_id import SpiffeId
 from svid._x509pop import sign_challenge as sign_x509pop_challenge
 
 _OPTIONS = (
@@ -144,7 +153,7 @@ def attest_error(exc: grpc.RpcError, join_token: str, address: str) -> Attestati
     if server_not_verified(exc):
         # The probe verified a server at this address against the bundle; the channel's
         # connection reached one whose certificate that server's CA did not sign.
-        return ServerNotVerifiedError(
+        return ServerNotOursError(
             f"the server the attestation channel reached at {address} is not the one checked "
             "there: its certificate is not signed by the CA of the server whose ID was checked "
             "(another trust domain's server behind the same address?); nothing was sent to it: "
@@ -197,7 +206,14 @@ async def wait_connected(channel: grpc.aio.Channel, address: str, timeout: float
 
 
 class NodeClient:
-    """One connection set to the server; rebuilt when the agent SVID or the bundle changes."""
+    """One connection set to the server; rebuilt when the agent SVID or the bundle changes.
+
+    The mTLS channel (Sync, renewals, minting) trusts what the Attest channel does
+    (server_identity): the CA of the agent's trust domain that signed the certificate of a
+    server checked to carry that trust domain's server ID, not every certificate under the
+    bundle's roots, which under an upstream root other trust domains' servers chain to as well.
+    connect() checks the server again each time, so a reconnect meets the server's CA of now
+    (under an upstream root the bundle does not name the CA a rotation brings)."""
 
     def __init__(
         self,
@@ -208,48 +224,116 @@ class NodeClient:
         connect_timeout: float = 5.0,
         *,
         trust_domain: str = "",
+        pinned: bytes = b"",
     ) -> None:
         """`trust_domain`: the agent's, whose server alone it attests to (empty: the one the
-        roots name, see server_identity.expected_server_id)."""
+        roots name, see server_identity.expected_server_id); the mTLS channel's server is the
+        one of the SVID's trust domain. `pinned`: what the mTLS channel trusts until connect()
+        checks the server, from the client before this one at the same address (empty: nothing,
+        and calls wait for the check)."""
         self._connect_timeout = connect_timeout
         self._trust_domain = trust_domain
         self._server_address = server_address
         self._attest_address = attest_address
         self._root_pem = root_pem
         self._svid = svid
+        self._pinned = pinned
+        self._pinning = asyncio.Lock()
         self._channel: grpc.aio.Channel | None = None
         self._stub: node_pb2_grpc.NodeStub | None = None
+        # Channels of an earlier pin: calls still on them finish there, closed with this client.
+        self._retired: list[grpc.aio.Channel] = []
 
     @property
     def root_pem(self) -> bytes:
         return self._root_pem
 
+    @property
+    def server_address(self) -> str:
+        return self._server_address
+
+    @property
+    def pinned(self) -> bytes:
+        """The PEM of what the mTLS channel trusts (empty: the server is not checked yet)."""
+        return self._pinned
+
     def _mtls(self) -> node_pb2_grpc.NodeStub:
         if self._svid is None:
             raise AttestationError("the agent has no SVID yet: attest first")
         if self._stub is None:
+            if not self._pinned:
+                # Never the bundle's roots alone: another trust domain's server may chain there.
+                raise NotReadyError("not connected to the server yet: its identity is unchecked")
             creds = grpc.ssl_channel_credentials(
-                self._root_pem, self._svid.key_pem, self._svid.chain_pem
+                self._pinned, self._svid.key_pem, self._svid.chain_pem
             )
             self._channel = grpc.aio.secure_channel(self._server_address, creds, _OPTIONS)
             self._stub = node_pb2_grpc.NodeStub(self._channel)
         return self._stub
 
+    async def _ready(self) -> node_pb2_grpc.NodeStub:
+        """The mTLS stub, once the server is checked (at once if it was)."""
+        if not self._pinned:
+            async with self._pinning:
+                if not self._pinned:
+                    await self._check()
+        return self._mtls()
+
+    async def _check(self) -> None:
+        """Check the server at the node address (see the class) and pin the channel to what
+        the check found; a pin unlike the one in use takes a new channel. Called holding
+        _pinning. ChannelNotVerifiedError: the roots do not verify the server;
+        ServerNotOursError: they do, but it is another trust domain's."""
+        svid = self._svid
+        if svid is None:
+            raise AttestationError("the agent has no SVID yet: attest first")
+        expected = SpiffeId.from_segments(SpiffeId.parse(svid.spiffe_id).trust_domain, *SERVER_PATH)
+        try:
+            pinned = await server_anchors(
+                self._server_address,
+                self._root_pem,
+                expected,
+                self._connect_timeout,
+                client=(svid.chain_pem, svid.key_pem),
+            )
+        except ServerNotOursError:
+            raise
+        except ServerNotVerifiedError as exc:
+            raise ChannelNotVerifiedError(str(exc)) from exc
+        if pinned == self._pinned:
+            return
+        if self._channel is not None:
+            self._retired.append(self._channel)
+        self._pinned, self._channel, self._stub = pinned, None, None
+
     async def connect(self) -> None:
-        """Wait for the mTLS channel to connect or fail (see wait_connected)."""
-        await wait_connected(self.channel(), self._server_address, self._connect_timeout)
+        """Check the server and pin the mTLS channel (see the class), then wait for the channel
+        to connect or fail (see wait_connected). A channel that fails is pinned once more: its
+        connection may have met a certificate of a CA activated since the check, or another
+        server behind the address; then the call that follows says what failed."""
+        for again in (True, False):
+            async with self._pinning:
+                await self._check()
+            channel = self.channel()
+            await wait_connected(channel, self._server_address, self._connect_timeout)
+            if not again or channel.get_state() != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                return
 
     def channel(self) -> grpc.aio.Channel:
-        """The mTLS channel (with the agent SVID), for other node-side services."""
+        """The mTLS channel (with the agent SVID), for other node-side services; NotReadyError
+        until the server is checked."""
         self._mtls()
         assert self._channel is not None
         return self._channel
 
     async def close(self) -> None:
+        channels, self._retired = self._retired, []
         if self._channel is not None:
-            await self._channel.close()
+            channels.append(self._channel)
             self._channel = None
             self._stub = None
+        for channel in channels:
+            await channel.close()
 
     # ---- attestation ------------------------------------------------------------------------
 
@@ -333,7 +417,8 @@ class NodeClient:
 
     async def renew(self, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
         key = _crypto.new_key()
-        reply = await self._mtls().RenewAgent(
+        stub = await self._ready()
+        reply = await stub.RenewAgent(
             node_pb2.RenewAgentRequest(csr=_crypto.make_csr(key)), timeout=timeout
         )
         return self._agent_svid(reply.svid, key), TrustBundle.from_proto(reply.svid.bundle)
@@ -346,7 +431,8 @@ class NodeClient:
         """The Sync stream from `since_revision` of `epoch` (0: from a snapshot). An audit
         checkpoints a message carries come first, then the message's state or delta."""
         request = node_pb2.SyncRequest(since_revision=since_revision, epoch=epoch)
-        async for update in self._mtls().Sync(request):
+        stub = await self._ready()
+        async for update in stub.Sync(request):
             for pushed in update.audit_checkpoints:
                 yield PushedCheckpoint(pushed.line, bytes(pushed.public_key))
             if update.kind == node_pb2.SyncUpdate.DELTA:
@@ -358,7 +444,8 @@ class NodeClient:
         request = node_pb2.BatchNewX509SVIDRequest(
             params=[node_pb2.X509SVIDParams(entry_id=e, csr=c) for e, c in params]
         )
-        reply = await self._mtls().BatchNewX509SVID(request, timeout=30)
+        stub = await self._ready()
+        reply = await stub.BatchNewX509SVID(request, timeout=30)
         return [
             X509Result(
                 entry_id=r.entry_id,
@@ -369,8 +456,9 @@ class NodeClient:
         ]
 
     async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        stub = await self._ready()
         try:
-            reply = await self._mtls().NewJWTSVID(
+            reply = await stub.NewJWTSVID(
                 node_pb2.NewJWTSVIDRequest(
                     spiffe_id=spiffe_id, audience=audience, entry_id=entry_id
                 ),

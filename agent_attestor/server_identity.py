@@ -1,5 +1,6 @@
-"""Which server the agent attests to: one presenting its own trust domain's server ID
-(spiffe://<td>/svid/server), not any certificate named `svid-server` under the bundle's roots.
+"""Which server the agent attests to, and then syncs with: one presenting its own trust domain's
+server ID (spiffe://<td>/svid/server), not any certificate named `svid-server` under the bundle's
+roots.
 
 Under an upstream CA the bundle is the upstream root alone, which other trust domains' servers
 may chain to as well, and their certificates carry the same DNS name. grpc's Python API neither
@@ -12,12 +13,18 @@ and the channel's connection need not reach the server the probe did. A svidd CA
 trust domain and signs server IDs of that trust domain only, so any certificate it signed is
 one of the agent's servers; another trust domain's server under the same root has a CA of its
 own, fails the handshake, and nothing is sent.
+
+The agent SVID's channel (Sync, renewals, minting: node_client.NodeClient) is pinned the same
+way, to the CA of the trust domain named by the agent's own SVID, and checked again at each of
+its connections: under an upstream root a rotation's new CA is in no bundle the agent receives,
+and a channel pinned once would refuse the agent's own server when its certificate changes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import Sequence
 
@@ -25,7 +32,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from agent_attestor.errors import ServerNotVerifiedError
+from agent_attestor.errors import ServerNotOursError, ServerNotVerifiedError
 from svid._errors import SvidError
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._ssl_peer import peer_chain_der
@@ -126,12 +133,26 @@ def expected_server_id(trust_domain: str, root_pem: bytes) -> SpiffeId:
     return SpiffeId.from_segments(TrustDomain.parse(trust_domain), *SERVER_PATH)
 
 
-def _context(root_pem: bytes) -> ssl.SSLContext:
+def _present(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+    """Have `context` present `chain_pem` with its `key_pem`. ssl reads them from a file only:
+    an anonymous one in memory, gone with its descriptor, so the key is never on a disk."""
+    fd = os.memfd_create("agent-svid", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "wb", closefd=False) as memory:
+            memory.write(chain_pem + key_pem)
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def _context(root_pem: bytes, client: tuple[bytes, bytes] | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(cadata=root_pem.decode("ascii", "replace"))
     # As grpc does: any certificate of the roots is a trust anchor (an upstream intermediate,
     # or the server certificate that insecure_bootstrap fetched).
     context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     context.set_alpn_protocols(["h2"])
+    if client is not None:
+        _present(context, *client)
     return context
 
 
@@ -141,17 +162,25 @@ def _split(address: str) -> tuple[str, int]:
 
 
 async def server_anchors(
-    address: str, root_pem: bytes, expected: SpiffeId, timeout: float
+    address: str,
+    root_pem: bytes,
+    expected: SpiffeId,
+    timeout: float,
+    *,
+    client: tuple[bytes, bytes] | None = None,
 ) -> bytes:
-    """The PEM of what the Attest channel to `address` trusts (see anchors), once the server
-    there presented a certificate verified under `root_pem` for the name `svid-server` and
-    carrying `expected`; else ServerNotVerifiedError naming the ID it carries and the one
-    expected. Nothing is sent but the TLS handshake."""
+    """The PEM of what a channel to `address` trusts (see anchors), once the server there
+    presented a certificate verified under `root_pem` for the name `svid-server` and carrying
+    `expected`; else ServerNotVerifiedError (ServerNotOursError: it verified, but carries
+    another ID, which it names beside the one expected). `client`: the (chain, key) PEMs this
+    handshake presents, where the server asks for a client certificate (the node API: one
+    refused there leaves a failed handshake in the server's log). Nothing is sent but the TLS
+    handshake."""
     host, port = _split(address)
     try:
         async with asyncio.timeout(timeout):
             _reader, writer = await asyncio.open_connection(
-                host, port, ssl=_context(root_pem), server_hostname=SERVER_NAME
+                host, port, ssl=_context(root_pem, client), server_hostname=SERVER_NAME
             )
     except TimeoutError:
         raise ConnectionError(f"no connection to {address} within {timeout:g} s") from None
@@ -175,7 +204,7 @@ async def server_anchors(
     except (ValueError, SvidError) as exc:
         presented = f"no SPIFFE ID ({exc})"
     if presented != str(expected):
-        raise ServerNotVerifiedError(
+        raise ServerNotOursError(
             f"the server at {address} is not this agent's: its certificate carries "
             f"{presented}, where {expected} was expected (another trust domain's server under "
             "the same root?); nothing was sent to it"

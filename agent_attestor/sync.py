@@ -33,8 +33,10 @@ from agent_attestor.errors import (
     AttestationError,
     AttestationLimitedError,
     AttestationRefusedError,
+    ChannelNotVerifiedError,
     JoinTokenRefusedError,
     NotReadyError,
+    ServerNotOursError,
     ServerNotVerifiedError,
     StateNotWritableError,
 )
@@ -155,6 +157,7 @@ class Syncer:
         # A given bundle that fails too makes the loop set the saved SVID aside at every retry.
         self._set_aside_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._unverified_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
+        self._not_ours_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._attest_refused_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._attest_limited_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         # A full disk refuses the bundle at every Sync message that carries one.
@@ -274,8 +277,21 @@ class Syncer:
         old = self._client
         server = self._servers.current
         assert server is not None  # picked before any identity is installed
+        roots = self._root_pem()
+        pinned = b""
+        if old is not None and old.server_address == server.node:
+            # The server checked there: the new SVID's channel serves calls at once (a renewal,
+            # with the bundle it brings, leaves no gap), and connect() checks the server again
+            # under the roots of now before the Sync stream is opened.
+            pinned = old.pinned
         self._client = NodeClient(
-            server.node, server.attest, self._root_pem(), svid, self._s.connect_timeout
+            server.node,
+            server.attest,
+            roots,
+            svid,
+            self._s.connect_timeout,
+            trust_domain=self._s.trust_domain,
+            pinned=pinned,
         )
         if old is not None:
             # Streams on the old channel may still be closing: let them, then close it.
@@ -321,6 +337,8 @@ class Syncer:
         roots = self._root_pem()
         try:
             return await self._attest_and_save_with(server, roots)
+        except ServerNotOursError:
+            raise  # the roots verified it: another bundle would not make it ours
         except ServerNotVerifiedError as exc:
             given = rebootstrap_roots(roots, self._s.bootstrap_root_pem, self._s.bootstrap_given)
             if given is None:
@@ -668,11 +686,12 @@ class Syncer:
                 if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                     self._refused(code, details)
                 elif server_not_verified(exc):
-                    if not self._set_aside_saved_svid(details):
-                        self._unverified(details)
-                    elif not hurried:
-                        hurried = True
-                        continue  # attest at this very server, at once: it failed no attempt
+                    # The channel is pinned to the CA of the server connect() checked, twice:
+                    # the connection reached a server that CA did not sign.
+                    self._not_ours(
+                        "the server the channel reached is not the one checked at its address: "
+                        f"its certificate is not signed by that server's CA: {details}"
+                    )
                 else:
                     log.warning("lost the server", extra={"server": self.server, "code": code.name})
                 await self._after_failure(code.name, code.name)
@@ -684,6 +703,18 @@ class Syncer:
                 # Each server keeps its own budget: another one may have room.
                 self._attestation_limited(str(exc))
                 await self._after_failure(failure_code(exc), "attestation budget spent")
+            except ChannelNotVerifiedError as exc:
+                # The roots the agent SVID came with do not verify the server its channel meets.
+                if not self._set_aside_saved_svid(str(exc)):
+                    self._unverified(str(exc))
+                elif not hurried:
+                    hurried = True
+                    continue  # attest at this very server, at once: it failed no attempt
+                await self._after_failure(None, "server not verified")
+            except ServerNotOursError as exc:
+                # Not a decision of the server about us (it heard nothing): another may be ours.
+                self._not_ours(str(exc))
+                await self._after_failure(None, "not this agent's server")
             except ServerNotVerifiedError as exc:
                 # An attestation: neither the saved bundle nor the given one verified the server.
                 # A saved SVID set aside is tried again next (_take_back_saved_svid).
@@ -736,6 +767,21 @@ class Syncer:
             "from `svid-server bundle show --format pem`) and a new join token (an x509pop "
             "agent needs only the bundle); retrying meanwhile",
             extra={"server": self.server, "failures": count, "error": error[:300]},
+        )
+
+    def _not_ours(self, error: str) -> None:
+        """The server at the agent's address verified under its roots but is not its trust
+        domain's (another trust domain's under the same upstream root, where a DNS answer or a
+        balancer sent the agent): nothing was sent to it, nothing it sends is used, and every
+        retry there fails alike until whoever runs that address mends it."""
+        count = self._not_ours_log.due()
+        if not count:
+            return
+        log.error(
+            "the server at this agent's server address is not its trust domain's server (another "
+            "trust domain's under the same root?): nothing was sent to it and nothing it sends is "
+            "used; check the agent's server_address and what answers there; retrying meanwhile",
+            extra={"server": self.server, "times": count, "error": error[:300]},
         )
 
     def _attestation_refused(self, exc: AttestationRefusedError) -> None:

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor.agent_store import AgentStore
 from agent_attestor.cache import Cache
+from agent_attestor.errors import ChannelNotVerifiedError
 from agent_attestor.node_client import wait_connected
 from agent_attestor.servers import (
     Server,
@@ -288,16 +289,6 @@ def test_a_server_name_the_resolver_cannot_encode_is_retried_not_fatal(
     assert syncer.server == bad.node  # dialled as written, as with any name that fails
 
 
-class _NotVerified(grpc.RpcError):
-    """What a channel whose roots refuse the server's certificate raises."""
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        return "failed to connect: CERTIFICATE_VERIFY_FAILED"
-
-
 class _Longest(random.Random):
     """Jitter that always picks the longest wait allowed."""
 
@@ -323,7 +314,8 @@ def test_a_saved_svid_set_aside_again_and_again_backs_off(
         calls += 1
         if calls > 1000:  # a loop that never awaits never lets the test's timer fire
             raise asyncio.CancelledError
-        raise _NotVerified()
+        # What the agent SVID's channel raises when its roots refuse the server's certificate.
+        raise ChannelNotVerifiedError("CERTIFICATE_VERIFY_FAILED: unable to get local issuer")
 
     monkeypatch.setattr(syncer, "_sync_once", sync_once)
     monkeypatch.setattr(syncer, "_set_aside_saved_svid", lambda details: True)
