@@ -21,6 +21,7 @@ import grpc
 
 from agent_attestor.cache import Cache
 from agent_attestor.caller_check import checked_caller, not_serving
+from agent_attestor.errors import NotReadyError
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.model import TASK_PATH, Entry
 from agent_attestor.peer import CallerRegistry
@@ -130,6 +131,14 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "svid-server did not answer the agent in time; retry, and if it persists check "
+                "the agent's log and its server_address",
+            )
+        except NotReadyError:
+            # No channel yet (the agent has no SVID, or has not checked the server it is to
+            # reach): nothing was sent, and a retry may find it connected.
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the agent is not connected to svid-server yet; retry, and if it persists check "
                 "the agent's log and its server_address",
             )
         except grpc.aio.AioRpcError as exc:

@@ -15,7 +15,7 @@ import pytest
 
 from agent_attestor.cache import Cache
 from agent_attestor.endpoint import WorkloadEndpoint
-from agent_attestor.errors import NoIdentityError
+from agent_attestor.errors import NoIdentityError, NotReadyError
 from agent_attestor.model import Entry, Selector
 from agent_attestor.tasks.api import TasksApi
 from agent_attestor.tasks.client import GrpcTaskClient
@@ -48,11 +48,15 @@ class FakeClient:
     listed: list[task_pb2.NodeListTasksRequest] = field(default_factory=list)
     refuse: str = ""
     down: bool = False
+    # As the agent's channel before it has checked the server it is to reach (node_client).
+    unchecked: bool = False
     # As the server does: the task's entry reaches the agent's cache (after this many seconds).
     cache: Cache | None = None
     entry_delay: float | None = None
 
     def _check(self) -> None:
+        if self.unchecked:
+            raise NotReadyError("not connected to the server yet: its identity is unchecked")
         if self.down:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
@@ -344,6 +348,20 @@ def test_server_denial_reaches_the_workload_with_its_reason(ta: TaskAgent) -> No
     with pytest.raises(grpc.RpcError) as err:
         begin(ta)
     assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_call_before_the_agent_checked_its_server_is_answered_unavailable(
+    ta: TaskAgent,
+) -> None:
+    # Between a new connection to the server and the check of its identity, no call goes out:
+    # the workload is told to retry, as when the server is away, not answered UNKNOWN.
+    ta.h.add_entry("/bot")
+    ta.client.unchecked = True
+    with pytest.raises(grpc.RpcError) as err:
+        begin(ta)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "not connected to svid-server yet" in (err.value.details() or "")
+    assert ta.client.begun == []
 
 
 def test_end_sends_the_callers_identities_and_forgets_cached_task_jwts(ta: TaskAgent) -> None:
