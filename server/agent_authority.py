@@ -8,6 +8,16 @@ against the datastore's record: when that record accepts the certificate, the an
 UNAVAILABLE (not known here yet: the agent retries, here or at another server, SVID kept);
 only when it refuses too is the refusal said.
 
+Memory's acceptance is only as good as the view: an agent evicted or banned through another
+server is still accepted here until the feed brings the change in, and a feed held up (its
+reads failing or slow) would leave that open for as long as it lags. So when the view was last
+caught up more than VIEW_TRUSTED_FOR ago, an acceptance from memory is checked against the
+datastore's record too, and a refusal there is said. While the feed keeps up (a server
+sharing a healthy datastore reads it at every write and every poll) the hot path reads
+nothing; an eviction is honoured here within VIEW_TRUSTED_FOR + ACCEPTANCE_KEPT of its commit.
+Renewals and mintings are refused anyway by their ledger write after an eviction (the
+datastore's); this covers what writes nothing, a Sync stream resuming from a revision.
+
 Only a certificate this server's CA signed gets here (server/peer.py), and each one costs at
 most one datastore read per while: a refusal for one certificate is final (an agent's record
 only moves on to newer serials, written before the agent holds them), so it is remembered for
@@ -26,6 +36,7 @@ from server.datastore.records import AttestedAgent
 from server.errors import PermissionDeniedError, UnavailableError
 from server.peer import AgentPeer
 from server.state import ServerState, agent_refusal
+from server.view_freshness import ViewFreshness
 from svid._clock import Clock
 
 # The stored record of an agent, None when there is none.
@@ -35,6 +46,9 @@ ReadAgent = Callable[[str], Awaitable[AttestedAgent | None]]
 REFUSAL_KEPT = 60.0
 ACCEPTANCE_KEPT = 1.0
 MAX_REMEMBERED = 4096
+# A view caught up longer ago than this (seconds) is not taken alone to accept an agent: above
+# the default feed poll (1 s) and a catch-up's read, so a healthy follower never passes it.
+VIEW_TRUSTED_FOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -55,8 +69,13 @@ class AgentAuthority:
         refusal_kept: float = REFUSAL_KEPT,
         acceptance_kept: float = ACCEPTANCE_KEPT,
         max_remembered: int = MAX_REMEMBERED,
+        view: ViewFreshness | None = None,
+        view_trusted_for: float = VIEW_TRUSTED_FOR,
     ) -> None:
         self._state = state
+        # The view the feed keeps (servers sharing a datastore); None: memory is all there is.
+        self._view = view
+        self._view_trusted_for = view_trusted_for
         self._read = read_agent
         self._clock = clock
         self._refusal_kept = refusal_kept
@@ -70,10 +89,14 @@ class AgentAuthority:
         """The agent's record in memory; PermissionDenied when the datastore refuses it too,
         Unavailable when only memory does (its record not brought in yet)."""
         try:
-            return self._state.authorize_agent(peer.spiffe_id, peer.serial)
+            agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
         except PermissionDeniedError:
             if not self._may_be_behind(peer):
                 raise
+        else:
+            if self._view is None or self._view.age() <= self._view_trusted_for:
+                return agent
+            return await self._confirmed(peer)
         refusal = await self._stored_refusal(peer)
         if refusal is not None:
             raise PermissionDeniedError(refusal)
@@ -81,6 +104,15 @@ class AgentAuthority:
             f"agent {peer.spiffe_id} attested or renewed through another server and this one "
             "has not read it from the datastore yet: retry"
         )
+
+    async def _confirmed(self, peer: AgentPeer) -> AttestedAgent:
+        """Memory accepts the agent but the view is old: the datastore's record must accept it
+        too (an eviction or a ban through another server the feed has not brought)."""
+        refusal = await self._stored_refusal(peer)
+        if refusal is not None:
+            raise PermissionDeniedError(refusal)
+        # Memory again: the feed may have brought a change while the datastore was read.
+        return self._state.authorize_agent(peer.spiffe_id, peer.serial)
 
     def _may_be_behind(self, peer: AgentPeer) -> bool:
         """A refusal the feed can still change: no record here, or not this certificate's. A
@@ -109,8 +141,8 @@ class AgentAuthority:
         except StorageError as exc:
             # Not knowing is no refusal: said as one, the agent would drop its SVID.
             raise UnavailableError(
-                f"agent {peer.spiffe_id} is not known to this server and the datastore cannot "
-                "be read to tell: retry"
+                f"this server cannot tell whether agent {peer.spiffe_id} may call: its view "
+                "may be behind and the datastore cannot be read: retry"
             ) from exc
         refusal = agent_refusal(stored, peer.spiffe_id, peer.serial, self._clock.now())
         self._remember((peer.spiffe_id, peer.serial), refusal)

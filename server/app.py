@@ -429,7 +429,13 @@ class Server:
         )
         # Who calls as an agent, for the node API and the task layer alike.
         peers = PeerCache(self.ids, self.ca.issuing_cas)
-        authority = AgentAuthority(self.state, datastore_reader(self.datastore), self.clock)
+        # Servers sharing a datastore: an old view's acceptance is checked with the datastore.
+        authority = AgentAuthority(
+            self.state,
+            datastore_reader(self.datastore),
+            self.clock,
+            view=self.follower.view if cfg.datastore_dsn is not None else None,
+        )
         node = NodeServicer(
             state=self.state,
             issuer=self.issuer,

@@ -374,13 +374,15 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: node_pb2.SyncRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[node_pb2.SyncUpdate]:
         peer = self._peers.agent_peer(context)
+        # A stale view first: it is served to no one, and the agent's check would otherwise
+        # wait on the datastore the view cannot be read from (AgentAuthority, an old view).
+        self._view.check()
         agent = await self._authority.authorize(peer)
         if not self._limits.sync.try_take(peer.spiffe_id):
             raise RateLimitedError(
                 f"Sync stream rate limit exceeded for {peer.spiffe_id}: at most "
                 f"{SYNC_OPENS_BURST} at once, then {SYNC_OPENS_PER_SECOND:g} a second"
             )
-        self._view.check()
         log = self._state.changes
         window = self._window(agent, request)
         if window is None:

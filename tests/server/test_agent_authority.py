@@ -11,6 +11,7 @@ import pytest
 from server.agent_authority import (
     ACCEPTANCE_KEPT,
     REFUSAL_KEPT,
+    VIEW_TRUSTED_FOR,
     AgentAuthority,
     datastore_reader,
 )
@@ -22,6 +23,7 @@ from server.errors import PermissionDeniedError, UnavailableError
 from server.events import ChangeNotifier
 from server.peer import AgentPeer
 from server.state import ServerState
+from server.view_freshness import ViewFreshness
 from svid._clock import FakeClock
 
 AGENT = "spiffe://example.org/svid/agent/join_token/late1"
@@ -95,3 +97,55 @@ def test_a_ban_memory_holds_is_said_without_a_read(world: World) -> None:
     with pytest.raises(PermissionDeniedError, match="banned"):
         world.authorize("a2")
     assert world.reads() == 0
+
+
+class Viewed:
+    """An authority whose memory knows the agent, over a view the feed last caught up at
+    `world.clock`'s start."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        record = AttestedAgent(AGENT, "join_token", "a1", 5000)
+        world.store.inner.upsert_agent(record)
+        world.state.apply_agents([record], [])
+        self.view = ViewFreshness(world.clock, 30.0)
+        self.authority = AgentAuthority(
+            world.state,
+            datastore_reader(world.store),
+            world.clock,
+            view=self.view,
+        )
+
+    def authorize(self) -> AttestedAgent:
+        return asyncio.run(self.authority.authorize(AgentPeer(AGENT, "a1")))
+
+
+def test_an_agent_memory_accepts_costs_no_read_while_the_view_is_fresh(world: World) -> None:
+    viewed = Viewed(world)
+    world.store.inner.delete_agent(AGENT)  # evicted elsewhere: the feed has not said so yet
+    world.clock.advance(VIEW_TRUSTED_FOR)
+    assert viewed.authorize().spiffe_id == AGENT
+    assert world.reads() == 0
+
+
+def test_an_agent_evicted_elsewhere_is_refused_once_the_view_is_older_than_trusted(
+    world: World,
+) -> None:
+    viewed = Viewed(world)
+    world.clock.advance(VIEW_TRUSTED_FOR + 0.1)
+    assert viewed.authorize().spiffe_id == AGENT  # the datastore agrees
+    assert world.reads() == 1
+    world.store.inner.delete_agent(AGENT)
+    world.clock.advance(ACCEPTANCE_KEPT + 0.1)
+    with pytest.raises(PermissionDeniedError, match="evicted or unknown"):
+        viewed.authorize()
+    viewed.view.caught_up(viewed.view.now())  # the feed read again: memory is trusted
+    assert viewed.authorize().spiffe_id == AGENT
+
+
+def test_an_old_view_and_a_datastore_that_cannot_be_read_accept_no_one(world: World) -> None:
+    viewed = Viewed(world)
+    world.clock.advance(VIEW_TRUSTED_FOR + 0.1)
+    world.store.inject(StorageError("connection lost"), "get_agent")
+    with pytest.raises(UnavailableError, match="datastore cannot be read"):
+        viewed.authorize()
