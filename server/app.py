@@ -161,6 +161,7 @@ class Server:
         self.runtime: RuntimeInfo | None = None
         self.propagator: Propagator | None = None
         self.follower: FeedFollower | None = None
+        self.node: NodeServicer | None = None
         self.oauth: OAuthService | None = None
         self.descriptor_limit = 0  # the soft RLIMIT_NOFILE once started
         self.grpc_max_connections = 0  # the agents' ports' connection cap once started
@@ -457,6 +458,7 @@ class Server:
             peers=peers,
             authority=authority,
         )
+        self.node = node
         admin = AdminServicer(
             on_agent_removed=self.tasks.agent_removed,
             finish_removal=self.tasks.removal_finished,

@@ -11,7 +11,16 @@ server.status. This module knows nothing of tasks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+import contextlib
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 
 import grpc
@@ -383,6 +392,20 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 f"Sync stream rate limit exceeded for {peer.spiffe_id}: at most "
                 f"{SYNC_OPENS_BURST} at once, then {SYNC_OPENS_PER_SECOND:g} a second"
             )
+        # Held from here to the stream's end: a stream waiting for its snapshot's catch-up
+        # counts against the agent's cap as one subscribed does.
+        place = self._propagator.take_place(peer.spiffe_id)
+        try:
+            # Closed with the stream, not when collected: its subscription ends at once.
+            async with contextlib.aclosing(self._stream(peer, agent, request)) as messages:
+                async for message in messages:
+                    yield message
+        finally:
+            self._propagator.give_back(place)
+
+    async def _stream(
+        self, peer: AgentPeer, agent: AttestedAgent, request: node_pb2.SyncRequest
+    ) -> AsyncGenerator[node_pb2.SyncUpdate, None]:
         log = self._state.changes
         window = self._window(agent, request)
         if window is None:

@@ -53,6 +53,15 @@ class ChangeSource(Protocol):
 
 
 @dataclass(eq=False)
+class StreamPlace:
+    """One of an agent's MAX_STREAMS_PER_AGENT places, held by a Sync stream from its opening
+    to its end: while it waits for its snapshot's catch-up as while it is subscribed."""
+
+    spiffe_id: str
+    given_back: bool = False
+
+
+@dataclass(eq=False)
 class Subscription:
     """One open Sync stream: the changes dispatched to it since it last looked."""
 
@@ -87,6 +96,8 @@ class Propagator:
         self._by_parent: dict[str, set[Subscription]] = {}
         self._by_selector: dict[Selector, set[Subscription]] = {}
         self._by_agent: dict[str, set[Subscription]] = {}
+        # Places held per agent (take_place): the cap counts streams, subscribed or waiting.
+        self._places: dict[str, int] = {}
         self._all: set[Subscription] = set()
         self._expiries: list[tuple[int, str]] = []
         self._expiry_moved = asyncio.Event()
@@ -107,16 +118,32 @@ class Propagator:
 
     # -- subscriptions ------------------------------------------------------------------------
 
-    def subscribe(self, agent: AttestedAgent) -> Subscription:
-        """A new stream's subscription; refused (RateLimitedError) while the agent holds as
-        many streams as it may. A stream that ends gives its place back (unsubscribe)."""
-        held = len(self._by_agent.get(agent.spiffe_id, ()))
+    def take_place(self, spiffe_id: str) -> StreamPlace:
+        """A place for a new stream of the agent, taken before anything it waits for (a
+        snapshot's catch-up): refused (RateLimitedError) while the agent holds as many as it
+        may, waiting or subscribed. The stream gives it back at its end (`give_back`)."""
+        held = self._places.get(spiffe_id, 0)
         if held >= self._max_streams_per_agent:
             raise RateLimitedError(
-                f"agent {agent.spiffe_id} holds {held} open Sync streams on this server, the "
+                f"agent {spiffe_id} holds {held} open Sync streams on this server, the "
                 f"most one agent may; close one first (a stream whose connection died ends "
                 f"once keepalive notices, within a minute)"
             )
+        self._places[spiffe_id] = held + 1
+        return StreamPlace(spiffe_id)
+
+    def give_back(self, place: StreamPlace) -> None:
+        if place.given_back:
+            return
+        place.given_back = True
+        left = self._places[place.spiffe_id] - 1
+        if left:
+            self._places[place.spiffe_id] = left
+        else:
+            del self._places[place.spiffe_id]
+
+    def subscribe(self, agent: AttestedAgent) -> Subscription:
+        """A stream's subscription (the stream holds a place: `take_place`)."""
         sub = Subscription(agent, self._parents(agent, self._state.entries))
         self._all.add(sub)
         self._by_agent.setdefault(agent.spiffe_id, set()).add(sub)
