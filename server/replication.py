@@ -279,6 +279,26 @@ class FeedFollower:
 
         return await asyncio.get_running_loop().run_in_executor(thread, follower_call)
 
+    async def _read_dated(
+        self, call: Callable[_P, _V], *args: _P.args, **kwargs: _P.kwargs
+    ) -> tuple[float, _V]:
+        """`call` on the reading thread, and a view mark (`ViewFreshness.now`) of when its
+        first datastore read began: once the thread and a connection were had. Time queued
+        for either (a loaded server) is no part of the view's age; what committed before the
+        read began is in what it reads."""
+
+        def dated_call() -> tuple[float, _V]:
+            marks = [self.view.now()]
+
+            def connected() -> None:
+                marks.append(self.view.now())
+
+            with self._ds.feed_reading(connected):
+                result = call(*args, **kwargs)
+            return marks[1] if len(marks) > 1 else marks[0], result
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader, dated_call)
+
     async def _follow(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
@@ -344,11 +364,9 @@ class FeedFollower:
         while True:
             cursor = self._cursor
             # The view holds what committed before this read began, once it is applied.
-            as_of = self.view.now()
-            head, items = await self._read(self._page, cursor)
+            as_of, (head, items) = await self._read_dated(self._page, cursor)
             if pruned_past(cursor, head, items):
                 await self.reload_everything()
-                self.view.caught_up(as_of)
                 return read
             work = plan(items) | self._pending
             if work:
@@ -440,9 +458,8 @@ class FeedFollower:
         )
         self._state.follow_mark()
         mark = self._federation.follow_mark() if self._federation is not None else 0
-        head, entries, agents, revocations, tasks, records, federation = await self._read(
-            self._load_all
-        )
+        as_of, loaded = await self._read_dated(self._load_all)
+        head, entries, agents, revocations, tasks, records, federation = loaded
         skip_entries = self._state.touched(FEED_ENTRY)
         skip_agents = self._state.touched(FEED_AGENT)
         put, removed = diff_rows(
@@ -464,6 +481,7 @@ class FeedFollower:
         await self._audit_records_stored(records)
         await self._state.refresh_revision(self._read)
         self._cursor = head
+        self.view.caught_up(as_of)
 
     def _load_all(
         self,

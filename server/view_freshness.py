@@ -4,7 +4,8 @@ Servers sharing one datastore learn each other's writes from its change feed
 (server.replication). A server that cannot read the feed (its database connection cut or
 silent) goes on holding the view it last read: an entry deleted and a token revoked through
 another server meanwhile are still served by it, over Sync, to its agents. Each successful
-catch-up of the feed marks the view fresh as of when that read began; once the last mark is
+catch-up of the feed marks the view fresh as of when that read began (once it had its thread
+and its connection: time queued for either, on a loaded server, is no age); once the last mark is
 older than the bound, Sync refuses new streams and ends the open ones (UNAVAILABLE), so
 agents move to a server that can read the datastore, and serves again at the next catch-up.
 

@@ -14,7 +14,7 @@ any thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, Protocol
 
@@ -495,11 +495,16 @@ class ChangeFeed(Protocol):
         feed_since() now and then whatever this returns."""
         ...
 
-    def feed_reading(self) -> AbstractContextManager[None]:
+    def feed_reading(
+        self, on_connected: Callable[[], None] | None = None
+    ) -> AbstractContextManager[None]:
         """The calls this thread makes meanwhile are the follower's (its feed reads, the rows
         they name, wait_feed): a store with a pool of connections serves them from
         connections of their own, so they never wait behind a burst of other calls (the
-        server's view would turn stale meanwhile)."""
+        server's view would turn stale meanwhile). `on_connected` is called once, as the
+        first of those calls has its connection and before it asks anything (a store with
+        no pool may not call it): the follower dates its read from then, not from a wait
+        for a connection."""
         ...
 
 

@@ -319,20 +319,32 @@ class PostgresDataStore(
         threading.Thread(target=check, name="svidd-datastore-check", daemon=True).start()
 
     @contextmanager
-    def feed_reading(self) -> Iterator[None]:
+    def feed_reading(self, on_connected: Callable[[], None] | None = None) -> Iterator[None]:
         self._feeding.on = True
+        self._feeding.on_connected = on_connected
         try:
             yield
         finally:
             self._feeding.on = False
+            self._feeding.on_connected = None
+
+    def _feed_connected(self) -> None:
+        """The first connection of this thread's feed_reading is had: say so, once."""
+        on_connected = getattr(self._feeding, "on_connected", None)
+        if on_connected is not None:
+            self._feeding.on_connected = None
+            on_connected()
 
     @contextmanager
     def _connection(self, what: str, *, bulk: bool = False) -> Iterator[AnsweredConnection]:
         if self._closed:
             raise StorageError(f"cannot {what}: the datastore is closed")
-        pool = self._feed_pool if getattr(self._feeding, "on", False) else self._pool
+        feeding = getattr(self._feeding, "on", False)
+        pool = self._feed_pool if feeding else self._pool
         try:
             with pool.connection() as conn:
+                if feeding:
+                    self._feed_connected()
                 if not bulk:
                     yield conn
                     return

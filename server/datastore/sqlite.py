@@ -693,9 +693,12 @@ class SqliteDataStore(
         with self._transaction() as db:
             return int(db.execute(q.PRUNE_FEED, {"before": before}).rowcount)
 
-    def feed_reading(self) -> contextlib.nullcontext[None]:
+    def feed_reading(
+        self, on_connected: Callable[[], None] | None = None
+    ) -> contextlib.nullcontext[None]:
         # One connection under one lock, and SQLite admits one writer at a time anyway:
-        # there is no pool for the follower's reads to have a share of their own.
+        # there is no pool for the follower's reads to have a share of their own (nor a
+        # wait for one to leave out of the read's time: `on_connected` is not called).
         return contextlib.nullcontext()
 
     def wait_feed(self, after: int, timeout: float) -> bool:

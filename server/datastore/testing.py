@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -241,8 +241,10 @@ class FaultInjectingDataStore:
         self._enter("wait_feed")
         return self.inner.wait_feed(after, timeout)
 
-    def feed_reading(self) -> AbstractContextManager[None]:
-        return self.inner.feed_reading()
+    def feed_reading(
+        self, on_connected: Callable[[], None] | None = None
+    ) -> AbstractContextManager[None]:
+        return self.inner.feed_reading(on_connected)
 
     def put_task(self, task: TaskRecord) -> None:
         self._enter("put_task")

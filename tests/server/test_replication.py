@@ -18,6 +18,7 @@ import pytest
 from agent_attestor.cache import Cache
 from agent_attestor.node_client import sync_state
 from server.changelog import Change
+from server.datastore.postgres import FEED_CONNECTIONS, PostgresDataStore
 from server.datastore.records import (
     EXPIRED_RECORD_RETENTION,
     AttestedAgent,
@@ -46,8 +47,9 @@ from server.replication import (
 from server.state import ServerState
 from server.tasks.model import Task, TaskState
 from server.tasks.service import follow_tasks
+from server.view_freshness import ViewFreshness
 from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY
-from svid._clock import FakeClock
+from svid._clock import FakeClock, SystemClock
 from svid._proto import node_pb2
 from tests.server import test_sync_attack
 from tests.server.fixtures import TRUST_DOMAIN, Agent, RunningServer
@@ -790,3 +792,63 @@ def test_sync_streams_opening_at_once_on_a_server_a_poll_behind_share_its_catch_
             firsts = [f.result(timeout=20) for f in opening]
     assert all("j1" in _revoked(first) for first in firsts)
     assert len(reads) <= 3, f"{streams} streams opening at once read the feed {len(reads)} times"
+
+
+def test_a_catch_up_s_wait_for_the_reading_thread_does_not_age_the_view(
+    sides: tuple[Side, Side], clock: FakeClock
+) -> None:
+    """A catch-up queued behind other work (the follower's thread busy, a loaded server)
+    read the feed when it got to run: the view is as fresh as that read, not as old as the
+    moment the catch-up was asked for. Counting the queueing, a server busy for the
+    staleness bound would end its Sync streams though its feed reads succeed."""
+    a, b = sides
+    released = threading.Event()
+
+    def busy() -> None:
+        released.wait(10)
+        clock.advance(5.0)  # the time the catch-up queued behind this
+
+    async def scenario() -> None:
+        await a.state.create_entry(entry("/web"))
+        b.follower._reader.submit(busy)
+        catching_up = asyncio.ensure_future(b.follower.catch_up())
+        await asyncio.sleep(0.05)
+        released.set()
+        await catching_up
+
+    asyncio.run(scenario())
+    assert len(b.state.entries.by_id) == 1
+    assert b.follower.view.age() < 1.0
+
+
+def test_a_catch_up_s_wait_for_a_feed_connection_does_not_age_the_view(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """On PostgreSQL the follower's reads wait for one of its own connections (all taken
+    here, as while one is being made again): the view is dated from when the read had one."""
+    store = PostgresDataStore(postgres_dsn, clock)
+    follower: FeedFollower | None = None
+    try:
+        state = ServerState(store, clock, ChangeNotifier())
+        state.load()
+        follower = FeedFollower(
+            datastore=store,
+            state=state,
+            tasks=Tasks(),
+            on_key_slots_changed=lambda: None,
+            clock=clock,
+            cursor=store.feed_head(),
+            view=ViewFreshness(SystemClock(), 30.0),
+        )
+        pool = store._feed_pool
+        taken = [pool.getconn() for _ in range(FEED_CONNECTIONS)]
+        given_back = threading.Timer(1.5, lambda: [pool.putconn(c) for c in taken])
+        given_back.start()
+        started = time.monotonic()
+        asyncio.run(follower.catch_up())
+        assert time.monotonic() - started >= 1.4  # it did wait for a connection
+        assert follower.view.age() < 1.0
+    finally:
+        if follower is not None:
+            follower._reader.shutdown()
+        store.close()
