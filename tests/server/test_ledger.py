@@ -521,3 +521,57 @@ def test_a_refused_foreign_bundles_caller_fails_and_its_neighbours_are_written_a
     assert sorted(n for n in names if n) == ["lead", "other", "plain"]
     assert log.verify().ok
     store.close()
+
+
+def test_two_removals_of_one_bundle_in_a_group_commit_remove_it_once(
+    db: Path, clock: FakeClock
+) -> None:
+    """Two removals of the same foreign bundle (an operator's delete sent twice, say) share a
+    group commit: the first removes it, the second finds none and is refused. The refusal
+    names only the trust domain, so both callers were failed by it: neither removal was
+    written, the bundle stayed stored and served, and both callers were told there was none."""
+    store = SqliteDataStore(db, clock)
+    held = HeldStore(store)
+    log = AuditLog(held, clock)
+    body = b'{"keys":[],"spiffe_sequence":3}'
+    log.append_storing(
+        BundleWrite(ForeignBundle("d.org", body, 1, 3)), "federated_bundle_changed", extra={}
+    )
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(name: str, write: BundleWrite | None) -> None:
+        try:
+            if write is None:
+                log.append("federated_bundle_changed", extra={"name": name})
+            else:
+                log.append_storing(write, "federated_bundle_changed", extra={"name": name})
+            outcomes[name] = None
+        except BaseException as e:
+            outcomes[name] = e
+
+    held.armed = True
+    lead = threading.Thread(target=call, args=("lead", None))
+    lead.start()
+    assert held.entered.wait(10)  # the removals queue behind it, to share the next commit
+    calls = {"first": BundleWrite.removal("d.org"), "second": BundleWrite.removal("d.org")}
+    others = [threading.Thread(target=call, args=item) for item in calls.items()]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(log._tickets) < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(log._tickets) == len(calls)
+    held.release.set()
+    for t in [lead, *others]:
+        t.join(10)
+    assert outcomes.pop("lead") is None
+    failed = [e for e in outcomes.values() if e is not None]
+    assert len(failed) == 1, f"one removal must go through, the other be refused: {outcomes}"
+    assert isinstance(failed[0], LedgerError)
+    assert isinstance(failed[0].__cause__, BundleRefusedError)
+    assert failed[0].__cause__.missing == {"d.org"}
+    assert store.list_foreign_bundles() == []
+    names = [json.loads(e["extra"]).get("name") for e in store.audit_rows()]
+    assert len([n for n in names if n in calls]) == 1
+    assert log.verify().ok
+    store.close()
