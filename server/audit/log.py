@@ -653,10 +653,12 @@ class AuditLog:
         after them, again on the stored head; returns the group to write in their place. One
         agent evicted, or one task ended, mid-issuance must not cost the others theirs."""
         kept: list[_Ticket] = []
+        at = 0  # where each ticket's bundles begin in the write's (`gone.positions`)
         for t in tickets:
             own: HolderGoneError | BundleRefusedError | None
             if isinstance(gone, BundleRefusedError):
-                own = gone.among(t.bundles)
+                own = gone.among(t.bundles, at)
+                at += len(t.bundles)
             else:
                 own = gone.among(t.credentials)
             if own is None:

@@ -160,9 +160,19 @@ class BundleRefusedError(StorageError):
     nothing of the write was kept, the events recording their change included; `older` and
     `missing` name the trust domains of each kind, `trust_domains` all of them."""
 
-    def __init__(self, trust_domains: Iterable[str], missing: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        trust_domains: Iterable[str],
+        missing: Iterable[str] = (),
+        *,
+        positions: Iterable[int] | None = None,
+    ) -> None:
         self.older = frozenset(trust_domains)
         self.missing = frozenset(missing)
+        # Which of the write's bundles (their index in write_ledger's `bundles`) were refused:
+        # one trust domain may be written twice in a group commit (a removal sent twice), and
+        # only the one refused is its caller's failure.
+        self.positions = None if positions is None else frozenset(positions)
         self.trust_domains = self.older | self.missing
         said = []
         if self.older:
@@ -176,9 +186,13 @@ class BundleRefusedError(StorageError):
             )
         super().__init__("; ".join(said))
 
-    def among(self, bundles: Sequence[BundleWrite]) -> BundleRefusedError | None:
-        """The refusal as it concerns `bundles` only (None: none of theirs): a trust domain
-        refused for a stored write's sequence is not one of a removal's, nor the reverse."""
+    def among(self, bundles: Sequence[BundleWrite], at: int = 0) -> BundleRefusedError | None:
+        """The refusal as it concerns `bundles` only (None: none of theirs), they being the
+        write's bundles from index `at` on: a trust domain refused for a stored write's
+        sequence is not one of a removal's, nor the reverse, and where the store said which
+        writes it refused (`positions`), another write of the same trust domain is not."""
+        if self.positions is not None:
+            bundles = [b for i, b in enumerate(bundles, at) if i in self.positions]
         own_older = self.older.intersection(b.bundle.trust_domain for b in bundles if not b.remove)
         own_missing = self.missing.intersection(b.bundle.trust_domain for b in bundles if b.remove)
         if not own_older and not own_missing:

@@ -258,17 +258,18 @@ class PostgresLedger:
         refuses (a higher sequence stored; no bundle to remove) rolls the whole write back,
         the events recording it with it. A concurrent write of the same trust domain waits on
         its row, then compares with what that one stored (or finds it gone)."""
-        refused = []
+        refused: list[tuple[int, BundleWrite]] = []
         # In trust domain order, as the jti claims are in theirs: writes of several servers
         # lock bundle rows in one order. Stable: one domain's writes keep their callers' order.
-        for b in sorted(bundles, key=lambda b: b.bundle.trust_domain):
+        for i, b in sorted(enumerate(bundles), key=lambda ib: ib[1].bundle.trust_domain):
             sql, params = q.ledger_bundle_write(b)
             if int(cur.execute(pg(sql), params).rowcount) != 1:
-                refused.append(b)
+                refused.append((i, b))
         if refused:
             raise BundleRefusedError(
-                [b.bundle.trust_domain for b in refused if not b.remove],
-                [b.bundle.trust_domain for b in refused if b.remove],
+                [b.bundle.trust_domain for _, b in refused if not b.remove],
+                [b.bundle.trust_domain for _, b in refused if b.remove],
+                positions=[i for i, _ in refused],
             )
 
     def _credentials(self, sql: str, params: Mapping[str, Any]) -> list[Credential]:

@@ -225,11 +225,16 @@ class SqliteLedger:
         """Store (or remove) the foreign bundles in the ledger's transaction: one the store
         refuses (a higher sequence stored; no bundle to remove) rolls the whole write back,
         the events recording it with it."""
-        refused = [b for b in bundles if db.execute(*q.ledger_bundle_write(b)).rowcount != 1]
+        refused = [
+            (i, b)
+            for i, b in enumerate(bundles)
+            if db.execute(*q.ledger_bundle_write(b)).rowcount != 1
+        ]
         if refused:
             raise BundleRefusedError(
-                [b.bundle.trust_domain for b in refused if not b.remove],
-                [b.bundle.trust_domain for b in refused if b.remove],
+                [b.bundle.trust_domain for _, b in refused if not b.remove],
+                [b.bundle.trust_domain for _, b in refused if b.remove],
+                positions=[i for i, _ in refused],
             )
         self._append_feed(db, FEED_FOREIGN_BUNDLE, [b.bundle.trust_domain for b in bundles])
 

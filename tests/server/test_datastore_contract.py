@@ -1532,6 +1532,29 @@ def test_a_foreign_bundle_is_removed_with_the_event_recording_it_or_neither(
     assert store.feed_head() == feed
 
 
+def test_a_refusal_names_which_of_a_trust_domains_writes_it_refused(store: DataStore) -> None:
+    """One trust domain written twice in a group commit (its removal sent twice, a store of it
+    beside one of another): the refusal says which write (by its place in `bundles`) the store
+    refused, so the ledger fails that caller only, not every write of the trust domain."""
+    body = b'{"keys":[],"spiffe_sequence":2}'
+    store.write_ledger(
+        [], audit_rows(1, 1), bundles=[BundleWrite(ForeignBundle("other.org", body, NOW, 2))]
+    )
+    with pytest.raises(BundleRefusedError) as refused:
+        store.write_ledger(
+            [],
+            audit_rows(2, 1, prev=f"{1:064x}"),
+            bundles=[
+                BundleWrite(ForeignBundle("z.org", body, NOW, 2)),
+                BundleWrite.removal("other.org"),
+                BundleWrite.removal("other.org"),
+            ],
+        )
+    assert refused.value.missing == {"other.org"}
+    assert refused.value.positions == {2}
+    assert [b.trust_domain for b in store.list_foreign_bundles()] == ["other.org"]
+
+
 def test_a_foreign_bundle_sequence_orders_across_the_whole_uint64_range(store: DataStore) -> None:
     """spiffe_sequence is a uint64 (SPIFFE bundle format): one past int64 is stored, read back
     as it was, and ordered against those below it in the conditional write."""
