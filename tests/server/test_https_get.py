@@ -240,3 +240,33 @@ def _no_lookup_pending() -> None:
     while https_get._LOOKUPS._pending and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not https_get._LOOKUPS._pending
+
+
+def test_a_lookup_thread_that_cannot_start_fails_its_get_and_leaves_the_name_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The process out of threads (its pids limit reached, say, by lookups a hung resolver
+    # holds): the GET must fail as a GET does (OSError), and the name must not stay "under
+    # way" with a lookup nobody runs, or every later GET of it waits out its whole timeout on
+    # a future never settled, and its party's room is gone for the life of the process.
+    lookups = https_get._Lookups(limit=4, per_party=2)
+    real = threading.Thread
+
+    class NoThread(real):  # type: ignore[valid-type,misc]
+        def start(self) -> None:
+            if self.name == "https-get-resolve":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(threading, "Thread", NoThread)
+    for _ in range(3):  # past the party's room, were the failed ones still counted
+        with pytest.raises(OSError, match="can't start new thread"):
+            lookups.of("localhost", 443, "partner")
+    monkeypatch.setattr(threading, "Thread", real)
+    addresses = lookups.of("localhost", 443, "partner").result(timeout=5)
+    assert addresses
+    deadline = time.monotonic() + 5
+    while lookups._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not lookups._pending
+    assert not lookups._held
