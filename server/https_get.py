@@ -233,14 +233,25 @@ class _Lookups:
             except Exception as exc:  # handed to the GETs, which raise it as the lookup would
                 future.set_exception(exc)
             finally:
-                with self._lock:
-                    self._pending.pop(key, None)
-                    left = self._held.pop(party) - 1
-                    if left:
-                        self._held[party] = left
+                self._release(key, party)
 
-        threading.Thread(target=lookup, name="https-get-resolve", daemon=True).start()
+        try:
+            threading.Thread(target=lookup, name="https-get-resolve", daemon=True).start()
+        except RuntimeError as exc:  # the process is out of threads
+            # No lookup runs: the name is not under way, else every GET of it waits out its
+            # timeout on a future nobody settles, and its party's room is never given back.
+            self._release(key, party)
+            failed = OSError(f"{host}: cannot look the name up: {exc}")
+            future.set_exception(failed)  # a GET that joined it meanwhile fails now too
+            raise failed from None
         return future
+
+    def _release(self, key: tuple[str, int], party: str) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
+            left = self._held.pop(party) - 1
+            if left:
+                self._held[party] = left
 
 
 _LOOKUPS = _Lookups(LOOKUPS_AT_ONCE, PARTY_LOOKUPS_AT_ONCE)
