@@ -671,8 +671,8 @@ class PostgresDataStore(
     def prune_agents(self, before: int, *, batch: int = AGENT_PRUNE_BATCH) -> list[str]:
         return prune_in_batches(self._prune_agent_batch, before, batch)
 
-    def _prune_agent_batch(self, before: int, limit: int) -> list[str]:
-        params = {"before": before, "limit": limit}
+    def _prune_agent_batch(self, before: int, limit: int, after: str) -> list[str]:
+        params = {"before": before, "limit": limit, "after": after}
 
         def work(cur: Cursor) -> list[str]:
             rows = cur.execute(pg(q.PRUNE_AGENTS), params).fetchall()

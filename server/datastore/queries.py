@@ -111,7 +111,8 @@ _PRUNABLE_AGENT = (
 )
 PRUNE_AGENTS = (
     f"DELETE FROM agents WHERE {_PRUNABLE_AGENT} AND spiffe_id IN "
-    f"(SELECT spiffe_id FROM agents WHERE {_PRUNABLE_AGENT} ORDER BY spiffe_id LIMIT :limit) "
+    f"(SELECT spiffe_id FROM agents WHERE {_PRUNABLE_AGENT} AND spiffe_id > :after "
+    "ORDER BY spiffe_id LIMIT :limit) "
     "RETURNING spiffe_id"
 )
 SET_AGENT_BANNED = "UPDATE agents SET banned = :banned WHERE spiffe_id = :spiffe_id"

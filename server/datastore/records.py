@@ -261,17 +261,24 @@ EXPIRED_RECORD_RETENTION = 30 * 86400
 AGENT_PRUNE_BATCH = 1000
 
 
-def prune_in_batches(prune: Callable[[int, int], list[str]], before: int, batch: int) -> list[str]:
-    """`prune(before, limit)` (one transaction, the IDs it deleted) run again until a batch
-    deletes fewer than `batch`; every ID, sorted."""
+def prune_in_batches(
+    prune: Callable[[int, int, str], list[str]], before: int, batch: int
+) -> list[str]:
+    """`prune(before, limit, after)` (one transaction, the IDs above `after` it deleted,
+    sorted) run again from the last ID deleted until a batch deletes fewer than `batch`; every
+    ID, sorted. Each batch starts past the last one's IDs, so the rows kept below them (live,
+    and on PostgreSQL the dead ones not yet vacuumed) are not scanned again batch after
+    batch."""
     if batch <= 0:
         raise ValueError(f"a prune batch must be positive, got {batch}")
     gone: list[str] = []
+    after = ""
     while True:
-        removed = prune(before, batch)
+        removed = prune(before, batch, after)
         gone.extend(removed)
         if len(removed) < batch:
             return sorted(gone)
+        after = removed[-1]
 
 
 def expired_record_kept_from(now: float) -> int:

@@ -546,9 +546,11 @@ class SqliteDataStore(
     def prune_agents(self, before: int, *, batch: int = AGENT_PRUNE_BATCH) -> list[str]:
         return prune_in_batches(self._prune_agent_batch, before, batch)
 
-    def _prune_agent_batch(self, before: int, limit: int) -> list[str]:
+    def _prune_agent_batch(self, before: int, limit: int, after: str) -> list[str]:
         with self._transaction() as db:
-            rows = db.execute(q.PRUNE_AGENTS, {"before": before, "limit": limit}).fetchall()
+            rows = db.execute(
+                q.PRUNE_AGENTS, {"before": before, "limit": limit, "after": after}
+            ).fetchall()
             gone = sorted(str(r[0]) for r in rows)
             if gone:
                 self._bump(db, _REVISION)

@@ -57,6 +57,7 @@ from server.datastore.records import (
     SealedAuditKey,
     TaskCursor,
     TokenUse,
+    prune_in_batches,
 )
 from server.datastore.sqlite import SqliteDataStore
 from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY, SpiffeBundle
@@ -300,6 +301,25 @@ def test_a_prune_of_more_agents_than_a_batch_removes_them_all_a_batch_per_transa
     assert sorted(i.key for i in store.feed_since(head, 100)) == names
     assert store.prune_agents(NOW, batch=10) == []
     assert store.revision() == revision + 3
+
+
+def test_a_batched_prune_past_live_agents_and_mixed_case_names_misses_none(
+    store: DataStore,
+) -> None:
+    """Each batch starts past the last ID the one before deleted: live agents between the
+    stale ones, and names a database collation orders otherwise than Python does (case,
+    accents), are neither pruned nor make a stale one be skipped."""
+    old = NOW - 10
+    stems = ["a", "B", "c", "D", "e", "\u00e9", "F", "g", "H", "i", "J", "k", "L"]
+    stale = [f"{AGENT}-{stem}-{n}" for n, stem in enumerate(stems)]
+    live = [f"{AGENT}-{stem}-{n}-live" for n, stem in enumerate(stems)]
+    for name in stale:
+        store.upsert_agent(AttestedAgent(name, "join_token", "1", old))
+    for name in live:
+        store.upsert_agent(AttestedAgent(name, "join_token", "1", NOW + 3600))
+
+    assert store.prune_agents(NOW, batch=2) == sorted(stale)
+    assert sorted(a.spiffe_id for a in store.list_agents()) == sorted(live)
 
 
 def test_tasks_over_are_pruned_by_their_expiry_in_their_state(store: DataStore) -> None:
@@ -1619,3 +1639,18 @@ def test_entries_keep_the_trust_domains_they_federate_with(store: DataStore) -> 
     assert store.get_entry(made.id).federates_with == ("other.org", "third.org")
     store.update_entry(replace(made, federates_with=()))
     assert store.get_entry(made.id).federates_with == ()
+
+
+def test_each_prune_batch_starts_past_the_last_id_the_one_before_deleted() -> None:
+    """Without the bound every batch scanned again, in ID order, the rows the ones before
+    kept (and on PostgreSQL those they deleted, until a vacuum): quadratic on a large fleet."""
+    asked: list[str] = []
+    batches = [["a1", "a2"], ["b1", "b2"], ["c1"]]
+
+    def prune(before: int, limit: int, after: str) -> list[str]:
+        assert (before, limit) == (7, 2)
+        asked.append(after)
+        return batches[len(asked) - 1]
+
+    assert prune_in_batches(prune, 7, 2) == ["a1", "a2", "b1", "b2", "c1"]
+    assert asked == ["", "a2", "b2"]
