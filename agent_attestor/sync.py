@@ -233,18 +233,19 @@ class Syncer:
             )
             self._save_wanted.set()
 
-    def _save_unsaved(self) -> tuple[bool, bool]:
-        """Save what the disk refused before: whether an agent SVID, and whether roots, were
-        saved now. OSError: refused again (what was saved before it is not saved twice)."""
-        svid_saved = roots_saved = False
+    def _save_unsaved(self) -> bool:
+        """Save what the disk refused before; True: an agent SVID was saved now. OSError:
+        refused again (what was saved before it is not saved twice)."""
+        svid_saved = False
         if self._unsaved is not None:
             self._store.save_svid(self._unsaved)
             self._unsaved, svid_saved = None, True
             self._store.forget_spending()
         if self._unsaved_roots:
             self._store.save_bundle(self._unsaved_roots)
-            self._unsaved_roots, roots_saved = (), True
-        return svid_saved, roots_saved
+            self._unsaved_roots = ()
+            self._bundle_saved()  # whichever save it was, a bundle refused before is mended
+        return svid_saved
 
     async def _save_loop(self) -> None:
         """Save an agent SVID or trust bundle the disk refused, with backoff, until it takes
@@ -255,7 +256,7 @@ class Syncer:
             await self._save_wanted.wait()
             await asyncio.sleep(retry.failed())
             try:
-                svid_saved, roots_saved = self._save_unsaved()
+                svid_saved = self._save_unsaved()
             except OSError:
                 continue
             self._save_wanted.clear()
@@ -265,8 +266,6 @@ class Syncer:
                     "saved the agent SVID the disk refused before",
                     extra={"svid_file": str(self._store.svid_path)},
                 )
-            if roots_saved:
-                self._bundle_saved()
 
     def _install(self, svid: AgentSvid, bundle: TrustBundle | None) -> None:
         """Use `svid` (on disk, unless the disk refused it: _persist) from now on; `bundle` too,

@@ -12,8 +12,9 @@ from typing import Any, cast
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent_attestor.agent_store import AgentStore
+from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache, SyncDelta, SyncState, join_deltas
 from agent_attestor.checkpoint_store import PushedCheckpoint
 from agent_attestor.model import Entry, Selector, TrustBundle
@@ -23,6 +24,7 @@ from agent_attestor.sync import OPERATOR_LOG_INTERVAL, Syncer, SyncSettings
 from svid import AuditCheckpointError
 from svid._clock import FakeClock
 from svid._proto import common_pb2, node_pb2
+from tests.agent_attestor.pki import LocalCa
 
 BUNDLE = TrustBundle.from_proto(common_pb2.Bundle(trust_domain="example.org"))
 
@@ -443,3 +445,25 @@ def test_a_delta_inside_a_snapshots_parts_ends_the_stream_with_nothing_applied(
     with pytest.raises(ConnectionError, match="a delta inside a snapshot's parts"):
         asyncio.run(syncer._consume(cast(NodeClient, FakeClient(cache, script))))
     assert (syncer.revision, set(cache.entries())) == (3, {"e1"})
+
+
+def test_a_bundle_refused_before_and_saved_with_a_new_agent_svid_is_said_mended(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal's save writes the roots too: once it does, the failed bundle saves are over,
+    and a later failure is said at once, not counted with them."""
+    syncer = _syncer(tmp_path, Cache())
+    path = syncer._store.bundle_path
+    path.mkdir()  # where the bundle goes, the write fails as on a full disk
+    with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
+        syncer._save_bundle(TrustBundle("example.org", x509_authorities=(b"ca-1",)))
+        assert syncer._bundle_save_failures == 1
+        path.rmdir()
+        ca = LocalCa(FakeClock(start=time.time()))
+        key = ec.generate_private_key(ec.SECP256R1())
+        agent = "spiffe://example.org/svid/agent/join_token/t"
+        svid = AgentSvid(agent, (ca.sign_leaf(key.public_key(), agent),), key)
+        syncer._persist(svid, TrustBundle("example.org", x509_authorities=(b"ca-2",)), "renewed")
+    assert path.read_bytes() == b"ca-2"
+    assert syncer._bundle_save_failures == 0
+    assert "saved the trust bundle again after failed saves" in caplog.text
