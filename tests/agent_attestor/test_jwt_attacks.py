@@ -1,0 +1,48 @@
+"""Repros of JWT-SVID defects on the agent's path, over the real Workload API socket."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from agent_attestor import _crypto
+from svid._clock import FakeClock
+from svid._proto import workload_pb2
+from svid._spiffe_id import TrustDomain
+from svid._verify_jwt import JwtVerifier
+from tests.agent_attestor.harness import HEADER, Harness
+
+
+@pytest.fixture
+def agent() -> Iterator[Harness]:
+    h = Harness()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def test_a_cached_jwt_is_never_served_past_its_exp_when_the_agent_clock_is_behind(
+    agent: Harness,
+) -> None:
+    # The server's clock runs 200 s ahead of the agent's (NTP off on one host): its iat and exp
+    # are the server's readings, the JWT cache compares them with the agent's clock.
+    server_clock = FakeClock(start=agent.clock.now() + 200)
+    agent.ca.clock = server_clock
+    agent.add_entry("/w")
+    stub = agent.stub()
+    first = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
+    token = first.svids[0].svid
+    # 320 s later by both clocks: the token (300 s TTL) expired 20 s ago.
+    agent.clock.advance(320)
+    server_clock.advance(320)
+    again = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
+    served = again.svids[0].svid
+    bundle = _crypto.jwt_bundle(agent.ca.bundle())
+    verifier = JwtVerifier(
+        lambda td: bundle if td == TrustDomain("example.org") else None, clock=server_clock
+    )
+    reused = served == token  # compared apart: a failing assert would print both tokens
+    assert not reused, "the agent handed out the token it cached, 20 s past its exp"
+    verifier.verify(served, "a")
