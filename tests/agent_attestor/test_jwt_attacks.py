@@ -46,3 +46,16 @@ def test_a_cached_jwt_is_never_served_past_its_exp_when_the_agent_clock_is_behin
     reused = served == token  # compared apart: a failing assert would print both tokens
     assert not reused, "the agent handed out the token it cached, 20 s past its exp"
     verifier.verify(served, "a")
+
+
+def test_a_jwt_is_served_from_the_cache_when_the_agent_clock_is_ahead(agent: Harness) -> None:
+    # The other way round: the agent's clock 200 s ahead of the server's. The token it was
+    # just given is past its "half life" at once by the agent's clock, so every fetch mints
+    # anew: the caller's mint budget (100/s) and the agent's at the server (500/s) run out
+    # for workloads that fetch per request and count on the cache, as SPIFFE clients do.
+    agent.ca.clock = FakeClock(start=agent.clock.now() - 200)
+    agent.add_entry("/w")
+    stub = agent.stub()
+    for _ in range(3):
+        stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
+    assert agent.signer.jwt_calls == 1, f"{agent.signer.jwt_calls} mints for one token's worth"
