@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
 
 from agent_attestor import _crypto
+from agent_attestor.model import Selector
+from agent_attestor.signer import MintedJwt
 from svid._clock import FakeClock
+from svid._jose import b64url_decode
 from svid._proto import workload_pb2
 from svid._spiffe_id import TrustDomain
 from svid._verify_jwt import JwtVerifier
 from tests.agent_attestor.harness import HEADER, Harness
+from tests.agent_attestor.pki import FakeSigner
+from tests.agent_attestor.test_jwt_fairness import _fetch_as_nobody, _open_to_every_uid, as_root
+from tests.users import NOBODY
 
 
 @pytest.fixture
@@ -59,3 +66,41 @@ def test_a_jwt_is_served_from_the_cache_when_the_agent_clock_is_ahead(agent: Har
     for _ in range(3):
         stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER)
     assert agent.signer.jwt_calls == 1, f"{agent.signer.jwt_calls} mints for one token's worth"
+
+
+class _EntryTtlSigner(FakeSigner):
+    """Mints with each entry's own jwt_svid_ttl, as the server does (_workload_request)."""
+
+    def __init__(self, base: FakeSigner, ttls: dict[str, int]) -> None:
+        super().__init__(base.ca, base.spiffe_ids)
+        self.ttls = ttls
+
+    async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        self.jwt_calls += 1
+        return self.ca.mint_jwt(spiffe_id, audience, ttl=self.ttls[entry_id])
+
+
+def _lifetime(token: str) -> int:
+    claims = json.loads(b64url_decode(token.split(".")[1]))
+    return int(claims["exp"]) - int(claims["iat"])
+
+
+@as_root
+def test_a_workload_is_not_handed_a_jwt_minted_for_another_entry_of_its_id() -> None:
+    # One SPIFFE ID through two entries (as the task tests share a runtime's): this test (uid
+    # 0) through one with a 3600 s JWT TTL, `nobody` through one the admin gave 60 s. The
+    # agent's JWT cache is keyed by (ID, audiences) alone, so whoever asks second gets the
+    # token minted for the other's entry: `nobody` holds a bearer token 60 times longer than
+    # its entry allows.
+    for agent in _open_to_every_uid(Harness()):
+        root_entry = agent.add_entry("/shared")
+        nobody_entry = agent.add_entry("/shared", frozenset({Selector("unix", f"uid:{NOBODY}")}))
+        signer = _EntryTtlSigner(agent.signer, {root_entry.id: 3600, nobody_entry.id: 60})
+        agent.jwts._signer = signer
+        mine = agent.stub().FetchJWTSVID(
+            workload_pb2.JWTSVIDRequest(audience=["svc"]), metadata=HEADER, timeout=20
+        )
+        assert _lifetime(mine.svids[0].svid) == 3600
+        [(code, token)] = _fetch_as_nobody(agent.socket_path, ["svc"])
+        assert code == "OK"
+        assert _lifetime(token) == 60, "nobody was handed the token minted for uid 0's entry"
