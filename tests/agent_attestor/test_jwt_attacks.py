@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from agent_attestor import _crypto
@@ -104,3 +105,28 @@ def test_a_workload_is_not_handed_a_jwt_minted_for_another_entry_of_its_id() -> 
         [(code, token)] = _fetch_as_nobody(agent.socket_path, ["svc"])
         assert code == "OK"
         assert _lifetime(token) == 60, "nobody was handed the token minted for uid 0's entry"
+
+
+def test_the_agent_validates_the_jwt_it_just_served_from_a_server_a_few_seconds_ahead(
+    agent: Harness,
+) -> None:
+    # The server's clock 8 s ahead of the agent's: within what the project allows elsewhere
+    # (X.509-SVIDs are backdated BACKDATE_SECONDS = 10, revocations are kept MAX_CLOCK_SKEW =
+    # 60 s for a server running ahead of a verifier), yet the JWT verifier refuses an `iat`
+    # more than its 5 s leeway ahead. Workload A's fresh token, handed to workload B on the
+    # same node, is refused by this very agent for its first seconds.
+    agent.ca.clock = FakeClock(start=agent.clock.now() + 8)
+    agent.add_entry("/w")
+    stub = agent.stub()
+    token = (
+        stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["svc"]), metadata=HEADER)
+        .svids[0]
+        .svid
+    )
+    try:
+        reply = stub.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="svc", svid=token), metadata=HEADER
+        )
+    except grpc.RpcError as exc:
+        pytest.fail(f"{exc.code()}: {exc.details()}")
+    assert reply.spiffe_id == "spiffe://example.org/w"
