@@ -11,11 +11,14 @@ import pytest
 from agent_attestor import _crypto
 from agent_attestor.model import Selector
 from agent_attestor.signer import MintedJwt
+from svid._bearer_tokens import BearerTokens
 from svid._clock import FakeClock
 from svid._jose import b64url_decode
+from svid._jwt import JwtSvid
 from svid._proto import workload_pb2
 from svid._spiffe_id import TrustDomain
 from svid._verify_jwt import JwtVerifier
+from svid._workload_client import WorkloadApiClient
 from tests.agent_attestor.harness import HEADER, Harness
 from tests.agent_attestor.pki import FakeSigner
 from tests.agent_attestor.test_jwt_fairness import _fetch_as_nobody, _open_to_every_uid, as_root
@@ -130,3 +133,25 @@ def test_the_agent_validates_the_jwt_it_just_served_from_a_server_a_few_seconds_
     except grpc.RpcError as exc:
         pytest.fail(f"{exc.code()}: {exc.details()}")
     assert reply.spiffe_id == "spiffe://example.org/w"
+
+
+def test_a_workloads_bearer_token_keeps_half_its_life_when_the_agent_served_it_cached(
+    agent: Harness,
+) -> None:
+    # svid's BearerTokens (httpx JwtAuth, MCP auth) caches the workload's own JWT-SVID "until
+    # half its lifetime has passed, so a token in use always has the other half left" (fresh),
+    # counting the half from when it fetched it. The agent hands out a token it cached until
+    # its own half-life: the two halves add up, and requests go out with seconds left.
+    agent.add_entry("/w")
+    client = WorkloadApiClient(f"unix://{agent.socket_path}")
+    try:
+        client.fetch_jwt_svid("svc")  # another user of the identity: the agent mints, keeps
+        agent.clock.advance(149)
+        tokens = BearerTokens(client, "svc", clock=agent.clock)
+        tokens.token()  # fetched now: the agent's cached one, 149 s old
+        agent.clock.advance(140)
+        sent = JwtSvid.parse_insecure(tokens.token())
+    finally:
+        client.close()
+    left = sent.expires_at - agent.clock.now()
+    assert left >= 150, f"a request sent its 300 s token with {left:.0f} s left"
