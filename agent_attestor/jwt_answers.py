@@ -12,7 +12,8 @@ the request as sent, and is served again only while
   that would keep a replaced entry set alive);
 - the JWT cache has dropped no token since (a task's end or an entry's removal forgets its
   tokens, the LRU evicts, a refresh replaces): its `generation`;
-- every token in it is before its refresh point, the JWT cache's own rule (`refresh_point`).
+- every token in it is before its refresh point, the JWT cache's own rule (`refresh_point`),
+  on the agent's clock as the cache keeps it (`JwtCache.refresh_at`).
 
 A served answer marks its tokens used in the JWT cache, so its LRU order stays true.
 

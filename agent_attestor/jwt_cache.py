@@ -63,10 +63,15 @@ def entry_size(key: Key, jwt: MintedJwt, jti: str = "") -> int:
     )
 
 
-def refresh_point(jwt: MintedJwt) -> float:
-    """When a token stops being handed out and a new one is minted: half its life (SPIFFE.md),
-    and never past its exp, whatever its issued_at says (as svid's task cache)."""
-    return min(jwt.expires_at, jwt.issued_at + (jwt.expires_at - jwt.issued_at) / 2)
+def refresh_point(jwt: MintedJwt, asked_at: float) -> float:
+    """When a token stops being handed out and a new one is minted, on the agent's clock: half
+    its life (SPIFFE.md) after the agent asked for it. Its iat and exp are the server's clock,
+    and reading them on the agent's served it past exp (agent behind) or never from the cache
+    (agent ahead): only exp - iat, a difference on one clock, is taken from it. The server's
+    iat is no earlier than the ask, so the exp it maps to on this clock, asked_at + lifetime, is
+    no later than the true one, and the refresh point is before it; a lifetime that is not
+    positive is never handed out again (as svid's task cache, `fresh`)."""
+    return asked_at + max(0.0, jwt.expires_at - jwt.issued_at) / 2
 
 
 def token_id(jwt: MintedJwt) -> str:
@@ -168,6 +173,7 @@ class JwtCache:
             # Its minting caller went away, not this one: mint here (or wait for who does now).
         fut: asyncio.Future[MintedJwt] = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
+        asked_at = self._clock.now()
         try:
             jwt = await self._signer.new_jwt(spiffe_id, list(key[1]), entry_id)
         except asyncio.CancelledError:
@@ -188,13 +194,21 @@ class JwtCache:
             # Asked for before the forget, so handed to those callers; never to a later one.
             return jwt
         self._drop(key)
-        self._insert(key, jwt, uid)
+        self._insert(key, jwt, uid, asked_at)
         return jwt
 
-    def _insert(self, key: Key, jwt: MintedJwt, uid: int) -> None:
+    def refresh_at(self, key: Key, jwt: MintedJwt) -> float:
+        """The refresh point of `jwt` if it is the token held for `key`; else now (an answer
+        built on a token not held is not served again)."""
+        held = self._tokens.get(key)
+        if held is not None and held[0] is jwt:
+            return held[1]
+        return self._clock.now()
+
+    def _insert(self, key: Key, jwt: MintedJwt, uid: int, asked_at: float) -> None:
         jti = token_id(jwt)
         size = entry_size(key, jwt, jti)
-        self._tokens[key] = (jwt, refresh_point(jwt), size, jti, uid)
+        self._tokens[key] = (jwt, refresh_point(jwt, asked_at), size, jti, uid)
         self._bytes += size
         books = self._books.get(uid)
         if books is None:

@@ -17,7 +17,7 @@ from agent_attestor.cache import Cache, Identity, Snapshot
 from agent_attestor.caller_check import checked_caller, not_serving, open_stream
 from agent_attestor.errors import BadRequestError, NoIdentityError
 from agent_attestor.jwt_answers import JwtAnswers, answer_key, split_budget
-from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, refresh_point
+from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
 from agent_attestor.mint_budget import MintBudget
 from agent_attestor.model import Entry, Selector
@@ -356,7 +356,9 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 if refused is not None:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
                 jwt = await self._mint(context, entry, audience, caller.uid)
-            tokens.append((JwtCache.key(entry.spiffe_id, audience), refresh_point(jwt)))
+            token_key = JwtCache.key(entry.spiffe_id, audience)
+            # The JWT cache's refresh point, on this agent's clock: not one read from the token.
+            tokens.append((token_key, self._jwts.refresh_at(token_key, jwt)))
             # An empty hint left out: upb pays for every keyword, set or not.
             if entry.hint:
                 add(spiffe_id=entry.spiffe_id, svid=jwt.token, hint=entry.hint)

@@ -134,10 +134,11 @@ def test_a_token_minted_while_its_identity_is_forgotten_is_not_kept() -> None:
     assert jwts.cached(sid, ["a"]) is None
 
 
-def test_a_token_is_never_handed_out_at_or_past_its_exp() -> None:
-    # Half its life, but never past exp: an issued_at after expires_at put that point beyond it.
-    assert refresh_point(MintedJwt("t", issued_at=1000, expires_at=1300)) == 1150
-    assert refresh_point(MintedJwt("t", issued_at=1600, expires_at=1300)) == 1300
+def test_a_token_is_refreshed_half_its_life_after_the_ask_by_the_agent_clock() -> None:
+    # The server's iat/exp (its clock, 1000 s ahead here) give only the lifetime; an issued_at
+    # after expires_at (no positive lifetime) is never handed out again.
+    assert refresh_point(MintedJwt("t", issued_at=1000, expires_at=1300), asked_at=0) == 150
+    assert refresh_point(MintedJwt("t", issued_at=1600, expires_at=1300), asked_at=0) == 0
 
 
 def test_jwt_cache_evicts_least_recently_used() -> None:
