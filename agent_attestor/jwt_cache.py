@@ -1,4 +1,8 @@
-"""JWT-SVIDs minted by the server, cached per (SPIFFE ID, sorted audiences) until half life.
+"""JWT-SVIDs minted by the server, cached per (SPIFFE ID, sorted audiences, entry) until half life.
+
+The entry is in the key because the token is minted with its entry's jwt_svid_ttl: two entries
+of one ID may give it different lifetimes, and a workload is never handed the token minted for
+another's entry (one with a 60 s TTL was handed the 3600 s token of another).
 
 Bounded twice, least recently used out first: by count, and by bytes, because one token can be
 thousands of times the size of another (issue 11: big audiences took the agent from 77 to 804 MB).
@@ -28,7 +32,8 @@ from svid._errors import JwtSvidError
 from svid._jwt import split_token
 from svid._limits import utf8_size
 
-Key = tuple[str, tuple[str, ...]]
+# (SPIFFE ID, audience_key, entry id)
+Key = tuple[str, tuple[str, ...], str]
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 # The objects around one cached token's strings (key and value tuples, the dict slot, the
 # MintedJwt, str headers); measured with tracemalloc on CPython 3.11: 1,105 bytes held per entry
@@ -53,11 +58,12 @@ def uid_share(max_entries: int, max_bytes: int) -> tuple[int, int]:
 
 def entry_size(key: Key, jwt: MintedJwt, jti: str = "") -> int:
     """What one cached token costs, counted against the cache's byte budget."""
-    spiffe_id, audience = key
+    spiffe_id, audience, entry_id = key
     return (
         ENTRY_OVERHEAD
         + len(jwt.token)  # compact JWS: ASCII
         + utf8_size(spiffe_id)
+        + utf8_size(entry_id)  # the entry's own string, but kept alive by the key once it goes
         + sum(utf8_size(a) for a in audience)
         + (sys.getsizeof(jti) if jti else 0)  # a str of its own, kept beside the token
     )
@@ -132,16 +138,20 @@ class JwtCache:
         self.generation = 0
 
     @staticmethod
-    def key(spiffe_id: str, audience: Sequence[str]) -> Key:
-        return (spiffe_id, audience_key(audience))
+    def key(spiffe_id: str, audience: Sequence[str], entry_id: str) -> Key:
+        return (spiffe_id, audience_key(audience), entry_id)
 
     def cached(
-        self, spiffe_id: str, audience: Sequence[str], revoked: frozenset[str] = frozenset()
+        self,
+        spiffe_id: str,
+        audience: Sequence[str],
+        entry_id: str,
+        revoked: frozenset[str] = frozenset(),
     ) -> MintedJwt | None:
-        """A fresh token for (ID, audiences) if one is held; never mints. One whose jti is in
+        """A fresh token for (ID, audiences, entry) if one is held; never mints. One whose jti is in
         `revoked` is dropped: the server revokes a task's tokens before its entry leaves the
         agent (a later Sync message), and the agent must not hand out what it knows revoked."""
-        key = (spiffe_id, audience_key(audience))
+        key = (spiffe_id, audience_key(audience), entry_id)
         if revoked:
             held = self._tokens.get(key)
             if held is not None and held[3] in revoked:
@@ -159,9 +169,9 @@ class JwtCache:
     async def get(
         self, spiffe_id: str, audience: Sequence[str], entry_id: str, uid: int
     ) -> MintedJwt:
-        """A token for (ID, audiences): from the cache, or minted once even under concurrency.
-        `uid` is the caller's: a token minted for it is counted in its share."""
-        key = (spiffe_id, audience_key(audience))
+        """A token for (ID, audiences) through `entry_id`: from the cache, or minted once even
+        under concurrency. `uid` is the caller's: a token minted for it is counted in its share."""
+        key = (spiffe_id, audience_key(audience), entry_id)
         hit = self._hit(key)
         if hit is not None:
             return hit

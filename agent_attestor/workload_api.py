@@ -348,7 +348,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         add = reply.svids.add
         tokens = []
         for entry in chosen:
-            jwt = self._jwts.cached(entry.spiffe_id, audience, snap.revoked_jtis)
+            jwt = self._jwts.cached(entry.spiffe_id, audience, entry.id, snap.revoked_jtis)
             if jwt is None:
                 # Only a miss costs the caller's budget: it is what the server's per-agent
                 # limit counts, and what one workload could spend for all the others.
@@ -356,7 +356,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 if refused is not None:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
                 jwt = await self._mint(context, entry, audience, caller.uid)
-            token_key = JwtCache.key(entry.spiffe_id, audience)
+            token_key = JwtCache.key(entry.spiffe_id, audience, entry.id)
             # The JWT cache's refresh point, on this agent's clock: not one read from the token.
             tokens.append((token_key, self._jwts.refresh_at(token_key, jwt)))
             # An empty hint left out: upb pays for every keyword, set or not.

@@ -129,9 +129,9 @@ def test_a_token_minted_while_its_identity_is_forgotten_is_not_kept() -> None:
     before, after = asyncio.run(scenario())
     assert before.token != after.token
     assert signer.jwt_calls == 2
-    assert jwts.cached(sid, ["a"]) == after
+    assert jwts.cached(sid, ["a"], "e") == after
     jwts.forget({sid})
-    assert jwts.cached(sid, ["a"]) is None
+    assert jwts.cached(sid, ["a"], "e") is None
 
 
 def test_a_token_is_refreshed_half_its_life_after_the_ask_by_the_agent_clock() -> None:
@@ -147,14 +147,14 @@ def test_jwt_cache_evicts_least_recently_used() -> None:
     jwts = JwtCache(signer, clock, max_entries=2)
     for aud in ("a", "b", "c"):
         asyncio.run(jwts.get("spiffe://example.org/w", [aud], "e", 0))
-    assert jwts.cached("spiffe://example.org/w", ["a"]) is None
-    assert jwts.cached("spiffe://example.org/w", ["c"]) is not None
+    assert jwts.cached("spiffe://example.org/w", ["a"], "e") is None
+    assert jwts.cached("spiffe://example.org/w", ["c"], "e") is not None
 
 
 def test_jwt_cache_counts_bytes_and_evicts_least_recently_used_to_stay_in_budget() -> None:
     signer = SizedSigner(10_000)
     sid = "spiffe://example.org/w"
-    one = entry_size(JwtCache.key(sid, ["a"]), MintedJwt("x" * 10_000, 0, 1))
+    one = entry_size(JwtCache.key(sid, ["a"], "e"), MintedJwt("x" * 10_000, 0, 1))
     jwts = JwtCache(signer, FakeClock(start=0), max_bytes=3 * one)
 
     def get(aud: str) -> MintedJwt:
@@ -165,8 +165,8 @@ def test_jwt_cache_counts_bytes_and_evicts_least_recently_used_to_stay_in_budget
     assert (len(jwts), jwts.bytes) == (3, 3 * one)
     get("a")  # a hit: "a" becomes the most recently used
     get("d")
-    assert jwts.cached(sid, ["b"]) is None  # the least recently used went
-    assert all(jwts.cached(sid, [aud]) is not None for aud in ("a", "c", "d"))
+    assert jwts.cached(sid, ["b"], "e") is None  # the least recently used went
+    assert all(jwts.cached(sid, [aud], "e") is not None for aud in ("a", "c", "d"))
     assert (len(jwts), jwts.bytes) == (3, 3 * one)
     jwts.forget({sid})
     assert (len(jwts), jwts.bytes) == (0, 0)

@@ -193,8 +193,8 @@ def test_an_answer_served_keeps_its_token_recently_used() -> None:
         agent.fetch(me, "b")
         agent.fetch(me, "a")  # from its answer: "a" is now the JWT cache's most recent
         agent.fetch(me, "c")  # one too many: the least recently used token goes
-        assert agent.jwts.cached(SID, ["a"]) is not None
-        assert agent.jwts.cached(SID, ["b"]) is None
+        assert agent.jwts.cached(SID, ["a"], "e1") is not None
+        assert agent.jwts.cached(SID, ["b"], "e1") is None
         minted = agent.signer.jwt_calls
         agent.fetch(me, "b")  # its answer went with its token: nothing outside the cache's bounds
         assert agent.signer.jwt_calls == minted + 1

@@ -198,9 +198,9 @@ def test_a_uid_flooding_new_audiences_recycles_its_own_slots() -> None:
     for i in range(1_000):
         _get(jwts, FLOODER, f"flood-{i}")
     assert len(jwts) == 256  # the flooder used the room nobody else needed...
-    assert all(jwts.cached(SID, [aud]) is quiet[aud] for aud in quiet)  # ...and only that
-    assert jwts.cached(SID, ["flood-999"]) is not None
-    assert jwts.cached(SID, ["flood-0"]) is None  # its own oldest went first
+    assert all(jwts.cached(SID, [aud], "e") is quiet[aud] for aud in quiet)  # ...and only that
+    assert jwts.cached(SID, ["flood-999"], "e") is not None
+    assert jwts.cached(SID, ["flood-0"], "e") is None  # its own oldest went first
 
     # A uid within its share that needs room takes it from the uid past its share, not the
     # least recently used of all (the quiet uid's, untouched since the flood began).
@@ -216,24 +216,24 @@ def test_a_uid_flooding_big_audiences_recycles_its_own_bytes() -> None:
     # 4 KB audiences: the byte bound is reached long before the count.
     signer = SizedSigner(size=1_000)
     big = "x" * 4_000
-    one = entry_size(JwtCache.key(SID, [big + "0000"]), MintedJwt("x" * 1_000, 0, 1))
+    one = entry_size(JwtCache.key(SID, [big + "0000"], "e"), MintedJwt("x" * 1_000, 0, 1))
     jwts = JwtCache(signer, FakeClock(start=0), max_bytes=200 * one)
     quiet = {aud: _get(jwts, QUIET, aud) for aud in ("a", "b", "c")}
     for i in range(1_000):
         _get(jwts, FLOODER, f"{big}{i:04}")
     assert jwts.bytes <= 200 * one
-    assert all(jwts.cached(SID, [aud]) is quiet[aud] for aud in quiet)
+    assert all(jwts.cached(SID, [aud], "e") is quiet[aud] for aud in quiet)
 
 
 def test_a_lone_uid_still_uses_the_whole_cache_least_recently_used_out_first() -> None:
     jwts = JwtCache(SizedSigner(), FakeClock(start=0), max_entries=256)
     for i in range(256):
         _get(jwts, FLOODER, f"a-{i}")
-    assert jwts.cached(SID, ["a-0"]) is not None  # a hit: no longer the least recently used
+    assert jwts.cached(SID, ["a-0"], "e") is not None  # a hit: no longer the least recently used
     _get(jwts, FLOODER, "new")
     assert len(jwts) == 256
-    assert jwts.cached(SID, ["a-0"]) is not None
-    assert jwts.cached(SID, ["a-1"]) is None
+    assert jwts.cached(SID, ["a-0"], "e") is not None
+    assert jwts.cached(SID, ["a-1"], "e") is None
 
 
 def test_a_token_minted_anew_belongs_to_the_uid_that_minted_it() -> None:
@@ -246,7 +246,7 @@ def test_a_token_minted_anew_belongs_to_the_uid_that_minted_it() -> None:
     clock.advance(10**6)  # past every refresh point
     _get(jwts, FLOODER, "shared")
     _check_books(jwts)
-    assert _owners(jwts) == {JwtCache.key(SID, ["shared"]): FLOODER}
+    assert _owners(jwts) == {JwtCache.key(SID, ["shared"], "e"): FLOODER}
 
 
 # ---- bookkeeping under every way a token leaves --------------------------------------------
@@ -293,7 +293,7 @@ def test_the_books_follow_every_insert_drop_eviction_and_forget(ops: list[tuple[
     signer = FakeSigner(LocalCa(clock))
     # Audiences of different sizes, so that both bounds and both shares are reached.
     auds = [f"aud-{i}-" + "y" * (i * 200) for i in range(8)]
-    one = entry_size(JwtCache.key(SID, [auds[3]]), signer.ca.mint_jwt(SID, [auds[3]]))
+    one = entry_size(JwtCache.key(SID, [auds[3]], "e"), signer.ca.mint_jwt(SID, [auds[3]]))
     jwts = JwtCache(signer, clock, max_entries=6, max_bytes=5 * one, share=(2, 2 * one))
 
     async def run() -> None:
@@ -311,8 +311,8 @@ def test_the_books_follow_every_insert_drop_eviction_and_forget(ops: list[tuple[
             elif op[0] == "forget_all":
                 jwts.forget()
             elif op[0] == "revoke" and held:
-                sid, aud = held[op[1] % len(held)]
-                jwts.cached(sid, aud, frozenset({jwts._tokens[(sid, aud)][3]}))
+                sid, aud, entry_id = held[op[1] % len(held)]
+                jwts.cached(sid, aud, entry_id, frozenset({jwts._tokens[(sid, aud, entry_id)][3]}))
             elif op[0] == "touch" and held:
                 jwts.touch([held[op[1] % len(held)]])
             elif op[0] == "advance":

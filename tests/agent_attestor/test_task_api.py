@@ -372,11 +372,11 @@ def test_end_sends_the_callers_identities_and_forgets_cached_task_jwts(ta: TaskA
         await ta.h.jwts.get(task_entry.spiffe_id, ["docs"], task_entry.id, 0)
 
     ta.h.lt.run(mint())
-    assert ta.h.jwts.cached(task_entry.spiffe_id, ["docs"]) is not None
+    assert ta.h.jwts.cached(task_entry.spiffe_id, ["docs"], task_entry.id) is not None
     ta.tasks().EndTask(task_pb2.EndTaskRequest(task_id="t1"), metadata=HEADER, timeout=10)
     (sent,) = ta.client.ended
     assert list(sent.runtime_ids) == [f"{TD}/bot"]
-    assert ta.h.jwts.cached(task_entry.spiffe_id, ["docs"]) is None
+    assert ta.h.jwts.cached(task_entry.spiffe_id, ["docs"], task_entry.id) is None
     listed = ta.tasks().ListTasks(task_pb2.ListTasksRequest(), metadata=HEADER, timeout=10)
     assert [t.task_id for t in listed.tasks] == ["t1"]
 
