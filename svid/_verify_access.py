@@ -30,7 +30,12 @@ from svid._revocation import (
 )
 from svid._spiffe_id import TrustDomain
 from svid._task_claims import TaskClaimsError, act_chain, tools_from_scope
-from svid._verify_jwt import DEFAULT_CACHE_SIZE, DEFAULT_LEEWAY, memo_signature_check
+from svid._verify_jwt import (
+    DEFAULT_CACHE_SIZE,
+    DEFAULT_LEEWAY,
+    future_leeway,
+    memo_signature_check,
+)
 
 # RFC 9068 §2.1 and the Txn-Token draft's media types, as check_typed_header normalizes them.
 ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - a media type
@@ -123,6 +128,7 @@ class AccessTokenVerifier:
         self._clock: Clock = clock or SystemClock()
         self._revocations = revocations if revocations is not None else RevocationSet()
         self._leeway = leeway
+        self._future = future_leeway(leeway)  # for iat and nbf, as JwtVerifier
         self._max_staleness = check_max_staleness(max_revocation_staleness)
         self._cache: LruCache[str, _Entry] = LruCache(cache_size)
         # One signature check per (kid, alg) of the current bundle, as in JwtVerifier.
@@ -202,15 +208,16 @@ class AccessTokenVerifier:
         who = fields.subject[:200]
         if now > fields.expires_at + leeway:
             raise ExpiredError(f"token for {who} expired at {fields.expires_at}")
-        latest = now + leeway
+        future = self._future
+        latest = now + future
         nbf = claims.get("nbf")
-        not_before = fields.issued_at - leeway
+        not_before = fields.issued_at - future
         if fields.issued_at > latest:
             raise ExpiredError(f"token for {who} has iat {fields.issued_at} in the future")
         if nbf is not None:
             if nbf > latest:
                 raise ExpiredError(f"token for {who} has nbf {nbf:.0f} in the future")
-            not_before = max(not_before, nbf - leeway)
+            not_before = max(not_before, nbf - future)
         if self._revocations.is_jti_revoked(fields.jti):
             raise RevokedError(f"token jti {fields.jti!r} of {who} is revoked")
         result = VerifiedAccessToken(

@@ -1,5 +1,6 @@
 """JWT-SVID verification: SPIFFE alg list, kid lookup in the ``sub``'s trust domain, signature,
-audience, times with a small leeway, jti revocation, and a result cache keyed by the exact token.
+audience, times with a small leeway (wider for an iat/nbf ahead), jti revocation, and a result
+cache keyed by the exact token.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from svid._errors import ExpiredError, JwtSvidError, RevokedError, VerificationE
 from svid._jose import SignatureCheck, signature_check
 from svid._jwt import check_claims, split_and_check_fast, split_and_check_header
 from svid._revocation import (
+    MAX_CLOCK_SKEW,
     MAX_VERIFIER_LEEWAY,
     RevocationSet,
     check_max_staleness,
@@ -32,6 +34,14 @@ DEFAULT_LEEWAY = 5.0
 DEFAULT_CACHE_SIZE = 10_000
 _MAX_CHECKS = 64
 _MISSING: Any = object()  # a (kid, alg) not looked up yet, unlike a None check (unfit alg)
+
+
+def future_leeway(leeway: float) -> float:
+    """How far ahead of this clock a token's iat or nbf may be: MAX_CLOCK_SKEW (or the leeway, if
+    wider). A server whose clock runs ahead stamps a token it just minted in this clock's future;
+    X.509-SVIDs are backdated and revocations kept for that margin, and go-spiffe (go-jose) allow
+    a minute. exp keeps the leeway alone: taking it wider would outlast revocations."""
+    return max(leeway, MAX_CLOCK_SKEW)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +110,7 @@ class JwtVerifier:
         self._clock: Clock = clock or SystemClock()
         self._revocations = revocations if revocations is not None else RevocationSet()
         self._leeway = leeway
+        self._future = future_leeway(leeway)
         # Opt-in: refuse everything while the revocation feed has been gone longer than this.
         self._max_staleness = check_max_staleness(max_revocation_staleness)
         self._cache: LruCache[str, _Entry] = LruCache(cache_size)
@@ -213,18 +224,19 @@ class JwtVerifier:
         if now > exp + leeway:
             raise ExpiredError(f"token for {sid} expired at {exp}")
         not_before = -math.inf
-        latest = now + leeway
+        future = self._future
+        latest = now + future
         # Both parsers have made sure nbf/iat, when present, are finite numbers.
         nbf = claims.get("nbf")
         if nbf is not None:
             if nbf > latest:
                 raise ExpiredError(f"token for {sid} has nbf {nbf:.0f} in the future")
-            not_before = nbf - leeway
+            not_before = nbf - future
         iat = claims.get("iat")
         if iat is not None:
             if iat > latest:
                 raise ExpiredError(f"token for {sid} has iat {iat:.0f} in the future")
-            not_before = max(not_before, iat - leeway)
+            not_before = max(not_before, iat - future)
         jti = claims.get("jti")
         if type(jti) is not str:
             jti = None

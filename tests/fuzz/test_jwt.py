@@ -40,6 +40,7 @@ from svid import (
 )
 from svid._errors import JwtSvidError
 from svid._jwt import check_claims, split_and_check_fast, split_and_check_header, split_token
+from svid._revocation import MAX_CLOCK_SKEW
 from svid._verify_jwt import DEFAULT_LEEWAY
 from tests.fuzz._mutate import mutated_text
 from tests.fuzz._profile import fuzz_settings
@@ -189,14 +190,20 @@ def _pyjwt_accepts(token: str, audience: str) -> bool:
     try:
         if pyjwt.get_unverified_header(token).get("kid") != KID:
             return False
-        pyjwt.decode(
-            token,
-            KEY.public_key(),
-            algorithms=sorted(ALLOWED_ALGS),
-            audience=audience,
-            leeway=DEFAULT_LEEWAY,
-            options={"require": ["exp", "aud", "sub"]},
-        )
+        # exp with the verifier's leeway; iat and nbf with the wider bound it allows them (a
+        # server clock ahead, svid._verify_jwt.future_leeway): PyJWT has one leeway for all.
+        for leeway, skip in ((DEFAULT_LEEWAY, ("iat", "nbf")), (MAX_CLOCK_SKEW, ("exp",))):
+            pyjwt.decode(
+                token,
+                KEY.public_key(),
+                algorithms=sorted(ALLOWED_ALGS),
+                audience=audience,
+                leeway=leeway,
+                options={
+                    "require": ["exp", "aud", "sub"],
+                    **{f"verify_{name}": False for name in skip},
+                },
+            )
     except Exception:
         return False
     return True

@@ -9,6 +9,7 @@ import pytest
 
 from server.ca.signer import JwtSigner
 from svid import (
+    MAX_CLOCK_SKEW,
     AccessTokenVerifier,
     ExpiredError,
     FakeClock,
@@ -177,10 +178,12 @@ def test_expiry_with_leeway(verifier: AccessTokenVerifier, clock: FakeClock) -> 
 
 
 def test_not_yet_valid_is_refused(verifier: AccessTokenVerifier) -> None:
+    # MAX_CLOCK_SKEW ahead is taken (an issuer whose clock runs ahead), a second more is not.
     with pytest.raises(ExpiredError, match="nbf"):
-        verifier.verify(token(nbf=int(T0) + 60))
+        verifier.verify(token(nbf=int(T0 + MAX_CLOCK_SKEW) + 1))
     with pytest.raises(ExpiredError, match="iat"):
-        verifier.verify(token(iat=int(T0) + 60))
+        verifier.verify(token(iat=int(T0 + MAX_CLOCK_SKEW) + 1))
+    assert verifier.verify(token(iat=int(T0 + MAX_CLOCK_SKEW), nbf=int(T0 + MAX_CLOCK_SKEW)))
 
 
 def test_a_revoked_jti_is_refused_even_when_cached(

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from svid import (
+    MAX_CLOCK_SKEW,
     MAX_VERIFIER_LEEWAY,
     ExpiredError,
     FakeClock,
@@ -225,12 +226,22 @@ def test_leeway_wider_than_the_revocation_retention_is_refused(
 def test_not_before_and_issued_in_future(
     verifier: JwtVerifier, clock: FakeClock, name: str
 ) -> None:
-    over: dict[str, Any] = {name: int(T0) + 6}
+    # Up to MAX_CLOCK_SKEW ahead (a server whose clock runs ahead), past the 5 s exp leeway.
+    over: dict[str, Any] = {name: int(T0 + MAX_CLOCK_SKEW) + 1}
     tok = token(**over)
     with pytest.raises(ExpiredError, match=f"{name} .* in the future"):
         verifier.verify(tok, "svc")
     clock.advance(1)
     assert verifier.verify(tok, "svc")
+
+
+def test_an_iat_ahead_is_taken_at_zero_leeway_while_exp_keeps_it(
+    source: MemoryBundleSource,
+) -> None:
+    v = JwtVerifier(source.jwt_bundle_for, clock=FakeClock(T0), leeway=0)
+    assert v.verify(token(iat=int(T0) + 8, nbf=int(T0) + 8), "svc")
+    with pytest.raises(ExpiredError, match="expired"):
+        v.verify(token(exp=int(T0) - 1), "svc")
 
 
 def test_revoked_jti(verifier: JwtVerifier, revocations: RevocationSet) -> None:
