@@ -1,6 +1,7 @@
 """Where an outgoing request's JWT-SVID comes from, for the HTTP client adapters: a task
 (``task.jwt(audience)``, cached and refreshed by the task), the workload's own identity over the
-Workload API (cached here, fetched again at half its lifetime), or a callable of your own.
+Workload API (cached here, fetched again at a quarter of its lifetime: the agent may have served
+it with half its life gone, `fresh`), or a callable of your own.
 """
 
 from __future__ import annotations

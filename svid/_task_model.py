@@ -302,10 +302,16 @@ def audience_key(audience: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def fresh(jwt: JwtSvid, fetched_at: float, now: float) -> bool:
-    """Whether a cached JWT-SVID may still be handed out at ``now``: until half its lifetime
-    has passed (as SPIRE's caches refresh), so a token in use always has the other half left.
+    """Whether a cached JWT-SVID may still be handed out at ``now``: until a quarter of its
+    lifetime has passed since ``fetched_at``, so a token in use always has a quarter left.
 
-    The half-life is counted from ``fetched_at`` on this process's clock: iat and exp are the
+    Not half: the agent (svidd's, as SPIRE's) serves a token from its own cache until half its
+    lifetime, so one fetched here may have only that half left; a half counted again from the
+    fetch sent requests out with seconds to go. A quarter from the fetch leaves at least a
+    quarter of the whole, and the agent is asked once per quarter life, not per request (as
+    go-spiffe's JWTSource does: a Workload API call each time).
+
+    The quarter is counted from ``fetched_at`` on this process's clock: iat and exp are the
     issuer's clock, and comparing either with ``now`` lets a skew hand out a token past its exp
     (this clock behind) or never cache at all (this clock ahead). Only the lifetime, exp - iat,
     is taken from the token, a difference on one clock."""
@@ -315,7 +321,7 @@ def fresh(jwt: JwtSvid, fetched_at: float, now: float) -> bool:
     else:
         lifetime = jwt.expires_at - fetched_at  # no iat: the best guess left
     # Never past exp by this clock either (a lifetime the issuer lied about).
-    return now < jwt.expires_at and now < fetched_at + lifetime / 2
+    return now < jwt.expires_at and now < fetched_at + lifetime / 4
 
 
 def fresh_token(cached: tuple[JwtSvid, float] | None, now: float) -> JwtSvid | None:

@@ -334,9 +334,10 @@ class Task(TaskView):
     """A granted task. ``with`` ends it on exit (on an exception too, recorded at the server as
     "block raised <exception type>"); ``end()`` does it by hand.
 
-    ``jwt(audience)`` gives a task JWT-SVID, cached and fetched again once half its lifetime has
-    passed; once the agent's revocation stream says the server ended the task, ``ended`` is
-    True and ``jwt`` raises TaskEndedError (its sub-tasks with it). ``info`` then says how it
+    ``jwt(audience)`` gives a task JWT-SVID, cached and fetched again once a quarter of its
+    lifetime has passed since its fetch (the agent may serve it half-lived: ``fresh``); once
+    the agent's revocation stream says the server ended the task, ``ended`` is True and ``jwt``
+    raises TaskEndedError (its sub-tasks with it). ``info`` then says how it
     ended once the server has told (within the client's timeout); until then, or when it
     cannot be asked, its ``end_reason`` says only that the agent's revocation list names the
     task's credentials, and ``end()`` asks again. Threads

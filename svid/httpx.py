@@ -47,8 +47,8 @@ class JwtAuth(httpx.Auth):
 
     ``provider``: a task (``svid.tasks.Task`` / ``AsyncTask``: its ``jwt(audience)``), a
     ``WorkloadApiClient`` / ``AsyncWorkloadApiClient`` (this workload's own token, for
-    ``spiffe_id`` if it has several; cached until half its lifetime), or a callable taking the
-    audience and returning a token.
+    ``spiffe_id`` if it has several; cached for a quarter of its lifetime), or a callable taking
+    the audience and returning a token.
     """
 
     def __init__(

@@ -155,3 +155,22 @@ def test_a_workloads_bearer_token_keeps_half_its_life_when_the_agent_served_it_c
         client.close()
     left = sent.expires_at - agent.clock.now()
     assert left >= 150, f"a request sent its 300 s token with {left:.0f} s left"
+
+
+def test_a_workloads_bearer_token_always_has_a_quarter_of_its_life_left(agent: Harness) -> None:
+    # The invariant behind the test above, at every use: BearerTokens keeps the token a
+    # quarter of its lifetime from its fetch, the agent serves it with at least half left.
+    agent.add_entry("/w")
+    client = WorkloadApiClient(f"unix://{agent.socket_path}")
+    try:
+        client.fetch_jwt_svid("svc")
+        agent.clock.advance(149)
+        tokens = BearerTokens(client, "svc", clock=agent.clock)
+        lefts = []
+        for _ in range(120):
+            sent = JwtSvid.parse_insecure(tokens.token())
+            lefts.append(sent.expires_at - agent.clock.now())
+            agent.clock.advance(5)
+    finally:
+        client.close()
+    assert min(lefts) >= agent.ca.jwt_ttl / 4, f"a request went out with {min(lefts):.0f} s left"

@@ -30,6 +30,7 @@ from svid._proto import (
     task_pb2_grpc,
     workload_pb2,
 )
+from svid._tasks_sync import TaskClient
 from tests.agent_attestor.harness import HEADER, Harness, me
 
 TD = "spiffe://example.org"
@@ -655,3 +656,32 @@ def test_revocation_watch_names_whose_credential_each_revocation_is(ta: TaskAgen
         ("jwt_id", "j1", task_id),
     ]
     stream.cancel()
+
+
+def test_a_task_jwt_is_sent_with_a_quarter_of_its_life_left_when_the_agent_served_it_cached(
+    ta: TaskAgent,
+) -> None:
+    # svid's task cache kept a token half its lifetime from its fetch, on top of the half the
+    # agent may have kept it already: a 300 s token went out with seconds left. Another user of
+    # the task's identity has the agent mint it; the task fetches it 149 s later, then uses it
+    # every 5 s for two lifetimes.
+    ta.h.add_entry("/bot")
+    client = TaskClient(
+        f"unix://{ta.endpoint.socket_path}", clock=ta.h.clock, watch_revocations=False
+    )
+    try:
+        task = client.begin(actions=["read"], resources=["docs"])
+        ta.h.stub().FetchJWTSVID(
+            workload_pb2.JWTSVIDRequest(audience=["docs"], spiffe_id=str(task.spiffe_id)),
+            metadata=HEADER,
+            timeout=10,
+        )
+        ta.h.clock.advance(149)
+        lefts = []
+        for _ in range(120):
+            sent = task.jwt_svid("docs")
+            lefts.append(sent.expires_at - ta.h.clock.now())
+            ta.h.clock.advance(5)
+    finally:
+        client.close()
+    assert min(lefts) >= ta.h.ca.jwt_ttl / 4, f"a task token went out with {min(lefts):.0f} s left"
