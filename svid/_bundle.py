@@ -135,6 +135,8 @@ class JwtBundle:
             if not isinstance(use, str) or use not in uses or not _known_kty(jwk):
                 continue
             kid, key = _jwt_key(jwk, where)
+            if kid in keys:  # as SpiffeBundle.parse: which one verifies would be the order's
+                raise BundleError(f"{where}: duplicate kid {kid!r}")
             keys[kid] = key
         return cls(trust_domain, keys)
 

@@ -193,6 +193,17 @@ def test_duplicate_kid_is_refused(full_bundle: SpiffeBundle) -> None:
         SpiffeBundle.parse(TD, json.dumps(doc).encode())
 
 
+def test_duplicate_kid_in_a_jwks_is_refused(full_bundle: SpiffeBundle) -> None:
+    # As SpiffeBundle.parse: a second key under one kid was kept silently in place of the first,
+    # so which key verifies a token depended on the order of the document.
+    doc = json.loads(full_bundle.to_json())
+    first = next(k for k in doc["keys"] if k.get("kid") == "k256")
+    other = next(k for k in doc["keys"] if k.get("use") == "jwt-svid" and k is not first)
+    doc["keys"].append({**other, "kid": "k256"})
+    with pytest.raises(BundleError, match="duplicate kid 'k256'"):
+        JwtBundle.parse_jwks(TD, json.dumps(doc).encode())
+
+
 def test_jwks_round_trip_has_only_jwt_keys(full_bundle: SpiffeBundle) -> None:
     # Parsing the full SPIFFE bundle as a JWKS keeps only the JWT keys.
     jb = JwtBundle.parse_jwks(TD, full_bundle.to_json())
