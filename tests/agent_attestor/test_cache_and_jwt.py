@@ -141,6 +141,32 @@ def test_a_token_is_refreshed_half_its_life_after_the_ask_by_the_agent_clock() -
     assert refresh_point(MintedJwt("t", issued_at=1600, expires_at=1300), asked_at=0) == 0
 
 
+class _SlowSigner(FakeSigner):
+    """Its answer comes back `delay` seconds (of the agent's clock) after the server minted."""
+
+    def __init__(self, ca: LocalCa, clock: FakeClock, delay: float) -> None:
+        super().__init__(ca)
+        self.clock, self.delay = clock, delay
+
+    async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        minted = await super().new_jwt(spiffe_id, audience, entry_id)
+        self.clock.advance(self.delay)
+        return minted
+
+
+def test_a_tokens_half_life_is_counted_from_the_ask_not_the_answer() -> None:
+    # The server's iat is no earlier than the ask: counted from the answer, a slow one would
+    # keep the token past its true half life (and, slower still, past its exp).
+    clock = FakeClock(start=time.time())
+    jwts = JwtCache(_SlowSigner(LocalCa(clock), clock, delay=100), clock)
+    sid = "spiffe://example.org/w"
+    asyncio.run(jwts.get(sid, ["a"], "e", 0))
+    clock.advance(49)
+    assert jwts.cached(sid, ["a"], "e") is not None
+    clock.advance(1)  # 150 s after the ask: half the 300 s token's life
+    assert jwts.cached(sid, ["a"], "e") is None
+
+
 def test_jwt_cache_evicts_least_recently_used() -> None:
     clock = FakeClock(start=time.time())
     signer = FakeSigner(LocalCa(clock))
