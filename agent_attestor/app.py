@@ -152,14 +152,17 @@ class AgentApp:
         )
         self.health = health.aio.HealthServicer()
         self.private_dir = resolve_private_dir(config)
+        self.unix_attestor = UnixAttestor(
+            hashes=ExeHashCache(max_size=config.max_hash_size),
+            clock=self.clock,
+            exe_selectors=config.exe_selectors,
+        )
         self.endpoint = WorkloadEndpoint(
             socket_path=config.socket_path,
             private_dir=self.private_dir.path,
             servicer=self.api,
             registry=self.registry,
-            attestors=[
-                UnixAttestor(hashes=ExeHashCache(max_size=config.max_hash_size), clock=self.clock)
-            ],
+            attestors=[self.unix_attestor],
             relay_settings=RelaySettings(
                 max_connections_per_uid=config.max_connections_per_uid,
                 max_connections=config.max_connections,
@@ -264,6 +267,7 @@ class AgentApp:
                 self.metrics_address = self.http.start(self.config.metrics_address)
         # The socket exists before anything announces readiness (py-spiffe needs the file).
         await self.endpoint.start()
+        self.unix_attestor.announce()
         RuntimeInfo(str(self.config.socket_path), self.metrics_address, os.getpid()).write(
             self.runtime_file
         )

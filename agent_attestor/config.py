@@ -22,6 +22,7 @@ from typing import Any
 from agent_attestor.checkpoint_store import FILE_NAME as CHECKPOINT_FILE
 from agent_attestor.errors import ConfigError
 from agent_attestor.servers import Target, pair_targets
+from agent_attestor.workload_attestor import EXE_SELECTOR_CHOICES
 from svid._daemon_config import (
     FileWords,
     as_choice,
@@ -95,6 +96,9 @@ class AgentConfig:
     identify_threads: int = 6
     identify_per_uid: int = 2
     max_hash_size: int = 256 * 1024 * 1024  # bytes; a bigger executable gets no unix:sha256
+    # unix:path and unix:sha256: "auto" gives them only where no unprivileged user namespace
+    # can be made (there a caller can point its exe at any program), "always" or "never".
+    exe_selectors: str = "auto"
     # Entries holding a pre-minted X.509-SVID (issue 13), least recently used out (never one an
     # open stream is served); the rest are minted when a workload first asks. 0: every entry.
     # Chosen by measurement (bench/test_bench_agent_scale.py): a start without saved state (the
@@ -146,7 +150,11 @@ _PATH_KEYS = {
     "private_dir",
 }
 _BOOL_KEYS = {"insecure_bootstrap"}
-_CHOICES = {"log_format": LOG_FORMATS, "log_level": LOG_LEVELS}
+_CHOICES = {
+    "log_format": LOG_FORMATS,
+    "log_level": LOG_LEVELS,
+    "exe_selectors": EXE_SELECTOR_CHOICES,
+}
 _FLOAT_KEYS = {
     "reconnect_min",
     "reconnect_max",

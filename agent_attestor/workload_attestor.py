@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent_attestor.model import Selector
+from agent_attestor.userns import ProcSysctls, Sysctls, unprivileged_userns
 from svid._clock import Clock, SystemClock
 from svid._log_throttle import ThrottledLines
 
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 # What is said about a caller is said once, then once per this many seconds (any local process
 # can connect as often as it likes).
 SELECTOR_LOG_INTERVAL = 60.0
+
+# When the executable selectors are given: "auto" where no unprivileged user namespace can be
+# made (detected at start), "always" (the operator accepts the risk), "never".
+EXE_SELECTOR_CHOICES = ("auto", "always", "never")
 
 _HASH_CHUNK = 1 << 20
 DEFAULT_MAX_HASH_SIZE = 256 * 1024 * 1024
@@ -105,18 +110,27 @@ def _names(path: str, runs: os.stat_result) -> bool:
 class UnixAttestor:
     """`unix:uid`, `unix:user`, `unix:gid`, `unix:group`, `unix:path`, `unix:sha256`.
 
-    The executable selectors are given only to a process in the agent's own user namespace.
-    In a user namespace of its own any user holds CAP_CHECKPOINT_RESTORE, which is all that
-    prctl(PR_SET_MM_MAP) asks to point /proc/<pid>/exe at any file it can open: both the path
-    and the hash would then be another program's. A process cannot leave such a namespace
-    for its parent, so one seen in the agent's namespace has not done that."""
+    The executable selectors (path and hash) say nothing where a caller can point its own
+    /proc/<pid>/exe at any file it can open. prctl(PR_SET_MM_MAP) does that for whoever holds
+    CAP_CHECKPOINT_RESTORE in the process's user namespace, which any user has in one of its
+    own. The exe belongs to the memory map, not to the process: a child cloned with
+    CLONE_VM | CLONE_NEWUSER shares its parent's map from a namespace of its own and sets the
+    parent's exe, then exits, and the parent, never having left the agent's namespace, shows
+    another program with no trace left. So with `exe_selectors` "auto" they are given only
+    where no unprivileged user namespace can be made (userns.py, read once at start); "always"
+    gives them anyway (the operator accepts that risk), "never" never. Either way a caller seen
+    in another user namespace than the agent's gets none."""
 
     def __init__(
         self,
         proc_root: str = "/proc",
         hashes: ExeHashCache | None = None,
         clock: Clock | None = None,
+        exe_selectors: str = "auto",
+        sysctls: Sysctls | None = None,
     ) -> None:
+        if exe_selectors not in EXE_SELECTOR_CHOICES:
+            raise ValueError(f"exe_selectors must be one of {EXE_SELECTOR_CHOICES}")
         self._proc_root = proc_root
         self._hashes = hashes or ExeHashCache()
         self._lines = ThrottledLines(log, SELECTOR_LOG_INTERVAL, clock or SystemClock())
@@ -124,6 +138,35 @@ class UnixAttestor:
         self._user_ns: tuple[int, int] | None = None
         with contextlib.suppress(FileNotFoundError):
             self._user_ns = _namespace(f"{proc_root}/self/ns/user")
+        self._exe_selectors = exe_selectors
+        # Why a caller may make its exe name another program; None where none can.
+        self.exe_risk = (
+            None
+            if self._user_ns is None
+            else unprivileged_userns(sysctls or ProcSysctls(proc_root))
+        )
+        self.gives_exe = exe_selectors == "always" or (
+            exe_selectors == "auto" and self.exe_risk is None
+        )
+
+    def announce(self) -> None:
+        """Say once, at the agent's start, whether callers get the executable selectors and why
+        not: attest() withholds them without a word."""
+        if self._exe_selectors == "never":
+            log.info("no unix:path or unix:sha256 selectors: exe_selectors is never")
+        elif not self.gives_exe:
+            log.warning(
+                "no unix:path or unix:sha256 selectors for any caller: here a caller could make "
+                'them name any program it can read; exe_selectors = "always" gives them anyway, '
+                "accepting that",
+                extra={"reason": self.exe_risk},
+            )
+        elif self.exe_risk is not None:
+            log.info(
+                "unix:path and unix:sha256 given though a caller could make them name any "
+                "program it can read (exe_selectors is always)",
+                extra={"reason": self.exe_risk},
+            )
 
     def attest(self, pid: int, uid: int, gid: int) -> list[Selector]:
         out = [Selector("unix", f"uid:{uid}"), Selector("unix", f"gid:{gid}")]
@@ -131,7 +174,7 @@ class UnixAttestor:
             out.append(Selector("unix", f"user:{pwd.getpwuid(uid).pw_name}"))
         with contextlib.suppress(KeyError):
             out.append(Selector("unix", f"group:{grp.getgrgid(gid).gr_name}"))
-        if pid > 0:
+        if pid > 0 and self.gives_exe:
             # Before the exe is read: a process that enters a namespace and then changes its
             # exe is seen in that namespace by this check, or by identify's second reading.
             try:

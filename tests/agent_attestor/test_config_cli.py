@@ -143,6 +143,8 @@ def test_a_key_outside_the_agent_table_is_refused_naming_it(tmp_path: Path) -> N
         ({"metrics_address": "x"}, "metrics_address"),
         ({"log_format": "xml"}, "log_format"),
         ({"log_level": "loud"}, "log_level"),
+        ({"exe_selectors": "yes"}, "exe_selectors"),
+        ({"exe_selectors": True}, "exe_selectors"),
         ({"reconnect_max": "-1"}, "reconnect_max"),
         ({"reconnect_min": "5", "reconnect_max": "1"}, "reconnect_min"),
         ({"connect_timeout": "0"}, "connect_timeout"),
@@ -210,6 +212,14 @@ def test_caller_limits_have_defaults_and_take_flags() -> None:
     assert default.max_hash_size == 256 * 1024 * 1024
     config = build_config({"max_connections": 0}, {"identify_per_uid": "1", "max_hash_size": "9"})
     assert (config.identify_per_uid, config.max_hash_size) == (1, 9)
+
+
+def test_exe_selectors_are_auto_by_default_and_take_the_file_or_a_flag() -> None:
+    assert build_config({}, {}).exe_selectors == "auto"
+    assert build_config({"exe_selectors": "never"}, {}).exe_selectors == "never"
+    assert build_config({"exe_selectors": "never"}, {"exe_selectors": "Always"}).exe_selectors == (
+        "always"
+    )
 
 
 def test_jwt_mints_per_uid_have_defaults_and_a_zero_rate_means_no_limit() -> None:

@@ -100,8 +100,9 @@ def _forward(listen_path: Path, conn_fd: int) -> None:
 def test_a_child_sharing_the_callers_memory_cannot_mask_its_exe(
     agent: Harness, exe_mask_shared: Path
 ) -> None:
-    """Fails on main: `nobody`, running exe_mask_shared, is served the identity of entries that
-    select /usr/bin/sleep by hash or path."""
+    """`nobody`, running exe_mask_shared, was served the identity of entries that select
+    /usr/bin/sleep by hash or path. Under the default exe_selectors ("auto"), a machine where
+    the trick takes is one where no caller gets executable selectors at all."""
     target = os.path.realpath(shutil.which("sleep") or "/bin/sleep")
     digest = hashlib.sha256(Path(target).read_bytes()).hexdigest()
     agent.add_entry("/sleep-by-hash", frozenset({Selector("unix", f"sha256:{digest}")}))

@@ -90,7 +90,7 @@ def _exe_is(pid: int, target: Path) -> bool:
 @pytest.fixture
 def gated() -> Iterator[tuple[Harness, _Gate]]:
     gate = _Gate()
-    h = Harness(attestors=[gate, UnixAttestor()])
+    h = Harness(attestors=[gate, UnixAttestor(exe_selectors="always")])
     try:
         yield h, gate
     finally:

@@ -241,7 +241,9 @@ def test_a_caller_that_exited_before_attestation_gets_no_selectors(tmp_path: Pat
         conn, _ = listener.accept()
         child.wait(30)
         with conn:
-            caller = identify(conn, "c1", [UnixAttestor()], caller_log(SystemClock()))
+            caller = identify(
+                conn, "c1", [UnixAttestor(exe_selectors="always")], caller_log(SystemClock())
+            )
     assert caller.pid == child.pid
     assert caller.selectors == frozenset()
 
@@ -249,7 +251,9 @@ def test_a_caller_that_exited_before_attestation_gets_no_selectors(tmp_path: Pat
 def test_a_live_caller_gets_uid_gid_path_and_sha256(tmp_path: Path) -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
-        caller = identify(a, "c1", [UnixAttestor()], caller_log(SystemClock()))
+        caller = identify(
+            a, "c1", [UnixAttestor(exe_selectors="always")], caller_log(SystemClock())
+        )
     values = {s.value.split(":", 1)[0] for s in caller.selectors}
     assert {"uid", "gid", "path", "sha256", "user", "group"} <= values
     assert Selector("unix", f"path:{os.path.realpath(sys.executable)}") in caller.selectors

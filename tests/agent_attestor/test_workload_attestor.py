@@ -22,6 +22,7 @@ import pytest
 from agent_attestor import proc
 from agent_attestor.errors import ProcessGoneError
 from agent_attestor.model import Selector
+from agent_attestor.userns import MAX_USER_NAMESPACES
 from agent_attestor.workload_attestor import ExeHashCache, ExeTooLargeError, UnixAttestor
 from svid._clock import FakeClock
 from tests.users import as_another_user
@@ -30,7 +31,7 @@ _MASK_C = Path(__file__).with_name("exe_mask.c")
 
 
 def test_selectors_for_this_process() -> None:
-    sels = set(UnixAttestor().attest(os.getpid(), os.getuid(), os.getgid()))
+    sels = set(UnixAttestor(exe_selectors="always").attest(os.getpid(), os.getuid(), os.getgid()))
     exe = os.path.realpath(sys.executable)
     digest = hashlib.sha256(Path(exe).read_bytes()).hexdigest()
     assert {
@@ -41,6 +42,73 @@ def test_selectors_for_this_process() -> None:
         Selector("unix", f"path:{exe}"),
         Selector("unix", f"sha256:{digest}"),
     } == sels
+
+
+class _Sysctls:
+    """Sysctls as a kernel might have them, whatever this machine's are."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+
+    def read(self, name: str) -> str | None:
+        return self.values.get(name)
+
+
+USERNS_OPEN = _Sysctls({MAX_USER_NAMESPACES: "63000"})
+USERNS_OFF = _Sysctls({MAX_USER_NAMESPACES: "0"})
+
+
+def _exe_selectors(sels: list[Selector]) -> list[Selector]:
+    return [s for s in sels if s.value.startswith(("path:", "sha256:"))]
+
+
+def test_by_default_none_are_given_where_any_user_may_make_a_user_namespace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """There a caller's CLONE_VM child, in a namespace of its own, points their shared exe at
+    any program (test_exe_mask_shared_mm.py); nothing left in /proc tells."""
+    caplog.set_level(logging.INFO, logger="agent_attestor")
+    attestor = UnixAttestor(sysctls=USERNS_OPEN)
+    assert attestor.exe_risk is not None
+    assert not attestor.gives_exe
+    attestor.announce()
+    for _ in range(3):
+        sels = attestor.attest(os.getpid(), os.getuid(), os.getgid())
+        assert _exe_selectors(sels) == []
+        assert Selector("unix", f"uid:{os.getuid()}") in sels
+    # Said once, at start, with why and what would give them; each caller gets no line.
+    [line] = [r for r in caplog.records if r.name == "agent_attestor.workload_attestor"]
+    assert line.levelno == logging.WARNING
+    assert 'exe_selectors = "always"' in line.getMessage()
+    reason = f"any user may make user namespaces ({MAX_USER_NAMESPACES} = 63000)"
+    assert getattr(line, "reason", "") == reason
+
+
+def test_by_default_they_are_given_where_no_user_may_make_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent_attestor")
+    attestor = UnixAttestor(sysctls=USERNS_OFF)
+    attestor.announce()
+    sels = attestor.attest(os.getpid(), os.getuid(), os.getgid())
+    exe = os.path.realpath(sys.executable)
+    assert Selector("unix", f"path:{exe}") in sels
+    assert Selector("unix", f"sha256:{hashlib.sha256(Path(exe).read_bytes()).hexdigest()}") in sels
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_always_gives_them_anyway_and_never_gives_none() -> None:
+    pid, uid, gid = os.getpid(), os.getuid(), os.getgid()
+    always = UnixAttestor(exe_selectors="always", sysctls=USERNS_OPEN).attest(pid, uid, gid)
+    assert len(_exe_selectors(always)) == 2
+    never = UnixAttestor(exe_selectors="never", sysctls=USERNS_OFF).attest(pid, uid, gid)
+    assert _exe_selectors(never) == []
+    assert Selector("unix", f"uid:{uid}") in never
+
+
+def test_an_unknown_choice_is_refused() -> None:
+    with pytest.raises(ValueError, match="exe_selectors"):
+        UnixAttestor(exe_selectors="sometimes")
 
 
 def test_unknown_uid_and_gid_get_numeric_selectors_only() -> None:
@@ -65,7 +133,7 @@ def test_a_copied_binary_has_another_path_but_the_same_sha256(tmp_path: Path) ->
     shutil.copy("/bin/sleep", exe)
     child = subprocess.Popen([str(exe), "30"])
     try:
-        sels = UnixAttestor().attest(child.pid, os.getuid(), os.getgid())
+        sels = UnixAttestor(exe_selectors="always").attest(child.pid, os.getuid(), os.getgid())
     finally:
         child.kill()
         child.wait()
@@ -115,7 +183,9 @@ def test_a_huge_sparse_executable_gets_a_path_but_is_not_hashed(tmp_path: Path) 
     hashes = ExeHashCache()
     child = subprocess.Popen([str(exe), "30"])
     try:
-        sels = UnixAttestor(hashes=hashes).attest(child.pid, os.getuid(), os.getgid())
+        sels = UnixAttestor(hashes=hashes, exe_selectors="always").attest(
+            child.pid, os.getuid(), os.getgid()
+        )
     finally:
         child.kill()
         child.wait()
@@ -186,7 +256,7 @@ def test_a_process_in_a_user_namespace_of_its_own_gets_no_executable_selectors(
             pytest.skip(f"this kernel lets no user namespace set its exe: {child.stderr.read()!r}")
         assert os.readlink(f"/proc/{child.pid}/exe") == target  # the trick worked
         st = os.stat(f"/proc/{child.pid}/status")
-        sels = UnixAttestor().attest(child.pid, st.st_uid, st.st_gid)
+        sels = UnixAttestor(exe_selectors="always").attest(child.pid, st.st_uid, st.st_gid)
     finally:
         child.kill()
         child.wait()
@@ -228,7 +298,7 @@ def test_a_path_that_names_another_file_here_is_no_unix_path(tmp_path: Path) -> 
             time.sleep(0.01)
         else:
             raise AssertionError("the child did not exec the bound path")
-        sels = UnixAttestor().attest(child.pid, os.getuid(), os.getgid())
+        sels = UnixAttestor(exe_selectors="always").attest(child.pid, os.getuid(), os.getgid())
     finally:
         child.kill()
         child.wait()
@@ -258,7 +328,7 @@ def test_what_is_said_about_callers_is_said_once_a_minute(
     shutil.copy("/bin/sleep", exe)
     os.truncate(exe, 2 << 30)
     clock = FakeClock()
-    attestor = UnixAttestor(hashes=ExeHashCache(), clock=clock)
+    attestor = UnixAttestor(hashes=ExeHashCache(), clock=clock, exe_selectors="always")
     caplog.set_level(logging.INFO, logger="agent_attestor")
     child = subprocess.Popen([str(exe), "30"])
     try:

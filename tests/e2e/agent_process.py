@@ -45,6 +45,7 @@ class AgentProcess(ChildProcess):
     # Variables set for the agent process on top of the test's own environment.
     environment: dict[str, str] = field(default_factory=dict)
     data_dir_name: str = "agent"  # under root
+    flags: tuple[str, ...] = ()  # given to every start, before start()'s own
 
     @property
     def data_dir(self) -> Path:
@@ -78,6 +79,7 @@ class AgentProcess(ChildProcess):
             str(self.socket_path),
             "--reconnect-max",
             "1",
+            *self.flags,
             *extra,
         ]
         if self.join_token:

@@ -170,7 +170,11 @@ def federated_world(**server_overrides: Any) -> Iterator[World]:
             root = short_tmpdir("svf")
             port = free_port()
             server = _server(root, name, port, **server_overrides).start()
-            agent = stack.enter_context(agent_stack(root, server))
+            # Workloads told apart by path: this machine lets any user make a user namespace,
+            # where `auto` gives no unix:path (test_exe_mask_shared_mm.py).
+            agent = stack.enter_context(
+                agent_stack(root, server, flags=("--exe-selectors", "always"))
+            )
             domains.append(Domain(name, server, agent, port))
         a, b = domains
         federate(a, b)
