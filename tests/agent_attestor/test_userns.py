@@ -63,7 +63,15 @@ def test_a_switch_that_forbids_them_says_none_can_be_made(
         ({MAX_USER_NAMESPACES: "lots"}, r"user\.max_user_namespaces reads 'lots'"),
         ({MAX_USER_NAMESPACES: ""}, r"user\.max_user_namespaces reads ''"),
     ],
-    ids=["limit", "apparmor-restricts", "apparmor-alone", "switches-off", "no-sys", "garbage", "empty"],
+    ids=[
+        "limit",
+        "apparmor-restricts",
+        "apparmor-alone",
+        "switches-off",
+        "no-sys",
+        "garbage",
+        "empty",
+    ],
 )
 def test_otherwise_the_reason_says_why_they_may(
     tmp_path: Path, values: dict[str, str], reason: str
