@@ -43,7 +43,18 @@ def sign_challenge(key: object, nonce: bytes) -> bytes:
 
 def check_answer(public_key: object, nonce: bytes, signature: bytes) -> bool:
     """Whether `signature` is sign_challenge's answer to `nonce` by the key's holder."""
-    message = _message(nonce)
+    return _verifies(public_key, _message(nonce), signature)
+
+
+def is_bare_nonce_answer(public_key: object, nonce: bytes, signature: bytes) -> bool:
+    """Whether `signature` is the answer of an agent from before CONTEXT (it signed the bare
+    nonce). Only for naming a refusal (that agent must be upgraded): such an answer is never
+    accepted, and no agent is asked to sign anything for this check."""
+    _message(nonce)  # the same length check as a real answer's
+    return _verifies(public_key, nonce, signature)
+
+
+def _verifies(public_key: object, message: bytes, signature: bytes) -> bool:
     try:
         if isinstance(public_key, ec.EllipticCurvePublicKey):
             public_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))

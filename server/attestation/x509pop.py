@@ -39,7 +39,7 @@ from svid._cert_der import read_tlv
 from svid._clock import Clock
 from svid._errors import SvidError
 from svid._x509 import extensions_of, parse_der_certs
-from svid._x509pop import NONCE_BYTES, check_answer
+from svid._x509pop import NONCE_BYTES, check_answer, is_bare_nonce_answer
 
 TYPE_NAME = "x509pop"
 
@@ -207,6 +207,14 @@ class X509PopAttestor:
         nonce = secrets.token_bytes(NONCE_BYTES)
         answer = await challenge(nonce)
         if not check_answer(leaf.public_key(), nonce, answer):
+            if is_bare_nonce_answer(leaf.public_key(), nonce, answer):
+                # The key is the certificate's: saying it does not match would send the
+                # operator after a key that is fine.
+                raise PermissionDeniedError(
+                    "x509pop: the challenge signature is over the bare nonce, as agents of an "
+                    "earlier release sign it: the agent is older than this server and must be "
+                    "upgraded"
+                )
             raise PermissionDeniedError(
                 "x509pop: challenge signature does not match the certificate key"
             )
