@@ -72,6 +72,23 @@ class X509PopRefusedError(AttestationRefusedError):
     )
 
 
+class X509PopAnswerRefusedError(X509PopRefusedError):
+    """The server refused the agent's answer to its x509pop challenge. A server of this
+    release says so when the key is not the certificate's; one of an earlier release (which
+    checks a signature over the bare nonce, not svid._x509pop's form) says the same words to
+    every agent of this one, however right its key."""
+
+    problem = (
+        "the server refuses this agent's answer to the x509pop challenge (x509pop_key is not "
+        "the key of x509pop_cert, or the server is of an earlier release than this agent, "
+        "which checks the answer in another form)"
+    )
+    remedy = (
+        "give the agent the key of its certificate (x509pop_key, x509pop_cert), or the server "
+        "is older than this agent: upgrade the servers first"
+    )
+
+
 class AttestationNotAcceptedError(AttestationRefusedError):
     """The server refused the attestation request itself (INVALID_ARGUMENT): most often it does
     not enable the agent's attestation type. No retry is answered otherwise until the server's

@@ -32,6 +32,7 @@ from agent_attestor.errors import (
     NotReadyError,
     ServerNotOursError,
     ServerNotVerifiedError,
+    X509PopAnswerRefusedError,
     X509PopRefusedError,
 )
 from agent_attestor.model import Entry, TrustBundle
@@ -145,11 +146,17 @@ def _redacted(text: str, join_token: str) -> str:
     return text
 
 
+# What x509pop servers of every release say when the challenge's answer does not verify; an
+# earlier release's says it to every agent of this one (another form of answer).
+_ANSWER_REFUSED = "x509pop: challenge signature does not match the certificate key"
+
+
 def attest_error(exc: grpc.RpcError, join_token: str, address: str) -> AttestationError:
     """What a failed Attest call means to the agent, in the server's words (never the join
     token, whichever error carries it: ours never echoes it)."""
     code = exc.code()  # type: ignore[attr-defined]
-    said = _redacted(f"{code.name}: {exc.details()}", join_token)  # type: ignore[attr-defined]
+    details = exc.details() or ""  # type: ignore[attr-defined]
+    said = _redacted(f"{code.name}: {details}", join_token)
     if server_not_verified(exc):
         # The probe verified a server at this address against the bundle; the channel's
         # connection reached one whose certificate that server's CA did not sign.
@@ -161,6 +168,10 @@ def attest_error(exc: grpc.RpcError, join_token: str, address: str) -> Attestati
         )
     if join_token and code == grpc.StatusCode.PERMISSION_DENIED:
         return JoinTokenRefusedError(f"the server refused the join token: {said}")
+    if code == grpc.StatusCode.PERMISSION_DENIED and _ANSWER_REFUSED in details:
+        return X509PopAnswerRefusedError(
+            f"the server refused the answer to its x509pop challenge: {said}"
+        )
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return X509PopRefusedError(f"the server refused the x509pop certificate: {said}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
