@@ -16,7 +16,8 @@ every renewal batch that: 2.5-3.3 s to pickle, write and fsync those 34 MB.
 Rows are taken as written: checking 20k keys against their chains again costs ~10 s (0.5 ms
 each), the time this file is there to save. A file SQLite finds damaged (quick_check), with a
 row the decoders refuse, or of another schema, agent ID or trust domain is deleted with a log line
-and the agent starts afresh.
+and the agent starts afresh; a file of schema 1 (its revocations saved without their owner) is
+restored, but catches up by a snapshot, not a delta.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from svid._proto import common_pb2, node_pb2
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+# 2: each saved revocation names whose credential it is (Revocation.spiffe_id).
+SCHEMA = 2
+# Schema 1 (releases before 2) saved revocations without their owner. A delta from its revision
+# repeats no revocation the agent holds, so those would stay ownerless until they expire: it is
+# restored (entries, SVIDs) at revision 0, so the first Sync is a snapshot that brings them.
+_OWNERLESS_SCHEMA = 1
 # An SVID with less than this share of its life left is not restored: past every rotation point
 # (at most 0.6 of life), it is overdue and would be served only to be replaced at once.
 MIN_LIFE_LEFT = 0.1
@@ -280,7 +286,8 @@ class StateStore:
         if check is None or check[0] != "ok":
             raise UnusableStateError(f"damaged file: {check[0] if check else 'no answer'}")
         meta: Mapping[str, Any] = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        if meta.get("schema") != SCHEMA:
+        schema = meta.get("schema")
+        if schema not in (SCHEMA, _OWNERLESS_SCHEMA):
             raise UnusableStateError(f"schema {meta.get('schema')!r}, expected {SCHEMA}")
         saved_id = meta.get("agent_id")
         if not agent_id or saved_id != agent_id:
@@ -304,6 +311,8 @@ class StateStore:
             ):
                 svids.append(svid)
         position = SyncPosition(agent_id, int(meta.get("revision", 0)), str(meta.get("epoch", "")))
+        if schema == _OWNERLESS_SCHEMA:
+            position = SyncPosition(agent_id, 0, "")
         state = SyncState(
             entries=entries,
             bundle=shared.bundle,

@@ -86,6 +86,30 @@ def test_a_saved_state_comes_back_whole(tmp_path: Path, ca: LocalCa) -> None:
     assert (saved.state.revision, saved.state.epoch) == (42, "epoch-a")
 
 
+def test_a_file_of_schema_1_is_restored_but_caught_up_by_a_snapshot(
+    tmp_path: Path, ca: LocalCa
+) -> None:
+    """Schema 1 saved revocations without their owner: its entries and SVIDs are restored
+    (nothing minted again), its revision is not, so the first Sync is a snapshot that brings
+    the owners a delta never repeats. The next write stamps the current schema."""
+    store = StateStore(tmp_path / "s.sqlite3")
+    entries, svids = save_some(store, ca)
+    store.close()
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE meta SET value = 1 WHERE key = 'schema'")
+    reopened = StateStore(store.path)
+    saved = reopened.load(AGENT, "", ca.clock.now())
+    assert saved is not None
+    assert saved.position == SyncPosition(AGENT, 0, "")
+    assert (saved.state.revision, saved.state.epoch) == (0, "")
+    assert sorted(saved.state.entries, key=lambda e: e.id) == entries
+    assert sorted(saved.svids, key=lambda s: s.entry_id) == svids
+    reopened.write(StateChange(SyncPosition(AGENT, 43, "epoch-a"), shared=shared(ca)))
+    again = reopened.load(AGENT, "", ca.clock.now())
+    assert again is not None
+    assert again.position.revision == 43
+
+
 def test_later_batches_change_only_their_rows(tmp_path: Path, ca: LocalCa) -> None:
     store = StateStore(tmp_path / "s.sqlite3")
     entries, _ = save_some(store, ca)

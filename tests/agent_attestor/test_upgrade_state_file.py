@@ -11,6 +11,7 @@ exactly what 420f8b4 fixed for a restart, left unfixed for the upgrade.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def _write_as_the_previous_release(path: Path, ca: LocalCa) -> None:
     )
     assert asyncio.run(writer.flush())
     store.close()
+    # This release's store wrote it: stamp it with the schema b395c82 wrote (1).
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = 1 WHERE key = 'schema'")
 
 
 def test_an_agent_upgraded_in_place_still_names_the_owner_of_a_revocation_made_before(
