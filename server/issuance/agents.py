@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 
 from cryptography import x509
@@ -24,8 +25,8 @@ from server.attestation.base import AttestationResult
 from server.attestation.join_token import REFUSED as TOKEN_REFUSED
 from server.ca.manager import CaManager
 from server.datastore.errors import AgentReplacedError, RemovalUnderWayError
-from server.datastore.records import AttestedAgent
-from server.errors import PermissionDeniedError
+from server.datastore.records import AttestedAgent, Removal
+from server.errors import NotFoundError, PermissionDeniedError
 from server.issuance.ledger import Ledger, LedgerUnavailableError
 from server.issuance.records import attestation_event
 from server.metrics import Metrics
@@ -56,7 +57,10 @@ class AgentAdmission:
         metrics: Metrics,
         executor: Executor,
         agent_svid_ttl: int = 3600,
+        on_agent_removed: Callable[[Removal], Awaitable[None]] | None = None,
     ) -> None:
+        """`on_agent_removed`: carries out an eviction stored here (revoke what the agent
+        holds, then forget the removal), as for the admin API's; None: nothing to revoke."""
         self._state = state
         self._ca = ca
         self._ledger = ledger
@@ -64,6 +68,7 @@ class AgentAdmission:
         self._metrics = metrics
         self._executor = executor
         self._ttl = agent_svid_ttl
+        self._on_agent_removed = on_agent_removed
 
     def check(self, result: AttestationResult) -> AttestedAgent | None:
         """The agent's current record if it may (re-)attest; PermissionDeniedError if not."""
@@ -139,6 +144,9 @@ class AgentAdmission:
         if not saved:
             await self.refused(kind, TOKEN_REFUSED)
             raise PermissionDeniedError(TOKEN_REFUSED)
+        # Before the chain leaves: should an eviction fail, the node attests again and the
+        # eviction is tried again, and meanwhile no agent holds the new ID's SVID.
+        await self._evict_former(result)
         self._metrics.attestations.labels(type=result.attestation_type, result="ok").inc()
         self._issued()
         _log.info(
@@ -146,6 +154,28 @@ class AgentAdmission:
             extra={"agent_id": agent.spiffe_id, "type": result.attestation_type},
         )
         return chain
+
+    async def _evict_former(self, result: AttestationResult) -> None:
+        """Evict the live agents the node was admitted as under its former IDs (x509pop's
+        SHA-1 names), so one node is one agent: the former one would otherwise keep renewing
+        beside it, and a ban of either ID leave the other serving. Banned ones stay (check
+        refused the admission for them)."""
+        for former in map(str, result.former_agent_ids):
+            record = self._state.agents.get(former)
+            if former == str(result.agent_id) or record is None or record.banned:
+                continue
+            try:
+                removal = await self._state.evict_agent(former)
+            except NotFoundError:
+                continue  # evicted meanwhile, by another server or the operator
+            _log.warning(
+                "agent evicted: its node attested under its new ID",
+                extra={"agent_id": former, "new_agent_id": str(result.agent_id)},
+            )
+            if self._on_agent_removed is not None:
+                await self._on_agent_removed(removal)
+            else:
+                await self._state.end_removal(removal)
 
     async def refused(
         self,
