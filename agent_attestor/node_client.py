@@ -40,9 +40,11 @@ from agent_attestor.server_identity import (
     SERVER_NAME,
     SERVER_PATH,
     expected_server_id,
+    kept_pin,
     server_anchors,
 )
 from agent_attestor.signer import MintedJwt, X509Result
+from svid._clock import Clock, SystemClock
 from svid._der import der_concat, parse_der_certs
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
 from svid._secret_file import SecretFile, read_owner_only
@@ -236,12 +238,16 @@ class NodeClient:
         *,
         trust_domain: str = "",
         pinned: bytes = b"",
+        pinned_under: bytes = b"",
+        clock: Clock | None = None,
     ) -> None:
         """`trust_domain`: the agent's, whose server alone it attests to (empty: the one the
         roots name, see server_identity.expected_server_id); the mTLS channel's server is the
         one of the SVID's trust domain. `pinned`: what the mTLS channel trusts until connect()
         checks the server, from the client before this one at the same address (empty: nothing,
-        and calls wait for the check)."""
+        and calls wait for the check); `pinned_under`: the roots that client checked it under
+        (while they are this client's too, its CAs of the trust domain stay beside those a new
+        check finds, until they expire by `clock`: server_identity.kept_pin)."""
         self._connect_timeout = connect_timeout
         self._trust_domain = trust_domain
         self._server_address = server_address
@@ -249,6 +255,8 @@ class NodeClient:
         self._root_pem = root_pem
         self._svid = svid
         self._pinned = pinned
+        self._pinned_under = pinned_under
+        self._clock: Clock = clock or SystemClock()
         self._pinning = asyncio.Lock()
         self._channel: grpc.aio.Channel | None = None
         self._stub: node_pb2_grpc.NodeStub | None = None
@@ -267,6 +275,11 @@ class NodeClient:
     def pinned(self) -> bytes:
         """The PEM of what the mTLS channel trusts (empty: the server is not checked yet)."""
         return self._pinned
+
+    @property
+    def pinned_under(self) -> bytes:
+        """The roots under which the server was checked for `pinned`."""
+        return self._pinned_under
 
     def _mtls(self) -> node_pb2_grpc.NodeStub:
         if self._svid is None:
@@ -311,6 +324,10 @@ class NodeClient:
             raise
         except ServerNotVerifiedError as exc:
             raise ChannelNotVerifiedError(str(exc)) from exc
+        if self._pinned_under == self._root_pem:
+            # Mid-rotation the servers behind the address present either CA: both are ours.
+            pinned = kept_pin(pinned, self._pinned, expected.trust_domain.name, self._clock.now())
+        self._pinned_under = self._root_pem
         if pinned == self._pinned:
             return
         if self._channel is not None:

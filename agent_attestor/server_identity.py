@@ -117,6 +117,24 @@ def anchors(
     return ours + [r for r in roots if r not in ours and _is_ca_of(r, trust_domain)]
 
 
+def kept_pin(fresh_pem: bytes, previous_pem: bytes, trust_domain: str, now: float) -> bytes:
+    """What a channel checked again trusts: `fresh_pem` (server_anchors now), and beside it the
+    CAs of `trust_domain` the previous check pinned (`previous_pem`, under the same roots) that
+    have not expired. A rotation under an upstream root is met by each server of the trust
+    domain at its own server-SVID renewal: until the last one renews, some present the old CA's
+    certificate and some the new one's, and a balancer hands the agent's connections to either.
+    A leaf pinned alone (see anchors) is not carried on: it is no CA of the trust domain."""
+    fresh = _roots(fresh_pem)
+    kept = [
+        ca
+        for ca in _roots(previous_pem)
+        if ca not in fresh
+        and _is_ca_of(ca, trust_domain)
+        and ca.not_valid_after_utc.timestamp() > now
+    ]
+    return fresh_pem + b"".join(ca.public_bytes(Encoding.PEM) for ca in kept)
+
+
 def expected_server_id(trust_domain: str, root_pem: bytes) -> SpiffeId:
     """The server ID the agent's server must present: of the configured trust domain, else of
     the one trust domain the roots name. Neither: refused, as any trust domain's server under

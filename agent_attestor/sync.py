@@ -277,12 +277,12 @@ class Syncer:
         server = self._servers.current
         assert server is not None  # picked before any identity is installed
         roots = self._root_pem()
-        pinned = b""
+        pinned = pinned_under = b""
         if old is not None and old.server_address == server.node:
             # The server checked there: the new SVID's channel serves calls at once (a renewal,
             # with the bundle it brings, leaves no gap), and connect() checks the server again
             # under the roots of now before the Sync stream is opened.
-            pinned = old.pinned
+            pinned, pinned_under = old.pinned, old.pinned_under
         self._client = NodeClient(
             server.node,
             server.attest,
@@ -291,6 +291,8 @@ class Syncer:
             self._s.connect_timeout,
             trust_domain=self._s.trust_domain,
             pinned=pinned,
+            pinned_under=pinned_under,
+            clock=self._clock,
         )
         if old is not None:
             # Streams on the old channel may still be closing: let them, then close it.

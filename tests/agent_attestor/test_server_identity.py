@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from agent_attestor.errors import AttestationError, JoinTokenRefusedError, ServerNotVerifiedError
 from agent_attestor.node_client import NodeClient
-from agent_attestor.server_identity import anchors
+from agent_attestor.server_identity import anchors, kept_pin
 from svid._clock import SystemClock, to_datetime
 from svid._proto import node_pb2, node_pb2_grpc
 from tests.agent_attestor.pki import LocalCa
@@ -348,3 +348,25 @@ def test_the_attest_channel_trusts_a_ca_only_where_it_is_the_trust_domains_own()
     assert anchors(by_active, [active.cert], [shared.cert], "example.org") == [active.cert]
     assert anchors(by_active, [other.cert], [shared.cert], "example.org") == [by_active]
     assert anchors(by_active, [], [by_active], "example.org") == [by_active]
+
+
+def test_a_channel_checked_again_keeps_the_trust_domains_cas_it_pinned_until_they_expire() -> None:
+    """Mid-rotation under an upstream root the servers behind one address present the old CA's
+    certificate or the new one's: the CA pinned before stays beside the one a new check finds,
+    but no leaf pinned alone, no CA of another trust domain, and none once it expired."""
+    shared = LocalCa(SystemClock(), trust_domain="corporate.example")
+    old, new = _own_ca(shared), _own_ca(shared)
+    leaf = old.sign_leaf(ec.generate_private_key(ec.SECP256R1()).public_key(), "spiffe://x/y")
+    pem = {c: c.public_bytes(PEM) for c in (old.cert, new.cert, leaf)}
+    now = SystemClock().now()
+    assert kept_pin(pem[new.cert], pem[old.cert], "example.org", now) == (
+        pem[new.cert] + pem[old.cert]
+    )
+    assert kept_pin(pem[new.cert], pem[new.cert] + pem[old.cert], "example.org", now) == (
+        pem[new.cert] + pem[old.cert]
+    )
+    assert kept_pin(pem[new.cert], pem[leaf], "example.org", now) == pem[new.cert]
+    assert kept_pin(pem[new.cert], pem[old.cert], "other.example", now) == pem[new.cert]
+    expired = old.cert.not_valid_after_utc.timestamp()
+    assert kept_pin(pem[new.cert], pem[old.cert], "example.org", expired) == pem[new.cert]
+    assert kept_pin(pem[new.cert], b"", "example.org", now) == pem[new.cert]
