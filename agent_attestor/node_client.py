@@ -262,6 +262,8 @@ class NodeClient:
         self._stub: node_pb2_grpc.NodeStub | None = None
         # Channels of an earlier pin: calls still on them finish there, closed with this client.
         self._retired: list[grpc.aio.Channel] = []
+        # Once closed (replaced), no channel opens: nothing would close it.
+        self._closed = False
 
     @property
     def root_pem(self) -> bytes:
@@ -285,6 +287,9 @@ class NodeClient:
         if self._svid is None:
             raise AttestationError("the agent has no SVID yet: attest first")
         if self._stub is None:
+            if self._closed:
+                # A call that waited out its check of the server on a client replaced meanwhile.
+                raise NotReadyError("the connection to the server was replaced: retry")
             if not self._pinned:
                 # Never the bundle's roots alone: another trust domain's server may chain there.
                 raise NotReadyError("not connected to the server yet: its identity is unchecked")
@@ -355,6 +360,7 @@ class NodeClient:
         return self._channel
 
     async def close(self) -> None:
+        self._closed = True
         channels, self._retired = self._retired, []
         if self._channel is not None:
             channels.append(self._channel)
