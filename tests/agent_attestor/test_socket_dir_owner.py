@@ -1,0 +1,139 @@
+"""Who may replace the public Workload API socket: nobody but the agent's user (and root).
+
+The default socket is /tmp/svid-agent/public/api.sock, and /tmp is any user's to make
+directories in. A user who makes that directory before the agent first starts owns it; the
+agent takes it as it finds it, and the owner can then move the agent's socket aside and bind
+its own in its place. Every workload on the node then asks that user for its SVIDs and bundles
+(a bundle of the user's own CA is trusted by whoever takes it) and sends it the JWT-SVIDs it
+asks to have validated, which the user can replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent_attestor.errors import ConfigError
+from agent_attestor.peer import CallerRegistry
+from agent_attestor.relay import WorkloadRelay
+from tests.users import NOBODY
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="sd-", dir="/tmp"))  # Unix socket paths are short
+    os.chmod(path, 0o755)  # stands for /tmp: others may enter it
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _take_over_as_nobody(public: Path) -> dict[str, object]:
+    """As `nobody`: move the agent's socket aside and bind a listener of its own at its path;
+    keeps the listener until stdin closes. Returns what it managed."""
+    code = textwrap.dedent(
+        f"""
+        import json, os, socket, sys
+        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+        out = {{}}
+        try:
+            os.rename({str(public)!r}, {str(public) + ".agent"!r})
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind({str(public)!r})
+            os.chmod({str(public)!r}, 0o777)
+            s.listen(8)
+            out["took_over"] = True
+        except OSError as exc:
+            out["took_over"] = False
+            out["error"] = type(exc).__name__
+        print(json.dumps(out), flush=True)
+        sys.stdin.read()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        result: dict[str, object] = json.loads(line)
+        if result["took_over"]:
+            # Who answers a workload that connects to the socket's path now.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(str(public))
+                raw = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                result["listener_uid"] = int.from_bytes(raw[4:8], sys.byteorder)
+        return result
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
+
+
+@as_root
+def test_another_user_cannot_replace_the_socket_in_a_directory_it_made_first(root: Path) -> None:
+    """Fails on main: the relay binds in a directory another uid owns, and that uid replaces
+    the socket. Either the agent refuses to start there, or its socket stays its own."""
+    public_dir = root / "public"
+    public_dir.mkdir(mode=0o755)
+    os.chown(public_dir, NOBODY, NOBODY)  # made first by another user, as /tmp/svid-agent/public
+    public = public_dir / "api.sock"
+
+    async def scenario() -> dict[str, object] | None:
+        internal = root / "internal.sock"
+        relay = WorkloadRelay(public, internal, CallerRegistry(), [])
+        try:
+            await relay.start()
+        except ConfigError:
+            return None  # refused to serve from a directory another user controls
+        try:
+            return await asyncio.to_thread(_take_over_as_nobody, public)
+        finally:
+            await relay.close()
+
+    result = asyncio.run(scenario())
+    assert result is None or result == {"took_over": False, "error": "PermissionError"}, (
+        f"another uid replaced the agent's Workload API socket: {result}"
+    )
+
+
+@as_root
+def test_another_user_cannot_replace_the_socket_in_a_world_writable_directory(
+    root: Path,
+) -> None:
+    """Fails on main: socket_path in a world-writable directory without the sticky bit (a
+    shared runtime directory made 0777) is replaced by any user."""
+    public_dir = root / "public"
+    public_dir.mkdir()
+    os.chmod(public_dir, 0o777)
+    public = public_dir / "api.sock"
+
+    async def scenario() -> dict[str, object] | None:
+        relay = WorkloadRelay(public, root / "internal.sock", CallerRegistry(), [])
+        try:
+            await relay.start()
+        except ConfigError:
+            return None
+        try:
+            return await asyncio.to_thread(_take_over_as_nobody, public)
+        finally:
+            await relay.close()
+
+    result = asyncio.run(scenario())
+    assert result is None or result == {"took_over": False, "error": "PermissionError"}, (
+        f"another uid replaced the agent's Workload API socket: {result}"
+    )
