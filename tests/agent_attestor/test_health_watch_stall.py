@@ -111,3 +111,71 @@ def test_another_users_stalled_health_watch_freezes_neither_health_nor_stop() ->
         f"health {status_of.ServingStatus.Name(status)} after the first Sync, "
         f"graceful shutdown {'returned' if stopped else 'hung'}"
     )
+
+
+def _watches_as_nobody(socket_path: Path, count: int) -> int:
+    """How many health Watch streams a `nobody` process gets answered on one connection."""
+    code = textwrap.dedent(
+        f"""
+        import os, grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+        channel = grpc.insecure_channel("unix:{socket_path}")
+        stub = health_pb2_grpc.HealthStub(channel)
+        streams, answered = [], 0
+        for _ in range({count}):
+            stream = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=20)
+            streams.append(stream)
+            try:
+                next(stream)
+                answered += 1
+            except grpc.RpcError:
+                pass
+        print(answered, flush=True)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+@as_root
+def test_health_watches_count_against_the_uids_stream_maximum() -> None:
+    """Fails on main: a uid at its max_streams_per_uid still opens health Watch streams, up to
+    100 a connection on 256 connections, without a security header or an identity (the
+    budget exists because 25,000 streams held 650 MB of the agent's memory)."""
+    root = short_tmpdir()
+    os.chmod(root, 0o755)
+
+    async def scenario() -> int:
+        socket_path = root / "public" / "api.sock"
+        app = AgentApp(
+            build_config(
+                {
+                    "data_dir": str(root / "agent"),
+                    "socket_path": str(socket_path),
+                    "max_streams_per_uid": 4,
+                },
+                {},
+            )
+        )
+        await app.endpoint.start()
+        os.chmod(socket_path.parent, 0o755)
+        try:
+            return await asyncio.to_thread(_watches_as_nobody, socket_path, 20)
+        finally:
+            await app.endpoint.stop(0)
+
+    try:
+        answered = asyncio.run(scenario())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert answered <= 4, f"{answered} health Watch streams held by a uid allowed 4 streams"
