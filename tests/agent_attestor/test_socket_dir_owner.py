@@ -24,9 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.errors import ConfigError
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import WorkloadRelay
+from svid._proto import workload_pb2_grpc
 from tests.users import NOBODY
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
@@ -136,4 +138,79 @@ def test_another_user_cannot_replace_the_socket_in_a_world_writable_directory(
     result = asyncio.run(scenario())
     assert result is None or result == {"took_over": False, "error": "PermissionError"}, (
         f"another uid replaced the agent's Workload API socket: {result}"
+    )
+
+
+def _take_over_private_dir_as_nobody(private: Path, ready: str) -> subprocess.Popen[str]:
+    """As `nobody`: move the agent's private directory aside, make one of its own with a
+    listener at the internal socket's path, and say whether a connection reached it."""
+    internal = private / "api.sock"
+    code = textwrap.dedent(
+        f"""
+        import os, socket, sys
+        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+        try:
+            os.rename({str(private)!r}, {str(private) + ".agent"!r})
+            os.mkdir({str(private)!r}, 0o755)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind({str(internal)!r})
+            os.chmod({str(internal)!r}, 0o777)
+            s.listen(8)
+        except OSError as exc:
+            print(type(exc).__name__, flush=True)
+            sys.exit(0)
+        print({ready!r}, flush=True)
+        s.settimeout(10)
+        try:
+            s.accept()
+            print("relayed here", flush=True)
+        except OSError:
+            print("nothing came", flush=True)
+        """
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+@as_root
+def test_another_user_cannot_replace_the_private_dir_in_a_directory_it_owns(root: Path) -> None:
+    """Fails on main: prepare_private_dir checks the private directory itself, not the one it
+    sits in; a private_dir under a directory another uid owns (a shared /tmp path that user
+    made first) is renamed by that uid, and the relay, which connects to the internal socket by
+    path for every workload, then hands identified workloads to that user's server."""
+    parent = root / "shared"
+    parent.mkdir(mode=0o755)
+    os.chown(parent, NOBODY, NOBODY)
+    private = parent / "private"
+    public = root / "api.sock"
+
+    async def scenario() -> list[str] | None:
+        endpoint = WorkloadEndpoint(
+            socket_path=public,
+            private_dir=private,
+            servicer=workload_pb2_grpc.SpiffeWorkloadAPIServicer(),
+            registry=CallerRegistry(),
+            attestors=[],
+        )
+        try:
+            await endpoint.start()
+        except ConfigError:
+            return None  # refused to keep its internal socket where another user may reach
+        try:
+            attacker = _take_over_private_dir_as_nobody(private, "ready")
+            assert attacker.stdout is not None
+            lines = [await asyncio.to_thread(attacker.stdout.readline)]
+            if lines[0].strip() == "ready":
+                # A workload connects to the agent's own public socket, as every one does.
+                _reader, writer = await asyncio.open_unix_connection(str(public))
+                writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                lines.append(await asyncio.to_thread(attacker.stdout.readline))
+                writer.close()
+            await asyncio.to_thread(attacker.wait, 20)
+            return [line.strip() for line in lines]
+        finally:
+            await endpoint.stop(0)
+
+    result = asyncio.run(scenario())
+    assert result is None or result == ["PermissionError"], (
+        f"another uid took over the agent's internal socket: {result}"
     )
