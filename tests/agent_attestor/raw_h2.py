@@ -49,14 +49,15 @@ def grpc_call(
 
 
 class StalledClient:
-    """One connection to `path` whose streams the server may not send a byte of data on."""
+    """One connection to `path` whose streams the server may not send a byte of data on
+    (`window`, the window it grants, is 0 unless given)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, window: int = 0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self.sock.sendall(
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-            + frame(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, 0))
+            + frame(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, window))
         )
         self.headers_seen = threading.Event()  # the server answered a call's headers
         self._next = 1
@@ -71,6 +72,8 @@ class StalledClient:
         while True:
             try:
                 data = self.sock.recv(65536)
+            except TimeoutError:  # a timeout set for sending: keep reading
+                continue
             except OSError:
                 return
             if not data:
@@ -91,6 +94,35 @@ class StalledClient:
                     return
                 if kind == HEADERS:
                     self.headers_seen.set()
+
+    def send_partial_messages(self, path: str, streams: int, size: int) -> int:
+        """Open `streams` calls of `path`, each announcing a `size`-byte message and sending all
+        of it but its last 16 KiB. Returns how many bytes went out before the server stopped
+        taking them (5 s without progress) or closed the connection."""
+        chunk = bytes(16384)
+        sent = 0
+        self.sock.settimeout(5)
+        try:
+            for _ in range(streams):
+                stream = self._next
+                self._next += 2
+                fields = (
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", path),
+                    (":authority", "localhost"),
+                    ("content-type", "application/grpc"),
+                    ("te", "trailers"),
+                )
+                block = b"".join(_literal(k, v) for k, v in fields)
+                self.sock.sendall(frame(HEADERS, END_HEADERS, stream, block))
+                self.sock.sendall(frame(DATA, 0, stream, b"\x00" + struct.pack(">I", size)))
+                for _ in range(size // len(chunk) - 1):
+                    self.sock.sendall(frame(DATA, 0, stream, chunk))
+                    sent += len(chunk)
+        except OSError:  # TimeoutError included: the server holds no more of it
+            pass
+        return sent
 
     def close(self) -> None:
         self.sock.close()
