@@ -445,6 +445,9 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         if too_big:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
         snap = await self._ready(context)
+        # SPIFFE.md §1, as FetchJWTBundles: a caller holding no identity gets no bundle, so none
+        # of its tokens checked against one (nor an audit record naming no caller).
+        await self._entitled(context, snap, caller)
         try:
             result = self._validator.validate(request.svid, request.audience)
         except VerificationError as exc:  # ExpiredError and RevokedError included

@@ -98,6 +98,9 @@ def test_caller_with_no_identity_is_denied_everywhere(agent: Harness) -> None:
         lambda: next(stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER)),
         lambda: next(stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=HEADER)),
         lambda: stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]), metadata=HEADER),
+        lambda: stub.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="a", svid="x"), metadata=HEADER
+        ),
     ):
         with pytest.raises(grpc.RpcError) as exc:
             call()
