@@ -13,6 +13,7 @@ import grpc
 from agent_attestor.errors import ConfigError
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import RelaySettings, WorkloadRelay
+from agent_attestor.safe_dir import secure_dir
 from agent_attestor.workload_attestor import WorkloadAttestor
 from svid._clock import Clock
 from svid._proto import workload_pb2_grpc
@@ -31,8 +32,13 @@ SERVER_OPTIONS = (
 
 
 def prepare_private_dir(path: Path) -> None:
-    """Create (or check) a directory only the agent's user can enter."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create (or check) a directory only the agent's user can enter, in directories no other
+    user may change: one who could rename it would put its own internal socket in its place,
+    and the relay, connecting by path, would hand that user every identified workload."""
+    # Parents made 0755, not 0700: the socket's directory may be among them.
+    secure_dir(path.parent, "private_dir", 0o755)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"private_dir: {path} is not a directory")

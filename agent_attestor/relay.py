@@ -31,6 +31,7 @@ from agent_attestor.errors import ConfigError
 from agent_attestor.identify import caller_log, identify, peer_credentials
 from agent_attestor.identify_pool import IdentifyPool
 from agent_attestor.peer import Caller, CallerRegistry, abstract_peer
+from agent_attestor.safe_dir import secure_dir
 from agent_attestor.unix_diag import UnixDiagError, peer_inode
 from agent_attestor.workload_attestor import WorkloadAttestor
 from svid._clock import Clock, SystemClock
@@ -44,6 +45,7 @@ _ID_BYTES = 12
 READ_BUFFER = 256 * 1024  # asyncio's own read size
 ACCEPT_BATCH = 64
 ACCEPT_RETRY_DELAY = 0.1  # seconds; asyncio's server waits 1 s
+PUBLIC_DIR_MODE = 0o755  # for directories the relay makes: any local process may connect
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +230,9 @@ class WorkloadRelay:
                 extra={"max_connections": capacity, "descriptor_limit": limit},
             )
         self.admission = Admission(self.settings.max_connections_per_uid, capacity, self.clock)
-        self.public_path.parent.mkdir(parents=True, exist_ok=True)
+        # Checked before binding: a directory on the way that another user may write is one
+        # where that user can put its own socket in place of ours (safe_dir.py).
+        secure_dir(self.public_path.parent, "socket_path", PUBLIC_DIR_MODE)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.public_path).st_mode):
                 self.public_path.unlink()

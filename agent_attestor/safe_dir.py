@@ -1,0 +1,82 @@
+"""Directories the agent keeps a socket in: no other user may rename, remove or add entries on
+the way to it.
+
+A user who may write a directory on the socket's path (one it owns, one writable by its group or
+by anyone without the sticky bit) can move the agent's socket, or any directory below, aside and
+put its own in its place: every workload then asks that user for its identities. So every
+directory from / down to the socket's own, and every directory holding a symlink on the way,
+must be the agent's user's or root's and writable by no one else; a root-owned sticky directory
+(/tmp) is fine, as no one may rename another's entry in it, and one of its entries another user
+made first is that user's and refused in its turn. Missing directories are made by the agent.
+
+Checked once at start: once the chain is safe, only the agent's user and root can change it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from agent_attestor.errors import ConfigError
+
+MAX_SYMLINKS = 40  # as the kernel's own lookup
+
+
+def _check(key: str, path: Path, st: os.stat_result, uid: int) -> None:
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{key}: {path} is not a directory")
+    if st.st_uid not in (uid, 0):
+        raise ConfigError(
+            f"{key}: directory {path} is owned by uid {st.st_uid}, not the agent's user "
+            f"(uid {uid}) or root, so that user could replace what the agent keeps below it"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise ConfigError(
+            f"{key}: directory {path} has mode {mode:04o}: writable by its group or by others "
+            "without the sticky bit, so they could replace what the agent keeps below it"
+        )
+
+
+def secure_dir(path: Path, key: str, mode: int) -> Path:
+    """Make `path` and any missing parent (with `mode`, as the agent's user), check it and every
+    directory on the way to it, following symlinks as the kernel does, and return where it
+    resolves to. Raises ConfigError naming `key` and the first directory another user could
+    change."""
+    uid = os.geteuid()
+    todo = list(reversed(Path(os.path.abspath(path)).parts[1:]))  # popped from the end
+    current = Path("/")
+    _check(key, current, os.lstat(current), uid)
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent  # checked on the way down
+            continue
+        nxt = current / name
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            try:
+                os.mkdir(nxt, mode)
+            except FileExistsError:
+                pass  # made meanwhile by another process: checked below like any other
+            else:
+                os.chmod(nxt, mode)  # not left to the umask
+            st = os.lstat(nxt)
+        if stat.S_ISLNK(st.st_mode):
+            # The link sits in `current`, checked: no one else can change where it points.
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise ConfigError(f"{key}: too many symlinks on the way to {path}")
+            target = Path(os.readlink(nxt))
+            if target.is_absolute():
+                current = Path("/")
+            todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+            continue
+        _check(key, nxt, st, uid)
+        current = nxt
+    return current

@@ -1,0 +1,101 @@
+"""secure_dir: the directories on the way to an agent socket, checked against other users."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent_attestor.errors import ConfigError
+from agent_attestor.safe_dir import secure_dir
+from tests.users import NOBODY
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown to another uid")
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="sd-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_missing_directories_are_made_with_the_mode_asked_whatever_the_umask(root: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        got = secure_dir(root / "a" / "b", "socket_path", 0o755)
+    finally:
+        os.umask(old)
+    assert got == root / "a" / "b"
+    for path in (root / "a", root / "a" / "b"):
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o755
+
+
+def test_a_root_owned_sticky_directory_on_the_way_is_accepted(root: Path) -> None:
+    sticky = root / "tmp"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    assert secure_dir(sticky / "agent", "socket_path", 0o755) == sticky / "agent"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_a_directory_its_group_or_others_may_write_is_refused(root: Path, mode: int) -> None:
+    shared = root / "shared"
+    shared.mkdir()
+    os.chmod(shared, mode)
+    with pytest.raises(ConfigError, match=rf"socket_path: directory {shared} has mode 0{mode:o}"):
+        secure_dir(shared / "agent", "socket_path", 0o755)
+    assert not (shared / "agent").exists()  # nothing made below it
+
+
+@as_root
+def test_an_ancestor_another_user_owns_is_refused(root: Path) -> None:
+    theirs = root / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    (theirs / "agent").mkdir()  # the agent's own, but in a directory `nobody` may rename it in
+    with pytest.raises(ConfigError, match=rf"private_dir: directory {theirs} is owned by uid"):
+        secure_dir(theirs / "agent", "private_dir", 0o755)
+
+
+@as_root
+def test_a_symlink_is_followed_and_its_target_checked_too(root: Path) -> None:
+    theirs = root / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    (root / "link").symlink_to(theirs)
+    with pytest.raises(ConfigError, match=rf"directory {theirs} is owned by uid"):
+        secure_dir(root / "link" / "agent", "socket_path", 0o755)
+
+
+@as_root
+def test_a_symlink_in_a_directory_another_user_owns_is_refused(root: Path) -> None:
+    """The link's target is safe, but `nobody` may point the link elsewhere later."""
+    ours = root / "ours"
+    ours.mkdir()
+    theirs = root / "theirs"
+    theirs.mkdir(mode=0o755)
+    (theirs / "link").symlink_to(ours)
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=rf"directory {theirs} is owned by uid"):
+        secure_dir(theirs / "link", "socket_path", 0o755)
+
+
+def test_a_symlink_within_safe_directories_resolves(root: Path) -> None:
+    (root / "real").mkdir()
+    (root / "link").symlink_to("real")
+    assert secure_dir(root / "link" / "sub", "socket_path", 0o755) == root / "real" / "sub"
+
+
+def test_a_file_on_the_way_is_refused(root: Path) -> None:
+    (root / "file").write_text("")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        secure_dir(root / "file" / "x", "socket_path", 0o755)
