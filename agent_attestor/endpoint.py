@@ -18,7 +18,12 @@ from agent_attestor.workload_attestor import WorkloadAttestor
 from svid._clock import Clock
 from svid._proto import workload_pb2_grpc
 
-MAX_MESSAGE = 4 * 1024 * 1024
+# The largest request any service on the socket takes, with room to spare: a ValidateJWTSVID
+# of a 64 KiB token (svid._jwt.MAX_TOKEN_BYTES) and a 1 KiB audience, or a BeginTask of a 64 KiB
+# goal (tasks/api.py MAX_GOAL) and its intent's few KiB. grpcio buffers a request whole before
+# any handler (or check of header or caller) runs, on each stream of a connection of anyone:
+# this bound times MAX_STREAMS_PER_CONNECTION is what one connection can make the agent hold.
+MAX_MESSAGE = 80 * 1024
 # Each open stream holds memory and a subscription here: one workload connection opening them
 # without end would take the agent's memory from the whole node. Past this, HTTP/2 makes its
 # client wait for one of its streams to close; an SDK's source holds a handful.

@@ -37,7 +37,7 @@ _ANSWER_MARGIN = 0.25
 # How long BeginTask waits for the task's entry to reach this agent over Sync (milliseconds,
 # usually) so that the workload can fetch its SVIDs as soon as it has the answer.
 ENTRY_WAIT = 5.0
-MAX_GOAL = 64 * 1024
+MAX_GOAL = 64 * 1024  # bytes, UTF-8
 # Server answers a workload may see as they are; anything else is the agent's problem.
 _PASS_THROUGH = frozenset(
     {
@@ -167,7 +167,7 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
                 f"caller does not hold {runtime_id[:200]!r}; a task runs under one of its own "
                 "identities (a task identity begins sub-tasks with parent_task_id)",
             )
-        if len(request.intent.goal) > MAX_GOAL:
+        if len(request.intent.goal.encode()) > MAX_GOAL:  # bytes: what endpoint.MAX_MESSAGE fits
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "intent.goal: too long")
         # The server's own limits, checked here so that an intent it would refuse for its size
         # never leaves the node (nor costs the agent's connection to the server a large call).

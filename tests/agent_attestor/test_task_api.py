@@ -17,12 +17,13 @@ from agent_attestor.cache import Cache
 from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.errors import NoIdentityError, NotReadyError
 from agent_attestor.model import Entry, Selector
-from agent_attestor.tasks.api import TasksApi
+from agent_attestor.tasks.api import MAX_GOAL, TasksApi
 from agent_attestor.tasks.client import GrpcTaskClient
 from agent_attestor.tasks.reporter import MAX_QUEUED, ValidationReporter
 from agent_attestor.tasks.revocations import RevocationsApi
 from agent_attestor.workload_attestor import UnixAttestor
 from svid._clock import FakeClock
+from svid._limits import MAX_INTENT_LABEL_BYTES, MAX_INTENT_NAMES_BYTES, MAX_ON_BEHALF_OF_BYTES
 from svid._proto import (
     revocation_pb2,
     revocation_pb2_grpc,
@@ -301,6 +302,39 @@ def test_an_intent_past_the_servers_limits_is_refused_here_naming_the_limit(
     ta.tasks().BeginTask(
         task_pb2.BeginTaskRequest(intent=most, ttl=60), metadata=HEADER, timeout=10
     )
+    assert len(ta.client.begun) == 1
+
+
+def test_the_largest_intent_fits_the_sockets_message_bound_and_a_goal_counts_bytes(
+    ta: TaskAgent,
+) -> None:
+    """endpoint.MAX_MESSAGE is sized for the largest BeginTask: a goal of MAX_GOAL bytes and an
+    intent at the server's limits. A goal over MAX_GOAL in UTF-8 is refused naming it, even one
+    of fewer characters (it was counted in characters, four times what the bound carries)."""
+    ta.h.add_entry("/bot")
+    names = [f"{i}" + "n" * 255 for i in range(MAX_INTENT_NAMES_BYTES // 256)]
+    largest = task_pb2.Intent(
+        actions=names[:4],
+        resources=names[4:],
+        goal="g" * MAX_GOAL,
+        on_behalf_of="u" * MAX_ON_BEHALF_OF_BYTES,
+        environment="e" * MAX_INTENT_LABEL_BYTES,
+        classification="c" * MAX_INTENT_LABEL_BYTES,
+    )
+    ta.tasks().BeginTask(
+        task_pb2.BeginTaskRequest(intent=largest, ttl=60), metadata=HEADER, timeout=10
+    )
+    assert len(ta.client.begun) == 1
+    for goal in ("g" * (MAX_GOAL + 1), "é" * (MAX_GOAL // 2 + 1)):
+        intent = task_pb2.Intent(actions=["read"], resources=["docs"], goal=goal)
+        with pytest.raises(grpc.RpcError) as err:
+            ta.tasks().BeginTask(
+                task_pb2.BeginTaskRequest(intent=intent, ttl=60), metadata=HEADER, timeout=10
+            )
+        assert (err.value.code(), err.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "intent.goal: too long",
+        )
     assert len(ta.client.begun) == 1
 
 

@@ -15,12 +15,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent_attestor.endpoint import MAX_STREAMS_PER_CONNECTION
+from agent_attestor.endpoint import MAX_MESSAGE, MAX_STREAMS_PER_CONNECTION
 from agent_attestor.model import Selector
 from agent_attestor.stream_budget import MAX_STREAMS_PER_UID
 from agent_attestor.tasks.reporter import ValidationReporter
 from svid._der import parse_der_certs
 from svid._jose import b64url_decode, b64url_encode, sign_jws
+from svid._jwt import MAX_TOKEN_BYTES
+from svid._limits import MAX_AUDIENCE_BYTES
 from svid._proto import task_pb2, workload_pb2, workload_pb2_grpc
 from svid._verify_jwt import DEFAULT_LEEWAY
 from svid._x509 import spiffe_id_from_cert
@@ -260,7 +262,9 @@ def test_fetch_jwt_requires_audience(agent: Harness) -> None:
 @pytest.mark.parametrize(
     ("audience", "message"),
     [
-        (["a" * 1024 * 1024], "at most 1024 bytes"),  # the 1 MB audience of issue 11
+        # Issue 11's 1 MB audience no longer fits endpoint.MAX_MESSAGE (RESOURCE_EXHAUSTED
+        # before any handler): the largest that does is refused here, never echoed.
+        (["a" * 64 * 1024], "at most 1024 bytes"),
         (["é" * 513], "at most 1024 bytes"),  # 1,026 bytes of UTF-8 in 513 characters
         ([f"a{i}" for i in range(33)], "at most 32"),
         (["a" * 1000] * 5, "at most 4096 bytes"),
@@ -310,7 +314,9 @@ def test_fetch_jwt_for_an_id_not_entitled_is_denied(agent: Harness) -> None:
         "not-an-id",
         "spiffe://EXAMPLE.org/w",
         "spiffe://example.org/w/",
-        "spiffe://example.org/" + "a" * 100_000,  # answered as the code, not a too-big status
+        # Answered as the code, not a too-big status: the details must not quote it whole. (As
+        # large as endpoint.MAX_MESSAGE lets through.)
+        "spiffe://example.org/" + "a" * 64 * 1024,
         "spiffe://example.org/w" + "é" * 5_000,  # its error quotes the ID; percent-encoded x6
     ],
 )
@@ -637,6 +643,28 @@ def test_validation_reports_of_a_huge_forged_token_stay_small(agent: Harness) ->
     (report,) = seen
     assert report["ok"] is False
     assert all(len(str(v)) <= 2048 for v in report.values())
+
+
+def test_the_largest_validation_request_fits_the_sockets_message_bound(agent: Harness) -> None:
+    """endpoint.MAX_MESSAGE is sized for this: a token at svid._jwt.MAX_TOKEN_BYTES and an
+    audience at its limit reach the handler (and are answered on the token's merits)."""
+    agent.add_entry("/w")
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(
+                audience="a" * MAX_AUDIENCE_BYTES, svid="x" * MAX_TOKEN_BYTES
+            ),
+            metadata=HEADER,
+        )
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith("token is invalid")  # type: ignore[attr-defined]
+    # Past the bound, grpcio refuses it before buffering more (test_request_buffering.py).
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="a", svid="x" * MAX_MESSAGE),
+            metadata=HEADER,
+        )
+    assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.mark.parametrize(
