@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
 from agent_attestor.agent_store import AgentStore
 from agent_attestor.cache import Cache
@@ -21,6 +21,7 @@ from agent_attestor.checkpoint_store import CheckpointStore
 from agent_attestor.config import AgentConfig
 from agent_attestor.endpoint import WorkloadEndpoint
 from agent_attestor.errors import ConfigError
+from agent_attestor.health import HealthServicer
 from agent_attestor.jwt_answers import split_budget
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.metrics import Metrics, MetricsHttpServer
@@ -46,6 +47,9 @@ HEALTH_SERVICE = "svid.agent"
 ATTEST_SETTLE = 10.0
 # Seconds a stop gives the last ValidateJWTSVID reports to reach the server's audit log.
 REPORT_SETTLE = 5.0
+# Seconds a stop gives the health service to say NOT_SERVING: it waits on no caller, but no
+# step of the stop may hang on one (grpcio's own servicer did, behind a stalled Watch).
+HEALTH_SETTLE = 1.0
 
 
 def bootstrap_roots(config: AgentConfig) -> bytes:
@@ -150,7 +154,7 @@ class AgentApp:
             streams=streams,
             mints=mints,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer(self.registry, streams)
         self.private_dir = resolve_private_dir(config)
         self.unix_attestor = UnixAttestor(
             hashes=ExeHashCache(max_size=config.max_hash_size),
@@ -284,7 +288,8 @@ class AgentApp:
         )
 
     async def stop(self) -> None:
-        await self.health.enter_graceful_shutdown()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.health.enter_graceful_shutdown(), HEALTH_SETTLE)
         await cancel_all(self._tasks)
         await self.syncer.settle(ATTEST_SETTLE)
         # What changed since the last batch, so a clean restart mints nothing it held.
