@@ -31,7 +31,7 @@ _CA_KEY_USAGE = x509.KeyUsage(
 )
 
 _UPSTREAM_KEY_FILE = SecretFile(
-    setting="upstream_key",
+    setting="upstream_ca_key",
     owner="this server's user",
     max_bytes=64 * 1024,  # an RSA-16384 PKCS#8 PEM is under 13 KiB
     missing="cannot read {path}: {reason}",
@@ -124,22 +124,22 @@ def load_upstream(cert_path: Path, key_path: Path) -> UpstreamCa:
     try:
         certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
     except OSError as exc:
-        raise CaConfigError(f"upstream_cert: cannot read {cert_path}: {exc.strerror}") from None
+        raise CaConfigError(f"upstream_ca_cert: cannot read {cert_path}: {exc.strerror}") from None
     except ValueError:
-        raise CaConfigError(f"upstream_cert: {cert_path} holds no PEM certificate") from None
+        raise CaConfigError(f"upstream_ca_cert: {cert_path} holds no PEM certificate") from None
     pem = read_owner_only(key_path, _UPSTREAM_KEY_FILE, CaConfigError)
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):  # the last: an unknown key type
         raise CaConfigError(
-            f"upstream_key: {key_path} is not an unencrypted PEM private key"
+            f"upstream_ca_key: {key_path} is not an unencrypted PEM private key"
         ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise CaConfigError(f"upstream_key: {key_path} must be an EC or RSA key")
+        raise CaConfigError(f"upstream_ca_key: {key_path} must be an EC or RSA key")
     cert = certs[0]
     if spki_der(key.public_key()) != spki_der(cert.public_key()):  # type: ignore[arg-type]
         raise CaConfigError(
-            f"upstream_key: {key_path} does not match the certificate in {cert_path}"
+            f"upstream_ca_key: {key_path} does not match the certificate in {cert_path}"
         )
     _check_room_below(certs, cert_path)
     root = certs[-1]
@@ -157,7 +157,7 @@ def _check_room_below(certs: list[x509.Certificate], cert_path: Path) -> None:
     a file is a configuration error, not a CA to serve."""
     for index, cert in enumerate(certs):
         subject = cert.subject.rfc4514_string()
-        what = f"upstream_cert: {cert_path}: certificate {index + 1} ({subject})"
+        what = f"upstream_ca_cert: {cert_path}: certificate {index + 1} ({subject})"
         try:
             basic: x509.BasicConstraints | None = cert.extensions.get_extension_for_class(
                 x509.BasicConstraints

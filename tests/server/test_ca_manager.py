@@ -451,9 +451,9 @@ def test_expired_upstream_is_refused(tmp_path: Path, clock: FakeClock) -> None:
 @pytest.mark.parametrize(
     ("cert_bytes", "key_bytes", "message"),
     [
-        (None, b"", "upstream_cert: cannot read"),
-        (b"not pem", b"", "upstream_cert: .* holds no PEM certificate"),
-        (b"CERT", b"garbage", "upstream_key: .* not an unencrypted PEM private key"),
+        (None, b"", "upstream_ca_cert: cannot read"),
+        (b"not pem", b"", "upstream_ca_cert: .* holds no PEM certificate"),
+        (b"CERT", b"garbage", "upstream_ca_key: .* not an unencrypted PEM private key"),
     ],
 )
 def test_unreadable_upstream_files(
