@@ -95,7 +95,7 @@ def run_command(
             "config, copy it to every server, then run this again"
         )
     clock = SystemClock()
-    datastore = _open_datastore(cfg, clock)
+    datastore = _open_datastore(cfg, clock, migrate=bool(args.yes))
     try:
         ca = _manager(cfg, datastore, clock)
         lost = _lost_or_refuse(ca, cfg, lost_kek=lost_kek)
@@ -113,15 +113,22 @@ def run_command(
         datastore.close()
 
 
-def _open_datastore(cfg: ServerConfig, clock: Clock) -> DataStore:
+def _open_datastore(cfg: ServerConfig, clock: Clock, *, migrate: bool) -> DataStore:
+    """The config's datastore. Migrated only for --yes, which writes to it: the dry run,
+    often run with the new release before its upgrade, would otherwise move the schema under
+    the previous release's servers (a restarted one refuses it)."""
+    from server.datastore.errors import StorageError  # noqa: PLC0415
     from server.datastore.postgres_dsn import open_postgres  # noqa: PLC0415
     from server.datastore.sqlite import SqliteDataStore  # noqa: PLC0415
 
-    if cfg.datastore_dsn is not None:
-        return open_postgres(cfg.datastore_dsn, clock)
-    if not cfg.datastore_path.is_file():  # never make an empty one: it has nothing to forget
-        raise CliError(f"no datastore at {cfg.datastore_path}: check --config")
-    return SqliteDataStore(cfg.datastore_path, clock)
+    try:
+        if cfg.datastore_dsn is not None:
+            return open_postgres(cfg.datastore_dsn, clock, migrate=migrate)
+        if not cfg.datastore_path.is_file():  # never make an empty one: nothing to forget
+            raise CliError(f"no datastore at {cfg.datastore_path}: check --config")
+        return SqliteDataStore(cfg.datastore_path, clock, migrate=migrate)
+    except StorageError as e:
+        raise CliError(f"ca forget-lost-keys: {e}") from None
 
 
 def _manager(cfg: ServerConfig, datastore: DataStore, clock: Clock) -> CaManager:

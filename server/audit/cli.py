@@ -257,13 +257,22 @@ def _postgres_dsn(
 
 def _open_postgres(dsn: str) -> AuditStore:
     from server.datastore.errors import StorageError  # noqa: PLC0415
+    from server.datastore.migrations import AUDIT_CHAIN_SCHEMA  # noqa: PLC0415
     from server.datastore.postgres import PostgresDataStore  # noqa: PLC0415
     from svid._clock import SystemClock  # noqa: PLC0415
 
     try:
-        # One connection: a verify reads one snapshot. Opening applies no migration to a
-        # schema that is up to date (the servers' own).
-        return PostgresDataStore(dsn, SystemClock(), min_connections=1, max_connections=1)
+        # One connection: a verify reads one snapshot. Never a migration: run before an
+        # upgrade, it would move the schema under the previous release's servers, which then
+        # refuse to start on it; an older schema's audit tables read as they are.
+        return PostgresDataStore(
+            dsn,
+            SystemClock(),
+            min_connections=1,
+            max_connections=1,
+            migrate=False,
+            oldest_schema=AUDIT_CHAIN_SCHEMA,
+        )
     except StorageError as e:
         raise CliError(f"audit verify: {e}") from None
 

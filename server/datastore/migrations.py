@@ -38,6 +38,29 @@ def refuse_newer(done: Iterable[int]) -> None:
         )
 
 
+def refuse_other(done: Iterable[int], oldest: int) -> None:
+    """StorageError unless a store opened without migrating can be read by this release: its
+    schema is no newer than this release's (refuse_newer) and no older than `oldest`, the
+    first version the caller reads right. Never migrating is the point: servers of the
+    previous release may still run on the datastore, and one restarted on a schema migrated
+    under it refuses to start, for good."""
+    versions = sorted(done)
+    refuse_newer(versions)
+    if not versions:
+        raise StorageError(
+            "the datastore holds no svidd schema (no server has started on it): check the "
+            "datastore setting or URL"
+        )
+    if versions[-1] < oldest:
+        raise StorageError(
+            f"the datastore's schema is at version {versions[-1]}, older than this release's "
+            f"({MIGRATIONS[-1].version}), and this command does not migrate it (servers of "
+            "the release that made it may be running on it): run the command with that "
+            "release's svid-server, or upgrade every server sharing the datastore first (the "
+            "first to start migrates it)"
+        )
+
+
 CREATE_MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version BIGINT PRIMARY KEY,
@@ -448,6 +471,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(19, "credentials: the token a delegated token was exchanged for", _derived_from),
 )
+
+# The newest migration that changed a table `audit verify` reads (audit_events, audit_head,
+# audit_base): it reads any schema from this one on without migrating it. A migration that
+# changes one of those tables sets this to its own version.
+AUDIT_CHAIN_SCHEMA = 3
 
 
 # -- PostgreSQL: the same list, translated -----------------------------------------------------

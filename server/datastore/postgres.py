@@ -81,6 +81,7 @@ from server.datastore.migrations import (
     MIGRATIONS,
     postgres_migrations,
     refuse_newer,
+    refuse_other,
 )
 from server.datastore.postgres_checkpoints import PostgresCheckpoints
 from server.datastore.postgres_dsn import redact_dsn, scrub
@@ -202,10 +203,11 @@ class AnsweredConnection(psycopg.Connection[Any]):
             raise
 
 
-def connection_options(dsn: str) -> dict[str, Any]:
+def connection_options(dsn: str, *, read_only: bool = False) -> dict[str, Any]:
     """libpq parameters bounding how long a silent database holds a call (the module's
     docstring), each unless the DSN sets its own; the statement and idle-in-transaction
-    timeouts join the DSN's (or PGOPTIONS') own `options`."""
+    timeouts join the DSN's (or PGOPTIONS') own `options`. `read_only`: every transaction is
+    READ ONLY, whatever the DSN says (the last -c wins)."""
     given = conninfo_to_dict(dsn)
     found: dict[str, Any] = {k: v for k, v in _TCP.items() if k not in given}
     if "connect_timeout" not in given:
@@ -220,6 +222,8 @@ def connection_options(dsn: str) -> dict[str, Any]:
         for name, seconds in timeouts.items()
         if name not in options
     ]
+    if read_only:
+        added.append("-c default_transaction_read_only=on")
     if added:
         found["options"] = " ".join([options, *added]).strip()
     return found
@@ -229,7 +233,11 @@ class PostgresDataStore(
     EntryWrites[Cursor], PostgresLedger, PostgresFederation, PostgresCheckpoints
 ):
     """`DataStore` on one PostgreSQL database (the DSN's search_path picks the schema). Build
-    once per process; `close()` at shutdown."""
+    once per process; `close()` at shutdown.
+
+    `migrate=False` applies no migration and makes every transaction READ ONLY: StorageError
+    unless the schema is this release's, or at least `oldest_schema` when the caller reads
+    older ones (migrations.refuse_other). For commands that only read."""
 
     def __init__(
         self,
@@ -239,6 +247,8 @@ class PostgresDataStore(
         min_connections: int = MIN_CONNECTIONS,
         max_connections: int = MAX_CONNECTIONS,
         timeout: float = CONNECT_TIMEOUT,
+        migrate: bool = True,
+        oldest_schema: int | None = None,
     ) -> None:
         self._dsn = dsn
         self._clock = clock
@@ -249,7 +259,7 @@ class PostgresDataStore(
         self._listen_lock = threading.Lock()
         # wait_feed's LISTEN connection, and the schema whose notifications are this store's.
         self._listener: tuple[psycopg.Connection[Any], str] | None = None
-        self._options = connection_options(dsn)
+        self._options = connection_options(dsn, read_only=not migrate)
         # A pool check runs at most once at a time, off the failing call's thread.
         self._checking = threading.Lock()
         # One connection first: if the database cannot be reached, this is the error that
@@ -257,8 +267,13 @@ class PostgresDataStore(
         # A plain connection: a migration may rightly run long.
         tcp = {k: v for k, v in self._options.items() if k != "options"}
         try:
-            with psycopg.connect(dsn, autocommit=True, **tcp) as conn:
-                self._migrate(conn)
+            if migrate:
+                with psycopg.connect(dsn, autocommit=True, **tcp) as conn:
+                    self._migrate(conn)
+            else:
+                with psycopg.connect(dsn, autocommit=True, **self._options) as conn:
+                    oldest = MIGRATIONS[-1].version if oldest_schema is None else oldest_schema
+                    refuse_other(self._versions(conn), oldest)
         except psycopg.Error as e:
             raise StorageError(
                 f"cannot open the PostgreSQL datastore at {redact_dsn(dsn)}: {scrub(str(e), dsn)}"
@@ -440,6 +455,14 @@ class PostgresDataStore(
                 )
                 applied.append(migration.version)
         return applied
+
+    @staticmethod
+    def _versions(conn: psycopg.Connection[Any]) -> list[int]:
+        """The migrations the schema records, none when it has no table of them (creating
+        nothing: a store that does not migrate may not)."""
+        if conn.execute(ps.MIGRATIONS_TABLE).fetchone() is None:
+            return []
+        return sorted(int(r[0]) for r in conn.execute(q.MIGRATION_VERSIONS).fetchall())
 
     def migrate(self) -> list[int]:
         """Apply pending migrations; returns the versions applied now (empty when up to date)."""

@@ -87,9 +87,10 @@ def scrub(text: str, dsn: str) -> str:
     return _KEYWORD_PASSWORD.sub(rf"\g<1>{_HIDDEN}", text)
 
 
-def open_postgres(dsn: str, clock: Clock) -> DataStore:
+def open_postgres(dsn: str, clock: Clock, *, migrate: bool = True) -> DataStore:
     """The PostgreSQL datastore at `dsn`: the one place that loads the backend (and psycopg),
-    so everything else imports without the `postgres` extra."""
+    so everything else imports without the `postgres` extra. `migrate=False`: read-only, this
+    release's schema only (PostgresDataStore)."""
     try:
         from server.datastore.postgres import PostgresDataStore  # noqa: PLC0415 - see above
     except ImportError as e:
@@ -97,4 +98,4 @@ def open_postgres(dsn: str, clock: Clock) -> DataStore:
             "datastore: a postgresql:// datastore needs the 'postgres' extra "
             f"(pip install 'svidd[postgres]'); cannot import {e.name or e}"
         ) from None
-    return PostgresDataStore(dsn, clock)
+    return PostgresDataStore(dsn, clock, migrate=migrate)

@@ -85,6 +85,10 @@ INSERT_REVOCATION_RETURNING = q.INSERT_REVOCATION + " RETURNING kind, value"
 TABLES_IN_SCHEMA = (
     "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
 )
+MIGRATIONS_TABLE = (
+    "SELECT 1 FROM information_schema.tables "
+    "WHERE table_schema = current_schema() AND table_name = 'schema_migrations'"
+)
 
 
 def copy_into(insert_head: str) -> str:

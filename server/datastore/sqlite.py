@@ -41,12 +41,14 @@ from server.datastore.errors import (
     ConflictError,
     NotFoundError,
     RemovalUnderWayError,
+    StorageError,
 )
 from server.datastore.migrations import (
     CREATE_MIGRATIONS_TABLE,
     MIGRATIONS,
     Migration,
     refuse_newer,
+    refuse_other,
 )
 from server.datastore.records import (
     AGENT_PRUNE_BATCH,
@@ -250,14 +252,36 @@ def _create_private_file(path: Path) -> None:
 class SqliteDataStore(
     EntryWrites[sqlite_utils.Database], SqliteLedger, SqliteFederation, SqliteCheckpoints
 ):
-    """`DataStore` on one SQLite file. Build once per process; `close()` at shutdown."""
+    """`DataStore` on one SQLite file. Build once per process; `close()` at shutdown.
 
-    def __init__(self, path: Path, clock: Clock) -> None:
+    `migrate=False` opens an existing file read-only and applies no migration: StorageError
+    unless its schema is this release's, or at least `oldest_schema` when the caller reads
+    older ones (migrations.refuse_other). For commands that only read."""
+
+    def __init__(
+        self,
+        path: Path,
+        clock: Clock,
+        *,
+        migrate: bool = True,
+        oldest_schema: int | None = None,
+    ) -> None:
         self._path = Path(path)
         self._clock = clock
         self._lock = threading.RLock()
         self._id_lock = threading.Lock()
         self._last_id_millis = 0
+        self._closed = False
+        self._closing = threading.Event()
+        if not migrate:
+            self._db, versions = self._open_read_only()
+            try:
+                oldest = MIGRATIONS[-1].version if oldest_schema is None else oldest_schema
+                refuse_other(versions, oldest)
+            except StorageError:
+                self.close()
+                raise
+            return
         _create_private_file(self._path)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly
         # what the code says (the sqlite3 module's implicit transactions skip DDL).
@@ -273,9 +297,23 @@ class SqliteDataStore(
         # FULL: in WAL mode every commit fsyncs the log, so an acknowledged write survives
         # kill -9 and power loss (NORMAL would only survive a process crash).
         self._db.execute("PRAGMA synchronous = FULL")
-        self._closed = False
-        self._closing = threading.Event()
         self.migrate()
+
+    def _open_read_only(self) -> tuple[sqlite_utils.Database, list[int]]:
+        """The file opened read-only, and the migrations it records. Not even the WAL switch:
+        the file stays byte for byte as it was, and a write through this store fails."""
+        if not self._path.is_file():
+            raise StorageError(f"no datastore at {self._path}")
+        conn = sqlite_audit.connect_read_only(self._path)
+        try:
+            db = sqlite_utils.Database(conn, execute_plugins=False)
+            # No table: no server has started on it (refuse_other says so).
+            found = db["schema_migrations"].exists()
+            rows = db.execute(q.MIGRATION_VERSIONS).fetchall() if found else []
+        except sqlite3.Error as e:
+            conn.close()
+            raise StorageError(f"cannot read the datastore at {self._path}: {e}") from None
+        return db, sorted(int(r[0]) for r in rows)
 
     # -- plumbing -------------------------------------------------------------------------------
 

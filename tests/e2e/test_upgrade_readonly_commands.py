@@ -22,6 +22,7 @@ import pytest
 
 import server.datastore.postgres as postgres_backend
 import server.datastore.sqlite as sqlite_backend
+from server.ca.sealing import KeyEncryptionKey
 from server.datastore.migrations import MIGRATIONS
 from server.datastore.postgres import PostgresDataStore
 from server.datastore.sqlite import SqliteDataStore
@@ -97,5 +98,62 @@ def test_a_forget_lost_keys_dry_run_leaves_a_previous_release_sqlite_datastore_a
             "the dry run of `ca forget-lost-keys` ('lists, changes nothing') migrated the "
             "datastore: the previous release's server no longer starts on it"
         )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_forget_lost_keys_dry_run_leaves_a_previous_release_postgres_schema_and_says_why(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgres_backend, "MIGRATIONS", PREVIOUS)
+    PostgresDataStore(postgres_dsn, SystemClock()).close()
+    monkeypatch.undo()
+    root = short_tmpdir()
+    try:
+        kek = root / "kek"
+        KeyEncryptionKey.generate().write_new(kek)
+        server = make_server(root, datastore=postgres_dsn, key_encryption_key_file=str(kek))
+        done = subprocess.run(
+            [*server_command(), "ca", "forget-lost-keys", "--config", str(server.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=str(root),
+        )
+        assert _versions_pg(postgres_dsn)[-1] == PREVIOUS_SCHEMA
+        # It cannot read a schema it does not know, so it refuses, and says what to do.
+        assert done.returncode == 1, done.stdout
+        latest = MIGRATIONS[-1].version
+        assert f"version {PREVIOUS_SCHEMA}, older than this release's ({latest})" in done.stderr
+        assert "upgrade every server sharing the datastore first" in done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("action", ["verify", "export"])
+def test_audit_verify_and_export_of_this_release_leave_a_previous_release_sqlite_datastore(
+    action: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = short_tmpdir()
+    try:
+        server = make_server(root)
+        server.data_dir.mkdir(mode=0o700)
+        db = server.data_dir / "datastore.sqlite3"
+        monkeypatch.setattr(sqlite_backend, "MIGRATIONS", PREVIOUS)
+        SqliteDataStore(db, SystemClock()).close()
+        monkeypatch.undo()
+
+        done = subprocess.run(
+            [*server_command(), "audit", action, "--config", str(server.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=str(root),
+        )
+        assert done.returncode == 0, done.stderr
+        assert _versions_sqlite(db)[-1] == PREVIOUS_SCHEMA
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -517,6 +517,75 @@ def test_a_datastore_a_newer_server_migrated_is_refused(tmp_path: Path, clock: F
         SqliteDataStore(tmp_path / "db", clock)
 
 
+def test_a_store_that_does_not_migrate_refuses_an_older_schema_naming_both_versions(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Servers of the release that made it may be running on it: the read-only open leaves
+    the file as it is and says what to do."""
+    previous = MIGRATIONS[-2].version
+    _created_at_version(tmp_path / "db", clock, monkeypatch, previous).close()
+    before = (tmp_path / "db").read_bytes()  # checkpointed: a closed store leaves no WAL
+    latest = MIGRATIONS[-1].version
+    with pytest.raises(StorageError) as raised:
+        SqliteDataStore(tmp_path / "db", clock, migrate=False)
+    said = str(raised.value)
+    assert f"version {previous}, older than this release's ({latest})" in said
+    assert "upgrade every server sharing the datastore first" in said
+    assert (tmp_path / "db").read_bytes() == before
+    db = sqlite3.connect(tmp_path / "db")
+    try:
+        assert max(r[0] for r in db.execute("SELECT version FROM schema_migrations")) == previous
+    finally:
+        db.close()
+
+
+def test_a_store_that_does_not_migrate_reads_an_older_schema_it_is_told_it_can(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    previous = MIGRATIONS[-2].version
+    _created_at_version(tmp_path / "db", clock, monkeypatch, previous).close()
+    store = SqliteDataStore(tmp_path / "db", clock, migrate=False, oldest_schema=previous)
+    try:
+        assert store.schema_versions()[-1] == previous
+        assert store.list_entries() == []
+    finally:
+        store.close()
+
+
+def test_a_store_that_does_not_migrate_refuses_a_newer_schema(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    SqliteDataStore(tmp_path / "db", clock).close()
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'n', 1)")
+    db.commit()
+    db.close()
+    with pytest.raises(StorageError, match=r"version 999, newer than this server's"):
+        SqliteDataStore(tmp_path / "db", clock, migrate=False, oldest_schema=1)
+
+
+def test_a_store_that_does_not_migrate_creates_nothing(tmp_path: Path, clock: FakeClock) -> None:
+    with pytest.raises(StorageError, match="no datastore at"):
+        SqliteDataStore(tmp_path / "db", clock, migrate=False)
+    assert list(tmp_path.iterdir()) == []
+    sqlite3.connect(tmp_path / "db").close()  # a file no server started on: no schema
+    with pytest.raises(StorageError, match="holds no svidd schema"):
+        SqliteDataStore(tmp_path / "db", clock, migrate=False)
+    assert (tmp_path / "db").stat().st_size == 0
+
+
+def test_a_store_that_does_not_migrate_writes_nothing(tmp_path: Path, clock: FakeClock) -> None:
+    """Read-only all the way down: a write some read path would make fails, not lands."""
+    SqliteDataStore(tmp_path / "db", clock).close()
+    store = SqliteDataStore(tmp_path / "db", clock, migrate=False)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            store.create_entry(entry())
+        assert store.list_entries() == []
+    finally:
+        store.close()
+
+
 def test_foreign_bundle_sequences_stored_under_migration_17_read_back_and_order(
     tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -318,6 +318,68 @@ def test_a_datastore_a_newer_server_migrated_is_refused(
         PostgresDataStore(postgres_dsn, clock)
 
 
+def _latest_version(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_store_that_does_not_migrate_refuses_an_older_schema_naming_both_versions(
+    postgres_dsn: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on SQLite: the previous release's servers may run on it; nothing moves."""
+    previous = MIGRATIONS[-2].version
+    with monkeypatch.context() as m:
+        m.setattr(postgres_module, "MIGRATIONS", MIGRATIONS[:-1])
+        PostgresDataStore(postgres_dsn, clock).close()
+    latest = MIGRATIONS[-1].version
+    with pytest.raises(StorageError) as raised:
+        PostgresDataStore(postgres_dsn, clock, migrate=False)
+    said = str(raised.value)
+    assert f"version {previous}, older than this release's ({latest})" in said
+    assert "upgrade every server sharing the datastore first" in said
+    assert _latest_version(postgres_dsn) == previous
+    store = PostgresDataStore(postgres_dsn, clock, migrate=False, oldest_schema=previous)
+    try:
+        assert store.schema_versions()[-1] == previous
+        assert store.list_entries() == []
+    finally:
+        store.close()
+    assert _latest_version(postgres_dsn) == previous
+
+
+def test_a_store_that_does_not_migrate_refuses_a_newer_schema(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    PostgresDataStore(postgres_dsn, clock).close()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'n', 1)"
+        )
+    with pytest.raises(StorageError, match="version 999, newer than this server's"):
+        PostgresDataStore(postgres_dsn, clock, migrate=False, oldest_schema=1)
+
+
+def test_a_store_that_does_not_migrate_creates_nothing_and_writes_nothing(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """An empty schema stays empty (no schema_migrations table made); on a migrated one,
+    every transaction is READ ONLY, so a write some read path would make fails."""
+    with pytest.raises(StorageError, match="holds no svidd schema"):
+        PostgresDataStore(postgres_dsn, clock, migrate=False)
+    with psycopg.connect(postgres_dsn) as conn:
+        assert conn.execute(ps.TABLES_IN_SCHEMA).fetchall() == []
+    PostgresDataStore(postgres_dsn, clock).close()
+    store = PostgresDataStore(postgres_dsn, clock, migrate=False)
+    try:
+        with pytest.raises(StorageError, match="read-only transaction"):
+            store.create_entry(entry("/web"))
+        assert store.list_entries() == []
+    finally:
+        store.close()
+
+
 def test_foreign_bundle_sequences_stored_under_migration_17_read_back_and_order(
     postgres_dsn: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
