@@ -9,12 +9,18 @@ must be the agent's user's or root's and writable by no one else; a root-owned s
 (/tmp) is fine, as no one may rename another's entry in it, and one of its entries another user
 made first is that user's and refused in its turn. Missing directories are made by the agent.
 
+A directory its group may write is fine where that group is its owner's private group (named
+as the owner, the owner's primary group, and no other user in it): the layout umask 002 assumes,
+which Debian and Ubuntu give their users, so a checkout in a home directory stays usable.
+
 Checked once at start: once the chain is safe, only the agent's user and root can change it.
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -32,11 +38,28 @@ def _check(key: str, path: Path, st: os.stat_result, uid: int) -> None:
             f"(uid {uid}) or root, so that user could replace what the agent keeps below it"
         )
     mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o020 and not mode & 0o002 and _owners_private_group(st):
+        mode &= ~0o020  # the group holds the owner alone
     if mode & 0o022 and not mode & stat.S_ISVTX:
         raise ConfigError(
             f"{key}: directory {path} has mode {mode:04o}: writable by its group or by others "
             "without the sticky bit, so they could replace what the agent keeps below it"
         )
+
+
+def _owners_private_group(st: os.stat_result) -> bool:
+    """Whether `st`'s group holds its owner alone: named as the owner, the owner's primary
+    group, no other member listed and no other user's primary group. Unknown ids are not."""
+    try:
+        owner = pwd.getpwuid(st.st_uid)
+        group = grp.getgrgid(st.st_gid)
+    except KeyError:
+        return False
+    if group.gr_name != owner.pw_name or owner.pw_gid != st.st_gid:
+        return False
+    if set(group.gr_mem) - {owner.pw_name}:
+        return False
+    return all(u.pw_gid != st.st_gid or u.pw_uid == st.st_uid for u in pwd.getpwall())
 
 
 def secure_dir(path: Path, key: str, mode: int) -> Path:

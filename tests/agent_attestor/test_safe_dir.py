@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import stat
 import tempfile
@@ -28,6 +30,36 @@ def root() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _private_group_of(uid: int) -> int | None:
+    """The private group of user `uid` (named as it, its primary, no one else's), if any."""
+    user = pwd.getpwuid(uid)
+    try:
+        group = grp.getgrgid(user.pw_gid)
+    except KeyError:
+        return None
+    if group.gr_name != user.pw_name or set(group.gr_mem) - {user.pw_name}:
+        return None
+    if any(u.pw_gid == user.pw_gid and u.pw_uid != uid for u in pwd.getpwall()):
+        return None
+    return user.pw_gid
+
+
+def test_a_directory_writable_by_its_owners_private_group_is_accepted(root: Path) -> None:
+    """umask 002 with a group of one's own (Debian's and Ubuntu's default for users): a
+    checkout in a home directory has 0775 directories no other user can write."""
+    private = _private_group_of(os.geteuid())
+    if private is None:
+        pytest.skip("this user has no private group to test with")
+    mine = root / "mine"
+    mine.mkdir()
+    os.chown(mine, os.geteuid(), private)
+    os.chmod(mine, 0o775)
+    assert secure_dir(mine / "agent", "socket_path", 0o755) == mine / "agent"
+    os.chmod(mine, 0o777)  # others too: refused whatever the group
+    with pytest.raises(ConfigError, match="has mode 0777"):
+        secure_dir(mine / "agent2", "socket_path", 0o755)
+
+
 def test_missing_directories_are_made_with_the_mode_asked_whatever_the_umask(root: Path) -> None:
     old = os.umask(0o077)
     try:
@@ -50,6 +82,8 @@ def test_a_root_owned_sticky_directory_on_the_way_is_accepted(root: Path) -> Non
 def test_a_directory_its_group_or_others_may_write_is_refused(root: Path, mode: int) -> None:
     shared = root / "shared"
     shared.mkdir()
+    if os.geteuid() == 0:
+        os.chown(shared, 0, NOBODY)  # a group not root's private one
     os.chmod(shared, mode)
     with pytest.raises(ConfigError, match=rf"socket_path: directory {shared} has mode 0{mode:o}"):
         secure_dir(shared / "agent", "socket_path", 0o755)
