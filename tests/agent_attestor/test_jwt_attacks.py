@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
 from agent_attestor import _crypto
-from agent_attestor.model import Selector
+from agent_attestor.cache import Cache, SyncState
+from agent_attestor.jwt_cache import JwtCache
+from agent_attestor.model import Entry, Selector
 from agent_attestor.signer import MintedJwt
+from agent_attestor.tasks.forget import forget_removed_identities
 from svid._bearer_tokens import BearerTokens
 from svid._clock import FakeClock
 from svid._jose import b64url_decode
@@ -20,9 +26,11 @@ from svid._spiffe_id import TrustDomain
 from svid._verify_jwt import JwtVerifier
 from svid._workload_client import WorkloadApiClient
 from tests.agent_attestor.harness import HEADER, Harness
-from tests.agent_attestor.pki import FakeSigner
+from tests.agent_attestor.pki import FakeSigner, LocalCa
 from tests.agent_attestor.test_jwt_fairness import _fetch_as_nobody, _open_to_every_uid, as_root
 from tests.users import NOBODY
+
+SEL = frozenset({Selector("unix", "uid:1")})
 
 
 @pytest.fixture
@@ -174,3 +182,61 @@ def test_a_workloads_bearer_token_always_has_a_quarter_of_its_life_left(agent: H
     finally:
         client.close()
     assert min(lefts) >= agent.ca.jwt_ttl / 4, f"a request went out with {min(lefts):.0f} s left"
+
+
+def test_a_jwt_minted_under_an_entry_whose_jwt_ttl_then_shrank_is_not_served_past_its_new_half_life(
+    agent: Harness,
+) -> None:
+    # The admin cuts an entry's jwt_svid_ttl from 3600 s to 60 s in place (same entry ID): the
+    # token minted under 3600 s stays in the cache under (ID, audiences, entry) and was served
+    # for its old half life, 1800 s, 30 times past what the entry now allows.
+    entry = agent.add_entry("/w")
+    ttls = {entry.id: 3600}
+    agent.jwts._signer = _EntryTtlSigner(agent.signer, ttls)
+    forgetting = agent.lt.submit(forget_removed_identities(agent.cache, agent.jwts))
+    try:
+        stub = agent.stub()
+        request = workload_pb2.JWTSVIDRequest(audience=["svc"])
+        first = stub.FetchJWTSVID(request, metadata=HEADER).svids[0].svid
+        assert _lifetime(first) == 3600
+        ttls[entry.id] = 60
+        agent.entries[entry.id] = dataclasses.replace(entry, jwt_svid_ttl=60, revision=2)
+        agent.sync()
+        agent.lt.run(asyncio.sleep(0.05))  # the forgetting task wakes on the entry change
+        agent.clock.advance(40)  # past the new half life (30 s), far from the old (1800 s)
+        served = stub.FetchJWTSVID(request, metadata=HEADER).svids[0].svid
+        stale = served == first  # compared apart: a failing assert would print both tokens
+        assert not stale, "the 3600 s token was served after its entry's TTL became 60 s"
+        assert _lifetime(served) == 60
+    finally:
+        forgetting.cancel()
+
+
+def test_the_cached_jwts_of_a_removed_entry_are_forgotten_though_its_id_stays() -> None:
+    # Two entries give one SPIFFE ID (a runtime's, shared by its tasks' entries, or one per
+    # node group). When one goes, its tokens were forgotten only if no other entry held the
+    # ID: they stayed in the cache, never served again (the key names the gone entry) but
+    # holding slots and bytes of its uid's share until the LRU got to them.
+    clock = FakeClock(start=time.time())
+    ca = LocalCa(clock)
+    jwts = JwtCache(FakeSigner(ca), clock)
+    cache = Cache()
+    sid = "spiffe://example.org/shared"
+    kept, gone = Entry("e-1", sid, SEL), Entry("e-2", sid, SEL)
+
+    async def scenario() -> None:
+        cache.apply_sync(SyncState(entries=(kept, gone), bundle=ca.bundle()))
+        forgetting = asyncio.create_task(forget_removed_identities(cache, jwts))
+        await asyncio.sleep(0)
+        for entry in (kept, gone):
+            for audience in ("a", "b"):
+                await jwts.get(sid, [audience], entry.id, 0)
+        cache.apply_sync(SyncState(entries=(kept,), bundle=ca.bundle()))
+        await asyncio.sleep(0.05)
+        forgetting.cancel()
+
+    asyncio.run(scenario())
+    assert jwts.cached(sid, ["a"], "e-2") is None
+    assert jwts.cached(sid, ["b"], "e-2") is None
+    assert len(jwts) == 2, "the removed entry's tokens are still held"
+    assert jwts.cached(sid, ["a"], "e-1") is not None
