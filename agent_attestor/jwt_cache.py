@@ -282,6 +282,18 @@ class JwtCache:
         """Drop cached tokens of every ID that begins with `prefix` (a runtime's tasks)."""
         self.forget({k[0] for k in (*self._tokens, *self._pending) if k[0].startswith(prefix)})
 
+    def forget_entries(self, entry_ids: set[str]) -> None:
+        """Drop cached tokens minted under these entries, and keep none of theirs still being
+        minted: the entry is gone, or changed in place (its jwt_svid_ttl cut, its ID changed),
+        so a token minted under it may outlive what the entry now allows."""
+        for key, fut in list(self._pending.items()):
+            if key[2] in entry_ids:
+                del self._pending[key]
+                self._void.add(fut)
+                self.generation += 1
+        for key in [k for k in self._tokens if k[2] in entry_ids]:
+            self._drop(key)
+
     def forget(self, spiffe_ids: set[str] | None = None) -> None:
         """Drop cached tokens (all, or of these IDs): after an entry is removed or revoked.
         A mint of theirs still out is not kept when it comes back, and later callers do not

@@ -134,6 +134,32 @@ def test_a_token_minted_while_its_identity_is_forgotten_is_not_kept() -> None:
     assert jwts.cached(sid, ["a"], "e") is None
 
 
+def test_a_token_minted_while_its_entry_is_forgotten_is_not_kept() -> None:
+    # As for an identity: an entry changed in place (its jwt_svid_ttl cut) while a mint under
+    # it was out may get back a token of the old TTL, which must not be served afterwards.
+    signer, jwts, gate = _held_mints()
+    sid = "spiffe://example.org/w"
+
+    async def scenario() -> MintedJwt:
+        minting = asyncio.create_task(jwts.get(sid, ["a"], "e", 0))
+        other = asyncio.create_task(jwts.get(sid, ["a"], "f", 0))
+        await asyncio.sleep(0)
+        generation = jwts.generation
+        jwts.forget_entries({"e"})
+        assert jwts.generation > generation  # answers built from it are dropped too
+        gate.set()
+        await asyncio.wait_for(other, 5)
+        return await asyncio.wait_for(minting, 5)
+
+    assert asyncio.run(scenario()).token  # handed to the caller that asked before the forget
+    assert signer.jwt_calls == 2
+    assert jwts.cached(sid, ["a"], "e") is None
+    assert jwts.cached(sid, ["a"], "f") is not None  # another entry of the ID is left alone
+    jwts.forget_entries({"f"})
+    assert jwts.cached(sid, ["a"], "f") is None
+    assert len(jwts) == 0
+
+
 def test_a_token_is_refreshed_half_its_life_after_the_ask_by_the_agent_clock() -> None:
     # The server's iat/exp (its clock, 1000 s ahead here) give only the lifetime; an issued_at
     # after expires_at (no positive lifetime) is never handed out again.
