@@ -467,3 +467,41 @@ def test_a_bundle_refused_before_and_saved_with_a_new_agent_svid_is_said_mended(
     assert path.read_bytes() == b"ca-2"
     assert syncer._bundle_save_failures == 0
     assert "saved the trust bundle again after failed saves" in caplog.text
+
+
+def test_a_renewed_agent_svid_saved_beside_a_bundle_the_disk_refused_is_not_said_unsaved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal's save writes the agent SVID, then the roots. When only the roots were
+    refused, the operator was told the agent SVID could not be saved and that a restart
+    before it is saved cannot use it (it was saved), nothing about the trust bundle, and no
+    line when the bundle was saved at last: the failure was not counted as a bundle's."""
+    syncer = _syncer(tmp_path, Cache())
+    path = syncer._store.bundle_path
+    path.mkdir()  # where the bundle goes, the write fails as on a full disk
+    ca = LocalCa(FakeClock(start=time.time()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    agent = "spiffe://example.org/svid/agent/join_token/t"
+    svid = AgentSvid(agent, (ca.sign_leaf(key.public_key(), agent),), key)
+
+    async def scenario() -> None:
+        saver = asyncio.create_task(syncer._save_loop())
+        try:
+            syncer._persist(
+                svid, TrustBundle("example.org", x509_authorities=(b"ca-1",)), "renewed"
+            )
+            assert syncer._store.svid_path.is_file()  # the agent SVID is saved
+            path.rmdir()  # the disk has room again
+            for _ in range(300):
+                if path.is_file():
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            saver.cancel()
+
+    with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    assert path.read_bytes() == b"ca-1"
+    assert "cannot save the renewed agent SVID" not in caplog.text
+    assert "cannot save the trust bundle" in caplog.text
+    assert "saved the trust bundle again after failed saves" in caplog.text
