@@ -225,13 +225,18 @@ class Syncer:
         try:
             self._save_unsaved()
         except OSError as exc:
+            self._save_wanted.set()
+            if self._unsaved is None:
+                # The agent SVID is on disk, only its roots were refused: said as a bundle's
+                # failure, so its later save is said too (_bundle_saved).
+                self._bundle_refused(exc)
+                return
             log.error(
                 "cannot save the %s agent SVID; using it from memory and saving it again with "
                 "backoff (a restart before it is saved cannot use it)",
                 how,
                 extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
             )
-            self._save_wanted.set()
 
     def _save_unsaved(self) -> bool:
         """Save what the disk refused before; True: an agent SVID was saved now. OSError:
@@ -590,19 +595,7 @@ class Syncer:
         try:
             self._store.save_bundle(bundle.x509_authorities)
         except OSError as exc:
-            # Said at the first failure, then once an interval with how many there were.
-            self._bundle_save_failures += 1
-            count = self._bundle_save_log.due()
-            if count:
-                log.error(
-                    "cannot save the trust bundle; a restart verifies the server with the one "
-                    "saved before",
-                    extra={
-                        "bundle_file": str(self._store.bundle_path),
-                        "failures": count,
-                        "error": str(exc)[:200],
-                    },
-                )
+            self._bundle_refused(exc)
             # Saved again by _save_loop: a delta brings the bundle only when it changes, so
             # waiting for the next one could leave the file stale for the next start. Until
             # then _root_pem verifies a reconnect's server with these newer roots.
@@ -611,6 +604,21 @@ class Syncer:
             return
         self._unsaved_roots = ()  # newer than those: _save_loop must not write them over
         self._bundle_saved()
+
+    def _bundle_refused(self, exc: OSError) -> None:
+        """Said at the first failure, then once an interval with how many there were."""
+        self._bundle_save_failures += 1
+        count = self._bundle_save_log.due()
+        if count:
+            log.error(
+                "cannot save the trust bundle; a restart verifies the server with the one "
+                "saved before",
+                extra={
+                    "bundle_file": str(self._store.bundle_path),
+                    "failures": count,
+                    "error": str(exc)[:200],
+                },
+            )
 
     def _bundle_saved(self) -> None:
         if self._bundle_save_failures:
