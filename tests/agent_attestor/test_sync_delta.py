@@ -505,3 +505,40 @@ def test_a_renewed_agent_svid_saved_beside_a_bundle_the_disk_refused_is_not_said
     assert "cannot save the renewed agent SVID" not in caplog.text
     assert "cannot save the trust bundle" in caplog.text
     assert "saved the trust bundle again after failed saves" in caplog.text
+
+
+def test_an_agent_svid_saved_again_while_its_bundle_is_still_refused_is_said_saved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The save loop writes the agent SVID, then its roots: when the roots were refused again,
+    the SVID's save was not said, and the operator, told a restart cannot use it, never heard
+    that it can."""
+    syncer = _syncer(tmp_path, Cache())
+    syncer._s.save_retry_first, syncer._s.save_retry_cap = 0.01, 0.02
+    bundle_path, svid_path = syncer._store.bundle_path, syncer._store.svid_path
+    bundle_path.mkdir()  # both writes fail, as on a full disk
+    svid_path.mkdir()
+    ca = LocalCa(FakeClock(start=time.time()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    agent = "spiffe://example.org/svid/agent/join_token/t"
+    svid = AgentSvid(agent, (ca.sign_leaf(key.public_key(), agent),), key)
+
+    async def scenario() -> None:
+        saver = asyncio.create_task(syncer._save_loop())
+        try:
+            syncer._persist(svid, TrustBundle("example.org", x509_authorities=(b"ca-1",)), "new")
+            svid_path.rmdir()  # room for the SVID, not yet for the bundle
+            for _ in range(300):
+                if svid_path.is_file() and syncer._unsaved is None:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+        finally:
+            saver.cancel()
+
+    with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    assert svid_path.is_file()
+    assert bundle_path.is_dir()
+    assert "cannot save the new agent SVID" in caplog.text
+    assert "saved the agent SVID the disk refused before" in caplog.text
