@@ -542,3 +542,17 @@ def test_an_agent_svid_saved_again_while_its_bundle_is_still_refused_is_said_sav
     assert bundle_path.is_dir()
     assert "cannot save the new agent SVID" in caplog.text
     assert "saved the agent SVID the disk refused before" in caplog.text
+
+
+def test_a_stop_with_only_the_trust_bundle_unsaved_does_not_say_the_agent_svid_is_unsaved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At stop, the last try saves what is waiting: with only roots refused (the agent SVID on
+    disk), the agent said the next start could not use its SVID and may have to attest again."""
+    syncer = _syncer(tmp_path, Cache())
+    syncer._store.bundle_path.mkdir()  # the bundle's write fails, as on a full disk
+    with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
+        syncer._save_bundle(TrustBundle("example.org", x509_authorities=(b"ca-1",)))
+        asyncio.run(syncer.settle(0))
+    assert "cannot save the trust bundle" in caplog.text
+    assert "agent SVID in use unsaved" not in caplog.text
