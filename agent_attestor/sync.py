@@ -238,19 +238,17 @@ class Syncer:
                 extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
             )
 
-    def _save_unsaved(self) -> bool:
-        """Save what the disk refused before; True: an agent SVID was saved now. OSError:
-        refused again (what was saved before it is not saved twice)."""
-        svid_saved = False
+    def _save_unsaved(self) -> None:
+        """Save what the disk refused before. OSError: refused again (what was saved before it
+        is not saved twice)."""
         if self._unsaved is not None:
             self._store.save_svid(self._unsaved)
-            self._unsaved, svid_saved = None, True
+            self._unsaved = None
             self._store.forget_spending()
         if self._unsaved_roots:
             self._store.save_bundle(self._unsaved_roots)
             self._unsaved_roots = ()
             self._bundle_saved()  # whichever save it was, a bundle refused before is mended
-        return svid_saved
 
     async def _save_loop(self) -> None:
         """Save an agent SVID or trust bundle the disk refused, with backoff, until it takes
@@ -260,17 +258,25 @@ class Syncer:
         while True:
             await self._save_wanted.wait()
             await asyncio.sleep(retry.failed())
+            waiting = self._unsaved is not None
             try:
-                svid_saved = self._save_unsaved()
+                self._save_unsaved()
             except OSError:
+                # Its roots refused again after it: the SVID's save is said all the same, the
+                # operator having been told a restart cannot use it.
+                if waiting and self._unsaved is None:
+                    self._said_svid_saved()
                 continue
             self._save_wanted.clear()
             retry.succeeded()
-            if svid_saved:
-                log.info(
-                    "saved the agent SVID the disk refused before",
-                    extra={"svid_file": str(self._store.svid_path)},
-                )
+            if waiting:
+                self._said_svid_saved()
+
+    def _said_svid_saved(self) -> None:
+        log.info(
+            "saved the agent SVID the disk refused before",
+            extra={"svid_file": str(self._store.svid_path)},
+        )
 
     def _install(self, svid: AgentSvid, bundle: TrustBundle | None) -> None:
         """Use `svid` (on disk, unless the disk refused it: _persist) from now on; `bundle` too,
@@ -460,6 +466,9 @@ class Syncer:
         try:
             self._save_unsaved()
         except OSError as exc:
+            if self._unsaved is None:  # only roots were waiting: the agent SVID is on disk
+                self._bundle_refused(exc)
+                return
             log.error(
                 "stopping with the agent SVID in use unsaved: the next start cannot use it, only "
                 "one saved before it (which the server may no longer take), and may have to "
