@@ -22,6 +22,7 @@ from svid import (
     X509Bundle,
     der_concat,
 )
+from svid._jwk import public_key_members
 from tests.svid.certs import ec_key, make_ca, rsa_key, slow_rsa_key
 
 TD = TrustDomain("example.org")
@@ -202,6 +203,28 @@ def test_duplicate_kid_in_a_jwks_is_refused(full_bundle: SpiffeBundle) -> None:
     doc["keys"].append({**other, "kid": "k256"})
     with pytest.raises(BundleError, match="duplicate kid 'k256'"):
         JwtBundle.parse_jwks(TD, json.dumps(doc).encode())
+
+
+def test_an_oidc_jwks_listing_one_key_once_per_alg_under_one_kid_is_taken() -> None:
+    # RFC 7517 §4.5 asks distinct kids with a SHOULD, and issuers list one key once per
+    # algorithm it signs with (RS256 and PS256) under one kid (FAPI's vendors, Keycloak). The
+    # refusal of a kid named twice refused such an issuer's whole JWKS, every token of it,
+    # though which entry is kept cannot change what verifies: the key is the same.
+    uses = ("sig", "jwt-svid")  # server.oauth.issuers.KEY_USES: an OIDC issuer's JWKS
+    key, other = rsa_key().public_key(), ec_key().public_key()
+    doc = {
+        "keys": [
+            {**public_key_members(key), "use": "sig", "kid": "k1", "alg": "RS256"},
+            {**public_key_members(key), "use": "sig", "kid": "k1", "alg": "PS256"},
+            {**public_key_members(other), "use": "sig", "kid": "k2", "alg": "ES256"},
+        ]
+    }
+    bundle = JwtBundle.parse_jwks(TD, json.dumps(doc).encode(), uses=uses)
+    assert sorted(bundle.keys) == ["k1", "k2"]
+    # Two different keys under one kid are still refused: which verifies would be the order's.
+    doc["keys"][1] = {**public_key_members(other), "use": "sig", "kid": "k1"}
+    with pytest.raises(BundleError, match="duplicate kid 'k1'"):
+        JwtBundle.parse_jwks(TD, json.dumps(doc).encode(), uses=uses)
 
 
 def test_jwks_round_trip_has_only_jwt_keys(full_bundle: SpiffeBundle) -> None:
