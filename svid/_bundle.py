@@ -125,7 +125,8 @@ class JwtBundle:
         cls, trust_domain: TrustDomain, data: bytes, *, uses: Collection[str] = (USE_JWT,)
     ) -> JwtBundle:
         """From a JWKS (the Workload API's JWT bundle form). X.509 and unknown keys are skipped,
-        and keys whose ``use`` is not among ``uses`` (an OIDC issuer's JWKS says ``sig``)."""
+        and keys whose ``use`` is not among ``uses`` (an OIDC issuer's JWKS says ``sig``). One
+        kid for two different keys is refused; for one key twice, it is taken once."""
         doc = _load_jwks(trust_domain, data)
         keys: dict[str, PublicKey] = {}
         for i, jwk in enumerate(doc["keys"]):
@@ -135,8 +136,11 @@ class JwtBundle:
             if not isinstance(use, str) or use not in uses or not _known_kty(jwk):
                 continue
             kid, key = _jwt_key(jwk, where)
-            if kid in keys:  # as SpiffeBundle.parse: which one verifies would be the order's
-                raise BundleError(f"{where}: duplicate kid {kid!r}")
+            if kid in keys and _spki(keys[kid]) != _spki(key):
+                # Which one verifies would be the order's. The same key again is taken: an
+                # OIDC issuer may list it once per alg under one kid (RFC 7517 §4.5 asks
+                # distinct kids with a SHOULD), and which entry is kept cannot matter.
+                raise BundleError(f"{where}: duplicate kid {kid!r} for another key")
             keys[kid] = key
         return cls(trust_domain, keys)
 
