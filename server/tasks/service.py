@@ -92,7 +92,7 @@ class TaskSettings:
     violation_window: int = 3600
     # An elevated step lives at most this long (and never past its parent, nor past policy caps).
     max_elevated_ttl: int = 300
-    # Tasks one runtime may hold active at once (0: no cap).
+    # Tasks one runtime may hold active at once through one agent (0: no cap).
     max_active_per_runtime: int = 0
     # Rows one page of a workload's own tasks reads at most (TaskService.list with entries):
     # the page skips the tasks of the other workloads of its SPIFFE ID, which may be any number.
@@ -155,8 +155,10 @@ class TaskService:
         self._lock = threading.Lock()
         # Active tasks by task SPIFFE ID: the per-mint lookup never touches SQLite.
         self._active: Mapping[str, Task] = MappingProxyType({})
-        # How many of them each runtime holds (max_active_per_runtime), moved with _active.
-        self._held: Counter[str] = Counter()
+        # How many of them each runtime holds through each agent (max_active_per_runtime), moved
+        # with _active. Per agent: one SPIFFE ID runs on many nodes, and one node's instances
+        # (or a hostile agent) filling the cap must not refuse the same runtime on the others.
+        self._held: Counter[tuple[str, str]] = Counter()
         # Tasks this server ended (id -> expires_at): an end is final, so a row the change
         # feed read before the end never makes one active again here.
         self._ended: dict[str, int] = {}
@@ -185,7 +187,7 @@ class TaskService:
         """Start-up: active tasks from the store into memory."""
         tasks = self._store.list_tasks(state=TaskState.ACTIVE.value)
         self._active = MappingProxyType({t.spiffe_id: t for t in tasks})
-        self._held = Counter(t.runtime_id for t in self._active.values())
+        self._held = Counter((t.agent_id, t.runtime_id) for t in self._active.values())
 
     def _now(self) -> int:
         return int(self._clock.now())
@@ -202,15 +204,16 @@ class TaskService:
 
     def _put(self, tasks: dict[str, Task], task: Task) -> None:
         if task.spiffe_id not in tasks:
-            self._held[task.runtime_id] += 1
+            self._held[task.agent_id, task.runtime_id] += 1
         tasks[task.spiffe_id] = task
 
     def _drop(self, tasks: dict[str, Task], task: Task) -> None:
         gone = tasks.pop(task.spiffe_id, None)
         if gone is not None:
-            self._held[gone.runtime_id] -= 1
-            if not self._held[gone.runtime_id]:
-                del self._held[gone.runtime_id]
+            held = (gone.agent_id, gone.runtime_id)
+            self._held[held] -= 1
+            if not self._held[held]:
+                del self._held[held]
 
     # -- tasks begun or ended through other servers (server.replication) ------------------------
 
@@ -470,11 +473,11 @@ class TaskService:
                 flag=None,
             ) from None
         cap = self.settings.max_active_per_runtime
-        if cap and self._held[req.runtime_id] >= cap:
+        if cap and self._held[agent.spiffe_id, req.runtime_id] >= cap:
             # Not a decision about the intent: nothing for the log (a runtime that keeps asking
             # would fill it); its running tasks are all on record.
             raise RateLimitedError(
-                f"runtime {req.runtime_id} holds {cap} active tasks "
+                f"runtime {req.runtime_id} holds {cap} active tasks on this node "
                 "(max_active_tasks_per_runtime): end one first"
             )
         intent = self._child_intent(req, parent)  # RequestError -> INVALID_ARGUMENT
