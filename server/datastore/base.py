@@ -304,10 +304,12 @@ class TaskRecordStore(Protocol):
         """Tasks in `state` whose expires_at <= now, soonest first."""
         ...
 
-    def add_violation(self, agent_id: str, at: int) -> None: ...
+    def add_violation(self, agent_id: str, node_id: str, at: int) -> None:
+        """A violation of runtime `agent_id` through the node (agent) `node_id`."""
+        ...
 
-    def count_violations(self, agent_id: str, since: int) -> int:
-        """Violations of the agent with at > since."""
+    def count_violations(self, agent_id: str, node_id: str, since: int) -> int:
+        """Violations of runtime `agent_id` through node `node_id` with at > since."""
         ...
 
     def prune_violations(self, before: int) -> int:

@@ -177,8 +177,13 @@ COUNT_CREDENTIALS = "SELECT COUNT(*) AS n FROM credentials WHERE task_id = :task
 PRUNE_CREDENTIALS = "DELETE FROM credentials WHERE expires_at < :needed_from"
 PRUNE_TASKS = "DELETE FROM tasks WHERE state = :state AND expires_at < :before"
 
-INSERT_VIOLATION = "INSERT INTO violations (agent_id, at) VALUES (:agent_id, :at)"
-COUNT_VIOLATIONS = "SELECT COUNT(*) AS n FROM violations WHERE agent_id = :agent_id AND at > :since"
+INSERT_VIOLATION = (
+    "INSERT INTO violations (agent_id, node_id, at) VALUES (:agent_id, :node_id, :at)"
+)
+COUNT_VIOLATIONS = (
+    "SELECT COUNT(*) AS n FROM violations "
+    "WHERE agent_id = :agent_id AND node_id = :node_id AND at > :since"
+)
 PRUNE_VIOLATIONS = "DELETE FROM violations WHERE at <= :before"
 
 AUDIT_EVENTS_INTO = f"INSERT INTO audit_events ({', '.join(AUDIT_COLUMNS)})"

@@ -446,6 +446,16 @@ def _derived_from(execute: Execute) -> None:
     )
 
 
+def _violations_by_node(execute: Execute) -> None:
+    """A violation counts against the runtime on the node (agent) it came through: one SPIFFE ID
+    runs on many nodes, and one node's out-of-intent requests must not stop the others'. Rows
+    written before carry no node ('') and so count against none (they age out within the
+    violation window)."""
+    execute("ALTER TABLE violations ADD COLUMN node_id TEXT NOT NULL DEFAULT ''")
+    execute("DROP INDEX violations_agent")
+    execute("CREATE INDEX violations_agent_node ON violations (agent_id, node_id, at)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _initial_schema),
     Migration(2, "ledger: tasks, credentials, violations, audit", _ledger),
@@ -470,6 +480,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _foreign_bundle_sequence_uint64,
     ),
     Migration(19, "credentials: the token a delegated token was exchanged for", _derived_from),
+    Migration(20, "violations: by node", _violations_by_node),
 )
 
 # The newest migration that changed a table `audit verify` reads (audit_events, audit_head,

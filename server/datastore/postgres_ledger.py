@@ -179,11 +179,12 @@ class PostgresLedger:
         rows = self._rows("list due tasks", lq.DUE_TASKS, {"state": state, "now": now})
         return [_task_from(r) for r in rows]
 
-    def add_violation(self, agent_id: str, at: int) -> None:
-        self._change("record the violation", lq.INSERT_VIOLATION, {"agent_id": agent_id, "at": at})
+    def add_violation(self, agent_id: str, node_id: str, at: int) -> None:
+        params = {"agent_id": agent_id, "node_id": node_id, "at": at}
+        self._change("record the violation", lq.INSERT_VIOLATION, params)
 
-    def count_violations(self, agent_id: str, since: int) -> int:
-        params = {"agent_id": agent_id, "since": since}
+    def count_violations(self, agent_id: str, node_id: str, since: int) -> int:
+        params = {"agent_id": agent_id, "node_id": node_id, "since": since}
         return self._count("count violations", lq.COUNT_VIOLATIONS, params)
 
     def prune_violations(self, before: int) -> int:

@@ -276,13 +276,13 @@ class FaultInjectingDataStore:
         self._enter("due_tasks")
         return self.inner.due_tasks(state, now)
 
-    def add_violation(self, agent_id: str, at: int) -> None:
+    def add_violation(self, agent_id: str, node_id: str, at: int) -> None:
         self._enter("add_violation")
-        self.inner.add_violation(agent_id, at)
+        self.inner.add_violation(agent_id, node_id, at)
 
-    def count_violations(self, agent_id: str, since: int) -> int:
+    def count_violations(self, agent_id: str, node_id: str, since: int) -> int:
         self._enter("count_violations")
-        return self.inner.count_violations(agent_id, since)
+        return self.inner.count_violations(agent_id, node_id, since)
 
     def prune_violations(self, before: int) -> int:
         self._enter("prune_violations")

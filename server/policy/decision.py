@@ -21,7 +21,7 @@ class DecisionRequest:
     """One question to policy: may `agent_id` (on node `node_id`) act with `intent`?
 
     Every (action, resource) pair of the intent is evaluated separately; `risk` is the agent's risk
-    score and `violations` its recent count of refused out-of-intent requests.
+    score and `violations` its recent count of refused out-of-intent requests through `node_id`.
     """
 
     agent_id: str

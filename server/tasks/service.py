@@ -88,7 +88,7 @@ class TaskSettings:
     max_depth: int = 3
     # JWT-SVIDs of a task live at most this long (and never past the task).
     jwt_ttl: int = 300
-    # Out-of-intent requests within this window count as the agent's violations.
+    # Out-of-intent requests within this window count as the runtime's violations on its node.
     violation_window: int = 3600
     # An elevated step lives at most this long (and never past its parent, nor past policy caps).
     max_elevated_ttl: int = 300
@@ -165,10 +165,10 @@ class TaskService:
         self._crl = CrlCache()
         # Per task ID: (the Task object, its intent, its tools split), see _facts_of.
         self._facts: dict[str, tuple[Task, Intent, tuple[tuple[str, str, str], ...]]] = {}
-        # Per runtime: (window start, violations since then), read from the store at most once
-        # per clock second; this server's own violations drop the entry at once. Other servers'
-        # (one datastore) count here within a second.
-        self._violation_counts: dict[str, tuple[int, int]] = {}
+        # Per (agent, runtime): (window start, violations since then), read from the store at
+        # most once per clock second; this server's own violations drop the entry at once.
+        # Other servers' (one datastore) count here within a second.
+        self._violation_counts: dict[tuple[str, str], tuple[int, int]] = {}
         self._violations_added = 0  # moves with each of this server's violations
 
     @property
@@ -250,20 +250,23 @@ class TaskService:
     def active_task(self, spiffe_id: str) -> Task | None:
         return self._active.get(spiffe_id)
 
-    def violations(self, runtime_id: str) -> int:
-        """The runtime's violations in the window (a risk signal every decision reads): from
-        the store, or as read from it in this clock second."""
+    def violations(self, agent_id: str, runtime_id: str) -> int:
+        """The runtime's violations through that agent in the window (a risk signal every
+        decision reads): from the store, or as read from it in this clock second. Per agent:
+        one SPIFFE ID runs on many nodes, and one node's out-of-intent requests (a hostile
+        instance, a compromised agent) must not stop the runtime on every other node."""
         since = self._now() - self.settings.violation_window
         counts = self._violation_counts
-        held = counts.get(runtime_id)
+        key = (agent_id, runtime_id)
+        held = counts.get(key)
         if held is not None and held[0] == since:
             return held[1]
         added = self._violations_added
-        count = self._store.violations(runtime_id, since)
+        count = self._store.violations(runtime_id, agent_id, since)
         if added == self._violations_added:  # else a violation came in meanwhile: not kept
             if len(counts) >= MAX_VIOLATION_COUNTS:
                 counts.clear()
-            counts[runtime_id] = (since, count)
+            counts[key] = (since, count)
         return count
 
     # -- begin --------------------------------------------------------------------------------
@@ -399,9 +402,9 @@ class TaskService:
         reason = cut_text(reason, MAX_REASON_BYTES)
         if flag is not None:
             # Whatever the budget: the count is an input of the next decisions (risk).
-            self._store.add_violation(runtime_id, self._now())
+            self._store.add_violation(runtime_id, agent.spiffe_id, self._now())
             self._violations_added += 1
-            self._violation_counts.pop(runtime_id, None)
+            self._violation_counts.pop((agent.spiffe_id, runtime_id), None)
         if not self._denials.on_record(agent.spiffe_id):
             return PermissionDeniedError(reason)
         fields: dict[str, Any] = {"decision": "deny", "reason": reason}
@@ -422,7 +425,7 @@ class TaskService:
             ),
             action=",".join(sorted(intent.actions or {INVOKE_TOOL})),
             task_id=task_id or None,
-            risk=self.violations(runtime_id),
+            risk=self.violations(agent.spiffe_id, runtime_id),
             extra={**(extra or {}), **({"flag": flag.value} if flag else {})},
             **fields,
         )
@@ -534,7 +537,7 @@ class TaskService:
                 node_id=agent.spiffe_id,
                 intent=intent,
                 requested_ttl=ttl,
-                violations=self.violations(req.runtime_id),
+                violations=self.violations(agent.spiffe_id, req.runtime_id),
             )
         )
         if not decision.allowed:
@@ -600,7 +603,7 @@ class TaskService:
                 resource=",".join((*task.resources, *task.tools)),
                 action=",".join(task.actions),
                 task_id=task_id,
-                risk=self.violations(req.runtime_id),
+                risk=self.violations(agent.spiffe_id, req.runtime_id),
                 extra={
                     "spiffe_id": spiffe_id,
                     "parent_task": task.parent_task_id,
@@ -771,7 +774,7 @@ class TaskService:
                 node_id=task.agent_id,
                 intent=intent,
                 requested_ttl=remaining,
-                violations=self.violations(task.runtime_id),
+                violations=self.violations(task.agent_id, task.runtime_id),
                 pairs=tuple(pairs),
             )
         )

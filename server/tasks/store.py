@@ -133,11 +133,12 @@ class TaskStore:
 
     # -- risk signal ----------------------------------------------------------------------------
 
-    def add_violation(self, agent_id: str, at: int) -> None:
-        self._rows.add_violation(agent_id, at)
+    def add_violation(self, runtime_id: str, node_id: str, at: int) -> None:
+        self._rows.add_violation(runtime_id, node_id, at)
 
-    def violations(self, agent_id: str, since: int) -> int:
-        return self._rows.count_violations(agent_id, since)
+    def violations(self, runtime_id: str, node_id: str, since: int) -> int:
+        """The runtime's violations through that node (agent) with at > since."""
+        return self._rows.count_violations(runtime_id, node_id, since)
 
     def prune(self, now: int, violation_window: int) -> int:
         """Forget credentials no verifier can accept any more, old violations, and tasks over

@@ -904,13 +904,16 @@ def test_concurrent_swaps_of_a_task_have_one_winner(open_store: Opener) -> None:
         )
 
 
-def test_violations_count_within_a_window_and_prune(store: DataStore) -> None:
+def test_violations_count_within_a_window_by_node_and_prune(store: DataStore) -> None:
     for at in (NOW - 100, NOW - 10, NOW):
-        store.add_violation(RUNTIME, at)
-    store.add_violation("other", NOW)
-    assert store.count_violations(RUNTIME, NOW - 50) == 2
+        store.add_violation(RUNTIME, AGENT, at)
+    store.add_violation("other", AGENT, NOW)
+    # The same runtime through another node: counted against that node alone.
+    store.add_violation(RUNTIME, OTHER_AGENT, NOW)
+    assert store.count_violations(RUNTIME, AGENT, NOW - 50) == 2
+    assert store.count_violations(RUNTIME, OTHER_AGENT, NOW - 50) == 1
     assert store.prune_violations(NOW - 10) == 2
-    assert store.count_violations(RUNTIME, 0) == 1
+    assert store.count_violations(RUNTIME, AGENT, 0) == 1
 
 
 # -- the credential ledger ----------------------------------------------------------------------
@@ -1173,7 +1176,7 @@ def test_every_role_survives_a_restart(open_store: Opener) -> None:
     entry = store.create_entry(Entry("", RUNTIME, AGENT, (Selector("unix", "uid:1"),)))
     store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
     store.put_task(task("t"))
-    store.add_violation(RUNTIME, NOW)
+    store.add_violation(RUNTIME, AGENT, NOW)
     rows = audit_rows(1, 2)
     store.write_ledger([cred("j", task_id="t")], rows)
     store.close()
@@ -1182,7 +1185,7 @@ def test_every_role_survives_a_restart(open_store: Opener) -> None:
     assert again.get_entry(entry.id) == entry
     assert again.get_agent(AGENT).serial == "1"
     assert again.get_task("t") == task("t")
-    assert again.count_violations(RUNTIME, 0) == 1
+    assert again.count_violations(RUNTIME, AGENT, 0) == 1
     assert [c.value for c in again.task_credentials("t", NOW)] == ["j"]
     assert again.audit_head() == Head(2, f"{2:064x}")
     assert [tuple(r.values()) for r in again.audit_rows()] == rows

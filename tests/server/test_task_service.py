@@ -240,7 +240,7 @@ def test_undeclared_audience_is_denied_flagged_and_counted(world: World) -> None
     (event,) = world.events("denial")
     assert event["task_id"] == task.task_id
     assert '"flag":"lateral_movement"' in event["extra"]
-    assert world.service.violations(RUNTIME) == 1
+    assert world.service.violations(AGENT, RUNTIME) == 1
 
 
 def test_repeated_violations_stop_issuance(world: World) -> None:
@@ -262,9 +262,9 @@ def test_violations_are_read_once_per_clock_second_and_this_servers_at_once(
     reads: list[str] = []
     read = world.store.violations
 
-    def counted(runtime_id: str, since: int) -> int:
+    def counted(runtime_id: str, node_id: str, since: int) -> int:
         reads.append(runtime_id)
-        return read(runtime_id, since)
+        return read(runtime_id, node_id, since)
 
     monkeypatch.setattr(world.store, "violations", counted)
     task = world.begin()
@@ -275,12 +275,12 @@ def test_violations_are_read_once_per_clock_second_and_this_servers_at_once(
     # This server's own violation counts at once, without waiting for the second to pass.
     with pytest.raises(PermissionDeniedError):
         world.mint_jwt(entry, ["elsewhere"])
-    assert world.service.violations(RUNTIME) == 1
+    assert world.service.violations(AGENT, RUNTIME) == 1
     # Another server's (written to the shared store) counts once the clock has moved on.
-    world.store.add_violation(RUNTIME, int(world.clock.now()))
-    assert world.service.violations(RUNTIME) == 1
+    world.store.add_violation(RUNTIME, AGENT, int(world.clock.now()))
+    assert world.service.violations(AGENT, RUNTIME) == 1
     world.clock.advance(1)
-    assert world.service.violations(RUNTIME) == 2
+    assert world.service.violations(AGENT, RUNTIME) == 2
 
 
 def test_restricted_export_without_a_policy_is_denied(world: World) -> None:
@@ -307,7 +307,7 @@ def test_sub_task_may_narrow_but_never_widen(world: World) -> None:
     assert claims["act"] == {"sub": child.spiffe_id, "act": {"sub": parent.spiffe_id}}
     assert claims["obo"] == "user:alice"
     assert claims["parent_txn"] == parent.task_id
-    assert world.service.violations(RUNTIME) == 1
+    assert world.service.violations(AGENT, RUNTIME) == 1
 
 
 def test_delegation_depth_is_capped(world: World) -> None:
