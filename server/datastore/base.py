@@ -342,6 +342,11 @@ class CredentialStore(Protocol):
 
     def count_credentials(self, task_id: str) -> int: ...
 
+    def count_credentials_of(self, task_ids: Sequence[str]) -> dict[str, int]:
+        """How many credentials each of the tasks has (any number of IDs; those without any
+        are left out): one grouped query per COUNT_CREDENTIALS_BATCH of them."""
+        ...
+
     def prune_credentials(self, now: int) -> int:
         """Forget credentials no verifier can accept any more; returns how many went."""
         ...

@@ -174,6 +174,22 @@ WORKLOAD_JWT = (
     "AND expires_at = :expires_at AND value = :jti LIMIT 1"
 )
 COUNT_CREDENTIALS = "SELECT COUNT(*) AS n FROM credentials WHERE task_id = :task_id"
+# Task IDs one grouped count names at most: well under SQLite's oldest bound on parameters (999).
+COUNT_CREDENTIALS_BATCH = 500
+
+
+def count_credentials_of(task_ids: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """One grouped count of the credentials of each of `task_ids` (at most
+    COUNT_CREDENTIALS_BATCH): a task list page counts them in one query, not one per task.
+    Tasks without credentials have no row."""
+    names = [f"t{i}" for i in range(len(task_ids))]
+    sql = (
+        "SELECT task_id, COUNT(*) AS n FROM credentials "
+        f"WHERE task_id IN ({', '.join(f':{n}' for n in names)}) GROUP BY task_id"
+    )
+    return sql, dict(zip(names, task_ids, strict=True))
+
+
 PRUNE_CREDENTIALS = "DELETE FROM credentials WHERE expires_at < :needed_from"
 PRUNE_TASKS = "DELETE FROM tasks WHERE state = :state AND expires_at < :before"
 

@@ -291,6 +291,15 @@ class PostgresLedger:
     def count_credentials(self, task_id: str) -> int:
         return self._count("count credentials", lq.COUNT_CREDENTIALS, {"task_id": task_id})
 
+    def count_credentials_of(self, task_ids: Sequence[str]) -> dict[str, int]:
+        ids = sorted(set(task_ids))
+        counts: dict[str, int] = {}
+        for start in range(0, len(ids), lq.COUNT_CREDENTIALS_BATCH):
+            batch = ids[start : start + lq.COUNT_CREDENTIALS_BATCH]
+            for task_id, n in self._tuples("count credentials", *lq.count_credentials_of(batch)):
+                counts[task_id] = int(n)
+        return counts
+
     def prune_credentials(self, now: int) -> int:
         params = {"needed_from": ps.needed_from(now)}
         return self._change("prune credentials", lq.PRUNE_CREDENTIALS, params, bulk=True)

@@ -259,6 +259,15 @@ class SqliteLedger:
         rows = self._read("count credentials", lq.COUNT_CREDENTIALS, {"task_id": task_id})
         return int(rows[0]["n"])
 
+    def count_credentials_of(self, task_ids: Sequence[str]) -> dict[str, int]:
+        ids = sorted(set(task_ids))
+        counts: dict[str, int] = {}
+        for start in range(0, len(ids), lq.COUNT_CREDENTIALS_BATCH):
+            batch = ids[start : start + lq.COUNT_CREDENTIALS_BATCH]
+            for row in self._read("count credentials", *lq.count_credentials_of(batch)):
+                counts[row["task_id"]] = int(row["n"])
+        return counts
+
     def prune_credentials(self, now: int) -> int:
         params = {"needed_from": revocation_needed_from(now)}
         return self._write("prune credentials", lq.PRUNE_CREDENTIALS, params)

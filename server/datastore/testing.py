@@ -312,6 +312,10 @@ class FaultInjectingDataStore:
         self._enter("count_credentials")
         return self.inner.count_credentials(task_id)
 
+    def count_credentials_of(self, task_ids: Sequence[str]) -> dict[str, int]:
+        self._enter("count_credentials_of")
+        return self.inner.count_credentials_of(task_ids)
+
     def prune_credentials(self, now: int) -> int:
         self._enter("prune_credentials")
         return self.inner.prune_credentials(now)

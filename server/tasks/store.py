@@ -131,6 +131,10 @@ class TaskStore:
     def count_credentials(self, task_id: str) -> int:
         return self._rows.count_credentials(task_id)
 
+    def count_credentials_of(self, task_ids: Sequence[str]) -> dict[str, int]:
+        """Each task's count_credentials (0 for those left out), in grouped queries."""
+        return self._rows.count_credentials_of(task_ids)
+
     # -- risk signal ----------------------------------------------------------------------------
 
     def add_violation(self, runtime_id: str, node_id: str, at: int) -> None:

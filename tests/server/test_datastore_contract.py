@@ -31,6 +31,7 @@ from server.datastore import (
     StorageError,
     TaskRecord,
 )
+from server.datastore import ledger_queries as lq
 from server.datastore.base import JtiClaim
 from server.datastore.errors import (
     AgentRemovedError,
@@ -917,6 +918,19 @@ def test_violations_count_within_a_window_by_node_and_prune(store: DataStore) ->
 
 
 # -- the credential ledger ----------------------------------------------------------------------
+
+
+def test_credentials_of_many_tasks_are_counted_together(store: DataStore) -> None:
+    # More tasks than one grouped query names, so the batches add up too.
+    ids = [f"t{i:04d}" for i in range(lq.COUNT_CREDENTIALS_BATCH + 3)]
+    admit(store, tasks=ids)
+    store.write_ledger(
+        [cred(f"j{i}-{n}", task_id=t) for i, t in enumerate(ids) for n in range(i % 3)], []
+    )
+    counts = store.count_credentials_of([*ids, "never-begun", ids[4]])
+    assert counts == {t: i % 3 for i, t in enumerate(ids) if i % 3}
+    assert all(counts.get(t, 0) == store.count_credentials(t) for t in ids[:10])
+    assert store.count_credentials_of([]) == {}
 
 
 def test_credentials_are_read_back_while_a_verifier_may_accept_them(store: DataStore) -> None:
