@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import grpc
 
@@ -37,6 +39,49 @@ MAX_VALIDATIONS = 1000
 _STATES = tuple(s.value for s in TaskState)
 # A cursor's created_at is bound as a SQL BIGINT.
 _MAX_CURSOR_DIGITS = 18
+# Calls of one agent run at once (a listing reads up to 5000 rows; an end revokes and
+# records), and wait for a turn: an agent serves all its node's workloads, so a few at once
+# are normal. Past those waiting, its calls are refused, so that one agent cannot keep the
+# threads every agent's begins, ends and mints run on busy.
+LISTINGS_PER_AGENT = (2, 16)  # (running, waiting)
+ENDS_PER_AGENT = (8, 64)
+# Listings running at once across all agents: the others wait their turn, so listings never
+# hold more than these of the default executor's threads.
+MAX_LISTINGS = 2
+
+
+class AgentTurns:
+    """An agent's calls of one kind: `running` at once, `waiting` more queued for a turn, and
+    RESOURCE_EXHAUSTED past those."""
+
+    def __init__(self, what: str, running: int, waiting: int) -> None:
+        self._what = what
+        self._running = running
+        self._limit = running + waiting
+        self._held: Counter[str] = Counter()
+        self._turns: dict[str, asyncio.Semaphore] = {}
+
+    @asynccontextmanager
+    async def hold(self, agent_id: str) -> AsyncIterator[None]:
+        if self._held[agent_id] >= self._limit:
+            raise RateLimitedError(
+                f"this agent has {self._limit} {self._what} under way or waiting: "
+                "retry once some have answered"
+            )
+        self._held[agent_id] += 1
+        turn = self._turns.setdefault(agent_id, asyncio.Semaphore(self._running))
+        try:
+            async with turn:
+                yield
+        finally:
+            self._held[agent_id] -= 1
+            if not self._held[agent_id]:
+                del self._held[agent_id]
+                del self._turns[agent_id]
+
+    def held(self, agent_id: str) -> int:
+        """Calls of the agent under way or waiting."""
+        return self._held[agent_id]
 
 
 def task_to_proto(task: Task, credentials: int = 0) -> task_pb2.Task:
@@ -224,6 +269,9 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         self._refused_validations = refused_validations
         self._accepted_validations = accepted_validations
         self._begins = begins
+        self._listings = AgentTurns("task listings", *LISTINGS_PER_AGENT)
+        self._ends = AgentTurns("task ends", *ENDS_PER_AGENT)
+        self._listing_threads = asyncio.Semaphore(MAX_LISTINGS)
 
     async def _agent(self, context: grpc.aio.ServicerContext) -> AttestedAgent:
         return await self._authority.authorize(self._peers.agent_peer(context))
@@ -284,11 +332,12 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         task_id = _task_id("task_id", request.task_id)
         runtime_ids = _runtime_ids(list(request.runtime_ids))
         entry_ids = _entry_ids(list(request.runtime_entry_ids))
-        task = await self._service.end(
-            agent, task_id, runtime_ids, request.reason, runtime_entry_ids=entry_ids
-        )
-        # What the end revoked, as the admin views count it (`svid-agent task end` prints it).
-        count = await asyncio.to_thread(self._service.store.count_credentials, task.task_id)
+        async with self._ends.hold(agent.spiffe_id):
+            task = await self._service.end(
+                agent, task_id, runtime_ids, request.reason, runtime_entry_ids=entry_ids
+            )
+            # What the end revoked, as the admin views count it (`svid-agent task end` prints it).
+            count = await asyncio.to_thread(self._service.store.count_credentials, task.task_id)
         return task_pb2.EndTaskResponse(task=task_to_proto(task, count))
 
     @status.unary
@@ -304,14 +353,15 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         # sent, so that an older agent's tokens stay good).
         query: list[object] = ["node-tasks", agent.spiffe_id, runtime_ids, state]
         page = _Page(request, [*query, entry_ids] if entry_ids else query)
-        return await asyncio.to_thread(
-            page.read,
-            self._service,
-            agent_id=agent.spiffe_id,
-            state=state,
-            runtime_ids=runtime_ids,
-            runtime_entry_ids=entry_ids,
-        )
+        async with self._listings.hold(agent.spiffe_id), self._listing_threads:
+            return await asyncio.to_thread(
+                page.read,
+                self._service,
+                agent_id=agent.spiffe_id,
+                state=state,
+                runtime_ids=runtime_ids,
+                runtime_entry_ids=entry_ids,
+            )
 
     @status.unary
     async def ReportValidations(

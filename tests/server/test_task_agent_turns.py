@@ -1,0 +1,49 @@
+"""AgentTurns: how many of one agent's task listings or ends run, wait, or are refused."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.errors import RateLimitedError
+from server.tasks.grpc_api import AgentTurns
+
+A = "spiffe://example.org/svid/agent/join_token/a"
+B = "spiffe://example.org/svid/agent/join_token/b"
+
+
+async def _calls() -> None:
+    turns = AgentTurns("task listings", running=2, waiting=3)
+    release = asyncio.Event()
+    running = 0
+    most = 0
+
+    async def call(agent_id: str) -> None:
+        nonlocal running, most
+        async with turns.hold(agent_id):
+            running += 1
+            most = max(most, running)
+            await release.wait()
+            running -= 1
+
+    held = [asyncio.create_task(call(A)) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert turns.held(A) == 5
+    assert running == 2  # two run, three wait their turn
+    # The sixth is refused at once, and names what it ran into.
+    with pytest.raises(RateLimitedError, match="5 task listings under way or waiting"):
+        await call(A)
+    # Another agent's calls have turns of their own.
+    other = asyncio.create_task(call(B))
+    await asyncio.sleep(0)
+    assert running == 3
+    release.set()
+    await asyncio.gather(*held, other)
+    assert most == 3
+    assert turns.held(A) == 0
+    assert not turns._turns  # nothing kept per agent once its calls are over
+
+
+def test_an_agents_calls_run_wait_or_are_refused_and_leave_others_alone() -> None:
+    asyncio.run(_calls())
