@@ -39,7 +39,9 @@ EVALUATION_ERROR_LOG_INTERVAL = 60.0
 _THROTTLED_POLICIES = 1024
 # Cedar names the policy it could not evaluate: "error while evaluating policy `<id>`: ...".
 _ERROR_POLICY = re.compile(r"policy `([^`]+)`")
-_DECISION_CACHE_SIZE = 4096
+# The decisions of the current second kept at most, counted in pairs (a pair's result and reason
+# weigh ~250 B, so ~16 MB): a decision of an intent at the size limits holds 512 of them.
+_DECISION_CACHE_PAIRS = 65536
 _EntityKey = tuple[str, str, int, Intent, tuple[str, ...]]
 
 
@@ -85,11 +87,8 @@ class PolicyEngine:
         self._entities: tuple[SchemaInfo | None, dict[_EntityKey, cedarpy.Entities]] = (None, {})
         self._state = self._load(policy_dir)
         self._announce()
-        # Decisions of the serving set, by (request, whole second): see decide().
-        self._decisions: tuple[LoadedSet | None, dict[tuple[DecisionRequest, int], Decision]] = (
-            None,
-            {},
-        )
+        # Decisions of the serving set in the current whole second, by request: see decide().
+        self._decisions = _SecondsDecisions(None, -1)
 
     @property
     def _loaded(self) -> LoadedSet:
@@ -215,19 +214,20 @@ class PolicyEngine:
         # Cedar is a pure function of the policy set, the entities (made from the request) and
         # the context (the request and the whole second `now`): the same question within the
         # same second gets the answer already computed, as a burst of one task's exchanges asks.
+        # A decision of an earlier second is never asked for again, so the cache holds one
+        # second's: kept past it, they only pile up (~120 KB a decision at the intent limits).
         now = self._clock.now()
-        key = (request, int(now))
-        held, decisions = self._decisions
-        if held is not loaded:
-            decisions = {}
-            self._decisions = (loaded, decisions)
-        known_decision = decisions.get(key)
+        second = int(now)
+        cache = self._decisions
+        if cache.loaded is not loaded or cache.second != second:
+            cache = _SecondsDecisions(loaded, second)
+            # One attribute: a concurrent decide() keeps filling the one it read, then drops it.
+            self._decisions = cache
+        known_decision = cache.decisions.get(request)
         if known_decision is not None:
             return known_decision
         decision = self._decide(loaded, request, now, started)
-        if len(decisions) >= _DECISION_CACHE_SIZE:
-            decisions.clear()
-        decisions[key] = decision
+        cache.keep(request, decision)
         return decision
 
     def _decide(
@@ -393,6 +393,26 @@ class PolicyEngine:
             latency_us=(time.perf_counter_ns() - started) / 1000,
             pairs=tuple(results),
         )
+
+
+class _SecondsDecisions:
+    """The decisions of one policy set within one whole second, by request, bounded in pairs."""
+
+    def __init__(self, loaded: LoadedSet | None, second: int) -> None:
+        self.loaded = loaded
+        self.second = second
+        self.decisions: dict[DecisionRequest, Decision] = {}
+        self._pairs = 0
+
+    def keep(self, request: DecisionRequest, decision: Decision) -> None:
+        # Counted in pairs, not decisions: an intent at the size limits weighs 512 one-pair ones.
+        # Threads racing here may miscount by a decision or two; the bound stays a bound.
+        weight = max(1, len(decision.pairs))
+        if self._pairs + weight > _DECISION_CACHE_PAIRS:
+            self.decisions.clear()
+            self._pairs = 0
+        self.decisions[request] = decision
+        self._pairs += weight
 
 
 def _whole_server(
