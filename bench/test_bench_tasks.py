@@ -38,13 +38,18 @@ REVOCATIONS = samples(100)
 FULL_PATH = samples(100)
 GOAL_REVOKE_P99_MS = 1000.0
 RUNTIME = "spiffe://example.org/agents/research-bot"
-UNLIMITED_TASKS = {"task_begin_rate_per_runtime": 0, "max_active_tasks_per_runtime": 0}
+UNLIMITED_TASKS = {
+    "task_begin_rate_per_runtime": 0,
+    "max_active_tasks_per_runtime": 0,
+    "task_mint_pairs_rate_per_agent": 0,
+}
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[tuple[RunningServer, Agent, Any]]:
-    # Hundreds of begins for one runtime, on a clock that does not move: the limits on what one
-    # runtime may begin and hold are lifted (they are not what is measured).
+    # Hundreds of begins and mints for one runtime, on a clock that does not move: the limits on
+    # what one runtime may begin and hold, and on its agent's mint decisions, are lifted (they
+    # are not what is measured).
     gen = running_server(**UNLIMITED_TASKS)
     server = next(gen)
     agent = server.attest()

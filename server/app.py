@@ -221,7 +221,11 @@ class Server:
             ca=self.ca,
             server_id=str(self.ids.server),
             clock=self.clock,
-            settings=TaskSettings(max_active_per_runtime=cfg.max_active_tasks_per_runtime),
+            settings=TaskSettings(
+                max_active_per_runtime=cfg.max_active_tasks_per_runtime,
+                mint_pairs_rate_per_agent=cfg.task_mint_pairs_rate_per_agent,
+                mint_pairs_burst_per_agent=cfg.task_mint_pairs_burst_per_agent,
+            ),
             denials=self._refusal_budget(
                 "task", cfg.task_denial_rate_per_agent, cfg.task_denial_burst_per_agent
             ),

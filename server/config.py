@@ -91,6 +91,11 @@ class ServerConfig:
     task_begin_rate_per_runtime: float = 20.0
     task_begin_burst_per_runtime: int = 200
     max_active_tasks_per_runtime: int = 1000
+    # Policy decisions an agent's task JWT mints may ask for, in (action, audience) pairs a
+    # second: a mint is decided afresh over its task's actions times its audiences, a hundred
+    # times a signature's CPU for a few dozen pairs, which jwt_rate_per_agent counts as one.
+    task_mint_pairs_rate_per_agent: float = 1000.0
+    task_mint_pairs_burst_per_agent: int = 4000
     # Threads that run issuance batches (and sign the small ones, and agent SVIDs). Big
     # batches wait on a signing worker here; one per CPU keeps every worker fed.
     signing_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -350,6 +355,8 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "task_begin_rate_per_runtime": _as_float,
     "task_begin_burst_per_runtime": _as_int,
     "max_active_tasks_per_runtime": _as_int,
+    "task_mint_pairs_rate_per_agent": _as_float,
+    "task_mint_pairs_burst_per_agent": _as_int,
     "signing_threads": _positive,
     "signing_processes": _as_int,
     "policy_dir": _as_path,

@@ -60,6 +60,7 @@ from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_i
 from server.tasks.store import TaskStore
 from svid._clock import Clock
 from svid._limits import cut_text, intent_problem, principal_problem
+from svid._ratelimit import KeyedLimiter
 from svid._spiffe_id import SpiffeId
 
 _log = logging.getLogger("svid.server.tasks")
@@ -97,6 +98,12 @@ class TaskSettings:
     # Rows one page of a workload's own tasks reads at most (TaskService.list with entries):
     # the page skips the tasks of the other workloads of its SPIFFE ID, which may be any number.
     max_scanned_rows: int = 5000
+    # Policy decisions an agent's task JWT mints may ask for, in (action, audience) pairs a
+    # second after a burst (0: no limit). A mint is decided afresh over its task's actions times
+    # its audiences (~0.15 ms a pair with the shipped policy), so the JWT signing budget, which
+    # counts it as one signature, bounds that CPU by a hundredfold too little.
+    mint_pairs_rate_per_agent: float = 1000.0
+    mint_pairs_burst_per_agent: int = 4000
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,9 @@ class TaskService:
         self._clock = clock
         self.settings = settings or TaskSettings()
         self._denials = denials or RefusalBudget("task", rate=0, burst=1, clock=clock)
+        self._mint_pairs = KeyedLimiter(
+            self.settings.mint_pairs_rate_per_agent, self.settings.mint_pairs_burst_per_agent, clock
+        )
         self._lock = threading.Lock()
         # Active tasks by task SPIFFE ID: the per-mint lookup never touches SQLite.
         self._active: Mapping[str, Task] = MappingProxyType({})
@@ -741,10 +751,11 @@ class TaskService:
     # -- per-mint decisions ---------------------------------------------------------------------
 
     def _mint_decision(
-        self, agent_id: str, task: Task, audience: Sequence[str]
+        self, agent_id: str, task: Task, audience: Sequence[str], *, budgeted: bool = False
     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The (actions, tool names) this mint may carry, or PermissionDeniedError (audited,
-        maybe flagged)."""
+        maybe flagged). `budgeted`: the pairs decided are taken from `agent_id`'s budget
+        (RateLimitedError past it, before any decision)."""
         agent = self._state.agents.get(agent_id) or AttestedAgent(agent_id, "", "", 0)
         intent, split_tools = self._facts_of(task)
         verdict = check_audiences(intent, audience)
@@ -768,6 +779,14 @@ class TaskService:
                 tools_by_name.setdefault(name, set()).add(server)
         pairs = [(a, aud) for a in task.actions for aud in audience if aud in task.resources]
         pairs += [(INVOKE_TOOL, ref) for ref, server, _ in split_tools if server in audience]
+        if budgeted and not self._mint_pairs.try_take(agent_id, max(1, len(pairs))):
+            # Not a decision about the intent: nothing for the audit log (the agent may ask
+            # again at once, and the refusal is what keeps it from costing us).
+            raise RateLimitedError(
+                f"task JWT decision budget exceeded for agent {agent_id}: this mint asks "
+                f"{len(pairs)} (action, audience) pairs, "
+                f"{self.settings.mint_pairs_rate_per_agent:g} a second allowed"
+            )
         decision = self._policy.decide(
             DecisionRequest(
                 agent_id=task.runtime_id,
@@ -840,7 +859,7 @@ class TaskService:
     def jwt_grant(self, agent_id: str, entry: Entry, audience: Sequence[str]) -> TaskJwtGrant:
         """A task JWT-SVID decided again: its txn/scope/tctx/act claims and TTL."""
         task = self._held_task(agent_id, entry)
-        actions, tools = self._mint_decision(agent_id, task, audience)
+        actions, tools = self._mint_decision(agent_id, task, audience, budgeted=True)
         scope = " ".join((*actions, *(f"{TOOL_SCOPE_PREFIX}{t}" for t in tools)))
         claims = task_claims(task, scope)
         ttl = max(
