@@ -389,9 +389,8 @@ class Server:
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # JWT batches the loop's workers do not take (task identities, small batches, workers
         # starting): two threads per signing worker, each waiting on a worker or on the ledger.
-        self._jwt_executor = ThreadPoolExecutor(
-            2 * max(1, cfg.signing_processes), thread_name_prefix="svid-jwt"
-        )
+        jwt_threads = 2 * max(1, cfg.signing_processes)
+        self._jwt_executor = ThreadPoolExecutor(jwt_threads, thread_name_prefix="svid-jwt")
         # Two pools, each started on first use: X.509 batches are handed over from threads,
         # workload JWT batches from the event loop (LoopSigningWorkers says why).
         self._workers = SigningWorkers(cfg.signing_processes, self.clock)
@@ -421,6 +420,9 @@ class Server:
             settings=IssuerSettings(
                 default_x509_svid_ttl=cfg.default_x509_svid_ttl,
                 default_jwt_svid_ttl=cfg.default_jwt_svid_ttl,
+                # Half the JWT batch threads: one agent's task batches (a policy decision per
+                # item) leave the rest to the others.
+                jwt_threads_per_agent=max(1, jwt_threads // 2),
             ),
         )
         agents = AgentAdmission(

@@ -12,6 +12,7 @@ contract); if it cannot, the call raises LedgerUnavailableError and its credenti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from server.entitlement import Entitlement, SpiffeIdCache, agent_parents
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from server.ids import ServerIds
 from server.input_text import refuse_nul
+from server.issuance.agent_share import AgentShare
 from server.issuance.ledger import Credential, EventTuple, Ledger
 from server.issuance.records import (
     task_jwt_record,
@@ -53,6 +55,8 @@ _R = TypeVar("_R")
 class IssuerSettings:
     default_x509_svid_ttl: int = 300
     default_jwt_svid_ttl: int = 300
+    # Threads of the JWT batch pool one agent's batches may hold at once (0: all of them).
+    jwt_threads_per_agent: int = 0
 
 
 class X509Outcome(NamedTuple):
@@ -120,6 +124,9 @@ class Issuer:
         # Big workload JWT batches: in worker processes the event loop drives (none: as above).
         self._loop_workers = loop_workers
         self._settings = settings or IssuerSettings()
+        # A task JWT batch holds its thread for a policy decision per item: one agent's
+        # batches must leave the pool's other threads to the rest.
+        self._jwt_share = AgentShare(self._settings.jwt_threads_per_agent)
         self._server_id = str(ids.server)
         # Label lookups cost as much as the rest of a JWT's bookkeeping: bind them once.
         self._x509_seconds = metrics.signing_seconds.labels(kind="x509")
@@ -421,9 +428,12 @@ class Issuer:
                     await asyncio.wrap_future(commit)
                     self._jwt_issued.inc(len(credentials))
                 return outcomes
-        outcomes, recorded, credentials, events = await self._run(
-            self._jwt_executor, self._issue_jwt_batch, plan, agent_id
-        )
+        # Only batches with task items wait for the agent's share: a workload JWT costs one
+        # signature, which jwt_rate_per_agent already bounds.
+        async with self._jwt_share.hold(agent_id) if plan.tasks else contextlib.nullcontext():
+            outcomes, recorded, credentials, events = await self._run(
+                self._jwt_executor, self._issue_jwt_batch, plan, agent_id
+            )
         if recorded is not None:
             # Nothing goes back before the commit holding this batch's records is done.
             ended, count = await self._commit_live(credentials, events, recorded)

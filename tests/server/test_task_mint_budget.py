@@ -1,9 +1,11 @@
-"""What one agent's task JWT mints may cost the server: decisions budgeted in pairs
-(tests/server/test_atk_task_mint_cost.py is the attack this answers)."""
+"""What one agent's task JWT mints may cost the server: decisions budgeted in pairs, and a share
+of the JWT batch threads (tests/server/test_atk_task_mint_cost.py is the attack both answer)."""
 
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import grpc
 import pytest
@@ -87,3 +89,39 @@ def test_task_mints_are_charged_by_the_pairs_they_decide() -> None:
                     _mints(theirs, 4, 8), timeout=30
                 )
             assert all(r.svid.token for r in reply.results)
+
+
+def test_one_agents_task_batches_leave_a_jwt_thread_to_another_agent() -> None:
+    # No decision budget here: only the share of threads stands between the two agents.
+    with managed_server(signing_processes=1, task_mint_pairs_rate_per_agent=0) as server:
+        hostile, honest = server.attest(), server.attest()
+        task = _task(server, hostile, "/agents/minter")
+        mine = _task(server, honest, "/agents/victim")
+        # 96 pairs a mint (~14 ms): each of the two batches holds a thread for seconds.
+        answered: list[float] = []
+        started = time.monotonic()
+
+        def mint(batch: node_pb2.BatchNewJWTSVIDRequest) -> None:
+            with _channel(server, hostile) as channel:
+                node_pb2_grpc.NodeStub(channel).BatchNewJWTSVID(batch, timeout=120)
+            answered.append(time.monotonic() - started)
+
+        # Two batches, as many as the pool has threads (signing_processes = 1).
+        minting = [
+            threading.Thread(target=mint, args=(_mints(task, 120, 32, seed),), daemon=True)
+            for seed in (1, 2)
+        ]
+        for thread in minting:
+            thread.start()
+        time.sleep(0.5)
+        with _channel(server, honest) as channel:
+            asked = time.monotonic()
+            reply = node_pb2_grpc.NodeStub(channel).BatchNewJWTSVID(_mints(mine, 1, 1), timeout=120)
+            took = time.monotonic() - asked
+        assert reply.results[0].svid.token
+        for thread in minting:
+            thread.join(120)
+        assert len(answered) == 2
+        # The hostile batches were still under way: the victim did not just wait them out.
+        assert min(answered) > asked - started + took
+        assert took < 1.5, f"another agent's task JWT took {took:.1f} s"
