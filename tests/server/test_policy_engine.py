@@ -18,6 +18,7 @@ from server.policy import (
     PolicyError,
     validate_policy_dir,
 )
+from server.policy import engine as engine_module
 from server.policy.cedar_request import cedar_requests, context_json, entities_json
 from server.policy.engine import EVALUATION_ERROR_LOG_INTERVAL, MAX_REASON_BYTES
 from server.policy.errors import Problem
@@ -549,6 +550,20 @@ def test_a_decision_is_reused_only_for_the_same_question_set_and_second(tmp_path
     write(tmp_path, "p.cedar", 'permit(principal, action == Action::"read", resource);')
     engine.reload()
     assert ask(engine, {"read"}, {"docs"}).outcome is Outcome.ALLOW
+
+
+def test_the_decisions_of_one_second_are_kept_up_to_a_bound_in_pairs(
+    engine: PolicyEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Within one second a fleet's distinct questions are many: past the bound (in pairs, as a
+    # max-size intent's decision weighs 512 one-pair ones) the second's cache starts again.
+    monkeypatch.setattr(engine_module, "_DECISION_CACHE_PAIRS", 8, raising=False)
+    first = ask(engine, {"read"}, {"docs"})
+    assert ask(engine, {"read"}, {"docs"}) is first
+    ask(engine, {"read", "write"}, {"docs", "wiki", "mail"})  # 6 pairs: 7 held
+    assert ask(engine, {"read"}, {"docs"}) is first
+    ask(engine, {"read", "write"}, {"docs", "wiki"})  # 4 more: past 8, the cache starts again
+    assert ask(engine, {"read"}, {"docs"}) is not first
 
 
 # -- a server's every tool (invoke_tool on the server as a resource) -------------------------
