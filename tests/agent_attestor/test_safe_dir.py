@@ -133,3 +133,21 @@ def test_a_file_on_the_way_is_refused(root: Path) -> None:
     (root / "file").write_text("")
     with pytest.raises(ConfigError, match="is not a directory"):
         secure_dir(root / "file" / "x", "socket_path", 0o755)
+
+
+@as_root
+def test_a_symlink_another_user_made_in_a_sticky_directory_is_refused(root: Path) -> None:
+    """/tmp lets `nobody` make /tmp/svid-agent first, as a symlink to a directory that passes
+    (root's). The sticky bit lets no one else rename that link, but its owner may replace it
+    at any time: between the check and the bind, or once the agent serves, with a directory
+    of its own holding its own socket where every workload connects."""
+    ours = root / "ours"
+    ours.mkdir(mode=0o755)
+    sticky = root / "tmp"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    link = sticky / "svid-agent"
+    link.symlink_to(ours)
+    os.lchown(link, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=rf"socket_path: symlink {link} is owned by uid"):
+        secure_dir(link / "public", "socket_path", 0o755)
