@@ -7,7 +7,8 @@ put its own in its place: every workload then asks that user for its identities.
 directory from / down to the socket's own, and every directory holding a symlink on the way,
 must be the agent's user's or root's and writable by no one else; a root-owned sticky directory
 (/tmp) is fine, as no one may rename another's entry in it, and one of its entries another user
-made first is that user's and refused in its turn. Missing directories are made by the agent.
+made first (a directory or a symlink) is that user's and refused in its turn. Missing directories
+are made by the agent.
 
 A directory its group may write is fine where that group is its owner's private group (named
 as the owner, the owner's primary group, and no other user in it): the layout umask 002 assumes,
@@ -91,7 +92,13 @@ def secure_dir(path: Path, key: str, mode: int) -> Path:
                 os.chmod(nxt, mode)  # not left to the umask
             st = os.lstat(nxt)
         if stat.S_ISLNK(st.st_mode):
-            # The link sits in `current`, checked: no one else can change where it points.
+            # The link sits in `current`, checked; but in a sticky directory (/tmp) the link's
+            # owner may still replace it, so it must be the agent's user's or root's too.
+            if st.st_uid not in (uid, 0):
+                raise ConfigError(
+                    f"{key}: symlink {nxt} is owned by uid {st.st_uid}, not the agent's user "
+                    f"(uid {uid}) or root, so that user could point it elsewhere"
+                )
             links += 1
             if links > MAX_SYMLINKS:
                 raise ConfigError(f"{key}: too many symlinks on the way to {path}")
