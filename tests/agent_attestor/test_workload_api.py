@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -757,3 +758,39 @@ def test_one_uid_holds_a_bounded_number_of_streams_across_its_connections(
         for stream in held:
             stream.cancel()
     _until(lambda: agent.lt.call(lambda: agent.api.streams.held_by(os.getuid())) == 0)
+
+
+def test_a_uids_connections_hold_a_bounded_sum_of_unfinished_requests(agent: Harness) -> None:
+    # grpcio buffers each stream's request (up to MAX_MESSAGE) before any handler checks a
+    # header or a caller, so the streams one connection may open, times MAX_MESSAGE, times the
+    # connections a uid may hold (max_connections_per_uid, 256) is what any local user can make
+    # the agent hold, identity or not. Measured: streams opened until one waits for room.
+    agent.add_entry("/w")
+    stub = agent.stub()
+    held = []
+    per_connection = 0
+
+    def first_of(stream: Iterator[workload_pb2.X509BundlesResponse]) -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled at the end
+            next(stream)
+
+    try:
+        for _ in range(101):
+            stream = stub.FetchX509Bundles(
+                workload_pb2.X509BundlesRequest(), metadata=HEADER, timeout=30
+            )
+            held.append(stream)
+            first = threading.Thread(target=first_of, args=(stream,), daemon=True)
+            first.start()
+            first.join(2.0)
+            if first.is_alive():  # waiting for a stream of its connection to close
+                break
+            per_connection += 1
+    finally:
+        for stream in held:
+            stream.cancel()
+    per_uid = per_connection * MAX_MESSAGE * 256
+    assert per_uid <= 512 * 1024 * 1024, (
+        f"{per_connection} streams a connection: a uid's 256 connections hold "
+        f"{per_uid // (1024 * 1024)} MiB of unfinished requests"
+    )
