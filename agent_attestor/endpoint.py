@@ -24,10 +24,12 @@ from svid._proto import workload_pb2_grpc
 # any handler (or check of header or caller) runs, on each stream of a connection of anyone:
 # this bound times MAX_STREAMS_PER_CONNECTION is what one connection can make the agent hold.
 MAX_MESSAGE = 80 * 1024
-# Each open stream holds memory and a subscription here: one workload connection opening them
-# without end would take the agent's memory from the whole node. Past this, HTTP/2 makes its
-# client wait for one of its streams to close; an SDK's source holds a handful.
-MAX_STREAMS_PER_CONNECTION = 100
+# Each open stream holds memory and a subscription here, and each may hold a request of up to
+# MAX_MESSAGE before any check: with a uid's 256 connections (max_connections_per_uid), 16
+# streams bound what any local user can make the agent buffer to 320 MiB (100 made it 2 GiB).
+# Past this, HTTP/2 makes its client wait for one of its streams to close: an SDK's sources
+# hold a handful, and its unary calls beyond the bound queue rather than fail.
+MAX_STREAMS_PER_CONNECTION = 16
 # The internal server's gRPC options (bench/test_bench_agent.py gives its no-op baseline the same).
 SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE),
