@@ -1,0 +1,82 @@
+"""An upgraded x509pop node's former (SHA-1) agent banned through one server, the node attesting
+under its new ID through another whose change feed has not brought the ban in. That server's
+memory holds the former agent unbanned: admitting the node evicts it, and the eviction's
+delete must not take the ban with it (a ban is only ever lifted by the operator)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.ca.sealing import KeyEncryptionKey
+from server.datastore.errors import NotFoundError
+from server.datastore.records import AttestedAgent
+from svid._proto import admin_pb2
+from svid._spiffe_id import SpiffeId
+from svid._x509pop import sign_challenge
+from tests.server.fixtures import DER, PEM, TRUST_DOMAIN, short_tmpdir, start_server
+from tests.server.test_agent_unknown_to_replica import FeedGate, _new_gate
+from tests.server.test_replication_servers import wait_until
+from tests.server.test_x509pop import _attest, _ca, _node
+
+
+def test_a_former_id_banned_through_a_stays_banned_when_b_admits_the_node(
+    postgres_dsn: str,
+) -> None:
+    """Fails on main: B admits the node under its new ID and its eviction of the former
+    agent deletes the banned row, so the ban is gone from the datastore."""
+    root = short_tmpdir()
+    node_ca = _ca("node-ca")
+    (root / "node-ca.pem").write_bytes(node_ca[0].public_bytes(PEM))
+    KeyEncryptionKey.generate().write_new(root / "kek")
+    shared = {
+        "datastore": postgres_dsn,
+        "key_encryption_key_file": str(root / "kek"),
+        "x509pop_ca_bundle": str(root / "node-ca.pem"),
+    }
+    a = start_server(root, admin_socket=str(root / "a" / "admin.sock"), **shared)
+    b = start_server(
+        root, admin_socket=str(root / "b" / "admin.sock"), feed_poll_interval=60.0, **shared
+    )
+    follower = b.server.follower
+    assert follower is not None
+    gate: FeedGate = b.call(_new_gate())
+    follower.catch_up = gate.wrap(follower.catch_up)  # type: ignore[method-assign]
+    try:
+        cert, key = _node(*node_ca, "former-banned-elsewhere")
+        former = (
+            f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/"
+            + hashlib.sha1(cert.public_bytes(DER), usedforsecurity=False).hexdigest()
+        )
+        # The previous release's admission of the node, through A.
+        chain = a.server.ca.x509_signer().sign_svid(
+            ec.generate_private_key(ec.SECP256R1()).public_key(), SpiffeId.parse(former), 3600
+        )
+        serial = format(chain[0].serial_number, "x")
+        expires = int(chain[0].not_valid_after_utc.timestamp())
+        a.call(a.server.state.save_agent(AttestedAgent(former, "x509pop", serial, expires), None))
+        wait_until(lambda: former in b.server.state.agents, 5, "B to learn the former agent")
+        b.call(gate.close())
+        a.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=former), timeout=10)
+        assert not b.server.state.agents[former].banned  # B has not heard
+        admitted = None
+        refused = None
+        try:
+            admitted = _attest(b, [cert], lambda nonce: sign_challenge(key, nonce)).spiffe_id
+        except grpc.RpcError as exc:
+            refused = exc.code()  # type: ignore[attr-defined]
+        try:
+            banned = b.server.datastore.get_agent(former).banned
+        except NotFoundError:
+            banned = False  # deleted, ban and all
+        assert banned, f"the ban of {former} is gone from the datastore; B admitted {admitted}"
+        assert admitted is None, f"B admitted {admitted} for a node banned as {former}"
+        assert refused == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        b.call(gate.release())
+        b.stop()
+        a.stop()
+        shutil.rmtree(root, ignore_errors=True)
