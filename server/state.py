@@ -388,18 +388,23 @@ class ServerState:
         await self._after_write()
         return True
 
-    async def evict_agent(self, spiffe_id: str) -> Removal:
+    async def evict_agent(self, spiffe_id: str, *, unless_banned: bool = False) -> Removal:
         """Delete the agent's row, storing its removal with it: once the caller has revoked
         what the agent holds, `end_removal(removal)`; one left stored (the server died midway)
-        is finished by housekeeping (server/tasks/removals.py)."""
+        is finished by housekeeping (server/tasks/removals.py). `unless_banned`: a row the
+        datastore holds banned (perhaps through another server) stays, and ConflictError."""
         async with self._agent_writes:
-            return await self._evict_agent(spiffe_id)
+            return await self._evict_agent(spiffe_id, unless_banned)
 
-    async def _evict_agent(self, spiffe_id: str) -> Removal:
+    async def _evict_agent(self, spiffe_id: str, unless_banned: bool = False) -> Removal:
         if spiffe_id not in self._agents:
             raise NotFoundError(f"agent {spiffe_id} not found")
         removal = Removal(spiffe_id, REMOVAL_EVICTED, int(self._clock.now()))
-        await asyncio.to_thread(self._datastore.delete_agent, spiffe_id, removal)
+        await asyncio.to_thread(
+            functools.partial(
+                self._datastore.delete_agent, spiffe_id, removal, unless_banned=unless_banned
+            )
+        )
         self._touch(FEED_AGENT, (spiffe_id,))
         agents = dict(self._agents)
         agents.pop(spiffe_id, None)

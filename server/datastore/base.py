@@ -154,10 +154,13 @@ class RegistrationStore(Protocol):
         """All agents, ordered by spiffe_id."""
         ...
 
-    def delete_agent(self, spiffe_id: str, removal: Removal | None = None) -> None:
+    def delete_agent(
+        self, spiffe_id: str, removal: Removal | None = None, *, unless_banned: bool = False
+    ) -> None:
         """Evict: the agent must attest again. NotFoundError for an unknown agent. With
         `removal` (of this agent; ValueError otherwise), it is stored in the same transaction,
-        replacing any stored for the agent: no moment has the agent gone and no removal."""
+        replacing any stored for the agent: no moment has the agent gone and no removal.
+        `unless_banned`: a banned agent is kept, ban and all, and ConflictError raised."""
         ...
 
     def set_agent_banned(

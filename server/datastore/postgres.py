@@ -651,12 +651,22 @@ class PostgresDataStore(
     def list_agents(self) -> list[AttestedAgent]:
         return [_agent_from(r) for r in self._rows("list agents", q.LIST_AGENTS, {}, bulk=True)]
 
-    def delete_agent(self, spiffe_id: str, removal: Removal | None = None) -> None:
+    def delete_agent(
+        self, spiffe_id: str, removal: Removal | None = None, *, unless_banned: bool = False
+    ) -> None:
         row = _removal_of(spiffe_id, removal)
+        query = q.DELETE_AGENT_NOT_BANNED if unless_banned else q.DELETE_AGENT
 
         def work(cur: Cursor) -> None:
             self._lock_agent_key(cur, spiffe_id)
-            if cur.execute(pg(q.DELETE_AGENT), {"spiffe_id": spiffe_id}).rowcount != 1:
+            if cur.execute(pg(query), {"spiffe_id": spiffe_id}).rowcount != 1:
+                banned = (
+                    cur.execute(pg(q.AGENT_BANNED), {"spiffe_id": spiffe_id})
+                    if unless_banned
+                    else None
+                )
+                if banned is not None and banned.fetchone():
+                    raise ConflictError(f"agent {spiffe_id} is banned")
                 raise NotFoundError(f"agent {spiffe_id} not found")
             if row is not None:
                 cur.execute(pg(q.UPSERT_REMOVAL), row)

@@ -94,6 +94,10 @@ REPLACE_AGENT = (
 SELECT_AGENT = f"SELECT {_AGENT_COLUMNS} FROM agents WHERE spiffe_id = :spiffe_id"
 LIST_AGENTS = f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY spiffe_id"
 DELETE_AGENT = "DELETE FROM agents WHERE spiffe_id = :spiffe_id"
+# An eviction the server makes on its own (an upgraded node's former agent) never lifts a ban
+# another server stored that this one has not heard of: only the operator does.
+DELETE_AGENT_NOT_BANNED = "DELETE FROM agents WHERE spiffe_id = :spiffe_id AND banned = 0"
+AGENT_BANNED = "SELECT 1 FROM agents WHERE spiffe_id = :spiffe_id AND banned = 1"
 # A banned agent stays (its ban must hold against a new attestation under its ID), and so does
 # one whose removal is stored (its finisher revokes what the agent holds, and it may be evicted
 # and attested again meanwhile: that agent is a current one).

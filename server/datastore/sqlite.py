@@ -558,10 +558,18 @@ class SqliteDataStore(
     def list_agents(self) -> list[AttestedAgent]:
         return [_agent_from(r) for r in self._rows(q.LIST_AGENTS)]
 
-    def delete_agent(self, spiffe_id: str, removal: Removal | None = None) -> None:
+    def delete_agent(
+        self, spiffe_id: str, removal: Removal | None = None, *, unless_banned: bool = False
+    ) -> None:
         row = _removal_of(spiffe_id, removal)
+        query = q.DELETE_AGENT_NOT_BANNED if unless_banned else q.DELETE_AGENT
         with self._transaction() as db:
-            if db.execute(q.DELETE_AGENT, {"spiffe_id": spiffe_id}).rowcount != 1:
+            if db.execute(query, {"spiffe_id": spiffe_id}).rowcount != 1:
+                banned = (
+                    db.execute(q.AGENT_BANNED, {"spiffe_id": spiffe_id}) if unless_banned else None
+                )
+                if banned is not None and banned.fetchone():
+                    raise ConflictError(f"agent {spiffe_id} is banned")
                 raise NotFoundError(f"agent {spiffe_id} not found")
             if row is not None:
                 db.execute(q.UPSERT_REMOVAL, row)

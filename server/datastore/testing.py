@@ -147,9 +147,11 @@ class FaultInjectingDataStore:
         self._enter("list_agents")
         return self.inner.list_agents()
 
-    def delete_agent(self, spiffe_id: str, removal: Removal | None = None) -> None:
+    def delete_agent(
+        self, spiffe_id: str, removal: Removal | None = None, *, unless_banned: bool = False
+    ) -> None:
         self._enter("delete_agent")
-        self.inner.delete_agent(spiffe_id, removal)
+        self.inner.delete_agent(spiffe_id, removal, unless_banned=unless_banned)
 
     def set_agent_banned(
         self, spiffe_id: str, banned: bool, removal: Removal | None = None

@@ -24,7 +24,7 @@ from cryptography import x509
 from server.attestation.base import AttestationResult
 from server.attestation.join_token import REFUSED as TOKEN_REFUSED
 from server.ca.manager import CaManager
-from server.datastore.errors import AgentReplacedError, RemovalUnderWayError
+from server.datastore.errors import AgentReplacedError, ConflictError, RemovalUnderWayError
 from server.datastore.records import AttestedAgent, Removal
 from server.errors import NotFoundError, PermissionDeniedError
 from server.issuance.ledger import Ledger, LedgerUnavailableError
@@ -165,9 +165,15 @@ class AgentAdmission:
             if former == str(result.agent_id) or record is None or record.banned:
                 continue
             try:
-                removal = await self._state.evict_agent(former)
+                removal = await self._state.evict_agent(former, unless_banned=True)
             except NotFoundError:
                 continue  # evicted meanwhile, by another server or the operator
+            except ConflictError:
+                # Banned through another server whose change this one has not heard of yet:
+                # the ban stays and, as check() would have, refuses the node.
+                raise PermissionDeniedError(
+                    f"agent {former}, as this node was named before {result.agent_id}, is banned"
+                ) from None
             _log.warning(
                 "agent evicted: its node attested under its new ID",
                 extra={"agent_id": former, "new_agent_id": str(result.agent_id)},
