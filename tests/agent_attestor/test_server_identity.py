@@ -370,3 +370,19 @@ def test_a_channel_checked_again_keeps_the_trust_domains_cas_it_pinned_until_the
     expired = old.cert.not_valid_after_utc.timestamp()
     assert kept_pin(pem[new.cert], pem[old.cert], "example.org", expired) == pem[new.cert]
     assert kept_pin(pem[new.cert], b"", "example.org", now) == pem[new.cert]
+
+
+def test_checks_alternating_between_the_old_and_new_cas_servers_keep_one_pin() -> None:
+    """Mid-rotation behind a balancer, each check of the server may meet either CA. The pin
+    then holds both whichever came first; a pin of the same CAs in another order is a new pin
+    to NodeClient._check, which retires the channel in use and opens another at every check,
+    the retired ones kept until the client closes."""
+    shared = LocalCa(SystemClock(), trust_domain="corporate.example")
+    old, new = _own_ca(shared), _own_ca(shared)
+    now = SystemClock().now()
+    pin = kept_pin(old.cert.public_bytes(PEM), b"", "example.org", now)
+    pins = []
+    for ca in (new, old, new, old):
+        pin = kept_pin(ca.cert.public_bytes(PEM), pin, "example.org", now)
+        pins.append(pin)
+    assert len(set(pins)) == 1, f"{len(set(pins))} pins of the same two CAs"
