@@ -123,15 +123,20 @@ def kept_pin(fresh_pem: bytes, previous_pem: bytes, trust_domain: str, now: floa
     have not expired. A rotation under an upstream root is met by each server of the trust
     domain at its own server-SVID renewal: until the last one renews, some present the old CA's
     certificate and some the new one's, and a balancer hands the agent's connections to either.
-    A leaf pinned alone (see anchors) is not carried on: it is no CA of the trust domain."""
+    A leaf pinned alone (see anchors) is not carried on: it is no CA of the trust domain.
+    The same certificates as `previous_pem` are `previous_pem` itself, whatever order the check
+    found them in: the node client opens a new channel for a pin whose bytes differ."""
     fresh = _roots(fresh_pem)
+    previous = _roots(previous_pem)
     kept = [
         ca
-        for ca in _roots(previous_pem)
+        for ca in previous
         if ca not in fresh
         and _is_ca_of(ca, trust_domain)
         and ca.not_valid_after_utc.timestamp() > now
     ]
+    if fresh and set(fresh + kept) == set(previous):
+        return previous_pem
     return fresh_pem + b"".join(ca.public_bytes(Encoding.PEM) for ca in kept)
 
 
