@@ -179,3 +179,47 @@ def test_health_watches_count_against_the_uids_stream_maximum() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     assert answered <= 4, f"{answered} health Watch streams held by a uid allowed 4 streams"
+
+
+@as_root
+def test_a_stalled_health_watch_gives_its_stream_back_when_its_connection_goes() -> None:
+    """A Watch whose answer cannot go out (no HTTP/2 window) is suspended at its write, not in
+    its own code: once its client goes, its stream must still count no more against the uid's
+    max_streams_per_uid, or each such Watch leaks a stream of the budget for good."""
+    root = short_tmpdir()
+    os.chmod(root, 0o755)
+    status_of = health_pb2.HealthCheckResponse
+
+    async def scenario() -> tuple[int, int]:
+        socket_path = root / "public" / "api.sock"
+        app = AgentApp(
+            build_config({"data_dir": str(root / "agent"), "socket_path": str(socket_path)}, {})
+        )
+        await app.health.set("", status_of.NOT_SERVING)
+        await app.endpoint.start()
+        os.chmod(socket_path.parent, 0o755)
+        attacker = _stalled_watch_as_nobody(socket_path)
+        try:
+            assert attacker.stdout is not None
+            line = await asyncio.to_thread(attacker.stdout.readline)
+            assert line.strip() == "held"
+            await app.health.set("", status_of.SERVING)  # a second answer, held at its write
+            await asyncio.sleep(0.5)
+            held = app.health._streams.held_by(NOBODY)
+        finally:
+            assert attacker.stdin is not None
+            attacker.stdin.close()
+            await asyncio.to_thread(attacker.wait, 10)
+        for _ in range(500):  # 5 s
+            if app.health._streams.held_by(NOBODY) == 0:
+                break
+            await asyncio.sleep(0.01)
+        left = app.health._streams.held_by(NOBODY)
+        await app.endpoint.stop(0)
+        return held, left
+
+    try:
+        held, left = asyncio.run(scenario())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert (held, left) == (1, 0), f"held {held} while the Watch lived, {left} after it went"
