@@ -92,9 +92,9 @@ def secure_dir(path: Path, key: str, mode: int) -> Path:
                 os.chmod(nxt, mode)  # not left to the umask
             st = os.lstat(nxt)
         if stat.S_ISLNK(st.st_mode):
-            # The link sits in `current`, checked; but in a sticky directory (/tmp) the link's
-            # owner may still replace it, so it must be the agent's user's or root's too.
-            if st.st_uid not in (uid, 0):
+            # The link sits in `current`, checked: no one else may replace it there, but in a
+            # sticky directory (/tmp) its owner may, so there it must be ours or root's too.
+            if st.st_uid not in (uid, 0) and os.lstat(current).st_mode & stat.S_ISVTX:
                 raise ConfigError(
                     f"{key}: symlink {nxt} is owned by uid {st.st_uid}, not the agent's user "
                     f"(uid {uid}) or root, so that user could point it elsewhere"

@@ -151,3 +151,16 @@ def test_a_symlink_another_user_made_in_a_sticky_directory_is_refused(root: Path
     os.lchown(link, NOBODY, NOBODY)
     with pytest.raises(ConfigError, match=rf"socket_path: symlink {link} is owned by uid"):
         secure_dir(link / "public", "socket_path", 0o755)
+
+
+@as_root
+def test_a_symlink_another_user_owns_in_a_directory_only_we_may_write_is_followed(
+    root: Path,
+) -> None:
+    """A link's target cannot be changed, only the link replaced, which takes writing its
+    directory: outside a sticky one, whose the link is does not matter."""
+    (root / "real").mkdir()
+    link = root / "link"
+    link.symlink_to("real")
+    os.lchown(link, NOBODY, NOBODY)
+    assert secure_dir(link / "sub", "socket_path", 0o755) == root / "real" / "sub"
