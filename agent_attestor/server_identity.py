@@ -23,7 +23,6 @@ and a channel pinned once would refuse the agent's own server when its certifica
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import ssl
 from collections.abc import Sequence
@@ -219,8 +218,15 @@ async def server_anchors(
         ]
     finally:
         writer.close()
-        with contextlib.suppress(OSError):  # the server may refuse a client sending nothing
-            await writer.wait_closed()
+        # The server may refuse a client sending nothing (OSError), or never answer the close:
+        # bounded as the handshake is, not by asyncio's 30 s TLS shutdown, and then cut.
+        try:
+            async with asyncio.timeout(timeout):
+                await writer.wait_closed()
+        except OSError:
+            pass
+        except TimeoutError:
+            writer.transport.abort()
     leaf = chain[0]
     try:
         presented = str(spiffe_id_from_cert(leaf))

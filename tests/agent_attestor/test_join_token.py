@@ -197,6 +197,11 @@ def _server_tls(ca: LocalCa, chain: bool = False) -> grpc.ServerCredentials:
     """A certificate the agent's attestation channel accepts: by `ca`, for the name it dials,
     with the server ID of `ca`'s trust domain (a real server's); `chain`: served with `ca`'s
     certificate above it, as a server under an upstream root serves its CA's."""
+    return grpc.ssl_server_credentials([server_pems(ca, chain)])
+
+
+def server_pems(ca: LocalCa, chain: bool = False) -> tuple[bytes, bytes]:
+    """The (key, certificate chain) PEMs of _server_tls."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = ca.clock.now()
     cert = (
@@ -222,7 +227,7 @@ def _server_tls(ca: LocalCa, chain: bool = False) -> grpc.ServerCredentials:
     served = cert.public_bytes(Encoding.PEM) + (
         ca.cert.public_bytes(Encoding.PEM) if chain else b""
     )
-    return grpc.ssl_server_credentials([(key_pem, served)])
+    return key_pem, served
 
 
 def test_what_a_server_says_refusing_the_token_is_kept_without_the_token() -> None:

@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,15 +18,18 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from agent_attestor.errors import AttestationError, JoinTokenRefusedError, ServerNotVerifiedError
 from agent_attestor.node_client import NodeClient
-from agent_attestor.server_identity import anchors, kept_pin
+from agent_attestor.server_identity import anchors, kept_pin, server_anchors
 from svid._clock import SystemClock, to_datetime
 from svid._proto import node_pb2, node_pb2_grpc
+from svid._spiffe_id import SpiffeId
 from tests.agent_attestor.pki import LocalCa
 from tests.agent_attestor.test_join_token import _server_tls as server_tls
+from tests.agent_attestor.test_join_token import server_pems
 from tests.server.fixtures import PEM, bundle_pem
 from tests.server.shared_root import two_trust_domains
 
@@ -386,3 +394,42 @@ def test_checks_alternating_between_the_old_and_new_cas_servers_keep_one_pin() -
         pin = kept_pin(ca.cert.public_bytes(PEM), pin, "example.org", now)
         pins.append(pin)
     assert len(set(pins)) == 1, f"{len(set(pins))} pins of the same two CAs"
+
+
+def test_a_server_that_stalls_after_its_handshake_does_not_hold_the_check_past_its_timeout(
+    tmp_path: Path,
+) -> None:
+    """The handshake was bounded and the close after it was not: a server that never answers
+    the close held the check (and the pinning lock with it) for asyncio's 30 s TLS shutdown."""
+    ca = LocalCa(SystemClock())
+    key_pem, chain_pem = server_pems(ca)
+    (tmp_path / "key.pem").write_bytes(key_pem)
+    (tmp_path / "chain.pem").write_bytes(chain_pem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "chain.pem", tmp_path / "key.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held: list[ssl.SSLSocket] = []
+    release = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        tls = context.wrap_socket(conn, server_side=True)  # the handshake, then nothing read
+        held.append(tls)
+        release.wait(60)
+        tls.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        expected = SpiffeId.parse("spiffe://example.org/svid/server")
+        started = time.monotonic()
+        root = ca.cert.public_bytes(Encoding.PEM)
+        pem = asyncio.run(server_anchors(f"127.0.0.1:{port}", root, expected, 2.0))
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        server.join(5)
+        listener.close()
+    assert ca.cert.public_bytes(Encoding.PEM) in pem
+    assert took < 5, f"the check took {took:.1f} s against its 2 s timeout"
