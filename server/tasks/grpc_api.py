@@ -20,6 +20,7 @@ from server import listing, status
 from server.agent_authority import AgentAuthority
 from server.datastore.records import AttestedAgent, TaskCursor
 from server.errors import InvalidRequestError, PermissionDeniedError, RateLimitedError
+from server.held_threads import run_held
 from server.input_text import refuse_nul
 from server.peer import PeerCache
 from server.policy import PolicyEngine
@@ -353,8 +354,11 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         # sent, so that an older agent's tokens stay good).
         query: list[object] = ["node-tasks", agent.spiffe_id, runtime_ids, state]
         page = _Page(request, [*query, entry_ids] if entry_ids else query)
+        # Held to the thread's end even if the caller gives up: else a caller cancelling at
+        # will frees its turns while its listings run on, holding every thread of the pool.
         async with self._listings.hold(agent.spiffe_id), self._listing_threads:
-            return await asyncio.to_thread(
+            return await run_held(
+                None,
                 page.read,
                 self._service,
                 agent_id=agent.spiffe_id,
