@@ -30,6 +30,7 @@ from server.datastore.errors import TaskEndedMeanwhileError
 from server.datastore.records import AttestedAgent, Entry
 from server.entitlement import Entitlement, SpiffeIdCache, agent_parents
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from server.held_threads import run_held
 from server.ids import ServerIds
 from server.input_text import refuse_nul
 from server.issuance.agent_share import AgentShare
@@ -430,8 +431,10 @@ class Issuer:
                 return outcomes
         # Only batches with task items wait for the agent's share: a workload JWT costs one
         # signature, which jwt_rate_per_agent already bounds.
+        # Held to the thread's end even if the caller gives up: else an agent cancelling its
+        # batches at will leaves its share while their decisions run on, holding every thread.
         async with self._jwt_share.hold(agent_id) if plan.tasks else contextlib.nullcontext():
-            outcomes, recorded, credentials, events = await self._run(
+            outcomes, recorded, credentials, events = await run_held(
                 self._jwt_executor, self._issue_jwt_batch, plan, agent_id
             )
         if recorded is not None:
