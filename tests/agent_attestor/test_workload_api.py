@@ -26,6 +26,8 @@ from svid._jwt import MAX_TOKEN_BYTES
 from svid._limits import MAX_AUDIENCE_BYTES
 from svid._proto import task_pb2, workload_pb2, workload_pb2_grpc
 from svid._verify_jwt import DEFAULT_LEEWAY
+from svid._workload_client import WorkloadApiClient
+from svid._workload_source import X509Source
 from svid._x509 import spiffe_id_from_cert
 from tests.agent_attestor.harness import HEADER, Harness
 
@@ -794,3 +796,23 @@ def test_a_uids_connections_hold_a_bounded_sum_of_unfinished_requests(agent: Har
         f"{per_connection} streams a connection: a uid's 256 connections hold "
         f"{per_uid // (1024 * 1024)} MiB of unfinished requests"
     )
+
+
+def test_a_process_holding_a_few_sources_still_gets_its_calls_answered(agent: Harness) -> None:
+    # grpcio shares one connection among the channels of a process to one socket (its global
+    # subchannel pool), so MAX_STREAMS_PER_CONNECTION would bound the whole process's streams,
+    # not one client's. A source holds its 3 or 4 streams for its life: with a source per
+    # tenant, or a library's beside the app's, a call past the bound waits for a stream to
+    # close, which a source's never do. Each client has a connection of its own.
+    agent.add_entry("/w")
+    address = f"unix://{agent.socket_path}"
+    sources = [X509Source(address, jwt_bundles=True, ready_timeout=10) for _ in range(8)]
+    try:
+        for source in sources:
+            source.__enter__()
+        with WorkloadApiClient(address, timeout=5) as client:
+            token = client.fetch_jwt_svid("a-service")
+        assert token.spiffe_id == "spiffe://example.org/w"
+    finally:
+        for source in sources:
+            source.stop()
