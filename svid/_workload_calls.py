@@ -21,6 +21,10 @@ METADATA = (("workload.spiffe.io", "true"),)
 DEFAULT_TIMEOUT = 10.0
 # Reconnect quickly after an agent restart; the caller's own backoff paces retries beyond that.
 CHANNEL_OPTIONS = (
+    # A connection of its own: grpcio otherwise shares one among every channel of the process
+    # to the socket, and the agent serves a connection 16 streams at once (a source holds 3 or
+    # 4 for its life), so a process's sixth source would wait for ever for a stream to close.
+    ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
