@@ -75,6 +75,17 @@ def test_a_former_id_banned_through_a_stays_banned_when_b_admits_the_node(
         assert banned, f"the ban of {former} is gone from the datastore; B admitted {admitted}"
         assert admitted is None, f"B admitted {admitted} for a node banned as {former}"
         assert refused == grpc.StatusCode.PERMISSION_DENIED
+        # The admission's allow went on the log before the eviction found the ban: a deny of the
+        # same agent must follow it, so the log does not say the node was admitted.
+        said = [
+            r["decision"]
+            for r in b.server.datastore.audit_rows()
+            if r["kind"] == "node_attestation" and r["agent_id"] not in (None, former)
+        ]
+        assert said, "no node_attestation event of the node's new ID"
+        assert said[-1] == "deny", (
+            f"the log says {said} of the node's admission under its new ID, refused"
+        )
     finally:
         b.call(gate.release())
         b.stop()
