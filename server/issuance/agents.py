@@ -146,7 +146,12 @@ class AgentAdmission:
             raise PermissionDeniedError(TOKEN_REFUSED)
         # Before the chain leaves: should an eviction fail, the node attests again and the
         # eviction is tried again, and meanwhile no agent holds the new ID's SVID.
-        await self._evict_former(result)
+        try:
+            await self._evict_former(result)
+        except PermissionDeniedError as exc:
+            # A former ID's ban found only now: the allow is on the log, so a deny follows it.
+            await self.refused(kind, str(exc), agent_id=agent.spiffe_id, serial=agent.serial)
+            raise
         self._metrics.attestations.labels(type=result.attestation_type, result="ok").inc()
         self._issued()
         _log.info(
