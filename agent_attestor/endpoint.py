@@ -25,11 +25,12 @@ from svid._proto import workload_pb2_grpc
 # this bound times MAX_STREAMS_PER_CONNECTION is what one connection can make the agent hold.
 MAX_MESSAGE = 80 * 1024
 # Each open stream holds memory and a subscription here, and each may hold a request of up to
-# MAX_MESSAGE before any check: with a uid's 256 connections (max_connections_per_uid), 16
-# streams bound what any local user can make the agent buffer to 320 MiB (100 made it 2 GiB).
-# Past this, HTTP/2 makes its client wait for one of its streams to close: an SDK's sources
-# hold a handful, and its unary calls beyond the bound queue rather than fail.
-MAX_STREAMS_PER_CONNECTION = 16
+# MAX_MESSAGE before any check: with a uid's 256 connections (max_connections_per_uid), 24
+# streams bound what any local user can make the agent buffer to 480 MiB (100 made it 2 GiB).
+# Past this, HTTP/2 makes its client wait for one of its streams to close. grpcio shares one
+# connection among a process's channels to the socket: svid's clients each take their own, and
+# py-spiffe's sources, which share one, hold a stream each, so twenty fit beside a call.
+MAX_STREAMS_PER_CONNECTION = 24
 # The internal server's gRPC options (bench/test_bench_agent.py gives its no-op baseline the same).
 SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE),

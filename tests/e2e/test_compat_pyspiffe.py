@@ -190,3 +190,26 @@ def test_a_workload_without_identity_gets_an_error_not_an_empty_context(agent: H
             client.fetch_x509_context(timeout=5)
     finally:
         client.close()
+
+
+def test_a_process_holding_twenty_py_spiffe_sources_has_each_answered(agent: Harness) -> None:
+    """grpcio shares one connection among a process's channels to the socket, and py-spiffe
+    opens no connection of its own per source: the per-connection stream bound must leave room
+    for the sources one process holds, plus a call beside them."""
+    agent.add_entry("/a")
+    x509 = [X509Source(socket_path=_uri(agent), timeout_in_seconds=10) for _ in range(14)]
+    jwt = [JwtSource(socket_path=_uri(agent), timeout_in_seconds=10) for _ in range(6)]
+    client = WorkloadApiClient(socket_path=_uri(agent))
+    try:
+        for source in x509:
+            assert str(source.get_x509_context().default_svid.spiffe_id) == "spiffe://example.org/a"
+        for jwt_source in jwt:
+            assert jwt_source.get_bundle_for_trust_domain(TD) is not None
+        token = client.fetch_jwt_svid(audience={"svc"})
+        assert str(token.spiffe_id) == "spiffe://example.org/a"
+    finally:
+        client.close()
+        for source in x509:
+            source.close()
+        for jwt_source in jwt:
+            jwt_source.close()
