@@ -1,0 +1,66 @@
+"""A PostgreSQL URL's secrets in what a real svid-server process prints when it cannot open the
+datastore: its password, and the client key's passphrase (libpq's sslpassword), never."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.ca.sealing import KeyEncryptionKey
+from tests.e2e.conftest import server_command, short_tmpdir
+
+pytest.importorskip("psycopg")
+
+PASSWORD = "hunter2-not-shown"
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    where = short_tmpdir("svds")
+    try:
+        yield where
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def run_server(root: Path, dsn: str) -> subprocess.CompletedProcess[str]:
+    """`svid-server run` on `dsn` at debug level; it must stop at start, the datastore unopened."""
+    kek = root / "kek"
+    KeyEncryptionKey.generate().write_new(kek)
+    (root / "priv").mkdir(mode=0o700)
+    values = {
+        "trust_domain": "example.org",
+        "data_dir": str(root / "data"),
+        "bind_address": "127.0.0.1:0",
+        "attest_bind_address": "127.0.0.1:0",
+        "admin_socket": str(root / "priv" / "admin.sock"),
+        "log_level": "debug",
+        "datastore": dsn,
+        "key_encryption_key_file": str(kek),
+    }
+    config = root / "server.toml"
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return subprocess.run(
+        [*server_command(), "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+
+
+def test_a_password_with_a_bad_percent_escape_is_not_printed(root: Path) -> None:
+    # libpq refuses "%zz" in the URL's password, quoting the password in its message; the
+    # server parses the URL for its connection options before the scrubbed open.
+    done = run_server(root, f"postgresql://postgres:{PASSWORD}%zz@127.0.0.1:1/test")
+    said = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert PASSWORD not in said, said[-600:]
+    assert "Traceback" not in said, said[-600:]
