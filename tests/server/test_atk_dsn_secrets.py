@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from server.ca.sealing import KeyEncryptionKey
+from server.datastore.postgres_dsn import redact_dsn
 from tests.e2e.conftest import server_command, short_tmpdir
 
 pytest.importorskip("psycopg")
 
 PASSWORD = "hunter2-not-shown"
+PASSPHRASE = "key-passphrase-not-shown"
 
 
 @pytest.fixture
@@ -64,3 +66,20 @@ def test_a_password_with_a_bad_percent_escape_is_not_printed(root: Path) -> None
     assert done.returncode != 0
     assert PASSWORD not in said, said[-600:]
     assert "Traceback" not in said, said[-600:]
+
+
+def test_the_client_key_passphrase_is_hidden_like_the_password() -> None:
+    # libpq's sslpassword decrypts the client's TLS key: as much a secret as the password.
+    dsn = f"postgresql://postgres@127.0.0.1/test?sslpassword={PASSPHRASE}&sslmode=require"
+    assert PASSPHRASE not in redact_dsn(dsn)
+
+
+def test_the_client_key_passphrase_is_not_printed_when_the_datastore_is_refused(
+    root: Path,
+) -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:1/test?sslpassword={PASSPHRASE}&sslmode=bogus"
+    done = run_server(root, dsn)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "sslmode" in said, said[-600:]  # refused for the datastore, not something else
+    assert PASSPHRASE not in said, said[-600:]
