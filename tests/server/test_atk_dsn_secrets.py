@@ -83,3 +83,25 @@ def test_the_client_key_passphrase_is_not_printed_when_the_datastore_is_refused(
     assert done.returncode != 0
     assert "sslmode" in said, said[-600:]  # refused for the datastore, not something else
     assert PASSPHRASE not in said, said[-600:]
+
+
+def test_audit_verify_does_not_print_a_malformed_urls_password() -> None:
+    # `audit verify --datastore` takes the URL as given (no config check): libpq's complaint
+    # about the unclosed IPv6 bracket quotes the whole URL, password and all.
+    done = subprocess.run(
+        [
+            *server_command(),
+            "audit",
+            "verify",
+            "--datastore",
+            f"postgresql://postgres:{PASSWORD}@[::1/test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    said = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert PASSWORD not in said, said[-600:]
