@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from server.ca.sealing import KeyEncryptionKey
-from server.datastore.postgres_dsn import redact_dsn
+from server.datastore.postgres_dsn import redact_dsn, scrub
 from tests.e2e.conftest import server_command, short_tmpdir
 
 pytest.importorskip("psycopg")
@@ -105,3 +105,20 @@ def test_audit_verify_does_not_print_a_malformed_urls_password() -> None:
     said = done.stdout + done.stderr
     assert done.returncode != 0
     assert PASSWORD not in said, said[-600:]
+
+
+def test_scrub_hides_a_password_spelled_partly_percent_encoded() -> None:
+    # libpq quotes the password as the URL spells it; scrub replaces only its decoded form and
+    # quote()'s full encoding, so "...show%6E" (an "n" encoded) is left whole in the message.
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    dsn = "postgresql://postgres:hunter2-not-show%6E%zz@127.0.0.1:1/test"
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        said = str(exc)
+    else:
+        raise AssertionError("libpq took a URL with %zz in it")
+    assert "hunter2-not-show" in said  # libpq does quote it: what scrub is for
+    assert "hunter2-not-show" not in scrub(said, dsn)
