@@ -122,3 +122,21 @@ def test_scrub_hides_a_password_spelled_partly_percent_encoded() -> None:
         raise AssertionError("libpq took a URL with %zz in it")
     assert "hunter2-not-show" in said  # libpq does quote it: what scrub is for
     assert "hunter2-not-show" not in scrub(said, dsn)
+
+
+def test_a_query_password_holding_a_hash_is_hidden_whole() -> None:
+    # libpq reads "?password=abc#rest" as the password "abc#rest" (no fragment in its URLs);
+    # urlsplit ends the query at the '#', so redact_dsn hides "abc" and shows the rest.
+    dsn = f"postgresql://postgres@127.0.0.1/test?password=abc#{PASSWORD}"
+    assert PASSWORD not in redact_dsn(dsn)
+
+
+def test_a_query_password_holding_a_hash_is_not_printed_when_the_datastore_is_refused(
+    root: Path,
+) -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:1/test?sslmode=bogus&password=abc#{PASSWORD}"
+    done = run_server(root, dsn)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "sslmode" in said, said[-600:]  # refused for the datastore, not something else
+    assert PASSWORD not in said, said[-600:]
