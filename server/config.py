@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from server.attestation.join_token import MAX_TOKEN_TTL
-from server.datastore.postgres_dsn import is_postgres_dsn, redact_dsn
+from server.datastore.postgres_dsn import check_dsn, is_postgres_dsn, redact_dsn
 from server.errors import ConfigError
 from svid._daemon_config import (
     FileWords,
@@ -279,6 +279,7 @@ def _as_datastore(key: str, value: Any) -> str:
     except ValueError:
         # Never the value itself: it may hold a password.
         raise ConfigError(f"{key}: not a valid PostgreSQL URL: {redact_dsn(text)}") from None
+    check_dsn(key, text)
     return text
 
 

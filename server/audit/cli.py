@@ -242,12 +242,17 @@ def _postgres_dsn(
 ) -> str | None:
     """The PostgreSQL datastore to verify: --datastore, else the config's, unless --audit-db
     names a file."""
-    from server.datastore.postgres_dsn import is_postgres_dsn  # noqa: PLC0415
+    from server.datastore.postgres_dsn import check_dsn, is_postgres_dsn  # noqa: PLC0415
+    from server.errors import ConfigError  # noqa: PLC0415
 
     given = getattr(args, "datastore", None)
     if given is not None:
         if not is_postgres_dsn(given):
             raise CliError("--datastore: a postgresql:// URL (a SQLite file: --audit-db)")
+        try:
+            check_dsn("--datastore", given)
+        except ConfigError as e:
+            raise CliError(str(e)) from None
         return str(given)
     configured = str(config(args).get("datastore") or "")
     if args.audit_db is None and is_postgres_dsn(configured):

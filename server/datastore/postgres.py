@@ -259,7 +259,14 @@ class PostgresDataStore(
         self._listen_lock = threading.Lock()
         # wait_feed's LISTEN connection, and the schema whose notifications are this store's.
         self._listener: tuple[psycopg.Connection[Any], str] | None = None
-        self._options = connection_options(dsn, read_only=not migrate)
+        try:
+            self._options = connection_options(dsn, read_only=not migrate)
+        except psycopg.Error:
+            # libpq's complaint quotes the URL as spelled, password and all: not passed on.
+            raise StorageError(
+                f"cannot open the PostgreSQL datastore at {redact_dsn(dsn)}: "
+                "not a valid PostgreSQL URL"
+            ) from None
         # A pool check runs at most once at a time, off the failing call's thread.
         self._checking = threading.Lock()
         # One connection first: if the database cannot be reached, this is the error that

@@ -87,6 +87,21 @@ def scrub(text: str, dsn: str) -> str:
     return _KEYWORD_PASSWORD.sub(rf"\g<1>{_HIDDEN}", text)
 
 
+def check_dsn(what: str, dsn: str) -> None:
+    """ConfigError unless libpq can read `dsn`, naming it only as redact_dsn shows it: libpq's
+    own complaint quotes the URL as spelled, secrets and all. Without psycopg (no `postgres`
+    extra) nothing is checked here: open_postgres refuses such a DSN."""
+    try:
+        from psycopg import Error  # noqa: PLC0415 - see the module's docstring
+        from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+    except ImportError:
+        return
+    try:
+        conninfo_to_dict(dsn)
+    except Error:
+        raise ConfigError(f"{what}: not a valid PostgreSQL URL: {redact_dsn(dsn)}") from None
+
+
 def open_postgres(dsn: str, clock: Clock, *, migrate: bool = True) -> DataStore:
     """The PostgreSQL datastore at `dsn`: the one place that loads the backend (and psycopg),
     so everything else imports without the `postgres` extra. `migrate=False`: read-only, this

@@ -261,6 +261,13 @@ def test_the_datastore_password_stays_out_of_errors_and_the_repr() -> None:
         build_config({"trust_domain": "example.org", "datastore": "postgresql://u:pw-9@h:xx/db"})
     assert str(caught.value).startswith("datastore: not a valid PostgreSQL URL")
     assert "pw-9" not in str(caught.value)
+    # One libpq cannot read (a bad %-escape, an unclosed bracket): refused here, not at the
+    # open, and libpq's complaint, quoting the URL as spelled, not passed on.
+    pytest.importorskip("psycopg")
+    for bad in ("postgresql://u:pw-9%zz@h/db", "postgresql://u:pw-9@[::1/db"):
+        with pytest.raises(ConfigError, match=r"^datastore: not a valid PostgreSQL URL") as caught:
+            build_config({"trust_domain": "example.org", "datastore": bad, **KEK})
+        assert "pw-9" not in str(caught.value)
     config = build_config(
         {"trust_domain": "example.org", "datastore": "postgresql://u:pw-9@h/d", **KEK}
     )

@@ -538,6 +538,15 @@ def test_redaction_covers_every_place_a_password_can_sit() -> None:
     assert redact_dsn(f"host=h password='{SECRET} x' dbname=d") == "host=h password=*** dbname=d"
 
 
+def test_a_url_libpq_cannot_read_is_refused_without_its_password(clock: FakeClock) -> None:
+    # libpq's own complaint about "%zz" quotes the password: the store names the URL redacted.
+    dsn = f"postgresql://svidd:{SECRET}%zz@127.0.0.1:1/svidd"
+    with pytest.raises(StorageError, match="not a valid PostgreSQL URL") as caught:
+        PostgresDataStore(dsn, clock, timeout=2)
+    assert SECRET not in str(caught.value)
+    assert "postgresql://svidd:***@127.0.0.1:1/svidd" in str(caught.value)
+
+
 # -- the audit chain ----------------------------------------------------------------------------
 
 
