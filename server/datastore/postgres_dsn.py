@@ -41,27 +41,50 @@ def _split_userinfo(dsn: str) -> tuple[str, str, str]:
     return scheme, rest[:at], rest[at + 1 :]
 
 
-def _url_password(dsn: str) -> str | None:
+# libpq's parameters that are secrets: the password, and the passphrase of the client's key.
+_SECRET_KEYS = ("password", "sslpassword")
+
+
+def _split_query(rest: str) -> tuple[str, list[tuple[str, str]]]:
+    """(what precedes the '?', the query's (key, value as spelled) pairs) of a URL DSN's part
+    after its user part. As libpq reads it: the query runs to the end, '#' included (libpq's
+    URLs have no fragment), its pairs split at '&' and each at its first '='."""
+    before, _, query = rest.partition("?")
+    pairs = [pair.partition("=") for pair in query.split("&") if pair] if query else []
+    return before, [(k, v) for k, _, v in pairs]
+
+
+def _unquote(spelled: str) -> str:
+    try:
+        return urllib.parse.unquote(spelled, errors="strict")
+    except UnicodeDecodeError:
+        return spelled
+
+
+def _url_secrets(dsn: str) -> list[str]:
+    """Every spelling of the URL's secrets a message may quote: each as the URL spells it (libpq
+    quotes it so when it cannot decode it), decoded, and fully percent-encoded; longest first,
+    so a longer spelling is replaced before a part of it."""
     _, userinfo, rest = _split_userinfo(dsn)
     _user, sep, password = userinfo.partition(":")
-    if sep and password:
-        return urllib.parse.unquote(password)
-    try:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(f"x://{rest}").query)
-    except ValueError:
-        return None
-    found = query.get("password")
-    return found[0] if found else None
+    spelled = [password] if sep and password else []
+    spelled += [v for k, v in _split_query(rest)[1] if k.lower() in _SECRET_KEYS and v]
+    found: set[str] = set()
+    for raw in spelled:
+        decoded = _unquote(raw)
+        found |= {raw, decoded, urllib.parse.quote(decoded, safe="")}
+    return sorted((s for s in found if s), key=len, reverse=True)
 
 
 def redact_dsn(dsn: str) -> str:
-    """`dsn` fit for a log line or an error: the password (in the URL's user part or as a
-    `password=` parameter) replaced by ***."""
+    """`dsn` fit for a log line or an error: its secrets (the password in the URL's user part,
+    `password=` and `sslpassword=` parameters) replaced by ***."""
     if not is_postgres_dsn(dsn):  # libpq's key=value form
         return _KEYWORD_PASSWORD.sub(rf"\g<1>{_HIDDEN}", dsn)
     scheme, userinfo, rest = _split_userinfo(dsn)
+    before, pairs = _split_query(rest)
     try:
-        parts = urllib.parse.urlsplit(f"{scheme}://{rest}")
+        parts = urllib.parse.urlsplit(f"{scheme}://{before}")
     except ValueError:
         return f"{scheme}://{_HIDDEN}"  # unreadable: show nothing of it
     netloc = parts.netloc
@@ -69,21 +92,17 @@ def redact_dsn(dsn: str) -> str:
         user, sep, _password = userinfo.partition(":")
         netloc = f"{user}{':' + _HIDDEN if sep else ''}@{netloc}"
     query = "&".join(
-        f"{k}={_HIDDEN}" if k.lower() == "password" else f"{k}={urllib.parse.quote(v, safe='')}"
-        for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        f"{k}={_HIDDEN}" if k.lower() in _SECRET_KEYS else f"{k}={v}" for k, v in pairs
     )
+    # Path and a '#' in it as given: before the '?', libpq's dbname may hold one.
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def scrub(text: str, dsn: str) -> str:
-    """`text` (a driver's message, say) with the DSN and its password taken out."""
-    password = _url_password(dsn)
+    """`text` (a driver's message, say) with the DSN and its secrets taken out."""
     text = text.replace(dsn, redact_dsn(dsn))
-    if password:
-        text = text.replace(password, _HIDDEN)
-        quoted = urllib.parse.quote(password, safe="")
-        if quoted != password:
-            text = text.replace(quoted, _HIDDEN)
+    for secret in _url_secrets(dsn):
+        text = text.replace(secret, _HIDDEN)
     return _KEYWORD_PASSWORD.sub(rf"\g<1>{_HIDDEN}", text)
 
 

@@ -547,6 +547,19 @@ def test_a_url_libpq_cannot_read_is_refused_without_its_password(clock: FakeCloc
     assert "postgresql://svidd:***@127.0.0.1:1/svidd" in str(caught.value)
 
 
+def test_scrub_takes_out_every_spelling_of_the_secrets() -> None:
+    dsn = f"postgresql://u@h/db?sslpassword={SECRET[:5]}%2D{SECRET[6:]}&password=a%26b%zz"
+    message = f"bad: {SECRET[:5]}%2D{SECRET[6:]} / {SECRET} / a%26b%zz"
+    assert scrub(message, dsn) == "bad: *** / *** / ***"
+    assert redact_dsn(f"host=h sslpassword={SECRET} dbname=d") == (
+        "host=h sslpassword=*** dbname=d"
+    )
+    # Other parameters are shown as the URL spells them, '#' and all.
+    assert redact_dsn("postgresql://u@h/db?application_name=a%20b#c&password=x#y") == (
+        "postgresql://u@h/db?application_name=a%20b#c&password=***"
+    )
+
+
 # -- the audit chain ----------------------------------------------------------------------------
 
 
