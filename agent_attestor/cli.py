@@ -98,7 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     vjwt = validate.add_parser("jwt", parents=[client, output], help="validate a JWT-SVID")
     vjwt.add_argument("--audience", required=True)
-    vjwt.add_argument("--svid", required=True)
+    token = vjwt.add_mutually_exclusive_group(required=True)
+    token.add_argument(
+        "--svid",
+        help="the JWT-SVID, '-' to read it from stdin (a token given here is readable by "
+        "every local user in /proc/<pid>/cmdline while the command runs)",
+    )
+    token.add_argument("--svid-file", type=Path, help="read the JWT-SVID from this file")
     api.add_parser("watch", parents=[client, output], help="print every X.509-SVID update")
 
     task = sub.add_parser("task", help="task-scoped identities for the calling workload")
@@ -250,8 +256,32 @@ def _cmd_fetch_jwt(args: argparse.Namespace, client: WorkloadClient) -> int:
     return 0
 
 
+def _jwt_to_validate(args: argparse.Namespace) -> str:
+    """The token `api validate jwt` checks: from stdin (`--svid -`), --svid-file, or (warned
+    of) --svid's argument, which every local user reads in /proc/<pid>/cmdline."""
+    if args.svid_file is not None:
+        try:
+            text: str = Path(args.svid_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            # Not the file's content: it is a token.
+            problem = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"--svid-file: cannot read {args.svid_file}: {problem}") from None
+        return text.strip()
+    if args.svid == "-":
+        try:
+            return sys.stdin.read().strip()
+        except UnicodeDecodeError:
+            raise ConfigError("--svid -: stdin is not UTF-8 text") from None
+    print(
+        "svid-agent: warning: --svid TOKEN is readable by every local user in "
+        "/proc/<pid>/cmdline; use --svid - (stdin) or --svid-file PATH",
+        file=sys.stderr,
+    )
+    return str(args.svid)
+
+
 def _cmd_validate_jwt(args: argparse.Namespace, client: WorkloadClient) -> int:
-    resp = client.validate_jwt(args.audience, args.svid)
+    resp = client.validate_jwt(args.audience, _jwt_to_validate(args))
     claims = json_format.MessageToDict(resp.claims)
     if args.output == "json":
         print(json.dumps({"spiffe_id": resp.spiffe_id, "claims": claims}, indent=2))

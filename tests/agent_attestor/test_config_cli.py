@@ -369,7 +369,20 @@ def test_cli_jwt_fetch_validate_and_errors(
     assert cli.main(["api", "fetch", "jwt", "--audience", "a", "--output", "json", *args]) == 0
     token = json.loads(capsys.readouterr().out)["svids"][0]["svid"]
     assert cli.main(["api", "validate", "jwt", "--audience", "a", "--svid", token, *args]) == 0
-    assert "spiffe://example.org/w" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "spiffe://example.org/w" in shown.out
+    # A token as an argument still works, but every local user reads it in /proc/<pid>/cmdline.
+    assert "--svid TOKEN is readable by every local user" in shown.err
+    kept = agent.root / "token"
+    kept.write_text(token + "\n")
+    from_file = ["--svid-file", str(kept)]
+    assert cli.main(["api", "validate", "jwt", "--audience", "a", *from_file, *args]) == 0
+    shown = capsys.readouterr()
+    assert "spiffe://example.org/w" in shown.out
+    assert "readable by every local user" not in shown.err
+    gone = ["--svid-file", str(agent.root / "none")]
+    assert cli.main(["api", "validate", "jwt", "--audience", "a", *gone, *args]) == 2
+    assert "--svid-file: cannot read" in capsys.readouterr().err
     assert cli.main(["api", "validate", "jwt", "--audience", "b", "--svid", token, *args]) == 1
     err = capsys.readouterr().err
     assert "INVALID_ARGUMENT" in err
