@@ -36,6 +36,11 @@ def _split_userinfo(dsn: str) -> tuple[str, str, str]:
     first = rest.find("@")
     if first < 0:
         return scheme, "", rest
+    if 0 <= rest.find("/") < first and any(
+        key.lower() in _SECRET_KEYS for key, _ in _split_query(rest)[1]
+    ):
+        # libpq's reading: no user part before a '/', the '@' is in a secret in the query.
+        return scheme, "", rest
     slash = rest.find("/", first)
     at = rest.rfind("@", 0, len(rest) if slash < 0 else slash)
     return scheme, rest[:at], rest[at + 1 :]

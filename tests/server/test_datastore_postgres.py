@@ -554,6 +554,13 @@ def test_scrub_takes_out_every_spelling_of_the_secrets() -> None:
     assert redact_dsn(f"host=h sslpassword={SECRET} dbname=d") == (
         "host=h sslpassword=*** dbname=d"
     )
+    # No user part: libpq reads the '@' as the query password's, not as the user part's end.
+    for dsn in (
+        f"postgresql://h/db?password=a@{SECRET}",
+        f"postgresql://h/d?sslpassword=@{SECRET}/x",
+    ):
+        assert SECRET not in redact_dsn(dsn)
+        assert SECRET not in scrub(f"bad: {dsn.partition('=')[2]}", dsn)
     # Other parameters are shown as the URL spells them, '#' and all.
     assert redact_dsn("postgresql://u@h/db?application_name=a%20b#c&password=x#y") == (
         "postgresql://u@h/db?application_name=a%20b#c&password=***"
