@@ -1,8 +1,18 @@
-/* A process that makes its /proc/self/exe name another file, as any user may in a user
+/* A process that makes its /proc/<pid>/exe name another file, as any user may from a user
  * namespace of its own (PR_SET_MM_MAP asks for CAP_CHECKPOINT_RESTORE there, not in the
- * initial namespace). Usage: exe_mask TARGET. Prints "y" once the link names TARGET ("n" if
- * the kernel refused), then waits to be killed. x86_64 only; built static, so that nothing it
- * runs is mapped from a file once its own image is unmapped (which the kernel asks first). */
+ * initial namespace). x86_64 only; built static, so that nothing it runs is mapped from a file
+ * once its own image is unmapped (which the kernel asks first). Two modes:
+ *
+ * exe_mask TARGET: the process moves into a user namespace of its own and points its exe at
+ * TARGET. Prints "y" once the link names TARGET ("n" if the kernel refused), then waits to be
+ * killed.
+ *
+ * exe_mask TARGET SOCKET: the process that connects stays in the caller's user namespace: it
+ * clones a child that shares its memory (CLONE_VM) into a user namespace of its own, and the
+ * child, capable there, points the *shared* mm's exe at TARGET. /proc/<pid>/exe of the parent,
+ * whose ns/user is the caller's, then names TARGET. Once it does, connects to SOCKET
+ * (close-on-exec) and prints "y" and the connection's descriptor number as one byte ("n" if
+ * the kernel refused the mask, "c" if the connect failed), then waits to be killed. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/prctl.h>
@@ -11,7 +21,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 struct range {
@@ -19,6 +31,8 @@ struct range {
 };
 
 struct plan {
+    int shared; /* the mode with SOCKET */
+    struct sockaddr_un addr;
     long nranges;
     struct range ranges[32];
     struct prctl_mm_map map;
@@ -30,8 +44,9 @@ static inline __attribute__((always_inline)) long sys3(long nr, long a, long b, 
     return ret;
 }
 
-/* Copied to anonymous memory and run from there: it calls nothing but inlined syscalls. */
-__attribute__((noinline)) static void stub(struct plan *p) {
+/* Unmaps the image and points the mm's exe at the plan's target; 0 if the kernel agreed. Inlined
+ * into stub, so it too calls nothing from the image it unmaps. */
+static inline __attribute__((always_inline)) long mask(struct plan *p) {
     for (long i = 0; i < p->nranges; i++)
         sys3(SYS_munmap, (long)p->ranges[i].start, (long)(p->ranges[i].end - p->ranges[i].start), 0);
     long ret;
@@ -41,8 +56,33 @@ __attribute__((noinline)) static void stub(struct plan *p) {
                      : "=a"(ret)
                      : "a"(SYS_prctl), "D"(PR_SET_MM), "S"(PR_SET_MM_MAP), "d"(&p->map), "r"(r10), "r"(r8)
                      : "rcx", "r11", "memory");
-    char answer = ret == 0 ? 'y' : 'n';
-    sys3(SYS_write, 1, (long)&answer, 1);
+    return ret;
+}
+
+/* Copied to anonymous memory and run from there: it calls nothing but inlined syscalls. In the
+ * shared mode the child is vfork'd (CLONE_VFORK: the parent waits), so sharing this stack is
+ * safe. */
+__attribute__((noinline)) static void stub(struct plan *p) {
+    if (!p->shared) {
+        char answer = mask(p) == 0 ? 'y' : 'n';
+        sys3(SYS_write, 1, (long)&answer, 1);
+        for (;;)
+            sys3(SYS_pause, 0, 0, 0);
+    }
+    long pid = sys3(SYS_clone, CLONE_VM | CLONE_VFORK | CLONE_NEWUSER | 17 /* SIGCHLD */, 0, 0);
+    if (pid == 0)
+        sys3(SYS_exit, mask(p) == 0 ? 0 : 1, 0, 0);
+    int status = 0;
+    long waited;
+    register long r10w __asm__("r10") = 0;
+    __asm__ volatile("syscall" : "=a"(waited) : "a"(SYS_wait4), "D"(pid), "S"(&status), "d"(0), "r"(r10w) : "rcx", "r11", "memory");
+    char answer[2] = {(pid > 0 && waited == pid && status == 0) ? 'y' : 'n', 0};
+    /* Connected only now, masked: the agent identifies a connection as it is accepted. */
+    long conn = sys3(SYS_socket, AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (conn < 0 || sys3(SYS_connect, conn, (long)&p->addr, sizeof p->addr) != 0)
+        answer[0] = 'c';
+    answer[1] = (char)conn;
+    sys3(SYS_write, 1, (long)answer, 2);
     for (;;)
         sys3(SYS_pause, 0, 0, 0);
 }
@@ -52,10 +92,15 @@ static void stub_end(void) {}
 int main(int argc, char **argv) {
     struct plan plan; /* on the stack: the image's data is unmapped with its code */
     memset(&plan, 0, sizeof plan);
-    if (argc != 2)
+    if (argc != 2 && argc != 3)
         return 2;
+    plan.shared = argc == 3;
     int target = open(argv[1], O_RDONLY | O_CLOEXEC);
-    if (target < 0 || unshare(CLONE_NEWUSER) != 0) {
+    if (plan.shared) {
+        plan.addr.sun_family = AF_UNIX;
+        strncpy(plan.addr.sun_path, argv[2], sizeof plan.addr.sun_path - 1);
+    }
+    if (target < 0 || (!plan.shared && unshare(CLONE_NEWUSER) != 0)) {
         perror("exe_mask");
         return 1;
     }

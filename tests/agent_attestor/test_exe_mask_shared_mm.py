@@ -17,11 +17,9 @@ import contextlib
 import ctypes
 import hashlib
 import os
-import platform
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,31 +27,18 @@ from pathlib import Path
 import pytest
 
 from agent_attestor.model import Selector
+from tests.agent_attestor.exe_mask import built_exe_mask
 from tests.agent_attestor.harness import Harness, fetch_ids
 from tests.users import as_another_user
 
-_MASK_C = Path(__file__).with_name("exe_mask_shared.c")
 SYS_PIDFD_GETFD = 438
 
 
 @pytest.fixture(scope="module")
 def exe_mask_shared() -> Iterator[Path]:
-    """tests/agent_attestor/exe_mask_shared.c built where `nobody` may run it."""
-    compiler = shutil.which("cc")
-    if compiler is None or platform.machine() != "x86_64":
-        pytest.skip("needs a C compiler for x86_64")
-    where = Path(tempfile.mkdtemp(prefix="exe-mask-", dir="/tmp"))
-    try:
-        os.chmod(where, 0o755)
-        binary = where / "exe_mask_shared"
-        subprocess.run(
-            [compiler, "-static", "-O1", "-fno-stack-protector", "-o", str(binary), str(_MASK_C)],
-            check=True,
-            capture_output=True,
-        )
+    """tests/agent_attestor/exe_mask.c, in its mode that masks from a child sharing the memory."""
+    with built_exe_mask() as binary:
         yield binary
-    finally:
-        shutil.rmtree(where)
 
 
 def _take_fd(pid: int, fd: int) -> int:
@@ -100,7 +85,7 @@ def _forward(listen_path: Path, conn_fd: int) -> None:
 def test_a_child_sharing_the_callers_memory_cannot_mask_its_exe(
     agent: Harness, exe_mask_shared: Path
 ) -> None:
-    """`nobody`, running exe_mask_shared, was served the identity of entries that select
+    """`nobody`, running exe_mask in its shared mode, was served the identity of entries that select
     /usr/bin/sleep by hash or path. Under the default exe_selectors ("auto"), a machine where
     the trick takes is one where no caller gets executable selectors at all."""
     target = os.path.realpath(shutil.which("sleep") or "/bin/sleep")

@@ -7,12 +7,10 @@ import grp
 import hashlib
 import logging
 import os
-import platform
 import pwd
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +23,8 @@ from agent_attestor.model import Selector
 from agent_attestor.userns import MAX_USER_NAMESPACES
 from agent_attestor.workload_attestor import ExeHashCache, ExeTooLargeError, UnixAttestor
 from svid._clock import FakeClock
+from tests.agent_attestor.exe_mask import built_exe_mask
 from tests.users import as_another_user
-
-_MASK_C = Path(__file__).with_name("exe_mask.c")
 
 
 def test_selectors_for_this_process() -> None:
@@ -219,22 +216,9 @@ def test_rewritten_bytes_with_the_old_mtime_are_hashed_again(tmp_path: Path) -> 
 
 @pytest.fixture(scope="module")
 def exe_mask() -> Iterator[Path]:
-    """tests/agent_attestor/exe_mask.c built where `nobody` may run it."""
-    compiler = shutil.which("cc")
-    if compiler is None or platform.machine() != "x86_64":
-        pytest.skip("needs a C compiler for x86_64")
-    where = Path(tempfile.mkdtemp(prefix="exe-mask-", dir="/tmp"))
-    try:
-        os.chmod(where, 0o755)
-        binary = where / "exe_mask"
-        subprocess.run(
-            [compiler, "-static", "-O1", "-fno-stack-protector", "-o", str(binary), str(_MASK_C)],
-            check=True,
-            capture_output=True,
-        )
+    """tests/agent_attestor/exe_mask.c, in its mode that masks from a namespace of its own."""
+    with built_exe_mask() as binary:
         yield binary
-    finally:
-        shutil.rmtree(where)
 
 
 def test_a_process_in_a_user_namespace_of_its_own_gets_no_executable_selectors(
