@@ -5,111 +5,35 @@ its SVID. B asks the datastore first, and only refuses when the datastore agrees
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import pytest
 
 from server.agent_authority import VIEW_TRUSTED_FOR
-from server.ca.sealing import KeyEncryptionKey
 from svid._proto import admin_pb2, node_pb2
 from tests.server.fixtures import (
     Agent,
     RunningServer,
     der_chain,
     make_csr,
-    short_tmpdir,
-    start_server,
 )
+from tests.server.held_feed import Behind, held_feed
 from tests.server.test_replication_servers import wait_until
-
-
-class FeedGate:
-    """Holds B's change feed reads: a feed that is behind, as when its notifications are lost
-    and the next poll is a minute away (feed_poll_interval 60 s)."""
-
-    def __init__(self) -> None:
-        self.open = asyncio.Event()
-        self.open.set()
-        self.reading = 0  # reads past the gate, not finished yet
-
-    async def close(self) -> None:
-        self.open.clear()
-        while self.reading:  # a read that began before is let finish: nothing after it
-            await asyncio.sleep(0.01)
-
-    async def release(self) -> None:
-        self.open.set()
-
-    def wrap(
-        self, catch_up: Callable[[], Coroutine[Any, Any, int]]
-    ) -> Callable[[], Coroutine[Any, Any, int]]:
-        async def held() -> int:
-            await self.open.wait()
-            self.reading += 1
-            try:
-                return await catch_up()
-            finally:
-                self.reading -= 1
-
-        return held
-
-
-@dataclass
-class Behind:
-    """A and B on one PostgreSQL, B's change feed held between `hold` and `release`."""
-
-    a: RunningServer
-    b: RunningServer
-    gate: FeedGate
-    reads: list[str]  # the agent IDs B read from the datastore, one per read
-
-    def hold(self) -> None:
-        self.b.call(self.gate.close())
-
-    def release(self) -> None:
-        self.b.call(self.gate.release())
 
 
 @pytest.fixture
 def behind(postgres_dsn: str) -> Iterator[Behind]:
-    root = short_tmpdir()
-    KeyEncryptionKey.generate().write_new(root / "kek")
-    shared: dict[str, Any] = {
-        "datastore": postgres_dsn,
-        "key_encryption_key_file": str(root / "kek"),
-    }
-    a = start_server(root, admin_socket=str(root / "a" / "admin.sock"), **shared)
-    b = start_server(
-        root, admin_socket=str(root / "b" / "admin.sock"), feed_poll_interval=60.0, **shared
-    )
-    follower = b.server.follower
-    assert follower is not None
-    gate: FeedGate = b.call(_new_gate())
-    follower.catch_up = gate.wrap(follower.catch_up)  # type: ignore[method-assign]
-    reads: list[str] = []
-    get_agent = b.server.datastore.get_agent
+    with held_feed(postgres_dsn) as servers:
+        get_agent = servers.b.server.datastore.get_agent
 
-    def counted_get_agent(spiffe_id: str) -> Any:
-        reads.append(spiffe_id)
-        return get_agent(spiffe_id)
+        def counted_get_agent(spiffe_id: str) -> Any:
+            servers.reads.append(spiffe_id)
+            return get_agent(spiffe_id)
 
-    b.server.datastore.get_agent = counted_get_agent  # type: ignore[method-assign]
-    try:
-        yield Behind(a, b, gate, reads)
-    finally:
-        b.call(gate.release())
-        b.stop()
-        a.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-async def _new_gate() -> FeedGate:
-    return FeedGate()  # its Event made on B's loop
+        servers.b.server.datastore.get_agent = counted_get_agent  # type: ignore[method-assign]
+        yield servers
 
 
 def _sync_code(server: RunningServer, agent: Agent) -> grpc.StatusCode:

@@ -5,39 +5,21 @@ banned (q.REPLACE_AGENT), so the ban holds and the node is refused."""
 
 from __future__ import annotations
 
-import shutil
-
 import grpc
 import pytest
 
-from server.ca.sealing import KeyEncryptionKey
 from svid._proto import admin_pb2
 from svid._x509pop import sign_challenge
-from tests.server.fixtures import PEM, short_tmpdir, start_server
-from tests.server.test_agent_unknown_to_replica import FeedGate, _new_gate
+from tests.server.fixtures import PEM
+from tests.server.held_feed import held_feed
 from tests.server.test_replication_servers import wait_until
 from tests.server.test_x509pop import _attest, _ca, _node
 
 
 def test_a_node_banned_through_a_is_refused_by_b_whose_feed_is_behind(postgres_dsn: str) -> None:
-    root = short_tmpdir()
     node_ca = _ca("node-ca")
-    (root / "node-ca.pem").write_bytes(node_ca[0].public_bytes(PEM))
-    KeyEncryptionKey.generate().write_new(root / "kek")
-    shared = {
-        "datastore": postgres_dsn,
-        "key_encryption_key_file": str(root / "kek"),
-        "x509pop_ca_bundle": str(root / "node-ca.pem"),
-    }
-    a = start_server(root, admin_socket=str(root / "a" / "admin.sock"), **shared)
-    b = start_server(
-        root, admin_socket=str(root / "b" / "admin.sock"), feed_poll_interval=60.0, **shared
-    )
-    follower = b.server.follower
-    assert follower is not None
-    gate: FeedGate = b.call(_new_gate())
-    follower.catch_up = gate.wrap(follower.catch_up)  # type: ignore[method-assign]
-    try:
+    with held_feed(postgres_dsn, node_ca[0].public_bytes(PEM)) as servers:
+        a, b, gate = servers.a, servers.b, servers.gate
         cert, key = _node(*node_ca, "node-banned-elsewhere")
         signer = lambda nonce: sign_challenge(key, nonce)  # noqa: E731
         agent_id = _attest(a, [cert], signer).spiffe_id
@@ -51,8 +33,3 @@ def test_a_node_banned_through_a_is_refused_by_b_whose_feed_is_behind(postgres_d
         assert b.server.datastore.get_agent(agent_id).banned
         b.call(gate.release())
         wait_until(lambda: b.server.state.agents[agent_id].banned, 5, "B to hear of the ban")
-    finally:
-        b.call(gate.release())
-        b.stop()
-        a.stop()
-        shutil.rmtree(root, ignore_errors=True)

@@ -6,19 +6,17 @@ delete must not take the ban with it (a ban is only ever lifted by the operator)
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.ca.sealing import KeyEncryptionKey
 from server.datastore.errors import NotFoundError
 from server.datastore.records import AttestedAgent
 from svid._proto import admin_pb2
 from svid._spiffe_id import SpiffeId
 from svid._x509pop import sign_challenge
-from tests.server.fixtures import DER, PEM, TRUST_DOMAIN, short_tmpdir, start_server
-from tests.server.test_agent_unknown_to_replica import FeedGate, _new_gate
+from tests.server.fixtures import DER, PEM, TRUST_DOMAIN
+from tests.server.held_feed import held_feed
 from tests.server.test_replication_servers import wait_until
 from tests.server.test_x509pop import _attest, _ca, _node
 
@@ -28,24 +26,9 @@ def test_a_former_id_banned_through_a_stays_banned_when_b_admits_the_node(
 ) -> None:
     """Fails on main: B admits the node under its new ID and its eviction of the former
     agent deletes the banned row, so the ban is gone from the datastore."""
-    root = short_tmpdir()
     node_ca = _ca("node-ca")
-    (root / "node-ca.pem").write_bytes(node_ca[0].public_bytes(PEM))
-    KeyEncryptionKey.generate().write_new(root / "kek")
-    shared = {
-        "datastore": postgres_dsn,
-        "key_encryption_key_file": str(root / "kek"),
-        "x509pop_ca_bundle": str(root / "node-ca.pem"),
-    }
-    a = start_server(root, admin_socket=str(root / "a" / "admin.sock"), **shared)
-    b = start_server(
-        root, admin_socket=str(root / "b" / "admin.sock"), feed_poll_interval=60.0, **shared
-    )
-    follower = b.server.follower
-    assert follower is not None
-    gate: FeedGate = b.call(_new_gate())
-    follower.catch_up = gate.wrap(follower.catch_up)  # type: ignore[method-assign]
-    try:
+    with held_feed(postgres_dsn, node_ca[0].public_bytes(PEM)) as servers:
+        a, b, gate = servers.a, servers.b, servers.gate
         cert, key = _node(*node_ca, "former-banned-elsewhere")
         former = (
             f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/"
@@ -86,8 +69,3 @@ def test_a_former_id_banned_through_a_stays_banned_when_b_admits_the_node(
         assert said[-1] == "deny", (
             f"the log says {said} of the node's admission under its new ID, refused"
         )
-    finally:
-        b.call(gate.release())
-        b.stop()
-        a.stop()
-        shutil.rmtree(root, ignore_errors=True)
