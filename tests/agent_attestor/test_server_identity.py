@@ -87,6 +87,32 @@ def test_an_agent_not_told_its_trust_domain_under_a_root_naming_none_sends_nothi
 _TLS13_CLIENT_VERIFY = b" " * 64 + b"TLS 1.3, client CertificateVerify\x00" + bytes(range(32))
 
 
+def x509pop_refusals(
+    node: node_pb2_grpc.NodeServicer, ca: LocalCa, node_key: ec.EllipticCurvePrivateKey
+) -> list[AttestationError]:
+    """The errors a NodeClient's x509pop attestation (node certificate `ca.cert`, key
+    `node_key`) ends with against `node`, served over TLS by `ca`: one, or none if admitted."""
+    refused: list[AttestationError] = []
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServicer_to_server(node, server)
+        port = server.add_secure_port("127.0.0.1:0", server_tls(ca))
+        await server.start()
+        address = f"127.0.0.1:{port}"
+        client = NodeClient(address, address, ca.cert.public_bytes(PEM))
+        try:
+            await client.attest(x509pop=([ca.cert], node_key), timeout=10)
+        except AttestationError as exc:
+            refused.append(exc)
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    return refused
+
+
 class _AskingNode(node_pb2_grpc.NodeServicer):
     """A server that sends the x509pop agent a challenge of its choosing and keeps the answer."""
 
@@ -116,24 +142,7 @@ def test_an_x509pop_agent_signs_only_a_nonce_not_what_a_server_chooses(challenge
     ca = LocalCa(SystemClock())
     node_key = ec.generate_private_key(ec.SECP256R1())
     asking = _AskingNode(challenge)
-    refused: list[AttestationError] = []
-
-    async def scenario() -> None:
-        server = grpc.aio.server()
-        node_pb2_grpc.add_NodeServicer_to_server(asking, server)
-        port = server.add_secure_port("127.0.0.1:0", server_tls(ca))
-        await server.start()
-        address = f"127.0.0.1:{port}"
-        client = NodeClient(address, address, ca.cert.public_bytes(PEM))
-        try:
-            await client.attest(x509pop=([ca.cert], node_key), timeout=10)
-        except AttestationError as exc:
-            refused.append(exc)
-        finally:
-            await client.close()
-            await server.stop(None)
-
-    asyncio.run(scenario())
+    refused = x509pop_refusals(asking, ca, node_key)
     # The exchange took place: the agent got the challenge and came to an end of it.
     assert len(refused) == 1
     if len(challenge) == 32:

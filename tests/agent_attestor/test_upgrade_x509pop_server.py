@@ -11,7 +11,6 @@ never says.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,13 +19,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent_attestor.errors import AttestationError, X509PopRefusedError
-from agent_attestor.node_client import NodeClient
+from agent_attestor.errors import X509PopRefusedError
 from svid._clock import SystemClock
 from svid._proto import node_pb2, node_pb2_grpc
 from tests.agent_attestor.pki import LocalCa
-from tests.agent_attestor.test_join_token import _server_tls as server_tls
-from tests.server.fixtures import PEM
+from tests.agent_attestor.test_server_identity import x509pop_refusals
 
 # b395c82's server/attestation/x509pop.py, word for word.
 _PREVIOUS_REFUSAL = "x509pop: challenge signature does not match the certificate key"
@@ -57,24 +54,7 @@ def test_an_agent_refused_by_a_previous_release_x509pop_server_says_to_upgrade_t
     ca = LocalCa(SystemClock())
     node_key = ec.generate_private_key(ec.SECP256R1())
     node = _PreviousReleaseNode(node_key.public_key())
-    refused: list[AttestationError] = []
-
-    async def scenario() -> None:
-        server = grpc.aio.server()
-        node_pb2_grpc.add_NodeServicer_to_server(node, server)
-        port = server.add_secure_port("127.0.0.1:0", server_tls(ca))
-        await server.start()
-        address = f"127.0.0.1:{port}"
-        client = NodeClient(address, address, ca.cert.public_bytes(PEM))
-        try:
-            await client.attest(x509pop=([ca.cert], node_key), timeout=10)
-        except AttestationError as exc:
-            refused.append(exc)
-        finally:
-            await client.close()
-            await server.stop(None)
-
-    asyncio.run(scenario())
+    refused = x509pop_refusals(node, ca, node_key)
     assert len(refused) == 1
     error = refused[0]
     assert isinstance(error, X509PopRefusedError), error
