@@ -5,20 +5,15 @@ delete must not take the ban with it (a ban is only ever lifted by the operator)
 
 from __future__ import annotations
 
-import hashlib
-
 import grpc
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.datastore.errors import NotFoundError
-from server.datastore.records import AttestedAgent
 from svid._proto import admin_pb2
-from svid._spiffe_id import SpiffeId
 from svid._x509pop import sign_challenge
-from tests.server.fixtures import DER, PEM, TRUST_DOMAIN
+from tests.server.fixtures import PEM
 from tests.server.held_feed import held_feed
 from tests.server.test_replication_servers import wait_until
-from tests.server.test_x509pop import _attest, _ca, _node
+from tests.server.test_x509pop import _admitted_before_upgrade, _attest, _ca, _former_id, _node
 
 
 def test_a_former_id_banned_through_a_stays_banned_when_b_admits_the_node(
@@ -30,17 +25,9 @@ def test_a_former_id_banned_through_a_stays_banned_when_b_admits_the_node(
     with held_feed(postgres_dsn, node_ca[0].public_bytes(PEM)) as servers:
         a, b, gate = servers.a, servers.b, servers.gate
         cert, key = _node(*node_ca, "former-banned-elsewhere")
-        former = (
-            f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/"
-            + hashlib.sha1(cert.public_bytes(DER), usedforsecurity=False).hexdigest()
-        )
+        former = _former_id(cert)
         # The previous release's admission of the node, through A.
-        chain = a.server.ca.x509_signer().sign_svid(
-            ec.generate_private_key(ec.SECP256R1()).public_key(), SpiffeId.parse(former), 3600
-        )
-        serial = format(chain[0].serial_number, "x")
-        expires = int(chain[0].not_valid_after_utc.timestamp())
-        a.call(a.server.state.save_agent(AttestedAgent(former, "x509pop", serial, expires), None))
+        _admitted_before_upgrade(a, former)
         wait_until(lambda: former in b.server.state.agents, 5, "B to learn the former agent")
         b.call(gate.close())
         a.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=former), timeout=10)

@@ -8,7 +8,6 @@ does not match its certificate, which sends the operator after a key that is fin
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -19,14 +18,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.ca.sealing import KeyEncryptionKey
-from server.datastore.records import AttestedAgent
 from svid._proto import admin_pb2, node_pb2
-from svid._spiffe_id import SpiffeId
 from svid._x509pop import sign_challenge
 from tests.server.fixtures import (
     DER,
     PEM,
-    TRUST_DOMAIN,
     Agent,
     RunningServer,
     der_chain,
@@ -34,7 +30,15 @@ from tests.server.fixtures import (
     short_tmpdir,
     start_server,
 )
-from tests.server.test_x509pop import _attest, _node, _pop_exchange, pki, srv
+from tests.server.test_x509pop import (
+    _admitted_before_upgrade,
+    _attest,
+    _former_id,
+    _node,
+    _pop_exchange,
+    pki,
+    srv,
+)
 
 __all__ = ["pki", "srv"]  # the module's fixtures, used here
 
@@ -98,18 +102,9 @@ def test_a_ban_of_an_upgraded_node_under_either_of_its_ids_stops_both_its_agents
     workloads' SVIDs (the ban of the former ID only refused attestations still to come)."""
     srv = backend_srv
     cert, key = _node(*pki, f"node-of-the-previous-release-{banned}")
-    former = (
-        f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/"
-        + hashlib.sha1(cert.public_bytes(DER), usedforsecurity=False).hexdigest()
-    )
+    former = _former_id(cert)
     # The previous release's admission of the node: its record, and the SVID it holds.
-    svid_key = ec.generate_private_key(ec.SECP256R1())
-    chain = srv.server.ca.x509_signer().sign_svid(
-        svid_key.public_key(), SpiffeId.parse(former), 3600
-    )
-    serial = format(chain[0].serial_number, "x")
-    expires = int(chain[0].not_valid_after_utc.timestamp())
-    srv.call(srv.server.state.save_agent(AttestedAgent(former, "x509pop", serial, expires), None))
+    svid_key, chain = _admitted_before_upgrade(srv, former)
     old_agent = Agent(former, svid_key, list(chain), srv.bundle())
     assert _sync_code(srv, old_agent) is None  # it serves, as before the upgrade
     payload = cert.public_bytes(DER)

@@ -34,7 +34,7 @@ from server.issuance import AgentAdmission
 from server.state import ServerState
 from svid._clock import SystemClock
 from svid._proto import admin_pb2, common_pb2, node_pb2
-from svid._spiffe_id import TrustDomain
+from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._x509pop import sign_challenge
 from tests.server.fixtures import (
     DER,
@@ -96,6 +96,30 @@ def _node(
         .sign(ca_key, hashes.SHA256())
     )
     return cert, key
+
+
+def _former_id(cert: x509.Certificate) -> str:
+    """The agent ID the previous release gave an x509pop node: the SHA-1 of its whole
+    certificate."""
+    return (
+        f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/"
+        + hashlib.sha1(cert.public_bytes(DER), usedforsecurity=False).hexdigest()
+    )
+
+
+def _admitted_before_upgrade(
+    srv: RunningServer, former: str
+) -> tuple[ec.EllipticCurvePrivateKey, tuple[x509.Certificate, ...]]:
+    """The previous release's admission of a node as `former` through `srv`: its agent's
+    record, and the SVID key and chain that agent holds."""
+    svid_key = ec.generate_private_key(ec.SECP256R1())
+    chain = srv.server.ca.x509_signer().sign_svid(
+        svid_key.public_key(), SpiffeId.parse(former), 3600
+    )
+    serial = format(chain[0].serial_number, "x")
+    expires = int(chain[0].not_valid_after_utc.timestamp())
+    srv.call(srv.server.state.save_agent(AttestedAgent(former, "x509pop", serial, expires), None))
+    return svid_key, chain
 
 
 @pytest.fixture(scope="module")
@@ -721,10 +745,7 @@ def test_a_node_banned_under_its_former_agent_id_stays_banned(srv: RunningServer
     the SHA-256 of what the CA signed: a node banned under its former ID is refused, not
     admitted under its new one."""
     cert, key = _node(*pki, "node-banned-before")
-    former = (
-        f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/"
-        + hashlib.sha1(cert.public_bytes(DER), usedforsecurity=False).hexdigest()
-    )
+    former = _former_id(cert)
     srv.call(srv.server.state.save_agent(AttestedAgent(former, "x509pop", "1", 2**40), None))
     srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=former), timeout=10)
     with pytest.raises(grpc.RpcError) as refused:
@@ -741,10 +762,7 @@ def test_a_node_banned_under_its_former_agent_id_stays_banned_when_re_encoded(
     the former ID checked for a ban is then the SHA-1 of those other bytes, no ban is found,
     and the node attests as a new, unbanned agent. The ban must follow the certificate."""
     cert, key = _node(*pki, "node-banned-before-twin")
-    former = (
-        f"spiffe://{TRUST_DOMAIN}/svid/agent/x509pop/"
-        + hashlib.sha1(cert.public_bytes(DER), usedforsecurity=False).hexdigest()
-    )
+    former = _former_id(cert)
     srv.call(srv.server.state.save_agent(AttestedAgent(former, "x509pop", "1", 2**40), None))
     srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=former), timeout=10)
     twin = _twin(cert)
