@@ -10,43 +10,25 @@ exactly what 420f8b4 fixed for a restart, left unfixed for the upgrade.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from pathlib import Path
 
-from agent_attestor.cache import Cache, SyncDelta, SyncPosition, SyncState
-from agent_attestor.model import Entry, Selector
 from agent_attestor.state_store import StateStore
-from agent_attestor.state_writer import StateWriter
-from agent_attestor.tasks.revocations import revocation_list
 from svid._clock import FakeClock
 from tests.agent_attestor.pki import LocalCa
-
-AGENT = "spiffe://example.org/svid/agent/join_token/me"
-TASK = "spiffe://example.org/w/runtime/task/t-1"
-KEY = ("jwt_id", "jti-1")
+from tests.agent_attestor.test_restore_revocation_owners import (
+    AGENT,
+    TASK,
+    listed_after_an_empty_delta,
+    write_one_revocation,
+)
 
 
 def _write_as_the_previous_release(path: Path, ca: LocalCa) -> None:
     """The file b395c82's agent left: its revocations as the server sent them, but saved
     without their owner (its state_store never wrote Revocation.spiffe_id), schema 1."""
-    entry = Entry("e1", "spiffe://example.org/w/1", frozenset({Selector("unix", "uid:1")}))
-    cache = Cache()
-    store = StateStore(path)
-    writer = StateWriter(store, cache, lambda: SyncPosition(AGENT, 5, "ep"), window=0.01)
-    cache.apply_sync(
-        SyncState(
-            (entry,),
-            ca.bundle(),
-            revoked_jtis=frozenset({"jti-1"}),
-            revocation_expiry={KEY: 2_000_000_000},
-            revision=5,
-            epoch="ep",
-        )
-    )
-    assert asyncio.run(writer.flush())
-    store.close()
+    write_one_revocation(path, ca, owner=None)
     # This release's store wrote it: stamp it with the schema b395c82 wrote (1).
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = 1 WHERE key = 'schema'")
@@ -64,13 +46,9 @@ def test_an_agent_upgraded_in_place_still_names_the_owner_of_a_revocation_made_b
         return  # not restored as is: the server's snapshot brings every owner again
     # Restored, so the agent asks for a delta from revision 5; nothing changed meanwhile, and
     # the server (which knows the owner: it sends it with every revocation) sends no owner.
-    after = Cache()
-    after.restore(saved.state, saved.svids)
-    after.apply_delta(SyncDelta(revision=5, epoch="ep"))
-    snap = after.snapshot()
-    listed = revocation_list(snap, snap.revocation_expiry)
-    assert [i.value for i in listed.items] == ["jti-1"]
-    assert [i.spiffe_id for i in listed.items] == [TASK], (
+    listed = listed_after_an_empty_delta(saved)
+    assert [i.value for i in listed] == ["jti-1"]
+    assert [i.spiffe_id for i in listed] == [TASK], (
         "a revocation saved by the previous release lists no owner after the upgrade, and the "
         "delta the restored revision asks for never brings it"
     )
