@@ -20,6 +20,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import NamedTuple, ParamSpec, Protocol, TypeVar, cast
 
+from server.agent_turns import AgentTurns
 from server.audit.errors import SecretInAuditError
 from server.audit.event import check_no_secret
 from server.ca.loop_workers import LoopSigningWorkers
@@ -33,7 +34,6 @@ from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedEr
 from server.held_threads import run_held
 from server.ids import ServerIds
 from server.input_text import refuse_nul
-from server.issuance.agent_share import AgentShare
 from server.issuance.ledger import Credential, EventTuple, Ledger
 from server.issuance.records import (
     task_jwt_record,
@@ -127,7 +127,7 @@ class Issuer:
         self._settings = settings or IssuerSettings()
         # A task JWT batch holds its thread for a policy decision per item: one agent's
         # batches must leave the pool's other threads to the rest.
-        self._jwt_share = AgentShare(self._settings.jwt_threads_per_agent)
+        self._jwt_share = AgentTurns("task JWT batches", self._settings.jwt_threads_per_agent)
         self._server_id = str(ids.server)
         # Label lookups cost as much as the rest of a JWT's bookkeeping: bind them once.
         self._x509_seconds = metrics.signing_seconds.labels(kind="x509")

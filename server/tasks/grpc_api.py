@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 
 import grpc
 
 from server import listing, status
 from server.agent_authority import AgentAuthority
+from server.agent_turns import AgentTurns
 from server.datastore.records import AttestedAgent, TaskCursor
 from server.errors import InvalidRequestError, PermissionDeniedError, RateLimitedError
 from server.held_threads import run_held
@@ -49,40 +48,6 @@ ENDS_PER_AGENT = (8, 64)
 # Listings running at once across all agents: the others wait their turn, so listings never
 # hold more than these of the default executor's threads.
 MAX_LISTINGS = 2
-
-
-class AgentTurns:
-    """An agent's calls of one kind: `running` at once, `waiting` more queued for a turn, and
-    RESOURCE_EXHAUSTED past those."""
-
-    def __init__(self, what: str, running: int, waiting: int) -> None:
-        self._what = what
-        self._running = running
-        self._limit = running + waiting
-        self._held: Counter[str] = Counter()
-        self._turns: dict[str, asyncio.Semaphore] = {}
-
-    @asynccontextmanager
-    async def hold(self, agent_id: str) -> AsyncIterator[None]:
-        if self._held[agent_id] >= self._limit:
-            raise RateLimitedError(
-                f"this agent has {self._limit} {self._what} under way or waiting: "
-                "retry once some have answered"
-            )
-        self._held[agent_id] += 1
-        turn = self._turns.setdefault(agent_id, asyncio.Semaphore(self._running))
-        try:
-            async with turn:
-                yield
-        finally:
-            self._held[agent_id] -= 1
-            if not self._held[agent_id]:
-                del self._held[agent_id]
-                del self._turns[agent_id]
-
-    def held(self, agent_id: str) -> int:
-        """Calls of the agent under way or waiting."""
-        return self._held[agent_id]
 
 
 def task_to_proto(task: Task, credentials: int = 0) -> task_pb2.Task:

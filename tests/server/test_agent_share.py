@@ -1,15 +1,16 @@
-"""AgentShare: how many of a pool's threads one agent's calls hold at once."""
+"""AgentTurns without a bound on waiting: how many of a pool's threads one agent's calls hold
+at once."""
 
 from __future__ import annotations
 
 import asyncio
 
-from server.issuance.agent_share import AgentShare
+from server.agent_turns import AgentTurns
 
 
 def test_an_agent_past_its_share_waits_and_another_agent_does_not() -> None:
     async def run() -> None:
-        share = AgentShare(1)
+        share = AgentTurns("calls", 1)
         running: list[str] = []
         release = asyncio.Event()
 
@@ -36,7 +37,7 @@ def test_an_agent_past_its_share_waits_and_another_agent_does_not() -> None:
 
 def test_a_cancelled_wait_leaves_no_agent_behind() -> None:
     async def run() -> None:
-        share = AgentShare(1)
+        share = AgentTurns("calls", 1)
         release = asyncio.Event()
 
         async def call() -> None:
@@ -56,7 +57,7 @@ def test_a_cancelled_wait_leaves_no_agent_behind() -> None:
 
 def test_no_share_lets_every_call_run() -> None:
     async def run() -> None:
-        share = AgentShare(0)
+        share = AgentTurns("calls", 0)
         entered = 0
         release = asyncio.Event()
 

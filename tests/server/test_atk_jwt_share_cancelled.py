@@ -1,7 +1,7 @@
 """Attack repro: task JWT batches whose callers give up keep their threads but not the share.
 
 An agent's batches naming task identities hold at most its share of the JWT batch threads
-(AgentShare, half of them). A batch cancelled (its deadline passed, its client gone) leaves the
+(AgentTurns, half of them). A batch cancelled (its deadline passed, its client gone) leaves the
 share at once, while the thread running its policy decisions cannot be stopped and runs on: an
 agent asking with a deadline shorter than its batches holds every JWT batch thread again."""
 

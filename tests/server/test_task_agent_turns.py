@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from server.agent_turns import AgentTurns
 from server.errors import RateLimitedError
-from server.tasks.grpc_api import AgentTurns
 
 A = "spiffe://example.org/svid/agent/join_token/a"
 B = "spiffe://example.org/svid/agent/join_token/b"

@@ -1,0 +1,57 @@
+"""How many of one agent's calls of a kind run at once, how many more may wait, and none past.
+
+A pool of a few threads serves every agent: without turns, one agent's slow calls (task JWT
+batches, task listings, task ends) take every thread, and another agent's call waits behind
+all of them. Waiting here holds no thread. Event-loop only (asyncio semaphores), one loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from server.errors import RateLimitedError
+
+
+class AgentTurns:
+    """An agent's calls of one kind: `running` at once (0: no bound), `waiting` more queued for
+    a turn (None: no bound), and RESOURCE_EXHAUSTED past those."""
+
+    def __init__(self, what: str, running: int, waiting: int | None = None) -> None:
+        self._what = what
+        self._running = running
+        self._limit = None if waiting is None else running + waiting
+        # Per agent, dropped at 0: the agents held are those with a call under way or waiting,
+        # not every agent ever seen.
+        self._held: Counter[str] = Counter()
+        self._turns: dict[str, asyncio.Semaphore] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    @asynccontextmanager
+    async def hold(self, agent_id: str) -> AsyncIterator[None]:
+        if self._running <= 0:
+            yield
+            return
+        if self._limit is not None and self._held[agent_id] >= self._limit:
+            raise RateLimitedError(
+                f"this agent has {self._limit} {self._what} under way or waiting: "
+                "retry once some have answered"
+            )
+        self._held[agent_id] += 1
+        turn = self._turns.setdefault(agent_id, asyncio.Semaphore(self._running))
+        try:
+            async with turn:
+                yield
+        finally:
+            self._held[agent_id] -= 1
+            if not self._held[agent_id]:
+                del self._held[agent_id]
+                del self._turns[agent_id]
+
+    def held(self, agent_id: str) -> int:
+        """Calls of the agent under way or waiting."""
+        return self._held[agent_id]
