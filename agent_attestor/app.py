@@ -173,6 +173,7 @@ class AgentApp:
                 identify_timeout=config.identify_timeout,
                 identify_threads=config.identify_threads,
                 identify_per_uid=config.identify_per_uid,
+                socket_dir_shared=config.socket_dir_shared,
             ),
             clock=self.clock,
             extra_servicers=[

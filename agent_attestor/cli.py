@@ -44,7 +44,7 @@ from svid._logs import stacks_on_sigusr1
 from svid._proto import task_pb2
 from svid._stdout import flush_stdout, stdout_closed_by_reader
 
-_BOOL_FLAGS = {"insecure_bootstrap"}
+_BOOL_FLAGS = {"insecure_bootstrap", "socket_dir_shared"}
 _OUTPUT_HELP = "text (times in RFC 3339 UTC) or json (times in Unix seconds)"
 _INT32_MAX = 2**31 - 1
 

@@ -69,6 +69,9 @@ class AgentConfig:
     data_dir: Path = Path(".svid-agent")
     socket_path: Path = DEFAULT_SOCKET
     private_dir: Path | None = None  # default: <data_dir>/private, or a /tmp dir if too long
+    # The operator vouches for the writers of socket_path's own directory (a Kubernetes
+    # emptyDir, a root:spire 0775 directory): its group and others may write it (safe_dir.py).
+    socket_dir_shared: bool = False
     metrics_address: str = ""  # host:port for /metrics and /healthz; empty = off
     log_format: str = "json"
     log_level: str = "info"
@@ -149,7 +152,7 @@ _PATH_KEYS = {
     "socket_path",
     "private_dir",
 }
-_BOOL_KEYS = {"insecure_bootstrap"}
+_BOOL_KEYS = {"insecure_bootstrap", "socket_dir_shared"}
 _CHOICES = {
     "log_format": LOG_FORMATS,
     "log_level": LOG_LEVELS,

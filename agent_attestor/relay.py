@@ -55,6 +55,7 @@ class RelaySettings:
     identify_timeout: float = 10.0  # seconds a connection may wait to be identified
     identify_threads: int = 6
     identify_per_uid: int = 2  # identifications of one uid running at once
+    socket_dir_shared: bool = False  # the socket's own directory may have other writers
 
 
 def _check_peer_lookup() -> None:
@@ -232,7 +233,15 @@ class WorkloadRelay:
         self.admission = Admission(self.settings.max_connections_per_uid, capacity, self.clock)
         # Checked before binding: a directory on the way that another user may write is one
         # where that user can put its own socket in place of ours (safe_dir.py).
-        secure_dir(self.public_path.parent, "socket_path", PUBLIC_DIR_MODE)
+        shared = self.settings.socket_dir_shared
+        where = secure_dir(self.public_path.parent, "socket_path", PUBLIC_DIR_MODE, shared=shared)
+        mode = stat.S_IMODE(os.stat(where).st_mode)
+        if shared and mode & 0o022:
+            log.warning(
+                "socket_dir_shared: the Workload API socket's directory may be written by "
+                "others; whoever can write it can put a socket of its own in the agent's place",
+                extra={"directory": str(where), "mode": f"{mode:04o}"},
+            )
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.public_path).st_mode):
                 self.public_path.unlink()

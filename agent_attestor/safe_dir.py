@@ -15,6 +15,11 @@ as the owner, the owner's primary group, and no other user in it): the layout um
 which Debian and Ubuntu give their users, so a checkout in a home directory stays usable.
 
 Checked once at start: once the chain is safe, only the agent's user and root can change it.
+
+An operator may vouch for the socket's own directory alone (``socket_dir_shared``): a Kubernetes
+``emptyDir`` (0777, not sticky) that only the pod's containers can reach, or a ``root:spire``
+0775 directory that a trusted group shares. Its owner is still checked, and so is every
+directory above it: only the writers the operator named can replace the socket.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from agent_attestor.errors import ConfigError
 MAX_SYMLINKS = 40  # as the kernel's own lookup
 
 
-def _check(key: str, path: Path, st: os.stat_result, uid: int) -> None:
+def _check(key: str, path: Path, st: os.stat_result, uid: int, shared: bool = False) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{key}: {path} is not a directory")
     if st.st_uid not in (uid, 0):
@@ -39,6 +44,8 @@ def _check(key: str, path: Path, st: os.stat_result, uid: int) -> None:
             f"(uid {uid}) or root, so that user could replace what the agent keeps below it"
         )
     mode = stat.S_IMODE(st.st_mode)
+    if shared:  # its writers are the operator's to trust (socket_dir_shared)
+        return
     if mode & 0o020 and not mode & 0o002 and _owners_private_group(st):
         mode &= ~0o020  # the group holds the owner alone
     if mode & 0o022 and not mode & stat.S_ISVTX:
@@ -63,11 +70,12 @@ def _owners_private_group(st: os.stat_result) -> bool:
     return all(u.pw_gid != st.st_gid or u.pw_uid == st.st_uid for u in pwd.getpwall())
 
 
-def secure_dir(path: Path, key: str, mode: int) -> Path:
+def secure_dir(path: Path, key: str, mode: int, *, shared: bool = False) -> Path:
     """Make `path` and any missing parent (with `mode`, as the agent's user), check it and every
     directory on the way to it, following symlinks as the kernel does, and return where it
     resolves to. Raises ConfigError naming `key` and the first directory another user could
-    change."""
+    change. `shared`: the directory `path` resolves to may be written by its group and others
+    (its owner and the directories above it are checked all the same)."""
     uid = os.geteuid()
     todo = list(reversed(Path(os.path.abspath(path)).parts[1:]))  # popped from the end
     current = Path("/")
@@ -107,6 +115,6 @@ def secure_dir(path: Path, key: str, mode: int) -> Path:
                 current = Path("/")
             todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
             continue
-        _check(key, nxt, st, uid)
+        _check(key, nxt, st, uid, shared=shared and not todo)
         current = nxt
     return current

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from agent_attestor import cli
+from agent_attestor.app import AgentApp
 from agent_attestor.config import KEYS, build_config, load_toml
 from agent_attestor.errors import ConfigError
 from agent_attestor.servers import Target
@@ -220,6 +221,21 @@ def test_exe_selectors_are_auto_by_default_and_take_the_file_or_a_flag() -> None
     assert build_config({"exe_selectors": "never"}, {"exe_selectors": "Always"}).exe_selectors == (
         "always"
     )
+
+
+def test_a_shared_socket_directory_is_refused_unless_the_file_or_a_flag_vouches_for_it(
+    tmp_path: Path,
+) -> None:
+    assert build_config({}, {}).socket_dir_shared is False
+    assert build_config({"socket_dir_shared": True}, {}).socket_dir_shared is True
+    with pytest.raises(ConfigError, match="socket_dir_shared: expected true or false"):
+        build_config({"socket_dir_shared": "emptydir"}, {})
+    args = cli._parser().parse_args(["run", "--socket-dir-shared"])
+    assert build_config({}, {"socket_dir_shared": args.cfg_socket_dir_shared}).socket_dir_shared
+    # and the agent's relay is told (it checks the directory when it starts)
+    for shared in (False, True):
+        config = build_config({"data_dir": str(tmp_path), "socket_dir_shared": shared}, {})
+        assert AgentApp(config).endpoint.relay.settings.socket_dir_shared is shared
 
 
 def test_jwt_mints_per_uid_have_defaults_and_a_zero_rate_means_no_limit() -> None:

@@ -7,6 +7,7 @@ exactly; the Workload API tests cover the relay carrying real gRPC.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from agent_attestor.errors import ConfigError
 from agent_attestor.model import Selector
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import READ_BUFFER, RelaySettings, WorkloadRelay
@@ -48,6 +50,8 @@ async def _with_relay(
     root: Path,
     handler: Handler,
     body: Callable[[WorkloadRelay, list[str]], Awaitable[None]],
+    public: Path | None = None,
+    settings: RelaySettings | None = None,
 ) -> WorkloadRelay:
     peers: list[str] = []
 
@@ -57,7 +61,9 @@ async def _with_relay(
 
     internal = root / "api.sock"
     server = await asyncio.start_unix_server(inner, str(internal))
-    relay = WorkloadRelay(root / "public.sock", internal, CallerRegistry(), [])
+    relay = WorkloadRelay(
+        public or root / "public.sock", internal, CallerRegistry(), [], settings=settings
+    )
     await relay.start()
     try:
         await asyncio.wait_for(body(relay, peers), 60)
@@ -74,6 +80,35 @@ async def _until(check: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached in 5 s")
+
+
+def test_a_socket_directory_others_may_write_serves_only_when_declared_shared(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Kubernetes emptyDir is 0777 without the sticky bit: the agent refuses it unless the
+    operator vouches for its writers (socket_dir_shared), and then serves there, saying so."""
+    sockets = root / "sockets"
+    sockets.mkdir()
+    os.chmod(sockets, 0o777)
+    public = sockets / "agent.sock"
+
+    async def echoes(relay: WorkloadRelay, peers: list[str]) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(relay.public_path))
+        writer.write(b"ping")
+        writer.write_eof()
+        assert await reader.read(-1) == b"ping"
+        writer.close()
+
+    refused = WorkloadRelay(public, root / "api.sock", CallerRegistry(), [])
+    with pytest.raises(ConfigError, match=rf"socket_path: directory {sockets} has mode 0777"):
+        asyncio.run(refused.start())
+    assert not public.exists()
+    shared = RelaySettings(socket_dir_shared=True)
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(_with_relay(root, _echo, echoes, public, shared))
+    warned = [r for r in caplog.records if r.getMessage().startswith("socket_dir_shared")]
+    assert warned
+    assert (warned[0].directory, warned[0].mode) == (str(sockets), "0777")
 
 
 def test_bytes_cross_intact_both_ways_on_concurrent_connections(root: Path) -> None:

@@ -164,3 +164,48 @@ def test_a_symlink_another_user_owns_in_a_directory_only_we_may_write_is_followe
     link.symlink_to("real")
     os.lchown(link, NOBODY, NOBODY)
     assert secure_dir(link / "sub", "socket_path", 0o755) == root / "real" / "sub"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_a_shared_socket_directory_is_accepted_only_when_the_operator_vouches_for_it(
+    root: Path, mode: int
+) -> None:
+    """A Kubernetes emptyDir (0777, not sticky) or a root:spire 0775 directory: refused by
+    default, accepted with socket_dir_shared, as the socket's own directory only."""
+    sockets = root / "sockets"
+    sockets.mkdir()
+    if os.geteuid() == 0:
+        os.chown(sockets, 0, NOBODY)  # a group not root's private one
+    os.chmod(sockets, mode)
+    with pytest.raises(ConfigError, match=rf"directory {sockets} has mode 0{mode:o}"):
+        secure_dir(sockets, "socket_path", 0o755)
+    assert secure_dir(sockets, "socket_path", 0o755, shared=True) == sockets
+    # A directory above the socket's is never the operator's to waive.
+    with pytest.raises(ConfigError, match=rf"directory {sockets} has mode 0{mode:o}"):
+        secure_dir(sockets / "agent", "socket_path", 0o755, shared=True)
+    assert not (sockets / "agent").exists()
+
+
+def test_a_shared_socket_directory_reached_through_a_symlink_is_the_target(root: Path) -> None:
+    shared = root / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    (root / "link").symlink_to(shared)
+    assert secure_dir(root / "link", "socket_path", 0o755, shared=True) == shared
+    # The link's own directory stays checked: one others may write is refused.
+    os.chmod(root, 0o777)
+    try:
+        with pytest.raises(ConfigError, match=rf"directory {root} has mode 0777"):
+            secure_dir(root / "link", "socket_path", 0o755, shared=True)
+    finally:
+        os.chmod(root, 0o755)
+
+
+@as_root
+def test_a_shared_socket_directory_another_user_owns_is_refused(root: Path) -> None:
+    """Vouching for a directory's writers is not vouching for its owner, who may chmod it."""
+    theirs = root / "theirs"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=rf"socket_path: directory {theirs} is owned by uid"):
+        secure_dir(theirs, "socket_path", 0o755, shared=True)
