@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import gc
 import json
+import logging
 import os
 import signal
 import sys
@@ -31,6 +32,7 @@ from server.config import (
     load_config,
     read_toml,
 )
+from server.datastore.postgres_dsn import redact_dsn
 from server.errors import CliError, ConfigError, ServerError
 from server.tasks import cli as task_cli
 from svid._cli_args import non_utf8_argument, timeout_problem
@@ -621,6 +623,18 @@ def _run_config(args: argparse.Namespace) -> ServerConfig:
     return load_config(getattr(args, "config", None), flags)
 
 
+def _warn_of_a_secret_on_argv(datastore: str | None) -> None:
+    """A password in --datastore's URL is readable by every local user in /proc/<pid>/cmdline
+    for as long as the server runs: said once at start, the URL shown redacted."""
+    if datastore and redact_dsn(datastore) != datastore:
+        logging.getLogger("svid.server").warning(
+            "--datastore: the URL's password is readable by every local user in "
+            "/proc/<pid>/cmdline while the server runs; give the URL in the config file "
+            "(readable by the server's user only), or the password in PGPASSFILE or PGPASSWORD",
+            extra={"datastore": redact_dsn(datastore)},
+        )
+
+
 # The daemon's young-generation GC threshold (CPython's default is 700 allocations).
 DAEMON_GC_THRESHOLD = 10_000
 
@@ -631,6 +645,7 @@ def _run(args: argparse.Namespace) -> None:
 
     config = _run_config(args)
     logs.configure(config.log_format, config.log_level)
+    _warn_of_a_secret_on_argv(getattr(args, "cfg_datastore", None))
     # Issuance allocates a few container objects per credential that live for one batch: at
     # 700 a collection ran every few credentials and walked objects that were about to be
     # freed anyway. Measured on the JWT batch bench load: ~1.3 us less main-process CPU per JWT.

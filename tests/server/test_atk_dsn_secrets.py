@@ -31,7 +31,7 @@ def root() -> Iterator[Path]:
         shutil.rmtree(where, ignore_errors=True)
 
 
-def run_server(root: Path, dsn: str) -> subprocess.CompletedProcess[str]:
+def run_server(root: Path, dsn: str, *flags: str) -> subprocess.CompletedProcess[str]:
     """`svid-server run` on `dsn` at debug level; it must stop at start, the datastore unopened."""
     kek = root / "kek"
     KeyEncryptionKey.generate().write_new(kek)
@@ -49,7 +49,7 @@ def run_server(root: Path, dsn: str) -> subprocess.CompletedProcess[str]:
     config = root / "server.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
     return subprocess.run(
-        [*server_command(), "run", "--config", str(config)],
+        [*server_command(), "run", "--config", str(config), *flags],
         capture_output=True,
         text=True,
         timeout=60,
@@ -68,7 +68,23 @@ def test_a_password_with_a_bad_percent_escape_is_not_printed(root: Path) -> None
     assert "Traceback" not in said, said[-600:]
 
 
-def test_the_client_key_passphrase_is_hidden_like_the_password() -> None:
+def test_a_password_given_on_the_command_line_is_warned_of_not_printed(root: Path) -> None:
+    """--datastore's URL is in /proc/<pid>/cmdline for every local user while the server runs:
+    a password there is said at start (the URL redacted), one in the config file is not."""
+    dsn = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/test"
+    warning = "--datastore: the URL's password is readable by every local user"
+    done = run_server(root, "postgresql://127.0.0.1:1/test", "--datastore", dsn)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0  # nothing listens there
+    assert warning in said, said[-600:]
+    assert "postgresql://postgres:***@127.0.0.1:1/test" in said, said[-600:]
+    assert PASSWORD not in said, said[-600:]
+    from_file = root / "from-file"
+    from_file.mkdir()
+    done = run_server(from_file, dsn)
+    assert done.returncode != 0
+    assert warning not in done.stdout + done.stderr
+
     # libpq's sslpassword decrypts the client's TLS key: as much a secret as the password.
     dsn = f"postgresql://postgres@127.0.0.1/test?sslpassword={PASSPHRASE}&sslmode=require"
     assert PASSPHRASE not in redact_dsn(dsn)
