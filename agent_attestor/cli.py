@@ -122,7 +122,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     begin.add_argument("--environment", default="")
     begin.add_argument("--on-behalf-of", default="")
-    begin.add_argument("--goal", default="", help="free text; only its sha256 leaves this node")
+    goal = begin.add_mutually_exclusive_group()
+    goal.add_argument(
+        "--goal",
+        default="",
+        help="free text; only its sha256 leaves this node; '-' to read it from stdin (text "
+        "given here is readable by every local user in /proc/<pid>/cmdline while it runs)",
+    )
+    goal.add_argument("--goal-file", type=Path, help="read the goal from this file")
     begin.add_argument("--ttl", type=_int32, default=300, help="requested seconds")
     begin.add_argument("--parent-task", default="")
     begin.add_argument(
@@ -256,22 +263,30 @@ def _cmd_fetch_jwt(args: argparse.Namespace, client: WorkloadClient) -> int:
     return 0
 
 
-def _jwt_to_validate(args: argparse.Namespace) -> str:
-    """The token `api validate jwt` checks: from stdin (`--svid -`), --svid-file, or (warned
-    of) --svid's argument, which every local user reads in /proc/<pid>/cmdline."""
-    if args.svid_file is not None:
+def _off_argv(flag: str, value: str, path: Path | None) -> str | None:
+    """The text of `--<flag>-file PATH` or `--<flag> -` (stdin), stripped; None when neither
+    was used. Errors never quote what was read (a token, a user's goal)."""
+    if path is not None:
         try:
-            text: str = Path(args.svid_file).read_text(encoding="utf-8")
+            text: str = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            # Not the file's content: it is a token.
             problem = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(f"--svid-file: cannot read {args.svid_file}: {problem}") from None
+            raise ConfigError(f"--{flag}-file: cannot read {path}: {problem}") from None
         return text.strip()
-    if args.svid == "-":
+    if value == "-":
         try:
             return sys.stdin.read().strip()
         except UnicodeDecodeError:
-            raise ConfigError("--svid -: stdin is not UTF-8 text") from None
+            raise ConfigError(f"--{flag} -: stdin is not UTF-8 text") from None
+    return None
+
+
+def _jwt_to_validate(args: argparse.Namespace) -> str:
+    """The token `api validate jwt` checks: from stdin (`--svid -`), --svid-file, or (warned
+    of) --svid's argument, which every local user reads in /proc/<pid>/cmdline."""
+    text = _off_argv("svid", args.svid, args.svid_file)
+    if text is not None:
+        return text
     print(
         "svid-agent: warning: --svid TOKEN is readable by every local user in "
         "/proc/<pid>/cmdline; use --svid - (stdin) or --svid-file PATH",
@@ -328,6 +343,7 @@ def _print_tasks(args: argparse.Namespace, tasks: list[task_pb2.Task]) -> None:
 
 def _cmd_task(args: argparse.Namespace, client: WorkloadClient) -> int:
     if args.task == "begin":
+        goal = _off_argv("goal", args.goal, args.goal_file)
         intent = task_pb2.Intent(
             actions=args.action,
             resources=args.resource,
@@ -335,7 +351,7 @@ def _cmd_task(args: argparse.Namespace, client: WorkloadClient) -> int:
             classification=args.classification,
             environment=args.environment,
             on_behalf_of=args.on_behalf_of,
-            goal=args.goal,
+            goal=args.goal if goal is None else goal,
         )
         request = task_pb2.BeginTaskRequest(
             spiffe_id=args.spiffe_id,

@@ -4,6 +4,7 @@ involve a running agent, plus the verifier fed from the agent after a task ends.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -299,12 +300,43 @@ def test_restricted_export_and_widening_sub_task_are_denied(path3: Path3) -> Non
     assert [t.task_id for t in listed.tasks] == [parent.task_id]
 
 
-def _agent_cli(path3: Path3, *args: str) -> subprocess.CompletedProcess[str]:
+def _agent_cli(
+    path3: Path3, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent_attestor.cli", *args, "--socket-path",
          str(path3.agent.socket_path)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True, text=True, timeout=60, check=False, input=stdin,
     )  # fmt: skip
+
+
+def test_a_task_goal_can_be_kept_off_the_command_line(path3: Path3, tmp_path: Path) -> None:
+    """A goal on argv is readable by every local user in /proc/<pid>/cmdline while the command
+    runs: it may come from stdin or a file instead, hashed the same (edges stripped)."""
+    goal_file = tmp_path / "goal.txt"
+    goal_file.write_text("secret plan\n")
+    hashes = []
+    for how, stdin in (
+        (["--goal", "secret plan"], None),
+        (["--goal", "-"], "secret plan\n"),
+        (["--goal-file", str(goal_file)], None),
+    ):
+        begun = _agent_cli(
+            path3, "task", "begin", "--action", "read", "--resource", "docs", *how,
+            "--output", "json", stdin=stdin,
+        )  # fmt: skip
+        assert begun.returncode == 0, begun.stderr
+        assert "secret plan" not in begun.stdout + begun.stderr
+        hashes.append(json.loads(begun.stdout)["tasks"][0]["goal_sha256"])
+    assert hashes == [hashlib.sha256(b"secret plan").hexdigest()] * 3
+    missing = _agent_cli(
+        path3, "task", "begin", "--action", "read", "--goal-file", str(tmp_path / "none")
+    )
+    assert missing.returncode == 2
+    assert f"--goal-file: cannot read {tmp_path / 'none'}: No such file" in missing.stderr
+    both = _agent_cli(path3, "task", "begin", "--goal", "x", "--goal-file", str(goal_file))
+    assert both.returncode == 2
+    assert "not allowed with argument" in both.stderr
 
 
 def test_task_commands_of_the_agent_cli(path3: Path3) -> None:
