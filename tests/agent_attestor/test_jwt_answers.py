@@ -28,7 +28,7 @@ from agent_attestor.model import Entry, Selector
 from agent_attestor.peer import Caller, CallerRegistry
 from agent_attestor.signer import MintedJwt
 from agent_attestor.workload_api import WorkloadApi
-from svid._clock import FakeClock
+from svid._clock import Clock, FakeClock
 from svid._proto import workload_pb2
 from tests.agent_attestor.pki import FakeSigner, LocalCa
 
@@ -65,15 +65,24 @@ class FakeContext:
 class Agent:
     """A WorkloadApi over a real cache and JWT cache, a FakeSigner and a FakeClock."""
 
-    def __init__(self, *, max_entries: int = 4096, answer_bytes: int = 1 << 20) -> None:
-        self.clock = FakeClock(start=time.time())
+    def __init__(
+        self,
+        *,
+        max_entries: int = 4096,
+        answer_bytes: int = 1 << 20,
+        clock: FakeClock | None = None,
+        agent_clock: Clock | None = None,
+    ) -> None:
+        """`clock`: the server's; `agent_clock`: the agent's own, when it is not the same."""
+        self.clock = clock or FakeClock(start=time.time())
         self.ca = LocalCa(self.clock)
         self.signer = FakeSigner(self.ca)
         self.cache = Cache()
         self.registry = CallerRegistry()
-        self.jwts = JwtCache(self.signer, self.clock, max_entries=max_entries)
+        mine = agent_clock or self.clock
+        self.jwts = JwtCache(self.signer, mine, max_entries=max_entries)
         self.api = WorkloadApi(
-            self.cache, self.registry, self.jwts, self.clock, answer_bytes=answer_bytes
+            self.cache, self.registry, self.jwts, mine, answer_bytes=answer_bytes
         )
         self.entries: list[Entry] = []
         self.loop = asyncio.new_event_loop()
@@ -182,6 +191,42 @@ def test_an_answer_ends_at_its_token_refresh_point(agent: Agent) -> None:
     assert agent.fetch(me, "svc").svids[0].svid == first
     agent.clock.advance(2)
     assert agent.fetch(me, "svc").svids[0].svid != first
+
+
+class _SteppedClock:
+    """The agent's clock: `base` (the server's) plus an `offset` that an NTP step changes at
+    once; its monotonic time is base's, which no step moves."""
+
+    def __init__(self, base: FakeClock, offset: float) -> None:
+        self.base, self.offset = base, offset
+
+    def now(self) -> float:
+        return self.base.now() + self.offset
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+
+def test_a_token_is_not_served_past_its_exp_after_the_agent_clock_steps_back() -> None:
+    # The agent's clock ran an hour ahead when it cached a token; NTP then stepped it back.
+    # Half the token's life is an interval: counted on the wall clock, the step stretched it
+    # by the hour, and the agent served the token long after its exp.
+    stepped = _SteppedClock(FakeClock(start=time.time()), 3600.0)
+    agent = Agent(clock=stepped.base, agent_clock=stepped)
+    try:
+        agent.sync(entry("e1", SID))
+        me = agent.caller("a", UID1)
+        first = agent.fetch(me, "svc").svids[0].svid
+        stepped.offset = 0.0  # the step back
+        agent.clock.advance(agent.ca.jwt_ttl / 2 - 1)
+        assert agent.fetch(me, "svc").svids[0].svid == first
+        agent.clock.advance(agent.ca.jwt_ttl / 2 + 2)  # past the token's exp
+        assert agent.fetch(me, "svc").svids[0].svid != first
+        held = agent.jwts.cached(SID, ["svc"], "e1")
+        assert held is not None
+        assert held.token != first  # the new token is the one kept
+    finally:
+        agent.close()
 
 
 def test_an_answer_served_keeps_its_token_recently_used() -> None:
