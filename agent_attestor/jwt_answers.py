@@ -13,7 +13,7 @@ the request as sent, and is served again only while
 - the JWT cache has dropped no token since (a task's end or an entry's removal forgets its
   tokens, the LRU evicts, a refresh replaces): its `generation`;
 - every token in it is before its refresh point, the JWT cache's own rule (`refresh_point`),
-  on the agent's clock as the cache keeps it (`JwtCache.refresh_at`).
+  on the agent's monotonic clock as the cache keeps it (`JwtCache.refresh_at`).
 
 A served answer marks its tokens used in the JWT cache, so its LRU order stays true.
 
@@ -87,7 +87,7 @@ class JwtAnswers:
             self._start(snap)
             return None
         answer = self._answers.get(key)
-        if answer is None or self._clock.now() >= answer.until:
+        if answer is None or self._clock.monotonic() >= answer.until:
             return None
         self._answers.move_to_end(key)
         self._jwts.touch(answer.tokens)

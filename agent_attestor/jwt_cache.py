@@ -70,13 +70,15 @@ def entry_size(key: Key, jwt: MintedJwt, jti: str = "") -> int:
 
 
 def refresh_point(jwt: MintedJwt, asked_at: float) -> float:
-    """When a token stops being handed out and a new one is minted, on the agent's clock: half
-    its life (SPIFFE.md) after the agent asked for it. Its iat and exp are the server's clock,
-    and reading them on the agent's served it past exp (agent behind) or never from the cache
-    (agent ahead): only exp - iat, a difference on one clock, is taken from it. The server's
-    iat is no earlier than the ask, so the exp it maps to on this clock, asked_at + lifetime, is
-    no later than the true one, and the refresh point is before it; a lifetime that is not
-    positive is never handed out again (as svid's task cache, `fresh`)."""
+    """When a token stops being handed out and a new one is minted, on the agent's monotonic
+    clock: half its life (SPIFFE.md) after the agent asked for it. Its iat and exp are the
+    server's clock, and reading them on the agent's served it past exp (agent behind) or never
+    from the cache (agent ahead): only exp - iat, a difference on one clock, is taken from it.
+    The server's iat is no earlier than the ask, so the exp it maps to on this clock, asked_at +
+    lifetime, is no later than the true one, and the refresh point is before it; a lifetime that
+    is not positive is never handed out again (as svid's task cache, `fresh`). Monotonic, not
+    wall: an NTP step back of the agent's wall clock stretched the interval by the step, and
+    the token was served that long past its exp."""
     return asked_at + max(0.0, jwt.expires_at - jwt.issued_at) / 2
 
 
@@ -161,7 +163,7 @@ class JwtCache:
 
     def _hit(self, key: Key) -> MintedJwt | None:
         held = self._tokens.get(key)
-        if held is not None and self._clock.now() < held[1]:
+        if held is not None and self._clock.monotonic() < held[1]:
             self._tokens.move_to_end(key)
             return held[0]
         return None
@@ -183,7 +185,7 @@ class JwtCache:
             # Its minting caller went away, not this one: mint here (or wait for who does now).
         fut: asyncio.Future[MintedJwt] = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
-        asked_at = self._clock.now()
+        asked_at = self._clock.monotonic()
         try:
             jwt = await self._signer.new_jwt(spiffe_id, list(key[1]), entry_id)
         except asyncio.CancelledError:
@@ -213,7 +215,7 @@ class JwtCache:
         held = self._tokens.get(key)
         if held is not None and held[0] is jwt:
             return held[1]
-        return self._clock.now()
+        return self._clock.monotonic()
 
     def _insert(self, key: Key, jwt: MintedJwt, uid: int, asked_at: float) -> None:
         jti = token_id(jwt)
