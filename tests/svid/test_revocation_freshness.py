@@ -125,6 +125,60 @@ def _revoked(*items: Revoked, crls: tuple[bytes, ...] = ()) -> RevocationsUpdate
     return RevocationsUpdate(items, crls, 1)
 
 
+class _SteppedClock:
+    """A service's clock: `base` plus an `offset` an NTP step changes at once; its monotonic
+    time is base's, which no step moves."""
+
+    def __init__(self, base: FakeClock, offset: float) -> None:
+        self.base, self.offset = base, offset
+
+    def now(self) -> float:
+        return self.base.now() + self.offset
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+
+def test_a_step_back_of_the_clock_does_not_keep_stale_revocations_acceptable() -> None:
+    # The agent went away, then NTP stepped the service's clock back half an hour. Staleness is
+    # an interval: counted on the wall clock, the verifiers accepted for that half hour what the
+    # revocations they no longer receive may have revoked since.
+    clock = _SteppedClock(FakeClock(T0), 1800.0)
+    ca = make_ca()
+    leaf = der_concat([make_leaf(ca).cert])
+    key = ec_key()
+    source = MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,), {"k1": key.public_key()}))
+    token = sign_jws(
+        {"kid": "k1"}, {"sub": "spiffe://example.org/w", "aud": "svc", "exp": T0 + 3600}, key
+    )
+    state = SourceState((X509_BUNDLES.name, REVOCATIONS.name), RevocationSet(), clock)
+    state.delivered(X509_BUNDLES.name, _x509(ca))
+    state.delivered(REVOCATIONS.name, _revoked())
+    x = X509Verifier(
+        source.x509_bundle_for,
+        clock=clock,
+        revocations=state.revocations,
+        max_revocation_staleness=5,
+    )
+    j = JwtVerifier(
+        source.jwt_bundle_for,
+        clock=clock,
+        revocations=state.revocations,
+        max_revocation_staleness=5,
+    )
+    x.verify_der(leaf)
+    j.verify(token, "svc")
+    state.failed(REVOCATIONS.name, WorkloadApiError("agent gone", "UNAVAILABLE"))
+    clock.offset = 0.0  # the step back
+    clock.base.advance(5.5)
+    assert x.revocations_fresh_for() == 0.0
+    assert j.revocations_fresh_for() == 0.0
+    with pytest.raises(StaleRevocationsError, match=r"5\.5s old"):
+        x.verify_der(leaf)
+    with pytest.raises(StaleRevocationsError):
+        j.verify(token, "svc")
+
+
 def test_revocation_feed_freshness_through_the_state() -> None:
     clock = FakeClock(T0)
     state = _state(X509_BUNDLES.name, REVOCATIONS.name, clock=clock)
