@@ -138,8 +138,11 @@ class RevocationSet:
     """Thread-safe set of revoked serials and jtis. ``version`` bumps on every change.
 
     A set fed by a stream (a Workload API source) also knows how fresh it is: ``updated_at`` is
-    when the last full-state update arrived, and ``staleness(now)`` how long it has been since the
-    set was last known to be complete. A set nobody feeds is as current as its owner says (0).
+    when the last full-state update arrived (wall clock), and ``staleness(mono)`` how long it has
+    been since the set was last known to be complete. A set nobody feeds is as current as its
+    owner says (0). Staleness is an interval, so the feed's loss and every staleness reading are
+    on the monotonic clock (``Clock.monotonic``): on the wall clock, an NTP step back after the
+    feed was lost kept the set fresh for as long as the step, and verifiers accepted meanwhile.
     """
 
     def __init__(self, items: Iterable[Revoked] = ()) -> None:
@@ -160,32 +163,35 @@ class RevocationSet:
         self._last_noted: str | None = None  # the last trust domain of _intermediates
         self.version = 0
         self.updated_at: float | None = None
-        # Feed state: None = not fed (static); otherwise when the feed was last known live,
-        # math.inf while it is (live now), -math.inf when it never was.
+        # Feed state: None = not fed (static); otherwise when the feed was last known live
+        # (monotonic clock), math.inf while it is (live now), -math.inf when it never was.
         self._current_until: float | None = None
         self.replace(items)
 
     # --- freshness: the feed says when it is connected and when it is lost ---
 
     def feed_delivered(self, now: float) -> None:
-        """A full-state update arrived on a live feed: the set is current from now on."""
+        """A full-state update arrived on a live feed at ``now`` (wall clock, what
+        ``updated_at`` shows): the set is current from now on."""
         self.updated_at = now
         self._current_until = math.inf
 
-    def feed_lost(self, now: float | None) -> None:
-        """The feed broke at ``now`` (None: it has never delivered): staleness grows from then."""
-        if now is None or self.updated_at is None:
+    def feed_lost(self, mono: float | None) -> None:
+        """The feed broke at ``mono`` (monotonic clock; None: it has never delivered):
+        staleness grows from then."""
+        if mono is None or self.updated_at is None:
             self._current_until = -math.inf
         elif self._current_until is None or self._current_until == math.inf:
-            self._current_until = now
+            self._current_until = mono
 
-    def staleness(self, now: float) -> float:
-        """Seconds since the set was last known complete: 0 while its feed is live (or for a
-        set nobody feeds), ``inf`` if its feed never delivered."""
+    def staleness(self, mono: float) -> float:
+        """Seconds since the set was last known complete, at ``mono`` (monotonic clock): 0
+        while its feed is live (or for a set nobody feeds), ``inf`` if its feed never
+        delivered."""
         until = self._current_until
         if until is None or until == math.inf:
             return 0.0
-        return max(0.0, now - until)
+        return max(0.0, mono - until)
 
     @staticmethod
     def _split(items: Iterable[Revoked]) -> _Parts:
@@ -440,12 +446,12 @@ def refuse_if_stale_crl(
             )
 
 
-def fresh_for(revocations: RevocationSet, now: float, max_staleness: float | None) -> float | None:
+def fresh_for(revocations: RevocationSet, mono: float, max_staleness: float | None) -> float | None:
     """Seconds a verifier with ``max_staleness`` still accepts before ``revocations`` is too
-    old (0: it refuses now); None when it has no such setting."""
+    old (0: it refuses now), at ``mono`` (monotonic clock); None when it has no such setting."""
     if max_staleness is None:
         return None
-    return max(0.0, max_staleness - revocations.staleness(now))
+    return max(0.0, max_staleness - revocations.staleness(mono))
 
 
 def crl_fresh_for(
@@ -464,9 +470,10 @@ def crl_fresh_for(
     return max(0.0, left)
 
 
-def refuse_if_stale(revocations: RevocationSet, now: float, max_staleness: float) -> None:
-    """Raise StaleRevocationsError when ``revocations`` is older than ``max_staleness``."""
-    staleness = revocations.staleness(now)
+def refuse_if_stale(revocations: RevocationSet, mono: float, max_staleness: float) -> None:
+    """Raise StaleRevocationsError when ``revocations`` is older than ``max_staleness`` at
+    ``mono`` (monotonic clock)."""
+    staleness = revocations.staleness(mono)
     if staleness > max_staleness:
         age = "never received" if math.isinf(staleness) else f"{staleness:.1f}s old"
         raise StaleRevocationsError(

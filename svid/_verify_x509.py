@@ -456,9 +456,8 @@ class X509Verifier:
         max_staleness = self._max_staleness
         if max_staleness is None:
             return None
-        now = self._clock.now()
-        left = max(0.0, max_staleness - self._revocations.staleness(now))
-        return min(left, crl_fresh_for(self._revocations, keys, now, max_staleness))
+        left = max(0.0, max_staleness - self._revocations.staleness(self._clock.monotonic()))
+        return min(left, crl_fresh_for(self._revocations, keys, self._clock.now(), max_staleness))
 
     def check_fresh(self, keys: Iterable[CertKey] = ()) -> None:
         """Raise StaleRevocationsError if this verifier would now refuse, for stale revocation
@@ -468,9 +467,8 @@ class X509Verifier:
         max_staleness = self._max_staleness
         if max_staleness is None:
             return
-        now = self._clock.now()
-        refuse_if_stale(self._revocations, now, max_staleness)
-        refuse_if_stale_crl(self._revocations, keys, now, max_staleness)
+        refuse_if_stale(self._revocations, self._clock.monotonic(), max_staleness)
+        refuse_if_stale_crl(self._revocations, keys, self._clock.now(), max_staleness)
 
     def verify_der(self, chain_der: bytes) -> VerifiedX509:
         """Verify concatenated DER certificates, leaf first (the Workload API / TLS form)."""
@@ -479,7 +477,7 @@ class X509Verifier:
         now = self._clock.now()
         max_staleness = self._max_staleness
         if max_staleness is not None:
-            refuse_if_stale(self._revocations, now, max_staleness)
+            refuse_if_stale(self._revocations, self._clock.monotonic(), max_staleness)
         cache = self._cache
         if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
             entry = cache.get(chain_der)
@@ -512,7 +510,7 @@ class X509Verifier:
         now = self._clock.now()
         max_staleness = self._max_staleness
         if max_staleness is not None:
-            refuse_if_stale(self._revocations, now, max_staleness)
+            refuse_if_stale(self._revocations, self._clock.monotonic(), max_staleness)
         entry = self._cache.get(key)
         if entry is not None and not self._still_valid(entry, now):
             self._cache.discard(key)

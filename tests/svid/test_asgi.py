@@ -204,7 +204,7 @@ def test_open_streams_end_once_revocation_data_is_older_than_the_verifier_allows
         # While the feed is live the stream goes on, well past the staleness allowed.
         assert [next(lines) for _ in range(3 * int(STALE / 0.05))] == ["tick"] * 30
         lost_at = time.monotonic()
-        source.revocations.feed_lost(time.time())  # the agent went away
+        source.revocations.feed_lost(time.monotonic())  # the agent went away
         ended = False
         for _ in lines:
             if time.monotonic() - lost_at > GIVE_UP:
@@ -243,7 +243,7 @@ def test_a_stream_with_nothing_to_revoke_it_by_still_ends_once_the_data_is_stale
         source.revoke("jwt_id", "another")  # someone else's
         assert [next(lines) for _ in range(5)] == ["tick"] * 5
         lost_at = time.monotonic()
-        source.revocations.feed_lost(time.time())
+        source.revocations.feed_lost(time.monotonic())
         ended = False
         for _ in lines:
             if time.monotonic() - lost_at > 5.0:
@@ -275,7 +275,7 @@ def test_stale_data_ends_only_what_a_verifier_that_refuses_admitted(
         lines = reply.iter_lines()
         assert next(lines) == "tick"
         lost_at = time.monotonic()
-        source.revocations.feed_lost(time.time())
+        source.revocations.feed_lost(time.monotonic())
         ticks = 0
         while time.monotonic() - lost_at < 4 * STALE:  # well past the X.509 limit
             assert next(lines) == "tick"

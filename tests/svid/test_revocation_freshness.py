@@ -94,7 +94,7 @@ def test_verifiers_fail_closed_on_stale_revocations() -> None:
     rs.feed_delivered(clock.now())
     x.verify_der(leaf)  # now cached
     j.verify(token, "svc")
-    rs.feed_lost(clock.now())  # the agent went away
+    rs.feed_lost(clock.monotonic())  # the agent went away
     clock.advance(5)
     x.verify_der(leaf)
     clock.advance(0.5)
@@ -183,23 +183,23 @@ def test_revocation_feed_freshness_through_the_state() -> None:
     clock = FakeClock(T0)
     state = _state(X509_BUNDLES.name, REVOCATIONS.name, clock=clock)
     ca = make_ca()
-    assert state.revocations.staleness(clock.now()) == math.inf
+    assert state.revocations.staleness(clock.monotonic()) == math.inf
     state.delivered(X509_BUNDLES.name, _x509(ca))
-    assert state.revocations.staleness(clock.now()) == math.inf  # the revocation stream says
+    assert state.revocations.staleness(clock.monotonic()) == math.inf  # the revocation stream says
     state.delivered(REVOCATIONS.name, _revoked())
     assert state.revocations.updated_at == T0
     clock.advance(60)
-    assert state.revocations.staleness(clock.now()) == 0.0
+    assert state.revocations.staleness(clock.monotonic()) == 0.0
     state.failed(REVOCATIONS.name, WorkloadApiError("agent gone", "UNAVAILABLE"))
     clock.advance(3)
-    assert state.revocations.staleness(clock.now()) == 3.0
+    assert state.revocations.staleness(clock.monotonic()) == 3.0
     # An agent without the revocation stream: the bundles stream (CRLs) is the feed.
     state.failed(REVOCATIONS.name, WorkloadApiError("no such service", "UNIMPLEMENTED"))
     assert state.revocation_stream_supported is False
-    assert state.revocations.staleness(clock.now()) == 0.0
+    assert state.revocations.staleness(clock.monotonic()) == 0.0
     state.failed(X509_BUNDLES.name, None)
     clock.advance(2)
-    assert state.revocations.staleness(clock.now()) == 2.0
+    assert state.revocations.staleness(clock.monotonic()) == 2.0
 
 
 def test_crls_before_the_bundles_are_kept_without_a_warning(
