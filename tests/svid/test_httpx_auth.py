@@ -282,3 +282,49 @@ def test_import_svid_imports_no_adapter_dependency() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+class _SteppedClock:
+    """A client's clock: `base` plus an `offset` an NTP step changes at once; its monotonic
+    time is base's, which no step moves."""
+
+    def __init__(self, base: svid.FakeClock, offset: float) -> None:
+        self.base, self.offset = base, offset
+
+    def now(self) -> float:
+        return self.base.now() + self.offset
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+
+def test_delegated_auth_does_not_send_an_expired_token_after_its_clock_steps_back() -> None:
+    # The client's clock ran an hour ahead when it exchanged; NTP then stepped it back. Half
+    # the token's life is an interval: counted on the wall clock, the step stretched it by the
+    # hour, and every request meanwhile went out with a token past its expiry.
+    issued: list[str] = []
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token":
+            issued.append(f"AT{len(issued) + 1}")
+            return httpx.Response(200, json={"access_token": issued[-1], "expires_in": 300})
+        sent.append(request.headers["authorization"])
+        return httpx.Response(200)
+
+    clock = _SteppedClock(svid.FakeClock(), 3600.0)
+    auth = svid.httpx.DelegatedAuth(
+        lambda audience: "ACTOR-JWT-SVID",
+        "https://issuer.example",
+        "SUBJECT",
+        "https://r.example",
+        clock=clock,
+    )
+    with httpx.Client(auth=auth, transport=httpx.MockTransport(handler)) as client:
+        client.get("https://r.example/orders/7")
+        clock.offset = 0.0  # the step back
+        clock.base.advance(149)
+        client.get("https://r.example/orders/7")
+        clock.base.advance(152)  # the first token expired a second ago
+        client.get("https://r.example/orders/7")
+    assert sent == ["Bearer AT1", "Bearer AT1", "Bearer AT2"]
