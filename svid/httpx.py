@@ -187,11 +187,13 @@ class DelegatedAuth(httpx.Auth):
         self._subject = subject_token
         self._actor = BearerTokens(provider, issuer.rstrip("/"), spiffe_id=spiffe_id, clock=clock)
         self._clock = clock or SystemClock()
-        self._token: tuple[str, float] | None = None  # the token, and when to exchange again
+        # The token, and when to exchange again on the monotonic clock: expires_in is an
+        # interval, and on the wall clock an NTP step back kept a token that long past expiry.
+        self._token: tuple[str, float] | None = None
 
     def _fresh(self) -> str | None:
         kept = self._token
-        return kept[0] if kept is not None and self._clock.now() < kept[1] else None
+        return kept[0] if kept is not None and self._clock.monotonic() < kept[1] else None
 
     def _exchange(self, actor_token: str, *, asynchronous: bool) -> httpx.Request:
         form = {
@@ -240,7 +242,7 @@ class DelegatedAuth(httpx.Auth):
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
         token = self._fresh()
         if token is None:
-            asked_at = self._clock.now()
+            asked_at = self._clock.monotonic()
             reply = yield self._exchange(self._actor.token(), asynchronous=False)
             reply.read()
             token = self._keep(reply, asked_at)
@@ -252,7 +254,7 @@ class DelegatedAuth(httpx.Auth):
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         token = self._fresh()
         if token is None:
-            asked_at = self._clock.now()
+            asked_at = self._clock.monotonic()
             reply = yield self._exchange(await self._actor.atoken(), asynchronous=True)
             await reply.aread()
             token = self._keep(reply, asked_at)
