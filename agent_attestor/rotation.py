@@ -17,7 +17,7 @@ from agent_attestor.cache import Cache
 from agent_attestor.model import Entry, IssuedSvid
 from agent_attestor.schedule import DueHeap
 from agent_attestor.signer import SvidSigner
-from svid._clock import Clock
+from svid._clock import Clock, format_utc
 
 log = logging.getLogger(__name__)
 
@@ -251,11 +251,12 @@ class Rotator:
         due = self.due()
         if not due:
             return self.next_due_in()
+        late = 0
         for start in range(0, len(due), MAX_BATCH):
             batch = due[start : start + MAX_BATCH]
             self._in_flight = set(batch)
             try:
-                await self._issue(batch)
+                late += await self._issue(batch)
             except Exception as exc:  # the server being away must never stop the loop
                 for eid in due[start:]:
                     if self._cache.entry(eid) is not None:
@@ -277,18 +278,23 @@ class Rotator:
                 self._pending = {**dict.fromkeys(rest), **self._pending}
                 self._failures = 0
                 return 0.0
+        if late:
+            self._failures += 1
+            return min(self._retry_max, self._retry_min * 2.0 ** (self._failures - 1))
         self._failures = 0
         return self.next_due_in()
 
-    async def _issue(self, entry_ids: Sequence[str]) -> None:
+    async def _issue(self, entry_ids: Sequence[str]) -> int:
+        """Mint and install SVIDs for `entry_ids`; how many came back expired by this clock."""
         entries = [e for e in map(self._cache.entry, entry_ids) if e is not None]
         if not entries:
-            return
+            return 0
         # Key generation and CSR signing are CPU work: keep them off the event loop.
         requests = await asyncio.to_thread(_make_requests, entries)
         results = await self._signer.batch_new_x509([(e.id, csr) for e, _, csr in requests])
         by_id = {r.entry_id: r for r in results}
         issued: list[IssuedSvid] = []
+        expired: list[IssuedSvid] = []
         received = self._clock.now()
         for entry, key, _ in requests:
             result = by_id.get(entry.id)
@@ -302,12 +308,31 @@ class Rotator:
                 continue
             try:
                 svid = _crypto.issued_svid(entry.id, result.chain_der, key, entry.issuance_key)
-                issued.append(dataclasses.replace(svid, received_at=received))
             except Exception as exc:
                 log.warning(
                     "server sent an unusable SVID", extra={"entry_id": entry.id, "error": str(exc)}
                 )
                 self._renew.set(entry.id, received + self._retry_max)
+                continue
+            if svid.not_after <= received:
+                # Expired on arrival: this clock is ahead of the server's by more than the TTL.
+                # Never served; minted again at once it would come back expired again, on every
+                # tick: retried with tick's backoff (slept on the monotonic clock, so a clock
+                # put right by a step back is not waited out), as when the server is away.
+                expired.append(svid)
+                self._pending.setdefault(entry.id, None)
+                continue
+            issued.append(dataclasses.replace(svid, received_at=received))
+        if expired:
+            log.warning(
+                "server sent X.509-SVIDs already expired by this agent's clock: is it ahead of "
+                "the server's?",
+                extra={
+                    "entries": len(expired),
+                    "not_after": format_utc(expired[0].not_after),
+                    "now": format_utc(received),
+                },
+            )
         installed = self._cache.put_svids(issued)
         evicted = []
         for svid in installed:
@@ -321,6 +346,7 @@ class Rotator:
             "issued X.509-SVIDs",
             extra={"count": len(installed), "next_due_in": self.next_due_in()},
         )
+        return len(expired)
 
     async def run(self, idle: float = 30.0) -> None:
         """Tick forever: sleep until the next due time or a wake-up (new entries, a workload
