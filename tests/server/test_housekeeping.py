@@ -69,3 +69,37 @@ def test_release_hands_over_at_once(store: FaultInjectingDataStore, clock: FakeC
     assert b.renew()
     with pytest.raises(ValueError, match="at least 3"):
         Lease(store, HOUSEKEEPING_LEASE, "c", clock, 2)
+
+
+class _SteppedClock:
+    """One server's clock: `base` (the other's) plus an `offset` a step changes at once; its
+    monotonic time is base's, which no step moves."""
+
+    def __init__(self, base: FakeClock, offset: float = 0.0) -> None:
+        self.base, self.offset = base, offset
+
+    def now(self) -> float:
+        return self.base.now() + self.offset
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+
+def test_a_holder_whose_clock_steps_back_stops_acting_before_another_takes_over(
+    store: FaultInjectingDataStore, clock: FakeClock
+) -> None:
+    # A's clock is stepped back an hour just after it renewed (a bad time source, a restored
+    # VM). Its row lapses for B on time; counted on A's wall clock, A went on trusting its
+    # renewal, and waiting for its next one, for the hour: two housekeepers, two checkpoint
+    # signers, for as long as the step.
+    stepped = _SteppedClock(clock)
+    a = Lease(store, HOUSEKEEPING_LEASE, "a", stepped, TTL)
+    b = lease(store, clock, "b")
+    assert a.renew()
+    stepped.offset = -3600.0
+    clock.advance(TTL * 2 / 3)
+    assert not a.held  # as without the step: two thirds of the life after its last renewal
+    clock.advance(TTL / 3)
+    assert b.renew()
+    assert b.held
+    assert not a.held
