@@ -651,8 +651,9 @@ class Server:
 
     async def _lease_loop(self) -> None:
         lease = self.housekeeping
-        while not await self._sleep(min(MAX_LEASE_WAIT, lease.next_renewal() - self.clock.now())):
-            if self.clock.now() >= lease.next_renewal():
+        clock = self.clock
+        while not await self._sleep(min(MAX_LEASE_WAIT, lease.next_renewal() - clock.monotonic())):
+            if clock.monotonic() >= lease.next_renewal():
                 await self._guarded(self._renew_lease)
 
     async def _renew_lease(self) -> None:

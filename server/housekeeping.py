@@ -85,7 +85,12 @@ class Lease:
     """One named datastore lease as this process holds it. `renew()` on a tick takes the lease
     when free or lapsed and keeps it while held; `held` trusts a renewal for two thirds of the
     lease's life (renewals come every third), so a server whose renewals fail stops acting
-    before another can take over. Blocking calls: run them in a thread."""
+    before another can take over. Blocking calls: run them in a thread.
+
+    The row's expiry is wall time (other servers read it); this process's own trust and tick
+    are intervals, on the monotonic clock: on the wall clock, a step back just after a renewal
+    kept `held` true, and the next renewal waiting, for as long as the step, while the row
+    lapsed for the other servers on time."""
 
     def __init__(
         self,
@@ -107,20 +112,21 @@ class Lease:
 
     @property
     def held(self) -> bool:
-        return self._clock.now() < self._until
+        return self._clock.monotonic() < self._until
 
     def next_renewal(self) -> float:
-        """When (clock time) `renew` is due next."""
+        """When (monotonic clock time) `renew` is due next."""
         return self._last_try + self._ttl / 3
 
     def renew(self) -> bool:
         """Take or keep the lease now: True when this call took it (not held here before).
         A datastore error propagates; `held` then runs out on its own."""
-        now = self._clock.now()
-        self._last_try = now
+        asked = self._clock.monotonic()
+        self._last_try = asked
         was = self.held
-        got = self._store.acquire_lease(self.name, self.holder, int(now), self._ttl)
-        self._until = int(now) + self._ttl * 2 / 3 if got else 0.0
+        got = self._store.acquire_lease(self.name, self.holder, int(self._clock.now()), self._ttl)
+        # From the ask: the row's life may have begun at any moment of the call.
+        self._until = asked + self._ttl * 2 / 3 if got else 0.0
         if got != was:
             _log.info(
                 f"{self.name} lease taken" if got else f"{self.name} lease held by another server",
