@@ -57,7 +57,7 @@ from server.federation.service import (
 )
 from server.status import status_for
 from svid._bundle import SpiffeBundle
-from svid._clock import FakeClock
+from svid._clock import Clock, FakeClock
 from svid._spiffe_id import TrustDomain
 from tests.server.fixtures import SilentEndpoint, serving_https
 
@@ -72,8 +72,8 @@ def _bundle(sequence: int, hint: int = 90) -> SpiffeBundle:
 
 
 class World:
-    def __init__(self, tmp_path: Path) -> None:
-        self.clock = FakeClock(1_700_000_000)
+    def __init__(self, tmp_path: Path, clock: Clock | None = None) -> None:
+        self.clock = clock or FakeClock(1_700_000_000)
         self.db = SqliteDataStore(tmp_path / "db", self.clock)
         self.store = FaultInjectingDataStore(self.db)
         self.published: list[Mapping[str, SpiffeBundle]] = []
@@ -364,6 +364,39 @@ def test_an_endpoint_announcing_a_tiny_hint_changes_its_bundle_at_most_once_a_fl
         world.clock.advance(1)
     assert world.changes() <= minutes + 1
     assert world.service.bundle("example.org").sequence == world.service.fetches
+
+
+class _SteppedClock:
+    """A server's clock: `base` plus an `offset` a step changes at once; its monotonic time is
+    base's, which no step moves."""
+
+    def __init__(self, base: FakeClock) -> None:
+        self.base, self.offset = base, 0.0
+
+    def now(self) -> float:
+        return self.base.now() + self.offset
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+
+def test_a_step_back_of_the_clock_does_not_postpone_the_next_fetch(tmp_path: Path) -> None:
+    # The next fetch is a refresh hint from the last: an interval. Due on the wall clock, a
+    # step back of an hour postponed it by the hour, and keys the foreign domain dropped (or
+    # added) meanwhile stayed trusted (or were refused) here that long.
+    clock = _SteppedClock(FakeClock(1_700_000_000))
+    world = World(tmp_path, clock)
+    try:
+        world.answers = [_bundle(1, hint=90), _bundle(2, hint=90)]
+        world.run(world.service.refresh_due())
+        assert world.service.fetches == 1
+        clock.offset = -3600.0  # the step back
+        clock.base.advance(91)
+        world.run(world.service.refresh_due())
+        assert world.service.fetches == 2
+        assert world.service.bundle("example.org").sequence == 2
+    finally:
+        world.store.inner.close()
 
 
 @pytest.mark.parametrize("hint", [10 * 365 * 86400, 2**63 - 1])
