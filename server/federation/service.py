@@ -216,6 +216,9 @@ class FederationService:
         self._relationships: dict[str, FederationRelationship] = {}
         self._bundles: dict[str, SpiffeBundle] = {}
         self._updated: dict[str, int] = {}  # when each foreign bundle last changed (unix s)
+        # When each relationship's scheduled fetch is due, on the monotonic clock: the delay
+        # is an interval (a refresh hint, a retry), and on the wall clock a step back postponed
+        # the fetch by the step.
         self._due: dict[str, float] = {}
         self._retries: dict[str, Retry] = {}  # relationships whose last fetch failed
         self._wake = asyncio.Event()
@@ -254,8 +257,7 @@ class FederationService:
                 self._updated[td.name] = row.updated_at
             except Exception:
                 _log.exception("stored foreign bundle unreadable", extra={"td": row.trust_domain})
-        now = self._clock.now()
-        self._due = dict.fromkeys(self._relationships, now)
+        self._due = dict.fromkeys(self._relationships, self._clock.monotonic())
         self._publish(dict(self._bundles))
 
     # -- reads ----------------------------------------------------------------------------------
@@ -279,7 +281,8 @@ class FederationService:
 
     def next_fetch(self, trust_domain: str) -> float | None:
         """When (clock time) the relationship's scheduled fetch is due; None: not scheduled."""
-        return self._due.get(trust_domain)
+        due = self._due.get(trust_domain)
+        return None if due is None else self._clock.now() + (due - self._clock.monotonic())
 
     def bundle(self, trust_domain: str) -> SpiffeBundle:
         td = parse_trust_domain(trust_domain).name
@@ -499,7 +502,7 @@ class FederationService:
     def _schedule(self, td: str, delay: float, *, asked: bool = False) -> None:
         if td in self._relationships:
             self._schedules[td] = self._schedules.get(td, 0) + 1
-            self._due[td] = self._clock.now() + delay
+            self._due[td] = self._clock.monotonic() + delay
             if asked:
                 self._asked.add(td)
             self._wake.set()
@@ -615,7 +618,7 @@ class FederationService:
         longest due first, while fewer than FETCHES_AT_ONCE run: each in a task of its own, so
         an endpoint that answers slowly (held up to the whole-GET deadline) holds up only its
         own relationship."""
-        now = self._clock.now()
+        now = self._clock.monotonic()
         started: dict[str, asyncio.Task[None]] = {}
         for td, due in sorted(self._due.items(), key=lambda item: item[1]):
             if len(self._running) >= FETCHES_AT_ONCE:
@@ -655,7 +658,7 @@ class FederationService:
             while not stop.is_set():
                 self._start_due()
                 waiting = [d for td, d in self._due.items() if td not in self._running]
-                wait = min((d - self._clock.now() for d in waiting), default=60.0)
+                wait = min((d - self._clock.monotonic() for d in waiting), default=60.0)
                 if len(self._running) >= FETCHES_AT_ONCE:
                     wait = 60.0  # nothing starts before a fetch ends, and its end wakes us
                 self._wake.clear()
