@@ -307,6 +307,46 @@ def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
     assert not found.key_wanted(TrustDomain.parse("other.org"), "k9")  # not an issuer's
 
 
+class _SteppedClock:
+    """A server's clock: `base` plus an `offset` a step changes at once; its monotonic time is
+    base's, which no step moves."""
+
+    def __init__(self, base: FakeClock) -> None:
+        self.base, self.offset = base, 0.0
+
+    def now(self) -> float:
+        return self.base.now() + self.offset
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+
+def test_a_step_back_of_the_clock_postpones_neither_the_retry_nor_a_wanted_key() -> None:
+    # The retry and WANTED_GAP are intervals: on the wall clock, a step back of an hour
+    # postponed both by the hour, and tokens under the issuer's new key were refused that long.
+    clock = _SteppedClock(FakeClock())
+    calls: list[str] = []
+
+    def failing(item: TrustedIssuer, ctx: ssl.SSLContext) -> Any:
+        calls.append(item.url)
+        raise IssuerError("down")
+
+    found = DiscoveredIssuers(
+        (TrustedIssuer(PARTNER, "https://partner.example"),),
+        clock,
+        fetch=failing,  # type: ignore[arg-type]
+    )
+    assert found.key_wanted(PARTNER, "k9")
+    found.refresh_due()
+    assert len(calls) == 1
+    clock.offset = -3600.0  # the step back
+    clock.base.advance(RETRY)
+    found.refresh_due()
+    assert len(calls) == 2
+    clock.base.advance(WANTED_GAP)
+    assert found.key_wanted(PARTNER, "k9")
+
+
 def test_issuers_that_hang_hold_up_neither_each_other_nor_the_one_that_answers(
     issuer: Issuer,
 ) -> None:
