@@ -159,6 +159,9 @@ class DiscoveredIssuers:
         self._ctx: ssl.SSLContext | None = None  # made at the first fetch: none without issuers
         self._lock = threading.Lock()
         self._bundles: dict[TrustDomain, JwtBundle] = {}
+        # When each issuer's keys are due, and when a key was last wanted: on the monotonic
+        # clock, as both are intervals (a refresh, a retry, WANTED_GAP); on the wall clock a
+        # step back postponed them by the step.
         self._due: dict[TrustDomain, float] = {i.trust_domain: 0.0 for i in issuers}
         self._wanted: dict[TrustDomain, float] = {}
         self._pool = https_get.fetch_pool("issuer-fetch")
@@ -180,7 +183,7 @@ class DiscoveredIssuers:
     def key_wanted(self, td: TrustDomain, kid: str) -> bool:
         """A token of ``td`` named key ``kid``, which its issuer's keys do not hold: fetch them
         at the next look, unless that was asked less than WANTED_GAP ago. True if it will be."""
-        now = self._clock.now()
+        now = self._clock.monotonic()
         with self._lock:
             if td not in self._due:  # not a discovered issuer's trust domain
                 return False
@@ -198,7 +201,7 @@ class DiscoveredIssuers:
         (https_get.FETCHES_AT_ONCE at most), each within its own deadline: issuers that hang hold up
         only their own keys, for one deadline, not every issuer after them. How many were
         fetched. Blocking, until every fetch has ended: a worker thread's job."""
-        now = self._clock.now()
+        now = self._clock.monotonic()
         with self._lock:
             due = [i for i in self._issuers if self._due[i.trust_domain] <= now]
         fetches = [self._pool.submit(self._refresh, issuer) for issuer in due]
@@ -235,13 +238,13 @@ class DiscoveredIssuers:
                         "trusted issuer %s: the failed fetch was not audited", issuer.url
                     )
             with self._lock:
-                self._due[td] = self._clock.now() + RETRY
+                self._due[td] = self._clock.monotonic() + RETRY
             return False
         with self._lock:
             # The same keys keep the same object: the verifier's key checks stay memoised.
             if changed:
                 self._bundles[td] = keys.bundle
-            self._due[td] = self._clock.now() + next_refresh(keys.max_age)
+            self._due[td] = self._clock.monotonic() + next_refresh(keys.max_age)
         if changed:
             _log.info(
                 "trusted issuer %s: %d keys for %s (%s)",
