@@ -95,6 +95,17 @@ def test_after_a_longer_outage_everything_is_new() -> None:
     assert not plan.activate
 
 
+def test_keys_made_ahead_of_a_clock_put_back_are_dropped_at_once() -> None:
+    # Made while the clock ran ahead (past MAX_CLOCK_SKEW): nothing they sign is valid yet.
+    slots = [SlotTimes("a", ACTIVE, 1000, 1600), SlotTimes("b", PREPARED, 1300, 1900)]
+    assert next_event(100, slots) <= 100
+    plan = plan_rotation(100, slots)
+    assert set(plan.drop) == {"a", "b"}
+    assert plan.create_active
+    # Within the skew servers may have between them, a key is kept.
+    assert plan_rotation(100, [SlotTimes("a", ACTIVE, 130, 700)]).empty
+
+
 def test_extra_actives_and_waiting_keys_are_cleaned_up() -> None:
     slots = [
         SlotTimes("a1", ACTIVE, 0, 600),
@@ -316,6 +327,29 @@ def test_restart_after_an_outage_catches_up(
     for kind in (X509_KIND, JWT_KIND):
         _check_invariants(again, kind, clock.now())
         assert len(again.key_slots(kind)) == 1
+    _check_bundle(again)
+    _can_sign(again, clock, tmp_path)
+
+
+def test_keys_made_while_the_clock_ran_ahead_are_replaced_once_it_is_put_right(
+    short_ca: CaManager,
+    datastore: SqliteDataStore,
+    keystore: KeyStore,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    # A server started with its clock far ahead (an RTC in local time, before NTP synced)
+    # drops the keys it finds expired and makes new ones, valid from then on. Started again
+    # once the clock was put right, it kept signing with those: every SVID chained to a CA not
+    # valid yet, for as long as the clock had been ahead.
+    config = CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL)
+    ahead = CaManager(config, datastore, keystore, FakeClock(clock.now() + 10 * JWT_TTL))
+    ahead.initialize()
+    clock.advance(60)
+    again = CaManager(config, datastore, keystore, clock)
+    again.initialize()
+    for kind in (X509_KIND, JWT_KIND):
+        _check_invariants(again, kind, clock.now())
     _check_bundle(again)
     _can_sign(again, clock, tmp_path)
 
