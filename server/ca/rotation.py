@@ -2,6 +2,12 @@
 
 SPIRE's schedule: the next key is prepared (and published) at 1/2 of the active key's life,
 activated at 5/6, and a retired key stays published until it expires.
+
+A key whose life begins more than MAX_CLOCK_SKEW after `now` was made while this clock ran
+ahead (an RTC in local time, a start before NTP synced), and the clock has since been put
+right: nothing it signs is valid yet, so it is dropped as an expired one is. Kept, the server
+signed with it, every SVID chaining to a CA not valid yet, for as long as the clock had been
+ahead.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.datastore.records import ACTIVE, PREPARED
+from svid import MAX_CLOCK_SKEW
 
 PREPARE_FRACTION = 1 / 2
 ACTIVATE_FRACTION = 5 / 6
@@ -53,8 +60,8 @@ def plan_rotation(now: float, slots: Sequence[SlotTimes]) -> RotationPlan:
     key is activated when the active one is gone, and a new active key is made when nothing
     usable is left.
     """
-    live = [s for s in slots if now < s.not_after]
-    drop = [s.slot_id for s in slots if now >= s.not_after]
+    live = [s for s in slots if now < s.not_after and not _ahead(now, s)]
+    drop = [s.slot_id for s in slots if now >= s.not_after or _ahead(now, s)]
     by_start = sorted(live, key=lambda s: (s.not_before, s.slot_id))
     actives = [s for s in by_start if s.status == ACTIVE]
     prepared = [s for s in by_start if s.status == PREPARED]
@@ -92,7 +99,7 @@ def next_event(now: float, slots: Sequence[SlotTimes]) -> float:
     """When `plan_rotation` has something to do next: the earliest pending event, which is
     `now` or earlier when a tick is overdue (a pending event stays pending until applied)."""
     active = [s for s in slots if s.status == ACTIVE]
-    if not active:
+    if not active or any(_ahead(now, s) for s in slots):
         return now
     waiting = any(s.status == PREPARED for s in slots)
     times = [
@@ -101,3 +108,8 @@ def next_event(now: float, slots: Sequence[SlotTimes]) -> float:
     ]
     times.extend(s.not_after for s in slots)
     return min(times)
+
+
+def _ahead(now: float, slot: SlotTimes) -> bool:
+    """Whether `slot` was made while the clock ran ahead of `now` (see the module docstring)."""
+    return slot.not_before > now + MAX_CLOCK_SKEW
