@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 from server.ca.errors import CaUnavailableError
-from server.ca.manager import CaManager
+from server.ca.keys import KeyStore
+from server.ca.manager import CaConfig, CaManager
+from server.datastore.sqlite import SqliteDataStore
 from server.tls import ServerTls
 from svid._clock import FakeClock
+from tests.server.conftest import TRUST_DOMAIN
 
 
 def test_renewal_is_due_at_half_life(ca_manager: CaManager, clock: FakeClock) -> None:
@@ -36,3 +39,40 @@ def test_failed_renewal_is_retried_after_a_back_off(
         clock.set(max(clock.now(), tls.renew_at))
     assert delays == [1, 2, 4, 8, 10, 10]
     assert tls.chain == chain  # the last good identity is kept meanwhile
+
+
+class _SteppedClock:
+    """The server's clock: `base` plus an `offset` a step changes at once; its monotonic time
+    is base's, which no step moves."""
+
+    def __init__(self, base: FakeClock, offset: float) -> None:
+        self.base, self.offset = base, offset
+
+    def now(self) -> float:
+        return self.base.now() + self.offset
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+
+def test_a_server_svid_whose_ca_was_dropped_is_renewed_at_the_next_look(
+    datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
+) -> None:
+    # Started with its clock days ahead, the server made its CA and SVID then; put right, its
+    # next rotation drops that CA (not valid yet) for a new one. The SVID it signed was kept
+    # until its renew_at, days on: no agent could verify the server meanwhile.
+    stepped = _SteppedClock(clock, 3 * 86400.0)
+    manager = CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, stepped)
+    manager.initialize()
+    tls = ServerTls(manager, stepped, ttl=600)
+    tls.renew()
+    stepped.offset = 0.0  # the clock put right
+    assert manager.next_rotation_check() <= clock.now()
+    manager.rotate()
+    assert tls.maybe_renew()
+    leaf = tls.chain[0]
+    assert leaf.not_valid_before_utc.timestamp() <= clock.now()
+    issuers = [c for c in manager.bundle().x509_authorities if c.subject == leaf.issuer]
+    assert len(issuers) == 1
+    leaf.verify_directly_issued_by(issuers[0])
+    assert not tls.maybe_renew()  # and then renewed at half life again, not at every look
