@@ -12,9 +12,11 @@ from collections.abc import Callable
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from server.ca.manager import CaManager
 from server.ca.server_svid import server_svid
+from server.datastore.records import X509_KIND
 from svid._backoff import Retry
 from svid._clock import Clock
 from svid._der import certs_to_pem
@@ -37,6 +39,7 @@ class ServerTls:
         self._key_pem = b""
         self._roots_pem = b""
         self._renew_at = 0.0
+        self._issuer_der = b""  # the CA certificate that signed `_chain`
         self._retry = Retry(FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS)
 
     @property
@@ -49,7 +52,9 @@ class ServerTls:
 
     def renew(self) -> None:
         """Issue a fresh server SVID (new key) from the active CA."""
-        svid = server_svid(self._ca.x509_signer(), self._ttl)
+        signer = self._ca.x509_signer()
+        svid = server_svid(signer, self._ttl)
+        issuer_der = signer.ca_certificate.public_bytes(serialization.Encoding.DER)
         leaf = svid.chain[0]
         start = leaf.not_valid_before_utc.timestamp()
         end = leaf.not_valid_after_utc.timestamp()
@@ -57,6 +62,7 @@ class ServerTls:
         with self._lock:
             self._chain = svid.chain
             self._key_pem = key_pem
+            self._issuer_der = issuer_der
             self._renew_at = start + (end - start) / 2
             self._rebuild()
 
@@ -73,7 +79,7 @@ class ServerTls:
     def maybe_renew(self) -> bool:
         """Renew when due; on failure keep the current identity and move renew_at on by a
         back-off before raising."""
-        if self._chain and self._clock.now() < self._renew_at:
+        if self._chain and self._clock.now() < self._renew_at and self._issuer_kept():
             return False
         try:
             self.renew()
@@ -82,6 +88,13 @@ class ServerTls:
             raise
         self._retry.succeeded()
         return True
+
+    def _issuer_kept(self) -> bool:
+        """Whether the CA that signed the current SVID is still journaled. The rotation drops
+        one before it expires only when it was made while the clock ran ahead (rotation.py):
+        its SVIDs are no more valid than it, and, kept until renew_at (as far ahead), no agent
+        could verify the server for that long."""
+        return any(s.public_der == self._issuer_der for s in self._ca.key_slots(X509_KIND))
 
     def _rebuild(self) -> None:
         self._config = grpc.ssl_server_certificate_configuration(
