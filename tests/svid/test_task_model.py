@@ -84,6 +84,37 @@ def test_a_cached_jwt_is_reused_when_this_clock_leads_the_issuer() -> None:
     assert agent.mints == 1
 
 
+class _SteppedClock:
+    """This workload's clock: `base` (the issuer's) plus an `offset` a step changes at once;
+    its monotonic time is base's, which no step moves."""
+
+    def __init__(self, base: FakeClock) -> None:
+        self.base, self.offset = base, 0.0
+
+    def now(self) -> float:
+        return self.base.now() + self.offset
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+
+def test_a_cached_jwt_is_refetched_by_its_quarter_life_after_this_clock_steps_back() -> None:
+    # The quarter life is an interval: counted on the wall clock, a step back of an hour kept
+    # the token handed out for the hour, past its exp (by the issuer's clock, the real one).
+    clock = _SteppedClock(FakeClock(T0))
+    agent = _SkewedAgent(clock.base, skew=0.0)
+    tokens = BearerTokens(agent, "docs-api", clock=clock)
+    tokens.token()
+    clock.offset = -3600.0  # the step back
+    clock.base.advance(74)
+    tokens.token()
+    assert agent.mints == 1
+    clock.base.advance(2)  # a quarter of the 300 s life since the fetch
+    handed = JwtSvid.parse_insecure(tokens.token())
+    assert agent.mints == 2
+    assert handed.expires_at > clock.base.now() + 200
+
+
 def test_tools_as_a_mapping_or_as_refs() -> None:
     assert tool_refs({"mcp-a": ["read", "list"], "mcp-b": ()}) == ["mcp-a#read", "mcp-a#list"]
     assert tool_refs(["mcp-a#read"]) == ["mcp-a#read"]
