@@ -15,7 +15,7 @@ from typing import Any
 from svid._clock import Clock, SystemClock
 from svid._jwt import JwtSvid
 from svid._spiffe_id import SpiffeId
-from svid._task_model import fresh_token
+from svid._task_model import Fetched, fresh_token
 
 
 class BearerTokens:
@@ -34,7 +34,7 @@ class BearerTokens:
         self.audience = audience
         self._clock = clock or SystemClock()
         self._lock = threading.Lock()
-        self._cached: tuple[JwtSvid, float] | None = None
+        self._cached: Fetched | None = None
         self._get: Callable[[], Any]
         if hasattr(provider, "jwt") and callable(provider.jwt):  # Task / AsyncTask: they cache
             self._get = lambda: provider.jwt(audience)
@@ -53,12 +53,13 @@ class BearerTokens:
         self.is_async = inspect.iscoroutinefunction(method)
 
     def _fresh(self) -> str | None:
-        token = fresh_token(self._cached, self._clock.now())
+        token = fresh_token(self._cached, self._clock)
         return None if token is None else token.token
 
-    def _keep(self, value: Any, fetched_at: float) -> str:
+    def _keep(self, value: Any, fetched_at: tuple[float, float]) -> str:
+        """``fetched_at``: when it was asked for, on the wall and on the monotonic clock."""
         if isinstance(value, JwtSvid):
-            self._cached = (value, fetched_at)
+            self._cached = (value, *fetched_at)
             return value.token
         if isinstance(value, str) and value:
             return value
@@ -69,7 +70,7 @@ class BearerTokens:
             token = self._fresh()
             if token is not None:
                 return token
-            now = self._clock.now()
+            now = (self._clock.now(), self._clock.monotonic())
             value = self._get()
             if inspect.isawaitable(value):
                 if inspect.iscoroutine(value):
@@ -83,7 +84,7 @@ class BearerTokens:
             return token
         if not self.is_async:  # a sync provider may block on a fetch: not on the loop
             return await asyncio.to_thread(self.token)
-        now = self._clock.now()
+        now = (self._clock.now(), self._clock.monotonic())
         value = self._get()
         if inspect.isawaitable(value):
             value = await value

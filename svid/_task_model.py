@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from svid._clock import Clock
 from svid._jwt import JwtSvid
 from svid._limits import intent_problem
 from svid._proto import task_pb2
@@ -301,9 +302,12 @@ def audience_key(audience: str | Iterable[str]) -> tuple[str, ...]:
     return audiences
 
 
-def fresh(jwt: JwtSvid, fetched_at: float, now: float) -> bool:
+def fresh(jwt: JwtSvid, fetched_at: float, now: float, elapsed: float | None = None) -> bool:
     """Whether a cached JWT-SVID may still be handed out at ``now``: until a quarter of its
     lifetime has passed since ``fetched_at``, so a token in use always has a quarter left.
+    ``elapsed``: the seconds since the fetch on the monotonic clock (``now - fetched_at`` if
+    not given): the quarter is an interval, and on the wall clock a step back kept the token
+    handed out for as long as the step, past its exp.
 
     Not half: the agent (svidd's, as SPIRE's) serves a token from its own cache until half its
     lifetime, so one fetched here may have only that half left; a half counted again from the
@@ -320,12 +324,19 @@ def fresh(jwt: JwtSvid, fetched_at: float, now: float) -> bool:
         lifetime = jwt.expires_at - float(iat)
     else:
         lifetime = jwt.expires_at - fetched_at  # no iat: the best guess left
+    elapsed = now - fetched_at if elapsed is None else elapsed
     # Never past exp by this clock either (a lifetime the issuer lied about).
-    return now < jwt.expires_at and now < fetched_at + lifetime / 4
+    return now < jwt.expires_at and elapsed < lifetime / 4
 
 
-def fresh_token(cached: tuple[JwtSvid, float] | None, now: float) -> JwtSvid | None:
-    """The token of a cache entry (token, fetched at) while it is ``fresh``; else None."""
-    if cached is not None and fresh(cached[0], cached[1], now):
-        return cached[0]
+# A cached token: the token, and when it was fetched on the wall and on the monotonic clock.
+Fetched = tuple[JwtSvid, float, float]
+
+
+def fresh_token(cached: Fetched | None, clock: Clock) -> JwtSvid | None:
+    """The token of a cache entry while it is ``fresh`` by ``clock``; else None."""
+    if cached is not None:
+        jwt, fetched_at, fetched_mono = cached
+        if fresh(jwt, fetched_at, clock.now(), clock.monotonic() - fetched_mono):
+            return jwt
     return None

@@ -76,9 +76,9 @@ class LiveTasks(Generic[T]):
         return sorted(hit, key=lambda task: task.info.depth)
 
 
-def cached_jtis(cached: Iterable[tuple[JwtSvid, float]]) -> frozenset[str]:
+def cached_jtis(cached: Iterable[tuple[JwtSvid, float, float]]) -> frozenset[str]:
     """The jtis of a task's cached tokens (as its ``_jwts`` values hold them)."""
-    jtis = (jwt.claims.get("jti") for jwt, _ in cached)
+    jtis = (jwt.claims.get("jti") for jwt, _, _ in cached)
     return frozenset(jti for jti in jtis if isinstance(jti, str) and jti)
 
 

@@ -43,6 +43,7 @@ from svid._task_errors import (
 )
 from svid._task_feed_aio import AsyncRevocationFeed
 from svid._task_model import (
+    Fetched,
     TaskInfo,
     TaskView,
     Tools,
@@ -361,7 +362,7 @@ class AsyncTask(TaskView):
         self._client = client
         self._info = info
         self._lock = asyncio.Lock()
-        self._jwts: dict[tuple[str, ...], tuple[JwtSvid, float]] = {}
+        self._jwts: dict[tuple[str, ...], Fetched] = {}
         # Fetches in flight by audience: callers of one await its fetch rather than make theirs.
         self._fetching: dict[tuple[str, ...], asyncio.Task[JwtSvid]] = {}
         self._children: list[AsyncTask] = []
@@ -406,12 +407,13 @@ class AsyncTask(TaskView):
         # fetch, so one loop's callers cannot interleave there.
         if self._ended:
             raise ended_error(self._info)
-        now = self._client.clock.now()
-        cached = fresh_token(self._jwts.get(key), now)
+        clock = self._client.clock
+        cached = fresh_token(self._jwts.get(key), clock)
         if cached is not None:
             return cached
         flight = self._fetching.get(key)
         if flight is None or flight.done():  # done: cancelled before it could run
+            now = (clock.now(), clock.monotonic())
             flight = self._fetching[key] = asyncio.ensure_future(self._fetch(key, now))
             flight.add_done_callback(_read_outcome)
         # Shielded: a caller cancelled leaves the fetch to the others waiting for it.
@@ -420,7 +422,7 @@ class AsyncTask(TaskView):
             raise ended_error(self._info)  # ended while it was being fetched
         return jwt
 
-    async def _fetch(self, key: tuple[str, ...], now: float) -> JwtSvid:
+    async def _fetch(self, key: tuple[str, ...], now: tuple[float, float]) -> JwtSvid:
         """As Task._fetch: a token fetched after the task ended is neither kept nor handed out."""
         try:
             jwt = await self._client._fetch_jwt(self.spiffe_id, key)
@@ -429,7 +431,7 @@ class AsyncTask(TaskView):
                 del self._fetching[key]
         if self._ended:
             raise ended_error(self._info)
-        self._jwts[key] = (jwt, now)
+        self._jwts[key] = (jwt, *now)
         return jwt
 
     async def _ended_instead(self) -> TaskEndedError | None:

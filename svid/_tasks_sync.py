@@ -35,6 +35,7 @@ from svid._task_errors import (
 )
 from svid._task_feed import RevocationFeed
 from svid._task_model import (
+    Fetched,
     TaskInfo,
     TaskView,
     Tools,
@@ -352,7 +353,7 @@ class Task(TaskView):
         self._client = client
         self._info = info
         self._lock = threading.Lock()
-        self._jwts: dict[tuple[str, ...], tuple[JwtSvid, float]] = {}
+        self._jwts: dict[tuple[str, ...], Fetched] = {}
         # Fetches in flight by audience: callers of one join its fetch rather than make theirs.
         self._fetching: dict[tuple[str, ...], Future[JwtSvid | None]] = {}
         self._children: list[Task] = []
@@ -409,8 +410,8 @@ class Task(TaskView):
             with self._lock:
                 if self._ended:
                     raise ended_error(self._info)
-                now = self._client.clock.now()
-                cached = fresh_token(self._jwts.get(key), now)
+                clock = self._client.clock
+                cached = fresh_token(self._jwts.get(key), clock)
                 if cached is not None:
                     return cached
                 flight = self._fetching.get(key)
@@ -418,13 +419,15 @@ class Task(TaskView):
                 if flight is None:
                     flight = self._fetching[key] = Future()
             if lead:
-                return self._fetch(key, now, flight)
+                return self._fetch(key, (clock.now(), clock.monotonic()), flight)
             jwt = self._join(key, flight)
             if jwt is not None:
                 return jwt
             # None: the caller fetching it was interrupted; round again, to fetch it here.
 
-    def _fetch(self, key: tuple[str, ...], now: float, flight: Future[JwtSvid | None]) -> JwtSvid:
+    def _fetch(
+        self, key: tuple[str, ...], now: tuple[float, float], flight: Future[JwtSvid | None]
+    ) -> JwtSvid:
         """The token for ``key`` from the agent, shared with the callers that joined
         ``flight``; no lock is held meanwhile. One fetched after the task ended is neither
         kept nor handed out: the end may have come before the agent minted it."""
@@ -442,7 +445,7 @@ class Task(TaskView):
         with self._lock:
             ended = self._ended
             if not ended:
-                self._jwts[key] = (jwt, now)
+                self._jwts[key] = (jwt, *now)
             if self._fetching.get(key) is flight:
                 del self._fetching[key]
         if ended:
