@@ -203,6 +203,38 @@ def test_entries_round_trip(store: DataStore) -> None:
         store.get_entry(made.id)
 
 
+class _SteppedClock(FakeClock):
+    """A FakeClock whose wall time an NTP step can move back by `offset` (monotonic time
+    stays as FakeClock keeps it)."""
+
+    offset = 0.0
+
+    def now(self) -> float:
+        return super().now() + self.offset
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_an_entry_made_after_a_step_back_of_the_clock_sorts_after_those_made_before(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    # A workload's default identity is its oldest entry, by (created_at, id). Stamped with the
+    # wall clock alone, an entry made after a step back sorted first: every workload it
+    # matched had its default SVID switched to the new entry's.
+    clock = _SteppedClock(NOW)
+    store = BACKENDS[backend](request, tmp_path, clock)()
+    try:
+        sels = (Selector("unix", "uid:1000"),)
+        first = store.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))
+        clock.offset = -3600.0  # the step back
+        second = store.create_entry(Entry("", "spiffe://example.org/b", AGENT, sels))
+        (third,) = store.create_entries([Entry("", "spiffe://example.org/c", AGENT, sels)])
+        assert isinstance(third, Entry)
+        made = [(e.created_at, e.id) for e in (first, second, third)]
+        assert made == sorted(made)
+    finally:
+        store.close()
+
+
 def test_get_entries_reads_many_ids_at_once(store: DataStore) -> None:
     sels = (Selector("unix", "uid:1000"),)
     made = store.create_entries(
