@@ -65,8 +65,9 @@ class EntryWrites(Generic[H]):
         raise NotImplementedError
 
     _clock: Clock
-    _id_lock: threading.Lock  # the backend makes it, with _last_id_millis = 0
+    _id_lock: threading.Lock  # the backend makes it, with _last_id_millis = _last_created = 0
     _last_id_millis: int
+    _last_created: int
 
     # -- the writes ---------------------------------------------------------------------------
 
@@ -80,9 +81,19 @@ class EntryWrites(Generic[H]):
             self._last_id_millis = millis
         return f"{millis & (1 << 48) - 1:012x}{secrets.token_hex(10)}"
 
+    def _new_created_at(self) -> int:
+        """Now, but never before an entry this process made: a workload's default identity is
+        its oldest entry, and stamped with a wall clock stepped back, a new entry sorted before
+        the older ones and became the default of every workload it matched. (Its id, after
+        the others' within the second, keeps it last.)"""
+        with self._id_lock:
+            self._last_created = max(self._now(), self._last_created)
+            return self._last_created
+
     def _stored_new(self, entry: Entry) -> Entry:
+        created_at = self._new_created_at()
         return replace(
-            entry, id=entry.id or self._new_entry_id(), revision=1, created_at=self._now()
+            entry, id=entry.id or self._new_entry_id(), revision=1, created_at=created_at
         )
 
     def _changed(self, h: H, entry_ids: Iterable[str]) -> None:

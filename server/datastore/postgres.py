@@ -253,7 +253,7 @@ class PostgresDataStore(
         self._dsn = dsn
         self._clock = clock
         self._id_lock = threading.Lock()
-        self._last_id_millis = 0
+        self._last_id_millis = self._last_created = 0
         self._closed = False
         self._closing = threading.Event()
         self._listen_lock = threading.Lock()

@@ -270,7 +270,7 @@ class SqliteDataStore(
         self._clock = clock
         self._lock = threading.RLock()
         self._id_lock = threading.Lock()
-        self._last_id_millis = 0
+        self._last_id_millis = self._last_created = 0
         self._closed = False
         self._closing = threading.Event()
         if not migrate:
