@@ -243,6 +243,42 @@ def test_an_agent_behind_the_ring_or_from_another_epoch_gets_a_snapshot(
         stream.cancel()
 
 
+def test_the_ring_holds_at_most_its_capacity_in_entries_however_big_the_batches(
+    srv: RunningServer,
+) -> None:
+    """A batch write is one change touching up to a thousand entries (old and new versions):
+    a ring bounded by changes alone held a thousand times its capacity in entries, and an
+    operator refreshing a thousand entries every few seconds grew the server by ~1 MB a batch
+    until it ran out of memory (100,000 changes)."""
+    agent = srv.attest()
+    log: ChangeLog = srv.server.state.changes
+    log._capacity = 1000
+    admin = srv.admin()
+    ids = _create(srv, list(_entries(agent.spiffe_id, 200, "ring")))
+    for round_ in range(10):
+        entries = [
+            common_pb2.Entry(
+                id=entry_id,
+                spiffe_id=f"{TD}/ring/{n}",
+                parent_id=agent.spiffe_id,
+                selectors=[common_pb2.Selector(type="unix", value=f"uid:{n}")],
+                x509_svid_ttl=300 + round_,
+            )
+            for n, entry_id in enumerate(ids)
+        ]
+        results = admin.BatchUpdateEntry(
+            admin_pb2.BatchUpdateEntryRequest(entries=entries), timeout=60
+        ).results
+        assert all(r.status.code == 0 for r in results)
+    held = log.since(log.floor, log.epoch)
+    assert held is not None
+    assert sum(len(change.entries) for change in held) <= 1000
+    # What the ring let go, a reconnecting agent gets as a snapshot; what it holds, as deltas.
+    assert held
+    assert held[-1].revision == log.head
+    assert log.since(log.floor - 1, log.epoch) is None
+
+
 def test_revocations_reach_every_stream_as_deltas(srv: RunningServer) -> None:
     agent = srv.attest()
     stream = _sync(srv, agent)
