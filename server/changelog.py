@@ -76,7 +76,11 @@ class ChangeLog:
         # The oldest revision a catch-up may start from: changes after it are all in the ring.
         self._floor = start_revision
         self._ring: deque[Change] = deque()
+        # What the ring may hold, in items (_size): counted in changes, a batch write of a
+        # thousand entries (old and new versions) was one, and a ring of 100,000 such held
+        # ~100 GB; an operator refreshing a batch every few seconds grew the server ~1 MB each.
         self._capacity = capacity
+        self._held = 0  # the items of the changes in the ring
 
     @property
     def head(self) -> int:
@@ -112,8 +116,13 @@ class ChangeLog:
                 crl,
             )
             self._ring.append(change)
-            while len(self._ring) > self._capacity:
-                self._floor = self._ring.popleft().revision
+            self._held += _size(change)
+            # A change bigger than the whole ring goes too: the floor is then the head, and an
+            # agent behind it gets a snapshot, as it would have once the ring moved on.
+            while self._held > self._capacity and self._ring:
+                gone = self._ring.popleft()
+                self._held -= _size(gone)
+                self._floor = gone.revision
             return change
 
     def since(self, revision: int, epoch: str) -> list[Change] | None:
@@ -125,3 +134,15 @@ class ChangeLog:
             # Revisions in the ring are consecutive: index straight to the first one wanted.
             first = revision - self._floor
             return [self._ring[i] for i in range(first, len(self._ring))]
+
+
+def _size(change: Change) -> int:
+    """What a change weighs in the ring: the entries, revocations and agents it names (what
+    its memory follows), and one for a change that names none (a bundle, a CRL)."""
+    return max(
+        1,
+        len(change.entries)
+        + len(change.revocations_added)
+        + len(change.revocations_removed)
+        + len(change.agents),
+    )
