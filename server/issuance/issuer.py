@@ -138,6 +138,7 @@ class Issuer:
         self._jwt_withheld = metrics.svids_withheld.labels(kind="jwt")
         self._entitled_cache: dict[tuple[str, tuple[object, ...], int], Entitlement] = {}
         self._entitled_index: object = None
+        self._entitled_second = 0
         self._spiffe_ids = SpiffeIdCache()
 
     async def _run(
@@ -151,12 +152,15 @@ class Issuer:
 
     def entitled(self, agent: AttestedAgent) -> Entitlement:
         """The entries `agent` may serve now."""
-        # Memoised per entry snapshot (replaced on every write) and per second (expiry).
+        # Memoised per entry snapshot (replaced on every write) and per second (expiry). A
+        # past second's is never asked for again: kept, each with its map of the agent's IDs
+        # (by_spiffe_id), they grew the server every second until an entry write.
         index = self._state.entries
-        if index is not self._entitled_index:
+        now = int(self._clock.now())
+        if index is not self._entitled_index or now != self._entitled_second:
             self._entitled_cache = {}
             self._entitled_index = index
-        now = int(self._clock.now())
+            self._entitled_second = now
         key = (agent.spiffe_id, agent.selectors, now)
         found = self._entitled_cache.get(key)
         if found is None:
