@@ -1066,3 +1066,38 @@ def test_a_change_not_recorded_on_postgresql_keeps_a_bundle_another_server_store
             service.close()
         for store in stores:
             store.close()
+
+
+def test_a_deleted_relationship_leaves_nothing_of_its_fetches_behind(tmp_path: Path) -> None:
+    """Relationships created, fetched (failing) and deleted: each name left its fetch lock,
+    schedule count, retry backoff and a claimed fetch lease (a row in the datastore until a
+    clean stop) behind, for every trust domain ever federated with."""
+    clock = FakeClock(1_700_000_000)
+    store = SqliteDataStore(tmp_path / "db", clock)
+
+    def unreachable(rel: FederationRelationship, known: SpiffeBundle | None) -> SpiffeBundle:
+        raise FederationError(f"{rel.trust_domain}: unreachable")
+
+    service = FederationService(
+        own=OWN,
+        datastore=store,
+        audit=AuditLog(store, clock),
+        clock=clock,
+        publish=lambda _bundles: None,
+        fetch=unreachable,
+        holder="a",
+    )
+    service.load()
+    names = [f"gone{n}.org" for n in range(20)]
+    try:
+        for name in names:
+            rel = FederationRelationship(name, "https://127.0.0.1:1/", "https_web")
+            asyncio.run(service.create(rel))
+            asyncio.run(service.refresh_due())  # claims the fetch lease, fails, backs off
+            asyncio.run(service.delete(name))
+        for kept in (service._locks, service._schedules, service._retries, service._claimed):
+            assert not set(kept) & set(names)
+        with sqlite3.connect(tmp_path / "db") as db:
+            assert db.execute("SELECT count(*) FROM leases").fetchone() == (0,)
+    finally:
+        store.close()
