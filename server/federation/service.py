@@ -325,11 +325,26 @@ class FederationService:
         await asyncio.to_thread(self._datastore.delete_relationship, td)
         self._wrote(td)
         self._forget(td)
+        if td in self._claimed:
+            # Its fetch lease: else a row per trust domain ever deleted, until a clean stop.
+            self._claimed.discard(td)
+            with contextlib.suppress(Exception):  # not released, it lapses on its own
+                await asyncio.to_thread(
+                    self._datastore.release_lease, LEASE_PREFIX + td, self._holder
+                )
 
     def _forget(self, td: str) -> None:
         self._relationships.pop(td, None)
         self._due.pop(td, None)
         self._asked.discard(td)
+        # What its fetches kept goes with it, or each trust domain ever federated with keeps
+        # some (_written stays: the follower reads it). A lock a fetch holds stays (a delete
+        # during a fetch): a relationship made again meanwhile must not fetch beside it.
+        self._schedules.pop(td, None)
+        self._retries.pop(td, None)
+        lock = self._locks.get(td)
+        if lock is not None and not lock.locked():
+            del self._locks[td]
 
     def _wrote(self, td: str) -> None:
         self._writes += 1
