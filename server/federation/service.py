@@ -325,26 +325,38 @@ class FederationService:
         await asyncio.to_thread(self._datastore.delete_relationship, td)
         self._wrote(td)
         self._forget(td)
-        if td in self._claimed:
-            # Its fetch lease: else a row per trust domain ever deleted, until a clean stop.
-            self._claimed.discard(td)
-            with contextlib.suppress(Exception):  # not released, it lapses on its own
-                await asyncio.to_thread(
-                    self._datastore.release_lease, LEASE_PREFIX + td, self._holder
-                )
+        await self._let_go(td)
 
     def _forget(self, td: str) -> None:
         self._relationships.pop(td, None)
         self._due.pop(td, None)
         self._asked.discard(td)
-        # What its fetches kept goes with it, or each trust domain ever federated with keeps
-        # some (_written stays: the follower reads it). A lock a fetch holds stays (a delete
-        # during a fetch): a relationship made again meanwhile must not fetch beside it.
+        self._forget_fetches(td)
+
+    def _forget_fetches(self, td: str) -> None:
+        """What fetches of `td` kept, its relationship gone: else each trust domain ever
+        federated with keeps some (_written stays: the follower reads it). A lock a fetch
+        holds stays, so that a relationship made again meanwhile does not fetch beside it:
+        that fetch lets go of it at its end (_let_go)."""
         self._schedules.pop(td, None)
         self._retries.pop(td, None)
         lock = self._locks.get(td)
         if lock is not None and not lock.locked():
             del self._locks[td]
+
+    async def _let_go(self, td: str) -> None:
+        """After a delete, or a fetch that ended after one: unless `td` was made again, drop
+        what its fetches kept and release its fetch lease (else a row per trust domain ever
+        deleted, until a clean stop; one deleted through another server lapses there)."""
+        if td in self._relationships:
+            return
+        self._forget_fetches(td)
+        if td in self._claimed:
+            self._claimed.discard(td)
+            with contextlib.suppress(Exception):  # not released, it lapses on its own
+                await asyncio.to_thread(
+                    self._datastore.release_lease, LEASE_PREFIX + td, self._holder
+                )
 
     def _wrote(self, td: str) -> None:
         self._writes += 1
@@ -447,7 +459,11 @@ class FederationService:
     async def refresh(self, trust_domain: str) -> Refreshed:
         """Fetch the relationship's bundle now, for an operator (its own lane, ASKED_AT_ONCE);
         FederationError (last good kept) on failure."""
-        return await self._refresh(trust_domain, self._asked_pool)
+        try:
+            return await self._refresh(trust_domain, self._asked_pool)
+        finally:
+            with contextlib.suppress(InvalidRequestError):  # a malformed name: nothing kept
+                await self._let_go(parse_trust_domain(trust_domain).name)
 
     async def _refresh(self, trust_domain: str, pool: ThreadPoolExecutor) -> Refreshed:
         """Fetch the relationship's bundle in a thread of `pool`, install it if it changed,
@@ -665,6 +681,8 @@ class FederationService:
         except Exception:
             _log.exception("foreign bundle refresh failed", extra={"td": td})
             self._schedule(td, RETRY)
+        finally:
+            await self._let_go(td)  # deleted while it was fetched
 
     async def run(self, stop: asyncio.Event) -> None:
         """The loop that only ticks: start what is due, sleep until the next is due or a fetch

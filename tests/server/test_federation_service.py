@@ -1074,8 +1074,12 @@ def test_a_deleted_relationship_leaves_nothing_of_its_fetches_behind(tmp_path: P
     clean stop) behind, for every trust domain ever federated with."""
     clock = FakeClock(1_700_000_000)
     store = SqliteDataStore(tmp_path / "db", clock)
+    fetching, answer = threading.Event(), threading.Event()
 
     def unreachable(rel: FederationRelationship, known: SpiffeBundle | None) -> SpiffeBundle:
+        if rel.trust_domain.startswith("held"):  # out while the relationship is deleted
+            fetching.set()
+            answer.wait(10)
         raise FederationError(f"{rel.trust_domain}: unreachable")
 
     service = FederationService(
@@ -1095,6 +1099,21 @@ def test_a_deleted_relationship_leaves_nothing_of_its_fetches_behind(tmp_path: P
             asyncio.run(service.create(rel))
             asyncio.run(service.refresh_due())  # claims the fetch lease, fails, backs off
             asyncio.run(service.delete(name))
+
+        async def deleted_while_fetched(name: str) -> None:
+            fetching.clear()
+            answer.clear()
+            await service.create(FederationRelationship(name, "https://127.0.0.1:1/", "https_web"))
+            fetch = asyncio.create_task(service.refresh_due())
+            assert await asyncio.to_thread(fetching.wait, 10)
+            await service.delete(name)
+            answer.set()
+            await fetch
+
+        held = [f"held{n}.org" for n in range(3)]
+        for name in held:
+            asyncio.run(deleted_while_fetched(name))
+        names += held
         for kept in (service._locks, service._schedules, service._retries, service._claimed):
             assert not set(kept) & set(names)
         with sqlite3.connect(tmp_path / "db") as db:
