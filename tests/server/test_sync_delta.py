@@ -11,6 +11,7 @@ import grpc
 import pytest
 from cryptography import x509
 
+from server import propagation
 from server.changelog import ChangeLog
 from server.datastore.records import AttestedAgent, Revocation, Selector
 from server.sync_delta import SNAPSHOT_BASE
@@ -277,6 +278,36 @@ def test_the_ring_holds_at_most_its_capacity_in_entries_however_big_the_batches(
     assert held
     assert held[-1].revision == log.head
     assert log.since(log.floor - 1, log.epoch) is None
+
+
+def test_the_expiry_heap_holds_each_expiring_entry_once_however_often_it_is_written(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every write of an entry with an expiry pushed it on the propagator's expiry heap again,
+    and a deleted entry stayed there: both until the expiry came, which for an entry expiring
+    in a month is a month of writes (a batch of a thousand every few seconds: ~30 MB an hour)."""
+    monkeypatch.setattr(propagation, "EXPIRY_SLACK", 0, raising=False)  # no slack: exact
+    agent = srv.attest()
+    propagator = srv.server.propagator
+    assert propagator is not None
+    far = int(srv.clock.now()) + 30 * 86400
+    entries = list(_entries(agent.spiffe_id, 200, "expiring"))
+    for entry in entries:
+        entry.expires_at = far
+    for entry, entry_id in zip(entries, _create(srv, entries), strict=True):
+        entry.id = entry_id
+    admin = srv.admin()
+    for round_ in range(10):
+        for entry in entries:
+            entry.x509_svid_ttl = 300 + round_
+        results = admin.BatchUpdateEntry(
+            admin_pb2.BatchUpdateEntryRequest(entries=entries), timeout=60
+        ).results
+        assert all(r.status.code == 0 for r in results)
+    assert len(propagator._expiries) == 200
+    gone = [e.id for e in entries[:150]]
+    admin.BatchDeleteEntry(admin_pb2.BatchDeleteEntryRequest(ids=gone), timeout=60)
+    assert sorted(i for _, i in propagator._expiries) == sorted(e.id for e in entries[150:])
 
 
 def test_revocations_reach_every_stream_as_deltas(srv: RunningServer) -> None:
