@@ -29,6 +29,10 @@ from svid._waits import set_within
 # The expiry sweep re-reads the clock at least this often (seconds): a test's fake clock may
 # jump ahead while the sweep waits.
 _MAX_EXPIRY_WAIT = 1.0
+# The expiry heap holds one item per entry expiry pushed; those of entries deleted or given
+# another expiry since stay until their time comes (a month ahead, say). Past twice the
+# entries plus this many, it keeps only the items of entries that still carry that expiry.
+EXPIRY_SLACK = 1024
 _K = TypeVar("_K", bound=Hashable)
 # A stream whose agent reads slower than changes come gives up its backlog past this many
 # changes and sends a snapshot instead: memory stays bounded whatever the agent does.
@@ -207,7 +211,14 @@ class Propagator:
             for version in (touch.old, touch.new):
                 if version is None:
                     continue
-                if version.expires_at and version is touch.new and touch.old is not touch.new:
+                if (
+                    version.expires_at
+                    and version is touch.new
+                    and touch.old is not touch.new
+                    # The same expiry is on the heap already: pushed again on every write,
+                    # it grew by an item a write until that expiry came.
+                    and (touch.old is None or touch.old.expires_at != version.expires_at)
+                ):
                     heapq.heappush(self._expiries, (version.expires_at, version.id))
                     self._expiry_moved.set()
                 if version.parent_id == self._server_id and version.selectors:
@@ -220,6 +231,8 @@ class Propagator:
                 self._index_parents(sub, parents - sub.parents, sub.parents - parents)
                 sub.parents = parents
             targets.add(sub)
+        if change.entries and len(self._expiries) > 2 * len(index.by_id) + EXPIRY_SLACK:
+            self._compact_expiries(index)
         for sub in targets:
             if len(sub.inbox) >= MAX_INBOX:
                 sub.inbox.clear()
@@ -237,6 +250,18 @@ class Propagator:
         return {sub for sub in smallest if want <= frozenset(sub.agent.selectors)}
 
     # -- expiry -------------------------------------------------------------------------------
+
+    def _compact_expiries(self, index: EntryIndex) -> None:
+        """Keep the heap items of entries that still carry that expiry, once each: the others
+        would only be popped and found stale (sweep), up to a month later."""
+        by_id = index.by_id
+        kept = {
+            (at, entry_id)
+            for at, entry_id in self._expiries
+            if (entry := by_id.get(entry_id)) is not None and entry.expires_at == at
+        }
+        self._expiries = list(kept)
+        heapq.heapify(self._expiries)
 
     def due_expiries(self, now: int) -> list[str]:
         """Pop the ids of entries whose expiry time has come (pure heap work)."""
