@@ -217,6 +217,50 @@ def test_revisions_are_monotonic_and_no_write_is_lost_across_servers(
     assert len(stores[3].agent_credentials(AGENT, NOW)) == 6 * 15
 
 
+def test_entry_writes_queued_behind_another_servers_hold_one_connection_and_none_fails(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """Another server's entry write holds the turn (LOCK_ENTRIES) past the pool's wait for a
+    connection. This server's entry writes wait for it holding one pooled connection between
+    them: none is refused UNAVAILABLE for want of a connection on a healthy database, and the
+    server's other calls are served meanwhile. Each had taken a connection to wait in
+    PostgreSQL, a burst of them every one: the pool's later takers, writes or not, failed."""
+    app = f"svidd-test-entries-{secrets.token_hex(4)}"
+    pool_wait = 2.0
+    store = PostgresDataStore(
+        f"{postgres_dsn}&application_name={app}", clock, max_connections=2, timeout=pool_wait
+    )
+    queued = [entry(f"/queued/{n}", 1000 + n) for n in range(4)]
+    outcomes: list[BaseException | None] = [None] * len(queued)
+
+    def write(n: int) -> None:
+        try:
+            store.create_entry(queued[n])
+        except Exception as e:
+            outcomes[n] = e
+
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(len(queued))]
+    try:
+        before = store.revision()
+        with psycopg.connect(postgres_dsn) as other:
+            other.execute(ps.LOCK_ENTRIES)  # another server's write, not yet committed
+            for writer in writers:
+                writer.start()
+            _wait_for_a_lock_wait(postgres_dsn, app, "no entry write waited for the turn")
+            time.sleep(pool_wait + 0.5)  # a write waiting for a connection has given up
+            assert store.revision() == before  # a call served meanwhile
+            assert outcomes == [None] * len(queued)
+            other.commit()
+            for writer in writers:
+                writer.join(30)
+        assert outcomes == [None] * len(queued)
+        stored = {e.spiffe_id for e in store.list_entries()}
+        assert stored == {e.spiffe_id for e in queued}
+        assert store.revision() == before + len(queued)
+    finally:
+        store.close()
+
+
 def test_a_jti_is_accepted_by_exactly_one_of_many_servers(
     stores: list[PostgresDataStore],
 ) -> None:
