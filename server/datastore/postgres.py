@@ -269,6 +269,8 @@ class PostgresDataStore(
             ) from None
         # A pool check runs at most once at a time, off the failing call's thread.
         self._checking = threading.Lock()
+        # This process's entry writes take their turn here first (_entry_transaction).
+        self._entry_turn = threading.Lock()
         # One connection first: if the database cannot be reached, this is the error that
         # says why (the pool would only time out), and it migrates before the pool serves.
         # A plain connection: a migration may rightly run long.
@@ -395,13 +397,28 @@ class PostgresDataStore(
     def _entry_transaction(self, what: str, work: Callable[[Cursor], T]) -> T:
         """`_write` taking its turn among entry writes (ps.LOCK_ENTRIES). Under the bulk
         limits: its turn may rightly come after seconds of other servers' batches, which is
-        no silent database."""
+        no silent database.
+
+        This process's entry writes take their turn among themselves first, before a
+        connection: one of them at a time waits for the lock in PostgreSQL, holding one pooled
+        connection. The lock lets one write through at a time anyway; a burst of writes each
+        waiting there would hold every connection, and the pool's next takers (the burst's
+        later writes, the server's issuing calls) would give up after CONNECT_TIMEOUT and be
+        refused UNAVAILABLE on a healthy database."""
 
         def locked(cur: Cursor) -> T:
             cur.execute(ps.LOCK_ENTRIES)
             return work(cur)
 
-        return self._write(what, locked, bulk=True)
+        if not self._entry_turn.acquire(timeout=BULK_TIMEOUT):
+            raise StorageError(
+                f"cannot {what}: this server's other entry writes held their turn for "
+                f"{BULK_TIMEOUT:g} s"
+            )
+        try:
+            return self._write(what, locked, bulk=True)
+        finally:
+            self._entry_turn.release()
 
     def _rows(
         self, what: str, sql: str, params: Mapping[str, Any], *, bulk: bool = False
