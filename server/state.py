@@ -20,6 +20,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from types import MappingProxyType
+from typing import TypeVar
 
 from server.changelog import Change, ChangeLog, EntryTouch, touches
 from server.datastore.base import DataStore
@@ -46,6 +47,8 @@ from svid._bundle import SpiffeBundle
 from svid._clock import Clock
 
 _log = logging.getLogger("svid.server.state")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def agent_refusal(
@@ -79,6 +82,12 @@ class ServerState:
         # write at a time, so a ban or an eviction is never undone by a renewal or re-attestation
         # that read the record before it.
         self._agent_writes = asyncio.Lock()
+        # Entry writes take turns across every server (on PostgreSQL, behind each other's
+        # commits). This server's wait for their turn here, on the loop, and go to a thread one
+        # at a time: each waiting on a thread of its own, a burst of them held every thread of
+        # the loop's default executor, and the server's other calls there (the revision read
+        # that answers each write, an agent's record) waited behind the whole burst.
+        self._entry_writes = asyncio.Lock()
         self._entries = EntryIndex()
         self._agents: Mapping[str, AttestedAgent] = MappingProxyType({})
         self._revocations: tuple[Revocation, ...] = ()
@@ -255,20 +264,26 @@ class ServerState:
         self._entries = self._entries.with_changes(put, removed)
         self._record(entries=touched)
 
+    async def _entry_write(self, write: Callable[[T], R], arg: T) -> R:
+        """`write(arg)` (a datastore entry write) on a thread, once this server's entry writes
+        before it are done."""
+        async with self._entry_writes:
+            return await asyncio.to_thread(write, arg)
+
     async def create_entry(self, entry: Entry) -> Entry:
-        created = await asyncio.to_thread(self._datastore.create_entry, entry)
+        created = await self._entry_write(self._datastore.create_entry, entry)
         self._change_entries(put=(created,))
         await self._after_write()
         return created
 
     async def update_entry(self, entry: Entry) -> Entry:
-        updated = await asyncio.to_thread(self._datastore.update_entry, entry)
+        updated = await self._entry_write(self._datastore.update_entry, entry)
         self._change_entries(put=(updated,))
         await self._after_write()
         return updated
 
     async def delete_entry(self, entry_id: str) -> None:
-        await asyncio.to_thread(self._datastore.delete_entry, entry_id)
+        await self._entry_write(self._datastore.delete_entry, entry_id)
         self._change_entries(removed=(entry_id,))
         await self._after_write()
 
@@ -276,17 +291,17 @@ class ServerState:
     # batch, so a thousand writes wake each Sync stream once, not a thousand times.
 
     async def create_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
-        results = await asyncio.to_thread(self._datastore.create_entries, entries)
+        results = await self._entry_write(self._datastore.create_entries, entries)
         await self._apply(put=[r for r in results if isinstance(r, Entry)])
         return results
 
     async def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
-        results = await asyncio.to_thread(self._datastore.update_entries, entries)
+        results = await self._entry_write(self._datastore.update_entries, entries)
         await self._apply(put=[r for r in results if isinstance(r, Entry)])
         return results
 
     async def delete_entries(self, entry_ids: Sequence[str]) -> list[DataStoreError | None]:
-        results = await asyncio.to_thread(self._datastore.delete_entries, entry_ids)
+        results = await self._entry_write(self._datastore.delete_entries, entry_ids)
         await self._apply(removed=[i for i, r in zip(entry_ids, results, strict=True) if r is None])
         return results
 
