@@ -24,7 +24,9 @@ from types import TracebackType
 
 
 class _Gate:
-    """Open or closed; a pump waits at a closed gate, counting what it holds."""
+    """Open or closed; a pump waits at a closed gate with the one read it holds, counting it.
+    What comes after waits unread in the socket, uncounted: `held` says that bytes wait, not
+    which (to see one call's request held, hold_next_call and call_held)."""
 
     def __init__(self) -> None:
         self.open = threading.Event()

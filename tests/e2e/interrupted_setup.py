@@ -10,6 +10,16 @@ import signal
 signal.signal(signal.SIGINT, signal.default_int_handler)
 """
 
+# The same, the child saying "ctrl-c" on stdout as its handler runs: the test lets the call under
+# test go on once the Ctrl-C has landed, not after a guess at how long a loaded machine takes.
+CTRL_C_SAID = """
+import signal
+def _ctrl_c(signum, frame):
+    print("ctrl-c", flush=True)
+    signal.default_int_handler(signum, frame)
+signal.signal(signal.SIGINT, _ctrl_c)
+"""
+
 PRELUDE = (
     CTRL_C
     + """

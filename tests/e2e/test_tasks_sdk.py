@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -36,7 +37,7 @@ from svid.tasks import (
 from tests.e2e.agent_process import AgentProcess, create_entry, new_token
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
 from tests.e2e.held_socket import HeldSocket
-from tests.e2e.interrupted_setup import CTRL_C, PRELUDE
+from tests.e2e.interrupted_setup import CTRL_C_SAID, PRELUDE
 
 pytestmark = pytest.mark.e2e
 RUNTIME = f"spiffe://{TRUST_DOMAIN}/agents/research-bot"
@@ -377,7 +378,7 @@ def test_an_end_cancelled_in_flight_still_ends_the_task(stack: Stack) -> None:
 # stray KeyboardInterrupt ends the whole test session. The runtimes watch no revocations: the
 # stream's own request, opened at the first task, would be held with the call under test.
 BEGIN_INTERRUPTED = (
-    CTRL_C
+    CTRL_C_SAID
     + """
 import sys
 from svid.tasks import TaskClient
@@ -396,11 +397,12 @@ sys.exit(1)
 )
 
 END_INTERRUPTED = (
-    CTRL_C
+    CTRL_C_SAID
     + """
 import sys
 from svid.tasks import TaskClient
-with TaskClient(sys.argv[1], watch_revocations=False) as client:
+# The EndTask is held as long as the test takes to interrupt it: it must not run out of time.
+with TaskClient(sys.argv[1], watch_revocations=False, timeout=120) as client:
     task = client.begin(actions=["read"], resources=["docs"])
     print(task.task_id, flush=True)
     sys.stdin.readline()
@@ -452,12 +454,15 @@ def _runtime(code: str, *args: str) -> subprocess.Popen[str]:
 
 
 def _interrupt(runtime: subprocess.Popen[str], held: HeldSocket) -> list[str]:
-    """Ctrl-C for the runtime while its call is held, then the call let through: what the
-    runtime printed after."""
+    """Ctrl-C for the runtime while its call is held, then the call let through once the
+    runtime says the Ctrl-C landed (CTRL_C_SAID): what the runtime printed after."""
+    assert runtime.stdout is not None
     runtime.send_signal(signal.SIGINT)
-    time.sleep(0.5)  # it lands while the call is still held (gRPC checks every 0.2 s)
+    landed, _, _ = select.select([runtime.stdout], [], [], 60)
+    assert landed, "the runtime did not take the Ctrl-C within 60 s"
+    assert runtime.stdout.readline() == "ctrl-c\n"
     held.release()
-    out, err = runtime.communicate(timeout=30)
+    out, err = runtime.communicate(timeout=60)
     assert runtime.returncode == 0, err
     return out.splitlines()
 
@@ -647,11 +652,15 @@ def test_an_end_interrupted_in_flight_still_ends_the_task(stack: Stack) -> None:
             assert runtime.stdout is not None
             assert runtime.stdin is not None
             task_id = runtime.stdout.readline().strip()
-            held.hold_requests()
+            assert task_id, runtime.communicate(timeout=60)[1]  # its begin failed: why
+            # The runtime's next call is the EndTask: its request message is held, found by
+            # its HTTP/2 frames. Not by counting the bytes a closed gate holds: a ping or a
+            # window update the connection sent as the gate closed was all it counted, the
+            # EndTask waiting behind it in the socket, unseen.
+            held.hold_next_call()
             runtime.stdin.write("go\n")
             runtime.stdin.flush()
-            # More than a lone HTTP/2 ping or window update (17 bytes at most): the EndTask.
-            wait_for(lambda: held.requests.held > 40, 30, "the EndTask")
+            wait_for(lambda: held.call_held, 60, "the EndTask")
             assert _interrupt(runtime, held) == ["interrupted True"]
         finally:
             runtime.kill()
