@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from svid.workloadapi import (
     grpc_target,
     revoked_from_crls,
 )
+from tests.e2e.held_socket import HeldSocket
 from tests.svid.aio_facade import FLAVORS, new_client, new_source, stopped
 from tests.svid.certs import Issued, make_ca, make_leaf
 from tests.svid.workload_fake import WAIT, Server, State, eventually, signed_crl
@@ -187,6 +189,20 @@ def test_unreachable_agent_is_unavailable(sock_dir: Path, flavor: str) -> None:
             c.fetch_x509_svids()
         with pytest.raises(WorkloadApiUnavailableError):
             c.fetch_jwt_svid("svc")
+
+
+def test_an_agent_slow_to_answer_a_connection_is_waited_for(
+    world: World, sock_dir: Path, flavor: str
+) -> None:
+    # A connection had 100 ms to its agent's first HTTP/2 frame (gRPC's connect timeout is
+    # its min_reconnect_backoff_ms): on a loaded host the first call failed, UNAVAILABLE "it
+    # accepts connections but does not answer", its own deadline seconds away.
+    with HeldSocket(sock_dir / "slow.sock", world.server.path) as slow:
+        slow.hold_answers()  # the agent's SETTINGS, and all after, wait a second
+        threading.Timer(1.0, slow.release).start()
+        with new_client(flavor, slow.address, timeout=10.0) as c:
+            svids = c.fetch_x509_svids()
+    assert [str(s.spiffe_id) for s in svids] == ["spiffe://example.org/workload"]
 
 
 def test_malformed_answer_is_a_workload_api_error(world: World, client: Any) -> None:
