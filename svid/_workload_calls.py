@@ -26,8 +26,10 @@ CHANNEL_OPTIONS = (
     # 4 for its life), so a process's sixth source would wait for ever for a stream to close.
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # Not grpc.min_reconnect_backoff_ms: gRPC takes it for how long a connection may take to
+    # the agent's first HTTP/2 frame (default 20 s). At 100 ms a loaded host's agent, slower
+    # than that to answer, failed the first call UNAVAILABLE, its own deadline seconds away.
 )
 
 T = TypeVar("T")
