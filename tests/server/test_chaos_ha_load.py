@@ -127,29 +127,34 @@ def pg_trio(postgres_dsn: str) -> Iterator[list[RunningServer]]:
 def test_batch_entry_writes_through_three_servers_are_all_acknowledged(
     pg_trio: list[RunningServer],
 ) -> None:
-    """48 batches of 1000 entries (MAX_BATCH) through three servers at once, PostgreSQL
-    healthy. Entry writes take turns under one advisory lock (LOCK_ENTRIES) across every
-    server. Once, each waited for it in PostgreSQL, under the 5 s statement_timeout (a few
-    cancelled); then under the bulk limits but holding a pooled connection, so a server's
-    four were all held in the queue and its later writes gave up waiting for one after 5 s,
-    UNAVAILABLE 'storage unavailable' (1 to 17 of 48 under load). A server's writes now
-    take their turn among themselves first, holding one connection between them."""
+    """18 batches of 500 entries through three servers at once, PostgreSQL healthy: six
+    queued on each server, more than its four pooled connections. Entry writes take turns
+    under one advisory lock (LOCK_ENTRIES) across every server. Once, each waited for it in
+    PostgreSQL under the 5 s statement_timeout (a few cancelled); then under the bulk limits
+    but holding a pooled connection, so a server's four were all held in the queue and its
+    later writes gave up waiting for one after 5 s, UNAVAILABLE 'storage unavailable'. A
+    server's writes now take their turn on its loop, one on a thread and a connection.
+
+    The burst is bounded: every server and client here is one Python process, and each
+    entry is checked, written, and read back by all three servers' followers. Of 48 batches
+    of 1000, 20 to 22 were answered within their 60 s deadline at a load average of 13 on
+    two cores: that measured the machine, not the servers' queueing."""
     parent = f"{TD}/svid/server"
+    batches, size = 18, 500
     failures: list[str] = []
     answered: list[float] = []
     started = time.monotonic()
 
     def write(i: int) -> None:
         try:
-            request = entry_batch(f"lock/{i}", parent, 1000)
+            request = entry_batch(f"lock/{i}", parent, size)
             pg_trio[i % 3].admin().BatchCreateEntry(request, timeout=60)
             answered.append(time.monotonic() - started)
         except grpc.RpcError as exc:
             failures.append(f"{exc.code()}: {exc.details()}")  # type: ignore[attr-defined]
 
-    with ThreadPoolExecutor(48) as pool:
-        list(pool.map(write, range(48)))
-    print(
-        f"\n{len(answered)} of 48 batches answered, the last after {max(answered, default=0):.1f} s"
-    )
-    assert failures == [], f"{len(failures)} of 48 batches refused on a healthy database"
+    with ThreadPoolExecutor(batches) as pool:
+        list(pool.map(write, range(batches)))
+    last = max(answered, default=0.0)
+    print(f"\n{len(answered)} of {batches} batches answered, the last after {last:.1f} s")
+    assert failures == [], f"{len(failures)} of {batches} batches refused on a healthy database"
