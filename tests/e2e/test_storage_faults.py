@@ -1,0 +1,70 @@
+"""What the operator sees when the server's storage misbehaves at start: a real `svid-server run`
+on a datastore it cannot open (a full file system, a file that is no SQLite database) stops
+with one line naming the file and the cause, never a traceback."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import make_server, server_command, short_tmpdir
+from tests.e2e.test_ledger_fail_closed import fill, tmpfs
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*server_command(), "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _refused(done: subprocess.CompletedProcess[str], datastore: Path) -> str:
+    """The one line the refused start ends with, checked for what every such line says."""
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"svid-server: error: cannot open the datastore at {datastore}: ")
+    return last
+
+
+def test_a_restart_on_a_full_file_system_names_the_datastore_and_the_full_disk() -> None:
+    root = short_tmpdir()
+    data_dir = root / "data"
+    server = make_server(root)
+    try:
+        with tmpfs(data_dir, "32m"):
+            server.start()
+            assert server.stop() == 0
+            fill(data_dir / "filler")
+            last = _refused(_run(server.config_path), data_dir / "datastore.sqlite3")
+            # SQLite says "disk I/O error" when it cannot map its shared-memory file: the
+            # line says what the operator is to free.
+            assert "no space left" in last
+            (data_dir / "filler").unlink()
+            server.start()  # space back: the same datastore opens
+            assert server.stop() == 0
+    finally:
+        if server.proc is not None:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_datastore_that_is_no_database_is_named_at_start() -> None:
+    root = short_tmpdir()
+    server = make_server(root)
+    try:
+        server.data_dir.mkdir(mode=0o700)
+        datastore = server.data_dir / "datastore.sqlite3"
+        datastore.write_bytes(b"not a database " * 1000)
+        last = _refused(_run(server.config_path), datastore)
+        assert "not a database" in last
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
