@@ -249,6 +249,17 @@ def _create_private_file(path: Path) -> None:
         os.close(fd)
 
 
+def _open_failure(path: Path, error: sqlite3.Error) -> str:
+    """Why the datastore at `path` did not open. A full file system is named as such: SQLite
+    says only "disk I/O error" when it cannot map its shared-memory file there."""
+    said = f"cannot open the datastore at {path}: {error}"
+    with contextlib.suppress(OSError):
+        room = os.statvfs(path.parent)
+        if room.f_bavail == 0:
+            said += f" (its file system has no space left: free some in {path.parent})"
+    return said
+
+
 class SqliteDataStore(
     EntryWrites[sqlite_utils.Database], SqliteLedger, SqliteFederation, SqliteCheckpoints
 ):
@@ -292,12 +303,18 @@ class SqliteDataStore(
             timeout=BUSY_TIMEOUT_MS / 1000,
         )
         self._db = sqlite_utils.Database(conn, execute_plugins=False)
-        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._db.enable_wal()
-        # FULL: in WAL mode every commit fsyncs the log, so an acknowledged write survives
-        # kill -9 and power loss (NORMAL would only survive a process crash).
-        self._db.execute("PRAGMA synchronous = FULL")
-        self.migrate()
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.enable_wal()
+            # FULL: in WAL mode every commit fsyncs the log, so an acknowledged write survives
+            # kill -9 and power loss (NORMAL would only survive a process crash).
+            self._db.execute("PRAGMA synchronous = FULL")
+            self.migrate()
+        except sqlite3.Error as e:
+            # Read by the operator at start, not by a client: the file and the cause, once,
+            # rather than the driver's traceback naming neither.
+            self.close()
+            raise StorageError(_open_failure(self._path, e)) from None
 
     def _open_read_only(self) -> tuple[sqlite_utils.Database, list[int]]:
         """The file opened read-only, and the migrations it records. Not even the WAL switch:
