@@ -1,6 +1,7 @@
-"""What the operator sees when the server's storage misbehaves at start: a real `svid-server run`
-on a datastore it cannot open (a full file system, a file that is no SQLite database) stops
-with one line naming the file and the cause, never a traceback."""
+"""What the operator sees when the server's storage misbehaves, with real `svid-server run`
+processes: on a datastore it cannot open (a full file system, a file that is no SQLite
+database) the start stops with one line naming the file and the cause, never a traceback; a
+disk that fills while it serves is logged once, not once for every call it refuses."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.e2e.conftest import make_server, server_command, short_tmpdir
-from tests.e2e.test_ledger_fail_closed import fill, tmpfs
+from tests.e2e.test_ledger_fail_closed import fill, set_up, tmpfs
 
 pytestmark = pytest.mark.e2e
+CALLS = 40  # refused in a second or two, well within one log interval
 
 
 def _run(config: Path) -> subprocess.CompletedProcess[str]:
@@ -67,4 +70,37 @@ def test_a_datastore_that_is_no_database_is_named_at_start() -> None:
         last = _refused(_run(server.config_path), datastore)
         assert "not a database" in last
     finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_full_disk_logs_the_refused_calls_traceback_once_not_once_a_call() -> None:
+    """Every call refused while the disk is full failed the same way: the log says so once
+    (the ledger's line, and one traceback), not with a ~3.6 KB traceback a call, which the
+    agents' retries wrote as fast as they came, onto the very disk that was full."""
+    root = short_tmpdir()
+    data_dir = root / "data"
+    server = make_server(root)
+    try:
+        with tmpfs(data_dir, "32m"):
+            server.start()
+            client = set_up(server)
+            refused = 0
+            with client.stub() as stub:
+                fill(data_dir / "filler")
+                start = len(server.logs())
+                for _ in range(CALLS):
+                    with pytest.raises(grpc.RpcError) as err:
+                        client.jwt(stub)
+                    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+                    refused += 1
+                logged = server.logs()[start:]
+                (data_dir / "filler").unlink()
+                assert client.jwt(stub) == 1  # space back: issued again, no restart
+            assert server.stop() == 0
+        assert refused == CALLS
+        assert logged.count("the ledger cannot commit; issuance refused") == 1
+        assert logged.count("server-side error in handler") == 1, len(logged)
+    finally:
+        if server.proc is not None:
+            server.stop()
         shutil.rmtree(root, ignore_errors=True)
