@@ -11,6 +11,7 @@ import functools
 import logging
 import re
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import PurePath
@@ -53,6 +54,8 @@ from server.policy.errors import PolicyError, RequestError
 from svid import _errors as svid_errors
 from svid._audit_checkpoint import AuditCheckpointError
 from svid._cert_der import NonUriSanError
+from svid._clock import Clock, SystemClock
+from svid._log_throttle import LogThrottle
 from svid._task_claims import TaskClaimsError
 from svid._task_errors import (
     TaskDeniedError,
@@ -252,12 +255,44 @@ ErrorHook = Callable[[grpc.StatusCode], None]
 _R = TypeVar("_R")
 
 
+# How often the traceback of an outage (a server-side error answered UNAVAILABLE: storage,
+# the audit log) is logged, at most, for each error type.
+OUTAGE_LOG_INTERVAL = 30.0
+
+
+class _OutageLines:
+    """One LogThrottle per error type, for any thread. An outage (a full disk, a datastore
+    gone) refuses every call the same way until it ends: logged per call, its traceback
+    (~3.6 KB) was written as fast as agents retried, onto the disk that was full, burying the
+    one line the ledger writes when the outage begins and ends."""
+
+    def __init__(self, interval: float, clock: Clock) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._throttles: dict[type[BaseException], LogThrottle] = {}
+
+    def due(self, kind: type[BaseException]) -> int:
+        """How many calls the line to log now stands for; 0: none now."""
+        with self._lock:
+            throttle = self._throttles.get(kind)
+            if throttle is None:
+                throttle = self._throttles[kind] = LogThrottle(self._interval, self._clock)
+            return throttle.due()
+
+
+_outages = _OutageLines(OUTAGE_LOG_INTERVAL, SystemClock())
+
+
 def _report(exc: BaseException, hook: ErrorHook | None) -> tuple[grpc.StatusCode, str]:
     code, message = status_for(exc)
     rule = rule_for(exc)
     if rule is None or rule.fixed is not None:
-        # The client got a fixed message: the details are for the operator only.
-        _log.error("server-side error in handler", exc_info=exc)
+        # The client got a fixed message: the details are for the operator only. A bug
+        # (INTERNAL) is logged every time; an outage once per interval, with its count.
+        times = _outages.due(type(exc)) if code is Code.UNAVAILABLE else 1
+        if times:
+            _log.error("server-side error in handler", exc_info=exc, extra={"times": times})
     if hook is not None:
         hook(code)
     return code, message
