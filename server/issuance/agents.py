@@ -4,7 +4,8 @@ Admission fails closed in this order: sign the SVID; ask whether the save would 
 (the agent's removal stored, the agent evicted or banned meanwhile), refusing it on record if
 so; commit the attestation's audit event; then save the agent's record, spending its join
 token in that same transaction. If the event cannot be committed, nothing else is written: the
-agent is refused and its token still works.
+agent is refused and its token still works. If the save fails (the datastore refuses it, or the
+agent was removed meanwhile), a deny of the same serial follows the allow on the log.
 If the token is gone by then (a concurrent attestation with it won), the agent is refused on
 record and the SVID signed for it never leaves, as for any credential on record and never sent
 (server/issuance/ledger.py).
@@ -36,6 +37,8 @@ from svid._spiffe_id import SpiffeId
 
 _log = logging.getLogger("svid.server.issuance")
 Chain = tuple[x509.Certificate, ...]
+# The reason on the deny of an admission whose agent record the datastore could not save.
+SAVE_FAILED = "the agent's record could not be saved (storage unavailable)"
 
 
 def _serial_hex(chain: Chain) -> str:
@@ -140,6 +143,13 @@ class AgentAdmission:
             # Removed in the moment between the check and the save: a deny of the same
             # serial follows the allow, so the log says the admission did not take.
             await self.refused(kind, str(exc), agent_id=agent.spiffe_id, serial=agent.serial)
+            raise
+        except Exception:
+            # The datastore could not save it (a disk I/O error, a disk full, a lost
+            # connection): nothing was spent, the SVID never leaves, and a deny follows the
+            # allow as above (best effort: the storage may refuse it too). Not the driver's
+            # message: it goes on the log for every reader of it.
+            await self.refused(kind, SAVE_FAILED, agent_id=agent.spiffe_id, serial=agent.serial)
             raise
         if not saved:
             await self.refused(kind, TOKEN_REFUSED)
