@@ -1,11 +1,13 @@
 """What the operator sees when the server's storage misbehaves, with real `svid-server run`
 processes: on a datastore it cannot open (a full file system, a file that is no SQLite
 database) the start stops with one line naming the file and the cause, never a traceback; a
-disk that fills while it serves is logged once, not once for every call it refuses."""
+disk that fills while it serves is logged once, not once for every call it refuses; a WAL
+grown while a reader held it is cut back once the reader is gone."""
 
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tests.e2e.test_ledger_fail_closed import fill, set_up, tmpfs
 
 pytestmark = pytest.mark.e2e
 CALLS = 40  # refused in a second or two, well within one log interval
+WAL_KEPT = 8 << 20  # what a WAL grown past it may keep once it is reset
 
 
 def _run(config: Path) -> subprocess.CompletedProcess[str]:
@@ -100,6 +103,45 @@ def test_a_full_disk_logs_the_refused_calls_traceback_once_not_once_a_call() -> 
         assert refused == CALLS
         assert logged.count("the ledger cannot commit; issuance refused") == 1
         assert logged.count("server-side error in handler") == 1, len(logged)
+    finally:
+        if server.proc is not None:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_wal_a_long_reader_let_grow_is_cut_back_once_the_reader_is_gone() -> None:
+    """While another process holds a read of the datastore (`audit verify` over a long log, a
+    backup), SQLite cannot reset the WAL, and every commit meanwhile grows it: ~2.9 KB a JWT
+    minted. Once the reader is gone the WAL is reused, but was never cut back, so that disk
+    stayed taken until the server restarted (GBs after a long verify under load)."""
+    root = short_tmpdir()
+    # Minted as fast as one client asks, past the default per-agent rate.
+    server = make_server(
+        root, log_level="warning", jwt_rate_per_agent=1e6, jwt_burst_per_agent=10**6
+    )
+    try:
+        server.start()
+        client = set_up(server)
+        wal = server.data_dir / "datastore.sqlite3-wal"
+        datastore = server.data_dir / "datastore.sqlite3"
+        reader = sqlite3.connect(f"file:{datastore}?mode=ro", uri=True)
+        with client.stub() as stub:
+            try:
+                reader.execute("BEGIN")
+                reader.execute("SELECT count(*) FROM audit_events").fetchone()
+                while wal.stat().st_size <= WAL_KEPT * 3 // 2:
+                    client.jwts(stub)
+            finally:
+                reader.close()
+            grown = wal.stat().st_size
+            # The next commits checkpoint it whole and start it again from its first frame.
+            for _ in range(40):
+                client.jwts(stub)
+                if wal.stat().st_size <= WAL_KEPT:
+                    break
+            kept = wal.stat().st_size
+        assert server.stop() == 0
+        assert kept <= WAL_KEPT, f"the WAL grew to {grown} bytes and is still {kept}"
     finally:
         if server.proc is not None:
             server.stop()
