@@ -75,6 +75,9 @@ from server.datastore.sqlite_ledger import SqliteLedger
 from svid._clock import Clock
 
 BUSY_TIMEOUT_MS = 10_000
+# Bytes a WAL keeps once reset: twice what SQLite's automatic checkpoint (1000 pages) lets it
+# reach between resets, so a WAL of ordinary use is never cut back and grown again.
+WAL_SIZE_LIMIT = 8 << 20
 T = TypeVar("T")
 _BUNDLE_SEQUENCE = "bundle_sequence"
 _FEED = "feed"
@@ -309,6 +312,10 @@ class SqliteDataStore(
             # FULL: in WAL mode every commit fsyncs the log, so an acknowledged write survives
             # kill -9 and power loss (NORMAL would only survive a process crash).
             self._db.execute("PRAGMA synchronous = FULL")
+            # A WAL another process's read held from being reset (audit verify over a long
+            # log, a backup) grows with every commit meanwhile; reset again, it is cut back to
+            # this rather than keep that disk until the server restarts.
+            self._db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             self.migrate()
         except sqlite3.Error as e:
             # Read by the operator at start, not by a client: the file and the cause, once,
