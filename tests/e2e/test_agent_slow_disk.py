@@ -1,0 +1,100 @@
+"""A real agent on a slow disk (every fsync delayed, as on a saturated volume): the files it
+keeps (the trust bundle, its copy of the audit checkpoints) are written beside serving, so the
+Workload API answers at its usual speed while they wait on the disk."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from svid._proto import workload_pb2
+from tests.e2e.agent_process import HEADER, agent_stack, create_entry
+from tests.e2e.conftest import make_restartable_server, short_tmpdir, wait_for
+
+pytestmark = pytest.mark.e2e
+SLOW_FSYNC_US = 1_000_000  # each fsync and fdatasync of the agent's waits this long
+
+
+@contextmanager
+def slow_fsyncs(pid: int) -> Iterator[None]:
+    """Every fsync of process `pid` (all its threads) delayed by SLOW_FSYNC_US, until the block
+    ends: strace attached, delaying the syscall on entry."""
+    if shutil.which("strace") is None:
+        pytest.skip("no strace here to slow the agent's fsyncs")
+    delay = f"delay_enter={SLOW_FSYNC_US}"
+    tracer = subprocess.Popen(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-p",
+            str(pid),
+            "-e",
+            "trace=fsync,fdatasync",
+            "-e",
+            f"inject=fsync:{delay}",
+            "-e",
+            f"inject=fdatasync:{delay}",
+            "-o",
+            "/dev/null",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)  # attached to every thread
+    if tracer.poll() is not None:
+        pytest.skip(f"cannot attach strace here: {tracer.stderr.read() if tracer.stderr else ''}")
+    try:
+        yield
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(10)
+
+
+def test_the_workload_api_answers_while_the_agent_saves_its_files_on_a_slow_disk() -> None:
+    root = short_tmpdir()
+    server = make_restartable_server(root).start()
+    with agent_stack(root, server) as agent:
+        agent_id = agent.agent_id()
+        create_entry(server, "spiffe://example.org/slow", agent_id)
+        agent.wait_svid("spiffe://example.org/slow")
+        stub = agent.stub()
+        request = workload_pb2.JWTSVIDRequest(audience=["svc"])
+        stub.FetchJWTSVID(request, metadata=HEADER, timeout=10)  # minted: answered from cache
+        bundle = agent.data_dir / "bundle.der"
+        saved_at = bundle.stat().st_mtime_ns
+        waits: list[float] = []
+        done = threading.Event()
+
+        def fetch() -> None:
+            while not done.is_set():
+                started = time.monotonic()
+                stub.FetchJWTSVID(request, metadata=HEADER, timeout=30)
+                waits.append(time.monotonic() - started)
+                time.sleep(0.02)
+
+        assert agent.proc is not None
+        with slow_fsyncs(agent.proc.pid):
+            fetcher = threading.Thread(target=fetch)
+            fetcher.start()
+            try:
+                # A new server process: the agent's Sync stream comes back with a snapshot,
+                # whose trust bundle it saves, and the audit checkpoint the start signed.
+                server.stop()
+                server.start()
+                wait_for(lambda: bundle.stat().st_mtime_ns != saved_at, 30, "the bundle saved")
+                time.sleep(2 * SLOW_FSYNC_US / 1e6)  # what else the reconnect writes
+            finally:
+                done.set()
+                fetcher.join(60)
+        assert waits
+        worst = max(waits)
+        # Answered from memory: a wait of a whole fsync is the event loop blocked on the disk.
+        assert worst < SLOW_FSYNC_US / 1e6 / 2, f"a FetchJWTSVID waited {worst:.2f} s"
