@@ -535,12 +535,14 @@ class Syncer:
                     await task
             self.connected = False
 
-    def _offer_checkpoint(self, pushed: PushedCheckpoint) -> None:
+    async def _offer_checkpoint(self, pushed: PushedCheckpoint) -> None:
         """checkpoint_store.CheckpointStore.offer, which refuses rather than raises; anything it
         still raises is logged, not raised: ending the stream here ended every reconnect too
-        (the server pushes the same checkpoint on each), and entries stopped coming in."""
+        (the server pushes the same checkpoint on each), and entries stopped coming in.
+        In a thread: it appends and fsyncs a line, and on a slow disk the Workload API, on this
+        loop, stopped answering for as long. Only this stream offers, one at a time."""
         try:
-            self._on_checkpoint(pushed)
+            await asyncio.to_thread(self._on_checkpoint, pushed)
         except Exception as exc:  # the node's copy never stops the sync
             log.error(
                 "cannot keep the audit checkpoint the server pushed; the sync goes on",
@@ -557,7 +559,7 @@ class Syncer:
             self.revision, self.epoch = 0, ""
         async for message in client.sync(self.revision, self.epoch):
             if isinstance(message, PushedCheckpoint):
-                self._offer_checkpoint(message)
+                await self._offer_checkpoint(message)
                 continue
             if isinstance(message, SyncState):
                 # A snapshot replaces everything at once, when its last part is in; delta
@@ -568,7 +570,7 @@ class Syncer:
                     continue
                 state = join_parts(parts)
                 parts = []
-                self._save_bundle(state.bundle)
+                await self._save_bundle(state.bundle)
                 self._cache.apply_sync(state)
             else:
                 # A delta in parts too is applied whole, when its last part is in.
@@ -582,7 +584,7 @@ class Syncer:
                 delta = join_deltas(deltas)
                 deltas = []
                 if delta.bundle is not None:
-                    self._save_bundle(delta.bundle)
+                    await self._save_bundle(delta.bundle)
                 self._cache.apply_delta(delta)
             self.revision, self.epoch = message.revision, message.epoch
             self._revision_of = self.agent_id
@@ -594,25 +596,33 @@ class Syncer:
             self._on_change("sync")
         raise ConnectionError("server ended the Sync stream")
 
-    def _save_bundle(self, bundle: TrustBundle) -> None:
+    async def _save_bundle(self, bundle: TrustBundle) -> None:
         """The roots for the next start to verify the server with. A failed write (a full
         disk) is logged, not raised: ending the stream here kept the message from being
         applied, and every reconnect asked for it again, so no entry or revocation came in.
-        Logged once an interval (OPERATOR_LOG_INTERVAL), not at every message that fails."""
-        if not bundle.x509_authorities:
+        Logged once an interval (OPERATOR_LOG_INTERVAL), not at every message that fails.
+
+        Written in a thread: its fsync on a slow disk stopped the Workload API, on this loop,
+        for as long, at every snapshot. Meanwhile they are the roots waiting to be saved, so
+        _save_loop or a renewal saving during the write saves these, never older ones after
+        them."""
+        roots = bundle.x509_authorities
+        if not roots:
             return
+        self._unsaved_roots = roots
         try:
-            self._store.save_bundle(bundle.x509_authorities)
+            await asyncio.to_thread(self._store.save_bundle, roots)
         except OSError as exc:
             self._bundle_refused(exc)
             # Saved again by _save_loop: a delta brings the bundle only when it changes, so
             # waiting for the next one could leave the file stale for the next start. Until
             # then _root_pem verifies a reconnect's server with these newer roots.
-            self._unsaved_roots = bundle.x509_authorities
-            self._save_wanted.set()
+            if self._unsaved_roots is roots:
+                self._save_wanted.set()
             return
-        self._unsaved_roots = ()  # newer than those: _save_loop must not write them over
-        self._bundle_saved()
+        if self._unsaved_roots is roots:
+            self._unsaved_roots = ()  # saved: _save_loop has nothing to write over them
+            self._bundle_saved()
 
     def _bundle_refused(self, exc: OSError) -> None:
         """Said at the first failure, then once an interval with how many there were."""

@@ -456,7 +456,7 @@ def test_a_bundle_refused_before_and_saved_with_a_new_agent_svid_is_said_mended(
     path = syncer._store.bundle_path
     path.mkdir()  # where the bundle goes, the write fails as on a full disk
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
-        syncer._save_bundle(TrustBundle("example.org", x509_authorities=(b"ca-1",)))
+        asyncio.run(syncer._save_bundle(TrustBundle("example.org", x509_authorities=(b"ca-1",))))
         assert syncer._bundle_save_failures == 1
         path.rmdir()
         ca = LocalCa(FakeClock(start=time.time()))
@@ -552,7 +552,7 @@ def test_a_stop_with_only_the_trust_bundle_unsaved_does_not_say_the_agent_svid_i
     syncer = _syncer(tmp_path, Cache())
     syncer._store.bundle_path.mkdir()  # the bundle's write fails, as on a full disk
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
-        syncer._save_bundle(TrustBundle("example.org", x509_authorities=(b"ca-1",)))
+        asyncio.run(syncer._save_bundle(TrustBundle("example.org", x509_authorities=(b"ca-1",))))
         asyncio.run(syncer.settle(0))
     assert "cannot save the trust bundle" in caplog.text
     assert "agent SVID in use unsaved" not in caplog.text
