@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,9 +68,6 @@ class AgentStore:
         self.svid_path = svid_path
         self.key_path = key_path
         self.bundle_path = bundle_path
-        # One save at a time: the Sync stream saves the bundle in a thread while the event
-        # loop may save a renewal's SVID and roots, and both write through the same temp names.
-        self._saving = threading.Lock()
 
     @property
     def _next_key_path(self) -> Path:
@@ -103,10 +99,9 @@ class AgentStore:
         # the files leaves the old pair, or the new chain with its key still under the `.next`
         # name, which load_svid also tries. Replacing the key first left the old chain with
         # a key that does not fit: an identity lost, and a join token works once.
-        with self._saving:
-            _write_private(self._next_key_path, _crypto.key_der(svid.key))
-            _write_private(self.svid_path, der_concat(svid.chain))
-            os.replace(self._next_key_path, self.key_path)
+        _write_private(self._next_key_path, _crypto.key_der(svid.key))
+        _write_private(self.svid_path, der_concat(svid.chain))
+        os.replace(self._next_key_path, self.key_path)
 
     def remove_svid(self) -> None:
         """Forget the saved identity (the server refused it); its key is useless without it."""
@@ -150,8 +145,7 @@ class AgentStore:
         )
 
     def save_bundle(self, authorities: tuple[bytes, ...]) -> None:
-        with self._saving:
-            _write_private(self.bundle_path, b"".join(authorities))
+        _write_private(self.bundle_path, b"".join(authorities))
 
     def load_bundle(self) -> list[x509.Certificate] | None:
         try:

@@ -13,6 +13,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from cryptography import x509
@@ -58,6 +59,22 @@ from svid._der import certs_to_pem, parse_der_certs
 from svid._log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+async def _off_loop(save: Callable[[_T], None], what: _T) -> None:
+    """`save(what)` in a thread. Cancelled meanwhile, it waits for the thread to end before it
+    raises: the save lock stays held until the files are written, so no other save writes
+    them (their temp files) beside it."""
+    saving = asyncio.ensure_future(asyncio.to_thread(save, what))
+    try:
+        await asyncio.shield(saving)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await saving
+        raise
+
+
 # Seconds between readings of the wall clock while the agent SVID's rotation point is ahead: a
 # clock stepped forward (NTP after a boot with a wrong RTC, a VM resumed) is noticed this soon.
 RECHECK = 30.0
@@ -141,6 +158,9 @@ class Syncer:
         self._unsaved: AgentSvid | None = None
         self._unsaved_roots: tuple[bytes, ...] = ()
         self._save_wanted = asyncio.Event()
+        # One save of the agent SVID or roots at a time, each writing what waits when it
+        # starts (in a thread): a save begun earlier never lands older files after a newer's.
+        self._saving = asyncio.Lock()
         self._reconnect = asyncio.Event()
         self._token_used = False
         # The ID of the join token an earlier run sent without saving what it bought, read at
@@ -216,14 +236,14 @@ class Syncer:
             "no trust bundle to verify the server: give --trust-bundle (or --insecure-bootstrap)"
         )
 
-    def _persist(self, svid: AgentSvid, bundle: TrustBundle, how: str) -> None:
+    async def _persist(self, svid: AgentSvid, bundle: TrustBundle, how: str) -> None:
         """The agent SVID (`how` it came) and the roots that came with it, on disk for the next
         start. A disk that refuses them (full, read-only) must not lose them: the server has
         spent the join token or replaced the old SVID already. So they are used from memory,
         said once, and _save_loop saves them once the disk takes them."""
         self._unsaved, self._unsaved_roots = svid, bundle.x509_authorities
         try:
-            self._save_unsaved()
+            await self._save_unsaved()
         except OSError as exc:
             self._save_wanted.set()
             if self._unsaved is None:
@@ -238,17 +258,27 @@ class Syncer:
                 extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
             )
 
-    def _save_unsaved(self) -> None:
+    async def _save_unsaved(self) -> None:
         """Save what the disk refused before. OSError: refused again (what was saved before it
-        is not saved twice)."""
-        if self._unsaved is not None:
-            self._store.save_svid(self._unsaved)
-            self._unsaved = None
-            self._store.forget_spending()
-        if self._unsaved_roots:
-            self._store.save_bundle(self._unsaved_roots)
-            self._unsaved_roots = ()
-            self._bundle_saved()  # whichever save it was, a bundle refused before is mended
+        is not saved twice).
+
+        The writes in a thread: their fsyncs (key, chain, roots) on a slow disk stopped the
+        Workload API, on this loop, for as long, at every renewal. What a save wrote is
+        marked saved only if it is still what waits: a newer SVID or roots set meanwhile (a
+        renewal, a Sync message) wait for their own save, after this one."""
+        async with self._saving:
+            svid = self._unsaved
+            if svid is not None:
+                await _off_loop(self._store.save_svid, svid)
+                if self._unsaved is svid:
+                    self._unsaved = None
+                self._store.forget_spending()
+            roots = self._unsaved_roots
+            if roots:
+                await _off_loop(self._store.save_bundle, roots)
+                if self._unsaved_roots is roots:
+                    self._unsaved_roots = ()
+                    self._bundle_saved()  # whichever save it was, a refused bundle is mended
 
     async def _save_loop(self) -> None:
         """Save an agent SVID or trust bundle the disk refused, with backoff, until it takes
@@ -260,7 +290,7 @@ class Syncer:
             await asyncio.sleep(retry.failed())
             waiting = self._unsaved is not None
             try:
-                self._save_unsaved()
+                await self._save_unsaved()
             except OSError:
                 # Its roots refused again after it: the SVID's save is said all the same, the
                 # operator having been told a restart cannot use it.
@@ -401,7 +431,7 @@ class Syncer:
             # On disk before anything else: the server has spent the join token, and a kill
             # before this line leaves the agent with no identity and no way to get one.
             self._token_used = bool(self._s.join_token)
-            self._persist(svid, bundle, "attested")
+            await self._persist(svid, bundle, "attested")
             self._fallback = None  # the SVID and bundle in use are the new ones
         finally:
             await client.close()
@@ -464,7 +494,7 @@ class Syncer:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), timeout)
         try:
-            self._save_unsaved()
+            await self._save_unsaved()
         except OSError as exc:
             if self._unsaved is None:  # only roots were waiting: the agent SVID is on disk
                 self._bundle_refused(exc)
@@ -482,7 +512,7 @@ class Syncer:
         svid, bundle = await self._client.renew()
         # The server has replaced the old SVID already (it works only until it expires):
         # dropping the new one for a disk that refuses it would leave nothing to renew with.
-        self._persist(svid, bundle, "renewed")
+        await self._persist(svid, bundle, "renewed")
         log.info("agent SVID renewed", extra={"agent_id": svid.spiffe_id})
         self._install(svid, bundle)
         self._on_change("renewed")
@@ -603,15 +633,15 @@ class Syncer:
         Logged once an interval (OPERATOR_LOG_INTERVAL), not at every message that fails.
 
         Written in a thread: its fsync on a slow disk stopped the Workload API, on this loop,
-        for as long, at every snapshot. Meanwhile they are the roots waiting to be saved, so
-        _save_loop or a renewal saving during the write saves these, never older ones after
-        them."""
+        for as long, at every snapshot. From now they are the roots waiting to be saved, so a
+        save by _save_loop or a renewal after this one writes these, never older ones."""
         roots = bundle.x509_authorities
         if not roots:
             return
         self._unsaved_roots = roots
         try:
-            await asyncio.to_thread(self._store.save_bundle, roots)
+            async with self._saving:
+                await _off_loop(self._store.save_bundle, roots)
         except OSError as exc:
             self._bundle_refused(exc)
             # Saved again by _save_loop: a delta brings the bundle only when it changes, so

@@ -463,7 +463,8 @@ def test_a_bundle_refused_before_and_saved_with_a_new_agent_svid_is_said_mended(
         key = ec.generate_private_key(ec.SECP256R1())
         agent = "spiffe://example.org/svid/agent/join_token/t"
         svid = AgentSvid(agent, (ca.sign_leaf(key.public_key(), agent),), key)
-        syncer._persist(svid, TrustBundle("example.org", x509_authorities=(b"ca-2",)), "renewed")
+        roots = TrustBundle("example.org", x509_authorities=(b"ca-2",))
+        asyncio.run(syncer._persist(svid, roots, "renewed"))
     assert path.read_bytes() == b"ca-2"
     assert syncer._bundle_save_failures == 0
     assert "saved the trust bundle again after failed saves" in caplog.text
@@ -487,7 +488,7 @@ def test_a_renewed_agent_svid_saved_beside_a_bundle_the_disk_refused_is_not_said
     async def scenario() -> None:
         saver = asyncio.create_task(syncer._save_loop())
         try:
-            syncer._persist(
+            await syncer._persist(
                 svid, TrustBundle("example.org", x509_authorities=(b"ca-1",)), "renewed"
             )
             assert syncer._store.svid_path.is_file()  # the agent SVID is saved
@@ -526,7 +527,8 @@ def test_an_agent_svid_saved_again_while_its_bundle_is_still_refused_is_said_sav
     async def scenario() -> None:
         saver = asyncio.create_task(syncer._save_loop())
         try:
-            syncer._persist(svid, TrustBundle("example.org", x509_authorities=(b"ca-1",)), "new")
+            roots = TrustBundle("example.org", x509_authorities=(b"ca-1",))
+            await syncer._persist(svid, roots, "new")
             svid_path.rmdir()  # room for the SVID, not yet for the bundle
             for _ in range(300):
                 if svid_path.is_file() and syncer._unsaved is None:
