@@ -74,8 +74,12 @@ class Cluster:
     def __getitem__(self, name: str) -> Node:
         return self._nodes[name] if name in self._nodes else self.new(name)
 
-    def new(self, name: str, *, kek: Path | str | None = "default") -> Node:
+    def new(
+        self, name: str, *, kek: Path | str | None = "default", clock: FakeClock | None = None
+    ) -> Node:
+        """`clock`: this server's own, when it is not the cluster's."""
         kek_path = self._kek_file if kek == "default" else kek
+        clock = clock or self._clock
         raw = SqliteDataStore(self._tmp / "shared.sqlite3", self._clock)
         store = FaultInjectingDataStore(raw)
         keys = KeyStore(self._tmp / f"keys-{name}")
@@ -83,12 +87,12 @@ class Cluster:
             CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL, lease_ttl=LEASE_TTL),
             store,
             keys,
-            self._clock,
+            clock,
             kek=KeyEncryptionKey.load(Path(kek_path)) if kek_path is not None else None,
             holder=name,
-            sleep=self._clock.advance,
+            sleep=clock.advance,
         )
-        node = Node(store, raw, keys, manager, Rotator(manager, self._clock))
+        node = Node(store, raw, keys, manager, Rotator(manager, clock))
         self._nodes[name] = node
         manager.initialize()
         return node
@@ -235,6 +239,33 @@ def test_a_clean_shutdown_hands_the_lease_over_at_once(nodes: Cluster) -> None:
 
 
 # -- several full rotations -----------------------------------------------------------------------
+
+
+def test_a_takeover_by_a_server_whose_clock_is_minutes_behind_keeps_the_keys_svids_chain_to(
+    nodes: Cluster, clock: FakeClock, tmp_path: Path
+) -> None:
+    # a's clock runs five minutes ahead of b's. a made the trust domain's first keys, and both
+    # signed with them; a then restarts (a rolling deploy) and b takes the lease over at once.
+    # To b the keys begin more than MAX_CLOCK_SKEW ahead. Dropped, they left the bundle, and
+    # every SVID both servers had issued with them no longer verified, not even once the
+    # keys' time had come; the fault itself (chains not valid yet) ends in five minutes.
+    a = nodes.new("a", clock=FakeClock(clock.now() + 300))
+    b = nodes["b"]
+    ca = b.manager.x509_signer().ca_certificate
+    kid = b.manager.jwt_signer().kid
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = b.manager.x509_signer().sign_svid(key.public_key(), WORKLOAD, CA_TTL - 120)[0]
+    a.manager.close()
+    b.manager.rotate()
+    assert b.manager.holds_rotation_lease
+    assert ca in b.manager.bundle().x509_authorities
+    assert kid in b.manager.bundle().jwt_authorities
+    clock.advance(300)  # the keys' time has come: SVIDs chained to them verify
+    b.manager.rotate()
+    assert ca in b.manager.bundle().x509_authorities
+    assert kid in b.manager.bundle().jwt_authorities
+    result = openssl_verify(tmp_path, leaf, b.manager.bundle().x509_authorities, at=clock.now())
+    assert result.returncode == 0, result.stderr
 
 
 def test_several_rotations_keep_one_bundle_of_at_most_three_keys_per_kind(
