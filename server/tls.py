@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from server.ca.manager import CaManager
 from server.ca.server_svid import server_svid
 from server.datastore.records import X509_KIND
+from svid import MAX_CLOCK_SKEW
 from svid._backoff import Retry
 from svid._clock import Clock
 from svid._der import certs_to_pem
@@ -90,11 +91,18 @@ class ServerTls:
         return True
 
     def _issuer_kept(self) -> bool:
-        """Whether the CA that signed the current SVID is still journaled. The rotation drops
-        one before it expires only when it was made while the clock ran ahead (rotation.py):
-        its SVIDs are no more valid than it, and, kept until renew_at (as far ahead), no agent
-        could verify the server for that long."""
-        return any(s.public_der == self._issuer_der for s in self._ca.key_slots(X509_KIND))
+        """Whether the CA that signed the current SVID is one to keep it for: journaled, and
+        either the one signed with now or valid by now. The rotation retires a CA made while
+        the clock ran ahead (rotation.py): the SVIDs it signed are no more valid than it, and,
+        kept until renew_at (as far ahead), no agent could verify the server for that long."""
+        der = self._issuer_der
+        if not any(s.public_der == der for s in self._ca.key_slots(X509_KIND)):
+            return False
+        signer = self._ca.x509_signer().ca_certificate
+        if signer.public_bytes(serialization.Encoding.DER) == der:
+            return True
+        issuer = x509.load_der_x509_certificate(der)
+        return issuer.not_valid_before_utc.timestamp() <= self._clock.now() + MAX_CLOCK_SKEW
 
     def _rebuild(self) -> None:
         self._config = grpc.ssl_server_certificate_configuration(

@@ -3,11 +3,13 @@
 SPIRE's schedule: the next key is prepared (and published) at 1/2 of the active key's life,
 activated at 5/6, and a retired key stays published until it expires.
 
-A key whose life begins more than MAX_CLOCK_SKEW after `now` was made while this clock ran
-ahead (an RTC in local time, a start before NTP synced), and the clock has since been put
-right: nothing it signs is valid yet, so it is dropped as an expired one is. Kept, the server
-signed with it, every SVID chaining to a CA not valid yet, for as long as the clock had been
-ahead.
+A key whose life begins more than MAX_CLOCK_SKEW after `now` was made while a clock ran
+ahead (an RTC in local time, a start before NTP synced; or, sharing keys, another server's
+clock minutes ahead of this one's): nothing it signs is valid yet. Signed on with, every SVID
+chained to a CA not valid yet for as long as the clock had been ahead: an active one is
+retired (a new key made, or the waiting one activated), a waiting one dropped (it signed
+nothing). Retired, not dropped: the SVIDs already signed with it (by every server sharing it)
+verify once its time comes, and dropped, it left the bundle and they never did.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from server.datastore.records import ACTIVE, PREPARED
+from server.datastore.records import ACTIVE, PREPARED, RETIRED
 from svid import MAX_CLOCK_SKEW
 
 PREPARE_FRACTION = 1 / 2
@@ -61,11 +63,14 @@ def plan_rotation(now: float, slots: Sequence[SlotTimes]) -> RotationPlan:
     usable is left.
     """
     live = [s for s in slots if now < s.not_after and not _ahead(now, s)]
-    drop = [s.slot_id for s in slots if now >= s.not_after or _ahead(now, s)]
+    ahead = [s for s in slots if now < s.not_after and _ahead(now, s)]
+    drop = [s.slot_id for s in slots if now >= s.not_after]
+    drop.extend(s.slot_id for s in ahead if s.status == PREPARED)
+    retire = [s.slot_id for s in ahead if s.status == ACTIVE]
     by_start = sorted(live, key=lambda s: (s.not_before, s.slot_id))
     actives = [s for s in by_start if s.status == ACTIVE]
     prepared = [s for s in by_start if s.status == PREPARED]
-    retire = [s.slot_id for s in actives[:-1]]  # at most one active: keep the newest
+    retire.extend(s.slot_id for s in actives[:-1])  # at most one active: keep the newest
     drop.extend(s.slot_id for s in prepared[:-1])  # at most one waiting: keep the newest
     active = actives[-1] if actives else None
     waiting = prepared[-1] if prepared else None
@@ -99,7 +104,7 @@ def next_event(now: float, slots: Sequence[SlotTimes]) -> float:
     """When `plan_rotation` has something to do next: the earliest pending event, which is
     `now` or earlier when a tick is overdue (a pending event stays pending until applied)."""
     active = [s for s in slots if s.status == ACTIVE]
-    if not active or any(_ahead(now, s) for s in slots):
+    if not active or any(_ahead(now, s) and s.status != RETIRED for s in slots):
         return now
     waiting = any(s.status == PREPARED for s in slots)
     times = [

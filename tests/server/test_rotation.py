@@ -95,13 +95,19 @@ def test_after_a_longer_outage_everything_is_new() -> None:
     assert not plan.activate
 
 
-def test_keys_made_ahead_of_a_clock_put_back_are_dropped_at_once() -> None:
+def test_keys_made_ahead_of_a_clock_put_back_are_no_longer_signed_with() -> None:
     # Made while the clock ran ahead (past MAX_CLOCK_SKEW): nothing they sign is valid yet.
+    # The active one is retired, not dropped: what it signed verifies once its time comes.
     slots = [SlotTimes("a", ACTIVE, 1000, 1600), SlotTimes("b", PREPARED, 1300, 1900)]
     assert next_event(100, slots) <= 100
     plan = plan_rotation(100, slots)
-    assert set(plan.drop) == {"a", "b"}
+    assert plan.drop == ("b",)
+    assert plan.retire == ("a",)
     assert plan.create_active
+    # Once retired and replaced, nothing is pending until the new key's own schedule.
+    after = [SlotTimes("a", RETIRED, 1000, 1600), SlotTimes("c", ACTIVE, 90, 690)]
+    assert plan_rotation(100, after).empty
+    assert next_event(100, after) == 390
     # Within the skew servers may have between them, a key is kept.
     assert plan_rotation(100, [SlotTimes("a", ACTIVE, 130, 700)]).empty
 

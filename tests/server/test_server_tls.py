@@ -59,7 +59,7 @@ def test_a_server_svid_whose_ca_was_dropped_is_renewed_at_the_next_look(
     datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
 ) -> None:
     # Started with its clock days ahead, the server made its CA and SVID then; put right, its
-    # next rotation drops that CA (not valid yet) for a new one. The SVID it signed was kept
+    # next rotation retires that CA (not valid yet) for a new one. The SVID it signed was kept
     # until its renew_at, days on: no agent could verify the server meanwhile.
     stepped = _SteppedClock(clock, 3 * 86400.0)
     manager = CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, stepped)
