@@ -229,6 +229,43 @@ def test_a_token_is_not_served_past_its_exp_after_the_agent_clock_steps_back() -
         agent.close()
 
 
+class _SleptClock:
+    """The agent's clock on a host that sleeps (suspend, a paused VM): wall time is the
+    server's, `base`, but its monotonic clock (CLOCK_MONOTONIC) stood still while it slept."""
+
+    def __init__(self, base: FakeClock) -> None:
+        self.base, self.slept = base, 0.0
+
+    def now(self) -> float:
+        return self.base.now()
+
+    def monotonic(self) -> float:
+        return self.base.monotonic() - self.slept
+
+    def sleep(self, seconds: float) -> None:
+        self.base.advance(seconds)
+        self.slept += seconds
+
+
+def test_a_token_is_not_served_past_its_exp_after_the_agent_host_slept() -> None:
+    # The host slept an hour with a token cached: CLOCK_MONOTONIC does not count a suspend.
+    # On the monotonic clock alone, the token's half life had not passed on waking, and the
+    # agent served it for up to that half again, long past its exp; the wall clock says so.
+    slept = _SleptClock(FakeClock(start=time.time()))
+    agent = Agent(clock=slept.base, agent_clock=slept)
+    try:
+        agent.sync(entry("e1", SID))
+        me = agent.caller("a", UID1)
+        first = agent.fetch(me, "svc").svids[0].svid
+        slept.sleep(3600.0)
+        assert agent.fetch(me, "svc").svids[0].svid != first
+        held = agent.jwts.cached(SID, ["svc"], "e1")
+        assert held is not None
+        assert held.token != first
+    finally:
+        agent.close()
+
+
 def test_an_answer_served_keeps_its_token_recently_used() -> None:
     agent = Agent(max_entries=2)
     try:
