@@ -13,7 +13,8 @@ the request as sent, and is served again only while
 - the JWT cache has dropped no token since (a task's end or an entry's removal forgets its
   tokens, the LRU evicts, a refresh replaces): its `generation`;
 - every token in it is before its refresh point, the JWT cache's own rule (`refresh_point`),
-  on the agent's monotonic clock as the cache keeps it (`JwtCache.refresh_at`).
+  on the agent's monotonic clock as the cache keeps it (`JwtCache.refresh_at`, on
+  `JwtCache.clock`, the clock to give here).
 
 A served answer marks its tokens used in the JWT cache, so its LRU order stays true.
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from agent_attestor.signer import MintedJwt, SvidSigner
-from svid._clock import Clock
+from svid._clock import Clock, ElapsedClock
 from svid._errors import JwtSvidError
 from svid._jwt import split_token
 from svid._limits import utf8_size
@@ -119,7 +119,9 @@ class JwtCache:
     ) -> None:
         """`share`: (entries, bytes) of each uid, uid_share's unless given (tests)."""
         self._signer = signer
-        self._clock = clock
+        # Half a token's life is an interval: counted on the monotonic clock, which no NTP step
+        # moves, and which here also counts a sleep of the host (ElapsedClock).
+        self._clock = ElapsedClock(clock)
         self._max = max_entries
         self._max_bytes = max_bytes
         self._share_entries, self._share_bytes = share or uid_share(max_entries, max_bytes)
@@ -138,6 +140,11 @@ class JwtCache:
         # Bumped whenever a held token is dropped (evicted, replaced, forgotten): whoever keeps
         # something built from held tokens knows by it that they may be gone.
         self.generation = 0
+
+    @property
+    def clock(self) -> Clock:
+        """The clock the refresh points (`refresh_at`) are on."""
+        return self._clock
 
     @staticmethod
     def key(spiffe_id: str, audience: Sequence[str], entry_id: str) -> Key:

@@ -29,6 +29,32 @@ class SystemClock:
         return time.monotonic()
 
 
+class ElapsedClock:
+    """`clock`, whose monotonic time also counts a sleep of the host. CLOCK_MONOTONIC stands
+    still while the host is suspended (or its VM paused), and a deadline on it alone came that
+    long late: a token kept past its exp. The wall clock moves on meanwhile, but NTP steps it
+    back too. Each reading here moves on by the larger of the two clocks' moves since the last
+    one: never back, never less than the monotonic clock, and a suspend (the wall clock's jump
+    forward) counted. A wall-clock step forward is counted as time passed: a deadline then
+    comes early, never late. Thread-safe."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._wall = clock.now()
+        self._mono = self._value = clock.monotonic()
+
+    def now(self) -> float:
+        return self._clock.now()
+
+    def monotonic(self) -> float:
+        with self._lock:
+            wall, mono = self._clock.now(), self._clock.monotonic()
+            self._value += max(mono - self._mono, wall - self._wall, 0.0)
+            self._wall, self._mono = wall, mono
+            return self._value
+
+
 class FakeClock:
     """A clock tests move by hand. Thread-safe; time only moves when told."""
 

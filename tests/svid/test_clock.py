@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from svid import FakeClock, SystemClock
-from svid._clock import to_datetime
+from svid._clock import ElapsedClock, to_datetime
 
 
 def test_fake_clock_moves_only_when_told() -> None:
@@ -42,6 +42,34 @@ def test_fake_clock_is_thread_safe() -> None:
     for t in threads:
         t.join()
     assert clock.now() == 4000.0
+
+
+class _Hands:
+    """A clock whose wall and monotonic times a test sets apart."""
+
+    def __init__(self) -> None:
+        self.wall, self.mono = 1000.0, 50.0
+
+    def now(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+
+def test_elapsed_clock_counts_a_sleep_but_not_a_step_back() -> None:
+    hands = _Hands()
+    clock = ElapsedClock(hands)
+    assert clock.monotonic() == 50.0
+    hands.wall, hands.mono = 1010.0, 60.0  # both on by ten seconds: ten
+    assert clock.monotonic() == 60.0
+    hands.wall = 4610.0  # the host slept an hour: CLOCK_MONOTONIC stood still
+    assert clock.monotonic() == 3660.0
+    hands.wall, hands.mono = 1010.0, 65.0  # an NTP step back of an hour, five seconds on
+    assert clock.monotonic() == 3665.0
+    assert clock.now() == 1010.0
+    hands.mono = 60.0  # a monotonic clock never goes back; neither does this one
+    assert clock.monotonic() == 3665.0
 
 
 def test_system_clock_is_plausible() -> None:
