@@ -328,3 +328,50 @@ def test_delegated_auth_does_not_send_an_expired_token_after_its_clock_steps_bac
         clock.base.advance(152)  # the first token expired a second ago
         client.get("https://r.example/orders/7")
     assert sent == ["Bearer AT1", "Bearer AT1", "Bearer AT2"]
+
+
+class _SleptClock:
+    """A client's clock on a host that sleeps: wall time is `base`'s, but its monotonic clock
+    (CLOCK_MONOTONIC) stood still while the host slept."""
+
+    def __init__(self, base: svid.FakeClock) -> None:
+        self.base, self.slept = base, 0.0
+
+    def now(self) -> float:
+        return self.base.now()
+
+    def monotonic(self) -> float:
+        return self.base.monotonic() - self.slept
+
+    def sleep(self, seconds: float) -> None:
+        self.base.advance(seconds)
+        self.slept += seconds
+
+
+def test_delegated_auth_does_not_send_an_expired_token_after_its_host_slept() -> None:
+    # The host slept an hour after an exchange: on the monotonic clock alone, the token's half
+    # life had not passed on waking, and requests went out with it for up to that half again,
+    # long past its expiry.
+    issued: list[str] = []
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token":
+            issued.append(f"AT{len(issued) + 1}")
+            return httpx.Response(200, json={"access_token": issued[-1], "expires_in": 300})
+        sent.append(request.headers["authorization"])
+        return httpx.Response(200)
+
+    clock = _SleptClock(svid.FakeClock())
+    auth = svid.httpx.DelegatedAuth(
+        lambda audience: "ACTOR-JWT-SVID",
+        "https://issuer.example",
+        "SUBJECT",
+        "https://r.example",
+        clock=clock,
+    )
+    with httpx.Client(auth=auth, transport=httpx.MockTransport(handler)) as client:
+        client.get("https://r.example/orders/7")
+        clock.sleep(3600.0)
+        client.get("https://r.example/orders/7")
+    assert sent == ["Bearer AT1", "Bearer AT2"]
