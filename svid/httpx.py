@@ -29,7 +29,7 @@ import httpx
 
 from svid import tls
 from svid._bearer_tokens import BearerTokens
-from svid._clock import Clock, SystemClock
+from svid._clock import Clock, ElapsedClock, SystemClock
 from svid._errors import TokenExchangeError
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._tls_authorize import Authorizer
@@ -186,7 +186,8 @@ class DelegatedAuth(httpx.Auth):
         self._endpoint = issuer.rstrip("/") + "/token"
         self._subject = subject_token
         self._actor = BearerTokens(provider, issuer.rstrip("/"), spiffe_id=spiffe_id, clock=clock)
-        self._clock = clock or SystemClock()
+        # Counts a sleep of the host too (ElapsedClock): CLOCK_MONOTONIC stands still in one.
+        self._clock = ElapsedClock(clock or SystemClock())
         # The token, and when to exchange again on the monotonic clock: expires_in is an
         # interval, and on the wall clock an NTP step back kept a token that long past expiry.
         self._token: tuple[str, float] | None = None
