@@ -282,3 +282,60 @@ def test_a_broken_stream_is_logged_naming_the_call_once(caplog: pytest.LogCaptur
     (line,) = [r.getMessage() for r in caplog.records]
     assert line == str(error)
     assert line.count("FetchX509Bundles") == 1
+
+
+class _SleptClock:
+    """A service's clock on a host that sleeps: wall time is `base`'s, but its monotonic clock
+    (CLOCK_MONOTONIC) stood still while the host slept."""
+
+    def __init__(self, base: FakeClock) -> None:
+        self.base, self.slept = base, 0.0
+
+    def now(self) -> float:
+        return self.base.now()
+
+    def monotonic(self) -> float:
+        return self.base.monotonic() - self.slept
+
+    def sleep(self, seconds: float) -> None:
+        self.base.advance(seconds)
+        self.slept += seconds
+
+
+def test_a_sleep_of_the_host_does_not_keep_stale_revocations_acceptable() -> None:
+    # The agent went away, then the host slept an hour. On the monotonic clock alone (which a
+    # suspend does not move) the revocations were still fresh on waking, an hour old: the
+    # verifiers accepted for max_revocation_staleness more what may have been revoked since.
+    clock = _SleptClock(FakeClock(T0))
+    ca = make_ca()
+    leaf = der_concat([make_leaf(ca).cert])
+    key = ec_key()
+    source = MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,), {"k1": key.public_key()}))
+    token = sign_jws(
+        {"kid": "k1"}, {"sub": "spiffe://example.org/w", "aud": "svc", "exp": T0 + 7200}, key
+    )
+    state = SourceState((X509_BUNDLES.name, REVOCATIONS.name), RevocationSet(), clock)
+    state.delivered(X509_BUNDLES.name, _x509(ca))
+    state.delivered(REVOCATIONS.name, _revoked())
+    x = X509Verifier(
+        source.x509_bundle_for,
+        clock=clock,
+        revocations=state.revocations,
+        max_revocation_staleness=5,
+    )
+    j = JwtVerifier(
+        source.jwt_bundle_for,
+        clock=clock,
+        revocations=state.revocations,
+        max_revocation_staleness=5,
+    )
+    x.verify_der(leaf)
+    j.verify(token, "svc")
+    state.failed(REVOCATIONS.name, WorkloadApiError("agent gone", "UNAVAILABLE"))
+    clock.sleep(3600.0)
+    assert x.revocations_fresh_for() == 0.0
+    assert j.revocations_fresh_for() == 0.0
+    with pytest.raises(StaleRevocationsError, match=r"3600\.0s old"):
+        x.verify_der(leaf)
+    with pytest.raises(StaleRevocationsError):
+        j.verify(token, "svc")
