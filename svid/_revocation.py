@@ -166,6 +166,9 @@ class RevocationSet:
         # Feed state: None = not fed (static); otherwise when the feed was last known live
         # (monotonic clock), math.inf while it is (live now), -math.inf when it never was.
         self._current_until: float | None = None
+        # The wall-clock time of that loss, when known: a sleep of the host (a suspend, a paused
+        # VM) moves the wall clock on but not the monotonic one, and staleness is the larger.
+        self._lost_wall: float | None = None
         self.replace(items)
 
     # --- freshness: the feed says when it is connected and when it is lost ---
@@ -176,22 +179,30 @@ class RevocationSet:
         self.updated_at = now
         self._current_until = math.inf
 
-    def feed_lost(self, mono: float | None) -> None:
-        """The feed broke at ``mono`` (monotonic clock; None: it has never delivered):
-        staleness grows from then."""
+    def feed_lost(self, mono: float | None, wall: float | None = None) -> None:
+        """The feed broke at ``mono`` (monotonic clock; None: it has never delivered), and
+        ``wall`` (wall clock, if given): staleness grows from then."""
         if mono is None or self.updated_at is None:
             self._current_until = -math.inf
+            self._lost_wall = None
         elif self._current_until is None or self._current_until == math.inf:
             self._current_until = mono
+            self._lost_wall = wall
 
-    def staleness(self, mono: float) -> float:
-        """Seconds since the set was last known complete, at ``mono`` (monotonic clock): 0
-        while its feed is live (or for a set nobody feeds), ``inf`` if its feed never
-        delivered."""
+    def staleness(self, mono: float, wall: float | None = None) -> float:
+        """Seconds since the set was last known complete, at ``mono`` (monotonic clock) and
+        ``wall`` (wall clock, if given): the larger of the two clocks' counts, since a step
+        back of the wall clock does not shorten it, nor a sleep of the host (which the
+        monotonic clock does not count) hide it. 0 while its feed is live (or for a set nobody
+        feeds), ``inf`` if its feed never delivered."""
         until = self._current_until
         if until is None or until == math.inf:
             return 0.0
-        return max(0.0, mono - until)
+        elapsed = mono - until
+        lost_wall = self._lost_wall
+        if wall is not None and lost_wall is not None:
+            elapsed = max(elapsed, wall - lost_wall)
+        return max(0.0, elapsed)
 
     @staticmethod
     def _split(items: Iterable[Revoked]) -> _Parts:
@@ -446,12 +457,18 @@ def refuse_if_stale_crl(
             )
 
 
-def fresh_for(revocations: RevocationSet, mono: float, max_staleness: float | None) -> float | None:
+def fresh_for(
+    revocations: RevocationSet,
+    mono: float,
+    max_staleness: float | None,
+    wall: float | None = None,
+) -> float | None:
     """Seconds a verifier with ``max_staleness`` still accepts before ``revocations`` is too
-    old (0: it refuses now), at ``mono`` (monotonic clock); None when it has no such setting."""
+    old (0: it refuses now), at ``mono`` (monotonic clock) and ``wall`` (wall clock, see
+    `RevocationSet.staleness`); None when it has no such setting."""
     if max_staleness is None:
         return None
-    return max(0.0, max_staleness - revocations.staleness(mono))
+    return max(0.0, max_staleness - revocations.staleness(mono, wall))
 
 
 def crl_fresh_for(
@@ -470,10 +487,12 @@ def crl_fresh_for(
     return max(0.0, left)
 
 
-def refuse_if_stale(revocations: RevocationSet, mono: float, max_staleness: float) -> None:
+def refuse_if_stale(
+    revocations: RevocationSet, mono: float, max_staleness: float, wall: float | None = None
+) -> None:
     """Raise StaleRevocationsError when ``revocations`` is older than ``max_staleness`` at
-    ``mono`` (monotonic clock)."""
-    staleness = revocations.staleness(mono)
+    ``mono`` (monotonic clock) and ``wall`` (wall clock, see `RevocationSet.staleness`)."""
+    staleness = revocations.staleness(mono, wall)
     if staleness > max_staleness:
         age = "never received" if math.isinf(staleness) else f"{staleness:.1f}s old"
         raise StaleRevocationsError(

@@ -161,7 +161,7 @@ class SourceState:
         with self._lock:
             self._live.pop(stream, None)
         if stream == self._revocation_feed():
-            self.revocations.feed_lost(self.clock.monotonic())
+            self.revocations.feed_lost(self.clock.monotonic(), self.clock.now())
         if isinstance(exc, WorkloadApiError):
             if stream == REVOCATIONS.name and exc.code == "UNIMPLEMENTED":
                 self.revocation_stream_supported = False

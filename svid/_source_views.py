@@ -70,7 +70,8 @@ class SourceViews:
     def revocation_staleness(self) -> float:
         """Seconds since the revocation data was last known complete (0 while its stream is up,
         inf before it ever delivered); what ``max_revocation_staleness`` is compared with."""
-        return self._state.revocations.staleness(self._state.clock.monotonic())
+        clock = self._state.clock
+        return self._state.revocations.staleness(clock.monotonic(), clock.now())
 
     @property
     def ready(self) -> bool:

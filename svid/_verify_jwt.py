@@ -126,7 +126,9 @@ class JwtVerifier:
     def revocations_fresh_for(self) -> float | None:
         """Seconds until this verifier refuses everything for stale revocation data
         (``max_revocation_staleness``; 0: it does now); None without that setting."""
-        return fresh_for(self._revocations, self._clock.monotonic(), self._max_staleness)
+        return fresh_for(
+            self._revocations, self._clock.monotonic(), self._max_staleness, self._clock.now()
+        )
 
     def verify(self, token: str, audience: str) -> VerifiedJwt:
         """Verify ``token`` for ``audience``, which must be among its ``aud``.
@@ -161,7 +163,9 @@ class JwtVerifier:
     def _result(self, token: str) -> VerifiedJwt:
         now = self._clock.now()
         if self._max_staleness is not None:
-            refuse_if_stale(self._revocations, self._clock.monotonic(), self._max_staleness)
+            refuse_if_stale(
+                self._revocations, self._clock.monotonic(), self._max_staleness, self._clock.now()
+            )
         cache = self._cache
         if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
             entry = cache.get(token)
