@@ -103,3 +103,36 @@ def test_a_holder_whose_clock_steps_back_stops_acting_before_another_takes_over(
     assert b.renew()
     assert b.held
     assert not a.held
+
+
+class _SleptClock:
+    """One server's clock on a host that sleeps (a suspend, a paused VM): wall time is `base`'s
+    (the other's), but its monotonic clock (CLOCK_MONOTONIC) stood still while it slept."""
+
+    def __init__(self, base: FakeClock) -> None:
+        self.base, self.slept = base, 0.0
+
+    def now(self) -> float:
+        return self.base.now()
+
+    def monotonic(self) -> float:
+        return self.base.monotonic() - self.slept
+
+    def sleep(self, seconds: float) -> None:
+        self.base.advance(seconds)
+        self.slept += seconds
+
+
+def test_a_holder_whose_host_slept_does_not_act_on_waking_after_another_took_over(
+    store: FaultInjectingDataStore, clock: FakeClock
+) -> None:
+    # A's host slept a minute just after A renewed; meanwhile its row lapsed and B took the
+    # lease. On the monotonic clock alone, which a suspend does not move, A woke trusting its
+    # renewal for most of two thirds of the lease's life: two housekeepers until it renewed.
+    slept = _SleptClock(clock)
+    a = Lease(store, HOUSEKEEPING_LEASE, "a", slept, TTL)
+    b = lease(store, clock, "b")
+    assert a.renew()
+    slept.sleep(2 * TTL)
+    assert b.renew()
+    assert not a.held
