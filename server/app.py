@@ -651,9 +651,8 @@ class Server:
 
     async def _lease_loop(self) -> None:
         lease = self.housekeeping
-        clock = self.clock
-        while not await self._sleep(min(MAX_LEASE_WAIT, lease.next_renewal() - clock.monotonic())):
-            if clock.monotonic() >= lease.next_renewal():
+        while not await self._sleep(min(MAX_LEASE_WAIT, lease.due_in())):
+            if lease.due_in() <= 0:
                 await self._guarded(self._renew_lease)
 
     async def _renew_lease(self) -> None:

@@ -67,7 +67,7 @@ from server.audit.checkpointer import Checkpointer, SharedAuditStore
 from server.audit.log import AuditLog
 from server.audit.retention import Cut, Pruner, PruneReport, RetentionPolicy
 from server.datastore.base import AuditRetentionStore
-from svid._clock import Clock
+from svid._clock import Clock, ElapsedClock
 from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.housekeeping")
@@ -90,7 +90,9 @@ class Lease:
     The row's expiry is wall time (other servers read it); this process's own trust and tick
     are intervals, on the monotonic clock: on the wall clock, a step back just after a renewal
     kept `held` true, and the next renewal waiting, for as long as the step, while the row
-    lapsed for the other servers on time."""
+    lapsed for the other servers on time. One that also counts a sleep of the host
+    (ElapsedClock): CLOCK_MONOTONIC stands still in a suspend, and a holder woke trusting a
+    renewal whose row had lapsed while it slept."""
 
     def __init__(
         self,
@@ -105,7 +107,7 @@ class Lease:
         self._store = store
         self.name = name
         self.holder = holder
-        self._clock = clock
+        self._clock = ElapsedClock(clock)
         self._ttl = ttl
         self._until = 0.0
         self._last_try = float("-inf")
@@ -115,8 +117,12 @@ class Lease:
         return self._clock.monotonic() < self._until
 
     def next_renewal(self) -> float:
-        """When (monotonic clock time) `renew` is due next."""
+        """When (monotonic clock time, as this lease counts it) `renew` is due next."""
         return self._last_try + self._ttl / 3
+
+    def due_in(self) -> float:
+        """Seconds until `renew` is due (0 or less: now)."""
+        return self.next_renewal() - self._clock.monotonic()
 
     def renew(self) -> bool:
         """Take or keep the lease now: True when this call took it (not held here before).

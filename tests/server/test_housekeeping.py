@@ -136,3 +136,4 @@ def test_a_holder_whose_host_slept_does_not_act_on_waking_after_another_took_ove
     slept.sleep(2 * TTL)
     assert b.renew()
     assert not a.held
+    assert a.due_in() <= 0  # and it asks the datastore at once
