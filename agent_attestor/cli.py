@@ -351,7 +351,7 @@ def _cmd_task(args: argparse.Namespace, client: WorkloadClient) -> int:
             classification=args.classification,
             environment=args.environment,
             on_behalf_of=args.on_behalf_of,
-            goal=args.goal if goal is None else goal,
+            goal=(args.goal if goal is None else goal).strip(),  # one hash, however given
         )
         request = task_pb2.BeginTaskRequest(
             spiffe_id=args.spiffe_id,

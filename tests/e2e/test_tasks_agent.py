@@ -312,12 +312,12 @@ def _agent_cli(
 
 def test_a_task_goal_can_be_kept_off_the_command_line(path3: Path3, tmp_path: Path) -> None:
     """A goal on argv is readable by every local user in /proc/<pid>/cmdline while the command
-    runs: it may come from stdin or a file instead, hashed the same (edges stripped)."""
+    runs: it may come from stdin or a file instead, hashed the same (edges stripped, as on argv)."""
     goal_file = tmp_path / "goal.txt"
     goal_file.write_text("secret plan\n")
     hashes = []
     for how, stdin in (
-        (["--goal", "secret plan"], None),
+        (["--goal", " secret plan "], None),
         (["--goal", "-"], "secret plan\n"),
         (["--goal-file", str(goal_file)], None),
     ):
