@@ -31,6 +31,7 @@ from agent_attestor.workload_api import WorkloadApi
 from svid._clock import Clock, FakeClock
 from svid._proto import workload_pb2
 from tests.agent_attestor.pki import FakeSigner, LocalCa
+from tests.clocks import SleptClock, SteppedClock
 
 T = TypeVar("T")
 HEADER = (("workload.spiffe.io", "true"),)
@@ -193,25 +194,11 @@ def test_an_answer_ends_at_its_token_refresh_point(agent: Agent) -> None:
     assert agent.fetch(me, "svc").svids[0].svid != first
 
 
-class _SteppedClock:
-    """The agent's clock: `base` (the server's) plus an `offset` that an NTP step changes at
-    once; its monotonic time is base's, which no step moves."""
-
-    def __init__(self, base: FakeClock, offset: float) -> None:
-        self.base, self.offset = base, offset
-
-    def now(self) -> float:
-        return self.base.now() + self.offset
-
-    def monotonic(self) -> float:
-        return self.base.monotonic()
-
-
 def test_a_token_is_not_served_past_its_exp_after_the_agent_clock_steps_back() -> None:
     # The agent's clock ran an hour ahead when it cached a token; NTP then stepped it back.
     # Half the token's life is an interval: counted on the wall clock, the step stretched it
     # by the hour, and the agent served the token long after its exp.
-    stepped = _SteppedClock(FakeClock(start=time.time()), 3600.0)
+    stepped = SteppedClock(FakeClock(start=time.time()), 3600.0)
     agent = Agent(clock=stepped.base, agent_clock=stepped)
     try:
         agent.sync(entry("e1", SID))
@@ -229,29 +216,11 @@ def test_a_token_is_not_served_past_its_exp_after_the_agent_clock_steps_back() -
         agent.close()
 
 
-class _SleptClock:
-    """The agent's clock on a host that sleeps (suspend, a paused VM): wall time is the
-    server's, `base`, but its monotonic clock (CLOCK_MONOTONIC) stood still while it slept."""
-
-    def __init__(self, base: FakeClock) -> None:
-        self.base, self.slept = base, 0.0
-
-    def now(self) -> float:
-        return self.base.now()
-
-    def monotonic(self) -> float:
-        return self.base.monotonic() - self.slept
-
-    def sleep(self, seconds: float) -> None:
-        self.base.advance(seconds)
-        self.slept += seconds
-
-
 def test_a_token_is_not_served_past_its_exp_after_the_agent_host_slept() -> None:
     # The host slept an hour with a token cached: CLOCK_MONOTONIC does not count a suspend.
     # On the monotonic clock alone, the token's half life had not passed on waking, and the
     # agent served it for up to that half again, long past its exp; the wall clock says so.
-    slept = _SleptClock(FakeClock(start=time.time()))
+    slept = SleptClock(FakeClock(start=time.time()))
     agent = Agent(clock=slept.base, agent_clock=slept)
     try:
         agent.sync(entry("e1", SID))

@@ -21,6 +21,7 @@ from agent_attestor.rotation import (
 )
 from svid._clock import FakeClock
 from tests.agent_attestor.pki import FakeSigner, LocalCa
+from tests.clocks import SteppedClock
 
 SEL = frozenset({Selector("unix", "uid:1")})
 
@@ -169,26 +170,13 @@ def test_run_loop_issues_when_an_entry_appears() -> None:
     assert "n" in cache.svids()
 
 
-class _AheadClock:
-    """The agent's clock: the server's (`base`) plus `offset`; monotonic time is base's."""
-
-    def __init__(self, base: FakeClock, offset: float) -> None:
-        self.base, self.offset = base, offset
-
-    def now(self) -> float:
-        return self.base.now() + self.offset
-
-    def monotonic(self) -> float:
-        return self.base.monotonic()
-
-
 def test_an_agent_clock_ahead_by_more_than_the_ttl_does_not_mint_in_a_busy_loop() -> None:
     # Every SVID arrives expired on an agent clock stepped (or skewed) ahead by more than the
     # TTL: minted again at once, it came back expired again, and the rotator asked the server
     # for a new one on every tick with no pause (a key, a CSR, a signature and a ledger row
     # each) until its rate limit refused.
     server_clock, cache, signer, _ = _setup(ttl=300)
-    clock = _AheadClock(server_clock, 310.0)
+    clock = SteppedClock(server_clock, 310.0)
     rot = Rotator(cache, signer, clock, retry_min=1, retry_max=8)
     delays = [asyncio.run(rot.tick()) for _ in range(5)]
     assert delays == [1, 2, 4, 8, 8]  # backing off, as while the server is away

@@ -59,6 +59,7 @@ from server.status import status_for
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock, FakeClock
 from svid._spiffe_id import TrustDomain
+from tests.clocks import SteppedClock
 from tests.server.fixtures import SilentEndpoint, serving_https
 
 OWN = TrustDomain("other.org")
@@ -366,25 +367,11 @@ def test_an_endpoint_announcing_a_tiny_hint_changes_its_bundle_at_most_once_a_fl
     assert world.service.bundle("example.org").sequence == world.service.fetches
 
 
-class _SteppedClock:
-    """A server's clock: `base` plus an `offset` a step changes at once; its monotonic time is
-    base's, which no step moves."""
-
-    def __init__(self, base: FakeClock) -> None:
-        self.base, self.offset = base, 0.0
-
-    def now(self) -> float:
-        return self.base.now() + self.offset
-
-    def monotonic(self) -> float:
-        return self.base.monotonic()
-
-
 def test_a_step_back_of_the_clock_does_not_postpone_the_next_fetch(tmp_path: Path) -> None:
     # The next fetch is a refresh hint from the last: an interval. Due on the wall clock, a
     # step back of an hour postponed it by the hour, and keys the foreign domain dropped (or
     # added) meanwhile stayed trusted (or were refused) here that long.
-    clock = _SteppedClock(FakeClock(1_700_000_000))
+    clock = SteppedClock(FakeClock(1_700_000_000))
     world = World(tmp_path, clock)
     try:
         world.answers = [_bundle(1, hint=90), _bundle(2, hint=90)]

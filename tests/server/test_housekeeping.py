@@ -11,6 +11,7 @@ from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.housekeeping import HOUSEKEEPING_LEASE, Lease
 from svid._clock import FakeClock
+from tests.clocks import SleptClock, SteppedClock
 
 TTL = 30
 
@@ -71,20 +72,6 @@ def test_release_hands_over_at_once(store: FaultInjectingDataStore, clock: FakeC
         Lease(store, HOUSEKEEPING_LEASE, "c", clock, 2)
 
 
-class _SteppedClock:
-    """One server's clock: `base` (the other's) plus an `offset` a step changes at once; its
-    monotonic time is base's, which no step moves."""
-
-    def __init__(self, base: FakeClock, offset: float = 0.0) -> None:
-        self.base, self.offset = base, offset
-
-    def now(self) -> float:
-        return self.base.now() + self.offset
-
-    def monotonic(self) -> float:
-        return self.base.monotonic()
-
-
 def test_a_holder_whose_clock_steps_back_stops_acting_before_another_takes_over(
     store: FaultInjectingDataStore, clock: FakeClock
 ) -> None:
@@ -92,7 +79,7 @@ def test_a_holder_whose_clock_steps_back_stops_acting_before_another_takes_over(
     # VM). Its row lapses for B on time; counted on A's wall clock, A went on trusting its
     # renewal, and waiting for its next one, for the hour: two housekeepers, two checkpoint
     # signers, for as long as the step.
-    stepped = _SteppedClock(clock)
+    stepped = SteppedClock(clock)
     a = Lease(store, HOUSEKEEPING_LEASE, "a", stepped, TTL)
     b = lease(store, clock, "b")
     assert a.renew()
@@ -105,31 +92,13 @@ def test_a_holder_whose_clock_steps_back_stops_acting_before_another_takes_over(
     assert not a.held
 
 
-class _SleptClock:
-    """One server's clock on a host that sleeps (a suspend, a paused VM): wall time is `base`'s
-    (the other's), but its monotonic clock (CLOCK_MONOTONIC) stood still while it slept."""
-
-    def __init__(self, base: FakeClock) -> None:
-        self.base, self.slept = base, 0.0
-
-    def now(self) -> float:
-        return self.base.now()
-
-    def monotonic(self) -> float:
-        return self.base.monotonic() - self.slept
-
-    def sleep(self, seconds: float) -> None:
-        self.base.advance(seconds)
-        self.slept += seconds
-
-
 def test_a_holder_whose_host_slept_does_not_act_on_waking_after_another_took_over(
     store: FaultInjectingDataStore, clock: FakeClock
 ) -> None:
     # A's host slept a minute just after A renewed; meanwhile its row lapsed and B took the
     # lease. On the monotonic clock alone, which a suspend does not move, A woke trusting its
     # renewal for most of two thirds of the lease's life: two housekeepers until it renewed.
-    slept = _SleptClock(clock)
+    slept = SleptClock(clock)
     a = Lease(store, HOUSEKEEPING_LEASE, "a", slept, TTL)
     b = lease(store, clock, "b")
     assert a.renew()

@@ -10,6 +10,7 @@ from server.ca.manager import CaConfig, CaManager
 from server.datastore.sqlite import SqliteDataStore
 from server.tls import ServerTls
 from svid._clock import FakeClock
+from tests.clocks import SteppedClock
 from tests.server.conftest import TRUST_DOMAIN
 
 
@@ -41,27 +42,13 @@ def test_failed_renewal_is_retried_after_a_back_off(
     assert tls.chain == chain  # the last good identity is kept meanwhile
 
 
-class _SteppedClock:
-    """The server's clock: `base` plus an `offset` a step changes at once; its monotonic time
-    is base's, which no step moves."""
-
-    def __init__(self, base: FakeClock, offset: float) -> None:
-        self.base, self.offset = base, offset
-
-    def now(self) -> float:
-        return self.base.now() + self.offset
-
-    def monotonic(self) -> float:
-        return self.base.monotonic()
-
-
 def test_a_server_svid_whose_ca_was_dropped_is_renewed_at_the_next_look(
     datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
 ) -> None:
     # Started with its clock days ahead, the server made its CA and SVID then; put right, its
     # next rotation retires that CA (not valid yet) for a new one. The SVID it signed was kept
     # until its renew_at, days on: no agent could verify the server meanwhile.
-    stepped = _SteppedClock(clock, 3 * 86400.0)
+    stepped = SteppedClock(clock, 3 * 86400.0)
     manager = CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, stepped)
     manager.initialize()
     tls = ServerTls(manager, stepped, ttl=600)

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 import svid.asgi
 import svid.httpx
+from tests.clocks import SleptClock, SteppedClock
 from tests.svid.adapter_world import AUDIENCE, RevokingSource, serving, task_token
 from tests.svid.certs import make_ca, make_leaf
 
@@ -284,20 +285,6 @@ def test_import_svid_imports_no_adapter_dependency() -> None:
     assert out.stdout.strip() == "[]"
 
 
-class _SteppedClock:
-    """A client's clock: `base` plus an `offset` an NTP step changes at once; its monotonic
-    time is base's, which no step moves."""
-
-    def __init__(self, base: svid.FakeClock, offset: float) -> None:
-        self.base, self.offset = base, offset
-
-    def now(self) -> float:
-        return self.base.now() + self.offset
-
-    def monotonic(self) -> float:
-        return self.base.monotonic()
-
-
 def test_delegated_auth_does_not_send_an_expired_token_after_its_clock_steps_back() -> None:
     # The client's clock ran an hour ahead when it exchanged; NTP then stepped it back. Half
     # the token's life is an interval: counted on the wall clock, the step stretched it by the
@@ -312,7 +299,7 @@ def test_delegated_auth_does_not_send_an_expired_token_after_its_clock_steps_bac
         sent.append(request.headers["authorization"])
         return httpx.Response(200)
 
-    clock = _SteppedClock(svid.FakeClock(), 3600.0)
+    clock = SteppedClock(svid.FakeClock(), 3600.0)
     auth = svid.httpx.DelegatedAuth(
         lambda audience: "ACTOR-JWT-SVID",
         "https://issuer.example",
@@ -330,24 +317,6 @@ def test_delegated_auth_does_not_send_an_expired_token_after_its_clock_steps_bac
     assert sent == ["Bearer AT1", "Bearer AT1", "Bearer AT2"]
 
 
-class _SleptClock:
-    """A client's clock on a host that sleeps: wall time is `base`'s, but its monotonic clock
-    (CLOCK_MONOTONIC) stood still while the host slept."""
-
-    def __init__(self, base: svid.FakeClock) -> None:
-        self.base, self.slept = base, 0.0
-
-    def now(self) -> float:
-        return self.base.now()
-
-    def monotonic(self) -> float:
-        return self.base.monotonic() - self.slept
-
-    def sleep(self, seconds: float) -> None:
-        self.base.advance(seconds)
-        self.slept += seconds
-
-
 def test_delegated_auth_does_not_send_an_expired_token_after_its_host_slept() -> None:
     # The host slept an hour after an exchange: on the monotonic clock alone, the token's half
     # life had not passed on waking, and requests went out with it for up to that half again,
@@ -362,7 +331,7 @@ def test_delegated_auth_does_not_send_an_expired_token_after_its_host_slept() ->
         sent.append(request.headers["authorization"])
         return httpx.Response(200)
 
-    clock = _SleptClock(svid.FakeClock())
+    clock = SleptClock(svid.FakeClock())
     auth = svid.httpx.DelegatedAuth(
         lambda audience: "ACTOR-JWT-SVID",
         "https://issuer.example",

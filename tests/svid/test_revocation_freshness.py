@@ -39,6 +39,7 @@ from svid._workload_calls import (
     X509BundlesUpdate,
 )
 from svid.workloadapi import WorkloadApiError
+from tests.clocks import SleptClock, SteppedClock
 from tests.svid.certs import T0, ec_key, make_ca, make_leaf
 from tests.svid.tls_pki import key_pem
 from tests.svid.workload_fake import signed_crl
@@ -125,25 +126,11 @@ def _revoked(*items: Revoked, crls: tuple[bytes, ...] = ()) -> RevocationsUpdate
     return RevocationsUpdate(items, crls, 1)
 
 
-class _SteppedClock:
-    """A service's clock: `base` plus an `offset` an NTP step changes at once; its monotonic
-    time is base's, which no step moves."""
-
-    def __init__(self, base: FakeClock, offset: float) -> None:
-        self.base, self.offset = base, offset
-
-    def now(self) -> float:
-        return self.base.now() + self.offset
-
-    def monotonic(self) -> float:
-        return self.base.monotonic()
-
-
 def test_a_step_back_of_the_clock_does_not_keep_stale_revocations_acceptable() -> None:
     # The agent went away, then NTP stepped the service's clock back half an hour. Staleness is
     # an interval: counted on the wall clock, the verifiers accepted for that half hour what the
     # revocations they no longer receive may have revoked since.
-    clock = _SteppedClock(FakeClock(T0), 1800.0)
+    clock = SteppedClock(FakeClock(T0), 1800.0)
     ca = make_ca()
     leaf = der_concat([make_leaf(ca).cert])
     key = ec_key()
@@ -284,29 +271,11 @@ def test_a_broken_stream_is_logged_naming_the_call_once(caplog: pytest.LogCaptur
     assert line.count("FetchX509Bundles") == 1
 
 
-class _SleptClock:
-    """A service's clock on a host that sleeps: wall time is `base`'s, but its monotonic clock
-    (CLOCK_MONOTONIC) stood still while the host slept."""
-
-    def __init__(self, base: FakeClock) -> None:
-        self.base, self.slept = base, 0.0
-
-    def now(self) -> float:
-        return self.base.now()
-
-    def monotonic(self) -> float:
-        return self.base.monotonic() - self.slept
-
-    def sleep(self, seconds: float) -> None:
-        self.base.advance(seconds)
-        self.slept += seconds
-
-
 def test_a_sleep_of_the_host_does_not_keep_stale_revocations_acceptable() -> None:
     # The agent went away, then the host slept an hour. On the monotonic clock alone (which a
     # suspend does not move) the revocations were still fresh on waking, an hour old: the
     # verifiers accepted for max_revocation_staleness more what may have been revoked since.
-    clock = _SleptClock(FakeClock(T0))
+    clock = SleptClock(FakeClock(T0))
     ca = make_ca()
     leaf = der_concat([make_leaf(ca).cert])
     key = ec_key()

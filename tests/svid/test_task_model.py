@@ -10,6 +10,7 @@ from svid import JwtSvid, sign_jws
 from svid._bearer_tokens import BearerTokens
 from svid._clock import FakeClock
 from svid._task_model import begin_request, fresh, tool_refs
+from tests.clocks import SteppedClock
 from tests.svid.certs import T0, ec_key
 
 KEY = ec_key()
@@ -84,24 +85,10 @@ def test_a_cached_jwt_is_reused_when_this_clock_leads_the_issuer() -> None:
     assert agent.mints == 1
 
 
-class _SteppedClock:
-    """This workload's clock: `base` (the issuer's) plus an `offset` a step changes at once;
-    its monotonic time is base's, which no step moves."""
-
-    def __init__(self, base: FakeClock) -> None:
-        self.base, self.offset = base, 0.0
-
-    def now(self) -> float:
-        return self.base.now() + self.offset
-
-    def monotonic(self) -> float:
-        return self.base.monotonic()
-
-
 def test_a_cached_jwt_is_refetched_by_its_quarter_life_after_this_clock_steps_back() -> None:
     # The quarter life is an interval: counted on the wall clock, a step back of an hour kept
     # the token handed out for the hour, past its exp (by the issuer's clock, the real one).
-    clock = _SteppedClock(FakeClock(T0))
+    clock = SteppedClock(FakeClock(T0))
     agent = _SkewedAgent(clock.base, skew=0.0)
     tokens = BearerTokens(agent, "docs-api", clock=clock)
     tokens.token()

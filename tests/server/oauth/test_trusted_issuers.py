@@ -38,6 +38,7 @@ from server.oauth.settings import TrustedIssuer, parse_trusted_issuers
 from svid._clock import FakeClock
 from svid._jwk import public_key_members
 from svid._spiffe_id import SpiffeId, TrustDomain
+from tests.clocks import SteppedClock
 from tests.server.fixtures import SilentEndpoint, serving_https, short_tmpdir, write_tls_files
 from tests.server.oauth.conftest import RESOURCE, OAuthServer, serving_oauth
 
@@ -307,24 +308,10 @@ def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
     assert not found.key_wanted(TrustDomain.parse("other.org"), "k9")  # not an issuer's
 
 
-class _SteppedClock:
-    """A server's clock: `base` plus an `offset` a step changes at once; its monotonic time is
-    base's, which no step moves."""
-
-    def __init__(self, base: FakeClock) -> None:
-        self.base, self.offset = base, 0.0
-
-    def now(self) -> float:
-        return self.base.now() + self.offset
-
-    def monotonic(self) -> float:
-        return self.base.monotonic()
-
-
 def test_a_step_back_of_the_clock_postpones_neither_the_retry_nor_a_wanted_key() -> None:
     # The retry and WANTED_GAP are intervals: on the wall clock, a step back of an hour
     # postponed both by the hour, and tokens under the issuer's new key were refused that long.
-    clock = _SteppedClock(FakeClock())
+    clock = SteppedClock(FakeClock())
     calls: list[str] = []
 
     def failing(item: TrustedIssuer, ctx: ssl.SSLContext) -> Any:
