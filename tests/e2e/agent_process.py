@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from svid._proto import workload_pb2, workload_pb2_grpc
+from svid._proto import admin_pb2, common_pb2, workload_pb2, workload_pb2_grpc
 from tests.e2e.conftest import (
     START_TIMEOUT,
     ChildProcess,
@@ -62,7 +62,7 @@ class AgentProcess(ChildProcess):
     def bundle_file(self) -> Path:
         path = self.root / "bundle.pem"
         if not path.exists():
-            path.write_text(self.server.cli("bundle", "show", "--format", "pem").stdout)
+            path.write_text(self.server.bundle_pem())
         return path
 
     def start(self, *extra: str) -> AgentProcess:
@@ -125,11 +125,9 @@ class AgentProcess(ChildProcess):
         """The agent's SPIFFE ID, from the server's agent list (attestation done)."""
 
         def find() -> str | None:
-            agents = self.server.cli_json("agent", "list")
-            items = agents.get("agents", agents) if isinstance(agents, dict) else agents
-            for item in items:
-                if self.join_token and self.join_token.split(".")[0] in item["spiffe_id"]:
-                    return str(item["spiffe_id"])
+            for spiffe_id in agent_ids(self.server):
+                if self.join_token and self.join_token.split(".")[0] in spiffe_id:
+                    return spiffe_id
             return None
 
         return str(wait_for(find, timeout, "the agent to attest"))
@@ -166,21 +164,40 @@ class AgentProcess(ChildProcess):
         return wait_for(fetch, timeout, f"an SVID for {spiffe_id}", interval=0.1)
 
 
-def new_token(server: ServerProcess) -> str:
-    out = server.cli_json("token", "generate")
-    return str(out["token"])
+def new_token(server: ServerProcess, ttl: int = 0) -> str:
+    """A join token (`svid-server token generate [--ttl TTL]`; 0: the server's join_token_ttl)."""
+    reply = server.admin("CreateJoinToken", admin_pb2.CreateJoinTokenRequest(ttl=ttl))
+    return str(reply.token)
+
+
+def list_agents(server: ServerProcess) -> list[admin_pb2.Agent]:
+    """Every attested agent (`svid-server agent list`), page after page."""
+    agents: list[admin_pb2.Agent] = []
+    request = admin_pb2.ListAgentsRequest()
+    while True:
+        reply = server.admin("ListAgents", request)
+        agents += reply.agents
+        if not reply.next_page_token:
+            return agents
+        request.page_token = reply.next_page_token
+
+
+def agent_ids(server: ServerProcess) -> list[str]:
+    """The SPIFFE ID of every attested agent, as `svid-server agent list` lists them."""
+    return [agent.spiffe_id for agent in list_agents(server)]
 
 
 def create_entry(
-    server: ServerProcess, spiffe_id: str, parent_id: str, *selectors: str, **kw: Any
+    server: ServerProcess, spiffe_id: str, parent_id: str, *selectors: str, **fields: Any
 ) -> str:
-    args = ["entry", "create", "--spiffe-id", spiffe_id, "--parent-id", parent_id]
+    """`svid-server entry create`: selectors as TYPE:VALUE (default this uid), then any other
+    field of the entry (x509_svid_ttl=30, federates_with=[...]); the new entry's ID."""
+    entry = common_pb2.Entry(spiffe_id=spiffe_id, parent_id=parent_id, **fields)
     for sel in selectors or (f"unix:uid:{os.getuid()}",):
-        args += ["--selector", sel]
-    for key, value in kw.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    out = server.cli_json(*args)
-    return str(out.get("id") or out.get("entry", {}).get("id"))
+        kind, _, value = sel.partition(":")
+        entry.selectors.add(type=kind, value=value)
+    created = server.admin("CreateEntry", admin_pb2.CreateEntryRequest(entry=entry)).entry
+    return str(created.id)
 
 
 def create_entries(

@@ -44,7 +44,7 @@ def in_process_syncer(
         (Target(rt["node_address"], rt["attest_address"]),),
         join_token=join_token,
         x509pop=pop,
-        bootstrap_root_pem=server.cli("bundle", "show", "--format", "pem").stdout.encode(),
+        bootstrap_root_pem=server.bundle_pem().encode(),
         bootstrap_given=True,
         reconnect_min=0.05,
         reconnect_max=0.05,

@@ -19,12 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from server.cli_output import bundle_pem
+from svid._proto import admin_pb2, admin_pb2_grpc
 from tests.ports import free_port
 
 TRUST_DOMAIN = "example.org"
 START_TIMEOUT = 30.0
+ADMIN_OPTIONS = (("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 def short_tmpdir(prefix: str = "sve") -> Path:
@@ -153,6 +157,17 @@ class ServerProcess(ChildProcess):
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--output", "json").stdout)
+
+    def admin(self, method: str, request: Any, timeout: float = 30) -> Any:
+        """One admin RPC, as the CLI's admin commands make it, on a channel of its own (a
+        restarted server is found at once): for the set-up of tests whose subject is not the
+        CLI, which would pay a Python start per call (the CLI has test_server_cli*.py)."""
+        with grpc.insecure_channel(f"unix:{self.admin_socket}", options=ADMIN_OPTIONS) as channel:
+            return getattr(admin_pb2_grpc.AdminStub(channel), method)(request, timeout=timeout)
+
+    def bundle_pem(self) -> str:
+        """The trust bundle as `svid-server bundle show --format pem` prints it."""
+        return bundle_pem(self.admin("GetBundle", admin_pb2.GetBundleRequest()))
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

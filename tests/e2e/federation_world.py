@@ -186,7 +186,7 @@ def federated_world(**server_overrides: Any) -> Iterator[World]:
                 f"spiffe://{home.name}/{me}",
                 agent_id,
                 f"unix:path:{ME}",
-                federates_with=f"spiffe://{foreign.name}",
+                federates_with=[f"spiffe://{foreign.name}"],
             )
             create_entry(
                 home.server, f"spiffe://{home.name}/{other}", agent_id, f"unix:path:{other_python}"

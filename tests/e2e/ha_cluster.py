@@ -30,7 +30,12 @@ from svid import SpiffeId, TrustDomain, VerificationError, X509Bundle, X509Verif
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, workload_pb2
 from tests import postgres
 from tests.e2e.agent_process import HEADER, AgentProcess, new_token
-from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_restartable_server
+from tests.e2e.conftest import (
+    ADMIN_OPTIONS,
+    TRUST_DOMAIN,
+    ServerProcess,
+    make_restartable_server,
+)
 from tests.e2e.test_agent_failover import addresses, synced_on
 
 QUIET = {"audit_checkpoint_interval": 3600.0}  # no checkpoint files written mid-test
@@ -138,9 +143,6 @@ def cluster(
 # A channel of its own (grpc shares connections between channels to one address: a new one
 # would inherit the reconnect backoff of one that saw the server die), back within 1 s of a
 # restart.
-ADMIN_OPTIONS = (("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 1000))
-
-
 def admin_stub(server: ServerProcess) -> admin_pb2_grpc.AdminStub:
     channel = grpc.insecure_channel(f"unix:{server.admin_socket}", options=ADMIN_OPTIONS)
     return admin_pb2_grpc.AdminStub(channel)

@@ -8,6 +8,7 @@ import threading
 import grpc
 
 from svid._proto import node_pb2, node_pb2_grpc
+from tests.e2e.agent_process import create_entry, new_token
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess
 from tests.e2e.test_server_cli import attest, node_channel
 from tests.server.fixtures import make_csr
@@ -26,23 +27,16 @@ class IssuanceLoad:
     def __init__(
         self, server: ServerProcess, threads: int = 2, *, keep_going: bool = False
     ) -> None:
-        pem = server.cli("bundle", "show").stdout
-        token = server.cli_json("token", "generate", "--ttl", "300")
         self._server = server
-        self._agent = attest(server, token["token"], pem.encode())
+        self._agent = attest(server, new_token(server, ttl=300), server.bundle_pem().encode())
         spiffe_id = f"spiffe://{TRUST_DOMAIN}/load/web"
-        entry = server.cli_json(
-            "entry", "create", "--spiffe-id", spiffe_id, "--parent-id", self._agent.spiffe_id,
-            "--selector", "unix:uid:1000",
-        )  # fmt: skip
+        entry_id = create_entry(server, spiffe_id, self._agent.spiffe_id, "unix:uid:1000")
         self._x509 = node_pb2.BatchNewX509SVIDRequest(
-            params=[node_pb2.X509SVIDParams(entry_id=entry["id"], csr=make_csr()[1])] * BATCH
+            params=[node_pb2.X509SVIDParams(entry_id=entry_id, csr=make_csr()[1])] * BATCH
         )
         self._jwt = node_pb2.BatchNewJWTSVIDRequest(
             requests=[
-                node_pb2.NewJWTSVIDRequest(
-                    spiffe_id=spiffe_id, audience=["db"], entry_id=entry["id"]
-                )
+                node_pb2.NewJWTSVIDRequest(spiffe_id=spiffe_id, audience=["db"], entry_id=entry_id)
             ]
             * BATCH
         )

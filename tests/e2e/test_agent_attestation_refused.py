@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from svid._clock import FakeClock
-from tests.e2e.agent_process import AgentProcess
+from tests.e2e.agent_process import AgentProcess, agent_ids
 from tests.e2e.attestation_retries import EACH_TIME, Attempts, in_process_syncer, reminded
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
 from tests.e2e.node_pki import node_pki
@@ -79,9 +79,7 @@ def _dir(path: Path) -> Path:
 
 
 def _x509pop_agent_id(server: ServerProcess) -> str | None:
-    listed = server.cli_json("agent", "list")
-    items = listed.get("agents", listed) if isinstance(listed, dict) else listed
-    ids = [a["spiffe_id"] for a in items if "/x509pop/" in a["spiffe_id"]]
+    ids = [a for a in agent_ids(server) if "/x509pop/" in a]
     return ids[0] if ids else None
 
 

@@ -18,7 +18,7 @@ import pytest
 from spiffe import X509Source
 
 from svid._proto import workload_pb2
-from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry
+from tests.e2e.agent_process import HEADER, AgentProcess, agent_ids, agent_stack, create_entry
 from tests.e2e.conftest import (
     ServerProcess,
     make_restartable_server,
@@ -109,7 +109,9 @@ def test_server_outage_keeps_svids_and_rotation_resumes(
     stack: tuple[ServerProcess, AgentProcess],
 ) -> None:
     server, agent = stack
-    create_entry(server, "spiffe://example.org/short", agent.agent_id(), UID_SELECTOR, x509_ttl=16)
+    create_entry(
+        server, "spiffe://example.org/short", agent.agent_id(), UID_SELECTOR, x509_svid_ttl=16
+    )
     agent.wait_svid("spiffe://example.org/short")
     stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=60)
     first = next(stream).svids[0].x509_svid
@@ -155,9 +157,7 @@ def test_restarted_agent_keeps_its_identity_without_a_token(
     agent.join_token = ""  # the token was single-use; the agent must not need it again
     agent.start()
     agent.wait_svid("spiffe://example.org/again")
-    agents = server.cli_json("agent", "list")
-    items = agents.get("agents", agents) if isinstance(agents, dict) else agents
-    assert [a["spiffe_id"] for a in items] == [agent_id]
+    assert agent_ids(server) == [agent_id]
     assert "attested" not in agent.logs().split("agent started")[-1]
     secret = token.split(".", 1)[1]
     assert secret not in agent.logs()  # never a secret in a log line
@@ -182,9 +182,7 @@ def test_x509pop_attestation_serves_workloads() -> None:
         agent.start("--x509pop-cert", str(cert_path), "--x509pop-key", str(key_path))
 
         def agent_id() -> str | None:
-            listed = server.cli_json("agent", "list")
-            items = listed.get("agents", listed) if isinstance(listed, dict) else listed
-            ids = [a["spiffe_id"] for a in items if "/x509pop/" in a["spiffe_id"]]
+            ids = [a for a in agent_ids(server) if "/x509pop/" in a]
             return ids[0] if ids else None
 
         parent = wait_for(agent_id, 30, "x509pop attestation")

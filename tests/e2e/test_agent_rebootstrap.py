@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from svid._clock import SystemClock
 from svid._der import certs_to_pem, parse_der_certs
 from tests.agent_attestor.pki import LocalCa
-from tests.e2e.agent_process import AgentProcess, agent_stack, create_entry, new_token
+from tests.e2e.agent_process import AgentProcess, agent_ids, agent_stack, create_entry, new_token
 from tests.e2e.conftest import (
     TRUST_DOMAIN,
     ServerProcess,
@@ -99,9 +99,7 @@ def test_without_a_given_bundle_a_stale_saved_bundle_is_not_bypassed(
     agent.start()
     wait_for(lambda: UNVERIFIED in agent.logs(), 20, "a refused attestation")
     token_id = agent.join_token.split(".")[0]
-    agents = downtime.new_server.cli_json("agent", "list")
-    items = agents.get("agents", agents) if isinstance(agents, dict) else agents
-    assert not any(token_id in item["spiffe_id"] for item in items)
+    assert not any(token_id in a for a in agent_ids(downtime.new_server))
     assert (agent.data_dir / "bundle.der").read_bytes() == downtime.old_bundle
 
 
@@ -160,9 +158,7 @@ def test_without_a_given_bundle_a_saved_svid_still_valid_is_kept_and_one_error_s
     assert logs.count(UNVERIFIED) == 1, logs[-4000:]
     assert "--trust-bundle FILE" in logs
     token_id = agent.join_token.split(".")[0]
-    agents = short_downtime.new_server.cli_json("agent", "list")
-    items = agents.get("agents", agents) if isinstance(agents, dict) else agents
-    assert not any(token_id in item["spiffe_id"] for item in items)
+    assert not any(token_id in a for a in agent_ids(short_downtime.new_server))
     assert (agent.data_dir / "bundle.der").read_bytes() == short_downtime.old_bundle
     assert (agent.data_dir / "agent_svid.der").read_bytes() == saved_svid
 
@@ -190,9 +186,7 @@ def test_a_server_out_of_reach_costs_the_agent_nothing_of_its_saved_svid() -> No
         create_entry(server, spiffe_id, old_id)
         agent.wait_svid(spiffe_id)
         token_id = agent.join_token.split(".")[0]
-        agents = server.cli_json("agent", "list")
-        items = agents.get("agents", agents) if isinstance(agents, dict) else agents
-        assert not any(token_id in item["spiffe_id"] for item in items)
+        assert not any(token_id in a for a in agent_ids(server))
 
 
 def test_a_given_bundle_that_verifies_no_more_than_the_saved_one_costs_nothing(
@@ -211,9 +205,7 @@ def test_a_given_bundle_that_verifies_no_more_than_the_saved_one_costs_nothing(
     assert logs.count("setting the saved agent SVID aside") == 1, logs[-4000:]
     assert logs.count(UNVERIFIED) == 1, logs[-4000:]
     token_id = agent.join_token.split(".")[0]
-    agents = short_downtime.new_server.cli_json("agent", "list")
-    items = agents.get("agents", agents) if isinstance(agents, dict) else agents
-    assert not any(token_id in item["spiffe_id"] for item in items)
+    assert not any(token_id in a for a in agent_ids(short_downtime.new_server))
     assert (agent.data_dir / "agent_svid.der").read_bytes() == saved_svid
     assert (agent.data_dir / "bundle.der").read_bytes() == short_downtime.old_bundle
 
@@ -245,7 +237,7 @@ def _set_aside_then(agent: AgentProcess, server: ServerProcess, *, attest: bool)
     with stray_in_place_of(server, attest=attest) as stray:
         # The operator's bundle trusts both installations: unlike the saved one in bytes, and
         # a stand-in the agent attests with once the saved bundle fails on the stray.
-        stray_roots = stray.cli("bundle", "show", "--format", "pem").stdout.encode()
+        stray_roots = stray.bundle_pem().encode()
         agent.bundle_file().write_bytes(agent.bundle_file().read_bytes() + stray_roots)
         agent.start()
         wait_for(lambda: "setting the saved agent SVID aside" in agent.logs(), 30, "a set-aside")
@@ -284,9 +276,7 @@ def test_an_attestation_failing_after_the_set_aside_gives_the_saved_svid_back(
         spiffe_id = f"spiffe://{TRUST_DOMAIN}/after-a-stray-server"
         create_entry(server, spiffe_id, old_id)
         agent.wait_svid(spiffe_id)
-        agents = server.cli_json("agent", "list")
-        items = agents.get("agents", agents) if isinstance(agents, dict) else agents
-        assert [item["spiffe_id"] for item in items] == [old_id]
+        assert agent_ids(server) == [old_id]
         assert (agent.data_dir / "agent_svid.der").read_bytes() == saved_svid
         assert (agent.data_dir / "bundle.der").read_bytes() == saved_bundle
 

@@ -48,7 +48,7 @@ def test_svid_is_renewed_at_half_its_life_before_it_expires(
 ) -> None:
     server, agent = stack
     sid = "spiffe://example.org/rotating"
-    create_entry(server, sid, agent.agent_id(), UID_SELECTOR, x509_ttl=ROTATION_TTL)
+    create_entry(server, sid, agent.agent_id(), UID_SELECTOR, x509_svid_ttl=ROTATION_TTL)
     agent.wait_svid(sid)
     stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
     fractions: list[float] = []

@@ -27,6 +27,7 @@ import grpc
 import pytest
 
 from svid._proto import node_pb2, node_pb2_grpc
+from tests.e2e.agent_process import create_entry, new_token
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir
 from tests.e2e.test_server_cli import attest, node_channel
 from tests.server.fixtures import Agent, der_chain, make_csr
@@ -117,19 +118,10 @@ class Client:
 
 
 def set_up(server: ServerProcess) -> Client:
-    pem = server.cli("bundle", "show").stdout.encode()
-    agent = attest(server, server.cli_json("token", "generate")["token"], pem)
-    entry = server.cli_json(
-        "entry",
-        "create",
-        "--spiffe-id",
-        f"{TD}/ledger/w",
-        "--parent-id",
-        agent.spiffe_id,
-        "--selector",
-        "unix:uid:1",
+    agent = attest(server, new_token(server), server.bundle_pem().encode())
+    return Client(
+        server, agent, create_entry(server, f"{TD}/ledger/w", agent.spiffe_id, "unix:uid:1")
     )
-    return Client(server, agent, entry["id"])
 
 
 def on_record(data_dir: Path) -> tuple[set[str], set[str]]:

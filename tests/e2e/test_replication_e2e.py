@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, workload_pb2
-from tests.e2e.agent_process import HEADER, AgentProcess, create_entry, new_token
+from tests.e2e.agent_process import HEADER, AgentProcess, agent_ids, create_entry, new_token
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -85,8 +85,6 @@ def test_the_servers_share_one_datastore(
     agent_id = agent.agent_id()
 
     def listed_on_a() -> bool:
-        listed = a.cli_json("agent", "list")
-        items = listed.get("agents", listed) if isinstance(listed, dict) else listed
-        return agent_id in [item["spiffe_id"] for item in items]
+        return agent_id in agent_ids(a)
 
     wait_for(listed_on_a, 5, "A to list the agent B attested")

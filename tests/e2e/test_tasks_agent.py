@@ -30,6 +30,7 @@ from svid._proto import (
     workload_pb2,
     workload_pb2_grpc,
 )
+from tests.e2e.agent_process import agent_ids, create_entry, new_token
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
 from tests.users import NOBODY
 
@@ -62,7 +63,7 @@ class AgentProcess:
 
 def start_agent(root: Path, server: ServerProcess, token: str) -> AgentProcess:
     bundle = root / "bundle.pem"
-    bundle.write_text(server.cli("bundle", "show").stdout)
+    bundle.write_text(server.bundle_pem())
     socket_path = root / "public" / "api.sock"
     config = root / "agent.toml"
     values = {
@@ -142,18 +143,14 @@ def path3() -> Iterator[Path3]:
     agent: AgentProcess | None = None
     channel: grpc.Channel | None = None
     try:
-        token = server.cli_json("token", "generate")["token"]
-        agent = start_agent(root, server, token)
+        agent = start_agent(root, server, new_token(server))
 
         def attested() -> str | None:
-            listed = server.cli_json("agent", "list").get("agents", [])
-            return listed[0]["spiffe_id"] if listed else None
+            listed = agent_ids(server)
+            return listed[0] if listed else None
 
         agent_id = wait_for(attested, 20, "the agent to attest")
-        server.cli(
-            "entry", "create", "--spiffe-id", RUNTIME, "--parent-id", agent_id,
-            "--selector", f"unix:uid:{os.getuid()}",
-        )  # fmt: skip
+        create_entry(server, RUNTIME, agent_id, f"unix:uid:{os.getuid()}")
         channel = grpc.insecure_channel(f"unix:{agent.socket_path}")
         stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
 
@@ -482,11 +479,8 @@ def test_a_workload_ends_lists_and_extends_only_its_own_tasks_of_a_shared_identi
     """This test (root) and `nobody` hold RUNTIME through two entries. The task ID is public
     (every token's `txn`): `nobody` can name this test's task but not end it, list it or begin
     a sub-task inside it; and this test cannot end nobody's task."""
-    agent_id = path3.server.cli_json("agent", "list")["agents"][0]["spiffe_id"]
-    path3.server.cli(
-        "entry", "create", "--spiffe-id", RUNTIME, "--parent-id", agent_id,
-        "--selector", f"unix:uid:{NOBODY}",
-    )  # fmt: skip
+    (agent_id,) = agent_ids(path3.server)
+    create_entry(path3.server, RUNTIME, agent_id, f"unix:uid:{NOBODY}")
     for path in (path3.agent.root, path3.agent.socket_path.parent):
         path.chmod(0o755)
     mine = path3.begin()

@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from svid._proto import node_pb2, node_pb2_grpc, task_pb2, task_pb2_grpc
+from tests.e2e.agent_process import create_entry, new_token
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
 from tests.e2e.test_server_cli import attest, node_channel
 from tests.server.fixtures import Agent, der_chain, make_csr
@@ -82,12 +83,8 @@ def setup() -> Iterator[Setup]:
     server.start()
     channel = None
     try:
-        token = server.cli_json("token", "generate")["token"]
-        agent = attest(server, token, server.cli("bundle", "show").stdout.encode())
-        server.cli(
-            "entry", "create", "--spiffe-id", RUNTIME, "--parent-id", agent.spiffe_id,
-            "--selector", "unix:uid:1000",
-        )  # fmt: skip
+        agent = attest(server, new_token(server), server.bundle_pem().encode())
+        create_entry(server, RUNTIME, agent.spiffe_id, "unix:uid:1000")
         channel = node_channel(server, agent)
         yield Setup(server, agent, channel, policy_dir)
     finally:
