@@ -110,7 +110,7 @@ def test_server_outage_keeps_svids_and_rotation_resumes(
 ) -> None:
     server, agent = stack
     create_entry(
-        server, "spiffe://example.org/short", agent.agent_id(), UID_SELECTOR, x509_svid_ttl=16
+        server, "spiffe://example.org/short", agent.agent_id(), UID_SELECTOR, x509_svid_ttl=10
     )
     agent.wait_svid("spiffe://example.org/short")
     stream = agent.stub().FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=60)
@@ -127,8 +127,9 @@ def test_server_outage_keeps_svids_and_rotation_resumes(
         return bytes(msg.svids[0].x509_svid)
 
     during = fetch_now()
-    # Past the 16 s SVID's rotation point (≤ 9.6 s): renewal is due but cannot happen.
-    time.sleep(max(0.0, renewed_at + 10 - time.monotonic()))
+    # Past the 10 s SVID's rotation point (≤ 6 s, at 0.6 of its TTL; ≤ 5 s of its 20 s on paper,
+    # back-dating included) and before its end: renewal is due but cannot happen.
+    time.sleep(max(0.0, renewed_at + 7 - time.monotonic()))
     # Workloads keep what they have: still answered from the cache, same SVID.
     assert fetch_now() == during
     server.start()
