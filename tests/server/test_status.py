@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import logging
 import pkgutil
 import sqlite3
+from pathlib import Path
 
 import grpc
 import pytest
 
-from server import errors
+from server import errors, status
 from server.audit import AuditError
 from server.ca.errors import CaUnavailableError, CsrError, KeyStoreError
 from server.datastore import AlreadyExistsError, NotFoundError
 from server.datastore.errors import AgentRemovedError
 from server.policy.errors import PolicyError, Problem, RequestError
-from server.status import RULES, status_for
+from server.status import RULES, status_for, unary
+from svid._clock import SystemClock
 from svid._errors import SpiffeIdError, SvidError, SvidParseError
 from svid._task_errors import TaskDeniedError
 
@@ -160,3 +164,72 @@ def test_audit_policy_and_storage_errors_are_mapped_on_purpose(
     exc: Exception, code: grpc.StatusCode, message: str
 ) -> None:
     assert status_for(exc) == (code, message)
+
+
+# -- outage tracebacks: once per interval for the same failure, every new one at once --------
+
+
+def _sqlite_errors(tmp: Path) -> tuple[sqlite3.Error, sqlite3.Error]:
+    """Two real sqlite3.OperationalErrors: a locked database (an outage: another process holds
+    the write lock) and a missing table (a bug: a query the schema does not answer)."""
+    path = tmp / "state.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        with pytest.raises(sqlite3.OperationalError) as locked:
+            other.execute("INSERT INTO t VALUES (1)")
+        holder.execute("ROLLBACK")
+        with pytest.raises(sqlite3.OperationalError) as missing:
+            other.execute("SELECT * FROM entries")
+    finally:
+        other.close()
+        holder.close()
+    return locked.value, missing.value
+
+
+def test_a_new_storage_error_is_logged_at_once_during_an_outage_of_the_same_type(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outage tracebacks are logged once an interval (a full disk refuses every call alike),
+    but a different failure of the same exception type is news: a missing table (a bug, which
+    sqlite3 raises as the OperationalError a locked database is) was hidden for 30 s behind
+    the lock's line. Real calls through a real gRPC server on a Unix socket."""
+    locked, missing = _sqlite_errors(tmp_path)
+    assert type(locked) is type(missing)
+    monkeypatch.setattr(status, "_outages", status._OutageLines(30.0, SystemClock()))
+    raised: list[BaseException] = []
+
+    class Failing:
+        @unary
+        async def call(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            raise raised.pop(0)
+
+    async def calls() -> list[grpc.StatusCode]:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(Failing().call)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("t.Failing", {"Call": handler}),)
+        )
+        address = f"unix:{tmp_path / 's.sock'}"
+        server.add_insecure_port(address)
+        await server.start()
+        codes = []
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                call = channel.unary_unary("/t.Failing/Call")
+                for exc in (locked, locked, missing):
+                    raised.append(exc)
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call(b"")
+                    codes.append(err.value.code())
+        finally:
+            await server.stop(None)
+        return codes
+
+    with caplog.at_level(logging.ERROR, logger="svid.server.status"):
+        codes = asyncio.run(calls())
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 3
+    logged = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert logged == [locked, missing]  # the lock once, the missing table at once
