@@ -12,7 +12,7 @@ import logging
 import re
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import PurePath
 from typing import Any, TypeVar
@@ -256,12 +256,12 @@ _R = TypeVar("_R")
 
 
 # How often the traceback of an outage (a server-side error answered UNAVAILABLE: storage,
-# the audit log) is logged, at most, for each error type.
+# the audit log) is logged, at most, for each failure (_failure).
 OUTAGE_LOG_INTERVAL = 30.0
 
 
 class _OutageLines:
-    """One LogThrottle per error type, for any thread. An outage (a full disk, a datastore
+    """One LogThrottle per failure (_failure), for any thread. An outage (a full disk, a datastore
     gone) refuses every call the same way until it ends: logged per call, its traceback
     (~3.6 KB) was written as fast as agents retried, onto the disk that was full, burying the
     one line the ledger writes when the outage begins and ends."""
@@ -270,9 +270,9 @@ class _OutageLines:
         self._interval = interval
         self._clock = clock
         self._lock = threading.Lock()
-        self._throttles: dict[type[BaseException], LogThrottle] = {}
+        self._throttles: dict[Hashable, LogThrottle] = {}
 
-    def due(self, kind: type[BaseException]) -> int:
+    def due(self, kind: Hashable) -> int:
         """How many calls the line to log now stands for; 0: none now."""
         with self._lock:
             throttle = self._throttles.get(kind)
@@ -284,13 +284,33 @@ class _OutageLines:
 _outages = _OutageLines(OUTAGE_LOG_INTERVAL, SystemClock())
 
 
+def _failure(exc: BaseException) -> Hashable:
+    """What makes two outage errors the same failure: the type, errno, SQLite error code and
+    PostgreSQL SQLSTATE of the error and of each error it was raised from. By type alone, a
+    bug of the same type (SQLite's "no such table" is the OperationalError a locked database
+    is; every psycopg error is a StorageError) went unlogged behind an outage's line."""
+    key: list[tuple[object, ...]] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(key) < 8:
+        key.append(
+            (
+                type(cause),
+                getattr(cause, "errno", None),
+                getattr(cause, "sqlite_errorcode", None),
+                getattr(cause, "sqlstate", None),
+            )
+        )
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    return tuple(key)
+
+
 def _report(exc: BaseException, hook: ErrorHook | None) -> tuple[grpc.StatusCode, str]:
     code, message = status_for(exc)
     rule = rule_for(exc)
     if rule is None or rule.fixed is not None:
         # The client got a fixed message: the details are for the operator only. A bug
         # (INTERNAL) is logged every time; an outage once per interval, with its count.
-        times = _outages.due(type(exc)) if code is Code.UNAVAILABLE else 1
+        times = _outages.due(_failure(exc)) if code is Code.UNAVAILABLE else 1
         if times:
             _log.error("server-side error in handler", exc_info=exc, extra={"times": times})
     if hook is not None:
