@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -558,3 +559,52 @@ def test_a_stop_with_only_the_trust_bundle_unsaved_does_not_say_the_agent_svid_i
         asyncio.run(syncer.settle(0))
     assert "cannot save the trust bundle" in caplog.text
     assert "agent SVID in use unsaved" not in caplog.text
+
+
+def test_a_checkpoint_offer_cut_short_by_a_reconnect_never_runs_beside_the_next(
+    tmp_path: Path,
+) -> None:
+    """CheckpointStore is used from one thread, and its offers append (and fsync) in a thread.
+    A stream cut while one waits for a slow disk (a renewal reconnects it) left that thread
+    writing, and the next stream's offer of the checkpoint the server pushes again on connect
+    ran beside it: the same store checked and appended from two threads at once."""
+    release = threading.Event()
+    guard = threading.Lock()
+    running = [0]
+    most = [0]
+    offered: list[str] = []
+
+    def offer(pushed: PushedCheckpoint) -> bool:
+        with guard:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            if not offered:
+                release.wait(10)  # the first: a slow fsync
+            offered.append(pushed.line)
+            return True
+        finally:
+            with guard:
+                running[0] -= 1
+
+    syncer = Syncer(
+        SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),)),
+        AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"),
+        Cache(),
+        FakeClock(start=time.time()),
+        on_checkpoint=offer,
+    )
+
+    async def scenario() -> None:
+        first = asyncio.create_task(syncer._offer_checkpoint(PushedCheckpoint("a", b"")))
+        while not running[0]:
+            await asyncio.sleep(0.01)
+        first.cancel()  # the stream it came on ended
+        second = asyncio.create_task(syncer._offer_checkpoint(PushedCheckpoint("b", b"")))
+        await asyncio.sleep(0.3)
+        release.set()
+        await asyncio.gather(first, second, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert offered == ["a", "b"]
+    assert most[0] == 1
