@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-async def _off_loop(save: Callable[[_T], None], what: _T) -> None:
+async def _off_loop(save: Callable[[_T], object], what: _T) -> None:
     """`save(what)` in a thread. Cancelled meanwhile, it waits for the thread to end before it
     raises: the save lock stays held until the files are written, so no other save writes
     them (their temp files) beside it."""
@@ -161,6 +161,9 @@ class Syncer:
         # One save of the agent SVID or roots at a time, each writing what waits when it
         # starts (in a thread): a save begun earlier never lands older files after a newer's.
         self._saving = asyncio.Lock()
+        # One checkpoint offer at a time (CheckpointStore is used from one thread): an offer
+        # cut short by a reconnect holds its turn until its thread has written.
+        self._offering = asyncio.Lock()
         self._reconnect = asyncio.Event()
         self._token_used = False
         # The ID of the join token an earlier run sent without saving what it bought, read at
@@ -570,9 +573,12 @@ class Syncer:
         still raises is logged, not raised: ending the stream here ended every reconnect too
         (the server pushes the same checkpoint on each), and entries stopped coming in.
         In a thread: it appends and fsyncs a line, and on a slow disk the Workload API, on this
-        loop, stopped answering for as long. Only this stream offers, one at a time."""
+        loop, stopped answering for as long. One at a time, across reconnects: the offer of a
+        stream cut short holds its turn until its thread ends, so the next stream's offer (the
+        server pushes the checkpoint again on connect) never runs beside it."""
         try:
-            await asyncio.to_thread(self._on_checkpoint, pushed)
+            async with self._offering:
+                await _off_loop(self._on_checkpoint, pushed)
         except Exception as exc:  # the node's copy never stops the sync
             log.error(
                 "cannot keep the audit checkpoint the server pushed; the sync goes on",
