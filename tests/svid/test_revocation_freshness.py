@@ -126,44 +126,53 @@ def _revoked(*items: Revoked, crls: tuple[bytes, ...] = ()) -> RevocationsUpdate
     return RevocationsUpdate(items, crls, 1)
 
 
-def test_a_step_back_of_the_clock_does_not_keep_stale_revocations_acceptable() -> None:
-    # The agent went away, then NTP stepped the service's clock back half an hour. Staleness is
-    # an interval: counted on the wall clock, the verifiers accepted for that half hour what the
-    # revocations they no longer receive may have revoked since.
-    clock = SteppedClock(FakeClock(T0), 1800.0)
+def _verifiers_whose_agent_went_away(
+    clock: SteppedClock | SleptClock,
+) -> tuple[X509Verifier, JwtVerifier, bytes, str]:
+    """An X.509 and a JWT verifier on `clock` (max_revocation_staleness 5 s) that each accepted
+    an SVID, then lost their revocation feed: the SVIDs, to try again later."""
     ca = make_ca()
     leaf = der_concat([make_leaf(ca).cert])
     key = ec_key()
     source = MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,), {"k1": key.public_key()}))
     token = sign_jws(
-        {"kid": "k1"}, {"sub": "spiffe://example.org/w", "aud": "svc", "exp": T0 + 3600}, key
+        {"kid": "k1"}, {"sub": "spiffe://example.org/w", "aud": "svc", "exp": T0 + 7200}, key
     )
     state = SourceState((X509_BUNDLES.name, REVOCATIONS.name), RevocationSet(), clock)
     state.delivered(X509_BUNDLES.name, _x509(ca))
     state.delivered(REVOCATIONS.name, _revoked())
     x = X509Verifier(
-        source.x509_bundle_for,
-        clock=clock,
-        revocations=state.revocations,
+        source.x509_bundle_for, clock=clock, revocations=state.revocations,
         max_revocation_staleness=5,
-    )
+    )  # fmt: skip
     j = JwtVerifier(
-        source.jwt_bundle_for,
-        clock=clock,
-        revocations=state.revocations,
+        source.jwt_bundle_for, clock=clock, revocations=state.revocations,
         max_revocation_staleness=5,
-    )
+    )  # fmt: skip
     x.verify_der(leaf)
     j.verify(token, "svc")
     state.failed(REVOCATIONS.name, WorkloadApiError("agent gone", "UNAVAILABLE"))
-    clock.offset = 0.0  # the step back
-    clock.base.advance(5.5)
+    return x, j, leaf, token
+
+
+def _refused_as_stale(x: X509Verifier, j: JwtVerifier, leaf: bytes, token: str, age: str) -> None:
     assert x.revocations_fresh_for() == 0.0
     assert j.revocations_fresh_for() == 0.0
-    with pytest.raises(StaleRevocationsError, match=r"5\.5s old"):
+    with pytest.raises(StaleRevocationsError, match=age):
         x.verify_der(leaf)
     with pytest.raises(StaleRevocationsError):
         j.verify(token, "svc")
+
+
+def test_a_step_back_of_the_clock_does_not_keep_stale_revocations_acceptable() -> None:
+    # The agent went away, then NTP stepped the service's clock back half an hour. Staleness is
+    # an interval: counted on the wall clock, the verifiers accepted for that half hour what the
+    # revocations they no longer receive may have revoked since.
+    clock = SteppedClock(FakeClock(T0), 1800.0)
+    x, j, leaf, token = _verifiers_whose_agent_went_away(clock)
+    clock.offset = 0.0  # the step back
+    clock.base.advance(5.5)
+    _refused_as_stale(x, j, leaf, token, r"5\.5s old")
 
 
 def test_revocation_feed_freshness_through_the_state() -> None:
@@ -276,35 +285,6 @@ def test_a_sleep_of_the_host_does_not_keep_stale_revocations_acceptable() -> Non
     # suspend does not move) the revocations were still fresh on waking, an hour old: the
     # verifiers accepted for max_revocation_staleness more what may have been revoked since.
     clock = SleptClock(FakeClock(T0))
-    ca = make_ca()
-    leaf = der_concat([make_leaf(ca).cert])
-    key = ec_key()
-    source = MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,), {"k1": key.public_key()}))
-    token = sign_jws(
-        {"kid": "k1"}, {"sub": "spiffe://example.org/w", "aud": "svc", "exp": T0 + 7200}, key
-    )
-    state = SourceState((X509_BUNDLES.name, REVOCATIONS.name), RevocationSet(), clock)
-    state.delivered(X509_BUNDLES.name, _x509(ca))
-    state.delivered(REVOCATIONS.name, _revoked())
-    x = X509Verifier(
-        source.x509_bundle_for,
-        clock=clock,
-        revocations=state.revocations,
-        max_revocation_staleness=5,
-    )
-    j = JwtVerifier(
-        source.jwt_bundle_for,
-        clock=clock,
-        revocations=state.revocations,
-        max_revocation_staleness=5,
-    )
-    x.verify_der(leaf)
-    j.verify(token, "svc")
-    state.failed(REVOCATIONS.name, WorkloadApiError("agent gone", "UNAVAILABLE"))
+    x, j, leaf, token = _verifiers_whose_agent_went_away(clock)
     clock.sleep(3600.0)
-    assert x.revocations_fresh_for() == 0.0
-    assert j.revocations_fresh_for() == 0.0
-    with pytest.raises(StaleRevocationsError, match=r"3600\.0s old"):
-        x.verify_der(leaf)
-    with pytest.raises(StaleRevocationsError):
-        j.verify(token, "svc")
+    _refused_as_stale(x, j, leaf, token, r"3600\.0s old")
