@@ -285,12 +285,10 @@ def test_import_svid_imports_no_adapter_dependency() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_delegated_auth_does_not_send_an_expired_token_after_its_clock_steps_back() -> None:
-    # The client's clock ran an hour ahead when it exchanged; NTP then stepped it back. Half
-    # the token's life is an interval: counted on the wall clock, the step stretched it by the
-    # hour, and every request meanwhile went out with a token past its expiry.
+def _five_minute_tokens(clock: SteppedClock | SleptClock, sent: list[str]) -> httpx.Client:
+    """A client whose DelegatedAuth (on `clock`) exchanges for tokens of 5 minutes, AT1, AT2...;
+    the Authorization of each request to the resource is appended to `sent`."""
     issued: list[str] = []
-    sent: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/token":
@@ -299,7 +297,6 @@ def test_delegated_auth_does_not_send_an_expired_token_after_its_clock_steps_bac
         sent.append(request.headers["authorization"])
         return httpx.Response(200)
 
-    clock = SteppedClock(svid.FakeClock(), 3600.0)
     auth = svid.httpx.DelegatedAuth(
         lambda audience: "ACTOR-JWT-SVID",
         "https://issuer.example",
@@ -307,7 +304,16 @@ def test_delegated_auth_does_not_send_an_expired_token_after_its_clock_steps_bac
         "https://r.example",
         clock=clock,
     )
-    with httpx.Client(auth=auth, transport=httpx.MockTransport(handler)) as client:
+    return httpx.Client(auth=auth, transport=httpx.MockTransport(handler))
+
+
+def test_delegated_auth_does_not_send_an_expired_token_after_its_clock_steps_back() -> None:
+    # The client's clock ran an hour ahead when it exchanged; NTP then stepped it back. Half
+    # the token's life is an interval: counted on the wall clock, the step stretched it by the
+    # hour, and every request meanwhile went out with a token past its expiry.
+    sent: list[str] = []
+    clock = SteppedClock(svid.FakeClock(), 3600.0)
+    with _five_minute_tokens(clock, sent) as client:
         client.get("https://r.example/orders/7")
         clock.offset = 0.0  # the step back
         clock.base.advance(149)
@@ -321,25 +327,9 @@ def test_delegated_auth_does_not_send_an_expired_token_after_its_host_slept() ->
     # The host slept an hour after an exchange: on the monotonic clock alone, the token's half
     # life had not passed on waking, and requests went out with it for up to that half again,
     # long past its expiry.
-    issued: list[str] = []
     sent: list[str] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/token":
-            issued.append(f"AT{len(issued) + 1}")
-            return httpx.Response(200, json={"access_token": issued[-1], "expires_in": 300})
-        sent.append(request.headers["authorization"])
-        return httpx.Response(200)
-
     clock = SleptClock(svid.FakeClock())
-    auth = svid.httpx.DelegatedAuth(
-        lambda audience: "ACTOR-JWT-SVID",
-        "https://issuer.example",
-        "SUBJECT",
-        "https://r.example",
-        clock=clock,
-    )
-    with httpx.Client(auth=auth, transport=httpx.MockTransport(handler)) as client:
+    with _five_minute_tokens(clock, sent) as client:
         client.get("https://r.example/orders/7")
         clock.sleep(3600.0)
         client.get("https://r.example/orders/7")
