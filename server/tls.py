@@ -40,7 +40,7 @@ class ServerTls:
         self._key_pem = b""
         self._roots_pem = b""
         self._renew_at = 0.0
-        self._issuer_der = b""  # the CA certificate that signed `_chain`
+        self._issuer: x509.Certificate | None = None  # the CA certificate that signed `_chain`
         self._retry = Retry(FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS)
 
     @property
@@ -55,7 +55,6 @@ class ServerTls:
         """Issue a fresh server SVID (new key) from the active CA."""
         signer = self._ca.x509_signer()
         svid = server_svid(signer, self._ttl)
-        issuer_der = signer.ca_certificate.public_bytes(serialization.Encoding.DER)
         leaf = svid.chain[0]
         start = leaf.not_valid_before_utc.timestamp()
         end = leaf.not_valid_after_utc.timestamp()
@@ -63,7 +62,7 @@ class ServerTls:
         with self._lock:
             self._chain = svid.chain
             self._key_pem = key_pem
-            self._issuer_der = issuer_der
+            self._issuer = signer.ca_certificate
             self._renew_at = start + (end - start) / 2
             self._rebuild()
 
@@ -95,13 +94,14 @@ class ServerTls:
         either the one signed with now or valid by now. The rotation retires a CA made while
         the clock ran ahead (rotation.py): the SVIDs it signed are no more valid than it, and,
         kept until renew_at (as far ahead), no agent could verify the server for that long."""
-        der = self._issuer_der
+        issuer = self._issuer
+        if issuer is None:
+            return False
+        der = issuer.public_bytes(serialization.Encoding.DER)
         if not any(s.public_der == der for s in self._ca.key_slots(X509_KIND)):
             return False
-        signer = self._ca.x509_signer().ca_certificate
-        if signer.public_bytes(serialization.Encoding.DER) == der:
+        if self._ca.x509_signer().ca_certificate == issuer:
             return True
-        issuer = x509.load_der_x509_certificate(der)
         return issuer.not_valid_before_utc.timestamp() <= self._clock.now() + MAX_CLOCK_SKEW
 
     def _rebuild(self) -> None:
