@@ -11,7 +11,6 @@ import functools
 import logging
 import re
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import PurePath
@@ -54,8 +53,8 @@ from server.policy.errors import PolicyError, RequestError
 from svid import _errors as svid_errors
 from svid._audit_checkpoint import AuditCheckpointError
 from svid._cert_der import NonUriSanError
-from svid._clock import Clock, SystemClock
-from svid._log_throttle import LogThrottle
+from svid._clock import SystemClock
+from svid._log_throttle import KeyedThrottles
 from svid._task_claims import TaskClaimsError
 from svid._task_errors import (
     TaskDeniedError,
@@ -260,28 +259,10 @@ _R = TypeVar("_R")
 OUTAGE_LOG_INTERVAL = 30.0
 
 
-class _OutageLines:
-    """One LogThrottle per failure (_failure), for any thread. An outage (a full disk, a datastore
-    gone) refuses every call the same way until it ends: logged per call, its traceback
-    (~3.6 KB) was written as fast as agents retried, onto the disk that was full, burying the
-    one line the ledger writes when the outage begins and ends."""
-
-    def __init__(self, interval: float, clock: Clock) -> None:
-        self._interval = interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._throttles: dict[Hashable, LogThrottle] = {}
-
-    def due(self, kind: Hashable) -> int:
-        """How many calls the line to log now stands for; 0: none now."""
-        with self._lock:
-            throttle = self._throttles.get(kind)
-            if throttle is None:
-                throttle = self._throttles[kind] = LogThrottle(self._interval, self._clock)
-            return throttle.due()
-
-
-_outages = _OutageLines(OUTAGE_LOG_INTERVAL, SystemClock())
+# An outage (a full disk, a datastore gone) refuses every call the same way until it ends:
+# logged per call, its traceback (~3.6 KB) was written as fast as agents retried, onto the disk
+# that was full, burying the one line the ledger writes when the outage begins and ends.
+_outages = KeyedThrottles(OUTAGE_LOG_INTERVAL, SystemClock())
 
 
 def _failure(exc: BaseException) -> Hashable:

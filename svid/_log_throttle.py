@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 from svid._clock import Clock
 
@@ -32,6 +32,24 @@ class LogThrottle:
         return count
 
 
+class KeyedThrottles:
+    """A LogThrottle for each key (a message, a kind of failure), usable from any thread."""
+
+    def __init__(self, interval: float, clock: Clock) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._throttles: dict[Hashable, LogThrottle] = {}
+
+    def due(self, key: Hashable) -> int:
+        """LogThrottle.due for `key`'s own throttle."""
+        with self._lock:
+            throttle = self._throttles.get(key)
+            if throttle is None:
+                throttle = self._throttles[key] = LogThrottle(self._interval, self._clock)
+            return throttle.due()
+
+
 class ThrottledLines:
     """A LogThrottle for each of a few fixed info messages of one logger, usable from any
     thread: the first of each is written at once, then one per interval with `times`, how many
@@ -39,16 +57,9 @@ class ThrottledLines:
 
     def __init__(self, logger: logging.Logger, interval: float, clock: Clock) -> None:
         self._logger = logger
-        self._interval = interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._throttles: dict[str, LogThrottle] = {}  # keyed by messages written in code
+        self._throttles = KeyedThrottles(interval, clock)  # keyed by messages written in code
 
     def info(self, msg: str, extra: Mapping[str, object]) -> None:
-        with self._lock:
-            throttle = self._throttles.get(msg)
-            if throttle is None:
-                throttle = self._throttles[msg] = LogThrottle(self._interval, self._clock)
-            times = throttle.due()
+        times = self._throttles.due(msg)
         if times:
             self._logger.info(msg, extra={**extra, "times": times})

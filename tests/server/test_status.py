@@ -21,6 +21,7 @@ from server.policy.errors import PolicyError, Problem, RequestError
 from server.status import RULES, status_for, unary
 from svid._clock import SystemClock
 from svid._errors import SpiffeIdError, SvidError, SvidParseError
+from svid._log_throttle import KeyedThrottles
 from svid._task_errors import TaskDeniedError
 
 
@@ -198,7 +199,7 @@ def test_a_new_storage_error_is_logged_at_once_during_an_outage_of_the_same_type
     the lock's line. Real calls through a real gRPC server on a Unix socket."""
     locked, missing = _sqlite_errors(tmp_path)
     assert type(locked) is type(missing)
-    monkeypatch.setattr(status, "_outages", status._OutageLines(30.0, SystemClock()))
+    monkeypatch.setattr(status, "_outages", KeyedThrottles(30.0, SystemClock()))
     raised: list[BaseException] = []
 
     class Failing:
