@@ -154,9 +154,7 @@ class AccessTokenVerifier:
     def _checked(self, token: str, typ: str, audience: str) -> VerifiedAccessToken:
         now = self._clock.now()
         if self._max_staleness is not None:
-            refuse_if_stale(
-                self._revocations, self._clock.monotonic(), self._max_staleness, self._clock.now()
-            )
+            refuse_if_stale(self._revocations, self._clock.monotonic(), self._max_staleness, now)
         cache = self._cache
         entry = cache.get(token) if cache.max_entries else None
         if entry is None or not self._still_valid(entry, now):

@@ -163,9 +163,7 @@ class JwtVerifier:
     def _result(self, token: str) -> VerifiedJwt:
         now = self._clock.now()
         if self._max_staleness is not None:
-            refuse_if_stale(
-                self._revocations, self._clock.monotonic(), self._max_staleness, self._clock.now()
-            )
+            refuse_if_stale(self._revocations, self._clock.monotonic(), self._max_staleness, now)
         cache = self._cache
         if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
             entry = cache.get(token)

@@ -456,11 +456,9 @@ class X509Verifier:
         max_staleness = self._max_staleness
         if max_staleness is None:
             return None
-        left = max(
-            0.0,
-            max_staleness - self._revocations.staleness(self._clock.monotonic(), self._clock.now()),
-        )
-        return min(left, crl_fresh_for(self._revocations, keys, self._clock.now(), max_staleness))
+        now = self._clock.now()
+        left = max(0.0, max_staleness - self._revocations.staleness(self._clock.monotonic(), now))
+        return min(left, crl_fresh_for(self._revocations, keys, now, max_staleness))
 
     def check_fresh(self, keys: Iterable[CertKey] = ()) -> None:
         """Raise StaleRevocationsError if this verifier would now refuse, for stale revocation
@@ -470,10 +468,9 @@ class X509Verifier:
         max_staleness = self._max_staleness
         if max_staleness is None:
             return
-        refuse_if_stale(
-            self._revocations, self._clock.monotonic(), max_staleness, self._clock.now()
-        )
-        refuse_if_stale_crl(self._revocations, keys, self._clock.now(), max_staleness)
+        now = self._clock.now()
+        refuse_if_stale(self._revocations, self._clock.monotonic(), max_staleness, now)
+        refuse_if_stale_crl(self._revocations, keys, now, max_staleness)
 
     def verify_der(self, chain_der: bytes) -> VerifiedX509:
         """Verify concatenated DER certificates, leaf first (the Workload API / TLS form)."""
@@ -482,9 +479,7 @@ class X509Verifier:
         now = self._clock.now()
         max_staleness = self._max_staleness
         if max_staleness is not None:
-            refuse_if_stale(
-                self._revocations, self._clock.monotonic(), max_staleness, self._clock.now()
-            )
+            refuse_if_stale(self._revocations, self._clock.monotonic(), max_staleness, now)
         cache = self._cache
         if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
             entry = cache.get(chain_der)
@@ -517,9 +512,7 @@ class X509Verifier:
         now = self._clock.now()
         max_staleness = self._max_staleness
         if max_staleness is not None:
-            refuse_if_stale(
-                self._revocations, self._clock.monotonic(), max_staleness, self._clock.now()
-            )
+            refuse_if_stale(self._revocations, self._clock.monotonic(), max_staleness, now)
         entry = self._cache.get(key)
         if entry is not None and not self._still_valid(entry, now):
             self._cache.discard(key)
