@@ -14,7 +14,7 @@ the request as sent, and is served again only while
   tokens, the LRU evicts, a refresh replaces): its `generation`;
 - every token in it is before its refresh point, the JWT cache's own rule (`refresh_point`),
   on the agent's monotonic clock as the cache keeps it (`JwtCache.refresh_at`, on
-  `JwtCache.clock`, the clock to give here).
+  `JwtCache.clock`, which answers are timed by too).
 
 A served answer marks its tokens used in the JWT cache, so its LRU order stays true.
 
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from agent_attestor.cache import Snapshot
 from agent_attestor.jwt_cache import JwtCache, Key
 from agent_attestor.model import Selector
-from svid._clock import Clock
 from svid._proto import workload_pb2
 
 AnswerKey = tuple[frozenset[Selector], bytes]
@@ -69,12 +68,11 @@ class JwtAnswers:
     def __init__(
         self,
         jwts: JwtCache,
-        clock: Clock,
         max_bytes: int,
         max_answers: int = MAX_ANSWERS,
     ) -> None:
         self._jwts = jwts
-        self._clock = clock
+        self._clock = jwts.clock  # the refresh points' clock: an answer ends at one of them
         self._max_bytes = max_bytes
         self._max_answers = max_answers
         self._answers: OrderedDict[AnswerKey, _Answer] = OrderedDict()

@@ -123,7 +123,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         self._jwts = jwts
         self._clock = clock
         self._validator = CacheJwtValidator(cache, clock)
-        self._answers = JwtAnswers(jwts, jwts.clock, answer_bytes)
+        self._answers = JwtAnswers(jwts, answer_bytes)
 
     # ---- shared checks -------------------------------------------------------------------
 

@@ -307,14 +307,14 @@ def test_answers_stay_within_their_byte_budget_and_count() -> None:
 
     request_bytes = len(workload_pb2.JWTSVIDRequest(audience=["a0"]).SerializeToString())
     one = ANSWER_OVERHEAD + reply(1000).ByteSize() + request_bytes
-    answers = JwtAnswers(jwts, clock, max_bytes=3 * one + one // 2)
+    answers = JwtAnswers(jwts, max_bytes=3 * one + one // 2)
     for i in range(10):
         put(answers, i, 1000)
         assert answers.bytes <= 3 * one + one // 2
     assert (len(answers), answers.bytes) == (3, 3 * one)
     put(answers, 99, 4 * one)  # bigger than the whole budget: not kept, nothing evicted for it
     assert (len(answers), answers.bytes) == (3, 3 * one)
-    few = JwtAnswers(jwts, clock, max_bytes=1 << 30, max_answers=2)
+    few = JwtAnswers(jwts, max_bytes=1 << 30, max_answers=2)
     for i in range(5):
         put(few, i, 10)
     assert len(few) == 2
