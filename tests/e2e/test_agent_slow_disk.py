@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from svid._proto import workload_pb2
+from svid._proto import workload_pb2, workload_pb2_grpc
 from tests.e2e.agent_process import HEADER, agent_stack, create_entry
 from tests.e2e.conftest import make_restartable_server, short_tmpdir, wait_for
 
@@ -59,6 +59,31 @@ def slow_fsyncs(pid: int) -> Iterator[None]:
         tracer.wait(10)
 
 
+@contextmanager
+def fetching(
+    stub: workload_pb2_grpc.SpiffeWorkloadAPIStub, request: workload_pb2.JWTSVIDRequest
+) -> Iterator[list[float]]:
+    """FetchJWTSVID asked over and over beside the block; yields the list of how long each
+    call waited, complete once the block ends."""
+    waits: list[float] = []
+    done = threading.Event()
+
+    def fetch() -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            stub.FetchJWTSVID(request, metadata=HEADER, timeout=30)
+            waits.append(time.monotonic() - started)
+            time.sleep(0.02)
+
+    fetcher = threading.Thread(target=fetch)
+    fetcher.start()
+    try:
+        yield waits
+    finally:
+        done.set()
+        fetcher.join(60)
+
+
 def test_the_workload_api_answers_while_the_agent_saves_its_files_on_a_slow_disk() -> None:
     root = short_tmpdir()
     server = make_restartable_server(root).start()
@@ -71,30 +96,14 @@ def test_the_workload_api_answers_while_the_agent_saves_its_files_on_a_slow_disk
         stub.FetchJWTSVID(request, metadata=HEADER, timeout=10)  # minted: answered from cache
         bundle = agent.data_dir / "bundle.der"
         saved_at = bundle.stat().st_mtime_ns
-        waits: list[float] = []
-        done = threading.Event()
-
-        def fetch() -> None:
-            while not done.is_set():
-                started = time.monotonic()
-                stub.FetchJWTSVID(request, metadata=HEADER, timeout=30)
-                waits.append(time.monotonic() - started)
-                time.sleep(0.02)
-
         assert agent.proc is not None
-        with slow_fsyncs(agent.proc.pid):
-            fetcher = threading.Thread(target=fetch)
-            fetcher.start()
-            try:
-                # A new server process: the agent's Sync stream comes back with a snapshot,
-                # whose trust bundle it saves, and the audit checkpoint the start signed.
-                server.stop()
-                server.start()
-                wait_for(lambda: bundle.stat().st_mtime_ns != saved_at, 30, "the bundle saved")
-                time.sleep(2 * SLOW_FSYNC_US / 1e6)  # what else the reconnect writes
-            finally:
-                done.set()
-                fetcher.join(60)
+        with slow_fsyncs(agent.proc.pid), fetching(stub, request) as waits:
+            # A new server process: the agent's Sync stream comes back with a snapshot,
+            # whose trust bundle it saves, and the audit checkpoint the start signed.
+            server.stop()
+            server.start()
+            wait_for(lambda: bundle.stat().st_mtime_ns != saved_at, 30, "the bundle saved")
+            time.sleep(2 * SLOW_FSYNC_US / 1e6)  # what else the reconnect writes
         assert waits
         worst = max(waits)
         # Answered from memory: a wait of a whole fsync is the event loop blocked on the disk.
@@ -112,30 +121,15 @@ def test_the_workload_api_answers_while_the_agent_saves_its_renewed_svid_on_a_sl
         stub = agent.stub()
         request = workload_pb2.JWTSVIDRequest(audience=["svc"])
         stub.FetchJWTSVID(request, metadata=HEADER, timeout=10)  # minted: answered from cache
-        waits: list[float] = []
-        done = threading.Event()
-
-        def fetch() -> None:
-            while not done.is_set():
-                started = time.monotonic()
-                stub.FetchJWTSVID(request, metadata=HEADER, timeout=30)
-                waits.append(time.monotonic() - started)
-                time.sleep(0.02)
-
         assert agent.proc is not None
         with slow_fsyncs(agent.proc.pid):
             renewed = agent.logs().count("agent SVID renewed")
-            fetcher = threading.Thread(target=fetch)
-            fetcher.start()
-            try:
+            with fetching(stub, request) as waits:
                 wait_for(
                     lambda: agent.logs().count("agent SVID renewed") > renewed,
                     3 * RENEWED_EVERY,
                     "a renewal",
                 )
-            finally:
-                done.set()
-                fetcher.join(60)
         assert waits
         worst = max(waits)
         assert worst < SLOW_FSYNC_US / 1e6 / 2, f"a FetchJWTSVID waited {worst:.2f} s"
