@@ -35,7 +35,7 @@ from server.oauth.issuers import (
     next_refresh,
 )
 from server.oauth.settings import TrustedIssuer, parse_trusted_issuers
-from svid._clock import FakeClock
+from svid._clock import Clock, FakeClock
 from svid._jwk import public_key_members
 from svid._spiffe_id import SpiffeId, TrustDomain
 from tests.clocks import SteppedClock
@@ -270,13 +270,8 @@ def test_the_fetch_refuses_what_it_cannot_trust(issuer: Issuer, case: str, says:
         _fetch(issuer, ca_file)
 
 
-def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
-    assert next_refresh(None) == DEFAULT_REFRESH
-    assert next_refresh(5) == MIN_REFRESH
-    assert next_refresh(10**9) == MAX_REFRESH
-    assert next_refresh(600) == 600
-
-    clock = FakeClock()
+def _partner_down(clock: Clock) -> tuple[DiscoveredIssuers, list[str]]:
+    """Issuers with PARTNER alone trusted, whose every fetch fails; and the URLs fetched."""
     calls: list[str] = []
 
     def failing(item: TrustedIssuer, ctx: ssl.SSLContext) -> Any:
@@ -288,6 +283,17 @@ def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
         clock,
         fetch=failing,  # type: ignore[arg-type]
     )
+    return found, calls
+
+
+def test_refresh_is_bounded_and_a_failure_is_retried_on_the_clock() -> None:
+    assert next_refresh(None) == DEFAULT_REFRESH
+    assert next_refresh(5) == MIN_REFRESH
+    assert next_refresh(10**9) == MAX_REFRESH
+    assert next_refresh(600) == 600
+
+    clock = FakeClock()
+    found, calls = _partner_down(clock)
     assert found.refresh_due() == 0
     assert found.refresh_due() == 0  # not due again before RETRY
     assert calls == ["https://partner.example"]
@@ -312,17 +318,7 @@ def test_a_step_back_of_the_clock_postpones_neither_the_retry_nor_a_wanted_key()
     # The retry and WANTED_GAP are intervals: on the wall clock, a step back of an hour
     # postponed both by the hour, and tokens under the issuer's new key were refused that long.
     clock = SteppedClock(FakeClock())
-    calls: list[str] = []
-
-    def failing(item: TrustedIssuer, ctx: ssl.SSLContext) -> Any:
-        calls.append(item.url)
-        raise IssuerError("down")
-
-    found = DiscoveredIssuers(
-        (TrustedIssuer(PARTNER, "https://partner.example"),),
-        clock,
-        fetch=failing,  # type: ignore[arg-type]
-    )
+    found, calls = _partner_down(clock)
     assert found.key_wanted(PARTNER, "k9")
     found.refresh_due()
     assert len(calls) == 1
