@@ -10,7 +10,7 @@ from server.datastore.errors import StorageError
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from server.housekeeping import HOUSEKEEPING_LEASE, Lease
-from svid._clock import FakeClock
+from svid._clock import Clock, FakeClock
 from tests.clocks import SleptClock, SteppedClock
 
 TTL = 30
@@ -21,7 +21,7 @@ def store(tmp_path: Path, clock: FakeClock) -> FaultInjectingDataStore:
     return FaultInjectingDataStore(SqliteDataStore(tmp_path / "datastore.sqlite3", clock))
 
 
-def lease(store: FaultInjectingDataStore, clock: FakeClock, holder: str) -> Lease:
+def lease(store: FaultInjectingDataStore, clock: Clock, holder: str) -> Lease:
     return Lease(store, HOUSEKEEPING_LEASE, holder, clock, TTL)
 
 
@@ -80,7 +80,7 @@ def test_a_holder_whose_clock_steps_back_stops_acting_before_another_takes_over(
     # renewal, and waiting for its next one, for the hour: two housekeepers, two checkpoint
     # signers, for as long as the step.
     stepped = SteppedClock(clock)
-    a = Lease(store, HOUSEKEEPING_LEASE, "a", stepped, TTL)
+    a = lease(store, stepped, "a")
     b = lease(store, clock, "b")
     assert a.renew()
     stepped.offset = -3600.0
@@ -99,7 +99,7 @@ def test_a_holder_whose_host_slept_does_not_act_on_waking_after_another_took_ove
     # lease. On the monotonic clock alone, which a suspend does not move, A woke trusting its
     # renewal for most of two thirds of the lease's life: two housekeepers until it renewed.
     slept = SleptClock(clock)
-    a = Lease(store, HOUSEKEEPING_LEASE, "a", slept, TTL)
+    a = lease(store, slept, "a")
     b = lease(store, clock, "b")
     assert a.renew()
     slept.sleep(2 * TTL)
