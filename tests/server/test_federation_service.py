@@ -584,8 +584,10 @@ def _static_service(
     clock: FakeClock,
     domains: list[str],
     fetch: Callable[[FederationRelationship, SpiffeBundle | None], SpiffeBundle],
+    holder: str = "",
 ) -> FederationService:
-    """A loaded service with a static https_web relationship to each of `domains`."""
+    """A loaded service with a static https_web relationship to each of `domains`, its fetch
+    leases claimed as `holder` (none without)."""
     service = FederationService(
         own=OWN,
         datastore=store,
@@ -594,6 +596,7 @@ def _static_service(
         publish=lambda _bundles: None,
         static=tuple(parse_static(f"{d} https_web https://127.0.0.1:1/", OWN) for d in domains),
         fetch=fetch,
+        holder=holder,
     )
     service.load()
     return service
@@ -1072,16 +1075,7 @@ def test_a_deleted_relationship_leaves_nothing_of_its_fetches_behind(tmp_path: P
             answer.wait(10)
         raise FederationError(f"{rel.trust_domain}: unreachable")
 
-    service = FederationService(
-        own=OWN,
-        datastore=store,
-        audit=AuditLog(store, clock),
-        clock=clock,
-        publish=lambda _bundles: None,
-        fetch=unreachable,
-        holder="a",
-    )
-    service.load()
+    service = _static_service(store, clock, [], unreachable, holder="a")
     names = [f"gone{n}.org" for n in range(20)]
     try:
         for name in names:
