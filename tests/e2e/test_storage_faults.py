@@ -9,12 +9,14 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.e2e.conftest import make_server, server_command, short_tmpdir
+from tests.e2e.conftest import ServerProcess, make_server, server_command, short_tmpdir
 from tests.e2e.test_ledger_fail_closed import fill, set_up, tmpfs
 
 pytestmark = pytest.mark.e2e
@@ -41,26 +43,33 @@ def _refused(done: subprocess.CompletedProcess[str], datastore: Path) -> str:
     return last
 
 
-def test_a_restart_on_a_full_file_system_names_the_datastore_and_the_full_disk() -> None:
+@contextmanager
+def _served_from_a_small_tmpfs() -> Iterator[ServerProcess]:
+    """A started server whose data directory is a 32 MB tmpfs; stopped and removed after."""
     root = short_tmpdir()
-    data_dir = root / "data"
     server = make_server(root)
     try:
-        with tmpfs(data_dir, "32m"):
+        with tmpfs(server.data_dir, "32m"):
             server.start()
-            assert server.stop() == 0
-            fill(data_dir / "filler")
-            last = _refused(_run(server.config_path), data_dir / "datastore.sqlite3")
-            # SQLite says "disk I/O error" when it cannot map its shared-memory file: the
-            # line says what the operator is to free.
-            assert "no space left" in last
-            (data_dir / "filler").unlink()
-            server.start()  # space back: the same datastore opens
-            assert server.stop() == 0
+            yield server
     finally:
         if server.proc is not None:
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_restart_on_a_full_file_system_names_the_datastore_and_the_full_disk() -> None:
+    with _served_from_a_small_tmpfs() as server:
+        data_dir = server.data_dir
+        assert server.stop() == 0
+        fill(data_dir / "filler")
+        last = _refused(_run(server.config_path), data_dir / "datastore.sqlite3")
+        # SQLite says "disk I/O error" when it cannot map its shared-memory file: the
+        # line says what the operator is to free.
+        assert "no space left" in last
+        (data_dir / "filler").unlink()
+        server.start()  # space back: the same datastore opens
+        assert server.stop() == 0
 
 
 def test_a_datastore_that_is_no_database_is_named_at_start() -> None:
@@ -80,33 +89,25 @@ def test_a_full_disk_logs_the_refused_calls_traceback_once_not_once_a_call() -> 
     """Every call refused while the disk is full failed the same way: the log says so once
     (the ledger's line, and one traceback), not with a ~3.6 KB traceback a call, which the
     agents' retries wrote as fast as they came, onto the very disk that was full."""
-    root = short_tmpdir()
-    data_dir = root / "data"
-    server = make_server(root)
-    try:
-        with tmpfs(data_dir, "32m"):
-            server.start()
-            client = set_up(server)
-            refused = 0
-            with client.stub() as stub:
-                fill(data_dir / "filler")
-                start = len(server.logs())
-                for _ in range(CALLS):
-                    with pytest.raises(grpc.RpcError) as err:
-                        client.jwt(stub)
-                    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
-                    refused += 1
-                logged = server.logs()[start:]
-                (data_dir / "filler").unlink()
-                assert client.jwt(stub) == 1  # space back: issued again, no restart
-            assert server.stop() == 0
-        assert refused == CALLS
-        assert logged.count("the ledger cannot commit; issuance refused") == 1
-        assert logged.count("server-side error in handler") == 1, len(logged)
-    finally:
-        if server.proc is not None:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with _served_from_a_small_tmpfs() as server:
+        data_dir = server.data_dir
+        client = set_up(server)
+        refused = 0
+        with client.stub() as stub:
+            fill(data_dir / "filler")
+            start = len(server.logs())
+            for _ in range(CALLS):
+                with pytest.raises(grpc.RpcError) as err:
+                    client.jwt(stub)
+                assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+                refused += 1
+            logged = server.logs()[start:]
+            (data_dir / "filler").unlink()
+            assert client.jwt(stub) == 1  # space back: issued again, no restart
+        assert server.stop() == 0
+    assert refused == CALLS
+    assert logged.count("the ledger cannot commit; issuance refused") == 1
+    assert logged.count("server-side error in handler") == 1, len(logged)
 
 
 def test_the_wal_a_long_reader_let_grow_is_cut_back_once_the_reader_is_gone() -> None:
