@@ -11,16 +11,18 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from svid._proto import workload_pb2, workload_pb2_grpc
-from tests.e2e.agent_process import HEADER, agent_stack, create_entry
-from tests.e2e.conftest import make_restartable_server, short_tmpdir, wait_for
+from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry
+from tests.e2e.conftest import ServerProcess, make_restartable_server, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.e2e
 SLOW_FSYNC_US = 1_000_000  # each fsync and fdatasync of the agent's waits this long
 RENEWED_EVERY = 6  # seconds: the agent SVID renewed at half its life
+REQUEST = workload_pb2.JWTSVIDRequest(audience=["svc"])
 
 
 @contextmanager
@@ -60,18 +62,16 @@ def slow_fsyncs(pid: int) -> Iterator[None]:
 
 
 @contextmanager
-def fetching(
-    stub: workload_pb2_grpc.SpiffeWorkloadAPIStub, request: workload_pb2.JWTSVIDRequest
-) -> Iterator[list[float]]:
-    """FetchJWTSVID asked over and over beside the block; yields the list of how long each
-    call waited, complete once the block ends."""
+def fetching(stub: workload_pb2_grpc.SpiffeWorkloadAPIStub) -> Iterator[list[float]]:
+    """REQUEST's FetchJWTSVID asked over and over beside the block; yields the list of how
+    long each call waited, complete once the block ends."""
     waits: list[float] = []
     done = threading.Event()
 
     def fetch() -> None:
         while not done.is_set():
             started = time.monotonic()
-            stub.FetchJWTSVID(request, metadata=HEADER, timeout=30)
+            stub.FetchJWTSVID(REQUEST, metadata=HEADER, timeout=30)
             waits.append(time.monotonic() - started)
             time.sleep(0.02)
 
@@ -84,20 +84,29 @@ def fetching(
         fetcher.join(60)
 
 
-def test_the_workload_api_answers_while_the_agent_saves_its_files_on_a_slow_disk() -> None:
-    root = short_tmpdir()
-    server = make_restartable_server(root).start()
+@contextmanager
+def _agent_with_a_jwt_minted(
+    root: Path, server: ServerProcess
+) -> Iterator[tuple[AgentProcess, workload_pb2_grpc.SpiffeWorkloadAPIStub]]:
+    """A real agent for `server` with a workload entry, and a stub through which REQUEST's
+    JWT-SVID was minted, so the next asks are answered from its cache."""
     with agent_stack(root, server) as agent:
         agent_id = agent.agent_id()
         create_entry(server, "spiffe://example.org/slow", agent_id)
         agent.wait_svid("spiffe://example.org/slow")
         stub = agent.stub()
-        request = workload_pb2.JWTSVIDRequest(audience=["svc"])
-        stub.FetchJWTSVID(request, metadata=HEADER, timeout=10)  # minted: answered from cache
+        stub.FetchJWTSVID(REQUEST, metadata=HEADER, timeout=10)  # minted: answered from cache
+        yield agent, stub
+
+
+def test_the_workload_api_answers_while_the_agent_saves_its_files_on_a_slow_disk() -> None:
+    root = short_tmpdir()
+    server = make_restartable_server(root).start()
+    with _agent_with_a_jwt_minted(root, server) as (agent, stub):
         bundle = agent.data_dir / "bundle.der"
         saved_at = bundle.stat().st_mtime_ns
         assert agent.proc is not None
-        with slow_fsyncs(agent.proc.pid), fetching(stub, request) as waits:
+        with slow_fsyncs(agent.proc.pid), fetching(stub) as waits:
             # A new server process: the agent's Sync stream comes back with a snapshot,
             # whose trust bundle it saves, and the audit checkpoint the start signed.
             server.stop()
@@ -114,17 +123,11 @@ def test_the_workload_api_answers_while_the_agent_saves_its_renewed_svid_on_a_sl
     root = short_tmpdir()
     # Renewed every few seconds (at half its life), so the test sees a renewal soon.
     server = make_restartable_server(root, agent_svid_ttl=RENEWED_EVERY * 2).start()
-    with agent_stack(root, server) as agent:
-        agent_id = agent.agent_id()
-        create_entry(server, "spiffe://example.org/slow", agent_id)
-        agent.wait_svid("spiffe://example.org/slow")
-        stub = agent.stub()
-        request = workload_pb2.JWTSVIDRequest(audience=["svc"])
-        stub.FetchJWTSVID(request, metadata=HEADER, timeout=10)  # minted: answered from cache
+    with _agent_with_a_jwt_minted(root, server) as (agent, stub):
         assert agent.proc is not None
         with slow_fsyncs(agent.proc.pid):
             renewed = agent.logs().count("agent SVID renewed")
-            with fetching(stub, request) as waits:
+            with fetching(stub) as waits:
                 wait_for(
                     lambda: agent.logs().count("agent SVID renewed") > renewed,
                     3 * RENEWED_EVERY,
