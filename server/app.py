@@ -634,7 +634,7 @@ class Server:
         return self._stop.is_set()
 
     async def _tls_loop(self) -> None:
-        while not await self._sleep(min(MAX_TIMER, self.tls.renew_at - self.clock.now())):
+        while not await self._sleep(min(MAX_TIMER, self.tls.due_in())):
             await self._guarded(self._renew_tls)
 
     async def _renew_tls(self) -> None:

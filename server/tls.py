@@ -19,11 +19,11 @@ from server.ca.server_svid import server_svid
 from server.datastore.records import X509_KIND
 from svid import MAX_CLOCK_SKEW
 from svid._backoff import Retry
-from svid._clock import Clock
+from svid._clock import Clock, ElapsedClock
 from svid._der import certs_to_pem
 
 # A failed renewal is retried after this long, doubling per failure up to the cap: the
-# server's loop sleeps until renew_at, which a failure would leave in the past.
+# server's loop sleeps until the renewal is due, which a failure would leave in the past.
 FIRST_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 10.0
 
@@ -42,6 +42,10 @@ class ServerTls:
         self._renew_at = 0.0
         self._issuer: x509.Certificate | None = None  # the CA certificate that signed `_chain`
         self._retry = Retry(FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS)
+        # After a failed renewal, when to try again, on the elapsed clock: a back-off is an
+        # interval, and on the wall clock a step back after the failure put it off by the step.
+        self._elapsed = ElapsedClock(clock)
+        self._retry_at: float | None = None
 
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
@@ -76,16 +80,29 @@ class ServerTls:
             if self._chain:
                 self._rebuild()
 
+    def due_in(self) -> float:
+        """Seconds until `maybe_renew` is next due (at most: a dropped CA brings it sooner):
+        renew_at, or the back-off after a failed renewal."""
+        retry_at = self._retry_at
+        if retry_at is not None:
+            return retry_at - self._elapsed.monotonic()
+        return self._renew_at - self._clock.now()
+
     def maybe_renew(self) -> bool:
-        """Renew when due; on failure keep the current identity and move renew_at on by a
-        back-off before raising."""
-        if self._chain and self._clock.now() < self._renew_at and self._issuer_kept():
+        """Renew when due; on failure keep the current identity and wait a back-off before
+        the next try, then raise."""
+        retry_at = self._retry_at
+        if retry_at is not None:
+            if self._elapsed.monotonic() < retry_at:
+                return False
+        elif self._chain and self._clock.now() < self._renew_at and self._issuer_kept():
             return False
         try:
             self.renew()
         except Exception:
-            self._renew_at = self._clock.now() + self._retry.failed()
+            self._retry_at = self._elapsed.monotonic() + self._retry.failed()
             raise
+        self._retry_at = None
         self._retry.succeeded()
         return True
 

@@ -26,8 +26,8 @@ def test_renewal_is_due_at_half_life(ca_manager: CaManager, clock: FakeClock) ->
 def test_failed_renewal_is_retried_after_a_back_off(
     ca_manager: CaManager, clock: FakeClock
 ) -> None:
-    # The server's loop sleeps until renew_at: left in the past after a failure (here the CA
-    # expired while rotation could not run), it retried every 0.05 s, a traceback each time.
+    # The server's loop sleeps until the renewal is due: left in the past after a failure (here
+    # the CA expired while rotation could not run), it retried every 0.05 s, a traceback each.
     tls = ServerTls(ca_manager, clock, ttl=600)
     tls.renew()
     chain = tls.chain
@@ -36,8 +36,9 @@ def test_failed_renewal_is_retried_after_a_back_off(
     for _ in range(6):
         with pytest.raises(CaUnavailableError):
             tls.maybe_renew()
-        delays.append(tls.renew_at - clock.now())
-        clock.set(max(clock.now(), tls.renew_at))
+        delays.append(tls.due_in())
+        assert not tls.maybe_renew()  # not tried again before the back-off
+        clock.advance(delays[-1])
     assert delays == [1, 2, 4, 8, 10, 10]
     assert tls.chain == chain  # the last good identity is kept meanwhile
 
@@ -63,3 +64,26 @@ def test_a_server_svid_whose_ca_was_dropped_is_renewed_at_the_next_look(
     assert len(issuers) == 1
     leaf.verify_directly_issued_by(issuers[0])
     assert not tls.maybe_renew()  # and then renewed at half life again, not at every look
+
+
+def test_a_failed_renewal_is_retried_after_its_back_off_whatever_the_wall_clock_does(
+    datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
+) -> None:
+    # The retry was due at a wall-clock time: NTP stepping the clock back an hour after a
+    # failure put the retry an hour off, the server meanwhile on the SVID that failed to renew.
+    stepped = SteppedClock(clock)
+    manager = CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, stepped)
+    manager.initialize()
+    tls = ServerTls(manager, stepped, ttl=600)
+    tls.renew()
+    chain = tls.chain
+    clock.set(manager.x509_signer().not_after)  # the CA expired: renewals fail
+    with pytest.raises(CaUnavailableError):
+        tls.maybe_renew()
+    assert tls.due_in() == 1
+    stepped.offset = -3600.0  # the clock stepped back, where the CA is valid again
+    assert tls.due_in() == 1
+    assert not tls.maybe_renew()  # the back-off still holds
+    clock.advance(1)
+    assert tls.maybe_renew()
+    assert tls.chain != chain
