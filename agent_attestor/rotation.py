@@ -17,7 +17,8 @@ from agent_attestor.cache import Cache
 from agent_attestor.model import Entry, IssuedSvid
 from agent_attestor.schedule import DueHeap
 from agent_attestor.signer import SvidSigner
-from svid._clock import Clock, format_utc
+from svid._backoff import Retry
+from svid._clock import Clock, ElapsedClock, format_utc
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,12 @@ class Rotator:
         self._wake = asyncio.Event()
         self._renew = DueHeap()  # entry id -> rotation point of its SVID
         self._expire = DueHeap()  # entry id -> NotAfter of its SVID
+        # Entries asked for again after a wait of their own (the server refused them, or sent
+        # an SVID expired on arrival): a wait is an interval, so on the elapsed clock, which a
+        # step back of the wall clock does not put off by the step.
+        self._elapsed = ElapsedClock(clock)
+        self._retry = DueHeap()  # entry id -> when to ask again (elapsed clock)
+        self._late: dict[str, Retry] = {}  # the back-off of entries whose SVIDs came expired
         self._pending: dict[str, None] = {}  # needs an SVID now (insertion-ordered)
         self._urgent: dict[str, None] = {}  # a workload is waiting for it: goes first
         self._held: OrderedDict[str, None] = OrderedDict()  # with a cap: LRU of entries served
@@ -139,8 +146,7 @@ class Rotator:
             self._forget(eid)
         for entry in changed:
             if self._cache.svid(entry.id) is None:  # new, or its SVID no longer fits it
-                self._renew.discard(entry.id)
-                self._expire.discard(entry.id)
+                self._unschedule(entry.id)
                 if not self._cap or entry.id in self._held or len(self._held) < self._cap:
                     self._held[entry.id] = None
                     self._pending[entry.id] = None
@@ -151,16 +157,14 @@ class Rotator:
         """These entries' SVIDs were dropped, the bundle no longer verifying them: mint them now,
         not at their renewal point."""
         for eid in entry_ids:
-            self._renew.discard(eid)
-            self._expire.discard(eid)
+            self._unschedule(eid)
             if self._cache.entry(eid) is not None:
                 self._pending[eid] = None
         if entry_ids:
             self._wake.set()
 
     def _forget(self, eid: str) -> None:
-        self._renew.discard(eid)
-        self._expire.discard(eid)
+        self._unschedule(eid)
         self._pending.pop(eid, None)
         self._urgent.pop(eid, None)
         self._held.pop(eid, None)
@@ -211,14 +215,22 @@ class Rotator:
     # ---- the schedule ------------------------------------------------------------------------
 
     def _schedule(self, svid: IssuedSvid) -> None:
+        self._unschedule(svid.entry_id)
         self._renew.set(svid.entry_id, renewal_due(svid))
         self._expire.set(svid.entry_id, svid.not_after)
+
+    def _unschedule(self, eid: str) -> None:
+        self._renew.discard(eid)
+        self._expire.discard(eid)
+        self._retry.discard(eid)
+        self._late.pop(eid, None)
 
     def due(self) -> list[str]:
         """Entry ids to mint for now (they leave the schedule): waited-for first, then new or
         failed ones, then renewals in due order."""
-        now = self._clock.now()
-        for eid in self._renew.pop_due(now):
+        for eid in self._retry.pop_due(self._elapsed.monotonic()):
+            self._pending.setdefault(eid, None)
+        for eid in self._renew.pop_due(self._clock.now()):
             self._pending.setdefault(eid, None)
         out = [*self._urgent, *(e for e in self._pending if e not in self._urgent)]
         self._urgent.clear()
@@ -226,11 +238,16 @@ class Rotator:
         return out
 
     def next_due_in(self) -> float | None:
-        """Seconds until the next renewal or expiry is due (None when nothing is held)."""
+        """Seconds until the next renewal, expiry or retry is due (None when none is)."""
         if self._pending or self._urgent:
             return 0.0
-        points = [p for p in (self._renew.next_due(), self._expire.next_due()) if p is not None]
-        return max(0.0, min(points) - self._clock.now()) if points else None
+        now = self._clock.now()
+        points = (self._renew.next_due(), self._expire.next_due())
+        waits = [p - now for p in points if p is not None]
+        retry = self._retry.next_due()
+        if retry is not None:
+            waits.append(retry - self._elapsed.monotonic())
+        return max(0.0, min(waits)) if waits else None
 
     def _drop_expired(self, now: float) -> None:
         expired = []
@@ -251,12 +268,11 @@ class Rotator:
         due = self.due()
         if not due:
             return self.next_due_in()
-        late = 0
         for start in range(0, len(due), MAX_BATCH):
             batch = due[start : start + MAX_BATCH]
             self._in_flight = set(batch)
             try:
-                late += await self._issue(batch)
+                await self._issue(batch)
             except Exception as exc:  # the server being away must never stop the loop
                 for eid in due[start:]:
                     if self._cache.entry(eid) is not None:
@@ -278,17 +294,14 @@ class Rotator:
                 self._pending = {**dict.fromkeys(rest), **self._pending}
                 self._failures = 0
                 return 0.0
-        if late:
-            self._failures += 1
-            return min(self._retry_max, self._retry_min * 2.0 ** (self._failures - 1))
         self._failures = 0
         return self.next_due_in()
 
-    async def _issue(self, entry_ids: Sequence[str]) -> int:
-        """Mint and install SVIDs for `entry_ids`; how many came back expired by this clock."""
+    async def _issue(self, entry_ids: Sequence[str]) -> None:
+        """Mint and install SVIDs for `entry_ids`."""
         entries = [e for e in map(self._cache.entry, entry_ids) if e is not None]
         if not entries:
-            return 0
+            return
         # Key generation and CSR signing are CPU work: keep them off the event loop.
         requests = await asyncio.to_thread(_make_requests, entries)
         results = await self._signer.batch_new_x509([(e.id, csr) for e, _, csr in requests])
@@ -296,6 +309,7 @@ class Rotator:
         issued: list[IssuedSvid] = []
         expired: list[IssuedSvid] = []
         received = self._clock.now()
+        elapsed = self._elapsed.monotonic()
         for entry, key, _ in requests:
             result = by_id.get(entry.id)
             if result is None or result.error or not result.chain_der:
@@ -304,7 +318,7 @@ class Rotator:
                     extra={"entry_id": entry.id, "error": result.error if result else "missing"},
                 )
                 # Asked again later, not on every tick: the server decided.
-                self._renew.set(entry.id, received + self._retry_max)
+                self._retry.set(entry.id, elapsed + self._retry_max)
                 continue
             try:
                 svid = _crypto.issued_svid(entry.id, result.chain_der, key, entry.issuance_key)
@@ -312,15 +326,17 @@ class Rotator:
                 log.warning(
                     "server sent an unusable SVID", extra={"entry_id": entry.id, "error": str(exc)}
                 )
-                self._renew.set(entry.id, received + self._retry_max)
+                self._retry.set(entry.id, elapsed + self._retry_max)
                 continue
             if svid.not_after <= received:
                 # Expired on arrival: this clock is ahead of the server's by more than the TTL.
                 # Never served; minted again at once it would come back expired again, on every
-                # tick: retried with tick's backoff (slept on the monotonic clock, so a clock
-                # put right by a step back is not waited out), as when the server is away.
+                # tick: retried after a back-off of its own (on the elapsed clock, so a clock
+                # put right by a step back is not waited out). Its own: the other entries'
+                # renewals, which a back-off of the whole rotator held up, still come on time.
                 expired.append(svid)
-                self._pending.setdefault(entry.id, None)
+                late = self._late.setdefault(entry.id, Retry(self._retry_min, self._retry_max))
+                self._retry.set(entry.id, elapsed + late.failed())
                 continue
             issued.append(dataclasses.replace(svid, received_at=received))
         if expired:
@@ -346,7 +362,6 @@ class Rotator:
             "issued X.509-SVIDs",
             extra={"count": len(installed), "next_due_in": self.next_due_in()},
         )
-        return len(expired)
 
     async def run(self, idle: float = 30.0) -> None:
         """Tick forever: sleep until the next due time or a wake-up (new entries, a workload

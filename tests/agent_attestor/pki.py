@@ -123,6 +123,7 @@ class FakeSigner:
         self.spiffe_ids = spiffe_ids if spiffe_ids is not None else {}
         self.fail = False
         self.refuse_jwt: Exception | None = None  # a server decision, e.g. NoIdentityError
+        self.ttls: dict[str, int] = {}  # entry id -> its SVIDs' TTL, when not the CA's
         self.batches: list[int] = []
         self.requested: list[list[str]] = []  # entry ids of each batch, in order
         self.jwt_calls = 0
@@ -145,7 +146,7 @@ class FakeSigner:
             assert csr.is_signature_valid
             pub = csr.public_key()
             assert isinstance(pub, ec.EllipticCurvePublicKey)
-            leaf = self.ca.sign_leaf(pub, sid)
+            leaf = self.ca.sign_leaf(pub, sid, self.ttls.get(entry_id))
             out.append(X509Result(entry_id, leaf.public_bytes(serialization.Encoding.DER)))
         return out
 

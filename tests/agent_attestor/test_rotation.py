@@ -16,6 +16,7 @@ from agent_attestor.rotation import (
     MAX_BATCH,
     Rotator,
     jitter_for,
+    renewal_due,
     rotation_point,
     should_rotate,
 )
@@ -178,10 +179,55 @@ def test_an_agent_clock_ahead_by_more_than_the_ttl_does_not_mint_in_a_busy_loop(
     server_clock, cache, signer, _ = _setup(ttl=300)
     clock = SteppedClock(server_clock, 310.0)
     rot = Rotator(cache, signer, clock, retry_min=1, retry_max=8)
-    delays = [asyncio.run(rot.tick()) for _ in range(5)]
+    delays = []
+    for _ in range(5):
+        delays.append(asyncio.run(rot.tick()))
+        assert asyncio.run(rot.tick()) == delays[-1]  # not asked again before the back-off
+        server_clock.advance(delays[-1])
     assert delays == [1, 2, 4, 8, 8]  # backing off, as while the server is away
-    assert len(signer.batches) == 5  # one ask per tick
+    assert len(signer.batches) == 5  # one ask per back-off
     assert "e0" not in cache.svids()  # never served expired
-    clock.offset = 0.0  # NTP puts the clock right (a step back): the next tick recovers
+    clock.offset = 0.0  # NTP puts the clock right (a step back): the next ask, due, recovers
     asyncio.run(rot.tick())
     assert cache.svids()["e0"].not_after > clock.now()
+
+
+def test_a_refused_entry_is_asked_for_again_after_its_wait_whatever_the_wall_clock_does() -> None:
+    # The next ask was due at a wall-clock time: a step back of the agent's clock after the
+    # refusal put it off by the step, an entitlement granted meanwhile unused for an hour.
+    server_clock, cache, signer, _ = _setup(2)
+    clock = SteppedClock(server_clock)
+    rot = Rotator(cache, signer, clock, retry_min=1, retry_max=8)
+    del signer.spiffe_ids["e1"]
+    asyncio.run(rot.tick())
+    assert set(cache.svids()) == {"e0"}
+    signer.spiffe_ids["e1"] = "spiffe://example.org/w1"  # the server grants it now
+    clock.offset = -3600.0  # NTP steps the agent's clock back an hour
+    server_clock.advance(7)
+    assert asyncio.run(rot.tick()) == pytest.approx(1)
+    assert "e1" not in cache.svids()  # not asked on every tick: the server decided
+    server_clock.advance(1)
+    asyncio.run(rot.tick())
+    assert "e1" in cache.svids()
+
+
+def test_an_svid_expired_on_arrival_backs_off_its_entry_alone_the_others_renew_on_time() -> None:
+    # An agent clock 20 s ahead of the server's and one entry with a 5 s TTL: each of that
+    # entry's SVIDs arrives expired. The back-off it calls for held the whole rotator up to
+    # 8 s (retry_max), and another entry's renewal falling due meanwhile waited it out.
+    server_clock, cache, signer, _ = _setup(2)
+    clock = SteppedClock(server_clock, 20.0)
+    signer.ttls["e1"] = 5
+    rot = Rotator(cache, signer, clock, retry_min=1, retry_max=8)
+    delay = asyncio.run(rot.tick())
+    first = cache.svids()["e0"]
+    assert "e1" not in cache.svids()  # never served expired
+    due = renewal_due(first)
+    while cache.svids()["e0"] is first:
+        assert delay is not None
+        server_clock.advance(delay)
+        delay = asyncio.run(rot.tick())
+    assert clock.now() - due < 0.01  # renewed when due, not after e1's back-off
+    # e1 backed off meanwhile (1, 2, 4, then 8 s apart), not asked for on every tick
+    e1_asks = sum("e1" in batch for batch in signer.requested)
+    assert e1_asks <= 4 + (clock.now() - first.received_at) / 8 + 1
