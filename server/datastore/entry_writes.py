@@ -31,6 +31,9 @@ R = TypeVar("R")  # what a batch answers for an item it wrote
 
 REVISION = "revision"  # the counter every committed entry write moves (Sync streams follow it)
 
+# The newest created_at stored (0 for none): where a process's floor on created_at starts.
+NEWEST_CREATED_AT = "SELECT COALESCE(MAX(created_at), 0) AS newest FROM entries"
+
 
 class EntryWrites(Generic[H]):
     """A datastore mixin: the entry writes of the DataStore protocol."""
@@ -64,10 +67,15 @@ class EntryWrites(Generic[H]):
     def _now(self) -> int:
         raise NotImplementedError
 
+    def _newest_created_at(self) -> int:
+        """NEWEST_CREATED_AT, read outside any transaction."""
+        raise NotImplementedError
+
     _clock: Clock
     _id_lock: threading.Lock  # the backend makes it, with _last_id_millis = _last_created = 0
     _last_id_millis: int
     _last_created: int
+    _floors_read: bool = False  # whether _last_created and _last_id_millis start from the store
 
     # -- the writes ---------------------------------------------------------------------------
 
@@ -90,7 +98,22 @@ class EntryWrites(Generic[H]):
             self._last_created = max(self._now(), self._last_created)
             return self._last_created
 
+    def _read_floors(self) -> None:
+        """Start both floors from the newest entry stored, once, before this process makes its
+        first: held in memory only, they began at 0 on each start, and a server restarted on a
+        clock stepped back stamped its first entries before the older ones. The ids of entries
+        made at that second have their milliseconds within it (or, made at a floor, a few
+        past it): the next id's are after them."""
+        if self._floors_read:
+            return
+        newest = self._newest_created_at()  # before the lock: a read, which may wait
+        with self._id_lock:
+            self._last_created = max(self._last_created, newest)
+            self._last_id_millis = max(self._last_id_millis, newest * 1000 + 999)
+            self._floors_read = True
+
     def _stored_new(self, entry: Entry) -> Entry:
+        self._read_floors()
         created_at = self._new_created_at()
         return replace(
             entry, id=entry.id or self._new_entry_id(), revision=1, created_at=created_at

@@ -33,8 +33,8 @@ import sqlite_utils
 from server.datastore import queries as q
 from server.datastore import sqlite_audit
 from server.datastore.base import JtiClaim
+from server.datastore.entry_writes import NEWEST_CREATED_AT, EntryWrites
 from server.datastore.entry_writes import REVISION as _REVISION
-from server.datastore.entry_writes import EntryWrites
 from server.datastore.errors import (
     AgentReplacedError,
     AlreadyExistsError,
@@ -370,6 +370,9 @@ class SqliteDataStore(
 
     def _now(self) -> int:
         return int(self._clock.now())
+
+    def _newest_created_at(self) -> int:
+        return int(self._rows(NEWEST_CREATED_AT)[0]["newest"])
 
     @staticmethod
     def _bump(db: sqlite_utils.Database, counter: str) -> int:

@@ -235,6 +235,34 @@ def test_an_entry_made_after_a_step_back_of_the_clock_sorts_after_those_made_bef
         store.close()
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_an_entry_made_after_a_restart_on_a_clock_stepped_back_sorts_after_those_made_before(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    # The floor on created_at (and on the ids' milliseconds, which order entries within a
+    # second) was kept in memory only: restarted on a clock stepped back, the server stamped
+    # a new entry before the older ones, and it became the default identity of the workloads
+    # it matched.
+    clock = _SteppedClock(NOW)
+    opener = BACKENDS[backend](request, tmp_path, clock)
+    sels = (Selector("unix", "uid:1000"),)
+    store = opener()
+    try:
+        first = store.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))
+    finally:
+        store.close()
+    clock.offset = -3600.0  # the step back, then the restart
+    store = opener()
+    try:
+        second = store.create_entry(Entry("", "spiffe://example.org/b", AGENT, sels))
+        (third,) = store.create_entries([Entry("", "spiffe://example.org/c", AGENT, sels)])
+        assert isinstance(third, Entry)
+        made = [(e.created_at, e.id) for e in (first, second, third)]
+        assert made == sorted(made)
+    finally:
+        store.close()
+
+
 def test_get_entries_reads_many_ids_at_once(store: DataStore) -> None:
     sels = (Selector("unix", "uid:1000"),)
     made = store.create_entries(
