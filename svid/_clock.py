@@ -29,20 +29,42 @@ class SystemClock:
         return time.monotonic()
 
 
+class ElapsedCount:
+    """Time elapsed since a first reading of the two clocks, counting a sleep of the host.
+    CLOCK_MONOTONIC stands still while the host is suspended (or its VM paused), and a deadline
+    on it alone came that long late: a token kept past its exp. The wall clock moves on
+    meanwhile, but NTP steps it back too. Each reading moves the count on by the larger of the
+    two clocks' moves since the last one: never back, never less than the monotonic clock, and
+    a suspend (the wall clock's jump forward) counted. A wall-clock step forward is counted as
+    time passed: a deadline then comes early, never late.
+
+    Fed readings taken by its owner, who keeps it from two threads at once. A reading without
+    the wall clock counts the monotonic one alone. A reading whose monotonic time is behind the
+    last one's was taken before it (by another thread): it counts no time."""
+
+    def __init__(self, mono: float, wall: float | None, start: float = 0.0) -> None:
+        self._mono, self._wall, self._value = mono, wall, start
+
+    def read(self, mono: float, wall: float | None) -> float:
+        if mono < self._mono:
+            return self._value
+        moved = mono - self._mono
+        if wall is not None and self._wall is not None:
+            moved = max(moved, wall - self._wall)
+        self._value += moved
+        self._mono, self._wall = mono, wall
+        return self._value
+
+
 class ElapsedClock:
-    """`clock`, whose monotonic time also counts a sleep of the host. CLOCK_MONOTONIC stands
-    still while the host is suspended (or its VM paused), and a deadline on it alone came that
-    long late: a token kept past its exp. The wall clock moves on meanwhile, but NTP steps it
-    back too. Each reading here moves on by the larger of the two clocks' moves since the last
-    one: never back, never less than the monotonic clock, and a suspend (the wall clock's jump
-    forward) counted. A wall-clock step forward is counted as time passed: a deadline then
-    comes early, never late. Thread-safe."""
+    """`clock`, whose monotonic time also counts a sleep of the host (see ElapsedCount).
+    Thread-safe."""
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._wall = clock.now()
-        self._mono = self._value = clock.monotonic()
+        wall, mono = clock.now(), clock.monotonic()
+        self._count = ElapsedCount(mono, wall, start=mono)
 
     def now(self) -> float:
         return self._clock.now()
@@ -50,9 +72,7 @@ class ElapsedClock:
     def monotonic(self) -> float:
         with self._lock:
             wall, mono = self._clock.now(), self._clock.monotonic()
-            self._value += max(mono - self._mono, wall - self._wall, 0.0)
-            self._wall, self._mono = wall, mono
-            return self._value
+            return self._count.read(mono, wall)
 
 
 class FakeClock:

@@ -20,6 +20,7 @@ from typing import Protocol, TypeVar
 
 from cryptography import x509
 
+from svid._clock import ElapsedCount
 from svid._der import tbs_names
 from svid._errors import StaleRevocationsError, SvidError
 
@@ -166,9 +167,10 @@ class RevocationSet:
         # Feed state: None = not fed (static); otherwise when the feed was last known live
         # (monotonic clock), math.inf while it is (live now), -math.inf when it never was.
         self._current_until: float | None = None
-        # The wall-clock time of that loss, when known: a sleep of the host (a suspend, a paused
-        # VM) moves the wall clock on but not the monotonic one, and staleness is the larger.
-        self._lost_wall: float | None = None
+        # Since that loss, counted as ElapsedClock counts: a sleep of the host (a suspend, a
+        # paused VM) moves the wall clock on but not the monotonic one, and is counted too.
+        self._lost: ElapsedCount | None = None
+        self._lost_lock = threading.Lock()  # its readings, from any verifier's thread
         self.replace(items)
 
     # --- freshness: the feed says when it is connected and when it is lost ---
@@ -184,25 +186,24 @@ class RevocationSet:
         ``wall`` (wall clock, if given): staleness grows from then."""
         if mono is None or self.updated_at is None:
             self._current_until = -math.inf
-            self._lost_wall = None
+            self._lost = None
         elif self._current_until is None or self._current_until == math.inf:
+            self._lost = ElapsedCount(mono, wall)
             self._current_until = mono
-            self._lost_wall = wall
 
     def staleness(self, mono: float, wall: float | None = None) -> float:
         """Seconds since the set was last known complete, at ``mono`` (monotonic clock) and
-        ``wall`` (wall clock, if given): the larger of the two clocks' counts, since a step
-        back of the wall clock does not shorten it, nor a sleep of the host (which the
+        ``wall`` (wall clock, if given), counted reading by reading as ElapsedClock counts: a
+        step back of the wall clock does not shorten it, nor a sleep of the host (which the
         monotonic clock does not count) hide it. 0 while its feed is live (or for a set nobody
         feeds), ``inf`` if its feed never delivered."""
-        until = self._current_until
+        until, lost = self._current_until, self._lost
         if until is None or until == math.inf:
             return 0.0
-        elapsed = mono - until
-        lost_wall = self._lost_wall
-        if wall is not None and lost_wall is not None:
-            elapsed = max(elapsed, wall - lost_wall)
-        return max(0.0, elapsed)
+        if lost is None:
+            return math.inf
+        with self._lost_lock:
+            return lost.read(mono, wall)
 
     @staticmethod
     def _split(items: Iterable[Revoked]) -> _Parts:

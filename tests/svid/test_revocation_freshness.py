@@ -63,6 +63,18 @@ def test_staleness_follows_the_feed() -> None:
     assert rs.staleness(T0 + 1020) == 0.0
 
 
+def test_staleness_counts_a_sleep_of_the_host_after_a_step_back_of_the_clock() -> None:
+    # Staleness was the larger of the two clocks' counts since the loss: after a step back of
+    # an hour, the wall clock's count stayed an hour short, and a half-hour sleep of the host
+    # (which the monotonic clock does not count) went uncounted by both. Counted as
+    # ElapsedClock counts, reading by reading, each clock's move counts when it is the larger.
+    rs = RevocationSet()
+    rs.feed_delivered(T0)
+    rs.feed_lost(100.0, T0)
+    assert rs.staleness(105.0, T0 - 3595.0) == 5.0  # stepped back an hour, five seconds on
+    assert rs.staleness(105.0, T0 - 1795.0) == 1805.0  # then the host slept half an hour
+
+
 @pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, True])
 def test_max_staleness_must_be_a_positive_number(bad: float) -> None:
     with pytest.raises(ValueError, match="max_revocation_staleness"):
