@@ -65,3 +65,12 @@ class UnavailableError(OAuthError):
 
     error = "temporarily_unavailable"
     status = 503
+
+
+class RateLimitedError(OAuthError):
+    """A task's agent spent its budget of task decisions (server.tasks.service TaskSettings,
+    mint_pairs_*_per_agent) that its exchanges are charged to. RFC 6749 has no code of its own
+    for it: temporarily_unavailable says to retry later, and 429 (RFC 6585) says why."""
+
+    error = "temporarily_unavailable"
+    status = 429

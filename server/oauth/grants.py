@@ -42,6 +42,7 @@ from server.datastore.errors import (
 )
 from server.datastore.records import REVOKED_JWT_ID, Credential
 from server.errors import PermissionDeniedError
+from server.errors import RateLimitedError as DecisionBudgetError
 from server.issuance import TaskJwtGrant
 from server.oauth.assertions import AssertionChecker, CheckedAssertion, replayed
 from server.oauth.errors import (
@@ -50,6 +51,7 @@ from server.oauth.errors import (
     InvalidRequestError,
     InvalidTargetError,
     OAuthError,
+    RateLimitedError,
     UnavailableError,
 )
 from server.oauth.replay import ReplayGuard
@@ -86,7 +88,10 @@ _AGENT_GONE = (
 class TaskExchanges(Protocol):
     """The task layer's side of an exchange (server.tasks.service.TaskService)."""
 
-    def exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]: ...
+    def exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]:
+        """PermissionDeniedError (audited) or server.errors.RateLimitedError (the task's agent
+        over its decision budget: nothing decided, nothing written)."""
+        ...
 
     def ended(self, spiffe_id: str) -> bool: ...
 
@@ -336,11 +341,10 @@ class Grants:
                 raise InvalidGrantError("subject_token has expired")
             # The acting workload holds the token too: its agent's removal is to revoke it.
             actor_agent = self._agent_of(actor, claimed=False)
-            try:
-                task, grant = self._tasks.exchange_grant(task_sid, resource)
-            except PermissionDeniedError as exc:  # the task layer audited its own denial
-                raise InvalidGrantError(f"task decision: {exc}") from None
-        except UnavailableError:  # the ledger cannot be read: not the request's fault
+            task, grant = self._exchange_grant(task_sid, resource)
+        except (UnavailableError, RateLimitedError):
+            # The ledger cannot be read, or the task's agent spent its decision budget: not
+            # the request's fault, and past the budget nothing is written per request.
             raise
         except OAuthError as exc:
             self._refused(EVENT_EXCHANGE, exc, call)
@@ -451,6 +455,11 @@ class Grants:
     ) -> TokenResponse:
         try:
             task, grant = self._decide(subject, resource)
+        except RateLimitedError:
+            # Nothing decided, nothing written: the subject token may be presented again once
+            # the budget refills (it is not used up by a refusal that says to retry).
+            self._replay.release(subject.claim)
+            raise
         except OAuthError as exc:
             self._refused(kind, exc, call, subject.claim)
             raise
@@ -546,10 +555,20 @@ class Grants:
             raise InvalidGrantError("subject_token must be a task JWT-SVID")
         if subject.verified.spiffe_id.trust_domain.name != self._trust_domain:
             raise InvalidGrantError("only tasks of this trust domain can be exchanged")
+        return self._exchange_grant(sub, resource)
+
+    def _exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]:
+        """The task layer's decision, charged to the budget of the task's agent as its task
+        JWT mints are: past it, RateLimitedError, nothing decided and nothing recorded."""
         try:
-            return self._tasks.exchange_grant(sub, resource)
+            return self._tasks.exchange_grant(spiffe_id, resource)
         except PermissionDeniedError as exc:  # the task layer audited its own denial
             raise InvalidGrantError(f"task decision: {exc}") from None
+        except DecisionBudgetError:
+            # Which agent, and its rate, are the node's business, not the exchanger's.
+            raise RateLimitedError(
+                "task decision: the task's agent is over its budget of task decisions; retry later"
+            ) from None
 
     def _agent_of(self, assertion: CheckedAssertion, *, claimed: bool = True) -> str:
         """The agent a workload's assertion (or actor token) was minted through ("" for one

@@ -230,6 +230,14 @@ class PolicyEngine:
         cache.keep(request, decision)
         return decision
 
+    def known(self, request: DecisionRequest) -> Decision | None:
+        """The decision `decide` would answer from its cache now, without deciding (None: it
+        would ask Cedar): what a budget of policy work charges nothing for."""
+        cache = self._decisions
+        if cache.loaded is not self._loaded or cache.second != int(self._clock.now()):
+            return None
+        return cache.decisions.get(request)
+
     def _decide(
         self, loaded: LoadedSet, request: DecisionRequest, now: float, started: int
     ) -> Decision:

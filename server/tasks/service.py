@@ -98,10 +98,13 @@ class TaskSettings:
     # Rows one page of a workload's own tasks reads at most (TaskService.list with entries):
     # the page skips the tasks of the other workloads of its SPIFFE ID, which may be any number.
     max_scanned_rows: int = 5000
-    # Policy decisions an agent's task JWT mints may ask for, in (action, audience) pairs a
-    # second after a burst (0: no limit). A mint is decided afresh over its task's actions times
-    # its audiences (~0.15 ms a pair with the shipped policy), so the JWT signing budget, which
-    # counts it as one signature, bounds that CPU by a hundredfold too little.
+    # Policy decisions an agent's task JWT mints, and its tasks' token exchanges, may ask for,
+    # in (action, audience) pairs a second after a burst (0: no limit). A mint is decided afresh
+    # over its task's actions times its audiences (~0.15 ms a pair with the shipped policy), so
+    # the JWT signing budget, which counts it as one signature, bounds that CPU by a hundredfold
+    # too little. It bounds policy work and violation rows: a decision policy answers from its
+    # cache is not charged (requests are the signing budget's), an out-of-intent one, which
+    # writes a violation, is (at least one pair), and either is charged before its work.
     mint_pairs_rate_per_agent: float = 1000.0
     mint_pairs_burst_per_agent: int = 4000
 
@@ -751,15 +754,24 @@ class TaskService:
     # -- per-mint decisions ---------------------------------------------------------------------
 
     def _mint_decision(
-        self, agent_id: str, task: Task, audience: Sequence[str], *, budgeted: bool = False
+        self, agent_id: str, task: Task, audience: Sequence[str]
     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The (actions, tool names) this mint may carry, or PermissionDeniedError (audited,
-        maybe flagged). `budgeted`: the pairs decided are taken from `agent_id`'s budget
-        (RateLimitedError past it, before any decision)."""
+        maybe flagged). Charged to `agent_id`'s decision budget before any work it bounds
+        (RateLimitedError past it, with nothing decided or written)."""
         agent = self._state.agents.get(agent_id) or AttestedAgent(agent_id, "", "", 0)
         intent, split_tools = self._facts_of(task)
+        tools_by_name: dict[str, set[str]] = {}
+        for _, server, name in split_tools:
+            if server in audience:
+                tools_by_name.setdefault(name, set()).add(server)
+        pairs = [(a, aud) for a in task.actions for aud in audience if aud in task.resources]
+        pairs += [(INVOKE_TOOL, ref) for ref, server, _ in split_tools if server in audience]
         verdict = check_audiences(intent, audience)
         if not verdict.ok:
+            # Decides nothing, yet writes a violation row (and maybe a denial event): charged
+            # first, so that past the budget a runtime's out-of-intent mints write nothing.
+            self._charge(agent_id, len(pairs))
             raise self._deny(
                 agent=agent,
                 runtime_id=task.runtime_id,
@@ -773,30 +785,20 @@ class TaskService:
         remaining = task.remaining(self._clock.now())
         if remaining <= 0:
             raise PermissionDeniedError(f"task {task.task_id} has expired")
-        tools_by_name: dict[str, set[str]] = {}
-        for _, server, name in split_tools:
-            if server in audience:
-                tools_by_name.setdefault(name, set()).add(server)
-        pairs = [(a, aud) for a in task.actions for aud in audience if aud in task.resources]
-        pairs += [(INVOKE_TOOL, ref) for ref, server, _ in split_tools if server in audience]
-        if budgeted and not self._mint_pairs.try_take(agent_id, max(1, len(pairs))):
-            # Not a decision about the intent: nothing for the audit log (the agent may ask
-            # again at once, and the refusal is what keeps it from costing us).
-            raise RateLimitedError(
-                f"task JWT decision budget exceeded for agent {agent_id}: this mint asks "
-                f"{len(pairs)} (action, audience) pairs, "
-                f"{self.settings.mint_pairs_rate_per_agent:g} a second allowed"
-            )
-        decision = self._policy.decide(
-            DecisionRequest(
-                agent_id=task.runtime_id,
-                node_id=task.agent_id,
-                intent=intent,
-                requested_ttl=remaining,
-                violations=self.violations(task.agent_id, task.runtime_id),
-                pairs=tuple(pairs),
-            )
+        request = DecisionRequest(
+            agent_id=task.runtime_id,
+            node_id=task.agent_id,
+            intent=intent,
+            requested_ttl=remaining,
+            violations=self.violations(task.agent_id, task.runtime_id),
+            pairs=tuple(pairs),
         )
+        if self._policy.known(request) is None:
+            # The same question within the second is answered from policy's cache, at no cost
+            # to what the budget bounds: replicas of one runtime fetching the same audience
+            # at once are not refused for the one decision they share.
+            self._charge(agent_id, len(pairs))
+        decision = self._policy.decide(request)
         # The token names every audience, so it may carry only what is granted on all of them:
         # an action on each, a tool of each (`tool:<name>` then means that tool of every one).
         granted = set(decision.granted)
@@ -818,6 +820,17 @@ class TaskService:
                 decision=decision,
             )
         return tuple(sorted(actions)), tuple(sorted(tools))
+
+    def _charge(self, agent_id: str, pairs: int) -> None:
+        """Take a decision of `pairs` from the agent's budget, or RateLimitedError. Not a
+        decision about the intent: nothing for the audit log (the agent may ask again at once,
+        and the refusal is what keeps it from costing us)."""
+        if not self._mint_pairs.try_take(agent_id, max(1, pairs)):
+            raise RateLimitedError(
+                f"task JWT decision budget exceeded for agent {agent_id}: this mint asks "
+                f"{pairs} (action, audience) pairs, "
+                f"{self.settings.mint_pairs_rate_per_agent:g} a second allowed"
+            )
 
     def _facts_of(self, task: Task) -> tuple[Intent, tuple[tuple[str, str, str], ...]]:
         """The task's intent and its tools split (ref, server, name): pure functions of the
@@ -859,7 +872,7 @@ class TaskService:
     def jwt_grant(self, agent_id: str, entry: Entry, audience: Sequence[str]) -> TaskJwtGrant:
         """A task JWT-SVID decided again: its txn/scope/tctx/act claims and TTL."""
         task = self._held_task(agent_id, entry)
-        actions, tools = self._mint_decision(agent_id, task, audience, budgeted=True)
+        actions, tools = self._mint_decision(agent_id, task, audience)
         scope = " ".join((*actions, *(f"{TOOL_SCOPE_PREFIX}{t}" for t in tools)))
         claims = task_claims(task, scope)
         ttl = max(
@@ -877,8 +890,9 @@ class TaskService:
 
     def exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]:
         """An OAuth token exchange (server/oauth) for the active task with this SPIFFE ID: the
-        same fresh decision as a task JWT mint, for `resource`; PermissionDeniedError
-        (audited) otherwise."""
+        same fresh decision as a task JWT mint, for `resource`, charged to the same budget
+        (the task's agent's: RateLimitedError past it); PermissionDeniedError (audited)
+        otherwise. Uncharged, an exchanger drove policy decisions and violation rows at will."""
         task = self._active.get(spiffe_id)
         if task is None:
             raise PermissionDeniedError(f"task identity {spiffe_id[:200]} is not active")

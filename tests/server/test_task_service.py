@@ -54,7 +54,13 @@ from server.state import ServerState
 from server.tasks.crl import REFRESH_AFTER
 from server.tasks.model import TaskState
 from server.tasks.removals import AgentRemovals
-from server.tasks.service import BEGIN_CUT_SHORT, BEGIN_UNLOGGED, BeginRequest, TaskService
+from server.tasks.service import (
+    BEGIN_CUT_SHORT,
+    BEGIN_UNLOGGED,
+    BeginRequest,
+    TaskService,
+    TaskSettings,
+)
 from server.tasks.store import TaskStore
 from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY, RevokedError, X509Bundle, X509Verifier
 from svid._bundle import BundleSet
@@ -118,6 +124,7 @@ def make_world(
     *,
     store: TaskStore | None = None,
     policy_dir: Path | None = None,
+    settings: TaskSettings | None = None,
 ) -> World:
     state = ServerState(datastore, clock, ChangeNotifier())
     state.load()
@@ -135,6 +142,7 @@ def make_world(
         ca=ca_manager,
         server_id="spiffe://example.org/svid/server",
         clock=clock,
+        settings=settings,
     )
     issuer = Issuer(
         state=state,

@@ -17,7 +17,7 @@ from server.errors import PermissionDeniedError
 from server.tasks.model import Task, TaskState
 from server.tasks.service import BeginRequest
 from server.tasks.store import TaskStore
-from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer
+from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer, serving_oauth
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -453,3 +453,28 @@ def test_a_task_jwt_svid_also_for_a_resource_is_not_traded_by_that_resource(
         assert reply.status_code == 400, reply.text
         assert reply.json()["error"] == "invalid_grant"
         assert RESOURCE in reply.json()["error_description"]
+
+
+def test_an_exchange_past_its_agents_decision_budget_is_throttled_writing_nothing() -> None:
+    # Three pairs, refilled at half a pair a second: the subject tokens' mint (read on the
+    # issuer, one pair, the second answered from policy's cache), then one exchange (read and
+    # read_ticket on the resource, two pairs) spend it.
+    budget = {"task_mint_pairs_rate_per_agent": 0.5, "task_mint_pairs_burst_per_agent": 3}
+    with serving_oauth("oab", [RESOURCE, OTHER_RESOURCE], **budget) as oauth:
+        world = begin_task(oauth)
+        first, second = world.subject_token(), world.subject_token()
+        form = {"grant_type": EXCHANGE, "subject_token_type": JWT_TYPE, "resource": RESOURCE}
+        post = functools.partial(httpx.post, oauth.issuer + "/token", verify=oauth.ssl_context())
+        assert post(data={**form, "subject_token": first}).status_code == 200
+        clock = oauth.running.clock
+        clock.advance(1)  # a new second: policy decides again, and half a pair is not enough
+        written = len(list(oauth.running.server.datastore.audit_rows()))
+        for _ in range(3):
+            reply = post(data={**form, "subject_token": second})
+            assert reply.status_code == 429, reply.text
+            assert reply.json()["error"] == "temporarily_unavailable"
+            assert "budget of task decisions" in reply.json()["error_description"]
+        assert len(list(oauth.running.server.datastore.audit_rows())) == written
+        # Refilled, the same subject token is exchanged: a throttled one is not used up.
+        clock.advance(4)
+        assert post(data={**form, "subject_token": second}).status_code == 200
