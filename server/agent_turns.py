@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from server.errors import RateLimitedError
+
+_T = TypeVar("_T")
 
 
 class AgentTurns:
@@ -51,6 +54,28 @@ class AgentTurns:
             if not self._held[agent_id]:
                 del self._held[agent_id]
                 del self._turns[agent_id]
+
+    async def run(self, agent_id: str, work: Callable[[], Awaitable[_T]]) -> _T:
+        """`work()` within one of the agent's turns, the turn held until the work ends.
+
+        A caller cancelled (its client hung up, its deadline passed) while the work runs does
+        not leave at once: the work runs on (threads it started cannot be stopped, and an end
+        cut short leaves its task ended but not yet revoked), and a turn given back now would
+        let a caller that hangs up and calls again run any number of them at once. So the
+        cancellation is kept until the work is done, then raised (run_held, for coroutines)."""
+        async with self.hold(agent_id):
+            task = asyncio.ensure_future(work())
+            cancelled = False
+            while not task.done():
+                try:
+                    await asyncio.wait((task,))
+                except asyncio.CancelledError:
+                    cancelled = True
+            if cancelled:
+                if not task.cancelled():
+                    task.exception()  # retrieved: the caller is gone, nobody else will
+                raise asyncio.CancelledError
+            return task.result()
 
     def held(self, agent_id: str) -> int:
         """Calls of the agent under way or waiting."""

@@ -298,12 +298,18 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
         task_id = _task_id("task_id", request.task_id)
         runtime_ids = _runtime_ids(list(request.runtime_ids))
         entry_ids = _entry_ids(list(request.runtime_entry_ids))
-        async with self._ends.hold(agent.spiffe_id):
+
+        async def end() -> tuple[Task, int]:
             task = await self._service.end(
                 agent, task_id, runtime_ids, request.reason, runtime_entry_ids=entry_ids
             )
             # What the end revoked, as the admin views count it (`svid-agent task end` prints it).
             count = await asyncio.to_thread(self._service.store.count_credentials, task.task_id)
+            return task, count
+
+        # Held to the end's end even if the caller hangs up: else a caller that hangs up and
+        # calls again runs any number of ends at once past its turns.
+        task, count = await self._ends.run(agent.spiffe_id, end)
         return task_pb2.EndTaskResponse(task=task_to_proto(task, count))
 
     @status.unary
