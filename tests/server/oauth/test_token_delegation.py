@@ -446,3 +446,29 @@ def test_a_delegated_token_expires_with_the_token_acted_for_at_the_latest() -> N
         clock.advance(first_exp - int(clock.now()) + 1)
         # Past its exp, still within the verifier's leeway: refused all the same.
         refused(delegate(world, first, actor_token(oauth)), "invalid_grant", "subject_token has")
+
+
+def test_delegations_past_the_tasks_agents_decision_budget_are_throttled_writing_nothing() -> None:
+    # Four pairs, refilled at half a pair a second: the subject token's mint (one pair), the
+    # exchange (two) and one delegation to OTHER_RESOURCE (read: one) spend them.
+    with serving_oauth(
+        "odb",
+        [RESOURCE, OTHER_RESOURCE],
+        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
+        task_mint_pairs_rate_per_agent=0.5,
+        task_mint_pairs_burst_per_agent=4,
+    ) as oauth:
+        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE))
+        first = world.exchange().json()["access_token"]
+        actor = actor_token(oauth)
+        assert delegate(world, first, actor).status_code == 200
+        oauth.running.clock.advance(1)  # a new second: decided again, half a pair is not enough
+        datastore = oauth.running.server.datastore
+        written = len(list(datastore.audit_rows()))
+        for _ in range(3):
+            reply = delegate(world, first, actor)
+            assert reply.status_code == 429, reply.text
+            assert reply.json()["error"] == "temporarily_unavailable"
+        assert len(list(datastore.audit_rows())) == written
+        oauth.running.clock.advance(2)
+        assert delegate(world, first, actor).status_code == 200
