@@ -794,9 +794,10 @@ class TaskService:
             pairs=tuple(pairs),
         )
         if self._policy.known(request) is None:
-            # The same question within the second is answered from policy's cache, at no cost
-            # to what the budget bounds: replicas of one runtime fetching the same audience
-            # at once are not refused for the one decision they share.
+            # The same question within the second (a burst of one task's exchanges for a
+            # resource, its mints after its agent's restart) is answered from policy's cache,
+            # at no cost to what the budget bounds: charged, it refused them for work not done.
+            # A second turning between here and decide() lets one decision through uncharged.
             self._charge(agent_id, len(pairs))
         decision = self._policy.decide(request)
         # The token names every audience, so it may carry only what is granted on all of them:

@@ -50,7 +50,7 @@ def test_an_out_of_intent_mint_past_the_budget_writes_no_violation_nor_denial(
 def test_a_mint_policy_answers_from_its_cache_is_not_charged(world: World) -> None:
     task = world.begin()
     entry = world.state.entries.by_id[task.entry_id]
-    # Replicas of one runtime fetching the same audience within the second: one decision.
+    # The same mint again within the second (its agent restarted, say): one decision.
     for _ in range(3):
         assert world.mint_jwt(entry, ["docs"]).token
     # A new second's decision is policy work again, and the budget has not refilled for it.
