@@ -91,9 +91,11 @@ class ServerConfig:
     task_begin_rate_per_runtime: float = 20.0
     task_begin_burst_per_runtime: int = 200
     max_active_tasks_per_runtime: int = 1000
-    # Policy decisions an agent's task JWT mints may ask for, in (action, audience) pairs a
-    # second: a mint is decided afresh over its task's actions times its audiences, a hundred
-    # times a signature's CPU for a few dozen pairs, which jwt_rate_per_agent counts as one.
+    # Policy decisions an agent's tasks may ask for, in (action, audience) pairs a second: a
+    # task JWT mint is decided afresh over its task's actions times its audiences, a hundred
+    # times a signature's CPU for a few dozen pairs, which jwt_rate_per_agent counts as one;
+    # a token exchange or delegation of the task's is charged here too. A decision policy
+    # answers from its cache costs nothing.
     task_mint_pairs_rate_per_agent: float = 1000.0
     task_mint_pairs_burst_per_agent: int = 4000
     # Threads that run issuance batches (and sign the small ones, and agent SVIDs). Big
