@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -62,17 +62,23 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-async def _off_loop(save: Callable[[_T], object], what: _T) -> None:
-    """`save(what)` in a thread. Cancelled meanwhile, it waits for the thread to end before it
-    raises: the save lock stays held until the files are written, so no other save writes
-    them (their temp files) beside it."""
-    saving = asyncio.ensure_future(asyncio.to_thread(save, what))
+async def _to_the_end(work: Awaitable[_T]) -> _T:
+    """`work` as a task of its own, run to its end. Cancelled meanwhile, the caller waits for it
+    before it raises: a save that writes files (in a thread, which no cancellation stops) ends,
+    with what it says and arranges when the disk refuses it, before its caller is gone."""
+    task = asyncio.ensure_future(work)
     try:
-        await asyncio.shield(saving)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
-            await saving
+            await asyncio.shield(task)
         raise
+
+
+async def _off_loop(save: Callable[[_T], object], what: _T) -> None:
+    """`save(what)` in a thread, to its end (_to_the_end): a lock held around it stays held until
+    the files are written, so no other save writes them (their temp files) beside it."""
+    await _to_the_end(asyncio.to_thread(save, what))
 
 
 # Seconds between readings of the wall clock while the agent SVID's rotation point is ahead: a
@@ -157,6 +163,8 @@ class Syncer:
         # roots a Sync message brought and the disk refused (_save_bundle) wait here too.
         self._unsaved: AgentSvid | None = None
         self._unsaved_roots: tuple[bytes, ...] = ()
+        self._unsaved_how = ""  # how the agent SVID waiting came ("attested", "renewed")
+        self._svid_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._save_wanted = asyncio.Event()
         # One save of the agent SVID or roots at a time, each writing what waits when it
         # starts (in a thread): a save begun earlier never lands older files after a newer's.
@@ -173,6 +181,9 @@ class Syncer:
         self._refused_chain: tuple[x509.Certificate, ...] = ()
         # An attestation in flight: a stop lets it finish (see settle).
         self._attesting: asyncio.Task[tuple[AgentSvid, TrustBundle]] | None = None
+        # A renewal the server answered, being saved and put in use (_adopt): it ends even when
+        # the renewal is cancelled, and a refusal waits for it (_refused).
+        self._adopting: asyncio.Future[None] | None = None
         # The operator's trust bundle, to attest with instead of using the saved SVID: the
         # saved bundle did not verify the server (its CA replaced), so the SVID that came with
         # it is one the server no longer accepts either. None: a valid saved SVID is used.
@@ -245,6 +256,19 @@ class Syncer:
         spent the join token or replaced the old SVID already. So they are used from memory,
         said once, and _save_loop saves them once the disk takes them."""
         self._unsaved, self._unsaved_roots = svid, bundle.x509_authorities
+        self._unsaved_how = how
+        # A new SVID refused is news: said at once, not an interval after an older one's line.
+        self._svid_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, self._clock)
+        await self._save()
+
+    async def _save(self) -> None:
+        """Save what waits (the agent SVID, its roots) now. Refused, it is said (throttled) and
+        _save_loop saves it again with backoff. Run to its end even when the caller is cancelled
+        (a reconnect, a stop): the thread writes on regardless, and a refusal it met then went
+        unsaid and unretried, the roots used from memory until some later save."""
+        await _to_the_end(self._save_or_say())
+
+    async def _save_or_say(self) -> None:
         try:
             await self._save_unsaved()
         except OSError as exc:
@@ -253,13 +277,25 @@ class Syncer:
                 # The agent SVID is on disk, only its roots were refused: said as a bundle's
                 # failure, so its later save is said too (_bundle_saved).
                 self._bundle_refused(exc)
-                return
-            log.error(
-                "cannot save the %s agent SVID; using it from memory and saving it again with "
-                "backoff (a restart before it is saved cannot use it)",
-                how,
-                extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
-            )
+            else:
+                self._svid_refused(exc)
+
+    def _svid_refused(self, exc: OSError) -> None:
+        """Said at once for a new SVID (_persist), then once an interval: a bundle save writes
+        the SVID waiting first, and a full disk refuses it at every one."""
+        count = self._svid_save_log.due()
+        if not count:
+            return
+        log.error(
+            "cannot save the %s agent SVID; using it from memory and saving it again with "
+            "backoff (a restart before it is saved cannot use it)",
+            self._unsaved_how,
+            extra={
+                "svid_file": str(self._store.svid_path),
+                "failures": count,
+                "error": str(exc)[:200],
+            },
+        )
 
     async def _save_unsaved(self) -> None:
         """Save what the disk refused before. OSError: refused again (what was saved before it
@@ -306,6 +342,8 @@ class Syncer:
                 self._said_svid_saved()
 
     def _said_svid_saved(self) -> None:
+        # A disk failing again later is said at once, not an interval after the last line.
+        self._svid_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, self._clock)
         log.info(
             "saved the agent SVID the disk refused before",
             extra={"svid_file": str(self._store.svid_path)},
@@ -490,12 +528,13 @@ class Syncer:
             self._install(self._svid, None)  # the old channel may hold the stray's failure
 
     async def settle(self, timeout: float) -> None:
-        """Let an attestation in flight finish (up to `timeout` s), so its SVID is on disk; and
+        """Let an attestation or renewal in flight finish (up to `timeout` s each), so its SVID is
+        on disk; and
         try once more to save an agent SVID the disk refused (run() saves it no more)."""
-        task = self._attesting
-        if task is not None and not task.done():
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(task), timeout)
+        for task in (self._attesting, self._adopting):
+            if task is not None and not task.done():
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(task), timeout)
         try:
             await self._save_unsaved()
         except OSError as exc:
@@ -513,6 +552,13 @@ class Syncer:
         if self._client is None:
             return
         svid, bundle = await self._client.renew()
+        # Adopted to the end even if the renewal is cancelled now (a reconnect, a stop): its
+        # save goes on in its thread and may reach the disk, and the older SVID kept in memory
+        # beside it had this run and the next start use two different ones.
+        self._adopting = asyncio.ensure_future(self._adopt(svid, bundle))
+        await _to_the_end(self._adopting)
+
+    async def _adopt(self, svid: AgentSvid, bundle: TrustBundle) -> None:
         # The server has replaced the old SVID already (it works only until it expires):
         # dropping the new one for a disk that refuses it would leave nothing to renew with.
         await self._persist(svid, bundle, "renewed")
@@ -633,32 +679,18 @@ class Syncer:
         raise ConnectionError("server ended the Sync stream")
 
     async def _save_bundle(self, bundle: TrustBundle) -> None:
-        """The roots for the next start to verify the server with. A failed write (a full
-        disk) is logged, not raised: ending the stream here kept the message from being
-        applied, and every reconnect asked for it again, so no entry or revocation came in.
-        Logged once an interval (OPERATOR_LOG_INTERVAL), not at every message that fails.
+        """The roots for the next start to verify the server with, saved as _persist saves the
+        agent SVID's (_save). A failed write (a full disk) is logged, not raised: ending the
+        stream here kept the message from being applied, and every reconnect asked for it
+        again, so no entry or revocation came in. Saved again by _save_loop: a delta brings the
+        bundle only when it changes, so waiting for the next one could leave the file stale for
+        the next start; until then _root_pem verifies a reconnect's server with these roots.
 
-        Written in a thread: its fsync on a slow disk stopped the Workload API, on this loop,
-        for as long, at every snapshot. From now they are the roots waiting to be saved, so a
-        save by _save_loop or a renewal after this one writes these, never older ones."""
-        roots = bundle.x509_authorities
-        if not roots:
-            return
-        self._unsaved_roots = roots
-        try:
-            async with self._saving:
-                await _off_loop(self._store.save_bundle, roots)
-        except OSError as exc:
-            self._bundle_refused(exc)
-            # Saved again by _save_loop: a delta brings the bundle only when it changes, so
-            # waiting for the next one could leave the file stale for the next start. Until
-            # then _root_pem verifies a reconnect's server with these newer roots.
-            if self._unsaved_roots is roots:
-                self._save_wanted.set()
-            return
-        if self._unsaved_roots is roots:
-            self._unsaved_roots = ()  # saved: _save_loop has nothing to write over them
-            self._bundle_saved()
+        From now they are the roots waiting to be saved, so a save by _save_loop or a renewal
+        after this one writes these, never older ones."""
+        if bundle.x509_authorities:
+            self._unsaved_roots = bundle.x509_authorities
+            await self._save()
 
     def _bundle_refused(self, exc: OSError) -> None:
         """Said at the first failure, then once an interval with how many there were."""
@@ -688,13 +720,28 @@ class Syncer:
             # A disk failing again later is said at once, not an interval after the last line.
             self._bundle_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, self._clock)
 
-    def _refused(self, code: grpc.StatusCode, details: str | None) -> None:
+    async def _refused(self, code: grpc.StatusCode, details: str | None) -> None:
         """The server no longer recognises this agent (evicted, banned, or its SVID superseded):
         everything cached came under that identity, so none of it is served any more."""
         agent_id = self.agent_id
-        refused, self._svid = self._svid, None
         self._unsaved = None  # nothing backs it now: the next start must not find it
         self.revision, self.epoch = 0, ""  # the cache is emptied: the next stream starts afresh
+        self._cache.refuse(REFUSED)
+        self._on_change("refused")
+        # A renewal being adopted, or a save in its thread (_save_loop's), would write the
+        # refused SVID back after the removal, and the next start be refused and remove it
+        # again: the removal waits for them. Nothing saves it after: it no longer waits.
+        adopting = self._adopting
+        if adopting is not None and not adopting.done():
+            await asyncio.wait({adopting})
+        async with self._saving:
+            self._unsaved = None
+            self._remove_refused()
+        self._svid = None
+        self._say_refused(code, details, agent_id)
+
+    def _remove_refused(self) -> None:
+        refused = self._svid
         try:
             self._store.remove_svid()
         except OSError as exc:
@@ -704,8 +751,8 @@ class Syncer:
                 "cannot remove the refused agent SVID; this run does not use it again",
                 extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
             )
-        self._cache.refuse(REFUSED)
-        self._on_change("refused")
+
+    def _say_refused(self, code: grpc.StatusCode, details: str | None, agent_id: str) -> None:
         if self._s.x509pop is not None:
             # Its certificate still proves the node: it attests again by itself.
             remedy = (
@@ -748,7 +795,7 @@ class Syncer:
                 code = exc.code()  # type: ignore[attr-defined]
                 details = exc.details() or ""  # type: ignore[attr-defined]
                 if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-                    self._refused(code, details)
+                    await self._refused(code, details)
                 elif server_not_verified(exc):
                     # The channel is pinned to the CA of the server connect() checked, twice:
                     # the connection reached a server that CA did not sign.

@@ -343,7 +343,7 @@ def test_a_refused_agent_is_told_how_its_own_attestor_comes_back(
     store = AgentStore(tmp_path / "svid", tmp_path / "key", tmp_path / "bundle")
     syncer = Syncer(settings, store, Cache(), FakeClock())
     with caplog.at_level(logging.ERROR, logger="agent_attestor.sync"):
-        syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent evicted")
+        asyncio.run(syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent evicted"))
     (line,) = [r.getMessage() for r in caplog.records if "evicted or banned" in r.getMessage()]
     if attestor == "x509pop":
         assert "join token" not in line

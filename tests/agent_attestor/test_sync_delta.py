@@ -88,7 +88,7 @@ def test_a_refusal_forgets_the_revision(tmp_path: Path) -> None:
     cache = Cache()
     syncer = _syncer(tmp_path, cache)
     syncer.revision, syncer.epoch = 5, "ep"
-    syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "evicted")
+    asyncio.run(syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "evicted"))
     assert (syncer.revision, syncer.epoch) == (0, "")
 
 

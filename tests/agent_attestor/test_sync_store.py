@@ -250,7 +250,7 @@ def test_an_unsaved_agent_svid_the_server_refuses_is_not_saved_once_the_disk_men
 
     async def scenario() -> None:
         await syncer.ensure_identity()
-        syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
+        await syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
         _mend(tmp_path)
         await syncer.settle(1)
         await syncer.close()
@@ -316,7 +316,7 @@ def test_a_refused_agent_svid_the_disk_cannot_remove_is_not_used_again(
 
     async def scenario() -> AgentSvid:
         assert (await syncer.ensure_identity()).chain == refused.chain
-        syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
+        await syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
         again = await syncer.ensure_identity()
         await syncer.close()
         return again

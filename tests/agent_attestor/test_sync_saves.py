@@ -1,0 +1,156 @@
+"""The agent's own identity saves (agent SVID, key, roots) cut short: by a reconnect, a stop, or
+the server refusing the agent while a save's thread still writes. Real files; a gate holds a
+save in its thread, as a slow disk does."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from agent_attestor.agent_store import AgentStore, AgentSvid
+from agent_attestor.cache import Cache
+from agent_attestor.model import TrustBundle
+from agent_attestor.node_client import NodeClient
+from agent_attestor.servers import Target
+from agent_attestor.sync import Syncer, SyncSettings
+from svid._clock import FakeClock
+from svid._der import certs_to_pem
+from tests.agent_attestor.pki import LocalCa
+from tests.agent_attestor.test_sync_store import _mend, _svid, _unsaved_attestation
+
+SERVER = Target("127.0.0.1:1", "127.0.0.1:1")
+
+
+class _GatedStore(AgentStore):
+    """Saves wait in their thread until let through (a slow fsync), then write for real."""
+
+    def __init__(self, inner: AgentStore) -> None:
+        super().__init__(inner.svid_path, inner.key_path, inner.bundle_path)
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def _gate(self) -> None:
+        self.started.set()
+        assert self.release.wait(10)
+
+    def save_svid(self, svid: AgentSvid) -> None:
+        self._gate()
+        super().save_svid(svid)
+
+    def save_bundle(self, authorities: tuple[bytes, ...]) -> None:
+        self._gate()
+        super().save_bundle(authorities)
+
+
+async def _started(store: _GatedStore) -> None:
+    await asyncio.wait_for(asyncio.to_thread(store.started.wait, 10), 10)
+
+
+def test_a_bundle_save_cut_short_by_a_reconnect_that_then_fails_is_said_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream's task cancelled while the save's thread still wrote: the thread's OSError
+    was swallowed with the cancellation, nothing was said, and _save_loop was never woken, so
+    the file stayed stale until another message brought a bundle."""
+    store = _GatedStore(AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"))
+    store.bundle_path.mkdir()  # where the bundle goes, the write fails as on a full disk
+    settings = SyncSettings((SERVER,), save_retry_first=0.01, save_retry_cap=0.02)
+    syncer = Syncer(settings, store, Cache(), FakeClock(start=time.time()))
+
+    async def scenario() -> None:
+        saver = asyncio.create_task(syncer._save_loop())
+        saving = asyncio.create_task(
+            syncer._save_bundle(TrustBundle("example.org", x509_authorities=(b"ca-1",)))
+        )
+        await _started(store)
+        saving.cancel()  # a renewal reconnects the stream
+        store.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await saving
+        assert "cannot save the trust bundle" in caplog.text
+        store.bundle_path.rmdir()  # the disk has room again; no message follows
+        for _ in range(500):
+            if store.bundle_path.is_file():
+                break
+            await asyncio.sleep(0.01)
+        saver.cancel()
+        await asyncio.gather(saver, return_exceptions=True)
+
+    with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    assert store.bundle_path.read_bytes() == b"ca-1"
+    assert "saved the trust bundle again after failed saves" in caplog.text
+
+
+def test_a_refusal_waits_for_a_save_in_flight_and_nothing_writes_the_svid_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server refused the agent while _save_loop's thread saved the SVID the disk had
+    refused: the removal did not wait, the thread wrote the refused SVID after it, and the next
+    start loaded it, was refused, and removed it again."""
+    plain, syncer, _ = _unsaved_attestation(tmp_path, monkeypatch)
+    store = _GatedStore(plain)
+    syncer._s.save_retry_first = 0.01
+
+    async def scenario() -> None:
+        await syncer.ensure_identity()  # refused by the disk: _save_loop retries it
+        _mend(tmp_path)
+        syncer._store = store
+        saver = asyncio.create_task(syncer._save_loop())
+        await _started(store)
+        refusing = asyncio.create_task(
+            syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
+        )
+        await asyncio.sleep(0.05)
+        assert not refusing.done()  # waiting for the save in its thread
+        store.release.set()
+        await asyncio.wait_for(refusing, 10)
+        saver.cancel()
+        await asyncio.gather(saver, return_exceptions=True)
+        await syncer.close()
+
+    asyncio.run(scenario())
+    assert syncer.agent_svid is None
+    assert not store.svid_path.exists()
+    assert store.load_svid() is None
+
+
+def test_a_renewal_cancelled_mid_save_leaves_memory_and_disk_with_the_same_svid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewal's save went on in its thread when a stop or reconnect cancelled it: the disk
+    got the new SVID and memory kept the old one. Once its save began, the new one is used."""
+    store = _GatedStore(AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"))
+    old, new = _svid(tmp_path), _svid(tmp_path)
+    root = LocalCa(FakeClock(start=time.time())).cert
+
+    async def renew(self: NodeClient, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
+        return new, TrustBundle("example.org", (root.public_bytes(Encoding.DER),))
+
+    monkeypatch.setattr(NodeClient, "renew", renew)
+
+    async def scenario() -> None:
+        syncer = Syncer(SyncSettings((SERVER,)), store, Cache(), FakeClock(start=time.time()))
+        syncer.set_bootstrap_roots(certs_to_pem([root]))
+        await syncer._servers.first()
+        syncer._install(old, None)
+        renewing = asyncio.create_task(syncer.renew_once())
+        await _started(store)
+        renewing.cancel()  # the agent stops
+        store.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await renewing
+        assert syncer.agent_svid is new
+        await syncer.close()
+
+    asyncio.run(scenario())
+    saved = store.load_svid()
+    assert saved is not None
+    assert saved.chain == new.chain
