@@ -28,9 +28,10 @@ are in an order that file's checks accept (checkpoints' seq and count never goin
 checkpoint never after a prune that removed more); a crash mid-line leaves a last line without
 its newline, which is not a checkpoint and is cut off before the next one is appended. Beyond
 MAX_LINES the oldest are dropped (the newest prune record kept: a pruned log's start needs it),
-with a warning, by writing the rest to a new file renamed over the old. A file found damaged
-(at start, or by that rewrite) is moved aside as <name>.invalid, logged as an error, and the
-copy starts again from the next checkpoint that verifies: offer never raises for it.
+with a warning, by writing the rest to a new file renamed over the old. A file read and found
+damaged (at start, or by that rewrite) is moved aside as <name>.invalid, logged as an error, and
+the copy starts again from the next checkpoint that verifies: offer never raises for it. One the
+system cannot read at start (EIO) is not known damaged: it stays, and the start fails.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor.agent_store import _write_private
+from agent_attestor.errors import CheckpointUnreadableError
 from svid import AuditCheckpoint, AuditCheckpointError
 from svid._audit_checkpoint import (
     CHECKPOINT,
@@ -283,9 +285,18 @@ class CheckpointStore:
             return read_records(self.path, verify_all=False)
         except FileNotFoundError:
             return []
-        except (OSError, AuditCheckpointError) as e:
-            self._move_aside(e)
+        except AuditCheckpointError as e:
+            self._move_aside(e)  # read, and found damaged
             return []
+        except OSError as e:
+            # Not read at all (EIO, not a file): nothing says the copy is damaged. Set aside,
+            # the anchor against a rewrite of the server's audit log were lost for a fault of
+            # the disk; it stays where it is, and the start fails until it can be read.
+            raise CheckpointUnreadableError(
+                f"cannot read the audit checkpoint copy {self.path}: {e.strerror or e}; left in "
+                "place (it anchors the server's audit log): mend the disk or the file, then "
+                "start the agent again"
+            ) from None
 
     def _move_aside(self, damage: Exception) -> None:
         """The damaged file renamed to <name>.invalid, and nothing held: what it held can no

@@ -116,6 +116,13 @@ class StateNotWritableError(AttestationRefusedError):
     remedy = "make the directory writable or free space on its file system (see error)"
 
 
+class CheckpointUnreadableError(AgentError):
+    """The agent's copy of the server's audit checkpoints cannot be read (an I/O error, not a
+    damaged file): it stays in place and the agent does not start. Set aside, the anchor that
+    makes the server's audit log tamper-evident against a rewrite would be lost for a fault of
+    the disk. The message names the file and what the system said."""
+
+
 class AttestationLimitedError(AttestationError):
     """The server's attestation budget for the agent's host is spent (RESOURCE_EXHAUSTED): it
     refills with time, so a later attempt, or another server, may succeed."""

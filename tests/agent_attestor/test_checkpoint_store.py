@@ -30,6 +30,7 @@ from agent_attestor.checkpoint_store import (
     PushedCheckpoint,
     read_records,
 )
+from agent_attestor.errors import CheckpointUnreadableError
 from server.audit import AuditLog, Break, EventKind
 from server.audit.checkpoint import PRUNE, CheckpointFile, CheckpointSigner
 from server.audit.event import GENESIS_HASH, canonical_json, event_from_row
@@ -283,6 +284,39 @@ def test_a_stored_checkpoint_that_is_not_text_is_moved_aside_and_the_agent_start
     assert store.held is None
     assert (tmp_path / (FILE_NAME + ".invalid")).exists()
     assert store.offer(push(signer, 4))
+
+
+@pytest.mark.parametrize("fault", ["eio", "directory"])
+def test_a_stored_copy_the_system_cannot_read_fails_the_start_and_stays_in_place(
+    tmp_path: Path, signer: CheckpointSigner, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """Any read error at start set the copy aside, a transient EIO included: the anchor that
+    makes the server's audit log tamper-evident against a rewrite was dropped, and the copy
+    started again from whatever the server pushed next. Only a file read and found damaged is
+    set aside; one the system cannot read stops the start, naming the file."""
+    path = tmp_path / FILE_NAME
+    if fault == "directory":
+        path.mkdir()  # not a file at all: IsADirectoryError
+    else:
+        path.write_text(push(signer, 9).line + "\n")
+        real = Path.read_text
+
+        def read_text(self: Path, *args: object, **kwargs: object) -> str:
+            if self == path:
+                raise OSError(5, "Input/output error", str(self))
+            return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(CheckpointUnreadableError) as caught:
+        CheckpointStore(path)
+    assert str(path) in str(caught.value)
+    assert path.exists()
+    assert not (tmp_path / (FILE_NAME + ".invalid")).exists()
+    if fault == "eio":
+        monkeypatch.undo()  # the disk answers again: the copy is all there
+        held = CheckpointStore(path).held
+        assert held is not None
+        assert held.count == 9
 
 
 def prune(signer: CheckpointSigner, seq: int, time: float, removed: int = 0) -> PushedCheckpoint:
