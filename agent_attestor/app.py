@@ -128,6 +128,8 @@ class AgentApp:
         # One byte budget for the tokens and the FetchJWTSVID answers built from them.
         token_bytes, answer_bytes = split_budget(config.jwt_cache_max_bytes)
         self.jwts = JwtCache(self.syncer, self.clock, config.jwt_cache_size, token_bytes)
+        # A token whose key left the bundle verifies nowhere: minted again at the next fetch.
+        self.cache.on_jwt_keys_lost(self.jwts.forget_kids)
         # Every stream on the Workload API socket counts against its uid's one budget.
         streams = StreamBudget(self.clock, config.max_streams_per_uid)
         mints = MintBudget(

@@ -188,6 +188,7 @@ class Cache:
         self._listeners: list[EntryListener] = []
         self._svid_listeners: list[SvidListener] = []
         self._distrust_listeners: list[SvidListener] = []
+        self._jwt_key_listeners: list[Callable[[frozenset[str]], None]] = []
 
     @property
     def version(self) -> int:
@@ -214,6 +215,11 @@ class Cache:
         """Call `listener(entry_ids)` after these entries' SVIDs were dropped because the bundle
         no longer verifies them: they need new ones now (after `on_svids` is told)."""
         self._distrust_listeners.append(listener)
+
+    def on_jwt_keys_lost(self, listener: Callable[[frozenset[str]], None]) -> None:
+        """Call `listener(kids)` after the bundle lost these JWT keys (the server removed or
+        forgot them): a JWT-SVID they signed verifies nowhere that reads the bundle now."""
+        self._jwt_key_listeners.append(listener)
 
     def snapshot(self) -> Snapshot:
         snap = self._snapshot
@@ -294,7 +300,7 @@ class Cache:
             self._update_entries(entries, changed, removed, shared=shared)
         elif shared:
             self._changed(shared=True)
-        self._drop_unverifiable(bundle_before)
+        self._bundle_moved(bundle_before)
 
     def restore(self, state: SyncState, svids: Iterable[IssuedSvid]) -> None:
         """Install what an earlier run saved, held but not served: the cache stays unsynced
@@ -342,7 +348,18 @@ class Cache:
             # Revoked serials may hide SVIDs from callers: every stream recomputes.
             self._changed(shared=True)
         self.update_entries(delta.upserts, delta.removed_ids)
-        self._drop_unverifiable(bundle_before)
+        self._bundle_moved(bundle_before)
+
+    def _bundle_moved(self, before: TrustBundle | None) -> None:
+        """What a bundle change may condemn: SVIDs it no longer verifies, and JWT keys it lost."""
+        self._drop_unverifiable(before)
+        bundle = self._bundle
+        if before is None or bundle is None or before.jwt_keys == bundle.jwt_keys:
+            return  # a refusal (no bundle) drops every token by itself
+        lost = frozenset(k.kid for k in before.jwt_keys) - {k.kid for k in bundle.jwt_keys}
+        if lost:
+            for listener in self._jwt_key_listeners:
+                listener(lost)
 
     def _drop_unverifiable(self, before: TrustBundle | None) -> None:
         """Drop the SVIDs the bundle no longer verifies, once it has lost an X.509 authority, and
@@ -483,7 +500,7 @@ class Cache:
         if bundle != self._bundle:
             before, self._bundle = self._bundle, bundle
             self._changed(shared=True)
-            self._drop_unverifiable(before)
+            self._bundle_moved(before)
 
 
 def join_parts(parts: Sequence[SyncState]) -> SyncState:

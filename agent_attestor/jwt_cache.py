@@ -84,11 +84,22 @@ def refresh_point(jwt: MintedJwt, asked_at: float) -> float:
 
 def token_id(jwt: MintedJwt) -> str:
     """The token's `jti` ("" if it has none): what a revocation of it names."""
+    return token_ids(jwt)[0]
+
+
+def token_ids(jwt: MintedJwt) -> tuple[str, str]:
+    """The token's `jti` and the `kid` of the key that signed it ("" for one it lacks): what
+    a revocation, and a bundle losing that key, name. The kid is interned: a handful of keys
+    sign every token held."""
     try:
-        jti = split_token(jwt.token).claims.get("jti")
+        parsed = split_token(jwt.token)
     except JwtSvidError:
-        return ""
-    return jti if isinstance(jti, str) else ""
+        return "", ""
+    jti, kid = parsed.claims.get("jti"), parsed.header.get("kid")
+    return (
+        jti if isinstance(jti, str) else "",
+        sys.intern(kid) if isinstance(kid, str) else "",
+    )
 
 
 def audience_key(audience: Sequence[str]) -> tuple[str, ...]:
@@ -126,9 +137,9 @@ class JwtCache:
         self._max_bytes = max_bytes
         self._share_entries, self._share_bytes = share or uid_share(max_entries, max_bytes)
         # key -> (token, the moment it stops being handed out, its entry_size, its jti, the uid
-        # that owns it): the refresh point is computed once at insertion, so a hit costs one
-        # clock read and one comparison.
-        self._tokens: OrderedDict[Key, tuple[MintedJwt, float, int, str, int]] = OrderedDict()
+        # that owns it, the kid that signed it): the refresh point is computed once at
+        # insertion, so a hit costs one clock read and one comparison.
+        self._tokens: OrderedDict[Key, tuple[MintedJwt, float, int, str, int, str]] = OrderedDict()
         self._bytes = 0
         self._books: dict[int, _Books] = {}
         # The uids past their share, in the order they went past it: who makes room first.
@@ -225,9 +236,9 @@ class JwtCache:
         return self._clock.monotonic()
 
     def _insert(self, key: Key, jwt: MintedJwt, uid: int, asked_at: float) -> None:
-        jti = token_id(jwt)
+        jti, kid = token_ids(jwt)
         size = entry_size(key, jwt, jti)
-        self._tokens[key] = (jwt, refresh_point(jwt, asked_at), size, jti, uid)
+        self._tokens[key] = (jwt, refresh_point(jwt, asked_at), size, jti, uid, kid)
         self._bytes += size
         books = self._books.get(uid)
         if books is None:
@@ -275,7 +286,7 @@ class JwtCache:
         held = self._tokens.pop(key, None)
         if held is None:
             return
-        _, _, size, _, uid = held
+        _, _, size, _, uid, _ = held
         self._bytes -= size
         self.generation += 1
         books = self._books[uid]
@@ -301,6 +312,18 @@ class JwtCache:
                 self._void.add(fut)
                 self.generation += 1
         for key in [k for k in self._tokens if k[2] in entry_ids]:
+            self._drop(key)
+
+    def forget_kids(self, kids: frozenset[str]) -> None:
+        """Drop cached tokens signed by these keys, which left the trust bundle (the server
+        forgot or removed them): served until half their life, they verified nowhere. A mint
+        still out is not kept either (its key is known only once it is back, and the server
+        may have signed it with one of these just before), though its callers get it."""
+        for key, fut in list(self._pending.items()):
+            del self._pending[key]
+            self._void.add(fut)
+            self.generation += 1
+        for key in [k for k, held in self._tokens.items() if held[5] in kids]:
             self._drop(key)
 
     def forget(self, spiffe_ids: set[str] | None = None) -> None:
