@@ -39,6 +39,7 @@ from agent_attestor.model import Entry, TrustBundle
 from agent_attestor.server_identity import (
     SERVER_NAME,
     SERVER_PATH,
+    CheckContexts,
     expected_server_id,
     kept_pin,
     server_anchors,
@@ -240,6 +241,7 @@ class NodeClient:
         pinned: bytes = b"",
         pinned_under: bytes = b"",
         clock: Clock | None = None,
+        contexts: CheckContexts | None = None,
     ) -> None:
         """`trust_domain`: the agent's, whose server alone it attests to (empty: the one the
         roots name, see server_identity.expected_server_id); the mTLS channel's server is the
@@ -247,7 +249,9 @@ class NodeClient:
         checks the server, from the client before this one at the same address (empty: nothing,
         and calls wait for the check); `pinned_under`: the roots that client checked it under
         (while they are this client's too, its CAs of the trust domain stay beside those a new
-        check finds, until they expire by `clock`: server_identity.kept_pin)."""
+        check finds, until they expire by `clock`: server_identity.kept_pin). `contexts`: the
+        server check's TLS contexts, shared by the clients that replace this one (the same
+        roots and SVID take the same context)."""
         self._connect_timeout = connect_timeout
         self._trust_domain = trust_domain
         self._server_address = server_address
@@ -257,6 +261,7 @@ class NodeClient:
         self._pinned = pinned
         self._pinned_under = pinned_under
         self._clock: Clock = clock or SystemClock()
+        self._contexts = contexts or CheckContexts()
         self._pinning = asyncio.Lock()
         self._channel: grpc.aio.Channel | None = None
         self._stub: node_pb2_grpc.NodeStub | None = None
@@ -324,6 +329,7 @@ class NodeClient:
                 expected,
                 self._connect_timeout,
                 client=(svid.chain_pem, svid.key_pem),
+                contexts=self._contexts,
             )
         except ServerNotOursError:
             raise
@@ -408,7 +414,11 @@ class NodeClient:
         expected = expected_server_id(self._trust_domain, self._root_pem)
         for retry in (True, False):
             pinned = await server_anchors(
-                self._attest_address, self._root_pem, expected, self._connect_timeout
+                self._attest_address,
+                self._root_pem,
+                expected,
+                self._connect_timeout,
+                contexts=self._contexts,
             )
             try:
                 return await self._attest_pinned(pinned, first, x509pop, timeout)

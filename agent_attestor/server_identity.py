@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from cryptography import x509
@@ -178,6 +179,30 @@ def _context(root_pem: bytes, client: tuple[bytes, bytes] | None = None) -> ssl.
     return context
 
 
+class CheckContexts:
+    """The TLS contexts of the server check, each built once per (roots, client identity) and
+    reused: a build parses the roots and loads the key again (~4 ms of CPU), and the agent
+    checks its server at every connect (every renewal, every reconnect). The newest `size`
+    are kept: the attestation's (no client) and the agent SVID's."""
+
+    def __init__(self, size: int = 2) -> None:
+        self._size = size
+        self._held: OrderedDict[tuple[bytes, tuple[bytes, bytes] | None], ssl.SSLContext] = (
+            OrderedDict()
+        )
+
+    def get(self, root_pem: bytes, client: tuple[bytes, bytes] | None = None) -> ssl.SSLContext:
+        key = (root_pem, client)
+        context = self._held.get(key)
+        if context is not None:
+            self._held.move_to_end(key)
+            return context
+        context = self._held[key] = _context(root_pem, client)
+        while len(self._held) > self._size:
+            self._held.popitem(last=False)  # roots or an SVID replaced: not used again
+        return context
+
+
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -190,19 +215,22 @@ async def server_anchors(
     timeout: float,
     *,
     client: tuple[bytes, bytes] | None = None,
+    contexts: CheckContexts | None = None,
 ) -> bytes:
     """The PEM of what a channel to `address` trusts (see anchors), once the server there
     presented a certificate verified under `root_pem` for the name `svid-server` and carrying
     `expected`; else ServerNotVerifiedError (ServerNotOursError: it verified, but carries
     another ID, which it names beside the one expected). `client`: the (chain, key) PEMs this
     handshake presents, where the server asks for a client certificate (the node API: one
-    refused there leaves a failed handshake in the server's log). Nothing is sent but the TLS
+    refused there leaves a failed handshake in the server's log); `contexts`: where its TLS
+    context is kept between checks (None: built for this one). Nothing is sent but the TLS
     handshake."""
     host, port = _split(address)
+    context = (contexts or CheckContexts()).get(root_pem, client)
     try:
         async with asyncio.timeout(timeout):
             _reader, writer = await asyncio.open_connection(
-                host, port, ssl=_context(root_pem, client), server_hostname=SERVER_NAME
+                host, port, ssl=context, server_hostname=SERVER_NAME
             )
     except TimeoutError:
         raise ConnectionError(f"no connection to {address} within {timeout:g} s") from None

@@ -44,6 +44,7 @@ from agent_attestor.errors import (
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient, server_not_verified
 from agent_attestor.rotation import rotation_point
+from agent_attestor.server_identity import CheckContexts
 from agent_attestor.servers import (
     Resolver,
     Server,
@@ -156,6 +157,8 @@ class Syncer:
         self._on_checkpoint = on_checkpoint or (lambda _checkpoint: None)
         self._client: NodeClient | None = None
         self._servers = ServerChooser(settings.servers, settings.rand, settings.resolver)
+        # The server check's TLS contexts, kept across the clients each reconnect builds.
+        self._contexts = CheckContexts()
         self.moves = 0  # times the agent moved to another server
         self._svid: AgentSvid | None = None
         # The agent SVID in use and its roots, when the disk refused them (_persist): saved
@@ -375,6 +378,7 @@ class Syncer:
             pinned=pinned,
             pinned_under=pinned_under,
             clock=self._clock,
+            contexts=self._contexts,
         )
         if old is not None:
             # Streams on the old channel may still be closing: let them, then close it.
@@ -453,6 +457,7 @@ class Syncer:
             roots,
             connect_timeout=self._s.connect_timeout,
             trust_domain=self._s.trust_domain,
+            contexts=self._contexts,
         )
         try:
             try:
