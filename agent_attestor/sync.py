@@ -168,6 +168,7 @@ class Syncer:
         self._unsaved_roots: tuple[bytes, ...] = ()
         self._unsaved_how = ""  # how the agent SVID waiting came ("attested", "renewed")
         self._svid_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
+        self._svid_save_failed = False  # an agent SVID refused was said, its save not yet
         self._save_wanted = asyncio.Event()
         # One save of the agent SVID or roots at a time, each writing what waits when it
         # starts (in a thread): a save begun earlier never lands older files after a newer's.
@@ -281,6 +282,7 @@ class Syncer:
                 # failure, so its later save is said too (_bundle_saved).
                 self._bundle_refused(exc)
             else:
+                self._svid_save_failed = True
                 self._svid_refused(exc)
 
     def _svid_refused(self, exc: OSError) -> None:
@@ -314,6 +316,7 @@ class Syncer:
                 await _off_loop(self._store.save_svid, svid)
                 if self._unsaved is svid:
                     self._unsaved = None
+                    self._svid_saved()  # whichever save it was, a refused SVID is mended
                 self._store.forget_spending()
             roots = self._unsaved_roots
             if roots:
@@ -330,21 +333,19 @@ class Syncer:
         while True:
             await self._save_wanted.wait()
             await asyncio.sleep(retry.failed())
-            waiting = self._unsaved is not None
             try:
                 await self._save_unsaved()
             except OSError:
-                # Its roots refused again after it: the SVID's save is said all the same, the
-                # operator having been told a restart cannot use it.
-                if waiting and self._unsaved is None:
-                    self._said_svid_saved()
-                continue
+                continue  # an SVID saved before its roots were refused again is said saved
             self._save_wanted.clear()
             retry.succeeded()
-            if waiting:
-                self._said_svid_saved()
 
-    def _said_svid_saved(self) -> None:
+    def _svid_saved(self) -> None:
+        """Said once an agent SVID the disk refused is saved, by whichever save: the operator
+        was told a restart cannot use it."""
+        if not self._svid_save_failed:
+            return
+        self._svid_save_failed = False
         # A disk failing again later is said at once, not an interval after the last line.
         self._svid_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, self._clock)
         log.info(
@@ -741,6 +742,7 @@ class Syncer:
             await asyncio.wait({adopting})
         async with self._saving:
             self._unsaved = None
+            self._svid_save_failed = False  # nothing of it to be said saved
             self._remove_refused()
         self._svid = None
         self._say_refused(code, details, agent_id)

@@ -154,3 +154,27 @@ def test_a_renewal_cancelled_mid_save_leaves_memory_and_disk_with_the_same_svid(
     saved = store.load_svid()
     assert saved is not None
     assert saved.chain == new.chain
+
+
+def test_a_bundle_save_writes_the_agent_svid_waiting_first_as_every_save_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_save_bundle had a save of its own, beside _save_unsaved's: it wrote the roots alone, and
+    an agent SVID the disk refused waited for _save_loop's backoff though the disk took writes
+    again. One save now serves both, and says the SVID saved whichever save it was."""
+    store, syncer, svid = _unsaved_attestation(tmp_path, monkeypatch)
+    syncer._s.save_retry_first = 3600.0  # _save_loop would not get to it in this test
+
+    async def scenario() -> None:
+        await syncer.ensure_identity()  # refused by the disk
+        _mend(tmp_path)
+        await syncer._save_bundle(TrustBundle("example.org", x509_authorities=(b"ca-1",)))
+        await syncer.close()
+
+    with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    saved = store.load_svid()
+    assert saved is not None
+    assert saved.chain == svid.chain
+    assert store.bundle_path.read_bytes() == b"ca-1"
+    assert "saved the agent SVID the disk refused before" in caplog.text
