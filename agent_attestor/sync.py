@@ -535,8 +535,8 @@ class Syncer:
 
     async def settle(self, timeout: float) -> None:
         """Let an attestation or renewal in flight finish (up to `timeout` s each), so its SVID is
-        on disk; and
-        try once more to save an agent SVID the disk refused (run() saves it no more)."""
+        on disk; and try once more to save an agent SVID the disk refused (run() saves it no
+        more)."""
         for task in (self._attesting, self._adopting):
             if task is not None and not task.done():
                 with contextlib.suppress(Exception, asyncio.CancelledError):
