@@ -178,3 +178,38 @@ def test_a_bundle_save_writes_the_agent_svid_waiting_first_as_every_save_does(
     assert saved.chain == svid.chain
     assert store.bundle_path.read_bytes() == b"ca-1"
     assert "saved the agent SVID the disk refused before" in caplog.text
+
+
+def test_a_refusal_during_a_renewals_save_leaves_neither_disk_nor_memory_its_svid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewal's save, then its install, ran on after the removal: the renewed SVID of an
+    agent the server refused was back on disk and in use."""
+    store = _GatedStore(AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"))
+    old, new = _svid(tmp_path), _svid(tmp_path)
+    root = LocalCa(FakeClock(start=time.time())).cert
+
+    async def renew(self: NodeClient, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
+        return new, TrustBundle("example.org", (root.public_bytes(Encoding.DER),))
+
+    monkeypatch.setattr(NodeClient, "renew", renew)
+
+    async def scenario() -> None:
+        syncer = Syncer(SyncSettings((SERVER,)), store, Cache(), FakeClock(start=time.time()))
+        syncer.set_bootstrap_roots(certs_to_pem([root]))
+        await syncer._servers.first()
+        syncer._install(old, None)
+        renewing = asyncio.create_task(syncer.renew_once())
+        await _started(store)
+        refusing = asyncio.create_task(
+            syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
+        )
+        await asyncio.sleep(0.05)
+        assert not refusing.done()  # waiting for the renewal's save and install
+        store.release.set()
+        await asyncio.wait_for(asyncio.gather(renewing, refusing), 10)
+        assert syncer.agent_svid is None
+        await syncer.close()
+
+    asyncio.run(scenario())
+    assert not store.svid_path.exists()
