@@ -17,15 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from server.ca.manager import CaManager
 from server.ca.server_svid import server_svid
 from server.datastore.records import X509_KIND
+from server.renewal import RenewalSchedule, half_life
 from svid import MAX_CLOCK_SKEW
-from svid._backoff import Retry
-from svid._clock import Clock, ElapsedClock
+from svid._clock import Clock
 from svid._der import certs_to_pem
-
-# A failed renewal is retried after this long, doubling per failure up to the cap: the
-# server's loop sleeps until the renewal is due, which a failure would leave in the past.
-FIRST_RETRY_SECONDS = 1.0
-MAX_RETRY_SECONDS = 10.0
 
 
 class ServerTls:
@@ -39,13 +34,8 @@ class ServerTls:
         self._chain: tuple[x509.Certificate, ...] = ()
         self._key_pem = b""
         self._roots_pem = b""
-        self._renew_at = 0.0
         self._issuer: x509.Certificate | None = None  # the CA certificate that signed `_chain`
-        self._retry = Retry(FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS)
-        # After a failed renewal, when to try again, on the elapsed clock: a back-off is an
-        # interval, and on the wall clock a step back after the failure put it off by the step.
-        self._elapsed = ElapsedClock(clock)
-        self._retry_at: float | None = None
+        self._schedule = RenewalSchedule(clock)
 
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
@@ -53,21 +43,22 @@ class ServerTls:
 
     @property
     def renew_at(self) -> float:
-        return self._renew_at
+        return self._schedule.renew_at
 
     def renew(self) -> None:
         """Issue a fresh server SVID (new key) from the active CA."""
         signer = self._ca.x509_signer()
         svid = server_svid(signer, self._ttl)
         leaf = svid.chain[0]
-        start = leaf.not_valid_before_utc.timestamp()
-        end = leaf.not_valid_after_utc.timestamp()
+        renew_at = half_life(
+            leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+        )
         key_pem = svid.key_pem()
         with self._lock:
             self._chain = svid.chain
             self._key_pem = key_pem
             self._issuer = signer.ca_certificate
-            self._renew_at = start + (end - start) / 2
+            self._schedule.renewed(renew_at)
             self._rebuild()
 
     def set_roots(self, authorities: tuple[x509.Certificate, ...]) -> None:
@@ -83,27 +74,22 @@ class ServerTls:
     def due_in(self) -> float:
         """Seconds until `maybe_renew` is next due (at most: a dropped CA brings it sooner):
         renew_at, or the back-off after a failed renewal."""
-        retry_at = self._retry_at
-        if retry_at is not None:
-            return retry_at - self._elapsed.monotonic()
-        return self._renew_at - self._clock.now()
+        return self._schedule.due_in()
 
     def maybe_renew(self) -> bool:
         """Renew when due; on failure keep the current identity and wait a back-off before
         the next try, then raise."""
-        retry_at = self._retry_at
-        if retry_at is not None:
-            if self._elapsed.monotonic() < retry_at:
+        schedule = self._schedule
+        if schedule.retrying:
+            if not schedule.due():
                 return False
-        elif self._chain and self._clock.now() < self._renew_at and self._issuer_kept():
+        elif self._chain and not schedule.due() and self._issuer_kept():
             return False
         try:
             self.renew()
         except Exception:
-            self._retry_at = self._elapsed.monotonic() + self._retry.failed()
+            schedule.failed()
             raise
-        self._retry_at = None
-        self._retry.succeeded()
         return True
 
     def _issuer_kept(self) -> bool:

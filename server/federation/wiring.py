@@ -14,18 +14,16 @@ from server.ca.manager import CaManager
 from server.config import ServerConfig
 from server.datastore.base import DataStore
 from server.errors import ConfigError
-from server.federation.endpoint import BundleHandler, SvidContext, web_context
+from server.federation.endpoint import BundleHandler, SvidContext, keep_renewed, web_context
 from server.federation.service import FederationService, parse_static
 from server.oauth.admission import ConnectionCaps, ConnectionMetrics
 from server.oauth.http import HttpListener
 from server.state import ServerState
 from svid._clock import Clock
 from svid._daemon_config import listening
-from svid._waits import set_within
 
 _log = logging.getLogger("svid.server.federation")
 BUNDLE_PATH = "/"
-MAX_TIMER = 3600.0
 
 
 class Federation:
@@ -117,23 +115,14 @@ class Federation:
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self.service.run(stop), name="federation-refresh")]
         if self._svid is not None and self._listener is not None:
-            tasks.append(asyncio.create_task(self._renew_loop(stop), name="bundle-endpoint-svid"))
+            tasks.append(
+                asyncio.create_task(keep_renewed(self._svid, stop), name="bundle-endpoint-svid")
+            )
         try:
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:
                 task.cancel()
-
-    async def _renew_loop(self, stop: asyncio.Event) -> None:
-        svid = self._svid
-        assert svid is not None
-        while not stop.is_set():
-            delay = max(0.05, min(MAX_TIMER, svid.renew_at - svid.clock.now()))
-            await set_within(stop, delay)
-            try:
-                await asyncio.to_thread(svid.maybe_renew)
-            except Exception:
-                _log.exception("bundle endpoint SVID not renewed; retrying later")
 
     async def stop(self) -> None:
         # Another server takes the scheduled fetches over at once, not when the leases lapse.

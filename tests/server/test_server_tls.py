@@ -1,6 +1,10 @@
-"""The server's own TLS identity: renewed at half life, and a failed renewal retried calmly."""
+"""The server's own TLS identities (the node API's, the bundle endpoint's): renewed at half
+life, and a failed renewal retried calmly."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 import pytest
 
@@ -8,6 +12,8 @@ from server.ca.errors import CaUnavailableError
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
 from server.datastore.sqlite import SqliteDataStore
+from server.federation import endpoint
+from server.federation.endpoint import SvidContext, keep_renewed
 from server.tls import ServerTls
 from svid._clock import FakeClock
 from tests.clocks import SteppedClock
@@ -87,3 +93,47 @@ def test_a_failed_renewal_is_retried_after_its_back_off_whatever_the_wall_clock_
     clock.advance(1)
     assert tls.maybe_renew()
     assert tls.chain != chain
+
+
+def test_the_bundle_endpoints_failed_renewal_is_retried_after_the_same_back_off(
+    ca_manager: CaManager, clock: FakeClock
+) -> None:
+    # Its renew_at stayed in the past after a failure: it was tried again at every look.
+    svid = SvidContext(ca_manager, clock, ttl=600)
+    assert svid.maybe_renew()
+    assert not svid.maybe_renew()
+    clock.set(ca_manager.x509_signer().not_after)
+    delays = []
+    for _ in range(6):
+        with pytest.raises(CaUnavailableError):
+            svid.maybe_renew()
+        delays.append(svid.due_in())
+        assert not svid.maybe_renew()  # not tried again before the back-off
+        clock.advance(delays[-1])
+    assert delays == [1, 2, 4, 8, 10, 10]
+
+
+def test_the_bundle_endpoints_renewal_loop_waits_out_the_back_off_between_failures(
+    ca_manager: CaManager,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The loop's waits, each passed at once on the fake clock: it waited 0.05 s between
+    # tries, a traceback each, for as long as the CA could not sign.
+    svid = SvidContext(ca_manager, clock, ttl=600)
+    svid.maybe_renew()
+    clock.set(ca_manager.x509_signer().not_after)
+    waits: list[float] = []
+
+    async def waited(stop: asyncio.Event, seconds: float) -> bool:
+        waits.append(seconds)
+        clock.advance(seconds)
+        return len(waits) > 5
+
+    monkeypatch.setattr(endpoint, "set_within", waited)
+    with caplog.at_level(logging.ERROR, logger="svid.server.federation"):
+        asyncio.run(keep_renewed(svid, asyncio.Event()))
+    assert waits == [0.05, 1, 2, 4, 8, 10]
+    failures = [r for r in caplog.records if "not renewed" in r.getMessage()]
+    assert len(failures) == 5  # one per try
