@@ -230,7 +230,8 @@ class FederationService:
         # Without a holder name (one server, tests) every scheduled fetch runs.
         self._holder = holder
         self._claimed: set[str] = set()
-        # Local writes, numbered, by trust domain: what the follower must not undo.
+        # Local writes, numbered, by trust domain: what the follower must not undo; those it
+        # has read past are dropped (apply_stored).
         self._writes = 0
         self._written: dict[str, int] = {}
         # Scheduled fetches under way (run concurrently, FETCHES_AT_ONCE at most).
@@ -335,7 +336,7 @@ class FederationService:
 
     def _forget_fetches(self, td: str) -> None:
         """What fetches of `td` kept, its relationship gone: else each trust domain ever
-        federated with keeps some (_written stays: the follower reads it). A lock a fetch
+        federated with keeps some (_written stays until the follower reads past it). A lock a fetch
         holds stays, so that a relationship made again meanwhile does not fetch beside it:
         that fetch lets go of it at its end (_let_go)."""
         self._schedules.pop(td, None)
@@ -590,7 +591,11 @@ class FederationService:
         bundles that differ from memory are installed and pushed (audited by their writer).
         Trust domains written here since `mark` are left alone: True asks to read again."""
         skipped = False
-        mine = {td for td, n in self._written.items() if n > mark}
+        # A write this read is past can hold back no later read (the follower reads one at a
+        # time, each mark at least the last): its count goes, else one stayed for every trust
+        # domain ever written, each name an admin made and deleted.
+        self._written = {td: n for td, n in self._written.items() if n > mark}
+        mine = set(self._written)
         for td in sorted(set(stored.relationships) | set(self._relationships)):
             if td in self._static:
                 continue

@@ -1104,3 +1104,21 @@ def test_a_deleted_relationship_leaves_nothing_of_its_fetches_behind(tmp_path: P
             assert db.execute("SELECT count(*) FROM leases").fetchone() == (0,)
     finally:
         store.close()
+
+
+def test_the_write_count_of_a_deleted_relationship_goes_once_the_follower_reads_past_it(
+    world: World,
+) -> None:
+    """Each trust domain written here kept a count of its last write for good: relationships
+    an admin makes and deletes under new names grew the service without bound."""
+    service = world.service
+    names = [f"churned{n}.org" for n in range(20)]
+    for name in names:
+        before, mark = service.read_stored(), service.follow_mark()
+        rel = FederationRelationship(name, "https://127.0.0.1:1/", "https_web")
+        world.run(service.create(rel))
+        world.run(service.delete(name))
+        service.apply_stored(before, mark)  # a read from before the writes keeps the count
+        assert name in service._written
+        assert not service.apply_stored(service.read_stored(), service.follow_mark())
+    assert not set(service._written) & set(names)
