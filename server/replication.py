@@ -189,6 +189,8 @@ class FollowedFederation(Protocol):
 
     def apply_stored(self, stored: Stored, mark: int) -> bool: ...
 
+    async def let_go_deleted(self) -> None: ...
+
 
 @dataclass
 class _Loaded:
@@ -403,6 +405,7 @@ class FeedFollower:
             agents=work.agents & skip_agents,
             federation=self._apply_federation(loaded.federation, mark),
         )
+        await self._federation_applied()
         if work.key_slots:
             await self._key_slots_changed()
         if loaded.audit_records is not None:
@@ -414,6 +417,11 @@ class FeedFollower:
         if stored is None or self._federation is None:
             return False
         return self._federation.apply_stored(stored, mark)
+
+    async def _federation_applied(self) -> None:
+        """After the install: the fetch leases of relationships deleted elsewhere go now."""
+        if self._federation is not None:
+            await self._federation.let_go_deleted()
 
     async def _key_slots_changed(self) -> None:
         # A failing reload of keys must not stop entries and revocations from following: it
@@ -477,6 +485,7 @@ class FeedFollower:
             agents=skip_agents,
             federation=self._apply_federation(federation, mark),
         )
+        await self._federation_applied()
         await self._key_slots_changed()
         await self._audit_records_stored(records)
         await self._state.refresh_revision(self._read)

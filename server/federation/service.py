@@ -230,6 +230,9 @@ class FederationService:
         # Without a holder name (one server, tests) every scheduled fetch runs.
         self._holder = holder
         self._claimed: set[str] = set()
+        # Relationships another server deleted whose fetch lease this server still holds: let
+        # go by `let_go_deleted` (apply_stored, which finds them, does not wait on the store).
+        self._deleted_elsewhere: set[str] = set()
         # Local writes, numbered, by trust domain: what the follower must not undo; those it
         # has read past are dropped (apply_stored).
         self._writes = 0
@@ -607,6 +610,8 @@ class FederationService:
                 continue
             if row is None:
                 self._forget(td)
+                if td in self._claimed:
+                    self._deleted_elsewhere.add(td)
             else:
                 self._relationships[td] = row
                 # Due shortly, through the lease: by then the writer, which fetches at once,
@@ -638,6 +643,13 @@ class FederationService:
         if changed:
             self._publish(dict(self._bundles))
         return skipped
+
+    async def let_go_deleted(self) -> None:
+        """Release the fetch leases of relationships another server deleted (the follower,
+        after apply_stored): else each stayed held here until it lapsed (two refresh
+        intervals) or this server stopped, a row per relationship deleted meanwhile."""
+        while self._deleted_elsewhere:
+            await self._let_go(self._deleted_elsewhere.pop())
 
     async def refresh_due(self) -> None:
         """Fetch every relationship that is due and whose fetch this server claims, at most

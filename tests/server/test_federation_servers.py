@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from server.ca.sealing import KeyEncryptionKey
+from server.federation.service import LEASE_PREFIX
 from svid._bundle import SpiffeBundle
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from svid._spiffe_id import TrustDomain
@@ -173,3 +174,41 @@ def test_a_relationship_created_through_a_is_refreshed_by_b_and_deleted_through_
         )
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
     stream.cancel()
+
+
+def test_a_relationship_deleted_through_b_releases_its_fetch_lease_at_once(world: World) -> None:
+    """A holds the relationship's fetch lease (it fetched at the create); deleted through B, A
+    dropped the relationship from the feed but held the lease until it lapsed (two refresh
+    intervals) or A stopped."""
+    admin_a = world.a.admin()
+    exported = world.home.server.state.bundle.to_json()
+    admin_a.SetFederatedBundle(
+        admin_pb2.SetFederatedBundleRequest(
+            bundle=admin_pb2.FederatedBundle(trust_domain="example.org", bundle=exported)
+        ),
+        timeout=10,
+    )
+    admin_a.CreateFederationRelationship(
+        admin_pb2.CreateFederationRelationshipRequest(relationship=world.relationship()),
+        timeout=10,
+    )
+    service_a = world.a.server.federation.service  # type: ignore[union-attr]
+    # A's fetch ended too: one that ends after the delete lets go of the lease on its own.
+    wait_until(
+        lambda: "example.org" in service_a._claimed and not service_a._running,
+        1.0,
+        "A to hold the fetch lease, its fetch done",
+    )
+    store = world.b.server.datastore
+    lease = LEASE_PREFIX + "example.org"
+    assert not store.acquire_lease(lease, "probe", int(time.time()), 60)
+    world.b.admin().DeleteFederationRelationship(
+        admin_pb2.DeleteFederationRelationshipRequest(trust_domain="example.org"), timeout=10
+    )
+    wait_until(
+        lambda: store.acquire_lease(lease, "probe", int(time.time()), 60),
+        1.0,
+        "A to release the fetch lease of the relationship deleted through B",
+    )
+    assert "example.org" not in service_a._claimed
+    store.release_lease(lease, "probe")

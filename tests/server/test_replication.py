@@ -274,6 +274,9 @@ class Federated:
             return True
         return False
 
+    async def let_go_deleted(self) -> None:
+        pass
+
 
 @pytest.fixture
 def clock() -> FakeClock:
