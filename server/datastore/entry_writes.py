@@ -13,7 +13,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from server.datastore.errors import (
     AlreadyExistsError,
@@ -31,8 +31,24 @@ R = TypeVar("R")  # what a batch answers for an item it wrote
 
 REVISION = "revision"  # the counter every committed entry write moves (Sync streams follow it)
 
-# The newest created_at stored (0 for none): where a process's floor on created_at starts.
+# The newest created_at stored (0 for none): where a process's floor on created_at starts
+# (once: the floors below were kept by none before them).
 NEWEST_CREATED_AT = "SELECT COALESCE(MAX(created_at), 0) AS newest FROM entries"
+
+# The floors every server on the datastore stamps new entries above, in two counters (rows
+# made on first use): read and raised inside each entry write's turn (one write at a time
+# across servers), so an entry made through a server whose clock is behind still sorts after
+# those made before it elsewhere. Two small reads, where MAX over an unindexed column was not.
+# Only entry writes touch these rows, and they hold the entries' turn (LOCK_ENTRIES on
+# PostgreSQL) first: taken before the insert, not last, they make no deadlock.
+CREATED_FLOOR = "entry_created_at"
+ID_MILLIS_FLOOR = "entry_id_millis"
+READ_FLOORS = "SELECT name, value FROM counters WHERE name IN (:created, :id_millis)"
+RAISE_FLOOR = (
+    "INSERT INTO counters (name, value) VALUES (:name, :value) "
+    "ON CONFLICT (name) DO UPDATE SET value = CASE "
+    "WHEN counters.value > excluded.value THEN counters.value ELSE excluded.value END"
+)
 
 
 class EntryWrites(Generic[H]):
@@ -67,8 +83,9 @@ class EntryWrites(Generic[H]):
     def _now(self) -> int:
         raise NotImplementedError
 
-    def _newest_created_at(self) -> int:
-        """NEWEST_CREATED_AT, read outside any transaction."""
+    def _execute_in(self, h: H, sql: str, params: dict[str, object]) -> list[tuple[Any, ...]]:
+        """One statement of this module's (`:name` parameters) inside the transaction; the
+        rows it returns ([] for none)."""
         raise NotImplementedError
 
     _clock: Clock
@@ -83,7 +100,7 @@ class EntryWrites(Generic[H]):
         """32 hex digits: milliseconds of creation, then 80 random bits. Workloads get their
         default identity by (created_at, id), and created_at counts seconds: an id that sorts
         in creation order keeps two entries made within one second in the order they were made
-        (within this process; across servers, by the millisecond)."""
+        (across servers too: see the shared floors, `_stamped`)."""
         with self._id_lock:
             millis = max(int(self._clock.now() * 1000), self._last_id_millis + 1)
             self._last_id_millis = millis
@@ -98,7 +115,7 @@ class EntryWrites(Generic[H]):
             self._last_created = max(self._now(), self._last_created)
             return self._last_created
 
-    def _read_floors(self) -> None:
+    def _read_floors(self, h: H) -> None:
         """Start both floors from the newest entry stored, once, before this process makes its
         first: held in memory only, they began at 0 on each start, and a server restarted on a
         clock stepped back stamped its first entries before the older ones. The ids of entries
@@ -106,27 +123,44 @@ class EntryWrites(Generic[H]):
         past it): the next id's are after them."""
         if self._floors_read:
             return
-        newest = self._newest_created_at()  # before the lock: a read, which may wait
+        ((stored,),) = self._execute_in(h, NEWEST_CREATED_AT, {})
+        newest = int(stored)
         with self._id_lock:
             self._last_created = max(self._last_created, newest)
             self._last_id_millis = max(self._last_id_millis, newest * 1000 + 999)
             self._floors_read = True
 
     def _stored_new(self, entry: Entry) -> Entry:
-        self._read_floors()
         created_at = self._new_created_at()
         return replace(
             entry, id=entry.id or self._new_entry_id(), revision=1, created_at=created_at
         )
+
+    def _stamped(self, h: H, entries: Sequence[Entry]) -> list[Entry]:
+        """`entries` with their ids and created_at, stamped inside the write's turn above every
+        entry any server made before (the shared floors), and the floors raised past them."""
+        self._read_floors(h)
+        names = {"created": CREATED_FLOOR, "id_millis": ID_MILLIS_FLOOR}
+        rows = self._execute_in(h, READ_FLOORS, dict(names))
+        shared = {str(name): int(value) for name, value in rows}
+        with self._id_lock:
+            self._last_created = max(self._last_created, shared.get(CREATED_FLOOR, 0))
+            self._last_id_millis = max(self._last_id_millis, shared.get(ID_MILLIS_FLOOR, 0))
+        stored = [self._stored_new(e) for e in entries]
+        with self._id_lock:
+            raised = {CREATED_FLOOR: self._last_created, ID_MILLIS_FLOOR: self._last_id_millis}
+        for name, value in raised.items():
+            if value > shared.get(name, -1):
+                self._execute_in(h, RAISE_FLOOR, {"name": name, "value": value})
+        return stored
 
     def _changed(self, h: H, entry_ids: Iterable[str]) -> None:
         self._bump(h, REVISION)
         self._append_feed(h, FEED_ENTRY, entry_ids)
 
     def create_entry(self, entry: Entry) -> Entry:
-        stored = self._stored_new(entry)
-
         def work(h: H) -> Entry:
+            (stored,) = self._stamped(h, (entry,))
             self._insert_in(h, stored)
             self._changed(h, (stored.id,))
             return stored
@@ -156,8 +190,9 @@ class EntryWrites(Generic[H]):
             self._insert_in(h, stored)
             return stored, stored.id
 
-        stored = [self._stored_new(e) for e in entries]
-        return self._batch("create entries", stored, insert, (AlreadyExistsError,))
+        return self._batch(
+            "create entries", entries, insert, (AlreadyExistsError,), stamp=self._stamped
+        )
 
     def update_entries(self, entries: Sequence[Entry]) -> list[Entry | DataStoreError]:
         def update(h: H, entry: Entry) -> tuple[Entry, str]:
@@ -180,13 +215,16 @@ class EntryWrites(Generic[H]):
         items: Sequence[Item],
         write: Callable[[H, Item], tuple[R, str]],
         refused: tuple[type[DataStoreError], ...],
+        *,
+        stamp: Callable[[H, Sequence[Item]], Sequence[Item]] | None = None,
     ) -> list[R | DataStoreError]:
-        """Each item's ``write`` (its result and the id it changed) or its refusal, in order."""
+        """Each item's ``write`` (its result and the id it changed) or its refusal, in order;
+        `stamp` readies the items inside the transaction first."""
 
         def work(h: H) -> list[R | DataStoreError]:
             results: list[R | DataStoreError] = []
             changed: list[str] = []
-            for item in items:
+            for item in items if stamp is None else stamp(h, items):
                 try:
                     result, entry_id = write(h, item)
                 except refused as exc:

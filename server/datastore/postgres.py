@@ -65,8 +65,8 @@ from psycopg_pool import ConnectionPool
 from server.datastore import postgres_sql as ps
 from server.datastore import queries as q
 from server.datastore.base import JtiClaim
-from server.datastore.entry_writes import NEWEST_CREATED_AT, EntryWrites
 from server.datastore.entry_writes import REVISION as _REVISION
+from server.datastore.entry_writes import EntryWrites
 from server.datastore.errors import (
     AgentReplacedError,
     AlreadyExistsError,
@@ -439,8 +439,10 @@ class PostgresDataStore(
     def _now(self) -> int:
         return int(self._clock.now())
 
-    def _newest_created_at(self) -> int:
-        return int(self._rows("read the newest entry", NEWEST_CREATED_AT, {})[0]["newest"])
+    @staticmethod
+    def _execute_in(cur: Cursor, sql: str, params: dict[str, object]) -> list[tuple[Any, ...]]:
+        cur.execute(pg(sql), params)
+        return list(cur.fetchall()) if cur.description is not None else []
 
     @staticmethod
     def _bump(cur: Cursor, counter: str) -> int:

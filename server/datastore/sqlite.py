@@ -33,8 +33,8 @@ import sqlite_utils
 from server.datastore import queries as q
 from server.datastore import sqlite_audit
 from server.datastore.base import JtiClaim
-from server.datastore.entry_writes import NEWEST_CREATED_AT, EntryWrites
 from server.datastore.entry_writes import REVISION as _REVISION
+from server.datastore.entry_writes import EntryWrites
 from server.datastore.errors import (
     AgentReplacedError,
     AlreadyExistsError,
@@ -372,8 +372,11 @@ class SqliteDataStore(
     def _now(self) -> int:
         return int(self._clock.now())
 
-    def _newest_created_at(self) -> int:
-        return int(self._rows(NEWEST_CREATED_AT)[0]["newest"])
+    @staticmethod
+    def _execute_in(
+        db: sqlite_utils.Database, sql: str, params: dict[str, object]
+    ) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in db.execute(sql, params).fetchall()]
 
     @staticmethod
     def _bump(db: sqlite_utils.Database, counter: str) -> int:

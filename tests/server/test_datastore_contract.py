@@ -263,6 +263,35 @@ def test_an_entry_made_after_a_restart_on_a_clock_stepped_back_sorts_after_those
         store.close()
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_an_entry_made_through_a_server_whose_clock_is_behind_sorts_after_the_others(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    # Two servers on one database, B's clock a minute behind A's: each kept its own floor on
+    # created_at (and on the ids' milliseconds), read from the store once, so B stamped an
+    # entry made after A's before it, and it became the default identity of the workloads
+    # both matched.
+    ahead, behind = _SteppedClock(NOW), _SteppedClock(NOW)
+    ahead.offset = 60.0
+    a = BACKENDS[backend](request, tmp_path, ahead)()
+    b = BACKENDS[backend](request, tmp_path, behind)()
+    sels = (Selector("unix", "uid:1000"),)
+    try:
+        made = [b.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))]
+        made.append(a.create_entry(Entry("", "spiffe://example.org/b", AGENT, sels)))
+        made.append(b.create_entry(Entry("", "spiffe://example.org/c", AGENT, sels)))
+        made.append(a.create_entry(Entry("", "spiffe://example.org/d", AGENT, sels)))
+        (batched,) = b.create_entries([Entry("", "spiffe://example.org/e", AGENT, sels)])
+        assert isinstance(batched, Entry)
+        made.append(batched)
+        stamps = [(e.created_at, e.id) for e in made]
+        assert stamps == sorted(stamps)
+        assert len(set(stamps)) == len(stamps)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_get_entries_reads_many_ids_at_once(store: DataStore) -> None:
     sels = (Selector("unix", "uid:1000"),)
     made = store.create_entries(
