@@ -55,7 +55,6 @@ from server.ca.keys import (
 from server.ca.sealing import KEK_SETTING, KeyEncryptionKey, sealed_kek_id
 from server.ca.signer import JwtSigner, X509Signer
 from server.datastore.base import DataStore
-from server.datastore.errors import StorageError
 from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock
@@ -283,18 +282,6 @@ class CaManager:
         if not signers:
             raise CaUnavailableError("no active X.509 CA: the CA manager is not initialised")
         return signers
-
-    def next_crl_number(self, at_least: int) -> int:
-        """The number of the CRLs about to be signed: the datastore's counter, shared by every
-        server signing for these CAs, so a CRL numbered later numbers higher whatever their
-        clocks say (RFC 5280 5.2.3: a relying party keeps the highest). Out of reach of the
-        datastore, `at_least` (this server's own order): the CRLs are still signed again
-        before their nextUpdate passes."""
-        try:
-            return self._ds.next_crl_number(at_least)
-        except StorageError:
-            _log.warning("CRL number not advanced in the datastore; numbered by this server")
-            return at_least
 
     def jwt_signer(self) -> JwtSigner:
         signer = self._jwt_signer

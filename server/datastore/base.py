@@ -247,11 +247,6 @@ class RegistrationStore(Protocol):
         """The current spiffe_sequence without changing it (0 before the first bundle)."""
         ...
 
-    def next_crl_number(self, at_least: int) -> int:
-        """Durably advance and return the CRL number: above every number it returned before,
-        to any server on this datastore, and at least `at_least`."""
-        ...
-
     # -- revocations ----------------------------------------------------------------------------
 
     def add_revocations(self, items: Sequence[Revocation]) -> None:

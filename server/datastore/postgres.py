@@ -160,7 +160,6 @@ _TCP: dict[str, int] = {
 ATTEMPTS = 3
 _BUNDLE_SEQUENCE = "bundle_sequence"
 _FEED = "feed"
-_CRL_NUMBER = "crl_number"
 # Ids bound in one `get_entries` read.
 _IDS_PER_READ = 500
 # wait_feed sleeps on NOTIFY in slices of this: how late it sees close(), and how often, at
@@ -834,16 +833,6 @@ class PostgresDataStore(
 
     def bundle_sequence(self) -> int:
         return self._counter(_BUNDLE_SEQUENCE)
-
-    def next_crl_number(self, at_least: int) -> int:
-        params = {"name": _CRL_NUMBER, "at_least": at_least}
-
-        def work(cur: Cursor) -> int:
-            row = cur.execute(pg(q.ADVANCE_COUNTER), params).fetchone()
-            assert row is not None, "the CRL number was not returned"
-            return int(row[0])
-
-        return self._write("advance the CRL number", work)
 
     def _counter(self, name: str) -> int:
         rows = self._tuples(f"read the {name}", q.SELECT_COUNTER, {"name": name})

@@ -185,14 +185,6 @@ PRUNE_REVOCATIONS = "DELETE FROM revocations WHERE expires_at < :needed_from"
 
 BUMP_COUNTER = "UPDATE counters SET value = value + 1 WHERE name = :name"
 SELECT_COUNTER = "SELECT value FROM counters WHERE name = :name"
-# A counter moved past its last value and to at least :at_least, made on first use (no
-# migration: a row, not a schema change). CASE, not max()/GREATEST(): one text for both.
-ADVANCE_COUNTER = (
-    "INSERT INTO counters (name, value) VALUES (:name, :at_least) "
-    "ON CONFLICT (name) DO UPDATE SET value = CASE "
-    "WHEN counters.value + 1 > excluded.value THEN counters.value + 1 ELSE excluded.value END "
-    "RETURNING value"
-)
 
 # The change feed: the counter moves by the rows a write appends, in the write's transaction.
 BUMP_COUNTER_BY = "UPDATE counters SET value = value + :n WHERE name = :name"

@@ -81,7 +81,6 @@ WAL_SIZE_LIMIT = 8 << 20
 T = TypeVar("T")
 _BUNDLE_SEQUENCE = "bundle_sequence"
 _FEED = "feed"
-_CRL_NUMBER = "crl_number"
 # Ids bound in one `get_entries` read (SQLite's parameter limit is 999 on old builds).
 _IDS_PER_READ = 500
 # How often wait_feed looks at the feed's counter: what a write through another process waits,
@@ -699,11 +698,6 @@ class SqliteDataStore(
 
     def bundle_sequence(self) -> int:
         return int(self._rows(q.SELECT_COUNTER, {"name": _BUNDLE_SEQUENCE})[0]["value"])
-
-    def next_crl_number(self, at_least: int) -> int:
-        with self._transaction() as db:
-            params = {"name": _CRL_NUMBER, "at_least": at_least}
-            return int(db.execute(q.ADVANCE_COUNTER, params).fetchone()[0])
 
     # -- revocations ----------------------------------------------------------------------------
 

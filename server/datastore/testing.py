@@ -211,10 +211,6 @@ class FaultInjectingDataStore:
         self._enter("bundle_sequence")
         return self.inner.bundle_sequence()
 
-    def next_crl_number(self, at_least: int) -> int:
-        self._enter("next_crl_number")
-        return self.inner.next_crl_number(at_least)
-
     def add_revocations(self, items: Sequence[Revocation]) -> None:
         self._enter("add_revocations")
         self.inner.add_revocations(items)

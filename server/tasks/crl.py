@@ -69,17 +69,13 @@ def _entry_size(serial: int) -> int:
 
 
 def next_number(previous: int, now: float) -> int:
-    """The least CRL number of a build at `now`: its time in microseconds, above `previous`
-    (RFC 5280 5.2.3: a relying party keeps the highest number it saw). Seconds let a burst of
-    builds in one second (one per revocation) run the number ahead of the clock, and a
-    restarted server started again below it. Across servers sharing the CA this holds only as
-    far as their clocks agree: CrlCache's `take_number` (the datastore's counter, CaManager.
-    next_crl_number) orders their builds whatever the clocks say."""
+    """The CRL number of a build at `now`: its time in microseconds, above `previous` (RFC 5280
+    5.2.3: a relying party keeps the highest number it saw). Seconds let a burst of builds in
+    one second (one per revocation) run the number ahead of the clock, and a restarted server,
+    or another one sharing the CA, started again below it; a build signs a CRL, which takes far
+    longer than a microsecond, so each build's number is its own time and the next server's
+    build, later, numbers higher. Across servers that holds as far as their clocks agree."""
     return max(previous + 1, int(now * _MICROSECONDS))
-
-
-def _own_number(at_least: int) -> int:
-    return at_least
 
 
 def listed_serials(revocations: Iterable[Revocation], now: float) -> list[Revocation]:
@@ -196,9 +192,6 @@ class CrlCache:
 
     number: int = 0
     max_bytes: int = CRL_MAX_BYTES
-    # The number of a build, given the least it may be (next_number): the CA's shared counter
-    # where several servers sign CRLs for one CA; by default that least.
-    take_number: Callable[[int], int] = _own_number
     _key: tuple[object, ...] | None = None
     _ders: tuple[bytes, ...] = ()
     _built_at: float = 0.0
@@ -219,7 +212,7 @@ class CrlCache:
         names = tuple(cert.fingerprint(_FINGERPRINT) for cert, _ in issuers)
         cache_key: tuple[object, ...] = (revocations, names)
         if cache_key != self._key or self.due(now):
-            self.number = self.take_number(next_number(self.number, now))
+            self.number = next_number(self.number, now)
             entries = {name: self._entries.get(name) or _Entries() for name in names}
             self._ders = tuple(
                 der

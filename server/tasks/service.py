@@ -175,7 +175,7 @@ class TaskService:
         # Tasks this server ended (id -> expires_at): an end is final, so a row the change
         # feed read before the end never makes one active again here.
         self._ended: dict[str, int] = {}
-        self._crl = CrlCache(take_number=ca.next_crl_number)
+        self._crl = CrlCache()
         # Per task ID: (the Task object, its intent, its tools split), see _facts_of.
         self._facts: dict[str, tuple[Task, Intent, tuple[tuple[str, str, str], ...]]] = {}
         # Per (agent, runtime): (window start, violations since then), read from the store at

@@ -5,19 +5,13 @@ certificates and keys (EC and RSA-4096), real DER."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from server.ca.signer import BACKDATE_SECONDS
-from server.datastore.base import DataStore
-from server.datastore.postgres import PostgresDataStore
 from server.datastore.records import Revocation
-from server.datastore.sqlite import SqliteDataStore
 from server.sync_messages import MAX_BYTES
 from server.tasks.crl import (
     CRL_MAX_BYTES,
@@ -28,7 +22,6 @@ from server.tasks.crl import (
     build_crls,
     key_id,
 )
-from svid._clock import FakeClock
 from tests.svid.certs import T0, Issued, make_ca
 
 NOW = int(T0)
@@ -201,44 +194,3 @@ def test_a_crl_signed_after_a_restart_or_failover_numbers_higher_than_every_crl_
     newer = after.get(issuers, (*listed, _serial(5)), NOW + 1)
     assert len(_listed(newer)) == len(_listed(held)) + 1
     assert _number(newer[0]) > _number(held[0])
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def two_stores(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[tuple[DataStore, DataStore]]:
-    """Two servers' datastores on one database (a SQLite file, a PostgreSQL schema)."""
-    clock = FakeClock(NOW)
-    stores: list[DataStore] = []
-    for _ in range(2):
-        if request.param == "sqlite":
-            stores.append(SqliteDataStore(tmp_path / "db", clock))
-        else:
-            stores.append(PostgresDataStore(request.getfixturevalue("postgres_dsn"), clock))
-    try:
-        yield stores[0], stores[1]
-    finally:
-        for store in stores:
-            store.close()
-
-
-def test_a_crl_signed_later_by_another_server_numbers_higher_whatever_the_clocks_say(
-    two_stores: tuple[DataStore, DataStore],
-) -> None:
-    """Two servers sign CRLs for one CA; A's clock runs a minute ahead of B's. Numbered by each
-    server's clock, B's CRL, signed after A's and listing one revocation more, carried the lower
-    number, and a relying party keeping the highest number it saw kept A's."""
-    a_store, b_store = two_stores
-    ca = make_ca()
-    issuers = [(ca.cert, _signer(ca))]
-    a = CrlCache(take_number=a_store.next_crl_number)
-    b = CrlCache(take_number=b_store.next_crl_number)
-    listed = (_serial(1),)
-    held = a.get(issuers, listed, NOW + 60)
-    newer = b.get(issuers, (*listed, _serial(2)), NOW + 1)
-    assert _number(newer[0]) > _number(held[0])
-    again = a.get(issuers, (*listed, _serial(2), _serial(3)), NOW + 61)
-    assert _number(again[0]) > _number(newer[0])
-    # Still at least the clock in microseconds: relying parties that hold a CRL numbered so,
-    # from before the counter, take the next one.
-    assert _number(held[0]) >= (NOW + 60) * 1_000_000
