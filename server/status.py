@@ -38,6 +38,7 @@ from server.datastore.errors import (
     DataStoreError,
     HolderGoneError,
     JtiHeldError,
+    RemovalClaimLostError,
     RemovalUnderWayError,
     StorageError,
     TaskEndedMeanwhileError,
@@ -175,6 +176,9 @@ RULES: Mapping[type[BaseException], Rule] = {
     # A fetched foreign bundle lost to a newer one another server stored with its change's
     # event (server/federation answers it as a refused bundle; this is for any other caller).
     BundleRefusedError: Rule(Code.ABORTED),
+    # A removal's finisher lost its claim to another server's (removals.py answers it by
+    # leaving the rest to that one; this is for any other caller): nothing was logged.
+    RemovalClaimLostError: Rule(Code.ABORTED),
     # Another server moved the audit chain; the audit log reseals and retries, so one reaching
     # here is a storage failure like any other.
     ChainMovedError: _STORAGE,

@@ -40,15 +40,23 @@ from server.audit.event import (
     text_keyed_extra,
 )
 from server.audit.verify import Anchor, VerifyResult, verify_store
-from server.datastore.base import AuditStore, JtiClaim
+from server.datastore.base import AuditStore, JtiClaim, RemovalClaim
 from server.datastore.errors import (
     BundleRefusedError,
     ChainMovedError,
     HolderGoneError,
+    RemovalClaimLostError,
     StorageError,
     UnreachableError,
 )
-from server.datastore.records import AUDIT_COLUMNS, BundleWrite, Credential, EventFilter, Head
+from server.datastore.records import (
+    AUDIT_COLUMNS,
+    BundleWrite,
+    Credential,
+    EventFilter,
+    Head,
+    TaskRecord,
+)
 from svid._clock import Clock
 
 _DRAFT_FIELDS = frozenset(DRAFT_FIELDS)
@@ -61,12 +69,13 @@ DraftTuple = tuple[Any, ...]
 class _Ticket:
     """One caller's share of a group commit: its drafts (kept until committed, so they can be
     sealed again on another writer's head), their timestamp, its rows as last sealed, and its
-    credentials, jtis and foreign bundles (kept to write again without a neighbour the store
-    refused)."""
+    credentials, jtis, foreign bundles, task rows and removal claims (kept to write again
+    without a neighbour the store refused)."""
 
     __slots__ = (
         "bodies",
         "bundles",
+        "claims",
         "credentials",
         "done",
         "drafts",
@@ -74,6 +83,7 @@ class _Ticket:
         "future",
         "jtis",
         "rows",
+        "tasks",
         "ts",
     )
 
@@ -92,6 +102,8 @@ class _Ticket:
         self.credentials: Sequence[Credential] = ()
         self.jtis: Sequence[JtiClaim] = ()
         self.bundles: Sequence[BundleWrite] = ()
+        self.tasks: Sequence[TaskRecord] = ()
+        self.claims: Sequence[RemovalClaim] = ()
         # A caller of record_later waits on this instead of on the commit itself.
         self.future = future
 
@@ -287,9 +299,25 @@ class AuditLog:
         rows = self._append([_draft_values(self._draft(kind, fields_))], bundles=(bundle,))
         return event_from_row(dict(zip(_COLUMNS, rows[0], strict=True)))
 
-    def append_many(self, drafts: Sequence[EventDraft]) -> list[AuditEvent]:
-        """Record several events in one transaction (e.g. every credential a revocation covers)."""
-        rows = self._append([_draft_values(d) for d in drafts])
+    def append_many(
+        self,
+        drafts: Sequence[EventDraft],
+        *,
+        tasks: Sequence[TaskRecord] = (),
+        claim: RemovalClaim | None = None,
+    ) -> list[AuditEvent]:
+        """Record several events in one transaction (e.g. every credential a revocation covers).
+
+        `tasks`: task rows stored in that transaction (a task's begin with its event, see
+        AuditStore.write_ledger). `claim`: the removal claim the writer (a removal's finisher)
+        must still hold at the commit; when it does not, LedgerError caused by
+        RemovalClaimLostError, and nothing of this call's is kept (the callers sharing the
+        commit are written again without it)."""
+        rows = self._append(
+            [_draft_values(d) for d in drafts],
+            tasks=tasks,
+            claims=() if claim is None else (claim,),
+        )
         return [event_from_row(dict(zip(_COLUMNS, r, strict=True))) for r in rows]
 
     def append_tuples(self, drafts: Sequence[DraftTuple]) -> None:
@@ -373,12 +401,16 @@ class AuditLog:
         credentials: Sequence[Credential] = (),
         jtis: Sequence[JtiClaim] = (),
         bundles: Sequence[BundleWrite] = (),
+        *,
+        tasks: Sequence[TaskRecord] = (),
+        claims: Sequence[RemovalClaim] = (),
     ) -> list[tuple[Any, ...]]:
-        if not drafts and not credentials and not jtis:
+        if not drafts and not credentials and not jtis and not tasks:
             return []
         ticket = _Ticket(drafts)
-        # Not queued apart as credentials are: a group's bundles are read from its tickets.
-        ticket.bundles = bundles
+        # Not queued apart as credentials are: a group's bundles, tasks and claims are read
+        # from its tickets.
+        ticket.bundles, ticket.tasks, ticket.claims = bundles, tasks, claims
         ticket = self._enqueue(ticket, drafts, credentials, jtis)
         self._commit_until(ticket)
         # The rows as committed: sealed again if another writer moved the chain meanwhile.
@@ -499,17 +531,22 @@ class AuditLog:
                 return out[-1]
 
             bundles = [b for t in tickets for b in t.bundles]
+            # Passed only when there are any: most writes hold none.
+            extra: dict[str, Any] = {}
+            if bundles:
+                extra["bundles"] = bundles
+            tasks = [r for t in tickets for r in t.tasks]
+            if tasks:
+                extra["tasks"] = tasks
+            claims = [c for t in tickets for c in t.claims]
+            if claims:
+                extra["claims"] = claims
             try:
-                if bundles:
+                if bundles or jtis:
                     now = int(self._clock.now())
-                    self._store.write_ledger(
-                        credentials, batch, jtis, now, reseal=reseal, bundles=bundles
-                    )
-                elif jtis:
-                    now = int(self._clock.now())
-                    self._store.write_ledger(credentials, batch, jtis, now, reseal=reseal)
+                    self._store.write_ledger(credentials, batch, jtis, now, reseal=reseal, **extra)
                 else:
-                    self._store.write_ledger(credentials, batch, reseal=reseal)
+                    self._store.write_ledger(credentials, batch, reseal=reseal, **extra)
             except ChainMovedError as e:
                 reseals += 1
                 try:
@@ -529,10 +566,11 @@ class AuditLog:
                     error.__cause__ = unexpected
                     self._fail(tickets, error)
                     return
-            except (HolderGoneError, BundleRefusedError) as e:
+            except (HolderGoneError, BundleRefusedError, RemovalClaimLostError) as e:
                 # Only the callers issuing through the removed agents, or for the ended tasks,
-                # or storing the refused bundles, are refused; the rest are written again
-                # without them (nothing of the batch was kept).
+                # or storing the refused bundles, or holding the lost removal claims, are
+                # refused; the rest are written again without them (nothing of the batch was
+                # kept).
                 try:
                     batch, credentials, jtis, tickets = self._drop_refused(e, tickets)
                 except LedgerError as gave_up:
@@ -645,20 +683,25 @@ class AuditLog:
         return batch, credentials, jtis, tickets
 
     def _drop_refused(
-        self, gone: HolderGoneError | BundleRefusedError, tickets: list[_Ticket]
+        self,
+        gone: HolderGoneError | BundleRefusedError | RemovalClaimLostError,
+        tickets: list[_Ticket],
     ) -> tuple[list[tuple[Any, ...]], list[Credential], list[JtiClaim], list[_Ticket]]:
         """The store refused the group for credentials of agents no longer admitted or tasks
-        no longer active, or for foreign bundles older than those stored: fail the tickets
+        no longer active, for foreign bundles older than those stored, or for removal claims
+        lost: fail the tickets
         holding any (each told of its own only), and seal the others, with everything queued
         after them, again on the stored head; returns the group to write in their place. One
         agent evicted, or one task ended, mid-issuance must not cost the others theirs."""
         kept: list[_Ticket] = []
         at = 0  # where each ticket's bundles begin in the write's (`gone.positions`)
         for t in tickets:
-            own: HolderGoneError | BundleRefusedError | None
+            own: HolderGoneError | BundleRefusedError | RemovalClaimLostError | None
             if isinstance(gone, BundleRefusedError):
                 own = gone.among(t.bundles, at)
                 at += len(t.bundles)
+            elif isinstance(gone, RemovalClaimLostError):
+                own = gone.among(t.claims)
             else:
                 own = gone.among(t.credentials)
             if own is None:

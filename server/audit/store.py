@@ -21,7 +21,7 @@ from typing import Any
 
 from server.audit.errors import AuditError
 from server.datastore import sqlite_audit
-from server.datastore.base import AuditStore, JtiClaim
+from server.datastore.base import AuditStore, JtiClaim, RemovalClaim
 from server.datastore.chain import Resealer
 from server.datastore.errors import StorageError
 from server.datastore.records import (
@@ -32,6 +32,7 @@ from server.datastore.records import (
     Credential,
     EventFilter,
     Head,
+    TaskRecord,
 )
 from server.datastore.sqlite_audit import insert_many
 
@@ -72,8 +73,10 @@ class SqliteAuditStore:
         reseal: Resealer | None = None,
         *,
         bundles: Sequence[BundleWrite] = (),
+        tasks: Sequence[TaskRecord] = (),
+        claims: Sequence[RemovalClaim] = (),
     ) -> None:
-        del jtis, now, reseal, bundles
+        del jtis, now, reseal, bundles, tasks, claims
         raise AuditError(f"audit database {self._path} is open read-only")
 
     def audit_head(self) -> Head | None:

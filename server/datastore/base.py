@@ -204,6 +204,14 @@ class RegistrationStore(Protocol):
         removal a newer one replaced); anyone's else, or none, is left as it is."""
         ...
 
+    def resume_removal(self, removal: Removal) -> bool:
+        """Store `removal` for an agent that has no row, so that what an older removal left
+        (one stored before removals were, or whose record was lost) is finished under a
+        claim like any other: True when this call stored it. False, changing nothing, when
+        the agent has a row (it was admitted again: an eviction of it is a new removal) or a
+        removal of it is stored already (finish that one)."""
+        ...
+
     # -- CA and JWT key slots -------------------------------------------------------------------
 
     def save_key_slot(self, slot: KeySlot) -> None:
@@ -368,6 +376,8 @@ class AuditStore(Protocol):
         reseal: Resealer | None = None,
         *,
         bundles: Sequence[BundleWrite] = (),
+        tasks: Sequence[TaskRecord] = (),
+        claims: Sequence[RemovalClaim] = (),
     ) -> None:
         """Commit the credential rows, the sealed audit rows (consecutive seqs, AUDIT_COLUMNS)
         and the new audit head in ONE durable transaction: all of it is on disk when this
@@ -406,7 +416,19 @@ class AuditStore(Protocol):
         served that the ledger does not hold; a removal (BundleWrite.removal) is deleted
         there as delete_foreign_bundle would, so none is dropped that the ledger does not say
         was. When the store refuses one (it holds a higher sequence; a removal finds no
-        bundle), nothing is written and BundleRefusedError names its trust domain."""
+        bundle), nothing is written and BundleRefusedError names its trust domain.
+
+        `tasks` are stored in the same transaction, each as put_task would store it (feed row
+        and all): a task's row and the event recording its begin are durable together or not
+        at all, so the log never misses a task a server stored, nor records one it did not.
+
+        `claims` (agent removals' finishers, server/tasks/removals.py) must each still be
+        held at the commit: the agent's removal stored and claimed by that holder. A finisher
+        that lost its claim (it lapsed and another server took it over, or the removal was
+        finished) must not log what the new holder logs too: nothing is written and
+        RemovalClaimLostError names the agents. The check and the write are one step against
+        claims (SQLite: BEGIN IMMEDIATE's write lock; PostgreSQL: the removal rows locked FOR
+        SHARE until the commit, so a takeover waits for this write and then reads it)."""
         ...
 
     def audit_head(self) -> Head | None:
@@ -522,6 +544,14 @@ class JtiClaim(NamedTuple):
     issuer: str
     jti: str
     expires_at: int
+
+
+class RemovalClaim(NamedTuple):
+    """A removal finisher's claim on the agent's stored removal, which a ledger write holding
+    it requires (AuditStore.write_ledger's `claims`)."""
+
+    agent_id: str
+    holder: str
 
 
 class AssertionReplayStore(Protocol):

@@ -153,6 +153,26 @@ class TaskEndedMeanwhileError(HolderGoneError):
         return TaskEndedMeanwhileError(own) if own else None
 
 
+class RemovalClaimLostError(StorageError):
+    """A ledger write required removal claims (write_ledger's `claims`) some of which are no
+    longer held: another server took the removal over (the claim lapsed), or it was finished.
+    Nothing of the write was kept; `agents` names the agents whose removals the writer lost.
+    The new holder logs what is left, so the loser logs nothing more."""
+
+    def __init__(self, agents: Iterable[str]) -> None:
+        self.agents = frozenset(agents)
+        names = ", ".join(sorted(self.agents)[:4])
+        super().__init__(
+            f"the claim on the removal of agent(s) {names} was lost to another finisher (or the "
+            "removal is finished): nothing was logged"
+        )
+
+    def among(self, claims: Iterable[tuple[str, str]]) -> RemovalClaimLostError | None:
+        """The refusal as it concerns `claims` only (None: none of theirs)."""
+        own = self.agents.intersection(agent_id for agent_id, _ in claims)
+        return RemovalClaimLostError(own) if own else None
+
+
 class BundleRefusedError(StorageError):
     """A ledger write held foreign bundles (BundleWrite) the store did not take, as it holds
     a higher spiffe_sequence for their trust domains (another server stored a newer one), or

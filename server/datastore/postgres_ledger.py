@@ -17,12 +17,13 @@ import psycopg
 from server.datastore import ledger_queries as lq
 from server.datastore import postgres_sql as ps
 from server.datastore import queries as q
-from server.datastore.base import JtiClaim
+from server.datastore.base import JtiClaim, RemovalClaim
 from server.datastore.chain import Resealer, rows_to_write
 from server.datastore.errors import (
     AgentRemovedError,
     BundleRefusedError,
     JtiHeldError,
+    RemovalClaimLostError,
     StorageError,
     TaskEndedMeanwhileError,
     held_message,
@@ -40,6 +41,7 @@ from server.datastore.records import (
     Credential,
     EventFilter,
     Head,
+    Removal,
     TaskCursor,
     TaskRecord,
     credential_chains,
@@ -205,12 +207,16 @@ class PostgresLedger:
         reseal: Resealer | None = None,
         *,
         bundles: Sequence[BundleWrite] = (),
+        tasks: Sequence[TaskRecord] = (),
+        claims: Sequence[RemovalClaim] = (),
     ) -> None:
-        if not credentials and not audit_rows and not jtis and not bundles:
+        if not credentials and not audit_rows and not jtis and not bundles and not tasks:
             return
         # In key order, as claim_jtis: writes of several servers lock jti rows in one order.
-        claims = sorted(jtis, key=lambda c: (c.issuer, c.jti))
-        tasks = credential_tasks(credentials)
+        jti_claims = sorted(jtis, key=lambda c: (c.issuer, c.jti))
+        holding_tasks = credential_tasks(credentials)
+        # In agent order: two finishers' writes lock removal rows in one order.
+        removal_claims = sorted(set(claims))
 
         def work(cur: Cursor) -> None:
             # Plain reads of rows no write changes, before the first lock: the lock order
@@ -220,17 +226,31 @@ class PostgresLedger:
                 for t, jti in credential_chains(credentials)
             }
             agents = holding_agents(credentials, chains)
-            if agents or tasks:
-                _refuse_gone(cur, agents, tasks, chains)
+            if agents or holding_tasks:
+                _refuse_gone(cur, agents, holding_tasks, chains)
+            if removal_claims:
+                # FOR SHARE until the commit: a takeover's claim (an UPDATE of the row) waits
+                # for this write, and its finisher then reads what this one logged. After the
+                # agent and task locks, as a removal takes its agent's before its row.
+                claimed_by = pg(q.REMOVAL_CLAIMED_BY + " FOR SHARE")
+                lost = [
+                    c.agent_id
+                    for c in removal_claims
+                    if cur.execute(claimed_by, c._asdict()).fetchone() is None
+                ]
+                if lost:
+                    raise RemovalClaimLostError(lost)
             held = [
                 (c.issuer, c.jti)
-                for c in claims
+                for c in jti_claims
                 if cur.execute(pg(q.CLAIM_JTI), {**c._asdict(), "now": now}).rowcount != 1
             ]
             if held:
                 raise JtiHeldError(held_message(held), held)
             if bundles:
                 self._put_bundles(cur, bundles)
+            for task in tasks:  # new rows (a begin): no other write waits on them
+                cur.execute(pg(lq.UPSERT_TASK), _task_params(task))
             if credentials:
                 with cur.copy(ps.COPY_CREDENTIALS) as copy:
                     for credential in credentials:
@@ -248,11 +268,27 @@ class PostgresLedger:
             # The feed's counter is the last lock a transaction takes (_append_feed): after the
             # audit lock, as every other writer of both takes them.
             self._append_feed(cur, FEED_FOREIGN_BUNDLE, [b.bundle.trust_domain for b in bundles])
+            self._append_feed(cur, FEED_TASK, [t.task_id for t in tasks])
 
         what = (
             f"commit {len(credentials)} credential record(s) and {len(audit_rows)} audit event(s)"
         )
         self._write(what, work)
+
+    def resume_removal(self, removal: Removal) -> bool:
+        params = {
+            "agent_id": removal.agent_id,
+            "reason": removal.reason,
+            "started_at": removal.started_at,
+        }
+
+        def work(cur: Cursor) -> bool:
+            # The agent's key first, as a removal and an admission take it: an admission
+            # under way commits first (and this finds its row), or waits and then finds this.
+            cur.execute(pg(ps.LOCK_AGENT_KEY), {"spiffe_id": removal.agent_id})
+            return int(cur.execute(pg(q.RESUME_REMOVAL), params).rowcount) == 1
+
+        return self._write("store the removal", work)
 
     def _put_bundles(self, cur: Cursor, bundles: Sequence[BundleWrite]) -> None:
         """Store (or remove) the foreign bundles in the ledger's transaction: one the store

@@ -141,6 +141,19 @@ CLAIM_REMOVAL = (
     "UPDATE removals SET claimed_by = :holder, claimed_until = :until "
     "WHERE agent_id = :agent_id AND (claimed_by = :holder OR claimed_until <= :now)"
 )
+# A ledger write of a removal's finisher holds its claim (AuditStore.write_ledger's `claims`):
+# the removal's row, claimed by that holder (PostgreSQL appends FOR SHARE: a takeover waits
+# for the write, then its finisher reads what the write logged).
+REMOVAL_CLAIMED_BY = (
+    "SELECT agent_id FROM removals WHERE agent_id = :agent_id AND claimed_by = :holder"
+)
+# What an older removal left, stored to be finished under a claim (resume_removal): only for
+# an agent with no row (one admitted again is evicted anew) and none stored already.
+RESUME_REMOVAL = (
+    f"INSERT INTO removals ({_REMOVAL_COLUMNS}) SELECT :agent_id, :reason, :started_at "
+    "WHERE NOT EXISTS (SELECT 1 FROM agents WHERE spiffe_id = :agent_id) "
+    "ON CONFLICT (agent_id) DO NOTHING"
+)
 RELEASE_REMOVAL_CLAIM = (
     "UPDATE removals SET claimed_until = 0 WHERE agent_id = :agent_id AND claimed_by = :holder"
 )

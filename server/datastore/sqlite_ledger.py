@@ -19,12 +19,13 @@ import sqlite_utils
 from server.datastore import ledger_queries as lq
 from server.datastore import queries as q
 from server.datastore import sqlite_audit
-from server.datastore.base import JtiClaim
+from server.datastore.base import JtiClaim, RemovalClaim
 from server.datastore.chain import Resealer, rows_to_write
 from server.datastore.errors import (
     AgentRemovedError,
     BundleRefusedError,
     JtiHeldError,
+    RemovalClaimLostError,
     StorageError,
     TaskEndedMeanwhileError,
     held_message,
@@ -39,6 +40,7 @@ from server.datastore.records import (
     Credential,
     EventFilter,
     Head,
+    Removal,
     TaskCursor,
     TaskRecord,
     credential_chains,
@@ -171,12 +173,22 @@ class SqliteLedger:
         reseal: Resealer | None = None,
         *,
         bundles: Sequence[BundleWrite] = (),
+        tasks: Sequence[TaskRecord] = (),
+        claims: Sequence[RemovalClaim] = (),
     ) -> None:
-        if not credentials and not audit_rows and not jtis and not bundles:
+        if not credentials and not audit_rows and not jtis and not bundles and not tasks:
             return
-        tasks = credential_tasks(credentials)
+        holding_tasks = credential_tasks(credentials)
         try:
             with self._transaction() as db:
+                if claims:
+                    lost = [
+                        c.agent_id
+                        for c in claims
+                        if db.execute(q.REMOVAL_CLAIMED_BY, c._asdict()).fetchone() is None
+                    ]
+                    if lost:
+                        raise RemovalClaimLostError(lost)
                 # Under the write lock: a removal or a task's end commits before these reads
                 # or after this write, and then its revocations find these credentials.
                 chains = {
@@ -189,8 +201,8 @@ class SqliteLedger:
                     refused = [r[0] for r in db.execute(lq.NOT_ADMITTED_AGENTS, params)]
                     if refused:
                         raise AgentRemovedError(refused, chains)
-                if tasks:
-                    params = {"task_ids": json.dumps(tasks)}
+                if holding_tasks:
+                    params = {"task_ids": json.dumps(holding_tasks)}
                     refused = [r[0] for r in db.execute(lq.NOT_ACTIVE_TASKS, params)]
                     if refused:
                         raise TaskEndedMeanwhileError(refused)
@@ -210,6 +222,10 @@ class SqliteLedger:
                         raise JtiHeldError(held_message(held), held)
                 if bundles:
                     self._put_bundles(db, bundles)
+                for task in tasks:
+                    db.execute(lq.UPSERT_TASK, _task_params(task))
+                if tasks:
+                    self._append_feed(db, FEED_TASK, [t.task_id for t in tasks])
                 # Multi-row statements: see insert_many for why not executemany.
                 sqlite_audit.insert_many(db.conn, lq.CREDENTIALS_INTO, credentials)
                 if audit_rows:
@@ -221,6 +237,14 @@ class SqliteLedger:
                 f"cannot commit {len(credentials)} credential record(s) and {len(audit_rows)} "
                 f"audit event(s): {e}"
             ) from e
+
+    def resume_removal(self, removal: Removal) -> bool:
+        params = {
+            "agent_id": removal.agent_id,
+            "reason": removal.reason,
+            "started_at": removal.started_at,
+        }
+        return self._write("store the removal", q.RESUME_REMOVAL, params) == 1
 
     def _put_bundles(self, db: sqlite_utils.Database, bundles: Sequence[BundleWrite]) -> None:
         """Store (or remove) the foreign bundles in the ledger's transaction: one the store

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from server.datastore.base import DataStore, JtiClaim
+from server.datastore.base import DataStore, JtiClaim, RemovalClaim
 from server.datastore.chain import Resealer
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
@@ -179,6 +179,10 @@ class FaultInjectingDataStore:
         self._enter("release_removal_claim")
         self.inner.release_removal_claim(agent_id, holder)
 
+    def resume_removal(self, removal: Removal) -> bool:
+        self._enter("resume_removal")
+        return self.inner.resume_removal(removal)
+
     def save_key_slot(self, slot: KeySlot) -> None:
         self._enter("save_key_slot")
         self.inner.save_key_slot(slot)
@@ -331,9 +335,13 @@ class FaultInjectingDataStore:
         reseal: Resealer | None = None,
         *,
         bundles: Sequence[BundleWrite] = (),
+        tasks: Sequence[TaskRecord] = (),
+        claims: Sequence[RemovalClaim] = (),
     ) -> None:
         self._enter("write_ledger")
-        self.inner.write_ledger(credentials, audit_rows, jtis, now, reseal, bundles=bundles)
+        self.inner.write_ledger(
+            credentials, audit_rows, jtis, now, reseal, bundles=bundles, tasks=tasks, claims=claims
+        )
 
     def audit_head(self) -> Head | None:
         self._enter("audit_head")

@@ -32,12 +32,13 @@ from server.datastore import (
     TaskRecord,
 )
 from server.datastore import ledger_queries as lq
-from server.datastore.base import JtiClaim
+from server.datastore.base import JtiClaim, RemovalClaim
 from server.datastore.errors import (
     AgentRemovedError,
     AgentReplacedError,
     BundleRefusedError,
     JtiHeldError,
+    RemovalClaimLostError,
     RemovalUnderWayError,
     TaskEndedMeanwhileError,
 )
@@ -558,6 +559,57 @@ def test_a_removal_is_claimed_by_one_finisher_at_a_time_until_its_claim_lapses(
     assert store.claim_removal(AGENT, "a", NOW + 51, 30)
     assert store.end_removal(evicted)
     assert not store.claim_removal(AGENT, "a", NOW + 52, 30)
+
+
+def test_a_ledger_write_holding_a_removal_claim_commits_only_while_it_is_held(
+    store: DataStore,
+) -> None:
+    """A finisher's events commit only while it holds the removal's claim: taken over by
+    another finisher, or the removal finished, nothing of the write is kept."""
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+    evicted = Removal(AGENT, REMOVAL_EVICTED, NOW)
+    store.delete_agent(AGENT, evicted)
+    a, b = RemovalClaim(AGENT, "a"), RemovalClaim(AGENT, "b")
+    with pytest.raises(RemovalClaimLostError, match=AGENT):  # not claimed yet
+        store.write_ledger([], audit_rows(1, 1), claims=[a])
+    assert store.claim_removal(AGENT, "a", NOW, 30)
+    store.write_ledger([], audit_rows(1, 1), claims=[a])
+    assert store.claim_removal(AGENT, "b", NOW + 30, 30)  # a's lapsed: b takes it over
+    with pytest.raises(RemovalClaimLostError) as lost:
+        store.write_ledger([], audit_rows(2, 1, f"{1:064x}"), claims=[a])
+    assert lost.value.agents == {AGENT}
+    assert store.audit_head() == Head(1, f"{1:064x}")
+    store.write_ledger([], audit_rows(2, 1, f"{1:064x}"), claims=[b])
+    assert store.end_removal(evicted)
+    with pytest.raises(RemovalClaimLostError):  # finished: no claim stands
+        store.write_ledger([], audit_rows(3, 1, f"{2:064x}"), claims=[b])
+    assert store.audit_head() == Head(2, f"{2:064x}")
+
+
+def test_a_ledger_write_stores_its_tasks_with_its_events_or_neither(store: DataStore) -> None:
+    head = store.feed_head()
+    with pytest.raises(ChainMovedError):  # the events refused: the task is not kept either
+        store.write_ledger([], audit_rows(2, 1), tasks=[task("t1")])
+    assert store.get_task("t1") is None
+    assert store.feed_head() == head
+    store.write_ledger([], audit_rows(1, 1), tasks=[task("t1"), task("t2")])
+    assert store.get_task("t1") == task("t1")
+    assert store.get_task("t2") == task("t2")
+    assert [i.key for i in store.feed_since(head, 10)] == ["t1", "t2"]
+    assert store.audit_head() == Head(1, f"{1:064x}")
+
+
+def test_what_an_older_removal_left_is_stored_as_a_removal_only_for_an_agent_gone(
+    store: DataStore,
+) -> None:
+    older = Removal(AGENT, REMOVAL_EVICTED, NOW)
+    assert store.resume_removal(older)
+    assert store.removal_of(AGENT) == older
+    assert not store.resume_removal(Removal(AGENT, REMOVAL_EVICTED, NOW + 5))  # one stored
+    assert store.removal_of(AGENT) == older
+    store.upsert_agent(AttestedAgent(OTHER_AGENT, "join_token", "1", NOW + 3600))
+    assert not store.resume_removal(Removal(OTHER_AGENT, REMOVAL_EVICTED, NOW))  # admitted
+    assert store.removal_of(OTHER_AGENT) is None
 
 
 def test_one_of_several_finishers_claiming_a_removal_at_once_gets_it(
