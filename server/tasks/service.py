@@ -71,7 +71,8 @@ _HEX = frozenset("0123456789abcdef")
 END_GRACE = 60
 # The end reason of a task whose begin a dead server left half done (cut_short_begins).
 BEGIN_CUT_SHORT = "its begin was cut short: the server stopped before the task had its entry"
-# ...and before its task-begin event: settle_ends records that event from the row first.
+# ...and before its task-begin event: settle_ends records that event from the row first. Only
+# a server from before a row and its event were one transaction (a rolling upgrade) leaves one.
 BEGIN_UNLOGGED = (
     "its begin was cut short: the server stopped before the task's begin was on the audit log"
 )
@@ -635,15 +636,15 @@ class TaskService:
         return task, entry, begun
 
     async def begin(self, agent: AttestedAgent, req: BeginRequest) -> Task:
-        """The task's row, then its task-begin event, then it becomes active, and only then
-        its entry is created (and pushed to agents).
+        """The task's row with its task-begin event (one transaction), then it becomes
+        active, and only then its entry is created (and pushed to agents).
 
-        The log never records a task whose row failed, and no agent hears of a task before it
-        is active (an SVID it asked for earlier would be refused, or recorded without its task
-        and outlive the task's end). If the row or the event cannot be written, the task never
-        becomes active; if the entry cannot be created, or a sub-task's parent ended
-        meanwhile, the task ends at once (row revoked, a task-end event saying why) and nothing
-        was issued for it."""
+        The log records every task stored and none whose row failed, and no agent hears of a
+        task before it is active (an SVID it asked for earlier would be refused, or recorded
+        without its task and outlive the task's end). If the row and event cannot be written,
+        neither is kept and the task never becomes active; if the entry cannot be created, or
+        a sub-task's parent ended meanwhile, the task ends at once (row revoked, a task-end
+        event saying why) and nothing was issued for it."""
         task, entry, begun = await asyncio.to_thread(self._decide_begin, agent, req)
         # Shielded: a caller hanging up midway must not leave a task half begun (an event
         # committing in its thread while the task is undone, or a row never made active).
@@ -668,16 +669,11 @@ class TaskService:
 
     async def _write_begin(self, task: Task, entry: Entry, begun: EventDraft) -> Task:
         task = replace(task, entry_id=entry.id)
-        stored = False
-        try:
-            await asyncio.to_thread(self._store.put_task, task)
-            stored = True
-            await asyncio.to_thread(self._audit.append_many, [begun])
-        except Exception:
-            await self._undo_begin(
-                task, stored=stored, why="not recorded in the audit log", logged=False
-            )
-            raise
+        # The row and its event in one transaction: a failure (or a crash) keeps neither, so
+        # there is nothing to undo. A commit whose answer was lost (a connection cut at
+        # COMMIT) may have kept both: that task has no entry, so nothing is issued for it, and
+        # the settle sweep ends it on record (cut_short_begins).
+        await asyncio.to_thread(self._store.begin, task, self._audit, begun)
         self._set_active(task, True)
         why = "its parent task ended while it began"
         entry_tried = False
@@ -694,7 +690,7 @@ class TaskService:
             # Ended meanwhile by another server's sweep (a TTL shorter than this begin), or
             # with its parent: that one recorded the end. Ended here with the entry maybe
             # stored: the undo recorded it with the rest of the end's work.
-            done = await self._undo_begin(task, stored=True, why=why, entry_tried=entry_tried)
+            done = await self._undo_begin(task, why=why, entry_tried=entry_tried)
             if done is not None:
                 try:
                     # The row's reason, which says why the begin failed. Settled only once the
@@ -718,13 +714,10 @@ class TaskService:
         parent = self._store.get_task(task.parent_task_id)
         return parent is None or not parent.active
 
-    async def _undo_begin(
-        self, task: Task, *, stored: bool, why: str, entry_tried: bool = False, logged: bool = True
-    ) -> Task | None:
-        """Best effort after a failed begin: the caller gets the original error either way.
-        The row as this call ended it, when it left its task-end event and the row's settling
-        to the caller; None otherwise. ``logged``: the begin's event is on the log (else its
-        end is not recorded either: the log never heard of the task).
+    async def _undo_begin(self, task: Task, *, why: str, entry_tried: bool = False) -> Task | None:
+        """Best effort after a failed begin, its row and event stored: the caller gets the
+        original error either way. The row as this call ended it, when it left its task-end
+        event and the row's settling to the caller; None otherwise.
 
         ``entry_tried``: the entry's write failed, yet it may have committed (its answer lost
         at COMMIT). Then other servers may have followed the feed to an active task with an
@@ -732,21 +725,17 @@ class TaskService:
         carried out in full (revocations, the entry deleted, the event), as any end is. If
         that fails midway, the claimed end is left unsettled for `settle_ends` to finish."""
         try:
-            if stored:
-                self._set_active(task, False)
-                done = await asyncio.to_thread(
-                    self._store.finish, task, TaskState.REVOKED, self._now(), f"begin failed: {why}"
-                )
-                if done is None:
-                    return None
-                if entry_tried:
-                    await self._carry_out_end(done)
-                    return None
-                # No entry was ever written: nothing was issued for it.
-                if not logged:
-                    await asyncio.to_thread(self._store.settle, done)
-                    return None
-                return done
+            self._set_active(task, False)
+            done = await asyncio.to_thread(
+                self._store.finish, task, TaskState.REVOKED, self._now(), f"begin failed: {why}"
+            )
+            if done is None:
+                return None
+            if entry_tried:
+                await self._carry_out_end(done)
+                return None
+            # No entry was ever written: nothing was issued for it.
+            return done
         except Exception:
             _log.exception("undoing a failed task begin failed", extra={"task_id": task.task_id})
         return None
@@ -1226,8 +1215,10 @@ class TaskService:
             _log.warning("ending a task whose begin was cut short", extra={"task_id": task.task_id})
             reason = BEGIN_CUT_SHORT
             if not await asyncio.to_thread(self._begin_recorded, task.task_id):
-                # Else the log's only word of the task is its end: a task it never saw begin,
-                # though its row was active (its decision and grant are in the row).
+                # A row an older server stored before its event (a rolling upgrade; a begin
+                # now commits both at once). Else the log's only word of the task is its
+                # end: a task it never saw begin, though its row was active (its decision and
+                # grant are in the row).
                 await asyncio.to_thread(self._audit.append_many, [recovered_begin(task)])
                 reason = BEGIN_UNLOGGED
             await self._finish(task, TaskState.REVOKED, reason)
@@ -1367,11 +1358,12 @@ def cut_short_begins(
 ) -> list[Task]:
     """The active tasks, begun before `before` and not due yet at `now`, that have no entry.
 
-    A begin stores the task's row (active), then its event, and creates its entry last; the
-    runtime hears of the task only after all three. A row left active without its entry is a
-    begin cut short (the server died midway): no one holds the task, nothing can be issued
-    for it, yet it stayed active, its begin maybe never on the log, until its TTL ran out. Due
-    tasks are left to the expiry (their entry expires with them)."""
+    A begin stores the task's row (active) with its event, and creates its entry last; the
+    runtime hears of the task only after both. A row left active without its entry is a begin
+    cut short (the server died midway, or the commit's answer was lost): no one holds the
+    task, nothing can be issued for it, yet it stayed active until its TTL ran out (its begin
+    never on the log, if an older server stored the row alone). Due tasks are left to the
+    expiry (their entry expires with them)."""
     return [
         t
         for t in active

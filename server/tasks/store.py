@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, replace
 from typing import Protocol
 
+from server.audit import AuditLog, EventDraft
 from server.datastore.base import AuditStore, CredentialStore, RegistrationStore, TaskRecordStore
 from server.datastore.records import TaskCursor, TaskRecord, expired_record_kept_from
 from server.tasks.model import Credential, Task, TaskState
@@ -64,6 +65,14 @@ class TaskStore:
 
     def put_task(self, task: Task) -> None:
         self._rows.put_task(_record(task))
+
+    def begin(self, task: Task, log: AuditLog, begun: EventDraft) -> None:
+        """Store a task being begun with its task-begin event in one transaction (the log's
+        write, AuditLog.append_many's `tasks`): both are durable when this returns, neither is
+        stored when it raises. So the log never misses a task stored, not even for a moment
+        (a server dying between two writes left one until the settle sweep), nor records one
+        that is not."""
+        log.append_many([begun], tasks=(_record(task),))
 
     def get_task(self, task_id: str) -> Task | None:
         if "\x00" in task_id:

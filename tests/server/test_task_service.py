@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import NameOID
 
-from server.audit import AuditError, AuditLog, EventKind, SecretInAuditError
+from server.audit import AuditError, AuditLog, EventKind, LedgerError, SecretInAuditError
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
 from server.ca.rotation import activate_at
@@ -1028,15 +1028,15 @@ def test_a_reported_claim_that_looks_like_a_token_is_not_recorded(world: World) 
 
 
 class FailingTaskStore(TaskStore):
-    """The real task store whose next `put_task` fails (a full or unwritable disk)."""
+    """The real task store whose next begin's row fails (a full or unwritable disk)."""
 
     fail_next = False
 
-    def put_task(self, task: Any) -> None:
+    def begin(self, task: Any, log: AuditLog, begun: Any) -> None:
         if self.fail_next:
             self.fail_next = False
             raise sqlite3.OperationalError("disk I/O error")
-        super().put_task(task)
+        super().begin(task, log, begun)
 
 
 def no_trace_of_a_task(world: World) -> None:
@@ -1223,19 +1223,44 @@ def test_a_failed_task_row_write_leaves_no_task_begin_event(
     world.close()
 
 
-def test_a_task_whose_begin_event_cannot_be_written_is_undone(
-    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+def _begin_event_fails(world: World, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """The audit write of the next task-begin event fails with `error`."""
+    append_many = world.audit.append_many
+
+    def fails(drafts: Any, **kw: Any) -> Any:
+        if any(d.kind == "task_begin" for d in drafts):
+            raise error
+        return append_many(drafts, **kw)
+
+    monkeypatch.setattr(world.audit, "append_many", fails)
+
+
+@pytest.mark.parametrize("fault", ["audit write", "ledger commit"])
+def test_a_task_whose_begin_event_cannot_be_written_is_not_stored(
+    tmp_path: Path,
+    clock: FakeClock,
+    any_datastore: DataStore,
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    fault: str,
 ) -> None:
-    faulty = FaultInjectingDataStore(datastore)
+    """The task's row and its task-begin event are one transaction: when the event's write
+    fails, neither is kept (no row, active or undone), and the begin is refused."""
+    faulty = FaultInjectingDataStore(any_datastore)
     world = make_world(tmp_path, clock, faulty, ca_manager)
-    faulty.inject(StorageError("disk I/O error"), method="write_ledger")
+    if fault == "audit write":
+        _begin_event_fails(world, monkeypatch, LedgerError("the audit write failed"))
+    else:
+        faulty.inject(StorageError("disk I/O error"), method="write_ledger")
     with pytest.raises(AuditError):
         world.begin()
     no_trace_of_a_task(world)
-    (undone,) = world.store.list_tasks()
-    assert undone.state is TaskState.REVOKED
-    assert world.service.active_task(undone.spiffe_id) is None
-    world.close()
+    assert world.store.list_tasks() == []
+    monkeypatch.undo()
+    task = world.begin()  # the next begin works, recorded once
+    assert [e["task_id"] for e in world.events("task_begin")] == [task.task_id]
+    assert world.audit.verify().ok
 
 
 class _Killed(BaseException):
@@ -1262,20 +1287,34 @@ def _restarted(world: World, datastore: DataStore) -> World:
     return dataclasses.replace(world, service=service, state=state, audit=audit, store=store)
 
 
-@pytest.mark.parametrize("dies_at", ["write_ledger", "create_entry"])
-def test_a_begin_cut_short_by_a_crash_ends_on_record_after_the_restart(
-    tmp_path: Path,
-    clock: FakeClock,
-    datastore: SqliteDataStore,
-    ca_manager: CaManager,
-    dies_at: str,
+def test_a_begin_killed_at_its_commit_leaves_neither_task_nor_event(
+    tmp_path: Path, clock: FakeClock, any_datastore: DataStore, ca_manager: CaManager
 ) -> None:
-    """The server dies after the task's row is stored, before its begin event (write_ledger)
-    or before its entry (create_entry): the runtime never got the task. After the restart it
-    must not stay active without an entry until its TTL runs out: it ends on record."""
+    """The server dies as the begin commits its task's row and task-begin event (one
+    transaction): after the restart there is no task the log never heard of, active until the
+    settle sweep, nor an event of a task never stored; the sweep has nothing to do."""
+    faulty = FaultInjectingDataStore(any_datastore)
+    world = make_world(tmp_path, clock, faulty, ca_manager)
+    faulty.inject(_Killed(), method="write_ledger")
+    with pytest.raises(_Killed):
+        world.begin(ttl=3600)
+    world = _restarted(world, any_datastore)
+    assert world.store.list_tasks() == []
+    assert world.events("task_begin") == []
+    clock.advance(61)
+    assert world.run(world.service.settle_ends()) == 0
+    assert world.events("task_end") == []
+
+
+def test_a_begin_cut_short_by_a_crash_ends_on_record_after_the_restart(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> None:
+    """The server dies after the task's row and begin event are stored, before its entry:
+    the runtime never got the task. After the restart it must not stay active without an
+    entry until its TTL runs out: it ends on record."""
     faulty = FaultInjectingDataStore(datastore)
     world = make_world(tmp_path, clock, faulty, ca_manager)
-    faulty.inject(_Killed(), method=dies_at)
+    faulty.inject(_Killed(), method="create_entry")
     with pytest.raises(_Killed):
         world.begin(ttl=3600)
     (row,) = world.store.list_tasks()
@@ -1297,27 +1336,43 @@ def test_a_begin_cut_short_by_a_crash_ends_on_record_after_the_restart(
     assert world.audit.verify().ok
 
 
+def _begun_by_an_older_server(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next begin as a server from before a task's row and its begin event were one
+    transaction left it when it died between the two: the row stored alone."""
+
+    def row_only(task: Any, _log: AuditLog, _begun: Any) -> None:
+        world.store.put_task(task)
+        raise _Killed()
+
+    monkeypatch.setattr(world.store, "begin", row_only)
+
+
 @pytest.mark.parametrize(
     ("dies_at", "reason"),
-    [("write_ledger", BEGIN_UNLOGGED), ("create_entry", BEGIN_CUT_SHORT)],
+    [("older server", BEGIN_UNLOGGED), ("create_entry", BEGIN_CUT_SHORT)],
 )
 def test_a_begin_cut_short_before_its_event_is_on_the_log_begun_then_ended(
     tmp_path: Path,
     clock: FakeClock,
     any_datastore: DataStore,
     ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
     *,
     dies_at: str,
     reason: str,
 ) -> None:
-    """Killed after the task's row, before its begin event (write_ledger): the sweep ended it
+    """A row an older server stored before its begin event, then died: the sweep ended it
     with a task-end event, the log's only word of a task it never saw begin, and its reason
     said the begin lacked only its entry. The begin goes on the log first, from the row."""
     faulty = FaultInjectingDataStore(any_datastore)
     world = make_world(tmp_path, clock, faulty, ca_manager)
-    faulty.inject(_Killed(), method=dies_at)
+    if dies_at == "older server":
+        _begun_by_an_older_server(world, monkeypatch)
+    else:
+        faulty.inject(_Killed(), method=dies_at)
     with pytest.raises(_Killed):
         world.begin(ttl=3600, goal_sha256="ab" * 32)
+    monkeypatch.undo()
     (row,) = world.store.list_tasks()
 
     world = _restarted(world, any_datastore)
@@ -1336,7 +1391,7 @@ def test_a_begin_cut_short_before_its_event_is_on_the_log_begun_then_ended(
     assert (begun["action"], begun["resource"]) == ("read", "docs")
     extra = json.loads(begun["extra"])
     assert (extra["spiffe_id"], extra["goal_sha256"]) == (row.spiffe_id, "ab" * 32)
-    assert ("recovered" in extra) == (dies_at == "write_ledger")
+    assert ("recovered" in extra) == (dies_at == "older server")
     assert world.run(world.service.settle_ends()) == 0
     assert world.audit.verify().ok
 
