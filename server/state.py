@@ -462,6 +462,10 @@ class ServerState:
     async def release_removal_claim(self, agent_id: str, holder: str) -> None:
         await asyncio.to_thread(self._datastore.release_removal_claim, agent_id, holder)
 
+    async def resume_removal(self, removal: Removal) -> bool:
+        """Store `removal` for an agent with no row: see DataStore.resume_removal."""
+        return await asyncio.to_thread(self._datastore.resume_removal, removal)
+
     async def removal_of(self, agent_id: str) -> Removal | None:
         return await asyncio.to_thread(self._datastore.removal_of, agent_id)
 

@@ -18,6 +18,15 @@ every third of its life while it works, and one that cannot claim logs nothing. 
 leaves such a removal to its finisher; an operator's eviction or ban waits for it, as it would
 for its own, and takes it over should that finisher's server die (its claim lapses). A finish
 still running on this server is joined rather than begun again.
+
+A lease alone does not keep a finisher that lost it (stalled past its claim's life, taken over)
+from logging: its write may be in flight already. So each of its log writes carries the claim
+(AuditLog.append_many's `claim`) and commits only while the claim is still its own, in the
+write's transaction; a takeover waits for a write under way and then reads what it logged.
+
+A removal that left no record of itself (a server from before removals were stored, cut short)
+is stored when the operator retries it (DataStore.resume_removal), and finished as any other:
+under a claim, by housekeeping should this server die.
 """
 
 from __future__ import annotations
@@ -25,7 +34,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from server.audit import LedgerError
 from server.ca.manager import default_holder
+from server.datastore.base import RemovalClaim
+from server.datastore.errors import RemovalClaimLostError
 from server.datastore.records import Removal
 from server.state import ServerState
 from server.tasks.service import TaskService
@@ -76,10 +88,20 @@ class AgentRemovals:
     async def retried(self, agent_id: str, reason: str) -> bool:
         """An operator removing again an agent that is gone already: finish the removal under
         way, if one is stored (or wait for the server finishing it); else whatever an older
-        removal left (finish_removal). False, doing nothing, when nothing is left to do."""
+        removal left (TaskService.removal_left), stored as a removal and finished as one.
+        False, doing nothing, when nothing is left to do, or when the agent was admitted again
+        meanwhile (an eviction of it is a new removal)."""
         pending = await self._state.removal_of(agent_id)
         if pending is None:
-            return await self._service.finish_removal(agent_id, reason)
+            if not await self._service.removal_left(agent_id):
+                return False
+            resumed = Removal(agent_id, reason, int(self._clock.now()))
+            if await self._state.resume_removal(resumed):
+                pending = resumed
+            else:  # another server's retry stored one first, or the agent is back
+                pending = await self._state.removal_of(agent_id)
+                if pending is None:
+                    return False
         await self._until_finished(pending)
         return True
 
@@ -150,13 +172,18 @@ class AgentRemovals:
             await asyncio.wait({carry, kept}, return_when=asyncio.FIRST_COMPLETED)
             if not carry.done() and kept.result():
                 # Taken over (renewals failed past the claim's life): the new holder logs
-                # what is left, so this one stops before logging any of it again.
-                _log.error(
-                    "agent removal claim lost to another server; leaving the rest to it",
-                    extra={"agent_id": agent_id},
-                )
+                # what is left, so this one stops before logging any of it again (a write of
+                # it in flight is refused by the store: see the module).
+                _claim_lost(agent_id)
                 return False
-            await carry
+            try:
+                await carry
+            except LedgerError as e:
+                if not isinstance(e.__cause__, RemovalClaimLostError):
+                    raise
+                # Taken over before a renewal found out: the store refused this write.
+                _claim_lost(agent_id)
+                return False
             return True
         finally:
             carry.cancel()
@@ -187,5 +214,15 @@ class AgentRemovals:
                 )
 
     async def _carry(self, removal: Removal) -> None:
-        await self._service.revoke_agent(removal.agent_id, removal.reason, banned=removal.banned)
+        claim = RemovalClaim(removal.agent_id, self._holder)
+        await self._service.revoke_agent(
+            removal.agent_id, removal.reason, banned=removal.banned, claim=claim
+        )
         await self._state.end_removal(removal)
+
+
+def _claim_lost(agent_id: str) -> None:
+    _log.error(
+        "agent removal claim lost to another server; leaving the rest to it",
+        extra={"agent_id": agent_id},
+    )

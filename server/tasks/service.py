@@ -23,6 +23,7 @@ from typing import Any
 from server.audit import AuditError, AuditLog, EventDraft, EventKind, SecretInAuditError
 from server.audit.event import check_no_secret, joined_names
 from server.ca.manager import CaManager
+from server.datastore.base import RemovalClaim
 from server.datastore.records import (
     AttestedAgent,
     Entry,
@@ -990,20 +991,29 @@ class TaskService:
                 self._set_active(task, False)
         return len(due)
 
-    async def revoke_agent(self, agent_id: str, reason: str, *, banned: bool = False) -> int:
+    async def revoke_agent(
+        self,
+        agent_id: str,
+        reason: str,
+        *,
+        banned: bool = False,
+        claim: RemovalClaim | None = None,
+    ) -> int:
         """Eviction or ban: end the agent's tasks, revoke every credential it still holds.
         Run again (a removal retried after one cut short), it does what is left, and logs the
-        removal itself only if the first run did not."""
+        removal itself only if the first run did not.
+
+        `claim`: the removal's finisher's (server/tasks/removals.py). The removal's own events
+        (its event, the agent's revocations) are then logged only while the claim is held,
+        in the write's transaction: a finisher that lost it to another server gets LedgerError
+        caused by RemovalClaimLostError and logs nothing more, so each is logged once, by
+        the holder. (Its tasks' ends are each carried out once by their own compare-and-set.)"""
         kind = EventKind.AGENT_BANNED if banned else EventKind.AGENT_EVICTED
         if not await asyncio.to_thread(self._removal_recorded, agent_id, kind):
-            await asyncio.to_thread(
-                self._audit.append,
-                kind,
-                agent_id=agent_id,
-                node_id=agent_id,
-                decision="revoked",
-                reason=reason,
+            removed = EventDraft(
+                kind=kind, agent_id=agent_id, node_id=agent_id, decision="revoked", reason=reason
             )
+            await asyncio.to_thread(self._append_under, [removed], claim)
         tasks = await asyncio.to_thread(
             self._store.list_tasks, agent_id=agent_id, state=TaskState.ACTIVE.value
         )
@@ -1019,29 +1029,36 @@ class TaskService:
             agent_id=agent_id,
             task=None,
             unrecorded=[c for c in creds if c.value not in recorded],
+            claim=claim,
         )
         return len(creds)
 
-    async def finish_removal(self, agent_id: str, reason: str) -> bool:
-        """For an agent whose row is gone already: revoke what it still holds, as its removal
-        does (revoke_agent), when anything is left (an active task, a credential some verifier
-        may still accept and not revoked, or revoked with no revocation event on the log);
-        False, doing nothing, when nothing is.
+    async def removal_left(self, agent_id: str) -> bool:
+        """Whether an agent whose row is gone still holds anything its removal would revoke
+        (revoke_agent): an active task, a credential some verifier may still accept and not
+        revoked, or revoked with no revocation event on the log. Reads only.
 
         A removal deletes the agent's row first (it can mint nothing more), then revokes, then
         logs the revocations: a server that died in between left the agent gone and its
         credentials and tasks live, or revoked off the record, and the operator, never
-        answered, evicts again."""
+        answered, evicts again (AgentRemovals.retried finishes it)."""
         tasks = await asyncio.to_thread(
             self._store.list_tasks, agent_id=agent_id, state=TaskState.ACTIVE.value
         )
+        if tasks:
+            return True
         creds = await asyncio.to_thread(self._store.agent_credentials, agent_id, self._now())
-        if not tasks and all(self._state.is_revoked(c.kind, c.value) for c in creds):
-            recorded = await asyncio.to_thread(self._agent_revocations_recorded, agent_id, creds)
-            if all(c.value in recorded for c in creds):
-                return False
-        await self.revoke_agent(agent_id, reason)
-        return True
+        if not all(self._state.is_revoked(c.kind, c.value) for c in creds):
+            return True
+        recorded = await asyncio.to_thread(self._agent_revocations_recorded, agent_id, creds)
+        return not all(c.value in recorded for c in creds)
+
+    def _append_under(self, drafts: Sequence[EventDraft], claim: RemovalClaim | None) -> None:
+        """append_many, under the removal's claim when there is one (see revoke_agent)."""
+        if claim is None:
+            self._audit.append_many(drafts)
+        else:
+            self._audit.append_many(drafts, claim=claim)
 
     def _removal_recorded(self, agent_id: str, kind: str) -> bool:
         """Whether the log holds a `kind` event (eviction, ban) of the agent since it last
@@ -1086,9 +1103,11 @@ class TaskService:
         agent_id: str,
         task: Task | None,
         unrecorded: Sequence[Credential] | None = None,
+        claim: RemovalClaim | None = None,
     ) -> None:
         """Revoke `creds`, then record a revocation event for each of `unrecorded` (default:
-        `creds`; a finishing end passes those whose event is not on the log yet)."""
+        `creds`; a finishing end passes those whose event is not on the log yet), under the
+        removal's `claim` if given (revoke_agent)."""
         events = creds if unrecorded is None else unrecorded
         now = self._now()
         if creds:
@@ -1101,7 +1120,7 @@ class TaskService:
         if not events:
             return
         await asyncio.to_thread(
-            self._audit.append_many,
+            self._append_under,
             [
                 EventDraft(
                     kind=EventKind.REVOCATION,
@@ -1115,6 +1134,7 @@ class TaskService:
                 )
                 for c in events
             ],
+            claim,
         )
 
     async def _finish(self, task: Task, state: TaskState, reason: str) -> Task:

@@ -285,10 +285,10 @@ def test_a_removal_whose_revocation_events_failed_is_finished_by_a_retry(
         audit = srv.server.tasks.audit
         append_many = audit.append_many
 
-        def fails(drafts: Any) -> Any:
+        def fails(drafts: Any, **kw: Any) -> Any:
             if any(d.kind == "revocation" for d in drafts):
                 raise StorageError("disk I/O error")
-            return append_many(drafts)
+            return append_many(drafts, **kw)
 
         if removal == "EvictAgent":
             request: Any = admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id)
@@ -343,10 +343,10 @@ def test_a_removal_cut_short_is_finished_by_housekeeping_with_no_retry(
         async def dies_at_once(*_args: object, **_kwargs: object) -> int:
             raise StorageError("the server died here")
 
-        def dies_at_the_events(drafts: Any) -> Any:
+        def dies_at_the_events(drafts: Any, **kw: Any) -> Any:
             if any(d.kind == "revocation" for d in drafts):
                 raise StorageError("the server died here")
-            return append_many(drafts)
+            return append_many(drafts, **kw)
 
         if removal == "EvictAgent":
             request: Any = admin_pb2.EvictAgentRequest(spiffe_id=agent.spiffe_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from server.datastore.base import RemovalClaim
 from server.datastore.records import REMOVAL_EVICTED, Removal
 from server.tasks.removals import AgentRemovals
 from svid._clock import FakeClock
@@ -15,7 +16,9 @@ class _Service:
         self.revoked: list[str] = []
         self.release = asyncio.Event()
 
-    async def revoke_agent(self, agent_id: str, reason: str, *, banned: bool) -> int:
+    async def revoke_agent(
+        self, agent_id: str, reason: str, *, banned: bool, claim: RemovalClaim
+    ) -> int:
         self.revoked.append(agent_id)
         await self.release.wait()  # a removal of an agent with very much to revoke
         return 0

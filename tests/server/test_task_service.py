@@ -31,6 +31,7 @@ from server.ca.signer import IssuedJwt
 from server.datastore.base import DataStore
 from server.datastore.errors import RemovalUnderWayError, StorageError
 from server.datastore.records import (
+    REMOVAL_EVICTED,
     REVOKED_X509_SERIAL,
     X509_KIND,
     AttestedAgent,
@@ -1565,10 +1566,10 @@ def _dies_before_agent_revocation_events(world: World, monkeypatch: pytest.Monke
     """The server dies once the agent's own revocations are stored, before their events."""
     append_many = world.audit.append_many
 
-    def dies(drafts: Any) -> Any:
+    def dies(drafts: Any, **kw: Any) -> Any:
         if any(d.kind == "revocation" and d.task_id is None for d in drafts):
             raise _Killed()
-        return append_many(drafts)
+        return append_many(drafts, **kw)
 
     monkeypatch.setattr(world.audit, "append_many", dies)
 
@@ -1598,14 +1599,15 @@ def test_an_eviction_cut_short_before_its_revocation_events_is_finished_by_a_ret
     # Restarted, the operator evicts again: the agent is gone, its revocations are stored,
     # and still the retry has work to do: their events.
     world = _restarted(world, any_datastore)
-    assert world.run(world.service.finish_removal(AGENT, "agent evicted"))
+    removals = AgentRemovals(world.state, world.service, world.clock)
+    assert world.run(removals.retried(AGENT, "agent evicted"))
     events = world.events("revocation")
     assert sorted(e["credential_id"] for e in events) == sorted([in_task.jti, plain, jwt.jti])
     assert {e["node_id"] for e in events} == {AGENT}
     assert len(world.events("agent_evicted")) == 1
     assert len(world.events("task_end")) == 1
     # Then nothing is left: a second retry is NOT_FOUND (admin_api), and logs nothing more.
-    assert not world.run(world.service.finish_removal(AGENT, "agent evicted"))
+    assert not world.run(removals.retried(AGENT, "agent evicted"))
     assert len(world.events("revocation")) == 3
     assert world.audit.verify().ok
 
@@ -1663,14 +1665,14 @@ def test_an_eviction_logged_between_an_allow_and_the_deny_voiding_it_is_not_logg
 
 def _dies_before_the_removal_event(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server dies once the agent's row is written, before anything is revoked."""
-    append = world.audit.append
+    append_many = world.audit.append_many
 
-    def dies(kind: str, **fields: Any) -> Any:
-        if kind in ("agent_evicted", "agent_banned"):
+    def dies(drafts: Any, **kw: Any) -> Any:
+        if any(d.kind in ("agent_evicted", "agent_banned") for d in drafts):
             raise _Killed()
-        return append(kind, **fields)
+        return append_many(drafts, **kw)
 
-    monkeypatch.setattr(world.audit, "append", dies)
+    monkeypatch.setattr(world.audit, "append_many", dies)
 
 
 def _holdings(world: World) -> tuple[Any, set[str]]:
@@ -1827,11 +1829,11 @@ def _held_before_agent_revocation_events(
     reached, release = threading.Event(), threading.Event()
     append_many = world.audit.append_many
 
-    def held(drafts: Any) -> Any:
+    def held(drafts: Any, **kw: Any) -> Any:
         if any(d.kind == "revocation" and d.task_id is None for d in drafts):
             reached.set()
             assert release.wait(20)
-        return append_many(drafts)
+        return append_many(drafts, **kw)
 
     monkeypatch.setattr(world.audit, "append_many", held)
     return reached, release
@@ -1935,6 +1937,75 @@ def test_a_removal_whose_finisher_died_is_taken_over_once_its_claim_lapses(
     _logged_once(world, held)
     clock.advance(61)
     assert world.run(on_b.finish_cut_short()) == 0
+
+
+def test_a_finisher_that_lost_its_claim_logs_nothing_more(
+    tmp_path: Path,
+    clock: FakeClock,
+    two_stores: tuple[DataStore, DataStore],
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Server A's finisher stalls with its log write of the agent's revocations in flight (the
+    revocations stored); its claim lapses unrenewed, and B's housekeeping takes the removal
+    over and finishes it, logging them. A's write, let go then, is refused: its claim is B's
+    now, and each revocation is on the log once, by the holder of the claim."""
+    store_a, store_b = two_stores
+    world = make_world(tmp_path, clock, store_a, ca_manager)
+    _, held = _holdings(world)
+    reached, release = _held_before_agent_revocation_events(world, monkeypatch)
+    # A stalled server: it does not renew its claim in time.
+    stalled = {"renew_every": 3600.0, "wait_every": 0.01}
+    on_a = AgentRemovals(world.state, world.service, clock, holder="a", **stalled)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        removal = await world.state.evict_agent(AGENT)
+        evicting = asyncio.create_task(on_a.carry_out(removal))
+        assert await asyncio.to_thread(reached.wait, 20)  # revoked on A, the write in flight
+        other = _restarted(world, store_b)
+        on_b = AgentRemovals(other.state, other.service, clock, holder="b", wait_every=0.01)
+        clock.advance(61)  # past the grace, and past A's claim
+        assert await on_b.finish_cut_short() == 1
+        release.set()
+        await asyncio.wait_for(evicting, 20)  # A leaves the rest to B: done there
+
+    world.run(scenario())
+    _logged_once(world, held)
+
+
+def test_two_retries_of_a_removal_that_left_no_record_finish_it_under_one_claim(
+    tmp_path: Path,
+    clock: FakeClock,
+    two_stores: tuple[DataStore, DataStore],
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An eviction left the agent gone and what it held live, and no removal stored (a server
+    from before removals were stored did it). The operator's retries on A and on B at once
+    (admin_api's _finish_removal) finish it as any removal is, under one claim: B's waits for
+    A's, and each revocation is logged once, where both finished it unclaimed."""
+    store_a, store_b = two_stores
+    world = make_world(tmp_path, clock, store_a, ca_manager)
+    _, held = _holdings(world)
+    assert store_a.end_removal(world.run(world.state.evict_agent(AGENT)))  # no record of it
+    reached, release = _held_before_agent_revocation_events(world, monkeypatch)
+    other = _restarted(world, store_b)
+    on_a = AgentRemovals(world.state, world.service, clock, holder="a", wait_every=0.01)
+    on_b = AgentRemovals(other.state, other.service, clock, holder="b", wait_every=0.01)
+
+    async def scenario() -> None:
+        retry_a = asyncio.create_task(on_a.retried(AGENT, REMOVAL_EVICTED))
+        assert await asyncio.to_thread(reached.wait, 20)  # A revoked, logging
+        retry_b = asyncio.create_task(on_b.retried(AGENT, REMOVAL_EVICTED))
+        await asyncio.sleep(0.2)
+        assert not retry_b.done()  # waiting for A's finisher
+        release.set()
+        assert await asyncio.wait_for(retry_a, 20)
+        assert await asyncio.wait_for(retry_b, 20)
+
+    world.run(scenario())
+    _logged_once(world, held)
+    assert not world.run(on_a.retried(AGENT, REMOVAL_EVICTED))  # nothing left: NOT_FOUND
 
 
 def test_a_server_clock_running_ahead_does_not_prune_the_credential_records_an_end_needs(

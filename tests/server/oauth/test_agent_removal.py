@@ -298,7 +298,7 @@ def test_a_delegated_token_its_task_revoked_is_not_logged_again_by_the_actors_re
         assert [e["node_id"] for e in events if e["credential_id"] == jti] == [
             world.agent.spiffe_id
         ]
-        assert not running.call(service.finish_removal(actor_agent.spiffe_id, "again"))
+        assert not running.call(service.removal_left(actor_agent.spiffe_id))
 
 
 def test_no_delegated_token_leaves_while_the_actor_tokens_record_cannot_be_read(
