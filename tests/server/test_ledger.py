@@ -20,9 +20,11 @@ import pytest
 
 from server.audit import AuditLog, EventDraft, LedgerError
 from server.datastore import Credential, StorageError
+from server.datastore.base import RemovalClaim
 from server.datastore.errors import (
     AgentRemovedError,
     BundleRefusedError,
+    RemovalClaimLostError,
     TaskEndedMeanwhileError,
 )
 from server.datastore.records import (
@@ -353,6 +355,59 @@ def test_an_ended_tasks_callers_are_refused_and_their_neighbours_written_again(
     result = log.verify()
     assert result.ok, str(result)
     assert result.checked == 1 + len(written)
+    held.close()
+
+
+def test_a_finisher_that_lost_its_removal_claim_is_refused_and_its_neighbours_written_again(
+    db: Path, clock: FakeClock
+) -> None:
+    """A removal's finisher whose claim was taken over while its log write waited for a group
+    commit with others (an issuance, a task's begin): the store refuses the whole write, only
+    the finisher fails (RemovalClaimLostError), and the rest are written in the next commit."""
+    removed = "spiffe://example.org/svid/agent/join_token/gone"
+    store = SqliteDataStore(db, clock)
+    store.resume_removal(Removal(removed, REMOVAL_EVICTED, 0))
+    assert store.claim_removal(removed, "a", 0, 30)
+    held = HeldStore(store)
+    log = AuditLog(held, clock)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(name: str, **kw: object) -> None:
+        try:
+            log.append_many([event(name)], **kw)  # type: ignore[arg-type]
+            outcomes[name] = None
+        except BaseException as e:
+            outcomes[name] = e
+
+    held.armed = True
+    lead = threading.Thread(target=call, args=("lead",))
+    lead.start()
+    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
+    calls: dict[str, dict[str, object]] = {
+        "finisher": {"claim": RemovalClaim(removed, "a")},
+        "begin": {"tasks": [_task_row("begun")]},
+        "other": {},
+    }
+    others = [threading.Thread(target=call, args=(n,), kwargs=kw) for n, kw in calls.items()]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(log._tickets) < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.claim_removal(removed, "b", 30, 30)  # a's lapsed: b took the removal over
+    held.release.set()
+    for t in [lead, *others]:
+        t.join(10)
+    failed = outcomes.pop("finisher")
+    assert isinstance(failed, LedgerError)
+    assert isinstance(failed.__cause__, RemovalClaimLostError)
+    assert failed.__cause__.agents == {removed}
+    assert outcomes == dict.fromkeys(["lead", "begin", "other"])
+    assert on_disk(db, ["finisher"]) == (0, 0)
+    assert on_disk(db, ["lead", "begin", "other"]) == (0, 3)
+    assert store.get_task("begun") == _task_row("begun")
+    result = log.verify()
+    assert result.ok, str(result)
     held.close()
 
 
