@@ -452,7 +452,7 @@ def test_a_task_whose_begin_the_agent_hung_up_on_midway_is_ended(
     done), but nobody will ever hear the task's ID: it is ended, not left to run its TTL."""
     agent = srv.attest()
     runtime = srv.create_entry("/tasks/hung-up", agent.spiffe_id)
-    writing, release = _held(monkeypatch, TaskStore, "put_task")
+    writing, release = _held(monkeypatch, TaskStore, "begin")
     channel, begin = _begin_in_flight(srv, agent, runtime.spiffe_id)
     assert writing.wait(10)
     begin.cancel()
