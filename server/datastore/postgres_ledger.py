@@ -78,11 +78,12 @@ def _refuse_gone(
     for ever with the writes overlapping it.
 
     Lock order: agent keys, then agent rows, in agent order, then task rows in task order,
-    first in the write (then jti rows, then the audit append lock). A removal, an agent's
-    admission or renewal lock one agent key (an admission its join token's row before), then
-    its row, then only counters; an end or a task's begin locks one task row, then
-    only counters; other ledger writes share these locks and take them in the same order: no
-    cycle of waits can form."""
+    first in the write (then the removal rows of its claims, in agent order, then jti rows,
+    then new task rows, then the audit append lock). A removal, an agent's admission or
+    renewal lock one agent key (an admission its join token's row before), then its row (a
+    removal then its removal row), then only counters; a removal's claim or end locks its
+    removal row alone; an end locks one task row, then only counters; other ledger writes
+    share these locks and take them in the same order: no cycle of waits can form."""
     ids = {"agent_ids": agents, "task_ids": tasks}
     admitted: set[str] = set()
     if agents:
