@@ -88,9 +88,12 @@ _AGENT_GONE = (
 class TaskExchanges(Protocol):
     """The task layer's side of an exchange (server.tasks.service.TaskService)."""
 
-    def exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]:
+    def exchange_grant(
+        self, spiffe_id: str, resource: str, *, delegated: bool = False
+    ) -> tuple[Task, TaskJwtGrant]:
         """PermissionDeniedError (audited) or server.errors.RateLimitedError (the task's agent
-        over its decision budget: nothing decided, nothing written)."""
+        over its decision budget: nothing decided, nothing written). `delegated`: charged even
+        when decided from policy's cache (nothing else bounds delegations)."""
         ...
 
     def ended(self, spiffe_id: str) -> bool: ...
@@ -341,7 +344,7 @@ class Grants:
                 raise InvalidGrantError("subject_token has expired")
             # The acting workload holds the token too: its agent's removal is to revoke it.
             actor_agent = self._agent_of(actor, claimed=False)
-            task, grant = self._exchange_grant(task_sid, resource)
+            task, grant = self._exchange_grant(task_sid, resource, delegated=True)
         except (UnavailableError, RateLimitedError):
             # The ledger cannot be read, or the task's agent spent its decision budget: not
             # the request's fault, and past the budget nothing is written per request.
@@ -557,11 +560,13 @@ class Grants:
             raise InvalidGrantError("only tasks of this trust domain can be exchanged")
         return self._exchange_grant(sub, resource)
 
-    def _exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]:
+    def _exchange_grant(
+        self, spiffe_id: str, resource: str, *, delegated: bool = False
+    ) -> tuple[Task, TaskJwtGrant]:
         """The task layer's decision, charged to the budget of the task's agent as its task
         JWT mints are: past it, RateLimitedError, nothing decided and nothing recorded."""
         try:
-            return self._tasks.exchange_grant(spiffe_id, resource)
+            return self._tasks.exchange_grant(spiffe_id, resource, delegated=delegated)
         except PermissionDeniedError as exc:  # the task layer audited its own denial
             raise InvalidGrantError(f"task decision: {exc}") from None
         except DecisionBudgetError:

@@ -105,8 +105,9 @@ class TaskSettings:
     # over its task's actions times its audiences (~0.15 ms a pair with the shipped policy), so
     # the JWT signing budget, which counts it as one signature, bounds that CPU by a hundredfold
     # too little. It bounds policy work and violation rows: a decision policy answers from its
-    # cache is not charged (requests are the signing budget's), an out-of-intent one, which
-    # writes a violation, is (at least one pair), and either is charged before its work.
+    # cache is not charged (requests are the signing budget's), but for a delegation's (the
+    # budget is all that bounds those), an out-of-intent one, which writes a violation, is (at
+    # least one pair), and either is charged before its work.
     mint_pairs_rate_per_agent: float = 1000.0
     mint_pairs_burst_per_agent: int = 4000
 
@@ -744,11 +745,17 @@ class TaskService:
     # -- per-mint decisions ---------------------------------------------------------------------
 
     def _mint_decision(
-        self, agent_id: str, task: Task, audience: Sequence[str]
+        self,
+        agent_id: str,
+        task: Task,
+        audience: Sequence[str],
+        *,
+        charge_cached: bool = False,
     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The (actions, tool names) this mint may carry, or PermissionDeniedError (audited,
         maybe flagged). Charged to `agent_id`'s decision budget before any work it bounds
-        (RateLimitedError past it, with nothing decided or written)."""
+        (RateLimitedError past it, with nothing decided or written); `charge_cached`: even
+        when policy answers from its cache (the budget is all that bounds the caller's writes)."""
         agent = self._state.agents.get(agent_id) or AttestedAgent(agent_id, "", "", 0)
         intent, split_tools = self._facts_of(task)
         tools_by_name: dict[str, set[str]] = {}
@@ -783,7 +790,7 @@ class TaskService:
             violations=self.violations(task.agent_id, task.runtime_id),
             pairs=tuple(pairs),
         )
-        if self._policy.known(request) is None:
+        if charge_cached or self._policy.known(request) is None:
             # The same question within the second (a burst of one task's exchanges for a
             # resource, its mints after its agent's restart) is answered from policy's cache,
             # at no cost to what the budget bounds: charged, it refused them for work not done.
@@ -879,15 +886,24 @@ class TaskService:
             policy_set_hash=self._policy.policy_set_hash,
         )
 
-    def exchange_grant(self, spiffe_id: str, resource: str) -> tuple[Task, TaskJwtGrant]:
+    def exchange_grant(
+        self, spiffe_id: str, resource: str, *, delegated: bool = False
+    ) -> tuple[Task, TaskJwtGrant]:
         """An OAuth token exchange (server/oauth) for the active task with this SPIFFE ID: the
         same fresh decision as a task JWT mint, for `resource`, charged to the same budget
         (the task's agent's: RateLimitedError past it); PermissionDeniedError (audited)
-        otherwise. Uncharged, an exchanger drove policy decisions and violation rows at will."""
+        otherwise. Uncharged, an exchanger drove policy decisions and violation rows at will.
+
+        `delegated`: an actor's delegation, charged even when policy answers from its cache.
+        An exchange uses up its subject token (once per resource), itself minted within the
+        JWT signing budget; a delegation presents the same tokens again and again, and only
+        this budget bounds the token, credential row and event each one makes."""
         task = self._active.get(spiffe_id)
         if task is None:
             raise PermissionDeniedError(f"task identity {spiffe_id[:200]} is not active")
-        actions, tools = self._mint_decision(task.agent_id, task, (resource,))
+        actions, tools = self._mint_decision(
+            task.agent_id, task, (resource,), charge_cached=delegated
+        )
         scope = " ".join((*actions, *(f"{TOOL_SCOPE_PREFIX}{t}" for t in tools)))
         grant = TaskJwtGrant(
             task_id=task.task_id,

@@ -472,3 +472,29 @@ def test_delegations_past_the_tasks_agents_decision_budget_are_throttled_writing
         assert len(list(datastore.audit_rows())) == written
         oauth.running.clock.advance(2)
         assert delegate(world, first, actor).status_code == 200
+
+
+def test_delegations_answered_from_policys_cache_are_charged_all_the_same() -> None:
+    # A delegation asked again within the second is decided from policy's cache, which the
+    # decision budget charged nothing for; yet nothing else bounds delegations (the actor
+    # token is not used up, the subject token may be presented again), so an actor repeating
+    # one got a signature, a credential row and an audit event per request without bound.
+    with serving_oauth(
+        "odc",
+        [RESOURCE, OTHER_RESOURCE],
+        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
+        task_mint_pairs_rate_per_agent=0.5,
+        task_mint_pairs_burst_per_agent=4,
+    ) as oauth:
+        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE))
+        first = world.exchange().json()["access_token"]
+        actor = actor_token(oauth)
+        assert delegate(world, first, actor).status_code == 200  # spends the last pair
+        store = oauth.running.server.datastore
+        written = len(list(store.audit_rows()))
+        credentials = len(store.task_credentials(world.task.task_id, 0))
+        for _ in range(3):  # the same second: policy's cache answers it
+            reply = delegate(world, first, actor)
+            assert reply.status_code == 429, reply.text
+        assert len(list(store.audit_rows())) == written
+        assert len(store.task_credentials(world.task.task_id, 0)) == credentials
