@@ -8,14 +8,17 @@ all of them. Waiting here holds no thread. Event-loop only (asyncio semaphores),
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from server.errors import RateLimitedError
 
 _T = TypeVar("_T")
+
+_log = logging.getLogger("svid.server")
 
 
 class AgentTurns:
@@ -30,6 +33,8 @@ class AgentTurns:
         # not every agent ever seen.
         self._held: Counter[str] = Counter()
         self._turns: dict[str, asyncio.Semaphore] = {}
+        # What `run` started and is not done, its caller gone or not: `drain` waits for them.
+        self._works: set[asyncio.Future[Any]] = set()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -62,9 +67,12 @@ class AgentTurns:
         not leave at once: the work runs on (threads it started cannot be stopped, and an end
         cut short leaves its task ended but not yet revoked), and a turn given back now would
         let a caller that hangs up and calls again run any number of them at once. So the
-        cancellation is kept until the work is done, then raised (run_held, for coroutines)."""
+        cancellation is kept until the work is done, then raised; a failure of the work is
+        logged then, the caller being gone. A server stopping waits for it (`drain`)."""
         async with self.hold(agent_id):
             task = asyncio.ensure_future(work())
+            self._works.add(task)
+            task.add_done_callback(self._works.discard)
             cancelled = False
             while not task.done():
                 try:
@@ -72,10 +80,23 @@ class AgentTurns:
                 except asyncio.CancelledError:
                     cancelled = True
             if cancelled:
-                if not task.cancelled():
-                    task.exception()  # retrieved: the caller is gone, nobody else will
+                failure = None if task.cancelled() else task.exception()
+                if failure is not None:
+                    _log.error(
+                        "%s: the work of a call whose caller left failed",
+                        self._what,
+                        exc_info=failure,
+                        extra={"agent_id": agent_id},
+                    )
                 raise asyncio.CancelledError
             return task.result()
+
+    async def drain(self) -> None:
+        """Wait until the work `run` started is done, that of callers gone included: a server
+        stopping (its calls cancelled, none coming) closes what that work uses, the datastore,
+        only then, not under an end half done."""
+        while self._works:
+            await asyncio.wait(set(self._works))
 
     def held(self, agent_id: str) -> int:
         """Calls of the agent under way or waiting."""

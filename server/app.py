@@ -702,6 +702,8 @@ class Server:
         for server in (self._node_server, self._admin_server):
             if server is not None:
                 await server.stop(grace)
+        # No call comes in any more; an end whose caller left runs on: done before the close.
+        await self.tasks.drain()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -242,6 +242,11 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
     async def _agent(self, context: grpc.aio.ServicerContext) -> AttestedAgent:
         return await self._authority.authorize(self._peers.agent_peer(context))
 
+    async def drain(self) -> None:
+        """Wait for the ends under way, those whose callers left included (AgentTurns.run):
+        the server calls it once its gRPC servers stopped, before it closes the datastore."""
+        await self._ends.drain()
+
     @status.unary
     async def BeginTask(
         self, request: task_pb2.NodeBeginTaskRequest, context: grpc.aio.ServicerContext

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ class TaskLayer:
     store: TaskStore
     service: TaskService
     removals: AgentRemovals
+    # The node servicers node_handlers made: `drain` waits for their ends under way.
+    node_servicers: list[NodeTasksServicer] = field(default_factory=list)
 
     @property
     def decisions(self) -> TaskDecisions:
@@ -98,7 +100,15 @@ class TaskLayer:
             accepted_validations=accepted_validations,
             begins=begins,
         )
+        self.node_servicers.append(servicer)
         return _handlers(task_pb2_grpc.add_NodeTasksServicer_to_server, servicer)
+
+    async def drain(self) -> None:
+        """Wait for the task ends under way, their callers gone or not: a stopping server's
+        calls are cancelled, and an end whose caller left runs on to its end (AgentTurns.run),
+        which must come before the datastore closes."""
+        for servicer in self.node_servicers:
+            await servicer.drain()
 
     def admin_handlers(self) -> list[Any]:
         servicer = TaskAdminServicer(self.service, self.policy)

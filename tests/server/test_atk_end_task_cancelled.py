@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
+from server.agent_turns import AgentTurns
 from server.tasks import grpc_api
 from server.tasks.model import Task, TaskState
 from server.tasks.store import TaskStore
@@ -85,3 +86,66 @@ def test_an_end_whose_caller_hangs_up_holds_its_turn_until_it_is_done(
         assert ended is not None
         assert ended.state == TaskState.ENDED  # settled, not left ENDING
         assert stub.EndTask(end_second, timeout=10).task.state == TaskState.ENDED.value
+
+
+def test_a_server_stop_closes_the_datastore_only_once_an_end_whose_caller_left_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The end of a caller that hung up ran on past the stop, which no call held up: the
+    # datastore was closed under it, and the end failed half done, unheard.
+    entered, release, finished = (threading.Event() for _ in range(3))
+    finish = TaskStore.finish
+    slow: list[str] = []
+    ended: list[Task | None] = []
+
+    def slow_finish(self: TaskStore, task: Task, *args: Any) -> Task | None:
+        if task.task_id not in slow:
+            return finish(self, task, *args)
+        entered.set()
+        assert release.wait(10)
+        try:
+            ended.append(finish(self, task, *args))
+            return ended[-1]
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(TaskStore, "finish", slow_finish)
+    drain = getattr(AgentTurns, "drain", None)
+
+    async def draining(self: AgentTurns) -> None:
+        # The stop waits for the ends under way: this one may go on now.
+        release.set()
+        if drain is not None:
+            await drain(self)
+
+    monkeypatch.setattr(AgentTurns, "drain", draining, raising=False)
+    with managed_server() as server:
+        agent = server.attest()
+        runtime = server.create_entry("/agents/ender", agent.spiffe_id).spiffe_id
+        stub = task_pb2_grpc.NodeTasksStub(server.node_channel(agent))
+        task = stub.BeginTask(
+            task_pb2.NodeBeginTaskRequest(
+                runtime_id=runtime, intent=task_pb2.Intent(actions=["read"], resources=["docs"])
+            ),
+            timeout=10,
+        ).task
+        slow.append(task.task_id)
+        call = stub.EndTask.future(
+            task_pb2.NodeEndTaskRequest(task_id=task.task_id, runtime_ids=[runtime]), timeout=30
+        )
+        assert entered.wait(10)
+        call.cancel()
+        stub.ListTasks(task_pb2.NodeListTasksRequest(runtime_ids=[runtime]), timeout=10)
+        datastore = server.server.datastore
+        close = datastore.close
+        end_done_at_close: list[bool] = []
+
+        def closing() -> None:
+            end_done_at_close.append(finished.is_set())
+            release.set()  # without a wait for it, the end goes on against a closed store
+            close()
+
+        monkeypatch.setattr(datastore, "close", closing)
+        server.call(server.server.stop())
+        assert end_done_at_close == [True]
+        assert [t.state if t else None for t in ended] == [TaskState.ENDED]

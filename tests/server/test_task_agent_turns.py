@@ -47,3 +47,31 @@ async def _calls() -> None:
 
 def test_an_agents_calls_run_wait_or_are_refused_and_leave_others_alone() -> None:
     asyncio.run(_calls())
+
+
+async def _failed_after_its_caller_left(caplog: pytest.LogCaptureFixture) -> None:
+    turns = AgentTurns("task ends", running=1)
+    started, fail = asyncio.Event(), asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        await fail.wait()
+        raise RuntimeError("the datastore is closed")
+
+    call = asyncio.create_task(turns.run(A, work))
+    await started.wait()
+    call.cancel()  # the caller hangs up while its work runs on
+    await asyncio.sleep(0)
+    fail.set()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    # Nobody else is left to hear of it: run says it, not only drops it.
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert "task ends" in record.getMessage()
+    assert "the datastore is closed" in str(record.exc_info[1])
+
+
+def test_a_failure_of_work_whose_caller_left_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # The caller cancelled, `run` retrieved the work's exception and raised CancelledError:
+    # an end that failed (left ended, not revoked, for settle_ends) was never told anywhere.
+    asyncio.run(_failed_after_its_caller_left(caplog))
