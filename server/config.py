@@ -95,7 +95,8 @@ class ServerConfig:
     # task JWT mint is decided afresh over its task's actions times its audiences, a hundred
     # times a signature's CPU for a few dozen pairs, which jwt_rate_per_agent counts as one;
     # a token exchange or delegation of the task's is charged here too. A decision policy
-    # answers from its cache costs nothing, but for a delegation's (nothing else bounds those).
+    # answers from its cache costs nothing, but for a delegation's (nothing else bounds those),
+    # which is charged to a budget of the actor's for the task's agent, not to the agent's.
     task_mint_pairs_rate_per_agent: float = 1000.0
     task_mint_pairs_burst_per_agent: int = 4000
     # Threads that run issuance batches (and sign the small ones, and agent SVIDs). Big

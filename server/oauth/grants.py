@@ -89,11 +89,12 @@ class TaskExchanges(Protocol):
     """The task layer's side of an exchange (server.tasks.service.TaskService)."""
 
     def exchange_grant(
-        self, spiffe_id: str, resource: str, *, delegated: bool = False
+        self, spiffe_id: str, resource: str, *, actor: str = ""
     ) -> tuple[Task, TaskJwtGrant]:
         """PermissionDeniedError (audited) or server.errors.RateLimitedError (the task's agent
-        over its decision budget: nothing decided, nothing written). `delegated`: charged even
-        when decided from policy's cache (nothing else bounds delegations)."""
+        over its decision budget: nothing decided, nothing written). `actor`: a delegation by
+        that workload, on a budget of its own for the task's agent, charged even when decided
+        from policy's cache (nothing else bounds delegations)."""
         ...
 
     def ended(self, spiffe_id: str) -> bool: ...
@@ -344,7 +345,7 @@ class Grants:
                 raise InvalidGrantError("subject_token has expired")
             # The acting workload holds the token too: its agent's removal is to revoke it.
             actor_agent = self._agent_of(actor, claimed=False)
-            task, grant = self._exchange_grant(task_sid, resource, delegated=True)
+            task, grant = self._exchange_grant(task_sid, resource, actor=actor_id)
         except (UnavailableError, RateLimitedError):
             # The ledger cannot be read, or the task's agent spent its decision budget: not
             # the request's fault, and past the budget nothing is written per request.
@@ -561,12 +562,13 @@ class Grants:
         return self._exchange_grant(sub, resource)
 
     def _exchange_grant(
-        self, spiffe_id: str, resource: str, *, delegated: bool = False
+        self, spiffe_id: str, resource: str, *, actor: str = ""
     ) -> tuple[Task, TaskJwtGrant]:
         """The task layer's decision, charged to the budget of the task's agent as its task
-        JWT mints are: past it, RateLimitedError, nothing decided and nothing recorded."""
+        JWT mints are (a delegation, to that of its `actor` for that agent): past it,
+        RateLimitedError, nothing decided and nothing recorded."""
         try:
-            return self._tasks.exchange_grant(spiffe_id, resource, delegated=delegated)
+            return self._tasks.exchange_grant(spiffe_id, resource, actor=actor)
         except PermissionDeniedError as exc:  # the task layer audited its own denial
             raise InvalidGrantError(f"task decision: {exc}") from None
         except DecisionBudgetError:

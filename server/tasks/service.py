@@ -107,7 +107,8 @@ class TaskSettings:
     # too little. It bounds policy work and violation rows: a decision policy answers from its
     # cache is not charged (requests are the signing budget's), but for a delegation's (the
     # budget is all that bounds those), an out-of-intent one, which writes a violation, is (at
-    # least one pair), and either is charged before its work.
+    # least one pair), and either is charged before its work. An actor's delegations for an
+    # agent's tasks have a budget of their own (the same rate), not that agent's.
     mint_pairs_rate_per_agent: float = 1000.0
     mint_pairs_burst_per_agent: int = 4000
 
@@ -750,12 +751,13 @@ class TaskService:
         task: Task,
         audience: Sequence[str],
         *,
-        charge_cached: bool = False,
+        actor: str = "",
     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The (actions, tool names) this mint may carry, or PermissionDeniedError (audited,
         maybe flagged). Charged to `agent_id`'s decision budget before any work it bounds
-        (RateLimitedError past it, with nothing decided or written); `charge_cached`: even
-        when policy answers from its cache (the budget is all that bounds the caller's writes)."""
+        (RateLimitedError past it, with nothing decided or written). `actor`: a delegation by
+        that workload, charged to a budget of its own with `agent_id`, even when policy
+        answers it from its cache (see exchange_grant)."""
         agent = self._state.agents.get(agent_id) or AttestedAgent(agent_id, "", "", 0)
         intent, split_tools = self._facts_of(task)
         tools_by_name: dict[str, set[str]] = {}
@@ -768,7 +770,7 @@ class TaskService:
         if not verdict.ok:
             # Decides nothing, yet writes a violation row (and maybe a denial event): charged
             # first, so that past the budget a runtime's out-of-intent mints write nothing.
-            self._charge(agent_id, len(pairs))
+            self._charge(agent_id, len(pairs), actor)
             raise self._deny(
                 agent=agent,
                 runtime_id=task.runtime_id,
@@ -790,12 +792,12 @@ class TaskService:
             violations=self.violations(task.agent_id, task.runtime_id),
             pairs=tuple(pairs),
         )
-        if charge_cached or self._policy.known(request) is None:
+        if actor or self._policy.known(request) is None:
             # The same question within the second (a burst of one task's exchanges for a
             # resource, its mints after its agent's restart) is answered from policy's cache,
             # at no cost to what the budget bounds: charged, it refused them for work not done.
             # A second turning between here and decide() lets one decision through uncharged.
-            self._charge(agent_id, len(pairs))
+            self._charge(agent_id, len(pairs), actor)
         decision = self._policy.decide(request)
         # The token names every audience, so it may carry only what is granted on all of them:
         # an action on each, a tool of each (`tool:<name>` then means that tool of every one).
@@ -819,13 +821,16 @@ class TaskService:
             )
         return tuple(sorted(actions)), tuple(sorted(tools))
 
-    def _charge(self, agent_id: str, pairs: int) -> None:
-        """Take a decision of `pairs` from the agent's budget, or RateLimitedError. Not a
-        decision about the intent: nothing for the audit log (the agent may ask again at once,
-        and the refusal is what keeps it from costing us)."""
-        if not self._mint_pairs.try_take(agent_id, max(1, pairs)):
+    def _charge(self, agent_id: str, pairs: int, actor: str = "") -> None:
+        """Take a decision of `pairs` from the agent's budget (or that of `actor`'s delegations
+        for its tasks), or RateLimitedError. Not a decision about the intent: nothing for the
+        audit log (the agent may ask again at once, and the refusal is what keeps it from
+        costing us)."""
+        budget = f"{agent_id} delegations by {actor}" if actor else agent_id
+        if not self._mint_pairs.try_take(budget, max(1, pairs)):
+            whose = f"delegations by {actor} for agent" if actor else "agent"
             raise RateLimitedError(
-                f"task JWT decision budget exceeded for agent {agent_id}: this mint asks "
+                f"task JWT decision budget exceeded for {whose} {agent_id}: this asks "
                 f"{pairs} (action, audience) pairs, "
                 f"{self.settings.mint_pairs_rate_per_agent:g} a second allowed"
             )
@@ -887,23 +892,24 @@ class TaskService:
         )
 
     def exchange_grant(
-        self, spiffe_id: str, resource: str, *, delegated: bool = False
+        self, spiffe_id: str, resource: str, *, actor: str = ""
     ) -> tuple[Task, TaskJwtGrant]:
         """An OAuth token exchange (server/oauth) for the active task with this SPIFFE ID: the
         same fresh decision as a task JWT mint, for `resource`, charged to the same budget
         (the task's agent's: RateLimitedError past it); PermissionDeniedError (audited)
         otherwise. Uncharged, an exchanger drove policy decisions and violation rows at will.
 
-        `delegated`: an actor's delegation, charged even when policy answers from its cache.
-        An exchange uses up its subject token (once per resource), itself minted within the
-        JWT signing budget; a delegation presents the same tokens again and again, and only
-        this budget bounds the token, credential row and event each one makes."""
+        `actor`: a delegation by that workload, charged even when policy answers it from its
+        cache: an exchange uses up its subject token (once per resource), itself minted within
+        the JWT signing budget, but a delegation presents the same tokens again and again, and
+        only this budget bounds the token, credential row and event each one makes. Charged
+        to a budget of the actor's with the task's agent, not to the agent's own: else a
+        workload a task called, delegating on, spent the budget of that task's node and
+        refused its workloads their own task JWT mints and exchanges."""
         task = self._active.get(spiffe_id)
         if task is None:
             raise PermissionDeniedError(f"task identity {spiffe_id[:200]} is not active")
-        actions, tools = self._mint_decision(
-            task.agent_id, task, (resource,), charge_cached=delegated
-        )
+        actions, tools = self._mint_decision(task.agent_id, task, (resource,), actor=actor)
         scope = " ".join((*actions, *(f"{TOOL_SCOPE_PREFIX}{t}" for t in tools)))
         grant = TaskJwtGrant(
             task_id=task.task_id,

@@ -449,8 +449,8 @@ def test_a_delegated_token_expires_with_the_token_acted_for_at_the_latest() -> N
 
 
 def test_delegations_past_the_tasks_agents_decision_budget_are_throttled_writing_nothing() -> None:
-    # Four pairs, refilled at half a pair a second: the subject token's mint (one pair), the
-    # exchange (two) and one delegation to OTHER_RESOURCE (read: one) spend them.
+    # Four pairs for the actor's delegations for the task's agent, refilled at half a pair a
+    # second: four delegations to OTHER_RESOURCE (read: one pair each) spend them.
     with serving_oauth(
         "odb",
         [RESOURCE, OTHER_RESOURCE],
@@ -461,7 +461,8 @@ def test_delegations_past_the_tasks_agents_decision_budget_are_throttled_writing
         world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE))
         first = world.exchange().json()["access_token"]
         actor = actor_token(oauth)
-        assert delegate(world, first, actor).status_code == 200
+        for _ in range(4):
+            assert delegate(world, first, actor).status_code == 200
         oauth.running.clock.advance(1)  # a new second: decided again, half a pair is not enough
         datastore = oauth.running.server.datastore
         written = len(list(datastore.audit_rows()))
@@ -489,12 +490,34 @@ def test_delegations_answered_from_policys_cache_are_charged_all_the_same() -> N
         world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE))
         first = world.exchange().json()["access_token"]
         actor = actor_token(oauth)
-        assert delegate(world, first, actor).status_code == 200  # spends the last pair
+        for _ in range(4):  # the actor's four pairs: all but the first from policy's cache
+            assert delegate(world, first, actor).status_code == 200
         store = oauth.running.server.datastore
         written = len(list(store.audit_rows()))
         credentials = len(store.task_credentials(world.task.task_id, 0))
-        for _ in range(3):  # the same second: policy's cache answers it
+        for _ in range(3):  # the same second: policy's cache would answer it
             reply = delegate(world, first, actor)
             assert reply.status_code == 429, reply.text
         assert len(list(store.audit_rows())) == written
         assert len(store.task_credentials(world.task.task_id, 0)) == credentials
+
+
+def test_an_actors_delegations_are_throttled_on_a_budget_of_their_own_not_the_nodes() -> None:
+    # Charged to the task's agent, every delegation charged: the workload serving a resource
+    # a task called, repeating a delegation, spent that node's budget and its workloads' own
+    # task JWT mints and exchanges were refused. Five pairs a second, a burst of eight.
+    with serving_oauth(
+        "oda",
+        [RESOURCE, OTHER_RESOURCE],
+        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
+        task_mint_pairs_rate_per_agent=0.5,
+        task_mint_pairs_burst_per_agent=8,
+    ) as oauth:
+        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE))
+        first = world.exchange().json()["access_token"]  # the node's: three pairs of eight
+        actor = actor_token(oauth)
+        statuses = [delegate(world, first, actor).status_code for _ in range(10)]
+        assert statuses == [200] * 8 + [429] * 2  # the actor's eight, then throttled
+        oauth.running.clock.advance(1)  # a new second: nothing comes from policy's cache
+        reply = world.exchange()  # a mint and an exchange, three pairs: the node has five
+        assert reply.status_code == 200, reply.text

@@ -157,7 +157,7 @@ def test_a_token_of_a_task_that_ends_while_it_is_issued_is_not_handed_out(
     service = running.server.tasks.service
     exchange_grant = service.exchange_grant
 
-    def ending_after(spiffe_id: str, resource: str, **how: bool) -> Any:
+    def ending_after(spiffe_id: str, resource: str, **how: Any) -> Any:
         decided = exchange_grant(spiffe_id, resource, **how)
         running.call(service.end(world.agent, world.task.task_id, ()))
         return decided
@@ -189,7 +189,7 @@ def test_a_token_of_a_task_another_server_ended_while_it_is_issued_is_refused(
     # The change feed has not brought the end here (as on a server whose poll lags).
     monkeypatch.setattr(service, "apply_tasks", lambda loaded: None)
 
-    def ended_elsewhere_after(spiffe_id: str, resource: str, **how: bool) -> Any:
+    def ended_elsewhere_after(spiffe_id: str, resource: str, **how: Any) -> Any:
         decided = exchange_grant(spiffe_id, resource, **how)
         # Another server's end claims the task's row (TaskService._finish, there).
         assert service.store.finish(world.task, TaskState.ENDED, 0, "ended") is not None
