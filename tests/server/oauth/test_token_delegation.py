@@ -505,7 +505,7 @@ def test_delegations_answered_from_policys_cache_are_charged_all_the_same() -> N
 def test_an_actors_delegations_are_throttled_on_a_budget_of_their_own_not_the_nodes() -> None:
     # Charged to the task's agent, every delegation charged: the workload serving a resource
     # a task called, repeating a delegation, spent that node's budget and its workloads' own
-    # task JWT mints and exchanges were refused. Five pairs a second, a burst of eight.
+    # task JWT mints and exchanges were refused. Half a pair a second, a burst of eight.
     with serving_oauth(
         "oda",
         [RESOURCE, OTHER_RESOURCE],
