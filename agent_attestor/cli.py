@@ -33,6 +33,7 @@ from agent_attestor.config import (
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.file_set import NewFile, replace_together
 from agent_attestor.logs import configure
+from agent_attestor.logs import flush as flush_logs
 from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
 from svid._audit_checkpoint import CHECKPOINT
 from svid._cli_args import non_utf8_argument, timeout_problem
@@ -401,7 +402,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
     print(f"SPIFFE_ENDPOINT_SOCKET={socket_uri(config.socket_path)}", flush=True)
     stacks_on_sigusr1()
-    asyncio.run(AgentApp(config).run_until_signalled())
+    try:
+        asyncio.run(AgentApp(config).run_until_signalled())
+    finally:
+        flush_logs()  # the log's last lines before a fatal error main() prints
     return 0
 
 

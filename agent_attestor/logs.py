@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import IO
 
-from svid._logs import JsonFormatter, TextFormatter, configure_logger
+from svid._logs import JsonFormatter, TextFormatter, configure_logger, flush_logger
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "flush"]
 
 
 def configure(log_format: str, level: str, stream: IO[str] | None = None) -> None:
     """Route the 'agent_attestor' logger tree to `stream` (stderr) in the chosen format."""
     configure_logger("agent_attestor", log_format, level, stream)
+
+
+def flush() -> None:
+    """Waits, a few seconds at most, for the queued log lines to reach stderr: a fatal error
+    printed next comes after them."""
+    flush_logger("agent_attestor")

@@ -662,7 +662,10 @@ def _run(args: argparse.Namespace) -> None:
             loop.add_signal_handler(sig, stop.set)
         await Server(config).run(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        logs.flush()  # the log's last lines before a fatal error main() prints
 
 
 # -- entry point ----------------------------------------------------------------------------

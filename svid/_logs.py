@@ -3,6 +3,12 @@
 The server and the node agent format alike (they differ only in the logger tree they route), so
 an operator reading both logs sees the same time format, the one the CLIs print. Callers never log
 keys or tokens.
+
+On the process's stderr a line is formatted where it is logged and written by one thread of its
+own: stderr is often a pipe (journald, a container's log driver, `| less`) whose reader can
+stall, and a write to a full pipe blocks, which on the event loop stops the daemon serving. What
+the stream does not take waits in a bounded queue; past the bound lines are dropped, counted,
+and said once the stream takes lines again.
 """
 
 from __future__ import annotations
@@ -12,15 +18,26 @@ import faulthandler
 import io
 import json
 import logging
+import logging.handlers
+import os
 import signal
 import sys
-from typing import IO, Any
+import threading
+from collections import deque
+from typing import IO, Any, cast
 
 from svid._clock import format_utc
 
 # What both daemons' log_format and log_level take.
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# The log text (characters) that may wait for a stream that takes none: ~5,000 lines of a busy
+# daemon, 16 pipe buffers; past it lines are dropped, so a stalled reader costs a bounded 1 MiB.
+LOG_QUEUE_CHARS = 1 << 20
+# How long a close (process exit, the logger configured again) waits for the queued lines to be
+# written: a daemon's last lines reach a healthy stream, and a stalled one does not hold the exit.
+FLUSH_SECONDS = 2.0
 
 _STANDARD = frozenset(vars(logging.LogRecord("x", logging.INFO, "x", 0, "", None, None))) | {
     "message",
@@ -66,14 +83,167 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logger(name: str, log_format: str, level: str, stream: IO[str] | None) -> None:
-    """Route the `name` logger tree to `stream` (default stderr) in `log_format` (json | text)."""
+class _Lines:
+    """Formatted lines waiting for the writer, bounded by their total size. A line that does not
+    fit is counted, and the count rides on the next line that fits (or stands alone once the
+    queue is empty), so the writer says the gap where it was."""
+
+    def __init__(self, max_chars: int) -> None:
+        self._max_chars = max_chars
+        self._chars = 0
+        self._queued: deque[tuple[int, str]] = deque()  # (lines dropped just before, line)
+        self._dropped = 0
+        self._writing = False  # a line taken and not yet written
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def offer(self, line: str) -> None:
+        with self._changed:
+            if self._closed or (self._queued and self._chars + len(line) > self._max_chars):
+                self._dropped += 1
+                return
+            self._queued.append((self._dropped, line))
+            self._dropped = 0
+            self._chars += len(line)
+            self._changed.notify_all()
+
+    def take(self) -> tuple[int, str | None] | None:
+        """The next (dropped before, line), (dropped, None) where only drops are left, or None
+        once closed and empty; waits for one of these."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._queued or self._dropped or self._closed)
+            self._writing = True
+            if self._queued:
+                dropped, line = self._queued.popleft()
+                self._chars -= len(line)
+                return dropped, line
+            if self._dropped:
+                dropped, self._dropped = self._dropped, 0
+                return dropped, None
+            self._writing = False
+            return None
+
+    def written(self) -> None:
+        """The writer is done with what it took."""
+        with self._changed:
+            self._writing = False
+            self._changed.notify_all()
+
+    def wait_written(self, timeout: float) -> bool:
+        """Whether everything offered so far was written within `timeout` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not (self._queued or self._writing), timeout)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+
+class QueuedStreamHandler(logging.handlers.QueueHandler):
+    """Formats each record where it is logged (QueueHandler.prepare) and hands the line to one
+    writer thread that writes it to `stream`'s file descriptor: no thread that logs ever waits
+    for the stream. The writer writes the descriptor itself, not through the stream's buffer,
+    so it holds none of the stream's locks while blocked: at interpreter exit the flush of a
+    stderr whose lock a blocked thread held would abort the process."""
+
+    def __init__(
+        self,
+        stream: IO[str],
+        logger_name: str,
+        formatter: logging.Formatter,
+        max_chars: int = LOG_QUEUE_CHARS,
+        flush_seconds: float = FLUSH_SECONDS,
+    ) -> None:
+        self._lines = _Lines(max_chars)
+        super().__init__(cast(Any, self._lines))  # only enqueue, overridden, puts to it
+        self.setFormatter(formatter)  # before the writer starts: it formats the dropped line
+        self._flush_seconds = flush_seconds
+        self._fd = stream.fileno()
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._errors = getattr(stream, "errors", None) or "backslashreplace"
+        self._logger_name = f"{logger_name}.logs"
+        self._stalled = False
+        self._writer = threading.Thread(target=self._write_all, name="log writer", daemon=True)
+        self._writer.start()
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self._lines.offer(str(record.msg))  # prepare() made it the formatted line
+
+    def flush(self) -> None:
+        """Waits (flush_seconds at most) for the lines queued so far to be written: what a
+        message printed after them waits for to come after them."""
+        self._stalled = not self._lines.wait_written(self._flush_seconds)
+
+    def close(self) -> None:
+        """Writes what is queued and ends the writer, flush_seconds at most (none where a flush
+        just waited that long in vain: logging's exit flushes then closes); later lines are
+        dropped."""
+        self._lines.close()
+        self._writer.join(0 if self._stalled else self._flush_seconds)
+        super().close()
+
+    def _write_all(self) -> None:
+        while (taken := self._lines.take()) is not None:
+            dropped, line = taken
+            if dropped:
+                self._write(self._dropped_line(dropped))
+            if line is not None:
+                self._write(line)
+            self._lines.written()
+
+    def _dropped_line(self, dropped: int) -> str:
+        record = logging.LogRecord(
+            self._logger_name,
+            logging.WARNING,
+            __file__,
+            0,
+            "%d log lines dropped: the log stream did not take them",
+            (dropped,),
+            None,
+        )
+        record.dropped = dropped
+        return self.format(record)
+
+    def _write(self, line: str) -> None:
+        data = memoryview(f"{line}\n".encode(self._encoding, self._errors))
+        # A stream that is gone (EPIPE, a closed descriptor) takes nothing, and there is nowhere
+        # left to say so.
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(self._fd, data) :]
+
+
+def _handler(name: str, stream: IO[str] | None, formatter: logging.Formatter) -> logging.Handler:
+    """The process's own stderr is written through the queue; a stream given (a test's buffer,
+    read right after) or a stderr replaced (a test's capture) is written synchronously, as each
+    line is logged."""
+    stderr = sys.stderr
+    if stream is None and stderr is sys.__stderr__ and stderr is not None:
+        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+            return QueuedStreamHandler(stderr, name, formatter)
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(formatter)
+    return handler
+
+
+def configure_logger(name: str, log_format: str, level: str, stream: IO[str] | None) -> None:
+    """Route the `name` logger tree to `stream` (default stderr) in `log_format` (json | text).
+    The handler it replaces is closed: its queued lines written, its writer thread ended."""
+    handler = _handler(name, stream, JsonFormatter() if log_format == "json" else TextFormatter())
     logger = logging.getLogger(name)
-    logger.handlers[:] = [handler]
+    previous, logger.handlers[:] = logger.handlers[:], [handler]
+    for old in previous:
+        old.close()
     logger.setLevel(level.upper())
     logger.propagate = False
+
+
+def flush_logger(name: str) -> None:
+    """Waits (FLUSH_SECONDS at most) for the `name` tree's queued lines to be written, so that
+    what is printed next (a daemon's fatal error) follows them."""
+    for handler in logging.getLogger(name).handlers:
+        handler.flush()
 
 
 def stacks_on_sigusr1() -> None:
