@@ -4,11 +4,12 @@ The server and the node agent format alike (they differ only in the logger tree 
 an operator reading both logs sees the same time format, the one the CLIs print. Callers never log
 keys or tokens.
 
-On the process's stderr a line is formatted where it is logged and written by one thread of its
-own: stderr is often a pipe (journald, a container's log driver, `| less`) whose reader can
-stall, and a write to a full pipe blocks, which on the event loop stops the daemon serving. What
-the stream does not take waits in a bounded queue; past the bound lines are dropped, counted,
-and said once the stream takes lines again.
+Where the process's stderr is a pipe, socket or terminal (journald, a container's log driver,
+`| less`), its reader can stall, and a write to a full pipe blocks: on the event loop, the daemon
+stops serving. There a line is formatted where it is logged and written by one thread of its
+own; what the stream does not take waits in a bounded queue; past the bound lines are dropped,
+counted, and said once the stream takes lines again. Other loggers' warnings (asyncio's,
+grpc's), which logging's last resort wrote as they came, go the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import stat
 import sys
 import threading
 from collections import deque
@@ -214,14 +216,52 @@ class QueuedStreamHandler(logging.handlers.QueueHandler):
                 data = data[os.write(self._fd, data) :]
 
 
+class _Others(logging.Handler):
+    """On the root logger: the warnings of loggers outside the daemon's tree (asyncio's, grpc's,
+    the svid library's in the agent), which logging's last resort wrote to stderr as they came,
+    on the event loop as often as not, go through the daemon's queue, formatted as its own."""
+
+    def __init__(self, to: QueuedStreamHandler) -> None:
+        super().__init__(logging.WARNING)  # what the last resort wrote
+        self.to = to
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.to.handle(record)
+
+
+def _route_others(handler: logging.Handler, replaced: list[logging.Handler]) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [
+        h for h in root.handlers if not (isinstance(h, _Others) and h.to in replaced)
+    ]
+    if isinstance(handler, QueuedStreamHandler):
+        root.addHandler(_Others(handler))
+
+
+def _reader_can_stall(stream: IO[str]) -> bool:
+    """Whether `stream` is a pipe, socket or terminal: what a reader drains, and can stop
+    draining (journald, a log driver, `| less`, a terminal's ^S). A regular file or a device
+    takes each write from the disk's or driver's side, as it comes."""
+    with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        fd = stream.fileno()
+        mode = os.fstat(fd).st_mode
+        return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
+    return False
+
+
 def _handler(name: str, stream: IO[str] | None, formatter: logging.Formatter) -> logging.Handler:
-    """The process's own stderr is written through the queue; a stream given (a test's buffer,
-    read right after) or a stderr replaced (a test's capture) is written synchronously, as each
-    line is logged."""
+    """The process's own stderr, where a reader can stall it, is written through the queue.
+    Written synchronously, as each line is logged: a stream given (a test's buffer, read right
+    after), a stderr replaced (a test's capture), and a stderr that is a file, whose writes wait
+    for no reader; there a line logged before a call is answered is in the file by the answer."""
     stderr = sys.stderr
-    if stream is None and stderr is sys.__stderr__ and stderr is not None:
-        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
-            return QueuedStreamHandler(stderr, name, formatter)
+    if (
+        stream is None
+        and stderr is sys.__stderr__
+        and stderr is not None
+        and _reader_can_stall(stderr)
+    ):
+        return QueuedStreamHandler(stderr, name, formatter)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
     return handler
@@ -229,10 +269,12 @@ def _handler(name: str, stream: IO[str] | None, formatter: logging.Formatter) ->
 
 def configure_logger(name: str, log_format: str, level: str, stream: IO[str] | None) -> None:
     """Route the `name` logger tree to `stream` (default stderr) in `log_format` (json | text).
-    The handler it replaces is closed: its queued lines written, its writer thread ended."""
+    The handler it replaces is closed: its queued lines written, its writer thread ended. On
+    the process's stderr, the other loggers' warnings go the same way."""
     handler = _handler(name, stream, JsonFormatter() if log_format == "json" else TextFormatter())
     logger = logging.getLogger(name)
     previous, logger.handlers[:] = logger.handlers[:], [handler]
+    _route_others(handler, previous)
     for old in previous:
         old.close()
     logger.setLevel(level.upper())

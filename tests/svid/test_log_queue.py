@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import logging
 import os
 import re
+import select
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO
 
 import pytest
@@ -174,3 +177,75 @@ def test_a_process_that_exits_writes_its_last_lines_to_a_healthy_stderr(log_form
     assert len(lines) == 2001, lines[-3:]
     assert "the last line" in lines[-1]
     assert "dropped" not in done.stderr
+
+
+_OTHERS_ON_A_STALLED_PIPE = """
+import logging
+from svid._logs import configure_logger
+configure_logger("svid", "json", "info", None)
+log = logging.getLogger("asyncio")
+for i in range(2000):  # ~2 MiB: the pipe and the queue (1 MiB) over
+    log.warning("line %d %s", i, "x" * 1000)
+print("logged", flush=True)
+"""
+
+
+def test_other_loggers_warnings_never_wait_for_a_stalled_stderr() -> None:
+    """asyncio's and grpc's warnings went to logging's last resort, which wrote stderr as they
+    came: on a stalled pipe it blocked the thread that logged (the event loop)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OTHERS_ON_A_STALLED_PIPE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready, "the process blocked logging to a stderr nobody read"
+        assert proc.stdout.readline() == "logged\n"
+        lines = proc.stderr.read().splitlines()  # now drained, the rest comes, and the end
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    records = [json.loads(line) for line in lines]
+    assert {r["logger"] for r in records} == {"asyncio", "svid.logs"}
+    dropped = [r["dropped"] for r in records if r["logger"] == "svid.logs"]
+    assert len(records) - len(dropped) + sum(dropped) == 2000
+
+
+_WRITERS = """
+import logging, threading
+from svid._logs import configure_logger
+configure_logger("svid", "text", "info", None)
+logging.getLogger("svid.test.queue").info("logged")
+print(sum(t.name == "log writer" for t in threading.enumerate()))
+"""
+
+
+def test_a_stderr_that_is_a_file_is_written_as_each_line_is_logged(tmp_path: Path) -> None:
+    """A file's writes wait for no reader: a line logged is in the file when the call that
+    logged it returns, as the end-to-end tests that read a daemon's log file expect."""
+    log = tmp_path / "log"
+    with log.open("w") as stderr:
+        done = subprocess.run(
+            [sys.executable, "-c", _WRITERS],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    assert done.stdout == "0\n"
+    assert "logged" in log.read_text()
+
+    piped = subprocess.run(
+        [sys.executable, "-c", _WRITERS], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert piped.stdout == "1\n"
+    assert "logged" in piped.stderr
