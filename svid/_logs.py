@@ -96,6 +96,7 @@ class _Lines:
         self._queued: deque[tuple[int, str]] = deque()  # (lines dropped just before, line)
         self._dropped = 0
         self._writing = False  # a line taken and not yet written
+        self.written_count = 0  # lines written (tried) so far: whether the writer moves at all
         self._closed = False
         self._changed = threading.Condition()
 
@@ -129,6 +130,7 @@ class _Lines:
         """The writer is done with what it took."""
         with self._changed:
             self._writing = False
+            self.written_count += 1
             self._changed.notify_all()
 
     def wait_written(self, timeout: float) -> bool:
@@ -145,9 +147,9 @@ class _Lines:
 class QueuedStreamHandler(logging.handlers.QueueHandler):
     """Formats each record where it is logged (QueueHandler.prepare) and hands the line to one
     writer thread that writes it to `stream`'s file descriptor: no thread that logs ever waits
-    for the stream. The writer writes the descriptor itself, not through the stream's buffer,
-    so it holds none of the stream's locks while blocked: at interpreter exit the flush of a
-    stderr whose lock a blocked thread held would abort the process."""
+    for the stream. The writer writes the descriptor itself (a line a write), not through the
+    stream's buffer: nothing else that writes stderr waits on a buffer lock it holds while
+    blocked."""
 
     def __init__(
         self,
@@ -165,7 +167,7 @@ class QueuedStreamHandler(logging.handlers.QueueHandler):
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._errors = getattr(stream, "errors", None) or "backslashreplace"
         self._logger_name = f"{logger_name}.logs"
-        self._stalled = False
+        self._stalled_at: int | None = None  # written_count when a wait for the writer ran out
         self._writer = threading.Thread(target=self._write_all, name="log writer", daemon=True)
         self._writer.start()
 
@@ -175,15 +177,21 @@ class QueuedStreamHandler(logging.handlers.QueueHandler):
     def flush(self) -> None:
         """Waits (flush_seconds at most) for the lines queued so far to be written: what a
         message printed after them waits for to come after them."""
-        self._stalled = not self._lines.wait_written(self._flush_seconds)
+        if not self._lines.wait_written(self._wait_seconds()):
+            self._stalled_at = self._lines.written_count
 
     def close(self) -> None:
-        """Writes what is queued and ends the writer, flush_seconds at most (none where a flush
-        just waited that long in vain: logging's exit flushes then closes); later lines are
+        """Writes what is queued and ends the writer, flush_seconds at most; later lines are
         dropped."""
         self._lines.close()
-        self._writer.join(0 if self._stalled else self._flush_seconds)
+        self._writer.join(self._wait_seconds())
         super().close()
+
+    def _wait_seconds(self) -> float:
+        """None where a wait already ran out and the writer has written nothing since: a daemon
+        that exits flushes its log (stop, then logging's exit flush and close), and a stalled
+        stream holds the exit up once, not at each."""
+        return 0 if self._stalled_at == self._lines.written_count else self._flush_seconds
 
     def _write_all(self) -> None:
         while (taken := self._lines.take()) is not None:

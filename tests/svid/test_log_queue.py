@@ -249,3 +249,29 @@ def test_a_stderr_that_is_a_file_is_written_as_each_line_is_logged(tmp_path: Pat
     )
     assert piped.stdout == "1\n"
     assert "logged" in piped.stderr
+
+
+_EXITS_ON_A_STALLED_PIPE = """
+import logging
+from svid._logs import configure_logger
+configure_logger("svid", "text", "info", None)
+log = logging.getLogger("svid.test.queue")
+for i in range(2000):  # ~2 MiB: the writer is blocked in a write when the process exits
+    log.info("line %d %s", i, "x" * 1000)
+"""
+
+
+def test_a_process_whose_stderr_is_stalled_still_exits() -> None:
+    """Its exit waits for the queued lines a bounded time (FLUSH_SECONDS) and ends cleanly,
+    the writer still blocked in its write."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _EXITS_ON_A_STALLED_PIPE], stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    try:
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
