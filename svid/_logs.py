@@ -188,19 +188,21 @@ class QueuedStreamHandler(logging.handlers.QueueHandler):
         super().close()
 
     def _wait_seconds(self) -> float:
-        """None where a wait already ran out and the writer has written nothing since: a daemon
-        that exits flushes its log (stop, then logging's exit flush and close), and a stalled
-        stream holds the exit up once, not at each."""
+        """No wait where one already ran out and the writer has written nothing since: a daemon
+        that exits flushes its log (at its stop, then logging's exit flush and close), and a
+        stalled stream holds the exit up once, not at each."""
         return 0 if self._stalled_at == self._lines.written_count else self._flush_seconds
 
     def _write_all(self) -> None:
         while (taken := self._lines.take()) is not None:
             dropped, line = taken
-            if dropped:
-                self._write(self._dropped_line(dropped))
-            if line is not None:
-                self._write(line)
-            self._lines.written()
+            try:
+                if dropped:
+                    self._write(self._dropped_line(dropped))
+                if line is not None:
+                    self._write(line)
+            finally:
+                self._lines.written()  # a flush waits for it, whatever the line's fate
 
     def _dropped_line(self, dropped: int) -> str:
         record = logging.LogRecord(
