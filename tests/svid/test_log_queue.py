@@ -275,3 +275,28 @@ def test_a_process_whose_stderr_is_stalled_still_exits() -> None:
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+_CONFIGURED_TWICE = """
+import io, logging
+from svid._logs import configure_logger
+configure_logger("svid", "text", "info", None)
+configure_logger("svid", "json", "info", None)
+routes = [h for h in logging.getLogger().handlers if hasattr(h, "to")]
+assert [h.to for h in routes] == logging.getLogger("svid").handlers, routes
+configure_logger("svid", "json", "info", io.StringIO())  # a stream given: the root left alone
+assert not [h for h in logging.getLogger().handlers if hasattr(h, "to")]
+logging.getLogger("asyncio").warning("to the last resort")
+"""
+
+
+def test_configuring_again_routes_other_loggers_to_the_new_handler_only() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _CONFIGURED_TWICE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "to the last resort\n"
