@@ -58,6 +58,15 @@ class SqliteAuditStore:
             self._db = sqlite_audit.connect_read_only(path)
         except sqlite3.Error as e:
             raise AuditError(f"cannot open audit database {path}: {e}") from e
+        try:
+            # The server's own check at start: a newer server's schema is not read on.
+            sqlite_audit.refuse_newer_schema(self._db)
+        except StorageError as e:
+            self._db.close()
+            raise AuditError(f"audit database {path}: {e}") from None
+        except sqlite3.Error as e:
+            self._db.close()
+            raise AuditError(f"cannot read audit database {path}: {e}") from e
         self._lock = threading.Lock()
 
     @property

@@ -332,12 +332,11 @@ class SqliteDataStore(
         try:
             db = sqlite_utils.Database(conn, execute_plugins=False)
             # No table: no server has started on it (refuse_other says so).
-            found = db["schema_migrations"].exists()
-            rows = db.execute(q.MIGRATION_VERSIONS).fetchall() if found else []
+            versions = sqlite_audit.schema_versions(conn)
         except sqlite3.Error as e:
             conn.close()
             raise StorageError(f"cannot read the datastore at {self._path}: {e}") from None
-        return db, sorted(int(r[0]) for r in rows)
+        return db, versions
 
     # -- plumbing -------------------------------------------------------------------------------
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from server.datastore import ledger_queries as lq
+from server.datastore import queries as q
 from server.datastore.errors import StorageError
+from server.datastore.migrations import refuse_newer
 from server.datastore.records import (
     AUDIT_COLUMNS,
     AUDIT_TABLES,
@@ -38,6 +40,21 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
     db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return db
+
+
+def schema_versions(db: sqlite3.Connection) -> list[int]:
+    """The migrations the file records, in order; none for a file no server started on (or an
+    audit.db of an older version, which has no schema table)."""
+    found = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    return sorted(int(r[0]) for r in db.execute(q.MIGRATION_VERSIONS)) if found else []
+
+
+def refuse_newer_schema(db: sqlite3.Connection) -> None:
+    """StorageError when a newer server migrated the file (migrations.refuse_newer): a reader
+    of this release would take its rows in their old meaning."""
+    refuse_newer(schema_versions(db))
 
 
 def insert_many(db: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]]) -> None:

@@ -29,6 +29,8 @@ from server.audit.checkpoint import (
 from server.audit.checkpointer import Checkpointer
 from server.audit.event import CANONICAL_FIELDS, GENESIS_HASH
 from server.audit.log import event_from_row
+from server.cli import main
+from server.datastore.migrations import MIGRATIONS
 from server.datastore.sqlite import SqliteDataStore
 from svid._audit_checkpoint import key_id_of
 from svid._clock import FakeClock
@@ -521,3 +523,26 @@ def test_the_newest_lines_are_read_from_the_end_of_a_long_file(
     deep = file.newest_signed_through(signer.key_id, 17)
     assert deep is not None
     assert (deep.seq, deep.hash) == (17, f"{17:064x}")
+
+
+# -- a schema this release does not know --------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["verify", "export"])
+def test_audit_verify_and_export_refuse_a_schema_a_newer_server_migrated(
+    setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Read on in its old meaning, a newer schema's log could be judged intact (or exported)
+    wrongly: both commands refuse it, naming the version found and the one this release knows,
+    as the server does at start."""
+    fill(setup.log, clock, 3)
+    setup.store.close()
+    sql(setup.db, "INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'n', 1)")
+    latest = MIGRATIONS[-1].version
+    code = main(["audit", command, "--data-dir", str(setup.data_dir)])
+    out = capsys.readouterr()
+    assert code != 0
+    said = out.out + out.err
+    assert f"version 999, newer than this server's ({latest})" in said
+    assert "exported" not in said
+    assert "OK" not in said
