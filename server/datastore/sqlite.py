@@ -252,7 +252,28 @@ def _create_private_file(path: Path) -> None:
         os.close(fd)
 
 
-def _open_failure(path: Path, error: sqlite3.Error) -> str:
+# The files SQLite keeps beside the database, holding the same rows until checkpointed.
+COMPANION_SUFFIXES = ("-wal", "-shm", "-journal")
+
+
+def _private_companions(path: Path) -> None:
+    """The datastore's companion files made owner-only. SQLite makes new ones with the
+    database's mode, but one left by a crash keeps the mode it was made with (an older
+    release's, a loose umask's) and holds the same token hashes and journal rows."""
+    for suffix in COMPANION_SUFFIXES:
+        companion = path.with_name(path.name + suffix)
+        try:
+            # Never through a symlink planted in its place: its target is not ours to change.
+            fd = os.open(companion, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+
+def _open_failure(path: Path, error: sqlite3.Error | OSError) -> str:
     """Why the datastore at `path` did not open. A full file system is named as such: SQLite
     says only "disk I/O error" when it cannot map its shared-memory file there."""
     said = f"cannot open the datastore at {path}: {error}"
@@ -297,6 +318,10 @@ class SqliteDataStore(
                 raise
             return
         _create_private_file(self._path)
+        try:
+            _private_companions(self._path)
+        except OSError as e:
+            raise StorageError(_open_failure(self._path, e)) from None
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly
         # what the code says (the sqlite3 module's implicit transactions skip DDL).
         conn = sqlite3.connect(
@@ -317,7 +342,8 @@ class SqliteDataStore(
             # this rather than keep that disk until the server restarts.
             self._db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             self.migrate()
-        except sqlite3.Error as e:
+            _private_companions(self._path)  # those the open made or found meanwhile
+        except (sqlite3.Error, OSError) as e:
             # Read by the operator at start, not by a client: the file and the cause, once,
             # rather than the driver's traceback naming neither.
             self.close()

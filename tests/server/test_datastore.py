@@ -807,6 +807,28 @@ def test_existing_file_is_made_owner_only(tmp_path: Path, clock: FakeClock) -> N
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+def test_a_wal_and_shm_left_by_a_crash_are_made_owner_only(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A -wal/-shm left behind keeps the mode it was made with (0644 under a loose umask, or
+    by an older release) and holds the same rows as the database: made 0600 at the next open."""
+    path = tmp_path / "db"
+    SqliteDataStore(path, clock).close()
+    crashed = sqlite3.connect(path)  # left open: its WAL and shared memory stay on disk
+    crashed.execute("UPDATE counters SET value = value + 1 WHERE name = 'revision'")
+    crashed.commit()
+    try:
+        for name in ("db-wal", "db-shm"):
+            os.chmod(tmp_path / name, 0o644)
+        store = SqliteDataStore(path, clock)
+        for name in ("db", "db-wal", "db-shm"):
+            mode = stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+            assert mode == 0o600, f"{name} has mode {oct(mode)}"
+        store.close()
+    finally:
+        crashed.close()
+
+
 def test_closed_store_refuses_calls(tmp_path: Path, clock: FakeClock) -> None:
     store = SqliteDataStore(tmp_path / "db", clock)
     store.close()
