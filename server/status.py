@@ -7,11 +7,12 @@ and the client-visible message, explicitly per error type (RULES).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import PurePath
 from typing import Any, TypeVar
@@ -119,8 +120,41 @@ def _policy_message(exc: BaseException) -> str:
     return str(PolicyError(problems))
 
 
+# What an outage's answer adds when its cause is a full disk: the operator reading it through
+# the admin CLI knows what to free, and no path or detail of the backend is given.
+DISK_FULL_NOTE = " (the datastore's disk is full)"
+# PostgreSQL's disk_full.
+_SQLSTATE_DISK_FULL = "53100"
+
+
+def causes(exc: BaseException, limit: int = 8) -> Iterator[BaseException]:
+    """`exc` and the errors it was raised from (its cause, else its unsuppressed context)."""
+    cause: BaseException | None = exc
+    while cause is not None and limit > 0:
+        yield cause
+        limit -= 1
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` comes of a full disk: ENOSPC from the file system, SQLITE_FULL from
+    SQLite (its extended codes keep the primary one in the low byte), or PostgreSQL's
+    disk_full, however the datastore wrapped it."""
+    return any(
+        getattr(c, "errno", None) == errno.ENOSPC
+        or (getattr(c, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_FULL
+        or getattr(c, "sqlstate", None) == _SQLSTATE_DISK_FULL
+        for c in causes(exc)
+    )
+
+
+def _outage(message: str) -> Callable[[BaseException], str]:
+    """The fixed answer of an outage, the full disk named when that is its cause."""
+    return lambda exc: message + DISK_FULL_NOTE if disk_full(exc) else message
+
+
 _SERVER_FAULT = Rule(Code.INTERNAL, INTERNAL_MESSAGE)
-_STORAGE = Rule(Code.UNAVAILABLE, STORAGE_MESSAGE)
+_STORAGE = Rule(Code.UNAVAILABLE, _outage(STORAGE_MESSAGE))
 
 # Every error class of svidd, each by name: `status_for` looks up the first class of an
 # exception's MRO found here, and tests/server/test_status.py fails for a class left out, so a
@@ -189,14 +223,14 @@ RULES: Mapping[type[BaseException], Rule] = {
     RequestError: Rule(Code.INVALID_ARGUMENT),
     # Audit: nothing is issued that cannot be recorded (fail closed), and the client learns
     # only that; a caller's field that looks like a token is refused as input.
-    AuditError: Rule(Code.UNAVAILABLE, AUDIT_MESSAGE),
+    AuditError: Rule(Code.UNAVAILABLE, _outage(AUDIT_MESSAGE)),
     CheckpointError: Rule(Code.UNAVAILABLE, "the server cannot record: audit checkpoint failed"),
     SecretInAuditError: Rule(Code.INVALID_ARGUMENT),
     # A checkpoint line the server itself wrote or holds does not read or verify: its fault.
     AuditCheckpointError: _SERVER_FAULT,
     # The ledger (server.issuance.ledger): a credential that cannot be recorded is not sent.
-    LedgerUnavailableError: Rule(Code.UNAVAILABLE, LEDGER_MESSAGE),
-    LedgerError: Rule(Code.UNAVAILABLE, STORAGE_MESSAGE),
+    LedgerUnavailableError: Rule(Code.UNAVAILABLE, _outage(LEDGER_MESSAGE)),
+    LedgerError: _STORAGE,
     # svid: unreadable IDs, certificates, tokens and bundles come from the caller.
     svid_errors.SpiffeIdError: Rule(Code.INVALID_ARGUMENT),
     svid_errors.SvidParseError: Rule(Code.INVALID_ARGUMENT),
@@ -274,19 +308,15 @@ def _failure(exc: BaseException) -> Hashable:
     PostgreSQL SQLSTATE of the error and of each error it was raised from. By type alone, a
     bug of the same type (SQLite's "no such table" is the OperationalError a locked database
     is; every psycopg error is a StorageError) went unlogged behind an outage's line."""
-    key: list[tuple[object, ...]] = []
-    cause: BaseException | None = exc
-    while cause is not None and len(key) < 8:
-        key.append(
-            (
-                type(cause),
-                getattr(cause, "errno", None),
-                getattr(cause, "sqlite_errorcode", None),
-                getattr(cause, "sqlstate", None),
-            )
+    return tuple(
+        (
+            type(cause),
+            getattr(cause, "errno", None),
+            getattr(cause, "sqlite_errorcode", None),
+            getattr(cause, "sqlstate", None),
         )
-        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
-    return tuple(key)
+        for cause in causes(exc)
+    )
 
 
 def _report(exc: BaseException, hook: ErrorHook | None) -> tuple[grpc.StatusCode, str]:

@@ -2,7 +2,8 @@
 processes: on a datastore it cannot open (a full file system, a file that is no SQLite
 database) the start stops with one line naming the file and the cause, never a traceback; a
 disk that fills while it serves is logged once, not once for every call it refuses; a WAL
-grown while a reader held it is cut back once the reader is gone."""
+grown while a reader held it is cut back once the reader is gone; the admin CLI names a full
+disk as such."""
 
 from __future__ import annotations
 
@@ -147,3 +148,26 @@ def test_the_wal_a_long_reader_let_grow_is_cut_back_once_the_reader_is_gone() ->
         if server.proc is not None:
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_admin_cli_says_the_disk_is_full_when_it_is() -> None:
+    """A bare 'storage unavailable' sends the operator looking everywhere: the admin CLI's line
+    says the datastore's disk is full, and names no path."""
+    with _served_from_a_small_tmpfs() as server:
+        fill(server.data_dir / "filler")
+        done = server.cli(
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/full",
+            "--parent-id",
+            "spiffe://example.org/svid/agent/a",
+            "--selector",
+            "unix:uid:1",
+            check=False,
+        )
+        (server.data_dir / "filler").unlink()
+        assert done.returncode == 1, done.stderr
+        assert "storage unavailable (the datastore's disk is full)" in done.stderr
+        assert str(server.data_dir) not in done.stderr
+        assert server.stop() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import logging
 import pkgutil
@@ -16,7 +17,7 @@ from server import errors, status
 from server.audit import AuditError
 from server.ca.errors import CaUnavailableError, CsrError, KeyStoreError
 from server.datastore import AlreadyExistsError, NotFoundError
-from server.datastore.errors import AgentRemovedError
+from server.datastore.errors import AgentRemovedError, StorageError
 from server.policy.errors import PolicyError, Problem, RequestError
 from server.status import RULES, status_for, unary
 from svid._clock import SystemClock
@@ -234,3 +235,45 @@ def test_a_new_storage_error_is_logged_at_once_during_an_outage_of_the_same_type
     assert codes == [grpc.StatusCode.UNAVAILABLE] * 3
     logged = [r.exc_info[1] for r in caplog.records if r.exc_info]
     assert logged == [locked, missing]  # the lock once, the missing table at once
+
+
+# -- a full disk is named as such -----------------------------------------------------------
+
+
+def _disk_full(tmp: Path) -> sqlite3.Error:
+    """A real SQLITE_FULL: the file may grow no further (max_page_count), as on a full disk."""
+    db = sqlite3.connect(tmp / "full.db", isolation_level=None)
+    try:
+        db.execute("CREATE TABLE t (x)")
+        db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+        with pytest.raises(sqlite3.Error) as full:
+            db.execute("INSERT INTO t VALUES (zeroblob(100000))")
+    finally:
+        db.close()
+    assert full.value.sqlite_errorcode == sqlite3.SQLITE_FULL
+    return full.value
+
+
+def _raised_from(exc: BaseException, cause: BaseException) -> BaseException:
+    """`exc` as `raise exc from cause` leaves it."""
+    exc.__cause__ = cause
+    return exc
+
+
+def test_a_full_disk_is_named_in_the_storage_message_without_a_path(tmp_path: Path) -> None:
+    """An operator told only "storage unavailable" looks everywhere: the answer says the disk
+    is full when SQLite (SQLITE_FULL) or the file system (ENOSPC) said so, however wrapped."""
+    full = _disk_full(tmp_path)
+    no_space = OSError(errno.ENOSPC, "No space left on device", SECRET_PATH)
+    for exc in (
+        full,
+        no_space,
+        _raised_from(StorageError(f"cannot record the task: {full}"), full),
+        _raised_from(AuditError(f"cannot append to {SECRET_PATH}"), no_space),
+    ):
+        code, message = status_for(exc)
+        assert code is grpc.StatusCode.UNAVAILABLE
+        assert "disk is full" in message, message
+        assert SECRET_PATH not in message
+    # Any other storage fault says what it said.
+    assert "disk is full" not in status_for(sqlite3.OperationalError("database is locked"))[1]
