@@ -21,7 +21,7 @@ from server.agent_authority import AgentAuthority, datastore_reader
 from server.attestation.base import NodeAttestor
 from server.attestation.join_token import JoinTokenAttestor
 from server.attestation.x509pop import X509PopAttestor
-from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile, CheckpointSigner
+from server.audit.checkpoint import CHECKPOINT_FILE, KEY_DIR, CheckpointFile, CheckpointSigner
 from server.audit.retention import DAY, RetentionPolicy
 from server.ca.keys import KeyStore
 from server.ca.loop_workers import LoopSigningWorkers
@@ -32,6 +32,7 @@ from server.ca.workers import SigningWorkers
 from server.config import ServerConfig
 from server.datastore.base import DataStore
 from server.datastore.legacy_import import import_legacy_files
+from server.datastore.lost import is_missing, refuse_lost
 from server.datastore.postgres_dsn import open_postgres
 from server.datastore.sqlite import SqliteDataStore
 from server.descriptor_budget import (
@@ -116,6 +117,17 @@ def ca_config(cfg: ServerConfig) -> CaConfig:
     )
 
 
+def made_with_a_datastore(cfg: ServerConfig) -> list[Path]:
+    """What only a server running on a datastore makes in its data_dir: the CA's key files
+    (journaled in it), the audit checkpoint key and the checkpoints signed of its audit log."""
+    keys = KeyStore(cfg.keys_dir, create=False)
+    return [
+        *(keys.path(slot_id) for slot_id in keys.slot_ids()),
+        cfg.data_dir / KEY_DIR,
+        cfg.data_dir / CHECKPOINT_FILE,
+    ]
+
+
 def _bind(key: str, address: str, add: Callable[[], int]) -> int:
     try:
         return add()
@@ -140,8 +152,13 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 class Server:
     """svid-server: `await start()`, then `await stop()` (or `run(stop_event)`)."""
 
-    def __init__(self, config: ServerConfig, clock: Clock | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, clock: Clock | None = None, *, new_datastore: bool = False
+    ) -> None:
+        """`new_datastore`: a missing SQLite datastore is begun anew even beside the key files
+        and audit checkpoints of one (server/datastore/lost.py); refused otherwise."""
         self.config = config
+        self._new_datastore = new_datastore
         self.clock: Clock = clock or SystemClock()
         self.ids = ServerIds(config.trust_domain)
         self.metrics = Metrics()
@@ -189,6 +206,13 @@ class Server:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         dsn = cfg.datastore_dsn
         if dsn is None:
+            if not self._new_datastore:
+                refuse_lost(cfg.datastore_path, made_with_a_datastore(cfg))
+            elif is_missing(cfg.datastore_path):
+                _log.warning(
+                    "starting on a new datastore as asked (--new-datastore)",
+                    extra={"datastore": str(cfg.datastore_path)},
+                )
             sqlite = SqliteDataStore(cfg.datastore_path, self.clock)
             import_legacy_files(sqlite, cfg.data_dir, self.clock)
             self.datastore: DataStore = sqlite

@@ -32,6 +32,7 @@ from server.config import (
     load_config,
     read_toml,
 )
+from server.datastore.lost import NEW_DATASTORE_FLAG
 from server.datastore.postgres_dsn import redact_dsn
 from server.errors import CliError, ConfigError, ServerError
 from server.tasks import cli as task_cli
@@ -190,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="run the server")
     _run_flags(run)
+    run.add_argument(
+        NEW_DATASTORE_FLAG,
+        dest="new_datastore",
+        action="store_true",
+        help="begin a new SQLite datastore (a new CA, an empty audit log) even though the "
+        "data_dir holds CA key files or audit checkpoints of one that is now missing or "
+        "empty; without it such a start is refused. For this start only: not a config key",
+    )
     sub.add_parser("healthcheck", parents=[common], help="check that the server is serving")
 
     token = sub.add_parser("token", help="join tokens").add_subparsers(
@@ -660,7 +669,7 @@ def _run(args: argparse.Namespace) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Server(config).run(stop)
+        await Server(config, new_datastore=args.new_datastore).run(stop)
 
     try:
         asyncio.run(main())

@@ -49,6 +49,7 @@ from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
 from server.datastore.errors import ConflictError as DsConflictError
 from server.datastore.errors import NotFoundError as DsNotFoundError
 from server.datastore.legacy_import import LegacyImportError
+from server.datastore.lost import DatastoreLostError
 from server.federation.errors import BundleNotStoredError, FederationError
 from server.issuance.ledger import LedgerUnavailableError
 from server.policy.errors import PolicyError, RequestError
@@ -217,6 +218,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     # here is a storage failure like any other.
     ChainMovedError: _STORAGE,
     LegacyImportError: _SERVER_FAULT,
+    # Raised at start only (a datastore missing beside its key files); never a client's.
+    DatastoreLostError: _SERVER_FAULT,
     # Policy: a refused reload names the files (not their directory); a bad decision request
     # is the caller's.
     PolicyError: Rule(Code.FAILED_PRECONDITION, _policy_message),

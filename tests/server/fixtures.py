@@ -181,10 +181,12 @@ class Agent:
 class RunningServer:
     """A real Server on a background loop; `stop()` shuts it down cleanly."""
 
-    def __init__(self, config: ServerConfig, clock: FakeClock) -> None:
+    def __init__(
+        self, config: ServerConfig, clock: FakeClock, *, new_datastore: bool = False
+    ) -> None:
         self.config = config
         self.clock = clock
-        self.server = Server(config, clock)
+        self.server = Server(config, clock, new_datastore=new_datastore)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()

@@ -1,0 +1,94 @@
+"""A SQLite datastore deleted or truncated beside the key files and audit checkpoints a server
+on it made: the start is refused, naming both, until the operator restores it or says
+`--new-datastore`; a first start on a fresh data_dir needs no such word."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.app import Server
+from server.audit.checkpoint import CHECKPOINT_FILE
+from server.cli import build_parser, main
+from server.config import ServerConfig
+from server.datastore.lost import DatastoreLostError
+from svid._clock import FakeClock
+from tests.server.fixtures import CLOCK_LAG, RunningServer, short_tmpdir, start_server
+
+
+@pytest.fixture
+def stopped() -> Iterator[ServerConfig]:
+    """The config of a server that ran once (its CA keys, audit key and checkpoints made) and
+    stopped; its files removed after."""
+    root = short_tmpdir()
+    try:
+        first = start_server(root)
+        first.stop()
+        yield first.config
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _clock() -> FakeClock:
+    return FakeClock(start=time.time() - CLOCK_LAG)
+
+
+def _refused(config: ServerConfig) -> str:
+    with pytest.raises(DatastoreLostError) as refused:
+        asyncio.run(Server(config, _clock()).start())
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated"])
+def test_a_datastore_lost_beside_its_key_files_is_refused_naming_both(
+    stopped: ServerConfig, how: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Begun anew, it made a new CA and an empty audit chain that `audit verify` passed as
+    intact with 0 events: the deletion of the tamper-evident log went unnoticed."""
+    datastore = stopped.datastore_path
+    if how == "deleted":
+        datastore.unlink()
+    else:
+        datastore.write_bytes(b"")
+    said = _refused(stopped)
+    assert f"the datastore {datastore} is {'missing' if how == 'deleted' else 'empty'}" in said
+    assert str(stopped.keys_dir) in said
+    assert str(stopped.data_dir / CHECKPOINT_FILE) in said
+    assert "--new-datastore" in said
+    # Nothing was made in its place: the refusal holds at the next start, and verify too
+    # still has no log to call intact.
+    assert not datastore.exists() or datastore.stat().st_size == 0
+    assert main(["audit", "verify", "--data-dir", str(stopped.data_dir)]) != 0
+    capsys.readouterr()
+    assert _refused(stopped)
+
+
+def test_the_operator_may_begin_anew_with_new_datastore(stopped: ServerConfig) -> None:
+    stopped.datastore_path.unlink()
+    again = RunningServer(stopped, _clock(), new_datastore=True)
+    try:
+        assert again.bundle().x509_authorities
+    finally:
+        again.stop()
+    assert stopped.datastore_path.stat().st_size > 0
+
+
+def test_run_takes_new_datastore_as_a_flag_of_its_own() -> None:
+    """For one start: a config key would stay set and leave the guard off for good."""
+    args = build_parser().parse_args(["run", "--new-datastore"])
+    assert args.new_datastore is True
+    assert build_parser().parse_args(["run"]).new_datastore is False
+
+
+def test_a_restart_beside_the_datastore_and_a_first_start_need_no_flag(tmp_path: Path) -> None:
+    root = short_tmpdir()
+    try:
+        start_server(root).stop()  # a fresh data_dir
+        start_server(root).stop()  # the datastore there
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
