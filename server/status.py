@@ -36,6 +36,7 @@ from server.datastore.errors import (
     AgentReplacedError,
     BundleRefusedError,
     ChainMovedError,
+    CommitUnknownError,
     DataStoreError,
     HolderGoneError,
     JtiHeldError,
@@ -81,6 +82,11 @@ Code = grpc.StatusCode
 INTERNAL_MESSAGE = "internal error"
 STORAGE_MESSAGE = "the server cannot record: storage unavailable"
 AUDIT_MESSAGE = "the server cannot record: audit log unavailable"
+OUTCOME_UNKNOWN_MESSAGE = (
+    "the outcome of this call is unknown: the server's storage failed while committing it, and"
+    " the server is stopping; once it is back, check whether the change took effect before"
+    " repeating it"
+)
 LEDGER_MESSAGE = (
     "the server cannot record issued credentials (storage unavailable); nothing was issued,"
     " retry later"
@@ -196,6 +202,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     AgentReplacedError: Rule(Code.PERMISSION_DENIED),
     DataStoreError: _STORAGE,
     StorageError: _STORAGE,
+    # A commit whose fsync failed may yet be replayed from the WAL: neither done nor not done.
+    CommitUnknownError: Rule(Code.UNAVAILABLE, OUTCOME_UNKNOWN_MESSAGE),
     UnreachableError: _STORAGE,
     # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).
     JtiHeldError: _STORAGE,
@@ -283,7 +291,11 @@ def rule_for(exc: BaseException) -> Rule | None:
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a client sees for `exc`. Unknown errors say only 'internal'."""
+    """The status code and message a client sees for `exc`. Unknown errors say only 'internal'.
+    A commit whose outcome is unknown says so however its error was wrapped on the way (a
+    ledger's "nothing was issued" would be a lie)."""
+    if any(isinstance(cause, CommitUnknownError) for cause in causes(exc)):
+        return Code.UNAVAILABLE, OUTCOME_UNKNOWN_MESSAGE
     rule = rule_for(exc)
     if rule is None:
         return Code.INTERNAL, INTERNAL_MESSAGE

@@ -64,6 +64,25 @@ class StorageError(DataStoreError):
     """
 
 
+class CommitUnknownError(StorageError):
+    """A COMMIT failed in a way that leaves its outcome unknown: an fsync or other I/O error
+    while the transaction's WAL frames were being written and synced. They may be on disk (or
+    in the page cache) and be replayed by the next open's recovery, so the write may appear
+    after a restart although this process took it for failed. The store takes no write after
+    it and the server stops (fail-stop, as PostgreSQL's data_sync_retry=off): the state it
+    serves is the disk's again once recovery has decided. The message names the datastore and
+    the error, for the operator's log; a client is told only that the outcome is unknown."""
+
+    def __init__(self, datastore: str, error: str) -> None:
+        super().__init__(
+            f"the datastore {datastore} failed while committing a write ({error}): whether "
+            "it is stored is unknown; no further write is taken and the server stops (start "
+            "it again once the disk is sound: the datastore's recovery decides)"
+        )
+        self.datastore = datastore
+        self.error = error
+
+
 class UnreachableError(StorageError):
     """The backend did not answer in time, or the connection to it was lost: another request
     now would most likely wait, or fail, the same way."""

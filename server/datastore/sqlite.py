@@ -38,6 +38,7 @@ from server.datastore.entry_writes import EntryWrites
 from server.datastore.errors import (
     AgentReplacedError,
     AlreadyExistsError,
+    CommitUnknownError,
     ConflictError,
     NotFoundError,
     RemovalUnderWayError,
@@ -273,6 +274,13 @@ def _private_companions(path: Path) -> None:
             os.close(fd)
 
 
+def outcome_unknown(error: sqlite3.Error) -> bool:
+    """Whether a failed COMMIT may still have landed: an I/O error (SQLITE_IOERR and its
+    extended codes, the fsync's among them) came after the WAL frames were written. A full
+    disk (SQLITE_FULL) is not: the commit frame was never whole, and recovery ignores it."""
+    return (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_IOERR
+
+
 def _open_failure(path: Path, error: sqlite3.Error | OSError) -> str:
     """Why the datastore at `path` did not open. A full file system is named as such: SQLite
     says only "disk I/O error" when it cannot map its shared-memory file there."""
@@ -300,9 +308,14 @@ class SqliteDataStore(
         *,
         migrate: bool = True,
         oldest_schema: int | None = None,
+        on_commit_unknown: Callable[[CommitUnknownError], None] | None = None,
     ) -> None:
         self._path = Path(path)
         self._clock = clock
+        # Called once, on the thread that committed, when a commit's outcome is unknown: the
+        # server stops on it. Every later write is refused.
+        self._on_commit_unknown = on_commit_unknown
+        self._commit_unknown: CommitUnknownError | None = None
         self._lock = threading.RLock()
         self._id_lock = threading.Lock()
         self._last_id_millis = self._last_created = 0
@@ -371,16 +384,41 @@ class SqliteDataStore(
         with self._lock:
             if self._closed:
                 raise sqlite3.ProgrammingError("the datastore is closed")
+            if self._commit_unknown is not None:
+                # Nothing is attempted: this write's outcome is known, it was not made.
+                raise StorageError(
+                    "the datastore takes no more writes: a commit's outcome is unknown and "
+                    "the server is stopping"
+                )
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
                 # Inside the try: a COMMIT that fails (I/O error, busy) leaves the transaction
                 # open, and the next BEGIN on this connection would fail for good.
-                self._db.execute("COMMIT")
+                self._commit()
             except BaseException:
                 if self._db.conn.in_transaction:
-                    self._db.execute("ROLLBACK")
+                    # After an unknown outcome the disk may refuse this too: the error
+                    # already raised is the one to report.
+                    with contextlib.suppress(*self._rollback_errors()):
+                        self._db.execute("ROLLBACK")
                 raise
+
+    def _commit(self) -> None:
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if not outcome_unknown(e):
+                raise
+            failed = CommitUnknownError(str(self._path), str(e))
+            first = self._commit_unknown is None
+            self._commit_unknown = failed
+            if first and self._on_commit_unknown is not None:
+                self._on_commit_unknown(failed)
+            raise failed from e
+
+    def _rollback_errors(self) -> tuple[type[Exception], ...]:
+        return (sqlite3.Error,) if self._commit_unknown is not None else ()
 
     def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A write transaction on the store's connection, for bulk jobs of this package (the

@@ -17,7 +17,7 @@ from server import errors, status
 from server.audit import AuditError
 from server.ca.errors import CaUnavailableError, CsrError, KeyStoreError
 from server.datastore import AlreadyExistsError, NotFoundError
-from server.datastore.errors import AgentRemovedError, StorageError
+from server.datastore.errors import AgentRemovedError, CommitUnknownError, StorageError
 from server.policy.errors import PolicyError, Problem, RequestError
 from server.status import RULES, status_for, unary
 from svid._clock import SystemClock
@@ -103,6 +103,8 @@ def instance(cls: type[BaseException], message: str) -> BaseException:
         return cls([Problem(f"{SECRET_PATH}/../policies/tasks.cedar", message)])
     if issubclass(cls, TaskDeniedError):
         return cls(message, reason=message)
+    if issubclass(cls, CommitUnknownError):
+        return cls(SECRET_PATH, message)
     return cls(message)
 
 
