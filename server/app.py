@@ -31,6 +31,7 @@ from server.ca.sealing import KeyEncryptionKey
 from server.ca.workers import SigningWorkers
 from server.config import ServerConfig
 from server.datastore.base import DataStore
+from server.datastore.errors import CommitUnknownError
 from server.datastore.legacy_import import import_legacy_files
 from server.datastore.lost import is_missing, refuse_lost
 from server.datastore.postgres_dsn import open_postgres
@@ -159,6 +160,12 @@ class Server:
         and audit checkpoints of one (server/datastore/lost.py); refused otherwise."""
         self.config = config
         self._new_datastore = new_datastore
+        # Set (from any thread) when a datastore commit's outcome is unknown: the server stops
+        # serving and `run` raises it, so the process exits non-zero and starts again from
+        # what the disk holds (server/datastore/errors.py, CommitUnknownError).
+        self._fatal: CommitUnknownError | None = None
+        self._failed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.clock: Clock = clock or SystemClock()
         self.ids = ServerIds(config.trust_domain)
         self.metrics = Metrics()
@@ -213,7 +220,9 @@ class Server:
                     "starting on a new datastore as asked (--new-datastore)",
                     extra={"datastore": str(cfg.datastore_path)},
                 )
-            sqlite = SqliteDataStore(cfg.datastore_path, self.clock)
+            sqlite = SqliteDataStore(
+                cfg.datastore_path, self.clock, on_commit_unknown=self._commit_unknown
+            )
             import_legacy_files(sqlite, cfg.data_dir, self.clock)
             self.datastore: DataStore = sqlite
         else:
@@ -361,8 +370,20 @@ class Server:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def _commit_unknown(self, error: CommitUnknownError) -> None:
+        """The datastore's word, once, on the thread whose commit failed: fail-stop. Serving
+        on would answer from caches, a changelog and a revision that the disk may contradict
+        after recovery; retrying the fsync would take an error the kernel may not report
+        twice for success (PostgreSQL's data_sync_retry=off, for the same reason)."""
+        self._fatal = error
+        _log.critical(str(error))  # names the datastore, the error and what to do
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._failed.set)
+
     async def start(self) -> RuntimeInfo:
         cfg = self.config
+        self._loop = asyncio.get_running_loop()
         # Every agent's stream and every HTTP client holds a descriptor: the soft limit (often
         # 1024) would run out long before the hard one.
         self.descriptor_limit = raise_descriptor_limit()
@@ -735,7 +756,8 @@ class Server:
             await self.oauth.stop()
         if self.federation is not None:
             await self.federation.stop()
-        await self._guarded(self._record_unrecorded)  # nothing refuses any more: the last
+        if self._fatal is None:  # after an unknown commit the datastore takes no write
+            await self._guarded(self._record_unrecorded)  # nothing refuses any more: the last
         if self._metrics_http is not None:
             self._metrics_http.stop()
         for executor in (self._executor, self._jwt_executor):
@@ -745,6 +767,19 @@ class Server:
             self._workers.close()
         if self._loop_workers is not None:
             self._loop_workers.close()
+        if self._fatal is None:
+            await self._release()
+        self.datastore.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.runtime_file.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.admin_socket.unlink()
+        _log.info("server stopped")
+
+    async def _release(self) -> None:
+        """The writes of a clean stop: the last checkpoint, and the leases handed over. Not
+        after a commit whose outcome is unknown: the datastore takes no write then, and a
+        checkpoint would anchor a head that recovery may yet move."""
         await asyncio.to_thread(self._last_checkpoint)
         try:
             await asyncio.to_thread(self.housekeeping.release)  # hand it over now
@@ -754,12 +789,6 @@ class Server:
             await asyncio.to_thread(self.ca.close)  # hand the rotation lease over now
         except Exception:
             _log.exception("releasing the ca-rotation lease failed; it lapses on its own")
-        self.datastore.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.config.runtime_file.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            self.config.admin_socket.unlink()
-        _log.info("server stopped")
 
     def _last_checkpoint(self) -> None:
         """Nothing is served any more: anchor the head (every issuance was committed before
@@ -772,9 +801,15 @@ class Server:
             _log.exception("the shutdown audit checkpoint failed")
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Start, serve until `stop` is set, then shut down cleanly."""
+        """Start, serve until `stop` is set, then shut down cleanly. CommitUnknownError when a
+        datastore commit's outcome became unknown: the server stopped on it."""
         await self.start()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._failed.wait())]
         try:
-            await stop.wait()
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for wait in waits:
+                wait.cancel()
             await self.stop()
+        if self._fatal is not None:
+            raise self._fatal

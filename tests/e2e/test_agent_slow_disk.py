@@ -28,10 +28,17 @@ REQUEST = workload_pb2.JWTSVIDRequest(audience=["svc"])
 @contextmanager
 def slow_fsyncs(pid: int) -> Iterator[None]:
     """Every fsync of process `pid` (all its threads) delayed by SLOW_FSYNC_US, until the block
-    ends: strace attached, delaying the syscall on entry."""
+    ends."""
+    with injected_fsyncs(pid, f"delay_enter={SLOW_FSYNC_US}"):
+        yield
+
+
+@contextmanager
+def injected_fsyncs(pid: int, fault: str) -> Iterator[None]:
+    """`fault` (strace's inject= action: a delay, or error=EIO) done to every fsync and
+    fdatasync of process `pid` (all its threads) until the block ends: strace attached."""
     if shutil.which("strace") is None:
-        pytest.skip("no strace here to slow the agent's fsyncs")
-    delay = f"delay_enter={SLOW_FSYNC_US}"
+        pytest.skip("no strace here to fault the process's fsyncs")
     tracer = subprocess.Popen(
         [
             "strace",
@@ -42,9 +49,9 @@ def slow_fsyncs(pid: int) -> Iterator[None]:
             "-e",
             "trace=fsync,fdatasync",
             "-e",
-            f"inject=fsync:{delay}",
+            f"inject=fsync:{fault}",
             "-e",
-            f"inject=fdatasync:{delay}",
+            f"inject=fdatasync:{fault}",
             "-o",
             "/dev/null",
         ],
@@ -57,7 +64,8 @@ def slow_fsyncs(pid: int) -> Iterator[None]:
     try:
         yield
     finally:
-        tracer.send_signal(signal.SIGINT)
+        if tracer.poll() is None:  # not gone with its process
+            tracer.send_signal(signal.SIGINT)
         tracer.wait(10)
 
 

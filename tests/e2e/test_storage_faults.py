@@ -7,6 +7,7 @@ disk as such."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -17,10 +18,21 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.e2e.conftest import ServerProcess, make_server, server_command, short_tmpdir
+from server.status import OUTCOME_UNKNOWN_MESSAGE, STORAGE_MESSAGE
+from svid._proto import admin_pb2
+from tests.e2e.agent_process import create_entry
+from tests.e2e.conftest import (
+    TRUST_DOMAIN,
+    ServerProcess,
+    make_server,
+    server_command,
+    short_tmpdir,
+)
+from tests.e2e.test_agent_slow_disk import injected_fsyncs
 from tests.e2e.test_ledger_fail_closed import fill, set_up, tmpfs
 
 pytestmark = pytest.mark.e2e
+TD = f"spiffe://{TRUST_DOMAIN}"
 CALLS = 40  # refused in a second or two, well within one log interval
 WAL_KEPT = 8 << 20  # what a WAL grown past it may keep once it is reset
 
@@ -171,3 +183,41 @@ def test_the_admin_cli_says_the_disk_is_full_when_it_is() -> None:
         assert "storage unavailable (the datastore's disk is full)" in done.stderr
         assert str(server.data_dir) not in done.stderr
         assert server.stop() == 0
+
+
+def test_a_commit_whose_fsync_failed_stops_the_server_and_the_client_hears_outcome_unknown() -> (
+    None
+):
+    """An fsync the disk refused at COMMIT may still leave the WAL frames to be replayed at the
+    next open: the server does not answer "nothing was written" and serve on from memory the
+    disk may contradict. It logs one critical line naming the datastore and the error, takes
+    no write more and exits non-zero; the restart serves what the disk holds."""
+    root = short_tmpdir()
+    server = make_server(root)
+    try:
+        server.start()
+        assert server.proc is not None
+        datastore = server.data_dir / "datastore.sqlite3"
+        with injected_fsyncs(server.proc.pid, "error=EIO"):
+            with pytest.raises(grpc.RpcError) as failed:
+                create_entry(server, f"{TD}/unknown", f"{TD}/svid/agent/a", "unix:uid:1")
+            assert server.proc.wait(30) == 1
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        # The first failing commit may be a background job's; every call after it is refused.
+        assert failed.value.details() in (OUTCOME_UNKNOWN_MESSAGE, STORAGE_MESSAGE)
+        logged = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+        critical = [r["msg"] for r in logged if r.get("level") == "critical"]
+        assert len(critical) == 1, critical
+        assert str(datastore) in critical[0]
+        assert "disk I/O error" in critical[0]
+        server.proc = None
+        server.start()  # recovery decided: the server serves the disk's state
+        listed = server.admin("ListEntries", admin_pb2.ListEntriesRequest()).entries
+        with sqlite3.connect(datastore) as db:
+            on_disk = {r[0] for r in db.execute("SELECT spiffe_id FROM entries")}
+        assert {e.spiffe_id for e in listed} == on_disk
+        assert server.stop() == 0
+    finally:
+        if server.proc is not None:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
