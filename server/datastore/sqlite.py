@@ -21,6 +21,7 @@ import hmac
 import json
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -245,7 +246,12 @@ def _read_params(agent: AttestedAgent, replacing: AttestedAgent) -> dict[str, An
 
 
 def _create_private_file(path: Path) -> None:
-    """The database holds token hashes and the CA journal: owner-only from the first byte."""
+    """The database holds token hashes and the CA journal: owner-only from the first byte. An
+    existing file is changed by path, not opened: closing a descriptor of it would drop the
+    POSIX locks another connection of this process holds on it (see _private_companions)."""
+    if path.exists():
+        os.chmod(path, 0o600)
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.fchmod(fd, 0o600)
@@ -260,18 +266,19 @@ COMPANION_SUFFIXES = ("-wal", "-shm", "-journal")
 def _private_companions(path: Path) -> None:
     """The datastore's companion files made owner-only. SQLite makes new ones with the
     database's mode, but one left by a crash keeps the mode it was made with (an older
-    release's, a loose umask's) and holds the same token hashes and journal rows."""
+    release's, a loose umask's) and holds the same token hashes and journal rows.
+
+    By path, never through a file descriptor: closing any descriptor of a file drops every
+    POSIX lock this process holds on it, SQLite's on its -shm among them, and another
+    connection then takes itself for the last one and truncates the -shm under our mapping
+    (SIGBUS). A symlink planted in a companion's place is left alone: its target is not ours."""
     for suffix in COMPANION_SUFFIXES:
         companion = path.with_name(path.name + suffix)
         try:
-            # Never through a symlink planted in its place: its target is not ours to change.
-            fd = os.open(companion, os.O_RDONLY | os.O_NOFOLLOW)
+            if stat.S_ISREG(os.lstat(companion).st_mode):
+                os.chmod(companion, 0o600)
         except FileNotFoundError:
             continue
-        try:
-            os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
 
 
 def outcome_unknown(error: sqlite3.Error) -> bool:
