@@ -3,7 +3,8 @@ processes: on a datastore it cannot open (a full file system, a file that is no 
 database) the start stops with one line naming the file and the cause, never a traceback; a
 disk that fills while it serves is logged once, not once for every call it refuses; a WAL
 grown while a reader held it is cut back once the reader is gone; the admin CLI names a full
-disk as such."""
+disk as such; a commit whose fsync failed stops the server (outcome unknown); a datastore
+deleted beside its keys is refused at start."""
 
 from __future__ import annotations
 
@@ -220,4 +221,23 @@ def test_a_commit_whose_fsync_failed_stops_the_server_and_the_client_hears_outco
     finally:
         if server.proc is not None:
             server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_svid_server_run_refuses_a_deleted_datastore_beside_its_keys_in_one_line() -> None:
+    root = short_tmpdir()
+    server = make_server(root)
+    try:
+        server.start()
+        assert server.stop() == 0
+        datastore = server.data_dir / "datastore.sqlite3"
+        datastore.unlink()
+        done = _run(server.config_path)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"svid-server: error: the datastore {datastore} is missing, ")
+        assert "svid-server run --new-datastore" in last
+        assert not datastore.exists()
+    finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -8,7 +8,6 @@ import asyncio
 import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -85,7 +84,7 @@ def test_run_takes_new_datastore_as_a_flag_of_its_own() -> None:
     assert build_parser().parse_args(["run"]).new_datastore is False
 
 
-def test_a_restart_beside_the_datastore_and_a_first_start_need_no_flag(tmp_path: Path) -> None:
+def test_a_restart_beside_the_datastore_and_a_first_start_need_no_flag() -> None:
     root = short_tmpdir()
     try:
         start_server(root).stop()  # a fresh data_dir
