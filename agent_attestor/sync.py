@@ -64,15 +64,21 @@ _T = TypeVar("_T")
 
 
 async def _to_the_end(work: Awaitable[_T]) -> _T:
-    """`work` as a task of its own, run to its end. Cancelled meanwhile, the caller waits for it
-    before it raises: a save that writes files (in a thread, which no cancellation stops) ends,
-    with what it says and arranges when the disk refuses it, before its caller is gone."""
+    """`work` as a task of its own, run to its end. Cancelled meanwhile (however often), the
+    caller waits for it before it raises: a save that writes files (in a thread, which no
+    cancellation stops) ends, with what it says and arranges when the disk refuses it, before
+    its caller is gone."""
     task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(task)
+        # A stop (cancel_all) cancels again each second: let go at the second, a lock held
+        # around a slow save went with its thread still writing.
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved, as awaiting it does: the caller raises its own
         raise
 
 

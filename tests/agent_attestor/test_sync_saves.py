@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache
+from agent_attestor.cancel import cancel_all
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient
 from agent_attestor.servers import Target
@@ -213,3 +214,33 @@ def test_a_refusal_during_a_renewals_save_leaves_neither_disk_nor_memory_its_svi
 
     asyncio.run(scenario())
     assert not store.svid_path.exists()
+
+
+def test_a_stop_cancelling_the_save_loop_again_holds_the_save_lock_until_its_thread_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run()'s stop (cancel_all) cancels _save_loop again each second it runs on, as a slow
+    disk has it do: the second cancellation ended it while its thread still wrote the agent
+    SVID, the save lock was let go, and settle's save (or a renewal's) wrote the same files
+    beside it, a new chain beside an old key."""
+    plain, syncer, svid = _unsaved_attestation(tmp_path, monkeypatch)
+    store = _GatedStore(plain)
+    syncer._s.save_retry_first = 0.01
+
+    async def scenario() -> None:
+        await syncer.ensure_identity()  # refused by the disk: _save_loop retries it
+        _mend(tmp_path)
+        syncer._store = store
+        saver = asyncio.create_task(syncer._save_loop())
+        await _started(store)
+        await cancel_all([saver], tries=3, patience=0.01)
+        assert syncer._saving.locked()  # its thread still writes: no other save starts
+        store.release.set()
+        await asyncio.gather(saver, return_exceptions=True)
+        await syncer.settle(1)
+        await syncer.close()
+
+    asyncio.run(scenario())
+    saved = store.load_svid()
+    assert saved is not None
+    assert saved.chain == svid.chain
