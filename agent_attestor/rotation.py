@@ -311,6 +311,8 @@ class Rotator:
         received = self._clock.now()
         elapsed = self._elapsed.monotonic()
         for entry, key, _ in requests:
+            if self._cache.entry(entry.id) is None:
+                continue  # removed while it was minted (_forget): nothing to retry or keep
             result = by_id.get(entry.id)
             if result is None or result.error or not result.chain_der:
                 log.warning(

@@ -20,6 +20,7 @@ from agent_attestor.rotation import (
     rotation_point,
     should_rotate,
 )
+from agent_attestor.signer import X509Result
 from svid._clock import FakeClock
 from tests.agent_attestor.pki import FakeSigner, LocalCa
 from tests.clocks import SteppedClock
@@ -231,3 +232,25 @@ def test_an_svid_expired_on_arrival_backs_off_its_entry_alone_the_others_renew_o
     # e1 backed off meanwhile (1, 2, 4, then 8 s apart), not asked for on every tick
     e1_asks = sum("e1" in batch for batch in signer.requested)
     assert e1_asks <= 4 + (clock.now() - first.received_at) / 8 + 1
+
+
+def test_an_entry_removed_while_its_svid_is_minted_leaves_no_retry_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Task entries come and go on an agent whose clock is ahead of the server's by more than
+    # the TTL: an entry removed while its mint was out had its back-off noted after _forget
+    # dropped it, kept for ever, one per task, and its retry woke the rotator for nothing.
+    server_clock, cache, signer, _ = _setup(1, ttl=300)
+    clock = SteppedClock(server_clock, 310.0)
+    rot = Rotator(cache, signer, clock, retry_min=1, retry_max=8)
+    minted = signer.batch_new_x509
+
+    async def removed_meanwhile(params: list[tuple[str, bytes]]) -> list[X509Result]:
+        out = await minted(params)
+        cache.update_entries((), [eid for eid, _ in params])  # the task ended
+        return out
+
+    monkeypatch.setattr(signer, "batch_new_x509", removed_meanwhile)
+    asyncio.run(rot.tick())
+    assert rot.next_due_in() is None  # nothing held, nothing to ask for
+    assert not rot._late
