@@ -40,17 +40,25 @@ class ElapsedCount:
 
     Fed readings taken by its owner, who keeps it from two threads at once. A reading without
     the wall clock counts the monotonic one alone. A reading whose monotonic time is behind the
-    last one's was taken before it (by another thread): it counts no time."""
+    last one's was taken before it (by another thread): it counts no time. `slack`: how far the
+    wall clock may move ahead of the monotonic one between two readings and count nothing, for
+    readings whose two clocks were read a moment apart (by callers, preempted between them):
+    counted, each such gap ran the count ahead of time, reading after reading."""
 
-    def __init__(self, mono: float, wall: float | None, start: float = 0.0) -> None:
+    def __init__(
+        self, mono: float, wall: float | None, start: float = 0.0, *, slack: float = 0.0
+    ) -> None:
         self._mono, self._wall, self._value = mono, wall, start
+        self._slack = slack
 
     def read(self, mono: float, wall: float | None) -> float:
         if mono < self._mono:
             return self._value
         moved = mono - self._mono
         if wall is not None and self._wall is not None:
-            moved = max(moved, wall - self._wall)
+            ahead = wall - self._wall - moved
+            if ahead > self._slack:
+                moved += ahead
         self._value += moved
         self._mono, self._wall = mono, wall
         return self._value

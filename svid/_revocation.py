@@ -128,6 +128,10 @@ MAX_INTERMEDIATES = 64
 # vouch for a CRL in force only after every other: the set cannot tell which trust domain is
 # its own, but ours verifies chains (our workloads' peers) and its CAs' CRLs apply.
 MAX_INTERMEDIATE_TRUST_DOMAINS = 256
+# Seconds the wall clock may move ahead of the monotonic one between two staleness readings
+# before the difference counts as a sleep of the host: verifiers read the two a moment apart,
+# from many threads, and a thread preempted between them hands over a pair some ms apart.
+READING_GAP = 1.0
 
 
 def cert_key(trust_domain: str, cert: x509.Certificate) -> CertKey:
@@ -188,7 +192,7 @@ class RevocationSet:
             self._current_until = -math.inf
             self._lost = None
         elif self._current_until is None or self._current_until == math.inf:
-            self._lost = ElapsedCount(mono, wall)
+            self._lost = ElapsedCount(mono, wall, slack=READING_GAP)
             self._current_until = mono
 
     def staleness(self, mono: float, wall: float | None = None) -> float:

@@ -75,6 +75,22 @@ def test_staleness_counts_a_sleep_of_the_host_after_a_step_back_of_the_clock() -
     assert rs.staleness(105.0, T0 - 1795.0) == 1805.0  # then the host slept half an hour
 
 
+def test_staleness_keeps_time_with_readings_whose_two_clocks_were_read_a_moment_apart() -> None:
+    # Verifiers read the wall clock, then the monotonic one (now, then the check), from many
+    # threads: one preempted between the two hands over a pair a few ms apart. Counted reading
+    # by reading, each such pair added its gap once the next came, and staleness ran ahead of
+    # time: eight verifying threads made 3 s count 3.1 to 3.2, refusing before the setting.
+    rs = RevocationSet()
+    rs.feed_delivered(T0)
+    rs.feed_lost(100.0, T0)
+    staleness = 0.0
+    for i in range(1, 1001):
+        gap = 0.005 if i % 2 else 0.0  # every other pair's wall clock read 5 ms before
+        staleness = rs.staleness(100.0 + i * 0.01, T0 + i * 0.01 - gap)
+    assert staleness == pytest.approx(10.0)
+    assert rs.staleness(110.0, T0 + 1810.0) == pytest.approx(1810.0)  # a sleep still counts
+
+
 @pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, True])
 def test_max_staleness_must_be_a_positive_number(bad: float) -> None:
     with pytest.raises(ValueError, match="max_revocation_staleness"):
