@@ -740,6 +740,13 @@ class Syncer:
         self.revision, self.epoch = 0, ""  # the cache is emptied: the next stream starts afresh
         self._cache.refuse(REFUSED)
         self._on_change("refused")
+        # To its end even if a stop comes while it waits: cut short, the save it waited for
+        # left the refused SVID on disk, and the refusal went unsaid.
+        await _to_the_end(self._forget_refused(code, details, agent_id))
+
+    async def _forget_refused(
+        self, code: grpc.StatusCode, details: str | None, agent_id: str
+    ) -> None:
         # A renewal being adopted, or a save in its thread (_save_loop's), would write the
         # refused SVID back after the removal, and the next start be refused and remove it
         # again: the removal waits for them. Nothing saves it after: it no longer waits.

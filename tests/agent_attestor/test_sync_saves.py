@@ -244,3 +244,38 @@ def test_a_stop_cancelling_the_save_loop_again_holds_the_save_lock_until_its_thr
     saved = store.load_svid()
     assert saved is not None
     assert saved.chain == svid.chain
+
+
+def test_a_stop_during_a_refusal_still_removes_the_refused_svid_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refusal waits for a save in flight before removing the SVID; a stop that came then
+    cut it short: the save wrote the refused SVID, nothing removed it, and the operator was
+    never told the server refused the agent."""
+    plain, syncer, _ = _unsaved_attestation(tmp_path, monkeypatch)
+    store = _GatedStore(plain)
+    syncer._s.save_retry_first = 0.01
+
+    async def scenario() -> None:
+        await syncer.ensure_identity()  # refused by the disk: _save_loop retries it
+        _mend(tmp_path)
+        syncer._store = store
+        saver = asyncio.create_task(syncer._save_loop())
+        await _started(store)
+        refusing = asyncio.create_task(
+            syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
+        )
+        for _ in range(3):
+            await asyncio.sleep(0)  # waiting for the save in its thread
+        refusing.cancel()  # the agent stops
+        store.release.set()
+        await asyncio.gather(refusing, return_exceptions=True)
+        saver.cancel()
+        await asyncio.gather(saver, return_exceptions=True)
+        await syncer.close()
+
+    with caplog.at_level(logging.ERROR, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    assert not store.svid_path.exists()
+    assert syncer.agent_svid is None
+    assert "the server refused this agent" in caplog.text
