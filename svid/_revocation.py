@@ -172,7 +172,8 @@ class RevocationSet:
         # (monotonic clock), math.inf while it is (live now), -math.inf when it never was.
         self._current_until: float | None = None
         # Since that loss, counted as ElapsedClock counts: a sleep of the host (a suspend, a
-        # paused VM) moves the wall clock on but not the monotonic one, and is counted too.
+        # paused VM) moves the wall clock on but not the monotonic one, and is counted too,
+        # once longer than READING_GAP.
         self._lost: ElapsedCount | None = None
         self._lost_lock = threading.Lock()  # its readings, from any verifier's thread
         self.replace(items)
@@ -199,8 +200,8 @@ class RevocationSet:
         """Seconds since the set was last known complete, at ``mono`` (monotonic clock) and
         ``wall`` (wall clock, if given), counted reading by reading as ElapsedClock counts: a
         step back of the wall clock does not shorten it, nor a sleep of the host (which the
-        monotonic clock does not count) hide it. 0 while its feed is live (or for a set nobody
-        feeds), ``inf`` if its feed never delivered."""
+        monotonic clock does not count) longer than READING_GAP hide it. 0 while its feed is
+        live (or for a set nobody feeds), ``inf`` if its feed never delivered."""
         until, lost = self._current_until, self._lost
         if until is None or until == math.inf:
             return 0.0
