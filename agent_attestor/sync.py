@@ -315,7 +315,14 @@ class Syncer:
         The writes in a thread: their fsyncs (key, chain, roots) on a slow disk stopped the
         Workload API, on this loop, for as long, at every renewal. What a save wrote is
         marked saved only if it is still what waits: a newer SVID or roots set meanwhile (a
-        renewal, a Sync message) wait for their own save, after this one."""
+        renewal, a Sync message) wait for their own save, after this one.
+
+        To its end (_to_the_end), marks included, even when its caller is cancelled (a stop):
+        what its thread wrote was else left waiting, written again by settle, and never said
+        saved."""
+        await _to_the_end(self._write_unsaved())
+
+    async def _write_unsaved(self) -> None:
         async with self._saving:
             svid = self._unsaved
             if svid is not None:

@@ -406,7 +406,8 @@ def test_a_bundle_the_disk_refused_is_saved_once_it_has_room_without_another_mes
                     break
                 await asyncio.sleep(0.01)
         finally:
-            saver.cancel()
+            saver.cancel()  # its save, seen written, may still be marking it saved
+            await asyncio.gather(saver, return_exceptions=True)
 
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
         asyncio.run(scenario())
@@ -499,7 +500,8 @@ def test_a_renewed_agent_svid_saved_beside_a_bundle_the_disk_refused_is_not_said
                     break
                 await asyncio.sleep(0.01)
         finally:
-            saver.cancel()
+            saver.cancel()  # its save, seen written, may still be marking it saved
+            await asyncio.gather(saver, return_exceptions=True)
 
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
         asyncio.run(scenario())

@@ -279,3 +279,33 @@ def test_a_stop_during_a_refusal_still_removes_the_refused_svid_and_says_so(
     assert not store.svid_path.exists()
     assert syncer.agent_svid is None
     assert "the server refused this agent" in caplog.text
+
+
+def test_a_save_cancelled_while_its_thread_writes_marks_what_it_wrote_saved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_save_loop's save waited for its thread when a stop cancelled it, then raised before
+    marking the roots saved: settle wrote them again, and the line saying the refused bundle
+    was saved never came."""
+    store = _GatedStore(AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"))
+    syncer = Syncer(SyncSettings((SERVER,)), store, Cache(), FakeClock(start=time.time()))
+    store.bundle_path.mkdir()  # where the bundle goes, the write fails as on a full disk
+    store.release.set()
+
+    async def scenario() -> None:
+        await syncer._save_bundle(TrustBundle("example.org", x509_authorities=(b"ca-1",)))
+        store.bundle_path.rmdir()  # the disk has room again
+        store.started.clear()
+        store.release.clear()
+        saving = asyncio.create_task(syncer._save_unsaved())  # _save_loop's retry
+        await _started(store)
+        saving.cancel()  # the agent stops
+        store.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await saving
+
+    with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    assert store.bundle_path.read_bytes() == b"ca-1"
+    assert syncer._unsaved_roots == ()  # nothing left for settle to write again
+    assert "saved the trust bundle again after failed saves" in caplog.text
