@@ -459,6 +459,14 @@ class ServerState:
         now = int(self._clock.now())
         return await asyncio.to_thread(self._datastore.claim_removal, agent_id, holder, now, ttl)
 
+    async def renew_removal_claim(self, agent_id: str, holder: str, ttl: int) -> bool:
+        """Keep `holder`'s claim for `ttl` seconds from now, unless another holder claimed
+        it since: see DataStore.renew_removal_claim."""
+        now = int(self._clock.now())
+        return await asyncio.to_thread(
+            self._datastore.renew_removal_claim, agent_id, holder, now, ttl
+        )
+
     async def release_removal_claim(self, agent_id: str, holder: str) -> None:
         await asyncio.to_thread(self._datastore.release_removal_claim, agent_id, holder)
 

@@ -199,6 +199,14 @@ class RegistrationStore(Protocol):
         concurrent callers gets True. ValueError for ttl <= 0."""
         ...
 
+    def renew_removal_claim(self, agent_id: str, holder: str, now: int, ttl: int) -> bool:
+        """Keep `holder`'s claim on the agent's stored removal until now + ttl: True while no
+        other holder claimed it since, lapsed or not. False, changing nothing, once another
+        holder did (even one that let it go since, or died) or no removal is stored: the
+        claim's finisher then stops, as another may have logged the removal's events.
+        ValueError for ttl <= 0."""
+        ...
+
     def release_removal_claim(self, agent_id: str, holder: str) -> None:
         """Let the claim go at once if `holder` has it (a finisher that failed, or finished a
         removal a newer one replaced); anyone's else, or none, is left as it is."""

@@ -769,6 +769,13 @@ class PostgresDataStore(
             lambda cur: int(cur.execute(pg(q.CLAIM_REMOVAL), params).rowcount) == 1,
         )
 
+    def renew_removal_claim(self, agent_id: str, holder: str, now: int, ttl: int) -> bool:
+        params = _claim_params(agent_id, holder, now, ttl)
+        return self._write(
+            "renew the removal claim",
+            lambda cur: int(cur.execute(pg(q.RENEW_REMOVAL_CLAIM), params).rowcount) == 1,
+        )
+
     def release_removal_claim(self, agent_id: str, holder: str) -> None:
         params = {"agent_id": agent_id, "holder": holder}
         self._write(

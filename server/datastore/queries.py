@@ -154,6 +154,13 @@ RESUME_REMOVAL = (
     "WHERE NOT EXISTS (SELECT 1 FROM agents WHERE spiffe_id = :agent_id) "
     "ON CONFLICT (agent_id) DO NOTHING"
 )
+# A finisher keeping its claim (AgentRemovals' renewals): only while no one else took it, even
+# lapsed. CLAIM_REMOVAL would take it back from a holder that took it over and let it go (or
+# died), under the finisher whose log write may be in flight still: that write would commit
+# beside what the other holder logged.
+RENEW_REMOVAL_CLAIM = (
+    "UPDATE removals SET claimed_until = :until WHERE agent_id = :agent_id AND claimed_by = :holder"
+)
 RELEASE_REMOVAL_CLAIM = (
     "UPDATE removals SET claimed_until = 0 WHERE agent_id = :agent_id AND claimed_by = :holder"
 )

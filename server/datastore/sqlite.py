@@ -719,6 +719,11 @@ class SqliteDataStore(
         with self._transaction() as db:
             return int(db.execute(q.CLAIM_REMOVAL, params).rowcount) == 1
 
+    def renew_removal_claim(self, agent_id: str, holder: str, now: int, ttl: int) -> bool:
+        params = _claim_params(agent_id, holder, now, ttl)
+        with self._transaction() as db:
+            return int(db.execute(q.RENEW_REMOVAL_CLAIM, params).rowcount) == 1
+
     def release_removal_claim(self, agent_id: str, holder: str) -> None:
         with self._transaction() as db:
             db.execute(q.RELEASE_REMOVAL_CLAIM, {"agent_id": agent_id, "holder": holder})

@@ -175,6 +175,10 @@ class FaultInjectingDataStore:
         self._enter("claim_removal")
         return self.inner.claim_removal(agent_id, holder, now, ttl)
 
+    def renew_removal_claim(self, agent_id: str, holder: str, now: int, ttl: int) -> bool:
+        self._enter("renew_removal_claim")
+        return self.inner.renew_removal_claim(agent_id, holder, now, ttl)
+
     def release_removal_claim(self, agent_id: str, holder: str) -> None:
         self._enter("release_removal_claim")
         self.inner.release_removal_claim(agent_id, holder)

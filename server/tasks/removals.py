@@ -23,6 +23,11 @@ A lease alone does not keep a finisher that lost it (stalled past its claim's li
 from logging: its write may be in flight already. So each of its log writes carries the claim
 (AuditLog.append_many's `claim`) and commits only while the claim is still its own, in the
 write's transaction; a takeover waits for a write under way and then reads what it logged.
+For that check to mean "no one else held it since", a claim is never taken back: each claim
+this server makes has a name of its own (a later finish here is not the one whose write is in
+flight), and a renewal only keeps a claim no one else took (DataStore.renew_removal_claim),
+where taking a lapsed one again would let the stalled write commit beside what another holder
+logged meanwhile and then let go of (it failed, or its server died).
 
 A removal that left no record of itself (a server from before removals were stored, cut short)
 is stored when the operator retries it (DataStore.resume_removal), and finished as any other:
@@ -32,6 +37,7 @@ under a claim, by housekeeping should this server die.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 
 from server.audit import LedgerError
@@ -73,6 +79,7 @@ class AgentRemovals:
         # Unique per start: a restarted server does not mistake its dead self's claims for
         # its own (they lapse).
         self._holder = holder or default_holder()
+        self._claims = itertools.count(1)  # names each claim: see the module
         self._claim_ttl = claim_ttl
         self._renew_every = claim_ttl / 3 if renew_every is None else renew_every
         self._wait_every = wait_every
@@ -164,10 +171,11 @@ class AgentRemovals:
         """Carry the removal through under this server's claim: False, doing nothing, while
         another finisher holds it, or once it took over a claim this one let lapse."""
         agent_id = removal.agent_id
-        if not await self._state.claim_removal(agent_id, self._holder, self._claim_ttl):
+        holder = f"{self._holder}#{next(self._claims)}"
+        if not await self._state.claim_removal(agent_id, holder, self._claim_ttl):
             return False
-        carry = asyncio.ensure_future(self._carry(removal))
-        kept = asyncio.ensure_future(self._keep_claim(agent_id))
+        carry = asyncio.ensure_future(self._carry(removal, holder))
+        kept = asyncio.ensure_future(self._keep_claim(agent_id, holder))
         try:
             await asyncio.wait({carry, kept}, return_when=asyncio.FIRST_COMPLETED)
             if not carry.done() and kept.result():
@@ -191,20 +199,21 @@ class AgentRemovals:
             # Free at once for a retry, should this finish have failed (or have ended a
             # removal a newer one replaced); a claim no longer ours is left alone.
             try:
-                await self._state.release_removal_claim(agent_id, self._holder)
+                await self._state.release_removal_claim(agent_id, holder)
             except Exception:
                 _log.exception(
                     "releasing an agent removal claim failed; it lapses on its own",
                     extra={"agent_id": agent_id},
                 )
 
-    async def _keep_claim(self, agent_id: str) -> bool:
+    async def _keep_claim(self, agent_id: str, holder: str) -> bool:
         """Renew the claim every `renew_every` seconds until cancelled: True once another
-        holder has it; False once no removal of the agent is stored (nothing to renew)."""
+        holder has had it (even if it let it go since); False once no removal of the agent is
+        stored (nothing to renew)."""
         while True:
             await asyncio.sleep(self._renew_every)
             try:
-                if await self._state.claim_removal(agent_id, self._holder, self._claim_ttl):
+                if await self._state.renew_removal_claim(agent_id, holder, self._claim_ttl):
                     continue
                 return await self._state.removal_of(agent_id) is not None
             except Exception:
@@ -213,8 +222,8 @@ class AgentRemovals:
                     "renewing an agent removal claim failed", extra={"agent_id": agent_id}
                 )
 
-    async def _carry(self, removal: Removal) -> None:
-        claim = RemovalClaim(removal.agent_id, self._holder)
+    async def _carry(self, removal: Removal, holder: str) -> None:
+        claim = RemovalClaim(removal.agent_id, holder)
         await self._service.revoke_agent(
             removal.agent_id, removal.reason, banned=removal.banned, claim=claim
         )

@@ -43,6 +43,9 @@ class _State:
             self.renewals or self.claims == 1
         )
 
+    async def renew_removal_claim(self, agent_id: str, holder: str, ttl: int) -> bool:
+        return await self.claim_removal(agent_id, holder, ttl)
+
     async def removal_of(self, agent_id: str) -> Removal | None:
         return next((r for r in self.stored if r.agent_id == agent_id), None)
 

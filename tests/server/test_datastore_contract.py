@@ -561,6 +561,33 @@ def test_a_removal_is_claimed_by_one_finisher_at_a_time_until_its_claim_lapses(
     assert not store.claim_removal(AGENT, "a", NOW + 52, 30)
 
 
+def test_a_renewal_keeps_a_removal_claim_only_while_no_one_else_took_it(
+    open_store: Opener,
+) -> None:
+    """A finisher's renewal keeps its claim, lapsed too if no one took it meanwhile; never one
+    another holder took since, even let go (released, or lapsed as its server died): taken
+    back, the finisher's write in flight would commit beside what that holder logged."""
+    store = open_store()
+    assert not store.renew_removal_claim(AGENT, "a", NOW, 30)  # nothing stored
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+    store.delete_agent(AGENT, Removal(AGENT, REMOVAL_EVICTED, NOW))
+    with pytest.raises(ValueError, match="ttl"):
+        store.renew_removal_claim(AGENT, "a", NOW, 0)
+    assert not store.renew_removal_claim(AGENT, "a", NOW, 30)  # never claimed: not a's
+    assert store.claim_removal(AGENT, "a", NOW, 30)
+    assert store.renew_removal_claim(AGENT, "a", NOW + 20, 30)  # until NOW + 50
+    assert not store.claim_removal(AGENT, "b", NOW + 49, 30)
+    assert store.renew_removal_claim(AGENT, "a", NOW + 60, 30)  # lapsed, no one took it
+    assert not store.claim_removal(AGENT, "b", NOW + 89, 30)
+    assert store.claim_removal(AGENT, "b", NOW + 90, 30)  # a stalled: b takes it over
+    assert not store.renew_removal_claim(AGENT, "a", NOW + 91, 30)
+    store.release_removal_claim(AGENT, "b")  # b failed
+    assert not store.renew_removal_claim(AGENT, "a", NOW + 92, 30)
+    assert store.claim_removal(AGENT, "c", NOW + 92, 30)
+    assert not store.renew_removal_claim(AGENT, "a", NOW + 200, 30)  # c died: still not a's
+    assert store.renew_removal_claim(AGENT, "c", NOW + 200, 30)
+
+
 def test_a_ledger_write_holding_a_removal_claim_commits_only_while_it_is_held(
     store: DataStore,
 ) -> None:

@@ -1867,16 +1867,17 @@ def test_two_servers_finishing_one_removal_log_each_revocation_once(
     _, held = _holdings(world)
     reached, release = _held_before_agent_revocation_events(world, monkeypatch)
     claims_on_a: list[float] = []  # when A's claim, or a renewal of it, was taken (clock time)
-    claim = world.state.claim_removal
+    for name in ("claim_removal", "renew_removal_claim"):
+        taking = getattr(world.state, name)
 
-    async def counted(*args: Any) -> bool:
-        when = clock.now()
-        taken = await claim(*args)
-        if taken:
-            claims_on_a.append(when)
-        return taken
+        async def counted(*args: Any, _taking: Any = taking) -> bool:
+            when = clock.now()
+            taken = bool(await _taking(*args))
+            if taken:
+                claims_on_a.append(when)
+            return taken
 
-    monkeypatch.setattr(world.state, "claim_removal", counted)
+        monkeypatch.setattr(world.state, name, counted)
     other = _restarted(world, store_b)
     quick = {"renew_every": 0.01, "wait_every": 0.01}
     on_a = AgentRemovals(world.state, world.service, clock, holder="a", **quick)  # type: ignore[arg-type]
@@ -1968,6 +1969,74 @@ def test_a_finisher_that_lost_its_claim_logs_nothing_more(
         assert await on_b.finish_cut_short() == 1
         release.set()
         await asyncio.wait_for(evicting, 20)  # A leaves the rest to B: done there
+
+    world.run(scenario())
+    _logged_once(world, held)
+
+
+def test_a_finisher_whose_claim_was_taken_over_does_not_claim_it_back_under_its_stalled_write(
+    tmp_path: Path,
+    clock: FakeClock,
+    two_stores: tuple[DataStore, DataStore],
+    ca_manager: CaManager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Server A's finisher stalls with its log write of the agent's revocations in flight; B
+    takes the lapsed claim over, logs those revocations, and fails before ending the removal
+    (its claim let go). A's next renewal must not take the claim back as if it had been A's
+    all along: its stalled write would then commit under it, each revocation logged twice.
+    A gives up instead (B's claim came between), finishes what is left under a new claim of
+    its own, and its stalled write is refused."""
+    store_a, store_b = two_stores
+    world = make_world(tmp_path, clock, store_a, ca_manager)
+    _, held = _holdings(world)
+    reached, release = _held_before_agent_revocation_events(world, monkeypatch)
+    other = _restarted(world, store_b)
+
+    async def dies_before_its_end(removal: Any) -> bool:
+        raise StorageError("server B died before ending the removal")
+
+    monkeypatch.setattr(other.state, "end_removal", dies_before_its_end)
+    on_a = AgentRemovals(
+        world.state, world.service, clock, holder="a", claim_ttl=30, renew_every=0.01
+    )
+    on_b = AgentRemovals(other.state, other.service, clock, holder="b", wait_every=0.01)
+    # A's tries to keep (or take) its claim: (clock time at the call, the answer).
+    kept_since: list[float] = []
+    tried = asyncio.Event()
+    for name in ("claim_removal", "renew_removal_claim"):  # the latter: with the fix only
+        original = getattr(world.state, name, None)
+        if original is None:
+            continue
+
+        async def counted(*args: Any, _original: Any = original) -> bool:
+            when = clock.now()
+            taken = bool(await _original(*args))
+            if kept_since and when >= kept_since[0]:
+                tried.set()
+            return taken
+
+        monkeypatch.setattr(world.state, name, counted)
+
+    def b_takes_over() -> None:
+        # In a thread with its own loop, A's loop waiting for it: A cannot see B's claim
+        # while it runs, only what B leaves.
+        assert asyncio.run(on_b.finish_cut_short()) == 0  # B's end failed
+
+    async def scenario() -> None:
+        removal = await world.state.evict_agent(AGENT)
+        evicting = asyncio.create_task(on_a.carry_out(removal))
+        assert await asyncio.to_thread(reached.wait, 20)  # revoked on A, the write in flight
+        clock.advance(61)  # past the grace, and past A's claim
+        taking_over = threading.Thread(target=b_takes_over)
+        taking_over.start()
+        taking_over.join(20)  # A's loop held
+        assert not taking_over.is_alive()
+        assert sorted(e["credential_id"] for e in world.events("revocation")) == sorted(held)
+        kept_since.append(clock.now())
+        await asyncio.wait_for(tried.wait(), 20)  # A tried to keep its claim since
+        release.set()
+        await asyncio.wait_for(evicting, 20)
 
     world.run(scenario())
     _logged_once(world, held)
