@@ -175,11 +175,12 @@ class TaskEndedMeanwhileError(HolderGoneError):
 class RemovalClaimLostError(StorageError):
     """A ledger write required removal claims (write_ledger's `claims`) some of which are no
     longer held: another server took the removal over (the claim lapsed), or it was finished.
-    Nothing of the write was kept; `agents` names the agents whose removals the writer lost.
-    The new holder logs what is left, so the loser logs nothing more."""
+    Nothing of the write was kept; `claims` are the (agent, holder) claims lost, `agents`
+    their agents. The new holder logs what is left, so the loser logs nothing more."""
 
-    def __init__(self, agents: Iterable[str]) -> None:
-        self.agents = frozenset(agents)
+    def __init__(self, claims: Iterable[tuple[str, str]]) -> None:
+        self.claims = frozenset((agent_id, holder) for agent_id, holder in claims)
+        self.agents = frozenset(agent_id for agent_id, _ in self.claims)
         names = ", ".join(sorted(self.agents)[:4])
         super().__init__(
             f"the claim on the removal of agent(s) {names} was lost to another finisher (or the "
@@ -187,8 +188,10 @@ class RemovalClaimLostError(StorageError):
         )
 
     def among(self, claims: Iterable[tuple[str, str]]) -> RemovalClaimLostError | None:
-        """The refusal as it concerns `claims` only (None: none of theirs)."""
-        own = self.agents.intersection(agent_id for agent_id, _ in claims)
+        """The refusal as it concerns `claims` only (None: none of theirs). By claim, not by
+        agent: a finish that lost its claim and the one that took the removal over since may
+        share a group commit, and only the first is refused."""
+        own = self.claims.intersection((agent_id, holder) for agent_id, holder in claims)
         return RemovalClaimLostError(own) if own else None
 
 

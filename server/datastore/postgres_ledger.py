@@ -235,7 +235,7 @@ class PostgresLedger:
                 # agent and task locks, as a removal takes its agent's before its row.
                 claimed_by = pg(q.REMOVAL_CLAIMED_BY + " FOR SHARE")
                 lost = [
-                    c.agent_id
+                    c
                     for c in removal_claims
                     if cur.execute(claimed_by, c._asdict()).fetchone() is None
                 ]

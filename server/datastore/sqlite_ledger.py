@@ -183,7 +183,7 @@ class SqliteLedger:
             with self._transaction() as db:
                 if claims:
                     lost = [
-                        c.agent_id
+                        c
                         for c in claims
                         if db.execute(q.REMOVAL_CLAIMED_BY, c._asdict()).fetchone() is None
                     ]

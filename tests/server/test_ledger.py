@@ -411,6 +411,55 @@ def test_a_finisher_that_lost_its_removal_claim_is_refused_and_its_neighbours_wr
     held.close()
 
 
+def test_a_lost_removal_claim_refuses_only_its_holder_not_a_newer_claim_on_the_same_agent(
+    db: Path, clock: FakeClock
+) -> None:
+    """Two finishes of one removal on this server in one group commit: a stalled one whose
+    claim was lost (it gave up; its write still in flight) and the one that claimed the
+    removal since. The store refuses the stalled one's claim; the newer holder's write is
+    not refused with it (it would take itself for the loser and stop), and is written."""
+    removed = "spiffe://example.org/svid/agent/join_token/gone"
+    store = SqliteDataStore(db, clock)
+    store.resume_removal(Removal(removed, REMOVAL_EVICTED, 0))
+    assert store.claim_removal(removed, "a#2", 0, 30)  # a#1's claim came before: lost
+    held = HeldStore(store)
+    log = AuditLog(held, clock)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(name: str, **kw: object) -> None:
+        try:
+            log.append_many([event(name)], **kw)  # type: ignore[arg-type]
+            outcomes[name] = None
+        except BaseException as e:
+            outcomes[name] = e
+
+    held.armed = True
+    lead = threading.Thread(target=call, args=("lead",))
+    lead.start()
+    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
+    calls: dict[str, dict[str, object]] = {
+        "stalled": {"claim": RemovalClaim(removed, "a#1")},
+        "holder": {"claim": RemovalClaim(removed, "a#2")},
+    }
+    others = [threading.Thread(target=call, args=(n,), kwargs=kw) for n, kw in calls.items()]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(log._tickets) < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    held.release.set()
+    for t in [lead, *others]:
+        t.join(10)
+    failed = outcomes.pop("stalled")
+    assert isinstance(failed, LedgerError)
+    assert isinstance(failed.__cause__, RemovalClaimLostError)
+    assert outcomes == {"lead": None, "holder": None}
+    assert on_disk(db, ["stalled"]) == (0, 0)
+    assert on_disk(db, ["lead", "holder"]) == (0, 2)
+    assert log.verify().ok
+    held.close()
+
+
 def test_a_batch_that_fails_inside_the_transaction_leaves_nothing(
     db: Path, clock: FakeClock
 ) -> None:
