@@ -45,6 +45,7 @@ from server.datastore.errors import (
     BundleRefusedError,
     ChainMovedError,
     HolderGoneError,
+    JtiHeldError,
     RemovalClaimLostError,
     StorageError,
     UnreachableError,
@@ -339,9 +340,10 @@ class AuditLog:
         when it raises (LedgerError).
 
         `jtis` (the assertions the credentials were issued for, server/oauth) are claimed in
-        that transaction (AuditStore.write_ledger): when one is held already, the whole shared
-        commit fails with a LedgerError caused by JtiHeldError, which names the held ones; the
-        callers whose own jtis are not among them may simply record again.
+        that transaction (AuditStore.write_ledger): when one is held already (a replay), the
+        store refuses the whole shared commit; the callers claiming a held one get a
+        LedgerError caused by JtiHeldError naming their own, and the others are written again
+        without them, before this returns.
 
         A credential of an agent evicted or banned, or of a task ended, since its issuance
         was decided is refused by the store (HolderGoneError: AgentRemovedError,
@@ -566,11 +568,17 @@ class AuditLog:
                     error.__cause__ = unexpected
                     self._fail(tickets, error)
                     return
-            except (HolderGoneError, BundleRefusedError, RemovalClaimLostError) as e:
+            except (
+                HolderGoneError,
+                BundleRefusedError,
+                RemovalClaimLostError,
+                JtiHeldError,
+            ) as e:
                 # Only the callers issuing through the removed agents, or for the ended tasks,
-                # or storing the refused bundles, or holding the lost removal claims, are
-                # refused; the rest are written again without them (nothing of the batch was
-                # kept).
+                # or storing the refused bundles, or holding the lost removal claims, or
+                # claiming assertions used already, are refused; the rest are written again
+                # without them (nothing of the batch was kept). Anyone's replay must not fail
+                # its neighbours: an agent's SVID, a task's begin, a removal's events.
                 try:
                     batch, credentials, jtis, tickets = self._drop_refused(e, tickets)
                 except LedgerError as gave_up:
@@ -684,24 +692,26 @@ class AuditLog:
 
     def _drop_refused(
         self,
-        gone: HolderGoneError | BundleRefusedError | RemovalClaimLostError,
+        gone: HolderGoneError | BundleRefusedError | RemovalClaimLostError | JtiHeldError,
         tickets: list[_Ticket],
     ) -> tuple[list[tuple[Any, ...]], list[Credential], list[JtiClaim], list[_Ticket]]:
         """The store refused the group for credentials of agents no longer admitted or tasks
-        no longer active, for foreign bundles older than those stored, or for removal claims
-        lost: fail the tickets
+        no longer active, for foreign bundles older than those stored, for removal claims
+        lost, or for assertion jtis held already: fail the tickets
         holding any (each told of its own only), and seal the others, with everything queued
         after them, again on the stored head; returns the group to write in their place. One
         agent evicted, or one task ended, mid-issuance must not cost the others theirs."""
         kept: list[_Ticket] = []
         at = 0  # where each ticket's bundles begin in the write's (`gone.positions`)
         for t in tickets:
-            own: HolderGoneError | BundleRefusedError | RemovalClaimLostError | None
+            own: HolderGoneError | BundleRefusedError | RemovalClaimLostError | JtiHeldError | None
             if isinstance(gone, BundleRefusedError):
                 own = gone.among(t.bundles, at)
                 at += len(t.bundles)
             elif isinstance(gone, RemovalClaimLostError):
                 own = gone.among(t.claims)
+            elif isinstance(gone, JtiHeldError):
+                own = gone.among(t.jtis)
             else:
                 own = gone.among(t.credentials)
             if own is None:

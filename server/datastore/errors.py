@@ -108,6 +108,11 @@ class JtiHeldError(StorageError):
         super().__init__(message)
         self.held = frozenset(held)
 
+    def among(self, jtis: Iterable[tuple[str, str, int]]) -> JtiHeldError | None:
+        """The refusal as it concerns `jtis` (JtiClaim) only (None: none of theirs)."""
+        own = self.held.intersection((issuer, jti) for issuer, jti, _ in jtis)
+        return JtiHeldError(held_message(sorted(own)), own) if own else None
+
 
 class HolderGoneError(StorageError):
     """A ledger write held credentials whose holder is no longer admitted: an agent evicted,

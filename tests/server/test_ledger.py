@@ -14,16 +14,18 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from server.audit import AuditLog, EventDraft, LedgerError
 from server.datastore import Credential, StorageError
-from server.datastore.base import RemovalClaim
+from server.datastore.base import JtiClaim, RemovalClaim
 from server.datastore.errors import (
     AgentRemovedError,
     BundleRefusedError,
+    JtiHeldError,
     RemovalClaimLostError,
     TaskEndedMeanwhileError,
 )
@@ -457,6 +459,69 @@ def test_a_lost_removal_claim_refuses_only_its_holder_not_a_newer_claim_on_the_s
     assert on_disk(db, ["stalled"]) == (0, 0)
     assert on_disk(db, ["lead", "holder"]) == (0, 2)
     assert log.verify().ok
+    held.close()
+
+
+def test_a_replayed_assertion_is_refused_alone_and_its_neighbours_written_again(
+    db: Path, clock: FakeClock
+) -> None:
+    """An OAuth token whose assertion was used already (a replay, on another server say)
+    shares a group commit with others: an issuance, a task's begin, a removal finisher's
+    events. The store refuses the whole write (JtiHeldError); only the replay's caller
+    fails, told of its own jti, and the rest are written in the next commit. They were all
+    refused with it: a begin, a finisher or an agent's SVID failed for anyone's replay."""
+    removed = "spiffe://example.org/svid/agent/join_token/gone"
+    store = SqliteDataStore(db, clock)
+    store.resume_removal(Removal(removed, REMOVAL_EVICTED, 0))
+    assert store.claim_removal(removed, "a", 0, 30)
+    now = int(clock.now())
+    assert store.claim_jtis([JtiClaim("iss", "used", EXPIRES)], now) == [True]
+    held = HeldStore(store)
+    log = AuditLog(held, clock)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(name: str, run: Callable[[], object]) -> None:
+        try:
+            run()
+            outcomes[name] = None
+        except BaseException as e:
+            outcomes[name] = e
+
+    def token(jti: str) -> Callable[[], object]:
+        return lambda: log.record([cred(jti)], [event(jti)], [JtiClaim("iss", jti, EXPIRES)])
+
+    held.armed = True
+    lead = threading.Thread(target=call, args=("lead", lambda: log.append_many([event("lead")])))
+    lead.start()
+    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
+    calls: dict[str, Callable[[], object]] = {
+        "used": token("used"),
+        "fresh": token("fresh"),
+        "issued": lambda: log.record([cred("issued")], [event("issued")]),
+        "begin": lambda: log.append_many([event("begin")], tasks=[_task_row("begun")]),
+        "finisher": lambda: log.append_many([event("finisher")], claim=RemovalClaim(removed, "a")),
+    }
+    others = [threading.Thread(target=call, args=item) for item in calls.items()]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(log._tickets) < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    held.release.set()
+    for t in [lead, *others]:
+        t.join(10)
+    failed = outcomes.pop("used")
+    assert isinstance(failed, LedgerError)
+    assert isinstance(failed.__cause__, JtiHeldError)
+    assert failed.__cause__.held == {("iss", "used")}
+    assert outcomes == dict.fromkeys(["lead", "fresh", "issued", "begin", "finisher"])
+    assert on_disk(db, ["used"]) == (0, 0)
+    assert on_disk(db, ["fresh", "issued"]) == (2, 2)
+    assert on_disk(db, ["lead", "begin", "finisher"]) == (0, 3)
+    assert store.get_task("begun") == _task_row("begun")
+    assert store.claim_jtis([JtiClaim("iss", "fresh", EXPIRES)], now) == [False]  # spent
+    result = log.verify()
+    assert result.ok, str(result)
     held.close()
 
 
