@@ -19,14 +19,39 @@ class Clock(Protocol):
         ...
 
 
+def _boottime() -> int | None:
+    """CLOCK_BOOTTIME where the host has it (Linux): a monotonic clock that also counts the
+    time the host was suspended. None elsewhere, or on a kernel that refuses it."""
+    which: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+    if which is None:
+        return None
+    try:
+        time.clock_gettime(which)
+    except OSError:
+        return None
+    return which
+
+
+_BOOTTIME = _boottime()
+
+
 class SystemClock:
-    """The real clock."""
+    """The real clock. Its monotonic time is CLOCK_BOOTTIME where the host has it:
+    time.monotonic() (CLOCK_MONOTONIC) stands still while the host is suspended, and every
+    interval counted on it (a cached token's life, a fetch's next time, a lease) came that long
+    late on waking. Elsewhere time.monotonic(); ElapsedClock also counts a suspend by the wall
+    clock's jump (and a paused VM, which BOOTTIME does not see either).
+
+    asyncio's timers stay on the loop's clock (CLOCK_MONOTONIC): readings of this clock are
+    only ever compared with each other, never with loop.time() or time.monotonic()."""
 
     def now(self) -> float:
         return time.time()
 
     def monotonic(self) -> float:
-        return time.monotonic()
+        if _BOOTTIME is None:
+            return time.monotonic()
+        return time.clock_gettime(_BOOTTIME)
 
 
 class ElapsedCount:

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
-from svid import FakeClock, SystemClock
+from svid import FakeClock, SystemClock, _clock
 from svid._clock import ElapsedClock, to_datetime
 
 
@@ -84,3 +85,34 @@ def test_to_datetime_is_utc() -> None:
     assert d.year == 1970
     assert d.utcoffset() is not None
     assert d.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="no CLOCK_BOOTTIME here")
+def test_the_system_clocks_monotonic_time_counts_a_suspend_of_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CLOCK_MONOTONIC (time.monotonic) stands still while the host is suspended; every
+    # deadline on it (a cached token's quarter life, a fetch's next time) came that long late.
+    # CLOCK_BOOTTIME counts the suspend. Faked: the hour it slept shows on BOOTTIME alone.
+    slept = [0.0]
+    real = time.clock_gettime
+
+    def clock_gettime(which: int) -> float:
+        return real(which) + (slept[0] if which == time.CLOCK_BOOTTIME else 0.0)
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    clock = SystemClock()
+    before = clock.monotonic()
+    slept[0] = 3600.0
+    assert clock.monotonic() - before >= 3600.0
+
+
+def test_the_system_clock_falls_back_to_time_monotonic_without_boottime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_clock, "_BOOTTIME", None)
+    monkeypatch.setattr(time, "clock_gettime", lambda which: -1.0)  # not read
+    clock = SystemClock()
+    a = time.monotonic()
+    b = clock.monotonic()
+    assert a <= b <= time.monotonic()
