@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from svid._clock import Clock, SystemClock
+from svid._clock import Clock, ElapsedClock, SystemClock
 from svid._jwt import JwtSvid
 from svid._spiffe_id import SpiffeId
 from svid._task_model import Fetched, fresh_token
@@ -32,7 +32,9 @@ class BearerTokens:
         if not audience:
             raise ValueError("an audience is required")
         self.audience = audience
-        self._clock = clock or SystemClock()
+        # Counts a sleep of the host too (ElapsedClock): on CLOCK_MONOTONIC alone, a token's
+        # quarter life had not passed on waking, and it went out that long late.
+        self._clock = ElapsedClock(clock or SystemClock())
         self._lock = threading.Lock()
         self._cached: Fetched | None = None
         self._get: Callable[[], Any]

@@ -329,12 +329,15 @@ def fresh(jwt: JwtSvid, fetched_at: float, now: float, elapsed: float | None = N
     return now < jwt.expires_at and elapsed < lifetime / 4
 
 
-# A cached token: the token, and when it was fetched on the wall and on the monotonic clock.
+# A cached token: the token, and when it was fetched on the wall and on the monotonic clock
+# (its holder's ElapsedClock, which counts a sleep of the host: see fresh_token).
 Fetched = tuple[JwtSvid, float, float]
 
 
 def fresh_token(cached: Fetched | None, clock: Clock) -> JwtSvid | None:
-    """The token of a cache entry while it is ``fresh`` by ``clock``; else None."""
+    """The token of a cache entry while it is ``fresh`` by ``clock``; else None. ``clock``:
+    an ElapsedClock (the one the entry's fetch time was read on), so that a sleep of the host,
+    which CLOCK_MONOTONIC does not count, counts towards the quarter life."""
     if cached is not None:
         jwt, fetched_at, fetched_mono = cached
         if fresh(jwt, fetched_at, clock.now(), clock.monotonic() - fetched_mono):

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import grpc
 
-from svid._clock import Clock, SystemClock
+from svid._clock import Clock, ElapsedClock, SystemClock
 from svid._errors import SvidError
 from svid._jwt import JwtSvid
 from svid._proto import (
@@ -90,6 +90,9 @@ class AsyncTaskClient:
         self.address = address_of(socket, environ)
         self.timeout = timeout
         self.clock: Clock = clock or SystemClock()
+        # A cached token's quarter life counted on it: it also counts a sleep of the host
+        # (by the wall clock's jump), which CLOCK_MONOTONIC alone does not.
+        self._elapsed = ElapsedClock(self.clock)
         # Made on first use, in the loop it then serves: a client made at import time, outside
         # any loop, still works under asyncio.run.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -407,7 +410,7 @@ class AsyncTask(TaskView):
         # fetch, so one loop's callers cannot interleave there.
         if self._ended:
             raise ended_error(self._info)
-        clock = self._client.clock
+        clock = self._client._elapsed
         cached = fresh_token(self._jwts.get(key), clock)
         if cached is not None:
             return cached

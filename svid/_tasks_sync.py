@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from svid._call_setup import CallSetup
-from svid._clock import Clock, SystemClock
+from svid._clock import Clock, ElapsedClock, SystemClock
 from svid._errors import SvidError
 from svid._jwt import JwtSvid
 from svid._proto import (
@@ -84,6 +84,9 @@ class TaskClient:
         self.address = address_of(socket, environ)
         self.timeout = timeout
         self.clock: Clock = clock or SystemClock()
+        # A cached token's quarter life counted on it: it also counts a sleep of the host
+        # (by the wall clock's jump), which CLOCK_MONOTONIC alone does not.
+        self._elapsed = ElapsedClock(self.clock)
         self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._tasks_stub = task_pb2_grpc.TasksStub(self._channel)
         self._workload_stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)
@@ -410,7 +413,7 @@ class Task(TaskView):
             with self._lock:
                 if self._ended:
                     raise ended_error(self._info)
-                clock = self._client.clock
+                clock = self._client._elapsed
                 cached = fresh_token(self._jwts.get(key), clock)
                 if cached is not None:
                     return cached

@@ -23,6 +23,7 @@ from agent_attestor.tasks.reporter import MAX_QUEUED, ValidationReporter
 from agent_attestor.tasks.revocations import RevocationsApi
 from agent_attestor.workload_attestor import UnixAttestor
 from svid._clock import FakeClock
+from svid._jwt import JwtSvid
 from svid._limits import MAX_INTENT_LABEL_BYTES, MAX_INTENT_NAMES_BYTES, MAX_ON_BEHALF_OF_BYTES
 from svid._proto import (
     revocation_pb2,
@@ -31,8 +32,10 @@ from svid._proto import (
     task_pb2_grpc,
     workload_pb2,
 )
+from svid._tasks_async import AsyncTaskClient
 from svid._tasks_sync import TaskClient
 from tests.agent_attestor.harness import HEADER, Harness, me
+from tests.clocks import SleptClock
 
 TD = "spiffe://example.org"
 
@@ -719,3 +722,43 @@ def test_a_task_jwt_is_sent_with_a_quarter_of_its_life_left_when_the_agent_serve
     finally:
         client.close()
     assert min(lefts) >= ta.h.ca.jwt_ttl / 4, f"a task token went out with {min(lefts):.0f} s left"
+
+
+def test_a_task_jwt_is_fetched_again_after_the_host_slept_past_its_quarter_life(
+    ta: TaskAgent,
+) -> None:
+    # The task's cache counted a token's quarter life on CLOCK_MONOTONIC, which stands still
+    # while the host is suspended: after a sleep of 90% of its life the token went out with
+    # a tenth of it left (and past its exp, by a longer sleep and an issuer clock ahead).
+    ta.h.add_entry("/bot")
+    clock = SleptClock(ta.h.clock)  # the agent's clock is the base: it counted the sleep
+    client = TaskClient(f"unix://{ta.endpoint.socket_path}", clock=clock, watch_revocations=False)
+    try:
+        task = client.begin(actions=["read"], resources=["docs"])
+        first = task.jwt_svid("docs")
+        clock.sleep(ta.h.ca.jwt_ttl * 0.9)
+        sent = task.jwt_svid("docs")
+    finally:
+        client.close()
+    assert sent.token != first.token
+    assert sent.expires_at - clock.now() >= ta.h.ca.jwt_ttl / 4
+
+
+def test_an_async_task_jwt_is_fetched_again_after_the_host_slept_past_its_quarter_life(
+    ta: TaskAgent,
+) -> None:
+    ta.h.add_entry("/bot")
+    clock = SleptClock(ta.h.clock)
+
+    async def scenario() -> tuple[JwtSvid, JwtSvid]:
+        async with AsyncTaskClient(
+            f"unix://{ta.endpoint.socket_path}", clock=clock, watch_revocations=False
+        ) as client:
+            task = await client.begin(actions=["read"], resources=["docs"])
+            first = await task.jwt_svid("docs")
+            clock.sleep(ta.h.ca.jwt_ttl * 0.9)
+            return first, await task.jwt_svid("docs")
+
+    first, sent = asyncio.run(scenario())
+    assert sent.token != first.token
+    assert sent.expires_at - clock.now() >= ta.h.ca.jwt_ttl / 4

@@ -10,7 +10,7 @@ from svid import JwtSvid, sign_jws
 from svid._bearer_tokens import BearerTokens
 from svid._clock import FakeClock
 from svid._task_model import begin_request, fresh, tool_refs
-from tests.clocks import SteppedClock
+from tests.clocks import SleptClock, SteppedClock
 from tests.svid.certs import T0, ec_key
 
 KEY = ec_key()
@@ -100,6 +100,20 @@ def test_a_cached_jwt_is_refetched_by_its_quarter_life_after_this_clock_steps_ba
     handed = JwtSvid.parse_insecure(tokens.token())
     assert agent.mints == 2
     assert handed.expires_at > clock.base.now() + 200
+
+
+def test_a_cached_jwt_is_refetched_by_its_quarter_life_after_the_host_slept() -> None:
+    # CLOCK_MONOTONIC stands still while the host is suspended: the quarter life counted on it
+    # alone had not passed on waking, and with this clock 200 s behind the issuer's (so the
+    # wall clock's exp check did not catch it) a token 20 s past its exp went out.
+    clock = SleptClock(FakeClock(T0))
+    agent = _SkewedAgent(clock.base, skew=200.0)
+    tokens = BearerTokens(agent, "docs-api", clock=clock)
+    tokens.token()
+    clock.sleep(320.0)  # issuer time: iat + 320 > exp (iat + 300)
+    handed = JwtSvid.parse_insecure(tokens.token())
+    assert agent.mints == 2
+    assert handed.expires_at > clock.now() + 200
 
 
 def test_tools_as_a_mapping_or_as_refs() -> None:
