@@ -50,7 +50,7 @@ from server.federation.fetch import check_bundle, endpoint_trust_domain, fetch_b
 from server.https_get import FETCHES_AT_ONCE, fetch_pool, holds_userinfo
 from svid._backoff import Retry
 from svid._bundle import SpiffeBundle
-from svid._clock import Clock
+from svid._clock import Clock, ElapsedClock
 from svid._errors import SpiffeIdError
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._waits import set_within
@@ -210,6 +210,9 @@ class FederationService:
         self._datastore = datastore
         self._audit = audit
         self._clock = clock
+        # The due times' clock: it counts a sleep of the host (by the wall clock's jump),
+        # which CLOCK_MONOTONIC does not, so a fetch due during a suspend is made on waking.
+        self._elapsed = ElapsedClock(clock)
         self._publish = publish
         self._fetch = fetch
         self._static = {r.trust_domain: r for r in static}
@@ -261,7 +264,7 @@ class FederationService:
                 self._updated[td.name] = row.updated_at
             except Exception:
                 _log.exception("stored foreign bundle unreadable", extra={"td": row.trust_domain})
-        self._due = dict.fromkeys(self._relationships, self._clock.monotonic())
+        self._due = dict.fromkeys(self._relationships, self._elapsed.monotonic())
         self._publish(dict(self._bundles))
 
     # -- reads ----------------------------------------------------------------------------------
@@ -286,7 +289,7 @@ class FederationService:
     def next_fetch(self, trust_domain: str) -> float | None:
         """When (clock time) the relationship's scheduled fetch is due; None: not scheduled."""
         due = self._due.get(trust_domain)
-        return None if due is None else self._clock.now() + (due - self._clock.monotonic())
+        return None if due is None else self._clock.now() + (due - self._elapsed.monotonic())
 
     def bundle(self, trust_domain: str) -> SpiffeBundle:
         td = parse_trust_domain(trust_domain).name
@@ -537,7 +540,7 @@ class FederationService:
     def _schedule(self, td: str, delay: float, *, asked: bool = False) -> None:
         if td in self._relationships:
             self._schedules[td] = self._schedules.get(td, 0) + 1
-            self._due[td] = self._clock.monotonic() + delay
+            self._due[td] = self._elapsed.monotonic() + delay
             if asked:
                 self._asked.add(td)
             self._wake.set()
@@ -666,7 +669,7 @@ class FederationService:
         longest due first, while fewer than FETCHES_AT_ONCE run: each in a task of its own, so
         an endpoint that answers slowly (held up to the whole-GET deadline) holds up only its
         own relationship."""
-        now = self._clock.monotonic()
+        now = self._elapsed.monotonic()
         started: dict[str, asyncio.Task[None]] = {}
         for td, due in sorted(self._due.items(), key=lambda item: item[1]):
             if len(self._running) >= FETCHES_AT_ONCE:
@@ -708,7 +711,7 @@ class FederationService:
             while not stop.is_set():
                 self._start_due()
                 waiting = [d for td, d in self._due.items() if td not in self._running]
-                wait = min((d - self._clock.monotonic() for d in waiting), default=60.0)
+                wait = min((d - self._elapsed.monotonic() for d in waiting), default=60.0)
                 if len(self._running) >= FETCHES_AT_ONCE:
                     wait = 60.0  # nothing starts before a fetch ends, and its end wakes us
                 self._wake.clear()

@@ -33,7 +33,7 @@ from server.errors import ConfigError
 from server.oauth.discovery import OIDC_PATH
 from server.oauth.settings import TrustedIssuer, check_issuer
 from svid._bundle import USE_JWT, JwtBundle
-from svid._clock import Clock
+from svid._clock import Clock, ElapsedClock
 from svid._errors import BundleError
 from svid._spiffe_id import TrustDomain
 
@@ -154,6 +154,9 @@ class DiscoveredIssuers:
         self._issuers = issuers
         self._audit = audit
         self._clock = clock
+        # The due times' clock: it counts a sleep of the host (by the wall clock's jump),
+        # which CLOCK_MONOTONIC does not, so a fetch due during a suspend is made on waking.
+        self._elapsed = ElapsedClock(clock)
         self._fetch = fetch
         self._ca_file = ca_file
         self._ctx: ssl.SSLContext | None = None  # made at the first fetch: none without issuers
@@ -183,7 +186,7 @@ class DiscoveredIssuers:
     def key_wanted(self, td: TrustDomain, kid: str) -> bool:
         """A token of ``td`` named key ``kid``, which its issuer's keys do not hold: fetch them
         at the next look, unless that was asked less than WANTED_GAP ago. True if it will be."""
-        now = self._clock.monotonic()
+        now = self._elapsed.monotonic()
         with self._lock:
             if td not in self._due:  # not a discovered issuer's trust domain
                 return False
@@ -201,7 +204,7 @@ class DiscoveredIssuers:
         (https_get.FETCHES_AT_ONCE at most), each within its own deadline: issuers that hang hold up
         only their own keys, for one deadline, not every issuer after them. How many were
         fetched. Blocking, until every fetch has ended: a worker thread's job."""
-        now = self._clock.monotonic()
+        now = self._elapsed.monotonic()
         with self._lock:
             due = [i for i in self._issuers if self._due[i.trust_domain] <= now]
         fetches = [self._pool.submit(self._refresh, issuer) for issuer in due]
@@ -238,13 +241,13 @@ class DiscoveredIssuers:
                         "trusted issuer %s: the failed fetch was not audited", issuer.url
                     )
             with self._lock:
-                self._due[td] = self._clock.monotonic() + RETRY
+                self._due[td] = self._elapsed.monotonic() + RETRY
             return False
         with self._lock:
             # The same keys keep the same object: the verifier's key checks stay memoised.
             if changed:
                 self._bundles[td] = keys.bundle
-            self._due[td] = self._clock.monotonic() + next_refresh(keys.max_age)
+            self._due[td] = self._elapsed.monotonic() + next_refresh(keys.max_age)
         if changed:
             _log.info(
                 "trusted issuer %s: %d keys for %s (%s)",

@@ -59,7 +59,7 @@ from server.status import status_for
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock, FakeClock
 from svid._spiffe_id import TrustDomain
-from tests.clocks import SteppedClock
+from tests.clocks import SleptClock, SteppedClock
 from tests.server.fixtures import SilentEndpoint, serving_https
 
 OWN = TrustDomain("other.org")
@@ -379,6 +379,24 @@ def test_a_step_back_of_the_clock_does_not_postpone_the_next_fetch(tmp_path: Pat
         assert world.service.fetches == 1
         clock.offset = -3600.0  # the step back
         clock.base.advance(91)
+        world.run(world.service.refresh_due())
+        assert world.service.fetches == 2
+        assert world.service.bundle("example.org").sequence == 2
+    finally:
+        world.store.inner.close()
+
+
+def test_a_sleep_of_the_host_counts_towards_the_next_fetch(tmp_path: Path) -> None:
+    # CLOCK_MONOTONIC stands still while the host is suspended: on it alone, the fetch due 90 s
+    # after the last came 90 s after waking from a sleep of an hour, late by the whole interval.
+    clock = SleptClock(FakeClock(1_700_000_000))
+    world = World(tmp_path, clock)
+    try:
+        world.answers = [_bundle(1, hint=90), _bundle(2, hint=90)]
+        world.run(world.service.refresh_due())
+        assert world.service.next_fetch("example.org") == clock.now() + 90
+        clock.sleep(3600.0)
+        assert world.service.next_fetch("example.org") <= clock.now()
         world.run(world.service.refresh_due())
         assert world.service.fetches == 2
         assert world.service.bundle("example.org").sequence == 2

@@ -38,7 +38,7 @@ from server.oauth.settings import TrustedIssuer, parse_trusted_issuers
 from svid._clock import Clock, FakeClock
 from svid._jwk import public_key_members
 from svid._spiffe_id import SpiffeId, TrustDomain
-from tests.clocks import SteppedClock
+from tests.clocks import SleptClock, SteppedClock
 from tests.server.fixtures import SilentEndpoint, serving_https, short_tmpdir, write_tls_files
 from tests.server.oauth.conftest import RESOURCE, OAuthServer, serving_oauth
 
@@ -327,6 +327,22 @@ def test_a_step_back_of_the_clock_postpones_neither_the_retry_nor_a_wanted_key()
     found.refresh_due()
     assert len(calls) == 2
     clock.base.advance(WANTED_GAP)
+    assert found.key_wanted(PARTNER, "k9")
+
+
+def test_a_sleep_of_the_host_counts_towards_the_retry_and_a_wanted_key() -> None:
+    # CLOCK_MONOTONIC stands still while the host is suspended: on it alone, the retry (and
+    # the next refresh) came RETRY after waking, late by the whole sleep, and a key the
+    # issuer published meanwhile could not be asked for before WANTED_GAP had passed again.
+    clock = SleptClock(FakeClock())
+    found, calls = _partner_down(clock)
+    assert found.key_wanted(PARTNER, "k9")
+    found.refresh_due()
+    assert len(calls) == 1
+    clock.sleep(RETRY)
+    found.refresh_due()
+    assert len(calls) == 2
+    clock.sleep(WANTED_GAP)
     assert found.key_wanted(PARTNER, "k9")
 
 
