@@ -16,6 +16,7 @@ failing a transaction half-way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -266,19 +267,49 @@ COMPANION_SUFFIXES = ("-wal", "-shm", "-journal")
 def _private_companions(path: Path) -> None:
     """The datastore's companion files made owner-only. SQLite makes new ones with the
     database's mode, but one left by a crash keeps the mode it was made with (an older
-    release's, a loose umask's) and holds the same token hashes and journal rows.
+    release's, a loose umask's) and holds the same token hashes and journal rows. SQLite keeps
+    them beside the file a symlinked path names, so that is where they are looked for.
 
-    By path, never through a file descriptor: closing any descriptor of a file drops every
-    POSIX lock this process holds on it, SQLite's on its -shm among them, and another
-    connection then takes itself for the last one and truncates the -shm under our mapping
-    (SIGBUS). A symlink planted in a companion's place is left alone: its target is not ours."""
+    Never through a descriptor that takes part in locks: closing any such descriptor of a
+    file drops every POSIX lock this process holds on it, SQLite's on its -shm among them, and
+    another connection then takes itself for the last one and truncates the -shm under our
+    mapping (SIGBUS). OSError for one another user owns: its owner could read it, or change
+    it, still (a root server's chmod succeeds, another's fails), and SQLite would take it as
+    ours."""
+    real = Path(os.path.realpath(path))
     for suffix in COMPANION_SUFFIXES:
-        companion = path.with_name(path.name + suffix)
-        try:
-            if stat.S_ISREG(os.lstat(companion).st_mode):
-                os.chmod(companion, 0o600)
-        except FileNotFoundError:
-            continue
+        _make_private(real.with_name(real.name + suffix))
+
+
+def _make_private(companion: Path) -> None:
+    """chmod 0600 of `companion` when it is a regular file. Through an O_PATH descriptor where
+    there is one: it names the file fstat saw, never a symlink swapped in meanwhile (chmod
+    follows it, to any file of ours), and its close drops no lock (Linux: an O_PATH file takes
+    no part in POSIX locks). A symlink is left alone: SQLite refuses to open one."""
+    o_path = getattr(os, "O_PATH", 0)
+    try:
+        fd = os.open(companion, o_path | os.O_NOFOLLOW) if o_path else None
+    except FileNotFoundError:
+        return
+    try:
+        found = os.fstat(fd) if fd is not None else os.lstat(companion)
+        if not stat.S_ISREG(found.st_mode):
+            return
+        if found.st_uid != os.geteuid():
+            raise PermissionError(
+                errno.EPERM,
+                f"owned by uid {found.st_uid}, not by this server's uid {os.geteuid()}: "
+                "its owner can read and change the datastore's rows in it; chown it to the "
+                "server's user (never delete it: it may hold committed writes)",
+                str(companion),
+            )
+        held = Path(f"/proc/self/fd/{fd}")
+        os.chmod(held if fd is not None and held.exists() else companion, 0o600)
+    except FileNotFoundError:
+        return  # removed meanwhile (a lstat without O_PATH): nothing left to protect
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def outcome_unknown(error: sqlite3.Error) -> bool:

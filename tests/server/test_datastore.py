@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -10,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -827,6 +829,83 @@ def test_a_wal_and_shm_left_by_a_crash_are_made_owner_only(
         store.close()
     finally:
         crashed.close()
+
+
+def test_the_companions_of_a_datastore_reached_through_a_symlink_are_made_owner_only(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """SQLite keeps the -wal and -shm beside the file a symlinked path resolves to, not beside
+    the link: those are the ones a crash left, holding the same rows, to be made 0600."""
+    real = tmp_path / "volume" / "db"
+    real.parent.mkdir()
+    SqliteDataStore(real, clock).close()
+    crashed = sqlite3.connect(real)  # left open: its WAL and shared memory stay on disk
+    crashed.execute("UPDATE counters SET value = value + 1 WHERE name = 'revision'")
+    crashed.commit()
+    try:
+        for name in ("db-wal", "db-shm"):
+            os.chmod(real.parent / name, 0o644)
+        link = tmp_path / "datastore"
+        link.symlink_to(real)
+        store = SqliteDataStore(link, clock)
+        for name in ("db", "db-wal", "db-shm"):
+            mode = stat.S_IMODE(os.stat(real.parent / name).st_mode)
+            assert mode == 0o600, f"{name} has mode {oct(mode)}"
+        store.close()
+    finally:
+        crashed.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes a file another user owns")
+def test_a_companion_another_user_owns_refuses_the_open_naming_it(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A -wal another user owns stays theirs however its mode is set (a root server's chmod
+    succeeds): they could read the token hashes in it, or change the rows it replays. The open
+    is refused, naming the file and its owner, and the file is left as it was."""
+    path = tmp_path / "db"
+    SqliteDataStore(path, clock).close()
+    wal = tmp_path / "db-wal"
+    wal.touch(mode=0o644)
+    os.chown(wal, 65534, 65534)
+    with pytest.raises(StorageError) as refused:
+        SqliteDataStore(path, clock)
+    assert str(wal) in str(refused.value)
+    assert "owned by uid 65534" in str(refused.value)
+    assert wal.stat().st_uid == 65534
+
+
+def test_a_companion_swapped_for_a_symlink_after_its_check_leaves_the_target_alone(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where others can write the datastore's directory, a -wal found a regular file can be
+    swapped for a symlink before its chmod: a chmod by path follows it, to any file the
+    server's user owns. The file checked is the file changed."""
+    path = tmp_path / "db"
+    SqliteDataStore(path, clock).close()
+    wal = tmp_path / "db-wal"
+    wal.touch(mode=0o644)
+    victim = tmp_path / "victim"
+    victim.touch(mode=0o644)
+    real_lstat, real_fstat = os.lstat, os.fstat
+
+    def swap_after(check: Any) -> Any:
+        def checked(target: Any, *args: Any, **kwargs: Any) -> Any:
+            found = check(target, *args, **kwargs)
+            if wal.is_file() and not wal.is_symlink():
+                wal.unlink()
+                wal.symlink_to(victim)  # another user's move, between check and chmod
+            return found
+
+        return checked
+
+    monkeypatch.setattr(os, "lstat", swap_after(real_lstat))
+    monkeypatch.setattr(os, "fstat", swap_after(real_fstat))
+    with contextlib.suppress(StorageError):  # SQLite refuses the symlinked -wal
+        SqliteDataStore(path, clock).close()
+    monkeypatch.undo()
+    assert wal.is_symlink()  # the swap happened
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
 
 
 def test_closed_store_refuses_calls(tmp_path: Path, clock: FakeClock) -> None:
