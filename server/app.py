@@ -120,13 +120,15 @@ def ca_config(cfg: ServerConfig) -> CaConfig:
 
 def made_with_a_datastore(cfg: ServerConfig) -> list[Path]:
     """What only a server running on a datastore makes in its data_dir: the CA's key files
-    (journaled in it), the audit checkpoint key and the checkpoints signed of its audit log."""
+    (journaled in it), then the audit checkpoint key and checkpoints (made_after_its_keys)."""
     keys = KeyStore(cfg.keys_dir, create=False)
-    return [
-        *(keys.path(slot_id) for slot_id in keys.slot_ids()),
-        cfg.data_dir / KEY_DIR,
-        cfg.data_dir / CHECKPOINT_FILE,
-    ]
+    return [*(keys.path(slot_id) for slot_id in keys.slot_ids()), *made_after_its_keys(cfg)]
+
+
+def made_after_its_keys(cfg: ServerConfig) -> list[Path]:
+    """What a start makes once its CA key is journaled in the datastore: the audit checkpoint
+    key and the checkpoints signed of its audit log."""
+    return [cfg.data_dir / KEY_DIR, cfg.data_dir / CHECKPOINT_FILE]
 
 
 def _bind(key: str, address: str, add: Callable[[], int]) -> int:
@@ -214,7 +216,9 @@ class Server:
         dsn = cfg.datastore_dsn
         if dsn is None:
             if not self._new_datastore:
-                refuse_lost(cfg.datastore_path, made_with_a_datastore(cfg))
+                refuse_lost(
+                    cfg.datastore_path, made_with_a_datastore(cfg), made_after_its_keys(cfg)
+                )
             elif is_missing(cfg.datastore_path):
                 _log.warning(
                     "starting on a new datastore as asked (--new-datastore)",

@@ -7,14 +7,22 @@ points elsewhere by mistake): a start on it made a new CA and an empty audit cha
 `audit verify` then passed as intact with 0 events, so the deletion of the tamper-evident log
 went unnoticed. The operator restores it, points `datastore` at it, or says once, with
 `svid-server run --new-datastore`, that beginning anew is meant.
+
+A valid SQLite file in its place that records neither a CA key nor an audit event (a fresh
+store's tables and no row, a first page whose -wal was lost) is no more the datastore than an
+empty one, where the audit key or checkpoints are there: a start journals its CA key before it
+makes those.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
 from server.datastore.errors import DataStoreError
+from server.datastore.sqlite_audit import connect_read_only
 
 NEW_DATASTORE_FLAG = "--new-datastore"
 
@@ -32,13 +40,45 @@ def is_missing(datastore: Path) -> bool:
         return True
 
 
-def refuse_lost(datastore: Path, made_with_one: Sequence[Path]) -> None:
+def records_nothing(datastore: Path) -> bool:
+    """Whether the SQLite file at `datastore` journals no CA key slot and holds no audit event
+    (nor the tables for them): a start journals its CA key before it makes anything else
+    beside the datastore, and a datastore whose keys `ca forget-lost-keys` dropped keeps the
+    audit event saying so. False where it cannot be read: opening it says why."""
+    try:
+        with contextlib.closing(connect_read_only(datastore)) as db:
+            tables = {row[0] for row in db.execute(_TABLES)}
+            return not any(
+                db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None  # noqa: S608
+                for table in _RECORDS
+                if table in tables
+            )
+    except sqlite3.Error:
+        return False
+
+
+_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
+# What a datastore a server ran on holds, in rows of these (fixed names, not input).
+_RECORDS = ("key_slots", "audit_events", "audit_head")
+
+
+def refuse_lost(
+    datastore: Path, made_with_one: Sequence[Path], made_after_its_keys: Sequence[Path] = ()
+) -> None:
     """DatastoreLostError when `datastore` is missing or empty while any of `made_with_one`
-    (files a server makes only with a datastore) exists."""
-    found = [path for path in made_with_one if path.exists()]
-    if not found or not is_missing(datastore):
+    (files a server makes only with a datastore) exists, or records no CA key while any of
+    `made_after_its_keys` (files a start makes once its CA key is journaled) does. Not the key
+    files alone for the latter: a crash between a first start's key file and its journal
+    leaves one beside a datastore that records nothing, and nothing is lost there."""
+    found = [path for path in [*made_with_one, *made_after_its_keys] if path.exists()]
+    if not found:
         return
-    state = "missing" if not datastore.exists() else "empty"
+    if is_missing(datastore):
+        state = "missing" if not datastore.exists() else "empty"
+    elif any(path.exists() for path in made_after_its_keys) and records_nothing(datastore):
+        state = "a SQLite file that records no CA key and no audit event"
+    else:
+        return
     raise DatastoreLostError(
         f"the datastore {datastore} is {state}, but {', '.join(str(p) for p in found)} "
         "exist: they were made by a server on a datastore that journals this CA and holds "

@@ -5,9 +5,12 @@ on it made: the start is refused, naming both, until the operator restores it or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,7 @@ from server.audit.checkpoint import CHECKPOINT_FILE
 from server.cli import build_parser, main
 from server.config import ServerConfig
 from server.datastore.lost import DatastoreLostError
+from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
 from tests.server.fixtures import CLOCK_LAG, RunningServer, short_tmpdir, start_server
 
@@ -65,6 +69,42 @@ def test_a_datastore_lost_beside_its_key_files_is_refused_naming_both(
     assert main(["audit", "verify", "--data-dir", str(stopped.data_dir)]) != 0
     capsys.readouterr()
     assert _refused(stopped)
+
+
+def _replaced(datastore: Path, how: str) -> None:
+    """The datastore and its companions removed, and a valid SQLite file put in its place."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{datastore}{suffix}").unlink(missing_ok=True)
+    if how == "schema only":  # a fresh store's: every table, no row
+        SqliteDataStore(datastore, _clock()).close()
+    else:  # a database's first page alone (its -wal lost before the first checkpoint)
+        with contextlib.closing(sqlite3.connect(datastore)) as db:
+            db.execute("PRAGMA journal_mode = WAL")
+
+
+@pytest.mark.parametrize("how", ["schema only", "no table"])
+def test_a_datastore_replaced_by_one_that_records_nothing_is_refused(
+    stopped: ServerConfig, how: str
+) -> None:
+    """A valid SQLite file in its place (a fresh store's, a first page whose -wal was lost) is
+    not the datastore these key files and signed checkpoints were made with any more than an
+    empty one: begun on, it made a new CA and an audit chain begun anew."""
+    datastore = stopped.datastore_path
+    _replaced(datastore, how)
+    assert datastore.stat().st_size > 0
+    said = _refused(stopped)
+    assert (
+        f"the datastore {datastore} is a SQLite file that records no CA key and no audit event"
+        in said
+    )
+    assert str(stopped.data_dir / CHECKPOINT_FILE) in said
+    assert "--new-datastore" in said
+    # --new-datastore begins anew on it, as on a missing one.
+    again = RunningServer(stopped, _clock(), new_datastore=True)
+    try:
+        assert again.bundle().x509_authorities
+    finally:
+        again.stop()
 
 
 def test_the_operator_may_begin_anew_with_new_datastore(stopped: ServerConfig) -> None:
