@@ -32,7 +32,7 @@ from agent_attestor.config import (
 )
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.file_set import NewFile, replace_together
-from agent_attestor.logs import configure
+from agent_attestor.logs import configure, say
 from agent_attestor.logs import flush as flush_logs
 from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
 from svid._audit_checkpoint import CHECKPOINT
@@ -489,10 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return stdout_closed_by_reader()
     except ConfigError as exc:
-        print(f"svid-agent: configuration error: {exc}", file=sys.stderr)
+        say(f"svid-agent: configuration error: {exc}")  # after the log of `run`, never held
         return 2
     except (AgentError, SvidError) as exc:
-        print(f"svid-agent: {exc}", file=sys.stderr)
+        say(f"svid-agent: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130

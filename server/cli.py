@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
-from server import cli_ca, cli_entries, cli_federation
+from server import cli_ca, cli_entries, cli_federation, logs
 from server import cli_output as out
 from server.config import (
     CONFIG_KEYS,
@@ -649,8 +649,7 @@ DAEMON_GC_THRESHOLD = 10_000
 
 
 def _run(args: argparse.Namespace) -> None:
-    from server import logs  # noqa: PLC0415 - admin commands must not load the CA and datastore
-    from server.app import Server  # noqa: PLC0415
+    from server.app import Server  # noqa: PLC0415 - admin commands must not load the CA
 
     config = _run_config(args)
     logs.configure(config.log_format, config.log_level)
@@ -722,10 +721,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stdout_closed_by_reader()
     except (ServerError, SvidError) as exc:
         prefix = "config error" if isinstance(exc, ConfigError) else "error"
-        print(f"svid-server: {prefix}: {exc}", file=sys.stderr)
+        logs.say(f"svid-server: {prefix}: {exc}")  # after the log of `run`, never held
         return 1
     except OSError as exc:
-        print(f"svid-server: error: {exc}", file=sys.stderr)
+        logs.say(f"svid-server: error: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -174,6 +174,13 @@ class QueuedStreamHandler(logging.handlers.QueueHandler):
     def enqueue(self, record: logging.LogRecord) -> None:
         self._lines.offer(str(record.msg))  # prepare() made it the formatted line
 
+    def say(self, text: str) -> None:
+        """`text` written as it is, after the lines queued before it, flush_seconds at most
+        waited for: what a process says as it exits (its fatal error) comes after its log,
+        and never holds the exit on a stream that takes nothing."""
+        self._lines.offer(text)
+        self.flush()
+
     def flush(self) -> None:
         """Waits (flush_seconds at most) for the lines queued so far to be written: what a
         message printed after them waits for to come after them."""
@@ -296,6 +303,19 @@ def flush_logger(name: str) -> None:
     what is printed next (a daemon's fatal error) follows them."""
     for handler in logging.getLogger(name).handlers:
         handler.flush()
+
+
+def say_last(name: str, text: str) -> None:
+    """`text` on stderr as a process exits (its fatal error): after the `name` tree's queued
+    log lines, through their writer, so a stderr no reader drains (journald stalled on the disk
+    that failed) holds the exit up FLUSH_SECONDS at most; a blocking print held it for ever,
+    and a supervisor waiting for the exit never started the daemon again. Printed where the
+    tree's log is not queued (an admin command, a stderr that is a file)."""
+    for handler in logging.getLogger(name).handlers:
+        if isinstance(handler, QueuedStreamHandler):
+            handler.say(text)
+            return
+    print(text, file=sys.stderr)
 
 
 def stacks_on_sigusr1() -> None:

@@ -4,7 +4,9 @@ counted; once the pipe is drained again a line says how many were lost."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -14,6 +16,7 @@ from typing import IO
 import grpc
 import pytest
 
+from server.audit.checkpoint import CHECKPOINT_FILE
 from svid._logs import LOG_QUEUE_CHARS
 from svid._proto import admin_pb2
 from tests.e2e.agent_process import entry
@@ -120,3 +123,47 @@ def test_a_server_whose_stderr_is_not_drained_goes_on_serving(
     assert server.stop() == 0
     # The last line at exit reaches a healthy pipe.
     lines.wait_for('"msg":"server stopped"', timeout=CALL_TIMEOUT)
+
+
+def _full_pipe() -> tuple[int, int]:
+    """A pipe whose buffer is full: the next blocking write to it waits for a reader."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write, b"x" * 4096)
+    os.set_blocking(write, True)  # the daemon's writes block, as on a stalled journald
+    return read, write
+
+
+def test_a_fatal_error_on_a_stalled_stderr_does_not_hold_the_exit() -> None:
+    """The error a daemon says as it exits (a datastore lost at start; a commit whose outcome is
+    unknown, when journald stalls on the same failing disk) waits for the stream as its log
+    lines do, a bounded time: a blocking print held the process for ever, and its supervisor
+    never started it again."""
+    root = short_tmpdir()
+    server = make_server(root)
+    read, write = _full_pipe()
+    try:
+        server.data_dir.mkdir(parents=True)
+        (server.data_dir / CHECKPOINT_FILE).touch()  # a datastore lost beside its checkpoints
+        proc = subprocess.Popen(
+            [*server_command(), "run", "--config", str(server.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=write,
+            cwd=str(root),
+        )
+        os.close(write)
+        write = -1
+        try:
+            # Bounded by the log's exit waits (FLUSH_SECONDS each); held for ever before.
+            assert proc.wait(timeout=START_TIMEOUT) == 1
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        for fd in (read, write):
+            if fd >= 0:
+                os.close(fd)
+        shutil.rmtree(root, ignore_errors=True)
