@@ -30,6 +30,7 @@ from agent_attestor.config import (
     build_config,
     load_toml,
 )
+from agent_attestor.data_dir_lock import holding_data_dir
 from agent_attestor.errors import AgentError, ConfigError
 from agent_attestor.file_set import NewFile, replace_together
 from agent_attestor.logs import configure, say
@@ -384,6 +385,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, f"cfg_{key}") for key in KEYS}
     file_values = load_toml(args.config) if args.config is not None else {}
     config = build_config(file_values, flags, os.environ)
+    # Held before anything of the data directory is read or written, and until the process
+    # ends (refused here, before logging is configured: the one line main prints is all).
+    with holding_data_dir(config.data_dir):
+        return _run(args, config, file_values)
+
+
+def _run(args: argparse.Namespace, config: AgentConfig, file_values: dict[str, Any]) -> int:
     configure(config.log_format, config.log_level)
     # Another local user who reads the token before the agent spends it can attest first and be
     # handed this node's workload entries.

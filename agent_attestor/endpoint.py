@@ -12,7 +12,7 @@ import grpc
 
 from agent_attestor.errors import ConfigError
 from agent_attestor.peer import CallerRegistry
-from agent_attestor.relay import RelaySettings, WorkloadRelay
+from agent_attestor.relay import RelaySettings, WorkloadRelay, refuse_live_socket
 from agent_attestor.safe_dir import secure_dir
 from agent_attestor.workload_attestor import WorkloadAttestor
 from svid._clock import Clock
@@ -85,6 +85,8 @@ class WorkloadEndpoint:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
+        # Before anything is made: a running agent's socket at our path is a refusal.
+        refuse_live_socket(self.socket_path)
         prepare_private_dir(self.private_dir)
         with contextlib.suppress(FileNotFoundError):
             self.internal_path.unlink()
@@ -96,7 +98,13 @@ class WorkloadEndpoint:
         await server.start()
         self._server = server
         os.chmod(self.internal_path, 0o600)
-        await self.relay.start()
+        try:
+            await self.relay.start()
+        except BaseException:
+            # Refused (the socket's path taken, unsafe, unbindable): the internal server goes
+            # too, not left to grpc's finaliser, which prints a traceback under the refusal.
+            await self.stop(0)
+            raise
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.relay.close()

@@ -45,6 +45,9 @@ _ID_BYTES = 12
 READ_BUFFER = 256 * 1024  # asyncio's own read size
 ACCEPT_BATCH = 64
 ACCEPT_RETRY_DELAY = 0.1  # seconds; asyncio's server waits 1 s
+# How long a start waits to connect to a socket already at its path to tell a running agent
+# from one left by a stopped one (a running one takes it from its backlog at once).
+PROBE_TIMEOUT = 2.0
 PUBLIC_DIR_MODE = 0o755  # for directories the relay makes: any local process may connect
 
 
@@ -216,6 +219,7 @@ class WorkloadRelay:
         # Names differ between agents on one host; conn ids are unguessable within one.
         self._name_prefix = f"svid-agent/{os.getpid()}/"
         self._listener: socket.socket | None = None
+        self._bound: tuple[int, int] | None = None  # the socket file bound: (st_dev, st_ino)
         self._tasks: set[asyncio.Task[None]] = set()
         for key, path in (("socket_path", public_path), ("private_dir", internal_path)):
             if unix_path_size(path) > MAX_UNIX_PATH:
@@ -242,11 +246,16 @@ class WorkloadRelay:
                 "others; whoever can write it can put a socket of its own in the agent's place",
                 extra={"directory": str(where), "mode": f"{mode:04o}"},
             )
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(self.public_path).st_mode):
-                self.public_path.unlink()
+        _clear_stale_socket(self.public_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.public_path))
+        try:
+            sock.bind(str(self.public_path))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"socket_path: cannot listen on {self.public_path} ({exc.strerror or exc})"
+            ) from None
+        self._bound = _file_identity(self.public_path)
         os.chmod(self.public_path, 0o777)  # noqa: S103 - any local process may ask; the kernel says who it is
         sock.listen(1024)
         sock.setblocking(False)
@@ -376,8 +385,61 @@ class WorkloadRelay:
             await asyncio.wait_for(
                 asyncio.to_thread(self.pool.join), self.settings.identify_timeout
             )
-        with contextlib.suppress(FileNotFoundError):
-            self.public_path.unlink()
+        # Only the socket this relay bound: one at its path now is another agent's, started
+        # on the path after this one's was removed.
+        if self._bound is not None and _file_identity(self.public_path) == self._bound:
+            with contextlib.suppress(FileNotFoundError):
+                self.public_path.unlink()
+        self._bound = None
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def refuse_live_socket(path: Path) -> None:
+    """A socket at `path` that still takes a connection is a running agent's, and refused:
+    replaced, its workloads found this agent's socket instead, and this agent's stop removed it,
+    leaving that one serving no one."""
+    if _is_live_socket(path):
+        raise ConfigError(
+            f"socket_path: another agent is listening on {path}: stop it first, or give this "
+            "agent a socket_path of its own"
+        )
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove the socket a stopped agent left at `path` (one killed could not), refusing a
+    running one's. Anything else at `path` is no socket to remove: bind refuses it."""
+    refuse_live_socket(path)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            path.unlink()
+
+
+def _is_live_socket(path: Path) -> bool:
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT)
+    try:
+        probe.connect(str(path))
+    except TimeoutError:  # its backlog full: a running agent, however busy
+        live = True
+    except OSError:  # refused: no one listens
+        live = False
+    else:
+        live = True
+    finally:
+        probe.close()
+    return live
 
 
 class _Outer(_Pipe):

@@ -1,0 +1,67 @@
+"""One running agent per data directory, held by an exclusive lock on a file in it.
+
+Two agents on one data directory (a second start of the same unit, a copied config) each saved
+their state over the other's, renewed the one agent SVID apart, and the one that stopped first
+removed the other's runtime file, internal socket and Workload API socket: the survivor ran on,
+serving no one. The lock is the kernel's (flock), so a killed agent leaves none behind: its
+descriptor closes with it and the next start takes the lock at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from agent_attestor.errors import ConfigError
+
+LOCK_FILE = "agent.lock"
+
+
+@contextlib.contextmanager
+def holding_data_dir(data_dir: Path) -> Iterator[None]:
+    """Hold `data_dir` for this process (made 0700 if missing) while the block runs; refused
+    with a ConfigError naming it when another agent holds it, or when it cannot be made."""
+    fd = _open_lock(data_dir)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            raise ConfigError(
+                f"data_dir: another agent is running on {data_dir}{holder}: stop it first, or "
+                "give this agent a data_dir of its own"
+            ) from None
+        # For the operator reading the refusal above; the lock, not this pid, is what counts.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _open_lock(data_dir: Path) -> int:
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:  # exist_ok covers a directory only
+        raise ConfigError(f"data_dir: {data_dir} is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"data_dir: cannot create {data_dir}: {exc.strerror or exc}") from None
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(data_dir / LOCK_FILE, flags, 0o600)
+    except OSError as exc:
+        raise ConfigError(
+            f"data_dir: cannot open {data_dir / LOCK_FILE}: {exc.strerror or exc}"
+        ) from None
+
+
+def _holder(fd: int) -> str:
+    """' (pid N)' as the holder wrote it, or '' when it wrote nothing readable yet."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""

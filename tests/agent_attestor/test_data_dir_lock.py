@@ -1,0 +1,48 @@
+"""One agent per data directory (agent_attestor/data_dir_lock.py), and a data directory the agent
+cannot make refused naming it (it was a traceback from `svid-agent run`)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from agent_attestor import cli
+from agent_attestor.data_dir_lock import holding_data_dir
+from agent_attestor.errors import ConfigError
+
+
+def test_a_held_data_dir_is_refused_naming_the_holder_and_free_again_once_released(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "agent"
+    with holding_data_dir(data_dir):
+        assert os.stat(data_dir).st_mode & 0o777 == 0o700
+        refusal = f"data_dir: another agent is running on {data_dir} (pid {os.getpid()})"
+        with (
+            pytest.raises(ConfigError, match=f"^{re.escape(refusal)}:"),
+            holding_data_dir(data_dir),
+        ):
+            pass
+    with holding_data_dir(data_dir):  # released with the block, as with the process
+        pass
+
+
+@pytest.mark.parametrize(
+    ("under", "said"),
+    [("file", "is not a directory"), ("file/below", "cannot create")],
+)
+def test_a_data_dir_that_cannot_be_made_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], under: str, said: str
+) -> None:
+    (tmp_path / "file").write_text("")
+    data_dir = tmp_path / under
+    run = ["run", "--server-address", "127.0.0.1:1", "--insecure-bootstrap"]
+    assert cli.main([*run, "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("svid-agent: configuration error: data_dir: ")
+    assert str(data_dir) in err
+    assert said in err
+    assert err.count("\n") == 1
