@@ -265,3 +265,30 @@ def test_close_does_not_wait_longer_than_a_caller_would_for_a_hung_identificatio
     )
     assert not finished  # still held: the close gave up on it after identify_timeout
     assert 0.4 <= took < 5
+
+
+def test_a_stale_socket_is_replaced_and_a_socket_put_in_place_of_ours_is_left_at_close(
+    root: Path,
+) -> None:
+    """A socket no one listens on (left by a killed agent) is taken over at start; one that took
+    the relay's path while it ran (its own removed, another agent started there) is that agent's,
+    and the relay's close leaves it: it removed whatever socket was at its path."""
+    public = root / "public.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(public))
+    stale.close()
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    async def replaced(relay: WorkloadRelay, peers: list[str]) -> None:
+        public.unlink()
+        other.bind(str(public))
+        other.listen(1)
+
+    try:
+        asyncio.run(_with_relay(root, _echo, replaced, public))
+        assert public.exists()
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(str(public))  # still the other's
+        probe.close()
+    finally:
+        other.close()
