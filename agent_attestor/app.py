@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from agent_attestor.workload_api import WorkloadApi
 from agent_attestor.workload_attestor import ExeHashCache, UnixAttestor
 from svid._clock import Clock, SystemClock
 from svid._daemon_config import listening
+from svid._stop_signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 HEALTH_SERVICE = "svid.agent"
@@ -312,9 +312,7 @@ class AgentApp:
 
     async def run_until_signalled(self) -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop_on_signals(stop, log)
         await self.start()
         try:
             await stop.wait()

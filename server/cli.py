@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ from svid._errors import SvidError
 from svid._logs import stacks_on_sigusr1
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2
 from svid._stdout import flush_stdout, stdout_closed_by_reader
+from svid._stop_signals import stop_on_signals
 from svid._unix_socket import SocketProblem, grpc_unix_target, socket_problem
 from svid._workload_errors import unreachable
 
@@ -665,9 +665,7 @@ def _run(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop_on_signals(stop, logging.getLogger("svid.server"))
         await Server(config, new_datastore=args.new_datastore).run(stop)
 
     try:
