@@ -303,6 +303,24 @@ def _positive(key: str, value: Any) -> int:
     return _as_int(key, value, minimum=1, maximum=MAX_INT32)
 
 
+# The agent's and the server's own SVIDs are renewed at half their span from their NotBefore,
+# which the CA back-dates 10 s (server/ca/signer.py BACKDATE_SECONDS): at a TTL of 10 s or less
+# that point is already past when the SVID is issued, and the daemon renewed it again at once,
+# without end (an agent dozens of times a second, each renewal a new Sync stream, until the
+# server refused them, its SVID lapsed and its spent join token could not attest it again).
+MIN_OWN_SVID_TTL = 11
+
+
+def _own_svid_ttl(key: str, value: Any) -> int:
+    number = _as_int(key, value, minimum=1, maximum=MAX_INT32)
+    if number < MIN_OWN_SVID_TTL:
+        raise ConfigError(
+            f"{key}: must be at least {MIN_OWN_SVID_TTL} s, got {number}: the SVID is renewed at "
+            "half its life counted from its NotBefore, which is back-dated 10 s"
+        )
+    return number
+
+
 def _count(key: str, value: Any) -> int:
     """0 or more, within what gRPC and C take (a channel argument is a C int)."""
     return _as_int(key, value, minimum=0, maximum=MAX_INT32)
@@ -330,8 +348,8 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "metrics_address": _as_optional_address,
     "default_x509_svid_ttl": _positive,
     "default_jwt_svid_ttl": _positive,
-    "agent_svid_ttl": _positive,
-    "server_svid_ttl": _positive,
+    "agent_svid_ttl": _own_svid_ttl,
+    "server_svid_ttl": _own_svid_ttl,
     "ca_ttl": _positive,
     "jwt_key_ttl": _positive,
     "join_token_ttl": _join_token_ttl,

@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ServerConfig, build_config, check_key_encryption, load_config
+from server.ca.signer import BACKDATE_SECONDS
+from server.config import (
+    MIN_OWN_SVID_TTL,
+    ServerConfig,
+    build_config,
+    check_key_encryption,
+    load_config,
+)
 from server.errors import ConfigError
+from server.renewal import half_life
 from svid._spiffe_id import TrustDomain
 
 
@@ -140,6 +148,20 @@ def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
 def test_numbers_that_are_not_finite_are_refused(values: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key}:"):
         build_config({"trust_domain": "example.org", **values})
+
+
+@pytest.mark.parametrize("key", ["agent_svid_ttl", "server_svid_ttl"])
+def test_an_own_svid_ttl_whose_renewal_point_is_past_at_issuance_is_refused(key: str) -> None:
+    # An agent_svid_ttl of 2 s was taken: the agent renewed its SVID dozens of times a second,
+    # each a new Sync stream, until the server refused them and the SVID lapsed; with its join
+    # token spent it could not attest again. The server renewed its own SVID likewise.
+    with pytest.raises(ConfigError, match=f"^{key}: must be at least {MIN_OWN_SVID_TTL} s, got 10"):
+        build_config({"trust_domain": "example.org", key: 10})
+    assert getattr(build_config({"trust_domain": "example.org", key: 11}), key) == 11
+    # The floor is where half the back-dated span first falls after issuance.
+    now = 1_000_000.0
+    assert half_life(now - BACKDATE_SECONDS, now + MIN_OWN_SVID_TTL) > now
+    assert half_life(now - BACKDATE_SECONDS, now + MIN_OWN_SVID_TTL - 1) <= now
 
 
 @pytest.mark.parametrize(
