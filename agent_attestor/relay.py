@@ -404,7 +404,7 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
 def refuse_live_socket(path: Path) -> None:
     """A socket at `path` that still takes a connection is a running agent's, and refused:
     replaced, its workloads found this agent's socket instead, and this agent's stop removed it,
-    leaving that one serving no one."""
+    leaving that one serving no one. Anything else at `path` is refused too."""
     if _is_live_socket(path):
         raise ConfigError(
             f"socket_path: another agent is listening on {path}: stop it first, or give this "
@@ -414,19 +414,21 @@ def refuse_live_socket(path: Path) -> None:
 
 def _clear_stale_socket(path: Path) -> None:
     """Remove the socket a stopped agent left at `path` (one killed could not), refusing a
-    running one's. Anything else at `path` is no socket to remove: bind refuses it."""
+    running one's, or anything at `path` that is no socket."""
     refuse_live_socket(path)
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            path.unlink()
+        path.unlink()
 
 
 def _is_live_socket(path: Path) -> bool:
     try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return False
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return False
+    if not stat.S_ISSOCK(mode):
+        # bind() said only "Address already in use", as if an agent listened there.
+        what = "a directory" if stat.S_ISDIR(mode) else "not a socket"
+        raise ConfigError(f"socket_path: {path} exists and is {what}")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(PROBE_TIMEOUT)
     try:

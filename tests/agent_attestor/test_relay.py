@@ -292,3 +292,19 @@ def test_a_stale_socket_is_replaced_and_a_socket_put_in_place_of_ours_is_left_at
         probe.close()
     finally:
         other.close()
+
+
+@pytest.mark.parametrize(("kind", "said"), [("file", "not a socket"), ("dir", "a directory")])
+def test_a_socket_path_taken_by_a_file_or_directory_is_refused_naming_it(
+    root: Path, kind: str, said: str
+) -> None:
+    """bind() refused it "Address already in use" (a traceback), as if an agent listened there."""
+    public = root / "public.sock"
+    if kind == "file":
+        public.write_text("")
+    else:
+        public.mkdir()
+    relay = WorkloadRelay(public, root / "api.sock", CallerRegistry(), [])
+    with pytest.raises(ConfigError, match=f"^socket_path: {public} exists and is {said}$"):
+        asyncio.run(relay.start())
+    assert public.exists()
