@@ -39,6 +39,8 @@ from agent_attestor.workload_api import WorkloadApi
 from agent_attestor.workload_attestor import ExeHashCache, UnixAttestor
 from svid._clock import Clock, SystemClock
 from svid._daemon_config import listening
+from svid._der import load_pem_certs
+from svid._errors import SvidParseError
 from svid._stop_signals import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,19 @@ HEALTH_SETTLE = 1.0
 def bootstrap_roots(config: AgentConfig) -> bytes:
     if config.trust_bundle is not None:
         try:
-            return config.trust_bundle.read_bytes()
+            pem = config.trust_bundle.read_bytes()
         except OSError as exc:
-            raise ConfigError(f"trust_bundle: cannot read {config.trust_bundle}: {exc}") from exc
+            raise ConfigError(
+                f"trust_bundle: cannot read {config.trust_bundle}: {exc.strerror or exc}"
+            ) from None
+        # Checked here: a file with no certificate (empty, the wrong file) ran on, retrying
+        # with "no trust bundle to verify the server" or "no trust bundle this agent has
+        # verifies the server's certificate", as if the server's CA had been replaced.
+        try:
+            load_pem_certs(pem)
+        except SvidParseError as exc:
+            raise ConfigError(f"trust_bundle: {config.trust_bundle}: {exc}") from None
+        return pem
     if config.insecure_bootstrap:
         log.warning(
             "INSECURE BOOTSTRAP: trusting whatever server answers at first contact; "

@@ -678,3 +678,25 @@ def test_cli_fetch_x509_write_with_a_directory_in_the_way_of_the_key_replaces_no
     )
     assert (out / "svid.0.pem").read_bytes() == b"the old certificate\n"
     assert sorted(p.name for p in out.iterdir()) == ["svid.0.key", "svid.0.pem"]
+
+
+def test_a_trust_bundle_with_no_certificate_is_refused_at_start_naming_it(tmp_path: Path) -> None:
+    # An empty file, or the wrong one, was taken: the agent ran on, retrying with "no trust
+    # bundle to verify the server" or as if the server's CA had been replaced.
+    empty, wrong = tmp_path / "empty.pem", tmp_path / "token"
+    empty.write_bytes(b"")
+    wrong.write_text("0123456789abcdef.not-a-certificate\n")
+    run = [sys.executable, "-m", "agent_attestor.cli", "run", "--server-address", "127.0.0.1:1"]
+    for bundle in (empty, wrong):
+        paths = ["--data-dir", str(tmp_path / "d"), "--socket-path", str(tmp_path / "api.sock")]
+        done = subprocess.run(
+            [*run, "--trust-bundle", str(bundle), *paths],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"svid-agent: configuration error: trust_bundle: {bundle}: ")
+        assert "certificate" in done.stderr
+        assert done.stderr.count("\n") == 1
