@@ -60,6 +60,7 @@ from svid._bundle import SpiffeBundle
 from svid._clock import Clock
 from svid._jose import public_key_thumbprint_kid
 from svid._spiffe_id import TrustDomain
+from svid._x509 import spiffe_id_from_cert
 
 _log = logging.getLogger("svid.server.ca")
 
@@ -121,6 +122,15 @@ class LostKey:
 
 def _times(slots: list[KeySlot]) -> list[rotation.SlotTimes]:
     return [rotation.SlotTimes(s.slot_id, s.status, s.not_before, s.not_after) for s in slots]
+
+
+def _ca_trust_domain(public_der: bytes) -> TrustDomain | None:
+    """The trust domain an X.509 slot's CA certificate names; None for one that names none
+    (checked elsewhere, where it is used)."""
+    try:
+        return spiffe_id_from_cert(x509.load_der_x509_certificate(public_der)).trust_domain
+    except (ValueError, IndexError):  # X509SvidError is a ValueError
+        return None
 
 
 def default_holder() -> str:
@@ -195,6 +205,7 @@ class CaManager:
         the lease, or else adopt the journal (waiting for the holder's first keys, or for its
         lease to lapse, on a fresh datastore)."""
         with self._lock:
+            self._check_trust_domain()
             if self._kek is None:
                 self._check_key_files()
                 self._apply_schedule()
@@ -577,6 +588,21 @@ class CaManager:
         return slot
 
     # -- start-up hygiene -----------------------------------------------------------------------
+
+    def _check_trust_domain(self) -> None:
+        """The datastore's CAs are the configured trust domain's. A server started on another
+        trust domain's datastore (trust_domain mistyped, or changed on a data_dir in use) ran on
+        that CA: its agents refused it as another trust domain's server, and the entries and
+        agents in the datastore were out of its sight, listed as none."""
+        for slot in self._ds.list_key_slots(X509_KIND):
+            named = _ca_trust_domain(slot.public_der)
+            if named is not None and named != self.trust_domain:
+                raise CaConfigError(
+                    f"trust_domain: {self.trust_domain}, but the datastore is trust domain "
+                    f"{named}'s (its CA, key slot {slot.slot_id}, names {named}): set "
+                    f'trust_domain = "{named}", or give {self.trust_domain} a datastore of its '
+                    "own (another data_dir or datastore)"
+                )
 
     def _check_key_files(self) -> None:
         """Every journaled slot's private key must be at hand: sealed in its row, or (unsealed)

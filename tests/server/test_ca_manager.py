@@ -23,7 +23,7 @@ from server.ca.manager import CaConfig, CaManager
 from server.datastore.records import ACTIVE, JWT_KIND, RETIRED, X509_KIND, KeySlot
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock, to_datetime
-from svid._spiffe_id import SpiffeId
+from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._x509 import check_leaf_profile
 from tests.server.conftest import TRUST_DOMAIN, openssl_verify
 from tests.server.fixtures import managed_server
@@ -135,6 +135,25 @@ def test_a_live_slot_whose_key_file_is_missing_refuses_the_start_and_keeps_the_j
         again.initialize()
     assert _journal(datastore) == journal
     assert len(keystore.slot_ids()) == 1  # the other kind's key is untouched
+
+
+def test_another_trust_domain_on_the_datastore_refuses_the_start_naming_both(
+    ca_manager: CaManager, datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
+) -> None:
+    """trust_domain mistyped, or changed on a data_dir in use: the server ran on the datastore's
+    CA under the new name, its agents refused it as another trust domain's server, and its
+    entries and agents were listed as none."""
+    journal = _journal(datastore)
+    slot = journal[X509_KIND][0].slot_id
+    other = CaManager(CaConfig(TrustDomain("example.com")), datastore, keystore, clock)
+    expected = (
+        f"^trust_domain: example.com, but the datastore is trust domain example.org's "
+        f"\\(its CA, key slot {slot}, names example.org\\)"
+    )
+    with pytest.raises(CaConfigError, match=expected):
+        other.initialize()
+    assert _journal(datastore) == journal
+    CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock).initialize()  # its own starts
 
 
 def test_forgetting_lost_keys_drops_only_the_slots_still_lost(
