@@ -234,6 +234,19 @@ class WorkloadRelay:
                 "max_connections is more than the descriptor limit carries",
                 extra={"max_connections": capacity, "descriptor_limit": limit},
             )
+        elif capacity < self.settings.max_connections_per_uid:
+            # Said at start: under a small LimitNOFILE (or container ulimit) the agent took a
+            # capacity of a few connections, or one, and said so only as it refused callers.
+            log.warning(
+                "the descriptor limit leaves room for fewer Workload API connections than one "
+                "uid may hold: raise the hard RLIMIT_NOFILE (LimitNOFILE) or lower "
+                "max_connections_per_uid",
+                extra={
+                    "max_connections": capacity,
+                    "max_connections_per_uid": self.settings.max_connections_per_uid,
+                    "descriptor_limit": limit,
+                },
+            )
         self.admission = Admission(self.settings.max_connections_per_uid, capacity, self.clock)
         # Checked before binding: a directory on the way that another user may write is one
         # where that user can put its own socket in place of ours (safe_dir.py).

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from agent_attestor import relay as relay_module
+from agent_attestor.admission import capacity_for
 from agent_attestor.errors import ConfigError
 from agent_attestor.model import Selector
 from agent_attestor.peer import CallerRegistry
@@ -308,3 +310,28 @@ def test_a_socket_path_taken_by_a_file_or_directory_is_refused_naming_it(
     with pytest.raises(ConfigError, match=f"^socket_path: {public} exists and is {said}$"):
         asyncio.run(relay.start())
     assert public.exists()
+
+
+@pytest.mark.parametrize(("limit", "warned"), [(64, True), (100_000, False)])
+def test_a_descriptor_limit_too_small_for_one_uids_connections_is_warned_of_at_start(
+    root: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    limit: int,
+    warned: bool,
+) -> None:
+    """Under a hard limit of 64 the agent took a capacity of one connection, saying so only as
+    it refused the second caller."""
+    monkeypatch.setattr(relay_module, "raise_descriptor_limit", lambda: limit)
+
+    async def nothing(relay: WorkloadRelay, peers: list[str]) -> None:
+        assert relay.admission.capacity == capacity_for(limit)
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(_with_relay(root, _echo, nothing))
+    lines = [r for r in caplog.records if r.getMessage().startswith("the descriptor limit")]
+    assert bool(lines) is warned
+    if warned:
+        said = lines[0]
+        assert (said.max_connections, said.descriptor_limit) == (capacity_for(limit), limit)
+        assert said.max_connections_per_uid == 256
