@@ -23,8 +23,13 @@ _log = logging.getLogger("svid.server")
 def prepare(path: Path) -> None:
     """Create the private directory and clear a stale socket; refuse if another server is live."""
     directory = path.parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = directory.stat()
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+    except OSError as exc:  # a file on the way: "[Errno 17] File exists: '<a parent>'"
+        raise ConfigError(
+            f"admin_socket: cannot make its directory {directory}: {exc.strerror or exc}"
+        ) from None
     if info.st_uid != os.geteuid():
         raise ConfigError(f"admin_socket: directory {directory} belongs to another user")
     mode = stat.S_IMODE(info.st_mode)

@@ -101,6 +101,16 @@ def test_stale_socket_is_removed_live_one_refused(tmp_path: Path) -> None:
         prepare(path)
 
 
+def test_an_admin_socket_below_a_file_is_refused_naming_the_key(tmp_path: Path) -> None:
+    # It was "svid-server: error: [Errno 17] File exists: '<the file>'", naming no key.
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "priv" / "admin.sock"
+    with pytest.raises(
+        ConfigError, match=f"^admin_socket: cannot make its directory {path.parent}"
+    ):
+        prepare(path)
+
+
 def test_lock_down_sets_0600(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_text("")
