@@ -187,7 +187,13 @@ def attest_error(exc: grpc.RpcError, join_token: str, address: str) -> Attestati
 def insecure_fetch_server_root(address: str) -> bytes:
     """Demo only: the PEM of whatever certificate the server presents (no verification)."""
     host, _, port = address.rpartition(":")
-    pem = ssl.get_server_certificate((host, int(port)))
+    try:
+        pem = ssl.get_server_certificate((host.strip("[]"), int(port)))
+    except OSError as exc:  # the server not up yet: a traceback from `run`
+        raise AttestationError(
+            f"insecure_bootstrap: cannot fetch the server's certificate from {address}: "
+            f"{exc.strerror or exc}"
+        ) from None
     return pem.encode()
 
 

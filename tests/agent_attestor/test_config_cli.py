@@ -700,3 +700,21 @@ def test_a_trust_bundle_with_no_certificate_is_refused_at_start_naming_it(tmp_pa
         assert done.stderr.startswith(f"svid-agent: configuration error: trust_bundle: {bundle}: ")
         assert "certificate" in done.stderr
         assert done.stderr.count("\n") == 1
+
+
+def test_an_insecure_bootstrap_with_no_server_up_is_one_line_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    run = [sys.executable, "-m", "agent_attestor.cli", "run", "--server-address", "127.0.0.1:1"]
+    paths = ["--data-dir", str(tmp_path / "d"), "--socket-path", str(tmp_path / "api.sock")]
+    done = subprocess.run(
+        [*run, "--server-attest-address", "127.0.0.1:1", "--insecure-bootstrap", *paths],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    said = "svid-agent: insecure_bootstrap: cannot fetch the server's certificate from 127.0.0.1:1"
+    assert said in done.stderr
