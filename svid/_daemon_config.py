@@ -43,8 +43,10 @@ def read_table(path: Path, table: str, error: ErrorType, words: FileWords) -> di
     that key's default without a word).
     """
     try:
-        # TOML is UTF-8, whatever the locale.
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+        # TOML is UTF-8, whatever the locale. A leading byte order mark (Windows editors write
+        # one) is dropped: tomllib refused it as "Invalid statement (at line 1, column 1)", in a
+        # file that looks right in every editor.
+        data = tomllib.loads(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))
     except OSError as exc:  # absent, a directory, a file this user may not read
         said = words.missing if isinstance(exc, FileNotFoundError) else words.unreadable
         raise error(said.format(path=path, reason=exc.strerror or exc)) from None

@@ -108,6 +108,13 @@ def test_a_file_that_is_not_utf8_is_refused_at_its_first_bad_byte_whatever_the_l
     assert str(refused.value) == f"not-utf8 {path} at 11"
 
 
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path: Path) -> None:
+    # Refused as "Invalid statement (at line 1, column 1)": nothing an editor shows.
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'\xef\xbb\xbfname = "x"\n')
+    assert _read(path) == {"name": "x"}
+
+
 def test_a_file_that_is_not_toml_is_refused_saying_where(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("x = 1\ny = ?\n")
