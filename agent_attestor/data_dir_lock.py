@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent_attestor.errors import ConfigError
+from agent_attestor.safe_dir import secure_dir
 
 LOCK_FILE = "agent.lock"
 
@@ -23,7 +24,8 @@ LOCK_FILE = "agent.lock"
 @contextlib.contextmanager
 def holding_data_dir(data_dir: Path) -> Iterator[None]:
     """Hold `data_dir` for this process (made 0700 if missing) while the block runs; refused
-    with a ConfigError naming it when another agent holds it, or when it cannot be made."""
+    with a ConfigError naming it when another agent holds it, when it cannot be made, or when
+    another user could change it or a directory above it (safe_dir.py)."""
     fd = _open_lock(data_dir)
     try:
         try:
@@ -43,10 +45,12 @@ def holding_data_dir(data_dir: Path) -> Iterator[None]:
 
 
 def _open_lock(data_dir: Path) -> int:
+    # Checked as the socket's directories are: the agent's key, its SVID, its trust bundle and
+    # its workloads' keys are kept here, and another user who may write a directory on the way
+    # could put files of its own in their place. (The default private_dir, below data_dir,
+    # had it checked; a private_dir given elsewhere left a 0777 data_dir taken without a word.)
     try:
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except FileExistsError:  # exist_ok covers a directory only
-        raise ConfigError(f"data_dir: {data_dir} is not a directory") from None
+        secure_dir(data_dir, "data_dir", 0o700)
     except OSError as exc:
         raise ConfigError(f"data_dir: cannot create {data_dir}: {exc.strerror or exc}") from None
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC

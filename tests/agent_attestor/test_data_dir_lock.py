@@ -32,17 +32,21 @@ def test_a_held_data_dir_is_refused_naming_the_holder_and_free_again_once_releas
 
 @pytest.mark.parametrize(
     ("under", "said"),
-    [("file", "is not a directory"), ("file/below", "cannot create")],
+    [("file", "is not a directory"), ("file/below", "is not a directory"), ("open", "mode 0777")],
 )
 def test_a_data_dir_that_cannot_be_made_is_one_line_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], under: str, said: str
 ) -> None:
     (tmp_path / "file").write_text("")
+    # A data_dir others may write, with the private_dir elsewhere (checked on its own): taken.
+    (tmp_path / "open").mkdir()
+    os.chmod(tmp_path / "open", 0o777)
     data_dir = tmp_path / under
     run = ["run", "--server-address", "127.0.0.1:1", "--insecure-bootstrap"]
-    assert cli.main([*run, "--data-dir", str(data_dir)]) == 2
+    private = ["--private-dir", str(tmp_path / "private")]
+    assert cli.main([*run, "--data-dir", str(data_dir), *private]) == 2
     err = capsys.readouterr().err
     assert err.startswith("svid-agent: configuration error: data_dir: ")
-    assert str(data_dir) in err
+    assert str(tmp_path / under.split("/", maxsplit=1)[0]) in err
     assert said in err
     assert err.count("\n") == 1
