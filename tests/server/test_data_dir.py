@@ -1,0 +1,90 @@
+"""The server's data_dir is made 0700, or refused when another user could replace what it holds
+(server/data_dir.py): a 0777 one was taken without a word."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.data_dir import prepare_data_dir
+from server.errors import ConfigError
+
+NOBODY = 65534
+
+
+def test_a_missing_data_dir_is_made_0700(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "data"
+    prepare_data_dir(path)
+    assert os.stat(path).st_mode & 0o7777 == 0o700
+
+
+def test_a_data_dir_any_user_may_write_is_refused_and_a_sticky_one_taken(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    path.mkdir()
+    os.chmod(path, 0o777)
+    with pytest.raises(ConfigError, match=f"^data_dir: {path} has mode 0777: any user may write"):
+        prepare_data_dir(path)
+    os.chmod(path, 0o1777)
+    prepare_data_dir(path)
+
+
+def test_a_group_writable_data_dir_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "data"
+    path.mkdir()
+    os.chmod(path, 0o770)
+    with caplog.at_level(logging.WARNING):
+        prepare_data_dir(path)
+    warned = [r for r in caplog.records if r.getMessage().startswith("data_dir: its group")]
+    assert [(r.data_dir, r.mode) for r in warned] == [(str(path), "0770")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory away")
+def test_a_data_dir_of_another_user_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    path.mkdir(mode=0o700)
+    os.chown(path, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=f"^data_dir: {path} is owned by uid {NOBODY}"):
+        prepare_data_dir(path)
+
+
+def test_a_file_in_place_of_the_data_dir_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        prepare_data_dir(tmp_path / "file")
+    with pytest.raises(ConfigError, match=r"^data_dir: cannot make .*: Not a directory"):
+        prepare_data_dir(tmp_path / "file" / "data")
+
+
+def test_run_refuses_a_data_dir_any_user_may_write_before_it_holds_anything(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, 0o777)
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'trust_domain = "example.org"\ndata_dir = "{data}"\n'
+        f'admin_socket = "{tmp_path / "p" / "admin.sock"}"\n'
+        'bind_address = "127.0.0.1:0"\nattest_bind_address = "127.0.0.1:0"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.endswith(
+        f"svid-server: config error: data_dir: {data} has mode 0777: "
+        "any user may write it, and so replace the datastore and keys it "
+        "holds (chmod o-w, or 0700)\n"
+    )
+    assert list(data.iterdir()) == []
