@@ -55,6 +55,12 @@ def read_table(path: Path, table: str, error: ErrorType, words: FileWords) -> di
     except tomllib.TOMLDecodeError as exc:
         raise error(words.not_toml.format(path=path, reason=exc)) from None
     if table not in data:
+        others = sorted(key for key, value in data.items() if isinstance(value, dict))
+        if others and len(others) == len(data):
+            # Another daemon's file (no daemon has a key that is a table): refused as its
+            # first table, "agent: unknown configuration key", naming no file or table.
+            listed = ", ".join(f"[{name}]" for name in others)
+            raise error(f"{path}: has no [{table}] table (it holds {listed})")
         return data
     own = data[table]
     if not isinstance(own, dict):

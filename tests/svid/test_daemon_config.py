@@ -55,6 +55,19 @@ def test_the_daemons_table_is_read_and_other_daemons_tables_are_left_alone(
     assert _read(path) == {"data_dir": "/x"}
 
 
+def test_a_file_of_other_daemons_tables_only_is_refused_naming_them(tmp_path: Path) -> None:
+    # The agent's file given to the server was refused "agent: unknown configuration key".
+    path = tmp_path / "c.toml"
+    path.write_text("[agent]\nkey = 1\n[other]\nkey = 2\n")
+    with pytest.raises(
+        RefusedError, match=re.escape(f"{path}: has no [daemon] table (it holds [agent], [other])")
+    ):
+        _read(path)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert _read(empty) == {}
+
+
 def test_a_key_beside_the_daemons_table_is_refused_naming_it_and_the_file(tmp_path: Path) -> None:
     # Read by no daemon: it ran on that key's default without a word.
     path = tmp_path / "c.toml"
