@@ -333,6 +333,16 @@ def _as_positive_float(key: str, value: Any) -> float:
     return number
 
 
+# Worker processes per signing pool: each pool books a slot per process at start (a 10**8 typo
+# took 4 s and 870 MB before the server listened; 10**9, all the memory there was) and may start
+# that many interpreters under a burst of big batches. Far past any host's cores.
+MAX_SIGNING_PROCESSES = 1024
+
+
+def _signing_processes(key: str, value: Any) -> int:
+    return _as_int(key, value, minimum=0, maximum=MAX_SIGNING_PROCESSES)
+
+
 def _join_token_ttl(key: str, value: Any) -> int:
     """Bounded as `token generate --ttl` is: past it, every `token generate` without --ttl
     was refused, naming a flag the operator never gave."""
@@ -380,7 +390,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "task_mint_pairs_rate_per_agent": _as_float,
     "task_mint_pairs_burst_per_agent": _as_int,
     "signing_threads": _positive,
-    "signing_processes": _as_int,
+    "signing_processes": _signing_processes,
     "policy_dir": _as_path,
     "audit_checkpoint_interval": _as_positive_float,
     "audit_retention_days": _as_float,

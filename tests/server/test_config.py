@@ -100,6 +100,8 @@ def test_config_is_frozen() -> None:
         ({"trust_domain": "example.org", "audit_max_events": -3}, "audit_max_events"),
         ({"trust_domain": "example.org", "audit_prune_interval": 0}, "audit_prune_interval"),
         ({"trust_domain": "example.org", "signing_processes": -1}, "signing_processes"),
+        # Each pool booked a slot per process at start: 10**9 took all the memory there was.
+        ({"trust_domain": "example.org", "signing_processes": 10**9}, "signing_processes"),
         (
             {"trust_domain": "example.org", "jwt_mint_processes": 2, "signing_processes": 1},
             "jwt_mint_processes",
