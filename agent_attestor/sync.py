@@ -43,7 +43,7 @@ from agent_attestor.errors import (
 )
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient, server_not_verified
-from agent_attestor.rotation import rotation_point
+from agent_attestor.rotation import ROTATE_AT, rotation_point
 from agent_attestor.server_identity import CheckContexts
 from agent_attestor.servers import (
     Resolver,
@@ -55,7 +55,7 @@ from agent_attestor.servers import (
 )
 from agent_attestor.signer import MintedJwt, X509Result
 from svid._backoff import Retry, backoff_delay
-from svid._clock import Clock
+from svid._clock import Clock, ElapsedClock
 from svid._der import certs_to_pem, parse_der_certs
 from svid._log_throttle import LogThrottle
 
@@ -124,6 +124,37 @@ class SyncSettings:
     resolver: Resolver = system_resolver
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """When an agent SVID reached this agent: its wall clock then, and its elapsed clock."""
+
+    wall: float
+    elapsed: float
+
+
+def renewal_wait(
+    not_before: float, not_after: float, arrival: Arrival | None, now: float, elapsed: float
+) -> float:
+    """Seconds until the agent SVID is to be renewed (none left: now), at `now` on the wall clock
+    and `elapsed` on the elapsed clock.
+
+    By its validity on the wall clock (rotation_point), moved past its arrival: a clock ahead of
+    the server's by half a TTL read every SVID the server sent as due, and renewed it at once,
+    forever. And at the latest half its life after its arrival, on the elapsed clock: a clock
+    behind the server's by as much came to the point just before NotAfter, and an SVID whose
+    renewal then failed lapsed.
+
+    `arrival` None: an SVID loaded from disk, which came no one knows when. Counted as arriving
+    at the start it would wait half of what it has left, and one overdue (the agent stopped
+    past its point) would not be renewed at once; only its validity says when."""
+    point = rotation_point(not_before, not_after, arrived=arrival.wall if arrival else 0.0)
+    wait = point - now
+    if arrival is not None:
+        by_elapsed = arrival.elapsed + (not_after - not_before) * ROTATE_AT
+        wait = min(wait, by_elapsed - elapsed)
+    return wait
+
+
 def failure_code(exc: BaseException) -> str | None:
     """The gRPC status code name behind a failure (None: the transport failed)."""
     cause: BaseException | None = exc
@@ -159,6 +190,8 @@ class Syncer:
         self._store = store
         self._cache = cache
         self._clock = clock
+        # Intervals since an agent SVID arrived: no step of the wall clock moves them back.
+        self._elapsed = ElapsedClock(clock)
         self._on_change = on_change or (lambda _event: None)
         self._on_checkpoint = on_checkpoint or (lambda _checkpoint: None)
         self._client: NodeClient | None = None
@@ -167,6 +200,8 @@ class Syncer:
         self._contexts = CheckContexts()
         self.moves = 0  # times the agent moved to another server
         self._svid: AgentSvid | None = None
+        # The last agent SVID the server sent this run, and when (renewal_wait).
+        self._arrived: tuple[AgentSvid, Arrival] | None = None
         # The agent SVID in use and its roots, when the disk refused them (_persist): saved
         # again by _save_loop, woken by _save_wanted. Roots () once nothing is left to save;
         # roots a Sync message brought and the disk refused (_save_bundle) wait here too.
@@ -478,6 +513,7 @@ class Syncer:
                 svid, bundle = await client.attest(
                     join_token=self._s.join_token, x509pop=self._s.x509pop
                 )
+                self._note_arrival(svid)
             except JoinTokenRefusedError as exc:
                 raise self._refused_token(exc) from exc
             except (
@@ -571,6 +607,7 @@ class Syncer:
         if self._client is None:
             return
         svid, bundle = await self._client.renew()
+        self._note_arrival(svid)
         # Adopted to the end even if the renewal is cancelled now (a reconnect, a stop): its
         # save goes on in its thread and may reach the disk, and the older SVID kept in memory
         # beside it had this run and the next start use two different ones.
@@ -586,10 +623,29 @@ class Syncer:
         self._on_change("renewed")
         self._reconnect.set()  # move the Sync stream to the new certificate
 
+    def _note_arrival(self, svid: AgentSvid) -> None:
+        """`svid` came from the server now: its renewal is counted from here too."""
+        self._arrived = (svid, Arrival(self._clock.now(), self._elapsed.monotonic()))
+
+    def _arrival(self, svid: AgentSvid) -> Arrival | None:
+        """When `svid` came from the server; None: loaded from disk. Kept across reconnects,
+        each starting a renewal loop: counted from a loop's start, a connection that dropped
+        every few minutes would put the renewal off until the SVID lapsed."""
+        if self._arrived is not None and self._arrived[0] is svid:
+            return self._arrived[1]
+        return None
+
     async def _renew_loop(self, svid: AgentSvid) -> None:
+        arrival = self._arrival(svid)
         attempt = 0
         while True:
-            due = rotation_point(svid.not_before, svid.not_after) - self._clock.now()
+            due = renewal_wait(
+                svid.not_before,
+                svid.not_after,
+                arrival,
+                self._clock.now(),
+                self._elapsed.monotonic(),
+            )
             if due > 0:
                 # Not one long sleep: it counts monotonic seconds, and a wall clock stepped
                 # forward meanwhile would let the SVID expire unrenewed.

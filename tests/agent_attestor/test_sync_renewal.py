@@ -1,0 +1,199 @@
+"""When the agent renews its own SVID (Syncer._renew_loop) under a wall clock skewed from the
+server's, and how a renewal that fails is retried. The renewals are the Syncer's own (renew_once,
+saving and installing what came); only the server's answer is stood in for, signed by a CA that
+dates the SVIDs by the server's clock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent_attestor import sync
+from agent_attestor.agent_store import AgentStore, AgentSvid
+from agent_attestor.cache import Cache
+from agent_attestor.model import TrustBundle
+from agent_attestor.node_client import NodeClient
+from agent_attestor.servers import Target
+from agent_attestor.sync import Syncer, SyncSettings
+from svid._clock import FakeClock
+from svid._der import certs_to_pem
+from tests.agent_attestor.pki import LocalCa
+from tests.clocks import SteppedClock
+
+AGENT = "spiffe://example.org/svid/agent/join_token/t"
+TTL = 3600  # the server's agent_svid_ttl
+SKEW = 1800.0  # half the TTL: the agent's clock this far from the server's
+
+
+class _Server:
+    """The server's side of RenewAgent: a fresh agent SVID of TTL seconds, dated by its clock,
+    or the failures queued in `failures` first."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.ca = LocalCa(clock, ttl=TTL)
+        self.renewals = 0
+        self.failures: list[Exception] = []
+
+    def svid(self) -> AgentSvid:
+        key = ec.generate_private_key(ec.SECP256R1())
+        return AgentSvid(AGENT, (self.ca.sign_leaf(key.public_key(), AGENT),), key)
+
+    async def renew(self) -> tuple[AgentSvid, TrustBundle]:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.renewals += 1
+        return self.svid(), self.ca.bundle()
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> _Server:
+    # Seconds between readings of the clocks while a renewal waits: the test moves them.
+    monkeypatch.setattr(sync, "RECHECK", 0.01)
+    srv = _Server(FakeClock(start=time.time()))
+
+    async def renew(client: NodeClient, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
+        return await srv.renew()
+
+    monkeypatch.setattr(NodeClient, "renew", renew)
+    return srv
+
+
+def _syncer(tmp_path: Path, server: _Server, clock: SteppedClock) -> Syncer:
+    """An agent whose data_dir holds an agent SVID the server issued just now."""
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    store.save_svid(server.svid())
+    syncer = Syncer(SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),)), store, Cache(), clock)
+    syncer.set_bootstrap_roots(certs_to_pem([server.ca.cert]))
+    return syncer
+
+
+async def _not_renewed(syncer: Syncer, server: _Server) -> asyncio.Task[None]:
+    """The renewal loop of the agent SVID in use, once it has read the clocks a few times
+    without renewing it."""
+    before = server.renewals
+    loop = asyncio.create_task(syncer._renew_loop(syncer.agent_svid))  # type: ignore[arg-type]
+    await asyncio.sleep(0.1)
+    assert not loop.done()
+    assert server.renewals == before
+    return loop
+
+
+def test_a_clock_ahead_by_half_the_ttl_renews_once_not_in_a_loop(
+    tmp_path: Path, server: _Server
+) -> None:
+    """30 min ahead of the server's, with a 1 h TTL, the agent's clock read every SVID the
+    server handed it as past its rotation point (half the life from a NotBefore the server
+    dated): each renewal moved the Sync stream to a new connection, whose loop renewed again
+    at once, hammering the server until it refused the agent's streams. The SVID on disk at
+    the start, which came no one knows when, is still renewed at once: by this clock it is
+    overdue."""
+    base = server.ca.clock
+    assert isinstance(base, FakeClock)
+    clock = SteppedClock(base, SKEW)
+    syncer = _syncer(tmp_path, server, clock)
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        await asyncio.wait_for(syncer._renew_loop(loaded), 5)
+        assert server.renewals == 1
+        loop = await _not_renewed(syncer, server)
+        # Half of what the SVID has left by this clock (1800 s), counted from its arrival.
+        base.advance(901)
+        await asyncio.wait_for(loop, 5)
+        assert server.renewals == 2
+        await syncer.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_clock_behind_by_half_the_ttl_renews_before_the_svid_lapses(
+    tmp_path: Path, server: _Server
+) -> None:
+    """30 min behind the server's, the agent's clock came to the rotation point 5 s before
+    NotAfter: a renewal that failed then, or a clock a little further behind, let the agent
+    SVID lapse (with a join token spent, the node could not attest again). Half the SVID's life
+    after it arrived, on the elapsed clock, it is renewed whatever the wall clock says."""
+    base = server.ca.clock
+    assert isinstance(base, FakeClock)
+    clock = SteppedClock(base, -SKEW)
+    syncer = _syncer(tmp_path, server, clock)
+
+    async def scenario() -> None:
+        await syncer.ensure_identity()
+        await syncer.renew_once()  # an SVID arrives: its life is counted from now
+        loop = await _not_renewed(syncer, server)
+        base.advance(TTL / 2 + 6)  # NotBefore is back-dated 10 s
+        await asyncio.wait_for(loop, 5)
+        assert server.renewals == 2
+        await syncer.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_overdue_svid_loaded_at_start_is_renewed_at_once(
+    tmp_path: Path, server: _Server
+) -> None:
+    """The agent SVID on disk is past its rotation point (the agent was stopped for 40 min):
+    it is renewed at once, not half its remaining life after the start, as if it had just
+    arrived."""
+    base = server.ca.clock
+    assert isinstance(base, FakeClock)
+    syncer = _syncer(tmp_path, server, SteppedClock(base))
+    base.advance(2400)
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        await asyncio.wait_for(syncer._renew_loop(loaded), 5)
+        assert server.renewals == 1
+        await syncer.close()
+
+    asyncio.run(scenario())
+
+
+def _unavailable() -> Exception:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "server gone"
+    )
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        _unavailable,
+    ],
+    ids=["rpc"],
+)
+def test_a_renewal_that_fails_is_retried_after_a_backoff(
+    tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch, failure: object
+) -> None:
+    """Every failed renewal waits a growing backoff before the next. A failure other than a
+    gRPC error or an attestation error (the server check found no connection, the server sent
+    an SVID that does not parse) ended the renewal loop with no word: nothing renewed the agent
+    SVID on that connection again, and it lapsed."""
+    assert callable(failure)
+    server.failures = [failure(), failure()]
+    waited: list[int] = []
+
+    def backoff(attempt: int, low: float, high: float, rand: object) -> float:
+        waited.append(attempt)
+        return 0.0
+
+    monkeypatch.setattr(sync, "backoff_delay", backoff)
+    base = server.ca.clock
+    assert isinstance(base, FakeClock)
+    syncer = _syncer(tmp_path, server, SteppedClock(base))
+    base.advance(2400)
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        await asyncio.wait_for(syncer._renew_loop(loaded), 5)
+        await syncer.close()
+
+    asyncio.run(scenario())
+    assert waited == [0, 1]  # one backoff before each retry, growing
+    assert server.renewals == 1
