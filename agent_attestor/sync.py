@@ -57,6 +57,7 @@ from agent_attestor.signer import MintedJwt, X509Result
 from svid._backoff import Retry, backoff_delay
 from svid._clock import Clock, ElapsedClock
 from svid._der import certs_to_pem, parse_der_certs
+from svid._errors import SvidError
 from svid._log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
@@ -654,7 +655,9 @@ class Syncer:
             try:
                 await self.renew_once()
                 return
-            except (grpc.RpcError, AttestationError) as exc:
+            # Any failure is retried after a backoff: one that ended the loop (no connection
+            # to check the server, an SVID that does not parse) left nothing renewing the SVID.
+            except (grpc.RpcError, SvidError, OSError) as exc:
                 delay = backoff_delay(
                     attempt, self._s.reconnect_min, self._s.reconnect_max, self._s.rand
                 )

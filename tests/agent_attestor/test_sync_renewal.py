@@ -22,6 +22,7 @@ from agent_attestor.servers import Target
 from agent_attestor.sync import Syncer, SyncSettings
 from svid._clock import FakeClock
 from svid._der import certs_to_pem
+from svid._errors import SvidParseError
 from tests.agent_attestor.pki import LocalCa
 from tests.clocks import SteppedClock
 
@@ -165,8 +166,10 @@ def _unavailable() -> Exception:
     "failure",
     [
         _unavailable,
+        lambda: ConnectionError("no connection to 127.0.0.1:1 within 5 s"),
+        lambda: SvidParseError("SVID for entry 'agent' has no SPIFFE ID"),
     ],
-    ids=["rpc"],
+    ids=["rpc", "connection", "unusable"],
 )
 def test_a_renewal_that_fails_is_retried_after_a_backoff(
     tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch, failure: object
