@@ -6,7 +6,9 @@ dates the SVIDs by the server's clock."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -16,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent_attestor import sync
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache
+from agent_attestor.cancel import cancel_all
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient
 from agent_attestor.servers import Target
@@ -23,8 +26,10 @@ from agent_attestor.sync import Syncer, SyncSettings
 from svid._clock import FakeClock
 from svid._der import certs_to_pem
 from svid._errors import SvidParseError
+from tests.agent_attestor.harness import LoopThread
 from tests.agent_attestor.pki import LocalCa
 from tests.clocks import SteppedClock
+from tests.server.fixtures import TRUST_DOMAIN, bundle_pem, managed_server, short_tmpdir
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t"
 TTL = 3600  # the server's agent_svid_ttl
@@ -200,3 +205,51 @@ def test_a_renewal_that_fails_is_retried_after_a_backoff(
     asyncio.run(scenario())
     assert waited == [0, 1]  # one backoff before each retry, growing
     assert server.renewals == 1
+
+
+def test_an_agent_ahead_of_a_real_server_by_half_the_ttl_keeps_its_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole Sync loop against a real server, the agent's clock half an hour ahead of the
+    server's: attested, it serves entries on one stream, where it renewed its SVID at once,
+    moved its stream to the new one, renewed again, dozens of times a second."""
+    monkeypatch.setattr(sync, "RECHECK", 0.01)
+    changes: list[str] = []
+    loop = LoopThread()
+    with managed_server() as srv:
+        data = short_tmpdir()
+        settings = SyncSettings(
+            (Target(srv.runtime.node_address, srv.runtime.attest_address),),
+            trust_domain=TRUST_DOMAIN,
+            join_token=srv.join_token(),
+            bootstrap_root_pem=bundle_pem(srv.bundle()),
+            bootstrap_given=True,
+            reconnect_min=0.1,
+            reconnect_max=0.3,
+        )
+        store = AgentStore(data / "svid.der", data / "key.der", data / "bundle.der")
+        cache = Cache()
+        clock = SteppedClock(FakeClock(start=srv.clock.now()), SKEW + 1)
+        syncer = Syncer(settings, store, cache, clock, changes.append)
+        running = loop.call(lambda: asyncio.ensure_future(syncer.run()))
+        try:
+            _wait(lambda: syncer.connected, "the agent's Sync stream")
+            entry = srv.create_entry("/web", syncer.agent_id)
+            _wait(lambda: entry.id in cache.entries(), "the entry in the agent's cache")
+            # Nothing to await: what went wrong came at once, ~15 renewals in the next 0.3 s.
+            time.sleep(0.3)
+            assert changes.count("renewed") == 0, changes
+            assert changes.count("attested") == 1
+        finally:
+            loop.run(cancel_all([running]))
+            loop.run(syncer.close())
+            loop.stop()
+            shutil.rmtree(data, ignore_errors=True)
+
+
+def _wait(what: Callable[[], object], about: str = "", timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {about}")
+        time.sleep(0.01)
