@@ -168,6 +168,51 @@ class HeldStore(FaultInjectingDataStore):
         super().write_ledger(credentials, audit_rows, *a, **kw)  # type: ignore[arg-type]
 
 
+class GroupCommit:
+    """Callers of one AuditLog made to share a group commit: a lead whose ledger write `held`
+    holds, the rest queued behind it, then all let go at once. Each caller's outcome is kept
+    by name: None where it returned, else what it raised."""
+
+    def __init__(self, held: HeldStore, log: AuditLog) -> None:
+        self.held, self.log = held, log
+        self.outcomes: dict[str, BaseException | None] = {}
+        self._threads: list[threading.Thread] = []
+
+    def lead(self, name: str, run: Callable[[], object]) -> None:
+        """Starts `run` and is back once its write is held: the callers started next queue."""
+        self.held.armed = True
+        self.queue({name: run})
+        assert self.held.entered.wait(10)
+
+    def queue(self, calls: dict[str, Callable[[], object]]) -> None:
+        for name, run in calls.items():
+            thread = threading.Thread(target=self._call, args=(name, run))
+            thread.start()
+            self._threads.append(thread)
+
+    def wait_queued(self, count: int) -> None:
+        """Back once `count` callers (those queued here and any others) wait for the commit
+        after the lead's: no fewer, or a late one would commit alone, no more."""
+        deadline = time.monotonic() + 10
+        while len(self.log._tickets) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.log._tickets) == count
+
+    def release(self) -> dict[str, BaseException | None]:
+        """Lets the lead's write go, and returns every caller's outcome once all are back."""
+        self.held.release.set()
+        for thread in self._threads:
+            thread.join(10)
+        return self.outcomes
+
+    def _call(self, name: str, run: Callable[[], object]) -> None:
+        try:
+            run()
+            self.outcomes[name] = None
+        except BaseException as e:
+            self.outcomes[name] = e
+
+
 def test_a_failed_commit_fails_every_waiting_caller_and_keeps_nothing(
     db: Path, clock: FakeClock
 ) -> None:
@@ -176,30 +221,15 @@ def test_a_failed_commit_fails_every_waiting_caller_and_keeps_nothing(
     ledger = Ledger(log)
     ledger.record([cred("before")], [event("before")])
     head = gated.audit_head()
-    gated.armed = True
-    errors: list[BaseException | None] = []
-    lock = threading.Lock()
 
-    def call(jti: str) -> None:
-        try:
-            ledger.record([cred(jti)], [event(jti)])
-        except BaseException as e:
-            with lock:
-                errors.append(e)
-        else:
-            with lock:
-                errors.append(None)
+    def record(jti: str) -> Callable[[], object]:
+        return lambda: ledger.record([cred(jti)], [event(jti)])
 
-    first = threading.Thread(target=call, args=("lead",))
-    first.start()
-    assert gated.entered.wait(10)  # the leader's commit is under way; the rest queue behind it
-    others = [threading.Thread(target=call, args=(f"w{i}",)) for i in range(7)]
-    for t in others:
-        t.start()
-    time.sleep(0.3)
-    gated.release.set()
-    for t in [first, *others]:
-        t.join(10)
+    commit = GroupCommit(gated, log)
+    commit.lead("lead", record("lead"))  # its commit under way; the rest queue behind it
+    commit.queue({f"w{i}": record(f"w{i}") for i in range(7)})
+    commit.wait_queued(7)
+    errors = list(commit.release().values())
     assert len(errors) == 8
     assert all(isinstance(e, LedgerError) and isinstance(e, StorageError) for e in errors), errors
     assert "disk I/O error" in str(errors[0])
@@ -228,25 +258,17 @@ def test_a_removed_agents_callers_are_refused_and_their_neighbours_written_again
     ledger = Ledger(log)
     port = DatastoreLedger(ledger)
     ledger.record([cred("before")], [event("before")])
-    outcomes: dict[str, BaseException | None] = {}
 
-    def call(name: str, credentials: list[Credential]) -> None:
-        try:
-            ledger.record(credentials, [event(c.value) for c in credentials] or [event(name)])
-            outcomes[name] = None
-        except BaseException as e:
-            outcomes[name] = e
+    def record(name: str, *credentials: Credential) -> Callable[[], object]:
+        events = [event(c.value) for c in credentials] or [event(name)]
+        return lambda: ledger.record(list(credentials), events)
 
-    held.armed = True
-    lead = threading.Thread(target=call, args=("lead", [cred("lead", OTHER)]))
-    lead.start()
-    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
-    calls = {f"w{i}": [cred(f"w{i}", OTHER)] for i in range(4)}
-    calls["late"] = [cred("late"), cred("late2")]
-    calls["events-only"] = []
-    others = [threading.Thread(target=call, args=item) for item in calls.items()]
-    for t in others:
-        t.start()
+    commit = GroupCommit(held, log)
+    commit.lead("lead", record("lead", cred("lead", OTHER)))
+    calls = {f"w{i}": record(f"w{i}", cred(f"w{i}", OTHER)) for i in range(4)}
+    calls["late"] = record("late", cred("late"), cred("late2"))
+    calls["events-only"] = record("events-only")
+    commit.queue(calls)
 
     def jwt(jti: str, agent: str) -> tuple[Credential, tuple[object, ...]]:
         return workload_jwt_record(
@@ -256,13 +278,9 @@ def test_a_removed_agents_callers_are_refused_and_their_neighbours_written_again
     kept, refused = jwt("p-kept", OTHER), jwt("p-late", AGENT)
     port_kept = port.record_later([kept[0]], [kept[1]])
     port_refused = port.record_later([refused[0]], [refused[1]])
-    deadline = time.monotonic() + 10
-    while len(log._tickets) < len(calls) + 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    commit.wait_queued(len(calls) + 2)
     store.delete_agent(AGENT, Removal(AGENT, REMOVAL_EVICTED, 0))  # committed meanwhile
-    held.release.set()
-    for t in [lead, *others]:
-        t.join(10)
+    outcomes = commit.release()
     late = outcomes.pop("late")
     assert isinstance(late, LedgerError)
     assert isinstance(late.__cause__, AgentRemovedError)
@@ -302,25 +320,16 @@ def test_an_ended_tasks_callers_are_refused_and_their_neighbours_written_again(
     ledger = Ledger(log)
     port = DatastoreLedger(ledger)
     ledger.record([cred("before", task_id="ending")], [event("before")])
-    outcomes: dict[str, BaseException | None] = {}
 
-    def call(name: str, credentials: list[Credential]) -> None:
-        try:
-            ledger.record(credentials, [event(c.value) for c in credentials])
-            outcomes[name] = None
-        except BaseException as e:
-            outcomes[name] = e
+    def record(*credentials: Credential) -> Callable[[], object]:
+        return lambda: ledger.record(list(credentials), [event(c.value) for c in credentials])
 
-    held.armed = True
-    lead = threading.Thread(target=call, args=("lead", [cred("lead", task_id="ending")]))
-    lead.start()
-    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
-    calls = {f"w{i}": [cred(f"w{i}")] for i in range(3)}  # the same agent's workloads
-    calls["other-task"] = [cred("other-task", task_id="going-on")]
-    calls["late"] = [cred("late", task_id="going-on"), cred("late2", task_id="ending")]
-    others = [threading.Thread(target=call, args=item) for item in calls.items()]
-    for t in others:
-        t.start()
+    commit = GroupCommit(held, log)
+    commit.lead("lead", record(cred("lead", task_id="ending")))
+    calls = {f"w{i}": record(cred(f"w{i}")) for i in range(3)}  # the same agent's workloads
+    calls["other-task"] = record(cred("other-task", task_id="going-on"))
+    calls["late"] = record(cred("late", task_id="going-on"), cred("late2", task_id="ending"))
+    commit.queue(calls)
 
     def jwt(jti: str, task_id: str) -> tuple[Credential, tuple[object, ...]]:
         credential, record = workload_jwt_record(
@@ -331,14 +340,10 @@ def test_an_ended_tasks_callers_are_refused_and_their_neighbours_written_again(
     p_kept, p_late = jwt("p-kept", "going-on"), jwt("p-late", "ending")
     kept = port.record_later([p_kept[0]], [p_kept[1]])
     refused = port.record_later([p_late[0]], [p_late[1]])
-    deadline = time.monotonic() + 10
-    while len(log._tickets) < len(calls) + 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    commit.wait_queued(len(calls) + 2)
     # The end's claim (TaskStore.finish), committed meanwhile: it reads what to revoke next.
     assert store.swap_task(_task_row("ending", "ending"), "active")
-    held.release.set()
-    for t in [lead, *others]:
-        t.join(10)
+    outcomes = commit.release()
     for name in ("lead", "late"):
         failed = outcomes.pop(name)
         assert isinstance(failed, LedgerError), name
@@ -372,34 +377,21 @@ def test_a_finisher_that_lost_its_removal_claim_is_refused_and_its_neighbours_wr
     assert store.claim_removal(removed, "a", 0, 30)
     held = HeldStore(store)
     log = AuditLog(held, clock)
-    outcomes: dict[str, BaseException | None] = {}
 
-    def call(name: str, **kw: object) -> None:
-        try:
-            log.append_many([event(name)], **kw)  # type: ignore[arg-type]
-            outcomes[name] = None
-        except BaseException as e:
-            outcomes[name] = e
+    def finish(name: str, claim: RemovalClaim) -> Callable[[], object]:
+        return lambda: log.append_many([event(name)], claim=claim)
 
-    held.armed = True
-    lead = threading.Thread(target=call, args=("lead",))
-    lead.start()
-    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
-    calls: dict[str, dict[str, object]] = {
-        "finisher": {"claim": RemovalClaim(removed, "a")},
-        "begin": {"tasks": [_task_row("begun")]},
-        "other": {},
+    commit = GroupCommit(held, log)
+    commit.lead("lead", lambda: log.append_many([event("lead")]))
+    calls: dict[str, Callable[[], object]] = {
+        "finisher": finish("finisher", RemovalClaim(removed, "a")),
+        "begin": lambda: log.append_many([event("begin")], tasks=[_task_row("begun")]),
+        "other": lambda: log.append_many([event("other")]),
     }
-    others = [threading.Thread(target=call, args=(n,), kwargs=kw) for n, kw in calls.items()]
-    for t in others:
-        t.start()
-    deadline = time.monotonic() + 10
-    while len(log._tickets) < len(calls) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    commit.queue(calls)
+    commit.wait_queued(len(calls))
     assert store.claim_removal(removed, "b", 30, 30)  # a's lapsed: b took the removal over
-    held.release.set()
-    for t in [lead, *others]:
-        t.join(10)
+    outcomes = commit.release()
     failed = outcomes.pop("finisher")
     assert isinstance(failed, LedgerError)
     assert isinstance(failed.__cause__, RemovalClaimLostError)
@@ -426,32 +418,19 @@ def test_a_lost_removal_claim_refuses_only_its_holder_not_a_newer_claim_on_the_s
     assert store.claim_removal(removed, "a#2", 0, 30)  # a#1's claim came before: lost
     held = HeldStore(store)
     log = AuditLog(held, clock)
-    outcomes: dict[str, BaseException | None] = {}
 
-    def call(name: str, **kw: object) -> None:
-        try:
-            log.append_many([event(name)], **kw)  # type: ignore[arg-type]
-            outcomes[name] = None
-        except BaseException as e:
-            outcomes[name] = e
+    def finish(name: str, claim: RemovalClaim) -> Callable[[], object]:
+        return lambda: log.append_many([event(name)], claim=claim)
 
-    held.armed = True
-    lead = threading.Thread(target=call, args=("lead",))
-    lead.start()
-    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
-    calls: dict[str, dict[str, object]] = {
-        "stalled": {"claim": RemovalClaim(removed, "a#1")},
-        "holder": {"claim": RemovalClaim(removed, "a#2")},
+    commit = GroupCommit(held, log)
+    commit.lead("lead", lambda: log.append_many([event("lead")]))
+    calls = {
+        "stalled": finish("stalled", RemovalClaim(removed, "a#1")),
+        "holder": finish("holder", RemovalClaim(removed, "a#2")),
     }
-    others = [threading.Thread(target=call, args=(n,), kwargs=kw) for n, kw in calls.items()]
-    for t in others:
-        t.start()
-    deadline = time.monotonic() + 10
-    while len(log._tickets) < len(calls) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    held.release.set()
-    for t in [lead, *others]:
-        t.join(10)
+    commit.queue(calls)
+    commit.wait_queued(len(calls))
+    outcomes = commit.release()
     failed = outcomes.pop("stalled")
     assert isinstance(failed, LedgerError)
     assert isinstance(failed.__cause__, RemovalClaimLostError)
@@ -478,22 +457,12 @@ def test_a_replayed_assertion_is_refused_alone_and_its_neighbours_written_again(
     assert store.claim_jtis([JtiClaim("iss", "used", EXPIRES)], now) == [True]
     held = HeldStore(store)
     log = AuditLog(held, clock)
-    outcomes: dict[str, BaseException | None] = {}
-
-    def call(name: str, run: Callable[[], object]) -> None:
-        try:
-            run()
-            outcomes[name] = None
-        except BaseException as e:
-            outcomes[name] = e
 
     def token(jti: str) -> Callable[[], object]:
         return lambda: log.record([cred(jti)], [event(jti)], [JtiClaim("iss", jti, EXPIRES)])
 
-    held.armed = True
-    lead = threading.Thread(target=call, args=("lead", lambda: log.append_many([event("lead")])))
-    lead.start()
-    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
+    commit = GroupCommit(held, log)
+    commit.lead("lead", lambda: log.append_many([event("lead")]))
     calls: dict[str, Callable[[], object]] = {
         "used": token("used"),
         "fresh": token("fresh"),
@@ -501,15 +470,9 @@ def test_a_replayed_assertion_is_refused_alone_and_its_neighbours_written_again(
         "begin": lambda: log.append_many([event("begin")], tasks=[_task_row("begun")]),
         "finisher": lambda: log.append_many([event("finisher")], claim=RemovalClaim(removed, "a")),
     }
-    others = [threading.Thread(target=call, args=item) for item in calls.items()]
-    for t in others:
-        t.start()
-    deadline = time.monotonic() + 10
-    while len(log._tickets) < len(calls) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    held.release.set()
-    for t in [lead, *others]:
-        t.join(10)
+    commit.queue(calls)
+    commit.wait_queued(len(calls))
+    outcomes = commit.release()
     failed = outcomes.pop("used")
     assert isinstance(failed, LedgerError)
     assert isinstance(failed.__cause__, JtiHeldError)
@@ -624,6 +587,15 @@ def test_acknowledged_ledger_writes_survive_kill_9(db: Path, clock: FakeClock) -
     store.close()
 
 
+def bundle_event(
+    log: AuditLog, name: str, write: BundleWrite | None = None
+) -> Callable[[], object]:
+    """A caller's federated_bundle_changed event named `name`, storing `write` with it."""
+    if write is None:
+        return lambda: log.append("federated_bundle_changed", extra={"name": name})
+    return lambda: log.append_storing(write, "federated_bundle_changed", extra={"name": name})
+
+
 def test_a_refused_foreign_bundles_caller_fails_and_its_neighbours_are_written_again(
     db: Path, clock: FakeClock
 ) -> None:
@@ -640,37 +612,17 @@ def test_a_refused_foreign_bundles_caller_fails_and_its_neighbours_are_written_a
         return BundleWrite(ForeignBundle(td, body, 1, sequence))
 
     log.append_storing(bundle("a.org", 2), "federated_bundle_changed", extra={"s": 2})
-    outcomes: dict[str, BaseException | None] = {}
-
-    def call(name: str, write: BundleWrite | None) -> None:
-        try:
-            if write is None:
-                log.append("federated_bundle_changed", extra={"name": name})
-            else:
-                log.append_storing(write, "federated_bundle_changed", extra={"name": name})
-            outcomes[name] = None
-        except BaseException as e:
-            outcomes[name] = e
-
-    held.armed = True
-    lead = threading.Thread(target=call, args=("lead", None))
-    lead.start()
-    assert held.entered.wait(10)  # the rest queue behind it, to share the next commit
+    commit = GroupCommit(held, log)
+    commit.lead("lead", bundle_event(log, "lead"))
     calls = {
-        "older": bundle("a.org", 1),
-        "other": bundle("b.org", 5),
-        "plain": None,
-        "gone": BundleWrite.removal("c.org"),  # no bundle stored to remove
+        "older": bundle_event(log, "older", bundle("a.org", 1)),
+        "other": bundle_event(log, "other", bundle("b.org", 5)),
+        "plain": bundle_event(log, "plain"),
+        "gone": bundle_event(log, "gone", BundleWrite.removal("c.org")),  # none stored to remove
     }
-    others = [threading.Thread(target=call, args=item) for item in calls.items()]
-    for t in others:
-        t.start()
-    deadline = time.monotonic() + 10
-    while len(log._tickets) < len(calls) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    held.release.set()
-    for t in [lead, *others]:
-        t.join(10)
+    commit.queue(calls)
+    commit.wait_queued(len(calls))
+    outcomes = commit.release()
     older = outcomes.pop("older")
     assert isinstance(older, LedgerError)
     assert isinstance(older.__cause__, BundleRefusedError)
@@ -706,33 +658,12 @@ def test_two_removals_of_one_bundle_in_a_group_commit_remove_it_once(
     log.append_storing(
         BundleWrite(ForeignBundle("d.org", body, 1, 3)), "federated_bundle_changed", extra={}
     )
-    outcomes: dict[str, BaseException | None] = {}
-
-    def call(name: str, write: BundleWrite | None) -> None:
-        try:
-            if write is None:
-                log.append("federated_bundle_changed", extra={"name": name})
-            else:
-                log.append_storing(write, "federated_bundle_changed", extra={"name": name})
-            outcomes[name] = None
-        except BaseException as e:
-            outcomes[name] = e
-
-    held.armed = True
-    lead = threading.Thread(target=call, args=("lead", None))
-    lead.start()
-    assert held.entered.wait(10)  # the removals queue behind it, to share the next commit
-    calls = {"first": BundleWrite.removal("d.org"), "second": BundleWrite.removal("d.org")}
-    others = [threading.Thread(target=call, args=item) for item in calls.items()]
-    for t in others:
-        t.start()
-    deadline = time.monotonic() + 10
-    while len(log._tickets) < len(calls) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(log._tickets) == len(calls)
-    held.release.set()
-    for t in [lead, *others]:
-        t.join(10)
+    commit = GroupCommit(held, log)
+    commit.lead("lead", bundle_event(log, "lead"))
+    calls = {n: bundle_event(log, n, BundleWrite.removal("d.org")) for n in ("first", "second")}
+    commit.queue(calls)
+    commit.wait_queued(len(calls))
+    outcomes = commit.release()
     assert outcomes.pop("lead") is None
     failed = [e for e in outcomes.values() if e is not None]
     assert len(failed) == 1, f"one removal must go through, the other be refused: {outcomes}"
