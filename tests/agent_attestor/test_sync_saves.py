@@ -50,8 +50,65 @@ class _GatedStore(AgentStore):
         super().save_bundle(authorities)
 
 
+def _gated(tmp_path: Path) -> _GatedStore:
+    return _GatedStore(AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"))
+
+
 async def _started(store: _GatedStore) -> None:
     await asyncio.wait_for(asyncio.to_thread(store.started.wait, 10), 10)
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def _refuse(syncer: Syncer) -> asyncio.Task[None]:
+    """The server's refusal of the agent (evicted), handled in a task of its own."""
+    return asyncio.create_task(
+        syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
+    )
+
+
+def _unsaved_and_gated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[_GatedStore, Syncer, AgentSvid]:
+    """_unsaved_attestation's agent, its store gated once the disk is mended (_retry_held)."""
+    plain, syncer, svid = _unsaved_attestation(tmp_path, monkeypatch)
+    syncer._s.save_retry_first = 0.01
+    return _GatedStore(plain), syncer, svid
+
+
+async def _retry_held(tmp_path: Path, syncer: Syncer, store: _GatedStore) -> asyncio.Task[None]:
+    """Attests (the disk refuses the SVID), mends the disk and starts _save_loop: back once
+    the loop's retry is held in its save's thread."""
+    await syncer.ensure_identity()
+    _mend(tmp_path)
+    syncer._store = store
+    saver = asyncio.create_task(syncer._save_loop())
+    await _started(store)
+    return saver
+
+
+async def _renewal_held(
+    store: _GatedStore, new: AgentSvid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Syncer, asyncio.Task[None]]:
+    """A syncer on an old agent SVID and its renewal to `new`, running in a task: back once
+    the renewal is held in its save's thread."""
+    old = _svid(tmp_path)
+    root = LocalCa(FakeClock(start=time.time())).cert
+
+    async def renew(self: NodeClient, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
+        return new, TrustBundle("example.org", (root.public_bytes(Encoding.DER),))
+
+    monkeypatch.setattr(NodeClient, "renew", renew)
+    syncer = Syncer(SyncSettings((SERVER,)), store, Cache(), FakeClock(start=time.time()))
+    syncer.set_bootstrap_roots(certs_to_pem([root]))
+    await syncer._servers.first()
+    syncer._install(old, None)
+    renewing = asyncio.create_task(syncer.renew_once())
+    await _started(store)
+    return syncer, renewing
 
 
 def test_a_bundle_save_cut_short_by_a_reconnect_that_then_fails_is_said_and_retried(
@@ -60,7 +117,7 @@ def test_a_bundle_save_cut_short_by_a_reconnect_that_then_fails_is_said_and_retr
     """The stream's task cancelled while the save's thread still wrote: the thread's OSError
     was swallowed with the cancellation, nothing was said, and _save_loop was never woken, so
     the file stayed stale until another message brought a bundle."""
-    store = _GatedStore(AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"))
+    store = _gated(tmp_path)
     store.bundle_path.mkdir()  # where the bundle goes, the write fails as on a full disk
     settings = SyncSettings((SERVER,), save_retry_first=0.01, save_retry_cap=0.02)
     syncer = Syncer(settings, store, Cache(), FakeClock(start=time.time()))
@@ -81,8 +138,7 @@ def test_a_bundle_save_cut_short_by_a_reconnect_that_then_fails_is_said_and_retr
             if store.bundle_path.is_file():
                 break
             await asyncio.sleep(0.01)
-        saver.cancel()
-        await asyncio.gather(saver, return_exceptions=True)
+        await _stopped(saver)
 
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
         asyncio.run(scenario())
@@ -96,25 +152,16 @@ def test_a_refusal_waits_for_a_save_in_flight_and_nothing_writes_the_svid_back(
     """The server refused the agent while _save_loop's thread saved the SVID the disk had
     refused: the removal did not wait, the thread wrote the refused SVID after it, and the next
     start loaded it, was refused, and removed it again."""
-    plain, syncer, _ = _unsaved_attestation(tmp_path, monkeypatch)
-    store = _GatedStore(plain)
-    syncer._s.save_retry_first = 0.01
+    store, syncer, _ = _unsaved_and_gated(tmp_path, monkeypatch)
 
     async def scenario() -> None:
-        await syncer.ensure_identity()  # refused by the disk: _save_loop retries it
-        _mend(tmp_path)
-        syncer._store = store
-        saver = asyncio.create_task(syncer._save_loop())
-        await _started(store)
-        refusing = asyncio.create_task(
-            syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
-        )
+        saver = await _retry_held(tmp_path, syncer, store)
+        refusing = _refuse(syncer)
         await asyncio.sleep(0.05)
         assert not refusing.done()  # waiting for the save in its thread
         store.release.set()
         await asyncio.wait_for(refusing, 10)
-        saver.cancel()
-        await asyncio.gather(saver, return_exceptions=True)
+        await _stopped(saver)
         await syncer.close()
 
     asyncio.run(scenario())
@@ -128,22 +175,10 @@ def test_a_renewal_cancelled_mid_save_leaves_memory_and_disk_with_the_same_svid(
 ) -> None:
     """The renewal's save went on in its thread when a stop or reconnect cancelled it: the disk
     got the new SVID and memory kept the old one. Once its save began, the new one is used."""
-    store = _GatedStore(AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"))
-    old, new = _svid(tmp_path), _svid(tmp_path)
-    root = LocalCa(FakeClock(start=time.time())).cert
-
-    async def renew(self: NodeClient, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
-        return new, TrustBundle("example.org", (root.public_bytes(Encoding.DER),))
-
-    monkeypatch.setattr(NodeClient, "renew", renew)
+    store, new = _gated(tmp_path), _svid(tmp_path)
 
     async def scenario() -> None:
-        syncer = Syncer(SyncSettings((SERVER,)), store, Cache(), FakeClock(start=time.time()))
-        syncer.set_bootstrap_roots(certs_to_pem([root]))
-        await syncer._servers.first()
-        syncer._install(old, None)
-        renewing = asyncio.create_task(syncer.renew_once())
-        await _started(store)
+        syncer, renewing = await _renewal_held(store, new, tmp_path, monkeypatch)
         renewing.cancel()  # the agent stops
         store.release.set()
         with pytest.raises(asyncio.CancelledError):
@@ -186,25 +221,11 @@ def test_a_refusal_during_a_renewals_save_leaves_neither_disk_nor_memory_its_svi
 ) -> None:
     """The renewal's save, then its install, ran on after the removal: the renewed SVID of an
     agent the server refused was back on disk and in use."""
-    store = _GatedStore(AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"))
-    old, new = _svid(tmp_path), _svid(tmp_path)
-    root = LocalCa(FakeClock(start=time.time())).cert
-
-    async def renew(self: NodeClient, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
-        return new, TrustBundle("example.org", (root.public_bytes(Encoding.DER),))
-
-    monkeypatch.setattr(NodeClient, "renew", renew)
+    store = _gated(tmp_path)
 
     async def scenario() -> None:
-        syncer = Syncer(SyncSettings((SERVER,)), store, Cache(), FakeClock(start=time.time()))
-        syncer.set_bootstrap_roots(certs_to_pem([root]))
-        await syncer._servers.first()
-        syncer._install(old, None)
-        renewing = asyncio.create_task(syncer.renew_once())
-        await _started(store)
-        refusing = asyncio.create_task(
-            syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
-        )
+        syncer, renewing = await _renewal_held(store, _svid(tmp_path), tmp_path, monkeypatch)
+        refusing = _refuse(syncer)
         await asyncio.sleep(0.05)
         assert not refusing.done()  # waiting for the renewal's save and install
         store.release.set()
@@ -223,16 +244,10 @@ def test_a_stop_cancelling_the_save_loop_again_holds_the_save_lock_until_its_thr
     disk has it do: the second cancellation ended it while its thread still wrote the agent
     SVID, the save lock was let go, and settle's save (or a renewal's) wrote the same files
     beside it, a new chain beside an old key."""
-    plain, syncer, svid = _unsaved_attestation(tmp_path, monkeypatch)
-    store = _GatedStore(plain)
-    syncer._s.save_retry_first = 0.01
+    store, syncer, svid = _unsaved_and_gated(tmp_path, monkeypatch)
 
     async def scenario() -> None:
-        await syncer.ensure_identity()  # refused by the disk: _save_loop retries it
-        _mend(tmp_path)
-        syncer._store = store
-        saver = asyncio.create_task(syncer._save_loop())
-        await _started(store)
+        saver = await _retry_held(tmp_path, syncer, store)
         await cancel_all([saver], tries=3, patience=0.01)
         assert syncer._saving.locked()  # its thread still writes: no other save starts
         store.release.set()
@@ -252,26 +267,17 @@ def test_a_stop_during_a_refusal_still_removes_the_refused_svid_and_says_so(
     """A refusal waits for a save in flight before removing the SVID; a stop that came then
     cut it short: the save wrote the refused SVID, nothing removed it, and the operator was
     never told the server refused the agent."""
-    plain, syncer, _ = _unsaved_attestation(tmp_path, monkeypatch)
-    store = _GatedStore(plain)
-    syncer._s.save_retry_first = 0.01
+    store, syncer, _ = _unsaved_and_gated(tmp_path, monkeypatch)
 
     async def scenario() -> None:
-        await syncer.ensure_identity()  # refused by the disk: _save_loop retries it
-        _mend(tmp_path)
-        syncer._store = store
-        saver = asyncio.create_task(syncer._save_loop())
-        await _started(store)
-        refusing = asyncio.create_task(
-            syncer._refused(grpc.StatusCode.PERMISSION_DENIED, "agent is not attested (evicted)")
-        )
+        saver = await _retry_held(tmp_path, syncer, store)
+        refusing = _refuse(syncer)
         for _ in range(3):
             await asyncio.sleep(0)  # waiting for the save in its thread
         refusing.cancel()  # the agent stops
         store.release.set()
         await asyncio.gather(refusing, return_exceptions=True)
-        saver.cancel()
-        await asyncio.gather(saver, return_exceptions=True)
+        await _stopped(saver)
         await syncer.close()
 
     with caplog.at_level(logging.ERROR, logger="agent_attestor.sync"):
@@ -287,7 +293,7 @@ def test_a_save_cancelled_while_its_thread_writes_marks_what_it_wrote_saved(
     """_save_loop's save waited for its thread when a stop cancelled it, then raised before
     marking the roots saved: settle wrote them again, and the line saying the refused bundle
     was saved never came."""
-    store = _GatedStore(AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"))
+    store = _gated(tmp_path)
     syncer = Syncer(SyncSettings((SERVER,)), store, Cache(), FakeClock(start=time.time()))
     store.bundle_path.mkdir()  # where the bundle goes, the write fails as on a full disk
     store.release.set()
