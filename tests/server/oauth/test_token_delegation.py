@@ -35,20 +35,32 @@ MCP_ID = "spiffe://example.org/mcp-tickets"
 OTHER_ID = "spiffe://example.org/orders"
 
 
-@pytest.fixture
-def oauth_server() -> Iterator[OAuthServer]:
+@contextmanager
+def serving_delegation(prefix: str, **settings: Any) -> Iterator[OAuthServer]:
+    """A server for RESOURCE, served by MCP_ID, and OTHER_RESOURCE, with these settings."""
     with serving_oauth(
-        "odl",
+        prefix,
         [RESOURCE, OTHER_RESOURCE],
         oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
+        **settings,
     ) as server:
+        yield server
+
+
+def task_world(oauth: OAuthServer) -> TaskWorld:
+    # The task may reach both resources: the MCP server's, and the one it calls on.
+    return begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE))
+
+
+@pytest.fixture
+def oauth_server() -> Iterator[OAuthServer]:
+    with serving_delegation("odl") as server:
         yield server
 
 
 @pytest.fixture
 def world(oauth_server: OAuthServer) -> TaskWorld:
-    # The task may reach both resources: the MCP server's, and the one it calls on.
-    return begin_task(oauth_server, resources=(oauth_server.issuer, RESOURCE, OTHER_RESOURCE))
+    return task_world(oauth_server)
 
 
 def actor_token(oauth: OAuthServer, spiffe_id: str = MCP_ID) -> str:
@@ -426,13 +438,8 @@ def test_a_delegated_token_expires_with_the_token_acted_for_at_the_latest() -> N
     """Its revocation with an agent holding the token acted for follows the ledger's link to
     that one, kept only while a verifier may accept it: so it never outlives it. One presented
     past its expiry (within the verifier's leeway) buys nothing."""
-    with serving_oauth(
-        "odt",
-        [RESOURCE, OTHER_RESOURCE],
-        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
-        oauth_access_token_ttl=60,
-    ) as oauth:
-        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE))
+    with serving_delegation("odt", oauth_access_token_ttl=60) as oauth:
+        world = task_world(oauth)
         first = world.exchange().json()["access_token"]
         first_exp = world.decode(first, RESOURCE)["exp"]
         clock = oauth.running.clock
@@ -451,14 +458,10 @@ def test_a_delegated_token_expires_with_the_token_acted_for_at_the_latest() -> N
 def test_delegations_past_the_tasks_agents_decision_budget_are_throttled_writing_nothing() -> None:
     # Four pairs for the actor's delegations for the task's agent, refilled at half a pair a
     # second: four delegations to OTHER_RESOURCE (read: one pair each) spend them.
-    with serving_oauth(
-        "odb",
-        [RESOURCE, OTHER_RESOURCE],
-        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
-        task_mint_pairs_rate_per_agent=0.5,
-        task_mint_pairs_burst_per_agent=4,
+    with serving_delegation(
+        "odb", task_mint_pairs_rate_per_agent=0.5, task_mint_pairs_burst_per_agent=4
     ) as oauth:
-        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE))
+        world = task_world(oauth)
         first = world.exchange().json()["access_token"]
         actor = actor_token(oauth)
         for _ in range(4):
@@ -480,14 +483,10 @@ def test_delegations_answered_from_policys_cache_are_charged_all_the_same() -> N
     # decision budget charged nothing for; yet nothing else bounds delegations (the actor
     # token is not used up, the subject token may be presented again), so an actor repeating
     # one got a signature, a credential row and an audit event per request without bound.
-    with serving_oauth(
-        "odc",
-        [RESOURCE, OTHER_RESOURCE],
-        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
-        task_mint_pairs_rate_per_agent=0.5,
-        task_mint_pairs_burst_per_agent=4,
+    with serving_delegation(
+        "odc", task_mint_pairs_rate_per_agent=0.5, task_mint_pairs_burst_per_agent=4
     ) as oauth:
-        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE))
+        world = task_world(oauth)
         first = world.exchange().json()["access_token"]
         actor = actor_token(oauth)
         for _ in range(4):  # the actor's four pairs: all but the first from policy's cache
@@ -506,14 +505,10 @@ def test_an_actors_delegations_are_throttled_on_a_budget_of_their_own_not_the_no
     # Charged to the task's agent, every delegation charged: the workload serving a resource
     # a task called, repeating a delegation, spent that node's budget and its workloads' own
     # task JWT mints and exchanges were refused. Half a pair a second, a burst of eight.
-    with serving_oauth(
-        "oda",
-        [RESOURCE, OTHER_RESOURCE],
-        oauth_resource_workloads=[f"{RESOURCE}={MCP_ID}"],
-        task_mint_pairs_rate_per_agent=0.5,
-        task_mint_pairs_burst_per_agent=8,
+    with serving_delegation(
+        "oda", task_mint_pairs_rate_per_agent=0.5, task_mint_pairs_burst_per_agent=8
     ) as oauth:
-        world = begin_task(oauth, resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE))
+        world = task_world(oauth)
         first = world.exchange().json()["access_token"]  # the node's: three pairs of eight
         actor = actor_token(oauth)
         statuses = [delegate(world, first, actor).status_code for _ in range(10)]
