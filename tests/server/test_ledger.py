@@ -365,37 +365,46 @@ def test_an_ended_tasks_callers_are_refused_and_their_neighbours_written_again(
     held.close()
 
 
+GONE = "spiffe://example.org/svid/agent/join_token/gone"
+
+
+def removal_claimed(db: Path, clock: FakeClock, holder: str) -> SqliteDataStore:
+    """A store on `db` with GONE's removal under way, claimed by `holder`."""
+    store = SqliteDataStore(db, clock)
+    store.resume_removal(Removal(GONE, REMOVAL_EVICTED, 0))
+    assert store.claim_removal(GONE, holder, 0, 30)
+    return store
+
+
+def finish(log: AuditLog, name: str, holder: str) -> Callable[[], object]:
+    """A finisher of GONE's removal: its event, written only while `holder` holds the claim."""
+    return lambda: log.append_many([event(name)], claim=RemovalClaim(GONE, holder))
+
+
 def test_a_finisher_that_lost_its_removal_claim_is_refused_and_its_neighbours_written_again(
     db: Path, clock: FakeClock
 ) -> None:
     """A removal's finisher whose claim was taken over while its log write waited for a group
     commit with others (an issuance, a task's begin): the store refuses the whole write, only
     the finisher fails (RemovalClaimLostError), and the rest are written in the next commit."""
-    removed = "spiffe://example.org/svid/agent/join_token/gone"
-    store = SqliteDataStore(db, clock)
-    store.resume_removal(Removal(removed, REMOVAL_EVICTED, 0))
-    assert store.claim_removal(removed, "a", 0, 30)
+    store = removal_claimed(db, clock, "a")
     held = HeldStore(store)
     log = AuditLog(held, clock)
-
-    def finish(name: str, claim: RemovalClaim) -> Callable[[], object]:
-        return lambda: log.append_many([event(name)], claim=claim)
-
     commit = GroupCommit(held, log)
     commit.lead("lead", lambda: log.append_many([event("lead")]))
     calls: dict[str, Callable[[], object]] = {
-        "finisher": finish("finisher", RemovalClaim(removed, "a")),
+        "finisher": finish(log, "finisher", "a"),
         "begin": lambda: log.append_many([event("begin")], tasks=[_task_row("begun")]),
         "other": lambda: log.append_many([event("other")]),
     }
     commit.queue(calls)
     commit.wait_queued(len(calls))
-    assert store.claim_removal(removed, "b", 30, 30)  # a's lapsed: b took the removal over
+    assert store.claim_removal(GONE, "b", 30, 30)  # a's lapsed: b took the removal over
     outcomes = commit.release()
     failed = outcomes.pop("finisher")
     assert isinstance(failed, LedgerError)
     assert isinstance(failed.__cause__, RemovalClaimLostError)
-    assert failed.__cause__.agents == {removed}
+    assert failed.__cause__.agents == {GONE}
     assert outcomes == dict.fromkeys(["lead", "begin", "other"])
     assert on_disk(db, ["finisher"]) == (0, 0)
     assert on_disk(db, ["lead", "begin", "other"]) == (0, 3)
@@ -412,21 +421,14 @@ def test_a_lost_removal_claim_refuses_only_its_holder_not_a_newer_claim_on_the_s
     claim was lost (it gave up; its write still in flight) and the one that claimed the
     removal since. The store refuses the stalled one's claim; the newer holder's write is
     not refused with it (it would take itself for the loser and stop), and is written."""
-    removed = "spiffe://example.org/svid/agent/join_token/gone"
-    store = SqliteDataStore(db, clock)
-    store.resume_removal(Removal(removed, REMOVAL_EVICTED, 0))
-    assert store.claim_removal(removed, "a#2", 0, 30)  # a#1's claim came before: lost
+    store = removal_claimed(db, clock, "a#2")  # a#1's claim came before: lost
     held = HeldStore(store)
     log = AuditLog(held, clock)
-
-    def finish(name: str, claim: RemovalClaim) -> Callable[[], object]:
-        return lambda: log.append_many([event(name)], claim=claim)
-
     commit = GroupCommit(held, log)
     commit.lead("lead", lambda: log.append_many([event("lead")]))
     calls = {
-        "stalled": finish("stalled", RemovalClaim(removed, "a#1")),
-        "holder": finish("holder", RemovalClaim(removed, "a#2")),
+        "stalled": finish(log, "stalled", "a#1"),
+        "holder": finish(log, "holder", "a#2"),
     }
     commit.queue(calls)
     commit.wait_queued(len(calls))
@@ -449,10 +451,7 @@ def test_a_replayed_assertion_is_refused_alone_and_its_neighbours_written_again(
     events. The store refuses the whole write (JtiHeldError); only the replay's caller
     fails, told of its own jti, and the rest are written in the next commit. They were all
     refused with it: a begin, a finisher or an agent's SVID failed for anyone's replay."""
-    removed = "spiffe://example.org/svid/agent/join_token/gone"
-    store = SqliteDataStore(db, clock)
-    store.resume_removal(Removal(removed, REMOVAL_EVICTED, 0))
-    assert store.claim_removal(removed, "a", 0, 30)
+    store = removal_claimed(db, clock, "a")
     now = int(clock.now())
     assert store.claim_jtis([JtiClaim("iss", "used", EXPIRES)], now) == [True]
     held = HeldStore(store)
@@ -468,7 +467,7 @@ def test_a_replayed_assertion_is_refused_alone_and_its_neighbours_written_again(
         "fresh": token("fresh"),
         "issued": lambda: log.record([cred("issued")], [event("issued")]),
         "begin": lambda: log.append_many([event("begin")], tasks=[_task_row("begun")]),
-        "finisher": lambda: log.append_many([event("finisher")], claim=RemovalClaim(removed, "a")),
+        "finisher": finish(log, "finisher", "a"),
     }
     commit.queue(calls)
     commit.wait_queued(len(calls))
