@@ -214,6 +214,29 @@ class _SteppedClock(FakeClock):
         return super().now() + self.offset
 
 
+_UID_1000 = (Selector("unix", "uid:1000"),)
+
+
+def _entry(store: DataStore, name: str) -> Entry:
+    """An entry for spiffe://example.org/<name> made one at a time."""
+    return store.create_entry(Entry("", f"spiffe://example.org/{name}", AGENT, _UID_1000))
+
+
+def _batched_entry(store: DataStore, name: str) -> Entry:
+    """An entry for spiffe://example.org/<name> made by a batch, stamped by its own path."""
+    (made,) = store.create_entries([Entry("", f"spiffe://example.org/{name}", AGENT, _UID_1000)])
+    assert isinstance(made, Entry)
+    return made
+
+
+def _assert_sorted_as_made(made: list[Entry]) -> None:
+    """Entries in the order made sort in that order by (created_at, id), no two alike: the
+    oldest entry a workload matches is its default identity."""
+    stamps = [(e.created_at, e.id) for e in made]
+    assert stamps == sorted(stamps)
+    assert len(set(stamps)) == len(stamps)
+
+
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_an_entry_made_after_a_step_back_of_the_clock_sorts_after_those_made_before(
     request: pytest.FixtureRequest, tmp_path: Path, backend: str
@@ -224,14 +247,9 @@ def test_an_entry_made_after_a_step_back_of_the_clock_sorts_after_those_made_bef
     clock = _SteppedClock(NOW)
     store = BACKENDS[backend](request, tmp_path, clock)()
     try:
-        sels = (Selector("unix", "uid:1000"),)
-        first = store.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))
+        first = _entry(store, "a")
         clock.offset = -3600.0  # the step back
-        second = store.create_entry(Entry("", "spiffe://example.org/b", AGENT, sels))
-        (third,) = store.create_entries([Entry("", "spiffe://example.org/c", AGENT, sels)])
-        assert isinstance(third, Entry)
-        made = [(e.created_at, e.id) for e in (first, second, third)]
-        assert made == sorted(made)
+        _assert_sorted_as_made([first, _entry(store, "b"), _batched_entry(store, "c")])
     finally:
         store.close()
 
@@ -246,20 +264,15 @@ def test_an_entry_made_after_a_restart_on_a_clock_stepped_back_sorts_after_those
     # it matched.
     clock = _SteppedClock(NOW)
     opener = BACKENDS[backend](request, tmp_path, clock)
-    sels = (Selector("unix", "uid:1000"),)
     store = opener()
     try:
-        first = store.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))
+        first = _entry(store, "a")
     finally:
         store.close()
     clock.offset = -3600.0  # the step back, then the restart
     store = opener()
     try:
-        second = store.create_entry(Entry("", "spiffe://example.org/b", AGENT, sels))
-        (third,) = store.create_entries([Entry("", "spiffe://example.org/c", AGENT, sels)])
-        assert isinstance(third, Entry)
-        made = [(e.created_at, e.id) for e in (first, second, third)]
-        assert made == sorted(made)
+        _assert_sorted_as_made([first, _entry(store, "b"), _batched_entry(store, "c")])
     finally:
         store.close()
 
@@ -276,18 +289,9 @@ def test_an_entry_made_through_a_server_whose_clock_is_behind_sorts_after_the_ot
     ahead.offset = 60.0
     a = BACKENDS[backend](request, tmp_path, ahead)()
     b = BACKENDS[backend](request, tmp_path, behind)()
-    sels = (Selector("unix", "uid:1000"),)
     try:
-        made = [b.create_entry(Entry("", "spiffe://example.org/a", AGENT, sels))]
-        made.append(a.create_entry(Entry("", "spiffe://example.org/b", AGENT, sels)))
-        made.append(b.create_entry(Entry("", "spiffe://example.org/c", AGENT, sels)))
-        made.append(a.create_entry(Entry("", "spiffe://example.org/d", AGENT, sels)))
-        (batched,) = b.create_entries([Entry("", "spiffe://example.org/e", AGENT, sels)])
-        assert isinstance(batched, Entry)
-        made.append(batched)
-        stamps = [(e.created_at, e.id) for e in made]
-        assert stamps == sorted(stamps)
-        assert len(set(stamps)) == len(stamps)
+        made = [_entry(b, "a"), _entry(a, "b"), _entry(b, "c"), _entry(a, "d")]
+        _assert_sorted_as_made([*made, _batched_entry(b, "e")])
     finally:
         a.close()
         b.close()
