@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt as pyjwt
 import pytest
@@ -1821,6 +1821,29 @@ def two_stores(
     second.close()
 
 
+class TwoServers(NamedTuple):
+    """Server A (world) on the first of two_stores, its agent holding `held` (_holdings), and
+    the datastores of A and of B (a server of its own: _restarted on it)."""
+
+    world: World
+    held: set[str]
+    store_a: DataStore
+    store_b: DataStore
+
+
+@pytest.fixture
+def two_servers(
+    tmp_path: Path,
+    clock: FakeClock,
+    two_stores: tuple[DataStore, DataStore],
+    ca_manager: CaManager,
+) -> TwoServers:
+    store_a, store_b = two_stores
+    world = make_world(tmp_path, clock, store_a, ca_manager)
+    _, held = _holdings(world)
+    return TwoServers(world, held, store_a, store_b)
+
+
 def _held_before_agent_revocation_events(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[threading.Event, threading.Event]:
@@ -1850,10 +1873,8 @@ def _logged_once(world: World, held: set[str]) -> None:
 
 @pytest.mark.parametrize("second", ["housekeeping", "retry"])
 def test_two_servers_finishing_one_removal_log_each_revocation_once(
-    tmp_path: Path,
     clock: FakeClock,
-    two_stores: tuple[DataStore, DataStore],
-    ca_manager: CaManager,
+    two_servers: TwoServers,
     monkeypatch: pytest.MonkeyPatch,
     *,
     second: str,
@@ -1862,9 +1883,7 @@ def test_two_servers_finishing_one_removal_log_each_revocation_once(
     B's housekeeping, or the operator's retry on B, comes upon it. A's claim, renewed as it
     works, keeps B from finishing it too: B's housekeeping leaves it, B's retry waits for it,
     and every revocation is logged once."""
-    store_a, store_b = two_stores
-    world = make_world(tmp_path, clock, store_a, ca_manager)
-    _, held = _holdings(world)
+    world, held, _, store_b = two_servers
     reached, release = _held_before_agent_revocation_events(world, monkeypatch)
     claims_on_a: list[float] = []  # when A's claim, or a renewal of it, was taken (clock time)
     for name in ("claim_removal", "renew_removal_claim"):
@@ -1908,17 +1927,13 @@ def test_two_servers_finishing_one_removal_log_each_revocation_once(
 
 
 def test_a_removal_whose_finisher_died_is_taken_over_once_its_claim_lapses(
-    tmp_path: Path,
     clock: FakeClock,
-    two_stores: tuple[DataStore, DataStore],
-    ca_manager: CaManager,
+    two_servers: TwoServers,
 ) -> None:
     """Server A claimed the removal and died before revoking anything (no renewal, no
     release). While its claim runs, B's housekeeping leaves the removal alone and the
     operator's retry on B waits; once it lapses, the retry takes it over and finishes it."""
-    store_a, store_b = two_stores
-    world = make_world(tmp_path, clock, store_a, ca_manager)
-    _, held = _holdings(world)
+    world, held, store_a, store_b = two_servers
     world.run(world.state.evict_agent(AGENT))
     assert store_a.claim_removal(AGENT, "a", int(clock.now()), 300)
     other = _restarted(world, store_b)
@@ -1941,19 +1956,15 @@ def test_a_removal_whose_finisher_died_is_taken_over_once_its_claim_lapses(
 
 
 def test_a_finisher_that_lost_its_claim_logs_nothing_more(
-    tmp_path: Path,
     clock: FakeClock,
-    two_stores: tuple[DataStore, DataStore],
-    ca_manager: CaManager,
+    two_servers: TwoServers,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Server A's finisher stalls with its log write of the agent's revocations in flight (the
     revocations stored); its claim lapses unrenewed, and B's housekeeping takes the removal
     over and finishes it, logging them. A's write, let go then, is refused: its claim is B's
     now, and each revocation is on the log once, by the holder of the claim."""
-    store_a, store_b = two_stores
-    world = make_world(tmp_path, clock, store_a, ca_manager)
-    _, held = _holdings(world)
+    world, held, _, store_b = two_servers
     reached, release = _held_before_agent_revocation_events(world, monkeypatch)
     # A stalled server: it does not renew its claim in time.
     stalled = {"renew_every": 3600.0, "wait_every": 0.01}
@@ -1975,10 +1986,8 @@ def test_a_finisher_that_lost_its_claim_logs_nothing_more(
 
 
 def test_a_finisher_whose_claim_was_taken_over_does_not_claim_it_back_under_its_stalled_write(
-    tmp_path: Path,
     clock: FakeClock,
-    two_stores: tuple[DataStore, DataStore],
-    ca_manager: CaManager,
+    two_servers: TwoServers,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Server A's finisher stalls with its log write of the agent's revocations in flight; B
@@ -1987,9 +1996,7 @@ def test_a_finisher_whose_claim_was_taken_over_does_not_claim_it_back_under_its_
     all along: its stalled write would then commit under it, each revocation logged twice.
     A gives up instead (B's claim came between), finishes what is left under a new claim of
     its own, and its stalled write is refused."""
-    store_a, store_b = two_stores
-    world = make_world(tmp_path, clock, store_a, ca_manager)
-    _, held = _holdings(world)
+    world, held, _, store_b = two_servers
     reached, release = _held_before_agent_revocation_events(world, monkeypatch)
     other = _restarted(world, store_b)
 
@@ -2043,19 +2050,15 @@ def test_a_finisher_whose_claim_was_taken_over_does_not_claim_it_back_under_its_
 
 
 def test_two_retries_of_a_removal_that_left_no_record_finish_it_under_one_claim(
-    tmp_path: Path,
     clock: FakeClock,
-    two_stores: tuple[DataStore, DataStore],
-    ca_manager: CaManager,
+    two_servers: TwoServers,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An eviction left the agent gone and what it held live, and no removal stored (a server
     from before removals were stored did it). The operator's retries on A and on B at once
     (admin_api's _finish_removal) finish it as any removal is, under one claim: B's waits for
     A's, and each revocation is logged once, where both finished it unclaimed."""
-    store_a, store_b = two_stores
-    world = make_world(tmp_path, clock, store_a, ca_manager)
-    _, held = _holdings(world)
+    world, held, store_a, store_b = two_servers
     assert store_a.end_removal(world.run(world.state.evict_agent(AGENT)))  # no record of it
     reached, release = _held_before_agent_revocation_events(world, monkeypatch)
     other = _restarted(world, store_b)
