@@ -29,6 +29,21 @@ def test_renewal_is_due_at_half_life(ca_manager: CaManager, clock: FakeClock) ->
     assert tls.maybe_renew()
 
 
+def _back_offs_of_failed_renewals(
+    renewer: ServerTls | SvidContext, clock: FakeClock
+) -> list[float]:
+    """The back-offs of six renewals on an expired CA, each looked at again before its
+    back-off is over (not tried) and then as it ends."""
+    delays = []
+    for _ in range(6):
+        with pytest.raises(CaUnavailableError):
+            renewer.maybe_renew()
+        delays.append(renewer.due_in())
+        assert not renewer.maybe_renew()  # not tried again before the back-off
+        clock.advance(delays[-1])
+    return delays
+
+
 def test_failed_renewal_is_retried_after_a_back_off(
     ca_manager: CaManager, clock: FakeClock
 ) -> None:
@@ -38,14 +53,7 @@ def test_failed_renewal_is_retried_after_a_back_off(
     tls.renew()
     chain = tls.chain
     clock.set(ca_manager.x509_signer().not_after)
-    delays = []
-    for _ in range(6):
-        with pytest.raises(CaUnavailableError):
-            tls.maybe_renew()
-        delays.append(tls.due_in())
-        assert not tls.maybe_renew()  # not tried again before the back-off
-        clock.advance(delays[-1])
-    assert delays == [1, 2, 4, 8, 10, 10]
+    assert _back_offs_of_failed_renewals(tls, clock) == [1, 2, 4, 8, 10, 10]
     assert tls.chain == chain  # the last good identity is kept meanwhile
 
 
@@ -103,14 +111,7 @@ def test_the_bundle_endpoints_failed_renewal_is_retried_after_the_same_back_off(
     assert svid.maybe_renew()
     assert not svid.maybe_renew()
     clock.set(ca_manager.x509_signer().not_after)
-    delays = []
-    for _ in range(6):
-        with pytest.raises(CaUnavailableError):
-            svid.maybe_renew()
-        delays.append(svid.due_in())
-        assert not svid.maybe_renew()  # not tried again before the back-off
-        clock.advance(delays[-1])
-    assert delays == [1, 2, 4, 8, 10, 10]
+    assert _back_offs_of_failed_renewals(svid, clock) == [1, 2, 4, 8, 10, 10]
 
 
 def test_the_bundle_endpoints_renewal_loop_waits_out_the_back_off_between_failures(
