@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-from typing import IO
-
-from svid._logs import (
-    JsonFormatter,
-    TextFormatter,
-    configure_logger,
-    flush_logger,
-    say_last,
-)
+from svid._logs import DaemonLog, JsonFormatter, TextFormatter
 
 __all__ = ["JsonFormatter", "TextFormatter", "configure", "flush", "say"]
 
-
-def configure(log_format: str, level: str, stream: IO[str] | None = None) -> None:
-    """Route the 'agent_attestor' logger tree to `stream` (stderr) in the chosen format."""
-    configure_logger("agent_attestor", log_format, level, stream)
-
-
-def flush() -> None:
-    """Waits, a few seconds at most, for the queued log lines to reach stderr: a fatal error
-    printed next comes after them."""
-    flush_logger("agent_attestor")
-
-
-def say(text: str) -> None:
-    """`text` on stderr as the process exits (its fatal error): after the log's queued lines,
-    a few seconds at most waited for a stderr no reader drains (svid._logs.say_last)."""
-    say_last("agent_attestor", text)
+_LOG = DaemonLog("agent_attestor")
+configure = _LOG.configure
+flush = _LOG.flush
+say = _LOG.say

@@ -318,6 +318,29 @@ def say_last(name: str, text: str) -> None:
     print(text, file=sys.stderr)
 
 
+class DaemonLog:
+    """One daemon's log, its logger tree `name` through the setup above: what its logs module
+    gives the daemon (server/logs.py, agent_attestor/logs.py), so the two differ in the name
+    alone."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def configure(self, log_format: str, level: str, stream: IO[str] | None = None) -> None:
+        """Route the tree to `stream` (stderr) in the chosen format (configure_logger)."""
+        configure_logger(self.name, log_format, level, stream)
+
+    def flush(self) -> None:
+        """Waits, a few seconds at most, for the queued log lines to reach stderr: a fatal error
+        printed next comes after them (flush_logger)."""
+        flush_logger(self.name)
+
+    def say(self, text: str) -> None:
+        """`text` on stderr as the process exits (its fatal error): after the log's queued
+        lines, a few seconds at most waited for a stderr no reader drains (say_last)."""
+        say_last(self.name, text)
+
+
 def stacks_on_sigusr1() -> None:
     """`kill -USR1 <pid>` writes every thread's stack to stderr and the daemon runs on: what a
     stop or a request that hangs is waiting for. Nothing where stderr is no file (a daemon's
