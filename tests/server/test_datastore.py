@@ -795,10 +795,30 @@ def test_database_is_wal_fully_synced_and_owner_only(tmp_path: Path, clock: Fake
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
-    for name in ("db", "db-wal", "db-shm"):
-        mode = stat.S_IMODE(os.stat(tmp_path / name).st_mode)
-        assert mode == 0o600, f"{name} has mode {oct(mode)}"
+    _assert_owner_only(path)
     store.close()
+
+
+def _assert_owner_only(path: Path) -> None:
+    """The datastore file at `path` and its -wal and -shm beside it are 0600."""
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        mode = stat.S_IMODE(os.stat(file).st_mode)
+        assert mode == 0o600, f"{file.name} has mode {oct(mode)}"
+
+
+@contextlib.contextmanager
+def _crash_left_companions(path: Path) -> Iterator[None]:
+    """A writer of the datastore at `path` left open, as a crash leaves it: its -wal and -shm
+    stay on disk, with rows, made 0644 (a loose umask, an older release)."""
+    crashed = sqlite3.connect(path)
+    crashed.execute("UPDATE counters SET value = value + 1 WHERE name = 'revision'")
+    crashed.commit()
+    try:
+        for companion in (f"{path}-wal", f"{path}-shm"):
+            os.chmod(companion, 0o644)
+        yield
+    finally:
+        crashed.close()
 
 
 def test_existing_file_is_made_owner_only(tmp_path: Path, clock: FakeClock) -> None:
@@ -816,19 +836,10 @@ def test_a_wal_and_shm_left_by_a_crash_are_made_owner_only(
     by an older release) and holds the same rows as the database: made 0600 at the next open."""
     path = tmp_path / "db"
     SqliteDataStore(path, clock).close()
-    crashed = sqlite3.connect(path)  # left open: its WAL and shared memory stay on disk
-    crashed.execute("UPDATE counters SET value = value + 1 WHERE name = 'revision'")
-    crashed.commit()
-    try:
-        for name in ("db-wal", "db-shm"):
-            os.chmod(tmp_path / name, 0o644)
+    with _crash_left_companions(path):
         store = SqliteDataStore(path, clock)
-        for name in ("db", "db-wal", "db-shm"):
-            mode = stat.S_IMODE(os.stat(tmp_path / name).st_mode)
-            assert mode == 0o600, f"{name} has mode {oct(mode)}"
+        _assert_owner_only(path)
         store.close()
-    finally:
-        crashed.close()
 
 
 def test_the_companions_of_a_datastore_reached_through_a_symlink_are_made_owner_only(
@@ -839,21 +850,12 @@ def test_the_companions_of_a_datastore_reached_through_a_symlink_are_made_owner_
     real = tmp_path / "volume" / "db"
     real.parent.mkdir()
     SqliteDataStore(real, clock).close()
-    crashed = sqlite3.connect(real)  # left open: its WAL and shared memory stay on disk
-    crashed.execute("UPDATE counters SET value = value + 1 WHERE name = 'revision'")
-    crashed.commit()
-    try:
-        for name in ("db-wal", "db-shm"):
-            os.chmod(real.parent / name, 0o644)
+    with _crash_left_companions(real):
         link = tmp_path / "datastore"
         link.symlink_to(real)
         store = SqliteDataStore(link, clock)
-        for name in ("db", "db-wal", "db-shm"):
-            mode = stat.S_IMODE(os.stat(real.parent / name).st_mode)
-            assert mode == 0o600, f"{name} has mode {oct(mode)}"
+        _assert_owner_only(real)
         store.close()
-    finally:
-        crashed.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root makes a file another user owns")
