@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -105,11 +106,19 @@ class World:
         return len(list(self.store.inner.audit_rows(EventFilter(kind=BUNDLE_CHANGED))))
 
 
+@contextmanager
+def world_on(tmp_path: Path, clock: Clock | None = None) -> Iterator[World]:
+    made = World(tmp_path, clock)
+    try:
+        yield made
+    finally:
+        made.store.inner.close()
+
+
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    made = World(tmp_path)
-    yield made
-    made.store.inner.close()
+    with world_on(tmp_path) as made:
+        yield made
 
 
 def test_a_refresh_installs_records_and_publishes_a_changed_bundle(world: World) -> None:
@@ -367,41 +376,39 @@ def test_an_endpoint_announcing_a_tiny_hint_changes_its_bundle_at_most_once_a_fl
     assert world.service.bundle("example.org").sequence == world.service.fetches
 
 
+def _first_of_two_fetched(world: World) -> None:
+    """The endpoint has two bundles, each with a refresh hint of 90 s: the first is fetched."""
+    world.answers = [_bundle(1, hint=90), _bundle(2, hint=90)]
+    world.run(world.service.refresh_due())
+
+
 def test_a_step_back_of_the_clock_does_not_postpone_the_next_fetch(tmp_path: Path) -> None:
     # The next fetch is a refresh hint from the last: an interval. Due on the wall clock, a
     # step back of an hour postponed it by the hour, and keys the foreign domain dropped (or
     # added) meanwhile stayed trusted (or were refused) here that long.
     clock = SteppedClock(FakeClock(1_700_000_000))
-    world = World(tmp_path, clock)
-    try:
-        world.answers = [_bundle(1, hint=90), _bundle(2, hint=90)]
-        world.run(world.service.refresh_due())
+    with world_on(tmp_path, clock) as world:
+        _first_of_two_fetched(world)
         assert world.service.fetches == 1
         clock.offset = -3600.0  # the step back
         clock.base.advance(91)
         world.run(world.service.refresh_due())
         assert world.service.fetches == 2
         assert world.service.bundle("example.org").sequence == 2
-    finally:
-        world.store.inner.close()
 
 
 def test_a_sleep_of_the_host_counts_towards_the_next_fetch(tmp_path: Path) -> None:
     # CLOCK_MONOTONIC stands still while the host is suspended: on it alone, the fetch due 90 s
     # after the last came 90 s after waking from a sleep of an hour, late by the whole interval.
     clock = SleptClock(FakeClock(1_700_000_000))
-    world = World(tmp_path, clock)
-    try:
-        world.answers = [_bundle(1, hint=90), _bundle(2, hint=90)]
-        world.run(world.service.refresh_due())
+    with world_on(tmp_path, clock) as world:
+        _first_of_two_fetched(world)
         assert world.service.next_fetch("example.org") == clock.now() + 90
         clock.sleep(3600.0)
         assert world.service.next_fetch("example.org") <= clock.now()
         world.run(world.service.refresh_due())
         assert world.service.fetches == 2
         assert world.service.bundle("example.org").sequence == 2
-    finally:
-        world.store.inner.close()
 
 
 @pytest.mark.parametrize("hint", [10 * 365 * 86400, 2**63 - 1])
