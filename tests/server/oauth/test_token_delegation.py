@@ -455,15 +455,23 @@ def test_a_delegated_token_expires_with_the_token_acted_for_at_the_latest() -> N
         refused(delegate(world, first, actor_token(oauth)), "invalid_grant", "subject_token has")
 
 
+@contextmanager
+def delegating_on_a_budget(prefix: str, burst: int) -> Iterator[tuple[TaskWorld, str, str]]:
+    """(the task's world, its access token for RESOURCE, MCP_ID's actor token) on a server
+    giving the task's agent `burst` pairs, refilled at half a pair a second. The token's
+    exchange spends three of them: a mint and an exchange."""
+    with serving_delegation(
+        prefix, task_mint_pairs_rate_per_agent=0.5, task_mint_pairs_burst_per_agent=burst
+    ) as oauth:
+        world = task_world(oauth)
+        yield world, world.exchange().json()["access_token"], actor_token(oauth)
+
+
 def test_delegations_past_the_tasks_agents_decision_budget_are_throttled_writing_nothing() -> None:
     # Four pairs for the actor's delegations for the task's agent, refilled at half a pair a
     # second: four delegations to OTHER_RESOURCE (read: one pair each) spend them.
-    with serving_delegation(
-        "odb", task_mint_pairs_rate_per_agent=0.5, task_mint_pairs_burst_per_agent=4
-    ) as oauth:
-        world = task_world(oauth)
-        first = world.exchange().json()["access_token"]
-        actor = actor_token(oauth)
+    with delegating_on_a_budget("odb", burst=4) as (world, first, actor):
+        oauth = world.oauth
         for _ in range(4):
             assert delegate(world, first, actor).status_code == 200
         oauth.running.clock.advance(1)  # a new second: decided again, half a pair is not enough
@@ -483,12 +491,8 @@ def test_delegations_answered_from_policys_cache_are_charged_all_the_same() -> N
     # decision budget charged nothing for; yet nothing else bounds delegations (the actor
     # token is not used up, the subject token may be presented again), so an actor repeating
     # one got a signature, a credential row and an audit event per request without bound.
-    with serving_delegation(
-        "odc", task_mint_pairs_rate_per_agent=0.5, task_mint_pairs_burst_per_agent=4
-    ) as oauth:
-        world = task_world(oauth)
-        first = world.exchange().json()["access_token"]
-        actor = actor_token(oauth)
+    with delegating_on_a_budget("odc", burst=4) as (world, first, actor):
+        oauth = world.oauth
         for _ in range(4):  # the actor's four pairs: all but the first from policy's cache
             assert delegate(world, first, actor).status_code == 200
         store = oauth.running.server.datastore
@@ -505,12 +509,9 @@ def test_an_actors_delegations_are_throttled_on_a_budget_of_their_own_not_the_no
     # Charged to the task's agent, every delegation charged: the workload serving a resource
     # a task called, repeating a delegation, spent that node's budget and its workloads' own
     # task JWT mints and exchanges were refused. Half a pair a second, a burst of eight.
-    with serving_delegation(
-        "oda", task_mint_pairs_rate_per_agent=0.5, task_mint_pairs_burst_per_agent=8
-    ) as oauth:
-        world = task_world(oauth)
-        first = world.exchange().json()["access_token"]  # the node's: three pairs of eight
-        actor = actor_token(oauth)
+    # The token's exchange spends three of the node's eight pairs.
+    with delegating_on_a_budget("oda", burst=8) as (world, first, actor):
+        oauth = world.oauth
         statuses = [delegate(world, first, actor).status_code for _ in range(10)]
         assert statuses == [200] * 8 + [429] * 2  # the actor's eight, then throttled
         oauth.running.clock.advance(1)  # a new second: nothing comes from policy's cache
