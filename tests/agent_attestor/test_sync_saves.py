@@ -54,6 +54,12 @@ def _gated(tmp_path: Path) -> _GatedStore:
     return _GatedStore(AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "b"))
 
 
+def _assert_on_disk(store: AgentStore, svid: AgentSvid) -> None:
+    saved = store.load_svid()
+    assert saved is not None
+    assert saved.chain == svid.chain
+
+
 async def _started(store: _GatedStore) -> None:
     await asyncio.wait_for(asyncio.to_thread(store.started.wait, 10), 10)
 
@@ -187,9 +193,7 @@ def test_a_renewal_cancelled_mid_save_leaves_memory_and_disk_with_the_same_svid(
         await syncer.close()
 
     asyncio.run(scenario())
-    saved = store.load_svid()
-    assert saved is not None
-    assert saved.chain == new.chain
+    _assert_on_disk(store, new)
 
 
 def test_a_bundle_save_writes_the_agent_svid_waiting_first_as_every_save_does(
@@ -209,9 +213,7 @@ def test_a_bundle_save_writes_the_agent_svid_waiting_first_as_every_save_does(
 
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
         asyncio.run(scenario())
-    saved = store.load_svid()
-    assert saved is not None
-    assert saved.chain == svid.chain
+    _assert_on_disk(store, svid)
     assert store.bundle_path.read_bytes() == b"ca-1"
     assert "saved the agent SVID the disk refused before" in caplog.text
 
@@ -256,9 +258,7 @@ def test_a_stop_cancelling_the_save_loop_again_holds_the_save_lock_until_its_thr
         await syncer.close()
 
     asyncio.run(scenario())
-    saved = store.load_svid()
-    assert saved is not None
-    assert saved.chain == svid.chain
+    _assert_on_disk(store, svid)
 
 
 def test_a_stop_during_a_refusal_still_removes_the_refused_svid_and_says_so(
