@@ -17,7 +17,12 @@ from server import errors, status
 from server.audit import AuditError
 from server.ca.errors import CaUnavailableError, CsrError, KeyStoreError
 from server.datastore import AlreadyExistsError, NotFoundError
-from server.datastore.errors import AgentRemovedError, CommitUnknownError, StorageError
+from server.datastore.errors import (
+    AgentRemovedError,
+    CommitUnknownError,
+    RemovalClaimLostError,
+    StorageError,
+)
 from server.policy.errors import PolicyError, Problem, RequestError
 from server.status import RULES, status_for, unary
 from svid._clock import SystemClock
@@ -105,6 +110,8 @@ def instance(cls: type[BaseException], message: str) -> BaseException:
         return cls(message, reason=message)
     if issubclass(cls, CommitUnknownError):
         return cls(SECRET_PATH, message)
+    if issubclass(cls, RemovalClaimLostError):
+        return cls([(f"spiffe://example.org/{SECRET_PATH}", message)])
     return cls(message)
 
 
