@@ -87,6 +87,11 @@ OUTCOME_UNKNOWN_MESSAGE = (
     " the server is stopping; once it is back, check whether the change took effect before"
     " repeating it"
 )
+# The same, where the server serves on (PostgreSQL: the connection was lost at COMMIT).
+OUTCOME_UNKNOWN_SERVING_MESSAGE = (
+    "the outcome of this call is unknown: the server lost its storage while committing it;"
+    " check whether the change took effect before repeating it"
+)
 LEDGER_MESSAGE = (
     "the server cannot record issued credentials (storage unavailable); nothing was issued,"
     " retry later"
@@ -125,6 +130,12 @@ def _policy_message(exc: BaseException) -> str:
         for p in exc.problems
     ]
     return str(PolicyError(problems))
+
+
+def _outcome_unknown_message(exc: BaseException) -> str:
+    """Whether the client is told the server is stopping too (SQLite's fail-stop) or not."""
+    assert isinstance(exc, CommitUnknownError)
+    return OUTCOME_UNKNOWN_MESSAGE if exc.server_stops else OUTCOME_UNKNOWN_SERVING_MESSAGE
 
 
 # What an outage's answer adds when its cause is a full disk: the operator reading it through
@@ -202,8 +213,9 @@ RULES: Mapping[type[BaseException], Rule] = {
     AgentReplacedError: Rule(Code.PERMISSION_DENIED),
     DataStoreError: _STORAGE,
     StorageError: _STORAGE,
-    # A commit whose fsync failed may yet be replayed from the WAL: neither done nor not done.
-    CommitUnknownError: Rule(Code.UNAVAILABLE, OUTCOME_UNKNOWN_MESSAGE),
+    # A commit whose fsync failed may yet be replayed from the WAL, one whose connection was
+    # lost may have landed: neither done nor not done.
+    CommitUnknownError: Rule(Code.UNAVAILABLE, _outcome_unknown_message),
     UnreachableError: _STORAGE,
     # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).
     JtiHeldError: _STORAGE,
@@ -294,8 +306,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client sees for `exc`. Unknown errors say only 'internal'.
     A commit whose outcome is unknown says so however its error was wrapped on the way (a
     ledger's "nothing was issued" would be a lie)."""
-    if any(isinstance(cause, CommitUnknownError) for cause in causes(exc)):
-        return Code.UNAVAILABLE, OUTCOME_UNKNOWN_MESSAGE
+    unknown = next((c for c in causes(exc) if isinstance(c, CommitUnknownError)), None)
+    if unknown is not None:
+        return Code.UNAVAILABLE, _outcome_unknown_message(unknown)
     rule = rule_for(exc)
     if rule is None:
         return Code.INTERNAL, INTERNAL_MESSAGE

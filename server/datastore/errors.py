@@ -65,22 +65,32 @@ class StorageError(DataStoreError):
 
 
 class CommitUnknownError(StorageError):
-    """A COMMIT failed in a way that leaves its outcome unknown: an fsync or other I/O error
-    while the transaction's WAL frames were being written and synced. They may be on disk (or
-    in the page cache) and be replayed by the next open's recovery, so the write may appear
-    after a restart although this process took it for failed. The store takes no write after
-    it and the server stops (fail-stop, as PostgreSQL's data_sync_retry=off): the state it
-    serves is the disk's again once recovery has decided. The message names the datastore and
-    the error, for the operator's log; a client is told only that the outcome is unknown."""
+    """A COMMIT failed in a way that leaves its outcome unknown. SQLite: an fsync or other I/O
+    error while the transaction's WAL frames were being written and synced. They may be on
+    disk (or in the page cache) and be replayed by the next open's recovery, so the write may
+    appear after a restart although this process took it for failed. The store takes no write
+    after it and the server stops (fail-stop, as PostgreSQL's data_sync_retry=off): the state
+    it serves is the disk's again once recovery has decided (`server_stops`). PostgreSQL: the
+    connection was lost with the COMMIT sent and no answer back; the database may have
+    committed it. Its own server decides (it handles its fsync failures itself), and this
+    server's view follows what it holds through the change feed, so it serves on. The
+    message names the datastore and the error, for the operator's log; a client is told only
+    that the outcome is unknown."""
 
-    def __init__(self, datastore: str, error: str) -> None:
+    def __init__(self, datastore: str, error: str, *, server_stops: bool = True) -> None:
+        then = (
+            "no further write is taken and the server stops (start it again once the disk is "
+            "sound: the datastore's recovery decides)"
+            if server_stops
+            else "the database decides, and the server reads back what it holds"
+        )
         super().__init__(
             f"the datastore {datastore} failed while committing a write ({error}): whether "
-            "it is stored is unknown; no further write is taken and the server stops (start "
-            "it again once the disk is sound: the datastore's recovery decides)"
+            f"it is stored is unknown; {then}"
         )
         self.datastore = datastore
         self.error = error
+        self.server_stops = server_stops
 
 
 class UnreachableError(StorageError):

@@ -29,7 +29,11 @@ Connections: a small pool (the server's datastore calls are short; a few connect
 The change feed's follower has connections of its own (`feed_reading`): a burst of writes
 holding the whole pool must not hold up its reads, or the server's view turns stale.
 A call whose connection died raises StorageError; the pool then checks its idle connections and
-replaces the dead ones, so the next call gets a fresh one and the server keeps serving.
+replaces the dead ones, so the next call gets a fresh one and the server keeps serving. A write
+whose connection died with its COMMIT sent raises CommitUnknownError instead: PostgreSQL may
+have committed it, so its caller is told the outcome is unknown, and the server's view follows
+what was committed through the change feed as for any other write (no fail-stop: PostgreSQL's
+own server handles its fsync failures).
 
 A database that goes silent without closing its connections (its host frozen, packets dropped,
 a proxy in front of it that still acknowledges) fails calls within seconds rather than holding
@@ -52,7 +56,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -70,6 +74,7 @@ from server.datastore.entry_writes import EntryWrites
 from server.datastore.errors import (
     AgentReplacedError,
     AlreadyExistsError,
+    CommitUnknownError,
     ConflictError,
     NotFoundError,
     RemovalUnderWayError,
@@ -201,6 +206,32 @@ class AnsweredConnection(psycopg.Connection[Any]):
         except NoAnswerError:
             self.pgconn.finish()
             raise
+
+
+class _Commit(Generic[T]):
+    """One transaction of `_write` on a connection, and how far it got: `done` once COMMIT
+    was answered; `lost` when the connection was lost with the COMMIT sent (the database may
+    have committed it, or not: no answer came back). An error PostgreSQL answered the COMMIT
+    with (a deadlock, a serialization failure, a deferred constraint) is neither: the
+    transaction was rolled back, and the connection is still good."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.lost = False
+        self.result: T
+
+    def of(self, conn: psycopg.Connection[Any], work: Callable[[Cursor], T]) -> T:
+        committing = False
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                result = work(cur)
+                committing = True  # the block's end sends the COMMIT
+        except psycopg.Error:
+            # Read now: the pool closes a broken connection as it takes it back.
+            self.lost = committing and conn.pgconn.status != pq.ConnStatus.OK
+            raise
+        self.done, self.result = True, result
+        return result
 
 
 def connection_options(dsn: str, *, read_only: bool = False) -> dict[str, Any]:
@@ -380,16 +411,22 @@ class PostgresDataStore(
     def _write(self, what: str, work: Callable[[Cursor], T], *, bulk: bool = False) -> T:
         """`work` in one transaction, committed when it returns; run again (up to ATTEMPTS)
         when PostgreSQL failed it for a deadlock or a serialization failure. A DataStoreError
-        of `work` rolls back and goes to the caller as it is."""
+        of `work` rolls back and goes to the caller as it is. The connection lost with the
+        COMMIT sent is CommitUnknownError: PostgreSQL may have committed it (_Commit)."""
         for attempt in range(1, ATTEMPTS + 1):
+            commit: _Commit[T] = _Commit()
             try:
-                with (
-                    self._connection(what, bulk=bulk) as conn,
-                    conn.transaction(),
-                    conn.cursor() as cur,
-                ):
-                    return work(cur)
+                with self._connection(what, bulk=bulk) as conn:
+                    return commit.of(conn, work)
             except StorageError as e:
+                if commit.done:
+                    # Committed: what failed after it (a bulk write's reset of its timeouts)
+                    # is the connection's, and the pool replaces it.
+                    return commit.result
+                if commit.lost:
+                    raise CommitUnknownError(
+                        redact_dsn(self._dsn), str(e), server_stops=False
+                    ) from e.__cause__
                 if attempt == ATTEMPTS or not isinstance(e.__cause__, _RETRY):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover

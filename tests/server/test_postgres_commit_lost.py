@@ -1,0 +1,143 @@
+"""A PostgreSQL connection lost while its COMMIT was in flight: the database may have committed
+it (the COMMIT reached it; its answer did not come back), so the caller is told the outcome is
+unknown, not that nothing was written. A connection lost before the COMMIT is a write that was
+not made (PostgreSQL rolls back a transaction whose session ended): storage unavailable, as it
+is. Either way the store goes on: PostgreSQL's own server decides what is committed, and the
+server's view follows what it holds through the change feed (no fail-stop here)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from server.datastore.errors import CommitUnknownError, UnreachableError
+from server.datastore.postgres import PostgresDataStore
+from server.status import OUTCOME_UNKNOWN_MESSAGE, STORAGE_MESSAGE, status_for
+from svid._clock import FakeClock
+from svid._proto import admin_pb2, common_pb2
+from tests.server.fixtures import TRUST_DOMAIN, managed_server
+from tests.server.tcp_cut import COMMIT_MESSAGE, CuttableRelay, upstream_of
+from tests.server.test_datastore import entry
+from tests.server.test_replication_servers import wait_until
+from tests.server.test_server_postgres import kek_file, with_password
+
+pytest.importorskip("psycopg")
+
+# Long enough for a loaded machine; the events awaited come in milliseconds.
+WAIT = 15.0
+
+
+@pytest.fixture
+def relay(postgres_dsn: str) -> Iterator[CuttableRelay]:
+    relay = CuttableRelay(upstream_of(postgres_dsn))
+    yield relay
+    relay.cut()
+
+
+def _spiffe_ids(store: PostgresDataStore) -> list[str]:
+    return sorted(e.spiffe_id for e in store.list_entries())
+
+
+def test_a_connection_lost_at_commit_leaves_the_outcome_unknown_and_the_store_goes_on(
+    postgres_dsn: str, relay: CuttableRelay
+) -> None:
+    clock = FakeClock(1000.0)
+    dsn = with_password(relay.dsn_through(postgres_dsn))
+    store = PostgresDataStore(dsn, clock)
+    direct = PostgresDataStore(postgres_dsn, clock)
+    try:
+        answered = relay.cut_on(b"/lost-at-commit", then=COMMIT_MESSAGE)
+        with pytest.raises(CommitUnknownError) as unknown:
+            store.create_entry(entry("/lost-at-commit"))
+        assert answered.wait(WAIT), "the database never answered the COMMIT"
+        # It was committed after all: this write's caller must not take it for failed.
+        assert _spiffe_ids(direct) == ["spiffe://example.org/lost-at-commit"]
+        said = str(unknown.value)
+        assert "unknown" in said
+        assert "postgresql://postgres:***@" in said  # which datastore, without its password
+        assert "not-logged-pw" not in said
+        assert "server stops" not in said  # PostgreSQL's own server decides, not a restart
+        code, message = status_for(unknown.value)
+        assert code is grpc.StatusCode.UNAVAILABLE
+        assert "the outcome of this call is unknown" in message
+        assert message != OUTCOME_UNKNOWN_MESSAGE  # which says the server is stopping
+        assert "stopping" not in message
+        # No fail-stop: the next write, on a fresh connection, is taken.
+        store.create_entry(entry("/after"))
+        assert _spiffe_ids(store) == [
+            "spiffe://example.org/after",
+            "spiffe://example.org/lost-at-commit",
+        ]
+    finally:
+        store.close()
+        direct.close()
+
+
+def test_a_connection_lost_before_commit_is_a_write_not_made(
+    postgres_dsn: str, relay: CuttableRelay
+) -> None:
+    clock = FakeClock(1000.0)
+    store = PostgresDataStore(relay.dsn_through(postgres_dsn), clock)
+    try:
+        answered = relay.cut_on(b"/lost-before-commit")  # the INSERT's own message
+        with pytest.raises(UnreachableError) as refused:
+            store.create_entry(entry("/lost-before-commit"))
+        assert not isinstance(refused.value, CommitUnknownError)
+        assert status_for(refused.value) == (grpc.StatusCode.UNAVAILABLE, STORAGE_MESSAGE)
+        answered.wait(WAIT)
+        assert _spiffe_ids(store) == []  # PostgreSQL rolled it back with the session
+    finally:
+        store.close()
+
+
+def test_a_connection_lost_just_after_a_commit_was_answered_is_a_write_made(
+    postgres_dsn: str, relay: CuttableRelay
+) -> None:
+    """An entry write is bulk work: after its COMMIT, its connection's timeouts are reset. A
+    connection lost there failed a write PostgreSQL had said was committed."""
+    clock = FakeClock(1000.0)
+    store = PostgresDataStore(relay.dsn_through(postgres_dsn), clock)
+    try:
+        answered = relay.cut_on(b"/lost-after-commit", then=b"RESET statement_timeout")
+        stored = store.create_entry(entry("/lost-after-commit"))
+        assert answered.wait(WAIT)
+        assert [e.id for e in store.list_entries()] == [stored.id]
+        store.create_entry(entry("/after"))  # on a fresh connection
+    finally:
+        store.close()
+
+
+def test_a_server_whose_commit_was_cut_answers_unknown_and_its_view_has_the_write(
+    postgres_dsn: str, relay: CuttableRelay, tmp_path: object
+) -> None:
+    """The admin's CreateEntry is committed though its connection was lost at COMMIT: the
+    caller hears the outcome is unknown (repeating it blindly would make a second entry or
+    fail on the first), and the server's view, PostgreSQL's, has the entry: the change feed
+    brings it in, and the server goes on serving."""
+    from pathlib import Path
+
+    assert isinstance(tmp_path, Path)
+    shared = {
+        "datastore": relay.dsn_through(postgres_dsn),
+        "key_encryption_key_file": str(kek_file(tmp_path)),
+    }
+    spiffe_id = f"spiffe://{TRUST_DOMAIN}/lost-at-commit"
+    with managed_server(**shared) as server:
+        agent = server.attest()
+        answered = relay.cut_on(spiffe_id.encode(), then=COMMIT_MESSAGE)
+        with pytest.raises(grpc.RpcError) as failed:
+            server.create_entry("/lost-at-commit", agent.spiffe_id)
+        assert answered.wait(WAIT)
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert failed.value.details().startswith("the outcome of this call is unknown")
+        assert "stopping" not in failed.value.details()
+
+        def listed() -> list[common_pb2.Entry]:
+            got = server.admin().ListEntries(admin_pb2.ListEntriesRequest(), timeout=10)
+            return [e for e in got.entries if e.spiffe_id == spiffe_id]
+
+        (stored,) = wait_until(listed, WAIT, "the committed entry in the server's view")
+        assert stored.parent_id == agent.spiffe_id
+        server.create_entry("/after", agent.spiffe_id)  # it serves on
