@@ -33,8 +33,8 @@ from server.config import ServerConfig
 from server.datastore.base import DataStore
 from server.datastore.errors import CommitUnknownError
 from server.datastore.legacy_import import import_legacy_files
-from server.datastore.lost import is_missing, refuse_lost
-from server.datastore.postgres_dsn import open_postgres
+from server.datastore.lost import is_missing, refuse_lost, refuse_new
+from server.datastore.postgres_dsn import open_postgres, redact_dsn
 from server.datastore.sqlite import SqliteDataStore
 from server.descriptor_budget import (
     GRPC_IDLE_TIMEOUT,
@@ -210,6 +210,21 @@ class Server:
         self._budgets.append(budget)  # its tally goes on the audit log (_record_unrecorded)
         return budget
 
+    def _new_schema(self, dsn: str) -> None:
+        """A PostgreSQL schema recording no migration is about to be made: refused beside the
+        files a server on a datastore made, as a missing SQLite datastore is (lost.py)."""
+        if not self._new_datastore:
+            refuse_new(
+                redact_dsn(dsn),
+                "empty (its schema holds no datastore: dropped, emptied or never made)",
+                made_with_a_datastore(self.config),
+            )
+        else:
+            _log.warning(
+                "starting on a new datastore as asked (--new-datastore)",
+                extra={"datastore": redact_dsn(dsn)},
+            )
+
     def _build_core(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -231,7 +246,9 @@ class Server:
             self.datastore: DataStore = sqlite
         else:
             # Files of versions older than the shared datastore are SQLite's only.
-            self.datastore = open_postgres(dsn, self.clock)
+            self.datastore = open_postgres(
+                dsn, self.clock, on_new_schema=lambda: self._new_schema(dsn)
+            )
         # Before anything is loaded: what other servers commit from here on is followed.
         self._feed_cursor = self.datastore.feed_head()
         self.keystore = KeyStore(cfg.keys_dir)

@@ -1,4 +1,4 @@
-"""A SQLite datastore gone from beside the state it made: refused, never silently begun anew.
+"""A datastore gone from beside the state it made: refused, never silently begun anew.
 
 The datastore journals the CA's key slots and holds the audit chain; the key files, the audit
 checkpoint key and its signed checkpoints beside it are made by a server running on it. A
@@ -7,6 +7,9 @@ points elsewhere by mistake): a start on it made a new CA and an empty audit cha
 `audit verify` then passed as intact with 0 events, so the deletion of the tamper-evident log
 went unnoticed. The operator restores it, points `datastore` at it, or says once, with
 `svid-server run --new-datastore`, that beginning anew is meant.
+
+SQLite's is missing or an empty file; PostgreSQL's is a schema recording no migration (dropped,
+or emptied: its tables gone), which the store asks about before it creates anything in it.
 
 A valid SQLite file in its place that records neither a CA key nor an audit event (a fresh
 store's tables and no row, a first page whose -wal was lost) is no more the datastore than an
@@ -78,6 +81,15 @@ def refuse_lost(
     elif any(path.exists() for path in made_after_its_keys) and records_nothing(datastore):
         state = "a SQLite file that records no CA key and no audit event"
     else:
+        return
+    refuse_new(str(datastore), state, found)
+
+
+def refuse_new(datastore: str, state: str, made_with_one: Sequence[Path]) -> None:
+    """DatastoreLostError when any of `made_with_one` exists beside `datastore` (named as the
+    operator may read it: a path, or a DSN without its password), which holds nothing."""
+    found = [path for path in made_with_one if path.exists()]
+    if not found:
         return
     raise DatastoreLostError(
         f"the datastore {datastore} is {state}, but {', '.join(str(p) for p in found)} "

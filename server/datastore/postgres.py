@@ -280,7 +280,11 @@ class PostgresDataStore(
         timeout: float = CONNECT_TIMEOUT,
         migrate: bool = True,
         oldest_schema: int | None = None,
+        on_new_schema: Callable[[], None] | None = None,
     ) -> None:
+        """`on_new_schema`: called before a migration creates anything in a schema that
+        records none (new, dropped or emptied); what it raises refuses the open, nothing made
+        (the server's guard of a datastore lost beside its files: server/datastore/lost.py)."""
         self._dsn = dsn
         self._clock = clock
         self._id_lock = threading.Lock()
@@ -309,7 +313,7 @@ class PostgresDataStore(
         try:
             if migrate:
                 with psycopg.connect(dsn, autocommit=True, **tcp) as conn:
-                    self._migrate(conn)
+                    self._migrate(conn, on_new_schema)
             else:
                 with psycopg.connect(dsn, autocommit=True, **self._options) as conn:
                     oldest = MIGRATIONS[-1].version if oldest_schema is None else oldest_schema
@@ -500,11 +504,17 @@ class PostgresDataStore(
                 copy.write_row((first + n, at, kind, key))
         cur.execute(ps.NOTIFY_FEED)
 
-    def _migrate(self, conn: psycopg.Connection[Any]) -> list[int]:
+    def _migrate(
+        self, conn: psycopg.Connection[Any], on_new_schema: Callable[[], None] | None = None
+    ) -> list[int]:
         """Apply pending migrations, each in its own transaction with the row recording it,
-        under an advisory lock: servers starting together migrate one after the other."""
+        under an advisory lock: servers starting together migrate one after the other. On a
+        schema recording no migration, `on_new_schema` first: under the lock, so of servers
+        starting together on a new schema only the first is asked."""
         with conn.transaction():
             conn.execute(ps.LOCK_MIGRATIONS)
+            if on_new_schema is not None and not self._versions(conn):
+                on_new_schema()  # raising rolls this transaction back: nothing is made
             conn.execute(CREATE_MIGRATIONS_TABLE)
             refuse_newer(int(r[0]) for r in conn.execute(q.MIGRATION_VERSIONS).fetchall())
         applied: list[int] = []

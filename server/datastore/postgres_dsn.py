@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Callable
 
 from server.datastore.base import DataStore
 from server.errors import ConfigError
@@ -126,10 +127,17 @@ def check_dsn(what: str, dsn: str) -> None:
         raise ConfigError(f"{what}: not a valid PostgreSQL URL: {redact_dsn(dsn)}") from None
 
 
-def open_postgres(dsn: str, clock: Clock, *, migrate: bool = True) -> DataStore:
+def open_postgres(
+    dsn: str,
+    clock: Clock,
+    *,
+    migrate: bool = True,
+    on_new_schema: Callable[[], None] | None = None,
+) -> DataStore:
     """The PostgreSQL datastore at `dsn`: the one place that loads the backend (and psycopg),
     so everything else imports without the `postgres` extra. `migrate=False`: read-only, this
-    release's schema only (PostgresDataStore)."""
+    release's schema only; `on_new_schema`: asked before a schema recording no migration is
+    made (PostgresDataStore)."""
     try:
         from server.datastore.postgres import PostgresDataStore  # noqa: PLC0415 - see above
     except ImportError as e:
@@ -137,4 +145,4 @@ def open_postgres(dsn: str, clock: Clock, *, migrate: bool = True) -> DataStore:
             "datastore: a postgresql:// datastore needs the 'postgres' extra "
             f"(pip install 'svidd[postgres]'); cannot import {e.name or e}"
         ) from None
-    return PostgresDataStore(dsn, clock, migrate=migrate)
+    return PostgresDataStore(dsn, clock, migrate=migrate, on_new_schema=on_new_schema)

@@ -9,19 +9,22 @@ import contextlib
 import shutil
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from server.app import Server
-from server.audit.checkpoint import CHECKPOINT_FILE
+from server.audit.checkpoint import CHECKPOINT_FILE, KEY_DIR
 from server.cli import build_parser, main
 from server.config import ServerConfig
 from server.datastore.lost import DatastoreLostError
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
+from tests import postgres
 from tests.server.fixtures import CLOCK_LAG, RunningServer, short_tmpdir, start_server
+from tests.server.test_server_postgres import kek_file
 
 
 @pytest.fixture
@@ -129,5 +132,95 @@ def test_a_restart_beside_the_datastore_and_a_first_start_need_no_flag() -> None
     try:
         start_server(root).stop()  # a fresh data_dir
         start_server(root).stop()  # the datastore there
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+
+def _schema_of(dsn: str) -> str:
+    options = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)["options"][0]
+    return options.rpartition("search_path=")[2]
+
+
+def _tables(dsn: str) -> list[str]:
+    import psycopg
+
+    with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+            (_schema_of(dsn),),
+        ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+@pytest.fixture
+def stopped_on_postgres(postgres_dsn: str) -> Iterator[ServerConfig]:
+    """As `stopped`, its datastore the test's PostgreSQL schema."""
+    root = short_tmpdir()
+    try:
+        first = start_server(
+            root, datastore=postgres_dsn, key_encryption_key_file=str(kek_file(root))
+        )
+        first.stop()
+        yield first.config
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("how", ["emptied", "dropped"])
+def test_a_postgresql_schema_lost_beside_its_key_files_is_refused_naming_both(
+    stopped_on_postgres: ServerConfig, postgres_dsn: str, how: str
+) -> None:
+    """As SQLite's: begun anew, it made a new CA and an empty audit chain in the schema."""
+    import psycopg
+
+    schema = _schema_of(postgres_dsn)
+    with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        if how == "emptied":
+            admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        said = _refused(stopped_on_postgres)
+        assert "the datastore postgresql://" in said
+        assert schema in said  # the DSN, its search_path naming the schema
+        # Its CA keys are sealed in the datastore (a KEK): the audit key and checkpoints stay.
+        assert str(stopped_on_postgres.data_dir / KEY_DIR) in said
+        assert str(stopped_on_postgres.data_dir / CHECKPOINT_FILE) in said
+        assert "--new-datastore" in said
+        if how == "emptied":
+            assert _tables(postgres_dsn) == []  # nothing made in its place
+            assert _refused(stopped_on_postgres)
+    finally:
+        with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
+            admin.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")  # the fixture drops it
+
+
+def test_the_operator_may_begin_a_postgresql_schema_anew_with_new_datastore(
+    stopped_on_postgres: ServerConfig, postgres_dsn: str
+) -> None:
+    import psycopg
+
+    schema = _schema_of(postgres_dsn)
+    with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.execute(f"CREATE SCHEMA {schema}")
+    again = RunningServer(stopped_on_postgres, _clock(), new_datastore=True)
+    try:
+        assert again.bundle().x509_authorities
+    finally:
+        again.stop()
+    assert "schema_migrations" in _tables(postgres_dsn)
+
+
+def test_a_restart_on_its_postgresql_schema_and_a_first_start_need_no_flag(
+    postgres_dsn: str,
+) -> None:
+    root = short_tmpdir()
+    shared = {"datastore": postgres_dsn, "key_encryption_key_file": str(kek_file(root))}
+    try:
+        start_server(root, **shared).stop()  # a fresh schema and data_dir
+        start_server(root, **shared).stop()  # the schema there
     finally:
         shutil.rmtree(root, ignore_errors=True)
