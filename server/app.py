@@ -158,8 +158,9 @@ class Server:
     def __init__(
         self, config: ServerConfig, clock: Clock | None = None, *, new_datastore: bool = False
     ) -> None:
-        """`new_datastore`: a missing SQLite datastore is begun anew even beside the key files
-        and audit checkpoints of one (server/datastore/lost.py); refused otherwise."""
+        """`new_datastore`: a missing SQLite datastore, or a PostgreSQL schema recording no
+        migration, is begun anew even beside the key files and audit checkpoints of one
+        (server/datastore/lost.py); refused otherwise."""
         self.config = config
         self._new_datastore = new_datastore
         # Set (from any thread) when a datastore commit's outcome is unknown: the server stops

@@ -14,7 +14,12 @@ import pytest
 
 from server.datastore.errors import CommitUnknownError, UnreachableError
 from server.datastore.postgres import PostgresDataStore
-from server.status import OUTCOME_UNKNOWN_MESSAGE, STORAGE_MESSAGE, status_for
+from server.status import (
+    OUTCOME_UNKNOWN_MESSAGE,
+    OUTCOME_UNKNOWN_SERVING_MESSAGE,
+    STORAGE_MESSAGE,
+    status_for,
+)
 from svid._clock import FakeClock
 from svid._proto import admin_pb2, common_pb2
 from tests.server.fixtures import TRUST_DOMAIN, managed_server
@@ -105,6 +110,30 @@ def test_a_connection_lost_just_after_a_commit_was_answered_is_a_write_made(
         assert answered.wait(WAIT)
         assert [e.id for e in store.list_entries()] == [stored.id]
         store.create_entry(entry("/after"))  # on a fresh connection
+    finally:
+        store.close()
+
+
+def test_an_audit_write_lost_at_commit_is_unknown_and_the_log_goes_on_from_the_database(
+    postgres_dsn: str, relay: CuttableRelay
+) -> None:
+    """The event was committed: its caller hears the outcome is unknown (through the log's
+    LedgerError), and the log goes on after it from the database's head, the chain whole."""
+    from server.audit.log import AuditLog
+
+    clock = FakeClock(1000.0)
+    store = PostgresDataStore(relay.dsn_through(postgres_dsn), clock)
+    try:
+        log = AuditLog(store, clock)
+        log.append("probe", resource="before")
+        answered = relay.cut_on(b"lost-at-commit", then=COMMIT_MESSAGE)
+        with pytest.raises(Exception) as lost:  # noqa: PT011 - the log's wrapper of it
+            log.append("probe", resource="lost-at-commit")
+        assert answered.wait(WAIT)
+        assert status_for(lost.value)[1] == OUTCOME_UNKNOWN_SERVING_MESSAGE
+        log.append("probe", resource="after")  # chained after the committed one
+        result = log.verify()
+        assert (result.ok, result.checked) == (True, 3), result
     finally:
         store.close()
 
