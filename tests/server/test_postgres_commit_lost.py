@@ -7,6 +7,8 @@ server's view follows what it holds through the change feed (no fail-stop here).
 
 from __future__ import annotations
 
+import secrets
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -78,6 +80,62 @@ def test_a_connection_lost_at_commit_leaves_the_outcome_unknown_and_the_store_go
     finally:
         store.close()
         direct.close()
+
+
+def test_a_session_terminated_while_its_commit_waits_is_an_outcome_unknown(
+    postgres_dsn: str,
+) -> None:
+    """pg_terminate_backend (an operator's, a failover's) while the COMMIT waits on a lock (a
+    deferred trigger's here; a synchronous standby's acknowledgement in production, after the
+    local commit): PostgreSQL's FATAL is the only answer, and says nothing of the outcome."""
+    import psycopg
+
+    from tests import postgres
+
+    clock = FakeClock(1000.0)
+    app = f"svidd-test-commit-{secrets.token_hex(4)}"
+    store = PostgresDataStore(f"{postgres_dsn}&application_name={app}", clock)
+    try:
+        with psycopg.connect(postgres_dsn, autocommit=True) as setup:
+            setup.execute(
+                "CREATE FUNCTION wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$"
+            )
+            setup.execute(
+                "CREATE CONSTRAINT TRIGGER wait_at_commit AFTER INSERT ON entries "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_at_commit()"
+            )
+        with (
+            psycopg.connect(postgres.server_dsn(), autocommit=True) as holder,
+            psycopg.connect(postgres.server_dsn(), autocommit=True) as admin,
+        ):
+            holder.execute("BEGIN")
+            holder.execute("SELECT pg_advisory_xact_lock(4242)")  # held: the COMMIT waits
+            failed: list[BaseException] = []
+
+            def write() -> None:
+                try:
+                    store.create_entry(entry("/terminated"))
+                except Exception as e:  # the test looks at it
+                    failed.append(e)
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            waiting = (
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                "AND wait_event_type = 'Lock' AND query = 'COMMIT'"
+            )
+            (pid,) = wait_until(
+                lambda: admin.execute(waiting, (app,)).fetchone(), WAIT, "the COMMIT to wait"
+            )
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            writer.join(WAIT)
+            holder.execute("ROLLBACK")
+        assert len(failed) == 1
+        assert isinstance(failed[0], CommitUnknownError), failed[0]
+        assert store.list_entries() == []  # this time it was not committed: unknown it is
+    finally:
+        store.close()
 
 
 def test_a_connection_lost_before_commit_is_a_write_not_made(
