@@ -509,8 +509,8 @@ class PostgresDataStore(
     ) -> list[int]:
         """Apply pending migrations, each in its own transaction with the row recording it,
         under an advisory lock: servers starting together migrate one after the other. On a
-        schema recording no migration, `on_new_schema` first: under the lock, so of servers
-        starting together on a new schema only the first is asked."""
+        schema recording no migration yet, `on_new_schema` first, before anything is made
+        (servers starting together on a new schema may each be asked, of their own files)."""
         with conn.transaction():
             conn.execute(ps.LOCK_MIGRATIONS)
             if on_new_schema is not None and not self._versions(conn):
