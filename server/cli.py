@@ -195,9 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         NEW_DATASTORE_FLAG,
         dest="new_datastore",
         action="store_true",
-        help="begin a new SQLite datastore (a new CA, an empty audit log) even though the "
-        "data_dir holds CA key files or audit checkpoints of one that is now missing or "
-        "empty; without it such a start is refused. For this start only: not a config key",
+        help="begin a new datastore (a new CA, an empty audit log) even though the data_dir "
+        "holds CA key files or audit checkpoints of one that is now missing or empty (a "
+        "SQLite file, or a PostgreSQL schema dropped or emptied); without it such a start "
+        "is refused. For this start only: not a config key",
     )
     sub.add_parser("healthcheck", parents=[common], help="check that the server is serving")
 

@@ -118,12 +118,17 @@ def _open_datastore(cfg: ServerConfig, clock: Clock, *, migrate: bool) -> DataSt
     often run with the new release before its upgrade, would otherwise move the schema under
     the previous release's servers (a restarted one refuses it)."""
     from server.datastore.errors import StorageError  # noqa: PLC0415
-    from server.datastore.postgres_dsn import open_postgres  # noqa: PLC0415
+    from server.datastore.postgres_dsn import open_postgres, redact_dsn  # noqa: PLC0415
     from server.datastore.sqlite import SqliteDataStore  # noqa: PLC0415
 
     try:
         if cfg.datastore_dsn is not None:
-            return open_postgres(cfg.datastore_dsn, clock, migrate=migrate)
+            dsn = cfg.datastore_dsn
+
+            def nothing_to_forget() -> None:  # never make the schema: a start then passes
+                raise CliError(f"no datastore in {redact_dsn(dsn)}: check --config")
+
+            return open_postgres(dsn, clock, migrate=migrate, on_new_schema=nothing_to_forget)
         if not cfg.datastore_path.is_file():  # never make an empty one: nothing to forget
             raise CliError(f"no datastore at {cfg.datastore_path}: check --config")
         return SqliteDataStore(cfg.datastore_path, clock, migrate=migrate)

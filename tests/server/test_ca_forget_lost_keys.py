@@ -417,3 +417,26 @@ def test_a_lost_kek_on_postgresql_is_forgotten_and_the_next_start_seals_new_keys
     assert fresh
     assert all(s.sealed_key for s in fresh)
     assert not {s.slot_id for s in fresh} & {s.slot_id for s in sealed}
+
+
+def test_an_empty_postgresql_schema_is_named_and_not_migrated(
+    capsys: pytest.CaptureFixture[str], root: Path, postgres_dsn: str
+) -> None:
+    """As a missing SQLite file: `--yes` on a schema recording nothing (dropped or emptied)
+    makes none of its tables, which would let the next start pass the lost-datastore check."""
+    import psycopg  # needs the postgres extra
+
+    kek = root / "kek"
+    assert _cli(capsys, "keys", "new-kek", "--out", str(kek))[0] == 0
+    config = _config_file(
+        root, f'datastore = "{postgres_dsn}"', f'key_encryption_key_file = "{kek}"'
+    )
+    code, out, err = _cli(capsys, *COMMAND, "--config", str(config), "--yes")
+    assert (code, out) == (1, "")
+    assert "no datastore in" in err
+    with psycopg.connect(postgres_dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()"
+        ).fetchone()
+    assert row is not None
+    assert row[0] == 0
