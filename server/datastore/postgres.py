@@ -213,7 +213,8 @@ class _Commit(Generic[T]):
     was answered; `lost` when the connection was lost with the COMMIT sent (the database may
     have committed it, or not: no answer came back). An error PostgreSQL answered the COMMIT
     with (a deadlock, a serialization failure, a deferred constraint) is neither: the
-    transaction was rolled back, and the connection is still good."""
+    transaction was rolled back, and the connection is still good. Nor is the FATAL of a
+    session ended idle in its transaction, which the COMMIT read: it never ran."""
 
     def __init__(self) -> None:
         self.done = False
@@ -226,9 +227,15 @@ class _Commit(Generic[T]):
             with conn.transaction(), conn.cursor() as cur:
                 result = work(cur)
                 committing = True  # the block's end sends the COMMIT
-        except psycopg.Error:
-            # Read now: the pool closes a broken connection as it takes it back.
-            self.lost = committing and conn.pgconn.status != pq.ConnStatus.OK
+        except psycopg.Error as e:
+            # Read now: the pool closes a broken connection as it takes it back. A session
+            # PostgreSQL ended for sitting idle in the transaction (its writer paused past the
+            # bound) ended before the COMMIT was read: rolled back, a write not made.
+            self.lost = (
+                committing
+                and conn.pgconn.status != pq.ConnStatus.OK
+                and not isinstance(e, pg_errors.IdleInTransactionSessionTimeout)
+            )
             raise
         self.done, self.result = True, result
         return result

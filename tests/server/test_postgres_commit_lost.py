@@ -10,11 +10,12 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
 
-from server.datastore.errors import CommitUnknownError, UnreachableError
+from server.datastore.errors import CommitUnknownError, StorageError, UnreachableError
 from server.datastore.postgres import PostgresDataStore
 from server.status import (
     OUTCOME_UNKNOWN_MESSAGE,
@@ -151,6 +152,48 @@ def test_a_connection_lost_before_commit_is_a_write_not_made(
         assert status_for(refused.value) == (grpc.StatusCode.UNAVAILABLE, STORAGE_MESSAGE)
         answered.wait(WAIT)
         assert _spiffe_ids(store) == []  # PostgreSQL rolled it back with the session
+    finally:
+        store.close()
+
+
+def test_a_commit_sent_after_the_session_was_ended_idle_is_a_write_not_made(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer paused inside its transaction (its host suspended, its VM paused) past the
+    idle-in-transaction bound: PostgreSQL ended the session before the COMMIT came, and its
+    FATAL (25P03) is what the COMMIT reads. The transaction was rolled back with the session:
+    storage unavailable (a retry is safe), not an outcome unknown."""
+    import psycopg
+
+    from server.datastore import postgres as postgres_module
+    from tests import postgres
+
+    monkeypatch.setattr(postgres_module, "IDLE_IN_TRANSACTION_TIMEOUT", 0.2)
+    clock = FakeClock(1000.0)
+    store = PostgresDataStore(postgres_dsn, clock)
+
+    def paused(cur: Any) -> None:
+        cur.execute("INSERT INTO counters (name, value) VALUES ('paused', 1)")
+        cur.execute("SELECT pg_backend_pid()")
+        (pid,) = cur.fetchone()
+        with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
+            alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+            wait_until(
+                lambda: admin.execute(alive, (pid,)).fetchone() == (0,),
+                WAIT,
+                "the idle session to be ended",
+            )
+        # Returns: the COMMIT goes out on the ended session.
+
+    try:
+        with pytest.raises(StorageError) as refused:
+            store._write("pause in a transaction", paused)
+        assert not isinstance(refused.value, CommitUnknownError), refused.value
+        assert "idle-in-transaction" in str(refused.value)
+        assert status_for(refused.value) == (grpc.StatusCode.UNAVAILABLE, STORAGE_MESSAGE)
+        with psycopg.connect(postgres_dsn, autocommit=True) as direct:
+            kept = direct.execute("SELECT count(*) FROM counters WHERE name = 'paused'")
+            assert kept.fetchone() == (0,)  # rolled back with the session
     finally:
         store.close()
 
