@@ -127,9 +127,10 @@ class SyncSettings:
 
 @dataclass(frozen=True)
 class Arrival:
-    """When an agent SVID reached this agent: its wall clock then, and its elapsed clock."""
+    """When an agent SVID reached this agent: its wall clock then, and its elapsed clock.
+    `wall` None: loaded from disk, it came no one knows when, by `elapsed` at the latest."""
 
-    wall: float
+    wall: float | None
     elapsed: float
 
 
@@ -145,10 +146,14 @@ def renewal_wait(
     behind the server's by as much came to the point just before NotAfter, and an SVID whose
     renewal then failed lapsed.
 
-    `arrival` None: an SVID loaded from disk, which came no one knows when. Counted as arriving
-    at the start it would wait half of what it has left, and one overdue (the agent stopped
-    past its point) would not be renewed at once; only its validity says when."""
-    point = rotation_point(not_before, not_after, arrived=arrival.wall if arrival else 0.0)
+    An SVID loaded from disk (`arrival.wall` None; `arrival` None: not even when it was
+    loaded) came no one knows when. Counted as arriving at the load on the wall clock it would
+    wait half of what it has left, and one overdue (the agent stopped past its point) would not
+    be renewed at once: only its validity says when. On the elapsed clock, half its life after
+    the load, which it came before: never before its point, whatever this clock's skew, and a
+    clock behind the server's, restarted, does not wait until NotAfter."""
+    arrived = 0.0 if arrival is None or arrival.wall is None else arrival.wall
+    point = rotation_point(not_before, not_after, arrived=arrived)
     wait = point - now
     if arrival is not None:
         by_elapsed = arrival.elapsed + (not_after - not_before) * ROTATE_AT
@@ -201,7 +206,7 @@ class Syncer:
         self._contexts = CheckContexts()
         self.moves = 0  # times the agent moved to another server
         self._svid: AgentSvid | None = None
-        # The last agent SVID the server sent this run, and when (renewal_wait).
+        # The last agent SVID the server sent this run or the disk gave, and when (renewal_wait).
         self._arrived: tuple[AgentSvid, Arrival] | None = None
         # The agent SVID in use and its roots, when the disk refused them (_persist): saved
         # again by _save_loop, woken by _save_wanted. Roots () once nothing is left to save;
@@ -450,6 +455,9 @@ class Syncer:
             stored = None  # set aside: see _set_aside_saved_svid
         if stored is not None and stored.not_after > now + 1:
             log.info("loaded agent SVID from disk", extra={"agent_id": stored.spiffe_id})
+            # It came before now at the latest: its renewal is counted from here on the elapsed
+            # clock too (renewal_wait), not from its validity alone on a skewed wall clock.
+            self._arrived = (stored, Arrival(None, self._elapsed.monotonic()))
             self._install(stored, None)
             return stored
         # Its own task, shielded: a join token is spent once the server answers, so a stop
@@ -629,7 +637,8 @@ class Syncer:
         self._arrived = (svid, Arrival(self._clock.now(), self._elapsed.monotonic()))
 
     def _arrival(self, svid: AgentSvid) -> Arrival | None:
-        """When `svid` came from the server; None: loaded from disk. Kept across reconnects,
+        """When `svid` came from the server, or was loaded from disk (its wall time None);
+        None: neither is known (an SVID set aside and taken back). Kept across reconnects,
         each starting a renewal loop: counted from a loop's start, a connection that dropped
         every few minutes would put the renewal off until the SVID lapsed."""
         if self._arrived is not None and self._arrived[0] is svid:

@@ -141,6 +141,34 @@ def test_a_clock_behind_by_half_the_ttl_renews_before_the_svid_lapses(
     asyncio.run(scenario())
 
 
+def test_a_clock_behind_by_half_the_ttl_renews_an_svid_loaded_at_start_before_it_lapses(
+    tmp_path: Path, server: _Server
+) -> None:
+    """The agent restarted just after its SVID arrived, its clock 30 min behind the server's:
+    the SVID on disk came no one knows when, and by its validity alone this clock came to its
+    rotation point 5 s before NotAfter (a renewal failing then, and the SVID lapsed). It came
+    before the load at the latest: half its life after the load, on the elapsed clock, it is
+    renewed, never before its rotation point whatever the skew."""
+    base = server.ca.clock
+    assert isinstance(base, FakeClock)
+    syncer = _syncer(tmp_path, server, SteppedClock(base, -SKEW))
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        loop = await _not_renewed(syncer, server)
+        base.advance(TTL / 2 - 20)  # before its rotation point: not yet
+        await asyncio.sleep(0.1)
+        assert not loop.done()
+        assert server.renewals == 0
+        base.advance(26)  # half its life (NotBefore back-dated 10 s) after the load
+        await asyncio.wait_for(loop, 5)
+        assert server.renewals == 1
+        assert syncer.agent_svid is not loaded
+        await syncer.close()
+
+    asyncio.run(scenario())
+
+
 def test_an_overdue_svid_loaded_at_start_is_renewed_at_once(
     tmp_path: Path, server: _Server
 ) -> None:
