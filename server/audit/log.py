@@ -44,6 +44,7 @@ from server.datastore.base import AuditStore, JtiClaim, RemovalClaim
 from server.datastore.errors import (
     BundleRefusedError,
     ChainMovedError,
+    CommitUnknownError,
     HolderGoneError,
     JtiHeldError,
     RemovalClaimLostError,
@@ -737,8 +738,11 @@ class AuditLog:
             self._pending_jtis = []
             self._tickets = []
             # A store that did not answer is not asked again: that would hold the callers
-            # (this thread is one) as long again before they hear their commit failed.
-            unreachable = isinstance(error.__cause__, UnreachableError)
+            # (this thread is one) as long again before they hear their commit failed. Nor one
+            # whose commit's outcome is unknown: its answer did not come either (a database
+            # gone silent at COMMIT), and should the batch have landed, the next write seals
+            # again on the head it finds there.
+            unreachable = isinstance(error.__cause__, UnreachableError | CommitUnknownError)
             try:
                 head = self._committed if unreachable else self._store.audit_head()
             except (StorageError, AuditError):

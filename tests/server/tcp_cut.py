@@ -22,6 +22,8 @@ class _Cut:
     marker: bytes
     then: bytes
     severed: threading.Event
+    # Not closed but gone silent (`freeze_on`): every connection drops what is sent on it.
+    silent: bool = False
 
 
 @dataclass
@@ -80,10 +82,17 @@ class CuttableRelay:
             while data := src.recv(65536):
                 if upstream and self._severs(link, data):
                     dst.sendall(data)  # the database runs it; no answer reaches the client
+                    assert link.cut is not None
+                    if link.cut.silent:
+                        self._frozen.set()
+                        continue
                     with contextlib.suppress(OSError):
                         link.client.shutdown(socket.SHUT_RDWR)
                     return
                 if link.cut is not None:
+                    if link.cut.silent:  # the database's answer, dropped
+                        link.cut.severed.set()
+                        continue
                     break  # the database's answer to the severed message
                 if not self._frozen.is_set():
                     dst.sendall(data)
@@ -119,8 +128,22 @@ class CuttableRelay:
             self._cut_on = _Cut(marker, then, severed)
         return severed
 
+    def freeze_on(self, marker: bytes, then: bytes) -> threading.Event:
+        """As `cut_on`, but the message once passed on every connection goes silent
+        (`freeze`), the database's answer dropped too, until `thaw`: a database host frozen,
+        or the network to it gone, while it ran the message. The event is set once the
+        database answered it."""
+        severed = threading.Event()
+        with self._lock:
+            self._cut_on = _Cut(marker, then, severed, silent=True)
+        return severed
+
     def freeze(self) -> None:
         self._frozen.set()
+
+    def thaw(self) -> None:
+        """Pass what is sent again, after `freeze`: what was dropped stays lost."""
+        self._frozen.clear()
 
     def cut(self) -> None:
         with self._lock:

@@ -239,6 +239,46 @@ def test_an_audit_write_lost_at_commit_is_unknown_and_the_log_goes_on_from_the_d
         store.close()
 
 
+def test_an_audit_write_whose_commit_went_unanswered_does_not_ask_the_silent_database_again(
+    postgres_dsn: str, relay: CuttableRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database went silent with the batch's COMMIT sent (its host frozen, the network
+    to it gone): the outcome is unknown after a whole answer timeout. The log does not ask the
+    silent database for its head on top of it, holding every caller as long again under its
+    chain lock: it goes on after the last batch it saw committed, and the next write, once
+    the database answers, seals again on the head it finds (the batch did land)."""
+    from server.audit.log import AuditLog
+    from server.datastore.postgres import AnsweredConnection
+
+    monkeypatch.setattr(AnsweredConnection, "answer_timeout", 1.0)
+    clock = FakeClock(1000.0)
+    store = PostgresDataStore(relay.dsn_through(postgres_dsn), clock)
+    try:
+        log = AuditLog(store, clock)
+        log.append("probe", resource="before")
+        heads: list[object] = []
+        read_head = store.audit_head
+
+        def audit_head() -> object:
+            heads.append(None)
+            return read_head()
+
+        monkeypatch.setattr(store, "audit_head", audit_head)
+        answered = relay.freeze_on(b"silent-at-commit", then=COMMIT_MESSAGE)
+        with pytest.raises(Exception) as lost:  # noqa: PT011 - the log's wrapper of it
+            log.append("probe", resource="silent-at-commit")
+        assert answered.wait(WAIT), "the database never answered the COMMIT"
+        assert status_for(lost.value)[1] == OUTCOME_UNKNOWN_SERVING_MESSAGE
+        assert heads == []  # the silent database was not asked again
+        relay.thaw()
+        log.append("probe", resource="after")  # sealed again after the one that landed
+        result = log.verify()
+        assert (result.ok, result.checked) == (True, 3), result
+    finally:
+        relay.thaw()
+        store.close()
+
+
 def test_a_server_whose_commit_was_cut_answers_unknown_and_its_view_has_the_write(
     postgres_dsn: str, relay: CuttableRelay, tmp_path: object
 ) -> None:
