@@ -4,6 +4,10 @@ SIGHUP is among them: left to its default action it killed the daemon at once an
 word (no drain, no final audit checkpoint or saved state, its socket and runtime file left), when
 an operator sent it expecting a reload (as nginx or sshd take it) or a terminal closed. Neither
 daemon reloads anything on a signal: SIGHUP stops it as SIGTERM does, and its log says why.
+
+Unless it was started with SIGHUP ignored (nohup, a supervisor detaching it from a terminal): that
+was asked for so that the terminal may close, and it stays ignored, as it was before SIGHUP had a
+handler and as Python leaves an ignored SIGINT.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def stop_on_signals(stop: asyncio.Event, log: logging.Logger) -> None:
-    """Set `stop` on each of STOP_SIGNALS (on the running loop); say so for SIGHUP."""
+    """Set `stop` on each of STOP_SIGNALS (on the running loop); say so for SIGHUP. A SIGHUP
+    this process was started with ignored is left ignored."""
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
         loop.add_signal_handler(sig, _stop, sig, stop, log)
 
 

@@ -119,6 +119,7 @@ class ServerProcess(ChildProcess):
     proc: subprocess.Popen[bytes] | None = None
     runtime: dict[str, Any] = field(default_factory=dict)
     descriptor_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE (soft, hard) it starts with
+    nohup: bool = False  # started under nohup(1): SIGHUP ignored, as a detached daemon has it
 
     def start(self) -> ServerProcess:
         runtime_file = self.data_dir / "server.json"
@@ -128,6 +129,7 @@ class ServerProcess(ChildProcess):
         self.proc = subprocess.Popen(
             [
                 *(with_descriptor_limit(*limit) if limit is not None else []),
+                *(["nohup"] if self.nohup else []),
                 *server_command(),
                 "run",
                 "--config",
