@@ -1,120 +1,17 @@
-"""Directories the agent keeps a socket in: no other user may rename, remove or add entries on
-the way to it.
-
-A user who may write a directory on the socket's path (one it owns, one writable by its group or
-by anyone without the sticky bit) can move the agent's socket, or any directory below, aside and
-put its own in its place: every workload then asks that user for its identities. So every
-directory from / down to the socket's own, and every directory holding a symlink on the way,
-must be the agent's user's or root's and writable by no one else; a root-owned sticky directory
-(/tmp) is fine, as no one may rename another's entry in it, and one of its entries another user
-made first (a directory or a symlink) is that user's and refused in its turn. Missing directories
-are made by the agent.
-
-A directory its group may write is fine where that group is its owner's private group (named
-as the owner, the owner's primary group, and no other user in it): the layout umask 002 assumes,
-which Debian and Ubuntu give their users, so a checkout in a home directory stays usable.
-
-Checked once at start: once the chain is safe, only the agent's user and root can change it.
-
-An operator may vouch for the socket's own directory alone (``socket_dir_shared``): a Kubernetes
-``emptyDir`` (0777, not sticky) that only the pod's containers can reach, or a ``root:spire``
-0775 directory that a trusted group shares. Its owner is still checked, and so is every
-directory above it: only the writers the operator named can replace the socket.
-"""
+"""The agent's directories (its socket's, private_dir's, data_dir's) checked as svid/_safe_dir.py
+says, refused with the agent's ConfigError."""
 
 from __future__ import annotations
 
-import grp
-import os
-import pwd
-import stat
 from pathlib import Path
 
 from agent_attestor.errors import ConfigError
+from svid._safe_dir import Who
+from svid._safe_dir import secure_dir as _secure_dir
 
-MAX_SYMLINKS = 40  # as the kernel's own lookup
-
-
-def _check(key: str, path: Path, st: os.stat_result, uid: int, shared: bool = False) -> None:
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{key}: {path} is not a directory")
-    if st.st_uid not in (uid, 0):
-        raise ConfigError(
-            f"{key}: directory {path} is owned by uid {st.st_uid}, not the agent's user "
-            f"(uid {uid}) or root, so that user could replace what the agent keeps below it"
-        )
-    mode = stat.S_IMODE(st.st_mode)
-    if shared:  # its writers are the operator's to trust (socket_dir_shared)
-        return
-    if mode & 0o020 and not mode & 0o002 and _owners_private_group(st):
-        mode &= ~0o020  # the group holds the owner alone
-    if mode & 0o022 and not mode & stat.S_ISVTX:
-        raise ConfigError(
-            f"{key}: directory {path} has mode {mode:04o}: writable by its group or by others "
-            "without the sticky bit, so they could replace what the agent keeps below it"
-        )
-
-
-def _owners_private_group(st: os.stat_result) -> bool:
-    """Whether `st`'s group holds its owner alone: named as the owner, the owner's primary
-    group, no other member listed and no other user's primary group. Unknown ids are not."""
-    try:
-        owner = pwd.getpwuid(st.st_uid)
-        group = grp.getgrgid(st.st_gid)
-    except KeyError:
-        return False
-    if group.gr_name != owner.pw_name or owner.pw_gid != st.st_gid:
-        return False
-    if set(group.gr_mem) - {owner.pw_name}:
-        return False
-    return all(u.pw_gid != st.st_gid or u.pw_uid == st.st_uid for u in pwd.getpwall())
+_AGENT = Who("agent", ConfigError)
 
 
 def secure_dir(path: Path, key: str, mode: int, *, shared: bool = False) -> Path:
-    """Make `path` and any missing parent (with `mode`, as the agent's user), check it and every
-    directory on the way to it, following symlinks as the kernel does, and return where it
-    resolves to. Raises ConfigError naming `key` and the first directory another user could
-    change. `shared`: the directory `path` resolves to may be written by its group and others
-    (its owner and the directories above it are checked all the same)."""
-    uid = os.geteuid()
-    todo = list(reversed(Path(os.path.abspath(path)).parts[1:]))  # popped from the end
-    current = Path("/")
-    _check(key, current, os.lstat(current), uid)
-    links = 0
-    while todo:
-        name = todo.pop()
-        if name in ("", "."):
-            continue
-        if name == "..":
-            current = current.parent  # checked on the way down
-            continue
-        nxt = current / name
-        try:
-            st = os.lstat(nxt)
-        except FileNotFoundError:
-            try:
-                os.mkdir(nxt, mode)
-            except FileExistsError:
-                pass  # made meanwhile by another process: checked below like any other
-            else:
-                os.chmod(nxt, mode)  # not left to the umask
-            st = os.lstat(nxt)
-        if stat.S_ISLNK(st.st_mode):
-            # The link sits in `current`, checked: no one else may replace it there, but in a
-            # sticky directory (/tmp) its owner may, so there it must be ours or root's too.
-            if st.st_uid not in (uid, 0) and os.lstat(current).st_mode & stat.S_ISVTX:
-                raise ConfigError(
-                    f"{key}: symlink {nxt} is owned by uid {st.st_uid}, not the agent's user "
-                    f"(uid {uid}) or root, so that user could point it elsewhere"
-                )
-            links += 1
-            if links > MAX_SYMLINKS:
-                raise ConfigError(f"{key}: too many symlinks on the way to {path}")
-            target = Path(os.readlink(nxt))
-            if target.is_absolute():
-                current = Path("/")
-            todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
-            continue
-        _check(key, nxt, st, uid, shared=shared and not todo)
-        current = nxt
-    return current
+    """svid._safe_dir.secure_dir for the agent: its refusals are ConfigErrors naming it."""
+    return _secure_dir(path, key, mode, _AGENT, shared=shared)

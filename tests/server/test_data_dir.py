@@ -50,7 +50,7 @@ def test_a_data_dir_of_another_user_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "data"
     path.mkdir(mode=0o700)
     os.chown(path, NOBODY, NOBODY)
-    with pytest.raises(ConfigError, match=f"^data_dir: {path} is owned by uid {NOBODY}"):
+    with pytest.raises(ConfigError, match=f"^data_dir: directory {path} is owned by uid {NOBODY}"):
         prepare_data_dir(path)
 
 
@@ -88,3 +88,51 @@ def test_run_refuses_a_data_dir_any_user_may_write_before_it_holds_anything(
         "holds (chmod o-w, or 0700)\n"
     )
     assert list(data.iterdir()) == []
+
+
+def test_a_data_dir_in_a_directory_any_user_may_write_is_refused(tmp_path: Path) -> None:
+    # Whoever may write the directory above can rename the server's 0700 data_dir aside and
+    # put one of its own, holding its own datastore and keys, in its place.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(ConfigError, match=f"^data_dir: directory {shared} has mode 0777"):
+        prepare_data_dir(shared / "data")
+    with pytest.raises(ConfigError, match=f"^data_dir: directory {shared} has mode 0777"):
+        prepare_data_dir(shared / "a" / "data")
+
+
+def test_a_data_dir_reached_through_a_symlink_in_an_open_directory_is_refused(
+    tmp_path: Path,
+) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "data").symlink_to(real)
+    os.chmod(shared, 0o777)
+    with pytest.raises(ConfigError, match=f"^data_dir: directory {shared} has mode 0777"):
+        prepare_data_dir(shared / "data")
+    # The same link in a directory no one else may write is followed and the target checked.
+    os.chmod(shared, 0o755)
+    prepare_data_dir(shared / "data")
+    os.chmod(real, 0o777)
+    with pytest.raises(ConfigError, match=f"^data_dir: {real} has mode 0777: any user may"):
+        prepare_data_dir(shared / "data")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory away")
+def test_a_data_dir_below_a_directory_its_group_may_write_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Kubernetes fsGroup volume (root:fsGroup 2775) with the data_dir made below it: warned
+    # of, as a group-writable data_dir is (the group is not root's own, which would be fine).
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    os.chown(volume, 0, NOBODY)
+    os.chmod(volume, 0o2775)
+    with caplog.at_level(logging.WARNING):
+        prepare_data_dir(volume / "data")
+    warned = [r for r in caplog.records if r.getMessage().startswith("data_dir: a directory")]
+    assert [(r.directory, r.mode) for r in warned] == [(str(volume), "2775")]
+    assert os.stat(volume / "data").st_mode & 0o777 == 0o700  # setgid inherited
