@@ -446,7 +446,10 @@ def _is_live_socket(path: Path) -> bool:
     probe.settimeout(PROBE_TIMEOUT)
     try:
         probe.connect(str(path))
-    except TimeoutError:  # its backlog full: a running agent, however busy
+    except (TimeoutError, BlockingIOError):
+        # Its backlog full: a running agent, however busy. A Unix socket's connect does not
+        # wait for room as TCP's does: with a timeout set (non-blocking) it fails at once with
+        # EAGAIN, and read as "no one listens" the running agent's socket was taken over.
         live = True
     except OSError:  # refused: no one listens
         live = False

@@ -335,3 +335,35 @@ def test_a_descriptor_limit_too_small_for_one_uids_connections_is_warned_of_at_s
         said = lines[0]
         assert (said.max_connections, said.descriptor_limit) == (capacity_for(limit), limit)
         assert said.max_connections_per_uid == 256
+
+
+def test_a_running_agent_whose_backlog_is_full_is_refused_not_taken_over(root: Path) -> None:
+    """A connect to a listener whose backlog is full fails at once with EAGAIN (a Unix socket
+    does not wait as TCP does): read as "no one listens", the running agent's socket was
+    removed and taken over when its loop was stalled under a burst of callers."""
+    public = root / "public.sock"
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.bind(str(public))
+    busy.listen(0)  # never accepts: its backlog fills
+    callers: list[socket.socket] = []
+    try:
+        for _ in range(64):  # bounded: listen(0) takes one connection, Linux's backlog at most
+            caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            caller.setblocking(False)
+            callers.append(caller)
+            try:
+                caller.connect(str(public))
+            except BlockingIOError:
+                break
+        else:
+            pytest.skip("the listener's backlog did not fill")
+        before = os.stat(public).st_ino
+        relay = WorkloadRelay(public, root / "api.sock", CallerRegistry(), [])
+        said = f"^socket_path: another agent is listening on {public}:"
+        with pytest.raises(ConfigError, match=said):
+            asyncio.run(relay.start())
+        assert os.stat(public).st_ino == before  # still the running agent's
+    finally:
+        for caller in callers:
+            caller.close()
+        busy.close()
