@@ -50,7 +50,10 @@ def _open_lock(data_dir: Path) -> int:
     # could put files of its own in their place. (The default private_dir, below data_dir,
     # had it checked; a private_dir given elsewhere left a 0777 data_dir taken without a word.)
     try:
-        secure_dir(data_dir, "data_dir", 0o700)
+        # Directories made above it are 0755 (as private_dir's are): the socket's directory may
+        # be below one of them (/run/svid-agent/state beside /run/svid-agent/public), and one
+        # made 0700 kept every other user's workload out while the agent served no one.
+        secure_dir(data_dir, "data_dir", 0o700, parent_mode=0o755)
     except OSError as exc:
         raise ConfigError(f"data_dir: cannot create {data_dir}: {exc.strerror or exc}") from None
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC

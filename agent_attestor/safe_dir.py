@@ -12,6 +12,8 @@ from svid._safe_dir import secure_dir as _secure_dir
 _AGENT = Who("agent", ConfigError)
 
 
-def secure_dir(path: Path, key: str, mode: int, *, shared: bool = False) -> Path:
+def secure_dir(
+    path: Path, key: str, mode: int, *, shared: bool = False, parent_mode: int | None = None
+) -> Path:
     """svid._safe_dir.secure_dir for the agent: its refusals are ConfigErrors naming it."""
-    return _secure_dir(path, key, mode, _AGENT, shared=shared)
+    return _secure_dir(path, key, mode, _AGENT, shared=shared, parent_mode=parent_mode)

@@ -86,12 +86,21 @@ class Who:
     group_writable: Callable[[str, Path, int], None] | None = None
 
 
-def secure_dir(path: Path, key: str, mode: int, who: Who, *, shared: bool = False) -> Path:
-    """Make `path` and any missing parent (with `mode`, as the daemon's user), check it and every
-    directory on the way to it, following symlinks as the kernel does, and return where it
-    resolves to. Raises `who.error` naming `key` and the first directory another user could
-    change. `shared`: the directory `path` resolves to may be written by its group and others
-    (its owner and the directories above it are checked all the same)."""
+def secure_dir(
+    path: Path,
+    key: str,
+    mode: int,
+    who: Who,
+    *,
+    shared: bool = False,
+    parent_mode: int | None = None,
+) -> Path:
+    """Make `path` and any missing parent (with `mode`, as the daemon's user; the parents with
+    `parent_mode` where given), check it and every directory on the way to it, following
+    symlinks as the kernel does, and return where it resolves to. Raises `who.error` naming
+    `key` and the first directory another user could change. `shared`: the directory `path`
+    resolves to may be written by its group and others (its owner and the directories above it
+    are checked all the same)."""
     uid = os.geteuid()
     todo = list(reversed(Path(os.path.abspath(path)).parts[1:]))  # popped from the end
     current = Path("/")
@@ -108,12 +117,14 @@ def secure_dir(path: Path, key: str, mode: int, who: Who, *, shared: bool = Fals
         try:
             st = os.lstat(nxt)
         except FileNotFoundError:
+            # Nothing left to walk: `path` itself (a missing entry is no symlink to follow).
+            made = mode if not todo or parent_mode is None else parent_mode
             try:
-                os.mkdir(nxt, mode)
+                os.mkdir(nxt, made)
             except FileExistsError:
                 pass  # made meanwhile by another process: checked below like any other
             else:
-                os.chmod(nxt, mode)  # not left to the umask
+                os.chmod(nxt, made)  # not left to the umask
             st = os.lstat(nxt)
         if stat.S_ISLNK(st.st_mode):
             # The link sits in `current`, checked: no one else may replace it there, but in a

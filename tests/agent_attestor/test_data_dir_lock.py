@@ -50,3 +50,15 @@ def test_a_data_dir_that_cannot_be_made_is_one_line_naming_it(
     assert str(tmp_path / under.split("/", maxsplit=1)[0]) in err
     assert said in err
     assert err.count("\n") == 1
+
+
+def test_directories_made_above_the_data_dir_are_0755_the_socket_may_be_below_them(
+    tmp_path: Path,
+) -> None:
+    # data_dir /run/svid-agent/state beside socket_path /run/svid-agent/public/api.sock, on a
+    # boot where /run/svid-agent is missing (tmpfs): made 0700 with the data_dir, it shut every
+    # other user's workload out of the socket below it, and the agent started as if serving.
+    run = tmp_path / "run"
+    with holding_data_dir(run / "state"):
+        assert os.stat(run / "state").st_mode & 0o777 == 0o700
+        assert os.stat(run).st_mode & 0o777 == 0o755
