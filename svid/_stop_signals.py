@@ -7,7 +7,9 @@ daemon reloads anything on a signal: SIGHUP stops it as SIGTERM does, and its lo
 
 Unless it was started with SIGHUP ignored (nohup, a supervisor detaching it from a terminal): that
 was asked for so that the terminal may close, and it stays ignored, as it was before SIGHUP had a
-handler and as Python leaves an ignored SIGINT.
+handler. So does a SIGINT it was started with ignored: a non-interactive shell hands a job it starts
+with `&` SIGINT ignored so that a Ctrl-C meant for the script's foreground does not reach it, and
+the handler put in its place stopped the daemon with it (Python itself leaves an ignored SIGINT).
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import logging
 import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Left as they are when the process was started with them ignored (SIGTERM never is by choice).
+_KEPT_IGNORED = (signal.SIGINT, signal.SIGHUP)
 
 
 def stop_on_signals(stop: asyncio.Event, log: logging.Logger) -> None:
     """Set `stop` on each of STOP_SIGNALS (on the running loop); say so for SIGHUP. A SIGHUP
-    this process was started with ignored is left ignored."""
+    or SIGINT this process was started with ignored is left ignored."""
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
-        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+        if sig in _KEPT_IGNORED and signal.getsignal(sig) == signal.SIG_IGN:
             continue
         loop.add_signal_handler(sig, _stop, sig, stop, log)
 

@@ -120,6 +120,8 @@ class ServerProcess(ChildProcess):
     runtime: dict[str, Any] = field(default_factory=dict)
     descriptor_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE (soft, hard) it starts with
     nohup: bool = False  # started under nohup(1): SIGHUP ignored, as a detached daemon has it
+    # Started as `svid-server run &` in a script: a non-interactive shell ignores SIGINT for it.
+    sigint_ignored: bool = False
 
     def start(self) -> ServerProcess:
         runtime_file = self.data_dir / "server.json"
@@ -130,6 +132,7 @@ class ServerProcess(ChildProcess):
             [
                 *(with_descriptor_limit(*limit) if limit is not None else []),
                 *(["nohup"] if self.nohup else []),
+                *(["sh", "-c", 'trap "" INT; exec "$@"', "sh"] if self.sigint_ignored else []),
                 *server_command(),
                 "run",
                 "--config",

@@ -2,11 +2,13 @@
 `svid-server run` cleanly, as SIGTERM does, saying that nothing is reloaded: left to its default
 action it killed each at once, without a line in its log, leaving its socket and runtime file
 and skipping its stop (the agent's saved state, the server's final audit checkpoint). One started
-with SIGHUP ignored (nohup) keeps it ignored, as it did before."""
+with SIGHUP ignored (nohup) keeps it ignored, as it did before; so does one started with SIGINT
+ignored (a background job of a non-interactive shell)."""
 
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +57,23 @@ def test_a_daemon_started_under_nohup_is_not_stopped_by_sighup() -> None:
     assert server.proc.wait(20) == 0, server.logs()[-3000:]
     assert "server stopped" in server.logs()
     assert SAID not in server.logs()
+
+
+def test_a_daemon_started_with_sigint_ignored_is_not_stopped_by_sigint() -> None:
+    # `svid-server run &` in a script: the shell ignores SIGINT for the job so that a Ctrl-C
+    # meant for the script's foreground leaves it running; a handler put in its place stopped it.
+    root = short_tmpdir()
+    server = make_server(root)
+    server.sigint_ignored = True
+    server.start()  # its stop handlers are in place once it has written its runtime file
+    assert server.proc is not None
+    # The kernel's view: a handler in its place shows as caught, not ignored (a SIGINT it took
+    # would stop it with exit 0 and the same log lines as the SIGTERM below).
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    ignored = int(next(x for x in status.splitlines() if x.startswith("SigIgn:")).split()[1], 16)
+    assert ignored & (1 << (signal.SIGINT - 1))
+    server.proc.send_signal(signal.SIGINT)
+    server.cli("bundle", "show")  # still serving
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0, server.logs()[-3000:]
+    assert "server stopped" in server.logs()
