@@ -37,7 +37,7 @@ from agent_attestor.workload_attestor import WorkloadAttestor
 from svid._clock import Clock, SystemClock
 from svid._descriptors import raise_descriptor_limit
 from svid._log_throttle import ThrottledLines
-from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
+from svid._unix_socket import MAX_UNIX_PATH, is_listening, unix_path_size
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,6 @@ _ID_BYTES = 12
 READ_BUFFER = 256 * 1024  # asyncio's own read size
 ACCEPT_BATCH = 64
 ACCEPT_RETRY_DELAY = 0.1  # seconds; asyncio's server waits 1 s
-# How long a start waits to connect to a socket already at its path to tell a running agent
-# from one left by a stopped one (a running one takes it from its backlog at once).
-PROBE_TIMEOUT = 2.0
 PUBLIC_DIR_MODE = 0o755  # for directories the relay makes: any local process may connect
 
 
@@ -442,22 +439,9 @@ def _is_live_socket(path: Path) -> bool:
         # bind() said only "Address already in use", as if an agent listened there.
         what = "a directory" if stat.S_ISDIR(mode) else "not a socket"
         raise ConfigError(f"socket_path: {path} exists and is {what}")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(PROBE_TIMEOUT)
-    try:
-        probe.connect(str(path))
-    except (TimeoutError, BlockingIOError):
-        # Its backlog full: a running agent, however busy. A Unix socket's connect does not
-        # wait for room as TCP's does: with a timeout set (non-blocking) it fails at once with
-        # EAGAIN, and read as "no one listens" the running agent's socket was taken over.
-        live = True
-    except OSError:  # refused: no one listens
-        live = False
-    else:
-        live = True
-    finally:
-        probe.close()
-    return live
+    # Its backlog full is a running agent, however busy (read as "no one listens", the running
+    # agent's socket was taken over).
+    return is_listening(path)
 
 
 class _Outer(_Pipe):

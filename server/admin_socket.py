@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from server.errors import ConfigError
+from svid._unix_socket import is_listening
 
 _log = logging.getLogger("svid.server")
 
@@ -49,15 +49,11 @@ def prepare(path: Path) -> None:
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"admin_socket: {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale: left by a server that did not stop cleanly
-        else:
+        # Not waiting: a blocking connect to a running server whose backlog was full held this
+        # start until that server accepted.
+        if is_listening(path):
             raise ConfigError(f"admin_socket: another server is listening on {path}")
-        finally:
-            probe.close()
+        path.unlink()  # stale: left by a server that did not stop cleanly
 
 
 @contextlib.contextmanager

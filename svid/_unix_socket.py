@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import socket
 import stat
 import urllib.parse
 from pathlib import Path
@@ -44,6 +45,25 @@ def socket_problem(path: Path) -> SocketProblem | None:
     if not os.access(path, os.R_OK | os.W_OK):
         return SocketProblem.SOCKET_DENIED
     return None
+
+
+def is_listening(path: Path) -> bool:
+    """True when a process listens on the Unix socket at ``path``: a connection is taken, or
+    refused for a full backlog only (a running daemon, however busy). The connect does not wait:
+    a blocking one waits for room in a full backlog, as long as the listener does not accept, and
+    held a starting daemon's probe with it; a non-blocking one fails at once with EAGAIN, which is
+    a listener. Refused, or anything else, is no one listening."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(os.fsencode(path))
+    except BlockingIOError:  # EAGAIN: its backlog full
+        return True
+    except OSError:  # refused: no one listens
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def grpc_unix_target(path: Path) -> str:

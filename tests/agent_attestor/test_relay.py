@@ -25,6 +25,7 @@ from agent_attestor.errors import ConfigError
 from agent_attestor.model import Selector
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import READ_BUFFER, RelaySettings, WorkloadRelay
+from tests.backlog import fill_backlog
 
 
 @pytest.fixture
@@ -345,18 +346,8 @@ def test_a_running_agent_whose_backlog_is_full_is_refused_not_taken_over(root: P
     busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     busy.bind(str(public))
     busy.listen(0)  # never accepts: its backlog fills
-    callers: list[socket.socket] = []
+    callers = fill_backlog(public)
     try:
-        for _ in range(64):  # bounded: listen(0) takes one connection, Linux's backlog at most
-            caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            caller.setblocking(False)
-            callers.append(caller)
-            try:
-                caller.connect(str(public))
-            except BlockingIOError:
-                break
-        else:
-            pytest.skip("the listener's backlog did not fill")
         before = os.stat(public).st_ino
         relay = WorkloadRelay(public, root / "api.sock", CallerRegistry(), [])
         said = f"^socket_path: another agent is listening on {public}:"

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,12 @@ import grpc
 import pytest
 
 from server import admin_socket
+from server.errors import ConfigError
+from tests.backlog import fill_backlog
 from tests.server.fixtures import short_tmpdir, start_server
 
 NOBODY = 65534
+HANG = 30.0  # seconds: a probe still waiting by then is taken as hung
 
 # Runs as another user: connects to the socket, and only if that is let through asks for a join
 # token over gRPC (a node enrolled by someone with no admin rights).
@@ -109,3 +114,37 @@ def test_another_user_cannot_connect_to_the_admin_socket_while_the_server_starts
     finally:
         srv.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_running_server_whose_backlog_is_full_is_refused_at_once() -> None:
+    """The probe of a socket already at admin_socket does not wait: a blocking connect to a
+    listener whose backlog is full waited for it to accept, holding the second start for as
+    long as the first server's loop stalled (for ever here). Refused, as a listener."""
+    path = short_tmpdir() / "admin.sock"
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.bind(str(path))
+    busy.listen(0)  # never accepts: its backlog fills
+    callers = fill_backlog(path)
+    outcome: list[BaseException | None] = []
+
+    def start() -> None:
+        try:
+            admin_socket.prepare(path)
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    prober = threading.Thread(target=start, daemon=True)
+    try:
+        prober.start()
+        prober.join(HANG)  # a bound on a hang, not on speed: the fixed probe does not wait
+        assert outcome, "the probe waited on the full backlog"
+        assert isinstance(outcome[0], ConfigError)
+        assert str(outcome[0]) == f"admin_socket: another server is listening on {path}"
+        assert path.exists()
+    finally:
+        for caller in callers:
+            caller.close()
+        busy.close()  # a waiting probe is refused now, and its thread ends
+        prober.join()
