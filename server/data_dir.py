@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -61,8 +62,29 @@ def prepare_data_dir(path: Path) -> None:
             "datastore and keys it holds (chmod o-w, or 0700)"
         )
     if mode & 0o020:
+        # Not "make it 0700": a server that writes a root:group directory through that group
+        # would be locked out of it. Owned by the server's user, chown changes nothing.
         _log.warning(
             "data_dir: its group may write it, and so replace the datastore and keys it holds: "
-            "make it 0700 unless that group is the server user's own",
+            "give it to the server's user alone (chown it to that user, then chmod 0700) unless "
+            "every member of that group is trusted",
             extra={"data_dir": str(path), "mode": f"{mode:04o}"},
         )
+    _refuse_unwritable(path)
+
+
+def _refuse_unwritable(path: Path) -> None:
+    """A data_dir this user may not write (root's, made by hand or by a volume mount) failed at
+    the first file opened in it with "[Errno 13] Permission denied: '<data_dir>/<file>'",
+    naming neither the directory nor the fix."""
+    if os.access(path, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return
+    uid = os.geteuid()
+    try:
+        user = f"{pwd.getpwuid(uid).pw_name}, uid {uid}"
+    except KeyError:  # a uid with no passwd entry (a container's)
+        user = f"uid {uid}"
+    raise ConfigError(
+        f"data_dir: {path} is not writable by the server's user ({user}): chown it to that "
+        "user (then chmod 0700), or run the server as its owner"
+    )

@@ -15,6 +15,15 @@ import pytest
 NOBODY = 65534
 
 
+def system_python() -> str:
+    """A python another user may run: the test's interpreter may sit where that user cannot
+    read it (under /root); the system one of the same version, given the test's packages on its
+    path."""
+    found = shutil.which(f"python{sys.version_info[0]}.{sys.version_info[1]}", path="/usr/bin:/bin")
+    assert found, "a system python of the test's version, for a process of another user"
+    return found
+
+
 def as_another_user() -> list[str]:
     """A command prefix that drops root (root opens any socket); nothing for anyone else."""
     if os.geteuid() != 0:

@@ -9,7 +9,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -22,6 +21,7 @@ from server import admin_socket
 from server.errors import ConfigError
 from tests.backlog import fill_backlog
 from tests.server.fixtures import short_tmpdir, start_server
+from tests.users import system_python
 
 NOBODY = 65534
 HANG = 30.0  # seconds: a probe still waiting by then is taken as hung
@@ -52,14 +52,6 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _system_python() -> str:
-    # The test's interpreter may sit where another user cannot read it (under /root): the
-    # system one of the same version, given the test's packages on its path.
-    found = shutil.which(f"python{sys.version_info[0]}.{sys.version_info[1]}", path="/usr/bin:/bin")
-    assert found, "a system python of the test's version, for a process of another user"
-    return found
-
-
 def test_another_user_cannot_connect_to_the_admin_socket_while_the_server_starts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -84,7 +76,7 @@ def test_another_user_cannot_connect_to_the_admin_socket_while_the_server_starts
         seen["umask"] = os.umask(0)  # the process's, after the bind: as it was (0) before it
         os.umask(seen["umask"])
         proc = subprocess.Popen(
-            [_system_python(), "-c", _CHILD, str(path)],
+            [system_python(), "-c", _CHILD, str(path)],
             user=NOBODY,
             group=NOBODY,
             extra_groups=[],

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from server.data_dir import prepare_data_dir
 from server.errors import ConfigError
+from tests.users import system_python
 
 NOBODY = 65534
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_missing_data_dir_is_made_0700(tmp_path: Path) -> None:
@@ -43,6 +47,9 @@ def test_a_group_writable_data_dir_is_warned_of(
         prepare_data_dir(path)
     warned = [r for r in caplog.records if r.getMessage().startswith("data_dir: its group")]
     assert [(r.data_dir, r.mode) for r in warned] == [(str(path), "0770")]
+    # Not "make it 0700": a server writing a root:group directory through its group would be
+    # locked out.
+    assert "(chown it to that user, then chmod 0700)" in warned[0].getMessage()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory away")
@@ -136,3 +143,44 @@ def test_a_data_dir_below_a_directory_its_group_may_write_is_warned_of(
     warned = [r for r in caplog.records if r.getMessage().startswith("data_dir: a directory")]
     assert [(r.directory, r.mode) for r in warned] == [(str(volume), "2775")]
     assert os.stat(volume / "data").st_mode & 0o777 == 0o700  # setgid inherited
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process of another user")
+def test_run_refuses_a_data_dir_its_user_may_not_write_naming_it_and_the_fix() -> None:
+    # A root-owned 0755 data_dir (made by hand, or a volume mounted so) and a server running as
+    # `nobody`: it failed at the datastore with "[Errno 13] Permission denied:
+    # '<data_dir>/datastore.sqlite3'", naming neither the directory nor what to do.
+    root = Path(tempfile.mkdtemp(prefix="svs", dir="/tmp"))
+    try:
+        os.chmod(root, 0o755)  # nobody may reach it, not write it
+        data = root / "data"
+        data.mkdir(mode=0o755)
+        config = root / "server.toml"
+        config.write_text(
+            f'trust_domain = "example.org"\ndata_dir = "{data}"\n'
+            f'admin_socket = "{root / "p" / "admin.sock"}"\n'
+            'bind_address = "127.0.0.1:0"\nattest_bind_address = "127.0.0.1:0"\n'
+        )
+        os.chmod(config, 0o644)
+        site = Path(pytest.__file__).parents[1]
+        done = subprocess.run(
+            [system_python(), "-m", "server.cli", "run", "--config", str(config)],
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[],
+            env={"PYTHONPATH": f"{REPO}:{site}", "PATH": "/usr/bin:/bin"},
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.endswith(
+            f"svid-server: config error: data_dir: {data} is not writable by the server's user "
+            f"(nobody, uid {NOBODY}): chown it to that user (then chmod 0700), or run the server "
+            "as its owner\n"
+        ), done.stderr[-2000:]
+        assert list(data.iterdir()) == []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
