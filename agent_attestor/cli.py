@@ -385,14 +385,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, f"cfg_{key}") for key in KEYS}
     file_values = load_toml(args.config) if args.config is not None else {}
     config = build_config(file_values, flags, os.environ)
+    # Logging first: a start waiting for another agent's data directory (take_over_wait) says so.
+    configure(config.log_format, config.log_level)
     # Held before anything of the data directory is read or written, and until the process
-    # ends (refused here, before logging is configured: the one line main prints is all).
-    with holding_data_dir(config.data_dir):
+    # ends (a refusal is the one line main prints).
+    with holding_data_dir(config.data_dir, config.take_over_wait):
         return _run(args, config, file_values)
 
 
 def _run(args: argparse.Namespace, config: AgentConfig, file_values: dict[str, Any]) -> int:
-    configure(config.log_format, config.log_level)
     # Another local user who reads the token before the agent spends it can attest first and be
     # handed this node's workload entries.
     log = logging.getLogger("agent_attestor.cli")

@@ -72,6 +72,9 @@ class AgentConfig:
     # The operator vouches for the writers of socket_path's own directory (a Kubernetes
     # emptyDir, a root:spire 0775 directory): its group and others may write it (safe_dir.py).
     socket_dir_shared: bool = False
+    # Seconds a start waits for another agent on its data_dir to stop (a rolling update that
+    # starts the new agent first: a DaemonSet with maxSurge); 0: refused at once.
+    take_over_wait: float = 0.0
     metrics_address: str = ""  # host:port for /metrics and /healthz; empty = off
     log_format: str = "json"
     log_level: str = "info"
@@ -165,6 +168,7 @@ _FLOAT_KEYS = {
     "identify_timeout",
     "jwt_mints_per_uid_rate",
     "audit_prune_min_age_days",
+    "take_over_wait",
 }
 # Lists: a TOML array, or strings of comma-separated items (a flag may be repeated).
 LIST_KEYS = {"server_addresses", "server_attest_addresses"}
@@ -186,6 +190,7 @@ _INT_KEYS = {
     "max_prefetched_svids",
 }
 _ZERO_ALLOWED = {
+    "take_over_wait",
     "max_connections",
     "max_prefetched_svids",
     "jwt_mints_per_uid_rate",

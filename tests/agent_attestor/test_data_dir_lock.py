@@ -3,6 +3,8 @@ cannot make refused naming it (it was a traceback from `svid-agent run`)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -62,3 +64,69 @@ def test_directories_made_above_the_data_dir_are_0755_the_socket_may_be_below_th
     with holding_data_dir(run / "state"):
         assert os.stat(run / "state").st_mode & 0o777 == 0o700
         assert os.stat(run).st_mode & 0o777 == 0o755
+
+
+class _Waits:
+    """A clock that moves only when slept on, and the sleeps taken."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_with_take_over_wait_a_held_data_dir_is_waited_for_then_refused_past_the_bound(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "agent"
+    waits = _Waits()
+    with holding_data_dir(data_dir):
+        refusal = (
+            f"data_dir: another agent is still running on {data_dir} (pid {os.getpid()}) "
+            "after take_over_wait (5 s)"
+        )
+        with (
+            caplog.at_level(logging.INFO, "agent_attestor"),
+            pytest.raises(ConfigError, match=f"^{re.escape(refusal)}:"),
+            holding_data_dir(data_dir, 5, clock=waits.clock, sleep=waits.sleep),
+        ):
+            pass
+    assert sum(waits.slept) == pytest.approx(5)  # waited the bound, not past it
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        f"data_dir: another agent is running on {data_dir} (pid {os.getpid()}): waiting up to "
+        "5 s (take_over_wait) for it to stop"
+    ]
+
+
+def test_with_take_over_wait_the_data_dir_is_taken_once_its_holder_lets_go(tmp_path: Path) -> None:
+    data_dir = tmp_path / "agent"
+    waits = _Waits()
+    first = contextlib.ExitStack()
+    first.enter_context(holding_data_dir(data_dir))
+
+    def the_first_stops_while_waited_for(seconds: float) -> None:
+        waits.sleep(seconds)
+        if len(waits.slept) == 3:
+            first.close()
+
+    with holding_data_dir(data_dir, 60, clock=waits.clock, sleep=the_first_stops_while_waited_for):
+        assert len(waits.slept) == 3
+        assert (data_dir / "agent.lock").read_text() == f"{os.getpid()}\n"
+    first.close()
+
+
+def test_without_take_over_wait_the_refusal_names_it(tmp_path: Path) -> None:
+    data_dir = tmp_path / "agent"
+    with (
+        holding_data_dir(data_dir),
+        pytest.raises(ConfigError, match=r"\(for a rollout .*: take_over_wait\)$"),
+        holding_data_dir(data_dir),
+    ):
+        pass

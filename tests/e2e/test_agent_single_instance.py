@@ -6,7 +6,12 @@ runtime file) when it stopped, leaving the first running with no socket."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,3 +58,59 @@ def test_a_second_agent_on_the_same_data_dir_or_socket_is_refused_and_the_first_
             assert agent.socket_path.exists()
             assert agent.runtime()["pid"] == agent.proc.pid
             agent.wait_svid(sid)
+
+
+def test_a_second_agent_with_take_over_wait_waits_for_the_first_to_stop_then_serves() -> None:
+    # A DaemonSet rolled out with maxSurge: the new pod's agent starts on the same hostPath
+    # data_dir and socket while the old one serves, and the old one is stopped only then.
+    # Refused, the new one never started and the rollout stalled.
+    root = short_tmpdir()
+    server = make_server(root).start()
+    with agent_stack(root, server) as agent:
+        sid = "spiffe://example.org/first"
+        create_entry(server, sid, agent.agent_id(), f"unix:uid:{os.getuid()}")
+        agent.wait_svid(sid)
+        first = agent.proc
+        assert first is not None
+        args = [str(arg) for arg in first.args]  # type: ignore[union-attr]
+        second = subprocess.Popen(
+            [*args, "--take-over-wait", "60", "--log-format", "text"],
+            cwd=str(root),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert second.stdout is not None
+            assert second.stderr is not None
+            waiting = second.stderr.readline().decode()
+            with agent.log_path.open("ab") as log:
+                log.write(waiting.encode())
+            # The rest of its log goes where the first's went (a full pipe would hold it).
+            copier = threading.Thread(
+                target=_copy, args=(second.stderr, agent.log_path), daemon=True
+            )
+            copier.start()
+            said = f"another agent is running on {agent.data_dir} (pid {first.pid}): waiting up"
+            assert said in waiting, waiting
+            # Waiting, it touches neither the data_dir nor the socket: the first serves on.
+            assert agent.runtime()["pid"] == first.pid
+            agent.wait_svid(sid)
+            assert second.poll() is None
+
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(START_TIMEOUT) == 0
+            # Printed once it holds the data_dir, the first gone.
+            line = second.stdout.readline().decode()
+            assert line.startswith("SPIFFE_ENDPOINT_SOCKET="), line
+            agent.proc = second  # stopped with the stack
+            assert agent.runtime()["pid"] == second.pid
+            agent.wait_svid(sid)  # the same identity, from the data_dir the first left
+        finally:
+            if second.poll() is None and agent.proc is not second:
+                second.kill()
+                second.wait()
+
+
+def _copy(source: Any, path: Path) -> None:
+    with path.open("ab") as sink:
+        shutil.copyfileobj(source, sink, 1)
