@@ -52,6 +52,7 @@ def prepare_data_dir(path: Path) -> None:
         raise ConfigError(f"data_dir: {path} is not a directory") from None
     except OSError as exc:
         raise ConfigError(f"data_dir: cannot make {path}: {exc.strerror or exc}") from None
+    _refuse_unwritable(path)  # a sticky one too
     # Its owner (this user or root) was checked with the directories above it.
     mode = stat.S_IMODE(st.st_mode)
     if mode & stat.S_ISVTX:
@@ -70,7 +71,6 @@ def prepare_data_dir(path: Path) -> None:
             "every member of that group is trusted",
             extra={"data_dir": str(path), "mode": f"{mode:04o}"},
         )
-    _refuse_unwritable(path)
 
 
 def _refuse_unwritable(path: Path) -> None:

@@ -146,7 +146,8 @@ def test_a_data_dir_below_a_directory_its_group_may_write_is_warned_of(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process of another user")
-def test_run_refuses_a_data_dir_its_user_may_not_write_naming_it_and_the_fix() -> None:
+@pytest.mark.parametrize("mode", [0o755, 0o1755])  # a sticky one is not taken as writable
+def test_run_refuses_a_data_dir_its_user_may_not_write_naming_it_and_the_fix(mode: int) -> None:
     # A root-owned 0755 data_dir (made by hand, or a volume mounted so) and a server running as
     # `nobody`: it failed at the datastore with "[Errno 13] Permission denied:
     # '<data_dir>/datastore.sqlite3'", naming neither the directory nor what to do.
@@ -154,7 +155,8 @@ def test_run_refuses_a_data_dir_its_user_may_not_write_naming_it_and_the_fix() -
     try:
         os.chmod(root, 0o755)  # nobody may reach it, not write it
         data = root / "data"
-        data.mkdir(mode=0o755)
+        data.mkdir()
+        os.chmod(data, mode)
         config = root / "server.toml"
         config.write_text(
             f'trust_domain = "example.org"\ndata_dir = "{data}"\n'
