@@ -8,6 +8,7 @@ ignored (a background job of a non-interactive shell)."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,19 @@ pytestmark = pytest.mark.e2e
 SAID = "SIGHUP: stopping; nothing is reloaded on a signal"
 
 
+@pytest.fixture
+def sighup_handed_on() -> Iterator[None]:
+    """The daemons this test starts get SIGHUP at its default action, as from a terminal: a
+    suite run under nohup (or by a supervisor that ignores it) hands every process SIGHUP
+    ignored, which exec keeps and the daemons, rightly, keep ignored."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+@pytest.mark.usefixtures("sighup_handed_on")
 def test_sighup_stops_the_agent_and_the_server_cleanly_saying_nothing_is_reloaded() -> None:
     root = short_tmpdir()
     server = make_server(root).start()
