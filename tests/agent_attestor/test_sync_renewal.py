@@ -69,13 +69,17 @@ def server(monkeypatch: pytest.MonkeyPatch) -> _Server:
     return srv
 
 
-def _syncer(tmp_path: Path, server: _Server, clock: SteppedClock) -> Syncer:
-    """An agent whose data_dir holds an agent SVID the server issued just now."""
+def _syncer(tmp_path: Path, server: _Server, skew: float = 0.0) -> tuple[FakeClock, Syncer]:
+    """The server's clock, and an agent whose clock is `skew` s from it and whose data_dir
+    holds an agent SVID the server issued just now."""
+    base = server.ca.clock
+    assert isinstance(base, FakeClock)
     store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
     store.save_svid(server.svid())
+    clock = SteppedClock(base, skew)
     syncer = Syncer(SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),)), store, Cache(), clock)
     syncer.set_bootstrap_roots(certs_to_pem([server.ca.cert]))
-    return syncer
+    return base, syncer
 
 
 async def _not_renewed(syncer: Syncer, server: _Server) -> asyncio.Task[None]:
@@ -98,10 +102,7 @@ def test_a_clock_ahead_by_half_the_ttl_renews_once_not_in_a_loop(
     at once, hammering the server until it refused the agent's streams. The SVID on disk at
     the start, which came no one knows when, is still renewed at once: by this clock it is
     overdue."""
-    base = server.ca.clock
-    assert isinstance(base, FakeClock)
-    clock = SteppedClock(base, SKEW)
-    syncer = _syncer(tmp_path, server, clock)
+    base, syncer = _syncer(tmp_path, server, SKEW)
 
     async def scenario() -> None:
         loaded = await syncer.ensure_identity()
@@ -124,10 +125,7 @@ def test_a_clock_behind_by_half_the_ttl_renews_before_the_svid_lapses(
     NotAfter: a renewal that failed then, or a clock a little further behind, let the agent
     SVID lapse (with a join token spent, the node could not attest again). Half the SVID's life
     after it arrived, on the elapsed clock, it is renewed whatever the wall clock says."""
-    base = server.ca.clock
-    assert isinstance(base, FakeClock)
-    clock = SteppedClock(base, -SKEW)
-    syncer = _syncer(tmp_path, server, clock)
+    base, syncer = _syncer(tmp_path, server, -SKEW)
 
     async def scenario() -> None:
         await syncer.ensure_identity()
@@ -149,9 +147,7 @@ def test_a_clock_behind_by_half_the_ttl_renews_an_svid_loaded_at_start_before_it
     rotation point 5 s before NotAfter (a renewal failing then, and the SVID lapsed). It came
     before the load at the latest: half its life after the load, on the elapsed clock, it is
     renewed, never before its rotation point whatever the skew."""
-    base = server.ca.clock
-    assert isinstance(base, FakeClock)
-    syncer = _syncer(tmp_path, server, SteppedClock(base, -SKEW))
+    base, syncer = _syncer(tmp_path, server, -SKEW)
 
     async def scenario() -> None:
         loaded = await syncer.ensure_identity()
@@ -175,9 +171,7 @@ def test_an_overdue_svid_loaded_at_start_is_renewed_at_once(
     """The agent SVID on disk is past its rotation point (the agent was stopped for 40 min):
     it is renewed at once, not half its remaining life after the start, as if it had just
     arrived."""
-    base = server.ca.clock
-    assert isinstance(base, FakeClock)
-    syncer = _syncer(tmp_path, server, SteppedClock(base))
+    base, syncer = _syncer(tmp_path, server)
     base.advance(2400)
 
     async def scenario() -> None:
@@ -220,9 +214,7 @@ def test_a_renewal_that_fails_is_retried_after_a_backoff(
         return 0.0
 
     monkeypatch.setattr(sync, "backoff_delay", backoff)
-    base = server.ca.clock
-    assert isinstance(base, FakeClock)
-    syncer = _syncer(tmp_path, server, SteppedClock(base))
+    base, syncer = _syncer(tmp_path, server)
     base.advance(2400)
 
     async def scenario() -> None:

@@ -5,11 +5,13 @@ runtime file) when it stopped, leaving the first running with no socket."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +28,23 @@ def _replaced(args: list[str], flag: str, value: str) -> list[str]:
     return [*args[: at + 1], value, *args[at + 2 :]]
 
 
-def test_a_second_agent_on_the_same_data_dir_or_socket_is_refused_and_the_first_serves_on() -> None:
-    root = short_tmpdir()
+@contextlib.contextmanager
+def _serving_agent(root: Path) -> Iterator[tuple[Any, str, list[str]]]:
+    """An agent serving an SVID (its ID given) to this uid, and the command line it runs: what a
+    second start on its data_dir or socket would run."""
     server = make_server(root).start()
     with agent_stack(root, server) as agent:
         sid = "spiffe://example.org/first"
         create_entry(server, sid, agent.agent_id(), f"unix:uid:{os.getuid()}")
         agent.wait_svid(sid)
         assert agent.proc is not None
-        args = [str(arg) for arg in agent.proc.args]  # type: ignore[union-attr]
+        yield agent, sid, [str(arg) for arg in agent.proc.args]  # type: ignore[union-attr]
+
+
+def test_a_second_agent_on_the_same_data_dir_or_socket_is_refused_and_the_first_serves_on() -> None:
+    root = short_tmpdir()
+    with _serving_agent(root) as (agent, sid, args):
+        assert agent.proc is not None
         other_dir = str(root / "agent-2")
         for second, refusal in (
             (args, f"data_dir: another agent is running on {agent.data_dir} (pid "),
@@ -65,14 +75,9 @@ def test_a_second_agent_with_take_over_wait_waits_for_the_first_to_stop_then_ser
     # data_dir and socket while the old one serves, and the old one is stopped only then.
     # Refused, the new one never started and the rollout stalled.
     root = short_tmpdir()
-    server = make_server(root).start()
-    with agent_stack(root, server) as agent:
-        sid = "spiffe://example.org/first"
-        create_entry(server, sid, agent.agent_id(), f"unix:uid:{os.getuid()}")
-        agent.wait_svid(sid)
+    with _serving_agent(root) as (agent, sid, args):
         first = agent.proc
         assert first is not None
-        args = [str(arg) for arg in first.args]  # type: ignore[union-attr]
         second = subprocess.Popen(
             [*args, "--take-over-wait", "60", "--log-format", "text"],
             cwd=str(root),

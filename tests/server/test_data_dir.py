@@ -21,6 +21,17 @@ NOBODY = 65534
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _server_config(root: Path, data: Path) -> Path:
+    """A server config in `root` on the data_dir `data`, listening on ports of its own."""
+    config = root / "server.toml"
+    config.write_text(
+        f'trust_domain = "example.org"\ndata_dir = "{data}"\n'
+        f'admin_socket = "{root / "p" / "admin.sock"}"\n'
+        'bind_address = "127.0.0.1:0"\nattest_bind_address = "127.0.0.1:0"\n'
+    )
+    return config
+
+
 def test_a_missing_data_dir_is_made_0700(tmp_path: Path) -> None:
     path = tmp_path / "a" / "data"
     prepare_data_dir(path)
@@ -75,12 +86,7 @@ def test_run_refuses_a_data_dir_any_user_may_write_before_it_holds_anything(
     data = tmp_path / "data"
     data.mkdir()
     os.chmod(data, 0o777)
-    config = tmp_path / "server.toml"
-    config.write_text(
-        f'trust_domain = "example.org"\ndata_dir = "{data}"\n'
-        f'admin_socket = "{tmp_path / "p" / "admin.sock"}"\n'
-        'bind_address = "127.0.0.1:0"\nattest_bind_address = "127.0.0.1:0"\n'
-    )
+    config = _server_config(tmp_path, data)
     done = subprocess.run(
         [sys.executable, "-m", "server.cli", "run", "--config", str(config)],
         capture_output=True,
@@ -157,12 +163,7 @@ def test_run_refuses_a_data_dir_its_user_may_not_write_naming_it_and_the_fix(mod
         data = root / "data"
         data.mkdir()
         os.chmod(data, mode)
-        config = root / "server.toml"
-        config.write_text(
-            f'trust_domain = "example.org"\ndata_dir = "{data}"\n'
-            f'admin_socket = "{root / "p" / "admin.sock"}"\n'
-            'bind_address = "127.0.0.1:0"\nattest_bind_address = "127.0.0.1:0"\n'
-        )
+        config = _server_config(root, data)
         os.chmod(config, 0o644)
         site = Path(pytest.__file__).parents[1]
         done = subprocess.run(
