@@ -71,10 +71,6 @@ class SvidContext:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._schedule = RenewalSchedule(clock)
 
-    @property
-    def renew_at(self) -> float:
-        return self._schedule.renew_at
-
     def due_in(self) -> float:
         """Seconds until `maybe_renew` is next due: renew_at, or a failure's back-off."""
         return self._schedule.due_in()
