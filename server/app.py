@@ -33,7 +33,7 @@ from server.config import ServerConfig
 from server.datastore.base import DataStore
 from server.datastore.errors import CommitUnknownError
 from server.datastore.legacy_import import import_legacy_files
-from server.datastore.lost import is_missing, refuse_lost, refuse_new
+from server.datastore.lost import NEW_DATASTORE_FLAG, is_missing, refuse_lost, refuse_new
 from server.datastore.postgres_dsn import open_postgres, redact_dsn
 from server.datastore.sqlite import SqliteDataStore
 from server.descriptor_budget import (
@@ -131,6 +131,14 @@ def made_after_its_keys(cfg: ServerConfig) -> list[Path]:
     return [cfg.data_dir / KEY_DIR, cfg.data_dir / CHECKPOINT_FILE]
 
 
+def _starting_anew(datastore: str) -> None:
+    """Said where NEW_DATASTORE_FLAG lets a start begin a datastore it would refuse."""
+    _log.warning(
+        f"starting on a new datastore as asked ({NEW_DATASTORE_FLAG})",
+        extra={"datastore": datastore},
+    )
+
+
 def _bind(key: str, address: str, add: Callable[[], int]) -> int:
     try:
         return add()
@@ -221,10 +229,7 @@ class Server:
                 made_with_a_datastore(self.config),
             )
         else:
-            _log.warning(
-                "starting on a new datastore as asked (--new-datastore)",
-                extra={"datastore": redact_dsn(dsn)},
-            )
+            _starting_anew(redact_dsn(dsn))
 
     def _build_core(self) -> None:
         cfg = self.config
@@ -236,10 +241,7 @@ class Server:
                     cfg.datastore_path, made_with_a_datastore(cfg), made_after_its_keys(cfg)
                 )
             elif is_missing(cfg.datastore_path):
-                _log.warning(
-                    "starting on a new datastore as asked (--new-datastore)",
-                    extra={"datastore": str(cfg.datastore_path)},
-                )
+                _starting_anew(str(cfg.datastore_path))
             sqlite = SqliteDataStore(
                 cfg.datastore_path, self.clock, on_commit_unknown=self._commit_unknown
             )
