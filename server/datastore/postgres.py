@@ -119,10 +119,10 @@ from server.datastore.sqlite import (
     _read_params,
     _removal_from,
     _removal_of,
-    _removal_params,
     _revocation_from,
     _slot_from,
 )
+from server.datastore.sqlite_ledger import _removal_params
 from svid._clock import Clock
 
 T = TypeVar("T")

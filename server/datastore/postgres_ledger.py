@@ -49,7 +49,7 @@ from server.datastore.records import (
     holding_agents,
 )
 from server.datastore.sqlite_audit import PAGE, page_rows
-from server.datastore.sqlite_ledger import _task_from, _task_params
+from server.datastore.sqlite_ledger import _removal_params, _task_from, _task_params
 
 T = TypeVar("T")
 Cursor = psycopg.Cursor[Any]
@@ -277,11 +277,7 @@ class PostgresLedger:
         self._write(what, work)
 
     def resume_removal(self, removal: Removal) -> bool:
-        params = {
-            "agent_id": removal.agent_id,
-            "reason": removal.reason,
-            "started_at": removal.started_at,
-        }
+        params = _removal_params(removal)
 
         def work(cur: Cursor) -> bool:
             # The agent's key first, as a removal and an admission take it: an admission

@@ -74,7 +74,7 @@ from server.datastore.records import (
 )
 from server.datastore.sqlite_checkpoints import SqliteCheckpoints
 from server.datastore.sqlite_federation import SqliteFederation
-from server.datastore.sqlite_ledger import SqliteLedger
+from server.datastore.sqlite_ledger import SqliteLedger, _removal_params
 from svid._clock import Clock
 
 BUSY_TIMEOUT_MS = 10_000
@@ -161,14 +161,6 @@ def _agent_from(row: Row) -> AttestedAgent:
 
 def _removal_from(row: Row) -> Removal:
     return Removal(row["agent_id"], row["reason"], int(row["started_at"]))
-
-
-def _removal_params(removal: Removal) -> dict[str, Any]:
-    return {
-        "agent_id": removal.agent_id,
-        "reason": removal.reason,
-        "started_at": removal.started_at,
-    }
 
 
 def _claim_params(agent_id: str, holder: str, now: int, ttl: int) -> dict[str, Any]:

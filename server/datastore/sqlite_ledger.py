@@ -62,6 +62,14 @@ def _task_from(row: Mapping[str, Any]) -> TaskRecord:
     )
 
 
+def _removal_params(removal: Removal) -> dict[str, Any]:
+    return {
+        "agent_id": removal.agent_id,
+        "reason": removal.reason,
+        "started_at": removal.started_at,
+    }
+
+
 def _task_params(task: TaskRecord) -> dict[str, Any]:
     return {
         "task_id": task.task_id,
@@ -239,11 +247,7 @@ class SqliteLedger:
             ) from e
 
     def resume_removal(self, removal: Removal) -> bool:
-        params = {
-            "agent_id": removal.agent_id,
-            "reason": removal.reason,
-            "started_at": removal.started_at,
-        }
+        params = _removal_params(removal)
         return self._write("store the removal", q.RESUME_REMOVAL, params) == 1
 
     def _put_bundles(self, db: sqlite_utils.Database, bundles: Sequence[BundleWrite]) -> None:
