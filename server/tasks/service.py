@@ -1035,7 +1035,7 @@ class TaskService:
             removed = EventDraft(
                 kind=kind, agent_id=agent_id, node_id=agent_id, decision="revoked", reason=reason
             )
-            await asyncio.to_thread(self._append_under, [removed], claim)
+            await asyncio.to_thread(self._audit.append_many, [removed], claim=claim)
         tasks = await asyncio.to_thread(
             self._store.list_tasks, agent_id=agent_id, state=TaskState.ACTIVE.value
         )
@@ -1074,13 +1074,6 @@ class TaskService:
             return True
         recorded = await asyncio.to_thread(self._agent_revocations_recorded, agent_id, creds)
         return not all(c.value in recorded for c in creds)
-
-    def _append_under(self, drafts: Sequence[EventDraft], claim: RemovalClaim | None) -> None:
-        """append_many, under the removal's claim when there is one (see revoke_agent)."""
-        if claim is None:
-            self._audit.append_many(drafts)
-        else:
-            self._audit.append_many(drafts, claim=claim)
 
     def _removal_recorded(self, agent_id: str, kind: str) -> bool:
         """Whether the log holds a `kind` event (eviction, ban) of the agent since it last
@@ -1142,7 +1135,7 @@ class TaskService:
         if not events:
             return
         await asyncio.to_thread(
-            self._append_under,
+            self._audit.append_many,
             [
                 EventDraft(
                     kind=EventKind.REVOCATION,
@@ -1156,7 +1149,7 @@ class TaskService:
                 )
                 for c in events
             ],
-            claim,
+            claim=claim,
         )
 
     async def _finish(self, task: Task, state: TaskState, reason: str) -> Task:

@@ -1465,10 +1465,10 @@ def test_an_end_cut_short_between_its_revocations_and_their_events_records_them_
     issued = world.mint_jwt(world.state.entries.by_id[task.entry_id], ["docs"])
     append_many = world.audit.append_many
 
-    def dies(drafts: Any) -> Any:
+    def dies(drafts: Any, **kw: Any) -> Any:
         if any(d.kind == "revocation" for d in drafts):
             raise StorageError("the server died here")
-        return append_many(drafts)
+        return append_many(drafts, **kw)
 
     # The revocations are stored (and pushed); the server dies before their events commit.
     monkeypatch.setattr(world.audit, "append_many", dies)
