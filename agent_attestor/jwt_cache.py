@@ -82,11 +82,6 @@ def refresh_point(jwt: MintedJwt, asked_at: float) -> float:
     return asked_at + max(0.0, jwt.expires_at - jwt.issued_at) / 2
 
 
-def token_id(jwt: MintedJwt) -> str:
-    """The token's `jti` ("" if it has none): what a revocation of it names."""
-    return token_ids(jwt)[0]
-
-
 def token_ids(jwt: MintedJwt) -> tuple[str, str]:
     """The token's `jti` and the `kid` of the key that signed it ("" for one it lacks): what
     a revocation, and a bundle losing that key, name. The kid is interned: a handful of keys
