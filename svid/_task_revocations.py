@@ -15,10 +15,9 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Generic, Protocol, TypeVar
 
-from svid._jwt import JwtSvid
 from svid._revocation import KIND_JWT_ID
 from svid._spiffe_id import SpiffeId
-from svid._task_model import TaskInfo
+from svid._task_model import Fetched, TaskInfo
 from svid._workload_calls import RevocationsUpdate
 
 # Said when the server could not tell how the task ended: its credentials are revoked all the
@@ -76,7 +75,7 @@ class LiveTasks(Generic[T]):
         return sorted(hit, key=lambda task: task.info.depth)
 
 
-def cached_jtis(cached: Iterable[tuple[JwtSvid, float, float]]) -> frozenset[str]:
+def cached_jtis(cached: Iterable[Fetched]) -> frozenset[str]:
     """The jtis of a task's cached tokens (as its ``_jwts`` values hold them)."""
     jtis = (jwt.claims.get("jti") for jwt, _, _ in cached)
     return frozenset(jti for jti in jtis if isinstance(jti, str) and jti)
