@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections import OrderedDict
 from collections.abc import Sequence
 
 from cryptography import x509
@@ -33,6 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent_attestor.errors import ServerNotOursError, ServerNotVerifiedError
+from svid._cache import LruCache
 from svid._errors import SvidError
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._ssl_peer import peer_chain_der
@@ -186,20 +186,17 @@ class CheckContexts:
     are kept: the attestation's (no client) and the agent SVID's."""
 
     def __init__(self, size: int = 2) -> None:
-        self._size = size
-        self._held: OrderedDict[tuple[bytes, tuple[bytes, bytes] | None], ssl.SSLContext] = (
-            OrderedDict()
+        # The oldest dropped past `size`: roots or an SVID replaced, not used again.
+        self._held: LruCache[tuple[bytes, tuple[bytes, bytes] | None], ssl.SSLContext] = LruCache(
+            size
         )
 
     def get(self, root_pem: bytes, client: tuple[bytes, bytes] | None = None) -> ssl.SSLContext:
         key = (root_pem, client)
         context = self._held.get(key)
-        if context is not None:
-            self._held.move_to_end(key)
-            return context
-        context = self._held[key] = _context(root_pem, client)
-        while len(self._held) > self._size:
-            self._held.popitem(last=False)  # roots or an SVID replaced: not used again
+        if context is None:
+            context = _context(root_pem, client)
+            self._held.put(key, context)
         return context
 
 
