@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from agent_attestor.signer import MintedJwt, SvidSigner
@@ -297,15 +297,20 @@ class JwtCache:
         """Drop cached tokens of every ID that begins with `prefix` (a runtime's tasks)."""
         self.forget({k[0] for k in (*self._tokens, *self._pending) if k[0].startswith(prefix)})
 
+    def _void_pending(self, which: Callable[[Key], bool]) -> None:
+        """Mints still out for the keys `which` picks: their callers get the token, but it is
+        not kept, and later callers do not wait for it."""
+        for key, fut in list(self._pending.items()):
+            if which(key):
+                del self._pending[key]
+                self._void.add(fut)
+                self.generation += 1
+
     def forget_entries(self, entry_ids: set[str]) -> None:
         """Drop cached tokens minted under these entries, and keep none of theirs still being
         minted: the entry is gone, or changed in place (its jwt_svid_ttl cut, its ID changed),
         so a token minted under it may outlive what the entry now allows."""
-        for key, fut in list(self._pending.items()):
-            if key[2] in entry_ids:
-                del self._pending[key]
-                self._void.add(fut)
-                self.generation += 1
+        self._void_pending(lambda key: key[2] in entry_ids)
         for key in [k for k in self._tokens if k[2] in entry_ids]:
             self._drop(key)
 
@@ -314,10 +319,7 @@ class JwtCache:
         forgot or removed them): served until half their life, they verified nowhere. A mint
         still out is not kept either (its key is known only once it is back, and the server
         may have signed it with one of these just before), though its callers get it."""
-        for key, fut in list(self._pending.items()):
-            del self._pending[key]
-            self._void.add(fut)
-            self.generation += 1
+        self._void_pending(lambda _key: True)
         for key in [k for k, held in self._tokens.items() if held[5] in kids]:
             self._drop(key)
 
@@ -325,11 +327,7 @@ class JwtCache:
         """Drop cached tokens (all, or of these IDs): after an entry is removed or revoked.
         A mint of theirs still out is not kept when it comes back, and later callers do not
         wait for it: the task may have ended after the server signed it."""
-        for key, fut in list(self._pending.items()):
-            if spiffe_ids is None or key[0] in spiffe_ids:
-                del self._pending[key]
-                self._void.add(fut)
-                self.generation += 1
+        self._void_pending(lambda key: spiffe_ids is None or key[0] in spiffe_ids)
         if spiffe_ids is None:
             self._tokens.clear()
             self._bytes = 0
