@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -58,35 +58,17 @@ from svid._backoff import Retry, backoff_delay
 from svid._clock import Clock, ElapsedClock
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
+from svid._held import to_its_end
 from svid._log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-async def _to_the_end(work: Awaitable[_T]) -> _T:
-    """`work` as a task of its own, run to its end. Cancelled meanwhile (however often), the
-    caller waits for it before it raises: a save that writes files (in a thread, which no
-    cancellation stops) ends, with what it says and arranges when the disk refuses it, before
-    its caller is gone."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        # A stop (cancel_all) cancels again each second: let go at the second, a lock held
-        # around a slow save went with its thread still writing.
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({task})
-        if not task.cancelled():
-            task.exception()  # retrieved, as awaiting it does: the caller raises its own
-        raise
-
-
 async def _off_loop(save: Callable[[_T], object], what: _T) -> None:
-    """`save(what)` in a thread, to its end (_to_the_end): a lock held around it stays held until
+    """`save(what)` in a thread, to its end (to_its_end): a lock held around it stays held until
     the files are written, so no other save writes them (their temp files) beside it."""
-    await _to_the_end(asyncio.to_thread(save, what))
+    await to_its_end(asyncio.to_thread(save, what))
 
 
 # Seconds between readings of the wall clock while the agent SVID's rotation point is ahead: a
@@ -317,7 +299,7 @@ class Syncer:
         _save_loop saves it again with backoff. Run to its end even when the caller is cancelled
         (a reconnect, a stop): the thread writes on regardless, and a refusal it met then went
         unsaid and unretried, the roots used from memory until some later save."""
-        await _to_the_end(self._save_or_say())
+        await to_its_end(self._save_or_say())
 
     async def _save_or_say(self) -> None:
         try:
@@ -358,10 +340,10 @@ class Syncer:
         marked saved only if it is still what waits: a newer SVID or roots set meanwhile (a
         renewal, a Sync message) wait for their own save, after this one.
 
-        To its end (_to_the_end), marks included, even when its caller is cancelled (a stop):
+        To its end (to_its_end), marks included, even when its caller is cancelled (a stop):
         what its thread wrote was else left waiting, written again by settle, and never said
         saved."""
-        await _to_the_end(self._write_unsaved())
+        await to_its_end(self._write_unsaved())
 
     async def _write_unsaved(self) -> None:
         async with self._saving:
@@ -621,7 +603,7 @@ class Syncer:
         # save goes on in its thread and may reach the disk, and the older SVID kept in memory
         # beside it had this run and the next start use two different ones.
         self._adopting = asyncio.ensure_future(self._adopt(svid, bundle))
-        await _to_the_end(self._adopting)
+        await to_its_end(self._adopting)
 
     async def _adopt(self, svid: AgentSvid, bundle: TrustBundle) -> None:
         # The server has replaced the old SVID already (it works only until it expires):
@@ -817,7 +799,7 @@ class Syncer:
         self._on_change("refused")
         # To its end even if a stop comes while it waits: cut short, the save it waited for
         # left the refused SVID on disk, and the refusal went unsaid.
-        await _to_the_end(self._forget_refused(code, details, agent_id))
+        await to_its_end(self._forget_refused(code, details, agent_id))
 
     async def _forget_refused(
         self, code: grpc.StatusCode, details: str | None, agent_id: str

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from server.errors import RateLimitedError
+from svid._held import to_its_end
 
 _T = TypeVar("_T")
 
@@ -73,23 +74,16 @@ class AgentTurns:
             task = asyncio.ensure_future(work())
             self._works.add(task)
             task.add_done_callback(self._works.discard)
-            cancelled = False
-            while not task.done():
-                try:
-                    await asyncio.wait((task,))
-                except asyncio.CancelledError:
-                    cancelled = True
-            if cancelled:
-                failure = None if task.cancelled() else task.exception()
-                if failure is not None:
-                    _log.error(
-                        "%s: the work of a call whose caller left failed",
-                        self._what,
-                        exc_info=failure,
-                        extra={"agent_id": agent_id},
-                    )
-                raise asyncio.CancelledError
-            return task.result()
+
+            def orphaned(failure: BaseException) -> None:
+                _log.error(
+                    "%s: the work of a call whose caller left failed",
+                    self._what,
+                    exc_info=failure,
+                    extra={"agent_id": agent_id},
+                )
+
+            return await to_its_end(task, orphaned=orphaned)
 
     async def drain(self) -> None:
         """Wait until the work `run` started is done, that of callers gone included: a server

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import ParamSpec, TypeVar
 
+from svid._held import to_its_end
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -26,15 +28,4 @@ async def run_held(
     loop = asyncio.get_running_loop()
     # The caller's context goes along, as asyncio.to_thread takes it.
     call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-    work = loop.run_in_executor(executor, call)
-    cancelled = False
-    while not work.done():
-        try:
-            await asyncio.wait((work,))
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        if not work.cancelled():
-            work.exception()  # retrieved: the caller is gone, nobody else will
-        raise asyncio.CancelledError
-    return work.result()
+    return await to_its_end(loop.run_in_executor(executor, call))
