@@ -24,10 +24,11 @@ from server.ca.rotation import (
     prepare_at,
 )
 from server.ca.rotator import Rotator
+from server.datastore.base import DataStore
 from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
-from svid._clock import FakeClock
+from svid._clock import Clock, FakeClock
 from svid._spiffe_id import SpiffeId
 from tests.server.conftest import TRUST_DOMAIN, openssl_verify
 
@@ -131,6 +132,14 @@ CA_TTL = 600
 JWT_TTL = 900
 
 
+def _started_ca(datastore: DataStore, keystore: KeyStore, clock: Clock) -> CaManager:
+    manager = CaManager(
+        CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL), datastore, keystore, clock
+    )
+    manager.initialize()
+    return manager
+
+
 @dataclass
 class History:
     created: dict[str, tuple[str, float]] = field(default_factory=dict)  # id -> (status, at)
@@ -200,11 +209,7 @@ def _can_sign(manager: CaManager, clock: FakeClock, tmp_path: Path | None) -> No
 
 @pytest.fixture
 def short_ca(datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock) -> CaManager:
-    manager = CaManager(
-        CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL), datastore, keystore, clock
-    )
-    manager.initialize()
-    return manager
+    return _started_ca(datastore, keystore, clock)
 
 
 def test_rotation_across_several_lifetimes(
@@ -300,10 +305,7 @@ def test_restart_resumes_the_same_schedule_and_keys(
     datastore.close()
 
     store = SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
-    again = CaManager(
-        CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL), store, keystore, clock
-    )
-    again.initialize()
+    again = _started_ca(store, keystore, clock)
     assert {k: again.key_slots(k) for k in (X509_KIND, JWT_KIND)} == before_slots
     assert again.x509_signer().ca_certificate == before_ca
     assert again.jwt_signer().kid == before_kid
@@ -326,10 +328,7 @@ def test_restart_after_an_outage_catches_up(
     tmp_path: Path,
 ) -> None:
     clock.advance(10 * JWT_TTL)
-    again = CaManager(
-        CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL), datastore, keystore, clock
-    )
-    again.initialize()
+    again = _started_ca(datastore, keystore, clock)
     for kind in (X509_KIND, JWT_KIND):
         _check_invariants(again, kind, clock.now())
         assert len(again.key_slots(kind)) == 1
@@ -348,12 +347,9 @@ def test_keys_made_while_the_clock_ran_ahead_are_replaced_once_it_is_put_right(
     # drops the keys it finds expired and makes new ones, valid from then on. Started again
     # once the clock was put right, it kept signing with those: every SVID chained to a CA not
     # valid yet, for as long as the clock had been ahead.
-    config = CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL)
-    ahead = CaManager(config, datastore, keystore, FakeClock(clock.now() + 10 * JWT_TTL))
-    ahead.initialize()
+    _started_ca(datastore, keystore, FakeClock(clock.now() + 10 * JWT_TTL))  # the start ahead
     clock.advance(60)
-    again = CaManager(config, datastore, keystore, clock)
-    again.initialize()
+    again = _started_ca(datastore, keystore, clock)
     for kind in (X509_KIND, JWT_KIND):
         _check_invariants(again, kind, clock.now())
     _check_bundle(again)
@@ -363,15 +359,8 @@ def test_keys_made_while_the_clock_ran_ahead_are_replaced_once_it_is_put_right(
 def test_rotation_survives_a_failing_datastore_write(
     short_ca: CaManager, datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
 ) -> None:
-    import sqlite3
-
-    from server.datastore.testing import FaultInjectingDataStore
-
     faulty = FaultInjectingDataStore(datastore)
-    manager = CaManager(
-        CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL), faulty, keystore, clock
-    )
-    manager.initialize()
+    manager = _started_ca(faulty, keystore, clock)
     clock.set(manager.next_rotation_check())
     faulty.inject(sqlite3.OperationalError("disk I/O error"), method="save_key_slot")
     with pytest.raises(sqlite3.OperationalError):
@@ -401,16 +390,13 @@ def test_a_drop_cut_short_after_the_key_file_is_finished_at_the_next_start(
     """A dropped slot's key file goes before its row: a tick cut short between the two
     leaves a keyless slot the schedule drops at the next start, which starts (a keyless slot
     that is not due to go refuses the start: a wrong data_dir)."""
-    config = CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL)
     faulty = FaultInjectingDataStore(datastore)
-    manager = CaManager(config, faulty, keystore, clock)
-    manager.initialize()
+    manager = _started_ca(faulty, keystore, clock)
     _advance_to_a_drop(manager, clock)
     faulty.inject(sqlite3.OperationalError("disk I/O error"), method="delete_key_slot")
     with pytest.raises(sqlite3.OperationalError):
         manager.rotate()
-    again = CaManager(config, datastore, keystore, clock)
-    again.initialize()
+    again = _started_ca(datastore, keystore, clock)
     live = {s.slot_id for k in (X509_KIND, JWT_KIND) for s in again.key_slots(k)}
     assert set(keystore.slot_ids()) == live
     _can_sign(again, clock, None)
@@ -425,7 +411,6 @@ def test_a_drop_cut_short_before_the_key_file_leaves_no_key_behind(
 ) -> None:
     """Start-up deletes no key file the journal does not name, so a drop must never leave
     one: the row stays until its key file is gone, and the next start finishes the drop."""
-    config = CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL)
     _advance_to_a_drop(short_ca, clock)
 
     def unlink_fails(slot_id: str) -> None:
@@ -435,8 +420,7 @@ def test_a_drop_cut_short_before_the_key_file_leaves_no_key_behind(
         patch.setattr(keystore, "delete", unlink_fails)
         with pytest.raises(OSError, match="cannot remove"):
             short_ca.rotate()
-    again = CaManager(config, datastore, keystore, clock)
-    again.initialize()
+    again = _started_ca(datastore, keystore, clock)
     live = {s.slot_id for k in (X509_KIND, JWT_KIND) for s in again.key_slots(k)}
     assert set(keystore.slot_ids()) == live
 
@@ -444,15 +428,8 @@ def test_a_drop_cut_short_before_the_key_file_leaves_no_key_behind(
 def test_a_half_done_tick_is_published_by_the_next(
     short_ca: CaManager, datastore: SqliteDataStore, keystore: KeyStore, clock: FakeClock
 ) -> None:
-    import sqlite3
-
-    from server.datastore.testing import FaultInjectingDataStore
-
     faulty = FaultInjectingDataStore(datastore)
-    manager = CaManager(
-        CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL), faulty, keystore, clock
-    )
-    manager.initialize()
+    manager = _started_ca(faulty, keystore, clock)
     sequence = manager.bundle().sequence
     clock.set(manager.next_rotation_check())
     faulty.inject(sqlite3.OperationalError("disk full"), method="next_bundle_sequence")
@@ -521,10 +498,7 @@ def _due_on_a_faulty_store(
 ) -> tuple[CaManager, FaultInjectingDataStore]:
     """A CA whose rotation is due, on a store whose faults the test injects."""
     faulty = FaultInjectingDataStore(datastore)
-    manager = CaManager(
-        CaConfig(TRUST_DOMAIN, ca_ttl=CA_TTL, jwt_key_ttl=JWT_TTL), faulty, keystore, clock
-    )
-    manager.initialize()
+    manager = _started_ca(faulty, keystore, clock)
     clock.set(manager.next_rotation_check())
     return manager, faulty
 
