@@ -40,6 +40,7 @@ from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from svid import AuditCheckpointError
 from svid._clock import FakeClock
+from tests.clocks import SteppedClock
 from tests.server.audit_setup import AGENT, START, Setup, make_setup, sql, verify
 from tests.server.audit_setup import fill as fill_events
 from tests.server.fixtures import admit_agents
@@ -196,23 +197,10 @@ def test_retention_off_keeps_everything(setup: Setup) -> None:
     assert not setup.checkpoints.exists() or not [c for c in lines(setup) if c.kind == PRUNE]
 
 
-class SteppedClock:
-    """A wall clock an NTP step can move back (FakeClock refuses to)."""
-
-    def __init__(self, now: float) -> None:
-        self.wall = now
-
-    def now(self) -> float:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return 0.0
-
-
 def test_only_a_prefix_goes_even_when_a_clock_step_wrote_older_events_later(
     tmp_path: Path,
 ) -> None:
-    clock = SteppedClock(1_800_000_000.0)
+    clock = SteppedClock(FakeClock(1_800_000_000.0))  # a step back moves its offset
     store = SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
     log = AuditLog(store, clock)
     checkpointer = Checkpointer.in_data_dir(
@@ -222,9 +210,9 @@ def test_only_a_prefix_goes_even_when_a_clock_step_wrote_older_events_later(
         interval=60.0,
     )
     for day in (0, 1, 2, 0.5, 1.5):  # the last two written after a step back
-        clock.wall = 1_800_000_000.0 + day * DAY
+        clock.offset = day * DAY
         log.append("jwt_minted", agent_id=AGENT)
-    clock.wall = 1_800_000_000.0 + 3 * DAY
+    clock.offset = 3 * DAY
     pruner = Pruner(store, log, checkpointer, clock, RetentionPolicy(1.8 * DAY), pause=0)
     assert pruner.prune().removed == 2  # older than day 1.2: days 0 and 1
     # Seq 3 (day 2) is young enough to stay, so seq 4 (day 0.5) stays behind it.

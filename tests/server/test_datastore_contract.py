@@ -63,8 +63,9 @@ from server.datastore.records import (
 )
 from server.datastore.sqlite import SqliteDataStore
 from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY, SpiffeBundle
-from svid._clock import FakeClock
+from svid._clock import Clock, FakeClock
 from svid._spiffe_id import TrustDomain
+from tests.clocks import SteppedClock
 
 NOW = 1_700_000_000
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
@@ -74,11 +75,11 @@ RUNTIME = "spiffe://example.org/agents/bot"
 Opener = Callable[[], DataStore]
 
 
-def _sqlite(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Opener:
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Opener:
     return lambda: SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
 
 
-def _postgres(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Opener:
+def _postgres(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Opener:
     from server.datastore.postgres import PostgresDataStore
 
     dsn: str = request.getfixturevalue("postgres_dsn")
@@ -86,7 +87,7 @@ def _postgres(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) 
 
 
 # name -> factory(request, tmp_path, clock) of an opener of one store at a fixed place.
-Backend = Callable[[pytest.FixtureRequest, Path, FakeClock], Opener]
+Backend = Callable[[pytest.FixtureRequest, Path, Clock], Opener]
 BACKENDS: dict[str, Backend] = {"sqlite": _sqlite, "postgresql": _postgres}
 
 
@@ -204,16 +205,6 @@ def test_entries_round_trip(store: DataStore) -> None:
         store.get_entry(made.id)
 
 
-class _SteppedClock(FakeClock):
-    """A FakeClock whose wall time an NTP step can move back by `offset` (monotonic time
-    stays as FakeClock keeps it)."""
-
-    offset = 0.0
-
-    def now(self) -> float:
-        return super().now() + self.offset
-
-
 _UID_1000 = (Selector("unix", "uid:1000"),)
 
 
@@ -244,7 +235,7 @@ def test_an_entry_made_after_a_step_back_of_the_clock_sorts_after_those_made_bef
     # A workload's default identity is its oldest entry, by (created_at, id). Stamped with the
     # wall clock alone, an entry made after a step back sorted first: every workload it
     # matched had its default SVID switched to the new entry's.
-    clock = _SteppedClock(NOW)
+    clock = SteppedClock(FakeClock(NOW))
     store = BACKENDS[backend](request, tmp_path, clock)()
     try:
         first = _entry(store, "a")
@@ -262,7 +253,7 @@ def test_an_entry_made_after_a_restart_on_a_clock_stepped_back_sorts_after_those
     # second) was kept in memory only: restarted on a clock stepped back, the server stamped
     # a new entry before the older ones, and it became the default identity of the workloads
     # it matched.
-    clock = _SteppedClock(NOW)
+    clock = SteppedClock(FakeClock(NOW))
     opener = BACKENDS[backend](request, tmp_path, clock)
     store = opener()
     try:
@@ -285,7 +276,7 @@ def test_an_entry_made_through_a_server_whose_clock_is_behind_sorts_after_the_ot
     # created_at (and on the ids' milliseconds), read from the store once, so B stamped an
     # entry made after A's before it, and it became the default identity of the workloads
     # both matched.
-    ahead, behind = _SteppedClock(NOW), _SteppedClock(NOW)
+    ahead, behind = SteppedClock(FakeClock(NOW)), SteppedClock(FakeClock(NOW))
     ahead.offset = 60.0
     a = BACKENDS[backend](request, tmp_path, ahead)()
     b = BACKENDS[backend](request, tmp_path, behind)()
