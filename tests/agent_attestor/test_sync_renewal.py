@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -29,6 +28,7 @@ from svid._errors import SvidParseError
 from tests.agent_attestor.harness import LoopThread
 from tests.agent_attestor.pki import LocalCa
 from tests.clocks import SteppedClock
+from tests.e2e.conftest import wait_for
 from tests.server.fixtures import TRUST_DOMAIN, bundle_pem, managed_server, short_tmpdir
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t"
@@ -253,9 +253,9 @@ def test_an_agent_ahead_of_a_real_server_by_half_the_ttl_keeps_its_stream(
         syncer = Syncer(settings, store, cache, clock, changes.append)
         running = loop.call(lambda: asyncio.ensure_future(syncer.run()))
         try:
-            _wait(lambda: syncer.connected, "the agent's Sync stream")
+            wait_for(lambda: syncer.connected, 20, "the agent's Sync stream")
             entry = srv.create_entry("/web", syncer.agent_id)
-            _wait(lambda: entry.id in cache.entries(), "the entry in the agent's cache")
+            wait_for(lambda: entry.id in cache.entries(), 20, "the entry in the agent's cache")
             # Nothing to await: what went wrong came at once, ~15 renewals in the next 0.3 s.
             time.sleep(0.3)
             assert changes.count("renewed") == 0, changes
@@ -265,11 +265,3 @@ def test_an_agent_ahead_of_a_real_server_by_half_the_ttl_keeps_its_stream(
             loop.run(syncer.close())
             loop.stop()
             shutil.rmtree(data, ignore_errors=True)
-
-
-def _wait(what: Callable[[], object], about: str = "", timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not what():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {about}")
-        time.sleep(0.01)
