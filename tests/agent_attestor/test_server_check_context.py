@@ -10,6 +10,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from tests.agent_attestor.test_join_token import server_pems
 AGENT = "spiffe://example.org/svid/agent/join_token/t"
 
 
-def _tls_server(tmp_path: Path, ca: LocalCa) -> tuple[int, Callable0]:
+def _tls_server(tmp_path: Path, ca: LocalCa) -> tuple[int, Callable[[], None]]:
     """A server presenting svid-server's certificate: each connection shakes hands, then ends."""
     key_pem, chain_pem = server_pems(ca)
     (tmp_path / "key.pem").write_bytes(key_pem)
@@ -49,9 +50,6 @@ def _tls_server(tmp_path: Path, ca: LocalCa) -> tuple[int, Callable0]:
 
     threading.Thread(target=serve, daemon=True).start()
     return listener.getsockname()[1], listener.close
-
-
-Callable0 = "Callable[[], None]"
 
 
 def test_the_server_check_builds_its_tls_context_once_per_bundle_and_identity(
