@@ -354,9 +354,10 @@ class CredentialStore(Protocol):
         tokens derived from those (`derived_from`), each once, by (kind, value)."""
         ...
 
-    def workload_jwt(self, jti: str, expires_at: int) -> Credential | None:
-        """The workload (not task) JWT recorded with this jti and expiry (its `exp`), or None:
-        one lookup by index (migration 14), made per JWT-bearer grant."""
+    def workload_jwt(self, jti: str, expires_at: int, spiffe_id: str) -> Credential | None:
+        """The workload (not task) JWT recorded with this jti, expiry (its `exp`) and SPIFFE ID
+        (its `sub`), or None: one search of an index (migration 21) and a read of that
+        workload's JWTs of that second, made per JWT-bearer grant."""
         ...
 
     def count_credentials(self, task_id: str) -> int: ...

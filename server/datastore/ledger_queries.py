@@ -168,10 +168,10 @@ LOCK_ACTIVE_TASKS_AND_REMOVALS = (
     "SELECT 't', task_id FROM active "
     "UNION ALL SELECT 'r', agent_id FROM removals WHERE agent_id = ANY(:agent_ids)"
 )
-# The literals match migration 14's partial index, which a bound parameter could not use.
+# The literals match migration 21's partial index, which a bound parameter could not use.
 WORKLOAD_JWT = (
     f"{_CREDENTIALS} WHERE kind = 'jwt_id' AND task_id = '' "
-    "AND expires_at = :expires_at AND value = :jti LIMIT 1"
+    "AND expires_at = :expires_at AND spiffe_id = :spiffe_id AND value = :jti LIMIT 1"
 )
 COUNT_CREDENTIALS = "SELECT COUNT(*) AS n FROM credentials WHERE task_id = :task_id"
 # Task IDs one grouped count names at most: well under SQLite's oldest bound on parameters (999).

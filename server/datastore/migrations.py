@@ -392,6 +392,21 @@ def _workload_jwt_by_jti(execute: Execute) -> None:
     )
 
 
+def _workload_jwt_by_subject(execute: Execute) -> None:
+    """Migration 14's index, keyed by the JWT-SVID's subject instead of its jti. A jti is
+    random: the JWTs of one second landed at random places among that second's, so a batch of
+    100 dirtied up to 100 index pages, each a page written to the WAL at its commit, and batch
+    issuance ran a fifth slower than before migration 14. The entries of one workload in one
+    second are in insertion (rowid) order, so a batch of a workload's JWTs is appended in one
+    place; the lookup reads that workload's JWTs of that second (few: the agent caches them)
+    for the jti. Its predicate is migration 14's, so the lookup's literals still match it."""
+    execute("DROP INDEX credentials_workload_jwt")
+    execute(
+        "CREATE INDEX credentials_workload_jwt_by_subject ON credentials (expires_at, spiffe_id) "
+        "WHERE kind = 'jwt_id' AND task_id = ''"
+    )
+
+
 def _actor_agent(execute: Execute) -> None:
     """A delegated access token is held by the workload acting for the task as well as by the
     task: recorded with the acting workload's agent too, so removing that agent revokes it.
@@ -481,6 +496,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(19, "credentials: the token a delegated token was exchanged for", _derived_from),
     Migration(20, "violations: by node", _violations_by_node),
+    Migration(21, "credentials: a workload's JWT by its exp and subject", _workload_jwt_by_subject),
 )
 
 # The newest migration that changed a table `audit verify` reads (audit_events, audit_head,

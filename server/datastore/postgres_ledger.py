@@ -317,8 +317,9 @@ class PostgresLedger:
         params = {"agent_id": agent_id, "needed_from": ps.needed_from(now)}
         return self._credentials(lq.AGENT_CREDENTIALS, params)
 
-    def workload_jwt(self, jti: str, expires_at: int) -> Credential | None:
-        found = self._credentials(lq.WORKLOAD_JWT, {"jti": jti, "expires_at": expires_at})
+    def workload_jwt(self, jti: str, expires_at: int, spiffe_id: str) -> Credential | None:
+        params = {"jti": jti, "expires_at": expires_at, "spiffe_id": spiffe_id}
+        found = self._credentials(lq.WORKLOAD_JWT, params)
         return found[0] if found else None
 
     def count_credentials(self, task_id: str) -> int:

@@ -314,9 +314,9 @@ class FaultInjectingDataStore:
         self._enter("agent_credentials")
         return self.inner.agent_credentials(agent_id, now)
 
-    def workload_jwt(self, jti: str, expires_at: int) -> Credential | None:
+    def workload_jwt(self, jti: str, expires_at: int, spiffe_id: str) -> Credential | None:
         self._enter("workload_jwt")
-        return self.inner.workload_jwt(jti, expires_at)
+        return self.inner.workload_jwt(jti, expires_at, spiffe_id)
 
     def count_credentials(self, task_id: str) -> int:
         self._enter("count_credentials")

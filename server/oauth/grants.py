@@ -199,14 +199,14 @@ class Grants:
         clock: Clock,
         workloads: Mapping[str, ResourceWorkload] | None = None,
         revoked: Callable[[str], bool] = lambda jti: False,
-        minted_through: Callable[[str, int], str] = lambda jti, exp: "",
+        minted_through: Callable[[str, int, str], str] = lambda jti, exp, sub: "",
         budget: RefusalBudget | None = None,
     ) -> None:
         """``workloads``: resource -> the workload that may act for its tokens (delegation);
         ``revoked``: whether a JWT's ``jti`` is revoked on this server; ``minted_through``: the
-        agent a workload JWT-SVID of this trust domain was minted through, by its ``jti`` and
-        ``exp`` ("" when none is on record; StorageError when the record cannot be read);
-        ``budget``: which refusals of a client are written (None: all of them)."""
+        agent a workload JWT-SVID of this trust domain was minted through, by its ``jti``,
+        ``exp`` and ``sub`` ("" when none is on record; StorageError when the record cannot be
+        read); ``budget``: which refusals of a client are written (None: all of them)."""
         self._checker = checker
         self._signer = signer
         self._recorder = recorder
@@ -587,7 +587,9 @@ class Grants:
             return ""  # signed by another domain's keys: no credential of ours
         try:
             verified = assertion.verified
-            return self._minted_through(str(verified.claims["jti"]), verified.expires_at)
+            return self._minted_through(
+                str(verified.claims["jti"]), verified.expires_at, str(verified.spiffe_id)
+            )
         except StorageError as exc:
             if claimed:  # an actor token is not claimed: its jti may be another grant's
                 self._replay.release(assertion.claim)

@@ -210,8 +210,8 @@ def build(
         for resource, workload in settings.resource_workloads.items()
     }
 
-    def minted_through(jti: str, expires_at: int) -> str:
-        credential = datastore.workload_jwt(jti, expires_at)
+    def minted_through(jti: str, expires_at: int, spiffe_id: str) -> str:
+        credential = datastore.workload_jwt(jti, expires_at, spiffe_id)
         return "" if credential is None else credential.agent_id
 
     grants = Grants(

@@ -1110,20 +1110,25 @@ def test_credentials_are_read_back_while_a_verifier_may_accept_them(store: DataS
     assert len(store.agent_credentials(AGENT, NOW)) == 3
 
 
-def test_a_workload_jwt_is_found_by_its_jti_and_exp(store: DataStore) -> None:
-    """The token endpoint finds the agent a workload's JWT-SVID came through by its jti and
-    exp: only a workload's JWT, not a task's nor an X.509 serial of the same value."""
+def test_a_workload_jwt_is_found_by_its_jti_exp_and_subject(store: DataStore) -> None:
+    """The token endpoint finds the agent a workload's JWT-SVID came through by its jti, exp
+    and sub: only a workload's JWT, not a task's nor an X.509 serial of the same value, and
+    among several of the same workload and second, the one with that jti."""
     admit(store, tasks=["t"])
     exp = NOW + 300
     serial = Credential("x509_serial", "s1", OTHER_AGENT, RUNTIME, "", exp, "ca")
-    store.write_ledger([cred("j1"), cred("j2", agent=OTHER_AGENT), cred("t1", task_id="t")], [])
+    others = [cred(f"k{i}") for i in range(20)]  # the same workload's, in the same second
+    store.write_ledger([*others[:10], cred("j1"), *others[10:]], [])
+    store.write_ledger([cred("j2", agent=OTHER_AGENT), cred("t1", task_id="t")], [])
     store.write_ledger([serial], [])
-    assert store.workload_jwt("j1", exp) == cred("j1")
-    assert store.workload_jwt("j2", exp) == cred("j2", agent=OTHER_AGENT)
-    assert store.workload_jwt("j1", exp + 1) is None
-    assert store.workload_jwt("t1", exp) is None
-    assert store.workload_jwt("s1", exp) is None
-    assert store.workload_jwt("unknown", exp) is None
+    assert store.workload_jwt("j1", exp, RUNTIME) == cred("j1")
+    assert store.workload_jwt("k13", exp, RUNTIME) == cred("k13")
+    assert store.workload_jwt("j2", exp, RUNTIME) == cred("j2", agent=OTHER_AGENT)
+    assert store.workload_jwt("j1", exp + 1, RUNTIME) is None
+    assert store.workload_jwt("j1", exp, RUNTIME + "/other") is None
+    assert store.workload_jwt("t1", exp, RUNTIME) is None
+    assert store.workload_jwt("s1", exp, RUNTIME) is None
+    assert store.workload_jwt("unknown", exp, RUNTIME) is None
 
 
 def test_a_delegated_token_is_listed_with_the_acting_workloads_agent_too(

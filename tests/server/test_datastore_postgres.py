@@ -460,15 +460,15 @@ def test_the_revocation_events_of_a_node_are_read_by_index(
 
 
 def test_a_workload_jwt_is_read_by_index(postgres_dsn: str, clock: FakeClock) -> None:
-    """Migration 14's partial index serves the JWT-bearer grant's lookup on PostgreSQL too."""
+    """Migration 21's partial index serves the JWT-bearer grant's lookup on PostgreSQL too."""
     from server.datastore.ledger_queries import WORKLOAD_JWT
 
     PostgresDataStore(postgres_dsn, clock).close()
     with psycopg.connect(postgres_dsn) as conn:
         conn.execute("SET enable_seqscan = off")
-        params = {"jti": "j", "expires_at": 1}
+        params = {"jti": "j", "expires_at": 1, "spiffe_id": "spiffe://example.org/w"}
         plan = conn.execute(f"EXPLAIN {pg(WORKLOAD_JWT)}", params).fetchall()
-    assert "credentials_workload_jwt" in " ".join(row[0] for row in plan), plan
+    assert "credentials_workload_jwt_by_subject" in " ".join(row[0] for row in plan), plan
 
 
 def test_an_agents_credentials_are_read_by_index(postgres_dsn: str, clock: FakeClock) -> None:

@@ -52,9 +52,10 @@ def _jti(token: str) -> str:
     return _jti_exp(token)[0]
 
 
-def _jti_exp(token: str) -> tuple[str, int]:
+def _jti_exp(token: str) -> tuple[str, int, str]:
+    """What the token endpoint looks a token's record up by: its jti, exp and sub."""
     claims = pyjwt.decode(token, options={"verify_signature": False})
-    return str(claims["jti"]), int(claims["exp"])
+    return str(claims["jti"]), int(claims["exp"]), str(claims["sub"])
 
 
 def _verifier(
@@ -188,7 +189,7 @@ def test_no_token_leaves_while_the_assertions_record_cannot_be_read(
         entry = running.create_entry(WORKLOAD_PATH, agent.spiffe_id)
         assertion = _jwt_svid(server, agent, entry.id)
 
-        def broken(jti: str, expires_at: int) -> None:
+        def broken(jti: str, expires_at: int, spiffe_id: str) -> None:
             raise StorageError("cannot read credentials: disk I/O error")
 
         monkeypatch.setattr(running.server.datastore, "workload_jwt", broken)
@@ -315,7 +316,7 @@ def test_no_delegated_token_leaves_while_the_actor_tokens_record_cannot_be_read(
         actor = _jwt_svid(server, actor_agent, mcp.id)
         subject = world.exchange().json()["access_token"]
 
-        def broken(jti: str, expires_at: int) -> None:
+        def broken(jti: str, expires_at: int, spiffe_id: str) -> None:
             raise StorageError("cannot read credentials: disk I/O error")
 
         monkeypatch.setattr(running.server.datastore, "workload_jwt", broken)
