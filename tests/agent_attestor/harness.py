@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -28,13 +26,10 @@ from agent_attestor.workload_attestor import UnixAttestor, WorkloadAttestor
 from svid._clock import FakeClock
 from svid._proto import workload_pb2, workload_pb2_grpc
 from tests.agent_attestor.pki import FakeSigner, LocalCa
+from tests.tmpdirs import short_tmpdir
 
 T = TypeVar("T")
 HEADER = (("workload.spiffe.io", "true"),)
-
-
-def short_tmpdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="h4-", dir="/tmp"))
 
 
 class LoopThread:

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,14 +24,11 @@ import pytest
 from server.cli_output import bundle_pem
 from svid._proto import admin_pb2, admin_pb2_grpc
 from tests.ports import free_port
+from tests.tmpdirs import short_tmpdir
 
 TRUST_DOMAIN = "example.org"
 START_TIMEOUT = 30.0
 ADMIN_OPTIONS = (("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 1000))
-
-
-def short_tmpdir(prefix: str = "sve") -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
 def server_command() -> list[str]:

@@ -15,7 +15,6 @@ import ipaddress
 import shutil
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +37,7 @@ from server.datastore.sqlite import SqliteDataStore
 from server.runtime import RuntimeInfo
 from svid._clock import FakeClock
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2, node_pb2_grpc
+from tests.tmpdirs import short_tmpdir
 
 TRUST_DOMAIN = "example.org"
 PEM = serialization.Encoding.PEM
@@ -70,11 +70,6 @@ def sqlite_with_agents(path: Path, *agent_ids: str, tasks: Sequence[str] = ()) -
     finally:
         store.close()
     return path
-
-
-def short_tmpdir(prefix: str = "svs") -> Path:
-    """A short directory under /tmp: Unix socket paths must stay under 108 bytes."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey | None = None) -> tuple[Any, bytes]:

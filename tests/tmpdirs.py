@@ -1,0 +1,12 @@
+"""A short temporary directory, for tests that bind Unix sockets in it."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+
+def short_tmpdir(prefix: str = "sv") -> Path:
+    """A fresh directory directly under /tmp, named by `prefix`: a Unix socket's path must stay
+    under 108 bytes, which pytest's tmp_path (deep below the temp dir) can pass."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
