@@ -11,8 +11,7 @@ import logging
 import os
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -24,14 +23,7 @@ from agent_attestor.workload_attestor import UnixAttestor
 from svid._clock import FakeClock
 from tests.agent_attestor.harness import Harness, fetch_ids
 from tests.users import NOBODY, hold_connections_as_nobody
-
-
-def _wait_for(check: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
+from tests.waits import wait_for
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
 
@@ -76,10 +68,7 @@ def test_one_uids_slow_identifications_do_not_stall_another_uids_fetch(
     try:
         assert flood.stdout is not None
         assert int(flood.stdout.readline()) == 40
-        deadline = time.monotonic() + 20
-        while slow.entered < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert slow.entered >= 2
+        wait_for(lambda: slow.entered >= 2, 20, "two of nobody's identifications held")
         # Every one of nobody's identifications is still held: ours must get through anyway.
         assert fetch_ids(f"unix:{agent.socket_path}") == ["spiffe://example.org/root-caller"]
         assert not slow.open.is_set()
@@ -185,7 +174,12 @@ def test_a_flood_of_callers_without_a_close_on_exec_end_writes_one_log_line(
                 s.set_inheritable(True)
                 s.connect(str(h.socket_path))
             # One at a time, each identified and gone before the next: no refusal in between.
-            _wait_for(lambda: not h.lt.call(lambda: len(h.endpoint.relay.links)))
+            wait_for(
+                lambda: not h.lt.call(lambda: len(h.endpoint.relay.links)),
+                20,
+                "the connection identified and gone",
+                interval=0.01,
+            )
         lines = [r for r in caplog.records if "close-on-exec" in r.getMessage()]
         assert len(lines) == 1
     finally:

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -37,6 +37,7 @@ from tests.server.fixtures import (
     start_server,
 )
 from tests.server.shared_root import corporate_ca, two_trust_domains, upstream_intermediate
+from tests.waits import wait_for
 
 # What the agent says when the server at its address is another trust domain's.
 NOT_OURS = "is not its trust domain's server"
@@ -44,14 +45,6 @@ NOT_OURS = "is not its trust domain's server"
 
 def _port(address: str) -> int:
     return int(address.rpartition(":")[2])
-
-
-def _wait(what: Callable[[], object], timeout: float, about: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not what():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {about}")
-        time.sleep(0.05)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -168,7 +161,7 @@ def _agent(
     syncer = Syncer(settings, store, cache, clock)
     running = loop.submit(syncer.run())
     try:
-        _wait(lambda: syncer.connected, 30, "the agent's Sync stream")
+        wait_for(lambda: syncer.connected, 30, "the agent's Sync stream")
         yield syncer, cache, store
     finally:
         running.cancel()
@@ -210,12 +203,12 @@ def test_an_agent_takes_nothing_from_another_trust_domains_server_met_at_its_add
             ):
                 agent_id = syncer.agent_id
                 entry = shared.ours.create_entry("/web", agent_id)
-                _wait(lambda: entry.id in cache.entries(), 20, "our entry in the agent's cache")
+                wait_for(lambda: entry.id in cache.entries(), 20, "our entry in the agent's cache")
 
                 # The other trust domain's server answers at the agent's server address now.
                 relay.port = foreign_port
                 loop.call(relay.cut)
-                _wait(
+                wait_for(
                     lambda: NOT_OURS in caplog.text or foreign.heard,
                     20,
                     "the agent's next connection",
@@ -233,7 +226,7 @@ def test_an_agent_takes_nothing_from_another_trust_domains_server_met_at_its_add
                 # Its own server back at the address: the agent carries on where it was.
                 relay.port = _port(shared.ours.runtime.node_address)
                 later = shared.ours.create_entry("/api", agent_id)
-                _wait(lambda: later.id in cache.entries(), 20, "the next entry after it")
+                wait_for(lambda: later.id in cache.entries(), 20, "the next entry after it")
                 assert foreign.heard == []
         finally:
             loop.run(grpc_server.stop(None))
@@ -277,7 +270,7 @@ def test_an_agent_follows_its_trust_domains_ca_rotated_under_the_upstream_root(
         with _agent(loop, server, address, root_pem, server.clock) as (syncer, cache, _store):
             agent_id = syncer.agent_id
             entry = server.create_entry("/before", agent_id)
-            _wait(lambda: entry.id in cache.entries(), 20, "an entry before the rotation")
+            wait_for(lambda: entry.id in cache.entries(), 20, "an entry before the rotation")
 
             slot = server.server.ca.key_slots("x509")[0]
             for when in (prepare_at, activate_at):
@@ -289,7 +282,7 @@ def test_an_agent_follows_its_trust_domains_ca_rotated_under_the_upstream_root(
 
             loop.call(relay.cut)  # its next connection meets the new CA's certificate
             after = server.create_entry("/after", agent_id)
-            _wait(lambda: after.id in cache.entries(), 30, "an entry after the rotation")
+            wait_for(lambda: after.id in cache.entries(), 30, "an entry after the rotation")
             assert syncer.agent_id == agent_id
             assert NOT_OURS not in caplog.text
             assert "no trust bundle this agent has verifies" not in caplog.text

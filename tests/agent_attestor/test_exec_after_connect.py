@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from agent_attestor.model import Selector
 from agent_attestor.workload_attestor import UnixAttestor
 from svid._proto import workload_pb2
 from tests.agent_attestor.harness import HEADER, Harness, fetch_ids
+from tests.waits import wait_for
 
 _CHILD = textwrap.dedent(
     """
@@ -69,15 +69,6 @@ class _Gate:
         self.entered.set()
         self.open.wait(30)
         return []
-
-
-def _wait(check: object, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(check) and check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _exe_is(pid: int, target: Path) -> bool:
@@ -124,8 +115,8 @@ def test_a_sibling_of_a_caller_that_execs_does_not_get_the_new_images_identity(
         start_new_session=True,
     )
     try:
-        _wait(gate.entered.is_set, "identification to start")
-        _wait(lambda: _exe_is(child.pid, target) and proxy.exists(), "the exec")
+        wait_for(gate.entered.is_set, 20, "identification to start")
+        wait_for(lambda: _exe_is(child.pid, target) and proxy.exists(), 20, "the exec")
         gate.open.set()
         assert fetch_ids(f"unix:{proxy}") == ["spiffe://example.org/anyone"]
     finally:

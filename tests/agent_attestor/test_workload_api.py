@@ -8,8 +8,7 @@ import json
 import os
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -30,6 +29,7 @@ from svid._workload_client import WorkloadApiClient
 from svid._workload_source import X509Source
 from svid._x509 import spiffe_id_from_cert
 from tests.agent_attestor.harness import HEADER, Harness
+from tests.waits import wait_for
 
 BAD_HEADERS = [
     (),
@@ -43,13 +43,6 @@ BAD_HEADERS = [
 
 def _code(exc: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
     return exc.value.code()  # type: ignore[attr-defined]
-
-
-def _until(check: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 # ---- the header rule ------------------------------------------------------------------------
@@ -746,10 +739,12 @@ def test_one_uid_holds_a_bounded_number_of_streams_across_its_connections(
         assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"holds its maximum of {MAX_STREAMS_PER_UID} open streams" in exc.value.details()  # type: ignore[attr-defined]
         held.pop().cancel()
-        _until(
+        wait_for(
             lambda: (
                 agent.lt.call(lambda: agent.api.streams.held_by(os.getuid())) < MAX_STREAMS_PER_UID
-            )
+            ),
+            20,
+            "the cancelled stream let go",
         )
         again = stubs[-1].FetchJWTBundles(
             workload_pb2.JWTBundlesRequest(), metadata=HEADER, timeout=30
@@ -759,7 +754,11 @@ def test_one_uid_holds_a_bounded_number_of_streams_across_its_connections(
     finally:
         for stream in held:
             stream.cancel()
-    _until(lambda: agent.lt.call(lambda: agent.api.streams.held_by(os.getuid())) == 0)
+    wait_for(
+        lambda: agent.lt.call(lambda: agent.api.streams.held_by(os.getuid())) == 0,
+        20,
+        "every stream let go",
+    )
 
 
 def test_a_uids_connections_hold_a_bounded_sum_of_unfinished_requests(agent: Harness) -> None:

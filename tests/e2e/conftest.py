@@ -25,6 +25,7 @@ from server.cli_output import bundle_pem
 from svid._proto import admin_pb2, admin_pb2_grpc
 from tests.ports import free_port
 from tests.tmpdirs import short_tmpdir
+from tests.waits import wait_for
 
 TRUST_DOMAIN = "example.org"
 START_TIMEOUT = 30.0
@@ -43,18 +44,6 @@ def with_descriptor_limit(soft: int, hard: int) -> list[str]:
         "os.execv(sys.argv[1], sys.argv[1:])"
     )
     return [sys.executable, "-c", code]
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `predicate` until it returns a truthy value (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class ChildProcess:

@@ -23,6 +23,7 @@ from server.datastore.records import AttestedAgent, Revocation
 from server.tasks.service import BeginRequest
 from svid._proto import admin_pb2, common_pb2, node_pb2
 from tests.server.fixtures import Agent, RunningServer, short_tmpdir, start_server
+from tests.waits import wait_for
 
 TD = "spiffe://example.org"
 
@@ -78,14 +79,7 @@ PATIENCE = 15.0
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + max(timeout, PATIENCE)
-    while True:
-        found = predicate()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+    return wait_for(predicate, max(timeout, PATIENCE), what, interval=0.005)
 
 
 def next_matching(stream: Any, predicate: Callable[[Any], bool]) -> Any:

@@ -13,7 +13,7 @@ import hashlib
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,6 +48,7 @@ from tests.server.fixtures import (
 )
 from tests.server.tcp_cut import CuttableRelay, upstream_of
 from tests.server.test_x509pop import _ca, _node, _pop_exchange
+from tests.waits import wait_for
 
 # Sync streams one agent can sensibly need at once: one per server connection, plus a few
 # while it reconnects or moves its stream to a renewed certificate.
@@ -143,7 +144,7 @@ def test_an_agent_moving_its_stream_again_and_again_is_never_refused(srv: Runnin
             request = node_pb2.SyncRequest(since_revision=first.revision, epoch=first.epoch)
             stream = srv.node_stub(agent).Sync(request, timeout=30)
             first = next(stream)  # refused: grpc.RpcError RESOURCE_EXHAUSTED
-        _wait(lambda: propagator.subscriber_count == 1, "the moved streams to end")
+        wait_for(lambda: propagator.subscriber_count == 1, 10, "the moved streams to end")
     finally:
         stream.cancel()
 
@@ -181,14 +182,6 @@ def partitioned(postgres_dsn: str) -> Iterator[Partitioned]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _wait(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def _snapshot(server: RunningServer, agent: Agent) -> frozenset[str] | grpc.StatusCode:
     """What a fresh Sync snapshot on `server` hands the agent ("entry <id>", "revoked <value>"),
     or the code it refused with."""
@@ -220,7 +213,7 @@ def test_a_server_cut_off_from_postgresql_goes_on_serving_its_stale_view_over_sy
     a, b = partitioned.a, partitioned.b
     agent = a.attest()
     entry = a.create_entry("/web", agent.spiffe_id)
-    _wait(lambda: entry.id in b.server.state.entries.by_id, "B to learn the entry")
+    wait_for(lambda: entry.id in b.server.state.entries.by_id, 10, "B to learn the entry")
     assert _snapshot(b, agent) == {f"entry {entry.id}"}
 
     partitioned.relay.cut()
@@ -269,7 +262,7 @@ def test_a_server_whose_database_goes_silent_answers_issuance_unavailable_not_ne
     a, b = partitioned.a, partitioned.b
     agent = a.attest()
     entry = a.create_entry("/web", agent.spiffe_id)
-    _wait(lambda: entry.id in b.server.state.entries.by_id, "B to learn the entry")
+    wait_for(lambda: entry.id in b.server.state.entries.by_id, 10, "B to learn the entry")
     assert _issue(b, agent, entry.id, timeout=10) == "OK"
 
     partitioned.relay.freeze()
@@ -291,7 +284,7 @@ def test_a_revocation_through_a_is_not_withdrawn_by_a_revocation_b_reads_back_be
     committed; B's read-back returns once its feed has applied A's row)."""
     a, b = partitioned.a, partitioned.b
     agent = a.attest()
-    _wait(lambda: agent.spiffe_id in b.server.state.agents, "B to learn the agent")
+    wait_for(lambda: agent.spiffe_id in b.server.state.agents, 10, "B to learn the agent")
     state_b = b.server.state
     follower = b.server.follower
     assert follower is not None
@@ -312,7 +305,9 @@ def test_a_revocation_through_a_is_not_withdrawn_by_a_revocation_b_reads_back_be
         if armed.is_set():
             armed.clear()
             read_back.set()
-            _wait(lambda: "jti-a" in {r.value for r in state_b.revocations}, "B to apply A's")
+            wait_for(
+                lambda: "jti-a" in {r.value for r in state_b.revocations}, 10, "B to apply A's"
+            )
         return rows
 
     follower._page = held_page  # type: ignore[method-assign]
@@ -329,8 +324,8 @@ def test_a_revocation_through_a_is_not_withdrawn_by_a_revocation_b_reads_back_be
         released.set()
         adding.result(timeout=20)
     assert _snapshot(a, agent) == {"revoked jti-a", "revoked jti-b"}
-    with contextlib.suppress(AssertionError):  # held or not, what B serves is checked below
-        _wait(lambda: "jti-a" in {r.value for r in state_b.revocations}, "A's on B", timeout=3)
+    with contextlib.suppress(TimeoutError):  # held or not, what B serves is checked below
+        wait_for(lambda: "jti-a" in {r.value for r in state_b.revocations}, 3, "A's on B")
     served = _snapshot(b, agent)
     assert served == {"revoked jti-a", "revoked jti-b"}, (
         f"B withdrew the revocation made through A: its agents get {served}"
@@ -448,7 +443,7 @@ def test_sync_streams_waiting_for_their_snapshot_s_catch_up_count_against_the_ca
     stub = srv.node_stub(agent)
     streams = [stub.Sync(node_pb2.SyncRequest(), timeout=30) for _ in range(MAX_STREAMS_PER_AGENT)]
     try:
-        _wait(lambda: waiting == MAX_STREAMS_PER_AGENT, "the streams to wait for the view")
+        wait_for(lambda: waiting == MAX_STREAMS_PER_AGENT, 10, "the streams to wait for the view")
         fifth = stub.Sync(node_pb2.SyncRequest(), timeout=5)
         with pytest.raises(grpc.RpcError) as caught:
             next(fifth)

@@ -20,20 +20,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from svid import X509Svid, sign_jws
 from svid._proto import revocation_pb2, revocation_pb2_grpc, workload_pb2, workload_pb2_grpc
 from tests.svid.certs import Issued
+from tests.waits import wait_for
 
 WAIT = 10.0
 
 
 def eventually(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
     """Bounded polling for background threads (real sockets, real threads)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+    return wait_for(predicate, timeout, what, interval=0.01)
 
 
 def signed_crl(issuer: Issued, serials: list[int], next_update: float | None = None) -> bytes:

@@ -10,7 +10,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from svid._spiffe_id import SpiffeId, TrustDomain
 from tests.clocks import SleptClock, SteppedClock
 from tests.server.fixtures import SilentEndpoint, serving_https, short_tmpdir, write_tls_files
 from tests.server.oauth.conftest import RESOURCE, OAuthServer, serving_oauth
+from tests.waits import wait_for
 
 PARTNER = TrustDomain.parse("partner.org")
 WORKLOAD = SpiffeId.parse("spiffe://partner.org/ci/deployer")
@@ -114,13 +115,6 @@ def _audited(server: OAuthServer, kind: str) -> list[dict[str, Any]]:
     return [{**r, **json.loads(r.get("extra") or "{}")} for r in rows if r["kind"] == kind]
 
 
-def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def _holds(server: OAuthServer, kid: str) -> bool:
     # The server's own view: the issuer counts a fetch before the server has audited and taken
     # the keys it answered with.
@@ -135,7 +129,7 @@ def test_a_jwt_svid_of_a_discovered_issuer_gets_an_access_token(issuer: Issuer) 
     with _serving(issuer) as server:
         clock = server.running.clock
         # The first fetch runs once the server has started; until then there are no keys.
-        _eventually(lambda: _holds(server, "p1"))
+        wait_for(lambda: _holds(server, "p1"), 10, "the keys of p1")
         assert issuer.fetches.get("/jwks") == 1
         reply = _exchange(server, issuer.assertion("p1", server.issuer, clock))
         assert reply.status_code == 200, reply.text
@@ -164,13 +158,13 @@ def test_keys_follow_the_issuer_as_its_max_age_runs_out(issuer: Issuer) -> None:
     issuer.max_age = 120
     with _serving(issuer) as server:
         clock = server.running.clock
-        _eventually(lambda: _holds(server, "p1"))
+        wait_for(lambda: _holds(server, "p1"), 10, "the keys of p1")
         issuer.keys.clear()
         issuer.add_key("p2")  # rotated: p1 is gone
         new = issuer.assertion("p2", server.issuer, clock)
         assert _exchange(server, new).status_code == 400  # not fetched yet: still p1
         clock.advance(121)
-        _eventually(lambda: _holds(server, "p2"))
+        wait_for(lambda: _holds(server, "p2"), 10, "the keys of p2")
         assert issuer.fetches.get("/jwks") == 2
         assert _exchange(server, issuer.assertion("p2", server.issuer, clock)).status_code == 200
 
@@ -181,12 +175,12 @@ def test_a_key_the_issuer_published_since_is_fetched_when_a_token_names_it(
     issuer.add_key("p1")
     with _serving(issuer) as server:
         clock = server.running.clock
-        _eventually(lambda: _holds(server, "p1"))
+        wait_for(lambda: _holds(server, "p1"), 10, "the keys of p1")
         issuer.add_key("p2")  # published, and used at once; the clock has not moved
         first = _exchange(server, issuer.assertion("p2", server.issuer, clock))
         assert first.status_code == 400
         assert "kid 'p2'" in first.json()["error_description"]
-        _eventually(lambda: _holds(server, "p2"))
+        wait_for(lambda: _holds(server, "p2"), 10, "the keys of p2")
         assert issuer.fetches.get("/jwks") == 2
         assert _exchange(server, issuer.assertion("p2", server.issuer, clock)).status_code == 200
 
@@ -198,21 +192,31 @@ def test_an_issuer_down_at_start_is_tried_again_and_its_keys_kept_when_it_fails_
     issuer.status = 503
     with caplog.at_level(logging.WARNING, "svid.server.oauth"), _serving(issuer) as server:
         clock = server.running.clock
-        _eventually(lambda: issuer.fetches.get("/.well-known/openid-configuration", 0) == 1)
+        wait_for(
+            lambda: issuer.fetches.get("/.well-known/openid-configuration", 0) == 1,
+            10,
+            "one fetch of the discovery document",
+        )
         refused = _exchange(server, issuer.assertion("p1", server.issuer, clock))
         assert refused.status_code == 400
         assert "no JWT bundle for trust domain partner.org" in refused.json()["error_description"]
-        _eventually(lambda: "HTTP 503" in caplog.text and "no keys yet" in caplog.text)
+        wait_for(
+            lambda: "HTTP 503" in caplog.text and "no keys yet" in caplog.text,
+            10,
+            "the failed fetch logged",
+        )
         (failed,) = _audited(server, "oauth_issuer_keys_refused")[:1]
         assert "HTTP 503" in failed["reason"]
         issuer.status = 200
         clock.advance(RETRY + 1)
-        _eventually(lambda: _holds(server, "p1"))
+        wait_for(lambda: _holds(server, "p1"), 10, "the keys of p1")
         assert issuer.fetches.get("/jwks") == 1
         assert _exchange(server, issuer.assertion("p1", server.issuer, clock)).status_code == 200
         issuer.status = 500  # down again: what was fetched stays in use
         clock.advance(MAX_REFRESH + 1)
-        _eventually(lambda: "keeping the keys fetched before" in caplog.text)
+        wait_for(
+            lambda: "keeping the keys fetched before" in caplog.text, 10, "the kept keys logged"
+        )
         assert _exchange(server, issuer.assertion("p1", server.issuer, clock)).status_code == 200
 
 
@@ -485,7 +489,7 @@ def test_a_partner_token_whose_claim_looks_like_a_token_is_refused_not_a_server_
     key = issuer.add_key("p1")
     jwt_like = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
     with _serving(issuer) as server:
-        _eventually(lambda: _holds(server, "p1"))
+        wait_for(lambda: _holds(server, "p1"), 10, "the keys of p1")
         now = int(server.running.clock.now())
         claims = {
             "sub": f"{WORKLOAD}/{jwt_like}" if claim == "sub" else str(WORKLOAD),
