@@ -27,6 +27,7 @@ from server.audit.log import event_from_row
 from server.audit.verify import verify_segment
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
+from tests.server.held_ledger import HeldStore
 
 AGENT = "spiffe://example.org/agents/research-bot"
 OTHER = "spiffe://example.org/agents/billing-bot"
@@ -353,29 +354,12 @@ def test_a_failed_commit_leaves_no_hole(db: Path, clock: FakeClock) -> None:
     assert log.verify().ok
 
 
-class GatedStore(SqliteDataStore):
-    """Holds its next write until `release` is set, so others queue behind it."""
-
-    def __init__(self, db: Path, clock: FakeClock) -> None:
-        super().__init__(db, clock)
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self.gated = False
-
-    def write_ledger(self, credentials, audit_rows, *args, **kw):  # type: ignore[no-untyped-def]
-        if self.gated:
-            self.gated = False
-            self.entered.set()
-            self.release.wait(5)
-        super().write_ledger(credentials, audit_rows, *args, **kw)
-
-
 def test_a_commit_failing_unexpectedly_fails_every_caller_it_held(
     db: Path, clock: FakeClock
 ) -> None:
-    store = GatedStore(db, clock)
+    store = HeldStore(SqliteDataStore(db, clock))
     log = AuditLog(store, clock)
-    store.gated = True
+    store.armed = True
     first = threading.Thread(target=log.append, args=("task_begin",), kwargs={"agent_id": AGENT})
     first.start()
     assert store.entered.wait(5)

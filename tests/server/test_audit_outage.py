@@ -4,8 +4,7 @@ chain goes on after the last committed event, never after the voided ones."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from server.datastore import DataStore
 from server.datastore.errors import StorageError
 from server.datastore.testing import FaultInjectingDataStore
 from svid._clock import FakeClock
+from tests.server.held_ledger import GroupCommit, HeldStore
 from tests.server.test_datastore_contract import BACKENDS
 
 NOW = 1_700_000_000
@@ -58,42 +58,18 @@ def test_every_caller_of_a_lost_batch_is_refused_even_when_the_head_cannot_be_re
 ) -> None:
     """Callers whose events wait for another thread's commit learn its failure; none may
     return as if its events were recorded."""
-    log = AuditLog(store, clock)
-    entered = threading.Event()
-    release = threading.Event()
-    real_write = store.inner.write_ledger
-
-    def slow_failing_write(*args: object, **kwargs: object) -> None:
-        entered.set()
-        release.wait(10)
-        raise StorageError("the database is gone")
-
-    store.inner.write_ledger = slow_failing_write  # type: ignore[method-assign]
+    held = HeldStore(store, fails=True)  # the lead's write, held, then fails
+    log = AuditLog(held, clock)
     store.inject(StorageError("the database is gone"), method="audit_head")
-    outcomes: dict[str, BaseException | None] = {}
 
-    def append(name: str) -> None:
-        try:
-            log.append("task_begin", agent_id=AGENT, task_id=name)
-            outcomes[name] = None
-        except Exception as e:
-            outcomes[name] = e
+    def append(name: str) -> Callable[[], object]:
+        return lambda: log.append("task_begin", agent_id=AGENT, task_id=name)
 
-    first = threading.Thread(target=append, args=("first",))
-    first.start()
-    assert entered.wait(10)
-    waiters = [threading.Thread(target=append, args=(f"w{n}",)) for n in range(3)]
-    for t in waiters:
-        t.start()
-    # The waiters have queued behind the commit in flight (they block on its lock).
-    for _ in range(100):
-        if len(log._tickets) == 3:  # the queue the waiters joined
-            break
-        threading.Event().wait(0.01)
-    store.inner.write_ledger = real_write  # type: ignore[method-assign]
-    release.set()
-    for t in (first, *waiters):
-        t.join(10)
+    commit = GroupCommit(held, log)
+    commit.lead("first", append("first"))
+    commit.queue({f"w{n}": append(f"w{n}") for n in range(3)})
+    commit.wait_queued(3)  # the waiters have queued behind the commit in flight
+    outcomes = commit.release()
     committed = {r["task_id"] for r in store.audit_rows()}
     for name, outcome in outcomes.items():
         # Each caller either got an error or really has its event in the store.

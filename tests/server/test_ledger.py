@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from server.issuance.records import workload_jwt_record
 from server.ledger import Ledger
 from svid._clock import FakeClock
 from tests.server.fixtures import admit_agents, sqlite_with_agents
+from tests.server.held_ledger import GroupCommit, HeldStore
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = "spiffe://example.org/svid/agent/join_token/n1"
@@ -144,73 +144,6 @@ def test_async_commits_share_commits_too(db: Path, clock: FakeClock) -> None:
     assert on_disk(db, [f"j{i}" for i in range(40)]) == (40, 40)
     assert counting.calls.count("write_ledger") <= 40
     counting.close()
-
-
-class HeldStore(FaultInjectingDataStore):
-    """Holds the next ledger write until `release` is set, then writes it (`fails`: fails it)."""
-
-    def __init__(self, inner: SqliteDataStore, *, fails: bool = False) -> None:
-        super().__init__(inner)
-        self.fails = fails
-        self.armed = False
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def write_ledger(
-        self, credentials: object, audit_rows: object, *a: object, **kw: object
-    ) -> None:
-        if self.armed:
-            self.armed = False
-            self.entered.set()
-            self.release.wait(10)
-            if self.fails:
-                raise StorageError("cannot commit: disk I/O error")
-        super().write_ledger(credentials, audit_rows, *a, **kw)  # type: ignore[arg-type]
-
-
-class GroupCommit:
-    """Callers of one AuditLog made to share a group commit: a lead whose ledger write `held`
-    holds, the rest queued behind it, then all let go at once. Each caller's outcome is kept
-    by name: None where it returned, else what it raised."""
-
-    def __init__(self, held: HeldStore, log: AuditLog) -> None:
-        self.held, self.log = held, log
-        self.outcomes: dict[str, BaseException | None] = {}
-        self._threads: list[threading.Thread] = []
-
-    def lead(self, name: str, run: Callable[[], object]) -> None:
-        """Starts `run` and is back once its write is held: the callers started next queue."""
-        self.held.armed = True
-        self.queue({name: run})
-        assert self.held.entered.wait(10)
-
-    def queue(self, calls: dict[str, Callable[[], object]]) -> None:
-        for name, run in calls.items():
-            thread = threading.Thread(target=self._call, args=(name, run))
-            thread.start()
-            self._threads.append(thread)
-
-    def wait_queued(self, count: int) -> None:
-        """Back once `count` callers (those queued here and any others) wait for the commit
-        after the lead's: no fewer, or a late one would commit alone, no more."""
-        deadline = time.monotonic() + 10
-        while len(self.log._tickets) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(self.log._tickets) == count
-
-    def release(self) -> dict[str, BaseException | None]:
-        """Lets the lead's write go, and returns every caller's outcome once all are back."""
-        self.held.release.set()
-        for thread in self._threads:
-            thread.join(10)
-        return self.outcomes
-
-    def _call(self, name: str, run: Callable[[], object]) -> None:
-        try:
-            run()
-            self.outcomes[name] = None
-        except BaseException as e:
-            self.outcomes[name] = e
 
 
 def test_a_failed_commit_fails_every_waiting_caller_and_keeps_nothing(
