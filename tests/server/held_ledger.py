@@ -10,6 +10,7 @@ from collections.abc import Callable
 from server.audit import AuditLog
 from server.datastore import DataStore, StorageError
 from server.datastore.testing import FaultInjectingDataStore
+from svid._clock import Clock
 
 
 class HeldStore(FaultInjectingDataStore):
@@ -35,12 +36,13 @@ class HeldStore(FaultInjectingDataStore):
 
 
 class GroupCommit:
-    """Callers of one AuditLog made to share a group commit: a lead whose ledger write `held`
-    holds, the rest queued behind it, then all let go at once. Each caller's outcome is kept
-    by name: None where it returned, else what it raised."""
+    """Callers of one AuditLog on `store` made to share a group commit: a lead whose ledger
+    write `held` holds (`fails`: then fails), the rest queued behind it, then all let go at
+    once. Each caller's outcome is kept by name: None where it returned, else what it raised."""
 
-    def __init__(self, held: HeldStore, log: AuditLog) -> None:
-        self.held, self.log = held, log
+    def __init__(self, store: DataStore, clock: Clock, *, fails: bool = False) -> None:
+        self.held = HeldStore(store, fails=fails)
+        self.log = AuditLog(self.held, clock)
         self.outcomes: dict[str, BaseException | None] = {}
         self._threads: list[threading.Thread] = []
 
@@ -63,6 +65,13 @@ class GroupCommit:
         while len(self.log._tickets) < count and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(self.log._tickets) == count
+
+    def share(self, calls: dict[str, Callable[[], object]]) -> dict[str, BaseException | None]:
+        """Queues `calls` behind the lead, lets them all go once they wait, and returns every
+        caller's outcome (release)."""
+        self.queue(calls)
+        self.wait_queued(len(calls))
+        return self.release()
 
     def release(self) -> dict[str, BaseException | None]:
         """Lets the lead's write go, and returns every caller's outcome once all are back."""

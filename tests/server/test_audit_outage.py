@@ -15,7 +15,7 @@ from server.datastore import DataStore
 from server.datastore.errors import StorageError
 from server.datastore.testing import FaultInjectingDataStore
 from svid._clock import FakeClock
-from tests.server.held_ledger import GroupCommit, HeldStore
+from tests.server.held_ledger import GroupCommit
 from tests.server.test_datastore_contract import BACKENDS
 
 NOW = 1_700_000_000
@@ -58,14 +58,13 @@ def test_every_caller_of_a_lost_batch_is_refused_even_when_the_head_cannot_be_re
 ) -> None:
     """Callers whose events wait for another thread's commit learn its failure; none may
     return as if its events were recorded."""
-    held = HeldStore(store, fails=True)  # the lead's write, held, then fails
-    log = AuditLog(held, clock)
+    commit = GroupCommit(store, clock, fails=True)  # the lead's write, held, then fails
+    log = commit.log
     store.inject(StorageError("the database is gone"), method="audit_head")
 
     def append(name: str) -> Callable[[], object]:
         return lambda: log.append("task_begin", agent_id=AGENT, task_id=name)
 
-    commit = GroupCommit(held, log)
     commit.lead("first", append("first"))
     commit.queue({f"w{n}": append(f"w{n}") for n in range(3)})
     commit.wait_queued(3)  # the waiters have queued behind the commit in flight

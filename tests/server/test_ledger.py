@@ -15,6 +15,7 @@ import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -43,13 +44,14 @@ from server.issuance.records import workload_jwt_record
 from server.ledger import Ledger
 from svid._clock import FakeClock
 from tests.server.fixtures import admit_agents, sqlite_with_agents
-from tests.server.held_ledger import GroupCommit, HeldStore
+from tests.server.held_ledger import GroupCommit
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = "spiffe://example.org/svid/agent/join_token/n1"
 OTHER = "spiffe://example.org/svid/agent/join_token/n2"
 WORKLOAD = "spiffe://example.org/w"
 EXPIRES = 2_000_000_000
+E = TypeVar("E", bound=BaseException)
 
 
 def cred(jti: str, agent: str = AGENT, task_id: str = "") -> Credential:
@@ -72,6 +74,15 @@ def on_disk(db: Path, jtis: list[str]) -> tuple[int, int]:
         return int(creds.fetchone()[0]), int(events.fetchone()[0])
     finally:
         conn.close()
+
+
+def refusal(outcomes: dict[str, BaseException | None], name: str, cause: type[E]) -> E:
+    """Why `name`'s caller was refused, taken out of `outcomes`: a LedgerError, caused by the
+    store's typed refusal `cause`."""
+    failed = outcomes.pop(name)
+    assert isinstance(failed, LedgerError), (name, failed)
+    assert isinstance(failed.__cause__, cause), (name, failed.__cause__)
+    return failed.__cause__
 
 
 @pytest.fixture
@@ -149,8 +160,8 @@ def test_async_commits_share_commits_too(db: Path, clock: FakeClock) -> None:
 def test_a_failed_commit_fails_every_waiting_caller_and_keeps_nothing(
     db: Path, clock: FakeClock
 ) -> None:
-    gated = HeldStore(SqliteDataStore(db, clock), fails=True)
-    log = AuditLog(gated, clock)
+    commit = GroupCommit(SqliteDataStore(db, clock), clock, fails=True)
+    gated, log = commit.held, commit.log
     ledger = Ledger(log)
     ledger.record([cred("before")], [event("before")])
     head = gated.audit_head()
@@ -158,7 +169,6 @@ def test_a_failed_commit_fails_every_waiting_caller_and_keeps_nothing(
     def record(jti: str) -> Callable[[], object]:
         return lambda: ledger.record([cred(jti)], [event(jti)])
 
-    commit = GroupCommit(gated, log)
     commit.lead("lead", record("lead"))  # its commit under way; the rest queue behind it
     commit.queue({f"w{i}": record(f"w{i}") for i in range(7)})
     commit.wait_queued(7)
@@ -186,8 +196,8 @@ def test_a_removed_agents_callers_are_refused_and_their_neighbours_written_again
     the rest are written in the next commit, the chain without a hole."""
     store = SqliteDataStore(db, clock)
     admit_agents(store, OTHER)
-    held = HeldStore(store)
-    log = AuditLog(held, clock)
+    commit = GroupCommit(store, clock)
+    held, log = commit.held, commit.log
     ledger = Ledger(log)
     port = DatastoreLedger(ledger)
     ledger.record([cred("before")], [event("before")])
@@ -196,7 +206,6 @@ def test_a_removed_agents_callers_are_refused_and_their_neighbours_written_again
         events = [event(c.value) for c in credentials] or [event(name)]
         return lambda: ledger.record(list(credentials), events)
 
-    commit = GroupCommit(held, log)
     commit.lead("lead", record("lead", cred("lead", OTHER)))
     calls = {f"w{i}": record(f"w{i}", cred(f"w{i}", OTHER)) for i in range(4)}
     calls["late"] = record("late", cred("late"), cred("late2"))
@@ -214,10 +223,7 @@ def test_a_removed_agents_callers_are_refused_and_their_neighbours_written_again
     commit.wait_queued(len(calls) + 2)
     store.delete_agent(AGENT, Removal(AGENT, REMOVAL_EVICTED, 0))  # committed meanwhile
     outcomes = commit.release()
-    late = outcomes.pop("late")
-    assert isinstance(late, LedgerError)
-    assert isinstance(late.__cause__, AgentRemovedError)
-    assert late.__cause__.agents == {AGENT}
+    assert refusal(outcomes, "late", AgentRemovedError).agents == {AGENT}
     assert outcomes == dict.fromkeys(["lead", *(f"w{i}" for i in range(4)), "events-only"])
     assert port_kept.result(10) is None
     with pytest.raises(AgentRemovedError):  # the port's own error, not "unavailable"
@@ -248,8 +254,8 @@ def test_an_ended_tasks_callers_are_refused_and_their_neighbours_written_again(
     store = SqliteDataStore(db, clock)
     for task_id in ("ending", "going-on"):
         store.put_task(_task_row(task_id))
-    held = HeldStore(store)
-    log = AuditLog(held, clock)
+    commit = GroupCommit(store, clock)
+    held, log = commit.held, commit.log
     ledger = Ledger(log)
     port = DatastoreLedger(ledger)
     ledger.record([cred("before", task_id="ending")], [event("before")])
@@ -257,7 +263,6 @@ def test_an_ended_tasks_callers_are_refused_and_their_neighbours_written_again(
     def record(*credentials: Credential) -> Callable[[], object]:
         return lambda: ledger.record(list(credentials), [event(c.value) for c in credentials])
 
-    commit = GroupCommit(held, log)
     commit.lead("lead", record(cred("lead", task_id="ending")))
     calls = {f"w{i}": record(cred(f"w{i}")) for i in range(3)}  # the same agent's workloads
     calls["other-task"] = record(cred("other-task", task_id="going-on"))
@@ -278,10 +283,8 @@ def test_an_ended_tasks_callers_are_refused_and_their_neighbours_written_again(
     assert store.swap_task(_task_row("ending", "ending"), "active")
     outcomes = commit.release()
     for name in ("lead", "late"):
-        failed = outcomes.pop(name)
-        assert isinstance(failed, LedgerError), name
-        assert isinstance(failed.__cause__, TaskEndedMeanwhileError)
-        assert failed.__cause__.tasks == {"ending"}  # never its neighbour's "going-on"
+        ended = refusal(outcomes, name, TaskEndedMeanwhileError)
+        assert ended.tasks == {"ending"}  # never its neighbour's "going-on"
     assert outcomes == dict.fromkeys([*(f"w{i}" for i in range(3)), "other-task"])
     assert kept.result(10) is None
     with pytest.raises(TaskEndedMeanwhileError):  # the port's own error, not "unavailable"
@@ -321,9 +324,8 @@ def test_a_finisher_that_lost_its_removal_claim_is_refused_and_its_neighbours_wr
     commit with others (an issuance, a task's begin): the store refuses the whole write, only
     the finisher fails (RemovalClaimLostError), and the rest are written in the next commit."""
     store = removal_claimed(db, clock, "a")
-    held = HeldStore(store)
-    log = AuditLog(held, clock)
-    commit = GroupCommit(held, log)
+    commit = GroupCommit(store, clock)
+    held, log = commit.held, commit.log
     commit.lead("lead", lambda: log.append_many([event("lead")]))
     calls: dict[str, Callable[[], object]] = {
         "finisher": finish(log, "finisher", "a"),
@@ -334,10 +336,7 @@ def test_a_finisher_that_lost_its_removal_claim_is_refused_and_its_neighbours_wr
     commit.wait_queued(len(calls))
     assert store.claim_removal(GONE, "b", 30, 30)  # a's lapsed: b took the removal over
     outcomes = commit.release()
-    failed = outcomes.pop("finisher")
-    assert isinstance(failed, LedgerError)
-    assert isinstance(failed.__cause__, RemovalClaimLostError)
-    assert failed.__cause__.agents == {GONE}
+    assert refusal(outcomes, "finisher", RemovalClaimLostError).agents == {GONE}
     assert outcomes == dict.fromkeys(["lead", "begin", "other"])
     assert on_disk(db, ["finisher"]) == (0, 0)
     assert on_disk(db, ["lead", "begin", "other"]) == (0, 3)
@@ -355,20 +354,15 @@ def test_a_lost_removal_claim_refuses_only_its_holder_not_a_newer_claim_on_the_s
     removal since. The store refuses the stalled one's claim; the newer holder's write is
     not refused with it (it would take itself for the loser and stop), and is written."""
     store = removal_claimed(db, clock, "a#2")  # a#1's claim came before: lost
-    held = HeldStore(store)
-    log = AuditLog(held, clock)
-    commit = GroupCommit(held, log)
+    commit = GroupCommit(store, clock)
+    held, log = commit.held, commit.log
     commit.lead("lead", lambda: log.append_many([event("lead")]))
     calls = {
         "stalled": finish(log, "stalled", "a#1"),
         "holder": finish(log, "holder", "a#2"),
     }
-    commit.queue(calls)
-    commit.wait_queued(len(calls))
-    outcomes = commit.release()
-    failed = outcomes.pop("stalled")
-    assert isinstance(failed, LedgerError)
-    assert isinstance(failed.__cause__, RemovalClaimLostError)
+    outcomes = commit.share(calls)
+    refusal(outcomes, "stalled", RemovalClaimLostError)
     assert outcomes == {"lead": None, "holder": None}
     assert on_disk(db, ["stalled"]) == (0, 0)
     assert on_disk(db, ["lead", "holder"]) == (0, 2)
@@ -387,13 +381,12 @@ def test_a_replayed_assertion_is_refused_alone_and_its_neighbours_written_again(
     store = removal_claimed(db, clock, "a")
     now = int(clock.now())
     assert store.claim_jtis([JtiClaim("iss", "used", EXPIRES)], now) == [True]
-    held = HeldStore(store)
-    log = AuditLog(held, clock)
+    commit = GroupCommit(store, clock)
+    held, log = commit.held, commit.log
 
     def token(jti: str) -> Callable[[], object]:
         return lambda: log.record([cred(jti)], [event(jti)], [JtiClaim("iss", jti, EXPIRES)])
 
-    commit = GroupCommit(held, log)
     commit.lead("lead", lambda: log.append_many([event("lead")]))
     calls: dict[str, Callable[[], object]] = {
         "used": token("used"),
@@ -402,13 +395,8 @@ def test_a_replayed_assertion_is_refused_alone_and_its_neighbours_written_again(
         "begin": lambda: log.append_many([event("begin")], tasks=[_task_row("begun")]),
         "finisher": finish(log, "finisher", "a"),
     }
-    commit.queue(calls)
-    commit.wait_queued(len(calls))
-    outcomes = commit.release()
-    failed = outcomes.pop("used")
-    assert isinstance(failed, LedgerError)
-    assert isinstance(failed.__cause__, JtiHeldError)
-    assert failed.__cause__.held == {("iss", "used")}
+    outcomes = commit.share(calls)
+    assert refusal(outcomes, "used", JtiHeldError).held == {("iss", "used")}
     assert outcomes == dict.fromkeys(["lead", "fresh", "issued", "begin", "finisher"])
     assert on_disk(db, ["used"]) == (0, 0)
     assert on_disk(db, ["fresh", "issued"]) == (2, 2)
@@ -536,15 +524,14 @@ def test_a_refused_foreign_bundles_caller_fails_and_its_neighbours_are_written_a
     only their callers fail (each with the typed error naming its own, its event not on the
     chain), and the rest are written in the next commit."""
     store = SqliteDataStore(db, clock)
-    held = HeldStore(store)
-    log = AuditLog(held, clock)
+    commit = GroupCommit(store, clock)
+    held, log = commit.held, commit.log
 
     def bundle(td: str, sequence: int) -> BundleWrite:
         body = b'{"keys":[],"spiffe_sequence":%d}' % sequence
         return BundleWrite(ForeignBundle(td, body, 1, sequence))
 
     log.append_storing(bundle("a.org", 2), "federated_bundle_changed", extra={"s": 2})
-    commit = GroupCommit(held, log)
     commit.lead("lead", bundle_event(log, "lead"))
     calls = {
         "older": bundle_event(log, "older", bundle("a.org", 1)),
@@ -552,17 +539,11 @@ def test_a_refused_foreign_bundles_caller_fails_and_its_neighbours_are_written_a
         "plain": bundle_event(log, "plain"),
         "gone": bundle_event(log, "gone", BundleWrite.removal("c.org")),  # none stored to remove
     }
-    commit.queue(calls)
-    commit.wait_queued(len(calls))
-    outcomes = commit.release()
-    older = outcomes.pop("older")
-    assert isinstance(older, LedgerError)
-    assert isinstance(older.__cause__, BundleRefusedError)
-    assert older.__cause__.trust_domains == older.__cause__.older == {"a.org"}
-    gone = outcomes.pop("gone")
-    assert isinstance(gone, LedgerError)
-    assert isinstance(gone.__cause__, BundleRefusedError)
-    assert gone.__cause__.trust_domains == gone.__cause__.missing == {"c.org"}
+    outcomes = commit.share(calls)
+    older = refusal(outcomes, "older", BundleRefusedError)
+    assert older.trust_domains == older.older == {"a.org"}
+    gone = refusal(outcomes, "gone", BundleRefusedError)
+    assert gone.trust_domains == gone.missing == {"c.org"}
     assert outcomes == dict.fromkeys(["lead", "other", "plain"])
     # The first bundle, the lead, one refused group, then the group without the older bundle.
     assert held.calls.count("write_ledger") == 4
@@ -584,18 +565,15 @@ def test_two_removals_of_one_bundle_in_a_group_commit_remove_it_once(
     names only the trust domain, so both callers were failed by it: neither removal was
     written, the bundle stayed stored and served, and both callers were told there was none."""
     store = SqliteDataStore(db, clock)
-    held = HeldStore(store)
-    log = AuditLog(held, clock)
+    commit = GroupCommit(store, clock)
+    log = commit.log
     body = b'{"keys":[],"spiffe_sequence":3}'
     log.append_storing(
         BundleWrite(ForeignBundle("d.org", body, 1, 3)), "federated_bundle_changed", extra={}
     )
-    commit = GroupCommit(held, log)
     commit.lead("lead", bundle_event(log, "lead"))
     calls = {n: bundle_event(log, n, BundleWrite.removal("d.org")) for n in ("first", "second")}
-    commit.queue(calls)
-    commit.wait_queued(len(calls))
-    outcomes = commit.release()
+    outcomes = commit.share(calls)
     assert outcomes.pop("lead") is None
     failed = [e for e in outcomes.values() if e is not None]
     assert len(failed) == 1, f"one removal must go through, the other be refused: {outcomes}"
