@@ -26,6 +26,7 @@ from server.audit.event import CANONICAL_FIELDS, canonical_json, chain_hash
 from server.audit.log import event_from_row
 from server.audit.verify import verify_segment
 from server.datastore.sqlite import SqliteDataStore
+from server.datastore.testing import FaultInjectingDataStore
 from svid._clock import FakeClock
 from tests.server.held_ledger import HeldStore
 
@@ -332,23 +333,13 @@ def test_concurrent_appends_keep_one_chain(log: AuditLog) -> None:
     assert result.checked == 100
 
 
-class FailingStore(SqliteDataStore):
-    fail = False
-
-    def write_ledger(self, credentials, audit_rows, *args, **kw):  # type: ignore[no-untyped-def]
-        if self.fail:
-            raise AuditError("disk full")
-        super().write_ledger(credentials, audit_rows, *args, **kw)
-
-
 def test_a_failed_commit_leaves_no_hole(db: Path, clock: FakeClock) -> None:
-    store = FailingStore(db, clock)
+    store = FaultInjectingDataStore(SqliteDataStore(db, clock))
     log = AuditLog(store, clock)
     log.append("task_begin", agent_id=AGENT)
-    store.fail = True
+    store.inject(AuditError("disk full"), method="write_ledger")
     with pytest.raises(AuditError, match="disk full"):
         log.append("task_end", agent_id=AGENT)
-    store.fail = False
     e = log.append("task_end", agent_id=AGENT)
     assert e.seq == 2
     assert log.verify().ok
