@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -22,6 +21,7 @@ from svid._proto import (
     workload_pb2,
     workload_pb2_grpc,
 )
+from tests.tmpdirs import short_tmpdir
 
 MANY = 4000  # several pipe buffers (64 KiB) of output: the writer must meet the closed pipe
 
@@ -51,7 +51,7 @@ class _Workload(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[mi
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pipe", dir="/tmp"))  # Unix socket paths must be short
+    path = short_tmpdir("pipe")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent_attestor.config import DEFAULT_SOCKET
+from tests.tmpdirs import short_tmpdir
 from tests.users import as_another_user
 
 ENV = "SPIFFE_ENDPOINT_SOCKET"
@@ -23,7 +23,7 @@ ENV = "SPIFFE_ENDPOINT_SOCKET"
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ace", dir="/tmp"))  # Unix socket paths must be short
+    path = short_tmpdir("ace")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

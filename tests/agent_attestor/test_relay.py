@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,11 +25,12 @@ from agent_attestor.model import Selector
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import READ_BUFFER, RelaySettings, WorkloadRelay
 from tests.backlog import fill_backlog
+from tests.tmpdirs import short_tmpdir
 
 
 @pytest.fixture
 def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))  # Unix socket paths are short
+    path = short_tmpdir("rl-")
     try:
         yield path
     finally:

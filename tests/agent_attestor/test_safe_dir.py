@@ -7,7 +7,6 @@ import os
 import pwd
 import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 
 from agent_attestor.errors import ConfigError
 from agent_attestor.safe_dir import secure_dir
+from tests.tmpdirs import short_tmpdir
 from tests.users import NOBODY
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown to another uid")
@@ -22,7 +22,7 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown to a
 
 @pytest.fixture
 def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sd-", dir="/tmp"))
+    path = short_tmpdir("sd-")
     os.chmod(path, 0o755)
     try:
         yield path

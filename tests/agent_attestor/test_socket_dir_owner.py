@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from agent_attestor.errors import ConfigError
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import WorkloadRelay
 from svid._proto import workload_pb2_grpc
+from tests.tmpdirs import short_tmpdir
 from tests.users import NOBODY
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
@@ -36,7 +36,7 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to 
 
 @pytest.fixture
 def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sd-", dir="/tmp"))  # Unix socket paths are short
+    path = short_tmpdir("sd-")
     os.chmod(path, 0o755)  # stands for /tmp: others may enter it
     try:
         yield path

@@ -8,13 +8,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.tmpdirs import short_tmpdir
 from tests.users import as_another_user
 
 ENV = "SVID_SERVER_ADMIN_SOCKET"
@@ -22,7 +22,7 @@ ENV = "SVID_SERVER_ADMIN_SOCKET"
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sce", dir="/tmp"))  # Unix socket paths must be short
+    path = short_tmpdir("sce")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

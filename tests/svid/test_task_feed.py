@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,12 +19,13 @@ from svid._workload_calls import METADATA, REVOCATIONS, RevocationsUpdate
 from svid._workload_client import Watch
 from svid._workload_client_aio import AsyncWatch
 from tests.svid.workload_fake import WAIT, Server, State
+from tests.tmpdirs import short_tmpdir
 
 
 @pytest.fixture
 def plain_agent() -> Iterator[Server]:
     """An agent with the Workload API and no Revocations service."""
-    root = Path(tempfile.mkdtemp(prefix="tfd", dir="/tmp"))  # Unix socket paths must be short
+    root = short_tmpdir("tfd")
     server = Server(State(), root / "agent.sock", revocations=False).start()
     yield server
     server.stop()

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,6 +19,7 @@ import pytest
 from svid._limits import MAX_INTENT_RESOURCES, MAX_ON_BEHALF_OF_BYTES
 from svid._proto import task_pb2, task_pb2_grpc
 from svid.tasks import AsyncTaskClient, TaskClient, TaskRequestError
+from tests.tmpdirs import short_tmpdir
 
 RUNTIME = "spiffe://example.org/runtime"
 # Each intent with the first limit it passes, in the words of the agent and the server.
@@ -84,7 +83,7 @@ class _Agent:
 
 @pytest.fixture
 def agent() -> Iterator[_Agent]:
-    root = Path(tempfile.mkdtemp(prefix="til", dir="/tmp"))  # Unix socket paths must be short
+    root = short_tmpdir("til")
     tasks = _CountingTasks()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     task_pb2_grpc.add_TasksServicer_to_server(tasks, server)

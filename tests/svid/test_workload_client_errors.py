@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from svid._workload_address import ENV_SOCKET, WorkloadApiAddressError
 from svid.workloadapi import WorkloadApiClient, WorkloadApiUnavailableError
 from tests.svid.aio_facade import FLAVORS, new_client
+from tests.tmpdirs import short_tmpdir
 
 
 @pytest.fixture(params=FLAVORS)
@@ -23,7 +23,7 @@ def flavor(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="wce", dir="/tmp"))  # Unix socket paths must be short
+    path = short_tmpdir("wce")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -45,13 +44,14 @@ from tests.e2e.held_socket import HeldSocket
 from tests.svid.aio_facade import FLAVORS, new_client, new_source, stopped
 from tests.svid.certs import Issued, make_ca, make_leaf
 from tests.svid.workload_fake import WAIT, Server, State, eventually, signed_crl
+from tests.tmpdirs import short_tmpdir
 
 TD = TrustDomain("example.org")
 
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="h7w", dir="/tmp"))  # Unix socket paths must be short
+    path = short_tmpdir("h7w")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

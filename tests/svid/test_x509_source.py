@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from tests.svid.aio_facade import FLAVORS, SyncSource, new_source, stopped
 from tests.svid.resigned import edi_party_twin
 from tests.svid.tls_pki import Pki, make_pki
 from tests.svid.workload_fake import Server, State, eventually, signed_crl
+from tests.tmpdirs import short_tmpdir
 
 ME = "spiffe://example.org/me"
 FAST = Backoff(0.02, 0.2)
@@ -50,7 +50,7 @@ def flavor(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def agent() -> Iterator[Agent]:
-    root = Path(tempfile.mkdtemp(prefix="x5s", dir="/tmp"))
+    root = short_tmpdir("x5s")
     pki = make_pki()
     state = State(
         x509={"spiffe://example.org": der_concat([pki.root.cert])},

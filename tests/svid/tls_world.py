@@ -8,7 +8,6 @@ import http.server
 import shutil
 import socket
 import ssl
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from svid._proto import revocation_pb2
 from svid.workloadapi import Backoff
 from tests.svid.tls_pki import Pki
 from tests.svid.workload_fake import Server, State, eventually
+from tests.tmpdirs import short_tmpdir
 
 SERVER = "spiffe://example.org/server"
 CLIENT = "spiffe://example.org/client"
@@ -68,7 +68,7 @@ def workload(pki: Pki, spiffe_id: str, root: Path) -> Iterator[Workload]:
 
 @contextlib.contextmanager
 def sock_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="tls", dir="/tmp"))  # Unix socket paths must be short
+    root = short_tmpdir("tls")
     try:
         yield root
     finally:
