@@ -4,7 +4,10 @@ PostgreSQL both run."""
 
 from __future__ import annotations
 
-from server.datastore.records import AUDIT_COLUMNS
+from collections.abc import Sequence
+from typing import Any
+
+from server.datastore.records import AUDIT_COLUMNS, AuditRecord, SealedAuditKey
 
 # The newest record of a kind stands: a later seq, or the same seq signed later. One statement,
 # so two servers storing at once cannot put the older one last (rowcount 0: not newer).
@@ -30,3 +33,28 @@ AUDIT_ROWS_AFTER = (
     f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_events WHERE seq > :after "
     "ORDER BY seq LIMIT :limit"
 )
+
+
+def record_params(record: AuditRecord) -> dict[str, Any]:
+    """SAVE_AUDIT_RECORD's parameters."""
+    return {
+        "kind": record.kind,
+        "seq": record.seq,
+        "signed_at": record.signed_at,
+        "line": record.line,
+    }
+
+
+def key_params(key: SealedAuditKey) -> dict[str, Any]:
+    """OFFER_AUDIT_KEY's parameters."""
+    return {
+        "key_id": key.key_id,
+        "public_der": key.public_der,
+        "sealed_key": key.sealed_key,
+        "created_at": key.created_at,
+    }
+
+
+def key_from(row: Sequence[Any]) -> SealedAuditKey:
+    """The key an AUDIT_KEY row holds."""
+    return SealedAuditKey(str(row[0]), bytes(row[1]), bytes(row[2]), int(row[3]))

@@ -28,12 +28,7 @@ class PostgresCheckpoints:
         raise NotImplementedError  # PostgresDataStore's
 
     def save_audit_record(self, record: AuditRecord) -> bool:
-        params = {
-            "kind": record.kind,
-            "seq": record.seq,
-            "signed_at": record.signed_at,
-            "line": record.line,
-        }
+        params = cq.record_params(record)
 
         def work(cur: Cursor) -> bool:
             kept = int(cur.execute(pg(cq.SAVE_AUDIT_RECORD), params).rowcount) == 1
@@ -48,12 +43,7 @@ class PostgresCheckpoints:
         return [AuditRecord(str(k), int(s), float(t), str(line)) for k, s, t, line in rows]
 
     def offer_audit_key(self, key: SealedAuditKey) -> SealedAuditKey:
-        params = {
-            "key_id": key.key_id,
-            "public_der": key.public_der,
-            "sealed_key": key.sealed_key,
-            "created_at": key.created_at,
-        }
+        params = cq.key_params(key)
 
         def work(cur: Cursor) -> tuple[Any, ...]:
             # A concurrent offer waits on the key's row, then does nothing: one stands.
@@ -63,7 +53,7 @@ class PostgresCheckpoints:
             return tuple(row)
 
         row = self._write("store the audit checkpoint key", work)
-        return SealedAuditKey(str(row[0]), bytes(row[1]), bytes(row[2]), int(row[3]))
+        return cq.key_from(row)
 
     def audit_rows_after(self, after: int, limit: int) -> list[dict[str, Any]]:
         rows = self._tuples(

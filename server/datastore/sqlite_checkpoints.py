@@ -27,12 +27,7 @@ class SqliteCheckpoints:
         raise NotImplementedError  # SqliteDataStore's
 
     def save_audit_record(self, record: AuditRecord) -> bool:
-        params = {
-            "kind": record.kind,
-            "seq": record.seq,
-            "signed_at": record.signed_at,
-            "line": record.line,
-        }
+        params = cq.record_params(record)
         try:
             with self._transaction() as db:
                 kept = int(db.execute(cq.SAVE_AUDIT_RECORD, params).rowcount) == 1
@@ -49,19 +44,14 @@ class SqliteCheckpoints:
         ]
 
     def offer_audit_key(self, key: SealedAuditKey) -> SealedAuditKey:
-        params = {
-            "key_id": key.key_id,
-            "public_der": key.public_der,
-            "sealed_key": key.sealed_key,
-            "created_at": key.created_at,
-        }
+        params = cq.key_params(key)
         try:
             with self._transaction() as db:
                 db.execute(cq.OFFER_AUDIT_KEY, params)
                 row = db.execute(cq.AUDIT_KEY).fetchone()
         except sqlite3.Error as e:
             raise StorageError(f"cannot store the audit checkpoint key: {e}") from e
-        return SealedAuditKey(str(row[0]), bytes(row[1]), bytes(row[2]), int(row[3]))
+        return cq.key_from(row)
 
     def audit_rows_after(self, after: int, limit: int) -> list[dict[str, Any]]:
         return self._read(
