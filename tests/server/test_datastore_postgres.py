@@ -764,6 +764,20 @@ def test_a_ledger_write_waits_for_a_removal_under_way_and_then_refuses(
     assert outcome.agents == {AGENT}
 
 
+class _HeldReseal:
+    """A reseal that stops the ledger write calling it inside its transaction (its rows
+    locked, nothing committed) until `release` is set."""
+
+    def __init__(self) -> None:
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, stored: Head | None) -> list[tuple[object, ...]]:
+        self.inside.set()
+        self.release.wait(30)
+        return audit_rows(1, 1)
+
+
 def _a_change_waits_for_a_ledger_write(
     postgres_dsn: str,
     clock: FakeClock,
@@ -778,13 +792,8 @@ def _a_change_waits_for_a_ledger_write(
     the credential."""
     ledger, _ = _store_as(postgres_dsn, clock, "ledger")
     changer, changer_app = _store_as(postgres_dsn, clock, role)
-    inside, release = threading.Event(), threading.Event()
+    reseal = _HeldReseal()
     found: list[list[str] | BaseException] = []
-
-    def reseal(stored: Head | None) -> list[tuple[object, ...]]:
-        inside.set()
-        release.wait(30)
-        return audit_rows(1, 1)
 
     def run() -> None:
         try:
@@ -801,13 +810,13 @@ def _a_change_waits_for_a_ledger_write(
             target=ledger.write_ledger, args=([late], audit_rows(5, 1)), kwargs={"reseal": reseal}
         )
         writer.start()
-        assert inside.wait(30)
+        assert reseal.inside.wait(30)
         changer_thread = threading.Thread(target=run)
         changer_thread.start()
         try:
             _wait_for_a_lock_wait(postgres_dsn, changer_app, f"the {role} did not wait")
         finally:
-            release.set()
+            reseal.release.set()
             writer.join(30)
             changer_thread.join(30)
         assert found == [["late"]]
@@ -1126,6 +1135,28 @@ def _settled(dsn: str, app: str, thread: threading.Thread) -> str:
     raise AssertionError(f"{app} neither waited nor ended")
 
 
+def _started(
+    outcomes: dict[str, BaseException | None], name: str, call: Callable[[], object]
+) -> threading.Thread:
+    """`call` on a thread of its own, its outcome kept in `outcomes` under `name`: None where
+    it returned, else what it raised."""
+
+    def target() -> None:
+        try:
+            call()
+            outcomes[name] = None
+        except Exception as e:
+            outcomes[name] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread
+
+
+def _credential(value: str) -> Credential:
+    return Credential("jwt_id", value, AGENT, "spiffe://x/y", "", NOW + 60)
+
+
 @pytest.mark.parametrize("how", ["evicted", "banned"])
 def test_a_removal_waiting_for_a_ledger_write_goes_before_the_next_write(
     postgres_dsn: str, clock: FakeClock, how: str
@@ -1137,25 +1168,8 @@ def test_a_removal_waiting_for_a_ledger_write_goes_before_the_next_write(
     first, _ = _store_as(postgres_dsn, clock, "first")
     second, second_app = _store_as(postgres_dsn, clock, "second")
     remover, remover_app = _store_as(postgres_dsn, clock, "removal")
-    inside, release = threading.Event(), threading.Event()
+    reseal = _HeldReseal()  # the first write holds the agent, uncommitted
     outcomes: dict[str, BaseException | None] = {}
-
-    def reseal(stored: Head | None) -> list[tuple[object, ...]]:
-        inside.set()  # the first write holds the agent, uncommitted
-        release.wait(30)
-        return audit_rows(1, 1)
-
-    def run(name: str, call: Callable[[], object]) -> threading.Thread:
-        def target() -> None:
-            try:
-                call()
-                outcomes[name] = None
-            except Exception as e:
-                outcomes[name] = e
-
-        thread = threading.Thread(target=target)
-        thread.start()
-        return thread
 
     def remove() -> None:
         if how == "evicted":
@@ -1165,25 +1179,25 @@ def test_a_removal_waiting_for_a_ledger_write_goes_before_the_next_write(
             removal = Removal(AGENT, REMOVAL_BANNED, NOW)
             remover.set_agent_banned(AGENT, True, removal)
 
-    def credential(value: str) -> Credential:
-        return Credential("jwt_id", value, AGENT, "spiffe://x/y", "", NOW + 60)
-
     threads: list[threading.Thread] = []
     try:
         first.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
         # Sealed on a head the (empty) chain is not at: the store calls reseal, mid-write.
         threads.append(
-            run(
+            _started(
+                outcomes,
                 "first",
-                lambda: first.write_ledger([credential("a")], audit_rows(5, 1), reseal=reseal),
+                lambda: first.write_ledger([_credential("a")], audit_rows(5, 1), reseal=reseal),
             )
         )
-        assert inside.wait(30)
-        threads.append(run("removal", remove))
+        assert reseal.inside.wait(30)
+        threads.append(_started(outcomes, "removal", remove))
         _wait_for_a_lock_wait(postgres_dsn, remover_app, f"the removal did not wait: {outcomes}")
         # No audit rows: the second write needs none of the locks the first holds but the
         # agent's.
-        threads.append(run("second", lambda: second.write_ledger([credential("b")], [])))
+        threads.append(
+            _started(outcomes, "second", lambda: second.write_ledger([_credential("b")], []))
+        )
         try:
             settled = _settled(postgres_dsn, second_app, threads[-1])
             assert settled == "waiting", (
@@ -1191,7 +1205,7 @@ def test_a_removal_waiting_for_a_ledger_write_goes_before_the_next_write(
                 f"still waiting ({threads[1].is_alive()})"
             )
         finally:
-            release.set()
+            reseal.release.set()
             for thread in threads:
                 thread.join(30)
         assert outcomes["first"] is None
@@ -1199,7 +1213,7 @@ def test_a_removal_waiting_for_a_ledger_write_goes_before_the_next_write(
         assert isinstance(outcomes["second"], AgentRemovedError), outcomes["second"]
         assert [c.value for c in first.agent_credentials(AGENT, NOW)] == ["a"]
     finally:
-        release.set()
+        reseal.release.set()
         for store in (first, second, remover):
             store.close()
 
@@ -1216,7 +1230,7 @@ def test_a_reattestation_waiting_for_a_ledger_write_goes_before_the_next_write(
     first, _ = _store_as(postgres_dsn, clock, "first")
     second, second_app = _store_as(postgres_dsn, clock, "second")
     renewer, renewer_app = _store_as(postgres_dsn, clock, "renewal")
-    inside, release = threading.Event(), threading.Event()
+    reseal = _HeldReseal()  # the first write holds the agent, uncommitted
     outcomes: dict[str, BaseException | None] = {}
     held = AttestedAgent(AGENT, "join_token", "1", NOW + 3600, attested_at=NOW)
     renewed = AttestedAgent(
@@ -1229,39 +1243,24 @@ def test_a_reattestation_waiting_for_a_ledger_write_goes_before_the_next_write(
         previous_expires_at=NOW + 3600,
     )
 
-    def reseal(stored: Head | None) -> list[tuple[object, ...]]:
-        inside.set()  # the first write holds the agent, uncommitted
-        release.wait(30)
-        return audit_rows(1, 1)
-
-    def run(name: str, call: Callable[[], object]) -> threading.Thread:
-        def target() -> None:
-            try:
-                call()
-                outcomes[name] = None
-            except Exception as e:
-                outcomes[name] = e
-
-        thread = threading.Thread(target=target)
-        thread.start()
-        return thread
-
-    def credential(value: str) -> Credential:
-        return Credential("jwt_id", value, AGENT, "spiffe://x/y", "", NOW + 60)
-
     threads: list[threading.Thread] = []
     try:
         first.upsert_agent(held)
         threads.append(
-            run(
+            _started(
+                outcomes,
                 "first",
-                lambda: first.write_ledger([credential("a")], audit_rows(5, 1), reseal=reseal),
+                lambda: first.write_ledger([_credential("a")], audit_rows(5, 1), reseal=reseal),
             )
         )
-        assert inside.wait(30)
-        threads.append(run("renewal", lambda: renewer.upsert_agent(renewed, replacing=held)))
+        assert reseal.inside.wait(30)
+        threads.append(
+            _started(outcomes, "renewal", lambda: renewer.upsert_agent(renewed, replacing=held))
+        )
         _wait_for_a_lock_wait(postgres_dsn, renewer_app, f"the renewal did not wait: {outcomes}")
-        threads.append(run("second", lambda: second.write_ledger([credential("b")], [])))
+        threads.append(
+            _started(outcomes, "second", lambda: second.write_ledger([_credential("b")], []))
+        )
         try:
             settled = _settled(postgres_dsn, second_app, threads[-1])
             assert settled == "waiting", (
@@ -1269,14 +1268,14 @@ def test_a_reattestation_waiting_for_a_ledger_write_goes_before_the_next_write(
                 f"still waiting ({threads[1].is_alive()})"
             )
         finally:
-            release.set()
+            reseal.release.set()
             for thread in threads:
                 thread.join(30)
         assert outcomes == {"first": None, "renewal": None, "second": None}
         assert first.get_agent(AGENT).serial == "2"
         assert [c.value for c in first.agent_credentials(AGENT, NOW)] == ["a", "b"]
     finally:
-        release.set()
+        reseal.release.set()
         for store in (first, second, renewer):
             store.close()
 
