@@ -36,6 +36,7 @@ from svid._tasks_async import AsyncTaskClient
 from svid._tasks_sync import TaskClient
 from tests.agent_attestor.harness import HEADER, Harness, me
 from tests.clocks import SleptClock
+from tests.waits import wait_for
 
 TD = "spiffe://example.org"
 
@@ -212,13 +213,9 @@ def test_a_begin_the_workload_hangs_up_on_after_the_grant_ends_the_task(ta: Task
         intent=task_pb2.Intent(actions=["read"], resources=["docs"]), ttl=60
     )
     call = ta.tasks().BeginTask.future(request, metadata=HEADER, timeout=10)
-    deadline = time.monotonic() + 5
-    while not ta.client.begun and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert ta.client.begun
+    wait_for(lambda: ta.client.begun, 5, "the task begun on the server", interval=0.01)
     call.cancel()
-    while not ta.client.ended and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: ta.client.ended, 5, "the task ended on the server", interval=0.01)
     (ended,) = ta.client.ended
     assert ended.task_id == "t1"
     assert list(ended.runtime_ids) == [f"{TD}/bot"]

@@ -61,6 +61,7 @@ from tests.server.test_datastore_contract import (
     audit_rows,
     task,
 )
+from tests.waits import wait_for
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -531,9 +532,7 @@ def test_a_call_on_a_dead_connection_fails_and_the_next_one_gets_a_fresh_one(
     try:
         store.create_entry(entry("/before"))
         # The pool opens its connections in the background: kill them once all three are up.
-        deadline = time.monotonic() + 30
-        while _backends(app) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: _backends(app) >= 3, 30, "the pool's three connections")
         assert _terminate(app) >= 3  # the migration's own connection is long gone
         with pytest.raises(StorageError, match="cannot list entries"):
             store.list_entries()

@@ -47,6 +47,7 @@ from tests.server.fixtures import (
     write_tls_files,
 )
 from tests.svid.certs import Issued, make_ca, make_leaf, slow_rsa_key
+from tests.waits import wait_for
 
 HOME = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -302,10 +303,7 @@ def test_a_bootstrapped_relationship_fetches_at_once(home: tuple[RunningServer, 
             )
             return SpiffeBundle.parse(HOME, got.bundle).refresh_hint == 7
 
-        deadline = time.monotonic() + 5
-        while not fetched():
-            assert time.monotonic() < deadline, "the bootstrap did not trigger a fetch"
-            time.sleep(0.05)
+        wait_for(fetched, 5, "the bootstrap to trigger a fetch")
 
 
 def test_a_relationship_whose_endpoint_never_answers_does_not_hold_up_another_ones_refresh(

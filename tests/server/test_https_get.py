@@ -13,6 +13,7 @@ import pytest
 
 from server import https_get
 from tests.server.fixtures import short_tmpdir, write_tls_files
+from tests.waits import wait_for
 
 
 class Peer:
@@ -236,10 +237,7 @@ def test_past_its_bound_of_unanswered_names_a_get_fails_at_once_naming_it(
 
 
 def _no_lookup_pending() -> None:
-    deadline = time.monotonic() + 5
-    while https_get._LOOKUPS._pending and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not https_get._LOOKUPS._pending
+    wait_for(lambda: not https_get._LOOKUPS._pending, 5, "no lookup pending", interval=0.01)
 
 
 def test_a_lookup_thread_that_cannot_start_fails_its_get_and_leaves_the_name_free(
@@ -265,8 +263,5 @@ def test_a_lookup_thread_that_cannot_start_fails_its_get_and_leaves_the_name_fre
     monkeypatch.setattr(threading, "Thread", real)
     addresses = lookups.of("localhost", 443, "partner").result(timeout=5)
     assert addresses
-    deadline = time.monotonic() + 5
-    while lookups._pending and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not lookups._pending
+    wait_for(lambda: not lookups._pending, 5, "no lookup pending", interval=0.01)
     assert not lookups._held

@@ -42,6 +42,7 @@ from tests.server.fixtures import (
     short_tmpdir,
     start_server,
 )
+from tests.waits import wait_for
 
 REFUSED = "join token is invalid, expired or already used"
 
@@ -221,10 +222,11 @@ def test_an_agent_refused_before_its_admission_is_named_on_its_deny_event(
         srv.server.datastore.delete_agent(
             agent.spiffe_id, Removal(agent.spiffe_id, REMOVAL_EVICTED, started)
         )
-        deadline = time.monotonic() + 10
-        while agent.spiffe_id in srv.server.state.agents:
-            assert time.monotonic() < deadline, "the server never saw the eviction"
-            time.sleep(0.05)
+        wait_for(
+            lambda: agent.spiffe_id not in srv.server.state.agents,
+            10,
+            "the server to see the eviction",
+        )
     elif why == "banned":
         srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
     with pytest.raises(grpc.RpcError) as exc:

@@ -15,6 +15,7 @@ from server.datastore.records import EventFilter
 from svid._limits import MAX_ON_BEHALF_OF_BYTES
 from svid._proto import node_pb2, task_pb2, task_pb2_grpc
 from tests.server.fixtures import TLS_NAME, Agent, RunningServer, managed_server
+from tests.waits import wait_for
 
 # Every action of the shipped schema: the pairs Cedar would be asked are actions x resources.
 ACTIONS = ["read", "write", "invoke_tool", "fetch_secret", "export_data", "change_infra"]
@@ -234,10 +235,12 @@ def test_on_behalf_of_is_at_most_512_bytes() -> None:
         )
         assert task.on_behalf_of == principal
         entry_id = f"task-{task.task_id}"
-        deadline = time.monotonic() + 10
-        while entry_id not in server.server.state.entries.by_id:
-            assert time.monotonic() < deadline, "the task's entry never came"
-            time.sleep(0.01)
+        wait_for(
+            lambda: entry_id in server.server.state.entries.by_id,
+            10,
+            "the task's entry",
+            interval=0.01,
+        )
         minted = server.node_stub(agent).NewJWTSVID(
             node_pb2.NewJWTSVIDRequest(
                 spiffe_id=task.spiffe_id, audience=["docs"], entry_id=entry_id

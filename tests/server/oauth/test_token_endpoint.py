@@ -15,6 +15,7 @@ from server.oauth.assertions import LEEWAY
 from svid import MAX_CLOCK_SKEW
 from svid._spiffe_id import SpiffeId
 from tests.server.oauth.conftest import RESOURCE, OAuthServer
+from tests.waits import wait_for
 
 WORKLOAD = SpiffeId.parse("spiffe://example.org/workload")
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -274,10 +275,7 @@ def test_expired_replay_records_are_pruned(monkeypatch: pytest.MonkeyPatch) -> N
         time.sleep(0.3)
         assert held() == 1
         running.clock.advance(MAX_CLOCK_SKEW)
-        deadline = time.monotonic() + 5
-        while held() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert held() == 0
+        wait_for(lambda: held() == 0, 5, "the spent assertion's jti let go")
 
 
 def test_a_client_id_must_name_the_assertions_workload(oauth_server: OAuthServer) -> None:
@@ -474,7 +472,6 @@ def test_a_client_that_never_reads_its_answers_is_cut_at_the_timeout(
     writing the next answer waits: bounded by the same timeout, or the connection (one more
     each time) is held for ever."""
     import socket
-    import time
 
     from server.oauth import http
 
@@ -487,25 +484,21 @@ def test_a_client_that_never_reads_its_answers_is_cut_at_the_timeout(
     raw.settimeout(5)
     raw.connect(("127.0.0.1", port))
     with oauth_server.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-        deadline = time.monotonic() + 4
-        while not connections and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert connections  # served, so the cut below is the server's
+        # Served, so the cut below is the server's.
+        wait_for(lambda: connections, 4, "the connection served", interval=0.01)
         tls.settimeout(1)
         with contextlib.suppress(OSError):  # the server stops reading, then hangs up
             tls.sendall(b"GET /keys HTTP/1.1\r\nHost: x\r\n\r\n" * 20000)
         # The cut comes once the kernel's buffers are full of answers: seconds on a loaded
         # machine (thousands of answers first), and at once when they are.
-        deadline = time.monotonic() + 30
-        while connections and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not connections, "a connection whose answers are never read is held"
+        wait_for(lambda: not connections, 30, "the connection whose answers are never read cut")
         # and its socket let go of, though the answers in it were never sent
         client_port = tls.getsockname()[1]
-        deadline = time.monotonic() + http.CLOSE_TIMEOUT + 2
-        while _socket_owned(port, client_port) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _socket_owned(port, client_port)
+        wait_for(
+            lambda: not _socket_owned(port, client_port),
+            http.CLOSE_TIMEOUT + 2,
+            "the cut connection's socket let go of",
+        )
 
 
 def _socket_owned(local_port: int, remote_port: int) -> bool:
