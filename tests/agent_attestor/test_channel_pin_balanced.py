@@ -24,11 +24,11 @@ from tests.agent_attestor.test_channel_pin import (
     _port,
     _Relay,
     _server_ca,
-    _wait,
 )
 from tests.server.fixtures import PEM, short_tmpdir, start_server
 from tests.server.shared_root import corporate_ca, upstream_intermediate
 from tests.server.test_replication_servers import wait_until
+from tests.waits import wait_for
 
 
 class _RoundRobin(_Relay):
@@ -74,7 +74,7 @@ def test_an_agent_behind_a_balancer_syncs_while_its_servers_present_two_cas_of_a
         with _agent(loop, a, address, root_pem, a.clock) as (syncer, cache, _store):
             agent_id = syncer.agent_id
             entry = a.create_entry("/before", agent_id)
-            _wait(lambda: entry.id in cache.entries(), 20, "an entry before the rotation")
+            wait_for(lambda: entry.id in cache.entries(), 20, "an entry before the rotation")
             wait_until(lambda: agent_id in b.server.state.agents, 5, "B to learn the agent")
 
             # The rotation through A; A renews its server SVID first, B not yet (its half life
@@ -88,7 +88,7 @@ def test_an_agent_behind_a_balancer_syncs_while_its_servers_present_two_cas_of_a
 
             loop.call(relay.cut)  # its next connections land on A and B in turn
             after = a.create_entry("/after", agent_id)
-            _wait(lambda: after.id in cache.entries(), 20, "an entry after the rotation")
+            wait_for(lambda: after.id in cache.entries(), 20, "an entry after the rotation")
             assert NOT_OURS not in caplog.text, "its own trust domain's server taken for another"
     finally:
         loop.run(relay.close())

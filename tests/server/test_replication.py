@@ -53,7 +53,8 @@ from svid._clock import FakeClock, SystemClock
 from svid._proto import node_pb2
 from tests.server import test_sync_attack
 from tests.server.fixtures import TRUST_DOMAIN, Agent, RunningServer
-from tests.server.test_sync_attack import Partitioned, _wait
+from tests.server.test_sync_attack import Partitioned
+from tests.waits import wait_for
 
 NOW = 1_700_000_000
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
@@ -744,7 +745,7 @@ def test_an_agent_failing_over_to_a_server_a_poll_behind_keeps_the_revocations_i
     revocation of a token still valid. B catches up with the datastore before sending it."""
     a, b = partitioned.a, partitioned.b
     agent = a.attest()
-    _wait(lambda: agent.spiffe_id in b.server.state.agents, "B to learn the agent")
+    wait_for(lambda: agent.spiffe_id in b.server.state.agents, 10, "B to learn the agent")
     with _a_poll_behind(b):
         _revoke_through(a, "j1")
         cache = Cache()
@@ -767,7 +768,9 @@ def test_sync_streams_opening_at_once_on_a_server_a_poll_behind_share_its_catch_
     had not read, yet the datastore is read by a couple of catch-ups, not one per stream."""
     a, b = partitioned.a, partitioned.b
     agents = [a.attest() for _ in range(12)]
-    _wait(lambda: all(x.spiffe_id in b.server.state.agents for x in agents), "B to learn them")
+    wait_for(
+        lambda: all(x.spiffe_id in b.server.state.agents for x in agents), 10, "B to learn them"
+    )
     with _a_poll_behind(b) as follower:
         _revoke_through(a, "j1")
         reads: list[int] = []

@@ -18,7 +18,8 @@ from svid._clock import FakeClock
 from svid._proto import node_pb2
 from tests.server import test_sync_attack
 from tests.server.fixtures import Agent, RunningServer
-from tests.server.test_sync_attack import Partitioned, _wait
+from tests.server.test_sync_attack import Partitioned
+from tests.waits import wait_for
 
 # The fixture: servers A and B on one PostgreSQL database, B reaching it through a relay a test
 # cuts.
@@ -79,7 +80,7 @@ def test_a_server_cut_off_from_postgresql_ends_its_open_sync_streams(
     ends with UNAVAILABLE naming why (the agent then moves to A), and a new one is refused."""
     a, b = partitioned.a, partitioned.b
     agent = a.attest()
-    _wait(lambda: agent.spiffe_id in b.server.state.agents, "B to learn the agent")
+    wait_for(lambda: agent.spiffe_id in b.server.state.agents, 10, "B to learn the agent")
     stream = b.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
     try:
         assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
@@ -100,8 +101,9 @@ def test_a_server_cut_off_from_postgresql_ends_its_open_sync_streams(
     # The node service's health says so too, for a load balancer, and turns back once B reads.
     assert _node_health(b, agent) == health_pb2.HealthCheckResponse.NOT_SERVING
     partitioned.relay.restore()
-    _wait(
+    wait_for(
         lambda: _node_health(b, agent) == health_pb2.HealthCheckResponse.SERVING,
+        10,
         "B's node service to be healthy again",
     )
 
@@ -119,7 +121,7 @@ def test_a_server_on_postgresql_that_reads_its_feed_goes_on_serving_sync(
     the bound, and is handed the next change."""
     a, b = partitioned.a, partitioned.b
     agent = a.attest()
-    _wait(lambda: agent.spiffe_id in b.server.state.agents, "B to learn the agent")
+    wait_for(lambda: agent.spiffe_id in b.server.state.agents, 10, "B to learn the agent")
     stream = b.node_stub(agent).Sync(node_pb2.SyncRequest(), timeout=30)
     try:
         assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
