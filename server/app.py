@@ -23,6 +23,7 @@ from server.attestation.join_token import JoinTokenAttestor
 from server.attestation.x509pop import X509PopAttestor
 from server.audit.checkpoint import CHECKPOINT_FILE, KEY_DIR, CheckpointFile, CheckpointSigner
 from server.audit.retention import DAY, RetentionPolicy
+from server.audit.rollback import accept_rollback, find_rollback, refuse_rollback
 from server.ca.keys import KeyStore
 from server.ca.loop_workers import LoopSigningWorkers
 from server.ca.manager import CaConfig, CaManager, default_holder
@@ -164,13 +165,21 @@ class Server:
     """svid-server: `await start()`, then `await stop()` (or `run(stop_event)`)."""
 
     def __init__(
-        self, config: ServerConfig, clock: Clock | None = None, *, new_datastore: bool = False
+        self,
+        config: ServerConfig,
+        clock: Clock | None = None,
+        *,
+        new_datastore: bool = False,
+        restored_datastore: bool = False,
     ) -> None:
         """`new_datastore`: a missing SQLite datastore, or a PostgreSQL schema recording no
         migration, is begun anew even beside the key files and audit checkpoints of one
-        (server/datastore/lost.py); refused otherwise."""
+        (server/datastore/lost.py); refused otherwise. `restored_datastore`: a datastore whose
+        audit chain lacks the last checkpoint the data_dir signed (restored from a backup) is
+        served from, the rollback recorded (server/audit/rollback.py); refused otherwise."""
         self.config = config
         self._new_datastore = new_datastore
+        self._restored_datastore = restored_datastore
         # Set (from any thread) when a datastore commit's outcome is unknown: the server stops
         # serving and `run` raises it, so the process exits non-zero and starts again from
         # what the disk holds (server/datastore/errors.py, CommitUnknownError).
@@ -230,6 +239,21 @@ class Server:
             )
         else:
             _starting_anew(redact_dsn(dsn))
+
+    def _check_rollback(self, signer: CheckpointSigner) -> bool:
+        """Refused on a datastore gone back behind the checkpoints signed of it, unless told
+        it was restored (or begun anew: nothing of the old one is there to lose); True when
+        such a rollback was accepted."""
+        cfg = self.config
+        rollback = find_rollback(
+            self.datastore, signer, CheckpointFile(cfg.data_dir / CHECKPOINT_FILE)
+        )
+        if rollback is None:
+            return False
+        if not (self._restored_datastore or self._new_datastore):
+            raise refuse_rollback(rollback)
+        accept_rollback(rollback, self.tasks.audit, cfg.data_dir, self.clock.now())
+        return True
 
     def _build_core(self) -> None:
         cfg = self.config
@@ -296,6 +320,7 @@ class Server:
                 cfg.data_dir, self.datastore, kek, int(self.clock.now())
             )
         )
+        rolled_back = self._check_rollback(signer)
         # Checkpoints and retention: one server of those sharing the datastore, the holder of
         # this lease (server/housekeeping.py says which job runs where, and why).
         self.housekeeping = Lease(self.datastore, HOUSEKEEPING_LEASE, default_holder(), self.clock)
@@ -315,8 +340,10 @@ class Server:
                 reason=reason
             ).inc(),
         )
-        if self.housekeeping.held:
-            # Anchor what this start found (a crash may have cost the shutdown checkpoint).
+        if self.housekeeping.held or rolled_back:
+            # Anchor what this start found (a crash may have cost the shutdown checkpoint); a
+            # restored datastore's lease may name the server the backup was taken from until
+            # it lapses, and its rollback is anchored at once all the same.
             self.checkpointer.checkpoint()
         self.pruner = LeasedPruner(
             self.datastore,

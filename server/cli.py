@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 
 from server import cli_ca, cli_entries, cli_federation, logs
 from server import cli_output as out
+from server.audit.rollback import RESTORED_DATASTORE_FLAG
 from server.config import (
     CONFIG_KEYS,
     DEFAULT_ADMIN_SOCKET,
@@ -199,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
         "holds CA key files or audit checkpoints of one that is now missing or empty (a "
         "SQLite file, or a PostgreSQL schema dropped or emptied); without it such a start "
         "is refused. For this start only: not a config key",
+    )
+    run.add_argument(
+        RESTORED_DATASTORE_FLAG,
+        dest="restored_datastore",
+        action="store_true",
+        help="serve from a datastore restored from a backup (or otherwise rolled back) whose "
+        "audit log lacks events the data_dir's audit checkpoints signed: the rollback is "
+        "recorded on the audit log and the checkpoint file moved aside; without it such a "
+        "start is refused. For this start only: not a config key",
     )
     sub.add_parser("healthcheck", parents=[common], help="check that the server is serving")
 
@@ -669,7 +679,11 @@ def _run(args: argparse.Namespace) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         stop_on_signals(stop, logging.getLogger("svid.server"))
-        await Server(config, new_datastore=args.new_datastore).run(stop)
+        await Server(
+            config,
+            new_datastore=args.new_datastore,
+            restored_datastore=args.restored_datastore,
+        ).run(stop)
 
     try:
         asyncio.run(main())

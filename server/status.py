@@ -22,6 +22,7 @@ import grpc
 from server import errors
 from server.audit.checkpoint import CheckpointError
 from server.audit.errors import AuditError, LedgerError, SecretInAuditError
+from server.audit.rollback import DatastoreRolledBackError
 from server.ca.errors import (
     CaConfigError,
     CaError,
@@ -240,6 +241,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     LegacyImportError: _SERVER_FAULT,
     # Raised at start only (a datastore missing beside its key files); never a client's.
     DatastoreLostError: _SERVER_FAULT,
+    # Raised at start only (a datastore behind the audit checkpoints signed of it).
+    DatastoreRolledBackError: _SERVER_FAULT,
     # Policy: a refused reload names the files (not their directory); a bad decision request
     # is the caller's.
     PolicyError: Rule(Code.FAILED_PRECONDITION, _policy_message),

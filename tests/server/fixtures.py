@@ -177,11 +177,18 @@ class RunningServer:
     """A real Server on a background loop; `stop()` shuts it down cleanly."""
 
     def __init__(
-        self, config: ServerConfig, clock: FakeClock, *, new_datastore: bool = False
+        self,
+        config: ServerConfig,
+        clock: FakeClock,
+        *,
+        new_datastore: bool = False,
+        restored_datastore: bool = False,
     ) -> None:
         self.config = config
         self.clock = clock
-        self.server = Server(config, clock, new_datastore=new_datastore)
+        self.server = Server(
+            config, clock, new_datastore=new_datastore, restored_datastore=restored_datastore
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()

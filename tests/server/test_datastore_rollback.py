@@ -1,0 +1,214 @@
+"""A datastore restored from a backup (sqlite3's backup, pg_dump and pg_restore) behind the
+audit checkpoints the server signed of it: the start is refused, saying what is lost and what
+to do, until the operator says `--restored-datastore`; that start records the rollback on the
+audit log and signs the restored chain anew."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from server.app import Server
+from server.audit import AuditLog
+from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile
+from server.audit.rollback import DatastoreRolledBackError
+from server.cli import build_parser, main
+from server.config import ServerConfig
+from server.datastore.sqlite import SqliteDataStore
+from svid._clock import FakeClock
+from svid._proto import admin_pb2
+from tests import postgres
+from tests.server.fixtures import CLOCK_LAG, RunningServer, short_tmpdir, start_server
+from tests.server.test_datastore_lost import _schema_of
+from tests.server.test_server_postgres import kek_file
+
+# Take the backup; put it back in the datastore's place.
+Steps = tuple[Callable[[], None], Callable[[], None]]
+Backup = Callable[[ServerConfig, Path], Steps]
+
+
+def _clock() -> FakeClock:
+    return FakeClock(start=time.time() - CLOCK_LAG)
+
+
+def _sqlite_backup(config: ServerConfig, root: Path) -> Steps:
+    """sqlite3's online backup of the running server's file, put back as an operator would:
+    the datastore and its -wal and -shm replaced by the copy."""
+    copy = root / "backup.sqlite3"
+
+    def take() -> None:
+        with (
+            contextlib.closing(sqlite3.connect(config.datastore_path)) as db,
+            contextlib.closing(sqlite3.connect(copy)) as out,
+        ):
+            db.backup(out)
+
+    def put_back() -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{config.datastore_path}{suffix}").unlink(missing_ok=True)
+        shutil.copyfile(copy, config.datastore_path)
+
+    return take, put_back
+
+
+def _postgres_backup(config: ServerConfig, root: Path) -> Steps:
+    """pg_dump of the running server's schema; put back with the schema dropped and pg_restore."""
+    import psycopg
+
+    assert config.datastore_dsn is not None
+    schema = _schema_of(config.datastore_dsn)
+    dump = root / "backup.dump"
+
+    def take() -> None:
+        subprocess.run(
+            ["pg_dump", "-Fc", "-n", schema, "-f", str(dump), postgres.server_dsn()], check=True
+        )
+
+    def put_back() -> None:
+        with psycopg.connect(postgres.server_dsn(), autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        subprocess.run(["pg_restore", "-d", postgres.server_dsn(), str(dump)], check=True)
+
+    return take, put_back
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> Iterator[tuple[dict[str, str], Backup]]:
+    """The server's datastore options for `root`, and how its datastore is backed up."""
+    if request.param == "sqlite":
+        yield {}, _sqlite_backup
+    else:
+        dsn = request.getfixturevalue("postgres_dsn")
+        yield {"datastore": dsn}, _postgres_backup
+
+
+def _refused(config: ServerConfig) -> str:
+    with pytest.raises(DatastoreRolledBackError) as refused:
+        asyncio.run(Server(config, _clock()).start())
+    return str(refused.value)
+
+
+def _events(config: ServerConfig, kind: str) -> list[dict[str, object]]:
+    server = RunningServer(config, _clock())
+    try:
+        return [r for r in server.server.tasks.audit.store.audit_rows() if r["kind"] == kind]
+    finally:
+        server.stop()
+
+
+def test_a_datastore_restored_behind_its_checkpoints_is_refused_until_told(
+    backend: tuple[dict[str, str], Backup], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Started on at once, it readmitted an agent banned after the backup, and appended new
+    events at the seqs the checkpoints had signed with other hashes: the audit chain forked,
+    said in one log line, and no checkpoint was signed again while the server ran."""
+    options, backup = backend
+    root = short_tmpdir()
+    try:
+        if "datastore" in options:
+            options = {**options, "key_encryption_key_file": str(kek_file(root))}
+        first = start_server(root, **options)
+        config = first.config
+        take, put_back = backup(config, root)
+        banned = first.attest()
+        take()
+        first.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=banned.spiffe_id), timeout=10)
+        first.stop()
+        signed = CheckpointFile(config.data_dir / CHECKPOINT_FILE).last()
+        assert signed is not None
+        put_back()
+
+        said = _refused(config)
+        assert f"names seq {signed.seq}" in said
+        assert "restored from a backup" in said
+        assert "agents banned or evicted since are admitted again" in said
+        assert "--restored-datastore" in said
+        assert _refused(config)  # nothing changed: refused again
+
+        again = RunningServer(config, _clock(), restored_datastore=True)
+        again.stop()
+        aside = list(config.data_dir.glob(f"{CHECKPOINT_FILE}.before-restore-*"))
+        assert [CheckpointFile(p).last() for p in aside] == [signed]
+        restored = _events(config, "datastore_restored")
+        assert len(restored) == 1
+        assert f'"checkpoint_seq":{signed.seq}' in str(restored[0]["extra"]).replace(" ", "")
+        # The restored chain is signed anew, and verifies against what was signed since.
+        new = CheckpointFile(config.data_dir / CHECKPOINT_FILE)
+        last = new.last()
+        assert last is not None
+        assert last.seq > int(str(restored[0]["seq"])) - 1
+        where = (
+            ["--datastore", options["datastore"]]
+            if "datastore" in options
+            else ["--data-dir", str(config.data_dir)]
+        )
+        capsys.readouterr()
+        assert main(["audit", "verify", *where, "--anchor", str(new.path)]) == 0
+        # The old checkpoints still prove what the restore lost.
+        assert main(["audit", "verify", *where, "--anchor", str(aside[0])]) != 0
+        # A restart on it needs no flag.
+        RunningServer(config, _clock()).stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_restored_datastore_written_past_its_checkpoint_is_refused_too() -> None:
+    """Served from at once (as before this check), a restored datastore's new events took the
+    seqs the checkpoints had signed, with other hashes, and its head passed the last one: not
+    behind it any more, but not the chain signed either."""
+    root = short_tmpdir()
+    try:
+        first = start_server(root)
+        config = first.config
+        take, put_back = _sqlite_backup(config, root)
+        take()
+        for _ in range(3):
+            first.attest()
+        first.stop()
+        signed = CheckpointFile(config.data_dir / CHECKPOINT_FILE).last()
+        assert signed is not None
+        put_back()
+        clock = _clock()
+        store = SqliteDataStore(config.datastore_path, clock)
+        log = AuditLog(store, clock)
+        while (head := log.head()) is None or head.seq <= signed.seq:
+            log.append("node_attestation", agent_id="spiffe://example.org/svid/agent/other")
+        store.close()
+        said = _refused(config)
+        assert f"its event at seq {signed.seq} is not the one signed there" in said
+        assert "--restored-datastore" in said
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_datastore_pruned_past_its_last_checkpoint_is_not_a_rollback() -> None:
+    """Retention removes the oldest events, never the head: a restart after a prune through
+    the last checkpoint's seq (its record naming that hash) starts as any other."""
+    root = short_tmpdir()
+    try:
+        first = start_server(root)
+        config = first.config
+        first.attest()
+        first.stop()
+        signed = CheckpointFile(config.data_dir / CHECKPOINT_FILE).last()
+        assert signed is not None
+        assert signed.seq > 0
+        assert main(["audit", "prune", "--through-seq", str(signed.seq),
+                     "--data-dir", str(config.data_dir)]) == 0  # fmt: skip
+        RunningServer(config, _clock()).stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_run_takes_restored_datastore_as_a_flag_of_its_own() -> None:
+    """For one start: a config key would stay set and leave the guard off for good."""
+    assert build_parser().parse_args(["run", "--restored-datastore"]).restored_datastore
+    assert build_parser().parse_args(["run"]).restored_datastore is False
