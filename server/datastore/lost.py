@@ -73,7 +73,10 @@ def refuse_lost(
     `made_after_its_keys` (files a start makes once its CA key is journaled) does. Not the key
     files alone for the latter: a crash between a first start's key file and its journal
     leaves one beside a datastore that records nothing, and nothing is lost there."""
-    found = [path for path in [*made_with_one, *made_after_its_keys] if path.exists()]
+    # The caller's first list may hold the second (app.py's does): each path named once.
+    found = [
+        path for path in dict.fromkeys([*made_with_one, *made_after_its_keys]) if path.exists()
+    ]
     if not found:
         return
     if is_missing(datastore):

@@ -64,7 +64,9 @@ def test_a_datastore_lost_beside_its_key_files_is_refused_naming_both(
     said = _refused(stopped)
     assert f"the datastore {datastore} is {'missing' if how == 'deleted' else 'empty'}" in said
     assert str(stopped.keys_dir) in said
-    assert str(stopped.data_dir / CHECKPOINT_FILE) in said
+    # Each named once: the audit key and checkpoints are among both kinds of file it checks.
+    assert said.count(str(stopped.data_dir / CHECKPOINT_FILE)) == 1
+    assert said.count(str(stopped.data_dir / KEY_DIR)) == 1
     assert "--new-datastore" in said
     # Nothing was made in its place: the refusal holds at the next start, and verify too
     # still has no log to call intact.
