@@ -78,11 +78,16 @@ class Rollback:
             lost = f"event {cp.seq} is gone"
         else:
             lost = f"events {head_seq + 1} to {cp.seq} are gone"
-        since = "" if self.head_time is None else f" after {format_utc(self.head_time)}"
+        # A head past the checkpoint was written after the rollback: its time says nothing.
+        since = (
+            f" after {format_utc(self.head_time)} (its last event)"
+            if self.head_time is not None and head_seq < cp.seq
+            else ""
+        )
         return (
             f"the datastore's audit log ends at seq {head_seq}, but the checkpoint signed at "
             f"{format_utc(cp.time)} names seq {cp.seq}: {lost}. The datastore was restored "
-            f"from a backup or rolled back, and what was written{since} (its last event) is "
+            f"from a backup or rolled back, and what was written{since} is "
             "lost: agents banned or evicted since are admitted again, SVIDs and tasks revoked "
             "since are no longer revoked, agents attested since are unknown, entries changed "
             "since are as they were"
