@@ -108,7 +108,8 @@ class ServerProcess(ChildProcess):
     # Started as `svid-server run &` in a script: a non-interactive shell ignores SIGINT for it.
     sigint_ignored: bool = False
 
-    def start(self) -> ServerProcess:
+    def start(self, *extra: str) -> ServerProcess:
+        """`extra`: flags of this start only (`--new-datastore`, `--restored-datastore`)."""
         runtime_file = self.data_dir / "server.json"
         runtime_file.unlink(missing_ok=True)
         log = self.log_path.open("ab")
@@ -122,6 +123,7 @@ class ServerProcess(ChildProcess):
                 "run",
                 "--config",
                 str(self.config_path),
+                *extra,
             ],
             stdout=log,
             stderr=log,
