@@ -23,7 +23,7 @@ from server.attestation.join_token import JoinTokenAttestor
 from server.attestation.x509pop import X509PopAttestor
 from server.audit.checkpoint import CHECKPOINT_FILE, KEY_DIR, CheckpointFile, CheckpointSigner
 from server.audit.retention import DAY, RetentionPolicy
-from server.audit.rollback import accept_rollback, find_rollback, refuse_rollback
+from server.audit.rollback import Rollback, accept_rollback, find_rollback, refuse_rollback
 from server.ca.keys import KeyStore
 from server.ca.loop_workers import LoopSigningWorkers
 from server.ca.manager import CaConfig, CaManager, default_holder
@@ -240,20 +240,15 @@ class Server:
         else:
             _starting_anew(redact_dsn(dsn))
 
-    def _check_rollback(self, signer: CheckpointSigner) -> bool:
-        """Refused on a datastore gone back behind the checkpoints signed of it, unless told
-        it was restored (or begun anew: nothing of the old one is there to lose); True when
-        such a rollback was accepted."""
-        cfg = self.config
-        rollback = find_rollback(
-            self.datastore, signer, CheckpointFile(cfg.data_dir / CHECKPOINT_FILE)
-        )
-        if rollback is None:
-            return False
-        if not (self._restored_datastore or self._new_datastore):
+    def _refuse_rollback(self) -> Rollback | None:
+        """Refused on a datastore gone back behind the checkpoints signed of it, before
+        anything is written to it, unless told it was restored (or begun anew: nothing of
+        the old one is there to lose); the rollback so accepted, recorded once the audit log
+        is up (accept_rollback)."""
+        rollback = find_rollback(self.datastore, self.config.data_dir)
+        if rollback is not None and not (self._restored_datastore or self._new_datastore):
             raise refuse_rollback(rollback)
-        accept_rollback(rollback, self.tasks.audit, cfg.data_dir, self.clock.now())
-        return True
+        return rollback
 
     def _build_core(self) -> None:
         cfg = self.config
@@ -278,6 +273,7 @@ class Server:
             )
         # Before anything is loaded: what other servers commit from here on is followed.
         self._feed_cursor = self.datastore.feed_head()
+        rollback = self._refuse_rollback()
         self.keystore = KeyStore(cfg.keys_dir)
         # With a KEK the CA and JWT keys are the trust domain's, shared with the other servers
         # on this datastore (sealed in it); without, they are this server's own files.
@@ -320,7 +316,8 @@ class Server:
                 cfg.data_dir, self.datastore, kek, int(self.clock.now())
             )
         )
-        rolled_back = self._check_rollback(signer)
+        if rollback is not None:
+            accept_rollback(rollback, self.tasks.audit, cfg.data_dir, self.clock.now())
         # Checkpoints and retention: one server of those sharing the datastore, the holder of
         # this lease (server/housekeeping.py says which job runs where, and why).
         self.housekeeping = Lease(self.datastore, HOUSEKEEPING_LEASE, default_holder(), self.clock)
@@ -340,7 +337,7 @@ class Server:
                 reason=reason
             ).inc(),
         )
-        if self.housekeeping.held or rolled_back:
+        if self.housekeeping.held or rollback is not None:
             # Anchor what this start found (a crash may have cost the shutdown checkpoint); a
             # restored datastore's lease may name the server the backup was taken from until
             # it lapses, and its rollback is anchored at once all the same.

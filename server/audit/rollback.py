@@ -27,10 +27,12 @@ from typing import Protocol
 
 from server.audit.checkpoint import (
     CHECKPOINT_FILE,
+    PUBLIC_KEY_FILE,
     Checkpoint,
+    CheckpointError,
     CheckpointFile,
-    CheckpointSigner,
     _fsync_dir,
+    load_public_key,
 )
 from server.audit.event import EventKind
 from server.audit.log import AuditLog
@@ -94,18 +96,21 @@ class Rollback:
         )
 
 
-def find_rollback(
-    store: _ChainStore, signer: CheckpointSigner, file: CheckpointFile
-) -> Rollback | None:
-    """The file's newest checkpoint, when this signer signed it and the stored chain does not
-    hold its (seq, hash); None when it does, or that event was pruned since (retention
-    removes the oldest events, never the head)."""
-    checkpoint = file.last()
-    if checkpoint is None or checkpoint.seq == 0 or checkpoint.key_id != signer.key_id:
+def find_rollback(store: _ChainStore, data_dir: Path) -> Rollback | None:
+    """The newest checkpoint of `data_dir`'s file, when the key published beside it signed it
+    and the stored chain does not hold its (seq, hash); None when it does, or that event was
+    pruned since (retention removes the oldest events, never the head). Reads only: a start
+    asks before its CA makes or activates any key in a datastore it may refuse."""
+    published = data_dir / PUBLIC_KEY_FILE
+    checkpoint = CheckpointFile(data_dir / CHECKPOINT_FILE).last()
+    if checkpoint is None or checkpoint.seq == 0 or not published.exists():
         return None
     try:
-        checkpoint.verify_signature(signer.public_key())
-    except AuditCheckpointError:
+        key_id, key = load_public_key(published)
+        if checkpoint.key_id != key_id:
+            return None
+        checkpoint.verify_signature(key)
+    except (CheckpointError, AuditCheckpointError):
         return None
     head = store.audit_head()
     head_seq = 0 if head is None else head.seq

@@ -22,6 +22,7 @@ from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile
 from server.audit.rollback import DatastoreRolledBackError
 from server.cli import build_parser, main
 from server.config import ServerConfig
+from server.datastore.postgres_dsn import open_postgres
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
 from svid._proto import admin_pb2
@@ -90,10 +91,25 @@ def backend(request: pytest.FixtureRequest) -> Iterator[tuple[dict[str, str], Ba
         yield {"datastore": dsn}, _postgres_backup
 
 
-def _refused(config: ServerConfig) -> str:
+def _refused(config: ServerConfig, clock: FakeClock | None = None) -> str:
     with pytest.raises(DatastoreRolledBackError) as refused:
-        asyncio.run(Server(config, _clock()).start())
+        asyncio.run(Server(config, clock or _clock()).start())
     return str(refused.value)
+
+
+def _key_slots(config: ServerConfig) -> set[tuple[str, str]]:
+    """(slot id, status) of every CA and JWT key the datastore journals."""
+    clock = _clock()
+    dsn = config.datastore_dsn
+    store = (
+        SqliteDataStore(config.datastore_path, clock) if dsn is None else open_postgres(dsn, clock)
+    )
+    try:
+        return {
+            (s.slot_id, s.status) for kind in ("x509", "jwt") for s in store.list_key_slots(kind)
+        }
+    finally:
+        store.close()
 
 
 def _events(config: ServerConfig, kind: str) -> list[dict[str, object]]:
@@ -131,7 +147,11 @@ def test_a_datastore_restored_behind_its_checkpoints_is_refused_until_told(
         assert "restored from a backup" in said
         assert "agents banned or evicted since are admitted again" in said
         assert "--restored-datastore" in said
-        assert _refused(config)  # nothing changed: refused again
+        # Refused before anything is written: not even the CA's rotation, due here 21 hours on
+        # (a backup older than a rotation point), which made and activated new keys in it.
+        slots = _key_slots(config)
+        assert _refused(config, FakeClock(start=time.time() + 21 * 3600))
+        assert _key_slots(config) == slots
 
         again = RunningServer(config, _clock(), restored_datastore=True)
         again.stop()
