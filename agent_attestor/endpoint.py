@@ -17,6 +17,7 @@ from agent_attestor.safe_dir import secure_dir
 from agent_attestor.workload_attestor import WorkloadAttestor
 from svid._clock import Clock
 from svid._proto import workload_pb2_grpc
+from svid._workload_calls import KEEPALIVE_MS
 
 # The largest request any service on the socket takes, with room to spare: a ValidateJWTSVID
 # of a 64 KiB token (svid._jwt.MAX_TOKEN_BYTES) and a 1 KiB audience, or a BeginTask of a 64 KiB
@@ -36,6 +37,9 @@ SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.so_reuseport", 0),
     ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+    # svid's clients ping every KEEPALIVE_MS on a quiet stream, to find a hung agent: at gRPC's
+    # default (pings 5 min apart) each such connection got GOAWAY too_many_pings in 15 s.
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
 )
 
 

@@ -19,6 +19,8 @@ from svid._x509 import X509Svid
 
 METADATA = (("workload.spiffe.io", "true"),)
 DEFAULT_TIMEOUT = 10.0
+# How often a client pings the agent while a call is open, and how long it waits for the answer.
+KEEPALIVE_MS = 5_000
 # Reconnect quickly after an agent restart; the caller's own backoff paces retries beyond that.
 CHANNEL_OPTIONS = (
     # A connection of its own: grpcio otherwise shares one among every channel of the process
@@ -30,6 +32,16 @@ CHANNEL_OPTIONS = (
     # Not grpc.min_reconnect_backoff_ms: gRPC takes it for how long a connection may take to
     # the agent's first HTTP/2 frame (default 20 s). At 100 ms a loaded host's agent, slower
     # than that to answer, failed the first call UNAVAILABLE, its own deadline seconds away.
+    # A hung agent (stopped, its loop stuck) keeps the connection open: a source's quiet
+    # streams never broke, its revocation data never counted as stale, and
+    # max_revocation_staleness admitted tokens revoked meanwhile for as long as the hang
+    # lasted. An unanswered ping now breaks them. The agent permits pings this often
+    # (agent_attestor/endpoint.py); an older one answers "too many pings", which makes gRPC
+    # ping that connection half as often each time.
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),  # grpcio >= 1.6x times pings out by this one
+    ("grpc.http2.max_pings_without_data", 0),  # a quiet stream is what must be checked
 )
 
 T = TypeVar("T")

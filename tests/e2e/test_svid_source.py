@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from svid import TrustDomain, VerificationError, der_concat
-from svid.workloadapi import ENV_SOCKET, Backoff, WorkloadApiClient, WorkloadApiSource
+from svid.workloadapi import (
+    ENV_SOCKET,
+    AsyncWorkloadApiSource,
+    Backoff,
+    WorkloadApiClient,
+    WorkloadApiSource,
+)
 from tests.e2e.agent_process import AgentProcess, agent_stack, create_entry
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
 from tests.e2e.interrupted_setup import PRELUDE
@@ -91,3 +102,65 @@ def test_a_ctrl_c_while_a_stream_opens_leaves_a_client_that_closes(
     finally:
         runtime.kill()
     assert (runtime.returncode, out) == (0, "interrupted\n"), err
+
+
+# Longer than three of the client's keepalive pings: an agent that counted them as abuse
+# (gRPC's default ping policy) would have closed the connection by then.
+QUIET = 18.0
+HUNG = 30.0
+
+
+def _serving(server: ServerProcess, agent: AgentProcess) -> AgentProcess:
+    create_entry(server, WORKLOAD, agent.agent_id(), f"unix:uid:{os.getuid()}")
+    agent.wait_svid(WORKLOAD)
+    return agent
+
+
+@contextmanager
+def _frozen(agent: AgentProcess) -> Iterator[None]:
+    """The agent stopped (SIGSTOP): its socket stays open and nothing on it answers."""
+    assert agent.proc is not None
+    os.kill(agent.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+
+
+def test_a_hung_agent_makes_the_sources_revocation_data_stale(
+    stack: tuple[ServerProcess, AgentProcess], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A hung agent keeps its connections open: the quiet revocation stream never broke, so
+    # revocation_staleness() stayed 0 and max_revocation_staleness never refused anything,
+    # while revocations made meanwhile reached no verifier.
+    agent = _serving(*stack)
+    with WorkloadApiSource(f"unix://{agent.socket_path}", backoff=Backoff(0.05, 1.0)) as source:
+        wait_for(lambda: source.revocations_updated_at is not None, 30, "the revocations")
+        caplog.set_level(logging.INFO, logger="svid.workloadapi")
+        quiet_until = time.monotonic() + QUIET
+        while time.monotonic() < quiet_until:  # a healthy agent's quiet stream stays up
+            assert source.revocation_staleness() == 0.0, source.errors
+            time.sleep(0.2)
+        assert not caplog.records, caplog.text  # no stream broke, however briefly
+        with _frozen(agent):
+            wait_for(lambda: source.revocation_staleness() > 0, HUNG, "the hang to be seen")
+        wait_for(lambda: source.revocation_staleness() == 0, HUNG, "the agent again")
+
+
+def test_a_hung_agent_makes_the_async_sources_revocation_data_stale(
+    stack: tuple[ServerProcess, AgentProcess],
+) -> None:
+    agent = _serving(*stack)
+
+    async def run() -> None:
+        address = f"unix://{agent.socket_path}"
+        async with AsyncWorkloadApiSource(address, backoff=Backoff(0.05, 1.0)) as source:
+            async with asyncio.timeout(HUNG):
+                while source.revocations_updated_at is None:
+                    await asyncio.sleep(0.05)
+            with _frozen(agent):
+                async with asyncio.timeout(HUNG):
+                    while source.revocation_staleness() == 0:
+                        await asyncio.sleep(0.05)
+
+    asyncio.run(run())
