@@ -3,14 +3,17 @@ trust domain, anyone the verifier accepts, or a callable of the caller's own."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._verify_x509 import VerifiedX509
 
 Authorizer = Callable[[VerifiedX509], bool]
-"""Called with a peer that passed verification; True admits it. May raise to refuse."""
+"""Called with a peer that passed verification; True admits it, and nothing else does. May
+raise to refuse."""
 
 
 def _id(value: SpiffeId | str) -> SpiffeId:
@@ -91,8 +94,30 @@ def as_authorizer(value: Authorizer | SpiffeId | TrustDomain | str) -> Authorize
     )
 
 
-def describe(authorizer: Authorizer) -> str:
+def describe(authorizer: Callable[[Any], object]) -> str:
     """What an authorizer admits, for refusal messages."""
     if isinstance(authorizer, _OneOf | _MemberOf | _Any):
         return str(authorizer)
     return getattr(authorizer, "__qualname__", None) or repr(authorizer)
+
+
+def refusal(authorizer: Callable[[Any], object], peer: Any) -> str | None:
+    """Why ``authorizer`` refuses ``peer`` (a VerifiedX509, or svid.asgi's Caller), to follow its
+    SPIFFE ID in a message; None when it admits it. Only True admits: a truthy answer of
+    another kind refuses, above all the coroutine of an ``async def`` authorizer, which no
+    caller awaits and which admitted everyone. What the authorizer raises goes on up."""
+    allowed = authorizer(peer)
+    if allowed is True:
+        return None
+    if allowed is False or allowed is None:
+        return f"is not authorised (allowed: {describe(authorizer)})"
+    hint = ""
+    if inspect.isawaitable(allowed):
+        hint = " (an authorizer is called, never awaited: make it a plain function)"
+        close = getattr(allowed, "close", None)
+        if close is not None:
+            close()  # no "never awaited" warning on top of this refusal
+    return (
+        f"is refused: its authorizer {describe(authorizer)} returned a "
+        f"{type(allowed).__name__}, not True{hint}"
+    )

@@ -34,7 +34,7 @@ from svid._errors import StaleRevocationsError, VerificationError
 from svid._revocation import KIND_X509_SERIAL, CertKey, RevocationSet, cert_key
 from svid._source_state import RevocationEvent
 from svid._ssl_peer import peer_chain_der
-from svid._tls_authorize import Authorizer, describe
+from svid._tls_authorize import Authorizer, refusal
 from svid._verify_x509 import VerifiedX509, X509Verifier
 
 log = logging.getLogger("svid.tls")
@@ -90,14 +90,18 @@ class PeerPolicy:
         if len(ders) > 1:
             self._chains.put(ders[0], chain)  # only chains that verified
         try:
-            allowed = self.authorizer(peer)
+            why = refusal(self.authorizer, peer)
         except VerificationError as exc:
             raise PeerRefusedError(f"TLS peer {peer.spiffe_id} refused: {exc}") from exc
-        if not allowed:
+        except Exception as exc:
+            # Refused like any other peer, so that servers, which handle ssl.SSLError, and the
+            # connection's later reads see the refusal; the authorizer's failure is logged.
+            log.error("TLS peer %s refused: its authorizer raised", peer.spiffe_id, exc_info=True)
             raise PeerRefusedError(
-                f"TLS peer {peer.spiffe_id} is not authorised (allowed: "
-                f"{describe(self.authorizer)})"
-            )
+                f"TLS peer {peer.spiffe_id} refused: its authorizer raised {type(exc).__name__}"
+            ) from exc
+        if why is not None:
+            raise PeerRefusedError(f"TLS peer {peer.spiffe_id} {why}")
         td = peer.spiffe_id.trust_domain.name
         keys = tuple(cert_key(td, c) for c in peer.chain)
         with self._lock:

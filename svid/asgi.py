@@ -48,7 +48,7 @@ from svid._open_requests import JWT, X509, Admitted, OpenRequests
 from svid._revocation import RevocationSet, cert_key
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._staleness_watch import StalenessWatch
-from svid._tls_authorize import as_authorizer, describe
+from svid._tls_authorize import as_authorizer, refusal
 from svid._verify_jwt import JwtVerifier
 from svid._verify_x509 import VerifiedX509, X509Verifier
 
@@ -247,16 +247,11 @@ class SvidAuthMiddleware:
         authorize = self._authorize
         if authorize is not None:
             try:
-                allowed = authorize(caller)
+                why = refusal(authorize, caller)
             except VerificationError as exc:
                 raise _RefusedError(not_authorised(f"caller {caller.spiffe_id}: {exc}")) from None
-            if not allowed:
-                raise _RefusedError(
-                    not_authorised(
-                        f"caller {caller.spiffe_id} is not authorised "
-                        f"(allowed: {describe(authorize)})"  # type: ignore[arg-type]
-                    )
-                )
+            if why is not None:
+                raise _RefusedError(not_authorised(f"caller {caller.spiffe_id} {why}"))
 
     def _bearer_caller(self, scope: Scope) -> Caller | None:
         header = _only_header(scope, b"authorization")

@@ -117,6 +117,29 @@ def test_authorize_refuses_other_callers_with_403(source: RevokingSource) -> Non
     assert [str(c.spiffe_id) for c in SEEN] == ["spiffe://example.org/frontend"]
 
 
+async def _admits_when_awaited(caller: svid.asgi.Caller) -> bool:
+    return True
+
+
+@pytest.mark.parametrize(
+    ("authorize", "says"),
+    [
+        (_admits_when_awaited, "returned a coroutine, not True"),
+        (lambda caller: "no", "returned a str, not True"),
+    ],
+    ids=["async def", "truthy str"],
+)
+def test_an_authorizer_admits_only_by_returning_true(
+    source: RevokingSource, authorize: Any, says: str
+) -> None:
+    # An async authorizer's coroutine, never awaited, is truthy: it admitted every caller.
+    with serve(source, authorize=authorize) as url:
+        reply = httpx.get(url, headers=bearer(workload_token()))
+    assert reply.status_code == 403
+    assert says in reply.headers["www-authenticate"]
+    assert SEEN == []
+
+
 def test_a_missing_scope_is_403_insufficient_scope_naming_the_scope_to_ask_for(
     source: RevokingSource,
 ) -> None:

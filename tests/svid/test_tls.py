@@ -188,6 +188,52 @@ def test_explicit_handshake_refuses_and_stays_refused(world: World) -> None:
     assert isinstance(got["read"], tls.PeerRefusedError)
 
 
+async def _admits_when_awaited(peer: VerifiedX509) -> bool:
+    return True
+
+
+def _breaks(peer: VerifiedX509) -> bool:
+    raise PermissionError("the authorizer's own lookup failed")
+
+
+@pytest.mark.parametrize(
+    ("authorize", "says"),
+    [
+        (_admits_when_awaited, "returned a coroutine, not True"),
+        (lambda peer: "no", "returned a str, not True"),
+        (_breaks, "authorizer raised PermissionError"),
+    ],
+    ids=["async def", "truthy str", "raises"],
+)
+def test_an_authorizer_admits_only_by_returning_true(
+    world: World, authorize: Any, says: str
+) -> None:
+    # An async authorizer's coroutine, never awaited, is truthy: the peer was admitted. One
+    # that raised let its own exception out of the handshake, not the PeerRefusedError (an
+    # ssl.SSLError) servers handle, and was called again on every read.
+    sctx = tls.server_context(world.server.source, authorize)
+    peer = plain_context(world.pki.svid(CLIENT), world.pki, server=False)
+    a, b = socket.socketpair()
+    got: dict[str, Any] = {}
+
+    def serve() -> None:
+        with sctx.wrap_socket(a, server_side=True, do_handshake_on_connect=False) as conn:
+            for step, call in (("handshake", conn.do_handshake), ("read", conn.recv)):
+                try:
+                    got[step] = call()
+                except Exception as exc:  # what each raises is the point
+                    got[step] = exc
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with b, peer.wrap_socket(b, server_hostname="x") as conn, contextlib.suppress(OSError):
+        conn.sendall(REQUEST)
+    thread.join(10)
+    assert isinstance(got["handshake"], tls.PeerRefusedError), got
+    assert says in str(got["handshake"])
+    assert got["read"] is got["handshake"]  # refused for good, the authorizer not asked again
+
+
 def test_client_refuses_a_server_with_another_id_before_sending(world: World) -> None:
     sctx = tls.server_context(world.server.source, CLIENT)
     cctx = tls.client_context(world.client.source, "spiffe://example.org/billing")
