@@ -242,6 +242,9 @@ class TaskAuth:
             log.error("refused a token outside TaskAuth.protect(): serve auth.protect(server)")
             return None
         admitted_token, caller = admitted
+        # The SDK hands on all that follows "Bearer ": after more than one space (RFC 6750
+        # allows them) that starts with a space, which protect(), like RFC 6750, skips.
+        token = token.strip()
         if token != admitted_token:  # not the token whose tool grants were checked
             log.error("refused a bearer token other than the one TaskAuth.protect() admitted")
             return None

@@ -281,6 +281,20 @@ def test_the_sdk_check_accepts_only_the_token_protect_admitted(source: RevokingS
     assert seen[1] is None
 
 
+def test_a_bearer_token_after_several_spaces_is_admitted_by_the_sdk_too(
+    source: RevokingSource,
+) -> None:
+    # RFC 6750 puts one or more spaces after "Bearer". svid admitted such a request, and the
+    # SDK, which hands its verifier what follows "Bearer " (a space and the token), was
+    # refused it as another token than protect() admitted: a 401 saying nothing of why.
+    token = task_token()
+    with serving(build(source)) as url:
+        result = asyncio.run(call(url, f" {token}", "read_ticket", {"ticket_id": "7"}))
+    assert not result.is_error
+    (access,) = SEEN
+    assert access.token == token
+
+
 class _Manager:
     """The SDK's session manager as svid reads it: its table (reads counted) and the way it
     ends a session."""
