@@ -6,9 +6,11 @@ from __future__ import annotations
 import grpc
 
 from svid._workload_errors import (
+    STOPPED,
     WorkloadApiError,
     WorkloadApiUnavailableError,
     connect_failure,
+    stopped_answering,
 )
 
 
@@ -97,6 +99,11 @@ def translate(exc: BaseException, call: str, address: str) -> TaskError | Worklo
             return WorkloadApiUnavailableError(
                 f"{call}: cannot connect to the agent{at} ({why}): is the SPIFFE agent running, "
                 "and does SPIFFE_ENDPOINT_SOCKET name its socket?",
+                code.name,
+            )
+        if stopped_answering(details):
+            return WorkloadApiUnavailableError(
+                f"{call}: no answer from the agent{at} ({STOPPED}): is the agent hung? Retry",
                 code.name,
             )
         return WorkloadApiUnavailableError(f"{call}{at}: {details}", code.name)

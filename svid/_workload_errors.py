@@ -43,6 +43,17 @@ _SILENT_PEER = "before receiving SETTINGS"
 SILENT = "it accepts connections but does not answer"
 
 
+# gRPC's details when the connection's keepalive ping went unanswered (CHANNEL_OPTIONS).
+_PING_TIMEOUT = "ping timeout"
+STOPPED = "it stopped answering: a keepalive ping went unanswered"
+
+
+def stopped_answering(details: str | None) -> bool:
+    """Whether an UNAVAILABLE's ``details`` say the agent went silent on an open connection
+    (hung, or stopped), rather than gRPC's raw "Stream removed (ping timeout)"."""
+    return details is not None and _PING_TIMEOUT in details
+
+
 def connect_failure(details: str | None) -> str | None:
     """Why gRPC could not connect (e.g. "Connection refused"), or None if it did connect.
 
@@ -105,6 +116,12 @@ def translate(exc: grpc.RpcError, call: str, address: str = "") -> WorkloadApiEr
         )
         return cls(
             f"Workload API {call}: cannot connect to the agent{at} ({why}): {check}", code.name
+        )
+    if code == grpc.StatusCode.UNAVAILABLE and stopped_answering(details):
+        return cls(
+            f"Workload API {call}: no answer from the agent{at} ({STOPPED}): is the agent "
+            "hung? Retry",
+            code.name,
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return cls(

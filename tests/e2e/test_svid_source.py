@@ -15,12 +15,14 @@ from contextlib import contextmanager
 import pytest
 
 from svid import TrustDomain, VerificationError, der_concat
+from svid.tasks import TaskClient
 from svid.workloadapi import (
     ENV_SOCKET,
     AsyncWorkloadApiSource,
     Backoff,
     WorkloadApiClient,
     WorkloadApiSource,
+    WorkloadApiUnavailableError,
 )
 from tests.e2e.agent_process import AgentProcess, agent_stack, create_entry
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
@@ -164,3 +166,23 @@ def test_a_hung_agent_makes_the_async_sources_revocation_data_stale(
                         await asyncio.sleep(0.05)
 
     asyncio.run(run())
+
+
+def test_a_call_to_a_hung_agent_fails_saying_it_stopped_answering(
+    stack: tuple[ServerProcess, AgentProcess],
+) -> None:
+    # Its ping unanswered, the call failed before its deadline with gRPC's own words:
+    # "Stream removed (ping timeout)".
+    agent = _serving(*stack)
+    address = f"unix://{agent.socket_path}"
+    with (
+        WorkloadApiClient(address, timeout=HUNG) as client,
+        TaskClient(address, timeout=HUNG) as tasks,
+    ):
+        client.fetch_x509_svids()  # both connected before the hang
+        with tasks.begin(actions=["read"], resources=["orders", "wiki"]) as task, _frozen(agent):
+            with pytest.raises(WorkloadApiUnavailableError, match="stopped answer") as raised:
+                client.fetch_jwt_svid("orders")
+            assert "ping timeout" not in str(raised.value)
+            with pytest.raises(WorkloadApiUnavailableError, match="stopped answering"):
+                task.jwt("wiki")
