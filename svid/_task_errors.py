@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 
 from svid._workload_errors import (
+    SILENT,
     STOPPED,
     WorkloadApiError,
     WorkloadApiUnavailableError,
@@ -60,8 +61,8 @@ def no_answer(call: str, address: str) -> WorkloadApiUnavailableError:
     """``call`` to the agent at ``address`` got no answer before its deadline."""
     at = f" at {address}" if address else ""
     return WorkloadApiUnavailableError(
-        f"{call}: no answer from the agent{at} before the deadline; retry, or allow a longer "
-        "timeout",
+        f"{call}: no answer from the agent{at} before the deadline: is the agent hung or "
+        "overloaded? Retry, or allow a longer timeout",
         "DEADLINE_EXCEEDED",
     )
 
@@ -96,10 +97,13 @@ def translate(exc: BaseException, call: str, address: str) -> TaskError | Worklo
     if code is grpc.StatusCode.UNAVAILABLE:
         why = connect_failure(details)
         if why is not None:
+            check = (
+                "is the agent hung, or is something else listening there?"
+                if why == SILENT
+                else "is the SPIFFE agent running, and does SPIFFE_ENDPOINT_SOCKET name its socket?"
+            )
             return WorkloadApiUnavailableError(
-                f"{call}: cannot connect to the agent{at} ({why}): is the SPIFFE agent running, "
-                "and does SPIFFE_ENDPOINT_SOCKET name its socket?",
-                code.name,
+                f"{call}: cannot connect to the agent{at} ({why}): {check}", code.name
             )
         if stopped_answering(details):
             return WorkloadApiUnavailableError(

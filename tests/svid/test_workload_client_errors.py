@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from svid._task_errors import translate as translate_task_error
 from svid._workload_address import ENV_SOCKET, WorkloadApiAddressError
+from svid.tasks import AsyncTaskClient, TaskClient
 from svid.workloadapi import WorkloadApiClient, WorkloadApiUnavailableError
 from tests.svid.aio_facade import FLAVORS, new_client
 from tests.tmpdirs import short_tmpdir
@@ -73,6 +77,55 @@ def test_a_hung_agent_fails_in_time_naming_the_address(sock_dir: Path, flavor: s
         hung.close()
     assert "does not answer" in message or "no answer" in message
     assert "hung" in message
+
+
+def test_a_hung_agent_s_task_call_asks_whether_it_is_hung(sock_dir: Path, flavor: str) -> None:
+    # The task clients asked whether the agent was running, as for a missing socket, where
+    # the Workload API client asks whether it is hung.
+    path = sock_dir / "agent.sock"
+    hung = socket.socket(socket.AF_UNIX)  # accepts connections (backlog), never answers
+    hung.bind(str(path))
+    hung.listen(8)
+    address = f"unix://{path}"
+
+    def begin() -> None:
+        with TaskClient(address, timeout=0.5) as client:
+            client.begin(actions=["read"], resources=["docs"])
+
+    async def abegin() -> None:
+        async with AsyncTaskClient(address, timeout=0.5) as client:
+            await client.begin(actions=["read"], resources=["docs"])
+
+    try:
+        with pytest.raises(WorkloadApiUnavailableError) as raised:
+            begin() if flavor == "sync" else asyncio.run(abegin())
+    finally:
+        hung.close()
+    message = str(raised.value)
+    assert address in message
+    assert "hung" in message
+    assert "is the SPIFFE agent running" not in message, message
+
+
+class _SilentPeer(grpc.RpcError):
+    """What gRPC raises when the socket accepted the connection and sent no HTTP/2 SETTINGS
+    within its connect timeout (20 s, past this test's patience)."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return (
+            "failed to connect to all addresses; last error: UNAVAILABLE: unix:/run/a.sock: "
+            "Connection to the peer was closed before receiving SETTINGS"
+        )
+
+
+def test_a_task_call_to_a_silent_socket_asks_whether_the_agent_is_hung() -> None:
+    message = str(translate_task_error(_SilentPeer(), "BeginTask", "unix:///run/a.sock"))
+    assert "accepts connections but does not answer" in message
+    assert "is the agent hung" in message
+    assert "is the SPIFFE agent running" not in message
 
 
 def test_address_from_the_environment_is_named(sock_dir: Path, flavor: str) -> None:
