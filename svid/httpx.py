@@ -289,6 +289,15 @@ def async_mtls_client(
 
 
 def _context_options(options: dict[str, Any]) -> dict[str, Any]:
+    # httpx ignores verify= for a transport given by hand: that client would send no SVID and
+    # check no SPIFFE ID, authorize never asked.
+    for name in ("transport", "mounts"):
+        if name in options:
+            raise TypeError(
+                f"mtls_client makes its own TLS, which a {name}= would leave out: give your "
+                "transport verify=svid.tls.client_context(source, authorize) and pass it to "
+                "httpx.Client yourself"
+            )
     # Every keyword of svid.tls.client_context: httpx.Client takes none of them.
     names = (
         "spiffe_id",

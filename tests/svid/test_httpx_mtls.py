@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -156,3 +157,14 @@ def test_mtls_clients_take_the_federated_trust_domains_their_server_is_in() -> N
 
             assert asyncio.run(fetch()) == "hello"
     assert seen.peers == [CLIENT, CLIENT]
+
+
+@pytest.mark.parametrize("make", [svid.httpx.mtls_client, svid.httpx.async_mtls_client])
+@pytest.mark.parametrize("option", ["transport", "mounts"])
+def test_a_transport_of_its_own_is_refused(world: World, make: Any, option: str) -> None:
+    # httpx ignores verify= for a transport given by hand: the client made no svid TLS, sent
+    # no SVID and checked no SPIFFE ID, and authorize was never asked.
+    transport = httpx.HTTPTransport(retries=2)
+    value = transport if option == "transport" else {"all://": transport}
+    with pytest.raises(TypeError, match="client_context"):
+        make(world.client.source, SERVER, **{option: value})
