@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from svid import X509Svid, sign_jws
 from svid._proto import revocation_pb2, revocation_pb2_grpc, workload_pb2, workload_pb2_grpc
+from svid._workload_calls import KEEPALIVE_MS
 from tests.svid.certs import Issued
 from tests.waits import wait_for
 
@@ -189,7 +190,12 @@ class Server:
         return f"unix://{self.path}"
 
     def start(self) -> Server:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        # svid's clients ping every KEEPALIVE_MS: at gRPC's default ping policy a fake that
+        # served a source longer than three pings would close its connection, as an agent did.
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=16),
+            options=[("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)],
+        )
         agent = FakeAgent(self.state)
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(agent, server)
         if self.revocations:
