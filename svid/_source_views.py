@@ -156,12 +156,14 @@ class SourceViews:
         trust domain, plus those of ``trust_domains`` (federated ones whose bundles the agent
         gives this workload), or of every trust domain it holds a bundle of with
         ``federated=True``."""
-        return X509Verifier(
+        verifier = X509Verifier(
             self._trusted(self.x509_bundle_for, trust_domains, federated),
             clock=clock or self._state.clock,
             revocations=self._state.revocations,
             **options,
         )
+        verifier._revocation_feed = self
+        return verifier
 
     def jwt_verifier(
         self,
@@ -173,12 +175,14 @@ class SourceViews:
     ) -> JwtVerifier:
         """A JwtVerifier on this source's bundles and revocations (options: leeway, cache_size,
         max_revocation_staleness); trust domains as for ``x509_verifier``."""
-        return JwtVerifier(
+        verifier = JwtVerifier(
             self._trusted(self.jwt_bundle_for, trust_domains, federated),
             clock=clock or self._state.clock,
             revocations=self._state.revocations,
             **options,
         )
+        verifier._revocation_feed = self
+        return verifier
 
     def access_token_verifier(
         self,

@@ -88,6 +88,10 @@ class _Entry(NamedTuple):
 class JwtVerifier:
     """Verifies JWT-SVIDs for one or more audiences of this service."""
 
+    # The source whose revocations feed this verifier, when one made it (its x509_verifier()
+    # / jwt_verifier()): svid.asgi given only the verifier follows its revocations from there.
+    _revocation_feed: Any = None
+
     def __init__(
         self,
         bundles: JwtBundleGetter,

@@ -420,6 +420,10 @@ class _AnchorIndex:
 class X509Verifier:
     """Verifies X.509-SVID chains (leaf first) against the bundle of the leaf's trust domain."""
 
+    # The source whose revocations feed this verifier, when one made it (its x509_verifier()
+    # / jwt_verifier()): svid.asgi given only the verifier follows its revocations from there.
+    _revocation_feed: Any = None
+
     def __init__(
         self,
         bundles: X509BundleGetter,

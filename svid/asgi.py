@@ -164,7 +164,8 @@ class SvidAuthMiddleware:
     ) -> None:
         """``source``: a WorkloadApiSource / AsyncWorkloadApiSource / X509Source (anything with
         ``jwt_verifier()``, ``x509_verifier()`` and ``on_revoked()``); its verifiers are used
-        unless you pass your own, and its revocations end open responses."""
+        unless you pass your own, and its revocations end open responses. Left out, the source
+        that made the verifiers you pass (``source.jwt_verifier(...)``) is followed instead."""
         if not audience:
             raise ValueError("an audience is required: the one this service's tokens name")
         if jwt_verifier is None and source is not None:
@@ -198,10 +199,13 @@ class SvidAuthMiddleware:
             StalenessWatch(fresh_for, self.open_requests, chain_fresh_for) if fresh_for else None
         )
         self._callers: dict[str, Caller] = {}
-        revocations = getattr(source, "revocations", None)
+        # Given only verifiers, the source that made them: without it no revocation reached
+        # the responses still open.
+        feed = source if source is not None else _feed_of(self._jwt, self._x509)
+        revocations = getattr(feed, "revocations", None)
         self._revocations = revocations if isinstance(revocations, RevocationSet) else None
         self._unsubscribe: Callable[[], None] | None = None
-        subscribe = getattr(source, "on_revoked", None)
+        subscribe = getattr(feed, "on_revoked", None)
         if subscribe is not None:
             self._unsubscribe = subscribe(self.open_requests.on_revoked)
 
@@ -401,6 +405,15 @@ class SvidAuthMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": refusal.body()})
+
+
+def _feed_of(*verifiers: JwtVerifier | X509Verifier | None) -> Any:
+    """The source whose revocations feed these verifiers, if a source made one of them."""
+    for verifier in verifiers:
+        feed = getattr(verifier, "_revocation_feed", None)
+        if feed is not None:
+            return feed
+    return None
 
 
 def _only_header(scope: Scope, name: bytes) -> str | None:

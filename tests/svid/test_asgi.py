@@ -5,17 +5,30 @@ stale revocation data."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 import svid.asgi
-from svid import MemoryBundleSource, SpiffeBundle, X509Bundle, sign_jws, tool_scope
+from svid import (
+    JwtBundle,
+    MemoryBundleSource,
+    SpiffeBundle,
+    X509Bundle,
+    der_concat,
+    sign_jws,
+    tool_scope,
+)
 from svid._clock import FakeClock
 from svid._crl import revoked_from_crls
+from svid._proto import revocation_pb2
+from svid.workloadapi import WorkloadApiSource
 from tests.svid.adapter_world import (
     AUDIENCE,
     KEY,
@@ -29,7 +42,7 @@ from tests.svid.adapter_world import (
 )
 from tests.svid.certs import make_ca
 from tests.svid.tls_pki import Pki, plain_context
-from tests.svid.workload_fake import signed_crl
+from tests.svid.workload_fake import WAIT, Server, State, signed_crl
 
 SEEN: list[svid.asgi.Caller] = []
 
@@ -191,6 +204,42 @@ def test_an_open_stream_is_ended_when_its_credential_or_task_is_revoked(
     assert len(rest) <= 5
     if kind == "jwt_id":
         assert httpx.get(streaming, headers=bearer(task_token())).status_code == 401
+
+
+def test_a_verifier_of_a_source_given_alone_ends_revoked_streams_too() -> None:
+    # Given jwt_verifier=source.jwt_verifier(...) without source=, as one does to set the
+    # verifier's max_revocation_staleness, the middleware followed no revocations: a revoked
+    # task's open stream went on, only its next request refused.
+    sock_dir = Path(tempfile.mkdtemp(prefix="asg", dir="/tmp"))  # socket paths must be short
+    state = State(
+        x509={"spiffe://example.org": der_concat([make_ca().cert])},
+        jwt={"spiffe://example.org": JwtBundle(TD, {"k1": KEY.public_key()}).to_jwks()},
+    )
+    agent = Server(state, sock_dir / "agent.sock").start()
+    try:
+        with WorkloadApiSource(agent.address) as workload:
+            assert workload.wait_ready(WAIT)
+            middleware = svid.asgi.SvidAuthMiddleware(
+                app, audience=AUDIENCE, jwt_verifier=workload.jwt_verifier()
+            )
+            with (
+                serving(middleware) as url,
+                httpx.Client(timeout=5) as client,
+                client.stream("GET", f"{url}/stream", headers=bearer(task_token())) as reply,
+            ):
+                lines = reply.iter_lines()
+                assert next(lines) == "tick"
+                state.change(revoked=[revocation_pb2.Revoked(kind="jwt_id", value="j1")])
+                give_up = time.monotonic() + WAIT
+                ended = True
+                for _ in lines:  # ends only when the server ends the response
+                    if time.monotonic() > give_up:
+                        ended = False
+                        break
+            assert ended
+    finally:
+        agent.stop()
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def test_a_revocation_of_someone_else_leaves_the_stream_open(
