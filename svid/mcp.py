@@ -279,7 +279,24 @@ class TaskAuth:
         """The server's streamable HTTP app (``server.streamable_http_app(**app_options)``)
         behind svid: verified task tokens only, each tool call checked, revoked tasks' streams
         and sessions closed."""
+        self._name_unknown_marks(server)
         return self._protected(server.streamable_http_app(**app_options), server)
+
+    def _name_unknown_marks(self, server: Any) -> None:
+        """Warn of tools marked ``require_tool`` that the server has none of: marked by its
+        function's name, a tool renamed with ``@server.tool(name=...)`` goes unchecked."""
+        if self._rule.every_tool:
+            return
+        # The SDK lists its tools only asynchronously; its manager's table is read, not changed.
+        tools = getattr(getattr(server, "_tool_manager", None), "_tools", None)
+        if not isinstance(tools, dict):
+            return
+        for name in sorted(self._required - tools.keys()):
+            log.warning(
+                "require_tool marks %r, which this server has no tool of: a tool renamed with "
+                "@server.tool(name=...) is not checked; mark it @auth.require_tool(name=...)",
+                name,
+            )
 
     def _protected(self, app: ASGIApp, server: Any) -> ASGIApp:
         # Its sessions are held in its open requests: the source's revocations and the

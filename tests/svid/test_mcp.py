@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -117,6 +118,47 @@ def test_a_tool_the_task_was_not_granted_is_403_insufficient_scope(
     assert 'scope="tool:export_customer_data"' in challenge
     assert raised.group_contains(MCPError)
     assert SEEN == []
+
+
+def _tool_call_body(tool: str) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": tool, "arguments": {}},
+    }
+
+
+def test_with_every_tool_false_a_renamed_tool_marked_by_its_function_is_named_at_protect(
+    source: RevokingSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    # @auth.require_tool marks the function's name: a tool renamed with @server.tool(name=...)
+    # went unchecked, any token for the audience calling it, and nothing said so.
+    auth = svid.mcp.TaskAuth(source, audience=AUDIENCE, every_tool=False)
+    server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
+
+    @server.tool(name="export")
+    @auth.require_tool
+    def export_customer_data() -> str:
+        return "everything"
+
+    @server.tool()
+    @auth.require_tool
+    def delete_ticket() -> str:
+        return "gone"
+
+    with caplog.at_level(logging.WARNING, logger="svid.mcp"):
+        app = auth.protect(server)
+    assert "export_customer_data" in caplog.text
+    assert "delete_ticket" not in caplog.text
+    headers = {
+        "Authorization": f"Bearer {task_token()}",  # grants read_ticket only
+        "Accept": "application/json, text/event-stream",
+    }
+    with serving(app) as url:
+        marked = httpx.post(f"{url}/mcp", json=_tool_call_body("delete_ticket"), headers=headers)
+    assert marked.status_code == 403
+    assert 'scope="tool:delete_ticket"' in marked.headers["www-authenticate"]
 
 
 def test_a_body_that_could_be_read_two_ways_is_refused(source: RevokingSource) -> None:
