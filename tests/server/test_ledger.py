@@ -5,6 +5,7 @@ and a failed commit fails every caller waiting on it and keeps nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -422,6 +423,58 @@ def test_a_batch_that_fails_inside_the_transaction_leaves_nothing(
     assert on_disk(db, ["half", "bad"]) == (0, 0)
     ledger.record([cred("next")], [event("next")])
     assert log.verify().ok
+    store.close()
+
+
+def test_a_row_a_constraint_refuses_midway_leaves_nothing_and_the_next_write_commits(
+    db: Path, clock: FakeClock
+) -> None:
+    # SQLite itself ends the transaction here (OR ROLLBACK): the store must not trip over it.
+    store = SqliteDataStore(db, clock)
+    log = AuditLog(store, clock)
+    ledger = Ledger(log)
+    no_subject = Credential("jwt_id", "bad", AGENT, None, "", EXPIRES)  # type: ignore[arg-type]
+    with pytest.raises(LedgerError, match="NOT NULL"):
+        ledger.record(
+            [cred("before"), no_subject, cred("after")],
+            [event("before"), event("bad"), event("after")],
+        )
+    assert on_disk(db, ["before", "bad", "after"]) == (0, 0)
+    ledger.record([cred("next")], [event("next")])
+    assert on_disk(db, ["next"]) == (1, 1)
+    assert log.verify().ok
+    store.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
+def test_a_group_commit_writes_no_statement_journal(db: Path, clock: FakeClock) -> None:
+    """A multi-row INSERT that may abort midway had SQLite copy each page it touched into a
+    statement journal, a temp file past 64 KiB: more pages written per commit than the WAL's."""
+    store = SqliteDataStore(db, clock)
+    ledger = Ledger(AuditLog(store, clock))
+
+    def batch(n: int) -> tuple[list[Credential], list[EventDraft]]:
+        # Subjects at random places in the by-subject index: one statement touches many pages.
+        jtis = [os.urandom(12).hex() for _ in range(n)]
+        creds = [Credential("jwt_id", j, AGENT, f"{WORKLOAD}/{j}", "", EXPIRES) for j in jtis]
+        return creds, [event(j) for j in jtis]
+
+    for _ in range(10):
+        ledger.record(*batch(300))
+    temp_files: set[str] = set()
+
+    def look() -> int:
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if "etilqs" in target:  # SQLite's temp file names
+                    temp_files.add(target)
+        return 0  # go on
+
+    store._db.conn.set_progress_handler(look, 200)
+    ledger.record(*batch(300))
+    store._db.conn.set_progress_handler(None, 0)
+    assert temp_files == set()
     store.close()
 
 
