@@ -45,7 +45,12 @@ from server.metrics import Metrics, observe_times
 from server.state import ServerState
 from svid._clock import Clock
 from svid._errors import SvidError
-from svid._limits import audience_problem
+from svid._limits import (
+    MAX_AUDIENCE_BYTES,
+    MAX_AUDIENCE_TOTAL_BYTES,
+    MAX_AUDIENCES,
+    audience_problem,
+)
 from svid._spiffe_id import SpiffeId
 
 _P = ParamSpec("_P")
@@ -598,6 +603,12 @@ class _JwtPlan:
 
 def _check_audience(audience: Sequence[str]) -> None:
     """What a JWT request's audience must be, before anything else of it is looked at."""
+    if not _plain_audience(audience):
+        _check_audience_values(audience)
+
+
+def _check_audience_values(audience: Sequence[str]) -> None:
+    """_check_audience's checks one by one, each naming what it refuses."""
     if not audience or any(not a for a in audience):
         raise InvalidRequestError("audience: at least one non-empty audience is required")
     too_big = audience_problem(audience)
@@ -613,3 +624,28 @@ def _check_audience(audience: Sequence[str]) -> None:
             raise InvalidRequestError(
                 f"audience[{index}]: looks like a JWT or a PEM block, not a relying party"
             ) from None
+
+
+def _plain_audience(audience: Sequence[str]) -> bool:
+    """True only for an audience _check_audience lets through: a few short ASCII values, none
+    holding a comma, a NUL or the start of a JWT or PEM block. Why: the checks one by one (four
+    calls and two generators per value) made half the cost of planning a batch on the event
+    loop (in-process, 3.3 to 1.6 us per JWT); here they are a few substring scans, and anything
+    else takes them one by one."""
+    if not audience or len(audience) > MAX_AUDIENCES:
+        return False
+    total = 0
+    for value in audience:
+        if (
+            type(value) is not str
+            or not value
+            or not value.isascii()
+            or len(value) > MAX_AUDIENCE_BYTES
+            or "," in value
+            or "\x00" in value
+            or "eyJ" in value
+            or "-----BEGIN" in value
+        ):
+            return False
+        total += len(value)
+    return total <= MAX_AUDIENCE_TOTAL_BYTES
