@@ -607,6 +607,19 @@ class JwtSigner:
         extra: Mapping[str, Any] | None = None,
     ) -> IssuedJwt:
         """sign() at `now` of a request check_jwt_request has passed (`sub` is its str ID)."""
+        return IssuedJwt(*self.mint_values(sub, audiences, ttl, now, extra))
+
+    def mint_values(
+        self,
+        sub: str,
+        audiences: list[str],
+        ttl: int,
+        now: int,
+        extra: Mapping[str, Any] | None = None,
+    ) -> tuple[str, str, int, int]:
+        """mint() as the IssuedJwt's (token, jti, issued_at, expires_at): what a signing worker
+        sends back, without building the frozen dataclass (four object.__setattr__ calls) only
+        to take it apart again."""
         if now >= self._not_after:
             raise CaUnavailableError("the active JWT signing key has expired")
         expires_at = min(now + ttl, self._not_after)
@@ -629,7 +642,7 @@ class JwtSigner:
                 token = self._es.sign(claims)
             else:
                 token = sign_jws(self._header, claims, self._key)
-        return IssuedJwt(token, jti, now, expires_at)  # positional: a third cheaper per token
+        return token, jti, now, expires_at
 
     def mint_access_token(
         self,

@@ -83,10 +83,12 @@ def _load_signer(kind: str, payload: Any) -> JwtSigner | X509Signer:
     )
 
 
-def _mint_one(signer: JwtSigner, now: int, request: MintRequest) -> IssuedJwt | SvidError:
+def _mint_one(
+    signer: JwtSigner, now: int, request: MintRequest
+) -> tuple[str, str, int, int] | SvidError:
     sub, audiences, ttl = request
     try:
-        return signer.mint(sub, audiences, ttl, now)
+        return signer.mint_values(sub, audiences, ttl, now)
     except SvidError as exc:  # that item's answer
         return exc
 
@@ -132,13 +134,13 @@ def _serve(conn: Connection) -> None:
         if kind == _JWT:
             drafts = _Drafts(*drafting[0]) if drafting else None
             for index, request in enumerate(requests):
-                jwt = _mint_one(signer, now, request)
-                if not isinstance(jwt, IssuedJwt):
-                    out.append(jwt)  # that item's error, as it is
+                # (token, jti, issued_at, expires_at): four plain values pickle faster than a
+                # dataclass.
+                minted = _mint_one(signer, now, request)
+                if type(minted) is not tuple:
+                    out.append(minted)  # that item's error, as it is
                     continue
-                # Four plain values pickle faster than a dataclass.
-                reply = (jwt.token, jwt.jti, jwt.issued_at, jwt.expires_at)
-                out.append(reply if drafts is None else (*reply, drafts.body(index, jwt)))
+                out.append(minted if drafts is None else (*minted, drafts.body(index, minted)))
         else:
             for request in requests:
                 svid = _issue_one(signer, now, request)
@@ -165,13 +167,16 @@ class _Drafts:
         self._owners = owners
         self._prefixes: dict[str, str | None] = {}  # by SPIFFE ID: a batch names few
 
-    def body(self, index: int, jwt: IssuedJwt) -> str | None:
+    def body(self, index: int, minted: tuple[str, str, int, int]) -> str | None:
+        """The audit body of request `index`'s JWT, from its (token, jti, issued_at,
+        expires_at)."""
         spiffe_id, audience = self._owners[index]
         if spiffe_id not in self._prefixes:
             prefix = self._records.workload_jwt_prefix(self._agent_id, spiffe_id)
             self._prefixes[spiffe_id] = prefix
-        ttl = jwt.expires_at - jwt.issued_at
-        return self._records.workload_jwt_body(self._prefixes[spiffe_id], jwt.jti, audience, ttl)
+        _, jti, issued_at, expires_at = minted
+        ttl = expires_at - issued_at
+        return self._records.workload_jwt_body(self._prefixes[spiffe_id], jti, audience, ttl)
 
 
 def spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:

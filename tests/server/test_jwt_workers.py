@@ -79,6 +79,17 @@ def test_a_worker_mints_tokens_that_verify_with_the_claims_asked_for(
     assert len(jtis) == 20
 
 
+def test_mint_values_are_a_minted_jwts_fields_as_the_plain_tuple_a_worker_sends(
+    clock: FakeClock,
+) -> None:
+    signer = _signer(clock, life=100)
+    values = signer.mint_values("spiffe://example.org/w/1", ["a", "b"], 300, NOW)
+    assert type(values) is tuple
+    claims = _claims(IssuedJwt(*values), signer)
+    assert (claims["sub"], claims["aud"]) == ("spiffe://example.org/w/1", ["a", "b"])
+    assert claims["exp"] == NOW + 100  # capped at the key, as mint caps it
+
+
 def test_exp_is_capped_at_the_key_and_an_expired_key_fails_every_item(
     workers: SigningWorkers, clock: FakeClock
 ) -> None:
