@@ -155,6 +155,7 @@ class AgentApp:
             clock=self.clock,
             channel=self.syncer.channel,
             streams=streams,
+            link=self.syncer.link,
         )
         self.api = WorkloadApi(
             self.cache,

@@ -45,6 +45,7 @@ from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient, server_not_verified
 from agent_attestor.rotation import ROTATE_AT, rotation_point
 from agent_attestor.server_identity import CheckContexts
+from agent_attestor.server_link import ServerLink
 from agent_attestor.servers import (
     Resolver,
     Server,
@@ -173,6 +174,7 @@ class Syncer:
         on_change: Callable[[str], None] | None = None,
         *,
         on_checkpoint: Callable[[PushedCheckpoint], object] | None = None,
+        link: ServerLink | None = None,
     ) -> None:
         self._s = settings
         self._store = store
@@ -231,6 +233,9 @@ class Syncer:
         self._bundle_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._bundle_save_failures = 0  # since the last save that worked
         self.connected = False
+        # What verifiers are told of it (tasks.revocations): the revocations they hold come
+        # from here, and stop coming while no Sync stream is live.
+        self.link = link if link is not None else ServerLink(clock)
         self.syncs = 0
         # Where the last Sync stream left off: a reconnect asks only for what came after. It
         # is a position in what the server sends one agent ID: `_revision_of`.
@@ -682,6 +687,7 @@ class Syncer:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self.connected = False
+            self.link.down()
 
     async def _offer_checkpoint(self, pushed: PushedCheckpoint) -> None:
         """checkpoint_store.CheckpointStore.offer, which refuses rather than raises; anything it
@@ -743,6 +749,7 @@ class Syncer:
                 self._servers.connected()
                 log.info("Sync stream up", extra={"server": self.server})
             self.connected = True
+            self.link.up()
             self.syncs += 1
             self._on_change("sync")
         raise ConnectionError("server ended the Sync stream")

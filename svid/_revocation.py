@@ -186,6 +186,15 @@ class RevocationSet:
         self.updated_at = now
         self._current_until = math.inf
 
+    def feed_behind(self, now: float, mono: float, behind: float) -> None:
+        """A full-state update arrived on a live feed at ``now`` (wall clock) and ``mono``
+        (monotonic clock), from a source that was ``behind`` seconds out of date when it sent
+        it (an agent cut off from its server): staleness grows on from ``behind``."""
+        self.updated_at = now
+        # The count first: a reading between the two sees the state before or the new count.
+        self._lost = ElapsedCount(mono, now, start=behind, slack=READING_GAP)
+        self._current_until = mono
+
     def feed_lost(self, mono: float | None, wall: float | None = None) -> None:
         """The feed broke at ``mono`` (monotonic clock; None: it has never delivered), and
         ``wall`` (wall clock, if given): staleness grows from then."""

@@ -148,7 +148,13 @@ class SourceState:
             self._live[stream] = self.clock.now()
             self.errors.pop(stream, None)
         if stream == self._revocation_feed():
-            self.revocations.feed_delivered(self.clock.now())
+            # A live stream from an agent cut off from its server (behind > 0) brings a list
+            # as old as the agent says, and no revocation made at the server meanwhile.
+            behind = update.behind if stream == REVOCATIONS.name else 0.0
+            if behind > 0:
+                self.revocations.feed_behind(self.clock.now(), self.clock.monotonic(), behind)
+            else:
+                self.revocations.feed_delivered(self.clock.now())
 
     def failed(self, stream: str, exc: Exception | None) -> bool:
         """``stream`` broke (``exc`` None: it ended); True when it should not be opened again.

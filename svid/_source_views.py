@@ -68,8 +68,10 @@ class SourceViews:
         return self._state.revocations.updated_at
 
     def revocation_staleness(self) -> float:
-        """Seconds since the revocation data was last known complete (0 while its stream is up,
-        inf before it ever delivered); what ``max_revocation_staleness`` is compared with."""
+        """Seconds since the revocation data was last known complete (0 while its stream is up
+        and the agent in sync with its server; while the agent says it is not, how long it has
+        not been; inf before it ever delivered); what ``max_revocation_staleness`` is compared
+        with."""
         clock = self._state.clock
         return self._state.revocations.staleness(clock.monotonic(), clock.now())
 

@@ -62,6 +62,9 @@ class RevocationsUpdate:
     items: tuple[Revoked, ...]
     crls: tuple[bytes, ...]
     version: int
+    # Seconds the agent had been out of sync with its server when it sent this (0: in sync,
+    # or an agent that does not say): the list is at least that old.
+    behind: float = 0.0
 
 
 def bad_response(call: str, exc: SvidError) -> WorkloadApiError:
@@ -109,7 +112,8 @@ def revocations_from(msg: revocation_pb2.RevocationList) -> RevocationsUpdate:
         Revoked(r.kind, r.value, float(r.expires_at) if r.expires_at else float("inf"), r.spiffe_id)
         for r in msg.items
     )
-    return RevocationsUpdate(items, tuple(msg.crl), msg.version)
+    behind = max(0, msg.out_of_sync_ms) / 1000.0
+    return RevocationsUpdate(items, tuple(msg.crl), msg.version, behind)
 
 
 def converted(call: str, convert: Callable[[Any], T], msg: Any) -> T:

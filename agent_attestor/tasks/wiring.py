@@ -13,6 +13,7 @@ import grpc
 from agent_attestor.cache import Cache
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.peer import CallerRegistry
+from agent_attestor.server_link import ServerLink
 from agent_attestor.stream_budget import StreamBudget
 from agent_attestor.tasks.api import TasksApi
 from agent_attestor.tasks.client import GrpcTaskClient
@@ -53,13 +54,15 @@ def build_task_layer(
     channel: Callable[[], grpc.aio.Channel],
     streams: StreamBudget,
     expiries: Expiries | None = None,
+    link: ServerLink | None = None,
 ) -> AgentTaskLayer:
     """`channel()` returns the current mTLS channel to the server (the agent SVID's);
-    `streams` is the Workload API's, as a uid's streams count together across services."""
+    `streams` is the Workload API's, as a uid's streams count together across services; `link`,
+    the agent's link to the server, whose loss the revocation stream tells verifiers of."""
     client = GrpcTaskClient(channel)
     return AgentTaskLayer(
         tasks=TasksApi(cache, registry, client, jwts),
-        revocations=RevocationsApi(cache, registry, streams, expiries),
+        revocations=RevocationsApi(cache, registry, streams, expiries, link),
         reporter=ValidationReporter(client.report, clock),
         cache=cache,
         jwts=jwts,

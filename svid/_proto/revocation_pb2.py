@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10revocation.proto\x12\x12svid.revocation.v1\"\x0e\n\x0cWatchRequest\"M\n\x07Revoked\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\"Z\n\x0eRevocationList\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.svid.revocation.v1.Revoked\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0b\n\x03\x63rl\x18\x03 \x03(\x0c\x32^\n\x0bRevocations\x12O\n\x05Watch\x12 .svid.revocation.v1.WatchRequest\x1a\".svid.revocation.v1.RevocationList0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10revocation.proto\x12\x12svid.revocation.v1\"\x0e\n\x0cWatchRequest\"M\n\x07Revoked\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\"r\n\x0eRevocationList\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.svid.revocation.v1.Revoked\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0b\n\x03\x63rl\x18\x03 \x03(\x0c\x12\x16\n\x0eout_of_sync_ms\x18\x04 \x01(\x03\x32^\n\x0bRevocations\x12O\n\x05Watch\x12 .svid.revocation.v1.WatchRequest\x1a\".svid.revocation.v1.RevocationList0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,7 +37,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKED']._serialized_start=56
   _globals['_REVOKED']._serialized_end=133
   _globals['_REVOCATIONLIST']._serialized_start=135
-  _globals['_REVOCATIONLIST']._serialized_end=225
-  _globals['_REVOCATIONS']._serialized_start=227
-  _globals['_REVOCATIONS']._serialized_end=321
+  _globals['_REVOCATIONLIST']._serialized_end=249
+  _globals['_REVOCATIONS']._serialized_start=251
+  _globals['_REVOCATIONS']._serialized_end=345
 # @@protoc_insertion_point(module_scope)

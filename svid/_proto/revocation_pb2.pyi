@@ -24,11 +24,13 @@ class Revoked(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., value: _Optional[str] = ..., expires_at: _Optional[int] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
 
 class RevocationList(_message.Message):
-    __slots__ = ("items", "version", "crl")
+    __slots__ = ("items", "version", "crl", "out_of_sync_ms")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CRL_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_SYNC_MS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[Revoked]
     version: int
     crl: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, items: _Optional[_Iterable[_Union[Revoked, _Mapping]]] = ..., version: _Optional[int] = ..., crl: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    out_of_sync_ms: int
+    def __init__(self, items: _Optional[_Iterable[_Union[Revoked, _Mapping]]] = ..., version: _Optional[int] = ..., crl: _Optional[_Iterable[bytes]] = ..., out_of_sync_ms: _Optional[int] = ...) -> None: ...
