@@ -69,8 +69,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, separators=(",", ":"))
 
 
+def _one_line(text: str) -> str:
+    """`text` with each character that is not printable (a newline, a carriage return, an
+    escape) written as its Python escape (`\\n`, `\\x1b`): a message or field carries the
+    caller's words (an audience, a path, an error naming them), and a newline among them wrote a
+    line of the caller's own, a forged record, into the text log."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class TextFormatter(logging.Formatter):
-    """`<time> <level> <logger>: <msg> key=value ...`, then the traceback if there is one."""
+    """`<time> <level> <logger>: <msg> key=value ...` on one line, then the traceback if there
+    is one, each of its lines indented: a line that starts with a time starts a record, and
+    nothing a caller says (escaped on the first line, indented in a traceback's) starts one."""
 
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
@@ -80,8 +92,10 @@ class TextFormatter(logging.Formatter):
         )
         if extras:
             line = f"{line} {extras}"
+        line = _one_line(line)
         if record.exc_info:
-            line = f"{line}\n{self.formatException(record.exc_info)}"
+            trace = self.formatException(record.exc_info).split("\n")
+            line = "\n".join([line, *(f"  {_one_line(part)}" for part in trace)])
         return line
 
 

@@ -86,3 +86,44 @@ def test_unix_times_as_numbers_only_touches_times() -> None:
         "items": [{"created_at": -1, "at": "x"}],
         "n": 3,
     }
+
+
+FORGED = "2026-12-07T11:50:00.000Z info    svid.server.admin: entry deleted entry_id=FORGED"
+
+
+@pytest.mark.usefixtures("restore_loggers")
+@pytest.mark.parametrize(
+    ("configure", "logger"),
+    [(server_logs.configure, "svid.server.test"), (agent_logs.configure, "agent_attestor.test")],
+)
+def test_text_log_lines_keep_a_callers_newlines_and_escapes_on_their_own_line(
+    configure: Configure, logger: str
+) -> None:
+    """A denied mint's reason names the audience the workload asked for (any text but NUL):
+    its newline wrote FORGED as a record of its own into the server's text log."""
+    stream = io.StringIO()
+    configure("text", "info", stream)
+    said = f"evil\n{FORGED}\r\x1b[2K"
+    logging.getLogger(logger).info(
+        "task request denied: %s", f"audience {said}", extra={"reason": said}
+    )
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(f"reason=evil\\n{FORGED}\\r\\x1b[2K"), lines[0]
+
+
+@pytest.mark.usefixtures("restore_loggers")
+def test_a_tracebacks_lines_start_no_record_of_their_own() -> None:
+    """An error's message holding a newline (the caller's words) wrote the rest as a line of
+    its own, at the start of a line as a record is."""
+    stream = io.StringIO()
+    server_logs.configure("text", "info", stream)
+    try:
+        raise ValueError(f"bad audience evil\n{FORGED}")
+    except ValueError:
+        logging.getLogger("svid.server.test").exception("handler failed")
+    first, *rest = stream.getvalue().splitlines()
+    assert first.endswith("svid.server.test: handler failed"), first
+    assert rest, "the traceback is kept"
+    assert all(line.startswith(" ") for line in rest), rest
+    assert any(line.strip() == FORGED for line in rest), rest
