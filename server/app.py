@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from cryptography import x509
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
 from server import admin_socket
 from server.admin_api import AdminServicer
@@ -82,6 +82,7 @@ from server.tls import ServerTls
 from svid._clock import Clock, SystemClock
 from svid._daemon_config import listening
 from svid._descriptors import raise_descriptor_limit
+from svid._health import HealthServicer
 from svid._proto import admin_pb2_grpc, node_pb2_grpc
 from svid._unix_socket import grpc_unix_target
 from svid._waits import set_within
@@ -194,8 +195,10 @@ class Server:
         self._stop = asyncio.Event()
         self._node_server: grpc.aio.Server | None = None
         self._admin_server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
-        self._admin_health = health.aio.HealthServicer()
+        # svid's, not grpcio's: a Watch that grants no window (anyone on the attest port)
+        # held grpcio's lock, and with it every status change and the stop.
+        self._health = HealthServicer()
+        self._admin_health = HealthServicer()
         self._metrics_http: MetricsHttpServer | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._jwt_executor: ThreadPoolExecutor | None = None
@@ -619,6 +622,11 @@ class Server:
                 # As a URI, like the CLI's target: "%" (or "?", "#") in the path stays itself.
                 lambda: admin_server.add_insecure_port(grpc_unix_target(cfg.admin_socket)),
             )
+        # Until it serves, a probe hears NOT_SERVING (grpcio's said SERVING for "" from the start).
+        for service in ("", NODE_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", ADMIN_SERVICE):
+            await self._admin_health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._node_server.start()
         await self._admin_server.start()
         admin_socket.lock_down(cfg.admin_socket)
