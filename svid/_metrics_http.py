@@ -3,7 +3,9 @@ serve their own metrics, in their own words, through this one small threaded HTT
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,14 +14,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 # its request is read: without a bound, idle connections held threads without limit.
 READ_TIMEOUT = 10.0
 
+_log = logging.getLogger(__name__)
 
-class _Ipv6HttpServer(ThreadingHTTPServer):
+
+class _HttpServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A connection its client reset or left (a probe that gave up, a scanner): its own
+        doing, and nothing to say; socketserver printed its traceback to stderr, ~1.3 KB past
+        the daemon's log and its format, as fast as anyone reaching the port closed
+        connections. Anything else is a fault of ours, logged."""
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        _log.exception("the metrics endpoint failed to answer a request")
+
+
+class _Ipv6HttpServer(_HttpServer):
     address_family = socket.AF_INET6
 
 
 class MetricsEndpoint:
     """GET /metrics: what `render` returns, as `content_type`; GET /healthz: 200 `ok` while
-    `healthy()`, else 503 with `unhealthy`; anything else 404. Nothing is logged."""
+    `healthy()`, else 503 with `unhealthy`; anything else 404. Requests are not logged."""
 
     def __init__(
         self,
@@ -71,7 +86,7 @@ class MetricsEndpoint:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        server_class = _Ipv6HttpServer if ":" in host else ThreadingHTTPServer
+        server_class = _Ipv6HttpServer if ":" in host else _HttpServer
         self._httpd = server_class((host, int(port)), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
