@@ -28,6 +28,7 @@ from agent_attestor.watchers import Watch
 from svid._clock import Clock
 from svid._errors import SpiffeIdError, VerificationError
 from svid._limits import audience_problem
+from svid._log_throttle import KeyedThrottles
 from svid._proto import workload_pb2, workload_pb2_grpc
 from svid._spiffe_id import SpiffeId
 
@@ -93,6 +94,10 @@ class SvidDemand(Protocol):
 # message usually carries every identity and a partial one is only the fallback.
 FIRST_MESSAGE_WAIT = 5.0
 PARTIAL_WAIT = 0.5
+# Seconds between "could not mint" lines of one kind of failure: each workload's miss while the
+# server is away failed alike, and its line (~600 bytes) was written for every one, 100 a
+# second per uid (its mint budget) for as long as a workload asked.
+MINT_FAILURE_LOG_INTERVAL = 30.0
 
 
 class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
@@ -124,6 +129,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         self._clock = clock
         self._validator = CacheJwtValidator(cache, clock)
         self._answers = JwtAnswers(jwts, answer_bytes)
+        self._mint_failures = KeyedThrottles(MINT_FAILURE_LOG_INTERVAL, clock)
 
     # ---- shared checks -------------------------------------------------------------------
 
@@ -379,7 +385,12 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         except BadRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:
-            log.warning("could not mint a JWT-SVID", extra={"error": str(exc)})
+            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+            times = self._mint_failures.due((type(exc), code))
+            if times:
+                log.warning(
+                    "could not mint a JWT-SVID", extra={"error": str(exc)[:300], "times": times}
+                )
             await context.abort(grpc.StatusCode.UNAVAILABLE, "could not mint a JWT-SVID")
         raise AssertionError("abort() raises")  # pragma: no cover
 
