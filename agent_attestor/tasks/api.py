@@ -26,7 +26,9 @@ from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.model import TASK_PATH, Entry
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.tasks.client import TaskClient
+from svid._clock import Clock, SystemClock
 from svid._limits import intent_problem, principal_problem
+from svid._log_throttle import KeyedThrottles
 from svid._proto import task_pb2, task_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ _ANSWER_MARGIN = 0.25
 # usually) so that the workload can fetch its SVIDs as soon as it has the answer.
 ENTRY_WAIT = 5.0
 MAX_GOAL = 64 * 1024  # bytes, UTF-8
+# Seconds between lines of one kind of failure to reach the server: each workload's task call
+# while the server was away wrote its own, as fast as any local workload called (nothing
+# budgets a call the server never answers).
+SERVER_FAILURE_LOG_INTERVAL = 30.0
 # Server answers a workload may see as they are; anything else is the agent's problem.
 _PASS_THROUGH = frozenset(
     {
@@ -74,7 +80,9 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         jwts: JwtCache,
         *,
         entry_wait: float = ENTRY_WAIT,
+        clock: Clock | None = None,
     ) -> None:
+        self._server_failures = KeyedThrottles(SERVER_FAILURE_LOG_INTERVAL, clock or SystemClock())
         self._cache = cache
         self._registry = registry
         self._client = client
@@ -127,7 +135,11 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         try:
             return await asyncio.wait_for(call, budget)
         except TimeoutError:
-            log.warning("task request to the server timed out", extra={"after": budget})
+            times = self._server_failures.due("timed out")
+            if times:
+                log.warning(
+                    "task request to the server timed out", extra={"after": budget, "times": times}
+                )
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "svid-server did not answer the agent in time; retry, and if it persists check "
@@ -144,7 +156,12 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _PASS_THROUGH:
                 await context.abort(exc.code(), exc.details() or "refused by the server")
-            log.warning("task request to the server failed", extra={"code": exc.code().name})
+            times = self._server_failures.due(exc.code())
+            if times:
+                log.warning(
+                    "task request to the server failed",
+                    extra={"code": exc.code().name, "times": times},
+                )
             if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 why = "svid-server did not answer the agent in time"
             else:

@@ -61,7 +61,7 @@ def build_task_layer(
     the agent's link to the server, whose loss the revocation stream tells verifiers of."""
     client = GrpcTaskClient(channel)
     return AgentTaskLayer(
-        tasks=TasksApi(cache, registry, client, jwts),
+        tasks=TasksApi(cache, registry, client, jwts, clock=clock),
         revocations=RevocationsApi(cache, registry, streams, expiries, link),
         reporter=ValidationReporter(client.report, clock),
         cache=cache,
