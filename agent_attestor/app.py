@@ -201,6 +201,9 @@ class AgentApp:
         self.metrics.entries.set_function(lambda: self.cache.counts()[0])
         self.metrics.connections.set_function(lambda: len(self.registry))
         self.metrics.server_connected.set_function(lambda: int(self.syncer.connected))
+        self.metrics.svid_expiry.set_function(
+            lambda: 0 if (svid := self.syncer.agent_svid) is None else svid.not_after
+        )
         self.metrics.checkpoint_events.set_function(
             lambda: 0 if self.checkpoints.held is None else self.checkpoints.held.count
         )

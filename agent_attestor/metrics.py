@@ -27,6 +27,13 @@ class Metrics:
         self.connections = Gauge(
             "svid_agent_workload_connections", "open workload connections", registry=self.registry
         )
+        # What an alert on "renewal has failed for too long" needs: past this time the agent
+        # is no one to its server, and only a new attestation (a new join token) brings it back.
+        self.svid_expiry = Gauge(
+            "svid_agent_svid_expiry_timestamp_seconds",
+            "when the agent SVID in use expires, Unix seconds (0: none held)",
+            registry=self.registry,
+        )
         self.server_connected = Gauge(
             "svid_agent_server_connected", "1 while the Sync stream is up", registry=self.registry
         )

@@ -17,6 +17,7 @@ import grpc
 import pytest
 from spiffe import X509Source
 
+from svid._der import parse_der_certs
 from svid._proto import workload_pb2
 from tests.e2e.agent_process import HEADER, AgentProcess, agent_ids, agent_stack, create_entry
 from tests.e2e.conftest import (
@@ -218,6 +219,14 @@ def test_metrics_and_health_endpoint(stack: tuple[ServerProcess, AgentProcess]) 
     body = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
     assert "svid_agent_server_connected 1.0" in body
     assert "svid_agent_workload_connections" in body
+    # When the agent SVID runs out: what an alert on renewals failing for too long reads.
+    svid = parse_der_certs((agent.data_dir / "agent_svid.der").read_bytes())[0]
+    expiry = [
+        float(line.split()[1])
+        for line in body.splitlines()
+        if line.startswith("svid_agent_svid_expiry_timestamp_seconds ")
+    ]
+    assert expiry == [svid.not_valid_after_utc.timestamp()], body
 
 
 def test_a_metrics_port_in_use_is_a_configuration_error_before_anything_starts(
