@@ -30,10 +30,15 @@ import grpc
 
 from agent_attestor.tasks.reported import ReportedValidations, report_key
 from svid._clock import Clock
+from svid._log_throttle import KeyedThrottles
 from svid._proto import task_pb2
 
 log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 0.5
+# Seconds between "cannot report" lines of one kind of failure: a batch waiting for a server
+# that is away is tried again every FLUSH_INTERVAL, and each try wrote a line (7,200 an hour
+# after any local process had one token validated).
+FAILURE_LOG_INTERVAL = 60.0
 MAX_QUEUED = 10_000
 MAX_BATCH = 1000
 # Reports of refused tokens carry up to 2,048 characters of several claims each: 1,000 of them
@@ -52,6 +57,7 @@ class ValidationReporter:
         self._accepted: deque[task_pb2.Validation] = deque()
         self._refused: deque[task_pb2.Validation] = deque()
         self._reported = ReportedValidations(clock)
+        self._failures = KeyedThrottles(FAILURE_LOG_INTERVAL, clock)
         self.dropped = 0
         self.sent = 0
         self.repeated = 0
@@ -136,14 +142,22 @@ class ValidationReporter:
                 log.warning("server refused a validation report; dropped it")
                 return True
             self._put_back(batch)
-            log.warning("cannot report validations to the server", extra={"error": exc.code().name})
+            self._failed(exc.code(), exc.code().name)
             return False
         except Exception as exc:
             self._put_back(batch)
-            log.warning("cannot report validations to the server", extra={"error": str(exc)})
+            self._failed(type(exc), str(exc))
             return False
         self.sent += len(batch)
         return True
+
+    def _failed(self, kind: object, error: str) -> None:
+        times = self._failures.due(kind)
+        if times:
+            log.warning(
+                "cannot report validations to the server",
+                extra={"error": error, "times": times, "pending": self.pending},
+            )
 
     def _put_back(self, batch: list[task_pb2.Validation]) -> None:
         """Return a batch that was not sent to the front of its queues (oldest first), for the

@@ -1,0 +1,71 @@
+"""What the agent's log says while validation reports cannot reach the server: the reporter
+tries again at every flush, and a server away for an hour is 7,200 of them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from agent_attestor.tasks.reporter import FAILURE_LOG_INTERVAL, FLUSH_INTERVAL, ValidationReporter
+from svid._clock import FakeClock
+from svid._proto import task_pb2
+
+MESSAGE = "cannot report validations to the server"
+
+
+async def _unreachable(request: task_pb2.ReportValidationsRequest) -> object:
+    raise grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        "failed to connect to all addresses",
+    )
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == MESSAGE:
+            self.records.append(record)
+
+
+@pytest.fixture
+def said() -> Iterator[_Lines]:
+    logger = logging.getLogger("agent_attestor.tasks.reporter")
+    lines, level = _Lines(), logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+
+
+def test_reports_held_back_are_said_once_an_interval_not_at_every_flush(said: _Lines) -> None:
+    """Fails on main: each flush (every 0.5 s) wrote the warning for as long as the server was
+    away, after any local process had one token validated."""
+    clock = FakeClock()
+    reporter = ValidationReporter(_unreachable, clock)
+    reporter.report(subject="spiffe://example.org/w", audience=["a"], ok=False, reason="bad")
+    flushes = int(FAILURE_LOG_INTERVAL / FLUSH_INTERVAL)
+
+    async def server_away() -> None:
+        for _ in range(flushes):
+            await reporter.flush()
+            clock.advance(FLUSH_INTERVAL)
+        await reporter.flush()
+
+    asyncio.run(server_away())
+    assert [(getattr(r, "times", None), getattr(r, "pending", None)) for r in said.records] == [
+        (1, 1),
+        (flushes, 1),
+    ]
+    assert reporter.pending == 1  # kept for the server's return
