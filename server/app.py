@@ -200,6 +200,7 @@ class Server:
         self._health = HealthServicer()
         self._admin_health = HealthServicer()
         self._metrics_http: MetricsHttpServer | None = None
+        self._view_stale = False  # what the node service's health follows (view_freshness)
         self._executor: ThreadPoolExecutor | None = None
         self._jwt_executor: ThreadPoolExecutor | None = None
         self._workers: SigningWorkers | None = None
@@ -444,7 +445,11 @@ class Server:
         if cfg.metrics_address:
             # First: an address it cannot listen on is the operator's to fix, before anything
             # else starts (its /healthz says 503 until the server serves).
-            self._metrics_http = MetricsHttpServer(self.metrics, lambda: self._serving)
+            # As the node service's gRPC health: a server whose view of a shared datastore is
+            # stale (Sync refused) is not one to send agents to, whichever probe asks.
+            self._metrics_http = MetricsHttpServer(
+                self.metrics, lambda: self._serving and not self._view_stale
+            )
             with listening("metrics_address", cfg.metrics_address, ConfigError):
                 metrics_address = self._metrics_http.start(cfg.metrics_address)
         await asyncio.to_thread(self._build_core)
@@ -725,6 +730,7 @@ class Server:
     async def _node_health_follows(self, stale: bool) -> None:
         # A load balancer checking the node service's health sends no agent to a server whose
         # view is stale (Sync refuses them there) and sends them again once it reads the feed.
+        self._view_stale = stale
         status = health_pb2.HealthCheckResponse
         for service in ("", NODE_SERVICE):
             await self._health.set(service, status.NOT_SERVING if stale else status.SERVING)
