@@ -24,6 +24,7 @@ from server.attestation.x509pop import X509PopAttestor
 from server.audit.checkpoint import CHECKPOINT_FILE, KEY_DIR, CheckpointFile, CheckpointSigner
 from server.audit.retention import DAY, RetentionPolicy
 from server.audit.rollback import Rollback, accept_rollback, find_rollback, refuse_rollback
+from server.ca.errors import CaUnavailableError
 from server.ca.keys import KeyStore
 from server.ca.loop_workers import LoopSigningWorkers
 from server.ca.manager import CaConfig, CaManager, default_holder
@@ -356,6 +357,10 @@ class Server:
             interval=cfg.audit_prune_interval,
         )
         self.tls = ServerTls(self.ca, self.clock, cfg.server_svid_ttl)
+        self.metrics.x509_ca_expiry.set_function(self._x509_ca_expiry)
+        self.metrics.svid_expiry.set_function(
+            lambda: chain[0].not_valid_after_utc.timestamp() if (chain := self.tls.chain) else 0
+        )
         self._apply_bundle()
         self.tls.renew()
 
@@ -726,6 +731,13 @@ class Server:
             address, self.tls.credentials(require_client_auth=require_client_auth)
         )
         return port
+
+    def _x509_ca_expiry(self) -> float:
+        try:
+            ca = self.ca.x509_signer().ca_certificate
+        except CaUnavailableError:
+            return 0
+        return ca.not_valid_after_utc.timestamp()
 
     async def _node_health_follows(self, stale: bool) -> None:
         # A load balancer checking the node service's health sends no agent to a server whose

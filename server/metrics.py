@@ -106,6 +106,20 @@ class Metrics:
             ["listener"],
             registry=self.registry,
         )
+        # What an alert on rotation or renewal stalling needs (both renew long before these):
+        # past the first, nothing this server signs verifies; past the second, no agent
+        # reaches it.
+        self.x509_ca_expiry = Gauge(
+            "svid_server_x509_ca_expiry_timestamp_seconds",
+            "When the X.509 CA this server signs with expires, Unix seconds (0: none yet)",
+            registry=self.registry,
+        )
+        self.svid_expiry = Gauge(
+            "svid_server_svid_expiry_timestamp_seconds",
+            "When the server's own SVID (its node API certificate) expires, Unix seconds "
+            "(0: none yet)",
+            registry=self.registry,
+        )
         self.sync_streams = Gauge(
             "svid_server_sync_streams", "Open agent Sync streams", registry=self.registry
         )

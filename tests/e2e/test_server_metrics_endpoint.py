@@ -1,16 +1,18 @@
-"""The daemons' /metrics and /healthz endpoint, against clients that reset their connections
-(a probe that gave up, a scanner): what the daemon says of them on stderr."""
+"""The server's /metrics and /healthz endpoint: what it says of clients that reset their
+connections (a probe that gave up, a scanner), and what an SRE alerts on."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import socket
+import ssl
 import struct
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from cryptography import x509
 
 from tests.e2e.conftest import ServerProcess, make_server
 from tests.tmpdirs import short_tmpdir
@@ -61,3 +63,34 @@ def test_connections_reset_by_their_clients_write_nothing_past_the_log(
         json.loads(line)  # every line is the daemon's log (log_format json)
     with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=5) as answer:
         assert answer.read() == b"ok\n"
+
+
+def _metric(body: str, name: str) -> float:
+    values = [float(line.split()[1]) for line in body.splitlines() if line.startswith(f"{name} ")]
+    assert len(values) == 1, body
+    return values[0]
+
+
+def test_the_ca_and_server_svid_expiries_are_metrics(server_with_metrics: ServerProcess) -> None:
+    """Fails on main: no metric said when the signing CA or the server's own SVID runs out, so
+    a rotation or renewal stalled (failing and retrying) was seen only once they had."""
+    server = server_with_metrics
+    with urllib.request.urlopen(
+        f"http://{server.runtime['metrics_address']}/metrics", timeout=5
+    ) as answer:
+        body = answer.read().decode()
+    ca = x509.load_pem_x509_certificate(server.bundle_pem().encode())  # self-signed: the one
+    assert _metric(body, "svid_server_x509_ca_expiry_timestamp_seconds") == (
+        ca.not_valid_after_utc.timestamp()
+    )
+    host, _, port = server.runtime["attest_address"].rpartition(":")
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE  # only its certificate is wanted
+    with tls.wrap_socket(socket.create_connection((host, int(port)), timeout=5)) as conn:
+        der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    served = x509.load_der_x509_certificate(der)
+    assert _metric(body, "svid_server_svid_expiry_timestamp_seconds") == (
+        served.not_valid_after_utc.timestamp()
+    )
