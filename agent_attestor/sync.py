@@ -229,6 +229,8 @@ class Syncer:
         self._not_ours_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._attest_refused_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._attest_limited_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
+        # A server away is retried every reconnect_max seconds at most, for as long as it is.
+        self._unreachable_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         # A full disk refuses the bundle at every Sync message that carries one.
         self._bundle_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._bundle_save_failures = 0  # since the last save that worked
@@ -748,6 +750,8 @@ class Syncer:
             if not self.connected:
                 self._servers.connected()
                 log.info("Sync stream up", extra={"server": self.server})
+                # The next outage is news: its first failure said at once.
+                self._unreachable_log = LogThrottle(OPERATOR_LOG_INTERVAL, self._clock)
             self.connected = True
             self.link.up()
             self.syncs += 1
@@ -916,10 +920,12 @@ class Syncer:
                 self._unverified(str(exc))
                 await self._after_failure(failure_code(exc), "server not verified")
             except (AttestationError, ConnectionError, OSError) as exc:
-                log.warning(
-                    "cannot reach or attest to the server",
-                    extra={"server": self.server, "error": str(exc)},
-                )
+                times = self._unreachable_log.due()
+                if times:
+                    log.warning(
+                        "cannot reach or attest to the server",
+                        extra={"server": self.server, "error": str(exc)[:300], "times": times},
+                    )
                 await self._after_failure(failure_code(exc), str(exc) or type(exc).__name__)
             self._on_change("disconnected")
             if self._clock.monotonic() - started > 30:

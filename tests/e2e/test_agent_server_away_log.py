@@ -1,0 +1,64 @@
+"""An agent whose server is away retries every reconnect_max seconds at most, for as long as it
+is away: its log says so at the first failure, then once per interval with how many failed
+since, not at every attempt (an hour's outage was ~700 lines of it, each the same)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import pytest
+
+from agent_attestor import sync
+from agent_attestor.sync import OPERATOR_LOG_INTERVAL
+from svid._clock import FakeClock
+from tests.e2e.agent_process import new_token
+from tests.e2e.attestation_retries import EACH_TIME, in_process_syncer, until
+from tests.e2e.conftest import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_server_away_is_said_at_once_then_once_an_interval(
+    server_process: ServerProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fails on main: each failed attempt wrote its own line."""
+    clock = FakeClock()
+    syncer = in_process_syncer(
+        server_process, tmp_path, clock, join_token=new_token(server_process)
+    )
+    server_process.stop()  # its ports now refuse every connection
+    failures = 0
+    real_backoff = sync.backoff_delay
+
+    def counted(*args: float) -> float:  # called once after each failed attempt
+        nonlocal failures
+        failures += 1
+        return real_backoff(*args)
+
+    monkeypatch.setattr(sync, "backoff_delay", counted)
+
+    def said() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if EACH_TIME in r.getMessage()]
+
+    async def scenario() -> None:
+        task = asyncio.create_task(syncer.run())
+        try:
+            await until(lambda: failures >= 6, "six failed attempts")
+            assert [getattr(r, "times", None) for r in said()] == [1]
+            clock.advance(OPERATOR_LOG_INTERVAL)
+            await until(lambda: len(said()) == 2, "the reminder")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await syncer.close()
+
+    with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    assert getattr(said()[-1], "times", 0) >= 5  # each failure since the first, counted
