@@ -19,6 +19,7 @@ from agent_attestor.schedule import DueHeap
 from agent_attestor.signer import SvidSigner
 from svid._backoff import Retry
 from svid._clock import Clock, ElapsedClock, format_utc
+from svid._log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ MAX_BATCH = 500
 # Renewals come due one by one; waiting this long after one lets the next few join its batch (a
 # CSR batch and a thread hop per SVID would cost more than the minting). 0.1 % of a 5 min TTL.
 BATCH_WINDOW = 0.3
+# Seconds between "SVID issuance failed" lines while issuance keeps failing (the server away):
+# each retry, every retry_max seconds at most, wrote its own.
+FAILURE_LOG_INTERVAL = 300.0
 
 
 def should_rotate(
@@ -107,6 +111,7 @@ class Rotator:
         self._cap = max_prefetched
         self._batch_window = batch_window
         self._failures = 0
+        self._failure_log = LogThrottle(FAILURE_LOG_INTERVAL, clock)
         self._wake = asyncio.Event()
         self._renew = DueHeap()  # entry id -> rotation point of its SVID
         self._expire = DueHeap()  # entry id -> NotAfter of its SVID
@@ -280,10 +285,17 @@ class Rotator:
                         queue.setdefault(eid, None)
                 self._failures += 1
                 delay: float = min(self._retry_max, self._retry_min * 2.0 ** (self._failures - 1))
-                log.warning(
-                    "SVID issuance failed; will retry",
-                    extra={"entries": len(due) - start, "retry_in": delay, "error": str(exc)},
-                )
+                times = self._failure_log.due()
+                if times:
+                    log.warning(
+                        "SVID issuance failed; will retry",
+                        extra={
+                            "entries": len(due) - start,
+                            "retry_in": delay,
+                            "error": str(exc)[:300],
+                            "times": times,
+                        },
+                    )
                 return delay
             finally:
                 self._in_flight = set()
@@ -292,10 +304,15 @@ class Rotator:
                 # A workload started waiting while a long backlog (a restart) is minted: it
                 # goes next, the backlog after it.
                 self._pending = {**dict.fromkeys(rest), **self._pending}
-                self._failures = 0
+                self._issued_again()
                 return 0.0
-        self._failures = 0
+        self._issued_again()
         return self.next_due_in()
+
+    def _issued_again(self) -> None:
+        if self._failures:
+            self._failures = 0
+            self._failure_log = LogThrottle(FAILURE_LOG_INTERVAL, self._clock)  # next: news
 
     async def _issue(self, entry_ids: Sequence[str]) -> None:
         """Mint and install SVIDs for `entry_ids`."""

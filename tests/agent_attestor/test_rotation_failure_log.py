@@ -1,0 +1,67 @@
+"""What the agent's log says while X.509-SVID issuance keeps failing (the server away): the
+rotator retries every retry_max seconds at most, for as long as it fails."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from agent_attestor.rotation import FAILURE_LOG_INTERVAL
+from tests.agent_attestor.harness import Harness
+
+MESSAGE = "SVID issuance failed; will retry"
+RETRIES = 8
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == MESSAGE:
+            self.records.append(record)
+
+
+@pytest.fixture
+def said() -> Iterator[_Lines]:
+    logger = logging.getLogger("agent_attestor.rotation")
+    lines, level = _Lines(), logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+
+
+def test_failed_issuance_is_said_at_once_then_once_an_interval(said: _Lines) -> None:
+    """Fails on main: each retry wrote its own line, ~360 an hour of the server's absence."""
+    harness = Harness()
+    try:
+        harness.signer.fail = True
+        harness.add_entry("/w", issue=False)
+
+        def retry() -> None:
+            delay = harness.lt.run(harness.rotator.tick())
+            assert delay is not None
+            harness.clock.advance(delay)
+
+        for _ in range(RETRIES):
+            retry()
+        assert [getattr(r, "times", None) for r in said.records] == [1]
+        harness.clock.advance(FAILURE_LOG_INTERVAL)
+        retry()
+        assert [getattr(r, "times", None) for r in said.records] == [1, RETRIES]
+        harness.signer.fail = False
+        retry()  # issued: the next failure is news, said at once
+        assert harness.rotator.issued_total == 1
+        harness.signer.fail = True
+        harness.add_entry("/v", issue=False)
+        retry()
+        assert [getattr(r, "times", None) for r in said.records] == [1, RETRIES, 1]
+    finally:
+        harness.close()
