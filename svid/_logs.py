@@ -79,13 +79,24 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _field(value: object) -> str:
+    """A field's value as it follows `key=`: bare where it is one word, else quoted as a JSON
+    string, so a value with a space and `key=value` in it (an audience in a denial's reason)
+    cannot read as a field of its own after it."""
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' "='):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
 class TextFormatter(logging.Formatter):
-    """`<time> <level> <logger>: <msg> key=value ...` on one line, then the traceback if there
-    is one, each of its lines indented: a line that starts with a time starts a record, and
-    nothing a caller says (escaped on the first line, indented in a traceback's) starts one."""
+    """`<time> <level> <logger>: <msg> key=value ...` on one line (a value with a space or `=`
+    quoted), then the traceback if there is one, each of its lines indented: a line that starts
+    with a time starts a record, and nothing a caller says (escaped on the first line, indented
+    in a traceback's) starts one."""
 
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        extras = " ".join(f"{k}={_field(v)}" for k, v in _extras(record).items())
         line = (
             f"{format_utc(record.created, millis=True)} {record.levelname.lower():7} "
             f"{record.name}: {record.getMessage()}"

@@ -109,7 +109,26 @@ def test_text_log_lines_keep_a_callers_newlines_and_escapes_on_their_own_line(
     )
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].endswith(f"reason=evil\\n{FORGED}\\r\\x1b[2K"), lines[0]
+    assert f"audience evil\\n{FORGED}\\r\\x1b[2K reason=" in lines[0], lines[0]
+    assert lines[0].endswith(f"reason={json.dumps(said)}"), lines[0]
+
+
+@pytest.mark.usefixtures("restore_loggers")
+def test_a_text_field_with_spaces_is_quoted_so_none_follows_it_but_its_own() -> None:
+    """A denial's reason names the audience asked for: "x agent_id=spiffe://..." in it wrote a
+    second agent_id field after the one the server gave, and a reader took the other agent's."""
+    stream = io.StringIO()
+    server_logs.configure("text", "info", stream)
+    reason = 'audience x agent_id=spiffe://example.org/other "y" is not among the resources'
+    logging.getLogger("svid.server.test").info(
+        "task request denied",
+        extra={"agent_id": "spiffe://example.org/bot", "reason": reason, "count": 3, "flag": ""},
+    )
+    line = stream.getvalue().rstrip("\n")
+    assert line.endswith(
+        f"task request denied agent_id=spiffe://example.org/bot reason={json.dumps(reason)} "
+        'count=3 flag=""'
+    ), line
 
 
 @pytest.mark.usefixtures("restore_loggers")
