@@ -350,6 +350,13 @@ def _failure(exc: BaseException) -> Hashable:
     )
 
 
+def outage_lines_due(exc: BaseException, where: str) -> int:
+    """For an outage met outside a gRPC handler (the OAuth listener's requests): how many
+    failures the line to log now for `where` stands for (0: none now), once per interval for
+    each failure, as a handler's are."""
+    return _outages.due((where, _failure(exc)))
+
+
 def _report(exc: BaseException, hook: ErrorHook | None) -> tuple[grpc.StatusCode, str]:
     code, message = status_for(exc)
     rule = rule_for(exc)

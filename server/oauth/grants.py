@@ -56,6 +56,7 @@ from server.oauth.errors import (
 )
 from server.oauth.replay import ReplayGuard
 from server.refusal_budget import RefusalBudget
+from server.status import outage_lines_due
 from server.tasks.model import TASK_PATH, Task, is_task_id
 from svid._clock import Clock
 from svid._errors import JwtSvidError, VerificationError
@@ -658,7 +659,12 @@ class Grants:
                 raise exc from None
             if assertion is not None:
                 self._replay.release(assertion)
-            _log.exception("OAuth token not recorded: refused")
+            # Each request refused alike while the ledger is down: its traceback once an
+            # interval (the ledger's own line says the outage), not one a request.
+            if times := outage_lines_due(failed, "oauth token"):
+                _log.error(
+                    "OAuth token not recorded: refused", exc_info=True, extra={"times": times}
+                )
             raise UnavailableError("the audit log cannot be written") from None
 
     def _commit(
@@ -705,8 +711,14 @@ class Grants:
             except JtiHeldError:  # used up already, elsewhere: the refusal is still recorded
                 if events:
                     self._commit([], events, None)
-        except (AuditError, LedgerError):  # AuditError: the reason looked like a credential
-            _log.exception("an OAuth refusal could not be audited")
+        except (
+            AuditError,
+            LedgerError,
+        ) as failed:  # AuditError: the reason looked like a credential
+            if times := outage_lines_due(failed, "oauth refusal"):
+                _log.error(
+                    "an OAuth refusal could not be audited", exc_info=True, extra={"times": times}
+                )
 
 
 def _audiences_named(token: str) -> tuple[str, ...]:
