@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from asyncio import current_task
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol, cast
@@ -67,6 +68,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 CallerAuthorizer = Callable[[Caller], bool]
+
+log = logging.getLogger("svid.asgi")
 
 CALLER = "svid.caller"  # the scope key of the verified Caller
 DEFAULT_MAX_BODY = 1 << 20  # what a body-reading scope rule buffers at most
@@ -254,6 +257,15 @@ class SvidAuthMiddleware:
                 why = refusal(authorize, caller)
             except VerificationError as exc:
                 raise _RefusedError(not_authorised(f"caller {caller.spiffe_id}: {exc}")) from None
+            except Exception as exc:
+                # Refused as svid.tls refuses such a peer: let out, it became the server's 500
+                # (a traceback per request of any caller it trips on; debug servers show the
+                # caller that traceback). Its words may be private: only the log has them.
+                log.error(
+                    "caller %s refused: its authorizer raised", caller.spiffe_id, exc_info=True
+                )
+                why = f"refused: its authorizer raised {type(exc).__name__}"
+                raise _RefusedError(not_authorised(f"caller {caller.spiffe_id} {why}")) from None
             if why is not None:
                 raise _RefusedError(not_authorised(f"caller {caller.spiffe_id} {why}"))
 

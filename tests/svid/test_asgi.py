@@ -5,6 +5,7 @@ stale revocation data."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import tempfile
 import time
@@ -151,6 +152,27 @@ def test_an_authorizer_admits_only_by_returning_true(
     assert reply.status_code == 403
     assert says in reply.headers["www-authenticate"]
     assert SEEN == []
+
+
+def _raises(caller: svid.asgi.Caller) -> bool:
+    raise KeyError(f"no grant of {caller.spiffe_id}")
+
+
+def test_an_authorizer_that_raises_refuses_the_caller_403_and_logs_why(
+    source: RevokingSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its exception went out of the middleware: the server answered 500 and logged "Exception
+    # in ASGI application", where svid.tls refuses the peer and the README says it refuses.
+    caplog.set_level(logging.ERROR, logger="svid.asgi")
+    with serve(source, authorize=_raises) as url:
+        reply = httpx.get(url, headers=bearer(workload_token()))
+    assert reply.status_code == 403
+    assert "its authorizer raised KeyError" in reply.headers["www-authenticate"]
+    assert "no grant of" not in reply.text  # the exception's own words stay in the log
+    assert SEEN == []
+    [record] = [r for r in caplog.records if r.name == "svid.asgi"]
+    assert record.exc_info is not None
+    assert record.exc_info[0] is KeyError
 
 
 def test_a_missing_scope_is_403_insufficient_scope_naming_the_scope_to_ask_for(
