@@ -1,10 +1,12 @@
-"""Private keys: generation by configured type, and owner-only PKCS#8 files on disk."""
+"""Private keys: generation by configured type, and owner-only PKCS#8 files on disk, each with
+the public record of its slot beside it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -23,6 +25,9 @@ KEY_TYPES = (EC_P256, EC_P384, RSA_2048)
 DEFAULT_KEY_TYPE = EC_P256
 
 _SLOT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Beside each key file: its slot as journaled (server/ca/adoption.py), public, so a datastore
+# restored from before the key was made can journal it again.
+RECORD_SUFFIX = ".slot.json"
 
 
 def generate_key(key_type: str = DEFAULT_KEY_TYPE) -> PrivateKey:
@@ -72,6 +77,39 @@ class KeyStore:
             raise KeyStoreError(f"slot id {slot_id!r} is not a plain name ([A-Za-z0-9_-])")
         return self._dir / f"{slot_id}.pem"
 
+    def record_path(self, slot_id: str) -> Path:
+        self.path(slot_id)  # the same check of the name
+        return self._dir / f"{slot_id}{RECORD_SUFFIX}"
+
+    def save_record(self, slot_id: str, record: bytes) -> None:
+        """Write the public record of a slot, whole or not at all (as `save`). Saved before
+        the key: a key file is never left without its record by a crash."""
+        target = self.record_path(slot_id)
+        tmp = target.with_name(target.name + ".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, record)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        self._sync_dir()
+
+    def load_record(self, slot_id: str) -> bytes | None:
+        """A slot's public record, when it and the key file are this server's own: regular
+        files (no links), owned by this user, writable by no one else. None otherwise."""
+        uid = os.geteuid()
+        for path in (self.path(slot_id), self.record_path(slot_id)):
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                return None
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != uid or info.st_mode & 0o022:
+                return None
+        return self.record_path(slot_id).read_bytes()
+
     def save(self, slot_id: str, key: PrivateKey) -> Path:
         target = self.path(slot_id)
         pem = key.private_bytes(
@@ -114,6 +152,7 @@ class KeyStore:
 
     def delete(self, slot_id: str) -> None:
         self.path(slot_id).unlink(missing_ok=True)
+        self.record_path(slot_id).unlink(missing_ok=True)
 
     def slot_ids(self) -> list[str]:
         return sorted(p.stem for p in self._dir.glob("*.pem"))
@@ -121,9 +160,13 @@ class KeyStore:
     def remove_unfinished(self) -> None:
         """Delete the temporary files of saves a crash cut short: each holds a private key
         no slot names (the rename had not happened), and no later save of a new slot id
-        would ever replace it."""
+        would ever replace it; and the records of keys never saved."""
         for path in self._dir.glob("*.tmp"):
             path.unlink(missing_ok=True)
+        # A record is saved before its key: one alone is of a save cut short before the key.
+        for path in self._dir.glob(f"*{RECORD_SUFFIX}"):
+            if not (self._dir / f"{path.name.removesuffix(RECORD_SUFFIX)}.pem").exists():
+                path.unlink(missing_ok=True)
 
     def _sync_dir(self) -> None:
         fd = os.open(self._dir, os.O_RDONLY)

@@ -9,8 +9,10 @@ tick drops anyway. Any other journaled slot without its key file means the data_
 one the CA was made in (or its keys were lost): the server refuses to start rather than replace
 the trust domain's CA, and it never deletes a key file the journal does not name (a key of
 another datastore's CA looks just like the orphan of a cut-short save; only the temporary file
-of a save a crash cut short is removed). A restart always publishes a fresh bundle sequence,
-because a crash may have landed between a slot change and its sequence bump.
+of a save a crash cut short is removed); one whose public record ties it to this journal, a
+key made after the backup a restored datastore came from, is journaled again (`adoption`). A
+restart always publishes a fresh bundle sequence, because a crash may have landed between a
+slot change and its sequence bump.
 
 Shared keys (a key-encryption key given): several servers of one trust domain share ONE CA and
 ONE JWT key set, so the bundle and the JWKS hold at most three keys of each kind however many
@@ -40,6 +42,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from server.ca import rotation
+from server.ca.adoption import (
+    LINEAGE_DEPTH,
+    KeyRecord,
+    decode_record,
+    encode_record,
+    matches_key,
+    plan_adoption,
+)
 from server.ca.authority import UpstreamCa, build_ca_certificate, load_upstream
 from server.ca.custody import FileCustody, KeyCustody, SealedCustody
 from server.ca.errors import CaConfigError, CaUnavailableError, KeyStoreError, SealedKeyError
@@ -207,6 +217,7 @@ class CaManager:
         with self._lock:
             self._check_trust_domain()
             if self._kek is None:
+                self._adopt_unjournaled_keys()
                 self._check_key_files()
                 self._apply_schedule()
                 self._publish(self._ds.next_bundle_sequence())
@@ -575,8 +586,10 @@ class CaManager:
                 not_after=now + cfg.jwt_key_ttl,
                 created_at=now,
             )
-        slot = self._custody.keep(slot, key)
+        if self._kek is None:
+            self._keys.save_record(slot_id, encode_record(slot, self._lineage(kind)))
         try:
+            slot = self._custody.keep(slot, key)
             self._ds.save_key_slot(slot)
         except BaseException:
             self._custody.forget(slot_id)  # never journaled: the file would be an orphan
@@ -618,6 +631,59 @@ class CaManager:
         for slot in self._keyless_slots():
             self._refuse_or_warn_keyless(slot)
         self._report_unknown_key_files()
+
+    def _lineage(self, kind: str) -> list[str]:
+        """The slots a key made now descends from, newest first: those journaled now and,
+        from their records, theirs, so a restored journal whose slots were all dropped since
+        its backup still links to the keys made after it (bounded: a backup older than
+        LINEAGE_DEPTH rotations takes no key back)."""
+        slots = sorted(self._ds.list_key_slots(kind), key=lambda s: -s.created_at)
+        lineage = [slot.slot_id for slot in slots]
+        for slot in slots:
+            data = self._keys.load_record(slot.slot_id)
+            record = decode_record(slot.slot_id, data) if data is not None else None
+            if record is not None:
+                lineage.extend(s for s in record.lineage if s not in lineage)
+        return lineage[:LINEAGE_DEPTH]
+
+    def _adopt_unjournaled_keys(self) -> None:
+        """Journal again the key files a datastore restored from before their making lacks
+        (server/ca/adoption.py says which, and why no others)."""
+        journal = {kind: self._ds.list_key_slots(kind) for kind in (X509_KIND, JWT_KIND)}
+        named = {slot.slot_id for slots in journal.values() for slot in slots}
+        records: dict[str, list[KeyRecord]] = {X509_KIND: [], JWT_KIND: []}
+        for slot_id in self._keys.slot_ids():
+            if slot_id in named:
+                continue
+            record = self._checked_record(slot_id)
+            if record is not None and record.slot.kind in records:
+                records[record.slot.kind].append(record)
+        now = self._clock.now()
+        for kind, slots in journal.items():
+            for slot in plan_adoption(now, slots, records[kind]):
+                self._ds.save_key_slot(slot)
+                _log.warning(
+                    "key the datastore did not journal taken back from its files (a datastore "
+                    "restored from before its making)",
+                    extra={"kind": kind, "slot_id": slot.slot_id, "status": slot.status},
+                )
+
+    def _checked_record(self, slot_id: str) -> KeyRecord | None:
+        try:
+            data = self._keys.load_record(slot_id)
+            record = decode_record(slot_id, data) if data is not None else None
+            if record is None:
+                return None
+            key = self._keys.load(slot_id)
+        except (KeyStoreError, OSError):
+            return None
+        if not matches_key(record.slot, key, self.trust_domain, self._upstream):
+            _log.warning(
+                "key file whose record does not match it, or not one this CA made: not used",
+                extra={"slot_id": slot_id, "path": str(self._keys.record_path(slot_id))},
+            )
+            return None
+        return record
 
     def _keyless_slots(self) -> list[KeySlot]:
         """Journaled slots with no sealed key and no key file here, but for those the schedule

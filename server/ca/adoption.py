@@ -1,0 +1,148 @@
+"""Taking back keys a restored datastore does not journal.
+
+A lone server writes each new key's slot, as it journals it, to a public record beside the key
+file, naming the slots of its kind the journal held then and their own lineage (the key's
+lineage, newest first, bounded). A datastore put
+back from a backup taken before a key was made lacks its slot; without it the server made a new
+CA at once and every agent, trusting the lost one, failed TLS with it. With the record the slot
+is journaled again: the key goes on as it would have.
+
+What is taken back, and why no more: a key whose record is the server's own (key file and
+record owned by it, writable by no one else), whose certificate (X.509) or public key (JWT)
+matches the private key, an X.509 one signed by the configured upstream CA or by itself and
+naming this trust domain; made after the datastore's newest slot of its kind, from the journal
+the datastore holds (its lineage names a journaled slot, or a key taken back before it: the
+keys of another datastore sharing this data_dir descend from none of its slots); and still
+valid now. A datastore with no slot of a kind takes none back: that is a new start
+(`--new-datastore`), not a restore. The newest key taken back waits as the prepared one and the
+schedule activates it when it would have been (at once, when the key before it is past its
+rotation point), so the restore never makes a key of its own. One before it comes back active
+while its successor's activation time is still to come, retired once past: as the schedule had
+them, so a key retired after the backup is never made to sign again; retired, it stays in the
+bundle until it expires for the SVIDs it signed, and signs only its CRLs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from server.ca.authority import UpstreamCa
+from server.ca.keys import PrivateKey, PublicKey, spki_der
+from server.ca.rotation import activate_at
+from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
+from svid import MAX_CLOCK_SKEW
+from svid._jose import public_key_thumbprint_kid
+from svid._spiffe_id import TrustDomain
+from svid._x509 import spiffe_id_from_cert
+
+_VERSION = 1
+# How many ancestors a record names: 32 days of keys at the default ca_ttl (one every 12 h).
+LINEAGE_DEPTH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A key file's slot as journaled at its making (status left empty), and its lineage."""
+
+    slot: KeySlot
+    lineage: frozenset[str]
+
+
+def encode_record(slot: KeySlot, lineage: Sequence[str]) -> bytes:
+    return json.dumps(
+        {
+            "version": _VERSION,
+            "slot_id": slot.slot_id,
+            "kind": slot.kind,
+            "public_der": base64.b64encode(slot.public_der).decode(),
+            "kid": slot.kid,
+            "not_before": slot.not_before,
+            "not_after": slot.not_after,
+            "created_at": slot.created_at,
+            "lineage": list(lineage),
+        },
+        indent=1,
+    ).encode()
+
+
+def decode_record(slot_id: str, data: bytes) -> KeyRecord | None:
+    """The record of `slot_id`'s key file; None when it is not one this release wrote for it."""
+    try:
+        doc = json.loads(data)
+        if doc["version"] != _VERSION or doc["slot_id"] != slot_id:
+            return None
+        slot = KeySlot(
+            slot_id=slot_id,
+            kind=str(doc["kind"]),
+            status="",
+            public_der=base64.b64decode(doc["public_der"], validate=True),
+            kid=str(doc["kid"]),
+            not_before=int(doc["not_before"]),
+            not_after=int(doc["not_after"]),
+            created_at=int(doc["created_at"]),
+        )
+        return KeyRecord(slot, frozenset(str(s) for s in doc["lineage"]))
+    except (ValueError, KeyError, TypeError):  # json and base64 errors are ValueErrors
+        return None
+
+
+def matches_key(
+    slot: KeySlot, key: PrivateKey, trust_domain: TrustDomain, upstream: UpstreamCa | None
+) -> bool:
+    """Whether `slot` is one this server would have made for `key`."""
+    public: PublicKey = key.public_key()
+    if slot.kind == JWT_KIND:
+        return slot.public_der == spki_der(public) and slot.kid == public_key_thumbprint_kid(public)
+    if slot.kind != X509_KIND:
+        return False
+    try:
+        cert = x509.load_der_x509_certificate(slot.public_der)
+        issuer = upstream.cert if upstream is not None else cert
+        cert.verify_directly_issued_by(issuer)
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        named = spiffe_id_from_cert(cert).trust_domain
+    except (ValueError, TypeError, IndexError, InvalidSignature, x509.ExtensionNotFound):
+        return False
+    cert_public: PublicKey = cert.public_key()  # type: ignore[assignment]
+    return (
+        ca
+        and named == trust_domain
+        and spki_der(cert_public) == spki_der(public)
+        and slot.kid == ski.digest.hex()
+        and slot.not_before == int(cert.not_valid_before_utc.timestamp())
+        and slot.not_after == int(cert.not_valid_after_utc.timestamp())
+    )
+
+
+def plan_adoption(
+    now: float, journal: Sequence[KeySlot], records: Sequence[KeyRecord]
+) -> list[KeySlot]:
+    """The slots of one kind to journal again, with their status, oldest first: `records` are
+    the checked records of key files of that kind the journal does not name."""
+    if not journal:
+        return []
+    known = {slot.slot_id for slot in journal}
+    newest = max(slot.created_at for slot in journal)
+    taken: list[KeySlot] = []
+    for record in sorted(records, key=lambda r: (r.slot.created_at, r.slot.slot_id)):
+        slot = record.slot
+        if slot.created_at < newest or not record.lineage & known:
+            continue
+        known.add(slot.slot_id)  # an expired key still links its successors to the journal
+        if now < slot.not_after and slot.not_before <= now + MAX_CLOCK_SKEW:
+            taken.append(slot)
+    # A key with a successor was retired when the schedule activated that one; until then it
+    # was the active key and its successor the prepared one.
+    return [
+        replace(
+            slot, status=ACTIVE if now < activate_at(slot.not_before, slot.not_after) else RETIRED
+        )
+        for slot in taken[:-1]
+    ] + [replace(slot, status=PREPARED) for slot in taken[-1:]]

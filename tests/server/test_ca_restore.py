@@ -1,0 +1,261 @@
+"""The CA manager on a SQLite datastore put back from a backup older than the keys in use: it
+takes those keys back (their files and records), rather than make a CA no agent trusts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.ca.keys import KeyStore
+from server.ca.manager import CaConfig, CaManager
+from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND
+from server.datastore.sqlite import SqliteDataStore
+from svid._clock import FakeClock
+from svid._spiffe_id import SpiffeId
+from tests.server.conftest import TRUST_DOMAIN, openssl_verify
+from tests.server.test_ca_manager import _ca_cert, _write
+
+WORKLOAD = SpiffeId.parse("spiffe://example.org/web")
+
+
+@dataclass
+class Site:
+    """A lone server's datastore file and keys, and the means to back it up and restore it."""
+
+    path: Path
+    keys: KeyStore
+    clock: FakeClock
+    store: SqliteDataStore
+
+    def manager(self, config: CaConfig | None = None) -> CaManager:
+        config = config or CaConfig(TRUST_DOMAIN)
+        manager = CaManager(config, self.store, self.keys, self.clock)
+        manager.initialize()
+        return manager
+
+    def backup(self) -> Path:
+        copy = self.path.with_name("backup.sqlite3")
+        with closing(sqlite3.connect(self.path)) as src, closing(sqlite3.connect(copy)) as dst:
+            src.backup(dst)
+        return copy
+
+    def restore(self, copy: Path) -> None:
+        self.store.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        shutil.copyfile(copy, self.path)
+        self.store = SqliteDataStore(self.path, self.clock)
+
+
+@pytest.fixture
+def site(tmp_path: Path, clock: FakeClock) -> Iterator[Site]:
+    path = tmp_path / "datastore.sqlite3"
+    site = Site(path, KeyStore(tmp_path / "keys"), clock, SqliteDataStore(path, clock))
+    yield site
+    site.store.close()
+
+
+def _rotate_until(manager: CaManager, clock: FakeClock, made_since: int, newest: str) -> None:
+    """Tick the schedule until `made_since` X.509 keys were made after now, the newest of them
+    `newest` (prepared, or active with its predecessors retired or dropped)."""
+    before = {slot.slot_id for slot in manager.key_slots(X509_KIND)}
+    made: set[str] = set()  # dropped ones too
+    while True:
+        new = [s for s in manager.key_slots(X509_KIND) if s.slot_id not in before]
+        made.update(s.slot_id for s in new)
+        if len(made) >= made_since and new[-1].status == newest:
+            return
+        clock.set(manager.next_rotation_check())
+        manager.rotate()
+
+
+def _leaf(manager: CaManager) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return manager.x509_signer().sign_svid(key.public_key(), WORKLOAD, 300)[0]
+
+
+def test_a_datastore_restored_from_before_the_ca_key_in_use_takes_that_key_back(
+    site: Site, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The backup journals only the first CA; the key in use was made (and activated) after
+    it. Restored, the server signed with a new CA at once, and every agent holding the bundle
+    of the key in use failed TLS with it. It must sign on with the key in use."""
+    first = site.manager()
+    copy = site.backup()
+    _rotate_until(first, clock, made_since=1, newest=ACTIVE)
+    in_use = first.x509_signer().ca_certificate
+    jwt_kid = first.jwt_signer().kid
+    agent_leaf = _leaf(first)  # an agent's SVID, checked against the bundle it holds
+    key_files = site.keys.slot_ids()
+
+    site.restore(copy)
+    again = site.manager()
+    assert again.x509_signer().ca_certificate == in_use
+    assert again.jwt_signer().kid == jwt_kid
+    assert site.keys.slot_ids() == key_files  # no key of its own made
+    held = first.bundle().x509_authorities
+    served = openssl_verify(tmp_path, _leaf(again), held, at=clock.now())
+    assert served.returncode == 0, served.stderr  # the agents' bundle verifies what it signs
+    kept = openssl_verify(tmp_path, agent_leaf, again.bundle().x509_authorities, at=clock.now())
+    assert kept.returncode == 0, kept.stderr  # and its bundle what the agents hold
+    statuses = {s.slot_id: s.status for s in site.store.list_key_slots(X509_KIND)}
+    assert sorted(statuses.values()) == [ACTIVE, RETIRED]
+
+
+def test_keys_made_two_rotations_after_the_backup_come_back_retired_and_active(
+    site: Site, clock: FakeClock
+) -> None:
+    """The first CA of the backup expired meanwhile; of the two keys made since, the older,
+    retired since, comes back retired (in the bundle for the SVIDs it signed, signing no
+    more), the newer active."""
+    first = site.manager()
+    copy = site.backup()
+    _rotate_until(first, clock, made_since=2, newest=ACTIVE)
+    in_use = first.x509_signer().ca_certificate
+    bundle = set(first.bundle().x509_authorities)
+    journal = {k: {s.slot_id: s.status for s in first.key_slots(k)} for k in (X509_KIND, JWT_KIND)}
+
+    site.restore(copy)
+    again = site.manager()
+    assert again.x509_signer().ca_certificate == in_use
+    assert set(again.bundle().x509_authorities) == bundle
+    restored = {k: {s.slot_id: s.status for s in again.key_slots(k)} for k in journal}
+    assert restored == journal
+    assert RETIRED in journal[X509_KIND].values()
+
+
+def test_a_key_restored_before_its_activation_waits_for_its_time(
+    site: Site, clock: FakeClock
+) -> None:
+    """A backup taken before the next key was prepared, restored while it still waits: the
+    restored server must not prepare another (the agents already hold this one)."""
+    first = site.manager()
+    copy = site.backup()
+    _rotate_until(first, clock, made_since=1, newest=PREPARED)
+    prepared = {s.slot_id for s in first.key_slots(X509_KIND)}
+
+    site.restore(copy)
+    again = site.manager()
+    assert {s.slot_id for s in again.key_slots(X509_KIND)} == prepared
+    assert again.bundle().x509_authorities == first.bundle().x509_authorities
+
+
+def test_key_files_of_another_journal_are_not_taken(
+    site: Site, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A data_dir that also served another datastore holds that CA's keys, made later than
+    this journal's newest but from none of its slots: they stay files, unused."""
+    site.manager()
+    other_path = tmp_path / "other.sqlite3"
+    clock.advance(60)
+    with closing(SqliteDataStore(other_path, clock)) as other:
+        CaManager(CaConfig(TRUST_DOMAIN), other, site.keys, clock).initialize()
+    files = site.keys.slot_ids()
+    journal = site.store.list_key_slots(X509_KIND)
+    site.manager()
+    assert site.store.list_key_slots(X509_KIND) == journal
+    assert site.keys.slot_ids() == files
+
+
+@pytest.mark.parametrize("tamper", ["other key", "group-writable record", "no record"])
+def test_a_key_file_not_matching_its_record_as_made_is_not_taken(
+    site: Site, clock: FakeClock, tamper: str
+) -> None:
+    """A key file put in keys/ becomes no CA: its record must be this server's own file, and
+    name the certificate of that very key."""
+    first = site.manager()
+    copy = site.backup()
+    _rotate_until(first, clock, made_since=1, newest=ACTIVE)
+    new = first.x509_signer()
+    slot_id = next(s.slot_id for s in first.key_slots(X509_KIND) if s.status == ACTIVE)
+    if tamper == "other key":
+        site.keys.save(slot_id, ec.generate_private_key(ec.SECP256R1()))
+    elif tamper == "group-writable record":
+        os.chmod(site.keys.record_path(slot_id), 0o664)
+    else:
+        site.keys.record_path(slot_id).unlink()
+
+    site.restore(copy)
+    again = site.manager()
+    assert again.x509_signer().ca_certificate != new.ca_certificate
+    assert slot_id not in {s.slot_id for s in site.store.list_key_slots(X509_KIND)}
+    assert site.keys.exists(slot_id)  # kept, as any key file no slot names
+
+
+def test_an_emptied_datastore_takes_no_key_back(site: Site, clock: FakeClock) -> None:
+    """No slot at all is a new start (`--new-datastore`), not a restore: a new CA."""
+    first = site.manager()
+    old = first.x509_signer().ca_certificate
+    site.store.delete_key_slots(
+        [s.slot_id for k in (X509_KIND, JWT_KIND) for s in first.key_slots(k)]
+    )
+    again = site.manager()
+    assert again.x509_signer().ca_certificate != old
+
+
+def test_a_dropped_key_takes_its_record_with_it(site: Site, clock: FakeClock) -> None:
+    first = site.manager()
+    old = [s.slot_id for s in first.key_slots(X509_KIND)]
+    _rotate_until(first, clock, made_since=2, newest=ACTIVE)
+    assert not any(site.keys.record_path(slot_id).exists() for slot_id in old)
+    live = [s.slot_id for k in (X509_KIND, JWT_KIND) for s in first.key_slots(k)]
+    assert all(site.keys.record_path(slot_id).exists() for slot_id in live)
+
+
+def test_a_record_whose_key_save_was_cut_short_is_removed(site: Site) -> None:
+    site.manager()
+    site.keys.save_record("cut", b"{}")  # a crash came before the key file
+    site.manager()
+    assert not site.keys.record_path("cut").exists()
+
+
+def test_keys_made_after_every_slot_of_the_backup_was_dropped_still_come_back(
+    site: Site, clock: FakeClock
+) -> None:
+    """Four keys made since the backup, and the first two expired and went with their files:
+    the two left were made when no slot of the backup's journal was left. Their records still
+    name it (through their predecessors'), and the key in use comes back."""
+    first = site.manager()
+    copy = site.backup()
+    backed_up = {s.slot_id for s in first.key_slots(X509_KIND)}
+    _rotate_until(first, clock, made_since=4, newest=ACTIVE)
+    assert not backed_up & set(site.keys.slot_ids())
+    in_use = first.x509_signer().ca_certificate
+
+    site.restore(copy)
+    assert site.manager().x509_signer().ca_certificate == in_use
+
+
+@pytest.mark.parametrize("same_upstream", [True, False])
+def test_under_an_upstream_ca_only_a_key_it_certified_comes_back(
+    site: Site, clock: FakeClock, tmp_path: Path, same_upstream: bool
+) -> None:
+    """Under an upstream CA the agents trust its root alone: a key comes back when the
+    upstream now configured signed its certificate, never one another CA did."""
+
+    def upstream(name: str) -> CaConfig:
+        key = ec.generate_private_key(ec.SECP256R1())
+        root = _ca_cert(name, key, None, start=clock.now(), days=365)
+        files = tmp_path / name
+        files.mkdir()
+        cert_path, key_path = _write(files, [root], key)
+        return CaConfig(TRUST_DOMAIN, upstream_cert=cert_path, upstream_key=key_path)
+
+    config = upstream("root-a")
+    first = site.manager(config)
+    copy = site.backup()
+    _rotate_until(first, clock, made_since=1, newest=ACTIVE)
+    in_use = first.x509_signer().ca_certificate
+
+    site.restore(copy)
+    again = site.manager(config if same_upstream else upstream("root-b"))
+    assert (again.x509_signer().ca_certificate == in_use) is same_upstream
