@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import secrets
+import select
 import socket
 import stat
 import threading
@@ -46,6 +47,8 @@ READ_BUFFER = 256 * 1024  # asyncio's own read size
 ACCEPT_BATCH = 64
 ACCEPT_RETRY_DELAY = 0.1  # seconds; asyncio's server waits 1 s
 PUBLIC_DIR_MODE = 0o755  # for directories the relay makes: any local process may connect
+# A workload that closed its end (or shut down its writing): nothing it sends can come any more.
+_PEER_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +163,9 @@ class _Pipe(asyncio.BufferedProtocol):
 class _Link:
     """A relayed connection: the workload side, the internal side, and the registry entry."""
 
-    def __init__(self, relay: WorkloadRelay, uid: int) -> None:
+    def __init__(self, relay: WorkloadRelay, uid: int, conn: socket.socket) -> None:
         self.relay = relay
+        self.conn = conn  # the workload's end; its transport closes this very object
         self.outer: _Pipe = _Outer(self)
         self.inner = _Pipe(self)
         self.outer.partner = self.inner
@@ -171,6 +175,16 @@ class _Link:
         self.eofs = 0
 
     def side_closed(self) -> None:
+        self.release()
+
+    def evict(self) -> None:
+        """Close both sides now and stop counting the connection, without waiting for the
+        internal server to answer the workload's hang-up."""
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)
+        for side in (self.outer, self.inner):
+            if side.transport is not None:
+                side.transport.abort()
         self.release()
 
     def forget(self) -> None:
@@ -184,6 +198,11 @@ class _Link:
         self.forget()
         if self.uid is not None:
             self.relay.admission.release(self.uid)
+            held = self.relay.links_of.get(self.uid)
+            if held is not None:
+                held.discard(self)
+                if not held:
+                    del self.relay.links_of[self.uid]
             self.uid = None
         self.relay.links.discard(self)
 
@@ -208,6 +227,7 @@ class WorkloadRelay:
         self.settings = settings or RelaySettings()
         self.clock = clock or SystemClock()
         self.links: set[_Link] = set()
+        self.links_of: dict[int, set[_Link]] = {}  # the admitted links, by uid
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
         self.pool = IdentifyPool(self.settings.identify_threads, self.settings.identify_per_uid)
         self._caller_log = caller_log(self.clock)
@@ -298,15 +318,43 @@ class WorkloadRelay:
             except OSError:
                 conn.close()
                 continue
+            if self.admission.decide(uid) is not None:
+                self._reap_gone(uid)
             if not self.admission.admit(uid):
                 conn.close()
                 continue
             conn.setblocking(False)
-            link = _Link(self, uid)
+            link = _Link(self, uid, conn)
             self.links.add(link)
+            self.links_of.setdefault(uid, set()).add(link)
             task = asyncio.get_running_loop().create_task(self._serve(link, conn, uid))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _reap_gone(self, uid: int) -> None:
+        """Stop counting `uid`'s connections whose workload end is already closed.
+
+        The relay counts a connection until both its sides have closed, and the internal
+        server's side closes only after it has read the workload's hang-up. After a pause of
+        the agent (SIGSTOP, a stalled host) each workload whose keepalive ping went unanswered
+        closed its connection and opened a new one, and the new ones sat in the listen backlog
+        next to the hang-ups of the old: accepted first, they were refused at the uid's
+        maximum for connections that were already dead. Only `uid`'s own connections are
+        looked at, so no caller can push out another uid's; and only ones its workload closed
+        or shut down for writing, so a uid still holds no more than its maximum of live ones."""
+        links = list(self.links_of.get(uid, ()))
+        poller = select.poll()
+        by_fd: dict[int, _Link] = {}
+        for link in links:
+            fd = link.conn.fileno()
+            if fd < 0:  # closed already; its connection_lost is on its way
+                link.evict()
+                continue
+            by_fd[fd] = link
+            poller.register(fd, _PEER_GONE)
+        for fd, events in poller.poll(0):
+            if events & _PEER_GONE:
+                by_fd[fd].evict()
 
     def _resume_accepting(self) -> None:
         if self._listener is not None:

@@ -358,3 +358,50 @@ def test_a_running_agent_whose_backlog_is_full_is_refused_not_taken_over(root: P
         for caller in callers:
             caller.close()
         busy.close()
+
+
+async def _echo_ignoring_hang_up(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Echoes, and keeps its side open after the workload's: as a server still busy (or
+    paused) does before it reads the hang-up."""
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    await asyncio.Event().wait()
+
+
+def test_a_uid_at_its_maximum_gets_in_again_in_place_of_connections_it_closed(
+    root: Path,
+) -> None:
+    uid = os.getuid()
+
+    async def echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"ping")
+        try:
+            return await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return False
+
+    async def body(relay: WorkloadRelay, peers: list[str]) -> None:
+        path = str(relay.public_path)
+        held = [await asyncio.open_unix_connection(path) for _ in range(3)]
+        for reader, writer in held:
+            assert await echoes(reader, writer)
+        for _, writer in held[:2]:
+            writer.close()  # the internal side never closes these
+        # Both admitted at once, the closed ones no longer counted; the open one stays.
+        fresh = [await asyncio.open_unix_connection(path) for _ in range(2)]
+        for reader, writer in fresh:
+            assert await echoes(reader, writer)
+        assert relay.admission.held_by(uid) == 3
+        assert await echoes(*held[2])
+        # Open ones are never pushed out: the uid's flood is still refused at its maximum.
+        assert not await echoes(*await asyncio.open_unix_connection(path))
+        assert relay.admission.held_by(uid) == 3
+        for reader, writer in (held[2], *fresh):
+            assert await echoes(reader, writer)
+            writer.close()
+
+    settings = RelaySettings(max_connections_per_uid=3)
+    asyncio.run(_with_relay(root, _echo_ignoring_hang_up, body, settings=settings))
