@@ -22,6 +22,7 @@ import secrets
 import select
 import socket
 import stat
+import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ READ_BUFFER = 256 * 1024  # asyncio's own read size
 ACCEPT_BATCH = 64
 ACCEPT_RETRY_DELAY = 0.1  # seconds; asyncio's server waits 1 s
 PUBLIC_DIR_MODE = 0o755  # for directories the relay makes: any local process may connect
+REFUSAL_LINGER = 1.0  # seconds a refused connection is held for its workload to read why
+REFUSALS_HELD = 32  # refused connections held at once: descriptors out of FD_HEADROOM
+# HTTP/2 GOAWAY (RFC 9113 6.8), error ENHANCE_YOUR_CALM, on stream 0 with last stream 0.
+_GOAWAY = 0x7
+_ENHANCE_YOUR_CALM = 0xB
 # A workload that closed its end (or shut down its writing): nothing it sends can come any more.
 _PEER_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
@@ -238,6 +244,7 @@ class WorkloadRelay:
         self._listener: socket.socket | None = None
         self._bound: tuple[int, int] | None = None  # the socket file bound: (st_dev, st_ino)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refused: dict[int, socket.socket] = {}  # refused connections told why, by fd
         for key, path in (("socket_path", public_path), ("private_dir", internal_path)):
             if unix_path_size(path) > MAX_UNIX_PATH:
                 raise ConfigError(f"{key}: {path} is longer than {MAX_UNIX_PATH} bytes")
@@ -321,7 +328,8 @@ class WorkloadRelay:
             if self.admission.decide(uid) is not None:
                 self._reap_gone(uid)
             if not self.admission.admit(uid):
-                conn.close()
+                refusal = self.admission.decide(uid)
+                self._refuse(conn, refusal.reason if refusal else "refused")
                 continue
             conn.setblocking(False)
             link = _Link(self, uid, conn)
@@ -330,6 +338,46 @@ class WorkloadRelay:
             task = asyncio.get_running_loop().create_task(self._serve(link, conn, uid))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _refuse(self, conn: socket.socket, reason: str) -> None:
+        """Tell the workload why (refusal_frame) and close the connection.
+
+        Closed at once, the workload's write of its HTTP/2 preface could fail (EPIPE) before it
+        read the frame, and it said "Broken pipe" instead: the descriptor is held until the
+        workload hangs up, for at most REFUSAL_LINGER seconds and for REFUSALS_HELD
+        connections at once, past which one is closed at once, the reason maybe unread."""
+        with contextlib.suppress(OSError):
+            conn.setblocking(False)
+            conn.send(refusal_frame(reason))  # a few bytes: a fresh socket's buffer takes them
+            conn.shutdown(socket.SHUT_WR)
+            if len(self._refused) < REFUSALS_HELD:
+                loop = asyncio.get_running_loop()
+                fd = conn.fileno()
+                self._refused[fd] = conn
+                loop.add_reader(fd, self._drain_refused, fd)
+                loop.call_later(REFUSAL_LINGER, self._drop_refused, fd, conn)
+                return
+        conn.close()
+
+    def _drain_refused(self, fd: int) -> None:
+        conn = self._refused.get(fd)
+        if conn is None:
+            return
+        try:
+            if conn.recv(4096):
+                return  # its preface; the frame it reads next says why
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._drop_refused(fd, conn)
+
+    def _drop_refused(self, fd: int, conn: socket.socket) -> None:
+        if self._refused.get(fd) is not conn:  # gone already, its number maybe reused
+            return
+        del self._refused[fd]
+        asyncio.get_running_loop().remove_reader(fd)
+        conn.close()
 
     def _reap_gone(self, uid: int) -> None:
         """Stop counting `uid`'s connections whose workload end is already closed.
@@ -430,6 +478,8 @@ class WorkloadRelay:
             self._listener = None
         for task in list(self._tasks):
             task.cancel()
+        for fd, conn in list(self._refused.items()):
+            self._drop_refused(fd, conn)
         for link in list(self.links):
             for side in (link.outer, link.inner):
                 if side.transport is not None:
@@ -449,6 +499,20 @@ class WorkloadRelay:
             with contextlib.suppress(FileNotFoundError):
                 self.public_path.unlink()
         self._bound = None
+
+
+def refusal_frame(reason: str) -> bytes:
+    """A GOAWAY frame saying why, as the first (and only) frame the workload gets.
+
+    gRPC clients name a first frame that is no SETTINGS in their error (svid/_workload_errors.py
+    maps it to "refused"), where a connection closed at once read as "Connection reset by peer"
+    and the hint "is the SPIFFE agent running". A SETTINGS frame first would make the refusal a
+    GOAWAY of an open connection, which gRPC retries silently until the call's deadline."""
+    debug = reason.encode()[:512]
+    payload = struct.pack(">II", 0, _ENHANCE_YOUR_CALM) + debug
+    return (
+        struct.pack(">I", len(payload))[1:] + bytes((_GOAWAY, 0)) + struct.pack(">I", 0) + payload
+    )
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import grpc
 
 from svid._workload_errors import (
+    REFUSED,
     SILENT,
     STOPPED,
+    TOO_MANY,
     WorkloadApiError,
     WorkloadApiUnavailableError,
     connect_failure,
@@ -96,6 +98,10 @@ def translate(exc: BaseException, call: str, address: str) -> TaskError | Worklo
         return TaskNotFoundError(f"{call}: {details}", code.name)
     if code is grpc.StatusCode.UNAVAILABLE:
         why = connect_failure(details)
+        if why == REFUSED:
+            return WorkloadApiUnavailableError(
+                f"{call}: the agent{at} refused the connection: {TOO_MANY}", code.name
+            )
         if why is not None:
             check = (
                 "is the agent hung, or is something else listening there?"

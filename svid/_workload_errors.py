@@ -41,6 +41,14 @@ _BY_CODE: dict[grpc.StatusCode, type[WorkloadApiError]] = {
 _CONNECT_FAILED = "failed to connect to all addresses"
 _SILENT_PEER = "before receiving SETTINGS"
 SILENT = "it accepts connections but does not answer"
+# The agent's refusal of a connection past its maximum (agent_attestor/relay.py): an HTTP/2
+# GOAWAY as the first frame, which gRPC reports as its parse error.
+_REFUSED_FRAME = "got frame type 7"
+REFUSED = "refused"
+TOO_MANY = (
+    "it holds its maximum of connections for this user (or in all); do this user's processes "
+    "hold many open? Retry later, or raise the agent's max_connections_per_uid"
+)
 
 
 # gRPC's details when the connection's keepalive ping went unanswered (CHANNEL_OPTIONS).
@@ -63,6 +71,8 @@ def connect_failure(details: str | None) -> str | None:
         return None
     if _SILENT_PEER in details:
         return SILENT
+    if _REFUSED_FRAME in details:
+        return REFUSED
     return details.rsplit(": ", 1)[-1].strip() or "cannot connect"
 
 
@@ -83,6 +93,8 @@ def unreachable(
             f"the socket {where} accepts connections but does not answer: is {daemon} hung, "
             "or is something else listening there?"
         )
+    if why == REFUSED:
+        return f"{daemon} at {where} refused the connection: {TOO_MANY}"
     if why is not None:
         return f"cannot connect to {where} ({why}): {check}"
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -109,6 +121,11 @@ def translate(exc: grpc.RpcError, call: str, address: str = "") -> WorkloadApiEr
     at = f" at {address}" if address else ""
     why = connect_failure(details) if code == grpc.StatusCode.UNAVAILABLE else None
     if why is not None:
+        if why == REFUSED:
+            return cls(
+                f"Workload API {call}: the agent{at} refused the connection: {TOO_MANY}",
+                code.name,
+            )
         check = (
             "is the agent hung, or is something else listening there?"
             if why == SILENT

@@ -24,6 +24,8 @@ from agent_attestor.errors import ConfigError
 from agent_attestor.model import Selector
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import READ_BUFFER, RelaySettings, WorkloadRelay
+from svid.tasks import TaskClient
+from svid.workloadapi import WorkloadApiClient, WorkloadApiUnavailableError
 from tests.backlog import fill_backlog
 from tests.tmpdirs import short_tmpdir
 
@@ -405,3 +407,33 @@ def test_a_uid_at_its_maximum_gets_in_again_in_place_of_connections_it_closed(
 
     settings = RelaySettings(max_connections_per_uid=3)
     asyncio.run(_with_relay(root, _echo_ignoring_hang_up, body, settings=settings))
+
+
+@pytest.mark.parametrize("flavor", ["workload", "task"])
+def test_a_connection_refused_at_the_uids_maximum_is_said_so_to_the_client(
+    root: Path, flavor: str
+) -> None:
+    async def body(relay: WorkloadRelay, peers: list[str]) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(relay.public_path))
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        address = f"unix://{relay.public_path}"
+
+        def call() -> None:
+            if flavor == "workload":
+                with WorkloadApiClient(address, timeout=5) as client:
+                    client.fetch_x509_svids()
+            else:
+                with TaskClient(address, timeout=5) as tasks:
+                    tasks.begin(actions=["read"], resources=["docs"])
+
+        with pytest.raises(WorkloadApiUnavailableError) as raised:
+            await asyncio.to_thread(call)
+        message = str(raised.value)
+        assert "refused the connection" in message, message
+        assert "maximum of connections for this user" in message
+        assert "is the SPIFFE agent running" not in message
+        writer.close()
+
+    settings = RelaySettings(max_connections_per_uid=1)
+    asyncio.run(_with_relay(root, _echo, body, settings=settings))
