@@ -8,7 +8,8 @@ The MCP SDK publishes /.well-known/oauth-protected-resource/mcp naming the issue
 a token there (the RFC 7523 JWT-bearer grant with its task's JWT-SVID) for this server's URL.
 Tokens are checked by svid.mcp.AccessTokenAuth (svid.AccessTokenVerifier) with the trust
 domain's JWT keys and the revocations the local agent streams (svid.WorkloadApiSource): a token
-of an ended task is refused as soon as the agent hears of it.
+of an ended task is refused as soon as the agent hears of it, and (served through auth.protect)
+its open SSE streams are closed and its MCP sessions ended then too.
 Each tool needs `tool:<name>` in the token's scope.
 """
 
@@ -20,6 +21,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 import svid
+import svid.asgi
 import svid.mcp
 
 TOOL_SCOPE = "tool:"
@@ -32,7 +34,7 @@ def granted(tool: str) -> None:
         raise ToolError(f"the token does not grant {tool}")
 
 
-def build(source: svid.WorkloadApiSource, port: int, issuer: str) -> MCPServer:
+def build(source: svid.WorkloadApiSource, port: int, issuer: str) -> svid.asgi.ASGIApp:
     url = f"http://127.0.0.1:{port}/mcp"
     auth = svid.mcp.AccessTokenAuth(source, issuer=issuer, resource=url)
     server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
@@ -51,12 +53,12 @@ def build(source: svid.WorkloadApiSource, port: int, issuer: str) -> MCPServer:
         granted("export_customer_data")
         return "name,email\nAda,ada@example.com\n"
 
-    return server
+    return auth.protect(server)
 
 
 if __name__ == "__main__":
     port, issuer = int(sys.argv[1]), sys.argv[2]
     source = svid.WorkloadApiSource().start()  # bundles and revocations from the local agent
     source.require_ready(10)  # no bundles in 10 s: raises, saying why, and serves nothing
-    app = build(source, port, issuer).streamable_http_app()
+    app = build(source, port, issuer)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

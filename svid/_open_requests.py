@@ -99,8 +99,9 @@ class Admitted:
 
     @property
     def admitted_by(self) -> str:
-        """Which verifier admitted it (the staleness watch ends a refusing one's only)."""
-        return JWT if self._caller.jwt is not None else X509
+        """Which verifier admitted it (the staleness watch ends a refusing one's only): a
+        bearer token's (a JWT-SVID, or an access token: svid.mcp) unless an mTLS peer's."""
+        return X509 if self._caller.x509 is not None else JWT
 
 
 class CallerAdmission(Admitted):

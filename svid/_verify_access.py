@@ -26,6 +26,7 @@ from svid._revocation import (
     MAX_VERIFIER_LEEWAY,
     RevocationSet,
     check_max_staleness,
+    fresh_for,
     refuse_if_stale,
 )
 from svid._spiffe_id import TrustDomain
@@ -140,6 +141,18 @@ class AccessTokenVerifier:
     @property
     def cache(self) -> LruCache[str, _Entry]:
         return self._cache
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        """The issuer's trust domain, whose JWT keys sign the tokens."""
+        return self._td
+
+    def revocations_fresh_for(self) -> float | None:
+        """Seconds until this verifier refuses everything for stale revocation data
+        (``max_revocation_staleness``; 0: it does now); None without that setting."""
+        return fresh_for(
+            self._revocations, self._clock.monotonic(), self._max_staleness, self._clock.now()
+        )
 
     def verify(self, token: str) -> VerifiedAccessToken:
         """Verify an RFC 9068 access token (``typ: at+jwt``) for this resource.

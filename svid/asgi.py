@@ -190,11 +190,7 @@ class SvidAuthMiddleware:
         self._max_body = max_body
         self.open_requests = OpenRequests()
         # Verifiers that fail closed on stale revocation data end open requests then too.
-        fresh_for = {
-            kind: v.revocations_fresh_for
-            for kind, v in ((JWT, self._jwt), (X509, self._x509))
-            if v is not None and v.revocations_fresh_for() is not None
-        }
+        fresh_for = self._fresh_for()
         # An mTLS caller's chain is refused sooner when its issuer's CRL lapses: its own.
         x509 = self._x509
         chain_fresh_for = {X509: x509.revocations_fresh_for} if x509 and X509 in fresh_for else {}
@@ -211,6 +207,15 @@ class SvidAuthMiddleware:
         subscribe = getattr(feed, "on_revoked", None)
         if subscribe is not None:
             self._unsubscribe = subscribe(self.open_requests.on_revoked)
+
+    def _fresh_for(self) -> dict[str, Callable[[], float | None]]:
+        """By what admits a request (``admitted_by``), the ``revocations_fresh_for`` of each
+        verifier that fails closed on stale revocation data."""
+        return {
+            kind: v.revocations_fresh_for
+            for kind, v in ((JWT, self._jwt), (X509, self._x509))
+            if v is not None and v.revocations_fresh_for() is not None
+        }
 
     def close(self) -> None:
         """Stop following the source's revocations (open responses are no longer ended)."""
@@ -277,10 +282,7 @@ class SvidAuthMiddleware:
 
     def _bearer(self, header: str) -> tuple[str, Caller]:
         """The token of an Authorization header's value, and its verified Caller."""
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if (scheme != "Bearer" and scheme.lower() != "bearer") or not token:
-            raise _RefusedError(invalid_token("the Authorization header is not a Bearer token"))
+        token = _bearer_token(header)
         if self._jwt is None:
             raise _RefusedError(invalid_token("this service takes no bearer tokens"))
         jwt = self._jwt
@@ -385,11 +387,10 @@ class SvidAuthMiddleware:
         revocations = self._revocations
         if revocations is None:
             return False
-        jwt = caller.jwt
-        if jwt is not None:  # Caller.jti, read straight (per request)
-            jti = jwt.claims.get("jti")
-            if isinstance(jti, str) and revocations.is_jti_revoked(jti):
-                return True
+        # Any bearer token's: a JWT-SVID's, or an access token's (svid.mcp.AccessTokenAuth).
+        jti = caller.jti
+        if jti is not None and revocations.is_jti_revoked(jti):
+            return True
         peer = caller.x509
         if peer is None:
             return False
@@ -426,6 +427,15 @@ def _feed_of(*verifiers: JwtVerifier | X509Verifier | None) -> Any:
         if feed is not None:
             return feed
     return None
+
+
+def _bearer_token(header: str) -> str:
+    """The token of an Authorization header's value; refused unless it is a Bearer token."""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if (scheme != "Bearer" and scheme.lower() != "bearer") or not token:
+        raise _RefusedError(invalid_token("the Authorization header is not a Bearer token"))
+    return token
 
 
 def _only_header(scope: Scope, name: bytes) -> str | None:

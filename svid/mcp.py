@@ -32,12 +32,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 import httpx2
 from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.routes import build_resource_metadata_url
 from mcp.server.auth.settings import AuthSettings
 from pydantic import ConfigDict, PrivateAttr
 
@@ -45,12 +46,19 @@ from svid._bearer_tokens import BearerTokens
 from svid._caller import Caller
 from svid._clock import Clock
 from svid._errors import VerificationError
-from svid._http_refusal import Refusal, insufficient_scope, no_credentials, several_credentials
+from svid._http_refusal import (
+    Refusal,
+    insufficient_scope,
+    invalid_token,
+    no_credentials,
+    several_credentials,
+)
 from svid._mcp_tools import called_tools
-from svid._open_requests import CallerAdmission, OpenRequests
+from svid._open_requests import JWT, CallerAdmission, OpenRequests
 from svid._source_views import SourceViews
-from svid._spiffe_id import SpiffeId
+from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._task_claims import TaskClaims, tool_scope
+from svid._verify_access import AccessTokenVerifier, VerifiedAccessToken
 from svid._verify_jwt import JwtVerifier
 from svid.asgi import (
     CALLER,
@@ -60,6 +68,7 @@ from svid.asgi import (
     Scope,
     Send,
     SvidAuthMiddleware,
+    _bearer_token,
     _read_body,
     _RefusedError,
 )
@@ -319,9 +328,10 @@ class _McpMiddleware(SvidAuthMiddleware):
     """svid.asgi's middleware as ``TaskAuth.protect`` needs it, around the SDK's app: bearer
     task tokens only, each tool call checked; and, from the same one pass over the request's
     headers, the MCP session the request uses kept (to end it when the task is revoked) and
-    the admitted token handed to the SDK's own token check (``verify_token``)."""
+    the admitted token handed to the SDK's own token check (``verify_token``). With no
+    ``tools`` rule, no body is read (``AccessTokenAuth.protect``: scopes are the tools')."""
 
-    def __init__(self, app: ASGIApp, server: Any, tools: _ToolRule, **options: Any) -> None:
+    def __init__(self, app: ASGIApp, server: Any, tools: _ToolRule | None, **options: Any) -> None:
         super().__init__(app, required_scopes=tools, **options)
         self.sessions = _Sessions(server, self.open_requests)
         self._tools = tools  # the rule reads bodies of POSTs only (the same as svid.asgi asks)
@@ -357,10 +367,11 @@ class _McpMiddleware(SvidAuthMiddleware):
             token, caller = self._bearer(bytes(header).decode("latin-1"))
             if self._authorize is not None:
                 self._check_authorized(caller)
-            if scope.get("method") == "POST":  # tool calls come in a POST's JSON-RPC body
+            tools = self._tools
+            if tools is not None and scope.get("method") == "POST":  # tool calls: in the body
                 body, receive = await _read_body(receive, self._max_body)
                 try:  # what the rule's scopes() would ask of caller.missing(), in one step
-                    missing = self._tools.missing(caller, body)
+                    missing = tools.missing(caller, body)
                 except ValueError as exc:  # a body that cannot be read is refused, not passed
                     raise _RefusedError(Refusal(400, "invalid_request", str(exc))) from None
                 if missing:
@@ -379,6 +390,112 @@ class _McpMiddleware(SvidAuthMiddleware):
             await self._serve(caller, scope, receive, send, seen)
         finally:
             _admitted.reset(reset)
+
+
+class _AccessTokenCaller(Caller):
+    """A caller admitted with an svidd access token (``AccessTokenAuth.protect``): its
+    ``claims`` are the token's, so what revokes its requests and sessions is read as for a
+    JWT-SVID: its ``jti``, and its task's ``txn`` (an exchanged token is a credential of the
+    task, revoked with it). ``spiffe_id`` is the acting workload's (the first actor, else the
+    client's), or the issuer's trust domain when the token names none."""
+
+    __slots__ = ("access",)
+
+    def __init__(
+        self, access: VerifiedAccessToken, resource: str, trust_domain: TrustDomain
+    ) -> None:
+        super().__init__(_acting_id(access, trust_domain), audience=resource)
+        self.access = access
+
+    @property
+    def claims(self) -> Mapping[str, Any]:
+        return self.access.claims
+
+
+def _acting_id(access: VerifiedAccessToken, trust_domain: TrustDomain) -> SpiffeId:
+    for candidate in (*access.act_chain[:1], access.client_id, access.subject):
+        if candidate and candidate.startswith("spiffe://"):
+            try:
+                return SpiffeId.parse(candidate)
+            except ValueError:
+                continue
+    return SpiffeId(trust_domain, "")
+
+
+_METADATA_PATH = "/.well-known/oauth-protected-resource"  # RFC 9728 section 3.1
+
+
+class _AccessTokenMiddleware(_McpMiddleware):
+    """``_McpMiddleware`` admitting svidd access tokens (``AccessTokenAuth.protect``) in
+    place of JWT-SVIDs: the same sessions, open requests, revocations and staleness watch, by
+    the access token verifier's staleness limit. The SDK's RFC 9728 metadata is served to
+    anyone, and a 401 names it (``resource_metadata``), as the SDK's own check does: that is
+    how a client finds svidd to get a token from."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        server: Any,
+        access: AccessTokenVerifier,
+        resource_metadata: str,
+        **options: Any,
+    ) -> None:
+        self._access = access  # before the base class asks _fresh_for
+        self._access_callers: dict[str, _AccessTokenCaller] = {}
+        self._metadata_param = f'resource_metadata="{resource_metadata}"'.encode()
+        super().__init__(app, server, None, **options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope.get("path", "")
+            if path == _METADATA_PATH or str(path).startswith(_METADATA_PATH + "/"):
+                await self.app(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def _refuse(self, kind: str, send: Send, refusal: Refusal) -> None:
+        if kind != "http" or refusal.status != 401:
+            await super()._refuse(kind, send, refusal)
+            return
+        param = self._metadata_param
+
+        async def naming_metadata(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {
+                    **message,
+                    "headers": [
+                        (key, _naming(value, param) if key == b"www-authenticate" else value)
+                        for key, value in message["headers"]
+                    ],
+                }
+            await send(message)
+
+        await super()._refuse(kind, naming_metadata, refusal)
+
+    def _fresh_for(self) -> dict[str, Callable[[], float | None]]:
+        fresh_for = self._access.revocations_fresh_for
+        return {JWT: fresh_for} if fresh_for() is not None else {}
+
+    def _bearer(self, header: str) -> tuple[str, Caller]:
+        token = _bearer_token(header)
+        try:
+            verified = self._access.verify(token)
+        except VerificationError as exc:
+            raise _RefusedError(invalid_token(str(exc))) from None
+        # One Caller per token the verifier remembers, as for JWT-SVIDs (svid.asgi).
+        callers = self._access_callers
+        caller = callers.get(token)
+        if caller is None or caller.access is not verified:
+            if len(callers) >= max(1, self._access.cache.max_entries):
+                callers.clear()
+            caller = _AccessTokenCaller(verified, self.audience, self._access.trust_domain)
+            callers[token] = caller
+        return token, caller
+
+
+def _naming(challenge: bytes, param: bytes) -> bytes:
+    """A Bearer challenge with one more auth-param (a bare "Bearer" takes no comma)."""
+    return challenge + (b" " if challenge == b"Bearer" else b", ") + param
 
 
 _FIRST_SWEEP = 64  # sessions kept before the first look for ended ones
@@ -472,16 +589,38 @@ class AccessTokenAuth:
 
         auth = svid.mcp.AccessTokenAuth(source, issuer="https://svidd.example", resource=url)
         server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
+        uvicorn.run(auth.protect(server), port=8000)
+
+    Served through ``protect``, what a token opened ends with it too: when its ``jti`` or its
+    task is revoked, or (``max_revocation_staleness``) the revocation data grows too old, its
+    open requests and SSE streams are closed and its MCP sessions ended. Served without it,
+    only the next request is refused.
 
     In a tool, ``get_access_token()`` is an ``OAuthAccessToken``: ``subject`` (the principal),
     ``scopes``, ``delegated`` (a task acts for the subject, which is then as declared, not
     authenticated), ``act_chain``, and in ``claims`` the ``act`` and the task id (``txn``)."""
 
     def __init__(self, source: SourceViews, *, issuer: str, resource: str, **options: Any) -> None:
-        """Options go to ``source.access_token_verifier`` (trust_domain, leeway, ...)."""
+        """Options go to ``source.access_token_verifier`` (trust_domain, leeway,
+        max_revocation_staleness, ...)."""
         self.verifier = source.access_token_verifier(issuer, resource, **options)
+        self._source = source
         self._issuer = issuer
         self._resource = resource
+
+    def protect(self, server: Any, **app_options: Any) -> ASGIApp:
+        """The server's streamable HTTP app (``server.streamable_http_app(**app_options)``)
+        behind svid: verified access tokens only, and the open requests, SSE streams and MCP
+        sessions of a revoked token or task (or on stale revocation data) ended."""
+        return _AccessTokenMiddleware(
+            server.streamable_http_app(**app_options),
+            server,
+            self.verifier,
+            str(build_resource_metadata_url(self.settings.resource_server_url)),  # type: ignore[arg-type]
+            audience=self._resource,
+            source=self._source,
+            accept_mtls=False,
+        )
 
     @property
     def settings(self) -> AuthSettings:
@@ -492,10 +631,20 @@ class AccessTokenAuth:
         )
 
     async def verify_token(self, token: str) -> OAuthAccessToken | None:
-        try:
-            verified = self.verifier.verify(token)
-        except VerificationError:
-            return None
+        admitted = _admitted.get()
+        caller = admitted[1] if admitted is not None else None
+        if (
+            isinstance(caller, _AccessTokenCaller)
+            and caller.audience == self._resource
+            and admitted is not None
+            and admitted[0] == token.strip()
+        ):  # protect() verified it just now: not a second time
+            verified = caller.access
+        else:
+            try:
+                verified = self.verifier.verify(token)
+            except VerificationError:
+                return None
         return OAuthAccessToken(
             token=token,
             client_id=verified.client_id or verified.subject,

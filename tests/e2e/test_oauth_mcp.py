@@ -3,7 +3,9 @@
 (examples/oauth_tickets_server.py under uvicorn) naming svidd in its RFC 9728 metadata, and this
 test as the agent runtime: the MCP SDK's own RFC 7523 JWT-bearer client provider, fed the task's
 JWT-SVID, gets a task-scoped token and calls the one tool the task was granted, not the other.
-Then the task ends and the server refuses the token."""
+Then the task ends and the server refuses the token. An MCP server served in this process
+through AccessTokenAuth.protect ends an exchanged token's open stream and session with its task.
+"""
 
 from __future__ import annotations
 
@@ -24,13 +26,17 @@ import pytest
 from mcp.client.auth.extensions.identity_assertion import IdentityAssertionOAuthProvider
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server.mcpserver import MCPServer
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
+from mcp.shared.exceptions import MCPError
 
+import svid.mcp
 from svid import AccessTokenVerifier, RevokedError, WorkloadApiSource
 from svid.tasks import AsyncTaskClient, TaskClient
 from tests.e2e.agent_process import AgentProcess, agent_stack, create_entry
 from tests.e2e.conftest import TRUST_DOMAIN, make_server, short_tmpdir, wait_for
 from tests.ports import free_port
+from tests.svid.adapter_world import open_sse_stream, serving
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +48,9 @@ class Stack:
     agent: AgentProcess
     issuer: str
     mcp_url: str
+    # A second resource of the authorization server: what the server this test serves in its
+    # own process names (the tokens' audience; where uvicorn listens is another port).
+    protected_url: str
 
     @property
     def socket(self) -> str:
@@ -88,11 +97,12 @@ def oauth_mcp_stack() -> Iterator[Stack]:
     # Plain HTTP: allowed for a loopback issuer (tests/server/oauth covers HTTPS).
     issuer = f"http://127.0.0.1:{as_port}"
     mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
+    protected_url = f"http://127.0.0.1:{free_port()}/mcp"
     server = make_server(
         root,
         oidc_issuer=issuer,
         oauth_bind_address=f"127.0.0.1:{as_port}",
-        oauth_resources=[mcp_url],
+        oauth_resources=[mcp_url, protected_url],
     ).start()
     with agent_stack(root, server) as agent:
         create_entry(server, RUNTIME, agent.agent_id())
@@ -113,7 +123,7 @@ def oauth_mcp_stack() -> Iterator[Stack]:
         )
         try:
             wait_for(lambda: _listening(mcp_port), 30, "the MCP server")
-            yield Stack(agent, issuer, mcp_url)
+            yield Stack(agent, issuer, mcp_url, protected_url)
         finally:
             proc.terminate()
             proc.wait(10)
@@ -130,6 +140,9 @@ def test_the_mcp_server_names_svidd_as_its_authorization_server(stack: Stack) ->
     assert doc["resource"].rstrip("/") == stack.mcp_url
     unauthenticated = httpx.post(stack.mcp_url, json={}, timeout=10)
     assert unauthenticated.status_code == 401
+    # Served through AccessTokenAuth.protect: its refusal names the document, as the SDK's does.
+    metadata = f'resource_metadata="{base}/.well-known/oauth-protected-resource/mcp"'
+    assert metadata in unauthenticated.headers["www-authenticate"]
 
 
 async def _session_calls(stack: Stack) -> tuple[str, bool, str, int]:
@@ -237,3 +250,80 @@ def _refused(verifier: AccessTokenVerifier, token: str) -> bool:
     except RevokedError:
         return True
     return False
+
+
+def _exchanged(stack: Stack, task_jwt: str, resource: str) -> str:
+    """The access token svidd's token endpoint exchanges a task's JWT-SVID for (RFC 8693)."""
+    reply = httpx.post(
+        stack.issuer + "/token",
+        data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": task_jwt,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "resource": resource,
+        },
+        timeout=10,
+    )
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["access_token"])
+
+
+def test_an_exchanged_token_s_open_stream_and_session_end_when_its_task_ends(
+    stack: Stack,
+) -> None:
+    """The server ends the task; the agent streams the revocation of its credentials (the
+    exchanged token among them) to this process's source; AccessTokenAuth.protect closes the
+    open SSE stream and ends the MCP sessions the token opened, not only its next request."""
+    with WorkloadApiSource(stack.socket) as source, TaskClient(stack.socket) as tasks:
+        assert source.wait_ready(10)
+        auth = svid.mcp.AccessTokenAuth(source, issuer=stack.issuer, resource=stack.protected_url)
+        server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
+
+        @server.tool()
+        def read_ticket(ticket_id: str) -> str:
+            return f"ticket {ticket_id}: printer on fire"
+
+        app = auth.protect(server)
+        sessions = server.session_manager._server_instances  # the SDK's own table
+        task = tasks.begin(
+            actions=["read"],
+            resources=[stack.issuer],
+            tools={stack.protected_url: ["read_ticket"]},
+            ttl=120,
+            spiffe_id=RUNTIME,
+        )
+        token = _exchanged(stack, task.jwt(stack.issuer), stack.protected_url)
+
+        async def scenario(url: str) -> tuple[str, float, float]:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with (
+                httpx.AsyncClient(timeout=10) as raw,
+                httpx2.AsyncClient(headers=headers, timeout=10) as http,
+                streamable_http_client(f"{url}/mcp", http_client=http) as (read, write),
+                ClientSession(read, write) as session,
+            ):
+                await session.initialize()
+                called = await session.call_tool("read_ticket", {"ticket_id": "T-1"})
+                text = called.content[0].text  # type: ignore[union-attr]
+                _sid, stream = await open_sse_stream(raw, url, token)
+                async with stream as response:
+                    assert response.status_code == 200
+                    assert len(sessions) == 2  # the SDK client's and the one opened by hand
+                    ended_at = time.monotonic()
+                    await asyncio.to_thread(task.end)
+                    async for _ in response.aiter_bytes():  # until the server closes it
+                        pass
+                    closed = time.monotonic() - ended_at
+                while sessions and time.monotonic() - ended_at < 10:
+                    await asyncio.sleep(0.01)
+                gone = time.monotonic() - ended_at
+                assert not sessions
+                with pytest.raises((MCPError, ExceptionGroup, httpx2.HTTPError)):
+                    await asyncio.wait_for(session.call_tool("read_ticket", {"ticket_id": "2"}), 5)
+            return text, closed, gone
+
+        with serving(app) as url:
+            text, closed, gone = asyncio.run(scenario(url))
+    assert "printer" in text
+    assert closed < 1, f"the SSE stream was still open {closed:.2f} s after the task ended"
+    assert gone < 1, f"the sessions were still open {gone:.2f} s after the task ended"

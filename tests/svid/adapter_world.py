@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from svid import (
+    AccessTokenVerifier,
     JwtVerifier,
     MemoryBundleSource,
     RevocationEvent,
@@ -78,6 +80,18 @@ class RevokingSource:
 
     def x509_verifier(self, **options: Any) -> X509Verifier:
         return X509Verifier(self.bundles.x509_bundle_for, revocations=self.revocations, **options)
+
+    def access_token_verifier(
+        self, issuer: str, audience: str, **options: Any
+    ) -> AccessTokenVerifier:
+        return AccessTokenVerifier(
+            self.bundles.jwt_bundle_for,
+            issuer=issuer,
+            audience=audience,
+            trust_domain=TD,
+            revocations=self.revocations,
+            **options,
+        )
 
     def on_revoked(self, callback: Callable[[RevocationEvent], Any]) -> Callable[[], None]:
         self._subscribers.append(callback)
@@ -196,3 +210,35 @@ async def call_asgi(
     }
     await app(scope, receive, send)
     return sent
+
+
+MCP_HEADERS = {
+    "Accept": "application/json, text/event-stream",
+    "MCP-Protocol-Version": "2025-06-18",
+}
+
+
+async def open_sse_stream(
+    http: httpx.AsyncClient, url: str, token: str
+) -> tuple[str, contextlib.AbstractAsyncContextManager[httpx.Response]]:
+    """A session opened by hand (initialize, initialized) at the server's base ``url``, and
+    its SSE stream's GET, not yet entered: the SDK's client holds that stream itself, where a
+    test cannot see it end."""
+    headers = {**MCP_HEADERS, "Authorization": f"Bearer {token}"}
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"},
+        },
+    }
+    reply = await http.post(f"{url}/mcp", json=init, headers=headers)
+    assert reply.status_code == 200, reply.text
+    session = reply.headers["mcp-session-id"]
+    headers["mcp-session-id"] = session
+    done = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    assert (await http.post(f"{url}/mcp", json=done, headers=headers)).status_code == 202
+    return session, http.stream("GET", f"{url}/mcp", headers=headers)

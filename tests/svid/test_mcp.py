@@ -20,7 +20,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 
 import svid.mcp
-from svid import MemoryBundleSource, SpiffeBundle, X509Bundle
+from svid import MemoryBundleSource, SpiffeBundle, X509Bundle, sign_jws
 from svid._clock import FakeClock
 from svid._crl import revoked_from_crls
 from svid._open_requests import X509, OpenRequests
@@ -28,9 +28,13 @@ from svid._staleness_watch import StalenessWatch
 from svid.asgi import DEFAULT_MAX_BODY
 from tests.svid.adapter_world import (
     AUDIENCE,
+    KEY,
+    MCP_HEADERS,
+    RUNTIME,
     TD,
     RevokingSource,
     call_asgi,
+    open_sse_stream,
     serving,
     task_token,
 )
@@ -541,3 +545,171 @@ def test_a_request_with_two_authorization_headers_is_400_invalid_request(
     assert sent[0]["status"] == 400
     assert b'error="invalid_request"' in dict(sent[0]["headers"])[b"www-authenticate"]
     assert bodies == []
+
+
+# --- AccessTokenAuth: svidd's OAuth access tokens (RFC 9068), a task's exchanged token ---
+
+ISSUER = "https://svidd.example"
+RESOURCE = "http://127.0.0.1/mcp"  # the resource the tokens name (not where the test serves)
+TASK_ID = f"{RUNTIME}/task/t1"
+
+
+def access_token(jti: str = "a1", txn: str = "t1") -> str:
+    """An access token exchanged for task ``txn``, as svidd's token endpoint mints it."""
+    now = int(time.time())
+    claims = {
+        "iss": ISSUER,
+        "sub": "user:alice",
+        "aud": [RESOURCE],
+        "exp": now + 300,
+        "iat": now,
+        "jti": jti,
+        "client_id": RUNTIME,
+        "scope": "tool:read_ticket",
+        "act": {"sub": f"{RUNTIME}/task/{txn}"},
+        "txn": txn,
+    }
+    return sign_jws({"kid": "k1", "typ": "at+jwt"}, claims, KEY)
+
+
+def oauth_tickets(source: RevokingSource, **options: Any) -> tuple[MCPServer, Any]:
+    auth = svid.mcp.AccessTokenAuth(source, issuer=ISSUER, resource=RESOURCE, **options)
+    server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
+
+    @server.tool()
+    def read_ticket(ticket_id: str) -> str:
+        SEEN.append(get_access_token())
+        return f"ticket {ticket_id}: printer on fire"
+
+    return server, auth.protect(server)
+
+
+@pytest.mark.parametrize(
+    "revoked",
+    [
+        pytest.param(("a1", TASK_ID), id="its-jti"),
+        # Another credential of its task: the task ended (the agent names the task's ID).
+        pytest.param(("j-other", TASK_ID), id="its-task"),
+    ],
+)
+def test_an_access_token_s_open_stream_and_session_end_when_it_or_its_task_is_revoked(
+    source: RevokingSource, revoked: tuple[str, str]
+) -> None:
+    server, app = oauth_tickets(source)
+    sessions = server.session_manager._server_instances  # the SDK's own table
+    token = access_token()
+
+    async def scenario(url: str) -> tuple[float, bool, int]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            session, stream = await open_sse_stream(http, url, token)
+            async with stream as response:
+                assert response.status_code == 200
+                assert session in sessions
+                revoked_at = time.monotonic()
+                await asyncio.to_thread(source.revoke, "jwt_id", revoked[0], revoked[1])
+                async for _ in response.aiter_bytes():  # ends when the server closes it
+                    pass
+                closed = time.monotonic() - revoked_at
+            while sessions and time.monotonic() - revoked_at < 5:
+                await asyncio.sleep(0.01)
+            gone = not sessions
+            ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+            headers = {
+                **MCP_HEADERS,
+                "Authorization": f"Bearer {token}",
+                "mcp-session-id": session,
+            }
+            after = await http.post(f"{url}/mcp", json=ping, headers=headers)
+            return closed, gone, after.status_code
+
+    with serving(app) as url:
+        closed, gone, after = asyncio.run(scenario(url))
+    assert closed < 1, f"the stream was still open {closed:.1f} s after the revocation"
+    assert gone
+    # The token's own jti: refused outright. Another of its task's: the token is not in the
+    # revocation set (the server revokes each of the task's credentials by its own jti), but
+    # the session it opened is gone.
+    assert after == (401 if revoked[0] == "a1" else 404)
+
+
+def test_an_access_token_s_session_ends_once_revocation_data_is_older_than_the_verifier_allows(
+    source: RevokingSource,
+) -> None:
+    source.revocations.feed_delivered(time.time())  # the agent's stream is up
+    server, app = oauth_tickets(source, max_revocation_staleness=STALE)
+    sessions = server.session_manager._server_instances
+
+    async def scenario(url: str) -> tuple[float, bool]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            _session, stream = await open_sse_stream(http, url, access_token())
+            async with stream as response:
+                assert response.status_code == 200
+                lost_at = time.monotonic()
+                source.revocations.feed_lost(time.monotonic())  # the agent went away
+                async for _ in response.aiter_bytes():
+                    pass
+            while sessions and time.monotonic() - lost_at < 5:
+                await asyncio.sleep(0.01)
+            return time.monotonic() - lost_at, not sessions
+
+    with serving(app) as url:
+        took, ended = asyncio.run(scenario(url))
+    assert ended, f"the session was still open {took:.1f} s after the data went stale"
+    assert STALE - 0.05 <= took < STALE + 1.5
+
+
+def test_access_token_auth_still_serves_the_sdk_s_own_bearer_check_without_protect(
+    source: RevokingSource,
+) -> None:
+    """As a plain TokenVerifier (the SDK's app served as it is) a token is verified per
+    request: a granted call runs, and once its task is revoked the next request is refused."""
+    auth = svid.mcp.AccessTokenAuth(source, issuer=ISSUER, resource=RESOURCE)
+    server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
+
+    @server.tool()
+    def read_ticket(ticket_id: str) -> str:
+        SEEN.append(get_access_token())
+        return f"ticket {ticket_id}"
+
+    with serving(server.streamable_http_app()) as url:
+        result = asyncio.run(call(url, access_token(), "read_ticket", {"ticket_id": "1"}))
+        source.revoke("jwt_id", "a1", TASK_ID)
+        with pytest.raises((MCPError, ExceptionGroup, httpx2.HTTPError)):
+            asyncio.run(call(url, access_token(), "read_ticket", {"ticket_id": "2"}))
+    assert not result.is_error
+    (seen,) = SEEN
+    assert isinstance(seen, svid.mcp.OAuthAccessToken)
+    assert seen.subject == "user:alice"
+    assert seen.claims["txn"] == "t1"
+
+
+def test_protect_hands_the_sdk_the_access_token_it_admitted(source: RevokingSource) -> None:
+    _server, app = oauth_tickets(source)
+    with serving(app) as url:
+        result = asyncio.run(call(url, access_token(), "read_ticket", {"ticket_id": "1"}))
+    assert not result.is_error
+    (seen,) = SEEN
+    assert isinstance(seen, svid.mcp.OAuthAccessToken)
+    assert seen.act_chain == (TASK_ID,)
+    assert seen.scopes == ["tool:read_ticket"]
+
+
+def test_protect_serves_the_resource_metadata_to_anyone_and_a_401_names_it(
+    source: RevokingSource,
+) -> None:
+    """How a client finds svidd: the SDK's RFC 9728 document, asked for without a token, and
+    the 401 challenge's resource_metadata (the SDK's own check names it too)."""
+    _server, app = oauth_tickets(source)
+    with serving(app) as url:
+        metadata = httpx.get(f"{url}/.well-known/oauth-protected-resource/mcp", timeout=10)
+        bare = httpx.post(f"{url}/mcp", json={}, timeout=10)
+        bad = httpx.post(f"{url}/mcp", json={}, headers={"Authorization": "Bearer x"}, timeout=10)
+    assert metadata.status_code == 200, metadata.text
+    assert [a.rstrip("/") for a in metadata.json()["authorization_servers"]] == [ISSUER]
+    named = 'resource_metadata="http://127.0.0.1/.well-known/oauth-protected-resource/mcp"'
+    assert bare.status_code == 401
+    assert bare.headers["www-authenticate"] == f'Bearer realm="{RESOURCE}", {named}'
+    assert bad.status_code == 401
+    challenge = bad.headers["www-authenticate"]
+    assert challenge.startswith(f'Bearer realm="{RESOURCE}", error="invalid_token", ')
+    assert challenge.endswith(f", {named}")
