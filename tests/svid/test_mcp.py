@@ -713,3 +713,27 @@ def test_protect_serves_the_resource_metadata_to_anyone_and_a_401_names_it(
     challenge = bad.headers["www-authenticate"]
     assert challenge.startswith(f'Bearer realm="{RESOURCE}", error="invalid_token", ')
     assert challenge.endswith(f", {named}")
+
+
+def test_an_access_token_revoked_between_its_verification_and_its_admission_is_refused(
+    source: RevokingSource,
+) -> None:
+    """A revocation that lands after the token was verified, before its request is held
+    where revocations find it, reaches neither: it is looked for once more there."""
+    auth = svid.mcp.AccessTokenAuth(source, issuer=ISSUER, resource=RESOURCE)
+    server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
+    app = auth.protect(server)
+    verify = auth.verifier.verify
+
+    def verified_then_revoked(token: str) -> Any:
+        result = verify(token)
+        source.revoke("jwt_id", "a1", TASK_ID)  # on its own thread, as the agent's stream
+        return result
+
+    auth.verifier.verify = verified_then_revoked  # type: ignore[method-assign]
+    sent = asyncio.run(call_asgi(app, access_token(), method="GET", path="/mcp"))
+    assert sent[0]["status"] == 401
+    assert (
+        b'error="invalid_token", error_description="credential revoked"'
+        in dict(sent[0]["headers"])[b"www-authenticate"]
+    )
