@@ -23,7 +23,13 @@ from server.attestation.join_token import JoinTokenAttestor
 from server.attestation.x509pop import X509PopAttestor
 from server.audit.checkpoint import CHECKPOINT_FILE, KEY_DIR, CheckpointFile, CheckpointSigner
 from server.audit.retention import DAY, RetentionPolicy
-from server.audit.rollback import Rollback, accept_rollback, find_rollback, refuse_rollback
+from server.audit.rollback import (
+    Rollback,
+    accept_rollback,
+    find_rollback,
+    refuse_restored_flag,
+    refuse_rollback,
+)
 from server.ca.errors import CaUnavailableError
 from server.ca.keys import KeyStore
 from server.ca.loop_workers import LoopSigningWorkers
@@ -249,9 +255,17 @@ class Server:
         """Refused on a datastore gone back behind the checkpoints signed of it, before
         anything is written to it, unless told it was restored (or begun anew: nothing of
         the old one is there to lose); the rollback so accepted, recorded once the audit log
-        is up (accept_rollback)."""
+        is up (accept_rollback). Told it was restored where nothing was, refused too."""
         rollback = find_rollback(self.datastore, self.config.data_dir)
-        if rollback is not None and not (self._restored_datastore or self._new_datastore):
+        if rollback is None:
+            if self._restored_datastore:
+                # Else the flag, left in a unit file after its one start, takes the next
+                # restore (or rollback) unasked.
+                raise refuse_restored_flag(self.config.data_dir)
+            return None
+        # A datastore begun anew holds no audit event; one that holds some was restored.
+        begun_anew = self._new_datastore and rollback.head is None
+        if not (self._restored_datastore or begun_anew):
             raise refuse_rollback(rollback)
         return rollback
 

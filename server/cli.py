@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve from a datastore restored from a backup (or otherwise rolled back) whose "
         "audit log lacks events the data_dir's audit checkpoints signed: the rollback is "
         "recorded on the audit log and the checkpoint file moved aside; without it such a "
-        "start is refused. For this start only: not a config key",
+        "start is refused, and with it a start on a datastore that lacks nothing is refused "
+        "too. For this start only: not a config key",
     )
     sub.add_parser("healthcheck", parents=[common], help="check that the server is serving")
 

@@ -22,7 +22,7 @@ import grpc
 from server import errors
 from server.audit.checkpoint import CheckpointError
 from server.audit.errors import AuditError, LedgerError, SecretInAuditError
-from server.audit.rollback import DatastoreRolledBackError
+from server.audit.rollback import DatastoreRolledBackError, RestoredFlagError
 from server.ca.errors import (
     CaConfigError,
     CaError,
@@ -243,6 +243,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     DatastoreLostError: _SERVER_FAULT,
     # Raised at start only (a datastore behind the audit checkpoints signed of it).
     DatastoreRolledBackError: _SERVER_FAULT,
+    # Raised at start only (--restored-datastore where nothing was restored).
+    RestoredFlagError: _SERVER_FAULT,
     # Policy: a refused reload names the files (not their directory); a bad decision request
     # is the caller's.
     PolicyError: Rule(Code.FAILED_PRECONDITION, _policy_message),

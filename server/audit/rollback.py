@@ -51,6 +51,12 @@ class DatastoreRolledBackError(DataStoreError):
     (restored from a backup, or rolled back): the message says what is lost and what to do."""
 
 
+class RestoredFlagError(DataStoreError):
+    """`--restored-datastore` given for a datastore that holds the last checkpoint this data
+    directory signed of it: there is no restore to accept, and the flag, left where starts
+    come from, would accept the next one unasked."""
+
+
 class _ChainStore(Protocol):
     def audit_head(self) -> Head | None: ...
 
@@ -141,6 +147,17 @@ def refuse_rollback(rollback: Rollback) -> DatastoreRolledBackError:
         f"`svid-server run {RESTORED_DATASTORE_FLAG}` and then ban, evict and revoke again "
         "what was banned, evicted and revoked since (the audit log exported or "
         "shipped elsewhere, or the server's logs, say what)"
+    )
+
+
+def refuse_restored_flag(data_dir: Path) -> RestoredFlagError:
+    return RestoredFlagError(
+        f"{RESTORED_DATASTORE_FLAG} was given, but the datastore holds the last audit "
+        f"checkpoint signed in {data_dir} (or none was signed there): it lacks nothing signed "
+        f"of it, and there is no restore to accept; start without {RESTORED_DATASTORE_FLAG}. "
+        "It is a flag of one start: left where every start takes it (a unit file, a "
+        "supervisor's command), it would serve the next restored or rolled-back datastore "
+        "unasked"
     )
 
 

@@ -19,7 +19,7 @@ import pytest
 from server.app import Server
 from server.audit import AuditLog
 from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile
-from server.audit.rollback import DatastoreRolledBackError
+from server.audit.rollback import DatastoreRolledBackError, RestoredFlagError
 from server.cli import build_parser, main
 from server.config import ServerConfig
 from server.datastore.postgres_dsn import open_postgres
@@ -95,6 +95,23 @@ def _refused(config: ServerConfig, clock: FakeClock | None = None) -> str:
     with pytest.raises(DatastoreRolledBackError) as refused:
         asyncio.run(Server(config, clock or _clock()).start())
     return str(refused.value)
+
+
+def _refused_with(error: type[Exception], config: ServerConfig, **flags: bool) -> str:
+    """What a start with `flags` was refused with; one that started is stopped, and fails."""
+
+    async def attempt() -> str | None:
+        server = Server(config, _clock(), **flags)
+        try:
+            await server.start()
+        except error as refused:
+            return str(refused)
+        await server.stop()
+        return None
+
+    said = asyncio.run(attempt())
+    assert said is not None, f"served with {flags}"
+    return said
 
 
 def _key_slots(config: ServerConfig) -> set[tuple[str, str]]:
@@ -232,3 +249,61 @@ def test_run_takes_restored_datastore_as_a_flag_of_its_own() -> None:
     """For one start: a config key would stay set and leave the guard off for good."""
     assert build_parser().parse_args(["run", "--restored-datastore"]).restored_datastore
     assert build_parser().parse_args(["run"]).restored_datastore is False
+
+
+def test_new_datastore_does_not_take_a_restored_one(
+    backend: tuple[dict[str, str], Backup],
+) -> None:
+    """--new-datastore begins anew on a missing or empty datastore; on a restored one, which
+    holds an audit log, it began nothing and served the rollback as --restored-datastore
+    does: left in a unit file after the loss of a datastore, it took every restore after
+    unasked."""
+    options, backup = backend
+    root = short_tmpdir()
+    try:
+        if "datastore" in options:
+            options = {**options, "key_encryption_key_file": str(kek_file(root))}
+        first = start_server(root, **options)
+        config = first.config
+        take, put_back = backup(config, root)
+        banned = first.attest()
+        take()
+        first.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=banned.spiffe_id), timeout=10)
+        first.stop()
+        put_back()
+
+        said = _refused_with(DatastoreRolledBackError, config, new_datastore=True)
+        assert "--restored-datastore" in said
+        assert not list(config.data_dir.glob(f"{CHECKPOINT_FILE}.before-restore-*"))
+        RunningServer(config, _clock(), restored_datastore=True).stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_restored_datastore_is_refused_where_nothing_was_restored() -> None:
+    """A start with --restored-datastore on a datastore that holds the last checkpoint served
+    as any start: the flag left in a unit file (or a supervisor's command) after the one
+    start it was meant for then took the next restore, or rollback, unasked. A second start
+    with it after the one that took the restore is refused too, and a start without it
+    serves."""
+    root = short_tmpdir()
+    try:
+        first = start_server(root)
+        config = first.config
+        take, put_back = _sqlite_backup(config, root)
+        take()
+        first.attest()
+        first.stop()
+
+        said = _refused_with(RestoredFlagError, config, restored_datastore=True)
+        assert "holds the last audit checkpoint" in said
+        assert "start without --restored-datastore" in said
+        assert not list(config.data_dir.glob(f"{CHECKPOINT_FILE}.before-restore-*"))
+
+        put_back()
+        RunningServer(config, _clock(), restored_datastore=True).stop()
+        assert _refused_with(RestoredFlagError, config, restored_datastore=True)
+        RunningServer(config, _clock()).stop()
+        assert len(_events(config, "datastore_restored")) == 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
