@@ -286,7 +286,7 @@ class CheckpointFile:
             fd = self._open_locked()
             try:
                 if unless_behind:
-                    newest = self._newest_signed_by(checkpoint.key_id)
+                    newest = self.newest_signed_by(checkpoint.key_id)
                     if newest is not None and newest.seq > checkpoint.seq:
                         return newest
                 cut_torn_tail(fd)
@@ -354,7 +354,7 @@ class CheckpointFile:
             extra={"rotated_to": str(self.rotated), "max_bytes": self._max_bytes},
         )
 
-    def _newest_signed_by(self, key_id: str) -> Checkpoint | None:
+    def newest_signed_by(self, key_id: str) -> Checkpoint | None:
         """The newest checkpoint line whose signature verifies under `key_id`'s key: a line
         anyone could have added must not stop a real checkpoint from being written."""
         return self._newest_verified(key_id, lambda cp: cp.kind == CHECKPOINT)

@@ -38,7 +38,6 @@ from server.audit.event import EventKind
 from server.audit.log import AuditLog
 from server.datastore.errors import DataStoreError
 from server.datastore.records import Head
-from svid import AuditCheckpointError
 from svid._clock import format_utc
 
 RESTORED_DATASTORE_FLAG = "--restored-datastore"
@@ -103,20 +102,20 @@ class Rollback:
 
 
 def find_rollback(store: _ChainStore, data_dir: Path) -> Rollback | None:
-    """The newest checkpoint of `data_dir`'s file, when the key published beside it signed it
-    and the stored chain does not hold its (seq, hash); None when it does, or that event was
+    """The newest checkpoint of `data_dir`'s file that the key published beside it signed,
+    when the stored chain does not hold its (seq, hash); None when it does, or that event was
     pruned since (retention removes the oldest events, never the head). Reads only: a start
     asks before its CA makes or activates any key in a datastore it may refuse."""
     published = data_dir / PUBLIC_KEY_FILE
-    checkpoint = CheckpointFile(data_dir / CHECKPOINT_FILE).last()
-    if checkpoint is None or checkpoint.seq == 0 or not published.exists():
+    if not published.exists():
         return None
     try:
-        key_id, key = load_public_key(published)
-        if checkpoint.key_id != key_id:
-            return None
-        checkpoint.verify_signature(key)
-    except (CheckpointError, AuditCheckpointError):
+        key_id, _ = load_public_key(published)
+    except CheckpointError:
+        return None
+    # Not the newest line: one of another key, or one not verifying, would hide the rest.
+    checkpoint = CheckpointFile(data_dir / CHECKPOINT_FILE).newest_signed_by(key_id)
+    if checkpoint is None or checkpoint.seq == 0:
         return None
     head = store.audit_head()
     head_seq = 0 if head is None else head.seq

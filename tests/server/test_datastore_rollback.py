@@ -18,8 +18,9 @@ import pytest
 
 from server.app import Server
 from server.audit import AuditLog
-from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile
+from server.audit.checkpoint import CHECKPOINT_FILE, CheckpointFile, CheckpointSigner
 from server.audit.rollback import DatastoreRolledBackError, RestoredFlagError
+from server.ca.keys import EC_P256, generate_key
 from server.cli import build_parser, main
 from server.config import ServerConfig
 from server.datastore.postgres_dsn import open_postgres
@@ -305,5 +306,31 @@ def test_restored_datastore_is_refused_where_nothing_was_restored() -> None:
         assert _refused_with(RestoredFlagError, config, restored_datastore=True)
         RunningServer(config, _clock()).stop()
         assert len(_events(config, "datastore_restored")) == 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_line_of_another_key_after_the_last_checkpoint_does_not_hide_a_restore() -> None:
+    """The check read the file's newest line and, signed by another key than the one
+    published beside it (or not verifying), checked nothing: one line anyone could append,
+    or a corrupt one, let a restored datastore serve unasked. It reads the newest checkpoint
+    the published key signed, as the writer does."""
+    root = short_tmpdir()
+    try:
+        first = start_server(root)
+        config = first.config
+        take, put_back = _sqlite_backup(config, root)
+        take()
+        first.attest()
+        first.stop()
+        file = CheckpointFile(config.data_dir / CHECKPOINT_FILE)
+        signed = file.last()
+        assert signed is not None
+        other = CheckpointSigner(generate_key(EC_P256))
+        file.append(other.sign(signed.seq + 5, "00" * 32, signed.seq + 5, signed.time + 1))
+        put_back()
+
+        said = _refused_with(DatastoreRolledBackError, config)
+        assert f"names seq {signed.seq}" in said
     finally:
         shutil.rmtree(root, ignore_errors=True)
