@@ -10,6 +10,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
+import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor import _crypto
@@ -19,7 +20,7 @@ from agent_attestor.schedule import DueHeap
 from agent_attestor.signer import SvidSigner
 from svid._backoff import Retry
 from svid._clock import Clock, ElapsedClock, format_utc
-from svid._log_throttle import LogThrottle
+from svid._log_throttle import KeyedThrottles
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,12 @@ BATCH_WINDOW = 0.3
 # Seconds between "SVID issuance failed" lines while issuance keeps failing (the server away):
 # each retry, every retry_max seconds at most, wrote its own.
 FAILURE_LOG_INTERVAL = 300.0
+
+
+def _failure_kind(exc: BaseException) -> tuple[type[BaseException], object]:
+    # A new kind (the server refusing, after it was away) is news, not one more of the same.
+    code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+    return type(exc), code
 
 
 def should_rotate(
@@ -111,7 +118,7 @@ class Rotator:
         self._cap = max_prefetched
         self._batch_window = batch_window
         self._failures = 0
-        self._failure_log = LogThrottle(FAILURE_LOG_INTERVAL, clock)
+        self._failure_log = KeyedThrottles(FAILURE_LOG_INTERVAL, clock)
         self._wake = asyncio.Event()
         self._renew = DueHeap()  # entry id -> rotation point of its SVID
         self._expire = DueHeap()  # entry id -> NotAfter of its SVID
@@ -285,7 +292,7 @@ class Rotator:
                         queue.setdefault(eid, None)
                 self._failures += 1
                 delay: float = min(self._retry_max, self._retry_min * 2.0 ** (self._failures - 1))
-                times = self._failure_log.due()
+                times = self._failure_log.due(_failure_kind(exc))
                 if times:
                     log.warning(
                         "SVID issuance failed; will retry",
@@ -312,7 +319,7 @@ class Rotator:
     def _issued_again(self) -> None:
         if self._failures:
             self._failures = 0
-            self._failure_log = LogThrottle(FAILURE_LOG_INTERVAL, self._clock)  # next: news
+            self._failure_log = KeyedThrottles(FAILURE_LOG_INTERVAL, self._clock)  # next: news
 
     async def _issue(self, entry_ids: Sequence[str]) -> None:
         """Mint and install SVIDs for `entry_ids`."""

@@ -65,3 +65,27 @@ def test_failed_issuance_is_said_at_once_then_once_an_interval(said: _Lines) -> 
         assert [getattr(r, "times", None) for r in said.records] == [1, RETRIES, 1]
     finally:
         harness.close()
+
+
+def test_another_kind_of_failure_is_said_at_once(said: _Lines) -> None:
+    """Fails on main: one throttle for every failure, so a new one (the server refusing the
+    CSRs, after it was unreachable) went unsaid for up to 5 minutes behind the first."""
+    harness = Harness()
+    try:
+        harness.signer.fail = True
+        harness.add_entry("/w", issue=False)
+        delay = harness.lt.run(harness.rotator.tick())
+        assert delay is not None
+        harness.clock.advance(delay)
+
+        async def refuse(params: object) -> object:
+            raise PermissionError("the server refused the CSR")
+
+        harness.signer.batch_new_x509 = refuse  # type: ignore[method-assign]
+        harness.lt.run(harness.rotator.tick())
+        assert [r.error for r in said.records] == [  # type: ignore[attr-defined]
+            "server unreachable",
+            "the server refused the CSR",
+        ]
+    finally:
+        harness.close()
