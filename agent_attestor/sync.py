@@ -60,7 +60,7 @@ from svid._clock import Clock, ElapsedClock
 from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
 from svid._held import to_its_end
-from svid._log_throttle import LogThrottle
+from svid._log_throttle import KeyedThrottles, LogThrottle
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -229,8 +229,10 @@ class Syncer:
         self._not_ours_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._attest_refused_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._attest_limited_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
-        # A server away is retried every reconnect_max seconds at most, for as long as it is.
-        self._unreachable_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
+        # A server away is retried every reconnect_max seconds at most, for as long as it is;
+        # by server and kind of failure, so a new one (the server back, attestation failing)
+        # is said at once, not behind the last.
+        self._unreachable_log = KeyedThrottles(OPERATOR_LOG_INTERVAL, clock)
         # A full disk refuses the bundle at every Sync message that carries one.
         self._bundle_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._bundle_save_failures = 0  # since the last save that worked
@@ -751,7 +753,7 @@ class Syncer:
                 self._servers.connected()
                 log.info("Sync stream up", extra={"server": self.server})
                 # The next outage is news: its first failure said at once.
-                self._unreachable_log = LogThrottle(OPERATOR_LOG_INTERVAL, self._clock)
+                self._unreachable_log = KeyedThrottles(OPERATOR_LOG_INTERVAL, self._clock)
             self.connected = True
             self.link.up()
             self.syncs += 1
@@ -920,7 +922,7 @@ class Syncer:
                 self._unverified(str(exc))
                 await self._after_failure(failure_code(exc), "server not verified")
             except (AttestationError, ConnectionError, OSError) as exc:
-                times = self._unreachable_log.due()
+                times = self._unreachable_log.due((self.server, type(exc), failure_code(exc)))
                 if times:
                     log.warning(
                         "cannot reach or attest to the server",

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent_attestor import sync
+from agent_attestor.errors import AttestationError
+from agent_attestor.node_client import NodeClient
 from agent_attestor.sync import OPERATOR_LOG_INTERVAL
 from svid._clock import FakeClock
 from tests.e2e.agent_process import new_token
@@ -62,3 +64,53 @@ def test_a_server_away_is_said_at_once_then_once_an_interval(
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
         asyncio.run(scenario())
     assert getattr(said()[-1], "times", 0) >= 5  # each failure since the first, counted
+
+
+def test_another_kind_of_failure_is_said_at_once(
+    server_process: ServerProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fails on main: one throttle for every failure, so the next kind (the server back but the
+    agent's attestation failing, after its ports refused) went unsaid for up to 5 minutes."""
+    clock = FakeClock()
+    syncer = in_process_syncer(
+        server_process, tmp_path, clock, join_token=new_token(server_process)
+    )
+    server_process.stop()
+    failures = 0
+    real_backoff = sync.backoff_delay
+
+    def counted(*args: float) -> float:
+        nonlocal failures
+        failures += 1
+        return real_backoff(*args)
+
+    monkeypatch.setattr(sync, "backoff_delay", counted)
+
+    def said() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if EACH_TIME in r.getMessage()]
+
+    async def scenario() -> None:
+        task = asyncio.create_task(syncer.run())
+        try:
+            await until(lambda: failures >= 2, "two failed attempts")
+
+            async def fails(client: object, **kwargs: object) -> object:
+                raise AttestationError("the server's answer holds no agent SVID")
+
+            monkeypatch.setattr(NodeClient, "attest", fails)
+            seen = failures
+            await until(lambda: failures >= seen + 2, "two more failed attempts")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await syncer.close()
+
+    with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    errors = [getattr(r, "error", "") for r in said()]
+    assert len(errors) == 2, errors
+    assert errors[1] == "the server's answer holds no agent SVID"
