@@ -55,6 +55,9 @@ _GOAWAY = 0x7
 _ENHANCE_YOUR_CALM = 0xB
 # A workload that closed its end (or shut down its writing): nothing it sends can come any more.
 _PEER_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+# Seconds between two looks of one uid at its connections for ones its workloads closed: a look
+# polls each of them (~70 us for 256), and a uid at its maximum may connect in a loop.
+REAP_INTERVAL = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +212,7 @@ class _Link:
                 held.discard(self)
                 if not held:
                     del self.relay.links_of[self.uid]
+                    self.relay.reaped_at.pop(self.uid, None)
             self.uid = None
         self.relay.links.discard(self)
 
@@ -234,6 +238,7 @@ class WorkloadRelay:
         self.clock = clock or SystemClock()
         self.links: set[_Link] = set()
         self.links_of: dict[int, set[_Link]] = {}  # the admitted links, by uid
+        self.reaped_at: dict[int, float] = {}  # when _reap_gone last looked, by uid with links
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
         self.pool = IdentifyPool(self.settings.identify_threads, self.settings.identify_per_uid)
         self._caller_log = caller_log(self.clock)
@@ -389,8 +394,17 @@ class WorkloadRelay:
         next to the hang-ups of the old: accepted first, they were refused at the uid's
         maximum for connections that were already dead. Only `uid`'s own connections are
         looked at, so no caller can push out another uid's; and only ones its workload closed
-        or shut down for writing, so a uid still holds no more than its maximum of live ones."""
+        or shut down for writing, so a uid still holds no more than its maximum of live ones.
+
+        At most once per REAP_INTERVAL for a uid: what was closed before the first refusal is
+        found at once, what closes later is read by the loop as ever, and a uid's loop of
+        connections refused one by one costs no more than their refusals."""
         links = list(self.links_of.get(uid, ()))
+        now = self.clock.monotonic()
+        last = self.reaped_at.get(uid)
+        if not links or (last is not None and now - last < REAP_INTERVAL):
+            return
+        self.reaped_at[uid] = now
         poller = select.poll()
         by_fd: dict[int, _Link] = {}
         for link in links:

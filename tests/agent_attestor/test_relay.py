@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import shutil
 import socket
 import threading
@@ -24,6 +25,7 @@ from agent_attestor.errors import ConfigError
 from agent_attestor.model import Selector
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import READ_BUFFER, RelaySettings, WorkloadRelay
+from svid._clock import FakeClock
 from svid.tasks import TaskClient
 from svid.workloadapi import WorkloadApiClient, WorkloadApiUnavailableError
 from tests.backlog import fill_backlog
@@ -437,3 +439,47 @@ def test_a_connection_refused_at_the_uids_maximum_is_said_so_to_the_client(
 
     settings = RelaySettings(max_connections_per_uid=1)
     asyncio.run(_with_relay(root, _echo, body, settings=settings))
+
+
+def test_a_uid_flooding_at_its_maximum_is_not_reaped_at_every_connection(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fails on main: each refused connection of a uid at its maximum polled every connection
+    the uid held (~70 us for 256, five times the accept and refusal), so one process connecting
+    in a loop kept the agent's event loop busy for every other caller."""
+    polls = 0
+    real_poll = select.poll
+
+    def counted() -> select.poll:
+        nonlocal polls
+        polls += 1
+        return real_poll()
+
+    monkeypatch.setattr(select, "poll", counted)
+    clock = FakeClock()
+
+    async def echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"ping")
+        try:
+            return await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return False
+
+    async def body(relay: WorkloadRelay, peers: list[str]) -> None:
+        relay.clock = clock
+        path = str(relay.public_path)
+        held = [await asyncio.open_unix_connection(path) for _ in range(2)]
+        for reader, writer in held:
+            assert await echoes(reader, writer)
+        for _ in range(20):
+            reader, writer = await asyncio.open_unix_connection(path)
+            assert not await echoes(reader, writer)
+            writer.close()
+        assert polls <= 1
+        # A connection its workload closed still makes room, once the pause is over.
+        held[0][1].close()
+        clock.advance(1.0)
+        assert await echoes(*await asyncio.open_unix_connection(path))
+
+    settings = RelaySettings(max_connections_per_uid=2)
+    asyncio.run(_with_relay(root, _echo_ignoring_hang_up, body, settings=settings))
