@@ -394,7 +394,8 @@ class WorkloadRelay:
         next to the hang-ups of the old: accepted first, they were refused at the uid's
         maximum for connections that were already dead. Only `uid`'s own connections are
         looked at, so no caller can push out another uid's; and only ones its workload closed
-        or shut down for writing, so a uid still holds no more than its maximum of live ones.
+        or shut down for writing, so a uid still holds no more than its maximum of live ones,
+        and only ones relayed already (see below).
 
         At most once per REAP_INTERVAL for a uid: what was closed before the first refusal is
         found at once, what closes later is read by the loop as ever, and a uid's loop of
@@ -408,6 +409,10 @@ class WorkloadRelay:
         poller = select.poll()
         by_fd: dict[int, _Link] = {}
         for link in links:
+            if link.inner.transport is None:
+                # Still identified: its duplicate descriptor is held until identification
+                # ends, so it stays counted until then, closed or not.
+                continue
             fd = link.conn.fileno()
             if fd < 0:  # closed already; its connection_lost is on its way
                 link.evict()

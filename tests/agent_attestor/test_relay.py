@@ -59,6 +59,8 @@ async def _with_relay(
     body: Callable[[WorkloadRelay, list[str]], Awaitable[None]],
     public: Path | None = None,
     settings: RelaySettings | None = None,
+    *,
+    attestors: list[_HeldAttestor] | None = None,
 ) -> WorkloadRelay:
     peers: list[str] = []
 
@@ -69,7 +71,11 @@ async def _with_relay(
     internal = root / "api.sock"
     server = await asyncio.start_unix_server(inner, str(internal))
     relay = WorkloadRelay(
-        public or root / "public.sock", internal, CallerRegistry(), [], settings=settings
+        public or root / "public.sock",
+        internal,
+        CallerRegistry(),
+        attestors or [],
+        settings=settings,
     )
     await relay.start()
     try:
@@ -483,3 +489,56 @@ def test_a_uid_flooding_at_its_maximum_is_not_reaped_at_every_connection(
 
     settings = RelaySettings(max_connections_per_uid=2)
     asyncio.run(_with_relay(root, _echo_ignoring_hang_up, body, settings=settings))
+
+
+def test_connections_closed_while_identified_stay_counted_until_identification_ends(
+    root: Path,
+) -> None:
+    """Fails on main: a uid at its maximum had its connections still waiting for identification
+    dropped from its count once their workloads closed them, while each one's duplicate
+    descriptor stayed held until its identification ran (up to identify_timeout): a loop of
+    connect and close held a descriptor more each time, past the uid's maximum and towards
+    the agent's limit."""
+    attestor = _HeldAttestor()
+    clock = FakeClock()
+    uid = os.getuid()
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def body(relay: WorkloadRelay, peers: list[str]) -> None:
+        relay.clock = clock
+        admitted = relay.admission.admit
+        decided = 0
+
+        def counted(who: int) -> bool:
+            nonlocal decided
+            decided += 1
+            return admitted(who)
+
+        relay.admission.admit = counted  # type: ignore[method-assign]
+        path = str(relay.public_path)
+        _, first = await asyncio.open_unix_connection(path)
+        try:
+            await asyncio.to_thread(attestor.started.wait, 10)
+            assert attestor.started.is_set()
+            before = descriptors()
+            for tries in range(2, 22):
+                _, writer = await asyncio.open_unix_connection(path)
+                writer.close()
+                await _until(lambda tries=tries: decided >= tries)  # type: ignore[misc]
+                clock.advance(1.0)
+            assert relay.admission.held_by(uid) == 2
+            # The one admitted after the first and the refused ones not yet hung up, at most.
+            await _until(lambda: descriptors() <= before + 4)
+        finally:
+            attestor.release.set()
+            first.close()
+
+    settings = RelaySettings(max_connections_per_uid=2, identify_per_uid=1)
+    try:
+        asyncio.run(
+            _with_relay(root, _echo_ignoring_hang_up, body, settings=settings, attestors=[attestor])
+        )
+    finally:
+        attestor.release.set()
