@@ -4,7 +4,6 @@ server does."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import grpc
@@ -13,33 +12,18 @@ import pytest
 from agent_attestor.workload_api import MINT_FAILURE_LOG_INTERVAL
 from svid._proto import workload_pb2
 from tests.agent_attestor.harness import HEADER, Harness
+from tests.log_lines import LogLines, log_lines
 
 MISSES = 40  # within the uid's mint burst: each is a mint that fails, not a refusal
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
-def mint_log() -> Iterator[_Lines]:
-    logger = logging.getLogger("agent_attestor.workload_api")
-    lines, level = _Lines(), logger.level
-    logger.addHandler(lines)
-    logger.setLevel(logging.DEBUG)
-    try:
+def mint_log() -> Iterator[LogLines]:
+    with log_lines("agent_attestor.workload_api") as lines:
         yield lines
-    finally:
-        logger.removeHandler(lines)
-        logger.setLevel(level)
 
 
-def test_failed_mints_are_logged_once_an_interval_with_how_many(mint_log: _Lines) -> None:
+def test_failed_mints_are_logged_once_an_interval_with_how_many(mint_log: LogLines) -> None:
     """Fails on main: each failed mint wrote its own warning (~600 bytes), 100 a second per uid
     (its mint budget) for as long as a workload asked, each audience a miss."""
     harness = Harness()

@@ -4,7 +4,6 @@ tries again at every flush, and a server away for an hour is 7,200 of them."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterator
 
 import grpc
@@ -13,6 +12,7 @@ import pytest
 from agent_attestor.tasks.reporter import FAILURE_LOG_INTERVAL, FLUSH_INTERVAL, ValidationReporter
 from svid._clock import FakeClock
 from svid._proto import task_pb2
+from tests.log_lines import LogLines, log_lines
 
 MESSAGE = "cannot report validations to the server"
 
@@ -26,30 +26,13 @@ async def _unreachable(request: task_pb2.ReportValidationsRequest) -> object:
     )
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == MESSAGE:
-            self.records.append(record)
-
-
 @pytest.fixture
-def said() -> Iterator[_Lines]:
-    logger = logging.getLogger("agent_attestor.tasks.reporter")
-    lines, level = _Lines(), logger.level
-    logger.addHandler(lines)
-    logger.setLevel(logging.DEBUG)
-    try:
+def said() -> Iterator[LogLines]:
+    with log_lines("agent_attestor.tasks.reporter", MESSAGE) as lines:
         yield lines
-    finally:
-        logger.removeHandler(lines)
-        logger.setLevel(level)
 
 
-def test_reports_held_back_are_said_once_an_interval_not_at_every_flush(said: _Lines) -> None:
+def test_reports_held_back_are_said_once_an_interval_not_at_every_flush(said: LogLines) -> None:
     """Fails on main: each flush (every 0.5 s) wrote the warning for as long as the server was
     away, after any local process had one token validated."""
     clock = FakeClock()

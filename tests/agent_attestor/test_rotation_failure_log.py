@@ -3,42 +3,25 @@ rotator retries every retry_max seconds at most, for as long as it fails."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import pytest
 
 from agent_attestor.rotation import FAILURE_LOG_INTERVAL
 from tests.agent_attestor.harness import Harness
+from tests.log_lines import LogLines, log_lines
 
 MESSAGE = "SVID issuance failed; will retry"
 RETRIES = 8
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == MESSAGE:
-            self.records.append(record)
-
-
 @pytest.fixture
-def said() -> Iterator[_Lines]:
-    logger = logging.getLogger("agent_attestor.rotation")
-    lines, level = _Lines(), logger.level
-    logger.addHandler(lines)
-    logger.setLevel(logging.DEBUG)
-    try:
+def said() -> Iterator[LogLines]:
+    with log_lines("agent_attestor.rotation", MESSAGE) as lines:
         yield lines
-    finally:
-        logger.removeHandler(lines)
-        logger.setLevel(level)
 
 
-def test_failed_issuance_is_said_at_once_then_once_an_interval(said: _Lines) -> None:
+def test_failed_issuance_is_said_at_once_then_once_an_interval(said: LogLines) -> None:
     """Fails on main: each retry wrote its own line, ~360 an hour of the server's absence."""
     harness = Harness()
     try:
@@ -67,7 +50,7 @@ def test_failed_issuance_is_said_at_once_then_once_an_interval(said: _Lines) -> 
         harness.close()
 
 
-def test_another_kind_of_failure_is_said_at_once(said: _Lines) -> None:
+def test_another_kind_of_failure_is_said_at_once(said: LogLines) -> None:
     """Fails on main: one throttle for every failure, so a new one (the server refusing the
     CSRs, after it was unreachable) went unsaid for up to 5 minutes behind the first."""
     harness = Harness()

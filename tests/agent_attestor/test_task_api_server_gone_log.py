@@ -3,7 +3,6 @@ calls they make: over the real Workload API socket, the server answering UNAVAIL
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import grpc
@@ -14,6 +13,7 @@ from agent_attestor.tasks.api import SERVER_FAILURE_LOG_INTERVAL, TasksApi
 from agent_attestor.workload_attestor import UnixAttestor
 from svid._proto import task_pb2, task_pb2_grpc
 from tests.agent_attestor.harness import HEADER, Harness
+from tests.log_lines import LogLines, log_lines
 
 CALLS = 30
 MESSAGE = "task request to the server failed"
@@ -31,30 +31,13 @@ class GoneServer:
         )
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == MESSAGE:
-            self.records.append(record)
-
-
 @pytest.fixture
-def said() -> Iterator[_Lines]:
-    logger = logging.getLogger("agent_attestor.tasks.api")
-    lines, level = _Lines(), logger.level
-    logger.addHandler(lines)
-    logger.setLevel(logging.DEBUG)
-    try:
+def said() -> Iterator[LogLines]:
+    with log_lines("agent_attestor.tasks.api", MESSAGE) as lines:
         yield lines
-    finally:
-        logger.removeHandler(lines)
-        logger.setLevel(level)
 
 
-def test_calls_that_cannot_reach_the_server_are_logged_once_an_interval(said: _Lines) -> None:
+def test_calls_that_cannot_reach_the_server_are_logged_once_an_interval(said: LogLines) -> None:
     """Fails on main: each call wrote its own warning, as fast as any local workload called."""
     h = Harness()
     tasks = TasksApi(h.cache, h.registry, GoneServer(), h.jwts, clock=h.clock)

@@ -4,7 +4,6 @@ and each request's traceback is not written again."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 
 from server.datastore.errors import StorageError
 from svid._spiffe_id import SpiffeId
+from tests.log_lines import LogLines, log_lines
 from tests.server.oauth.conftest import RESOURCE, OAuthServer
 
 REQUESTS = 10  # within the host's budget of refusals on record (a burst of 20)
@@ -21,29 +21,10 @@ NOT_RECORDED = "OAuth token not recorded: refused"
 NOT_AUDITED = "an OAuth refusal could not be audited"
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def said(self, message: str) -> list[logging.LogRecord]:
-        return [r for r in self.records if r.getMessage() == message]
-
-
 @pytest.fixture
-def grants_log() -> Iterator[_Lines]:
-    logger = logging.getLogger("svid.server.oauth")
-    lines, level = _Lines(), logger.level
-    logger.addHandler(lines)
-    logger.setLevel(logging.DEBUG)
-    try:
+def grants_log() -> Iterator[LogLines]:
+    with log_lines("svid.server.oauth") as lines:
         yield lines
-    finally:
-        logger.removeHandler(lines)
-        logger.setLevel(level)
 
 
 def _post(server: OAuthServer, **form: str) -> httpx.Response:
@@ -51,7 +32,7 @@ def _post(server: OAuthServer, **form: str) -> httpx.Response:
 
 
 def test_requests_refused_for_an_outage_write_no_traceback_each(
-    oauth_server: OAuthServer, monkeypatch: pytest.MonkeyPatch, grants_log: _Lines
+    oauth_server: OAuthServer, monkeypatch: pytest.MonkeyPatch, grants_log: LogLines
 ) -> None:
     """Fails on main: each request wrote its traceback (~3 KB), as fast as clients sent them,
     onto the disk that may be the one that is full. At most one here: the interval is the
