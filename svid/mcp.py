@@ -35,6 +35,7 @@ import logging
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx2
 from mcp.server.auth.provider import AccessToken
@@ -422,9 +423,6 @@ def _acting_id(access: VerifiedAccessToken, trust_domain: TrustDomain) -> Spiffe
     return SpiffeId(trust_domain, "")
 
 
-_METADATA_PATH = "/.well-known/oauth-protected-resource"  # RFC 9728 section 3.1
-
-
 class _AccessTokenMiddleware(_McpMiddleware):
     """``_McpMiddleware`` admitting svidd access tokens (``AccessTokenAuth.protect``) in
     place of JWT-SVIDs: the same sessions, open requests, revocations and staleness watch, by
@@ -443,14 +441,15 @@ class _AccessTokenMiddleware(_McpMiddleware):
         self._access = access  # before the base class asks _fresh_for
         self._access_callers: dict[str, _AccessTokenCaller] = {}
         self._metadata_param = f'resource_metadata="{resource_metadata}"'.encode()
+        # That one document only (RFC 9728 section 3.1): the server's other routes under the
+        # well-known prefix (its own, another resource's) are its routes like any other.
+        self._metadata_path = urlsplit(resource_metadata).path
         super().__init__(app, server, None, **options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path = scope.get("path", "")
-            if path == _METADATA_PATH or str(path).startswith(_METADATA_PATH + "/"):
-                await self.app(scope, receive, send)
-                return
+        if scope["type"] == "http" and scope.get("path") == self._metadata_path:
+            await self.app(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
 
     async def _refuse(self, kind: str, send: Send, refusal: Refusal) -> None:

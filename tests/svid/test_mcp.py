@@ -18,6 +18,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
+from starlette.responses import PlainTextResponse
 
 import svid.mcp
 from svid import MemoryBundleSource, SpiffeBundle, X509Bundle, sign_jws
@@ -737,3 +738,37 @@ def test_an_access_token_revoked_between_its_verification_and_its_admission_is_r
         b'error="invalid_token", error_description="credential revoked"'
         in dict(sent[0]["headers"])[b"www-authenticate"]
     )
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/.well-known/oauth-protected-resource/mcp/admin",
+        "/.well-known/oauth-protected-resource/admin",
+        "/.well-known/oauth-protected-resource",
+    ],
+)
+def test_only_the_resource_metadata_document_is_served_without_a_token(
+    source: RevokingSource, path: str
+) -> None:
+    """Every path under the metadata's prefix was let through unchecked: a route of the
+    server's own there (a custom route, or another resource's document) was served to anyone,
+    and the SDK checks tokens on its MCP endpoint only."""
+    auth = svid.mcp.AccessTokenAuth(source, issuer=ISSUER, resource=RESOURCE)
+    server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
+
+    @server.custom_route(path, methods=["GET"])
+    async def private(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("for token holders")
+
+    app = auth.protect(server)
+    with serving(app) as url:
+        other = httpx.get(f"{url}{path}", timeout=10)
+        metadata = httpx.get(f"{url}/.well-known/oauth-protected-resource/mcp", timeout=10)
+        admitted = httpx.get(
+            f"{url}{path}", headers={"Authorization": f"Bearer {access_token()}"}, timeout=10
+        )
+    assert other.status_code == 401, other.text
+    assert metadata.status_code == 200, metadata.text
+    assert admitted.status_code == 200
+    assert admitted.text == "for token holders"
