@@ -258,6 +258,11 @@ class TaskAuth:
         if token != admitted_token:  # not the token whose tool grants were checked
             log.error("refused a bearer token other than the one TaskAuth.protect() admitted")
             return None
+        if caller.jwt is None or caller.audience != self.audience:
+            # Admitted by another protect() (an AccessTokenAuth's, another audience's TaskAuth):
+            # its tool grants were not checked for this server, nor is it a JWT-SVID.
+            log.error("refused a token another auth's protect() admitted: serve auth.protect()")
+            return None
         return TaskAccessToken._of(token, caller, self.audience)
 
     def access_token(self, token: str) -> TaskAccessToken:

@@ -328,6 +328,43 @@ def test_the_sdk_check_accepts_only_the_token_protect_admitted(source: RevokingS
     assert seen[1] is None
 
 
+def test_the_sdk_check_refuses_a_token_another_auths_protect_admitted(
+    source: RevokingSource,
+) -> None:
+    # A server whose SDK checks tokens with one TaskAuth but is served behind another's
+    # protect() (another audience): the caller it admitted had that server's grants checked,
+    # not this one's. Only a caller of this auth's own audience and kind goes through.
+    ours = svid.mcp.TaskAuth(source, audience=AUDIENCE)
+    theirs = svid.mcp.TaskAuth(source, audience="other-server")
+    token = task_token(aud=["other-server"])
+    seen: list[Any] = []
+
+    async def sdk_app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(await ours.verify_token(token))
+        seen.append(await theirs.verify_token(token))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    server = SimpleNamespace(session_manager=SimpleNamespace(_server_instances={}))
+    protected = theirs._protected(sdk_app, server)
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/mcp",
+        "headers": [(b"authorization", f"Bearer {token}".encode())],
+    }
+
+    async def receive() -> Any:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    asyncio.run(protected(scope, receive, send))
+    assert seen[0] is None
+    assert isinstance(seen[1], svid.mcp.TaskAccessToken)
+
+
 def test_a_bearer_token_after_several_spaces_is_admitted_by_the_sdk_too(
     source: RevokingSource,
 ) -> None:
