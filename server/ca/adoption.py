@@ -125,7 +125,9 @@ def plan_adoption(
     now: float, journal: Sequence[KeySlot], records: Sequence[KeyRecord]
 ) -> list[KeySlot]:
     """The slots of one kind to journal again, with their status, oldest first: `records` are
-    the checked records of key files of that kind the journal does not name."""
+    the checked records of key files of that kind the journal does not name. The journal's
+    prepared slot, when a key is taken back after it, comes first with its status as the
+    schedule had it since."""
     if not journal:
         return []
     known = {slot.slot_id for slot in journal}
@@ -136,13 +138,30 @@ def plan_adoption(
         if slot.created_at < newest or not record.lineage & known:
             continue
         known.add(slot.slot_id)  # an expired key still links its successors to the journal
-        if now < slot.not_after and slot.not_before <= now + MAX_CLOCK_SKEW:
+        if now < slot.not_after and _begun(now, slot):
             taken.append(slot)
-    # A key with a successor was retired when the schedule activated that one; until then it
-    # was the active key and its successor the prepared one.
-    return [
-        replace(
-            slot, status=ACTIVE if now < activate_at(slot.not_before, slot.not_after) else RETIRED
-        )
-        for slot in taken[:-1]
-    ] + [replace(slot, status=PREPARED) for slot in taken[-1:]]
+    if not taken:
+        return []
+    # A key with a successor was activated before that one was made (a key is prepared only
+    # when none waits) and retired when the schedule activated its successor. The journal's
+    # own prepared key is one: left prepared beside the newer one taken back, the schedule
+    # kept the newer waiting and dropped it, key file and all, where it was the CA in use.
+    waited = [
+        slot
+        for slot in journal
+        if slot.status == PREPARED and now < slot.not_after and _begun(now, slot)
+    ]
+    return [_by_schedule(now, slot) for slot in (*waited, *taken[:-1])] + [
+        replace(taken[-1], status=PREPARED)
+    ]
+
+
+def _begun(now: float, slot: KeySlot) -> bool:
+    return slot.not_before <= now + MAX_CLOCK_SKEW
+
+
+def _by_schedule(now: float, slot: KeySlot) -> KeySlot:
+    """A key with a successor: active until its successor's activation time, retired after."""
+    return replace(
+        slot, status=ACTIVE if now < activate_at(slot.not_before, slot.not_after) else RETIRED
+    )

@@ -663,8 +663,11 @@ class CaManager:
             for slot in plan_adoption(now, slots, records[kind]):
                 self._ds.save_key_slot(slot)
                 _log.warning(
-                    "key the datastore did not journal taken back from its files (a datastore "
-                    "restored from before its making)",
+                    "key the datastore journals as prepared was activated since, as the keys "
+                    "taken back after it show"
+                    if slot.slot_id in named
+                    else "key the datastore did not journal taken back from its files (a "
+                    "datastore restored from before its making)",
                     extra={"kind": kind, "slot_id": slot.slot_id, "status": slot.status},
                 )
 

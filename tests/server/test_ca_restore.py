@@ -259,3 +259,29 @@ def test_under_an_upstream_ca_only_a_key_it_certified_comes_back(
     site.restore(copy)
     again = site.manager(config if same_upstream else upstream("root-b"))
     assert (again.x509_signer().ca_certificate == in_use) is same_upstream
+
+
+def test_a_backup_holding_a_prepared_key_keeps_it_once_it_was_activated_since(
+    site: Site, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The backup journals the next key still prepared; since, it was activated (the CA in
+    use) and its own successor prepared. Both prepared once restored, the schedule kept the
+    newer and dropped the one in use, its key file deleted: the SVIDs it signed, the agents'
+    among them, verified no more and its key was gone for good. It must sign on with it."""
+    first = site.manager()
+    _rotate_until(first, clock, made_since=1, newest=PREPARED)
+    copy = site.backup()
+    _rotate_until(first, clock, made_since=1, newest=PREPARED)
+    in_use = first.x509_signer().ca_certificate
+    agent_leaf = _leaf(first)
+    journal = {k: {s.slot_id: s.status for s in first.key_slots(k)} for k in (X509_KIND, JWT_KIND)}
+    key_files = site.keys.slot_ids()
+
+    site.restore(copy)
+    again = site.manager()
+    assert again.x509_signer().ca_certificate == in_use
+    assert site.keys.slot_ids() == key_files
+    restored = {k: {s.slot_id: s.status for s in again.key_slots(k)} for k in journal}
+    assert restored == journal
+    kept = openssl_verify(tmp_path, agent_leaf, again.bundle().x509_authorities, at=clock.now())
+    assert kept.returncode == 0, kept.stderr
