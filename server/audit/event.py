@@ -53,6 +53,7 @@ class EventKind(StrEnum):
     AGENT_EVICTED = "agent_evicted"
     AGENT_BANNED = "agent_banned"
     CA_KEYS_FORGOTTEN = "ca_keys_forgotten"
+    CA_KEYS_TAKEN_BACK = "ca_keys_taken_back"
     DATASTORE_RESTORED = "datastore_restored"
 
 

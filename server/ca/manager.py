@@ -41,6 +41,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from server.audit import AuditLog, EventKind
 from server.ca import rotation
 from server.ca.adoption import (
     LINEAGE_DEPTH,
@@ -659,8 +660,12 @@ class CaManager:
             if record is not None and record.slot.kind in records:
                 records[record.slot.kind].append(record)
         now = self._clock.now()
-        for kind, slots in journal.items():
-            for slot in plan_adoption(now, slots, records[kind]):
+        plans = {kind: plan_adoption(now, slots, records[kind]) for kind, slots in journal.items()}
+        taken = [slot for slots in plans.values() for slot in slots]
+        if taken:
+            self._audit_taken_back(taken, named)
+        for kind, slots in plans.items():
+            for slot in slots:
                 self._ds.save_key_slot(slot)
                 _log.warning(
                     "key the datastore journals as prepared was activated since, as the keys "
@@ -670,6 +675,30 @@ class CaManager:
                     "datastore restored from before its making)",
                     extra={"kind": kind, "slot_id": slot.slot_id, "status": slot.status},
                 )
+
+    def _audit_taken_back(self, slots: Sequence[KeySlot], named: set[str]) -> None:
+        """The audit event first: which CA signs changes with no operator's command, so the
+        audit log says it (if it cannot be written, nothing is taken back and the start
+        fails)."""
+        AuditLog(self._ds, self._clock).append(
+            EventKind.CA_KEYS_TAKEN_BACK,
+            action="take_back_keys",
+            decision="taken_back",
+            reason="a datastore restored from before the making of these keys: journaled "
+            "again from their key files and records",
+            extra={
+                "slots": [
+                    {
+                        "slot_id": slot.slot_id,
+                        "kind": slot.kind,
+                        "status": slot.status,
+                        "journaled": slot.slot_id in named,
+                        "key_file": str(self._keys.path(slot.slot_id)),
+                    }
+                    for slot in slots
+                ]
+            },
+        )
 
     def _checked_record(self, slot_id: str) -> KeyRecord | None:
         try:

@@ -3,6 +3,7 @@ takes those keys back (their files and records), rather than make a CA no agent 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -285,3 +286,23 @@ def test_a_backup_holding_a_prepared_key_keeps_it_once_it_was_activated_since(
     assert restored == journal
     kept = openssl_verify(tmp_path, agent_leaf, again.bundle().x509_authorities, at=clock.now())
     assert kept.returncode == 0, kept.stderr
+
+
+def test_keys_taken_back_are_audited(site: Site, clock: FakeClock) -> None:
+    """A start that journals keys again changes which CA signs: the audit log, not only the
+    server's log, must say so, naming each key and the status it came back with."""
+    first = site.manager()
+    copy = site.backup()
+    backed_up = {s.slot_id for k in (X509_KIND, JWT_KIND) for s in first.key_slots(k)}
+    _rotate_until(first, clock, made_since=1, newest=ACTIVE)
+    site.manager()  # a start that takes nothing back audits nothing
+    assert not [r for r in site.store.audit_rows() if r["kind"] == "ca_keys_taken_back"]
+    journal = {s.slot_id: s.status for k in (X509_KIND, JWT_KIND) for s in first.key_slots(k)}
+
+    site.restore(copy)
+    site.manager()
+    (event,) = [r for r in site.store.audit_rows() if r["kind"] == "ca_keys_taken_back"]
+    extra = event["extra"] if isinstance(event["extra"], dict) else json.loads(event["extra"])
+    named = {s["slot_id"]: s["status"] for s in extra["slots"]}
+    assert set(named) == set(journal) - backed_up
+    assert set(named.values()) <= {ACTIVE, PREPARED, RETIRED}
