@@ -370,6 +370,18 @@ class CaManager:
                     f"key slots {', '.join(not_lost)}: not lost (their key is at hand, or they "
                     "are gone from the datastore); nothing forgotten"
                 )
+            # Their records first: a key file found again before the next start would
+            # otherwise be taken back into the journal (adoption), where the operator was told
+            # new keys would be made.
+            for item in lost:
+                record = self._keys.record_path(item.slot.slot_id)
+                try:
+                    record.unlink(missing_ok=True)
+                except OSError as e:
+                    raise CaConfigError(
+                        f"cannot delete {record} ({e.strerror}): run this as the server's "
+                        "user; nothing forgotten"
+                    ) from None
             self._ds.delete_key_slots([item.slot.slot_id for item in lost])
         _log.info(
             "lost key slots forgotten: the next start makes new keys",

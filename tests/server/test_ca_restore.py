@@ -306,3 +306,23 @@ def test_keys_taken_back_are_audited(site: Site, clock: FakeClock) -> None:
     named = {s["slot_id"]: s["status"] for s in extra["slots"]}
     assert set(named) == set(journal) - backed_up
     assert set(named.values()) <= {ACTIVE, PREPARED, RETIRED}
+
+
+def test_a_key_forgotten_as_lost_does_not_come_back_with_its_file(
+    site: Site, clock: FakeClock, tmp_path: Path
+) -> None:
+    """`ca forget-lost-keys` dropped the prepared key whose file was gone, its audit event
+    saying the next start makes new keys; the file found again (a keys/ mount back, a copy
+    put back) before that start, its record took it back into the journal and the bundle."""
+    first = site.manager()
+    _rotate_until(first, clock, made_since=1, newest=PREPARED)
+    prepared = next(s.slot_id for s in first.key_slots(X509_KIND) if s.status == PREPARED)
+    aside = tmp_path / "aside.pem"
+    site.keys.path(prepared).rename(aside)
+    first.forget_lost_keys(first.lost_keys())
+    aside.rename(site.keys.path(prepared))
+
+    again = site.manager()
+    assert prepared not in {s.slot_id for s in site.store.list_key_slots(X509_KIND)}
+    assert site.keys.exists(prepared)  # kept, as any key file no slot names
+    assert again.key_slots(X509_KIND)
