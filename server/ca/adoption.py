@@ -133,11 +133,13 @@ def plan_adoption(
     known = {slot.slot_id for slot in journal}
     newest = max(slot.created_at for slot in journal)
     taken: list[KeySlot] = []
+    descended: set[str] = set()  # the slots the keys taken back were made after
     for record in sorted(records, key=lambda r: (r.slot.created_at, r.slot.slot_id)):
         slot = record.slot
         if slot.created_at < newest or not record.lineage & known:
             continue
         known.add(slot.slot_id)  # an expired key still links its successors to the journal
+        descended |= record.lineage
         if now < slot.not_after and _begun(now, slot):
             taken.append(slot)
     if not taken:
@@ -149,7 +151,10 @@ def plan_adoption(
     waited = [
         slot
         for slot in journal
-        if slot.status == PREPARED and now < slot.not_after and _begun(now, slot)
+        if slot.status == PREPARED
+        and slot.slot_id in descended
+        and now < slot.not_after
+        and _begun(now, slot)
     ]
     return [_by_schedule(now, slot) for slot in (*waited, *taken[:-1])] + [
         replace(taken[-1], status=PREPARED)

@@ -16,9 +16,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from server.ca.adoption import KeyRecord, plan_adoption
 from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
-from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND
+from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
 from svid._spiffe_id import SpiffeId
@@ -326,3 +327,21 @@ def test_a_key_forgotten_as_lost_does_not_come_back_with_its_file(
     assert prepared not in {s.slot_id for s in site.store.list_key_slots(X509_KIND)}
     assert site.keys.exists(prepared)  # kept, as any key file no slot names
     assert again.key_slots(X509_KIND)
+
+
+def test_a_prepared_key_no_key_taken_back_descends_from_stays_prepared() -> None:
+    """The journal's prepared key is made active (or retired) only when a key taken back was
+    made after it, as its successor: one dropped before that key was made (its lineage does
+    not name it) was never activated, and is not made to sign."""
+
+    def slot(slot_id: str, status: str, made: int) -> KeySlot:
+        return KeySlot(slot_id, JWT_KIND, status, b"", slot_id, made, made + 1000, made)
+
+    journal = [slot("a", ACTIVE, 0), slot("p", PREPARED, 100)]
+    later = KeyRecord(slot("q", "", 200), frozenset({"a"}))
+    assert plan_adoption(250, journal, [later]) == [slot("q", PREPARED, 200)]
+    after_p = KeyRecord(slot("q", "", 200), frozenset({"p", "a"}))
+    assert plan_adoption(250, journal, [after_p]) == [
+        slot("p", ACTIVE, 100),
+        slot("q", PREPARED, 200),
+    ]
