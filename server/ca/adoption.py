@@ -13,7 +13,12 @@ matches the private key, an X.509 one signed by the configured upstream CA or by
 naming this trust domain; made after the datastore's newest slot of its kind, from the journal
 the datastore holds (its lineage names a journaled slot, or a key taken back before it: the
 keys of another datastore sharing this data_dir descend from none of its slots); and still
-valid now. A datastore with no slot of a kind takes none back: that is a new start
+valid now; and endorsed: its record carries a chain of signatures, each by the key of its kind
+active when the key it names was made, back to a key the journal holds (or one taken back
+before it). The slot ids a lineage names are public (in every CA certificate): without the
+chain, anyone who could put a key file and record owned by the server in its keys directory,
+without reading its keys, had a self-signed CA or a JWT key of their own taken back. A
+datastore with no slot of a kind takes none back: that is a new start
 (`--new-datastore`), not a restore. The newest key taken back waits as the prepared one and the
 schedule activates it when it would have been (at once, when the key before it is past its
 rotation point), so the restore never makes a key of its own. One before it comes back active
@@ -26,14 +31,18 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from server.ca.authority import UpstreamCa
-from server.ca.keys import PrivateKey, PublicKey, spki_der
+from server.ca.keys import PrivateKey, PublicKey, signature_hash, spki_der
 from server.ca.rotation import activate_at
 from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
 from svid import MAX_CLOCK_SKEW
@@ -52,9 +61,54 @@ class KeyRecord:
 
     slot: KeySlot
     lineage: frozenset[str]
+    # Links, the first endorsing this record's own body (`body`), each next one the body of
+    # the key that signed the one before (see endorsed_by_known).
+    chain: tuple[Link, ...] = ()
+    body: bytes = field(default=b"", repr=False)
 
 
-def encode_record(slot: KeySlot, lineage: Sequence[str]) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Link:
+    """`signer` (its slot id and public_der) signed `signed`, the body of a key's record."""
+
+    signer: str
+    signer_public: bytes
+    signed: bytes
+    signature: bytes
+
+
+def _body(slot: KeySlot) -> bytes:
+    """What an endorsement signs of a key's record: its slot as journaled at its making."""
+    return json.dumps(
+        {
+            "slot_id": slot.slot_id,
+            "kind": slot.kind,
+            "public_der": base64.b64encode(slot.public_der).decode(),
+            "kid": slot.kid,
+            "not_before": slot.not_before,
+            "not_after": slot.not_after,
+            "created_at": slot.created_at,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+
+
+def encode_record(
+    slot: KeySlot,
+    lineage: Sequence[str],
+    endorser: tuple[KeySlot, PrivateKey, KeyRecord | None] | None = None,
+) -> bytes:
+    """The record of a key made now. `endorser`: the slot of its kind active now, its key and
+    its own record, which signs this one's body, its own chain after (None: none is active, as
+    at a first start; such a record is never taken back)."""
+    chain: list[Link] = []
+    if endorser is not None:
+        by, key, by_record = endorser
+        body = _body(slot)
+        chain.append(Link(by.slot_id, by.public_der, body, _sign(key, body)))
+        if by_record is not None:
+            chain.extend(by_record.chain)
     return json.dumps(
         {
             "version": _VERSION,
@@ -66,9 +120,75 @@ def encode_record(slot: KeySlot, lineage: Sequence[str]) -> bytes:
             "not_after": slot.not_after,
             "created_at": slot.created_at,
             "lineage": list(lineage),
+            "chain": [
+                {
+                    "signer": link.signer,
+                    "signer_public": base64.b64encode(link.signer_public).decode(),
+                    "signed": base64.b64encode(link.signed).decode(),
+                    "signature": base64.b64encode(link.signature).decode(),
+                }
+                for link in chain[:LINEAGE_DEPTH]
+            ],
         },
         indent=1,
     ).encode()
+
+
+def _sign(key: PrivateKey, data: bytes) -> bytes:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(signature_hash(key)))
+    return key.sign(data, padding.PKCS1v15(), signature_hash(key))
+
+
+def _verifies(kind: str, public_der: bytes, link: Link) -> bool:
+    try:
+        if kind == X509_KIND:
+            public: Any = x509.load_der_x509_certificate(public_der).public_key()
+        else:
+            public = load_der_public_key(public_der)
+        digest = (
+            hashes.SHA384()
+            if isinstance(public, ec.EllipticCurvePublicKey) and public.curve.key_size >= 384
+            else hashes.SHA256()
+        )
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(link.signature, link.signed, ec.ECDSA(digest))
+        elif isinstance(public, rsa.RSAPublicKey):
+            public.verify(link.signature, link.signed, padding.PKCS1v15(), digest)
+        else:
+            return False
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def endorsed_by_known(record: KeyRecord, known: Mapping[str, KeySlot]) -> bool:
+    """Whether `record`'s chain leads, signature by signature, from its own body to a key of
+    `known` (journaled, or taken back before it) whose public part is the one the chain names.
+    Each link's signer must be the key whose body the next link signed."""
+    kind = record.slot.kind
+    expected = record.body
+    for i, link in enumerate(record.chain):
+        if link.signed != expected or not _verifies(kind, link.signer_public, link):
+            return False
+        anchor = known.get(link.signer)
+        if anchor is not None:
+            return anchor.kind == kind and anchor.public_der == link.signer_public
+        # The next link must sign the signer's own body: its slot id and public part.
+        if i + 1 >= len(record.chain):
+            return False
+        try:
+            doc = json.loads(record.chain[i + 1].signed)
+            if (
+                doc["slot_id"] != link.signer
+                or doc["kind"] != kind
+                or base64.b64decode(doc["public_der"], validate=True) != link.signer_public
+            ):
+                return False
+        except (ValueError, KeyError, TypeError):
+            return False
+        expected = record.chain[i + 1].signed
+    return False
 
 
 def decode_record(slot_id: str, data: bytes) -> KeyRecord | None:
@@ -87,7 +207,16 @@ def decode_record(slot_id: str, data: bytes) -> KeyRecord | None:
             not_after=int(doc["not_after"]),
             created_at=int(doc["created_at"]),
         )
-        return KeyRecord(slot, frozenset(str(s) for s in doc["lineage"]))
+        chain = tuple(
+            Link(
+                str(link["signer"]),
+                base64.b64decode(link["signer_public"], validate=True),
+                base64.b64decode(link["signed"], validate=True),
+                base64.b64decode(link["signature"], validate=True),
+            )
+            for link in doc.get("chain", [])
+        )
+        return KeyRecord(slot, frozenset(str(s) for s in doc["lineage"]), chain, _body(slot))
     except (ValueError, KeyError, TypeError):  # json and base64 errors are ValueErrors
         return None
 
@@ -122,7 +251,10 @@ def matches_key(
 
 
 def plan_adoption(
-    now: float, journal: Sequence[KeySlot], records: Sequence[KeyRecord]
+    now: float,
+    journal: Sequence[KeySlot],
+    records: Sequence[KeyRecord],
+    endorsed: Callable[[KeyRecord, Mapping[str, KeySlot]], bool] = endorsed_by_known,
 ) -> list[KeySlot]:
     """The slots of one kind to journal again, with their status, oldest first: `records` are
     the checked records of key files of that kind the journal does not name. The journal's
@@ -130,15 +262,17 @@ def plan_adoption(
     schedule had it since."""
     if not journal:
         return []
-    known = {slot.slot_id for slot in journal}
+    known = {slot.slot_id: slot for slot in journal}
     newest = max(slot.created_at for slot in journal)
     taken: list[KeySlot] = []
     descended: set[str] = set()  # the slots the keys taken back were made after
     for record in sorted(records, key=lambda r: (r.slot.created_at, r.slot.slot_id)):
         slot = record.slot
-        if slot.created_at < newest or not record.lineage & known:
+        if slot.created_at < newest or not record.lineage & known.keys():
             continue
-        known.add(slot.slot_id)  # an expired key still links its successors to the journal
+        if not endorsed(record, known):
+            continue
+        known[slot.slot_id] = slot  # an expired key still links its successors to the journal
         descended |= record.lineage
         if now < slot.not_after and _begun(now, slot):
             taken.append(slot)

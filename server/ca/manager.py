@@ -600,7 +600,8 @@ class CaManager:
                 created_at=now,
             )
         if self._kek is None:
-            self._keys.save_record(slot_id, encode_record(slot, self._lineage(kind)))
+            record = encode_record(slot, self._lineage(kind), self._endorser(kind))
+            self._keys.save_record(slot_id, record)
         try:
             slot = self._custody.keep(slot, key)
             self._ds.save_key_slot(slot)
@@ -644,6 +645,20 @@ class CaManager:
         for slot in self._keyless_slots():
             self._refuse_or_warn_keyless(slot)
         self._report_unknown_key_files()
+
+    def _endorser(self, kind: str) -> tuple[KeySlot, PrivateKey, KeyRecord | None] | None:
+        """The slot of `kind` active now, its key and its record: they sign the record of a
+        key made now (None when none is at hand: that record is never taken back)."""
+        for slot in sorted(self._ds.list_key_slots(kind), key=lambda s: -s.created_at):
+            if slot.status == ACTIVE and not slot.sealed_key:
+                try:
+                    key = self._keys.load(slot.slot_id)
+                    data = self._keys.load_record(slot.slot_id)
+                except (KeyStoreError, OSError):
+                    return None
+                record = decode_record(slot.slot_id, data) if data is not None else None
+                return slot, key, record
+        return None
 
     def _lineage(self, kind: str) -> list[str]:
         """The slots a key made now descends from, newest first: those journaled now and,

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -16,17 +17,22 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.ca.adoption import KeyRecord, plan_adoption
-from server.ca.keys import KeyStore
+from server.ca.adoption import KeyRecord, encode_record, plan_adoption
+from server.ca.keys import KeyStore, generate_key, spki_der
 from server.ca.manager import CaConfig, CaManager
 from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
+from svid._jose import public_key_thumbprint_kid
 from svid._spiffe_id import SpiffeId
 from tests.server.conftest import TRUST_DOMAIN, openssl_verify
 from tests.server.test_ca_manager import _ca_cert, _write
 
 WORKLOAD = SpiffeId.parse("spiffe://example.org/web")
+
+
+def _ANY(record: KeyRecord, known: object) -> bool:
+    return True  # plan_adoption's schedule alone: every record taken as endorsed
 
 
 @dataclass
@@ -193,6 +199,47 @@ def test_a_key_file_not_matching_its_record_as_made_is_not_taken(
     assert site.keys.exists(slot_id)  # kept, as any key file no slot names
 
 
+@pytest.mark.parametrize("endorsement", ["none", "a key posing as the journal's"])
+def test_a_planted_key_whose_record_names_the_journal_is_not_taken(
+    site: Site, clock: FakeClock, endorsement: str
+) -> None:
+    """Slot ids are public (each CA certificate names its own): a key file and a record naming
+    the journal's slots in its lineage, newer than all of them, put in keys/ by whoever can
+    write there without reading the keys. Taken back on lineage alone, it became the JWT
+    signing key (or, with no upstream CA, a self-signed CA) at the next start. Its record must
+    carry signatures back to a key the journal holds."""
+    site.manager()
+    journal = site.store.list_key_slots(JWT_KIND)
+    clock.advance(60)
+    now = int(clock.now())
+    key = generate_key()
+    public = key.public_key()
+    slot_id = uuid.uuid4().hex
+    slot = KeySlot(
+        slot_id,
+        JWT_KIND,
+        "",
+        spki_der(public),
+        public_key_thumbprint_kid(public),
+        now,
+        now + 3600,
+        now,
+    )
+    lineage = [s.slot_id for s in journal]
+    if endorsement == "none":
+        record = encode_record(slot, lineage)
+    else:  # signed by a key of the attacker's, under the id of the journal's active one
+        impostor = generate_key()
+        posing = KeySlot(
+            journal[0].slot_id, JWT_KIND, ACTIVE, spki_der(impostor.public_key()), "k", 0, 0, 0
+        )
+        record = encode_record(slot, lineage, (posing, impostor, None))
+    site.keys.save(slot_id, key)
+    site.keys.save_record(slot_id, record)
+    site.manager()
+    assert {s.slot_id for s in site.store.list_key_slots(JWT_KIND)} == {s.slot_id for s in journal}
+
+
 def test_an_emptied_datastore_takes_no_key_back(site: Site, clock: FakeClock) -> None:
     """No slot at all is a new start (`--new-datastore`), not a restore: a new CA."""
     first = site.manager()
@@ -339,9 +386,9 @@ def test_a_prepared_key_no_key_taken_back_descends_from_stays_prepared() -> None
 
     journal = [slot("a", ACTIVE, 0), slot("p", PREPARED, 100)]
     later = KeyRecord(slot("q", "", 200), frozenset({"a"}))
-    assert plan_adoption(250, journal, [later]) == [slot("q", PREPARED, 200)]
+    assert plan_adoption(250, journal, [later], _ANY) == [slot("q", PREPARED, 200)]
     after_p = KeyRecord(slot("q", "", 200), frozenset({"p", "a"}))
-    assert plan_adoption(250, journal, [after_p]) == [
+    assert plan_adoption(250, journal, [after_p], _ANY) == [
         slot("p", ACTIVE, 100),
         slot("q", PREPARED, 200),
     ]
