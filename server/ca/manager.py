@@ -654,7 +654,13 @@ class CaManager:
                 try:
                     key = self._keys.load(slot.slot_id)
                     data = self._keys.load_record(slot.slot_id)
-                except (KeyStoreError, OSError):
+                except (KeyStoreError, OSError) as exc:
+                    # Found only at a restore otherwise: the new key is never taken back.
+                    _log.warning(
+                        "active key file unreadable: the record of the key made now is signed "
+                        "by none, and a datastore restored from before it will not take it back",
+                        extra={"kind": kind, "slot_id": slot.slot_id, "error": str(exc)},
+                    )
                     return None
                 record = decode_record(slot.slot_id, data) if data is not None else None
                 return slot, key, record

@@ -18,13 +18,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.ca.adoption import KeyRecord, encode_record, plan_adoption
-from server.ca.keys import KeyStore, generate_key, spki_der
+from server.ca.keys import EC_P256, EC_P384, RSA_2048, KeyStore, generate_key, spki_der
 from server.ca.manager import CaConfig, CaManager
 from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
 from svid._jose import public_key_thumbprint_kid
 from svid._spiffe_id import SpiffeId
+from tests.log_lines import log_lines
 from tests.server.conftest import TRUST_DOMAIN, openssl_verify
 from tests.server.test_ca_manager import _ca_cert, _write
 
@@ -392,3 +393,45 @@ def test_a_prepared_key_no_key_taken_back_descends_from_stays_prepared() -> None
         slot("p", ACTIVE, 100),
         slot("q", PREPARED, 200),
     ]
+
+
+def test_keys_of_another_type_than_the_key_that_endorsed_them_come_back(
+    site: Site, clock: FakeClock
+) -> None:
+    """key_type changed twice since the backup (P-256, then P-384, then RSA), the JWT keys of
+    another type than the CA's: each record is signed by a key of another type (and hash) than
+    its own, and the keys in use still come back."""
+    first = site.manager(CaConfig(TRUST_DOMAIN, key_type=EC_P256, jwt_key_type=RSA_2048))
+    backed_up = {s.kid for k in (X509_KIND, JWT_KIND) for s in first.key_slots(k)}
+    copy = site.backup()
+    for key_type, jwt_key_type in ((EC_P384, EC_P384), (RSA_2048, EC_P256)):
+        manager = site.manager(CaConfig(TRUST_DOMAIN, key_type=key_type, jwt_key_type=jwt_key_type))
+        _rotate_until(manager, clock, made_since=1, newest=ACTIVE)
+    kinds = (X509_KIND, JWT_KIND)
+    journal = {k: {s.slot_id: s.status for s in manager.key_slots(k)} for k in kinds}
+    in_use = manager.x509_signer().ca_certificate
+    jwt_kid = manager.jwt_signer().kid
+    assert jwt_kid not in backed_up  # the JWT key in use too was made since
+
+    site.restore(copy)
+    again = site.manager(CaConfig(TRUST_DOMAIN, key_type=RSA_2048, jwt_key_type=EC_P256))
+    assert again.x509_signer().ca_certificate == in_use
+    assert again.jwt_signer().kid == jwt_kid
+    restored = {k: {s.slot_id: s.status for s in again.key_slots(k)} for k in journal}
+    assert restored == journal
+
+
+def test_a_key_made_while_the_active_key_file_is_unreadable_says_it_cannot_come_back(
+    site: Site, clock: FakeClock
+) -> None:
+    """The record of a key made while the active key's file cannot be read is signed by no
+    key: a restore from before it never takes it back. That must be said when it is made,
+    not found at the restore."""
+    manager = site.manager()
+    active = next(s for s in manager.key_slots(X509_KIND) if s.status == ACTIVE)
+    site.keys.path(active.slot_id).unlink()
+    with log_lines("svid.server.ca") as lines:
+        _rotate_until(manager, clock, made_since=1, newest=PREPARED)
+    unendorsed = [r for r in lines.records if getattr(r, "slot_id", None) == active.slot_id]
+    assert unendorsed, [r.getMessage() for r in lines.records]
+    assert unendorsed[0].levelname == "WARNING"
