@@ -10,14 +10,21 @@ import sqlite3
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.ca.adoption import KeyRecord, encode_record, plan_adoption
+from server.ca.adoption import (
+    LINEAGE_DEPTH,
+    KeyRecord,
+    decode_record,
+    encode_record,
+    endorsed_by_known,
+    plan_adoption,
+)
 from server.ca.keys import EC_P256, EC_P384, RSA_2048, KeyStore, generate_key, spki_der
 from server.ca.manager import CaConfig, CaManager
 from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
@@ -435,3 +442,40 @@ def test_a_key_made_while_the_active_key_file_is_unreadable_says_it_cannot_come_
     unendorsed = [r for r in lines.records if getattr(r, "slot_id", None) == active.slot_id]
     assert unendorsed, [r.getMessage() for r in lines.records]
     assert unendorsed[0].levelname == "WARNING"
+
+
+def _jwt_slot(key: ec.EllipticCurvePrivateKey, created_at: int) -> KeySlot:
+    public = key.public_key()
+    kid = public_key_thumbprint_kid(public)
+    slot_id = uuid.uuid4().hex
+    return KeySlot(
+        slot_id, JWT_KIND, "", spki_der(public), kid, created_at, created_at + 3600, created_at
+    )
+
+
+def test_a_chain_longer_than_any_record_carries_is_not_walked() -> None:
+    """A record carries at most LINEAGE_DEPTH links (encode_record cuts the chain there). One
+    with more, each link a key of the planter's own signing the next one's body, had each
+    verified at the start, so a record of thousands of links held the start for as long as
+    they took. Past LINEAGE_DEPTH links it is refused unwalked, even
+    one that would lead to a key the journal holds."""
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(LINEAGE_DEPTH + 2)]
+    slots = [_jwt_slot(key, 1000 + i) for i, key in enumerate(keys)]
+    anchor = replace(slots[0], status=ACTIVE)
+    record = None
+    for i in range(1, len(slots)):
+        data = encode_record(slots[i], [anchor.slot_id], (slots[i - 1], keys[i - 1], record))
+        record = decode_record(slots[i].slot_id, data)
+        assert record is not None
+        if i <= LINEAGE_DEPTH:  # as this release writes it: anchored within its depth
+            assert endorsed_by_known(record, {anchor.slot_id: anchor})
+    assert record is not None
+    doc = json.loads(data)
+    # The one link the encoder cut, put back: the anchor's signature of the first key's body.
+    doc["chain"].append(
+        json.loads(encode_record(slots[1], [], (anchor, keys[0], None)))["chain"][0]
+    )
+    long = decode_record(slots[-1].slot_id, json.dumps(doc).encode())
+    assert long is not None
+    assert len(long.chain) == LINEAGE_DEPTH + 1
+    assert not endorsed_by_known(long, {anchor.slot_id: anchor})
