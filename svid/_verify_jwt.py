@@ -137,8 +137,15 @@ class JwtVerifier:
     def verify(self, token: str, audience: str) -> VerifiedJwt:
         """Verify ``token`` for ``audience``, which must be among its ``aud``.
 
-        Raises VerificationError (or its ExpiredError / RevokedError) saying why not.
+        Raises VerificationError (or its ExpiredError / RevokedError) saying why not, and
+        TypeError for an audience that is not a string (several: ``verify_any``).
         """
+        if not isinstance(audience, str):
+            # A list was refused as "not for audience ['a']", as if the token were at fault.
+            raise TypeError(
+                f"audience must be a str, not {type(audience).__name__}: for a service known "
+                "by several names, use verify_any"
+            )
         if not audience:
             raise VerificationError("an expected audience is required")
         result = self._result(token)

@@ -112,6 +112,10 @@ def test_audience_rules(verifier: JwtVerifier) -> None:
     with pytest.raises(VerificationError, match="audience is required"):
         verifier.verify(tok, "")
     assert verifier.verify(token(aud="svc"), "svc")
+    # A list of this service's names is a mistake of the caller's, said as one: it read as
+    # the token's ("not for audience ['a']"), whichever audience the token named.
+    with pytest.raises(TypeError, match="verify_any"):
+        verifier.verify(tok, ["a"])  # type: ignore[arg-type]
 
 
 def _unsigned(header: dict[str, Any], body: dict[str, Any], sig: bytes = b"") -> str:
