@@ -37,7 +37,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
@@ -77,21 +76,22 @@ class Link:
     signature: bytes
 
 
+def _slot_fields(slot: KeySlot) -> dict[str, object]:
+    """A slot as journaled at its making, as a record holds it."""
+    return {
+        "slot_id": slot.slot_id,
+        "kind": slot.kind,
+        "public_der": base64.b64encode(slot.public_der).decode(),
+        "kid": slot.kid,
+        "not_before": slot.not_before,
+        "not_after": slot.not_after,
+        "created_at": slot.created_at,
+    }
+
+
 def _body(slot: KeySlot) -> bytes:
     """What an endorsement signs of a key's record: its slot as journaled at its making."""
-    return json.dumps(
-        {
-            "slot_id": slot.slot_id,
-            "kind": slot.kind,
-            "public_der": base64.b64encode(slot.public_der).decode(),
-            "kid": slot.kid,
-            "not_before": slot.not_before,
-            "not_after": slot.not_after,
-            "created_at": slot.created_at,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    ).encode()
+    return json.dumps(_slot_fields(slot), sort_keys=True, separators=(",", ":")).encode()
 
 
 def encode_record(
@@ -112,13 +112,7 @@ def encode_record(
     return json.dumps(
         {
             "version": _VERSION,
-            "slot_id": slot.slot_id,
-            "kind": slot.kind,
-            "public_der": base64.b64encode(slot.public_der).decode(),
-            "kid": slot.kid,
-            "not_before": slot.not_before,
-            "not_after": slot.not_after,
-            "created_at": slot.created_at,
+            **_slot_fields(slot),
             "lineage": list(lineage),
             "chain": [
                 {
@@ -146,11 +140,7 @@ def _verifies(kind: str, public_der: bytes, link: Link) -> bool:
             public: Any = x509.load_der_x509_certificate(public_der).public_key()
         else:
             public = load_der_public_key(public_der)
-        digest = (
-            hashes.SHA384()
-            if isinstance(public, ec.EllipticCurvePublicKey) and public.curve.key_size >= 384
-            else hashes.SHA256()
-        )
+        digest = signature_hash(public)
         if isinstance(public, ec.EllipticCurvePublicKey):
             public.verify(link.signature, link.signed, ec.ECDSA(digest))
         elif isinstance(public, rsa.RSAPublicKey):

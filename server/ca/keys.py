@@ -40,9 +40,12 @@ def generate_key(key_type: str = DEFAULT_KEY_TYPE) -> PrivateKey:
     raise CaConfigError(f"key_type: must be one of {', '.join(KEY_TYPES)}, got {key_type!r}")
 
 
-def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
-    """SHA-384 for P-384 (matching strength), SHA-256 otherwise."""
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
+def signature_hash(key: PrivateKey | PublicKey) -> hashes.SHA256 | hashes.SHA384:
+    """SHA-384 for P-384 (matching strength), SHA-256 otherwise: for a signer and, by its
+    public half, for whoever checks what it signed."""
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and (
+        key.curve.key_size >= 384
+    ):
         return hashes.SHA384()
     return hashes.SHA256()
 
