@@ -291,26 +291,27 @@ def test_the_per_request_access_token_is_what_model_construct_makes(
         fast.token = "other"  # type: ignore[misc]
 
 
-def test_the_sdk_check_accepts_only_the_token_protect_admitted(source: RevokingSource) -> None:
-    # The SDK's bearer check runs inside protect()'s middleware: another token, even a valid
-    # one, was not the one whose tool grants were checked, so it is refused.
-    auth = svid.mcp.TaskAuth(source, audience=AUDIENCE)
-    admitted, other = task_token(), task_token(task_id="t2", jti="j2")
+def _sdk_checks_behind(
+    protecting: svid.mcp.TaskAuth, token: str, *checkers: tuple[svid.mcp.TaskAuth, str]
+) -> tuple[int, list[Any]]:
+    """One GET with `token` through `protecting.protect()`'s middleware to an app standing in
+    for the SDK's, whose bearer check asks each (auth, token) of `checkers`: the status the
+    request got, and what each check returned."""
     seen: list[Any] = []
 
     async def sdk_app(scope: Any, receive: Any, send: Any) -> None:
-        seen.append(await auth.verify_token(admitted))
-        seen.append(await auth.verify_token(other))
+        for auth, checked in checkers:
+            seen.append(await auth.verify_token(checked))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
     server = SimpleNamespace(session_manager=SimpleNamespace(_server_instances={}))
-    protected = auth._protected(sdk_app, server)
+    protected = protecting._protected(sdk_app, server)
     scope = {
         "type": "http",
         "method": "GET",
         "path": "/mcp",
-        "headers": [(b"authorization", f"Bearer {admitted}".encode())],
+        "headers": [(b"authorization", f"Bearer {token}".encode())],
     }
     sent: list[Any] = []
 
@@ -321,7 +322,16 @@ def test_the_sdk_check_accepts_only_the_token_protect_admitted(source: RevokingS
         sent.append(message)
 
     asyncio.run(protected(scope, receive, send))
-    assert sent[0]["status"] == 200
+    return sent[0]["status"], seen
+
+
+def test_the_sdk_check_accepts_only_the_token_protect_admitted(source: RevokingSource) -> None:
+    # The SDK's bearer check runs inside protect()'s middleware: another token, even a valid
+    # one, was not the one whose tool grants were checked, so it is refused.
+    auth = svid.mcp.TaskAuth(source, audience=AUDIENCE)
+    admitted, other = task_token(), task_token(task_id="t2", jti="j2")
+    status, seen = _sdk_checks_behind(auth, admitted, (auth, admitted), (auth, other))
+    assert status == 200
     assert isinstance(seen[0], svid.mcp.TaskAccessToken)
     assert seen[0].task is not None
     assert seen[0].task.task_id == "t1"
@@ -337,30 +347,8 @@ def test_the_sdk_check_refuses_a_token_another_auths_protect_admitted(
     ours = svid.mcp.TaskAuth(source, audience=AUDIENCE)
     theirs = svid.mcp.TaskAuth(source, audience="other-server")
     token = task_token(aud=["other-server"])
-    seen: list[Any] = []
-
-    async def sdk_app(scope: Any, receive: Any, send: Any) -> None:
-        seen.append(await ours.verify_token(token))
-        seen.append(await theirs.verify_token(token))
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    server = SimpleNamespace(session_manager=SimpleNamespace(_server_instances={}))
-    protected = theirs._protected(sdk_app, server)
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/mcp",
-        "headers": [(b"authorization", f"Bearer {token}".encode())],
-    }
-
-    async def receive() -> Any:
-        return {"type": "http.disconnect"}
-
-    async def send(message: Any) -> None:
-        pass
-
-    asyncio.run(protected(scope, receive, send))
+    status, seen = _sdk_checks_behind(theirs, token, (ours, token), (theirs, token))
+    assert status == 200
     assert seen[0] is None
     assert isinstance(seen[1], svid.mcp.TaskAccessToken)
 
