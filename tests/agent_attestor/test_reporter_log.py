@@ -13,17 +13,13 @@ from agent_attestor.tasks.reporter import FAILURE_LOG_INTERVAL, FLUSH_INTERVAL, 
 from svid._clock import FakeClock
 from svid._proto import task_pb2
 from tests.log_lines import LogLines, log_lines
+from tests.rpc_errors import rpc_error
 
 MESSAGE = "cannot report validations to the server"
 
 
 async def _unreachable(request: task_pb2.ReportValidationsRequest) -> object:
-    raise grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        "failed to connect to all addresses",
-    )
+    raise rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from tests.agent_attestor.harness import LoopThread
 from tests.agent_attestor.pki import LocalCa
 from tests.clocks import SteppedClock
 from tests.e2e.conftest import wait_for
+from tests.rpc_errors import rpc_error
 from tests.server.fixtures import TRUST_DOMAIN, bundle_pem, managed_server, short_tmpdir
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t"
@@ -184,9 +185,7 @@ def test_an_overdue_svid_loaded_at_start_is_renewed_at_once(
 
 
 def _unavailable() -> Exception:
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "server gone"
-    )
+    return rpc_error(grpc.StatusCode.UNAVAILABLE, "server gone")
 
 
 @pytest.mark.parametrize(

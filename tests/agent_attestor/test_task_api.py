@@ -36,15 +36,14 @@ from svid._tasks_async import AsyncTaskClient
 from svid._tasks_sync import TaskClient
 from tests.agent_attestor.harness import HEADER, Harness, me
 from tests.clocks import SleptClock
+from tests.rpc_errors import rpc_error
 from tests.waits import wait_for
 
 TD = "spiffe://example.org"
 
 
 def _denied(message: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.PERMISSION_DENIED, grpc.aio.Metadata(), grpc.aio.Metadata(), message
-    )
+    return rpc_error(grpc.StatusCode.PERMISSION_DENIED, message)
 
 
 @dataclass
@@ -64,9 +63,7 @@ class FakeClient:
         if self.unchecked:
             raise NotReadyError("not connected to the server yet: its identity is unchecked")
         if self.down:
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
-            )
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "down")
         if self.refuse:
             raise _denied(self.refuse)
 

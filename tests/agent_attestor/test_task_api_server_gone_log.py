@@ -14,6 +14,7 @@ from agent_attestor.workload_attestor import UnixAttestor
 from svid._proto import task_pb2, task_pb2_grpc
 from tests.agent_attestor.harness import HEADER, Harness
 from tests.log_lines import LogLines, log_lines
+from tests.rpc_errors import rpc_error
 
 CALLS = 30
 MESSAGE = "task request to the server failed"
@@ -23,12 +24,7 @@ class GoneServer:
     """A NodeTasks client whose server is down: every call fails as the real client's does."""
 
     async def list(self, request: task_pb2.NodeListTasksRequest) -> task_pb2.ListTasksResponse:
-        raise grpc.aio.AioRpcError(
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.aio.Metadata(),
-            grpc.aio.Metadata(),
-            "failed to connect to all addresses",
-        )
+        raise rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
 
 
 @pytest.fixture
