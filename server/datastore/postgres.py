@@ -96,6 +96,7 @@ from server.datastore.postgres_sql import pg
 from server.datastore.records import (
     AGENT_PRUNE_BATCH,
     FEED_AGENT,
+    FEED_BUNDLE_SEQUENCE,
     FEED_KEY_SLOT,
     FEED_REVOCATION,
     REVOCATION_KINDS,
@@ -887,7 +888,8 @@ class PostgresDataStore(
     def next_bundle_sequence(self) -> int:
         def work(cur: Cursor) -> int:
             sequence = self._bump(cur, _BUNDLE_SEQUENCE)
-            self._bump(cur, _REVISION)  # last, as in every write
+            self._bump(cur, _REVISION)  # then the feed, last, as in every write
+            self._append_feed(cur, FEED_KEY_SLOT, (FEED_BUNDLE_SEQUENCE,))
             return sequence
 
         return self._write("advance the bundle sequence", work)

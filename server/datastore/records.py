@@ -293,7 +293,11 @@ def expired_record_kept_from(now: float) -> int:
 FEED_ENTRY = "entry"  # key: the entry's id
 FEED_AGENT = "agent"  # key: the agent's SPIFFE ID
 FEED_REVOCATION = "revocation"  # key: "<kind>:<value>"
-FEED_KEY_SLOT = "key_slot"  # key: the slot's id
+FEED_KEY_SLOT = "key_slot"  # key: the slot's id, or FEED_BUNDLE_SEQUENCE
+# The key of the key_slot row a bundle sequence bump writes: the lease holder numbers a bundle
+# after journaling its slots, and a server that reloaded between the two would otherwise keep
+# the new slots under the old number (a release that predates it reloads its slots too).
+FEED_BUNDLE_SEQUENCE = "#bundle_sequence"
 FEED_TASK = "task"  # key: the task's id
 FEED_AUDIT_RECORD = "audit_record"  # key: the record's kind ("checkpoint" or "prune")
 FEED_RELATIONSHIP = "federation_relationship"  # key: the foreign trust domain

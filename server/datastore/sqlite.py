@@ -56,6 +56,7 @@ from server.datastore.migrations import (
 from server.datastore.records import (
     AGENT_PRUNE_BATCH,
     FEED_AGENT,
+    FEED_BUNDLE_SEQUENCE,
     FEED_KEY_SLOT,
     FEED_REVOCATION,
     REVOCATION_KINDS,
@@ -792,7 +793,9 @@ class SqliteDataStore(
     def next_bundle_sequence(self) -> int:
         with self._transaction() as db:
             self._bump(db, _REVISION)
-            return self._bump(db, _BUNDLE_SEQUENCE)
+            sequence = self._bump(db, _BUNDLE_SEQUENCE)
+            self._append_feed(db, FEED_KEY_SLOT, (FEED_BUNDLE_SEQUENCE,))
+            return sequence
 
     def bundle_sequence(self) -> int:
         return int(self._rows(q.SELECT_COUNTER, {"name": _BUNDLE_SEQUENCE})[0]["value"])

@@ -45,6 +45,8 @@ from server.datastore.errors import (
 from server.datastore.migrations import MIGRATIONS
 from server.datastore.records import (
     AUDIT_COLUMNS,
+    FEED_BUNDLE_SEQUENCE,
+    FEED_KEY_SLOT,
     HTTPS_SPIFFE,
     HTTPS_WEB,
     REMOVAL_BANNED,
@@ -685,6 +687,19 @@ def test_key_slots_bundle_and_revocations(store: DataStore) -> None:
     assert [r.value for r in store.list_revocations()] == ["j"]
     assert store.revision() == before + 2
     assert store.prune_revocations(NOW + int(MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW) + 1) == 1
+
+
+def test_a_bundle_sequence_bump_is_named_in_the_change_feed(store: DataStore) -> None:
+    """The lease holder journals its new slots, then numbers the bundle: a server that read
+    the feed between the two has the new slots under the old number, and reads the number
+    only when the feed names it again."""
+    store.save_key_slot(KeySlot("s1", "jwt", "active", b"der", "kid", NOW, NOW + 10, NOW))
+    after_save = store.feed_head()
+    sequence = store.next_bundle_sequence()
+    assert [(i.kind, i.key) for i in store.feed_since(after_save, 10)] == [
+        (FEED_KEY_SLOT, FEED_BUNDLE_SEQUENCE)
+    ]
+    assert store.bundle_sequence() == sequence
 
 
 def test_key_slots_are_deleted_together(store: DataStore) -> None:
