@@ -54,6 +54,7 @@ from server.descriptor_budget import (
 from server.errors import ConfigError
 from server.events import ChangeNotifier
 from server.federation.wiring import Federation
+from server.health_reasons import DATASTORE_VIEW, HealthReasons
 from server.housekeeping import (
     HOUSEKEEPING_LEASE,
     Lease,
@@ -64,6 +65,7 @@ from server.ids import ServerIds
 from server.issuance import AgentAdmission, Issuer, IssuerSettings, MeteredLedger
 from server.issuance.datastore_ledger import DatastoreLedger
 from server.ledger import Ledger
+from server.ledger_health import LedgerHealth
 from server.metrics import Metrics, MetricsHttpServer
 from server.node_api import (
     SYNC_OPENS_BURST,
@@ -207,7 +209,12 @@ class Server:
         self._health = HealthServicer()
         self._admin_health = HealthServicer()
         self._metrics_http: MetricsHttpServer | None = None
-        self._view_stale = False  # what the node service's health follows (view_freshness)
+        # Why a serving server should be sent no agents (a stale view, a ledger that cannot
+        # commit): /healthz and the node service's gRPC health both follow it.
+        self.health = HealthReasons(self._health_turned)
+        self.ledger_health = LedgerHealth(
+            self.clock, self.metrics.ledger_available, self.health, str(self.ids.server)
+        )
         self._executor: ThreadPoolExecutor | None = None
         self._jwt_executor: ThreadPoolExecutor | None = None
         self._workers: SigningWorkers | None = None
@@ -325,6 +332,7 @@ class Server:
             denials=self._refusal_budget(
                 "task", cfg.task_denial_rate_per_agent, cfg.task_denial_burst_per_agent
             ),
+            outage=self.ledger_health.outage,
         )
         # With a KEK the checkpoint key is the trust domain's, like the CA's: every server
         # signs with it, so one pinned key checks all of their checkpoints.
@@ -465,9 +473,12 @@ class Server:
             # First: an address it cannot listen on is the operator's to fix, before anything
             # else starts (its /healthz says 503 until the server serves).
             # As the node service's gRPC health: a server whose view of a shared datastore is
-            # stale (Sync refused) is not one to send agents to, whichever probe asks.
+            # stale (Sync refused), or whose ledger cannot commit (every identity decision
+            # refused), is not one to send agents to, whichever probe asks.
             self._metrics_http = MetricsHttpServer(
-                self.metrics, lambda: self._serving and not self._view_stale
+                self.metrics,
+                lambda: self._serving and self.health.healthy(),
+                self._unhealthy_reasons,
             )
             with listening("metrics_address", cfg.metrics_address, ConfigError):
                 metrics_address = self._metrics_http.start(cfg.metrics_address)
@@ -671,23 +682,23 @@ class Server:
             ),
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
+            asyncio.create_task(
+                self.ledger_health.run(self._stop, self.tasks.audit), name="ledger-health"
+            ),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
             asyncio.create_task(self.federation.run(self._stop), name="federation"),
             asyncio.create_task(self.follower.run(self._stop), name="change-feed"),
             asyncio.create_task(
-                self.follower.view.watch(
-                    self._stop, self.propagator.wake_all, self._node_health_follows
-                ),
+                self.follower.view.watch(self._stop, self.propagator.wake_all, self._view_turned),
                 name="view-freshness",
             ),
         ]
         if self.oauth is not None:
             self._tasks.append(asyncio.create_task(self.oauth.run(self._stop), name="oauth"))
-        for service in ("", NODE_SERVICE):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
+        await self._node_health_follows()
         for service in ("", ADMIN_SERVICE):
             await self._admin_health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._serving = True
         self.runtime = RuntimeInfo(
             trust_domain=cfg.trust_domain.name,
             node_address=host_port(cfg.bind_address, node_port),
@@ -753,13 +764,34 @@ class Server:
             return 0
         return ca.not_valid_after_utc.timestamp()
 
-    async def _node_health_follows(self, stale: bool) -> None:
+    async def _view_turned(self, stale: bool) -> None:
         # A load balancer checking the node service's health sends no agent to a server whose
         # view is stale (Sync refuses them there) and sends them again once it reads the feed.
-        self._view_stale = stale
+        if stale:
+            self.health.set(DATASTORE_VIEW, "this server's view of the datastore is stale")
+        else:
+            self.health.clear(DATASTORE_VIEW)
+
+    def _health_turned(self, healthy: bool) -> None:
+        """HealthReasons' turns, on whichever thread made them (the ledger's are a writer's)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._node_health_follows()))
+
+    async def _node_health_follows(self) -> None:
+        """The node service's gRPC health as the health reasons have it now (read now, not
+        as the turn that called it had it: turns from threads may land out of order)."""
+        if not self._serving:
+            return  # NOT_SERVING until the start ends; the stop's graceful shutdown after
         status = health_pb2.HealthCheckResponse
+        serving = status.SERVING if self.health.healthy() else status.NOT_SERVING
         for service in ("", NODE_SERVICE):
-            await self._health.set(service, status.NOT_SERVING if stale else status.SERVING)
+            await self._health.set(service, serving)
+
+    def _unhealthy_reasons(self) -> list[str]:
+        if not self._serving:
+            return ["not serving (starting or stopping)"]
+        return self.health.reasons()
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds`; True when the server is stopping."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -66,7 +66,8 @@ class Metrics:
         )
         self.ledger_available = Gauge(
             "svid_server_ledger_available",
-            "1 while the ledger commits, 0 after its last commit failed (issuance refused)",
+            "1 while the ledger commits, 0 after its last commit failed (every identity "
+            "decision refused, /healthz 503)",
             registry=self.registry,
         )
         self.ledger_available.set(1)
@@ -170,11 +171,17 @@ def observe_times(histogram: Histogram, amount: float, times: int) -> None:
 class MetricsHttpServer(MetricsEndpoint):
     """Serves /metrics (Prometheus text) and /healthz on a small threaded HTTP server."""
 
-    def __init__(self, metrics: Metrics, healthy: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        healthy: Callable[[], bool],
+        reasons: Callable[[], Sequence[str]] | None = None,
+    ) -> None:
         super().__init__(
             metrics.render,
             healthy,
             content_type=CONTENT_TYPE_LATEST,
             unhealthy=b"unhealthy\n",
             thread_name="svid-metrics",
+            reasons=reasons,
         )

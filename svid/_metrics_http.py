@@ -7,7 +7,7 @@ import logging
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # Seconds a connection may take over each read or write. Every connection holds a thread until
@@ -34,7 +34,9 @@ class _Ipv6HttpServer(_HttpServer):
 
 class MetricsEndpoint:
     """GET /metrics: what `render` returns, as `content_type`; GET /healthz: 200 `ok` while
-    `healthy()`, else 503 with `unhealthy`; anything else 404. Requests are not logged."""
+    `healthy()`, else 503 with `unhealthy`, or with `unhealthy: ` and `reasons()` joined when
+    it names any (for whoever reads the probe's answer: no path, no secret in them); anything
+    else 404. Requests are not logged."""
 
     def __init__(
         self,
@@ -45,12 +47,14 @@ class MetricsEndpoint:
         unhealthy: bytes,
         thread_name: str,
         read_timeout: float = READ_TIMEOUT,
+        reasons: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self._render = render
         self._read_timeout = read_timeout
         self._healthy = healthy
         self._content_type = content_type
         self._unhealthy = unhealthy
+        self._reasons = reasons
         self._thread_name = thread_name
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -60,7 +64,7 @@ class MetricsEndpoint:
         host, _, port = address.rpartition(":")
         host = host.removeprefix("[").removesuffix("]")  # [::1]:9090, as the config takes it
         render, healthy = self._render, self._healthy
-        content_type, unhealthy = self._content_type, self._unhealthy
+        content_type, unhealthy = self._content_type, self._unhealthy_answer
 
         class Handler(BaseHTTPRequestHandler):
             timeout = self._read_timeout  # socketserver sets it on the connection
@@ -71,7 +75,7 @@ class MetricsEndpoint:
                 elif self.path == "/healthz":
                     ok = healthy()
                     body, ctype, code = (
-                        (b"ok\n" if ok else unhealthy),
+                        (b"ok\n" if ok else unhealthy()),
                         "text/plain",
                         (200 if ok else 503),
                     )
@@ -97,6 +101,13 @@ class MetricsEndpoint:
         if ":" in str(bound_host):
             return f"[{bound_host!s}]:{bound_port}"
         return f"{bound_host!s}:{bound_port}"
+
+    def _unhealthy_answer(self) -> bytes:
+        reasons = self._reasons() if self._reasons is not None else ()
+        if not reasons:
+            return self._unhealthy
+        said = "; ".join(reasons).replace("\n", " ")
+        return self._unhealthy.rstrip(b"\n") + b": " + said.encode("utf-8", "replace") + b"\n"
 
     def stop(self) -> None:
         if self._httpd is not None:

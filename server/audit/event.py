@@ -55,6 +55,8 @@ class EventKind(StrEnum):
     CA_KEYS_FORGOTTEN = "ca_keys_forgotten"
     CA_KEYS_TAKEN_BACK = "ca_keys_taken_back"
     DATASTORE_RESTORED = "datastore_restored"
+    # Written once the ledger commits again: identity decisions were refused from `began_at`.
+    LEDGER_OUTAGE = "ledger_outage"
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from server.audit.event import (
     keys_are_text,
     text_keyed_extra,
 )
+from server.audit.outage import LedgerOutage
 from server.audit.verify import Anchor, VerifyResult, verify_store
 from server.datastore.base import AuditStore, JtiClaim, RemovalClaim
 from server.datastore.errors import (
@@ -234,9 +235,12 @@ class AuditLog:
     in the next try (`_drop_refused`).
     """
 
-    def __init__(self, store: AuditStore, clock: Clock) -> None:
+    def __init__(self, store: AuditStore, clock: Clock, outage: LedgerOutage | None = None) -> None:
         self._store = store
         self._clock = clock
+        # Told the outcome of every commit the store failed or made (not of a group it
+        # refused for what it held): whether the ledger is down is the server's health.
+        self._outage = outage
         self._chain_lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._pending: list[tuple[Any, ...]] = []
@@ -593,6 +597,8 @@ class AuditLog:
                 if not tickets:
                     return
             except (StorageError, AuditError) as e:
+                if self._outage is not None:
+                    self._outage.failed(e)
                 if isinstance(e, LedgerError):
                     self._fail(tickets, e)
                 else:
@@ -614,6 +620,8 @@ class AuditLog:
                 if batch:
                     # Batches commit in order under this lock: the last row is the new head.
                     self._committed = Head(batch[-1][0], batch[-1][-1])
+                if self._outage is not None:
+                    self._outage.worked()
                 for t in tickets:
                     t.succeed()
                 return

@@ -6,22 +6,14 @@ meanwhile, into the AgentRemovedError or TaskEndedMeanwhileError the port lets t
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Sequence
 from concurrent.futures import Future
 
 from server.audit.errors import LedgerError
+from server.audit.outage import failure_reason
 from server.datastore.errors import HolderGoneError
 from server.issuance.ledger import Credential, EventTuple, LedgerUnavailableError
 from server.ledger import Ledger as DatastoreLedgerWriter
-
-# What a failed write means, from the words SQLite and the OS use for it.
-_REASONS = (
-    ("disk full", ("database or disk is full", "no space left")),
-    ("read-only", ("readonly database", "read-only file system")),
-    ("I/O error", ("disk i/o error", "input/output error")),
-)
-_ERRNO_REASONS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only", errno.EIO: "I/O error"}
 
 
 def _refusal(exc: LedgerError, credentials: Sequence[Credential]) -> Exception:
@@ -34,20 +26,6 @@ def _refusal(exc: LedgerError, credentials: Sequence[Credential]) -> Exception:
         error = LedgerUnavailableError(failure_reason(exc))
     error.__cause__ = exc
     return error
-
-
-def failure_reason(exc: BaseException) -> str:
-    """A short, path-free name for why a write failed (for logs and metric labels)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _ERRNO_REASONS:
-            return _ERRNO_REASONS[seen.errno]
-        text = str(seen).lower()
-        for reason, words in _REASONS:
-            if any(w in text for w in words):
-                return reason
-        seen = seen.__cause__ or seen.__context__
-    return "storage error"
 
 
 class DatastoreLedger:

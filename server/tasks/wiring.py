@@ -17,6 +17,7 @@ from typing import Any
 
 from server.agent_authority import AgentAuthority
 from server.audit import AuditLog
+from server.audit.outage import LedgerOutage
 from server.ca.manager import CaManager
 from server.datastore.records import Removal
 from server.issuance import TaskDecisions
@@ -154,10 +155,12 @@ def build_task_layer(
     clock: Clock,
     settings: TaskSettings | None = None,
     denials: RefusalBudget | None = None,
+    outage: LedgerOutage | None = None,
 ) -> TaskLayer:
-    """Raises PolicyError (an invalid policy set) or AuditError before anything is served."""
+    """Raises PolicyError (an invalid policy set) or AuditError before anything is served.
+    `outage`: told of every commit of the audit log (server/audit/outage.py)."""
     policy = PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
-    audit = AuditLog(datastore, clock)
+    audit = AuditLog(datastore, clock, outage)
     store = TaskStore(datastore)
     service = TaskService(
         state=state,

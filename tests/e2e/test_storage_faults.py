@@ -120,7 +120,7 @@ def test_a_full_disk_logs_the_refused_calls_traceback_once_not_once_a_call() -> 
             assert client.jwt(stub) == 1  # space back: issued again, no restart
         assert server.stop() == 0
     assert refused == CALLS
-    assert logged.count("the ledger cannot commit; issuance refused") == 1
+    assert logged.count("the ledger cannot commit; every identity decision is refused") == 1
     assert logged.count("server-side error in handler") == 1, len(logged)
 
 

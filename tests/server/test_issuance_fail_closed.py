@@ -71,7 +71,7 @@ def test_issuance_fails_unavailable_while_nothing_can_be_recorded_then_resumes(
     assert metric(srv, "svid_server_ledger_available") == 1
 
     read_only(srv, True)
-    caplog.set_level(logging.ERROR, logger="svid.server.issuance")
+    caplog.set_level(logging.WARNING, logger="svid.server.audit")
     for _ in range(2):
         for name, call in rpcs.items():
             with pytest.raises(grpc.RpcError) as err:
@@ -89,6 +89,9 @@ def test_issuance_fails_unavailable_while_nothing_can_be_recorded_then_resumes(
     for call in rpcs.values():
         call()
     assert metric(srv, "svid_server_ledger_available") == 1
+    back = [r for r in caplog.records if "the ledger commits again" in r.getMessage()]
+    assert len(back) == 1  # and one when it ends, saying how many commits failed
+    assert back[0].__dict__["failed_commits"] >= 6  # the calls, and any try of its own
     # The calls refused during the outage left no credential behind in the records.
     assert len(srv.server.tasks.store.agent_credentials(agent.spiffe_id, 0)) == records + 7
     assert srv.server.tasks.audit.verify().ok

@@ -18,9 +18,10 @@ import pytest
 from server.audit import AuditLog
 from server.audit.errors import LedgerError
 from server.audit.event import DRAFT_FIELDS
+from server.audit.outage import failure_reason
 from server.datastore.sqlite import SqliteDataStore
 from server.issuance import Credential, LedgerUnavailableError
-from server.issuance.datastore_ledger import DatastoreLedger, failure_reason
+from server.issuance.datastore_ledger import DatastoreLedger
 from server.ledger import Ledger
 from svid._clock import FakeClock
 from tests.server.fixtures import admit_agents
@@ -130,7 +131,8 @@ def test_an_empty_commit_writes_nothing(parts: Parts) -> None:
             LedgerError("cannot commit 3 credential record(s): database or disk is full"),
             "disk full",
         ),
-        (sqlite3.OperationalError("database is locked"), "storage error"),
+        (sqlite3.OperationalError("database is locked"), "locked"),
+        (sqlite3.OperationalError("no such table: audit_events"), "storage error"),
     ],
 )
 def test_failure_reasons_name_the_fault_without_a_path(error: BaseException, reason: str) -> None:

@@ -1,0 +1,97 @@
+"""Whether the audit ledger commits, as its commits say: every write the log makes (issuance,
+task begin and end, revocations, removals, policy reloads) tells this its outcome.
+
+Storage that refuses writes (a full disk, a read-only file, a lock held past the busy timeout,
+a database gone) is one outage: one log line when commits start failing, one when they work
+again (with how long and how many failed), and `on_turn` at each turn for the metric and the
+server's health. A write refused for what it holds (a replay, an agent removed meanwhile) is
+no outage: the log never reports those here.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable
+
+from svid._clock import Clock
+
+_log = logging.getLogger("svid.server.audit")
+
+# What a failed write means, from the words SQLite and the OS use for it.
+_REASONS = (
+    ("disk full", ("database or disk is full", "no space left")),
+    ("read-only", ("readonly database", "read-only file system")),
+    ("I/O error", ("disk i/o error", "input/output error")),
+    ("locked", ("database is locked",)),
+)
+_ERRNO_REASONS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only", errno.EIO: "I/O error"}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, path-free name for why a write failed (for logs, metric labels, health)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _ERRNO_REASONS:
+            return _ERRNO_REASONS[seen.errno]
+        text = str(seen).lower()
+        for reason, words in _REASONS:
+            if any(w in text for w in words):
+                return reason
+        seen = seen.__cause__ or seen.__context__
+    return "storage error"
+
+
+class LedgerOutage:
+    """`on_turn(reason)`: the short reason when commits start failing, None when one works
+    again; called on the committing thread under this object's lock, so that turns reach it
+    in the order they happened (it must not call back here)."""
+
+    def __init__(self, clock: Clock, on_turn: Callable[[str | None], None] | None = None) -> None:
+        self._clock = clock
+        self._on_turn = on_turn
+        self._lock = threading.Lock()
+        self._reason: str | None = None
+        self._since = 0.0
+        self._failures = 0
+
+    @property
+    def reason(self) -> str | None:
+        """Why commits fail now; None while they work."""
+        return self._reason
+
+    @property
+    def since(self) -> float:
+        """When the current outage began (the clock's seconds); meaningless while up."""
+        return self._since
+
+    def failed(self, exc: BaseException) -> None:
+        reason = failure_reason(exc)
+        with self._lock:
+            self._failures += 1
+            if self._reason is not None:
+                return
+            self._reason, self._since = reason, self._clock.now()
+            _log.error(
+                "the ledger cannot commit; every identity decision is refused until storage "
+                "recovers",
+                extra={"reason": reason, "error": str(exc.__cause__ or exc)},
+            )
+            if self._on_turn is not None:
+                self._on_turn(reason)
+
+    def worked(self) -> None:
+        if self._reason is None:  # the common case, read without the lock
+            return
+        with self._lock:
+            if self._reason is None:
+                return
+            reason, failures, lasted = self._reason, self._failures, self._clock.now() - self._since
+            self._reason, self._failures = None, 0
+            _log.warning(
+                "the ledger commits again; identity decisions resumed",
+                extra={"reason": reason, "seconds": round(lasted, 1), "failed_commits": failures},
+            )
+            if self._on_turn is not None:
+                self._on_turn(None)
