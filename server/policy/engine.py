@@ -6,7 +6,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,10 +115,15 @@ class PolicyEngine:
     def high_risk_actions(self) -> frozenset[str]:
         return self._state[0].schema.high_risk
 
-    def reload(self) -> PolicySetInfo:
-        """Load the directory again and swap it in; on any error the old set keeps serving."""
+    def reload(self, record: Callable[[PolicySetInfo], None] | None = None) -> PolicySetInfo:
+        """Load the directory again and swap it in; on any error the old set keeps serving.
+        `record`: called with the new set before it is swapped in (its audit event); when it
+        raises, the old set keeps serving too, so no decision is made under a set the audit
+        log never saw loaded."""
         with self._reload_lock:
             state = self._load(self._dir)
+            if record is not None:
+                record(state[1])
             # One attribute holds both, so a concurrent decide() sees the old or the new set whole.
             self._state = state
             self._announce()

@@ -17,12 +17,13 @@ import grpc
 from server import listing, status
 from server.agent_authority import AgentAuthority
 from server.agent_turns import AgentTurns
+from server.audit.errors import AuditError
 from server.datastore.records import AttestedAgent, TaskCursor
 from server.errors import InvalidRequestError, PermissionDeniedError, RateLimitedError
 from server.held_threads import run_held
 from server.input_text import refuse_nul
 from server.peer import PeerCache
-from server.policy import PolicyEngine
+from server.policy import PolicyEngine, PolicySetInfo
 from server.refusal_budget import RefusalBudget
 from server.registration import is_entry_id
 from server.state import ServerState
@@ -408,8 +409,22 @@ class TaskAdminServicer(task_pb2_grpc.TaskAdminServicer):  # type: ignore[misc]
         self, request: task_pb2.ReloadPolicyRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.PolicySet:
         before = self._policy.policy_set_hash
+
+        def record(info: PolicySetInfo) -> None:
+            self._service.audit.append(
+                "policy_reload",
+                decision="allow",
+                policy_ids=info.policy_ids,
+                policy_set_hash=info.hash,
+                extra={"previous_hash": before, "files": list(info.files)},
+            )
+
         try:
-            info = await asyncio.to_thread(self._policy.reload)
+            # Recorded before it serves: a reload the ledger could not take was answered
+            # UNAVAILABLE while its set decided every task from then on, off the record.
+            info = await asyncio.to_thread(self._policy.reload, record)
+        except AuditError:
+            raise  # not loaded: the old set serves, and the ledger's outage says why
         except Exception as exc:
             await asyncio.to_thread(
                 self._service.audit.append,
@@ -419,14 +434,6 @@ class TaskAdminServicer(task_pb2_grpc.TaskAdminServicer):  # type: ignore[misc]
                 policy_set_hash=before,
             )
             raise
-        await asyncio.to_thread(
-            self._service.audit.append,
-            "policy_reload",
-            decision="allow",
-            policy_ids=info.policy_ids,
-            policy_set_hash=info.hash,
-            extra={"previous_hash": before, "files": list(info.files)},
-        )
         _log.info("policy reloaded", extra={"hash": info.hash})
         return task_pb2.PolicySet(
             hash=info.hash,
