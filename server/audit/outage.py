@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from server.datastore.errors import UnreachableError
 from svid._clock import Clock
 
 _log = logging.getLogger("svid.server.audit")
@@ -41,6 +42,18 @@ def failure_reason(exc: BaseException) -> str:
                 return reason
         seen = seen.__cause__ or seen.__context__
     return "storage error"
+
+
+def storage_fault(exc: BaseException) -> bool:
+    """Whether a failed write was the storage's own fault (a named reason, or a backend that
+    did not answer), not a refusal of what it held: what a write outside the audit log (a task
+    row's) tells LedgerOutage, the ledger's transactions going to the same storage."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, UnreachableError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return failure_reason(exc) != "storage error"
 
 
 class LedgerOutage:

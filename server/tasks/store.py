@@ -2,18 +2,22 @@
 
 A view onto the server's one datastore (its task, credential and audit roles): the rows live
 with everything else, under the one migration runner, so a credential's record commits with
-its audit event (`AuditLog.record`). This class only turns `Task` values into rows and back.
+its audit event (`AuditLog.record`). This class only turns `Task` values into rows and back,
+and tells the ledger's outage of the task rows the storage cannot write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, replace
 from typing import Protocol
 
 from server.audit import AuditLog, EventDraft
+from server.audit.outage import LedgerOutage, storage_fault
 from server.datastore.base import AuditStore, CredentialStore, RegistrationStore, TaskRecordStore
+from server.datastore.errors import StorageError
 from server.datastore.records import TaskCursor, TaskRecord, expired_record_kept_from
 from server.tasks.model import Credential, Task, TaskState
 
@@ -55,8 +59,11 @@ def _record(task: Task, column: str = "") -> TaskRecord:
 class TaskStore:
     """Thread-safe as the datastore is; closing is the datastore owner's job."""
 
-    def __init__(self, rows: TaskRows) -> None:
+    def __init__(self, rows: TaskRows, outage: LedgerOutage | None = None) -> None:
         self._rows = rows
+        # Told of a task row the storage could not write: an end or a revocation fails there
+        # before its event reaches the audit log, which would never hear of the outage.
+        self._outage = outage
 
     def close(self) -> None:
         """Nothing to close: the datastore belongs to whoever built it (app.py)."""
@@ -64,7 +71,17 @@ class TaskStore:
     # -- tasks ----------------------------------------------------------------------------------
 
     def put_task(self, task: Task) -> None:
-        self._rows.put_task(_record(task))
+        with self._writing():
+            self._rows.put_task(_record(task))
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except StorageError as exc:
+            if self._outage is not None and storage_fault(exc):
+                self._outage.failed(exc)
+            raise
 
     def begin(self, task: Task, log: AuditLog, begun: EventDraft) -> None:
         """Store a task being begun with its task-begin event in one transaction (the log's
@@ -104,12 +121,15 @@ class TaskStore:
         `active` (to ENDING, until `settle`), None when it was not active any more (another
         server, or another path of this one, ended it first; that one does the end's work)."""
         done = replace(task, state=state, ended_at=at, end_reason=reason)
-        return done if self._rows.swap_task(_record(done, ENDING), TaskState.ACTIVE.value) else None
+        with self._writing():
+            swapped = self._rows.swap_task(_record(done, ENDING), TaskState.ACTIVE.value)
+        return done if swapped else None
 
     def settle(self, task: Task) -> bool:
         """The end's work is written: the row's state becomes the task's own. False when it
         was settled already."""
-        return self._rows.swap_task(_record(task), ENDING)
+        with self._writing():
+            return self._rows.swap_task(_record(task), ENDING)
 
     def unsettled(self, before: int) -> list[Task]:
         """Tasks whose end was claimed before `before` and never settled."""

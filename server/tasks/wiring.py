@@ -161,7 +161,7 @@ def build_task_layer(
     `outage`: told of every commit of the audit log (server/audit/outage.py)."""
     policy = PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
     audit = AuditLog(datastore, clock, outage)
-    store = TaskStore(datastore)
+    store = TaskStore(datastore, outage)
     service = TaskService(
         state=state,
         store=store,

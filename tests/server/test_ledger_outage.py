@@ -7,7 +7,8 @@ from __future__ import annotations
 import sqlite3
 
 from server.audit.errors import LedgerError
-from server.audit.outage import LedgerOutage
+from server.audit.outage import LedgerOutage, storage_fault
+from server.datastore.errors import StorageError, UnreachableError
 from server.health_reasons import DATASTORE_VIEW, LEDGER, HealthReasons
 from svid._clock import FakeClock
 from tests.log_lines import log_lines
@@ -51,3 +52,16 @@ def test_health_turns_once_for_several_causes_and_names_each() -> None:
     health.clear(DATASTORE_VIEW)
     assert turns == [False, True]
     assert health.healthy()
+
+
+def _raised(error: StorageError, cause: BaseException) -> StorageError:
+    error.__cause__ = cause
+    return error
+
+
+def test_a_task_row_write_is_an_outage_only_when_the_storage_failed_it() -> None:
+    full = sqlite3.OperationalError("database or disk is full")
+    refused = sqlite3.IntegrityError("UNIQUE constraint failed: tasks.task_id")
+    assert storage_fault(_raised(StorageError("cannot record the task: x"), full))
+    assert storage_fault(UnreachableError("the database did not answer within 5 s"))
+    assert not storage_fault(_raised(StorageError("cannot record the task: x"), refused))

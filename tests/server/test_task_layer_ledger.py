@@ -1,10 +1,13 @@
-"""A policy reload is on the audit log before its set decides anything, on a real server over
-real gRPC, the fault real SQLite refusing writes (query_only, as test_issuance_fail_closed
-makes it): a reload the ledger cannot take is refused and the old set keeps serving."""
+"""The task layer while the ledger cannot commit, on a real server over real gRPC and HTTP, the
+fault real SQLite refusing writes (query_only, as test_issuance_fail_closed makes it): a
+policy reload the ledger cannot take is refused and the old set keeps serving; a task end the
+storage cannot write turns /healthz 503 as an issuance would."""
 
 from __future__ import annotations
 
 import shutil
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,10 +17,11 @@ import pytest
 from server.audit.event import EventKind
 from server.datastore.records import EventFilter
 from svid._proto import task_pb2, task_pb2_grpc
-from tests.e2e.test_tasks_server import POLICY
+from tests.e2e.test_tasks_server import POLICY, RUNTIME
 from tests.server.fixtures import RunningServer, start_server
 from tests.server.test_issuance_fail_closed import read_only
 from tests.tmpdirs import short_tmpdir
+from tests.waits import wait_for
 
 
 @pytest.fixture
@@ -26,7 +30,7 @@ def served() -> Iterator[tuple[RunningServer, Path]]:
     policy_dir = root / "policies"
     policy_dir.mkdir()
     (policy_dir / "work.cedar").write_text(POLICY)
-    server = start_server(root, policy_dir=str(policy_dir))
+    server = start_server(root, policy_dir=str(policy_dir), metrics_address="127.0.0.1:0")
     try:
         yield server, policy_dir
     finally:
@@ -64,3 +68,39 @@ def test_a_reload_the_ledger_cannot_record_leaves_the_old_set_serving(
     assert reloaded.hash != before
     assert engine.policy_set_hash == reloaded.hash
     assert reloads(srv) == [reloaded.hash]
+
+
+def healthz(srv: RunningServer) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(
+            f"http://{srv.runtime.metrics_address}/healthz", timeout=5
+        ) as answer:
+            return int(answer.status), answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+def test_an_end_the_storage_cannot_write_says_so_on_healthz(
+    served: tuple[RunningServer, Path],
+) -> None:
+    """Fails without TaskStore telling the ledger's outage: the end failed on its task row,
+    before its event reached the audit log, and /healthz said 200 ok for as long as only ends
+    and revocations came."""
+    srv, _ = served
+    agent = srv.attest()
+    srv.create_entry(RUNTIME.removeprefix("spiffe://example.org"), agent.spiffe_id)
+    tasks = task_pb2_grpc.NodeTasksStub(srv.node_channel(agent))
+    intent = task_pb2.Intent(actions=["read"], resources=["docs"], on_behalf_of="user:alice")
+    task = tasks.BeginTask(
+        task_pb2.NodeBeginTaskRequest(runtime_id=RUNTIME, intent=intent, ttl=300), timeout=10
+    ).task
+    end = task_pb2.NodeEndTaskRequest(task_id=task.task_id, runtime_ids=[RUNTIME])
+    assert healthz(srv) == (200, "ok\n")
+    read_only(srv, True)
+    with pytest.raises(grpc.RpcError) as err:
+        tasks.EndTask(end, timeout=10)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert healthz(srv) == (503, "unhealthy: the audit ledger cannot commit (read-only)\n")
+    read_only(srv, False)
+    wait_for(lambda: healthz(srv)[0] == 200, 10, "/healthz to say 200 again")
+    assert tasks.EndTask(end, timeout=10).task.state == "ended"
