@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -66,6 +67,13 @@ _OPTIONS = (
 )
 _X509_SERIAL = common_pb2.Revocation.X509_SERIAL
 _JWT_ID = common_pb2.Revocation.JWT_ID
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The server is there, with nothing to send: another comes within `interval` seconds."""
+
+    interval: float
 
 
 def sync_state(update: node_pb2.SyncUpdate) -> SyncState:
@@ -477,12 +485,15 @@ class NodeClient:
 
     async def sync(
         self, since_revision: int = 0, epoch: str = ""
-    ) -> AsyncIterator[SyncState | SyncDelta | PushedCheckpoint]:
+    ) -> AsyncIterator[SyncState | SyncDelta | PushedCheckpoint | Heartbeat]:
         """The Sync stream from `since_revision` of `epoch` (0: from a snapshot). An audit
         checkpoints a message carries come first, then the message's state or delta."""
-        request = node_pb2.SyncRequest(since_revision=since_revision, epoch=epoch)
+        request = node_pb2.SyncRequest(since_revision=since_revision, epoch=epoch, heartbeats=True)
         stub = await self._ready()
         async for update in stub.Sync(request):
+            if update.kind == node_pb2.SyncUpdate.HEARTBEAT:
+                yield Heartbeat(update.heartbeat_interval_ms / 1000.0)
+                continue
             for pushed in update.audit_checkpoints:
                 yield PushedCheckpoint(pushed.line, bytes(pushed.public_key))
             if update.kind == node_pb2.SyncUpdate.DELTA:

@@ -2,12 +2,25 @@
 its copy of the server's revocations may be. The Revocations service tells verifiers (a quiet
 stream to them says nothing of a partition behind the agent), so that their
 max_revocation_staleness fails closed while revocations made at the server cannot arrive.
+
+A stream open is not a server heard: one hung without closing it (stopped, behind a network
+black hole) is noticed only when gRPC keepalive fails, some 20 s on. A server that sends
+heartbeats (SyncUpdate.HEARTBEAT) bounds that: past SILENT_BEATS of its intervals without a
+message the link counts lost, since the last message heard. A server that sends none (older
+than heartbeats) is counted in sync for as long as its stream lives, as before.
 """
 
 from __future__ import annotations
 
 from agent_attestor.watchers import Signal
 from svid._clock import Clock, ElapsedClock
+
+# Heartbeat intervals without a message before the link counts lost: one late or lost beat
+# (a busy server) is no outage.
+SILENT_BEATS = 2
+# The longest interval a server's heartbeat is taken to promise: past it, keepalive (~20 s)
+# notices a hung server first anyway.
+MAX_HEARTBEAT_INTERVAL = 60.0
 
 
 class ServerLink:
@@ -17,23 +30,58 @@ class ServerLink:
         # Out of sync since the start: what the state file gave is older than that, and the
         # revocations made since it was written arrive only with the first Sync.
         self._lost_at: float | None = self._elapsed.monotonic()
+        self._live = False  # a Sync stream is up and caught up
+        self._heard_at = self._lost_at  # the last message of a live stream
+        # Seconds of silence past which a live stream's server counts lost; None: its server
+        # sent no heartbeat on this stream, so silence says nothing.
+        self._silence: float | None = None
         self.changed = Signal()  # bumped when the link is lost or back, not in between
+        self.heard = Signal()  # bumped by every message of a live stream (check's wake-up)
 
     @property
     def in_sync(self) -> bool:
         return self._lost_at is None
 
     def up(self) -> None:
-        """A Sync stream is live and caught up: revocations arrive as the server makes them."""
+        """A Sync stream is live and caught up, and its server was heard now: revocations
+        arrive as the server makes them."""
+        self._live = True
+        self._heard_at = self._elapsed.monotonic()
+        self.heard.bump()
         if self._lost_at is not None:
             self._lost_at = None
             self.changed.bump()
 
+    def beat(self, interval: float) -> None:
+        """A heartbeat came, promising another within `interval` seconds. Before the stream is
+        caught up it only says that this server sends them."""
+        if interval > 0:  # none promised: a server's bug is not an outage every instant
+            self._silence = SILENT_BEATS * min(interval, MAX_HEARTBEAT_INTERVAL)
+        if self._live:
+            self.up()
+
     def down(self) -> None:
-        """The Sync stream ended: what the agent holds grows old from now."""
+        """The Sync stream ended: what the agent holds grows old from now. Not from the last
+        message: a server's quiet stream is in sync until it ends (it ended from the server, or
+        a reset), and one silent past its heartbeats' promise was counted lost already."""
         if self._lost_at is None:
             self._lost_at = self._elapsed.monotonic()
             self.changed.bump()
+        self._live = False
+        self._silence = None  # the next stream's server may send none
+
+    def check(self) -> float | None:
+        """Count the link lost, since the last message heard, if its server promised
+        heartbeats and fell silent for longer than they allow. Returns the seconds until that
+        could happen next; None: not before a message comes (`heard` moves)."""
+        if self._silence is None or self._lost_at is not None:
+            return None
+        left = self._heard_at + self._silence - self._elapsed.monotonic()
+        if left > 0:
+            return left
+        self._lost_at = self._heard_at
+        self.changed.bump()
+        return None
 
     def out_of_sync_ms(self) -> int:
         """0 while in sync; else milliseconds since the link was lost, at least 1 (0 would say

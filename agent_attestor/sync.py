@@ -42,7 +42,7 @@ from agent_attestor.errors import (
     StateNotWritableError,
 )
 from agent_attestor.model import TrustBundle
-from agent_attestor.node_client import NodeClient, server_not_verified
+from agent_attestor.node_client import Heartbeat, NodeClient, server_not_verified
 from agent_attestor.rotation import ROTATE_AT, rotation_point
 from agent_attestor.server_identity import CheckContexts
 from agent_attestor.server_link import ServerLink
@@ -680,14 +680,15 @@ class Syncer:
         renew = asyncio.create_task(self._renew_loop(svid))
         reconnect = asyncio.create_task(self._reconnect.wait())
         stream = asyncio.create_task(self._consume(self._client))
+        silence = asyncio.create_task(self._watch_silence())
         try:
             done, _ = await asyncio.wait({stream, reconnect}, return_when=asyncio.FIRST_COMPLETED)
             if stream in done:
                 stream.result()  # raise what ended it
         finally:
-            for task in (renew, reconnect, stream):
+            for task in (renew, reconnect, stream, silence):
                 task.cancel()
-            for task in (renew, reconnect, stream):
+            for task in (renew, reconnect, stream, silence):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self.connected = False
@@ -710,6 +711,18 @@ class Syncer:
                 extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"},
             )
 
+    async def _watch_silence(self) -> None:
+        """Count the link lost once its server, which sends heartbeats, falls silent
+        (ServerLink.check): the stream stays open until keepalive fails, ~20 s on, and
+        verifiers were told all along that the agent was in sync."""
+        while True:
+            heard = self.link.heard.version
+            due = self.link.check()
+            if due is None:
+                await self.link.heard.wait(heard)
+            else:
+                await asyncio.sleep(due)
+
     async def _consume(self, client: NodeClient) -> None:
         # The parts of a run not yet complete: held off the cache, and dropped with the stream
         # if it ends before the last one (the reconnect asks for the run again).
@@ -719,6 +732,9 @@ class Syncer:
             # Attested anew under another ID: what the old one reached says nothing here.
             self.revision, self.epoch = 0, ""
         async for message in client.sync(self.revision, self.epoch):
+            if isinstance(message, Heartbeat):
+                self.link.beat(message.interval)
+                continue
             if isinstance(message, PushedCheckpoint):
                 await self._offer_checkpoint(message)
                 continue

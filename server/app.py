@@ -581,7 +581,9 @@ class Server:
             agents=agents,
             ids=self.ids,
             attestors=self._attestors(),
-            settings=NodeSettings(attest_timeout=cfg.attest_timeout),
+            settings=NodeSettings(
+                attest_timeout=cfg.attest_timeout, heartbeat_interval=cfg.sync_heartbeat_interval
+            ),
             limiters=limiters,
             clock=self.clock,
             metrics=self.metrics,
@@ -686,6 +688,10 @@ class Server:
                 self.ledger_health.run(self._stop, self.tasks.audit), name="ledger-health"
             ),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
+            asyncio.create_task(
+                self.propagator.run_heartbeats(cfg.sync_heartbeat_interval, self._stop),
+                name="sync-heartbeats",
+            ),
             asyncio.create_task(self.federation.run(self._stop), name="federation"),
             asyncio.create_task(self.follower.run(self._stop), name="change-feed"),
             asyncio.create_task(

@@ -130,6 +130,10 @@ class ServerConfig:
     # feed_retention seconds are pruned (a server down longer reloads everything).
     feed_poll_interval: float = 1.0
     feed_retention: float = 3600.0
+    # Seconds between two heartbeats on a quiet Sync stream (agents that ask for them): an
+    # agent counts its revocations stale after two intervals without a word, where a server
+    # hung without closing the stream was heard of only when keepalive failed (~20 s).
+    sync_heartbeat_interval: float = 3.0
     # Several servers, one trust domain: the file (0600, this user's) holding the 32-byte
     # key-encryption key every server of the trust domain shares. Set, the CA and JWT keys are
     # sealed into the datastore and shared (`svid-server keys new-kek --out FILE` makes one);
@@ -399,6 +403,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "datastore": _as_datastore,
     "feed_poll_interval": _as_positive_float,
     "feed_retention": _as_positive_float,
+    "sync_heartbeat_interval": _as_positive_float,
     "key_encryption_key_file": _as_path,
     "oidc_issuer": _as_str,
     "oauth_bind_address": _as_optional_address,

@@ -62,6 +62,8 @@ _ATTEST_LIMITED = "attestation rate limit exceeded for this host; retry later"
 @dataclass(frozen=True)
 class NodeSettings:
     attest_timeout: float = 30.0
+    # What HEARTBEAT messages tell the agent (Propagator.run_heartbeats sends them this often).
+    heartbeat_interval: float = 3.0
 
 
 # Sync streams one agent may open: each costs a snapshot or a catch-up, and the per-agent cap
@@ -111,6 +113,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._agents = agents
         self._attestors = dict(attestors)
         self._settings = settings
+        # One message for every stream (never changed): a heartbeat is sent often, by many.
+        self._heartbeat = node_pb2.SyncUpdate(
+            kind=node_pb2.SyncUpdate.HEARTBEAT,
+            heartbeat_interval_ms=max(1, round(settings.heartbeat_interval * 1000)),
+        )
         self._limits = limiters
         self._clock = clock
         self._metrics = metrics
@@ -412,17 +419,24 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             agent = await self._current(peer)
         # Subscribed and the log read with no await between: every change after the revision
         # read here reaches this stream's inbox.
-        sub = self._propagator.subscribe(agent)
+        sub = self._propagator.subscribe(agent, request.heartbeats)
         self._metrics.sync_streams.inc()
         try:
             messages = self._first_messages(agent, window)
+            # The first heartbeat right after the first messages: the agent learns this server
+            # sends them (an older one never does) and times its silence from there.
+            beat = sub.heartbeats
             while True:
                 for message in messages:
                     yield message
+                if beat:
+                    yield self._heartbeat
                 window = await sub.next()
+                beat, sub.beat = sub.beat, False
                 if self._state.shutting_down:
                     raise UnavailableError("server is shutting down; reconnect")
                 # Woken when the view turned stale: the agent moves to a server that reads.
+                # A heartbeat too says the view is current, so none goes out before this.
                 self._view.check()
                 # Eviction and bans end the stream with PERMISSION_DENIED right here.
                 current = self._state.authorize_agent(peer.spiffe_id, peer.serial)
@@ -431,10 +445,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     # or too far behind to keep its backlog: start again from a snapshot.
                     self._propagator.unsubscribe(sub)
                     agent = await self._current(peer)
-                    sub = self._propagator.subscribe(agent)
+                    sub = self._propagator.subscribe(agent, request.heartbeats)
                     messages = self._snapshot(agent, log.head)
                     continue
-                messages = self._delta(agent, window)
+                # Woken for a heartbeat alone, every few seconds on every stream: the agent's
+                # reach (its node aliases) is not worked out again for nothing.
+                messages = self._delta(agent, window) if window else []
         finally:
             self._propagator.unsubscribe(sub)
             self._metrics.sync_streams.dec()

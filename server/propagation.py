@@ -76,6 +76,9 @@ class Subscription:
     closed: bool = False
     # The backlog was dropped (MAX_INBOX): the stream must send a snapshot.
     overflowed: bool = False
+    # The agent reads HEARTBEAT messages (SyncRequest.heartbeats); `beat`: one is due.
+    heartbeats: bool = False
+    beat: bool = False
 
     async def next(self) -> list[Change]:
         """The changes dispatched since the last call (waits for one; [] when woken empty)."""
@@ -146,9 +149,10 @@ class Propagator:
         else:
             del self._places[place.spiffe_id]
 
-    def subscribe(self, agent: AttestedAgent) -> Subscription:
-        """A stream's subscription (the stream holds a place: `take_place`)."""
-        sub = Subscription(agent, self._parents(agent, self._state.entries))
+    def subscribe(self, agent: AttestedAgent, heartbeats: bool = False) -> Subscription:
+        """A stream's subscription (the stream holds a place: `take_place`); `heartbeats`:
+        its agent asked for them."""
+        sub = Subscription(agent, self._parents(agent, self._state.entries), heartbeats=heartbeats)
         self._all.add(sub)
         self._by_agent.setdefault(agent.spiffe_id, set()).add(sub)
         for selector in agent.selectors:
@@ -170,6 +174,19 @@ class Propagator:
         """Wake every stream with nothing new (shutdown: each then sees the server stopping)."""
         for sub in self._all:
             sub.wake.set()
+
+    def beat(self) -> None:
+        """Make a heartbeat due on every stream whose agent asked for them: one pass for all,
+        on one timer (run_heartbeats), not a timer per stream."""
+        for sub in self._all:
+            if sub.heartbeats:
+                sub.beat = True
+                sub.wake.set()
+
+    async def run_heartbeats(self, interval: float, stop: asyncio.Event) -> None:
+        """`beat` every `interval` seconds until `stop` is set."""
+        while not await set_within(stop, interval):
+            self.beat()
 
     @property
     def subscriber_count(self) -> int:

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\x0csvid.node.v1\x1a\x0c\x63ommon.proto\"0\n\x0f\x41ttestationData\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"H\n\x0c\x41ttestParams\x12+\n\x04\x64\x61ta\x18\x01 \x01(\x0b\x32\x1d.svid.node.v1.AttestationData\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"c\n\rAttestRequest\x12,\n\x06params\x18\x01 \x01(\x0b\x32\x1a.svid.node.v1.AttestParamsH\x00\x12\x1c\n\x12\x63hallenge_response\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04step\"n\n\tAgentSVID\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x01(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12&\n\x06\x62undle\x18\x04 \x01(\x0b\x32\x16.svid.common.v1.Bundle\"X\n\x0e\x41ttestResponse\x12\x13\n\tchallenge\x18\x01 \x01(\x0cH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.svid.node.v1.AgentSVIDH\x00\x42\x06\n\x04step\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\";\n\x12RenewAgentResponse\x12%\n\x04svid\x18\x01 \x01(\x0b\x32\x17.svid.node.v1.AgentSVID\"4\n\x0bSyncRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\t\"\xd6\x04\n\nSyncUpdate\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.svid.common.v1.Entry\x12&\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x16.svid.common.v1.Bundle\x12/\n\x0brevocations\x18\x03 \x03(\x0b\x32\x1a.svid.common.v1.Revocation\x12\x0b\n\x03\x63rl\x18\x04 \x03(\x0c\x12\x10\n\x08revision\x18\x05 \x01(\x03\x12I\n\x11\x66\x65\x64\x65rated_bundles\x18\x06 \x03(\x0b\x32..svid.node.v1.SyncUpdate.FederatedBundlesEntry\x12+\n\x04kind\x18\x07 \x01(\x0e\x32\x1d.svid.node.v1.SyncUpdate.Kind\x12\x0c\n\x04more\x18\x08 \x01(\x08\x12\x19\n\x11removed_entry_ids\x18\t \x03(\t\x12\x37\n\x13removed_revocations\x18\n \x03(\x0b\x32\x1a.svid.common.v1.Revocation\x12\x13\n\x0b\x63rl_changed\x18\x0b \x01(\x08\x12\r\n\x05\x65poch\x18\x0c \x01(\t\x12\x38\n\x11\x61udit_checkpoints\x18\r \x03(\x0b\x32\x1d.svid.node.v1.AuditCheckpoint\x1aO\n\x15\x46\x65\x64\x65ratedBundlesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.svid.common.v1.Bundle:\x02\x38\x01\"\x1f\n\x04Kind\x12\x0c\n\x08SNAPSHOT\x10\x00\x12\t\n\x05\x44\x45LTA\x10\x01\"3\n\x0f\x41uditCheckpoint\x12\x0c\n\x04line\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"/\n\x0eX509SVIDParams\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"\x84\x01\n\x0eX509SVIDResult\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x12\n\ncert_chain\x18\x03 \x01(\x0c\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.svid.common.v1.Status\"G\n\x17\x42\x61tchNewX509SVIDRequest\x12,\n\x06params\x18\x01 \x03(\x0b\x32\x1c.svid.node.v1.X509SVIDParams\"I\n\x18\x42\x61tchNewX509SVIDResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.svid.node.v1.X509SVIDResult\"J\n\x11NewJWTSVIDRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\"J\n\x12NewJWTSVIDResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tissued_at\x18\x02 \x01(\x03\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"K\n\x16\x42\x61tchNewJWTSVIDRequest\x12\x31\n\x08requests\x18\x01 \x03(\x0b\x32\x1f.svid.node.v1.NewJWTSVIDRequest\"f\n\rJWTSVIDResult\x12.\n\x04svid\x18\x01 \x01(\x0b\x32 .svid.node.v1.NewJWTSVIDResponse\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.svid.common.v1.Status\"G\n\x17\x42\x61tchNewJWTSVIDResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.svid.node.v1.JWTSVIDResult2\xf3\x03\n\x04Node\x12G\n\x06\x41ttest\x12\x1b.svid.node.v1.AttestRequest\x1a\x1c.svid.node.v1.AttestResponse(\x01\x30\x01\x12O\n\nRenewAgent\x12\x1f.svid.node.v1.RenewAgentRequest\x1a .svid.node.v1.RenewAgentResponse\x12=\n\x04Sync\x12\x19.svid.node.v1.SyncRequest\x1a\x18.svid.node.v1.SyncUpdate0\x01\x12\x61\n\x10\x42\x61tchNewX509SVID\x12%.svid.node.v1.BatchNewX509SVIDRequest\x1a&.svid.node.v1.BatchNewX509SVIDResponse\x12O\n\nNewJWTSVID\x12\x1f.svid.node.v1.NewJWTSVIDRequest\x1a .svid.node.v1.NewJWTSVIDResponse\x12^\n\x0f\x42\x61tchNewJWTSVID\x12$.svid.node.v1.BatchNewJWTSVIDRequest\x1a%.svid.node.v1.BatchNewJWTSVIDResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\x0csvid.node.v1\x1a\x0c\x63ommon.proto\"0\n\x0f\x41ttestationData\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"H\n\x0c\x41ttestParams\x12+\n\x04\x64\x61ta\x18\x01 \x01(\x0b\x32\x1d.svid.node.v1.AttestationData\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"c\n\rAttestRequest\x12,\n\x06params\x18\x01 \x01(\x0b\x32\x1a.svid.node.v1.AttestParamsH\x00\x12\x1c\n\x12\x63hallenge_response\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04step\"n\n\tAgentSVID\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x01(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12&\n\x06\x62undle\x18\x04 \x01(\x0b\x32\x16.svid.common.v1.Bundle\"X\n\x0e\x41ttestResponse\x12\x13\n\tchallenge\x18\x01 \x01(\x0cH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.svid.node.v1.AgentSVIDH\x00\x42\x06\n\x04step\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\";\n\x12RenewAgentResponse\x12%\n\x04svid\x18\x01 \x01(\x0b\x32\x17.svid.node.v1.AgentSVID\"H\n\x0bSyncRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x12\n\nheartbeats\x18\x03 \x01(\x08\"\x84\x05\n\nSyncUpdate\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.svid.common.v1.Entry\x12&\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x16.svid.common.v1.Bundle\x12/\n\x0brevocations\x18\x03 \x03(\x0b\x32\x1a.svid.common.v1.Revocation\x12\x0b\n\x03\x63rl\x18\x04 \x03(\x0c\x12\x10\n\x08revision\x18\x05 \x01(\x03\x12I\n\x11\x66\x65\x64\x65rated_bundles\x18\x06 \x03(\x0b\x32..svid.node.v1.SyncUpdate.FederatedBundlesEntry\x12+\n\x04kind\x18\x07 \x01(\x0e\x32\x1d.svid.node.v1.SyncUpdate.Kind\x12\x0c\n\x04more\x18\x08 \x01(\x08\x12\x19\n\x11removed_entry_ids\x18\t \x03(\t\x12\x37\n\x13removed_revocations\x18\n \x03(\x0b\x32\x1a.svid.common.v1.Revocation\x12\x13\n\x0b\x63rl_changed\x18\x0b \x01(\x08\x12\r\n\x05\x65poch\x18\x0c \x01(\t\x12\x38\n\x11\x61udit_checkpoints\x18\r \x03(\x0b\x32\x1d.svid.node.v1.AuditCheckpoint\x12\x1d\n\x15heartbeat_interval_ms\x18\x0e \x01(\x05\x1aO\n\x15\x46\x65\x64\x65ratedBundlesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.svid.common.v1.Bundle:\x02\x38\x01\".\n\x04Kind\x12\x0c\n\x08SNAPSHOT\x10\x00\x12\t\n\x05\x44\x45LTA\x10\x01\x12\r\n\tHEARTBEAT\x10\x02\"3\n\x0f\x41uditCheckpoint\x12\x0c\n\x04line\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"/\n\x0eX509SVIDParams\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"\x84\x01\n\x0eX509SVIDResult\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x12\n\ncert_chain\x18\x03 \x01(\x0c\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.svid.common.v1.Status\"G\n\x17\x42\x61tchNewX509SVIDRequest\x12,\n\x06params\x18\x01 \x03(\x0b\x32\x1c.svid.node.v1.X509SVIDParams\"I\n\x18\x42\x61tchNewX509SVIDResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.svid.node.v1.X509SVIDResult\"J\n\x11NewJWTSVIDRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\"J\n\x12NewJWTSVIDResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tissued_at\x18\x02 \x01(\x03\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"K\n\x16\x42\x61tchNewJWTSVIDRequest\x12\x31\n\x08requests\x18\x01 \x03(\x0b\x32\x1f.svid.node.v1.NewJWTSVIDRequest\"f\n\rJWTSVIDResult\x12.\n\x04svid\x18\x01 \x01(\x0b\x32 .svid.node.v1.NewJWTSVIDResponse\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.svid.common.v1.Status\"G\n\x17\x42\x61tchNewJWTSVIDResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.svid.node.v1.JWTSVIDResult2\xf3\x03\n\x04Node\x12G\n\x06\x41ttest\x12\x1b.svid.node.v1.AttestRequest\x1a\x1c.svid.node.v1.AttestResponse(\x01\x30\x01\x12O\n\nRenewAgent\x12\x1f.svid.node.v1.RenewAgentRequest\x1a .svid.node.v1.RenewAgentResponse\x12=\n\x04Sync\x12\x19.svid.node.v1.SyncRequest\x1a\x18.svid.node.v1.SyncUpdate0\x01\x12\x61\n\x10\x42\x61tchNewX509SVID\x12%.svid.node.v1.BatchNewX509SVIDRequest\x1a&.svid.node.v1.BatchNewX509SVIDResponse\x12O\n\nNewJWTSVID\x12\x1f.svid.node.v1.NewJWTSVIDRequest\x1a .svid.node.v1.NewJWTSVIDResponse\x12^\n\x0f\x42\x61tchNewJWTSVID\x12$.svid.node.v1.BatchNewJWTSVIDRequest\x1a%.svid.node.v1.BatchNewJWTSVIDResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,33 +50,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENEWAGENTRESPONSE']._serialized_start=503
   _globals['_RENEWAGENTRESPONSE']._serialized_end=562
   _globals['_SYNCREQUEST']._serialized_start=564
-  _globals['_SYNCREQUEST']._serialized_end=616
-  _globals['_SYNCUPDATE']._serialized_start=619
-  _globals['_SYNCUPDATE']._serialized_end=1217
-  _globals['_SYNCUPDATE_FEDERATEDBUNDLESENTRY']._serialized_start=1105
-  _globals['_SYNCUPDATE_FEDERATEDBUNDLESENTRY']._serialized_end=1184
-  _globals['_SYNCUPDATE_KIND']._serialized_start=1186
-  _globals['_SYNCUPDATE_KIND']._serialized_end=1217
-  _globals['_AUDITCHECKPOINT']._serialized_start=1219
-  _globals['_AUDITCHECKPOINT']._serialized_end=1270
-  _globals['_X509SVIDPARAMS']._serialized_start=1272
-  _globals['_X509SVIDPARAMS']._serialized_end=1319
-  _globals['_X509SVIDRESULT']._serialized_start=1322
-  _globals['_X509SVIDRESULT']._serialized_end=1454
-  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_start=1456
-  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_end=1527
-  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_start=1529
-  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_end=1602
-  _globals['_NEWJWTSVIDREQUEST']._serialized_start=1604
-  _globals['_NEWJWTSVIDREQUEST']._serialized_end=1678
-  _globals['_NEWJWTSVIDRESPONSE']._serialized_start=1680
-  _globals['_NEWJWTSVIDRESPONSE']._serialized_end=1754
-  _globals['_BATCHNEWJWTSVIDREQUEST']._serialized_start=1756
-  _globals['_BATCHNEWJWTSVIDREQUEST']._serialized_end=1831
-  _globals['_JWTSVIDRESULT']._serialized_start=1833
-  _globals['_JWTSVIDRESULT']._serialized_end=1935
-  _globals['_BATCHNEWJWTSVIDRESPONSE']._serialized_start=1937
-  _globals['_BATCHNEWJWTSVIDRESPONSE']._serialized_end=2008
-  _globals['_NODE']._serialized_start=2011
-  _globals['_NODE']._serialized_end=2510
+  _globals['_SYNCREQUEST']._serialized_end=636
+  _globals['_SYNCUPDATE']._serialized_start=639
+  _globals['_SYNCUPDATE']._serialized_end=1283
+  _globals['_SYNCUPDATE_FEDERATEDBUNDLESENTRY']._serialized_start=1156
+  _globals['_SYNCUPDATE_FEDERATEDBUNDLESENTRY']._serialized_end=1235
+  _globals['_SYNCUPDATE_KIND']._serialized_start=1237
+  _globals['_SYNCUPDATE_KIND']._serialized_end=1283
+  _globals['_AUDITCHECKPOINT']._serialized_start=1285
+  _globals['_AUDITCHECKPOINT']._serialized_end=1336
+  _globals['_X509SVIDPARAMS']._serialized_start=1338
+  _globals['_X509SVIDPARAMS']._serialized_end=1385
+  _globals['_X509SVIDRESULT']._serialized_start=1388
+  _globals['_X509SVIDRESULT']._serialized_end=1520
+  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_start=1522
+  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_end=1593
+  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_start=1595
+  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_end=1668
+  _globals['_NEWJWTSVIDREQUEST']._serialized_start=1670
+  _globals['_NEWJWTSVIDREQUEST']._serialized_end=1744
+  _globals['_NEWJWTSVIDRESPONSE']._serialized_start=1746
+  _globals['_NEWJWTSVIDRESPONSE']._serialized_end=1820
+  _globals['_BATCHNEWJWTSVIDREQUEST']._serialized_start=1822
+  _globals['_BATCHNEWJWTSVIDREQUEST']._serialized_end=1897
+  _globals['_JWTSVIDRESULT']._serialized_start=1899
+  _globals['_JWTSVIDRESULT']._serialized_end=2001
+  _globals['_BATCHNEWJWTSVIDRESPONSE']._serialized_start=2003
+  _globals['_BATCHNEWJWTSVIDRESPONSE']._serialized_end=2074
+  _globals['_NODE']._serialized_start=2077
+  _globals['_NODE']._serialized_end=2576
 # @@protoc_insertion_point(module_scope)

@@ -66,21 +66,25 @@ class RenewAgentResponse(_message.Message):
     def __init__(self, svid: _Optional[_Union[AgentSVID, _Mapping]] = ...) -> None: ...
 
 class SyncRequest(_message.Message):
-    __slots__ = ("since_revision", "epoch")
+    __slots__ = ("since_revision", "epoch", "heartbeats")
     SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
     since_revision: int
     epoch: str
-    def __init__(self, since_revision: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
+    heartbeats: bool
+    def __init__(self, since_revision: _Optional[int] = ..., epoch: _Optional[str] = ..., heartbeats: _Optional[bool] = ...) -> None: ...
 
 class SyncUpdate(_message.Message):
-    __slots__ = ("entries", "bundle", "revocations", "crl", "revision", "federated_bundles", "kind", "more", "removed_entry_ids", "removed_revocations", "crl_changed", "epoch", "audit_checkpoints")
+    __slots__ = ("entries", "bundle", "revocations", "crl", "revision", "federated_bundles", "kind", "more", "removed_entry_ids", "removed_revocations", "crl_changed", "epoch", "audit_checkpoints", "heartbeat_interval_ms")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         SNAPSHOT: _ClassVar[SyncUpdate.Kind]
         DELTA: _ClassVar[SyncUpdate.Kind]
+        HEARTBEAT: _ClassVar[SyncUpdate.Kind]
     SNAPSHOT: SyncUpdate.Kind
     DELTA: SyncUpdate.Kind
+    HEARTBEAT: SyncUpdate.Kind
     class FederatedBundlesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +105,7 @@ class SyncUpdate(_message.Message):
     CRL_CHANGED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     AUDIT_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[_common_pb2.Entry]
     bundle: _common_pb2.Bundle
     revocations: _containers.RepeatedCompositeFieldContainer[_common_pb2.Revocation]
@@ -114,7 +119,8 @@ class SyncUpdate(_message.Message):
     crl_changed: bool
     epoch: str
     audit_checkpoints: _containers.RepeatedCompositeFieldContainer[AuditCheckpoint]
-    def __init__(self, entries: _Optional[_Iterable[_Union[_common_pb2.Entry, _Mapping]]] = ..., bundle: _Optional[_Union[_common_pb2.Bundle, _Mapping]] = ..., revocations: _Optional[_Iterable[_Union[_common_pb2.Revocation, _Mapping]]] = ..., crl: _Optional[_Iterable[bytes]] = ..., revision: _Optional[int] = ..., federated_bundles: _Optional[_Mapping[str, _common_pb2.Bundle]] = ..., kind: _Optional[_Union[SyncUpdate.Kind, str]] = ..., more: _Optional[bool] = ..., removed_entry_ids: _Optional[_Iterable[str]] = ..., removed_revocations: _Optional[_Iterable[_Union[_common_pb2.Revocation, _Mapping]]] = ..., crl_changed: _Optional[bool] = ..., epoch: _Optional[str] = ..., audit_checkpoints: _Optional[_Iterable[_Union[AuditCheckpoint, _Mapping]]] = ...) -> None: ...
+    heartbeat_interval_ms: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[_common_pb2.Entry, _Mapping]]] = ..., bundle: _Optional[_Union[_common_pb2.Bundle, _Mapping]] = ..., revocations: _Optional[_Iterable[_Union[_common_pb2.Revocation, _Mapping]]] = ..., crl: _Optional[_Iterable[bytes]] = ..., revision: _Optional[int] = ..., federated_bundles: _Optional[_Mapping[str, _common_pb2.Bundle]] = ..., kind: _Optional[_Union[SyncUpdate.Kind, str]] = ..., more: _Optional[bool] = ..., removed_entry_ids: _Optional[_Iterable[str]] = ..., removed_revocations: _Optional[_Iterable[_Union[_common_pb2.Revocation, _Mapping]]] = ..., crl_changed: _Optional[bool] = ..., epoch: _Optional[str] = ..., audit_checkpoints: _Optional[_Iterable[_Union[AuditCheckpoint, _Mapping]]] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class AuditCheckpoint(_message.Message):
     __slots__ = ("line", "public_key")

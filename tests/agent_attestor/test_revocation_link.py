@@ -127,3 +127,70 @@ def test_a_stream_opened_in_sync_says_so(la: LinkedAgent) -> None:
     got, stream = la.watch()
     assert _next(got).out_of_sync_ms == 0
     stream.cancel()
+
+
+def test_a_server_sending_heartbeats_counts_lost_once_silent_since_it_was_last_heard() -> None:
+    clock = FakeClock()
+    link = ServerLink(clock)
+    link.up()
+    link.beat(0.5)  # this server sends heartbeats, every 0.5 s
+    clock.advance(0.9)
+    assert link.check() == pytest.approx(0.1)  # two intervals of silence are allowed
+    assert link.in_sync
+    link.beat(0.5)
+    clock.advance(1.0)
+    assert link.check() is None  # silent for longer: lost, since the last heartbeat
+    assert not link.in_sync
+    assert link.out_of_sync_ms() == 1000
+    clock.advance(2.0)
+    link.down()  # keepalive notices at last: the count goes on from the last heard
+    assert link.out_of_sync_ms() == 3000
+    assert link.changed.version == 2
+
+
+def test_a_stream_ended_within_its_heartbeats_promise_is_lost_from_its_end() -> None:
+    clock = FakeClock()
+    link = ServerLink(clock)
+    link.up()
+    link.beat(3.0)
+    clock.advance(2.0)
+    link.down()  # the server closed it (a stop, a reset): it was there until now
+    assert link.out_of_sync_ms() == 1
+
+
+def test_a_hung_server_that_comes_back_is_in_sync_at_its_next_heartbeat() -> None:
+    clock = FakeClock()
+    link = ServerLink(clock)
+    link.up()
+    link.beat(1.0)
+    clock.advance(5)
+    link.check()
+    assert link.out_of_sync_ms() == 5000
+    link.beat(1.0)
+    assert link.in_sync
+    assert link.changed.version == 3
+
+
+def test_a_server_sending_no_heartbeats_is_in_sync_while_its_stream_lives() -> None:
+    """An older server: its quiet stream says nothing of it, and counted lost from the last
+    message, the agent would call itself stale all along."""
+    clock = FakeClock()
+    link = ServerLink(clock)
+    link.up()
+    clock.advance(3600)
+    assert link.check() is None
+    assert link.in_sync
+    link.down()
+    assert link.out_of_sync_ms() == 1  # from the stream's end, not from the last message
+
+
+def test_a_stream_to_a_server_without_heartbeats_forgets_the_last_ones() -> None:
+    clock = FakeClock()
+    link = ServerLink(clock)
+    link.up()
+    link.beat(0.5)
+    link.down()
+    link.up()  # failed over to an older server: no heartbeat on this stream
+    clock.advance(10)
+    assert link.check() is None
+    assert link.in_sync

@@ -7,6 +7,7 @@ revoked meanwhile."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -19,6 +20,7 @@ from tests.e2e.conftest import make_restartable_server, short_tmpdir, wait_for
 pytestmark = pytest.mark.e2e
 WORKLOAD = "spiffe://example.org/out-of-sync"
 BOUND = 3.0  # the verifier's max_revocation_staleness
+HEARTBEAT = 0.25  # the server's sync_heartbeat_interval: silent 0.5 s, the agent says so
 # How late past the bound a refusal may come on a loaded machine: the agent's message, the
 # source's thread and this test's polling.
 LATE = 4.0
@@ -64,4 +66,29 @@ def test_a_verifier_refuses_while_its_agent_has_lost_the_server_and_admits_once_
             server.start()
             wait_for(lambda: source.revocation_staleness() == 0.0, 60, "the agent in sync")
             verifier.verify(token, "orders")
+            assert not source.errors, source.errors
+
+
+def test_a_server_hung_with_its_stream_open_is_counted_stale_since_it_was_last_heard() -> None:
+    """A stopped server (SIGSTOP; a network black hole alike) closes nothing: the agent heard of
+    it only when keepalive failed, ~20 s on, said it was in sync all along, and then counted its
+    staleness from there, 20 s short. Its heartbeats stopping now say so within two intervals."""
+    root = short_tmpdir()
+    server = make_restartable_server(root, sync_heartbeat_interval=HEARTBEAT).start()
+    with agent_stack(root, server) as agent:
+        create_entry(server, WORKLOAD, agent.agent_id(), f"unix:uid:{os.getuid()}")
+        agent.wait_svid(WORKLOAD)
+        with WorkloadApiSource(f"unix://{agent.socket_path}", backoff=Backoff(0.05, 1.0)) as source:
+            wait_for(lambda: source.revocation_staleness() == 0.0, 30, "the agent in sync")
+            assert server.proc is not None
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            try:
+                wait_for(lambda: source.revocation_staleness() > 0, BOUND, "the agent to say")
+                # Counted from the last message heard, before the stop, not from the notice two
+                # intervals on (a message the server sent as it stopped may land a little late).
+                assert source.revocation_staleness() >= time.monotonic() - stopped - 0.05
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            wait_for(lambda: source.revocation_staleness() == 0.0, 30, "back in sync")
             assert not source.errors, source.errors
