@@ -35,6 +35,10 @@ class AgentSvid:
         return self.chain[0].not_valid_after_utc.timestamp()
 
     @property
+    def serial_hex(self) -> str:
+        return format(self.chain[0].serial_number, "x")
+
+    @property
     def chain_pem(self) -> bytes:
         return certs_to_pem(self.chain)
 

@@ -9,6 +9,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -58,16 +59,29 @@ def rotation_point(
     this clock ahead of the server's) does it fall to the same fraction of what is left after
     arrival: a point in the past would renew every fresh SVID at once, forever.
     """
-    fraction = ROTATE_AT + max(-JITTER, min(JITTER, jitter))
+    fraction = rotate_fraction(jitter)
     point = not_before + (not_after - not_before) * fraction
     if point <= arrived:
         point = arrived + (not_after - arrived) * fraction
     return point
 
 
-def jitter_for(svid: IssuedSvid) -> float:
+def rotate_fraction(jitter: float) -> float:
+    """The fraction of an SVID's life at which it is renewed: ROTATE_AT moved by `jitter`,
+    held within ±JITTER."""
+    return ROTATE_AT + max(-JITTER, min(JITTER, jitter))
+
+
+class Serialled(Protocol):
+    """An SVID known by its leaf's serial number (IssuedSvid, the agent's own AgentSvid)."""
+
+    @property
+    def serial_hex(self) -> str: ...
+
+
+def jitter_for(svid: Serialled) -> float:
     """A per-SVID jitter in [-JITTER, JITTER], stable for the SVID so the decision never flaps,
-    and different across SVIDs so renewals of many entries spread out."""
+    and different across SVIDs so renewals of many entries (and agents) spread out."""
     digest = hashlib.sha256(svid.serial_hex.encode()).digest()
     return (int.from_bytes(digest[:4], "big") / 0xFFFFFFFF * 2 - 1) * JITTER
 

@@ -43,7 +43,7 @@ from agent_attestor.errors import (
 )
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import Heartbeat, NodeClient, server_not_verified
-from agent_attestor.rotation import ROTATE_AT, rotation_point
+from agent_attestor.rotation import jitter_for, rotate_fraction, rotation_point
 from agent_attestor.server_identity import CheckContexts
 from agent_attestor.server_link import ServerLink
 from agent_attestor.servers import (
@@ -118,10 +118,18 @@ class Arrival:
 
 
 def renewal_wait(
-    not_before: float, not_after: float, arrival: Arrival | None, now: float, elapsed: float
+    not_before: float,
+    not_after: float,
+    arrival: Arrival | None,
+    now: float,
+    elapsed: float,
+    *,
+    jitter: float = 0.0,
 ) -> float:
     """Seconds until the agent SVID is to be renewed (none left: now), at `now` on the wall clock
-    and `elapsed` on the elapsed clock.
+    and `elapsed` on the elapsed clock, at the fraction of its life `jitter` moves (as a
+    workload SVID's: rotation.jitter_for), so agents attested or renewed at once (a fleet
+    started, a server restored) do not all renew at once again, forever.
 
     By its validity on the wall clock (rotation_point), moved past its arrival: a clock ahead of
     the server's by half a TTL read every SVID the server sent as due, and renewed it at once,
@@ -136,10 +144,12 @@ def renewal_wait(
     the load, which it came before: never before its point, whatever this clock's skew, and a
     clock behind the server's, restarted, does not wait until NotAfter."""
     arrived = 0.0 if arrival is None or arrival.wall is None else arrival.wall
-    point = rotation_point(not_before, not_after, arrived=arrived)
+    point = rotation_point(not_before, not_after, jitter, arrived=arrived)
     wait = point - now
     if arrival is not None:
-        by_elapsed = arrival.elapsed + (not_after - not_before) * ROTATE_AT
+        # The same fraction: at ROTATE_AT alone it cut every later point back to it, and the
+        # SVIDs that arrived together renewed within half the jitter, all early.
+        by_elapsed = arrival.elapsed + (not_after - not_before) * rotate_fraction(jitter)
         wait = min(wait, by_elapsed - elapsed)
     return wait
 
@@ -638,6 +648,7 @@ class Syncer:
 
     async def _renew_loop(self, svid: AgentSvid) -> None:
         arrival = self._arrival(svid)
+        jitter = jitter_for(svid)
         attempt = 0
         while True:
             due = renewal_wait(
@@ -646,6 +657,7 @@ class Syncer:
                 arrival,
                 self._clock.now(),
                 self._elapsed.monotonic(),
+                jitter=jitter,
             )
             if due > 0:
                 # Not one long sleep: it counts monotonic seconds, and a wall clock stepped

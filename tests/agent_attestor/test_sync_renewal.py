@@ -20,6 +20,7 @@ from agent_attestor.cache import Cache
 from agent_attestor.cancel import cancel_all
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import NodeClient
+from agent_attestor.rotation import JITTER
 from agent_attestor.servers import Target
 from agent_attestor.sync import Syncer, SyncSettings
 from svid._clock import FakeClock
@@ -61,6 +62,9 @@ class _Server:
 def server(monkeypatch: pytest.MonkeyPatch) -> _Server:
     # Seconds between readings of the clocks while a renewal waits: the test moves them.
     monkeypatch.setattr(sync, "RECHECK", 0.01)
+    # At half the life exactly: these are about the clocks, and each SVID's own jitter would
+    # move the points the tests step to (it is test_renewal_wait.py's).
+    monkeypatch.setattr(sync, "jitter_for", lambda _svid: 0.0)
     srv = _Server(FakeClock(start=time.time()))
 
     async def renew(client: NodeClient, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
@@ -161,6 +165,30 @@ def test_a_clock_behind_by_half_the_ttl_renews_an_svid_loaded_at_start_before_it
         await asyncio.wait_for(loop, 5)
         assert server.renewals == 1
         assert syncer.agent_svid is not loaded
+        await syncer.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_renewal_waits_for_the_point_its_svids_jitter_moves_it_to(
+    tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agents whose SVIDs arrived at one instant renewed at one instant: each SVID's jitter
+    (rotation.jitter_for, here its largest) moves the point past half its life."""
+    monkeypatch.setattr(sync, "jitter_for", lambda _svid: JITTER)
+    base, syncer = _syncer(tmp_path, server)
+
+    async def scenario() -> None:
+        await syncer.ensure_identity()
+        await syncer.renew_once()  # an SVID arrives: its life is counted from now
+        loop = await _not_renewed(syncer, server)
+        base.advance(TTL / 2 + 6)  # past half its life (NotBefore is back-dated 10 s)
+        await asyncio.sleep(0.1)
+        assert not loop.done()
+        assert server.renewals == 1
+        base.advance((TTL + 10) * JITTER)  # and past the jitter
+        await asyncio.wait_for(loop, 5)
+        assert server.renewals == 2
         await syncer.close()
 
     asyncio.run(scenario())
