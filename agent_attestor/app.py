@@ -37,6 +37,7 @@ from agent_attestor.sync import Syncer, SyncSettings
 from agent_attestor.tasks.wiring import build_task_layer
 from agent_attestor.workload_api import WorkloadApi
 from agent_attestor.workload_attestor import ExeHashCache, UnixAttestor
+from agent_attestor.workload_client import socket_uri
 from svid._clock import Clock, SystemClock
 from svid._daemon_config import listening
 from svid._der import load_pem_certs
@@ -303,7 +304,11 @@ class AgentApp:
         ]
         log.info(
             "agent started",
-            extra={"socket": str(self.config.socket_path), "metrics": self.metrics_address},
+            extra={
+                "socket": str(self.config.socket_path),
+                "spiffe_endpoint_socket": socket_uri(self.config.socket_path),
+                "metrics": self.metrics_address,
+            },
         )
 
     async def stop(self) -> None:

@@ -409,7 +409,11 @@ def _run(args: argparse.Namespace, config: AgentConfig, file_values: dict[str, A
                 f"config file {args.config} has mode {mode:04o} and holds join_token, which "
                 f"other local users can read; use {safer}"
             )
-    print(f"SPIFFE_ENDPOINT_SOCKET={socket_uri(config.socket_path)}", flush=True)
+    if config.log_format == "text":
+        # For whoever started it by hand, to export. With JSON logs the "agent started" record
+        # says it, as the server's says its addresses: a plain line here was the one line not
+        # JSON of what a log shipper reads (stdout and stderr, merged in a container's log).
+        print(f"SPIFFE_ENDPOINT_SOCKET={socket_uri(config.socket_path)}", flush=True)
     stacks_on_sigusr1()
     try:
         asyncio.run(AgentApp(config).run_until_signalled())
