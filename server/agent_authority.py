@@ -27,6 +27,7 @@ long; an acceptance only for as long as the feed needs to bring the record in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from server.datastore.errors import NotFoundError, StorageError
 from server.datastore.records import AttestedAgent
 from server.errors import PermissionDeniedError, UnavailableError
 from server.peer import AgentPeer
+from server.restore_adoption import CertificateAdoption
 from server.state import ServerState, agent_refusal
 from server.view_freshness import ViewFreshness
 from svid._clock import Clock
@@ -71,7 +73,11 @@ class AgentAuthority:
         max_remembered: int = MAX_REMEMBERED,
         view: ViewFreshness | None = None,
         view_trusted_for: float = VIEW_TRUSTED_FOR,
+        adoption: CertificateAdoption | None = None,
     ) -> None:
+        """`adoption`: a server started on a restored datastore adopts, instead of refusing,
+        an agent's newer certificate the restore lost (server/restore_adoption.py)."""
+        self._adoption = adoption
         self._state = state
         # The view the feed keeps (servers sharing a datastore); None: memory is all there is.
         self._view = view
@@ -100,6 +106,9 @@ class AgentAuthority:
         refusal = await self._stored_refusal(peer)
         if refusal is not None:
             raise PermissionDeniedError(refusal)
+        # Adopted here (server/restore_adoption.py), or brought in by the feed meanwhile.
+        with contextlib.suppress(PermissionDeniedError):
+            return self._state.authorize_agent(peer.spiffe_id, peer.serial)
         raise UnavailableError(
             f"agent {peer.spiffe_id} attested or renewed through another server and this one "
             "has not read it from the datastore yet: retry"
@@ -145,6 +154,17 @@ class AgentAuthority:
                 "may be behind and the datastore cannot be read: retry"
             ) from exc
         refusal = agent_refusal(stored, peer.spiffe_id, peer.serial, self._clock.now())
+        if refusal is not None and self._adoption is not None:
+            try:
+                if await self._adoption.adopt(peer, stored):
+                    refusal = None
+            except StorageError as exc:
+                # Its audit event or its record could not be written: not knowing whether it
+                # may be adopted is no refusal (said as one, the agent would drop its SVID).
+                raise UnavailableError(
+                    f"agent {peer.spiffe_id}'s newer certificate cannot be adopted now (the "
+                    "datastore cannot be written): retry"
+                ) from exc
         self._remember((peer.spiffe_id, peer.serial), refusal)
         return refusal
 

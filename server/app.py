@@ -78,6 +78,7 @@ from server.peer import PeerCache
 from server.propagation import Propagator
 from server.refusal_budget import RefusalBudget
 from server.replication import FeedFollower, FollowSettings
+from server.restore_adoption import CertificateAdoption, RestoredWindow, restored_window
 from server.runtime import RuntimeInfo, host_port
 from server.state import ServerState
 from server.tasks.service import TaskSettings
@@ -190,6 +191,7 @@ class Server:
         self.config = config
         self._new_datastore = new_datastore
         self._restored_datastore = restored_datastore
+        self._restored_window: RestoredWindow | None = None
         # Set (from any thread) when a datastore commit's outcome is unknown: the server stops
         # serving and `run` raises it, so the process exits non-zero and starts again from
         # what the disk holds (server/datastore/errors.py, CommitUnknownError).
@@ -300,6 +302,12 @@ class Server:
         # Before anything is loaded: what other servers commit from here on is followed.
         self._feed_cursor = self.datastore.feed_head()
         rollback = self._refuse_rollback()
+        # Before this start writes anything: the newest write is the restored datastore's own.
+        self._restored_window = (
+            restored_window(self.datastore, self.clock.now())
+            if rollback is not None and self._restored_datastore
+            else None
+        )
         self.keystore = KeyStore(cfg.keys_dir)
         # With a KEK the CA and JWT keys are the trust domain's, shared with the other servers
         # on this datastore (sealed in it); without, they are this server's own files.
@@ -574,6 +582,11 @@ class Server:
             datastore_reader(self.datastore),
             self.clock,
             view=self.follower.view if cfg.datastore_dsn is not None else None,
+            adoption=None
+            if self._restored_window is None
+            else CertificateAdoption(
+                self.state, self.tasks.audit, self._restored_window, self.clock
+            ),
         )
         node = NodeServicer(
             state=self.state,

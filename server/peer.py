@@ -20,6 +20,10 @@ from svid._x509 import spiffe_id_from_cert
 class AgentPeer:
     spiffe_id: str
     serial: str  # lowercase hex
+    # The certificate's validity (Unix seconds; 0: not known, never adopted): what tells a
+    # certificate a restored datastore lost from one it superseded (server/restore_adoption.py).
+    not_before: int = 0
+    not_after: int = 0
 
 
 # The CAs whose certificates are our agents' (CaManager.issuing_cas), asked on each new one.
@@ -56,7 +60,12 @@ def _parse_peer(pem: bytes, ids: ServerIds, cas: IssuingCas) -> AgentPeer:
             f"server's CA but by {cert.issuer.rfc4514_string() or 'an unnamed issuer'}: "
             "an agent presents the SVID it got by attesting"
         )
-    return AgentPeer(str(spiffe_id), serial)
+    return AgentPeer(
+        str(spiffe_id),
+        serial,
+        int(cert.not_valid_before_utc.timestamp()),
+        int(cert.not_valid_after_utc.timestamp()),
+    )
 
 
 class PeerCache:

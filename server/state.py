@@ -403,6 +403,25 @@ class ServerState:
         await self._after_write()
         return True
 
+    async def adopt_agent_certificate(
+        self, adopted: AttestedAgent, restored: AttestedAgent
+    ) -> bool:
+        """Move the agent's record `restored` to its newer certificate (`adopted`, see
+        server/restore_adoption.py), only while the datastore's record is still `restored`
+        naming that serial as its current one: False, nothing written, when another write came
+        first (a renewal, another server's adoption, an eviction, a ban)."""
+        async with self._agent_writes:
+            won = await asyncio.to_thread(
+                self._datastore.adopt_agent_certificate, adopted, restored
+            )
+            if not won:
+                return False
+            self._touch(FEED_AGENT, (adopted.spiffe_id,))
+            self._put_agent(adopted)
+            self._record(agents=(adopted.spiffe_id,))
+            await self._after_write()
+            return True
+
     async def evict_agent(self, spiffe_id: str, *, unless_banned: bool = False) -> Removal:
         """Delete the agent's row, storing its removal with it: once the caller has revoked
         what the agent holds, `end_removal(removal)`; one left stored (the server died midway)

@@ -57,6 +57,7 @@ class EventKind(StrEnum):
     DATASTORE_RESTORED = "datastore_restored"
     # Written once the ledger commits again: identity decisions were refused from `began_at`.
     LEDGER_OUTAGE = "ledger_outage"
+    AGENT_CERTIFICATE_ADOPTED = "agent_certificate_adopted"
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,14 @@ class RegistrationStore(Protocol):
         written, while a removal of the agent is stored."""
         ...
 
+    def adopt_agent_certificate(self, agent: AttestedAgent, replacing: AttestedAgent) -> bool:
+        """Save `agent` (`replacing` moved to a newer certificate: AttestedAgent.adopted) only
+        while the stored record is `replacing` as read: unbanned, the same attested_at, and
+        `replacing.serial` its current serial (not merely its previous). True when written;
+        False, nothing written, when another write came first (a renewal, another server's
+        adoption, an eviction, a ban). Of several concurrent callers at most one gets True."""
+        ...
+
     def admit_agent(
         self,
         agent: AttestedAgent,
@@ -528,6 +536,12 @@ class ChangeFeed(Protocol):
 
     def prune_feed(self, before: int) -> int:
         """Delete rows written before `before` (at < before); returns how many went."""
+        ...
+
+    def newest_feed_at(self) -> int | None:
+        """The time (its writer's clock, whole seconds) of the newest row the feed holds, None
+        when it holds none. Pruning takes the oldest rows first, so while any row is left
+        this is at or after every write the feed ever named."""
         ...
 
     def wait_feed(self, after: int, timeout: float) -> bool:

@@ -112,6 +112,7 @@ from server.datastore.records import (
     prune_in_batches,
 )
 from server.datastore.sqlite import (
+    _adopt_params,
     _agent_from,
     _agent_params,
     _claim_params,
@@ -675,6 +676,21 @@ class PostgresDataStore(
 
         self._write("save the agent", work)
 
+    def adopt_agent_certificate(self, agent: AttestedAgent, replacing: AttestedAgent) -> bool:
+        params = _agent_params(agent) | _adopt_params(replacing)
+
+        def work(cur: Cursor) -> bool:
+            cur.execute(pg(ps.LOCK_AGENT_KEY), {"spiffe_id": agent.spiffe_id})
+            # READ COMMITTED evaluates the WHERE again on the row a concurrent writer left:
+            # of two servers adopting, the second finds the serial moved on and writes nothing.
+            if int(cur.execute(pg(q.ADOPT_AGENT_CERTIFICATE), params).rowcount) != 1:
+                return False
+            self._bump(cur, _REVISION)
+            self._append_feed(cur, FEED_AGENT, (agent.spiffe_id,))
+            return True
+
+        return self._write("adopt the agent's certificate", work)
+
     def admit_agent(
         self,
         agent: AttestedAgent,
@@ -991,6 +1007,10 @@ class PostgresDataStore(
             lambda cur: int(cur.execute(pg(q.PRUNE_FEED), {"before": before}).rowcount),
             bulk=True,
         )
+
+    def newest_feed_at(self) -> int | None:
+        rows = self._tuples("read the change feed", q.NEWEST_FEED_AT, {})
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
 
     def wait_feed(self, after: int, timeout: float) -> bool:
         # LISTEN first, then look: a commit between the look and the wait is still heard.

@@ -91,6 +91,16 @@ REPLACE_AGENT = (
     "selectors = :selectors WHERE spiffe_id = :spiffe_id AND attested_at = :read_attested_at "
     "AND banned = 0 AND (serial = :held OR previous_serial = :held)"
 )
+# A record moved to a newer certificate a restored datastore lost (AttestedAgent.adopted): only
+# while it still names, as its current one, the certificate the caller read. Stricter than
+# REPLACE_AGENT (no previous serial): a record renewed or adopted since names the read serial
+# as previous at most, and the newer certificate there must not be clobbered.
+ADOPT_AGENT_CERTIFICATE = (
+    "UPDATE agents SET serial = :serial, expires_at = :expires_at, "
+    "previous_serial = :previous_serial, previous_expires_at = :previous_expires_at "
+    "WHERE spiffe_id = :spiffe_id AND serial = :read_serial "
+    "AND attested_at = :read_attested_at AND banned = 0"
+)
 SELECT_AGENT = f"SELECT {_AGENT_COLUMNS} FROM agents WHERE spiffe_id = :spiffe_id"
 LIST_AGENTS = f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY spiffe_id"
 DELETE_AGENT = "DELETE FROM agents WHERE spiffe_id = :spiffe_id"
@@ -215,6 +225,7 @@ FEED_SINCE = (
     "ORDER BY revision LIMIT :limit"
 )
 PRUNE_FEED = "DELETE FROM feed WHERE at < :before"
+NEWEST_FEED_AT = "SELECT MAX(at) AS at FROM feed"
 
 # One statement, so two servers on one database cannot both accept a jti: the row is inserted,
 # or an expired holder is overwritten; a live holder leaves the row unchanged (rowcount 0).

@@ -148,6 +148,15 @@ class AttestedAgent:
             previous_expires_at=held_expires,
         )
 
+    def adopted(self, serial: str, expires_at: int) -> AttestedAgent:
+        """This record moved to the agent's newer certificate `serial`, one a datastore
+        restored from a backup lost (server/restore_adoption.py). No previous certificate:
+        the one this record named was superseded by a renewal the backup does not hold, and
+        whoever still holds it is not the agent."""
+        return replace(
+            self, serial=serial, expires_at=expires_at, previous_serial="", previous_expires_at=0
+        )
+
 
 # The reasons an agent is removed; its removal's events and revocations carry them.
 REMOVAL_EVICTED = "agent evicted"

@@ -239,6 +239,12 @@ def _read_params(agent: AttestedAgent, replacing: AttestedAgent) -> dict[str, An
     }
 
 
+def _adopt_params(replacing: AttestedAgent) -> dict[str, Any]:
+    """What an adoption (q.ADOPT_AGENT_CERTIFICATE) asks of the stored record: the admission
+    it read, still naming the read serial as its current one."""
+    return {"read_serial": replacing.serial, "read_attested_at": replacing.attested_at}
+
+
 def _create_private_file(path: Path) -> None:
     """The database holds token hashes and the CA journal: owner-only from the first byte. An
     existing file is changed by path, not opened: closing a descriptor of it would drop the
@@ -630,6 +636,16 @@ class SqliteDataStore(
             self._bump(db, _REVISION)
             self._append_feed(db, FEED_AGENT, (agent.spiffe_id,))
 
+    def adopt_agent_certificate(self, agent: AttestedAgent, replacing: AttestedAgent) -> bool:
+        params = _agent_params(agent) | _adopt_params(replacing)
+        with self._transaction() as db:
+            # Under the write lock: no other writer comes between the comparison and the write.
+            if int(db.execute(q.ADOPT_AGENT_CERTIFICATE, params).rowcount) != 1:
+                return False
+            self._bump(db, _REVISION)
+            self._append_feed(db, FEED_AGENT, (agent.spiffe_id,))
+        return True
+
     def admit_agent(
         self,
         agent: AttestedAgent,
@@ -871,6 +887,10 @@ class SqliteDataStore(
     def prune_feed(self, before: int) -> int:
         with self._transaction() as db:
             return int(db.execute(q.PRUNE_FEED, {"before": before}).rowcount)
+
+    def newest_feed_at(self) -> int | None:
+        at = self._rows(q.NEWEST_FEED_AT, {})[0]["at"]
+        return None if at is None else int(at)
 
     def feed_reading(
         self, on_connected: Callable[[], None] | None = None

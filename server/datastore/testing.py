@@ -129,6 +129,10 @@ class FaultInjectingDataStore:
         self._enter("upsert_agent")
         self.inner.upsert_agent(agent, replacing)
 
+    def adopt_agent_certificate(self, agent: AttestedAgent, replacing: AttestedAgent) -> bool:
+        self._enter("adopt_agent_certificate")
+        return self.inner.adopt_agent_certificate(agent, replacing)
+
     def admit_agent(
         self,
         agent: AttestedAgent,
@@ -246,6 +250,10 @@ class FaultInjectingDataStore:
     def prune_feed(self, before: int) -> int:
         self._enter("prune_feed")
         return self.inner.prune_feed(before)
+
+    def newest_feed_at(self) -> int | None:
+        self._enter("newest_feed_at")
+        return self.inner.newest_feed_at()
 
     def wait_feed(self, after: int, timeout: float) -> bool:
         self._enter("wait_feed")

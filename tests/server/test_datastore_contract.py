@@ -500,6 +500,63 @@ def test_an_agent_save_with_the_record_read_replaces_only_that_record(store: Dat
     assert store.get_agent(OTHER_AGENT) == admitted
 
 
+def test_an_adopted_certificate_replaces_only_the_serial_read(store: DataStore) -> None:
+    read = AttestedAgent(AGENT, "join_token", "1", NOW + 600, attested_at=NOW - 60)
+    store.upsert_agent(read)
+    revision, feed = store.revision(), store.feed_head()
+    adopted = read.adopted("3", NOW + 3600)
+    assert store.adopt_agent_certificate(adopted, read)
+    assert store.get_agent(AGENT) == adopted
+    assert (store.revision(), store.feed_head()) == (revision + 1, feed + 1)
+    # Renewed since: the serial read is only its previous one now, and the renewal stands.
+    renewed = adopted.renewed("4", NOW + 7200, "3")
+    store.upsert_agent(renewed, adopted)
+    assert not store.adopt_agent_certificate(adopted.adopted("5", NOW + 3600), adopted)
+    assert store.get_agent(AGENT) == renewed
+    # Attested again (same serial, another admission), banned, evicted: nothing written.
+    again = replace(renewed, attested_at=renewed.attested_at + 1)
+    store.upsert_agent(again, renewed)
+    assert not store.adopt_agent_certificate(renewed.adopted("6", NOW + 3600), renewed)
+    store.set_agent_banned(AGENT, True)
+    assert not store.adopt_agent_certificate(again.adopted("7", NOW + 3600), again)
+    store.delete_agent(AGENT)
+    assert not store.adopt_agent_certificate(again.adopted("8", NOW + 3600), again)
+    assert store.list_agents() == []
+    assert store.feed_head() == feed + 5  # the renewal, re-attestation, ban and eviction's
+
+
+def test_concurrent_adoptions_of_one_record_have_one_winner(open_store: Opener) -> None:
+    # One store object per server: separate connections, as separate servers have.
+    stores = [open_store() for _ in range(4)]
+    read = AttestedAgent(AGENT, "join_token", "1", NOW + 600)
+    stores[0].upsert_agent(read)
+    barrier = threading.Barrier(len(stores))
+    won: list[str] = []
+
+    def adopt(k: int) -> None:
+        barrier.wait()
+        if stores[k].adopt_agent_certificate(read.adopted(f"n{k}", NOW + 3600), read):
+            won.append(f"n{k}")
+
+    threads = [threading.Thread(target=adopt, args=(k,)) for k in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1
+    assert stores[0].get_agent(AGENT).serial == won[0]
+
+
+def test_the_newest_feed_row_is_the_time_of_the_last_write_named(store: DataStore) -> None:
+    assert store.newest_feed_at() is None
+    store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 600))
+    assert store.newest_feed_at() == NOW  # the store's clock
+    store.prune_feed(NOW)
+    assert store.newest_feed_at() == NOW
+    store.prune_feed(NOW + 1)
+    assert store.newest_feed_at() is None
+
+
 def test_an_agent_under_removal_is_neither_admitted_nor_saved(store: DataStore) -> None:
     store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
     store.upsert_agent(AttestedAgent(OTHER_AGENT, "join_token", "1", NOW + 3600))
