@@ -130,7 +130,14 @@ class CertificateAdoption:
         moved, when it cannot be). A record another write moved meanwhile is left as it is, a
         second event says the adoption did not take, and UnavailableError: the agent's retry
         is judged on the record as that write left it."""
-        if adoption_refusal(stored, peer, self._window, self._clock.now()) is not None:
+        refusal = adoption_refusal(stored, peer, self._window, self._clock.now())
+        if refusal is not None:
+            # Said once a while per certificate: AgentAuthority keeps the refusal it answers.
+            _log.warning(
+                "agent certificate the restored datastore did not name not adopted: %s",
+                refusal,
+                extra={"agent_id": peer.spiffe_id, "serial": peer.serial},
+            )
             return False
         assert stored is not None  # adoption_refusal refuses a missing record
         adopted = stored.adopted(peer.serial, peer.not_after)

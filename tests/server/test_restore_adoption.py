@@ -26,6 +26,7 @@ from server.restore_adoption import (
 )
 from server.state import ServerState
 from svid._clock import FakeClock
+from tests.log_lines import log_lines
 
 AGENT = "spiffe://example.org/svid/agent/join_token/back1"
 # The backup's newest write at 1000; the restored start at 2000.
@@ -145,9 +146,16 @@ def test_the_restored_server_adopts_the_newer_certificate_once(tmp_path: Path) -
     # The certificate the restored record named was superseded by the renewal it lost.
     with pytest.raises(PermissionDeniedError, match="superseded"):
         site.authorize(_lost(serial="a1"))
-    # Nor is a second lost certificate adopted over the first: the record moved since.
-    with pytest.raises(PermissionDeniedError, match="superseded"):
+    # Nor is a second lost certificate adopted over the first: the record moved since. Why
+    # is said, for the operator asking why an agent did not come back.
+    with (
+        log_lines("svid.server.restore") as lines,
+        pytest.raises(PermissionDeniedError, match="superseded"),
+    ):
         site.authorize(_lost(serial="b3", not_before=1600))
+    (said,) = lines.records
+    assert "written since the restore" in said.getMessage()
+    assert said.serial == "b3"  # type: ignore[attr-defined]
     assert site.authorize(_lost()) == adopted
     assert len(site.events()) == 1
 
