@@ -15,9 +15,9 @@ from pathlib import Path
 from tests.e2e.agent_process import AgentProcess, create_entry, list_agents, new_token
 from tests.e2e.conftest import ServerProcess, make_restartable_server, short_tmpdir, wait_for
 
-# Renewed at half its life counted from its NotBefore (10 s back-dated): 15 s after its
-# attestation, and NotBefore 5 s after it, past the backup's last write.
-AGENT_TTL = 40
+# Renewed at 0.4 to 0.6 of its life (TTL and 10 s of back-dating) from its NotBefore: 14 to 26 s
+# after its attestation, NotBefore 4 to 16 s after it, past the backup's last write.
+AGENT_TTL = 50
 
 
 def _serial(server: ServerProcess, agent_id: str) -> str | None:
