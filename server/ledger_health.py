@@ -46,6 +46,10 @@ class LedgerHealth:
         self._server_id = server_id
         self._lock = threading.Lock()
         self._unrecorded: _Outage | None = None
+        # The newest outage, and how many have begun: an outage that begins while the probe's
+        # event is being written is told apart from the one that event records.
+        self._latest: _Outage | None = None
+        self._begun = 0
 
     def _turned(self, reason: str | None) -> None:
         """LedgerOutage's on_turn, on the committing thread."""
@@ -56,13 +60,16 @@ class LedgerHealth:
         self._available.set(0)
         self._health.set(LEDGER, f"the audit ledger cannot commit ({reason})")
         with self._lock:
+            self._latest = _Outage(reason, self.outage.since)
+            self._begun += 1
             # An outage begun before the last one's event was written goes on from it.
             if self._unrecorded is None:
-                self._unrecorded = _Outage(reason, self.outage.since)
+                self._unrecorded = self._latest
 
     async def run(self, stop: asyncio.Event, audit: AuditLog) -> None:
         while not await set_within(stop, PROBE_INTERVAL):
-            outage = self._unrecorded
+            with self._lock:
+                outage, begun = self._unrecorded, self._begun
             if outage is None:
                 continue
             try:
@@ -77,5 +84,8 @@ class LedgerHealth:
             except LedgerError:
                 continue  # still down: its log line and health say so
             with self._lock:
-                if self._unrecorded is outage:
-                    self._unrecorded = None
+                # One begun meanwhile may have begun after this event committed: which side
+                # of the commit it fell on cannot be told, so it gets an event of its own.
+                # Dropped, nothing would probe for its end (a balancer sends no call to a
+                # server answering 503), and /healthz would say 503 for good.
+                self._unrecorded = None if self._begun == begun else self._latest

@@ -1,17 +1,32 @@
 """LedgerOutage and HealthReasons, the pieces behind the server's word on its ledger: one log
 line when commits start failing and one when they work again, each turn told once, in order,
-and the health reasons of several causes standing together."""
+the health reasons of several causes standing together, and LedgerHealth's probe on a real
+SQLite file finding each outage's end and recording each."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
 
+import pytest
+
+from server import ledger_health
+from server.audit import AuditEvent, AuditLog, EventKind
 from server.audit.errors import LedgerError
 from server.audit.outage import LedgerOutage, storage_fault
 from server.datastore.errors import StorageError, UnreachableError
+from server.datastore.records import EventFilter
+from server.datastore.sqlite import SqliteDataStore
 from server.health_reasons import DATASTORE_VIEW, LEDGER, HealthReasons
-from svid._clock import FakeClock
+from server.ledger_health import LedgerHealth
+from server.metrics import Metrics
+from svid._clock import FakeClock, SystemClock
 from tests.log_lines import log_lines
+from tests.waits import wait_for
 
 
 def _full() -> LedgerError:
@@ -65,3 +80,75 @@ def test_a_task_row_write_is_an_outage_only_when_the_storage_failed_it() -> None
     assert storage_fault(_raised(StorageError("cannot record the task: x"), full))
     assert storage_fault(UnreachableError("the database did not answer within 5 s"))
     assert not storage_fault(_raised(StorageError("cannot record the task: x"), refused))
+
+
+def _refusing(store: SqliteDataStore, on: bool) -> None:
+    """The real connection refuses writes, as a read-only file does (query_only)."""
+    held: Any = store
+    with held._lock:
+        held._db.execute(f"PRAGMA query_only={int(on)}")
+
+
+class _CutAfterTheProbe(AuditLog):
+    """An audit log whose storage refuses writes again just after the probe's first
+    ledger_outage event commits, before the probe hears back: another writer's commit fails
+    in that gap, and then the storage recovers with no caller left to find it out."""
+
+    def __init__(self, store: SqliteDataStore, clock: SystemClock, outage: LedgerOutage) -> None:
+        super().__init__(store, clock, outage)
+        self.cut = threading.Event()
+
+    def append(self, kind: str, **fields_: Any) -> AuditEvent:
+        event = super().append(kind, **fields_)
+        if kind == EventKind.LEDGER_OUTAGE and not self.cut.is_set():
+            _refusing(self._sqlite, True)
+            with pytest.raises(LedgerError):
+                super().append("policy_reload", decision="allow")
+            self.cut.set()
+        return event
+
+    @property
+    def _sqlite(self) -> SqliteDataStore:
+        store = self.store
+        assert isinstance(store, SqliteDataStore)
+        return store
+
+
+def test_an_outage_begun_as_the_probe_records_the_last_is_probed_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fails without the probe telling the two outages apart: the second, begun between the
+    first's event committing and the probe hearing so, was taken for the first, recorded, so
+    no probe ran again and /healthz said 503 for good, nothing on the chain about it."""
+    monkeypatch.setattr(ledger_health, "PROBE_INTERVAL", 0.02)
+    clock = SystemClock()
+    store = SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
+    reasons = HealthReasons()
+    health = LedgerHealth(clock, Metrics().ledger_available, reasons, "spiffe://example.org/s")
+    log = _CutAfterTheProbe(store, clock, health.outage)
+    try:
+        _refusing(store, True)
+        with pytest.raises(LedgerError):
+            log.append("policy_reload", decision="allow")
+        assert not reasons.healthy()
+        _refusing(store, False)
+
+        async def probed() -> None:
+            stop = asyncio.Event()
+            probe = asyncio.create_task(health.run(stop, log))
+            try:
+                await asyncio.to_thread(wait_for, log.cut.is_set, 5, "the probe's first event")
+                assert not reasons.healthy()  # the second outage stands
+                _refusing(store, False)
+                await asyncio.to_thread(wait_for, reasons.healthy, 5, "the probe to commit")
+            finally:
+                stop.set()
+                await probe
+
+        asyncio.run(probed())
+        events = list(store.audit_rows(EventFilter(kind=EventKind.LEDGER_OUTAGE)))
+        first, second = events
+        assert json.loads(second["extra"])["began_at"] >= int(first["ts"])
+        assert log.verify().ok
+    finally:
+        store.close()
