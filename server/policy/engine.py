@@ -115,15 +115,18 @@ class PolicyEngine:
     def high_risk_actions(self) -> frozenset[str]:
         return self._state[0].schema.high_risk
 
-    def reload(self, record: Callable[[PolicySetInfo], None] | None = None) -> PolicySetInfo:
+    def reload(
+        self, record: Callable[[PolicySetInfo, PolicySetInfo], None] | None = None
+    ) -> PolicySetInfo:
         """Load the directory again and swap it in; on any error the old set keeps serving.
-        `record`: called with the new set before it is swapped in (its audit event); when it
-        raises, the old set keeps serving too, so no decision is made under a set the audit
-        log never saw loaded."""
+        `record`: called with the serving set and the new one before the swap (its audit
+        event), in the reload's turn, so that of concurrent reloads each names the set it
+        replaced; when it raises, the old set keeps serving too, so no decision is made under
+        a set the audit log never saw loaded."""
         with self._reload_lock:
             state = self._load(self._dir)
             if record is not None:
-                record(state[1])
+                record(self._state[1], state[1])
             # One attribute holds both, so a concurrent decide() sees the old or the new set whole.
             self._state = state
             self._announce()

@@ -408,15 +408,14 @@ class TaskAdminServicer(task_pb2_grpc.TaskAdminServicer):  # type: ignore[misc]
     async def ReloadPolicy(
         self, request: task_pb2.ReloadPolicyRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.PolicySet:
-        before = self._policy.policy_set_hash
 
-        def record(info: PolicySetInfo) -> None:
+        def record(serving: PolicySetInfo, info: PolicySetInfo) -> None:
             self._service.audit.append(
                 "policy_reload",
                 decision="allow",
                 policy_ids=info.policy_ids,
                 policy_set_hash=info.hash,
-                extra={"previous_hash": before, "files": list(info.files)},
+                extra={"previous_hash": serving.hash, "files": list(info.files)},
             )
 
         try:
@@ -431,7 +430,7 @@ class TaskAdminServicer(task_pb2_grpc.TaskAdminServicer):  # type: ignore[misc]
                 "policy_reload",
                 decision="deny",
                 reason=str(exc)[:1000],
-                policy_set_hash=before,
+                policy_set_hash=self._policy.policy_set_hash,  # the set that serves on
             )
             raise
         _log.info("policy reloaded", extra={"hash": info.hash})

@@ -1,15 +1,20 @@
 """The task layer while the ledger cannot commit, on a real server over real gRPC and HTTP, the
 fault real SQLite refusing writes (query_only, as test_issuance_fail_closed makes it): a
 policy reload the ledger cannot take is refused and the old set keeps serving; a task end the
-storage cannot write turns /healthz 503 as an issuance would."""
+storage cannot write turns /healthz 503 as an issuance would; concurrent reloads each name the
+set they replaced."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -104,3 +109,66 @@ def test_an_end_the_storage_cannot_write_says_so_on_healthz(
     read_only(srv, False)
     wait_for(lambda: healthz(srv)[0] == 200, 10, "/healthz to say 200 again")
     assert tasks.EndTask(end, timeout=10).task.state == "ended"
+
+
+class _Turns:
+    """The engine's reload lock, telling when a second reload waits for its turn."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waiting = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.waiting.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_concurrent_reloads_each_name_the_set_they_replaced(
+    served: tuple[RunningServer, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fails while the previous hash is read before the reload's turn: the second of two
+    concurrent reloads named the set both found serving as the one it replaced, where the
+    first's had served in between, so the log's chain of policy sets skipped one."""
+    srv, policy_dir = served
+    engine, audit = srv.server.tasks.policy, srv.server.tasks.audit
+    turns = _Turns()
+    monkeypatch.setattr(engine, "_reload_lock", turns)
+    recording, go = threading.Event(), threading.Event()
+    append = audit.append
+
+    def first_held(kind: str, **fields_: Any) -> Any:
+        if kind == "policy_reload" and not recording.is_set():
+            recording.set()
+            go.wait(10)  # until the second reload waits its turn
+        return append(kind, **fields_)
+
+    monkeypatch.setattr(audit, "append", first_held)
+    channel = grpc.insecure_channel(f"unix:{srv.runtime.admin_socket}")
+    admin = task_pb2_grpc.TaskAdminStub(channel)
+    reload = task_pb2.ReloadPolicyRequest()
+    before = engine.policy_set_hash
+    (policy_dir / "more.cedar").write_text(POLICY.replace('@id("work")', '@id("more")'))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(admin.ReloadPolicy, reload, timeout=20)
+            wait_for(recording.is_set, 10, "the first reload to be recorded")
+            (policy_dir / "most.cedar").write_text(POLICY.replace('@id("work")', '@id("most")'))
+            second = pool.submit(admin.ReloadPolicy, reload, timeout=20)
+            wait_for(turns.waiting.is_set, 10, "the second reload to wait its turn")
+            go.set()
+            hashes = [first.result().hash, second.result().hash]
+    finally:
+        go.set()
+        channel.close()
+    rows = audit.store.audit_rows(EventFilter(kind=EventKind.POLICY_RELOAD))
+    recorded = [
+        (str(r["policy_set_hash"]), json.loads(r["extra"])["previous_hash"])
+        for r in rows
+        if r["decision"] == "allow"
+    ]
+    assert recorded == [(hashes[0], before), (hashes[1], hashes[0])]
+    assert engine.policy_set_hash == hashes[1]
