@@ -28,6 +28,25 @@ _REASONS = (
     ("locked", ("database is locked",)),
 )
 _ERRNO_REASONS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only", errno.EIO: "I/O error"}
+# PostgreSQL's codes for the same faults (its messages are in its server's language, and a
+# read-only transaction's is no word above): disk_full, read_only_sql_transaction (a standby
+# reached after a failover), io_error, lock_not_available.
+_SQLSTATE_REASONS = {
+    "53100": "disk full",
+    "25006": "read-only",
+    "58030": "I/O error",
+    "55P03": "locked",
+}
+# SQLSTATE classes that are the database's own trouble, not a refusal of what a write held
+# (as a constraint, 23, or a value, 22, is): a connection (08), resources (53), an operator's
+# intervention (57), the system (58), an internal error (XX).
+_FAULT_CLASSES = frozenset(("08", "53", "57", "58", "XX"))
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """A PostgreSQL driver error's SQLSTATE (psycopg is not imported: it is optional)."""
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else None
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -36,6 +55,9 @@ def failure_reason(exc: BaseException) -> str:
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _ERRNO_REASONS:
             return _ERRNO_REASONS[seen.errno]
+        state = _sqlstate(seen)
+        if state in _SQLSTATE_REASONS:
+            return _SQLSTATE_REASONS[state]
         text = str(seen).lower()
         for reason, words in _REASONS:
             if any(w in text for w in words):
@@ -51,6 +73,9 @@ def storage_fault(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, UnreachableError):
+            return True
+        state = _sqlstate(seen)
+        if state is not None and (state in _SQLSTATE_REASONS or state[:2] in _FAULT_CLASSES):
             return True
         seen = seen.__cause__ or seen.__context__
     return failure_reason(exc) != "storage error"

@@ -13,19 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import errors as pg_errors
 
 from server import ledger_health
 from server.audit import AuditEvent, AuditLog, EventKind
 from server.audit.errors import LedgerError
-from server.audit.outage import LedgerOutage, storage_fault
+from server.audit.outage import LedgerOutage, failure_reason, storage_fault
 from server.datastore.errors import StorageError, UnreachableError
+from server.datastore.postgres import PostgresDataStore
 from server.datastore.records import EventFilter
 from server.datastore.sqlite import SqliteDataStore
 from server.health_reasons import DATASTORE_VIEW, LEDGER, HealthReasons
 from server.ledger_health import LedgerHealth
 from server.metrics import Metrics
+from server.tasks.store import TaskStore
 from svid._clock import FakeClock, SystemClock
 from tests.log_lines import log_lines
+from tests.server.test_legacy_import import task
 from tests.waits import wait_for
 
 
@@ -80,6 +84,16 @@ def test_a_task_row_write_is_an_outage_only_when_the_storage_failed_it() -> None
     assert storage_fault(_raised(StorageError("cannot record the task: x"), full))
     assert storage_fault(UnreachableError("the database did not answer within 5 s"))
     assert not storage_fault(_raised(StorageError("cannot record the task: x"), refused))
+    # PostgreSQL's, by SQLSTATE: a refusal of what was written, or contention, is none.
+    for pg_refused in (
+        pg_errors.UniqueViolation("duplicate key value violates unique constraint"),
+        pg_errors.CharacterNotInRepertoire("invalid byte sequence for encoding"),
+        pg_errors.SerializationFailure("could not serialize access"),
+    ):
+        assert not storage_fault(_raised(StorageError("cannot record the task"), pg_refused))
+    full = pg_errors.DiskFull("n'a pas pu étendre le fichier")  # a server not in English
+    assert storage_fault(_raised(StorageError("cannot record the task"), full))
+    assert failure_reason(_raised(StorageError("cannot record the task"), full)) == "disk full"
 
 
 def _refusing(store: SqliteDataStore, on: bool) -> None:
@@ -150,5 +164,30 @@ def test_an_outage_begun_as_the_probe_records_the_last_is_probed_and_recorded(
         first, second = events
         assert json.loads(second["extra"])["began_at"] >= int(first["ts"])
         assert log.verify().ok
+    finally:
+        store.close()
+
+
+def test_a_postgres_database_refusing_writes_is_an_outage_named_read_only(
+    postgres_dsn: str,
+) -> None:
+    """Fails while PostgreSQL's errors were read by their English words alone: a database that
+    refuses writes (a standby the DSN reaches after a failover, default_transaction_read_only)
+    was no outage at all on a task row, so an end or a revocation failed there with /healthz
+    200, and a mere 'storage error' on the ledger's commits. A store that does not migrate
+    makes every transaction READ ONLY: the real refusal."""
+    clock = FakeClock()
+    PostgresDataStore(postgres_dsn, clock).close()
+    store = PostgresDataStore(postgres_dsn, clock, migrate=False)
+    turns: list[str | None] = []
+    outage = LedgerOutage(clock, turns.append)
+    try:
+        with pytest.raises(StorageError, match="read-only transaction"):
+            TaskStore(store, outage).put_task(task(1, clock))
+        assert turns == ["read-only"]
+        outage.worked()
+        with pytest.raises(LedgerError):
+            AuditLog(store, clock, outage).append("policy_reload", decision="allow")
+        assert turns == ["read-only", None, "read-only"]
     finally:
         store.close()
