@@ -61,8 +61,9 @@ class TaskStore:
 
     def __init__(self, rows: TaskRows, outage: LedgerOutage | None = None) -> None:
         self._rows = rows
-        # Told of a task row the storage could not write: an end or a revocation fails there
-        # before its event reaches the audit log, which would never hear of the outage.
+        # Told of a task row (or a violation's) the storage could not write: an end, a
+        # revocation or a flagged denial fails there before its event reaches the audit log,
+        # which would never hear of the outage.
         self._outage = outage
 
     def close(self) -> None:
@@ -167,7 +168,8 @@ class TaskStore:
     # -- risk signal ----------------------------------------------------------------------------
 
     def add_violation(self, runtime_id: str, node_id: str, at: int) -> None:
-        self._rows.add_violation(runtime_id, node_id, at)
+        with self._writing():  # a flagged denial's count is written before its event
+            self._rows.add_violation(runtime_id, node_id, at)
 
     def violations(self, runtime_id: str, node_id: str, since: int) -> int:
         """The runtime's violations through that node (agent) with at > since."""

@@ -1,8 +1,8 @@
 """The task layer while the ledger cannot commit, on a real server over real gRPC and HTTP, the
 fault real SQLite refusing writes (query_only, as test_issuance_fail_closed makes it): a
 policy reload the ledger cannot take is refused and the old set keeps serving; a task end the
-storage cannot write turns /healthz 503 as an issuance would; concurrent reloads each name the
-set they replaced."""
+storage cannot write (or a flagged denial's count) turns /healthz 503 as an issuance would;
+concurrent reloads each name the set they replaced."""
 
 from __future__ import annotations
 
@@ -85,6 +85,18 @@ def healthz(srv: RunningServer) -> tuple[int, str]:
         return refused.code, refused.read().decode()
 
 
+def begun(srv: RunningServer) -> tuple[task_pb2_grpc.NodeTasksStub, task_pb2.Task]:
+    """A node's task stub and a task it began: read on docs, for user:alice."""
+    agent = srv.attest()
+    srv.create_entry(RUNTIME.removeprefix("spiffe://example.org"), agent.spiffe_id)
+    tasks = task_pb2_grpc.NodeTasksStub(srv.node_channel(agent))
+    begin = task_pb2.NodeBeginTaskRequest(runtime_id=RUNTIME, intent=READ_DOCS, ttl=300)
+    return tasks, tasks.BeginTask(begin, timeout=10).task
+
+
+READ_DOCS = task_pb2.Intent(actions=["read"], resources=["docs"], on_behalf_of="user:alice")
+
+
 def test_an_end_the_storage_cannot_write_says_so_on_healthz(
     served: tuple[RunningServer, Path],
 ) -> None:
@@ -92,13 +104,7 @@ def test_an_end_the_storage_cannot_write_says_so_on_healthz(
     before its event reached the audit log, and /healthz said 200 ok for as long as only ends
     and revocations came."""
     srv, _ = served
-    agent = srv.attest()
-    srv.create_entry(RUNTIME.removeprefix("spiffe://example.org"), agent.spiffe_id)
-    tasks = task_pb2_grpc.NodeTasksStub(srv.node_channel(agent))
-    intent = task_pb2.Intent(actions=["read"], resources=["docs"], on_behalf_of="user:alice")
-    task = tasks.BeginTask(
-        task_pb2.NodeBeginTaskRequest(runtime_id=RUNTIME, intent=intent, ttl=300), timeout=10
-    ).task
+    tasks, task = begun(srv)
     end = task_pb2.NodeEndTaskRequest(task_id=task.task_id, runtime_ids=[RUNTIME])
     assert healthz(srv) == (200, "ok\n")
     read_only(srv, True)
@@ -172,3 +178,27 @@ def test_concurrent_reloads_each_name_the_set_they_replaced(
     ]
     assert recorded == [(hashes[0], before), (hashes[1], hashes[0])]
     assert engine.policy_set_hash == hashes[1]
+
+
+def test_a_violation_the_storage_cannot_count_says_so_on_healthz(
+    served: tuple[RunningServer, Path],
+) -> None:
+    """Fails without the violation's row telling the ledger's outage: a flagged denial (a
+    sub-task widening its parent's scope) failed on its count before its event reached the
+    audit log, and /healthz said 200 ok for as long as only those came."""
+    srv, _ = served
+    tasks, parent = begun(srv)
+    wider = task_pb2.Intent(actions=["read", "write"], resources=["docs"], on_behalf_of="user:a")
+    child = task_pb2.NodeBeginTaskRequest(
+        runtime_id=RUNTIME, intent=wider, ttl=60, parent_task_id=parent.task_id
+    )
+    read_only(srv, True)
+    with pytest.raises(grpc.RpcError) as err:
+        tasks.BeginTask(child, timeout=10)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert healthz(srv) == (503, "unhealthy: the audit ledger cannot commit (read-only)\n")
+    read_only(srv, False)
+    wait_for(lambda: healthz(srv)[0] == 200, 10, "/healthz to say 200 again")
+    with pytest.raises(grpc.RpcError) as err:
+        tasks.BeginTask(child, timeout=10)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
