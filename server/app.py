@@ -573,6 +573,7 @@ class Server:
             executor=self._executor,
             agent_svid_ttl=cfg.agent_svid_ttl,
             on_agent_removed=self.tasks.agent_removed,
+            outage=self.ledger_health.outage,
         )
         # Who calls as an agent, for the node API and the task layer alike.
         peers = PeerCache(self.ids, self.ca.issuing_cas)

@@ -10,12 +10,14 @@ no outage: the log never reports those here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from server.datastore.errors import UnreachableError
+from server.datastore.errors import StorageError, UnreachableError
 from svid._clock import Clock
 
 _log = logging.getLogger("svid.server.audit")
@@ -79,6 +81,19 @@ def storage_fault(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return failure_reason(exc) != "storage error"
+
+
+@contextlib.contextmanager
+def telling(outage: LedgerOutage | None) -> Iterator[None]:
+    """Around a write to the ledger's storage made outside the audit log (a task row, an
+    agent's record), failing before any event reaches the log: a fault of the storage's
+    (storage_fault) that fails it tells `outage`, or the log would never hear of it."""
+    try:
+        yield
+    except (StorageError, sqlite3.Error) as exc:  # some SQLite writes raise its own errors
+        if outage is not None and storage_fault(exc):
+            outage.failed(exc)
+        raise
 
 
 class LedgerOutage:

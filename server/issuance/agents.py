@@ -24,6 +24,7 @@ from cryptography import x509
 
 from server.attestation.base import AttestationResult
 from server.attestation.join_token import REFUSED as TOKEN_REFUSED
+from server.audit.outage import LedgerOutage, telling
 from server.ca.manager import CaManager
 from server.datastore.errors import AgentReplacedError, ConflictError, RemovalUnderWayError
 from server.datastore.records import AttestedAgent, Removal
@@ -61,9 +62,11 @@ class AgentAdmission:
         executor: Executor,
         agent_svid_ttl: int = 3600,
         on_agent_removed: Callable[[Removal], Awaitable[None]] | None = None,
+        outage: LedgerOutage | None = None,
     ) -> None:
         """`on_agent_removed`: carries out an eviction stored here (revoke what the agent
-        holds, then forget the removal), as for the admin API's; None: nothing to revoke."""
+        holds, then forget the removal), as for the admin API's; None: nothing to revoke.
+        `outage`: told of an agent's record the storage cannot save (server/audit/outage.py)."""
         self._state = state
         self._ca = ca
         self._ledger = ledger
@@ -72,6 +75,7 @@ class AgentAdmission:
         self._executor = executor
         self._ttl = agent_svid_ttl
         self._on_agent_removed = on_agent_removed
+        self._outage = outage
 
     def check(self, result: AttestationResult) -> AttestedAgent | None:
         """The agent's current record if it may (re-)attest; PermissionDeniedError if not."""
@@ -230,7 +234,8 @@ class AgentAdmission:
         it carries is unknown to the node API."""
         chain = await self._sign(csr, SpiffeId.parse(agent.spiffe_id))
         renewed = agent.renewed(_serial_hex(chain), _expires(chain), held)
-        await self._state.save_agent(renewed, agent)
+        with telling(self._outage):  # a renewal writes no event: only this sees the outage
+            await self._state.save_agent(renewed, agent)
         self._issued()
         _log.info("agent SVID renewed", extra={"agent_id": agent.spiffe_id})
         return chain

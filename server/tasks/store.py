@@ -8,16 +8,14 @@ and tells the ledger's outage of the task rows the storage cannot write.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, replace
 from typing import Protocol
 
 from server.audit import AuditLog, EventDraft
-from server.audit.outage import LedgerOutage, storage_fault
+from server.audit.outage import LedgerOutage, telling
 from server.datastore.base import AuditStore, CredentialStore, RegistrationStore, TaskRecordStore
-from server.datastore.errors import StorageError
 from server.datastore.records import TaskCursor, TaskRecord, expired_record_kept_from
 from server.tasks.model import Credential, Task, TaskState
 
@@ -72,17 +70,8 @@ class TaskStore:
     # -- tasks ----------------------------------------------------------------------------------
 
     def put_task(self, task: Task) -> None:
-        with self._writing():
+        with telling(self._outage):
             self._rows.put_task(_record(task))
-
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        try:
-            yield
-        except StorageError as exc:
-            if self._outage is not None and storage_fault(exc):
-                self._outage.failed(exc)
-            raise
 
     def begin(self, task: Task, log: AuditLog, begun: EventDraft) -> None:
         """Store a task being begun with its task-begin event in one transaction (the log's
@@ -122,14 +111,14 @@ class TaskStore:
         `active` (to ENDING, until `settle`), None when it was not active any more (another
         server, or another path of this one, ended it first; that one does the end's work)."""
         done = replace(task, state=state, ended_at=at, end_reason=reason)
-        with self._writing():
+        with telling(self._outage):
             swapped = self._rows.swap_task(_record(done, ENDING), TaskState.ACTIVE.value)
         return done if swapped else None
 
     def settle(self, task: Task) -> bool:
         """The end's work is written: the row's state becomes the task's own. False when it
         was settled already."""
-        with self._writing():
+        with telling(self._outage):
             return self._rows.swap_task(_record(task), ENDING)
 
     def unsettled(self, before: int) -> list[Task]:
@@ -168,7 +157,7 @@ class TaskStore:
     # -- risk signal ----------------------------------------------------------------------------
 
     def add_violation(self, runtime_id: str, node_id: str, at: int) -> None:
-        with self._writing():  # a flagged denial's count is written before its event
+        with telling(self._outage):  # a flagged denial's count is written before its event
             self._rows.add_violation(runtime_id, node_id, at)
 
     def violations(self, runtime_id: str, node_id: str, since: int) -> int:

@@ -1,8 +1,8 @@
 """The task layer while the ledger cannot commit, on a real server over real gRPC and HTTP, the
 fault real SQLite refusing writes (query_only, as test_issuance_fail_closed makes it): a
 policy reload the ledger cannot take is refused and the old set keeps serving; a task end the
-storage cannot write (or a flagged denial's count) turns /healthz 503 as an issuance would;
-concurrent reloads each name the set they replaced."""
+storage cannot write (or a flagged denial's count, or an agent's renewal) turns /healthz 503
+as an issuance would; concurrent reloads each name the set they replaced."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import pytest
 
 from server.audit.event import EventKind
 from server.datastore.records import EventFilter
-from svid._proto import task_pb2, task_pb2_grpc
+from svid._proto import node_pb2, task_pb2, task_pb2_grpc
 from tests.e2e.test_tasks_server import POLICY, RUNTIME
-from tests.server.fixtures import RunningServer, start_server
+from tests.server.fixtures import RunningServer, make_csr, start_server
 from tests.server.test_issuance_fail_closed import read_only
 from tests.tmpdirs import short_tmpdir
 from tests.waits import wait_for
@@ -202,3 +202,22 @@ def test_a_violation_the_storage_cannot_count_says_so_on_healthz(
     with pytest.raises(grpc.RpcError) as err:
         tasks.BeginTask(child, timeout=10)
     assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_an_agent_renewal_the_storage_cannot_save_says_so_on_healthz(
+    served: tuple[RunningServer, Path],
+) -> None:
+    """Fails without the agent's save telling the ledger's outage: a renewal writes the
+    agent's record and no event, so /healthz said 200 ok for as long as only renewals came
+    (a fleet's agents renewing at their half lives), each refused UNAVAILABLE."""
+    srv, _ = served
+    agent = srv.attest()
+    renew = node_pb2.RenewAgentRequest(csr=make_csr()[1])
+    read_only(srv, True)
+    with pytest.raises(grpc.RpcError) as err:
+        srv.node_stub(agent).RenewAgent(renew, timeout=10)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert healthz(srv) == (503, "unhealthy: the audit ledger cannot commit (read-only)\n")
+    read_only(srv, False)
+    wait_for(lambda: healthz(srv)[0] == 200, 10, "/healthz to say 200 again")
+    assert srv.node_stub(agent).RenewAgent(renew, timeout=10).svid.spiffe_id == agent.spiffe_id
