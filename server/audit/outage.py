@@ -129,7 +129,9 @@ class LedgerOutage:
             _log.error(
                 "the ledger cannot commit; every identity decision is refused until storage "
                 "recovers",
-                extra={"reason": reason, "error": str(exc.__cause__ or exc)},
+                # The store's words, not those of the error it was raised from: a driver's
+                # message is scrubbed of paths and secrets only in the text the store made.
+                extra={"reason": reason, "error": str(exc)},
             )
             if self._on_turn is not None:
                 self._on_turn(reason)

@@ -21,6 +21,7 @@ from server.audit.errors import LedgerError
 from server.audit.outage import LedgerOutage, failure_reason, storage_fault
 from server.datastore.errors import StorageError, UnreachableError
 from server.datastore.postgres import PostgresDataStore
+from server.datastore.postgres_dsn import scrub
 from server.datastore.records import EventFilter
 from server.datastore.sqlite import SqliteDataStore
 from server.health_reasons import DATASTORE_VIEW, LEDGER, HealthReasons
@@ -191,3 +192,17 @@ def test_a_postgres_database_refusing_writes_is_an_outage_named_read_only(
         assert turns == ["read-only", None, "read-only"]
     finally:
         store.close()
+
+
+def test_the_outage_line_says_the_stores_words_not_the_drivers() -> None:
+    """Fails while the line quoted the error a StorageError was raised from: the driver's own
+    message, which the PostgreSQL store scrubs of its DSN's secrets (postgres_dsn.scrub) only
+    in the StorageError's text it makes of it."""
+    dsn = "postgresql://svidd:hunter2@db.internal:5432/svidd"
+    driver = pg_errors.AdminShutdown(f"terminating connection ({dsn})")
+    stored = _raised(StorageError(f"cannot end the task: {scrub(str(driver), dsn)}"), driver)
+    with log_lines("svid.server.audit") as lines:
+        LedgerOutage(FakeClock()).failed(stored)
+    (down,) = lines.records
+    assert "hunter2" not in down.__dict__["error"]
+    assert down.__dict__["error"] == str(stored)
