@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -32,20 +32,28 @@ pytestmark = pytest.mark.e2e
 WORKLOAD = "spiffe://example.org/svid-source"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def stack() -> Iterator[tuple[ServerProcess, AgentProcess]]:
+    """One server and agent for the module, WORKLOAD's entry on record: the tests that stop
+    the agent (SIGSTOP) let it go on again (SIGCONT) before they end."""
     root = short_tmpdir()
     server = make_server(root).start()
     with agent_stack(root, server) as agent:
+        create_entry(server, WORKLOAD, agent.agent_id(), f"unix:uid:{os.getuid()}")
         yield server, agent
+
+
+def _serving(stack: tuple[ServerProcess, AgentProcess]) -> AgentProcess:
+    """The module's agent, once it serves WORKLOAD's SVID."""
+    _, agent = stack
+    agent.wait_svid(WORKLOAD)
+    return agent
 
 
 def test_source_and_client_against_the_real_agent(
     stack: tuple[ServerProcess, AgentProcess],
 ) -> None:
-    server, agent = stack
-    create_entry(server, WORKLOAD, agent.agent_id(), f"unix:uid:{os.getuid()}")
-    agent.wait_svid(WORKLOAD)
+    agent = _serving(stack)
     address = f"unix://{agent.socket_path}"
     with WorkloadApiClient(None, environ={ENV_SOCKET: address}) as client:
         svids = client.fetch_x509_svids()
@@ -112,12 +120,6 @@ QUIET = 18.0
 HUNG = 30.0
 
 
-def _serving(server: ServerProcess, agent: AgentProcess) -> AgentProcess:
-    create_entry(server, WORKLOAD, agent.agent_id(), f"unix:uid:{os.getuid()}")
-    agent.wait_svid(WORKLOAD)
-    return agent
-
-
 @contextmanager
 def _frozen(agent: AgentProcess) -> Iterator[None]:
     """The agent stopped (SIGSTOP): its socket stays open and nothing on it answers."""
@@ -129,41 +131,48 @@ def _frozen(agent: AgentProcess) -> Iterator[None]:
         os.kill(agent.proc.pid, signal.SIGCONT)
 
 
+async def _until(predicate: Callable[[], bool], what: str) -> None:
+    try:
+        async with asyncio.timeout(HUNG):
+            while not predicate():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise TimeoutError(f"timed out after {HUNG}s waiting for {what}") from None
+
+
 def test_a_hung_agent_makes_the_sources_revocation_data_stale(
     stack: tuple[ServerProcess, AgentProcess], caplog: pytest.LogCaptureFixture
 ) -> None:
     # A hung agent keeps its connections open: the quiet revocation stream never broke, so
     # revocation_staleness() stayed 0 and max_revocation_staleness never refused anything,
-    # while revocations made meanwhile reached no verifier.
-    agent = _serving(*stack)
-    with WorkloadApiSource(f"unix://{agent.socket_path}", backoff=Backoff(0.05, 1.0)) as source:
-        wait_for(lambda: source.revocations_updated_at is not None, 30, "the revocations")
-        caplog.set_level(logging.INFO, logger="svid.workloadapi")
-        quiet_until = time.monotonic() + QUIET
-        while time.monotonic() < quiet_until:  # a healthy agent's quiet stream stays up
-            assert source.revocation_staleness() == 0.0, source.errors
-            time.sleep(0.2)
-        assert not caplog.records, caplog.text  # no stream broke, however briefly
-        with _frozen(agent):
-            wait_for(lambda: source.revocation_staleness() > 0, HUNG, "the hang to be seen")
-        wait_for(lambda: source.revocation_staleness() == 0, HUNG, "the agent again")
-
-
-def test_a_hung_agent_makes_the_async_sources_revocation_data_stale(
-    stack: tuple[ServerProcess, AgentProcess],
-) -> None:
-    agent = _serving(*stack)
+    # while revocations made meanwhile reached no verifier. The sync and the async source
+    # watch the one hang side by side (one hang, not one each: a hang lasts up to two pings).
+    agent = _serving(stack)
+    address = f"unix://{agent.socket_path}"
 
     async def run() -> None:
-        address = f"unix://{agent.socket_path}"
-        async with AsyncWorkloadApiSource(address, backoff=Backoff(0.05, 1.0)) as source:
-            async with asyncio.timeout(HUNG):
-                while source.revocations_updated_at is None:
-                    await asyncio.sleep(0.05)
-            with _frozen(agent):
-                async with asyncio.timeout(HUNG):
-                    while source.revocation_staleness() == 0:
-                        await asyncio.sleep(0.05)
+        with WorkloadApiSource(address, backoff=Backoff(0.05, 1.0)) as source:
+            async with AsyncWorkloadApiSource(address, backoff=Backoff(0.05, 1.0)) as aio:
+                both = (source, aio)
+                await _until(
+                    lambda: all(s.revocations_updated_at is not None for s in both),
+                    "the revocations",
+                )
+                caplog.set_level(logging.INFO, logger="svid.workloadapi")
+                quiet_until = time.monotonic() + QUIET
+                while time.monotonic() < quiet_until:  # a healthy agent's quiet stream stays up
+                    assert source.revocation_staleness() == 0.0, source.errors
+                    assert aio.revocation_staleness() == 0.0, aio.errors
+                    await asyncio.sleep(0.2)
+                assert not caplog.records, caplog.text  # no stream broke, however briefly
+                with _frozen(agent):
+                    await _until(
+                        lambda: all(s.revocation_staleness() > 0 for s in both),
+                        "the hang to be seen by both sources",
+                    )
+                await _until(
+                    lambda: all(s.revocation_staleness() == 0 for s in both), "the agent again"
+                )
 
     asyncio.run(run())
 
@@ -173,7 +182,7 @@ def test_a_call_to_a_hung_agent_fails_saying_it_stopped_answering(
 ) -> None:
     # Its ping unanswered, the call failed before its deadline with gRPC's own words:
     # "Stream removed (ping timeout)".
-    agent = _serving(*stack)
+    agent = _serving(stack)
     address = f"unix://{agent.socket_path}"
     with (
         WorkloadApiClient(address, timeout=HUNG) as client,
