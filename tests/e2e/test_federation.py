@@ -276,7 +276,10 @@ def test_z_the_next_ca_activated_is_accepted_across_without_a_restart(
 ) -> None:
     """After test_0's prepare: once activated, alice's SVID chains to the new CA and bob
     accepts it without a restart."""
-    wait_for(lambda: _issuer_of(world.a) != alices_first_ca, CA_TTL, "alice's SVID from the new CA")
+    # Each poll is a connection the agent identifies: a few a second, for the ~40 s it takes.
+    wait_for(
+        lambda: _issuer_of(world.a) != alices_first_ca, CA_TTL, "alice's SVID from the new CA", 0.25
+    )
     assert _mtls_py_spiffe(world) == EXPECTED
     assert _mtls_svid(world) == EXPECTED
 

@@ -65,8 +65,10 @@ def test_a_server_restored_from_before_a_ca_rotation_is_still_trusted_by_its_age
                 return presented.issuer
             return None
 
+        # Polled twice a second, not twenty times: each poll is a TLS handshake with the
+        # server, for the ~50 s it takes, on a machine whose other tests need the CPU.
         in_use = wait_for(
-            rotated, 2 * CA_TTL, "the server's SVID from the CA made after the backup"
+            rotated, 2 * CA_TTL, "the server's SVID from the CA made after the backup", 0.5
         )
         held = server.bundle_pem()  # what the agents hold: both CAs, pushed at the prepare
         assert server.stop() == 0
