@@ -25,6 +25,11 @@ from tests.e2e.conftest import (
 )
 
 HEADER = (("workload.spiffe.io", "true"),)
+# Flags for an agent a test lets fail a few more retries before it looks: they come 0.1-0.3 s
+# apart, not up to 1 s (AgentProcess's --reconnect-max), so RETRY_ROUNDS seconds hold several
+# of them and outlast any one backoff, where tests waited three or four.
+FAST_RETRIES = ("--reconnect-min", "0.1", "--reconnect-max", "0.3")
+RETRY_ROUNDS = 1.0
 
 
 def agent_command() -> list[str]:

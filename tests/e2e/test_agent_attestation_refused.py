@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from svid._clock import FakeClock
-from tests.e2e.agent_process import AgentProcess, agent_ids
+from tests.e2e.agent_process import FAST_RETRIES, RETRY_ROUNDS, AgentProcess, agent_ids
 from tests.e2e.attestation_retries import EACH_TIME, Attempts, in_process_syncer, reminded
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
 from tests.e2e.node_pki import node_pki
@@ -30,7 +30,9 @@ NOT_ACCEPTED = "the server does not accept this agent's attestation"
 
 
 def _x509pop_agent(root: Path, server: ServerProcess, cert: Path, key: Path) -> AgentProcess:
-    return AgentProcess(root, server).start("--x509pop-cert", str(cert), "--x509pop-key", str(key))
+    return AgentProcess(root, server, flags=FAST_RETRIES).start(
+        "--x509pop-cert", str(cert), "--x509pop-key", str(key)
+    )
 
 
 def _assert_said_once(logs: str, server_said: str) -> None:
@@ -50,7 +52,7 @@ def test_a_certificate_from_a_ca_the_server_does_not_trust_is_said_once() -> Non
     try:
         agent = _x509pop_agent(root, server, cert, key)
         wait_for(lambda: REFUSED in agent.logs(), 20, "the refused certificate said")
-        time.sleep(4)  # reconnect_max 1 s: several more attempts, each refused
+        time.sleep(RETRY_ROUNDS)  # several more attempts, each refused
         _assert_said_once(agent.logs(), "does not chain to a trusted CA")
     finally:
         _stop(root, server, agent)
@@ -67,7 +69,7 @@ def test_a_banned_x509pop_agent_says_so_once() -> None:
         server.cli("agent", "ban", "--spiffe-id", agent_id)
         wait_for(lambda: "evicted or banned" in agent.logs(), 20, "the ban said")
         wait_for(lambda: REFUSED in agent.logs(), 20, "the refused attestation said")
-        time.sleep(4)  # several more attempts, each refused
+        time.sleep(RETRY_ROUNDS)  # several more attempts, each refused
         _assert_said_once(agent.logs(), f"agent {agent_id} is banned")
     finally:
         _stop(root, server, agent)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from svid._clock import FakeClock
-from tests.e2e.agent_process import agent_stack
+from tests.e2e.agent_process import FAST_RETRIES, RETRY_ROUNDS, agent_stack
 from tests.e2e.attestation_retries import Attempts, in_process_syncer, reminded
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
 
@@ -65,23 +65,23 @@ def test_a_token_the_server_refuses_is_said_once_over_many_retries(
     server: ServerProcess,
 ) -> None:
     root = short_tmpdir()
-    with agent_stack(root, server, start=False) as agent:
+    with agent_stack(root, server, start=False, flags=FAST_RETRIES) as agent:
         agent.join_token = _unknown_token()
         agent.start()
         wait_for(lambda: REFUSED in agent.logs(), 20, "the refused token said")
-        _after_more_refusals(server, 3)  # reconnect_max 1 s: a few seconds
+        _after_more_refusals(server, 3)
         _assert_said_once_and_never_the_token(agent.logs(), agent.join_token)
 
 
 def test_an_evicted_agent_whose_token_is_spent_says_so_once(server: ServerProcess) -> None:
     root = short_tmpdir()
-    with agent_stack(root, server) as agent:
+    with agent_stack(root, server, flags=FAST_RETRIES) as agent:
         server.cli("agent", "evict", "--spiffe-id", agent.agent_id())
         wait_for(lambda: "evicted or banned" in agent.logs(), 20, "the eviction said")
         wait_for(lambda: REFUSED in agent.logs(), 20, "the spent token said")
         # The agent knows its token spent and asks the server nothing: its retries are its own
         # (that they are throttled, not silent, is the in-process test's below).
-        time.sleep(4)
+        time.sleep(RETRY_ROUNDS)
         _assert_said_once_and_never_the_token(agent.logs(), agent.join_token)
 
 

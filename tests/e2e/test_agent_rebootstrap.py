@@ -19,7 +19,15 @@ from cryptography.hazmat.primitives import serialization
 from svid._clock import SystemClock
 from svid._der import certs_to_pem, parse_der_certs
 from tests.agent_attestor.pki import LocalCa
-from tests.e2e.agent_process import AgentProcess, agent_ids, agent_stack, create_entry, new_token
+from tests.e2e.agent_process import (
+    FAST_RETRIES,
+    RETRY_ROUNDS,
+    AgentProcess,
+    agent_ids,
+    agent_stack,
+    create_entry,
+    new_token,
+)
 from tests.e2e.conftest import (
     TRUST_DOMAIN,
     ServerProcess,
@@ -44,7 +52,7 @@ class Downtime:
 @contextmanager
 def ca_replaced_while_away(*, svid_expired: bool) -> Iterator[Downtime]:
     root, new_root = short_tmpdir(), short_tmpdir()
-    with agent_stack(root, make_server(root).start()) as agent:
+    with agent_stack(root, make_server(root).start(), flags=FAST_RETRIES) as agent:
         agent.agent_id()
         bundle = agent.data_dir / "bundle.der"
         wait_for(bundle.exists, 30, "the agent's saved bundle")
@@ -153,7 +161,7 @@ def test_without_a_given_bundle_a_saved_svid_still_valid_is_kept_and_one_error_s
     saved_svid = (agent.data_dir / "agent_svid.der").read_bytes()
     agent.start()
     wait_for(lambda: UNVERIFIED in agent.logs(), 20, "the error naming what to do")
-    time.sleep(4)  # reconnect_max 1 s: several more attempts fail the same way
+    time.sleep(RETRY_ROUNDS)  # several more attempts fail the same way
     logs = agent.logs()
     assert logs.count(UNVERIFIED) == 1, logs[-4000:]
     assert "--trust-bundle FILE" in logs
@@ -166,7 +174,7 @@ def test_without_a_given_bundle_a_saved_svid_still_valid_is_kept_and_one_error_s
 def test_a_server_out_of_reach_costs_the_agent_nothing_of_its_saved_svid() -> None:
     root = short_tmpdir()
     server = make_restartable_server(root).start()
-    with agent_stack(root, server) as agent:
+    with agent_stack(root, server, flags=FAST_RETRIES) as agent:
         old_id = agent.agent_id()
         assert agent.stop() == 0
         # A new token and a given bundle unlike the saved one: all a fallback would need.
@@ -180,7 +188,7 @@ def test_a_server_out_of_reach_costs_the_agent_nothing_of_its_saved_svid() -> No
             20,
             "a failed connection",
         )
-        time.sleep(3)  # a few more
+        time.sleep(RETRY_ROUNDS)  # a few more
         server.start()
         spiffe_id = f"spiffe://{TRUST_DOMAIN}/after-an-outage"
         create_entry(server, spiffe_id, old_id)
@@ -200,7 +208,7 @@ def test_a_given_bundle_that_verifies_no_more_than_the_saved_one_costs_nothing(
     saved_svid = (agent.data_dir / "agent_svid.der").read_bytes()
     agent.start()
     wait_for(lambda: UNVERIFIED in agent.logs(), 20, "the error naming what to do")
-    time.sleep(3)  # the saved SVID and the given bundle tried again, and again
+    time.sleep(RETRY_ROUNDS)  # the saved SVID and the given bundle tried again, and again
     logs = agent.logs()
     assert logs.count("setting the saved agent SVID aside") == 1, logs[-4000:]
     assert logs.count(UNVERIFIED) == 1, logs[-4000:]
@@ -241,10 +249,10 @@ def _set_aside_then(agent: AgentProcess, server: ServerProcess, *, attest: bool)
         agent.bundle_file().write_bytes(agent.bundle_file().read_bytes() + stray_roots)
         agent.start()
         wait_for(lambda: "setting the saved agent SVID aside" in agent.logs(), 30, "a set-aside")
-        time.sleep(3)  # its attestation (at once) and a few more rounds fail on the stray
-    # Longer than a backoff (reconnect_max 1 s): an attestation that followed a set-aside on
-    # the stray has failed by now, and what follows tries only the saved SVID.
-    time.sleep(3)
+        time.sleep(RETRY_ROUNDS)  # its attestation (at once) and a few more fail on the stray
+    # Longer than a backoff (FAST_RETRIES): an attestation that followed a set-aside on the
+    # stray has failed by now, and what follows tries only the saved SVID.
+    time.sleep(RETRY_ROUNDS)
     server.start()
 
 
@@ -260,7 +268,7 @@ def test_an_attestation_failing_after_the_set_aside_gives_the_saved_svid_back(
 ) -> None:
     root = short_tmpdir()
     server = make_restartable_server(root).start()
-    with agent_stack(root, server) as agent:
+    with agent_stack(root, server, flags=FAST_RETRIES) as agent:
         old_id = agent.agent_id()
         wait_for((agent.data_dir / "bundle.der").exists, 30, "the agent's saved bundle")
         assert agent.stop() == 0
@@ -288,7 +296,7 @@ def test_a_stray_server_met_after_the_join_token_was_spent_costs_the_running_age
     # with nothing. That refusal, too, gives the saved SVID back.
     root = short_tmpdir()
     server = make_restartable_server(root).start()
-    with agent_stack(root, server, start=False) as agent:
+    with agent_stack(root, server, start=False, flags=FAST_RETRIES) as agent:
         other_ca = LocalCa(SystemClock()).cert.public_bytes(serialization.Encoding.PEM)
         agent.bundle_file().write_bytes(agent.bundle_file().read_bytes() + other_ca)
         agent.start()
@@ -298,8 +306,8 @@ def test_a_stray_server_met_after_the_join_token_was_spent_costs_the_running_age
             wait_for(
                 lambda: "setting the saved agent SVID aside" in agent.logs(), 30, "a set-aside"
             )
-            time.sleep(3)  # a few more rounds on the stray
-        time.sleep(3)  # longer than a backoff: see _set_aside_then
+            time.sleep(RETRY_ROUNDS)  # a few more rounds on the stray
+        time.sleep(RETRY_ROUNDS)  # longer than a backoff: see _set_aside_then
         server.start()
         spiffe_id = f"spiffe://{TRUST_DOMAIN}/after-a-stray-server-met-running"
         create_entry(server, spiffe_id, agent_id)
