@@ -19,8 +19,13 @@ from svid._clock import Clock, ElapsedClock
 # (a busy server) is no outage.
 SILENT_BEATS = 2
 # The longest interval a server's heartbeat is taken to promise: past it, keepalive (~20 s)
-# notices a hung server first anyway.
+# notices a hung server first anyway, and the promise is taken as none. Cut down to this
+# instead, it had the agent count lost between two beats of a server set to beat less often.
+# (server/config.py bounds sync_heartbeat_interval to the same.)
 MAX_HEARTBEAT_INTERVAL = 60.0
+# The shortest: a promise of a beat every few milliseconds counted every pause of the agent's
+# loop (a GC) as an outage and every next beat as its end, each turn told to every verifier.
+MIN_HEARTBEAT_INTERVAL = 0.1
 
 
 class ServerLink:
@@ -55,8 +60,10 @@ class ServerLink:
     def beat(self, interval: float) -> None:
         """A heartbeat came, promising another within `interval` seconds. Before the stream is
         caught up it only says that this server sends them."""
-        if interval > 0:  # none promised: a server's bug is not an outage every instant
-            self._silence = SILENT_BEATS * min(interval, MAX_HEARTBEAT_INTERVAL)
+        if interval > MAX_HEARTBEAT_INTERVAL:
+            self._silence = None
+        elif interval > 0:  # none promised: a server's bug is not an outage every instant
+            self._silence = SILENT_BEATS * max(interval, MIN_HEARTBEAT_INTERVAL)
         if self._live:
             self.up()
 

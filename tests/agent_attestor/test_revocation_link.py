@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from agent_attestor.endpoint import WorkloadEndpoint
-from agent_attestor.server_link import ServerLink
+from agent_attestor.server_link import MIN_HEARTBEAT_INTERVAL, SILENT_BEATS, ServerLink
 from agent_attestor.tasks.revocations import RevocationsApi
 from agent_attestor.workload_attestor import UnixAttestor
 from svid._clock import FakeClock
@@ -193,4 +193,28 @@ def test_a_stream_to_a_server_without_heartbeats_forgets_the_last_ones() -> None
     link.up()  # failed over to an older server: no heartbeat on this stream
     clock.advance(10)
     assert link.check() is None
+    assert link.in_sync
+
+
+def test_a_server_beating_less_often_than_the_agent_waits_for_is_no_outage_between_beats() -> None:
+    """A server set to beat every 200 s: capped at 60 s, its promise had the agent counted lost
+    120 s after each beat, 80 s of every 200 on a quiet stream, the server there all along."""
+    clock = FakeClock()
+    link = ServerLink(clock)
+    link.up()
+    link.beat(200.0)
+    clock.advance(199.0)
+    assert link.check() is None  # keepalive, not a promise this long, notices a hung server
+    assert link.in_sync
+
+
+def test_a_promise_of_beats_too_close_to_keep_is_held_to_the_shortest_interval() -> None:
+    """A server's promise of a beat every millisecond counted the agent lost at any pause of
+    2 ms (a GC, a busy loop), and back at the next beat: every verifier told of each turn."""
+    clock = FakeClock()
+    link = ServerLink(clock)
+    link.up()
+    link.beat(0.001)
+    clock.advance(SILENT_BEATS * MIN_HEARTBEAT_INTERVAL - 0.01)
+    assert link.check() == pytest.approx(0.01, abs=1e-6)
     assert link.in_sync
