@@ -330,6 +330,25 @@ def _count(key: str, value: Any) -> int:
     return _as_int(key, value, minimum=0, maximum=MAX_INT32)
 
 
+# sync_heartbeat_interval's bounds. Past 60 s the agent takes a heartbeat as promising none
+# (agent_attestor/server_link.py: keepalive notices a hung server first), and past 2**31 ms
+# the heartbeat message cannot carry it (the server's start raised ValueError). Below 0.1 s
+# the one timer woke every stream of the server (10,000 of them) ten times a second or more,
+# and an agent counted every pause of its loop as an outage.
+MIN_SYNC_HEARTBEAT_INTERVAL = 0.1
+MAX_SYNC_HEARTBEAT_INTERVAL = 60.0
+
+
+def _sync_heartbeat_interval(key: str, value: Any) -> float:
+    number = _as_float(key, value)
+    if not MIN_SYNC_HEARTBEAT_INTERVAL <= number <= MAX_SYNC_HEARTBEAT_INTERVAL:
+        raise ConfigError(
+            f"{key}: must be {MIN_SYNC_HEARTBEAT_INTERVAL} to {MAX_SYNC_HEARTBEAT_INTERVAL} "
+            f"seconds, got {value!r}"
+        )
+    return number
+
+
 def _as_positive_float(key: str, value: Any) -> float:
     number = _as_float(key, value)
     if not number > 0:
@@ -403,7 +422,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "datastore": _as_datastore,
     "feed_poll_interval": _as_positive_float,
     "feed_retention": _as_positive_float,
-    "sync_heartbeat_interval": _as_positive_float,
+    "sync_heartbeat_interval": _sync_heartbeat_interval,
     "key_encryption_key_file": _as_path,
     "oidc_issuer": _as_str,
     "oauth_bind_address": _as_optional_address,

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from agent_attestor.server_link import MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL
 from server.ca.signer import BACKDATE_SECONDS
 from server.config import (
+    MAX_SYNC_HEARTBEAT_INTERVAL,
     MIN_OWN_SVID_TTL,
+    MIN_SYNC_HEARTBEAT_INTERVAL,
     ServerConfig,
     build_config,
     check_key_encryption,
@@ -391,3 +394,20 @@ def test_a_setting_that_refuses_every_attestation_or_token_is_refused_at_start(
 ) -> None:
     with pytest.raises(ConfigError, match=key):
         build_config({"trust_domain": "example.org", key: value})
+
+
+@pytest.mark.parametrize("seconds", [0.001, 61, 3e6])
+def test_a_sync_heartbeat_interval_agents_cannot_keep_to_is_refused(seconds: float) -> None:
+    """3e6 s passed, and the server's start raised ValueError on its heartbeat message (int32
+    milliseconds); over 60 s agents count their server lost between two beats (they take no
+    longer promise); a millisecond woke every stream a thousand times a second."""
+    with pytest.raises(ConfigError, match=r"^sync_heartbeat_interval: must be 0.1 to 60.0 seconds"):
+        build_config({"trust_domain": "example.org", "sync_heartbeat_interval": seconds})
+    for ok in (0.1, 3, 60):
+        config = build_config({"trust_domain": "example.org", "sync_heartbeat_interval": ok})
+        assert config.sync_heartbeat_interval == ok
+
+
+def test_the_sync_heartbeat_bounds_are_the_ones_agents_take() -> None:
+    assert MAX_SYNC_HEARTBEAT_INTERVAL == MAX_HEARTBEAT_INTERVAL
+    assert MIN_SYNC_HEARTBEAT_INTERVAL == MIN_HEARTBEAT_INTERVAL
