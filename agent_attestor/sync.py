@@ -43,7 +43,7 @@ from agent_attestor.errors import (
 )
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import Heartbeat, NodeClient, server_not_verified
-from agent_attestor.rotation import jitter_for, rotate_fraction, rotation_point
+from agent_attestor.rotation import ROTATE_AT, jitter_for, rotate_fraction, rotation_point
 from agent_attestor.server_identity import CheckContexts
 from agent_attestor.server_link import ServerLink
 from agent_attestor.servers import (
@@ -108,6 +108,11 @@ class SyncSettings:
     resolver: Resolver = system_resolver
 
 
+# How far the server back-dates the SVIDs it issues (server/ca/signer.py BACKDATE_SECONDS): an
+# agent SVID that just arrived has its life but this much left.
+SERVER_BACKDATE = 10.0
+
+
 @dataclass(frozen=True)
 class Arrival:
     """When an agent SVID reached this agent: its wall clock then, and its elapsed clock.
@@ -133,9 +138,11 @@ def renewal_wait(
 
     By its validity on the wall clock (rotation_point), moved past its arrival: a clock ahead of
     the server's by half a TTL read every SVID the server sent as due, and renewed it at once,
-    forever. And at the latest half its life after its arrival, on the elapsed clock: a clock
-    behind the server's by as much came to the point just before NotAfter, and an SVID whose
-    renewal then failed lapsed.
+    forever. And at the latest the same fraction of what it had left at its arrival (its life
+    but the server's back-dating) after it, on the elapsed clock: a clock behind the server's
+    by half a TTL came to the point just before NotAfter, and an SVID whose renewal then failed
+    lapsed. Of its whole life, back-dating included, a short TTL's point moved late by the
+    jitter fell past NotAfter: 12.6 s after the arrival of an 11 s SVID.
 
     An SVID loaded from disk (`arrival.wall` None; `arrival` None: not even when it was
     loaded) came no one knows when. Counted as arriving at the load on the wall clock it would
@@ -149,7 +156,11 @@ def renewal_wait(
     if arrival is not None:
         # The same fraction: at ROTATE_AT alone it cut every later point back to it, and the
         # SVIDs that arrived together renewed within half the jitter, all early.
-        by_elapsed = arrival.elapsed + (not_after - not_before) * rotate_fraction(jitter)
+        # (Never under half its life: an SVID living less than the back-dating (an issuer
+        # that does not back-date) would be renewed on arrival, again and again.)
+        life = not_after - not_before
+        left = max(life - SERVER_BACKDATE, life * ROTATE_AT)
+        by_elapsed = arrival.elapsed + left * rotate_fraction(jitter)
         wait = min(wait, by_elapsed - elapsed)
     return wait
 
