@@ -61,3 +61,34 @@ def test_a_backlog_past_the_bound_is_dropped_for_a_snapshot(
         state.write([Entry(f"e{n}", f"spiffe://example.org/w/{n}", A, ())], [])
     assert a.overflowed
     assert len(a.inbox) <= 3
+
+
+def test_heartbeats_are_spread_over_their_interval_a_slice_of_the_streams_a_tick() -> None:
+    """One tick beat every stream at once: 10,000 streams woke together, each sending its
+    heartbeat, and the server's loop answered nothing else for about a second every interval.
+    A tick beats a slice; in HEARTBEAT_SLICES ticks (one interval) every stream once."""
+    _, propagator = _world()
+    subs = [propagator.subscribe(_agent(f"{A}/{n}"), heartbeats=True) for n in range(95)]
+    quiet = propagator.subscribe(_agent(B))  # an older agent: asked for none
+    beaten = [0] * len(subs)
+    for _ in range(propagation.HEARTBEAT_SLICES):
+        propagator.beat()
+        due = [n for n, sub in enumerate(subs) if sub.beat]
+        assert len(due) <= -(-len(subs) // propagation.HEARTBEAT_SLICES)
+        for n in due:
+            beaten[n] += 1
+            subs[n].beat = False
+            subs[n].wake.clear()
+    assert beaten == [1] * len(subs)
+    assert not quiet.beat
+    assert not quiet.wake.is_set()
+
+
+def test_a_stream_gone_leaves_its_heartbeat_slice() -> None:
+    _, propagator = _world()
+    subs = [propagator.subscribe(_agent(f"{A}/{n}"), heartbeats=True) for n in range(20)]
+    for sub in subs:
+        propagator.unsubscribe(sub)
+    for _ in range(propagation.HEARTBEAT_SLICES):
+        propagator.beat()
+    assert not any(sub.beat for sub in subs)
