@@ -69,6 +69,10 @@ _X509_SERIAL = common_pb2.Revocation.X509_SERIAL
 _JWT_ID = common_pb2.Revocation.JWT_ID
 
 
+# The SyncUpdate kinds that carry state; any other but HEARTBEAT is skipped.
+_STATE_KINDS = frozenset((node_pb2.SyncUpdate.SNAPSHOT, node_pb2.SyncUpdate.DELTA))
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     """The server is there, with nothing to send: another comes within `interval` seconds."""
@@ -493,6 +497,10 @@ class NodeClient:
         async for update in stub.Sync(request):
             if update.kind == node_pb2.SyncUpdate.HEARTBEAT:
                 yield Heartbeat(update.heartbeat_interval_ms / 1000.0)
+                continue
+            if update.kind not in _STATE_KINDS:
+                # A newer server's kind, sent though not asked for: read as a snapshot, as every
+                # kind but DELTA was, its empty lists took every entry from the agent.
                 continue
             for pushed in update.audit_checkpoints:
                 yield PushedCheckpoint(pushed.line, bytes(pushed.public_key))

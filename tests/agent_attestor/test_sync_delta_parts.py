@@ -171,3 +171,67 @@ def test_a_delta_cut_between_its_parts_changes_nothing_workloads_see_until_it_co
     assert requests == [(0, ""), (5, "ep")]  # the reconnect resumes from the last whole state
     assert held == {"kept", "new"}
     assert (position.revision, position.epoch) == (6, "ep")
+
+
+class _NewerServer(node_pb2_grpc.NodeServicer):
+    """Sends a snapshot, a message of a kind this agent does not know (a newer server's), then
+    a delta, and holds the stream open."""
+
+    def __init__(self, messages: list[node_pb2.SyncUpdate]) -> None:
+        self.messages = messages
+
+    async def Sync(  # type: ignore[override]
+        self, request: node_pb2.SyncRequest, context: Any
+    ) -> AsyncIterator[node_pb2.SyncUpdate]:
+        for message in self.messages:
+            yield message
+        await asyncio.Event().wait()
+
+
+def test_a_message_of_a_kind_the_agent_does_not_know_is_skipped_not_read_as_a_snapshot(
+    tmp_path: Path,
+) -> None:
+    """Read as a snapshot, as every kind but DELTA was, a newer server's message (HEARTBEAT to
+    an agent older than it) emptied the agent's entries, and every workload lost its SVIDs."""
+    clock = FakeClock(start=time.time())
+    ca = LocalCa(clock)
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    key = ec.generate_private_key(ec.SECP256R1())
+    store.save_svid(AgentSvid(AGENT, (ca.sign_leaf(key.public_key(), AGENT, ttl=3600),), key))
+    bundle = common_pb2.Bundle(
+        trust_domain="example.org", x509_authorities=[ca.cert.public_bytes(Encoding.DER)]
+    )
+    store.save_bundle(tuple(bundle.x509_authorities))
+    messages = [
+        *snapshot_messages([_entry("kept")], [], Shared(bundle=bundle), revision=5, epoch="ep"),
+        node_pb2.SyncUpdate(kind=7, revision=6, epoch="ep"),  # a kind yet to come
+        *delta_messages([_entry("new")], [], [], [], Shared(), revision=6, epoch="ep"),
+    ]
+
+    async def scenario() -> set[str]:
+        server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServicer_to_server(_NewerServer(messages), server)
+        port = server.add_secure_port("127.0.0.1:0", _mtls_server_credentials(ca))
+        await server.start()
+        address = f"127.0.0.1:{port}"
+        cache = Cache(clock)
+        delta_in = asyncio.Event()
+
+        def on_change(event: str) -> None:
+            if event == "sync" and "new" in cache.entries():
+                delta_in.set()
+
+        settings = SyncSettings((Target(address, address),), reconnect_min=0.01, reconnect_max=0.02)
+        syncer = Syncer(settings, store, cache, clock, on_change)
+        task = asyncio.create_task(syncer.run())
+        try:
+            await asyncio.wait_for(delta_in.wait(), 20)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await syncer.close()
+            await server.stop(None)
+        return set(cache.entries())
+
+    assert asyncio.run(scenario()) == {"kept", "new"}
