@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from server import propagation
@@ -92,3 +94,29 @@ def test_a_stream_gone_leaves_its_heartbeat_slice() -> None:
     for _ in range(propagation.HEARTBEAT_SLICES):
         propagator.beat()
     assert not any(sub.beat for sub in subs)
+
+
+def test_heartbeat_ticks_keep_to_their_schedule_however_late_each_wait_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wait after each beat: a loop 50 ms late at each of the ten ticks of a 1 s interval
+    beat each stream every 1.5 s, and at 300 ms late every 4 s, past the two intervals of
+    silence agents allow: every agent counted its server lost, and back, again and again."""
+    _, propagator = _world()
+    late = 0.05
+    clock = [0.0]
+    beaten: list[float] = []
+    beat = propagator.beat
+
+    def counted() -> None:
+        beaten.append(clock[0])
+        beat()
+
+    async def wait(_stop: asyncio.Event, seconds: float) -> bool:
+        clock[0] += seconds + late
+        return len(beaten) == 10 * propagation.HEARTBEAT_SLICES
+
+    monkeypatch.setattr(propagator, "beat", counted)
+    asyncio.run(propagator.run_heartbeats(1.0, asyncio.Event(), wait=wait, now=lambda: clock[0]))
+    # Ten rounds of slices: ten intervals, each tick as late as one wait, not all of them.
+    assert beaten[-1] == pytest.approx(10.0 + late)
