@@ -53,8 +53,11 @@ from server.errors import UnavailableError
 from server.peer import AgentPeer
 from server.state import ServerState
 from svid._clock import Clock
+from svid._log_throttle import KeyedThrottles
 
 _log = logging.getLogger("svid.server.restore")
+# Seconds between lines saying why an agent's certificate is not adopted, per agent and reason.
+NOT_ADOPTED_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ class CertificateAdoption:
         self._audit = audit
         self._window = window
         self._clock = clock
+        # Keys: agents holding a certificate our CA signed, and adoption_refusal's few reasons.
+        self._said = KeyedThrottles(NOT_ADOPTED_LOG_INTERVAL, clock)
 
     async def adopt(self, peer: AgentPeer, stored: AttestedAgent | None) -> bool:
         """True once the stored record `stored` names the certificate `peer` presents; False
@@ -132,12 +137,7 @@ class CertificateAdoption:
         is judged on the record as that write left it."""
         refusal = adoption_refusal(stored, peer, self._window, self._clock.now())
         if refusal is not None:
-            # Said once a while per certificate: AgentAuthority keeps the refusal it answers.
-            _log.warning(
-                "agent certificate the restored datastore did not name not adopted: %s",
-                refusal,
-                extra={"agent_id": peer.spiffe_id, "serial": peer.serial},
-            )
+            self._say_not_adopted(peer, refusal)
             return False
         assert stored is not None  # adoption_refusal refuses a missing record
         adopted = stored.adopted(peer.serial, peer.not_after)
@@ -158,6 +158,19 @@ class CertificateAdoption:
             f"agent {peer.spiffe_id}'s record was written while its certificate was being "
             "adopted: retry"
         )
+
+    def _say_not_adopted(self, peer: AgentPeer, refusal: str) -> None:
+        """Why, for the operator asking why an agent did not come back: once a while per agent
+        and reason, with how many refusals the line stands for. Not per certificate: an agent
+        renewing again and again holds as many as the signing rate lets it, and AgentAuthority
+        asks again of each once its refusal is forgotten (or its memory full)."""
+        times = self._said.due((peer.spiffe_id, refusal))
+        if times:
+            _log.warning(
+                "agent certificate the restored datastore did not name not adopted: %s",
+                refusal,
+                extra={"agent_id": peer.spiffe_id, "serial": peer.serial, "times": times},
+            )
 
     async def _not_adopted(self, peer: AgentPeer, stored: AttestedAgent) -> None:
         """Follows the `adopted` event of a write that did not take, so the log says so (best

@@ -19,6 +19,7 @@ from server.errors import PermissionDeniedError, UnavailableError
 from server.events import ChangeNotifier
 from server.peer import AgentPeer
 from server.restore_adoption import (
+    NOT_ADOPTED_LOG_INTERVAL,
     CertificateAdoption,
     RestoredWindow,
     adoption_refusal,
@@ -143,19 +144,18 @@ def test_the_restored_server_adopts_the_newer_certificate_once(tmp_path: Path) -
         "b2",
         "adopted",
     )
-    # The certificate the restored record named was superseded by the renewal it lost.
-    with pytest.raises(PermissionDeniedError, match="superseded"):
-        site.authorize(_lost(serial="a1"))
-    # Nor is a second lost certificate adopted over the first: the record moved since. Why
-    # is said, for the operator asking why an agent did not come back.
-    with (
-        log_lines("svid.server.restore") as lines,
-        pytest.raises(PermissionDeniedError, match="superseded"),
-    ):
-        site.authorize(_lost(serial="b3", not_before=1600))
+    with log_lines("svid.server.restore") as lines:
+        # The certificate the restored record named was superseded by the renewal it lost.
+        with pytest.raises(PermissionDeniedError, match="superseded"):
+            site.authorize(_lost(serial="a1"))
+        # Nor is a second lost certificate adopted over the first: the record moved since.
+        with pytest.raises(PermissionDeniedError, match="superseded"):
+            site.authorize(_lost(serial="b3", not_before=1600))
+    # Why is said, for the operator asking why an agent did not come back: once a while for
+    # one reason (the second refusal is counted in the next line).
     (said,) = lines.records
     assert "written since the restore" in said.getMessage()
-    assert said.serial == "b3"  # type: ignore[attr-defined]
+    assert said.serial == "a1"  # type: ignore[attr-defined]
     assert site.authorize(_lost()) == adopted
     assert len(site.events()) == 1
 
@@ -207,3 +207,27 @@ def test_what_cannot_be_written_moves_nothing_and_refuses_nothing(tmp_path: Path
     assert site.store.get_agent(AGENT) == RESTORED
     assert [e["decision"] for e in site.events()] == ["adopted", "not_adopted"]
     assert site.authorize(_lost()).serial == "b2"  # not remembered as refused: tried again
+
+
+def test_why_not_adopted_is_said_once_a_while_per_agent_however_many_certificates(
+    tmp_path: Path,
+) -> None:
+    # An agent renewing again and again (its held certificate stays its previous one) holds as
+    # many as the signing rate lets it, and AgentAuthority remembers a refusal per certificate.
+    site = Restored(tmp_path)
+    superseded = [_lost(serial=f"c{k}", not_before=800) for k in range(50)]
+    with log_lines("svid.server.restore") as lines:
+        for peer in superseded:
+            with pytest.raises(PermissionDeniedError, match="superseded"):
+                site.authorize(peer)
+    (said,) = lines.records
+    assert "before the restored datastore's last write" in said.getMessage()
+    assert (said.serial, said.times) == ("c0", 1)  # type: ignore[attr-defined]
+    site.clock.advance(NOT_ADOPTED_LOG_INTERVAL)
+    with (
+        log_lines("svid.server.restore") as lines,
+        pytest.raises(PermissionDeniedError, match="superseded"),
+    ):
+        site.authorize(_lost(serial="d1", not_before=800))
+    (said,) = lines.records
+    assert said.times == 50  # type: ignore[attr-defined]  # this one and the 49 unsaid
