@@ -47,7 +47,7 @@ from server.audit.event import EventKind
 from server.audit.log import AuditLog
 from server.ca.signer import BACKDATE_SECONDS
 from server.datastore.base import DataStore
-from server.datastore.errors import StorageError
+from server.datastore.errors import CommitUnknownError, StorageError
 from server.datastore.records import AttestedAgent
 from server.errors import UnavailableError
 from server.peer import AgentPeer
@@ -132,7 +132,8 @@ class CertificateAdoption:
     async def adopt(self, peer: AgentPeer, stored: AttestedAgent | None) -> bool:
         """True once the stored record `stored` names the certificate `peer` presents; False
         when it is not adopted. The audit event is committed first (StorageError, nothing
-        moved, when it cannot be). A record another write moved meanwhile is left as it is, a
+        moved, when it cannot be; CommitUnknownError, with no second event, when the write's
+        outcome is unknown). A record another write moved meanwhile is left as it is, a
         second event says the adoption did not take, and UnavailableError: the agent's retry
         is judged on the record as that write left it."""
         refusal = adoption_refusal(stored, peer, self._window, self._clock.now())
@@ -144,6 +145,10 @@ class CertificateAdoption:
         await asyncio.to_thread(self._event, peer, stored, "adopted")
         try:
             won = await self._state.adopt_agent_certificate(adopted, stored)
+        except CommitUnknownError:
+            # It may have moved (PostgreSQL may have committed it): a `not_adopted` event would
+            # tell the log's readers the record names the old certificate when it may not.
+            raise
         except StorageError:
             await self._not_adopted(peer, stored)
             raise

@@ -11,7 +11,7 @@ import pytest
 
 from server.agent_authority import AgentAuthority, datastore_reader
 from server.audit.log import AuditLog
-from server.datastore.errors import StorageError
+from server.datastore.errors import CommitUnknownError, StorageError
 from server.datastore.records import AttestedAgent
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
@@ -231,3 +231,22 @@ def test_why_not_adopted_is_said_once_a_while_per_agent_however_many_certificate
         site.authorize(_lost(serial="d1", not_before=800))
     (said,) = lines.records
     assert said.times == 50  # type: ignore[attr-defined]  # this one and the 49 unsaid
+
+
+def test_an_adoption_whose_commit_is_unknown_is_not_said_not_adopted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL: the connection lost with the COMMIT sent; the database committed it.
+    site = Restored(tmp_path)
+    inner = site.store.inner
+
+    def committed_unknown(agent: AttestedAgent, replacing: AttestedAgent) -> bool:
+        inner.adopt_agent_certificate(agent, replacing)
+        raise CommitUnknownError("db", "connection lost", server_stops=False)
+
+    monkeypatch.setattr(site.store, "adopt_agent_certificate", committed_unknown)
+    with pytest.raises(UnavailableError, match="cannot be adopted now"):
+        site.authorize(_lost())
+    assert site.store.get_agent(AGENT).serial == "b2"
+    # The log must not say the record was left as it stood: it names the certificate adopted.
+    assert [e["decision"] for e in site.events()] == ["adopted"]
