@@ -250,3 +250,29 @@ def test_an_adoption_whose_commit_is_unknown_is_not_said_not_adopted(
     assert site.store.get_agent(AGENT).serial == "b2"
     # The log must not say the record was left as it stood: it names the certificate adopted.
     assert [e["decision"] for e in site.events()] == ["adopted"]
+
+
+def test_a_certificate_superseded_through_a_server_with_a_clock_behind_is_not_adopted(
+    tmp_path: Path,
+) -> None:
+    # Servers sharing a datastore, one 120 s ahead of the other. A certificate's record is saved
+    # by its issuer, on its issuer's clock (at or after its NotBefore + 10), and the feed is
+    # pruned lowest stamps first: the newest row left bounds it, whoever superseded it.
+    ahead, on_time = FakeClock(1120), FakeClock(1000)
+    server_a = SqliteDataStore(tmp_path / "ds.sqlite3", ahead)
+    server_b = SqliteDataStore(tmp_path / "ds.sqlite3", on_time)
+    first = AttestedAgent(AGENT, "join_token", "a1", 4720, attested_at=900)
+    server_a.upsert_agent(first)  # a1 signed by server A: NotBefore 1110
+    on_time.advance(5)
+    second = first.renewed("a2", 4605, "a1")
+    server_b.upsert_agent(second, first)
+    on_time.advance(5)
+    third = second.renewed("a3", 4610, "a2")
+    server_b.upsert_agent(third, second)  # the newest row written: stamped 1010
+    server_b.prune_feed(1006)  # server B's older row goes, server A's (1120) stays
+    window = restored_window(server_b, 2000)
+    assert window is not None
+    superseded = _lost(serial="a1", not_before=1110, not_after=4720)
+    refusal = adoption_refusal(server_b.get_agent(AGENT), superseded, window, 2000)
+    assert refusal is not None
+    assert "before the restored datastore's last write" in refusal
