@@ -30,6 +30,7 @@ from pathlib import Path
 
 from agent_attestor.admission import Admission, capacity_for
 from agent_attestor.errors import ConfigError
+from agent_attestor.h2_meter import FrameMeter
 from agent_attestor.identify import caller_log, identify, peer_credentials
 from agent_attestor.identify_pool import IdentifyPool
 from agent_attestor.peer import Caller, CallerRegistry, abstract_peer
@@ -50,6 +51,10 @@ ACCEPT_RETRY_DELAY = 0.1  # seconds; asyncio's server waits 1 s
 PUBLIC_DIR_MODE = 0o755  # for directories the relay makes: any local process may connect
 REFUSAL_LINGER = 1.0  # seconds a refused connection is held for its workload to read why
 REFUSALS_HELD = 32  # refused connections held at once: descriptors out of FD_HEADROOM
+OVERSPENT = (
+    "closed: more HTTP/2 control frames (pings, resets, settings, window updates) than a gRPC "
+    "client sends"
+)
 # HTTP/2 GOAWAY (RFC 9113 6.8), error ENHANCE_YOUR_CALM, on stream 0 with last stream 0.
 _GOAWAY = 0x7
 _ENHANCE_YOUR_CALM = 0xB
@@ -576,9 +581,25 @@ def _is_live_socket(path: Path) -> bool:
 
 
 class _Outer(_Pipe):
-    """The workload side: reading stays paused until the inner side is connected."""
+    """The workload side: reading stays paused until the inner side is connected, and what the
+    workload sends is metered (h2_meter.py) before the internal server parses it."""
+
+    def __init__(self, link: _Link) -> None:
+        super().__init__(link)
+        self.meter = FrameMeter(link.relay.clock)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.meter.feed(self._buffer[:nbytes]):
+            super().buffer_updated(nbytes)
+            return
+        link = self.link
+        if link.uid is not None:
+            link.relay.admission.log_refusal(link.uid, OVERSPENT)
+        # Nothing more reaches the internal server: a GOAWAY cannot be slipped in among its
+        # frames, half written, so the workload sees the connection closed.
+        link.evict()

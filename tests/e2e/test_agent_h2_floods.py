@@ -1,0 +1,133 @@
+"""A workload flooding the real agent's Workload API socket with HTTP/2 frames grpc-core answers
+or drops for ever (PING ACKs, SETTINGS, WINDOW_UPDATEs, rapid resets, CONTINUATIONs) has its
+connection closed by the relay (agent_attestor/h2_meter.py): one such connection kept ~80 % of a
+core of the agent busy for as long as it lasted. A gRPC client's calls on one channel, as fast
+as it makes them, and its quiet streams are left alone."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+
+from agent_attestor.relay import OVERSPENT
+from svid._proto import workload_pb2, workload_pb2_grpc
+from tests.agent_attestor.raw_h2 import (
+    HEADERS,
+    PING,
+    SETTINGS,
+    frame,
+    grpc_call,
+)
+from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry
+from tests.e2e.conftest import make_server, short_tmpdir
+
+pytestmark = pytest.mark.e2e
+
+RST_STREAM, WINDOW_UPDATE, CONTINUATION = 3, 8, 9
+FLOOD_SECONDS = 5.0  # without the relay's budget, grpc-core kept every one of these open
+
+
+def _rapid_resets(first: int) -> bytes:
+    calls = (
+        grpc_call(s, "/SpiffeWorkloadAPI/FetchX509SVID", b"", HEADER)
+        + frame(RST_STREAM, 0, s, struct.pack(">I", 8))
+        for s in range(first, first + 200, 2)
+    )
+    return b"".join(calls)
+
+
+FLOODS = {
+    "ping_ack": lambda _: frame(PING, 1, 0, bytes(8)) * 500,
+    "settings": lambda _: frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 65535)) * 500,
+    "window_update": lambda _: frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)) * 500,
+    "rapid_reset": _rapid_resets,
+    "continuation": lambda _: frame(CONTINUATION, 0, 1, b"\x00\x03x-a\x01b") * 500,
+}
+
+
+@pytest.fixture(scope="module")
+def agent() -> Iterator[AgentProcess]:
+    root = short_tmpdir()
+    server = make_server(root).start()
+    with agent_stack(root, server) as agent:
+        sid = "spiffe://example.org/honest"
+        create_entry(server, sid, agent.agent_id(), f"unix:uid:{os.getuid()}")
+        agent.wait_svid(sid)
+        yield agent
+
+
+def flood_until_closed(path: str, flood: str) -> bool:
+    """Write the flood for up to FLOOD_SECONDS; whether the agent closed the connection."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.settimeout(1.0)
+    start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0)
+    if flood == "continuation":  # a header block that never ends
+        start += frame(HEADERS, 0, 1, b"\x00\x05:path\x01/")
+    deadline = time.monotonic() + FLOOD_SECONDS
+    stream = 1
+    try:
+        sock.sendall(start)
+        while time.monotonic() < deadline:
+            sock.sendall(FLOODS[flood](stream))
+            stream += 200
+            with_answers_read(sock)
+    except (BrokenPipeError, ConnectionResetError):
+        return True
+    except TimeoutError:  # the agent stopped reading but left the connection open
+        return False
+    finally:
+        sock.close()
+    return False
+
+
+def with_answers_read(sock: socket.socket) -> None:
+    """Reads what the agent sent (its PING ACKs, resets), so its writes never hold it up."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except BlockingIOError:
+        pass
+    finally:
+        sock.settimeout(1.0)
+
+
+@pytest.mark.parametrize("flood", sorted(FLOODS))
+def test_a_flood_of_frames_grpc_answers_for_ever_is_cut(agent: AgentProcess, flood: str) -> None:
+    assert flood_until_closed(str(agent.socket_path), flood), f"{flood}: still open"
+    assert OVERSPENT in agent.logs()
+
+
+def test_a_grpc_clients_calls_and_quiet_streams_are_not_cut(agent: AgentProcess) -> None:
+    with grpc.insecure_channel(f"unix:{agent.socket_path}") as channel:
+        svids = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+            workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=30
+        )
+        assert next(svids).svids
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest()
+        calls = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:
+            # Twenty at once: within the connection's 24 streams, beside the quiet one.
+            batch: list[Future[health_pb2.HealthCheckResponse]] = [
+                health.Check.future(check, metadata=HEADER, timeout=10) for _ in range(20)
+            ]
+            for done in batch:
+                assert done.result().status == health_pb2.HealthCheckResponse.SERVING
+            calls += len(batch)
+        assert calls > 1000  # as fast as the agent answers: hundreds of frames a second
+        # The quiet stream still stands, on the connection the calls went through.
+        svids.cancel()
+        with pytest.raises(grpc.RpcError) as cancelled:
+            next(svids)
+        assert cancelled.value.code() == grpc.StatusCode.CANCELLED
