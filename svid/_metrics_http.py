@@ -3,22 +3,86 @@ serve their own metrics, in their own words, through this one small threaded HTT
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
-# Seconds a connection may take over each read or write. Every connection holds a thread until
-# its request is read: without a bound, idle connections held threads without limit.
+from svid._clock import Clock, SystemClock
+
+# Seconds a connection may take to send its whole request, and over each write. Every
+# connection holds a thread until its request is read: a bound on each read alone let a client
+# trickling a byte at a time hold one for as long as it kept on.
 READ_TIMEOUT = 10.0
+# Connections served at once; past these, one is closed as it is accepted. Each holds a thread
+# and a descriptor for up to READ_TIMEOUT: anyone reaching the port took, without a bound, the
+# descriptors the rest of the daemon needs. A scraper or a probe takes one at a time.
+MAX_CONNECTIONS = 64
 
 _log = logging.getLogger(__name__)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reads, each given only what is left of one deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float, clock: Clock) -> None:
+        self._sock = sock
+        self._deadline = deadline
+        self._clock = clock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - self._clock.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request was not read in time")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
 class _HttpServer(ThreadingHTTPServer):
-    def handle_error(self, request: object, client_address: object) -> None:
+    # socketserver's 5: connections past it waited for the kernel's SYN-ACK retries (1 s, 3 s,
+    # ...) while a flood was accepted and closed.
+    request_queue_size = MAX_CONNECTIONS
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], cap: int
+    ) -> None:
+        super().__init__(address, handler)
+        self._cap = cap
+        self._open = 0
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            full = self._open >= self._cap
+            if not full:
+                self._open += 1
+        if full:
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._closed_one()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed_one()
+
+    def _closed_one(self) -> None:
+        with self._open_lock:
+            self._open -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection its client reset or left (a probe that gave up, a scanner): its own
         doing, and nothing to say; socketserver printed its traceback to stderr, ~1.3 KB past
         the daemon's log and its format, as fast as anyone reaching the port closed
@@ -48,9 +112,13 @@ class MetricsEndpoint:
         thread_name: str,
         read_timeout: float = READ_TIMEOUT,
         reasons: Callable[[], Sequence[str]] | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        clock: Clock | None = None,
     ) -> None:
         self._render = render
         self._read_timeout = read_timeout
+        self._max_connections = max_connections
+        self._clock = clock or SystemClock()
         self._healthy = healthy
         self._content_type = content_type
         self._unhealthy = unhealthy
@@ -65,11 +133,18 @@ class MetricsEndpoint:
         host = host.removeprefix("[").removesuffix("]")  # [::1]:9090, as the config takes it
         render, healthy = self._render, self._healthy
         content_type, unhealthy = self._content_type, self._unhealthy_answer
+        clock = self._clock
 
         class Handler(BaseHTTPRequestHandler):
             timeout = self._read_timeout  # socketserver sets it on the connection
 
+            def setup(self) -> None:
+                super().setup()
+                deadline = clock.monotonic() + self.timeout
+                self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline, clock))
+
             def do_GET(self) -> None:
+                self.connection.settimeout(self.timeout)  # the reads left it what was left
                 if self.path == "/metrics":
                     body, ctype, code = render(), content_type, 200
                 elif self.path == "/healthz":
@@ -91,7 +166,7 @@ class MetricsEndpoint:
                 return
 
         server_class = _Ipv6HttpServer if ":" in host else _HttpServer
-        self._httpd = server_class((host, int(port)), Handler)
+        self._httpd = server_class((host, int(port)), Handler, self._max_connections)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name=self._thread_name, daemon=True

@@ -95,3 +95,26 @@ def test_grpc_health_follows_readiness_after_the_first_sync_too(tmp_path: Path) 
         health_pb2.HealthCheckResponse.NOT_SERVING,
     )
     assert asyncio.run(scenario()) == [(True, serving), (False, not_serving), (True, serving)]
+
+
+def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_read_timeout(
+    endpoint: tuple[str, int],
+) -> None:
+    """The timeout bounded each read, not the request: a client sending a byte every 0.4 s
+    (under the 0.5 s given) held its connection and thread for as long as it kept on."""
+    with socket.create_connection(endpoint, timeout=5) as slow:
+        slow.settimeout(0.4)
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 100:
+            try:
+                slow.sendall(bytes([byte]))
+                closed = slow.recv(1) == b""
+            except TimeoutError:  # nothing from the endpoint yet: it still reads
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            if closed:
+                break
+        assert closed, "the endpoint read a trickled request for 40 s"
+        assert time.monotonic() - started < 3

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from cryptography import x509
 
+from svid._metrics_http import MAX_CONNECTIONS
 from tests.e2e.conftest import ServerProcess, make_server
 from tests.tmpdirs import short_tmpdir
 from tests.waits import wait_for
@@ -94,3 +95,32 @@ def test_the_ca_and_server_svid_expiries_are_metrics(server_with_metrics: Server
     assert _metric(body, "svid_server_svid_expiry_timestamp_seconds") == (
         served.not_valid_after_utc.timestamp()
     )
+
+
+def test_idle_connections_past_the_cap_are_closed_at_once(
+    server_with_metrics: ServerProcess,
+) -> None:
+    """Each connection held a thread and a descriptor of the server for up to 10 s, without a
+    bound: anyone reaching the port took the descriptors the datastore and the agents' ports
+    need (descriptor_budget.py's HEADROOM counts the metrics listener in 1,024)."""
+    server = server_with_metrics
+    assert server.proc is not None
+    host, port = server.runtime["metrics_address"].rsplit(":", 1)
+    pid = server.proc.pid
+    idle = _threads(pid)
+    held: list[socket.socket] = []
+    try:
+        # A few at a time, each seen accepted (a thread of its own): one still queued is no
+        # test, and all must be held within the 10 s each may take over its request.
+        while len(held) < MAX_CONNECTIONS:
+            held += [socket.create_connection((host, int(port)), timeout=5) for _ in range(8)]
+            want = idle + len(held)
+            wait_for(lambda want=want: _threads(pid) >= want, 5, "a thread for each held")
+        past = socket.create_connection((host, int(port)), timeout=5)
+        with past:
+            assert past.recv(1) == b""  # closed by the server, well before our timeout
+    finally:
+        for conn in held:
+            conn.close()
+    with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=15) as answer:
+        assert answer.read() == b"ok\n"
