@@ -31,9 +31,8 @@ def _literal(name: str, value: str) -> bytes:
     return b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
 
 
-def grpc_call(
-    stream: int, path: str, message: bytes, metadata: tuple[tuple[str, str], ...] = ()
-) -> bytes:
+def call_headers(stream: int, path: str, metadata: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """The HEADERS frame that opens a gRPC call of `path` on `stream`."""
     fields = (
         (":method", "POST"),
         (":scheme", "http"),
@@ -43,9 +42,14 @@ def grpc_call(
         ("te", "trailers"),
         *metadata,
     )
-    block = b"".join(_literal(k, v) for k, v in fields)
+    return frame(HEADERS, END_HEADERS, stream, b"".join(_literal(k, v) for k, v in fields))
+
+
+def grpc_call(
+    stream: int, path: str, message: bytes, metadata: tuple[tuple[str, str], ...] = ()
+) -> bytes:
     body = b"\x00" + struct.pack(">I", len(message)) + message
-    return frame(HEADERS, END_HEADERS, stream, block) + frame(DATA, END_STREAM, stream, body)
+    return call_headers(stream, path, metadata) + frame(DATA, END_STREAM, stream, body)
 
 
 class StalledClient:
