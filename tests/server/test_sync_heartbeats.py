@@ -5,6 +5,10 @@ older than heartbeats) is sent none: it reads an unknown kind as an empty snapsh
 
 from __future__ import annotations
 
+import grpc
+import pytest
+
+from server.config import MIN_OWN_SVID_TTL
 from svid._proto import node_pb2
 from tests.server.fixtures import managed_server
 
@@ -30,3 +34,21 @@ def test_an_agent_asking_has_heartbeats_and_one_not_asking_has_none() -> None:
         assert [e.id for e in change.entries] == [entry.id]
         old.cancel()
         new.cancel()
+
+
+def test_a_stream_woken_for_heartbeats_alone_ends_once_its_agent_svid_expires() -> None:
+    """A heartbeat says the agent is still served: on a quiet stream, woken by nothing else,
+    the agent's SVID running out (its in-memory record's expiry, no datastore read) ends the
+    stream PERMISSION_DENIED at the next beat, not once something else changes."""
+    with managed_server(
+        sync_heartbeat_interval=0.1, agent_svid_ttl=MIN_OWN_SVID_TTL, lag=0
+    ) as server:
+        agent = server.attest()
+        stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(heartbeats=True), timeout=10)
+        assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+        assert next(stream).kind == HEARTBEAT
+        server.clock.advance(agent.chain[0].not_valid_after_utc.timestamp() - server.clock.now())
+        with pytest.raises(grpc.RpcError) as ended:
+            list(stream)
+        assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "expired SVID" in (ended.value.details() or "")
