@@ -116,6 +116,12 @@ class Lease:
     def held(self) -> bool:
         return self._clock.monotonic() < self._until
 
+    @property
+    def held_until(self) -> float:
+        """Until when (monotonic clock time) this server may act on the lease, as its last
+        renewal that answered says: 0 when that renewal did not get it."""
+        return self._until
+
     def next_renewal(self) -> float:
         """When (monotonic clock time, as this lease counts it) `renew` is due next."""
         return self._last_try + self._ttl / 3
