@@ -9,13 +9,17 @@ cuts a connection that sends more of them than any gRPC client does.
 
 Two budgets, each a token bucket. Control frames (any but HEADERS, DATA and WINDOW_UPDATE, and
 an empty DATA frame that ends nothing): an honest client sends a few a second (keepalive and
-BDP pings, a reset per cancelled call, one SETTINGS and its ACK), so a flood is cut after
-CONTROL_BURST of them. All frames, a unit each and one more per 4 KiB of a header block: a
-Workload API call is one request message (none streams from the client), HEADERS, DATA and the
-two WINDOW_UPDATEs grpcio's client sends for each answer it reads, so FRAME_REFILL is ~16,000
-calls a second on a connection (one grpcio channel made ~2,500 here, a benchmark on a faster
-machine must not be cut); the frames are read in Python, a few hundred nanoseconds each, so a
-flood of 1-byte DATA frames is cut too.
+BDP pings, one SETTINGS and its ACK), so a flood is cut after CONTROL_BURST of them. The
+RST_STREAM of a stream the client opened is its call's own and costs a frame only: each
+cancelled or timed-out call sends one (and svid's and py-spiffe's one-shot fetches, which read
+a stream's first message and cancel it), and an asyncio app cancelling hundreds a second, or a
+loop of fetches, was cut.
+All frames, a unit each and one more per 4 KiB of a header block: a Workload API call is one
+request message (none streams from the client), HEADERS, DATA and the two WINDOW_UPDATEs
+grpcio's client sends for each answer it reads, so FRAME_REFILL is ~16,000 calls a second on a
+connection (one grpcio channel made ~2,500 here, a benchmark on a faster machine must not be
+cut); the frames are read in Python, a few hundred nanoseconds each, so a flood of 1-byte DATA
+frames is cut too, and so are calls reset as soon as made (rapid resets) past that rate.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from svid._clock import Clock
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HEADER = 9
-_DATA, _HEADERS, _WINDOW_UPDATE, _CONTINUATION = 0x0, 0x1, 0x8, 0x9
+_DATA, _HEADERS, _RST_STREAM, _WINDOW_UPDATE, _CONTINUATION = 0x0, 0x1, 0x3, 0x8, 0x9
 _END_STREAM = 0x1
 HEADER_BLOCK_UNIT = 4096  # bytes of a header block that cost one more unit
 CONTROL_BURST = 256
 CONTROL_REFILL = 64.0  # per second
 FRAME_BURST = 65536
 FRAME_REFILL = 65536.0  # per second
+# Streams remembered as opened and not yet reset: the agent serves 24 at once per connection
+# (endpoint.MAX_STREAMS_PER_CONNECTION), and a client resets only the ones it holds open.
+OPEN_STREAMS_KEPT = 256
 
 
 class _Bucket:
@@ -44,6 +51,45 @@ class _Bucket:
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.refill) - units
         self.at = now
         return self.tokens >= 0
+
+
+class _Heads:
+    """The 9-byte headers of the frames in a byte stream fed in pieces of any size: only the
+    header, never the payload, is kept, and at most one split header, so memory is bounded
+    whatever a frame's length says."""
+
+    def __init__(self, skip: int = 0) -> None:
+        self._skip = skip  # bytes still to pass over: the preface, or the frame's payload
+        self._head = bytearray()  # a frame header split between two reads
+
+    def feed(self, data: memoryview) -> list[bytes]:
+        heads: list[bytes] = []
+        end = len(data)
+        pos = self._skip  # past `end` when the frame goes on in a later read
+        if self._head:
+            pos = _HEADER - len(self._head)
+            self._head += data[:pos]
+            if len(self._head) < _HEADER:
+                return heads
+            head = bytes(self._head)
+            self._head.clear()
+            heads.append(head)
+            pos += (head[0] << 16) | (head[1] << 8) | head[2]
+        # A jump from header to header: the payload is never looked at.
+        while pos + _HEADER <= end:
+            head = bytes(data[pos : pos + _HEADER])
+            heads.append(head)
+            pos += _HEADER + ((head[0] << 16) | (head[1] << 8) | head[2])
+        if pos >= end:
+            self._skip = pos - end
+        else:
+            self._skip = 0
+            self._head += data[pos:]
+        return heads
+
+
+def _stream(head: bytes) -> int:
+    return int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
 
 
 class FrameMeter:
@@ -61,49 +107,44 @@ class FrameMeter:
         self._control = _Bucket(*control, now)
         self._frames = _Bucket(*frames, now)
         self._overspent = False
-        self._preface = len(PREFACE)  # bytes of the preface still to skip
-        self._head = bytearray()  # a frame header split between two reads
-        self._skip = 0  # bytes of the current frame's payload still to come
+        self._sent = _Heads(len(PREFACE))
+        self._open: dict[int, None] = {}  # streams the client opened, oldest first
+        self._last_opened = 0
 
     def feed(self, data: memoryview) -> bool:
         """False once the connection has overspent (and ever after)."""
         if self._overspent:
             return False
-        pos, end = 0, len(data)
-        if self._preface:
-            pos = min(self._preface, end)
-            self._preface -= pos
-        control = frames = 0
-        while pos < end:
-            if self._skip:
-                step = min(self._skip, end - pos)
-                self._skip -= step
-                pos += step
-                continue
-            if self._head or end - pos < _HEADER:
-                step = min(_HEADER - len(self._head), end - pos)
-                self._head += data[pos : pos + step]
-                pos += step
-                if len(self._head) < _HEADER:
-                    break
-                head: bytes | memoryview = bytes(self._head)
-                self._head.clear()
-            else:
-                head = data[pos : pos + _HEADER]
-                pos += _HEADER
-            length = (head[0] << 16) | (head[1] << 8) | head[2]
+        heads = self._sent.feed(data)
+        if not heads:
+            return True
+        control = 0
+        frames = len(heads)
+        for head in heads:
             kind = head[3]
-            self._skip = length
-            frames += 1
             if kind in (_HEADERS, _CONTINUATION):
-                frames += length // HEADER_BLOCK_UNIT
-            if kind == _DATA:
-                if not length and not head[4] & _END_STREAM:
-                    control += 1
-            elif kind not in (_HEADERS, _WINDOW_UPDATE):
-                control += 1
-        if frames:
-            now = self._clock.monotonic()
-            spent_control = self._control.spend(control, now) if control else True
-            self._overspent = not (self._frames.spend(frames, now) and spent_control)
+                frames += ((head[0] << 16) | (head[1] << 8) | head[2]) // HEADER_BLOCK_UNIT
+                if kind == _HEADERS:
+                    self._opened(_stream(head))
+                    continue
+            elif kind == _DATA:
+                if head[0] or head[1] or head[2] or head[4] & _END_STREAM:
+                    continue
+            elif kind == _WINDOW_UPDATE or (
+                kind == _RST_STREAM and self._open.pop(_stream(head), 0) is None  # its own call's
+            ):
+                continue
+            control += 1
+        now = self._clock.monotonic()
+        spent_control = self._control.spend(control, now) if control else True
+        self._overspent = not (self._frames.spend(frames, now) and spent_control)
         return not self._overspent
+
+    def _opened(self, stream: int) -> None:
+        # Only a new stream of the client's (odd, past the last): trailers or a HEADERS sent
+        # again on one stream open nothing a reset may then close for free.
+        if stream & 1 and stream > self._last_opened:
+            self._last_opened = stream
+            self._open[stream] = None
+            if len(self._open) > OPEN_STREAMS_KEPT:
+                del self._open[next(iter(self._open))]

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import struct
 
-from agent_attestor.h2_meter import CONTROL_BURST, CONTROL_REFILL, FRAME_BURST, PREFACE, FrameMeter
+from agent_attestor.h2_meter import (
+    CONTROL_BURST,
+    CONTROL_REFILL,
+    FRAME_BURST,
+    OPEN_STREAMS_KEPT,
+    PREFACE,
+    FrameMeter,
+)
 from svid._clock import FakeClock
 from tests.agent_attestor.raw_h2 import DATA, END_STREAM, PING, SETTINGS, frame, grpc_call
 
@@ -84,3 +91,53 @@ def test_large_header_blocks_cost_more() -> None:
     padded = frame(1, 4, 1, bytes(16384))  # a 16 KiB header block: five units
     assert fed(meter, PREFACE + big + padded * (FRAME_BURST // 5 - 1))
     assert not fed(meter, padded * 2)
+
+
+def reset(stream: int) -> bytes:
+    return frame(RST_STREAM, 0, stream, struct.pack(">I", 8))
+
+
+def test_resets_of_the_clients_own_calls_are_part_of_the_calls() -> None:
+    """An asyncio app whose calls time out (or are cancelled) resets each: 500 a second."""
+    clock = FakeClock()
+    meter = FrameMeter(clock)
+    assert fed(meter, PREFACE)
+    stream = 1
+    for _ in range(10):
+        clock.advance(1.0)
+        calls = b""
+        for _ in range(500):
+            calls += grpc_call(stream, "/SpiffeWorkloadAPI/FetchJWTSVID", b"") + reset(stream)
+            stream += 2
+        assert fed(meter, calls)
+
+
+def test_resets_of_streams_never_opened_or_reset_already_are_control_frames() -> None:
+    for resets in (
+        b"".join(reset(s) for s in range(3, 3 + 2 * (CONTROL_BURST + 1), 2)),  # never opened
+        reset(1) * (CONTROL_BURST + 2),  # the first one is the call's
+        reset(2) * (CONTROL_BURST + 1),  # a stream of the server's
+    ):
+        meter = FrameMeter(FakeClock())
+        assert fed(meter, PREFACE + grpc_call(1, "/x", b""))
+        assert not fed(meter, resets)
+
+
+def test_a_stream_opened_long_ago_is_forgotten() -> None:
+    meter = FrameMeter(FakeClock())
+    opened = b"".join(grpc_call(s, "/x", b"") for s in range(1, 2 * OPEN_STREAMS_KEPT + 3, 2))
+    assert fed(meter, PREFACE + opened)
+    assert len(meter._open) == OPEN_STREAMS_KEPT  # bounded memory, whatever the client opens
+    assert not fed(meter, reset(1) * (CONTROL_BURST + 1))
+
+
+def test_a_huge_frame_length_holds_no_memory() -> None:
+    """A frame's length is skipped over as it comes, never buffered: 16 MiB is read in pieces."""
+    meter = FrameMeter(FakeClock())
+    huge = b"\xff\xff\xff" + bytes([DATA, 0]) + struct.pack(">I", 1)  # 16 MiB - 1 of payload
+    assert fed(meter, PREFACE + huge)
+    for _ in range(255):
+        assert fed(meter, bytes(65536))
+    assert not meter._sent._head  # nothing of the payload is kept
+    assert fed(meter, bytes(65535) + PING_ACK * CONTROL_BURST)
+    assert not fed(meter, PING_ACK)

@@ -6,9 +6,11 @@ as it makes them, and its quiet streams are left alone."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -19,6 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 
 from agent_attestor.relay import OVERSPENT
 from svid._proto import workload_pb2, workload_pb2_grpc
+from svid._workload_client import WorkloadApiClient
+from svid._workload_errors import WorkloadApiError
 from tests.agent_attestor.raw_h2 import (
     HEADERS,
     PING,
@@ -131,3 +135,56 @@ def test_a_grpc_clients_calls_and_quiet_streams_are_not_cut(agent: AgentProcess)
         with pytest.raises(grpc.RpcError) as cancelled:
             next(svids)
         assert cancelled.value.code() == grpc.StatusCode.CANCELLED
+
+
+def test_calls_cancelled_by_the_hundred_are_not_cut(agent: AgentProcess) -> None:
+    """Each cancelled (or timed-out) call is a RST_STREAM of a stream the client opened: part of
+    a call, not a control frame. 1,000 in a second, as an asyncio app cancelling its calls (or
+    its watchers reconnecting) sends, were cut after 256. The cut shows on a quiet stream of the
+    connection (the agent logs its refusals once a while per uid only)."""
+
+    async def cancel_rounds() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(
+            f"unix:{agent.socket_path}", options=(("grpc.use_local_subchannel_pool", 1),)
+        ) as channel:
+            stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+            quiet = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+            assert (await quiet.read()).svids
+            for _ in range(100):
+                # Ten at once: the agent may still count a round's streams as the next opens.
+                calls = [
+                    stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+                    for _ in range(10)
+                ]
+                for call in calls:  # each stream open at the agent: its cancel is a reset
+                    assert (await call.read()).svids
+                for call in calls:
+                    call.cancel()
+            quiet.cancel()
+            return await quiet.code()
+
+    assert asyncio.run(cancel_rounds()) == grpc.StatusCode.CANCELLED
+
+
+def test_svids_one_shot_fetches_in_a_loop_are_not_cut(agent: AgentProcess) -> None:
+    """svid's fetch_x509_svids reads a stream's first message and cancels it: a reset each."""
+    with WorkloadApiClient(f"unix://{agent.socket_path}") as client:
+        watch = client.watch_x509_svids()  # on the fetches' connection: broken if it is cut
+        updates = iter(watch)
+        assert next(updates)
+        broken: list[BaseException] = []
+
+        def wait_out() -> None:
+            try:
+                for _ in updates:
+                    pass
+            except WorkloadApiError as exc:
+                broken.append(exc)
+
+        waiter = threading.Thread(target=wait_out)
+        waiter.start()
+        for _ in range(600):  # the first 256 within 4 s cut the connection
+            assert client.fetch_x509_svids()
+        watch.cancel()
+        waiter.join(10)
+    assert not broken
