@@ -8,12 +8,16 @@ one such connection, so the relay, which sees every byte first, reads the frames
 cuts a connection that sends more of them than any gRPC client does.
 
 Two budgets, each a token bucket. Control frames (any but HEADERS, DATA and WINDOW_UPDATE, and
-an empty DATA frame that ends nothing): an honest client sends a few a second (keepalive and
-BDP pings, one SETTINGS and its ACK), so a flood is cut after CONTROL_BURST of them. The
-RST_STREAM of a stream the client opened is its call's own and costs a frame only: each
-cancelled or timed-out call sends one (and svid's and py-spiffe's one-shot fetches, which read
-a stream's first message and cancel it), and an asyncio app cancelling hundreds a second, or a
-loop of fetches, was cut.
+an empty DATA frame that ends nothing): an honest client sends a few a second (keepalive pings,
+one SETTINGS and its ACK), so a flood is cut after CONTROL_BURST of them. Some control frames
+are a call's or an answer's own, and cost a frame only: the RST_STREAM of a stream the client
+opened (each cancelled or timed-out call sends one, and so does each of svid's and py-spiffe's
+one-shot fetches, which read a stream's first message and cancel it: an asyncio app cancelling
+hundreds a second, or a loop of fetches, was cut), the PING that follows a DATA frame of the
+agent's (grpc-go's BDP estimator pings after each DATA frame it reads while no such ping is
+out, until its window reaches 16 MiB: a ping per answer, a go-spiffe client making a hundred
+calls a second would have been cut), and the ACK of the agent's own PING or SETTINGS. So the
+agent's frames are read too (`answered`).
 All frames, a unit each and one more per 4 KiB of a header block: a Workload API call is one
 request message (none streams from the client), HEADERS, DATA and the two WINDOW_UPDATEs
 grpcio's client sends for each answer it reads, so FRAME_REFILL is ~16,000 calls a second on a
@@ -28,8 +32,10 @@ from svid._clock import Clock
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HEADER = 9
-_DATA, _HEADERS, _RST_STREAM, _WINDOW_UPDATE, _CONTINUATION = 0x0, 0x1, 0x3, 0x8, 0x9
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING = 0x0, 0x1, 0x3, 0x4, 0x6
+_WINDOW_UPDATE, _CONTINUATION = 0x8, 0x9
 _END_STREAM = 0x1
+_ACK = 0x1
 HEADER_BLOCK_UNIT = 4096  # bytes of a header block that cost one more unit
 CONTROL_BURST = 256
 CONTROL_REFILL = 64.0  # per second
@@ -38,6 +44,9 @@ FRAME_REFILL = 65536.0  # per second
 # Streams remembered as opened and not yet reset: the agent serves 24 at once per connection
 # (endpoint.MAX_STREAMS_PER_CONNECTION), and a client resets only the ones it holds open.
 OPEN_STREAMS_KEPT = 256
+# Frames of the agent's owed an answer not counted as control (a PING after its DATA, an ACK
+# of its PING or SETTINGS): a bound, so that a long answer does not bank a flood of pings.
+ANSWERS_OWED = 16
 
 
 class _Bucket:
@@ -93,7 +102,8 @@ def _stream(head: bytes) -> int:
 
 
 class FrameMeter:
-    """Fed the bytes a workload sends, in order; says when it has overspent either budget."""
+    """Fed the bytes a workload sends, in order (and the agent's, in order, as the relay reads
+    them); says when the workload has overspent either budget."""
 
     def __init__(
         self,
@@ -108,8 +118,23 @@ class FrameMeter:
         self._frames = _Bucket(*frames, now)
         self._overspent = False
         self._sent = _Heads(len(PREFACE))
+        self._received = _Heads()
         self._open: dict[int, None] = {}  # streams the client opened, oldest first
         self._last_opened = 0
+        self._pings_owed = 0  # the agent sent DATA: a PING of the client's may follow (BDP)
+        self._ping_acks_owed = 0
+        self._settings_acks_owed = 0
+
+    def answered(self, data: memoryview) -> None:
+        """The agent's bytes to the workload: what they let the workload answer for free."""
+        for head in self._received.feed(data):
+            kind = head[3]
+            if kind == _DATA and (head[0] or head[1] or head[2]):
+                self._pings_owed = min(ANSWERS_OWED, self._pings_owed + 1)
+            elif kind == _PING and not head[4] & _ACK:
+                self._ping_acks_owed = min(ANSWERS_OWED, self._ping_acks_owed + 1)
+            elif kind == _SETTINGS and not head[4] & _ACK:
+                self._settings_acks_owed = min(ANSWERS_OWED, self._settings_acks_owed + 1)
 
     def feed(self, data: memoryview) -> bool:
         """False once the connection has overspent (and ever after)."""
@@ -133,6 +158,17 @@ class FrameMeter:
             elif kind == _WINDOW_UPDATE or (
                 kind == _RST_STREAM and self._open.pop(_stream(head), 0) is None  # its own call's
             ):
+                continue
+            elif kind == _PING:
+                if head[4] & _ACK:
+                    if self._ping_acks_owed:
+                        self._ping_acks_owed -= 1
+                        continue
+                elif self._pings_owed:
+                    self._pings_owed -= 1
+                    continue
+            elif kind == _SETTINGS and head[4] & _ACK and self._settings_acks_owed:
+                self._settings_acks_owed -= 1
                 continue
             control += 1
         now = self._clock.monotonic()

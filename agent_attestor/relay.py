@@ -52,8 +52,8 @@ PUBLIC_DIR_MODE = 0o755  # for directories the relay makes: any local process ma
 REFUSAL_LINGER = 1.0  # seconds a refused connection is held for its workload to read why
 REFUSALS_HELD = 32  # refused connections held at once: descriptors out of FD_HEADROOM
 OVERSPENT = (
-    "closed: more HTTP/2 control frames (pings, resets, settings, window updates) than a gRPC "
-    "client sends"
+    "closed: more HTTP/2 control frames (pings, resets, settings), or frames in all, than a "
+    "gRPC client sends"
 )
 # HTTP/2 GOAWAY (RFC 9113 6.8), error ENHANCE_YOUR_CALM, on stream 0 with last stream 0.
 _GOAWAY = 0x7
@@ -180,8 +180,8 @@ class _Link:
     def __init__(self, relay: WorkloadRelay, uid: int, conn: socket.socket) -> None:
         self.relay = relay
         self.conn = conn  # the workload's end; its transport closes this very object
-        self.outer: _Pipe = _Outer(self)
-        self.inner = _Pipe(self)
+        self.outer = _Outer(self)
+        self.inner = _Inner(self)
         self.outer.partner = self.inner
         self.inner.partner = self.outer
         self.peer: str | None = None
@@ -603,3 +603,12 @@ class _Outer(_Pipe):
         # Nothing more reaches the internal server: a GOAWAY cannot be slipped in among its
         # frames, half written, so the workload sees the connection closed.
         link.evict()
+
+
+class _Inner(_Pipe):
+    """The internal server's side: what it sends tells the meter which of the workload's
+    control frames answer it (a PING after its DATA, ACKs of its PINGs and SETTINGS)."""
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.link.outer.meter.answered(self._buffer[:nbytes])
+        super().buffer_updated(nbytes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 from agent_attestor.h2_meter import (
+    ANSWERS_OWED,
     CONTROL_BURST,
     CONTROL_REFILL,
     FRAME_BURST,
@@ -14,7 +15,7 @@ from agent_attestor.h2_meter import (
     FrameMeter,
 )
 from svid._clock import FakeClock
-from tests.agent_attestor.raw_h2 import DATA, END_STREAM, PING, SETTINGS, frame, grpc_call
+from tests.agent_attestor.raw_h2 import DATA, END_STREAM, HEADERS, PING, SETTINGS, frame, grpc_call
 
 WINDOW_UPDATE, RST_STREAM = 8, 3
 PING_ACK = frame(PING, 1, 0, bytes(8))
@@ -140,4 +141,47 @@ def test_a_huge_frame_length_holds_no_memory() -> None:
         assert fed(meter, bytes(65536))
     assert not meter._sent._head  # nothing of the payload is kept
     assert fed(meter, bytes(65535) + PING_ACK * CONTROL_BURST)
+    assert not fed(meter, PING_ACK)
+
+
+def test_a_ping_after_each_data_frame_of_the_agents_is_not_a_control_frame() -> None:
+    """grpc-go's BDP estimator pings after a DATA frame it reads, while no such ping is out."""
+    clock = FakeClock()
+    meter = FrameMeter(clock)
+    assert fed(meter, PREFACE)
+    answer = frame(HEADERS, 4, 1, b"\x88") + frame(DATA, 0, 1, bytes(100))
+    bdp_ping = frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 100)) + frame(PING, 0, 0, bytes(8))
+    for stream in range(1, 2001, 2):  # a thousand calls in a second
+        clock.advance(0.001)
+        assert fed(meter, grpc_call(stream, "/x", b""))
+        meter.answered(memoryview(answer))
+        assert fed(meter, bdp_ping)
+
+
+def test_pings_owed_for_the_agents_data_are_bounded() -> None:
+    meter = FrameMeter(FakeClock())
+    assert fed(meter, PREFACE)
+    meter.answered(memoryview(frame(DATA, 0, 1, bytes(10)) * 10_000))
+    meter.answered(memoryview(frame(DATA, 0, 1)))  # empty: owed nothing
+    pings = frame(PING, 0, 0, bytes(8)) * (ANSWERS_OWED + CONTROL_BURST)
+    assert fed(meter, pings)
+    assert not fed(meter, frame(PING, 0, 0, bytes(8)))
+
+
+def test_acks_of_the_agents_pings_and_settings_are_not_control_frames() -> None:
+    meter = FrameMeter(FakeClock())
+    assert fed(meter, PREFACE)
+    for _ in range(4 * CONTROL_BURST):
+        meter.answered(memoryview(frame(PING, 0, 0, bytes(8)) + frame(SETTINGS, 0, 0)))
+        assert fed(meter, PING_ACK + frame(SETTINGS, 1, 0))
+
+
+def test_the_agents_frames_split_anywhere_are_read_alike() -> None:
+    meter = FrameMeter(FakeClock())
+    assert fed(meter, PREFACE)
+    agent = frame(DATA, 0, 1, bytes(40_000)) + frame(PING, 0, 0, bytes(8))
+    for start in range(0, len(agent), 7):
+        meter.answered(memoryview(agent[start : start + 7]))
+    assert fed(meter, frame(PING, 0, 0, bytes(8)) + PING_ACK)
+    assert fed(meter, PING_ACK * CONTROL_BURST)
     assert not fed(meter, PING_ACK)

@@ -24,6 +24,8 @@ from svid._proto import workload_pb2, workload_pb2_grpc
 from svid._workload_client import WorkloadApiClient
 from svid._workload_errors import WorkloadApiError
 from tests.agent_attestor.raw_h2 import (
+    ACK,
+    DATA,
     HEADERS,
     PING,
     SETTINGS,
@@ -188,3 +190,46 @@ def test_svids_one_shot_fetches_in_a_loop_are_not_cut(agent: AgentProcess) -> No
         watch.cancel()
         waiter.join(10)
     assert not broken
+
+
+class _FrameReader:
+    """The agent's frames on a raw connection, read as they come."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def next(self) -> tuple[int, int, int]:
+        """(type, flags, stream) of the agent's next frame."""
+        while len(self.buf) < 9 or len(self.buf) < 9 + int.from_bytes(self.buf[:3], "big"):
+            data = self.sock.recv(1 << 16)
+            assert data, "the agent closed the connection"
+            self.buf += data
+        head, self.buf = self.buf[:9], self.buf[9 + int.from_bytes(self.buf[:3], "big") :]
+        return head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+
+
+def test_a_ping_after_each_answer_as_grpc_go_sends_is_not_cut(agent: AgentProcess) -> None:
+    """grpc-go's BDP estimator sends a WINDOW_UPDATE and a PING after a DATA frame it reads,
+    while no such ping is out (internal/transport/http2_client.go handleData): a ping per answer,
+    and 300 calls in a row were cut after 256 (the agent closing the connection)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(agent.socket_path))
+    sock.settimeout(10.0)
+    frames = _FrameReader(sock)
+    with sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0))
+        for call in range(300):
+            stream = 1 + 2 * call
+            sock.sendall(grpc_call(stream, "/grpc.health.v1.Health/Check", b"", HEADER))
+            while True:
+                kind, flags, on = frames.next()
+                if kind == SETTINGS and not flags & ACK:
+                    sock.sendall(frame(SETTINGS, ACK, 0))
+                if kind == DATA and on == stream:
+                    break
+            sock.sendall(
+                frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 7)) + frame(PING, 0, 0, bytes(8))
+            )
+            while frames.next()[:2] != (PING, ACK):
+                pass
