@@ -42,6 +42,7 @@ FLOOD_SECONDS = 5.0  # without the relay's budget, grpc-core kept every one of t
 
 
 def _rapid_resets(first: int) -> bytes:
+    """Calls reset as soon as made: each reset is its call's, and the flood of calls is cut."""
     calls = (
         grpc_call(s, "/SpiffeWorkloadAPI/FetchX509SVID", b"", HEADER)
         + frame(RST_STREAM, 0, s, struct.pack(">I", 8))
@@ -55,6 +56,7 @@ FLOODS = {
     "settings": lambda _: frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 65535)) * 500,
     "window_update": lambda _: frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)) * 500,
     "rapid_reset": _rapid_resets,
+    "reset_again": lambda _: frame(RST_STREAM, 0, 1, struct.pack(">I", 8)) * 500,
     "continuation": lambda _: frame(CONTINUATION, 0, 1, b"\x00\x03x-a\x01b") * 500,
 }
 
@@ -78,6 +80,8 @@ def flood_until_closed(path: str, flood: str) -> bool:
     start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0)
     if flood == "continuation":  # a header block that never ends
         start += frame(HEADERS, 0, 1, b"\x00\x05:path\x01/")
+    if flood == "reset_again":  # its first reset is its call's
+        start += grpc_call(1, "/SpiffeWorkloadAPI/FetchX509SVID", b"", HEADER)
     deadline = time.monotonic() + FLOOD_SECONDS
     stream = 1
     try:
