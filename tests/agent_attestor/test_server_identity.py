@@ -288,6 +288,25 @@ def test_an_agent_attests_through_one_address_to_servers_of_the_old_and_the_new_
     assert sum(s.heard for s in servers) == 1
 
 
+def test_an_agent_attests_under_an_upstream_intermediate_without_an_authority_key_id() -> None:
+    """Python 3.13's default TLS context holds certificates to RFC 5280's letter: there the
+    agent's server check refused a chain whose upstream intermediate carries no Authority Key
+    Identifier, which the gRPC channel takes, and the agent retried for good (3.11 and 3.12
+    took it)."""
+    root = LocalCa(SystemClock(), trust_domain="corporate.example")
+    ca = _own_ca(root)
+    with pytest.raises(x509.ExtensionNotFound):
+        ca.cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    outcome, servers = asyncio.run(
+        _attest_behind_one_address([server_tls(ca, chain=True)], root.cert.public_bytes(PEM))
+    )
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], JoinTokenRefusedError), (
+        f"{type(outcome[0]).__name__}: {outcome[0]}"
+    )
+    assert servers[0].heard == 1
+
+
 def test_an_agent_probes_again_when_the_server_it_reaches_has_a_ca_its_bundle_does_not_name() -> (
     None
 ):
