@@ -63,9 +63,11 @@ async def _with_relay(
     attestors: list[_HeldAttestor] | None = None,
 ) -> WorkloadRelay:
     peers: list[str] = []
+    accepted: list[asyncio.StreamWriter] = []
 
     async def inner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peers.append(writer.get_extra_info("peername"))
+        accepted.append(writer)
         await handler(reader, writer)
 
     internal = root / "api.sock"
@@ -83,6 +85,10 @@ async def _with_relay(
     finally:
         await relay.close()
         server.close()
+        # Since Python 3.12.1 wait_closed also waits for the connections the server accepted:
+        # a handler that keeps its side open (_echo_ignoring_hang_up) held it for good.
+        for writer in accepted:
+            writer.close()
         await server.wait_closed()
     return relay
 
