@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,32 @@ class _CutBetweenParts(node_pb2_grpc.NodeServicer):
         await asyncio.Event().wait()  # held open, as a server's stream is
 
 
+async def _sync_until(
+    done: asyncio.Event,
+    server: grpc.aio.Server,
+    *,
+    address: str,
+    store: AgentStore,
+    cache: Cache,
+    clock: Any,
+    on_change: Callable[[str], None],
+) -> Syncer:
+    """A Syncer on `address` run until `done` is set (20 s at most), then stopped with the
+    server; returned for what it holds."""
+    settings = SyncSettings((Target(address, address),), reconnect_min=0.01, reconnect_max=0.02)
+    syncer = Syncer(settings, store, cache, clock, on_change)
+    task = asyncio.create_task(syncer.run())
+    try:
+        await asyncio.wait_for(done.wait(), 20)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await syncer.close()
+        await server.stop(None)
+    return syncer
+
+
 def test_a_delta_cut_between_its_parts_changes_nothing_workloads_see_until_it_comes_whole(
     tmp_path: Path,
 ) -> None:
@@ -151,17 +177,15 @@ def test_a_delta_cut_between_its_parts_changes_nothing_workloads_see_until_it_co
             elif event == "sync" and "cut" in seen:
                 resynced.set()
 
-        settings = SyncSettings((Target(address, address),), reconnect_min=0.01, reconnect_max=0.02)
-        syncer = Syncer(settings, store, cache, clock, on_change)
-        task = asyncio.create_task(syncer.run())
-        try:
-            await asyncio.wait_for(resynced.wait(), 20)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await syncer.close()
-            await server.stop(None)
+        syncer = await _sync_until(
+            resynced,
+            server,
+            address=address,
+            store=store,
+            cache=cache,
+            clock=clock,
+            on_change=on_change,
+        )
         return seen, set(cache.entries()), syncer.position, node.requests
 
     seen, held, position, requests = asyncio.run(scenario())
@@ -221,17 +245,15 @@ def test_a_message_of_a_kind_the_agent_does_not_know_is_skipped_not_read_as_a_sn
             if event == "sync" and "new" in cache.entries():
                 delta_in.set()
 
-        settings = SyncSettings((Target(address, address),), reconnect_min=0.01, reconnect_max=0.02)
-        syncer = Syncer(settings, store, cache, clock, on_change)
-        task = asyncio.create_task(syncer.run())
-        try:
-            await asyncio.wait_for(delta_in.wait(), 20)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await syncer.close()
-            await server.stop(None)
+        await _sync_until(
+            delta_in,
+            server,
+            address=address,
+            store=store,
+            cache=cache,
+            clock=clock,
+            on_change=on_change,
+        )
         return set(cache.entries())
 
     assert asyncio.run(scenario()) == {"kept", "new"}

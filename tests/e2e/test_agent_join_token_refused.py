@@ -9,7 +9,6 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from svid._clock import FakeClock
 from tests.e2e.agent_process import FAST_RETRIES, RETRY_ROUNDS, agent_stack
 from tests.e2e.attestation_retries import Attempts, in_process_syncer, reminded
-from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
+from tests.e2e.conftest import ServerProcess, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.e2e
 # What the agent's one line about it says, in part.
@@ -52,13 +51,8 @@ def _assert_said_once_and_never_the_token(logs: str, token: str) -> None:
 
 
 @pytest.fixture
-def server() -> Iterator[ServerProcess]:
-    root = short_tmpdir()
-    server = make_server(root).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def server(server_process: ServerProcess) -> ServerProcess:
+    return server_process
 
 
 def test_a_token_the_server_refuses_is_said_once_over_many_retries(

@@ -4,19 +4,16 @@ MiB in 8 s. Past NODE_MAX_STREAMS open at once, grpc-core now refuses a new stre
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import struct
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from server.app import NODE_MAX_STREAMS
 from tests.agent_attestor.raw_h2 import SETTINGS, call_headers, frame
-from tests.e2e.conftest import ServerProcess, make_server
-from tests.tmpdirs import short_tmpdir
+from tests.e2e.conftest import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -28,14 +25,8 @@ OPENED = NODE_MAX_STREAMS + 50
 
 
 @pytest.fixture
-def server() -> Iterator[ServerProcess]:
-    root = short_tmpdir()
-    server = make_server(root).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+def server(server_process: ServerProcess) -> ServerProcess:
+    return server_process
 
 
 class Frames:
