@@ -93,9 +93,9 @@ class AgentConfig:
     jwt_mints_per_uid_burst: int = 200
     # Workload API connections (issue 11): a share per uid, a deadline to be identified, a
     # capacity (0: what the descriptor limit carries), and a bounded executable hash.
-    max_connections_per_uid: int = 256
+    max_connections_per_uid: int = 128
     # Open Workload API streams of one uid across its connections, each about 25 KiB of the
-    # agent's memory (stream_budget.py): four per connection of max_connections_per_uid.
+    # agent's memory (stream_budget.py): eight per connection of max_connections_per_uid.
     max_streams_per_uid: int = 1024
     max_connections: int = 0
     identify_timeout: float = 10.0

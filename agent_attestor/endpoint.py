@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from agent_attestor.errors import ConfigError
+from agent_attestor.h2_settings import STREAMS_ADVERTISED, STREAMS_ALLOWED
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.relay import RelaySettings, WorkloadRelay, refuse_live_socket
 from agent_attestor.safe_dir import secure_dir
@@ -23,20 +24,24 @@ from svid._workload_calls import KEEPALIVE_MS
 # of a 64 KiB token (svid._jwt.MAX_TOKEN_BYTES) and a 1 KiB audience, or a BeginTask of a 64 KiB
 # goal (tasks/api.py MAX_GOAL) and its intent's few KiB. grpcio buffers a request whole before
 # any handler (or check of header or caller) runs, on each stream of a connection of anyone:
-# this bound times MAX_STREAMS_PER_CONNECTION is what one connection can make the agent hold.
+# this bound times STREAMS_ALLOWED (+1) is what one connection can make the agent hold.
 MAX_MESSAGE = 80 * 1024
 # Each open stream holds memory and a subscription here, and each may hold a request of up to
-# MAX_MESSAGE before any check: with a uid's 256 connections (max_connections_per_uid), 24
-# streams bound what any local user can make the agent buffer to 480 MiB (100 made it 2 GiB).
-# Past this, HTTP/2 makes its client wait for one of its streams to close. grpcio shares one
-# connection among a process's channels to the socket: svid's clients each take their own, and
-# py-spiffe's sources, which share one, hold a stream each, so twenty fit beside a call.
-MAX_STREAMS_PER_CONNECTION = 24
+# MAX_MESSAGE before any check. A workload is told it may open MAX_STREAMS_PER_CONNECTION at
+# once; the server holds up to STREAMS_ALLOWED (h2_settings.py: room for streams closed that
+# grpc.aio has not let go of yet, which it refused otherwise, spurious UNAVAILABLEs). With a
+# uid's 128 connections (max_connections_per_uid), 49 streams a connection bound what any local
+# user can make the agent buffer to 490 MiB (25 on 256 connections held 500 MiB; 100, 2 GiB).
+# Past the advertised count, HTTP/2 makes its client wait for one of its streams to close.
+# grpcio shares one connection among a process's channels to the socket: svid's clients each
+# take their own, and py-spiffe's sources, which share one, hold a stream each, so twenty fit
+# beside a call.
+MAX_STREAMS_PER_CONNECTION = STREAMS_ADVERTISED
 # The internal server's gRPC options (bench/test_bench_agent.py gives its no-op baseline the same).
 SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.so_reuseport", 0),
-    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+    ("grpc.max_concurrent_streams", STREAMS_ALLOWED),
     # svid's clients ping every KEEPALIVE_MS on a quiet stream, to find a hung agent: at gRPC's
     # default (pings 5 min apart) each such connection got GOAWAY too_many_pings in 15 s.
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),

@@ -31,6 +31,7 @@ from pathlib import Path
 from agent_attestor.admission import Admission, capacity_for
 from agent_attestor.errors import ConfigError
 from agent_attestor.h2_meter import FrameMeter
+from agent_attestor.h2_settings import SettingsRewriter
 from agent_attestor.identify import caller_log, identify, peer_credentials
 from agent_attestor.identify_pool import IdentifyPool
 from agent_attestor.peer import Caller, CallerRegistry, abstract_peer
@@ -67,7 +68,8 @@ REAP_INTERVAL = 0.01
 
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
-    max_connections_per_uid: int = 256
+    # Each connection holds up to h2_settings.STREAMS_ALLOWED streams (endpoint.py).
+    max_connections_per_uid: int = 128
     max_connections: int = 0  # 0: as many as the descriptor limit carries (admission.py)
     identify_timeout: float = 10.0  # seconds a connection may wait to be identified
     identify_threads: int = 6
@@ -607,8 +609,14 @@ class _Outer(_Pipe):
 
 class _Inner(_Pipe):
     """The internal server's side: what it sends tells the meter which of the workload's
-    control frames answer it (a PING after its DATA, ACKs of its PINGs and SETTINGS)."""
+    control frames answer it (a PING after its DATA, ACKs of its PINGs and SETTINGS), and its
+    SETTINGS tell the workload fewer streams than the server allows (h2_settings.py)."""
+
+    def __init__(self, link: _Link) -> None:
+        super().__init__(link)
+        self.settings = SettingsRewriter()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.settings.rewrite(self._buffer[:nbytes])
         self.link.outer.meter.answered(self._buffer[:nbytes])
         super().buffer_updated(nbytes)

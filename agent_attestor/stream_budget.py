@@ -1,11 +1,11 @@
 """How many streams each uid holds open on the Workload API socket, across all its connections.
 
 Each open stream (FetchX509SVID, the bundle streams, the revocation Watch) holds about 25 KiB
-of the agent's memory while it lives. A connection holds at most 16 (endpoint.py) and a uid
-256 connections (admission.py), so one unprivileged user could hold 4,096 streams (25,000 held
+of the agent's memory while it lives. A connection holds at most 49 (endpoint.py) and a uid
+128 connections (admission.py), so one unprivileged user could hold 6,272 streams (25,000 held
 650 MB of the agent's memory, measured), and more for each uid it can run processes as. A
 workload's SDK holds a handful of streams, so a uid running many workloads still fits under
-MAX_STREAMS_PER_UID (the agent's max_streams_per_uid): four per connection a uid may hold.
+MAX_STREAMS_PER_UID (the agent's max_streams_per_uid): eight per connection a uid may hold.
 
 Used from the event loop only (the gRPC handlers): no lock.
 """

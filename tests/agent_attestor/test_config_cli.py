@@ -207,7 +207,7 @@ def test_numbers_that_are_not_finite_or_not_whole_are_refused(
 
 def test_caller_limits_have_defaults_and_take_flags() -> None:
     default = build_config({}, {})
-    assert default.max_connections_per_uid == 256
+    assert default.max_connections_per_uid == 128
     assert default.max_streams_per_uid == 1024
     assert default.max_connections == 0  # from the descriptor limit
     assert default.max_hash_size == 256 * 1024 * 1024

@@ -351,7 +351,7 @@ def test_a_descriptor_limit_too_small_for_one_uids_connections_is_warned_of_at_s
     if warned:
         said = lines[0]
         assert (said.max_connections, said.descriptor_limit) == (capacity_for(limit), limit)
-        assert said.max_connections_per_uid == 256
+        assert said.max_connections_per_uid == 128
 
 
 def test_a_running_agent_whose_backlog_is_full_is_refused_not_taken_over(root: Path) -> None:

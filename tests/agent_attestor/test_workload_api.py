@@ -16,7 +16,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent_attestor.endpoint import MAX_MESSAGE, MAX_STREAMS_PER_CONNECTION
+from agent_attestor.h2_settings import STREAMS_ALLOWED
 from agent_attestor.model import Selector
+from agent_attestor.relay import RelaySettings
 from agent_attestor.stream_budget import MAX_STREAMS_PER_UID
 from agent_attestor.tasks.reporter import ValidationReporter
 from svid._der import parse_der_certs
@@ -764,8 +766,9 @@ def test_one_uid_holds_a_bounded_number_of_streams_across_its_connections(
 def test_a_uids_connections_hold_a_bounded_sum_of_unfinished_requests(agent: Harness) -> None:
     # grpcio buffers each stream's request (up to MAX_MESSAGE) before any handler checks a
     # header or a caller, so the streams one connection may open, times MAX_MESSAGE, times the
-    # connections a uid may hold (max_connections_per_uid, 256) is what any local user can make
-    # the agent hold, identity or not. Measured: streams opened until one waits for room.
+    # connections a uid may hold (max_connections_per_uid) is what any local user can make the
+    # agent hold, identity or not. Measured: streams opened until one waits for room; the
+    # server itself holds at most STREAMS_ALLOWED (+1), closed ones not let go of yet among them.
     agent.add_entry("/w")
     stub = agent.stub()
     held = []
@@ -790,9 +793,11 @@ def test_a_uids_connections_hold_a_bounded_sum_of_unfinished_requests(agent: Har
     finally:
         for stream in held:
             stream.cancel()
-    per_uid = per_connection * MAX_MESSAGE * 256
+    assert per_connection == MAX_STREAMS_PER_CONNECTION
+    connections = RelaySettings().max_connections_per_uid
+    per_uid = (STREAMS_ALLOWED + 1) * MAX_MESSAGE * connections
     assert per_uid <= 512 * 1024 * 1024, (
-        f"{per_connection} streams a connection: a uid's 256 connections hold "
+        f"{STREAMS_ALLOWED + 1} streams a connection: a uid's {connections} connections hold "
         f"{per_uid // (1024 * 1024)} MiB of unfinished requests"
     )
 
