@@ -29,8 +29,11 @@ _MAX_CONCURRENT_STREAMS = 0x3
 
 
 class SettingsRewriter:
-    """Fed the internal server's bytes in order, in reads of any size; rewrites in place the
-    SETTINGS_MAX_CONCURRENT_STREAMS value of each SETTINGS frame to `advertised`."""
+    """Fed the internal server's bytes in order, in reads of any size; lowers in place the
+    SETTINGS_MAX_CONCURRENT_STREAMS value of each SETTINGS frame to `advertised`, never raising
+    one: grpc-core may send SETTINGS again with a lower limit (its max_concurrent_streams
+    policy takes off the streams it still counts), and a workload told more opened streams the
+    server refused."""
 
     def __init__(self, advertised: int = STREAMS_ADVERTISED) -> None:
         self._value = advertised.to_bytes(4, "big")
@@ -39,6 +42,10 @@ class SettingsRewriter:
         self._settings = False  # the current frame is a SETTINGS frame (not its ACK)
         self._at = 0  # offset in the SETTINGS payload
         self._id = 0  # the identifier of the setting at _at
+        # The value's bytes so far against `advertised`'s, most significant first: a value's
+        # first bytes may have gone to the workload in an earlier read, so each byte is decided
+        # as it comes, 0 while they are equal, 1 once the value is the greater, -1 the smaller.
+        self._order = 0
 
     def rewrite(self, data: memoryview) -> None:
         pos, end = 0, len(data)
@@ -68,6 +75,12 @@ class SettingsRewriter:
                 self._id = data[i] << 8
             elif k == 1:
                 self._id |= data[i]
-            elif self._id == _MAX_CONCURRENT_STREAMS:
-                data[i] = self._value[k - 2]
+                self._order = 0
+            elif self._id == _MAX_CONCURRENT_STREAMS and self._order >= 0:
+                want = self._value[k - 2]
+                if self._order or data[i] > want:
+                    self._order = 1
+                    data[i] = want
+                elif data[i] < want:
+                    self._order = -1
             self._at += 1

@@ -58,3 +58,23 @@ def test_settings_without_a_stream_limit_pass_unchanged() -> None:
         SETTINGS, 0, 0
     )
     assert rewritten(data, 4) == data
+
+
+@pytest.mark.parametrize("piece", [1, 3, 1000])
+@pytest.mark.parametrize("limit", [0, 1, STREAMS_ADVERTISED - 1, STREAMS_ADVERTISED])
+def test_a_stream_limit_the_server_lowered_is_never_raised(piece: int, limit: int) -> None:
+    # grpc-core may send SETTINGS again with a lower limit (its max_concurrent_streams policy
+    # takes off streams it still counts): raised to the advertised one, the workload opened
+    # streams the server then refused.
+    data = frame(
+        SETTINGS, 0, 0, entries((INITIAL_WINDOW_SIZE, 65535), (MAX_CONCURRENT_STREAMS, limit))
+    )
+    assert rewritten(SERVER_SETTINGS + data, piece)[len(SERVER_SETTINGS) :] == data
+
+
+@pytest.mark.parametrize("piece", [1, 4, 1000])
+@pytest.mark.parametrize("limit", [STREAMS_ADVERTISED + 1, 0x100, 0x10000, 0x7FFFFFFF])
+def test_a_stream_limit_above_the_advertised_one_is_lowered(piece: int, limit: int) -> None:
+    data = frame(SETTINGS, 0, 0, entries((MAX_CONCURRENT_STREAMS, limit)))
+    expected = frame(SETTINGS, 0, 0, entries((MAX_CONCURRENT_STREAMS, STREAMS_ADVERTISED)))
+    assert rewritten(data, piece) == expected
