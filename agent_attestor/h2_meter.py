@@ -28,10 +28,9 @@ frames is cut too, and so are calls reset as soon as made (rapid resets) past th
 
 from __future__ import annotations
 
+from agent_attestor.h2_frames import PREFACE, FrameReader
 from svid._clock import Clock
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_HEADER = 9
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING = 0x0, 0x1, 0x3, 0x4, 0x6
 _WINDOW_UPDATE, _CONTINUATION = 0x8, 0x9
 _END_STREAM = 0x1
@@ -62,41 +61,6 @@ class _Bucket:
         return self.tokens >= 0
 
 
-class _Heads:
-    """The 9-byte headers of the frames in a byte stream fed in pieces of any size: only the
-    header, never the payload, is kept, and at most one split header, so memory is bounded
-    whatever a frame's length says."""
-
-    def __init__(self, skip: int = 0) -> None:
-        self._skip = skip  # bytes still to pass over: the preface, or the frame's payload
-        self._head = bytearray()  # a frame header split between two reads
-
-    def feed(self, data: memoryview) -> list[bytes]:
-        heads: list[bytes] = []
-        end = len(data)
-        pos = self._skip  # past `end` when the frame goes on in a later read
-        if self._head:
-            pos = _HEADER - len(self._head)
-            self._head += data[:pos]
-            if len(self._head) < _HEADER:
-                return heads
-            head = bytes(self._head)
-            self._head.clear()
-            heads.append(head)
-            pos += (head[0] << 16) | (head[1] << 8) | head[2]
-        # A jump from header to header: the payload is never looked at.
-        while pos + _HEADER <= end:
-            head = bytes(data[pos : pos + _HEADER])
-            heads.append(head)
-            pos += _HEADER + ((head[0] << 16) | (head[1] << 8) | head[2])
-        if pos >= end:
-            self._skip = pos - end
-        else:
-            self._skip = 0
-            self._head += data[pos:]
-        return heads
-
-
 def _stream(head: bytes) -> int:
     return int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
 
@@ -117,8 +81,8 @@ class FrameMeter:
         self._control = _Bucket(*control, now)
         self._frames = _Bucket(*frames, now)
         self._overspent = False
-        self._sent = _Heads(len(PREFACE))
-        self._received = _Heads()
+        self._sent = FrameReader(len(PREFACE))
+        self._received: FrameReader | None = None  # for answered(): the relay reads its own
         self._open: dict[int, None] = {}  # streams the client opened, oldest first
         self._last_opened = 0
         self._pings_owed = 0  # the agent sent DATA: a PING of the client's may follow (BDP)
@@ -127,7 +91,13 @@ class FrameMeter:
 
     def answered(self, data: memoryview) -> None:
         """The agent's bytes to the workload: what they let the workload answer for free."""
-        for head in self._received.feed(data):
+        if self._received is None:
+            self._received = FrameReader()
+        self.answers(self._received.feed(data))
+
+    def answers(self, heads: list[bytes]) -> None:
+        """As `answered`, given the headers of the agent's frames as a FrameReader read them."""
+        for head in heads:
             kind = head[3]
             if kind == _DATA and (head[0] or head[1] or head[2]):
                 self._pings_owed = min(ANSWERS_OWED, self._pings_owed + 1)

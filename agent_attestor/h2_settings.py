@@ -13,6 +13,8 @@ server refuses only past STREAMS_ALLOWED, so the difference is room for calls le
 
 from __future__ import annotations
 
+from agent_attestor.h2_frames import HEADER, FrameReader, payload_length
+
 # What a workload may hold open on one connection, as HTTP/2 counts (its calls past that wait).
 STREAMS_ADVERTISED = 24
 # What the internal server holds on one connection, open or let go of late: 200 parallel calls
@@ -21,7 +23,6 @@ STREAMS_ADVERTISED = 24
 # past their deadline anyway) still has some refused, 6-10 % at 24 and 0-7 % at 48: that is
 # the bound doing its job, each reset call's handler still holding memory.
 STREAMS_ALLOWED = 48
-_HEADER = 9
 _SETTINGS = 0x4
 _ACK = 0x1
 _ENTRY = 6  # a 16-bit identifier, a 32-bit value
@@ -33,13 +34,12 @@ class SettingsRewriter:
     SETTINGS_MAX_CONCURRENT_STREAMS value of each SETTINGS frame to `advertised`, never raising
     one: grpc-core may send SETTINGS again with a lower limit (its max_concurrent_streams
     policy takes off the streams it still counts), and a workload told more opened streams the
-    server refused."""
+    server refused. A frame's length and every other byte are left as they are."""
 
     def __init__(self, advertised: int = STREAMS_ADVERTISED) -> None:
         self._value = advertised.to_bytes(4, "big")
-        self._head = bytearray()  # a frame header split between two reads
-        self._left = 0  # bytes of the current frame's payload still to come
-        self._settings = False  # the current frame is a SETTINGS frame (not its ACK)
+        self._frames = FrameReader()
+        self._left = 0  # bytes of a SETTINGS payload still to come, in later reads
         self._at = 0  # offset in the SETTINGS payload
         self._id = 0  # the identifier of the setting at _at
         # The value's bytes so far against `advertised`'s, most significant first: a value's
@@ -47,25 +47,24 @@ class SettingsRewriter:
         # as it comes, 0 while they are equal, 1 once the value is the greater, -1 the smaller.
         self._order = 0
 
-    def rewrite(self, data: memoryview) -> None:
-        pos, end = 0, len(data)
-        while pos < end:
-            if self._left:
-                n = min(self._left, end - pos)
-                if self._settings:
-                    self._entries(data, pos, n)
-                pos += n
-                self._left -= n
-                continue
-            take = min(_HEADER - len(self._head), end - pos)
-            self._head += data[pos : pos + take]
-            pos += take
-            if len(self._head) == _HEADER:
-                head = bytes(self._head)
-                self._head.clear()
-                self._left = (head[0] << 16) | (head[1] << 8) | head[2]
-                self._settings = head[3] == _SETTINGS and not head[4] & _ACK
+    def rewrite(self, data: memoryview) -> list[bytes]:
+        """Returns the headers of the frames read (h2_frames.py), for the meter."""
+        heads = self._frames.feed(data)
+        end = len(data)
+        if self._left:  # a SETTINGS payload begun in an earlier read
+            n = min(self._left, end)
+            self._entries(data, 0, n)
+            self._left -= n
+        for i, head in enumerate(heads):
+            if head[3] == _SETTINGS and not head[4] & _ACK:
+                # Rare (once or twice a connection): only then is the frame's place reckoned.
+                pos = self._frames.first + sum(payload_length(h) + HEADER for h in heads[:i])
+                length = payload_length(head)
+                n = min(length, end - pos)
                 self._at = 0
+                self._entries(data, pos, n)
+                self._left = length - n
+        return heads
 
     def _entries(self, data: memoryview, pos: int, n: int) -> None:
         # Byte by byte: a SETTINGS payload is a few entries, sent once or twice a connection.

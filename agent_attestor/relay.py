@@ -617,6 +617,6 @@ class _Inner(_Pipe):
         self.settings = SettingsRewriter()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.settings.rewrite(self._buffer[:nbytes])
-        self.link.outer.meter.answered(self._buffer[:nbytes])
+        # One reading of the agent's frames serves both (h2_frames.py).
+        self.link.outer.meter.answers(self.settings.rewrite(self._buffer[:nbytes]))
         super().buffer_updated(nbytes)
