@@ -3,7 +3,8 @@
 A datastore restored from a backup (sqlite3 `.backup`, a copy of the file, pg_restore), or
 rolled back any other way, lacks everything written after the copy: agents banned or evicted
 since are admitted again, revocations and task ends since are forgotten, agents attested since
-are unknown. The data directory's checkpoint file (and every agent's copy) still names the head
+under an agent ID it does not hold are unknown (server/restore_adoption.py takes back the
+others). The data directory's checkpoint file (and every agent's copy) still names the head
 the server signed before: that the datastore's chain does not reach it, or reaches it with
 another hash, is how a start tells. A start on it served at once, said so in one log line, and
 signed the new events it appended at the seqs the checkpoints had already signed with other
@@ -96,8 +97,10 @@ class Rollback:
             f"{format_utc(cp.time)} names seq {cp.seq}: {lost}. The datastore was restored "
             f"from a backup or rolled back, and what was written{since} is "
             "lost: agents banned or evicted since are admitted again, SVIDs and tasks revoked "
-            "since are no longer revoked, agents attested since are unknown, entries changed "
-            "since are as they were"
+            "since are no longer revoked, agents attested since under an agent ID it does not "
+            "hold are unknown (those that renewed, or attested again under an ID it holds, "
+            "are taken back by a start with --restored-datastore), entries changed since are "
+            "as they were"
         )
 
 

@@ -164,6 +164,8 @@ def test_a_datastore_restored_behind_its_checkpoints_is_refused_until_told(
         assert f"names seq {signed.seq}" in said
         assert "restored from a backup" in said
         assert "agents banned or evicted since are admitted again" in said
+        # An agent attested again since under an ID the copy holds is adopted, not unknown.
+        assert "agents attested since under an agent ID it does not hold are unknown" in said
         assert "--restored-datastore" in said
         # Refused before anything is written: not even the CA's rotation, due here 21 hours on
         # (a backup older than a rotation point), which made and activated new keys in it.
