@@ -47,14 +47,14 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
             help="the file holding the log: default the datastore, <data_dir>/datastore.sqlite3 "
             "(or an older version's <data_dir>/audit.db the server has not imported yet)",
         )
+        p.add_argument(
+            "--datastore",
+            default=None,
+            metavar="URL",
+            help=f"a postgresql:// URL: {name} the log in that database (default: the config's "
+            f"`datastore` when it is one; several servers share it, any of them may {name})",
+        )
     verify = audit.choices["verify"]
-    verify.add_argument(
-        "--datastore",
-        default=None,
-        metavar="URL",
-        help="a postgresql:// URL: verify the log in that database (default: the config's "
-        "`datastore` when it is one; several servers share it, any of them may verify)",
-    )
     verify.add_argument(
         "--anchor",
         default=None,
@@ -179,7 +179,7 @@ def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
                 store = (
                     SqliteAuditStore(_audit_db(args, config))
                     if dsn is None
-                    else _open_postgres(dsn)
+                    else _open_postgres(dsn, "verify")
                 )
             result = verify_store(store, anchors)
             # But a live server's prune moves the base past the prune record it appended after
@@ -240,7 +240,7 @@ def _young_prune(args: argparse.Namespace, result: Any) -> Any:
 def _postgres_dsn(
     args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]
 ) -> str | None:
-    """The PostgreSQL datastore to verify: --datastore, else the config's, unless --audit-db
+    """The PostgreSQL datastore to read: --datastore, else the config's, unless --audit-db
     names a file."""
     from server.datastore.postgres_dsn import check_dsn, is_postgres_dsn  # noqa: PLC0415
     from server.errors import ConfigError  # noqa: PLC0415
@@ -260,7 +260,7 @@ def _postgres_dsn(
     return None
 
 
-def _open_postgres(dsn: str) -> AuditStore:
+def _open_postgres(dsn: str, action: str) -> AuditStore:
     from server.datastore.errors import StorageError  # noqa: PLC0415
     from server.datastore.migrations import AUDIT_CHAIN_SCHEMA  # noqa: PLC0415
     from server.datastore.postgres import PostgresDataStore  # noqa: PLC0415
@@ -279,7 +279,7 @@ def _open_postgres(dsn: str) -> AuditStore:
             oldest_schema=AUDIT_CHAIN_SCHEMA,
         )
     except StorageError as e:
-        raise CliError(f"audit verify: {e}") from None
+        raise CliError(f"audit {action}: {e}") from None
 
 
 def _anchors(anchor: str | None, key_file: Path | None) -> tuple[list[Any], str]:
@@ -304,7 +304,12 @@ def _export(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
     from server.audit.store import SqliteAuditStore  # noqa: PLC0415
     from svid._clock import SystemClock  # noqa: PLC0415
 
-    store = SqliteAuditStore(_audit_db(args, config))
+    # Servers sharing PostgreSQL keep their log there: read from the data_dir's SQLite file,
+    # export refused as "no audit database" on every one of them.
+    dsn = _postgres_dsn(args, config)
+    store = (
+        SqliteAuditStore(_audit_db(args, config)) if dsn is None else _open_postgres(dsn, "export")
+    )
     log = AuditLog(store, SystemClock())
     try:
         out = args.out.open("w") if args.out is not None else sys.stdout

@@ -544,6 +544,33 @@ def test_stored_text_is_checked_on_postgresql(postgres_dsn: str, clock: FakeCloc
         store.close()
 
 
+def test_audit_export_reads_a_postgresql_datastore(
+    postgres_dsn: str, clock: FakeClock, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Servers sharing PostgreSQL keep their log there: export read the data_dir's SQLite file
+    whatever the config said, and refused ("no audit database") on every one of them."""
+    from server.cli import main
+    from server.datastore.postgres import PostgresDataStore
+
+    store = PostgresDataStore(postgres_dsn, clock)
+    try:
+        fill(AuditLog(store, clock), clock)
+    finally:
+        store.close()
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'trust_domain = "example.org"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'datastore = "{postgres_dsn}"\n'
+    )
+    for where in (["--config", str(config)], ["--datastore", postgres_dsn]):
+        code = main(["audit", "export", "--decision", "deny", *where])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        exported = [json.loads(line) for line in out.out.splitlines()]
+        assert [e["credential_id"] for e in exported] == ["jti-3"]
+        assert "exported 1 events" in out.err
+
+
 def test_numbers_of_the_other_kind_verify_as_their_columns_store_them(log: AuditLog) -> None:
     # latency_us is stored as a float and risk and ttl as integers: an event hashed with the
     # value as given (5, not 5.0) read back as EDITED, a false alarm of tampering.
