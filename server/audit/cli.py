@@ -342,9 +342,18 @@ def _prune(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any]
     from server.ca.keys import KeyStore  # noqa: PLC0415
     from server.config import build_config  # noqa: PLC0415
     from server.datastore.errors import StorageError  # noqa: PLC0415
+    from server.datastore.postgres_dsn import is_postgres_dsn  # noqa: PLC0415
     from server.datastore.sqlite import SqliteDataStore  # noqa: PLC0415
     from svid._clock import SystemClock  # noqa: PLC0415
 
+    # Not built for PostgreSQL (its checkpoint key is sealed in the datastore under the KEK):
+    # said so, where it looked for a SQLite file in data_dir and said none was there.
+    if is_postgres_dsn(str(config(args).get("datastore") or "")):
+        raise CliError(
+            "audit prune: the config's datastore is PostgreSQL, where the servers prune the "
+            "log themselves (audit_retention_days, audit_max_events); a prune by hand is for "
+            "a SQLite datastore"
+        )
     data_dir = _data_dir(args, config)
     db = _datastore_file(data_dir, config(args))
     if (data_dir / LEGACY_AUDIT_FILE).is_file():

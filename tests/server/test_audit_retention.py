@@ -664,6 +664,22 @@ def test_the_prune_command_needs_the_servers_key(
     assert seqs(tmp_path / "datastore.sqlite3") == [1, 2, 3]
 
 
+def test_the_prune_command_says_a_postgresql_datastore_prunes_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It looked for a SQLite file in data_dir and said there was no datastore, on servers
+    whose config names their PostgreSQL one."""
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'trust_domain = "example.org"\ndata_dir = "{tmp_path}"\n'
+        'datastore = "postgresql://svidd@127.0.0.1:1/svidd"\n'
+    )
+    assert main(["audit", "prune", "--config", str(config), "--through-seq", "2"]) == 1
+    said = capsys.readouterr().err
+    assert "the config's datastore is PostgreSQL" in said
+    assert "audit_retention_days" in said
+
+
 def test_the_prune_command_refuses_a_batch_past_int64(
     setup: Setup, capsys: pytest.CaptureFixture[str]
 ) -> None:
