@@ -90,6 +90,16 @@ def test_the_server_reference_block_shows_real_keys_and_their_defaults() -> None
     assert wrong == {}, "README's server.toml shows defaults the code does not have"
 
 
+def test_every_config_block_of_the_docs_names_real_keys() -> None:
+    known = set(SERVER_KEYS) | set(AGENT_KEYS)
+    unknown = []
+    for doc in DOCS:
+        for block in _fenced(doc.read_text(), ("toml",)):
+            keys = re.findall(r"(?m)^(?:# )?([a-z][a-z0-9_]*) = ", block)
+            unknown += [f"{doc.name}: {k}" for k in keys if k not in known]
+    assert unknown == []
+
+
 def _commands(line: str) -> Iterator[tuple[str, list[str]]]:
     """(program, words after it) of each svid-server / svid-agent command on a shell line."""
     spans = list(re.finditer(r"(?:^|(?<=[\s(`$]))(svid-server|svid-agent)(?=\s|$)", line))
