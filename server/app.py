@@ -41,7 +41,14 @@ from server.config import ServerConfig
 from server.datastore.base import DataStore
 from server.datastore.errors import CommitUnknownError
 from server.datastore.legacy_import import import_legacy_files
-from server.datastore.lost import NEW_DATASTORE_FLAG, is_missing, refuse_lost, refuse_new
+from server.datastore.lost import (
+    NEW_DATASTORE_FLAG,
+    is_missing,
+    records_nothing,
+    refuse_lost,
+    refuse_new,
+    refuse_new_flag,
+)
 from server.datastore.postgres_dsn import open_postgres, redact_dsn
 from server.datastore.sqlite import SqliteDataStore
 from server.descriptor_budget import (
@@ -200,6 +207,9 @@ class Server:
         self._new_datastore = new_datastore
         self._restored_datastore = restored_datastore
         self._restored_window: RestoredWindow | None = None
+        # Whether the datastore held nothing a server wrote when this start found it (missing,
+        # empty, or a PostgreSQL schema recording no migration): what `new_datastore` is for.
+        self._found_empty = False
         # Set (from any thread) when a datastore commit's outcome is unknown: the server stops
         # serving and `run` raises it, so the process exits non-zero and starts again from
         # what the disk holds (server/datastore/errors.py, CommitUnknownError).
@@ -267,6 +277,7 @@ class Server:
             )
         else:
             _starting_anew(redact_dsn(dsn))
+        self._found_empty = True
 
     def _refuse_rollback(self) -> Rollback | None:
         """Refused on a datastore gone back behind the checkpoints signed of it, before
@@ -279,6 +290,9 @@ class Server:
                 # Else the flag, left in a unit file after its one start, takes the next
                 # restore (or rollback) unasked.
                 raise refuse_restored_flag(self.config.data_dir)
+            if self._new_datastore and not self._found_empty:
+                # Likewise: it would begin the next lost datastore anew unasked.
+                raise refuse_new_flag(self.config.datastore_shown)
             return None
         # A datastore begun anew holds no audit event; one that holds some was restored.
         begun_anew = self._new_datastore and rollback.head is None
@@ -291,6 +305,9 @@ class Server:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         dsn = cfg.datastore_dsn
         if dsn is None:
+            self._found_empty = is_missing(cfg.datastore_path) or records_nothing(
+                cfg.datastore_path
+            )
             if not self._new_datastore:
                 refuse_lost(
                     cfg.datastore_path, made_with_a_datastore(cfg), made_after_its_keys(cfg)

@@ -51,7 +51,7 @@ from server.datastore.errors import AlreadyExistsError as DsAlreadyExistsError
 from server.datastore.errors import ConflictError as DsConflictError
 from server.datastore.errors import NotFoundError as DsNotFoundError
 from server.datastore.legacy_import import LegacyImportError
-from server.datastore.lost import DatastoreLostError
+from server.datastore.lost import DatastoreLostError, NewFlagError
 from server.federation.errors import BundleNotStoredError, FederationError
 from server.issuance.ledger import LedgerUnavailableError
 from server.policy.errors import PolicyError, RequestError
@@ -245,6 +245,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     DatastoreRolledBackError: _SERVER_FAULT,
     # Raised at start only (--restored-datastore where nothing was restored).
     RestoredFlagError: _SERVER_FAULT,
+    # Raised at start only (--new-datastore where the datastore holds what a server wrote).
+    NewFlagError: _SERVER_FAULT,
     # Policy: a refused reload names the files (not their directory); a bad decision request
     # is the caller's.
     PolicyError: Rule(Code.FAILED_PRECONDITION, _policy_message),

@@ -35,6 +35,22 @@ class DatastoreLostError(DataStoreError):
     there: the message names both and what to do."""
 
 
+class NewFlagError(DataStoreError):
+    """`--new-datastore` given for a datastore that holds what a server wrote: there is
+    nothing to begin anew, and the flag, left where starts come from, would begin the next
+    lost datastore anew unasked."""
+
+
+def refuse_new_flag(datastore: str) -> NewFlagError:
+    return NewFlagError(
+        f"{NEW_DATASTORE_FLAG} was given, but the datastore {datastore} is neither missing "
+        "nor empty: there is nothing to begin anew; start without "
+        f"{NEW_DATASTORE_FLAG}. It is a flag of one start: left where every start takes it "
+        "(a unit file, a supervisor's command), it would begin the next lost datastore anew "
+        "unasked, a new CA and an empty audit log"
+    )
+
+
 def is_missing(datastore: Path) -> bool:
     """No datastore at `datastore`, or an empty file (SQLite takes one for a new database)."""
     try:

@@ -19,7 +19,7 @@ from server.app import Server
 from server.audit.checkpoint import CHECKPOINT_FILE, KEY_DIR
 from server.cli import build_parser, main
 from server.config import ServerConfig
-from server.datastore.lost import DatastoreLostError
+from server.datastore.lost import DatastoreLostError, NewFlagError
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
 from tests import postgres
@@ -226,3 +226,35 @@ def test_a_restart_on_its_postgresql_schema_and_a_first_start_need_no_flag(
         start_server(root, **shared).stop()  # the schema there
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_new_datastore_on_a_datastore_a_server_wrote_is_refused(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    """It started as if not given: left in a unit file after its one start, it began the next
+    lost datastore anew unasked (a new CA, an empty audit log), the very start its refusal
+    guards. As --restored-datastore is refused where nothing was restored."""
+    config: ServerConfig = request.getfixturevalue(
+        "stopped" if backend == "sqlite" else "stopped_on_postgres"
+    )
+
+    async def attempt() -> str | None:
+        server = Server(config, _clock(), new_datastore=True)
+        try:
+            await server.start()
+        except NewFlagError as refused:
+            return str(refused)
+        await server.stop()
+        return None
+
+    said = asyncio.run(attempt())
+    assert said is not None, "started with --new-datastore on a datastore a server wrote"
+    assert f"the datastore {config.datastore_shown} is neither missing nor empty" in said
+    assert "start without --new-datastore" in said
+    # Refused before anything was written: a start without the flag serves it.
+    again = RunningServer(config, _clock())
+    try:
+        assert again.bundle().x509_authorities
+    finally:
+        again.stop()
