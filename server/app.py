@@ -305,8 +305,9 @@ class Server:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         dsn = cfg.datastore_dsn
         if dsn is None:
-            self._found_empty = is_missing(cfg.datastore_path) or records_nothing(
-                cfg.datastore_path
+            # Asked only with the flag: a start without it reads nothing more.
+            self._found_empty = self._new_datastore and (
+                is_missing(cfg.datastore_path) or records_nothing(cfg.datastore_path)
             )
             if not self._new_datastore:
                 refuse_lost(
