@@ -680,11 +680,16 @@ def _run(args: argparse.Namespace) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         stop_on_signals(stop, logging.getLogger("svid.server"))
-        await Server(
+        server = Server(
             config,
             new_datastore=args.new_datastore,
             restored_datastore=args.restored_datastore,
-        ).run(stop)
+        )
+        server.metrics.gc_pauses.install()
+        try:
+            await server.run(stop)
+        finally:
+            server.metrics.gc_pauses.remove()
 
     try:
         asyncio.run(main())

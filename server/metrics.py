@@ -10,6 +10,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from server.gc_pauses import GcPauses
 from server.oauth.admission import ConnectionMetrics
 from svid._metrics_http import MetricsEndpoint
 
@@ -124,6 +125,9 @@ class Metrics:
         self.sync_streams = Gauge(
             "svid_server_sync_streams", "Open agent Sync streams", registry=self.registry
         )
+        # Registered here, timed only once the daemon installs it (gc.callbacks is global).
+        self.gc_pauses = GcPauses()
+        self.registry.register(self.gc_pauses)
 
     def record_error(self, code: grpc.StatusCode) -> None:
         self.errors.labels(code=code.name).inc()
