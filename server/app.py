@@ -967,10 +967,13 @@ class Server:
         except Exception:
             _log.exception("the shutdown audit checkpoint failed")
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Start, serve until `stop` is set, then shut down cleanly. CommitUnknownError when a
-        datastore commit's outcome became unknown: the server stopped on it."""
+    async def run(self, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
+        """Start, call `started`, serve until `stop` is set, then shut down cleanly.
+        CommitUnknownError when a datastore commit's outcome became unknown: the server
+        stopped on it."""
         await self.start()
+        if started is not None:
+            started()
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._failed.wait())]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -660,6 +660,17 @@ def _warn_of_a_secret_on_argv(datastore: str | None) -> None:
 DAEMON_GC_THRESHOLD = 10_000
 
 
+def freeze_start_up() -> None:
+    """What start-up loaded (datastore view, CA, policy, caches) lives as long as the process:
+    moved to the permanent generation, full collections stop walking it. Measured with 100,000
+    entries under issuance and Sync load: a full collection took ~470 ms, ~3 ms frozen.
+
+    No gc.collect() first: on that heap it stalled the loop for ~360 ms just as serving began.
+    Frozen objects are still freed when their last reference goes; only start-up's cyclic
+    garbage not yet collected stays, once."""
+    gc.freeze()
+
+
 def _run(args: argparse.Namespace) -> None:
     from server.app import Server  # noqa: PLC0415 - admin commands must not load the CA
     from server.data_dir import prepare_data_dir  # noqa: PLC0415
@@ -687,7 +698,7 @@ def _run(args: argparse.Namespace) -> None:
         )
         server.metrics.gc_pauses.install()
         try:
-            await server.run(stop)
+            await server.run(stop, started=freeze_start_up)
         finally:
             server.metrics.gc_pauses.remove()
 
