@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -331,10 +332,12 @@ class AgentApp:
         self.runtime_file.unlink(missing_ok=True)
         log.info("agent stopped")
 
-    async def run_until_signalled(self) -> None:
+    async def run_until_signalled(self, started: Callable[[], None] | None = None) -> None:
         stop = asyncio.Event()
         stop_on_signals(stop, log)
         await self.start()
+        if started is not None:
+            started()
         try:
             await stop.wait()
         finally:

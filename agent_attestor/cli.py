@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -416,7 +417,9 @@ def _run(args: argparse.Namespace, config: AgentConfig, file_values: dict[str, A
         print(f"SPIFFE_ENDPOINT_SOCKET={socket_uri(config.socket_path)}", flush=True)
     stacks_on_sigusr1()
     try:
-        asyncio.run(AgentApp(config).run_until_signalled())
+        # What start-up made (config, keys, state, modules) lives as long as the process:
+        # frozen, full collections stop walking it (as the server's, server/cli.py).
+        asyncio.run(AgentApp(config).run_until_signalled(started=gc.freeze))
     finally:
         flush_logs()  # the log's last lines before a fatal error main() prints
     return 0
