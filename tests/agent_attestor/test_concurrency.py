@@ -7,13 +7,27 @@ has forked before (other tests spawn subprocesses), which says nothing about the
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import grpc
+import pytest
 
+from agent_attestor.relay import RelaySettings
 from svid._proto import workload_pb2, workload_pb2_grpc
 from tests.agent_attestor.harness import HEADER, Harness
 
 STREAMS = 200
+
+
+@pytest.fixture
+def agent() -> Iterator[Harness]:
+    # 200 workloads of one uid, each on its own connection: past the default per-uid cap
+    # (max_connections_per_uid, 128), as an operator running that many would set it.
+    h = Harness(relay_settings=RelaySettings(max_connections_per_uid=STREAMS + 8))
+    try:
+        yield h
+    finally:
+        h.close()
 
 
 def test_200_concurrent_streams_get_first_message_and_updates(agent: Harness) -> None:

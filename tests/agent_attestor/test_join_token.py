@@ -119,7 +119,7 @@ class _NoAgent:
     def __init__(self, config: Any) -> None:
         self.config = config
 
-    async def run_until_signalled(self) -> None:
+    async def run_until_signalled(self, started: Any = None) -> None:
         return None
 
 
