@@ -165,7 +165,10 @@ def test_a_hung_agent_makes_the_sources_revocation_data_stale(
                     assert source.revocation_staleness() == 0.0, source.errors
                     assert aio.revocation_staleness() == 0.0, aio.errors
                     await asyncio.sleep(0.2)
-                assert not caplog.records, caplog.text  # no stream broke, however briefly
+                # No stream broke, however briefly (the sources say so on svid.workloadapi;
+                # grpc.aio's poller may log on asyncio of a loop an earlier test closed).
+                said = [r for r in caplog.records if r.name.startswith("svid")]
+                assert not said, caplog.text
                 with _frozen(agent):
                     await _until(
                         lambda: all(s.revocation_staleness() > 0 for s in both),
