@@ -17,7 +17,7 @@ hundreds a second, or a loop of fetches, was cut), the PING that follows a DATA 
 agent's (grpc-go's BDP estimator pings after each DATA frame it reads while no such ping is
 out, until its window reaches 16 MiB: a ping per answer, a go-spiffe client making a hundred
 calls a second would have been cut), and the ACK of the agent's own PING or SETTINGS. So the
-agent's frames are read too (`answered`).
+agent's frames are read too (`answers`).
 All frames, a unit each and one more per 4 KiB of a header block: a Workload API call is one
 request message (none streams from the client), HEADERS, DATA and the two WINDOW_UPDATEs
 grpcio's client sends for each answer it reads, so FRAME_REFILL is ~16,000 calls a second on a
@@ -82,21 +82,15 @@ class FrameMeter:
         self._frames = _Bucket(*frames, now)
         self._overspent = False
         self._sent = FrameReader(len(PREFACE))
-        self._received: FrameReader | None = None  # for answered(): the relay reads its own
         self._open: dict[int, None] = {}  # streams the client opened, oldest first
         self._last_opened = 0
         self._pings_owed = 0  # the agent sent DATA: a PING of the client's may follow (BDP)
         self._ping_acks_owed = 0
         self._settings_acks_owed = 0
 
-    def answered(self, data: memoryview) -> None:
-        """The agent's bytes to the workload: what they let the workload answer for free."""
-        if self._received is None:
-            self._received = FrameReader()
-        self.answers(self._received.feed(data))
-
     def answers(self, heads: list[bytes]) -> None:
-        """As `answered`, given the headers of the agent's frames as a FrameReader read them."""
+        """The headers of the agent's frames to the workload (as a FrameReader reads them): what
+        they let the workload answer for free."""
         for head in heads:
             kind = head[3]
             if kind == _DATA and (head[0] or head[1] or head[2]):

@@ -4,7 +4,9 @@ drops for ever are cut, a gRPC client's calls are not."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
+from agent_attestor.h2_frames import FrameReader
 from agent_attestor.h2_meter import (
     ANSWERS_OWED,
     CONTROL_BURST,
@@ -19,6 +21,16 @@ from tests.agent_attestor.raw_h2 import DATA, END_STREAM, HEADERS, PING, SETTING
 
 WINDOW_UPDATE, RST_STREAM = 8, 3
 PING_ACK = frame(PING, 1, 0, bytes(8))
+
+
+def _agent(meter: FrameMeter) -> Callable[[bytes], None]:
+    """The agent's side of a relay: its bytes, read by one FrameReader, told to `meter`."""
+    reader = FrameReader()
+
+    def sends(data: bytes) -> None:
+        meter.answers(reader.feed(memoryview(data)))
+
+    return sends
 
 
 def fed(meter: FrameMeter, data: bytes, piece: int = 0) -> bool:
@@ -149,20 +161,22 @@ def test_a_ping_after_each_data_frame_of_the_agents_is_not_a_control_frame() -> 
     clock = FakeClock()
     meter = FrameMeter(clock)
     assert fed(meter, PREFACE)
+    agent_sends = _agent(meter)
     answer = frame(HEADERS, 4, 1, b"\x88") + frame(DATA, 0, 1, bytes(100))
     bdp_ping = frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 100)) + frame(PING, 0, 0, bytes(8))
     for stream in range(1, 2001, 2):  # a thousand calls in a second
         clock.advance(0.001)
         assert fed(meter, grpc_call(stream, "/x", b""))
-        meter.answered(memoryview(answer))
+        agent_sends(answer)
         assert fed(meter, bdp_ping)
 
 
 def test_pings_owed_for_the_agents_data_are_bounded() -> None:
     meter = FrameMeter(FakeClock())
     assert fed(meter, PREFACE)
-    meter.answered(memoryview(frame(DATA, 0, 1, bytes(10)) * 10_000))
-    meter.answered(memoryview(frame(DATA, 0, 1)))  # empty: owed nothing
+    agent_sends = _agent(meter)
+    agent_sends(frame(DATA, 0, 1, bytes(10)) * 10_000)
+    agent_sends(frame(DATA, 0, 1))  # empty: owed nothing
     pings = frame(PING, 0, 0, bytes(8)) * (ANSWERS_OWED + CONTROL_BURST)
     assert fed(meter, pings)
     assert not fed(meter, frame(PING, 0, 0, bytes(8)))
@@ -171,17 +185,19 @@ def test_pings_owed_for_the_agents_data_are_bounded() -> None:
 def test_acks_of_the_agents_pings_and_settings_are_not_control_frames() -> None:
     meter = FrameMeter(FakeClock())
     assert fed(meter, PREFACE)
+    agent_sends = _agent(meter)
     for _ in range(4 * CONTROL_BURST):
-        meter.answered(memoryview(frame(PING, 0, 0, bytes(8)) + frame(SETTINGS, 0, 0)))
+        agent_sends(frame(PING, 0, 0, bytes(8)) + frame(SETTINGS, 0, 0))
         assert fed(meter, PING_ACK + frame(SETTINGS, 1, 0))
 
 
 def test_the_agents_frames_split_anywhere_are_read_alike() -> None:
     meter = FrameMeter(FakeClock())
     assert fed(meter, PREFACE)
+    agent_sends = _agent(meter)
     agent = frame(DATA, 0, 1, bytes(40_000)) + frame(PING, 0, 0, bytes(8))
     for start in range(0, len(agent), 7):
-        meter.answered(memoryview(agent[start : start + 7]))
+        agent_sends(agent[start : start + 7])
     assert fed(meter, frame(PING, 0, 0, bytes(8)) + PING_ACK)
     assert fed(meter, PING_ACK * CONTROL_BURST)
     assert not fed(meter, PING_ACK)
