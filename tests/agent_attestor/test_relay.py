@@ -387,36 +387,38 @@ async def _echo_ignoring_hang_up(
     await asyncio.Event().wait()
 
 
+async def _echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Whether a connection through the relay still answers: the echo server sends back."""
+    writer.write(b"ping")
+    try:
+        return await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return False
+
+
 def test_a_uid_at_its_maximum_gets_in_again_in_place_of_connections_it_closed(
     root: Path,
 ) -> None:
     uid = os.getuid()
 
-    async def echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"ping")
-        try:
-            return await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return False
-
     async def body(relay: WorkloadRelay, peers: list[str]) -> None:
         path = str(relay.public_path)
         held = [await asyncio.open_unix_connection(path) for _ in range(3)]
         for reader, writer in held:
-            assert await echoes(reader, writer)
+            assert await _echoes(reader, writer)
         for _, writer in held[:2]:
             writer.close()  # the internal side never closes these
         # Both admitted at once, the closed ones no longer counted; the open one stays.
         fresh = [await asyncio.open_unix_connection(path) for _ in range(2)]
         for reader, writer in fresh:
-            assert await echoes(reader, writer)
+            assert await _echoes(reader, writer)
         assert relay.admission.held_by(uid) == 3
-        assert await echoes(*held[2])
+        assert await _echoes(*held[2])
         # Open ones are never pushed out: the uid's flood is still refused at its maximum.
-        assert not await echoes(*await asyncio.open_unix_connection(path))
+        assert not await _echoes(*await asyncio.open_unix_connection(path))
         assert relay.admission.held_by(uid) == 3
         for reader, writer in (held[2], *fresh):
-            assert await echoes(reader, writer)
+            assert await _echoes(reader, writer)
             writer.close()
 
     settings = RelaySettings(max_connections_per_uid=3)
@@ -470,28 +472,21 @@ def test_a_uid_flooding_at_its_maximum_is_not_reaped_at_every_connection(
     monkeypatch.setattr(select, "poll", counted)
     clock = FakeClock()
 
-    async def echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"ping")
-        try:
-            return await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return False
-
     async def body(relay: WorkloadRelay, peers: list[str]) -> None:
         relay.clock = clock
         path = str(relay.public_path)
         held = [await asyncio.open_unix_connection(path) for _ in range(2)]
         for reader, writer in held:
-            assert await echoes(reader, writer)
+            assert await _echoes(reader, writer)
         for _ in range(20):
             reader, writer = await asyncio.open_unix_connection(path)
-            assert not await echoes(reader, writer)
+            assert not await _echoes(reader, writer)
             writer.close()
         assert polls <= 1
         # A connection its workload closed still makes room, once the pause is over.
         held[0][1].close()
         clock.advance(1.0)
-        assert await echoes(*await asyncio.open_unix_connection(path))
+        assert await _echoes(*await asyncio.open_unix_connection(path))
 
     settings = RelaySettings(max_connections_per_uid=2)
     asyncio.run(_with_relay(root, _echo_ignoring_hang_up, body, settings=settings))
