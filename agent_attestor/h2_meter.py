@@ -40,8 +40,9 @@ CONTROL_BURST = 256
 CONTROL_REFILL = 64.0  # per second
 FRAME_BURST = 65536
 FRAME_REFILL = 65536.0  # per second
-# Streams remembered as opened and not yet reset: the agent serves 24 at once per connection
-# (endpoint.MAX_STREAMS_PER_CONNECTION), and a client resets only the ones it holds open.
+# Streams remembered as opened and not yet reset: a workload is told 24 at once per connection
+# and the agent's server holds at most 48 (h2_settings), and a client resets only the ones it
+# holds open, so this many is far past what an honest client has open.
 OPEN_STREAMS_KEPT = 256
 # Frames of the agent's owed an answer not counted as control (a PING after its DATA, an ACK
 # of its PING or SETTINGS): a bound, so that a long answer does not bank a flood of pings.
