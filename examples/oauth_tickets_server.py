@@ -10,7 +10,8 @@ Tokens are checked by svid.mcp.AccessTokenAuth (svid.AccessTokenVerifier) with t
 domain's JWT keys and the revocations the local agent streams (svid.WorkloadApiSource): a token
 of an ended task is refused as soon as the agent hears of it, and (served through auth.protect)
 its open SSE streams are closed and its MCP sessions ended then too.
-Each tool needs `tool:<name>` in the token's scope.
+Each tool needs `tool:<name>` (or `invoke_tool`) in the token's scope: auth.protect answers any
+other call 403 insufficient_scope, naming the scope to ask svidd for.
 """
 
 import sys
@@ -18,20 +19,10 @@ import sys
 import uvicorn
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
 
 import svid
 import svid.asgi
 import svid.mcp
-
-TOOL_SCOPE = "tool:"
-
-
-def granted(tool: str) -> None:
-    """Refuse the call unless the caller's token grants `tool`."""
-    token = get_access_token()
-    if token is None or TOOL_SCOPE + tool not in token.scopes:
-        raise ToolError(f"the token does not grant {tool}")
 
 
 def build(source: svid.WorkloadApiSource, port: int, issuer: str) -> svid.asgi.ASGIApp:
@@ -42,7 +33,6 @@ def build(source: svid.WorkloadApiSource, port: int, issuer: str) -> svid.asgi.A
     @server.tool()
     def read_ticket(ticket_id: str) -> str:
         """Low risk: one support ticket."""
-        granted("read_ticket")
         who = get_access_token()
         print(f"[tickets] read_ticket({ticket_id}) for {who.subject if who else '?'}", flush=True)
         return f"ticket {ticket_id}: the printer on floor 3 is on fire"
@@ -50,7 +40,6 @@ def build(source: svid.WorkloadApiSource, port: int, issuer: str) -> svid.asgi.A
     @server.tool()
     def export_customer_data() -> str:
         """High risk: every customer's records."""
-        granted("export_customer_data")
         return "name,email\nAda,ada@example.com\n"
 
     return auth.protect(server)

@@ -30,7 +30,7 @@ from svid._revocation import (
     refuse_if_stale,
 )
 from svid._spiffe_id import TrustDomain
-from svid._task_claims import TaskClaimsError, act_chain, tools_from_scope
+from svid._task_claims import INVOKE_TOOL, TaskClaimsError, act_chain, tools_from_scope
 from svid._verify_jwt import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_LEEWAY,
@@ -81,7 +81,9 @@ class VerifiedAccessToken:
         return frozenset(tools_from_scope(" ".join(self.scopes)))
 
     def grants_tool(self, tool: str) -> bool:
-        return tool in self.tools
+        """Whether the token may call ``tool``: granted by name, or every tool of its resource
+        is (``invoke_tool``), as ``TaskClaims.grants_tool`` reads a task token's scope."""
+        return tool in self.tools or INVOKE_TOOL in self.scopes
 
 
 class _Entry(NamedTuple):

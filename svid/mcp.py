@@ -58,7 +58,7 @@ from svid._mcp_tools import called_tools
 from svid._open_requests import JWT, CallerAdmission, OpenRequests
 from svid._source_views import SourceViews
 from svid._spiffe_id import SpiffeId, TrustDomain
-from svid._task_claims import TaskClaims, tool_scope
+from svid._task_claims import TOOL_SCOPE_PREFIX, TaskClaims, tool_scope
 from svid._verify_access import AccessTokenVerifier, VerifiedAccessToken
 from svid._verify_jwt import JwtVerifier
 from svid.asgi import (
@@ -215,7 +215,43 @@ class _ToolRule:
         return caller.missing_tools(self.tools(body))
 
 
-class TaskAuth:
+class _ToolGrants:
+    """The per-tool grants both auths check in ``protect``: every tool's (``every_tool``), or
+    only those marked ``require_tool``."""
+
+    def __init__(self, every_tool: bool) -> None:
+        self._required: set[str] = set()
+        self._rule = _ToolRule(every_tool, self._required)
+
+    def require_tool(self, fn: F | None = None, *, name: str | None = None) -> Any:
+        """Mark a tool as needing its grant (for ``every_tool=False``): ``@auth.require_tool``
+        under ``@server.tool()``, or ``@auth.require_tool(name="...")`` for a renamed tool."""
+
+        def mark(f: F) -> F:
+            tool_scope(name or f.__name__)  # the same check a grant gets
+            self._required.add(name or f.__name__)
+            return f
+
+        return mark(fn) if fn is not None else mark
+
+    def _name_unknown_marks(self, server: Any) -> None:
+        """Warn of tools marked ``require_tool`` that the server has none of: marked by its
+        function's name, a tool renamed with ``@server.tool(name=...)`` goes unchecked."""
+        if self._rule.every_tool:
+            return
+        # The SDK lists its tools only asynchronously; its manager's table is read, not changed.
+        tools = getattr(getattr(server, "_tool_manager", None), "_tools", None)
+        if not isinstance(tools, dict):
+            return
+        for name in sorted(self._required - tools.keys()):
+            log.warning(
+                "require_tool marks %r, which this server has no tool of: a tool renamed with "
+                "@server.tool(name=...) is not checked; mark it @auth.require_tool(name=...)",
+                name,
+            )
+
+
+class TaskAuth(_ToolGrants):
     """Verifies task tokens for an MCP server: the SDK's ``TokenVerifier``, its auth settings,
     the per-tool grants and the closing of revoked tasks' streams and sessions."""
 
@@ -233,11 +269,10 @@ class TaskAuth:
         server's MCP endpoint (the resource the SDK's auth settings name)."""
         if not audience:
             raise ValueError("an audience is required")
+        super().__init__(every_tool)
         self.audience = audience
         self._source = source
         self._jwt = jwt_verifier if jwt_verifier is not None else source.jwt_verifier()
-        self._required: set[str] = set()
-        self._rule = _ToolRule(every_tool, self._required)
         self.settings = AuthSettings(
             issuer_url=url,  # type: ignore[arg-type]  # pydantic parses it
             resource_server_url=None,
@@ -275,19 +310,6 @@ class TaskAuth:
     def _access_token(self, token: str, caller: Caller) -> TaskAccessToken:
         return TaskAccessToken._of(token, caller, self.audience)
 
-    # --- per-tool grants ---
-
-    def require_tool(self, fn: F | None = None, *, name: str | None = None) -> Any:
-        """Mark a tool as needing its grant (for ``every_tool=False``): ``@auth.require_tool``
-        under ``@server.tool()``, or ``@auth.require_tool(name="...")`` for a renamed tool."""
-
-        def mark(f: F) -> F:
-            tool_scope(name or f.__name__)  # the same check a grant gets
-            self._required.add(name or f.__name__)
-            return f
-
-        return mark(fn) if fn is not None else mark
-
     # --- serving ---
 
     def protect(self, server: Any, **app_options: Any) -> ASGIApp:
@@ -296,22 +318,6 @@ class TaskAuth:
         and sessions closed."""
         self._name_unknown_marks(server)
         return self._protected(server.streamable_http_app(**app_options), server)
-
-    def _name_unknown_marks(self, server: Any) -> None:
-        """Warn of tools marked ``require_tool`` that the server has none of: marked by its
-        function's name, a tool renamed with ``@server.tool(name=...)`` goes unchecked."""
-        if self._rule.every_tool:
-            return
-        # The SDK lists its tools only asynchronously; its manager's table is read, not changed.
-        tools = getattr(getattr(server, "_tool_manager", None), "_tools", None)
-        if not isinstance(tools, dict):
-            return
-        for name in sorted(self._required - tools.keys()):
-            log.warning(
-                "require_tool marks %r, which this server has no tool of: a tool renamed with "
-                "@server.tool(name=...) is not checked; mark it @auth.require_tool(name=...)",
-                name,
-            )
 
     def _protected(self, app: ASGIApp, server: Any) -> ASGIApp:
         # Its sessions are held in its open requests: the source's revocations and the
@@ -334,10 +340,9 @@ class _McpMiddleware(SvidAuthMiddleware):
     """svid.asgi's middleware as ``TaskAuth.protect`` needs it, around the SDK's app: bearer
     task tokens only, each tool call checked; and, from the same one pass over the request's
     headers, the MCP session the request uses kept (to end it when the task is revoked) and
-    the admitted token handed to the SDK's own token check (``verify_token``). With no
-    ``tools`` rule, no body is read (``AccessTokenAuth.protect``: scopes are the tools')."""
+    the admitted token handed to the SDK's own token check (``verify_token``)."""
 
-    def __init__(self, app: ASGIApp, server: Any, tools: _ToolRule | None, **options: Any) -> None:
+    def __init__(self, app: ASGIApp, server: Any, tools: _ToolRule, **options: Any) -> None:
         super().__init__(app, required_scopes=tools, **options)
         self.sessions = _Sessions(server, self.open_requests)
         self._tools = tools  # the rule reads bodies of POSTs only (the same as svid.asgi asks)
@@ -373,11 +378,10 @@ class _McpMiddleware(SvidAuthMiddleware):
             token, caller = self._bearer(bytes(header).decode("latin-1"))
             if self._authorize is not None:
                 self._check_authorized(caller)
-            tools = self._tools
-            if tools is not None and scope.get("method") == "POST":  # tool calls: in the body
+            if scope.get("method") == "POST":  # tool calls: in the body
                 body, receive = await _read_body(receive, self._max_body)
                 try:  # what the rule's scopes() would ask of caller.missing(), in one step
-                    missing = tools.missing(caller, body)
+                    missing = self._tools.missing(caller, body)
                 except ValueError as exc:  # a body that cannot be read is refused, not passed
                     raise _RefusedError(Refusal(400, "invalid_request", str(exc))) from None
                 if missing:
@@ -417,6 +421,20 @@ class _AccessTokenCaller(Caller):
     def claims(self) -> Mapping[str, Any]:
         return self.access.claims
 
+    def grants(self, scope: str) -> bool:
+        """The access token's scope read as a task token's (``TaskClaims``): an action, a
+        tool by name, or every tool through ``invoke_tool``. A token without one grants
+        nothing (a workload's own JWT-bearer token)."""
+        access = self.access
+        if scope.startswith(TOOL_SCOPE_PREFIX):
+            return len(scope) > len(TOOL_SCOPE_PREFIX) and access.grants_tool(
+                scope[len(TOOL_SCOPE_PREFIX) :]
+            )
+        return scope in access.scopes
+
+    def missing_tools(self, tools: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(scope for scope in map(tool_scope, tools) if not self.grants(scope))
+
 
 def _acting_id(access: VerifiedAccessToken, trust_domain: TrustDomain) -> SpiffeId:
     for candidate in (*access.act_chain[:1], access.client_id, access.subject):
@@ -441,6 +459,7 @@ class _AccessTokenMiddleware(_McpMiddleware):
         server: Any,
         access: AccessTokenVerifier,
         resource_metadata: str,
+        tools: _ToolRule,
         **options: Any,
     ) -> None:
         self._access = access  # before the base class asks _fresh_for
@@ -449,7 +468,7 @@ class _AccessTokenMiddleware(_McpMiddleware):
         # That one document only (RFC 9728 section 3.1): the server's other routes under the
         # well-known prefix (its own, another resource's) are its routes like any other.
         self._metadata_path = urlsplit(resource_metadata).path
-        super().__init__(app, server, None, **options)
+        super().__init__(app, server, tools, **options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path") == self._metadata_path:
@@ -458,7 +477,9 @@ class _AccessTokenMiddleware(_McpMiddleware):
         await super().__call__(scope, receive, send)
 
     async def _refuse(self, kind: str, send: Send, refusal: Refusal) -> None:
-        if kind != "http" or refusal.status != 401:
+        # A 403 insufficient_scope names it too: the MCP client asks the authorization server
+        # it names for the scope the challenge gives (the MCP spec's scope challenge).
+        if kind != "http" or refusal.status not in (401, 403):
             await super()._refuse(kind, send, refusal)
             return
         param = self._metadata_param
@@ -584,7 +605,7 @@ class _Sessions:
 # --- the client side ---
 
 
-class AccessTokenAuth:
+class AccessTokenAuth(_ToolGrants):
     """The SDK's ``TokenVerifier`` for OAuth access tokens from svidd's authorization server
     (RFC 9068 ``at+jwt``, e.g. a task's exchanged token), checked by
     ``svid.AccessTokenVerifier``: the issuer's JWT keys and the revocations from the agent, so
@@ -595,18 +616,33 @@ class AccessTokenAuth:
         server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
         uvicorn.run(auth.protect(server), port=8000)
 
-    Served through ``protect``, what a token opened ends with it too: when its ``jti`` or its
-    task is revoked, or (``max_revocation_staleness``) the revocation data grows too old, its
-    open requests and SSE streams are closed and its MCP sessions ended. Served without it,
-    only the next request is refused.
+    Served through ``protect``, every ``tools/call`` needs a token whose scope grants that tool
+    (``tool:<name>``, or ``invoke_tool``), as with ``TaskAuth``: otherwise 403 with
+    ``WWW-Authenticate: Bearer error="insufficient_scope", scope="tool:<name>",
+    resource_metadata="..."`` (the MCP spec's scope challenge). ``every_tool=False`` checks only
+    the tools marked ``@auth.require_tool``: a workload's own token (the JWT-bearer grant
+    without a task) carries no scope, so it can call only the unmarked ones. And what a token
+    opened ends with it: when its ``jti`` or its task is revoked, or
+    (``max_revocation_staleness``) the revocation data grows too old, its open requests and SSE
+    streams are closed and its MCP sessions ended. Served without ``protect``, tools are not
+    checked and only the next request is refused.
 
     In a tool, ``get_access_token()`` is an ``OAuthAccessToken``: ``subject`` (the principal),
     ``scopes``, ``delegated`` (a task acts for the subject, which is then as declared, not
     authenticated), ``act_chain``, and in ``claims`` the ``act`` and the task id (``txn``)."""
 
-    def __init__(self, source: SourceViews, *, issuer: str, resource: str, **options: Any) -> None:
+    def __init__(
+        self,
+        source: SourceViews,
+        *,
+        issuer: str,
+        resource: str,
+        every_tool: bool = True,
+        **options: Any,
+    ) -> None:
         """Options go to ``source.access_token_verifier`` (trust_domain, leeway,
         max_revocation_staleness, ...)."""
+        super().__init__(every_tool)
         self.verifier = source.access_token_verifier(issuer, resource, **options)
         self._source = source
         self._issuer = issuer
@@ -614,13 +650,16 @@ class AccessTokenAuth:
 
     def protect(self, server: Any, **app_options: Any) -> ASGIApp:
         """The server's streamable HTTP app (``server.streamable_http_app(**app_options)``)
-        behind svid: verified access tokens only, and the open requests, SSE streams and MCP
-        sessions of a revoked token or task (or on stale revocation data) ended."""
+        behind svid: verified access tokens only, each tool call checked, and the open
+        requests, SSE streams and MCP sessions of a revoked token or task (or on stale
+        revocation data) ended."""
+        self._name_unknown_marks(server)
         return _AccessTokenMiddleware(
             server.streamable_http_app(**app_options),
             server,
             self.verifier,
             str(build_resource_metadata_url(self.settings.resource_server_url)),  # type: ignore[arg-type]
+            self._rule,
             audience=self._resource,
             source=self._source,
             accept_mtls=False,

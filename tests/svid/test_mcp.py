@@ -580,21 +580,24 @@ RESOURCE = "http://127.0.0.1/mcp"  # the resource the tokens name (not where the
 TASK_ID = f"{RUNTIME}/task/t1"
 
 
-def access_token(jti: str = "a1", txn: str = "t1") -> str:
-    """An access token exchanged for task ``txn``, as svidd's token endpoint mints it."""
+def access_token(jti: str = "a1", txn: str = "t1", scope: str | None = "tool:read_ticket") -> str:
+    """An access token exchanged for task ``txn``, as svidd's token endpoint mints it; with
+    ``txn`` "" a workload's own (the JWT-bearer grant without a task: no scope, no act)."""
     now = int(time.time())
-    claims = {
+    claims: dict[str, Any] = {
         "iss": ISSUER,
-        "sub": "user:alice",
+        "sub": "user:alice" if txn else RUNTIME,
         "aud": [RESOURCE],
         "exp": now + 300,
         "iat": now,
         "jti": jti,
         "client_id": RUNTIME,
-        "scope": "tool:read_ticket",
-        "act": {"sub": f"{RUNTIME}/task/{txn}"},
-        "txn": txn,
     }
+    if scope is not None:
+        claims["scope"] = scope
+    if txn:
+        claims["act"] = {"sub": f"{RUNTIME}/task/{txn}"}
+        claims["txn"] = txn
     return sign_jws({"kid": "k1", "typ": "at+jwt"}, claims, KEY)
 
 
@@ -606,6 +609,12 @@ def oauth_tickets(source: RevokingSource, **options: Any) -> tuple[MCPServer, An
     def read_ticket(ticket_id: str) -> str:
         SEEN.append(get_access_token())
         return f"ticket {ticket_id}: printer on fire"
+
+    @server.tool()
+    @auth.require_tool  # what every_tool=False still checks
+    def export_customer_data() -> str:
+        SEEN.append(get_access_token())
+        return "everything"
 
     return server, auth.protect(server)
 
@@ -718,6 +727,76 @@ def test_protect_hands_the_sdk_the_access_token_it_admitted(source: RevokingSour
     assert isinstance(seen, svid.mcp.OAuthAccessToken)
     assert seen.act_chain == (TASK_ID,)
     assert seen.scopes == ["tool:read_ticket"]
+
+
+def test_an_access_token_without_the_tool_s_grant_is_403_insufficient_scope_naming_svidd(
+    source: RevokingSource,
+) -> None:
+    """The tool ran for any token of the resource, whatever its scope: the task's exchange
+    granted read_ticket and the token called export_customer_data. Now the scope challenge of
+    the MCP spec: 403, the scope to ask for, and where to ask (the resource metadata)."""
+    _server, app = oauth_tickets(source)
+    headers = {"Authorization": f"Bearer {access_token()}", **MCP_HEADERS}
+    with serving(app) as url:
+        reply = httpx.post(
+            f"{url}/mcp", json=_tool_call_body("export_customer_data"), headers=headers
+        )
+        granted = asyncio.run(call(url, access_token(), "read_ticket", {"ticket_id": "1"}))
+        with pytest.raises(ExceptionGroup) as raised:  # the SDK's MCPError, in its task groups
+            asyncio.run(call(url, access_token(), "export_customer_data", {}))
+    assert reply.status_code == 403
+    challenge = reply.headers["www-authenticate"]
+    assert 'error="insufficient_scope"' in challenge
+    assert 'scope="tool:export_customer_data"' in challenge
+    named = 'resource_metadata="http://127.0.0.1/.well-known/oauth-protected-resource/mcp"'
+    assert challenge.endswith(f", {named}")
+    assert raised.group_contains(MCPError)
+    assert not granted.is_error
+    assert [token.scopes for token in SEEN] == [["tool:read_ticket"]]  # only the granted call
+
+
+@pytest.mark.parametrize(
+    ("txn", "scope", "runs"),
+    [
+        # invoke_tool: every tool of the resource, as in a task token (TaskClaims).
+        pytest.param("t1", "read invoke_tool", True, id="invoke_tool"),
+        # A workload's own token (JWT bearer, no task) carries no scope: no tool is granted.
+        pytest.param("", None, False, id="no-scope"),
+        pytest.param("t1", "read", False, id="an-action-only"),
+    ],
+)
+def test_an_access_token_s_scope_grants_tools_as_a_task_token_s_does(
+    source: RevokingSource, txn: str, scope: str | None, runs: bool
+) -> None:
+    _server, app = oauth_tickets(source)
+    token = access_token(txn=txn, scope=scope)
+    with serving(app) as url:
+        if runs:
+            result = asyncio.run(call(url, token, "export_customer_data", {}))
+            assert not result.is_error
+        else:
+            with pytest.raises(ExceptionGroup) as raised:
+                asyncio.run(call(url, token, "export_customer_data", {}))
+            assert raised.group_contains(MCPError)
+    assert (len(SEEN) == 1) is runs
+
+
+def test_with_every_tool_false_a_workload_s_own_access_token_calls_only_unmarked_tools(
+    source: RevokingSource,
+) -> None:
+    _server, app = oauth_tickets(source, every_tool=False)
+    workload = access_token(txn="", scope=None)
+    with serving(app) as url:
+        unmarked = asyncio.run(call(url, workload, "read_ticket", {"ticket_id": "1"}))
+        headers = {"Authorization": f"Bearer {workload}", **MCP_HEADERS}
+        marked = httpx.post(
+            f"{url}/mcp", json=_tool_call_body("export_customer_data"), headers=headers
+        )
+    assert not unmarked.is_error
+    assert marked.status_code == 403
+    assert 'scope="tool:export_customer_data"' in marked.headers["www-authenticate"]
+    (seen,) = SEEN
+    assert seen.subject == RUNTIME
 
 
 def test_protect_serves_the_resource_metadata_to_anyone_and_a_401_names_it(

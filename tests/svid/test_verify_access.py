@@ -99,6 +99,14 @@ def test_accepts_an_access_token_with_typed_claims(verifier: AccessTokenVerifier
     assert result.jti == "j1"
 
 
+def test_invoke_tool_grants_every_tool_as_in_a_task_token(verifier: AccessTokenVerifier) -> None:
+    # TaskClaims.grants_tool says yes for the task's own JWT-SVID of the same scope: the token
+    # exchanged for it said no, so a tool asking the token refused what the task was granted.
+    result = verifier.verify(token(scope="read invoke_tool"))
+    assert result.grants_tool("export_customer_data")
+    assert result.tools == frozenset()  # none by name
+
+
 def test_accepts_what_the_servers_signer_mints(
     verifier: AccessTokenVerifier, clock: FakeClock
 ) -> None:
