@@ -74,3 +74,9 @@ class RateLimitedError(OAuthError):
 
     error = "temporarily_unavailable"
     status = 429
+
+
+class InvalidScopeError(OAuthError):
+    """The `scope` asked for (RFC 6749 §3.3) is malformed, or more than the grant gives."""
+
+    error = "invalid_scope"

@@ -5,7 +5,8 @@
 - RFC 8693 token exchange: a *task* JWT-SVID in; the task layer decides (Cedar, the task's
   intent as context) what the task may do on the resource; out comes an access token whose
   `sub` is the principal the task works for, `act` the task's chain of SPIFFE IDs, `scope` the
-  granted actions and tools; or, with the Txn-Token requested_token_type, a Transaction Token
+  granted actions and tools (those the request's `scope` names, each granted: scope.py); or,
+  with the Txn-Token requested_token_type, a Transaction Token
   (draft-ietf-oauth-transaction-tokens) for calls inside the trust domain.
 - RFC 8693 delegation: the workload serving a resource (configured) presents an access token
   it received (`subject_token`, naming it in `may_act`) and its own JWT-SVID (`actor_token`);
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from server.audit.errors import AuditError, LedgerError
@@ -49,12 +50,14 @@ from server.oauth.errors import (
     InvalidClientError,
     InvalidGrantError,
     InvalidRequestError,
+    InvalidScopeError,
     InvalidTargetError,
     OAuthError,
     RateLimitedError,
     UnavailableError,
 )
 from server.oauth.replay import ReplayGuard
+from server.oauth.scope import narrowed, requested_scope
 from server.refusal_budget import RefusalBudget
 from server.status import outage_lines_due
 from server.tasks.model import TASK_PATH, Task, is_task_id
@@ -229,6 +232,12 @@ class Grants:
         try:
             assertion = self._checker.authenticate(_one(params, "assertion"), "assertion")
             sub = str(assertion.verified.spiffe_id)
+            asked = requested_scope(params)
+            if asked is not None and not is_task_id(sub):
+                # Refused before the assertion is claimed: the same one serves without a scope.
+                raise InvalidScopeError(
+                    "a workload's own JWT-SVID is granted no scope: ask without one"
+                )
             # A task's JWT-SVID buys an access token once per resource, under the claim its
             # exchange for one makes (token_exchange): the two grants share the allowance.
             once_per = ""
@@ -247,7 +256,9 @@ class Grants:
         if is_task_id(sub):
             # A task's JWT-SVID as the assertion: the same task decision as an exchange, so a
             # client that only speaks RFC 7523 (the MCP SDK's) gets a task-scoped token too.
-            return self._task_token(assertion, resource, ACCESS_TOKEN_TYPE, EVENT_JWT_BEARER, call)
+            return self._task_token(
+                assertion, resource, ACCESS_TOKEN_TYPE, EVENT_JWT_BEARER, call, asked=asked
+            )
         agent_id = self._agent_of(assertion)
         claims = {"client_id": sub}
         issued = self._mint(sub, resource, self._ttl, claims, assertion.claim)
@@ -292,6 +303,7 @@ class Grants:
             if requested not in ([ACCESS_TOKEN_TYPE], [TXN_TOKEN_TYPE], [JWT_TOKEN_TYPE]):
                 raise InvalidRequestError(f"requested_token_type {requested[:1]!r} not supported")
             resource = _single_resource(params, self._resources)
+            asked = requested_scope(params)
             # Once per resource and kind of token: a runtime's cached task JWT-SVID serves for
             # each resource it reaches, and the same exchange again is a replay.
             kind = "txn" if requested == [TXN_TOKEN_TYPE] else "access"
@@ -301,7 +313,7 @@ class Grants:
         except OAuthError as exc:
             self._refused(EVENT_EXCHANGE, exc, call)
             raise
-        return self._task_token(subject, resource, requested[0], EVENT_EXCHANGE, call)
+        return self._task_token(subject, resource, requested[0], EVENT_EXCHANGE, call, asked=asked)
 
     def _delegation(self, params: Mapping[str, list[str]], call: _Call) -> TokenResponse:
         """RFC 8693 §2.1 with an actor: the workload a task's access token was issued to, acting
@@ -319,6 +331,7 @@ class Grants:
                     "with an actor_token, an access token or a Txn-Token is issued"
                 )
             subject_token = _one(params, "subject_token")
+            asked = requested_scope(params)
             # It proves who acts, as the JWT-SVID its agent caches: not used up (what it may
             # get is bounded by the subject token, which names it in may_act).
             actor = self._checker.authenticate(_one(params, "actor_token"), "actor_token")
@@ -347,6 +360,7 @@ class Grants:
             # The acting workload holds the token too: its agent's removal is to revoke it.
             actor_agent = self._agent_of(actor, claimed=False)
             task, grant = self._exchange_grant(task_sid, resource, actor=actor_id)
+            grant = _narrowed(grant, asked, resource)
         except (UnavailableError, RateLimitedError):
             # The ledger cannot be read, or the task's agent spent its decision budget: not
             # the request's fault, and past the budget nothing is written per request.
@@ -457,6 +471,8 @@ class Grants:
         requested: str,
         kind: str,
         call: _Call,
+        *,
+        asked: tuple[str, ...] | None,
     ) -> TokenResponse:
         try:
             task, grant = self._decide(subject, resource)
@@ -467,6 +483,19 @@ class Grants:
             raise
         except OAuthError as exc:
             self._refused(kind, exc, call, subject.claim)
+            raise
+        try:
+            grant = _narrowed(grant, asked, resource)
+        except InvalidScopeError as exc:
+            # Refused with the claim left out of the refusal's commit, and released here: the
+            # same JWT-SVID may ask again for a scope its task can get (the MCP SDK's client
+            # asks again after insufficient_scope). Safe: no token was issued for it and its
+            # jti reached no ledger, so it is as unspent as before the request, and its one
+            # token per resource still holds. A holder asking again and again gets only
+            # refusals, each decided as any exchange is (policy's cache, or the decision
+            # budget of the task's agent) and written within its client's refusal budget.
+            self._refused(kind, exc, call)
+            self._replay.release(subject.claim)
             raise
         principal = task.on_behalf_of or task.runtime_id
         act = task.act if task.act.get("sub") == task.spiffe_id else {"sub": task.spiffe_id}
@@ -719,6 +748,15 @@ class Grants:
                 _log.error(
                     "an OAuth refusal could not be audited", exc_info=True, extra={"times": times}
                 )
+
+
+def _narrowed(grant: TaskJwtGrant, asked: tuple[str, ...] | None, resource: str) -> TaskJwtGrant:
+    """The grant as issued for a request that ``asked`` for a scope (None: all of it); raises
+    InvalidScopeError when it asked for more."""
+    if asked is None:
+        return grant
+    scope = narrowed(grant.scope, asked, resource)
+    return replace(grant, scope=scope, claims={**grant.claims, "scope": scope})
 
 
 def _audiences_named(token: str) -> tuple[str, ...]:

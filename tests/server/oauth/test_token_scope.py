@@ -1,0 +1,176 @@
+"""The token endpoint's `scope` parameter (RFC 6749 §3.3, RFC 8693 §2.1) on a running server:
+a task's token carries the tokens asked for when its decision grants each (the step-up an MCP
+client makes after insufficient_scope), anything more is invalid_scope, audited, and leaves the
+JWT-SVID presented unspent; a workload's own grant carries no scope, and asking one is refused."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from svid._spiffe_id import SpiffeId
+from tests.server.oauth.conftest import RESOURCE, OAuthServer
+from tests.server.oauth.test_token_delegation import (
+    MCP_ID,
+    actor_token,
+    delegate,
+    exchange_events,
+    serving_delegation,
+    task_world,
+)
+from tests.server.oauth.test_token_exchange import EXCHANGE, JWT_TYPE, TaskWorld, begin_task
+
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+
+
+def post(oauth: OAuthServer, **form: str) -> httpx.Response:
+    return httpx.post(oauth.issuer + "/token", data=form, verify=oauth.ssl_context())
+
+
+def bearer(world: TaskWorld, assertion: str, **extra: str) -> httpx.Response:
+    return post(world.oauth, grant_type=JWT_BEARER, assertion=assertion, resource=RESOURCE, **extra)
+
+
+def exchange(world: TaskWorld, subject: str, **extra: str) -> httpx.Response:
+    return post(
+        world.oauth,
+        grant_type=EXCHANGE,
+        subject_token=subject,
+        subject_token_type=JWT_TYPE,
+        resource=RESOURCE,
+        **extra,
+    )
+
+
+def refused(reply: httpx.Response, error: str) -> str:
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == error
+    return str(reply.json()["error_description"])
+
+
+def events(world: TaskWorld, kind: str) -> list[dict[str, Any]]:
+    return [{**e, **json.loads(e.get("extra") or "{}")} for e in world.events(kind)]
+
+
+@pytest.fixture
+def world(oauth_server: OAuthServer) -> TaskWorld:
+    return begin_task(oauth_server)
+
+
+@pytest.mark.parametrize("grant", [bearer, exchange])
+def test_a_task_token_carries_only_the_scope_asked_for(world: TaskWorld, grant: Any) -> None:
+    reply = grant(world, world.subject_token(), scope="tool:read_ticket")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["scope"] == "tool:read_ticket"
+    claims = world.decode(reply.json()["access_token"], RESOURCE)
+    assert claims["scope"] == "tool:read_ticket"
+    kind = "oauth_jwt_bearer" if grant is bearer else "oauth_token_exchange"
+    (event,) = events(world, kind)
+    assert (event["decision"], event["action"]) == ("allow", "tool:read_ticket")
+    # Asked twice, in any order: each granted token once, in the order asked.
+    reply = grant(world, world.subject_token(), scope="tool:read_ticket read read")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["scope"] == "tool:read_ticket read"
+
+
+def test_a_txn_token_carries_only_the_scope_asked_for(world: TaskWorld) -> None:
+    txn = "urn:ietf:params:oauth:token-type:txn_token"
+    reply = exchange(world, world.subject_token(), scope="read", requested_token_type=txn)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["scope"] == "read"
+
+
+def test_invoke_tool_narrows_to_the_tool_asked_for(oauth_server: OAuthServer) -> None:
+    world = begin_task(oauth_server, actions=("read", "invoke_tool"), tools=())
+    whole = exchange(world, world.subject_token())
+    assert whole.status_code == 200, whole.text
+    assert set(whole.json()["scope"].split()) == {"read", "invoke_tool"}
+    for grant in (bearer, exchange):
+        reply = grant(world, world.subject_token(), scope="tool:close_ticket")
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "tool:close_ticket"
+        claims = world.decode(reply.json()["access_token"], RESOURCE)
+        assert claims["scope"] == "tool:close_ticket"  # not every tool: only the one asked
+
+
+@pytest.mark.parametrize("grant", [bearer, exchange])
+def test_a_scope_beyond_the_grant_is_refused_audited_and_leaves_the_jwt_svid_unspent(
+    world: TaskWorld, grant: Any
+) -> None:
+    subject = world.subject_token()
+    reply = grant(world, subject, scope="read tool:close_ticket write")
+    why = refused(reply, "invalid_scope")
+    assert "tool:close_ticket write" in why
+    assert "read " not in why  # granted: not named among those refused
+    kind = "oauth_jwt_bearer" if grant is bearer else "oauth_token_exchange"
+    (refusal,) = events(world, kind)
+    assert refusal["decision"] == "deny"
+    assert "invalid_scope" in refusal["reason"]
+    assert "tool:close_ticket" in refusal["reason"]
+    # No token was issued for it: the same JWT-SVID gets one without a scope, once.
+    again = grant(world, subject)
+    assert again.status_code == 200, again.text
+    assert set(again.json()["scope"].split()) == {"read", "tool:read_ticket"}
+    assert "replay" in refused(grant(world, subject), "invalid_grant")
+
+
+def test_a_delegation_carries_only_the_scope_asked_for_and_no_more() -> None:
+    with serving_delegation("osd") as oauth:
+        world = task_world(oauth)
+        first = world.exchange().json()["access_token"]
+        reply = delegate(world, first, actor_token(oauth), scope="tool:read_ticket")
+        assert "tool:read_ticket" in refused(reply, "invalid_scope")
+        assert exchange_events(world)[-1]["decision"] == "deny"
+        reply = delegate(world, first, actor_token(oauth), scope="read")
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "read"
+        assert exchange_events(world)[-1]["actor"] == MCP_ID
+
+
+def test_a_workloads_own_grant_with_a_scope_is_refused(oauth_server: OAuthServer) -> None:
+    signer = oauth_server.running.server.ca.jwt_signer()
+    workload = SpiffeId.parse("spiffe://example.org/workload")
+    assertion = signer.sign(workload, [oauth_server.issuer], 60).token
+    form = {"grant_type": JWT_BEARER, "assertion": assertion, "resource": RESOURCE}
+    why = refused(post(oauth_server, **form, scope="read"), "invalid_scope")
+    assert "granted no scope" in why
+    rows = oauth_server.running.server.datastore.audit_rows()
+    assert [r["decision"] for r in rows if r["kind"] == "oauth_jwt_bearer"] == ["deny"]
+    # The same assertion, asked without a scope, gets the workload's token.
+    reply = post(oauth_server, **form)
+    assert reply.status_code == 200, reply.text
+    assert "scope" not in reply.json()
+
+
+@pytest.mark.parametrize(
+    ("scope", "needle"),
+    [
+        ("read  tool:read_ticket", "single spaces"),
+        (" read", "single spaces"),
+        ("read\ttool:read_ticket", "single spaces"),
+        ('tool:"x"', "printable ASCII"),
+        ("tool:café", "printable ASCII"),
+        ("tool:" + "x" * 3000, "longer than 2048"),
+    ],
+)
+def test_a_malformed_scope_is_refused(world: TaskWorld, scope: str, needle: str) -> None:
+    subject = world.subject_token()
+    for grant in (bearer, exchange):
+        assert needle in refused(grant(world, subject, scope=scope), "invalid_scope")
+    # A request refused for its form spent nothing: the same JWT-SVID gets a token.
+    assert exchange(world, subject, scope="read").status_code == 200
+
+
+def test_scope_sent_twice_is_refused(world: TaskWorld) -> None:
+    form = {
+        "grant_type": EXCHANGE,
+        "subject_token": world.subject_token(),
+        "subject_token_type": JWT_TYPE,
+        "resource": RESOURCE,
+        "scope": ["read", "tool:read_ticket"],
+    }
+    reply = httpx.post(world.oauth.issuer + "/token", data=form, verify=world.oauth.ssl_context())
+    assert "scope" in refused(reply, "invalid_request")
