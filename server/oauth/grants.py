@@ -103,6 +103,11 @@ class TaskExchanges(Protocol):
 
     def ended(self, spiffe_id: str) -> bool: ...
 
+    def scope_ceiling(self, spiffe_id: str, resource: str) -> frozenset[str] | None:
+        """The most the active task could be granted for `resource`, with no decision made;
+        None when it is not active."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ResourceWorkload:
@@ -242,7 +247,9 @@ class Grants:
             # exchange for one makes (token_exchange): the two grants share the allowance.
             once_per = ""
             if is_task_id(sub):
-                once_per = f"{_single_resource(params, self._resources)} access"
+                resource = _single_resource(params, self._resources)
+                self._within_task(sub, resource, asked)
+                once_per = f"{resource} access"
             assertion = self._checker.claim(assertion, "assertion", once_per)
         except OAuthError as exc:
             self._refused(EVENT_JWT_BEARER, exc, call)
@@ -307,9 +314,11 @@ class Grants:
             # Once per resource and kind of token: a runtime's cached task JWT-SVID serves for
             # each resource it reaches, and the same exchange again is a replay.
             kind = "txn" if requested == [TXN_TOKEN_TYPE] else "access"
-            subject = self._checker.check(
-                _one(params, "subject_token"), "subject_token", once_per=f"{resource} {kind}"
-            )
+            subject = self._checker.authenticate(_one(params, "subject_token"), "subject_token")
+            sub = str(subject.verified.spiffe_id)
+            if is_task_id(sub):
+                self._within_task(sub, resource, asked)
+            subject = self._checker.claim(subject, "subject_token", once_per=f"{resource} {kind}")
         except OAuthError as exc:
             self._refused(EVENT_EXCHANGE, exc, call)
             raise
@@ -590,6 +599,19 @@ class Grants:
         if subject.verified.spiffe_id.trust_domain.name != self._trust_domain:
             raise InvalidGrantError("only tasks of this trust domain can be exchanged")
         return self._exchange_grant(sub, resource)
+
+    def _within_task(self, spiffe_id: str, resource: str, asked: tuple[str, ...] | None) -> None:
+        """Refuse a scope the task could never be granted for `resource` (InvalidScopeError),
+        before its token is spent: the MCP SDK's client, answered 403 insufficient_scope by a
+        tool server, asks again for the tool with the task JWT-SVID it already traded for that
+        resource (its agent hands out the same one), and is told the task was not granted it
+        rather than that its token was replayed. No decision is made here: what passes is
+        decided, and narrowed, after the claim as any exchange is."""
+        if asked is None:
+            return
+        ceiling = self._tasks.scope_ceiling(spiffe_id, resource)
+        if ceiling is not None:  # an inactive task: the decision says so, after the claim
+            narrowed(" ".join(sorted(ceiling)), asked, resource)
 
     def _exchange_grant(
         self, spiffe_id: str, resource: str, *, actor: str = ""

@@ -60,7 +60,5 @@ def narrowed(granted: str, asked: tuple[str, ...], resource: str) -> str:
         named = " ".join(missing)
         if len(named) > _NAMED_CHARS:
             named = named[:_NAMED_CHARS] + "..."
-        raise InvalidScopeError(
-            f"scope not granted by the task decision for {resource[:200]}: {named}"
-        )
+        raise InvalidScopeError(f"scope not granted to the task for {resource[:200]}: {named}")
     return " ".join(asked)

@@ -891,6 +891,22 @@ class TaskService:
             policy_set_hash=self._policy.policy_set_hash,
         )
 
+    def scope_ceiling(self, spiffe_id: str, resource: str) -> frozenset[str] | None:
+        """The most an exchange of the active task with this SPIFFE ID could be granted for
+        `resource`, decided by nothing: its granted actions if `resource` is one of its
+        resources, and `tool:<name>` for each of its tools on `resource` (what _mint_decision
+        puts before policy). None when no such task is active. A scope outside it is refused
+        before the presented token is spent (server/oauth)."""
+        task = self._active.get(spiffe_id)
+        if task is None:
+            return None
+        _, split_tools = self._facts_of(task)
+        actions = task.actions if resource in task.resources else ()
+        tools = (
+            f"{TOOL_SCOPE_PREFIX}{name}" for _, server, name in split_tools if server == resource
+        )
+        return frozenset((*actions, *tools))
+
     def exchange_grant(
         self, spiffe_id: str, resource: str, *, actor: str = ""
     ) -> tuple[Task, TaskJwtGrant]:

@@ -174,3 +174,21 @@ def test_scope_sent_twice_is_refused(world: TaskWorld) -> None:
     }
     reply = httpx.post(world.oauth.issuer + "/token", data=form, verify=world.oauth.ssl_context())
     assert "scope" in refused(reply, "invalid_request")
+
+
+@pytest.mark.parametrize("grant", [bearer, exchange])
+def test_a_spent_jwt_svid_asking_for_a_tool_its_task_was_never_granted_is_told_so(
+    world: TaskWorld, grant: Any
+) -> None:
+    """The MCP SDK's step-up: answered 403 insufficient_scope by a tool server, its client
+    asks again for that tool with the task JWT-SVID it already traded (the agent hands out the
+    same one). It was told its token was replayed; a tool outside the task's grant is now
+    refused as such, before the replay check, and leaves nothing spent."""
+    subject = world.subject_token()
+    first = grant(world, subject)
+    assert first.status_code == 200, first.text
+    why = refused(grant(world, subject, scope="tool:export_customer_data"), "invalid_scope")
+    assert "tool:export_customer_data" in why
+    assert "replay" not in why
+    # One the task holds, asked with the spent token: a replay, as any second use is.
+    assert "replay" in refused(grant(world, subject, scope="tool:read_ticket"), "invalid_grant")
