@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -38,9 +39,12 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
+from mcp.client.auth import TokenStorage
+from mcp.client.auth.extensions.identity_assertion import IdentityAssertionOAuthProvider
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.routes import build_resource_metadata_url
 from mcp.server.auth.settings import AuthSettings
+from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from pydantic import ConfigDict, PrivateAttr
 
 from svid._bearer_tokens import BearerTokens
@@ -81,6 +85,7 @@ __all__ = [
     "TaskAccessToken",
     "TaskAuth",
     "http_client",
+    "oauth_auth",
 ]
 
 log = logging.getLogger("svid.mcp")
@@ -742,3 +747,60 @@ def http_client(
     # The SDK's defaults: a response stream may stay open for minutes.
     options.setdefault("timeout", httpx2.Timeout(30.0, read=300.0))
     return httpx2.AsyncClient(auth=McpAuth(provider, audience, spiffe_id=spiffe_id), **options)
+
+
+class _MemoryTokens:
+    """The SDK's ``TokenStorage``, in memory: a client's token for one server, in this process."""
+
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client: OAuthClientInformationFull | None = None
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client = client_info
+
+
+def oauth_auth(
+    task: Any,
+    url: str,
+    *,
+    issuer: str,
+    scope: str | None = None,
+    storage: TokenStorage | None = None,
+) -> httpx2.Auth:
+    """``httpx2.Auth`` for an MCP server at ``url`` that takes svidd's access tokens
+    (``AccessTokenAuth``): the SDK's own RFC 7523 client (``IdentityAssertionOAuthProvider``)
+    presenting ``task``'s JWT-SVID for ``issuer`` (``task.jwt(issuer)``) to svidd's token
+    endpoint there. svidd takes a task JWT-SVID once per resource; after a 403
+    ``insufficient_scope`` the SDK asks again for the tool it names, which svidd refuses
+    ``invalid_scope``, naming it, when the task's intent does not hold it. ``task``: an
+    ``AsyncTask`` (or a ``Task``, asked on a thread); ``scope``: ask for less than the task's
+    grant; ``storage``: the SDK's ``TokenStorage`` (in memory by default)."""
+    jwt = task.jwt
+    sync = not inspect.iscoroutinefunction(jwt)  # a Task: its call blocks, so off the loop
+
+    async def assertion(audience: str, resource: str) -> str:
+        del resource  # the token request names it (RFC 8707); the JWT-SVID is for svidd
+        return str(await asyncio.to_thread(jwt, audience) if sync else await jwt(audience))
+
+    return IdentityAssertionOAuthProvider(
+        server_url=url,
+        storage=storage if storage is not None else _MemoryTokens(),
+        # The task's own SPIFFE ID: svidd checks a client_id against the assertion's subject.
+        client_id=str(task.spiffe_id),
+        # The SDK's provider takes confidential clients only; svidd authenticates the client by
+        # its JWT-SVID (RFC 7523 §3.1) and reads no secret.
+        client_secret="unused",  # noqa: S106  (not a secret: svidd reads none)
+        issuer=issuer,
+        assertion_provider=assertion,
+        scope=scope,
+    )

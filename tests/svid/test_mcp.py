@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -876,3 +877,37 @@ def test_only_the_resource_metadata_document_is_served_without_a_token(
     assert metadata.status_code == 200, metadata.text
     assert admitted.status_code == 200
     assert admitted.text == "for token holders"
+
+
+def test_oauth_auth_asks_a_sync_task_for_its_jwt_off_the_event_loop() -> None:
+    """A blocking Task's jwt() would stall every stream of the loop the SDK's client runs on
+    while the agent mints: it is asked on a thread; an AsyncTask's is awaited."""
+    loop_thread: list[int] = []
+
+    class SyncTask:  # what oauth_auth reads of a svid.tasks.Task
+        spiffe_id = TASK_ID
+
+        def jwt(self, audience: str) -> str:
+            loop_thread.append(threading.get_ident())
+            return f"jwt-for-{audience}"
+
+    class AsyncTask:
+        spiffe_id = TASK_ID
+
+        async def jwt(self, audience: str) -> str:
+            return f"async-jwt-for-{audience}"
+
+    async def assertions() -> tuple[str, str, int]:
+        sync = svid.mcp.oauth_auth(SyncTask(), RESOURCE, issuer=ISSUER)
+        asynchronous = svid.mcp.oauth_auth(AsyncTask(), RESOURCE, issuer=ISSUER)
+        return (
+            await sync._assertion_provider(ISSUER, RESOURCE),  # type: ignore[attr-defined]
+            await asynchronous._assertion_provider(ISSUER, RESOURCE),  # type: ignore[attr-defined]
+            threading.get_ident(),
+        )
+
+    sync_jwt, async_jwt, here = asyncio.run(assertions())
+    assert sync_jwt == f"jwt-for-{ISSUER}"
+    assert async_jwt == f"async-jwt-for-{ISSUER}"
+    (asked_on,) = loop_thread
+    assert asked_on != here
