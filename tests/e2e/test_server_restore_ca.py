@@ -24,7 +24,10 @@ SHORT = {
     "default_x509_svid_ttl": 20,
     "default_jwt_svid_ttl": 20,
     "agent_svid_ttl": 20,
-    "server_svid_ttl": 20,
+    # Renewed a second after it is signed (half its life, its 10 s of back-dating included):
+    # the server signs on with the CA activated within a second, where at 20 s it waited up
+    # to 5 s more for its next renewal.
+    "server_svid_ttl": 12,
 }
 
 
